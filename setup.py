@@ -1,0 +1,31 @@
+"""Build script: compiles the Cython core ``fastsend._core``.
+
+Set FASTSEND_CYTHON_DEBUG=1 for an annotated, line-traced debug build.
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+debug = os.environ.get("FASTSEND_CYTHON_DEBUG") == "1"
+directives = {
+    "language_level": 3,
+    "boundscheck": debug,
+    "wraparound": debug,
+    "cdivision": True,
+    "embedsignature": True,
+}
+macros = []
+if debug:
+    directives["linetrace"] = True
+    macros.append(("CYTHON_TRACE_NOGIL", "1"))
+
+ext = Extension(
+    "fastsend._core",
+    ["src/fastsend/_core.pyx"],
+    extra_compile_args=["-O3"] if not debug else ["-O0", "-g"],
+    define_macros=macros,
+)
+
+setup(ext_modules=cythonize([ext], compiler_directives=directives, annotate=debug))

@@ -1,0 +1,3 @@
+from fastsend.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,14 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""fastsend._core: the compiled hot paths.
+
+One extension module, one ``.pxi`` file per concern (each with a pure-Python
+twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
+
+- _smtp_core.pxi   SMTP reply parsing and command/body encoding (fastsend.smtp)
+
+Each included file owns its names; names match the pure-Python twin exactly.
+"""
+
+def core_version():
+    """A trivial function so the module is importable before any .pxi lands."""
+    return 1

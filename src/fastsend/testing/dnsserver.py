@@ -1,0 +1,129 @@
+"""A real authoritative DNS server on loopback, serving in-memory test zones.
+
+Used by tests (MX routing, SPF/DKIM/DMARC checks, PTR) and by demos; it speaks
+real DNS over UDP and TCP through dnslib, so the resolver code under test is
+exercised exactly as in production.
+
+    zones = {
+        "example.test": [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 ip4:127.0.0.2 -all")],
+        "mx1.example.test": [("A", "127.0.0.1")],
+        "2.0.0.127.in-addr.arpa": [("PTR", "out1.example.test.")],
+    }
+    with DNSServer(zones) as dns:
+        dns.port  # -> nameserver 127.0.0.1:dns.port
+
+Names are matched case-insensitively; a name with no records answers NXDOMAIN,
+a name with records but none of the asked type answers NOERROR with no answer
+(NODATA). It does not do wildcards, DNSSEC or delegation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+try:
+    from dnslib import QTYPE, RCODE, RR, DNSRecord
+    from dnslib.server import BaseResolver, DNSLogger
+    from dnslib.server import DNSServer as _LibServer
+except ImportError as exc:  # pragma: no cover - dnslib is a test dependency
+    raise ImportError("fastsend.testing.dnsserver needs dnslib (pip install dnslib)") from exc
+
+Record = tuple[str, str] | tuple[str, str, int]
+
+
+class _ZoneResolver(BaseResolver):  # type: ignore[misc]
+    def __init__(self, zones: dict[str, Iterable[Record]], default_ttl: int) -> None:
+        self.default_ttl = default_ttl
+        self.zones: dict[str, list[tuple[str, str, int]]] = {}
+        self.lock = threading.Lock()
+        self.set_zones(zones)
+        self.queries: list[tuple[str, str]] = []
+
+    def set_zones(self, zones: dict[str, Iterable[Record]]) -> None:
+        norm: dict[str, list[tuple[str, str, int]]] = {}
+        for name, recs in zones.items():
+            key = name.rstrip(".").lower()
+            out = norm.setdefault(key, [])
+            for rec in recs:
+                rtype, value = rec[0].upper(), rec[1]
+                ttl = rec[2] if len(rec) > 2 else self.default_ttl  # type: ignore[misc]
+                out.append((rtype, value, int(ttl)))
+        with self.lock:
+            self.zones = norm
+
+    def resolve(self, request: Any, handler: Any) -> Any:
+        reply = request.reply()
+        qname = str(request.q.qname).rstrip(".").lower()
+        qtype = QTYPE[request.q.qtype]
+        self.queries.append((qname, qtype))
+        with self.lock:
+            records = self.zones.get(qname)
+        if records is None:
+            reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+        for rtype, value, ttl in records:
+            if rtype == qtype or (rtype == "CNAME" and qtype != "CNAME"):
+                zone = f"{qname}. {ttl} IN {rtype} {_quote(rtype, value)}"
+                for rr in RR.fromZone(zone):
+                    reply.add_answer(rr)
+        return reply
+
+
+def _quote(rtype: str, value: str) -> str:
+    if rtype != "TXT":
+        return value
+    if value.startswith('"'):
+        return value
+    # Split long TXT values into 255-octet character-strings, as DNS requires.
+    chunks = [value[i : i + 255] for i in range(0, len(value), 255)] or [""]
+    return " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
+
+
+class DNSServer:
+    """UDP+TCP DNS server on ``address`` (default 127.0.0.1) and a free port."""
+
+    def __init__(
+        self,
+        zones: dict[str, Iterable[Record]] | None = None,
+        address: str = "127.0.0.1",
+        port: int = 0,
+        default_ttl: int = 300,
+    ) -> None:
+        self.resolver = _ZoneResolver(zones or {}, default_ttl)
+        self.address = address
+        quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
+        self._udp = _LibServer(self.resolver, address=address, port=port, tcp=False, logger=quiet)
+        self.port: int = self._udp.server.server_address[1]
+        self._tcp = _LibServer(
+            self.resolver, address=address, port=self.port, tcp=True, logger=quiet
+        )
+
+    @property
+    def nameserver(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def set_zones(self, zones: dict[str, Iterable[Record]]) -> None:
+        self.resolver.set_zones(zones)
+
+    def start(self) -> DNSServer:
+        self._udp.start_thread()
+        self._tcp.start_thread()
+        return self
+
+    def stop(self) -> None:
+        self._udp.stop()
+        self._tcp.stop()
+
+    def __enter__(self) -> DNSServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def query(name: str, rtype: str, port: int, address: str = "127.0.0.1") -> Any:
+    """Ask the server directly (handy in tests of the server itself)."""
+    q = DNSRecord.question(name, rtype)
+    return DNSRecord.parse(q.send(address, port, timeout=2))
