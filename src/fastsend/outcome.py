@@ -1,0 +1,73 @@
+"""Delivery outcomes and envelopes: the values that cross every boundary.
+
+The SMTP client returns an :class:`Outcome` for every recipient instead of
+raising; the engine stores it, the bounce classifier reads it, metrics count
+it. msgspec structs: cheap to build, and encodable as they cross the rings.
+
+This module holds data only: no I/O, no policy.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+DELIVERED = "delivered"  # the server took responsibility (2xx after DATA / BDAT LAST)
+DEFERRED = "deferred"  # try again later: 4xx, timeout, disconnect, TLS failure, DNS temp error
+FAILED = "failed"  # permanent: 5xx, null MX, policy refusal before sending
+
+
+class Outcome(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """The result of one delivery attempt for one recipient.
+
+    ``stage`` says where it was decided: "connect", "greeting", "ehlo",
+    "starttls", "auth", "mail", "rcpt", "data", "dns", "local", ...
+    ``code`` is the SMTP reply code (0 when no reply was received, e.g. on a
+    timeout or refused connection); ``enhanced`` the RFC 3463 status ("5.1.1")
+    or "" when the server sent none; ``text`` the reply text (lines joined with
+    a space) or a description of the local failure.
+    """
+
+    kind: str
+    code: int = 0
+    enhanced: str = ""
+    text: str = ""
+    stage: str = ""
+    mx: str = ""  # the host that answered (or was tried)
+
+    @property
+    def delivered(self) -> bool:
+        return self.kind == DELIVERED
+
+    @property
+    def deferred(self) -> bool:
+        return self.kind == DEFERRED
+
+    @property
+    def failed(self) -> bool:
+        return self.kind == FAILED
+
+
+class Envelope(msgspec.Struct, gc=False):
+    """One SMTP transaction: a sender, one or more recipients, one message.
+
+    ``data`` is the message as it should arrive, CRLF line ends, *not*
+    dot-stuffed and without the terminating ``.`` (the client does both).
+    ``tag`` is opaque to the client and comes back with the result.
+    ``smtputf8`` asks for SMTPUTF8 (non-ASCII addresses); ``eightbit`` for
+    BODY=8BITMIME.
+    """
+
+    mail_from: str
+    rcpts: list[str]
+    data: bytes
+    tag: object = None
+    smtputf8: bool = False
+    eightbit: bool = False
+
+
+class TxnResult(msgspec.Struct, gc=False):
+    """The result of one :class:`Envelope`: one Outcome per recipient, in order."""
+
+    tag: object
+    outcomes: list[Outcome]
+    queue_id: str = ""  # the server's queue id text, when it gave one
