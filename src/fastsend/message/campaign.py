@@ -1,0 +1,363 @@
+"""Campaign files: load, validate, normalise, and compile into a renderer.
+
+A campaign is a TOML file (or the equivalent dict from JSON). The minimal form::
+
+    from = "Example News <news@example.com>"
+    subject = "Hello {{ first_name | default(\"there\") }}"
+    text = "Hi {{ first_name }}, ..."
+
+Everything else is optional; see ``examples/campaign.toml`` for all keys.
+:meth:`Campaign.to_dict` gives a self-contained normalised dict (bodies and
+attachments inlined, key paths made absolute) that :meth:`Campaign.from_dict`
+accepts unchanged: that is what the spool stores and what forked workers
+compile from. Private keys are never inlined: only their absolute paths.
+
+Validation happens here, before sending starts (:class:`CampaignError`):
+unknown keys, bad templates, bad addresses, reserved header names, missing
+files, recipient-list columns that lack a variable. This module does no MIME
+work itself (see :mod:`fastsend.message.mime`) and no signing (see
+:mod:`fastsend.message.dkim`).
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fastsend.message.errors import CampaignError
+from fastsend.message.headers import HeaderError, parse_mailbox, split_address
+from fastsend.message.mime import Renderer
+from fastsend.message.template import Template, TemplateError
+
+__all__ = ["BUILTIN_VARIABLES", "Campaign"]
+
+BUILTIN_VARIABLES = frozenset({"email", "message_id"})
+_TOP_KEYS = {
+    "name", "description", "from", "reply_to", "to", "subject", "text", "html",
+    "text_file", "html_file", "transfer_encoding", "attachments", "headers", "dkim",
+    "list_unsubscribe", "feedback_id", "return_path", "verp_domain", "verp_prefix",
+    "tracking",
+}  # fmt: skip
+_RESERVED = {
+    "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "mime-version",
+    "content-type", "content-transfer-encoding", "content-disposition", "dkim-signature",
+    "return-path", "received", "list-unsubscribe", "list-unsubscribe-post", "feedback-id",
+    "sender",
+}  # fmt: skip
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+_DKIM_KEYS = {"domain", "selector", "key", "canonicalization", "headers"}
+_CANON = {"relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed"}
+
+
+def _str(d: Mapping[str, Any], key: str, where: str = "") -> str | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise CampaignError(f"{where}{key} must be a string, not {type(v).__name__}")
+    return v
+
+
+class Campaign:
+    """A validated campaign; :meth:`compile` gives the per-process renderer."""
+
+    def __init__(self, spec: dict[str, Any], templates: dict[str, Template]) -> None:
+        self._spec = spec
+        self._templates = templates
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Campaign:
+        """Read a TOML campaign file (paths inside are relative to its folder)."""
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise CampaignError(f"cannot read campaign {p}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise CampaignError(f"{p}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, base_dir=p.parent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], base_dir: str | Path | None = None) -> Campaign:
+        """Validate and normalise ``d`` (as parsed from TOML or JSON, or from to_dict)."""
+        if not isinstance(d, Mapping):
+            raise CampaignError("a campaign must be a table/object")
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        unknown = set(d) - _TOP_KEYS
+        if unknown:
+            raise CampaignError(f"unknown campaign keys: {', '.join(sorted(unknown))}")
+        spec: dict[str, Any] = {}
+        for key in ("name", "description", "from", "reply_to", "to", "subject", "feedback_id",
+                    "return_path", "verp_domain", "verp_prefix"):  # fmt: skip
+            v = _str(d, key)
+            if v is not None:
+                spec[key] = v
+        for key in ("from", "subject"):
+            if key not in spec:
+                raise CampaignError(f"campaign has no {key!r}")
+        for part in ("text", "html"):
+            inline, fname = _str(d, part), _str(d, part + "_file")
+            if inline is not None and fname is not None:
+                raise CampaignError(f"give {part} or {part}_file, not both")
+            if fname is not None:
+                inline = _read_text(base / fname, part + "_file")
+            if inline is not None:
+                spec[part] = inline
+        if "text" not in spec and "html" not in spec:
+            raise CampaignError("campaign has neither text nor html")
+        te = _str(d, "transfer_encoding") or "quoted-printable"
+        if te not in ("quoted-printable", "base64"):
+            raise CampaignError("transfer_encoding must be 'quoted-printable' or 'base64'")
+        spec["transfer_encoding"] = te
+        spec["attachments"] = [_attachment(a, base) for a in _list(d.get("attachments"))]
+        spec["headers"] = _headers(d.get("headers"))
+        spec["dkim"] = [_dkim(x, base) for x in _list(d.get("dkim"))]
+        spec["list_unsubscribe"] = _unsub(d.get("list_unsubscribe"))
+        tracking = d.get("tracking", {})
+        if not isinstance(tracking, Mapping):
+            raise CampaignError("[tracking] must be a table")
+        spec["tracking"] = dict(tracking)
+        for key in ("return_path",):
+            if key in spec:
+                _check_addr(spec[key], key)
+        if "verp_domain" in spec:
+            try:
+                split_address("x@" + spec["verp_domain"])
+            except HeaderError as exc:
+                raise CampaignError(f"verp_domain: {exc}") from None
+        templates = _parse_templates(spec)
+        # A From/Reply-To without placeholders is checked now, not per recipient.
+        for key in ("from", "reply_to", "to"):
+            if key in spec and templates[key].is_static:
+                try:
+                    parse_mailbox(spec[key])
+                except HeaderError as exc:
+                    raise CampaignError(f"{key}: {exc}") from None
+        if not templates["from"].is_static:
+            raise CampaignError("from must not contain placeholders (it decides DKIM and DMARC)")
+        return cls(spec, templates)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Self-contained normalised form (bodies and attachments inlined)."""
+        import copy
+
+        return copy.deepcopy(self._spec)
+
+    # -- questions ------------------------------------------------------------
+    @property
+    def from_address(self) -> str:
+        return parse_mailbox(self._spec["from"])[1]
+
+    @property
+    def from_domain(self) -> str:
+        return split_address(self.from_address)[1]
+
+    @property
+    def variables(self) -> set[str]:
+        """Recipient-list columns the campaign needs (used without a default)."""
+        names: set[str] = set()
+        for t in self._templates.values():
+            names |= t.required()
+        return names - BUILTIN_VARIABLES
+
+    @property
+    def all_variables(self) -> set[str]:
+        """Every column name mentioned, with or without a default."""
+        names: set[str] = set()
+        for t in self._templates.values():
+            names |= t.names
+        return names - BUILTIN_VARIABLES
+
+    def check_columns(self, columns: Iterable[str]) -> None:
+        """CampaignError naming each needed variable that is not a column."""
+        missing = self.variables - set(columns)
+        if missing:
+            raise CampaignError(
+                "recipient list lacks columns for variables without a default: "
+                + ", ".join(sorted(missing))
+            )
+
+    @property
+    def dkim(self) -> list[dict[str, Any]]:
+        return [dict(x) for x in self._spec["dkim"]]
+
+    def dkim_for(self, domain: str | None = None) -> list[dict[str, Any]]:
+        """DKIM settings whose d= aligns (relaxed) with ``domain`` (default: From domain).
+
+        The ``send`` command refuses a campaign for which this is empty unless
+        ``--no-dkim`` is given.
+        """
+        dom = (domain or self.from_domain).lower().rstrip(".")
+        return [
+            dict(x)
+            for x in self._spec["dkim"]
+            if dom == x["domain"].lower() or dom.endswith("." + x["domain"].lower())
+        ]
+
+    @property
+    def tracking(self) -> dict[str, Any]:
+        return dict(self._spec["tracking"])
+
+    def compile(self) -> Renderer:
+        """The renderer for this process: templates split, DKIM keys loaded."""
+        from fastsend.message.dkim import Signer
+
+        signers = [Signer.from_settings(x) for x in self._spec["dkim"]]
+        return Renderer(self._spec, signers)
+
+
+# -- helpers ----------------------------------------------------------------
+def _list(v: Any) -> list[Any]:
+    if v is None:
+        return []
+    if isinstance(v, list):
+        return v
+    return [v]
+
+
+def _read_text(p: Path, what: str) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CampaignError(f"{what}: cannot read {p}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CampaignError(f"{what}: {p} is not UTF-8 text") from None
+
+
+def _check_addr(addr: str, what: str) -> None:
+    try:
+        split_address(addr)
+    except HeaderError as exc:
+        raise CampaignError(f"{what}: {exc}") from None
+
+
+def _attachment(a: Any, base: Path) -> dict[str, str]:
+    if isinstance(a, str):
+        a = {"path": a}
+    if not isinstance(a, Mapping):
+        raise CampaignError("each attachment must be a path or a table with 'path'")
+    bad = set(a) - {"path", "filename", "content_type", "data_b64"}
+    if bad:
+        raise CampaignError(f"unknown attachment keys: {', '.join(sorted(bad))}")
+    if "data_b64" in a:
+        data_b64 = a["data_b64"]
+        try:
+            base64.b64decode(data_b64, validate=True)
+        except (ValueError, TypeError):
+            raise CampaignError("attachment data_b64 is not valid base64") from None
+        fname = a.get("filename")
+        if not fname:
+            raise CampaignError("an inlined attachment needs a filename")
+    else:
+        if "path" not in a:
+            raise CampaignError("attachment has no path")
+        p = base / str(a["path"])
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise CampaignError(f"attachment {p}: {exc.strerror}") from None
+        data_b64 = base64.b64encode(raw).decode("ascii")
+        fname = a.get("filename") or p.name
+    fname = str(fname)
+    if re.search(r"[\x00-\x1f\x7f/\\]", fname):
+        raise CampaignError(f"bad attachment filename {fname!r}")
+    ctype = a.get("content_type") or mimetypes.guess_type(fname)[0] or "application/octet-stream"
+    if not re.fullmatch(r"[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+", ctype):
+        raise CampaignError(f"bad attachment content_type {ctype!r}")
+    return {"filename": fname, "content_type": ctype, "data_b64": data_b64}
+
+
+def _headers(h: Any) -> dict[str, str]:
+    if h is None:
+        return {}
+    if not isinstance(h, Mapping):
+        raise CampaignError("[headers] must be a table of name = value")
+    out: dict[str, str] = {}
+    for name, value in h.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise CampaignError(f"bad header name {name!r}")
+        if name.lower() in _RESERVED:
+            raise CampaignError(f"header {name!r} is set by fastsend, not by [headers]")
+        if not isinstance(value, str):
+            raise CampaignError(f"header {name!r} must be a string")
+        out[name] = value
+    return out
+
+
+def _dkim(x: Any, base: Path) -> dict[str, Any]:
+    if not isinstance(x, Mapping):
+        raise CampaignError("[dkim] must be a table (or [[dkim]] tables)")
+    bad = set(x) - _DKIM_KEYS
+    if bad:
+        raise CampaignError(f"unknown [dkim] keys: {', '.join(sorted(bad))}")
+    for k in ("domain", "selector", "key"):
+        if not isinstance(x.get(k), str) or not x[k]:
+            raise CampaignError(f"[dkim] needs {k!r}")
+    out: dict[str, Any] = {
+        "domain": x["domain"].lower().rstrip("."),
+        "selector": x["selector"],
+        "key": str((base / x["key"]).resolve()),
+        "canonicalization": x.get("canonicalization", "relaxed/relaxed"),
+    }
+    if out["canonicalization"] not in _CANON:
+        raise CampaignError(f"[dkim] canonicalization must be one of {sorted(_CANON)}")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9\-._]*[A-Za-z0-9])?", out["selector"]):
+        raise CampaignError(f"bad DKIM selector {out['selector']!r}")
+    if "headers" in x:
+        hs = x["headers"]
+        if not isinstance(hs, list) or not all(isinstance(s, str) and s for s in hs):
+            raise CampaignError("[dkim] headers must be a list of header names")
+        if "from" not in [s.lower() for s in hs]:
+            raise CampaignError("[dkim] headers must include From (RFC 6376)")
+        out["headers"] = [s.lower() for s in hs]
+    if not Path(out["key"]).is_file():
+        raise CampaignError(f"[dkim] key file not found: {out['key']}")
+    return out
+
+
+def _unsub(u: Any) -> dict[str, Any]:
+    if u is None:
+        return {}
+    if not isinstance(u, Mapping):
+        raise CampaignError("[list_unsubscribe] must be a table")
+    bad = set(u) - {"mailto", "url", "one_click"}
+    if bad:
+        raise CampaignError(f"unknown [list_unsubscribe] keys: {', '.join(sorted(bad))}")
+    out: dict[str, Any] = {}
+    for k in ("mailto", "url"):
+        if k in u:
+            if not isinstance(u[k], str) or not u[k]:
+                raise CampaignError(f"list_unsubscribe.{k} must be a string")
+            out[k] = u[k]
+    if "url" in out and not out["url"].lower().startswith("https://"):
+        raise CampaignError("list_unsubscribe.url must be an https:// URL (RFC 8058)")
+    oc = u.get("one_click", True)
+    if not isinstance(oc, bool):
+        raise CampaignError("list_unsubscribe.one_click must be true or false")
+    out["one_click"] = oc
+    return out
+
+
+def _parse_templates(spec: Mapping[str, Any]) -> dict[str, Template]:
+    sources: dict[str, str] = {}
+    for key in ("from", "reply_to", "to", "subject", "text", "html", "feedback_id"):
+        if key in spec:
+            sources[key] = spec[key]
+    for name, value in spec["headers"].items():
+        sources["headers." + name] = value
+    for k in ("mailto", "url"):
+        if k in spec["list_unsubscribe"]:
+            sources["list_unsubscribe." + k] = spec["list_unsubscribe"][k]
+    out: dict[str, Template] = {}
+    for key, src in sources.items():
+        try:
+            out[key] = Template(src)
+        except TemplateError as exc:
+            raise CampaignError(f"{key}: {exc}") from None
+    return out

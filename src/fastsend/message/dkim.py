@@ -1,0 +1,151 @@
+"""DKIM signing (RFC 6376): rsa-sha256 and ed25519-sha256 (RFC 8463).
+
+A :class:`Signer` is made once per process from campaign settings (the key is
+loaded once). ``sign(headers, body)`` takes the message as the serializer
+produced it, a list of ``(lower-case name, raw folded line)`` plus the body
+bytes, and returns the complete ``DKIM-Signature`` header line to prepend.
+
+Canonicalization (simple and relaxed, header and body) are twins: the
+readable versions here, compiled ones in ``_dkim.pxi`` (picked at import).
+The body hash is cached: when consecutive messages have the same body (no
+per-recipient variables in it), it is not hashed again. The signature math
+is OpenSSL's via ``cryptography``.
+
+It deliberately does not verify (tests use dkimpy and OpenDKIM for that), does
+not do l= body length limits, and never prints key material.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding
+
+from fastsend._accel import pick
+from fastsend.message.keys import PrivateKey, algorithm_of, load_private_key
+
+__all__ = ["DEFAULT_HEADERS", "Signer", "body_relaxed", "body_simple", "header_relaxed"]
+
+# Signed when present, in this order (RFC 6376 5.4.1 recommendations + RFC 8058).
+DEFAULT_HEADERS = (
+    "from", "reply-to", "to", "cc", "subject", "date", "message-id", "mime-version",
+    "content-type", "content-transfer-encoding", "list-unsubscribe",
+    "list-unsubscribe-post", "feedback-id", "list-id",
+)  # fmt: skip
+
+_WSP_RUN = re.compile(rb"[ \t]+")
+_TRAIL_WSP = re.compile(rb"[ \t]+\r\n")
+_FOLD = re.compile(rb"\r\n(?=[ \t])")
+_TRAIL_CRLF = re.compile(rb"(?:\r\n)*\Z")
+
+
+def body_relaxed(body: bytes) -> bytes:
+    """RFC 6376 3.4.4: WSP runs -> one SP, no WSP at line ends, no empty lines at the end."""
+    b = _WSP_RUN.sub(b" ", body)
+    b = b.replace(b" \r\n", b"\r\n").rstrip(b" \t\r\n")
+    return b + b"\r\n" if b else b""
+
+
+def body_simple(body: bytes) -> bytes:
+    """RFC 6376 3.4.3: trailing empty lines removed; ends with exactly one CRLF."""
+    return _TRAIL_CRLF.sub(b"", body) + b"\r\n"
+
+
+def header_relaxed(line: bytes) -> bytes:
+    """RFC 6376 3.4.2 for one raw header line ``Name: value\\r\\n`` (folds allowed)."""
+    name, _, value = line.partition(b":")
+    value = _FOLD.sub(b"", value)
+    if value.endswith(b"\r\n"):
+        value = value[:-2]
+    value = _WSP_RUN.sub(b" ", value).strip(b" ")
+    return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
+
+
+body_relaxed = pick(body_relaxed)
+body_simple = pick(body_simple)
+header_relaxed = pick(header_relaxed)
+
+
+class Signer:
+    """Signs messages for one (domain, selector, key)."""
+
+    def __init__(
+        self,
+        domain: str,
+        selector: str,
+        key: PrivateKey,
+        canonicalization: str = "relaxed/relaxed",
+        headers: Sequence[str] = DEFAULT_HEADERS,
+    ) -> None:
+        hc, _, bc = canonicalization.partition("/")
+        if hc not in ("relaxed", "simple") or bc not in ("relaxed", "simple"):
+            raise ValueError(f"bad canonicalization {canonicalization!r}")
+        self.domain = domain
+        self.selector = selector
+        self.key = key
+        self.algorithm = algorithm_of(key)
+        self._ed = isinstance(key, ed25519.Ed25519PrivateKey)
+        self._hrelaxed = hc == "relaxed"
+        self._body_canon = body_relaxed if bc == "relaxed" else body_simple
+        self.headers = tuple(h.lower() for h in headers)
+        if "from" not in self.headers:
+            raise ValueError("DKIM must sign From")
+        self._head = (
+            f"DKIM-Signature: v=1; a={self.algorithm}; c={canonicalization};\r\n"
+            f" d={domain}; s={selector};\r\n t="
+        ).encode("ascii")
+        self._last_body: bytes | None = None
+        self._last_bh = b""
+        self._padding = padding.PKCS1v15()
+        self._sha256 = hashes.SHA256()
+
+    @classmethod
+    def from_settings(cls, s: Mapping[str, Any]) -> Signer:
+        """From a normalised campaign ``[dkim]`` entry (loads the key, cached)."""
+        return cls(
+            s["domain"],
+            s["selector"],
+            load_private_key(s["key"]),
+            s.get("canonicalization", "relaxed/relaxed"),
+            s.get("headers") or DEFAULT_HEADERS,
+        )
+
+    def body_hash(self, body: bytes) -> bytes:
+        """base64 SHA-256 of the canonical body (cached while the body repeats)."""
+        last = self._last_body
+        if last is not None and (last is body or last == body):
+            return self._last_bh
+        bh = base64.b64encode(hashlib.sha256(self._body_canon(body)).digest())
+        self._last_body, self._last_bh = body, bh
+        return bh
+
+    def sign(self, headers: Sequence[tuple[str, bytes]], body: bytes) -> bytes:
+        """The ``DKIM-Signature: ...\\r\\n`` line for this message."""
+        bh = self.body_hash(body)
+        present = {n for n, _ in headers}
+        names = [n for n in self.headers if n in present]
+        # The last instance of each name is signed first (RFC 6376 5.4.2); ours are unique.
+        by_name = {n: ln for n, ln in headers}
+        if self._hrelaxed:
+            data = [header_relaxed(by_name[n]) for n in names]
+        else:
+            data = [by_name[n] for n in names]
+        sig_head = b"".join(
+            [self._head, b"%d" % int(time.time()), b";\r\n h=", ":".join(names).encode("ascii"),
+             b";\r\n bh=", bh, b";\r\n b="]
+        )  # fmt: skip
+        data.append(header_relaxed(sig_head)[:-2] if self._hrelaxed else sig_head)
+        signed = b"".join(data)
+        if self._ed:
+            sig = self.key.sign(hashlib.sha256(signed).digest())  # type: ignore[call-arg]
+        else:
+            sig = self.key.sign(signed, self._padding, self._sha256)  # type: ignore[call-arg]
+        b64 = base64.b64encode(sig)
+        folded = b"\r\n  ".join(b64[i : i + 72] for i in range(0, len(b64), 72))
+        return sig_head + folded + b"\r\n"

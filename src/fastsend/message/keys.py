@@ -1,0 +1,100 @@
+"""DKIM keys: load a PEM private key once, derive the DNS TXT record.
+
+Keys are loaded with ``cryptography`` (OpenSSL): RSA of 1024-4096 bits or
+Ed25519. The algorithm is inferred from the key. Loaded keys are cached per
+path for the life of the process. Nothing here ever logs or formats private
+key material; errors name the path only.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+__all__ = ["DkimKeyError", "PrivateKey", "generate", "load_private_key", "public_txt", "write_key"]
+
+PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+class DkimKeyError(ValueError):
+    """A key file that cannot be used for DKIM."""
+
+
+def algorithm_of(key: PrivateKey) -> str:
+    """``"rsa-sha256"`` or ``"ed25519-sha256"``."""
+    return "ed25519-sha256" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa-sha256"
+
+
+def parse_private_key(pem: bytes, where: str = "key") -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).split("\n")[0] if "password" in str(exc).lower() else "not a PEM private key"
+        raise DkimKeyError(f"{where}: {msg}") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if not 1024 <= key.key_size <= 4096:
+            raise DkimKeyError(f"{where}: RSA key of {key.key_size} bits (DKIM needs 1024-4096)")
+        return key
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key
+    raise DkimKeyError(f"{where}: unsupported key type {type(key).__name__} (need RSA or Ed25519)")
+
+
+@functools.lru_cache(maxsize=64)
+def load_private_key(path: str) -> PrivateKey:
+    """The private key at ``path`` (cached for the process)."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise DkimKeyError(f"cannot read DKIM key {path}: {exc.strerror}") from None
+    return parse_private_key(pem, path)
+
+
+def public_p(key: PrivateKey) -> str:
+    """The base64 ``p=`` value of the DNS record."""
+    pub = key.public_key()
+    if isinstance(pub, ed25519.Ed25519PublicKey):
+        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        raw = pub.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    return base64.b64encode(raw).decode("ascii")
+
+
+def public_txt(key: PrivateKey) -> str:
+    """The TXT value to publish at ``selector._domainkey.domain``."""
+    k = "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa"
+    return f"v=DKIM1; k={k}; p={public_p(key)}"
+
+
+def generate(algorithm: str = "rsa", bits: int = 2048) -> PrivateKey:
+    """A new key: ``rsa`` (``bits`` 1024-4096) or ``ed25519``."""
+    if algorithm == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if algorithm != "rsa":
+        raise DkimKeyError(f"unknown algorithm {algorithm!r} (rsa or ed25519)")
+    if not 1024 <= bits <= 4096:
+        raise DkimKeyError(f"RSA key size {bits} out of range 1024-4096")
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def write_key(key: PrivateKey, path: str | Path, overwrite: bool = False) -> None:
+    """Write ``key`` as unencrypted PKCS#8 PEM with mode 0600 (created that way)."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, pem)
+    finally:
+        os.close(fd)

@@ -1,0 +1,324 @@
+"""MIME serialization of a compiled campaign: one recipient in, message bytes out.
+
+:class:`Renderer` is built once per process by ``Campaign.compile()``. At
+compile time every header without placeholders is encoded and folded once,
+the body templates are split, attachments are base64-encoded and boundaries
+chosen. Per recipient, :meth:`Renderer.render` only splices values, encodes
+the templated headers, encodes each text part for its transfer encoding
+(:func:`qp_encode_text`, compiled in ``_mime.pxi``), adds Date and Message-ID,
+and signs (DKIM) if configured.
+
+Output: CRLF line ends, every line under 998 octets, MIME-Version 1.0,
+multipart/alternative for text + HTML, multipart/mixed around attachments.
+Boundaries start with ``=_`` which can never occur in quoted-printable or
+base64 output, so no body scan is needed.
+
+It deliberately does not do link rewriting, inline images (multipart/related)
+or S/MIME.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from fastsend._accel import pick
+from fastsend.message import verp
+from fastsend.message.errors import RenderError
+from fastsend.message.headers import (
+    HeaderError,
+    check_header_value,
+    fold_tokens,
+    mailbox_header,
+    parse_mailbox,
+    split_address,
+    unstructured_header,
+)
+from fastsend.message.template import Template
+
+if TYPE_CHECKING:
+    from fastsend.message.dkim import Signer
+
+__all__ = ["Renderer", "base64_body", "qp_encode_text"]
+
+CRLF = b"\r\n"
+_QP_SAFE_LINE = re.compile(rb"[!-<>-~ \t]{0,76}")
+_QP_TOKENS = [bytes([b]) if (33 <= b <= 126 and b != 61) else b"=%02X" % b for b in range(256)]
+_NEWLINES = re.compile(r"\r\n?")
+
+
+def qp_encode_text(text: str) -> bytes:
+    """Quoted-printable (RFC 2045) UTF-8 encoding of ``text``, CRLF line ends.
+
+    Any of CRLF, CR, LF in ``text`` is a hard line break. Printable ASCII except
+    ``=`` stays literal; space and tab stay literal except before a line end;
+    everything else is ``=HH``. Soft breaks (``=`` CRLF) keep lines <= 76.
+    """
+    lines = _NEWLINES.sub("\n", text).encode("utf-8").split(b"\n")
+    out: list[bytes] = []
+    for line in lines:
+        if _QP_SAFE_LINE.fullmatch(line) is not None and not line.endswith((b" ", b"\t")):
+            out.append(line)
+            continue
+        toks = [_QP_TOKENS[b] if b not in (9, 32) else bytes([b]) for b in line]
+        if toks and toks[-1] in (b" ", b"\t"):
+            toks[-1] = b"=%02X" % toks[-1][0]
+        buf: list[bytes] = []
+        col = 0
+        for t in toks:
+            if col + len(t) > 75:
+                buf.append(b"=\r\n")
+                col = 0
+            buf.append(t)
+            col += len(t)
+        out.append(b"".join(buf))
+    return b"\r\n".join(out)
+
+
+qp_encode_text = pick(qp_encode_text)
+
+
+def base64_body(data: bytes) -> bytes:
+    """Base64 in 76-character lines, CRLF-terminated."""
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def _normalize_text(text: str) -> str:
+    text = _NEWLINES.sub("\n", text)
+    return text if text.endswith("\n") else text + "\n"
+
+
+class _Header:
+    """One top-level header: static bytes, or a template encoded per recipient."""
+
+    __slots__ = ("kind", "lname", "name", "static", "templates")
+
+    def __init__(self, name: str, kind: str, templates: Sequence[Template]) -> None:
+        self.name = name
+        self.lname = name.lower()
+        self.kind = kind  # "text" | "mailbox" | "uris"
+        self.templates = tuple(templates)
+        self.static: bytes | None = None
+        if all(t.is_static for t in self.templates):
+            self.static = self.encode({})
+
+    def encode(self, variables: Mapping[str, str]) -> bytes:
+        if self.static is not None:
+            return self.static
+        if self.kind == "text":
+            line = unstructured_header(self.name, self.templates[0].render(variables))
+        elif self.kind == "mailbox":
+            display, addr = parse_mailbox(self.templates[0].render(variables))
+            line = mailbox_header(self.name, display, addr)
+        else:  # "uris": List-Unsubscribe; values percent-encoded into the URL
+            toks = []
+            for t in self.templates:
+                uri = t.render(variables, _url_quote)
+                check_header_value(uri, self.name)
+                if " " in uri or "<" in uri or ">" in uri:
+                    raise HeaderError(f"{self.name}: bad URI {uri!r}")
+                toks.append(f"<{uri}>,")
+            toks[-1] = toks[-1][:-1]
+            line = fold_tokens(self.name, toks)
+        return line.encode("utf-8")
+
+
+def _url_quote(value: str) -> str:
+    return quote(value, safe="@")
+
+
+class _TextPart:
+    __slots__ = ("encoding", "headers", "template")
+
+    def __init__(self, subtype: str, source: str, encoding: str) -> None:
+        self.template = Template(_normalize_text(source))
+        self.encoding = encoding
+        self.headers = (
+            f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+            f"Content-Transfer-Encoding: {encoding}\r\n"
+        ).encode("ascii")
+
+    def body(self, variables: Mapping[str, str]) -> bytes:
+        text = self.template.render(variables)
+        if self.encoding == "base64":
+            return base64_body(text.encode("utf-8"))
+        return qp_encode_text(text) if text else b""
+
+
+def _new_boundary(tag: str) -> str:
+    return f"=_fs{tag}_{os.urandom(9).hex()}"
+
+
+class Renderer:
+    """A compiled campaign: ``render(rcpt, variables, message_id) -> bytes``."""
+
+    def __init__(self, spec: Mapping[str, Any], signers: Sequence[Signer] = ()) -> None:
+        self.signers = tuple(signers)
+        self.from_display, self.from_addr = parse_mailbox(spec["from"])
+        _local, self.from_domain = split_address(self.from_addr)
+        self.verp_domain: str | None = spec.get("verp_domain")
+        self.verp_prefix: str = spec.get("verp_prefix", "b")
+        self.return_path: str = spec.get("return_path") or self.from_addr
+        headers = [
+            _Header("From", "mailbox", [Template(spec["from"])]),
+        ]
+        if spec.get("reply_to"):
+            headers.append(_Header("Reply-To", "mailbox", [Template(spec["reply_to"])]))
+        headers.append(_Header("To", "mailbox", [Template(spec.get("to") or "{{ email }}")]))
+        headers.append(_Header("Subject", "text", [Template(spec["subject"])]))
+        self._head = headers
+        tail: list[_Header] = []
+        unsub = spec.get("list_unsubscribe") or {}
+        uris = [Template(unsub[k]) for k in ("mailto", "url") if unsub.get(k)]
+        uris = [
+            Template("mailto:" + t.source)
+            if i == 0 and "mailto" in unsub and not t.source.lower().startswith("mailto:")
+            else t
+            for i, t in enumerate(uris)
+        ]
+        if uris:
+            tail.append(_Header("List-Unsubscribe", "uris", uris))
+            if unsub.get("url") and unsub.get("one_click", True):
+                tail.append(
+                    _Header(
+                        "List-Unsubscribe-Post", "text", [Template("List-Unsubscribe=One-Click")]
+                    )
+                )
+        if spec.get("feedback_id"):
+            tail.append(_Header("Feedback-ID", "text", [Template(spec["feedback_id"])]))
+        for name, value in (spec.get("headers") or {}).items():
+            tail.append(_Header(name, "text", [Template(value)]))
+        self._tail = tail
+        encoding = spec.get("transfer_encoding", "quoted-printable")
+        parts = []
+        if spec.get("text") is not None:
+            parts.append(_TextPart("plain", spec["text"], encoding))
+        if spec.get("html") is not None:
+            parts.append(_TextPart("html", spec["html"], encoding))
+        self._parts = parts
+        self._alt = _new_boundary("a") if len(parts) > 1 else ""
+        attachments = spec.get("attachments") or []
+        self._mixed = _new_boundary("m") if attachments else ""
+        self._attachments = b"".join(self._attachment_part(a) for a in attachments)
+        self._sender_utf8 = not (
+            self.from_addr.rpartition("@")[0].isascii()
+            and self.return_path.rpartition("@")[0].isascii()
+        )
+        self._date_sec = -1
+        self._date_line = b""
+
+    # -- compile-time helpers -------------------------------------------------
+    def _attachment_part(self, a: Mapping[str, Any]) -> bytes:
+        fname = a["filename"]
+        if fname.isascii() and '"' not in fname and "\\" not in fname:
+            disp = f'attachment; filename="{fname}"'
+        else:
+            disp = "attachment; filename*=utf-8''" + quote(fname, safe="")
+        head = (
+            f"--{self._mixed}\r\n"
+            f"Content-Type: {a['content_type']}\r\n"
+            f"Content-Disposition: {disp}\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n"
+        ).encode("ascii")
+        return head + base64_body(base64.b64decode(a["data_b64"]))
+
+    # -- per recipient --------------------------------------------------------
+    def _date(self) -> bytes:
+        now = int(time.time())
+        if now != self._date_sec:
+            stamp = datetime.fromtimestamp(now, UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
+            self._date_line = b"Date: " + stamp.encode("ascii") + CRLF
+            self._date_sec = now
+        return self._date_line
+
+    def _body(self, variables: Mapping[str, str]) -> tuple[bytes, bytes]:
+        """(content headers, body) of the whole message."""
+        parts = self._parts
+        if len(parts) == 1:
+            p = parts[0]
+            inner_head, inner = p.headers, p.body(variables)
+            if not self._mixed:
+                return inner_head, inner + CRLF if inner and not inner.endswith(CRLF) else inner
+        else:
+            b = self._alt.encode("ascii")
+            chunks = []
+            for p in parts:
+                chunks += [b"--", b, CRLF, p.headers, CRLF, p.body(variables), CRLF]
+            chunks += [b"--", b, b"--", CRLF]
+            inner_head = b'Content-Type: multipart/alternative; boundary="' + b + b'"' + CRLF
+            inner = b"".join(chunks)
+            if not self._mixed:
+                return inner_head, inner
+        m = self._mixed.encode("ascii")
+        body = b"".join(
+            [
+                b"--",
+                m,
+                CRLF,
+                inner_head,
+                CRLF,
+                inner,
+                CRLF,
+                self._attachments,
+                CRLF,
+                b"--",
+                m,
+                b"--",
+                CRLF,
+            ]
+        )
+        return b'Content-Type: multipart/mixed; boundary="' + m + b'"' + CRLF, body
+
+    def render(self, rcpt: str, variables: Mapping[str, str], message_id: str) -> bytes:
+        """The complete message for one recipient (RenderError if it cannot be built)."""
+        vs = dict(variables)
+        vs["email"] = rcpt
+        vs["message_id"] = message_id
+        try:
+            split_address(rcpt)
+            lines: list[tuple[str, bytes]] = [(h.lname, h.encode(vs)) for h in self._head]
+            lines.append(("date", self._date()))
+            lines.append(
+                (
+                    "message-id",
+                    b"Message-ID: <%s@%s>\r\n"
+                    % (
+                        verp.encode_id(message_id).encode("ascii"),
+                        self.from_domain.encode("ascii"),
+                    ),
+                )
+            )
+            lines.append(("mime-version", b"MIME-Version: 1.0\r\n"))
+            for h in self._tail:
+                lines.append((h.lname, h.encode(vs)))
+            content_head, body = self._body(vs)
+        except KeyError as exc:
+            raise RenderError(f"{rcpt!r}: missing variable {exc.args[0]!r}") from None
+        except (HeaderError, verp.VerpError) as exc:
+            raise RenderError(f"{rcpt!r}: {exc}") from None
+        for ch in content_head.split(CRLF)[:-1]:
+            lines.append((ch[: ch.index(b":")].decode("ascii").lower(), ch + CRLF))
+        sigs = [s.sign(lines, body) for s in self.signers]
+        return b"".join([*sigs, *(ln for _n, ln in lines), CRLF, body])
+
+    def envelope_from(self, message_id: str) -> str:
+        """The MAIL FROM address: a VERP bounce address, or the return path/From."""
+        if self.verp_domain:
+            return verp.encode(message_id, self.verp_domain, self.verp_prefix)
+        return self.return_path
+
+    @staticmethod
+    def envelope_rcpt(rcpt: str) -> str:
+        """``rcpt`` with its domain in IDNA A-labels (what RCPT TO should carry)."""
+        local, domain = split_address(rcpt)
+        return f"{local}@{domain}"
+
+    def needs_smtputf8(self, rcpt: str) -> bool:
+        """True when the recipient's (or sender's) local part is non-ASCII (RFC 6531)."""
+        return self._sender_utf8 or not rcpt.rpartition("@")[0].isascii()
