@@ -5,6 +5,7 @@ One extension module, one ``.pxi`` file per concern (each with a pure-Python
 twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 
 - _smtp_core.pxi   SMTP reply parsing and command/body encoding (fastsend.smtp)
+- _ring.pxi        shared-memory SPSC rings with eventfd wake-ups (fastsend.ring)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -12,3 +13,5 @@ Each included file owns its names; names match the pure-Python twin exactly.
 def core_version():
     """A trivial function so the module is importable before any .pxi lands."""
     return 1
+
+include "_ring.pxi"

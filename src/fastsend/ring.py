@@ -1,0 +1,400 @@
+"""Shared-memory SPSC byte rings between the supervisor and its forked workers.
+
+NAME
+    fastsend.ring -- single-producer single-consumer rings of variable-length
+    records in an anonymous shared mapping, with eventfd wake-ups.
+
+SUMMARY
+    ring = Ring(1 << 20)           # before os.fork(): mapping + two eventfds
+    ring.put(b"batch") -> bool     # producer; False when it does not fit now
+    ring.get() -> bytes | None     # consumer; None when empty
+    loop.add_reader(ring.reader_fd, on_readable)   # consumer wake-ups
+    ring.clear_reader(); drain with get() until None
+    ring.wait_readable(timeout) / ring.wait_writable(timeout, size)
+
+DESCRIPTION
+    The mapping is ``mmap(MAP_SHARED | MAP_ANONYMOUS)``, so a ring created
+    before ``fork()`` is the same memory in parent and child. Layout (native
+    byte order, shared by both twins so a pure-Python producer can feed a
+    compiled consumer; see :meth:`Ring.attach`)::
+
+        offset   0  u64 magic "FSRING01", u64 capacity     (immutable)
+        offset  64  u64 head  bytes ever published          (producer writes)
+        offset 128  u64 tail  bytes ever consumed           (consumer writes)
+        offset 192  u64 reader_waiting, u64 writer_waiting  (sleep handshake)
+        offset 256  capacity bytes of records (capacity a power of two)
+
+    head and tail are free-running 64-bit counters (2**64 bytes is centuries
+    at any bandwidth); ``head - tail`` is the bytes in use and position is
+    ``counter & (capacity - 1)``. They sit on separate cache lines so the two
+    sides never false-share on the fast path. A record is a u64 length then
+    the payload, padded to 8 bytes. The header is always contiguous (every
+    position is 8-aligned and capacity is a multiple of 8); the payload may
+    wrap past the end and is then copied in two parts, so no space is lost
+    to padding markers and any record up to ``capacity - 8`` bytes fits in
+    an empty ring (``max_record``).
+
+    Wake-ups use two eventfds created before fork. ``reader_fd`` becomes
+    readable when the producer published while the consumer was (about to
+    be) asleep; ``writer_fd`` when the consumer freed space while the
+    producer was waiting. Signals are sent only when the other side raised
+    its waiting flag, so a busy pipeline makes no system calls at all.
+
+MEMORY ORDERING
+    Publication: the producer writes the record bytes, then stores head with
+    release semantics; the consumer loads head with acquire semantics before
+    reading the bytes, so it sees the whole record. Reclamation is the mirror
+    image: the consumer copies the record out, then stores tail with release;
+    the producer loads tail with acquire before overwriting that space.
+    Each counter has one writer, so no read-modify-write is needed.
+
+    Sleeping (no lost wake-ups) is a Dekker handshake: the consumer stores
+    reader_waiting=1, issues a full (sequentially consistent) fence, then
+    re-reads head; the producer stores head, issues a full fence, then reads
+    reader_waiting. With both fences at least one side sees the other's
+    store: either the consumer sees the new record, or the producer sees the
+    flag, clears it and writes the eventfd. The consumer clears the eventfd
+    *before* draining, so a signal that lands during the drain leaves the fd
+    readable and costs at most one spurious wake-up, never a lost one. The
+    writer side is the same protocol with writer_waiting, tail and writer_fd.
+    The producer only clears reader_waiting right before it signals, so a
+    clobbered flag is always followed by a signal that makes the consumer
+    re-arm it.
+
+    The compiled twin (``_ring.pxi``) uses GCC atomics: ``__atomic_load_n``
+    with ``__ATOMIC_ACQUIRE``, ``__atomic_store_n`` with ``__ATOMIC_RELEASE``
+    and ``__atomic_thread_fence(__ATOMIC_SEQ_CST)``; it is correct on any
+    architecture. This pure-Python twin has no atomics: it reads and writes
+    the counters through a native ``'Q'`` memoryview (one aligned 8-byte
+    ``memcpy``, a single instruction on x86-64), relies on x86-64's TSO
+    order for acquire/release (loads are not reordered with loads, stores
+    not with stores, and the interpreter's opaque calls keep the compiler
+    from reordering), and takes its full fence from an uncontended lock
+    (a ``lock``-prefixed instruction). It is the readable reference and the
+    interop partner in tests; run the compiled twin on weakly ordered CPUs.
+
+DELIBERATELY NOT
+    Not multi-producer or multi-consumer: one process puts, one gets (the
+    supervisor holds one ring per direction per worker). No framing beyond
+    bytes: callers encode batches (msgspec). No blocking put/get: callers
+    choose between add_reader/add_writer on an event loop and the
+    wait_readable/wait_writable helpers. No resizing. Not robust against a
+    peer that scribbles over the mapping beyond a length sanity check.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import threading
+from typing import TYPE_CHECKING, Final
+
+from fastsend._accel import pick
+
+__all__ = ["HEADER_BYTES", "MAGIC", "PyRing", "Ring"]
+
+HEADER_BYTES: Final = 256
+MAGIC: Final = 0x3130474E49525346  # b"FSRING01" read as a native little-endian u64
+MIN_CAPACITY: Final = 64
+MAX_CAPACITY: Final = 1 << 40
+
+# Indices of u64 words in the header.
+_W_MAGIC: Final = 0
+_W_CAPACITY: Final = 1
+_W_HEAD: Final = 8  # offset 64
+_W_TAIL: Final = 16  # offset 128
+_W_READER_WAITING: Final = 24  # offset 192
+_W_WRITER_WAITING: Final = 25  # offset 200
+
+_fence_lock = threading.Lock()
+
+
+def _reset_fence_lock() -> None:
+    # A thread of the parent may have held the lock at fork time.
+    global _fence_lock
+    _fence_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_fence_lock)
+
+
+def _full_fence() -> None:
+    """A full memory barrier: an uncontended lock is a locked RMW on x86-64."""
+    with _fence_lock:
+        pass
+
+
+def ring_capacity(capacity_bytes: int) -> int:
+    """The data capacity a ``Ring(capacity_bytes)`` gets: the next power of two."""
+    if capacity_bytes < 1:
+        raise ValueError(f"capacity must be positive, not {capacity_bytes}")
+    cap = max(MIN_CAPACITY, 1 << (int(capacity_bytes) - 1).bit_length())
+    if cap > MAX_CAPACITY:
+        raise ValueError(f"capacity {capacity_bytes} exceeds {MAX_CAPACITY}")
+    return cap
+
+
+def _poll_ms(timeout: float | None) -> int:
+    if timeout is None or timeout < 0:
+        return -1
+    ms = int(timeout * 1000.0)
+    return ms + 1 if ms < timeout * 1000.0 else ms  # round up: never return early
+
+
+def _signal(fd: int) -> None:
+    os.eventfd_write(fd, 1)
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def _wait_fd(fd: int, timeout: float | None) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(_poll_ms(timeout)))
+
+
+class Ring:
+    """A single-producer single-consumer ring of byte records in shared memory.
+
+    Create it before ``fork()``; then one process only calls the producer
+    methods (put, wait_writable, clear_writer, writer_fd) and the other only
+    the consumer ones (get, wait_readable, clear_reader, reader_fd).
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        cap = ring_capacity(capacity_bytes)
+        mem = mmap.mmap(-1, HEADER_BYTES + cap, flags=mmap.MAP_SHARED)
+        rfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        hdr = memoryview(mem)[:HEADER_BYTES].cast("Q")
+        hdr[_W_CAPACITY] = cap
+        hdr[_W_MAGIC] = MAGIC
+        hdr.release()
+        self._setup(mem, rfd, wfd, owner=True)
+
+    @classmethod
+    def attach(cls, memory: mmap.mmap, reader_fd: int, writer_fd: int) -> Ring:
+        """A ring over another Ring's mapping and eventfds (of either twin).
+
+        The new object owns nothing: its close() leaves the mapping and fds
+        to the ring it was attached to.
+        """
+        self = cls.__new__(cls)
+        self._setup(memory, reader_fd, writer_fd, owner=False)
+        return self
+
+    def _setup(self, mem: mmap.mmap, rfd: int, wfd: int, *, owner: bool) -> None:
+        if len(mem) < HEADER_BYTES + MIN_CAPACITY:
+            raise ValueError("mapping too small for a ring")
+        hdr = memoryview(mem)[:HEADER_BYTES].cast("Q")
+        cap = hdr[_W_CAPACITY]
+        if hdr[_W_MAGIC] != MAGIC or cap & (cap - 1) or HEADER_BYTES + cap > len(mem):
+            hdr.release()
+            raise ValueError("not a fastsend ring mapping")
+        self._mem = mem
+        self._hdr = hdr
+        self._data = memoryview(mem)[HEADER_BYTES : HEADER_BYTES + cap]
+        self._words = self._data.cast("Q")
+        self._cap = cap
+        self._mask = cap - 1
+        self._rfd = rfd
+        self._wfd = wfd
+        self._owner = owner
+        self._closed = False
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of record space (a power of two)."""
+        return self._cap
+
+    @property
+    def max_record(self) -> int:
+        """The largest payload that can ever fit (``capacity - 8``)."""
+        return self._cap - 8
+
+    @property
+    def reader_fd(self) -> int:
+        """eventfd readable when records may be waiting (consumer side)."""
+        return self._rfd
+
+    @property
+    def writer_fd(self) -> int:
+        """eventfd readable when space was freed after a full put (producer side)."""
+        return self._wfd
+
+    @property
+    def memory(self) -> mmap.mmap:
+        """The shared mapping (for :meth:`attach`)."""
+        return self._mem
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def used(self) -> int:
+        """Bytes currently held, framing included (a snapshot; either side)."""
+        self._check()
+        return int(self._hdr[_W_HEAD] - self._hdr[_W_TAIL])
+
+    # -- producer -----------------------------------------------------------
+
+    def put(self, data: bytes | bytearray | memoryview) -> bool:
+        """Append one record. False if it does not fit now; ValueError if never."""
+        self._check()
+        src = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        n = len(src)
+        if n > self._cap - 8:
+            raise ValueError(f"record of {n} bytes can never fit a ring of {self._cap}")
+        need = 8 + ((n + 7) & ~7)
+        hdr = self._hdr
+        head = hdr[_W_HEAD]  # our own counter
+        tail = hdr[_W_TAIL]  # acquire
+        if self._cap - (head - tail) < need:
+            hdr[_W_WRITER_WAITING] = 1
+            _full_fence()
+            tail = hdr[_W_TAIL]
+            if self._cap - (head - tail) < need:
+                return False
+        pos = head & self._mask
+        self._words[pos >> 3] = n
+        start = (pos + 8) & self._mask
+        first = self._cap - start
+        data_mv = self._data
+        if n <= first:
+            data_mv[start : start + n] = src
+        else:
+            view = memoryview(src)
+            data_mv[start:] = view[:first]
+            data_mv[: n - first] = view[first:]
+        hdr[_W_HEAD] = head + need  # release: record bytes are stored before this
+        _full_fence()
+        if hdr[_W_READER_WAITING]:
+            hdr[_W_READER_WAITING] = 0
+            _signal(self._rfd)
+        return True
+
+    def clear_writer(self) -> None:
+        """Consume a pending space-available wake-up (call before retrying puts)."""
+        self._check()
+        _drain_fd(self._wfd)
+
+    def wait_writable(self, timeout: float | None = None, size: int = 0) -> bool:
+        """Block until a ``size``-byte record fits or the consumer freed space.
+
+        True when a put may now succeed (retry it), False on timeout.
+        """
+        self._check()
+        if size > self._cap - 8:
+            raise ValueError(f"record of {size} bytes can never fit a ring of {self._cap}")
+        need = 8 + ((size + 7) & ~7)
+        hdr = self._hdr
+        if self._cap - (hdr[_W_HEAD] - hdr[_W_TAIL]) >= need:
+            return True
+        hdr[_W_WRITER_WAITING] = 1
+        _full_fence()
+        if self._cap - (hdr[_W_HEAD] - hdr[_W_TAIL]) >= need:
+            return True
+        if _wait_fd(self._wfd, timeout):
+            _drain_fd(self._wfd)
+            return True
+        return False
+
+    # -- consumer -----------------------------------------------------------
+
+    def get(self) -> bytes | None:
+        """Take the oldest record, or None when the ring is empty."""
+        self._check()
+        hdr = self._hdr
+        tail = hdr[_W_TAIL]  # our own counter
+        head = hdr[_W_HEAD]  # acquire
+        if head == tail:
+            hdr[_W_READER_WAITING] = 1
+            _full_fence()
+            head = hdr[_W_HEAD]
+            if head == tail:
+                return None
+        pos = tail & self._mask
+        n = self._words[pos >> 3]
+        need = 8 + ((n + 7) & ~7)
+        if n > self._cap - 8 or need > head - tail:
+            raise RuntimeError(f"ring corrupted: record length {n} at {tail}")
+        start = (pos + 8) & self._mask
+        first = self._cap - start
+        data_mv = self._data
+        if n <= first:
+            out = bytes(data_mv[start : start + n])
+        else:
+            out = bytes(data_mv[start:]) + bytes(data_mv[: n - first])
+        hdr[_W_TAIL] = tail + need  # release: the copy is done before this
+        _full_fence()
+        if hdr[_W_WRITER_WAITING]:
+            hdr[_W_WRITER_WAITING] = 0
+            _signal(self._wfd)
+        return out
+
+    def clear_reader(self) -> None:
+        """Consume a pending wake-up; call it *before* draining with get()."""
+        self._check()
+        _drain_fd(self._rfd)
+
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        """Block until a record may be available (True) or timeout (False).
+
+        Consumes the wake-up it returns on: drain with get() afterwards.
+        """
+        self._check()
+        hdr = self._hdr
+        if hdr[_W_HEAD] != hdr[_W_TAIL]:
+            return True
+        hdr[_W_READER_WAITING] = 1
+        _full_fence()
+        if hdr[_W_HEAD] != hdr[_W_TAIL]:
+            return True
+        if _wait_fd(self._rfd, timeout):
+            _drain_fd(self._rfd)
+            return True
+        return False
+
+    # -- lifetime -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this process's view (and, for the creator, mapping and fds)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._words.release()
+        self._data.release()
+        self._hdr.release()
+        if self._owner:
+            self._mem.close()
+            os.close(self._rfd)
+            os.close(self._wfd)
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"used={self.used()}"
+        return f"<{type(self).__module__}.Ring capacity={self._cap} {state}>"
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ValueError("ring is closed")
+
+
+PyRing: Final = Ring
+"""The pure-Python twin, whatever :class:`Ring` resolves to."""
+
+if not TYPE_CHECKING:
+    Ring = pick(PyRing)
