@@ -1,0 +1,68 @@
+"""Recipient address checks: is this something we can put in RCPT TO?
+
+Accepts ``local@domain`` where the domain is a DNS name (IDNA-encodable; a
+Unicode domain is converted to its A-label form) or an address literal, and the
+local part is a dot-atom or quoted string of printable characters (non-ASCII
+allowed: it needs SMTPUTF8 at delivery time). Rejects control characters,
+spaces outside quotes, angle brackets, empty parts, and the RFC 5321 length
+limits (64 local, 255 domain, 254 total path). It does not check that the
+domain exists; delivery does.
+"""
+
+from __future__ import annotations
+
+import re
+
+_ATEXT = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*$"
+)
+_QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class AddressError(ValueError):
+    """The address is not deliverable as written (the message says why)."""
+
+
+def normalize(address: str) -> tuple[str, str]:
+    """Return (address, ascii_domain) with the domain lowercased and IDNA-encoded."""
+    a = address.strip()
+    if not a:
+        raise AddressError("empty address")
+    if _CONTROL.search(a):
+        raise AddressError(f"control character in address {a!r}")
+    if "@" not in a:
+        raise AddressError(f"missing @ in address {a!r}")
+    local, _, domain = a.rpartition("@")
+    if not local:
+        raise AddressError(f"empty local part in {a!r}")
+    if len(local.encode()) > 64:
+        raise AddressError(f"local part longer than 64 octets in {a!r}")
+    if not (_ATEXT.match(local) or _QUOTED.match(local)):
+        raise AddressError(f"invalid local part in {a!r}")
+    d = domain.strip().rstrip(".").lower()
+    if not d:
+        raise AddressError(f"empty domain in {a!r}")
+    if d.startswith("[") and d.endswith("]"):
+        import ipaddress
+
+        lit = d[1:-1]
+        try:
+            ipaddress.ip_address(lit.removeprefix("ipv6:"))
+        except ValueError:
+            raise AddressError(f"invalid address literal in {a!r}") from None
+        return f"{local}@{d}", d
+    try:
+        ascii_domain = d.encode("idna").decode("ascii") if not d.isascii() else d
+    except UnicodeError:
+        raise AddressError(f"domain of {a!r} is not a valid internationalised name") from None
+    if len(ascii_domain) > 255:
+        raise AddressError(f"domain longer than 255 octets in {a!r}")
+    labels = ascii_domain.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise AddressError(f"invalid domain in {a!r}")
+    full = f"{local}@{ascii_domain}"
+    if len(full.encode()) > 254:
+        raise AddressError(f"address longer than 254 octets: {a!r}")
+    return full, ascii_domain

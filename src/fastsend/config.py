@@ -1,0 +1,207 @@
+"""fastsend's configuration: one TOML file (or CLI flags) -> typed settings.
+
+Every section has defaults that work on one machine with no outside services.
+Unknown keys and wrong types are errors naming the key, so a typo never
+silently changes behaviour. This module only parses and validates; it does not
+open sockets or files other than the config itself.
+
+    [spool]      dir = "./spool"
+    [workers]    count = 0                      # 0: one per CPU core
+    [ips]        source = ["127.0.0.2", "127.0.0.3"]; helo = "mta.example.com"
+    [routes]     "*" = "127.0.0.1:2525"         # static routes bypass MX
+                 "example.org" = "relay.example.net:587"
+    [delivery]   batch_size, window, max_connections, max_messages_per_connection,
+                 recipients_per_transaction, pipeline, tls, idle_timeout, connect_timeout
+    [retry]      min_backoff = 300, max_backoff = 4000, max_age = 432000, jitter = 0.2
+    [dns]        nameservers = ["127.0.0.1:53"], timeout = 5
+    [events]     log = "events.jsonl"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid (the message names it)."""
+
+
+@dataclass
+class Route:
+    host: str
+    port: int = 25
+
+    @classmethod
+    def parse(cls, text: str, *, where: str) -> Route:
+        host, sep, port = text.strip().rpartition(":")
+        if not sep:
+            host, port = text.strip(), "25"
+        host = host.strip("[]")
+        if not host:
+            raise ConfigError(f"{where}: route {text!r} has no host")
+        try:
+            p = int(port)
+        except ValueError:
+            raise ConfigError(f"{where}: route {text!r} has a bad port") from None
+        if not 0 < p < 65536:
+            raise ConfigError(f"{where}: route {text!r} port out of range")
+        return cls(host, p)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class DeliveryConfig:
+    batch_size: int = 200  # messages per ring record (supervisor -> worker)
+    window: int = 4000  # claimed-but-unanswered messages per worker (active window)
+    max_connections: int = 16  # per (source IP, site)
+    max_messages_per_connection: int = 1000
+    recipients_per_transaction: int = 50  # for identical (non-personalised) messages
+    pipeline: int = 64  # messages written per pipelined group on one connection
+    tls: str = "opportunistic"  # opportunistic / required / off
+    idle_timeout: float = 5.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+
+@dataclass
+class RetryConfig:
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    max_age: float = 5 * 86400.0
+    jitter: float = 0.2
+
+
+@dataclass
+class DNSConfig:
+    nameservers: list[str] = field(default_factory=list)  # empty: the system's resolv.conf
+    timeout: float = 5.0
+
+
+@dataclass
+class Config:
+    spool_dir: str = "./spool"
+    workers: int = 0
+    source_ips: list[str] = field(default_factory=list)
+    helo: str = ""
+    routes: dict[str, Route] = field(default_factory=dict)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    event_log: str = ""  # "" = DIR/events.jsonl of the spool
+    raw: dict[str, Any] = field(default_factory=dict)  # the whole parsed file, for other areas
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+    @property
+    def event_log_path(self) -> str:
+        return self.event_log or os.path.join(self.spool_dir, "events.jsonl")
+
+    def route_for(self, domain: str) -> Route | None:
+        """The static route for ``domain`` (exact, then parent domains, then '*')."""
+        d = domain.lower()
+        while True:
+            r = self.routes.get(d)
+            if r is not None:
+                return r
+            if "." not in d:
+                break
+            d = d.split(".", 1)[1]
+        return self.routes.get("*")
+
+    def ips_for_worker(self, index: int) -> list[str]:
+        """The source IPs owned by worker ``index`` (round-robin split of the pool)."""
+        if not self.source_ips:
+            return []
+        n = self.worker_count
+        mine = self.source_ips[index % n :: n] if len(self.source_ips) >= n else []
+        return mine or [self.source_ips[index % len(self.source_ips)]]
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    v = raw.get(name, {})
+    if not isinstance(v, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return v
+
+
+def _fill(obj: Any, values: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(obj)}
+    for k, v in values.items():
+        f = known.get(k)
+        if f is None:
+            raise ConfigError(f"[{where}] unknown key {k!r} (known: {', '.join(sorted(known))})")
+        cur = getattr(obj, k)
+        if isinstance(cur, bool) or isinstance(v, bool):
+            ok = isinstance(v, bool) and isinstance(cur, bool)
+        elif isinstance(cur, float):
+            ok = isinstance(v, int | float)
+            v = float(v)
+        elif isinstance(cur, int):
+            ok = isinstance(v, int)
+        else:
+            ok = isinstance(v, type(cur))
+        if not ok:
+            raise ConfigError(f"[{where}] {k} must be {type(cur).__name__}, got {v!r}")
+        if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
+            raise ConfigError(f"[{where}] {k} must not be negative")
+        setattr(obj, k, v)
+
+
+def validate_ip(text: str, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not an IP address") from None
+
+
+def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
+    cfg = Config(raw=raw)
+    known_sections = {"spool", "workers", "ips", "routes", "delivery", "retry", "dns", "events"}
+    # Other areas (api, shaping, pools, tracking, webhooks, ...) read cfg.raw themselves.
+    spool = _section(raw, "spool")
+    if "dir" in spool:
+        cfg.spool_dir = os.path.join(base_dir, str(spool["dir"]))
+    workers = _section(raw, "workers")
+    if "count" in workers:
+        if not isinstance(workers["count"], int) or workers["count"] < 0:
+            raise ConfigError("[workers] count must be a non-negative integer")
+        cfg.workers = workers["count"]
+    ips = _section(raw, "ips")
+    cfg.source_ips = [validate_ip(ip, "[ips] source") for ip in ips.get("source", [])]
+    cfg.helo = str(ips.get("helo", ""))
+    for dom, target in _section(raw, "routes").items():
+        if not isinstance(target, str):
+            raise ConfigError(f"[routes] {dom!r} must be 'HOST:PORT'")
+        cfg.routes[dom.lower()] = Route.parse(target, where=f"[routes] {dom!r}")
+    _fill(cfg.delivery, _section(raw, "delivery"), "delivery")
+    if cfg.delivery.tls not in ("opportunistic", "required", "off"):
+        raise ConfigError("[delivery] tls must be opportunistic, required or off")
+    for k in ("batch_size", "window", "max_connections", "pipeline", "recipients_per_transaction"):
+        if getattr(cfg.delivery, k) < 1:
+            raise ConfigError(f"[delivery] {k} must be at least 1")
+    _fill(cfg.retry, _section(raw, "retry"), "retry")
+    _fill(cfg.dns, _section(raw, "dns"), "dns")
+    events = _section(raw, "events")
+    if "log" in events:
+        cfg.event_log = os.path.join(base_dir, str(events["log"]))
+    del known_sections
+    return cfg
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,56 @@
+"""The JSON-lines event log: one line per delivery-attempt outcome and state change.
+
+Each line has: time (unix seconds), event (delivered / deferred / bounced /
+expired / suppressed / ...), id (message id), campaign, rcpt, source_ip, mx,
+code, enhanced, text, attempt. Written by the supervisor only (it owns the
+state transitions), buffered and flushed each scheduler tick, appended with
+O_APPEND so several writers (or log shippers reading along) stay safe.
+It never logs message bodies or credentials.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+
+class EventLog:
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._buf: list[bytes] = []
+        self._fd = -1
+        self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self._fd >= 0:
+            self._buf.append(orjson.dumps(event))
+        for listener in self.listeners:
+            listener([event])
+
+    def emit_many(self, events: list[dict[str, Any]]) -> None:
+        if self._fd >= 0:
+            dumps = orjson.dumps
+            self._buf.extend(dumps(e) for e in events)
+        for listener in self.listeners:
+            listener(events)
+
+    def flush(self) -> None:
+        if self._buf and self._fd >= 0:
+            data = b"\n".join(self._buf) + b"\n"
+            self._buf.clear()
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

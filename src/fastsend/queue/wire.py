@@ -1,0 +1,71 @@
+"""The records that cross the shared-memory rings, encoded with msgpack.
+
+Supervisor -> worker: :class:`CampaignSpec` (once per campaign per worker,
+before its first batch), :class:`Batch` (messages of one campaign and one
+destination domain), :class:`Drain` (finish what you have, then exit).
+
+Worker -> supervisor: :class:`Results` (a flush of outcomes, several batches'
+worth at once), :class:`Hello` (the worker is up).
+
+Structs are ``array_like`` and tagged, so a record is a compact msgpack array
+and decoding is one C call per record, not per message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class CampaignSpec(msgspec.Struct, array_like=True, tag=1):
+    id: int
+    spec: dict[str, Any]
+
+
+class Item(msgspec.Struct, array_like=True):
+    id: int
+    rcpt: str
+    vars: bytes
+    attempts: int
+
+
+class Batch(msgspec.Struct, array_like=True, tag=2):
+    campaign: int
+    domain: str
+    items: list[Item]
+
+
+class Drain(msgspec.Struct, array_like=True, tag=3):
+    pass
+
+
+# Outcome kinds on the wire.
+K_DELIVERED, K_DEFERRED, K_FAILED = 0, 1, 2
+
+
+class Res(msgspec.Struct, array_like=True):
+    id: int
+    kind: int
+    code: int
+    enhanced: str
+    text: str
+    mx: str
+    source_ip: str
+
+
+class Results(msgspec.Struct, array_like=True, tag=4):
+    items: list[Res]
+
+
+class Hello(msgspec.Struct, array_like=True, tag=5):
+    pid: int
+    ips: list[str]
+
+
+ToWorker = CampaignSpec | Batch | Drain
+FromWorker = Results | Hello
+
+encoder = msgspec.msgpack.Encoder()
+to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)

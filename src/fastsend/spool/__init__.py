@@ -1,0 +1,159 @@
+"""The spool: where accepted mail lives until it is final.
+
+:class:`Spool` is the seam between the scheduler and storage. The embedded
+default is :class:`fastsend.spool.sqlite.SQLiteSpool`; a shared multi-node
+backend (Redis) implements the same methods. Nothing outside ``spool/`` knows
+which one is in use, and nothing outside ``spool/`` writes SQL.
+
+What it deliberately does not do: render messages, speak SMTP, decide retry
+times (the scheduler passes the decided state and next time in).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Message states (stored as small ints).
+QUEUED = 0
+INFLIGHT = 1
+DEFERRED = 2
+DELIVERED = 3
+BOUNCED = 4
+SUPPRESSED = 5
+EXPIRED = 6
+CANCELLED = 7
+
+STATE_NAMES = {
+    QUEUED: "queued",
+    INFLIGHT: "inflight",
+    DEFERRED: "deferred",
+    DELIVERED: "delivered",
+    BOUNCED: "bounced",
+    SUPPRESSED: "suppressed",
+    EXPIRED: "expired",
+    CANCELLED: "cancelled",
+}
+STATE_BY_NAME = {v: k for k, v in STATE_NAMES.items()}
+FINAL_STATES = frozenset({DELIVERED, BOUNCED, SUPPRESSED, EXPIRED, CANCELLED})
+PENDING_STATES = frozenset({QUEUED, DEFERRED})
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A message taken from the spool for one delivery attempt."""
+
+    id: int
+    campaign: int
+    rcpt: str
+    domain: str
+    vars: bytes  # orjson-encoded dict of the recipient's variables
+    attempts: int  # attempts made before this one
+    created: float
+
+
+@dataclass(slots=True)
+class Result:
+    """What the scheduler decided for one message after an attempt."""
+
+    id: int
+    state: int
+    attempts: int
+    next_at: float
+    code: int = 0
+    enhanced: str = ""
+    text: str = ""
+
+
+@dataclass(slots=True)
+class CampaignInfo:
+    id: int
+    name: str
+    tenant: str
+    created: float
+    status: str  # active / paused / cancelled
+    spec: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Spool(abc.ABC):
+    """Durable storage of campaigns and messages. Every write is durable on return."""
+
+    @abc.abstractmethod
+    def create_campaign(
+        self,
+        spec: dict[str, Any],
+        *,
+        name: str = "",
+        tenant: str = "default",
+        options: dict[str, Any] | None = None,
+    ) -> int: ...
+
+    @abc.abstractmethod
+    def get_campaign(self, campaign_id: int) -> CampaignInfo | None: ...
+
+    @abc.abstractmethod
+    def list_campaigns(self) -> list[CampaignInfo]: ...
+
+    @abc.abstractmethod
+    def set_campaign_status(self, campaign_id: int, status: str) -> None: ...
+
+    @abc.abstractmethod
+    def add_messages(
+        self,
+        campaign_id: int,
+        rows: Iterable[tuple[str, str, bytes]],
+        now: float,
+        *,
+        state: int = QUEUED,
+    ) -> list[int]:
+        """Spool (rcpt, domain, vars) rows; durable when it returns their ids."""
+
+    @abc.abstractmethod
+    def claim_due(self, now: float, limit: int) -> list[Claimed]:
+        """Take up to ``limit`` due messages (queued/deferred, next_at <= now) of
+        active campaigns, oldest due first, and mark them in flight."""
+
+    @abc.abstractmethod
+    def record_results(self, results: Iterable[Result], now: float) -> None:
+        """Apply attempt outcomes (one transaction)."""
+
+    @abc.abstractmethod
+    def release(self, ids: Iterable[int]) -> None:
+        """Put in-flight messages back to queued (a worker died, or a stop)."""
+
+    @abc.abstractmethod
+    def recover(self) -> int:
+        """At start: every in-flight message back to queued. Returns how many."""
+
+    @abc.abstractmethod
+    def counts(self, campaign_id: int | None = None) -> dict[str, int]:
+        """Messages per state name."""
+
+    @abc.abstractmethod
+    def next_due(self) -> float | None:
+        """Earliest next attempt time of a pending message of an active campaign."""
+
+    @abc.abstractmethod
+    def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:
+        """(domain, counts per age bucket) of pending and in-flight messages."""
+
+    @abc.abstractmethod
+    def message(self, message_id: int) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+"""qshape-style age buckets in minutes (the last bucket is 'older')."""
+
+
+def open_spool(url_or_dir: str) -> Spool:
+    """Open the spool named by a directory path (SQLite) or ``sqlite:PATH``."""
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    path = url_or_dir.removeprefix("sqlite:")
+    return SQLiteSpool(path)

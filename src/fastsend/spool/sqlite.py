@@ -1,0 +1,293 @@
+"""The embedded spool: one SQLite database in WAL mode.
+
+Layout: ``DIR/spool.db`` holds two tables. ``campaigns`` stores each campaign
+once (its self-contained spec as JSON); ``messages`` has one row per recipient
+with its variables (orjson), state, attempts, times and last reply. A partial
+index over pending rows (``state IN (queued, deferred)``) keyed by next attempt
+time makes "what is due" a short index range scan however many final rows the
+table holds.
+
+Durability: ``synchronous=FULL`` in WAL mode, so a commit is on disk when it
+returns; callers batch many rows per transaction (executemany), which is what
+makes that cheap. Claiming is one ``UPDATE ... RETURNING`` statement.
+
+Single writer: a SQLiteSpool object belongs to one process (the supervisor, or
+an API listener in the same process). Other processes may open read-only views
+(``fastsend queue``) at any time; WAL lets them read while it writes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from fastsend.spool import (
+    AGE_BUCKETS_MIN,
+    DEFERRED,
+    INFLIGHT,
+    QUEUED,
+    STATE_NAMES,
+    CampaignInfo,
+    Claimed,
+    Result,
+    Spool,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS campaigns (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    tenant TEXT NOT NULL DEFAULT 'default',
+    created REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'active',
+    spec BLOB NOT NULL,
+    options BLOB NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    campaign INTEGER NOT NULL,
+    rcpt TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    vars BLOB NOT NULL,
+    state INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    next_at REAL NOT NULL,
+    updated REAL NOT NULL,
+    last_code INTEGER NOT NULL DEFAULT 0,
+    last_enhanced TEXT NOT NULL DEFAULT '',
+    last_text TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS messages_due ON messages(next_at) WHERE state IN (0, 2);
+CREATE INDEX IF NOT EXISTS messages_campaign ON messages(campaign);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+SCHEMA_VERSION = "1"
+
+
+class SpoolError(Exception):
+    """The spool cannot be opened or is not a fastsend spool."""
+
+
+class SQLiteSpool(Spool):
+    def __init__(self, directory: str, *, readonly: bool = False) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, "spool.db")
+        if readonly:
+            if not os.path.exists(self.path):
+                raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
+            self.db = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30
+            )
+        else:
+            os.makedirs(directory, exist_ok=True)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
+            )
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self.db.execute("PRAGMA cache_size=-65536")
+
+    # -- campaigns -----------------------------------------------------------
+
+    def create_campaign(
+        self,
+        spec: dict[str, Any],
+        *,
+        name: str = "",
+        tenant: str = "default",
+        options: dict[str, Any] | None = None,
+    ) -> int:
+        cur = self.db.execute(
+            "INSERT INTO campaigns(name, tenant, created, spec, options) VALUES (?,?,?,?,?)",
+            (name, tenant, time.time(), orjson.dumps(spec), orjson.dumps(options or {})),
+        )
+        assert cur.lastrowid is not None
+        return int(cur.lastrowid)
+
+    def _campaign(self, row: tuple[Any, ...]) -> CampaignInfo:
+        return CampaignInfo(
+            id=row[0],
+            name=row[1],
+            tenant=row[2],
+            created=row[3],
+            status=row[4],
+            spec=orjson.loads(row[5]),
+            options=orjson.loads(row[6]),
+        )
+
+    def get_campaign(self, campaign_id: int) -> CampaignInfo | None:
+        row = self.db.execute(
+            "SELECT id, name, tenant, created, status, spec, options FROM campaigns WHERE id=?",
+            (campaign_id,),
+        ).fetchone()
+        return self._campaign(row) if row else None
+
+    def list_campaigns(self) -> list[CampaignInfo]:
+        rows = self.db.execute(
+            "SELECT id, name, tenant, created, status, spec, options FROM campaigns ORDER BY id"
+        ).fetchall()
+        return [self._campaign(r) for r in rows]
+
+    def set_campaign_status(self, campaign_id: int, status: str) -> None:
+        if status not in ("active", "paused", "cancelled"):
+            raise ValueError(f"bad campaign status {status!r}")
+        self.db.execute("UPDATE campaigns SET status=? WHERE id=?", (status, campaign_id))
+
+    # -- messages ------------------------------------------------------------
+
+    def add_messages(
+        self,
+        campaign_id: int,
+        rows: Iterable[tuple[str, str, bytes]],
+        now: float,
+        *,
+        state: int = QUEUED,
+    ) -> list[int]:
+        rows = list(rows)
+        if not rows:
+            return []
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
+            db.executemany(
+                "INSERT INTO messages(id, campaign, rcpt, domain, vars, state, created, next_at,"
+                " updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (first + i, campaign_id, rcpt, domain, vars_, state, now, now, now)
+                    for i, (rcpt, domain, vars_) in enumerate(rows)
+                ],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return list(range(first, first + len(rows)))
+
+    def claim_due(self, now: float, limit: int) -> list[Claimed]:
+        if limit <= 0:
+            return []
+        rows = self.db.execute(
+            "UPDATE messages SET state=1 WHERE id IN ("
+            " SELECT id FROM messages WHERE state IN (0, 2) AND next_at <= ?"
+            " AND campaign NOT IN (SELECT id FROM campaigns WHERE status != 'active')"
+            " ORDER BY next_at LIMIT ?)"
+            " RETURNING id, campaign, rcpt, domain, vars, attempts, created",
+            (now, limit),
+        ).fetchall()
+        return [Claimed(*r) for r in rows]
+
+    def record_results(self, results: Iterable[Result], now: float) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "UPDATE messages SET state=?, attempts=?, next_at=?, updated=?, last_code=?,"
+                " last_enhanced=?, last_text=? WHERE id=?",
+                [
+                    (r.state, r.attempts, r.next_at, now, r.code, r.enhanced, r.text, r.id)
+                    for r in results
+                ],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def release(self, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        if not ids:
+            return
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "UPDATE messages SET state=? WHERE id=? AND state=?",
+                [(QUEUED, i, INFLIGHT) for i in ids],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def recover(self) -> int:
+        cur = self.db.execute("UPDATE messages SET state=? WHERE state=?", (QUEUED, INFLIGHT))
+        return int(cur.rowcount)
+
+    def counts(self, campaign_id: int | None = None) -> dict[str, int]:
+        if campaign_id is None:
+            rows = self.db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")
+        else:
+            rows = self.db.execute(
+                "SELECT state, COUNT(*) FROM messages WHERE campaign=? GROUP BY state",
+                (campaign_id,),
+            )
+        out = dict.fromkeys(STATE_NAMES.values(), 0)
+        for state, n in rows:
+            out[STATE_NAMES.get(state, str(state))] = n
+        return out
+
+    def next_due(self) -> float | None:
+        row = self.db.execute(
+            "SELECT MIN(next_at) FROM messages WHERE state IN (0, 2)"
+            " AND campaign NOT IN (SELECT id FROM campaigns WHERE status != 'active')"
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:
+        edges = [m * 60.0 for m in AGE_BUCKETS_MIN]
+        shape: dict[str, list[int]] = {}
+        for domain, created in self.db.execute(
+            "SELECT domain, created FROM messages WHERE state IN (?, ?, ?)",
+            (QUEUED, INFLIGHT, DEFERRED),
+        ):
+            buckets = shape.get(domain)
+            if buckets is None:
+                buckets = shape[domain] = [0] * (len(edges) + 1)
+            age = now - created
+            i = 0
+            while i < len(edges) and age >= edges[i]:
+                i += 1
+            buckets[i] += 1
+        return sorted(shape.items(), key=lambda kv: -sum(kv[1]))
+
+    def message(self, message_id: int) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT id, campaign, rcpt, domain, vars, state, attempts, created, next_at, updated,"
+            " last_code, last_enhanced, last_text FROM messages WHERE id=?",
+            (message_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = [
+            "id",
+            "campaign",
+            "rcpt",
+            "domain",
+            "vars",
+            "state",
+            "attempts",
+            "created",
+            "next_at",
+            "updated",
+            "last_code",
+            "last_enhanced",
+            "last_text",
+        ]
+        out = dict(zip(keys, row, strict=True))
+        out["vars"] = orjson.loads(out["vars"])
+        out["state"] = STATE_NAMES.get(out["state"], out["state"])
+        return out
+
+    def close(self) -> None:
+        self.db.close()

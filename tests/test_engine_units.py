@@ -1,0 +1,117 @@
+"""Small pure parts of the engine: addresses, recipient lists, config, retry policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from fastsend import recipients
+from fastsend.address import AddressError, normalize
+from fastsend.config import ConfigError, RetryConfig, from_dict
+from fastsend.queue.retry import next_attempt
+
+
+@pytest.mark.parametrize(
+    "addr,expected",
+    [
+        ("a@example.com", ("a@example.com", "example.com")),
+        ("Ann.Lee@Example.COM", ("Ann.Lee@example.com", "example.com")),
+        ("jö@bücher.de", ("jö@xn--bcher-kva.de", "xn--bcher-kva.de")),
+        ('"x y"@example.com', ('"x y"@example.com', "example.com")),
+    ],
+)
+def test_good_addresses(addr: str, expected: tuple[str, str]) -> None:
+    assert normalize(addr) == expected
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "",
+        "plain",
+        "a@b",
+        "a b@example.com",
+        "a@-x.example",
+        "a\r\n@example.com",
+        "a@example.com\r\nRCPT TO:<x@y.z>",
+        "@example.com",
+        "a@",
+        "<a@example.com>",
+        "x" * 65 + "@a.com",
+    ],
+)
+def test_bad_addresses(addr: str) -> None:
+    with pytest.raises(AddressError):
+        normalize(addr)
+
+
+def test_csv_rows_with_line_numbers(tmp_path: Path) -> None:
+    p = tmp_path / "r.csv"
+    p.write_text(
+        "email,name\na@example.com,Ann\nbad-address,Bob\n\nc@example.com,Cy\nd@example.com\n"
+    )
+    out = list(recipients.read(str(p)))
+    good = [r for r in out if not isinstance(r, recipients.BadRow)]
+    bad = [r for r in out if isinstance(r, recipients.BadRow)]
+    assert [g[1] for g in good] == ["a@example.com", "c@example.com"]
+    assert orjson.loads(good[0][3]) == {"name": "Ann"}
+    assert [b.line for b in bad] == [3, 6]
+    assert "missing @" in bad[0].error
+    assert recipients.columns(str(p)) == {"email", "name"}
+
+
+def test_jsonl_rows(tmp_path: Path) -> None:
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"email": "a@example.com", "n": 3, "tags": ["x"]}\nnot json\n[1]\n')
+    out = list(recipients.read(str(p)))
+    assert orjson.loads(out[0][3]) == {"n": "3", "tags": '["x"]'}  # type: ignore[index]
+    assert isinstance(out[1], recipients.BadRow) and out[1].line == 2
+    assert isinstance(out[2], recipients.BadRow) and out[2].line == 3
+
+
+def test_csv_without_email_column(tmp_path: Path) -> None:
+    p = tmp_path / "r.csv"
+    p.write_text("mail,name\na@example.com,Ann\n")
+    with pytest.raises(recipients.RecipientsError, match="email"):
+        list(recipients.read(str(p)))
+    with pytest.raises(recipients.RecipientsError, match="not found"):
+        list(recipients.read(str(tmp_path / "missing.csv")))
+
+
+def test_config_parsing_and_errors() -> None:
+    cfg = from_dict(
+        {
+            "routes": {"*": "127.0.0.1:2525", "Example.ORG": "relay.example.net:587"},
+            "ips": {"source": ["127.0.0.2", "127.0.0.3", "127.0.0.4"]},
+            "workers": {"count": 2},
+            "delivery": {"batch_size": 10, "idle_timeout": 1},
+            "retry": {"min_backoff": 1, "max_backoff": 4, "max_age": 10},
+        }
+    )
+    assert str(cfg.route_for("sub.example.org")) == "relay.example.net:587"
+    assert str(cfg.route_for("other.test")) == "127.0.0.1:2525"
+    assert cfg.ips_for_worker(0) == ["127.0.0.2", "127.0.0.4"]
+    assert cfg.ips_for_worker(1) == ["127.0.0.3"]
+    assert cfg.delivery.idle_timeout == 1.0
+    for bad in (
+        {"delivery": {"batch_sise": 1}},
+        {"delivery": {"batch_size": "x"}},
+        {"ips": {"source": ["not-an-ip"]}},
+        {"routes": {"*": "host:99999"}},
+        {"delivery": {"tls": "sometimes"}},
+    ):
+        with pytest.raises(ConfigError):
+            from_dict(bad)
+
+
+def test_retry_backoff_doubles_caps_and_expires() -> None:
+    p = RetryConfig(min_backoff=300, max_backoff=4000, max_age=5 * 86400, jitter=0)
+    assert next_attempt(p, 1, 1000.0, 1000.0) == 1300.0
+    assert next_attempt(p, 2, 1000.0, 1000.0) == 1600.0
+    assert next_attempt(p, 10, 1000.0, 1000.0) == 5000.0  # capped at 4000 s
+    assert next_attempt(p, 3, 1000.0 + 5 * 86400, 1000.0) is None  # past max age
+    pj = RetryConfig(min_backoff=100, max_backoff=1000, max_age=1e9, jitter=0.2)
+    delays = {next_attempt(pj, 1, 0.0, 0.0) for _ in range(50)}
+    assert all(d is not None and 80 <= d <= 120 for d in delays) and len(delays) > 1
