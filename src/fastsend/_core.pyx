@@ -6,6 +6,8 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 
 - _smtp_core.pxi   SMTP reply parsing and command/body encoding (fastsend.smtp)
 - _ring.pxi        shared-memory SPSC rings with eventfd wake-ups (fastsend.ring)
+- _mime.pxi        quoted-printable body encoding (fastsend.message.mime)
+- _dkim.pxi        DKIM canonicalization (fastsend.message.dkim)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -15,3 +17,5 @@ def core_version():
     return 1
 
 include "_ring.pxi"
+include "_mime.pxi"
+include "_dkim.pxi"

@@ -1,0 +1,156 @@
+"""DKIM signatures verified by two independent verifiers: dkimpy and OpenDKIM."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import dkim as dkimpy
+import pytest
+
+from _message_helpers import drop_first_signature, opendkim_verify, use_impl
+from conftest import require_program
+from fastsend.message import Campaign
+from fastsend.message import dkim as dkim_mod
+from fastsend.message.keys import generate, load_private_key, public_txt, write_key
+
+KEYS = {"rsa1024": ("rsa", 1024), "rsa2048": ("rsa", 2048), "rsa4096": ("rsa", 4096),
+        "ed": ("ed25519", 0)}  # fmt: skip
+
+MESSAGES: dict[str, dict[str, Any]] = {
+    "unicode": {
+        "subject": "Grüße, {{ name }} — ✓ 日本語",
+        "text": "Hallo {{ name }}, ça va?\nZeile 2 mit Ümlaut\n",
+        "html": "<p>Hallo <b>{{ name }}</b> 🎉</p>",
+    },
+    "long-lines": {
+        "subject": "x " * 120 + "{{ name }}",
+        "text": ("long " * 400) + "{{ name }}\n" + "y" * 3000 + "\n",
+    },
+    "whitespace": {
+        "subject": "  spaced \t out  {{ name }}",
+        "text": "trailing   \n\ttabs\t\tinside\n\n\n\n",
+        "headers": {"X-Folded": "a " * 80 + "{{ name }}"},
+    },
+    "empty-body": {"subject": "empty", "text": ""},
+    "attachment": {
+        "subject": "with file",
+        "text": "see attached",
+        "html": "<p>see attached</p>",
+        "attachments": [
+            {"filename": "data.bin", "data_b64": base64.b64encode(bytes(range(256)) * 20).decode()},
+            {"filename": "naïve résumé.txt", "data_b64": base64.b64encode(b"hello").decode()},
+        ],
+    },
+    "base64-unsub": {
+        "subject": "b64",
+        "text": "Hi {{ name }}",
+        "transfer_encoding": "base64",
+        "list_unsubscribe": {"mailto": "u@example.com", "url": "https://example.com/u/{{ email }}"},
+        "feedback_id": "a:b:c:fastsend",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("dkimkeys")
+    for name, (alg, bits) in KEYS.items():
+        write_key(generate(alg, bits or 2048), d / f"{name}.pem")
+    return d
+
+
+def txt_records(keydir: Path) -> dict[str, str]:
+    return {
+        f"{name}._domainkey.example.com": public_txt(load_private_key(str(keydir / f"{name}.pem")))
+        for name in KEYS
+    }
+
+
+def campaign(keydir: Path, msg: str, sel: list[str], canon: str) -> Campaign:
+    d: dict[str, Any] = {"from": "Sender Näme <news@example.com>", **MESSAGES[msg]}
+    d["dkim"] = [
+        {"domain": "example.com", "selector": s, "key": str(keydir / f"{s}.pem"),
+         "canonicalization": canon}
+        for s in sel
+    ]  # fmt: skip
+    return Campaign.from_dict(d)
+
+
+def dkimpy_verify(data: bytes, records: dict[str, str]) -> bool:
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return records[name.decode().rstrip(".")].encode()
+
+    return bool(dkimpy.verify(data, dnsfunc=dnsfunc))
+
+
+@pytest.mark.parametrize("canon", ["relaxed/relaxed", "simple/simple"])
+@pytest.mark.parametrize("msg", sorted(MESSAGES))
+def test_rsa_verifies_with_dkimpy_and_opendkim(
+    impl: str, monkeypatch: pytest.MonkeyPatch, keydir: Path, tmp_path: Path, msg: str, canon: str
+) -> None:
+    exe = require_program("opendkim")
+    use_impl(monkeypatch, impl)
+    records = txt_records(keydir)
+    r = campaign(keydir, msg, ["rsa2048"], canon).compile()
+    data = r.render("rcpt@example.org", {"name": "Zoë"}, "m-1")
+    assert dkimpy_verify(data, records)
+    verdict = opendkim_verify(exe, tmp_path, data, records)
+    assert "succeeded" in verdict, verdict
+    # tampering is noticed (the verifiers are really checking)
+    bad = data.replace(b"\r\nFrom: ", b"\r\nFrom: X", 1)
+    assert not dkimpy_verify(bad, records)
+
+
+@pytest.mark.parametrize("canon", ["relaxed/relaxed", "simple/simple"])
+@pytest.mark.parametrize("msg", sorted(MESSAGES))
+def test_dual_rsa_ed25519_verifies_with_opendkim(
+    impl: str, monkeypatch: pytest.MonkeyPatch, keydir: Path, tmp_path: Path, msg: str, canon: str
+) -> None:
+    exe = require_program("opendkim")
+    use_impl(monkeypatch, impl)
+    records = txt_records(keydir)
+    r = campaign(keydir, msg, ["ed", "rsa2048"], canon).compile()
+    data = r.render("rcpt@example.org", {"name": "Zoë"}, "m-2")
+    assert data.count(b"DKIM-Signature:") == 2
+    v1 = opendkim_verify(exe, tmp_path, data, records)
+    assert "s=ed," in v1 and "succeeded" in v1, v1
+    v2 = opendkim_verify(exe, tmp_path, drop_first_signature(data), records)
+    assert "s=rsa2048," in v2 and "succeeded" in v2, v2
+    assert dkimpy_verify(drop_first_signature(data), records)
+    tampered = data.replace(b"\r\n\r\n", b"\r\n\r\nX", 1)
+    assert "failed" in opendkim_verify(exe, tmp_path, tampered, records)
+
+
+@pytest.mark.parametrize("sel", ["rsa1024", "rsa4096"])
+def test_key_sizes(impl: str, monkeypatch: pytest.MonkeyPatch, keydir: Path, sel: str) -> None:
+    use_impl(monkeypatch, impl)
+    r = campaign(keydir, "unicode", [sel], "relaxed/relaxed").compile()
+    assert dkimpy_verify(r.render("a@example.org", {"name": "n"}, "m"), txt_records(keydir))
+
+
+def test_body_hash_cached_and_changes(keydir: Path) -> None:
+    signer = dkim_mod.Signer.from_settings(
+        {"domain": "example.com", "selector": "ed", "key": str(keydir / "ed.pem")}
+    )
+    body = b"same body\r\n"
+    h1 = signer.body_hash(body)
+    assert signer.body_hash(bytes(body)) is h1
+    assert signer.body_hash(b"other\r\n") != h1
+
+
+def test_canonicalization_twins_agree_on_rfc_examples(impl: str) -> None:
+    from fastsend import _accel
+
+    f = dkim_mod.PURE if impl == "py" else {n: _accel.compiled(n) for n in dkim_mod.PURE}
+    # RFC 6376 3.4.5 example
+    assert f["header_relaxed"](b"A: X\r\n") == b"a:X\r\n"
+    assert f["header_relaxed"](b"B : Y\t\r\n\tZ  \r\n") == b"b:Y Z\r\n"
+    assert f["body_relaxed"](b" C \r\nD \t E\r\n\r\n\r\n") == b" C\r\nD E\r\n"
+    assert f["body_simple"](b" C \r\nD \t E\r\n\r\n\r\n") == b" C \r\nD \t E\r\n"
+    assert f["body_relaxed"](b"") == b""
+    assert f["body_simple"](b"") == b"\r\n"
+    assert f["body_relaxed"](b"\r\n\r\n") == b""
+    assert f["body_relaxed"](b"x") == b"x\r\n"
+    assert f["body_simple"](b"x") == b"x\r\n"
