@@ -4,7 +4,7 @@
 One extension module, one ``.pxi`` file per concern (each with a pure-Python
 twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 
-- _smtp_core.pxi   SMTP reply parsing and command/body encoding (fastsend.smtp)
+- _smtp.pxi        SMTP reply parsing and DATA dot-stuffing (fastsend.smtp.replies)
 - _ring.pxi        shared-memory SPSC rings with eventfd wake-ups (fastsend.ring)
 - _mime.pxi        quoted-printable body encoding (fastsend.message.mime)
 - _dkim.pxi        DKIM canonicalization (fastsend.message.dkim)
@@ -19,3 +19,4 @@ def core_version():
 include "_ring.pxi"
 include "_mime.pxi"
 include "_dkim.pxi"
+include "_smtp.pxi"

@@ -1,0 +1,168 @@
+# Included from _core.pyx. Compiled twins of fastsend.smtp.replies: ReplyParser
+# and dot_stuff, with identical names and behaviour (the pure-Python versions
+# are the reference; tests run over both). No I/O, no SMTP state here.
+
+from libc.string cimport memchr, memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+cdef Py_ssize_t _SMTP_MAX_LINE = 4096
+cdef Py_ssize_t _SMTP_MAX_LINES = 512
+
+
+cdef object _smtp_remote_error(str msg):
+    # Imported lazily: fastsend.smtp imports fastsend._core, not the reverse.
+    from fastsend.smtp.errors import RemoteProtocolError
+    return RemoteProtocolError(msg)
+
+
+cdef inline bint _smtp_digit(char c):
+    return 48 <= c <= 57
+
+
+cdef class ReplyParser:
+    """Incremental SMTP reply parser (compiled twin of fastsend.smtp.replies.ReplyParser)."""
+
+    cdef bytes _buf
+    cdef int _code
+    cdef str _enhanced
+    cdef list _lines
+
+    def __init__(self):
+        self._buf = b""
+        self._code = 0
+        self._enhanced = ""
+        self._lines = []
+
+    @property
+    def pending(self):
+        return PyBytes_GET_SIZE(self._buf) > 0 or self._code != 0
+
+    def feed(self, bytes data not None):
+        cdef bytes buf = self._buf + data if PyBytes_GET_SIZE(self._buf) else data
+        cdef const char* p = PyBytes_AS_STRING(buf)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+        cdef Py_ssize_t start = 0, nl, end
+        cdef const char* q
+        cdef list out = []
+        while start < n:
+            q = <const char*>memchr(p + start, 10, n - start)
+            if q == NULL:
+                break
+            nl = q - p
+            end = nl - 1 if nl > start and p[nl - 1] == 13 else nl
+            if end - start > _SMTP_MAX_LINE:
+                raise _smtp_remote_error(f"reply line longer than {_SMTP_MAX_LINE} octets")
+            self._line(p + start, end - start, buf, start, out)
+            start = nl + 1
+        if n - start > _SMTP_MAX_LINE:
+            raise _smtp_remote_error(f"reply line longer than {_SMTP_MAX_LINE} octets")
+        self._buf = b"" if start >= n else (buf if start == 0 else buf[start:])
+        return out
+
+    cdef int _line(self, const char* s, Py_ssize_t n, bytes buf, Py_ssize_t off, list out) except -1:
+        cdef int code, sep, cls
+        cdef Py_ssize_t i, k, d
+        cdef str text
+        if n < 3 or not (50 <= s[0] <= 53 and _smtp_digit(s[1]) and _smtp_digit(s[2])):
+            raise _smtp_remote_error(f"not an SMTP reply line: {buf[off:off + min(n, 80)]!r}")
+        code = (s[0] - 48) * 100 + (s[1] - 48) * 10 + (s[2] - 48)
+        if n == 3:
+            sep = 32
+        else:
+            sep = s[3]
+            if sep != 32 and sep != 45:
+                raise _smtp_remote_error(
+                    f"bad separator in reply line: {buf[off:off + min(n, 80)]!r}"
+                )
+        if self._code and code != self._code:
+            raise _smtp_remote_error(
+                f"multi-line reply changed code from {self._code} to {code}"
+            )
+        # Enhanced status code: class "." 1-3 digits "." 1-3 digits, then spaces or end.
+        i = 4
+        k = 0
+        if n > 4 and s[4] - 48 == code // 100 and (s[4] == 50 or s[4] == 52 or s[4] == 53):
+            i = 5
+            if i < n and s[i] == 46:
+                i += 1
+                d = 0
+                while i < n and _smtp_digit(s[i]) and d < 4:
+                    i += 1
+                    d += 1
+                if 1 <= d <= 3 and i < n and s[i] == 46:
+                    i += 1
+                    d = 0
+                    while i < n and _smtp_digit(s[i]) and d < 4:
+                        i += 1
+                        d += 1
+                    if 1 <= d <= 3 and (i == n or s[i] == 32):
+                        k = i  # end of the enhanced code
+        if k:
+            if not self._enhanced:
+                self._enhanced = s[4:k].decode("ascii")
+            while k < n and s[k] == 32:
+                k += 1
+            text = s[k:n].decode("utf-8", "replace")
+        elif n > 4:
+            text = s[4:n].decode("utf-8", "replace")
+        else:
+            text = ""
+        if sep == 45:
+            if len(self._lines) >= _SMTP_MAX_LINES:
+                raise _smtp_remote_error(
+                    f"multi-line reply longer than {_SMTP_MAX_LINES} lines"
+                )
+            self._code = code
+            self._lines.append(text)
+            return 0
+        if self._lines:
+            self._lines.append(text)
+            text = "\n".join(self._lines)
+            self._lines = []
+        out.append((code, self._enhanced, text))
+        self._code = 0
+        self._enhanced = ""
+        return 0
+
+
+def dot_stuff(bytes data not None):
+    """The DATA body for ``data``: dot-stuffed, CRLF-terminated, ending ``.\\r\\n``."""
+    cdef const char* p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t i = 0, extra = 0, o = 0, last = 0
+    cdef const char* q
+    # Count the dots to double: at the start, or after CR or LF.
+    while i < n:
+        q = <const char*>memchr(p + i, 46, n - i)
+        if q == NULL:
+            break
+        i = q - p
+        if i == 0 or p[i - 1] == 10 or p[i - 1] == 13:
+            extra += 1
+        i += 1
+    cdef bint crlf = n >= 2 and p[n - 2] == 13 and p[n - 1] == 10
+    cdef Py_ssize_t size = n + extra + (0 if crlf or n == 0 else 2) + 3
+    cdef bytes result = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* w = PyBytes_AS_STRING(result)
+    if extra:
+        i = 0
+        while i < n:
+            q = <const char*>memchr(p + i, 46, n - i)
+            if q == NULL:
+                break
+            i = q - p
+            if i == 0 or p[i - 1] == 10 or p[i - 1] == 13:
+                memcpy(w + o, p + last, i + 1 - last)
+                o += i + 1 - last
+                last = i  # the dot is copied again with the next span
+            i += 1
+    memcpy(w + o, p + last, n - last)
+    o += n - last
+    if not crlf and n:
+        w[o] = 13
+        w[o + 1] = 10
+        o += 2
+    w[o] = 46
+    w[o + 1] = 13
+    w[o + 2] = 10
+    return result

@@ -1,0 +1,562 @@
+"""The sans-I/O SMTP client: bytes in, events out, commands return bytes.
+
+Everything that affects the client's state machine lives in this file, as in
+h11: the transport only moves bytes and starts TLS when told to.
+
+Usage (the transport does exactly this)::
+
+    c = SMTPClient(helo_name="out1.example.com", mx="10.0.0.1:25")
+    events = c.receive_data(data)      # CommandDone / TxnResult values
+    wire = c.data_to_send()            # reactions (body after 354, HELO, ...)
+    wire = c.send_ehlo()               # commands return the bytes to write
+    wire = c.send_envelopes(envs)      # pipelined transactions
+    events = c.events()                # results decided without the server
+
+What it does: greeting, EHLO with a HELO fallback, capabilities, STARTTLS
+(the caller performs the handshake and calls :meth:`tls_established`), AUTH
+PLAIN and LOGIN, MAIL/RCPT/DATA with several recipients per transaction,
+RSET, QUIT. With PIPELINING (RFC 2920) each transaction's MAIL, RCPTs and
+DATA go out in one write, and a message's body goes out in the same write as
+the next transaction's MAIL; replies are matched to commands in order, so one
+refused recipient does not fail the others. Without PIPELINING, one command
+at a time. Every recipient gets an :class:`~fastsend.outcome.Outcome`.
+
+What it does not do: sockets, timers, TLS, DNS, retries or policy. Garbage
+from the server raises :class:`RemoteProtocolError` (the transport turns it
+into deferred outcomes via :meth:`connection_lost`); misuse by the caller
+raises :class:`LocalProtocolError`. BDAT/CHUNKING is not used: the servers we
+measure against (Postfix's smtp-sink) do not offer it, and DATA with
+PIPELINING costs one round trip per message per connection, which many
+connections hide.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import deque
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
+from fastsend.smtp.errors import LocalProtocolError, RemoteProtocolError
+from fastsend.smtp.replies import Reply, ReplyParser, dot_stuff
+
+# Client states.
+GREETING = "greeting"  # waiting for the server's 220
+GREETED = "greeted"  # greeting (or TLS) done; EHLO is next
+EHLO = "ehlo"  # EHLO or HELO sent
+READY = "ready"  # may send transactions, STARTTLS, AUTH, RSET, QUIT
+STARTTLS = "starttls"  # STARTTLS sent, waiting for 220
+TLS = "tls"  # 220 to STARTTLS received: the caller must start TLS now
+AUTH = "auth"  # an AUTH exchange is running
+QUIT = "quit"  # QUIT sent
+CLOSED = "closed"  # the connection is gone (or the server said 421)
+
+# Kinds of commands waiting for a reply.
+_MAIL, _RCPT, _DATA, _DOT, _RSET, _CMD = range(6)
+_STAGE = {_MAIL: "mail", _RCPT: "rcpt", _DATA: "data", _DOT: "data", _RSET: "rset"}
+
+# Addresses: no C0 controls, DEL, space or angle brackets. CR/LF/NUL in
+# particular would let a recipient inject commands into the session.
+_BAD_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
+
+
+class CommandDone(NamedTuple):
+    """The reply to a session command (not a transaction).
+
+    ``command`` is one of "greeting", "ehlo", "helo", "starttls", "auth",
+    "rset", "noop", "quit" or "unsolicited" (a 421 sent out of turn).
+    """
+
+    command: str
+    code: int
+    enhanced: str
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    def outcome(self, stage: str, mx: str) -> Outcome:
+        """This reply as the outcome of a failed session step.
+
+        Only a 5xx to EHLO/HELO fails permanently; a refused greeting, STARTTLS
+        or AUTH is deferred (it says nothing about the recipients).
+        """
+        kind = FAILED if self.code >= 500 and stage in ("ehlo", "helo") else DEFERRED
+        return Outcome(kind, self.code, self.enhanced, self.text.replace("\n", " "), stage, mx)
+
+
+Event = CommandDone | TxnResult
+
+
+class _Txn:
+    """One envelope in flight: its outcomes fill in as replies arrive."""
+
+    __slots__ = ("accepted", "decided", "dummy", "env", "mail_fail", "outcomes", "rest", "utf8")
+
+    def __init__(self, env: Envelope, n: int) -> None:
+        self.env = env
+        self.outcomes: list[Outcome | None] = [None] * n
+        self.accepted = 0
+        self.mail_fail: Outcome | None = None
+        self.dummy = False  # a lone "." was sent after a 354 with no recipient left
+        self.utf8 = False  # MAIL FROM gets SMTPUTF8
+        self.decided = False  # every recipient refused locally: nothing to send
+        self.rest: deque[tuple[int, int, bytes]] = deque()  # unsent, without PIPELINING
+
+
+class SMTPClient:
+    """One SMTP session's client side. See the module docstring for the flow."""
+
+    def __init__(self, helo_name: str = "localhost", mx: str = "") -> None:
+        if not helo_name or _BAD_ADDRESS.search(helo_name):
+            raise LocalProtocolError(f"bad HELO name {helo_name!r}")
+        self.helo_name = helo_name
+        self.mx = mx
+        self.state = GREETING
+        self.capabilities: dict[str, str] = {}
+        self.tls_active = False
+        self.pipelining = False
+        self.size_limit = 0
+        self._parser = ReplyParser()
+        self._pending: deque[tuple[int, _Txn | None, int]] = deque()
+        self._pending.append((_CMD, None, 0))
+        self._cmd_names: deque[str] = deque(["greeting"])
+        self._queue: deque[_Txn] = deque()
+        self._group_open = False  # a transaction waits for its DATA reply
+        self._active = 0  # transactions started and not finished
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._auth: list[bytes] = []  # remaining AUTH LOGIN responses (secrets)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def expecting(self) -> str:
+        """The stage of the next reply we wait for ("" when none): picks the timeout."""
+        if not self._pending:
+            return ""
+        kind, _txn, _i = self._pending[0]
+        if kind == _CMD:
+            return self._cmd_names[0]
+        if kind == _DOT:
+            return "dot"
+        return _STAGE[kind]
+
+    @property
+    def busy(self) -> bool:
+        """True while transactions are queued or in flight."""
+        return self._active > 0 or bool(self._queue)
+
+    # ------------------------------------------------------------------ output
+    def data_to_send(self) -> bytes:
+        """Bytes produced in reaction to replies; write them, in order."""
+        if not self._out:
+            return b""
+        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out = []
+        return out
+
+    def events(self) -> list[Event]:
+        """Events produced without the server (e.g. locally refused envelopes)."""
+        ev = self._events
+        self._events = []
+        return ev
+
+    # ---------------------------------------------------------------- commands
+    def _command(self, name: str, line: bytes, allowed: tuple[str, ...]) -> bytes:
+        if self.state not in allowed:
+            raise LocalProtocolError(f"cannot send {name.upper()} in state {self.state!r}")
+        self._pending.append((_CMD, None, 0))
+        self._cmd_names.append(name)
+        return line
+
+    def send_ehlo(self) -> bytes:
+        line = self._command("ehlo", b"EHLO %s\r\n" % self.helo_name.encode(), (GREETED,))
+        self.state = EHLO
+        return line
+
+    def send_starttls(self) -> bytes:
+        if self.tls_active:
+            raise LocalProtocolError("TLS is already active")
+        self._check_idle("STARTTLS")
+        line = self._command("starttls", b"STARTTLS\r\n", (READY,))
+        self.state = STARTTLS
+        return line
+
+    def tls_established(self) -> None:
+        """The caller finished the TLS handshake: forget what was said in clear."""
+        if self.state != TLS:
+            raise LocalProtocolError(f"no STARTTLS was accepted (state {self.state!r})")
+        self.tls_active = True
+        self.capabilities = {}
+        self.pipelining = False
+        self.size_limit = 0
+        self.state = GREETED
+
+    def send_auth(self, username: str, password: str, mechanism: str = "") -> bytes:
+        """AUTH PLAIN (preferred) or LOGIN, as offered; ``mechanism`` forces one."""
+        self._check_idle("AUTH")
+        offered = self.capabilities.get("AUTH", "").upper().split()
+        mech = mechanism.upper() or ("PLAIN" if "PLAIN" in offered or not offered else "LOGIN")
+        if mech == "PLAIN":
+            token = base64.b64encode(b"\0%s\0%s" % (username.encode(), password.encode()))
+            line = b"AUTH PLAIN " + token + b"\r\n"
+            self._auth = []
+        elif mech == "LOGIN":
+            line = b"AUTH LOGIN\r\n"
+            self._auth = [
+                base64.b64encode(username.encode()) + b"\r\n",
+                base64.b64encode(password.encode()) + b"\r\n",
+            ]
+        else:
+            raise LocalProtocolError(f"unsupported AUTH mechanism {mechanism!r}")
+        line = self._command("auth", line, (READY,))
+        self.state = AUTH
+        return line
+
+    def send_rset(self) -> bytes:
+        self._check_idle("RSET")
+        return self._command("rset", b"RSET\r\n", (READY,))
+
+    def send_noop(self) -> bytes:
+        self._check_idle("NOOP")
+        return self._command("noop", b"NOOP\r\n", (READY,))
+
+    def send_quit(self) -> bytes:
+        self._check_idle("QUIT")
+        line = self._command("quit", b"QUIT\r\n", (READY, GREETED, EHLO, AUTH))
+        self.state = QUIT
+        return line
+
+    def _check_idle(self, what: str) -> None:
+        if self.busy:
+            raise LocalProtocolError(f"cannot send {what} while transactions are in flight")
+
+    # ------------------------------------------------------------ transactions
+    def send_envelopes(self, envelopes: Iterable[Envelope]) -> bytes:
+        """Queue transactions; returns the bytes to write now (may be b"")."""
+        if self.state != READY:
+            raise LocalProtocolError(f"cannot send mail in state {self.state!r}")
+        for env in envelopes:
+            txn = _Txn(env, len(env.rcpts))
+            txn.decided = not self._check_envelope(txn)
+            self._queue.append(txn)  # decided ones too: results keep envelope order
+        if self._group_open or (not self.pipelining and self._active):
+            return b""
+        self._start_next()
+        return self.data_to_send()
+
+    def _check_envelope(self, txn: _Txn) -> bool:
+        """Refuse locally what the server cannot take; True if anything is left to send."""
+        env = txn.env
+        outs = txn.outcomes
+        if not env.rcpts:
+            return False
+        utf8 = env.smtputf8 or not env.mail_from.isascii()
+        for i, rcpt in enumerate(env.rcpts):
+            if not isinstance(rcpt, str) or not rcpt or _BAD_ADDRESS.search(rcpt):
+                text = f"invalid recipient address {rcpt!r}"
+                outs[i] = Outcome(FAILED, 0, "5.1.3", text, "local", self.mx)
+            elif not utf8 and not rcpt.isascii():
+                utf8 = True
+        txn.utf8 = utf8
+        enhanced = ""
+        if _BAD_ADDRESS.search(env.mail_from):
+            enhanced, reason = "5.1.7", f"invalid sender address {env.mail_from!r}"
+        elif utf8 and "SMTPUTF8" not in self.capabilities:
+            enhanced = "5.6.7"
+            reason = (
+                "the message needs SMTPUTF8 (non-ASCII address) and the server does not offer it"
+            )
+        elif self.size_limit and len(env.data) > self.size_limit:
+            enhanced = "5.3.4"
+            reason = f"message size {len(env.data)} exceeds the server's limit {self.size_limit}"
+        if enhanced:
+            fail = Outcome(FAILED, 0, enhanced, reason, "mail", self.mx)
+            for i in range(len(outs)):
+                if outs[i] is None:
+                    outs[i] = fail
+            return False
+        return any(o is None for o in outs)
+
+    def _mail_line(self, txn: _Txn) -> bytes:
+        env = txn.env
+        params = b""
+        caps = self.capabilities
+        if "SIZE" in caps:
+            params += b" SIZE=%d" % len(env.data)
+        if env.eightbit and "8BITMIME" in caps:
+            params += b" BODY=8BITMIME"
+        if txn.utf8:
+            params += b" SMTPUTF8"
+        return b"MAIL FROM:<" + env.mail_from.encode() + b">" + params + b"\r\n"
+
+    def _start_next(self) -> None:
+        """Send the next queued transaction's commands (all of them with PIPELINING)."""
+        queue = self._queue
+        while queue and queue[0].decided:  # refused locally: nothing to send
+            self._events.append(self._result(queue.popleft()))
+        if not queue or self.state != READY:
+            return
+        txn = queue.popleft()
+        self._active += 1
+        pending = self._pending
+        rcpts = txn.env.rcpts
+        outcomes = txn.outcomes
+        if self.pipelining:
+            parts = [self._mail_line(txn)]
+            pending.append((_MAIL, txn, 0))
+            for i in range(len(rcpts)):
+                if outcomes[i] is None:
+                    parts.append(b"RCPT TO:<" + rcpts[i].encode() + b">\r\n")
+                    pending.append((_RCPT, txn, i))
+            parts.append(b"DATA\r\n")
+            pending.append((_DATA, txn, 0))
+            self._out.append(b"".join(parts))
+            self._group_open = True
+            return
+        rest = txn.rest
+        for i in range(len(rcpts)):
+            if outcomes[i] is None:
+                rest.append((_RCPT, i, b"RCPT TO:<" + rcpts[i].encode() + b">\r\n"))
+        rest.append((_DATA, 0, b"DATA\r\n"))
+        self._group_open = True
+        pending.append((_MAIL, txn, 0))
+        self._out.append(self._mail_line(txn))
+
+    def _send_rest(self, txn: _Txn) -> None:
+        """Without PIPELINING: send the transaction's next command, or end it."""
+        kind, i, line = txn.rest.popleft()
+        if kind == _DATA and (txn.mail_fail is not None or not txn.accepted):
+            txn.rest.clear()
+            self._group_open = False
+            if txn.mail_fail is None:
+                self._out.append(b"RSET\r\n")
+                self._pending.append((_RSET, None, 0))
+            self._finish(txn)
+            return
+        self._pending.append((kind, txn, i))
+        self._out.append(line)
+
+    def _result(self, txn: _Txn, queue_id: str = "") -> TxnResult:
+        outs = txn.outcomes
+        for o in outs:
+            if o is None:  # cannot happen: every path fills every slot
+                raise LocalProtocolError("transaction finished with an undecided recipient")
+        return TxnResult(txn.env.tag, outs, queue_id)  # type: ignore[arg-type]
+
+    def _finish(self, txn: _Txn, queue_id: str = "") -> None:
+        self._active -= 1
+        self._events.append(self._result(txn, queue_id))
+        if not self._group_open:
+            self._start_next()
+
+    # ------------------------------------------------------------------- input
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the server; returns the events they complete."""
+        if self.state == TLS or self.state == CLOSED:
+            # Bytes after the 220 to STARTTLS but before the handshake would be
+            # trusted after it (CVE-2011-0411 style injection): refuse them.
+            state, self.state = self.state, CLOSED
+            raise RemoteProtocolError(f"unexpected data in state {state!r}")
+        try:
+            for reply in self._parser.feed(data):
+                self._reply(reply)
+        except RemoteProtocolError:
+            self.state = CLOSED
+            raise
+        ev = self._events
+        self._events = []
+        return ev
+
+    def _reply(self, reply: Reply) -> None:
+        if self.state == CLOSED:
+            raise RemoteProtocolError(f"reply after the session ended: {reply[0]}")
+        if not self._pending:
+            if reply[0] == 421:
+                self._events.append(CommandDone("unsolicited", *reply))
+                self._abort(reply[0], reply[1], reply[2])
+                return
+            raise RemoteProtocolError(f"unsolicited reply {reply[0]} {reply[2][:80]!r}")
+        kind, txn, i = self._pending.popleft()
+        code = reply[0]
+        if kind == _CMD:
+            self._command_reply(self._cmd_names.popleft(), reply)
+        elif txn is None:  # _RSET inside a pipeline: only a 421 matters
+            pass
+        elif kind == _RCPT:
+            if txn.mail_fail is not None:
+                txn.outcomes[i] = txn.mail_fail
+            elif 200 <= code < 300:
+                txn.accepted += 1
+            elif code >= 400:
+                txn.outcomes[i] = self._outcome(reply, "rcpt")
+            else:
+                raise RemoteProtocolError(f"unexpected reply {code} to RCPT")
+            if txn.rest:
+                self._send_rest(txn)
+        elif kind == _MAIL:
+            if code >= 400:
+                txn.mail_fail = self._outcome(reply, "mail")
+            elif not 200 <= code < 300:
+                raise RemoteProtocolError(f"unexpected reply {code} to MAIL")
+            if txn.rest:
+                if txn.mail_fail is not None:
+                    for j, _line_i, _line in txn.rest:
+                        if j == _RCPT:
+                            txn.outcomes[_line_i] = txn.mail_fail
+                    txn.rest.clear()
+                    self._group_open = False
+                    self._finish(txn)
+                else:
+                    self._send_rest(txn)
+        elif kind == _DATA:
+            self._group_open = False
+            if code == 354:
+                if txn.accepted and txn.mail_fail is None:
+                    self._out.append(dot_stuff(txn.env.data))
+                else:  # a server that says 354 with no recipient: end it empty
+                    txn.dummy = True
+                    self._out.append(b".\r\n")
+                self._pending.append((_DOT, txn, 0))
+                if self.pipelining:
+                    self._start_next()
+            elif code >= 400:
+                if txn.mail_fail is None:
+                    out = self._outcome(reply, "data")
+                    outs = txn.outcomes
+                    for j in range(len(outs)):
+                        if outs[j] is None:
+                            outs[j] = out
+                    self._out.append(b"RSET\r\n")
+                    self._pending.append((_RSET, None, 0))
+                self._finish(txn)
+            else:
+                raise RemoteProtocolError(f"unexpected reply {code} to DATA")
+        else:  # _DOT
+            outs = txn.outcomes
+            if txn.dummy:
+                for j in range(len(outs)):
+                    if outs[j] is None:  # cannot happen; keep every slot decided
+                        outs[j] = self._outcome(reply, "data")
+                self._finish(txn)
+            else:
+                if code < 200 or 300 <= code < 400:
+                    raise RemoteProtocolError(f"unexpected reply {code} to end of data")
+                out = self._outcome(reply, "data")
+                for j in range(len(outs)):
+                    if outs[j] is None:
+                        outs[j] = out
+                if code >= 300:
+                    self._finish(txn)
+                else:
+                    text = out.text
+                    k = text.find("queued as ")
+                    self._finish(txn, text[k + 10 :].split(" ", 1)[0] if k >= 0 else text)
+        if code == 421 and self.state != CLOSED:
+            self._abort(code, reply[1], reply[2])
+
+    def _outcome(self, reply: Reply, stage: str) -> Outcome:
+        code = reply[0]
+        kind = DELIVERED if code < 300 else (DEFERRED if code < 500 else FAILED)
+        text = reply[2]
+        if "\n" in text:
+            text = text.replace("\n", " ")
+        return Outcome(kind, code, reply[1], text, stage, self.mx)
+
+    def _command_reply(self, name: str, reply: Reply) -> None:
+        code = reply[0]
+        if name == "greeting":
+            self.state = GREETED if code == 220 else CLOSED
+        elif name == "ehlo":
+            if 200 <= code < 300:
+                self._parse_ehlo(reply[2])
+                self.state = READY
+            elif code in (500, 501, 502, 504, 550):
+                # No ESMTP: try HELO (RFC 5321 section 3.2); no event until it answers.
+                self._pending.append((_CMD, None, 0))
+                self._cmd_names.append("helo")
+                self._out.append(b"HELO %s\r\n" % self.helo_name.encode())
+                return
+            else:
+                self.state = GREETED
+        elif name == "helo":
+            self.capabilities = {}
+            self.pipelining = False
+            self.state = READY if 200 <= code < 300 else GREETED
+        elif name == "starttls":
+            if code == 220:
+                if self._parser.pending:
+                    raise RemoteProtocolError("data pipelined after the 220 to STARTTLS")
+                self.state = TLS
+            else:
+                self.state = READY
+        elif name == "auth":
+            if code == 334 and self._auth:
+                self._pending.append((_CMD, None, 0))
+                self._cmd_names.append("auth")
+                self._out.append(self._auth.pop(0))
+                return
+            if code == 334:  # a challenge we have no answer for: cancel (RFC 4954)
+                self._pending.append((_CMD, None, 0))
+                self._cmd_names.append("auth")
+                self._out.append(b"*\r\n")
+                return
+            self._auth = []
+            self.state = READY
+        elif name == "quit":
+            self.state = CLOSED
+        self._events.append(CommandDone(name, *reply))
+
+    def _parse_ehlo(self, text: str) -> None:
+        caps: dict[str, str] = {}
+        for line in text.split("\n")[1:]:
+            key, _, params = line.strip().partition(" ")
+            if not key:
+                continue
+            key = key.upper()
+            if key.startswith("AUTH="):  # the pre-RFC 4954 form
+                key, params = "AUTH", key[5:] + " " + params
+            caps[key] = params.strip()
+        self.capabilities = caps
+        self.pipelining = "PIPELINING" in caps
+        size = caps.get("SIZE", "")
+        self.size_limit = int(size) if size.isdigit() else 0
+
+    # --------------------------------------------------------------- teardown
+    def connection_lost(self, text: str = "connection lost") -> list[Event]:
+        """The connection is gone: every undecided recipient is deferred (code 0)."""
+        if self.state != CLOSED or self._pending or self._queue:
+            self._abort(0, "", text)
+        ev = self._events
+        self._events = []
+        return ev
+
+    def _abort(self, code: int, enhanced: str, text: str) -> None:
+        """Defer every undecided recipient with this reason and close the session."""
+        self.state = CLOSED
+        self._out = []
+        text = text.replace("\n", " ")
+        seen: list[_Txn] = []
+        stage_of: dict[int, str] = {}
+        for kind, txn, _i in self._pending:
+            if txn is not None and id(txn) not in stage_of:
+                stage_of[id(txn)] = _STAGE[kind]
+                seen.append(txn)
+        self._pending.clear()
+        self._cmd_names.clear()
+        seen.extend(self._queue)
+        self._queue.clear()
+        for txn in seen:
+            stage = stage_of.get(id(txn), "mail")
+            out = Outcome(DEFERRED, code, enhanced, text, stage, self.mx)
+            outs = txn.outcomes
+            for j in range(len(outs)):
+                if outs[j] is None:
+                    outs[j] = out
+            self._events.append(self._result(txn))
+        self._active = 0
+        self._group_open = False
+        self._auth = []

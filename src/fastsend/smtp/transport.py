@@ -1,0 +1,444 @@
+"""The asyncio transport of the SMTP client: the only module that touches sockets.
+
+:func:`connect` opens a TCP connection from a chosen source IP, reads the
+greeting, says EHLO (HELO as fallback), upgrades with STARTTLS when asked and
+authenticates, and returns an :class:`SMTPConnection` (or an
+:class:`~fastsend.outcome.Outcome` saying why it could not). The connection
+then delivers batches with :meth:`SMTPConnection.send`, pipelined, and is
+reused until ``max_messages``; :meth:`SMTPConnection.quit` ends it cleanly.
+
+It uses ``asyncio.Protocol`` callbacks (not streams) so each server read costs
+one callback, one parse and at most one write; it runs on uvloop and on the
+standard loop. Per-command timeouts follow RFC 5321 section 4.5.3.2; one
+timer per connection is re-armed lazily instead of one per command.
+
+What it does not do: SMTP state (that is :mod:`fastsend.smtp.client`), DNS/MX
+choice, pooling across connections, retries or shaping. It never raises for
+network or peer trouble: every failure becomes a deferred or failed Outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
+from fastsend.smtp.client import CLOSED, READY, CommandDone, Event, SMTPClient
+from fastsend.smtp.errors import RemoteProtocolError
+
+# Linux: bind() reserves no port until connect(), so many source IPs can share
+# the ephemeral range (the kernel picks a port per 4-tuple, not per address).
+IP_BIND_ADDRESS_NO_PORT = getattr(
+    socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else 0
+)
+
+TLSMode = Literal["opportunistic", "required", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds to wait for each reply (RFC 5321 section 4.5.3.2 defaults)."""
+
+    connect: float = 30.0  # TCP connect (not in the RFC; Postfix uses 30 s)
+    greeting: float = 300.0  # 4.5.3.2.1 initial 220 message: 5 minutes
+    ehlo: float = 300.0  # EHLO/HELO, AUTH, RSET, NOOP: as MAIL
+    starttls: float = 300.0  # the 220 to STARTTLS and the TLS handshake
+    mail: float = 300.0  # 4.5.3.2.2 MAIL: 5 minutes
+    rcpt: float = 300.0  # 4.5.3.2.3 RCPT: 5 minutes
+    data: float = 120.0  # 4.5.3.2.4 DATA initiation: 2 minutes
+    data_block: float = 180.0  # 4.5.3.2.5 data block: 3 minutes (write progress)
+    data_end: float = 600.0  # 4.5.3.2.6 DATA termination: 10 minutes
+    quit: float = 10.0  # the 221 to QUIT (we close anyway)
+
+    def for_stage(self, stage: str) -> float:
+        if stage == "rcpt":
+            return self.rcpt
+        if stage == "dot":
+            return self.data_end
+        if stage == "data":
+            return self.data
+        if stage == "mail":
+            return self.mail
+        if stage == "greeting":
+            return self.greeting
+        if stage == "starttls":
+            return self.starttls
+        if stage == "quit":
+            return self.quit
+        return self.ehlo
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    """Where and how to connect. ``auth`` is (user, password); it is never logged."""
+
+    host: str
+    port: int = 25
+    source_ip: str | None = None
+    helo_name: str = "localhost"
+    tls: TLSMode = "opportunistic"
+    ssl_context: ssl.SSLContext | None = None
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    max_messages: int = 100
+    timeouts: Timeouts = Timeouts()
+    server_hostname: str | None = None  # for SNI/verification; defaults to host
+
+
+def _default_context(mode: TLSMode) -> ssl.SSLContext:
+    """Opportunistic TLS encrypts without verifying (as MTAs do, RFC 7435);
+    "required" verifies against the system's trust store."""
+    if mode == "required":
+        return ssl.create_default_context()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class _Link(asyncio.Protocol):
+    """Moves bytes between the socket and the sans-I/O client; resolves waiters."""
+
+    def __init__(self, client: SMTPClient, loop: asyncio.AbstractEventLoop, t: Timeouts) -> None:
+        self.client = client
+        self.loop = loop
+        self.timeouts = t
+        self.transport: asyncio.Transport | None = None
+        self.results: list[TxnResult] = []
+        self.want = 0
+        self.batch_waiter: asyncio.Future[None] | None = None
+        self.cmd_waiter: asyncio.Future[CommandDone] | None = None
+        self.last = loop.time()  # last progress (a read, or a write from idle)
+        self.timer: asyncio.TimerHandle | None = None
+        self.lost_reason = ""
+
+    # asyncio callbacks --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        try:
+            events = client.receive_data(data)
+        except RemoteProtocolError as exc:
+            self.fail(f"protocol error from server: {exc}")
+            return
+        out = client.data_to_send()
+        if out:
+            self.transport.write(out)  # type: ignore[union-attr]
+        self.last = self.loop.time()
+        if events:
+            self.dispatch(events)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost_reason:
+            self.lost_reason = f"connection lost: {exc}" if exc else "connection closed by server"
+        self.finish(self.client.connection_lost(self.lost_reason))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    # plumbing -----------------------------------------------------------------
+    def dispatch(self, events: list[Event]) -> None:
+        for ev in events:
+            if type(ev) is TxnResult:
+                self.results.append(ev)
+            elif ev.command != "unsolicited":  # type: ignore[union-attr]
+                w = self.cmd_waiter
+                if w is not None and not w.done():
+                    self.cmd_waiter = None
+                    w.set_result(ev)  # type: ignore[arg-type]
+        w2 = self.batch_waiter
+        if w2 is not None and len(self.results) >= self.want and not w2.done():
+            self.batch_waiter = None
+            w2.set_result(None)
+
+    def finish(self, events: list[Event]) -> None:
+        """After the connection died: deliver outcomes, release every waiter."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.dispatch(events)
+        w = self.cmd_waiter
+        if w is not None and not w.done():
+            self.cmd_waiter = None
+            w.set_result(CommandDone("lost", 0, "", self.lost_reason))
+        w2 = self.batch_waiter
+        if w2 is not None and not w2.done():  # cannot happen: abort decides all
+            self.batch_waiter = None
+            w2.set_result(None)
+
+    def fail(self, reason: str) -> None:
+        """Give up on the connection: defer what is pending, abort the socket."""
+        if not self.lost_reason:
+            self.lost_reason = reason
+        self.finish(self.client.connection_lost(self.lost_reason))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def write(self, wire: bytes) -> None:
+        """Write commands; starts the reply clock when we were idle."""
+        if self.timer is None:
+            self.last = self.loop.time()
+            self.arm(self.timeouts.for_stage(self.client.expecting or "ehlo"))
+        if wire:
+            self.transport.write(wire)  # type: ignore[union-attr]
+
+    def arm(self, delay: float) -> None:
+        self.timer = self.loop.call_later(delay, self.check_timeout)
+
+    def check_timeout(self) -> None:
+        self.timer = None
+        stage = self.client.expecting
+        if not stage or self.client.state == CLOSED:
+            return  # idle: nothing is waited for
+        limit = self.timeouts.for_stage(stage)
+        waited = self.loop.time() - self.last
+        if waited >= limit:
+            self.fail(f"timeout: no reply to {stage} after {limit:g} s")
+        else:
+            self.arm(limit - waited)
+
+
+class SMTPConnection:
+    """One open SMTP session, ready for transactions. Create with :func:`connect`."""
+
+    def __init__(self, opts: ConnectOptions, client: SMTPClient, link: _Link) -> None:
+        self.options = opts
+        self.mx = client.mx
+        self._client = client
+        self._link = link
+        self._lock = asyncio.Lock()
+        self.messages_sent = 0
+
+    @property
+    def capabilities(self) -> dict[str, str]:
+        return self._client.capabilities
+
+    @property
+    def tls_active(self) -> bool:
+        return self._client.tls_active
+
+    @property
+    def usable(self) -> bool:
+        """False once closed, broken, or at ``max_messages``."""
+        return (
+            self._client.state == READY
+            and not self._link.lost_reason
+            and self.messages_sent < self.options.max_messages
+        )
+
+    @property
+    def remaining(self) -> int:
+        """Messages this connection may still carry (0 when not usable)."""
+        return self.options.max_messages - self.messages_sent if self.usable else 0
+
+    @property
+    def idle_for(self) -> float:
+        """Seconds since the last activity (0 while a batch is in flight)."""
+        if self._client.busy:
+            return 0.0
+        return self._link.loop.time() - self._link.last
+
+    def sockname(self) -> tuple[str, int] | None:
+        t = self._link.transport
+        return t.get_extra_info("sockname") if t is not None else None
+
+    async def command(self, wire: bytes) -> CommandDone:
+        """Write a session command (from the client's ``send_*``) and await its reply."""
+        link = self._link
+        if link.lost_reason:
+            return CommandDone("lost", 0, "", link.lost_reason)
+        fut: asyncio.Future[CommandDone] = link.loop.create_future()
+        link.cmd_waiter = fut
+        link.write(wire)
+        return await fut
+
+    async def send(self, envelopes: Iterable[Envelope]) -> list[TxnResult]:
+        """Deliver a batch, pipelined; one TxnResult per envelope, same order.
+
+        Never raises: a broken connection defers every remaining recipient.
+        Envelopes beyond ``max_messages`` are deferred with stage "local".
+        """
+        envs = list(envelopes)
+        if not envs:
+            return []
+        async with self._lock:
+            room = self.remaining
+            head, tail = envs[:room], envs[room:]
+            results: list[TxnResult] = []
+            if head:
+                results = await self._send(head)
+            if tail:
+                if self._link.lost_reason or self._client.state != READY:
+                    why = self._link.lost_reason or f"connection not usable ({self._client.state})"
+                else:
+                    why = f"connection reached max_messages ({self.options.max_messages})"
+                for env in tail:
+                    out = Outcome(DEFERRED, 0, "", why, "local", self.mx)
+                    results.append(TxnResult(env.tag, [out] * len(env.rcpts)))
+            return results
+
+    async def _send(self, envs: list[Envelope]) -> list[TxnResult]:
+        link, client = self._link, self._client
+        self.messages_sent += len(envs)
+        link.results = []
+        link.want = len(envs)
+        fut: asyncio.Future[None] = link.loop.create_future()
+        link.batch_waiter = fut
+        wire = client.send_envelopes(envs)
+        link.write(wire)
+        ev = client.events()
+        if ev:
+            link.dispatch(ev)
+        if not fut.done():
+            await fut
+        results, link.results = link.results, []
+        return results
+
+    async def quit(self) -> None:
+        """Send QUIT, wait (briefly) for 221, close. Never raises."""
+        async with self._lock:
+            client = self._client
+            if client.state == READY and not self._link.lost_reason and not client.busy:
+                with contextlib.suppress(Exception):
+                    await self.command(client.send_quit())
+            self.close()
+
+    def close(self) -> None:
+        """Abort the connection now (no QUIT)."""
+        link = self._link
+        if not link.lost_reason:
+            link.lost_reason = "connection closed by client"
+        if link.transport is not None:
+            link.transport.abort()
+        link.finish(self._client.connection_lost(link.lost_reason))
+
+    async def close_if_idle(self, max_idle: float) -> bool:
+        """QUIT if nothing happened for ``max_idle`` seconds; True if it closed."""
+        if self.usable and not self._client.busy and self.idle_for >= max_idle:
+            await self.quit()
+            return True
+        return False
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, opts: ConnectOptions) -> socket.socket:
+    infos = await loop.getaddrinfo(opts.host, opts.port, type=socket.SOCK_STREAM)
+    family, _type, proto, _name, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setblocking(False)
+        if opts.source_ip:
+            if IP_BIND_ADDRESS_NO_PORT:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((opts.source_ip, 0))
+        await loop.sock_connect(sock, addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect(opts: ConnectOptions) -> SMTPConnection | Outcome:
+    """Open an SMTP session; an Outcome (deferred or failed) explains a failure."""
+    result = await _connect(opts, opts.tls)
+    if isinstance(result, _TLSFailed):
+        # Opportunistic: the server offered STARTTLS but the handshake failed;
+        # like Postfix, try once more in plain text rather than not deliver.
+        result = await _connect(opts, "off")
+    assert not isinstance(result, _TLSFailed)
+    return result
+
+
+class _TLSFailed(Exception):
+    pass
+
+
+async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outcome | _TLSFailed:
+    loop = asyncio.get_running_loop()
+    mx = f"{opts.host}:{opts.port}"
+    t = opts.timeouts
+    try:
+        async with asyncio.timeout(t.connect):
+            sock = await _open_socket(loop, opts)
+    except TimeoutError:
+        return Outcome(DEFERRED, 0, "", f"connect timeout after {t.connect:g} s", "connect", mx)
+    except OSError as exc:
+        return Outcome(DEFERRED, 0, "", f"connect failed: {exc}", "connect", mx)
+    client = SMTPClient(opts.helo_name, mx)
+    link = _Link(client, loop, t)
+    try:
+        await loop.create_connection(lambda: link, sock=sock)
+    except OSError as exc:
+        sock.close()
+        return Outcome(DEFERRED, 0, "", f"connect failed: {exc}", "connect", mx)
+    conn = SMTPConnection(opts, client, link)
+    reply = await conn.command(b"")  # the greeting
+    if not reply.ok:
+        conn.close()
+        return reply.outcome("greeting", mx)
+    reply = await conn.command(client.send_ehlo())
+    if not reply.ok:
+        await conn.quit()
+        return reply.outcome(reply.command if reply.command != "lost" else "ehlo", mx)
+    if tls != "off":
+        if "STARTTLS" not in client.capabilities:
+            if tls == "required":
+                await conn.quit()
+                text = "TLS required but the server does not offer STARTTLS"
+                return Outcome(DEFERRED, 0, "", text, "starttls", mx)
+        else:
+            reply = await conn.command(client.send_starttls())
+            if reply.code != 220:
+                if tls == "required" or reply.code == 0 or client.state != READY:
+                    await conn.quit()
+                    return reply.outcome("starttls", mx)
+            else:
+                failed = await _start_tls(loop, conn, link, client, opts)
+                if failed:
+                    conn.close()
+                    if tls == "opportunistic":
+                        return _TLSFailed()
+                    return Outcome(DEFERRED, 0, "", failed, "starttls", mx)
+                reply = await conn.command(client.send_ehlo())
+                if not reply.ok:
+                    await conn.quit()
+                    return reply.outcome("ehlo", mx)
+    if opts.auth is not None:
+        reply = await conn.command(client.send_auth(*opts.auth))
+        if not reply.ok:
+            await conn.quit()
+            return reply.outcome("auth", mx)
+    return conn
+
+
+async def _start_tls(
+    loop: asyncio.AbstractEventLoop,
+    conn: SMTPConnection,
+    link: _Link,
+    client: SMTPClient,
+    opts: ConnectOptions,
+) -> str:
+    """Upgrade the link to TLS; returns "" on success or why it failed."""
+    ctx = opts.ssl_context or _default_context(opts.tls)
+    try:
+        new = await loop.start_tls(
+            link.transport,  # type: ignore[arg-type]
+            link,
+            ctx,
+            server_hostname=opts.server_hostname or opts.host,
+            ssl_handshake_timeout=opts.timeouts.starttls,
+        )
+    except Exception as exc:  # ssl.SSLError, OSError, TimeoutError, loop-specific errors
+        return f"TLS handshake failed: {exc or type(exc).__name__}"
+    if new is None:
+        return "TLS handshake failed: transport closed"
+    link.transport = new  # type: ignore[assignment]
+    client.tls_established()
+    return ""

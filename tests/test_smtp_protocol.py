@@ -1,0 +1,445 @@
+"""The sans-I/O SMTP client with no sockets: scripted server replies, table-driven.
+
+Each row is (what the server says, what the client must write next); the
+final results are compared as (kind, code, enhanced, stage) per recipient.
+Reply parsing and dot-stuffing run over both implementations (``impl``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fastsend import _accel
+from fastsend.outcome import Envelope, TxnResult
+from fastsend.smtp import client as cl
+from fastsend.smtp import replies
+from fastsend.smtp.client import CommandDone, SMTPClient
+from fastsend.smtp.errors import LocalProtocolError, RemoteProtocolError
+
+FULL = ("PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8")
+
+
+def ready(caps: tuple[str, ...] = FULL) -> SMTPClient:
+    c = SMTPClient("client.example", mx="mx.example:25")
+    assert c.receive_data(b"220 mx.example ESMTP\r\n")[0].ok
+    assert c.send_ehlo() == b"EHLO client.example\r\n"
+    lines = [b"250-mx.example greets you"] + [b"250-" + k.encode() for k in caps] + [b"250 HELP"]
+    (ev,) = c.receive_data(b"\r\n".join(lines) + b"\r\n")
+    assert isinstance(ev, CommandDone) and ev.command == "ehlo" and ev.ok
+    assert c.state == cl.READY
+    return c
+
+
+def summary(results: list[Any]) -> list[tuple[str, list[tuple[str, int, str, str]]]]:
+    out = []
+    for r in results:
+        assert isinstance(r, TxnResult)
+        out.append((r.queue_id, [(o.kind, o.code, o.enhanced, o.stage) for o in r.outcomes]))
+    return out
+
+
+def env(*rcpts: str, data: bytes = b"hello\r\n", tag: object = None, **kw: Any) -> Envelope:
+    return Envelope("sender@example.org", list(rcpts), data, tag=tag, **kw)
+
+
+DELIVERED = ("delivered", 250, "2.0.0", "data")
+
+# (name, capabilities, envelopes, [(server bytes, client bytes expected next)], results)
+CASES: list[tuple[str, tuple[str, ...], list[Envelope], list[tuple[bytes, bytes]], Any]] = [
+    (
+        "one recipient, pipelined",
+        FULL,
+        [env("a@example.com")],
+        [
+            (b"", b"MAIL FROM:<sender@example.org> SIZE=7\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"),
+            (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n", b"hello\r\n.\r\n"),
+            (b"250 2.0.0 Ok: queued as 4XyZ1\r\n", b""),
+        ],
+        [("4XyZ1", [DELIVERED])],
+    ),
+    (
+        "one of two recipients refused",
+        FULL,
+        [env("a@example.com", "b@example.com")],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org> SIZE=7\r\n"
+                b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n",
+            ),
+            (
+                b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <b@example.com> unknown\r\n354 go\r\n",
+                b"hello\r\n.\r\n",
+            ),
+            (b"250 2.0.0 Ok\r\n", b""),
+        ],
+        [("Ok", [DELIVERED, ("failed", 550, "5.1.1", "rcpt")])],
+    ),
+    (
+        "every recipient refused, DATA answered 554, RSET follows",
+        FULL,
+        [env("a@example.com", "b@example.com")],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org> SIZE=7\r\n"
+                b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n",
+            ),
+            (
+                b"250 2.1.0 Ok\r\n450 4.2.0 greylisted\r\n550 5.1.1 unknown\r\n"
+                b"554 5.5.1 Error: no valid recipients\r\n",
+                b"RSET\r\n",
+            ),
+            (b"250 2.0.0 Ok\r\n", b""),
+        ],
+        [("", [("deferred", 450, "4.2.0", "rcpt"), ("failed", 550, "5.1.1", "rcpt")])],
+    ),
+    (
+        "every recipient refused, yet 354: a lone dot ends it",
+        FULL,
+        [env("a@example.com")],
+        [
+            (b"", b"MAIL FROM:<sender@example.org> SIZE=7\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"),
+            (b"250 Ok\r\n550 no\r\n354 go\r\n", b".\r\n"),
+            (b"554 no valid recipients\r\n", b""),
+        ],
+        [("", [("failed", 550, "", "rcpt")])],
+    ),
+    (
+        "MAIL refused: every recipient fails at mail, no RSET needed",
+        FULL,
+        [env("a@example.com", "b@example.com")],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org> SIZE=7\r\n"
+                b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n",
+            ),
+            (
+                b"553 5.7.1 sender refused\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n"
+                b"503 5.5.1 need MAIL\r\n",
+                b"",
+            ),
+        ],
+        [("", [("failed", 553, "5.7.1", "mail")] * 2)],
+    ),
+    (
+        "DATA refused 451: accepted recipients deferred at data, then RSET",
+        FULL,
+        [env("a@example.com")],
+        [
+            (b"", b"MAIL FROM:<sender@example.org> SIZE=7\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"),
+            (b"250 Ok\r\n250 Ok\r\n451 4.3.0 try later\r\n", b"RSET\r\n"),
+            (b"250 Ok\r\n", b""),
+        ],
+        [("", [("deferred", 451, "4.3.0", "data")])],
+    ),
+    (
+        "two messages: the first body and the second MAIL share one write",
+        FULL,
+        [env("a@example.com", tag=1), env("b@example.com", data=b"two\r\n", tag=2)],
+        [
+            (b"", b"MAIL FROM:<sender@example.org> SIZE=7\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"),
+            (
+                b"250 Ok\r\n250 Ok\r\n354 go\r\n",
+                b"hello\r\n.\r\nMAIL FROM:<sender@example.org> SIZE=5\r\n"
+                b"RCPT TO:<b@example.com>\r\nDATA\r\n",
+            ),
+            (b"250 2.0.0 queued as A\r\n250 Ok\r\n250 Ok\r\n354 go\r\n", b"two\r\n.\r\n"),
+            (b"452 4.3.1 disk full\r\n", b""),
+        ],
+        [("A", [DELIVERED]), ("", [("deferred", 452, "4.3.1", "data")])],
+    ),
+    (
+        "421 at RCPT defers everything and closes",
+        FULL,
+        [env("a@example.com", "b@example.com"), env("c@example.com")],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org> SIZE=7\r\n"
+                b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n",
+            ),
+            (b"250 Ok\r\n421 4.7.0 too many connections\r\n", b""),
+        ],
+        [
+            ("", [("deferred", 421, "4.7.0", "rcpt")] * 2),
+            ("", [("deferred", 421, "4.7.0", "mail")]),
+        ],
+    ),
+    (
+        "no PIPELINING: one command at a time",
+        ("8BITMIME",),
+        [env("a@example.com", "b@example.com", eightbit=True)],
+        [
+            (b"", b"MAIL FROM:<sender@example.org> BODY=8BITMIME\r\n"),
+            (b"250 Ok\r\n", b"RCPT TO:<a@example.com>\r\n"),
+            (b"550 no\r\n", b"RCPT TO:<b@example.com>\r\n"),
+            (b"250 Ok\r\n", b"DATA\r\n"),
+            (b"354 go\r\n", b"hello\r\n.\r\n"),
+            (b"250 Ok\r\n", b""),
+        ],
+        [("Ok", [("failed", 550, "", "rcpt"), ("delivered", 250, "", "data")])],
+    ),
+    (
+        "no PIPELINING, every recipient refused: RSET instead of DATA",
+        (),
+        [env("a@example.com"), env("b@example.com")],
+        [
+            (b"", b"MAIL FROM:<sender@example.org>\r\n"),
+            (b"250 Ok\r\n", b"RCPT TO:<a@example.com>\r\n"),
+            (b"550 no\r\n", b"RSET\r\nMAIL FROM:<sender@example.org>\r\n"),
+            (b"250 Ok\r\n250 Ok\r\n", b"RCPT TO:<b@example.com>\r\n"),
+            (b"250 Ok\r\n", b"DATA\r\n"),
+            (b"354 go\r\n", b"hello\r\n.\r\n"),
+            (b"250 Ok\r\n", b""),
+        ],
+        [("", [("failed", 550, "", "rcpt")]), ("Ok", [("delivered", 250, "", "data")])],
+    ),
+    (
+        "dot-stuffing, a missing final CRLF, SMTPUTF8 and 8BITMIME parameters",
+        FULL,
+        [env("ü@example.com", data=b".hidden\r\nline\r\n.\r\nend", eightbit=True)],
+        [
+            (
+                b"",
+                "MAIL FROM:<sender@example.org> SIZE=21 BODY=8BITMIME SMTPUTF8\r\n"
+                "RCPT TO:<ü@example.com>\r\nDATA\r\n".encode(),
+            ),
+            (b"250 Ok\r\n250 Ok\r\n354 go\r\n", b"..hidden\r\nline\r\n..\r\nend\r\n.\r\n"),
+            (b"250 2.0.0 Ok\r\n", b""),
+        ],
+        [("Ok", [DELIVERED])],
+    ),
+    (
+        "SMTPUTF8 needed but not offered: fails at mail, nothing sent",
+        ("PIPELINING",),
+        [env("ü@example.com"), env("a@example.com")],
+        [
+            (b"", b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"),
+            (b"250 Ok\r\n250 Ok\r\n354 go\r\n", b"hello\r\n.\r\n"),
+            (b"250 Ok\r\n", b""),
+        ],
+        [("", [("failed", 0, "5.6.7", "mail")]), ("Ok", [("delivered", 250, "", "data")])],
+    ),
+    (
+        "over the server's SIZE: fails at mail; a bad address fails locally",
+        FULL,
+        [env("a@example.com", data=b"x" * 100001), env("bad\r\nRSET@x", "b@example.com")],
+        [
+            (b"", b"MAIL FROM:<sender@example.org> SIZE=7\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"),
+            (b"250 Ok\r\n250 Ok\r\n354 go\r\n", b"hello\r\n.\r\n"),
+            (b"250 Ok\r\n", b""),
+        ],
+        [
+            ("", [("failed", 0, "5.3.4", "mail")]),
+            ("Ok", [("failed", 0, "5.1.3", "local"), ("delivered", 250, "", "data")]),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_transactions(case: Any) -> None:
+    _name, caps, envelopes, script, expected = case
+    c = ready(caps)
+    results: list[Any] = []
+    wire = c.send_envelopes(envelopes)
+    results += c.events()
+    for server, client_next in script:
+        if server:
+            results += c.receive_data(server)
+            wire = c.data_to_send()
+        assert wire == client_next
+    assert summary(results) == expected
+    assert not c.busy
+
+
+def test_connection_lost_mid_batch_defers_the_rest() -> None:
+    c = ready()
+    c.send_envelopes([env("a@example.com", "b@example.com", tag=1), env("c@example.com", tag=2)])
+    c.receive_data(b"250 Ok\r\n250 Ok\r\n")  # MAIL, first RCPT
+    results = c.connection_lost("connection reset")
+    assert summary(results) == [
+        ("", [("deferred", 0, "", "rcpt"), ("deferred", 0, "", "rcpt")]),
+        ("", [("deferred", 0, "", "mail")]),
+    ]
+    assert results[0].outcomes[0].text == "connection reset"
+    assert c.state == cl.CLOSED and not c.busy
+
+
+def test_lost_after_the_dot_is_deferred_at_data() -> None:
+    c = ready()
+    c.send_envelopes([env("a@example.com")])
+    c.receive_data(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    assert c.expecting == "dot"
+    (r,) = c.connection_lost()
+    assert [(o.kind, o.stage) for o in r.outcomes] == [("deferred", "data")]
+
+
+def test_helo_fallback_and_no_capabilities() -> None:
+    c = SMTPClient("client.example")
+    c.receive_data(b"220 old server\r\n")
+    c.send_ehlo()
+    assert c.receive_data(b"502 5.5.2 command not recognized\r\n") == []
+    assert c.data_to_send() == b"HELO client.example\r\n"
+    (ev,) = c.receive_data(b"250 old server\r\n")
+    assert ev.command == "helo" and ev.ok
+    assert c.state == cl.READY and c.capabilities == {} and not c.pipelining
+
+
+def test_capabilities_parsed() -> None:
+    c = ready(("PIPELINING", "SIZE 1000", "AUTH=LOGIN", "STARTTLS", "CHUNKING", "8bitmime"))
+    assert c.capabilities == {
+        "PIPELINING": "",
+        "SIZE": "1000",
+        "AUTH": "LOGIN",
+        "STARTTLS": "",
+        "CHUNKING": "",
+        "8BITMIME": "",
+        "HELP": "",
+    }
+    assert c.size_limit == 1000 and c.pipelining
+
+
+def test_auth_plain() -> None:
+    c = ready(("AUTH PLAIN LOGIN",))
+    assert c.send_auth("user", "pw") == b"AUTH PLAIN AHVzZXIAcHc=\r\n"
+    (ev,) = c.receive_data(b"235 2.7.0 Authentication successful\r\n")
+    assert ev.command == "auth" and ev.ok and c.state == cl.READY
+
+
+def test_auth_login() -> None:
+    c = ready(("AUTH LOGIN",))
+    assert c.send_auth("user", "pw") == b"AUTH LOGIN\r\n"
+    assert c.receive_data(b"334 VXNlcm5hbWU6\r\n") == []
+    assert c.data_to_send() == b"dXNlcg==\r\n"
+    assert c.receive_data(b"334 UGFzc3dvcmQ6\r\n") == []
+    assert c.data_to_send() == b"cHc=\r\n"
+    (ev,) = c.receive_data(b"535 5.7.8 bad credentials\r\n")
+    assert not ev.ok and ev.outcome("auth", "mx").kind == "deferred"
+
+
+def test_starttls_flow_and_injection_refused() -> None:
+    c = ready(("STARTTLS", "PIPELINING"))
+    assert c.send_starttls() == b"STARTTLS\r\n"
+    (ev,) = c.receive_data(b"220 2.0.0 ready\r\n")
+    assert ev.code == 220 and c.state == cl.TLS
+    c.tls_established()
+    assert c.state == cl.GREETED and c.capabilities == {} and c.tls_active
+    assert c.send_ehlo() == b"EHLO client.example\r\n"
+
+    c2 = ready(("STARTTLS",))
+    c2.send_starttls()
+    with pytest.raises(RemoteProtocolError):
+        c2.receive_data(b"220 ready\r\n250 injected\r\n")
+
+
+def test_quit() -> None:
+    c = ready()
+    assert c.send_quit() == b"QUIT\r\n"
+    (ev,) = c.receive_data(b"221 2.0.0 Bye\r\n")
+    assert ev.command == "quit" and c.state == cl.CLOSED
+
+
+def test_local_errors() -> None:
+    c = SMTPClient("client.example")
+    with pytest.raises(LocalProtocolError):
+        c.send_envelopes([env("a@example.com")])
+    with pytest.raises(LocalProtocolError):
+        SMTPClient("bad name\r\n")
+    c = ready()
+    c.send_envelopes([env("a@example.com")])
+    with pytest.raises(LocalProtocolError):
+        c.send_quit()  # transactions in flight
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"hello\r\n", b"2500 x\r\n", b"250x\r\n", b"999 x\r\n", b"250-a\r\n251 b\r\n", b"9" * 9000],
+)
+def test_remote_errors(garbage: bytes) -> None:
+    c = ready()
+    c.send_envelopes([env("a@example.com")])
+    with pytest.raises(RemoteProtocolError):
+        c.receive_data(garbage)
+    assert c.state == cl.CLOSED
+    (r,) = c.connection_lost("protocol error")
+    assert r.outcomes[0].kind == "deferred"
+
+
+def test_unsolicited_replies() -> None:
+    c = ready()
+    with pytest.raises(RemoteProtocolError):
+        c.receive_data(b"250 surprise\r\n")
+    c = ready()
+    (ev,) = c.receive_data(b"421 4.3.2 shutting down\r\n")
+    assert ev.command == "unsolicited" and c.state == cl.CLOSED
+
+
+# --- reply parsing and dot-stuffing over both implementations ------------------
+
+
+def parser_cls(impl: str) -> Any:
+    return replies.PyReplyParser if impl == "py" else _accel.compiled("ReplyParser")
+
+
+def stuffer(impl: str) -> Any:
+    return replies.py_dot_stuff if impl == "py" else _accel.compiled("dot_stuff")
+
+
+REPLY_ROWS = [
+    (b"250 ok\r\n", [(250, "", "ok")]),
+    (b"250 2.1.5 Ok\r\n", [(250, "2.1.5", "Ok")]),
+    (b"550 5.1.1\r\n", [(550, "5.1.1", "")]),
+    (b"250 4.1.1 class mismatch\r\n", [(250, "", "4.1.1 class mismatch")]),
+    (b"250\r\n", [(250, "", "")]),
+    (b"250-a\r\n250-b c\r\n250 d\r\n", [(250, "", "a\nb c\nd")]),
+    (b"550-5.7.1 one\r\n550 5.7.1 two\r\n", [(550, "5.7.1", "one\ntwo")]),
+    (b"250 a\n354 b\r\n", [(250, "", "a"), (354, "", "b")]),
+    (b"250 caf\xc3\xa9 \xff\r\n", [(250, "", "café \ufffd")]),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), REPLY_ROWS)
+def test_reply_parser(impl: str, data: bytes, expected: list[tuple[int, str, str]]) -> None:
+    assert parser_cls(impl)().feed(data) == expected
+    # the same bytes one at a time give the same replies
+    p = parser_cls(impl)()
+    got: list[Any] = []
+    for i in range(len(data)):
+        got += p.feed(data[i : i + 1])
+    assert got == expected and not p.pending
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"25 x\r\n", b"abc\r\n", b"250_x\r\n", b"150 x\r\n", b"650 x\r\n", b"250-a\r\n550 b\r\n"],
+)
+def test_reply_parser_rejects(impl: str, data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        parser_cls(impl)().feed(data)
+
+
+def test_reply_parser_limits(impl: str) -> None:
+    with pytest.raises(RemoteProtocolError):
+        parser_cls(impl)().feed(b"250 " + b"x" * 10000)
+    with pytest.raises(RemoteProtocolError):
+        parser_cls(impl)().feed(b"250-x\r\n" * 1000)
+
+
+STUFF_ROWS = [
+    (b"", b".\r\n"),
+    (b"a\r\n", b"a\r\n.\r\n"),
+    (b"a", b"a\r\n.\r\n"),
+    (b".a\r\n.\r\n..\r\n", b"..a\r\n..\r\n...\r\n.\r\n"),
+    (b"a\n.\nb\r\n", b"a\n..\nb\r\n.\r\n"),
+    (b"a\r.\rb\r\n", b"a\r..\rb\r\n.\r\n"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), STUFF_ROWS)
+def test_dot_stuff(impl: str, data: bytes, expected: bytes) -> None:
+    assert stuffer(impl)(data) == expected
