@@ -6,7 +6,8 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 
 - _smtp.pxi        SMTP reply parsing and DATA dot-stuffing (fastsend.smtp.replies)
 - _ring.pxi        shared-memory SPSC rings with eventfd wake-ups (fastsend.ring)
-- _mime.pxi        quoted-printable body encoding (fastsend.message.mime)
+- _throttle.pxi    GCRA token buckets and keyed limiters (fastsend.throttle)
+- _mime.pxi        template splicing, quoted-printable bodies (fastsend.message)
 - _dkim.pxi        DKIM canonicalization (fastsend.message.dkim)
 
 Each included file owns its names; names match the pure-Python twin exactly.
@@ -17,6 +18,7 @@ def core_version():
     return 1
 
 include "_ring.pxi"
+include "_throttle.pxi"
 include "_mime.pxi"
 include "_dkim.pxi"
 include "_smtp.pxi"

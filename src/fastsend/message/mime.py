@@ -20,6 +20,7 @@ or S/MIME.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 import time
@@ -51,6 +52,7 @@ CRLF = b"\r\n"
 _QP_SAFE_LINE = re.compile(rb"[!-<>-~ \t]{0,75}")
 _QP_TOKENS = [bytes([b]) if (33 <= b <= 126 and b != 61) else b"=%02X" % b for b in range(256)]
 _NEWLINES = re.compile(r"\r\n?")
+_ID_SAFE = re.compile(r"[A-Za-z0-9_\-]{1,200}")
 
 
 def qp_encode_text(text: str) -> bytes:
@@ -153,6 +155,14 @@ class _TextPart:
         return qp_encode_text(text) if text else b""
 
 
+@functools.lru_cache(maxsize=64)
+def _content_lines(head: bytes) -> list[tuple[str, bytes]]:
+    """``(lower-case name, line)`` pairs of the (few, fixed) content header blocks."""
+    return [
+        (ln[: ln.index(b":")].decode("ascii").lower(), ln + CRLF) for ln in head.split(CRLF)[:-1]
+    ]
+
+
 def _new_boundary(tag: str) -> str:
     return f"=_fs{tag}_{os.urandom(9).hex()}"
 
@@ -172,7 +182,10 @@ class Renderer:
         ]
         if spec.get("reply_to"):
             headers.append(_Header("Reply-To", "mailbox", [Template(spec["reply_to"])]))
-        headers.append(_Header("To", "mailbox", [Template(spec.get("to") or "{{ email }}")]))
+        # The usual To (just the recipient) is written directly in render().
+        self._to_custom = bool(spec.get("to")) and spec["to"].strip() != "{{ email }}"
+        if self._to_custom:
+            headers.append(_Header("To", "mailbox", [Template(spec["to"])]))
         headers.append(_Header("Subject", "text", [Template(spec["subject"])]))
         self._head = headers
         tail: list[_Header] = []
@@ -283,29 +296,26 @@ class Renderer:
         vs["email"] = rcpt
         vs["message_id"] = message_id
         try:
-            split_address(rcpt)
+            local, domain = split_address(rcpt)
             lines: list[tuple[str, bytes]] = [(h.lname, h.encode(vs)) for h in self._head]
+            if not self._to_custom:
+                lines.append(("to", f"To: {local}@{domain}\r\n".encode()))
             lines.append(("date", self._date()))
-            lines.append(
-                (
-                    "message-id",
-                    b"Message-ID: <%s@%s>\r\n"
-                    % (
-                        verp.encode_id(message_id).encode("ascii"),
-                        self.from_domain.encode("ascii"),
-                    ),
-                )
-            )
+            mid = message_id if _ID_SAFE.fullmatch(message_id) else verp.encode_id(message_id)
+            lines.append(("message-id", f"Message-ID: <{mid}@{self.from_domain}>\r\n".encode()))
             lines.append(("mime-version", b"MIME-Version: 1.0\r\n"))
             for h in self._tail:
                 lines.append((h.lname, h.encode(vs)))
             content_head, body = self._body(vs)
         except KeyError as exc:
             raise RenderError(f"{rcpt!r}: missing variable {exc.args[0]!r}") from None
+        except TypeError:
+            raise RenderError(f"{rcpt!r}: variable values must be strings") from None
         except (HeaderError, verp.VerpError) as exc:
             raise RenderError(f"{rcpt!r}: {exc}") from None
-        for ch in content_head.split(CRLF)[:-1]:
-            lines.append((ch[: ch.index(b":")].decode("ascii").lower(), ch + CRLF))
+        lines += _content_lines(content_head)
+        if not self.signers:
+            return b"".join([*(ln for _n, ln in lines), CRLF, body])
         sigs = [s.sign(lines, body) for s in self.signers]
         return b"".join([*sigs, *(ln for _n, ln in lines), CRLF, body])
 
