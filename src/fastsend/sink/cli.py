@@ -1,0 +1,275 @@
+"""``fastsend sink``: run the fault-injecting SMTP sink from the command line.
+
+Prints ``listening on HOST:PORT`` for each address and then ``ready`` on
+stdout (flushed, so scripts and :class:`fastsend.sink.SinkProcess` can wait
+for it), a live count once a second on stderr (when stderr is a TTY, or with
+``--progress``), and a summary on stdout at exit: Ctrl-C, SIGTERM, or
+``--count N`` messages. ``--quiet`` prints nothing but errors. ``--json``
+prints the summary as one JSON object instead of text.
+
+This module only turns options into a :class:`SinkConfig` and runs the loop;
+the server lives in :mod:`fastsend.sink.server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import orjson
+
+from fastsend.sink.server import Sink, SinkConfig, SinkStats, parse_fault_text
+
+
+def parse_listen(value: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]`` (``[v6]:port`` for IPv6) -> addresses."""
+    out: list[tuple[str, int]] = []
+    for item in value.split(","):
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"bad listen address {item!r}: expected HOST:PORT")
+        out.append((host, int(port)))
+    return out
+
+
+def _rate(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"a probability within 0..1, not {value}")
+    return v
+
+
+def _non_negative(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return v
+
+
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"not a non-negative integer: {value!r}")
+    return int(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a(
+        "--listen",
+        action="append",
+        type=parse_listen,
+        metavar="HOST:PORT",
+        help="address to listen on (repeatable or comma-separated; default 127.0.0.1:2525)",
+    )
+    a("--hostname", default="fastsend-sink.localhost", help="name in the greeting and EHLO reply")
+    a("--tls-cert", metavar="PEM", help="certificate chain for STARTTLS")
+    a("--tls-key", metavar="PEM", help="private key for STARTTLS")
+    a(
+        "--max-size",
+        type=_count,
+        default=50 * 1024 * 1024,
+        metavar="BYTES",
+        help="SIZE limit (default 52428800; 0: none)",
+    )
+    a(
+        "--max-recipients",
+        type=_count,
+        default=1000,
+        metavar="N",
+        help="recipients per transaction (default 1000)",
+    )
+    a(
+        "--max-connections",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="refuse connections above N with 421 (default: unlimited)",
+    )
+    a(
+        "--defer-rate",
+        type=_rate,
+        default=0.0,
+        metavar="P",
+        help="answer 451 to this fraction of recipients at random",
+    )
+    a(
+        "--reject-rate",
+        type=_rate,
+        default=0.0,
+        metavar="P",
+        help="answer 550 to this fraction of recipients at random",
+    )
+    a(
+        "--latency-ms",
+        type=_non_negative,
+        default=0.0,
+        metavar="MS",
+        help="delay every write of replies by MS milliseconds",
+    )
+    a(
+        "--slow-ms",
+        type=_non_negative,
+        default=2000.0,
+        metavar="MS",
+        help="delay of the replies for slow-* recipients (default 2000)",
+    )
+    a(
+        "--fault-text",
+        action="append",
+        default=[],
+        metavar='KIND="CODE X.Y.Z TEXT"',
+        help='replace a fault\'s reply, e.g. tempfail="421 4.7.0 [TS04] deferred" (a 421 also '
+        "closes); kinds: tempfail defer permfail 421 random-defer random-reject max-connections",
+    )
+    a("--seed", type=int, default=None, help="seed of the random faults")
+    a("--log", metavar="FILE", help="append one JSON line per accepted message")
+    a("--save", metavar="DIR", help="write each accepted message to DIR, byte for byte")
+    a("--count", type=_count, default=0, metavar="N", help="exit after N accepted messages")
+    a(
+        "--auth",
+        action="append",
+        default=[],
+        metavar="USER:PASSWORD",
+        help="offer AUTH PLAIN/LOGIN and accept these credentials (repeatable)",
+    )
+    a("--progress", action="store_true", help="print the live count even if stderr is no TTY")
+    a("--quiet", "-q", action="store_true", help="print nothing but errors")
+    a("--json", action="store_true", help="print the exit summary as one JSON object")
+
+
+def config_from_args(args: argparse.Namespace) -> SinkConfig:
+    """A SinkConfig from parsed options; ValueError with a clear message if bad."""
+    listen = [addr for group in (args.listen or [parse_listen("127.0.0.1:2525")]) for addr in group]
+    fault_text = dict(parse_fault_text(spec) for spec in args.fault_text)
+    users: dict[str, str] = {}
+    for cred in args.auth:
+        user, sep, password = cred.partition(":")
+        if not sep or not user:
+            raise ValueError("--auth wants USER:PASSWORD")
+        users[user] = password
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"no such file: {path}")
+    return SinkConfig(
+        listen=listen,
+        hostname=args.hostname,
+        max_size=args.max_size,
+        max_recipients=max(1, args.max_recipients),
+        max_connections=args.max_connections,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_users=users or None,
+        defer_rate=args.defer_rate,
+        reject_rate=args.reject_rate,
+        latency_ms=args.latency_ms,
+        slow_ms=args.slow_ms,
+        fault_text=fault_text,
+        log_path=args.log,
+        save_dir=args.save,
+        count=args.count,
+        seed=args.seed,
+    )
+
+
+def format_summary(stats: dict[str, Any]) -> str:
+    faults = ", ".join(f"{k} {v}" for k, v in stats["faults"].items()) or "none"
+    return (
+        f"summary: connections {stats['connections']}, messages {stats['messages']}, "
+        f"recipients {stats['recipients']}, bytes {stats['bytes']}, "
+        f"seconds {stats['seconds']:.3f}, rate {stats['rate']:.1f} msg/s, faults: {faults}"
+    )
+
+
+def _progress_line(st: SinkStats, last: int, interval: float) -> str:
+    rate = (st.messages - last) / interval
+    faults = sum(st.faults.values())
+    return (
+        f"sink: {st.messages:,} msgs  {rate:,.0f}/s  {st.recipients:,} rcpts  "
+        f"{st.active} conns  {faults:,} faults"
+    )
+
+
+async def _main(config: SinkConfig, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    sink = Sink(config)
+    try:
+        await sink.start()
+    except OSError as e:
+        print(f"fastsend sink: cannot listen: {e}", file=err)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, sink.stop)
+    if not args.quiet:
+        for host, port in sink.addresses:
+            shown = f"[{host}]" if ":" in host else host
+            print(f"listening on {shown}:{port}", file=out)
+        print("ready", file=out, flush=True)
+    progress = not args.quiet and (args.progress or err.isatty())
+    tty = err.isatty()
+
+    async def ticker() -> None:
+        last = 0
+        while True:
+            await asyncio.sleep(1.0)
+            sink.flush()
+            if progress:
+                line = _progress_line(sink.stats, last, 1.0)
+                print(
+                    ("\r" + line + "  ") if tty else line,
+                    end="" if tty else "\n",
+                    file=err,
+                    flush=True,
+                )
+            last = sink.stats.messages
+
+    tick = asyncio.ensure_future(ticker())
+    try:
+        await sink.wait_done()
+    finally:
+        tick.cancel()
+        await sink.aclose()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if progress and tty:
+        print(file=err)
+    if not args.quiet:
+        summary = sink.stats.as_dict()
+        if args.json:
+            out.write(orjson.dumps(summary).decode() + "\n")
+        else:
+            print(format_summary(summary), file=out)
+        out.flush()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"fastsend sink: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        factory = asyncio.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_main(config, args, sys.stdout, sys.stderr))
+    except (ValueError, OSError) as e:  # e.g. an unreadable certificate
+        print(f"fastsend sink: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,151 @@
+"""`fastsend sink` as a real subprocess: startup line, faults, --count, SIGTERM summary, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastsend.sink import SinkProcess
+
+FROM = "sender@example.test"
+BODY = b"Message-ID: <cli@example.test>\r\nSubject: t\r\n\r\nhello\r\n"
+
+
+def fastsend(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastsend", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_help_lists_sink() -> None:
+    out = fastsend("--help").stdout
+    assert "sink" in out and "fault-injecting" in out
+    assert "--defer-rate" in fastsend("sink", "--help").stdout
+
+
+def test_sigterm_prints_summary() -> None:
+    with SinkProcess() as p:
+        with smtplib.SMTP(p.host, p.port) as c:
+            c.sendmail(FROM, ["a@x.test", "permfail-1@x.test"], BODY)
+            c.sendmail(FROM, ["b@x.test"], BODY)
+        rc = p.stop(signal.SIGTERM)
+    assert rc == 0
+    summary = [ln for ln in p.stdout.splitlines() if ln.startswith("summary:")]
+    assert len(summary) == 1
+    s = summary[0]
+    assert "connections 1," in s and "messages 2," in s and "recipients 2," in s
+    assert "permfail 1" in s and "msg/s" in s
+
+
+def test_sigint_also_summarises() -> None:
+    with SinkProcess("--json") as p:
+        rc = p.stop(signal.SIGINT)
+    assert rc == 0
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["messages"] == 0 and summary["faults"] == {}
+
+
+def test_count_exits_and_logs(tmp_path: Path) -> None:
+    log, save = tmp_path / "log.jsonl", tmp_path / "msgs"
+    with SinkProcess(
+        "--count",
+        "3",
+        "--log",
+        str(log),
+        "--save",
+        str(save),
+        "--json",
+        listen="127.0.0.1:0,127.0.0.3:0",
+    ) as p:
+        assert len(p.addresses) == 2 and p.addresses[1][0] == "127.0.0.3"
+        with smtplib.SMTP(p.host, p.port) as c:
+            c.sendmail(FROM, ["a@x.test"], BODY)
+        with smtplib.SMTP("127.0.0.3", p.addresses[1][1]) as c:
+            c.sendmail(FROM, ["b@x.test", "c@x.test"], BODY)
+            c.sendmail(FROM, ["tempfail-x@x.test", "d@x.test"], BODY)
+        rc = p.wait(timeout=20)
+    assert rc == 0
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["messages"] == 3 and summary["recipients"] == 4
+    assert summary["faults"] == {"tempfail": 1}
+    records = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [r["recipients"] for r in records] == [
+        ["a@x.test"],
+        ["b@x.test", "c@x.test"],
+        ["d@x.test"],
+    ]
+    assert {r["message_id"] for r in records} == {"<cli@example.test>"}
+    assert sorted(f.read_bytes() for f in save.iterdir()) == [BODY] * 3
+
+
+def test_fault_text_and_max_connections() -> None:
+    with SinkProcess(
+        "--fault-text",
+        "permfail=554 5.7.1 Service unavailable; client blocked",
+        "--max-connections",
+        "1",
+    ) as p:
+        with smtplib.SMTP(p.host, p.port) as c:
+            refused = c.sendmail(FROM, ["ok@x.test", "permfail-a@x.test"], BODY)
+            assert refused["permfail-a@x.test"] == (
+                554,
+                b"5.7.1 Service unavailable; client blocked",
+            )
+            with pytest.raises(smtplib.SMTPConnectError) as e:
+                smtplib.SMTP(p.host, p.port)
+            assert e.value.smtp_code == 421
+        p.stop()
+    assert "max-connections 1" in p.stdout
+
+
+def test_progress_lines() -> None:
+    with SinkProcess("--progress") as p:
+        time.sleep(2.5)
+        p.stop()
+    assert "sink: 0 msgs" in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--defer-rate", "2"], "within 0..1"),
+        (["--listen", "nonsense"], "bad listen address"),
+        (["--fault-text", "bogus=451 x"], "bad fault text"),
+        (["--fault-text", "tempfail=250 fine"], "4xx or 5xx"),
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.pem"], "no such file"),
+        (["--tls-cert", __file__], "both tls_cert and tls_key"),
+        (["--auth", "nocolon"], "USER:PASSWORD"),
+    ],
+)
+def test_bad_options(args: list[str], message: str) -> None:
+    r = fastsend("sink", "--listen", "127.0.0.1:0", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+
+
+def test_port_in_use() -> None:
+    with SinkProcess() as p:
+        r = fastsend("sink", "--listen", f"127.0.0.1:{p.port}", "--quiet")
+        p.stop()
+    assert r.returncode == 1
+    assert "cannot listen" in r.stderr
+
+
+def test_quiet_prints_nothing() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastsend", "sink", "--listen", "127.0.0.1:0", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and out == "" and err == ""
