@@ -183,7 +183,8 @@ class Ring:
         """A ring over another Ring's mapping and eventfds (of either twin).
 
         The new object owns nothing: its close() leaves the mapping and fds
-        to the ring it was attached to.
+        to the ring it was attached to. Close it before that ring (it holds
+        a buffer export of the mapping, which mmap.close() refuses).
         """
         self = cls.__new__(cls)
         self._setup(memory, reader_fd, writer_fd, owner=False)
