@@ -1,0 +1,479 @@
+"""Parse asynchronous bounces and complaints into one record per recipient.
+
+``parse_bounce(raw)`` reads one message as received at the bounce address and
+returns a :class:`BounceRecord` per recipient it reports:
+
+* RFC 3464 delivery status notifications (``multipart/report;
+  report-type=delivery-status``, also ``message/global-delivery-status`` and
+  DSN fields pasted into plain text);
+* RFC 5965 ARF feedback reports (``feedback-report``) and unsubscribe
+  replies (Apple's ``X-Apple-Unsubscribe``): reason "feedback";
+* Amazon SES JSON notifications (bounce, complaint, delivery);
+* the free-text formats of qmail, Exim, Sendmail, Exchange, Domino, Gmail,
+  Yahoo and others, through the general reader in vendors.py;
+* RFC 3834 auto-replies (reason "vacation") when nothing else is found.
+
+The original message is found through the VERP return path the bounce was
+addressed to (``b-<id>@<bounce domain>`` by default; pass ``verp_decoder`` to
+use another scheme) and through the returned headers (``X-Fastsend-Id``,
+else ``Message-ID``).
+
+It never raises on malformed input: junk gives an empty list. It does no
+I/O, and decides nothing about suppression (see fastsend.suppression).
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from email import policy
+from email.header import decode_header, make_header
+from typing import Any
+
+from fastsend.bounce import vendors
+from fastsend.bounce.reply import RuleSet, default_rules
+
+VerpDecoder = Callable[[str], "str | None"]
+
+_VERP_RE = re.compile(r"^b-([^@]+)@", re.IGNORECASE)
+_FIELD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)\s*:\s*(.*)$")
+_DSN_MARK = re.compile(r"^(?:final|original)-recipient\s*:", re.IGNORECASE | re.MULTILINE)
+_TAG_RE = re.compile(r"<[^>]+>")
+
+
+@dataclass(slots=True)
+class BounceRecord:
+    """One recipient reported by a bounce or complaint message.
+
+    ``status`` is the enhanced status ("5.1.1") or None, ``reply_code`` the
+    SMTP reply code or None; ``reason``/``hard`` as in Classification;
+    ``feedback_type`` is set for complaints ("abuse", "opt-out", ...).
+    """
+
+    recipient: str
+    status: str | None
+    reply_code: int | None
+    diagnostic: str
+    reason: str
+    hard: bool
+    feedback_type: str | None = None
+    original_message_id: str | None = None
+    verp_id: str | None = None
+    action: str | None = None
+    remote_mta: str | None = None
+    original_recipient: str | None = None
+    command: str | None = None
+    rate_limited: bool = False
+    ip_blocked: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_verp_decoder(address: str) -> str | None:
+    """``b-<id>@domain`` -> ``<id>``; None for any other address."""
+    m = _VERP_RE.match(address.strip().strip("<>"))
+    return m.group(1) if m else None
+
+
+# ---------------------------------------------------------------- MIME helpers
+def _text_of(part: email.message.Message) -> str:
+    payload = part.get_payload(decode=True)
+    if isinstance(payload, bytes):
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            text = payload.decode(charset, "replace")
+        except LookupError:
+            text = payload.decode("utf-8", "replace")
+    else:
+        raw = part.get_payload()
+        if isinstance(raw, list):
+            text = "\n".join(p.as_string() for p in raw if isinstance(p, email.message.Message))
+        else:
+            text = str(raw or "")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if part.get_content_subtype() == "html":
+        text = _TAG_RE.sub(" ", re.sub(r"(?i)<br\s*/?>|</p>|</div>", "\n", text))
+    return text
+
+
+def _header(msg: email.message.Message, name: str) -> str:
+    v = msg.get(name)
+    if v is None:
+        return ""
+    try:
+        return str(make_header(decode_header(str(v))))
+    except (ValueError, LookupError, UnicodeError):
+        return str(v)
+
+
+class _Parts:
+    """The parts of a bounce sorted by role."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []  # human-readable parts (not inside the returned message)
+        self.dsn: list[str] = []  # message/delivery-status bodies
+        self.arf: list[str] = []  # message/feedback-report bodies
+        self.returned: list[str] = []  # headers (and maybe body) of the returned message
+
+
+def _collect(msg: email.message.Message) -> _Parts:
+    parts = _Parts()
+
+    def visit(p: email.message.Message, depth: int) -> None:
+        if depth > 20:
+            return
+        ct = p.get_content_type()
+        if ct in ("message/delivery-status", "message/global-delivery-status"):
+            parts.dsn.append(_text_of(p))
+        elif ct == "message/feedback-report":
+            parts.arf.append(_text_of(p))
+        elif ct in (
+            "message/rfc822",
+            "message/global",
+            "text/rfc822-headers",
+            "message/rfc822-headers",
+            "message/global-headers",
+        ):
+            parts.returned.append(_text_of(p))
+        elif p.is_multipart():
+            for sub in p.get_payload():
+                if isinstance(sub, email.message.Message):
+                    visit(sub, depth + 1)
+        elif p.get_content_maintype() == "text" or ct == "application/json":
+            parts.texts.append(_text_of(p))
+
+    visit(msg, 0)
+    return parts
+
+
+def _field_blocks(text: str) -> list[dict[str, list[str]]]:
+    """RFC 822-style field blocks separated by blank lines (for DSN/ARF bodies)."""
+    blocks: list[dict[str, list[str]]] = []
+    cur: dict[str, list[str]] = {}
+    last = ""
+    for line in text.split("\n"):
+        if not line.strip():
+            if cur:
+                blocks.append(cur)
+                cur, last = {}, ""
+            continue
+        if line[:1] in (" ", "\t") and last:
+            cur[last][-1] += " " + line.strip()
+            continue
+        m = _FIELD_RE.match(line)
+        if m:
+            last = m.group(1).lower()
+            cur.setdefault(last, []).append(m.group(2).strip())
+        elif last:
+            cur[last][-1] += " " + line.strip()
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def _typed_value(v: str) -> tuple[str, str]:
+    """'rfc822; a@b' -> ('rfc822', 'a@b'); 'smtp; 550 ...' -> ('smtp', '550 ...')."""
+    if ";" in v:
+        t, _, rest = v.partition(";")
+        if re.fullmatch(r"\s*[A-Za-z0-9-]+\s*", t):
+            return t.strip().lower(), rest.strip()
+    return "", v.strip()
+
+
+def _address(v: str) -> str:
+    v = _typed_value(v)[1].strip()
+    m = vendors.ADDR_RE.search(v)
+    return m.group(1) if m else v.strip("<> ")
+
+
+# ---------------------------------------------------------------- record sources
+@dataclass(slots=True)
+class _Raw:
+    recipient: str
+    diagnostic: str = ""
+    status: str = ""
+    reply_code: int = 0
+    action: str = ""
+    remote_mta: str = ""
+    original_recipient: str = ""
+    command: str = ""
+    feedback_type: str = ""
+    diag_type: str = ""
+    reason: str = ""
+
+
+def _from_dsn(text: str, human: str) -> list[_Raw]:
+    out: list[_Raw] = []
+    for block in _field_blocks(text):
+        final = block.get("final-recipient") or block.get("original-recipient")
+        if not final:
+            continue
+        diag_type, diag = _typed_value(" ".join(block.get("diagnostic-code", [""])))
+        sm = vendors.ENHANCED_RE.search(" ".join(block.get("status", [""])))
+        status = sm.group(0) if sm else ""
+        action = (block.get("action", [""])[0].split() or [""])[0].lower()
+        r = _Raw(
+            recipient=_address(final[0]),
+            diagnostic=diag,
+            status=status,
+            action=action,
+            remote_mta=_typed_value(block.get("remote-mta", [""])[0])[1],
+            original_recipient=_address(block["original-recipient"][0])
+            if "original-recipient" in block
+            else "",
+            diag_type=diag_type,
+        )
+        out.append(r)
+    _enrich(out, human)
+    return out
+
+
+def _enrich(records: list[_Raw], human: str) -> None:
+    """Fill codes, commands and missing diagnostics from the text around each recipient."""
+    section = vendors.cut_original(human) if human else ""
+    low = section.lower()
+    for r in records:
+        near = ""
+        if section:
+            i = low.find(r.recipient.lower())
+            if i < 0 and r.original_recipient:
+                i = low.find(r.original_recipient.lower())
+            if i >= 0:
+                near = section[i : i + 1200]
+                for other in records:
+                    if other is not r:
+                        j = near.lower().find(other.recipient.lower(), len(r.recipient))
+                        if j > 0:
+                            near = near[:j]
+        if not r.diagnostic.strip() and near:
+            # The DSN says nothing: take the human-readable explanation.
+            r.diagnostic = near.split("\n\n\n")[0].strip()
+        elif len(records) == 1 and not r.diagnostic.strip() and section:
+            r.diagnostic = section.strip()
+        text = r.diagnostic
+        r.reply_code = r.reply_code or vendors.find_reply_code(text)
+        detailed = vendors.find_status(text)
+        if detailed and (
+            not r.status
+            or (r.status.endswith(".0.0") and detailed[0] == r.status[0])
+            or (r.status[2:] == "0.0" and detailed[0] == r.status[0])
+        ):
+            r.status = detailed
+        r.command = vendors.find_command(text) or vendors.find_command(near)
+
+
+def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw]:
+    fields: dict[str, list[str]] = {}
+    for block in _field_blocks(text):
+        for k, v in block.items():
+            fields.setdefault(k, []).extend(v)
+    ftype = (fields.get("feedback-type", ["abuse"])[0].split() or ["abuse"])[0].lower()
+    rcpts = [_address(v) for v in fields.get("original-rcpt-to", [])]
+    rcpts += [_address(v) for v in fields.get("removal-recipient", [])]
+    if not rcpts:
+        for ret in parts.returned:
+            m = email.message_from_string(ret, policy=policy.compat32)
+            to = _header(m, "To")
+            if to:
+                rcpts += [a for a in vendors.ADDR_RE.findall(to)][:1]
+                break
+    if not rcpts:
+        # Some reporters put the complaining address only in the report text.
+        for t in parts.texts:
+            rcpts += vendors.ADDR_RE.findall(vendors.cut_original(t))[:1]
+            if rcpts:
+                break
+    seen: set[str] = set()
+    out = []
+    for a in rcpts:
+        if a.lower() not in seen:
+            seen.add(a.lower())
+            out.append(_Raw(recipient=a, feedback_type=ftype, reason="feedback"))
+    return out
+
+
+def _exclusions(msg: email.message.Message) -> set[str]:
+    ex: set[str] = set()
+    for name in ("From", "To", "Reply-To", "Return-Path", "Sender"):
+        for a in vendors.ADDR_RE.findall(_header(msg, name)):
+            ex.add(a.lower())
+    return ex
+
+
+def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
+    body = "\n".join(parts.texts)
+    ses = vendors.parse_ses_json(body)
+    if ses is not None:
+        return [
+            _Raw(
+                recipient=s.recipient,
+                diagnostic=_typed_value(s.diagnostic)[1],
+                status=vendors.find_status(s.status),
+                reply_code=vendors.find_reply_code(_typed_value(s.diagnostic)[1]),
+                action=s.action,
+                remote_mta=_typed_value(s.remote_mta)[1],
+                feedback_type=s.feedback_type,
+                reason="feedback" if s.kind == "complaint" else "",
+            )
+            for s in ses
+        ]
+    if _DSN_MARK.search(body):
+        recs = _from_dsn(body, body)
+        if recs:
+            return recs
+    hinted = []
+    for v in msg.get_all("X-Failed-Recipients") or []:
+        hinted += vendors.ADDR_RE.findall(str(v))
+    found = vendors.find_in_text(body, _exclusions(msg), hinted or None)
+    return [
+        _Raw(
+            recipient=f.recipient,
+            diagnostic=f.diagnostic,
+            status=f.status,
+            reply_code=f.reply_code,
+            command=f.command,
+            action="failed",
+        )
+        for f in found
+    ]
+
+
+def _is_autoreply(msg: email.message.Message) -> bool:
+    sender = vendors.ADDR_RE.findall(_header(msg, "From"))
+    if not sender or vendors.is_system_address(sender[0]):
+        return False
+    if msg.get_content_type() == "multipart/report":
+        return False
+    auto = _header(msg, "Auto-Submitted").lower()
+    subject = _header(msg, "Subject").lower()
+    return (
+        auto.startswith("auto-replied")
+        or bool(msg.get("X-Autoreply") or msg.get("X-Autorespond"))
+        or _header(msg, "Precedence").lower() == "auto_reply"
+        or bool(re.match(r"(?:auto(?:matic)?[ -]?reply|out of (?:the )?office)", subject))
+    )
+
+
+# ---------------------------------------------------------------- ids
+def _original_ids(
+    msg: email.message.Message, parts: _Parts, decoder: VerpDecoder
+) -> tuple[str | None, str | None]:
+    verp = None
+    for name in ("X-Original-To", "Delivered-To", "Envelope-To", "X-Envelope-To", "To"):
+        for v in msg.get_all(name) or []:
+            for a in vendors.ADDR_RE.findall(str(v)):
+                verp = decoder(a)
+                if verp:
+                    break
+            if verp:
+                break
+        if verp:
+            break
+    orig = None
+    sources = list(parts.returned)
+    if not sources:
+        # Plain-text bounces quote the returned headers after the error section.
+        sources = [t[len(vendors.cut_original(t)) :] for t in parts.texts]
+    for src in sources:
+        m = re.search(r"(?im)^X-Fastsend-Id:\s*(\S+)", src)
+        if m:
+            return m.group(1), verp
+        m = re.search(r"(?im)^Message-I[Dd]:\s*(<[^>\s]+>|\S+)", src)
+        if m and orig is None:
+            orig = m.group(1)
+    for block in (b for d in parts.dsn for b in _field_blocks(d)):
+        for k in ("x-original-message-id", "original-message-id"):
+            if k in block and orig is None:
+                orig = block[k][0]
+    return orig, verp
+
+
+# ---------------------------------------------------------------- entry point
+def parse_bounce(
+    raw: bytes,
+    *,
+    rules: RuleSet | None = None,
+    verp_decoder: VerpDecoder | None = None,
+) -> list[BounceRecord]:
+    """One record per recipient reported by ``raw`` (a bounce, DSN or ARF report).
+
+    Returns [] for a message that reports nothing. Records for recipients
+    that were delivered (DSN Action: delivered/relayed) have reason
+    "delivered"; complaint reports have reason "feedback" and a
+    ``feedback_type``; auto-replies have reason "vacation".
+    """
+    if not isinstance(raw, (bytes, bytearray)):
+        raise TypeError(f"parse_bounce expects bytes, got {type(raw).__name__}")
+    rs = rules or default_rules()
+    msg = email.message_from_bytes(bytes(raw), policy=policy.compat32)
+    parts = _collect(msg)
+    if not (parts.texts or parts.dsn or parts.arf):
+        # A multipart whose boundaries never appear (or junk MIME): read the raw body.
+        data = bytes(raw).replace(b"\r\n", b"\n")
+        head_end = data.find(b"\n\n")
+        if head_end >= 0:
+            parts.texts.append(data[head_end + 2 :].decode("utf-8", "replace"))
+    human = "\n".join(parts.texts)
+
+    raws: list[_Raw] = []
+    if parts.arf:
+        raws = _from_arf(parts.arf[0], parts, msg)
+    if not raws and parts.dsn:
+        for d in parts.dsn:
+            raws += _from_dsn(d, human)
+    if not raws and (msg.get("X-Apple-Unsubscribe") or _is_unsubscribe(msg)):
+        sender = vendors.ADDR_RE.findall(_header(msg, "From"))
+        raws = (
+            [_Raw(recipient=sender[0], feedback_type="opt-out", reason="feedback")]
+            if sender
+            else []
+        )
+    if not raws:
+        raws = _from_text(msg, parts)
+    if not raws and _is_autoreply(msg):
+        sender = vendors.ADDR_RE.findall(_header(msg, "From"))
+        if sender:
+            raws = [_Raw(recipient=sender[0], reason="vacation", diagnostic=human[:500])]
+
+    orig, verp = _original_ids(msg, parts, verp_decoder or default_verp_decoder)
+    out = []
+    for r in raws:
+        if r.reason:
+            reason, hard, rate, ipb = r.reason, False, False, False
+        else:
+            c = rs.classify(
+                r.reply_code, r.status, r.diagnostic, command=r.command, action=r.action
+            )
+            reason, hard, rate, ipb = c.reason, c.hard, c.rate_limited, c.ip_blocked
+            if r.diag_type.startswith("x-unix") and reason != "mailboxfull":
+                # A local delivery program failed: the mailer, not the address.
+                reason, hard = "mailererror", False
+        out.append(
+            BounceRecord(
+                recipient=r.recipient,
+                status=r.status or None,
+                reply_code=r.reply_code or None,
+                diagnostic=r.diagnostic[:2000],
+                reason=reason,
+                hard=hard,
+                feedback_type=r.feedback_type or None,
+                original_message_id=orig,
+                verp_id=verp,
+                action=r.action or None,
+                remote_mta=r.remote_mta or None,
+                original_recipient=r.original_recipient or None,
+                command=r.command or None,
+                rate_limited=rate,
+                ip_blocked=ipb,
+            )
+        )
+    return out
+
+
+def _is_unsubscribe(msg: email.message.Message) -> bool:
+    """A reply to a List-Unsubscribe mailto: (RFC 2369), subject "unsubscribe"."""
+    return _header(msg, "Subject").strip().lower() == "unsubscribe" and not msg.is_multipart()

@@ -1,0 +1,377 @@
+"""Classify one SMTP reply (code, enhanced status, text) into a bounce reason.
+
+The rules are data: ``rules.toml`` shipped next to this module, optionally
+preceded by user rule files (same format; their rules are tried first and
+their status entries replace the shipped ones). Reasons are named as Sisimai
+names them ("userunknown", "mailboxfull", "blocked", ...), and ``hard`` follows
+Sisimai's meaning: true only where the address itself can never receive
+(userunknown, hostunknown, hasmoved, and notaccept unless the reply was a
+4xx). A permanent 5xx for policy, content or reputation is *not* hard.
+
+The classification also says whether the reply is a "slow down" signal
+(``rate_limited``) or an "your IP is listed/blocked" signal (``ip_blocked``)
+for the feedback loops of the delivery side.
+
+This module does no I/O except reading rule files, and never decides what to
+do about a reply (retry, suppress, rest an IP): callers do.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+# Reasons where the address itself can never receive (Sisimai's hard bounce).
+HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved"})
+# Reasons that are not failures at all.
+NOT_BOUNCES = frozenset({"delivered", "feedback", "vacation"})
+# Reasons that, by themselves, mean "sending too fast" / "this IP is refused".
+RATE_REASONS = frozenset({"speeding", "toomanyconn"})
+IPBLOCK_REASONS = frozenset({"blocked", "badreputation", "requireptr"})
+
+TIERS = ("strong", "weak")
+SIGNALS = ("ratelimit", "ipblock")
+_ENHANCED_RE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+_WS_RE = re.compile(r"\s+")
+# Continuation prefixes of multi-line replies ("550-5.7.1 ") inside the text.
+_CONT_RE = re.compile(r"(?:(?<=\s)|(?<=^))[245]\d\d[- ](?:[245]\.\d{1,3}\.\d{1,3}\s)?(?=\S)", re.M)
+
+
+class RuleError(ValueError):
+    """A rule file is malformed (bad TOML, unknown key, bad regex, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """What a reply means for the recipient and for the sending IP.
+
+    ``reason`` is a Sisimai reason name; ``hard`` is true only when the address
+    can never receive; ``soft`` is true for every other failure (retrying
+    later or from elsewhere may work); neither is true for "delivered",
+    "feedback" and "vacation". ``permanent`` says the reply itself was a 5xx.
+    ``rule`` names the rule that decided (for debugging rule files).
+    """
+
+    reason: str
+    hard: bool
+    soft: bool
+    permanent: bool = False
+    rate_limited: bool = False
+    ip_blocked: bool = False
+    rule: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule of a rule file (see the header of rules.toml)."""
+
+    id: str
+    reason: str
+    match: tuple[re.Pattern[str], ...] = ()
+    not_match: tuple[re.Pattern[str], ...] = ()
+    codes: frozenset[int] = frozenset()
+    status: tuple[str, ...] = ()
+    not_status: tuple[str, ...] = ()
+    commands: frozenset[str] | None = None
+    tier: str = "strong"
+    signal: str = ""
+
+    def applies(self, text: str, code: int, enhanced: str, command: str) -> bool:
+        if self.codes and code not in self.codes:
+            return False
+        if self.status and not any(
+            enhanced == s or (s.endswith(".") and enhanced.startswith(s)) for s in self.status
+        ):
+            return False
+        if self.not_status and any(
+            enhanced == s or (s.endswith(".") and enhanced.startswith(s)) for s in self.not_status
+        ):
+            return False
+        if self.commands is not None and command not in self.commands:
+            return False
+        if self.match and not any(p.search(text) for p in self.match):
+            return False
+        return not any(p.search(text) for p in self.not_match)
+
+
+def _compile(patterns: Any, where: str) -> tuple[re.Pattern[str], ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise RuleError(f"{where}: expected a list of regular expressions")
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p, re.IGNORECASE))
+        except re.error as e:
+            raise RuleError(f"{where}: bad regular expression {p!r}: {e}") from None
+    return tuple(out)
+
+
+_RULE_KEYS = {
+    "id",
+    "reason",
+    "match",
+    "match_from",
+    "not_match",
+    "codes",
+    "status",
+    "not_status",
+    "commands",
+    "tier",
+    "signal",
+}
+_STATUS_PREFIX = re.compile(r"[245](\.\d{1,3}){0,2}\.?")
+
+
+def _status_list(d: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    v = d.get(key, [])
+    if not isinstance(v, list) or not all(
+        isinstance(s, str) and _STATUS_PREFIX.fullmatch(s) for s in v
+    ):
+        raise RuleError(f"{where}: {key!r} must be a list like ['5.7.', '4.2.2']")
+    return tuple(v)
+
+
+def _parse_rule(d: Any, where: str, known: dict[str, Rule]) -> Rule:
+    if not isinstance(d, dict):
+        raise RuleError(f"{where}: a rule must be a table")
+    unknown = set(d) - _RULE_KEYS
+    if unknown:
+        raise RuleError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    reason = d.get("reason")
+    if not isinstance(reason, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", reason):
+        raise RuleError(f"{where}: 'reason' must be a lowercase word, got {reason!r}")
+    tier = d.get("tier", "strong")
+    if tier not in TIERS:
+        raise RuleError(f"{where}: 'tier' must be one of {TIERS}, got {tier!r}")
+    signal = d.get("signal", "")
+    if signal and signal not in SIGNALS:
+        raise RuleError(f"{where}: 'signal' must be one of {SIGNALS}, got {signal!r}")
+    codes = d.get("codes", [])
+    if not isinstance(codes, list) or not all(
+        isinstance(c, int) and 200 <= c <= 599 for c in codes
+    ):
+        raise RuleError(f"{where}: 'codes' must be a list of reply codes (200-599)")
+    status = _status_list(d, "status", where)
+    commands = d.get("commands")
+    if commands is not None and (
+        not isinstance(commands, list) or not all(isinstance(c, str) for c in commands)
+    ):
+        raise RuleError(f"{where}: 'commands' must be a list of SMTP command names")
+    match = _compile(d.get("match"), where)
+    if "match_from" in d:
+        # Reuse (and extend) the patterns of an earlier rule of the same file.
+        base = known.get(str(d["match_from"]))
+        if base is None:
+            raise RuleError(f"{where}: match_from names no earlier rule: {d['match_from']!r}")
+        match = base.match + match
+    if not match and not codes and not status:
+        raise RuleError(f"{where}: a rule needs 'match', 'codes' or 'status'")
+    return Rule(
+        id=str(d.get("id", reason)),
+        reason=reason,
+        match=match,
+        not_match=_compile(d.get("not_match"), where),
+        codes=frozenset(codes),
+        status=status,
+        not_status=_status_list(d, "not_status", where),
+        commands=None if commands is None else frozenset(c.upper() for c in commands),
+        tier=tier,
+        signal=signal,
+    )
+
+
+@dataclass
+class RuleSet:
+    """An ordered set of rules plus the status table; see rules.toml."""
+
+    rules: list[Rule] = field(default_factory=list)
+    status: dict[str, str] = field(default_factory=dict)
+    weak: frozenset[str] = frozenset()
+    signals: dict[str, tuple[re.Pattern[str], ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "<rules>") -> RuleSet:
+        unknown = set(d) - {"rule", "status", "weak", "signals"}
+        if unknown:
+            raise RuleError(f"{where}: unknown table(s) {', '.join(sorted(unknown))}")
+        raw_rules = d.get("rule", [])
+        if not isinstance(raw_rules, list):
+            raise RuleError(f"{where}: 'rule' must be an array of tables ([[rule]])")
+        rules: list[Rule] = []
+        known: dict[str, Rule] = {}
+        for i, r in enumerate(raw_rules):
+            rule = _parse_rule(r, f"{where}: rule #{i + 1}", known)
+            known[rule.id] = rule
+            rules.append(rule)
+        status = d.get("status", {})
+        if not isinstance(status, dict) or not all(
+            isinstance(k, str) and _ENHANCED_RE.fullmatch(k) and isinstance(v, str)
+            for k, v in status.items()
+        ):
+            raise RuleError(f'{where}: [status] maps codes like "5.1.1" to reason names')
+        weak = d.get("weak", {}).get("reasons", [])
+        signals = {
+            name: _compile(pats, f"{where}: signals.{name}")
+            for name, pats in d.get("signals", {}).items()
+        }
+        for name in signals:
+            if name not in SIGNALS:
+                raise RuleError(f"{where}: unknown signal {name!r}; expected one of {SIGNALS}")
+        return cls(rules=rules, status=dict(status), weak=frozenset(weak), signals=signals)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RuleSet:
+        """Read one rule file; RuleError (naming the file) on any problem."""
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise RuleError(f"{p}: cannot read rule file: {e.strerror or e}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise RuleError(f"{p}: not valid TOML: {e}") from None
+        return cls.from_dict(data, str(p))
+
+    @classmethod
+    def default(cls) -> RuleSet:
+        text = resources.files("fastsend.bounce").joinpath("rules.toml").read_text("utf-8")
+        return cls.from_dict(tomllib.loads(text), "fastsend/bounce/rules.toml")
+
+    def extended(self, *others: RuleSet) -> RuleSet:
+        """A new RuleSet where ``others`` (earlier first) take precedence over self."""
+        rules: list[Rule] = []
+        status = dict(self.status)
+        weak = set(self.weak)
+        signals = dict(self.signals)
+        for o in others:
+            rules.extend(o.rules)
+            weak |= o.weak
+            for k, v in o.signals.items():
+                signals[k] = v + signals.get(k, ())
+        for o in reversed(others):
+            status.update(o.status)
+        return RuleSet(rules + self.rules, status, frozenset(weak), signals)
+
+    def classify(
+        self,
+        code: int,
+        enhanced: str,
+        text: str,
+        *,
+        command: str = "",
+        action: str = "",
+    ) -> Classification:
+        """Classify one reply; see the module docstring and rules.toml."""
+        enhanced = (enhanced or "").strip()
+        if enhanced and not _ENHANCED_RE.fullmatch(enhanced):
+            m = _ENHANCED_RE.search(enhanced)
+            enhanced = m.group(0) if m else ""
+        text = text or ""
+        t = _WS_RE.sub(" ", _CONT_RE.sub(" ", text)).strip().lower()
+        if not enhanced:
+            m = _ENHANCED_RE.search(text)
+            if m and (not code or m.group(1) == str(code)[0]):
+                enhanced = m.group(0)
+        command = (command or "").upper()
+        reason, rule_id = self._reason(code, enhanced, t, command, action)
+        klass = enhanced[:1] if enhanced else (str(code)[0] if code else "")
+        permanent = klass == "5"
+        hard = reason in HARD_REASONS or (reason == "notaccept" and klass != "4")
+        soft = not hard and reason not in NOT_BOUNCES
+        rate = reason in RATE_REASONS
+        ipb = reason in IPBLOCK_REASONS
+        if not rate:
+            rate = any(p.search(t) for p in self.signals.get("ratelimit", ()))
+        if not ipb:
+            ipb = any(p.search(t) for p in self.signals.get("ipblock", ()))
+        return Classification(reason, hard, soft, permanent, rate, ipb, rule_id)
+
+    def _reason(
+        self, code: int, enhanced: str, t: str, command: str, action: str
+    ) -> tuple[str, str]:
+        if enhanced.startswith("2.") or (not enhanced and 200 <= code < 300):
+            return "delivered", "status"
+        by_status = self.status.get(enhanced, "")
+        for rule in self.rules:
+            if rule.tier == "strong" and rule.applies(t, code, enhanced, command):
+                return rule.reason, rule.id
+        if by_status and by_status not in self.weak:
+            return by_status, "status"
+        for rule in self.rules:
+            if rule.tier == "weak" and rule.applies(t, code, enhanced, command):
+                return rule.reason, rule.id
+        if by_status:
+            return by_status, "status"
+        return _fallback(code, enhanced, t, command, action), "fallback"
+
+
+def _fallback(code: int, enhanced: str, t: str, command: str, action: str) -> str:
+    subject = enhanced[2:4] if enhanced else ""
+    if subject == "6.":
+        return "contenterror"
+    if subject == "7.":
+        return "securityerror"
+    if action in ("delayed", "expired"):
+        return "expired"
+    if 401 <= code <= 407 or 501 <= code <= 507:
+        return "syntaxerror"
+    if command in ("EHLO", "HELO", "CONN"):
+        return "blocked"
+    if command == "MAIL":
+        return "rejected"
+    if subject == "4." and enhanced.startswith("4"):
+        return "networkerror"
+    if action == "failed" and enhanced == "" and code == 0 and not t:
+        return "undefined"
+    return "onhold" if (t or code or enhanced) else "undefined"
+
+
+_default: RuleSet | None = None
+
+
+def default_rules() -> RuleSet:
+    """The shipped rules, loaded once."""
+    global _default
+    if _default is None:
+        _default = RuleSet.default()
+    return _default
+
+
+def load_rules(paths: Iterable[str | Path] = ()) -> RuleSet:
+    """The shipped rules preceded by the user rule files in ``paths`` (first wins)."""
+    extra: Sequence[RuleSet] = [RuleSet.load(p) for p in paths]
+    return default_rules().extended(*extra) if extra else default_rules()
+
+
+def classify_reply(
+    code: int,
+    enhanced: str,
+    text: str,
+    *,
+    command: str = "RCPT",
+    rules: RuleSet | None = None,
+) -> Classification:
+    """Classify a synchronous SMTP reply (e.g. from an Outcome).
+
+    ``command`` is the SMTP command the reply answered ("RCPT", "MAIL",
+    "DATA", "EHLO", "CONN", ...; an Outcome's ``stage`` fits, any case). It
+    matters: "user unknown" after DATA is a content filter, a refusal at MAIL
+    FROM is about the sender, one at connect or EHLO is about the client.
+    It defaults to RCPT, where most per-recipient replies come from; pass ""
+    when it is not known. ``rules`` defaults to the shipped rules.
+    """
+    if not isinstance(code, int) or not (code == 0 or 200 <= code <= 599):
+        raise ValueError(f"reply code must be 0 or 200..599, got {code!r}")
+    stage = (command or "").upper()
+    stage = {"CONNECT": "CONN", "GREETING": "CONN", "HELO": "EHLO", "BDAT": "DATA"}.get(
+        stage, stage
+    )
+    return (rules or default_rules()).classify(code, enhanced, text, command=stage)

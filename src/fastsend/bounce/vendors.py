@@ -1,0 +1,316 @@
+"""Recipients and diagnostics from bounces that are not RFC 3464 DSNs.
+
+Many MTAs and providers still send plain-text bounces (qmail, Exim, old
+Sendmail, Exchange 2003, Domino, Gmail, Yahoo, DragonFly, 1&1, ...) or JSON
+notifications (Amazon SES through SNS). Rather than one parser per vendor
+keyed to exact layouts, this module reads them the way a person does:
+
+* cut the text where the returned message begins (the usual markers, or the
+  first run of header lines);
+* take the addresses named in what is left, in order, minus the bounce's own
+  sender/recipient and mailer-daemon/postmaster addresses and addresses seen
+  as the envelope sender (``MAIL FROM:<...>``);
+* give each recipient the text between its first mention and the next
+  recipient's (the whole error section when there is one recipient), and
+  pull the reply code, enhanced status and SMTP command out of that text.
+
+It deliberately knows nothing about reasons: classification is reply.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+ADDR_RE = re.compile(
+    r"(?<![\w.+=/-])([\w.!#$%&'*+/=?^`{|}~-]+@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63})(?![\w-])",
+    re.IGNORECASE,
+)
+ENHANCED_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
+REPLY_RE = re.compile(r"(?<![\d.:/#-])([245][0-5]\d)(?:[ -]|$)(?![\d]{2})", re.MULTILINE)
+_SYSTEM_LOCAL = re.compile(
+    r"^(?:mailer-daemon|postmaster|mail-daemon|maildaemon|no-?reply|bounces?|double-bounce|root)$",
+    re.IGNORECASE,
+)
+# Where the copy of the original message (or its headers) begins.
+_CUT_RE = re.compile(
+    r"^[ \t]*(?:"
+    r"-+ ?this is a copy of (?:the|your) message"
+    r"|-+ ?below this line is a copy of the message"
+    r"|-+ ?(?:original|returned|unsent|undelivered) message(?: headers?)? (?:follows|is following)?"
+    r"|(?:original|returned|unsent) message(?: headers?)? follows"
+    r"|-+ ?original message ?-+"
+    r"|-+ ?the header of the original message is following"
+    r"|-+ ?(?:the )?original message (?:header|text)"
+    r"|message headers follow"
+    r"|original message headers:"
+    r"|-+ ?start of returned message"
+    r"|-+ ?returned mail follows"
+    r"|-+ ?unsent message below"
+    r"|content-type: message/rfc822"
+    r"|content-type: text/rfc822-headers"
+    r"|\*\*\* ?original message"
+    r"|---+ ?forwarded message"
+    r")",
+    re.IGNORECASE | re.MULTILINE,
+)
+_HEADER_LINE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,40}: \S")
+_HEADER_START = re.compile(
+    r"^(?:Received|Return-Path|Message-I[Dd]|DKIM-Signature|MIME-Version|X-[A-Za-z-]+|From|Date|Subject|To): ",
+)
+_SENDER_CONTEXT = re.compile(
+    r"(?:mail from:?\s*<?|envelope-from\s*<?|return-path:?\s*<?|sender:?\s*<?|from:\s*<?|\bfrom\s+<)\s*$",
+    re.IGNORECASE,
+)
+_COMMANDS = (
+    (re.compile(r"\b(?:rcpt to|recipient address|>>> rcpt)|in reply to rcpt", re.I), "RCPT"),
+    (re.compile(r"\b(?:mail from|>>> mail)\b|in reply to mail", re.I), "MAIL"),
+    (
+        re.compile(
+            r"end of data|final data|after data|>>> data|in reply to (?:end of )?data|"
+            r"after end of|\bdata command|command:?\s+data\b",
+            re.I,
+        ),
+        "DATA",
+    ),
+    (re.compile(r"\b(?:ehlo|helo)\b(?! command rejected)|my name was rejected", re.I), "EHLO"),
+    (re.compile(r"initial connection|after connect|on connect|greeting", re.I), "CONN"),
+    (re.compile(r"\bstarttls\b", re.I), "STARTTLS"),
+)
+_COMMAND_CONTEXT = re.compile(
+    r"(?:in reply to|after|while talking to|did not like our|>>>|error from remote mail server|but|"
+    r"smtp command:?)"
+    r".{0,60}",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+@dataclass(slots=True)
+class TextFinding:
+    """One recipient found in a free-text bounce."""
+
+    recipient: str
+    diagnostic: str
+    reply_code: int = 0
+    status: str = ""
+    command: str = ""
+
+
+def cut_original(text: str) -> str:
+    """The part of a bounce text before the copy of the original message."""
+    m = _CUT_RE.search(text)
+    if m:
+        text = text[: m.start()]
+    lines = text.split("\n")
+    for i in range(len(lines) - 1):
+        # Three header lines in a row at column 0: the returned headers begin
+        # (a lone "To: ..." summary line is not enough).
+        if (
+            _HEADER_START.match(lines[i])
+            and _headerish(lines[i + 1])
+            and i + 2 < len(lines)
+            and _headerish(lines[i + 2])
+        ):
+            return "\n".join(lines[:i])
+    return text
+
+
+def _headerish(line: str) -> bool:
+    return bool(_HEADER_LINE.match(line)) or line[:1] in (" ", "\t")
+
+
+def find_reply_code(text: str) -> int:
+    """The first SMTP reply code (4xx/5xx) in ``text``, or 0."""
+    for m in REPLY_RE.finditer(text):
+        code = int(m.group(1))
+        if code >= 400:
+            return code
+    return 0
+
+
+def find_status(text: str) -> str:
+    """The first enhanced status code (4.x.x/5.x.x) in ``text``, or ""."""
+    for m in ENHANCED_RE.finditer(text):
+        if m.group(1) in "45":
+            return m.group(0)
+    return ""
+
+
+def find_command(text: str) -> str:
+    """The SMTP command a reply answered, when the text says so, or ""."""
+    for ctx in _COMMAND_CONTEXT.finditer(text):
+        for pattern, name in _COMMANDS:
+            if pattern.search(ctx.group(0)):
+                return name
+    return ""
+
+
+def is_system_address(addr: str) -> bool:
+    """mailer-daemon@, postmaster@ and the like."""
+    return bool(_SYSTEM_LOCAL.match(addr.split("@", 1)[0]))
+
+
+def _is_excluded(addr: str, exclude: set[str]) -> bool:
+    a = addr.lower()
+    return a in exclude or bool(_SYSTEM_LOCAL.match(a.split("@", 1)[0]))
+
+
+def candidate_addresses(section: str, exclude: set[str]) -> list[tuple[str, int, int]]:
+    """(address, start, end) of each first mention of a plausible recipient."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    senders: set[str] = set()
+    for m in ADDR_RE.finditer(section):
+        addr = m.group(1).strip(".")
+        key = addr.lower()
+        before = section[max(0, m.start() - 24) : m.start()]
+        if _SENDER_CONTEXT.search(before):
+            senders.add(key)
+            continue
+        if key not in seen and not _is_excluded(addr, exclude):
+            seen[key] = (addr, m.start(), m.end())
+    return [v for k, v in seen.items() if k not in senders]
+
+
+def find_in_text(
+    text: str, exclude: set[str], hinted: list[str] | None = None
+) -> list[TextFinding]:
+    """Recipients and their diagnostics from a free-text bounce body."""
+    section = cut_original(text)
+    if hinted:
+        found = []
+        low = section.lower()
+        for addr in hinted:
+            i = low.find(addr.lower())
+            found.append((addr, i, i + len(addr) if i >= 0 else -1))
+    else:
+        found = candidate_addresses(section, exclude)
+    out: list[TextFinding] = []
+    low = section.lower()
+    for addr, start, end in found:
+        if start < 0 or len(found) == 1:
+            diag = section[end:] if start >= 0 else section
+            if len(diag.strip()) < 20 or (not find_reply_code(diag) and find_reply_code(section)):
+                diag = section
+        else:
+            # Up to the next mention of any other recipient.
+            stop = len(section)
+            for other, _, _ in found:
+                if other.lower() != addr.lower():
+                    j = low.find(other.lower(), end)
+                    if j >= 0:
+                        stop = min(stop, j)
+            diag = section[end:stop]
+            if len(diag.strip()) < 10:
+                diag = section
+        diag = diag.strip()
+        out.append(
+            TextFinding(
+                recipient=addr,
+                diagnostic=diag,
+                reply_code=find_reply_code(diag),
+                status=find_status(diag),
+                command=find_command(diag),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------- Amazon SES
+@dataclass(slots=True)
+class SESRecord:
+    recipient: str
+    action: str
+    status: str
+    diagnostic: str
+    feedback_type: str
+    kind: str  # "bounce", "complaint", "delivery"
+    message_id: str
+    remote_mta: str
+
+
+def _load_json(text: str) -> Any:
+    text = text.strip()
+    if not text.startswith("{"):
+        i, j = text.find("{"), text.rfind("}")
+        if i < 0 or j < i:
+            return None
+        text = text[i : j + 1]
+    try:
+        return json.loads(text)
+    except ValueError:
+        try:
+            return json.loads(text.replace("\n", ""))
+        except ValueError:
+            return None
+
+
+def parse_ses_json(text: str) -> list[SESRecord] | None:
+    """Records from an Amazon SES notification (raw or wrapped in SNS), or None."""
+    if "notificationType" not in text and "eventType" not in text:
+        return None
+    doc = _load_json(text)
+    if isinstance(doc, dict) and isinstance(doc.get("Message"), str):
+        doc = _load_json(doc["Message"])
+    if not isinstance(doc, dict):
+        return None
+    kind = str(doc.get("notificationType") or doc.get("eventType") or "").lower()
+    mail: dict[str, Any] = doc["mail"] if isinstance(doc.get("mail"), dict) else {}
+    msgid = ""
+    for h in mail.get("headers") or []:
+        if isinstance(h, dict) and str(h.get("name", "")).lower() in ("x-fastsend-id",):
+            msgid = str(h.get("value", ""))
+    if not msgid:
+        common = mail.get("commonHeaders") or {}
+        msgid = str(common.get("messageId") or "") if isinstance(common, dict) else ""
+    out: list[SESRecord] = []
+    if kind == "bounce" and isinstance(doc.get("bounce"), dict):
+        b = doc["bounce"]
+        mta = str(b.get("reportingMTA") or b.get("remoteMtaIp") or "")
+        for r in b.get("bouncedRecipients") or []:
+            if isinstance(r, dict) and r.get("emailAddress"):
+                out.append(
+                    SESRecord(
+                        str(r["emailAddress"]),
+                        str(r.get("action") or "failed"),
+                        str(r.get("status") or ""),
+                        str(r.get("diagnosticCode") or b.get("bounceSubType") or ""),
+                        "",
+                        "bounce",
+                        msgid,
+                        mta,
+                    )
+                )
+    elif kind == "complaint" and isinstance(doc.get("complaint"), dict):
+        c = doc["complaint"]
+        for r in c.get("complainedRecipients") or []:
+            if isinstance(r, dict) and r.get("emailAddress"):
+                out.append(
+                    SESRecord(
+                        str(r["emailAddress"]),
+                        "",
+                        "",
+                        "",
+                        str(c.get("complaintFeedbackType") or "abuse"),
+                        "complaint",
+                        msgid,
+                        "",
+                    )
+                )
+    elif kind == "delivery" and isinstance(doc.get("delivery"), dict):
+        d = doc["delivery"]
+        for r in d.get("recipients") or []:
+            out.append(
+                SESRecord(
+                    str(r),
+                    "delivered",
+                    "2.0.0",
+                    str(d.get("smtpResponse") or ""),
+                    "",
+                    "delivery",
+                    msgid,
+                    str(d.get("reportingMTA") or ""),
+                )
+            )
+    return out

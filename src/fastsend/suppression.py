@@ -1,0 +1,485 @@
+"""The suppression list: addresses fastsend must not send to, per tenant.
+
+A SQLite file of its own (WAL mode; the engine passes
+``<spool dir>/suppression.db``) holding one entry per (tenant, address) with
+a reason ("userunknown", "hostunknown", ... for hard bounces, "complaint",
+"unsubscribe", "manual", or a soft reason with an expiry), a source, the time
+it was added and an optional expiry time. Expired entries no longer suppress
+and are purged by :meth:`SuppressionList.purge_expired`.
+
+Addresses are normalised the usual way: the domain is lowercased (IDNA
+A-labels kept as given) and the local part is matched case-insensitively,
+so ``Kiji@Example.COM`` and ``kiji@example.com`` are the same entry; the
+first spelling stored is kept for display.
+
+``suppress_from`` turns a bounce record or classification into an entry:
+hard bounces and complaints are suppressed, soft bounces are not (unless
+asked to, with an expiry).
+
+This module never sends mail and never parses bounces; checking a batch of
+recipients is one indexed query per batch (``contains_many``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+DEFAULT_TENANT = "default"
+MANUAL = "manual"
+COMPLAINT = "complaint"
+UNSUBSCRIBE = "unsubscribe"
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+$")
+_DOMAIN_RE = re.compile(
+    r"^(?:[a-z0-9\x80-\U0010ffff](?:[a-z0-9\x80-\U0010ffff-]{0,61}[a-z0-9\x80-\U0010ffff])?\.)+"
+    r"[a-z\x80-\U0010ffff][a-z0-9\x80-\U0010ffff-]{0,62}$"
+)
+_REASON_RE = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
+_DURATION_RE = re.compile(r"^(\d+)\s*([smhdw]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_CHUNK = 500  # SQLite host parameters per query stay well under the limit
+
+
+class SuppressionError(ValueError):
+    """Bad input to the suppression list (malformed address, reason, expiry, file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One suppressed address."""
+
+    address: str
+    tenant: str
+    reason: str
+    source: str
+    created: float
+    expires: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "tenant": self.tenant,
+            "reason": self.reason,
+            "source": self.source,
+            "created": self.created,
+            "expires": self.expires,
+        }
+
+
+def normalize(address: str) -> tuple[str, str]:
+    """(key, display) for an address; SuppressionError if it is malformed.
+
+    The key lowercases the whole address (local parts are matched
+    case-insensitively); the display form lowercases only the domain.
+    """
+    if not isinstance(address, str):
+        raise SuppressionError(f"address must be a string, got {type(address).__name__}")
+    a = address.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1].strip()
+    if a.lower().startswith("mailto:"):
+        a = a[7:]
+    if not a or len(a) > 320 or any(c.isspace() or ord(c) < 32 for c in a):
+        raise SuppressionError(f"malformed address: {address!r}")
+    local, sep, domain = a.rpartition("@")
+    domain = domain.rstrip(".").lower()
+    if (
+        not sep
+        or not local
+        or len(local) > 64
+        or not _LOCAL_RE.match(local)
+        or local.startswith(".")
+        or local.endswith(".")
+        or ".." in local
+        or not _DOMAIN_RE.match(domain)
+    ):
+        raise SuppressionError(f"malformed address: {address!r}")
+    display = f"{local}@{domain}"
+    return display.lower(), display
+
+
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s', '2w' or plain seconds -> seconds."""
+    m = _DURATION_RE.match(str(text).strip().lower())
+    if not m or int(m.group(1)) <= 0:
+        raise SuppressionError(f"bad duration {text!r}: expected e.g. 30d, 12h, 90m, 3600")
+    return float(int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _check_reason(reason: str) -> str:
+    if not isinstance(reason, str) or not _REASON_RE.match(reason):
+        raise SuppressionError(f"bad reason {reason!r}: expected a lowercase word")
+    return reason
+
+
+def _check_tenant(tenant: str) -> str:
+    if not isinstance(tenant, str) or not tenant or len(tenant) > 200:
+        raise SuppressionError(f"bad tenant {tenant!r}")
+    return tenant
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS suppression (
+    tenant   TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    address  TEXT NOT NULL,
+    reason   TEXT NOT NULL,
+    source   TEXT NOT NULL DEFAULT '',
+    created  REAL NOT NULL,
+    expires  REAL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+"""
+
+
+class SuppressionList:
+    """Suppressed addresses per tenant in a SQLite file (see module docstring).
+
+    Safe to open from several processes (WAL, busy timeout); one object per
+    thread. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise SuppressionError(f"{self.path}: cannot open suppression list: {e}") from None
+
+    # ------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SuppressionList:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ writes
+    def add(
+        self,
+        address: str,
+        reason: str = MANUAL,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        source: str = "",
+        expires_in: float | None = None,
+    ) -> Entry:
+        """Add (or replace) one entry; returns it. ``expires_in`` in seconds."""
+        return self.add_many(
+            [address], reason, tenant=tenant, source=source, expires_in=expires_in
+        )[0]
+
+    def add_many(
+        self,
+        addresses: Iterable[str],
+        reason: str = MANUAL,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        source: str = "",
+        expires_in: float | None = None,
+    ) -> list[Entry]:
+        """Add many entries in one transaction: all are validated first, so a
+        malformed address stores nothing and loses nothing already stored."""
+        _check_reason(reason)
+        _check_tenant(tenant)
+        if expires_in is not None and not expires_in > 0:
+            raise SuppressionError(f"expires_in must be positive seconds, got {expires_in!r}")
+        now = float(self._clock())
+        expires = None if expires_in is None else now + expires_in
+        entries = []
+        rows = []
+        for a in addresses:
+            key, display = normalize(a)
+            entries.append(Entry(display, tenant, reason, source, now, expires))
+            rows.append((tenant, key, display, reason, source, now, expires))
+        with self._tx():
+            self._db.executemany(
+                "INSERT INTO suppression (tenant, key, address, reason, source, created, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, key) DO UPDATE SET reason = excluded.reason,"
+                " source = excluded.source, created = excluded.created,"
+                " expires = excluded.expires",
+                rows,
+            )
+        return entries
+
+    def remove(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+        """Remove one entry; True if it was there."""
+        key, _ = normalize(address)
+        with self._tx():
+            cur = self._db.execute(
+                "DELETE FROM suppression WHERE tenant = ? AND key = ?", (tenant, key)
+            )
+        return cur.rowcount > 0
+
+    def purge_expired(self) -> int:
+        """Delete expired entries of every tenant; returns how many."""
+        with self._tx():
+            cur = self._db.execute(
+                "DELETE FROM suppression WHERE expires IS NOT NULL AND expires <= ?",
+                (float(self._clock()),),
+            )
+        return cur.rowcount
+
+    # ------------------------------------------------------------ reads
+    def contains(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+        """Is this address suppressed (now) for this tenant?"""
+        try:
+            key, _ = normalize(address)
+        except SuppressionError:
+            return False
+        row = self._db.execute(
+            "SELECT 1 FROM suppression WHERE tenant = ? AND key = ?"
+            " AND (expires IS NULL OR expires > ?)",
+            (tenant, key, float(self._clock())),
+        ).fetchone()
+        return row is not None
+
+    def contains_many(self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT) -> set[str]:
+        """The subset of ``addresses`` (as given) that is suppressed now.
+
+        One indexed query per 500 addresses: meant for checking a batch of
+        recipients right before sending. Malformed addresses are not reported
+        (they cannot have been stored).
+        """
+        by_key: dict[str, list[str]] = {}
+        for a in addresses:
+            try:
+                key, _ = normalize(a)
+            except SuppressionError:
+                continue
+            by_key.setdefault(key, []).append(a)
+        if not by_key:
+            return set()
+        now = float(self._clock())
+        hit: set[str] = set()
+        keys = list(by_key)
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for (key,) in self._db.execute(
+                f"SELECT key FROM suppression WHERE tenant = ? AND key IN ({marks})"
+                " AND (expires IS NULL OR expires > ?)",
+                (tenant, *chunk, now),
+            ):
+                hit.update(by_key[key])
+        return hit
+
+    def get(self, address: str, *, tenant: str = DEFAULT_TENANT) -> Entry | None:
+        """The entry for this address (even if expired), or None."""
+        key, _ = normalize(address)
+        row = self._db.execute(
+            "SELECT address, tenant, reason, source, created, expires FROM suppression"
+            " WHERE tenant = ? AND key = ?",
+            (tenant, key),
+        ).fetchone()
+        return Entry(*row) if row else None
+
+    def list(
+        self, *, tenant: str | None = DEFAULT_TENANT, include_expired: bool = False
+    ) -> Iterator[Entry]:
+        """Entries of one tenant (all tenants when None), sorted by address."""
+        sql = "SELECT address, tenant, reason, source, created, expires FROM suppression"
+        where: list[str] = []
+        args: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if not include_expired:
+            where.append("(expires IS NULL OR expires > ?)")
+            args.append(float(self._clock()))
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY tenant, key"
+        for row in self._db.execute(sql, args):
+            yield Entry(*row)
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM suppression").fetchone()[0])
+
+    # ------------------------------------------------------------ import / export
+    def import_text(
+        self,
+        text: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        reason: str = MANUAL,
+        source: str = "import",
+        expires_in: float | None = None,
+    ) -> int:
+        """Import CSV (with an ``address`` or ``email`` column, optional
+        ``reason``, ``source``, ``expires`` columns) or one address per line.
+
+        All-or-nothing: any malformed line raises SuppressionError naming the
+        line, and nothing is stored. Blank lines and lines starting with '#'
+        are skipped. Returns the number of entries stored.
+        """
+        rows = list(_read_rows(text, reason, source))
+        now = float(self._clock())
+        parsed = []
+        for lineno, addr, r, src, exp in rows:
+            try:
+                key, display = normalize(addr)
+                _check_reason(r)
+                if exp is not None and exp <= now:
+                    continue  # already expired: nothing to import
+                e = exp if exp is not None else (None if expires_in is None else now + expires_in)
+            except SuppressionError as err:
+                raise SuppressionError(f"line {lineno}: {err}") from None
+            parsed.append((tenant, key, display, r, src, now, e))
+        _check_tenant(tenant)
+        with self._tx():
+            self._db.executemany(
+                "INSERT INTO suppression (tenant, key, address, reason, source, created, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, key) DO UPDATE SET reason = excluded.reason,"
+                " source = excluded.source, created = excluded.created,"
+                " expires = excluded.expires",
+                parsed,
+            )
+        return len(parsed)
+
+    def import_file(self, path: str | Path, **kw: Any) -> int:
+        """:meth:`import_text` on a file; SuppressionError naming the file on failure."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SuppressionError(f"{p}: cannot read: {e}") from None
+        try:
+            return self.import_text(text, **kw)
+        except SuppressionError as e:
+            raise SuppressionError(f"{p}: {e}") from None
+
+    def export_csv(self, *, tenant: str | None = DEFAULT_TENANT) -> str:
+        """CSV with header address,reason,source,created,expires (what import reads)."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["address", "reason", "source", "created", "expires", "tenant"])
+        for e in self.list(tenant=tenant):
+            w.writerow(
+                [
+                    e.address,
+                    e.reason,
+                    e.source,
+                    f"{e.created:.3f}",
+                    "" if e.expires is None else f"{e.expires:.3f}",
+                    e.tenant,
+                ]
+            )
+        return buf.getvalue()
+
+    # ------------------------------------------------------------ internals
+    def _tx(self) -> _Tx:
+        return _Tx(self._db)
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _read_rows(
+    text: str, reason: str, source: str
+) -> Iterator[tuple[int, str, str, str, float | None]]:
+    lines = text.splitlines()
+    first = next((ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
+    header = [h.strip().lower() for h in next(csv.reader([first]))] if first else []
+    if "address" in header or "email" in header:
+        col = header.index("address") if "address" in header else header.index("email")
+        reader = csv.reader(io.StringIO(text))
+        seen_header = False
+        for lineno, row in enumerate(reader, 1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            if not seen_header:
+                seen_header = True
+                continue
+            cells = {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
+            if col >= len(row):
+                raise SuppressionError(f"line {lineno}: missing address column")
+            exp_text = cells.get("expires", "")
+            try:
+                exp = float(exp_text) if exp_text else None
+            except ValueError:
+                raise SuppressionError(f"line {lineno}: bad expires {exp_text!r}") from None
+            yield (
+                lineno,
+                row[col].strip(),
+                cells.get("reason") or reason,
+                cells.get("source", source),
+                exp,
+            )
+        return
+    for lineno, line in enumerate(lines, 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        yield lineno, s, reason, source, None
+
+
+# ---------------------------------------------------------------- bounces -> entries
+class _BounceLike(Protocol):
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def hard(self) -> bool: ...
+
+
+def suppression_reason(result: _BounceLike, *, soft_too: bool = False) -> str | None:
+    """The entry reason a bounce record/classification calls for, or None.
+
+    Hard bounces -> their reason; complaints ("feedback" with a feedback type
+    other than "opt-out"/"unsubscribe") -> "complaint"; unsubscribe reports ->
+    "unsubscribe"; soft bounces -> None (or their reason with ``soft_too``);
+    delivered and vacation -> None.
+    """
+    reason = result.reason
+    if reason == "feedback":
+        ftype = (getattr(result, "feedback_type", None) or "abuse").lower()
+        return UNSUBSCRIBE if ftype in ("opt-out", "unsubscribe") else COMPLAINT
+    if result.hard:
+        return reason
+    if reason in ("delivered", "vacation"):
+        return None
+    return reason if soft_too else None
+
+
+def suppress_from(
+    slist: SuppressionList,
+    address: str,
+    result: _BounceLike,
+    *,
+    tenant: str = DEFAULT_TENANT,
+    source: str = "bounce",
+    soft_expires_in: float | None = None,
+) -> Entry | None:
+    """Suppress ``address`` if ``result`` (a BounceRecord or Classification)
+    calls for it: hard bounces and complaints forever, soft bounces only when
+    ``soft_expires_in`` (seconds) is given, and then with that expiry."""
+    reason = suppression_reason(result, soft_too=soft_expires_in is not None)
+    if reason is None:
+        return None
+    hard_or_complaint = result.hard or result.reason == "feedback"
+    expires = None if hard_or_complaint else soft_expires_in
+    return slist.add(address, reason, tenant=tenant, source=source, expires_in=expires)

@@ -1,0 +1,108 @@
+"""``fastsend suppress``: manage the suppression list of a spool.
+
+    fastsend suppress add ADDR... [--reason R] [--expires 30d] [--tenant T] --spool DIR
+    fastsend suppress remove ADDR... [--tenant T] --spool DIR
+    fastsend suppress list [--json] [--all-tenants] [--tenant T] --spool DIR
+    fastsend suppress import FILE [--reason R] [--expires 30d] [--tenant T] --spool DIR
+    fastsend suppress export [--tenant T] [--all-tenants] --spool DIR
+
+The list lives in ``<spool>/suppression.db``. Bad input (a malformed
+address, a bad duration, an unreadable file) is reported on stderr with exit
+status 2 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import orjson
+
+from fastsend.suppression import (
+    DEFAULT_TENANT,
+    MANUAL,
+    SuppressionError,
+    SuppressionList,
+    parse_duration,
+)
+
+DB_NAME = "suppression.db"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--spool", required=True, type=Path, help="spool directory")
+    common.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant (default: default)")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = sub.add_parser("add", parents=[common], help="suppress addresses")
+    a.add_argument("addresses", nargs="+", metavar="ADDR")
+    a.add_argument("--reason", default=MANUAL, help="reason (default: manual)")
+    a.add_argument("--expires", help="expire after a duration such as 30d, 12h, 90m")
+    a.add_argument("--source", default="cli")
+    r = sub.add_parser("remove", parents=[common], help="stop suppressing addresses")
+    r.add_argument("addresses", nargs="+", metavar="ADDR")
+    ls = sub.add_parser("list", parents=[common], help="list suppressed addresses")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.add_argument("--all-tenants", action="store_true")
+    ls.add_argument("--include-expired", action="store_true")
+    i = sub.add_parser("import", parents=[common], help="import CSV or one address per line")
+    i.add_argument("file", help="file to import ('-' for stdin)")
+    i.add_argument("--reason", default=MANUAL, help="reason for lines without one")
+    i.add_argument("--expires", help="expiry for imported entries, such as 30d")
+    e = sub.add_parser("export", parents=[common], help="export as CSV to stdout")
+    e.add_argument("--all-tenants", action="store_true")
+
+
+def _fail(msg: str) -> int:
+    print(f"fastsend suppress: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    spool: Path = args.spool
+    if not spool.is_dir():
+        return _fail(f"{spool}: not a directory")
+    try:
+        with SuppressionList(spool / DB_NAME) as s:
+            return _dispatch(s, args)
+    except SuppressionError as e:
+        return _fail(str(e))
+
+
+def _dispatch(s: SuppressionList, args: argparse.Namespace) -> int:
+    tenant = args.tenant
+    if args.action == "add":
+        exp = parse_duration(args.expires) if args.expires else None
+        entries = s.add_many(
+            args.addresses, args.reason, tenant=tenant, source=args.source, expires_in=exp
+        )
+        print(f"suppressed {len(entries)} address(es) for tenant {tenant}")
+        return 0
+    if args.action == "remove":
+        missing = [a for a in args.addresses if not s.remove(a, tenant=tenant)]
+        for a in missing:
+            print(f"fastsend suppress: {a}: not in the list", file=sys.stderr)
+        return 1 if missing else 0
+    if args.action == "list":
+        who = None if args.all_tenants else tenant
+        out = sys.stdout
+        for e in s.list(tenant=who, include_expired=args.include_expired):
+            if args.json:
+                out.write(orjson.dumps(e.to_dict()).decode() + "\n")
+            else:
+                until = "" if e.expires is None else f" expires={e.expires:.0f}"
+                out.write(f"{e.address}\t{e.tenant}\t{e.reason}\t{e.source}{until}\n")
+        return 0
+    if args.action == "import":
+        exp = parse_duration(args.expires) if args.expires else None
+        if args.file == "-":
+            n = s.import_text(sys.stdin.read(), tenant=tenant, reason=args.reason, expires_in=exp)
+        else:
+            n = s.import_file(args.file, tenant=tenant, reason=args.reason, expires_in=exp)
+        print(f"imported {n} address(es) for tenant {tenant}")
+        return 0
+    if args.action == "export":
+        sys.stdout.write(s.export_csv(tenant=None if args.all_tenants else tenant))
+        return 0
+    return _fail(f"unknown action {args.action!r}")
