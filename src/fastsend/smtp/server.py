@@ -876,6 +876,8 @@ class ServerProtocol:
 
 def _clean_text(text: str) -> str:
     """Reply text without CR or other controls (a newline splits lines)."""
+    if text.isprintable():  # the common case: nothing to clean
+        return text
     text = text.replace("\r\n", "\n").replace("\r", " ")
     return "".join(ch if ch >= " " or ch == "\n" else " " for ch in text)
 
