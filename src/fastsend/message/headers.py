@@ -169,7 +169,7 @@ def format_mailbox(display: str, addr: str) -> list[str]:
     angle = f"<{local}@{domain}>"
     if not display:
         return [angle]
-    return [*_format_phrase(display, 60), angle]
+    return [*_format_phrase(display, 75), angle]
 
 
 def mailbox_header(name: str, display: str, addr: str) -> str:

@@ -1,0 +1,119 @@
+"""Property tests: arbitrary Unicode values round-trip through Python's email parser."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _message_helpers import use_impl
+from fastsend import _accel
+from fastsend.message import Campaign, RenderError
+from fastsend.message import mime as mime_mod
+from fastsend.message import template as template_mod
+
+CAMPAIGN = {
+    "from": "Sender <news@example.com>",
+    "reply_to": "{{ name }} <reply@example.com>",
+    "subject": "{{ a }}",
+    "text": "pre {{ b }} post",
+    "html": "<p>{{ b }}</p>",
+    "headers": {"X-Value": "v={{ a }}"},
+}
+# Any character except surrogates; header values also without CR, LF, NUL.
+ANY = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)
+HEADER = st.text(
+    st.characters(exclude_categories=("Cs",), exclude_characters="\r\n\x00"), max_size=300
+)
+FAST = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def norm_body(s: str) -> str:
+    s = re.sub(r"\r\n?", "\n", s)
+    return s if s.endswith("\n") else s + "\n"
+
+
+def ws(s: str) -> str:
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def check_lines(data: bytes) -> None:
+    assert b"\r" not in data.replace(b"\r\n", b"") and b"\n" not in data.replace(b"\r\n", b"")
+    for line in data.split(b"\r\n"):
+        assert len(line) <= 998
+
+
+# Python's parser (unlike RFC 2047 6.2) keeps the space between adjacent
+# encoded-words in a *phrase*, so display names are kept to one encoded-word
+# (45 UTF-8 octets) here; longer names are split per RFC 2047.
+NAME = HEADER.filter(lambda s: len(s.encode()) <= 45)
+
+
+@FAST
+@given(a=HEADER, name=NAME, b=ANY)
+def test_values_round_trip(
+    impl: str, monkeypatch: pytest.MonkeyPatch, a: str, name: str, b: str
+) -> None:
+    use_impl(monkeypatch, impl)
+    r = Campaign.from_dict(CAMPAIGN).compile()
+    data = r.render("rcpt@example.org", {"a": a, "b": b, "name": name}, "id-1")
+    check_lines(data)
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert not msg.defects
+    assert str(msg["Subject"]) == a
+    assert str(msg["X-Value"]) == "v=" + a
+    reply = msg["Reply-To"].addresses[0]
+    assert reply.addr_spec == "reply@example.com"
+    # a phrase's whitespace is not significant (and Python's parser rewrites it)
+    assert ws(reply.display_name) == ws(name)
+    text = msg.get_body(("plain",))
+    html = msg.get_body(("html",))
+    assert text is not None and html is not None
+    assert text.get_content().replace("\r\n", "\n") == norm_body("pre " + b + " post")
+    assert html.get_content().replace("\r\n", "\n") == norm_body("<p>" + b + "</p>")
+
+
+@FAST
+@given(a=st.tuples(HEADER, st.sampled_from(["\r", "\n", "\x00", "\r\n"]), HEADER).map("".join))
+def test_header_injection_always_refused(
+    impl: str, monkeypatch: pytest.MonkeyPatch, a: str
+) -> None:
+    use_impl(monkeypatch, impl)
+    r = Campaign.from_dict(CAMPAIGN).compile()
+    with pytest.raises(RenderError):
+        r.render("rcpt@example.org", {"a": a, "b": "", "name": "n"}, "id")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=ANY)
+def test_qp_twins_agree(text: str) -> None:
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    pure = mime_mod.PURE["qp_encode_text"](text)
+    assert _accel.compiled("qp_encode_text")(text) == pure
+    assert all(len(ln) <= 76 for ln in pure.split(b"\r\n"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(vals=st.dictionaries(st.sampled_from(["x", "y", "z"]), ANY), src=st.sampled_from(
+    ["{{x}}", "a{{ x }}b{{y|default('d')}}c", "{{ z | default(\"\") }}{{ x | default('q') }}"]))  # fmt: skip
+def test_splice_twins_agree(vals: dict[str, str], src: str) -> None:
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    t = template_mod.Template(src)
+    args = (t.literals, t._names, t._defaults, vals)
+    try:
+        want: str | None = template_mod.PURE["splice"](*args)
+    except KeyError:
+        want = None
+    try:
+        got: str | None = _accel.compiled("splice")(*args)
+    except KeyError:
+        got = None
+    assert got == want
