@@ -85,7 +85,7 @@ def read(path: str) -> Iterator[Row | BadRow]:
             yield from _read_jsonl(first, f)
 
 
-def _row(line: int, email: object, variables: dict[str, object]) -> Row | BadRow:
+def _row(line: int, email: object, variables: dict[str, str]) -> Row | BadRow:
     if not isinstance(email, str):
         return BadRow(line, "missing or non-text email")
     try:

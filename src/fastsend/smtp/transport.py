@@ -113,6 +113,9 @@ class _Link(asyncio.Protocol):
         self.want = 0
         self.batch_waiter: asyncio.Future[None] | None = None
         self.cmd_waiter: asyncio.Future[CommandDone] | None = None
+        # A reply that arrived before anyone waited for it: uvloop may deliver
+        # the greeting inside create_connection, before command() can wait.
+        self.early: CommandDone | None = None
         self.last = loop.time()  # last progress (a read, or a write from idle)
         self.timer: asyncio.TimerHandle | None = None
         self.lost_reason = ""
@@ -153,6 +156,8 @@ class _Link(asyncio.Protocol):
                 if w is not None and not w.done():
                     self.cmd_waiter = None
                     w.set_result(ev)  # type: ignore[arg-type]
+                else:
+                    self.early = ev  # type: ignore[assignment]
         w2 = self.batch_waiter
         if w2 is not None and len(self.results) >= self.want and not w2.done():
             self.batch_waiter = None
@@ -254,6 +259,9 @@ class SMTPConnection:
         link = self._link
         if link.lost_reason:
             return CommandDone("lost", 0, "", link.lost_reason)
+        if not wire and link.early is not None:  # the greeting came first
+            early, link.early = link.early, None
+            return early
         fut: asyncio.Future[CommandDone] = link.loop.create_future()
         link.cmd_waiter = fut
         link.write(wire)

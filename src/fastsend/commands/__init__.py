@@ -1,0 +1,1 @@
+"""Subcommands of the sending engine: send, resume, demo, queue."""

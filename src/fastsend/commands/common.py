@@ -1,0 +1,87 @@
+"""Options shared by ``send``, ``resume`` and ``demo``, and how they become a Config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from fastsend import config as cfgmod
+from fastsend.config import Config, ConfigError, Route
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="config file (TOML); flags override it")
+    p.add_argument("--spool", help="spool directory (default ./spool or the config's)")
+    p.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="DOMAIN=HOST:PORT",
+        help="static route bypassing MX; '*' for every domain (repeatable)",
+    )
+    p.add_argument("--source-ip", help="comma-separated source IPs, split across workers")
+    p.add_argument("--workers", type=int, help="worker processes (default: one per CPU core)")
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="return when nothing is due within this many seconds (default 300)",
+    )
+    p.add_argument("--helo", help="EHLO name")
+    p.add_argument("--nameserver", action="append", default=[], help="DNS server HOST:PORT")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line")
+    p.add_argument(
+        "--retry",
+        metavar="MIN,MAX,MAXAGE",
+        help="backoff seconds: first retry, cap, maximum age (e.g. 300,4000,432000)",
+    )
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = cfgmod.load(args.config) if args.config else Config()
+    if args.spool:
+        cfg.spool_dir = args.spool
+    for r in args.route:
+        dom, sep, target = r.partition("=")
+        if not sep or not dom:
+            raise ConfigError(f"--route {r!r}: expected DOMAIN=HOST:PORT")
+        cfg.routes[dom.strip().lower()] = Route.parse(target, where=f"--route {r!r}")
+    if args.source_ip:
+        cfg.source_ips = [
+            cfgmod.validate_ip(ip, "--source-ip") for ip in args.source_ip.split(",") if ip.strip()
+        ]
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        cfg.workers = args.workers
+    if args.helo:
+        cfg.helo = args.helo
+    if args.nameserver:
+        cfg.dns.nameservers = list(args.nameserver)
+    if args.retry:
+        try:
+            lo, hi, age = (float(x) for x in args.retry.split(","))
+        except ValueError:
+            raise ConfigError("--retry expects MIN,MAX,MAXAGE seconds") from None
+        cfg.retry.min_backoff, cfg.retry.max_backoff, cfg.retry.max_age = lo, hi, age
+    return cfg
+
+
+def print_summary(summary: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+        return
+    keys = ("delivered", "deferred", "bounced", "suppressed", "expired")
+    print("  ".join(f"{k} {summary[k]}" for k in keys))
+    print(
+        f"elapsed {summary['elapsed_s']} s, {summary['msgs_per_s']} msg/s,"
+        f" {summary.get('attempts', 0)} attempts"
+    )
+
+
+def die(msg: str, code: int = 2) -> int:
+    print(f"fastsend: error: {msg}", file=sys.stderr)
+    return code

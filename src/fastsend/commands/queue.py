@@ -1,0 +1,67 @@
+"""``fastsend queue --spool DIR``: the queue's shape, like Postfix's qshape.
+
+Counts of pending and in-flight messages per destination domain and age bucket
+(minutes since spooled), plus totals per state and per campaign. Reads the
+spool read-only, so it is safe while ``send``/``serve`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import orjson
+
+from fastsend.commands.common import die
+from fastsend.spool import AGE_BUCKETS_MIN
+from fastsend.spool.sqlite import SpoolError, SQLiteSpool
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spool", default="./spool", help="spool directory (default ./spool)")
+    p.add_argument("--top", type=int, default=20, help="domains to show (default 20)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spool = SQLiteSpool(args.spool, readonly=True)
+    except SpoolError as e:
+        return die(str(e))
+    now = time.time()
+    shape = spool.queue_shape(now)
+    counts = spool.counts()
+    campaigns = [
+        {"id": c.id, "name": c.name, "status": c.status, **spool.counts(c.id)}
+        for c in spool.list_campaigns()
+    ]
+    spool.close()
+    labels = [f"{m}m" for m in AGE_BUCKETS_MIN] + [f"{AGE_BUCKETS_MIN[-1]}m+"]
+    if args.json:
+        out = {
+            "states": counts,
+            "buckets": labels,
+            "domains": {d: b for d, b in shape},
+            "campaigns": campaigns,
+        }
+        print(orjson.dumps(out).decode())
+        return 0
+    print("states: " + "  ".join(f"{k} {v}" for k, v in counts.items() if v))
+    head = f"{'':30s} {'T':>7s} " + " ".join(f"{x:>6s}" for x in labels)
+    print(head)
+    total = [0] * (len(labels))
+    for _d, b in shape:
+        total = [a + c for a, c in zip(total, b, strict=True)]
+    print(f"{'TOTAL':30s} {sum(total):7d} " + " ".join(f"{x:6d}" for x in total))
+    for d, b in shape[: args.top]:
+        print(f"{d[:30]:30s} {sum(b):7d} " + " ".join(f"{x:6d}" for x in b))
+    if campaigns:
+        print()
+        for c in campaigns:
+            rest = "  ".join(
+                f"{k} {c[k]}"
+                for k in ("queued", "inflight", "deferred", "delivered", "bounced", "expired")
+                if c[k]
+            )
+            print(f"campaign {c['id']} {c['name']!r} [{c['status']}]  {rest}")
+    return 0

@@ -1,0 +1,136 @@
+"""``fastsend send CAMPAIGN.toml --recipients FILE``: spool a campaign and deliver it.
+
+Validates everything before the first message leaves: the campaign (template,
+variables against the recipient columns, DKIM for the From domain unless
+--no-dkim), and every recipient row (bad rows are reported with their line
+number; with --strict nothing is sent if any row is bad). Good rows are spooled
+(durable) in chunks, suppressed addresses are recorded as suppressed, then the
+engine delivers until every recipient is final or deferred past --max-wait.
+Exit status: 0 when all went as far as it can, 1 when bad rows were skipped, 2
+on unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from fastsend import engine, recipients
+from fastsend.commands.common import add_engine_arguments, build_config, die, print_summary
+from fastsend.config import ConfigError
+from fastsend.spool import QUEUED, SUPPRESSED
+from fastsend.spool.sqlite import SQLiteSpool
+
+CHUNK = 20000
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("campaign", help="campaign file (TOML)")
+    p.add_argument("--recipients", "-r", required=True, help="CSV (header row) or JSON lines")
+    p.add_argument("--strict", action="store_true", help="send nothing if any row is bad")
+    p.add_argument("--no-dkim", action="store_true", help="allow a From domain without DKIM")
+    p.add_argument("--name", default="", help="campaign name (default: the file name)")
+    add_engine_arguments(p)
+
+
+def _load_suppression(spool_dir: str) -> Any:
+    try:
+        from fastsend.suppression import SuppressionList
+    except ImportError:
+        return None
+    path = os.path.join(spool_dir, "suppression.db")
+    return SuppressionList(path) if os.path.exists(path) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastsend.message import Campaign, CampaignError
+
+    try:
+        cfg = build_config(args)
+    except ConfigError as e:
+        return die(str(e))
+    try:
+        camp = Campaign.load(args.campaign)
+    except FileNotFoundError:
+        return die(f"campaign file {args.campaign!r} not found")
+    except CampaignError as e:
+        return die(f"{args.campaign}: {e}")
+    if not args.no_dkim:
+        dkim_for = getattr(camp, "dkim_for", None)
+        if dkim_for is not None and not dkim_for(camp.from_domain):
+            return die(
+                f"{args.campaign}: no DKIM key configured for the From domain"
+                f" {camp.from_domain!r}; add a [dkim] table or pass --no-dkim"
+            )
+    try:
+        cols = recipients.columns(args.recipients)
+        camp.check_columns(cols | {"email"})
+    except recipients.RecipientsError as e:
+        return die(str(e))
+    except CampaignError as e:
+        return die(f"{args.campaign}: {e}")
+
+    bad: list[recipients.BadRow] = []
+    try:
+        if args.strict:
+            for row in recipients.read(args.recipients):
+                if isinstance(row, recipients.BadRow):
+                    bad.append(row)
+            if bad:
+                for b in bad[:50]:
+                    print(f"fastsend: {args.recipients}: {b}", file=sys.stderr)
+                return die(f"{len(bad)} bad recipient row(s); nothing was sent (--strict)", 1)
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = spool.create_campaign(
+            camp.to_dict(), name=args.name or os.path.basename(args.campaign)
+        )
+        suppression = _load_suppression(cfg.spool_dir)
+        total = 0
+        chunk: list[tuple[str, str, bytes]] = []
+
+        def flush() -> None:
+            nonlocal chunk
+            if not chunk:
+                return
+            now = time.time()
+            if suppression is not None:
+                hits = set(suppression.contains_many([r[0] for r in chunk]))
+                keep = [r for r in chunk if r[0] not in hits]
+                gone = [r for r in chunk if r[0] in hits]
+                spool.add_messages(cid, keep, now, state=QUEUED)
+                spool.add_messages(cid, gone, now, state=SUPPRESSED)
+            else:
+                spool.add_messages(cid, chunk, now)
+            chunk = []
+
+        for row in recipients.read(args.recipients):
+            if isinstance(row, recipients.BadRow):
+                bad.append(row)
+                print(f"fastsend: {args.recipients}: {row} (skipped)", file=sys.stderr)
+                continue
+            chunk.append((row[1], row[2], row[3]))
+            total += 1
+            if len(chunk) >= CHUNK:
+                flush()
+        flush()
+    except recipients.RecipientsError as e:
+        return die(str(e))
+    summary = engine.run(
+        cfg,
+        spool,
+        max_wait=args.max_wait,
+        total=total,
+        progress=not args.no_progress,
+        campaign=cid,
+    )
+    summary["spool"] = cfg.spool_dir
+    summary["rejected_rows"] = len(bad)
+    print_summary(summary, args.json)
+    spool.close()
+    if bad:
+        print(f"fastsend: {len(bad)} bad recipient row(s) were skipped", file=sys.stderr)
+        return 1
+    return 0

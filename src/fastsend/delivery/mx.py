@@ -1,0 +1,178 @@
+"""Where to deliver a domain's mail: static routes, then MX (RFC 5321 s5.1).
+
+dnspython's asyncio resolver does the lookups (chosen over aiodns: pure Python,
+no c-ares build, gives TTLs and typed answers, and honours per-resolver
+nameserver:port settings, which the loopback test DNS server needs).
+
+Answers are cached by their TTL (floored at 5 s, capped at 1 h; failures are
+cached for 30 s). The result is a :class:`Site` — the sorted set of MX host names
+that serve the domain, so every domain hosted by one provider shares a site — or
+an :class:`~fastsend.outcome.Outcome` saying why there is none:
+
+- null MX (RFC 7505, "0 .")     -> failed 5.1.10
+- NXDOMAIN                      -> failed 5.1.2 (host unknown)
+- no MX: the domain's own A/AAAA is the implicit MX; none either -> failed 5.1.2
+- timeout / SERVFAIL            -> deferred 4.4.3
+
+It does not connect anywhere; delivery/pool.py does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+
+from fastsend.config import Config
+from fastsend.outcome import DEFERRED, FAILED, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    name: str  # MX host name (or route host)
+    address: str  # IP to connect to
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A set of receiving hosts, in preference order. ``key`` names the site."""
+
+    key: str
+    hosts: tuple[Host, ...]
+
+
+_MIN_TTL, _MAX_TTL, _NEG_TTL = 5.0, 3600.0, 30.0
+
+
+class MXResolver:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.resolver = dns.asyncresolver.Resolver(configure=not config.dns.nameservers)
+        if config.dns.nameservers:
+            addrs, port = [], 53
+            for ns in config.dns.nameservers:
+                if ns.startswith("["):  # [v6]:port
+                    host, _, rest = ns[1:].partition("]")
+                    port = int(rest[1:]) if rest.startswith(":") else port
+                elif ns.count(":") == 1:  # v4:port
+                    host, p = ns.split(":")
+                    port = int(p)
+                else:
+                    host = ns
+                addrs.append(host)
+            self.resolver.nameservers = addrs
+            self.resolver.port = port
+        self.resolver.lifetime = config.dns.timeout
+        self.resolver.timeout = config.dns.timeout
+        self.mx_port = int(config.raw.get("dns", {}).get("mx_port", 25))
+        self._cache: dict[str, tuple[float, Site | Outcome]] = {}
+        self._addr_cache: dict[str, tuple[float, list[str]]] = {}
+
+    async def site_for(self, domain: str) -> Site | Outcome:
+        domain = domain.lower().rstrip(".")
+        route = self.config.route_for(domain)
+        if route is not None:
+            key = f"route:{route.host}:{route.port}"
+            addrs = await self._addresses(route.host)
+            if isinstance(addrs, Outcome):
+                return addrs
+            return Site(key, tuple(Host(route.host, a, route.port) for a in addrs))
+        now = time.monotonic()
+        hit = self._cache.get(domain)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        result, ttl = await self._lookup(domain)
+        self._cache[domain] = (now + ttl, result)
+        return result
+
+    async def _lookup(self, domain: str) -> tuple[Site | Outcome, float]:
+        try:
+            ans = await self.resolver.resolve(domain, "MX", search=False)
+        except dns.resolver.NXDOMAIN:
+            return _fail("5.1.2", f"domain {domain} does not exist (NXDOMAIN)"), _NEG_TTL
+        except dns.resolver.NoAnswer:
+            # RFC 5321 5.1: no MX -> the domain itself is the implicit MX.
+            addrs = await self._addresses(domain)
+            if isinstance(addrs, Outcome):
+                return addrs, _NEG_TTL
+            return Site(f"mx:{domain}", tuple(Host(domain, a, self.mx_port) for a in addrs)), 300.0
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+            return _defer(f"MX lookup for {domain} failed: {e.__class__.__name__}"), _NEG_TTL
+        except dns.exception.DNSException as e:
+            return _defer(f"MX lookup for {domain} failed: {e}"), _NEG_TTL
+        ttl = min(_MAX_TTL, max(_MIN_TTL, float(ans.rrset.ttl if ans.rrset else 300)))
+        records = sorted((r.preference, str(r.exchange).rstrip(".").lower()) for r in ans)
+        if any(name in ("", ".") for _, name in records) or (
+            len(records) == 1 and records[0][1] in ("", ".")
+        ):
+            return (
+                _fail("5.1.10", f"domain {domain} does not accept mail (null MX, RFC 7505)"),
+                ttl,
+            )
+        hosts: list[Host] = []
+        last_err: Outcome | None = None
+        for _pref, name in records:
+            addrs = await self._addresses(name)
+            if isinstance(addrs, Outcome):
+                last_err = addrs
+                continue
+            hosts.extend(Host(name, a, self.mx_port) for a in addrs)
+        if not hosts:
+            assert last_err is not None
+            return _defer(f"no address for any MX of {domain}: {last_err.text}"), _NEG_TTL
+        key = "mx:" + ",".join(sorted({name for _, name in records}))
+        return Site(key, tuple(hosts)), ttl
+
+    async def _addresses(self, name: str) -> list[str] | Outcome:
+        # Literal IPs need no lookup.
+        if _is_ip(name):
+            return [name]
+        now = time.monotonic()
+        hit = self._addr_cache.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        addrs: list[str] = []
+        ttl = _MAX_TTL
+        nx = False
+        for rtype in ("A", "AAAA"):
+            try:
+                ans = await self.resolver.resolve(name, rtype, search=False)
+            except dns.resolver.NXDOMAIN:
+                nx = True
+                break
+            except dns.resolver.NoAnswer:
+                continue
+            except dns.exception.DNSException as e:
+                return _defer(f"address lookup for {name} failed: {e.__class__.__name__}")
+            addrs.extend(r.address for r in ans)
+            if ans.rrset is not None:
+                ttl = min(ttl, float(ans.rrset.ttl))
+            if addrs:
+                break  # IPv4 is enough for IPv4 source addresses
+        if not addrs:
+            return _fail("5.1.2", f"host {name} has no address" + (" (NXDOMAIN)" if nx else ""))
+        self._addr_cache[name] = (now + max(_MIN_TTL, ttl), addrs)
+        return addrs
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _fail(enhanced: str, text: str) -> Outcome:
+    return Outcome(FAILED, 550, enhanced, text, "dns")
+
+
+def _defer(text: str) -> Outcome:
+    return Outcome(DEFERRED, 451, "4.4.3", text, "dns")

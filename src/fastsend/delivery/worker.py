@@ -1,0 +1,262 @@
+"""A worker process: one uvloop event loop, its own source IPs, its own pools.
+
+Forked by the supervisor (``fastsend.queue.supervisor``) with two rings: batches
+come in on ``inbox``, outcomes go out on ``outbox``. For each batch it looks up
+the destination site (static route or MX, cached by TTL), renders each
+recipient's message from the campaign template (compiled once per campaign per
+worker), and puts the envelopes on that site's ready queue, whose pipelined
+connections deliver them from this worker's source IPs only.
+
+Outcomes are collected and flushed to the outbox as one record every few
+milliseconds (or every ``FLUSH_AT`` outcomes), not one record per message.
+
+It never opens the spool and never decides retries. It exits when the
+supervisor sends Drain (after finishing its work), on SIGTERM (at once), or when
+its parent disappears (kill -9 of the supervisor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import orjson
+
+from fastsend.config import Config
+from fastsend.delivery.mx import MXResolver, Site
+from fastsend.delivery.pool import SiteQueue
+from fastsend.message import Campaign, RenderError
+from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
+from fastsend.queue import wire
+from fastsend.ring import Ring
+
+FLUSH_AT = 512
+FLUSH_DELAY = 0.002
+_KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
+
+
+class Worker:
+    def __init__(
+        self, index: int, config: Config, ips: list[str], inbox: Ring, outbox: Ring
+    ) -> None:
+        self.index = index
+        self.config = config
+        self.ips = ips
+        self.inbox = inbox
+        self.outbox = outbox
+        self.helo = config.helo or "localhost"
+        self.campaign_specs: dict[int, dict[str, Any]] = {}
+        self.renderers: dict[int, Any] = {}
+        self.personalised: dict[int, bool] = {}
+        self.sites: dict[str, SiteQueue] = {}
+        self.out: list[wire.Res] = []
+        self.flush_handle: asyncio.TimerHandle | None = None
+        self.pending_out: list[bytes] = []
+        self.draining = False
+        self.busy = 0  # batches being resolved/rendered
+        self.done = asyncio.Event()
+        self.parent = os.getppid()
+        self.resolver = MXResolver(config)
+
+    # -- inbox ---------------------------------------------------------------
+
+    def on_inbox(self) -> None:
+        self.inbox.clear_reader()
+        get = self.inbox.get
+        decode = wire.to_worker_decoder.decode
+        while (rec := get()) is not None:
+            msg = decode(rec)
+            if isinstance(msg, wire.Batch):
+                self.busy += 1
+                asyncio.get_running_loop().create_task(self.handle_batch(msg))
+            elif isinstance(msg, wire.CampaignSpec):
+                self.campaign_specs[msg.id] = msg.spec
+                self.renderers.pop(msg.id, None)
+            elif isinstance(msg, wire.Drain):
+                self.draining = True
+                self.check_done()
+
+    def renderer(self, campaign_id: int) -> Any:
+        r = self.renderers.get(campaign_id)
+        if r is None:
+            spec = self.campaign_specs[campaign_id]
+            camp = Campaign.from_dict(spec)
+            r = self.renderers[campaign_id] = camp.compile()
+            self.personalised[campaign_id] = bool(camp.variables) or _uses_email(spec)
+        return r
+
+    async def handle_batch(self, batch: wire.Batch) -> None:
+        try:
+            site = await self.resolver.site_for(batch.domain)
+            if isinstance(site, Outcome):
+                self.add_results(
+                    [TxnResult(it.id, [site]) for it in batch.items], "", site.mx or ""
+                )
+                return
+            envelopes = self.build(batch)
+            if envelopes:
+                self.site_queue(site).push(envelopes)
+        except Exception as e:  # a bug must not lose the batch: defer it, loudly
+            import traceback
+
+            traceback.print_exc()
+            out = Outcome("deferred", 451, "4.3.0", f"local error: {e.__class__.__name__}", "local")
+            self.add_results([TxnResult(it.id, [out]) for it in batch.items], "", "")
+        finally:
+            self.busy -= 1
+            self.check_done()
+
+    def build(self, batch: wire.Batch) -> list[Envelope]:
+        r = self.renderer(batch.campaign)
+        personalised = self.personalised[batch.campaign]
+        loads = orjson.loads
+        envelopes: list[Envelope] = []
+        failures: list[TxnResult] = []
+        group: Envelope | None = None
+        per_txn = self.config.delivery.recipients_per_transaction
+        for it in batch.items:
+            mid = f"{it.id}"
+            try:
+                if not personalised and group is not None and len(group.rcpts) < per_txn:
+                    group.rcpts.append(it.rcpt)
+                    assert isinstance(group.tag, list)
+                    group.tag.append(it.id)
+                    continue
+                variables = loads(it.vars) if it.vars else {}
+                data = r.render(it.rcpt, variables, mid)
+                env = Envelope(
+                    r.envelope_from(mid),
+                    [it.rcpt],
+                    data,
+                    tag=[it.id] if not personalised else it.id,
+                    smtputf8=r.needs_smtputf8(it.rcpt),
+                )
+            except RenderError as e:
+                failures.append(
+                    TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"render: {e}", "local")])
+                )
+                continue
+            envelopes.append(env)
+            if not personalised:
+                group = env
+        if failures:
+            self.add_results(failures, "", "")
+        return envelopes
+
+    def site_queue(self, site: Site) -> SiteQueue:
+        q = self.sites.get(site.key)
+        if q is None:
+            q = self.sites[site.key] = SiteQueue(
+                site, self.ips, self.config, self.report, self.helo
+            )
+        elif q.site is not site:
+            q.site = site  # refreshed DNS answer
+        return q
+
+    # -- outbox --------------------------------------------------------------
+
+    def report(self, results: list[TxnResult], source_ip: str, mx: str) -> None:
+        self.add_results(results, source_ip, mx)
+        self.check_done()
+
+    def add_results(self, results: list[TxnResult], source_ip: str, mx: str) -> None:
+        out = self.out
+        Res = wire.Res
+        kinds = _KIND
+        for tr in results:
+            tags = tr.tag if isinstance(tr.tag, list) else [tr.tag]
+            outcomes = tr.outcomes
+            for i, mid in enumerate(tags):
+                o = outcomes[i] if i < len(outcomes) else outcomes[-1]
+                text = o.text
+                if tr.queue_id and o.kind == DELIVERED and not text:
+                    text = tr.queue_id
+                out.append(
+                    Res(
+                        mid,
+                        kinds.get(o.kind, wire.K_DEFERRED),
+                        o.code,
+                        o.enhanced,
+                        text,
+                        o.mx or mx,
+                        source_ip,
+                    )
+                )
+        if len(out) >= FLUSH_AT:
+            self.flush()
+        elif self.flush_handle is None:
+            self.flush_handle = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        if self.out:
+            self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
+            self.out = []
+        while self.pending_out:
+            if not self.outbox.put(self.pending_out[0]):
+                # Ring full: the supervisor is behind; retry when it frees space.
+                loop = asyncio.get_running_loop()
+                loop.add_reader(self.outbox.writer_fd, self._on_writable)
+                return
+            self.pending_out.pop(0)
+
+    def _on_writable(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.outbox.writer_fd)
+        self.outbox.clear_writer()
+        self.flush()
+
+    def check_done(self) -> None:
+        if not self.draining or self.busy:
+            return
+        if any(q.pending or q.sending for q in self.sites.values()):
+            return
+        self.done.set()
+
+    # -- main ----------------------------------------------------------------
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.inbox.reader_fd, self.on_inbox)
+        self.outbox.put(wire.encoder.encode(wire.Hello(os.getpid(), self.ips)))
+        self.on_inbox()
+        watcher = loop.create_task(self.watch_parent())
+        await self.done.wait()
+        for q in self.sites.values():
+            await q.close()
+        self.flush()
+        while self.pending_out:  # let the supervisor take the last outcomes
+            await asyncio.sleep(0.01)
+            self.flush()
+        watcher.cancel()
+
+    async def watch_parent(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if os.getppid() != self.parent:
+                os._exit(3)  # the supervisor died: it will requeue on restart
+
+
+def _uses_email(spec: dict[str, Any]) -> bool:
+    return "email" in orjson.dumps(spec).decode()
+
+
+def run_worker(index: int, config: Config, ips: list[str], inbox: Ring, outbox: Ring) -> int:
+    """Entry point in the forked child. Creates its own uvloop loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    asyncio.events._set_running_loop(None)  # forked from inside the supervisor's loop
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(Worker(index, config, ips, inbox, outbox).main())
+    return 0

@@ -1,0 +1,428 @@
+"""The supervisor: forks the workers, feeds them from the spool, applies outcomes.
+
+One process, one uvloop loop. Before forking worker i it creates two rings
+(``inbox`` supervisor -> worker, ``outbox`` worker -> supervisor); each worker
+owns a slice of the source-IP pool. See docs/SCHEDULER.md for the algorithm:
+
+- dispatch: while a worker has room in its window, claim due messages from the
+  spool, group them by (campaign, domain) into batches, send the campaign spec
+  first if that worker has not seen it, put the batches on its inbox ring;
+- outcomes: drain outbox rings when their eventfd fires, decide each message's
+  next state (delivered, bounced, deferred with a retry time, expired), apply
+  them to the spool in one transaction per tick, write the event log;
+- watch: a worker that dies has its outbox drained, its window released back
+  to queued, and is forked again with fresh rings;
+- stop: the first SIGTERM drains (no new claims, windows finish); a second
+  SIGTERM or a SIGINT stops now, releasing the windows back to queued.
+
+It never speaks SMTP and never renders a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastsend.config import Config
+from fastsend.events import EventLog
+from fastsend.queue import wire
+from fastsend.queue.retry import next_attempt
+from fastsend.ring import Ring
+from fastsend.spool import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    EXPIRED,
+    Claimed,
+    Result,
+    Spool,
+)
+
+RING_BYTES = 8 << 20
+TICK = 0.02
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    ips: list[str]
+    pid: int = 0
+    inbox: Ring | None = None
+    outbox: Ring | None = None
+    inflight: dict[int, Claimed] = field(default_factory=dict)
+    campaigns: set[int] = field(default_factory=set)
+    backlog: list[bytes] = field(default_factory=list)  # records waiting for ring space
+    restarts: int = 0
+    alive: bool = False
+
+
+@dataclass
+class RunStats:
+    started: float = field(default_factory=time.monotonic)
+    delivered: int = 0
+    deferred: int = 0  # deferral events (attempts), not messages
+    bounced: int = 0
+    expired: int = 0
+    suppressed: int = 0
+    attempts: int = 0
+    worker_restarts: int = 0
+    duplicates_possible: int = 0  # messages released from a dead worker's window
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "started"}
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        events: EventLog,
+        *,
+        until_idle: bool = True,
+        max_wait: float = 300.0,
+        on_tick: Callable[[Supervisor], None] | None = None,
+        campaigns: set[int] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.events = events
+        self.until_idle = until_idle
+        self.max_wait = max_wait
+        self.on_tick = on_tick
+        self.campaign_filter = campaigns
+        self.stats = RunStats()
+        self.slots = [WorkerSlot(i, config.ips_for_worker(i)) for i in range(config.worker_count)]
+        self.results: list[Result] = []
+        self.event_buf: list[dict[str, Any]] = []
+        self.draining = False
+        self.stopping = False
+        self.finished = asyncio.Event()
+        self.spec_cache: dict[int, dict[str, Any]] = {}
+        self.wake = asyncio.Event()
+        self.paused_campaigns: set[int] = set()
+        self.result_hooks: list[Callable[[Claimed, wire.Res, int], None]] = []
+
+    # -- workers -------------------------------------------------------------
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        from fastsend.delivery.worker import run_worker
+
+        slot.inbox, slot.outbox = Ring(RING_BYTES), Ring(RING_BYTES)
+        # An empty get() arms the consumer's waiting flag, so the worker's first
+        # put signals our eventfd (the ring signals only a consumer that waits).
+        slot.outbox.get()
+        slot.campaigns.clear()
+        slot.backlog.clear()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                code = run_worker(slot.index, self.config, slot.ips, slot.inbox, slot.outbox)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        slot.pid = pid
+        slot.alive = True
+        loop = asyncio.get_running_loop()
+        outbox = slot.outbox
+        loop.add_reader(outbox.reader_fd, self.on_outbox, slot, outbox)
+
+    def reap(self) -> None:
+        for slot in self.slots:
+            if not slot.alive:
+                continue
+            try:
+                pid, status = os.waitpid(slot.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = slot.pid, 0
+            if pid == 0:
+                continue
+            slot.alive = False
+            self.retire(slot)
+            code = os.waitstatus_to_exitcode(status)
+            if not (self.draining and code == 0) and not self.stopping:
+                print(
+                    f"fastsend: worker {slot.index} (pid {slot.pid}) exited with status {code};"
+                    " restarting it",
+                    file=sys.stderr,
+                )
+                slot.restarts += 1
+                self.stats.worker_restarts += 1
+                self.spawn(slot)
+
+    def retire(self, slot: WorkerSlot) -> None:
+        """A worker is gone: take its last outcomes, requeue the rest of its window."""
+        loop = asyncio.get_running_loop()
+        if slot.outbox is not None:
+            loop.remove_reader(slot.outbox.reader_fd)
+            self.drain_outbox(slot, slot.outbox)
+        if slot.inflight:
+            ids = list(slot.inflight)
+            self.stats.duplicates_possible += len(ids)
+            self.flush_results()
+            self.spool.release(ids)
+            slot.inflight.clear()
+        for ring in (slot.inbox, slot.outbox):
+            if ring is not None:
+                ring.close()
+        slot.inbox = slot.outbox = None
+
+    # -- dispatch ------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        if self.draining or self.stopping:
+            return
+        now = time.time()
+        size = self.config.delivery.batch_size
+        window = self.config.delivery.window
+        for slot in self.slots:
+            if not slot.alive or slot.inbox is None or slot.backlog:
+                continue
+            room = window - len(slot.inflight)
+            if room < min(size, window // 4 or 1):
+                continue
+            claimed = self.spool.claim_due(now, room)
+            if not claimed:
+                return
+            groups: dict[tuple[int, str], list[Claimed]] = {}
+            for c in claimed:
+                slot.inflight[c.id] = c
+                groups.setdefault((c.campaign, c.domain), []).append(c)
+            records: list[bytes] = []
+            for (campaign, domain), items in groups.items():
+                if campaign not in slot.campaigns:
+                    records.append(
+                        wire.encoder.encode(
+                            wire.CampaignSpec(campaign, self.campaign_spec(campaign))
+                        )
+                    )
+                    slot.campaigns.add(campaign)
+                for i in range(0, len(items), size):
+                    chunk = items[i : i + size]
+                    records.append(
+                        wire.encoder.encode(
+                            wire.Batch(
+                                campaign,
+                                domain,
+                                [wire.Item(c.id, c.rcpt, c.vars, c.attempts) for c in chunk],
+                            )
+                        )
+                    )
+            slot.backlog.extend(records)
+            self.push_backlog(slot)
+
+    def campaign_spec(self, campaign_id: int) -> dict[str, Any]:
+        spec = self.spec_cache.get(campaign_id)
+        if spec is None:
+            info = self.spool.get_campaign(campaign_id)
+            if info is None:
+                raise KeyError(f"campaign {campaign_id} not in spool")
+            spec = self.spec_cache[campaign_id] = info.spec
+        return spec
+
+    def push_backlog(self, slot: WorkerSlot) -> None:
+        ring = slot.inbox
+        if ring is None:
+            return
+        while slot.backlog:
+            if not ring.put(slot.backlog[0]):
+                loop = asyncio.get_running_loop()
+                loop.add_reader(ring.writer_fd, self.on_inbox_space, slot, ring)
+                return
+            slot.backlog.pop(0)
+
+    def on_inbox_space(self, slot: WorkerSlot, ring: Ring) -> None:
+        asyncio.get_running_loop().remove_reader(ring.writer_fd)
+        ring.clear_writer()
+        if slot.inbox is ring:
+            self.push_backlog(slot)
+
+    # -- outcomes ------------------------------------------------------------
+
+    def on_outbox(self, slot: WorkerSlot, ring: Ring) -> None:
+        ring.clear_reader()
+        self.drain_outbox(slot, ring)
+
+    def drain_outbox(self, slot: WorkerSlot, ring: Ring) -> None:
+        decode = wire.from_worker_decoder.decode
+        got = False
+        while (rec := ring.get()) is not None:
+            msg = decode(rec)
+            if isinstance(msg, wire.Results):
+                self.apply(slot, msg.items)
+                got = True
+        if got:
+            self.wake.set()
+
+    def apply(self, slot: WorkerSlot, items: list[wire.Res]) -> None:
+        now = time.time()
+        policy = self.config.retry
+        stats = self.stats
+        results = self.results
+        events = self.event_buf
+        inflight = slot.inflight
+        log_events = self.events.path is not None or bool(self.events.listeners)
+        for r in items:
+            c = inflight.pop(r.id, None)
+            if c is None:
+                continue  # already released (duplicate answer after a restart)
+            attempts = c.attempts + 1
+            stats.attempts += 1
+            if r.kind == wire.K_DELIVERED:
+                state, name, at = DELIVERED, "delivered", 0.0
+                stats.delivered += 1
+            elif r.kind == wire.K_FAILED:
+                state, name, at = BOUNCED, "bounced", 0.0
+                stats.bounced += 1
+            else:
+                nxt = next_attempt(policy, attempts, now, c.created)
+                if nxt is None:
+                    state, name, at = EXPIRED, "expired", 0.0
+                    stats.expired += 1
+                else:
+                    state, name, at = DEFERRED, "deferred", nxt
+                    stats.deferred += 1
+            results.append(Result(c.id, state, attempts, at, r.code, r.enhanced, r.text))
+            for hook in self.result_hooks:
+                hook(c, r, state)
+            if log_events:
+                ev = {
+                    "time": now,
+                    "event": name,
+                    "id": c.id,
+                    "campaign": c.campaign,
+                    "rcpt": c.rcpt,
+                    "source_ip": r.source_ip,
+                    "mx": r.mx,
+                    "code": r.code,
+                    "enhanced": r.enhanced,
+                    "text": r.text,
+                    "attempt": attempts,
+                }
+                if state == EXPIRED:
+                    ev["reason"] = "expired"
+                elif state == DEFERRED:
+                    ev["next_attempt"] = at
+                events.append(ev)
+
+    def flush_results(self) -> None:
+        if self.results:
+            self.spool.record_results(self.results, time.time())
+            self.results = []
+        if self.event_buf:
+            self.events.emit_many(self.event_buf)
+            self.event_buf = []
+        self.events.flush()
+
+    # -- main loop -----------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(s.inflight) for s in self.slots)
+
+    def idle_done(self) -> bool:
+        if self.inflight or self.results:
+            return False
+        if self.draining:
+            return True
+        if not self.until_idle:
+            return False
+        nxt = self.spool.next_due()
+        return nxt is None or nxt - time.time() > self.max_wait
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGTERM and not self.draining:
+            self.draining = True
+        else:
+            self.stopping = True
+        self.wake.set()
+
+    async def run(self) -> RunStats:
+        loop = asyncio.get_running_loop()
+        self.spool.recover()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        for slot in self.slots:
+            self.spawn(slot)
+        last_reap = 0.0
+        try:
+            while True:
+                self.dispatch()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), TICK)
+                except TimeoutError:
+                    pass
+                self.wake.clear()
+                for slot in self.slots:  # cheap safety net: a get() on an empty ring
+                    if slot.outbox is not None:
+                        self.drain_outbox(slot, slot.outbox)
+                self.flush_results()
+                now = time.monotonic()
+                if now - last_reap > 0.1:
+                    self.reap()
+                    last_reap = now
+                if self.on_tick:
+                    self.on_tick(self)
+                if self.stopping:
+                    break
+                if self.idle_done():
+                    break
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+        return self.stats
+
+    async def shutdown(self) -> None:
+        """Stop the workers: Drain and wait (normal end), or terminate (stop now)."""
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None and not self.stopping:
+                slot.backlog.append(wire.encoder.encode(wire.Drain()))
+                self.push_backlog(slot)
+        deadline = time.monotonic() + (2.0 if self.stopping else 60.0)
+        while any(s.alive for s in self.slots) and time.monotonic() < deadline:
+            if self.stopping:
+                for s in self.slots:
+                    if s.alive:
+                        try:
+                            os.kill(s.pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+            await asyncio.sleep(0.02)
+            self.draining = True
+            self.reap_final()
+        for s in self.slots:
+            if s.alive:
+                try:
+                    os.kill(s.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                os.waitpid(s.pid, 0)
+                s.alive = False
+                self.retire(s)
+        self.flush_results()
+
+    def reap_final(self) -> None:
+        for slot in self.slots:
+            if not slot.alive:
+                continue
+            try:
+                pid, _status = os.waitpid(slot.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid = slot.pid
+            if pid:
+                slot.alive = False
+                self.retire(slot)
+            elif slot.outbox is not None:
+                self.drain_outbox(slot, slot.outbox)
+        self.flush_results()
