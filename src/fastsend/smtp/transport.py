@@ -118,6 +118,7 @@ class _Link(asyncio.Protocol):
         self.early: CommandDone | None = None
         self.last = loop.time()  # last progress (a read, or a write from idle)
         self.timer: asyncio.TimerHandle | None = None
+        self.tick = min(t.mail, t.rcpt, t.data, t.data_end)
         self.lost_reason = ""
 
     # asyncio callbacks --------------------------------------------------------
@@ -188,9 +189,14 @@ class _Link(asyncio.Protocol):
 
     def write(self, wire: bytes) -> None:
         """Write commands; starts the reply clock when we were idle."""
+        now = self.loop.time()
         if self.timer is None:
-            self.last = self.loop.time()
-            self.arm(self.timeouts.for_stage(self.client.expecting or "ehlo"))
+            self.last = now
+        deadline = self.last + self.timeouts.for_stage(self.client.expecting or "ehlo")
+        if self.timer is None or self.timer.when() > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.arm(min(deadline - now, self.tick))
         if wire:
             self.transport.write(wire)  # type: ignore[union-attr]
 
@@ -207,7 +213,10 @@ class _Link(asyncio.Protocol):
         if waited >= limit:
             self.fail(f"timeout: no reply to {stage} after {limit:g} s")
         else:
-            self.arm(limit - waited)
+            # Replies move the stage without touching the timer (no per-message
+            # timer work); checking at least every `tick` bounds how late a
+            # shorter stage's timeout (DATA's 2 min after RCPT's 5) is seen.
+            self.arm(min(limit - waited, self.tick))
 
 
 class SMTPConnection:

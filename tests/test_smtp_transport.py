@@ -1,0 +1,211 @@
+"""The SMTP client over real sockets, on asyncio and uvloop.
+
+Real servers on loopback: aiosmtpd (refuses some recipients; STARTTLS with
+trustme certificates), Postfix's smtp-sink, and a small scripted server that
+drops connections or stops answering (disconnects and timeouts).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trustme
+
+from _smtp_helpers import FaultServer, aiosmtpd_server
+from conftest import free_port
+from fastsend.outcome import Envelope, Outcome
+from fastsend.smtp import ConnectOptions, SMTPConnection, Timeouts, connect
+
+Run = Callable[[Any], Any]
+SHORT = Timeouts(connect=2, greeting=2, ehlo=0.5, mail=0.5, rcpt=0.5, data=0.5, data_end=0.5)
+
+
+def envs(n: int, rcpts: tuple[str, ...] = ("a@example.com",)) -> list[Envelope]:
+    return [
+        Envelope(
+            "bounce@example.org",
+            list(rcpts),
+            b"Subject: %d\r\n\r\n.dot line\r\nbody\r\n" % i,
+            tag=i,
+        )
+        for i in range(n)
+    ]
+
+
+async def must_connect(opts: ConnectOptions) -> SMTPConnection:
+    conn = await connect(opts)
+    assert isinstance(conn, SMTPConnection), conn
+    return conn
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def test_aiosmtpd_one_refused_recipient_and_source_ip(run: Run) -> None:
+    port = free_port()
+    with aiosmtpd_server(port) as (_ctl, handler):
+
+        async def go() -> Any:
+            opts = ConnectOptions(host="127.0.0.1", port=port, source_ip="127.0.0.2", tls="off")
+            conn = await must_connect(opts)
+            results = await conn.send(
+                envs(3, ("a@example.com", "reject-me@example.com", "later@example.com"))
+            )
+            await conn.quit()
+            return results, conn
+
+        results, conn = run(go())
+    assert [r.tag for r in results] == [0, 1, 2]
+    for r in results:
+        kinds = [(o.kind, o.code, o.stage) for o in r.outcomes]
+        assert kinds == [
+            ("delivered", 250, "data"),
+            ("failed", 550, "rcpt"),
+            ("deferred", 451, "rcpt"),
+        ]
+        assert r.outcomes[1].enhanced == "5.1.1" and r.outcomes[0].mx == f"127.0.0.1:{port}"
+    assert results[0].queue_id == "AIO1"
+    assert len(handler.messages) == 3
+    msg = handler.messages[0]
+    assert msg["peer"][0] == "127.0.0.2"  # the address the server saw
+    assert msg["rcpts"] == ["a@example.com"]
+    assert msg["data"] == b"Subject: 0\r\n\r\n.dot line\r\nbody\r\n"  # dot-stuffing undone
+    assert not conn.usable
+
+
+def test_aiosmtpd_starttls_required(run: Run, ca: trustme.CA) -> None:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    port = free_port()
+    with aiosmtpd_server(port, tls_context=server_ctx) as (_ctl, handler):
+
+        async def go() -> Any:
+            opts = ConnectOptions(
+                host="127.0.0.1", port=port, tls="required", ssl_context=client_ctx
+            )
+            conn = await must_connect(opts)
+            assert conn.tls_active and "STARTTLS" not in conn.capabilities
+            results = await conn.send(envs(2))
+            await conn.quit()
+            # opportunistic with the default (unverified) context also upgrades
+            conn2 = await must_connect(ConnectOptions(host="127.0.0.1", port=port))
+            tls2 = conn2.tls_active
+            await conn2.quit()
+            return results, tls2
+
+        results, tls2 = run(go())
+    assert all(o.delivered for r in results for o in r.outcomes)
+    assert handler.messages[0]["tls"] and tls2
+
+
+def test_starttls_required_but_not_offered_and_untrusted(run: Run, ca: trustme.CA) -> None:
+    port = free_port()
+    with aiosmtpd_server(port):
+
+        async def go() -> Any:
+            return await connect(ConnectOptions(host="127.0.0.1", port=port, tls="required"))
+
+        out = run(go())
+    assert isinstance(out, Outcome) and out.deferred and out.stage == "starttls"
+
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    port = free_port()
+    with aiosmtpd_server(port, tls_context=server_ctx) as (_ctl, _handler):
+
+        async def go2() -> Any:
+            # required + system trust store: the trustme CA is unknown -> deferred
+            bad = await connect(ConnectOptions(host="127.0.0.1", port=port, tls="required"))
+            return bad
+
+        bad = run(go2())
+    assert isinstance(bad, Outcome) and bad.deferred and bad.stage == "starttls"
+    assert "TLS handshake failed" in bad.text
+
+
+def test_postfix_sink_batch_source_ip_max_messages(run: Run, postfix_sink: Any) -> None:
+    async def go() -> Any:
+        opts = ConnectOptions(
+            host=postfix_sink.host, port=postfix_sink.port, source_ip="127.0.0.3", max_messages=150
+        )
+        conn = await must_connect(opts)
+        assert conn.sockname()[0] == "127.0.0.3"
+        assert "PIPELINING" in conn.capabilities
+        first = await conn.send(envs(100, ("a@example.com", "b@example.com")))
+        second = await conn.send(envs(100))  # only 50 fit under max_messages
+        usable = conn.usable
+        await conn.quit()
+        return first, second, usable
+
+    first, second, usable = run(go())
+    assert len(first) == 100 and all(o.delivered for r in first for o in r.outcomes)
+    assert [r.tag for r in second] == list(range(100))
+    assert all(r.outcomes[0].delivered for r in second[:50])
+    assert all(r.outcomes[0].deferred and r.outcomes[0].stage == "local" for r in second[50:])
+    assert not usable
+
+
+def test_server_closes_mid_batch(run: Run) -> None:
+    async def go() -> Any:
+        server = await FaultServer(close_after=3).start()
+        try:
+            conn = await must_connect(
+                ConnectOptions(host="127.0.0.1", port=server.port, timeouts=SHORT)
+            )
+            results = await conn.send(envs(6, ("a@example.com", "b@example.com")))
+            return results, conn.usable, len(server.messages)
+        finally:
+            await server.stop()
+
+    results, usable, received = run(go())
+    assert received == 3 and not usable
+    assert [r.tag for r in results] == list(range(6))
+    assert all(o.delivered for r in results[:3] for o in r.outcomes)
+    for r in results[3:]:
+        assert [(o.kind, o.code) for o in r.outcomes] == [("deferred", 0)] * 2
+    assert results[3].outcomes[0].stage == "mail"
+
+
+@pytest.mark.parametrize(("stall", "stage"), [("EHLO", "ehlo"), ("MAIL", "mail"), (".", "data")])
+def test_timeouts(run: Run, stall: str, stage: str) -> None:
+    async def go() -> Any:
+        server = await FaultServer(stall_at=stall).start()
+        try:
+            conn = await connect(ConnectOptions(host="127.0.0.1", port=server.port, timeouts=SHORT))
+            if isinstance(conn, Outcome):
+                return conn
+            (r,) = await conn.send(envs(1))
+            assert not conn.usable
+            return r.outcomes[0]
+        finally:
+            await server.stop()
+
+    out = run(go())
+    assert out.deferred and out.stage == stage and "timeout" in out.text
+
+
+def test_connect_refused_and_idle_close(run: Run) -> None:
+    async def go() -> Any:
+        refused = await connect(ConnectOptions(host="127.0.0.1", port=free_port(), timeouts=SHORT))
+        server = await FaultServer().start()
+        try:
+            conn = await must_connect(ConnectOptions(host="127.0.0.1", port=server.port))
+            await conn.send(envs(1))
+            not_yet = await conn.close_if_idle(60)
+            closed = await conn.close_if_idle(0)
+            after = await conn.send(envs(1))
+            return refused, not_yet, closed, after
+        finally:
+            await server.stop()
+
+    refused, not_yet, closed, after = run(go())
+    assert isinstance(refused, Outcome) and refused.deferred and refused.stage == "connect"
+    assert not not_yet and closed
+    assert after[0].outcomes[0].deferred
