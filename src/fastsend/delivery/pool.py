@@ -39,12 +39,14 @@ class SiteQueue:
         config: Config,
         report: Report,
         helo: str,
+        count: Callable[..., None] | None = None,
     ) -> None:
         self.site = site
         self.ips = ips or [""]
         self.config = config
         self.report = report
         self.helo = helo
+        self.count: Callable[..., None] = count or (lambda name, n=1.0: None)
         self.pending: collections.deque[Envelope] = collections.deque()
         self.wakeup = asyncio.Event()
         self.conns_per_ip: dict[str, int] = dict.fromkeys(self.ips, 0)
@@ -117,7 +119,9 @@ class SiteQueue:
             )
             conn = await connect(opts)
             if not isinstance(conn, Outcome):
+                self.count("connections_opened")
                 return conn
+            self.count("connections_failed")
             last = conn
             if conn.failed:  # a 5xx greeting is an answer, not a dead host
                 break

@@ -18,6 +18,7 @@ its parent disappears (kill -9 of the supervisor).
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 from typing import Any
@@ -27,12 +28,13 @@ import orjson
 from fastsend.config import Config
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import SiteQueue
-from fastsend.message import Campaign, RenderError
+from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.queue import wire
 from fastsend.ring import Ring
 
 FLUSH_AT = 512
+TRANSACTIONAL = "transactional"  # campaign kind whose messages carry their own content
 FLUSH_DELAY = 0.002
 _KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
 
@@ -59,6 +61,8 @@ class Worker:
         self.done = asyncio.Event()
         self.parent = os.getppid()
         self.resolver = MXResolver(config)
+        # Cumulative counters, shipped to the supervisor by stats_loop().
+        self.counters: dict[str, float] = {}
 
     # -- inbox ---------------------------------------------------------------
 
@@ -109,6 +113,8 @@ class Worker:
             self.check_done()
 
     def build(self, batch: wire.Batch) -> list[Envelope]:
+        if self.campaign_specs[batch.campaign].get("kind") == TRANSACTIONAL:
+            return self.build_transactional(batch)
         r = self.renderer(batch.campaign)
         personalised = self.personalised[batch.campaign]
         loads = orjson.loads
@@ -145,11 +151,46 @@ class Worker:
             self.add_results(failures, "", "")
         return envelopes
 
+    def build_transactional(self, batch: wire.Batch) -> list[Envelope]:
+        """Messages that carry their own content (the HTTP API, SMTP submission).
+
+        Each item's vars is a message spec: either ``{"raw": base64 MIME,
+        "mail_from": ...}`` (relayed as is, after DKIM signing if configured),
+        or campaign-style fields (from, subject, text, html, headers, ...) whose
+        text is taken literally (no ``{{ }}`` templating), rendered here.
+        """
+        envelopes: list[Envelope] = []
+        failures: list[TxnResult] = []
+        defaults = self.campaign_specs[batch.campaign].get("defaults", {})
+        for it in batch.items:
+            mid = f"{it.id}"
+            try:
+                msg = orjson.loads(it.vars)
+                if "raw" in msg:
+                    data = base64.b64decode(msg["raw"])
+                    mail_from = msg.get("mail_from", "")
+                    smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
+                else:
+                    spec = {**defaults, **{k: _literal(v) for k, v in msg.items()}}
+                    r = Campaign.from_dict(spec).compile()
+                    data = r.render(it.rcpt, {}, mid)
+                    mail_from = r.envelope_from(mid)
+                    smtputf8 = r.needs_smtputf8(it.rcpt)
+            except (RenderError, CampaignError, ValueError, KeyError, TypeError) as e:
+                failures.append(
+                    TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"message: {e}", "local")])
+                )
+                continue
+            envelopes.append(Envelope(mail_from, [it.rcpt], data, tag=it.id, smtputf8=smtputf8))
+        if failures:
+            self.add_results(failures, "", "")
+        return envelopes
+
     def site_queue(self, site: Site) -> SiteQueue:
         q = self.sites.get(site.key)
         if q is None:
             q = self.sites[site.key] = SiteQueue(
-                site, self.ips, self.config, self.report, self.helo
+                site, self.ips, self.config, self.report, self.helo, self.count
             )
         elif q.site is not site:
             q.site = site  # refreshed DNS answer
@@ -225,6 +266,7 @@ class Worker:
         self.outbox.put(wire.encoder.encode(wire.Hello(os.getpid(), self.ips)))
         self.on_inbox()
         watcher = loop.create_task(self.watch_parent())
+        stats = loop.create_task(self.stats_loop())
         await self.done.wait()
         for q in self.sites.values():
             await q.close()
@@ -233,12 +275,39 @@ class Worker:
             await asyncio.sleep(0.01)
             self.flush()
         watcher.cancel()
+        stats.cancel()
+        self.send_stats()
+
+    def count(self, name: str, n: float = 1.0) -> None:
+        self.counters[name] = self.counters.get(name, 0.0) + n
+
+    def send_stats(self) -> None:
+        c = dict(self.counters)
+        c["connections_open"] = float(sum(q.active for q in self.sites.values()))
+        c["ready_queue"] = float(sum(len(q.pending) for q in self.sites.values()))
+        self.outbox.put(wire.encoder.encode(wire.Stats(os.getpid(), c)))
+
+    async def stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.send_stats()
 
     async def watch_parent(self) -> None:
         while True:
             await asyncio.sleep(0.5)
             if os.getppid() != self.parent:
                 os._exit(3)  # the supervisor died: it will requeue on restart
+
+
+def _literal(v: Any) -> Any:
+    """Escape template syntax in user-supplied text so it is sent as written."""
+    if isinstance(v, str):
+        return v.replace("{{", '{{ "{{" }}')
+    if isinstance(v, dict):
+        return {k: _literal(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_literal(x) for x in v]
+    return v
 
 
 def _uses_email(spec: dict[str, Any]) -> bool:

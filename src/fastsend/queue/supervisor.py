@@ -60,6 +60,7 @@ class WorkerSlot:
     backlog: list[bytes] = field(default_factory=list)  # records waiting for ring space
     restarts: int = 0
     alive: bool = False
+    counters: dict[str, float] = field(default_factory=dict)  # last wire.Stats
 
 
 @dataclass
@@ -261,6 +262,8 @@ class Supervisor:
             if isinstance(msg, wire.Results):
                 self.apply(slot, msg.items)
                 got = True
+            elif isinstance(msg, wire.Stats):
+                slot.counters = msg.counters
         if got:
             self.wake.set()
 

@@ -63,8 +63,17 @@ class Hello(msgspec.Struct, array_like=True, tag=5):
     ips: list[str]
 
 
+class Stats(msgspec.Struct, array_like=True, tag=6):
+    """A worker's cumulative counters (sent about once a second): connections
+    opened/failed/open now, messages sent, DKIM signing seconds, and any other
+    named counter. Cumulative, so a lost record loses nothing."""
+
+    pid: int
+    counters: dict[str, float]
+
+
 ToWorker = CampaignSpec | Batch | Drain
-FromWorker = Results | Hello
+FromWorker = Results | Hello | Stats
 
 encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
