@@ -81,6 +81,7 @@ class RetryConfig:
 class DNSConfig:
     nameservers: list[str] = field(default_factory=list)  # empty: the system's resolv.conf
     timeout: float = 5.0
+    mx_port: int = 25  # the SMTP port of MX hosts (25; tests point it at a sink's port)
 
 
 @dataclass

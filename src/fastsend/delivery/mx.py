@@ -69,7 +69,7 @@ class MXResolver:
             self.resolver.port = port
         self.resolver.lifetime = config.dns.timeout
         self.resolver.timeout = config.dns.timeout
-        self.mx_port = int(config.raw.get("dns", {}).get("mx_port", 25))
+        self.mx_port = config.dns.mx_port
         self._cache: dict[str, tuple[float, Site | Outcome]] = {}
         self._addr_cache: dict[str, tuple[float, list[str]]] = {}
 
