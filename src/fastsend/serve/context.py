@@ -1,0 +1,181 @@
+"""The serving context: what every part of ``fastsend serve`` shares.
+
+One :class:`ServeContext` per serving process, built by :func:`open_context`
+from the config: the spool (the one writer of ``spool.db`` in this process),
+the event log, the suppression list, the supervisor (None in tools and tests
+that run without workers) and the HMAC secret for tracking links.
+
+The contract used by the HTTP API, tracking, webhooks and the SMTP listeners:
+
+- ``tenant_campaign(tenant)``: the tenant's "transactional" campaign id (each
+  message carries its own content), created on first use;
+- ``inject(campaign_id, rows)``: rows of (rcpt, ascii_domain, vars_json) are
+  spooled (durable when it returns their ids, in the order given), suppressed
+  recipients are stored as suppressed instead of queued, an "accepted" (or
+  "suppressed") event is emitted per message, and the supervisor is woken;
+- ``emit(event)``: one event to the JSON-lines log and its listeners
+  (the per-message index, webhooks).
+
+It opens no sockets and knows nothing of HTTP or SMTP.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastsend.config import Config
+from fastsend.events import EventLog
+from fastsend.queue.supervisor import Supervisor
+from fastsend.spool import QUEUED, SUPPRESSED
+from fastsend.spool.sqlite import SQLiteSpool
+from fastsend.suppression import DEFAULT_TENANT, SuppressionList
+
+TRANSACTIONAL_SPEC: dict[str, Any] = {"kind": "transactional", "defaults": {}}
+TRANSACTIONAL_OPTION = "transactional_tenant"  # campaign option naming the tenant
+
+
+@dataclass
+class ServeContext:
+    config: Config
+    spool: SQLiteSpool
+    events: EventLog
+    suppression: SuppressionList
+    supervisor: Supervisor | None
+    secret: bytes  # HMAC key for tracking links
+    _tenant_campaigns: dict[str, int] = field(default_factory=dict, repr=False)
+    _campaign_tenants: dict[int, str] = field(default_factory=dict, repr=False)
+
+    # -- campaigns -----------------------------------------------------------
+
+    def tenant_campaign(self, tenant: str) -> int:
+        """The id of the tenant's transactional campaign (created on demand)."""
+        cid = self._tenant_campaigns.get(tenant)
+        if cid is not None:
+            return cid
+        for info in self.spool.list_campaigns():
+            if info.options.get(TRANSACTIONAL_OPTION) == tenant and info.status != "cancelled":
+                cid = info.id
+                break
+        else:
+            cid = self.spool.create_campaign(
+                dict(TRANSACTIONAL_SPEC),
+                name=f"transactional:{tenant}",
+                tenant=tenant,
+                options={TRANSACTIONAL_OPTION: tenant},
+            )
+        self._tenant_campaigns[tenant] = cid
+        self._campaign_tenants[cid] = tenant
+        return cid
+
+    def campaign_tenant(self, campaign_id: int) -> str:
+        """The tenant owning a campaign (KeyError if there is no such campaign)."""
+        t = self._campaign_tenants.get(campaign_id)
+        if t is None:
+            info = self.spool.get_campaign(campaign_id)
+            if info is None:
+                raise KeyError(campaign_id)
+            t = self._campaign_tenants[campaign_id] = info.tenant or DEFAULT_TENANT
+        return t
+
+    # -- messages ------------------------------------------------------------
+
+    def inject(self, campaign_id: int, rows: list[tuple[str, str, bytes]]) -> list[int]:
+        """Spool rows durably; returns their ids in the order of ``rows``."""
+        if not rows:
+            return []
+        now = time.time()
+        tenant = self.campaign_tenant(campaign_id)
+        hits = self.suppression.contains_many([r[0] for r in rows], tenant=tenant)
+        if hits:
+            keep = [i for i, r in enumerate(rows) if r[0] not in hits]
+            gone = [i for i, r in enumerate(rows) if r[0] in hits]
+            ids = [0] * len(rows)
+            with_ids = self.spool.add_messages(campaign_id, [rows[i] for i in keep], now)
+            for i, mid in zip(keep, with_ids, strict=True):
+                ids[i] = mid
+            gone_ids = self.spool.add_messages(
+                campaign_id, [rows[i] for i in gone], now, state=SUPPRESSED
+            )
+            for i, mid in zip(gone, gone_ids, strict=True):
+                ids[i] = mid
+            suppressed = set(gone_ids)
+        else:
+            ids = self.spool.add_messages(campaign_id, rows, now, state=QUEUED)
+            suppressed = set()
+        evs = [
+            {
+                "time": now,
+                "event": "suppressed" if mid in suppressed else "accepted",
+                "id": mid,
+                "campaign": campaign_id,
+                "tenant": tenant,
+                "rcpt": r[0],
+            }
+            for mid, r in zip(ids, rows, strict=True)
+        ]
+        self.events.emit_many(evs)
+        self.events.flush()
+        if self.supervisor is not None and len(suppressed) < len(ids):
+            self.supervisor.wake.set()
+        return ids
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """One event to the log and its listeners (index, webhooks)."""
+        event.setdefault("time", time.time())
+        self.events.emit(event)
+
+    def close(self) -> None:
+        self.events.close()
+        self.suppression.close()
+        self.spool.close()
+
+
+def load_secret(config: Config) -> bytes:
+    """[tracking] secret from the config, else <spool>/secret.key (made once, 0600)."""
+    tracking = config.raw.get("tracking", {})
+    if isinstance(tracking, dict) and tracking.get("secret"):
+        return str(tracking["secret"]).encode()
+    path = os.path.join(config.spool_dir, "secret.key")
+    try:
+        with open(path, "rb") as f:
+            data = f.read().strip()
+        if data:
+            return data
+    except FileNotFoundError:
+        pass
+    os.makedirs(config.spool_dir, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # first writer wins if two start at once
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    with open(path, "rb") as f:
+        return f.read().strip()
+
+
+def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeContext:
+    """Open the spool, event log and suppression list named by the config."""
+    spool = SQLiteSpool(config.spool_dir)
+    events = EventLog(config.event_log_path)
+    suppression = SuppressionList(os.path.join(config.spool_dir, "suppression.db"))
+    return ServeContext(
+        config=config,
+        spool=spool,
+        events=events,
+        suppression=suppression,
+        supervisor=supervisor,
+        secret=load_secret(config),
+    )
