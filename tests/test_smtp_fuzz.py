@@ -9,6 +9,7 @@ The reply parsers (pure and compiled) must agree on every input.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -21,7 +22,11 @@ from fastsend.smtp import replies
 from fastsend.smtp.client import SMTPClient
 from fastsend.smtp.errors import RemoteProtocolError
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("FASTSEND_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 CODES = [211, 220, 221, 235, 250, 251, 334, 354, 421, 450, 451, 452, 500, 502, 503, 535, 550, 554]
 

@@ -123,6 +123,7 @@ class SMTPClient:
         self._parser = ReplyParser()
         self._pending: deque[tuple[int, _Txn | None, int]] = deque()
         self._pending.append((_CMD, None, 0))
+        self._current: tuple[int, _Txn | None, int] | None = None
         self._cmd_names: deque[str] = deque(["greeting"])
         self._queue: deque[_Txn] = deque()
         self._group_open = False  # a transaction waits for its DATA reply
@@ -365,6 +366,9 @@ class SMTPClient:
             for reply in self._parser.feed(data):
                 self._reply(reply)
         except RemoteProtocolError:
+            if self._current is not None and self._current[1] is not None:  # its txn
+                self._pending.appendleft(self._current)
+                self._current = None
             self.state = CLOSED
             raise
         ev = self._events
@@ -380,7 +384,8 @@ class SMTPClient:
                 self._abort(reply[0], reply[1], reply[2])
                 return
             raise RemoteProtocolError(f"unsolicited reply {reply[0]} {reply[2][:80]!r}")
-        kind, txn, i = self._pending.popleft()
+        self._current = entry = self._pending.popleft()
+        kind, txn, i = entry
         code = reply[0]
         if kind == _CMD:
             self._command_reply(self._cmd_names.popleft(), reply)
@@ -455,6 +460,7 @@ class SMTPClient:
                     text = out.text
                     k = text.find("queued as ")
                     self._finish(txn, text[k + 10 :].split(" ", 1)[0] if k >= 0 else text)
+        self._current = None
         if code == 421 and self.state != CLOSED:
             self._abort(code, reply[1], reply[2])
 
