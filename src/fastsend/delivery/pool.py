@@ -120,6 +120,12 @@ class SiteQueue:
             conn = await connect(opts)
             if not isinstance(conn, Outcome):
                 self.count("connections_opened")
+                # Postfix-style "name[address]:port" for the event log.
+                conn.mx = (
+                    f"{host.name}[{host.address}]:{host.port}"
+                    if host.name != host.address
+                    else f"{host.address}:{host.port}"
+                )
                 return conn
             self.count("connections_failed")
             last = conn

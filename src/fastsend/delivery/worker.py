@@ -221,7 +221,7 @@ class Worker:
                         o.code,
                         o.enhanced,
                         text,
-                        o.mx or mx,
+                        mx or o.mx,
                         source_ip,
                     )
                 )

@@ -1,0 +1,71 @@
+"""Helpers for the engine's integration tests: campaigns, recipient files,
+running ``fastsend send``/``resume`` as real subprocesses, reading sink logs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+CAMPAIGN = """\
+from = "Engine Test <news@sender.example.com>"
+subject = "Hello {{ name }}"
+text = "Hi {{ name }}, message for {{ email }}.\\n"
+"""
+
+
+def write_campaign(tmp: Path, text: str = CAMPAIGN) -> Path:
+    p = tmp / "campaign.toml"
+    p.write_text(text)
+    return p
+
+
+def write_recipients(tmp: Path, addresses: list[str], name: str = "r.csv") -> Path:
+    p = tmp / name
+    with open(p, "w") as f:
+        f.write("email,name\n")
+        for i, a in enumerate(addresses):
+            f.write(f"{a},N{i}\n")
+    return p
+
+
+def fastsend_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fastsend", *args]
+
+
+def run_fastsend(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        fastsend_cmd(*args), capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("FASTSEND_NO_EXTENSIONS", None)
+    return env
+
+
+def summary(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert lines, f"no JSON summary; rc={proc.returncode} stderr={proc.stderr[-2000:]}"
+    out: dict[str, Any] = orjson.loads(lines[-1])
+    return out
+
+
+def sink_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def received_counts(path: Path) -> Counter[str]:
+    c: Counter[str] = Counter()
+    for rec in sink_log(path):
+        for r in rec["recipients"]:
+            c[r] += 1
+    return c

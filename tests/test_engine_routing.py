@@ -1,0 +1,152 @@
+"""Routing through real DNS (a dnslib server on loopback): MX preference, the
+implicit MX (A record), null MX and NXDOMAIN; static routes; multi-recipient
+transactions for identical messages; the transactional message kind."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import orjson
+from tests._engine_helpers import (
+    received_counts,
+    run_fastsend,
+    sink_log,
+    summary,
+    write_campaign,
+    write_recipients,
+)
+
+from fastsend.config import Config, Route
+from fastsend.events import EventLog
+from fastsend.queue.supervisor import Supervisor
+from fastsend.sink import SinkProcess
+from fastsend.spool.sqlite import SQLiteSpool
+from fastsend.testing.dnsserver import DNSServer
+
+
+def test_mx_routing_null_mx_nxdomain_and_implicit_mx(tmp_path: Path, dns_server: DNSServer) -> None:
+    dns_server.set_zones(
+        {
+            "good.test": [("MX", "10 mx1.good.test."), ("MX", "20 mx2.good.test.")],
+            "mx1.good.test": [("A", "127.0.0.1")],
+            "mx2.good.test": [("A", "127.0.0.1")],
+            "implicit.test": [("A", "127.0.0.1")],
+            "nullmx.test": [("MX", "0 .")],
+        }
+    )
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(
+        tmp_path,
+        ["a@good.test", "b@good.test", "c@implicit.test", "d@nullmx.test", "e@missing.test"],
+    )
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        _host, port = sink.addresses[0]
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+            '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
+        )
+        proc = run_fastsend(
+            "send",
+            str(camp),
+            "-r",
+            str(rcpts),
+            "-c",
+            str(cfg),
+            "--spool",
+            str(tmp_path / "spool"),
+            "--json",
+            "--no-dkim",
+            "--no-progress",
+            "--max-wait",
+            "1",
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary(proc)
+    assert (s["delivered"], s["bounced"]) == (3, 2)
+    assert set(received_counts(log)) == {"a@good.test", "b@good.test", "c@implicit.test"}
+    events = {
+        e["rcpt"]: e
+        for e in map(orjson.loads, (tmp_path / "spool" / "events.jsonl").read_bytes().splitlines())
+    }
+    assert events["a@good.test"]["mx"].startswith("mx1.good.test")  # preference 10 first
+    assert events["d@nullmx.test"]["enhanced"] == "5.1.10"
+    assert "null MX" in events["d@nullmx.test"]["text"]
+    assert events["e@missing.test"]["enhanced"] == "5.1.2"
+    assert ("good.test", "MX") in dns_server.resolver.queries
+
+
+def test_identical_messages_share_transactions_and_connections(tmp_path: Path) -> None:
+    camp = write_campaign(
+        tmp_path, 'from = "a@sender.example.com"\nsubject = "Same for all"\ntext = "Hello.\\n"\n'
+    )
+    addrs = [f"u{i}@same.example.net" for i in range(120)]
+    rcpts = write_recipients(tmp_path, addrs)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        host, port = sink.addresses[0]
+        proc = run_fastsend(
+            "send",
+            str(camp),
+            "-r",
+            str(rcpts),
+            "--route",
+            f"*={host}:{port}",
+            "--workers",
+            "1",
+            "--spool",
+            str(tmp_path / "spool"),
+            "--json",
+            "--no-dkim",
+            "--no-progress",
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert summary(proc)["delivered"] == 120
+    msgs = sink_log(log)
+    assert sum(len(m["recipients"]) for m in msgs) == 120
+    assert len(msgs) <= 120 // 50 + 1  # up to 50 recipients per transaction
+    assert max(len(m["recipients"]) for m in msgs) > 1
+
+
+def test_transactional_kind_raw_and_literal_messages(tmp_path: Path) -> None:
+    import asyncio
+
+    spool = SQLiteSpool(str(tmp_path / "spool"))
+    cid = spool.create_campaign({"kind": "transactional"}, name="api")
+    raw = b"From: a@sender.example.com\r\nTo: x@t.example.net\r\nSubject: raw\r\n\r\nraw body\r\n"
+    rows = [
+        (
+            "x@t.example.net",
+            "t.example.net",
+            orjson.dumps(
+                {"raw": base64.b64encode(raw).decode(), "mail_from": "a@sender.example.com"}
+            ),
+        ),
+        (
+            "y@t.example.net",
+            "t.example.net",
+            orjson.dumps(
+                {"from": "a@sender.example.com", "subject": "Hi {{ x }}", "text": "{{ not a var }}"}
+            ),
+        ),
+        ("z@t.example.net", "t.example.net", orjson.dumps({"from": "broken"})),
+    ]
+    spool.add_messages(cid, rows, time.time())
+    with SinkProcess("--save", str(tmp_path / "saved")) as sink:
+        host, port = sink.addresses[0]
+        cfg = Config()
+        cfg.spool_dir = str(tmp_path / "spool")
+        cfg.workers = 1
+        cfg.routes["*"] = Route(host, port)
+        sup = Supervisor(cfg, spool, EventLog(None), max_wait=1)
+        asyncio.run(sup.run())
+    counts = spool.counts(cid)
+    assert counts["delivered"] == 2 and counts["bounced"] == 1
+    saved = sorted((tmp_path / "saved").iterdir())
+    bodies = [p.read_bytes() for p in saved]
+    assert raw in bodies
+    literal = next(b for b in bodies if b"Subject:" in b and b"raw body" not in b)
+    assert b"Hi {{ x }}" in literal and b"{{ not a var }}" in literal
