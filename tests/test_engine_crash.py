@@ -108,7 +108,7 @@ def test_kill_9_of_the_supervisor_then_resume_loses_nothing(tmp_path: Path) -> N
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)
         # Orphaned workers notice their parent is gone and exit on their own.
-        gone, alive = psutil.wait_procs(workers, timeout=10)
+        _gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, "workers outlived their supervisor"
         before = delivered(spool)
         assert before < N, "the run finished before the kill; slow the sink down"
