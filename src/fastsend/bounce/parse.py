@@ -42,6 +42,10 @@ _VERP_RE = re.compile(r"^b-([^@]+)@", re.IGNORECASE)
 _FIELD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)\s*:\s*(.*)$")
 _DSN_MARK = re.compile(r"^(?:final|original)-recipient\s*:", re.IGNORECASE | re.MULTILINE)
 _TAG_RE = re.compile(r"<[^>]+>")
+_LIST_HOST = re.compile(r"@googlegroups\.com$", re.IGNORECASE)
+_RCPT_FIELDS = ("final-recipient", "original-recipient")
+_QUOTE_RE = re.compile(r"^[ \t]?> ?", re.MULTILINE)
+_MBOX_SPLIT = re.compile(rb"\n\n(?=From [^\n]{1,200}\n[A-Za-z-]+:)")
 
 
 @dataclass(slots=True)
@@ -167,6 +171,10 @@ def _field_blocks(text: str) -> list[dict[str, list[str]]]:
         m = _FIELD_RE.match(line)
         if m:
             last = m.group(1).lower()
+            if last in _RCPT_FIELDS and last in cur:
+                # Per-recipient groups that are not separated by a blank line.
+                blocks.append(cur)
+                cur = {}
             cur.setdefault(last, []).append(m.group(2).strip())
         elif last:
             cur[last][-1] += " " + line.strip()
@@ -329,6 +337,17 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
     for v in msg.get_all("X-Failed-Recipients") or []:
         hinted += vendors.ADDR_RE.findall(str(v))
     found = vendors.find_in_text(body, _exclusions(msg), hinted or None)
+    if not found:
+        # Nothing named in the text: the recipients of the returned message
+        # (when the text names them, their explanation is found there).
+        rcpts = _returned_recipients(parts)
+        if rcpts:
+            found = vendors.find_in_text(body, set(), rcpts)
+    if not found and _is_bounce_like(msg):
+        # A bounce sent to the failed address itself, or about postmaster@:
+        # take any address but the bounce's own sender.
+        own = {a.lower() for a in vendors.ADDR_RE.findall(_header(msg, "From"))}
+        found = vendors.find_in_text(body, own, None, allow_system=True)
     return [
         _Raw(
             recipient=f.recipient,
@@ -340,6 +359,92 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
         )
         for f in found
     ]
+
+
+_BOUNCE_SUBJECT = re.compile(
+    r"undeliver|undelivered|returned mail|delivery (?:status|fail|failure|notification|problem)"
+    r"|failure notice|mail delivery|non[- ]?delivery|could not be delivered|not delivered"
+    r"|nicht zustellbar|unzustellbar|non remis|no entregado|non recapitabile|error",
+    re.IGNORECASE,
+)
+_FORWARD_SUBJECT = re.compile(r"^\s*(?:fwd?|tr|wg|rv|i|enc|doorst)\s*:", re.IGNORECASE)
+_FORWARD_TEXT = re.compile(
+    r"(?:begin|start of) forwarded message|-{3,} ?(?:forwarded|original) message ?-{3,}",
+    re.IGNORECASE,
+)
+
+
+def _is_bounce_like(msg: email.message.Message) -> bool:
+    """From a mail system, a delivery report, or a bounce-like subject."""
+    if msg.get_content_type() == "multipart/report":
+        return True
+    sender = vendors.ADDR_RE.findall(_header(msg, "From"))
+    if sender and vendors.is_system_address(sender[0]):
+        return True
+    if re.search(r"mailer-daemon|mail delivery", _header(msg, "From"), re.IGNORECASE):
+        return True
+    return bool(_BOUNCE_SUBJECT.search(_header(msg, "Subject")))
+
+
+def _returned_recipients(parts: _Parts) -> list[str]:
+    """To/Cc addresses of the returned message (attached or quoted after the text)."""
+    sources = list(parts.returned)
+    sources += [t[len(vendors.cut_original(t)) :] for t in parts.texts]
+    for src in sources:
+        head = src.lstrip("\n").split("\n\n", 1)[0]
+        m = email.message_from_string(head + "\n\n", policy=policy.compat32)
+        rcpts = []
+        for name in ("To", "Cc"):
+            rcpts += vendors.ADDR_RE.findall(_header(m, name))
+        if rcpts:
+            return list(dict.fromkeys(rcpts))
+    return []
+
+
+def _unquote(text: str) -> str | None:
+    """The longest run of '>'-quoted lines of ``text``, unquoted (forwarded bounces)."""
+    lines = text.split("\n")
+    best: tuple[int, int] = (0, 0)
+    start = -1
+    for i, line in enumerate([*lines, ""]):
+        quoted = line.lstrip(" \t").startswith(">")
+        if quoted and start < 0:
+            start = i
+        elif not quoted and start >= 0:
+            if i - start > best[1] - best[0]:
+                best = (start, i)
+            start = -1
+    if best[1] - best[0] < 5:
+        return None
+    return "\n".join(_QUOTE_RE.sub("", ln, count=1) for ln in lines[best[0] : best[1]])
+
+
+def _inner_bounces(msg: email.message.Message, parts: _Parts) -> list[bytes]:
+    """Bounces carried inside ``msg``: forwarded as an attachment or quoted."""
+    out: list[bytes] = []
+    for ret in parts.returned:
+        inner = email.message_from_string(ret, policy=policy.compat32)
+        if _is_bounce_like(inner):
+            out.append(ret.encode("utf-8", "replace"))
+    for t in parts.texts:
+        q = _unquote(t)
+        if q is None:
+            continue
+        lines = q.lstrip("\n").split("\n")
+        if len(lines) > 2 and _FIELD_RE.match(lines[0]) and _FIELD_RE.match(lines[1]):
+            inner = email.message_from_string(q.lstrip("\n"), policy=policy.compat32)
+            if _is_bounce_like(inner):
+                out.append(q.lstrip("\n").encode("utf-8", "replace"))
+                continue
+        # Quoted text without its headers: read it as the body of a bounce.
+        out.append(b"From: MAILER-DAEMON\nSubject: Undelivered\n\n" + q.encode("utf-8", "replace"))
+    return out
+
+
+def _is_forward(msg: email.message.Message, parts: _Parts) -> bool:
+    if _FORWARD_SUBJECT.match(_header(msg, "Subject")):
+        return True
+    return any(_FORWARD_TEXT.search(t) for t in parts.texts)
 
 
 def _is_autoreply(msg: email.message.Message) -> bool:
@@ -408,6 +513,21 @@ def parse_bounce(
     """
     if not isinstance(raw, (bytes, bytearray)):
         raise TypeError(f"parse_bounce expects bytes, got {type(raw).__name__}")
+    data = bytes(raw).replace(b"\r\n", b"\n")
+    if data.startswith(b"From "):
+        # An mbox: one or more messages, each after a "From " line.
+        chunks = _MBOX_SPLIT.split(data)
+        if len(chunks) > 1:
+            out: list[BounceRecord] = []
+            for chunk in chunks:
+                out += _parse_one(chunk, rules, verp_decoder, 0)
+            return out
+    return _parse_one(data, rules, verp_decoder, 0)
+
+
+def _parse_one(
+    raw: bytes, rules: RuleSet | None, verp_decoder: VerpDecoder | None, depth: int
+) -> list[BounceRecord]:
     rs = rules or default_rules()
     msg = email.message_from_bytes(bytes(raw), policy=policy.compat32)
     parts = _collect(msg)
@@ -432,8 +552,19 @@ def parse_bounce(
             if sender
             else []
         )
+    if not raws and depth < 2 and _is_forward(msg, parts):
+        # A forwarded bounce (attached or quoted): read the bounce itself.
+        for inner in _inner_bounces(msg, parts):
+            inner_records = _parse_one(inner, rules, verp_decoder, depth + 1)
+            if inner_records:
+                return inner_records
     if not raws:
         raws = _from_text(msg, parts)
+    if not raws and depth < 2:
+        for inner in _inner_bounces(msg, parts):
+            inner_records = _parse_one(inner, rules, verp_decoder, depth + 1)
+            if inner_records:
+                return inner_records
     if not raws and _is_autoreply(msg):
         sender = vendors.ADDR_RE.findall(_header(msg, "From"))
         if sender:
@@ -452,6 +583,10 @@ def parse_bounce(
             if r.diag_type.startswith("x-unix") and reason != "mailboxfull":
                 # A local delivery program failed: the mailer, not the address.
                 reason, hard = "mailererror", False
+            elif _LIST_HOST.search(r.recipient) and not (r.reply_code or r.status):
+                # Google Groups (and the like) refusing a post: the group may not
+                # exist or the sender may not post; the text is localised.
+                reason, hard = "rejected", False
         out.append(
             BounceRecord(
                 recipient=r.recipient,

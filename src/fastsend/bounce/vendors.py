@@ -65,7 +65,7 @@ _SENDER_CONTEXT = re.compile(
     re.IGNORECASE,
 )
 _COMMANDS = (
-    (re.compile(r"\b(?:rcpt to|recipient address|>>> rcpt)|in reply to rcpt", re.I), "RCPT"),
+    (re.compile(r"\b(?:rcpt(?: to)?\b|recipient address|>>> rcpt)|in reply to rcpt", re.I), "RCPT"),
     (re.compile(r"\b(?:mail from|>>> mail)\b|in reply to mail", re.I), "MAIL"),
     (
         re.compile(
@@ -157,7 +157,9 @@ def _is_excluded(addr: str, exclude: set[str]) -> bool:
     return a in exclude or bool(_SYSTEM_LOCAL.match(a.split("@", 1)[0]))
 
 
-def candidate_addresses(section: str, exclude: set[str]) -> list[tuple[str, int, int]]:
+def candidate_addresses(
+    section: str, exclude: set[str], *, allow_system: bool = False
+) -> list[tuple[str, int, int]]:
     """(address, start, end) of each first mention of a plausible recipient."""
     seen: dict[str, tuple[str, int, int]] = {}
     senders: set[str] = set()
@@ -168,15 +170,20 @@ def candidate_addresses(section: str, exclude: set[str]) -> list[tuple[str, int,
         if _SENDER_CONTEXT.search(before):
             senders.add(key)
             continue
-        if key not in seen and not _is_excluded(addr, exclude):
+        excluded = key in exclude if allow_system else _is_excluded(addr, exclude)
+        if key not in seen and not excluded:
             seen[key] = (addr, m.start(), m.end())
     return [v for k, v in seen.items() if k not in senders]
 
 
 def find_in_text(
-    text: str, exclude: set[str], hinted: list[str] | None = None
+    text: str, exclude: set[str], hinted: list[str] | None = None, *, allow_system: bool = False
 ) -> list[TextFinding]:
-    """Recipients and their diagnostics from a free-text bounce body."""
+    """Recipients and their diagnostics from a free-text bounce body.
+
+    ``hinted`` names the recipients (e.g. from X-Failed-Recipients); else
+    they are the plausible addresses of the text. ``allow_system`` keeps
+    postmaster@ and the like (for bounces about such an address)."""
     section = cut_original(text)
     if hinted:
         found = []
@@ -185,7 +192,7 @@ def find_in_text(
             i = low.find(addr.lower())
             found.append((addr, i, i + len(addr) if i >= 0 else -1))
     else:
-        found = candidate_addresses(section, exclude)
+        found = candidate_addresses(section, exclude, allow_system=allow_system)
     out: list[TextFinding] = []
     low = section.lower()
     for addr, start, end in found:
