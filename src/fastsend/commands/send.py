@@ -24,7 +24,7 @@ from fastsend.config import ConfigError
 from fastsend.spool import QUEUED, SUPPRESSED
 from fastsend.spool.sqlite import SQLiteSpool
 
-CHUNK = 20000
+CHUNK = 5000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,9 +7,12 @@ index over pending rows (``state IN (queued, deferred)``) keyed by next attempt
 time makes "what is due" a short index range scan however many final rows the
 table holds.
 
-Durability: ``synchronous=FULL`` in WAL mode, so a commit is on disk when it
-returns; callers batch many rows per transaction (executemany), which is what
-makes that cheap. Claiming is one ``UPDATE ... RETURNING`` statement.
+Durability: WAL mode. Adding messages (what makes mail "accepted") commits with
+``synchronous=FULL``: on disk when it returns, power loss included. Claims and
+outcomes commit with ``synchronous=NORMAL``: safe against the crash of any
+process (kill -9), and after a power loss the worst case is a retried message,
+never a lost one. Callers batch many rows per transaction (executemany).
+Claiming is one ``UPDATE ... RETURNING`` statement.
 
 Single writer: a SQLiteSpool object belongs to one process (the supervisor, or
 an API listener in the same process). Other processes may open read-only views
@@ -89,13 +92,17 @@ class SQLiteSpool(Spool):
             os.makedirs(directory, exist_ok=True)
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
+            # NORMAL in WAL mode: a commit survives a crash of any process (kill -9)
+            # but not a power loss. That is enough for claims and outcomes (a lost
+            # outcome means a retry, never a loss); add_messages, which makes mail
+            # "accepted", switches to FULL for its own transaction.
+            self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             self.db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
             )
         self.db.execute("PRAGMA busy_timeout=30000")
-        self.db.execute("PRAGMA cache_size=-65536")
+        self.db.execute("PRAGMA cache_size=-16384")
 
     # -- campaigns -----------------------------------------------------------
 
@@ -157,6 +164,7 @@ class SQLiteSpool(Spool):
         if not rows:
             return []
         db = self.db
+        db.execute("PRAGMA synchronous=FULL")  # accepted means on disk, power loss included
         db.execute("BEGIN IMMEDIATE")
         try:
             first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
@@ -172,6 +180,8 @@ class SQLiteSpool(Spool):
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        finally:
+            db.execute("PRAGMA synchronous=NORMAL")
         return list(range(first, first + len(rows)))
 
     def claim_due(self, now: float, limit: int) -> list[Claimed]:

@@ -1,0 +1,89 @@
+"""Shared bits of the benches: machine description, free ports, Postfix tools."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import time
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def program(name: str) -> str:
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else ""
+    )
+    if not path:
+        raise SystemExit(f"{name} not found (apt-get install postfix)")
+    return path
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def start_smtp_sink(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [program("smtp-sink"), "-4", "-u", "nobody", "-c", f"127.0.0.1:{port}", "1024"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return proc
+
+
+def run_smtp_source(port: int, sessions: int, count: int, size: int) -> tuple[float, float]:
+    """Postfix's C load generator: returns (wall seconds, CPU seconds of the client)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            program("smtp-source"),
+            "-4",
+            "-d",
+            "-s",
+            str(sessions),
+            "-m",
+            str(count),
+            "-l",
+            str(size),
+            "-f",
+            "bench@example.com",
+            "-t",
+            "rcpt@example.net",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _pid, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"smtp-source failed with status {status}")
+    return wall, ru.ru_utime + ru.ru_stime
