@@ -27,7 +27,7 @@ import orjson
 import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import free_port, machine, run_smtp_source, start_smtp_sink  # noqa: E402
+from _common import free_port, machine, run_smtp_source, start_smtp_sink
 
 CAMPAIGN = """\
 from = "Bench <bench@sender.example.com>"
