@@ -33,10 +33,13 @@ from fastsend.message.errors import CampaignError
 from fastsend.message.headers import HeaderError, parse_mailbox, split_address
 from fastsend.message.mime import Renderer
 from fastsend.message.template import Template, TemplateError
+from fastsend.message.tracking import check_spec as check_tracking
 
 __all__ = ["BUILTIN_VARIABLES", "Campaign"]
 
 BUILTIN_VARIABLES = frozenset({"email", "message_id"})
+# Also built in when [tracking] signs unsubscribe links; otherwise a column like any other.
+TRACKED_VARIABLES = frozenset({"unsubscribe_url"})
 _TOP_KEYS = {
     "name", "description", "from", "reply_to", "to", "subject", "text", "html",
     "text_file", "html_file", "transfer_encoding", "attachments", "headers", "dkim",
@@ -122,7 +125,7 @@ class Campaign:
         tracking = d.get("tracking", {})
         if not isinstance(tracking, Mapping):
             raise CampaignError("[tracking] must be a table")
-        spec["tracking"] = dict(tracking)
+        spec["tracking"] = check_tracking(tracking)
         for key in ("return_path",):
             if key in spec:
                 _check_addr(spec[key], key)
@@ -164,7 +167,14 @@ class Campaign:
         names: set[str] = set()
         for t in self._templates.values():
             names |= t.required()
-        return names - BUILTIN_VARIABLES
+        return names - self._builtins
+
+    @property
+    def _builtins(self) -> frozenset[str]:
+        t = self._spec["tracking"]
+        if t.get("unsubscribe") and t.get("base_url"):
+            return BUILTIN_VARIABLES | TRACKED_VARIABLES
+        return BUILTIN_VARIABLES
 
     @property
     def all_variables(self) -> set[str]:
@@ -172,7 +182,7 @@ class Campaign:
         names: set[str] = set()
         for t in self._templates.values():
             names |= t.names
-        return names - BUILTIN_VARIABLES
+        return names - self._builtins
 
     def check_columns(self, columns: Iterable[str]) -> None:
         """CampaignError naming each needed variable that is not a column."""

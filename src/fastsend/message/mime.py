@@ -13,8 +13,12 @@ multipart/alternative for text + HTML, multipart/mixed around attachments.
 Boundaries start with ``=_`` which can never occur in quoted-printable or
 base64 output, so no body scan is needed.
 
-It deliberately does not do link rewriting, inline images (multipart/related)
-or S/MIME.
+With a ``[tracking]`` table (see :mod:`fastsend.message.tracking`) the HTML
+template is rewritten once here (links -> placeholders, open pixel added) and
+per recipient only the signed tracking URLs are spliced in; the
+List-Unsubscribe URL then points at fastsend's signed unsubscribe endpoint.
+
+It deliberately does not do inline images (multipart/related) or S/MIME.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastsend._accel import pick
-from fastsend.message import verp
+from fastsend.message import tracking, verp
 from fastsend.message.errors import RenderError
 from fastsend.message.headers import (
     HeaderError,
@@ -177,6 +181,7 @@ class Renderer:
         self.verp_domain: str | None = spec.get("verp_domain")
         self.verp_prefix: str = spec.get("verp_prefix", "b")
         self.return_path: str = spec.get("return_path") or self.from_addr
+        self.tracker = tracking.Tracker.from_spec(spec.get("tracking"))
         headers = [
             _Header("From", "mailbox", [Template(spec["from"])]),
         ]
@@ -190,6 +195,9 @@ class Renderer:
         self._head = headers
         tail: list[_Header] = []
         unsub = spec.get("list_unsubscribe") or {}
+        if self.tracker is not None and self.tracker.unsubscribe:
+            unsub = {**unsub, "url": self.tracker.unsubscribe_header_template().source}
+            unsub["one_click"] = True
         uris = [Template(unsub[k]) for k in ("mailto", "url") if unsub.get(k)]
         uris = [
             Template("mailto:" + t.source)
@@ -215,7 +223,10 @@ class Renderer:
         if spec.get("text") is not None:
             parts.append(_TextPart("plain", spec["text"], encoding))
         if spec.get("html") is not None:
-            parts.append(_TextPart("html", spec["html"], encoding))
+            source = spec["html"]
+            if self.tracker is not None:
+                source = self.tracker.compile_html(source)
+            parts.append(_TextPart("html", source, encoding))
         self._parts = parts
         self._alt = _new_boundary("a") if len(parts) > 1 else ""
         attachments = spec.get("attachments") or []
@@ -297,6 +308,8 @@ class Renderer:
         vs["message_id"] = message_id
         try:
             local, domain = split_address(rcpt)
+            if self.tracker is not None:
+                vs.update(self.tracker.variables(rcpt, vs, message_id))
             lines: list[tuple[str, bytes]] = [(h.lname, h.encode(vs)) for h in self._head]
             if not self._to_custom:
                 lines.append(("to", f"To: {local}@{domain}\r\n".encode()))

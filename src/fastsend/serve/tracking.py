@@ -1,16 +1,174 @@
-"""Open/click tracking and unsubscribe endpoints for `fastsend serve` (stub).
+"""Open/click tracking and unsubscribe endpoints of ``fastsend serve``.
 
-Routes are added to the serve application by `setup_tracking`; the full
-implementation follows.
+NAME
+    fastsend.serve.tracking -- setup_tracking(app, ctx): the /t/ and /u/ routes.
+
+DESCRIPTION
+    ``GET /t/o/<token>.gif``  records "opened", answers a 1x1 transparent GIF.
+    ``GET /t/c/<token>``      records "clicked", answers 302 to the URL signed
+                              inside the token.
+    ``GET /u/<token>``        a small page with a confirm button (no change:
+                              link scanners and prefetchers issue GETs).
+    ``POST /u/<token>``       unsubscribes: RFC 8058 one-click (body
+                              ``List-Unsubscribe=One-Click``) or the page's
+                              form; the address is added to the tenant's
+                              suppression list (reason "unsubscribe") and
+                              "unsubscribed" is recorded.
+
+    Tokens are verified with :func:`fastsend.message.tracking.verify`
+    (HMAC-SHA256 with ``ctx.secret``, constant-time compare). Anything forged,
+    truncated or of the wrong kind answers 404 and is never redirected, so the
+    click endpoint cannot serve as an open redirect. Opens and clicks touch no
+    database on the request path beyond one cached, indexed read that names
+    the message's campaign and tenant; the event goes to ``ctx.emit`` (the
+    buffered event log and its listeners, e.g. the webhook outbox).
+    HEAD requests are answered without recording anything.
+
+    ``setup_tracking`` also hands ``ctx.secret`` to the message renderers of
+    this process (and the workers it forks later), so links signed by workers
+    verify here.
+
+DELIBERATELY NOT HERE
+    No bot or mail-privacy-proxy filtering, no IP addresses in events, no
+    per-link statistics (they are computed from the event stream).
 """
 
 from __future__ import annotations
 
+import html
+import time
+from collections import OrderedDict
 from typing import Any
 
 from aiohttp import web
 
+from fastsend.message import tracking as tr
+from fastsend.suppression import DEFAULT_TENANT, UNSUBSCRIBE, SuppressionError
+
+__all__ = ["setup_tracking"]
+
+# The smallest transparent GIF (43 octets).
+PIXEL_GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00"
+    b"\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+_NO_STORE = {"Cache-Control": "no-store, max-age=0", "Pragma": "no-cache"}
+_TOKEN = r"{token:[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+}"
+MAX_UA = 512
+_CACHE_SIZE = 4096
+ONE_CLICK = "One-Click"
+
+
+class _Tracking:
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.secret: bytes = ctx.secret
+        self._owner: OrderedDict[int, tuple[int | None, str]] = OrderedDict()
+
+    # -- helpers --------------------------------------------------------------
+    def _check(self, token: str, kind: str) -> tuple[str, ...]:
+        got = tr.verify(self.secret, token)
+        if got is None or got[0] != kind:
+            raise web.HTTPNotFound(text="not found\n")
+        return got[1]
+
+    def owner(self, mid: str) -> tuple[int | None, str]:
+        """(campaign id, tenant) of a message id; (None, default) if unknown."""
+        if not mid.isdigit():
+            return None, DEFAULT_TENANT
+        n = int(mid)
+        hit = self._owner.get(n)
+        if hit is not None:
+            self._owner.move_to_end(n)
+            return hit
+        campaign: int | None = None
+        tenant = DEFAULT_TENANT
+        row = self.ctx.spool.db.execute("SELECT campaign FROM messages WHERE id=?", (n,)).fetchone()
+        if row is not None:
+            campaign = int(row[0])
+            try:
+                tenant = self.ctx.campaign_tenant(campaign)
+            except (KeyError, AttributeError):
+                info = self.ctx.spool.get_campaign(campaign)
+                tenant = info.tenant if info is not None else DEFAULT_TENANT
+        self._owner[n] = (campaign, tenant)
+        if len(self._owner) > _CACHE_SIZE:
+            self._owner.popitem(last=False)
+        return campaign, tenant
+
+    def _event(self, name: str, mid: str, rcpt: str, request: web.Request) -> dict[str, Any]:
+        campaign, tenant = self.owner(mid)
+        return {
+            "time": time.time(),
+            "event": name,
+            "id": int(mid) if mid.isdigit() else mid,
+            "campaign": campaign,
+            "tenant": tenant,
+            "rcpt": rcpt,
+            "user_agent": request.headers.get("User-Agent", "")[:MAX_UA],
+        }
+
+    # -- handlers -------------------------------------------------------------
+    async def open(self, request: web.Request) -> web.Response:
+        mid, rcpt = self._check(request.match_info["token"], tr.OPEN)
+        if request.method == "GET":
+            self.ctx.emit(self._event("opened", mid, rcpt, request))
+        return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=_NO_STORE)
+
+    async def click(self, request: web.Request) -> web.Response:
+        mid, rcpt, url = self._check(request.match_info["token"], tr.CLICK)
+        if not url.lower().startswith(("http://", "https://")):
+            raise web.HTTPNotFound(text="not found\n")
+        if request.method == "GET":
+            ev = self._event("clicked", mid, rcpt, request)
+            ev["url"] = url
+            self.ctx.emit(ev)
+        return web.Response(status=302, headers={"Location": url, **_NO_STORE})
+
+    async def unsubscribe_page(self, request: web.Request) -> web.Response:
+        _mid, rcpt = self._check(request.match_info["token"], tr.UNSUBSCRIBE)
+        return _page(
+            "Unsubscribe",
+            f"<p>Stop sending mail to <b>{html.escape(rcpt)}</b>?</p>"
+            '<form method="post"><input type="hidden" name="confirm" value="yes">'
+            '<button type="submit">Unsubscribe</button></form>',
+        )
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        mid, rcpt = self._check(request.match_info["token"], tr.UNSUBSCRIBE)
+        form = await request.post()
+        one_click = form.get("List-Unsubscribe") == ONE_CLICK
+        if not one_click and form.get("confirm") != "yes":
+            raise web.HTTPBadRequest(text="expected List-Unsubscribe=One-Click or confirm=yes\n")
+        _campaign, tenant = self.owner(mid)
+        try:
+            self.ctx.suppression.add(
+                rcpt, UNSUBSCRIBE, tenant=tenant, source="one-click" if one_click else "page"
+            )
+        except SuppressionError:
+            raise web.HTTPBadRequest(text="cannot unsubscribe this address\n") from None
+        ev = self._event("unsubscribed", mid, rcpt, request)
+        ev["method"] = "one-click" if one_click else "page"
+        self.ctx.emit(ev)
+        if one_click:
+            return web.Response(text="unsubscribed\n", headers=_NO_STORE)
+        return _page("Unsubscribed", f"<p>{html.escape(rcpt)} will get no more mail from us.</p>")
+
+
+def _page(title: str, body: str) -> web.Response:
+    doc = (
+        '<!doctype html><html><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width">'
+        f"<title>{title}</title></head><body>{body}</body></html>"
+    )
+    return web.Response(text=doc, content_type="text/html", headers=_NO_STORE)
+
 
 def setup_tracking(app: web.Application, ctx: Any) -> None:
-    """Add the /t/ (tracking) and /u/ (unsubscribe) routes to app."""
-    app["fastsend_tracking_ctx"] = ctx
+    """Add the /t/ (tracking) and /u/ (unsubscribe) routes to ``app``."""
+    tr.set_process_secret(ctx.secret)
+    t = _Tracking(ctx)
+    app.router.add_get("/t/o/" + _TOKEN + ".gif", t.open)  # GET and HEAD
+    app.router.add_get("/t/c/" + _TOKEN, t.click)
+    app.router.add_get("/u/" + _TOKEN, t.unsubscribe_page)
+    app.router.add_post("/u/" + _TOKEN, t.unsubscribe)
