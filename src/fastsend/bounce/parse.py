@@ -576,6 +576,10 @@ def _parse_one(
         if r.reason:
             reason, hard, rate, ipb = r.reason, False, False, False
         else:
+            generic = not r.status or r.status[1:] == ".0.0"
+            if not r.command and generic and _echoes_recipient(r.diagnostic, r.recipient):
+                # Replies to RCPT TO name the address they refuse.
+                r.command = "RCPT"
             c = rs.classify(
                 r.reply_code, r.status, r.diagnostic, command=r.command, action=r.action
             )
@@ -607,6 +611,18 @@ def _parse_one(
             )
         )
     return out
+
+
+def _echoes_recipient(diagnostic: str, recipient: str) -> bool:
+    """The SMTP reply names the recipient right after its code ("550 <a@b>: ...")."""
+    if not recipient or "@" not in recipient:
+        return False
+    pat = (
+        r"(?:\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?\s*|unknown user:?\s*)<?"
+        + re.escape(recipient)
+        + r">?(?![\w-])"
+    )
+    return re.search(pat, diagnostic, re.IGNORECASE) is not None
 
 
 def _is_unsubscribe(msg: email.message.Message) -> bool:

@@ -81,7 +81,7 @@ _COMMANDS = (
 )
 _COMMAND_CONTEXT = re.compile(
     r"(?:in reply to|after|while talking to|did not like our|>>>|error from remote mail server|but|"
-    r"smtp command:?)"
+    r"smtp command:?|smtp:(?=[a-z]))"
     r".{0,60}",
     re.IGNORECASE | re.DOTALL,
 )
