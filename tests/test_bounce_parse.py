@@ -222,6 +222,12 @@ def test_ses_json() -> None:
     )
 
 
+def test_ses_json_with_sns_footer() -> None:
+    raw = SES.rstrip(b"\n") + b"\n\n--\nIf you wish to stop receiving notifications, unsubscribe.\n"
+    (r,) = parse_bounce(raw)
+    assert (r.recipient, r.reason, r.hard) == ("x@example.org", "userunknown", True)
+
+
 def test_custom_verp_decoder() -> None:
     raw = DSN.replace(b"b-0123abcd@bounces.example.com", b"bounce+XYZ=example.org@b.example.com")
     recs = parse_bounce(

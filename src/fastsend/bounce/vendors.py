@@ -238,19 +238,19 @@ class SESRecord:
 
 
 def _load_json(text: str) -> Any:
-    text = text.strip()
-    if not text.startswith("{"):
-        i, j = text.find("{"), text.rfind("}")
-        if i < 0 or j < i:
-            return None
-        text = text[i : j + 1]
-    try:
-        return json.loads(text)
-    except ValueError:
+    # The JSON document may be followed (or preceded) by text, such as the
+    # unsubscribe footer SNS appends to e-mail notifications.
+    i = text.find("{")
+    if i < 0:
+        return None
+    text = text[i:]
+    decoder = json.JSONDecoder()
+    for candidate in (text, text.replace("\n", "")):
         try:
-            return json.loads(text.replace("\n", ""))
+            return decoder.raw_decode(candidate)[0]
         except ValueError:
-            return None
+            continue
+    return None
 
 
 def parse_ses_json(text: str) -> list[SESRecord] | None:
