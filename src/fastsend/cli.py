@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-domain": ("fastsend.authcheck.cli", "check a sending domain's MX, SPF, DKIM, DMARC and PTR records"),
     "bounce": ("fastsend.bounce.cli", "classify bounce and complaint messages (DSN, ARF, vendor formats)"),
     "suppress": ("fastsend.suppression_cli", "manage the suppression list: add, remove, list, import, export"),
+    "serve": ("fastsend.serve.main", "run the long-lived MTA: HTTP API, SMTP listeners, tracking, webhooks, metrics"),
+    "apikey": ("fastsend.serve.apikey_cli", "create, list and revoke API keys (stored hashed)"),
 }
 
 

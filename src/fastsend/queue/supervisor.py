@@ -61,6 +61,7 @@ class WorkerSlot:
     restarts: int = 0
     alive: bool = False
     counters: dict[str, float] = field(default_factory=dict)  # last wire.Stats
+    retiring: bool = False  # draining for a reload: respawn on exit, feed nothing
 
 
 @dataclass
@@ -151,6 +152,11 @@ class Supervisor:
             slot.alive = False
             self.retire(slot)
             code = os.waitstatus_to_exitcode(status)
+            if slot.retiring:  # replaced by reload(): a fresh worker on the new config
+                slot.retiring = False
+                if not (self.draining or self.stopping):
+                    self.spawn(slot)
+                continue
             if not (self.draining and code == 0) and not self.stopping:
                 print(
                     f"fastsend: worker {slot.index} (pid {slot.pid}) exited with status {code};"
@@ -178,6 +184,25 @@ class Supervisor:
                 ring.close()
         slot.inbox = slot.outbox = None
 
+    async def reload(self, config: Config) -> None:
+        """Swap in a new config (routes, shaping, ...) and replace the workers one at
+        a time: each is sent Drain, finishes its window and exits, and is forked
+        again on the new config; the others keep delivering meanwhile. The
+        worker count and the spool do not change here (they need a restart)."""
+        config.workers = self.config.workers
+        self.config = config
+        for slot in self.slots:
+            if self.draining or self.stopping:
+                return
+            if not slot.alive or slot.inbox is None:
+                continue
+            slot.ips = config.ips_for_worker(slot.index)
+            slot.retiring = True
+            slot.backlog.append(wire.encoder.encode(wire.Drain()))
+            self.push_backlog(slot)
+            while slot.retiring and not (self.draining or self.stopping):
+                await asyncio.sleep(0.02)
+
     # -- dispatch ------------------------------------------------------------
 
     def dispatch(self) -> None:
@@ -187,7 +212,7 @@ class Supervisor:
         size = self.config.delivery.batch_size
         window = self.config.delivery.window
         for slot in self.slots:
-            if not slot.alive or slot.inbox is None or slot.backlog:
+            if not slot.alive or slot.inbox is None or slot.backlog or slot.retiring:
                 continue
             room = window - len(slot.inflight)
             if room < min(size, window // 4 or 1):

@@ -1,0 +1,264 @@
+"""The HTTP API of ``fastsend serve``: the aiohttp application, its settings and rules.
+
+Routes live by concern in ``api_messages`` (POST/GET messages),
+``api_campaigns`` (campaigns, stats, suppression); this module builds the
+application and owns what every route shares:
+
+- ``[api]`` settings (:class:`ApiSettings`): listen, max_batch,
+  max_body_bytes, rate_limit, rate_burst;
+- authentication: ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``) on
+  every ``/v1`` route except the OpenAPI document; 401 without a valid key,
+  403 for another tenant's resource (:func:`require_tenant`);
+- a GCRA rate limit per key (429 with Retry-After);
+- errors: every failure is JSON ``{"error": {"status", "message", "field"}}``;
+  bad input is 400 naming the field, an oversized body 413, and an
+  unexpected exception 500 with no detail beyond a log line (never a body,
+  never a key).
+
+It never writes SQL itself: the spool, the index and the key store do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from fastsend.config import ConfigError
+from fastsend.serve.auth import KeyStore
+from fastsend.serve.context import ServeContext
+from fastsend.serve.eventindex import EventIndex
+from fastsend.throttle import Gcra
+
+log = logging.getLogger("fastsend.serve.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class ApiSettings:
+    listen: str = "127.0.0.1:8025"
+    max_batch: int = 1000  # messages (and recipients) per POST /v1/messages
+    max_body_bytes: int = 16 << 20
+    rate_limit: float = 100.0  # requests per second per key
+    rate_burst: int = 0  # 0: max(1, rate_limit)
+    max_campaign_recipients: int = 1_000_000  # per POST /v1/campaigns
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> ApiSettings:
+        t = raw.get("api", {})
+        if not isinstance(t, dict):
+            raise ConfigError("[api] must be a table")
+        s = cls()
+        for k, v in t.items():
+            if k not in s.__dataclass_fields__:
+                known = ", ".join(sorted(s.__dataclass_fields__))
+                raise ConfigError(f"[api] unknown key {k!r} (known: {known})")
+            cur = getattr(s, k)
+            if isinstance(cur, str) != isinstance(v, str) or isinstance(v, bool):
+                raise ConfigError(f"[api] {k} must be {type(cur).__name__}, got {v!r}")
+            if type(cur) is int and not isinstance(v, int):
+                raise ConfigError(f"[api] {k} must be an integer, got {v!r}")
+            if type(cur) is float and not isinstance(v, int | float):
+                raise ConfigError(f"[api] {k} must be a number, got {v!r}")
+            if isinstance(cur, float):
+                v = float(v)
+            if not isinstance(v, str) and v < 0:
+                raise ConfigError(f"[api] {k} must not be negative")
+            setattr(s, k, v)
+        host, sep, port = s.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"[api] listen must be 'HOST:PORT', got {s.listen!r}")
+        if s.max_batch < 1 or s.max_body_bytes < 1024 or s.rate_limit <= 0:
+            raise ConfigError("[api] max_batch >= 1, max_body_bytes >= 1024, rate_limit > 0")
+        return s
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, message, and the offending field if any."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+def bad(message: str, field: str | None = None) -> ApiError:
+    return ApiError(400, message, field)
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(e: ApiError, headers: dict[str, str] | None = None) -> web.Response:
+    err: dict[str, Any] = {"status": e.status, "message": e.message}
+    if e.field is not None:
+        err["field"] = e.field
+    return json_response({"error": err}, e.status, headers)
+
+
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+_NAMED = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
+
+
+def decode_body(body: bytes, typ: type[Any]) -> Any:
+    """JSON -> ``typ`` (a msgspec Struct), or a 400 naming the field."""
+    if not body.strip():
+        raise bad("empty request body: expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=typ)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        m = _AT.search(text)
+        path = m.group(1) if m else ""
+        msg = text[: m.start()] if m else text
+        named = _NAMED.search(msg)  # unknown or missing field: name it
+        if named is not None:
+            path = f"{path}.{named.group(1)}" if path else named.group(1)
+        field = path or None
+        raise bad(f"{field}: {msg}" if field else msg, field) from None
+    except msgspec.DecodeError as e:
+        raise bad(f"malformed JSON: {e}") from None
+
+
+class Api:
+    """State shared by the routes (one per application)."""
+
+    def __init__(self, ctx: ServeContext, settings: ApiSettings) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.keys = KeyStore.for_spool(ctx.config.spool_dir)
+        self.index = EventIndex(ctx.config.spool_dir)
+        ctx.events.listeners.append(self.index.listener)
+        self.limits: dict[str, Gcra] = {}
+        self.metrics: Any = None  # fastsend.serve.metrics.Metrics, when serving
+
+    def reconfigure(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self.limits.clear()
+        self.keys.forget_cache()
+
+    def limiter(self, kid: str) -> Gcra:
+        g = self.limits.get(kid)
+        if g is None:
+            s = self.settings
+            g = self.limits[kid] = Gcra(s.rate_limit, s.rate_burst or max(1, int(s.rate_limit)))
+        return g
+
+    def close(self) -> None:
+        self.index.close()
+        self.keys.close()
+
+
+API_KEY: web.AppKey[Api] = web.AppKey("fastsend_api", Api)
+TENANT: web.RequestKey[str] = web.RequestKey("fastsend_tenant", str)
+KEY_ID: web.RequestKey[str] = web.RequestKey("fastsend_key_id", str)
+
+
+def api_of(request: web.Request) -> Api:
+    return request.app[API_KEY]
+
+
+def tenant_of(request: web.Request) -> str:
+    return request[TENANT]
+
+
+def require_tenant(request: web.Request, owner: str) -> None:
+    if owner != tenant_of(request):
+        raise ApiError(403, "this resource belongs to another tenant")
+
+
+def _key_from(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("X-API-Key")
+
+
+PUBLIC = frozenset({"/v1/openapi.json"})
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        path = request.path
+        if path.startswith("/v1/") and path not in PUBLIC:
+            api = api_of(request)
+            key = _key_from(request)
+            who = api.keys.verify(key) if key else None
+            if who is None:
+                raise ApiError(401, "missing or invalid API key")
+            kid, tenant = who
+            wait = api.limiter(kid).acquire(time.monotonic())
+            if wait > 0:
+                e = ApiError(429, f"rate limit of {api.settings.rate_limit:g} requests/s exceeded")
+                return error_response(e, {"Retry-After": str(max(1, round(wait + 0.5)))})
+            request[TENANT] = tenant
+            request[KEY_ID] = kid
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e)
+    except web.HTTPRequestEntityTooLarge as e:
+        return error_response(ApiError(413, f"request body too large: {e.text}"))
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error_response(ApiError(e.status, e.reason))
+        raise
+    except Exception:
+        log.exception("fastsend serve: internal error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal error (logged on the server)"))
+
+
+async def read_body(request: web.Request) -> bytes:
+    limit = api_of(request).settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body of {request.content_length} bytes exceeds {limit}")
+    body = await request.read()  # aiohttp enforces client_max_size too
+    if len(body) > limit:
+        raise ApiError(413, f"request body exceeds {limit} bytes")
+    return body
+
+
+def int_param(value: str, name: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise bad(f"{name} must be an integer, got {value!r}", name) from None
+    if n < 1:
+        raise bad(f"{name} must be positive", name)
+    return n
+
+
+def make_app(ctx: ServeContext, settings: ApiSettings) -> web.Application:
+    """The application with every /v1 route and /metrics (tracking is added by main)."""
+    from fastsend.serve import api_campaigns, api_messages, openapi
+
+    app = web.Application(middlewares=[middleware], client_max_size=settings.max_body_bytes + 1024)
+    app[API_KEY] = Api(ctx, settings)
+    api_messages.add_routes(app)
+    api_campaigns.add_routes(app)
+    app.router.add_get("/v1/openapi.json", openapi.handler)
+
+    async def close(app: web.Application) -> None:
+        app[API_KEY].close()
+
+    app.on_cleanup.append(close)
+    return app

@@ -1,0 +1,309 @@
+"""POST /v1/messages and GET /v1/messages/{id}.
+
+A request is one message object or ``{"messages": [...]}``; each message has
+``from``, ``to`` (one address or a list), ``subject``, ``text`` and/or
+``html`` (or ``raw``: a whole MIME message), optional ``reply_to``,
+``headers``, ``tags``, ``metadata``, or instead of content a ``template``
+(an inline campaign-format object, or the id of one of the tenant's
+campaigns) with ``variables``. Every recipient becomes one spooled message
+with its own id.
+
+Everything is validated before anything is spooled: one bad message rejects
+the request with a 400 naming the field (``messages[3].to[1]``), so a
+client can fix and resend the whole batch without duplicates. The 202 answer
+comes after the spool commit (durable).
+
+Self-contained messages go to the tenant's transactional campaign (their
+content is the message's vars, taken literally by the worker); template
+messages go to a campaign holding the template (one per distinct template
+per tenant), their variables being the vars.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from fastsend.address import AddressError, normalize
+from fastsend.message import Campaign, CampaignError
+from fastsend.message.headers import HeaderError, parse_mailbox
+from fastsend.serve.api import (
+    ApiError,
+    api_of,
+    bad,
+    decode_body,
+    int_param,
+    json_response,
+    read_body,
+    require_tenant,
+    tenant_of,
+)
+
+MAX_TAGS = 20
+MAX_TAG_LEN = 128
+MAX_METADATA_BYTES = 4096
+TEMPLATE_OPTION = "template_sha256"
+
+
+class MessageIn(msgspec.Struct, forbid_unknown_fields=True):
+    to: list[str] | str
+    from_: str | None = msgspec.field(name="from", default=None)
+    reply_to: str | None = None
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    raw: str | None = None
+    headers: dict[str, str] = {}
+    tags: list[str] = []
+    metadata: dict[str, Any] = {}
+    template: int | dict[str, Any] | None = None
+    variables: dict[str, Any] = {}
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    messages: list[MessageIn]
+
+
+def _literal(v: Any) -> Any:
+    """As the worker does: user text is sent as written, never templated."""
+    if isinstance(v, str):
+        return v.replace("{{", '{{ "{{" }}')
+    if isinstance(v, dict):
+        return {k: _literal(x) for k, x in v.items()}
+    return v
+
+
+def _no_crlf(value: str, field: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise bad(f"{field}: CR, LF and NUL are not allowed in a header value", field)
+
+
+def _campaign_error(e: CampaignError, where: str) -> ApiError:
+    text = str(e)
+    head = text.split(":", 1)[0].strip()
+    field = f"{where}.{head}" if head.isidentifier() else where
+    return bad(f"{field}: {text}", field)
+
+
+class Prepared:
+    __slots__ = ("campaign", "ids", "meta", "rows", "to")
+
+    def __init__(self) -> None:
+        self.campaign = 0
+        self.rows: list[tuple[str, str, bytes]] = []
+        self.to: list[str] = []
+        self.ids: list[int] = []
+        self.meta: tuple[list[str], dict[str, Any]] | None = None
+
+
+class MessagesHandler:
+    def __init__(self) -> None:
+        # (tenant, sha256 of the template) -> campaign id
+        self.template_campaigns: dict[tuple[str, str], int] = {}
+
+    def template_campaign(self, request: web.Request, tpl: int | dict[str, Any], where: str) -> Any:
+        api = api_of(request)
+        tenant = tenant_of(request)
+        if isinstance(tpl, int):
+            info = api.ctx.spool.get_campaign(tpl)
+            if info is None or info.spec.get("kind") == "transactional":
+                raise bad(f"{where}: no template campaign {tpl}", where)
+            require_tenant(request, info.tenant)
+            return tpl, Campaign.from_dict(info.spec)
+        try:
+            camp = Campaign.from_dict(tpl)
+        except CampaignError as e:
+            raise _campaign_error(e, where) from None
+        spec = camp.to_dict()
+        digest = hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        cid = self.template_campaigns.get((tenant, digest))
+        if cid is None:
+            for info in api.ctx.spool.list_campaigns():
+                if info.tenant == tenant and info.options.get(TEMPLATE_OPTION) == digest:
+                    cid = info.id
+                    break
+            else:
+                cid = api.ctx.spool.create_campaign(
+                    spec, name=f"api-template:{digest[:12]}", tenant=tenant,
+                    options={TEMPLATE_OPTION: digest},
+                )  # fmt: skip
+            self.template_campaigns[(tenant, digest)] = cid
+        return cid, camp
+
+    def prepare(self, request: web.Request, m: MessageIn, where: str, budget: int) -> Prepared:
+        p = Prepared()
+        to = [m.to] if isinstance(m.to, str) else m.to
+        if not to:
+            raise bad(f"{where}.to: at least one recipient is needed", f"{where}.to")
+        if len(to) > budget:
+            raise ApiError(
+                413, f"{where}.to: more recipients than [api] max_batch allows", f"{where}.to"
+            )
+        for j, a in enumerate(to):
+            try:
+                addr, domain = normalize(a)
+            except AddressError as e:
+                raise bad(f"{where}.to[{j}]: {e}", f"{where}.to[{j}]") from None
+            p.to.append(addr)
+            p.rows.append((addr, domain, b""))
+        if len(m.tags) > MAX_TAGS or any(len(t) > MAX_TAG_LEN for t in m.tags):
+            raise bad(
+                f"{where}.tags: at most {MAX_TAGS} tags of {MAX_TAG_LEN} characters",
+                f"{where}.tags",
+            )
+        if m.tags or m.metadata:
+            if len(orjson.dumps(m.metadata)) > MAX_METADATA_BYTES:
+                raise bad(
+                    f"{where}.metadata: larger than {MAX_METADATA_BYTES} bytes", f"{where}.metadata"
+                )
+            p.meta = (m.tags, m.metadata)
+        if m.template is not None:
+            for k in ("subject", "text", "html", "raw", "from_", "reply_to"):
+                if getattr(m, k) is not None:
+                    name = k.rstrip("_")
+                    raise bad(f"{where}.{name}: not allowed with template", f"{where}.{name}")
+            if m.headers:
+                raise bad(f"{where}.headers: not allowed with template", f"{where}.headers")
+            cid, camp = self.template_campaign(request, m.template, f"{where}.template")
+            try:
+                camp.check_columns(set(m.variables) | {"email"})
+            except CampaignError as e:
+                raise bad(f"{where}.variables: {e}", f"{where}.variables") from None
+            p.campaign = cid
+            vars_ = orjson.dumps(m.variables)
+        else:
+            p.campaign = api_of(request).ctx.tenant_campaign(tenant_of(request))
+            vars_ = self.content(m, where)
+        p.rows = [(a, d, vars_) for a, d, _ in p.rows]
+        return p
+
+    def content(self, m: MessageIn, where: str) -> bytes:
+        if m.from_ is None:
+            raise bad(f"{where}.from: required", f"{where}.from")
+        _no_crlf(m.from_, f"{where}.from")
+        try:
+            _, from_addr = parse_mailbox(m.from_)
+        except HeaderError as e:
+            raise bad(f"{where}.from: {e}", f"{where}.from") from None
+        if m.raw is not None:
+            for k in ("subject", "text", "html", "reply_to"):
+                if getattr(m, k) is not None:
+                    raise bad(f"{where}.{k}: not allowed with raw", f"{where}.{k}")
+            if m.headers:
+                raise bad(f"{where}.headers: not allowed with raw", f"{where}.headers")
+            raw = m.raw.encode("utf-8", "surrogateescape")
+            if b"\n\n" not in raw and b"\r\n\r\n" not in raw:
+                raise bad(f"{where}.raw: no blank line between header and body", f"{where}.raw")
+            return orjson.dumps({"raw": base64.b64encode(raw).decode(), "mail_from": from_addr})
+        if m.subject is None:
+            raise bad(f"{where}.subject: required", f"{where}.subject")
+        if m.text is None and m.html is None:
+            raise bad(f"{where}.text: text or html (or raw) is required", f"{where}.text")
+        _no_crlf(m.subject, f"{where}.subject")
+        spec: dict[str, Any] = {"from": m.from_, "subject": m.subject}
+        if m.reply_to is not None:
+            _no_crlf(m.reply_to, f"{where}.reply_to")
+            spec["reply_to"] = m.reply_to
+        if m.text is not None:
+            spec["text"] = m.text
+        if m.html is not None:
+            spec["html"] = m.html
+        if m.headers:
+            for name, value in m.headers.items():
+                _no_crlf(value, f"{where}.headers.{name}")
+            spec["headers"] = m.headers
+        try:
+            Campaign.from_dict(_literal(spec))
+        except CampaignError as e:
+            if "header" in str(e):
+                raise bad(f"{where}.headers: {e}", f"{where}.headers") from None
+            raise _campaign_error(e, where) from None
+        return orjson.dumps(spec)
+
+    async def post(self, request: web.Request) -> web.Response:
+        api = api_of(request)
+        body = await read_body(request)
+        if b'"messages"' in body:
+            try:
+                batch = decode_body(body, BatchIn)
+                messages, prefix = batch.messages, "messages"
+            except ApiError as e:
+                if e.field is not None or "messages" not in e.message:
+                    raise
+                messages, prefix = [decode_body(body, MessageIn)], ""
+        else:
+            messages, prefix = [decode_body(body, MessageIn)], ""
+        if not messages:
+            raise bad("messages: at least one message is needed", "messages")
+        limit = api.settings.max_batch
+        if len(messages) > limit:
+            raise ApiError(413, f"messages: {len(messages)} messages, [api] max_batch is {limit}")
+        budget = limit
+        prepared: list[Prepared] = []
+        for i, m in enumerate(messages):
+            where = f"{prefix}[{i}]" if prefix else "$"
+            p = self.prepare(request, m, where if prefix else "message", budget)
+            budget -= len(p.rows)
+            prepared.append(p)
+        # Spool: one transaction per campaign (usually one for the whole request).
+        by_campaign: dict[int, list[Prepared]] = {}
+        for p in prepared:
+            by_campaign.setdefault(p.campaign, []).append(p)
+        metrics = api.metrics
+        for cid, group in by_campaign.items():
+            rows = [r for p in group for r in p.rows]
+            ids = api.ctx.inject(cid, rows)
+            k = 0
+            for p in group:
+                p.ids = ids[k : k + len(p.rows)]
+                k += len(p.rows)
+            if metrics is not None:
+                metrics.accepted(len(rows))
+        meta = [(mid, p.meta[0], p.meta[1]) for p in prepared if p.meta for mid in p.ids]
+        if meta:
+            api.index.add_meta(meta)
+        api.index.maybe_flush()
+        out = [{"ids": p.ids, "to": p.to} for p in prepared]
+        return json_response(
+            {"accepted": sum(len(p.ids) for p in prepared), "messages": out}, status=202
+        )
+
+    async def get(self, request: web.Request) -> web.Response:
+        api = api_of(request)
+        mid = int_param(request.match_info["id"], "id")
+        row = api.ctx.spool.message(mid)
+        if row is None:
+            raise ApiError(404, f"no message {mid}")
+        require_tenant(request, api.ctx.campaign_tenant(row["campaign"]))
+        tags, metadata = api.index.meta(mid)
+        return json_response(
+            {
+                "id": mid,
+                "campaign": row["campaign"],
+                "to": row["rcpt"],
+                "state": row["state"],
+                "attempts": row["attempts"],
+                "created": row["created"],
+                "updated": row["updated"],
+                "next_attempt": row["next_at"] if row["state"] in ("queued", "deferred") else None,
+                "last_reply": {
+                    "code": row["last_code"],
+                    "enhanced": row["last_enhanced"],
+                    "text": row["last_text"],
+                },
+                "tags": tags,
+                "metadata": metadata,
+                "events": api.index.for_message(mid),
+            }
+        )
+
+
+def add_routes(app: web.Application) -> None:
+    h = MessagesHandler()
+    app.router.add_post("/v1/messages", h.post)
+    app.router.add_get("/v1/messages/{id}", h.get)

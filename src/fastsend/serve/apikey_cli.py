@@ -1,0 +1,85 @@
+"""``fastsend apikey``: create, list and revoke API keys of ``fastsend serve``.
+
+    fastsend apikey create --tenant NAME [--note TEXT] -c fastsend.toml
+    fastsend apikey list [--tenant NAME] [--json] -c fastsend.toml
+    fastsend apikey revoke KEY_ID -c fastsend.toml
+
+``create`` prints the new key once on stdout (only its SHA-256 is stored, in
+``<spool>/apikeys.db``); nothing else ever prints a key. A running server
+picks up revocations on SIGHUP (or at once for keys it has not seen yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import orjson
+
+from fastsend.config import ConfigError, load
+from fastsend.serve.auth import AuthError, KeyStore
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="config file (TOML): its [spool] dir holds the keys")
+    common.add_argument("--spool", help="spool directory (instead of -c)")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = sub.add_parser("create", parents=[common], help="create a key (printed once)")
+    c.add_argument("--tenant", required=True, help="tenant the key may act for")
+    c.add_argument("--note", default="", help="a free-text note (who, what for)")
+    ls = sub.add_parser("list", parents=[common], help="list keys (ids and tenants, never keys)")
+    ls.add_argument("--tenant", help="only this tenant's keys")
+    ls.add_argument("--json", action="store_true", help="JSON lines")
+    r = sub.add_parser("revoke", parents=[common], help="revoke a key by its id")
+    r.add_argument("key_id", help="the id shown by list (the 8 characters after fs_)")
+
+
+def _spool_dir(args: argparse.Namespace) -> str:
+    if args.spool:
+        return str(args.spool)
+    if not args.config:
+        raise ConfigError("give -c CONFIG or --spool DIR")
+    return load(args.config).spool_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        store = KeyStore.for_spool(_spool_dir(args))
+    except ConfigError as e:
+        print(f"fastsend apikey: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "create":
+            key, rec = store.create(args.tenant, args.note)
+            print(key)
+            print(
+                f"fastsend apikey: created key {rec.id} for tenant {rec.tenant!r};"
+                " it is shown only this once",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            for k in store.list(args.tenant):
+                if args.json:
+                    sys.stdout.write(orjson.dumps(_as_dict(k)).decode())
+                    sys.stdout.write("\n")
+                else:
+                    state = "revoked" if k.revoked else "active"
+                    made = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created))
+                    print(f"{k.id}\t{k.tenant}\t{state}\t{made}Z\t{k.note}")
+        elif args.action == "revoke":
+            if not store.revoke(args.key_id):
+                print(f"fastsend apikey: no active key {args.key_id!r}", file=sys.stderr)
+                return 1
+            print(f"fastsend apikey: revoked {args.key_id}", file=sys.stderr)
+    except AuthError as e:
+        print(f"fastsend apikey: {e}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
+def _as_dict(k: object) -> dict[str, object]:
+    return {s: getattr(k, s) for s in ("id", "tenant", "created", "revoked", "note")}

@@ -1,0 +1,145 @@
+"""API keys: created once, stored hashed, checked in constant time, scoped to a tenant.
+
+A key is ``fs_<id>_<secret>``: ``id`` is a short public handle (it names the
+row and appears in listings and logs), ``secret`` is 32 random bytes in
+URL-safe base64. ``<spool>/apikeys.db`` (SQLite) stores only SHA-256 of the
+whole key: a key is 256 bits of randomness, so a fast hash is as strong as a
+slow one here (no dictionary to attack), and checking costs microseconds per
+request. Lookup is by id, then :func:`hmac.compare_digest` on the hashes, so
+timing says nothing about how much of a guess was right.
+
+The key itself is printed once by ``fastsend apikey create`` and never stored
+or logged. This module knows nothing of HTTP: :mod:`fastsend.serve.api` turns a
+failed check into 401 and a tenant mismatch into 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+
+PREFIX = "fs_"
+_KEY_RE = re.compile(r"^fs_([a-z0-9]{8})_([A-Za-z0-9_-]{43})$")
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS apikeys (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL,
+    note TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+class AuthError(ValueError):
+    """A bad tenant name or key id (the message says which)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    tenant: str
+    created: float
+    revoked: float | None
+    note: str
+
+
+def check_tenant(tenant: str) -> str:
+    if not _TENANT_RE.fullmatch(tenant):
+        raise AuthError(
+            f"bad tenant name {tenant!r}: 1-64 of letters, digits, '.', '_', '-'"
+            " (starting with a letter or digit)"
+        )
+    return tenant
+
+
+def _hash(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class KeyStore:
+    """``apikeys.db``: one row per key (hash only). One object per thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(_SCHEMA)
+        try:
+            os.chmod(path, 0o600)
+        except OSError:
+            pass
+        self._cache: dict[str, tuple[bytes, str, float | None]] = {}
+
+    @classmethod
+    def for_spool(cls, spool_dir: str) -> KeyStore:
+        return cls(os.path.join(spool_dir, "apikeys.db"))
+
+    def create(self, tenant: str, note: str = "") -> tuple[str, ApiKey]:
+        """A new key for ``tenant``: returns (the key, shown once; its record)."""
+        check_tenant(tenant)
+        while True:
+            kid = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+            key = f"{PREFIX}{kid}_{secrets.token_urlsafe(32)}"
+            now = time.time()
+            try:
+                self.db.execute(
+                    "INSERT INTO apikeys(id, tenant, hash, created, note) VALUES (?,?,?,?,?)",
+                    (kid, tenant, _hash(key), now, note),
+                )
+            except sqlite3.IntegrityError:
+                continue  # id collision: draw again
+            return key, ApiKey(kid, tenant, now, None, note)
+
+    def list(self, tenant: str | None = None) -> list[ApiKey]:
+        sql = "SELECT id, tenant, created, revoked, note FROM apikeys"
+        args: tuple[str, ...] = ()
+        if tenant is not None:
+            sql += " WHERE tenant=?"
+            args = (tenant,)
+        return [ApiKey(*r) for r in self.db.execute(sql + " ORDER BY created", args)]
+
+    def revoke(self, kid: str) -> bool:
+        cur = self.db.execute(
+            "UPDATE apikeys SET revoked=? WHERE id=? AND revoked IS NULL", (time.time(), kid)
+        )
+        self._cache.pop(kid, None)
+        return cur.rowcount > 0
+
+    def verify(self, key: str) -> tuple[str, str] | None:
+        """(key id, tenant) for a valid, unrevoked key; None otherwise."""
+        m = _KEY_RE.fullmatch(key)
+        if m is None:
+            return None
+        kid = m.group(1)
+        row = self._cache.get(kid)
+        if row is None:
+            r = self.db.execute(
+                "SELECT hash, tenant, revoked FROM apikeys WHERE id=?", (kid,)
+            ).fetchone()
+            if r is None:
+                # Same work as a hit, so a missing id costs the same time.
+                hmac.compare_digest(_hash(key), b"\0" * 32)
+                return None
+            row = self._cache[kid] = (bytes(r[0]), r[1], r[2])
+        stored, tenant, revoked = row
+        if not hmac.compare_digest(_hash(key), stored) or revoked is not None:
+            return None
+        return kid, tenant
+
+    def forget_cache(self) -> None:
+        """Drop cached rows (after SIGHUP, so revocations by the CLI take effect)."""
+        self._cache.clear()
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,151 @@
+"""The per-message event index: ``<spool>/events.db`` for GET /v1/messages/{id} and /v1/stats.
+
+An :class:`~fastsend.events.EventLog` listener: every event the serving
+process emits (accepted and suppressed from injection, delivered / deferred /
+bounced / expired from the supervisor, opened / clicked / ... from tracking)
+is buffered here and written to SQLite in one transaction every
+``FLUSH_EVERY`` seconds (or at once when a reader asks), with the columns
+the stats queries group by. ``synchronous=NORMAL``: the JSON-lines log and
+the spool are the durable records; this index is a query aid that can be
+rebuilt from the log.
+
+Tags and metadata given at injection live in the ``meta`` table (one row per
+message that has any).
+
+It never decides anything about delivery and is never read by the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+FLUSH_EVERY = 0.2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    msg INTEGER NOT NULL,
+    time REAL NOT NULL,
+    event TEXT NOT NULL,
+    campaign INTEGER NOT NULL DEFAULT 0,
+    domain TEXT NOT NULL DEFAULT '',
+    source_ip TEXT NOT NULL DEFAULT '',
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_msg ON events(msg);
+CREATE INDEX IF NOT EXISTS events_time ON events(time);
+CREATE TABLE IF NOT EXISTS meta (
+    msg INTEGER PRIMARY KEY,
+    tags BLOB NOT NULL,
+    metadata BLOB NOT NULL
+);
+"""
+
+
+class EventIndex:
+    def __init__(self, spool_dir: str) -> None:
+        self.path = os.path.join(spool_dir, "events.db")
+        os.makedirs(spool_dir, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        self.pending: list[tuple[Any, ...]] = []
+        self.pending_meta: list[tuple[int, bytes, bytes]] = []
+        self.last_flush = time.monotonic()
+
+    # -- writing -------------------------------------------------------------
+
+    def listener(self, events: list[dict[str, Any]]) -> None:
+        """The EventLog listener: buffer rows (cheap; no I/O here)."""
+        dumps = orjson.dumps
+        add = self.pending.append
+        for e in events:
+            mid = e.get("id")
+            if not isinstance(mid, int):
+                continue  # campaign-level events (paused, ...) are not per message
+            rcpt = e.get("rcpt") or ""
+            add(
+                (
+                    mid,
+                    e.get("time") or time.time(),
+                    str(e.get("event", "")),
+                    int(e.get("campaign") or 0),
+                    rcpt.rpartition("@")[2].lower() if isinstance(rcpt, str) else "",
+                    str(e.get("source_ip") or ""),
+                    dumps(e),
+                )
+            )
+
+    def add_meta(self, rows: Iterable[tuple[int, list[str], dict[str, Any]]]) -> None:
+        dumps = orjson.dumps
+        self.pending_meta.extend((mid, dumps(tags), dumps(md)) for mid, tags, md in rows)
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.pending and not self.pending_meta:
+            return
+        rows, self.pending = self.pending, []
+        meta, self.pending_meta = self.pending_meta, []
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            if rows:
+                db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
+            if meta:
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?,?)", meta)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- reading -------------------------------------------------------------
+
+    def for_message(self, mid: int) -> list[dict[str, Any]]:
+        self.flush()
+        rows = self.db.execute(
+            "SELECT data FROM events WHERE msg=? ORDER BY time, rowid", (mid,)
+        ).fetchall()
+        return [orjson.loads(r[0]) for r in rows]
+
+    def meta(self, mid: int) -> tuple[list[str], dict[str, Any]]:
+        self.flush()
+        r = self.db.execute("SELECT tags, metadata FROM meta WHERE msg=?", (mid,)).fetchone()
+        if r is None:
+            return [], {}
+        return orjson.loads(r[0]), orjson.loads(r[1])
+
+    def stats(
+        self, since: float, campaigns: list[int] | None, by: str
+    ) -> list[tuple[str, str, int]]:
+        """(group, event, count) over events since ``since``; ``by`` is
+        campaign, domain or source_ip; ``campaigns`` limits to a tenant's."""
+        if by not in ("campaign", "domain", "source_ip"):
+            raise ValueError(by)
+        self.flush()
+        sql = f"SELECT {by}, event, COUNT(*) FROM events WHERE time >= ?"
+        args: list[Any] = [since]
+        if campaigns is not None:
+            if not campaigns:
+                return []
+            sql += f" AND campaign IN ({','.join('?' * len(campaigns))})"
+            args.extend(campaigns)
+        sql += f" GROUP BY {by}, event"
+        return [(str(g), str(e), int(n)) for g, e, n in self.db.execute(sql, args)]
+
+    def prune(self, before: float) -> int:
+        cur = self.db.execute("DELETE FROM events WHERE time < ?", (before,))
+        return int(cur.rowcount)
+
+    def close(self) -> None:
+        self.flush()
+        self.db.close()

@@ -1,0 +1,211 @@
+"""``fastsend serve -c fastsend.toml``: the long-lived MTA process.
+
+One process on the standard asyncio loop runs, side by side:
+
+- the engine's :class:`~fastsend.queue.supervisor.Supervisor` with
+  ``until_idle=False`` as a task (it forks the uvloop workers and feeds them
+  from the spool; the API wakes it after each injection);
+- the HTTP server (aiohttp): the ``/v1`` API, ``/metrics``, and the tracking
+  and unsubscribe routes of :mod:`fastsend.serve.tracking`;
+- the webhook dispatcher and the SMTP listeners (submission, bounce intake).
+
+Signals:
+
+- SIGTERM (or the first SIGINT): drain. The listeners stop accepting, HTTP
+  requests in progress finish (each answers only after its commit), the
+  supervisor claims nothing new and lets the workers finish their windows,
+  then the process exits 0. Whatever is still queued stays in the spool for
+  the next start. A second SIGTERM/SIGINT stops at once (windows go back to
+  queued).
+- SIGHUP: re-read the config file; routes, shaping, API limits and the
+  suppression list take effect, workers are replaced one at a time by
+  drain + respawn (no delivery connection is cut mid-transaction), HTTP
+  connections stay open. A config with an error is reported and ignored.
+
+It prints one line to stderr when ready (with the startup time) and logs no
+API keys, message bodies or secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from fastsend.config import Config, ConfigError, load
+
+log = logging.getLogger("fastsend.serve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    p.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="accept and spool only: run no supervisor or workers (an ingest-only node)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load(args.config)
+        from fastsend.serve.api import ApiSettings
+
+        ApiSettings.from_raw(cfg.raw)
+    except ConfigError as e:
+        print(f"fastsend serve: {e}", file=sys.stderr)
+        return 2
+    server = Server(args.config, cfg, workers=not args.no_workers, t0=t0)
+    # The standard asyncio loop: the supervisor forks workers from inside it
+    # (a child forked from a running uvloop loop cannot run its own uvloop).
+    with asyncio.Runner() as runner:
+        return runner.run(server.main())
+
+
+class Server:
+    def __init__(self, config_path: str, cfg: Config, *, workers: bool, t0: float) -> None:
+        self.config_path = config_path
+        self.cfg = cfg
+        self.with_workers = workers
+        self.t0 = t0
+        self.stop_event = asyncio.Event()
+        self.terms = 0
+        self.reloading: asyncio.Task[None] | None = None
+
+    async def main(self) -> int:
+        from aiohttp import web
+
+        from fastsend.queue.supervisor import Supervisor
+        from fastsend.serve.api import API_KEY, ApiSettings, make_app
+        from fastsend.serve.context import open_context
+        from fastsend.serve.listeners import start_listeners
+        from fastsend.serve.metrics import Metrics
+        from fastsend.serve.tracking import setup_tracking
+        from fastsend.serve.webhooks import WebhookDispatcher
+
+        cfg = self.cfg
+        settings = ApiSettings.from_raw(cfg.raw)
+        ctx = self.ctx = open_context(cfg)
+        sup = (
+            Supervisor(cfg, ctx.spool, ctx.events, until_idle=False) if self.with_workers else None
+        )
+        ctx.supervisor = sup
+        app = make_app(ctx, settings)
+        self.api = app[API_KEY]
+        metrics = self.api.metrics = Metrics(ctx, sup)
+        if sup is not None:
+            sup.result_hooks.append(metrics.on_result)
+        app.router.add_get("/metrics", metrics.handler)
+        setup_tracking(app, ctx)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = settings.host_port
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+        try:
+            await site.start()
+        except OSError as e:
+            print(f"fastsend serve: cannot listen on {settings.listen}: {e}", file=sys.stderr)
+            await runner.cleanup()
+            ctx.close()
+            return 2
+        webhooks = WebhookDispatcher(ctx)
+        await webhooks.start()
+        listeners: list[Any] = await start_listeners(ctx)
+        sup_task: asyncio.Task[Any] | None = None
+        if sup is not None:
+            sup_task = asyncio.create_task(sup.run(), name="supervisor")
+            await asyncio.sleep(0)  # run() installs its signal handlers; ours replace them
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_term, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.on_hup)
+        ticker = asyncio.create_task(self.tick(), name="tick")
+        print(
+            f"fastsend serve: ready in {time.monotonic() - self.t0:.2f}s; API on"
+            f" http://{host}:{port}/v1 (pid {os.getpid()},"
+            f" {cfg.worker_count if sup else 0} workers)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await self.stop_event.wait()
+        # Drain: stop accepting, finish requests in progress, then the supervisor.
+        t_drain = time.monotonic()
+        for srv in listeners:
+            srv.close()
+        await runner.cleanup()  # closes the listening socket, waits for handlers
+        for srv in listeners:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 10)
+            except TimeoutError:
+                pass
+        if sup is not None and sup_task is not None:
+            if not sup_task.done():
+                sup.on_signal(signal.SIGTERM if self.terms < 2 else signal.SIGINT)
+            try:
+                await sup_task
+            except Exception:
+                log.exception("supervisor failed")
+        ticker.cancel()
+        await webhooks.stop()
+        ctx.close()
+        print(
+            f"fastsend serve: stopped after draining for {time.monotonic() - t_drain:.2f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 0
+
+    async def tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                self.api.index.maybe_flush()
+                self.ctx.events.flush()
+            except Exception:
+                log.exception("periodic flush failed")
+
+    def on_term(self, signum: int) -> None:
+        self.terms += 1
+        if self.terms == 1:
+            print("fastsend serve: draining (send SIGTERM again to stop now)", file=sys.stderr)
+            self.stop_event.set()
+        elif self.ctx.supervisor is not None:
+            self.ctx.supervisor.on_signal(signal.SIGINT)
+
+    def on_hup(self) -> None:
+        if self.reloading is not None and not self.reloading.done():
+            log.warning("SIGHUP: a reload is still in progress; ignored")
+            return
+        self.reloading = asyncio.create_task(self.reload(), name="reload")
+
+    async def reload(self) -> None:
+        from fastsend.serve.api import ApiSettings
+        from fastsend.suppression import SuppressionList
+
+        try:
+            cfg = load(self.config_path)
+            settings = ApiSettings.from_raw(cfg.raw)
+        except ConfigError as e:
+            print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
+            return
+        ctx = self.ctx
+        if settings.listen != self.api.settings.listen:
+            log.warning("SIGHUP: [api] listen changed; it takes effect at the next start")
+            settings.listen = self.api.settings.listen
+        old_supp = ctx.suppression
+        ctx.suppression = SuppressionList(os.path.join(ctx.config.spool_dir, "suppression.db"))
+        old_supp.close()
+        cfg.spool_dir = ctx.config.spool_dir  # the spool cannot move under a running server
+        ctx.config = cfg
+        self.api.reconfigure(settings)
+        sup = ctx.supervisor
+        if sup is not None:
+            await sup.reload(cfg)
+        print("fastsend serve: configuration reloaded", file=sys.stderr, flush=True)

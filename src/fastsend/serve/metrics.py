@@ -1,0 +1,208 @@
+"""GET /metrics: Prometheus text format (0.0.4), aggregated in the supervisor's process.
+
+Sources, none costing more than a counter increment per message:
+
+- outcomes: a :attr:`Supervisor.result_hooks` hook counts each attempt's
+  outcome by state, destination domain, source IP and reply code (domains
+  beyond ``MAX_DOMAINS`` distinct ones are counted as ``other``, so label
+  cardinality stays bounded);
+- workers: ``sup.slots[i].counters`` (connections opened/failed, ... and
+  DKIM signing time when the worker reports it), shipped by each worker over
+  its result ring about once a second, plus restarts and liveness;
+- the spool: messages per state and the queue's age buckets (cached for
+  ``SPOOL_TTL`` seconds: they are queries, not counters), and the latency of
+  each spool write (``record_results`` and ``add_messages`` are wrapped with a
+  timer into a histogram);
+- the API: recipients accepted.
+
+Written by hand rather than with prometheus-client: every value already
+lives in plain dicts here and is rendered on scrape, so a registry of
+collector objects would add a global and a per-label lookup per outcome
+without saving code (the format is ~20 lines).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from fastsend.spool import AGE_BUCKETS_MIN, STATE_NAMES
+
+MAX_DOMAINS = 200
+SPOOL_TTL = 5.0
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(d: dict[str, str]) -> str:
+    if not d:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in d.items()) + "}"
+
+
+class Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, v: float) -> None:
+        i = 0
+        while i < len(LATENCY_BUCKETS) and v > LATENCY_BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += v
+        self.n += 1
+
+    def lines(self, name: str, labels: dict[str, str]) -> list[str]:
+        out = []
+        acc = 0
+        for le, c in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            acc += c
+            le_text = "+Inf" if le == float("inf") else f"{le:g}"
+            out.append(f"{name}_bucket{_labels({**labels, 'le': le_text})} {acc}")
+        out.append(f"{name}_sum{_labels(labels)} {self.sum:.6f}")
+        out.append(f"{name}_count{_labels(labels)} {self.n}")
+        return out
+
+
+class Metrics:
+    def __init__(self, ctx: Any, sup: Any) -> None:
+        self.ctx = ctx
+        self.sup = sup
+        self.started = time.time()
+        self.outcomes: dict[tuple[str, str], int] = {}  # (state, domain)
+        self.by_ip: dict[tuple[str, str], int] = {}  # (state, source_ip)
+        self.codes: dict[int, int] = {}
+        self.accepted_total = 0
+        self.spool_write: dict[str, Histogram] = {}
+        self._spool_cache: tuple[float, list[str]] = (0.0, [])
+        spool = ctx.spool
+        for op in ("record_results", "add_messages"):
+            setattr(spool, op, self._timed(op, getattr(spool, op)))
+
+    def _timed(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        h = self.spool_write.setdefault(op, Histogram())
+
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                h.observe(time.perf_counter() - t)
+
+        return wrapper
+
+    # -- hooks (hot path: a few dict increments) -------------------------------
+
+    def on_result(self, claimed: Any, res: Any, state: int) -> None:
+        name = STATE_NAMES.get(state, "other")
+        dom = claimed.domain
+        key = (name, dom)
+        n = self.outcomes.get(key)
+        if n is None:
+            if len(self.outcomes) >= MAX_DOMAINS * 4:
+                key = (name, "other")
+                n = self.outcomes.get(key, 0)
+            else:
+                n = 0
+        self.outcomes[key] = n + 1
+        ipkey = (name, res.source_ip or "")
+        self.by_ip[ipkey] = self.by_ip.get(ipkey, 0) + 1
+        self.codes[res.code] = self.codes.get(res.code, 0) + 1
+
+    def accepted(self, n: int) -> None:
+        self.accepted_total += n
+
+    # -- rendering -------------------------------------------------------------
+
+    def spool_lines(self) -> list[str]:
+        now = time.monotonic()
+        at, lines = self._spool_cache
+        if now - at < SPOOL_TTL and lines:
+            return lines
+        lines = ["# HELP fastsend_messages Messages in the spool by state.",
+                 "# TYPE fastsend_messages gauge"]  # fmt: skip
+        for state, n in self.ctx.spool.counts().items():
+            lines.append(f"fastsend_messages{_labels({'state': state})} {n}")
+        totals = [0] * (len(AGE_BUCKETS_MIN) + 1)
+        for _dom, buckets in self.ctx.spool.queue_shape(time.time()):
+            for i, c in enumerate(buckets):
+                totals[i] += c
+        lines += ["# HELP fastsend_queue_age Pending messages by age (minutes, upper bound).",
+                  "# TYPE fastsend_queue_age gauge"]  # fmt: skip
+        for le, c in zip((*AGE_BUCKETS_MIN, "+Inf"), totals, strict=True):
+            lines.append(f"fastsend_queue_age{_labels({'le_minutes': str(le)})} {c}")
+        lines.append(f"fastsend_queue_depth {sum(totals)}")
+        self._spool_cache = (now, lines)
+        return lines
+
+    def render(self) -> str:
+        out: list[str] = [
+            "# HELP fastsend_up 1 while the server runs.",
+            "# TYPE fastsend_up gauge",
+            "fastsend_up 1",
+            f"fastsend_start_time_seconds {self.started:.3f}",
+            "# HELP fastsend_api_accepted_total Recipients accepted by POST /v1/messages.",
+            "# TYPE fastsend_api_accepted_total counter",
+            f"fastsend_api_accepted_total {self.accepted_total}",
+            "# HELP fastsend_outcomes_total Delivery attempt outcomes by new state and domain.",
+            "# TYPE fastsend_outcomes_total counter",
+        ]
+        for (state, dom), n in sorted(self.outcomes.items()):
+            out.append(f"fastsend_outcomes_total{_labels({'state': state, 'domain': dom})} {n}")
+        out += ["# HELP fastsend_outcomes_by_ip_total Outcomes by new state and source IP.",
+                "# TYPE fastsend_outcomes_by_ip_total counter"]  # fmt: skip
+        for (state, ip), n in sorted(self.by_ip.items()):
+            out.append(
+                f"fastsend_outcomes_by_ip_total{_labels({'state': state, 'source_ip': ip})} {n}"
+            )
+        out += ["# HELP fastsend_reply_codes_total SMTP reply codes of final replies (0: none).",
+                "# TYPE fastsend_reply_codes_total counter"]  # fmt: skip
+        for code, n in sorted(self.codes.items()):
+            out.append(f"fastsend_reply_codes_total{_labels({'code': str(code)})} {n}")
+        out += ["# HELP fastsend_spool_write_seconds Latency of spool write transactions.",
+                "# TYPE fastsend_spool_write_seconds histogram"]  # fmt: skip
+        for op, h in sorted(self.spool_write.items()):
+            out += h.lines("fastsend_spool_write_seconds", {"op": op})
+        sup = self.sup
+        if sup is not None:
+            out += ["# HELP fastsend_worker_up 1 if the worker process is alive.",
+                    "# TYPE fastsend_worker_up gauge"]  # fmt: skip
+            names: set[str] = set()
+            for s in sup.slots:
+                out.append(f"fastsend_worker_up{_labels({'worker': str(s.index)})} {int(s.alive)}")
+                names.update(s.counters)
+            out += ["# TYPE fastsend_worker_restarts_total counter"]
+            for s in sup.slots:
+                w = _labels({"worker": str(s.index)})
+                out.append(f"fastsend_worker_restarts_total{w} {s.restarts}")
+                out.append(f"fastsend_worker_inflight{w} {len(s.inflight)}")
+            for name in sorted(names):
+                metric = "fastsend_worker_" + "".join(c if c.isalnum() else "_" for c in name)
+                out.append(f"# TYPE {metric} counter")
+                for s in sup.slots:
+                    if name in s.counters:
+                        out.append(
+                            f"{metric}{_labels({'worker': str(s.index)})} {s.counters[name]:g}"
+                        )
+            st = sup.stats.as_dict()
+            out.append("# TYPE fastsend_supervisor_events_total counter")
+            for k, v in sorted(st.items()):
+                out.append(f"fastsend_supervisor_events_total{_labels({'kind': k})} {v}")
+        out += self.spool_lines()
+        return "\n".join(out) + "\n"
+
+    async def handler(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=self.render(), content_type="text/plain", charset="utf-8",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )  # fmt: skip
