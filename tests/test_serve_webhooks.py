@@ -1,0 +1,229 @@
+"""Webhooks: a receiver written here verifies signatures; the outbox survives restarts.
+
+Real parts: a ServeContext on a temporary spool (its event log feeds the
+dispatcher), an aiohttp receiver on loopback, the dispatcher's aiohttp client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from fastsend.config import from_dict
+from fastsend.serve.context import ServeContext, open_context
+from fastsend.serve.webhooks import Outbox, WebhookConfig, WebhookDispatcher, sign_payload
+
+SECRET = "whsec-test-secret-0123456789"
+
+
+class Receiver:
+    """A webhook endpoint as a customer would write it: verify, then store."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+        self.status = 200
+        self.events: list[dict[str, Any]] = []
+        self.batches: list[int] = []
+        self.bad_signatures = 0
+        self.attempts = 0
+        self.server: TestServer | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.attempts += 1
+        body = await request.read()
+        header = request.headers.get("Fastsend-Signature", "")
+        try:
+            parts = dict(kv.split("=", 1) for kv in header.split(","))
+            t, v1 = parts["t"], parts["v1"]
+        except (KeyError, ValueError):
+            self.bad_signatures += 1
+            return web.Response(status=400)
+        want = hmac.new(self.secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(want, v1) or abs(time.time() - int(t)) > 300:
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        if self.status != 200:
+            return web.Response(status=self.status)
+        batch = orjson.loads(body)
+        assert isinstance(batch, list)
+        first, last = request.headers["Fastsend-Batch"].split("-")
+        assert [batch[0]["event_id"], batch[-1]["event_id"]] == [int(first), int(last)]
+        self.batches.append(len(batch))
+        self.events.extend(batch)
+        return web.Response(status=204)
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+        return str(self.server.make_url("/hook"))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+
+def _ctx(tmp_path: Path, urls: list[str], **extra: Any) -> ServeContext:
+    hooks = {"urls": urls, "secret": SECRET, "batch_size": 3, "retry_min": 0.02}
+    hooks.update({"retry_max": 0.1, "flush_interval": 0.01, **extra})
+    return open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}, "webhooks": hooks}))
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def _emit(ctx: ServeContext, names: list[str], start: int = 0) -> None:
+    for i, name in enumerate(names, start):
+        ctx.emit({"event": name, "id": i, "rcpt": f"r{i}@example.org"})
+
+
+def test_signed_batches_in_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        rx = Receiver(SECRET)
+        url = await rx.start()
+        ctx = _ctx(tmp_path, [url])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            names = ["accepted", "delivered", "deferred", "bounced", "complained"]
+            names += ["opened", "clicked", "unsubscribed"]
+            _emit(ctx, names)
+            await _until(lambda: len(rx.events) == len(names))
+            assert [e["event"] for e in rx.events] == names
+            assert [e["id"] for e in rx.events] == list(range(len(names)))
+            ids = [e["event_id"] for e in rx.events]
+            assert ids == sorted(set(ids))
+            assert max(rx.batches) <= 3 and rx.bad_signatures == 0
+            assert d.outbox is not None
+            await _until(lambda: d.outbox is not None and d.outbox.pending() == 0)
+        finally:
+            await d.stop()
+            ctx.close()
+            await rx.close()
+
+    asyncio.run(main())
+
+
+def test_wrong_secret_is_refused_by_receiver_and_retried(tmp_path: Path) -> None:
+    async def main() -> None:
+        rx = Receiver("another-secret-entirely-xx")
+        url = await rx.start()
+        ctx = _ctx(tmp_path, [url])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            _emit(ctx, ["bounced"])
+            await _until(lambda: rx.bad_signatures >= 2)  # refused, then retried
+            assert rx.events == []
+            assert d.outbox is not None and d.outbox.pending() == 1  # nothing lost
+        finally:
+            await d.stop()
+            ctx.close()
+            await rx.close()
+
+    asyncio.run(main())
+
+
+def test_outbox_survives_restart_and_outage(tmp_path: Path) -> None:
+    async def main() -> None:
+        rx = Receiver(SECRET)
+        url = await rx.start()
+        rx.status = 503  # the endpoint is down
+        ctx = _ctx(tmp_path, [url])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        _emit(ctx, ["accepted"] * 5)
+        await _until(lambda: rx.attempts >= 3)
+        _emit(ctx, ["delivered"] * 2, start=5)  # still in memory when we stop
+        await d.stop()
+        ctx.close()
+        assert rx.events == []
+        box = Outbox(str(tmp_path / "spool" / "webhooks.db"))
+        assert box.pending() == 7  # durable across the stop
+        box.close()
+
+        # A new process: new context, new dispatcher; the endpoint comes back.
+        rx.status = 200
+        ctx2 = _ctx(tmp_path, [url])
+        d2 = WebhookDispatcher(ctx2)
+        await d2.start()
+        try:
+            await _until(lambda: len(rx.events) >= 7)
+            assert [e["id"] for e in rx.events] == list(range(7))
+            assert rx.bad_signatures == 0
+            await _until(lambda: d2.outbox is not None and d2.outbox.pending() == 0)
+        finally:
+            await d2.stop()
+            ctx2.close()
+            await rx.close()
+
+    asyncio.run(main())
+
+
+def test_one_endpoint_down_does_not_block_another(tmp_path: Path) -> None:
+    async def main() -> None:
+        up, down = Receiver(SECRET), Receiver(SECRET)
+        u1, u2 = await up.start(), await down.start()
+        down.status = 500
+        ctx = _ctx(tmp_path, [u1, u2], events=["bounced", "complained"])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            _emit(ctx, ["bounced", "delivered", "complained", "opened"])
+            await _until(lambda: len(up.events) == 2)
+            assert [e["event"] for e in up.events] == ["bounced", "complained"]
+            assert down.events == []
+            assert d.outbox is not None and d.outbox.pending(u2) == 2
+            assert d.outbox.pending() == 2  # kept until the second URL has them
+            down.status = 200
+            await _until(lambda: len(down.events) == 2)
+            await _until(lambda: d.outbox is not None and d.outbox.pending() == 0)
+        finally:
+            await d.stop()
+            ctx.close()
+            await up.close()
+            await down.close()
+
+    asyncio.run(main())
+
+
+def test_config_and_signature_helpers(tmp_path: Path) -> None:
+    assert sign_payload(b"k" * 16, b"[]", 1700000000) == (
+        "t=1700000000,v1=" + hmac.new(b"k" * 16, b"1700000000.[]", hashlib.sha256).hexdigest()
+    )
+    assert not WebhookConfig.from_raw({}).urls
+    with pytest.raises(ValueError, match="secret"):
+        WebhookConfig.from_raw({"webhooks": {"urls": ["http://127.0.0.1:1/"]}})
+    with pytest.raises(ValueError, match="unknown"):
+        WebhookConfig.from_raw({"webhooks": {"url": "x"}})
+    with pytest.raises(ValueError, match="urls"):
+        WebhookConfig.from_raw({"webhooks": {"urls": ["ftp://x"], "secret": SECRET}})
+    key = tmp_path / "wh.key"
+    key.write_text(SECRET + "\n")
+    c = WebhookConfig.from_raw(
+        {"webhooks": {"urls": "https://h.example/", "secret_file": str(key)}}
+    )
+    assert c.urls == ["https://h.example/"] and c.secret == SECRET.encode()
+    # No URLs: start/stop are no-ops and nothing listens to the event log.
+    ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "s")}}))
+    d = WebhookDispatcher(ctx)
+    asyncio.run(d.start())
+    assert ctx.events.listeners == []
+    asyncio.run(d.stop())
+    ctx.close()
