@@ -34,22 +34,25 @@ from = "Bench <bench@sender.example.com>"
 subject = "Your report, {{ name }}"
 text = \"\"\"Hello {{ name }},
 
-Account {{ account }}.
-{{ filler }}
+Account {{ account }}, plan {{ plan }}.
+FILLER
 \"\"\"
 """
 
 
 def write_inputs(tmp: str, n: int, size: int) -> tuple[str, str]:
+    """A ~size-byte message: a static body with three per-recipient variables
+    (how real campaigns personalise), and an n-row CSV list."""
     camp = os.path.join(tmp, "campaign.toml")
-    with open(camp, "w") as f:
-        f.write(CAMPAIGN)
-    rcpts = os.path.join(tmp, f"r{n}.csv")
     filler = ("lorem ipsum dolor sit amet " * (size // 27 + 1))[: max(0, size - 450)]
+    with open(camp, "w") as f:
+        f.write(CAMPAIGN.replace("FILLER", filler))
+    rcpts = os.path.join(tmp, f"r{n}.csv")
+    plans = ("free", "pro", "team")
     with open(rcpts, "w") as f:
-        f.write("email,name,account,filler\n")
+        f.write("email,name,account,plan\n")
         for i in range(n):
-            f.write(f"user{i}@d{i % 100}.example.net,Name{i},A{i:09d},{filler}\n")
+            f.write(f"user{i}@d{i % 100}.example.net,Name{i},A{i:09d},{plans[i % 3]}\n")
     return camp, rcpts
 
 
