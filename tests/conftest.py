@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,21 @@ import pytest
 from fastsend.testing.dnsserver import DNSServer
 
 IN_CI = bool(os.environ.get("CI") or os.environ.get("FASTSEND_CI"))
+
+
+def bounce_corpus() -> Path | None:
+    """The labelled bounce corpus (read-only, beside the repo): ../shared/corpora/bounces,
+    or FASTSEND_BOUNCE_CORPUS. None when this checkout has no shared/ beside it
+    (it is data, not something CI can install, so tests skip then)."""
+    candidates = [
+        os.environ.get("FASTSEND_BOUNCE_CORPUS", ""),
+        str(Path(__file__).resolve().parent.parent.parent / "shared" / "corpora" / "bounces"),
+        "/work/shared/corpora/bounces",
+    ]
+    for c in candidates:
+        if c and (Path(c) / "labels.json").exists():
+            return Path(c)
+    return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
