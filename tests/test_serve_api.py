@@ -305,3 +305,33 @@ def test_api_key_on_app(tmp_path: Any) -> None:
     assert app[API_KEY].settings.max_batch == 1000
     app[API_KEY].close()
     ctx.close()
+
+
+def test_openapi_covers_every_route(tmp_path: Any) -> None:
+    async def t(c: Client) -> None:
+        st, doc = await c.req("GET", "/v1/openapi.json", tenant=None)
+        assert st == 200 and doc["openapi"].startswith("3.")
+        paths = doc["paths"]
+        app = make_app(c.ctx, ApiSettings())
+        routes = set()
+        for route in app.router.routes():
+            info = route.resource.canonical if route.resource else ""
+            if route.method == "HEAD":
+                continue
+            for p in (
+                [info.replace("{action}", a) for a in ("pause", "resume", "cancel")]
+                if "{action}" in info
+                else [info]
+            ):
+                routes.add((p, route.method.lower()))
+        assert routes
+        for p, method in routes:
+            assert method in paths.get(p, {}), (p, method)
+            op = paths[p][method]
+            assert op["summary"] and op["responses"]
+            for ref in orjson.dumps(op).decode().split('"$ref":"')[1:]:
+                name = ref.split('"')[0].rsplit("/", 1)[1]
+                assert name in doc["components"]["schemas"], name
+        app[API_KEY].close()
+
+    arun(tmp_path, t)

@@ -1,9 +1,317 @@
-"""Campaigns, stats and suppression routes of the HTTP API (filled in below)."""
+"""Campaigns, stats and the suppression list in the HTTP API.
+
+- ``POST /v1/campaigns``: ``{"name", "template": {campaign fields}, "recipients":
+  [{"email": ..., variables...}], "paused": false}``; the template is validated
+  like a campaign file, every recipient row is checked (address, variables the
+  template needs); with ``"strict": true`` one bad row rejects the request.
+- ``POST /v1/campaigns/{id}/recipients``: more recipients, as JSON
+  (``{"recipients": [...]}``), CSV with a header row (``text/csv``) or JSON
+  lines (``application/x-ndjson``), parsed by :mod:`fastsend.recipients`;
+  ``?strict=1`` as above. Answers after the rows are durable.
+- ``GET /v1/campaigns`` and ``GET /v1/campaigns/{id}`` (counts per state and
+  progress), ``POST /v1/campaigns/{id}/pause|resume|cancel``.
+- ``GET /v1/stats?window=1h&by=campaign|domain|source_ip``: events per group
+  over the window and their rates, from the event index.
+- ``GET/POST /v1/suppressions``, ``DELETE /v1/suppressions/{address}``: the
+  tenant's suppression list.
+
+All of it is scoped to the key's tenant (403 for another tenant's campaign).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import tempfile
+import time
+from typing import Any
+
+import msgspec
+import orjson
 from aiohttp import web
+
+from fastsend import recipients
+from fastsend.address import AddressError, normalize
+from fastsend.message import Campaign, CampaignError
+from fastsend.serve.api import (
+    ApiError,
+    api_of,
+    bad,
+    decode_body,
+    int_param,
+    json_response,
+    read_body,
+    require_tenant,
+    tenant_of,
+)
+from fastsend.suppression import MANUAL, SuppressionError
+from fastsend.suppression import normalize as suppression_key
+
+CHUNK = 20_000
+MAX_REPORTED = 100
+WINDOWS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800}
+
+
+class CampaignIn(msgspec.Struct, forbid_unknown_fields=True):
+    template: dict[str, Any]
+    name: str = ""
+    recipients: list[dict[str, Any]] = []
+    paused: bool = False
+    strict: bool = False
+
+
+class RecipientsIn(msgspec.Struct, forbid_unknown_fields=True):
+    recipients: list[dict[str, Any]]
+
+
+class SuppressIn(msgspec.Struct, forbid_unknown_fields=True):
+    addresses: list[str]
+    reason: str = MANUAL
+    expires_in: float | None = None
+
+
+def _own_campaign(request: web.Request) -> Any:
+    api = api_of(request)
+    cid = int_param(request.match_info["id"], "id")
+    info = api.ctx.spool.get_campaign(cid)
+    if info is None:
+        raise ApiError(404, f"no campaign {cid}")
+    require_tenant(request, info.tenant)
+    return info
+
+
+def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
+    counts = api.ctx.spool.counts(info.id)
+    total = sum(counts.values())
+    done = sum(counts[s] for s in ("delivered", "bounced", "suppressed", "expired", "cancelled"))
+    return {
+        "id": info.id,
+        "name": info.name,
+        "kind": info.spec.get("kind", "template"),
+        "status": info.status,
+        "created": info.created,
+        "counts": counts,
+        "total": total,
+        "progress": round(done / total, 4) if total else 0.0,
+    }
+
+
+async def _spool_rows(
+    request: web.Request, cid: int, rows: list[Any], strict: bool, camp: Campaign
+) -> web.Response:
+    """rows: recipient rows or BadRow; spool the good ones (or none when strict)."""
+    api = api_of(request)
+    badrows = [r for r in rows if isinstance(r, recipients.BadRow)]
+    if badrows and strict:
+        first = badrows[0]
+        raise bad(
+            f"recipients: {len(badrows)} bad row(s); first: {first}; nothing was spooled",
+            f"recipients[{first.line - 1}]",
+        )
+    good = [(r[1], r[2], r[3]) for r in rows if not isinstance(r, recipients.BadRow)]
+    accepted = 0
+    for i in range(0, len(good), CHUNK):
+        accepted += len(api.ctx.inject(cid, good[i : i + CHUNK]))
+        await asyncio.sleep(0)  # let other requests in between chunks
+    if api.metrics is not None:
+        api.metrics.accepted(accepted)
+    return json_response(
+        {
+            "id": cid,
+            "accepted": accepted,
+            "rejected": len(badrows),
+            "errors": [{"row": b.line, "error": b.error} for b in badrows[:MAX_REPORTED]],
+        },
+        status=202 if accepted or not badrows else 400,
+    )
+
+
+def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
+    rows: list[Any] = []
+    needed = camp.variables - {"email", "message_id"}
+    for n, obj in enumerate(items, start=1):
+        obj = dict(obj)
+        email = obj.pop("email", None)
+        missing = needed - set(obj)
+        if missing:
+            rows.append(recipients.BadRow(n, f"missing variables: {', '.join(sorted(missing))}"))
+            continue
+        if not isinstance(email, str):
+            rows.append(recipients.BadRow(n, "missing or non-text email"))
+            continue
+        try:
+            addr, domain = normalize(email)
+        except AddressError as e:
+            rows.append(recipients.BadRow(n, str(e)))
+            continue
+        variables = {
+            k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in obj.items()
+        }
+        rows.append((n, addr, domain, orjson.dumps(variables)))
+    return rows
+
+
+async def create_campaign(request: web.Request) -> web.Response:
+    api = api_of(request)
+    body = decode_body(await read_body(request), CampaignIn)
+    try:
+        camp = Campaign.from_dict(body.template)
+    except CampaignError as e:
+        raise bad(f"template: {e}", "template") from None
+    rows = _json_rows(body.recipients, camp)
+    if body.strict and any(isinstance(r, recipients.BadRow) for r in rows):
+        first = next(r for r in rows if isinstance(r, recipients.BadRow))
+        raise bad(f"recipients[{first.line - 1}]: {first.error}", f"recipients[{first.line - 1}]")
+    cid = api.ctx.spool.create_campaign(
+        camp.to_dict(), name=body.name, tenant=tenant_of(request), options={"api": True}
+    )
+    api.ctx.spool.set_campaign_status(cid, "paused" if body.paused else "active")
+    resp = await _spool_rows(request, cid, rows, body.strict, camp)
+    resp.set_status(201)
+    return resp
+
+
+async def add_recipients(request: web.Request) -> web.Response:
+    api = api_of(request)
+    info = _own_campaign(request)
+    if info.spec.get("kind") == "transactional":
+        raise bad("id: a transactional campaign takes messages, not recipient lists", "id")
+    if info.status == "cancelled":
+        raise ApiError(409, f"campaign {info.id} is cancelled")
+    camp = Campaign.from_dict(info.spec)
+    strict = request.query.get("strict", "") in ("1", "true", "yes")
+    ctype = request.content_type
+    body = await read_body(request)
+    if ctype in ("text/csv", "application/x-ndjson", "application/jsonl", "application/x-jsonl"):
+        fd, path = tempfile.mkstemp(
+            suffix=".csv" if ctype == "text/csv" else ".jsonl", dir=api.ctx.config.spool_dir
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            try:
+                cols = recipients.columns(path)
+                camp.check_columns(cols | {"email"})
+                rows = list(recipients.read(path))
+            except (recipients.RecipientsError, CampaignError) as e:
+                raise bad(f"recipients: {e}", "recipients") from None
+            except UnicodeDecodeError:
+                raise bad("recipients: not UTF-8 text", "recipients") from None
+        finally:
+            os.unlink(path)
+    else:
+        rows = _json_rows(decode_body(body, RecipientsIn).recipients, camp)
+    return await _spool_rows(request, info.id, rows, strict, camp)
+
+
+async def get_campaign(request: web.Request) -> web.Response:
+    return json_response(_campaign_view(api_of(request), _own_campaign(request)))
+
+
+async def list_campaigns(request: web.Request) -> web.Response:
+    api = api_of(request)
+    tenant = tenant_of(request)
+    out = [
+        {"id": c.id, "name": c.name, "status": c.status, "created": c.created,
+         "kind": c.spec.get("kind", "template")}
+        for c in api.ctx.spool.list_campaigns() if c.tenant == tenant
+    ]  # fmt: skip
+    return json_response({"campaigns": out})
+
+
+async def set_status(request: web.Request) -> web.Response:
+    api = api_of(request)
+    info = _own_campaign(request)
+    action = request.match_info["action"]
+    status = {"pause": "paused", "resume": "active", "cancel": "cancelled"}[action]
+    if info.status == "cancelled" and status != "cancelled":
+        raise ApiError(409, f"campaign {info.id} is cancelled; it cannot be resumed")
+    api.ctx.spool.set_campaign_status(info.id, status)
+    api.ctx.emit(
+        {"event": f"campaign_{status}", "campaign": info.id, "tenant": info.tenant,
+         "source": "api"}
+    )  # fmt: skip
+    if status == "active" and api.ctx.supervisor is not None:
+        api.ctx.supervisor.wake.set()
+    info.status = status
+    return json_response(_campaign_view(api, info))
+
+
+async def stats(request: web.Request) -> web.Response:
+    api = api_of(request)
+    w = request.query.get("window", "1h")
+    if w not in WINDOWS:
+        raise bad(f"window must be one of {', '.join(WINDOWS)}", "window")
+    by = request.query.get("by", "campaign")
+    if by not in ("campaign", "domain", "source_ip"):
+        raise bad("by must be campaign, domain or source_ip", "by")
+    tenant = tenant_of(request)
+    mine = [c.id for c in api.ctx.spool.list_campaigns() if c.tenant == tenant]
+    seconds = WINDOWS[w]
+    groups: dict[str, dict[str, Any]] = {}
+    for g, event, n in api.index.stats(time.time() - seconds, mine, by):
+        grp = groups.setdefault(g, {"counts": {}, "rates_per_s": {}})
+        grp["counts"][event] = n
+        grp["rates_per_s"][event] = round(n / seconds, 4)
+    return json_response({"window": w, "window_s": seconds, "by": by, "groups": groups})
+
+
+async def list_suppressions(request: web.Request) -> web.Response:
+    api = api_of(request)
+    limit = int_param(request.query.get("limit", "1000"), "limit")
+    out = []
+    for i, e in enumerate(api.ctx.suppression.list(tenant=tenant_of(request))):
+        if i >= limit:
+            break
+        d = e.to_dict()
+        d.pop("tenant", None)
+        out.append(d)
+    return json_response({"suppressions": out, "count": len(out)})
+
+
+async def add_suppressions(request: web.Request) -> web.Response:
+    api = api_of(request)
+    body = decode_body(await read_body(request), SuppressIn)
+    if not body.addresses:
+        raise bad("addresses: at least one address", "addresses")
+    if len(body.addresses) > api.settings.max_batch:
+        raise ApiError(413, f"addresses: more than [api] max_batch ({api.settings.max_batch})")
+    for i, a in enumerate(body.addresses):
+        try:
+            suppression_key(a)
+        except SuppressionError as e:
+            raise bad(f"addresses[{i}]: {e}", f"addresses[{i}]") from None
+    try:
+        entries = api.ctx.suppression.add_many(
+            body.addresses, body.reason, tenant=tenant_of(request), source="api",
+            expires_in=body.expires_in,
+        )  # fmt: skip
+    except SuppressionError as e:
+        field = "expires_in" if "expires" in str(e) else "reason"
+        raise bad(f"{field}: {e}", field) from None
+    return json_response({"added": len(entries)}, status=201)
+
+
+async def remove_suppression(request: web.Request) -> web.Response:
+    api = api_of(request)
+    addr = request.match_info["address"]
+    try:
+        gone = api.ctx.suppression.remove(addr, tenant=tenant_of(request))
+    except SuppressionError as e:
+        raise bad(f"address: {e}", "address") from None
+    if not gone:
+        raise ApiError(404, "address is not on the suppression list")
+    return json_response({"removed": addr})
 
 
 def add_routes(app: web.Application) -> None:
-    return None
+    r = app.router
+    r.add_post("/v1/campaigns", create_campaign)
+    r.add_get("/v1/campaigns", list_campaigns)
+    r.add_get("/v1/campaigns/{id}", get_campaign)
+    r.add_post("/v1/campaigns/{id}/recipients", add_recipients)
+    r.add_post("/v1/campaigns/{id}/{action:pause|resume|cancel}", set_status)
+    r.add_get("/v1/stats", stats)
+    r.add_get("/v1/suppressions", list_suppressions)
+    r.add_post("/v1/suppressions", add_suppressions)
+    r.add_delete("/v1/suppressions/{address}", remove_suppression)
