@@ -196,3 +196,42 @@ def test_sigterm_keeps_accepted_mail(tmp_path: Path) -> None:
     spool.close()
     assert counts["queued"] + counts["deferred"] == 20, counts
     assert counts["inflight"] == 0
+
+
+def test_example_config_is_valid() -> None:
+    from fastsend.config import load
+    from fastsend.serve.api import ApiSettings
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "fastsend.toml"
+    cfg = load(str(path))
+    s = ApiSettings.from_raw(cfg.raw)
+    assert s.host_port == ("127.0.0.1", 8025)
+    assert cfg.route_for("example.org") is not None
+    try:
+        from fastsend.serve.webhooks import WebhookConfig
+    except ImportError:  # pragma: no cover (the webhooks area not there yet)
+        return
+    WebhookConfig.from_raw(cfg.raw)
+
+
+def test_apikey_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastsend.cli import main
+    from fastsend.serve.auth import KeyStore
+
+    spool = str(tmp_path / "spool")
+    assert main(["apikey", "create", "--tenant", "acme", "--note", "ci", "--spool", spool]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("fs_")
+    store = KeyStore.for_spool(spool)
+    assert store.verify(key) == (key.split("_")[1], "acme")
+    raw = (tmp_path / "spool" / "apikeys.db").read_bytes()
+    assert key.encode() not in raw and key.split("_")[2].encode() not in raw
+    store.close()
+    assert main(["apikey", "list", "--spool", spool]) == 0
+    listing = capsys.readouterr().out
+    assert "acme" in listing and key not in listing and key.split("_")[2] not in listing
+    assert main(["apikey", "revoke", key.split("_")[1], "--spool", spool]) == 0
+    store = KeyStore.for_spool(spool)
+    assert store.verify(key) is None
+    store.close()
+    assert main(["apikey", "create", "--tenant", "bad name", "--spool", spool]) == 2
