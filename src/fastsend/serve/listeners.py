@@ -1,11 +1,574 @@
-"""SMTP submission and bounce/complaint intake listeners (stub; full version follows)."""
+"""SMTP listeners of ``fastsend serve``: authenticated submission, bounce and FBL intake.
+
+NAME
+    fastsend.serve.listeners -- start_listeners(ctx), hash_password, process_report.
+
+CONFIG
+    [submission]
+    listen = "0.0.0.0:587"            # or a list of HOST:PORT
+    tls_cert = "/etc/fastsend/smtp.crt"; tls_key = "/etc/fastsend/smtp.key"   # required
+    hostname = "smtp.example.com"; max_size = 26214400
+    [submission.users]               # optional: tenant = hash_password("...") output
+    acme = "pbkdf2_sha256$200000$<salt b64>$<hash b64>"
+
+    [intake]
+    listen = "0.0.0.0:25"
+    verp_domain = "bounces.example.com"   # any local part: VERP return paths
+    fbl_address = "fbl@example.com"       # feedback-loop (ARF) reports
+    hostname = "mx.example.com"; max_size = 10485760
+    tls_cert/tls_key                       # optional: offer STARTTLS
+
+DESCRIPTION
+    Both listeners are ``asyncio.Protocol`` connections around the sans-I/O
+    :class:`fastsend.smtp.server.ServerProtocol`, as the test sink is: the
+    foundation's server already does STARTTLS (session reset, no plaintext
+    carried over), AUTH PLAIN/LOGIN, PIPELINING, BDAT and refuses SMTP
+    smuggling, so aiosmtpd would add a second SMTP stack and nothing else.
+
+    Submission: STARTTLS, then AUTH (offered only under TLS and required
+    before MAIL). The user name is the tenant; the password is one of the
+    tenant's API keys (``fs_...``, checked against the key store of
+    :mod:`fastsend.serve.auth`) or matches the tenant's entry in
+    ``[submission.users]`` (PBKDF2-SHA256, checked off the event loop). Three
+    failed attempts close the connection. Each accepted message is spooled
+    with ``ctx.inject`` into the tenant's transactional campaign, one row per
+    recipient with vars ``{"raw": base64 MIME, "mail_from": ...}``; the 250
+    (naming the spool ids) is sent only after inject returned, i.e. once the
+    rows are durable. A spool error answers 451 and keeps nothing half done.
+
+    Intake: accepts RCPT only for ``@verp_domain`` and ``fbl_address``.
+    Each message is parsed with :func:`fastsend.bounce.parse_bounce`; for each
+    record the original message is found (VERP id from the record or the
+    envelope recipient, else a Message-ID ``<id@...>`` or X-Fastsend-Id whose
+    spool row has the same recipient), then "bounced" (reason, hard, status,
+    code, text), "complained" or "unsubscribed" is emitted and the suppression
+    list is updated with ``suppress_from`` (hard bounces and complaints) in the
+    message's tenant (``default`` when the message is unknown). ARF reports of
+    type auth-failure or not-spam are recorded as "feedback" and suppress
+    nothing. Delivery
+    notices and auto-replies are dropped. Reports are always answered 250:
+    refusing a bounce only makes another bounce.
+
+DELIBERATELY NOT HERE
+    No relaying (intake never forwards), no sender-domain policy per tenant,
+    no Received header, no spool state changes for asynchronous bounces (the
+    event stream carries them). VERP ids are unsigned spool ids, so a forged
+    bounce naming a real id can suppress that message's recipient.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
+
+from fastsend.bounce import BounceRecord, parse_bounce
+from fastsend.message import verp
+from fastsend.message.headers import HeaderError, encode_domain
+from fastsend.smtp.server import (
+    AuthRequest,
+    DataStart,
+    Hello,
+    MailFrom,
+    Message,
+    RcptTo,
+    ServerConfig,
+    ServerProtocol,
+    StartTLS,
+    _NeedData,
+)
+from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
+
+__all__ = [
+    "IntakeConfig",
+    "SubmissionConfig",
+    "hash_password",
+    "process_report",
+    "start_listeners",
+    "verify_password",
+]
+
+log = logging.getLogger("fastsend.listeners")
+MAX_AUTH_FAILURES = 3
+NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
+PBKDF2_ITERATIONS = 200_000
+
+
+# ---------------------------------------------------------------- passwords
+def hash_password(password: str, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """``pbkdf2_sha256$<iterations>$<salt b64>$<hash b64>`` for [submission.users]."""
+    salt = os.urandom(16)
+    dk = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    b64 = base64.b64encode
+    return f"pbkdf2_sha256${iterations}${b64(salt).decode()}${b64(dk).decode()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Constant-time check of ``password`` against a :func:`hash_password` string."""
+    try:
+        algo, iters, salt, want = stored.split("$")
+        if algo != "pbkdf2_sha256":
+            return False
+        dk = hashlib.pbkdf2_hmac(
+            "sha256", password.encode("utf-8"), base64.b64decode(salt), int(iters)
+        )
+        return hmac.compare_digest(dk, base64.b64decode(want))
+    except (ValueError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------- config
+def _listen(value: Any, where: str) -> list[tuple[str, int]]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"[{where}] listen must be 'HOST:PORT' or a list of them")
+    out = []
+    for it in items:
+        host, sep, port = str(it).rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"[{where}] listen {it!r}: expected HOST:PORT")
+        out.append((host.strip("[]") or "0.0.0.0", int(port)))
+    return out
+
+
+def _ssl_context(cert: str | None, key: str | None, where: str) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError(f"[{where}] give both tls_cert and tls_key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _table(raw: dict[str, Any], name: str, known: set[str]) -> dict[str, Any] | None:
+    t = raw.get(name)
+    if t is None:
+        return None
+    if not isinstance(t, dict):
+        raise ValueError(f"[{name}] must be a table")
+    bad = set(t) - known
+    if bad:
+        raise ValueError(f"unknown [{name}] keys: {', '.join(sorted(bad))}")
+    return t
+
+
+@dataclass
+class SubmissionConfig:
+    listen: list[tuple[str, int]]
+    ssl: ssl.SSLContext
+    hostname: str = "localhost"
+    max_size: int = 25 * 1024 * 1024
+    users: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> SubmissionConfig | None:
+        known = {"listen", "tls_cert", "tls_key", "hostname", "max_size", "users"}
+        t = _table(raw, "submission", known)
+        if t is None or "listen" not in t:
+            return None
+        ctx = _ssl_context(t.get("tls_cert"), t.get("tls_key"), "submission")
+        if ctx is None:
+            raise ValueError("[submission] needs tls_cert and tls_key (AUTH only under TLS)")
+        users = t.get("users", {})
+        if not isinstance(users, dict) or not all(isinstance(v, str) for v in users.values()):
+            raise ValueError("[submission.users] must map tenant = password hash")
+        return cls(
+            _listen(t["listen"], "submission"),
+            ctx,
+            str(t.get("hostname", "localhost")),
+            int(t.get("max_size", cls.max_size)),
+            dict(users),
+        )
+
+
+@dataclass
+class IntakeConfig:
+    listen: list[tuple[str, int]]
+    verp_domain: str = ""
+    fbl_address: str = ""
+    ssl: ssl.SSLContext | None = None
+    hostname: str = "localhost"
+    max_size: int = 10 * 1024 * 1024
+    verp_prefix: str = "b"
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> IntakeConfig | None:
+        known = {"listen", "verp_domain", "fbl_address", "tls_cert", "tls_key", "hostname"}
+        known |= {"max_size", "verp_prefix"}
+        t = _table(raw, "intake", known)
+        if t is None or "listen" not in t:
+            return None
+        if not t.get("verp_domain") and not t.get("fbl_address"):
+            raise ValueError("[intake] needs verp_domain and/or fbl_address")
+        return cls(
+            _listen(t["listen"], "intake"),
+            str(t.get("verp_domain", "")).lower().rstrip("."),
+            str(t.get("fbl_address", "")).lower(),
+            _ssl_context(t.get("tls_cert"), t.get("tls_key"), "intake"),
+            str(t.get("hostname", "localhost")),
+            int(t.get("max_size", cls.max_size)),
+            str(t.get("verp_prefix", "b")),
+        )
+
+
+# ---------------------------------------------------------------- policies
+class _Policy:
+    """What a listener decides; the connection class does the SMTP plumbing."""
+
+    server_config: ServerConfig
+    ssl: ssl.SSLContext | None = None
+
+    def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
+        return None  # None: accept
+
+    def message(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
+        raise NotImplementedError
+
+    async def authenticate(self, username: str, password: str) -> str | None:
+        return None
+
+
+class _Submission(_Policy):
+    def __init__(self, ctx: Any, cfg: SubmissionConfig) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.ssl = cfg.ssl
+        self.server_config = ServerConfig(
+            hostname=cfg.hostname,
+            banner="ESMTP fastsend submission",
+            max_message_size=cfg.max_size,
+            starttls=True,
+            auth_mechanisms=("PLAIN", "LOGIN"),
+            auth_requires_tls=True,
+            auth_required=True,
+        )
+        self._keys: Any = None
+        try:
+            from fastsend.serve.auth import KeyStore
+
+            self._keys = KeyStore.for_spool(ctx.config.spool_dir)
+        except ImportError:  # pragma: no cover - serve.auth ships with serve
+            pass
+
+    async def authenticate(self, username: str, password: str) -> str | None:
+        if self._keys is not None and password.startswith("fs_"):
+            got = self._keys.verify(password)
+            return username if got is not None and got[1] == username else None
+        stored = self.cfg.users.get(username)
+        if stored is None:
+            return None
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, verify_password, password, stored)
+        return username if ok else None
+
+    def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
+        try:
+            encode_domain(address.rpartition("@")[2])
+        except HeaderError:
+            return 553, "5.1.3", "Bad recipient domain"
+        return None
+
+    def message(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
+        tenant = conn.tenant
+        if tenant is None:  # the protocol requires AUTH before MAIL; belt and braces
+            return 530, "5.7.0", "Authentication required"
+        vars_ = orjson.dumps(
+            {"raw": base64.b64encode(ev.data).decode("ascii"), "mail_from": ev.mail_from}
+        )
+        rows = [(r, encode_domain(r.rpartition("@")[2]).lower(), vars_) for r in ev.recipients]
+        try:
+            ids = self.ctx.inject(self.ctx.tenant_campaign(tenant), rows)
+        except Exception:
+            log.exception("submission: spooling failed")
+            return 451, "4.3.0", "Temporary failure, try again later"
+        return 250, "2.0.0", f"Ok: queued as {ids[0]} ({len(ids)} recipient(s))"
+
+
+class _Intake(_Policy):
+    def __init__(self, ctx: Any, cfg: IntakeConfig) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.ssl = cfg.ssl
+        self.server_config = ServerConfig(
+            hostname=cfg.hostname,
+            banner="ESMTP fastsend intake",
+            max_message_size=cfg.max_size,
+            starttls=cfg.ssl is not None,
+            reject_bare_newlines=False,  # never relayed, so no smuggling risk downstream
+        )
+
+    def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
+        a = address.lower()
+        if (self.cfg.fbl_address and a == self.cfg.fbl_address) or (
+            self.cfg.verp_domain and a.rpartition("@")[2].rstrip(".") == self.cfg.verp_domain
+        ):
+            return None
+        return 550, "5.7.1", "Relay access denied"
+
+    def message(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
+        try:
+            evs = process_report(self.ctx, ev.data, ev.recipients, self.cfg.verp_prefix)
+        except Exception:  # a parser bug must not make the sender retry forever
+            log.exception("intake: report not processed")
+            evs = []
+        return 250, "2.0.0", f"Ok: {len(evs)} event(s)"
+
+
+# ---------------------------------------------------------------- reports
+def _owner(ctx: Any, mid: int) -> tuple[int, str, str] | None:
+    row = ctx.spool.db.execute("SELECT campaign, rcpt FROM messages WHERE id=?", (mid,)).fetchone()
+    if row is None:
+        return None
+    campaign = int(row[0])
+    try:
+        tenant = ctx.campaign_tenant(campaign)
+    except (KeyError, AttributeError):
+        info = ctx.spool.get_campaign(campaign)
+        tenant = info.tenant if info is not None else DEFAULT_TENANT
+    return campaign, str(row[1]), tenant
+
+
+def _from_message_id(text: str | None) -> int | None:
+    if not text:
+        return None
+    local = text.strip().strip("<>").partition("@")[0]
+    return int(local) if local.isdigit() and len(local) < 19 else None
+
+
+def find_original(
+    ctx: Any, rec: BounceRecord, envelope_ids: list[str]
+) -> tuple[int, int, str, str] | None:
+    """(message id, campaign, rcpt, tenant) of the message a record reports, if ours."""
+    for vid in [rec.verp_id, *envelope_ids]:
+        if vid and vid.isdigit() and len(vid) < 19:
+            got = _owner(ctx, int(vid))
+            if got is not None:
+                return int(vid), *got
+    mid = _from_message_id(rec.original_message_id)
+    if mid is not None:
+        got = _owner(ctx, mid)
+        # A Message-ID is only a hint (other senders use digits too): the recipient must match.
+        if got is not None and (not rec.recipient or rec.recipient.lower() == got[1].lower()):
+            return mid, *got
+    return None
+
+
+def process_report(
+    ctx: Any, data: bytes, envelope_rcpts: list[str], verp_prefix: str = "b"
+) -> list[dict[str, Any]]:
+    """Parse one bounce/ARF message; emit its events, update suppression; return the events."""
+    envelope_ids = []
+    for r in envelope_rcpts:
+        try:
+            envelope_ids.append(verp.decode(r, verp_prefix))
+        except verp.VerpError:
+            pass
+    out: list[dict[str, Any]] = []
+    now = time.time()
+    for rec in parse_bounce(data):
+        if rec.reason in ("delivered", "vacation"):
+            continue
+        found = find_original(ctx, rec, envelope_ids)
+        if found is not None:
+            mid, campaign, rcpt, tenant = found
+            ev: dict[str, Any] = {"id": mid, "campaign": campaign, "rcpt": rcpt, "tenant": tenant}
+        else:
+            ev = {"id": None, "campaign": None, "rcpt": rec.recipient, "tenant": DEFAULT_TENANT}
+        ev["time"] = now
+        suppress = True
+        if rec.reason == "feedback":
+            ftype = (rec.feedback_type or "abuse").lower()
+            unsub = ftype in ("opt-out", "unsubscribe")
+            ev["event"] = "unsubscribed" if unsub else "complained"
+            ev["feedback_type"] = ftype
+            if unsub:
+                ev["method"] = "report"
+            elif ftype in NOT_COMPLAINTS:
+                ev["event"] = "feedback"  # a DMARC failure report or "not spam": no suppression
+                suppress = False
+        else:
+            ev["event"] = "bounced"
+            ev.update(
+                reason=rec.reason,
+                hard=rec.hard,
+                status=rec.status,
+                code=rec.reply_code,
+                text=rec.diagnostic[:500],
+                remote_mta=rec.remote_mta,
+                source="async",
+            )
+        entry = None
+        if ev["rcpt"] and suppress:
+            try:
+                entry = suppress_from(
+                    ctx.suppression, ev["rcpt"], rec, tenant=ev["tenant"], source="intake"
+                )
+            except SuppressionError:
+                entry = None
+        ev["suppressed"] = entry is not None
+        ctx.emit(ev)
+        out.append(ev)
+    return out
+
+
+# ---------------------------------------------------------------- the connection
+class _Connection(asyncio.Protocol):
+    """One SMTP session: feeds the protocol, answers its events through the policy."""
+
+    def __init__(self, policy: _Policy) -> None:
+        self.policy = policy
+        self.proto = ServerProtocol(policy.server_config)
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.tenant: str | None = None
+        self.auth_failures = 0
+        self._waiting = False
+        self._tls_early: list[bytes] | None = None
+        self._task: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.proto.start()
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._tls_early is not None:
+            self._tls_early.append(data)
+            return
+        self.proto.receive_data(data)
+        if not self._waiting:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        self.proto.receive_data(b"")
+        return None
+
+    def _process(self) -> None:
+        proto, policy = self.proto, self.policy
+        while self.transport is not None:
+            ev = proto.next_event()
+            if isinstance(ev, _NeedData):
+                break
+            t = type(ev)
+            if t is RcptTo:
+                assert isinstance(ev, RcptTo)
+                bad = policy.rcpt(self, ev.address)
+                if bad is None:
+                    proto.accept()
+                else:
+                    proto.reply(*bad)
+            elif t is Message:
+                assert isinstance(ev, Message)
+                proto.reply(*policy.message(self, ev))
+            elif t is StartTLS:
+                proto.accept()
+                self._flush()
+                self._waiting = True
+                self._tls_early = []
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                self._task = asyncio.ensure_future(self._start_tls())
+                return
+            elif t is AuthRequest:
+                assert isinstance(ev, AuthRequest)
+                self._waiting = True
+                self._task = asyncio.ensure_future(self._auth(ev))
+                break
+            elif t in (Hello, MailFrom) or (t is DataStart and ev.needs_reply):
+                proto.accept()
+        self._flush()
+
+    async def _auth(self, ev: AuthRequest) -> None:
+        try:
+            tenant = await self.policy.authenticate(ev.username, ev.password)
+        except Exception:
+            log.exception("authentication check failed")
+            tenant = None
+        if self.transport is None:
+            return
+        if tenant is not None:
+            self.tenant = tenant
+            self.proto.accept()
+        else:
+            self.auth_failures += 1
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self.proto.reply(421, "4.7.0", "Too many failed authentications")
+            else:
+                self.proto.reply(535, "5.7.8", "Authentication credentials invalid")
+        self._waiting = False
+        self._flush()
+        if not self.proto.closed:
+            self._process()
+
+    async def _start_tls(self) -> None:
+        transport, ctx = self.transport, self.policy.ssl
+        if transport is None or ctx is None:
+            return
+        try:
+            new = await self.loop.start_tls(transport, self, ctx, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError):
+            transport.abort()
+            return
+        if new is None:
+            transport.abort()
+            return
+        self.transport = new  # type: ignore[assignment]
+        self.proto.tls_started()
+        self.tenant = None
+        early, self._tls_early = self._tls_early or [], None
+        self._waiting = False
+        for data in early:
+            self.proto.receive_data(data)
+        self._process()
+
+    def _flush(self) -> None:
+        data = self.proto.data_to_send()
+        transport = self.transport
+        if transport is None:
+            return
+        if data:
+            transport.write(data)
+        if self.proto.closed:
+            transport.close()
+
+
+async def _serve(policy: _Policy, listen: list[tuple[str, int]]) -> list[asyncio.AbstractServer]:
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.AbstractServer] = []
+    for host, port in listen:
+        servers.append(
+            await loop.create_server(lambda: _Connection(policy), host, port, reuse_address=True)
+        )
+    return servers
 
 
 async def start_listeners(ctx: Any) -> list[asyncio.AbstractServer]:
-    """Start the configured SMTP listeners; returns their servers (none yet)."""
-    return []
+    """Start the SMTP listeners the config names ([submission], [intake]); their servers."""
+    raw = ctx.config.raw
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        sub = SubmissionConfig.from_raw(raw)
+        if sub is not None:
+            servers += await _serve(_Submission(ctx, sub), sub.listen)
+        intake = IntakeConfig.from_raw(raw)
+        if intake is not None:
+            servers += await _serve(_Intake(ctx, intake), intake.listen)
+    except BaseException:
+        for s in servers:
+            s.close()
+        raise
+    return servers

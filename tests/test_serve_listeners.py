@@ -1,0 +1,328 @@
+"""SMTP listeners: submission (aiosmtplib, STARTTLS with trustme certs, AUTH) and intake.
+
+Real parts: the listeners on loopback, a ServeContext on a temporary spool,
+aiosmtplib as the client, the labelled bounce corpus fed through the intake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import orjson
+import pytest
+import trustme
+
+from conftest import bounce_corpus
+from fastsend.bounce import parse_bounce
+from fastsend.config import from_dict
+from fastsend.serve.auth import KeyStore
+from fastsend.serve.context import ServeContext, open_context
+from fastsend.serve.listeners import (
+    IntakeConfig,
+    SubmissionConfig,
+    hash_password,
+    start_listeners,
+    verify_password,
+)
+from fastsend.suppression import SuppressionError, normalize
+
+MESSAGE = (
+    b"From: App <app@example.com>\r\nTo: ann@example.org\r\nSubject: hi\r\n"
+    b"Message-ID: <abc@example.com>\r\n\r\nHello\r\n.leading dot\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, ssl.SSLContext]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    d = tmp_path_factory.mktemp("tls")
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(d / "cert.pem"), append=True)
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return str(d / "cert.pem"), str(d / "key.pem"), client
+
+
+def _ctx(tmp_path: Path, **tables: Any) -> ServeContext:
+    return open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}, **tables}))
+
+
+def _port(servers: list[asyncio.AbstractServer], i: int = 0) -> int:
+    return int(servers[i].sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+
+async def _close(servers: list[asyncio.AbstractServer]) -> None:
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+# ---------------------------------------------------------------- submission
+def test_submission_starttls_auth_and_durable_accept(
+    tmp_path: Path, certs: tuple[str, str, ssl.SSLContext]
+) -> None:
+    cert, key, client_tls = certs
+    users = {"acme": hash_password("s3cret pass", iterations=1000)}
+    sub = {"listen": "127.0.0.1:0", "tls_cert": cert, "tls_key": key, "users": users}
+    ctx = _ctx(tmp_path, submission=sub)
+    api_key, _ = KeyStore.for_spool(ctx.config.spool_dir).create("globex")
+    events: list[dict[str, Any]] = []
+    ctx.events.listeners.append(events.extend)
+
+    async def main() -> None:
+        servers = await start_listeners(ctx)
+        port = _port(servers)
+        try:
+            # Plaintext: no AUTH offered, MAIL refused.
+            smtp = aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=port, start_tls=False, tls_context=client_tls
+            )
+            await smtp.connect()
+            await smtp.ehlo()
+            assert smtp.supports_extension("starttls")
+            assert not smtp.supports_extension("auth")
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await smtp.mail("app@example.com")
+            assert refused.value.code == 530
+            await smtp.starttls(tls_context=client_tls)
+            await smtp.ehlo()
+            assert smtp.supports_extension("auth")
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                await smtp.login("acme", "wrong")
+            await smtp.login("acme", "s3cret pass")
+            errors, reply = await smtp.sendmail(
+                "app@example.com", ["ann@example.org", "bob@Example.NET"], MESSAGE
+            )
+            assert errors == {} and "queued as" in reply
+            await smtp.quit()
+
+            # An API key is a password for its own tenant only.
+            smtp = aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=port, start_tls=True, tls_context=client_tls
+            )
+            await smtp.connect()
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                await smtp.login("acme", api_key)
+            await smtp.login("globex", api_key)
+            await smtp.sendmail("", ["carol@example.org"], MESSAGE)
+            await smtp.quit()
+
+            # Three failures close the session.
+            smtp = aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=port, start_tls=True, tls_context=client_tls
+            )
+            await smtp.connect()
+            for _ in range(2):
+                with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                    await smtp.auth_plain("acme", "nope")
+            with pytest.raises(aiosmtplib.SMTPException) as third:
+                await smtp.auth_plain("acme", "nope")
+                await smtp.noop()
+            assert "421" in str(third.value) or isinstance(
+                third.value, aiosmtplib.SMTPServerDisconnected
+            )
+            smtp.close()
+        finally:
+            await _close(servers)
+
+    asyncio.run(main())
+    accepted = [e for e in events if e["event"] == "accepted"]
+    assert [(e["rcpt"], e["tenant"]) for e in accepted] == [
+        ("ann@example.org", "acme"),
+        ("bob@Example.NET", "acme"),
+        ("carol@example.org", "globex"),
+    ]
+    # Durable before the 250: the rows are in the spool with the message as sent.
+    for e in accepted:
+        m = ctx.spool.message(e["id"])
+        assert m is not None and m["state"] == "queued"
+        assert base64.b64decode(m["vars"]["raw"]) == MESSAGE
+    assert ctx.spool.message(accepted[1]["id"])["domain"] == "example.net"  # type: ignore[index]
+    assert ctx.spool.message(accepted[2]["id"])["vars"]["mail_from"] == ""  # type: ignore[index]
+    assert accepted[0]["campaign"] == ctx.tenant_campaign("acme")
+    assert ctx.spool.get_campaign(ctx.tenant_campaign("acme")).spec["kind"] == "transactional"  # type: ignore[union-attr]
+    ctx.close()
+
+
+def test_submission_config_and_passwords(tmp_path: Path) -> None:
+    h = hash_password("pw", iterations=1000)
+    assert verify_password("pw", h) and not verify_password("pW", h)
+    assert not verify_password("pw", "garbage") and not verify_password("pw", "md5$1$a$b")
+    with pytest.raises(ValueError, match="tls_cert"):
+        SubmissionConfig.from_raw({"submission": {"listen": "127.0.0.1:0"}})
+    with pytest.raises(ValueError, match="listen"):
+        IntakeConfig.from_raw({"intake": {"listen": "nope", "verp_domain": "b.example"}})
+    with pytest.raises(ValueError, match="verp_domain"):
+        IntakeConfig.from_raw({"intake": {"listen": "127.0.0.1:0"}})
+    with pytest.raises(ValueError, match="unknown"):
+        IntakeConfig.from_raw({"intake": {"listen": "127.0.0.1:0", "fbl": "x"}})
+    assert SubmissionConfig.from_raw({}) is None and IntakeConfig.from_raw({}) is None
+    ctx = _ctx(tmp_path)
+    assert asyncio.run(start_listeners(ctx)) == []
+    ctx.close()
+
+
+# ---------------------------------------------------------------- intake
+def _corpus_cases() -> list[tuple[bytes, dict[str, Any], str]]:
+    """Single-recipient reports whose parse agrees with their label: (raw, label, rcpt)."""
+    corpus = bounce_corpus()
+    if corpus is None:
+        pytest.skip("bounce corpus not beside this checkout")
+    labels = json.loads((corpus / "labels.json").read_text())
+    picked: list[tuple[bytes, dict[str, Any], str]] = []
+    quota = {"feedback": 8, "hard": 16, "soft": 10}
+    seen: set[str] = set()
+    for name, labs in sorted(labels.items()):
+        if len(labs) != 1:
+            continue
+        lab = labs[0]
+        kind = (
+            "feedback" if lab["reason"] == "feedback" else "hard" if lab["hard_bounce"] else "soft"
+        )
+        if quota[kind] == 0 or lab["reason"] in ("delivered", "vacation"):
+            continue
+        raw = (corpus / "eml" / name).read_bytes()
+        recs = parse_bounce(raw)
+        if len(recs) != 1 or recs[0].reason != lab["reason"] or recs[0].hard != lab["hard_bounce"]:
+            continue
+        try:
+            key = normalize(recs[0].recipient)[0]
+        except SuppressionError:
+            continue
+        if key in seen:  # corpus files share test addresses; keep checks independent
+            continue
+        seen.add(key)
+        quota[kind] -= 1
+        picked.append((raw, lab, recs[0].recipient))
+    assert len(picked) >= 15
+    return picked
+
+
+def test_intake_corpus_to_events_and_suppressions(tmp_path: Path) -> None:
+    cases = _corpus_cases()
+    intake = {"listen": "127.0.0.1:0", "verp_domain": "bounces.example.com"}
+    intake["fbl_address"] = "fbl@example.com"
+    ctx = _ctx(tmp_path, intake=intake)
+    events: list[dict[str, Any]] = []
+    ctx.events.listeners.append(events.extend)
+    cid = ctx.tenant_campaign("acme")
+    ids = ctx.inject(cid, [(r, r.rpartition("@")[2].lower(), b"{}") for _raw, _lab, r in cases])
+    del events[:]
+
+    async def main() -> None:
+        servers = await start_listeners(ctx)
+        try:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=_port(servers), start_tls=False)
+            await smtp.connect()
+            await smtp.mail("")
+            with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+                await smtp.rcpt("someone@example.org")
+            assert refused.value.code == 550  # no relaying
+            await smtp.rset()
+            for (raw, lab, _rcpt), mid in zip(cases, ids, strict=True):
+                to = (
+                    "fbl@example.com"
+                    if lab["reason"] == "feedback"
+                    else f"b-{mid}@bounces.example.com"
+                )
+                errors, reply = await smtp.sendmail("", [to], raw)
+                assert errors == {} and reply.startswith("2.0.0 Ok: 1 event"), reply
+            await smtp.quit()
+        finally:
+            await _close(servers)
+
+    asyncio.run(main())
+    assert len(events) == len(cases)  # one event per report, in order
+    for (_raw, lab, rcpt), mid, ev in zip(cases, ids, events, strict=True):
+        if lab["reason"] == "feedback":
+            # ARF reports carry no VERP address: found by the returned Message-ID if
+            # ours, else recorded for the reported recipient in the default tenant.
+            assert ev["rcpt"] == rcpt and ev["feedback_type"] == lab["feedback_type"]
+            ftype = lab["feedback_type"]
+            want = {"auth-failure": "feedback", "not-spam": "feedback"}
+            want |= {"opt-out": "unsubscribed", "unsubscribe": "unsubscribed"}
+            assert ev["event"] == want.get(ftype, "complained")
+            suppressed = ctx.suppression.contains(rcpt, tenant=ev["tenant"])
+            assert suppressed == (ev["event"] != "feedback")
+            continue
+        assert ev["event"] == "bounced" and ev["id"] == mid
+        assert ev["rcpt"] == rcpt and ev["tenant"] == "acme" and ev["campaign"] == cid
+        assert (ev["reason"], ev["hard"]) == (lab["reason"], lab["hard_bounce"])
+        assert ev["suppressed"] == lab["hard_bounce"]
+        assert ctx.suppression.contains(rcpt, tenant="acme") == lab["hard_bounce"]
+        assert not ctx.suppression.contains(rcpt, tenant="other")
+    ctx.close()
+
+
+DSN = """From: MAILER-DAEMON@mx.example.org
+To: bounces@bounces.example.com
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+Your message could not be delivered.
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.org
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown
+
+--B
+Content-Type: text/rfc822-headers
+
+From: News <news@example.com>
+To: {rcpt}
+Subject: Hi
+Message-ID: <{mid}@example.com>
+
+--B--
+"""
+
+
+def test_intake_finds_original_by_message_id(tmp_path: Path) -> None:
+    intake = {"listen": "127.0.0.1:0", "verp_domain": "bounces.example.com"}
+    ctx = _ctx(tmp_path, intake=intake)
+    events: list[dict[str, Any]] = []
+    ctx.events.listeners.append(events.extend)
+    cid = ctx.tenant_campaign("shop")
+    (mid,) = ctx.inject(cid, [("gone@example.org", "example.org", b"{}")])
+    del events[:]
+
+    async def main() -> None:
+        servers = await start_listeners(ctx)
+        try:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=_port(servers), start_tls=False)
+            await smtp.connect()
+            for rcpt, m in (("gone@example.org", mid), ("stranger@example.org", mid)):
+                raw = DSN.format(rcpt=rcpt, mid=m).encode()
+                await smtp.sendmail("", ["bounces@bounces.example.com"], raw)
+            await smtp.quit()
+        finally:
+            await _close(servers)
+
+    asyncio.run(main())
+    assert [(e["id"], e["rcpt"], e["tenant"], e["reason"]) for e in events] == [
+        (mid, "gone@example.org", "shop", "userunknown"),
+        # A Message-ID naming our id but another recipient is not taken as ours.
+        (None, "stranger@example.org", "default", "userunknown"),
+    ]
+    assert ctx.suppression.contains("gone@example.org", tenant="shop")
+    assert orjson.loads(orjson.dumps(events))  # events are JSON-serialisable
+    ctx.close()
