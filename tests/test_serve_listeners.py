@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
+import http.server
 import json
+import os
+import signal
 import ssl
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiosmtplib
 import orjson
 import pytest
 import trustme
 
-from conftest import bounce_corpus
+from conftest import bounce_corpus, free_port, wait_port
 from fastsend.bounce import parse_bounce
 from fastsend.config import from_dict
+from fastsend.message import tracking
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext, open_context
 from fastsend.serve.listeners import (
@@ -30,6 +41,7 @@ from fastsend.serve.listeners import (
     start_listeners,
     verify_password,
 )
+from fastsend.sink import SinkThread
 from fastsend.suppression import SuppressionError, normalize
 
 MESSAGE = (
@@ -326,3 +338,117 @@ def test_intake_finds_original_by_message_id(tmp_path: Path) -> None:
     assert ctx.suppression.contains("gone@example.org", tenant="shop")
     assert orjson.loads(orjson.dumps(events))  # events are JSON-serialisable
     ctx.close()
+
+
+# ---------------------------------------------------------------- through `fastsend serve`
+class _HookReceiver(http.server.BaseHTTPRequestHandler):
+    secret = b""
+    events: list[dict[str, Any]] = []
+    bad = 0
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        sig = dict(kv.split("=", 1) for kv in self.headers["Fastsend-Signature"].split(","))
+        want = hmac.new(self.secret, f"{sig['t']}.".encode() + body, hashlib.sha256).hexdigest()
+        if hmac.compare_digest(want, sig["v1"]):
+            type(self).events.extend(orjson.loads(body))
+            self.send_response(200)
+        else:
+            type(self).bad += 1
+            self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_through_fastsend_serve(tmp_path: Path, certs: tuple[str, str, ssl.SSLContext]) -> None:
+    """Submission -> spool -> worker -> sink, webhooks signed, a tracked click: one process."""
+    cert, key, client_tls = certs
+    secret = "whsec-serve-test-0123456789"
+    _HookReceiver.secret, _HookReceiver.events = secret.encode(), []
+    hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HookReceiver)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    api_port, sub_port = free_port(), free_port()
+    cfg = tmp_path / "fastsend.toml"
+    with SinkThread() as sink:
+        cfg.write_text(
+            f"""
+[spool]
+dir = "spool"
+[workers]
+count = 1
+[routes]
+"*" = "{sink.host}:{sink.port}"
+[delivery]
+tls = "off"
+[api]
+listen = "127.0.0.1:{api_port}"
+[submission]
+listen = "127.0.0.1:{sub_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+[webhooks]
+urls = ["http://127.0.0.1:{hooks.server_address[1]}/hook"]
+secret = "{secret}"
+retry_min = 0.05
+flush_interval = 0.05
+"""
+        )
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        fs = [sys.executable, "-m", "fastsend"]
+        api_key = subprocess.run(
+            [*fs, "apikey", "create", "--tenant", "acme", "-c", str(cfg)],
+            check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
+        ).stdout.strip()  # fmt: skip
+        proc = subprocess.Popen(
+            [*fs, "serve", "-c", str(cfg)], stderr=subprocess.DEVNULL, env=env, cwd=tmp_path
+        )
+        try:
+            wait_port("127.0.0.1", sub_port, timeout=20)
+
+            async def submit() -> None:
+                smtp = aiosmtplib.SMTP(
+                    hostname="127.0.0.1", port=sub_port, start_tls=True, tls_context=client_tls
+                )
+                await smtp.connect()
+                await smtp.login("acme", api_key)
+                await smtp.sendmail("app@example.com", ["ann@example.org"], MESSAGE)
+                await smtp.quit()
+
+            asyncio.run(submit())
+            deadline = time.monotonic() + 30
+            while {"accepted", "delivered"} - {e["event"] for e in _HookReceiver.events}:
+                assert time.monotonic() < deadline, _HookReceiver.events
+                time.sleep(0.05)
+            assert _HookReceiver.bad == 0
+            mid = _HookReceiver.events[0]["id"]
+            assert any(b"Hello" in m.data for m in sink.sink.messages)
+
+            # A tracked click, signed with the key the server made in its spool.
+            secret_key = (tmp_path / "spool" / "secret.key").read_bytes().strip()
+            tok = tracking.sign(
+                secret_key, tracking.CLICK, str(mid), "ann@example.org", "https://example.com/"
+            )
+
+            async def click() -> tuple[int, str]:
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.get(f"http://127.0.0.1:{api_port}/t/c/{tok}", allow_redirects=False) as r,
+                ):
+                    return r.status, r.headers.get("Location", "")
+
+            assert asyncio.run(click()) == (302, "https://example.com/")
+            while "clicked" not in {e["event"] for e in _HookReceiver.events}:
+                assert time.monotonic() < deadline, _HookReceiver.events
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                hooks.shutdown()
