@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("fastsend.commands.send", "spool a campaign and deliver it (campaign file + recipients)"),
     "resume": ("fastsend.commands.resume", "deliver what a spool still holds after a crash or stop"),
     "queue": ("fastsend.commands.queue", "show the queue's shape per domain and age, and per state"),
+    "campaign": ("fastsend.commands.campaign", "list campaigns; pause, resume or cancel one"),
     "sink": ("fastsend.sink.cli", "run a fast fault-injecting SMTP sink for tests and load tests"),
     "dkim": ("fastsend.message.keygen_cli", "DKIM key tools: keygen (writes a key, prints the DNS TXT record)"),
     "check-domain": ("fastsend.authcheck.cli", "check a sending domain's MX, SPF, DKIM, DMARC and PTR records"),

@@ -15,6 +15,9 @@ open sockets or files other than the config itself.
     [retry]      min_backoff = 300, max_backoff = 4000, max_age = 432000, jitter = 0.2
     [dns]        nameservers = ["127.0.0.1:53"], timeout = 5
     [events]     log = "events.jsonl"
+    [shaping]    per-site limits, rules, dispatch rates (fastsend.shaping.policy/.supervise)
+    [pools]      source-IP pools, weights, EHLO names, warm-up (fastsend.shaping.pools)
+    [guardrails] campaign bounce/complaint thresholds (fastsend.shaping.guardrails)
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     event_log: str = ""  # "" = DIR/events.jsonl of the spool
     raw: dict[str, Any] = field(default_factory=dict)  # the whole parsed file, for other areas
+    shaping: Any = None  # fastsend.shaping.policy.Policy, parsed from [shaping]
+    pools: Any = None  # fastsend.shaping.pools.PoolSet, parsed from [pools]
 
     @property
     def worker_count(self) -> int:
@@ -194,7 +199,30 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
     if "log" in events:
         cfg.event_log = os.path.join(base_dir, str(events["log"]))
     del known_sections
+    _shaping(cfg, raw, base_dir)
     return cfg
+
+
+def _shaping(cfg: Config, raw: dict[str, Any], base_dir: str) -> None:
+    """Parse [shaping], [pools] and [guardrails] (errors name the key); with
+    [pools] and no [ips] source, the pools' addresses are the source IPs."""
+    import time
+
+    from fastsend.shaping.guardrails import GuardrailSettings
+    from fastsend.shaping.policy import load_policy
+    from fastsend.shaping.pools import load_pools
+    from fastsend.shaping.supervise import dispatch_settings
+
+    shaping = raw.get("shaping")
+    if isinstance(shaping, dict) and isinstance(shaping.get("file"), str):
+        shaping["file"] = os.path.join(base_dir, shaping["file"])
+    cfg.shaping = load_policy(cfg)
+    if "pools" in raw:
+        cfg.pools = load_pools(cfg, time.time())
+        if not cfg.source_ips:
+            cfg.source_ips = cfg.pools.all_ips()
+    GuardrailSettings.from_config(cfg)
+    dispatch_settings(cfg)
 
 
 def load(path: str) -> Config:

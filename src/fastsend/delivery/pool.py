@@ -12,6 +12,15 @@ A connection that cannot be opened tries the site's next host; when every host
 fails, the envelopes it would have carried are answered with that failure
 (deferred or failed), so nothing waits forever on a dead site.
 
+Shaping (fastsend.shaping): the site's limits are resolved once per site
+queue; each source IP's :class:`~fastsend.shaping.lanes.Lane` caps its
+connections, the messages of each pipelined group (GCRA buckets, AIMD,
+throttles, warm-up caps) and new connections, and reads every group's
+outcomes (automation rules, IP blocks). Source IPs come from the campaign's
+pool by smooth weighted round-robin; an IP that may not send (rested,
+suspended, at its warm-up cap) gives its share to the others, and when none
+may send, the waiting envelopes go back to the scheduler as deferred.
+
 It does not decide retries or touch the spool: outcomes go to ``report``.
 """
 
@@ -19,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fastsend.config import Config
 from fastsend.delivery.mx import Site
-from fastsend.outcome import Envelope, Outcome, TxnResult
+from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
+from fastsend.shaping.lanes import FOREVER, Lane, Shaper
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
 
 Report = Callable[[list[TxnResult], str, str], None]  # results, source_ip, mx
@@ -40,6 +50,9 @@ class SiteQueue:
         report: Report,
         helo: str,
         count: Callable[..., None] | None = None,
+        shaper: Shaper | None = None,
+        pool: str = "",
+        domain: str = "",
     ) -> None:
         self.site = site
         self.ips = ips or [""]
@@ -47,13 +60,17 @@ class SiteQueue:
         self.report = report
         self.helo = helo
         self.count: Callable[..., None] = count or (lambda name, n=1.0: None)
+        self.shaper = shaper if shaper is not None else Shaper(config, self.ips)
+        self.pool = self.shaper.pool(pool)
+        self.limits = self.shaper.site_limits(
+            site.key, tuple(h.name for h in site.hosts), domain or site.key
+        )
         self.pending: collections.deque[Envelope] = collections.deque()
         self.wakeup = asyncio.Event()
-        self.conns_per_ip: dict[str, int] = dict.fromkeys(self.ips, 0)
-        self._ip_cycle = itertools.cycle(self.ips)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
         self.sending = 0  # pipelined groups written and not yet answered
+        self.nconn = 0  # connection tasks running
         d = config.delivery
         t = d.command_timeout
         self.timeouts = Timeouts(
@@ -70,50 +87,80 @@ class SiteQueue:
 
     @property
     def active(self) -> int:
-        return len(self.tasks)
+        return self.nconn
 
     def push(self, envelopes: list[Envelope]) -> None:
         self.pending.extend(envelopes)
         self.wakeup.set()
         self._scale()
 
+    def lane(self, ip: str) -> Lane:
+        return self.shaper.lane(ip, self.site.key, self.limits, self.pool, time.time())
+
     def _scale(self) -> None:
+        if self.closing or not self.pending:
+            return
         d = self.config.delivery
-        limit = d.max_connections * len(self.ips)
+        limit = self.limits.max_connections * len(self.pool.ips)
         # One more connection per `pipeline` envelopes waiting, up to the limit.
         want = min(limit, max(1, -(-len(self.pending) // d.pipeline)))
-        while self.active < want and not self.closing:
-            ip = self._next_ip()
-            if ip is None:
+        while self.active < want:
+            lane = self._next_lane()
+            if lane is None:
                 break
-            task = asyncio.get_running_loop().create_task(self._connection(ip))
+            lane.active += 1  # counted at once, so the next pick sees it
+            self.nconn += 1
+            task = asyncio.get_running_loop().create_task(self._connection(lane))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        if not self.nconn:
+            self._hold()
 
-    def _next_ip(self) -> str | None:
-        limit = self.config.delivery.max_connections
-        for _ in range(len(self.ips)):
-            ip = next(self._ip_cycle)
-            if self.conns_per_ip[ip] < limit:
-                return ip
-        return None
+    def _next_lane(self) -> Lane | None:
+        now = time.monotonic()
+        lanes: dict[str, Lane] = {}
+
+        def eligible(ip: str) -> bool:
+            ln = lanes[ip] = self.lane(ip)
+            return ln.can_connect(now)
+
+        p = self.pool.pick(self.limits.provider, time.time(), eligible)
+        return None if p is None else lanes[p.ip]
+
+    def _hold(self) -> None:
+        """No source IP may send to this site now: give the mail back as deferred."""
+        if not self.pending:
+            return
+        now = time.monotonic()
+        why = "no source IP may send to this site now"
+        for ip in (p.ip for p in self.pool.ips):
+            ln = self.lane(ip)
+            if ln.blocked_reason and ln.blocked_until > now:
+                why = f"{ip} held until +{ln.blocked_until - now:.0f} s: {ln.blocked_reason}"
+                break
+            if ln.warm is not None and ln.warm.left() <= 0:
+                why = f"{ip} reached its warm-up cap for today ({ln.warm.cap})"
+        out = Outcome(DEFERRED, 451, "4.7.0", f"held by shaping: {why}"[:400], "local")
+        batch = list(self.pending)
+        self.pending.clear()
+        self.report([TxnResult(e.tag, [out] * len(e.rcpts)) for e in batch], "", "")
 
     def _take(self, limit: int = 1 << 30) -> list[Envelope]:
         n = min(self.config.delivery.pipeline, len(self.pending), limit)
         pop = self.pending.popleft
         return [pop() for _ in range(n)]
 
-    async def _open(self, ip: str) -> SMTPConnection | Outcome:
-        d = self.config.delivery
+    async def _open(self, lane: Lane) -> SMTPConnection | Outcome:
+        ip = lane.ip
         last: Outcome | None = None
         for host in self.site.hosts[:3]:
             opts = ConnectOptions(
                 host=host.address,
                 port=host.port,
                 source_ip=ip or None,
-                helo_name=self.helo,
-                tls=d.tls,  # type: ignore[arg-type]  # validated by config
-                max_messages=d.max_messages_per_connection,
+                helo_name=self.shaper.ehlo.get(ip) or self.helo,
+                tls=self.limits.tls,  # type: ignore[arg-type]  # validated by the policy
+                max_messages=self.limits.max_messages_per_connection,
                 timeouts=self.timeouts,
                 server_hostname=host.name,
             )
@@ -128,17 +175,26 @@ class SiteQueue:
                 )
                 return conn
             self.count("connections_failed")
+            if conn.code:
+                lane.reply(conn, time.monotonic())
             last = conn
             if conn.failed:  # a 5xx greeting is an answer, not a dead host
                 break
         assert last is not None
         return last
 
-    async def _connection(self, ip: str) -> None:
-        self.conns_per_ip[ip] += 1
+    async def _connection(self, lane: Lane) -> None:
+        ip = lane.ip
+        pipeline = self.config.delivery.pipeline
         try:
             while self.pending and not self.closing:
-                conn = await self._open(ip)
+                wait = lane.connect_wait(time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                if not lane.usable(time.monotonic()):
+                    break
+                conn = await self._open(lane)
                 if isinstance(conn, Outcome):
                     batch = self._take()
                     if batch:
@@ -163,12 +219,26 @@ class SiteQueue:
                                 break
                             if not self.pending:
                                 continue
-                        batch = self._take(conn.remaining)
+                        want = min(pipeline, len(self.pending), conn.remaining)
+                        if not lane.free:
+                            want, wait = lane.take(time.monotonic(), want)
+                            if not want:
+                                if wait >= FOREVER:
+                                    break
+                                await asyncio.sleep(wait)
+                                continue
+                        batch = self._take(want)
+                        if not batch:
+                            continue
+                        if lane.aimd is not None:
+                            lane.aimd.sent(time.monotonic(), len(batch))
                         self.sending += 1
                         try:
                             results = await conn.send(batch)
                         finally:
                             self.sending -= 1
+                        if lane.aimd is not None or lane.rules:
+                            results = lane.observe(results, time.monotonic())
                         self.report(results, ip, mx)
                 finally:
                     if conn.usable:
@@ -178,7 +248,8 @@ class SiteQueue:
                 if not self.pending:
                     break
         finally:
-            self.conns_per_ip[ip] -= 1
+            lane.active -= 1
+            self.nconn -= 1
             if self.pending and not self.closing:
                 self._scale()
 

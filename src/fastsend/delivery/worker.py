@@ -32,6 +32,7 @@ from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.queue import wire
 from fastsend.ring import Ring
+from fastsend.shaping.lanes import Shaper
 
 FLUSH_AT = 512
 TRANSACTIONAL = "transactional"  # campaign kind whose messages carry their own content
@@ -52,7 +53,10 @@ class Worker:
         self.campaign_specs: dict[int, dict[str, Any]] = {}
         self.renderers: dict[int, Any] = {}
         self.personalised: dict[int, bool] = {}
-        self.sites: dict[str, SiteQueue] = {}
+        self.sites: dict[tuple[str, str], SiteQueue] = {}
+        self.shaper = Shaper(config, ips)
+        self.campaign_pools: dict[int, str] = {}
+        self.warm_sent: dict[str, int] = {}
         self.out: list[wire.Res] = []
         self.flush_handle: asyncio.TimerHandle | None = None
         self.pending_out: list[bytes] = []
@@ -78,6 +82,10 @@ class Worker:
             elif isinstance(msg, wire.CampaignSpec):
                 self.campaign_specs[msg.id] = msg.spec
                 self.renderers.pop(msg.id, None)
+            elif isinstance(msg, wire.CampaignShaping):
+                self.campaign_pools[msg.campaign] = msg.pool
+            elif isinstance(msg, wire.WarmupCounts):
+                self.shaper.restore(msg.counts)
             elif isinstance(msg, wire.Drain):
                 self.draining = True
                 self.check_done()
@@ -88,7 +96,12 @@ class Worker:
             spec = self.campaign_specs[campaign_id]
             camp = Campaign.from_dict(spec)
             r = self.renderers[campaign_id] = camp.compile()
-            self.personalised[campaign_id] = bool(camp.variables) or _uses_email(spec)
+            # Tracking links are signed per recipient: such a campaign is personalised.
+            self.personalised[campaign_id] = (
+                bool(camp.all_variables)
+                or _uses_email(spec)
+                or getattr(r, "tracker", None) is not None
+            )
         return r
 
     async def handle_batch(self, batch: wire.Batch) -> None:
@@ -101,7 +114,7 @@ class Worker:
                 return
             envelopes = self.build(batch)
             if envelopes:
-                self.site_queue(site).push(envelopes)
+                self.site_queue(site, batch).push(envelopes)
         except Exception as e:  # a bug must not lose the batch: defer it, loudly
             import traceback
 
@@ -186,11 +199,20 @@ class Worker:
             self.add_results(failures, "", "")
         return envelopes
 
-    def site_queue(self, site: Site) -> SiteQueue:
-        q = self.sites.get(site.key)
+    def site_queue(self, site: Site, batch: wire.Batch) -> SiteQueue:
+        pool = self.campaign_pools.get(batch.campaign, "")
+        q = self.sites.get((pool, site.key))
         if q is None:
-            q = self.sites[site.key] = SiteQueue(
-                site, self.ips, self.config, self.report, self.helo, self.count
+            q = self.sites[(pool, site.key)] = SiteQueue(
+                site,
+                self.ips,
+                self.config,
+                self.report,
+                self.helo,
+                self.count,
+                shaper=self.shaper,
+                pool=pool,
+                domain=batch.domain,
             )
         elif q.site is not site:
             q.site = site  # refreshed DNS answer
@@ -237,6 +259,10 @@ class Worker:
         if self.out:
             self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
             self.out = []
+        if self.shaper.events:
+            self.pending_out.append(
+                wire.encoder.encode(wire.ShapingEvents(self.shaper.take_events()))
+            )
         while self.pending_out:
             if not self.outbox.put(self.pending_out[0]):
                 # Ring full: the supervisor is behind; retry when it frees space.
@@ -286,6 +312,13 @@ class Worker:
         c["connections_open"] = float(sum(q.active for q in self.sites.values()))
         c["ready_queue"] = float(sum(len(q.pending) for q in self.sites.values()))
         self.outbox.put(wire.encoder.encode(wire.Stats(os.getpid(), c)))
+        if self.shaper.warming:
+            counts = self.shaper.warm_counts()
+            if counts != self.warm_sent:
+                self.warm_sent = counts
+                self.outbox.put(wire.encoder.encode(wire.WarmupCounts(counts)))
+        if self.shaper.events:
+            self.flush()
 
     async def stats_loop(self) -> None:
         while True:

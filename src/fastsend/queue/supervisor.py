@@ -34,6 +34,7 @@ from fastsend.events import EventLog
 from fastsend.queue import wire
 from fastsend.queue.retry import next_attempt
 from fastsend.ring import Ring
+from fastsend.shaping.supervise import SupervisorShaping
 from fastsend.spool import (
     BOUNCED,
     DEFERRED,
@@ -62,6 +63,7 @@ class WorkerSlot:
     alive: bool = False
     counters: dict[str, float] = field(default_factory=dict)  # last wire.Stats
     retiring: bool = False  # draining for a reload: respawn on exit, feed nothing
+    held: dict[tuple[int, str], list[Claimed]] = field(default_factory=dict)  # rate-held
 
 
 @dataclass
@@ -110,6 +112,9 @@ class Supervisor:
         self.wake = asyncio.Event()
         self.paused_campaigns: set[int] = set()
         self.result_hooks: list[Callable[[Claimed, wire.Res, int], None]] = []
+        # Shaping that spans workers: dispatch rates, guardrails, pools, warm-up state.
+        self.shaping = SupervisorShaping(config, spool, lambda ev: self.event_buf.append(ev))
+        self.result_hooks.append(self.shaping.guardrails.on_result)
 
     # -- workers -------------------------------------------------------------
 
@@ -122,6 +127,7 @@ class Supervisor:
         slot.outbox.get()
         slot.campaigns.clear()
         slot.backlog.clear()
+        slot.backlog.extend(self.shaping.spawn_records())
         pid = os.fork()
         if pid == 0:  # child
             code = 1
@@ -179,6 +185,7 @@ class Supervisor:
             self.flush_results()
             self.spool.release(ids)
             slot.inflight.clear()
+        slot.held.clear()
         for ring in (slot.inbox, slot.outbox):
             if ring is not None:
                 ring.close()
@@ -207,23 +214,26 @@ class Supervisor:
 
     def dispatch(self) -> None:
         if self.draining or self.stopping:
+            self.release_held()
             return
         now = time.time()
         size = self.config.delivery.batch_size
         window = self.config.delivery.window
+        nothing_due = False
         for slot in self.slots:
             if not slot.alive or slot.inbox is None or slot.backlog or slot.retiring:
                 continue
-            room = window - len(slot.inflight)
-            if room < min(size, window // 4 or 1):
-                continue
-            claimed = self.spool.claim_due(now, room)
-            if not claimed:
-                return
             groups: dict[tuple[int, str], list[Claimed]] = {}
-            for c in claimed:
-                slot.inflight[c.id] = c
-                groups.setdefault((c.campaign, c.domain), []).append(c)
+            room = window - len(slot.inflight)
+            if not nothing_due and room >= min(size, window // 4 or 1):
+                claimed = self.spool.claim_due(now, room)
+                nothing_due = not claimed
+                for c in claimed:
+                    slot.inflight[c.id] = c
+                    groups.setdefault((c.campaign, c.domain), []).append(c)
+            groups = self.gate(slot, groups)
+            if not groups:
+                continue
             records: list[bytes] = []
             for (campaign, domain), items in groups.items():
                 if campaign not in slot.campaigns:
@@ -232,6 +242,7 @@ class Supervisor:
                             wire.CampaignSpec(campaign, self.campaign_spec(campaign))
                         )
                     )
+                    records.extend(self.shaping.campaign_records(campaign))
                     slot.campaigns.add(campaign)
                 for i in range(0, len(items), size):
                     chunk = items[i : i + size]
@@ -246,6 +257,36 @@ class Supervisor:
                     )
             slot.backlog.extend(records)
             self.push_backlog(slot)
+
+    def gate(
+        self, slot: WorkerSlot, groups: dict[tuple[int, str], list[Claimed]]
+    ) -> dict[tuple[int, str], list[Claimed]]:
+        """Per-campaign / per-tenant / global dispatch rates (fastsend.shaping.supervise):
+        what may not go yet waits in ``slot.held`` (in flight, inside the window)."""
+        if slot.held:
+            for key, items in groups.items():
+                slot.held.setdefault(key, []).extend(items)
+            groups, slot.held = slot.held, {}
+        admit = self.shaping.gate.admit
+        mono = time.monotonic()
+        out: dict[tuple[int, str], list[Claimed]] = {}
+        for key, items in groups.items():
+            n = admit(key[0], len(items), mono)
+            if n:
+                out[key] = items if n == len(items) else items[:n]
+            if n < len(items):
+                slot.held[key] = items[n:]
+        return out
+
+    def release_held(self) -> None:
+        """Stopping: rate-held messages go back to queued."""
+        for slot in self.slots:
+            if slot.held:
+                ids = [c.id for items in slot.held.values() for c in items]
+                for i in ids:
+                    slot.inflight.pop(i, None)
+                slot.held.clear()
+                self.spool.release(ids)
 
     def campaign_spec(self, campaign_id: int) -> dict[str, Any]:
         spec = self.spec_cache.get(campaign_id)
@@ -289,6 +330,8 @@ class Supervisor:
                 got = True
             elif isinstance(msg, wire.Stats):
                 slot.counters = msg.counters
+            else:
+                self.shaping.on_record(msg)
         if got:
             self.wake.set()
 
@@ -398,6 +441,7 @@ class Supervisor:
                 now = time.monotonic()
                 if now - last_reap > 0.1:
                     self.reap()
+                    self.shaping.tick()
                     last_reap = now
                 if self.on_tick:
                     self.on_tick(self)
@@ -409,6 +453,7 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
+            self.shaping.close()
         return self.stats
 
     async def shutdown(self) -> None:

@@ -7,6 +7,9 @@ destination domain), :class:`Drain` (finish what you have, then exit).
 Worker -> supervisor: :class:`Results` (a flush of outcomes, several batches'
 worth at once), :class:`Hello` (the worker is up).
 
+Shaping (fastsend.shaping): :class:`CampaignShaping` (the campaign's IP pool),
+:class:`WarmupCounts` (both ways), :class:`ShapingEvents` (worker -> supervisor).
+
 Structs are ``array_like`` and tagged, so a record is a compact msgpack array
 and decoding is one C call per record, not per message.
 """
@@ -72,8 +75,31 @@ class Stats(msgspec.Struct, array_like=True, tag=6):
     counters: dict[str, float]
 
 
-ToWorker = CampaignSpec | Batch | Drain
-FromWorker = Results | Hello | Stats
+class CampaignShaping(msgspec.Struct, array_like=True, tag=7):
+    """Supervisor -> worker, after a CampaignSpec: the IP pool the campaign uses."""
+
+    campaign: int
+    pool: str
+
+
+class WarmupCounts(msgspec.Struct, array_like=True, tag=8):
+    """Both ways: warm-up messages sent today per "DAY|IP|PROVIDER" (cumulative).
+
+    The worker reports its counters about once a second; the supervisor
+    persists them and hands them to a (re)started worker before its batches."""
+
+    counts: dict[str, int]
+
+
+class ShapingEvents(msgspec.Struct, array_like=True, tag=9):
+    """Worker -> supervisor: shaping decisions (rate cuts, rests, throttles) for
+    the event log, as event dicts (event "shaping")."""
+
+    events: list[dict[str, Any]]
+
+
+ToWorker = CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts
+FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents
 
 encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -1,0 +1,82 @@
+"""``fastsend campaign list|pause|resume|cancel [ID] --spool DIR``: campaign status.
+
+``list`` prints each campaign's id, status, name, tenant and message counts
+per state. ``pause`` stops new claims of a campaign's messages (what is in
+flight finishes), ``resume`` makes a paused campaign active again (e.g. after
+a guardrail paused it: the reason is the ``campaign_paused`` event in the
+event log), ``cancel`` stops it for good (its pending messages stay in the
+spool, never claimed again). A running ``send``/``serve`` sees the change at
+its next claim; after ``resume`` with no engine running, ``fastsend resume
+--spool DIR`` delivers the rest.
+
+It only changes the campaign's status in the spool: it never sends mail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import orjson
+
+from fastsend.commands.common import die
+from fastsend.spool.sqlite import SpoolError, SQLiteSpool
+
+STATUS = {"pause": "paused", "resume": "active", "cancel": "cancelled"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "pause", "resume", "cancel"])
+    p.add_argument("id", nargs="?", type=int, help="campaign id (not for list)")
+    p.add_argument("--spool", default="./spool", help="spool directory (default ./spool)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.path.exists(os.path.join(args.spool, "spool.db")):
+        return die(f"no spool at {args.spool!r}")
+    try:
+        spool = SQLiteSpool(args.spool, readonly=args.action == "list")
+    except SpoolError as e:
+        return die(str(e))
+    try:
+        if args.action == "list":
+            rows = [
+                {
+                    "id": c.id,
+                    "name": c.name,
+                    "tenant": c.tenant,
+                    "status": c.status,
+                    **{k: v for k, v in spool.counts(c.id).items() if v},
+                }
+                for c in spool.list_campaigns()
+            ]
+            if args.json:
+                print(orjson.dumps(rows).decode())
+            else:
+                for r in rows:
+                    counts = "  ".join(
+                        f"{k} {v}"
+                        for k, v in r.items()
+                        if k not in ("id", "name", "tenant", "status")
+                    )
+                    print(f"{r['id']:>6}  {r['status']:<9}  {str(r['name'])[:30]:<30}  {counts}")
+            return 0
+        if args.id is None:
+            return die(f"campaign {args.action}: give a campaign ID")
+        info = spool.get_campaign(args.id)
+        if info is None:
+            return die(f"no campaign {args.id} in {args.spool!r}")
+        new = STATUS[args.action]
+        if info.status == "cancelled" and new != "cancelled":
+            return die(f"campaign {args.id} is cancelled; it cannot be {new} again")
+        spool.set_campaign_status(args.id, new)
+        out = {"id": args.id, "status": new, "was": info.status}
+        print(
+            orjson.dumps(out).decode()
+            if args.json
+            else f"campaign {args.id}: {info.status} -> {new}"
+        )
+        return 0
+    finally:
+        spool.close()

@@ -1,0 +1,272 @@
+"""Feedback loops: replies drive the rate of a (source IP, site).
+
+NAME
+    fastsend.shaping.feedback -- automation rules and AIMD.
+
+DESCRIPTION
+    Automation rules (data, ``[[rule]]`` in a shaping layer)::
+
+        [[rule]]
+        name = "yahoo-ts04"          # unique; a later layer's rule of the same name replaces it
+        match = '\\[TSS?04\\]'        # case-insensitive regex on "CODE ENHANCED TEXT"
+        provider = "yahoo"           # optional: only sites of this provider
+        codes = [421, 451]           # optional: only these reply codes
+        threshold = 1; period = 3600 # N matches within period seconds (per IP and site)
+        action = "suspend"           # suspend | rest | throttle | bounce
+        duration = 7200              # seconds the action lasts
+        messages_per_minute = 10     # throttle: lower rates (per second/minute/hour)
+        max_connections = 1          # throttle: fewer connections
+
+    :class:`Trigger` counts matches per (rule, IP, site) in a sliding window
+    and says when a rule fires. :class:`Aimd` is the additive-increase /
+    multiplicative-decrease controller of one (IP, site)'s message rate: a
+    report whose deferred share reaches ``defer_share`` (or carries a "rate
+    limited" reply) multiplies the rate by ``decrease`` -- at most once per
+    ``hold`` seconds, so one cohort of replies to mail sent before the cut
+    does not cut again -- and every rate's worth of delivered messages adds
+    ``increase`` messages/s (TCP's +1 per round trip, with one second as the
+    round trip). A site with no configured rate starts unlimited; the first
+    cut starts from the measured sending rate (:meth:`Aimd.sent` counts what is
+    written), and the limit is lifted again once the rate climbs back to the
+    rate measured before the first cut.
+
+    Clocks are passed in (monotonic seconds), so tests drive them.
+
+DELIBERATELY NOT HERE
+    No buckets and no I/O: :mod:`fastsend.shaping.lanes` applies what these
+    classes decide to GCRA buckets and connection limits. No bounce
+    classification: :mod:`fastsend.bounce.reply` owns that (its
+    ``rate_limited`` / ``ip_blocked`` flags feed in here).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fastsend.config import ConfigError
+
+ACTIONS = ("suspend", "rest", "throttle", "bounce")
+RULE_KEYS = frozenset(
+    {
+        "name",
+        "match",
+        "provider",
+        "codes",
+        "threshold",
+        "period",
+        "action",
+        "duration",
+        "messages_per_second",
+        "messages_per_minute",
+        "messages_per_hour",
+        "max_connections",
+    }
+)
+# Aimd.observe answers
+SAME, DECREASED, INCREASED, LIFTED = 0, 1, 2, 3
+
+
+def parse_rule(r: Any, where: str) -> dict[str, Any]:
+    """Validate one ``[[rule]]`` table; returns it with defaults filled in."""
+    if not isinstance(r, dict):
+        raise ConfigError(f"{where}: must be a table")
+    for k in r:
+        if k not in RULE_KEYS:
+            raise ConfigError(f"{where}: unknown key {k!r} (known: {', '.join(sorted(RULE_KEYS))})")
+    out = dict(r)
+    name = out.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: name is required")
+    pat = out.get("match")
+    if not isinstance(pat, str) or not pat:
+        raise ConfigError(f"{where} ({name}): match (a regex) is required")
+    try:
+        re.compile(pat, re.I)
+    except re.error as e:
+        raise ConfigError(f"{where} ({name}): bad regex {pat!r}: {e}") from None
+    action = out.get("action")
+    if action not in ACTIONS:
+        raise ConfigError(f"{where} ({name}): action must be one of {', '.join(ACTIONS)}")
+    out.setdefault("threshold", 1)
+    out.setdefault("period", 3600.0)
+    out.setdefault("duration", 3600.0)
+    out.setdefault("provider", "")
+    out.setdefault("codes", [])
+    if not isinstance(out["threshold"], int) or out["threshold"] < 1:
+        raise ConfigError(f"{where} ({name}): threshold must be a positive integer")
+    for k in (
+        "period",
+        "duration",
+        "messages_per_second",
+        "messages_per_minute",
+        "messages_per_hour",
+    ):
+        v = out.get(k, 0)
+        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{where} ({name}): {k} must be a non-negative number")
+    if "max_connections" in out and (
+        not isinstance(out["max_connections"], int) or out["max_connections"] < 1
+    ):
+        raise ConfigError(f"{where} ({name}): max_connections must be a positive integer")
+    if action == "throttle" and not any(
+        k in out
+        for k in (
+            "messages_per_second",
+            "messages_per_minute",
+            "messages_per_hour",
+            "max_connections",
+        )
+    ):
+        raise ConfigError(f"{where} ({name}): a throttle rule needs a rate or max_connections")
+    if not isinstance(out["codes"], list) or not all(isinstance(c, int) for c in out["codes"]):
+        raise ConfigError(f"{where} ({name}): codes must be a list of reply codes")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A compiled automation rule."""
+
+    name: str
+    regex: re.Pattern[str]
+    action: str
+    threshold: int
+    period: float
+    duration: float
+    codes: frozenset[int]
+    rate: float  # throttle: messages/s (0: unchanged)
+    max_connections: int  # throttle: 0 unchanged
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Rule:
+        rates = [
+            float(d[k]) / per
+            for k, per in (
+                ("messages_per_second", 1.0),
+                ("messages_per_minute", 60.0),
+                ("messages_per_hour", 3600.0),
+            )
+            if d.get(k)
+        ]
+        return cls(
+            d["name"],
+            re.compile(d["match"], re.I),
+            d["action"],
+            int(d["threshold"]),
+            float(d["period"]),
+            float(d["duration"]),
+            frozenset(d["codes"]),
+            min(rates) if rates else 0.0,
+            int(d.get("max_connections", 0)),
+        )
+
+    def matches(self, code: int, line: str) -> bool:
+        if self.codes and code not in self.codes:
+            return False
+        return self.regex.search(line) is not None
+
+
+def rules_for(rules: list[dict[str, Any]], provider: str) -> tuple[Rule, ...]:
+    """The compiled rules that apply to sites of ``provider``."""
+    return tuple(
+        Rule.from_dict(r) for r in rules if not r.get("provider") or r["provider"] == provider
+    )
+
+
+class Trigger:
+    """Counts one rule's matches (per IP and site) within its period."""
+
+    __slots__ = ("rule", "times")
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.times: collections.deque[float] = collections.deque(maxlen=rule.threshold)
+
+    def hit(self, now: float) -> bool:
+        """Record a match at ``now``; True when the threshold is reached (then reset)."""
+        self.times.append(now)
+        if len(self.times) == self.rule.threshold and now - self.times[0] <= self.rule.period:
+            self.times.clear()
+            return True
+        return False
+
+
+class Aimd:
+    """AIMD of one (IP, site)'s message rate. ``rate`` is inf when unlimited."""
+
+    __slots__ = (
+        "_n",
+        "_start",
+        "ceiling",
+        "decrease",
+        "defer_share",
+        "hold",
+        "increase",
+        "last_cut",
+        "measured",
+        "min_rate",
+        "peak",
+        "rate",
+    )
+
+    def __init__(self, ceiling: float, settings: dict[str, float]) -> None:
+        self.ceiling = ceiling  # configured rate (inf: none)
+        self.rate = ceiling
+        self.decrease = settings["decrease"]
+        self.increase = settings["increase"]
+        self.defer_share = settings["defer_share"]
+        self.hold = settings["hold"]
+        self.min_rate = max(settings["min_rate"], 1e-3)
+        self.last_cut = -math.inf
+        self.measured = 0.0  # attempts/s over the last complete one-second window
+        self.peak = 0.0  # measured rate before the first cut (for unlimited sites)
+        self._start = -math.inf
+        self._n = 0
+
+    def sent(self, now: float, n: int) -> None:
+        """Count ``n`` messages written at ``now`` (the sending rate is measured
+        over one-second windows)."""
+        if now - self._start >= 1.0:
+            if self._start > -math.inf:
+                self.measured = self._n / (now - self._start)
+            self._start, self._n = now, 0
+        self._n += n
+
+    def sending(self, now: float) -> float:
+        """The measured sending rate (0.0: not known yet)."""
+        el = now - self._start
+        current = self._n / max(el, 0.01) if el < 1e9 else 0.0
+        return max(self.measured, current)
+
+    def observe(self, now: float, delivered: int, deferred: int, slow_down: bool = False) -> int:
+        """Feed one report's counts; returns SAME, DECREASED, INCREASED or LIFTED."""
+        total = delivered + deferred
+        if total <= 0:
+            return SAME
+        sending = self.sending(now)
+        if slow_down or deferred >= self.defer_share * total:
+            if now - self.last_cut < self.hold:
+                return SAME
+            self.last_cut = now
+            if math.isinf(self.rate):
+                self.peak = sending or float(total)
+                base = self.peak
+            else:
+                base = min(self.rate, sending) if sending > 0 else self.rate
+            self.rate = max(self.min_rate, base * self.decrease)
+            return DECREASED
+        if deferred or self.rate >= self.ceiling:
+            return SAME
+        self.rate += self.increase * delivered / max(self.rate, 1.0)
+        if math.isinf(self.ceiling):
+            if self.rate >= self.peak:
+                self.rate = math.inf
+                return LIFTED
+        elif self.rate >= self.ceiling:
+            self.rate = self.ceiling
+            return LIFTED
+        return INCREASED

@@ -1,0 +1,152 @@
+"""Campaign guardrails: pause a campaign whose bounce or complaint rate is too high.
+
+NAME
+    fastsend.shaping.guardrails -- GuardrailSettings, Guardrails.
+
+DESCRIPTION
+    Config::
+
+        [guardrails]
+        bounce_rate = 0.05       # bounced / (delivered + bounced)
+        complaint_rate = 0.003   # complaints / delivered (Gmail/Yahoo's 0.3% line)
+        min_sample = 500         # judge only after this many final outcomes
+        enabled = true
+
+    :meth:`Guardrails.on_result` is a :attr:`Supervisor.result_hooks` hook:
+    it counts each campaign's delivered and bounced messages and, once the
+    sample is large enough, pauses a campaign over a threshold with
+    ``spool.set_campaign_status(cid, "paused")`` and an event
+    ``{"event": "campaign_paused", "campaign": cid, "reason": "..."}``.
+    Complaints arrive from outside the delivery path (ARF reports, feedback
+    loops): :meth:`record_complaint`. A paused campaign's counters start
+    again from zero, so ``fastsend campaign resume ID`` gives it a fresh
+    sample before it is judged again.
+
+DELIBERATELY NOT HERE
+    No reading of ARF or DSN messages (fastsend.bounce parses them) and no
+    suppression (fastsend.suppression). Counters are per supervisor run, in
+    memory: a restart judges from a fresh sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastsend.config import Config, ConfigError
+from fastsend.spool import BOUNCED, DELIVERED, Spool
+
+
+@dataclass
+class GuardrailSettings:
+    bounce_rate: float = 0.05
+    complaint_rate: float = 0.003
+    min_sample: int = 500
+    enabled: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config) -> GuardrailSettings:
+        raw = config.raw.get("guardrails", {})
+        if not isinstance(raw, dict):
+            raise ConfigError("[guardrails] must be a table")
+        s = cls()
+        for k, v in raw.items():
+            if k not in cls.__dataclass_fields__:
+                raise ConfigError(
+                    f"[guardrails] unknown key {k!r} (known: bounce_rate, complaint_rate,"
+                    " min_sample, enabled)"
+                )
+            cur = getattr(s, k)
+            if isinstance(cur, bool):
+                ok = isinstance(v, bool)
+            elif isinstance(cur, int):
+                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            else:
+                ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+            if not ok:
+                raise ConfigError(f"[guardrails] {k} has a bad value {v!r}")
+            setattr(s, k, float(v) if isinstance(cur, float) else v)
+        return s
+
+
+class Guardrails:
+    """Per-campaign counters and the pause decision (in the supervisor)."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        settings: GuardrailSettings,
+        emit: Callable[[dict[str, Any]], None],
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        self.spool = spool
+        self.settings = settings
+        self.emit = emit
+        self.clock = clock or time.time
+        # campaign -> [delivered, bounced, complaints]
+        self.counts: dict[int, list[int]] = {}
+        self.paused: set[int] = set()
+
+    def on_result(self, claimed: Any, res: Any, state: int) -> None:
+        if state == DELIVERED:
+            g = self.counts.get(claimed.campaign)
+            if g is None:
+                g = self.counts[claimed.campaign] = [0, 0, 0]
+            g[0] += 1
+        elif state == BOUNCED:
+            g = self.counts.get(claimed.campaign)
+            if g is None:
+                g = self.counts[claimed.campaign] = [0, 0, 0]
+            g[1] += 1
+            self.check(claimed.campaign)
+
+    def record_complaint(self, campaign: int, n: int = 1) -> None:
+        g = self.counts.setdefault(campaign, [0, 0, 0])
+        g[2] += n
+        self.check(campaign)
+
+    def check(self, campaign: int) -> bool:
+        """Pause ``campaign`` if it is over a threshold; True when it was paused."""
+        s = self.settings
+        g = self.counts.get(campaign)
+        if not s.enabled or g is None:
+            return False
+        delivered, bounced, complaints = g
+        sample = delivered + bounced
+        if sample < s.min_sample:
+            return False
+        why = ""
+        rate = bounced / sample
+        if rate > s.bounce_rate:
+            why = (
+                f"bounce rate {rate:.1%} ({bounced} of {sample}) is over the"
+                f" {s.bounce_rate:.1%} guardrail"
+            )
+        elif delivered and complaints / delivered > s.complaint_rate:
+            why = (
+                f"complaint rate {complaints / delivered:.2%} ({complaints} of {delivered})"
+                f" is over the {s.complaint_rate:.2%} guardrail"
+            )
+        if not why:
+            return False
+        info = self.spool.get_campaign(campaign)
+        if info is None or info.status != "active":
+            return False
+        self.spool.set_campaign_status(campaign, "paused")
+        self.counts.pop(campaign, None)
+        self.paused.add(campaign)
+        self.emit(
+            {
+                "time": self.clock(),
+                "event": "campaign_paused",
+                "campaign": campaign,
+                "reason": why,
+                "delivered": delivered,
+                "bounced": bounced,
+                "complaints": complaints,
+            }
+        )
+        return True

@@ -1,0 +1,412 @@
+"""Lanes: the live shaping state of one (source IP, site) inside a worker.
+
+NAME
+    fastsend.shaping.lanes -- Lane, Shaper.
+
+DESCRIPTION
+    A :class:`Lane` applies a site's :class:`~fastsend.shaping.policy.Limits`
+    from one source IP: compiled GCRA buckets for messages per second / minute
+    / hour and for new connections, the connection limit, the AIMD rate, rule
+    throttles and suspensions (rest), and the IP's warm-up counter for the
+    site's provider. :meth:`Lane.take` answers "how many of these ``want``
+    messages may go now, else how long to wait" once per pipelined group,
+    not per message; a lane with nothing to enforce answers from one flag.
+
+    :meth:`Lane.observe` reads the outcomes of a group: every deferred or
+    failed reply is matched against the automation rules and the bounce
+    classifier's ``ip_blocked`` / ``rate_limited`` flags; delivered and
+    deferred counts feed AIMD. What changes is reported as shaping events
+    (dicts: event "shaping", action, source_ip, site, provider, ...), which
+    the worker ships to the supervisor for the event log.
+
+    A :class:`Shaper` is the worker's registry: the merged policy, the pools
+    restricted to the worker's IPs, one lane per (IP, site), and the
+    warm-up counters (restored from and reported to the supervisor).
+
+DELIBERATELY NOT HERE
+    No sockets, no sleeping, no clock reads (``now`` is passed in: monotonic
+    seconds for buckets, plus unix seconds for warm-up days). Lanes are owned
+    by one worker's loop thread.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from fastsend.config import Config
+from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult
+from fastsend.shaping.feedback import DECREASED, LIFTED, Aimd, Rule, Trigger, rules_for
+from fastsend.shaping.policy import Limits, Policy, load_policy
+from fastsend.shaping.pools import Pool, PoolSet, Warmup, load_pools
+from fastsend.throttle import Gcra
+
+FOREVER = 1e9
+
+
+def _classify(code: int, enhanced: str, text: str, stage: str) -> tuple[bool, bool]:
+    """(rate_limited, ip_blocked) from the bounce classifier (rare path)."""
+    from fastsend.bounce.reply import classify_reply
+
+    try:
+        c = classify_reply(code, enhanced, text, command=stage)
+    except ValueError:
+        return False, False
+    return c.rate_limited, c.ip_blocked
+
+
+class Lane:
+    """Shaping state of one (source IP, site)."""
+
+    __slots__ = (
+        "active",
+        "aimd",
+        "aimd_bucket",
+        "blocked_reason",
+        "blocked_until",
+        "buckets",
+        "conn_bucket",
+        "events",
+        "free",
+        "ip",
+        "last_event",
+        "limits",
+        "max_connections",
+        "provider",
+        "rest_duration",
+        "rules",
+        "site",
+        "throttle_bucket",
+        "throttle_conns",
+        "throttle_until",
+        "triggers",
+        "warm",
+    )
+
+    def __init__(
+        self,
+        ip: str,
+        site: str,
+        limits: Limits,
+        rules: tuple[Rule, ...],
+        aimd: dict[str, float],
+        rest_duration: float,
+        events: list[dict[str, Any]],
+    ) -> None:
+        self.ip, self.site, self.limits = ip, site, limits
+        self.provider = limits.provider
+        self.rules = rules
+        self.events = events
+        self.rest_duration = rest_duration
+        self.buckets = [Gcra(r, b) for r, b in limits.rates]
+        self.conn_bucket = (
+            Gcra(limits.connection_rate, max(1, round(limits.connection_rate * 60)))
+            if limits.connection_rate > 0
+            else None
+        )
+        self.aimd = Aimd(limits.message_rate, aimd) if limits.aimd else None
+        self.aimd_bucket: Gcra | None = None
+        self.throttle_bucket: Gcra | None = None
+        self.throttle_conns = 0
+        self.throttle_until = 0.0
+        self.blocked_until = 0.0
+        self.blocked_reason = ""
+        self.max_connections = limits.max_connections
+        self.active = 0
+        self.warm: Warmup | None = None
+        self.triggers: dict[str, Trigger] = {}
+        self.last_event = -math.inf
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.free = (
+            not self.buckets
+            and self.aimd_bucket is None
+            and self.throttle_bucket is None
+            and self.warm is None
+            and self.blocked_until == 0.0
+        )
+
+    # -- admission -----------------------------------------------------------
+
+    def usable(self, now: float) -> bool:
+        """May this lane carry mail now (not resting/suspended, not over its cap)?"""
+        if self.blocked_until:
+            if now < self.blocked_until:
+                return False
+            self._unblock(now)
+        return not (self.warm is not None and self.warm.left() <= 0)
+
+    def can_connect(self, now: float) -> bool:
+        if not self.usable(now):
+            return False
+        limit = self.max_connections
+        if self.throttle_conns and now < self.throttle_until:
+            limit = min(limit, self.throttle_conns)
+        return self.active < limit
+
+    def connect_wait(self, now: float) -> float:
+        """Seconds before a new connection may open (0.0: now, consumed)."""
+        b = self.conn_bucket
+        return 0.0 if b is None else b.acquire(now)
+
+    def take(self, now: float, want: int) -> tuple[int, float]:
+        """How many of ``want`` messages may go now; else (0, seconds to wait).
+
+        A wait of FOREVER means: not from this IP (resting, suspended, warm-up
+        cap reached) -- give the mail to another IP or back to the queue.
+        """
+        if self.free:
+            return want, 0.0
+        if not self.usable(now):
+            return 0, FOREVER
+        n = want
+        if self.warm is not None:
+            n = min(n, self.warm.left())
+        if self.throttle_bucket is not None and now >= self.throttle_until:
+            self._end_throttle(now)
+        bs = self._active_buckets()
+        for b in bs:
+            a = b.available(now)
+            if a < n:
+                n = a
+        if n <= 0:
+            return 0, max((b.peek(now) for b in bs), default=0.001) or 0.001
+        for b in bs:
+            b.acquire(now, n)
+        if self.warm is not None:
+            self.warm.sent += n
+        return n, 0.0
+
+    def _active_buckets(self) -> list[Gcra]:
+        bs = list(self.buckets)
+        if self.aimd_bucket is not None:
+            bs.append(self.aimd_bucket)
+        if self.throttle_bucket is not None:
+            bs.append(self.throttle_bucket)
+        return bs
+
+    # -- feedback --------------------------------------------------------------
+
+    def observe(self, results: list[TxnResult], now: float) -> list[TxnResult]:
+        """Read a group's outcomes; may rewrite outcomes (action "bounce")."""
+        delivered = deferred = 0
+        slow = False
+        rewritten = False
+        for tr in results:
+            for o in tr.outcomes:
+                if o.kind == DELIVERED:
+                    delivered += 1
+                    continue
+                if o.kind == DEFERRED:
+                    deferred += 1
+                if o.code:
+                    r = self.reply(o, now)
+                    slow = slow or r == "slow"
+                    rewritten = rewritten or r == "bounce"
+        if self.aimd is not None:
+            self.feed_aimd(now, delivered, deferred, slow)
+        if rewritten:
+            results = [self._rewrite(tr) for tr in results]
+        return results
+
+    def _rewrite(self, tr: TxnResult) -> TxnResult:
+        outs = []
+        for o in tr.outcomes:
+            if o.kind == DEFERRED and o.code and self._bounce_rule(o):
+                o = Outcome(
+                    FAILED, 554, "5.7.0", f"{o.code} {o.enhanced} {o.text}".strip(), o.stage, o.mx
+                )
+            outs.append(o)
+        return TxnResult(tr.tag, outs, tr.queue_id)
+
+    def _bounce_rule(self, o: Outcome) -> bool:
+        line = f"{o.code} {o.enhanced} {o.text}"
+        return any(r.action == "bounce" and r.matches(o.code, line) for r in self.rules)
+
+    def reply(self, o: Outcome, now: float) -> str:
+        """Apply rules and block detection to one non-delivered reply.
+
+        Returns "bounce" (rewrite to failed), "slow" (a slow-down signal) or "".
+        """
+        line = f"{o.code} {o.enhanced} {o.text}"
+        answer = ""
+        for rule in self.rules:
+            if not rule.matches(o.code, line):
+                continue
+            if rule.action == "bounce":
+                answer = "bounce"
+                continue
+            t = self.triggers.get(rule.name)
+            if t is None:
+                t = self.triggers[rule.name] = Trigger(rule)
+            if t.hit(now):
+                self.fire(rule, now, line)
+            return "slow" if rule.action == "throttle" else answer
+        rate_limited, ip_blocked = _classify(o.code, o.enhanced, o.text, o.stage)
+        if ip_blocked:
+            self.block(now, self.rest_duration, "rest", f"ip blocked: {line}")
+        return "slow" if rate_limited else answer
+
+    def fire(self, rule: Rule, now: float, line: str) -> None:
+        if rule.action in ("suspend", "rest"):
+            self.block(now, rule.duration, rule.action, f"rule {rule.name}: {line}")
+            return
+        # throttle
+        self.throttle_until = now + rule.duration
+        if rule.rate > 0:
+            self.throttle_bucket = Gcra(rule.rate, 1)
+            self.throttle_bucket.acquire(now)  # start empty: no burst on entry
+        if rule.max_connections:
+            self.throttle_conns = rule.max_connections
+        self._refresh()
+        self.emit(
+            now,
+            "throttle",
+            reason=f"rule {rule.name}: {line}",
+            rate=rule.rate or None,
+            max_connections=rule.max_connections or None,
+            duration=rule.duration,
+        )
+
+    def block(self, now: float, duration: float, action: str, reason: str) -> None:
+        until = now + duration
+        if until <= self.blocked_until:
+            return
+        self.blocked_until = until
+        self.blocked_reason = reason
+        self._refresh()
+        self.emit(now, action, reason=reason, duration=duration)
+
+    def _unblock(self, now: float) -> None:
+        self.blocked_until = 0.0
+        self.blocked_reason = ""
+        self._refresh()
+        self.emit(now, "resume")
+
+    def _end_throttle(self, now: float) -> None:
+        self.throttle_bucket = None
+        self.throttle_conns = 0
+        self._refresh()
+        self.emit(now, "throttle_end")
+
+    def feed_aimd(self, now: float, delivered: int, deferred: int, slow: bool) -> None:
+        a = self.aimd
+        assert a is not None
+        what = a.observe(now, delivered, deferred, slow)
+        if what == 0:
+            return
+        if a.rate >= a.ceiling:  # back at the configured rate (or unlimited)
+            self.aimd_bucket = None
+        else:
+            burst = max(1, int(a.rate * 0.1))
+            b = self.aimd_bucket
+            if b is None or not (burst // 2 <= b.burst <= burst * 2):
+                fresh = Gcra(a.rate, burst)
+                fresh.acquire(now, burst)  # start empty: a cut never releases a burst
+                self.aimd_bucket = fresh
+            else:
+                b.set_rate(a.rate, now)
+        self._refresh()
+        if what in (DECREASED, LIFTED) or now - self.last_event >= 1.0:
+            name = {DECREASED: "aimd_decrease", LIFTED: "aimd_restore"}.get(what, "aimd_increase")
+            self.emit(now, name, rate=None if math.isinf(a.rate) else round(a.rate, 3),
+                      delivered=delivered, deferred=deferred)  # fmt: skip
+
+    def emit(self, now: float, action: str, **fields: Any) -> None:
+        self.last_event = now
+        ev: dict[str, Any] = {
+            "time": time.time(),
+            "event": "shaping",
+            "action": action,
+            "source_ip": self.ip,
+            "site": self.site,
+            "provider": self.provider,
+        }
+        ev.update({k: v for k, v in fields.items() if v is not None})
+        self.events.append(ev)
+
+    def rate(self) -> float:
+        """The current AIMD rate (inf: not limited by AIMD)."""
+        return math.inf if self.aimd is None else self.aimd.rate
+
+
+class Shaper:
+    """A worker's shaping registry: policy, pools, lanes, warm-up counters."""
+
+    def __init__(self, config: Config, ips: list[str], now: float | None = None) -> None:
+        self.config = config
+        self.policy: Policy = getattr(config, "shaping", None) or load_policy(config)
+        poolset: PoolSet = getattr(config, "pools", None) or load_pools(
+            config, time.time() if now is None else now
+        )
+        self.poolset = poolset
+        self.worker_ips = ips or [""]
+        self.pools: dict[str, Pool] = {}
+        for name, p in poolset.pools.items():
+            sub = p.restricted(self.worker_ips)
+            self.pools[name] = sub if sub.ips else Pool(name, [], p.schedule)
+        from fastsend.shaping.pools import PoolIP
+
+        self.fallback = Pool("worker", [PoolIP(ip) for ip in self.worker_ips])
+        self.ehlo = poolset.ehlo_names()
+        self.lanes: dict[tuple[str, str], Lane] = {}
+        self.limits: dict[tuple[str, str], Limits] = {}
+        self.events: list[dict[str, Any]] = []
+        self.restored: dict[str, int] = {}  # "day|ip|provider" -> sent, from the supervisor
+        self.warming = any(
+            ip.warmup_start_day is not None for p in poolset.pools.values() for ip in p.ips
+        )
+
+    def pool(self, name: str) -> Pool:
+        p = self.pools.get(name or self.poolset.default)
+        if p is None or not p.ips:
+            return self.fallback
+        return p
+
+    def site_limits(self, site_key: str, hosts: tuple[str, ...], domain: str) -> Limits:
+        key = (site_key, domain)
+        lim = self.limits.get(key)
+        if lim is None:
+            lim = self.limits[key] = self.policy.resolve(hosts, domain)
+        return lim
+
+    def lane(self, ip: str, site_key: str, limits: Limits, pool: Pool, now_unix: float) -> Lane:
+        ln = self.lanes.get((ip, site_key))
+        if ln is None:
+            ln = self.lanes[(ip, site_key)] = Lane(
+                ip,
+                site_key,
+                limits,
+                rules_for(self.policy.rules, limits.provider),
+                self.policy.aimd,
+                self.policy.rest["duration"],
+                self.events,
+            )
+        if self.warming:
+            for p in pool.ips:
+                if p.ip == ip and p.warmup_start_day is not None:
+                    w = pool.warmup(p, limits.provider, now_unix)
+                    k = f"{w.day}|{ip}|{w.provider}"
+                    if k in self.restored:
+                        w.sent = max(w.sent, self.restored.pop(k))
+                    if ln.warm is not w:
+                        ln.warm = w
+                        ln._refresh()
+        return ln
+
+    def restore(self, counts: dict[str, int]) -> None:
+        self.restored.update(counts)
+
+    def warm_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.pools.values():
+            for w in p.counters.values():
+                if w.sent:
+                    out[f"{w.day}|{w.ip}|{w.provider}"] = w.sent
+        return out
+
+    def take_events(self) -> list[dict[str, Any]]:
+        ev, self.events[:] = list(self.events), []
+        return ev

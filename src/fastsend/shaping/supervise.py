@@ -1,0 +1,229 @@
+"""The supervisor's side of shaping: limits that span workers, and shaping state.
+
+NAME
+    fastsend.shaping.supervise -- DispatchGate, ShapingState, SupervisorShaping.
+
+DESCRIPTION
+    Maximum rates per campaign, per tenant and globally span every worker, so
+    they are enforced where messages are handed out: the supervisor's
+    dispatch. Config (``[shaping.dispatch]``; messages per second, 0 = none)::
+
+        [shaping.dispatch]
+        global_rate = 2000
+        campaign_rate = 0            # default for every campaign
+        tenant_rate = 0              # default for every tenant
+        tenants = { acme = 100 }     # per tenant
+    and per campaign, its option ``max_rate`` (``create_campaign(...,
+    options={"max_rate": 50})``).
+
+    :meth:`DispatchGate.admit` answers how many of a (campaign) group may go
+    now, consuming compiled GCRA buckets (burst: one second's worth); the
+    supervisor holds the rest in memory (still in flight in the spool, still
+    inside the worker's window, so memory stays bounded) and offers them
+    again on the next tick.
+
+    :class:`ShapingState` keeps the workers' warm-up counters (``DAY|IP|PROVIDER``
+    -> messages sent that UTC day) in ``shaping-state.json`` in the spool
+    directory, written atomically about once a second and at the end, and
+    handed back to each (re)started worker through its ring.
+
+    Shaping events from the workers (rate cuts and restores, rests,
+    suspensions, throttles: ``{"event": "shaping", "action": ...}``) are
+    written to ``shaping.jsonl`` next to the event log; a paused campaign is
+    an event in the event log itself (``campaign_paused``).
+
+    :class:`SupervisorShaping` bundles them with the guardrails and the pool
+    choice of each campaign, so the supervisor calls a few methods only.
+
+DELIBERATELY NOT HERE
+    No SMTP and no per-site limits (workers own those: fastsend.shaping.lanes).
+    Dispatch rates are per supervisor (one machine); shared limits across
+    machines belong to a shared spool backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastsend.config import Config, ConfigError
+from fastsend.events import EventLog
+from fastsend.queue import wire
+from fastsend.shaping.guardrails import Guardrails, GuardrailSettings
+from fastsend.spool import Spool
+from fastsend.throttle import Gcra
+
+STATE_FILE = "shaping-state.json"
+SHAPING_LOG = "shaping.jsonl"
+
+
+def _bucket(rate: float) -> Gcra | None:
+    return Gcra(rate, max(1, round(rate))) if rate > 0 else None
+
+
+def dispatch_settings(config: Config) -> dict[str, Any]:
+    """The validated ``[shaping.dispatch]`` table (errors name the key)."""
+    raw = config.raw.get("shaping", {}).get("dispatch", {})
+    if not isinstance(raw, dict):
+        raise ConfigError("[shaping.dispatch] must be a table")
+    known = {"global_rate", "campaign_rate", "tenant_rate", "tenants"}
+    for k, v in raw.items():
+        if k not in known:
+            raise ConfigError(
+                f"[shaping.dispatch] unknown key {k!r} (known: {', '.join(sorted(known))})"
+            )
+        vals = v.values() if k == "tenants" and isinstance(v, dict) else [v]
+        for x in vals:
+            if not isinstance(x, int | float) or isinstance(x, bool) or x < 0:
+                raise ConfigError(f"[shaping.dispatch] {k} must be non-negative rates")
+    return raw
+
+
+class DispatchGate:
+    def __init__(self, config: Config, spool: Spool) -> None:
+        raw = dispatch_settings(config)
+        self.spool = spool
+        self.campaign_rate = float(raw.get("campaign_rate", 0))
+        self.tenant_rate = float(raw.get("tenant_rate", 0))
+        self.tenant_rates = {str(t): float(r) for t, r in raw.get("tenants", {}).items()}
+        self.global_bucket = _bucket(float(raw.get("global_rate", 0)))
+        # campaign -> its buckets (campaign's own, tenant's); tenant -> bucket
+        self.campaigns: dict[int, tuple[Gcra, ...]] = {}
+        self.tenants: dict[str, Gcra | None] = {}
+        self.enabled = bool(
+            self.global_bucket or self.campaign_rate or self.tenant_rate or self.tenant_rates
+        )
+
+    def _buckets(self, campaign: int) -> tuple[Gcra, ...]:
+        bs = self.campaigns.get(campaign)
+        if bs is None:
+            info = self.spool.get_campaign(campaign)
+            tenant = info.tenant if info else "default"
+            rate = float((info.options or {}).get("max_rate", 0) or 0) if info else 0.0
+            rate = rate or self.campaign_rate
+            out = []
+            if (b := _bucket(rate)) is not None:
+                out.append(b)
+            if tenant not in self.tenants:
+                self.tenants[tenant] = _bucket(self.tenant_rates.get(tenant, self.tenant_rate))
+            if (tb := self.tenants[tenant]) is not None:
+                out.append(tb)
+            if self.global_bucket is not None:
+                out.append(self.global_bucket)
+            bs = self.campaigns[campaign] = tuple(out)
+            if out:
+                self.enabled = True
+        return bs
+
+    def admit(self, campaign: int, n: int, now: float) -> int:
+        """How many of ``n`` messages of ``campaign`` may be dispatched now (consumed)."""
+        bs = self._buckets(campaign)
+        if not bs:
+            return n
+        for b in bs:
+            a = b.available(now)
+            if a < n:
+                n = a
+        if n > 0:
+            for b in bs:
+                b.acquire(now, n)
+        return n
+
+
+class ShapingState:
+    def __init__(self, spool_dir: str) -> None:
+        self.path = os.path.join(spool_dir, STATE_FILE)
+        self.warm: dict[str, int] = {}
+        self.dirty = False
+        self.saved_at = 0.0
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            today = int(time.time() // 86400)
+            self.warm = {
+                k: int(v)
+                for k, v in data.get("warmup", {}).items()
+                if int(k.split("|", 1)[0]) >= today - 1
+            }
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def merge(self, counts: dict[str, int]) -> None:
+        for k, v in counts.items():
+            if v > self.warm.get(k, 0):
+                self.warm[k] = v
+                self.dirty = True
+
+    def save(self, now: float, force: bool = False) -> None:
+        if not self.dirty or (not force and now - self.saved_at < 1.0):
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"warmup": self.warm}, f)
+        os.replace(tmp, self.path)
+        self.dirty = False
+        self.saved_at = now
+
+
+class SupervisorShaping:
+    """What the supervisor calls: gate, guardrails, pools, state, worker records."""
+
+    def __init__(
+        self, config: Config, spool: Spool, emit: Callable[[dict[str, Any]], None]
+    ) -> None:
+        from fastsend.shaping.pools import load_pools
+
+        self.config = config
+        self.spool = spool
+        self.gate = DispatchGate(config, spool)
+        self.guardrails = Guardrails(spool, GuardrailSettings.from_config(config), emit)
+        self.poolset = load_pools(config, time.time())
+        self.state = ShapingState(config.spool_dir)
+        self.emit = emit
+        # Shaping decisions (event "shaping") go to their own JSON-lines file next
+        # to the event log, which stays one line per message outcome.
+        self.log_path = os.path.join(os.path.dirname(config.event_log_path), SHAPING_LOG)
+        self.log: EventLog | None = None
+        self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []  # e.g. dashboards
+
+    def campaign_records(self, campaign: int) -> list[bytes]:
+        """Records to send a worker with a campaign's spec (its pool)."""
+        info = self.spool.get_campaign(campaign)
+        if info is None:
+            return []
+        pool = self.poolset.pool_for(str((info.options or {}).get("pool", "")), info.tenant)
+        return [wire.encoder.encode(wire.CampaignShaping(campaign, pool))]
+
+    def spawn_records(self) -> list[bytes]:
+        if not self.state.warm:
+            return []
+        return [wire.encoder.encode(wire.WarmupCounts(dict(self.state.warm)))]
+
+    def on_record(self, msg: Any) -> bool:
+        """A worker's shaping record; True when it was one."""
+        if isinstance(msg, wire.ShapingEvents):
+            if self.log is None:
+                self.log = EventLog(self.log_path)
+            self.log.emit_many(msg.events)
+            for fn in self.listeners:
+                fn(msg.events)
+            return True
+        if isinstance(msg, wire.WarmupCounts):
+            self.state.merge(msg.counts)
+            return True
+        return False
+
+    def tick(self, force: bool = False) -> None:
+        self.state.save(time.time(), force)
+        if self.log is not None:
+            self.log.flush()
+
+    def close(self) -> None:
+        self.tick(force=True)
+        if self.log is not None:
+            self.log.close()
+            self.log = None

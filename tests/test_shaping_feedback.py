@@ -1,0 +1,168 @@
+"""Feedback loops on a driven clock: rule thresholds and actions, IP blocks, AIMD."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fastsend import config as cfgmod
+from fastsend.outcome import DEFERRED, DELIVERED, Outcome, TxnResult
+from fastsend.shaping.feedback import DECREASED, INCREASED, LIFTED, SAME, Aimd, Rule, Trigger
+from fastsend.shaping.lanes import FOREVER, Lane, Shaper
+from fastsend.shaping.policy import AIMD_KEYS
+
+OK = Outcome(DELIVERED, 250, "2.0.0", "ok", "data")
+
+
+def defer(text: str, code: int = 421, enhanced: str = "4.7.0") -> Outcome:
+    return Outcome(DEFERRED, code, enhanced, text, "rcpt")
+
+
+def results(*outcomes: Outcome) -> list[TxnResult]:
+    return [TxnResult(i, [o]) for i, o in enumerate(outcomes)]
+
+
+def lane_for(host: str, raw: dict | None = None, ip: str = "127.0.0.2") -> Lane:  # type: ignore[type-arg]
+    cfg = cfgmod.from_dict(raw or {})
+    sh = Shaper(cfg, [ip], now=1_700_000_000.0)
+    lim = sh.site_limits("site", (host,), "x.example")
+    return sh.lane(ip, "site", lim, sh.pool(""), 1_700_000_000.0)
+
+
+def test_trigger_threshold_within_period() -> None:
+    r = Rule.from_dict(
+        {"name": "r", "match": "x", "action": "suspend", "threshold": 2, "period": 60.0,
+         "duration": 1.0, "codes": []}
+    )  # fmt: skip
+    t = Trigger(r)
+    assert not t.hit(0.0)
+    assert not t.hit(100.0)  # the first match is out of the period
+    assert t.hit(150.0)  # two within 60 s
+    assert not t.hit(151.0)  # fired: counting starts again
+
+
+def test_gmail_unusual_rate_twice_throttles_to_10_per_minute() -> None:
+    ln = lane_for("gmail-smtp-in.l.google.com")
+    text = "Our system has detected an unusual rate of unsolicited mail"
+    ln.observe(results(defer(text, 421, "4.7.28")), 10.0)
+    assert ln.throttle_bucket is None  # threshold is 2
+    ln.observe(results(defer(text, 421, "4.7.28")), 20.0)
+    assert ln.throttle_bucket is not None and ln.throttle_bucket.rate == pytest.approx(10 / 60)
+    assert [e["action"] for e in ln.events].count("throttle") == 1
+    # 10/min: the next message may go 6 s after the throttle began, not before.
+    assert ln.take(20.5, 5) == (0, pytest.approx(5.5, abs=0.01))
+    n, wait = ln.take(26.0, 5)
+    assert (n, wait) == (1, 0.0)
+    # After 30 minutes the throttle ends and the lane is free again.
+    assert ln.take(20.0 + 1800.0, 5)[0] >= 1
+    assert "throttle_end" in [e["action"] for e in ln.events]
+
+
+def test_yahoo_ts04_suspends_two_hours() -> None:
+    ln = lane_for("mta7.am0.yahoodns.net")
+    ln.observe(results(defer("[TSS04] Messages from 127.0.0.2 temporarily deferred")), 100.0)
+    assert not ln.usable(100.0 + 7199) and ln.take(200.0, 10) == (0, FOREVER)
+    assert not ln.can_connect(200.0)
+    assert ln.usable(100.0 + 7200.5)
+    actions = [e["action"] for e in ln.events]
+    assert actions[0] == "suspend" and "resume" in actions
+    assert "yahoo-ts04" in ln.events[0]["reason"]
+
+
+def test_outlook_max_connections_drops_to_one_connection() -> None:
+    ln = lane_for("contoso-com.mail.protection.outlook.com")
+    msg = "4.7.0 exceeded the maximum number of connections"
+    ln.reply(Outcome(DEFERRED, 421, "4.7.0", msg, "greeting"), 1.0)
+    ln.active = 1
+    assert ln.can_connect(2.0)  # one match of two
+    ln.reply(Outcome(DEFERRED, 421, "4.7.0", msg, "greeting"), 3.0)
+    assert not ln.can_connect(4.0)  # 1 connection for 1 hour
+    ln.active = 0
+    assert ln.can_connect(4.0)
+    ln.active = 4
+    assert ln.can_connect(3.0 + 3601.0)  # back to 5
+
+
+def test_ip_blocked_reply_rests_the_ip() -> None:
+    ln = lane_for("mx.example.org", {"shaping": {"rest": {"duration": 600}}})
+    ln.observe(
+        results(defer("Service unavailable; Client host [127.0.0.2] blocked using zen.spamhaus.org", 554, "5.7.1")),
+        50.0,
+    )  # fmt: skip
+    assert not ln.usable(60.0) and ln.usable(651.0)
+    assert ln.events[0]["action"] == "rest" and ln.events[0]["source_ip"] == "127.0.0.2"
+
+
+def test_bounce_rule_rewrites_deferral_to_failure() -> None:
+    raw = {"shaping": {"rule": [{"name": "gone", "match": "mailbox disabled", "action": "bounce"}]}}
+    ln = lane_for("mx.example.org", raw)
+    out = ln.observe(results(OK, defer("4.2.1 mailbox disabled, not accepting", 450)), 1.0)
+    assert out[0].outcomes[0].kind == DELIVERED
+    assert out[1].outcomes[0].kind == "failed" and out[1].outcomes[0].code == 554
+
+
+def test_rule_limited_to_provider() -> None:
+    ln = lane_for("mx.example.org")  # not google: the unusual-rate rule does not apply
+    for t in (1.0, 2.0, 3.0):
+        ln.reply(defer("unusual rate of unsolicited mail"), t)
+    assert ln.throttle_bucket is None
+
+
+SETTINGS = dict(AIMD_KEYS, increase=10.0, hold=1.0, min_rate=1.0)
+
+
+def test_aimd_unlimited_site_cuts_from_measured_rate_then_restores() -> None:
+    a = Aimd(math.inf, SETTINGS)
+    t = 0.0
+    for _ in range(11):  # 100 msg/s sent, all delivered: nothing to do
+        a.sent(t, 10)
+        assert a.observe(t, 10, 0) == SAME
+        t += 0.1
+    assert a.sending(t) == pytest.approx(100.0)
+    assert a.observe(t, 5, 5) == DECREASED  # half deferred
+    assert a.peak == pytest.approx(100.0) and a.rate == pytest.approx(50.0)
+    first = a.rate
+    assert a.observe(t + 0.5, 5, 5) == SAME  # within hold: one cut per cohort
+    assert a.observe(t + 1.2, 5, 5) == DECREASED
+    assert a.rate < first
+    # Recovery: each rate's worth of deliveries adds `increase` msg/s ...
+    t += 2.0
+    seen = []
+    while True:
+        r = a.observe(t, 10, 0)
+        seen.append(r)
+        t += 0.1
+        if r == LIFTED:
+            break
+        assert r == INCREASED and len(seen) < 10_000
+    # ... until the rate measured before the first cut: then the limit is lifted.
+    assert math.isinf(a.rate)
+
+
+def test_aimd_configured_rate_is_the_ceiling_and_floor_holds() -> None:
+    a = Aimd(100.0, SETTINGS)
+    for i in range(20):
+        a.observe(float(i * 2), 1, 9)  # 90% deferred, one cut per report
+    assert a.rate == 1.0  # min_rate
+    t = 100.0
+    while a.observe(t, 50, 0) != LIFTED:
+        t += 0.5
+    assert a.rate == 100.0
+    assert a.observe(t + 1, 50, 0) == SAME  # at the ceiling
+
+
+def test_aimd_slow_down_reply_cuts_even_when_few_deferrals() -> None:
+    a = Aimd(200.0, SETTINGS)
+    assert a.observe(1.0, 99, 1) == SAME  # 1% deferred: no cut
+    assert a.observe(2.5, 99, 1, slow_down=True) == DECREASED
+
+
+def test_lane_aimd_bucket_follows_the_rate() -> None:
+    ln = lane_for("mx.example.org", {"shaping": {"default": {"messages_per_second": 100}}})
+    assert ln.take(0.0, 64) == (64, 0.0)  # burst of 100
+    ln.observe(results(*([OK] * 5 + [defer("try later", 451, "4.3.0")] * 5)), 0.5)
+    assert ln.aimd_bucket is not None and ln.rate() <= 50.0
+    assert ln.events[-1]["action"] == "aimd_decrease"
+    # The cut starts empty: no burst is released by lowering the rate.
+    assert ln.take(0.5, 10)[0] == 0
