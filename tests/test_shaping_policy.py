@@ -64,9 +64,11 @@ def test_shipped_values_for_providers() -> None:
     assert other.connection_rate == pytest.approx(100 / 60)
 
 
-def test_provider_by_domain_when_mx_unknown() -> None:
-    # A static route (no MX names) still gets the provider's limits by domain.
-    assert policy().resolve(("127.0.0.1",), "gmail.com").provider == "google"
+def test_provider_by_domain_when_mx_names_do_not_match() -> None:
+    # Custom MX names (or the implicit MX) still get the provider's limits by domain.
+    assert policy().resolve(("mx.custom-gmail-host.example",), "gmail.com").provider == "google"
+    # A static route resolves with the route host and no domain: the default.
+    assert policy().resolve(("127.0.0.1",), "").provider == ""
 
 
 def test_overrides_default_provider_domain(tmp_path: Path) -> None:

@@ -62,9 +62,13 @@ class SiteQueue:
         self.count: Callable[..., None] = count or (lambda name, n=1.0: None)
         self.shaper = shaper if shaper is not None else Shaper(config, self.ips)
         self.pool = self.shaper.pool(pool)
-        self.limits = self.shaper.site_limits(
-            site.key, tuple(h.name for h in site.hosts), domain or site.key
-        )
+        # A static route (a relay, a sink) carries every domain: it gets the
+        # default limits (and any [shaping.domain."ROUTE-HOST"]), never the
+        # provider of whichever domain happened to come first.
+        hosts = tuple(h.name for h in site.hosts)
+        if site.key.startswith("route:") and hosts:
+            domain = hosts[0]
+        self.limits = self.shaper.site_limits(site.key, hosts, domain)
         self.pending: collections.deque[Envelope] = collections.deque()
         self.wakeup = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()

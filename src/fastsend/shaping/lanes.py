@@ -63,6 +63,7 @@ class Lane:
         "active",
         "aimd",
         "aimd_bucket",
+        "all_buckets",
         "blocked_reason",
         "blocked_until",
         "buckets",
@@ -120,6 +121,12 @@ class Lane:
         self._refresh()
 
     def _refresh(self) -> None:
+        bs = list(self.buckets)
+        if self.aimd_bucket is not None:
+            bs.append(self.aimd_bucket)
+        if self.throttle_bucket is not None:
+            bs.append(self.throttle_bucket)
+        self.all_buckets = bs
         self.free = (
             not self.buckets
             and self.aimd_bucket is None
@@ -166,26 +173,23 @@ class Lane:
             n = min(n, self.warm.left())
         if self.throttle_bucket is not None and now >= self.throttle_until:
             self._end_throttle(now)
-        bs = self._active_buckets()
+        bs = self.all_buckets
         for b in bs:
             a = b.available(now)
             if a < n:
                 n = a
         if n <= 0:
-            return 0, max((b.peek(now) for b in bs), default=0.001) or 0.001
+            wait = 0.001
+            for b in bs:
+                w = b.peek(now)
+                if w > wait:
+                    wait = w
+            return 0, wait
         for b in bs:
             b.acquire(now, n)
         if self.warm is not None:
             self.warm.sent += n
         return n, 0.0
-
-    def _active_buckets(self) -> list[Gcra]:
-        bs = list(self.buckets)
-        if self.aimd_bucket is not None:
-            bs.append(self.aimd_bucket)
-        if self.throttle_bucket is not None:
-            bs.append(self.throttle_bucket)
-        return bs
 
     # -- feedback --------------------------------------------------------------
 

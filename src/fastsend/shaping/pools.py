@@ -129,11 +129,18 @@ class Pool:
         best: PoolIP | None = None
         best_v = 0
         cur = self._current
+        day = -1
         for p in self.ips:
             if eligible is not None and not eligible(p.ip):
                 continue
-            if p.warmup_start_day is not None and self.warmup(p, provider, now).left() <= 0:
-                continue
+            if p.warmup_start_day is not None:
+                if day < 0:
+                    day = utc_day(now)
+                w = self.counters.get((p.ip, provider))
+                if w is None or w.day != day:
+                    w = self.warmup(p, provider, now)
+                if w.sent >= w.cap:
+                    continue
             v = cur.get(p.ip, 0) + p.weight
             cur[p.ip] = v
             total += p.weight
