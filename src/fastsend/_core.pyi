@@ -35,6 +35,12 @@ from collections.abc import Mapping  # noqa: E402
 
 # _mime.pxi (twin: fastsend.message.mime.PURE)
 def qp_encode_text(text: str) -> bytes: ...
+def qp_template(
+    literals: tuple[str, ...],
+    names: tuple[str, ...],
+    defaults: tuple[str | None, ...],
+    variables: Mapping[str, str],
+) -> bytes: ...
 def splice(
     literals: tuple[str, ...],
     names: tuple[str, ...],
@@ -46,6 +52,7 @@ def splice(
 def body_relaxed(body: bytes) -> bytes: ...
 def body_simple(body: bytes) -> bytes: ...
 def header_relaxed(line: bytes) -> bytes: ...
+def relaxed_headers(lines: tuple[bytes, ...]) -> bytes: ...
 
 # _throttle.pxi (twins: fastsend.throttle.PyGcra, PyLimiter)
 from collections.abc import Hashable, Iterator  # noqa: E402

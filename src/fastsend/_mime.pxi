@@ -1,70 +1,176 @@
-# _mime.pxi: compiled twin of fastsend.message.mime.qp_encode_text (the pure
-# version there is the reference; names and behaviour are identical).
+# _mime.pxi: compiled twins of fastsend.message.mime (qp_encode_text,
+# qp_template) and fastsend.message.template.splice (the pure versions there
+# are the reference; names and behaviour are identical).
 # Quoted-printable (RFC 2045) encoding of text bodies, one pass over UTF-8 bytes.
 
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_Check
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
 
 cdef char* _QP_HEX = b"0123456789ABCDEF"
+
+# 1: printable ASCII other than "=" (always literal); 2: SP/TAB (literal unless
+# before a line end); 3: CR/LF; 0: always =HH.
+cdef unsigned char _QP_CLASS[256]
+
+
+cdef void _qp_init() noexcept:
+    cdef int b
+    for b in range(256):
+        _QP_CLASS[b] = 1 if (33 <= b <= 126 and b != 61) else 0
+    _QP_CLASS[32] = 2
+    _QP_CLASS[9] = 2
+    _QP_CLASS[13] = 3
+    _QP_CLASS[10] = 3
+
+
+_qp_init()
+
+
+cdef inline Py_ssize_t _qp_cap(Py_ssize_t n) noexcept nogil:
+    return 3 * n + n // 8 + 16
+
+
+cdef Py_ssize_t _qp_encode(const unsigned char* s, Py_ssize_t n,
+                           unsigned char* out) noexcept nogil:
+    """Quoted-printable of ``s`` into ``out`` (room: _qp_cap(n)); returns the length.
+
+    Lines (between hard breaks) are cut with soft breaks so that no line passes
+    76 octets: a break goes in when the next token would pass column 75.
+    """
+    cdef Py_ssize_t i = 0, o = 0, col = 0, j, lim
+    cdef unsigned char c, k
+    while i < n:
+        c = s[i]
+        k = _QP_CLASS[c]
+        if k == 3:
+            if c == 13 and i + 1 < n and s[i + 1] == 10:
+                i += 1
+            out[o] = 13
+            out[o + 1] = 10
+            o += 2
+            col = 0
+            i += 1
+            continue
+        if k == 1 or (k == 2 and i + 1 < n and _QP_CLASS[s[i + 1]] != 3):
+            # a run of literal octets, up to column 75
+            if col >= 75:
+                out[o] = 61
+                out[o + 1] = 13
+                out[o + 2] = 10
+                o += 3
+                col = 0
+            lim = i + (75 - col)
+            if lim > n:
+                lim = n
+            j = i + 1
+            while j < lim:
+                k = _QP_CLASS[s[j]]
+                if k == 1 or (k == 2 and j + 1 < n and _QP_CLASS[s[j + 1]] != 3):
+                    j += 1
+                else:
+                    break
+            memcpy(out + o, s + i, j - i)
+            o += j - i
+            col += j - i
+            i = j
+            continue
+        if col + 3 > 75:
+            out[o] = 61
+            out[o + 1] = 13
+            out[o + 2] = 10
+            o += 3
+            col = 0
+        out[o] = 61
+        out[o + 1] = _QP_HEX[c >> 4]
+        out[o + 2] = _QP_HEX[c & 15]
+        o += 3
+        col += 3
+        i += 1
+    return o
 
 
 def qp_encode_text(str text):
     """Quoted-printable UTF-8 encoding of ``text`` with CRLF line ends."""
-    cdef bytes raw = text.encode("utf-8")
-    cdef const unsigned char* s = raw
-    cdef Py_ssize_t n = len(raw)
-    cdef Py_ssize_t cap = 3 * n + n // 8 + 16
-    cdef unsigned char* out = <unsigned char*> malloc(cap)
+    cdef Py_ssize_t n
+    cdef const unsigned char* s = <const unsigned char*> PyUnicode_AsUTF8AndSize(text, &n)
+    cdef unsigned char* out = <unsigned char*> malloc(_qp_cap(n))
     if out == NULL:
         raise MemoryError()
-    cdef Py_ssize_t i = 0, o = 0, col = 0
-    cdef unsigned char c, nx
-    cdef bint enc
     try:
-        while i < n:
-            c = s[i]
-            if c == 13 or c == 10:
-                if c == 13 and i + 1 < n and s[i + 1] == 10:
-                    i += 1
-                out[o] = 13
-                out[o + 1] = 10
-                o += 2
-                col = 0
-                i += 1
-                continue
-            if c == 32 or c == 9:
-                if i + 1 == n:
-                    enc = True
-                else:
-                    nx = s[i + 1]
-                    enc = nx == 13 or nx == 10
-            else:
-                enc = not (33 <= c <= 126 and c != 61)
-            if enc:
-                if col + 3 > 75:
-                    out[o] = 61
-                    out[o + 1] = 13
-                    out[o + 2] = 10
-                    o += 3
-                    col = 0
-                out[o] = 61
-                out[o + 1] = _QP_HEX[c >> 4]
-                out[o + 2] = _QP_HEX[c & 15]
-                o += 3
-                col += 3
-            else:
-                if col + 1 > 75:
-                    out[o] = 61
-                    out[o + 1] = 13
-                    out[o + 2] = 10
-                    o += 3
-                    col = 0
-                out[o] = c
-                o += 1
-                col += 1
-            i += 1
-        return PyBytes_FromStringAndSize(<char*> out, o)
+        return PyBytes_FromStringAndSize(<char*> out, _qp_encode(s, n, out))
     finally:
+        free(out)
+
+
+cdef list _values(tuple names, tuple defaults, variables):
+    """The value of each placeholder (as splice() chooses it; KeyError if missing)."""
+    cdef Py_ssize_t k, m = len(names)
+    cdef list vals = [None] * m
+    cdef object v, d
+    cdef bint isdict = type(variables) is dict
+    for k in range(m):
+        if isdict:
+            v = (<dict> variables).get(names[k])
+        else:
+            v = variables.get(names[k])
+        if v is None or (not v and defaults[k] is not None):
+            d = defaults[k]
+            if d is None:
+                raise KeyError(names[k])
+            v = d
+        vals[k] = v
+    return vals
+
+
+def qp_template(tuple literals, tuple names, tuple defaults, variables):
+    """Quoted-printable of the spliced template; b"" when it is empty.
+
+    Twin of ``qp_encode_text(splice(...)) if text else b""``, without the
+    intermediate str: the UTF-8 of each piece (cached by Python for the
+    literals) is copied into one buffer and encoded in one pass.
+    """
+    cdef Py_ssize_t k, m = len(names), total = 0, ln, pos = 0
+    cdef list vals = _values(names, defaults, variables)
+    cdef object piece
+    cdef const char* p
+    for k in range(m):
+        if not PyUnicode_Check(vals[k]):
+            raise TypeError(f"sequence item {2 * k + 1}: expected str instance, "
+                            f"{type(vals[k]).__name__} found")
+    cdef Py_ssize_t npieces = 2 * m + 1
+    for k in range(npieces):
+        piece = literals[k >> 1] if (k & 1) == 0 else vals[k >> 1]
+        PyUnicode_AsUTF8AndSize(piece, &ln)
+        total += ln
+    if total == 0:
+        return b""
+    cdef unsigned char* src = NULL
+    cdef unsigned char* out = NULL
+    try:
+        if m == 0:
+            p = PyUnicode_AsUTF8AndSize(literals[0], &ln)
+            out = <unsigned char*> malloc(_qp_cap(total))
+            if out == NULL:
+                raise MemoryError()
+            return PyBytes_FromStringAndSize(
+                <char*> out, _qp_encode(<const unsigned char*> p, ln, out))
+        src = <unsigned char*> malloc(total)
+        out = <unsigned char*> malloc(_qp_cap(total))
+        if src == NULL or out == NULL:
+            raise MemoryError()
+        for k in range(npieces):
+            piece = literals[k >> 1] if (k & 1) == 0 else vals[k >> 1]
+            p = PyUnicode_AsUTF8AndSize(piece, &ln)
+            memcpy(src + pos, p, ln)
+            pos += ln
+        return PyBytes_FromStringAndSize(<char*> out, _qp_encode(src, total, out))
+    finally:
+        free(src)
         free(out)
 
 

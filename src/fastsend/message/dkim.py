@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import operator
 import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
@@ -30,7 +31,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from fastsend._accel import pick
 from fastsend.message.keys import PrivateKey, algorithm_of, load_private_key
 
-__all__ = ["DEFAULT_HEADERS", "Signer", "body_relaxed", "body_simple", "header_relaxed"]
+__all__ = [
+    "DEFAULT_HEADERS",
+    "Plan",
+    "Signer",
+    "body_relaxed",
+    "body_simple",
+    "header_relaxed",
+    "relaxed_headers",
+]
 
 # Signed when present, in this order (RFC 6376 5.4.1 recommendations + RFC 8058).
 DEFAULT_HEADERS = (
@@ -67,11 +76,38 @@ def header_relaxed(line: bytes) -> bytes:
     return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
 
 
+def relaxed_headers(lines: tuple[bytes, ...]) -> bytes:
+    """The relaxed forms of raw header ``lines``, concatenated (the signed-header block)."""
+    return b"".join([_header_relaxed_py(ln) for ln in lines])
+
+
+_header_relaxed_py = header_relaxed
+
 # The readable twins, by name (tests run both; the compiled ones are picked).
-PURE = {"body_relaxed": body_relaxed, "body_simple": body_simple, "header_relaxed": header_relaxed}
+PURE = {
+    "body_relaxed": body_relaxed,
+    "body_simple": body_simple,
+    "header_relaxed": header_relaxed,
+    "relaxed_headers": relaxed_headers,
+}
 body_relaxed = pick(body_relaxed)
 body_simple = pick(body_simple)
 header_relaxed = pick(header_relaxed)
+relaxed_headers = pick(relaxed_headers)
+
+
+class Plan(NamedTuple):
+    """Which lines of a fixed header layout a :class:`Signer` signs, and its ``h=`` part."""
+
+    pick: Callable[[Sequence[bytes]], tuple[bytes, ...]]
+    h_part: bytes
+
+
+def _picker(idx: tuple[int, ...]) -> Callable[[Sequence[bytes]], tuple[bytes, ...]]:
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda lines: (lines[i],)
+    return operator.itemgetter(*idx)
 
 
 class Signer:
@@ -94,7 +130,7 @@ class Signer:
         self.algorithm = algorithm_of(key)
         self._ed = isinstance(key, ed25519.Ed25519PrivateKey)
         self._hrelaxed = hc == "relaxed"
-        self._body_canon = body_relaxed if bc == "relaxed" else body_simple
+        self._brelaxed = bc == "relaxed"
         self.headers = tuple(h.lower() for h in headers)
         if "from" not in self.headers:
             raise ValueError("DKIM must sign From")
@@ -104,6 +140,7 @@ class Signer:
         ).encode("ascii")
         self._last_body: bytes | None = None
         self._last_bh = b""
+        self._plans: dict[tuple[str, ...], Plan] = {}
         self._padding = padding.PKCS1v15()
         self._sha256 = hashes.SHA256()
 
@@ -123,31 +160,44 @@ class Signer:
         last = self._last_body
         if last is not None and (last is body or last == body):
             return self._last_bh
-        bh = base64.b64encode(hashlib.sha256(self._body_canon(body)).digest())
+        canon = body_relaxed(body) if self._brelaxed else body_simple(body)
+        bh = base64.b64encode(hashlib.sha256(canon).digest())
         self._last_body, self._last_bh = body, bh
         return bh
 
-    def sign(self, headers: Sequence[tuple[str, bytes]], body: bytes) -> bytes:
-        """The ``DKIM-Signature: ...\\r\\n`` line for this message."""
+    def plan(self, names: Sequence[str]) -> Plan:
+        """The signing plan for messages whose header lines are named ``names`` (lower case).
+
+        Made once per header layout (a :class:`~fastsend.message.mime.Renderer`
+        has one), so per message nothing is looked up by name.
+        """
+        present = set(names)
+        signed = [n for n in self.headers if n in present]
+        # The last instance of each name is signed (RFC 6376 5.4.2); ours are unique.
+        last = {n: i for i, n in enumerate(names)}
+        h_part = b";\r\n h=" + ":".join(signed).encode("ascii") + b";\r\n bh="
+        return Plan(_picker(tuple(last[n] for n in signed)), h_part)
+
+    def sign_lines(self, plan: Plan, lines: Sequence[bytes], body: bytes) -> bytes:
+        """The ``DKIM-Signature: ...\\r\\n`` line for header ``lines`` laid out as ``plan`` says."""
         bh = self.body_hash(body)
-        present = {n for n, _ in headers}
-        names = [n for n in self.headers if n in present]
-        # The last instance of each name is signed first (RFC 6376 5.4.2); ours are unique.
-        by_name = {n: ln for n, ln in headers}
+        sig_head = b"".join([self._head, b"%d" % int(time.time()), plan.h_part, bh, b";\r\n b="])
         if self._hrelaxed:
-            data = [header_relaxed(by_name[n]) for n in names]
+            signed = relaxed_headers((*plan.pick(lines), sig_head))[:-2]
         else:
-            data = [by_name[n] for n in names]
-        sig_head = b"".join(
-            [self._head, b"%d" % int(time.time()), b";\r\n h=", ":".join(names).encode("ascii"),
-             b";\r\n bh=", bh, b";\r\n b="]
-        )  # fmt: skip
-        data.append(header_relaxed(sig_head)[:-2] if self._hrelaxed else sig_head)
-        signed = b"".join(data)
+            signed = b"".join((*plan.pick(lines), sig_head))
         if self._ed:
             sig = self.key.sign(hashlib.sha256(signed).digest())  # type: ignore[call-arg]
         else:
             sig = self.key.sign(signed, self._padding, self._sha256)  # type: ignore[call-arg]
         b64 = base64.b64encode(sig)
-        folded = b"\r\n  ".join(b64[i : i + 72] for i in range(0, len(b64), 72))
+        folded = b"\r\n  ".join([b64[i : i + 72] for i in range(0, len(b64), 72)])
         return sig_head + folded + b"\r\n"
+
+    def sign(self, headers: Sequence[tuple[str, bytes]], body: bytes) -> bytes:
+        """The ``DKIM-Signature: ...\\r\\n`` line for ``(lower-case name, raw line)`` pairs."""
+        names = tuple(n for n, _ in headers)
+        plan = self._plans.get(names)
+        if plan is None:
+            plan = self._plans[names] = self.plan(names)
+        return self.sign_lines(plan, [ln for _, ln in headers], body)
