@@ -121,10 +121,9 @@ class RecordingHandler:
 
 @contextlib.contextmanager
 def aiosmtpd_server(
-    port: int, tls_context: ssl.SSLContext | None = None
+    port: int, tls_context: ssl.SSLContext | None = None, **kwargs: Any
 ) -> Iterator[tuple[Controller, RecordingHandler]]:
     handler = RecordingHandler()
-    kwargs: dict[str, Any] = {}
     if tls_context is not None:
         kwargs["tls_context"] = tls_context
     ctl = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)

@@ -209,3 +209,50 @@ def test_connect_refused_and_idle_close(run: Run) -> None:
     assert isinstance(refused, Outcome) and refused.deferred and refused.stage == "connect"
     assert not not_yet and closed
     assert after[0].outcomes[0].deferred
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_aiosmtpd_auth(run: Run, mechanism: str) -> None:
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    def check(server: Any, session: Any, envelope: Any, mech: str, data: Any) -> AuthResult:
+        ok = (
+            isinstance(data, LoginPassword) and data.login == b"user" and data.password == b"s3cret"
+        )
+        return AuthResult(success=ok and mech == mechanism, handled=False)
+
+    port = free_port()
+    with aiosmtpd_server(port, authenticator=check, auth_require_tls=False):
+
+        async def go() -> Any:
+            good = ConnectOptions(
+                host="127.0.0.1",
+                port=port,
+                auth=("user", "s3cret"),
+                auth_mechanism=mechanism,
+                timeouts=SHORT,
+            )
+            conn = await must_connect(good)
+            (r,) = await conn.send(envs(1))
+            await conn.quit()
+            bad = await connect(
+                ConnectOptions(
+                    host="127.0.0.1",
+                    port=port,
+                    auth=("user", "wrong"),
+                    auth_mechanism=mechanism,
+                    timeouts=SHORT,
+                )
+            )
+            return r, bad
+
+        r, bad = run(go())
+    assert r.outcomes[0].delivered
+    assert isinstance(bad, Outcome) and bad.deferred and bad.stage == "auth" and bad.code == 535
+    assert "wrong" not in repr(ConnectOptions(host="x", auth=("user", "wrong")))
+
+
+def test_bad_options() -> None:
+    for kw in ({"port": 0}, {"tls": "maybe"}, {"max_messages": 0}, {"host": ""}):
+        with pytest.raises(ValueError):
+            ConnectOptions(**{"host": "127.0.0.1", **kw})

@@ -88,6 +88,21 @@ class ConnectOptions:
     max_messages: int = 100
     timeouts: Timeouts = Timeouts()
     server_hostname: str | None = None  # for SNI/verification; defaults to host
+    auth_mechanism: str = ""  # "PLAIN" or "LOGIN"; default: PLAIN if offered, else LOGIN
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("ConnectOptions.host is empty")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"ConnectOptions.port {self.port} is not in 1..65535")
+        if self.tls not in ("opportunistic", "required", "off"):
+            raise ValueError(
+                f"ConnectOptions.tls must be opportunistic|required|off, not {self.tls!r}"
+            )
+        if self.max_messages < 1:
+            raise ValueError(f"ConnectOptions.max_messages must be >= 1, not {self.max_messages}")
+        if self.auth_mechanism.upper() not in ("", "PLAIN", "LOGIN"):
+            raise ValueError(f"unsupported AUTH mechanism {self.auth_mechanism!r}")
 
 
 def _default_context(mode: TLSMode) -> ssl.SSLContext:
@@ -428,7 +443,7 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
                     await conn.quit()
                     return reply.outcome("ehlo", mx)
     if opts.auth is not None:
-        reply = await conn.command(client.send_auth(*opts.auth))
+        reply = await conn.command(client.send_auth(*opts.auth, opts.auth_mechanism))
         if not reply.ok:
             await conn.quit()
             return reply.outcome("auth", mx)

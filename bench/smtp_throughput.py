@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Throughput of fastsend's SMTP client against Postfix's smtp-source, on smtp-sink.
+
+Both send the same number of ~4.3 KB messages (4 KB payload plus personalised
+headers: a per-recipient To, Subject and Message-ID spliced into a fixed
+body) to one Postfix ``smtp-sink`` process on 127.0.0.1, in the same run:
+
+- ``smtp-source -d`` (persistent connections, no pipelining; Postfix's C load
+  generator) at several session counts; its best is the baseline.
+- fastsend: ``fastsend.smtp.connect`` + ``SMTPConnection.send`` over N
+  persistent pipelined connections on uvloop, in a child process.
+
+Client CPU is measured from the kernel (``os.wait4`` rusage of each client
+process: user + system, start-up included). It prints msgs/s and client CPU
+microseconds per message for both, the ratios, the machine and the settings,
+and exits non-zero when a number cannot be measured (sink did not start, a
+client failed, a message was not delivered).
+
+Usage::
+
+    python bench/smtp_throughput.py                # 100,000 messages, sweeps
+    python bench/smtp_throughput.py --quick        # 20,000 messages, one setting each
+    python bench/smtp_throughput.py --messages 50000 --connections 10,30 --sessions 10,20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+PAYLOAD = 4096  # smtp-source -l: payload bytes, headers not included
+
+
+def find(name: str) -> str:
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else ""
+    )
+    if not path:
+        sys.exit(f"error: {name} not found (install Debian's postfix package)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def run_measured(cmd: list[str]) -> tuple[int, float, float, str]:
+    """Run a client process; (exit status, wall seconds, CPU seconds, stdout)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _pid, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.stderr.write(err.decode(errors="replace")[-2000:])
+    return proc.returncode, wall, ru.ru_utime + ru.ru_stime, out.decode(errors="replace")
+
+
+# --- the fastsend client (runs in a child process) ----------------------------
+
+
+def body_template() -> tuple[bytes, bytes, bytes, bytes]:
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod te\r\n"
+    body = (line * (PAYLOAD // len(line) + 1))[: PAYLOAD - 2] + b"\r\n"
+    head1 = b"From: News <news@example.org>\r\nTo: <user"
+    head2 = b"@example.com>\r\nSubject: Hello user"
+    head3 = b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\nMessage-ID: <"
+    return head1, head2, head3, b".bench@example.org>\r\n\r\n" + body
+
+
+async def fastsend_client(port: int, messages: int, connections: int, batch: int) -> dict[str, Any]:
+    from fastsend.outcome import Envelope
+    from fastsend.smtp import ConnectOptions, SMTPConnection, connect
+
+    head1, head2, head3, tail = body_template()
+    next_index = 0
+    delivered = 0
+    problems: list[str] = []
+
+    async def worker() -> None:
+        nonlocal next_index, delivered
+        conn = await connect(
+            ConnectOptions(host="127.0.0.1", port=port, tls="off", max_messages=messages)
+        )
+        if not isinstance(conn, SMTPConnection):
+            problems.append(f"connect: {conn}")
+            return
+        while next_index < messages:
+            start = next_index
+            end = min(start + batch, messages)
+            next_index = end
+            envs = []
+            for i in range(start, end):
+                n = b"%d" % i
+                data = b"".join((head1, n, head2, n, head3, n, tail))
+                envs.append(Envelope("news@example.org", [f"user{i}@example.com"], data))
+            for r in await conn.send(envs):
+                for o in r.outcomes:
+                    if o.kind == "delivered":
+                        delivered += 1
+                    elif len(problems) < 5:
+                        problems.append(str(o))
+        await conn.quit()
+
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return {
+        "wall": time.perf_counter() - t0,
+        "cpu": time.process_time() - c0,
+        "delivered": delivered,
+        "problems": problems,
+        "size": len(b"".join((head1, b"50000", head2, b"50000", head3, b"50000", tail))),
+    }
+
+
+def client_main(args: argparse.Namespace) -> int:
+    import uvloop
+
+    result = uvloop.run(fastsend_client(args.port, args.messages, args.client, args.batch))
+    from fastsend import _accel
+
+    result["compiled"] = _accel.HAVE_EXTENSIONS and not _accel.NO_EXTENSIONS
+    print(json.dumps(result))
+    return 0 if result["delivered"] == args.messages else 1
+
+
+# --- the driver ----------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=0, help="messages per run (default 100000)")
+    ap.add_argument("--connections", default="", help="fastsend connection counts, e.g. 10,20,50")
+    ap.add_argument("--sessions", default="", help="smtp-source session counts, e.g. 5,10,20,50")
+    ap.add_argument("--batch", type=int, default=100, help="envelopes per send() call")
+    ap.add_argument("--quick", action="store_true", help="20,000 messages, one setting each")
+    ap.add_argument("--client", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:
+        return client_main(args)
+
+    messages = args.messages or (20_000 if args.quick else 100_000)
+    conns = [int(x) for x in (args.connections or ("20" if args.quick else "10,20,50")).split(",")]
+    sessions = [
+        int(x) for x in (args.sessions or ("10" if args.quick else "5,10,20,50")).split(",")
+    ]
+    sink_exe, source_exe = find("smtp-sink"), find("smtp-source")
+    port = free_port()
+    sink_cmd = [sink_exe, "-4"]
+    if os.geteuid() == 0:
+        sink_cmd += ["-u", "nobody"]
+    sink_cmd += [f"127.0.0.1:{port}", "1024"]
+    sink = subprocess.Popen(sink_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    failed = False
+    rows: list[tuple[str, int, float, float]] = []  # (who, setting, msgs/s, us/msg)
+    try:
+        if not wait_port(port):
+            print("error: smtp-sink did not start", file=sys.stderr)
+            return 2
+        print(f"machine: {machine()}")
+        print(f"settings: {messages} messages, payload {PAYLOAD} B, smtp-sink on 127.0.0.1:{port}")
+        for s in sessions:
+            cmd = [
+                source_exe,
+                "-4",
+                "-d",
+                "-N",
+                "-M",
+                "localhost",
+                "-f",
+                "news@example.org",
+                "-s",
+                str(s),
+                "-m",
+                str(messages),
+                "-l",
+                str(PAYLOAD),
+                f"127.0.0.1:{port}",
+            ]
+            rc, wall, cpu, _out = run_measured(cmd)
+            if rc != 0 or cpu <= 0:
+                print(f"error: smtp-source -s {s} exited {rc} (cpu {cpu})", file=sys.stderr)
+                failed = True
+                continue
+            rows.append(("smtp-source", s, messages / wall, cpu / messages * 1e6))
+            print(
+                f"  smtp-source -d -s {s:<3}  {messages / wall:9.0f} msg/s  {cpu / messages * 1e6:6.1f} us CPU/msg"
+            )
+        for c in conns:
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--client",
+                str(c),
+                "--port",
+                str(port),
+                "--messages",
+                str(messages),
+                "--batch",
+                str(args.batch),
+            ]
+            rc, wall, cpu, out = run_measured(cmd)
+            try:
+                res = json.loads(out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                res = {}
+            if rc != 0 or not res or cpu <= 0:
+                print(
+                    f"error: fastsend client ({c} connections) exited {rc}: {res.get('problems')}",
+                    file=sys.stderr,
+                )
+                failed = True
+                continue
+            # rate over the sending phase; CPU over the whole process (start-up included)
+            rate = messages / res["wall"]
+            rows.append(("fastsend", c, rate, cpu / messages * 1e6))
+            print(
+                f"  fastsend {c:>3} connections  {rate:9.0f} msg/s  {cpu / messages * 1e6:6.1f} us CPU/msg"
+                f"  (send phase {res['cpu'] / messages * 1e6:.1f} us; {res['size']} B messages;"
+                f" compiled core: {res['compiled']})"
+            )
+    finally:
+        sink.terminate()
+        sink.wait(5)
+    src = [r for r in rows if r[0] == "smtp-source"]
+    fs = [r for r in rows if r[0] == "fastsend"]
+    if failed or not src or not fs:
+        print("error: could not measure both clients", file=sys.stderr)
+        return 1
+    best_src = max(src, key=lambda r: r[2])
+    best_fs = max(fs, key=lambda r: r[2])
+    rate_ratio = best_fs[2] / best_src[2]
+    cpu_ratio = best_fs[3] / best_src[3]
+    print(
+        f"baseline: smtp-source -s {best_src[1]}: {best_src[2]:.0f} msg/s, {best_src[3]:.1f} us CPU/msg"
+    )
+    print(
+        f"fastsend: {best_fs[1]} connections: {best_fs[2]:.0f} msg/s, {best_fs[3]:.1f} us CPU/msg"
+    )
+    print(f"ratio msgs/s (fastsend / smtp-source): {rate_ratio:.2f}x  (goal >= 1.0)")
+    print(f"ratio CPU/msg (fastsend / smtp-source): {cpu_ratio:.2f}x  (goal <= 1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
