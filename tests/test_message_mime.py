@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -117,3 +118,42 @@ def test_splice_twins_agree(vals: dict[str, str], src: str) -> None:
     except KeyError:
         got = None
     assert got == want
+
+
+NAMES = st.sampled_from(["Subject", "X-A", "Feedback-ID", "X-" + "n" * 70, "Ü"])
+WORDY = st.lists(
+    st.sampled_from([" ", "\t", "=?", "a", "é", "€", "😀", "x" * 50, "y" * 950, "\r", "\x00"]),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(name=NAMES, value=st.one_of(ANY, WORDY))
+def test_text_header_twins_agree(name: str, value: str) -> None:
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+
+    def run(f: Any) -> object:
+        try:
+            return f(name, value)
+        except Exception as exc:  # the same error, with the same text
+            return (type(exc).__name__, str(exc))
+
+    assert run(_accel.compiled("text_header")) == run(mime_mod.PURE["text_header"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(vals=st.dictionaries(st.sampled_from(["x", "y"]), st.one_of(ANY, WORDY)), src=st.sampled_from(
+    ["{{x}}", "a {{ x }}\t{{y|default('d')}}c \n", "", "static \t\n", "\r{{x}}\n{{y}}\r"]))  # fmt: skip
+def test_qp_template_twins_agree(vals: dict[str, str], src: str) -> None:
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    t = template_mod.Template(src)
+
+    def run(f: Any) -> object:
+        try:
+            return f(t.literals, t._names, t._defaults, vals)
+        except KeyError as exc:
+            return exc.args
+
+    assert run(_accel.compiled("qp_template")) == run(mime_mod.PURE["qp_template"])

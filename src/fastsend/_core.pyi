@@ -41,6 +41,7 @@ def qp_template(
     defaults: tuple[str | None, ...],
     variables: Mapping[str, str],
 ) -> bytes: ...
+def text_header(name: str, value: str) -> bytes: ...
 def splice(
     literals: tuple[str, ...],
     names: tuple[str, ...],

@@ -196,3 +196,159 @@ def splice(tuple literals, tuple names, tuple defaults, variables):
         parts[2 * k + 1] = v
         parts[2 * k + 2] = literals[k + 1]
     return "".join(parts)
+
+
+# -- header text (twin: fastsend.message.mime.text_header) ---------------------
+
+cdef char* _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+cdef Py_ssize_t _b64(const unsigned char* s, Py_ssize_t n, unsigned char* out) noexcept nogil:
+    cdef Py_ssize_t i = 0, o = 0
+    cdef unsigned int v
+    while i + 3 <= n:
+        v = (s[i] << 16) | (s[i + 1] << 8) | s[i + 2]
+        out[o] = _B64[(v >> 18) & 63]
+        out[o + 1] = _B64[(v >> 12) & 63]
+        out[o + 2] = _B64[(v >> 6) & 63]
+        out[o + 3] = _B64[v & 63]
+        o += 4
+        i += 3
+    if n - i == 1:
+        v = s[i] << 16
+        out[o] = _B64[(v >> 18) & 63]
+        out[o + 1] = _B64[(v >> 12) & 63]
+        out[o + 2] = 61
+        out[o + 3] = 61
+        o += 4
+    elif n - i == 2:
+        v = (s[i] << 16) | (s[i + 1] << 8)
+        out[o] = _B64[(v >> 18) & 63]
+        out[o + 1] = _B64[(v >> 12) & 63]
+        out[o + 2] = _B64[(v >> 6) & 63]
+        out[o + 3] = 61
+        o += 4
+    return o
+
+
+cdef int _text_kind(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """0: plain words (no encoding); 1: needs encoded-words; 2: CR/LF/NUL (refused)."""
+    cdef Py_ssize_t i, word = 0
+    cdef unsigned char c
+    cdef int kind = 0
+    if s[0] == 32 or s[n - 1] == 32:
+        kind = 1
+    for i in range(n):
+        c = s[i]
+        if c == 13 or c == 10 or c == 0:
+            return 2
+        if c == 32:
+            if i + 1 < n and s[i + 1] == 32:
+                kind = 1
+            word = 0
+        elif c < 33 or c > 126:
+            kind = 1
+        else:
+            word += 1
+            if word > 900 or (c == 61 and i + 1 < n and s[i + 1] == 63):
+                kind = 1
+    return kind
+
+
+cdef class _Folder:
+    """Writes ``Name: tok tok ...`` folded before a space at 78 columns."""
+    cdef unsigned char* out
+    cdef Py_ssize_t o, col, longest
+    cdef bint first
+
+    cdef inline void token(self, const unsigned char* t, Py_ssize_t n) noexcept:
+        if not self.first and self.col + 1 + n > 78:
+            self.out[self.o] = 13
+            self.out[self.o + 1] = 10
+            self.o += 2
+            self.col = 0
+        self.first = False
+        self.out[self.o] = 32
+        memcpy(self.out + self.o + 1, t, n)
+        self.o += n + 1
+        self.col += n + 1
+        if self.col > self.longest:
+            self.longest = self.col
+
+
+def text_header(str name, str value):
+    """An unstructured header line (Subject, X-*, ...) as bytes, folded, CRLF-terminated.
+
+    Twin of ``unstructured_header(name, value).encode("utf-8")``; the rare
+    cases (an error to report, names that are not short ASCII) are handed to it.
+    """
+    cdef Py_ssize_t nn, n, i, j, take, budget, cap, start
+    cdef const unsigned char* nm
+    cdef const unsigned char* s
+    cdef int kind
+    cdef unsigned char word[80]
+    cdef _Folder f
+    try:
+        nm = <const unsigned char*> PyUnicode_AsUTF8AndSize(name, &nn)
+        s = <const unsigned char*> PyUnicode_AsUTF8AndSize(value, &n)
+    except UnicodeEncodeError:
+        return _text_header_py(name, value)
+    if n == 0 or nn > 60 or nn != len(name):
+        return _text_header_py(name, value)
+    kind = _text_kind(s, n)
+    if kind == 2:
+        return _text_header_py(name, value)
+    cap = nn + 8 * n + 128
+    f = _Folder()
+    f.out = <unsigned char*> malloc(cap)
+    if f.out == NULL:
+        raise MemoryError()
+    try:
+        memcpy(f.out, nm, nn)
+        f.out[nn] = 58
+        f.o = f.col = f.longest = nn + 1
+        f.first = True
+        if kind == 0:
+            start = 0
+            for i in range(n + 1):
+                if i == n or s[i] == 32:
+                    f.token(s + start, i - start)
+                    start = i + 1
+        else:
+            budget = 78 - nn - 2
+            if budget < 24:
+                budget = 24
+            i = 0
+            while i < n:
+                take = ((min(budget, 75) - 12) // 4) * 3
+                if take < 3:
+                    take = 3
+                j = min(i + take, n)
+                while j < n and j > i and (s[j] & 0xC0) == 0x80:
+                    j -= 1
+                if j == i:
+                    j = i + 1
+                    while j < n and (s[j] & 0xC0) == 0x80:
+                        j += 1
+                if j - i > 45:  # never: take <= 45 and a character is <= 4 octets
+                    return _text_header_py(name, value)
+                memcpy(word, b"=?utf-8?b?", 10)
+                take = 10 + _b64(s + i, j - i, word + 10)
+                word[take] = 63
+                word[take + 1] = 61
+                f.token(word, take + 2)
+                i = j
+                budget = 75
+        if f.longest > 998:
+            return _text_header_py(name, value)
+        f.out[f.o] = 13
+        f.out[f.o + 1] = 10
+        return PyBytes_FromStringAndSize(<char*> f.out, f.o + 2)
+    finally:
+        free(f.out)
+
+
+def _text_header_py(name, value):
+    from fastsend.message.headers import unstructured_header
+
+    return unstructured_header(name, value).encode("utf-8")

@@ -50,7 +50,7 @@ from fastsend.message.template import Template
 if TYPE_CHECKING:
     from fastsend.message.dkim import Signer
 
-__all__ = ["Renderer", "base64_body", "qp_encode_text", "qp_template"]
+__all__ = ["Renderer", "base64_body", "qp_encode_text", "qp_template", "text_header"]
 
 CRLF = b"\r\n"
 _QP_SAFE_LINE = re.compile(rb"[!-<>-~ \t]{0,75}")
@@ -103,12 +103,18 @@ def qp_template(
     return _qp_encode_text_py(text) if text else b""
 
 
+def text_header(name: str, value: str) -> bytes:
+    """An unstructured header line (Subject, X-*, ...): folded, encoded-words as needed."""
+    return unstructured_header(name, value).encode("utf-8")
+
+
 _qp_encode_text_py = qp_encode_text
 
 # The readable twins, by name (tests run both; the compiled ones are picked).
-PURE = {"qp_encode_text": qp_encode_text, "qp_template": qp_template}
+PURE = {"qp_encode_text": qp_encode_text, "qp_template": qp_template, "text_header": text_header}
 qp_encode_text = pick(qp_encode_text)
 qp_template = pick(qp_template)
+text_header = pick(text_header)
 
 
 def base64_body(data: bytes) -> bytes:
@@ -139,8 +145,8 @@ class _Header:
         if self.static is not None:
             return self.static
         if self.kind == "text":
-            line = unstructured_header(self.name, self.templates[0].render(variables))
-        elif self.kind == "mailbox":
+            return text_header(self.name, self.templates[0].render(variables))
+        if self.kind == "mailbox":
             display, addr = parse_mailbox(self.templates[0].render(variables))
             line = mailbox_header(self.name, display, addr)
         else:  # "uris": List-Unsubscribe; values percent-encoded into the URL
