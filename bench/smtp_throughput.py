@@ -38,6 +38,7 @@ import time
 from typing import Any
 
 PAYLOAD = 4096  # smtp-source -l: payload bytes, headers not included
+Measured = tuple[float, float, float]  # msgs/s, CPU us/msg (process), CPU us/msg (send phase)
 
 
 def find(name: str) -> str:
@@ -92,6 +93,38 @@ def run_measured(cmd: list[str]) -> tuple[int, float, float, str]:
     if proc.returncode != 0:
         sys.stderr.write(err.decode(errors="replace")[-2000:])
     return proc.returncode, wall, ru.ru_utime + ru.ru_stime, out.decode(errors="replace")
+
+
+def measure_source(exe: str, port: int, sessions: int, messages: int) -> Measured | None:
+    """smtp-source -d with ``sessions`` parallel sessions: (msgs/s, client CPU us/msg, same)."""
+    cmd = [exe, "-4", "-d", "-N", "-M", "localhost", "-f", "news@example.org"]
+    cmd += ["-s", str(sessions), "-m", str(messages), "-l", str(PAYLOAD), f"127.0.0.1:{port}"]
+    rc, wall, cpu, _out = run_measured(cmd)
+    if rc != 0 or cpu <= 0 or wall <= 0:
+        print(f"error: smtp-source -s {sessions} exited {rc} (cpu {cpu})", file=sys.stderr)
+        return None
+    return messages / wall, cpu / messages * 1e6, cpu / messages * 1e6
+
+
+def measure_fastsend(port: int, connections: int, messages: int, batch: int) -> Measured | None:
+    """fastsend in a child process: (msgs/s of the send phase, CPU us/msg of the whole
+    process, CPU us/msg of the send phase alone)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--client", str(connections)]
+    cmd += ["--port", str(port), "--messages", str(messages), "--batch", str(batch)]
+    rc, _wall, cpu, out = run_measured(cmd)
+    try:
+        res = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        res = {}
+    if rc != 0 or not res or cpu <= 0 or res["wall"] <= 0:
+        problems = res.get("problems")
+        print(
+            f"error: fastsend ({connections} connections) exited {rc}: {problems}", file=sys.stderr
+        )
+        return None
+    if not res["compiled"]:
+        print("note: fastsend._core not in use (pure-Python twins)", file=sys.stderr)
+    return messages / res["wall"], cpu / messages * 1e6, res["cpu"] / messages * 1e6
 
 
 # --- the fastsend client (runs in a child process) ----------------------------
@@ -173,6 +206,9 @@ def main() -> int:
     ap.add_argument("--sessions", default="", help="smtp-source session counts, e.g. 5,10,20,50")
     ap.add_argument("--batch", type=int, default=100, help="envelopes per send() call")
     ap.add_argument("--quick", action="store_true", help="20,000 messages, one setting each")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs per setting; the median run is reported"
+    )
     ap.add_argument("--client", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -198,67 +234,32 @@ def main() -> int:
             print("error: smtp-sink did not start", file=sys.stderr)
             return 2
         print(f"machine: {machine()}")
-        print(f"settings: {messages} messages, payload {PAYLOAD} B, smtp-sink on 127.0.0.1:{port}")
-        for s in sessions:
-            cmd = [
-                source_exe,
-                "-4",
-                "-d",
-                "-N",
-                "-M",
-                "localhost",
-                "-f",
-                "news@example.org",
-                "-s",
-                str(s),
-                "-m",
-                str(messages),
-                "-l",
-                str(PAYLOAD),
-                f"127.0.0.1:{port}",
-            ]
-            rc, wall, cpu, _out = run_measured(cmd)
-            if rc != 0 or cpu <= 0:
-                print(f"error: smtp-source -s {s} exited {rc} (cpu {cpu})", file=sys.stderr)
-                failed = True
-                continue
-            rows.append(("smtp-source", s, messages / wall, cpu / messages * 1e6))
-            print(
-                f"  smtp-source -d -s {s:<3}  {messages / wall:9.0f} msg/s  {cpu / messages * 1e6:6.1f} us CPU/msg"
-            )
-        for c in conns:
-            cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--client",
-                str(c),
-                "--port",
-                str(port),
-                "--messages",
-                str(messages),
-                "--batch",
-                str(args.batch),
-            ]
-            rc, wall, cpu, out = run_measured(cmd)
-            try:
-                res = json.loads(out.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                res = {}
-            if rc != 0 or not res or cpu <= 0:
-                print(
-                    f"error: fastsend client ({c} connections) exited {rc}: {res.get('problems')}",
-                    file=sys.stderr,
-                )
-                failed = True
-                continue
-            # rate over the sending phase; CPU over the whole process (start-up included)
-            rate = messages / res["wall"]
-            rows.append(("fastsend", c, rate, cpu / messages * 1e6))
-            print(
-                f"  fastsend {c:>3} connections  {rate:9.0f} msg/s  {cpu / messages * 1e6:6.1f} us CPU/msg"
-                f"  (send phase {res['cpu'] / messages * 1e6:.1f} us; {res['size']} B messages;"
-                f" compiled core: {res['compiled']})"
-            )
+        print(
+            f"settings: {messages} messages of ~{PAYLOAD + 180} B (payload {PAYLOAD} B),"
+            f" {args.repeat} run(s) per setting (median), batch {args.batch},"
+            f" smtp-sink on 127.0.0.1:{port}; fastsend msgs/s over its send phase,"
+            " CPU = user+sys of the whole client process (wait4)"
+        )
+        runs: dict[tuple[str, int], list[Measured]] = {}
+        for _rep in range(max(1, args.repeat)):  # interleaved, so noise hits both alike
+            for s in sessions:
+                got = measure_source(source_exe, port, s, messages)
+                if got is None:
+                    failed = True
+                else:
+                    runs.setdefault(("smtp-source", s), []).append(got)
+            for c in conns:
+                got = measure_fastsend(port, c, messages, args.batch)
+                if got is None:
+                    failed = True
+                else:
+                    runs.setdefault(("fastsend", c), []).append(got)
+        for (who, setting), values in runs.items():
+            rate, cpu_us, phase_us = sorted(values)[len(values) // 2]  # the median run by rate
+            rows.append((who, setting, rate, cpu_us))
+            label = f"-d -s {setting}" if who == "smtp-source" else f"{setting} connections"
+            extra = f"  (send phase alone: {phase_us:.1f} us)" if who == "fastsend" else ""
+            print(f"  {who:<11} {label:<15} {rate:9.0f} msg/s  {cpu_us:6.1f} us CPU/msg{extra}")
     finally:
         sink.terminate()
         sink.wait(5)
