@@ -9,7 +9,10 @@ Measures, in one run, on one pinned core, by process CPU time:
 - fastsend build + DKIM ed25519-sha256, vs the raw Ed25519 sign rate of the
   same key via ``cryptography`` (PyNaCl too when installed; the faster one is
   the baseline) (goal: >= 70%);
-- for reference, stdlib ``email`` + dkimpy rsa-sha256.
+- for reference, stdlib ``email`` + dkimpy rsa-sha256, and build + ed25519
+  with a body that differs per recipient (the goal figure's body repeats, so
+  its body hash is cached as in a campaign whose body has no per-recipient
+  values; this one pays canonicalization + SHA-256 of the body every time).
 
 The message: ~4 KB personalised text + HTML (multipart/alternative,
 quoted-printable), a personalised Subject and six placeholders per message.
@@ -140,7 +143,7 @@ def main() -> int:
         "list_unsubscribe": {"url": "https://example.com/u/{{ message_id }}"},
     }
 
-    def renderer(sel: str | None) -> Callable[[], bytes]:
+    def renderer(sel: str | None, vary: bool = False) -> Callable[[], bytes]:
         d = dict(base)
         if sel:
             d["dkim"] = {"domain": "example.com", "selector": sel, "key": str(tmp / f"{sel}.pem")}
@@ -149,6 +152,8 @@ def main() -> int:
 
         def go() -> bytes:
             i = next(counter)
+            if vary:  # a body that differs per recipient: no cached body hash
+                return r.render(f"user{i}@example.org", {**VARS, "code": f"X{i}"}, f"m{i}")
             return r.render(f"user{i}@example.org", VARS, f"m{i}")
 
         return go
@@ -191,6 +196,7 @@ def main() -> int:
         "fastsend build+rsa2048": build_rsa,
         "raw rsa2048 sign": raw_rsa,
         "fastsend build+ed25519": build_ed,
+        "fastsend build+ed25519, body varies": renderer("ed", vary=True),
         **{f"raw ed25519 sign ({k})": f for k, f in baselines_ed.items()},
     }
     best: dict[str, float] = {}
@@ -202,8 +208,8 @@ def main() -> int:
 
     print(f"message: {size} octets, text+html, quoted-printable, 6 placeholders")
     for name, rate in best.items():
-        print(f"  {name:32s} {rate:12,.0f} msg/s per core  ({1e6 / rate:9.1f} us)" if rate else
-              f"  {name:32s} not measured")  # fmt: skip
+        print(f"  {name:36s} {rate:12,.0f} msg/s per core  ({1e6 / rate:9.1f} us)" if rate else
+              f"  {name:36s} not measured")  # fmt: skip
     if not all(r > 0 for r in best.values()):
         print("error: some figures could not be measured", file=sys.stderr)
         return 2
@@ -213,6 +219,8 @@ def main() -> int:
         ("rsa2048 vs raw OpenSSL sign", best["fastsend build+rsa2048"] / best["raw rsa2048 sign"],
          0.85),
         ("ed25519 vs raw ed25519 sign", best["fastsend build+ed25519"] / raw_ed_best, 0.70),
+        ("ed25519, body varies, vs raw", best["fastsend build+ed25519, body varies"]
+         / raw_ed_best, 0.0),
         ("rsa2048 vs stdlib+dkimpy", best["fastsend build+rsa2048"]
          / best["stdlib email + dkimpy rsa2048"], 0.0),
     ]  # fmt: skip
@@ -226,7 +234,8 @@ def main() -> int:
             want = f"{goal:.0f}x" if goal >= 1 else f"{goal:.0%}"
             print(f"  {what:32s} {shown:>8s}  (goal >= {want})  {verdict}")
         else:
-            print(f"  {what:32s} {ratio:7.1f}x  (reference)")
+            shown = f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.0%}"
+            print(f"  {what:32s} {shown:>8s}  (reference)")
     return 1 if (missed and args.strict) else 0
 
 

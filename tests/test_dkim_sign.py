@@ -8,6 +8,8 @@ from typing import Any
 
 import dkim as dkimpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _message_helpers import drop_first_signature, opendkim_verify, use_impl
 from conftest import require_program
@@ -154,3 +156,20 @@ def test_canonicalization_twins_agree_on_rfc_examples(impl: str) -> None:
     assert f["body_relaxed"](b"\r\n\r\n") == b""
     assert f["body_relaxed"](b"x") == b"x\r\n"
     assert f["body_simple"](b"x") == b"x\r\n"
+
+
+WSP_BYTES = st.lists(st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"a", b":", b"\xc3"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.one_of(st.binary(max_size=200), WSP_BYTES.map(b"".join)),
+       lines=st.lists(WSP_BYTES.map(b"".join), max_size=5))  # fmt: skip
+def test_canonicalization_twins_agree_on_random_input(body: bytes, lines: list[bytes]) -> None:
+    from fastsend import _accel
+
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    for name in ("body_relaxed", "body_simple"):
+        assert _accel.compiled(name)(body) == dkim_mod.PURE[name](body)
+    got = _accel.compiled("relaxed_headers")(tuple(lines))
+    assert got == dkim_mod.PURE["relaxed_headers"](tuple(lines))

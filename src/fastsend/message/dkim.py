@@ -191,6 +191,8 @@ class Signer:
         else:
             sig = self.key.sign(signed, self._padding, self._sha256)  # type: ignore[call-arg]
         b64 = base64.b64encode(sig)
+        if 72 < len(b64) <= 144:  # ed25519: 88 characters, two lines
+            return b"".join([sig_head, b64[:72], b"\r\n  ", b64[72:], b"\r\n"])
         folded = b"\r\n  ".join([b64[i : i + 72] for i in range(0, len(b64), 72)])
         return sig_head + folded + b"\r\n"
 

@@ -57,6 +57,7 @@ _QP_SAFE_LINE = re.compile(rb"[!-<>-~ \t]{0,75}")
 _QP_TOKENS = [bytes([b]) if (33 <= b <= 126 and b != 61) else b"=%02X" % b for b in range(256)]
 _NEWLINES = re.compile(r"\r\n?")
 _ID_SAFE = re.compile(r"[A-Za-z0-9_\-]{1,200}")
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.\-~@]*")
 _splice_py = _TEMPLATE_PURE["splice"]
 
 
@@ -163,6 +164,8 @@ class _Header:
 
 
 def _url_quote(value: str) -> str:
+    if _URL_SAFE.fullmatch(value) is not None:  # what quote() would return unchanged
+        return value
     return quote(value, safe="@")
 
 
