@@ -4,6 +4,9 @@ A :class:`Signer` is made once per process from campaign settings (the key is
 loaded once). ``sign(headers, body)`` takes the message as the serializer
 produced it, a list of ``(lower-case name, raw folded line)`` plus the body
 bytes, and returns the complete ``DKIM-Signature`` header line to prepend.
+The hot path is ``plan(names)`` once per header layout, then
+``sign_lines(plan, lines, body)`` per message: the signed lines are picked by
+index and canonicalized in one pass (``relaxed_headers``).
 
 Canonicalization (simple and relaxed, header and body) are twins: the
 readable versions here, compiled ones in ``_dkim.pxi`` (picked at import).

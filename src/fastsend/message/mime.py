@@ -283,7 +283,7 @@ class Renderer:
         names += [h.lname for h in self._tail]
         names += [ln[: ln.index(b":")].decode("ascii").lower() for ln in self._content]
         self._plans = [(s, s.plan(names)) for s in self.signers]
-        #: CPU-independent wall time spent signing (perf_counter seconds), cumulative.
+        #: Seconds spent signing (time.perf_counter, cumulative; 0.0 without DKIM).
         self.dkim_seconds = 0.0
 
     # -- compile-time helpers -------------------------------------------------
