@@ -241,8 +241,16 @@ CASES: list[tuple[str, tuple[str, ...], list[Envelope], list[tuple[bytes, bytes]
 ]
 
 
+@pytest.fixture
+def twins(impl: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the client over the chosen reply parser and dot-stuffer."""
+    monkeypatch.setattr(cl, "ReplyParser", parser_cls(impl))
+    monkeypatch.setattr(cl, "dot_stuff", stuffer(impl))
+    return impl
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_transactions(case: Any) -> None:
+def test_transactions(case: Any, twins: str) -> None:
     _name, caps, envelopes, script, expected = case
     c = ready(caps)
     results: list[Any] = []
