@@ -52,7 +52,9 @@ class Timeouts:
     mail: float = 300.0  # 4.5.3.2.2 MAIL: 5 minutes
     rcpt: float = 300.0  # 4.5.3.2.3 RCPT: 5 minutes
     data: float = 120.0  # 4.5.3.2.4 DATA initiation: 2 minutes
-    data_block: float = 180.0  # 4.5.3.2.5 data block: 3 minutes (write progress)
+    # 4.5.3.2.5 data block, 3 minutes: kept for completeness; asyncio shows no
+    # per-block write progress, so the wait after the body uses data_end.
+    data_block: float = 180.0
     data_end: float = 600.0  # 4.5.3.2.6 DATA termination: 10 minutes
     quit: float = 10.0  # the 221 to QUIT (we close anyway)
 
