@@ -81,6 +81,15 @@ def test_paused_campaign_is_not_claimed(tmp_path: Path) -> None:
     assert {c.campaign for c in s.claim_due(now, 100)} == {a}
     with pytest.raises(ValueError):
         s.set_campaign_status(a, "bogus")
+    # Cancelling makes the pending rows final (cancelled), leaving others alone.
+    c = s.create_campaign({"from": "a@b.example"})
+    s.add_messages(c, rows(4, "c.example"), now)
+    inflight = s.claim_due(now, 100)[0]
+    s.set_campaign_status(c, "cancelled")
+    counts = s.counts(c)
+    assert counts["cancelled"] == 3 and counts["inflight"] == 1
+    assert inflight.campaign == c
+    assert s.next_due() is None
 
 
 def test_queue_shape_and_next_due(tmp_path: Path) -> None:

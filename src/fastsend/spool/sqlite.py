@@ -31,6 +31,7 @@ import orjson
 
 from fastsend.spool import (
     AGE_BUCKETS_MIN,
+    CANCELLED,
     DEFERRED,
     INFLIGHT,
     QUEUED,
@@ -148,7 +149,20 @@ class SQLiteSpool(Spool):
     def set_campaign_status(self, campaign_id: int, status: str) -> None:
         if status not in ("active", "paused", "cancelled"):
             raise ValueError(f"bad campaign status {status!r}")
-        self.db.execute("UPDATE campaigns SET status=? WHERE id=?", (status, campaign_id))
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("UPDATE campaigns SET status=? WHERE id=?", (status, campaign_id))
+            if status == "cancelled":
+                # Pending mail becomes final; what is in flight finishes its attempt.
+                db.execute(
+                    "UPDATE messages SET state=?, next_at=0 WHERE campaign=? AND state IN (0, 2)",
+                    (CANCELLED, campaign_id),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- messages ------------------------------------------------------------
 
