@@ -84,7 +84,7 @@ def test_paused_campaign_is_not_claimed(tmp_path: Path) -> None:
     # Cancelling makes the pending rows final (cancelled), leaving others alone.
     c = s.create_campaign({"from": "a@b.example"})
     s.add_messages(c, rows(4, "c.example"), now)
-    inflight = s.claim_due(now, 100)[0]
+    inflight = s.claim_due(now, 1)[0]
     s.set_campaign_status(c, "cancelled")
     counts = s.counts(c)
     assert counts["cancelled"] == 3 and counts["inflight"] == 1
