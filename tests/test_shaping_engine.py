@@ -228,3 +228,25 @@ def test_provider_limits_by_mx_suffix_through_dns(tmp_path: Path, dns_server: An
         if e["rcpt"].endswith("@gtest.example") and e["event"] in ("deferred", "expired")
     ]
     assert g and all("TLS" in e["text"] or "STARTTLS" in e["text"] for e in g), g[:2]
+
+
+def test_complaint_events_feed_the_complaint_guardrail(tmp_path: Path) -> None:
+    """An ARF complaint event (as the intake emits it) counts toward the
+    campaign's complaint rate; over the threshold the campaign is paused."""
+    from fastsend.config import from_dict
+    from fastsend.events import EventLog
+    from fastsend.queue.supervisor import Supervisor
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    cfg = from_dict({"guardrails": {"min_sample": 10, "complaint_rate": 0.05}})
+    cfg.spool_dir = str(tmp_path / "spool")
+    spool = SQLiteSpool(cfg.spool_dir)
+    cid = spool.create_campaign({"from": "a@sender.example.com"})
+    events = EventLog(None)
+    sup = Supervisor(cfg, spool, events)
+    g = sup.shaping.guardrails
+    g.counts[cid] = [20, 0, 0]  # 20 delivered so far
+    events.emit({"event": "complained", "campaign": cid, "rcpt": "x@example.net"})
+    assert spool.get_campaign(cid).status == "active"  # 1/20 = 5%: not over
+    events.emit({"event": "complained", "campaign": cid, "rcpt": "y@example.net"})
+    assert spool.get_campaign(cid).status == "paused"  # 2/20 = 10%

@@ -115,6 +115,14 @@ class Supervisor:
         # Shaping that spans workers: dispatch rates, guardrails, pools, warm-up state.
         self.shaping = SupervisorShaping(config, spool, lambda ev: self.event_buf.append(ev))
         self.result_hooks.append(self.shaping.guardrails.on_result)
+        # Complaints arrive as events (ARF intake, webhooks of providers): they
+        # count toward the campaign's complaint-rate guardrail.
+        events.listeners.append(self._on_events)
+
+    def _on_events(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            if ev.get("event") == "complained" and isinstance(ev.get("campaign"), int):
+                self.shaping.guardrails.record_complaint(ev["campaign"])
 
     # -- workers -------------------------------------------------------------
 
