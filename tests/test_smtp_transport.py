@@ -7,15 +7,18 @@ drops connections or stops answering (disconnects and timeouts).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import ssl
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import trustme
 
 from _smtp_helpers import FaultServer, aiosmtpd_server
-from conftest import free_port
+from conftest import free_port, require_program, wait_port
 from fastsend.outcome import Envelope, Outcome
 from fastsend.smtp import ConnectOptions, SMTPConnection, Timeouts, connect
 
@@ -256,3 +259,49 @@ def test_bad_options() -> None:
     for kw in ({"port": 0}, {"tls": "maybe"}, {"max_messages": 0}, {"host": ""}):
         with pytest.raises(ValueError):
             ConnectOptions(**{"host": "127.0.0.1", **kw})
+
+
+@contextlib.contextmanager
+def smtp_sink(*options: str) -> Iterator[int]:
+    """Postfix's smtp-sink with fault options (see smtp-sink(1)); yields its port."""
+    exe = require_program("smtp-sink")
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    cmd = [exe, "-4", *user, *options, f"127.0.0.1:{port}", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port("127.0.0.1", port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_postfix_sink_without_pipelining(run: Run) -> None:
+    with smtp_sink("-p") as port:
+
+        async def go() -> Any:
+            conn = await must_connect(ConnectOptions(host="127.0.0.1", port=port, timeouts=SHORT))
+            assert "PIPELINING" not in conn.capabilities
+            results = await conn.send(envs(20, ("a@example.com", "b@example.com")))
+            await conn.quit()
+            return results
+
+        results = run(go())
+    assert [r.tag for r in results] == list(range(20))
+    assert all(o.delivered for r in results for o in r.outcomes)
+
+
+def test_postfix_sink_421_at_rcpt_defers_everything(run: Run) -> None:
+    with smtp_sink("-Q", "RCPT") as port:
+
+        async def go() -> Any:
+            conn = await must_connect(ConnectOptions(host="127.0.0.1", port=port, timeouts=SHORT))
+            results = await conn.send(envs(3, ("a@example.com", "b@example.com")))
+            return results, conn.usable
+
+        results, usable = run(go())
+    assert not usable
+    outs = [o for r in results for o in r.outcomes]
+    assert len(outs) == 6 and all(o.deferred for o in outs)
+    assert outs[0].code == 421 and outs[0].stage == "rcpt"
