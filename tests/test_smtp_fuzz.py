@@ -66,18 +66,20 @@ def client_in(state: str) -> tuple[SMTPClient, list[Envelope]]:
     if state == "ehlo":
         return c, envs
     caps = b"250-PIPELINING\r\n" if state != "plain" else b""
+    if state == "bdat":
+        caps += b"250-CHUNKING\r\n"
     c.receive_data(b"250-mx\r\n" + caps + b"250-STARTTLS\r\n250 AUTH LOGIN PLAIN\r\n")
     if state == "starttls":
         c.send_starttls()
     elif state == "auth":
         c.send_auth("user", "pw", "LOGIN")
-    elif state in ("pipelined", "plain"):
+    elif state in ("pipelined", "plain", "bdat"):
         envs = envelopes()
         c.send_envelopes(envs)
     return c, envs
 
 
-STATES = ["greeting", "ehlo", "ready", "starttls", "auth", "pipelined", "plain"]
+STATES = ["greeting", "ehlo", "ready", "starttls", "auth", "pipelined", "plain", "bdat"]
 
 
 def chunks(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -241,6 +241,67 @@ CASES: list[tuple[str, tuple[str, ...], list[Envelope], list[tuple[bytes, bytes]
 ]
 
 
+BDAT = ("PIPELINING", "CHUNKING", "ENHANCEDSTATUSCODES")
+CASES += [
+    (
+        "BDAT: two transactions stream in one write, no dot-stuffing",
+        BDAT,
+        [env("a@example.com", "b@example.com", tag=1), env("c@example.com", data=b".x", tag=2)],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<a@example.com>\r\n"
+                b"RCPT TO:<b@example.com>\r\nBDAT 7 LAST\r\nhello\r\n"
+                b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<c@example.com>\r\n"
+                b"BDAT 4 LAST\r\n.x\r\n",
+            ),
+            (
+                b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 unknown\r\n250 2.0.0 queued as B1\r\n"
+                b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n451 4.3.0 later\r\n",
+                b"",
+            ),
+        ],
+        [
+            ("B1", [DELIVERED, ("failed", 550, "5.1.1", "rcpt")]),
+            ("", [("deferred", 451, "4.3.0", "data")]),
+        ],
+    ),
+    (
+        "BDAT: every recipient refused, the chunk is answered and ignored; 503 defers",
+        BDAT,
+        [env("a@example.com"), env("b@example.com")],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<a@example.com>\r\n"
+                b"BDAT 7 LAST\r\nhello\r\n"
+                b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<b@example.com>\r\n"
+                b"BDAT 7 LAST\r\nhello\r\n",
+            ),
+            (
+                b"250 Ok\r\n550 5.1.1 no\r\n554 5.5.1 no valid recipients\r\n"
+                b"503 5.5.1 nested MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n",
+                b"",
+            ),
+        ],
+        [("", [("failed", 550, "5.1.1", "rcpt")]), ("", [("deferred", 503, "5.5.1", "mail")])],
+    ),
+]
+
+
+def test_bdat_window_and_chunking_off() -> None:
+    c = ready(BDAT)
+    wire = c.send_envelopes([env(f"r{i}@example.com", tag=i) for i in range(cl.BDAT_WINDOW + 3)])
+    assert wire.count(b"BDAT 7 LAST") == cl.BDAT_WINDOW
+    c.receive_data(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n")  # one whole transaction done
+    assert c.data_to_send().count(b"BDAT 7 LAST") == 1  # the window refills by one
+    c2 = SMTPClient("client.example", chunking=False)
+    c2.receive_data(b"220 hi\r\n")
+    c2.send_ehlo()
+    c2.receive_data(b"250-hi\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+    assert c2.send_envelopes([env("a@example.com")]).endswith(b"DATA\r\n")
+
+
 @pytest.fixture
 def twins(impl: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the client over the chosen reply parser and dot-stuffer."""

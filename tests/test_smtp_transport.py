@@ -11,6 +11,7 @@ import contextlib
 import os
 import ssl
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -305,3 +306,38 @@ def test_postfix_sink_421_at_rcpt_defers_everything(run: Run) -> None:
     outs = [o for r in results for o in r.outcomes]
     assert len(outs) == 6 and all(o.deferred for o in outs)
     assert outs[0].code == 421 and outs[0].stage == "rcpt"
+
+
+@pytest.fixture(scope="module")
+def fastsend_sink() -> Iterator[int]:
+    """fastsend's own sink (it offers CHUNKING, so the client streams BDAT)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "fastsend", "sink", "--listen", f"127.0.0.1:{port}", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_bdat_stream_against_fastsend_sink(run: Run, fastsend_sink: int) -> None:
+    async def go() -> Any:
+        conn = await must_connect(
+            ConnectOptions(host="127.0.0.1", port=fastsend_sink, timeouts=SHORT)
+        )
+        assert {"CHUNKING", "PIPELINING"} <= set(conn.capabilities)
+        batch = envs(80, ("a@example.com", "permfail-x@example.com", "tempfail-y@example.com"))
+        results = await conn.send(batch)
+        await conn.quit()
+        return results
+
+    results = run(go())
+    assert [r.tag for r in results] == list(range(80))
+    for r in results:
+        assert [(o.kind, o.stage) for o in r.outcomes] == [
+            ("delivered", "data"),
+            ("failed", "rcpt"),
+            ("deferred", "rcpt"),
+        ]

@@ -91,6 +91,7 @@ class ConnectOptions:
     timeouts: Timeouts = Timeouts()
     server_hostname: str | None = None  # for SNI/verification; defaults to host
     auth_mechanism: str = ""  # "PLAIN" or "LOGIN"; default: PLAIN if offered, else LOGIN
+    chunking: bool = True  # BDAT when the server offers CHUNKING + PIPELINING
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -405,7 +406,7 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
         return Outcome(DEFERRED, 0, "", f"connect timeout after {t.connect:g} s", "connect", mx)
     except OSError as exc:
         return Outcome(DEFERRED, 0, "", f"connect failed: {exc}", "connect", mx)
-    client = SMTPClient(opts.helo_name, mx)
+    client = SMTPClient(opts.helo_name, mx, chunking=opts.chunking)
     link = _Link(client, loop, t)
     try:
         await loop.create_connection(lambda: link, sock=sock)
