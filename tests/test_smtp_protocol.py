@@ -295,6 +295,11 @@ def test_bdat_window_and_chunking_off() -> None:
     assert wire.count(b"BDAT 7 LAST") == cl.BDAT_WINDOW
     c.receive_data(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n")  # one whole transaction done
     assert c.data_to_send().count(b"BDAT 7 LAST") == 1  # the window refills by one
+    big = ready(BDAT)
+    wire = big.send_envelopes([env("a@example.com", data=b"z" * 400_000 + b"\r\n")] * 5)
+    assert wire.count(b"BDAT 400002 LAST") == 3  # the byte window: 3 x 400 kB in flight
+    big.receive_data(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n")
+    assert big.data_to_send().count(b"BDAT") == 1
     c2 = SMTPClient("client.example", chunking=False)
     c2.receive_data(b"220 hi\r\n")
     c2.send_ehlo()

@@ -65,8 +65,10 @@ _MAIL, _RCPT, _DATA, _DOT, _RSET, _CMD, _BDAT = range(7)
 _STAGE = {_MAIL: "mail", _RCPT: "rcpt", _DATA: "data", _DOT: "data", _RSET: "rset", _BDAT: "data"}
 
 # With CHUNKING, whole transactions stream without waiting for any reply; at
-# most this many are in flight per connection (bounds the write buffer).
+# most this many, and (beyond the first) this many message bytes, are in
+# flight per connection: bounds the write buffer whatever the message sizes.
 BDAT_WINDOW = 32
+BDAT_WINDOW_BYTES = 1 << 20
 
 # Addresses: no C0 controls, DEL, space or angle brackets. CR/LF/NUL in
 # particular would let a recipient inject commands into the session.
@@ -141,6 +143,7 @@ class SMTPClient:
         self._queue: deque[_Txn] = deque()
         self._group_open = False  # a transaction waits for its DATA reply
         self._active = 0  # transactions started and not finished
+        self._bdat_bytes = 0  # message bytes of BDAT transactions in flight
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._auth: list[bytes] = []  # remaining AUTH LOGIN responses (secrets)
@@ -353,7 +356,11 @@ class SMTPClient:
         one round trip, not one per message. No dot-stuffing: BDAT counts bytes.
         """
         queue, pending, out = self._queue, self._pending, self._out
-        while queue and self._active < BDAT_WINDOW:
+        while (
+            queue
+            and self._active < BDAT_WINDOW
+            and (not self._active or self._bdat_bytes < BDAT_WINDOW_BYTES)
+        ):
             txn = queue.popleft()
             if txn.decided:
                 self._events.append(self._result(txn))
@@ -369,6 +376,7 @@ class SMTPClient:
                 if outcomes[i] is None:
                     out.append(b"RCPT TO:<" + rcpts[i].encode() + b">\r\n")
                     pending.append((_RCPT, txn, i))
+            self._bdat_bytes += len(data)
             out.append(b"BDAT %d LAST\r\n" % len(data))
             out.append(data)
             pending.append((_BDAT, txn, 0))
@@ -489,6 +497,8 @@ class SMTPClient:
         elif kind == _BDAT:
             if code < 200 or 300 <= code < 400:
                 raise RemoteProtocolError(f"unexpected reply {code} to BDAT")
+            data = txn.env.data
+            self._bdat_bytes -= len(data) + (2 if data and data[-2:] != b"\r\n" else 0)
             outs = txn.outcomes
             out = self._outcome(reply, "data")
             for j in range(len(outs)):  # only the accepted recipients are undecided
@@ -627,5 +637,6 @@ class SMTPClient:
                     outs[j] = out
             self._events.append(self._result(txn))
         self._active = 0
+        self._bdat_bytes = 0
         self._group_open = False
         self._auth = []
