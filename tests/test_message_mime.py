@@ -142,9 +142,21 @@ def test_text_header_twins_agree(name: str, value: str) -> None:
     assert run(_accel.compiled("text_header")) == run(mime_mod.PURE["text_header"])
 
 
+# Literals with whole lines inside (the compiled twin pre-encodes those once):
+# values next to the first and last line break, trailing white space, "=",
+# lines longer than 76, a CR value before a literal that starts with LF.
+LINES = "w =\t \n" + ("é" * 40 + " x" * 30 + "\n") * 3 + "\n \n"
+LONG = [
+    "a {{ x }}\n" + LINES + "{{ y }} end",
+    "{{x}}" + LINES + "{{y}}\r\n" + LINES,
+    "\n" + LINES + "{{ x | default('d') }}\n" + LINES + "tail \t",
+    LINES + LINES,
+]
+
+
 @settings(max_examples=300, deadline=None)
 @given(vals=st.dictionaries(st.sampled_from(["x", "y"]), st.one_of(ANY, WORDY)), src=st.sampled_from(
-    ["{{x}}", "a {{ x }}\t{{y|default('d')}}c \n", "", "static \t\n", "\r{{x}}\n{{y}}\r"]))  # fmt: skip
+    ["{{x}}", "a {{ x }}\t{{y|default('d')}}c \n", "", "static \t\n", "\r{{x}}\n{{y}}\r", *LONG]))  # fmt: skip
 def test_qp_template_twins_agree(vals: dict[str, str], src: str) -> None:
     if not _accel.HAVE_EXTENSIONS:
         pytest.skip("compiled core not built")
@@ -157,3 +169,33 @@ def test_qp_template_twins_agree(vals: dict[str, str], src: str) -> None:
             return exc.args
 
     assert run(_accel.compiled("qp_template")) == run(mime_mod.PURE["qp_template"])
+
+
+URI = st.lists(
+    st.sampled_from([*"ab@.-~_/%:é ", "<", ">", "\r", "\x00", "x" * 300]), max_size=8
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    vals=st.dictionaries(st.sampled_from(["x", "y"]), st.one_of(URI, ANY)),
+    srcs=st.lists(
+        st.sampled_from(
+            ["mailto:u@example.com?subject={{ x }}", "https://example.com/u/{{ y }}/{{ x }}",
+             "https://e.example/{{ x | default('a b') }}", "{{ y }}", "https://" + "h" * 70]
+        ), min_size=1, max_size=3,
+    ),
+)  # fmt: skip
+def test_uri_header_twins_agree(vals: dict[str, str], srcs: list[str]) -> None:
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    ts = [template_mod.Template(src) for src in srcs]
+    uris = tuple((t.literals, t._names, t._defaults) for t in ts)
+
+    def run(f: Any) -> object:
+        try:
+            return f("List-Unsubscribe", uris, vals)
+        except Exception as exc:  # the same error, with the same text
+            return (type(exc).__name__, str(exc))
+
+    assert run(_accel.compiled("uri_header")) == run(mime_mod.PURE["uri_header"])

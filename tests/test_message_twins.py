@@ -42,6 +42,15 @@ SPECS: dict[str, dict[str, Any]] = {
         "attachments": [{"filename": "x.bin", "data_b64": base64.b64encode(b"\x00" * 99).decode()}],
     },
     "base64": {"subject": "{{ a }}", "text": "{{ b }} {{ name }}", "transfer_encoding": "base64"},
+    "long-lines": {  # whole static lines (pre-encoded once by the compiled twin)
+        "subject": "{{ a }}",
+        "text": "Hi {{ name }},\n" + ("static = line \t with é, " * 4 + "\n") * 3 + "{{ b }}\n",
+        "html": "<p>{{ a }}</p>\n" + ("<p>" + "x" * 90 + "</p>  \n") * 3 + "{{ b }}",
+        "list_unsubscribe": {
+            "mailto": "u@example.com?subject={{ a }}",
+            "url": "https://e.example/{{ b }}",
+        },
+    },
 }
 
 

@@ -42,6 +42,11 @@ def qp_template(
     variables: Mapping[str, str],
 ) -> bytes: ...
 def text_header(name: str, value: str) -> bytes: ...
+def uri_header(
+    name: str,
+    uris: tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[str | None, ...]], ...],
+    variables: Mapping[str, str],
+) -> bytes: ...
 def splice(
     literals: tuple[str, ...],
     names: tuple[str, ...],

@@ -5,7 +5,7 @@
 
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_Check
 
 cdef extern from "Python.h":
@@ -127,48 +127,113 @@ cdef list _values(tuple names, tuple defaults, variables):
     return vals
 
 
+# Pre-encoded static lines of long literals, keyed by the literal (a str, so
+# equal text always maps to the same entry): (h, t, qp) where h is the byte
+# offset just past the literal's first LF, t just past its last LF, and qp is
+# the quoted-printable of bytes [h, t). Quoted-printable keeps no state across
+# a hard line break (the column restarts at 0 and nothing looks back past an
+# LF), so whole lines between the first and last LF of a literal encode the
+# same whatever values surround them. None: a literal not worth splitting.
+cdef dict _QP_LINES = {}
+cdef object _QP_UNSEEN = object()
+cdef Py_ssize_t _QP_LINES_MIN = 64  # octets of whole lines worth pre-encoding
+
+
+cdef object _qp_lines(str literal):
+    cdef object entry = _QP_LINES.get(literal, _QP_UNSEEN)
+    if entry is not _QP_UNSEEN:
+        return entry
+    cdef Py_ssize_t n, h, t
+    cdef const unsigned char* p = <const unsigned char*> PyUnicode_AsUTF8AndSize(literal, &n)
+    cdef bytes raw = PyBytes_FromStringAndSize(<const char*> p, n)
+    h = raw.find(b"\n") + 1
+    t = raw.rfind(b"\n") + 1
+    entry = None
+    if h > 0 and t - h >= _QP_LINES_MIN:
+        entry = (h, t, qp_encode_bytes(raw[h:t]))
+    if len(_QP_LINES) >= 4096:  # many campaigns in one process: start over
+        _QP_LINES.clear()
+    _QP_LINES[literal] = entry
+    return entry
+
+
+cdef bytes qp_encode_bytes(bytes raw):
+    cdef Py_ssize_t n = len(raw)
+    cdef unsigned char* out = <unsigned char*> malloc(_qp_cap(n))
+    if out == NULL:
+        raise MemoryError()
+    try:
+        return PyBytes_FromStringAndSize(
+            <char*> out, _qp_encode(<const unsigned char*> raw, n, out))
+    finally:
+        free(out)
+
+
 def qp_template(tuple literals, tuple names, tuple defaults, variables):
     """Quoted-printable of the spliced template; b"" when it is empty.
 
     Twin of ``qp_encode_text(splice(...)) if text else b""``, without the
     intermediate str: the UTF-8 of each piece (cached by Python for the
-    literals) is copied into one buffer and encoded in one pass.
+    literals) is copied into one buffer and encoded in one pass, except the
+    whole lines inside long literals, whose encoding is made once and copied
+    (see ``_QP_LINES``).
     """
-    cdef Py_ssize_t k, m = len(names), total = 0, ln, pos = 0
+    cdef Py_ssize_t k, m = len(names), total = 0, dyn = 0, stat = 0, nseg = 1
+    cdef Py_ssize_t ln, pos = 0, seg = 0, o = 0, h, t
     cdef list vals = _values(names, defaults, variables)
-    cdef object piece
+    cdef object piece, entry
     cdef const char* p
     for k in range(m):
         if not PyUnicode_Check(vals[k]):
             raise TypeError(f"sequence item {2 * k + 1}: expected str instance, "
                             f"{type(vals[k]).__name__} found")
     cdef Py_ssize_t npieces = 2 * m + 1
+    cdef list lines = [None] * (m + 1)
     for k in range(npieces):
-        piece = literals[k >> 1] if (k & 1) == 0 else vals[k >> 1]
-        PyUnicode_AsUTF8AndSize(piece, &ln)
-        total += ln
+        if (k & 1) == 0:
+            piece = literals[k >> 1]
+            PyUnicode_AsUTF8AndSize(piece, &ln)
+            if ln >= _QP_LINES_MIN:
+                entry = _qp_lines(piece)
+                if entry is not None:
+                    lines[k >> 1] = entry
+                    h = (<tuple> entry)[0]
+                    t = (<tuple> entry)[1]
+                    ln -= t - h
+                    stat += len(<bytes> (<tuple> entry)[2])
+                    nseg += 1
+        else:
+            PyUnicode_AsUTF8AndSize(vals[k >> 1], &ln)
+        dyn += ln
+    total = dyn + stat
     if total == 0:
         return b""
-    cdef unsigned char* src = NULL
-    cdef unsigned char* out = NULL
+    cdef unsigned char* src = <unsigned char*> malloc(dyn + 1)
+    cdef unsigned char* out = <unsigned char*> malloc(_qp_cap(dyn) + 16 * nseg + stat)
     try:
-        if m == 0:
-            p = PyUnicode_AsUTF8AndSize(literals[0], &ln)
-            out = <unsigned char*> malloc(_qp_cap(total))
-            if out == NULL:
-                raise MemoryError()
-            return PyBytes_FromStringAndSize(
-                <char*> out, _qp_encode(<const unsigned char*> p, ln, out))
-        src = <unsigned char*> malloc(total)
-        out = <unsigned char*> malloc(_qp_cap(total))
         if src == NULL or out == NULL:
             raise MemoryError()
         for k in range(npieces):
             piece = literals[k >> 1] if (k & 1) == 0 else vals[k >> 1]
             p = PyUnicode_AsUTF8AndSize(piece, &ln)
-            memcpy(src + pos, p, ln)
-            pos += ln
-        return PyBytes_FromStringAndSize(<char*> out, _qp_encode(src, total, out))
+            entry = lines[k >> 1] if (k & 1) == 0 else None
+            if entry is None:
+                memcpy(src + pos, p, ln)
+                pos += ln
+                continue
+            h = (<tuple> entry)[0]
+            t = (<tuple> entry)[1]
+            memcpy(src + pos, p, h)  # up to and including the first LF
+            pos += h
+            o += _qp_encode(src + seg, pos - seg, out + o)
+            seg = pos
+            piece = (<tuple> entry)[2]
+            memcpy(out + o, PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece))
+            o += PyBytes_GET_SIZE(piece)
+            memcpy(src + pos, p + t, ln - t)
+            pos += ln - t
+        o += _qp_encode(src + seg, pos - seg, out + o)
+        return PyBytes_FromStringAndSize(<char*> out, o)
     finally:
         free(src)
         free(out)
@@ -352,3 +417,117 @@ def _text_header_py(name, value):
     from fastsend.message.headers import unstructured_header
 
     return unstructured_header(name, value).encode("utf-8")
+
+
+# -- URI list headers (twin: fastsend.message.mime.uri_header) ------------------
+
+# Octets a value may hold to go into a URI unchanged (what quote() keeps as is).
+cdef unsigned char _URL_SAFE[256]
+
+
+cdef void _url_init() noexcept:
+    cdef int b
+    for b in range(256):
+        _URL_SAFE[b] = (48 <= b <= 57) or (65 <= b <= 90) or (97 <= b <= 122) or (
+            b == 95 or b == 46 or b == 45 or b == 126 or b == 64)
+
+
+_url_init()
+
+
+cdef bint _url_safe(str value) except -1:
+    cdef Py_ssize_t i, n
+    cdef const unsigned char* s = <const unsigned char*> PyUnicode_AsUTF8AndSize(value, &n)
+    for i in range(n):
+        if not _URL_SAFE[s[i]]:
+            return False
+    return True
+
+
+cdef bint _uri_clean(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """No CR, LF, NUL, space, < or > (and, for the fast path, ASCII only)."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(n):
+        c = s[i]
+        if c == 13 or c == 10 or c == 0 or c == 32 or c == 60 or c == 62 or c > 126:
+            return False
+    return True
+
+
+def uri_header(str name, tuple uris, variables):
+    """A ``<URI>, <URI>`` header line (List-Unsubscribe), folded, CRLF-terminated.
+
+    Twin of the pure ``uri_header``. Fast path: values that percent-encoding
+    leaves unchanged and ASCII URIs; anything else (an error to report, values
+    to quote, non-ASCII) is handed to the pure twin.
+    """
+    cdef Py_ssize_t nn, n, k, cap, total = 0
+    cdef const unsigned char* nm
+    cdef const unsigned char* s
+    cdef list toks = []
+    cdef list vals, parts
+    cdef tuple literals, names, defaults
+    cdef object v
+    cdef str tok
+    cdef _Folder f
+    if not uris:
+        return _uri_header_py(name, uris, variables)
+    try:
+        nm = <const unsigned char*> PyUnicode_AsUTF8AndSize(name, &nn)
+    except UnicodeEncodeError:
+        return _uri_header_py(name, uris, variables)
+    if nn > 60 or nn != len(name):
+        return _uri_header_py(name, uris, variables)
+    for k in range(len(uris)):
+        literals, names, defaults = <tuple> uris[k]
+        try:
+            vals = _values(names, defaults, variables)
+        except KeyError:
+            return _uri_header_py(name, uris, variables)
+        for v in vals:
+            if not PyUnicode_Check(v) or not _url_safe(<str> v):
+                return _uri_header_py(name, uris, variables)
+        parts = [None] * (2 * len(vals) + 3)
+        parts[0] = "<"
+        parts[1] = literals[0]
+        for n in range(len(vals)):
+            parts[2 * n + 2] = vals[n]
+            parts[2 * n + 3] = literals[n + 1]
+        parts[len(parts) - 1] = ">," if k + 1 < len(uris) else ">"
+        tok = "".join(parts)
+        try:
+            s = <const unsigned char*> PyUnicode_AsUTF8AndSize(tok, &n)
+        except UnicodeEncodeError:
+            return _uri_header_py(name, uris, variables)
+        # the token less its "<" and ">"/">,": the URI itself
+        if not _uri_clean(s + 1, n - (3 if k + 1 < len(uris) else 2)):
+            return _uri_header_py(name, uris, variables)
+        total += n + 3
+        toks.append(tok)
+    cap = nn + total + 16
+    f = _Folder()
+    f.out = <unsigned char*> malloc(cap)
+    if f.out == NULL:
+        raise MemoryError()
+    try:
+        memcpy(f.out, nm, nn)
+        f.out[nn] = 58
+        f.o = f.col = f.longest = nn + 1
+        f.first = True
+        for tok in toks:
+            s = <const unsigned char*> PyUnicode_AsUTF8AndSize(tok, &n)
+            f.token(s, n)
+        if f.longest > 998:
+            return _uri_header_py(name, uris, variables)
+        f.out[f.o] = 13
+        f.out[f.o + 1] = 10
+        return PyBytes_FromStringAndSize(<char*> f.out, f.o + 2)
+    finally:
+        free(f.out)
+
+
+def _uri_header_py(name, uris, variables):
+    from fastsend.message.mime import PURE
+
+    return PURE["uri_header"](name, uris, variables)

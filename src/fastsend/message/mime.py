@@ -50,7 +50,14 @@ from fastsend.message.template import Template
 if TYPE_CHECKING:
     from fastsend.message.dkim import Signer
 
-__all__ = ["Renderer", "base64_body", "qp_encode_text", "qp_template", "text_header"]
+__all__ = [
+    "Renderer",
+    "base64_body",
+    "qp_encode_text",
+    "qp_template",
+    "text_header",
+    "uri_header",
+]
 
 CRLF = b"\r\n"
 _QP_SAFE_LINE = re.compile(rb"[!-<>-~ \t]{0,75}")
@@ -109,13 +116,60 @@ def text_header(name: str, value: str) -> bytes:
     return unstructured_header(name, value).encode("utf-8")
 
 
+UriTemplate = tuple[tuple[str, ...], tuple[str, ...], tuple[str | None, ...]]
+
+
+def uri_header(name: str, uris: tuple[UriTemplate, ...], variables: Mapping[str, str]) -> bytes:
+    """A ``<URI>, <URI>`` header line (List-Unsubscribe), folded, CRLF-terminated.
+
+    Each URI is a template given as ``(literals, names, defaults)`` (see
+    :func:`fastsend.message.template.splice`); its values are percent-encoded
+    into it. HeaderError when a URI holds CR, LF, NUL, a space, ``<`` or ``>``.
+    """
+    toks = []
+    for literals, names, defaults in uris:
+        parts = [literals[0]]
+        for i, var in enumerate(names):
+            parts.append(_url_quote(_value(variables, var, defaults[i])))
+            parts.append(literals[i + 1])
+        uri = "".join(parts)
+        check_header_value(uri, name)
+        if " " in uri or "<" in uri or ">" in uri:
+            raise HeaderError(f"{name}: bad URI {uri!r}")
+        toks.append(f"<{uri}>,")
+    toks[-1] = toks[-1][:-1]
+    return fold_tokens(name, toks).encode("utf-8")
+
+
+def _value(variables: Mapping[str, str], name: str, default: str | None) -> str:
+    """The value of one placeholder, as splice() chooses it (KeyError if missing)."""
+    v = variables.get(name)
+    if v is None or (v == "" and default is not None):
+        if default is None:
+            raise KeyError(name)
+        v = default
+    return v
+
+
+def _url_quote(value: str) -> str:
+    if _URL_SAFE.fullmatch(value) is not None:  # what quote() would return unchanged
+        return value
+    return quote(value, safe="@")
+
+
 _qp_encode_text_py = qp_encode_text
 
 # The readable twins, by name (tests run both; the compiled ones are picked).
-PURE = {"qp_encode_text": qp_encode_text, "qp_template": qp_template, "text_header": text_header}
+PURE = {
+    "qp_encode_text": qp_encode_text,
+    "qp_template": qp_template,
+    "text_header": text_header,
+    "uri_header": uri_header,
+}
 qp_encode_text = pick(qp_encode_text)
 qp_template = pick(qp_template)
 text_header = pick(text_header)
+uri_header = pick(uri_header)
 
 
 def base64_body(data: bytes) -> bytes:
@@ -131,13 +185,14 @@ def _normalize_text(text: str) -> str:
 class _Header:
     """One top-level header: static bytes, or a template encoded per recipient."""
 
-    __slots__ = ("kind", "lname", "name", "static", "templates")
+    __slots__ = ("kind", "lname", "name", "static", "templates", "uris")
 
     def __init__(self, name: str, kind: str, templates: Sequence[Template]) -> None:
         self.name = name
         self.lname = name.lower()
         self.kind = kind  # "text" | "mailbox" | "uris"
         self.templates = tuple(templates)
+        self.uris = tuple((t.literals, t._names, t._defaults) for t in self.templates)
         self.static: bytes | None = None
         if all(t.is_static for t in self.templates):
             self.static = self.encode({})
@@ -151,22 +206,8 @@ class _Header:
             display, addr = parse_mailbox(self.templates[0].render(variables))
             line = mailbox_header(self.name, display, addr)
         else:  # "uris": List-Unsubscribe; values percent-encoded into the URL
-            toks = []
-            for t in self.templates:
-                uri = t.render(variables, _url_quote)
-                check_header_value(uri, self.name)
-                if " " in uri or "<" in uri or ">" in uri:
-                    raise HeaderError(f"{self.name}: bad URI {uri!r}")
-                toks.append(f"<{uri}>,")
-            toks[-1] = toks[-1][:-1]
-            line = fold_tokens(self.name, toks)
+            return uri_header(self.name, self.uris, variables)
         return line.encode("utf-8")
-
-
-def _url_quote(value: str) -> str:
-    if _URL_SAFE.fullmatch(value) is not None:  # what quote() would return unchanged
-        return value
-    return quote(value, safe="@")
 
 
 class _TextPart:
