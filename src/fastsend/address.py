@@ -11,6 +11,8 @@ domain exists; delivery does.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 
 _ATEXT = re.compile(
@@ -32,37 +34,60 @@ def normalize(address: str) -> tuple[str, str]:
         raise AddressError("empty address")
     if _CONTROL.search(a):
         raise AddressError(f"control character in address {a!r}")
-    if "@" not in a:
+    local, at, domain = a.rpartition("@")
+    if not at:
         raise AddressError(f"missing @ in address {a!r}")
-    local, _, domain = a.rpartition("@")
     if not local:
         raise AddressError(f"empty local part in {a!r}")
     if len(local.encode()) > 64:
         raise AddressError(f"local part longer than 64 octets in {a!r}")
     if not (_ATEXT.match(local) or _QUOTED.match(local)):
         raise AddressError(f"invalid local part in {a!r}")
-    d = domain.strip().rstrip(".").lower()
-    if not d:
-        raise AddressError(f"empty domain in {a!r}")
-    if d.startswith("[") and d.endswith("]"):
-        import ipaddress
-
-        lit = d[1:-1]
-        try:
-            ipaddress.ip_address(lit.removeprefix("ipv6:"))
-        except ValueError:
-            raise AddressError(f"invalid address literal in {a!r}") from None
-        return f"{local}@{d}", d
-    try:
-        ascii_domain = d.encode("idna").decode("ascii") if not d.isascii() else d
-    except UnicodeError:
-        raise AddressError(f"domain of {a!r} is not a valid internationalised name") from None
-    if len(ascii_domain) > 255:
-        raise AddressError(f"domain longer than 255 octets in {a!r}")
-    labels = ascii_domain.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        raise AddressError(f"invalid domain in {a!r}")
+    # Lists repeat a few domains many times: check each one once.
+    ascii_domain = _domain(domain)
+    if ascii_domain is None:
+        raise AddressError(_domain_error(domain, a))
     full = f"{local}@{ascii_domain}"
     if len(full.encode()) > 254:
         raise AddressError(f"address longer than 254 octets: {a!r}")
     return full, ascii_domain
+
+
+@functools.lru_cache(maxsize=65536)
+def _domain(domain: str) -> str | None:
+    """The domain in lowercase A-label form, or None when it is not valid."""
+    try:
+        return _check_domain(domain)
+    except AddressError:
+        return None
+
+
+def _domain_error(domain: str, a: str) -> str:
+    try:
+        _check_domain(domain)
+    except AddressError as e:
+        return str(e).replace("{ADDR}", repr(a))
+    return f"invalid domain in {a!r}"
+
+
+def _check_domain(domain: str) -> str:
+    d = domain.strip().rstrip(".").lower()
+    if not d:
+        raise AddressError("empty domain in {ADDR}")
+    if d.startswith("[") and d.endswith("]"):
+        lit = d[1:-1]
+        try:
+            ipaddress.ip_address(lit.removeprefix("ipv6:"))
+        except ValueError:
+            raise AddressError("invalid address literal in {ADDR}") from None
+        return d
+    try:
+        ascii_domain = d.encode("idna").decode("ascii") if not d.isascii() else d
+    except UnicodeError:
+        raise AddressError("domain of {ADDR} is not a valid internationalised name") from None
+    if len(ascii_domain) > 255:
+        raise AddressError("domain longer than 255 octets in {ADDR}")
+    labels = ascii_domain.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise AddressError("invalid domain in {ADDR}")
+    return ascii_domain
