@@ -29,6 +29,7 @@ import pytest
 import trustme
 
 from conftest import bounce_corpus, free_port, wait_port
+from fastsend import msgid
 from fastsend.bounce import parse_bounce
 from fastsend.config import from_dict
 from fastsend.message import tracking
@@ -244,7 +245,7 @@ def test_intake_corpus_to_events_and_suppressions(tmp_path: Path) -> None:
                 to = (
                     "fbl@example.com"
                     if lab["reason"] == "feedback"
-                    else f"b-{mid}@bounces.example.com"
+                    else f"b-{msgid.token(mid, ctx.secret)}@bounces.example.com"
                 )
                 errors, reply = await smtp.sendmail("", [to], raw)
                 assert errors == {} and reply.startswith("2.0.0 Ok: 1 event"), reply
@@ -322,7 +323,8 @@ def test_intake_finds_original_by_message_id(tmp_path: Path) -> None:
         try:
             smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=_port(servers), start_tls=False)
             await smtp.connect()
-            for rcpt, m in (("gone@example.org", mid), ("stranger@example.org", mid)):
+            token = msgid.token(mid, ctx.secret)  # what the worker puts in Message-ID
+            for rcpt, m in (("gone@example.org", token), ("stranger@example.org", token)):
                 raw = DSN.format(rcpt=rcpt, mid=m).encode()
                 await smtp.sendmail("", ["bounces@bounces.example.com"], raw)
             await smtp.quit()
@@ -452,3 +454,20 @@ flush_interval = 0.05
                     proc.kill()
                     proc.wait()
                 hooks.shutdown()
+
+
+def test_forged_verp_ids_name_no_message(tmp_path: Path) -> None:
+    """A bounce to b-<row id>@ without the MAC (or with a wrong one) is not traced to a
+    message, so nobody can get a recipient suppressed by naming its row id."""
+    from fastsend.bounce import BounceRecord
+    from fastsend.serve.listeners import find_original
+
+    ctx = _ctx(tmp_path, intake={"listen": "127.0.0.1:0", "verp_domain": "bounces.example.com"})
+    cid = ctx.tenant_campaign("acme")
+    (mid,) = ctx.inject(cid, [("victim@example.net", "example.net", b"{}")])
+    rec = BounceRecord("victim@example.net", "5.1.1", 550, "user unknown", "userunknown", True)
+    good = msgid.token(mid, ctx.secret)
+    assert find_original(ctx, rec, [good]) is not None
+    for forged in (str(mid), f"{mid}-aaaaaaaaaa", good[:-1] + ("a" if good[-1] != "a" else "b")):
+        assert find_original(ctx, rec, [forged]) is None
+    assert msgid.parse(good, ctx.secret) == mid and msgid.parse(good, b"other") is None

@@ -99,6 +99,9 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     event_log: str = ""  # "" = DIR/events.jsonl of the spool
     raw: dict[str, Any] = field(default_factory=dict)  # the whole parsed file, for other areas
+    # The installation secret (fastsend.msgid.load_secret), set by the supervisor
+    # before it forks: message-id MACs, tracking links. Never from TOML, never logged.
+    secret: bytes = field(default=b"", repr=False)
     shaping: Any = None  # fastsend.shaping.policy.Policy, parsed from [shaping]
     pools: Any = None  # fastsend.shaping.pools.PoolSet, parsed from [pools]
 

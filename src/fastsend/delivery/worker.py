@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from fastsend import msgid
 from fastsend.config import Config
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import SiteQueue
@@ -126,6 +127,7 @@ class Worker:
             self.check_done()
 
     def build(self, batch: wire.Batch) -> list[Envelope]:
+        secret = self.config.secret
         if self.campaign_specs[batch.campaign].get("kind") == TRANSACTIONAL:
             return self.build_transactional(batch)
         r = self.renderer(batch.campaign)
@@ -136,7 +138,7 @@ class Worker:
         group: Envelope | None = None
         per_txn = self.config.delivery.recipients_per_transaction
         for it in batch.items:
-            mid = f"{it.id}"
+            mid = msgid.token(it.id, secret)
             try:
                 if not personalised and group is not None and len(group.rcpts) < per_txn:
                     group.rcpts.append(it.rcpt)
@@ -174,9 +176,10 @@ class Worker:
         """
         envelopes: list[Envelope] = []
         failures: list[TxnResult] = []
+        secret = self.config.secret
         defaults = self.campaign_specs[batch.campaign].get("defaults", {})
         for it in batch.items:
-            mid = f"{it.id}"
+            mid = msgid.token(it.id, secret)
             try:
                 msg = orjson.loads(it.vars)
                 if "raw" in msg:

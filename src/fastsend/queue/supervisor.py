@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastsend import msgid
 from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.queue import wire
@@ -94,6 +95,8 @@ class Supervisor:
         on_tick: Callable[[Supervisor], None] | None = None,
         campaigns: set[int] | None = None,
     ) -> None:
+        if not config.secret:
+            config.secret = msgid.load_secret(config)  # workers inherit it at fork
         self.config = config
         self.spool = spool
         self.events = events

@@ -22,7 +22,6 @@ It opens no sockets and knows nothing of HTTP or SMTP.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,34 +135,9 @@ class ServeContext:
 
 def load_secret(config: Config) -> bytes:
     """[tracking] secret from the config, else <spool>/secret.key (made once, 0600)."""
-    tracking = config.raw.get("tracking", {})
-    if isinstance(tracking, dict) and tracking.get("secret"):
-        return str(tracking["secret"]).encode()
-    path = os.path.join(config.spool_dir, "secret.key")
-    try:
-        with open(path, "rb") as f:
-            data = f.read().strip()
-        if data:
-            return data
-    except FileNotFoundError:
-        pass
-    os.makedirs(config.spool_dir, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # first writer wins if two start at once
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
-    with open(path, "rb") as f:
-        return f.read().strip()
+    from fastsend.msgid import load_secret as _load
+
+    return _load(config)
 
 
 def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeContext:

@@ -71,6 +71,7 @@ from typing import Any
 
 import orjson
 
+from fastsend import msgid
 from fastsend.bounce import BounceRecord, parse_bounce
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
@@ -339,23 +340,25 @@ def _owner(ctx: Any, mid: int) -> tuple[int, str, str] | None:
     return campaign, str(row[1]), tenant
 
 
-def _from_message_id(text: str | None) -> int | None:
+def _from_message_id(text: str | None, secret: bytes) -> int | None:
     if not text:
         return None
     local = text.strip().strip("<>").partition("@")[0]
-    return int(local) if local.isdigit() and len(local) < 19 else None
+    return msgid.parse(local, secret)
 
 
 def find_original(
     ctx: Any, rec: BounceRecord, envelope_ids: list[str]
 ) -> tuple[int, int, str, str] | None:
     """(message id, campaign, rcpt, tenant) of the message a record reports, if ours."""
+    # Ids on the wire carry a MAC (fastsend.msgid): a forged bounce cannot name a message.
     for vid in [rec.verp_id, *envelope_ids]:
-        if vid and vid.isdigit() and len(vid) < 19:
-            got = _owner(ctx, int(vid))
+        row = msgid.parse(vid, ctx.secret)
+        if row is not None:
+            got = _owner(ctx, row)
             if got is not None:
-                return int(vid), *got
-    mid = _from_message_id(rec.original_message_id)
+                return row, *got
+    mid = _from_message_id(rec.original_message_id, ctx.secret)
     if mid is not None:
         got = _owner(ctx, mid)
         # A Message-ID is only a hint (other senders use digits too): the recipient must match.

@@ -74,6 +74,7 @@ class _Tracking:
 
     def owner(self, mid: str) -> tuple[int | None, str]:
         """(campaign id, tenant) of a message id; (None, default) if unknown."""
+        mid = mid.partition("-")[0]  # "<row id>-<mac>" (fastsend.msgid); the token is signed
         if not mid.isdigit():
             return None, DEFAULT_TENANT
         n = int(mid)
@@ -101,7 +102,7 @@ class _Tracking:
         return {
             "time": time.time(),
             "event": name,
-            "id": int(mid) if mid.isdigit() else mid,
+            "id": int(mid.partition("-")[0]) if mid.partition("-")[0].isdigit() else mid,
             "campaign": campaign,
             "tenant": tenant,
             "rcpt": rcpt,
