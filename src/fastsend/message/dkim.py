@@ -143,6 +143,7 @@ class Signer:
         ).encode("ascii")
         self._last_body: bytes | None = None
         self._last_bh = b""
+        self._last_head: tuple[int, Plan | None, bytes, bytes, bytes] = (-1, None, b"", b"", b"")
         self._plans: dict[tuple[str, ...], Plan] = {}
         self._padding = padding.PKCS1v15()
         self._sha256 = hashes.SHA256()
@@ -181,14 +182,28 @@ class Signer:
         h_part = b";\r\n h=" + ":".join(signed).encode("ascii") + b";\r\n bh="
         return Plan(_picker(tuple(last[n] for n in signed)), h_part)
 
+    def _sig_head(self, plan: Plan, bh: bytes) -> tuple[bytes, bytes]:
+        """The DKIM-Signature line up to ``b=``, and its canonical form without the final CRLF.
+
+        Both depend only on the second, the plan and the body hash, so they are
+        made once and reused while those stay the same.
+        """
+        now = int(time.time())
+        cached = self._last_head
+        if cached[0] == now and cached[1] is plan and cached[2] == bh:
+            return cached[3], cached[4]
+        head = b"".join([self._head, b"%d" % now, plan.h_part, bh, b";\r\n b="])
+        c14n = relaxed_headers((head,))[:-2] if self._hrelaxed else head
+        self._last_head = (now, plan, bh, head, c14n)
+        return head, c14n
+
     def sign_lines(self, plan: Plan, lines: Sequence[bytes], body: bytes) -> bytes:
         """The ``DKIM-Signature: ...\\r\\n`` line for header ``lines`` laid out as ``plan`` says."""
-        bh = self.body_hash(body)
-        sig_head = b"".join([self._head, b"%d" % int(time.time()), plan.h_part, bh, b";\r\n b="])
+        sig_head, sig_head_c14n = self._sig_head(plan, self.body_hash(body))
         if self._hrelaxed:
-            signed = relaxed_headers((*plan.pick(lines), sig_head))[:-2]
+            signed = relaxed_headers(plan.pick(lines)) + sig_head_c14n
         else:
-            signed = b"".join((*plan.pick(lines), sig_head))
+            signed = b"".join((*plan.pick(lines), sig_head_c14n))
         if self._ed:
             sig = self.key.sign(hashlib.sha256(signed).digest())  # type: ignore[call-arg]
         else:
