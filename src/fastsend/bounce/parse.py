@@ -560,6 +560,18 @@ def _parse_one(
                 return inner_records
     if not raws:
         raws = _from_text(msg, parts)
+        if raws and depth < 2 and not any(r.status or r.reply_code for r in raws):
+            # The text names no code at all, but the attached message is
+            # itself a bounce that does (a gateway re-wrapping a DSN).
+            for ret in parts.returned:
+                wrapped = email.message_from_string(ret, policy=policy.compat32)
+                if not _is_bounce_like(wrapped):
+                    continue
+                inner_records = _parse_one(
+                    ret.encode("utf-8", "replace"), rules, verp_decoder, depth + 1
+                )
+                if any(r.status or r.reply_code for r in inner_records):
+                    return inner_records
     if not raws and depth < 2:
         for inner in _inner_bounces(msg, parts):
             inner_records = _parse_one(inner, rules, verp_decoder, depth + 1)

@@ -64,6 +64,28 @@ _SENDER_CONTEXT = re.compile(
     r"(?:mail from:?\s*<?|envelope-from\s*<?|return-path:?\s*<?|sender:?\s*<?|from:\s*<?|\bfrom\s+<)\s*$",
     re.IGNORECASE,
 )
+# Phrases that say which command a reply answered wherever they appear
+# (qmail-remote's fixed texts and their clones).
+_COMMAND_PHRASES = (
+    (re.compile(r"does not like recipient", re.I), "RCPT"),
+    (re.compile(r"but sender was rejected", re.I), "MAIL"),
+    (re.compile(r"failed on data command|failed after i sent the message", re.I), "DATA"),
+    (re.compile(r"but my name was rejected", re.I), "EHLO"),
+    (re.compile(r"but greeting failed", re.I), "CONN"),
+)
+# Where a free-text bounce starts listing the failed recipients: addresses
+# named after such a line are preferred over those in a summary before it
+# (Exchange 2003's "Your message To: ... did not reach the following
+# recipient(s):", Sendmail's "----- The following addresses had ...").
+_RCPT_LIST_RE = re.compile(
+    r"did not reach the following recipient"
+    r"|following (?:addresses|recipients?) (?:had|failed|could not|were|was)"
+    r"|delivery to the following (?:recipients?|addresses) (?:failed|was delayed|has been delayed)"
+    r"|could not be delivered to (?:the following|one or more)"
+    r"|unable to deliver (?:your |the )?message to the following"
+    r"|failed to deliver to the following",
+    re.IGNORECASE,
+)
 _COMMANDS = (
     (re.compile(r"\b(?:rcpt(?: to)?\b|recipient address|>>> rcpt)|in reply to rcpt", re.I), "RCPT"),
     (re.compile(r"\b(?:mail from|>>> mail)\b|in reply to mail", re.I), "MAIL"),
@@ -140,6 +162,9 @@ def find_status(text: str) -> str:
 
 def find_command(text: str) -> str:
     """The SMTP command a reply answered, when the text says so, or ""."""
+    for pattern, name in _COMMAND_PHRASES:
+        if pattern.search(text):
+            return name
     for ctx in _COMMAND_CONTEXT.finditer(text):
         for pattern, name in _COMMANDS:
             if pattern.search(ctx.group(0)):
@@ -192,7 +217,18 @@ def find_in_text(
             i = low.find(addr.lower())
             found.append((addr, i, i + len(addr) if i >= 0 else -1))
     else:
-        found = candidate_addresses(section, exclude, allow_system=allow_system)
+        found = []
+        marker = _RCPT_LIST_RE.search(section)
+        if marker:
+            # Recipients listed after "did not reach the following recipient(s)".
+            found = [
+                (a, s + marker.end(), e + marker.end())
+                for a, s, e in candidate_addresses(
+                    section[marker.end() :], exclude, allow_system=allow_system
+                )
+            ]
+        if not found:
+            found = candidate_addresses(section, exclude, allow_system=allow_system)
     out: list[TextFinding] = []
     low = section.lower()
     for addr, start, end in found:
