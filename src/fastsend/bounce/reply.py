@@ -6,7 +6,11 @@ their status entries replace the shipped ones). Reasons are named as Sisimai
 names them ("userunknown", "mailboxfull", "blocked", ...), and ``hard`` follows
 Sisimai's meaning: true only where the address itself can never receive
 (userunknown, hostunknown, hasmoved, and notaccept unless the reply was a
-4xx). A permanent 5xx for policy, content or reputation is *not* hard.
+4xx). A permanent 5xx for policy, content or reputation is *not* hard. A
+synchronous 4xx reply (classify_reply) and a DSN whose Action is
+"delayed" are never hard: delivery is still being retried. (A DSN with
+Action: failed whose last reply was "450 4.1.1 user unknown" is hard, as
+Sisimai counts it: the reporting MTA gave up on an unknown user.)
 
 The classification also says whether the reply is a "slow down" signal
 (``rate_limited``) or an "your IP is listed/blocked" signal (``ip_blocked``)
@@ -21,7 +25,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -285,6 +289,9 @@ class RuleSet:
         klass = enhanced[:1] if enhanced else (str(code)[0] if code else "")
         permanent = klass == "5"
         hard = reason in HARD_REASONS or (reason == "notaccept" and klass != "4")
+        if action in ("delayed", "relayed", "delivered", "expanded"):
+            # Not a final failure: the reporting MTA still retries (or it worked).
+            hard = False
         soft = not hard and reason not in NOT_BOUNCES
         rate = reason in RATE_REASONS
         ipb = reason in IPBLOCK_REASONS
@@ -374,4 +381,10 @@ def classify_reply(
     stage = {"CONNECT": "CONN", "GREETING": "CONN", "HELO": "EHLO", "BDAT": "DATA"}.get(
         stage, stage
     )
-    return (rules or default_rules()).classify(code, enhanced, text, command=stage)
+    c = (rules or default_rules()).classify(code, enhanced, text, command=stage)
+    if c.hard and (400 <= code < 500 or (enhanced or "").strip().startswith("4.")):
+        # A 4xx reply is temporary: the sender retries, so nothing is known
+        # yet about the address (an asynchronous bounce whose final reply
+        # was a 4xx is different: the reporting MTA has given up).
+        c = replace(c, hard=False, soft=True)
+    return c

@@ -73,6 +73,7 @@ _COMMAND_PHRASES = (
     (re.compile(r"but my name was rejected", re.I), "EHLO"),
     (re.compile(r"but greeting failed", re.I), "CONN"),
 )
+_SENT_RE = re.compile(r"(?:<<<|>>>) ?(rcpt to|mail from|data|ehlo|helo)\b", re.IGNORECASE)
 # Where a free-text bounce starts listing the failed recipients: addresses
 # named after such a line are preferred over those in a summary before it
 # (Exchange 2003's "Your message To: ... did not reach the following
@@ -165,6 +166,12 @@ def find_command(text: str) -> str:
     for pattern, name in _COMMAND_PHRASES:
         if pattern.search(text):
             return name
+    sent = _SENT_RE.findall(text)
+    if sent:
+        # A transcript ("Sent <<< RCPT TO:<...>" / "Received >>> 550 ..."):
+        # the reply answered the last command sent.
+        verb = sent[-1].upper()
+        return {"HELO": "EHLO", "RCPT TO": "RCPT", "MAIL FROM": "MAIL"}.get(verb, verb)
     for ctx in _COMMAND_CONTEXT.finditer(text):
         for pattern, name in _COMMANDS:
             if pattern.search(ctx.group(0)):
@@ -254,7 +261,8 @@ def find_in_text(
                 diagnostic=diag,
                 reply_code=find_reply_code(diag),
                 status=find_status(diag),
-                command=find_command(diag),
+                command=find_command(diag)
+                or (find_command(section[max(0, start - 40) : end]) if start >= 0 else ""),
             )
         )
     return out
