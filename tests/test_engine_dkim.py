@@ -8,10 +8,10 @@ from pathlib import Path
 
 import dkim
 import orjson
+from tests._engine_helpers import run_fastsend, summary, write_recipients
 
 from fastsend import msgid
 from fastsend.sink import SinkProcess
-from tests._engine_helpers import run_fastsend, summary, write_recipients
 
 
 def test_dkim_signed_campaign_verifies_at_the_sink(tmp_path: Path) -> None:
