@@ -86,3 +86,91 @@ def test_dkim_signed_campaign_verifies_at_the_sink(tmp_path: Path) -> None:
         assert rec["mail_from"].endswith("@bounces.sender.example.com")
         assert msgid.parse(local.removeprefix("b-"), secret) is not None
         assert msgid.parse(rec["message_id"].strip("<>").split("@")[0], secret) is not None
+
+
+def test_config_dkim_signs_api_and_submitted_messages(tmp_path: Path) -> None:
+    """Self-contained messages (HTTP API, SMTP submission) are signed with the
+    config's [dkim] for their From domain: raw MIME and field-built alike."""
+    import asyncio
+    import base64
+    import time
+
+    from fastsend.config import Route, from_dict
+    from fastsend.events import EventLog
+    from fastsend.queue.supervisor import Supervisor
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    r = run_fastsend(
+        "dkim",
+        "keygen",
+        "--domain",
+        "api.example.com",
+        "--selector",
+        "k1",
+        "--algorithm",
+        "ed25519",
+        "--out",
+        str(tmp_path / "k1.pem"),
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    txt = orjson.loads(r.stdout)["value"].encode()
+    cfg = from_dict(
+        {
+            "dkim": {"domain": "api.example.com", "selector": "k1", "key": "k1.pem"},
+            "workers": {"count": 1},
+        },
+        base_dir=str(tmp_path),
+    )
+    cfg.spool_dir = str(tmp_path / "spool")
+    spool = SQLiteSpool(cfg.spool_dir)
+    cid = spool.create_campaign({"kind": "transactional"})
+    raw = (
+        b"From: App <app@api.example.com>\r\nTo: x@example.net\r\nSubject: raw\r\n"
+        b"Message-ID: <r1@api.example.com>\r\n\r\nHello raw.\r\n"
+    )
+    spool.add_messages(
+        cid,
+        [
+            (
+                "x@example.net",
+                "example.net",
+                orjson.dumps(
+                    {"raw": base64.b64encode(raw).decode(), "mail_from": "app@api.example.com"}
+                ),
+            ),
+            (
+                "y@example.net",
+                "example.net",
+                orjson.dumps(
+                    {"from": "App <app@api.example.com>", "subject": "fields", "text": "Hi.\n"}
+                ),
+            ),
+            (
+                "z@example.net",
+                "example.net",
+                orjson.dumps(
+                    {"from": "other@unsigned.example.org", "subject": "no key", "text": "Hi.\n"}
+                ),
+            ),
+        ],
+        time.time(),
+    )
+    saved = tmp_path / "saved"
+    with SinkProcess("--save", str(saved)) as sink:
+        host, port = sink.addresses[0]
+        cfg.routes["*"] = Route(host, port)
+        asyncio.run(Supervisor(cfg, spool, EventLog(None), max_wait=1).run())
+    assert spool.counts(cid)["delivered"] == 3
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return txt if name == b"k1._domainkey.api.example.com." else b""
+
+    msgs = [p.read_bytes() for p in sorted(saved.iterdir())]
+    signed = [m for m in msgs if m.startswith(b"DKIM-Signature:") or b"\r\nDKIM-Signature:" in m]
+    assert len(signed) == 2
+    for m in signed:
+        assert dkim.DKIM(m).verify(dnsfunc=dnsfunc)
+    assert any(m.endswith(raw) for m in signed)  # raw MIME otherwise byte for byte
+    unsigned = [m for m in msgs if m not in signed]
+    assert len(unsigned) == 1 and b"unsigned.example.org" in unsigned[0]

@@ -102,6 +102,7 @@ class Config:
     # The installation secret (fastsend.msgid.load_secret), set by the supervisor
     # before it forks: message-id MACs, tracking links. Never from TOML, never logged.
     secret: bytes = field(default=b"", repr=False)
+    base_dir: str = "."  # the config file's directory: relative paths in it start here
     shaping: Any = None  # fastsend.shaping.policy.Policy, parsed from [shaping]
     pools: Any = None  # fastsend.shaping.pools.PoolSet, parsed from [pools]
 
@@ -172,7 +173,7 @@ def validate_ip(text: str, where: str) -> str:
 
 
 def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
-    cfg = Config(raw=raw)
+    cfg = Config(raw=raw, base_dir=base_dir)
     known_sections = {"spool", "workers", "ips", "routes", "delivery", "retry", "dns", "events"}
     # Other areas (api, shaping, pools, tracking, webhooks, ...) read cfg.raw themselves.
     spool = _section(raw, "spool")

@@ -29,6 +29,7 @@ from fastsend import msgid
 from fastsend.config import Config
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import SiteQueue
+from fastsend.delivery.signing import ConfigDKIM
 from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.queue import wire
@@ -66,6 +67,7 @@ class Worker:
         self.done = asyncio.Event()
         self.parent = os.getppid()
         self.resolver = MXResolver(config)
+        self.dkim = ConfigDKIM(config)  # the config's [dkim], for self-contained messages
         # Cumulative counters, shipped to the supervisor by stats_loop().
         self.counters: dict[str, float] = {}
 
@@ -183,11 +185,14 @@ class Worker:
             try:
                 msg = orjson.loads(it.vars)
                 if "raw" in msg:
-                    data = base64.b64decode(msg["raw"])
+                    data = self.dkim.sign_raw(base64.b64decode(msg["raw"]))
                     mail_from = msg.get("mail_from", "")
                     smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
                 else:
                     spec = {**defaults, **{k: _literal(v) for k, v in msg.items()}}
+                    if "dkim" not in spec and self.dkim.entries:
+                        from_domain = str(spec.get("from", "")).rpartition("@")[2].strip("> ")
+                        spec["dkim"] = self.dkim.for_domain(from_domain)
                     r = Campaign.from_dict(spec).compile()
                     data = r.render(it.rcpt, {}, mid)
                     mail_from = r.envelope_from(mid)
