@@ -92,11 +92,32 @@ def body_simple(bytes body):
     return body[:o] + b"\r\n"
 
 
+# 0: an octet relaxed header canonicalization copies as is; 1: SP or TAB;
+# 2: CR (the start of a fold or of the final CRLF, else copied as is).
+cdef unsigned char _HR_CLASS[256]
+
+
+cdef void _hr_init() noexcept:
+    cdef int b
+    for b in range(256):
+        _HR_CLASS[b] = 0
+    _HR_CLASS[32] = 1
+    _HR_CLASS[9] = 1
+    _HR_CLASS[13] = 2
+
+
+_hr_init()
+
+
 cdef Py_ssize_t _header_relaxed(const unsigned char* s, Py_ssize_t n,
                                 unsigned char* out) noexcept nogil:
-    """Write the relaxed form of one raw header line to ``out`` (room: n + 3)."""
+    """Write the relaxed form of one raw header line to ``out`` (room: n + 3).
+
+    Name: lower case, WSP before the colon dropped. Value: folds (CRLF before
+    WSP, and the final CRLF) removed, each WSP run one SP, none at either end.
+    """
     cdef Py_ssize_t i = 0, o = 0
-    cdef unsigned char c
+    cdef unsigned char c, k
     cdef bint wsp = False, started = False
     while i < n and s[i] != 58:
         c = s[i]
@@ -112,22 +133,28 @@ cdef Py_ssize_t _header_relaxed(const unsigned char* s, Py_ssize_t n,
     i += 1
     while i < n:
         c = s[i]
-        if c == 13 and i + 1 < n and s[i + 1] == 10 and (
+        k = _HR_CLASS[c]
+        if k == 1:
+            wsp = True
+            i += 1
+            continue
+        if k == 2 and i + 1 < n and s[i + 1] == 10 and (
             i + 2 == n or s[i + 2] == 32 or s[i + 2] == 9
         ):
             i += 2
             continue
-        if c == 32 or c == 9:
-            wsp = True
-        else:
-            if wsp and started:
-                out[o] = 32
-                o += 1
-            wsp = False
-            started = True
-            out[o] = c
+        if wsp and started:
+            out[o] = 32
             o += 1
+        wsp = False
+        started = True
+        out[o] = c
+        o += 1
         i += 1
+        while i < n and _HR_CLASS[s[i]] == 0:  # the rest of the word
+            out[o] = s[i]
+            o += 1
+            i += 1
     out[o] = 13
     out[o + 1] = 10
     return o + 2

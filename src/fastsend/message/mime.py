@@ -45,7 +45,7 @@ from fastsend.message.headers import (
     unstructured_header,
 )
 from fastsend.message.template import PURE as _TEMPLATE_PURE
-from fastsend.message.template import Template
+from fastsend.message.template import Template, splice
 
 if TYPE_CHECKING:
     from fastsend.message.dkim import Signer
@@ -201,7 +201,8 @@ class _Header:
         if self.static is not None:
             return self.static
         if self.kind == "text":
-            return text_header(self.name, self.templates[0].render(variables))
+            t = self.templates[0]
+            return text_header(self.name, splice(t.literals, t._names, t._defaults, variables))
         if self.kind == "mailbox":
             display, addr = parse_mailbox(self.templates[0].render(variables))
             line = mailbox_header(self.name, display, addr)
@@ -370,9 +371,7 @@ class Renderer:
 
     def render(self, rcpt: str, variables: Mapping[str, str], message_id: str) -> bytes:
         """The complete message for one recipient (RenderError if it cannot be built)."""
-        vs = dict(variables)
-        vs["email"] = rcpt
-        vs["message_id"] = message_id
+        vs = {**variables, "email": rcpt, "message_id": message_id}
         try:
             local, domain = split_address(rcpt)
             if self.tracker is not None:
