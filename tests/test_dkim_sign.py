@@ -173,3 +173,35 @@ def test_canonicalization_twins_agree_on_random_input(body: bytes, lines: list[b
         assert _accel.compiled(name)(body) == dkim_mod.PURE[name](body)
     got = _accel.compiled("relaxed_headers")(tuple(lines))
     assert got == dkim_mod.PURE["relaxed_headers"](tuple(lines))
+
+
+@settings(max_examples=100, deadline=None)
+@given(lines=st.lists(WSP_BYTES.map(lambda b: b"X-A:" + b"".join(b) + b"\r\n"), max_size=5),
+       relaxed=st.booleans())  # fmt: skip
+def test_ed25519_sign_lines_twins_agree(keydir: Path, lines: list[bytes], relaxed: bool) -> None:
+    from fastsend import _accel
+
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    signer = dkim_mod.Signer.from_settings(
+        {"domain": "example.com", "selector": "ed", "key": str(keydir / "ed.pem")}
+    )
+    if signer._sodium_key is None:
+        pytest.skip("PyNaCl not installed")
+    head = b"DKIM-Signature: v=1; a=ed25519-sha256;\r\n b="
+    c14n = dkim_mod.PURE["header_relaxed"](head)[:-2] if relaxed else head
+    args = (tuple(lines), head, c14n, signer._sodium_key, relaxed)
+    got = _accel.compiled("ed25519_sign_lines")(*args)
+    assert got == dkim_mod.PURE["ed25519_sign_lines"](*args)
+
+
+@pytest.mark.parametrize("canon", ["relaxed/relaxed", "simple/simple"])
+def test_ed25519_libsodium_and_openssl_sign_alike(keydir: Path, canon: str) -> None:
+    """Ed25519 is deterministic: libsodium (PyNaCl) and OpenSSL give the same line."""
+    s = {"domain": "example.com", "selector": "ed", "key": str(keydir / "ed.pem"),
+         "canonicalization": canon}  # fmt: skip
+    sodium, openssl = dkim_mod.Signer.from_settings(s), dkim_mod.Signer.from_settings(s)
+    openssl._sodium_key = None
+    headers = [("from", b"From: a@example.com\r\n"), ("subject", b"Subject:  x \r\n y\r\n")]
+    body = b"hello \r\n\r\n"
+    assert sodium.sign(headers, body) == openssl.sign(headers, body)
