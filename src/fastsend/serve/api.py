@@ -119,16 +119,55 @@ _AT = re.compile(r" - at `\$\.?(.*)`$")
 _NAMED = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
 
 
+MAX_DEPTH = 32  # nesting of free-form values (metadata, variables, templates)
+_INT64 = (-(1 << 63), (1 << 64) - 1)
+
+
+def _name(field: str) -> str:
+    return field if field.isidentifier() else orjson.dumps(field).decode()
+
+
+def check_values(obj: Any, path: str = "", depth: int = 0, field: str = "") -> None:
+    """400 naming the field for what JSON allows but nothing downstream can store.
+
+    Free-form values (``Any``) decode to Python ints of any size and nest as
+    deep as the decoder lets them; the JSON encoder of the spool and event
+    log (orjson) takes 64-bit integers and 254 levels only.
+    """
+    if isinstance(obj, bool | str | float) or obj is None:
+        return
+    if isinstance(obj, int):
+        if not _INT64[0] <= obj <= _INT64[1]:
+            raise bad(f"{path or '$'}: integer out of the 64-bit range", path or None)
+        return
+    if depth < 4:
+        field = path  # what a nesting error names (not the 32 levels below)
+    if depth >= MAX_DEPTH:
+        raise bad(f"{field or '$'}: nested deeper than {MAX_DEPTH} levels", field or None)
+    if isinstance(obj, msgspec.Struct):
+        for f in msgspec.structs.fields(obj):
+            sub = f"{path}.{f.encode_name}".lstrip(".")
+            check_values(getattr(obj, f.name), sub, depth + 1, field)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            check_values(v, f"{path}.{_name(str(k))}".lstrip("."), depth + 1, field)
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            check_values(v, f"{path}[{i}]", depth + 1, field)
+
+
 def decode_body(body: bytes, typ: type[Any]) -> Any:
     """JSON -> ``typ`` (a msgspec Struct), or a 400 naming the field."""
     if not body.strip():
         raise bad("empty request body: expected a JSON object")
     try:
-        return msgspec.json.decode(body, type=typ)
+        out = msgspec.json.decode(body, type=typ)
+    except RecursionError:
+        raise bad("malformed JSON: nested too deeply") from None
     except msgspec.ValidationError as e:
         text = str(e)
         m = _AT.search(text)
-        path = m.group(1) if m else ""
+        path = m.group(1).split("[...]", 1)[0] if m else ""  # [...]: a dict's value
         msg = text[: m.start()] if m else text
         named = _NAMED.search(msg)  # unknown or missing field: name it
         if named is not None:
@@ -137,6 +176,8 @@ def decode_body(body: bytes, typ: type[Any]) -> Any:
         raise bad(f"{field}: {msg}" if field else msg, field) from None
     except msgspec.DecodeError as e:
         raise bad(f"malformed JSON: {e}") from None
+    check_values(out)
+    return out
 
 
 class Api:
@@ -220,7 +261,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return error_response(ApiError(413, f"request body too large: {e.text}"))
     except web.HTTPException as e:
         if e.status >= 400:
-            return error_response(ApiError(e.status, e.reason))
+            # Keep what the status needs (Allow on 405, RFC 9110 15.5.6).
+            keep = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+            return error_response(ApiError(e.status, e.reason), keep or None)
         raise
     except Exception:
         log.exception("fastsend serve: internal error on %s %s", request.method, request.path)
@@ -237,13 +280,17 @@ async def read_body(request: web.Request) -> bytes:
     return body
 
 
-def int_param(value: str, name: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise bad(f"{name} must be an integer, got {value!r}", name) from None
-    if n < 1:
-        raise bad(f"{name} must be positive", name)
+MAX_ID = (1 << 63) - 1  # SQLite's INTEGER: a larger id cannot exist
+
+
+def int_param(value: str, name: str, maximum: int = MAX_ID) -> int:
+    """A positive integer path or query parameter, or a 400 naming it."""
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
+        # int() would also take "+1", " 1", "1_000" and non-ASCII digits.
+        raise bad(f"{name} must be an integer from 1 to {maximum}, got {value[:40]!r}", name)
+    n = int(value)
+    if not 1 <= n <= maximum:
+        raise bad(f"{name} must be an integer from 1 to {maximum}, got {value[:40]!r}", name)
     return n
 
 

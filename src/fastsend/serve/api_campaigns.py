@@ -97,9 +97,17 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
 
 
 async def _spool_rows(
-    request: web.Request, cid: int, rows: list[Any], strict: bool, camp: Campaign
+    request: web.Request,
+    cid: int,
+    rows: list[Any],
+    strict: bool,
+    camp: Campaign,
+    ok_status: int = 202,
 ) -> web.Response:
-    """rows: recipient rows or BadRow; spool the good ones (or none when strict)."""
+    """rows: recipient rows or BadRow; spool the good ones (or none when strict).
+
+    ``ok_status``: 201 for a new campaign, which exists even when no row was good.
+    """
     api = api_of(request)
     badrows = [r for r in rows if isinstance(r, recipients.BadRow)]
     if badrows and strict:
@@ -115,15 +123,17 @@ async def _spool_rows(
         await asyncio.sleep(0)  # let other requests in between chunks
     if api.metrics is not None:
         api.metrics.accepted(accepted)
-    return json_response(
-        {
-            "id": cid,
-            "accepted": accepted,
-            "rejected": len(badrows),
-            "errors": [{"row": b.line, "error": b.error} for b in badrows[:MAX_REPORTED]],
-        },
-        status=202 if accepted or not badrows else 400,
-    )
+    out: dict[str, Any] = {
+        "id": cid,
+        "accepted": accepted,
+        "rejected": len(badrows),
+        "errors": [{"row": b.line, "error": b.error} for b in badrows[:MAX_REPORTED]],
+    }
+    if badrows and not accepted and ok_status == 202:  # a 400 with the error object
+        field = f"recipients[{badrows[0].line - 1}]"
+        out["error"] = {"status": 400, "message": f"{field}: {badrows[0].error}", "field": field}
+        return json_response(out, status=400)
+    return json_response(out, status=ok_status)
 
 
 def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
@@ -166,9 +176,7 @@ async def create_campaign(request: web.Request) -> web.Response:
         camp.to_dict(), name=body.name, tenant=tenant_of(request), options={"api": True}
     )
     api.ctx.spool.set_campaign_status(cid, "paused" if body.paused else "active")
-    resp = await _spool_rows(request, cid, rows, body.strict, camp)
-    resp.set_status(201)
-    return resp
+    return await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
 
 
 async def add_recipients(request: web.Request) -> web.Response:

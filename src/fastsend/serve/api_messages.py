@@ -33,6 +33,7 @@ from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.headers import HeaderError, parse_mailbox
 from fastsend.serve.api import (
+    MAX_ID,
     ApiError,
     api_of,
     bad,
@@ -110,7 +111,7 @@ class MessagesHandler:
         api = api_of(request)
         tenant = tenant_of(request)
         if isinstance(tpl, int):
-            info = api.ctx.spool.get_campaign(tpl)
+            info = api.ctx.spool.get_campaign(tpl) if 1 <= tpl <= MAX_ID else None
             if info is None or info.spec.get("kind") == "transactional":
                 raise bad(f"{where}: no template campaign {tpl}", where)
             require_tenant(request, info.tenant)

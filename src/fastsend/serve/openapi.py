@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from fastsend.serve.api import json_response
+from fastsend.serve.api import MAX_ID, json_response
 from fastsend.serve.api_campaigns import CampaignIn, RecipientsIn, SuppressIn
 from fastsend.serve.api_messages import BatchIn, MessageIn
 
@@ -51,7 +51,112 @@ def _op(summary: str, answers: dict[str, Any], body: Any = None, **kw: Any) -> d
     return op
 
 
-_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props, "required": required}
+
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_COUNTS = {"type": "object", "additionalProperties": _INT}
+
+
+def _response_schemas() -> dict[str, Any]:
+    """What the handlers answer (checked against live answers by the fuzz test)."""
+    campaign = _obj(
+        ["id", "name", "kind", "status", "created"],
+        id=_INT, name=_STR, kind=_STR, status=_STR, created=_NUM,
+    )  # fmt: skip
+    view = {
+        **campaign,
+        "properties": {
+            **campaign["properties"],
+            "counts": _COUNTS,
+            "total": _INT,
+            "progress": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+        "required": [*campaign["required"], "counts", "total", "progress"],
+    }
+    nullable = lambda t: {"type": [t, "null"]}  # noqa: E731
+    return {
+        "Accepted": _obj(
+            ["accepted", "messages"],
+            accepted=_INT,
+            messages={
+                "type": "array",
+                "items": _obj(
+                    ["ids", "to"],
+                    ids={"type": "array", "items": _INT},
+                    to={"type": "array", "items": _STR},
+                ),
+            },
+        ),
+        "Message": _obj(
+            ["id", "campaign", "to", "state", "attempts", "events", "tags", "metadata"],
+            id=_INT,
+            campaign=_INT,
+            to=_STR,
+            state=_STR,
+            attempts=_INT,
+            created=_NUM,
+            updated=_NUM,
+            next_attempt=nullable("number"),
+            last_reply=_obj(
+                [], code=nullable("integer"), enhanced=nullable("string"), text=nullable("string")
+            ),
+            tags={"type": "array", "items": _STR},
+            metadata={"type": "object"},
+            events={"type": "array", "items": {"type": "object"}},
+        ),
+        "Campaign": view,
+        "Campaigns": _obj(["campaigns"], campaigns={"type": "array", "items": campaign}),
+        "RecipientsAccepted": _obj(
+            ["id", "accepted", "rejected", "errors"],
+            id=_INT,
+            accepted=_INT,
+            rejected=_INT,
+            errors={"type": "array", "items": _obj(["row", "error"], row=_INT, error=_STR)},
+        ),
+        "Stats": _obj(
+            ["window", "window_s", "by", "groups"],
+            window=_STR,
+            window_s=_INT,
+            by=_STR,
+            groups={
+                "type": "object",
+                "additionalProperties": _obj(
+                    ["counts", "rates_per_s"],
+                    counts=_COUNTS,
+                    rates_per_s={"type": "object", "additionalProperties": _NUM},
+                ),
+            },
+        ),
+        "Suppressions": _obj(
+            ["suppressions", "count"],
+            count=_INT,
+            suppressions={
+                "type": "array",
+                "items": _obj(
+                    ["address", "reason"],
+                    address=_STR,
+                    reason=_STR,
+                    source=nullable("string"),
+                    created=_NUM,
+                    expires=nullable("number"),
+                ),
+            },
+        ),
+        "Added": _obj(["added"], added=_INT),
+        "Removed": _obj(["removed"], removed=_STR),
+    }
+
+
+def _link(op: str, expr: str) -> dict[str, Any]:
+    return {"operationId": op, "parameters": {"id": expr}}
+
+
+_ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+_ID = [{"name": "id", "in": "path", "required": True, "schema": _ID_SCHEMA}]
 
 
 def document() -> dict[str, Any]:
@@ -71,7 +176,9 @@ def document() -> dict[str, Any]:
                 "required": ["status", "message"],
             }
         },
+        "required": ["error"],
     }
+    components.update(_response_schemas())
     csv_body = {
         "content": {
             "application/json": {"schema": _ref("RecipientsIn")},
@@ -83,40 +190,49 @@ def document() -> dict[str, Any]:
         "/v1/messages": {
             "post": _op(
                 "Inject one message or a batch; 202 once durable in the spool",
-                _answers("202", 400, 403, 413),
+                _answers("202", 400, 403, 413, schema=_ref("Accepted")),
                 _json({"oneOf": [_ref("MessageIn"), _ref("BatchIn")]}),
+                operationId="postMessages",
             )
         },
         "/v1/messages/{id}": {
             "get": _op(
-                "A message's state and every event", _answers("200", 400, 403, 404), parameters=_ID
+                "A message's state and every event",
+                _answers("200", 400, 403, 404, schema=_ref("Message")),
+                parameters=_ID,
+                operationId="getMessage",
             )
         },
         "/v1/campaigns": {
             "post": _op(
                 "Create a campaign from a template and recipients",
-                _answers("201", 400, 413),
+                _answers("201", 400, 413, schema=_ref("RecipientsAccepted")),
                 _json(_ref("CampaignIn")),
+                operationId="postCampaign",
             ),
-            "get": _op("The tenant's campaigns", _answers("200")),
+            "get": _op("The tenant's campaigns", _answers("200", schema=_ref("Campaigns"))),
         },
         "/v1/campaigns/{id}": {
             "get": _op(
-                "Progress and counts per state", _answers("200", 400, 403, 404), parameters=_ID
+                "Progress and counts per state",
+                _answers("200", 400, 403, 404, schema=_ref("Campaign")),
+                parameters=_ID,
+                operationId="getCampaign",
             )
         },
         "/v1/campaigns/{id}/recipients": {
             "post": _op(
                 "Add recipients (JSON, CSV or JSON lines); ?strict=1 rejects all on a bad row",
-                _answers("202", 400, 403, 404, 409, 413),
+                _answers("202", 400, 403, 404, 409, 413, schema=_ref("RecipientsAccepted")),
                 csv_body,
                 parameters=_ID,
+                operationId="postRecipients",
             )
         },
         "/v1/stats": {
             "get": _op(
                 "Event counts and rates per campaign, domain or source IP over a window",
-                _answers("200", 400),
+                _answers("200", 400, schema=_ref("Stats")),
                 parameters=[
                     {
                         "name": "window",
@@ -132,13 +248,28 @@ def document() -> dict[str, Any]:
             )
         },
         "/v1/suppressions": {
-            "get": _op("The tenant's suppression list", _answers("200", 400)),
-            "post": _op("Suppress addresses", _answers("201", 400, 413), _json(_ref("SuppressIn"))),
+            "get": _op(
+                "The tenant's suppression list",
+                _answers("200", 400, schema=_ref("Suppressions")),
+                parameters=[
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {**_ID_SCHEMA, "default": 1000},
+                        "description": "at most this many entries",
+                    }
+                ],
+            ),
+            "post": _op(
+                "Suppress addresses",
+                _answers("201", 400, 413, schema=_ref("Added")),
+                _json(_ref("SuppressIn")),
+            ),
         },
         "/v1/suppressions/{address}": {
             "delete": _op(
                 "Remove an address from the suppression list",
-                _answers("200", 400, 404),
+                _answers("200", 400, 404, schema=_ref("Removed")),
                 parameters=[
                     {
                         "name": "address",
@@ -168,10 +299,23 @@ def document() -> dict[str, Any]:
         paths[f"/v1/campaigns/{{id}}/{action}"] = {
             "post": _op(
                 f"{action.capitalize()} a campaign",
-                _answers("200", 400, 403, 404, 409),
+                _answers("200", 400, 403, 404, 409, schema=_ref("Campaign")),
                 parameters=_ID,
+                operationId=f"{action}Campaign",
             )
         }
+    # Links: the ids an answer carries lead to the operations that take them
+    # (clients and the stateful fuzzing follow them).
+    msg = paths["/v1/messages"]["post"]["responses"]["202"]
+    msg["links"] = {"GetMessage": _link("getMessage", "$response.body#/messages/0/ids/0")}
+    camp = paths["/v1/campaigns"]["post"]["responses"]["201"]
+    camp["links"] = {
+        name: _link(op, "$response.body#/id")
+        for name, op in (
+            ("GetCampaign", "getCampaign"), ("AddRecipients", "postRecipients"),
+            ("Pause", "pauseCampaign"), ("Resume", "resumeCampaign"), ("Cancel", "cancelCampaign"),
+        )
+    }  # fmt: skip
     return {
         "openapi": "3.1.0",
         "info": {"title": "fastsend API", "version": "1"},
