@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from _message_helpers import use_impl
 from fastsend import _accel
 from fastsend.message import Campaign, RenderError
+from fastsend.message import headers as headers_mod
 from fastsend.message import mime as mime_mod
 from fastsend.message import template as template_mod
 
@@ -199,3 +200,24 @@ def test_uri_header_twins_agree(vals: dict[str, str], srcs: list[str]) -> None:
             return (type(exc).__name__, str(exc))
 
     assert run(_accel.compiled("uri_header")) == run(mime_mod.PURE["uri_header"])
+
+
+ADDRESS = st.lists(
+    st.sampled_from([*'ab.@-+!"\\ é\r\n\x00Z9_', "x" * 30, "example.org", "@", "..", "bücher.de"]),
+    max_size=10,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(addr=st.one_of(ADDRESS, st.emails(), ANY))
+def test_split_address_twins_agree(addr: str) -> None:
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+
+    def run(f: Any) -> object:
+        try:
+            return f(addr)
+        except Exception as exc:  # the same error, with the same text
+            return (type(exc).__name__, str(exc))
+
+    assert run(_accel.compiled("split_address")) == run(headers_mod.PURE["split_address"])

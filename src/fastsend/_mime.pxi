@@ -531,3 +531,69 @@ def _uri_header_py(name, uris, variables):
     from fastsend.message.mime import PURE
 
     return PURE["uri_header"](name, uris, variables)
+
+
+# -- addresses (twin: fastsend.message.headers.split_address) --------------------
+
+# atext (RFC 5322 3.2.3): the octets of a dot-atom besides ".".
+cdef unsigned char _ATEXT[256]
+
+
+cdef void _atext_init() noexcept:
+    cdef int b
+    for b in range(256):
+        _ATEXT[b] = (48 <= b <= 57) or (65 <= b <= 90) or (97 <= b <= 122)
+    for b in b"!#$%&'*+-/=?^_`{|}~":
+        _ATEXT[b] = 1
+
+
+_atext_init()
+cdef object _encode_domain = None
+
+
+def split_address(str addr):
+    """``(local, ascii_domain)`` of a bare address; HeaderError if it is not one.
+
+    Twin of the pure ``split_address``. Fast path: an ASCII dot-atom local
+    part of at most 64 octets (the domain goes through the same cached
+    ``encode_domain``); anything else is handed to the pure twin.
+    """
+    global _encode_domain
+    cdef Py_ssize_t n, i, at = -1
+    cdef const unsigned char* s
+    cdef unsigned char c, prev = 46
+    try:
+        s = <const unsigned char*> PyUnicode_AsUTF8AndSize(addr, &n)
+    except UnicodeEncodeError:
+        return _split_address_py(addr)
+    if n != len(addr):
+        return _split_address_py(addr)
+    for i in range(n - 1, -1, -1):
+        if s[i] == 64:
+            at = i
+            break
+    if at < 1 or at > 64 or at == n - 1 or s[at - 1] == 46:
+        return _split_address_py(addr)
+    for i in range(at):
+        c = s[i]
+        if c == 46:
+            if prev == 46:  # a leading dot or two in a row
+                return _split_address_py(addr)
+        elif not _ATEXT[c]:
+            return _split_address_py(addr)
+        prev = c
+    for i in range(at + 1, n):
+        c = s[i]
+        if c == 13 or c == 10 or c == 0:
+            return _split_address_py(addr)
+    if _encode_domain is None:
+        from fastsend.message.headers import encode_domain
+
+        _encode_domain = encode_domain
+    return addr[:at], _encode_domain(addr[at + 1:])
+
+
+def _split_address_py(addr):
+    from fastsend.message.headers import PURE
+
+    return PURE["split_address"](addr)

@@ -212,10 +212,11 @@ class _Header:
 
 
 class _TextPart:
-    __slots__ = ("encoding", "headers", "template")
+    __slots__ = ("defaults", "encoding", "headers", "literals", "names", "template")
 
     def __init__(self, subtype: str, source: str, encoding: str) -> None:
-        self.template = Template(_normalize_text(source))
+        self.template = t = Template(_normalize_text(source))
+        self.literals, self.names, self.defaults = t.literals, t._names, t._defaults
         self.encoding = encoding
         self.headers = (
             f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
@@ -223,10 +224,9 @@ class _TextPart:
         ).encode("ascii")
 
     def body(self, variables: Mapping[str, str]) -> bytes:
-        t = self.template
         if self.encoding == "base64":
-            return base64_body(t.render(variables).encode("utf-8"))
-        return qp_template(t.literals, t._names, t._defaults, variables)
+            return base64_body(self.template.render(variables).encode("utf-8"))
+        return qp_template(self.literals, self.names, self.defaults, variables)
 
 
 def _new_boundary(tag: str) -> str:
@@ -360,6 +360,10 @@ class Renderer:
             if not self._mixed:
                 return inner + CRLF if inner and not inner.endswith(CRLF) else inner
             chunks = [self._mixed_open, inner, CRLF, self._mixed_close]
+        elif len(parts) == 2 and not self._mixed:  # text + HTML: the usual case
+            a = self._alt_pre
+            return b"".join([a[0], parts[0].body(variables), CRLF, a[1],
+                             parts[1].body(variables), CRLF, self._alt_close])  # fmt: skip
         else:
             chunks = [self._mixed_open] if self._mixed else []
             for p, pre in zip(parts, self._alt_pre, strict=True):
