@@ -1,10 +1,13 @@
 """``fastsend check-domain DOMAIN``: judge MX, SPF, DKIM, DMARC and PTR for a sender.
 
     fastsend check-domain example.com --ip 192.0.2.10 \\
-        --selector s2026 --key keys/s2026.pem [--nameserver 127.0.0.1:5353] [--json]
+        --selector s2026 --key keys/s2026.pem [--return-path-domain bounce.example.com] \\
+        [--dkim-domain example.com] [--nameserver 127.0.0.1:5353] [--json]
 
-Prints a pass/warn/fail table and the records to add. Exit status: 0 when
-nothing fails, 1 when a check fails, 2 on bad arguments.
+Prints a pass/warn/fail table, then the exact records to add or change for
+every check that is not a pass. ``--json`` prints the document described in
+:mod:`fastsend.authcheck` instead. Exit status: 0 when nothing fails (warnings
+allowed), 1 when a check fails, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import shutil
 import sys
+import textwrap
 
-from fastsend.authcheck import FAIL, check_domain
+from fastsend.authcheck import FAIL, PASS, check_domain, report
 from fastsend.message.keys import DkimKeyError
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "format_table", "run"]
+
+_NAME_W = 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,8 +33,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selector", action="append", default=[], help="DKIM selector (repeatable)")
     p.add_argument("--key", action="append", default=[], help="private key for each --selector")
     p.add_argument("--return-path-domain", help="envelope sender domain (default: DOMAIN)")
+    p.add_argument("--dkim-domain", help="the DKIM d= domain of the keys (default: DOMAIN)")
     p.add_argument("--nameserver", action="append", default=[], help="HOST[:PORT] to ask")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def format_table(doc: dict, width: int = 100) -> str:
+    """The human report for a :func:`fastsend.authcheck.report` document."""
+    lines = [f"check-domain {doc['domain']} (organizational domain "
+             f"{doc['organizational_domain']})", ""]  # fmt: skip
+    indent = " " * (6 + _NAME_W + 1)
+    for c in doc["checks"]:
+        head = f"{c['status'].upper():5s} {c['name']:{_NAME_W}s} "
+        for i, note in enumerate(c["notes"]):
+            wrapped = textwrap.wrap(
+                note,
+                width=max(40, width),
+                initial_indent=head if i == 0 else indent,
+                subsequent_indent=indent + "  ",
+                break_on_hyphens=False,
+            )
+            lines.extend(wrapped or [head.rstrip()])
+    s = doc["summary"]
+    lines += ["", f"{s['pass']} pass, {s['warn']} warn, {s['fail']} fail"]
+    fixes = [c for c in doc["checks"] if c["fix"] and c["status"] != PASS]
+    if fixes:
+        lines += ["", "records to add or change:"]
+        for c in fixes:
+            lines.append(f"  ; {c['name']} ({c['status']})")
+            lines.extend(f"  {f}" for f in c["fix"].splitlines())
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             print(f"check-domain: bad IP {ip!r}", file=sys.stderr)
             return 2
+    if not args.domain.strip(".") or " " in args.domain:
+        print(f"check-domain: bad domain {args.domain!r}", file=sys.stderr)
+        return 2
     try:
         checks = check_domain(
             args.domain,
@@ -47,18 +85,14 @@ def run(args: argparse.Namespace) -> int:
             list(zip(args.selector, args.key, strict=True)),
             args.nameserver,
             args.return_path_domain,
+            args.dkim_domain,
         )
     except DkimKeyError as exc:
         print(f"check-domain: {exc}", file=sys.stderr)
         return 2
+    doc = report(args.domain, checks)
     if args.json:
-        print(json.dumps({"domain": args.domain, "checks": [c.as_dict() for c in checks]}))
+        print(json.dumps(doc, indent=None))
     else:
-        for c in checks:
-            print(f"{c.status.upper():5s} {c.name:18s} {c.detail}")
-        fixes = [c.fix for c in checks if c.fix and c.status != "pass"]
-        if fixes:
-            print("\nrecords to add or change:")
-            for f in fixes:
-                print(f"  {f}")
+        print(format_table(doc, shutil.get_terminal_size((100, 24)).columns))
     return 1 if any(c.status == FAIL for c in checks) else 0
