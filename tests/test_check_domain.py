@@ -108,3 +108,13 @@ def test_spf_evaluator_rules() -> None:
     assert check_host("192.0.2.1", "loop.test", look).result == "permerror"
     assert check_host("192.0.2.1", "two.test", look).result == "permerror"
     assert check_host("192.0.2.1", "none.test", look).result == "none"
+
+
+def test_org_domain_fallback_without_psl(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastsend.authcheck as ac
+
+    monkeypatch.setattr(ac, "_PSL", None)
+    assert ac.org_domain("a.b.example.com") == "example.com"
+    assert ac.org_domain("mail.example.co.uk") == "example.co.uk"
+    assert ac.org_domain("x.example.com.au") == "example.com.au"
+    assert ac.org_domain("example.test") == "example.test"
