@@ -146,6 +146,8 @@ CASES: list[tuple[str, list[Mutate], dict[str, Any], str, str, str]] = [
     ("spf-syntax", [spf("v=spf1 ip4:127.0.0.2 include -all")], {}, "SPF", "fail", "syntax error"),
     ("spf-plus-all", [spf("v=spf1 +all")], {}, "SPF", "fail", "every IP"),
     ("spf-no-all", [spf("v=spf1 ip4:127.0.0.2")], {}, "SPF", "warn", '"v=spf1 ip4:127.0.0.2 -all"'),
+    ("spf-covers-test-net", [spf("v=spf1 ip4:127.0.0.2 ip4:192.0.2.0/24 -all")], {}, "SPF", "pass", "unauthorised IPs get fail (-all)"),
+    ("spf-no-all-one-fix", [spf("v=spf1 ip4:192.0.2.0/24 ?all")], {}, "SPF", "fail", '"v=spf1 ip4:127.0.0.2 ip4:192.0.2.0/24 -all"'),
     ("spf-ptr", [spf("v=spf1 ptr -all")], {}, "SPF", "warn", "ptr is discouraged"),
     ("spf-too-many-lookups", [spf("v=spf1 ip4:127.0.0.2 " + " ".join(f"a:out1.example.test/{n}" for n in range(20, 31)) + " -all")], {}, "SPF", "fail", "more than 10 DNS lookups"),
     ("spf-void", [spf("v=spf1 ip4:127.0.0.2 a:nx1.example.test a:nx2.example.test a:nx3.example.test -all")], {}, "SPF", "fail", "void"),

@@ -296,7 +296,9 @@ def check_mx(domain: str, look: _Lookup, name: str = "MX") -> Check:
 
 # --- SPF ---------------------------------------------------------------------
 
-_PROBE_IP = "192.0.2.254"  # TEST-NET-1: matches nothing real, walks the whole record
+# Documentation/reserved addresses that no real record should authorise: evaluating one
+# walks the whole record, as a receiver does for a forger's IP.
+_PROBE_IPS = ("192.0.2.254", "198.51.100.254", "203.0.113.254", "240.0.0.1")
 
 
 def _ip_terms(ips: Sequence[str]) -> list[str]:
@@ -356,21 +358,26 @@ def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bo
         else:
             j.add(FAIL, f"{ip}: {res.result}{how or ' (' + res.note + ')'}: not authorised")
             missing.append(_ip_terms([ip])[0])
+    # one corrected record for every finding: missing IPs added, a lax or missing all fixed
+    fixed = _spf_with(rec, missing)
+    fixed = re.sub(r"(^| )[+?]?all(?= |$)", r"\1-all", fixed, flags=re.I)
+    if not re.search(r"(^| )([+\-~?]?all|redirect=\S+)(?= |$)", fixed, re.I):
+        fixed += " -all"
+    fix = _txt(domain, fixed) if fixed != rec else ""
     if missing:
-        j.add(FAIL, f"record: {rec}", _txt(domain, _spf_with(rec, missing)))
-    probe = check_host(_PROBE_IP, domain, look.query)
+        j.add(FAIL, f"record: {rec}", fix)
+    for ip in _PROBE_IPS:
+        probe = check_host(ip, domain, look.query)
+        if probe.result != "pass" or probe.mechanism.lstrip("+").lower() == "all":
+            break
     results.append(probe)
     if probe.result in ("permerror", "temperror"):
         j.add(FAIL, f"an unauthorised IP gets {probe.result}: {probe.note}"
                     + (" (flatten includes)" if "lookups" in probe.note else ""))  # fmt: skip
     elif probe.result == "pass":
-        j.add(FAIL, f"{probe.matched} authorises every IP on the Internet",
-              _txt(domain, re.sub(r"(^| )\+?all\b", r"\1-all", rec)))  # fmt: skip
+        j.add(FAIL, f"{probe.matched} authorises every IP on the Internet", fix)
     elif probe.result == "neutral":
-        fixed = rec if probe.mechanism else rec + " -all"
-        fixed = re.sub(r"(^| )\?all\b", r"\1-all", fixed)
-        j.add(WARN, "unauthorised mail gets neutral: end the record with -all or ~all",
-              _txt(domain, fixed))  # fmt: skip
+        j.add(WARN, "unauthorised mail gets neutral: end the record with -all or ~all", fix)
     else:
         j.add(PASS, f"unauthorised IPs get {probe.result} ({probe.matched or probe.note}); "
                     f"{probe.lookups}/10 DNS lookups")  # fmt: skip
