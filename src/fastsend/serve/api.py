@@ -260,7 +260,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPRequestEntityTooLarge as e:
         return error_response(ApiError(413, f"request body too large: {e.text}"))
     except web.HTTPException as e:
-        if e.status >= 400:
+        # /v1 answers JSON; the pages (tracking, unsubscribe) keep their own HTML answers.
+        if e.status >= 400 and request.path.startswith("/v1/"):
             # Keep what the status needs (Allow on 405, RFC 9110 15.5.6).
             keep = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
             return error_response(ApiError(e.status, e.reason), keep or None)

@@ -53,6 +53,14 @@ PIXEL_GIF = (
     b"\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 )
 _NO_STORE = {"Cache-Control": "no-store, max-age=0", "Pragma": "no-cache"}
+# Pages load nothing (no scripts, styles, images, frames) and post only to themselves.
+_CSP = "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+_PAGE_HEADERS = {
+    **_NO_STORE,
+    "Content-Security-Policy": _CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 _TOKEN = r"{token:[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+}"
 MAX_UA = 512
 _CACHE_SIZE = 4096
@@ -69,7 +77,7 @@ class _Tracking:
     def _check(self, token: str, kind: str) -> tuple[str, ...]:
         got = tr.verify(self.secret, token)
         if got is None or got[0] != kind:
-            raise web.HTTPNotFound(text="not found\n")
+            raise _not_found()
         return got[1]
 
     def owner(self, mid: str) -> tuple[int | None, str]:
@@ -114,17 +122,24 @@ class _Tracking:
         mid, rcpt = self._check(request.match_info["token"], tr.OPEN)
         if request.method == "GET":
             self.ctx.emit(self._event("opened", mid, rcpt, request))
-        return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=_NO_STORE)
+        return web.Response(
+            body=PIXEL_GIF,
+            content_type="image/gif",
+            headers={**_NO_STORE, "X-Content-Type-Options": "nosniff"},
+        )
 
     async def click(self, request: web.Request) -> web.Response:
         mid, rcpt, url = self._check(request.match_info["token"], tr.CLICK)
         if not url.lower().startswith(("http://", "https://")):
-            raise web.HTTPNotFound(text="not found\n")
+            raise _not_found()
         if request.method == "GET":
             ev = self._event("clicked", mid, rcpt, request)
             ev["url"] = url
             self.ctx.emit(ev)
-        return web.Response(status=302, headers={"Location": url, **_NO_STORE})
+        return web.Response(
+            status=302,
+            headers={"Location": url, "Referrer-Policy": "no-referrer", **_NO_STORE},
+        )
 
     async def unsubscribe_page(self, request: web.Request) -> web.Response:
         _mid, rcpt = self._check(request.match_info["token"], tr.UNSUBSCRIBE)
@@ -140,14 +155,14 @@ class _Tracking:
         form = await request.post()
         one_click = form.get("List-Unsubscribe") == ONE_CLICK
         if not one_click and form.get("confirm") != "yes":
-            raise web.HTTPBadRequest(text="expected List-Unsubscribe=One-Click or confirm=yes\n")
+            raise _bad_request("expected List-Unsubscribe=One-Click or confirm=yes")
         _campaign, tenant = self.owner(mid)
         try:
             self.ctx.suppression.add(
                 rcpt, UNSUBSCRIBE, tenant=tenant, source="one-click" if one_click else "page"
             )
         except SuppressionError:
-            raise web.HTTPBadRequest(text="cannot unsubscribe this address\n") from None
+            raise _bad_request("cannot unsubscribe this address") from None
         ev = self._event("unsubscribed", mid, rcpt, request)
         ev["method"] = "one-click" if one_click else "page"
         self.ctx.emit(ev)
@@ -156,13 +171,37 @@ class _Tracking:
         return _page("Unsubscribed", f"<p>{html.escape(rcpt)} will get no more mail from us.</p>")
 
 
-def _page(title: str, body: str) -> web.Response:
-    doc = (
-        '<!doctype html><html><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width">'
-        f"<title>{title}</title></head><body>{body}</body></html>"
+def _html(title: str, body: str) -> str:
+    """A small, valid HTML5 document: no scripts, styles or external resources."""
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title></head><body><h1>{html.escape(title)}</h1>"
+        f"{body}</body></html>"
     )
-    return web.Response(text=doc, content_type="text/html", headers=_NO_STORE)
+
+
+def _page(title: str, body: str, status: int = 200) -> web.Response:
+    return web.Response(
+        text=_html(title, body), status=status, content_type="text/html", headers=_PAGE_HEADERS
+    )
+
+
+def _not_found() -> web.HTTPNotFound:
+    """A forged, tampered or truncated link: a page that says so and links nowhere."""
+    return web.HTTPNotFound(
+        text=_html("Link not valid", "<p>This link is not valid or has expired.</p>"),
+        content_type="text/html",
+        headers=_PAGE_HEADERS,
+    )
+
+
+def _bad_request(why: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=_html("Cannot unsubscribe", f"<p>{html.escape(why)}.</p>"),
+        content_type="text/html",
+        headers=_PAGE_HEADERS,
+    )
 
 
 def setup_tracking(app: web.Application, ctx: Any) -> None:
