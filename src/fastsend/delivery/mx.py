@@ -19,8 +19,10 @@ It does not connect anywhere; delivery/pool.py does.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -47,6 +49,7 @@ class Site:
 
 
 _MIN_TTL, _MAX_TTL, _NEG_TTL = 5.0, 3600.0, 30.0
+CACHE_MAX = 20000  # entries per cache: expired ones go first, then the oldest half
 
 
 class MXResolver:
@@ -87,8 +90,12 @@ class MXResolver:
         if hit is not None and hit[0] > now:
             return hit[1]
         result, ttl = await self._lookup(domain)
-        self._cache[domain] = (now + ttl, result)
+        _put(self._cache, domain, (now + ttl, result), now)
         return result
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self._cache) + len(self._addr_cache)
 
     async def _lookup(self, domain: str) -> tuple[Site | Outcome, float]:
         try:
@@ -156,8 +163,23 @@ class MXResolver:
                 break  # IPv4 is enough for IPv4 source addresses
         if not addrs:
             return _fail("5.1.2", f"host {name} has no address" + (" (NXDOMAIN)" if nx else ""))
-        self._addr_cache[name] = (now + max(_MIN_TTL, ttl), addrs)
+        _put(self._addr_cache, name, (now + max(_MIN_TTL, ttl), addrs), now)
         return addrs
+
+
+def _put(
+    cache: dict[str, tuple[float, Any]], key: str, value: tuple[float, Any], now: float
+) -> None:
+    """Insert, keeping the cache bounded (memory flat however many domains a run sees)."""
+    if len(cache) >= CACHE_MAX:
+        for k in [k for k, (exp, _) in cache.items() if exp <= now]:
+            del cache[k]
+        excess = len(cache) - CACHE_MAX // 2
+        if excess > 0:
+            for k in list(itertools.islice(cache, excess)):  # oldest first
+                del cache[k]
+    cache.pop(key, None)
+    cache[key] = value
 
 
 def _is_ip(name: str) -> bool:

@@ -190,6 +190,7 @@ class SiteQueue:
     async def _connection(self, lane: Lane) -> None:
         ip = lane.ip
         pipeline = self.config.delivery.pipeline
+        batch: list[Envelope] = []  # taken from pending and not yet reported
         try:
             while self.pending and not self.closing:
                 wait = lane.connect_wait(time.monotonic())
@@ -198,12 +199,15 @@ class SiteQueue:
                     continue
                 if not lane.usable(time.monotonic()):
                     break
-                conn = await self._open(lane)
+                try:
+                    conn = await self._open(lane)
+                except Exception as e:  # a local bug: answer like a failed connect
+                    conn = _local_error(e, "connect")
                 if isinstance(conn, Outcome):
-                    batch = self._take()
-                    if batch:
+                    failed = self._take()
+                    if failed:
                         self.report(
-                            [TxnResult(e.tag, [conn] * len(e.rcpts)) for e in batch],
+                            [TxnResult(e.tag, [conn] * len(e.rcpts)) for e in failed],
                             ip,
                             conn.mx,
                         )
@@ -243,6 +247,7 @@ class SiteQueue:
                             self.sending -= 1
                         if lane.aimd is not None or lane.rules:
                             results = lane.observe(results, time.monotonic())
+                        batch = []
                         self.report(results, ip, mx)
                 finally:
                     if conn.usable:
@@ -251,6 +256,15 @@ class SiteQueue:
                         conn.close()
                 if not self.pending:
                     break
+        except Exception as e:
+            # A local bug must not strand the mail this connection holds (nor
+            # leave the worker unable to drain): defer it, loudly.
+            import traceback
+
+            traceback.print_exc()
+            if batch:
+                out = _local_error(e, "local")
+                self.report([TxnResult(x.tag, [out] * len(x.rcpts)) for x in batch], ip, "")
         finally:
             lane.active -= 1
             self.nconn -= 1
@@ -262,3 +276,7 @@ class SiteQueue:
         self.wakeup.set()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _local_error(e: BaseException, stage: str) -> Outcome:
+    return Outcome(DEFERRED, 451, "4.3.0", f"local error: {e.__class__.__name__}: {e}"[:400], stage)

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import os
 import signal
+import time
 from typing import Any
 
 import orjson
@@ -37,6 +38,7 @@ from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
 
 FLUSH_AT = 512
+SITES_MIN = 1024  # site queues held before idle ones are forgotten (then 2x the live ones)
 TRANSACTIONAL = "transactional"  # campaign kind whose messages carry their own content
 FLUSH_DELAY = 0.002
 _KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
@@ -56,6 +58,7 @@ class Worker:
         self.renderers: dict[int, Any] = {}
         self.personalised: dict[int, bool] = {}
         self.sites: dict[tuple[str, str], SiteQueue] = {}
+        self.sites_limit = SITES_MIN
         self.shaper = Shaper(config, ips)
         self.campaign_pools: dict[int, str] = {}
         self.warm_sent: dict[str, int] = {}
@@ -211,6 +214,8 @@ class Worker:
         pool = self.campaign_pools.get(batch.campaign, "")
         q = self.sites.get((pool, site.key))
         if q is None:
+            if len(self.sites) >= self.sites_limit:
+                self.prune()
             q = self.sites[(pool, site.key)] = SiteQueue(
                 site,
                 self.ips,
@@ -225,6 +230,16 @@ class Worker:
         elif q.site is not site:
             q.site = site  # refreshed DNS answer
         return q
+
+    def prune(self) -> None:
+        """Forget idle site queues and the lanes no one needs any more: memory must
+        not grow with the number of destinations a long run has seen. Amortised:
+        the next prune waits until the count has doubled."""
+        for key, q in list(self.sites.items()):
+            if not (q.pending or q.nconn or q.sending):
+                del self.sites[key]
+        self.shaper.prune(time.monotonic(), {q.site.key for q in self.sites.values()})
+        self.sites_limit = max(SITES_MIN, 2 * len(self.sites))
 
     # -- outbox --------------------------------------------------------------
 
@@ -319,6 +334,9 @@ class Worker:
         c = dict(self.counters)
         c["connections_open"] = float(sum(q.active for q in self.sites.values()))
         c["ready_queue"] = float(sum(len(q.pending) for q in self.sites.values()))
+        c["site_queues"] = float(len(self.sites))
+        c["lanes"] = float(len(self.shaper.lanes))
+        c["dns_cache_entries"] = float(self.resolver.cache_entries)
         self.outbox.put(wire.encoder.encode(wire.Stats(os.getpid(), c)))
         if self.shaper.warming:
             counts = self.shaper.warm_counts()

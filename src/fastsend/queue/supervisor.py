@@ -197,6 +197,10 @@ class Supervisor:
             self.spool.release(ids)
             slot.inflight.clear()
         slot.held.clear()
+        if slot.inbox is not None:
+            # A backlog may be waiting for inbox space: the fd is about to close
+            # and its number to be reused by the next rings, so unregister it.
+            loop.remove_reader(slot.inbox.writer_fd)
         for ring in (slot.inbox, slot.outbox):
             if ring is not None:
                 ring.close()
@@ -208,6 +212,8 @@ class Supervisor:
         again on the new config; the others keep delivering meanwhile. The
         worker count and the spool do not change here (they need a restart)."""
         config.workers = self.config.workers
+        if not config.secret:  # as in __init__: Message-ID/VERP tokens must still verify
+            config.secret = msgid.load_secret(config)
         self.config = config
         for slot in self.slots:
             if self.draining or self.stopping:
@@ -248,26 +254,58 @@ class Supervisor:
             records: list[bytes] = []
             for (campaign, domain), items in groups.items():
                 if campaign not in slot.campaigns:
-                    records.append(
-                        wire.encoder.encode(
-                            wire.CampaignSpec(campaign, self.campaign_spec(campaign))
-                        )
-                    )
-                    records.extend(self.shaping.campaign_records(campaign))
+                    head, why = self.spec_records(campaign)
+                    if not head:  # it can never be rendered: final, not stuck in flight
+                        self.fail(slot, items, 554, "5.3.0", why)
+                        continue
+                    records.extend(head)
                     slot.campaigns.add(campaign)
                 for i in range(0, len(items), size):
-                    chunk = items[i : i + size]
-                    records.append(
-                        wire.encoder.encode(
-                            wire.Batch(
-                                campaign,
-                                domain,
-                                [wire.Item(c.id, c.rcpt, c.vars, c.attempts) for c in chunk],
-                            )
-                        )
-                    )
+                    records.extend(self.batch_records(slot, campaign, domain, items[i : i + size]))
             slot.backlog.extend(records)
             self.push_backlog(slot)
+
+    def spec_records(self, campaign: int) -> tuple[list[bytes], str]:
+        """The records that introduce a campaign to a worker, or why there are none."""
+        try:
+            spec = self.campaign_spec(campaign)
+        except KeyError:
+            return [], f"campaign {campaign} is missing from the spool"
+        rec = wire.encoder.encode(wire.CampaignSpec(campaign, spec))
+        if len(rec) > RING_BYTES - 64:
+            return [], f"campaign {campaign} is too large for a worker's ring ({len(rec)} bytes)"
+        return [rec, *self.shaping.campaign_records(campaign)], ""
+
+    def batch_records(
+        self, slot: WorkerSlot, campaign: int, domain: str, items: list[Claimed]
+    ) -> list[bytes]:
+        """Batch records of ``items``, split so that each fits the ring comfortably
+        (a record the ring can never hold would raise in put()); a single message
+        too large for the ring is bounced."""
+        rec = wire.encoder.encode(
+            wire.Batch(
+                campaign, domain, [wire.Item(c.id, c.rcpt, c.vars, c.attempts) for c in items]
+            )
+        )
+        n = len(rec)
+        if n <= RING_BYTES // 4 or (len(items) == 1 and n <= RING_BYTES - 64):
+            return [rec]
+        if len(items) > 1:
+            half = len(items) // 2
+            return self.batch_records(slot, campaign, domain, items[:half]) + self.batch_records(
+                slot, campaign, domain, items[half:]
+            )
+        self.fail(slot, items, 552, "5.3.4", f"message too large for a worker's ring ({n} bytes)")
+        return []
+
+    def fail(
+        self, slot: WorkerSlot, items: list[Claimed], code: int, enhanced: str, text: str
+    ) -> None:
+        """Bounce claimed messages that can never be handed to a worker."""
+        print(f"fastsend: {len(items)} message(s) bounced: {text}", file=sys.stderr)
+        self.apply(
+            slot, [wire.Res(c.id, wire.K_FAILED, code, enhanced, text, "", "") for c in items]
+        )
 
     def gate(
         self, slot: WorkerSlot, groups: dict[tuple[int, str], list[Claimed]]

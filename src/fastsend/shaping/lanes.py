@@ -191,6 +191,18 @@ class Lane:
             self.warm.sent += n
         return n, 0.0
 
+    def idle(self, now: float) -> bool:
+        """Nothing here that a fresh lane would not have: no connection, rest,
+        throttle, AIMD cut, rule history or warm-up, every bucket full."""
+        if self.active or self.triggers or self.warm is not None:
+            return False
+        if self.throttle_bucket is not None or self.aimd_bucket is not None:
+            return False
+        if self.blocked_until and now < self.blocked_until:
+            return False
+        bs = self.buckets if self.conn_bucket is None else [*self.buckets, self.conn_bucket]
+        return all(b.available(now) >= b.burst for b in bs)
+
     # -- feedback --------------------------------------------------------------
 
     def observe(self, results: list[TxnResult], now: float) -> list[TxnResult]:
@@ -399,6 +411,14 @@ class Shaper:
                         ln.warm = w
                         ln._refresh()
         return ln
+
+    def prune(self, now: float, keep: set[str]) -> None:
+        """Forget lanes and limits of sites not in ``keep`` that carry no state."""
+        for key, ln in list(self.lanes.items()):
+            if key[1] not in keep and ln.idle(now):
+                del self.lanes[key]
+        held = keep | {site for _ip, site in self.lanes}
+        self.limits = {k: v for k, v in self.limits.items() if k[0] in held}
 
     def restore(self, counts: dict[str, int]) -> None:
         self.restored.update(counts)
