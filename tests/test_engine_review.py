@@ -313,3 +313,168 @@ def test_worker_state_stays_bounded_over_many_destinations(
     assert 0 < peak["site_queues"] <= 150, peak
     assert 0 < peak["lanes"] <= 150, peak
     assert 0 < peak["dns_cache_entries"] <= 2 * 100, peak
+
+
+# -- a result hook or event listener that raises --------------------------------
+
+
+def test_a_raising_result_hook_or_listener_strands_nothing(tmp_path: Path) -> None:
+    """Result hooks (metrics, guardrails: which may write the spool) and event
+    listeners (webhooks, the event index) run inside apply()/flush_results(). One
+    that raised used to abort apply() half-way through a Results record, leaving
+    the rest of it in flight forever, or to kill the supervisor's loop. Now a
+    failing hook is reported and the outcomes are still applied."""
+    with SinkThread() as sink:
+        cfg = make_config(tmp_path, sink)
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        rcpts = [f"u{i}@hook.example" for i in range(200)]
+        spool_messages(spool, cid, rcpts)
+        sup = supervisor(cfg, spool)
+        calls = {"hook": 0, "listener": 0}
+
+        def bad_hook(claimed: Any, res: Any, state: int) -> None:
+            calls["hook"] += 1
+            if calls["hook"] % 7 == 1:
+                raise RuntimeError("hook bug")
+
+        def bad_listener(evs: list[dict[str, Any]]) -> None:
+            calls["listener"] += 1
+            raise RuntimeError("listener bug")
+
+        sup.result_hooks.append(bad_hook)
+        sup.events.listeners.append(bad_listener)
+        run(sup)
+        got = sorted(r for m in sink.messages for r in m.recipients)
+    assert got == sorted(rcpts)
+    assert spool.counts(cid)["delivered"] == 200
+    assert calls["hook"] == 200 and calls["listener"] >= 1
+    assert len(events(cfg)) == 200
+    assert_consistent(spool)
+
+
+# -- SIGTERM, then SIGINT while draining -----------------------------------------
+
+
+def test_sigterm_then_sigint_stops_now_and_a_restart_resumes(tmp_path: Path) -> None:
+    """Real signals to the supervisor's process: SIGTERM starts a drain, SIGINT
+    during the drain stops now. Nothing is left in flight, every message the
+    spool calls delivered reached the sink, and a restart delivers the rest
+    with duplicates bounded by the window."""
+    n, window = 400, 100
+    with SinkThread(latency_ms=20) as sink:
+        cfg = make_config(
+            tmp_path,
+            sink,
+            delivery={"window": window, "batch_size": 20, "pipeline": 4, "max_connections": 2},
+        )
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        rcpts = [f"u{i}@stop.example" for i in range(n)]
+        spool_messages(spool, cid, rcpts)
+        sent: dict[str, int] = {}
+
+        def on_tick(sup: Supervisor) -> None:
+            if "term" not in sent and sup.stats.delivered >= 20:
+                sent["term"] = sup.stats.delivered
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif "int" not in sent and sup.draining and sup.stats.delivered >= sent["term"] + 8:
+                sent["int"] = 1
+                os.kill(os.getpid(), signal.SIGINT)
+
+        sup = supervisor(cfg, spool, on_tick=on_tick)
+        run(sup)
+        assert sup.stopping and "int" in sent
+        assert_consistent(spool)
+        counts = spool.counts(cid)
+        assert 0 < counts["delivered"] < n
+        assert counts["delivered"] + counts["queued"] + counts["deferred"] == n
+        received = {r for m in sink.messages for r in m.recipients}
+        rows = [spool.message(i) for i in range(1, n + 1)]
+        db_delivered = {m["rcpt"] for m in rows if m is not None and m["state"] == "delivered"}
+        assert db_delivered <= received
+        again = supervisor(cfg, spool)
+        run(again)
+        got = [r for m in sink.messages for r in m.recipients]
+    assert spool.counts(cid)["delivered"] == n
+    assert set(got) == set(rcpts)
+    assert len(got) - n <= window
+
+
+# -- DNS that does not answer --------------------------------------------------------
+
+
+def test_dns_down_defers_then_expires_without_stranding(tmp_path: Path) -> None:
+    """No DNS server at the configured address: every batch gets a deferral per
+    attempt (a DNS reason, not a local error), and the mail expires by policy."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with SinkThread() as sink:
+        cfg = make_config(
+            tmp_path,
+            sink,
+            dns={"nameservers": [f"127.0.0.1:{port}"], "timeout": 0.2},
+        )
+        cfg.routes.clear()
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        spool_messages(spool, cid, [f"u{i}@nodns.example" for i in range(5)])
+        run(supervisor(cfg, spool))
+        assert not sink.messages
+    assert spool.counts(cid)["expired"] == 5
+    assert_consistent(spool)
+    evs = events(cfg)
+    assert evs and all(e["enhanced"] == "4.4.3" and "lookup" in e["text"] for e in evs), evs[:2]
+
+
+# -- a dead worker's last outcomes ---------------------------------------------------
+
+
+def test_a_dead_workers_outbox_is_applied_before_its_window_is_released(tmp_path: Path) -> None:
+    """kill -9 of a worker whose outbox holds outcomes the supervisor has not
+    read yet: retire() applies them first, then releases only the rest of the
+    window. Each message ends with exactly one outcome event, at attempt 1 (no
+    outcome applied twice, none applied to a released message), and the
+    duplicates the sink sees stay within what was released."""
+    n = 2000
+    with SinkThread(latency_ms=1) as sink:
+        cfg = make_config(tmp_path, sink, delivery={"pipeline": 16})
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        rcpts = [f"u{i}@dead.example" for i in range(n)]
+        spool_messages(spool, cid, rcpts)
+        seen: dict[str, float] = {}
+
+        def on_tick(sup: Supervisor) -> None:
+            slot = sup.slots[0]
+            if seen or not slot.alive or slot.outbox is None or len(sink.messages) < 200:
+                return
+            # The loop is blocked here: the worker's outcomes pile up unread.
+            deadline = time.monotonic() + RUN_LIMIT / 2
+            while slot.outbox.used() < 4096:
+                assert time.monotonic() < deadline, "the worker reported nothing"
+                time.sleep(0.001)
+            pid = slot.pid
+            os.kill(pid, signal.SIGKILL)
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped
+            seen["before"] = sup.stats.delivered
+            seen["window"] = len(slot.inflight)
+            sup.reap()
+            seen["applied"] = sup.stats.delivered - seen["before"]
+            seen["released"] = sup.stats.duplicates_possible
+
+        sup = supervisor(cfg, spool, on_tick=on_tick)
+        run(sup)
+        got = [r for m in sink.messages for r in m.recipients]
+    assert seen["applied"] > 0, "the dead worker's outbox was not applied"
+    assert seen["applied"] + seen["released"] == seen["window"]
+    assert sup.stats.worker_restarts == 1
+    assert spool.counts(cid)["delivered"] == n and set(got) == set(rcpts)
+    assert len(got) - n <= seen["released"]
+    evs = events(cfg)
+    assert sorted(e["id"] for e in evs) == list(range(1, n + 1))
+    assert all(e["event"] == "delivered" and e["attempt"] == 1 for e in evs)
+    assert_consistent(spool)

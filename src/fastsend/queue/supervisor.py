@@ -115,6 +115,7 @@ class Supervisor:
         self.wake = asyncio.Event()
         self.paused_campaigns: set[int] = set()
         self.result_hooks: list[Callable[[Claimed, wire.Res, int], None]] = []
+        self.failed_hooks: set[str] = set()
         # Shaping that spans workers: dispatch rates, guardrails, pools, warm-up state.
         self.shaping = SupervisorShaping(config, spool, lambda ev: self.event_buf.append(ev))
         self.result_hooks.append(self.shaping.guardrails.on_result)
@@ -215,12 +216,13 @@ class Supervisor:
         if not config.secret:  # as in __init__: Message-ID/VERP tokens must still verify
             config.secret = msgid.load_secret(config)
         self.config = config
+        for slot in self.slots:  # a slot respawned by reap() meanwhile gets them too
+            slot.ips = config.ips_for_worker(slot.index)
         for slot in self.slots:
             if self.draining or self.stopping:
                 return
             if not slot.alive or slot.inbox is None:
                 continue
-            slot.ips = config.ips_for_worker(slot.index)
             slot.retiring = True
             slot.backlog.append(wire.encoder.encode(wire.Drain()))
             self.push_backlog(slot)
@@ -414,7 +416,10 @@ class Supervisor:
                     stats.deferred += 1
             results.append(Result(c.id, state, attempts, at, r.code, r.enhanced, r.text))
             for hook in self.result_hooks:
-                hook(c, r, state)
+                try:
+                    hook(c, r, state)
+                except Exception:  # a hook's bug must not strand the rest of the record
+                    self.hook_failed(hook)
             if log_events:
                 ev = {
                     "time": now,
@@ -440,9 +445,22 @@ class Supervisor:
             self.spool.record_results(self.results, time.time())
             self.results = []
         if self.event_buf:
-            self.events.emit_many(self.event_buf)
-            self.event_buf = []
+            buf, self.event_buf = self.event_buf, []
+            try:
+                self.events.emit_many(buf)  # the file, then listeners (webhooks, index)
+            except Exception:
+                self.hook_failed(self.events.emit_many)
         self.events.flush()
+
+    def hook_failed(self, hook: Any) -> None:
+        """Report a result hook or event listener that raised (once per hook)."""
+        name = getattr(hook, "__qualname__", repr(hook))
+        if name not in self.failed_hooks:
+            self.failed_hooks.add(name)
+            import traceback
+
+            print(f"fastsend: {name} raised (outcomes are still applied):", file=sys.stderr)
+            traceback.print_exc()
 
     # -- main loop -----------------------------------------------------------
 
