@@ -478,3 +478,38 @@ def test_a_dead_workers_outbox_is_applied_before_its_window_is_released(tmp_path
     assert sorted(e["id"] for e in evs) == list(range(1, n + 1))
     assert all(e["event"] == "delivered" and e["attempt"] == 1 for e in evs)
     assert_consistent(spool)
+
+
+# -- a hung worker --------------------------------------------------------------------
+
+
+def test_a_hung_worker_is_killed_and_its_window_requeued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that stops answering (here SIGSTOP: its loop never runs again)
+    used to hold its window in flight for as long as the supervisor ran. A
+    worker sends Stats every second; after WORKER_SILENCE without any record
+    the supervisor kills it, and its window goes to a fresh worker."""
+    monkeypatch.setattr(supmod, "WORKER_SILENCE", 3.0)
+    n = 300
+    with SinkThread() as sink:
+        cfg = make_config(tmp_path, sink)
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        rcpts = [f"u{i}@hung.example" for i in range(n)]
+        stopped: list[int] = []
+
+        def on_tick(sup: Supervisor) -> None:
+            slot = sup.slots[0]
+            if not stopped and slot.alive:
+                os.kill(slot.pid, signal.SIGSTOP)  # then the mail arrives
+                stopped.append(slot.pid)
+                spool_messages(spool, cid, rcpts)
+
+        sup = supervisor(cfg, spool, on_tick=on_tick)
+        run(sup)
+        got = [r for m in sink.messages for r in m.recipients]
+    assert sup.stats.worker_restarts >= 1 and sup.slots[0].pid != stopped[0]
+    assert spool.counts(cid)["delivered"] == n
+    assert sorted(got) == sorted(rcpts)  # the stopped worker sent nothing
+    assert_consistent(spool)

@@ -48,6 +48,7 @@ from fastsend.spool import (
 
 RING_BYTES = 8 << 20
 TICK = 0.02
+WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
 
 
 @dataclass
@@ -65,6 +66,7 @@ class WorkerSlot:
     counters: dict[str, float] = field(default_factory=dict)  # last wire.Stats
     retiring: bool = False  # draining for a reload: respawn on exit, feed nothing
     held: dict[tuple[int, str], list[Claimed]] = field(default_factory=dict)  # rate-held
+    last_seen: float = 0.0  # monotonic time of the worker's last record
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Supervisor:
                 os._exit(code)
         slot.pid = pid
         slot.alive = True
+        slot.last_seen = time.monotonic()
         loop = asyncio.get_running_loop()
         outbox = slot.outbox
         loop.add_reader(outbox.reader_fd, self.on_outbox, slot, outbox)
@@ -166,6 +169,19 @@ class Supervisor:
             except ChildProcessError:
                 pid, status = slot.pid, 0
             if pid == 0:
+                if time.monotonic() - slot.last_seen > WORKER_SILENCE:
+                    # Hung (its loop blocked, or stopped): its window would stay in
+                    # flight forever. Kill it; the next reap restarts it.
+                    print(
+                        f"fastsend: worker {slot.index} (pid {slot.pid}) silent for"
+                        f" {WORKER_SILENCE:g} s; killing it",
+                        file=sys.stderr,
+                    )
+                    slot.last_seen = time.monotonic()
+                    try:
+                        os.kill(slot.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 continue
             slot.alive = False
             self.retire(slot)
@@ -375,6 +391,7 @@ class Supervisor:
         decode = wire.from_worker_decoder.decode
         got = False
         while (rec := ring.get()) is not None:
+            slot.last_seen = time.monotonic()
             msg = decode(rec)
             if isinstance(msg, wire.Results):
                 self.apply(slot, msg.items)
@@ -509,6 +526,7 @@ class Supervisor:
                 if now - last_reap > 0.1:
                     self.reap()
                     self.shaping.tick()
+                    self.spool.renew()  # a shared spool's lease on our claims (no-op: SQLite)
                     last_reap = now
                 if self.on_tick:
                     self.on_tick(self)
@@ -540,6 +558,7 @@ class Supervisor:
                             pass
             await asyncio.sleep(0.02)
             self.draining = True
+            self.spool.renew()
             self.reap_final()
         for s in self.slots:
             if s.alive:
