@@ -20,6 +20,7 @@ import os
 import orjson
 
 from fastsend.commands.common import die
+from fastsend.spool import Spool, is_redis_url, open_spool
 from fastsend.spool.sqlite import SpoolError, SQLiteSpool
 
 STATUS = {"pause": "paused", "resume": "active", "cancel": "cancelled"}
@@ -28,15 +29,22 @@ STATUS = {"pause": "paused", "resume": "active", "cancel": "cancelled"}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "pause", "resume", "cancel"])
     p.add_argument("id", nargs="?", type=int, help="campaign id (not for list)")
-    p.add_argument("--spool", default="./spool", help="spool directory (default ./spool)")
+    p.add_argument(
+        "--spool", default="./spool", help="spool directory or redis:// URL (default ./spool)"
+    )
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.exists(os.path.join(args.spool, "spool.db")):
+    redis_url = is_redis_url(args.spool)
+    if not redis_url and not os.path.exists(os.path.join(args.spool, "spool.db")):
         return die(f"no spool at {args.spool!r}")
     try:
-        spool = SQLiteSpool(args.spool, readonly=args.action == "list")
+        spool: Spool = (
+            open_spool(args.spool)
+            if redis_url
+            else SQLiteSpool(args.spool, readonly=args.action == "list")
+        )
     except SpoolError as e:
         return die(str(e))
     try:

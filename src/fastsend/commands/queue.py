@@ -13,19 +13,25 @@ import time
 import orjson
 
 from fastsend.commands.common import die
-from fastsend.spool import AGE_BUCKETS_MIN
+from fastsend.spool import AGE_BUCKETS_MIN, Spool, is_redis_url, open_spool
 from fastsend.spool.sqlite import SpoolError, SQLiteSpool
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spool", default="./spool", help="spool directory (default ./spool)")
+    p.add_argument(
+        "--spool", default="./spool", help="spool directory or redis:// URL (default ./spool)"
+    )
     p.add_argument("--top", type=int, default=20, help="domains to show (default 20)")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        spool = SQLiteSpool(args.spool, readonly=True)
+        spool: Spool = (
+            open_spool(args.spool)
+            if is_redis_url(args.spool)
+            else SQLiteSpool(args.spool, readonly=True)
+        )
     except SpoolError as e:
         return die(str(e))
     now = time.time()

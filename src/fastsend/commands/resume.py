@@ -13,7 +13,8 @@ import os
 from fastsend import engine
 from fastsend.commands.common import add_engine_arguments, build_config, die, print_summary
 from fastsend.config import ConfigError
-from fastsend.spool.sqlite import SQLiteSpool
+from fastsend.spool import is_redis_url, open_spool, spool_local_dir
+from fastsend.spool.sqlite import SpoolError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,9 +26,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = build_config(args)
     except ConfigError as e:
         return die(str(e))
-    if not os.path.exists(os.path.join(cfg.spool_dir, "spool.db")):
+    spool_url, cfg.spool_dir = cfg.spool_dir, spool_local_dir(cfg.spool_dir)
+    if not is_redis_url(spool_url) and not os.path.exists(os.path.join(cfg.spool_dir, "spool.db")):
         return die(f"no spool at {cfg.spool_dir!r}")
-    spool = SQLiteSpool(cfg.spool_dir)
+    try:
+        spool = open_spool(spool_url)
+    except SpoolError as e:
+        return die(str(e))
     recovered = spool.recover()
     counts = spool.counts()
     total = counts["queued"] + counts["deferred"]
@@ -35,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, spool, max_wait=args.max_wait, total=total, progress=not args.no_progress
     )
     summary["recovered_inflight"] = recovered
-    summary["spool"] = cfg.spool_dir
+    summary["spool"] = spool_url
     print_summary(summary, args.json)
     spool.close()
     return 0

@@ -21,8 +21,8 @@ from typing import Any
 from fastsend import engine, recipients
 from fastsend.commands.common import add_engine_arguments, build_config, die, print_summary
 from fastsend.config import ConfigError
-from fastsend.spool import QUEUED, SUPPRESSED
-from fastsend.spool.sqlite import SQLiteSpool
+from fastsend.spool import QUEUED, SUPPRESSED, open_spool, spool_local_dir
+from fastsend.spool.sqlite import SpoolError
 
 CHUNK = 5000
 
@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = build_config(args)
     except ConfigError as e:
         return die(str(e))
+    # A directory (SQLite) or a redis:// URL; events, suppression and the secret
+    # live in the local directory (a Redis URL's dir= parameter).
+    spool_url, cfg.spool_dir = cfg.spool_dir, spool_local_dir(cfg.spool_dir)
     try:
         camp = Campaign.load(args.campaign)
     except FileNotFoundError:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 for b in bad[:50]:
                     print(f"fastsend: {args.recipients}: {b}", file=sys.stderr)
                 return die(f"{len(bad)} bad recipient row(s); nothing was sent (--strict)", 1)
-        spool = SQLiteSpool(cfg.spool_dir)
+        spool = open_spool(spool_url)
         cid = spool.create_campaign(
             camp.to_dict(), name=args.name or os.path.basename(args.campaign)
         )
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             if len(chunk) >= CHUNK:
                 flush()
         flush()
-    except recipients.RecipientsError as e:
+    except (recipients.RecipientsError, SpoolError) as e:
         return die(str(e))
     summary = engine.run(
         cfg,
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         campaign=cid,
     )
-    summary["spool"] = cfg.spool_dir
+    summary["spool"] = spool_url
     summary["rejected_rows"] = len(bad)
     print_summary(summary, args.json)
     spool.close()

@@ -128,6 +128,10 @@ class Spool(abc.ABC):
     def recover(self) -> int:
         """At start: every in-flight message back to queued. Returns how many."""
 
+    def renew(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """Keep this process's claims its own: a shared backend (Redis) leases them
+        per node and the supervisor calls this every tick. A no-op by default."""
+
     @abc.abstractmethod
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         """Messages per state name."""
@@ -151,9 +155,30 @@ AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 """qshape-style age buckets in minutes (the last bucket is 'older')."""
 
 
+def is_redis_url(url_or_dir: str) -> bool:
+    return url_or_dir.startswith(("redis://", "rediss://", "unix://"))
+
+
 def open_spool(url_or_dir: str) -> Spool:
-    """Open the spool named by a directory path (SQLite) or ``sqlite:PATH``."""
+    """Open the spool named by a directory path (SQLite), ``sqlite:PATH``, or a
+    ``redis://`` / ``rediss://`` / ``unix://`` URL (the shared multi-node spool,
+    :mod:`fastsend.spool.redis`)."""
+    if is_redis_url(url_or_dir):
+        from fastsend.spool.redis import RedisSpool
+
+        return RedisSpool(url_or_dir)
     from fastsend.spool.sqlite import SQLiteSpool
 
     path = url_or_dir.removeprefix("sqlite:")
     return SQLiteSpool(path)
+
+
+def spool_local_dir(url_or_dir: str) -> str:
+    """The local directory of a spool: its own directory for SQLite; for a Redis
+    URL its ``dir=`` parameter (default ``./spool``). Events, the suppression list,
+    the secret and shaping state live there (they are per node)."""
+    if is_redis_url(url_or_dir):
+        from urllib.parse import parse_qs, urlsplit
+
+        return parse_qs(urlsplit(url_or_dir).query).get("dir", ["./spool"])[0] or "./spool"
+    return url_or_dir.removeprefix("sqlite:")
