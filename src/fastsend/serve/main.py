@@ -85,6 +85,7 @@ class Server:
         from fastsend.queue.supervisor import Supervisor
         from fastsend.serve.api import API_KEY, ApiSettings, make_app
         from fastsend.serve.context import open_context
+        from fastsend.serve.dashboard import setup_dashboard
         from fastsend.serve.listeners import start_listeners
         from fastsend.serve.metrics import Metrics
         from fastsend.serve.tracking import setup_tracking
@@ -104,6 +105,7 @@ class Server:
             sup.result_hooks.append(metrics.on_result)
         app.router.add_get("/metrics", metrics.handler)
         setup_tracking(app, ctx)
+        setup_dashboard(app, ctx)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = settings.host_port
