@@ -513,3 +513,58 @@ def test_a_hung_worker_is_killed_and_its_window_requeued(
     assert spool.counts(cid)["delivered"] == n
     assert sorted(got) == sorted(rcpts)  # the stopped worker sent nothing
     assert_consistent(spool)
+
+
+# -- retry policy --------------------------------------------------------------------
+
+
+def test_a_message_with_many_attempts_is_retried_then_expires(tmp_path: Path) -> None:
+    """The backoff's 2**(n-1) overflowed a float from attempt 1026 on (reachable:
+    60 s .. 300 s over 7 days is 2,016 attempts): OverflowError in apply() lost
+    the rest of the Results record (stranded in flight) or killed the loop.
+    Now the interval is capped as the policy says and the message expires."""
+    from fastsend.queue.retry import next_attempt
+    from fastsend.spool import DEFERRED, Result
+
+    policy = cfgmod.from_dict({"retry": {"min_backoff": 60, "max_backoff": 300}}).retry
+    for n in (1, 1025, 1026, 5000):
+        at = next_attempt(policy, n, 0.0, 0.0)
+        assert at is not None and at <= 300 * (1 + policy.jitter)
+    with SinkThread() as sink:
+        cfg = make_config(tmp_path, sink)
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        ids = spool_messages(spool, cid, ["tempfail-x@many.example", "ok@many.example"])
+        spool.record_results([Result(i, DEFERRED, 1100, time.time()) for i in ids], time.time())
+        run(supervisor(cfg, spool))
+        assert [r for m in sink.messages for r in m.recipients] == ["ok@many.example"]
+    first, second = (spool.message(i) for i in ids)
+    assert first is not None and first["state"] == "expired" and first["attempts"] > 1100
+    assert second is not None and second["state"] == "delivered" and second["attempts"] == 1101
+    assert_consistent(spool)
+
+
+# -- a campaign cancelled while its mail is in flight ---------------------------------
+
+
+def test_mail_deferred_after_its_campaign_was_cancelled_is_cancelled(tmp_path: Path) -> None:
+    """Cancelling a campaign makes its pending mail final and lets what is in
+    flight finish its attempt. An attempt that then came back deferred left the
+    message "deferred" in a cancelled campaign for ever (never claimed, never
+    expired, counted as pending). Now it is cancelled too; delivered stays."""
+    with SinkThread(defer_rate=1.0, latency_ms=100) as sink:
+        cfg = make_config(tmp_path, sink)
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        spool_messages(spool, cid, [f"u{i}@cancel.example" for i in range(10)])
+
+        def on_tick(sup: Supervisor) -> None:
+            if sup.inflight and spool.get_campaign(cid).status == "active":  # type: ignore[union-attr]
+                spool.set_campaign_status(cid, "cancelled")
+
+        sup = supervisor(cfg, spool, on_tick=on_tick)
+        run(sup)
+    counts = spool.counts(cid)
+    assert counts["cancelled"] == 10 and counts["deferred"] == 0, counts
+    assert sup.stats.deferred == 10  # each attempt's outcome was still applied
+    assert_consistent(spool)

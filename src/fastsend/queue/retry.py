@@ -16,7 +16,8 @@ from fastsend.config import RetryConfig
 
 def next_attempt(policy: RetryConfig, attempts: int, now: float, created: float) -> float | None:
     """When to try again after ``attempts`` attempts, or None when it expires."""
-    base = min(policy.max_backoff, policy.min_backoff * (2 ** max(0, attempts - 1)))
+    # The exponent is capped: 2**1025 overflows a float, and 2**62 is past any cap.
+    base = min(policy.max_backoff, policy.min_backoff * (2 ** min(62, max(0, attempts - 1))))
     j = policy.jitter
     delay = base * (1.0 + random.uniform(-j, j)) if j else base
     at = now + delay

@@ -212,6 +212,7 @@ class SQLiteSpool(Spool):
         return [Claimed(*r) for r in rows]
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
+        results = list(results)
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -222,6 +223,13 @@ class SQLiteSpool(Spool):
                     (r.state, r.attempts, r.next_at, now, r.code, r.enhanced, r.text, r.id)
                     for r in results
                 ],
+            )
+            # An attempt that was in flight when its campaign was cancelled and
+            # came back deferred is final too (it would never be claimed again).
+            db.executemany(
+                "UPDATE messages SET state=?, next_at=0 WHERE id=? AND campaign IN"
+                " (SELECT id FROM campaigns WHERE status='cancelled')",
+                [(CANCELLED, r.id) for r in results if r.state == DEFERRED],
             )
             db.execute("COMMIT")
         except BaseException:
