@@ -1,0 +1,138 @@
+"""Rate limits shared by every fastsend node: GCRA in one Lua script on Redis.
+
+SUMMARY
+    lim = SharedLimits("redis://127.0.0.1:6379/0?prefix=fs1")   # or a redis.Redis
+    wait = lim.acquire("campaign:42", rate_per_s=100.0, burst=20, now=t, n=5)
+    b = lim.bucket("tenant:acme", 500.0, 50); wait = b.acquire(now, n)
+
+DESCRIPTION
+    The same algorithm and answers as :class:`fastsend.throttle.Gcra`: one
+    number per bucket, its theoretical arrival time (TAT); ``new_tat =
+    max(tat, now) + n*T`` with ``T = 1/rate``; ``n`` events conform when
+    ``new_tat - burst*T <= now`` (then ``tat = new_tat``, answer 0.0), else
+    the answer is the seconds to wait and nothing is consumed. A bucket
+    starts full. The read-decide-write is one Lua script, so any number of
+    processes on any number of machines sharing a key together admit at most
+    ``burst`` at once and ``burst + rate*W`` in any window of W seconds.
+
+    Keys are ``{prefix}:gcra:NAME`` (the hash tag of the Redis spool, so a
+    spool and its limits can share one Redis, in one cluster slot). Rate and
+    burst travel with each call (every node configures the same limits); a
+    key whose bucket has refilled expires, so idle names cost no memory.
+
+    Time: ``now`` in seconds, passed in (tests drive a simulated clock). Every
+    node must use the same time base: wall-clock ``time.time()`` (NTP), never
+    ``time.monotonic()`` (its epoch differs per machine). ``now=None`` uses
+    the Redis server's clock, one clock for all nodes. Arithmetic is exact in
+    integer microseconds (Lua numbers are doubles: exact below 2**53), where
+    Gcra uses nanoseconds: the interval is ``round(1e6/rate)`` microseconds,
+    so rates up to 1,000,000/s; decisions equal Gcra's whenever 1e6/rate is
+    a whole number, and differ by at most that rounding otherwise.
+
+DELIBERATELY NOT
+    No sleeping, no local cache (every call is one round trip: batch with
+    ``n``), no set_rate/AIMD (per-lane feedback stays in the worker's Gcra).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import redis
+
+from fastsend.spool.redis import parse_url
+
+MAX_NOW_S = 4.0e9  # |now| * 1e6 stays below 2**53: exact in Lua's doubles
+MAX_RATE = 1.0e6  # one event per microsecond
+
+# KEYS[1] bucket; ARGV: now_us ('' = Redis TIME), interval_us, burst, n
+_GCRA = """
+local t
+if ARGV[1] == '' then
+  local tt = redis.call('TIME')
+  t = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
+else
+  t = tonumber(ARGV[1])
+end
+local interval, burst, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tau = burst * interval
+local tat = tonumber(redis.call('GET', KEYS[1]) or '')
+if tat == nil or tat < t then tat = t end
+local new_tat = tat + n * interval
+local wait = new_tat - tau - t
+if wait <= 0 then
+  local ttl_ms = math.floor((new_tat - t) / 1000) + 60000
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
+  return 0
+end
+return wait
+"""
+
+
+def _interval_us(rate_per_s: float, burst: int) -> int:
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ValueError(f"burst must be a positive int, not {burst!r}")
+    if not 0.0 < rate_per_s <= MAX_RATE:  # also rejects NaN
+        raise ValueError(f"rate must be in (0, {MAX_RATE:g}] per second, not {rate_per_s!r}")
+    interval = max(1, math.floor(1e6 / rate_per_s + 0.5))
+    if burst * interval > 1 << 52:
+        raise ValueError(f"burst/rate = {burst}/{rate_per_s} spans too long")
+    return interval
+
+
+class SharedLimits:
+    """GCRA buckets by name in one Redis, shared by every process that uses it."""
+
+    def __init__(self, url_or_client: str | Any, *, prefix: str | None = None) -> None:
+        if isinstance(url_or_client, str):
+            redis_url, ours = parse_url(url_or_client)
+            self.r: Any = redis.Redis.from_url(redis_url)
+            prefix = prefix or ours.get("prefix")
+        else:
+            self.r = url_or_client
+        self.k = "{" + (prefix or "fastsend") + "}:gcra:"
+        self._script = self.r.register_script(_GCRA)
+
+    def acquire(
+        self, name: str, rate_per_s: float, burst: int, now: float | None = None, n: int = 1
+    ) -> float:
+        """0.0 if ``n`` events of ``name`` conform at ``now`` (consumed); else
+        seconds to wait. ``now=None``: the Redis server's clock."""
+        interval = _interval_us(float(rate_per_s), burst)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= burst:
+            raise ValueError(f"n must be in 1..burst={burst}, not {n!r}")
+        if now is None:
+            t = ""
+        else:
+            if not -MAX_NOW_S < now < MAX_NOW_S:  # also rejects NaN
+                raise ValueError(f"now must be seconds within ±{MAX_NOW_S:g}, not {now!r}")
+            t = str(math.floor(now * 1e6 + 0.5))
+        wait = int(self._script(keys=[self.k + name], args=[t, interval, burst, n]))
+        return 0.0 if wait <= 0 else wait / 1e6
+
+    def bucket(self, name: str, rate_per_s: float, burst: int) -> SharedGcra:
+        _interval_us(float(rate_per_s), burst)  # validate now, not at the first acquire
+        return SharedGcra(self, name, float(rate_per_s), burst)
+
+    def reset(self, name: str) -> None:
+        """Forget a bucket (it is full again)."""
+        self.r.delete(self.k + name)
+
+    def close(self) -> None:
+        self.r.close()
+
+
+class SharedGcra:
+    """One named shared bucket, used like :class:`fastsend.throttle.Gcra`."""
+
+    __slots__ = ("burst", "limits", "name", "rate")
+
+    def __init__(self, limits: SharedLimits, name: str, rate_per_s: float, burst: int) -> None:
+        self.limits, self.name, self.rate, self.burst = limits, name, rate_per_s, burst
+
+    def acquire(self, now: float | None = None, n: int = 1) -> float:
+        return self.limits.acquire(self.name, self.rate, self.burst, now, n)
+
+    def __repr__(self) -> str:
+        return f"SharedGcra({self.name!r}, rate_per_s={self.rate!r}, burst={self.burst})"
