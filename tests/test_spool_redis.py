@@ -212,6 +212,8 @@ def test_a_dead_nodes_window_comes_back_after_its_lease(redis_server: RedisServe
     x = next(iter(held))
     a.record_results([Result(x, DELIVERED, 1, 0, 250, "2.0.0", "ok")], now)
     assert b.counts(cid)["delivered"] == 1 and b.counts(cid)["inflight"] == 49
+    a.release(held - {x})  # a no longer holds them: nothing happens
+    assert b.counts(cid)["queued"] == 0
     b.release(held - {x})
     assert b.counts(cid)["queued"] == 19
     b.close()

@@ -196,16 +196,17 @@ return 0
 """
 )
 
-# ARGV: P, ids...
+# ARGV: P, node, ids...: only messages this node holds (after its lease expired
+# another node may hold them now: releasing those would send them twice)
 _RELEASE = (
     _LUA_LIB
     + """
 local n = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local id = ARGV[i]
   local k = P..':m:'..id
   local f = redis.call('HMGET', k, 's', 'c', 'n', 'o')
-  if f[1] == '1' then
+  if f[1] == '1' and (not f[4] or f[4] == ARGV[2]) then
     redis.call('HSET', k, 's', '0')
     if f[4] then
       redis.call('SREM', P..':fl:'..f[4], id)
@@ -531,7 +532,7 @@ class RedisSpool(Spool):
     def release(self, ids: Iterable[int]) -> None:
         ids = list(ids)
         for j in range(0, len(ids), CHUNK):
-            self._release(args=[self.k, *ids[j : j + CHUNK]])
+            self._release(args=[self.k, self.node, *ids[j : j + CHUNK]])
 
     def recover(self) -> int:
         """This node's in-flight messages (a restart under the same ``node`` name)
