@@ -134,6 +134,10 @@ def test_paused_and_cancelled_campaigns(make: Factory) -> None:
     assert counts["cancelled"] == 3 and counts["inflight"] == 1
     assert inflight.campaign == c
     assert s.next_due() is None
+    # Its attempt comes back deferred: final (cancelled), not deferred for ever.
+    s.record_results([Result(inflight.id, DEFERRED, 1, now + 60, 451, "4.0.0", "x")], now)
+    assert s.counts(c)["cancelled"] == 4 and s.counts(c)["deferred"] == 0
+    assert s.next_due() is None and s.claim_due(now + 3600, 10) == []
     info = s.get_campaign(b)
     assert info is not None and (info.name, info.tenant, info.options) == ("bee", "t2", {"x": 1})
     assert info.status == "active" and info.spec == {"from": "a@b.example"}

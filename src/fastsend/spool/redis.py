@@ -178,6 +178,10 @@ for i = 5, #ARGV, 7 do
   local f = redis.call('HMGET', k, 's', 'c', 'o')
   if f[1] then
     local new, nxt = ARGV[i + 1], ARGV[i + 3]
+    -- deferred after its campaign was cancelled: final too (never claimed again)
+    if new == '2' and redis.call('HGET', P..':c:'..f[2], 'status') == 'cancelled' then
+      new, nxt = '7', '0'
+    end
     redis.call('HSET', k, 's', new, 'a', ARGV[i + 2], 'n', nxt, 'u', now,
                'lc', ARGV[i + 4], 'le', ARGV[i + 5], 'lt', ARGV[i + 6])
     if f[3] then
