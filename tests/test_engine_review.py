@@ -568,3 +568,48 @@ def test_mail_deferred_after_its_campaign_was_cancelled_is_cancelled(tmp_path: P
     assert counts["cancelled"] == 10 and counts["deferred"] == 0, counts
     assert sup.stats.deferred == 10  # each attempt's outcome was still applied
     assert_consistent(spool)
+
+
+# -- every fault: exactly one outcome per attempt ------------------------------------
+
+
+def test_every_fault_gets_exactly_one_outcome_per_attempt(tmp_path: Path) -> None:
+    """All the sink's faults in the same pipelined groups as good mail: each
+    attempt of each message has exactly one outcome event (attempt numbers
+    1..k, no gap, no repeat), the last one is the message's final state, and
+    good mail caught in a dropped or 421-closed connection is retried and
+    delivered."""
+    faults = ["tempfail-a", "defer2-b", "permfail-c", "421-d", "disconnect-in-data-e", "slow-f"]
+    rcpts = [f"{f}@fault.example" for f in faults] + [f"ok{i}@fault.example" for i in range(40)]
+    with SinkThread(slow_ms=50) as sink:
+        cfg = make_config(
+            tmp_path,
+            sink,
+            delivery={"pipeline": 8, "max_connections": 2},
+            retry={"max_age": 2.0},
+        )
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        ids = spool_messages(spool, cid, rcpts)
+        run(supervisor(cfg, spool))
+        received = [r for m in sink.messages for r in m.recipients]
+    by_id: dict[int, list[dict[str, Any]]] = {}
+    for e in events(cfg):
+        by_id.setdefault(e["id"], []).append(e)
+    final = {"delivered", "bounced", "expired"}
+    for i, rcpt in zip(ids, rcpts, strict=True):
+        m = spool.message(i)
+        assert m is not None
+        evs = by_id.get(i, [])
+        assert [e["attempt"] for e in evs] == list(range(1, m["attempts"] + 1)), (rcpt, evs)
+        assert evs[-1]["event"] == m["state"] and m["state"] in final, (rcpt, m["state"])
+        assert all(e["event"] == "deferred" for e in evs[:-1]), rcpt
+    state = {r: spool.message(i)["state"] for i, r in zip(ids, rcpts, strict=True)}  # type: ignore[index]
+    assert state["permfail-c@fault.example"] == "bounced"
+    assert state["defer2-b@fault.example"] == "delivered"
+    assert state["slow-f@fault.example"] == "delivered"
+    for f in ("tempfail-a", "421-d", "disconnect-in-data-e"):
+        assert state[f"{f}@fault.example"] == "expired", f
+    assert all(state[f"ok{i}@fault.example"] == "delivered" for i in range(40))
+    assert sorted(received) == sorted(r for r in rcpts if state[r] == "delivered")
+    assert_consistent(spool)

@@ -193,8 +193,9 @@ class Lane:
 
     def idle(self, now: float) -> bool:
         """Nothing here that a fresh lane would not have: no connection, rest,
-        throttle, AIMD cut, rule history or warm-up, every bucket full."""
-        if self.active or self.triggers or self.warm is not None:
+        throttle, AIMD cut or rule history, every bucket full. (A warm-up
+        counter lives in its pool; Shaper.lane() links it to a new lane.)"""
+        if self.active or self.triggers:
             return False
         if self.throttle_bucket is not None or self.aimd_bucket is not None:
             return False
