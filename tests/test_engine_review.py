@@ -613,3 +613,21 @@ def test_every_fault_gets_exactly_one_outcome_per_attempt(tmp_path: Path) -> Non
     assert all(state[f"ok{i}@fault.example"] == "delivered" for i in range(40))
     assert sorted(received) == sorted(r for r in rcpts if state[r] == "delivered")
     assert_consistent(spool)
+
+
+def test_send_refuses_a_campaign_too_large_for_the_ring(tmp_path: Path) -> None:
+    """`fastsend send` says at once that a campaign (files inlined) cannot cross
+    a worker's ring, and spools nothing, rather than bouncing every recipient."""
+    from tests._engine_helpers import run_fastsend, write_campaign, write_recipients
+
+    body = ("x" * 99 + "\n") * ((supmod.RING_BYTES // 100) + 10)
+    camp = write_campaign(tmp_path, f'from = "A <a@sender.example.com>"\nsubject = "s"\n'
+                                    f'text = """{body}"""\n')  # fmt: skip
+    rcpts = write_recipients(tmp_path, ["u@big.example"])
+    spool = tmp_path / "spool"
+    res = run_fastsend(
+        "send", str(camp), "-r", str(rcpts), "--route", "*=127.0.0.1:9", "--spool", str(spool),
+        "--no-dkim", "--json", "--no-progress", "--max-wait", "1",
+    )  # fmt: skip
+    assert res.returncode == 2 and "campaign is" in res.stderr and "at most" in res.stderr
+    assert not (spool / "spool.db").exists()

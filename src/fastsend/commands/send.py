@@ -68,6 +68,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.campaign}: no DKIM key configured for the From domain"
                 f" {camp.from_domain!r}; add a [dkim] table or pass --no-dkim"
             )
+    spec = camp.to_dict()
+    # The spec crosses a worker's ring in one record: say so now, not per recipient.
+    from fastsend.queue import supervisor, wire
+
+    size = len(wire.encoder.encode(wire.CampaignSpec(0, spec)))
+    if size > supervisor.RING_BYTES - 64:
+        return die(
+            f"{args.campaign}: the campaign is {size} bytes with its files inlined;"
+            f" at most {supervisor.RING_BYTES - 64} bytes"
+        )
     try:
         cols = recipients.columns(args.recipients)
         camp.check_columns(cols | {"email"})
@@ -87,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"fastsend: {args.recipients}: {b}", file=sys.stderr)
                 return die(f"{len(bad)} bad recipient row(s); nothing was sent (--strict)", 1)
         spool = open_spool(spool_url)
-        cid = spool.create_campaign(
-            camp.to_dict(), name=args.name or os.path.basename(args.campaign)
-        )
+        cid = spool.create_campaign(spec, name=args.name or os.path.basename(args.campaign))
         suppression = _load_suppression(cfg.spool_dir)
         total = 0
         chunk: list[tuple[str, str, bytes]] = []
