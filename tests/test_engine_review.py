@@ -631,3 +631,44 @@ def test_send_refuses_a_campaign_too_large_for_the_ring(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 2 and "campaign is" in res.stderr and "at most" in res.stderr
     assert not (spool / "spool.db").exists()
+
+
+# -- a worker in a crash loop ----------------------------------------------------------
+
+
+def test_a_crash_loop_counts_an_attempt_instead_of_releasing_for_ever(tmp_path: Path) -> None:
+    """A worker that dies again and again (a message that crashes it, the OOM
+    killer): each death used to release its window as if nothing was tried, so
+    the same messages went straight back to the next worker -- a poison message
+    never expired and every round re-sent the window (duplicates without
+    bound). From the third abnormal exit within a minute the window is answered
+    as a deferred attempt instead: backoff, then expiry, as for any failure."""
+    n = 200
+    with SinkThread(latency_ms=20) as sink:
+        cfg = make_config(tmp_path, sink, delivery={"pipeline": 4, "max_connections": 2})
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = new_campaign(spool)
+        rcpts = [f"u{i}@crash.example" for i in range(n)]
+        spool_messages(spool, cid, rcpts)
+        kills: list[int] = []
+
+        def on_tick(sup: Supervisor) -> None:
+            slot = sup.slots[0]
+            mid_send = slot.alive and bool(slot.inflight) and slot.pid not in kills
+            if len(kills) < supmod.CRASH_LOOP[0] and mid_send:  # each new worker, once
+                kills.append(slot.pid)
+                os.kill(slot.pid, signal.SIGKILL)
+
+        sup = supervisor(cfg, spool, on_tick=on_tick)
+        run(sup)
+        got = [r for m in sink.messages for r in m.recipients]
+    assert sup.stats.worker_restarts == len(kills) == 3
+    assert spool.counts(cid)["delivered"] == n and set(got) == set(rcpts)
+    assert len(got) - n <= sup.stats.duplicates_possible
+    evs = events(cfg)
+    crashed = [e for e in evs if e["event"] == "deferred"]
+    assert crashed and all("exited 3 times" in e["text"] for e in crashed)
+    again = {e["id"] for e in crashed}
+    delivered = {e["id"]: e["attempt"] for e in evs if e["event"] == "delivered"}
+    assert all(delivered[i] == 2 for i in again)  # the crash counted as attempt 1
+    assert_consistent(spool)

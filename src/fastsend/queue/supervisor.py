@@ -49,6 +49,7 @@ from fastsend.spool import (
 RING_BYTES = 8 << 20
 TICK = 0.02
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
+CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
 
 
 @dataclass
@@ -67,6 +68,7 @@ class WorkerSlot:
     retiring: bool = False  # draining for a reload: respawn on exit, feed nothing
     held: dict[tuple[int, str], list[Claimed]] = field(default_factory=dict)  # rate-held
     last_seen: float = 0.0  # monotonic time of the worker's last record
+    crashes: list[float] = field(default_factory=list)  # monotonic times of abnormal exits
 
 
 @dataclass
@@ -184,8 +186,20 @@ class Supervisor:
                         pass
                 continue
             slot.alive = False
-            self.retire(slot)
             code = os.waitstatus_to_exitcode(status)
+            why = ""
+            if not slot.retiring and not self.stopping and not (self.draining and code == 0):
+                now = time.monotonic()
+                slot.crashes = [t for t in slot.crashes if now - t < CRASH_LOOP[1]] + [now]
+                if len(slot.crashes) >= CRASH_LOOP[0]:
+                    # Its window may hold a message that kills it: counting the
+                    # attempt (backoff, then expiry) ends the loop, and with it
+                    # the duplicates each release would send again.
+                    why = (
+                        f"local error: worker {slot.index} exited {len(slot.crashes)} times"
+                        f" in {CRASH_LOOP[1]:g} s (last status {code})"
+                    )
+            self.retire(slot, why)
             if slot.retiring:  # replaced by reload(): a fresh worker on the new config
                 slot.retiring = False
                 if not (self.draining or self.stopping):
@@ -201,8 +215,9 @@ class Supervisor:
                 self.stats.worker_restarts += 1
                 self.spawn(slot)
 
-    def retire(self, slot: WorkerSlot) -> None:
-        """A worker is gone: take its last outcomes, requeue the rest of its window."""
+    def retire(self, slot: WorkerSlot, defer: str = "") -> None:
+        """A worker is gone: take its last outcomes, requeue the rest of its window
+        (or, given a reason ``defer``, answer it as a deferred attempt)."""
         loop = asyncio.get_running_loop()
         if slot.outbox is not None:
             loop.remove_reader(slot.outbox.reader_fd)
@@ -210,6 +225,10 @@ class Supervisor:
         if slot.inflight:
             ids = list(slot.inflight)
             self.stats.duplicates_possible += len(ids)
+            if defer:
+                self.apply(
+                    slot, [wire.Res(i, wire.K_DEFERRED, 451, "4.3.0", defer, "", "") for i in ids]
+                )
             self.flush_results()
             self.spool.release(ids)
             slot.inflight.clear()
