@@ -101,6 +101,7 @@ def test_config_parsing_and_errors() -> None:
         {"ips": {"source": ["not-an-ip"]}},
         {"routes": {"*": "host:99999"}},
         {"delivery": {"tls": "sometimes"}},
+        {"ips": {"helo": "bad helo name"}},
     ):
         with pytest.raises(ConfigError):
             from_dict(bad)

@@ -19,16 +19,40 @@ from fastsend import __version__
 # name -> (module, one-line help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fastsend.commands.demo", "send a 100,000-recipient demo campaign to a local sink"),
-    "send": ("fastsend.commands.send", "spool a campaign and deliver it (campaign file + recipients)"),
-    "resume": ("fastsend.commands.resume", "deliver what a spool still holds after a crash or stop"),
-    "queue": ("fastsend.commands.queue", "show the queue's shape per domain and age, and per state"),
+    "send": (
+        "fastsend.commands.send",
+        "spool a campaign and deliver it (campaign file + recipients)",
+    ),
+    "resume": (
+        "fastsend.commands.resume",
+        "deliver what a spool still holds after a crash or stop",
+    ),
+    "queue": (
+        "fastsend.commands.queue",
+        "show the queue's shape per domain and age, and per state",
+    ),
     "campaign": ("fastsend.commands.campaign", "list campaigns; pause, resume or cancel one"),
     "sink": ("fastsend.sink.cli", "run a fast fault-injecting SMTP sink for tests and load tests"),
-    "dkim": ("fastsend.message.keygen_cli", "DKIM key tools: keygen (writes a key, prints the DNS TXT record)"),
-    "check-domain": ("fastsend.authcheck.cli", "check a sending domain's MX, SPF, DKIM, DMARC and PTR records"),
-    "bounce": ("fastsend.bounce.cli", "classify bounce and complaint messages (DSN, ARF, vendor formats)"),
-    "suppress": ("fastsend.suppression_cli", "manage the suppression list: add, remove, list, import, export"),
-    "serve": ("fastsend.serve.main", "run the long-lived MTA: HTTP API, SMTP listeners, tracking, webhooks, metrics"),
+    "dkim": (
+        "fastsend.message.keygen_cli",
+        "DKIM key tools: keygen (writes a key, prints the DNS TXT record)",
+    ),
+    "check-domain": (
+        "fastsend.authcheck.cli",
+        "check a sending domain's MX, SPF, DKIM, DMARC and PTR records",
+    ),
+    "bounce": (
+        "fastsend.bounce.cli",
+        "classify bounce and complaint messages (DSN, ARF, vendor formats)",
+    ),
+    "suppress": (
+        "fastsend.suppression_cli",
+        "manage the suppression list: add, remove, list, import, export",
+    ),
+    "serve": (
+        "fastsend.serve.main",
+        "run the long-lived MTA: HTTP API, SMTP listeners, tracking, webhooks, metrics",
+    ),
     "apikey": ("fastsend.serve.apikey_cli", "create, list and revoke API keys (stored hashed)"),
 }
 

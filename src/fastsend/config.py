@@ -24,9 +24,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+# An EHLO name: a domain (letters, digits, hyphens, dots) or an address literal.
+_HELO = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\]"
+)
 
 
 class ConfigError(ValueError):
@@ -187,6 +193,8 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
     ips = _section(raw, "ips")
     cfg.source_ips = [validate_ip(ip, "[ips] source") for ip in ips.get("source", [])]
     cfg.helo = str(ips.get("helo", ""))
+    if cfg.helo and not _HELO.fullmatch(cfg.helo):
+        raise ConfigError(f"[ips] helo {cfg.helo!r} is not a host name or address literal")
     for dom, target in _section(raw, "routes").items():
         if not isinstance(target, str):
             raise ConfigError(f"[routes] {dom!r} must be 'HOST:PORT'")

@@ -58,6 +58,8 @@ def build_config(args: argparse.Namespace) -> Config:
             raise ConfigError("--workers must be at least 1")
         cfg.workers = args.workers
     if args.helo:
+        if not cfgmod._HELO.fullmatch(args.helo):
+            raise ConfigError(f"--helo {args.helo!r} is not a host name or address literal")
         cfg.helo = args.helo
     if args.nameserver:
         cfg.dns.nameservers = list(args.nameserver)

@@ -46,7 +46,10 @@ from fastsend.spool import (
     Spool,
 )
 
-RING_BYTES = 8 << 20
+# Per ring, per direction, per worker. Anonymous shared memory: only the pages a
+# busy ring touches are resident. Large enough for one maximum-size message (the
+# API and listeners accept up to 16 MB) plus its batch framing.
+RING_BYTES = 32 << 20
 TICK = 0.02
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
 CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop

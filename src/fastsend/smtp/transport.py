@@ -406,7 +406,11 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
         return Outcome(DEFERRED, 0, "", f"connect timeout after {t.connect:g} s", "connect", mx)
     except OSError as exc:
         return Outcome(DEFERRED, 0, "", f"connect failed: {exc}", "connect", mx)
-    client = SMTPClient(opts.helo_name, mx, chunking=opts.chunking)
+    try:
+        client = SMTPClient(opts.helo_name, mx, chunking=opts.chunking)
+    except BaseException:
+        sock.close()  # a bad EHLO name is our error: do not leak the socket
+        raise
     link = _Link(client, loop, t)
     try:
         await loop.create_connection(lambda: link, sock=sock)
