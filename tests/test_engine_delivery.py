@@ -248,3 +248,28 @@ def test_queue_shows_shape_and_states(tmp_path: Path) -> None:
     assert sum(shape["domains"]["slow.example.org"]) == 5
     text = run_fastsend("queue", "--spool", str(tmp_path / "s"))
     assert "slow.example.org" in text.stdout and "TOTAL" in text.stdout
+
+
+def test_a_long_list_is_spooled_while_delivery_runs(tmp_path: Path) -> None:
+    """Rows past the first chunk are spooled while the first is delivered; a bad
+    row there is still reported with its line number, and every good row is sent."""
+    n = 5000
+    addrs = [f"user{i}@example.net" for i in range(n)]
+    rcpts = write_recipients(tmp_path, addrs)
+    lines = rcpts.read_text().splitlines()
+    lines.insert(4500, "broken-row-without-at,X")  # becomes line 4501
+    rcpts.write_text("\n".join(lines) + "\n")
+    camp = write_campaign(tmp_path)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        host, port = sink.addresses[0]
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "--route", f"*={host}:{port}",
+            "--workers", "2", "--spool", str(tmp_path / "spool"), "--json", "--no-dkim",
+            "--no-progress",
+        )  # fmt: skip
+    assert proc.returncode == 1 and "line 4501" in proc.stderr
+    s = summary(proc)
+    assert s["delivered"] == n and s["rejected_rows"] == 1
+    got = received_counts(log)
+    assert set(got) == set(addrs) and max(got.values()) == 1

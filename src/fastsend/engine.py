@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import psutil
@@ -31,6 +32,7 @@ class Progress:
         self.enabled = stream.isatty()
         self.last = 0.0
         self.t0 = time.monotonic()
+        self.total_fn: Callable[[], int] | None = None  # while the list is still being spooled
 
     def __call__(self, sup: Supervisor) -> None:
         if not self.enabled:
@@ -40,6 +42,8 @@ class Progress:
             return
         self.last = now
         s = sup.stats
+        if self.total_fn is not None:
+            self.total = self.total_fn()
         done = s.delivered + s.bounced + s.expired
         el = max(1e-6, now - self.t0)
         rate = done / el
@@ -68,10 +72,18 @@ def run(
     total: int = 0,
     progress: bool = True,
     campaign: int | None = None,
+    feeder: Iterator[object] | None = None,
+    total_fn: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
+    """Deliver until done. ``feeder`` spools more mail while delivery runs (see
+    Supervisor); ``total_fn`` gives the progress line the count spooled so far."""
     events = EventLog(config.event_log_path)
     bar = Progress(total) if progress else None
-    sup = Supervisor(config, spool, events, until_idle=True, max_wait=max_wait, on_tick=bar)
+    if bar is not None and total_fn is not None:
+        bar.total_fn = total_fn
+    sup = Supervisor(
+        config, spool, events, until_idle=True, max_wait=max_wait, on_tick=bar, feeder=feeder
+    )
     me = psutil.Process()
     cpu0 = me.cpu_times()
     t0 = time.monotonic()
@@ -104,6 +116,7 @@ def run(
         "deferrals": stats.deferred,
         "worker_restarts": stats.worker_restarts,
         "requeued_from_dead_workers": stats.duplicates_possible,
+        "feed_error": str(sup.feed_error) if sup.feed_error else None,
         "supervisor_cpu_s": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 3),
         "workers_cpu_s": round(
             (cpu1.children_user - cpu0.children_user)

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastsend import engine, recipients
@@ -24,7 +25,7 @@ from fastsend.config import ConfigError
 from fastsend.spool import QUEUED, SUPPRESSED, open_spool, spool_local_dir
 from fastsend.spool.sqlite import SpoolError
 
-CHUNK = 5000
+CHUNK = 2000  # rows per spool transaction while delivery runs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,13 +100,10 @@ def run(args: argparse.Namespace) -> int:
         spool = open_spool(spool_url)
         cid = spool.create_campaign(spec, name=args.name or os.path.basename(args.campaign))
         suppression = _load_suppression(cfg.spool_dir)
-        total = 0
-        chunk: list[tuple[str, str, bytes]] = []
+        rows = recipients.read(args.recipients)
+        count = [0]  # good rows spooled so far
 
-        def flush() -> None:
-            nonlocal chunk
-            if not chunk:
-                return
+        def spool_chunk(chunk: list[tuple[str, str, bytes]]) -> None:
             now = time.time()
             if suppression is not None:
                 hits = set(suppression.contains_many([r[0] for r in chunk]))
@@ -115,28 +113,50 @@ def run(args: argparse.Namespace) -> int:
                 spool.add_messages(cid, gone, now, state=SUPPRESSED)
             else:
                 spool.add_messages(cid, chunk, now)
-            chunk = []
+            count[0] += len(chunk)
 
-        for row in recipients.read(args.recipients):
-            if isinstance(row, recipients.BadRow):
-                bad.append(row)
-                print(f"fastsend: {args.recipients}: {row} (skipped)", file=sys.stderr)
-                continue
-            chunk.append((row[1], row[2], row[3]))
-            total += 1
-            if len(chunk) >= CHUNK:
-                flush()
-        flush()
+        def read_chunk() -> bool:
+            """Spool the next CHUNK good rows (durable); False at the end of the list."""
+            chunk: list[tuple[str, str, bytes]] = []
+            for row in rows:
+                if isinstance(row, recipients.BadRow):
+                    bad.append(row)
+                    print(f"fastsend: {args.recipients}: {row} (skipped)", file=sys.stderr)
+                    continue
+                chunk.append((row[1], row[2], row[3]))
+                if len(chunk) >= CHUNK:
+                    spool_chunk(chunk)
+                    return True
+            if chunk:
+                spool_chunk(chunk)
+            return False
+
+        # The first chunk before the engine starts (file errors surface here);
+        # the rest is spooled while the first is already being delivered.
+        more = read_chunk()
+
+        def feeder() -> Iterator[None]:
+            while read_chunk():
+                yield None
+
     except (recipients.RecipientsError, SpoolError) as e:
         return die(str(e))
     summary = engine.run(
         cfg,
         spool,
         max_wait=args.max_wait,
-        total=total,
+        total=count[0],
         progress=not args.no_progress,
         campaign=cid,
+        feeder=feeder() if more else None,
+        total_fn=lambda: count[0],
     )
+    if summary.get("feed_error"):
+        print(
+            f"fastsend: reading {args.recipients} stopped: {summary['feed_error']};"
+            f" {count[0]} recipient(s) were spooled",
+            file=sys.stderr,
+        )
     summary["spool"] = spool_url
     summary["rejected_rows"] = len(bad)
     print_summary(summary, args.json)

@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +101,13 @@ class Supervisor:
         max_wait: float = 300.0,
         on_tick: Callable[[Supervisor], None] | None = None,
         campaigns: set[int] | None = None,
+        feeder: Iterator[object] | None = None,
     ) -> None:
+        # feeder: a generator that spools more mail (one chunk per step) while
+        # delivery runs, so sending starts before a long list is fully imported.
+        self.feeder = feeder
+        self.feeding = feeder is not None
+        self.feed_error: BaseException | None = None
         if not config.secret:
             config.secret = msgid.load_secret(config)  # workers inherit it at fork
         self.config = config
@@ -508,7 +514,7 @@ class Supervisor:
         return sum(len(s.inflight) for s in self.slots)
 
     def idle_done(self) -> bool:
-        if self.inflight or self.results:
+        if self.inflight or self.results or self.feeding:
             return False
         if self.draining:
             return True
@@ -516,6 +522,23 @@ class Supervisor:
             return False
         nxt = self.spool.next_due()
         return nxt is None or nxt - time.time() > self.max_wait
+
+    async def _feed(self) -> None:
+        """Drive the feeder one chunk per loop turn (spooling is synchronous and
+        short per chunk); a drain does not stop it (what is read is spooled and
+        stays queued for `resume`), a stop-now does."""
+        assert self.feeder is not None
+        try:
+            for _ in self.feeder:
+                self.wake.set()
+                await asyncio.sleep(0)
+                if self.stopping:
+                    break
+        except Exception as e:  # reported by the caller; what was spooled stays
+            self.feed_error = e
+        finally:
+            self.feeding = False
+            self.wake.set()
 
     def on_signal(self, signum: int) -> None:
         if signum == signal.SIGTERM and not self.draining:
@@ -531,6 +554,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self.on_signal, sig)
         for slot in self.slots:
             self.spawn(slot)
+        feed_task = loop.create_task(self._feed()) if self.feeder is not None else None
         last_reap = 0.0
         try:
             while True:
@@ -557,6 +581,8 @@ class Supervisor:
                 if self.idle_done():
                     break
         finally:
+            if feed_task is not None and not feed_task.done():
+                feed_task.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
