@@ -11,7 +11,8 @@ open sockets or files other than the config itself.
     [routes]     "*" = "127.0.0.1:2525"         # static routes bypass MX
                  "example.org" = "relay.example.net:587"
     [delivery]   batch_size, window, max_connections, max_messages_per_connection,
-                 recipients_per_transaction, pipeline, tls, idle_timeout, connect_timeout
+                 recipients_per_transaction, pipeline, tls, idle_timeout, connect_timeout,
+                 max_ready, ready_horizon
     [retry]      min_backoff = 300, max_backoff = 4000, max_age = 432000, jitter = 0.2
     [dns]        nameservers = ["127.0.0.1:53"], timeout = 5
     [events]     log = "events.jsonl"
@@ -76,6 +77,12 @@ class DeliveryConfig:
     idle_timeout: float = 5.0
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    # Per site, in a worker: envelopes held ready (0: no bound but the window),
+    # and the seconds of a shaped site's rate worth holding; the rest goes back
+    # to the supervisor (queued again, no attempt counted) so that one slow site
+    # cannot fill the window (KumoMTA's max_ready, Postfix's per-destination limits).
+    max_ready: int = 0
+    ready_horizon: float = 10.0
 
 
 @dataclass
@@ -205,6 +212,8 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
     for k in ("batch_size", "window", "max_connections", "pipeline", "recipients_per_transaction"):
         if getattr(cfg.delivery, k) < 1:
             raise ConfigError(f"[delivery] {k} must be at least 1")
+    if cfg.delivery.max_ready < 0 or not cfg.delivery.ready_horizon > 0:
+        raise ConfigError("[delivery] max_ready must be >= 0 and ready_horizon > 0")
     _fill(cfg.retry, _section(raw, "retry"), "retry")
     _fill(cfg.dns, _section(raw, "dns"), "dns")
     events = _section(raw, "events")

@@ -21,6 +21,14 @@ pool by smooth weighted round-robin; an IP that may not send (rested,
 suspended, at its warm-up cap) gives its share to the others, and when none
 may send, the waiting envelopes go back to the scheduler as deferred.
 
+Fairness: a ready queue holds only what its site may send soon -- what its
+lanes' rates allow within ``[delivery] ready_horizon`` seconds (and at most
+``max_ready`` envelopes, if set). The rest goes back to the supervisor through
+``handback`` (unattempted, with a suggested time), as does the mail of a site
+resting or suspended for longer, so one slow site never fills the worker's
+window while mail to other sites waits. A site with nothing to enforce costs
+one check per pushed batch; draining, the horizon shrinks to DRAIN_HORIZON.
+
 It does not decide retries or touch the spool: outcomes go to ``report``.
 """
 
@@ -35,10 +43,15 @@ from typing import Any
 from fastsend.config import Config
 from fastsend.delivery.mx import Site
 from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
-from fastsend.shaping.lanes import FOREVER, Lane, Shaper
+from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
 
 Report = Callable[[list[TxnResult], str, str], None]  # results, source_ip, mx
+# envelopes, delay (s) before the first may be tried again, spacing (s), why
+Handback = Callable[[list[Envelope], float, float, str], None]
+DRAIN_HORIZON = 2.0  # draining: keep what a site may send within this, hand back the rest
+TRIM_WAIT = 1.0  # a connection told to wait this long re-checks its site's ready queue
+MAX_READY_DELAY = 1.0  # delay for envelopes over max_ready at a site with no rate limit
 
 
 class SiteQueue:
@@ -53,8 +66,13 @@ class SiteQueue:
         shaper: Shaper | None = None,
         pool: str = "",
         domain: str = "",
+        handback: Handback | None = None,
     ) -> None:
         self.site = site
+        self.handback = handback
+        self.horizon = config.delivery.ready_horizon
+        self.max_ready = config.delivery.max_ready
+        self.closed = asyncio.Event()
         self.ips = ips or [""]
         self.config = config
         self.report = report
@@ -95,8 +113,45 @@ class SiteQueue:
 
     def push(self, envelopes: list[Envelope]) -> None:
         self.pending.extend(envelopes)
+        if self.handback is not None:
+            self.trim()
         self.wakeup.set()
         self._scale()
+
+    def trim(self) -> int:
+        """Keep the envelopes this site may send within ``horizon`` seconds (and
+        at most ``max_ready``); hand the newest others back, unattempted. Returns
+        how many went back."""
+        if self.handback is None or not self.pending:
+            return 0
+        now = time.monotonic()
+        keep = 0
+        rate = 0.0
+        resume = FOREVER
+        for p in self.pool.ips:
+            ln = self.lane(p.ip)
+            n = ln.budget(now, self.horizon)
+            if n >= UNBOUNDED:
+                keep = UNBOUNDED
+                break
+            keep += n
+            rate += ln.send_rate()
+            resume = min(resume, ln.resume_at(now))
+        if self.max_ready and self.max_ready < keep:
+            keep, delay, why = self.max_ready, MAX_READY_DELAY, f"over max_ready ({self.max_ready})"
+        else:
+            # Not before the horizon (what we keep fills it), nor before a lane resumes.
+            delay = max(self.horizon, resume) if resume < FOREVER else self.horizon
+            why = f"site shaped: {keep} may go within {self.horizon:g} s"
+        excess = len(self.pending) - keep
+        if excess <= 0:
+            return 0
+        pop = self.pending.pop
+        back = [pop() for _ in range(excess)]
+        back.reverse()  # oldest first: it gets the earliest time
+        step = 1.0 / rate if 0.0 < rate < float("inf") else 0.0
+        self.handback(back, delay, step, f"handed back: {why}")
+        return excess
 
     def lane(self, ip: str) -> Lane:
         return self.shaper.lane(ip, self.site.key, self.limits, self.pool, time.time())
@@ -132,10 +187,18 @@ class SiteQueue:
         return None if p is None else lanes[p.ip]
 
     def _hold(self) -> None:
-        """No source IP may send to this site now: give the mail back as deferred."""
+        """No source IP may send to this site now: give the mail back, unattempted
+        until the first lane resumes (rest, suspension), else as deferred."""
         if not self.pending:
             return
         now = time.monotonic()
+        if self.handback is not None:
+            resume = min((self.lane(p.ip).resume_at(now) for p in self.pool.ips), default=FOREVER)
+            if 0.0 < resume < FOREVER:
+                batch = list(self.pending)
+                self.pending.clear()
+                self.handback(batch, resume, 0.0, "handed back: site resting or suspended")
+                return
         why = "no source IP may send to this site now"
         for ip in (p.ip for p in self.pool.ips):
             ln = self.lane(ip)
@@ -195,7 +258,7 @@ class SiteQueue:
             while self.pending and not self.closing:
                 wait = lane.connect_wait(time.monotonic())
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    await self._pause(wait)
                     continue
                 if not lane.usable(time.monotonic()):
                     break
@@ -231,9 +294,13 @@ class SiteQueue:
                         if not lane.free:
                             want, wait = lane.take(time.monotonic(), want)
                             if not want:
+                                if wait >= TRIM_WAIT:
+                                    self.trim()  # slowed down: keep only what goes soon
                                 if wait >= FOREVER:
                                     break
-                                await asyncio.sleep(wait)
+                                await self._pause(wait)
+                                if self.closing:
+                                    break
                                 continue
                         batch = self._take(want)
                         if not batch:
@@ -271,8 +338,18 @@ class SiteQueue:
             if self.pending and not self.closing:
                 self._scale()
 
+    async def _pause(self, wait: float) -> None:
+        """Sleep ``wait`` seconds (a shaping wait), or until close()."""
+        if self.closing:
+            return
+        try:
+            await asyncio.wait_for(self.closed.wait(), wait)
+        except TimeoutError:
+            pass
+
     async def close(self) -> None:
         self.closing = True
+        self.closed.set()
         self.wakeup.set()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -29,7 +29,7 @@ import orjson
 from fastsend import msgid
 from fastsend.config import Config
 from fastsend.delivery.mx import MXResolver, Site
-from fastsend.delivery.pool import SiteQueue
+from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.signing import ConfigDKIM
 from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
@@ -94,6 +94,9 @@ class Worker:
                 self.shaper.restore(msg.counts)
             elif isinstance(msg, wire.Drain):
                 self.draining = True
+                for q in self.sites.values():  # what cannot go soon goes back now
+                    q.horizon = DRAIN_HORIZON
+                    q.trim()
                 self.check_done()
 
     def renderer(self, campaign_id: int) -> Any:
@@ -226,7 +229,10 @@ class Worker:
                 shaper=self.shaper,
                 pool=pool,
                 domain=batch.domain,
+                handback=self.handback,
             )
+            if self.draining:
+                q.horizon = DRAIN_HORIZON
         elif q.site is not site:
             q.site = site  # refreshed DNS answer
         return q
@@ -245,6 +251,26 @@ class Worker:
 
     def report(self, results: list[TxnResult], source_ip: str, mx: str) -> None:
         self.add_results(results, source_ip, mx)
+        self.check_done()
+
+    def handback(self, envelopes: list[Envelope], delay: float, step: float, why: str) -> None:
+        """Give envelopes back to the supervisor unattempted (wire.Handback): their
+        site will not take them soon, and the window is better spent elsewhere."""
+        ids: list[int] = []
+        for e in envelopes:
+            if isinstance(e.tag, list):
+                ids.extend(e.tag)
+            elif isinstance(e.tag, int):
+                ids.append(e.tag)
+        if not ids:
+            return
+        self.count("handed_back", len(ids))
+        if self.out:  # keep the outbox in the order things happened
+            self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
+            self.out = []
+        rec = wire.Handback(ids, time.time() + delay, step, why[:400])
+        self.pending_out.append(wire.encoder.encode(rec))
+        self.flush()
         self.check_done()
 
     def add_results(self, results: list[TxnResult], source_ip: str, mx: str) -> None:

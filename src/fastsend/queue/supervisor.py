@@ -53,6 +53,7 @@ RING_BYTES = 32 << 20
 TICK = 0.02
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
 CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
+HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up to this far
 
 
 @dataclass
@@ -72,6 +73,7 @@ class WorkerSlot:
     held: dict[tuple[int, str], list[Claimed]] = field(default_factory=dict)  # rate-held
     last_seen: float = 0.0  # monotonic time of the worker's last record
     crashes: list[float] = field(default_factory=list)  # monotonic times of abnormal exits
+    drain_sent: bool = False  # Drain is on its way (SIGTERM): the worker hands back slow mail
 
 
 @dataclass
@@ -85,6 +87,7 @@ class RunStats:
     attempts: int = 0
     worker_restarts: int = 0
     duplicates_possible: int = 0  # messages released from a dead worker's window
+    handed_back: int = 0  # messages a worker gave back unattempted (slow site, drain)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "started"}
@@ -120,6 +123,7 @@ class Supervisor:
         self.stats = RunStats()
         self.slots = [WorkerSlot(i, config.ips_for_worker(i)) for i in range(config.worker_count)]
         self.results: list[Result] = []
+        self.requeues: list[tuple[int, float]] = []  # handed back: (id, next_at)
         self.event_buf: list[dict[str, Any]] = []
         self.draining = False
         self.stopping = False
@@ -152,6 +156,7 @@ class Supervisor:
         slot.outbox.get()
         slot.campaigns.clear()
         slot.backlog.clear()
+        slot.drain_sent = False
         slot.backlog.extend(self.shaping.spawn_records())
         pid = os.fork()
         if pid == 0:  # child
@@ -268,6 +273,7 @@ class Supervisor:
             if not slot.alive or slot.inbox is None:
                 continue
             slot.retiring = True
+            slot.drain_sent = True
             slot.backlog.append(wire.encoder.encode(wire.Drain()))
             self.push_backlog(slot)
             while slot.retiring and not (self.draining or self.stopping):
@@ -278,6 +284,8 @@ class Supervisor:
     def dispatch(self) -> None:
         if self.draining or self.stopping:
             self.release_held()
+            if not self.stopping:
+                self.drain_workers()
             return
         now = time.time()
         size = self.config.delivery.batch_size
@@ -373,6 +381,15 @@ class Supervisor:
                 slot.held[key] = items[n:]
         return out
 
+    def drain_workers(self) -> None:
+        """SIGTERM: tell each worker at once, so it hands back the mail of sites
+        that cannot finish soon instead of the drain waiting for them."""
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None and not slot.drain_sent:
+                slot.drain_sent = True
+                slot.backlog.append(wire.encoder.encode(wire.Drain()))
+                self.push_backlog(slot)
+
     def release_held(self) -> None:
         """Stopping: rate-held messages go back to queued."""
         for slot in self.slots:
@@ -423,6 +440,9 @@ class Supervisor:
             msg = decode(rec)
             if isinstance(msg, wire.Results):
                 self.apply(slot, msg.items)
+                got = True
+            elif isinstance(msg, wire.Handback):
+                self.handback(slot, msg)
                 got = True
             elif isinstance(msg, wire.Stats):
                 slot.counters = msg.counters
@@ -485,10 +505,28 @@ class Supervisor:
                     ev["next_attempt"] = at
                 events.append(ev)
 
+    def handback(self, slot: WorkerSlot, msg: wire.Handback) -> None:
+        """Mail a worker gave back unattempted: queued again (attempts unchanged),
+        the k-th at ``at + min(k * step, HANDBACK_SPREAD)``. Its outcome for this
+        claim; no attempt, no event, no result hook."""
+        inflight = slot.inflight
+        out = self.requeues
+        at, step = msg.at, msg.step
+        k = 0
+        for i in msg.ids:
+            if inflight.pop(i, None) is None:
+                continue  # already released (duplicate answer after a restart)
+            out.append((i, at + min(k * step, HANDBACK_SPREAD)))
+            k += 1
+        self.stats.handed_back += k
+
     def flush_results(self) -> None:
         if self.results:
             self.spool.record_results(self.results, time.time())
             self.results = []
+        if self.requeues:
+            self.spool.requeue(self.requeues, time.time())
+            self.requeues = []
         if self.event_buf:
             buf, self.event_buf = self.event_buf, []
             try:
@@ -514,7 +552,7 @@ class Supervisor:
         return sum(len(s.inflight) for s in self.slots)
 
     def idle_done(self) -> bool:
-        if self.inflight or self.results or self.feeding:
+        if self.inflight or self.results or self.requeues or self.feeding:
             return False
         if self.draining:
             return True
@@ -592,7 +630,8 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Stop the workers: Drain and wait (normal end), or terminate (stop now)."""
         for slot in self.slots:
-            if slot.alive and slot.inbox is not None and not self.stopping:
+            if slot.alive and slot.inbox is not None and not self.stopping and not slot.drain_sent:
+                slot.drain_sent = True
                 slot.backlog.append(wire.encoder.encode(wire.Drain()))
                 self.push_backlog(slot)
         deadline = time.monotonic() + (2.0 if self.stopping else 60.0)

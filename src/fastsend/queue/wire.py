@@ -5,7 +5,8 @@ before its first batch), :class:`Batch` (messages of one campaign and one
 destination domain), :class:`Drain` (finish what you have, then exit).
 
 Worker -> supervisor: :class:`Results` (a flush of outcomes, several batches'
-worth at once), :class:`Hello` (the worker is up).
+worth at once), :class:`Hello` (the worker is up), :class:`Handback` (mail
+the worker gives back unattempted, so one slow site cannot hold its window).
 
 Shaping (fastsend.shaping): :class:`CampaignShaping` (the campaign's IP pool),
 :class:`WarmupCounts` (both ways), :class:`ShapingEvents` (worker -> supervisor).
@@ -98,8 +99,21 @@ class ShapingEvents(msgspec.Struct, array_like=True, tag=9):
     events: list[dict[str, Any]]
 
 
+class Handback(msgspec.Struct, array_like=True, tag=10):
+    """Worker -> supervisor: messages the worker will not send soon (their site
+    is shaped, resting or suspended, or the worker is draining), handed back
+    unattempted. This is their outcome for this claim: the supervisor queues the
+    k-th again at ``at + min(k * step, HANDBACK_SPREAD)`` (unix seconds), attempts
+    unchanged. One record per handed-back group, never per message."""
+
+    ids: list[int]
+    at: float
+    step: float
+    text: str
+
+
 ToWorker = CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts
-FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents
+FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback
 
 encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -43,6 +43,7 @@ from fastsend.shaping.pools import Pool, PoolSet, Warmup, load_pools
 from fastsend.throttle import Gcra
 
 FOREVER = 1e9
+UNBOUNDED = 1 << 62  # Lane.budget() of a lane with nothing to enforce
 
 
 def _classify(code: int, enhanced: str, text: str, stage: str) -> tuple[bool, bool]:
@@ -190,6 +191,38 @@ class Lane:
         if self.warm is not None:
             self.warm.sent += n
         return n, 0.0
+
+    def budget(self, now: float, horizon: float) -> int:
+        """How many messages this lane may send within ``horizon`` seconds from
+        ``now`` (an estimate for the worker's ready queue, consuming nothing):
+        UNBOUNDED with nothing to enforce, 0 while resting or suspended beyond
+        the horizon or at its warm-up cap, else the tightest bucket's tokens
+        now plus what its rate adds over the horizon."""
+        if self.free:
+            return UNBOUNDED
+        if self.blocked_until and now < self.blocked_until:
+            if self.blocked_until - now >= horizon:
+                return 0
+            horizon -= self.blocked_until - now
+        n = UNBOUNDED
+        if self.warm is not None:
+            n = max(0, self.warm.left())
+        for b in self.all_buckets:
+            n = min(n, max(0, b.available(now)) + int(b.rate * horizon))
+        return n
+
+    def send_rate(self) -> float:
+        """Messages per second this lane's tightest bucket allows (inf: none)."""
+        return min((b.rate for b in self.all_buckets), default=math.inf)
+
+    def resume_at(self, now: float) -> float:
+        """Seconds from ``now`` until this lane may carry mail again (0.0: now;
+        FOREVER at its warm-up cap, which ends with the UTC day)."""
+        if self.blocked_until and now < self.blocked_until:
+            return self.blocked_until - now
+        if self.warm is not None and self.warm.left() <= 0:
+            return FOREVER
+        return 0.0
 
     def idle(self, now: float) -> bool:
         """Nothing here that a fresh lane would not have: no connection, rest,

@@ -124,6 +124,14 @@ class Spool(abc.ABC):
     def release(self, ids: Iterable[int]) -> None:
         """Put in-flight messages back to queued (a worker died, or a stop)."""
 
+    def requeue(self, items: Iterable[tuple[int, float]], now: float) -> None:
+        """Put in-flight messages back pending, unattempted: each (id, next_at)
+        becomes due at next_at, attempts and last reply unchanged (queued if never
+        attempted, else deferred; cancelled if its campaign was). A worker handed
+        it back (its site is slow, or a drain). This default only releases them
+        (due at once); the backends override it."""
+        self.release(i for i, _at in items)
+
     @abc.abstractmethod
     def recover(self) -> int:
         """At start: every in-flight message back to queued. Returns how many."""

@@ -252,6 +252,28 @@ class SQLiteSpool(Spool):
             db.execute("ROLLBACK")
             raise
 
+    def requeue(self, items: Iterable[tuple[int, float]], now: float) -> None:
+        rows = list(items)
+        if not rows:
+            return
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "UPDATE messages SET state=CASE WHEN attempts > 0 THEN ? ELSE ? END,"
+                " next_at=?, updated=? WHERE id=? AND state=?",
+                [(DEFERRED, QUEUED, at, now, i, INFLIGHT) for i, at in rows],
+            )
+            db.executemany(
+                "UPDATE messages SET state=?, next_at=0 WHERE id=? AND state IN (?, ?)"
+                " AND campaign IN (SELECT id FROM campaigns WHERE status='cancelled')",
+                [(CANCELLED, i, QUEUED, DEFERRED) for i, _at in rows],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def recover(self) -> int:
         cur = self.db.execute("UPDATE messages SET state=? WHERE state=?", (QUEUED, INFLIGHT))
         return int(cur.rowcount)
