@@ -222,15 +222,17 @@ def test_apikey_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["apikey", "create", "--tenant", "acme", "--note", "ci", "--spool", spool]) == 0
     key = capsys.readouterr().out.strip()
     assert key.startswith("fs_")
+    # fs_<8-char id>_<43-char secret>; the secret may itself contain "_".
+    kid, secret = key[3:11], key[12:]
     store = KeyStore.for_spool(spool)
-    assert store.verify(key) == (key.split("_")[1], "acme")
+    assert store.verify(key) == (kid, "acme")
     raw = (tmp_path / "spool" / "apikeys.db").read_bytes()
-    assert key.encode() not in raw and key.split("_")[2].encode() not in raw
+    assert key.encode() not in raw and secret.encode() not in raw
     store.close()
     assert main(["apikey", "list", "--spool", spool]) == 0
     listing = capsys.readouterr().out
-    assert "acme" in listing and key not in listing and key.split("_")[2] not in listing
-    assert main(["apikey", "revoke", key.split("_")[1], "--spool", spool]) == 0
+    assert "acme" in listing and key not in listing and secret not in listing
+    assert main(["apikey", "revoke", kid, "--spool", spool]) == 0
     store = KeyStore.for_spool(spool)
     assert store.verify(key) is None
     store.close()
