@@ -224,3 +224,36 @@ def test_requeue_keeps_attempts_and_last_reply(make: Callable[[], Spool]) -> Non
     m1 = s.message(ids[1])
     assert m1 is not None and m1["state"] == "cancelled"
     s.close()
+
+
+def test_mail_over_the_warm_up_cap_waits_for_the_next_day_unattempted(tmp_path: Path) -> None:
+    """A worker whose only IP reached today's warm-up cap for a site hands the
+    rest back until the UTC day ends: queued with no attempt counted, not
+    deferred again and again."""
+    with SinkThread() as sink:
+        raw: dict[str, Any] = {
+            "spool": {"dir": "spool"},
+            "workers": {"count": 1},
+            "routes": {"*": f"{sink.host}:{sink.port}"},
+            "pools": {
+                "default": "main",
+                "warmup": {"schedule": [5, 50]},
+                "main": {"ips": [{"ip": "127.0.0.2", "warmup_day": 1}]},
+            },
+            "delivery": {"window": 8, "batch_size": 4, "pipeline": 4, "ready_horizon": 1},
+        }
+        cfg = cfgmod.from_dict(raw, base_dir=str(tmp_path))
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = spool.create_campaign(Campaign.from_dict(SPEC).to_dict(), name="warm-up")
+        spool.add_messages(
+            cid, [(f"w{i}@fast.example", "fast.example", b"{}") for i in range(12)], time.time()
+        )
+        sup = run(cfg, spool, lambda s: None)
+    counts = spool.counts(cid)
+    assert counts["delivered"] == 5 and counts["queued"] == 7, counts
+    assert len(sink.messages) == 5
+    assert not [e for e in logged(cfg) if e["event"] == "deferred"]
+    rows = spool.db.execute("SELECT attempts, next_at FROM messages WHERE state=0").fetchall()
+    assert all(a == 0 for a, _ in rows)
+    assert all(n > time.time() + 1 for _, n in rows)  # not before the cap resets
+    assert sup.stats.handed_back >= 7

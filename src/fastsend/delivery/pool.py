@@ -136,7 +136,7 @@ class SiteQueue:
                 break
             keep += n
             rate += ln.send_rate()
-            resume = min(resume, ln.resume_at(now))
+            resume = min(resume, self._resume(p.ip, now))
         if self.max_ready and self.max_ready < keep:
             keep, delay, why = self.max_ready, MAX_READY_DELAY, f"over max_ready ({self.max_ready})"
         else:
@@ -193,11 +193,13 @@ class SiteQueue:
             return
         now = time.monotonic()
         if self.handback is not None:
-            resume = min((self.lane(p.ip).resume_at(now) for p in self.pool.ips), default=FOREVER)
+            resume = min((self._resume(p.ip, now) for p in self.pool.ips), default=FOREVER)
             if 0.0 < resume < FOREVER:
                 batch = list(self.pending)
                 self.pending.clear()
-                self.handback(batch, resume, 0.0, "handed back: site resting or suspended")
+                self.handback(
+                    batch, resume, 0.0, "handed back: site resting, suspended or at warm-up caps"
+                )
                 return
         why = "no source IP may send to this site now"
         for ip in (p.ip for p in self.pool.ips):
@@ -211,6 +213,16 @@ class SiteQueue:
         batch = list(self.pending)
         self.pending.clear()
         self.report([TxnResult(e.tag, [out] * len(e.rcpts)) for e in batch], "", "")
+
+    def _resume(self, ip: str, now: float) -> float:
+        """Seconds until ``ip`` may send to this site again. A warm-up cap ends
+        with the UTC day: its mail waits for midnight, unattempted, instead of
+        being deferred (an attempt counted) again and again."""
+        ln = self.lane(ip)
+        r = ln.resume_at(now)
+        if r >= FOREVER and ln.warm is not None and ln.warm.left() <= 0:
+            r = 86400.0 - (time.time() % 86400.0) + 1.0
+        return r
 
     def _take(self, limit: int = 1 << 30) -> list[Envelope]:
         n = min(self.config.delivery.pipeline, len(self.pending), limit)
