@@ -250,3 +250,31 @@ def test_complaint_events_feed_the_complaint_guardrail(tmp_path: Path) -> None:
     assert spool.get_campaign(cid).status == "active"  # 1/20 = 5%: not over
     events.emit({"event": "complained", "campaign": cid, "rcpt": "y@example.net"})
     assert spool.get_campaign(cid).status == "paused"  # 2/20 = 10%
+
+
+def test_sighup_reload_rebuilds_dispatch_rates_guardrails_and_pools(tmp_path: Path) -> None:
+    """Supervisor.reload (SIGHUP) applies the new config's supervisor-side shaping,
+    not only the workers'."""
+    import asyncio
+
+    from fastsend.config import from_dict
+    from fastsend.events import EventLog
+    from fastsend.queue.supervisor import Supervisor
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    old = from_dict({"guardrails": {"bounce_rate": 0.05}})
+    old.spool_dir = str(tmp_path / "spool")
+    sup = Supervisor(old, SQLiteSpool(old.spool_dir), EventLog(None))
+    assert not sup.shaping.gate.enabled
+    new = from_dict(
+        {
+            "guardrails": {"bounce_rate": 0.2},
+            "shaping": {"dispatch": {"global_rate": 5}},
+            "pools": {"default": "p2", "p2": {"ips": [{"ip": "127.0.0.9"}]}},
+        }
+    )
+    new.spool_dir = old.spool_dir
+    asyncio.run(sup.reload(new))  # no workers running: only the supervisor's side
+    assert sup.shaping.gate.enabled and sup.shaping.gate.global_bucket is not None
+    assert sup.shaping.guardrails.settings.bounce_rate == 0.2
+    assert sup.shaping.poolset.default == "p2"

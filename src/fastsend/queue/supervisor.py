@@ -265,6 +265,7 @@ class Supervisor:
         if not config.secret:  # as in __init__: Message-ID/VERP tokens must still verify
             config.secret = msgid.load_secret(config)
         self.config = config
+        self.shaping.reconfigure(config)  # dispatch rates, guardrails, pools
         for slot in self.slots:  # a slot respawned by reap() meanwhile gets them too
             slot.ips = config.ips_for_worker(slot.index)
         for slot in self.slots:

@@ -190,6 +190,17 @@ class SupervisorShaping:
         self.log: EventLog | None = None
         self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []  # e.g. dashboards
 
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP: new dispatch rates, guardrail thresholds and pools. Buckets start
+        afresh (a reload refills their burst); guardrail counts and warm-up
+        counters carry over."""
+        from fastsend.shaping.pools import load_pools
+
+        self.config = config
+        self.gate = DispatchGate(config, self.spool)
+        self.guardrails.settings = GuardrailSettings.from_config(config)
+        self.poolset = load_pools(config, time.time())
+
     def campaign_records(self, campaign: int) -> list[bytes]:
         """Records to send a worker with a campaign's spec (its pool)."""
         info = self.spool.get_campaign(campaign)
