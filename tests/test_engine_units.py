@@ -116,3 +116,20 @@ def test_retry_backoff_doubles_caps_and_expires() -> None:
     pj = RetryConfig(min_backoff=100, max_backoff=1000, max_age=1e9, jitter=0.2)
     delays = {next_attempt(pj, 1, 0.0, 0.0) for _ in range(50)}
     assert all(d is not None and 80 <= d <= 120 for d in delays) and len(delays) > 1
+
+
+def test_event_log_isolates_a_raising_listener(tmp_path: Path) -> None:
+    from fastsend.events import EventLog
+
+    log = EventLog(str(tmp_path / "events.jsonl"))
+    seen: list[dict[str, object]] = []
+
+    def broken(events: list[dict[str, object]]) -> None:
+        raise RuntimeError("boom")
+
+    log.listeners.extend([broken, seen.extend])
+    log.emit({"event": "delivered", "id": 1})
+    log.emit_many([{"event": "bounced", "id": 2}])
+    log.close()
+    assert [e["id"] for e in seen] == [1, 2]  # the listener after the broken one saw both
+    assert len((tmp_path / "events.jsonl").read_bytes().splitlines()) == 2

@@ -23,22 +23,33 @@ class EventLog:
         self._buf: list[bytes] = []
         self._fd = -1
         self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []
+        self._reported: set[str] = set()
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def emit(self, event: dict[str, Any]) -> None:
-        if self._fd >= 0:
-            self._buf.append(orjson.dumps(event))
-        for listener in self.listeners:
-            listener([event])
+        self.emit_many([event])
 
     def emit_many(self, events: list[dict[str, Any]]) -> None:
         if self._fd >= 0:
             dumps = orjson.dumps
             self._buf.extend(dumps(e) for e in events)
         for listener in self.listeners:
-            listener(events)
+            try:
+                listener(events)
+            except Exception:  # one broken listener must not starve the others
+                self._report(listener)
+
+    def _report(self, listener: Callable[..., Any]) -> None:
+        name = getattr(listener, "__qualname__", repr(listener))
+        if name not in self._reported:
+            self._reported.add(name)
+            import sys
+            import traceback
+
+            print(f"fastsend: event listener {name} failed (reported once):", file=sys.stderr)
+            traceback.print_exc()
 
     def flush(self) -> None:
         if self._buf and self._fd >= 0:
