@@ -83,10 +83,10 @@ from fastsend.smtp.server import (
     Message,
     RcptTo,
     ServerConfig,
-    ServerProtocol,
     StartTLS,
     _NeedData,
 )
+from fastsend.smtp.server_conn import ServerConnection
 from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
 
 __all__ = [
@@ -426,18 +426,14 @@ def process_report(
 
 
 # ---------------------------------------------------------------- the connection
-class _Connection(asyncio.Protocol):
+class _Connection(ServerConnection):
     """One SMTP session: feeds the protocol, answers its events through the policy."""
 
     def __init__(self, policy: _Policy) -> None:
+        super().__init__(policy.server_config, policy.ssl)
         self.policy = policy
-        self.proto = ServerProtocol(policy.server_config)
-        self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_running_loop()
         self.tenant: str | None = None
         self.auth_failures = 0
-        self._waiting = False
-        self._tls_early: list[bytes] | None = None
         self._task: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -447,18 +443,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-
-    def data_received(self, data: bytes) -> None:
-        if self._tls_early is not None:
-            self._tls_early.append(data)
-            return
-        self.proto.receive_data(data)
-        if not self._waiting:
-            self._process()
-
-    def eof_received(self) -> bool | None:
-        self.proto.receive_data(b"")
-        return None
 
     def _process(self) -> None:
         proto, policy = self.proto, self.policy
@@ -478,13 +462,7 @@ class _Connection(asyncio.Protocol):
                 assert isinstance(ev, Message)
                 proto.reply(*policy.message(self, ev))
             elif t is StartTLS:
-                proto.accept()
-                self._flush()
-                self._waiting = True
-                self._tls_early = []
-                if self.transport is not None:
-                    self.transport.pause_reading()
-                self._task = asyncio.ensure_future(self._start_tls())
+                self._begin_tls()
                 return
             elif t is AuthRequest:
                 assert isinstance(ev, AuthRequest)
@@ -517,36 +495,8 @@ class _Connection(asyncio.Protocol):
         if not self.proto.closed:
             self._process()
 
-    async def _start_tls(self) -> None:
-        transport, ctx = self.transport, self.policy.ssl
-        if transport is None or ctx is None:
-            return
-        try:
-            new = await self.loop.start_tls(transport, self, ctx, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError):
-            transport.abort()
-            return
-        if new is None:
-            transport.abort()
-            return
-        self.transport = new  # type: ignore[assignment]
-        self.proto.tls_started()
-        self.tenant = None
-        early, self._tls_early = self._tls_early or [], None
-        self._waiting = False
-        for data in early:
-            self.proto.receive_data(data)
-        self._process()
-
-    def _flush(self) -> None:
-        data = self.proto.data_to_send()
-        transport = self.transport
-        if transport is None:
-            return
-        if data:
-            transport.write(data)
-        if self.proto.closed:
-            transport.close()
+    def _tls_started(self) -> None:
+        self.tenant = None  # TLS resets the session: AUTH again
 
 
 async def _serve(policy: _Policy, listen: list[tuple[str, int]]) -> list[asyncio.AbstractServer]:

@@ -62,10 +62,10 @@ from fastsend.smtp.server import (
     Message,
     RcptTo,
     ServerConfig,
-    ServerProtocol,
     StartTLS,
     _NeedData,
 )
+from fastsend.smtp.server_conn import ServerConnection
 
 __all__ = [
     "FAULT_KINDS",
@@ -402,21 +402,16 @@ class Sink:
         return user in users and users[user] == password
 
 
-class _SinkConnection(asyncio.Protocol):
+class _SinkConnection(ServerConnection):
     """One SMTP connection: feeds the protocol, answers its events, writes replies."""
 
     def __init__(self, sink: Sink) -> None:
+        super().__init__(sink.server_config, sink._ssl)
         self.sink = sink
-        self.proto = ServerProtocol(sink.server_config)
-        self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.loop = asyncio.get_event_loop()
-        self._waiting = False  # a delayed reply is pending: events wait behind it
         self._drop_on_data = False  # disconnect-in-data armed for this transaction
         self._slow = False  # slow-* recipient in this transaction
         self._timers: list[asyncio.TimerHandle] = []
-        self._tls_early: list[bytes] | None = None  # set while the TLS handshake runs
-        self._tls_task: asyncio.Future[None] | None = None
         self._latency = sink.config.latency_ms / 1000.0
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -450,16 +445,7 @@ class _SinkConnection(asyncio.Protocol):
         if self._drop_on_data:
             self.abort()
             return
-        if self._tls_early is not None:  # decrypted bytes before start_tls() returned
-            self._tls_early.append(data)
-            return
-        self.proto.receive_data(data)
-        if not self._waiting:
-            self._process()
-
-    def eof_received(self) -> bool | None:
-        self.proto.receive_data(b"")
-        return None
+        super().data_received(data)
 
     def pause_writing(self) -> None:
         if self.transport is not None:
@@ -513,14 +499,7 @@ class _SinkConnection(asyncio.Protocol):
             elif t is Hello:
                 proto.accept()
             elif t is StartTLS:
-                proto.accept()
-                self._flush()
-                self._waiting = True
-                self._tls_early = []
-                if self.transport is not None:
-                    # Nothing more in plaintext: start_tls resumes reading under TLS.
-                    self.transport.pause_reading()
-                self._tls_task = asyncio.ensure_future(self._start_tls())
+                self._begin_tls()
                 return
             elif t is AuthRequest:
                 assert isinstance(ev, AuthRequest)
@@ -563,26 +542,6 @@ class _SinkConnection(asyncio.Protocol):
         self._flush()
         if not self.proto.closed:
             self._process()
-
-    async def _start_tls(self) -> None:
-        transport, ctx = self.transport, self.sink._ssl
-        if transport is None or ctx is None:
-            return
-        try:
-            new = await self.loop.start_tls(transport, self, ctx, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError):
-            transport.abort()
-            return
-        if new is None:
-            transport.abort()
-            return
-        self.transport = new  # type: ignore[assignment]
-        self.proto.tls_started()
-        early, self._tls_early = self._tls_early or [], None
-        self._waiting = False
-        for data in early:
-            self.proto.receive_data(data)
-        self._process()
 
     def _flush(self) -> None:
         data = self.proto.data_to_send()
