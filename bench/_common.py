@@ -20,7 +20,10 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores, {model}, load {os.getloadavg()[0]:.2f},"
+        f" Linux {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def free_port() -> int:
@@ -38,15 +41,21 @@ def program(name: str) -> str:
     return path
 
 
-def wait_port(port: int, timeout: float = 10) -> None:
+def port_open(port: int, timeout: float = 10) -> bool:
+    """Wait until something listens on 127.0.0.1:port; False after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                return True
         except OSError:
             time.sleep(0.02)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+    return False
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    if not port_open(port, timeout):
+        raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
 def start_smtp_sink(port: int) -> subprocess.Popen[bytes]:

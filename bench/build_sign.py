@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _common import machine
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
@@ -98,22 +98,13 @@ def stdlib_builder() -> Callable[[int], bytes]:
     return build
 
 
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def libraries() -> str:
     import cryptography
     from cryptography.hazmat.backends.openssl.backend import backend
 
     return (
-        f"{platform.node()} {platform.machine()} {cpu}; {os.cpu_count()} cpus; "
-        f"Python {platform.python_version()}; cryptography {cryptography.__version__} "
-        f"({backend.openssl_version_text()}); compiled core: {_accel.HAVE_EXTENSIONS and not _accel.NO_EXTENSIONS}"
+        f"cryptography {cryptography.__version__} ({backend.openssl_version_text()});"
+        f" compiled core: {_accel.HAVE_EXTENSIONS and not _accel.NO_EXTENSIONS}"
     )
 
 
@@ -129,7 +120,7 @@ def main() -> int:
         pinned = f"pinned to cpu {cpu}"
     except (AttributeError, OSError):
         pinned = "not pinned"
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; {libraries()}")
     print(f"settings: {pinned}; best of {args.rounds} rounds x {args.seconds}s CPU each")
 
     tmp = Path(tempfile.mkdtemp(prefix="fastsend-bench-"))

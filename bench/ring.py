@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import platform
 import struct
 import sys
 import time
 from typing import Any
 
 import Cython
+from _common import machine
 
 from fastsend import _accel
 from fastsend.ring import PyRing
@@ -125,22 +125,6 @@ def eventfd_write_ns(n: int = 200_000) -> float:
         os.close(fd)
 
 
-def machine() -> str:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{platform.machine()} {model}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
-        f"Python {platform.python_version()}, Cython {Cython.__version__}"
-    )
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -152,7 +136,7 @@ def main() -> int:
         print("fastsend._core is not built: cannot measure the compiled ring", file=sys.stderr)
         return 2
     CRing = _accel.compiled("Ring")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}, Cython {Cython.__version__}")
     print(
         f"settings: ring capacity {args.capacity} B, best of {args.rounds} rounds, "
         f"fork context, consumer = parent, producer = child"

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from typing import Any
+
+from _common import machine
 
 from fastsend import _accel
 from fastsend.throttle import PyGcra, PyLimiter
@@ -241,10 +242,7 @@ def main() -> int:
         print("fastsend._core is not built: cannot measure the compiled buckets", file=sys.stderr)
         return 2
     CGcra, CLimiter = _accel.compiled("Gcra"), _accel.compiled("Limiter")
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
-        f"Python {platform.python_version()}"
-    )
+    print(f"machine: {machine()}")
     print(f"settings: best of {args.rounds} rounds; 1,000,000 (c) / 300,000 (py) decisions each")
 
     best = {"gc": 1e18, "gp": 1e18, "lc": 1e18, "lp": 1e18, "loop": 1e18, "dc": 1e18, "dp": 1e18}

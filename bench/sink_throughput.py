@@ -13,40 +13,12 @@ It does not test faults or TLS; it measures the plain accept path.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import psutil
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
-
-
-def program(name: str) -> str:
-    path = shutil.which(name) or (
-        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else ""
-    )
-    if not path:
-        sys.exit(f"{name} not found (apt-get install postfix)")
-    return path
+from _common import free_port, program, wait_port
 
 
 def measure(server: list[str], port: int, args: argparse.Namespace) -> tuple[float, float]:

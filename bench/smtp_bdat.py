@@ -23,33 +23,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import uvloop
+from _common import free_port, port_open
 
 from fastsend.outcome import Envelope
 from fastsend.smtp import ConnectOptions, SMTPConnection, connect
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
 
 BODY = b"Subject: bench\r\nMIME-Version: 1.0\r\n\r\n" + (b"x" * 76 + b"\r\n") * 52
 
@@ -112,7 +94,7 @@ def main() -> int:
         cmd += ["--quiet", "--latency-ms", latency]
         sink = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            if not wait_port(port):
+            if not port_open(port, 30.0):
                 print("error: fastsend sink did not start", file=sys.stderr)
                 return 2
             got = {}

@@ -29,55 +29,15 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shutil
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
+from _common import free_port, machine, port_open, program
+
 PAYLOAD = 4096  # smtp-source -l: payload bytes, headers not included
 Measured = tuple[float, float, float]  # msgs/s, CPU us/msg (process), CPU us/msg (send phase)
-
-
-def find(name: str) -> str:
-    path = shutil.which(name) or (
-        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else ""
-    )
-    if not path:
-        sys.exit(f"error: {name} not found (install Debian's postfix package)")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.02)
-    return False
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
 def run_measured(cmd: list[str]) -> tuple[int, float, float, str]:
@@ -220,7 +180,7 @@ def main() -> int:
     sessions = [
         int(x) for x in (args.sessions or ("10" if args.quick else "5,10,20,50")).split(",")
     ]
-    sink_exe, source_exe = find("smtp-sink"), find("smtp-source")
+    sink_exe, source_exe = program("smtp-sink"), program("smtp-source")
     port = free_port()
     sink_cmd = [sink_exe, "-4"]
     if os.geteuid() == 0:
@@ -230,7 +190,7 @@ def main() -> int:
     failed = False
     rows: list[tuple[str, int, float, float]] = []  # (who, setting, msgs/s, us/msg)
     try:
-        if not wait_port(port):
+        if not port_open(port):
             print("error: smtp-sink did not start", file=sys.stderr)
             return 2
         print(f"machine: {machine()}")
