@@ -106,11 +106,7 @@ class Worker:
             camp = Campaign.from_dict(spec)
             r = self.renderers[campaign_id] = camp.compile()
             # Tracking links are signed per recipient: such a campaign is personalised.
-            self.personalised[campaign_id] = (
-                bool(camp.all_variables)
-                or _uses_email(spec)
-                or getattr(r, "tracker", None) is not None
-            )
+            self.personalised[campaign_id] = camp.personalised or r.tracker is not None
         return r
 
     async def handle_batch(self, batch: wire.Batch) -> None:
@@ -393,10 +389,6 @@ def _literal(v: Any) -> Any:
     if isinstance(v, list):
         return [_literal(x) for x in v]
     return v
-
-
-def _uses_email(spec: dict[str, Any]) -> bool:
-    return "email" in orjson.dumps(spec).decode()
 
 
 def run_worker(index: int, config: Config, ips: list[str], inbox: Ring, outbox: Ring) -> int:

@@ -184,6 +184,17 @@ class Campaign:
             names |= t.names
         return names - self._builtins
 
+    @property
+    def personalised(self) -> bool:
+        """Whether recipients get different text: any placeholder other than
+        ``message_id`` (a column, ``email``, ...). Messages that are not may share
+        one multi-recipient transaction (signed tracking links are checked by the
+        caller on the Renderer, which owns them)."""
+        names: set[str] = set()
+        for t in self._templates.values():
+            names |= t.names
+        return bool(names - {"message_id"})
+
     def check_columns(self, columns: Iterable[str]) -> None:
         """CampaignError naming each needed variable that is not a column."""
         missing = self.variables - set(columns)
