@@ -169,7 +169,9 @@ class SubmissionConfig:
     listen: list[tuple[str, int]]
     ssl: ssl.SSLContext
     hostname: str = "localhost"
-    max_size: int = 25 * 1024 * 1024
+    # As the HTTP API's body limit: a message spooled base64-encoded must still
+    # cross a worker ring (32 MB) in one record, else it would bounce after the 250.
+    max_size: int = 16 * 1024 * 1024
     users: dict[str, str] = field(default_factory=dict)
 
     @classmethod
