@@ -19,6 +19,11 @@ text = "Hi {{ name }}, message for {{ email }}.\\n"
 """
 
 
+def spool_rows(n: int, domain: str = "example.com") -> list[tuple[str, str, bytes]]:
+    """(rcpt, domain, vars) rows for Spool.add_messages."""
+    return [(f"u{i}@{domain}", domain, orjson.dumps({"i": str(i)})) for i in range(n)]
+
+
 def write_campaign(tmp: Path, text: str = CAMPAIGN) -> Path:
     p = tmp / "campaign.toml"
     p.write_text(text)

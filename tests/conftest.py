@@ -126,6 +126,28 @@ def postfix_sink() -> Iterator[PostfixSink]:
         proc.wait(5)
 
 
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A real redis-server on a free loopback port (tests/_redis_helpers.py);
+    each ``url()`` gets a fresh key prefix, so tests share the server safely."""
+    from tests._redis_helpers import start_redis  # it imports this module
+
+    with start_redis() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Any]:
+    """Opens the same spool again on each call: SQLite, then Redis (one node)."""
+    from fastsend.spool import open_spool
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    if request.param == "sqlite":
+        return lambda: SQLiteSpool(str(tmp_path))
+    url = request.getfixturevalue("redis_server").url(node="n1", dir=str(tmp_path))
+    return lambda: open_spool(url)
+
+
 @pytest.fixture
 def dns_server() -> Iterator[DNSServer]:
     """An empty DNS server on 127.0.0.1; tests call ``set_zones``."""

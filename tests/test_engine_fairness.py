@@ -17,20 +17,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from tests._redis_helpers import RedisServer, start_redis
 
 from fastsend import config as cfgmod
 from fastsend.events import EventLog
 from fastsend.message import Campaign
 from fastsend.queue.supervisor import Supervisor
 from fastsend.sink import SinkThread
-from fastsend.spool import DEFERRED, Result, Spool, open_spool
+from fastsend.spool import DEFERRED, Result, Spool
 from fastsend.spool.sqlite import SQLiteSpool
 
 SPEC = {"from": "Fair <news@sender.example.com>", "subject": "Hi", "text": "Hi {{ email }}\n"}
@@ -179,23 +178,8 @@ def test_sigterm_drain_hands_back_a_throttled_window(tmp_path: Path) -> None:
 # -- the spool side: requeue, in both backends ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with start_redis() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Spool]:
-    if request.param == "sqlite":
-        return lambda: SQLiteSpool(str(tmp_path))
-    server: RedisServer = request.getfixturevalue("redis_server")
-    url = server.url(node="n1", dir=str(tmp_path), prefix=f"fair{time.monotonic_ns()}")
-    return lambda: open_spool(url)
-
-
-def test_requeue_keeps_attempts_and_last_reply(make: Callable[[], Spool]) -> None:
-    s = make()
+def test_requeue_keeps_attempts_and_last_reply(make_spool: Callable[[], Spool]) -> None:
+    s = make_spool()
     cid = s.create_campaign({"from": "a@b.example"}, name="c")
     now = time.time()
     ids = s.add_messages(cid, [(f"u{i}@x.example", "x.example", b"{}") for i in range(3)], now)

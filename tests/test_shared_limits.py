@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
-from collections.abc import Iterator
 
 import pytest
-from tests._redis_helpers import RedisServer, start_redis
+from tests._redis_helpers import RedisServer
 
 from fastsend.shared_limits import SharedLimits
 from fastsend.throttle import PyGcra
 
 RATE, BURST, T = 200.0, 20, 5.0  # 5,000 us interval: Gcra's decisions exactly
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with start_redis() as server:
-        yield server
 
 
 def test_same_answers_as_gcra(redis_server: RedisServer) -> None:

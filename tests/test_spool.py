@@ -1,36 +1,40 @@
-"""The SQLite spool: durability, claiming, results, recovery, shape."""
+"""The spool seam's semantics, run on both backends (SQLite and Redis):
+durability, claiming, results, recovery, campaigns, shape."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
+from tests._engine_helpers import spool_rows
 
 from fastsend.spool import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
+    SUPPRESSED,
     Result,
+    Spool,
 )
 from fastsend.spool.sqlite import SpoolError, SQLiteSpool
 
-
-def rows(n: int, domain: str = "example.com") -> list[tuple[str, str, bytes]]:
-    return [(f"u{i}@{domain}", domain, orjson.dumps({"i": str(i)})) for i in range(n)]
+Factory = Callable[[], Spool]
 
 
-def test_add_claim_record_and_counts(tmp_path: Path) -> None:
-    s = SQLiteSpool(str(tmp_path))
+def test_add_claim_record_and_counts(make_spool: Factory) -> None:
+    s = make_spool()
     cid = s.create_campaign({"from": "a@b.example"}, name="c1")
     now = time.time()
-    ids = s.add_messages(cid, rows(10), now)
+    ids = s.add_messages(cid, spool_rows(10), now)
     assert len(ids) == 10 and len(set(ids)) == 10
     claimed = s.claim_due(now, 4)
     assert len(claimed) == 4
+    assert claimed[0].vars == orjson.dumps({"i": claimed[0].rcpt[1:].split("@")[0]})
+    assert claimed[0].created == pytest.approx(now) and claimed[0].attempts == 0
     assert s.counts()["inflight"] == 4 and s.counts()["queued"] == 6
-    # Claimed rows are not claimed twice.
     again = s.claim_due(now, 100)
     assert {c.id for c in again}.isdisjoint({c.id for c in claimed})
     assert len(again) == 6
@@ -47,33 +51,36 @@ def test_add_claim_record_and_counts(tmp_path: Path) -> None:
     assert c["inflight"] == 7
     m = s.message(claimed[1].id)
     assert m is not None and m["state"] == "bounced" and m["last_enhanced"] == "5.1.1"
-    # A deferred message is not due before its time, and is due after it.
+    assert m["attempts"] == 1 and m["last_code"] == 550 and m["campaign"] == cid
+    assert s.message(10**9) is None
     s.release([x.id for x in again] + [claimed[3].id])
+    assert s.counts(cid)["queued"] == 7
     assert claimed[2].id not in {x.id for x in s.claim_due(now + 1, 100)}
-    assert [x.id for x in s.claim_due(now + 61, 100)] == [claimed[2].id]
+    got = s.claim_due(now + 61, 100)
+    assert [x.id for x in got] == [claimed[2].id] and got[0].attempts == 1
+    s.close()
 
 
-def test_durable_across_reopen_and_recover_inflight(tmp_path: Path) -> None:
-    s = SQLiteSpool(str(tmp_path))
+def test_durable_across_reopen_and_recover_inflight(make_spool: Factory) -> None:
+    s = make_spool()
     cid = s.create_campaign({"from": "a@b.example"})
     now = time.time()
-    s.add_messages(cid, rows(100), now)
+    s.add_messages(cid, spool_rows(100), now)
     s.claim_due(now, 30)
-    # Simulate a crash: no close, a new process opens the same spool.
-    s2 = SQLiteSpool(str(tmp_path))
+    s2 = make_spool()  # a crash: no close, a new process opens the same spool
     assert s2.counts()["inflight"] == 30
     assert s2.recover() == 30
     assert s2.counts()["queued"] == 100
     assert len(s2.claim_due(now, 1000)) == 100
 
 
-def test_paused_campaign_is_not_claimed(tmp_path: Path) -> None:
-    s = SQLiteSpool(str(tmp_path))
+def test_paused_and_cancelled_campaigns(make_spool: Factory) -> None:
+    s = make_spool()
     a = s.create_campaign({"from": "a@b.example"})
-    b = s.create_campaign({"from": "a@b.example"})
+    b = s.create_campaign({"from": "a@b.example"}, name="bee", tenant="t2", options={"x": 1})
     now = time.time()
-    s.add_messages(a, rows(5, "a.example"), now)
-    s.add_messages(b, rows(5, "b.example"), now)
+    s.add_messages(a, spool_rows(5, "a.example"), now)
+    s.add_messages(b, spool_rows(5, "b.example"), now)
     s.set_campaign_status(a, "paused")
     got = s.claim_due(now, 100)
     assert {c.campaign for c in got} == {b}
@@ -81,27 +88,54 @@ def test_paused_campaign_is_not_claimed(tmp_path: Path) -> None:
     assert {c.campaign for c in s.claim_due(now, 100)} == {a}
     with pytest.raises(ValueError):
         s.set_campaign_status(a, "bogus")
-    # Cancelling makes the pending rows final (cancelled), leaving others alone.
     c = s.create_campaign({"from": "a@b.example"})
-    s.add_messages(c, rows(4, "c.example"), now)
+    s.add_messages(c, spool_rows(4, "c.example"), now)
     inflight = s.claim_due(now, 1)[0]
     s.set_campaign_status(c, "cancelled")
     counts = s.counts(c)
     assert counts["cancelled"] == 3 and counts["inflight"] == 1
     assert inflight.campaign == c
     assert s.next_due() is None
+    # Its attempt comes back deferred: final (cancelled), not deferred for ever.
+    s.record_results([Result(inflight.id, DEFERRED, 1, now + 60, 451, "4.0.0", "x")], now)
+    assert s.counts(c)["cancelled"] == 4 and s.counts(c)["deferred"] == 0
+    assert s.next_due() is None and s.claim_due(now + 3600, 10) == []
+    info = s.get_campaign(b)
+    assert info is not None and (info.name, info.tenant, info.options) == ("bee", "t2", {"x": 1})
+    assert info.status == "active" and info.spec == {"from": "a@b.example"}
+    assert [x.status for x in s.list_campaigns()] == ["active", "active", "cancelled"]
+    assert s.get_campaign(999) is None
+    s.set_campaign_status(999, "paused")  # no such campaign: nothing happens
+    assert s.get_campaign(999) is None
 
 
-def test_queue_shape_and_next_due(tmp_path: Path) -> None:
-    s = SQLiteSpool(str(tmp_path))
+def test_queue_shape_next_due_and_suppressed(make_spool: Factory) -> None:
+    s = make_spool()
     cid = s.create_campaign({"from": "a@b.example"})
     now = time.time()
-    s.add_messages(cid, rows(3, "x.example"), now - 3600)  # an hour old
-    s.add_messages(cid, rows(2, "y.example"), now)
+    s.add_messages(cid, spool_rows(3, "x.example"), now - 3600)  # an hour old
+    s.add_messages(cid, spool_rows(2, "y.example"), now)
+    s.add_messages(cid, spool_rows(4, "z.example"), now, state=SUPPRESSED)
+    s.claim_due(now - 3600, 1)  # in flight still counts in the shape
     shape = dict(s.queue_shape(now))
     assert sum(shape["x.example"]) == 3 and shape["x.example"][4] == 3  # 40..80 min bucket
-    assert shape["y.example"][0] == 2
-    assert s.next_due() == pytest.approx(now - 3600)
+    assert shape["y.example"][0] == 2 and "z.example" not in shape
+    assert s.next_due() == pytest.approx(now - 3600, abs=1e-3)
+    assert s.counts(cid)["suppressed"] == 4
+    assert len(s.claim_due(now, 100)) == 4  # suppressed rows are never due
+
+
+def test_ordering_oldest_due_first_across_campaigns(make_spool: Factory) -> None:
+    s = make_spool()
+    a = s.create_campaign({"from": "a@b.example"})
+    b = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    s.add_messages(a, spool_rows(3, "a.example"), now - 10)
+    s.add_messages(b, spool_rows(3, "b.example"), now - 20)
+    s.add_messages(a, spool_rows(3, "a2.example"), now - 30)
+    got = s.claim_due(now, 6)
+    # Which ones, not their order (SQLite's RETURNING order is unspecified).
+    assert sorted(c.domain for c in got) == ["a2.example"] * 3 + ["b.example"] * 3
 
 
 def test_readonly_view_and_missing_spool(tmp_path: Path) -> None:
@@ -109,7 +143,7 @@ def test_readonly_view_and_missing_spool(tmp_path: Path) -> None:
         SQLiteSpool(str(tmp_path / "nope"), readonly=True)
     s = SQLiteSpool(str(tmp_path))
     cid = s.create_campaign({"from": "a@b.example"})
-    s.add_messages(cid, rows(3), time.time())
+    s.add_messages(cid, spool_rows(3), time.time())
     ro = SQLiteSpool(str(tmp_path), readonly=True)
     assert ro.counts()["queued"] == 3
     assert ro.get_campaign(cid) is not None

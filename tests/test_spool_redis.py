@@ -9,172 +9,30 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psutil
-import pytest
 from tests._engine_helpers import (
     fastsend_cmd,
     received_counts,
     sink_log,
+    spool_rows,
     summary,
     write_campaign,
 )
-from tests._redis_helpers import RedisServer, start_redis
+from tests._redis_helpers import RedisServer
 
 from fastsend.sink import SinkProcess
 from fastsend.spool import (
-    BOUNCED,
-    DEFERRED,
     DELIVERED,
-    SUPPRESSED,
     Result,
-    Spool,
     open_spool,
     spool_local_dir,
 )
 from fastsend.spool.redis import RedisSpool, parse_url
 from fastsend.spool.sqlite import SQLiteSpool
-
-Factory = Callable[[], Spool]
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with start_redis() as server:
-        yield server
-
-
-def rows(n: int, domain: str = "example.com") -> list[tuple[str, str, bytes]]:
-    return [(f"u{i}@{domain}", domain, orjson.dumps({"i": str(i)})) for i in range(n)]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
-    """Opens the same spool again on each call (the same node, for Redis)."""
-    if request.param == "sqlite":
-        return lambda: SQLiteSpool(str(tmp_path))
-    server: RedisServer = request.getfixturevalue("redis_server")
-    url = server.url(node="n1", dir=str(tmp_path))
-    return lambda: open_spool(url)
-
-
-def test_add_claim_record_and_counts(make: Factory) -> None:
-    s = make()
-    cid = s.create_campaign({"from": "a@b.example"}, name="c1")
-    now = time.time()
-    ids = s.add_messages(cid, rows(10), now)
-    assert len(ids) == 10 and len(set(ids)) == 10
-    claimed = s.claim_due(now, 4)
-    assert len(claimed) == 4
-    assert claimed[0].vars == orjson.dumps({"i": claimed[0].rcpt[1:].split("@")[0]})
-    assert claimed[0].created == pytest.approx(now) and claimed[0].attempts == 0
-    assert s.counts()["inflight"] == 4 and s.counts()["queued"] == 6
-    again = s.claim_due(now, 100)
-    assert {c.id for c in again}.isdisjoint({c.id for c in claimed})
-    assert len(again) == 6
-    s.record_results(
-        [
-            Result(claimed[0].id, DELIVERED, 1, 0, 250, "2.0.0", "ok"),
-            Result(claimed[1].id, BOUNCED, 1, 0, 550, "5.1.1", "no such user"),
-            Result(claimed[2].id, DEFERRED, 1, now + 60, 451, "4.7.1", "later"),
-        ],
-        now,
-    )
-    c = s.counts(cid)
-    assert c["delivered"] == 1 and c["bounced"] == 1 and c["deferred"] == 1
-    assert c["inflight"] == 7
-    m = s.message(claimed[1].id)
-    assert m is not None and m["state"] == "bounced" and m["last_enhanced"] == "5.1.1"
-    assert m["attempts"] == 1 and m["last_code"] == 550 and m["campaign"] == cid
-    assert s.message(10**9) is None
-    s.release([x.id for x in again] + [claimed[3].id])
-    assert s.counts(cid)["queued"] == 7
-    assert claimed[2].id not in {x.id for x in s.claim_due(now + 1, 100)}
-    got = s.claim_due(now + 61, 100)
-    assert [x.id for x in got] == [claimed[2].id] and got[0].attempts == 1
-    s.close()
-
-
-def test_durable_across_reopen_and_recover_inflight(make: Factory) -> None:
-    s = make()
-    cid = s.create_campaign({"from": "a@b.example"})
-    now = time.time()
-    s.add_messages(cid, rows(100), now)
-    s.claim_due(now, 30)
-    s2 = make()  # a crash: no close, a new process opens the same spool
-    assert s2.counts()["inflight"] == 30
-    assert s2.recover() == 30
-    assert s2.counts()["queued"] == 100
-    assert len(s2.claim_due(now, 1000)) == 100
-
-
-def test_paused_and_cancelled_campaigns(make: Factory) -> None:
-    s = make()
-    a = s.create_campaign({"from": "a@b.example"})
-    b = s.create_campaign({"from": "a@b.example"}, name="bee", tenant="t2", options={"x": 1})
-    now = time.time()
-    s.add_messages(a, rows(5, "a.example"), now)
-    s.add_messages(b, rows(5, "b.example"), now)
-    s.set_campaign_status(a, "paused")
-    got = s.claim_due(now, 100)
-    assert {c.campaign for c in got} == {b}
-    s.set_campaign_status(a, "active")
-    assert {c.campaign for c in s.claim_due(now, 100)} == {a}
-    with pytest.raises(ValueError):
-        s.set_campaign_status(a, "bogus")
-    c = s.create_campaign({"from": "a@b.example"})
-    s.add_messages(c, rows(4, "c.example"), now)
-    inflight = s.claim_due(now, 1)[0]
-    s.set_campaign_status(c, "cancelled")
-    counts = s.counts(c)
-    assert counts["cancelled"] == 3 and counts["inflight"] == 1
-    assert inflight.campaign == c
-    assert s.next_due() is None
-    # Its attempt comes back deferred: final (cancelled), not deferred for ever.
-    s.record_results([Result(inflight.id, DEFERRED, 1, now + 60, 451, "4.0.0", "x")], now)
-    assert s.counts(c)["cancelled"] == 4 and s.counts(c)["deferred"] == 0
-    assert s.next_due() is None and s.claim_due(now + 3600, 10) == []
-    info = s.get_campaign(b)
-    assert info is not None and (info.name, info.tenant, info.options) == ("bee", "t2", {"x": 1})
-    assert info.status == "active" and info.spec == {"from": "a@b.example"}
-    assert [x.status for x in s.list_campaigns()] == ["active", "active", "cancelled"]
-    assert s.get_campaign(999) is None
-    s.set_campaign_status(999, "paused")  # no such campaign: nothing happens
-    assert s.get_campaign(999) is None
-
-
-def test_queue_shape_next_due_and_suppressed(make: Factory) -> None:
-    s = make()
-    cid = s.create_campaign({"from": "a@b.example"})
-    now = time.time()
-    s.add_messages(cid, rows(3, "x.example"), now - 3600)  # an hour old
-    s.add_messages(cid, rows(2, "y.example"), now)
-    s.add_messages(cid, rows(4, "z.example"), now, state=SUPPRESSED)
-    s.claim_due(now - 3600, 1)  # in flight still counts in the shape
-    shape = dict(s.queue_shape(now))
-    assert sum(shape["x.example"]) == 3 and shape["x.example"][4] == 3  # 40..80 min bucket
-    assert shape["y.example"][0] == 2 and "z.example" not in shape
-    assert s.next_due() == pytest.approx(now - 3600, abs=1e-3)
-    assert s.counts(cid)["suppressed"] == 4
-    assert len(s.claim_due(now, 100)) == 4  # suppressed rows are never due
-
-
-def test_ordering_oldest_due_first_across_campaigns(make: Factory) -> None:
-    s = make()
-    a = s.create_campaign({"from": "a@b.example"})
-    b = s.create_campaign({"from": "a@b.example"})
-    now = time.time()
-    s.add_messages(a, rows(3, "a.example"), now - 10)
-    s.add_messages(b, rows(3, "b.example"), now - 20)
-    s.add_messages(a, rows(3, "a2.example"), now - 30)
-    got = s.claim_due(now, 6)
-    # Which ones, not their order (SQLite's RETURNING order is unspecified).
-    assert sorted(c.domain for c in got) == ["a2.example"] * 3 + ["b.example"] * 3
-
 
 # -- Redis only: nodes, leases, atomic claims ----------------------------------
 
@@ -195,7 +53,7 @@ def test_a_dead_nodes_window_comes_back_after_its_lease(redis_server: RedisServe
     b = RedisSpool(url + "&node=b&lease=0.3")
     cid = a.create_campaign({"from": "a@b.example"})
     now = time.time()
-    a.add_messages(cid, rows(50), now)
+    a.add_messages(cid, spool_rows(50), now)
     held = {c.id for c in a.claim_due(now, 20)}
     # b starting up does not take a live node's window...
     assert b.recover() == 0
@@ -230,7 +88,7 @@ def test_claims_are_atomic_across_nodes(redis_server: RedisServer) -> None:
     cid = seed.create_campaign({"from": "a@b.example"})
     now = time.time()
     for j in range(5):
-        seed.add_messages(cid, rows(1000, f"d{j}.example"), now)
+        seed.add_messages(cid, spool_rows(1000, f"d{j}.example"), now)
     got: list[list[int]] = [[] for _ in range(4)]
 
     def node(i: int) -> None:
