@@ -49,6 +49,17 @@ def run_fastsend(*args: str, timeout: float = 120) -> subprocess.CompletedProces
     )
 
 
+def send_via(
+    campaign: Path, rcpts: Path, sink: tuple[str, int], spool: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``fastsend send`` routed to a test sink, JSON summary, no progress line."""
+    host, port = sink
+    return run_fastsend(
+        "send", str(campaign), "-r", str(rcpts), "--route", f"*={host}:{port}",
+        "--spool", str(spool), "--json", "--no-progress", *extra,
+    )  # fmt: skip
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("FASTSEND_NO_EXTENSIONS", None)

@@ -10,6 +10,7 @@ import orjson
 from tests._engine_helpers import (
     received_counts,
     run_fastsend,
+    send_via,
     sink_log,
     summary,
     write_campaign,
@@ -29,22 +30,16 @@ def test_20000_recipients_exactly_once_from_every_source_ip(tmp_path: Path) -> N
     log = tmp_path / "sink.jsonl"
     with SinkProcess("--log", str(log)) as sink:
         host, port = sink.addresses[0]
-        proc = run_fastsend(
-            "send",
-            str(camp),
-            "-r",
-            str(rcpts),
-            "--route",
-            f"*={host}:{port}",
+        proc = send_via(
+            camp,
+            rcpts,
+            (host, port),
+            tmp_path / "spool",
             "--source-ip",
             ",".join(IPS),
             "--workers",
             "2",
-            "--spool",
-            str(tmp_path / "spool"),
-            "--json",
             "--no-dkim",
-            "--no-progress",
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary(proc)
@@ -81,26 +76,20 @@ def test_faults_retry_defer_expire_and_bounce(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     with SinkProcess("--log", str(log)) as sink:
         host, port = sink.addresses[0]
-        proc = run_fastsend(
-            "send",
-            str(camp),
-            "-r",
-            str(rcpts),
-            "--route",
-            f"*={host}:{port}",
+        proc = send_via(
+            camp,
+            rcpts,
+            (host, port),
+            spool,
             "--source-ip",
             "127.0.0.2",
             "--workers",
             "1",
-            "--spool",
-            str(spool),
             "--retry",
             "0.2,0.4,2.5",
             "--max-wait",
             "5",
-            "--json",
             "--no-dkim",
-            "--no-progress",
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary(proc)
@@ -263,11 +252,7 @@ def test_a_long_list_is_spooled_while_delivery_runs(tmp_path: Path) -> None:
     log = tmp_path / "sink.jsonl"
     with SinkProcess("--log", str(log)) as sink:
         host, port = sink.addresses[0]
-        proc = run_fastsend(
-            "send", str(camp), "-r", str(rcpts), "--route", f"*={host}:{port}",
-            "--workers", "2", "--spool", str(tmp_path / "spool"), "--json", "--no-dkim",
-            "--no-progress",
-        )  # fmt: skip
+        proc = send_via(camp, rcpts, (host, port), tmp_path / "spool", "--workers", "2", "--no-dkim")  # fmt: skip
     assert proc.returncode == 1 and "line 4501" in proc.stderr
     s = summary(proc)
     assert s["delivered"] == n and s["rejected_rows"] == 1

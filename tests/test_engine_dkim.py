@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dkim
 import orjson
-from tests._engine_helpers import run_fastsend, summary, write_recipients
+from tests._engine_helpers import run_fastsend, send_via, summary, write_recipients
 
 from fastsend import msgid
 from fastsend.sink import SinkProcess
@@ -52,20 +52,7 @@ def test_dkim_signed_campaign_verifies_at_the_sink(tmp_path: Path) -> None:
     log = tmp_path / "sink.jsonl"
     with SinkProcess("--save", str(saved), "--log", str(log)) as sink:
         host, port = sink.addresses[0]
-        proc = run_fastsend(
-            "send",
-            str(camp),
-            "-r",
-            str(rcpts),
-            "--route",
-            f"*={host}:{port}",
-            "--workers",
-            "1",
-            "--spool",
-            str(tmp_path / "spool"),
-            "--json",
-            "--no-progress",
-        )
+        proc = send_via(camp, rcpts, (host, port), tmp_path / "spool", "--workers", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert summary(proc)["delivered"] == 20
 

@@ -12,6 +12,7 @@ import orjson
 from tests._engine_helpers import (
     received_counts,
     run_fastsend,
+    send_via,
     sink_log,
     summary,
     write_campaign,
@@ -88,20 +89,8 @@ def test_identical_messages_share_transactions_and_connections(tmp_path: Path) -
     log = tmp_path / "sink.jsonl"
     with SinkProcess("--log", str(log)) as sink:
         host, port = sink.addresses[0]
-        proc = run_fastsend(
-            "send",
-            str(camp),
-            "-r",
-            str(rcpts),
-            "--route",
-            f"*={host}:{port}",
-            "--workers",
-            "1",
-            "--spool",
-            str(tmp_path / "spool"),
-            "--json",
-            "--no-dkim",
-            "--no-progress",
+        proc = send_via(
+            camp, rcpts, (host, port), tmp_path / "spool", "--workers", "1", "--no-dkim"
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert summary(proc)["delivered"] == 120
