@@ -19,6 +19,7 @@ It does not connect anywhere; delivery/pool.py does.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import time
 from dataclasses import dataclass
@@ -183,8 +184,6 @@ def _put(
 
 
 def _is_ip(name: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(name)
         return True

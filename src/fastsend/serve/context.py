@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastsend import msgid
 from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.queue.supervisor import Supervisor
@@ -133,13 +134,6 @@ class ServeContext:
         self.spool.close()
 
 
-def load_secret(config: Config) -> bytes:
-    """[tracking] secret from the config, else <spool>/secret.key (made once, 0600)."""
-    from fastsend.msgid import load_secret as _load
-
-    return _load(config)
-
-
 def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeContext:
     """Open the spool, event log and suppression list named by the config."""
     spool = SQLiteSpool(config.spool_dir)
@@ -151,5 +145,5 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
         events=events,
         suppression=suppression,
         supervisor=supervisor,
-        secret=load_secret(config),
+        secret=config.secret or msgid.load_secret(config),
     )
