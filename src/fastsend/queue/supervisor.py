@@ -103,7 +103,6 @@ class Supervisor:
         until_idle: bool = True,
         max_wait: float = 300.0,
         on_tick: Callable[[Supervisor], None] | None = None,
-        campaigns: set[int] | None = None,
         feeder: Iterator[object] | None = None,
     ) -> None:
         # feeder: a generator that spools more mail (one chunk per step) while
@@ -119,7 +118,6 @@ class Supervisor:
         self.until_idle = until_idle
         self.max_wait = max_wait
         self.on_tick = on_tick
-        self.campaign_filter = campaigns
         self.stats = RunStats()
         self.slots = [WorkerSlot(i, config.ips_for_worker(i)) for i in range(config.worker_count)]
         self.results: list[Result] = []
@@ -127,10 +125,8 @@ class Supervisor:
         self.event_buf: list[dict[str, Any]] = []
         self.draining = False
         self.stopping = False
-        self.finished = asyncio.Event()
         self.spec_cache: dict[int, dict[str, Any]] = {}
         self.wake = asyncio.Event()
-        self.paused_campaigns: set[int] = set()
         self.result_hooks: list[Callable[[Claimed, wire.Res, int], None]] = []
         self.failed_hooks: set[str] = set()
         # Shaping that spans workers: dispatch rates, guardrails, pools, warm-up state.
