@@ -94,11 +94,23 @@ class DNSServer:
         self.resolver = _ZoneResolver(zones or {}, default_ttl)
         self.address = address
         quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
-        self._udp = _LibServer(self.resolver, address=address, port=port, tcp=False, logger=quiet)
-        self.port: int = self._udp.server.server_address[1]
-        self._tcp = _LibServer(
-            self.resolver, address=address, port=self.port, tcp=True, logger=quiet
-        )
+        # UDP and TCP share one port number. With port 0 the kernel picks a free UDP
+        # port, and the same TCP port may be taken (another test's connection):
+        # then try another port rather than fail.
+        for attempt in range(50):
+            self._udp = _LibServer(
+                self.resolver, address=address, port=port, tcp=False, logger=quiet
+            )
+            self.port: int = self._udp.server.server_address[1]
+            try:
+                self._tcp = _LibServer(
+                    self.resolver, address=address, port=self.port, tcp=True, logger=quiet
+                )
+                break
+            except OSError:
+                self._udp.server.server_close()
+                if port or attempt == 49:
+                    raise
 
     @property
     def nameserver(self) -> str:
