@@ -228,7 +228,11 @@ def test_auth_401_403_and_rate_limit(tmp_path: Any) -> None:
         assert st == 202
         mid = body["messages"][0]["ids"][0]
         st, err = await c.req("GET", f"/v1/messages/{mid}", tenant="other")
-        assert st == 403, err
+        st2, err2 = await c.req("GET", "/v1/messages/999999", tenant="other")
+        assert st == 404, err  # exactly as a missing id: ids reveal nothing
+        assert err["error"]["message"].replace(str(mid), "N") == err2["error"]["message"].replace(
+            "999999", "N"
+        )
         st, _ = await c.req("GET", f"/v1/messages/{mid}", headers={})
         assert st == 200
         st, _ = await c.req("GET", "/v1/messages/999999")

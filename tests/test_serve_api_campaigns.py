@@ -71,11 +71,11 @@ def test_campaign_lifecycle(tmp_path: Any) -> None:
         assert st == 409
         st, lst = await c.req("GET", "/v1/campaigns")
         assert [x["id"] for x in lst["campaigns"]] == [cid]
-        # other tenant: 403; unknown: 404; bad id: 400
+        # other tenant: 404 as unknown; bad id: 400
         st, _ = await c.req("GET", f"/v1/campaigns/{cid}", tenant="other")
-        assert st == 403
+        assert st == 404
         st, _ = await c.req("POST", f"/v1/campaigns/{cid}/pause", tenant="other")
-        assert st == 403
+        assert st == 404
         st, _ = await c.req("GET", "/v1/campaigns/424242")
         assert st == 404
         st, _ = await c.req("GET", "/v1/campaigns/x")

@@ -460,15 +460,15 @@ HOSTILE: list[tuple[str, str, str, Any, list[tuple[str, str]], str | None, int, 
      {"recipients": [{"email": "ok@example.org", "name": "x"}, {"email": "bad"}]}, [], "acme",
      400, "recipients[1]"),
     # another tenant's resources
-    ("other-message", "GET", "/v1/messages/{kept}", None, [], "acme", 403, None),
-    ("other-campaign", "GET", "/v1/campaigns/{kept_campaign}", None, [], "acme", 403, None),
-    ("other-pause", "POST", "/v1/campaigns/{kept_campaign}/pause", None, [], "acme", 403, None),
-    ("other-cancel", "POST", "/v1/campaigns/{kept_campaign}/cancel", None, [], "acme", 403, None),
+    ("other-message", "GET", "/v1/messages/{kept}", None, [], "acme", 404, None),
+    ("other-campaign", "GET", "/v1/campaigns/{kept_campaign}", None, [], "acme", 404, None),
+    ("other-pause", "POST", "/v1/campaigns/{kept_campaign}/pause", None, [], "acme", 404, None),
+    ("other-cancel", "POST", "/v1/campaigns/{kept_campaign}/cancel", None, [], "acme", 404, None),
     ("other-recipients", "POST", "/v1/campaigns/{kept_campaign}/recipients",
-     {"recipients": [{"email": "x@example.org", "name": "x"}]}, [], "acme", 403, None),
+     {"recipients": [{"email": "x@example.org", "name": "x"}]}, [], "acme", 404, None),
     ("other-template", "POST", "/v1/messages",
      {"to": "a@example.org", "template": "{kept_campaign}", "variables": {"name": "x"}}, [],
-     "acme", 403, None),
+     "acme", 400, "message.template"),
 ]  # fmt: skip
 
 

@@ -35,7 +35,7 @@ from fastsend.message.mime import Renderer
 from fastsend.message.template import Template, TemplateError
 from fastsend.message.tracking import check_spec as check_tracking
 
-__all__ = ["BUILTIN_VARIABLES", "Campaign"]
+__all__ = ["BUILTIN_VARIABLES", "Campaign", "PathKeyError", "check_inline"]
 
 BUILTIN_VARIABLES = frozenset({"email", "message_id"})
 # Also built in when [tracking] signs unsubscribe links; otherwise a column like any other.
@@ -55,6 +55,51 @@ _RESERVED = {
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
 _DKIM_KEYS = {"domain", "selector", "key", "canonicalization", "headers"}
 _CANON = {"relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed"}
+
+
+class PathKeyError(CampaignError):
+    """A campaign from a tenant (HTTP API, SMTP) names a server file; ``key`` is its path."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def check_inline(d: Any) -> None:
+    """Refuse every key that would make the server read a file (:class:`PathKeyError`).
+
+    Campaigns that arrive over the network carry their content inline only:
+    ``text``/``html`` (not ``text_file``/``html_file``), attachments as
+    ``data_b64`` (not ``path``), no ``dkim`` table (keys are the operator's,
+    chosen by tenant and From domain) and no ``tracking.secret_file``. Called
+    before :meth:`Campaign.from_dict`, so nothing has been opened or even
+    stat()ed when it raises: an error never tells whether a path exists.
+    Campaign files given to the CLI by the operator may use paths.
+    """
+    if not isinstance(d, Mapping):
+        return  # from_dict reports the shape
+    for key in ("text_file", "html_file"):
+        if key in d:
+            raise PathKeyError(key, f"file paths are not accepted here; send {key[:-5]} inline")
+    atts = d.get("attachments")
+    for i, a in enumerate(_list(atts)):
+        if isinstance(a, str) or (isinstance(a, Mapping) and "path" in a):
+            raise PathKeyError(
+                f"attachments[{i}].path",
+                "file paths are not accepted here; send the content as data_b64 with a filename",
+            )
+    if "dkim" in d:
+        dk = d["dkim"]
+        first = dk[0] if isinstance(dk, list) and dk else dk
+        key = "dkim.key" if isinstance(first, Mapping) and "key" in first else "dkim"
+        raise PathKeyError(
+            key, "DKIM keys are the server's: they are chosen by tenant and From domain"
+        )
+    tracking = d.get("tracking")
+    if isinstance(tracking, Mapping) and "secret_file" in tracking:
+        raise PathKeyError(
+            "tracking.secret_file", "file paths are not accepted here; the server signs links"
+        )
 
 
 def _str(d: Mapping[str, Any], key: str, where: str = "") -> str | None:

@@ -8,7 +8,7 @@ application and owns what every route shares:
   max_body_bytes, rate_limit, rate_burst;
 - authentication: ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``) on
   every ``/v1`` route except the OpenAPI document; 401 without a valid key,
-  403 for another tenant's resource (:func:`require_tenant`);
+  another tenant's resource answers like a missing one (:func:`require_tenant`);
 - a GCRA rate limit per key (429 with Retry-After);
 - errors: every failure is JSON ``{"error": {"status", "message", "field"}}``;
   bad input is 400 naming the field, an oversized body 413, and an
@@ -236,9 +236,14 @@ def tenant_of(request: web.Request) -> str:
     return request[TENANT]
 
 
-def require_tenant(request: web.Request, owner: str) -> None:
+def require_tenant(request: web.Request, owner: str | None, missing: ApiError) -> None:
+    """``missing`` (the very answer a nonexistent id gets) unless the key's tenant owns it.
+
+    Another tenant's id answers exactly like an id that does not exist, so ids
+    reveal nothing about other tenants (not even that they exist).
+    """
     if owner != tenant_of(request):
-        raise ApiError(403, "this resource belongs to another tenant")
+        raise missing
 
 
 def _key_from(request: web.Request) -> str | None:

@@ -15,7 +15,8 @@
 - ``GET/POST /v1/suppressions``, ``DELETE /v1/suppressions/{address}``: the
   tenant's suppression list.
 
-All of it is scoped to the key's tenant (403 for another tenant's campaign).
+All of it is scoped to the key's tenant (another tenant's campaign is a 404, as a
+missing one).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from aiohttp import web
 from fastsend import recipients
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
+from fastsend.message.campaign import PathKeyError, check_inline
 from fastsend.serve.api import (
     ApiError,
     api_of,
@@ -73,10 +75,11 @@ class SuppressIn(msgspec.Struct, forbid_unknown_fields=True):
 def _own_campaign(request: web.Request) -> Any:
     api = api_of(request)
     cid = int_param(request.match_info["id"], "id")
+    missing = ApiError(404, f"no campaign {cid}")
     info = api.ctx.spool.get_campaign(cid)
     if info is None:
-        raise ApiError(404, f"no campaign {cid}")
-    require_tenant(request, info.tenant)
+        raise missing
+    require_tenant(request, info.tenant, missing)
     return info
 
 
@@ -165,7 +168,10 @@ async def create_campaign(request: web.Request) -> web.Response:
     api = api_of(request)
     body = decode_body(await read_body(request), CampaignIn)
     try:
+        check_inline(body.template)  # before anything could be read: no server files
         camp = Campaign.from_dict(body.template)
+    except PathKeyError as e:
+        raise bad(f"template.{e}", f"template.{e.key}") from None
     except CampaignError as e:
         raise bad(f"template: {e}", "template") from None
     rows = _json_rows(body.recipients, camp)

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
+from fastsend.message.campaign import PathKeyError, check_inline
 from fastsend.message.headers import HeaderError, parse_mailbox
 from fastsend.serve.api import (
     MAX_ID,
@@ -111,13 +112,17 @@ class MessagesHandler:
         api = api_of(request)
         tenant = tenant_of(request)
         if isinstance(tpl, int):
+            missing = bad(f"{where}: no template campaign {tpl}", where)
             info = api.ctx.spool.get_campaign(tpl) if 1 <= tpl <= MAX_ID else None
             if info is None or info.spec.get("kind") == "transactional":
-                raise bad(f"{where}: no template campaign {tpl}", where)
-            require_tenant(request, info.tenant)
+                raise missing
+            require_tenant(request, info.tenant, missing)
             return tpl, Campaign.from_dict(info.spec)
         try:
+            check_inline(tpl)  # before anything could be read: no server files
             camp = Campaign.from_dict(tpl)
+        except PathKeyError as e:
+            raise bad(f"{where}.{e}", f"{where}.{e.key}") from None
         except CampaignError as e:
             raise _campaign_error(e, where) from None
         spec = camp.to_dict()
@@ -277,10 +282,11 @@ class MessagesHandler:
     async def get(self, request: web.Request) -> web.Response:
         api = api_of(request)
         mid = int_param(request.match_info["id"], "id")
+        missing = ApiError(404, f"no message {mid}")
         row = api.ctx.spool.message(mid)
         if row is None:
-            raise ApiError(404, f"no message {mid}")
-        require_tenant(request, api.ctx.campaign_tenant(row["campaign"]))
+            raise missing
+        require_tenant(request, api.ctx.campaign_tenant(row["campaign"]), missing)
         tags, metadata = api.index.meta(mid)
         return json_response(
             {

@@ -9,7 +9,11 @@ request. Lookup is by id, then :func:`hmac.compare_digest` on the hashes, so
 timing says nothing about how much of a guess was right.
 
 The key itself is printed once by ``fastsend apikey create`` and never stored
-or logged. This module knows nothing of HTTP: :mod:`fastsend.serve.api` turns a
+or logged. A checked row is cached for at most :data:`CACHE_TTL` seconds, so a
+key revoked by ``fastsend apikey revoke`` (another process) stops working for
+the HTTP API and SMTP submission of a running server within a second, with no
+SIGHUP. The tenant name ``default`` is the operator's (CLI campaigns, unknown
+senders) and is never given to a key. This module knows nothing of HTTP: :mod:`fastsend.serve.api` turns a
 failed check into 401 and a tenant mismatch into 403.
 """
 
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 PREFIX = "fs_"
 _KEY_RE = re.compile(r"^fs_([a-z0-9]{8})_([A-Za-z0-9_-]{43})$")
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RESERVED_TENANTS = frozenset({"default"})  # the operator's (fastsend.suppression.DEFAULT_TENANT)
+CACHE_TTL = 0.5  # seconds a checked key row is trusted before the database is read again
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS apikeys (
@@ -62,6 +68,17 @@ def check_tenant(tenant: str) -> str:
     return tenant
 
 
+def check_key_tenant(tenant: str) -> str:
+    """A tenant an API key may be given: a good name, and not the operator's ``default``."""
+    check_tenant(tenant)
+    if tenant.lower() in RESERVED_TENANTS:
+        raise AuthError(
+            f"tenant {tenant!r} is reserved for the operator's CLI campaigns;"
+            " an API key needs a tenant of its own"
+        )
+    return tenant
+
+
 def _hash(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -79,7 +96,8 @@ class KeyStore:
             os.chmod(path, 0o600)
         except OSError:
             pass
-        self._cache: dict[str, tuple[bytes, str, float | None]] = {}
+        # id -> (hash, tenant, revoked, monotonic time read)
+        self._cache: dict[str, tuple[bytes, str, float | None, float]] = {}
 
     @classmethod
     def for_spool(cls, spool_dir: str) -> KeyStore:
@@ -87,7 +105,7 @@ class KeyStore:
 
     def create(self, tenant: str, note: str = "") -> tuple[str, ApiKey]:
         """A new key for ``tenant``: returns (the key, shown once; its record)."""
-        check_tenant(tenant)
+        check_key_tenant(tenant)
         while True:
             kid = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
             key = f"{PREFIX}{kid}_{secrets.token_urlsafe(32)}"
@@ -122,19 +140,25 @@ class KeyStore:
         if m is None:
             return None
         kid = m.group(1)
+        now = time.monotonic()
         row = self._cache.get(kid)
-        if row is None:
+        if row is None or now - row[3] > CACHE_TTL:
             r = self.db.execute(
                 "SELECT hash, tenant, revoked FROM apikeys WHERE id=?", (kid,)
             ).fetchone()
             if r is None:
+                self._cache.pop(kid, None)
                 # Same work as a hit, so a missing id costs the same time.
                 hmac.compare_digest(_hash(key), b"\0" * 32)
                 return None
-            row = self._cache[kid] = (bytes(r[0]), r[1], r[2])
-        stored, tenant, revoked = row
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            row = self._cache[kid] = (bytes(r[0]), r[1], r[2], now)
+        stored, tenant, revoked, _ = row
         if not hmac.compare_digest(_hash(key), stored) or revoked is not None:
             return None
+        if tenant.lower() in RESERVED_TENANTS:
+            return None  # a key made for "default" by an older version: never valid
         return kid, tenant
 
     def forget_cache(self) -> None:

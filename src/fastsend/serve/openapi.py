@@ -33,8 +33,8 @@ def _answers(ok: str, *codes: int, schema: dict[str, Any] | None = None) -> dict
     text = {
         400: "bad input (the error names the field)",
         401: "missing or invalid API key",
-        403: "another tenant's resource",
-        404: "not found",
+        403: "the From domain is not one of the tenant's domains",
+        404: "not found (another tenant's id answers the same)",
         409: "conflicting state",
         413: "body or batch too large",
         429: "rate limit of the key exceeded",
