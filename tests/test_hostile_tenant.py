@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import free_port, wait_port
+from conftest import free_port
 from fastsend.sink import SinkThread
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -229,7 +229,7 @@ def test_auth_401_403_and_rate_limit(tmp_path: Any) -> None:
         mid = body["messages"][0]["ids"][0]
         st, err = await c.req("GET", f"/v1/messages/{mid}", tenant="other")
         st2, err2 = await c.req("GET", "/v1/messages/999999", tenant="other")
-        assert st == 404, err  # exactly as a missing id: ids reveal nothing
+        assert st == st2 == 404, err  # exactly as a missing id: ids reveal nothing
         assert err["error"]["message"].replace(str(mid), "N") == err2["error"]["message"].replace(
             "999999", "N"
         )
