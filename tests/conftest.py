@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -153,3 +154,120 @@ def dns_server() -> Iterator[DNSServer]:
     """An empty DNS server on 127.0.0.1; tests call ``set_zones``."""
     with DNSServer({}) as server:
         yield server
+
+
+# ---------------------------------------------------------------- Exim
+EXIM_CONF = """\
+primary_hostname = exim.test
+spool_directory = {dir}/spool
+log_file_path = {dir}/log/%slog
+pid_file_path = {dir}/exim.pid
+daemon_smtp_ports = {port}
+local_interfaces = 127.0.0.1
+chunking_advertise_hosts = *
+pipelining_advertise_hosts = *
+tls_advertise_hosts =
+host_lookup =
+rfc1413_hosts =
+queue_only = true
+keep_environment =
+log_selector = +received_recipients +smtp_protocol_error +smtp_syntax_error
+acl_smtp_rcpt = acl_rcpt
+begin acl
+acl_rcpt:
+  deny local_parts = ^permfail-.*
+       message = 5.1.1 User unknown
+  defer local_parts = ^tempfail-.*
+       message = 4.3.0 Try again later
+  deny local_parts = ^policy-.*
+       message = 5.7.1 Rejected by policy
+  accept
+begin routers
+blackhole:
+  driver = redirect
+  data = :blackhole:
+"""
+
+
+def exim_root() -> Path | None:
+    """Where scripts/fetch-exim unpacked Exim (None when it did not)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for c in (os.environ.get("FASTSEND_EXIM_ROOT", ""), os.path.join(cache, "fastsend", "exim")):
+        if c and (Path(c) / "usr" / "sbin" / "exim4").exists():
+            return Path(c)
+    return None
+
+
+class EximServer:
+    """Exim 4 on loopback with a private config: offers PIPELINING and CHUNKING,
+    enforces command synchronisation, keeps what it accepts in its queue (no
+    delivery) and refuses at RCPT by local part: ``permfail-*`` 550 5.1.1,
+    ``tempfail-*`` 451 4.3.0, ``policy-*`` 550 5.7.1."""
+
+    def __init__(self, host: str, port: int, directory: Path, proc: subprocess.Popen[bytes]):
+        self.host, self.port, self.dir, self.proc = host, port, directory, proc
+
+    def mainlog(self) -> str:
+        p = self.dir / "log" / "mainlog"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def received(self) -> list[tuple[str, list[str]]]:
+        """(sender, recipients) of every message Exim accepted, from its main log."""
+        out = []
+        for line in self.mainlog().splitlines():
+            parts = line.split()
+            if len(parts) > 4 and parts[3] == "<=":
+                rcpts = line.rpartition(" for ")[2].split() if " for " in line else []
+                out.append((parts[4], rcpts))
+        return out
+
+    def protocol_errors(self) -> list[str]:
+        return [
+            ln
+            for ln in self.mainlog().splitlines()
+            if "protocol error" in ln or "synchronization error" in ln or "503" in ln
+        ]
+
+
+@pytest.fixture
+def exim_server() -> Iterator[EximServer]:
+    root = exim_root()
+    if root is None:
+        if IN_CI:
+            pytest.fail("Exim is required in CI (scripts/test runs scripts/fetch-exim)")
+        pytest.skip("Exim not unpacked (run scripts/fetch-exim)")
+    # Exim writes its spool and logs as its own user, which cannot enter pytest's
+    # private tmp_path: a directory of its own under the system's temp dir.
+    d = Path(tempfile.mkdtemp(prefix="fastsend-exim-"))
+    for sub in ("spool", "log"):
+        (d / sub).mkdir()
+    for p in (d, d / "spool", d / "log"):
+        p.chmod(0o777)
+    port = free_port()
+    conf = d / "exim.conf"
+    conf.write_text(EXIM_CONF.format(dir=d, port=port))
+    env = dict(os.environ)
+    libs = [str(root / "usr/lib/x86_64-linux-gnu"), str(root / "lib/x86_64-linux-gnu")]
+    env["LD_LIBRARY_PATH"] = ":".join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    proc = subprocess.Popen(
+        [str(root / "usr/sbin/exim4"), "-C", str(conf), "-bdf", "-oX", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        try:
+            wait_port("127.0.0.1", port)
+        except TimeoutError:
+            proc.kill()
+            err = proc.communicate()[1].decode(errors="replace")
+            raise RuntimeError(f"exim did not start: {err[-2000:]}") from None
+        yield EximServer("127.0.0.1", port, d, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)

@@ -252,12 +252,12 @@ CASES += [
                 b"",
                 b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<a@example.com>\r\n"
                 b"RCPT TO:<b@example.com>\r\nBDAT 7 LAST\r\nhello\r\n"
-                b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<c@example.com>\r\n"
+                b"RSET\r\nMAIL FROM:<sender@example.org>\r\nRCPT TO:<c@example.com>\r\n"
                 b"BDAT 4 LAST\r\n.x\r\n",
             ),
             (
                 b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 unknown\r\n250 2.0.0 queued as B1\r\n"
-                b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n451 4.3.0 later\r\n",
+                b"250 2.0.0 Reset\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n451 4.3.0 later\r\n",
                 b"",
             ),
         ],
@@ -267,26 +267,60 @@ CASES += [
         ],
     ),
     (
-        "BDAT: every recipient refused, the chunk is answered and ignored; 503 defers",
+        "BDAT: every recipient refused, the chunk is answered and ignored; RSET before the"
+        " next MAIL ends the failed transaction (RFC 3030), so the next one is delivered",
         BDAT,
-        [env("a@example.com"), env("b@example.com")],
+        [env("a@example.com", tag=1), env("b@example.com", tag=2)],
         [
             (
                 b"",
                 b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<a@example.com>\r\n"
                 b"BDAT 7 LAST\r\nhello\r\n"
-                b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<b@example.com>\r\n"
+                b"RSET\r\nMAIL FROM:<sender@example.org>\r\nRCPT TO:<b@example.com>\r\n"
                 b"BDAT 7 LAST\r\nhello\r\n",
             ),
             (
-                b"250 Ok\r\n550 5.1.1 no\r\n554 5.5.1 no valid recipients\r\n"
-                b"503 5.5.1 nested MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n",
+                b"250 Ok\r\n550 5.1.1 no\r\n503 5.5.1 valid RCPT must precede BDAT\r\n"
+                b"250 Reset\r\n250 Ok\r\n250 Ok\r\n250 2.0.0 queued as Q2\r\n",
                 b"",
             ),
         ],
-        [("", [("failed", 550, "5.1.1", "rcpt")]), ("", [("deferred", 503, "5.5.1", "mail")])],
+        [("", [("failed", 550, "5.1.1", "rcpt")]), ("Q2", [DELIVERED])],
+    ),
+    (
+        "BDAT: a server that kept the old transaction (503 to MAIL) and then took the"
+        " message under it: the recipient is delivered, not failed and sent again",
+        BDAT,
+        [env("a@example.com", tag=1), env("b@example.com", tag=2)],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<a@example.com>\r\n"
+                b"BDAT 7 LAST\r\nhello\r\n"
+                b"RSET\r\nMAIL FROM:<sender@example.org>\r\nRCPT TO:<b@example.com>\r\n"
+                b"BDAT 7 LAST\r\nhello\r\n",
+            ),
+            (
+                b"250 Ok\r\n550 5.1.1 no\r\n503 5.5.1 no valid recipients\r\n"
+                b"500 5.5.2 what\r\n503 5.5.1 sender already given\r\n250 Ok\r\n"
+                b"250 2.0.0 queued as Q3\r\n",
+                b"",
+            ),
+        ],
+        [("", [("failed", 550, "5.1.1", "rcpt")]), ("Q3", [DELIVERED])],
     ),
 ]
+
+
+def test_bdat_reset_after_a_failed_transaction() -> None:
+    """A failed BDAT with nothing else in flight: the next transaction starts with RSET;
+    after a successful one it does not."""
+    c = ready(BDAT)
+    c.send_envelopes([env("a@example.com")])
+    c.receive_data(b"250 Ok\r\n250 Ok\r\n554 5.6.0 content rejected\r\n")
+    assert c.send_envelopes([env("b@example.com")]).startswith(b"RSET\r\nMAIL FROM:")
+    c.receive_data(b"250 Reset\r\n250 Ok\r\n250 Ok\r\n250 2.0.0 Ok\r\n")
+    assert c.send_envelopes([env("c@example.com")]).startswith(b"MAIL FROM:")
 
 
 def test_bdat_window_and_chunking_off() -> None:

@@ -33,8 +33,13 @@ throughput bench measures). When the server offers CHUNKING as well (RFC 3030),
 whole transactions (MAIL, RCPTs, ``BDAT <n> LAST`` + message) stream without
 waiting for any reply, up to ``BDAT_WINDOW`` per connection: a batch costs one
 round trip, which matters over real-world latency. ``chunking=False`` forces
-DATA. A 503 (bad sequence) is deferred, never failed: it says nothing about
-the address.
+DATA. A BDAT transaction may fail (every recipient refused, the chunk
+refused) with the next one already on the wire, and the server then still
+holds the failed transaction (RFC 3030 section 2: the client must RSET): so
+a transaction streamed behind another, or after a failed one, starts with
+RSET (a no-op after a successful ``BDAT LAST``). A 503 (bad sequence) is
+deferred, never failed: it says nothing about the address. A recipient
+refused at RCPT keeps that outcome whatever happens to the session later.
 """
 
 from __future__ import annotations
@@ -144,6 +149,10 @@ class SMTPClient:
         self._group_open = False  # a transaction waits for its DATA reply
         self._active = 0  # transactions started and not finished
         self._bdat_bytes = 0  # message bytes of BDAT transactions in flight
+        # A BDAT transaction may have failed (or is unresolved): the next MAIL
+        # must follow an RSET (RFC 3030 section 2), or the server still holds
+        # the old transaction and answers "503 sender already given".
+        self._need_rset = False
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._auth: list[bytes] = []  # remaining AUTH LOGIN responses (secrets)
@@ -365,6 +374,13 @@ class SMTPClient:
             if txn.decided:
                 self._events.append(self._result(txn))
                 continue
+            if self._active or self._need_rset:
+                # The transaction before this one failed, or its outcome is not
+                # known yet: reset first. After a successful BDAT LAST the RSET
+                # is a no-op; after a failed one it ends the open transaction.
+                out.append(b"RSET\r\n")
+                pending.append((_RSET, None, 0))
+            self._need_rset = True  # until this transaction's BDAT succeeds
             self._active += 1
             rcpts, outcomes = txn.env.rcpts, txn.outcomes
             data = txn.env.data
@@ -447,7 +463,13 @@ class SMTPClient:
             pass
         elif kind == _RCPT:
             if txn.mail_fail is not None:
-                txn.outcomes[i] = txn.mail_fail
+                if self.bdat and 200 <= code < 300 and txn.mail_fail.code == 503:
+                    # The server kept an earlier transaction open and added this
+                    # recipient to it: what BDAT answers is what happened to it
+                    # (counting it failed would send it again: a duplicate).
+                    txn.accepted += 1
+                else:
+                    txn.outcomes[i] = txn.mail_fail
             elif 200 <= code < 300:
                 txn.accepted += 1
             elif code >= 400:
@@ -499,13 +521,15 @@ class SMTPClient:
                 raise RemoteProtocolError(f"unexpected reply {code} to BDAT")
             data = txn.env.data
             self._bdat_bytes -= len(data) + (2 if data and data[-2:] != b"\r\n" else 0)
+            # The last BDAT answered decides whether the session is clean.
+            self._need_rset = not (200 <= code < 300)
             outs = txn.outcomes
             out = self._outcome(reply, "data")
             for j in range(len(outs)):  # only the accepted recipients are undecided
                 if outs[j] is None:
                     outs[j] = out
             qid = ""
-            if code < 300 and txn.accepted and txn.mail_fail is None:
+            if code < 300 and txn.accepted:
                 text = out.text
                 k = text.find("queued as ")
                 qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
@@ -638,5 +662,6 @@ class SMTPClient:
             self._events.append(self._result(txn))
         self._active = 0
         self._bdat_bytes = 0
+        self._need_rset = False
         self._group_open = False
         self._auth = []
