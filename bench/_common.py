@@ -96,3 +96,53 @@ def run_smtp_source(port: int, sessions: int, count: int, size: int) -> tuple[fl
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"smtp-source failed with status {status}")
     return wall, ru.ru_utime + ru.ru_stime
+
+
+class SmtpSink:
+    """Postfix's smtp-sink with its running counter (``-c``) read back, so a bench
+    can check what a client delivered against what the server received."""
+
+    def __init__(self, port: int, backlog: int = 1024) -> None:
+        import tempfile
+
+        self.port = port
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        cmd = [program("smtp-sink"), "-4", "-c"]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]
+        cmd += [f"127.0.0.1:{port}", str(backlog)]
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.DEVNULL)
+        wait_port(port)
+
+    def messages(self) -> int:
+        """Messages received so far (smtp-sink prints "... mesg=N" after each)."""
+        time.sleep(0.2)  # its last counter line
+        self._out.seek(0)
+        text = self._out.read().decode("ascii", "replace")
+        i = text.rfind("mesg=")
+        if i < 0:
+            return 0
+        digits = ""
+        for ch in text[i + 5 :]:
+            if not ch.isdigit():
+                break
+            digits += ch
+        return int(digits or 0)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+        self._out.close()
+
+
+def median_range(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    s = sorted(values)
+    n = len(s)
+    med = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return med, s[0], s[-1]
+
+
+def fmt_mr(values: list[float], spec: str = ".0f") -> str:
+    med, lo, hi = median_range(values)
+    return f"{med:{spec}} ({lo:{spec}}-{hi:{spec}})"
