@@ -149,3 +149,31 @@ def test_quiet_prints_nothing() -> None:
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0 and out == "" and err == ""
+
+
+def test_workers_share_the_port_and_sum_their_counters(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    with SinkProcess("--workers", "2", "--json", "--log", str(log)) as p:
+        for i in range(12):
+            with smtplib.SMTP(p.host, p.port) as c:
+                c.sendmail(FROM, [f"a{i}@x.test", f"permfail-{i}@x.test"], BODY)
+        rc = p.stop(signal.SIGTERM)
+    assert rc == 0
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["workers"] == 2
+    assert summary["connections"] == 12 and summary["messages"] == 12
+    assert summary["recipients"] == 12 and summary["faults"] == {"permfail": 12}
+    lines = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert sorted(r["recipients"][0] for r in lines) == sorted(f"a{i}@x.test" for i in range(12))
+    peers = {r["queue_id"][6:10] for r in lines}  # the pid part of the queue id
+    assert len(peers) == 2, "both workers took connections"
+
+
+def test_workers_stop_at_the_total_count() -> None:
+    with SinkProcess("--workers", "2", "--count", "5", "--json") as p:
+        for i in range(5):
+            with smtplib.SMTP(p.host, p.port) as c:
+                c.sendmail(FROM, [f"b{i}@x.test"], BODY)
+        rc = p.wait(timeout=20)
+    assert rc == 0
+    assert json.loads(p.stdout.strip().splitlines()[-1])["messages"] == 5

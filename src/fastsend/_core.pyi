@@ -108,3 +108,30 @@ class ReplyParser:
     def feed(self, data: bytes) -> list[tuple[int, str, str]]: ...
 
 def dot_stuff(data: bytes) -> bytes: ...
+
+# _sink.pxi (twin: fastsend.sink.fast.SinkScanner)
+from collections.abc import Callable  # noqa: E402
+
+class SinkScanner:
+    on_message: Callable[[list[str], int], bytes]
+    rcpt_hook: Callable[[str], bytes | bool | None]
+    hook_all: bool
+    state: int
+    rest: bytes
+    helo: str | None
+    esmtp: bool
+    mail_from: str | None
+    recipients: list[str]
+    rcpt_count: int
+    def __init__(
+        self,
+        ehlo_reply: bytes,
+        helo_reply: bytes,
+        max_size: int,
+        max_recipients: int,
+        max_line: int,
+        on_message: Callable[[list[str], int], bytes],
+        rcpt_hook: Callable[[str], bytes | bool | None],
+        hook_all: bool,
+    ) -> None: ...
+    def feed(self, data: bytes) -> bytes: ...

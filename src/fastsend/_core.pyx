@@ -9,6 +9,7 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _throttle.pxi    GCRA token buckets and keyed limiters (fastsend.throttle)
 - _mime.pxi        template splicing, quoted-printable bodies (fastsend.message)
 - _dkim.pxi        DKIM canonicalization (fastsend.message.dkim)
+- _sink.pxi        the sink's fast-path SMTP scanner (fastsend.sink.fast)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -22,3 +23,4 @@ include "_throttle.pxi"
 include "_mime.pxi"
 include "_dkim.pxi"
 include "_smtp.pxi"
+include "_sink.pxi"

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -145,6 +146,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="USER:PASSWORD",
         help="offer AUTH PLAIN/LOGIN and accept these credentials (repeatable)",
     )
+    a(
+        "--workers",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="N processes on the same addresses (SO_REUSEPORT), for many-core load tests;"
+        " counters are summed, deferN counts are per process (default 1)",
+    )
     a("--progress", action="store_true", help="print the live count even if stderr is no TTY")
     a("--quiet", "-q", action="store_true", help="print nothing but errors")
     a("--json", action="store_true", help="print the exit summary as one JSON object")
@@ -261,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastsend sink: {e}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        return _run_workers(config, args, sys.stdout, sys.stderr)
     try:
         import uvloop
 
@@ -273,3 +284,204 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # e.g. an unreadable certificate
         print(f"fastsend sink: {e}", file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------- --workers N
+
+
+def _bind_reuseport(listen: list[tuple[str, int]]) -> list[socket.socket]:
+    """Bound, not listening, SO_REUSEPORT sockets: they fix the ports (port 0
+    becomes a real one) for the workers' own listening sockets on the same
+    addresses; not listening, they take no connections themselves."""
+    socks: list[socket.socket] = []
+    try:
+        for host, port in listen:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _worker_main(config: SinkConfig, wfd: int) -> int:
+    """One worker process: a Sink on its own uvloop loop, reporting its counters
+    as JSON lines on ``wfd`` (a first line once it listens, then every 0.1 s,
+    then a final one)."""
+    import uvloop
+
+    def report(sink: Sink, final: bool) -> None:
+        line = orjson.dumps({**sink.stats.as_dict(), "final": final}) + b"\n"
+        os.write(wfd, line)
+
+    async def main() -> int:
+        sink = Sink(config)
+        await sink.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, sink.stop)
+        report(sink, False)
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                sink.flush()
+                report(sink, False)
+
+        tick = asyncio.ensure_future(ticker())
+        try:
+            await sink.wait_done()
+        finally:
+            tick.cancel()
+            await sink.aclose()
+        report(sink, True)
+        return 0
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+def _sum_stats(stats: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        k: 0 for k in ("connections", "active", "messages", "recipients", "bytes")
+    }
+    faults: dict[str, int] = {}
+    for st in stats:
+        for k in out:
+            out[k] += st.get(k, 0)
+        for k, v in st.get("faults", {}).items():
+            faults[k] = faults.get(k, 0) + v
+    out["seconds"] = round(seconds, 3)
+    out["rate"] = round(out["messages"] / max(seconds, 1e-9), 1)
+    out["faults"] = dict(sorted(faults.items()))
+    return out
+
+
+def _run_workers(config: SinkConfig, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``--workers N``: N forked worker processes, each with its own listening
+    socket on the same addresses (SO_REUSEPORT: the kernel spreads connections),
+    this process summing their counters for the progress line, ``--count`` and
+    the summary."""
+    import select
+    import time
+
+    try:
+        holders = _bind_reuseport(config.listen)
+    except OSError as e:
+        print(f"fastsend sink: cannot listen: {e}", file=err)
+        return 1
+    addresses = [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in holders]
+    count, config.count = config.count, 0
+    config.listen = addresses
+    config.reuse_port = True
+    out.flush()
+    err.flush()
+    pids: dict[int, int] = {}  # read fd -> pid
+    for _ in range(args.workers):
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(rfd)
+                for fd in pids:
+                    os.close(fd)
+                for s in holders:
+                    s.close()
+                code = _worker_main(config, wfd)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        pids[rfd] = pid
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    latest: dict[int, dict[str, Any]] = {}
+    pending = {fd: b"" for fd in pids}
+    started = time.monotonic()
+    ready = False
+    signalled = False
+    progress = not args.quiet and (args.progress or err.isatty())
+    tty = err.isatty()
+    last_msgs, last_tick = 0, time.monotonic()
+    try:
+        while pending:
+            try:
+                readable, _, _ = select.select(list(pending), [], [], 0.1)
+            except InterruptedError:
+                readable = []
+            for fd in readable:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    del pending[fd]
+                    os.close(fd)
+                    continue
+                pending[fd] += chunk
+                *lines, pending[fd] = pending[fd].split(b"\n")
+                for line in lines:
+                    latest[fd] = orjson.loads(line)
+            if not ready and len(latest) == len(pids):
+                ready = True
+                started = time.monotonic()
+                if not args.quiet:
+                    for host, port in addresses:
+                        shown = f"[{host}]" if ":" in host else host
+                        print(f"listening on {shown}:{port}", file=out)
+                    print("ready", file=out, flush=True)
+            total = _sum_stats(list(latest.values()), time.monotonic() - started)
+            if count and total["messages"] >= count:
+                stop = True
+            if stop and not signalled:
+                signalled = True
+                for pid in pids.values():
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            now = time.monotonic()
+            if progress and ready and now - last_tick >= 1.0:
+                rate = (total["messages"] - last_msgs) / (now - last_tick)
+                faults = sum(total["faults"].values())
+                line = (
+                    f"sink: {total['messages']:,} msgs  {rate:,.0f}/s  {total['recipients']:,}"
+                    f" rcpts  {total['active']} conns  {faults:,} faults  ({len(pids)} workers)"
+                )
+                print(("\r" + line + "  ") if tty else line, end="" if tty else "\n", file=err)
+                err.flush()
+                last_msgs, last_tick = total["messages"], now
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for s in holders:
+            s.close()
+    codes = []
+    for pid in pids.values():
+        _pid, status = os.waitpid(pid, 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+    if progress and tty:
+        print(file=err)
+    if not ready:
+        print("fastsend sink: a worker could not start", file=err)
+        return 1
+    if not args.quiet:
+        summary = _sum_stats(list(latest.values()), time.monotonic() - started)
+        summary["workers"] = len(pids)
+        if args.json:
+            out.write(orjson.dumps(summary).decode() + "\n")
+        else:
+            print(format_summary(summary), file=out)
+        out.flush()
+    return 0 if all(c == 0 for c in codes) else 1

@@ -54,6 +54,9 @@ from typing import IO, Any, Final
 
 import orjson
 
+from fastsend._accel import pick
+from fastsend.sink import fast
+from fastsend.smtp.server import _CLOSED as _CLOSED
 from fastsend.smtp.server import (
     AuthRequest,
     DataStart,
@@ -62,6 +65,7 @@ from fastsend.smtp.server import (
     Message,
     RcptTo,
     ServerConfig,
+    ServerProtocol,
     StartTLS,
     _NeedData,
 )
@@ -88,6 +92,9 @@ DEFAULT_FAULT_REPLIES: Final[dict[str, tuple[int, str, str]]] = {
 }
 FAULT_KINDS: Final = (*DEFAULT_FAULT_REPLIES, "disconnect", "slow")
 
+SinkScanner = pick(fast.SinkScanner)
+# Prefixes whose fault needs the full path (a close, a dropped body, a delayed reply).
+_FULL_PATH_FAULTS: Final = ("421-", "disconnect-in-data", "slow-")
 _DEFER: Final = re.compile(r"defer(\d)-")
 _FAULT_FIRST: Final = frozenset("tdp4s")  # first letters of fault prefixes: a fast skip
 _MESSAGE_ID: Final = re.compile(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)")
@@ -140,6 +147,7 @@ class SinkConfig:
     keep_messages: bool = False  # keep ReceivedMessage objects in Sink.messages
     reuse_port: bool = False
     seed: int | None = None
+    fast_path: bool = True  # the lean scanner for plain sessions (fastsend.sink.fast)
 
     def __post_init__(self) -> None:
         for name in ("defer_rate", "reject_rate"):
@@ -247,8 +255,25 @@ class Sink:
         )
         self._log: IO[bytes] | None = None
         self._qid_prefix = f"{int(time.time()) & 0xFFFFFF:06X}{os.getpid() & 0xFFFF:04X}"
+        self._qid_bytes = self._qid_prefix.encode()
         self._seq = 0
         self._random_faults = c.defer_rate > 0 or c.reject_rate > 0
+        # The fast path (fastsend.sink.fast): plain sessions are answered by a
+        # line scanner; it hands anything else to the full ServerProtocol. It
+        # only counts, so it is off when messages are logged, saved or kept, when
+        # replies are delayed, and when a fault answered per recipient closes.
+        proto = ServerProtocol(self.server_config)
+        self._fault_bytes = {k: proto._format(*r) for k, r in self._replies.items()}
+        self._ehlo_reply = proto._hello_reply(Hello("x", True), None)
+        self._helo_reply = proto._hello_reply(Hello("x", False), None)
+        self._fast = (
+            c.fast_path
+            and not (c.log_path or c.save_dir or c.keep_messages or c.latency_ms)
+            and all(
+                self._replies[k][0] != 421
+                for k in ("tempfail", "defer", "permfail", "random-defer", "random-reject")
+            )
+        )
 
     @property
     def port(self) -> int:
@@ -263,7 +288,9 @@ class Sink:
         if c.save_dir:
             os.makedirs(c.save_dir, exist_ok=True)
         if c.log_path:
-            self._log = open(c.log_path, "ab")  # noqa: SIM115 (closed in aclose)
+            # Sharing the port (--workers) means sharing the log: one write per
+            # line, so O_APPEND keeps each line whole.
+            self._log = open(c.log_path, "ab", buffering=0 if c.reuse_port else -1)  # noqa: SIM115
         self.stats.started = time.monotonic()
         try:
             for host, port in c.listen:
@@ -343,6 +370,45 @@ class Sink:
                 return "random-reject"
         return None
 
+    def scanner(self) -> Any:
+        """A fast-path scanner for a new connection, or None (the full path)."""
+        if not self._fast or self.on_message is not None:
+            return None
+        return SinkScanner(
+            self._ehlo_reply,
+            self._helo_reply,
+            self.config.max_size,
+            self.config.max_recipients,
+            self.server_config.max_line_length,
+            self._fast_message,
+            self._fast_rcpt,
+            self._random_faults,
+        )
+
+    def _fast_rcpt(self, address: str) -> bytes | bool | None:
+        """The fast path's recipient hook: None (accept), a fault's reply, or False
+        (a fault the full path must answer: hand the session over)."""
+        low = (address.rpartition("@")[0] or address).lower()
+        if low.startswith(_FULL_PATH_FAULTS):
+            return False
+        kind = self.rcpt_fault(address)
+        if kind is None:
+            return None
+        self.stats.fault(kind)
+        return self._fault_bytes[kind]
+
+    def _fast_message(self, recipients: list[str], size: int) -> bytes:
+        """The fast path's accepted message: count it; the 250 reply with its queue id."""
+        st = self.stats
+        st.messages += 1
+        st.recipients += len(recipients)
+        st.bytes += size
+        self._seq += 1
+        c = self.config
+        if c.count and st.messages >= c.count and self._done is not None:
+            self._done.set()
+        return b"250 2.0.0 Ok: queued as %s%08X\r\n" % (self._qid_bytes, self._seq)
+
     def fault_reply(self, kind: str) -> tuple[int, str, str]:
         return self._replies[kind]
 
@@ -413,6 +479,7 @@ class _SinkConnection(ServerConnection):
         self._slow = False  # slow-* recipient in this transaction
         self._timers: list[asyncio.TimerHandle] = []
         self._latency = sink.config.latency_ms / 1000.0
+        self.fast: Any = None  # the fast-path scanner while the session is plain
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -431,6 +498,7 @@ class _SinkConnection(ServerConnection):
             self.proto.refuse(*sink.fault_reply("max-connections"))
         else:
             self.proto.start()
+            self.fast = sink.scanner()
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -442,10 +510,42 @@ class _SinkConnection(ServerConnection):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        scanner = self.fast
+        if scanner is not None:
+            out = scanner.feed(data)
+            if scanner.state:
+                self._leave_fast(scanner, out)
+            elif out:
+                self.transport.write(out)  # type: ignore[union-attr]
+            return
         if self._drop_on_data:
             self.abort()
             return
         super().data_received(data)
+
+    def _leave_fast(self, scanner: Any, out: bytes) -> None:
+        """QUIT on the fast path, or a command it hands over: the full
+        ServerProtocol takes the session as it stands and the unread bytes."""
+        self.fast = None
+        transport = self.transport
+        if transport is None:
+            return
+        if out:
+            transport.write(out)
+        if scanner.state == fast.CLOSED:
+            self.proto.mode = _CLOSED
+            transport.close()
+            return
+        proto = self.proto
+        proto.helo = scanner.helo
+        proto.esmtp = scanner.esmtp
+        proto.mail_from = scanner.mail_from
+        proto.recipients = scanner.recipients
+        proto._rcpt_count = scanner.rcpt_count
+        if scanner.rest:
+            proto.receive_data(scanner.rest)
+        if not self._waiting:
+            self._process()
 
     def pause_writing(self) -> None:
         if self.transport is not None:
