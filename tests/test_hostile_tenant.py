@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiosmtplib
+import dkim
 import orjson
 import pytest
+import trustme
 
 from conftest import free_port
 from fastsend.sink import SinkThread
@@ -82,6 +86,7 @@ class Served:
             stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp,
         )  # fmt: skip
         self.lines: list[str] = []
+        self.client_tls: ssl.SSLContext | None = None
         threading.Thread(target=self._read, daemon=True).start()
         self.wait_line("ready in")
 
@@ -141,12 +146,111 @@ def sink() -> Iterator[SinkThread]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, sink: SinkThread) -> Iterator[Served]:
-    s = Served(tmp_path_factory.mktemp("hostile"), f"{sink.host}:{sink.port}")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, ssl.SSLContext]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    d = tmp_path_factory.mktemp("tls")
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(d / "cert.pem"), append=True)
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return str(d / "cert.pem"), str(d / "key.pem"), client
+
+
+PASSWORD = "evil's submission password"
+
+
+def tenants_config(tmp: Path, certs: tuple[str, str, ssl.SSLContext], users: str) -> str:
+    """[tenants] with a DKIM key each, [submission] and [intake] on free ports."""
+    txt = {}
+    for t in ("acme", "evil"):
+        out = cli(
+            "dkim",
+            "keygen",
+            "--domain",
+            f"{t}.example",
+            "--selector",
+            "s1",
+            "--algorithm",
+            "ed25519",
+            "--out",
+            str(tmp / f"{t}.pem"),
+            "--json",
+            cwd=tmp,
+        )
+        txt[t] = orjson.loads(out)["value"]  # fmt: skip
+    (tmp / "dkim.json").write_bytes(orjson.dumps(txt))
+    return f"""
+[tenants.acme]
+domains = ["acme.example"]
+dkim = [{{domain = "acme.example", selector = "s1", key = "acme.pem"}}]
+[tenants.evil]
+domains = ["evil.example"]
+dkim = [{{domain = "evil.example", selector = "s1", key = "evil.pem"}}]
+[submission]
+listen = "127.0.0.1:{free_port()}"
+tls_cert = "{certs[0]}"
+tls_key = "{certs[1]}"
+{users}
+[intake]
+listen = "127.0.0.1:{free_port()}"
+verp_domain = "bounces.example"
+fbl_address = "fbl@bounces.example"
+"""
+
+
+def users_table(password: str) -> str:
+    from fastsend.serve.listeners import hash_password
+
+    return f'[submission.users]\nevil = "{hash_password(password)}"\n'
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, sink: SinkThread,
+    certs: tuple[str, str, ssl.SSLContext],
+) -> Iterator[Served]:  # fmt: skip
+    tmp = tmp_path_factory.mktemp("hostile")
+    extra = tenants_config(tmp, certs, users_table(PASSWORD))
+    s = Served(tmp, f"{sink.host}:{sink.port}", extra)
+    s.client_tls = certs[2]
     try:
         yield s
     finally:
         s.stop()
+
+
+def listen_port(s: Served, table: str) -> int:
+    import tomllib
+
+    return int(tomllib.loads(s.cfg.read_text())[table]["listen"].rpartition(":")[2])
+
+
+async def smtp_session(s: Served, user: str, password: str) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=listen_port(s, "submission"),
+                           tls_context=s.client_tls, start_tls=True, timeout=10)  # fmt: skip
+    await smtp.connect()
+    await smtp.login(user, password)
+    return smtp
+
+
+def raw_mail(sender: str, subject: str) -> bytes:
+    return (
+        f"From: <{sender}>\r\nTo: <x@example.org>\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject}@example.org>\r\n\r\nbody\r\n"
+    ).encode()
+
+
+def sink_message(sink: SinkThread, marker: bytes, timeout: float = 20.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for m in list(sink.messages):
+            if marker in m.data:
+                return bytes(m.data)
+        time.sleep(0.05)
+    raise TimeoutError(f"no message with {marker!r} at the sink")
 
 
 TEMPLATE = {"from": "News <news@evil.example>", "subject": "hi", "text": "hello"}
@@ -259,3 +363,132 @@ def test_3_default_tenant_cannot_get_a_key(tmp_path: Path) -> None:
         )  # fmt: skip
         assert r.returncode != 0 and "reserved" in r.stderr, r.stderr
         assert "fs_" not in r.stdout
+
+
+# ---------------------------------------------------------------- 2. signing as another tenant
+def test_2_another_tenants_from_domain_is_refused(served: Served) -> None:
+    for body, field in [
+        ({"from": "ceo@acme.example", "to": "x@example.org", "subject": "s", "text": "t"},
+         "message.from"),
+        ({"from": "x@evil.example.acme.example", "to": "x@example.org", "subject": "s",
+          "text": "t"}, "message.from"),
+        ({"from": "x@evil.example", "to": "x@example.org",
+          "raw": raw_mail("ceo@acme.example", "spoof").decode()}, "message.raw"),
+        ({"to": "x@example.org", "template": {**TEMPLATE, "from": "ceo@ACME.example."}},
+         "message.template.from"),
+    ]:  # fmt: skip
+        st, out = served.req("POST", "/v1/messages", body)
+        assert st == 403, out
+        assert out["error"]["field"] == field and "acme.example" in out["error"]["message"], out
+    st, out = served.req("POST", "/v1/campaigns",
+                         {"template": {**TEMPLATE, "from": "x@acme.example"},
+                          "recipients": [{"email": "x@example.org"}]})  # fmt: skip
+    assert st == 403 and out["error"]["field"] == "template.from", out
+
+    async def smtp() -> None:
+        c = await smtp_session(served, "evil", PASSWORD)
+        try:
+            with pytest.raises(aiosmtplib.SMTPDataError) as e:
+                await c.sendmail("x@evil.example", ["x@example.org"],
+                                 raw_mail("ceo@acme.example", "smtp-spoof"))  # fmt: skip
+            assert e.value.code == 550 and "acme.example" in e.value.message
+            with pytest.raises(aiosmtplib.SMTPDataError):  # envelope sender too
+                await c.sendmail("x@acme.example", ["x@example.org"],
+                                 raw_mail("x@evil.example", "smtp-spoof2"))  # fmt: skip
+        finally:
+            c.close()
+
+    asyncio.run(smtp())
+
+
+def test_2_dkim_key_is_chosen_by_tenant_and_domain(served: Served, sink: SinkThread) -> None:
+    txt = orjson.loads((served.tmp / "dkim.json").read_bytes())
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        for t in ("acme", "evil"):
+            if name == f"s1._domainkey.{t}.example.".encode():
+                return str(txt[t]).encode()
+        return b""
+
+    st, out = served.req("POST", "/v1/messages",
+                         {"from": "x@evil.example", "to": "x@example.org",
+                          "subject": "signed-evil-1", "text": "t"})  # fmt: skip
+    assert st == 202, out
+    st, out = served.req("POST", "/v1/messages",
+                         {"from": "x@evil.example", "to": "x@example.org",
+                          "raw": raw_mail("x@evil.example", "signed-evil-2").decode()})  # fmt: skip
+    assert st == 202, out
+    for marker in (b"signed-evil-1", b"signed-evil-2"):
+        data = sink_message(sink, marker)
+        assert b"d=evil.example" in data and b"d=acme.example" not in data
+        assert dkim.DKIM(data).verify(dnsfunc=dnsfunc)
+
+
+def test_2_tenant_without_domains_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    for table, want in [
+        ('[tenants.acme]\ndomains = ["acme.example"]\n[tenants.evil]\n', "evil"),
+        ("[tenants.evil]\ndomains = []\n", "evil"),
+        ('[tenants.default]\ndomains = ["x.example"]\n', "default"),
+    ]:
+        cfg.write_text(f'[spool]\ndir = "spool"\n[api]\nlisten = "127.0.0.1:{free_port()}"\n'
+                       + table)  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "fastsend", "serve", "-c", str(cfg)],
+                           capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=30)  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert f"[tenants.{want}]" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- 4. revoked keys
+def test_4_revocation_takes_effect_within_a_second(served: Served) -> None:
+    key = cli("apikey", "create", "--tenant", "evil", "-c", str(served.cfg), cwd=served.tmp)
+    kid = key.split("_")[1]
+    base = served.base
+    body = {"from": "x@evil.example", "to": "x@example.org", "subject": "rev", "text": "t"}
+    assert http("POST", base + "/v1/messages", body, key)[0] == 202
+
+    async def go() -> None:
+        c = await smtp_session(served, "evil", key)  # an open, authenticated session
+        try:
+            await c.sendmail("x@evil.example", ["x@example.org"], raw_mail("x@evil.example", "r1"))
+            cli("apikey", "revoke", kid, "-c", str(served.cfg), cwd=served.tmp)
+            t0 = time.monotonic()
+            await asyncio.sleep(1.0)
+            st, _ = await asyncio.to_thread(http, "POST", base + "/v1/messages", body, key)
+            assert st == 401
+            with pytest.raises(aiosmtplib.SMTPException):
+                await c.sendmail("x@evil.example", ["x@example.org"],
+                                 raw_mail("x@evil.example", "r2"))  # fmt: skip
+            assert time.monotonic() - t0 < 5
+        finally:
+            c.close()
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            await smtp_session(served, "evil", key)
+
+    asyncio.run(go())
+    assert served.req("GET", "/v1/campaigns")[0] == 200  # the tenant's other keys still work
+
+
+def test_4_sighup_reloads_submission_users(served: Served) -> None:
+    text = served.cfg.read_text()
+    new_password = "a new password for evil"
+    served.cfg.write_text(text.split("[submission.users]")[0] + users_table(new_password)
+                          + "[intake]" + text.split("[intake]")[1])  # fmt: skip
+    n = sum("configuration reloaded" in ln for ln in served.lines)
+    served.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while sum("configuration reloaded" in ln for ln in served.lines) <= n:
+        assert time.monotonic() < deadline, "".join(served.lines)
+        time.sleep(0.05)
+
+    async def go() -> None:
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            await smtp_session(served, "evil", PASSWORD)
+        c = await smtp_session(served, "evil", new_password)
+        c.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        served.cfg.write_text(text)
+        served.proc.send_signal(signal.SIGHUP)

@@ -19,6 +19,7 @@ open sockets or files other than the config itself.
     [shaping]    per-site limits, rules, dispatch rates (fastsend.shaping.policy/.supervise)
     [pools]      source-IP pools, weights, EHLO names, warm-up (fastsend.shaping.pools)
     [guardrails] campaign bounce/complaint thresholds (fastsend.shaping.guardrails)
+    [tenants]    per-tenant From domains, DKIM keys, tracking base URL (fastsend.tenants)
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class Config:
     base_dir: str = "."  # the config file's directory: relative paths in it start here
     shaping: Any = None  # fastsend.shaping.policy.Policy, parsed from [shaping]
     pools: Any = None  # fastsend.shaping.pools.PoolSet, parsed from [pools]
+    tenants: Any = None  # fastsend.tenants.Tenants, parsed from [tenants] and [dkim]
 
     @property
     def worker_count(self) -> int:
@@ -221,6 +223,9 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
         cfg.event_log = os.path.join(base_dir, str(events["log"]))
     del known_sections
     _shaping(cfg, raw, base_dir)
+    from fastsend.tenants import Tenants
+
+    cfg.tenants = Tenants.from_config(cfg)
     return cfg
 
 

@@ -2,8 +2,10 @@
 config (``fastsend serve``) applied to API and SMTP-submitted messages.
 
 A campaign file signs with its own ``[dkim]``/``[[dkim]]`` tables. Messages that
-carry their own content (the transactional kind) are signed with the config's
-``[dkim]`` entries whose domain aligns (relaxed) with the message's From domain:
+carry their own content (the transactional kind) are signed with the keys
+:meth:`fastsend.tenants.Tenants.dkim_for` chooses by (tenant, From domain): the
+tenant's own keys, and the config's ``[dkim]`` entries for the tenant's domains
+(without ``[tenants]``: the ``[dkim]`` entries aligned with the From domain):
 
 - campaign-format messages (from, subject, text, ...) get those entries as their
   ``dkim`` key, so the renderer signs them like any campaign;
@@ -18,59 +20,68 @@ unsigned (``fastsend check-domain`` reports the missing DKIM record).
 from __future__ import annotations
 
 import email.utils
-import os
 from functools import cached_property
 from typing import Any
 
 from fastsend.config import Config
 from fastsend.message.dkim import Signer
+from fastsend.tenants import Tenants
 
 
 class ConfigDKIM:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._signers: dict[str, list[Signer]] = {}
+        self.tenants = config.tenants if config.tenants is not None else Tenants.from_config(config)
+        self._signers: dict[tuple[str | None, str], list[Signer]] = {}
 
     @cached_property
-    def entries(self) -> list[dict[str, Any]]:
-        raw = self.config.raw.get("dkim", [])
-        items = [raw] if isinstance(raw, dict) else list(raw) if isinstance(raw, list) else []
-        out = []
-        for e in items:
-            if not isinstance(e, dict) or not {"domain", "selector", "key"} <= set(e):
-                raise ValueError("config [dkim] entries need domain, selector and key")
-            e = dict(e)
-            e["domain"] = str(e["domain"]).lower().rstrip(".")
-            e["key"] = os.path.join(self.config.base_dir, str(e["key"]))
-            out.append(e)
-        return out
+    def entries(self) -> bool:
+        """Whether any key is configured (the config's [dkim] or a tenant's)."""
+        t = self.tenants
+        return bool(t.global_dkim) or any(x.dkim for x in t.by_name.values())
 
-    def for_domain(self, domain: str) -> list[dict[str, Any]]:
+    def for_domain(self, domain: str, tenant: str | None = None) -> list[dict[str, Any]]:
+        return self.tenants.dkim_for(tenant, domain)
+
+    def signers(self, domain: str, tenant: str | None = None) -> list[Signer]:
         d = domain.lower().rstrip(".")
-        return [e for e in self.entries if d == e["domain"] or d.endswith("." + e["domain"])]
-
-    def signers(self, domain: str) -> list[Signer]:
-        s = self._signers.get(domain)
+        s = self._signers.get((tenant, d))
         if s is None:
-            s = self._signers[domain] = [Signer.from_settings(e) for e in self.for_domain(domain)]
+            s = self._signers[(tenant, d)] = [
+                Signer.from_settings(e) for e in self.for_domain(d, tenant)
+            ]
         return s
 
-    def sign_raw(self, data: bytes) -> bytes:
-        """``data`` with DKIM-Signature headers for its From domain (unchanged if none)."""
+    def sign_raw(self, data: bytes, tenant: str | None = None) -> bytes:
+        """``data`` with DKIM-Signature headers for (tenant, its From domain) (unchanged if none)."""
         if not self.entries:
             return data
         head, sep, body = data.partition(b"\r\n\r\n")
         if not sep:
             return data
         headers = _header_lines(head + b"\r\n")
-        from_line = next((ln for name, ln in headers if name == "from"), None)
-        if from_line is None:
-            return data
-        value = from_line.split(b":", 1)[1].decode("utf-8", "replace")
-        addr = email.utils.parseaddr(" ".join(value.split()))[1]
-        domain = addr.rpartition("@")[2]
-        sigs = [s.sign(headers, body) for s in self.signers(domain)] if domain else []
+        domains = _from_domains(headers)
+        if len(domains) != 1:
+            return data  # no From, or several: nothing to align a signature with
+        domain = domains[0]
+        sigs = [s.sign(headers, body) for s in self.signers(domain, tenant)] if domain else []
         return b"".join(sigs) + data if sigs else data
+
+
+def raw_from_domains(data: bytes) -> list[str]:
+    """The domains of every address in every From header field of raw MIME."""
+    head = data.replace(b"\r\n", b"\n").partition(b"\n\n")[0].replace(b"\n", b"\r\n")
+    return _from_domains(_header_lines(head + b"\r\n"))
+
+
+def _from_domains(headers: list[tuple[str, bytes]]) -> list[str]:
+    out = []
+    for name, line in headers:
+        if name == "from":
+            value = line.split(b":", 1)[1].decode("utf-8", "replace")
+            for _, addr in email.utils.getaddresses([" ".join(value.split())]):
+                out.append(addr.rpartition("@")[2].lower().rstrip(".") if addr else "")
+    return out
 
 
 def _header_lines(head: bytes) -> list[tuple[str, bytes]]:

@@ -30,7 +30,7 @@ from fastsend import msgid
 from fastsend.config import Config
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
-from fastsend.delivery.signing import ConfigDKIM
+from fastsend.delivery.signing import ConfigDKIM, raw_from_domains
 from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.queue import wire
@@ -181,20 +181,30 @@ class Worker:
         envelopes: list[Envelope] = []
         failures: list[TxnResult] = []
         secret = self.config.secret
-        defaults = self.campaign_specs[batch.campaign].get("defaults", {})
+        cspec = self.campaign_specs[batch.campaign]
+        defaults = cspec.get("defaults", {})
+        tenant = cspec.get("tenant")  # set by fastsend.serve.context; None in older spools
+        tenants = self.dkim.tenants
         for it in batch.items:
             mid = msgid.token(it.id, secret)
             try:
                 msg = orjson.loads(it.vars)
                 if "raw" in msg:
-                    data = self.dkim.sign_raw(base64.b64decode(msg["raw"]))
+                    raw = base64.b64decode(msg["raw"])
                     mail_from = msg.get("mail_from", "")
+                    if tenants.configured:  # accepted before a config change took a domain away
+                        for d in [*raw_from_domains(raw), mail_from.rpartition("@")[2]]:
+                            if d and not tenants.allows(tenant or "", d):
+                                raise ValueError(f"From domain {d} is not the tenant's")
+                    data = self.dkim.sign_raw(raw, tenant)
                     smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
                 else:
                     spec = {**defaults, **{k: _literal(v) for k, v in msg.items()}}
+                    from_domain = str(spec.get("from", "")).rpartition("@")[2].strip("> ")
+                    if tenants.configured and not tenants.allows(tenant or "", from_domain):
+                        raise ValueError(f"From domain {from_domain} is not the tenant's")
                     if "dkim" not in spec and self.dkim.entries:
-                        from_domain = str(spec.get("from", "")).rpartition("@")[2].strip("> ")
-                        spec["dkim"] = self.dkim.for_domain(from_domain)
+                        spec["dkim"] = self.dkim.for_domain(from_domain, tenant)
                     r = Campaign.from_dict(spec).compile()
                     data = r.render(it.rcpt, {}, mid)
                     mail_from = r.envelope_from(mid)

@@ -35,6 +35,7 @@ from fastsend.config import ConfigError
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext
 from fastsend.serve.eventindex import EventIndex
+from fastsend.tenants import TenantDomainError
 from fastsend.throttle import Gcra
 
 log = logging.getLogger("fastsend.serve.api")
@@ -244,6 +245,25 @@ def require_tenant(request: web.Request, owner: str | None, missing: ApiError) -
     """
     if owner != tenant_of(request):
         raise missing
+
+
+def check_from_domain(request: web.Request, domain: str, field: str) -> None:
+    """403 naming the domain unless the key's tenant may send From ``domain`` ([tenants])."""
+    tenants = api_of(request).ctx.config.tenants
+    if tenants is None:
+        return
+    try:
+        tenants.check_from(tenant_of(request), domain)
+    except TenantDomainError as e:
+        raise ApiError(403, f"{field}: {e}", field) from None
+
+
+def server_dkim(request: web.Request, spec: dict[str, Any], from_domain: str) -> None:
+    """Put the server's DKIM choice for (tenant, From domain) into a tenant's campaign spec
+    (tenants never name key files: fastsend.message.campaign.check_inline)."""
+    tenants = api_of(request).ctx.config.tenants
+    if tenants is not None:
+        spec["dkim"] = tenants.dkim_for(tenant_of(request), from_domain)
 
 
 def _key_from(request: web.Request) -> str | None:

@@ -39,11 +39,13 @@ from fastsend.serve.api import (
     ApiError,
     api_of,
     bad,
+    check_from_domain,
     decode_body,
     int_param,
     json_response,
     read_body,
     require_tenant,
+    server_dkim,
     tenant_of,
 )
 from fastsend.suppression import MANUAL, SuppressionError
@@ -178,8 +180,11 @@ async def create_campaign(request: web.Request) -> web.Response:
     if body.strict and any(isinstance(r, recipients.BadRow) for r in rows):
         first = next(r for r in rows if isinstance(r, recipients.BadRow))
         raise bad(f"recipients[{first.line - 1}]: {first.error}", f"recipients[{first.line - 1}]")
+    check_from_domain(request, camp.from_domain, "template.from")
+    spec = camp.to_dict()
+    server_dkim(request, spec, camp.from_domain)
     cid = api.ctx.spool.create_campaign(
-        camp.to_dict(), name=body.name, tenant=tenant_of(request), options={"api": True}
+        spec, name=body.name, tenant=tenant_of(request), options={"api": True}
     )
     api.ctx.spool.set_campaign_status(cid, "paused" if body.paused else "active")
     return await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)

@@ -30,6 +30,7 @@ import orjson
 from aiohttp import web
 
 from fastsend.address import AddressError, normalize
+from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
 from fastsend.message.headers import HeaderError, parse_mailbox
@@ -38,13 +39,16 @@ from fastsend.serve.api import (
     ApiError,
     api_of,
     bad,
+    check_from_domain,
     decode_body,
     int_param,
     json_response,
     read_body,
     require_tenant,
+    server_dkim,
     tenant_of,
 )
+from fastsend.tenants import domain_of
 
 MAX_TAGS = 20
 MAX_TAG_LEN = 128
@@ -125,7 +129,9 @@ class MessagesHandler:
             raise bad(f"{where}.{e}", f"{where}.{e.key}") from None
         except CampaignError as e:
             raise _campaign_error(e, where) from None
+        check_from_domain(request, camp.from_domain, f"{where}.from")
         spec = camp.to_dict()
+        server_dkim(request, spec, camp.from_domain)
         digest = hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
         cid = self.template_campaigns.get((tenant, digest))
         if cid is None:
@@ -184,11 +190,11 @@ class MessagesHandler:
             vars_ = orjson.dumps(m.variables)
         else:
             p.campaign = api_of(request).ctx.tenant_campaign(tenant_of(request))
-            vars_ = self.content(m, where)
+            vars_ = self.content(request, m, where)
         p.rows = [(a, d, vars_) for a, d, _ in p.rows]
         return p
 
-    def content(self, m: MessageIn, where: str) -> bytes:
+    def content(self, request: web.Request, m: MessageIn, where: str) -> bytes:
         if m.from_ is None:
             raise bad(f"{where}.from: required", f"{where}.from")
         _no_crlf(m.from_, f"{where}.from")
@@ -196,6 +202,7 @@ class MessagesHandler:
             _, from_addr = parse_mailbox(m.from_)
         except HeaderError as e:
             raise bad(f"{where}.from: {e}", f"{where}.from") from None
+        check_from_domain(request, domain_of(from_addr), f"{where}.from")
         if m.raw is not None:
             for k in ("subject", "text", "html", "reply_to"):
                 if getattr(m, k) is not None:
@@ -205,6 +212,8 @@ class MessagesHandler:
             raw = m.raw.encode("utf-8", "surrogateescape")
             if b"\n\n" not in raw and b"\r\n\r\n" not in raw:
                 raise bad(f"{where}.raw: no blank line between header and body", f"{where}.raw")
+            for d in raw_from_domains(raw):  # the From the recipient sees (DKIM, DMARC)
+                check_from_domain(request, d, f"{where}.raw")
             return orjson.dumps({"raw": base64.b64encode(raw).decode(), "mail_from": from_addr})
         if m.subject is None:
             raise bad(f"{where}.subject: required", f"{where}.subject")

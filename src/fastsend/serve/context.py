@@ -62,7 +62,7 @@ class ServeContext:
                 break
         else:
             cid = self.spool.create_campaign(
-                dict(TRANSACTIONAL_SPEC),
+                {**TRANSACTIONAL_SPEC, "tenant": tenant},  # the worker signs by (tenant, domain)
                 name=f"transactional:{tenant}",
                 tenant=tenant,
                 options={TRANSACTIONAL_OPTION: tenant},

@@ -73,6 +73,7 @@ import orjson
 
 from fastsend import msgid
 from fastsend.bounce import BounceRecord, parse_bounce
+from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
 from fastsend.smtp.server import (
@@ -164,6 +165,9 @@ def _table(raw: dict[str, Any], name: str, known: set[str]) -> dict[str, Any] | 
     return t
 
 
+SUBMISSION_KEYS = {"listen", "tls_cert", "tls_key", "hostname", "max_size", "users"}
+
+
 @dataclass
 class SubmissionConfig:
     listen: list[tuple[str, int]]
@@ -175,24 +179,28 @@ class SubmissionConfig:
     users: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any]) -> SubmissionConfig | None:
-        known = {"listen", "tls_cert", "tls_key", "hostname", "max_size", "users"}
-        t = _table(raw, "submission", known)
+    def from_raw(cls, raw: dict[str, Any], *, tls: bool = True) -> SubmissionConfig | None:
+        t = _table(raw, "submission", SUBMISSION_KEYS)
         if t is None or "listen" not in t:
             return None
-        ctx = _ssl_context(t.get("tls_cert"), t.get("tls_key"), "submission")
-        if ctx is None:
+        ctx = _ssl_context(t.get("tls_cert"), t.get("tls_key"), "submission") if tls else None
+        if ctx is None and tls:
             raise ValueError("[submission] needs tls_cert and tls_key (AUTH only under TLS)")
         users = t.get("users", {})
         if not isinstance(users, dict) or not all(isinstance(v, str) for v in users.values()):
             raise ValueError("[submission.users] must map tenant = password hash")
         return cls(
             _listen(t["listen"], "submission"),
-            ctx,
+            ctx,  # type: ignore[arg-type]
             str(t.get("hostname", "localhost")),
             int(t.get("max_size", cls.max_size)),
             dict(users),
         )
+
+    @classmethod
+    def users_from_raw(cls, raw: dict[str, Any]) -> SubmissionConfig | None:
+        """The table without loading TLS files (SIGHUP keeps the running listener's)."""
+        return cls.from_raw(raw, tls=False)
 
 
 @dataclass
@@ -275,6 +283,23 @@ class _Submission(_Policy):
         ok = await loop.run_in_executor(None, verify_password, password, stored)
         return username if ok else None
 
+    def still_valid(self, conn: _Connection) -> bool:
+        """Whether the session's credential still holds: a key revoked (by the CLI, seen
+        within KeyStore.CACHE_TTL) or a user removed or changed by SIGHUP ends it."""
+        cred = conn.credential
+        if cred is None or conn.tenant is None:
+            return False
+        password, stored = cred
+        if self._keys is not None and password.startswith("fs_"):
+            got = self._keys.verify(password)
+            return got is not None and got[1] == conn.tenant
+        return self.cfg.users.get(conn.tenant) == stored
+
+    def reload(self, cfg: SubmissionConfig) -> None:
+        """SIGHUP: new [submission.users] (and sizes); listen and TLS stay as started."""
+        cfg.listen, cfg.ssl = self.cfg.listen, self.cfg.ssl
+        self.cfg = cfg
+
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
         try:
             encode_domain(address.rpartition("@")[2])
@@ -286,6 +311,17 @@ class _Submission(_Policy):
         tenant = conn.tenant
         if tenant is None:  # the protocol requires AUTH before MAIL; belt and braces
             return 530, "5.7.0", "Authentication required"
+        if not self.still_valid(conn):
+            conn.close_after_reply = True
+            return 535, "5.7.8", "Authentication credentials no longer valid"
+        tenants = self.ctx.config.tenants
+        if tenants is not None and tenants.configured:
+            domains = raw_from_domains(ev.data)
+            if not domains:
+                return 550, "5.7.1", "Message has no From address"
+            for d in [*domains, ev.mail_from.rpartition("@")[2].lower()]:
+                if d and not tenants.allows(tenant, d):
+                    return 550, "5.7.1", f"From domain {d} is not one of your sending domains"
         vars_ = orjson.dumps(
             {"raw": base64.b64encode(ev.data).decode("ascii"), "mail_from": ev.mail_from}
         )
@@ -435,6 +471,8 @@ class _Connection(ServerConnection):
         super().__init__(policy.server_config, policy.ssl)
         self.policy = policy
         self.tenant: str | None = None
+        self.credential: tuple[str, str | None] | None = None  # (password, stored hash)
+        self.close_after_reply = False
         self.auth_failures = 0
         self._task: asyncio.Future[None] | None = None
 
@@ -462,7 +500,8 @@ class _Connection(ServerConnection):
                     proto.reply(*bad)
             elif t is Message:
                 assert isinstance(ev, Message)
-                proto.reply(*policy.message(self, ev))
+                code, enh, text = policy.message(self, ev)
+                proto.reply(421 if self.close_after_reply else code, enh, text)
             elif t is StartTLS:
                 self._begin_tls()
                 return
@@ -485,6 +524,9 @@ class _Connection(ServerConnection):
             return
         if tenant is not None:
             self.tenant = tenant
+            stored = getattr(self.policy, "cfg", None)
+            users = getattr(stored, "users", {})
+            self.credential = (ev.password, users.get(tenant))
             self.proto.accept()
         else:
             self.auth_failures += 1
@@ -499,6 +541,7 @@ class _Connection(ServerConnection):
 
     def _tls_started(self) -> None:
         self.tenant = None  # TLS resets the session: AUTH again
+        self.credential = None
 
 
 async def _serve(policy: _Policy, listen: list[tuple[str, int]]) -> list[asyncio.AbstractServer]:
@@ -511,14 +554,27 @@ async def _serve(policy: _Policy, listen: list[tuple[str, int]]) -> list[asyncio
     return servers
 
 
-async def start_listeners(ctx: Any) -> list[asyncio.AbstractServer]:
+class Listeners(list[asyncio.AbstractServer]):
+    """The listening servers, and what SIGHUP may change in them (:meth:`reload`)."""
+
+    submission: _Submission | None = None
+
+    def reload(self, raw: dict[str, Any]) -> None:
+        """Re-read [submission.users] (ValueError for a bad table: nothing changes)."""
+        sub = SubmissionConfig.users_from_raw(raw)
+        if self.submission is not None and sub is not None:
+            self.submission.reload(sub)
+
+
+async def start_listeners(ctx: Any) -> Listeners:
     """Start the SMTP listeners the config names ([submission], [intake]); their servers."""
     raw = ctx.config.raw
-    servers: list[asyncio.AbstractServer] = []
+    servers = Listeners()
     try:
         sub = SubmissionConfig.from_raw(raw)
         if sub is not None:
-            servers += await _serve(_Submission(ctx, sub), sub.listen)
+            servers.submission = _Submission(ctx, sub)
+            servers += await _serve(servers.submission, sub.listen)
         intake = IntakeConfig.from_raw(raw)
         if intake is not None:
             servers += await _serve(_Intake(ctx, intake), intake.listen)

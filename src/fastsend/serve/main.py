@@ -17,8 +17,8 @@ Signals:
   then the process exits 0. Whatever is still queued stays in the spool for
   the next start. A second SIGTERM/SIGINT stops at once (windows go back to
   queued).
-- SIGHUP: re-read the config file; routes, shaping, API limits and the
-  suppression list take effect, workers are replaced one at a time by
+- SIGHUP: re-read the config file; routes, shaping, API limits, tenants,
+  ``[submission.users]`` and the suppression list take effect, workers are replaced one at a time by
   drain + respawn (no delivery connection is cut mid-transaction), HTTP
   connections stay open. A config with an error is reported and ignored.
 
@@ -62,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"fastsend serve: {e}", file=sys.stderr)
         return 2
+    if cfg.tenants is not None and not cfg.tenants.configured:
+        print(
+            "fastsend serve: no [tenants] table: single-tenant mode, every API key and"
+            " submission user may send as any From domain (see SECURITY.md)",
+            file=sys.stderr,
+        )
     server = Server(args.config, cfg, workers=not args.no_workers, t0=t0)
     # The standard asyncio loop: the supervisor forks workers from inside it
     # (a child forked from a running uvloop loop cannot run its own uvloop).
@@ -78,6 +84,7 @@ class Server:
         self.stop_event = asyncio.Event()
         self.terms = 0
         self.reloading: asyncio.Task[None] | None = None
+        self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
 
     async def main(self) -> int:
         from aiohttp import web
@@ -119,7 +126,7 @@ class Server:
             return 2
         webhooks = WebhookDispatcher(ctx)
         await webhooks.start()
-        listeners: list[Any] = await start_listeners(ctx)
+        listeners = self.listeners = await start_listeners(ctx)
         sup_task: asyncio.Task[Any] | None = None
         if sup is not None:
             sup_task = asyncio.create_task(sup.run(), name="supervisor")
@@ -198,6 +205,12 @@ class Server:
             print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
             return
         ctx = self.ctx
+        try:
+            if self.listeners is not None:
+                self.listeners.reload(cfg.raw)
+        except ValueError as e:
+            print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
+            return
         if settings.listen != self.api.settings.listen:
             log.warning("SIGHUP: [api] listen changed; it takes effect at the next start")
             settings.listen = self.api.settings.listen
