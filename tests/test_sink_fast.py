@@ -121,7 +121,7 @@ def normalise(replies: bytes) -> bytes:
 
 def stats_of(s: SinkThread) -> dict[str, Any]:
     d = s.stats.as_dict()
-    return {k: d[k] for k in ("messages", "recipients", "bytes", "faults")}
+    return {k: d[k] for k in ("messages", "recipients", "bytes", "faults", "peers")}
 
 
 @pytest.mark.parametrize("name", sorted(SESSIONS))
@@ -148,6 +148,7 @@ def test_fast_path_counts_and_stops_at_count() -> None:
         assert s.stats.messages == 3
         assert s.stats.recipients == 3
         assert s.stats.bytes == 3 * (len(BODY) - 2)  # two stuffed dots each
+        assert s.stats.peers == {"127.0.0.1": 3}
 
 
 def test_fast_path_off_when_messages_are_kept(tmp_path: Any) -> None:

@@ -4,7 +4,10 @@ Starts ``fastsend sink`` on loopback, writes a personalised campaign and a
 100,000-recipient list to a temporary directory, sends it from several source
 IPs on 127.0.0.0/8 (127.0.0.2, 127.0.0.3, ... one or more per worker) through
 the real supervisor, workers, rings and spool, and prints the report: our
-summary, and the sink's count of what it received and from which IPs.
+summary, the sink's count of what it received and from which IPs, and which
+side bounded the rate: the CPU each side used over the run (the sink is one
+process on one core; the sender is the supervisor plus its workers), against
+what each could use.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import orjson
 
@@ -62,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
                 f"user{i}@demo{i % 50}.example.net,Name{i},{('free', 'pro', 'team')[i % 3]},"
                 f"A{i:08d},{filler}\n"
             )
-    log_path = os.path.join(tmp, "sink.jsonl")
     cfg = Config()
     cfg.spool_dir = os.path.join(tmp, "spool")
     cfg.workers = args.workers
@@ -73,8 +76,14 @@ def run(args: argparse.Namespace) -> int:
         f" {cfg.worker_count} workers, work dir {tmp}",
         file=sys.stderr,
     )
-    with SinkProcess("--log", log_path) as sink:
+    import psutil
+
+    with SinkProcess("--json") as sink:  # counting only: the sink's fast path
         host, port = sink.addresses[0]
+        assert sink.proc is not None
+        sink_ps = psutil.Process(sink.proc.pid)
+        sink_cpu0 = sink_ps.cpu_times()
+        machine0 = psutil.cpu_times()
         cfg.routes["*"] = Route(host, port)
         from fastsend.commands.send import run as send_run
 
@@ -104,17 +113,28 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(buf):
             rc = send_run(ns)
         elapsed = time.monotonic() - t0
+        sink_cpu1 = sink_ps.cpu_times()
+        machine1 = psutil.cpu_times()
+    sink_cpu = (sink_cpu1.user - sink_cpu0.user) + (sink_cpu1.system - sink_cpu0.system)
     summary = orjson.loads(buf.getvalue().strip().splitlines()[-1]) if buf.getvalue() else {}
-    peers: dict[str, int] = {}
-    received = 0
-    with open(log_path, "rb") as f:
-        for line in f:
-            rec = orjson.loads(line)
-            received += len(rec.get("recipients", []))
-            peers[rec.get("peer", "?")] = peers.get(rec.get("peer", "?"), 0) + 1
+    try:
+        sink_summary = orjson.loads(sink.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        sink_summary = {}
+    received = int(sink_summary.get("recipients", 0))
+    peers: dict[str, int] = sink_summary.get("peers", {})
     summary["sink_received"] = received
     summary["sink_peers"] = peers
     summary["total_elapsed_s"] = round(elapsed, 2)
+    summary["sink_cpu_s"] = round(sink_cpu, 3)
+    summary["bound_by"] = bound_by(
+        elapsed,
+        sink_cpu,
+        float(summary.get("supervisor_cpu_s", 0.0)),
+        float(summary.get("workers_cpu_s", 0.0)),
+        cfg.worker_count,
+        _busy(machine1) - _busy(machine0),
+    )
     if args.json:
         print(orjson.dumps(summary).decode())
     else:
@@ -123,9 +143,54 @@ def run(args: argparse.Namespace) -> int:
             f"sink received {received} recipients from "
             + ", ".join(f"{ip} ({n})" for ip, n in sorted(peers.items()))
         )
+        print(f"rate bounded by: {summary['bound_by']}")
     if not args.keep:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
     engine_ok = rc == 0 and received >= summary.get("delivered", 0) > 0
     return 0 if engine_ok else 1
+
+
+def _busy(t: Any) -> float:
+    """CPU seconds the whole machine spent not idle."""
+    return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def bound_by(
+    elapsed: float,
+    sink_cpu: float,
+    sup_cpu: float,
+    workers_cpu: float,
+    workers: int,
+    machine_cpu: float,
+) -> str:
+    """Which side bounded the rate, from the CPU each used over the run: the sink
+    is one process (at most one core), the sender a supervisor and ``workers``
+    workers; when all cores were busy (with anything), the machine."""
+    if elapsed <= 0:
+        return "unknown (no time elapsed)"
+    cores = os.cpu_count() or 1
+    machine_busy = machine_cpu / elapsed
+    sink_busy = sink_cpu / elapsed
+    send_busy = (sup_cpu + workers_cpu) / elapsed
+    worker_busy = workers_cpu / elapsed / max(1, workers)
+    sup_busy = sup_cpu / elapsed
+    figures = (
+        f"sink {sink_busy:.0%} of one core, sender {send_busy:.0%} of a core"
+        f" (supervisor {sup_busy:.0%}, workers {worker_busy:.0%} each),"
+        f" machine {machine_busy:.0%} of {cores} cores"
+    )
+    if machine_busy >= 0.85 * cores:
+        who = "the machine (all its cores were busy" + (
+            ", partly with other processes)" if sink_busy + send_busy < 0.7 * cores else ")"
+        )
+    elif sink_busy >= 0.85:
+        who = "the sink (its one core is saturated)"
+    elif max(worker_busy, sup_busy) >= 0.85:
+        who = (
+            "the sender (" + ("its supervisor" if sup_busy >= worker_busy else "its workers") + ")"
+        )
+    else:
+        who = "neither side's CPU (latency: connections, round trips, or the retry schedule)"
+    return f"{who}; {figures}"

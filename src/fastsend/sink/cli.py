@@ -351,14 +351,18 @@ def _sum_stats(stats: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         k: 0 for k in ("connections", "active", "messages", "recipients", "bytes")
     }
     faults: dict[str, int] = {}
+    peers: dict[str, int] = {}
     for st in stats:
         for k in out:
             out[k] += st.get(k, 0)
         for k, v in st.get("faults", {}).items():
             faults[k] = faults.get(k, 0) + v
+        for k, v in st.get("peers", {}).items():
+            peers[k] = peers.get(k, 0) + v
     out["seconds"] = round(seconds, 3)
     out["rate"] = round(out["messages"] / max(seconds, 1e-9), 1)
     out["faults"] = dict(sorted(faults.items()))
+    out["peers"] = dict(sorted(peers.items()))
     return out
 
 

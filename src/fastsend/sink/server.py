@@ -43,6 +43,7 @@ DELIBERATELY NOT HERE
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import re
@@ -193,6 +194,7 @@ class SinkStats:
     recipients: int = 0
     bytes: int = 0
     faults: dict[str, int] = field(default_factory=dict)
+    peers: dict[str, int] = field(default_factory=dict)  # accepted messages per client IP
 
     def fault(self, kind: str) -> None:
         self.faults[kind] = self.faults.get(kind, 0) + 1
@@ -208,6 +210,7 @@ class SinkStats:
             "seconds": round(elapsed, 3),
             "rate": round(self.messages / elapsed, 1),
             "faults": dict(sorted(self.faults.items())),
+            "peers": dict(sorted(self.peers.items())),
         }
 
 
@@ -370,8 +373,8 @@ class Sink:
                 return "random-reject"
         return None
 
-    def scanner(self) -> Any:
-        """A fast-path scanner for a new connection, or None (the full path)."""
+    def scanner(self, peer: str) -> Any:
+        """A fast-path scanner for a new connection from ``peer``, or None (the full path)."""
         if not self._fast or self.on_message is not None:
             return None
         return SinkScanner(
@@ -380,7 +383,7 @@ class Sink:
             self.config.max_size,
             self.config.max_recipients,
             self.server_config.max_line_length,
-            self._fast_message,
+            functools.partial(self._fast_message, peer),
             self._fast_rcpt,
             self._random_faults,
         )
@@ -397,10 +400,11 @@ class Sink:
         self.stats.fault(kind)
         return self._fault_bytes[kind]
 
-    def _fast_message(self, recipients: list[str], size: int) -> bytes:
+    def _fast_message(self, peer: str, recipients: list[str], size: int) -> bytes:
         """The fast path's accepted message: count it; the 250 reply with its queue id."""
         st = self.stats
         st.messages += 1
+        st.peers[peer] = st.peers.get(peer, 0) + 1
         st.recipients += len(recipients)
         st.bytes += size
         self._seq += 1
@@ -416,6 +420,7 @@ class Sink:
         """Count, log, save and keep one accepted message; returns its queue id."""
         st = self.stats
         st.messages += 1
+        st.peers[conn.peer] = st.peers.get(conn.peer, 0) + 1
         st.recipients += len(ev.recipients)
         st.bytes += len(ev.data)
         self._seq += 1
@@ -498,7 +503,7 @@ class _SinkConnection(ServerConnection):
             self.proto.refuse(*sink.fault_reply("max-connections"))
         else:
             self.proto.start()
-            self.fast = sink.scanner()
+            self.fast = sink.scanner(self.peer)
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
