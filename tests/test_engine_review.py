@@ -294,7 +294,7 @@ def test_worker_state_stays_bounded_over_many_destinations(
             sink,
             routes={},
             dns={"nameservers": [f"127.0.0.1:{dns_server.port}"], "mx_port": sink.port},
-            delivery={"window": 20, "batch_size": 10, "idle_timeout": 0},
+            delivery={"window": 20, "batch_size": 10, "idle_timeout": 0, "allow_private_mx": True},
         )
         cfg.routes.clear()  # MX routing
         spool = SQLiteSpool(cfg.spool_dir)

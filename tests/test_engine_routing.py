@@ -49,6 +49,7 @@ def test_mx_routing_null_mx_nxdomain_and_implicit_mx(tmp_path: Path, dns_server:
         cfg.write_text(
             f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
             '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
+            "[delivery]\nallow_private_mx = true\n"  # the test DNS puts MX on loopback
         )
         proc = run_fastsend(
             "send",

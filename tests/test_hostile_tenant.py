@@ -62,28 +62,32 @@ def http(
     return asyncio.run(go())
 
 
-def cli(*args: str, cwd: Path) -> str:
+def cli(*args: str, cwd: Path, umask: int = -1) -> str:
     return subprocess.run(
         [sys.executable, "-m", "fastsend", *args],
-        check=True, capture_output=True, text=True, env=ENV, cwd=cwd,
+        check=True, capture_output=True, text=True, env=ENV, cwd=cwd, umask=umask,
     ).stdout.strip()  # fmt: skip
 
 
 class Served:
     """``fastsend serve`` in a subprocess with tenants acme and evil."""
 
-    def __init__(self, tmp: Path, route: str, extra: str = "") -> None:
+    def __init__(
+        self, tmp: Path, route: str | None, extra: str = "", delivery: str = "", umask: int = -1
+    ) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.cfg = tmp / "fastsend.toml"
         self.route = route
         self.extra = extra
+        self.delivery = delivery
         self.write_config()
-        self.keys = {t: cli("apikey", "create", "--tenant", t, "-c", str(self.cfg), cwd=tmp)
+        self.keys = {t: cli("apikey", "create", "--tenant", t, "-c", str(self.cfg), cwd=tmp,
+                            umask=umask)
                      for t in ("acme", "evil")}  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastsend", "serve", "-c", str(self.cfg)],
-            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp,
+            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp, umask=umask,
         )  # fmt: skip
         self.lines: list[str] = []
         self.client_tls: ssl.SSLContext | None = None
@@ -98,10 +102,11 @@ dir = "spool"
 [workers]
 count = 1
 [routes]
-"*" = "{self.route}"
+{f'"*" = "{self.route}"' if self.route else ""}
 [delivery]
 tls = "off"
 idle_timeout = 1.0
+{self.delivery}
 [api]
 listen = "127.0.0.1:{self.port}"
 {self.extra}
@@ -492,3 +497,75 @@ def test_4_sighup_reloads_submission_users(served: Served) -> None:
     finally:
         served.cfg.write_text(text)
         served.proc.send_signal(signal.SIGHUP)
+
+
+# ---------------------------------------------------------------- 9. internal hosts through MX
+@pytest.mark.parametrize("allow", [False, True])
+def test_9_mx_on_internal_addresses_is_refused(
+    tmp_path: Path, dns_server: Any, sink: SinkThread, allow: bool
+) -> None:
+    """A recipient domain whose MX resolves to loopback (the sink listens there) is
+    refused unless [delivery] allow_private_mx = true (the positive control)."""
+    dns_server.set_zones({
+        "internal.example": [("MX", "10 mx.internal.example.")],
+        "mx.internal.example": [("A", "127.0.0.1")],
+        "implicit.example": [("A", "127.0.0.1")],
+        "mapped.example": [("MX", "10 mx.mapped.example.")],
+        "mx.mapped.example": [("AAAA", "::ffff:7f00:1")],
+    })  # fmt: skip
+    s = Served(
+        tmp_path, None,
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {sink.port}\n',
+        delivery="allow_private_mx = true" if allow else "",
+    )  # fmt: skip
+    try:
+        marker = f"mx-probe-{allow}"
+        ids = []
+        for dom in ("internal.example", "implicit.example", "mapped.example"):
+            st, out = s.req(
+                "POST",
+                "/v1/messages",
+                {"from": "x@evil.example", "to": f"admin@{dom}", "subject": marker, "text": "t"},
+            )
+            assert st == 202, out
+            ids.append(out["messages"][0]["ids"][0])
+        want = "delivered" if allow else "bounced"
+        deadline = time.monotonic() + 20
+        for mid in ids[: 2 if allow else 3]:
+            while True:
+                st, m = s.req("GET", f"/v1/messages/{mid}")
+                if m["state"] == want or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert m["state"] == want, m
+            if not allow:
+                assert m["last_reply"]["enhanced"] == "5.4.4", m
+                assert "allow_private_mx" in m["last_reply"]["text"]
+        if not allow:
+            assert not any(marker.encode() in x.data for x in sink.messages)
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- 10. readable data files
+def test_10_spool_files_are_private_whatever_the_umask(tmp_path: Path, sink: SinkThread) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o755)
+    spool.chmod(0o755)
+    old = spool / "left-by-an-older-version.db"
+    old.write_bytes(b"")
+    old.chmod(0o644)
+    s = Served(tmp_path, f"{sink.host}:{sink.port}", umask=0)
+    try:
+        st, out = s.req("POST", "/v1/messages", {"from": "x@evil.example", "to": "p@example.org",
+                                                 "subject": "perm", "text": "t"})  # fmt: skip
+        assert st == 202, out
+        s.req("GET", f"/v1/messages/{out['messages'][0]['ids'][0]}")
+        names = {p.name for p in spool.iterdir()}
+        assert {"spool.db", "spool.db-wal", "apikeys.db", "secret.key"} <= names, names
+        assert spool.stat().st_mode & 0o777 == 0o700
+        for p in spool.rglob("*"):
+            mode = p.stat().st_mode & 0o777
+            assert mode == (0o700 if p.is_dir() else 0o600), (p.name, oct(mode))
+    finally:
+        s.stop()

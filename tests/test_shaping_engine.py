@@ -208,6 +208,7 @@ def test_provider_limits_by_mx_suffix_through_dns(tmp_path: Path, dns_server: An
                 "workers": {"count": 1},
                 "ips": {"source": ["127.0.0.2"]},
                 "dns": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "mx_port": sink.port},
+                "delivery": {"allow_private_mx": True},  # the test DNS puts MX on loopback
                 "retry": {"min_backoff": 0.05, "max_backoff": 0.1, "max_age": 0.3},
             },
             base_dir=str(tmp_path),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"fastsend {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    # Spools hold every tenant's mail, keys and secrets: whatever the caller's umask,
+    # what fastsend creates is for its own user only (directories 0700, files 0600).
+    os.umask(os.umask(0o077) | 0o077)
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ open sockets or files other than the config itself.
                  "example.org" = "relay.example.net:587"
     [delivery]   batch_size, window, max_connections, max_messages_per_connection,
                  recipients_per_transaction, pipeline, tls, idle_timeout, connect_timeout,
-                 max_ready, ready_horizon
+                 max_ready, ready_horizon, allow_private_mx
     [retry]      min_backoff = 300, max_backoff = 4000, max_age = 432000, jitter = 0.2
     [dns]        nameservers = ["127.0.0.1:53"], timeout = 5
     [events]     log = "events.jsonl"
@@ -84,6 +84,9 @@ class DeliveryConfig:
     # cannot fill the window (KumoMTA's max_ready, Postfix's per-destination limits).
     max_ready: int = 0
     ready_horizon: float = 10.0
+    # MX answers that resolve to loopback/private/link-local/ULA addresses are refused
+    # (fastsend.delivery.mx); static [routes] are not affected.
+    allow_private_mx: bool = False
 
 
 @dataclass

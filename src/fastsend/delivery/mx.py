@@ -13,6 +13,10 @@ an :class:`~fastsend.outcome.Outcome` saying why there is none:
 - NXDOMAIN                      -> failed 5.1.2 (host unknown)
 - no MX: the domain's own A/AAAA is the implicit MX; none either -> failed 5.1.2
 - timeout / SERVFAIL            -> deferred 4.4.3
+- MX (or implicit MX) addresses all loopback, private, link-local, ULA or
+  otherwise not global -> failed 5.4.4, unless ``[delivery] allow_private_mx``
+  (a hostile domain must not make the MTA connect to internal hosts; static
+  routes are the operator's and stay allowed)
 
 It does not connect anywhere; delivery/pool.py does.
 """
@@ -74,6 +78,9 @@ class MXResolver:
         self.resolver.lifetime = config.dns.timeout
         self.resolver.timeout = config.dns.timeout
         self.mx_port = config.dns.mx_port
+        # A domain's MX is anyone's to set: by default it may not point mail at this
+        # machine or its private network (static routes are the operator's and may).
+        self.allow_private = config.delivery.allow_private_mx
         self._cache: dict[str, tuple[float, Site | Outcome]] = {}
         self._addr_cache: dict[str, tuple[float, list[str]]] = {}
 
@@ -94,6 +101,19 @@ class MXResolver:
         _put(self._cache, domain, (now + ttl, result), now)
         return result
 
+    def _public(self, addrs: list[str], refused: list[str]) -> list[str]:
+        """``addrs`` without loopback, private, link-local, ULA and other non-global
+        addresses (appended to ``refused``), unless [delivery] allow_private_mx."""
+        if self.allow_private:
+            return addrs
+        ok = []
+        for a in addrs:
+            if _is_global(a):
+                ok.append(a)
+            else:
+                refused.append(a)
+        return ok
+
     @property
     def cache_entries(self) -> int:
         return len(self._cache) + len(self._addr_cache)
@@ -108,6 +128,10 @@ class MXResolver:
             addrs = await self._addresses(domain)
             if isinstance(addrs, Outcome):
                 return addrs, _NEG_TTL
+            refused: list[str] = []
+            addrs = self._public(addrs, refused)
+            if not addrs:
+                return _refused(domain, refused), _NEG_TTL
             return Site(f"mx:{domain}", tuple(Host(domain, a, self.mx_port) for a in addrs)), 300.0
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
             return _defer(f"MX lookup for {domain} failed: {e.__class__.__name__}"), _NEG_TTL
@@ -124,12 +148,16 @@ class MXResolver:
             )
         hosts: list[Host] = []
         last_err: Outcome | None = None
+        refused: list[str] = []
         for _pref, name in records:
             addrs = await self._addresses(name)
             if isinstance(addrs, Outcome):
                 last_err = addrs
                 continue
-            hosts.extend(Host(name, a, self.mx_port) for a in addrs)
+            ok = self._public(addrs, refused)
+            hosts.extend(Host(name, a, self.mx_port) for a in ok)
+        if not hosts and refused:
+            return _refused(domain, refused), ttl
         if not hosts:
             assert last_err is not None
             return _defer(f"no address for any MX of {domain}: {last_err.text}"), _NEG_TTL
@@ -189,6 +217,25 @@ def _is_ip(name: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _is_global(text: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _refused(domain: str, addrs: list[str]) -> Outcome:
+    shown = ", ".join(sorted(set(addrs))[:4])
+    return _fail(
+        "5.4.4",
+        f"MX of {domain} resolves only to non-public addresses ({shown}): refused"
+        " ([delivery] allow_private_mx = true allows it)",
+    )
 
 
 def _fail(enhanced: str, text: str) -> Outcome:

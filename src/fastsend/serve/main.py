@@ -68,11 +68,29 @@ def run(args: argparse.Namespace) -> int:
             " submission user may send as any From domain (see SECURITY.md)",
             file=sys.stderr,
         )
+    try:
+        secure_spool(cfg.spool_dir)
+    except OSError as e:
+        print(f"fastsend serve: spool {cfg.spool_dir}: {e}", file=sys.stderr)
+        return 2
     server = Server(args.config, cfg, workers=not args.no_workers, t0=t0)
     # The standard asyncio loop: the supervisor forks workers from inside it
     # (a child forked from a running uvloop loop cannot run its own uvloop).
     with asyncio.Runner() as runner:
         return runner.run(server.main())
+
+
+def secure_spool(spool_dir: str) -> None:
+    """The spool directory 0700 and every file in it 0600 (databases, WAL/SHM, keys,
+    secrets, logs), whatever umask created them: tenants' mail and the installation
+    secret are for the server's user only. (Files created from now on get 0600 from
+    the umask that ``fastsend.cli`` sets.)"""
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    os.chmod(spool_dir, 0o700)
+    with os.scandir(spool_dir) as it:
+        for e in it:
+            if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mode & 0o077:
+                os.chmod(e.path, 0o600)
 
 
 class Server:
