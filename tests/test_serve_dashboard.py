@@ -173,7 +173,8 @@ def test_page_and_assets_are_self_contained(served: Served) -> None:
     async def main() -> None:
         texts = {}
         for path, ctype in (("/dashboard", "text/html"), ("/dashboard/app.js", "text/javascript"),
-                            ("/dashboard/app.css", "text/css")):  # fmt: skip
+                            ("/dashboard/app.css", "text/css"),
+                            ("/dashboard/charts.js", "text/javascript")):  # fmt: skip
             st, text, h = await req(served, "GET", path)
             assert st == 200
             assert h["Content-Type"] == f"{ctype}; charset=utf-8"
@@ -188,10 +189,12 @@ def test_page_and_assets_are_self_contained(served: Served) -> None:
                          "frame-ancestors 'none'"):  # fmt: skip
             assert csp_part in CSP
         # No inline script, style or handler for the CSP to block.
-        assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/dashboard/app.js" defer>']
+        assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/dashboard/app.js" defer>',
+                                                        '<script src="/dashboard/charts.js" defer>']
         assert not re.search(r"<style|\sstyle=|\son[a-z]+=", html)
-        js = texts["/dashboard/app.js"]
-        assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write|eval\(", js)
+        for js in (texts["/dashboard/app.js"], texts["/dashboard/charts.js"]):
+            assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write|eval\(",
+                                 js)  # fmt: skip
         assert 'name="' not in html.split('<form id="login"')[1].split("</form>")[0]
 
     asyncio.run(main())

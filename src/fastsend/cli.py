@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "show the queue's shape per domain and age, and per state",
     ),
     "campaign": ("fastsend.commands.campaign", "list campaigns; pause, resume or cancel one"),
+    "top": (
+        "fastsend.commands.top",
+        "a live full-screen view of rates per provider, source IP and campaign",
+    ),
     "sink": ("fastsend.sink.cli", "run a fast fault-injecting SMTP sink for tests and load tests"),
     "dkim": (
         "fastsend.message.keygen_cli",

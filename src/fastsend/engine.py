@@ -78,6 +78,9 @@ def run(
     """Deliver until done. ``feeder`` spools more mail while delivery runs (see
     Supervisor); ``total_fn`` gives the progress line the count spooled so far."""
     events = EventLog(config.event_log_path)
+    from fastsend.analytics.attach import attach  # issue 14: rollups beside the spool
+
+    rollups = attach(config, spool, events)
     bar = Progress(total) if progress else None
     if bar is not None and total_fn is not None:
         bar.total_fn = total_fn
@@ -96,6 +99,8 @@ def run(
             stats = runner.run(sup.run())
     finally:
         events.close()
+        if rollups is not None:
+            rollups.close()
         if bar:
             bar.done()
     elapsed = time.monotonic() - t0

@@ -10,8 +10,9 @@
   ``?strict=1`` as above. Answers after the rows are durable.
 - ``GET /v1/campaigns`` and ``GET /v1/campaigns/{id}`` (counts per state and
   progress), ``POST /v1/campaigns/{id}/pause|resume|cancel``.
-- ``GET /v1/stats?window=1h&by=campaign|domain|source_ip``: events per group
-  over the window and their rates, from the event index.
+- ``GET /v1/stats``: the rollups by dimensions, filters, time range and
+  granularity (:mod:`fastsend.serve.stats`); ``by=domain&window=1h`` keeps
+  the older answer (events per domain and their rates, from the event index).
 - ``GET/POST /v1/suppressions``, ``DELETE /v1/suppressions/{address}``: the
   tenant's suppression list.
 
@@ -257,6 +258,10 @@ async def set_status(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
+    if request.query.get("by") != "domain":  # issue 14: the rollups (fastsend.serve.stats)
+        from fastsend.serve.stats import rollup_stats
+
+        return await rollup_stats(request, WINDOWS)
     api = api_of(request)
     w = request.query.get("window", "1h")
     if w not in WINDOWS:

@@ -46,6 +46,7 @@ class ServeContext:
     suppression: SuppressionList
     supervisor: Supervisor | None
     secret: bytes  # HMAC key for tracking links
+    rollups: Any = None  # fastsend.analytics.rollup.Rollups (issue 14), None when disabled
     _tenant_campaigns: dict[str, int] = field(default_factory=dict, repr=False)
     _campaign_tenants: dict[int, str] = field(default_factory=dict, repr=False)
 
@@ -130,6 +131,8 @@ class ServeContext:
 
     def close(self) -> None:
         self.events.close()
+        if self.rollups is not None:
+            self.rollups.close()
         self.suppression.close()
         self.spool.close()
 
@@ -139,7 +142,7 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
     spool = SQLiteSpool(config.spool_dir)
     events = EventLog(config.event_log_path)
     suppression = SuppressionList(os.path.join(config.spool_dir, "suppression.db"))
-    return ServeContext(
+    ctx = ServeContext(
         config=config,
         spool=spool,
         events=events,
@@ -147,3 +150,7 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
         supervisor=supervisor,
         secret=config.secret or msgid.load_secret(config),
     )
+    from fastsend.analytics.attach import attach  # issue 14: rollups of every event
+
+    ctx.rollups = attach(config, spool, events, ctx.campaign_tenant)
+    return ctx

@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         from fastsend.serve.api import ApiSettings
 
         ApiSettings.from_raw(cfg.raw)
+        from fastsend.analytics.rollup import AnalyticsSettings
+
+        AnalyticsSettings.from_config(cfg)  # issue 14: [analytics] errors before starting
     except ConfigError as e:
         print(f"fastsend serve: {e}", file=sys.stderr)
         return 2
@@ -109,6 +112,7 @@ class Server:
 
         from fastsend.queue.supervisor import Supervisor
         from fastsend.serve.api import API_KEY, ApiSettings, make_app
+        from fastsend.serve.charts import setup_charts
         from fastsend.serve.context import open_context
         from fastsend.serve.dashboard import setup_dashboard
         from fastsend.serve.listeners import start_listeners
@@ -131,6 +135,7 @@ class Server:
         app.router.add_get("/metrics", metrics.handler)
         setup_tracking(app, ctx)
         setup_dashboard(app, ctx)
+        self.charts = setup_charts(app, ctx)  # issue 14: charts, campaign and IP pages
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = settings.host_port
@@ -195,6 +200,7 @@ class Server:
             try:
                 self.api.index.maybe_flush()
                 self.ctx.events.flush()
+                self.charts.tick()  # rollups flushed about once a second, queue gauges
             except Exception:
                 log.exception("periodic flush failed")
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from fastsend.serve.api import MAX_ID, json_response
 from fastsend.serve.api_campaigns import CampaignIn, RecipientsIn, SuppressIn
 from fastsend.serve.api_messages import BatchIn, MessageIn
+from fastsend.serve.stats import PARAM_SCHEMAS, StatsAnswer, StatsParams
 
 _REF = "#/components/schemas/{name}"
 
@@ -151,6 +152,14 @@ def _response_schemas() -> dict[str, Any]:
     }
 
 
+def _stats_parameters() -> list[dict[str, Any]]:
+    """GET /v1/stats's query parameters: the fields of StatsParams, each with its schema."""
+    out = []
+    for f in msgspec.structs.fields(StatsParams):
+        out.append({"name": f.encode_name, "in": "query", "schema": PARAM_SCHEMAS[f.encode_name]})
+    return out
+
+
 def _link(op: str, expr: str) -> dict[str, Any]:
     return {"operationId": op, "parameters": {"id": expr}}
 
@@ -161,7 +170,8 @@ _ID = [{"name": "id", "in": "path", "required": True, "schema": _ID_SCHEMA}]
 
 def document() -> dict[str, Any]:
     (_, components) = msgspec.json.schema_components(
-        [MessageIn, BatchIn, CampaignIn, RecipientsIn, SuppressIn], ref_template=_REF
+        [MessageIn, BatchIn, CampaignIn, RecipientsIn, SuppressIn, StatsAnswer],
+        ref_template=_REF,
     )
     components["Error"] = {
         "type": "object",
@@ -231,20 +241,11 @@ def document() -> dict[str, Any]:
         },
         "/v1/stats": {
             "get": _op(
-                "Event counts and rates per campaign, domain or source IP over a window",
-                _answers("200", 400, schema=_ref("Stats")),
-                parameters=[
-                    {
-                        "name": "window",
-                        "in": "query",
-                        "schema": {"enum": ["1m", "5m", "15m", "1h", "6h", "24h", "7d"]},
-                    },
-                    {
-                        "name": "by",
-                        "in": "query",
-                        "schema": {"enum": ["campaign", "domain", "source_ip"]},
-                    },
-                ],
+                "Rollups (counts and rates) by dimensions, filters, time range and granularity",
+                _answers("200", 400, 403, 404,
+                         schema={"anyOf": [_ref("StatsAnswer"), _ref("Stats")]}),
+                parameters=_stats_parameters(),
+                operationId="getStats",
             )
         },
         "/v1/suppressions": {

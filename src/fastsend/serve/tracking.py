@@ -22,15 +22,17 @@ DESCRIPTION
     database on the request path beyond one cached, indexed read that names
     the message's campaign and tenant; the event goes to ``ctx.emit`` (the
     buffered event log and its listeners, e.g. the webhook outbox).
-    HEAD requests are answered without recording anything.
+    HEAD requests are answered without an event; the rollups count them as
+    machine opens and clicks (fastsend.analytics.machine).
 
     ``setup_tracking`` also hands ``ctx.secret`` to the message renderers of
     this process (and the workers it forks later), so links signed by workers
     verify here.
 
 DELIBERATELY NOT HERE
-    No bot or mail-privacy-proxy filtering, no IP addresses in events, no
-    per-link statistics (they are computed from the event stream).
+    No bot or mail-privacy-proxy filtering here (the rollups judge machine opens
+    and clicks from the events: fastsend.analytics.machine), no IP addresses in
+    events, no per-link statistics (they are computed from the event stream).
 """
 
 from __future__ import annotations
@@ -117,11 +119,21 @@ class _Tracking:
             "user_agent": request.headers.get("User-Agent", "")[:MAX_UA],
         }
 
+    def _head(self, ev: dict[str, Any]) -> None:
+        """Issue 14: a HEAD is a link checker's, never a person's: not an event (no log
+        line, no webhook), but counted in the rollups as a machine open or click."""
+        rollups = getattr(self.ctx, "rollups", None)
+        if rollups is not None:
+            ev["http_method"] = "HEAD"
+            rollups.listener([ev])
+
     # -- handlers -------------------------------------------------------------
     async def open(self, request: web.Request) -> web.Response:
         mid, rcpt = self._check(request.match_info["token"], tr.OPEN)
         if request.method == "GET":
             self.ctx.emit(self._event("opened", mid, rcpt, request))
+        else:
+            self._head(self._event("opened", mid, rcpt, request))
         return web.Response(
             body=PIXEL_GIF,
             content_type="image/gif",
@@ -132,10 +144,12 @@ class _Tracking:
         mid, rcpt, url = self._check(request.match_info["token"], tr.CLICK)
         if not url.lower().startswith(("http://", "https://")):
             raise _not_found()
+        ev = self._event("clicked", mid, rcpt, request)
+        ev["url"] = url
         if request.method == "GET":
-            ev = self._event("clicked", mid, rcpt, request)
-            ev["url"] = url
             self.ctx.emit(ev)
+        else:
+            self._head(ev)
         return web.Response(
             status=302,
             headers={"Location": url, "Referrer-Policy": "no-referrer", **_NO_STORE},

@@ -1,0 +1,45 @@
+"""Wiring: a :class:`~fastsend.analytics.rollup.Rollups` on a spool's event log.
+
+``attach(config, spool, events)`` opens the rollup store beside the spool
+(:func:`~fastsend.analytics.store.open_store`), builds the listener with the
+shaping policy's provider matching and the spool's campaign tenants, and
+appends it to ``events.listeners``. The caller flushes it on its tick
+(``maybe_flush``) and closes it after the event log's last flush. ``None``
+when ``[analytics] enabled = false``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastsend.analytics.rollup import AnalyticsSettings, Rollups, policy_provider
+from fastsend.analytics.store import open_store
+from fastsend.config import Config
+from fastsend.events import EventLog
+
+log = logging.getLogger("fastsend.analytics")
+
+
+def attach(
+    config: Config, spool: Any, events: EventLog, tenant_of: Any = None
+) -> Rollups | None:
+    settings = AnalyticsSettings.from_config(config)
+    if not settings.enabled:
+        return None
+
+    def spool_tenant(cid: int) -> str:
+        info = spool.get_campaign(cid)
+        if info is None:
+            raise KeyError(cid)
+        return info.tenant or "default"
+
+    store = open_store(spool, config.spool_dir)
+    r = Rollups(
+        store,
+        tenant_of=tenant_of or spool_tenant,
+        provider_of=policy_provider(config),
+        settings=settings,
+    )
+    events.listeners.append(r.listener)
+    return r

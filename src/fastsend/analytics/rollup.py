@@ -1,0 +1,478 @@
+"""Rollups: counters per minute, hour and day of tenant x campaign x provider x source IP.
+
+NAME
+    fastsend.analytics.rollup -- Rollups (an EventLog listener), AnalyticsSettings.
+
+DESCRIPTION
+    :meth:`Rollups.listener` is an :class:`~fastsend.events.EventLog`
+    listener. Per event it does a few dict operations: the event name picks a
+    counter, and (minute, campaign, tenant, MX host, source IP, recipient
+    domain) picks an in-memory row; nothing else runs on the event path.
+    Bounces, deferrals, complaints, unsubscribes, opens and clicks are also
+    queued for the flush, which needs more than a counter:
+
+    - bounces and deferrals are classified (:func:`fastsend.bounce.classify_reply`,
+      cached per reply) into a reason and hard/soft, unless the event carries
+      them (asynchronous bounces from the intake do);
+    - complaints, unsubscribes, opens and clicks carry no MX or source IP:
+      they take those of the message's delivery, which the rollup remembers
+      for the last ``remember_messages`` deliveries (older: the provider from
+      the recipient's domain, the source IP "");
+    - opens and clicks are judged human-likely or machine by
+      :mod:`fastsend.analytics.machine`; a click waits ``burst_window_s``
+      before it is judged, so "every link at once" sees the whole burst;
+    - unique opens and clicks (per message, human and machine apart) are
+      decided by :meth:`RollupStore.first_seen`, durable across restarts.
+
+    :meth:`flush` (about once a second: :meth:`maybe_flush` from the event
+    path and from the server's tick) resolves each row's tenant (the
+    ``tenant_of`` callback, cached) and provider (the shaping policy's MX
+    suffixes, else the recipient domain's provider, else "other"; cached),
+    and adds the rows to the store's minute, hour and day buckets in one
+    call. :meth:`gauge` records sampled values (queue depth, oldest age).
+
+    Config (``[analytics]``, every key optional)::
+
+        enabled = true
+        minute_days = 8          # retention per granularity, in days
+        hour_days = 120
+        day_days = 800
+        remember_messages = 500000
+        machine_rules = "my-rules.toml"   # tried before the shipped machine.toml
+
+DELIBERATELY NOT HERE
+    No rates and no query planning (:mod:`fastsend.analytics.query`), no
+    alarms (:mod:`fastsend.analytics.alarms`). It never blocks the event
+    log: a failing flush is logged and its counts are kept for the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastsend.analytics.machine import MachineRules, load_machine_rules
+from fastsend.analytics.store import IDX, NC, RETENTION_DAYS, RollupStore
+from fastsend.config import Config, ConfigError
+
+log = logging.getLogger("fastsend.analytics")
+
+GRAINS = (60, 3600, 86400)
+FLUSH_EVERY = 1.0
+MAX_KEYS = 20_000  # distinct providers/domains cached
+MAX_REASON = 300
+NODE = "*"  # node-wide rows: not a valid tenant name (fastsend.serve.auth)
+
+# Event name -> counter index; the names below FIRST_SPECIAL are counted on the spot.
+_PLAIN = {
+    "accepted": IDX["accepted"],
+    "delivered": IDX["delivered"],
+    "suppressed": IDX["suppressed"],
+}
+_SPECIAL = {
+    "deferred": IDX["deferred"],
+    "bounced": IDX["bounced"],
+    "expired": IDX["expired"],
+    "complained": IDX["complaints"],
+    "unsubscribed": IDX["unsubscribes"],
+    "opened": IDX["opens"],
+    "clicked": IDX["clicks"],
+}
+_OPEN, _CLICK = IDX["opens"], IDX["clicks"]
+_DEFERRED, _BOUNCED, _EXPIRED = IDX["deferred"], IDX["bounced"], IDX["expired"]
+_HARD, _SOFT = IDX["bounced_hard"], IDX["bounced_soft"]
+# first_seen kinds: (counter, machine) -> kind
+_FIRST = {(_OPEN, False): 1, (_OPEN, True): 2, (_CLICK, False): 3, (_CLICK, True): 4}
+_UNIQUE = {1: IDX["opens_unique"], 2: IDX["opens_machine_unique"],
+           3: IDX["clicks_unique"], 4: IDX["clicks_machine_unique"]}  # fmt: skip
+_MACHINE = {_OPEN: IDX["opens_machine"], _CLICK: IDX["clicks_machine"]}
+
+
+@dataclass
+class AnalyticsSettings:
+    enabled: bool = True
+    minute_days: float = RETENTION_DAYS[60]
+    hour_days: float = RETENTION_DAYS[3600]
+    day_days: float = RETENTION_DAYS[86400]
+    remember_messages: int = 500_000
+    machine_rules: str = ""
+
+    @property
+    def retention(self) -> dict[int, float]:
+        return {60: self.minute_days, 3600: self.hour_days, 86400: self.day_days}
+
+    @classmethod
+    def from_config(cls, config: Config | None) -> AnalyticsSettings:
+        raw = (config.raw if config is not None else {}).get("analytics", {})
+        if not isinstance(raw, dict):
+            raise ConfigError("[analytics] must be a table")
+        s = cls()
+        for k, v in raw.items():
+            if k not in cls.__dataclass_fields__:
+                known = ", ".join(sorted(cls.__dataclass_fields__))
+                raise ConfigError(f"[analytics] unknown key {k!r} (known: {known})")
+            cur = getattr(s, k)
+            if isinstance(cur, bool):
+                ok = isinstance(v, bool)
+            elif isinstance(cur, str):
+                ok = isinstance(v, str)
+            elif isinstance(cur, int):
+                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            else:
+                ok = isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            if not ok:
+                raise ConfigError(f"[analytics] {k} has a bad value {v!r}")
+            setattr(s, k, float(v) if isinstance(cur, float) else v)
+        if s.machine_rules and config is not None:
+            import os
+
+            s.machine_rules = os.path.join(config.base_dir, s.machine_rules)
+        return s
+
+
+class Rollups:
+    """The listener, its in-memory second of counts, and the flush to a store."""
+
+    def __init__(
+        self,
+        store: RollupStore,
+        *,
+        tenant_of: Callable[[int], str],
+        provider_of: Callable[[str, str], str],
+        settings: AnalyticsSettings | None = None,
+        rules: MachineRules | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings or AnalyticsSettings()
+        self.rules = rules or load_machine_rules(self.settings.machine_rules or None)
+        self.tenant_of = tenant_of
+        self.provider_of = provider_of
+        self.acc: dict[tuple[Any, ...], list[int]] = {}
+        self.special: list[tuple[tuple[Any, ...], int, dict[str, Any]]] = []
+        self.clicks_waiting: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.click_log: dict[int, list[tuple[float, str]]] = {}  # msg -> [(t, url)]
+        self.gauges_pending: dict[tuple[int, int, str, str], float] = {}
+        # msg id -> (delivered at, campaign, tenant, mx, source_ip, domain); two generations.
+        self.sent: dict[int, tuple[Any, ...]] = {}
+        self.sent_old: dict[int, tuple[Any, ...]] = {}
+        self._tenants: dict[int, str] = {}
+        self._providers: dict[tuple[str, str], str] = {}
+        self._classified: dict[tuple[int, str, str], tuple[str, bool]] = {}
+        self.last_flush = time.monotonic()
+        self.last_prune = 0.0
+        self.failed = 0
+
+    # -- the event path --------------------------------------------------------
+
+    def listener(self, events: list[dict[str, Any]]) -> None:
+        acc = self.acc
+        plain = _PLAIN
+        special = _SPECIAL
+        sent = self.sent
+        now = 0.0
+        for e in events:
+            name = e.get("event")
+            k = plain.get(name)  # type: ignore[arg-type]
+            if k is None:
+                k = special.get(name)  # type: ignore[arg-type]
+                if k is None:
+                    continue
+                spec = True
+            else:
+                spec = False
+            t = e.get("time")
+            if not t:
+                t = now = now or time.time()
+            rcpt = e.get("rcpt")
+            key = (
+                int(t) // 60,
+                e.get("campaign"),
+                e.get("tenant"),
+                e.get("mx") or "",
+                e.get("source_ip") or "",
+                rcpt.rpartition("@")[2].lower() if isinstance(rcpt, str) else "",
+            )
+            if spec:
+                self.special.append((key, k, e))
+                continue
+            row = acc.get(key)
+            if row is None:
+                row = acc[key] = [0] * NC
+            row[k] += 1
+            if k == 1:  # delivered: remember where it went, for its opens and clicks
+                mid = e.get("id")
+                if mid is not None:
+                    sent[mid] = (t, *key[1:])
+                    if len(sent) > self.settings.remember_messages // 2:
+                        self.sent_old = sent
+                        sent = self.sent = {}
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY:
+            self.flush()
+
+    def gauge(self, tenant: str, name: str, value: float, t: float | None = None) -> None:
+        """A sampled value (the last one in a bucket wins)."""
+        t = int(time.time() if t is None else t)
+        for g in GRAINS:
+            self.gauges_pending[(g, t - t % g, tenant, name)] = float(value)
+
+    # -- the flush -------------------------------------------------------------
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self, *, final: bool = False) -> None:
+        self.last_flush = time.monotonic()
+        try:
+            self._flush(final)
+        except Exception:
+            self.failed += 1
+            log.exception("analytics: rollup flush failed (counts kept for the next one)")
+        now = time.time()
+        if now - self.last_prune > 3600:
+            self.last_prune = now
+            try:
+                self.store.prune(now, self.settings.retention)
+            except Exception:
+                log.exception("analytics: prune failed")
+
+    def _flush(self, final: bool) -> None:
+        now = time.time()
+        acc, self.acc = self.acc, {}
+        special, self.special = self.special, []
+        counts: dict[tuple[int, int, tuple[str, int, str, str]], list[int]] = {}
+        reasons: dict[tuple[int, int, tuple[str, int, str, str], str, str], int] = {}
+        firsts: list[
+            tuple[tuple[str, int, str, str], int, int, int]
+        ] = []  # (rk, minute, kind, msg)
+        try:
+            for key, row in acc.items():
+                self._add(counts, self._resolve(key), key[0], row)
+            for key, k, e in special:
+                if k in (_OPEN, _CLICK, IDX["complaints"], IDX["unsubscribes"]):
+                    key = self._attributed(key, e)
+                if k == _CLICK:  # judged in _judge_clicks once its burst window passed
+                    self._log_click(e)
+                    self.clicks_waiting.append((key, e))
+                    continue
+                self._special(counts, reasons, firsts, key, k, e, now)
+            self._judge_clicks(counts, firsts, now, final)
+            if firsts:
+                new = self.store.first_seen([(kind, mid) for _rk, _m, kind, mid in firsts],
+                                            int(now))  # fmt: skip
+                for (rk, minute, kind, _mid), fresh in zip(firsts, new, strict=True):
+                    if fresh:
+                        row = [0] * NC
+                        row[_UNIQUE[kind]] = 1
+                        self._add(counts, rk, minute, row)
+            _node_rows(counts, reasons)
+            gauges, self.gauges_pending = self.gauges_pending, {}
+            self.store.add(counts, reasons, gauges)
+        except BaseException:
+            # Keep what was not written: the counts go back for the next flush.
+            for key, row in acc.items():
+                mine = self.acc.get(key)
+                if mine is None:
+                    self.acc[key] = row
+                else:
+                    for i, v in enumerate(row):
+                        mine[i] += v
+            self.special[:0] = [s for s in special if s[1] != _CLICK]
+            raise
+
+    @staticmethod
+    def _add(counts: dict[Any, list[int]], rk: tuple[str, int, str, str], minute: int,
+             row: list[int]) -> None:  # fmt: skip
+        t = minute * 60
+        for g in GRAINS:
+            ck = (g, t - t % g, rk)
+            have = counts.get(ck)
+            if have is None:
+                counts[ck] = list(row)
+            else:
+                for i, v in enumerate(row):
+                    if v:
+                        have[i] += v
+
+    def _resolve(self, key: tuple[Any, ...]) -> tuple[str, int, str, str]:
+        """(minute, campaign, tenant, mx, ip, domain) -> (tenant, campaign, provider, ip)."""
+        _m, campaign, tenant, mx, ip, domain = key
+        cid = campaign if isinstance(campaign, int) else 0
+        if not isinstance(tenant, str):
+            tenant = self._tenants.get(cid)
+            if tenant is None:
+                try:
+                    tenant = self.tenant_of(cid) if cid else "default"
+                except KeyError:
+                    tenant = "default"
+                if len(self._tenants) > MAX_KEYS:
+                    self._tenants.clear()
+                self._tenants[cid] = tenant
+        pk = (mx, domain)
+        prov = self._providers.get(pk)
+        if prov is None:
+            prov = self._providers.get((mx, "")) if mx else None
+            if prov is None:
+                prov = self.provider_of(mx, domain) or "other"
+            if len(self._providers) > MAX_KEYS:
+                self._providers.clear()
+            self._providers[pk] = prov
+        return (tenant, cid, prov, str(ip))
+
+    def _delivery(self, mid: Any) -> tuple[Any, ...] | None:
+        return self.sent.get(mid) or self.sent_old.get(mid)
+
+    def _attributed(self, key: tuple[Any, ...], e: dict[str, Any]) -> tuple[Any, ...]:
+        """An engagement or complaint event takes its delivery's MX and source IP."""
+        d = self._delivery(e.get("id"))
+        if d is None:
+            return key
+        _t, campaign, tenant, mx, ip, domain = d
+        return (key[0], key[1] if key[1] is not None else campaign,
+                key[2] if key[2] is not None else tenant, mx, ip, domain or key[5])  # fmt: skip
+
+    def _classify(self, e: dict[str, Any]) -> tuple[str, bool]:
+        reason = e.get("reason")
+        if isinstance(reason, str) and reason and e.get("event") != "deferred":
+            return reason[:MAX_REASON], bool(e.get("hard"))
+        code = e.get("code")
+        code = code if isinstance(code, int) and (code == 0 or 200 <= code <= 599) else 0
+        enhanced = str(e.get("enhanced") or "")
+        text = str(e.get("text") or "")[:500]
+        ck = (code, enhanced, text)
+        hit = self._classified.get(ck)
+        if hit is None:
+            from fastsend.bounce import classify_reply
+
+            try:
+                c = classify_reply(code, enhanced, text, command="")
+                hit = (c.reason or "undefined", bool(c.hard))
+            except ValueError:
+                hit = ("undefined", False)
+            if len(self._classified) > MAX_KEYS:
+                self._classified.clear()
+            self._classified[ck] = hit
+        return hit
+
+    def _special(self, counts: Any, reasons: Any, firsts: Any, key: tuple[Any, ...], k: int,
+                 e: dict[str, Any], now: float, machine: str | None = None) -> None:  # fmt: skip
+        rk = self._resolve(key)
+        minute = key[0]
+        row = [0] * NC
+        row[k] = 1
+        if k in (_BOUNCED, _DEFERRED, _EXPIRED):
+            if k == _EXPIRED:
+                reason, hard = "expired", False
+            else:
+                reason, hard = self._classify(e)
+            if k == _BOUNCED:
+                row[_HARD if hard else _SOFT] = 1
+            kind = "deferred" if k == _DEFERRED else "bounced"
+            t = minute * 60
+            for g in GRAINS:
+                rkey = (g, t - t % g, rk, kind, reason)
+                reasons[rkey] = reasons.get(rkey, 0) + 1
+        elif k in (_OPEN, _CLICK):
+            if machine is None:
+                machine = self._machine(k, e)
+            if machine:
+                row[k] = 0
+                row[_MACHINE[k]] = 1
+            mid = e.get("id")
+            if isinstance(mid, int):
+                firsts.append((rk, minute, _FIRST[(k, bool(machine))], mid))
+        self._add(counts, rk, minute, row)
+
+    def _since_delivery(self, e: dict[str, Any]) -> float | None:
+        d = self._delivery(e.get("id"))
+        t = e.get("time")
+        if d is None or not isinstance(t, int | float):
+            return None
+        return float(t) - float(d[0])
+
+    def _machine(self, k: int, e: dict[str, Any], burst: int = 0) -> str:
+        ua = e.get("user_agent")
+        return self.rules.classify(
+            "open" if k == _OPEN else "click",
+            ua if isinstance(ua, str) else "",
+            str(e.get("http_method") or "GET"),
+            self._since_delivery(e),
+            burst,
+        )
+
+    # -- clicks: judged once their burst window has passed ---------------------
+
+    def _log_click(self, e: dict[str, Any]) -> None:
+        mid = e.get("id")
+        t = e.get("time")
+        if isinstance(mid, int) and isinstance(t, int | float):
+            self.click_log.setdefault(mid, []).append((float(t), str(e.get("url") or "")))
+
+    def _burst(self, e: dict[str, Any], window: float) -> int:
+        mid = e.get("id")
+        t = e.get("time")
+        if not isinstance(mid, int) or not isinstance(t, int | float):
+            return 0
+        return len({u for (ct, u) in self.click_log.get(mid, ()) if abs(ct - t) <= window})
+
+    def _judge_clicks(self, counts: Any, firsts: Any, now: float, final: bool) -> None:
+        if not self.clicks_waiting:
+            return
+        window = self.rules.burst_window
+        keep = []
+        for key, e in self.clicks_waiting:
+            t = e.get("time")
+            t = float(t) if isinstance(t, int | float) else now
+            if not final and now < t + window:
+                keep.append((key, e))
+                continue
+            burst = self._burst(e, window) if window else 0
+            machine = self._machine(_CLICK, e, burst)
+            self._special(counts, {}, firsts, key, _CLICK, e, now, machine)
+        self.clicks_waiting = keep
+        # Forget click logs older than twice the window.
+        horizon = now - 2 * window - 1
+        for mid in [m for m, cl in self.click_log.items() if cl[-1][0] < horizon]:
+            del self.click_log[mid]
+
+    def close(self) -> None:
+        self.flush(final=True)
+        self.store.close()
+
+
+def _node_rows(counts: dict[Any, list[int]], reasons: dict[Any, int]) -> None:
+    """Add node-wide rows (tenant "*", campaign 0) per provider and source IP: the
+    warm-up progress and admin views read them."""
+    node: dict[Any, list[int]] = {}
+    for (g, t, (_tenant, _cid, prov, ip)), row in counts.items():
+        nk = (g, t, (NODE, 0, prov, ip))
+        have = node.get(nk)
+        if have is None:
+            node[nk] = list(row)
+        else:
+            for i, v in enumerate(row):
+                have[i] += v
+    counts.update(node)
+    nr: dict[Any, int] = {}
+    for (g, t, (_tenant, _cid, prov, ip), kind, reason), n in reasons.items():
+        rk = (g, t, (NODE, 0, prov, ip), kind, reason)
+        nr[rk] = nr.get(rk, 0) + n
+    reasons.update(nr)
+
+
+def policy_provider(config: Config | None) -> Callable[[str, str], str]:
+    """provider_of(mx, domain) from the shaping policy (MX suffix, else domain)."""
+    from fastsend.shaping.policy import load_policy
+
+    policy = getattr(config, "shaping", None) if config is not None else None
+    if policy is None:
+        policy = load_policy(config)
+
+    def provider_of(mx: str, domain: str) -> str:
+        host = mx.rpartition(":")[0] if mx.count(":") == 1 else mx
+        return policy.provider_for([host] if host else [], domain)
+
+    return provider_of

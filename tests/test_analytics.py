@@ -1,0 +1,290 @@
+"""Rollups against a generated event stream with known answers; machine rules on crafted
+requests; the query planner; the SQLite and Redis stores give the same answers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastsend.analytics.machine import load_machine_rules
+from fastsend.analytics.query import StatsQuery, make_query, plan, QueryError, run_query
+from fastsend.analytics.rollup import Rollups, policy_provider
+from fastsend.analytics.store import COUNTERS, SQLiteRollupStore
+from fastsend.config import ConfigError
+
+MPP = "Mozilla/5.0"
+HUMAN = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15"
+
+
+def make(store: Any) -> Rollups:
+    return Rollups(store, tenant_of=lambda cid: {1: "acme", 2: "acme", 3: "beta"}[cid],
+                   provider_of=policy_provider(None))  # fmt: skip
+
+
+def stream(t0: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """1,000 messages over campaigns 1 (acme), 2 (acme), 3 (beta) with a known outcome each;
+    returns the events and acme's expected totals."""
+    evs: list[dict[str, Any]] = []
+    want = dict.fromkeys(COUNTERS, 0)
+    doms = ["gmail.com", "yahoo.com", "hotmail.com", "example.org"]
+    mx = {"gmail.com": "gmail-smtp-in.l.google.com", "yahoo.com": "mta5.am0.yahoodns.net",
+          "hotmail.com": "hotmail-com.olc.protection.outlook.com", "example.org": "mx.example.org"}
+    for i in range(1000):
+        cid = 1 + i % 3
+        tenant = "beta" if cid == 3 else "acme"
+        mine = tenant == "acme"
+        dom = doms[i % 4]
+        rcpt = f"u{i}@{dom}"
+        t = t0 + i * 0.5
+        evs.append({"time": t, "event": "accepted", "id": i, "campaign": cid, "tenant": tenant,
+                    "rcpt": rcpt})  # fmt: skip
+        want["accepted"] += mine
+        base = {"id": i, "campaign": cid, "rcpt": rcpt, "mx": mx[dom],
+                "source_ip": f"127.0.0.{2 + i % 2}"}  # fmt: skip
+        if i % 50 == 1:  # one deferral, then delivered
+            evs.append({**base, "time": t + 1, "event": "deferred", "code": 421,
+                        "enhanced": "4.7.0", "text": "Too many connections, slow down"})  # fmt: skip
+            want["deferred"] += mine
+        if i % 25 == 0:
+            hard = i % 50 == 0
+            evs.append({**base, "time": t + 2, "event": "bounced", "code": 550,
+                        "enhanced": "5.1.1" if hard else "5.7.1",
+                        "text": "user unknown" if hard else "message refused as spam"})  # fmt: skip
+            want["bounced"] += mine
+            want["bounced_hard" if hard else "bounced_soft"] += mine
+            continue
+        evs.append({**base, "time": t + 2, "event": "delivered", "code": 250})
+        want["delivered"] += mine
+        eng = {"id": i, "campaign": cid, "tenant": tenant, "rcpt": rcpt}
+        if i % 4 == 1:  # a human open, twice
+            for k in range(2):
+                evs.append({**eng, "time": t + 600 + k, "event": "opened", "user_agent": HUMAN})
+            want["opens"] += 2 * mine
+            want["opens_unique"] += mine
+        if i % 6 == 1:  # an Apple MPP prefetch
+            evs.append({**eng, "time": t + 3, "event": "opened", "user_agent": MPP})
+            want["opens_machine"] += mine
+            want["opens_machine_unique"] += mine
+        if i % 8 == 1:  # a human click (after the human open)
+            evs.append({**eng, "time": t + 700, "event": "clicked", "user_agent": HUMAN,
+                        "url": "https://example.com/a"})  # fmt: skip
+            want["clicks"] += mine
+            want["clicks_unique"] += mine
+        if i % 10 == 3:  # a scanner: every link within a second, right after delivery
+            for k, u in enumerate(("https://example.com/a", "https://example.com/b",
+                                   "https://example.com/c")):  # fmt: skip
+                evs.append({**eng, "time": t + 2.5 + k * 0.1, "event": "clicked",
+                            "user_agent": HUMAN, "url": u})  # fmt: skip
+            want["clicks_machine"] += 3 * mine
+            want["clicks_machine_unique"] += mine
+        if i % 200 == 5:
+            evs.append({**eng, "time": t + 900, "event": "complained"})
+            want["complaints"] += mine
+        if i % 100 == 7:
+            evs.append({**eng, "time": t + 950, "event": "unsubscribed"})
+            want["unsubscribes"] += mine
+    evs.sort(key=lambda e: e["time"])
+    return evs, want
+
+
+def feed(r: Rollups, evs: list[dict[str, Any]]) -> None:
+    for k in range(0, len(evs), 97):  # in ticks, as the supervisor emits them
+        r.listener(evs[k : k + 97])
+    r.flush(final=True)
+
+
+def test_rollups_known_answers(tmp_path: Path) -> None:
+    t0 = (time.time() // 3600 - 3) * 3600 + 1234.0
+    store = SQLiteRollupStore(str(tmp_path))
+    r = make(store)
+    evs, want = stream(t0)
+    feed(r, evs)
+    q = make_query("acme", {"from": str(int(t0) - 60), "to": str(int(t0) + 7200),
+                            "granularity": "total", "dims": ""}, time.time())  # fmt: skip
+    got = run_query(store, q)["totals"]
+    assert got["counts"] == want
+    rt = got["rates"]
+    final = want["delivered"] + want["bounced"]
+    assert rt["bounce_rate"] == round(want["bounced"] / final, 6)
+    assert rt["complaint_rate"] == round(want["complaints"] / want["delivered"], 6)
+    assert rt["unique_open_rate"] == round(want["opens_unique"] / want["delivered"], 6)
+    assert rt["click_to_open_rate"] == round(want["clicks_unique"] / want["opens_unique"], 6)
+    # Minute, hour and day series each add up to the same totals.
+    for gran in ("minute", "hour", "day"):
+        q2 = make_query("acme", {"from": str(int(t0) - 86400), "to": str(int(t0) + 86400),
+                                 "granularity": gran, "dims": ""} if gran != "minute" else
+                        {"from": str(int(t0) - 60), "to": str(int(t0) + 7200),
+                         "granularity": gran, "dims": ""}, time.time())  # fmt: skip
+        s = run_query(store, q2)["series"]
+        assert {c: sum(s[c]) for c in COUNTERS} == want, gran
+    # Providers from the MX names; reasons from the reply classification.
+    by = run_query(store, StatsQuery("acme", int(t0) - 60, int(t0) + 7200, "total",
+                                     ["provider"], {}))  # fmt: skip
+    assert set(by["groups"]) == {"google", "yahoo", "outlook", "other"}
+    assert by["reasons"]["bounced"] == {"userunknown": want["bounced_hard"],
+                                        "spamdetected": want["bounced_soft"]}  # fmt: skip
+    assert list(by["reasons"]["deferred"]) == ["toomanyconn"]
+    # Tenants never see each other's rows; filters narrow.
+    beta = run_query(store, StatsQuery("beta", int(t0) - 60, int(t0) + 7200, "total",
+                                       ["campaign"], {}))  # fmt: skip
+    assert set(beta["groups"]) == {"3"}
+    one = run_query(store, StatsQuery("acme", int(t0) - 60, int(t0) + 7200, "total", [],
+                                      {"campaign": [2], "source_ip": ["127.0.0.3"]}))  # fmt: skip
+    assert 0 < one["totals"]["counts"]["delivered"] < want["delivered"] / 2
+    nobody = run_query(store, StatsQuery("gamma", int(t0) - 60, int(t0) + 7200, "total", [], {}))
+    assert nobody["totals"]["counts"]["accepted"] == 0
+
+
+def test_unique_counts_survive_a_restart(tmp_path: Path) -> None:
+    now = time.time()
+    ev = {"time": now, "event": "opened", "id": 7, "campaign": 1, "tenant": "acme",
+          "rcpt": "a@example.org", "user_agent": HUMAN}  # fmt: skip
+    r = make(SQLiteRollupStore(str(tmp_path)))
+    r.listener([ev])
+    r.close()
+    r = make(SQLiteRollupStore(str(tmp_path)))
+    r.listener([{**ev, "time": now + 1}])
+    r.flush(final=True)
+    c = run_query(r.store, StatsQuery("acme", int(now) - 120, int(now) + 120, "total", [], {}))
+    assert c["totals"]["counts"]["opens"] == 2 and c["totals"]["counts"]["opens_unique"] == 1
+
+
+def test_a_failed_flush_keeps_its_counts(tmp_path: Path) -> None:
+    store = SQLiteRollupStore(str(tmp_path))
+    r = make(store)
+    real = store.add
+    calls = []
+
+    def broken(*a: Any) -> None:
+        calls.append(1)
+        raise OSError("disk full")
+
+    store.add = broken  # type: ignore[method-assign]
+    now = time.time()
+    r.listener([{"time": now, "event": "accepted", "id": 1, "campaign": 1, "tenant": "acme",
+                 "rcpt": "a@example.org"}])  # fmt: skip
+    r.flush()
+    assert calls and r.failed == 1
+    store.add = real  # type: ignore[method-assign]
+    r.flush()
+    c = run_query(store, StatsQuery("acme", int(now) - 120, int(now) + 120, "total", [], {}))
+    assert c["totals"]["counts"]["accepted"] == 1
+
+
+# ------------------------------------------------------------------ machine rules
+def test_machine_rules_on_crafted_requests() -> None:
+    m = load_machine_rules()
+    assert m.classify("open", MPP) == "apple-mpp"
+    assert m.classify("open", HUMAN) == ""
+    assert m.classify("open", HUMAN, "HEAD") == "head-request"
+    assert m.classify("open", "") == "no-user-agent"
+    assert m.classify("open", HUMAN, since_delivery=1.0) == "soon-after-delivery"
+    assert m.classify("open", HUMAN, since_delivery=300.0) == ""
+    gmail = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+    assert m.classify("open", gmail) == ""  # fetched when the reader opens: human-likely
+    for ua in ("python-requests/2.31", "curl/8.1", "Mozilla/5.0 HeadlessChrome/120",
+               "Barracuda Sentinel (EE)", "Go-http-client/1.1"):  # fmt: skip
+        assert m.classify("click", ua) == "scanner-agent", ua
+    assert m.classify("click", HUMAN, "HEAD") == "head-request"
+    assert m.classify("click", HUMAN, since_delivery=4.0) == "soon-after-delivery"
+    assert m.classify("click", HUMAN, since_delivery=3600.0, burst=3) == "every-link-at-once"
+    assert m.classify("click", HUMAN, since_delivery=3600.0, burst=2) == ""
+
+
+def test_machine_rules_from_a_user_file(tmp_path: Path) -> None:
+    f = tmp_path / "rules.toml"
+    f.write_text('[[open]]\nname = "our-monitor"\nuser_agent = "^uptime-bot"\n')
+    m = load_machine_rules(str(f))
+    assert m.classify("open", "uptime-bot/1") == "our-monitor"
+    assert m.classify("open", MPP) == "apple-mpp"  # shipped rules still apply
+    f.write_text('replace = true\n[[open]]\nname = "only"\nmethod = "HEAD"\n')
+    m = load_machine_rules(str(f))
+    assert m.classify("open", MPP) == "" and m.classify("open", MPP, "HEAD") == "only"
+    for bad, msg in (('[[open]]\nname = "x"\n', "at least one condition"),
+                     ('[[open]]\nname = "x"\nuser_agent = "("\n', "bad user_agent regex"),
+                     ('[[click]]\nname = "x"\nburst_links = 3\n', "burst_window_s"),
+                     ('[[open]]\nname = "x"\ncolour = 1\n', "unknown key")):  # fmt: skip
+        f.write_text(bad)
+        with pytest.raises(ConfigError, match=msg):
+            load_machine_rules(str(f))
+
+
+def test_head_and_burst_clicks_counted_as_machine(tmp_path: Path) -> None:
+    store = SQLiteRollupStore(str(tmp_path))
+    r = make(store)
+    now = time.time() - 60
+    r.listener([{"time": now, "event": "delivered", "id": 1, "campaign": 1, "rcpt": "a@x.org",
+                 "mx": "mx.x.org", "source_ip": "127.0.0.2"}])  # fmt: skip
+    eng = {"id": 1, "campaign": 1, "tenant": "acme", "rcpt": "a@x.org", "user_agent": HUMAN}
+    r.listener([{**eng, "time": now + 30, "event": "clicked", "url": "u1", "http_method": "HEAD"}])
+    r.listener([{**eng, "time": now + 40 + k * 0.3, "event": "clicked", "url": f"l{k}"}
+                for k in range(4)])  # fmt: skip
+    r.listener([{**eng, "time": now + 50, "event": "clicked", "url": "l0"}])
+    r.flush(final=True)
+    c = run_query(store, StatsQuery("acme", int(now) - 120, int(now) + 120, "total", [], {}))
+    counts = c["totals"]["counts"]
+    assert counts["clicks_machine"] == 5 and counts["clicks"] == 1
+    # The delivery's source IP is the click's.
+    by = run_query(store, StatsQuery("acme", int(now) - 120, int(now) + 120, "total",
+                                     ["source_ip"], {}))  # fmt: skip
+    assert by["groups"]["127.0.0.2"]["counts"]["clicks_machine"] == 5
+
+
+# ------------------------------------------------------------------ the planner
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**9), st.integers(60, 40 * 86400))
+def test_plan_tiles_the_range(a: int, span: int) -> None:
+    t0 = a - a % 60
+    t1 = t0 + span - span % 60 + 60
+    pieces = plan(t0, t1)
+    pos = t0
+    for g, s, e in pieces:
+        assert s == pos and e > s and s % g == 0 and e % g == 0
+        pos = e
+    assert pos == t1
+    assert len(pieces) <= 5
+
+
+def test_query_parameters() -> None:
+    now = 1_800_000_000.0
+    q = make_query("t", {"from": "-7d", "to": "now", "dims": "provider,source_ip",
+                         "campaign": "3,4", "granularity": "hour"}, now)  # fmt: skip
+    assert q.t1 - q.t0 >= 7 * 86400 and q.dims == ["provider", "source_ip"]
+    assert q.filters == {"campaign": [3, 4]}
+    assert make_query("t", {"from": "2027-01-15T00:00:00Z", "to": "2027-01-16T00:00:00Z"},
+                      now).granularity == "hour"  # fmt: skip
+    for params, field in (({"from": "yesterday"}, "from"), ({"granularity": "week"}, "granularity"),
+                          ({"dims": "rcpt"}, "dims"), ({"campaign": "x"}, "campaign"),
+                          ({"from": "-1d", "to": "-2d"}, "to"),
+                          ({"from": "-30d", "granularity": "minute"}, "granularity"),
+                          ({"limit": "0"}, "limit")):  # fmt: skip
+        with pytest.raises(QueryError) as e:
+            make_query("t", params, now)
+        assert e.value.field == field
+
+
+# ------------------------------------------------------------------ Redis form
+def test_redis_store_gives_the_same_answers(tmp_path: Path, redis_server: Any) -> None:
+    import redis as redis_lib
+
+    from fastsend.analytics.store_redis import RedisRollupStore
+
+    t0 = (time.time() // 3600 - 3) * 3600 + 1234.0
+    url = redis_server.url(node="n1", dir=str(tmp_path))
+    r_client = redis_lib.Redis.from_url(url.split("?")[0])
+    prefix = f"an{time.monotonic_ns()}"
+    stores = [SQLiteRollupStore(str(tmp_path)), RedisRollupStore(r_client, prefix)]
+    evs, want = stream(t0)
+    answers = []
+    for s in stores:
+        feed(make(s), evs)
+        for gran in ("total", "minute"):
+            q = StatsQuery("acme", int(t0) - 60, int(t0) + 7200, gran, ["provider"], {}, 50)
+            answers.append(run_query(s, q))
+    assert answers[0]["totals"]["counts"] == want
+    assert answers[0] == answers[2] and answers[1] == answers[3]
