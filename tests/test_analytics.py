@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastsend.analytics.machine import load_machine_rules
-from fastsend.analytics.query import StatsQuery, make_query, plan, QueryError, run_query
+from fastsend.analytics.query import QueryError, StatsQuery, make_query, plan, run_query
 from fastsend.analytics.rollup import Rollups, policy_provider
 from fastsend.analytics.store import COUNTERS, SQLiteRollupStore
 from fastsend.config import ConfigError
@@ -32,8 +32,12 @@ def stream(t0: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
     evs: list[dict[str, Any]] = []
     want = dict.fromkeys(COUNTERS, 0)
     doms = ["gmail.com", "yahoo.com", "hotmail.com", "example.org"]
-    mx = {"gmail.com": "gmail-smtp-in.l.google.com", "yahoo.com": "mta5.am0.yahoodns.net",
-          "hotmail.com": "hotmail-com.olc.protection.outlook.com", "example.org": "mx.example.org"}
+    mx = {
+        "gmail.com": "gmail-smtp-in.l.google.com",
+        "yahoo.com": "mta5.am0.yahoodns.net",
+        "hotmail.com": "hotmail-com.olc.protection.outlook.com",
+        "example.org": "mx.example.org",
+    }
     for i in range(1000):
         cid = 1 + i % 3
         tenant = "beta" if cid == 3 else "acme"
@@ -185,7 +189,9 @@ def test_machine_rules_on_crafted_requests() -> None:
     assert m.classify("open", "") == "no-user-agent"
     assert m.classify("open", HUMAN, since_delivery=1.0) == "soon-after-delivery"
     assert m.classify("open", HUMAN, since_delivery=300.0) == ""
-    gmail = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+    gmail = (
+        "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+    )
     assert m.classify("open", gmail) == ""  # fetched when the reader opens: human-likely
     for ua in ("python-requests/2.31", "curl/8.1", "Mozilla/5.0 HeadlessChrome/120",
                "Barracuda Sentinel (EE)", "Go-http-client/1.1"):  # fmt: skip

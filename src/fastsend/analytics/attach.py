@@ -21,9 +21,7 @@ from fastsend.events import EventLog
 log = logging.getLogger("fastsend.analytics")
 
 
-def attach(
-    config: Config, spool: Any, events: EventLog, tenant_of: Any = None
-) -> Rollups | None:
+def attach(config: Config, spool: Any, events: EventLog, tenant_of: Any = None) -> Rollups | None:
     settings = AnalyticsSettings.from_config(config)
     if not settings.enabled:
         return None

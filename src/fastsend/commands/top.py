@@ -83,7 +83,9 @@ class Top:
         r = allq["totals"]["rates"]
         who = "all tenants" if self.tenant == NODE else f"tenant {self.tenant}"
         stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(now))
-        out = [f"\x1b[1mfastsend top\x1b[0m — {who} — last {self.minutes} min — {stamp}   (q quits)"]
+        out = [
+            f"\x1b[1mfastsend top\x1b[0m — {who} — last {self.minutes} min — {stamp}   (q quits)"
+        ]
         try:
             states = self.spool.counts() if self.spool is not None else {}
         except Exception:

@@ -237,7 +237,11 @@
     }
     if (page === 'main') {
       const byCamp = await stats({ dims: 'campaign', granularity: 'total', from: RANGES[range].from });
-      ratesTable($('tbl-campaign'), byCamp.groups, (name) => '/dashboard/campaign/' + encodeURIComponent(name));
+      const list = await get('/v1/campaigns');
+      const names = new Map(list.campaigns.map((c) => [String(c.id), c.name]));
+      const named = {};
+      for (const [id, g] of Object.entries(byCamp.groups)) named['#' + id + ' ' + (names.get(id) || '')] = { ...g, id };
+      ratesTable($('tbl-campaign'), named, (name, g) => '/dashboard/campaign/' + encodeURIComponent(g.id));
     }
     return all;
   }
