@@ -83,16 +83,48 @@ class MXResolver:
         self.allow_private = config.delivery.allow_private_mx
         self._cache: dict[str, tuple[float, Site | Outcome]] = {}
         self._addr_cache: dict[str, tuple[float, list[str]]] = {}
+        self._route_cache: dict[tuple[str, int], tuple[float, Site]] = {}
+
+    def cached(self, domain: str) -> Site | Outcome | None:
+        """The site of ``domain`` when known without a lookup (a fresh cache
+        entry, or a route to an IP literal), else None: then await site_for().
+        Lets a worker place a batch without a task per batch."""
+        domain = domain.lower().rstrip(".")
+        route = self.config.route_for(domain)
+        now = time.monotonic()
+        if route is not None:
+            hit = self._route_cache.get((route.host, route.port))
+        else:
+            hit = self._cache.get(domain)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        return None
 
     async def site_for(self, domain: str) -> Site | Outcome:
         domain = domain.lower().rstrip(".")
         route = self.config.route_for(domain)
         if route is not None:
-            key = f"route:{route.host}:{route.port}"
+            now = time.monotonic()
+            rkey = (route.host, route.port)
+            rhit = self._route_cache.get(rkey)
+            if rhit is not None and rhit[0] > now:
+                return rhit[1]
             addrs = await self._addresses(route.host)
             if isinstance(addrs, Outcome):
                 return addrs
-            return Site(key, tuple(Host(route.host, a, route.port) for a in addrs))
+            # One Site object per route while its addresses are fresh (forever for
+            # an IP literal), so each batch does not build one again.
+            site = Site(
+                f"route:{route.host}:{route.port}",
+                tuple(Host(route.host, a, route.port) for a in addrs),
+            )
+            if _is_ip(route.host):
+                expires = float("inf")
+            else:
+                ahit = self._addr_cache.get(route.host)
+                expires = ahit[0] if ahit is not None else now
+            _put(self._route_cache, rkey, (expires, site), now)  # type: ignore[arg-type]
+            return site
         now = time.monotonic()
         hit = self._cache.get(domain)
         if hit is not None and hit[0] > now:
@@ -116,7 +148,7 @@ class MXResolver:
 
     @property
     def cache_entries(self) -> int:
-        return len(self._cache) + len(self._addr_cache)
+        return len(self._cache) + len(self._addr_cache) + len(self._route_cache)
 
     async def _lookup(self, domain: str) -> tuple[Site | Outcome, float]:
         try:

@@ -83,8 +83,12 @@ class Worker:
         while (rec := get()) is not None:
             msg = decode(rec)
             if isinstance(msg, wire.Batch):
+                site = self.resolver.cached(msg.domain)
                 self.busy += 1
-                asyncio.get_running_loop().create_task(self.handle_batch(msg))
+                if site is None:  # a DNS lookup first: its own task
+                    asyncio.get_running_loop().create_task(self.handle_batch(msg))
+                else:  # the common case: placed now, no task per batch
+                    self.place_batch(msg, site)
             elif isinstance(msg, wire.CampaignSpec):
                 self.campaign_specs[msg.id] = msg.spec
                 self.renderers.pop(msg.id, None)
@@ -110,8 +114,19 @@ class Worker:
         return r
 
     async def handle_batch(self, batch: wire.Batch) -> None:
+        site: Site | Outcome | Exception
         try:
             site = await self.resolver.site_for(batch.domain)
+        except Exception as e:  # answered in place_batch, like any local error
+            site = e
+        self.place_batch(batch, site)
+
+    def place_batch(self, batch: wire.Batch, site: Site | Outcome | Exception) -> None:
+        """Render a batch and put it on its site's ready queue (or answer it with
+        the site's failure). ``busy`` was raised for it; this lowers it."""
+        try:
+            if isinstance(site, Exception):
+                raise site
             if isinstance(site, Outcome):
                 self.add_results(
                     [TxnResult(it.id, [site]) for it in batch.items], "", site.mx or ""
