@@ -569,3 +569,118 @@ def test_10_spool_files_are_private_whatever_the_umask(tmp_path: Path, sink: Sin
             assert mode == (0o700 if p.is_dir() else 0o600), (p.name, oct(mode))
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- 5. suppressing others' addresses
+DSN = """From: MAILER-DAEMON@mx.example.org
+To: bounces@bounces.example
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.org
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 User unknown
+
+--B
+Content-Type: text/rfc822-headers
+
+From: <news@acme.example>
+To: {rcpt}
+Message-ID: <{mid}@acme.example>
+
+--B--
+"""
+
+ARF = """From: fbl@isp.example
+To: fbl@bounces.example
+Subject: complaint
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary="B"
+
+--B
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+User-Agent: isp/1.0
+Version: 1
+
+--B
+Content-Type: text/rfc822-headers
+
+From: <news@acme.example>
+To: {rcpt}
+Message-ID: <{mid}@acme.example>
+
+--B--
+"""
+
+
+def _intake(s: Served, rcpt: str, data: str) -> None:
+    async def go() -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=listen_port(s, "intake"), timeout=10)
+        await smtp.connect()
+        await smtp.sendmail("", [rcpt], data.replace("\n", "\r\n").encode())
+        await smtp.quit()
+
+    asyncio.run(go())
+
+
+def _all_suppressions(s: Served) -> list[tuple[str, str, str]]:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{s.tmp / 'spool' / 'suppression.db'}?mode=ro", uri=True)
+    try:
+        return list(db.execute("SELECT tenant, address, reason FROM suppression"))
+    finally:
+        db.close()
+
+
+def test_5_forged_reports_and_tenants_cannot_touch_recipients_decisions(served: Served) -> None:
+    from fastsend import msgid
+
+    st, out = served.req("POST", "/v1/messages",
+                         {"from": "n@acme.example", "to": ["victim@example.org",
+                                                           "unhappy@example.org"],
+                          "subject": "s", "text": "t"}, tenant="acme")  # fmt: skip
+    assert st == 202, out
+    victim_id, unhappy_id = out["messages"][0]["ids"]
+    before = _all_suppressions(served)
+    # Forgeries: a bare id, a bad MAC, an unknown VERP id, a stranger's address; DSN and ARF.
+    for to, mid in [(f"b-{victim_id}@bounces.example", str(victim_id)),
+                    (f"b-{victim_id}-AAAAAAAAAAAA@bounces.example", f"{victim_id}-AAAAAAAAAAAA"),
+                    ("b-999999-xx@bounces.example", "999999")]:  # fmt: skip
+        _intake(served, to, DSN.format(rcpt="victim@example.org", mid=mid))
+    _intake(served, "fbl@bounces.example", ARF.format(rcpt="victim@example.org", mid=victim_id))
+    _intake(served, "fbl@bounces.example", ARF.format(rcpt="ceo@acme.example", mid="1"))
+    time.sleep(0.3)
+    assert _all_suppressions(served) == before
+    # A genuine complaint (the Message-ID the worker wrote, with its MAC) does suppress.
+    secret = (served.tmp / "spool" / "secret.key").read_bytes().strip()
+    token = msgid.token(unhappy_id, secret)
+    _intake(served, "fbl@bounces.example", ARF.format(rcpt="unhappy@example.org", mid=token))
+    deadline = time.monotonic() + 10
+    while ("acme", "unhappy@example.org", "complaint") not in _all_suppressions(served):
+        assert time.monotonic() < deadline, _all_suppressions(served)
+        time.sleep(0.05)
+    # The tenant can neither delete nor weaken nor shorten the recipient's complaint ...
+    st, out = served.req("DELETE", "/v1/suppressions/unhappy@example.org", tenant="acme")
+    assert st == 403 and "complaint" in out["error"]["message"], out
+    st, out = served.req("POST", "/v1/suppressions",
+                         {"addresses": ["unhappy@example.org"], "reason": "manual",
+                          "expires_in": 1}, tenant="acme")  # fmt: skip
+    assert st == 201 and out["added"] == 0, out
+    time.sleep(1.2)
+    st, out = served.req("GET", "/v1/suppressions", tenant="acme")
+    entry = next(e for e in out["suppressions"] if e["address"] == "unhappy@example.org")
+    assert entry["reason"] == "complaint" and not entry.get("expires"), entry
+    # ... while its own manual and bounce entries stay removable.
+    st, _ = served.req("POST", "/v1/suppressions", {"addresses": ["m@example.org"]}, tenant="acme")
+    assert st == 201
+    assert served.req("DELETE", "/v1/suppressions/m@example.org", tenant="acme")[0] == 200

@@ -258,14 +258,16 @@ def test_intake_corpus_to_events_and_suppressions(tmp_path: Path) -> None:
     for (_raw, lab, rcpt), mid, ev in zip(cases, ids, events, strict=True):
         if lab["reason"] == "feedback":
             # ARF reports carry no VERP address: found by the returned Message-ID if
-            # ours, else recorded for the reported recipient in the default tenant.
+            # ours, else recorded for the reported recipient in the default tenant,
+            # suppressing nothing (an unverified report is anyone's forgery).
             assert ev["rcpt"] == rcpt and ev["feedback_type"] == lab["feedback_type"]
             ftype = lab["feedback_type"]
             want = {"auth-failure": "feedback", "not-spam": "feedback"}
             want |= {"opt-out": "unsubscribed", "unsubscribe": "unsubscribed"}
             assert ev["event"] == want.get(ftype, "complained")
             suppressed = ctx.suppression.contains(rcpt, tenant=ev["tenant"])
-            assert suppressed == (ev["event"] != "feedback")
+            assert suppressed == (ev["event"] != "feedback" and ev["id"] is not None)
+            assert ev["suppressed"] == suppressed
             continue
         assert ev["event"] == "bounced" and ev["id"] == mid
         assert ev["rcpt"] == rcpt and ev["tenant"] == "acme" and ev["campaign"] == cid

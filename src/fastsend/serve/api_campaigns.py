@@ -49,7 +49,7 @@ from fastsend.serve.api import (
     server_dkim,
     tenant_of,
 )
-from fastsend.suppression import MANUAL, SuppressionError
+from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
 from fastsend.suppression import normalize as suppression_key
 
 CHUNK = 20_000
@@ -305,21 +305,44 @@ async def add_suppressions(request: web.Request) -> web.Response:
             suppression_key(a)
         except SuppressionError as e:
             raise bad(f"addresses[{i}]: {e}", f"addresses[{i}]") from None
+    tenant = tenant_of(request)
+    # A complaint or unsubscribe is the recipient's decision: the tenant cannot
+    # overwrite it with a weaker reason or an expiry (which would shorten it).
+    supp = api.ctx.suppression
+    keep = [a for a in body.addresses if _recipients_decision(supp.get(a, tenant=tenant))]
+    todo = [a for a in body.addresses if a not in keep]
     try:
-        entries = api.ctx.suppression.add_many(
-            body.addresses, body.reason, tenant=tenant_of(request), source="api",
-            expires_in=body.expires_in,
-        )  # fmt: skip
+        entries = supp.add_many(
+            todo, body.reason, tenant=tenant, source="api", expires_in=body.expires_in,
+        ) if todo else []  # fmt: skip
     except SuppressionError as e:
         field = "expires_in" if "expires" in str(e) else "reason"
         raise bad(f"{field}: {e}", field) from None
-    return json_response({"added": len(entries)}, status=201)
+    out: dict[str, Any] = {"added": len(entries)}
+    if keep:
+        out["kept"] = keep[:MAX_REPORTED]  # complaint/unsubscribe entries stay as they are
+    return json_response(out, status=201)
+
+
+RECIPIENT_REASONS = frozenset({COMPLAINT, UNSUBSCRIBE})
+
+
+def _recipients_decision(entry: Any) -> bool:
+    return entry is not None and entry.reason in RECIPIENT_REASONS
 
 
 async def remove_suppression(request: web.Request) -> web.Response:
     api = api_of(request)
     addr = request.match_info["address"]
     try:
+        entry = api.ctx.suppression.get(addr, tenant=tenant_of(request))
+        if _recipients_decision(entry):
+            raise ApiError(
+                403,
+                f"address: suppressed by the recipient ({entry.reason}); only the operator"
+                " can remove it",
+                "address",
+            )
         gone = api.ctx.suppression.remove(addr, tenant=tenant_of(request))
     except SuppressionError as e:
         raise bad(f"address: {e}", "address") from None

@@ -43,7 +43,9 @@ DESCRIPTION
     spool row has the same recipient), then "bounced" (reason, hard, status,
     code, text), "complained" or "unsubscribed" is emitted and the suppression
     list is updated with ``suppress_from`` (hard bounces and complaints) in the
-    message's tenant (``default`` when the message is unknown). ARF reports of
+    message's tenant. A report that names no message of ours, or whose id does
+    not verify, is recorded (``"verified": false``, tenant ``default``) but
+    suppresses nothing: anyone can send the intake a forged bounce. ARF reports of
     type auth-failure or not-spam are recorded as "feedback" and suppress
     nothing. Delivery
     notices and auto-replies are dropped. Reports are always answered 250:
@@ -52,8 +54,7 @@ DESCRIPTION
 DELIBERATELY NOT HERE
     No relaying (intake never forwards), no sender-domain policy per tenant,
     no Received header, no spool state changes for asynchronous bounces (the
-    event stream carries them). VERP ids are unsigned spool ids, so a forged
-    bounce naming a real id can suppress that message's recipient.
+    event stream carries them).
 """
 
 from __future__ import annotations
@@ -427,7 +428,12 @@ def process_report(
         else:
             ev = {"id": None, "campaign": None, "rcpt": rec.recipient, "tenant": DEFAULT_TENANT}
         ev["time"] = now
-        suppress = True
+        # Only a report whose VERP id or Message-ID verifies (fastsend.msgid's MAC) names a
+        # message, a tenant and a recipient we sent to; anything else is anyone's forgery
+        # and changes no suppression list (it is still recorded as an event).
+        suppress = found is not None
+        if found is None:
+            ev["verified"] = False
         if rec.reason == "feedback":
             ftype = (rec.feedback_type or "abuse").lower()
             unsub = ftype in ("opt-out", "unsubscribe")
