@@ -24,6 +24,10 @@ when a side could not be measured or delivered fewer than all messages.
     python bench/end_to_end.py --quick         # 20,000
     python bench/end_to_end.py --million       # plus the 1M-recipient memory run
     python bench/end_to_end.py --dkim          # plus rsa-2048 signing vs OpenSSL
+    python bench/end_to_end.py --suppression 100000 [--only-suppression]
+        # plus the cost of checking the suppression list again at dispatch: a list
+        # of that many rows (none of them a recipient), the check off and on,
+        # interleaved, --repeat runs each (goal: < 2% of throughput)
 """
 
 from __future__ import annotations
@@ -99,9 +103,19 @@ class RSSSampler(threading.Thread):
 
 
 def run_fastsend(
-    camp: str, rcpts: str, port: int, tmp: str, workers: int, tag: str, dkim: bool = False
+    camp: str,
+    rcpts: str,
+    port: int,
+    tmp: str,
+    workers: int,
+    tag: str,
+    dkim: bool = False,
+    config: str = "",
+    suppression_rows: int = 0,
 ) -> dict:
     spool = os.path.join(tmp, f"spool-{tag}")
+    if suppression_rows:
+        fill_suppression(spool, suppression_rows)
     cmd = [
         sys.executable,
         "-m",
@@ -123,6 +137,8 @@ def run_fastsend(
     ]
     if not dkim:
         cmd.append("--no-dkim")
+    if config:
+        cmd += ["-c", config]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sampler = RSSSampler(proc.pid)
@@ -143,6 +159,61 @@ def run_fastsend(
     summary["cpu_s"] = ru.ru_utime + ru.ru_stime  # the whole process tree
     summary["peak_pss_mb"] = sampler.peak / 1e6
     return summary
+
+
+def fill_suppression(spool: str, rows: int) -> None:
+    """A suppression list of ``rows`` addresses (none of them a bench recipient)."""
+    from fastsend.suppression import SuppressionList
+
+    os.makedirs(spool, exist_ok=True)
+    with SuppressionList(os.path.join(spool, "suppression.db")) as s:
+        s.add_entries(
+            ("default", f"gone{i}@d{i % 100}.example.net", "userunknown", "import", None)
+            for i in range(rows)
+        )
+
+
+def suppression_run(
+    tmp: str, camp: str, rcpts: str, sink: SmtpSink, workers: int, n: int, rows: int, repeat: int
+) -> bool:
+    """The dispatch-time suppression check off and on, the same ``rows``-row list in
+    both (so the accept-time check costs the same), interleaved: delivery-phase
+    rate and supervisor CPU per message (where the check runs)."""
+    confs = {}
+    for on in (False, True):
+        confs[on] = os.path.join(tmp, f"check-{on}.toml")
+        with open(confs[on], "w") as f:
+            f.write(f"[delivery]\ncheck_suppression = {'true' if on else 'false'}\n")
+    res: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    ok = True
+    for rep in range(repeat):
+        for on in (False, True):
+            before = sink.messages()
+            r = run_fastsend(camp, rcpts, sink.port, tmp, workers, f"supp-{on}-{rep}",
+                             config=confs[on], suppression_rows=rows)  # fmt: skip
+            if r["delivered"] != n or sink.messages() - before != n:
+                print(f"suppression run: delivered {r['delivered']} of {n}", file=sys.stderr)
+                ok = False
+            res[on].append(r)
+    med = {}
+    for on in (False, True):
+        d = [r["msgs_per_s"] for r in res[on]]
+        w = [n / r["wall_s"] for r in res[on]]
+        sup = [r["supervisor_cpu_s"] / n * 1e6 for r in res[on]]
+        cpu = [r["cpu_s"] / n * 1e6 for r in res[on]]
+        print(
+            f"dispatch-time suppression check {'on ' if on else 'off'}: delivery phase"
+            f" {fmt_mr(d)} msg/s, whole command {fmt_mr(w)} msg/s, supervisor"
+            f" {fmt_mr(sup, '.2f')} us CPU/msg, all processes {fmt_mr(cpu, '.1f')} us CPU/msg"
+        )
+        med[on] = (median_range(d)[0], median_range(sup)[0], median_range(cpu)[0])
+    (d0, s0, c0), (d1, s1, c1) = med[False], med[True]
+    print(
+        f"cost of the dispatch-time check, {rows:,}-row list: delivery rate"
+        f" {(1 - d1 / d0) * 100:+.1f}% (goal < 2%), supervisor CPU {s1 - s0:+.2f} us/msg,"
+        f" all processes {(c1 / c0 - 1) * 100:+.1f}% CPU/msg"
+    )
+    return ok
 
 
 def openssl_floor(procs: int) -> float:
@@ -242,6 +313,14 @@ def main() -> int:
         action="store_true",
         help="add a run signing rsa-sha256 (2048-bit) vs `openssl speed -multi N rsa2048`",
     )
+    ap.add_argument(
+        "--suppression",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="add runs with the dispatch-time suppression check off and on, a ROWS-row list",
+    )
+    ap.add_argument("--only-suppression", action="store_true", help="only the --suppression runs")
     args = ap.parse_args()
     n = 20_000 if args.quick else args.messages
     workers = args.workers or (os.cpu_count() or 1)
@@ -263,6 +342,11 @@ def main() -> int:
         src: dict[int, list[tuple[float, float]]] = {s: [] for s in sessions}
         fsr: list[dict[str, Any]] = []
         try:
+            if args.suppression:
+                rows = args.suppression
+                ok = suppression_run(tmp, camp, rcpts, sink, workers, n, rows, args.repeat)
+                if args.only_suppression:
+                    return 0 if ok else 1
             for rep in range(args.repeat):
                 for s in sessions:
                     before = sink.messages()

@@ -225,7 +225,7 @@ class EximServer:
         return [
             ln
             for ln in self.mainlog().splitlines()
-            if "protocol error" in ln or "synchronization error" in ln or "503" in ln
+            if "protocol error" in ln or "synchronization error" in ln
         ]
 
 

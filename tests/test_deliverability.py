@@ -5,38 +5,301 @@ suppression is checked again when mail is dispatched."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import orjson
 from tests._engine_helpers import (
+    received_counts,
+    run_fastsend,
     send_via,
+    sink_log,
     summary,
     write_campaign,
     write_recipients,
 )
-from tests.conftest import EximServer
+
+from conftest import EximServer
+from fastsend import msgid
+from fastsend.config import from_dict
+from fastsend.sink import SinkProcess
+from fastsend.spool import DELIVERED, SUPPRESSED
+from fastsend.suppression import Entry, SuppressionList
 
 
 def test_exim_chunking_session_survives_refused_recipients(
     tmp_path: Path, exim_server: EximServer
 ) -> None:
     """Exim offers CHUNKING and PIPELINING and refuses every third recipient with
-    550 at RCPT: each refused one is bounced (not deferred), each other is
-    accepted exactly once, and Exim logs no protocol error (RFC 3030: RSET
-    after a BDAT transaction that failed)."""
+    550 5.1.1 at RCPT (and one 451, one 550 5.7.1): each refused one is final
+    (bounced, not deferred), each other is accepted exactly once, Exim logs no
+    protocol error (RFC 3030: RSET after a BDAT transaction that failed), and
+    only the unknown users are suppressed."""
     addrs = [
-        f"permfail-{i}@example.com" if i % 3 == 0 else f"user{i}@example.com" for i in range(30)
+        f"permfail-{i}@example.com" if i % 3 == 0 else f"user{i}@example.com" for i in range(20)
+    ]
+    addrs[10:10] = ["tempfail-t@example.com", "policy-q@example.com"]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    spool = tmp_path / "spool"
+    proc = send_via(
+        camp, rcpts, (exim_server.host, exim_server.port), spool,
+        "--no-dkim", "--workers", "1", "--max-wait", "0",
+    )  # fmt: skip
+    s = summary(proc)
+    unknown = [a for a in addrs if a.startswith("permfail-")]
+    fine = [a for a in addrs if a.startswith("user")]
+    log = exim_server.mainlog()[-3000:]
+    assert s["bounced"] == len(unknown) + 1, (s, log)
+    assert s["delivered"] == len(fine), (s, log)
+    assert s["deferrals"] == 1, (s, log)
+    got = Counter(r for _sender, rs in exim_server.received() for r in rs)
+    assert got == Counter(fine), got
+    assert exim_server.protocol_errors() == [], exim_server.protocol_errors()[:5]
+    assert sorted(_suppressed(spool)) == sorted(unknown)
+
+
+def test_exim_many_refusals_each_recipient_final_once(
+    tmp_path: Path, exim_server: EximServer
+) -> None:
+    """More refused transactions than Exim tolerates in one session (it drops the
+    session after 10 non-mail commands, and each RSET after a failed transaction
+    is one): the drop defers only what was not answered yet, which is retried;
+    in the end every refused recipient is bounced and every other one was
+    accepted exactly once (no message counted failed that Exim took)."""
+    addrs = [
+        f"permfail-{i}@example.com" if i % 3 == 0 else f"user{i}@example.com" for i in range(60)
     ]
     camp = write_campaign(tmp_path)
     rcpts = write_recipients(tmp_path, addrs)
     proc = send_via(
         camp, rcpts, (exim_server.host, exim_server.port), tmp_path / "spool",
-        "--no-dkim", "--workers", "1", "--max-wait", "0",
+        "--no-dkim", "--workers", "1", "--retry", "0.2,0.5,120", "--max-wait", "10",
     )  # fmt: skip
     s = summary(proc)
-    refused = [a for a in addrs if a.startswith("permfail-")]
-    assert s["bounced"] == len(refused), (s, exim_server.mainlog()[-3000:])
-    assert s["delivered"] == len(addrs) - len(refused), (s, exim_server.mainlog()[-3000:])
+    fine = [a for a in addrs if a.startswith("user")]
+    log = exim_server.mainlog()[-3000:]
+    assert (s["bounced"], s["delivered"]) == (len(addrs) - len(fine), len(fine)), (s, log)
     got = Counter(r for _sender, rs in exim_server.received() for r in rs)
-    assert got == Counter(a for a in addrs if not a.startswith("permfail-")), got
+    assert got == Counter(fine), got
     assert exim_server.protocol_errors() == [], exim_server.protocol_errors()[:5]
+
+
+# ---------------------------------------------------------------- helpers
+def _events(spool: Path) -> list[dict[str, Any]]:
+    p = spool / "events.jsonl"
+    return [orjson.loads(x) for x in p.read_bytes().splitlines() if x.strip()] if p.exists() else []
+
+
+def _suppressed(spool: Path, tenant: str = "default") -> dict[str, Entry]:
+    with SuppressionList(spool / "suppression.db") as s:
+        return {e.address: e for e in s.list(tenant=tenant)}
+
+
+# ---------------------------------------------------------------- 1. grouped mail
+IDENTICAL = """\
+from = "News <news@sender.example.com>"
+subject = "Same for all"
+text = "Hello."
+"""
+
+
+def test_identical_campaign_shares_a_transaction_and_names_no_recipient(tmp_path: Path) -> None:
+    """Three recipients of a campaign without placeholders: one transaction with three
+    RCPTs, and the one message each receives names none of them (no To, Message-ID or
+    VERP of one recipient shown to the others)."""
+    addrs = ["alice@example.com", "bob@example.com", "carol@example.com"]
+    camp = write_campaign(tmp_path, IDENTICAL)
+    rcpts = write_recipients(tmp_path, addrs)
+    save, log = tmp_path / "saved", tmp_path / "sink.jsonl"
+    spool = tmp_path / "spool"
+    with SinkProcess("--save", str(save), "--log", str(log)) as sink:
+        proc = send_via(camp, rcpts, (sink.host, sink.port), spool, "--no-dkim", "--workers", "1")
+    assert summary(proc)["delivered"] == 3, proc.stderr[-2000:]
+    got = sink_log(log)
+    assert sorted(r for rec in got for r in rec["recipients"]) == addrs
+    assert len(got) == 1  # the same bytes: one transaction
+    saved = sorted(save.iterdir())
+    assert len(saved) == 1
+    data = saved[0].read_bytes()
+    for a in addrs:
+        assert a.encode() not in data.lower(), data[:600]
+        assert a.split("@")[0].encode() not in data.lower()
+    assert b"\r\nTo: undisclosed-recipients:;\r\n" in data
+    assert b"\r\nSubject: Same for all\r\n" in data
+    # The sender saw no VERP address naming one of them either.
+    assert got[0]["mail_from"] == "news@sender.example.com"
+
+
+def test_grouped_message_uses_the_campaigns_own_to(tmp_path: Path) -> None:
+    camp = write_campaign(tmp_path, IDENTICAL + 'to = "Our readers <readers@sender.example.com>"\n')
+    rcpts = write_recipients(tmp_path, ["dora@example.com", "emil@example.com"])
+    save = tmp_path / "saved"
+    with SinkProcess("--save", str(save)) as sink:
+        proc = send_via(camp, rcpts, (sink.host, sink.port), tmp_path / "spool", "--no-dkim")
+    assert summary(proc)["delivered"] == 2, proc.stderr[-2000:]
+    (msg,) = [p.read_bytes() for p in save.iterdir()]
+    assert b"\r\nTo: Our readers <readers@sender.example.com>\r\n" in msg
+    assert b"dora" not in msg and b"emil" not in msg
+
+
+def test_personal_parts_mean_one_transaction_each(tmp_path: Path) -> None:
+    """Anything per recipient (a placeholder, VERP, a message_id link) rules sharing out."""
+    cases = {
+        "verp": IDENTICAL + 'verp_domain = "bounces.sender.example.com"\n',
+        "message_id": IDENTICAL.replace('"Hello."', '"Hello. Ref {{ message_id }}"'),
+        "unsubscribe": IDENTICAL
+        + '[list_unsubscribe]\nurl = "https://sender.example.com/u/{{ message_id }}"\n',
+    }
+    for name, text in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        camp = write_campaign(d, text)
+        rcpts = write_recipients(d, ["fay@example.com", "gus@example.com"])
+        log, save = d / "sink.jsonl", d / "saved"
+        with SinkProcess("--log", str(log), "--save", str(save)) as sink:
+            proc = send_via(camp, rcpts, (sink.host, sink.port), d / "spool", "--no-dkim")
+        assert summary(proc)["delivered"] == 2, (name, proc.stderr[-2000:])
+        assert sorted(len(r["recipients"]) for r in sink_log(log)) == [1, 1], name
+        for p in save.iterdir():  # each names only its own recipient
+            m = p.read_bytes()
+            assert (b"fay@" in m) != (b"gus@" in m), name
+
+
+def test_a_dsn_about_a_grouped_message_names_the_recipient_it_reports(tmp_path: Path) -> None:
+    """A shared message carries its first row's id; a DSN for another of its
+    recipients is attributed to that recipient, and one for an address that was
+    not among the campaign's recipients to no message."""
+    from fastsend.serve.context import open_context
+    from fastsend.serve.listeners import process_report
+
+    ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}}))
+    try:
+        cid = ctx.tenant_campaign("shop")
+        rows = [(a, "example.org", b"{}") for a in ("al@example.org", "bo@example.org")]
+        first, second = ctx.inject(cid, rows)
+        token = msgid.token(first, ctx.secret)  # the group's Message-ID
+        evs = process_report(ctx, DSN.format(rcpt="Bo@example.org", mid=token).encode(), [])
+        assert [(e["id"], e["rcpt"], e["tenant"]) for e in evs] == [
+            (second, "bo@example.org", "shop")
+        ]
+        assert ctx.suppression.contains("bo@example.org", tenant="shop")
+        assert not ctx.suppression.contains("al@example.org", tenant="shop")
+        entry = ctx.suppression.get("bo@example.org", tenant="shop")
+        assert entry is not None and (entry.source, entry.message) == ("bounce-dsn", second)
+        evs = process_report(ctx, DSN.format(rcpt="zed@example.org", mid=token).encode(), [])
+        assert [(e["id"], e["tenant"]) for e in evs] == [(None, "default")]
+    finally:
+        ctx.close()
+
+
+DSN = """From: MAILER-DAEMON@mx.example.org
+To: bounces@sender.example.com
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+Your message could not be delivered.
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.org
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown
+
+--B
+Content-Type: text/rfc822-headers
+
+From: News <news@example.com>
+To: undisclosed-recipients:;
+Subject: Hi
+Message-ID: <{mid}@example.com>
+
+--B--
+"""
+
+
+# ---------------------------------------------------------------- 2. suppression at dispatch
+def test_suppression_added_while_mail_waits_for_a_retry(tmp_path: Path) -> None:
+    """defer1-x is refused once (451) and waits for its retry; meanwhile it is
+    suppressed with `fastsend suppress add`; `fastsend resume` then ends it as
+    suppressed (with an event) and never delivers it. Its neighbour is delivered."""
+    addrs = ["defer1-x@example.com", "defer1-y@example.com"]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    spool, log = tmp_path / "spool", tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        route = (sink.host, sink.port)
+        proc = send_via(camp, rcpts, route, spool, "--no-dkim", "--workers", "1",
+                        "--retry", "1,1,600", "--max-wait", "0")  # fmt: skip
+        s = summary(proc)
+        assert s["delivered"] == 0 and s["deferrals"] == 2, s
+        p = run_fastsend("suppress", "add", "defer1-x@example.com", "--spool", str(spool))
+        assert p.returncode == 0, p.stderr
+        proc = run_fastsend(
+            "resume", "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
+            "--json", "--no-progress", "--workers", "1", "--max-wait", "5",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert received_counts(log) == {"defer1-y@example.com": 1}
+    db = sqlite3.connect(spool / "spool.db")
+    states = dict(db.execute("SELECT rcpt, state FROM messages").fetchall())
+    assert states == {"defer1-x@example.com": SUPPRESSED, "defer1-y@example.com": DELIVERED}
+    ev = [e for e in _events(spool) if e["rcpt"] == "defer1-x@example.com"]
+    assert [e["event"] for e in ev] == ["deferred", "suppressed"]
+    assert ev[-1]["reason"] == "manual" and ev[-1]["tenant"] == "default"
+
+
+# ---------------------------------------------------------------- 3. delivery-time bounces
+def test_delivery_time_refusals_are_classified_and_hard_ones_suppressed(tmp_path: Path) -> None:
+    """550 5.1.1 at RCPT suppresses the address for the tenant at once (source
+    bounce-delivery, naming the message); 451, 550 5.7.1 (policy) and 552 5.2.2
+    (mailbox full) do not. Events carry the classifier's reason and hard. The
+    next campaign to the same list does not mail the unknown user again."""
+    addrs = [
+        "permfail-p@example.com",
+        "tempfail-t@example.com",
+        "policy-q@example.com",
+        "mailboxfull-m@example.com",
+        "fine@example.com",
+    ]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    spool, log = tmp_path / "spool", tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        proc = send_via(camp, rcpts, (sink.host, sink.port), spool, "--no-dkim",
+                        "--workers", "1", "--max-wait", "0")  # fmt: skip
+        s = summary(proc)
+        assert (s["delivered"], s["bounced"]) == (1, 3), s
+        by = {e["rcpt"]: e for e in _events(spool) if e["event"] in ("bounced", "deferred")}
+        assert (by["permfail-p@example.com"]["reason"], by["permfail-p@example.com"]["hard"]) == (
+            "userunknown", True)  # fmt: skip
+        assert by["permfail-p@example.com"]["stage"] == "rcpt"
+        assert by["tempfail-t@example.com"]["event"] == "deferred"
+        assert by["tempfail-t@example.com"]["hard"] is False
+        assert by["policy-q@example.com"]["hard"] is False
+        assert by["policy-q@example.com"]["reason"] not in ("userunknown", "")
+        assert (by["mailboxfull-m@example.com"]["reason"], by["mailboxfull-m@example.com"]["hard"]) == (
+            "mailboxfull", False)  # fmt: skip
+        sup = _suppressed(spool)
+        assert list(sup) == ["permfail-p@example.com"]
+        e = sup["permfail-p@example.com"]
+        assert (e.reason, e.source) == ("userunknown", "bounce-delivery")
+        assert e.message == by["permfail-p@example.com"]["id"]
+        listed = run_fastsend("suppress", "list", "--spool", str(spool)).stdout
+        assert "permfail-p@example.com\tdefault\tuserunknown\tbounce-delivery\tadded=" in listed
+        assert f"message={e.message}" in listed
+        # The next campaign: the unknown user is not mailed again.
+        proc = send_via(camp, rcpts, (sink.host, sink.port), spool, "--no-dkim",
+                        "--workers", "1", "--max-wait", "0")  # fmt: skip
+        assert summary(proc)["suppressed"] == 1
+    assert received_counts(log) == {"fine@example.com": 2}

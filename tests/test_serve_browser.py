@@ -317,7 +317,7 @@ def test_unsubscribe_page_and_confirm(served: Served) -> None:
             only_loopback(b.requests())
         sup = await api(served, "GET", "/v1/suppressions")
         entry = next(e for e in sup["suppressions"] if e["address"] == "ann@example.org")
-        assert entry["reason"] == "unsubscribe" and entry["source"] == "page"
+        assert entry["reason"] == "unsubscribe" and entry["source"] == "unsubscribe"
         evs = await events_of(served, mid, "unsubscribed")
         assert len(evs) == 1 and evs[0]["method"] == "page" and evs[0]["tenant"] == "acme"
 

@@ -87,6 +87,9 @@ class DeliveryConfig:
     # MX answers that resolve to loopback/private/link-local/ULA addresses are refused
     # (fastsend.delivery.mx); static [routes] are not affected.
     allow_private_mx: bool = False
+    # Check the suppression list again when mail is dispatched (one query per
+    # claimed batch), not only when it is accepted. Off only to measure its cost.
+    check_suppression: bool = True
 
 
 @dataclass

@@ -3,9 +3,20 @@
 A SQLite file of its own (WAL mode; the engine passes
 ``<spool dir>/suppression.db``) holding one entry per (tenant, address) with
 a reason ("userunknown", "hostunknown", ... for hard bounces, "complaint",
-"unsubscribe", "manual", or a soft reason with an expiry), a source, the time
-it was added and an optional expiry time. Expired entries no longer suppress
-and are purged by :meth:`SuppressionList.purge_expired`.
+"unsubscribe", "manual", or a soft reason with an expiry), a source (who
+wrote it: ``unsubscribe``, ``complaint``, ``bounce-delivery`` -- a refusal
+while delivering --, ``bounce-dsn`` -- an asynchronous bounce --, ``manual``
+-- the CLI --, ``api``, ``import``), the time it was added, the message that
+caused it (spool id, when there is one) and an optional expiry time. Expired
+entries no longer suppress and are purged by
+:meth:`SuppressionList.purge_expired`.
+
+A write is durable when it returns (``synchronous=FULL``, as for accepted
+mail): an acknowledged unsubscribe or bounce survives a power cut.
+
+Checked twice: when mail is accepted, and again when the supervisor
+dispatches it (``entries_many``, one query per batch), so an address
+suppressed while its mail waits for a retry is not mailed.
 
 Addresses are normalised the usual way: the domain is lowercased (IDNA
 A-labels kept as given) and the local part is matched case-insensitively,
@@ -36,6 +47,14 @@ DEFAULT_TENANT = "default"
 MANUAL = "manual"
 COMPLAINT = "complaint"
 UNSUBSCRIBE = "unsubscribe"
+# Sources: who wrote an entry.
+SOURCE_UNSUBSCRIBE = "unsubscribe"
+SOURCE_COMPLAINT = "complaint"
+SOURCE_DELIVERY = "bounce-delivery"  # a refusal answered while delivering
+SOURCE_DSN = "bounce-dsn"  # an asynchronous bounce (DSN) read by the intake
+SOURCE_MANUAL = "manual"  # fastsend suppress add
+SOURCE_API = "api"
+SOURCE_IMPORT = "import"
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+$")
 _DOMAIN_RE = re.compile(
     r"^(?:[a-z0-9\x80-\U0010ffff](?:[a-z0-9\x80-\U0010ffff-]{0,61}[a-z0-9\x80-\U0010ffff])?\.)+"
@@ -61,6 +80,7 @@ class Entry:
     source: str
     created: float
     expires: float | None
+    message: int | None = None  # spool id of the message that caused it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +90,7 @@ class Entry:
             "source": self.source,
             "created": self.created,
             "expires": self.expires,
+            "message": self.message,
         }
 
 
@@ -105,6 +126,19 @@ def normalize(address: str) -> tuple[str, str]:
     return display.lower(), display
 
 
+_PLAIN_KEY = re.compile(r"[a-z0-9._+-]{1,64}@[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})+")
+
+
+def _fast_key(address: str) -> str:
+    """normalize()'s key, with a shortcut for the common plain lower-case address
+    (the dispatch-time check runs over every message): for such an address the
+    key is the address itself (were it malformed, it cannot be stored, so
+    looking it up finds nothing, as normalize()'s error would)."""
+    if _PLAIN_KEY.fullmatch(address) is not None:
+        return address
+    return normalize(address)[0]
+
+
 def parse_duration(text: str) -> float:
     """'30d', '12h', '90m', '45s', '2w' or plain seconds -> seconds."""
     m = _DURATION_RE.match(str(text).strip().lower())
@@ -134,9 +168,18 @@ CREATE TABLE IF NOT EXISTS suppression (
     source   TEXT NOT NULL DEFAULT '',
     created  REAL NOT NULL,
     expires  REAL,
+    message  INTEGER,
     PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
 """
+_COLUMNS = "address, tenant, reason, source, created, expires, message"
+_UPSERT = (
+    "INSERT INTO suppression (tenant, key, address, reason, source, created, expires, message)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (tenant, key) DO UPDATE SET reason = excluded.reason,"
+    " source = excluded.source, created = excluded.created,"
+    " expires = excluded.expires, message = excluded.message"
+)
 
 
 class SuppressionList:
@@ -152,8 +195,12 @@ class SuppressionList:
         try:
             self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # An acknowledged suppression must survive a crash or power cut.
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(suppression)")}
+            if "message" not in cols:  # a list written before entries named their message
+                self._db.execute("ALTER TABLE suppression ADD COLUMN message INTEGER")
         except sqlite3.DatabaseError as e:
             raise SuppressionError(f"{self.path}: cannot open suppression list: {e}") from None
 
@@ -176,11 +223,13 @@ class SuppressionList:
         tenant: str = DEFAULT_TENANT,
         source: str = "",
         expires_in: float | None = None,
+        message: int | None = None,
     ) -> Entry:
         """Add (or replace) one entry; returns it. ``expires_in`` in seconds."""
         return self.add_many(
-            [address], reason, tenant=tenant, source=source, expires_in=expires_in
-        )[0]
+            [address], reason, tenant=tenant, source=source, expires_in=expires_in,
+            message=message,
+        )[0]  # fmt: skip
 
     def add_many(
         self,
@@ -190,6 +239,7 @@ class SuppressionList:
         tenant: str = DEFAULT_TENANT,
         source: str = "",
         expires_in: float | None = None,
+        message: int | None = None,
     ) -> list[Entry]:
         """Add many entries in one transaction: all are validated first, so a
         malformed address stores nothing and loses nothing already stored."""
@@ -203,17 +253,31 @@ class SuppressionList:
         rows = []
         for a in addresses:
             key, display = normalize(a)
-            entries.append(Entry(display, tenant, reason, source, now, expires))
-            rows.append((tenant, key, display, reason, source, now, expires))
+            entries.append(Entry(display, tenant, reason, source, now, expires, message))
+            rows.append((tenant, key, display, reason, source, now, expires, message))
         with self._tx():
-            self._db.executemany(
-                "INSERT INTO suppression (tenant, key, address, reason, source, created, expires)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (tenant, key) DO UPDATE SET reason = excluded.reason,"
-                " source = excluded.source, created = excluded.created,"
-                " expires = excluded.expires",
-                rows,
-            )
+            self._db.executemany(_UPSERT, rows)
+        return entries
+
+    def add_entries(self, items: Iterable[tuple[str, str, str, str, int | None]]) -> list[Entry]:
+        """Add ``(tenant, address, reason, source, message)`` entries (no expiry) in
+        one durable transaction; malformed addresses are skipped, not fatal (they
+        come from the delivery path, not from a user). Returns what was stored."""
+        now = float(self._clock())
+        entries: list[Entry] = []
+        rows = []
+        for tenant, a, reason, source, message in items:
+            try:
+                key, display = normalize(a)
+                _check_reason(reason)
+                _check_tenant(tenant)
+            except SuppressionError:
+                continue
+            entries.append(Entry(display, tenant, reason, source, now, None, message))
+            rows.append((tenant, key, display, reason, source, now, None, message))
+        if rows:
+            with self._tx():
+                self._db.executemany(_UPSERT, rows)
         return entries
 
     def remove(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
@@ -255,35 +319,42 @@ class SuppressionList:
         recipients right before sending. Malformed addresses are not reported
         (they cannot have been stored).
         """
+        return set(self.reasons_many(addresses, tenant=tenant))
+
+    def reasons_many(
+        self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, str]:
+        """``{address as given: reason}`` for those of ``addresses`` suppressed now
+        (one indexed query per 500 distinct addresses)."""
         by_key: dict[str, list[str]] = {}
         for a in addresses:
             try:
-                key, _ = normalize(a)
+                key = _fast_key(a)
             except SuppressionError:
                 continue
             by_key.setdefault(key, []).append(a)
         if not by_key:
-            return set()
+            return {}
         now = float(self._clock())
-        hit: set[str] = set()
+        hit: dict[str, str] = {}
         keys = list(by_key)
         for i in range(0, len(keys), _CHUNK):
             chunk = keys[i : i + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            for (key,) in self._db.execute(
-                f"SELECT key FROM suppression WHERE tenant = ? AND key IN ({marks})"
+            for key, reason in self._db.execute(
+                f"SELECT key, reason FROM suppression WHERE tenant = ? AND key IN ({marks})"
                 " AND (expires IS NULL OR expires > ?)",
                 (tenant, *chunk, now),
             ):
-                hit.update(by_key[key])
+                for a in by_key[key]:
+                    hit[a] = reason
         return hit
 
     def get(self, address: str, *, tenant: str = DEFAULT_TENANT) -> Entry | None:
         """The entry for this address (even if expired), or None."""
         key, _ = normalize(address)
         row = self._db.execute(
-            "SELECT address, tenant, reason, source, created, expires FROM suppression"
-            " WHERE tenant = ? AND key = ?",
+            f"SELECT {_COLUMNS} FROM suppression WHERE tenant = ? AND key = ?",
             (tenant, key),
         ).fetchone()
         return Entry(*row) if row else None
@@ -292,7 +363,7 @@ class SuppressionList:
         self, *, tenant: str | None = DEFAULT_TENANT, include_expired: bool = False
     ) -> Iterator[Entry]:
         """Entries of one tenant (all tenants when None), sorted by address."""
-        sql = "SELECT address, tenant, reason, source, created, expires FROM suppression"
+        sql = f"SELECT {_COLUMNS} FROM suppression"
         where: list[str] = []
         args: list[Any] = []
         if tenant is not None:
@@ -339,17 +410,10 @@ class SuppressionList:
                 e = exp if exp is not None else (None if expires_in is None else now + expires_in)
             except SuppressionError as err:
                 raise SuppressionError(f"line {lineno}: {err}") from None
-            parsed.append((tenant, key, display, r, src, now, e))
+            parsed.append((tenant, key, display, r, src, now, e, None))
         _check_tenant(tenant)
         with self._tx():
-            self._db.executemany(
-                "INSERT INTO suppression (tenant, key, address, reason, source, created, expires)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (tenant, key) DO UPDATE SET reason = excluded.reason,"
-                " source = excluded.source, created = excluded.created,"
-                " expires = excluded.expires",
-                parsed,
-            )
+            self._db.executemany(_UPSERT, parsed)
         return len(parsed)
 
     def import_file(self, path: str | Path, **kw: Any) -> int:
@@ -471,8 +535,9 @@ def suppress_from(
     result: _BounceLike,
     *,
     tenant: str = DEFAULT_TENANT,
-    source: str = "bounce",
+    source: str = SOURCE_DSN,
     soft_expires_in: float | None = None,
+    message: int | None = None,
 ) -> Entry | None:
     """Suppress ``address`` if ``result`` (a BounceRecord or Classification)
     calls for it: hard bounces and complaints forever, soft bounces only when
@@ -482,4 +547,6 @@ def suppress_from(
         return None
     hard_or_complaint = result.hard or result.reason == "feedback"
     expires = None if hard_or_complaint else soft_expires_in
-    return slist.add(address, reason, tenant=tenant, source=source, expires_in=expires)
+    return slist.add(
+        address, reason, tenant=tenant, source=source, expires_in=expires, message=message
+    )

@@ -3,6 +3,7 @@
     fastsend suppress add ADDR... [--reason R] [--expires 30d] [--tenant T] --spool DIR
     fastsend suppress remove ADDR... [--tenant T] --spool DIR
     fastsend suppress list [--json] [--all-tenants] [--tenant T] --spool DIR
+        (address, tenant, reason, source, added=UTC time, message=spool id that caused it)
     fastsend suppress import FILE [--reason R] [--expires 30d] [--tenant T] --spool DIR
     fastsend suppress export [--tenant T] [--all-tenants] --spool DIR
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -22,6 +24,8 @@ import orjson
 from fastsend.suppression import (
     DEFAULT_TENANT,
     MANUAL,
+    SOURCE_IMPORT,
+    SOURCE_MANUAL,
     SuppressionError,
     SuppressionList,
     parse_duration,
@@ -39,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("addresses", nargs="+", metavar="ADDR")
     a.add_argument("--reason", default=MANUAL, help="reason (default: manual)")
     a.add_argument("--expires", help="expire after a duration such as 30d, 12h, 90m")
-    a.add_argument("--source", default="cli")
+    a.add_argument("--source", default=SOURCE_MANUAL, help="source (default: manual)")
     r = sub.add_parser("remove", parents=[common], help="stop suppressing addresses")
     r.add_argument("addresses", nargs="+", metavar="ADDR")
     ls = sub.add_parser("list", parents=[common], help="list suppressed addresses")
@@ -52,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--expires", help="expiry for imported entries, such as 30d")
     e = sub.add_parser("export", parents=[common], help="export as CSV to stdout")
     e.add_argument("--all-tenants", action="store_true")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _fail(msg: str) -> int:
@@ -91,15 +99,29 @@ def _dispatch(s: SuppressionList, args: argparse.Namespace) -> int:
             if args.json:
                 out.write(orjson.dumps(e.to_dict()).decode() + "\n")
             else:
-                until = "" if e.expires is None else f" expires={e.expires:.0f}"
-                out.write(f"{e.address}\t{e.tenant}\t{e.reason}\t{e.source}{until}\n")
+                fields = [
+                    e.address,
+                    e.tenant,
+                    e.reason,
+                    e.source or "-",
+                    f"added={_iso(e.created)}",
+                ]
+                fields.append(f"message={e.message if e.message is not None else '-'}")
+                if e.expires is not None:
+                    fields.append(f"expires={_iso(e.expires)}")
+                out.write("\t".join(fields) + "\n")
         return 0
     if args.action == "import":
         exp = parse_duration(args.expires) if args.expires else None
         if args.file == "-":
-            n = s.import_text(sys.stdin.read(), tenant=tenant, reason=args.reason, expires_in=exp)
+            n = s.import_text(
+                sys.stdin.read(), tenant=tenant, reason=args.reason, expires_in=exp,
+                source=SOURCE_IMPORT,
+            )  # fmt: skip
         else:
-            n = s.import_file(args.file, tenant=tenant, reason=args.reason, expires_in=exp)
+            n = s.import_file(
+                args.file, tenant=tenant, reason=args.reason, expires_in=exp, source=SOURCE_IMPORT
+            )
         print(f"imported {n} address(es) for tenant {tenant}")
         return 0
     if args.action == "export":

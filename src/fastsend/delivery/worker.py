@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from fastsend import msgid
+from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
@@ -41,6 +42,7 @@ FLUSH_AT = 512
 SITES_MIN = 1024  # site queues held before idle ones are forgotten (then 2x the live ones)
 TRANSACTIONAL = "transactional"  # campaign kind whose messages carry their own content
 FLUSH_DELAY = 0.002
+CLASSIFY_CACHE = 4096  # (code, enhanced, stage, text) -> (reason, hard) kept per worker
 _KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
 
 
@@ -56,7 +58,7 @@ class Worker:
         self.helo = config.helo or "localhost"
         self.campaign_specs: dict[int, dict[str, Any]] = {}
         self.renderers: dict[int, Any] = {}
-        self.personalised: dict[int, bool] = {}
+        self.shared: dict[int, bool] = {}  # campaign -> may share one multi-rcpt message
         self.sites: dict[tuple[str, str], SiteQueue] = {}
         self.sites_limit = SITES_MIN
         self.shaper = Shaper(config, ips)
@@ -73,6 +75,7 @@ class Worker:
         self.dkim = ConfigDKIM(config)  # the config's [dkim], for self-contained messages
         # Cumulative counters, shipped to the supervisor by stats_loop().
         self.counters: dict[str, float] = {}
+        self.classified: dict[tuple[int, str, str, str], tuple[str, bool]] = {}
 
     # -- inbox ---------------------------------------------------------------
 
@@ -109,8 +112,9 @@ class Worker:
             spec = self.campaign_specs[campaign_id]
             camp = Campaign.from_dict(spec)
             r = self.renderers[campaign_id] = camp.compile()
-            # Tracking links are signed per recipient: such a campaign is personalised.
-            self.personalised[campaign_id] = camp.personalised or r.tracker is not None
+            # Only truly identical bytes share a transaction: no placeholder, no
+            # signed link, no VERP (see Campaign.identical).
+            self.shared[campaign_id] = camp.identical and r.tracker is None and not r.verp_domain
         return r
 
     async def handle_batch(self, batch: wire.Batch) -> None:
@@ -150,27 +154,32 @@ class Worker:
         if self.campaign_specs[batch.campaign].get("kind") == TRANSACTIONAL:
             return self.build_transactional(batch)
         r = self.renderer(batch.campaign)
-        personalised = self.personalised[batch.campaign]
+        shared = self.shared[batch.campaign]
         loads = orjson.loads
         envelopes: list[Envelope] = []
         failures: list[TxnResult] = []
         group: Envelope | None = None
         per_txn = self.config.delivery.recipients_per_transaction
         for it in batch.items:
-            mid = msgid.token(it.id, secret)
             try:
-                if not personalised and group is not None and len(group.rcpts) < per_txn:
+                if shared and group is not None and len(group.rcpts) < per_txn:
+                    # The same bytes, headers naming no one: one more RCPT.
                     group.rcpts.append(it.rcpt)
                     assert isinstance(group.tag, list)
                     group.tag.append(it.id)
+                    if not group.smtputf8 and r.needs_smtputf8(it.rcpt):
+                        group.smtputf8 = True
                     continue
-                variables = loads(it.vars) if it.vars else {}
-                data = r.render(it.rcpt, variables, mid)
+                mid = msgid.token(it.id, secret)
+                if shared:  # the group's Message-ID is its first message's id
+                    data = r.render_shared(mid)
+                else:
+                    data = r.render(it.rcpt, loads(it.vars) if it.vars else {}, mid)
                 env = Envelope(
                     r.envelope_from(mid),
                     [it.rcpt],
                     data,
-                    tag=[it.id] if not personalised else it.id,
+                    tag=[it.id] if shared else it.id,
                     smtputf8=r.needs_smtputf8(it.rcpt),
                 )
             except RenderError as e:
@@ -179,7 +188,7 @@ class Worker:
                 )
                 continue
             envelopes.append(env)
-            if not personalised:
+            if shared:
                 group = env
         if failures:
             self.add_results(failures, "", "")
@@ -298,14 +307,20 @@ class Worker:
         out = self.out
         Res = wire.Res
         kinds = _KIND
+        classify = self.classify
         for tr in results:
             tags = tr.tag if isinstance(tr.tag, list) else [tr.tag]
             outcomes = tr.outcomes
             for i, mid in enumerate(tags):
                 o = outcomes[i] if i < len(outcomes) else outcomes[-1]
                 text = o.text
-                if tr.queue_id and o.kind == DELIVERED and not text:
-                    text = tr.queue_id
+                if o.kind == DELIVERED:
+                    if tr.queue_id and not text:
+                        text = tr.queue_id
+                    out.append(Res(mid, wire.K_DELIVERED, o.code, o.enhanced, text,
+                                   mx or o.mx, source_ip))  # fmt: skip
+                    continue
+                reason, hard = classify(o)
                 out.append(
                     Res(
                         mid,
@@ -315,12 +330,33 @@ class Worker:
                         text,
                         mx or o.mx,
                         source_ip,
+                        o.stage,
+                        reason,
+                        hard and o.kind == FAILED,
                     )
                 )
         if len(out) >= FLUSH_AT:
             self.flush()
         elif self.flush_handle is None:
             self.flush_handle = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+
+    def classify(self, o: Outcome) -> tuple[str, bool]:
+        """(reason, hard) of a failed or deferred outcome: the rules DSNs get
+        (fastsend.bounce.classify_reply), by the stage the reply answered.
+        Cached: a refusal's text repeats across recipients and attempts."""
+        key = (o.code, o.enhanced, o.stage, o.text)
+        got = self.classified.get(key)
+        if got is None:
+            try:
+                c = classify_reply(o.code, o.enhanced, o.text, command=o.stage)
+            except ValueError:  # not an SMTP code: a local failure
+                got = ("", False)
+            else:
+                got = (c.reason, c.hard)
+            if len(self.classified) >= CLASSIFY_CACHE:
+                self.classified.clear()
+            self.classified[key] = got
+        return got
 
     def flush(self) -> None:
         if self.flush_handle is not None:

@@ -240,6 +240,24 @@ class Campaign:
             names |= t.names
         return bool(names - {"message_id"})
 
+    @property
+    def identical(self) -> bool:
+        """Whether every recipient would get the same bytes apart from the
+        envelope, To, Message-ID and signatures: no placeholder at all (not even
+        ``message_id``), no signed tracking or unsubscribe links, no VERP. Only
+        such messages may share one multi-recipient transaction, and then carry
+        headers that name no recipient (``Renderer.render_shared``)."""
+        names: set[str] = set()
+        for t in self._templates.values():
+            names |= t.names
+        spec = self._spec
+        tracking = spec.get("tracking") or {}
+        return not names and not spec.get("verp_domain") and not (
+            tracking.get("base_url") and (
+                tracking.get("opens") or tracking.get("clicks") or tracking.get("unsubscribe")
+            )
+        )  # fmt: skip
+
     def check_columns(self, columns: Iterable[str]) -> None:
         """CampaignError naming each needed variable that is not a column."""
         missing = self.variables - set(columns)

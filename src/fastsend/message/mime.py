@@ -373,15 +373,29 @@ class Renderer:
                 chunks += [CRLF, self._mixed_close]
         return b"".join(chunks)
 
-    def render(self, rcpt: str, variables: Mapping[str, str], message_id: str) -> bytes:
+    def render_shared(self, message_id: str) -> bytes:
+        """One message for several recipients of a campaign whose bytes are the
+        same for all (``Campaign.identical``): its headers name none of them --
+        the campaign's own ``to``, else ``To: undisclosed-recipients:;`` -- and
+        its Message-ID is ``message_id`` (the group's)."""
+        if self.tracker is not None:
+            raise RenderError("a tracked campaign cannot share a message between recipients")
+        return self.render("", {}, message_id, shared=True)
+
+    def render(
+        self, rcpt: str, variables: Mapping[str, str], message_id: str, *, shared: bool = False
+    ) -> bytes:
         """The complete message for one recipient (RenderError if it cannot be built)."""
         vs = {**variables, "email": rcpt, "message_id": message_id}
         try:
-            local, domain = split_address(rcpt)
-            if self.tracker is not None:
-                vs.update(self.tracker.variables(rcpt, vs, message_id))
+            if not shared:
+                local, domain = split_address(rcpt)
+                if self.tracker is not None:
+                    vs.update(self.tracker.variables(rcpt, vs, message_id))
             lines = [h.static or h.encode(vs) for h in self._head]
-            if not self._to_custom:
+            if shared and not self._to_custom:
+                lines.append(b"To: undisclosed-recipients:;\r\n")
+            elif not self._to_custom:
                 lines.append(f"To: {local}@{domain}\r\n".encode())
             lines.append(self._date())
             mid = message_id if _ID_SAFE.fullmatch(message_id) else verp.encode_id(message_id)

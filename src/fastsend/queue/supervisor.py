@@ -41,10 +41,13 @@ from fastsend.spool import (
     DEFERRED,
     DELIVERED,
     EXPIRED,
+    SUPPRESSED,
     Claimed,
     Result,
     Spool,
+    spool_local_dir,
 )
+from fastsend.suppression import SOURCE_DELIVERY, SuppressionList
 
 # Per ring, per direction, per worker. Anonymous shared memory: only the pages a
 # busy ring touches are resident. Large enough for one maximum-size message (the
@@ -104,6 +107,7 @@ class Supervisor:
         max_wait: float = 300.0,
         on_tick: Callable[[Supervisor], None] | None = None,
         feeder: Iterator[object] | None = None,
+        suppression: SuppressionList | None = None,
     ) -> None:
         # feeder: a generator that spools more mail (one chunk per step) while
         # delivery runs, so sending starts before a long list is fully imported.
@@ -126,6 +130,14 @@ class Supervisor:
         self.draining = False
         self.stopping = False
         self.spec_cache: dict[int, dict[str, Any]] = {}
+        self.tenant_cache: dict[int, str] = {}
+        # The suppression list is checked again at dispatch (an address suppressed
+        # while its mail waited is not mailed) and learns hard delivery-time bounces.
+        self.suppression = suppression or SuppressionList(
+            os.path.join(spool_local_dir(config.spool_dir), "suppression.db")
+        )
+        self.own_suppression = suppression is None
+        self.to_suppress: list[tuple[str, str, str, str, int | None]] = []
         self.wake = asyncio.Event()
         self.result_hooks: list[Callable[[Claimed, wire.Res, int], None]] = []
         self.failed_hooks: set[str] = set()
@@ -296,6 +308,8 @@ class Supervisor:
             if not nothing_due and room >= min(size, window // 4 or 1):
                 claimed = self.spool.claim_due(now, room)
                 nothing_due = not claimed
+                if claimed and self.config.delivery.check_suppression:
+                    claimed = self.screen(claimed, now)
                 for c in claimed:
                     slot.inflight[c.id] = c
                     groups.setdefault((c.campaign, c.domain), []).append(c)
@@ -315,6 +329,56 @@ class Supervisor:
                     records.extend(self.batch_records(slot, campaign, domain, items[i : i + size]))
             slot.backlog.extend(records)
             self.push_backlog(slot)
+
+    def screen(self, claimed: list[Claimed], now: float) -> list[Claimed]:
+        """Dispatch-time suppression: the claimed messages whose address is not
+        suppressed for their campaign's tenant. The others end as ``suppressed``
+        (an event each), never delivered. One lookup per tenant per claim."""
+        by_tenant: dict[str, list[Claimed]] = {}
+        tenant_of = self.tenant_of
+        for c in claimed:
+            by_tenant.setdefault(tenant_of(c.campaign), []).append(c)
+        gone: list[tuple[Claimed, str, str]] = []
+        for tenant, items in by_tenant.items():
+            try:
+                hits = self.suppression.reasons_many([c.rcpt for c in items], tenant=tenant)
+            except Exception:  # an unreadable list must not stop delivery: say so
+                self.hook_failed(self.suppression.reasons_many)
+                return claimed
+            if hits:
+                gone += [(c, tenant, hits[c.rcpt]) for c in items if c.rcpt in hits]
+        if not gone:
+            return claimed
+        drop = {c.id for c, _t, _r in gone}
+        log_events = self.events.path is not None or bool(self.events.listeners)
+        for c, tenant, reason in gone:
+            text = f"suppressed for tenant {tenant}: {reason}"
+            self.results.append(Result(c.id, SUPPRESSED, c.attempts, 0.0, 0, "", text))
+            self.stats.suppressed += 1
+            if log_events:
+                self.event_buf.append(
+                    {
+                        "time": now,
+                        "event": "suppressed",
+                        "id": c.id,
+                        "campaign": c.campaign,
+                        "tenant": tenant,
+                        "rcpt": c.rcpt,
+                        "reason": reason,
+                        "stage": "dispatch",
+                    }
+                )
+        return [c for c in claimed if c.id not in drop]
+
+    def tenant_of(self, campaign: int) -> str:
+        t = self.tenant_cache.get(campaign)
+        if t is None:
+            info = self.spool.get_campaign(campaign)
+            t = info.tenant if info is not None else "default"
+            if len(self.tenant_cache) > 100_000:
+                self.tenant_cache.clear()
+            self.tenant_cache[campaign] = t
+        return t
 
     def spec_records(self, campaign: int) -> tuple[list[bytes], str]:
         """The records that introduce a campaign to a worker, or why there are none."""
@@ -468,6 +532,10 @@ class Supervisor:
             elif r.kind == wire.K_FAILED:
                 state, name, at = BOUNCED, "bounced", 0.0
                 stats.bounced += 1
+                if r.hard:  # the address can never receive: suppress it for the tenant now
+                    self.to_suppress.append(
+                        (self.tenant_of(c.campaign), c.rcpt, r.reason, SOURCE_DELIVERY, c.id)
+                    )
             else:
                 nxt = next_attempt(policy, attempts, now, c.created)
                 if nxt is None:
@@ -496,10 +564,17 @@ class Supervisor:
                     "text": r.text,
                     "attempt": attempts,
                 }
+                if state != DELIVERED:
+                    ev["stage"] = r.stage
+                    ev["reason"] = r.reason
+                    ev["hard"] = r.hard
                 if state == EXPIRED:
                     ev["reason"] = "expired"
+                    ev["last_reason"] = r.reason
                 elif state == DEFERRED:
                     ev["next_attempt"] = at
+                elif state == BOUNCED:
+                    ev["suppressed"] = r.hard
                 events.append(ev)
 
     def handback(self, slot: WorkerSlot, msg: wire.Handback) -> None:
@@ -518,6 +593,15 @@ class Supervisor:
         self.stats.handed_back += k
 
     def flush_results(self) -> None:
+        if self.to_suppress:
+            # Before the spool records the bounce: a crash in between re-sends
+            # to the address at worst, never leaves it unsuppressed.
+            try:
+                self.suppression.add_entries(self.to_suppress)
+                self.to_suppress = []
+            except Exception:  # locked or unwritable: keep them, try again next tick
+                self.hook_failed(self.suppression.add_entries)
+                del self.to_suppress[:-100_000]
         if self.results:
             self.spool.record_results(self.results, time.time())
             self.results = []
@@ -622,6 +706,8 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             await self.shutdown()
             self.shaping.close()
+            if self.own_suppression:
+                self.suppression.close()
         return self.stats
 
     async def shutdown(self) -> None:

@@ -49,6 +49,10 @@ K_DELIVERED, K_DEFERRED, K_FAILED = 0, 1, 2
 
 
 class Res(msgspec.Struct, array_like=True):
+    """One message's outcome. For a failure, ``stage`` is where it happened
+    (rcpt, data, connect, ...) and ``reason``/``hard`` are the bounce
+    classifier's verdict (fastsend.bounce.classify_reply, the rules DSNs get)."""
+
     id: int
     kind: int
     code: int
@@ -56,6 +60,9 @@ class Res(msgspec.Struct, array_like=True):
     text: str
     mx: str
     source_ip: str
+    stage: str = ""
+    reason: str = ""
+    hard: bool = False
 
 
 class Results(msgspec.Struct, array_like=True, tag=4):

@@ -89,7 +89,14 @@ from fastsend.smtp.server import (
     _NeedData,
 )
 from fastsend.smtp.server_conn import ServerConnection
-from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
+from fastsend.suppression import (
+    DEFAULT_TENANT,
+    SOURCE_COMPLAINT,
+    SOURCE_DSN,
+    SOURCE_UNSUBSCRIBE,
+    SuppressionError,
+    suppress_from,
+)
 
 __all__ = [
     "IntakeConfig",
@@ -379,6 +386,13 @@ def _owner(ctx: Any, mid: int) -> tuple[int, str, str] | None:
     return campaign, str(row[1]), tenant
 
 
+def _source(event: str) -> str:
+    """The suppression source of an intake event."""
+    if event == "unsubscribed":
+        return SOURCE_UNSUBSCRIBE
+    return SOURCE_COMPLAINT if event == "complained" else SOURCE_DSN
+
+
 def _from_message_id(text: str | None, secret: bytes) -> int | None:
     if not text:
         return None
@@ -400,9 +414,21 @@ def find_original(
     mid = _from_message_id(rec.original_message_id, ctx.secret)
     if mid is not None:
         got = _owner(ctx, mid)
-        # A Message-ID is only a hint (other senders use digits too): the recipient must match.
-        if got is not None and (not rec.recipient or rec.recipient.lower() == got[1].lower()):
+        if got is None:
+            return None
+        # The bounce is about the recipient the DSN names, and it must be one of
+        # the message's recipients: the row the Message-ID names, or -- a message
+        # shared by several recipients carries its first row's id -- another row
+        # of the same campaign with that address. Never the first row's address.
+        if not rec.recipient or rec.recipient.lower() == got[1].lower():
             return mid, *got
+        row = ctx.spool.db.execute(
+            "SELECT id, rcpt FROM messages WHERE campaign=? AND rcpt=? COLLATE NOCASE"
+            " ORDER BY abs(id - ?) LIMIT 1",
+            (got[0], rec.recipient, mid),
+        ).fetchone()
+        if row is not None:
+            return int(row[0]), got[0], str(row[1]), got[2]
     return None
 
 
@@ -459,8 +485,9 @@ def process_report(
         if ev["rcpt"] and suppress:
             try:
                 entry = suppress_from(
-                    ctx.suppression, ev["rcpt"], rec, tenant=ev["tenant"], source="intake"
-                )
+                    ctx.suppression, ev["rcpt"], rec, tenant=ev["tenant"],
+                    source=_source(ev["event"]), message=ev["id"],
+                )  # fmt: skip
             except SuppressionError:
                 entry = None
         ev["suppressed"] = entry is not None

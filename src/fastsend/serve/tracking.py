@@ -172,9 +172,11 @@ class _Tracking:
             raise _bad_request("expected List-Unsubscribe=One-Click or confirm=yes")
         _campaign, tenant = self.owner(mid)
         try:
+            head = mid.partition("-")[0]
             self.ctx.suppression.add(
-                rcpt, UNSUBSCRIBE, tenant=tenant, source="one-click" if one_click else "page"
-            )
+                rcpt, UNSUBSCRIBE, tenant=tenant, source=UNSUBSCRIBE,
+                message=int(head) if head.isdigit() else None,
+            )  # fmt: skip
         except SuppressionError:
             raise _bad_request("cannot unsubscribe this address") from None
         ev = self._event("unsubscribed", mid, rcpt, request)

@@ -28,7 +28,8 @@ As the real command, in a subprocess (what load tests and CLI tests use)::
 
 Faults come from the recipient's local part: ``tempfail-*`` (451),
 ``deferN-*`` (451 for the first N attempts at the address), ``permfail-*``
-(550 5.1.1), ``421-*`` (421 and close), ``disconnect-in-data*`` (drop after
+(550 5.1.1), ``policy-*`` (550 5.7.1), ``mailboxfull-*`` (552 5.2.2), ``421-*``
+(421 and close), ``disconnect-in-data*`` (drop after
 354), ``slow-*`` (delayed RCPT and end-of-data replies); see
 :mod:`fastsend.sink.server` for the rest.
 

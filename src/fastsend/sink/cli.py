@@ -133,7 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar='KIND="CODE X.Y.Z TEXT"',
         help='replace a fault\'s reply, e.g. tempfail="421 4.7.0 [TS04] deferred" (a 421 also '
-        "closes); kinds: tempfail defer permfail 421 random-defer random-reject max-connections",
+        "closes); kinds: tempfail defer permfail policy mailboxfull 421 random-defer"
+        " random-reject max-connections",
     )
     a("--seed", type=int, default=None, help="seed of the random faults")
     a("--log", metavar="FILE", help="append one JSON line per accepted message")

@@ -17,7 +17,9 @@ DESCRIPTION
     ``tempfail-*``         451 4.3.0 at RCPT
     ``deferN-*``           451 to the first N (a digit) attempts at that
                            address, counted across connections; then accepted
-    ``permfail-*``         550 5.1.1 at RCPT
+    ``permfail-*``         550 5.1.1 at RCPT (user unknown)
+    ``policy-*``           550 5.7.1 at RCPT (refused by policy)
+    ``mailboxfull-*``      552 5.2.2 at RCPT (mailbox full)
     ``421-*``              421 at RCPT and the connection is closed
     ``disconnect-in-data*`` RCPT accepted; the connection drops after 354
                            (or at the first BDAT chunk), so no final reply
@@ -86,6 +88,8 @@ DEFAULT_FAULT_REPLIES: Final[dict[str, tuple[int, str, str]]] = {
     "tempfail": (451, "4.3.0", "Temporary failure (fault injected: tempfail)"),
     "defer": (451, "4.3.0", "Try again later (fault injected: defer)"),
     "permfail": (550, "5.1.1", "User unknown (fault injected: permfail)"),
+    "policy": (550, "5.7.1", "Message refused by policy (fault injected: policy)"),
+    "mailboxfull": (552, "5.2.2", "Mailbox full (fault injected: mailboxfull)"),
     "421": (421, "4.3.2", "Service not available, closing channel (fault injected)"),
     "random-defer": (451, "4.3.0", "Try again later (random fault)"),
     "random-reject": (550, "5.7.1", "Rejected (random fault)"),
@@ -97,7 +101,7 @@ SinkScanner = pick(fast.SinkScanner)
 # Prefixes whose fault needs the full path (a close, a dropped body, a delayed reply).
 _FULL_PATH_FAULTS: Final = ("421-", "disconnect-in-data", "slow-")
 _DEFER: Final = re.compile(r"defer(\d)-")
-_FAULT_FIRST: Final = frozenset("tdp4s")  # first letters of fault prefixes: a fast skip
+_FAULT_FIRST: Final = frozenset("tdp4sm")  # first letters of fault prefixes: a fast skip
 _MESSAGE_ID: Final = re.compile(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)")
 _REPLY: Final = re.compile(r"([2-5]\d\d)(?:\s+([2-5]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?$", re.S)
 
@@ -352,6 +356,10 @@ class Sink:
                 return "tempfail"
             if low.startswith("permfail-"):
                 return "permfail"
+            if low.startswith("policy-"):
+                return "policy"
+            if low.startswith("mailboxfull-"):
+                return "mailboxfull"
             if low.startswith("421-"):
                 return "421"
             if low.startswith("disconnect-in-data"):
