@@ -65,7 +65,7 @@ cdef bint _sk_address_ok(const char* a, Py_ssize_t n):
 
 cdef inline bint _sk_fault_first(char c):
     c = _sk_upper(c)
-    return c == 84 or c == 68 or c == 80 or c == 52 or c == 83  # T D P 4 S
+    return c == 84 or c == 68 or c == 80 or c == 52 or c == 83 or c == 77  # T D P 4 S M
 
 
 cdef class SinkScanner:

@@ -48,7 +48,7 @@ _R_BYE: Final = b"221 2.0.0 Bye\r\n"
 _R_TOO_BIG: Final = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
 _R_BARE: Final = b"550 5.5.2 Error: bare <CR> or <LF> in message data\r\n"
 
-_FAULT_FIRST: Final = frozenset(b"tdp4sTDPS")
+_FAULT_FIRST: Final = frozenset(b"tdp4smTDPSM")
 # Bytes allowed in a fast-path address: printable ASCII except "()<>,;\[] and space.
 _ADDR_OK: Final = frozenset(range(0x21, 0x7F)) - frozenset(b'"()<>,;\\[]')
 _KEY_OK: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
