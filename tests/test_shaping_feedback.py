@@ -166,3 +166,27 @@ def test_lane_aimd_bucket_follows_the_rate() -> None:
     assert ln.events[-1]["action"] == "aimd_decrease"
     # The cut starts empty: no burst is released by lowering the rate.
     assert ln.take(0.5, 10)[0] == 0
+
+
+def test_rule_by_the_classifiers_reason() -> None:
+    """A rule may name the bounce classifier's reasons instead of (or with) a regex:
+    a mailbox-full reply rests nothing, a "too many connections" one throttles."""
+    raw = {
+        "shaping": {
+            "rule": [
+                {"name": "conns", "reasons": ["toomanyconn"], "action": "throttle",
+                 "max_connections": 1, "duration": 600},
+                {"name": "full", "reasons": ["mailboxfull"], "match": "quota", "action": "bounce"},
+            ]
+        }
+    }  # fmt: skip
+    ln = lane_for("mx.example.org", raw)
+    ln.active = 3
+    ln.reply(defer("Mailbox full", 452, "4.2.2"), 1.0)  # no "quota": no bounce rule
+    assert ln.can_connect(1.5)
+    out = ln.observe(results(defer("over quota", 452, "4.2.2")), 2.0)
+    assert out[0].outcomes[0].kind == "failed"
+    ln.reply(defer("Too many connections from your IP", 421, "4.7.0"), 3.0)
+    assert not ln.can_connect(4.0)
+    with pytest.raises(cfgmod.ConfigError, match=r"match .* or reasons"):
+        lane_for("mx.example.org", {"shaping": {"rule": [{"name": "x", "action": "rest"}]}})

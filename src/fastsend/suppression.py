@@ -126,15 +126,17 @@ def normalize(address: str) -> tuple[str, str]:
     return display.lower(), display
 
 
-_PLAIN_KEY = re.compile(r"[a-z0-9._+-]{1,64}@[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})+")
-
-
 def _fast_key(address: str) -> str:
-    """normalize()'s key, with a shortcut for the common plain lower-case address
-    (the dispatch-time check runs over every message): for such an address the
-    key is the address itself (were it malformed, it cannot be stored, so
-    looking it up finds nothing, as normalize()'s error would)."""
-    if _PLAIN_KEY.fullmatch(address) is not None:
+    """normalize()'s key, with a shortcut for the common address that is its own
+    key (lower case, nothing to strip): the dispatch-time check runs over every
+    message. Were such an address malformed, it cannot have been stored, so
+    looking it up finds nothing, as normalize()'s error would."""
+    if (
+        address.islower()
+        and address[0] not in "< \t"
+        and address[-1] not in ". \t>"
+        and not address.startswith("mailto:")
+    ):
         return address
     return normalize(address)[0]
 

@@ -691,6 +691,11 @@ class Supervisor:
                 if now - last_reap > 0.1:
                     self.reap()
                     self.shaping.tick()
+                    recs = self.shaping.broadcast_records()
+                    for slot in self.slots if recs else ():
+                        if slot.alive and slot.inbox is not None:
+                            slot.backlog.extend(recs)
+                            self.push_backlog(slot)
                     self.spool.renew()  # a shared spool's lease on our claims (no-op: SQLite)
                     last_reap = now
                 if self.on_tick:

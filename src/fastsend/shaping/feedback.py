@@ -9,6 +9,8 @@ DESCRIPTION
         [[rule]]
         name = "yahoo-ts04"          # unique; a later layer's rule of the same name replaces it
         match = '\\[TSS?04\\]'        # case-insensitive regex on "CODE ENHANCED TEXT"
+        reasons = ["blocked"]        # and/or: the bounce classifier's reasons (match or
+                                     # reasons is required; both given: both must hold)
         provider = "yahoo"           # optional: only sites of this provider
         codes = [421, 451]           # optional: only these reply codes
         threshold = 1; period = 3600 # N matches within period seconds (per IP and site)
@@ -54,6 +56,7 @@ RULE_KEYS = frozenset(
     {
         "name",
         "match",
+        "reasons",
         "provider",
         "codes",
         "threshold",
@@ -81,9 +84,12 @@ def parse_rule(r: Any, where: str) -> dict[str, Any]:
     name = out.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: name is required")
-    pat = out.get("match")
-    if not isinstance(pat, str) or not pat:
-        raise ConfigError(f"{where} ({name}): match (a regex) is required")
+    reasons = out.setdefault("reasons", [])
+    if not isinstance(reasons, list) or not all(isinstance(x, str) and x for x in reasons):
+        raise ConfigError(f"{where} ({name}): reasons must be a list of reason names")
+    pat = out.setdefault("match", "")
+    if not isinstance(pat, str) or not (pat or reasons):
+        raise ConfigError(f"{where} ({name}): match (a regex) or reasons is required")
     try:
         re.compile(pat, re.I)
     except re.error as e:
@@ -140,6 +146,7 @@ class Rule:
     codes: frozenset[int]
     rate: float  # throttle: messages/s (0: unchanged)
     max_connections: int  # throttle: 0 unchanged
+    reasons: frozenset[str] = frozenset()  # the classifier's reasons (empty: any)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Rule:
@@ -162,12 +169,16 @@ class Rule:
             frozenset(d["codes"]),
             min(rates) if rates else 0.0,
             int(d.get("max_connections", 0)),
+            frozenset(d.get("reasons") or ()),
         )
 
-    def matches(self, code: int, line: str) -> bool:
+    def matches(self, code: int, line: str, reason: str = "") -> bool:
+        """``reason`` is the bounce classifier's name for the reply (see reasons)."""
         if self.codes and code not in self.codes:
             return False
-        return self.regex.search(line) is not None
+        if self.reasons and reason not in self.reasons:
+            return False
+        return not self.regex.pattern or self.regex.search(line) is not None
 
 
 def rules_for(rules: list[dict[str, Any]], provider: str) -> tuple[Rule, ...]:

@@ -24,8 +24,14 @@ DESCRIPTION
 
 DELIBERATELY NOT HERE
     No reading of ARF or DSN messages (fastsend.bounce parses them) and no
-    suppression (fastsend.suppression). Counters are per supervisor run, in
-    memory: a restart judges from a fresh sample.
+    suppression (fastsend.suppression).
+
+    Counters live in the spool (``Spool.add_counters``, names
+    ``guard:<campaign>:delivered|bounced|complaints``): a restart keeps the
+    sample, and on a shared (Redis) spool every node adds to, and judges, the
+    same totals. Each result counts at once in memory (a threshold is judged on
+    it immediately); the deltas go to the spool in one step per tick
+    (:meth:`Guardrails.flush`), which brings back the other nodes' counts.
 """
 
 from __future__ import annotations
@@ -86,27 +92,55 @@ class Guardrails:
         self.settings = settings
         self.emit = emit
         self.clock = clock or time.time
-        # campaign -> [delivered, bounced, complaints]
+        # campaign -> [delivered, bounced, complaints]: the totals last read from
+        # the spool plus what this process counted since
         self.counts: dict[int, list[int]] = {}
+        self.pending: dict[int, list[int]] = {}  # not yet added to the spool
         self.paused: set[int] = set()
+
+    def _get(self, campaign: int) -> list[int]:
+        g = self.counts.get(campaign)
+        if g is None:  # first sight since start: the sample so far, from the spool
+            try:
+                got = self.spool.counters(f"guard:{campaign}:")
+            except Exception:
+                got = {}
+            g = self.counts[campaign] = [got.get(_name(campaign, i), 0) for i in range(3)]
+        return g
+
+    def _count(self, campaign: int, i: int, n: int = 1) -> None:
+        self._get(campaign)[i] += n
+        p = self.pending.get(campaign)
+        if p is None:
+            p = self.pending[campaign] = [0, 0, 0]
+        p[i] += n
 
     def on_result(self, claimed: Any, res: Any, state: int) -> None:
         if state == DELIVERED:
-            g = self.counts.get(claimed.campaign)
-            if g is None:
-                g = self.counts[claimed.campaign] = [0, 0, 0]
-            g[0] += 1
+            self._count(claimed.campaign, 0)
         elif state == BOUNCED:
-            g = self.counts.get(claimed.campaign)
-            if g is None:
-                g = self.counts[claimed.campaign] = [0, 0, 0]
-            g[1] += 1
+            self._count(claimed.campaign, 1)
             self.check(claimed.campaign)
 
     def record_complaint(self, campaign: int, n: int = 1) -> None:
-        g = self.counts.setdefault(campaign, [0, 0, 0])
-        g[2] += n
+        self._count(campaign, 2, n)
         self.check(campaign)
+
+    def flush(self) -> None:
+        """Add this process's counts to the spool's in one step, take the totals
+        back (other nodes' counts included) and judge them."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        deltas = {_name(c, i): v for c, p in pending.items() for i, v in enumerate(p) if v}
+        totals = self.spool.add_counters(deltas)
+        for c in pending:
+            g = self._get(c)
+            for i in range(3):
+                t = totals.get(_name(c, i))
+                if t is not None:
+                    g[i] = t
+            self.check(c)
 
     def check(self, campaign: int) -> bool:
         """Pause ``campaign`` if it is over a threshold; True when it was paused."""
@@ -136,7 +170,9 @@ class Guardrails:
         if info is None or info.status != "active":
             return False
         self.spool.set_campaign_status(campaign, "paused")
-        self.counts.pop(campaign, None)
+        self.counts[campaign] = [0, 0, 0]  # a fresh sample after `campaign resume`
+        self.pending.pop(campaign, None)
+        self.spool.drop_counters([_name(campaign, i) for i in range(3)])
         self.paused.add(campaign)
         self.emit(
             {
@@ -150,3 +186,10 @@ class Guardrails:
             }
         )
         return True
+
+
+_KINDS = ("delivered", "bounced", "complaints")
+
+
+def _name(campaign: int, i: int) -> str:
+    return f"guard:{campaign}:{_KINDS[i]}"

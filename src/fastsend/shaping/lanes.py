@@ -31,6 +31,7 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -46,15 +47,17 @@ FOREVER = 1e9
 UNBOUNDED = 1 << 62  # Lane.budget() of a lane with nothing to enforce
 
 
-def _classify(code: int, enhanced: str, text: str, stage: str) -> tuple[bool, bool]:
-    """(rate_limited, ip_blocked) from the bounce classifier (rare path)."""
+@functools.lru_cache(maxsize=2048)
+def _classify(code: int, enhanced: str, text: str, stage: str) -> tuple[bool, bool, str]:
+    """(rate_limited, ip_blocked, reason) from the bounce classifier (rare path;
+    cached: a refusal's text repeats)."""
     from fastsend.bounce.reply import classify_reply
 
     try:
         c = classify_reply(code, enhanced, text, command=stage)
     except ValueError:
-        return False, False
-    return c.rate_limited, c.ip_blocked
+        return False, False, ""
+    return c.rate_limited, c.ip_blocked, c.reason
 
 
 class Lane:
@@ -68,6 +71,7 @@ class Lane:
         "blocked_reason",
         "blocked_until",
         "buckets",
+        "by_reason",
         "conn_bucket",
         "events",
         "free",
@@ -99,6 +103,7 @@ class Lane:
         self.ip, self.site, self.limits = ip, site, limits
         self.provider = limits.provider
         self.rules = rules
+        self.by_reason = any(r.reasons for r in rules)
         self.events = events
         self.rest_duration = rest_duration
         self.buckets = [Gcra(r, b) for r, b in limits.rates]
@@ -273,7 +278,8 @@ class Lane:
 
     def _bounce_rule(self, o: Outcome) -> bool:
         line = f"{o.code} {o.enhanced} {o.text}"
-        return any(r.action == "bounce" and r.matches(o.code, line) for r in self.rules)
+        reason = _classify(o.code, o.enhanced, o.text, o.stage)[2] if self.by_reason else ""
+        return any(r.action == "bounce" and r.matches(o.code, line, reason) for r in self.rules)
 
     def reply(self, o: Outcome, now: float) -> str:
         """Apply rules and block detection to one non-delivered reply.
@@ -282,8 +288,9 @@ class Lane:
         """
         line = f"{o.code} {o.enhanced} {o.text}"
         answer = ""
+        rate_limited, ip_blocked, reason = _classify(o.code, o.enhanced, o.text, o.stage)
         for rule in self.rules:
-            if not rule.matches(o.code, line):
+            if not rule.matches(o.code, line, reason):
                 continue
             if rule.action == "bounce":
                 answer = "bounce"
@@ -294,7 +301,6 @@ class Lane:
             if t.hit(now):
                 self.fire(rule, now, line)
             return "slow" if rule.action == "throttle" else answer
-        rate_limited, ip_blocked = _classify(o.code, o.enhanced, o.text, o.stage)
         if ip_blocked:
             self.block(now, self.rest_duration, "rest", f"ip blocked: {line}")
         return "slow" if rate_limited else answer

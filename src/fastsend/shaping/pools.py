@@ -32,9 +32,9 @@ DESCRIPTION
     Warm-up: an IP with ``warmup_start`` (a date, or ``warmup_day = N`` for
     "today is day N") may send at most ``schedule[day-1]`` messages per UTC
     day to each provider; after the schedule it is warm (no cap). Counters
-    live in the worker that owns the IP; the supervisor persists them
-    (``shaping-state.json`` in the spool directory) and hands them back to a
-    restarted worker through the ring.
+    live in the worker that owns the IP; the supervisor persists them in the
+    spool (``Spool.add_counters``: shared by the nodes of a Redis spool) and
+    hands them back to a restarted worker through the ring.
 
 DELIBERATELY NOT HERE
     No sockets and no clocks read here: ``now`` (unix seconds; the UTC day is

@@ -23,9 +23,10 @@ DESCRIPTION
     again on the next tick.
 
     :class:`ShapingState` keeps the workers' warm-up counters (``DAY|IP|PROVIDER``
-    -> messages sent that UTC day) in ``shaping-state.json`` in the spool
-    directory, written atomically about once a second and at the end, and
-    handed back to each (re)started worker through its ring.
+    -> messages sent that UTC day) in the spool (``Spool.add_counters``: they
+    survive a restart and, on a Redis spool, add up over every node), written
+    about once a second and at the end, and handed to each (re)started worker
+    through its ring, and to every worker when other nodes' sends raised them.
 
     Shaping events from the workers (rate cuts and restores, rests,
     suspensions, throttles: ``{"event": "shaping", "action": ...}``) are
@@ -134,39 +135,74 @@ class DispatchGate:
 
 
 class ShapingState:
-    def __init__(self, spool_dir: str) -> None:
+    """Warm-up counters (``DAY|IP|PROVIDER`` -> messages sent that UTC day) kept in
+    the spool (counters ``warm:...``: they survive a restart and, on a shared
+    spool, add up over the nodes). Workers report cumulative counts; the
+    increases go to the spool about once a second, and the totals (other
+    nodes' sends included) come back and are handed to the workers. A
+    ``shaping-state.json`` written by an older version is taken over once."""
+
+    def __init__(self, spool_dir: str, spool: Spool | None = None) -> None:
         self.path = os.path.join(spool_dir, STATE_FILE)
+        self.spool = spool
         self.warm: dict[str, int] = {}
-        self.dirty = False
+        self.pending: dict[str, int] = {}
+        self.changed = False  # totals grew beyond what the workers were told
         self.saved_at = 0.0
+        self.read_at = 0.0
+        today = int(time.time() // 86400)
+        stored = self._read()
+        old = [k for k in stored if not _recent(k, today)]
+        if old and spool is not None:
+            spool.drop_counters(WARM + k for k in old)
+        self.warm = {k: v for k, v in stored.items() if _recent(k, today)}
         try:
             with open(self.path) as f:
                 data = json.load(f)
-            today = int(time.time() // 86400)
-            self.warm = {
-                k: int(v)
-                for k, v in data.get("warmup", {}).items()
-                if int(k.split("|", 1)[0]) >= today - 1
-            }
+            legacy = {k: int(v) for k, v in data.get("warmup", {}).items() if _recent(k, today)}
         except (OSError, ValueError, AttributeError):
-            pass
+            legacy = {}
+        self.merge(legacy)
+
+    def _read(self) -> dict[str, int]:
+        if self.spool is None:
+            return {}
+        return {k[len(WARM) :]: v for k, v in self.spool.counters(WARM).items()}
 
     def merge(self, counts: dict[str, int]) -> None:
         for k, v in counts.items():
-            if v > self.warm.get(k, 0):
+            cur = self.warm.get(k, 0)
+            if v > cur:
+                self.pending[k] = self.pending.get(k, 0) + v - cur
                 self.warm[k] = v
-                self.dirty = True
 
     def save(self, now: float, force: bool = False) -> None:
-        if not self.dirty or (not force and now - self.saved_at < 1.0):
+        """Add the increases to the spool (about once a second) and take the totals
+        back; every few seconds read every counter (other nodes' new keys)."""
+        if self.spool is None or (not force and now - self.saved_at < 1.0):
             return
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"warmup": self.warm}, f)
-        os.replace(tmp, self.path)
-        self.dirty = False
         self.saved_at = now
+        totals: dict[str, int] = {}
+        if self.pending:
+            pending, self.pending = self.pending, {}
+            got = self.spool.add_counters({WARM + k: v for k, v in pending.items()})
+            totals = {k[len(WARM) :]: v for k, v in got.items()}
+        if force or now - self.read_at >= 5.0:
+            self.read_at = now
+            totals.update(self._read())
+        for k, v in totals.items():
+            if v > self.warm.get(k, 0):
+                self.warm[k] = v
+                self.changed = True
+
+
+WARM = "warm:"
+
+
+def _recent(key: str, today: int) -> bool:
+    """A warm-up counter of today or yesterday (older days no longer matter)."""
+    day = key.split("|", 1)[0]
+    return day.isdigit() and int(day) >= today - 1
 
 
 class SupervisorShaping:
@@ -182,7 +218,7 @@ class SupervisorShaping:
         self.gate = DispatchGate(config, spool)
         self.guardrails = Guardrails(spool, GuardrailSettings.from_config(config), emit)
         self.poolset = load_pools(config, time.time())
-        self.state = ShapingState(config.spool_dir)
+        self.state = ShapingState(config.spool_dir, spool)
         self.emit = emit
         # Shaping decisions (event "shaping") go to their own JSON-lines file next
         # to the event log, which stays one line per message outcome.
@@ -228,7 +264,15 @@ class SupervisorShaping:
             return True
         return False
 
+    def broadcast_records(self) -> list[bytes]:
+        """Records for every worker: warm-up totals that grew (other nodes' sends)."""
+        if not self.state.changed:
+            return []
+        self.state.changed = False
+        return [wire.encoder.encode(wire.WarmupCounts(dict(self.state.warm)))]
+
     def tick(self, force: bool = False) -> None:
+        self.guardrails.flush()
         self.state.save(time.time(), force)
         if self.log is not None:
             self.log.flush()

@@ -12,7 +12,7 @@ times (the scheduler passes the decided state and next time in).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +157,30 @@ class Spool(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    # -- counters: shaping state that must outlive the process ---------------
+    # Guardrail counts per campaign and warm-up counts per (day, IP, provider)
+    # survive a restart and, on a shared spool, are shared by every node. Names
+    # are short ASCII strings; values integers. These defaults keep them in
+    # memory (a backend without storage); SQLite and Redis store them.
+
+    def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
+        """Add ``deltas`` to named counters (absent ones start at 0), atomically;
+        returns the new totals of those names (other nodes' additions included)."""
+        mem: dict[str, int] = self.__dict__.setdefault("_counters", {})
+        for k, v in deltas.items():
+            mem[k] = mem.get(k, 0) + int(v)
+        return {k: mem[k] for k in deltas}
+
+    def counters(self, prefix: str) -> dict[str, int]:
+        """Every counter whose name starts with ``prefix``."""
+        mem: dict[str, int] = self.__dict__.get("_counters", {})
+        return {k: v for k, v in mem.items() if k.startswith(prefix)}
+
+    def drop_counters(self, names: Iterable[str]) -> None:
+        mem: dict[str, int] = self.__dict__.get("_counters", {})
+        for k in names:
+            mem.pop(k, None)
 
 
 AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)

@@ -9,8 +9,8 @@ taken out of the URL; the rest goes to redis-py.
   the Lua scripts may touch several of them.
 - ``dir`` (default ``./spool``): the node's local directory for what is not
   shared: ``events.jsonl``, ``suppression.db``, ``secret.key`` (give every
-  node the same secret: copy the file or set ``[tracking] secret``),
-  ``shaping-state.json``. See :func:`fastsend.spool.spool_local_dir`.
+  node the same secret: copy the file or set ``[tracking] secret``).
+  Guardrail and warm-up counters are shared, in ``{prefix}:counters``. See :func:`fastsend.spool.spool_local_dir`.
 - ``node`` (default ``HOST:PID:RANDOM``): this node's name. With a stable
   name a restarted node takes its own in-flight window back at once
   (:meth:`RedisSpool.recover`); with the default name it is taken back by any
@@ -68,7 +68,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -666,6 +666,26 @@ class RedisSpool(Spool):
             "last_enhanced": _s(g(b"le", b"")),
             "last_text": _s(g(b"lt", b"")),
         }
+
+    def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
+        if not deltas:
+            return {}
+        pipe = self.r.pipeline(transaction=True)
+        for k, v in deltas.items():
+            pipe.hincrby(f"{self.k}:counters", k, int(v))
+        return {k: int(v) for k, v in zip(deltas, pipe.execute(), strict=True)}
+
+    def counters(self, prefix: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+        for k, v in self.r.hscan_iter(f"{self.k}:counters", match=pattern, count=1000):
+            out[k.decode()] = int(v)
+        return out
+
+    def drop_counters(self, names: Iterable[str]) -> None:
+        names = list(names)
+        if names:
+            self.r.hdel(f"{self.k}:counters", *names)
 
     def close(self) -> None:
         try:

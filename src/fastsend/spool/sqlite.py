@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_due ON messages(next_at) WHERE state IN (0, 2);
 CREATE INDEX IF NOT EXISTS messages_campaign ON messages(campaign);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+    WITHOUT ROWID;
 """
 
 SCHEMA_VERSION = "1"
@@ -342,6 +344,40 @@ class SQLiteSpool(Spool):
         out["vars"] = orjson.loads(out["vars"])
         out["state"] = STATE_NAMES.get(out["state"], out["state"])
         return out
+
+    def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
+        if not deltas:
+            return {}
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO counters(name, value) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                [(k, int(v)) for k, v in deltas.items()],
+            )
+            out = {
+                k: int(db.execute("SELECT value FROM counters WHERE name=?", (k,)).fetchone()[0])
+                for k in deltas
+            }
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return out
+
+    def counters(self, prefix: str) -> dict[str, int]:
+        try:
+            rows = self.db.execute(
+                "SELECT name, value FROM counters WHERE substr(name, 1, ?) = ?",
+                (len(prefix), prefix),
+            ).fetchall()
+        except sqlite3.OperationalError:  # a read-only spool made before counters
+            return {}
+        return {str(k): int(v) for k, v in rows}
+
+    def drop_counters(self, names: Iterable[str]) -> None:
+        self.db.executemany("DELETE FROM counters WHERE name=?", [(k,) for k in names])
 
     def close(self) -> None:
         self.db.close()
