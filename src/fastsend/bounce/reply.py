@@ -46,6 +46,12 @@ _WS_RE = re.compile(r"\s+")
 _CONT_RE = re.compile(r"(?:(?<=\s)|(?<=^))[245]\d\d[- ](?:[245]\.\d{1,3}\.\d{1,3}\s)?(?=\S)", re.M)
 
 
+def normalize_text(text: str) -> str:
+    """The reply text as rules see it: continuation prefixes dropped, whitespace
+    collapsed, lower case."""
+    return _WS_RE.sub(" ", _CONT_RE.sub(" ", text or "")).strip().lower()
+
+
 class RuleError(ValueError):
     """A rule file is malformed (bad TOML, unknown key, bad regex, ...)."""
 
@@ -84,6 +90,7 @@ class Rule:
     commands: frozenset[str] | None = None
     tier: str = "strong"
     signal: str = ""
+    ref: str = ""
 
     def applies(self, text: str, code: int, enhanced: str, command: str) -> bool:
         if self.codes and code not in self.codes:
@@ -131,6 +138,7 @@ _RULE_KEYS = {
     "commands",
     "tier",
     "signal",
+    "ref",
 }
 _STATUS_PREFIX = re.compile(r"[245](\.\d{1,3}){0,2}\.?")
 
@@ -190,6 +198,7 @@ def _parse_rule(d: Any, where: str, known: dict[str, Rule]) -> Rule:
         commands=None if commands is None else frozenset(c.upper() for c in commands),
         tier=tier,
         signal=signal,
+        ref=str(d.get("ref", "")),
     )
 
 
@@ -278,8 +287,7 @@ class RuleSet:
         if enhanced and not _ENHANCED_RE.fullmatch(enhanced):
             m = _ENHANCED_RE.search(enhanced)
             enhanced = m.group(0) if m else ""
-        text = text or ""
-        t = _WS_RE.sub(" ", _CONT_RE.sub(" ", text)).strip().lower()
+        t = normalize_text(text)
         if not enhanced:
             m = _ENHANCED_RE.search(text)
             if m and (not code or m.group(1) == str(code)[0]):
