@@ -24,6 +24,7 @@ I/O, and decides nothing about suppression (see fastsend.suppression).
 
 from __future__ import annotations
 
+import bisect
 import email
 import email.message
 import re
@@ -41,7 +42,7 @@ VerpDecoder = Callable[[str], "str | None"]
 _VERP_RE = re.compile(r"^b-([^@]+)@", re.IGNORECASE)
 _FIELD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)\s*:\s*(.*)$")
 _DSN_MARK = re.compile(r"^(?:final|original)-recipient\s*:", re.IGNORECASE | re.MULTILINE)
-_TAG_RE = re.compile(r"<[^>]+>")
+_TAG_RE = re.compile(r"<[^<>]*>")
 _LIST_HOST = re.compile(r"@googlegroups\.com$", re.IGNORECASE)
 _RCPT_FIELDS = ("final-recipient", "original-recipient")
 _QUOTE_RE = re.compile(r"^[ \t]?> ?", re.MULTILINE)
@@ -95,13 +96,33 @@ def _text_of(part: email.message.Message) -> str:
     else:
         raw = part.get_payload()
         if isinstance(raw, list):
-            text = "\n".join(p.as_string() for p in raw if isinstance(p, email.message.Message))
+            text = "\n".join(_flatten(p) for p in raw if isinstance(p, email.message.Message))
         else:
             text = str(raw or "")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if part.get_content_subtype() == "html":
         text = _TAG_RE.sub(" ", re.sub(r"(?i)<br\s*/?>|</p>|</div>", "\n", text))
     return text
+
+
+def _flatten(msg: email.message.Message, depth: int = 0) -> str:
+    """A parsed message back as text, headers unfolded as received.
+
+    Not ``as_string()``: the standard library's header refolding is quadratic
+    in the length of a header, and a DSN field can be megabytes long."""
+    head = "".join(f"{k}: {v}\n" for k, v in msg.raw_items())
+    payload = msg.get_payload()
+    if not isinstance(payload, list):
+        return head + "\n" + str(payload or "")
+    if depth > 20:
+        return head
+    subs = [_flatten(p, depth + 1) for p in payload if isinstance(p, email.message.Message)]
+    boundary = msg.get_boundary() if msg.is_multipart() else None
+    if boundary and msg.get_content_maintype() == "multipart":
+        body = "".join(f"--{boundary}\n{sub}\n" for sub in subs) + f"--{boundary}--\n"
+    else:
+        body = "\n".join(subs)
+    return head + "\n" + body
 
 
 def _header(msg: email.message.Message, name: str) -> str:
@@ -156,8 +177,10 @@ def _collect(msg: email.message.Message) -> _Parts:
 
 def _field_blocks(text: str) -> list[dict[str, list[str]]]:
     """RFC 822-style field blocks separated by blank lines (for DSN/ARF bodies)."""
-    blocks: list[dict[str, list[str]]] = []
-    cur: dict[str, list[str]] = {}
+    # Values are gathered as lists of pieces and joined once (appending to a
+    # string per continuation line would be quadratic on a long folded field).
+    blocks: list[dict[str, list[list[str]]]] = []
+    cur: dict[str, list[list[str]]] = {}
     last = ""
     for line in text.split("\n"):
         if not line.strip():
@@ -166,7 +189,7 @@ def _field_blocks(text: str) -> list[dict[str, list[str]]]:
                 cur, last = {}, ""
             continue
         if line[:1] in (" ", "\t") and last:
-            cur[last][-1] += " " + line.strip()
+            cur[last][-1].append(line.strip())
             continue
         m = _FIELD_RE.match(line)
         if m:
@@ -175,12 +198,12 @@ def _field_blocks(text: str) -> list[dict[str, list[str]]]:
                 # Per-recipient groups that are not separated by a blank line.
                 blocks.append(cur)
                 cur = {}
-            cur.setdefault(last, []).append(m.group(2).strip())
+            cur.setdefault(last, []).append([m.group(2).strip()])
         elif last:
-            cur[last][-1] += " " + line.strip()
+            cur[last][-1].append(line.strip())
     if cur:
         blocks.append(cur)
-    return blocks
+    return [{k: [" ".join(p) for p in v] for k, v in b.items()} for b in blocks]
 
 
 def _typed_value(v: str) -> tuple[str, str]:
@@ -226,7 +249,7 @@ def _from_dsn(text: str, human: str) -> list[_Raw]:
         action = (block.get("action", [""])[0].split() or [""])[0].lower()
         r = _Raw(
             recipient=_address(final[0]),
-            diagnostic=diag,
+            diagnostic=diag[: vendors.DIAG_CAP],
             status=status,
             action=action,
             remote_mta=_typed_value(block.get("remote-mta", [""])[0])[1],
@@ -243,25 +266,35 @@ def _from_dsn(text: str, human: str) -> list[_Raw]:
 def _enrich(records: list[_Raw], human: str) -> None:
     """Fill codes, commands and missing diagnostics from the text around each recipient."""
     section = vendors.cut_original(human) if human else ""
-    low = section.lower()
+    # Every mention of every address, in one pass (linear in the text, not
+    # recipients x text): [(position, address)] in text order.
+    mentions = [(m.start(1), m.group(1).lower()) for m in vendors.ADDR_RE.finditer(section)]
+    first: dict[str, int] = {}
+    for i, a in mentions:
+        first.setdefault(a, i)
+    rcpts = {r.recipient.lower() for r in records}
     for r in records:
         near = ""
         if section:
-            i = low.find(r.recipient.lower())
+            own = r.recipient.lower()
+            i = first.get(own, -1)
             if i < 0 and r.original_recipient:
-                i = low.find(r.original_recipient.lower())
+                own = r.original_recipient.lower()
+                i = first.get(own, -1)
             if i >= 0:
-                near = section[i : i + 1200]
-                for other in records:
-                    if other is not r:
-                        j = near.lower().find(other.recipient.lower(), len(r.recipient))
-                        if j > 0:
-                            near = near[:j]
+                stop = i + 1200
+                k = bisect.bisect_right(mentions, (i, "\uffff"))
+                while k < len(mentions) and mentions[k][0] < stop:
+                    if mentions[k][1] != own and mentions[k][1] in rcpts:
+                        stop = mentions[k][0]
+                        break
+                    k += 1
+                near = section[i:stop]
         if not r.diagnostic.strip() and near:
             # The DSN says nothing: take the human-readable explanation.
             r.diagnostic = near.split("\n\n\n")[0].strip()
         elif len(records) == 1 and not r.diagnostic.strip() and section:
-            r.diagnostic = section.strip()
+            r.diagnostic = section.strip()[: vendors.DIAG_CAP]
         text = r.diagnostic
         r.reply_code = r.reply_code or vendors.find_reply_code(text)
         detailed = vendors.find_status(text)
@@ -589,7 +622,7 @@ def _parse_one(
             reason, hard, rate, ipb = r.reason, False, False, False
         else:
             generic = not r.status or r.status[1:] == ".0.0"
-            if not r.command and generic and _echoes_recipient(r.diagnostic, r.recipient):
+            if not r.command and generic and _echoes_recipient(r.diagnostic[:4096], r.recipient):
                 # Replies to RCPT TO name the address they refuse.
                 r.command = "RCPT"
             c = rs.classify(
@@ -625,16 +658,25 @@ def _parse_one(
     return out
 
 
+_ECHO_BEFORE = re.compile(r"(?:\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?\s*|unknown user:?\s*)<?$")
+
+
 def _echoes_recipient(diagnostic: str, recipient: str) -> bool:
     """The SMTP reply names the recipient right after its code ("550 <a@b>: ...")."""
     if not recipient or "@" not in recipient:
         return False
-    pat = (
-        r"(?:\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?\s*|unknown user:?\s*)<?"
-        + re.escape(recipient)
-        + r">?(?![\w-])"
-    )
-    return re.search(pat, diagnostic, re.IGNORECASE) is not None
+    low, rcpt = diagnostic.lower(), recipient.lower()
+    i = low.find(rcpt)
+    for _ in range(20):
+        if i < 0:
+            return False
+        after = low[i + len(rcpt) : i + len(rcpt) + 1]
+        if not (after.isalnum() or after in ("-", "_")) and _ECHO_BEFORE.search(
+            low[max(0, i - 40) : i]
+        ):
+            return True
+        i = low.find(rcpt, i + 1)
+    return False
 
 
 def _is_unsubscribe(msg: email.message.Message) -> bool:

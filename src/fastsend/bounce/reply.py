@@ -46,10 +46,20 @@ _WS_RE = re.compile(r"\s+")
 _CONT_RE = re.compile(r"(?:(?<=\s)|(?<=^))[245]\d\d[- ](?:[245]\.\d{1,3}\.\d{1,3}\s)?(?=\S)", re.M)
 
 
+# Rules see at most this much of a reply text. An SMTP reply line is at most
+# 512 octets (RFC 5321 4.5.3.1.5); a multi-line reply or the explanation of a
+# free-text bounce fits easily. The cap makes every rule's cost per message
+# bounded whatever its regular expression, however large the bounce.
+MAX_TEXT = 8192
+_MEMO_SIZE = 2048
+
+
 def normalize_text(text: str) -> str:
     """The reply text as rules see it: continuation prefixes dropped, whitespace
-    collapsed, lower case."""
-    return _WS_RE.sub(" ", _CONT_RE.sub(" ", text or "")).strip().lower()
+    collapsed, lower case, at most MAX_TEXT characters."""
+    return (
+        _WS_RE.sub(" ", _CONT_RE.sub(" ", (text or "")[: 2 * MAX_TEXT])).strip().lower()[:MAX_TEXT]
+    )
 
 
 class RuleError(ValueError):
@@ -210,6 +220,11 @@ class RuleSet:
     status: dict[str, str] = field(default_factory=dict)
     weak: frozenset[str] = frozenset()
     signals: dict[str, tuple[re.Pattern[str], ...]] = field(default_factory=dict)
+    # (code, status, text, command, action) -> (reason, rule id): the recipients
+    # of one bounce often share a reply text; bounded, cleared when full.
+    _memo: dict[tuple[int, str, str, str, str], Classification] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "<rules>") -> RuleSet:
@@ -283,13 +298,25 @@ class RuleSet:
         action: str = "",
     ) -> Classification:
         """Classify one reply; see the module docstring and rules.toml."""
+        key = (code, enhanced or "", text or "", command or "", action or "")
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._classify(code, enhanced, text, command, action)
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+    def _classify(
+        self, code: int, enhanced: str, text: str, command: str, action: str
+    ) -> Classification:
         enhanced = (enhanced or "").strip()
         if enhanced and not _ENHANCED_RE.fullmatch(enhanced):
             m = _ENHANCED_RE.search(enhanced)
             enhanced = m.group(0) if m else ""
         t = normalize_text(text)
         if not enhanced:
-            m = _ENHANCED_RE.search(text)
+            m = _ENHANCED_RE.search(text[: 2 * MAX_TEXT])
             if m and (not code or m.group(1) == str(code)[0]):
                 enhanced = m.group(0)
         command = (command or "").upper()

@@ -19,13 +19,17 @@ It deliberately knows nothing about reasons: classification is reply.py's.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+# Every repetition is bounded (a local part is at most 64 octets and a domain
+# at most 255, RFC 5321 4.5.3.1), so a search costs at most a constant per
+# start position: a long run of atext characters without "@" stays linear.
 ADDR_RE = re.compile(
-    r"(?<![\w.+=/-])([\w.!#$%&'*+/=?^`{|}~-]+@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63})(?![\w-])",
+    r"(?<![\w.+=/-])([\w.!#$%&'*+/=?^`{|}~-]{1,64}@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.){1,126}[a-z]{2,63})(?![\w-])",
     re.IGNORECASE,
 )
 ENHANCED_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
@@ -108,6 +112,11 @@ _COMMAND_CONTEXT = re.compile(
     r".{0,60}",
     re.IGNORECASE | re.DOTALL,
 )
+
+
+# The most of a bounce's text kept as one recipient's diagnostic: enough for
+# any SMTP reply and its explanation, and it bounds the work per recipient.
+DIAG_CAP = 8192
 
 
 @dataclass(slots=True)
@@ -218,10 +227,12 @@ def find_in_text(
     postmaster@ and the like (for bounces about such an address)."""
     section = cut_original(text)
     if hinted:
+        first: dict[str, int] = {}
+        for m in ADDR_RE.finditer(section):
+            first.setdefault(m.group(1).lower(), m.start(1))
         found = []
-        low = section.lower()
         for addr in hinted:
-            i = low.find(addr.lower())
+            i = first.get(addr.lower(), -1)
             found.append((addr, i, i + len(addr) if i >= 0 else -1))
     else:
         found = []
@@ -237,7 +248,14 @@ def find_in_text(
         if not found:
             found = candidate_addresses(section, exclude, allow_system=allow_system)
     out: list[TextFinding] = []
-    low = section.lower()
+    shared: TextFinding | None = None
+    # Every mention of a recipient in text order, found in one pass.
+    names = {a.lower() for a, _, _ in found}
+    mentions = [
+        (m.start(1), m.group(1).lower())
+        for m in ADDR_RE.finditer(section)
+        if m.group(1).lower() in names
+    ]
     for addr, start, end in found:
         if start < 0 or len(found) == 1:
             diag = section[end:] if start >= 0 else section
@@ -246,15 +264,32 @@ def find_in_text(
         else:
             # Up to the next mention of any other recipient.
             stop = len(section)
-            for other, _, _ in found:
-                if other.lower() != addr.lower():
-                    j = low.find(other.lower(), end)
-                    if j >= 0:
-                        stop = min(stop, j)
+            own = addr.lower()
+            k = bisect.bisect_left(mentions, (end, ""))
+            while k < len(mentions):
+                if mentions[k][1] != own:
+                    stop = mentions[k][0]
+                    break
+                k += 1
             diag = section[end:stop]
             if len(diag.strip()) < 10:
-                diag = section
-        diag = diag.strip()
+                # The explanation all recipients share: read it once.
+                if shared is None:
+                    text = section[:DIAG_CAP].strip()
+                    shared = TextFinding(
+                        "", text, find_reply_code(text), find_status(text), find_command(text)
+                    )
+                out.append(
+                    TextFinding(
+                        addr,
+                        shared.diagnostic,
+                        shared.reply_code,
+                        shared.status,
+                        shared.command or find_command(section[max(0, start - 40) : end]),
+                    )
+                )
+                continue
+        diag = diag.strip()[:DIAG_CAP]
         out.append(
             TextFinding(
                 recipient=addr,
