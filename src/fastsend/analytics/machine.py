@@ -43,10 +43,14 @@ class Rule:
     burst_links: int = 0
     burst_window_s: float = 0.0
 
-    def matches(self, ua: str, method: str, since_delivery: float | None, burst: int) -> bool:
+    def static_match(self, ua: str, method: str) -> bool:
+        """The conditions that depend on the request alone (method, User-Agent)."""
         if self.method and method.upper() != self.method:
             return False
-        if self.user_agent is not None and not self.user_agent.search(ua):
+        return self.user_agent is None or self.user_agent.search(ua) is not None
+
+    def matches(self, ua: str, method: str, since_delivery: float | None, burst: int) -> bool:
+        if not self.static_match(ua, method):
             return False
         if self.within_s_of_delivery is not None and (
             since_delivery is None or not 0 <= since_delivery <= self.within_s_of_delivery
@@ -113,6 +117,7 @@ def _rules(data: dict[str, Any], where: str) -> dict[str, list[Rule]]:
 class MachineRules:
     def __init__(self, opens: list[Rule], clicks: list[Rule]) -> None:
         self.rules = {"open": opens, "click": clicks}
+        self._static: dict[tuple[str, str, str], tuple[Rule, ...]] = {}
         # The largest burst window: how long a click waits before it is judged.
         self.burst_window = max((r.burst_window_s for r in clicks if r.burst_links), default=0.0)
 
@@ -126,7 +131,14 @@ class MachineRules:
     ) -> str:
         """The first matching rule's name ("": human-likely). ``burst``: distinct links of
         the message clicked within the rule's window around this click."""
-        for r in self.rules[kind]:
+        ck = (kind, ua, method)
+        cands = self._static.get(ck)
+        if cands is None:  # which rules' User-Agent and method parts match (cached)
+            cands = tuple(r for r in self.rules[kind] if r.static_match(ua, method))
+            if len(self._static) > 4096:
+                self._static.clear()
+            self._static[ck] = cands
+        for r in cands:
             if r.matches(ua, method, since_delivery, burst):
                 return r.name
         return ""

@@ -10,10 +10,11 @@ DESCRIPTION
     on the same dimensions. :func:`run_query` answers with totals, groups and,
     unless the granularity is total, series (one point per bucket).
 
-    Totals and group sums are read from the coarsest buckets that tile the
-    range (:func:`plan`: days in the middle, hours at the edges, minutes at
-    the very edges), so thirty days cost about thirty day rows per key, not
-    43,200 minute rows. Series read buckets of their own granularity.
+    With granularity total, sums are read from the coarsest buckets that tile
+    the range (:func:`plan`: days in the middle, hours at the edges, minutes
+    at the very edges), so thirty days cost about thirty day rows per key, not
+    43,200 minute rows. With a series the range is rounded out to whole
+    buckets of its granularity, read once: totals and groups are its sums.
 
     Rates (:func:`rates`), all fractions from 0 to 1 (None when the
     denominator is zero):
@@ -207,10 +208,21 @@ def _group_key(dims: list[str], values: tuple[Any, ...]) -> str:
 
 def run_query(store: RollupStore, q: StatsQuery) -> dict[str, Any]:
     """The answer (JSON-ready): totals, groups (top ``limit`` by volume), series, reasons."""
-    pieces = plan(q.t0, q.t1)
+    series_rows: list[tuple[tuple[Any, ...], list[int]]] = []
     by_group: dict[tuple[Any, ...], list[int]] = {}
-    for g, a, b in pieces:
-        merge_rows(by_group, store.aggregate(g, a, b, q.tenant, q.filters, q.dims, False))
+    if q.granularity != "total":
+        # The range is whole buckets of the granularity: one read gives the series,
+        # and the groups and totals are its sums.
+        g = GRANULARITIES[q.granularity]
+        q.t0 -= q.t0 % g
+        q.t1 = _ceil(q.t1, g)
+        pieces = [(g, q.t0, q.t1)]
+        series_rows = store.aggregate(g, q.t0, q.t1, q.tenant, q.filters, q.dims, True)
+        merge_rows(by_group, ((k[1:], row) for k, row in series_rows))
+    else:
+        pieces = plan(q.t0, q.t1)
+        for g, a, b in pieces:
+            merge_rows(by_group, store.aggregate(g, a, b, q.tenant, q.filters, q.dims, False))
     total = [0] * len(COUNTERS)
     for row in by_group.values():
         for i, v in enumerate(row):
@@ -243,8 +255,7 @@ def run_query(store: RollupStore, q: StatsQuery) -> dict[str, Any]:
         pos = {t: i for i, t in enumerate(ts)}
         out["step"] = g
         out["series"] = {"t": ts, **{c: [0] * len(ts) for c in COUNTERS}}
-        rows = store.aggregate(g, start, q.t1, q.tenant, q.filters, q.dims, True)
-        for values, row in rows:
+        for values, row in series_rows:
             i = pos.get(values[0])
             if i is None:
                 continue

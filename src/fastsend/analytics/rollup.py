@@ -172,6 +172,7 @@ class Rollups:
         plain = _PLAIN
         special = _SPECIAL
         sent = self.sent
+        half = self.settings.remember_messages // 2
         now = 0.0
         for e in events:
             name = e.get("event")
@@ -183,9 +184,7 @@ class Rollups:
                 spec = True
             else:
                 spec = False
-            t = e.get("time")
-            if not t:
-                t = now = now or time.time()
+            t = e.get("time") or now or time.time()
             rcpt = e.get("rcpt")
             key = (
                 int(t) // 60,
@@ -193,7 +192,7 @@ class Rollups:
                 e.get("tenant"),
                 e.get("mx") or "",
                 e.get("source_ip") or "",
-                rcpt.rpartition("@")[2].lower() if isinstance(rcpt, str) else "",
+                rcpt[rcpt.rfind("@") + 1 :] if rcpt.__class__ is str else "",  # lowered later
             )
             if spec:
                 self.special.append((key, k, e))
@@ -206,7 +205,7 @@ class Rollups:
                 mid = e.get("id")
                 if mid is not None:
                     sent[mid] = (t, *key[1:])
-                    if len(sent) > self.settings.remember_messages // 2:
+                    if len(sent) > half:
                         self.sent_old = sent
                         sent = self.sent = {}
         if time.monotonic() - self.last_flush >= FLUSH_EVERY:
@@ -243,14 +242,20 @@ class Rollups:
         now = time.time()
         acc, self.acc = self.acc, {}
         special, self.special = self.special, []
-        counts: dict[tuple[int, int, tuple[str, int, str, str]], list[int]] = {}
+        mins: dict[tuple[int, tuple[str, int, str, str]], list[int]] = {}  # (minute, rk)
         reasons: dict[tuple[int, int, tuple[str, int, str, str], str, str], int] = {}
         firsts: list[
             tuple[tuple[str, int, str, str], int, int, int]
         ] = []  # (rk, minute, kind, msg)
         try:
             for key, row in acc.items():
-                self._add(counts, self._resolve(key), key[0], row)
+                mk = (key[0], self._resolve(key))
+                have = mins.get(mk)
+                if have is None:
+                    mins[mk] = list(row)  # acc's own row is restored if the write fails
+                else:
+                    for i, v in enumerate(row):
+                        have[i] += v
             for key, k, e in special:
                 if k in (_OPEN, _CLICK, IDX["complaints"], IDX["unsubscribes"]):
                     key = self._attributed(key, e)
@@ -258,16 +263,15 @@ class Rollups:
                     self._log_click(e)
                     self.clicks_waiting.append((key, e))
                     continue
-                self._special(counts, reasons, firsts, key, k, e, now)
-            self._judge_clicks(counts, firsts, now, final)
+                self._special(mins, reasons, firsts, key, k, e, now)
+            self._judge_clicks(mins, firsts, now, final)
             if firsts:
                 new = self.store.first_seen([(kind, mid) for _rk, _m, kind, mid in firsts],
                                             int(now))  # fmt: skip
                 for (rk, minute, kind, _mid), fresh in zip(firsts, new, strict=True):
                     if fresh:
-                        row = [0] * NC
-                        row[_UNIQUE[kind]] = 1
-                        self._add(counts, rk, minute, row)
+                        _bump(mins, minute, rk, _UNIQUE[kind])
+            counts = _grains(mins)
             _node_rows(counts, reasons)
             gauges, self.gauges_pending = self.gauges_pending, {}
             self.store.add(counts, reasons, gauges)
@@ -283,23 +287,10 @@ class Rollups:
             self.special[:0] = [s for s in special if s[1] != _CLICK]
             raise
 
-    @staticmethod
-    def _add(counts: dict[Any, list[int]], rk: tuple[str, int, str, str], minute: int,
-             row: list[int]) -> None:  # fmt: skip
-        t = minute * 60
-        for g in GRAINS:
-            ck = (g, t - t % g, rk)
-            have = counts.get(ck)
-            if have is None:
-                counts[ck] = list(row)
-            else:
-                for i, v in enumerate(row):
-                    if v:
-                        have[i] += v
-
     def _resolve(self, key: tuple[Any, ...]) -> tuple[str, int, str, str]:
         """(minute, campaign, tenant, mx, ip, domain) -> (tenant, campaign, provider, ip)."""
         _m, campaign, tenant, mx, ip, domain = key
+        domain = domain.lower()
         cid = campaign if isinstance(campaign, int) else 0
         if not isinstance(tenant, str):
             tenant = self._tenants.get(cid)
@@ -357,19 +348,17 @@ class Rollups:
             self._classified[ck] = hit
         return hit
 
-    def _special(self, counts: Any, reasons: Any, firsts: Any, key: tuple[Any, ...], k: int,
+    def _special(self, mins: Any, reasons: Any, firsts: Any, key: tuple[Any, ...], k: int,
                  e: dict[str, Any], now: float, machine: str | None = None) -> None:  # fmt: skip
         rk = self._resolve(key)
         minute = key[0]
-        row = [0] * NC
-        row[k] = 1
         if k in (_BOUNCED, _DEFERRED, _EXPIRED):
             if k == _EXPIRED:
                 reason, hard = "expired", False
             else:
                 reason, hard = self._classify(e)
             if k == _BOUNCED:
-                row[_HARD if hard else _SOFT] = 1
+                _bump(mins, minute, rk, _HARD if hard else _SOFT)
             kind = "deferred" if k == _DEFERRED else "bounced"
             t = minute * 60
             for g in GRAINS:
@@ -378,13 +367,12 @@ class Rollups:
         elif k in (_OPEN, _CLICK):
             if machine is None:
                 machine = self._machine(k, e)
-            if machine:
-                row[k] = 0
-                row[_MACHINE[k]] = 1
             mid = e.get("id")
             if isinstance(mid, int):
                 firsts.append((rk, minute, _FIRST[(k, bool(machine))], mid))
-        self._add(counts, rk, minute, row)
+            if machine:
+                k = _MACHINE[k]
+        _bump(mins, minute, rk, k)
 
     def _since_delivery(self, e: dict[str, Any]) -> float | None:
         d = self._delivery(e.get("id"))
@@ -418,7 +406,7 @@ class Rollups:
             return 0
         return len({u for (ct, u) in self.click_log.get(mid, ()) if abs(ct - t) <= window})
 
-    def _judge_clicks(self, counts: Any, firsts: Any, now: float, final: bool) -> None:
+    def _judge_clicks(self, mins: Any, firsts: Any, now: float, final: bool) -> None:
         if not self.clicks_waiting:
             return
         window = self.rules.burst_window
@@ -431,7 +419,7 @@ class Rollups:
                 continue
             burst = self._burst(e, window) if window else 0
             machine = self._machine(_CLICK, e, burst)
-            self._special(counts, {}, firsts, key, _CLICK, e, now, machine)
+            self._special(mins, {}, firsts, key, _CLICK, e, now, machine)
         self.clicks_waiting = keep
         # Forget click logs older than twice the window.
         horizon = now - 2 * window - 1
@@ -441,6 +429,31 @@ class Rollups:
     def close(self) -> None:
         self.flush(final=True)
         self.store.close()
+
+
+def _bump(mins: dict[Any, list[int]], minute: int, rk: Any, i: int) -> None:
+    row = mins.get((minute, rk))
+    if row is None:
+        row = mins[(minute, rk)] = [0] * NC
+    row[i] += 1
+
+
+def _grains(mins: dict[Any, list[int]]) -> dict[Any, list[int]]:
+    """Minute rows -> rows of every granularity (minute, hour, day)."""
+    counts: dict[Any, list[int]] = {}
+    for (minute, rk), row in mins.items():
+        t = minute * 60
+        counts[(60, t, rk)] = row
+        for g in (3600, 86400):
+            ck = (g, t - t % g, rk)
+            have = counts.get(ck)
+            if have is None:
+                counts[ck] = list(row)
+            else:
+                for i, v in enumerate(row):
+                    if v:
+                        have[i] += v
+    return counts
 
 
 def _node_rows(counts: dict[Any, list[int]], reasons: dict[Any, int]) -> None:
