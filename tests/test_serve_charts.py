@@ -26,6 +26,7 @@ from conftest import free_port, wait_port
 from fastsend.message import tracking as tr
 from fastsend.serve.auth import KeyStore
 from fastsend.sink import SinkThread
+from fastsend.testing.dnsserver import DNSServer
 from test_serve_browser import Browser, chromium, chromium_path, only_loopback
 from test_serve_dashboard import dom_until, log_in, req, text_of, until
 
@@ -36,7 +37,7 @@ HUMAN = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120 Safari/53
 
 
 class Served:
-    def __init__(self, tmp: Path, sink: SinkThread) -> None:
+    def __init__(self, tmp: Path, sink: SinkThread, dns: DNSServer) -> None:
         self.tmp = tmp
         self.port = free_port()
         cfg = tmp / "fastsend.toml"
@@ -49,6 +50,8 @@ class Served:
             f'[dashboard]\nadmin_tenants = ["ops"]\n'
             f'[pools]\ndefault = "main"\n[pools.warmup]\nschedule = [50, 100, 500, 1000]\n'
             f'[pools.main]\nips = [{{ ip = "127.0.0.2", warmup_day = 3 }}, "127.0.0.3"]\n'
+            f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = 3\n'
+            f'[reputation]\nblocklists = [{{ zone = "bl.test", providers = ["google"] }}]\n'
         )
         store = KeyStore.for_spool(str(tmp / "spool"))
         self.keys = {t: store.create(t)[0] for t in ("acme", "beta", "ops")}
@@ -75,8 +78,10 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with SinkThread(fault_text={"permfail": (550, "5.1.1", "no such user")}) as sink:
-        s = Served(tmp_path_factory.mktemp("charts"), sink)
+    zones = {"2.0.0.127.bl.test": [("A", "127.0.0.2"), ("TXT", "listed for testing")]}
+    with SinkThread(fault_text={"permfail": (550, "5.1.1", "no such user")}) as sink, \
+            DNSServer(zones) as dns:  # fmt: skip
+        s = Served(tmp_path_factory.mktemp("charts"), sink, dns)
         try:
             yield s
         finally:
@@ -190,6 +195,13 @@ def test_stats_api_over_rollups(served: Served) -> None:
         assert info["pool"] == "main"
         st, _, _ = await req(s, "GET", "/v1/dashboard/ip/10.9.9.9", key=key)
         assert st == 404
+        # The blocklist check at start: .2 is listed on bl.test (the loopback DNS server).
+        bl = {b["zone"]: b for b in info["blocklists"]}
+        assert bl["bl.test"]["listed"] is True and bl["bl.test"]["codes"] == ["127.0.0.2"]
+        st, info3, _ = await req(s, "GET", "/v1/dashboard/ip/127.0.0.3", key=key)
+        assert [b["listed"] for b in info3["blocklists"]] == [False]
+        log = (s.tmp / "spool" / "events.jsonl").read_text()
+        assert '"event":"ip_listed"' in log and '"providers":["google"]' in log
 
     asyncio.run(main())
 
@@ -272,6 +284,7 @@ def test_charts_campaign_and_ip_pages_in_chromium(served: Served) -> None:
                         lambda: _has(b, "#ip-warmup", "day 3 of 4"))  # fmt: skip
             await dom_until(b, "#ip-pool", "main")
             assert "cap 500" in await text_of(b, "#ip-warmup")
+            assert "LISTED" in await text_of(b, "#ip-blocklists")
             ip_png = await screenshot(b, "ip", s.tmp)
 
             only_loopback(b.requests())

@@ -46,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fastsend.authcheck.cli",
         "check a sending domain's MX, SPF, DKIM, DMARC and PTR records",
     ),
+    "check-ip": (
+        "fastsend.commands.check_ip",
+        "check source IPs against DNS blocklists ([reputation] blocklists)",
+    ),
     "bounce": (
         "fastsend.bounce.cli",
         "classify bounce and complaint messages (DSN, ARF, vendor formats)",

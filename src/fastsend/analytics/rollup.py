@@ -222,6 +222,7 @@ class Rollups:
     def maybe_flush(self) -> None:
         if time.monotonic() - self.last_flush >= FLUSH_EVERY:
             self.flush()
+            self.maybe_prune()
 
     def flush(self, *, final: bool = False) -> None:
         self.last_flush = time.monotonic()
@@ -230,6 +231,10 @@ class Rollups:
         except Exception:
             self.failed += 1
             log.exception("analytics: rollup flush failed (counts kept for the next one)")
+
+    def maybe_prune(self) -> None:
+        """Drop buckets past their retention, at most once an hour (the server's tick and
+        close call this; never a request's flush)."""
         now = time.time()
         if now - self.last_prune > 3600:
             self.last_prune = now
@@ -428,6 +433,7 @@ class Rollups:
 
     def close(self) -> None:
         self.flush(final=True)
+        self.maybe_prune()
         self.store.close()
 
 

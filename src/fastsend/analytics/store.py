@@ -265,10 +265,18 @@ class SQLiteRollupStore(RollupStore):
     def prune(self, now: float, retention: dict[int, float]) -> int:
         n = 0
         db = self.db
+        # Per tenant, so each DELETE is a range of the primary key (g, tenant, t, ...);
+        # the tenants are read from the day rows (few).
+        tenants = [r[0] for r in db.execute("SELECT DISTINCT tenant FROM counts WHERE g = 86400")]
+        tenants += [r[0] for r in db.execute("SELECT DISTINCT tenant FROM gauges WHERE g = 86400")]
         for g, days in retention.items():
             before = int(now - days * 86400)
-            for table in ("counts", "reasons", "gauges"):
-                n += db.execute(f"DELETE FROM {table} WHERE g = ? AND t < ?", (g, before)).rowcount
+            for tenant in set(tenants):
+                for table in ("counts", "reasons", "gauges"):
+                    n += db.execute(
+                        f"DELETE FROM {table} WHERE g = ? AND tenant = ? AND t < ?",
+                        (g, tenant, before),
+                    ).rowcount
         oldest = max(retention.values(), default=0)
         n += db.execute("DELETE FROM firsts WHERE t < ?", (int(now - oldest * 86400),)).rowcount
         return n

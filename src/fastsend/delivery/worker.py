@@ -99,6 +99,8 @@ class Worker:
                 self.campaign_pools[msg.campaign] = msg.pool
             elif isinstance(msg, wire.WarmupCounts):
                 self.shaper.restore(msg.counts)
+            elif isinstance(msg, wire.IPRest):
+                self.shaper.rest_ip(msg.ip, msg.providers, msg.until, msg.reason)
             elif isinstance(msg, wire.Drain):
                 self.draining = True
                 for q in self.sites.values():  # what cannot go soon goes back now

@@ -153,6 +153,16 @@ class Supervisor:
             if ev.get("event") == "complained" and isinstance(ev.get("campaign"), int):
                 self.shaping.guardrails.record_complaint(ev["campaign"])
 
+    def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
+        """Rest a source IP for providers ("*": all) until ``until`` (unix seconds) in the
+        worker that owns it (and any worker started later): a DNS blocklist listing."""
+        self.shaping.rest_ip(ip, providers, until, reason)
+        rec = wire.encoder.encode(wire.IPRest(ip, list(providers), until, reason))
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None and (ip in slot.ips or not slot.ips):
+                slot.backlog.append(rec)
+                self.push_backlog(slot)
+
     # -- workers -------------------------------------------------------------
 
     def spawn(self, slot: WorkerSlot) -> None:

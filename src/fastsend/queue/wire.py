@@ -119,7 +119,17 @@ class Handback(msgspec.Struct, array_like=True, tag=10):
     text: str
 
 
-ToWorker = CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts
+class IPRest(msgspec.Struct, array_like=True, tag=11):
+    """Supervisor -> worker: rest a source IP for providers ("*": all) until ``until``
+    (unix seconds), e.g. while it is on a DNS blocklist (fastsend.analytics.dnsbl)."""
+
+    ip: str
+    providers: list[str]
+    until: float
+    reason: str
+
+
+ToWorker = CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts | IPRest
 FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback
 
 encoder = msgspec.msgpack.Encoder()

@@ -47,6 +47,7 @@ class ServeContext:
     supervisor: Supervisor | None
     secret: bytes  # HMAC key for tracking links
     rollups: Any = None  # fastsend.analytics.rollup.Rollups (issue 14), None when disabled
+    reputation: Any = None  # fastsend.analytics.dnsbl.Reputation, with [reputation] blocklists
     _tenant_campaigns: dict[str, int] = field(default_factory=dict, repr=False)
     _campaign_tenants: dict[int, str] = field(default_factory=dict, repr=False)
 

@@ -62,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
         from fastsend.analytics.rollup import AnalyticsSettings
 
         AnalyticsSettings.from_config(cfg)  # issue 14: [analytics] errors before starting
+        from fastsend.analytics.alarms import AlarmSettings
+        from fastsend.analytics.dnsbl import ReputationSettings
+
+        ReputationSettings.from_config(cfg)
+        AlarmSettings.from_config(cfg)
     except ConfigError as e:
         print(f"fastsend serve: {e}", file=sys.stderr)
         return 2
@@ -159,6 +164,9 @@ class Server:
             loop.add_signal_handler(sig, self.on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self.on_hup)
         ticker = asyncio.create_task(self.tick(), name="tick")
+        from fastsend.serve.reputation import start_reputation
+
+        reputation = start_reputation(ctx, self.charts)  # issue 14: blocklists, rate alarms
         print(
             f"fastsend serve: ready in {time.monotonic() - self.t0:.2f}s; API on"
             f" http://{host}:{port}/v1 (pid {os.getpid()},"
@@ -185,6 +193,8 @@ class Server:
             except Exception:
                 log.exception("supervisor failed")
         ticker.cancel()
+        for task in reputation:
+            task.cancel()
         await webhooks.stop()
         ctx.close()
         print(

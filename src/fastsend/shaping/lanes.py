@@ -411,6 +411,9 @@ class Shaper:
         self.limits: dict[tuple[str, str], Limits] = {}
         self.events: list[dict[str, Any]] = []
         self.restored: dict[str, int] = {}  # "day|ip|provider" -> sent, from the supervisor
+        # ip -> [(providers, until unix, reason)]: rests ordered by the supervisor
+        # (a DNS blocklist listing); applied to the IP's lanes as they are used.
+        self.ip_rests: dict[str, list[tuple[frozenset[str], float, str]]] = {}
         self.warming = any(
             ip.warmup_start_day is not None for p in poolset.pools.values() for ip in p.ips
         )
@@ -440,6 +443,8 @@ class Shaper:
                 self.policy.rest["duration"],
                 self.events,
             )
+        if self.ip_rests:
+            self._apply_rests(ln, ip, limits.provider, now_unix)
         if self.warming:
             for p in pool.ips:
                 if p.ip == ip and p.warmup_start_day is not None:
@@ -459,6 +464,21 @@ class Shaper:
                 del self.lanes[key]
         held = keep | {site for _ip, site in self.lanes}
         self.limits = {k: v for k, v in self.limits.items() if k[0] in held}
+
+    def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
+        """Rest ``ip`` for ``providers`` ("*": all) until ``until`` (unix seconds)."""
+        now = time.time()
+        keep = [r for r in self.ip_rests.get(ip, []) if r[1] > now]
+        keep.append((frozenset(providers), until, reason))
+        self.ip_rests[ip] = keep
+        for (lip, _site), ln in self.lanes.items():
+            if lip == ip:
+                self._apply_rests(ln, ip, ln.provider, now)
+
+    def _apply_rests(self, ln: Lane, ip: str, provider: str, now_unix: float) -> None:
+        for provs, until, reason in self.ip_rests.get(ip, ()):
+            if until > now_unix and ("*" in provs or provider in provs):
+                ln.block(time.monotonic(), until - now_unix, "rest", reason)
 
     def restore(self, counts: dict[str, int]) -> None:
         self.restored.update(counts)

@@ -225,6 +225,7 @@ class SupervisorShaping:
         self.log_path = os.path.join(os.path.dirname(config.event_log_path), SHAPING_LOG)
         self.log: EventLog | None = None
         self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []  # e.g. dashboards
+        self.ip_rests: list[wire.IPRest] = []  # blocklist rests, for (re)started workers
 
     def reconfigure(self, config: Config) -> None:
         """SIGHUP: new dispatch rates, guardrail thresholds and pools. Buckets start
@@ -245,10 +246,18 @@ class SupervisorShaping:
         pool = self.poolset.pool_for(str((info.options or {}).get("pool", "")), info.tenant)
         return [wire.encoder.encode(wire.CampaignShaping(campaign, pool))]
 
+    def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
+        """Remember an IP rest (a blocklist listing) for workers started later."""
+        now = time.time()
+        self.ip_rests = [r for r in self.ip_rests if r.until > now and r.ip != ip]
+        self.ip_rests.append(wire.IPRest(ip, list(providers), until, reason))
+
     def spawn_records(self) -> list[bytes]:
+        now = time.time()
+        out = [wire.encoder.encode(r) for r in self.ip_rests if r.until > now]
         if not self.state.warm:
-            return []
-        return [wire.encoder.encode(wire.WarmupCounts(dict(self.state.warm)))]
+            return out
+        return [wire.encoder.encode(wire.WarmupCounts(dict(self.state.warm))), *out]
 
     def on_record(self, msg: Any) -> bool:
         """A worker's shaping record; True when it was one."""

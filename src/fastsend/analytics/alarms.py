@@ -1,0 +1,123 @@
+"""Complaint-rate and bounce-rate alarms over the rollups, with the providers' published lines.
+
+NAME
+    fastsend.analytics.alarms -- AlarmSettings, Alarms.
+
+DESCRIPTION
+    Config (``[reputation.alarms]``, every key optional)::
+
+        window_s = 3600            # rates over the last hour
+        min_delivered = 200        # judge a group only with this much delivered mail
+        complaint_rate_warn = 0.001  # Gmail: keep the spam rate under 0.1% ...
+        complaint_rate_max = 0.003   # ... and never reach 0.3% (Gmail and Yahoo bulk-sender
+                                     # requirements, February 2024)
+        bounce_rate_warn = 0.02    # no provider publishes a bounce line; 2% / 5% are the
+        bounce_rate_max = 0.05     # common industry guidance (and the guardrails' default)
+
+    :meth:`Alarms.evaluate` (in serve, every minute) reads each tenant's
+    rollups per campaign and per provider over the window and emits
+    ``{"event": "alarm", "kind": "complaint_rate" | "bounce_rate", "level":
+    "warning" | "critical", "tenant", "campaign" | "provider", "rate", "line",
+    "delivered", "window_s"}`` when a group crosses a line (once per group and
+    level, again only after it cleared: ``alarm_cleared``). Events reach the
+    webhooks like every other event.
+
+DELIBERATELY NOT HERE
+    No pausing (the guardrails pause campaigns: fastsend.shaping.guardrails).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastsend.analytics.query import rates
+from fastsend.analytics.store import IDX, RollupStore
+from fastsend.config import Config, ConfigError
+
+NODE = "*"
+
+
+@dataclass
+class AlarmSettings:
+    window_s: float = 3600.0
+    min_delivered: int = 200
+    complaint_rate_warn: float = 0.001
+    complaint_rate_max: float = 0.003
+    bounce_rate_warn: float = 0.02
+    bounce_rate_max: float = 0.05
+
+    @classmethod
+    def from_config(cls, config: Config) -> AlarmSettings:
+        rep = config.raw.get("reputation", {})
+        raw = rep.get("alarms", {}) if isinstance(rep, dict) else {}
+        if not isinstance(raw, dict):
+            raise ConfigError("[reputation.alarms] must be a table")
+        s = cls()
+        for k, v in raw.items():
+            if k not in cls.__dataclass_fields__:
+                raise ConfigError(f"[reputation.alarms] unknown key {k!r}")
+            cur = getattr(s, k)
+            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"[reputation.alarms] {k} must be a number >= 0")
+            if isinstance(cur, int) and not isinstance(v, int):
+                raise ConfigError(f"[reputation.alarms] {k} must be an integer")
+            setattr(s, k, type(cur)(v))
+        return s
+
+
+class Alarms:
+    def __init__(self, settings: AlarmSettings, store: RollupStore,
+                 emit: Callable[[dict[str, Any]], None]) -> None:  # fmt: skip
+        self.settings = settings
+        self.store = store
+        self.emit = emit
+        self.raised: dict[tuple[Any, ...], str] = {}  # (tenant, dim, value, kind) -> level
+
+    def _level(self, rate: float | None, warn: float, top: float) -> str:
+        if rate is None:
+            return ""
+        if rate >= top:
+            return "critical"
+        return "warning" if rate >= warn else ""
+
+    def evaluate(self, tenants: list[str], now: float | None = None) -> list[dict[str, Any]]:
+        s = self.settings
+        now = time.time() if now is None else now
+        t1 = int(now) - int(now) % 60 + 60
+        t0 = t1 - int(s.window_s) // 60 * 60
+        out = []
+        seen: set[tuple[Any, ...]] = set()
+        for tenant in tenants:
+            for dim in ("campaign", "provider"):
+                rows = self.store.aggregate(60, t0, t1, tenant, {}, [dim], False)
+                for (value,), row in rows:
+                    if row[IDX["delivered"]] < s.min_delivered:
+                        continue
+                    r = rates(row)
+                    for kind, warn, top in (
+                        ("complaint_rate", s.complaint_rate_warn, s.complaint_rate_max),
+                        ("bounce_rate", s.bounce_rate_warn, s.bounce_rate_max),
+                    ):
+                        key = (tenant, dim, value, kind)
+                        seen.add(key)
+                        level = self._level(r[kind], warn, top)
+                        was = self.raised.get(key, "")
+                        if level == was:
+                            continue
+                        if level:
+                            self.raised[key] = level
+                            ev = {"event": "alarm", "kind": kind, "level": level,
+                                  "tenant": tenant, dim: value, "rate": r[kind],
+                                  "line": top if level == "critical" else warn,
+                                  "delivered": row[IDX["delivered"]],
+                                  "window_s": int(s.window_s)}  # fmt: skip
+                        else:
+                            del self.raised[key]
+                            ev = {"event": "alarm_cleared", "kind": kind, "tenant": tenant,
+                                  dim: value, "rate": r[kind]}  # fmt: skip
+                        self.emit(ev)
+                        out.append(ev)
+        return out

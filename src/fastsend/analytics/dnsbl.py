@@ -1,0 +1,228 @@
+"""DNS blocklists: is a source IP listed? Checked by ``fastsend check-ip`` and, in serve, on a
+schedule that rests a listed IP for the providers the list matters to.
+
+NAME
+    fastsend.analytics.dnsbl -- ReputationSettings, Blocklist, check, Reputation.
+
+DESCRIPTION
+    Config::
+
+        [reputation]
+        check_every = 3600          # seconds between checks in serve (0: never)
+        rest_hours = 24             # a listed IP rests this long (re-checked, renewed)
+        blocklists = [
+          { zone = "zen.spamhaus.org", providers = ["*"] },
+          { zone = "b.barracudacentral.org", providers = ["outlook", "yahoo"] },
+        ]
+
+    A lookup (RFC 5782) asks for the A record of the IP's reversed octets
+    (IPv6: reversed nibbles) under the zone: NXDOMAIN is "not listed", an
+    answer in 127.0.0.0/8 is "listed" with its return codes (and the TXT
+    record's text, when there is one). Answers that are not listing codes
+    -- 127.255.255.x, Spamhaus's "query refused" / "public resolver"
+    replies, or anything outside 127/8 -- are errors, never listings, so a
+    misconfigured resolver cannot rest every IP. Lookups go to the config's
+    ``[dns] nameservers`` (the loopback test DNS server in tests).
+
+    :class:`Reputation` keeps the last result per (IP, zone). A new listing
+    emits ``{"event": "ip_listed", "source_ip", "zone", "codes", "text",
+    "providers"}`` (and ``ip_delisted`` when it clears) and calls ``rest(ip,
+    providers, until, reason)``: the supervisor rests the IP's lanes for those
+    providers ("*": every provider).
+
+DELIBERATELY NOT HERE
+    No decision about which lists matter: the operator's config says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+from fastsend.config import Config, ConfigError
+
+log = logging.getLogger("fastsend.analytics.dnsbl")
+
+
+@dataclass(frozen=True)
+class Blocklist:
+    zone: str
+    providers: tuple[str, ...] = ("*",)
+
+
+@dataclass
+class ReputationSettings:
+    blocklists: list[Blocklist] = field(default_factory=list)
+    check_every: float = 3600.0
+    rest_hours: float = 24.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> ReputationSettings:
+        raw = config.raw.get("reputation", {})
+        if not isinstance(raw, dict):
+            raise ConfigError("[reputation] must be a table")
+        known = {"blocklists", "check_every", "rest_hours", "feeds", "alarms"}
+        extra = set(raw) - known
+        if extra:
+            raise ConfigError(f"[reputation] unknown key {sorted(extra)[0]!r}"
+                              f" (known: {', '.join(sorted(known))})")  # fmt: skip
+        s = cls()
+        for k in ("check_every", "rest_hours"):
+            if k in raw:
+                v = raw[k]
+                if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+                    raise ConfigError(f"[reputation] {k} must be a number >= 0")
+                setattr(s, k, float(v))
+        lists = raw.get("blocklists", [])
+        if not isinstance(lists, list):
+            raise ConfigError("[reputation] blocklists must be a list")
+        for i, b in enumerate(lists):
+            where = f"[reputation] blocklists[{i}]"
+            if isinstance(b, str):
+                b = {"zone": b}
+            if not isinstance(b, dict) or set(b) - {"zone", "providers"}:
+                raise ConfigError(f"{where}: a zone name or {{ zone = ..., providers = [...] }}")
+            zone = b.get("zone")
+            if not isinstance(zone, str) or not zone.strip(".") or " " in zone:
+                raise ConfigError(f"{where}: zone must be a DNS name")
+            provs = b.get("providers", ["*"])
+            if not isinstance(provs, list) or not provs or not all(
+                isinstance(p, str) and p for p in provs
+            ):
+                raise ConfigError(f"{where}: providers must be a non-empty list of names")
+            s.blocklists.append(Blocklist(zone.strip(".").lower(), tuple(provs)))
+        return s
+
+
+@dataclass
+class Listing:
+    ip: str
+    zone: str
+    listed: bool
+    codes: list[str] = field(default_factory=list)
+    text: str = ""
+    error: str = ""
+    checked: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ip": self.ip, "zone": self.zone, "listed": self.listed, "codes": self.codes,
+                "text": self.text, "error": self.error, "checked": self.checked}  # fmt: skip
+
+
+def query_name(ip: str, zone: str) -> str:
+    """RFC 5782 2.1 / 2.4: reversed octets (IPv4) or nibbles (IPv6), then the zone."""
+    a = ipaddress.ip_address(ip)
+    if a.version == 4:
+        return ".".join(reversed(str(a).split("."))) + "." + zone
+    return ".".join(reversed(a.exploded.replace(":", ""))) + "." + zone
+
+
+def node_ips(config: Any) -> list[str]:
+    """The node's source IPs: ``[ips] source`` and every pool's addresses."""
+    ips = list(getattr(config, "source_ips", []) or [])
+    pools = getattr(config, "pools", None)
+    if pools is not None:
+        for ip in pools.all_ips():
+            if ip not in ips:
+                ips.append(ip)
+    return ips
+
+
+def make_resolver(config: Config) -> dns.asyncresolver.Resolver:
+    from fastsend.delivery.mx import MXResolver
+
+    return MXResolver(config).resolver
+
+
+async def check(resolver: Any, ip: str, zone: str) -> Listing:
+    now = time.time()
+    name = query_name(ip, zone)
+    try:
+        ans = await resolver.resolve(name, "A")
+    except dns.resolver.NXDOMAIN:
+        return Listing(ip, zone, False, checked=now)
+    except dns.resolver.NoAnswer:
+        return Listing(ip, zone, False, checked=now)
+    except (dns.exception.DNSException, OSError) as e:
+        return Listing(ip, zone, False, error=f"lookup failed: {type(e).__name__}", checked=now)
+    codes = sorted({r.address for r in ans})
+    good = [c for c in codes if c.startswith("127.") and not c.startswith("127.255.255.")]
+    if not good:  # 127.255.255.x (refused, public resolver) or not a listing code at all
+        return Listing(ip, zone, False, codes, error="not a listing answer: " + ", ".join(codes),
+                       checked=now)  # fmt: skip
+    text = ""
+    try:
+        txt = await resolver.resolve(name, "TXT")
+        text = " ".join(b"".join(r.strings).decode("utf-8", "replace") for r in txt)[:300]
+    except (dns.exception.DNSException, OSError):
+        pass
+    return Listing(ip, zone, True, good, text, checked=now)
+
+
+class Reputation:
+    """Last results per (IP, zone); emits events and rests IPs on a new listing."""
+
+    def __init__(
+        self,
+        settings: ReputationSettings,
+        resolver: Any,
+        emit: Callable[[dict[str, Any]], None],
+        rest: Callable[[str, list[str], float, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.emit = emit
+        self.rest = rest
+        self.results: dict[tuple[str, str], Listing] = {}
+
+    async def check_ips(self, ips: list[str]) -> list[Listing]:
+        jobs = [check(self.resolver, ip, b.zone) for ip in ips for b in self.settings.blocklists]
+        got = await asyncio.gather(*jobs)
+        by_zone = {b.zone: b for b in self.settings.blocklists}
+        until = time.time() + self.settings.rest_hours * 3600
+        for res in got:
+            key = (res.ip, res.zone)
+            old = self.results.get(key)
+            if res.error and old is not None:
+                res = Listing(res.ip, res.zone, old.listed, old.codes, old.text, res.error,
+                              res.checked)  # fmt: skip
+            self.results[key] = res
+            provs = list(by_zone[res.zone].providers)
+            if res.listed:
+                if old is None or not old.listed:
+                    self.emit({"event": "ip_listed", "source_ip": res.ip, "zone": res.zone,
+                               "codes": res.codes, "text": res.text, "providers": provs})  # fmt: skip
+                if self.rest is not None and self.settings.rest_hours > 0:
+                    self.rest(res.ip, provs, until, f"listed on {res.zone} ({', '.join(res.codes)})")
+            elif old is not None and old.listed and not res.error:
+                self.emit({"event": "ip_delisted", "source_ip": res.ip, "zone": res.zone})
+        return got
+
+    def status(self, ip: str) -> list[dict[str, Any]]:
+        out = []
+        for b in self.settings.blocklists:
+            r = self.results.get((ip, b.zone))
+            out.append(r.as_dict() if r is not None else
+                       {"ip": ip, "zone": b.zone, "listed": False, "codes": [], "text": "",
+                        "error": "", "checked": 0.0})  # fmt: skip
+        return out
+
+    async def loop(self, ips: Callable[[], list[str]]) -> None:
+        every = self.settings.check_every
+        if every <= 0 or not self.settings.blocklists:
+            return
+        while True:
+            try:
+                await self.check_ips([ip for ip in ips() if ip])
+            except Exception:
+                log.exception("blocklist check failed")
+            await asyncio.sleep(every)

@@ -1,0 +1,56 @@
+"""Reputation in ``fastsend serve``: DNS blocklist checks of the node's source IPs and rate alarms.
+
+NAME
+    fastsend.serve.reputation -- start_reputation(ctx, charts) -> tasks.
+
+DESCRIPTION
+    With ``[reputation] blocklists`` configured, a task checks every source IP
+    of the node (``[ips] source`` or the pools' addresses) every
+    ``check_every`` seconds (:mod:`fastsend.analytics.dnsbl`); a new listing
+    is an ``ip_listed`` event and rests the IP in its worker for the list's
+    providers (:meth:`Supervisor.rest_ip`). The dashboard's IP page shows the
+    last results. A second task evaluates the complaint-rate and bounce-rate
+    alarms (:mod:`fastsend.analytics.alarms`) every ``ALARM_EVERY`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastsend.analytics.alarms import Alarms, AlarmSettings
+from fastsend.analytics.dnsbl import Reputation, ReputationSettings, make_resolver, node_ips
+
+log = logging.getLogger("fastsend.serve.reputation")
+
+ALARM_EVERY = 60.0
+
+
+def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
+    tasks: list[asyncio.Task[None]] = []
+    settings = ReputationSettings.from_config(ctx.config)
+    if settings.blocklists:
+        sup = ctx.supervisor
+        rep = Reputation(settings, make_resolver(ctx.config), ctx.emit,
+                         sup.rest_ip if sup is not None else None)  # fmt: skip
+        charts.reputation = rep
+        ctx.reputation = rep
+        tasks.append(asyncio.create_task(rep.loop(lambda: node_ips(ctx.config)),
+                                         name="blocklists"))  # fmt: skip
+    rollups = getattr(ctx, "rollups", None)
+    if rollups is not None:
+        alarms = Alarms(AlarmSettings.from_config(ctx.config), rollups.store, ctx.emit)
+
+        async def alarm_loop() -> None:
+            while True:
+                await asyncio.sleep(ALARM_EVERY)
+                try:
+                    tenants = sorted({c.tenant or "default"
+                                      for c in ctx.spool.list_campaigns()})  # fmt: skip
+                    alarms.evaluate(tenants)
+                except Exception:
+                    log.exception("alarm evaluation failed")
+
+        tasks.append(asyncio.create_task(alarm_loop(), name="alarms"))
+    return tasks

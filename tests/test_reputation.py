@@ -1,0 +1,193 @@
+"""Reputation: DNS blocklist checks against the loopback test DNS server (the library,
+``fastsend check-ip``, and rests of the listed IP's lanes), and the rate alarms."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastsend.analytics.alarms import Alarms, AlarmSettings
+from fastsend.analytics.dnsbl import (
+    Blocklist,
+    Reputation,
+    ReputationSettings,
+    check,
+    make_resolver,
+    query_name,
+)
+from fastsend.analytics.store import IDX, NC, SQLiteRollupStore
+from fastsend.config import ConfigError, from_dict
+from fastsend.queue import wire
+from fastsend.testing.dnsserver import DNSServer
+
+ZONES = {
+    "2.0.0.127.bl.test": [("A", "127.0.0.2"), ("A", "127.0.0.4"),
+                          ("TXT", "listed: see https://bl.test/q?ip=127.0.0.2")],
+    "5.0.0.127.bl.test": [("A", "127.255.255.254")],  # "you query through a public resolver"
+    "6.0.0.127.bl.test": [("A", "10.0.0.1")],  # not a listing code
+    "2.0.0.127.other.test": [("A", "127.0.0.3")],
+    # 2001:db8::1, nibbles reversed (RFC 5782 2.4)
+    "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.test": [("A", "127.0.0.2")],
+}
+
+
+def config(dns: DNSServer, **reputation: Any) -> Any:
+    return from_dict({"dns": {"nameservers": [dns.nameserver], "timeout": 3},
+                      "ips": {"source": ["127.0.0.2", "127.0.0.3"]},
+                      "reputation": {"blocklists": ["bl.test"], **reputation}})  # fmt: skip
+
+
+def test_query_names() -> None:
+    assert query_name("192.0.2.99", "zen.example") == "99.2.0.192.zen.example"
+    assert query_name("2001:db8::1", "bl.test").startswith("1.0.0.0.0.0.0.0")
+    assert query_name("2001:db8::1", "bl.test").endswith(".8.b.d.0.1.0.0.2.bl.test")
+
+
+def test_lookups_against_the_loopback_dns(dns_server: DNSServer) -> None:
+    dns_server.set_zones(ZONES)
+    cfg = config(dns_server)
+
+    async def main() -> None:
+        r = make_resolver(cfg)
+        listed = await check(r, "127.0.0.2", "bl.test")
+        assert listed.listed and listed.codes == ["127.0.0.2", "127.0.0.4"]
+        assert "listed: see" in listed.text
+        clean = await check(r, "127.0.0.3", "bl.test")
+        assert not clean.listed and not clean.error
+        refused = await check(r, "127.0.0.5", "bl.test")
+        assert not refused.listed and "not a listing answer" in refused.error
+        odd = await check(r, "127.0.0.6", "bl.test")
+        assert not odd.listed and odd.error
+        v6 = await check(r, "2001:db8::1", "bl.test")
+        assert v6.listed
+
+    asyncio.run(main())
+
+
+def test_reputation_events_and_rests(dns_server: DNSServer) -> None:
+    dns_server.set_zones(ZONES)
+    cfg = config(dns_server, rest_hours=2)
+    settings = ReputationSettings.from_config(cfg)
+    settings.blocklists.append(Blocklist("other.test", ("outlook",)))
+    events: list[dict[str, Any]] = []
+    rests: list[tuple[str, list[str], float, str]] = []
+    rep = Reputation(settings, make_resolver(cfg), events.append,
+                     lambda *a: rests.append(a))  # fmt: skip
+
+    async def main() -> None:
+        await rep.check_ips(["127.0.0.2", "127.0.0.3"])
+        assert [(e["event"], e["zone"]) for e in events] == [("ip_listed", "bl.test"),
+                                                              ("ip_listed", "other.test")]
+        assert events[0]["providers"] == ["*"] and events[1]["providers"] == ["outlook"]
+        assert [(ip, p) for ip, p, _u, _r in rests] == [("127.0.0.2", ["*"]),
+                                                          ("127.0.0.2", ["outlook"])]
+        assert 7100 < rests[0][2] - time.time() <= 7200
+        await rep.check_ips(["127.0.0.2"])  # still listed: no second event, the rest renewed
+        assert len(events) == 2 and len(rests) == 4
+        dns_server.set_zones({})
+        await rep.check_ips(["127.0.0.2"])
+        assert [e["event"] for e in events[2:]] == ["ip_delisted", "ip_delisted"]
+        st = {s["zone"]: s for s in rep.status("127.0.0.2")}
+        assert st["bl.test"]["listed"] is False and st["bl.test"]["checked"] > 0
+
+    asyncio.run(main())
+
+
+def test_a_listed_ip_rests_its_lanes() -> None:
+    """The supervisor's IPRest record, decoded as the worker decodes it, rests the IP's
+    lanes for the named providers only."""
+    from fastsend.shaping.lanes import Shaper
+
+    cfg = from_dict({"ips": {"source": ["127.0.0.2", "127.0.0.3"]}})
+    sh = Shaper(cfg, ["127.0.0.2", "127.0.0.3"])
+    now = time.time()
+    lim_g = sh.site_limits("gmail", ("gmail-smtp-in.l.google.com",), "gmail.com")
+    lim_y = sh.site_limits("yahoo", ("mta5.am0.yahoodns.net",), "yahoo.com")
+    pool = sh.pool("")
+    g2 = sh.lane("127.0.0.2", "gmail", lim_g, pool, now)
+    y2 = sh.lane("127.0.0.2", "yahoo", lim_y, pool, now)
+    g3 = sh.lane("127.0.0.3", "gmail", lim_g, pool, now)
+    rec = wire.encoder.encode(wire.IPRest("127.0.0.2", ["google"], now + 600, "listed on bl.test"))
+    msg = wire.to_worker_decoder.decode(rec)
+    assert isinstance(msg, wire.IPRest)
+    sh.rest_ip(msg.ip, msg.providers, msg.until, msg.reason)
+    mono = time.monotonic()
+    assert not g2.usable(mono) and y2.usable(mono) and g3.usable(mono)
+    assert "bl.test" in g2.blocked_reason
+    # A lane made after the rest is rested too.
+    lim_g2 = sh.site_limits("gmail2", ("alt1.gmail-smtp-in.l.google.com",), "googlemail.com")
+    assert not sh.lane("127.0.0.2", "gmail2", lim_g2, pool, now).usable(mono)
+
+
+def test_check_ip_command(dns_server: DNSServer, tmp_path: Path) -> None:
+    dns_server.set_zones(ZONES)
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(f'[dns]\nnameservers = ["{dns_server.nameserver}"]\ntimeout = 3\n'
+                   '[ips]\nsource = ["127.0.0.2", "127.0.0.3"]\n'
+                   '[reputation]\nblocklists = [{ zone = "bl.test", providers = ["*"] }]\n')  # fmt: skip
+    env = {**os.environ}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fastsend", "check-ip", "-c", str(cfg),
+                               *args], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+
+    r = run()
+    assert r.returncode == 1, r.stderr
+    lines = r.stdout.splitlines()
+    assert any("127.0.0.2" in ln and "LISTED" in ln and "127.0.0.4" in ln for ln in lines)
+    assert any("127.0.0.3" in ln and " ok" in ln for ln in lines)
+    r = run("127.0.0.3")
+    assert r.returncode == 0 and "ok" in r.stdout
+    r = run("127.0.0.2", "--zone", "other.test", "--json")
+    assert r.returncode == 1 and '"zone":"other.test"' in r.stdout
+    r = run("not-an-ip")
+    assert r.returncode == 2 and "not an IP address" in r.stderr
+
+
+def test_reputation_config_errors() -> None:
+    for raw, msg in (({"blocklists": "x"}, "must be a list"),
+                     ({"blocklists": [{"zone": ""}]}, "zone must be"),
+                     ({"blocklists": [{"zone": "a.b", "providers": []}]}, "providers"),
+                     ({"check_every": -1}, "check_every"), ({"colour": 1}, "unknown key")):  # fmt: skip
+        with pytest.raises(ConfigError, match=msg):
+            ReputationSettings.from_config(from_dict({"reputation": raw}))
+
+
+def test_rate_alarms_with_the_providers_lines(tmp_path: Path) -> None:
+    store = SQLiteRollupStore(str(tmp_path))
+    events: list[dict[str, Any]] = []
+    alarms = Alarms(AlarmSettings(min_delivered=100), store, events.append)
+    now = time.time()
+    t = int(now) - int(now) % 60
+
+    def put(cid: int, delivered: int, complaints: int, bounced: int) -> None:
+        row = [0] * NC
+        row[IDX["delivered"]] = delivered
+        row[IDX["complaints"]] = complaints
+        row[IDX["bounced"]] = bounced
+        store.add({(60, t, ("acme", cid, "google", "127.0.0.2")): row}, {}, {})
+
+    put(1, 1000, 4, 0)  # 0.4%: over Gmail's 0.3% line
+    put(2, 1000, 2, 30)  # 0.2% complaints: warning; 2.9% bounces: warning
+    put(3, 50, 10, 10)  # too small a sample to judge
+    alarms.evaluate(["acme"], now)
+    got = {(e.get("campaign"), e.get("provider"), e["kind"]): e for e in events}
+    assert got[(1, None, "complaint_rate")]["level"] == "critical"
+    assert got[(1, None, "complaint_rate")]["line"] == 0.003
+    assert got[(2, None, "complaint_rate")]["level"] == "warning"
+    assert got[(2, None, "bounce_rate")]["level"] == "warning"
+    assert not [e for e in events if e.get("campaign") == 3]
+    assert got[(None, "google", "complaint_rate")]["level"] == "critical"  # 16 / 2,050
+    n = len(events)
+    alarms.evaluate(["acme"], now)
+    assert len(events) == n  # raised once per level
+    put(1, 10000, 0, 0)  # diluted under the lines: cleared
+    alarms.evaluate(["acme"], now)
+    assert any(e["event"] == "alarm_cleared" and e.get("campaign") == 1 for e in events[n:])
