@@ -6,7 +6,9 @@ suppression is checked again when mail is dispatched."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +305,56 @@ def test_delivery_time_refusals_are_classified_and_hard_ones_suppressed(tmp_path
                         "--workers", "1", "--max-wait", "0")  # fmt: skip
         assert summary(proc)["suppressed"] == 1
     assert received_counts(log) == {"fine@example.com": 2}
+
+
+# ---------------------------------------------------------------- dispatch check, both spools
+def test_dispatch_check_per_tenant_in_batches(
+    make_spool: Callable[[], Any], tmp_path: Path
+) -> None:
+    """Mail already spooled for tenant acme: an address suppressed for acme ends
+    suppressed (event, never delivered); one suppressed only for another tenant is
+    delivered; the list is asked once per claim, not once per message (SQLite
+    and Redis spools, a real sink, forked workers)."""
+    import asyncio
+
+    from fastsend.config import from_dict as cfg_from_dict
+    from fastsend.events import EventLog
+    from fastsend.queue.supervisor import Supervisor
+    from fastsend.sink import SinkThread
+
+    spool = make_spool()
+    spec = {"from": "News <news@sender.example.com>", "subject": "Hi {{ name }}", "text": "x\n"}
+    cid = spool.create_campaign(spec, name="t", tenant="acme")
+    rcpts = [f"u{i}@example.com" for i in range(300)]
+    rows = [(r, "example.com", orjson.dumps({"name": str(i)})) for i, r in enumerate(rcpts)]
+    spool.add_messages(cid, rows, time.time())
+    local = tmp_path / "local"
+    local.mkdir(exist_ok=True)
+    sl = SuppressionList(local / "suppression.db")
+    sl.add("u7@example.com", "unsubscribe", tenant="acme", source="unsubscribe")
+    sl.add("U8@Example.com", "complaint", tenant="acme", source="complaint")
+    sl.add("u9@example.com", "manual", tenant="zed")
+    queries: list[str] = []
+    sl._db.set_trace_callback(lambda q: queries.append(q) if "key IN" in q else None)
+    with SinkThread() as sink:
+        cfg = cfg_from_dict(
+            {
+                "spool": {"dir": str(local)},
+                "workers": {"count": 1},
+                "routes": {"*": f"{sink.host}:{sink.port}"},
+            }
+        )
+        sup = Supervisor(cfg, spool, EventLog(str(local / "events.jsonl")), max_wait=1,
+                         suppression=sl)  # fmt: skip
+        asyncio.run(sup.run())
+        got = sorted(r for m in sink.messages for r in m.recipients)
+    assert got == sorted(set(rcpts) - {"u7@example.com", "u8@example.com"})
+    assert sup.stats.suppressed == 2 and spool.counts(cid)["suppressed"] == 2
+    evs = [e for e in _events(local) if e["event"] == "suppressed"]
+    assert sorted((e["rcpt"], e["reason"], e["tenant"]) for e in evs) == [
+        ("u7@example.com", "unsubscribe", "acme"),
+        ("u8@example.com", "complaint", "acme"),
+    ]
+    assert 1 <= len(queries) <= 3, len(queries)  # one per claim (300 messages: one or two)
+    sl.close()
+    spool.close()

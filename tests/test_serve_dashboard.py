@@ -189,8 +189,10 @@ def test_page_and_assets_are_self_contained(served: Served) -> None:
                          "frame-ancestors 'none'"):  # fmt: skip
             assert csp_part in CSP
         # No inline script, style or handler for the CSP to block.
-        assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/dashboard/app.js" defer>',
-                                                        '<script src="/dashboard/charts.js" defer>']
+        assert re.findall(r"<script\b[^>]*>", html) == [
+            '<script src="/dashboard/app.js" defer>',
+            '<script src="/dashboard/charts.js" defer>',
+        ]
         assert not re.search(r"<style|\sstyle=|\son[a-z]+=", html)
         for js in (texts["/dashboard/app.js"], texts["/dashboard/charts.js"]):
             assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write|eval\(",
