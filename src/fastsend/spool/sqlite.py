@@ -11,8 +11,9 @@ Durability: WAL mode. Adding messages (what makes mail "accepted") commits with
 ``synchronous=FULL``: on disk when it returns, power loss included. Claims and
 outcomes commit with ``synchronous=NORMAL``: safe against the crash of any
 process (kill -9), and after a power loss the worst case is a retried message,
-never a lost one. Callers batch many rows per transaction (executemany).
-Claiming is one ``UPDATE ... RETURNING`` statement.
+never a lost one. Callers batch many rows per transaction; statements carry
+many rows each (multi-row INSERT, ``UPDATE ... FROM (VALUES ...)``). Claiming
+is a SELECT and an UPDATE by runs of ids, in one transaction.
 
 Single writer: a SQLiteSpool object belongs to one process (the supervisor, or
 an API listener in the same process). Other processes may open read-only views
