@@ -310,9 +310,17 @@ class Worker:
         Res = wire.Res
         kinds = _KIND
         classify = self.classify
+        k_delivered = wire.K_DELIVERED
+        append = out.append
         for tr in results:
-            tags = tr.tag if isinstance(tr.tag, list) else [tr.tag]
+            tag = tr.tag
             outcomes = tr.outcomes
+            if type(tag) is int and outcomes and outcomes[0].kind == DELIVERED:
+                o = outcomes[0]  # one message delivered to its one recipient: the usual case
+                append(Res(tag, k_delivered, o.code, o.enhanced, o.text or tr.queue_id,
+                           mx or o.mx, source_ip))  # fmt: skip
+                continue
+            tags = tag if isinstance(tag, list) else [tag]
             for i, mid in enumerate(tags):
                 o = outcomes[i] if i < len(outcomes) else outcomes[-1]
                 text = o.text
