@@ -27,14 +27,16 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def start_redis() -> Iterator[RedisServer]:
-    """Each test module's session fixture: ``with start_redis() as server: yield server``."""
+def start_redis(*extra: str) -> Iterator[RedisServer]:
+    """Each test module's session fixture: ``with start_redis() as server: yield server``.
+    ``extra``: more redis-server options (a later option overrides an earlier one),
+    e.g. ``"--appendonly", "yes"``."""
     exe = require_program("redis-server")
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
         proc = subprocess.Popen(
             [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", d, "--daemonize", "no", "--loglevel", "warning"],
+             "--appendonly", "no", "--dir", d, "--daemonize", "no", "--loglevel", "warning", *extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip

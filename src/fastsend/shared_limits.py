@@ -29,9 +29,17 @@ DESCRIPTION
     so rates up to 1,000,000/s; decisions equal Gcra's whenever 1e6/rate is
     a whole number, and differ by at most that rounding otherwise.
 
+    :meth:`SharedLimits.take` grants *up to* ``n`` events (as many as
+    conform now, at least one or none) in the same call, and
+    :class:`LeasedBucket` builds on it: a node leases tokens in batches
+    (``lease_batch``, up to 100) and spends them locally, so Redis sees about
+    one call per batch however many messages pass. Leased tokens are already
+    debited from the shared bucket, so every node together still admits at
+    most ``burst + rate*W`` in W seconds (plus, at most, the batches leased
+    and not yet spent, which a node drops after ``LEASE_TTL`` seconds).
+
 DELIBERATELY NOT
-    No sleeping, no local cache (every call is one round trip: batch with
-    ``n``), no set_rate/AIMD (per-lane feedback stays in the worker's Gcra).
+    No sleeping, no set_rate/AIMD (per-lane feedback stays in the worker's Gcra).
 """
 
 from __future__ import annotations
@@ -70,6 +78,32 @@ return wait
 """
 
 
+# KEYS[1] bucket; ARGV: now_us ('' = Redis TIME), interval_us, burst, n
+# -> {granted, wait_us}: as many of n as conform now (then wait_us = 0)
+_GCRA_TAKE = """
+local t
+if ARGV[1] == '' then
+  local tt = redis.call('TIME')
+  t = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
+else
+  t = tonumber(ARGV[1])
+end
+local interval, burst, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tau = burst * interval
+local tat = tonumber(redis.call('GET', KEYS[1]) or '')
+if tat == nil or tat < t then tat = t end
+local k = math.floor((t + tau - tat) / interval)
+if k > n then k = n end
+if k < 1 then return {0, tat + interval - tau - t} end
+local new_tat = tat + k * interval
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - t) / 1000) + 60000)
+return {k, 0}
+"""
+
+LEASE_TTL = 1.0  # s: leased tokens not spent by then are dropped
+MAX_LEASE_BATCH = 100
+
+
 def _interval_us(rate_per_s: float, burst: int) -> int:
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
         raise ValueError(f"burst must be a positive int, not {burst!r}")
@@ -93,6 +127,8 @@ class SharedLimits:
             self.r = url_or_client
         self.k = "{" + (prefix or "fastsend") + "}:gcra:"
         self._script = self.r.register_script(_GCRA)
+        self._take = self.r.register_script(_GCRA_TAKE)
+        self.calls = 0  # take() calls made by leased buckets (Redis round trips)
 
     def acquire(
         self, name: str, rate_per_s: float, burst: int, now: float | None = None, n: int = 1
@@ -110,6 +146,21 @@ class SharedLimits:
             t = str(math.floor(now * 1e6 + 0.5))
         wait = int(self._script(keys=[self.k + name], args=[t, interval, burst, n]))
         return 0.0 if wait <= 0 else wait / 1e6
+
+    def take(
+        self, name: str, rate_per_s: float, burst: int, n: int, now: float | None = None
+    ) -> tuple[int, float]:
+        """Consume as many of ``n`` events as conform at ``now`` (up to ``burst``):
+        (granted, 0.0), or (0, seconds until one conforms). One round trip."""
+        interval = _interval_us(float(rate_per_s), burst)
+        n = max(1, min(int(n), burst))
+        t = "" if now is None else str(math.floor(now * 1e6 + 0.5))
+        got, wait = self._take(keys=[self.k + name], args=[t, interval, burst, n])
+        return int(got), max(0, int(wait)) / 1e6
+
+    def leased(self, name: str, rate_per_s: float, burst: int) -> LeasedBucket:
+        _interval_us(float(rate_per_s), burst)
+        return LeasedBucket(self, name, float(rate_per_s), burst)
 
     def bucket(self, name: str, rate_per_s: float, burst: int) -> SharedGcra:
         _interval_us(float(rate_per_s), burst)  # validate now, not at the first acquire
@@ -136,3 +187,51 @@ class SharedGcra:
 
     def __repr__(self) -> str:
         return f"SharedGcra({self.name!r}, rate_per_s={self.rate!r}, burst={self.burst})"
+
+
+def lease_batch(rate_per_s: float, burst: int) -> int:
+    """Tokens a node leases per call: a quarter of the burst, 1..100."""
+    return max(1, min(MAX_LEASE_BATCH, burst // 4, int(rate_per_s) or 1))
+
+
+class LeasedBucket:
+    """A shared bucket spent locally: :meth:`available` / :meth:`acquire` as
+    :class:`fastsend.throttle.Gcra`'s, backed by tokens leased from Redis in
+    batches (Redis's clock: one time base for every node). ``now`` is this
+    process's monotonic clock, used only to age leased tokens and to space
+    retries after a refusal."""
+
+    __slots__ = ("batch", "burst", "leased_at", "limits", "name", "rate", "retry_at", "tokens")
+
+    def __init__(self, limits: SharedLimits, name: str, rate_per_s: float, burst: int) -> None:
+        self.limits, self.name, self.rate, self.burst = limits, name, rate_per_s, burst
+        self.batch = lease_batch(rate_per_s, burst)
+        self.tokens = 0
+        self.leased_at = 0.0
+        self.retry_at = 0.0
+
+    def available(self, now: float) -> int:
+        if self.tokens and now - self.leased_at > LEASE_TTL:
+            self.tokens = 0  # stale: spending them now would exceed the burst bound
+        if self.tokens * 2 < self.batch and now >= self.retry_at:
+            want = self.batch - self.tokens
+            got, wait = self.limits.take(self.name, self.rate, self.burst, want)
+            self.limits.calls += 1
+            if got:
+                self.tokens += got
+                self.leased_at = now
+            # Short of a batch (the bucket is at its rate): ask again once the rest
+            # has accrued, so a node at the limit still makes one call per batch.
+            if got < want:
+                self.retry_at = now + min(wait + (want - got) / self.rate, LEASE_TTL)
+        return self.tokens
+
+    def acquire(self, now: float, n: int = 1) -> float:
+        """Spend ``n`` leased tokens (after :meth:`available` said they are there)."""
+        if n > self.tokens:
+            return 1.0 / self.rate
+        self.tokens -= n
+        return 0.0
+
+    def __repr__(self) -> str:
+        return f"LeasedBucket({self.name!r}, rate_per_s={self.rate!r}, burst={self.burst})"

@@ -37,9 +37,15 @@ DESCRIPTION
     choice of each campaign, so the supervisor calls a few methods only.
 
 DELIBERATELY NOT HERE
-    No SMTP and no per-site limits (workers own those: fastsend.shaping.lanes).
-    Dispatch rates are per supervisor (one machine); shared limits across
-    machines belong to a shared spool backend.
+    No SMTP and no per-site limits (workers own those: fastsend.shaping.lanes;
+    an IP belongs to one node, so per-(IP, site) limits stay local).
+
+SHARED
+    On a shared spool (Redis: ``spool.shared_limits()`` is a
+    :class:`fastsend.shared_limits.SharedLimits`) the campaign, tenant and
+    global rates are one bucket for every node: each gate leases tokens in
+    batches (:class:`fastsend.shared_limits.LeasedBucket`), about one Redis
+    call per 100 messages at high rates.
 """
 
 from __future__ import annotations
@@ -84,21 +90,30 @@ def dispatch_settings(config: Config) -> dict[str, Any]:
 
 
 class DispatchGate:
-    def __init__(self, config: Config, spool: Spool) -> None:
+    def __init__(self, config: Config, spool: Spool, limits: Any = None) -> None:
         raw = dispatch_settings(config)
         self.spool = spool
+        self.limits = limits  # SharedLimits: rates shared by every node
         self.campaign_rate = float(raw.get("campaign_rate", 0))
         self.tenant_rate = float(raw.get("tenant_rate", 0))
         self.tenant_rates = {str(t): float(r) for t, r in raw.get("tenants", {}).items()}
-        self.global_bucket = _bucket(float(raw.get("global_rate", 0)))
+        self.global_bucket = self._bucket("global", float(raw.get("global_rate", 0)))
         # campaign -> its buckets (campaign's own, tenant's); tenant -> bucket
-        self.campaigns: dict[int, tuple[Gcra, ...]] = {}
-        self.tenants: dict[str, Gcra | None] = {}
+        self.campaigns: dict[int, tuple[Any, ...]] = {}
+        self.tenants: dict[str, Any] = {}
         self.enabled = bool(
             self.global_bucket or self.campaign_rate or self.tenant_rate or self.tenant_rates
         )
 
-    def _buckets(self, campaign: int) -> tuple[Gcra, ...]:
+    def _bucket(self, name: str, rate: float) -> Any:
+        """A Gcra, or a LeasedBucket on the shared limits (burst: one second's worth)."""
+        if rate <= 0:
+            return None
+        if self.limits is None:
+            return _bucket(rate)
+        return self.limits.leased("dispatch:" + name, rate, max(1, round(rate)))
+
+    def _buckets(self, campaign: int) -> tuple[Any, ...]:
         bs = self.campaigns.get(campaign)
         if bs is None:
             info = self.spool.get_campaign(campaign)
@@ -106,10 +121,12 @@ class DispatchGate:
             rate = float((info.options or {}).get("max_rate", 0) or 0) if info else 0.0
             rate = rate or self.campaign_rate
             out = []
-            if (b := _bucket(rate)) is not None:
+            if (b := self._bucket(f"campaign:{campaign}", rate)) is not None:
                 out.append(b)
             if tenant not in self.tenants:
-                self.tenants[tenant] = _bucket(self.tenant_rates.get(tenant, self.tenant_rate))
+                self.tenants[tenant] = self._bucket(
+                    f"tenant:{tenant}", self.tenant_rates.get(tenant, self.tenant_rate)
+                )
             if (tb := self.tenants[tenant]) is not None:
                 out.append(tb)
             if self.global_bucket is not None:
@@ -128,6 +145,8 @@ class DispatchGate:
             a = b.available(now)
             if a < n:
                 n = a
+                if n <= 0:
+                    return 0  # the next buckets are not asked (a shared one is a round trip)
         if n > 0:
             for b in bs:
                 b.acquire(now, n)
@@ -215,7 +234,9 @@ class SupervisorShaping:
 
         self.config = config
         self.spool = spool
-        self.gate = DispatchGate(config, spool)
+        shared = getattr(spool, "shared_limits", None)
+        self.limits = shared() if callable(shared) else None
+        self.gate = DispatchGate(config, spool, self.limits)
         self.guardrails = Guardrails(spool, GuardrailSettings.from_config(config), emit)
         self.poolset = load_pools(config, time.time())
         self.state = ShapingState(config.spool_dir, spool)
@@ -234,7 +255,7 @@ class SupervisorShaping:
         from fastsend.shaping.pools import load_pools
 
         self.config = config
-        self.gate = DispatchGate(config, self.spool)
+        self.gate = DispatchGate(config, self.spool, self.limits)
         self.guardrails.settings = GuardrailSettings.from_config(config)
         self.poolset = load_pools(config, time.time())
 

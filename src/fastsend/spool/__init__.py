@@ -140,6 +140,12 @@ class Spool(abc.ABC):
         """Keep this process's claims its own: a shared backend (Redis) leases them
         per node and the supervisor calls this every tick. A no-op by default."""
 
+    def shared_limits(self) -> Any:
+        """Rate limits shared by every node on this spool (a
+        :class:`fastsend.shared_limits.SharedLimits`), or None: a local spool's
+        limits are the supervisor's own."""
+        return None
+
     @abc.abstractmethod
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         """Messages per state name."""

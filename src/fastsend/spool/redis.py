@@ -400,6 +400,7 @@ class RedisSpool(Spool):
         self._holding = False  # claimed anything: this node keeps a lease
         self._waitaof: bool | None = None  # decided at the first add_messages
         self.durability = "unknown"
+        self._limits: Any = None
 
     # -- campaigns -----------------------------------------------------------
 
@@ -686,6 +687,14 @@ class RedisSpool(Spool):
         names = list(names)
         if names:
             self.r.hdel(f"{self.k}:counters", *names)
+
+    def shared_limits(self) -> Any:
+        """GCRA buckets on this Redis, under this spool's prefix (one per spool)."""
+        if self._limits is None:
+            from fastsend.shared_limits import SharedLimits
+
+            self._limits = SharedLimits(self.r, prefix=self.prefix)
+        return self._limits
 
     def close(self) -> None:
         try:

@@ -1,0 +1,260 @@
+"""Many nodes as one MTA: what a node on the shared Redis checks and holds.
+
+NAME
+    fastsend.cluster -- read_durability, ClusterNode.
+
+DESCRIPTION
+    Several ``fastsend serve`` nodes share one Redis (``[spool] url =
+    "redis://..."``): one queue, one set of limits. Before such a node
+    accepts anything it
+
+    - reads Redis's persistence settings (``CONFIG GET appendonly
+      appendfsync save``, ``INFO server/persistence``) and states what an
+      acknowledged message survives (:func:`read_durability`):
+
+      ========================  ==================================================
+      ``appendfsync always``    a power loss (every write fsynced before the reply)
+      ``everysec`` + WAITAOF    a power loss (Redis >= 7.2: the spool waits with
+                                ``WAITAOF`` before it answers "accepted")
+      ``everysec``, no WAITAOF  a crash of redis-server, not a power loss (the
+                                last second may be lost)
+      ``appendfsync no``        a crash of redis-server (the kernel flushes)
+      ``appendonly no``         nothing: memory only (RDB snapshots are periodic)
+      ========================  ==================================================
+
+      and refuses ``appendonly no`` unless the operator says
+      ``--allow-volatile``;
+    - claims its source IPs in a registry (:class:`ClusterNode`): ``P:ips``
+      maps each IP to the node holding it, ``P:ipnodes`` each node to its
+      lease deadline (ms, Redis server time). A node refuses to start with an
+      IP another *live* node holds (two nodes sending from one IP would each
+      count only half of that IP's per-site rates and warm-up); an IP whose
+      holder's lease expired (it died) is taken over. The lease is renewed
+      every ``lease/4`` seconds; a clean exit gives the IPs back at once.
+    - takes the installation secret (HMAC key of Message-IDs, VERP and
+      tracking links) from Redis, created once by the first node
+      (:meth:`ClusterNode.shared_secret`), unless ``[tracking] secret`` is set:
+      a link signed by one node verifies on every other.
+
+    ``P`` is the spool's ``{prefix}`` (a Redis Cluster hash tag).
+
+DELIBERATELY NOT HERE
+    No queue (fastsend.spool.redis), no rate limits (fastsend.shared_limits).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("fastsend.cluster")
+
+
+class ClusterError(Exception):
+    """This node must not start on this Redis (durability, a source IP in use)."""
+
+
+@dataclass
+class Durability:
+    version: str
+    appendonly: bool | None  # None: CONFIG GET refused (a managed Redis)
+    appendfsync: str  # always / everysec / no / unknown
+    rdb: bool  # RDB snapshots configured ("save" not empty)
+    waitaof: bool  # Redis >= 7.2: the spool waits for the fsync itself
+    level: str  # power-loss / redis-crash / none
+    survives: str  # one sentence for the operator
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        try:
+            out.append(int(part))
+        except ValueError:
+            out.append(0)
+    return tuple(out)
+
+
+def read_durability(r: Any) -> Durability:
+    """What an acknowledged write to this Redis survives (see the module doc)."""
+
+    def s(x: Any) -> str:
+        return x.decode() if isinstance(x, bytes) else str(x)
+
+    server = r.info("server")
+    version = s(server.get("redis_version", "0"))
+    waitaof = _version_tuple(version) >= (7, 2)
+    appendonly: bool | None
+    try:
+        conf = {s(k): s(v) for k, v in r.config_get("appendonly").items()}
+        conf.update({s(k): s(v) for k, v in r.config_get("appendfsync").items()})
+        conf.update({s(k): s(v) for k, v in r.config_get("save").items()})
+        appendonly = conf.get("appendonly", "no") == "yes"
+        fsync = conf.get("appendfsync", "unknown")
+        rdb = bool(conf.get("save", "").strip())
+    except Exception:  # CONFIG renamed or refused: what INFO says
+        pers = r.info("persistence")
+        appendonly = bool(int(pers.get("aof_enabled", 0)))
+        fsync = "unknown"
+        rdb = True
+    if not appendonly:
+        level = "none"
+        survives = (
+            "nothing: Redis keeps accepted mail in memory only (appendonly no"
+            + (
+                "; RDB snapshots are periodic, mail accepted since the last one is lost"
+                if rdb
+                else ""
+            )
+            + ")"
+        )
+    elif fsync == "always":
+        level = "power-loss"
+        survives = "a power loss: every write is fsynced before Redis answers (appendfsync always)"
+    elif fsync == "everysec" and waitaof:
+        level = "power-loss"
+        survives = (
+            "a power loss: appendfsync everysec, and the spool waits for the fsync"
+            " (WAITAOF) before it answers"
+        )
+    elif fsync in ("everysec", "no"):
+        level = "redis-crash"
+        survives = (
+            f"a crash of redis-server, not a power loss or kernel crash (appendfsync {fsync},"
+            f" Redis {version} has no WAITAOF: up to the last second may be lost;"
+            " set appendfsync always, or run Redis >= 7.2)"
+        )
+    else:
+        level = "redis-crash"
+        survives = "a crash of redis-server (AOF on; its fsync policy could not be read)"
+    return Durability(version, appendonly, fsync, rdb, waitaof, level, survives)
+
+
+def check_durability(d: Durability, *, allow_volatile: bool) -> None:
+    """Refuse a Redis that keeps accepted mail in memory only, unless allowed."""
+    if d.level == "none" and not allow_volatile:
+        raise ClusterError(
+            "Redis has appendonly no: an acknowledged message would survive "
+            + d.survives.split(":", 1)[0]
+            + ". Set appendonly yes (deploy/redis.conf), or start with --allow-volatile"
+            " to accept that"
+        )
+
+
+# KEYS: ips hash, nodes zset. ARGV: node, lease_ms, ips... -> {} or {ip, holder, ...}
+_CLAIM_IPS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local node, lease = ARGV[1], tonumber(ARGV[2])
+local taken = {}
+for i = 3, #ARGV do
+  local holder = redis.call('HGET', KEYS[1], ARGV[i])
+  if holder and holder ~= node then
+    local dl = redis.call('ZSCORE', KEYS[2], holder)
+    if dl and tonumber(dl) > now then
+      taken[#taken + 1] = ARGV[i]
+      taken[#taken + 1] = holder
+    end
+  end
+end
+if #taken > 0 then return taken end
+for i = 3, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], node) end
+redis.call('ZADD', KEYS[2], now + lease, node)
+return taken
+"""
+
+# KEYS: ips hash, nodes zset. ARGV: node, lease_ms, ips... -> the IPs another node holds now
+_RENEW_IPS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+local lost = {}
+for i = 3, #ARGV do
+  local holder = redis.call('HGET', KEYS[1], ARGV[i])
+  if holder ~= ARGV[1] then lost[#lost + 1] = ARGV[i] end
+end
+return lost
+"""
+
+# KEYS: ips hash, nodes zset. ARGV: node, ips...
+_RELEASE_IPS = """
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 0
+"""
+
+
+class ClusterNode:
+    """One node's hold on its source IPs, and the shared secret."""
+
+    def __init__(self, r: Any, prefix: str, node: str, lease: float = 30.0) -> None:
+        self.r = r
+        self.k = "{" + prefix + "}"
+        self.node = node
+        self.lease = float(lease)
+        self.ips: list[str] = []
+        self._claim = r.register_script(_CLAIM_IPS)
+        self._renew = r.register_script(_RENEW_IPS)
+        self._release = r.register_script(_RELEASE_IPS)
+        self.lost: list[str] = []  # IPs another node took while our lease had lapsed
+
+    @property
+    def _keys(self) -> list[str]:
+        return [f"{self.k}:ips", f"{self.k}:ipnodes"]
+
+    def claim_ips(self, ips: list[str]) -> None:
+        """Hold ``ips`` for this node, or ClusterError naming the live node holding one."""
+        taken = self._claim(keys=self._keys, args=[self.node, int(self.lease * 1000), *ips])
+        if taken:
+            pairs = [f"{_s(taken[i])} (node {_s(taken[i + 1])})" for i in range(0, len(taken), 2)]
+            raise ClusterError(
+                "source IP held by another live node: "
+                + ", ".join(pairs)
+                + "; each IP must belong to one node (per-site rates and warm-up are per IP)"
+            )
+        self.ips = list(ips)
+
+    def renew(self) -> list[str]:
+        """Extend the lease; returns IPs another node holds now (our lease lapsed)."""
+        if not self.ips:
+            return []
+        lost = [
+            _s(x)
+            for x in self._renew(
+                keys=self._keys, args=[self.node, int(self.lease * 1000), *self.ips]
+            )
+        ]
+        if lost and lost != self.lost:
+            log.error(
+                "source IPs %s are now held by another node (this node's lease lapsed)",
+                ", ".join(lost),
+            )
+        self.lost = lost
+        return lost
+
+    def release(self) -> None:
+        if self.ips:
+            self._release(keys=self._keys, args=[self.node, *self.ips])
+            self.ips = []
+
+    def holders(self) -> dict[str, str]:
+        """IP -> node, for status pages."""
+        return {_s(k): _s(v) for k, v in self.r.hgetall(f"{self.k}:ips").items()}
+
+    def shared_secret(self) -> bytes:
+        """The installation secret, made once by the first node (SET NX)."""
+        key = f"{self.k}:secret"
+        self.r.set(key, secrets.token_hex(32), nx=True)
+        v = self.r.get(key)
+        return v if isinstance(v, bytes) else str(v).encode()
+
+
+def _s(b: Any) -> str:
+    return b.decode() if isinstance(b, bytes) else str(b)

@@ -1,0 +1,83 @@
+"""Nodes on one Redis: durability read from a real redis-server's settings, the
+source-IP registry (a live node's IPs are refused, a dead node's are taken over),
+and the shared installation secret."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from tests._redis_helpers import RedisServer, start_redis
+
+from fastsend.cluster import ClusterError, ClusterNode, check_durability, read_durability
+
+
+def _client(server: RedisServer) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=server.port)
+
+
+def test_durability_volatile_refused_unless_allowed(redis_server: RedisServer) -> None:
+    r = _client(redis_server)  # the suite's server: --appendonly no --save ""
+    d = read_durability(r)
+    assert d.appendonly is False and d.level == "none" and not d.rdb
+    assert "memory only" in d.survives
+    with pytest.raises(ClusterError, match=r"appendonly no.*--allow-volatile"):
+        check_durability(d, allow_volatile=False)
+    check_durability(d, allow_volatile=True)
+
+
+@pytest.mark.parametrize(
+    ("fsync", "level"), [("always", "power-loss"), ("everysec", None), ("no", "redis-crash")]
+)
+def test_durability_aof(fsync: str, level: str | None) -> None:
+    with start_redis("--appendonly", "yes", "--appendfsync", fsync) as server:
+        r = _client(server)
+        d = read_durability(r)
+        assert d.appendonly is True and d.appendfsync == fsync
+        if level is None:  # everysec: power-loss safe only where the spool can WAITAOF
+            level = "power-loss" if d.waitaof else "redis-crash"
+        assert d.level == level
+        check_durability(d, allow_volatile=False)
+        # A live change is seen by the next node that starts.
+        r.config_set("appendonly", "no")
+        assert read_durability(r).level == "none"
+
+
+def test_source_ip_registry(redis_server: RedisServer) -> None:
+    r = _client(redis_server)
+    prefix = "ipreg" + str(time.monotonic_ns())
+    a = ClusterNode(r, prefix, "node-a", lease=0.6)
+    b = ClusterNode(r, prefix, "node-b", lease=0.6)
+    a.claim_ips(["127.0.0.2", "127.0.0.3"])
+    with pytest.raises(ClusterError, match=r"127\.0\.0\.3 \(node node-a\)"):
+        b.claim_ips(["127.0.0.3", "127.0.0.4"])
+    assert b.ips == []  # nothing taken on a refusal
+    b.claim_ips(["127.0.0.4"])
+    assert a.holders() == {"127.0.0.2": "node-a", "127.0.0.3": "node-a", "127.0.0.4": "node-b"}
+    # A restart under the same node name takes its own IPs back at once.
+    ClusterNode(r, prefix, "node-a", lease=0.6).claim_ips(["127.0.0.2", "127.0.0.3"])
+    # Renewals keep them; a lapsed lease lets another node take them over.
+    for _ in range(3):
+        time.sleep(0.3)
+        assert a.renew() == []
+        b.renew()
+    with pytest.raises(ClusterError):
+        b.claim_ips(["127.0.0.2"])
+    time.sleep(0.8)  # a stops renewing: it died
+    b.renew()
+    b.claim_ips(["127.0.0.4", "127.0.0.2"])
+    assert a.renew() == ["127.0.0.2"]  # a, back, learns it lost one
+    # A clean exit gives the IPs back at once.
+    b.release()
+    c = ClusterNode(r, prefix, "node-c", lease=0.6)
+    c.claim_ips(["127.0.0.4"])
+
+
+def test_shared_secret(redis_server: RedisServer) -> None:
+    r = _client(redis_server)
+    prefix = "sec" + str(time.monotonic_ns())
+    s1 = ClusterNode(r, prefix, "n1").shared_secret()
+    s2 = ClusterNode(r, prefix, "n2").shared_secret()
+    assert s1 == s2 and len(s1) == 64
+    assert ClusterNode(r, prefix + "x", "n1").shared_secret() != s1
