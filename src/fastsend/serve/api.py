@@ -285,6 +285,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             key = _key_from(request)
             who = api.keys.verify(key) if key else None
             if who is None:
+                # request.remote: the client's address (a trusted balancer's PROXY header)
+                log.warning("API: 401 %s %s from %s", request.method, path, request.remote)
                 raise ApiError(401, "missing or invalid API key")
             kid, tenant = who
             wait = api.limiter(kid).acquire(time.monotonic())

@@ -77,6 +77,7 @@ from fastsend.bounce import BounceRecord, parse_bounce
 from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
+from fastsend.serve.proxyproto import ProxySettings, wrap_factory
 from fastsend.smtp.server import (
     AuthRequest,
     DataStart,
@@ -508,9 +509,13 @@ class _Connection(ServerConnection):
         self.close_after_reply = False
         self.auth_failures = 0
         self._task: asyncio.Future[None] | None = None
+        self.client = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # The client's address (the PROXY header's, behind a trusted balancer).
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) and peer else ""
         self.proto.start()
         self._flush()
 
@@ -563,6 +568,7 @@ class _Connection(ServerConnection):
             self.proto.accept()
         else:
             self.auth_failures += 1
+            log.warning("submission: authentication failed from %s", self.client or "?")
             if self.auth_failures >= MAX_AUTH_FAILURES:
                 self.proto.reply(421, "4.7.0", "Too many failed authentications")
             else:
@@ -577,13 +583,15 @@ class _Connection(ServerConnection):
         self.credential = None
 
 
-async def _serve(policy: _Policy, listen: list[tuple[str, int]]) -> list[asyncio.AbstractServer]:
+async def _serve(
+    policy: _Policy, listen: list[tuple[str, int]], proxy: ProxySettings | None = None
+) -> list[asyncio.AbstractServer]:
+    """Listen on each address; behind a PROXY gate when [proxy] trusts a balancer."""
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
+    factory = wrap_factory(lambda: _Connection(policy), proxy)
     for host, port in listen:
-        servers.append(
-            await loop.create_server(lambda: _Connection(policy), host, port, reuse_address=True)
-        )
+        servers.append(await loop.create_server(factory, host, port, reuse_address=True))
     return servers
 
 
@@ -607,7 +615,7 @@ async def start_listeners(ctx: Any) -> Listeners:
         sub = SubmissionConfig.from_raw(raw)
         if sub is not None:
             servers.submission = _Submission(ctx, sub)
-            servers += await _serve(servers.submission, sub.listen)
+            servers += await _serve(servers.submission, sub.listen, ProxySettings.from_raw(raw))
         intake = IntakeConfig.from_raw(raw)
         if intake is not None:
             servers += await _serve(_Intake(ctx, intake), intake.listen)

@@ -122,6 +122,7 @@ class Server:
         from fastsend.serve.dashboard import setup_dashboard
         from fastsend.serve.listeners import start_listeners
         from fastsend.serve.metrics import Metrics
+        from fastsend.serve.proxyproto import ProxySettings, proxied_site
         from fastsend.serve.tracking import setup_tracking
         from fastsend.serve.webhooks import WebhookDispatcher
 
@@ -144,7 +145,14 @@ class Server:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = settings.host_port
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+        try:
+            proxy = ProxySettings.from_raw(cfg.raw)
+        except ValueError as e:
+            print(f"fastsend serve: {e}", file=sys.stderr)
+            await runner.cleanup()
+            ctx.close()
+            return 2
+        site = proxied_site(runner, host, port, proxy, reuse_address=True, backlog=1024)
         try:
             await site.start()
         except OSError as e:
