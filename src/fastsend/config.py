@@ -110,6 +110,7 @@ class DNSConfig:
 @dataclass
 class Config:
     spool_dir: str = "./spool"
+    spool_url: str = ""  # [spool] url: a shared (Redis) spool; spool_dir stays the local dir
     workers: int = 0
     source_ips: list[str] = field(default_factory=list)
     helo: str = ""
@@ -200,6 +201,17 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
     spool = _section(raw, "spool")
     if "dir" in spool:
         cfg.spool_dir = os.path.join(base_dir, str(spool["dir"]))
+    if "url" in spool:
+        # The shared spool of several nodes (docs/DEPLOY.md); [spool] dir, else the
+        # URL's dir=, is this node's local directory (events, DKIM state, ...).
+        from fastsend.spool import is_redis_url, spool_local_dir
+
+        url = str(spool["url"])
+        if not is_redis_url(url):
+            raise ConfigError(f"[spool] url must be redis://, rediss:// or unix://, not {url!r}")
+        cfg.spool_url = url
+        if "dir" not in spool:
+            cfg.spool_dir = os.path.join(base_dir, spool_local_dir(url))
     workers = _section(raw, "workers")
     if "count" in workers:
         if not isinstance(workers["count"], int) or workers["count"] < 0:

@@ -201,8 +201,14 @@ class Api:
     def __init__(self, ctx: ServeContext, settings: ApiSettings) -> None:
         self.ctx = ctx
         self.settings = settings
-        self.keys = KeyStore.for_spool(ctx.config.spool_dir)
-        self.index = EventIndex(ctx.config.spool_dir)
+        self.keys = (
+            ctx.key_store()
+            if hasattr(ctx, "key_store")
+            else KeyStore.for_spool(ctx.config.spool_dir)
+        )
+        self.index = (
+            ctx.event_index() if hasattr(ctx, "event_index") else EventIndex(ctx.config.spool_dir)
+        )
         ctx.events.listeners.append(self.index.listener)
         self.limits: dict[str, Gcra] = {}
         self.metrics: Any = None  # fastsend.serve.metrics.Metrics, when serving

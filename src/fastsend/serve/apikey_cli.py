@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import orjson
 
 from fastsend.config import ConfigError, load
 from fastsend.serve.auth import AuthError, KeyStore
+from fastsend.spool import is_redis_url
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,9 +46,24 @@ def _spool_dir(args: argparse.Namespace) -> str:
     return load(args.config).spool_dir
 
 
+def _store(args: argparse.Namespace) -> Any:
+    """The key store: the spool directory's, or the shared one of a Redis spool
+    (``--spool redis://...`` or ``[spool] url``: every node sees the key)."""
+    url = str(args.spool) if args.spool else (load(args.config).spool_url if args.config else "")
+    if url and is_redis_url(url):
+        import redis
+
+        from fastsend.serve.shared_state import RedisKeyStore
+        from fastsend.spool.redis import parse_url
+
+        redis_url, ours = parse_url(url)
+        return RedisKeyStore(redis.Redis.from_url(redis_url), ours.get("prefix") or "fastsend")
+    return KeyStore.for_spool(_spool_dir(args))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        store = KeyStore.for_spool(_spool_dir(args))
+        store = _store(args)
     except ConfigError as e:
         print(f"fastsend apikey: {e}", file=sys.stderr)
         return 2

@@ -48,6 +48,9 @@ class ServeContext:
     secret: bytes  # HMAC key for tracking links
     rollups: Any = None  # fastsend.analytics.rollup.Rollups (issue 14), None when disabled
     reputation: Any = None  # fastsend.analytics.dnsbl.Reputation, with [reputation] blocklists
+    # fastsend.serve.shared_state.SharedState on a shared (Redis) spool: keys,
+    # suppression, webhook outbox, event index and the node registry in Redis.
+    shared: Any = None
     _tenant_campaigns: dict[str, int] = field(default_factory=dict, repr=False)
     _campaign_tenants: dict[int, str] = field(default_factory=dict, repr=False)
 
@@ -125,6 +128,38 @@ class ServeContext:
             self.supervisor.wake.set()
         return ids
 
+    # -- per-node files, or shared in Redis ----------------------------------
+
+    def key_store(self) -> Any:
+        """The API key store (``apikeys.db``, or the shared one on Redis)."""
+        if self.shared is not None:
+            return self.shared.keys()
+        from fastsend.serve.auth import KeyStore
+
+        return KeyStore.for_spool(self.config.spool_dir)
+
+    def event_index(self) -> Any:
+        """The per-message event index the API reads (``events.db``, or Redis)."""
+        if self.shared is not None:
+            return self.shared.index()
+        from fastsend.serve.eventindex import EventIndex
+
+        return EventIndex(self.config.spool_dir)
+
+    def webhook_outbox(self) -> Any:
+        """The webhook outbox (``webhooks.db``, or the shared one on Redis)."""
+        if self.shared is not None:
+            return self.shared.outbox()
+        from fastsend.serve.webhooks import Outbox
+
+        return Outbox(os.path.join(self.config.spool_dir, "webhooks.db"))
+
+    def open_suppression(self) -> Any:
+        """The suppression list (``suppression.db``, or per tenant in Redis)."""
+        if self.shared is not None:
+            return self.shared.suppression()
+        return SuppressionList(os.path.join(self.config.spool_dir, "suppression.db"))
+
     def emit(self, event: dict[str, Any]) -> None:
         """One event to the log and its listeners (index, webhooks)."""
         event.setdefault("time", time.time())
@@ -135,14 +170,29 @@ class ServeContext:
         if self.rollups is not None:
             self.rollups.close()
         self.suppression.close()
+        if self.shared is not None:
+            self.shared.stop()  # a clean exit gives this node's source IPs back
         self.spool.close()
 
 
 def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeContext:
-    """Open the spool, event log and suppression list named by the config."""
-    spool = SQLiteSpool(config.spool_dir)
+    """Open the spool (the directory, or ``[spool] url``: the shared Redis spool),
+    event log and suppression list named by the config."""
+    shared = None
+    if config.spool_url:
+        from fastsend.serve.shared_state import SharedState
+        from fastsend.spool import open_spool
+
+        spool: Any = open_spool(config.spool_url)
+        shared = SharedState(spool)
+        tracking = config.raw.get("tracking", {})
+        if not config.secret and not (isinstance(tracking, dict) and tracking.get("secret")):
+            config.secret = shared.cluster.shared_secret()  # one secret for every node
+        suppression: Any = shared.suppression()
+    else:
+        spool = SQLiteSpool(config.spool_dir)
+        suppression = SuppressionList(os.path.join(config.spool_dir, "suppression.db"))
     events = EventLog(config.event_log_path)
-    suppression = SuppressionList(os.path.join(config.spool_dir, "suppression.db"))
     ctx = ServeContext(
         config=config,
         spool=spool,
@@ -150,6 +200,7 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
         suppression=suppression,
         supervisor=supervisor,
         secret=config.secret or msgid.load_secret(config),
+        shared=shared,
     )
     from fastsend.analytics.attach import attach  # issue 14: rollups of every event
 

@@ -277,7 +277,8 @@ class _Submission(_Policy):
         try:
             from fastsend.serve.auth import KeyStore
 
-            self._keys = KeyStore.for_spool(ctx.config.spool_dir)
+            opener = getattr(ctx, "key_store", None)
+            self._keys = opener() if opener else KeyStore.for_spool(ctx.config.spool_dir)
         except ImportError:  # pragma: no cover - serve.auth ships with serve
             pass
 

@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept and spool only: run no supervisor or workers (an ingest-only node)",
     )
+    p.add_argument(
+        "--allow-volatile",
+        action="store_true",
+        help="on a shared Redis spool, start even with appendonly no (accepted mail is then"
+        " in memory only; see docs/DEPLOY.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastsend serve: spool {cfg.spool_dir}: {e}", file=sys.stderr)
         return 2
     server = Server(args.config, cfg, workers=not args.no_workers, t0=t0)
+    server.allow_volatile = bool(getattr(args, "allow_volatile", False))
     # The standard asyncio loop: the supervisor forks workers from inside it
     # (a child forked from a running uvloop loop cannot run its own uvloop).
     with asyncio.Runner() as runner:
@@ -111,6 +118,7 @@ class Server:
         self.terms = 0
         self.reloading: asyncio.Task[None] | None = None
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
+        self.allow_volatile = False
 
     async def main(self) -> int:
         from aiohttp import web
@@ -128,9 +136,34 @@ class Server:
 
         cfg = self.cfg
         settings = ApiSettings.from_raw(cfg.raw)
-        ctx = self.ctx = open_context(cfg)
+        from fastsend.cluster import ClusterError
+        from fastsend.spool.sqlite import SpoolError
+
+        try:
+            ctx = self.ctx = open_context(cfg)
+        except SpoolError as e:
+            print(f"fastsend serve: {e}", file=sys.stderr)
+            return 2
+        if ctx.shared is not None:
+            # A shared spool: state what accepted mail survives, hold our source IPs.
+            try:
+                for line in ctx.shared.start(cfg, allow_volatile=self.allow_volatile):
+                    print(f"fastsend serve: {line}", file=sys.stderr, flush=True)
+            except ClusterError as e:
+                print(f"fastsend serve: {e}", file=sys.stderr)
+                ctx.close()
+                return 2
         sup = (
-            Supervisor(cfg, ctx.spool, ctx.events, until_idle=False) if self.with_workers else None
+            Supervisor(
+                cfg,
+                ctx.spool,
+                ctx.events,
+                until_idle=False,
+                # On Redis the one shared list (a SQLite one is the supervisor's own)
+                suppression=ctx.suppression if ctx.shared is not None else None,
+            )
+            if self.with_workers
+            else None
         )
         ctx.supervisor = sup
         app = make_app(ctx, settings)
@@ -219,6 +252,8 @@ class Server:
                 self.api.index.maybe_flush()
                 self.ctx.events.flush()
                 self.charts.tick()  # rollups flushed about once a second, queue gauges
+                if self.ctx.shared is not None:
+                    self.ctx.shared.tick()  # renew this node's hold on its source IPs
             except Exception:
                 log.exception("periodic flush failed")
 
@@ -256,9 +291,11 @@ class Server:
         if settings.listen != self.api.settings.listen:
             log.warning("SIGHUP: [api] listen changed; it takes effect at the next start")
             settings.listen = self.api.settings.listen
-        old_supp = ctx.suppression
-        ctx.suppression = SuppressionList(os.path.join(ctx.config.spool_dir, "suppression.db"))
-        old_supp.close()
+        if ctx.shared is None:  # the shared list (Redis) needs no reopening
+            old_supp = ctx.suppression
+            ctx.suppression = SuppressionList(os.path.join(ctx.config.spool_dir, "suppression.db"))
+            old_supp.close()
+        cfg.spool_url = ctx.config.spool_url
         cfg.spool_dir = ctx.config.spool_dir  # the spool cannot move under a running server
         ctx.config = cfg
         self.api.reconfigure(settings)

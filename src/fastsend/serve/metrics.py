@@ -199,6 +199,15 @@ class Metrics:
             for k, v in sorted(st.items()):
                 out.append(f"fastsend_supervisor_events_total{_labels({'kind': k})} {v}")
         out += self.spool_lines()
+        shared = getattr(self.ctx, "shared", None)
+        if shared is not None:
+            stats = shared.spool_stats()
+            out += [
+                "# HELP fastsend_redelivered_total In-flight messages of a node that died (or"
+                " restarted) put back in the shared queue: each may be sent twice.",
+                "# TYPE fastsend_redelivered_total counter",
+                f"fastsend_redelivered_total {stats.get('taken_over', 0)}",
+            ]
         return "\n".join(out) + "\n"
 
     async def handler(self, request: web.Request) -> web.Response:

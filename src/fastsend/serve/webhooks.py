@@ -66,6 +66,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from redis.exceptions import RedisError
 
 __all__ = ["Outbox", "WebhookConfig", "WebhookDispatcher", "sign_payload"]
 
@@ -255,7 +256,10 @@ class WebhookDispatcher:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stopping = False
-        self.outbox = Outbox(os.path.join(self.ctx.config.spool_dir, "webhooks.db"))
+        opener = getattr(self.ctx, "webhook_outbox", None)
+        self.outbox = (
+            opener() if opener else Outbox(os.path.join(self.ctx.config.spool_dir, "webhooks.db"))
+        )
         self.outbox.set_urls(self.config.urls)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.timeout),
@@ -318,7 +322,7 @@ class WebhookDispatcher:
             self._flush_wake.clear()
             try:
                 self._flush()
-            except sqlite3.Error as e:  # keep the events in memory and retry
+            except (sqlite3.Error, RedisError) as e:  # keep the events in memory and retry
                 log.error("webhook outbox write failed: %s", e)
                 self._flush_wake.set()
 
@@ -327,12 +331,20 @@ class WebhookDispatcher:
         wake = self._send_wake[url]
         failures = 0
         c = self.config
+        hold = getattr(self.outbox, "hold", None)  # shared outbox: one node sends per URL
         while True:
             assert self.outbox is not None
+            if hold is not None and not hold(url):
+                await asyncio.sleep(1.0)  # another node sends to it; take over if it dies
+                continue
             rows = self.outbox.fetch(url, c.batch_size)
             if not rows:
                 wake.clear()
-                await wake.wait()
+                if hold is None:
+                    await wake.wait()
+                else:  # other nodes append too: look again soon (and renew the hold)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), 0.5)
                 continue
             if await self._post(url, rows):
                 self.outbox.ack(url, rows[-1][0])

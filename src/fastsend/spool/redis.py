@@ -120,7 +120,41 @@ local function requeue_node(node)
     end
   end
   redis.call('DEL', fl)
+  -- Taken back from a node that did not finish: some may have been delivered
+  -- already and are sent again (the duplicates the issue bounds by the window).
+  if n > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', n) end
   return n
+end
+-- Counter moves of a batch, summed: tally(cid, old, new) per message, then
+-- flush_tally() writes one HINCRBY per (campaign, state) touched (not per message).
+local tally_t = {}
+local function tally(cid, old, new)
+  if old == new then return end
+  local t = tally_t[cid]
+  if t == nil then t = {}; tally_t[cid] = t end
+  if old then t[old] = (t[old] or 0) - 1 end
+  t[new] = (t[new] or 0) + 1
+end
+local function flush_tally()
+  local all = {}
+  for cid, t in pairs(tally_t) do
+    for st, d in pairs(t) do
+      if d ~= 0 then
+        redis.call('HINCRBY', P..':n:'..cid, st, d)
+        all[st] = (all[st] or 0) + d
+      end
+    end
+  end
+  for st, d in pairs(all) do
+    if d ~= 0 then redis.call('HINCRBY', P..':n', st, d) end
+  end
+  tally_t = {}
+end
+-- A variadic command over a long list, 1000 arguments a call (Lua's stack).
+local function each_chunk(cmd, key, list)
+  for i = 1, #list, 1000 do
+    redis.call(cmd, key, unpack(list, i, math.min(i + 999, #list)))
+  end
 end
 local function reap_dead(now_ms)
   local n = 0
@@ -137,6 +171,8 @@ end
 _CLAIM = (
     _LUA_LIB
     + """
+-- Per message: one HMGET and one HSET; per campaign one ZREMRANGEBYRANK (the
+-- claimed ids are a prefix of its due set), one SADD and the counters per batch.
 local now, limit, node, lease = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local ms = clock_ms()
 redis.call('ZADD', P..':nodes', ms + lease, node)
@@ -145,23 +181,35 @@ local act = redis.call('SMEMBERS', P..':active')
 local cand = {}
 for _, cid in ipairs(act) do
   local r = redis.call('ZRANGEBYSCORE', P..':due:'..cid, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
-  for i = 1, #r, 2 do cand[#cand + 1] = {tonumber(r[i + 1]), r[i], cid} end
+  for i = 1, #r, 2 do cand[#cand + 1] = {tonumber(r[i + 1]), r[i], cid, i} end
 end
 if #act > 1 then
-  table.sort(cand, function(a, b) return a[1] < b[1] end)
+  -- A total order that keeps each campaign's rank order (ties included), so
+  -- what is taken of each campaign is a prefix of its due set.
+  table.sort(cand, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    if a[3] ~= b[3] then return a[3] < b[3] end
+    return a[4] < b[4]
+  end)
 end
 local out = {}
-local fl = P..':fl:'..node
+local ids = {}
+local taken = {}
 for i = 1, math.min(limit, #cand) do
   local id, cid = cand[i][2], cand[i][3]
   local k = P..':m:'..id
-  redis.call('ZREM', P..':due:'..cid, id)
   local f = redis.call('HMGET', k, 'r', 'd', 'v', 's', 'a', 't')
   redis.call('HSET', k, 's', '1', 'o', node)
-  redis.call('SADD', fl, id)
-  move(cid, f[4], '1')
+  ids[#ids + 1] = id
+  taken[cid] = (taken[cid] or 0) + 1
+  tally(cid, f[4], '1')
   out[#out + 1] = {id, cid, f[1], f[2], f[3], f[5] or '0', f[6]}
 end
+for cid, n in pairs(taken) do
+  redis.call('ZREMRANGEBYRANK', P..':due:'..cid, 0, n - 1)
+end
+each_chunk('SADD', P..':fl:'..node, ids)
+flush_tally()
 return out
 """
 )
@@ -170,8 +218,12 @@ return out
 _RECORD = (
     _LUA_LIB
     + """
+-- Per message: one HMGET and one HSET (the owner is cleared there); the due set
+-- only for a retry (or a message no longer in flight); SREM and counters per batch.
 local now = ARGV[2]
 if ARGV[3] ~= '' then redis.call('ZADD', P..':nodes', 'XX', clock_ms() + tonumber(ARGV[4]), ARGV[3]) end
+local gone = {}
+local cancelled = {}
 for i = 5, #ARGV, 7 do
   local id = ARGV[i]
   local k = P..':m:'..id
@@ -179,23 +231,31 @@ for i = 5, #ARGV, 7 do
   if f[1] then
     local new, nxt = ARGV[i + 1], ARGV[i + 3]
     -- deferred after its campaign was cancelled: final too (never claimed again)
-    if new == '2' and redis.call('HGET', P..':c:'..f[2], 'status') == 'cancelled' then
-      new, nxt = '7', '0'
+    if new == '2' then
+      local c = cancelled[f[2]]
+      if c == nil then
+        c = redis.call('HGET', P..':c:'..f[2], 'status') == 'cancelled'
+        cancelled[f[2]] = c
+      end
+      if c then new, nxt = '7', '0' end
     end
     redis.call('HSET', k, 's', new, 'a', ARGV[i + 2], 'n', nxt, 'u', now,
-               'lc', ARGV[i + 4], 'le', ARGV[i + 5], 'lt', ARGV[i + 6])
-    if f[3] then
-      redis.call('SREM', P..':fl:'..f[3], id)
-      redis.call('HDEL', k, 'o')
+               'lc', ARGV[i + 4], 'le', ARGV[i + 5], 'lt', ARGV[i + 6], 'o', '')
+    if f[3] and f[3] ~= '' then
+      local g = gone[f[3]]
+      if g == nil then g = {}; gone[f[3]] = g end
+      g[#g + 1] = id
     end
     if new == '0' or new == '2' then
       redis.call('ZADD', P..':due:'..f[2], nxt, id)
-    else
-      redis.call('ZREM', P..':due:'..f[2], id)
+    elseif f[1] == '0' or f[1] == '2' then
+      redis.call('ZREM', P..':due:'..f[2], id)  -- requeued meanwhile: final now
     end
-    move(f[2], f[1], new)
+    tally(f[2], f[1], new)
   end
 end
+for owner, g in pairs(gone) do each_chunk('SREM', P..':fl:'..owner, g) end
+flush_tally()
 return 0
 """
 )
@@ -687,6 +747,12 @@ class RedisSpool(Spool):
         names = list(names)
         if names:
             self.r.hdel(f"{self.k}:counters", *names)
+
+    def stats(self) -> dict[str, int]:
+        """Spool-wide counters every node shares: ``taken_over``, in-flight messages
+        put back after their node's lease expired (or at its restart), each a
+        possible duplicate."""
+        return {_s(k): int(v) for k, v in self.r.hgetall(f"{self.k}:stats").items()}
 
     def shared_limits(self) -> Any:
         """GCRA buckets on this Redis, under this spool's prefix (one per spool)."""

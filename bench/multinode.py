@@ -1,0 +1,217 @@
+"""Many nodes on one Redis against the SQLite single node, in the same run.
+
+The same campaign (N personalised messages to 7 domains) is spooled once per
+setting, then delivered to Postfix's smtp-sink on loopback by:
+
+- ``sqlite``: one `fastsend resume` on the SQLite spool (the baseline);
+- ``redis xK``: K `fastsend resume` nodes (K = 1, 2, 3) sharing one Redis
+  spool, each with its own source IP (127.0.0.2, .3, .4) and node name.
+
+Each node has ``--workers W`` (default 1). Measured per setting: delivery
+messages/s (launch of the first node to exit of the last; spooling is not
+timed), fastsend CPU per message (user+system of every node's process tree,
+from the kernel), and on Redis: Redis commands per message (``INFO
+commandstats``: calls of every command, those run inside Lua scripts
+included, and ``total_commands_processed``: the commands clients sent, a
+script call being one) and Redis CPU per message (``INFO cpu``). The ratio
+line compares one Redis node with the SQLite node, by rate and by CPU per
+message with Redis's own CPU counted.
+
+Exits non-zero when a setting could not be measured or delivered fewer than
+all messages (checked in the spool). The machine is shared: read the ratios
+and CPU per message, measured in one run, rather than absolute rates.
+
+    python bench/multinode.py                 # 50,000 messages, 1 repeat
+    python bench/multinode.py --quick         # 10,000
+    python bench/multinode.py --serve         # plus the 60,000-recipient run of
+                                              # tests/test_multinode.py (3 serve
+                                              # nodes behind HAProxy, kill -9)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import free_port, machine, program, start_smtp_sink, wait_port
+
+CAMPAIGN = {
+    "from": "News <news@sender.example.com>",
+    "subject": "Hello {{ name }}",
+    "text": "Hi {{ name }}, this is the message for {{ email }}.\n" + "x" * 800 + "\n",
+}
+IPS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+
+def spool(url: str, n: int) -> None:
+    from fastsend.message import Campaign
+    from fastsend.spool import open_spool
+
+    s = open_spool(url)
+    spec = Campaign.from_dict(CAMPAIGN).to_dict()
+    cid = s.create_campaign(spec, name="bench")
+    rows = []
+    for i in range(n):
+        a = f"user{i}@d{i % 7}.example.net"
+        rows.append((a, a.split("@")[1], orjson.dumps({"email": a, "name": f"N{i}"})))
+    for j in range(0, n, 5000):
+        s.add_messages(cid, rows[j : j + 5000], time.time())
+    s.close()
+
+
+def delivered(url: str) -> int:
+    from fastsend.spool import open_spool
+
+    s = open_spool(url)
+    try:
+        return int(s.counts()["delivered"])
+    finally:
+        s.close()
+
+
+def redis_info(r: Any) -> dict[str, float]:
+    cs = r.info("commandstats")
+    st = r.info("stats")
+    cpu = r.info("cpu")
+    return {
+        "calls": float(sum(v["calls"] for v in cs.values())),
+        "processed": float(st["total_commands_processed"]),
+        "cpu": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+    }
+
+
+def run_nodes(urls: list[str], sink_port: int, workers: int, tmp: str) -> tuple[float, float]:
+    """Deliver with one `fastsend resume` per URL; (seconds, CPU seconds of the trees)."""
+    cfg = os.path.join(tmp, "node.toml")
+    with open(cfg, "w") as f:
+        f.write('[delivery]\ntls = "off"\n')
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    procs = []
+    for i, url in enumerate(urls):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "fastsend", "resume", "-c", cfg, "--spool", url,
+             "--route", f"*=127.0.0.1:{sink_port}", "--source-ip", IPS[i],
+             "--workers", str(workers), "--max-wait", "5", "--json", "--no-progress"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(p)
+    errs = []
+    for p in procs:
+        _out, err = p.communicate(timeout=1800)
+        if p.returncode != 0:
+            errs.append(err[-2000:])
+    dt = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if errs:
+        raise SystemExit("a node failed:\n" + "\n".join(errs))
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return dt, cpu
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=50_000)
+    ap.add_argument("--quick", action="store_true", help="10,000 messages")
+    ap.add_argument("--workers", type=int, default=1, help="workers per node")
+    ap.add_argument("--nodes", default="1,2,3", help="Redis node counts to run")
+    ap.add_argument("--serve", action="store_true",
+                    help="also run tests/test_multinode.py at 60,000 recipients")  # fmt: skip
+    a = ap.parse_args()
+    n = 10_000 if a.quick else a.messages
+    import redis
+
+    print(f"machine: {machine()} (shared with other work: compare ratios and CPU/msg)")
+    print(f"settings: {n} messages of ~1 KB to 7 domains, smtp-sink on loopback,"
+          f" {a.workers} worker(s) per node, TLS off")  # fmt: skip
+    sink_port = free_port()
+    sink = start_smtp_sink(sink_port)
+    rport = free_port()
+    rdir = tempfile.mkdtemp(prefix="bench-redis-")
+    rproc = subprocess.Popen(
+        [program("redis-server"), "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "yes", "--appendfsync", "everysec", "--dir", rdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_port(rport)
+    r = redis.Redis(host="127.0.0.1", port=rport)
+    rows: list[tuple[str, float, float, dict[str, float] | None]] = []
+    ok = True
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = os.path.join(tmp, "sqlite")
+            spool(d, n)
+            dt, cpu = run_nodes([d], sink_port, a.workers, tmp)
+            got = delivered(d)
+            ok &= got == n
+            rows.append(("sqlite x1", dt, cpu, None))
+            print(f"  sqlite x1: delivered {got}/{n}")
+            for k in [int(x) for x in a.nodes.split(",")]:
+                prefix = "b" + secrets.token_hex(3)
+                base = f"redis://127.0.0.1:{rport}/0?prefix={prefix}"
+                spool(base, n)
+                r.config_resetstat()
+                before = redis_info(r)
+                urls = [f"{base}&node=n{i}&dir={tmp}/n{k}-{i}" for i in range(k)]
+                dt, cpu = run_nodes(urls, sink_port, a.workers, tmp)
+                after = redis_info(r)
+                got = delivered(base)
+                ok &= got == n
+                rows.append((f"redis x{k}", dt, cpu, {x: after[x] - before[x] for x in after}))
+                print(f"  redis x{k}: delivered {got}/{n}")
+    finally:
+        sink.terminate()
+        rproc.terminate()
+        sink.wait(10)
+        rproc.wait(10)
+    print()
+    print(f"{'setting':<10} {'msg/s':>8} {'CPU us/msg':>11} {'redis cmds/msg':>15}"
+          f" {'sent/msg':>9} {'redis CPU us/msg':>17} {'total CPU us/msg':>17}")  # fmt: skip
+    base_rate = n / rows[0][1]
+    base_cpu = rows[0][2] / n
+    for name, dt, cpu, info in rows:
+        rc = info["cpu"] / n if info else 0.0
+        print(
+            f"{name:<10} {n / dt:>8.0f} {cpu / n * 1e6:>11.1f}"
+            f" {(info['calls'] / n if info else 0):>15.2f}"
+            f" {(info['processed'] / n if info else 0):>9.3f}"
+            f" {rc * 1e6:>17.1f} {(cpu / n + rc) * 1e6:>17.1f}"
+        )
+    one = next((x for x in rows if x[0] == "redis x1"), None)
+    if one is not None:
+        rc = one[3]["cpu"] / n if one[3] else 0.0
+        print(
+            f"\nratio redis x1 / sqlite x1: rate {n / one[1] / base_rate:.2f}x,"
+            f" CPU per message {(one[2] / n + rc) / base_cpu:.2f}x (Redis's CPU counted;"
+            " goal: rate >= 0.8x)"
+        )
+    if a.serve:
+        env = {**os.environ, "MULTINODE_N": "60000"}
+        t0 = time.monotonic()
+        res = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+             "tests/test_multinode.py", "-k", "three"], env=env,
+        )  # fmt: skip
+        print(
+            f"serve x3 behind HAProxy, 60,000 recipients, kill -9 of one node:"
+            f" {'passed' if res.returncode == 0 else 'FAILED'} in {time.monotonic() - t0:.0f} s"
+        )
+        ok &= res.returncode == 0
+    if not ok:
+        print("FAILED: a setting delivered fewer than all messages", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

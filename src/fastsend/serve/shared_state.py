@@ -1,0 +1,571 @@
+"""What ``fastsend serve`` nodes on one Redis share, besides the queue.
+
+NAME
+    fastsend.serve.shared_state -- RedisKeyStore, RedisSuppressionList,
+    RedisOutbox, RedisEventIndex.
+
+DESCRIPTION
+    With ``[spool] url = "redis://..."`` every node answers any API call, so
+    what a call reads or writes cannot be one node's file. Each class here
+    keeps the interface of its SQLite twin (``serve.auth.KeyStore``,
+    ``suppression.SuppressionList``, ``serve.webhooks.Outbox``,
+    ``serve.eventindex.EventIndex``) on keys under the spool's ``{prefix}``
+    (``P``):
+
+    ``P:key:ID``        hash per API key (tenant, SHA-256 of the key, created,
+                        revoked, note); ``P:keys`` the ids. A revocation on one
+                        node is seen by every node within the 0.5 s key cache.
+    ``P:sup:TENANT``    hash per tenant: normalized address -> JSON entry.
+                        Added on one node, honoured by all at the next check
+                        (injection, dispatch).
+    ``P:wh``            the webhook outbox: sorted set scored by event id
+                        (``P:wh:seq``), ``P:wh:cur`` a cursor per URL, and
+                        ``P:wh:lock:URL`` the node sending to that URL (a
+                        lease, ``SET NX PX``): each event is posted by one
+                        node, in order; a dead sender's lease lapses and
+                        another node continues from the cursor.
+    ``P:ev:ID``         list of a message's events (JSON), ``P:meta:ID`` its
+                        tags and metadata: GET /v1/messages/ID on any node.
+                        Each expires ``EVENT_TTL`` after its last event.
+
+DELIBERATELY NOT HERE
+    The queue (fastsend.spool.redis), rates (fastsend.shared_limits),
+    node registry and durability (fastsend.cluster).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+
+from fastsend.serve.auth import (
+    _KEY_RE,
+    CACHE_TTL,
+    PREFIX,
+    RESERVED_TENANTS,
+    ApiKey,
+    check_key_tenant,
+)
+from fastsend.suppression import (
+    DEFAULT_TENANT,
+    MANUAL,
+    Entry,
+    SuppressionError,
+    _check_reason,
+    _check_tenant,
+    _read_rows,
+    normalize,
+)
+
+EVENT_TTL = 30 * 86400  # s a message's event history stays readable in Redis
+WEBHOOK_LOCK = 10.0  # s a node's lease on sending to one webhook URL
+
+
+def _s(b: Any) -> str:
+    return b.decode() if isinstance(b, bytes) else str(b)
+
+
+def _sha(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+# ---------------------------------------------------------------- API keys
+class RedisKeyStore:
+    """API keys (hashes only) shared by every node."""
+
+    def __init__(self, r: Any, prefix: str) -> None:
+        self.r = r
+        self.k = "{" + prefix + "}"
+        self._cache: dict[str, tuple[bytes, str, float | None, float]] = {}
+
+    def create(self, tenant: str, note: str = "") -> tuple[str, ApiKey]:
+        check_key_tenant(tenant)
+        while True:
+            kid = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+            key = f"{PREFIX}{kid}_{secrets.token_urlsafe(32)}"
+            now = time.time()
+            k = f"{self.k}:key:{kid}"
+            if not self.r.hsetnx(k, "hash", _sha(key)):
+                continue  # id collision: draw again
+            self.r.hset(k, mapping={"tenant": tenant, "created": repr(now), "note": note})
+            self.r.zadd(f"{self.k}:keys", {kid: now})
+            return key, ApiKey(kid, tenant, now, None, note)
+
+    def _row(self, kid: str) -> ApiKey | None:
+        h = self.r.hgetall(f"{self.k}:key:{kid}")
+        if not h or b"tenant" not in h:
+            return None
+        rev = h.get(b"revoked")
+        return ApiKey(
+            kid, _s(h[b"tenant"]), float(h[b"created"]), float(rev) if rev else None,
+            _s(h.get(b"note", b"")),
+        )  # fmt: skip
+
+    def list(self, tenant: str | None = None) -> list[ApiKey]:
+        out = [self._row(_s(kid)) for kid in self.r.zrange(f"{self.k}:keys", 0, -1)]
+        return [a for a in out if a is not None and (tenant is None or a.tenant == tenant)]
+
+    def revoke(self, kid: str) -> bool:
+        k = f"{self.k}:key:{kid}"
+        self._cache.pop(kid, None)
+        if not self.r.exists(k):
+            return False
+        return bool(self.r.hsetnx(k, "revoked", repr(time.time())))
+
+    def verify(self, key: str) -> tuple[str, str] | None:
+        m = _KEY_RE.fullmatch(key)
+        if m is None:
+            return None
+        kid = m.group(1)
+        now = time.monotonic()
+        row = self._cache.get(kid)
+        if row is None or now - row[3] > CACHE_TTL:
+            h, tenant, rev = self.r.hmget(f"{self.k}:key:{kid}", "hash", "tenant", "revoked")
+            if h is None or tenant is None:
+                self._cache.pop(kid, None)
+                hmac.compare_digest(_sha(key), b"\0" * 32)
+                return None
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            row = self._cache[kid] = (bytes(h), _s(tenant), float(rev) if rev else None, now)
+        stored, tenant_s, revoked, _ = row
+        if not hmac.compare_digest(_sha(key), stored) or revoked is not None:
+            return None
+        if tenant_s.lower() in RESERVED_TENANTS:
+            return None
+        return kid, tenant_s
+
+    def forget_cache(self) -> None:
+        self._cache.clear()
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- suppression
+class RedisSuppressionList:
+    """The suppression list per tenant, shared by every node (same interface as
+    :class:`fastsend.suppression.SuppressionList`)."""
+
+    def __init__(self, r: Any, prefix: str, *, clock: Any = time.time) -> None:
+        self.r = r
+        self.k = "{" + prefix + "}"
+        self._clock = clock
+        self.path = f"redis {self.k}:sup:*"
+
+    def _key(self, tenant: str) -> str:
+        return f"{self.k}:sup:{tenant}"
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RedisSuppressionList:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _store(self, rows: list[tuple[str, Entry]]) -> None:
+        """(key, entry) rows, any tenants, in one MULTI/EXEC (durable as the spool's
+        writes: the AOF policy Redis runs with)."""
+        if not rows:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        by_tenant: dict[str, list[tuple[str, Entry]]] = {}
+        for key, e in rows:
+            by_tenant.setdefault(e.tenant, []).append((key, e))
+        for tenant, trows in by_tenant.items():
+            pipe.sadd(f"{self.k}:suptenants", tenant)
+            for i in range(0, len(trows), 1000):
+                pipe.hset(
+                    self._key(tenant),
+                    mapping={
+                        key: orjson.dumps(
+                            [e.address, e.reason, e.source, e.created, e.expires, e.message]
+                        )
+                        for key, e in trows[i : i + 1000]
+                    },
+                )
+        pipe.execute()
+
+    @staticmethod
+    def _entry(tenant: str, raw: bytes) -> Entry:
+        a, reason, source, created, expires, *rest = orjson.loads(raw)
+        return Entry(a, tenant, reason, source, created, expires, rest[0] if rest else None)
+
+    def add(
+        self,
+        address: str,
+        reason: str = MANUAL,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        source: str = "",
+        expires_in: float | None = None,
+        message: int | None = None,
+    ) -> Entry:
+        return self.add_many(
+            [address], reason, tenant=tenant, source=source, expires_in=expires_in,
+            message=message,
+        )[0]  # fmt: skip
+
+    def add_entries(self, items: Iterable[tuple[str, str, str, str, int | None]]) -> list[Entry]:
+        """``(tenant, address, reason, source, message)`` entries from the delivery
+        path; malformed ones are skipped (as SuppressionList.add_entries)."""
+        now = float(self._clock())
+        rows = []
+        for tenant, a, reason, source, message in items:
+            try:
+                key, display = normalize(a)
+                _check_reason(reason)
+                _check_tenant(tenant)
+            except SuppressionError:
+                continue
+            rows.append((key, Entry(display, tenant, reason, source, now, None, message)))
+        self._store(rows)
+        return [e for _, e in rows]
+
+    def add_many(
+        self,
+        addresses: Iterable[str],
+        reason: str = MANUAL,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        source: str = "",
+        expires_in: float | None = None,
+        message: int | None = None,
+    ) -> list[Entry]:
+        _check_reason(reason)
+        _check_tenant(tenant)
+        if expires_in is not None and not expires_in > 0:
+            raise SuppressionError(f"expires_in must be positive seconds, got {expires_in!r}")
+        now = float(self._clock())
+        expires = None if expires_in is None else now + expires_in
+        rows = []
+        for a in addresses:
+            key, display = normalize(a)
+            rows.append((key, Entry(display, tenant, reason, source, now, expires, message)))
+        self._store(rows)
+        return [e for _, e in rows]
+
+    def remove(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+        key, _ = normalize(address)
+        return bool(self.r.hdel(self._key(tenant), key))
+
+    def _tenants(self) -> list[str]:
+        return sorted(_s(t) for t in self.r.smembers(f"{self.k}:suptenants"))
+
+    def purge_expired(self) -> int:
+        now = float(self._clock())
+        n = 0
+        for t in self._tenants():
+            gone = [
+                k
+                for k, v in self.r.hscan_iter(self._key(t))
+                if (e := self._entry(t, v)).expires is not None and e.expires <= now
+            ]
+            if gone:
+                n += int(self.r.hdel(self._key(t), *gone))
+        return n
+
+    def contains(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+        return bool(self.contains_many([address], tenant=tenant))
+
+    def contains_many(self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT) -> set[str]:
+        return set(self.reasons_many(addresses, tenant=tenant))
+
+    def reasons_many(
+        self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, str]:
+        """``{address as given: reason}`` of those suppressed now: one HMGET per
+        1000 distinct addresses (the dispatch-time check of every batch)."""
+        by_key: dict[str, list[str]] = {}
+        for a in addresses:
+            try:
+                key, _ = normalize(a)
+            except SuppressionError:
+                continue
+            by_key.setdefault(key, []).append(a)
+        if not by_key:
+            return {}
+        now = float(self._clock())
+        keys = list(by_key)
+        hit: dict[str, str] = {}
+        for i in range(0, len(keys), 1000):
+            chunk = keys[i : i + 1000]
+            for key, raw in zip(chunk, self.r.hmget(self._key(tenant), chunk), strict=True):
+                if raw is None:
+                    continue
+                e = self._entry(tenant, raw)
+                if e.expires is None or e.expires > now:
+                    for a in by_key[key]:
+                        hit[a] = e.reason
+        return hit
+
+    def get(self, address: str, *, tenant: str = DEFAULT_TENANT) -> Entry | None:
+        key, _ = normalize(address)
+        raw = self.r.hget(self._key(tenant), key)
+        return None if raw is None else self._entry(tenant, raw)
+
+    def list(
+        self, *, tenant: str | None = DEFAULT_TENANT, include_expired: bool = False
+    ) -> Iterator[Entry]:
+        now = float(self._clock())
+        for t in [tenant] if tenant is not None else self._tenants():
+            rows = sorted(self.r.hgetall(self._key(t)).items())
+            for _k, v in rows:
+                e = self._entry(t, v)
+                if include_expired or e.expires is None or e.expires > now:
+                    yield e
+
+    def __len__(self) -> int:
+        return sum(int(self.r.hlen(self._key(t))) for t in self._tenants())
+
+    def import_text(
+        self,
+        text: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        reason: str = MANUAL,
+        source: str = "import",
+        expires_in: float | None = None,
+    ) -> int:
+        now = float(self._clock())
+        parsed = []
+        for lineno, addr, rsn, src, exp in _read_rows(text, reason, source):
+            try:
+                key, display = normalize(addr)
+                _check_reason(rsn)
+                if exp is not None and exp <= now:
+                    continue
+                e = exp if exp is not None else (None if expires_in is None else now + expires_in)
+            except SuppressionError as err:
+                raise SuppressionError(f"line {lineno}: {err}") from None
+            parsed.append((key, Entry(display, tenant, rsn, src, now, e, None)))
+        _check_tenant(tenant)
+        self._store(parsed)
+        return len(parsed)
+
+    def export_csv(self, *, tenant: str | None = DEFAULT_TENANT) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["address", "reason", "source", "created", "expires", "tenant"])
+        for e in self.list(tenant=tenant):
+            w.writerow(
+                [e.address, e.reason, e.source, f"{e.created:.3f}",
+                 "" if e.expires is None else f"{e.expires:.3f}", e.tenant]
+            )  # fmt: skip
+        return buf.getvalue()
+
+
+# ---------------------------------------------------------------- webhook outbox
+# KEYS: outbox zset, cursors hash. ARGV: url, last_id
+_ACK = """
+local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1')
+if cur < 0 then return 0 end
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+local low = nil
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
+  local x = tonumber(v)
+  if low == nil or x < low then low = x end
+end
+if low ~= nil then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', low) end
+return 1
+"""
+
+
+class RedisOutbox:
+    """The webhook outbox shared by every node: one node at a time sends to a URL."""
+
+    def __init__(self, r: Any, prefix: str, node: str) -> None:
+        self.r = r
+        self.k = "{" + prefix + "}"
+        self.node = node
+        self._ack = r.register_script(_ACK)
+        self.zkey, self.ckey = f"{self.k}:wh", f"{self.k}:wh:cur"
+
+    def set_urls(self, urls: list[str]) -> None:
+        start = int(self.r.get(f"{self.k}:wh:seq") or 0)
+        for u in urls:
+            self.r.hsetnx(self.ckey, u, start)
+        # URLs other nodes still configure stay (a rolling config change).
+
+    def append(self, bodies: list[bytes]) -> None:
+        if not bodies:
+            return
+        last = int(self.r.incrby(f"{self.k}:wh:seq", len(bodies)))
+        first = last - len(bodies) + 1
+        self.r.zadd(self.zkey, {b"%d:" % (first + i) + b: first + i for i, b in enumerate(bodies)})
+
+    def hold(self, url: str) -> bool:
+        """This node sends to ``url`` (taken or renewed), or another node does."""
+        key = f"{self.k}:wh:lock:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+        ms = int(WEBHOOK_LOCK * 1000)
+        if self.r.set(key, self.node, nx=True, px=ms):
+            return True
+        if _s(self.r.get(key) or b"") == self.node:
+            self.r.pexpire(key, ms)
+            return True
+        return False
+
+    def fetch(self, url: str, limit: int) -> list[tuple[int, bytes]]:
+        cur = self.r.hget(self.ckey, url)
+        if cur is None:
+            return []
+        rows = self.r.zrangebyscore(self.zkey, f"({int(cur)}", "+inf", start=0, num=limit)
+        out = []
+        for m in rows:
+            i, _, body = bytes(m).partition(b":")
+            out.append((int(i), body))
+        return out
+
+    def ack(self, url: str, last_id: int) -> None:
+        self._ack(keys=[self.zkey, self.ckey], args=[url, int(last_id)])
+
+    def prune(self) -> None:
+        pass  # ack prunes
+
+    def pending(self, url: str | None = None) -> int:
+        if url is None:
+            return int(self.r.zcard(self.zkey))
+        cur = self.r.hget(self.ckey, url)
+        return 0 if cur is None else int(self.r.zcount(self.zkey, f"({int(cur)}", "+inf"))
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- event index
+class RedisEventIndex:
+    """Per-message events for GET /v1/messages/{id}, readable on every node."""
+
+    def __init__(self, r: Any, prefix: str) -> None:
+        self.r = r
+        self.k = "{" + prefix + "}"
+        self.pending: list[tuple[int, bytes]] = []
+        self.pending_meta: list[tuple[int, bytes, bytes]] = []
+        self.last_flush = time.monotonic()
+
+    def listener(self, events: list[dict[str, Any]]) -> None:
+        dumps = orjson.dumps
+        add = self.pending.append
+        for e in events:
+            mid = e.get("id")
+            if isinstance(mid, int):
+                add((mid, dumps(e)))
+
+    def add_meta(self, rows: Iterable[tuple[int, list[str], dict[str, Any]]]) -> None:
+        dumps = orjson.dumps
+        self.pending_meta.extend((mid, dumps(tags), dumps(md)) for mid, tags, md in rows)
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self.last_flush >= 0.2:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.pending and not self.pending_meta:
+            return
+        rows, self.pending = self.pending, []
+        meta, self.pending_meta = self.pending_meta, []
+        pipe = self.r.pipeline(transaction=False)
+        by_msg: dict[int, list[bytes]] = {}
+        for mid, body in rows:
+            by_msg.setdefault(mid, []).append(body)
+        for mid, bodies in by_msg.items():
+            key = f"{self.k}:ev:{mid}"
+            pipe.rpush(key, *bodies)
+            pipe.expire(key, EVENT_TTL)
+        for mid, tags, md in meta:
+            key = f"{self.k}:meta:{mid}"
+            pipe.hset(key, mapping={"t": tags, "m": md})
+            pipe.expire(key, EVENT_TTL)
+        pipe.execute()
+
+    def for_message(self, mid: int) -> list[dict[str, Any]]:
+        self.flush()
+        evs = [orjson.loads(b) for b in self.r.lrange(f"{self.k}:ev:{int(mid)}", 0, -1)]
+        evs.sort(key=lambda e: e.get("time") or 0)
+        return evs
+
+    def meta(self, mid: int) -> tuple[list[str], dict[str, Any]]:
+        self.flush()
+        t, m = self.r.hmget(f"{self.k}:meta:{int(mid)}", "t", "m")
+        if t is None:
+            return [], {}
+        return orjson.loads(t), orjson.loads(m)
+
+    def stats(self, since: float, campaigns: list[int] | None, by: str) -> list[Any]:
+        """Not kept per node on Redis: /v1/stats reads the rollups (analytics)."""
+        return []
+
+    def prune(self, before: float) -> int:
+        return 0  # keys expire on their own
+
+    def close(self) -> None:
+        self.flush()
+
+
+# ---------------------------------------------------------------- the bundle
+class SharedState:
+    """What a serving node on a shared spool keeps in Redis (built from the spool)."""
+
+    def __init__(self, spool: Any) -> None:
+        from fastsend.cluster import ClusterNode
+
+        self.r = spool.r
+        self.prefix: str = spool.prefix
+        self.node: str = spool.node
+        self.lease: float = spool.lease
+        self.cluster = ClusterNode(self.r, self.prefix, self.node, self.lease)
+        self._spool = spool
+        self.durability: Any = None
+        self._renewed = 0.0
+
+    def start(self, config: Any, *, allow_volatile: bool) -> list[str]:
+        """Before anything is accepted: durability stated (and checked), this node's
+        source IPs claimed (the shared secret was taken by open_context). ClusterError when the node must not start. Returns lines for the operator."""
+        from fastsend.cluster import check_durability, read_durability
+
+        d = self.durability = read_durability(self.r)
+        check_durability(d, allow_volatile=allow_volatile)
+        self.cluster.claim_ips(list(config.source_ips))
+        self._renewed = time.monotonic()
+        return [
+            f"node {self.node} on Redis {d.version} (prefix {self.prefix!r}); an acknowledged"
+            f" message survives {d.survives}",
+            f"source IPs held by this node: {', '.join(config.source_ips) or '(none)'}",
+        ]
+
+    def tick(self) -> None:
+        """Renew this node's hold on its IPs (every lease/4)."""
+        now = time.monotonic()
+        if now - self._renewed >= self.lease / 4:
+            self._renewed = now
+            self.cluster.renew()
+
+    def stop(self) -> None:
+        self.cluster.release()
+
+    def spool_stats(self) -> dict[str, int]:
+        """Counters of the shared spool (``taken_over``: possible duplicates)."""
+        return dict(self._spool.stats())
+
+    def keys(self) -> RedisKeyStore:
+        return RedisKeyStore(self.r, self.prefix)
+
+    def suppression(self) -> RedisSuppressionList:
+        return RedisSuppressionList(self.r, self.prefix)
+
+    def outbox(self) -> RedisOutbox:
+        return RedisOutbox(self.r, self.prefix, self.node)
+
+    def index(self) -> RedisEventIndex:
+        return RedisEventIndex(self.r, self.prefix)

@@ -1,0 +1,293 @@
+"""Three `fastsend serve` nodes on one Redis behind a real HAProxy, as one MTA.
+
+Real parts: redis-server (AOF on), HAProxy (PROXY v2 to each node's API), three
+serve processes with distinct source IPs 127.0.0.2-4, a sink process logging
+every recipient. Recipients are injected through HAProxy's API port in batches;
+one node is killed with kill -9 mid-run. Checked against the sink's log: every
+recipient delivered at least once, duplicates within the dead node's window,
+every source IP used; a suppression added on one node is honoured by all; a
+campaign paused on one node stops on all; a message accepted by one node is
+answered by another; a node refuses a Redis without AOF and an IP another
+live node holds.
+
+Size: MULTINODE_N recipients (CI-friendly on 2 shared cores); bench/multinode.py
+runs the same shape at 60,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+import pytest
+from tests._engine_helpers import received_counts, sink_log
+from tests._haproxy_helpers import start_haproxy
+from tests._redis_helpers import start_redis
+
+from conftest import free_port
+from fastsend.sink import SinkProcess
+from fastsend.spool import open_spool
+
+MULTINODE_N = int(os.environ.get("MULTINODE_N", "6000"))
+BATCH = 1000
+WINDOW = 300  # [delivery] window of each node's one worker
+IPS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+TPL = {"from": "a@example.com", "subject": "Hi {{ name }}", "text": "Dear {{ name }}"}
+PAUSED_N = 3000
+
+
+class Node:
+    def __init__(self, tmp: Path, name: str, ip: str, url: str, sink: tuple[str, int],
+                 *extra: str) -> None:  # fmt: skip
+        self.name, self.ip = name, ip
+        self.port = free_port()
+        d = tmp / name
+        d.mkdir(exist_ok=True)
+        self.cfg = d / "fastsend.toml"
+        self.cfg.write_text(
+            f"""
+[spool]
+url = "{url}&node={name}&dir={d / "local"}"
+[workers]
+count = 1
+[ips]
+source = ["{ip}"]
+[routes]
+"*" = "{sink[0]}:{sink[1]}"
+[delivery]
+tls = "off"
+window = {WINDOW}
+batch_size = 50
+[api]
+listen = "127.0.0.1:{self.port}"
+rate_limit = 100000
+[proxy]
+trusted = ["127.0.0.1"]
+[shaping.dispatch]
+campaign_rate = 600
+"""
+        )
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastsend", "serve", "-c", str(self.cfg), *extra],
+            stderr=subprocess.PIPE, text=True, cwd=d,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while "ready in" not in self.output():
+            assert self.proc.poll() is None, self.output()
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.05)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def _req(s: aiohttp.ClientSession, method: str, url: str, key: str, body: Any = None,
+               ok: int = 200) -> Any:  # fmt: skip
+    async with s.request(
+        method, url, data=None if body is None else orjson.dumps(body),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    ) as r:  # fmt: skip
+        raw = await r.read()
+        assert r.status == ok, (method, url, r.status, raw[:500])
+        return orjson.loads(raw) if raw else None
+
+
+def _rows(prefix: str, n: int) -> list[dict[str, str]]:
+    return [{"email": f"{prefix}{i}@d{i % 7}.example", "name": f"n{i}"} for i in range(n)]
+
+
+def test_node_refuses_volatile_redis_and_a_live_nodes_ip(tmp_path: Path) -> None:
+    with start_redis() as server:  # appendonly no
+        url = server.url()
+        sink = ("127.0.0.1", 9)
+        a = Node(tmp_path, "a", "127.0.0.2", url, sink)
+        a.proc.wait(30)
+        assert a.proc.returncode == 2 and "appendonly no" in a.output(), a.output()
+        assert "--allow-volatile" in a.output()
+        a = Node(tmp_path, "a", "127.0.0.2", url, sink, "--allow-volatile", "--no-workers")
+        a.wait_ready()
+        assert "survives nothing" in a.output()
+        b = Node(tmp_path, "b", "127.0.0.2", url, sink, "--allow-volatile", "--no-workers")
+        b.proc.wait(30)
+        assert b.proc.returncode == 2, b.output()
+        assert "127.0.0.2 (node a)" in b.output(), b.output()
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(30) == 0
+        # A clean exit gives the IP back at once.
+        b = Node(tmp_path, "b", "127.0.0.2", url, sink, "--allow-volatile", "--no-workers")
+        b.wait_ready()
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(30) == 0
+
+
+def test_three_nodes_behind_haproxy(tmp_path: Path) -> None:
+    log = tmp_path / "sink.jsonl"
+    with (
+        start_redis("--appendonly", "yes", "--appendfsync", "everysec") as server,
+        SinkProcess("--log", str(log), "--latency-ms", "2") as sink,
+    ):
+        url = server.url(lease="2")
+        key = subprocess.run(
+            [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme",
+             "--spool", url],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        nodes = [Node(tmp_path, f"n{i}", ip, url, sink.addresses[0]) for i, ip in enumerate(IPS)]
+        for n in nodes:
+            n.wait_ready()
+            assert "an acknowledged message survives a" in n.output()
+        lb = free_port()
+        servers = "\n".join(f"    server {n.name} 127.0.0.1:{n.port} send-proxy-v2" for n in nodes)
+        cfg = f"""
+frontend api
+    mode tcp
+    bind 127.0.0.1:{lb}
+    default_backend api
+backend api
+    mode tcp
+    balance roundrobin
+{servers}
+"""
+        spool = open_spool(url)
+        try:
+            with start_haproxy(cfg, [lb]):
+                out = asyncio.run(_run(nodes, key, f"http://127.0.0.1:{lb}", spool))
+        finally:
+            for n in nodes:
+                if n.proc.poll() is None:
+                    n.proc.send_signal(signal.SIGTERM)
+            for n in nodes:
+                try:
+                    n.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    n.proc.kill()
+            spool.close()
+    # The sink has exited: its log is complete.
+    held, blocked = out["held"], out["blocked"]
+    got = received_counts(log)
+    main = {a: n for a, n in got.items() if a.startswith("m")}
+    want = {r["email"] for r in _rows("m", MULTINODE_N)} - set(blocked)
+    assert set(main) == want, f"lost {len(want - set(main))}, unexpected {len(set(main) - want)}"
+    dups = sum(n - 1 for n in main.values())
+    assert dups <= held, f"{dups} duplicates exceed the dead node's window ({held})"
+    # The paused campaign: what the sink got is what the spool says was delivered
+    # (before the pause took effect), nothing after.
+    paused = {a for a in got if a.startswith("p")}
+    assert len(paused) == out["paused_delivered"] < PAUSED_N
+    peers = Counter(rec["peer"] for rec in sink_log(log) for _ in rec["recipients"])
+    assert set(IPS) <= set(peers), peers
+    print(f"\nmultinode: {MULTINODE_N} recipients, dead node's window {held}, duplicates {dups},"
+          f" per IP {dict(peers)}, taken over {out['taken_over']}")  # fmt: skip
+
+
+async def _run(nodes: list[Node], key: str, lb: str, spool: Any) -> dict[str, Any]:
+    n1, n2, n3 = nodes
+    # From 127.0.0.9: HAProxy (127.0.0.1) is the nodes' only trusted proxy; a direct
+    # call from an untrusted address needs no PROXY header.
+    conn = aiohttp.TCPConnector(local_addr=("127.0.0.9", 0))
+    async with aiohttp.ClientSession(connector=conn) as s:
+        # Suppression added on node 1 only, before the recipients arrive (through
+        # any node): honoured by every node's injection.
+        blocked = [f"m{i}@d{i % 7}.example" for i in range(0, MULTINODE_N, 97)]
+        await _req(s, "POST", n1.base + "/v1/suppressions", key,
+                   {"addresses": blocked, "reason": "manual"}, ok=201)  # fmt: skip
+        rows = _rows("m", MULTINODE_N)
+        first = await _req(s, "POST", lb + "/v1/campaigns", key,
+                           {"name": "main", "template": TPL, "recipients": rows[:BATCH]},
+                           ok=201)  # fmt: skip
+        cid = first["id"]
+        # A second campaign, paused later on one node.
+        prow = _rows("p", PAUSED_N)
+        other = await _req(s, "POST", lb + "/v1/campaigns", key,
+                           {"name": "other", "template": TPL,
+                            "recipients": prow[:BATCH]}, ok=201)  # fmt: skip
+        pid = other["id"]
+        for i in range(BATCH, PAUSED_N, BATCH):
+            await _req(s, "POST", f"{lb}/v1/campaigns/{pid}/recipients", key,
+                       {"recipients": prow[i : i + BATCH]}, ok=202)  # fmt: skip
+        for i in range(BATCH, MULTINODE_N, BATCH):
+            await _req(s, "POST", f"{lb}/v1/campaigns/{cid}/recipients", key,
+                       {"recipients": rows[i : i + BATCH]}, ok=202)  # fmt: skip
+        # A message accepted by node 1 is answered by node 3.
+        one = await _req(s, "POST", n1.base + "/v1/messages", key,
+                         {"from": "a@example.com", "to": "solo@d1.example",
+                          "subject": "s", "text": "t"}, ok=202)  # fmt: skip
+        mid = one["messages"][0]["ids"][0]
+        for _ in range(50):  # node 1 writes its index within 0.2 s
+            got = await _req(s, "GET", f"{n3.base}/v1/messages/{mid}", key)
+            if any(e["event"] == "accepted" for e in got["events"]):
+                break
+            await asyncio.sleep(0.1)
+        assert any(e["event"] == "accepted" for e in got["events"]), got
+        # Pause "other" on node 3 once it is under way: every node stops it.
+        deadline = time.monotonic() + 60
+        while spool.counts(pid)["delivered"] < 200:
+            assert time.monotonic() < deadline, spool.counts(pid)
+            await asyncio.sleep(0.05)
+        await _req(s, "POST", f"{n3.base}/v1/campaigns/{pid}/pause", key)
+        # Kill -9 node 2 while it holds a window.
+        k = spool.k
+        while not spool.r.scard(f"{k}:fl:{n2.name}"):
+            assert time.monotonic() < deadline, "node 2 never held a window"
+            await asyncio.sleep(0.005)
+        workers = psutil.Process(n2.proc.pid).children()
+        n2.proc.send_signal(signal.SIGKILL)
+        n2.proc.wait(30)
+        held = int(spool.r.scard(f"{k}:fl:{n2.name}"))  # its window at its death
+        assert 0 < held <= WINDOW
+        _gone, alive = psutil.wait_procs(workers, timeout=10)
+        for w in alive:
+            w.kill()
+        # Within a second of the pause (in-flight batches finish), nothing more of it.
+        await asyncio.sleep(1.5)
+        c = spool.counts(pid)
+        assert c["inflight"] == 0 and c["queued"] > 0, c
+        paused_at = c["delivered"]
+        # Everything of "main" ends up final, the dead node's window included.
+        deadline = time.monotonic() + 120
+        while True:
+            c = spool.counts(cid)
+            if c["delivered"] + c["suppressed"] == MULTINODE_N:
+                break
+            assert time.monotonic() < deadline, c
+            await asyncio.sleep(0.2)
+        assert c["suppressed"] == len(blocked)
+        c = spool.counts(pid)
+        assert c["delivered"] == paused_at and c["inflight"] == 0, "a paused campaign was sent"
+        st = await _req(s, "GET", f"{n1.base}/v1/campaigns/{pid}", key)
+        assert st["status"] == "paused"
+        # The dead node's window was taken over, and every node's metrics say so.
+        taken = spool.stats()["taken_over"]
+        assert taken == held, (taken, held)
+        async with s.get(n3.base + "/metrics") as r:
+            assert f"fastsend_redelivered_total {taken}" in await r.text()
+    return {"held": held, "blocked": blocked, "paused_delivered": paused_at, "taken_over": taken}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
