@@ -114,3 +114,22 @@ def test_event_index_read_on_another_node(redis_server: RedisServer) -> None:
     assert b.meta(7) == (["t1"], {"k": "v"})
     assert b.for_message(8) == [] and b.meta(8) == ([], {})
     assert 0 < int(rb.ttl(f"{{{p}}}:ev:7")) <= shared_state.EVENT_TTL
+
+
+def test_suppress_cli_on_a_redis_spool(redis_server: RedisServer) -> None:
+    import subprocess
+    import sys
+
+    url = redis_server.url()
+    prefix = url.split("prefix=")[1]
+    run = [sys.executable, "-m", "fastsend", "suppress"]
+    out = subprocess.run([*run, "add", "cli@example.org", "--tenant", "acme", "--spool", url],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    r = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    assert RedisSuppressionList(r, prefix).contains("cli@example.org", tenant="acme")
+    out = subprocess.run([*run, "list", "--tenant", "acme", "--spool", url],
+                         capture_output=True, text=True)  # fmt: skip
+    assert "cli@example.org" in out.stdout
+    bad = subprocess.run([*run, "add", "nope", "--spool", url], capture_output=True, text=True)
+    assert bad.returncode == 2 and "malformed" in bad.stderr

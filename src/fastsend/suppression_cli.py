@@ -36,7 +36,10 @@ DB_NAME = "suppression.db"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--spool", required=True, type=Path, help="spool directory")
+    common.add_argument(
+        "--spool", required=True,
+        help="spool directory, or a Redis spool URL (redis://...: the list every node shares)",
+    )  # fmt: skip
     common.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant (default: default)")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = sub.add_parser("add", parents=[common], help="suppress addresses")
@@ -68,7 +71,25 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    spool: Path = args.spool
+    from fastsend.spool import is_redis_url
+
+    if is_redis_url(str(args.spool)):
+        import redis
+
+        from fastsend.serve.shared_state import RedisSuppressionList
+        from fastsend.spool.redis import parse_url
+
+        redis_url, ours = parse_url(str(args.spool))
+        shared = RedisSuppressionList(
+            redis.Redis.from_url(redis_url), ours.get("prefix") or "fastsend"
+        )
+        try:
+            return _dispatch(shared, args)  # type: ignore[arg-type]
+        except SuppressionError as e:
+            return _fail(str(e))
+        except redis.RedisError as e:
+            return _fail(f"Redis: {e}")
+    spool = Path(args.spool)
     if not spool.is_dir():
         return _fail(f"{spool}: not a directory")
     try:

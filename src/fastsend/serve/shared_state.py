@@ -42,6 +42,7 @@ import io
 import secrets
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -352,6 +353,17 @@ class RedisSuppressionList:
         _check_tenant(tenant)
         self._store(parsed)
         return len(parsed)
+
+    def import_file(self, path: str | Path, **kw: Any) -> int:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SuppressionError(f"{p}: cannot read: {e}") from None
+        try:
+            return self.import_text(text, **kw)
+        except SuppressionError as e:
+            raise SuppressionError(f"{p}: {e}") from None
 
     def export_csv(self, *, tenant: str | None = DEFAULT_TENANT) -> str:
         buf = io.StringIO()
