@@ -214,7 +214,8 @@ return out
 """
 )
 
-# ARGV: P, now, node, lease_ms, then (id, state, attempts, next_at, code, enhanced, text)*
+# ARGV: P, now, node, lease_ms, JSON [[id, state, attempts, next_at, code, enhanced, text], ...]
+# (every value a string: one argument, decoded by cjson in the script)
 _RECORD = (
     _LUA_LIB
     + """
@@ -224,12 +225,13 @@ local now = ARGV[2]
 if ARGV[3] ~= '' then redis.call('ZADD', P..':nodes', 'XX', clock_ms() + tonumber(ARGV[4]), ARGV[3]) end
 local gone = {}
 local cancelled = {}
-for i = 5, #ARGV, 7 do
-  local id = ARGV[i]
+local rows = cjson.decode(ARGV[5])
+for _, row in ipairs(rows) do
+  local id = row[1]
   local k = P..':m:'..id
   local f = redis.call('HMGET', k, 's', 'c', 'o')
   if f[1] then
-    local new, nxt = ARGV[i + 1], ARGV[i + 3]
+    local new, nxt = row[2], row[4]
     -- deferred after its campaign was cancelled: final too (never claimed again)
     if new == '2' then
       local c = cancelled[f[2]]
@@ -239,8 +241,8 @@ for i = 5, #ARGV, 7 do
       end
       if c then new, nxt = '7', '0' end
     end
-    redis.call('HSET', k, 's', new, 'a', ARGV[i + 2], 'n', nxt, 'u', now,
-               'lc', ARGV[i + 4], 'le', ARGV[i + 5], 'lt', ARGV[i + 6], 'o', '')
+    redis.call('HSET', k, 's', new, 'a', row[3], 'n', nxt, 'u', now,
+               'lc', row[5], 'le', row[6], 'lt', row[7], 'o', '')
     if f[3] and f[3] ~= '' then
       local g = gone[f[3]]
       if g == nil then g = {}; gone[f[3]] = g end
@@ -612,19 +614,18 @@ class RedisSpool(Spool):
     def record_results(self, results: Iterable[Result], now: float) -> None:
         batch = list(results)
         head = [self.k, repr(float(now)), self.node if self._holding else "", self._lease_ms]
+        # One JSON argument per chunk (cjson in the script), every value a string:
+        # packing 7 arguments per message cost more than the script itself.
+        dumps = orjson.dumps
         for j in range(0, len(batch), CHUNK):
-            args: list[Any] = list(head)
-            for r in batch[j : j + CHUNK]:
-                args += [
-                    r.id,
-                    r.state,
-                    r.attempts,
-                    repr(float(r.next_at)),
-                    r.code,
-                    r.enhanced,
-                    r.text,
+            blob = dumps(
+                [
+                    (str(r.id), str(r.state), str(r.attempts), repr(float(r.next_at)),
+                     str(r.code), r.enhanced, r.text)
+                    for r in batch[j : j + CHUNK]
                 ]
-            self._record(args=args)
+            )  # fmt: skip
+            self._record(args=[*head, blob])
 
     def release(self, ids: Iterable[int]) -> None:
         ids = list(ids)
