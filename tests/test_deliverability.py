@@ -358,3 +358,56 @@ def test_dispatch_check_per_tenant_in_batches(
     assert 1 <= len(queries) <= 3, len(queries)  # one per claim (300 messages: one or two)
     sl.close()
     spool.close()
+
+
+class _EndOfDataHandler:
+    """aiosmtpd handler refusing at end of data by the recipient's local part."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        local = envelope.rcpt_tos[0].split("@")[0]
+        if local.startswith("spam"):
+            return "554 5.7.1 Message rejected: spam content detected"
+        if local.startswith("gone"):
+            return "550 5.1.1 The email account that you tried to reach does not exist"
+        return "250 2.0.0 Ok"
+
+
+def test_end_of_data_and_connection_failures_are_classified(tmp_path: Path) -> None:
+    """Refusals at end of data (aiosmtpd) and a connection that cannot be made get
+    the DSN rules too: a spam refusal is a bounce that suppresses nothing, a
+    vanished account is hard and suppressed, a refused connection is a deferral
+    with its reason."""
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    port = free_port()
+    ctl = Controller(_EndOfDataHandler(), hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        addrs = ["spam-a@example.com", "gone-b@example.com", "ok-c@example.com"]
+        camp = write_campaign(tmp_path)
+        rcpts = write_recipients(tmp_path, addrs)
+        spool = tmp_path / "spool"
+        proc = send_via(camp, rcpts, ("127.0.0.1", port), spool, "--no-dkim", "--workers", "1",
+                        "--max-wait", "0")  # fmt: skip
+    finally:
+        ctl.stop()
+    s = summary(proc)
+    assert (s["delivered"], s["bounced"]) == (1, 2), (s, proc.stderr[-2000:])
+    by = {e["rcpt"]: e for e in _events(spool) if e["event"] == "bounced"}
+    spam, gone = by["spam-a@example.com"], by["gone-b@example.com"]
+    assert (spam["stage"], spam["reason"], spam["hard"]) == ("data", "spamdetected", False)
+    assert (gone["stage"], gone["reason"], gone["hard"]) == ("data", "userunknown", True)
+    assert list(_suppressed(spool)) == ["gone-b@example.com"]
+
+    closed = free_port()  # nothing listens there
+    d = tmp_path / "conn"
+    d.mkdir()
+    rcpts = write_recipients(d, ["nobody@example.com"])
+    proc = send_via(camp, rcpts, ("127.0.0.1", closed), d / "spool", "--no-dkim",
+                    "--workers", "1", "--max-wait", "0")  # fmt: skip
+    (ev,) = [e for e in _events(d / "spool") if e["rcpt"] == "nobody@example.com"]
+    assert ev["event"] == "deferred" and ev["hard"] is False and ev["reason"], ev
+    assert ev["stage"] == "connect"
+    assert _suppressed(d / "spool") == {}

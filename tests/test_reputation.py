@@ -28,8 +28,11 @@ from fastsend.queue import wire
 from fastsend.testing.dnsserver import DNSServer
 
 ZONES = {
-    "2.0.0.127.bl.test": [("A", "127.0.0.2"), ("A", "127.0.0.4"),
-                          ("TXT", "listed: see https://bl.test/q?ip=127.0.0.2")],
+    "2.0.0.127.bl.test": [
+        ("A", "127.0.0.2"),
+        ("A", "127.0.0.4"),
+        ("TXT", "listed: see https://bl.test/q?ip=127.0.0.2"),
+    ],
     "5.0.0.127.bl.test": [("A", "127.255.255.254")],  # "you query through a public resolver"
     "6.0.0.127.bl.test": [("A", "10.0.0.1")],  # not a listing code
     "2.0.0.127.other.test": [("A", "127.0.0.3")],
@@ -83,11 +86,15 @@ def test_reputation_events_and_rests(dns_server: DNSServer) -> None:
 
     async def main() -> None:
         await rep.check_ips(["127.0.0.2", "127.0.0.3"])
-        assert [(e["event"], e["zone"]) for e in events] == [("ip_listed", "bl.test"),
-                                                              ("ip_listed", "other.test")]
+        assert [(e["event"], e["zone"]) for e in events] == [
+            ("ip_listed", "bl.test"),
+            ("ip_listed", "other.test"),
+        ]
         assert events[0]["providers"] == ["*"] and events[1]["providers"] == ["outlook"]
-        assert [(ip, p) for ip, p, _u, _r in rests] == [("127.0.0.2", ["*"]),
-                                                          ("127.0.0.2", ["outlook"])]
+        assert [(ip, p) for ip, p, _u, _r in rests] == [
+            ("127.0.0.2", ["*"]),
+            ("127.0.0.2", ["outlook"]),
+        ]
         assert 7100 < rests[0][2] - time.time() <= 7200
         await rep.check_ips(["127.0.0.2"])  # still listed: no second event, the rest renewed
         assert len(events) == 2 and len(rests) == 4

@@ -173,6 +173,9 @@ def test_guardrail_pauses_campaign_and_resume_continues(tmp_path: Path) -> None:
         paused = [e for e in events if e["event"] == "campaign_paused"]
         assert len(paused) == 1 and paused[0]["campaign"] == 1
         assert "bounce rate" in paused[0]["reason"] and "5.0%" in paused[0]["reason"]
+        # The guardrail sees what the bounces were (the classifier's reasons).
+        assert "mostly userunknown" in paused[0]["reason"]
+        assert set(paused[0]["bounce_reasons"]) == {"userunknown"}
         listed = orjson.loads(
             run_fastsend("campaign", "list", "--spool", str(spool), "--json").stdout
         )

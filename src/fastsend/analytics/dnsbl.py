@@ -95,8 +95,10 @@ class ReputationSettings:
             if not isinstance(zone, str) or not zone.strip(".") or " " in zone:
                 raise ConfigError(f"{where}: zone must be a DNS name")
             provs = b.get("providers", ["*"])
-            if not isinstance(provs, list) or not provs or not all(
-                isinstance(p, str) and p for p in provs
+            if (
+                not isinstance(provs, list)
+                or not provs
+                or not all(isinstance(p, str) and p for p in provs)
             ):
                 raise ConfigError(f"{where}: providers must be a non-empty list of names")
             s.blocklists.append(Blocklist(zone.strip(".").lower(), tuple(provs)))
@@ -202,7 +204,9 @@ class Reputation:
                     self.emit({"event": "ip_listed", "source_ip": res.ip, "zone": res.zone,
                                "codes": res.codes, "text": res.text, "providers": provs})  # fmt: skip
                 if self.rest is not None and self.settings.rest_hours > 0:
-                    self.rest(res.ip, provs, until, f"listed on {res.zone} ({', '.join(res.codes)})")
+                    self.rest(
+                        res.ip, provs, until, f"listed on {res.zone} ({', '.join(res.codes)})"
+                    )
             elif old is not None and old.listed and not res.error:
                 self.emit({"event": "ip_delisted", "source_ip": res.ip, "zone": res.zone})
         return got

@@ -242,8 +242,9 @@ def document() -> dict[str, Any]:
         "/v1/stats": {
             "get": _op(
                 "Rollups (counts and rates) by dimensions, filters, time range and granularity",
-                _answers("200", 400, 403, 404,
-                         schema={"anyOf": [_ref("StatsAnswer"), _ref("Stats")]}),
+                _answers(
+                    "200", 400, 403, 404, schema={"anyOf": [_ref("StatsAnswer"), _ref("Stats")]}
+                ),
                 parameters=_stats_parameters(),
                 operationId="getStats",
             )

@@ -96,6 +96,9 @@ class Guardrails:
         # the spool plus what this process counted since
         self.counts: dict[int, list[int]] = {}
         self.pending: dict[int, list[int]] = {}  # not yet added to the spool
+        # campaign -> bounce reason (the classifier's) -> count, since start: the
+        # pause event says what the bounces were (unknown users, blocks, ...)
+        self.reasons: dict[int, dict[str, int]] = {}
         self.paused: set[int] = set()
 
     def _get(self, campaign: int) -> list[int]:
@@ -120,6 +123,10 @@ class Guardrails:
             self._count(claimed.campaign, 0)
         elif state == BOUNCED:
             self._count(claimed.campaign, 1)
+            reason = getattr(res, "reason", "") or "unknown"
+            r = self.reasons.setdefault(claimed.campaign, {})
+            if reason in r or len(r) < 64:
+                r[reason] = r.get(reason, 0) + 1
             self.check(claimed.campaign)
 
     def record_complaint(self, campaign: int, n: int = 1) -> None:
@@ -159,6 +166,9 @@ class Guardrails:
                 f"bounce rate {rate:.1%} ({bounced} of {sample}) is over the"
                 f" {s.bounce_rate:.1%} guardrail"
             )
+            seen = self.reasons.get(campaign)
+            if seen:
+                why += f" (mostly {max(seen, key=seen.__getitem__)})"
         elif delivered and complaints / delivered > s.complaint_rate:
             why = (
                 f"complaint rate {complaints / delivered:.2%} ({complaints} of {delivered})"
@@ -183,6 +193,9 @@ class Guardrails:
                 "delivered": delivered,
                 "bounced": bounced,
                 "complaints": complaints,
+                "bounce_reasons": dict(
+                    sorted(self.reasons.pop(campaign, {}).items(), key=lambda kv: -kv[1])[:8]
+                ),
             }
         )
         return True
