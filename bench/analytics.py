@@ -35,7 +35,7 @@ from typing import Any
 
 from _common import machine
 
-from fastsend.analytics.rollup import Rollups, policy_provider
+from fastsend.analytics.rollup import Rollups, _node_rows, policy_provider
 from fastsend.analytics.store import COUNTERS, IDX, NC, SQLiteRollupStore
 
 HUMAN = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15"
@@ -117,7 +117,7 @@ def build_store(d: str, days: int, campaigns: int) -> tuple[int, int]:
     store = SQLiteRollupStore(d)
     end = int(time.time()) // 60 * 60
     start = end - days * 86400
-    rows = 0
+    rows = 0  # per-campaign rows (the all-campaigns and node rows come on top)
     provs = ("google", "yahoo")
     ips = ("127.0.0.2", "127.0.0.3")
     for day in range(days):
@@ -144,6 +144,7 @@ def build_store(d: str, days: int, campaigns: int) -> tuple[int, int]:
                         rows += 1
                     else:
                         counts[ck] = [a + b for a, b in zip(have, row, strict=True)]
+        _node_rows(counts, {})  # the all-campaigns rows, as Rollups writes them
         store.add(counts, {}, {})
     store.close()
     return rows, end

@@ -22,6 +22,7 @@ from fastsend.analytics.dnsbl import (
     make_resolver,
     query_name,
 )
+from fastsend.analytics.rollup import _node_rows
 from fastsend.analytics.store import IDX, NC, SQLiteRollupStore
 from fastsend.config import ConfigError, from_dict
 from fastsend.queue import wire
@@ -179,7 +180,9 @@ def test_rate_alarms_with_the_providers_lines(tmp_path: Path) -> None:
         row[IDX["delivered"]] = delivered
         row[IDX["complaints"]] = complaints
         row[IDX["bounced"]] = bounced
-        store.add({(60, t, ("acme", cid, "google", "127.0.0.2")): row}, {}, {})
+        counts = {(60, t, ("acme", cid, "google", "127.0.0.2")): row}
+        _node_rows(counts, {})  # the all-campaigns rows, as Rollups writes them
+        store.add(counts, {}, {})
 
     put(1, 1000, 4, 0)  # 0.4%: over Gmail's 0.3% line
     put(2, 1000, 2, 30)  # 0.2% complaints: warning; 2.9% bounces: warning

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastsend.analytics.machine import MachineRules, load_machine_rules
-from fastsend.analytics.store import IDX, NC, RETENTION_DAYS, RollupStore
+from fastsend.analytics.store import ALL, IDX, NC, RETENTION_DAYS, RollupStore
 from fastsend.config import Config, ConfigError
 
 log = logging.getLogger("fastsend.analytics")
@@ -463,22 +463,26 @@ def _grains(mins: dict[Any, list[int]]) -> dict[Any, list[int]]:
 
 
 def _node_rows(counts: dict[Any, list[int]], reasons: dict[Any, int]) -> None:
-    """Add node-wide rows (tenant "*", campaign 0) per provider and source IP: the
-    warm-up progress and admin views read them."""
-    node: dict[Any, list[int]] = {}
-    for (g, t, (_tenant, _cid, prov, ip)), row in counts.items():
-        nk = (g, t, (NODE, 0, prov, ip))
-        have = node.get(nk)
-        if have is None:
-            node[nk] = list(row)
-        else:
-            for i, v in enumerate(row):
-                have[i] += v
-    counts.update(node)
+    """Add the all-campaigns rows (campaign ALL) of each tenant and of the node (tenant
+    "*") per provider and source IP: questions without a campaign read only these;
+    the warm-up progress and admin views read the node's."""
+    extra: dict[Any, list[int]] = {}
+    for (g, t, (tenant, _cid, prov, ip)), row in counts.items():
+        for who in (tenant, NODE):
+            nk = (g, t, (who, ALL, prov, ip))
+            have = extra.get(nk)
+            if have is None:
+                extra[nk] = list(row)
+            else:
+                for i, v in enumerate(row):
+                    if v:
+                        have[i] += v
+    counts.update(extra)
     nr: dict[Any, int] = {}
-    for (g, t, (_tenant, _cid, prov, ip), kind, reason), n in reasons.items():
-        rk = (g, t, (NODE, 0, prov, ip), kind, reason)
-        nr[rk] = nr.get(rk, 0) + n
+    for (g, t, (tenant, _cid, prov, ip), kind, reason), n in reasons.items():
+        for who in (tenant, NODE):
+            rk = (g, t, (who, ALL, prov, ip), kind, reason)
+            nr[rk] = nr.get(rk, 0) + n
     reasons.update(nr)
 
 

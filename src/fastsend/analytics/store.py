@@ -6,7 +6,10 @@ NAME
 DESCRIPTION
     A rollup row is a bucket (granularity ``g`` in seconds: 60, 3600 or
     86400, and its start ``t``) of one (tenant, campaign, provider, source
-    IP), holding the counters named by :data:`COUNTERS`. Beside them:
+    IP), holding the counters named by :data:`COUNTERS`. Each bucket also
+    has all-campaigns rows (campaign :data:`ALL`) per (tenant, provider,
+    source IP): a question that neither groups nor filters by campaign reads
+    only those (the stores choose, so nothing is counted twice). Beside them:
 
     - reasons: (bucket, dims, kind "bounced"/"deferred", reason) -> n;
     - gauges: (bucket, tenant, name) -> last value (queue depth, age);
@@ -45,6 +48,7 @@ COUNTERS: tuple[str, ...] = (
 NC = len(COUNTERS)
 IDX = {name: i for i, name in enumerate(COUNTERS)}
 DIMS = ("campaign", "provider", "source_ip")
+ALL = -1  # the campaign of all-campaigns rows (written beside each campaign's rows)
 GRANULARITIES = {"minute": 60, "hour": 3600, "day": 86400}
 # Default retention per granularity, in days ([analytics] minute_days, ...).
 RETENTION_DAYS = {60: 8, 3600: 120, 86400: 800}
@@ -141,8 +145,14 @@ _UPSERT_REASON = (
 _SUMS = ", ".join(f"SUM({c})" for c in COUNTERS)
 
 
-def _where(filters: dict[str, Any], args: list[Any]) -> str:
-    sql = ""
+def uses_campaigns(filters: dict[str, Any], dims: Sequence[str]) -> bool:
+    """Whether a question needs per-campaign rows; otherwise the all-campaigns rows
+    (campaign ``ALL``) answer it, one row where there were one per campaign."""
+    return "campaign" in dims or "campaign" in filters
+
+
+def _where(filters: dict[str, Any], args: list[Any], dims: Sequence[str] = ()) -> str:
+    sql = " AND campaign >= 0" if uses_campaigns(filters, dims) else f" AND campaign = {ALL}"
     for dim, v in filters.items():
         if dim not in DIMS:
             raise ValueError(dim)
@@ -228,7 +238,7 @@ class SQLiteRollupStore(RollupStore):
         args: list[Any] = [g, tenant, t0, t1]
         sql = (
             f"SELECT {', '.join([*cols, _SUMS])} FROM counts"
-            " WHERE g = ? AND tenant = ? AND t >= ? AND t < ?" + _where(filters, args)
+            " WHERE g = ? AND tenant = ? AND t >= ? AND t < ?" + _where(filters, args, dims)
         )
         if cols:
             sql += f" GROUP BY {', '.join(cols)}"

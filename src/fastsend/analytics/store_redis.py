@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastsend.analytics.store import (
+    ALL,
     COUNTERS,
     DIMS,
     IDX,
@@ -33,6 +34,7 @@ from fastsend.analytics.store import (
     Gauges,
     Reasons,
     RollupStore,
+    uses_campaigns,
 )
 
 SEP = "\x1f"
@@ -97,7 +99,9 @@ class RedisRollupStore(RollupStore):
         return list(zip(ts, pipe.execute(), strict=True))
 
     @staticmethod
-    def _match(filters: dict[str, Any], vals: dict[str, Any]) -> bool:
+    def _match(filters: dict[str, Any], vals: dict[str, Any], per_campaign: bool) -> bool:
+        if (vals["campaign"] != ALL) != per_campaign:
+            return False
         for dim, want in filters.items():
             if dim not in DIMS:
                 raise ValueError(dim)
@@ -114,12 +118,13 @@ class RedisRollupStore(RollupStore):
             if d not in DIMS:
                 raise ValueError(d)
         out: dict[tuple[Any, ...], list[int]] = {}
+        per = uses_campaigns(filters, dims)
         for t, h in self._buckets("ru", g, t0, t1, tenant):
             for field, v in h.items():
                 f = field.decode() if isinstance(field, bytes) else field
                 cid, prov, ip, counter = f.split(SEP)
                 vals = {"campaign": int(cid), "provider": prov, "source_ip": ip}
-                if filters and not self._match(filters, vals):
+                if not self._match(filters, vals, per):
                     continue
                 key = ((t,) if by_time else ()) + tuple(vals[d] for d in dims)
                 row = out.get(key)
@@ -134,12 +139,13 @@ class RedisRollupStore(RollupStore):
         self, g: int, t0: int, t1: int, tenant: str, filters: dict[str, Any], by_time: bool
     ) -> list[tuple[tuple[Any, ...], int]]:
         out: dict[tuple[Any, ...], int] = {}
+        per = uses_campaigns(filters, ())
         for t, h in self._buckets("rr", g, t0, t1, tenant):
             for field, v in h.items():
                 f = field.decode() if isinstance(field, bytes) else field
                 cid, prov, ip, kind, reason = f.split(SEP)
                 vals = {"campaign": int(cid), "provider": prov, "source_ip": ip}
-                if filters and not self._match(filters, vals):
+                if not self._match(filters, vals, per):
                     continue
                 key = ((t,) if by_time else ()) + (kind, reason)
                 out[key] = out.get(key, 0) + int(v)
