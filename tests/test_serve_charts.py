@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiosmtplib
 import pytest
 
 from conftest import free_port, wait_port
@@ -40,6 +41,7 @@ class Served:
     def __init__(self, tmp: Path, sink: SinkThread, dns: DNSServer) -> None:
         self.tmp = tmp
         self.port = free_port()
+        self.intake = free_port()
         cfg = tmp / "fastsend.toml"
         cfg.write_text(
             f'[spool]\ndir = "spool"\n[workers]\ncount = 1\n'
@@ -52,6 +54,7 @@ class Served:
             f'[pools.main]\nips = [{{ ip = "127.0.0.2", warmup_day = 3 }}, "127.0.0.3"]\n'
             f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = 3\n'
             f'[reputation]\nblocklists = [{{ zone = "bl.test", providers = ["google"] }}]\n'
+            f'[intake]\nlisten = "127.0.0.1:{self.intake}"\nverp_domain = "bounces.example.com"\n'
         )
         store = KeyStore.for_spool(str(tmp / "spool"))
         self.keys = {t: store.create(t)[0] for t in ("acme", "beta", "ops")}
@@ -285,13 +288,31 @@ def test_charts_campaign_and_ip_pages_in_chromium(served: Served) -> None:
             await dom_until(b, "#ip-pool", "main")
             assert "cap 500" in await text_of(b, "#ip-warmup")
             assert "LISTED" in await text_of(b, "#ip-blocklists")
+
+            # DMARC aggregate reports, mailed to the intake, on an admin's dashboard.
+            from test_dmarc import mail, report, zipped
+
+            raw = mail(zipped("google.com!example.com.xml", report()), "g.zip", "application/zip")
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=s.intake, start_tls=False)
+            await smtp.connect()
+            errors, _reply = await smtp.sendmail("", ["dmarc@bounces.example.com"], raw)
+            await smtp.quit()
+            assert errors == {}
+            await b.goto(s.base + "/dashboard")
+            await b.js("sessionStorage.clear()")
+            await b.goto(s.base + "/dashboard")
+            await log_in(b, s.keys["ops"])
+            await dom_until(b, "#who", "tenant ops")
+            await until("the unaligned source", lambda: _has(b, "#tbl-dmarc", "203.0.113.9"))
+            assert "7 messages failed DMARC alignment" in await text_of(b, "#dmarc-note")
+            dmarc_png = await screenshot(b, "dmarc-admin", s.tmp)
             ip_png = await screenshot(b, "ip", s.tmp)
 
             only_loopback(b.requests())
             assert problems(b) == []
-            for p in (main_png, camp_png, ip_png):
+            for p in (main_png, camp_png, ip_png, dmarc_png):
                 assert p.stat().st_size > 10_000
-            print("screenshots:", main_png, camp_png, ip_png)
+            print("screenshots:", main_png, camp_png, ip_png, dmarc_png)
 
     asyncio.run(main())
 

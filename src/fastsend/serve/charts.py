@@ -7,6 +7,8 @@ DESCRIPTION
     ``GET /dashboard/charts.js``          the chart script (canvas, no library)
     ``GET /dashboard/campaign/{id}``      the campaign page (``static/campaign.html``)
     ``GET /dashboard/ip/{ip}``            the source-IP page (``static/ip.html``)
+    ``GET /v1/dmarc?from=-30d``           DMARC aggregate reports (admin tenants):
+                                          per reporter and source IP, aligned or not
     ``GET /v1/dashboard/ip/{ip}``         what the IP page shows besides charts:
                                           pool, warm-up day and cap, sent today per
                                           provider (node-wide rollups), sites resting
@@ -136,6 +138,25 @@ class Charts:
             headers={"Cache-Control": "no-store"},
         )  # fmt: skip
 
+    async def dmarc(self, request: web.Request) -> web.Response:
+        """DMARC aggregate reports: where mail claiming the node's domains came from.
+        Reports are per sending domain, across tenants: admin tenants only."""
+        if tenant_of(request) not in self._admins():
+            raise ApiError(403, "DMARC reports span tenants: only for [dashboard] admin_tenants")
+        store = getattr(self.ctx, "dmarc", None)
+        if store is None:
+            raise ApiError(404, "analytics are disabled")
+        from fastsend.analytics.query import QueryError, parse_time
+
+        now = time.time()
+        try:
+            t0 = parse_time(request.query.get("from", "-30d"), "from", now)
+            t1 = parse_time(request.query.get("to", "now"), "to", now) + 1
+        except QueryError as e:
+            raise ApiError(400, str(e), e.field) from None
+        return json_response({"from": t0, "to": t1, **store.summary(t0, t1)},
+                             headers={"Cache-Control": "no-store"})  # fmt: skip
+
     # -- listeners and the tick ----------------------------------------------------
 
     def shaping_listener(self, events: list[dict[str, Any]]) -> None:
@@ -205,6 +226,7 @@ def setup_charts(app: web.Application, ctx: Any) -> Charts:
     app.router.add_get("/dashboard/campaign/{id:[0-9]{1,19}}", c.page)
     app.router.add_get("/dashboard/ip/{ip:[0-9a-fA-F:.]{2,45}}", c.page)
     app.router.add_get("/v1/dashboard/ip/{ip}", c.ip_info)
+    app.router.add_get("/v1/dmarc", c.dmarc)
     sup = getattr(ctx, "supervisor", None)
     if sup is not None:
         sup.shaping.listeners.append(c.shaping_listener)

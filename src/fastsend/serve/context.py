@@ -51,6 +51,7 @@ class ServeContext:
     # fastsend.serve.shared_state.SharedState on a shared (Redis) spool: keys,
     # suppression, webhook outbox, event index and the node registry in Redis.
     shared: Any = None
+    dmarc: Any = None  # fastsend.analytics.dmarc.DmarcStore: aggregate reports from the intake
     _tenant_campaigns: dict[str, int] = field(default_factory=dict, repr=False)
     _campaign_tenants: dict[int, str] = field(default_factory=dict, repr=False)
 
@@ -169,6 +170,8 @@ class ServeContext:
         self.events.close()
         if self.rollups is not None:
             self.rollups.close()
+        if self.dmarc is not None:
+            self.dmarc.close()
         self.suppression.close()
         if self.shared is not None:
             self.shared.stop()  # a clean exit gives this node's source IPs back
@@ -205,4 +208,8 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
     from fastsend.analytics.attach import attach  # issue 14: rollups of every event
 
     ctx.rollups = attach(config, spool, events, ctx.campaign_tenant)
+    if ctx.rollups is not None:
+        from fastsend.analytics.dmarc import DmarcStore
+
+        ctx.dmarc = DmarcStore(config.spool_dir)
     return ctx

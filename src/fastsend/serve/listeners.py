@@ -438,6 +438,15 @@ def process_report(
     ctx: Any, data: bytes, envelope_rcpts: list[str], verp_prefix: str = "b"
 ) -> list[dict[str, Any]]:
     """Parse one bounce/ARF message; emit its events, update suppression; return the events."""
+    dmarc = getattr(ctx, "dmarc", None)  # issue 14: DMARC aggregate reports (rua) come here too
+    if dmarc is not None:
+        from fastsend.analytics.dmarc import ingest_mail
+
+        got = ingest_mail(dmarc, data)
+        if got is not None:
+            for ev in got:
+                ctx.emit(ev)
+            return got
     envelope_ids = []
     for r in envelope_rcpts:
         try:

@@ -243,7 +243,33 @@
       for (const [id, g] of Object.entries(byCamp.groups)) named['#' + id + ' ' + (names.get(id) || '')] = { ...g, id };
       ratesTable($('tbl-campaign'), named, (name, g) => '/dashboard/campaign/' + encodeURIComponent(g.id));
     }
+    if (page === 'main') await refreshDmarc();
     return all;
+  }
+
+  let admin = null; // asked once: only admin tenants may read /v1/dmarc
+
+  async function refreshDmarc() {
+    const note = $('dmarc-note'); const table = $('tbl-dmarc');
+    if (!note || !table) return;
+    if (admin === null) admin = !!(await get('/v1/dashboard')).admin;
+    if (!admin) {
+      note.textContent = 'DMARC reports span tenants: shown to [dashboard] admin_tenants only.';
+      table.hidden = true;
+      return;
+    }
+    const d = await get('/v1/dmarc?from=-30d');
+    const unaligned = d.sources.reduce((a, s) => a + s.unaligned, 0);
+    note.textContent = d.reports + ' reports; ' + unaligned.toLocaleString('en-US') +
+      ' messages failed DMARC alignment (neither DKIM nor SPF aligned).';
+    table.hidden = d.sources.length === 0;
+    table.tBodies[0].replaceChildren(...d.sources.map((s) => {
+      const tr = el('tr', null, s.unaligned ? 'unaligned' : '');
+      tr.append(el('td', s.source_ip, 'name'), el('td', s.header_from, 'name'), el('td', s.org, 'name'));
+      for (const v of [s.messages, s.aligned, s.unaligned, s.dkim_aligned, s.spf_aligned]) tr.append(el('td', v.toLocaleString('en-US'), 'num'));
+      if (s.unaligned) tr.lastChild.previousSibling.previousSibling.className += ' over';
+      return tr;
+    }));
   }
 
   async function refreshCampaign(id) {
