@@ -38,7 +38,7 @@ NOT_BOUNCES = frozenset({"delivered", "feedback", "vacation"})
 RATE_REASONS = frozenset({"speeding", "toomanyconn"})
 IPBLOCK_REASONS = frozenset({"blocked", "badreputation", "requireptr"})
 
-TIERS = ("strong", "weak")
+TIERS = ("provider", "strong", "weak")
 SIGNALS = ("ratelimit", "ipblock")
 _ENHANCED_RE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _WS_RE = re.compile(r"\s+")
@@ -342,6 +342,9 @@ class RuleSet:
         if enhanced.startswith("2.") or (not enhanced and 200 <= code < 300):
             return "delivered", "status"
         by_status = self.status.get(enhanced, "")
+        for rule in self.rules:
+            if rule.tier == "provider" and rule.applies(t, code, enhanced, command):
+                return rule.reason, rule.id
         for rule in self.rules:
             if rule.tier == "strong" and rule.applies(t, code, enhanced, command):
                 return rule.reason, rule.id
