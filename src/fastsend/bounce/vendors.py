@@ -76,6 +76,8 @@ _COMMAND_PHRASES = (
     (re.compile(r"failed on data command|failed after i sent the message", re.I), "DATA"),
     (re.compile(r"but my name was rejected", re.I), "EHLO"),
     (re.compile(r"but greeting failed", re.I), "CONN"),
+    # Postfix smtp(8): the server's greeting was a refusal.
+    (re.compile(r"refused to talk to me", re.I), "CONN"),
 )
 _SENT_RE = re.compile(r"(?:<<<|>>>) ?(rcpt to|mail from|data|ehlo|helo)\b", re.IGNORECASE)
 # Where a free-text bounce starts listing the failed recipients: addresses
