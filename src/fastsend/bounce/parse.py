@@ -293,6 +293,14 @@ def _enrich(records: list[_Raw], human: str) -> None:
         if not r.diagnostic.strip() and near:
             # The DSN says nothing: take the human-readable explanation.
             r.diagnostic = near.split("\n\n\n")[0].strip()
+            if (
+                len(records) == 1
+                and not vendors.find_reply_code(r.diagnostic)
+                and vendors.find_reply_code(section)
+            ):
+                # Only the address itself: the reply is elsewhere (a Sendmail
+                # transcript naming the local alias or the pipe it expanded to).
+                r.diagnostic = section.strip()[: vendors.DIAG_CAP]
         elif len(records) == 1 and not r.diagnostic.strip() and section:
             r.diagnostic = section.strip()[: vendors.DIAG_CAP]
         text = r.diagnostic

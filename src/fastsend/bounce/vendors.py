@@ -65,7 +65,10 @@ _HEADER_START = re.compile(
     r"^(?:Received|Return-Path|Message-I[Dd]|DKIM-Signature|MIME-Version|X-[A-Za-z-]+|From|Date|Subject|To): ",
 )
 _SENDER_CONTEXT = re.compile(
-    r"(?:mail from:?\s*<?|envelope-from\s*<?|return-path:?\s*<?|sender:?\s*<?|from:\s*<?|\bfrom\s+<)\s*$",
+    r"(?:mail from:?\s*<?|envelope-from\s*<?|return-path:?\s*<?|sender:?\s*<?|from:\s*<?|\bfrom\s+<"
+    # Exim's "(generated from ADDR)" and Sendmail's "(expanded from: <ADDR>)"
+    # name the alias the failed address came from, not a recipient.
+    r"|generated from\s+<?|expanded from:?\s*<?)\s*$",
     re.IGNORECASE,
 )
 # Phrases that say which command a reply answered wherever they appear
@@ -153,6 +156,14 @@ def cut_original(text: str) -> str:
 
 def _headerish(line: str) -> bool:
     return bool(_HEADER_LINE.match(line)) or line[:1] in (" ", "\t")
+
+
+def _starts_line(text: str, pos: int) -> bool:
+    """Only blanks, and an opening '<' or quote, between the line start and ``pos``."""
+    start = text.rfind("\n", 0, pos) + 1
+    if pos - start > 12:
+        return False
+    return text[start:pos].strip(" \t<\"") == ""
 
 
 def find_reply_code(text: str) -> int:
@@ -249,6 +260,13 @@ def find_in_text(
             ]
         if not found:
             found = candidate_addresses(section, exclude, allow_system=allow_system)
+            # MTAs list failed recipients at the start of a line (Postfix and
+            # qmail "<rcpt>: ...", Exim's indented address, Sendmail
+            # "<rcpt>... "); an address inside a sentence of the preamble
+            # (a help desk, a postmaster) is not one when such lines exist.
+            listed = [f for f in found if _starts_line(section, f[1])]
+            if listed and len(listed) < len(found):
+                found = listed
     out: list[TextFinding] = []
     shared: TextFinding | None = None
     # Every mention of a recipient in text order, found in one pass.
