@@ -115,9 +115,132 @@ class Rule:
             return False
         if self.commands is not None and command not in self.commands:
             return False
-        if self.match and not any(p.search(text) for p in self.match):
+        if self.match and not _any_search(self.match, text):
             return False
-        return not any(p.search(text) for p in self.not_match)
+        return not (self.not_match and _any_search(self.not_match, text))
+
+
+def _any_search(patterns: tuple[re.Pattern[str], ...], text: str) -> bool:
+    for p in patterns:
+        lits = _LITERALS.get(p)
+        if lits is None:
+            lits = _LITERALS[p] = _required_literals(p.pattern)
+        if lits and not any(lit in text for lit in lits):
+            continue  # none of its required words is in the text: cannot match
+        if p.search(text) is not None:
+            return True
+    return False
+
+
+_LITERALS: dict[re.Pattern[str], tuple[str, ...]] = {}
+_QUANT = frozenset("?*+{")
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789 '\"-_,;:/=<>!@%&~`")
+
+
+def _split_top(pattern: str) -> list[str] | None:
+    """The top-level alternatives of a pattern, or None when it cannot tell."""
+    out, depth, cls, i, start = [], 0, False, 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if cls:
+            cls = c != "]"
+        elif c == "[":
+            cls = True
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            out.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    if depth != 0 or cls:
+        return None
+    out.append(pattern[start:])
+    return out
+
+
+def _prefix_literal(branch: str) -> str:
+    """The longest literal run at the top level of ``branch`` ("" if none):
+    text that every match of the branch contains."""
+    best, run = "", []
+    i, n = 0, len(branch)
+    while i < n:
+        c = branch[i]
+        if c == "\\" and i + 1 < n and not branch[i + 1].isalnum():
+            ch, step = branch[i + 1], 2
+        elif c.lower() in _PLAIN:
+            ch, step = c.lower(), 1
+        else:
+            # Not a literal: end the run, skip a group or a class whole.
+            if len("".join(run).strip()) > len(best.strip()):
+                best = "".join(run)
+            run = []
+            if c == "\\":
+                i += 2
+            elif c == "{":
+                j = branch.find("}", i)
+                i = n if j < 0 else j + 1
+            elif c == "[":
+                j = i + 1
+                if j < n and branch[j] == "^":
+                    j += 1
+                if j < n and branch[j] == "]":
+                    j += 1
+                while j < n and branch[j] != "]":
+                    j += 2 if branch[j] == "\\" else 1
+                i = j + 1
+            elif c == "(":
+                depth, j = 1, i + 1
+                while j < n and depth:
+                    if branch[j] == "\\":
+                        j += 2
+                        continue
+                    if branch[j] == "[":
+                        j += 1
+                        while j < n and branch[j] != "]":
+                            j += 2 if branch[j] == "\\" else 1
+                    elif branch[j] == "(":
+                        depth += 1
+                    elif branch[j] == ")":
+                        depth -= 1
+                    j += 1
+                i = j
+            else:
+                i += 1
+            continue
+        if i + step < n and branch[i + step] in _QUANT:
+            # This character is optional or repeated: the run ends before it.
+            if len("".join(run).strip()) > len(best.strip()):
+                best = "".join(run)
+            run = []
+            i += step
+            continue
+        run.append(ch)
+        i += step
+    if len("".join(run).strip()) > len(best.strip()):
+        best = "".join(run)
+    return best
+
+
+def _required_literals(pattern: str) -> tuple[str, ...]:
+    """Words one of which any match must contain (a prefilter), or () if unknown.
+
+    Only the literal start of each top-level alternative is used, so the
+    answer is conservative: a pattern is skipped only when it cannot match."""
+    branches = _split_top(pattern)
+    if not branches:
+        return ()
+    lits = []
+    for b in branches:
+        lit = _prefix_literal(b)
+        if len(lit.strip()) < 3:
+            return ()
+        lits.append(lit)
+    return tuple(lits)
 
 
 def _compile(patterns: Any, where: str) -> tuple[re.Pattern[str], ...]:
