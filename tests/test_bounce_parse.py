@@ -342,6 +342,96 @@ def test_mbox_of_two_bounces() -> None:
     ]
 
 
+# ---------------------------------------------------------------- transcript shapes
+_SHAPE_HEAD = (
+    b"From: MAILER-DAEMON@mx.example.net\nTo: b-1@bounces.example.com\n"
+    b"Subject: Returned mail: see transcript for details\n\n"
+)
+SHAPES = {
+    "sendmail-transcript": (
+        b"   ----- The following addresses had permanent fatal errors -----\n<bob@example.org>\n"
+        b"    (reason: 550 5.1.1 <bob@example.org>... User unknown)\n\n"
+        b"   ----- Transcript of session follows -----\n... while talking to mx.example.org.:\n"
+        b">>> RCPT To:<bob@example.org>\n<<< 550 5.1.1 <bob@example.org>... User unknown\n",
+        ("5.1.1", 550, "RCPT", "userunknown"),
+    ),
+    "sendmail-after-data": (
+        b"   ----- Transcript of session follows -----\n... while talking to mx.example.org.:\n"
+        b">>> DATA\n<<< 554 5.7.1 Message rejected: spam content\n554 5.0.0 Service unavailable\n"
+        b"   ----- The following addresses had permanent fatal errors -----\n<bob@example.org>\n",
+        ("5.7.1", 554, "DATA", "spamdetected"),
+    ),
+    "qmail": (
+        b"Hi. This is the qmail-send program at mx.example.net.\n"
+        b"I'm afraid I wasn't able to deliver your message to the following addresses.\n\n"
+        b"<bob@example.org>:\n192.0.2.1 does not like recipient.\n"
+        b"Remote host said: 550 5.1.1 No such user\nGiving up on 192.0.2.1.\n",
+        ("5.1.1", 550, "RCPT", "userunknown"),
+    ),
+    "qmail-after-data": (
+        b"Hi. This is the qmail-send program at mx.example.net.\n\n<bob@example.org>:\n"
+        b"192.0.2.1 failed after I sent the message.\n"
+        b"Remote host said: 550 5.7.1 Message rejected as spam\n",
+        ("5.7.1", 550, "DATA", "spamdetected"),
+    ),
+    "exim": (
+        b"This message was created automatically by mail delivery software.\n\n"
+        b"A message that you sent could not be delivered to one or more of its\n"
+        b"recipients. This is a permanent error. The following address(es) failed:\n\n"
+        b"  bob@example.org\n    SMTP error from remote mail server after RCPT TO:<bob@example.org>:\n"
+        b"    host mx.example.org [192.0.2.1]: 550 5.1.1 <bob@example.org>: Recipient address"
+        b" rejected: User unknown in virtual mailbox table\n",
+        ("5.1.1", 550, "RCPT", "userunknown"),
+    ),
+    "exim-generated-from": (
+        b"A message that you sent could not be delivered to one or more of its\n"
+        b"recipients. This is a permanent error. The following address(es) failed:\n\n"
+        b"  bob@example.org\n    (generated from alias@example.com)\n"
+        b"    SMTP error from remote mail server after end of data:\n"
+        b"    host smtp.example.fr [192.0.2.1]: 550 5.2.0 Mail rejete. Mail rejected. OFR_506 [506]\n",
+        ("5.2.0", 550, "DATA", "spamdetected"),
+    ),
+    "postfix": (
+        b"This is the mail system at host mx.example.net.\n\n"
+        b"I'm sorry to have to inform you that your message could not\n"
+        b"be delivered to one or more recipients. For help, mail help@example.net.\n\n"
+        b"<bob@example.org>: host mx.example.org[192.0.2.1] said: 552 5.2.2 Mailbox full\n"
+        b"    (in reply to RCPT TO command)\n",
+        ("5.2.2", 552, "RCPT", "mailboxfull"),
+    ),
+    "postfix-greeting": (
+        b"This is the mail system at host mx.example.net.\n\n"
+        b"<bob@example.org>: host mx.example.org[192.0.2.1] refused to talk to me: 554 Go away\n",
+        (None, 554, "CONN", "blocked"),
+    ),
+    "exchange": (
+        b"Your message did not reach some or all of the intended recipients.\n\n"
+        b"The following recipient(s) cannot be reached:\n\n      bob@example.org on 1/1/2015\n"
+        b"            The e-mail account does not exist at the organization.\n"
+        b"            <mx.example.org #5.1.1 smtp;550 5.1.1 User unknown>\n",
+        ("5.1.1", 550, None, "userunknown"),
+    ),
+    "domino": (
+        b"Your message\n\n  Subject: Hello\n\nwas not delivered to:\n\n  bob@example.org\n\n"
+        b"because:\n\n  User bob (bob@example.org) not listed in Domino Directory\n",
+        (None, None, None, "userunknown"),
+    ),
+    "mcafee-underscores": (
+        b"--- The following addresses had delivery problems ---\n\n"
+        b"<bob@example.org>   Permanent Failure: 550_5.1.1_<bob@example.org>..._User_unknown\n",
+        ("5.1.1", 550, None, "userunknown"),
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_transcript_shapes(shape: str) -> None:
+    body, (status, code, command, reason) = SHAPES[shape]
+    (r,) = parse_bounce(_SHAPE_HEAD + body)
+    assert r.recipient == "bob@example.org"
+    assert (r.status, r.reply_code, r.command, r.reason) == (status, code, command, reason)
+
+
 # ---------------------------------------------------------------- the real corpus
 CORPUS = bounce_corpus() or Path("/nonexistent")
 
@@ -384,3 +474,18 @@ def test_corpus_hard_soft_goal(shares: dict[str, float]) -> None:
 
 def test_corpus_reason_goal(shares: dict[str, float]) -> None:
     assert shares["reason"] >= 0.85, shares
+
+
+def test_corpus_cross_validated_by_family() -> None:
+    """The honest score (bench/bounce_corpus.py): families held out in turn."""
+    if not (CORPUS / "labels.json").exists():
+        pytest.skip("bounce corpus not found beside this checkout (../shared/corpora/bounces)")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bounce_corpus
+
+    cv = bounce_corpus.evaluate(CORPUS, 5, show=False, table=False)["cv"]
+    assert cv["found"] >= 0.95, cv
+    assert cv["hard"] >= 0.95, cv
+    assert cv["reason"] >= 0.85, cv

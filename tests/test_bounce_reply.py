@@ -246,3 +246,89 @@ def test_bad_rule_files(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_rule_file(tmp_path: Path) -> None:
     with pytest.raises(RuleError, match="cannot read"):
         load_rules([tmp_path / "nope.toml"])
+
+
+# ---------------------------------------------------------------- evidence order
+@pytest.mark.parametrize(
+    ("code", "status", "text", "command", "reason"),
+    [
+        # A provider's own code says more than the RFC 3463 status around it.
+        (
+            550,
+            "5.2.1",
+            "The user you are trying to contact is receiving mail at a rate that prevents "
+            "additional messages from being delivered.",
+            "RCPT",
+            "speeding",
+        ),
+        (550, "5.2.1", "The email account that you tried to reach is inactive.", "RCPT", "suspend"),
+        (550, "5.2.0", "Mail rejete. Mail rejected. ofr_506 [506]", "DATA", "spamdetected"),
+        (
+            550,
+            "5.1.1",
+            "Adresse d au moins un destinataire invalide. OFR_416 [416]",
+            "RCPT",
+            "userunknown",
+        ),
+        (
+            421,
+            "",
+            "Trop de connexions. Too many connections, slow down. OFR004_104 [104]",
+            "CONN",
+            "toomanyconn",
+        ),
+        (
+            550,
+            "5.1.1",
+            "<a@example.com> - 203.0.113.2 has sent to too many recipients this hour. IB607",
+            "RCPT",
+            "speeding",
+        ),
+        (550, "5.1.1", "RCP-P2 Refused due to recipient preferences", "RCPT", "filtered"),
+        (421, "4.7.0", "[TS01] Messages from 192.0.2.1 temporarily deferred", "MAIL", "speeding"),
+        # The stage of the refusal: the same policy status at MAIL FROM is about the sender.
+        (550, "5.7.1", "Access denied", "MAIL", "rejected"),
+        (550, "5.7.1", "Access denied", "RCPT", "securityerror"),
+        # A refused greeting is about the client.
+        (554, "", "Sorry, no service", "CONN", "blocked"),
+    ],
+)
+def test_evidence_order(code: int, status: str, text: str, command: str, reason: str) -> None:
+    assert classify_reply(code, status, text, command=command).reason == reason
+
+
+@pytest.mark.parametrize(
+    ("command", "reason", "hard"),
+    [("RCPT", "userunknown", True), ("DATA", "filtered", False), ("", "filtered", False)],
+)
+def test_user_unknown_is_separated_by_the_refused_command(
+    command: str, reason: str, hard: bool
+) -> None:
+    c = classify_reply(550, "", "User unknown", command=command)
+    assert (c.reason, c.hard) == (reason, hard)
+
+
+def test_status_decides_when_no_provider_code_or_phrase() -> None:
+    assert classify_reply(550, "5.1.1", "nope").reason == "userunknown"
+    assert classify_reply(552, "5.2.2", "nope").reason == "mailboxfull"
+    assert classify_reply(550, "5.1.2", "nope").reason == "hostunknown"
+    assert classify_reply(552, "5.3.4", "nope", command="DATA").reason == "mesgtoobig"
+
+
+def test_documented_rules_carry_a_reference() -> None:
+    from fastsend.bounce import default_rules
+
+    provider = [r for r in default_rules().rules if r.tier == "provider"]
+    assert provider
+    assert all(r.ref for r in provider), [r.id for r in provider if not r.ref]
+
+
+def test_reference_key_in_user_rule_files(tmp_path: Path) -> None:
+    f = tmp_path / "mine.toml"
+    f.write_text(
+        "[[rule]]\nid = 'acme'\nreason = 'blocked'\ntier = 'provider'\n"
+        "ref = 'ACME postmaster page'\nmatch = ['acme-code-9']\n"
+    )
+    rules = load_rules([f])
+    assert rules.rules[0].ref == "ACME postmaster page"
+    assert classify_reply(550, "5.1.1", "x acme-code-9", rules=rules).reason == "blocked"

@@ -33,7 +33,7 @@ ADDR_RE = re.compile(
     re.IGNORECASE,
 )
 ENHANCED_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
-REPLY_RE = re.compile(r"(?<![\d.:/#-])([245][0-5]\d)(?:[ -]|$)(?![\d]{2})", re.MULTILINE)
+REPLY_RE = re.compile(r"(?<![\d.:/#-])([245][0-5]\d)(?:[ _-]|$)(?![\d]{2})", re.MULTILINE)
 _SYSTEM_LOCAL = re.compile(
     r"^(?:mailer-daemon|postmaster|mail-daemon|maildaemon|no-?reply|bounces?|double-bounce|root)$",
     re.IGNORECASE,
@@ -163,7 +163,7 @@ def _starts_line(text: str, pos: int) -> bool:
     start = text.rfind("\n", 0, pos) + 1
     if pos - start > 12:
         return False
-    return text[start:pos].strip(" \t<\"") == ""
+    return text[start:pos].strip(' \t<"') == ""
 
 
 def find_reply_code(text: str) -> int:
