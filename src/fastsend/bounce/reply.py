@@ -12,6 +12,12 @@ synchronous 4xx reply (classify_reply) and a DSN whose Action is
 Action: failed whose last reply was "450 4.1.1 user unknown" is hard, as
 Sisimai counts it: the reporting MTA gave up on an unknown user.)
 
+Evidence is read in a fixed order (see the header of rules.toml): the status
+class and the refused SMTP stage gate the rules; then a provider's or an
+MTA's documented code or fixed text (tier "provider", each rule with a
+``ref``); then phrases naming a specific reason; then the RFC 3463 status
+table; then broad phrases and stage-only rules; then fallbacks.
+
 The classification also says whether the reply is a "slow down" signal
 (``rate_limited``) or an "your IP is listed/blocked" signal (``ip_blocked``)
 for the feedback loops of the delivery side.
