@@ -75,7 +75,7 @@ rate_limit = 100000
 [proxy]
 trusted = ["127.0.0.1"]
 [shaping.dispatch]
-campaign_rate = 600
+campaign_rate = {max(600, MULTINODE_N // 10)}
 """
         )
         self.lines: list[str] = []
