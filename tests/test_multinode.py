@@ -76,6 +76,7 @@ rate_limit = 100000
 trusted = ["127.0.0.1"]
 [shaping.dispatch]
 campaign_rate = {max(600, MULTINODE_N // 10)}
+tenants = {{ slow = 300 }}
 """
         )
         self.lines: list[str] = []
@@ -152,17 +153,24 @@ def test_three_nodes_behind_haproxy(tmp_path: Path) -> None:
         SinkProcess("--log", str(log), "--latency-ms", "2") as sink,
     ):
         url = server.url(lease="2")
-        key = subprocess.run(
-            [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme",
-             "--spool", url],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
+        key, slow_key = (
+            subprocess.run(
+                [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", tenant,
+                 "--spool", url],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()
+            for tenant in ("acme", "slow")
+        )  # fmt: skip
         nodes = [Node(tmp_path, f"n{i}", ip, url, sink.addresses[0]) for i, ip in enumerate(IPS)]
         for n in nodes:
             n.wait_ready()
             assert "an acknowledged message survives a" in n.output()
         lb = free_port()
-        servers = "\n".join(f"    server {n.name} 127.0.0.1:{n.port} send-proxy-v2" for n in nodes)
+        servers = "\n".join(
+            f"    server {n.name} 127.0.0.1:{n.port} send-proxy-v2 check check-send-proxy"
+            " inter 300 fall 1 rise 2"
+            for n in nodes
+        )
         cfg = f"""
 frontend api
     mode tcp
@@ -171,12 +179,14 @@ frontend api
 backend api
     mode tcp
     balance roundrobin
+    retries 3
+    option redispatch 1
 {servers}
 """
         spool = open_spool(url)
         try:
             with start_haproxy(cfg, [lb]):
-                out = asyncio.run(_run(nodes, key, f"http://127.0.0.1:{lb}", spool))
+                out = asyncio.run(_run(nodes, key, slow_key, f"http://127.0.0.1:{lb}", spool))
         finally:
             for n in nodes:
                 if n.proc.poll() is None:
@@ -205,34 +215,66 @@ backend api
           f" per IP {dict(peers)}, taken over {out['taken_over']}")  # fmt: skip
 
 
-async def _run(nodes: list[Node], key: str, lb: str, spool: Any) -> dict[str, Any]:
+async def _run(nodes: list[Node], key: str, slow_key: str, lb: str, spool: Any) -> dict[str, Any]:
     n1, n2, n3 = nodes
     # From 127.0.0.9: HAProxy (127.0.0.1) is the nodes' only trusted proxy; a direct
     # call from an untrusted address needs no PROXY header.
-    conn = aiohttp.TCPConnector(local_addr=("127.0.0.9", 0))
+    # force_close: HAProxy in TCP mode ties a kept-alive connection to one node, and
+    # one node dies here; each request takes a fresh connection (a fresh choice).
+    conn = aiohttp.TCPConnector(local_addr=("127.0.0.9", 0), force_close=True)
     async with aiohttp.ClientSession(connector=conn) as s:
         # Suppression added on node 1 only, before the recipients arrive (through
         # any node): honoured by every node's injection.
         blocked = [f"m{i}@d{i % 7}.example" for i in range(0, MULTINODE_N, 97)]
         await _req(s, "POST", n1.base + "/v1/suppressions", key,
                    {"addresses": blocked, "reason": "manual"}, ok=201)  # fmt: skip
+        # Campaign "other" of tenant "slow" (300/s for all nodes together), paused
+        # on node 3 once under way: every node stops dispatching it.
+        prow = _rows("p", PAUSED_N)
+        other = await _req(s, "POST", lb + "/v1/campaigns", slow_key,
+                           {"name": "other", "template": TPL,
+                            "recipients": prow[:BATCH]}, ok=201)  # fmt: skip
+        pid = other["id"]
+        for i in range(BATCH, PAUSED_N, BATCH):
+            await _req(s, "POST", f"{lb}/v1/campaigns/{pid}/recipients", slow_key,
+                       {"recipients": prow[i : i + BATCH]}, ok=202)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while spool.counts(pid)["delivered"] < 200:
+            assert time.monotonic() < deadline, spool.counts(pid)
+            await asyncio.sleep(0.05)
+        await _req(s, "POST", f"{n3.base}/v1/campaigns/{pid}/pause", slow_key)
+        # Within a second of the pause (in-flight batches finish), nothing more of it.
+        await asyncio.sleep(1.5)
+        c = spool.counts(pid)
+        assert c["inflight"] == 0 and c["queued"] > 0, c
+        paused_at = c["delivered"]
+        # "main" through HAProxy in batches; node 2 killed (kill -9) half way, while
+        # it holds a window. HAProxy's checks take it out; injection goes on.
         rows = _rows("m", MULTINODE_N)
         first = await _req(s, "POST", lb + "/v1/campaigns", key,
                            {"name": "main", "template": TPL, "recipients": rows[:BATCH]},
                            ok=201)  # fmt: skip
         cid = first["id"]
-        # A second campaign, paused later on one node.
-        prow = _rows("p", PAUSED_N)
-        other = await _req(s, "POST", lb + "/v1/campaigns", key,
-                           {"name": "other", "template": TPL,
-                            "recipients": prow[:BATCH]}, ok=201)  # fmt: skip
-        pid = other["id"]
-        for i in range(BATCH, PAUSED_N, BATCH):
-            await _req(s, "POST", f"{lb}/v1/campaigns/{pid}/recipients", key,
-                       {"recipients": prow[i : i + BATCH]}, ok=202)  # fmt: skip
+        k = spool.k
+        held = 0
         for i in range(BATCH, MULTINODE_N, BATCH):
             await _req(s, "POST", f"{lb}/v1/campaigns/{cid}/recipients", key,
                        {"recipients": rows[i : i + BATCH]}, ok=202)  # fmt: skip
+            if not held and i >= MULTINODE_N // 2:
+                deadline = time.monotonic() + 30
+                while not spool.r.scard(f"{k}:fl:{n2.name}"):
+                    assert time.monotonic() < deadline, "node 2 never held a window"
+                    await asyncio.sleep(0.002)
+                # The whole node at once (its workers too: they hold the inherited
+                # listening socket, which would keep accepting for a dead node).
+                workers = psutil.Process(n2.proc.pid).children(recursive=True)
+                n2.proc.send_signal(signal.SIGKILL)
+                for w in workers:
+                    w.kill()
+                n2.proc.wait(30)
+                psutil.wait_procs(workers, timeout=10)
+                held = int(spool.r.scard(f"{k}:fl:{n2.name}"))  # its window at its death
+                assert 0 < held <= WINDOW
         # A message accepted by node 1 is answered by node 3.
         one = await _req(s, "POST", n1.base + "/v1/messages", key,
                          {"from": "a@example.com", "to": "solo@d1.example",
@@ -244,30 +286,6 @@ async def _run(nodes: list[Node], key: str, lb: str, spool: Any) -> dict[str, An
                 break
             await asyncio.sleep(0.1)
         assert any(e["event"] == "accepted" for e in got["events"]), got
-        # Pause "other" on node 3 once it is under way: every node stops it.
-        deadline = time.monotonic() + 60
-        while spool.counts(pid)["delivered"] < 200:
-            assert time.monotonic() < deadline, spool.counts(pid)
-            await asyncio.sleep(0.05)
-        await _req(s, "POST", f"{n3.base}/v1/campaigns/{pid}/pause", key)
-        # Kill -9 node 2 while it holds a window.
-        k = spool.k
-        while not spool.r.scard(f"{k}:fl:{n2.name}"):
-            assert time.monotonic() < deadline, "node 2 never held a window"
-            await asyncio.sleep(0.005)
-        workers = psutil.Process(n2.proc.pid).children()
-        n2.proc.send_signal(signal.SIGKILL)
-        n2.proc.wait(30)
-        held = int(spool.r.scard(f"{k}:fl:{n2.name}"))  # its window at its death
-        assert 0 < held <= WINDOW
-        _gone, alive = psutil.wait_procs(workers, timeout=10)
-        for w in alive:
-            w.kill()
-        # Within a second of the pause (in-flight batches finish), nothing more of it.
-        await asyncio.sleep(1.5)
-        c = spool.counts(pid)
-        assert c["inflight"] == 0 and c["queued"] > 0, c
-        paused_at = c["delivered"]
         # Everything of "main" ends up final, the dead node's window included.
         deadline = time.monotonic() + 120
         while True:
@@ -279,7 +297,7 @@ async def _run(nodes: list[Node], key: str, lb: str, spool: Any) -> dict[str, An
         assert c["suppressed"] == len(blocked)
         c = spool.counts(pid)
         assert c["delivered"] == paused_at and c["inflight"] == 0, "a paused campaign was sent"
-        st = await _req(s, "GET", f"{n1.base}/v1/campaigns/{pid}", key)
+        st = await _req(s, "GET", f"{n1.base}/v1/campaigns/{pid}", slow_key)
         assert st["status"] == "paused"
         # The dead node's window was taken over, and every node's metrics say so.
         taken = spool.stats()["taken_over"]

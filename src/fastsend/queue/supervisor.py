@@ -56,6 +56,7 @@ RING_BYTES = 32 << 20
 TICK = 0.02
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
 CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
+STATUS_TTL = 0.5  # s a campaign's status is trusted before rate-held mail is checked again
 HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up to this far
 
 
@@ -130,6 +131,7 @@ class Supervisor:
         self.draining = False
         self.stopping = False
         self.spec_cache: dict[int, dict[str, Any]] = {}
+        self.status_cache: dict[int, tuple[bool, float]] = {}  # campaign -> (active, read at)
         self.tenant_cache: dict[int, str] = {}
         # The suppression list is checked again at dispatch (an address suppressed
         # while its mail waited is not mailed) and learns hard delivery-time bounces.
@@ -438,6 +440,14 @@ class Supervisor:
         """Per-campaign / per-tenant / global dispatch rates (fastsend.shaping.supervise):
         what may not go yet waits in ``slot.held`` (in flight, inside the window)."""
         if slot.held:
+            # Rate-held mail of a campaign paused or cancelled meanwhile (on any
+            # node: the status is the spool's) goes back to the queue, undispatched.
+            stopped = [key for key in slot.held if not self.campaign_active(key[0])]
+            if stopped:
+                ids = [c.id for key in stopped for c in slot.held.pop(key)]
+                for i in ids:
+                    slot.inflight.pop(i, None)
+                self.spool.release(ids)
             for key, items in groups.items():
                 slot.held.setdefault(key, []).extend(items)
             groups, slot.held = slot.held, {}
@@ -451,6 +461,15 @@ class Supervisor:
             if n < len(items):
                 slot.held[key] = items[n:]
         return out
+
+    def campaign_active(self, campaign: int) -> bool:
+        """The campaign's status, read from the spool at most every STATUS_TTL s."""
+        now = time.monotonic()
+        ent = self.status_cache.get(campaign)
+        if ent is None or now - ent[1] > STATUS_TTL:
+            info = self.spool.get_campaign(campaign)
+            ent = self.status_cache[campaign] = (info is not None and info.status == "active", now)
+        return ent[0]
 
     def drain_workers(self) -> None:
         """SIGTERM: tell each worker at once, so it hands back the mail of sites
