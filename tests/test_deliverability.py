@@ -5,11 +5,13 @@ suppression is checked again when mail is dispatched."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -130,6 +132,7 @@ def test_identical_campaign_shares_a_transaction_and_names_no_recipient(tmp_path
         assert a.encode() not in data.lower(), data[:600]
         assert a.split("@")[0].encode() not in data.lower()
     assert b"\r\nTo: undisclosed-recipients:;\r\n" in data
+    assert re.search(rb"\r\nMessage-ID: <\d+-[a-z2-7]{10}-g@sender\.example\.com>\r\n", data)
     assert b"\r\nSubject: Same for all\r\n" in data
     # The sender saw no VERP address naming one of them either.
     assert got[0]["mail_from"] == "news@sender.example.com"
@@ -175,14 +178,14 @@ def test_a_dsn_about_a_grouped_message_names_the_recipient_it_reports(tmp_path: 
     recipients is attributed to that recipient, and one for an address that was
     not among the campaign's recipients to no message."""
     from fastsend.serve.context import open_context
-    from fastsend.serve.listeners import process_report
+    from fastsend.serve.listeners import find_original, process_report
 
     ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}}))
     try:
         cid = ctx.tenant_campaign("shop")
         rows = [(a, "example.org", b"{}") for a in ("al@example.org", "bo@example.org")]
         first, second = ctx.inject(cid, rows)
-        token = msgid.token(first, ctx.secret)  # the group's Message-ID
+        token = msgid.group_token(first, ctx.secret)  # the group's Message-ID
         evs = process_report(ctx, DSN.format(rcpt="Bo@example.org", mid=token).encode(), [])
         assert [(e["id"], e["rcpt"], e["tenant"]) for e in evs] == [
             (second, "bo@example.org", "shop")
@@ -193,6 +196,12 @@ def test_a_dsn_about_a_grouped_message_names_the_recipient_it_reports(tmp_path: 
         assert entry is not None and (entry.source, entry.message) == ("bounce-dsn", second)
         evs = process_report(ctx, DSN.format(rcpt="zed@example.org", mid=token).encode(), [])
         assert [(e["id"], e["tenant"]) for e in evs] == [(None, "default")]
+        # A complaint naming no recipient (ARF reports are often redacted) names no
+        # one: never the first row's address.
+        report = SimpleNamespace(verp_id=None, original_message_id=f"<{token}@x>", recipient="")
+        assert find_original(ctx, report, []) is None  # type: ignore[arg-type]
+        report.recipient = "AL@example.org"
+        assert find_original(ctx, report, []) == (first, cid, "al@example.org", "shop")  # type: ignore[arg-type]
     finally:
         ctx.close()
 

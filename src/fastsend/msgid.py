@@ -81,6 +81,27 @@ def parse(text: str | None, secret: bytes) -> int | None:
     return int(head)
 
 
+GROUP_SUFFIX = "-g"
+
+
+def group_token(row_id: int, secret: bytes) -> str:
+    """The id of a message shared by several recipients (one transaction, several
+    RCPTs): its first row's token and ``-g``. A report about such a message is
+    attributed only through the recipient it names (:func:`parse_group`), never
+    to that first row by default."""
+    return token(row_id, secret) + GROUP_SUFFIX
+
+
+def parse_group(text: str | None, secret: bytes) -> int | None:
+    """The first row id in a token made by :func:`group_token`, or None."""
+    if not text:
+        return None
+    t = text.strip().lower()
+    if not t.endswith(GROUP_SUFFIX):
+        return None
+    return parse(t[: -len(GROUP_SUFFIX)], secret)
+
+
 def load_secret(config: Config) -> bytes:
     """``[tracking] secret`` from the config, else ``<spool>/secret.key`` (made once, 0600)."""
     tracking = config.raw.get("tracking", {})

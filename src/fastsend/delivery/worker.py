@@ -173,8 +173,8 @@ class Worker:
                         group.smtputf8 = True
                     continue
                 mid = msgid.token(it.id, secret)
-                if shared:  # the group's Message-ID is its first message's id
-                    data = r.render_shared(mid)
+                if shared:  # the group's Message-ID: its first message's, marked shared
+                    data = r.render_shared(msgid.group_token(it.id, secret))
                 else:
                     data = r.render(it.rcpt, loads(it.vars) if it.vars else {}, mid)
                 env = Envelope(

@@ -395,11 +395,8 @@ def _source(event: str) -> str:
     return SOURCE_COMPLAINT if event == "complained" else SOURCE_DSN
 
 
-def _from_message_id(text: str | None, secret: bytes) -> int | None:
-    if not text:
-        return None
-    local = text.strip().strip("<>").partition("@")[0]
-    return msgid.parse(local, secret)
+def _message_id_local(text: str | None) -> str:
+    return text.strip().strip("<>").partition("@")[0] if text else ""
 
 
 def find_original(
@@ -413,21 +410,26 @@ def find_original(
             got = _owner(ctx, row)
             if got is not None:
                 return row, *got
-    mid = _from_message_id(rec.original_message_id, ctx.secret)
+    local = _message_id_local(rec.original_message_id)
+    mid = msgid.parse(local, ctx.secret)
     if mid is not None:
         got = _owner(ctx, mid)
+        # A Message-ID is only a hint (other senders use digits too): the recipient must match.
+        if got is not None and (not rec.recipient or rec.recipient.lower() == got[1].lower()):
+            return mid, *got
+        return None
+    first = msgid.parse_group(local, ctx.secret)
+    if first is not None and rec.recipient:
+        # A message shared by several recipients carries its first row's id: the
+        # report is about the recipient it names, if that is one of the campaign's
+        # (a report naming no recipient names no one: never the first row's).
+        got = _owner(ctx, first)
         if got is None:
             return None
-        # The bounce is about the recipient the DSN names, and it must be one of
-        # the message's recipients: the row the Message-ID names, or -- a message
-        # shared by several recipients carries its first row's id -- another row
-        # of the same campaign with that address. Never the first row's address.
-        if not rec.recipient or rec.recipient.lower() == got[1].lower():
-            return mid, *got
         row = ctx.spool.db.execute(
             "SELECT id, rcpt FROM messages WHERE campaign=? AND rcpt=? COLLATE NOCASE"
             " ORDER BY abs(id - ?) LIMIT 1",
-            (got[0], rec.recipient, mid),
+            (got[0], rec.recipient, first),
         ).fetchone()
         if row is not None:
             return int(row[0]), got[0], str(row[1]), got[2]
