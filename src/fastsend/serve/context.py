@@ -52,6 +52,7 @@ class ServeContext:
     # suppression, webhook outbox, event index and the node registry in Redis.
     shared: Any = None
     dmarc: Any = None  # fastsend.analytics.dmarc.DmarcStore: aggregate reports from the intake
+    feeds: Any = None  # fastsend.analytics.feeds.Feeds, with [reputation.feeds]
     _tenant_campaigns: dict[str, int] = field(default_factory=dict, repr=False)
     _campaign_tenants: dict[int, str] = field(default_factory=dict, repr=False)
 

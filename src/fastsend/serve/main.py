@@ -70,9 +70,11 @@ def run(args: argparse.Namespace) -> int:
         AnalyticsSettings.from_config(cfg)  # issue 14: [analytics] errors before starting
         from fastsend.analytics.alarms import AlarmSettings
         from fastsend.analytics.dnsbl import ReputationSettings
+        from fastsend.analytics.feeds import FeedSettings
 
         ReputationSettings.from_config(cfg)
         AlarmSettings.from_config(cfg)
+        FeedSettings.from_config(cfg)
     except ConfigError as e:
         print(f"fastsend serve: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,9 @@ DESCRIPTION
     is an ``ip_listed`` event and rests the IP in its worker for the list's
     providers (:meth:`Supervisor.rest_ip`). The dashboard's IP page shows the
     last results. A second task evaluates the complaint-rate and bounce-rate
-    alarms (:mod:`fastsend.analytics.alarms`) every ``ALARM_EVERY`` seconds.
+    alarms (:mod:`fastsend.analytics.alarms`) every ``ALARM_EVERY`` seconds. With
+    ``[reputation.feeds]``, a third imports Postmaster Tools and SNDS on their
+    schedules (:mod:`fastsend.analytics.feeds`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from fastsend.analytics.alarms import Alarms, AlarmSettings
 from fastsend.analytics.dnsbl import Reputation, ReputationSettings, make_resolver, node_ips
+from fastsend.analytics.feeds import Feeds, FeedSettings
 
 log = logging.getLogger("fastsend.serve.reputation")
 
@@ -39,6 +42,17 @@ def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
         tasks.append(asyncio.create_task(rep.loop(lambda: node_ips(ctx.config)),
                                          name="blocklists"))  # fmt: skip
     rollups = getattr(ctx, "rollups", None)
+    feeds = FeedSettings.from_config(ctx.config)
+    if feeds.postmaster_domains or feeds.snds_url:
+        sup = ctx.supervisor
+
+        def gauge(tenant: str, name: str, value: float) -> None:
+            if rollups is not None:
+                rollups.gauge(tenant, name, value)
+
+        f = Feeds(feeds, gauge, ctx.emit, sup.rest_ip if sup is not None else None)
+        ctx.feeds = f
+        tasks.append(asyncio.create_task(f.loop(), name="reputation-feeds"))
     if rollups is not None:
         alarms = Alarms(AlarmSettings.from_config(ctx.config), rollups.store, ctx.emit)
 
