@@ -285,6 +285,37 @@ def speed(corpus: Path, min_cpu: float = 2.0) -> tuple[float, float]:
     return ours, base
 
 
+def classify_speed(corpus: Path, min_cpu: float = 2.0) -> float:
+    """Replies classified per CPU second: the (code, status, text, command,
+    action) of every corpus record, through a fresh RuleSet each pass (no memo
+    hits), as the intake and the delivery side (classify_reply) call it."""
+    labels = json.loads((corpus / "labels.json").read_text())
+    rules = default_rules()
+    replies = []
+    for n in sorted(labels):
+        for r in parse_bounce((corpus / "eml" / n).read_bytes(), rules=rules):
+            if r.reason not in ("feedback", "vacation"):
+                replies.append(
+                    (
+                        r.reply_code or 0,
+                        r.status or "",
+                        r.diagnostic,
+                        r.command or "",
+                        r.action or "",
+                    )
+                )
+    n = 0
+    t0 = time.process_time()
+    while True:
+        rs = RuleSet(rules.rules, rules.status, rules.weak, rules.signals)
+        for code, status, text, command, action in replies:
+            rs.classify(code, status, text, command=command, action=action)
+        n += len(replies)
+        dt = time.process_time() - t0
+        if dt >= min_cpu:
+            return n / dt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("corpus", nargs="?", type=Path, default=default_corpus())
@@ -304,10 +335,17 @@ def main() -> int:
         if not (ours > 0 and base > 0):
             print("speed: a side could not be measured", file=sys.stderr)
             return 2
+        cls = classify_speed(args.corpus)
         print(
-            f"\nspeed (one core, CPU time): parse_bounce+classify {ours:,.0f} bounces/s"
-            f" ({1000 / ours:.3f} ms CPU each); baseline stdlib MIME parse only"
-            f" {base:,.0f}/s; ratio ours/baseline = {ours / base:.2f} (goal >= {SPEED_GOAL:,.0f}/s)"
+            f"\nspeed (one core, CPU time):\n"
+            f"  end to end, parse_bounce (MIME + extraction + classification):"
+            f" {ours:,.0f} bounces/s ({1000 / ours:.3f} ms CPU each)\n"
+            f"  baseline, stdlib MIME parse only: {base:,.0f} messages/s;"
+            f" ratio end-to-end/baseline = {ours / base:.2f}\n"
+            f"  classification stage only (RuleSet.classify per reply, no memo hits):"
+            f" {cls:,.0f} replies/s ({1000 / cls:.3f} ms CPU each)\n"
+            f"  goal >= {SPEED_GOAL:,.0f}/s: end to end {'met' if ours >= SPEED_GOAL else 'NOT met'},"
+            f" classification {'met' if cls >= SPEED_GOAL else 'NOT met'}"
         )
         ok = ok and ours >= SPEED_GOAL
     return 0 if ok else 1
