@@ -127,18 +127,48 @@ class Rule:
 
 
 def _any_search(patterns: tuple[re.Pattern[str], ...], text: str) -> bool:
-    for p in patterns:
-        lits = _LITERALS.get(p)
-        if lits is None:
-            lits = _LITERALS[p] = _required_literals(p.pattern)
-        if lits and not any(lit in text for lit in lits):
-            continue  # none of its required words is in the text: cannot match
+    prepared = _PREPARED.get(patterns)
+    if prepared is None:
+        prepared = _prepare(patterns)
+    gate, items = prepared
+    if gate is not None:
+        # Every pattern has required words: none present, none can match.
+        for lit in gate:
+            if lit in text:
+                break
+        else:
+            return False
+    for p, lits in items:
+        if lits:
+            for lit in lits:
+                if lit in text:
+                    break
+            else:
+                continue  # none of its required words is in the text
         if p.search(text) is not None:
             return True
     return False
 
 
-_LITERALS: dict[re.Pattern[str], tuple[str, ...]] = {}
+_PREPARED: dict[
+    tuple[re.Pattern[str], ...],
+    tuple[tuple[str, ...] | None, tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]],
+] = {}
+
+
+def _prepare(
+    patterns: tuple[re.Pattern[str], ...],
+) -> tuple[tuple[str, ...] | None, tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]]:
+    items = tuple((p, _required_literals(p.pattern)) for p in patterns)
+    gate = None
+    if all(lits for _, lits in items):
+        gate = tuple(dict.fromkeys(lit for _, lits in items for lit in lits))
+    out = (gate, items)
+    if len(_PREPARED) < 10_000:
+        _PREPARED[patterns] = out
+    return out
+
+
 _QUANT = frozenset("?*+{")
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789 '\"-_,;:/=<>!@%&~`")
 
