@@ -240,6 +240,11 @@ def find_in_text(
     postmaster@ and the like (for bounces about such an address)."""
     section = cut_original(text)
     if hinted:
+        # Each named recipient once (a header may repeat one many times).
+        once: dict[str, str] = {}
+        for a in hinted:
+            once.setdefault(a.lower(), a)
+        hinted = list(once.values())
         first: dict[str, int] = {}
         for m in ADDR_RE.finditer(section):
             first.setdefault(m.group(1).lower(), m.start(1))
@@ -291,7 +296,8 @@ def find_in_text(
                     stop = mentions[k][0]
                     break
                 k += 1
-            diag = section[end:stop]
+            # Bounded: only the first DIAG_CAP characters are ever read.
+            diag = section[end : min(stop, end + 2 * DIAG_CAP)]
             if len(diag.strip()) < 10:
                 # The explanation all recipients share: read it once.
                 if shared is None:
