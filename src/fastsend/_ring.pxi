@@ -13,6 +13,7 @@ from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from libc.stdint cimport uint64_t
 from libc.errno cimport errno, EINTR
 from libc.string cimport memcpy
+from posix.mman cimport madvise, MADV_REMOVE
 
 import mmap as _ring_mmap
 import os as _ring_os
@@ -76,6 +77,8 @@ cdef extern from *:
 
 cdef enum:
     _RING_HEADER = 256
+    _RING_RELEASE_EVERY = 4 << 20  # bytes produced between releases of free pages
+    _RING_RELEASE_SLACK = 1 << 20  # free space right after head kept (written soon)
     _RING_MIN_CAPACITY = 64
 _RING_MAX_CAPACITY = 1 << 40
 cdef uint64_t _RING_MAGIC = 0x3130474E49525346ULL  # b"FSRING01", native LE u64
@@ -134,6 +137,8 @@ cdef class Ring:
     cdef int _wfd
     cdef bint _owner
     cdef bint _closed
+    cdef bint _release
+    cdef uint64_t _page
 
     def __cinit__(self, *args, **kwargs):
         self._have_view = False
@@ -191,6 +196,8 @@ cdef class Ring:
         self._wfd = wfd
         self._owner = owner
         self._closed = False
+        self._page = _ring_mmap.PAGESIZE
+        self._release = cap >= 2 * _RING_RELEASE_EVERY
         return 0
 
     cdef void _release_view(self) noexcept:
@@ -267,12 +274,40 @@ cdef class Ring:
             memcpy(self._data, src + first, n - first)
         fs_ring_store_release(self._head, head + need)
         fs_ring_fence()
+        if self._release and (head + need) // _RING_RELEASE_EVERY != head // _RING_RELEASE_EVERY:
+            self._release_free(head + need, tail)
         if fs_ring_load_relaxed(self._reader_waiting):
             fs_ring_store_relaxed(self._reader_waiting, 0)
             if fs_ring_signal(self._rfd) < 0:
                 PyErr_SetFromErrno(OSError)
                 return -1
         return 1
+
+    cdef void _release_free(self, uint64_t head, uint64_t tail) noexcept:
+        """Give the pages of free space far ahead of the producer back to the
+        kernel (MADV_REMOVE: shared anonymous memory), so a ring whose records
+        have passed through all of it does not keep it all resident. Only the
+        producer writes free space and the consumer never reads it, so this is
+        safe without coordination; a page written again is faulted in zeroed."""
+        cdef uint64_t start = head + _RING_RELEASE_SLACK, end = tail + self._cap
+        cdef uint64_t a, b, spos, epos
+        if end <= start + 2 * self._page:
+            return
+        spos = start & self._mask
+        epos = end & self._mask
+        if spos < epos:
+            self._punch(spos, epos)
+        else:
+            self._punch(spos, self._cap)
+            self._punch(0, epos)
+
+    cdef void _punch(self, uint64_t a, uint64_t b) noexcept:
+        cdef uint64_t page = self._page
+        cdef uint64_t base = <uint64_t>self._view.buf
+        cdef uint64_t lo = (base + _RING_HEADER + a + page - 1) // page * page
+        cdef uint64_t hi = (base + _RING_HEADER + b) // page * page
+        if hi > lo and madvise(<void *>lo, hi - lo, MADV_REMOVE) != 0:
+            self._release = False  # not shmem here: stop trying
 
     def put(self, data):
         """Append one record. False if it does not fit now; ValueError if never."""

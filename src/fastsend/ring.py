@@ -34,6 +34,12 @@ DESCRIPTION
     to padding markers and any record up to ``capacity - 8`` bytes fits in
     an empty ring (``max_record``).
 
+    Memory: every RELEASE_EVERY bytes it publishes, the producer gives the
+    pages of free space more than RELEASE_SLACK ahead of it back to the
+    kernel (``madvise(MADV_REMOVE)``; free space is written only by the
+    producer and never read), so a large ring that records have wrapped
+    around does not stay resident in full.
+
     Wake-ups use two eventfds created before fork. ``reader_fd`` becomes
     readable when the producer published while the consumer was (about to
     be) asleep; ``writer_fd`` when the consumer freed space while the
@@ -95,6 +101,8 @@ from fastsend._accel import pick
 __all__ = ["HEADER_BYTES", "MAGIC", "PyRing", "Ring"]
 
 HEADER_BYTES: Final = 256
+RELEASE_EVERY: Final = 4 << 20  # bytes produced between releases of free pages
+RELEASE_SLACK: Final = 1 << 20  # free space right after head kept resident (written soon)
 MAGIC: Final = 0x3130474E49525346  # b"FSRING01" read as a native little-endian u64
 MIN_CAPACITY: Final = 64
 MAX_CAPACITY: Final = 1 << 40
@@ -208,6 +216,7 @@ class Ring:
         self._wfd = wfd
         self._owner = owner
         self._closed = False
+        self._release = cap >= 2 * RELEASE_EVERY and hasattr(mmap, "MADV_REMOVE")
 
     # -- properties ---------------------------------------------------------
 
@@ -277,10 +286,35 @@ class Ring:
             data_mv[: n - first] = view[first:]
         hdr[_W_HEAD] = head + need  # release: record bytes are stored before this
         _full_fence()
+        if self._release and (head + need) // RELEASE_EVERY != head // RELEASE_EVERY:
+            self._release_free(head + need, tail)
         if hdr[_W_READER_WAITING]:
             hdr[_W_READER_WAITING] = 0
             _signal(self._rfd)
         return True
+
+    def _release_free(self, head: int, tail: int) -> None:
+        """Give the pages of free space far ahead of the producer back to the
+        kernel (MADV_REMOVE: shared anonymous memory), so a ring whose records
+        have passed through all of it does not keep it all resident (one wrap of
+        a 32 MB ring made every page resident for good). Only the producer writes
+        free space and the consumer never reads it, so this needs no
+        coordination; a page written again is faulted in, zeroed."""
+        start, end = head + RELEASE_SLACK, tail + self._cap
+        if end <= start + 2 * mmap.PAGESIZE:
+            return
+        spos, epos = start & self._mask, end & self._mask
+        spans = [(spos, epos)] if spos < epos else [(spos, self._cap), (0, epos)]
+        page = mmap.PAGESIZE
+        for a, b in spans:
+            lo = -(-(HEADER_BYTES + a) // page) * page
+            hi = (HEADER_BYTES + b) // page * page
+            if hi > lo:
+                try:
+                    self._mem.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+                except OSError:
+                    self._release = False  # not shmem here: stop trying
+                    return
 
     def clear_writer(self) -> None:
         """Consume a pending space-available wake-up (call before retrying puts)."""
