@@ -144,6 +144,7 @@ def _response_schemas() -> dict[str, Any]:
                     source=nullable("string"),
                     created=_NUM,
                     expires=nullable("number"),
+                    message=nullable("integer"),
                 ),
             },
         ),
