@@ -70,7 +70,7 @@ class ReputationSettings:
         raw = config.raw.get("reputation", {})
         if not isinstance(raw, dict):
             raise ConfigError("[reputation] must be a table")
-        known = {"blocklists", "check_every", "rest_hours", "feeds", "alarms"}
+        known = {"blocklists", "check_every", "rest_hours", "feeds", "alarms", "warmup"}
         extra = set(raw) - known
         if extra:
             raise ConfigError(f"[reputation] unknown key {sorted(extra)[0]!r}"

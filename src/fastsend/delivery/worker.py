@@ -101,6 +101,8 @@ class Worker:
                 self.shaper.restore(msg.counts)
             elif isinstance(msg, wire.IPRest):
                 self.shaper.rest_ip(msg.ip, msg.providers, msg.until, msg.reason)
+            elif isinstance(msg, wire.WarmupAdjust):
+                self.shaper.adjust_warmup(msg.offsets)
             elif isinstance(msg, wire.Drain):
                 self.draining = True
                 for q in self.sites.values():  # what cannot go soon goes back now

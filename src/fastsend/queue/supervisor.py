@@ -165,6 +165,15 @@ class Supervisor:
                 slot.backlog.append(rec)
                 self.push_backlog(slot)
 
+    def set_warmup_offsets(self, offsets: dict[str, int]) -> None:
+        """Warm-up day offsets per IP for every worker (and any started later)."""
+        self.shaping.warmup_offsets = dict(offsets)
+        rec = wire.encoder.encode(wire.WarmupAdjust(dict(offsets)))
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None:
+                slot.backlog.append(rec)
+                self.push_backlog(slot)
+
     # -- workers -------------------------------------------------------------
 
     def spawn(self, slot: WorkerSlot) -> None:

@@ -129,7 +129,13 @@ class IPRest(msgspec.Struct, array_like=True, tag=11):
     reason: str
 
 
-ToWorker = CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts | IPRest
+class WarmupAdjust(msgspec.Struct, array_like=True, tag=12):
+    """Supervisor -> worker: warm-up day offsets per IP (fastsend.analytics.warmup)."""
+
+    offsets: dict[str, int]
+
+
+ToWorker = CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts | IPRest | WarmupAdjust
 FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback
 
 encoder = msgspec.msgpack.Encoder()

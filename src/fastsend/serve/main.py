@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         ReputationSettings.from_config(cfg)
         AlarmSettings.from_config(cfg)
         FeedSettings.from_config(cfg)
+        from fastsend.analytics.warmup import WarmupPolicy
+
+        WarmupPolicy.from_config(cfg)
     except ConfigError as e:
         print(f"fastsend serve: {e}", file=sys.stderr)
         return 2

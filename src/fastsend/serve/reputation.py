@@ -12,7 +12,9 @@ DESCRIPTION
     last results. A second task evaluates the complaint-rate and bounce-rate
     alarms (:mod:`fastsend.analytics.alarms`) every ``ALARM_EVERY`` seconds. With
     ``[reputation.feeds]``, a third imports Postmaster Tools and SNDS on their
-    schedules (:mod:`fastsend.analytics.feeds`).
+    schedules (:mod:`fastsend.analytics.feeds`). With warming IPs in ``[pools]``,
+    a fourth moves their warm-up day by rates and feeds once a UTC day
+    (:mod:`fastsend.analytics.warmup`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Any
 from fastsend.analytics.alarms import Alarms, AlarmSettings
 from fastsend.analytics.dnsbl import Reputation, ReputationSettings, make_resolver, node_ips
 from fastsend.analytics.feeds import Feeds, FeedSettings
+from fastsend.analytics.warmup import EngagementWarmup, WarmupPolicy
 
 log = logging.getLogger("fastsend.serve.reputation")
 
 ALARM_EVERY = 60.0
+WARMUP_EVERY = 600.0  # judged once per UTC day per IP; this is how soon after midnight
 
 
 def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
@@ -53,6 +57,28 @@ def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
         f = Feeds(feeds, gauge, ctx.emit, sup.rest_ip if sup is not None else None)
         ctx.feeds = f
         tasks.append(asyncio.create_task(f.loop(), name="reputation-feeds"))
+    policy = WarmupPolicy.from_config(ctx.config)
+    pools = getattr(ctx.config, "pools", None)
+    warming = pools is not None and any(
+        ip.warmup_start_day is not None for p in pools.pools.values() for ip in p.ips
+    )
+    if rollups is not None and policy.enabled and warming and ctx.supervisor is not None:
+        feeds_now = getattr(ctx, "feeds", None)
+        ew = EngagementWarmup(policy, rollups.store, ctx.config.spool_dir, ctx.emit,
+                              feeds_now.verdict if feeds_now is not None else None)  # fmt: skip
+        ctx.supervisor.set_warmup_offsets(ew.offsets())  # what earlier days decided
+
+        async def warmup_loop() -> None:
+            while True:
+                try:
+                    rollups.flush()
+                    if ew.evaluate(node_ips(ctx.config)):
+                        ctx.supervisor.set_warmup_offsets(ew.offsets())
+                except Exception:
+                    log.exception("warm-up evaluation failed")
+                await asyncio.sleep(WARMUP_EVERY)
+
+        tasks.append(asyncio.create_task(warmup_loop(), name="warmup"))
     if rollups is not None:
         alarms = Alarms(AlarmSettings.from_config(ctx.config), rollups.store, ctx.emit)
 

@@ -465,6 +465,12 @@ class Shaper:
         held = keep | {site for _ip, site in self.lanes}
         self.limits = {k: v for k, v in self.limits.items() if k[0] in held}
 
+    def adjust_warmup(self, offsets: dict[str, int]) -> None:
+        """Warm-up day offsets per IP (the engagement-aware warm-up's decision)."""
+        now = time.time()
+        for pool in (*self.pools.values(), *self.poolset.pools.values()):
+            pool.set_offsets(offsets, now)
+
     def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
         """Rest ``ip`` for ``providers`` ("*": all) until ``until`` (unix seconds)."""
         now = time.time()

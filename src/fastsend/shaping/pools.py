@@ -31,7 +31,11 @@ DESCRIPTION
 
     Warm-up: an IP with ``warmup_start`` (a date, or ``warmup_day = N`` for
     "today is day N") may send at most ``schedule[day-1]`` messages per UTC
-    day to each provider; after the schedule it is warm (no cap). Counters
+    day to each provider; after the schedule it is warm (no cap). The day may
+    run ahead of or behind the calendar (``PoolIP.day_offset``, set from the
+    engagement-aware warm-up). Mail over a cold IP's cap overflows: ``pick``
+    passes over an IP at its cap, so the pool's warmed IPs take that share
+    the same day. Counters
     live in the worker that owns the IP; the supervisor persists them in the
     spool (``Spool.add_counters``: shared by the nodes of a Redis spool) and
     hands them back to a restarted worker through the ring.
@@ -66,12 +70,15 @@ class PoolIP:
     weight: int = 1
     ehlo: str = ""
     warmup_start_day: int | None = None  # UTC day number of warm-up day 1
+    # Days ahead (+) or behind (-) the calendar, set by the engagement-aware warm-up
+    # (fastsend.analytics.warmup: rates and provider feeds) through the supervisor.
+    day_offset: int = 0
 
     def warmup_day(self, now: float) -> int:
         """1-based day of warm-up at ``now`` (0: not warming)."""
         if self.warmup_start_day is None:
             return 0
-        return max(1, utc_day(now) - self.warmup_start_day + 1)
+        return max(1, utc_day(now) - self.warmup_start_day + 1 + self.day_offset)
 
 
 @dataclass
@@ -122,6 +129,17 @@ class Pool:
                 ip.ip, provider, day, self.schedule.cap(ip.warmup_day(now))
             )
         return w
+
+    def set_offsets(self, offsets: dict[str, int], now: float) -> None:
+        """Warm-up day offsets per IP; today's caps follow at once."""
+        day = utc_day(now)
+        by_ip = {p.ip: p for p in self.ips}
+        for p in self.ips:
+            p.day_offset = int(offsets.get(p.ip, 0))
+        for (ip, _prov), w in self.counters.items():
+            p = by_ip.get(ip)
+            if p is not None and w.day == day:
+                w.cap = self.schedule.cap(p.warmup_day(now))
 
     def pick(self, provider: str, now: float, eligible: Any = None) -> PoolIP | None:
         """Smooth weighted round-robin over the IPs that may send now."""

@@ -247,6 +247,7 @@ class SupervisorShaping:
         self.log: EventLog | None = None
         self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []  # e.g. dashboards
         self.ip_rests: list[wire.IPRest] = []  # blocklist rests, for (re)started workers
+        self.warmup_offsets: dict[str, int] = {}  # engagement-aware warm-up, likewise
 
     def reconfigure(self, config: Config) -> None:
         """SIGHUP: new dispatch rates, guardrail thresholds and pools. Buckets start
@@ -276,6 +277,8 @@ class SupervisorShaping:
     def spawn_records(self) -> list[bytes]:
         now = time.time()
         out = [wire.encoder.encode(r) for r in self.ip_rests if r.until > now]
+        if self.warmup_offsets:
+            out.append(wire.encoder.encode(wire.WarmupAdjust(dict(self.warmup_offsets))))
         if not self.state.warm:
             return out
         return [wire.encoder.encode(wire.WarmupCounts(dict(self.state.warm))), *out]
