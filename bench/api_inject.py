@@ -149,9 +149,9 @@ def main() -> int:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    from fastsend.spool.sqlite import SQLiteSpool
+    from fastsend.spool import open_spool
 
-    spool = SQLiteSpool(os.path.join(tmp, "spool"), readonly=True)
+    spool = open_spool(os.path.join(tmp, "spool"), readonly=True)
     stored = sum(spool.counts().values())
     spool.close()
     rate = r["accepted"] / r["seconds"] if r["seconds"] > 0 else 0.0

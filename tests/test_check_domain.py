@@ -111,7 +111,7 @@ def test_spf_evaluator_rules() -> None:
 
 
 def test_org_domain_fallback_without_psl(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fastsend.authcheck as ac
+    import fastsend.authcheck.common as ac
 
     monkeypatch.setattr(ac, "_PSL", None)
     assert ac.org_domain("a.b.example.com") == "example.com"

@@ -266,7 +266,7 @@ def test_suppression_added_while_mail_waits_for_a_retry(tmp_path: Path) -> None:
     states = dict(db.execute("SELECT rcpt, state FROM messages").fetchall())
     assert states == {"defer1-x@example.com": SUPPRESSED, "defer1-y@example.com": DELIVERED}
     ev = [e for e in _events(spool) if e["rcpt"] == "defer1-x@example.com"]
-    assert [e["event"] for e in ev] == ["deferred", "suppressed"]
+    assert [e["event"] for e in ev] == ["accepted", "deferred", "suppressed"]
     assert ev[-1]["reason"] == "manual" and ev[-1]["tenant"] == "default"
 
 

@@ -49,10 +49,15 @@ def test_20000_recipients_exactly_once_from_every_source_ip(tmp_path: Path) -> N
     assert max(got.values()) == 1, "a recipient was delivered twice in a clean run"
     peers = {rec["peer"] for rec in sink_log(log)}
     assert peers == set(IPS)
-    # The event log has one line per attempt, with source IP and MX host.
-    events = [
+    # The event log has one "accepted" line per recipient (fastsend.accept), then
+    # one line per attempt, with source IP and MX host.
+    lines = [
         orjson.loads(x) for x in (tmp_path / "spool" / "events.jsonl").read_bytes().splitlines()
     ]
+    accepted = [e for e in lines if e["event"] == "accepted"]
+    assert len(accepted) == n and {e["rcpt"] for e in accepted} == set(got)
+    assert all(e["tenant"] == "default" for e in accepted)
+    events = [e for e in lines if e["event"] != "accepted"]
     assert len(events) == n
     e = events[0]
     assert e["event"] == "delivered" and e["source_ip"] in IPS and e["mx"] == f"{host}:{port}"
@@ -99,7 +104,8 @@ def test_faults_retry_defer_expire_and_bounce(tmp_path: Path) -> None:
     events = [orjson.loads(x) for x in (spool / "events.jsonl").read_bytes().splitlines()]
     by: dict[str, list[dict[str, object]]] = {}
     for e in events:
-        by.setdefault(str(e["rcpt"]), []).append(e)
+        if e["event"] != "accepted":
+            by.setdefault(str(e["rcpt"]), []).append(e)
     d = by["defer2-a@example.net"]
     assert [e["event"] for e in d] == ["deferred", "deferred", "delivered"]
     assert [e["attempt"] for e in d] == [1, 2, 3]

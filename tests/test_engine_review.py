@@ -526,7 +526,7 @@ def test_a_message_with_many_attempts_is_retried_then_expires(tmp_path: Path) ->
     60 s .. 300 s over 7 days is 2,016 attempts): OverflowError in apply() lost
     the rest of the Results record (stranded in flight) or killed the loop.
     Now the interval is capped as the policy says and the message expires."""
-    from fastsend.queue.retry import next_attempt
+    from fastsend.retry import next_attempt
     from fastsend.spool import DEFERRED, Result
 
     policy = cfgmod.from_dict({"retry": {"min_backoff": 60, "max_backoff": 300}}).retry

@@ -10,7 +10,7 @@ import pytest
 from fastsend import recipients
 from fastsend.address import AddressError, normalize
 from fastsend.config import ConfigError, RetryConfig, from_dict
-from fastsend.queue.retry import next_attempt
+from fastsend.retry import next_attempt
 
 
 @pytest.mark.parametrize(
@@ -105,6 +105,21 @@ def test_config_parsing_and_errors() -> None:
     ):
         with pytest.raises(ConfigError):
             from_dict(bad)
+    # A misspelt or unknown section is an error naming it, not a silent no-op.
+    with pytest.raises(ConfigError, match=r"unknown section \[submision\]"):
+        from_dict({"submision": {"listen": "127.0.0.1:587"}})
+    # A setting that cannot apply is a warning naming it, never silence.
+    routed = from_dict(
+        {
+            "routes": {"*": "relay.example.net:2525"},
+            "shaping": {"domain": {"gmail.com": {"max_connections": 2},
+                                   "relay.example.net": {"max_connections": 4}}},
+        }
+    )  # fmt: skip
+    assert len(routed.warnings) == 1
+    assert '[shaping.domain."gmail.com"] does not apply' in routed.warnings[0]
+    assert "relay.example.net:2525" in routed.warnings[0]
+    assert from_dict({"shaping": {"domain": {"gmail.com": {"max_connections": 2}}}}).warnings == []
 
 
 def test_retry_backoff_doubles_caps_and_expires() -> None:

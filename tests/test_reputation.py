@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from fastsend import wire
 from fastsend.analytics.alarms import Alarms, AlarmSettings
 from fastsend.analytics.dnsbl import (
     Blocklist,
@@ -25,7 +26,6 @@ from fastsend.analytics.dnsbl import (
 from fastsend.analytics.rollup import _node_rows
 from fastsend.analytics.store import IDX, NC, SQLiteRollupStore
 from fastsend.config import ConfigError, from_dict
-from fastsend.queue import wire
 from fastsend.testing.dnsserver import DNSServer
 
 ZONES = {

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 
 from fastsend.config import from_dict
-from fastsend.serve.api import API_KEY, ApiSettings, make_app
+from fastsend.serve.api import API_KEY, ApiSettings
+from fastsend.serve.app import make_app
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext, open_context
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastsend.queue.shaping import ShapingState
 from fastsend.shaping.guardrails import Guardrails, GuardrailSettings
-from fastsend.shaping.supervise import ShapingState
 from fastsend.spool import BOUNCED, DELIVERED, Claimed
 
 

@@ -99,7 +99,7 @@ def test_dispatch_gates_of_two_nodes_share_rates_with_leased_tokens(
     import time
 
     from fastsend.config import from_dict
-    from fastsend.shaping.supervise import DispatchGate
+    from fastsend.queue.shaping import DispatchGate
     from fastsend.shared_limits import lease_batch
     from fastsend.spool import open_spool
 

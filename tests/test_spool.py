@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,10 +17,14 @@ from fastsend.spool import (
     DEFERRED,
     DELIVERED,
     SUPPRESSED,
+    IngestMark,
     Result,
     Spool,
+    SpoolError,
+    SpoolProxy,
+    open_spool,
 )
-from fastsend.spool.sqlite import SpoolError, SQLiteSpool
+from fastsend.spool.sqlite import SQLiteSpool
 
 Factory = Callable[[], Spool]
 
@@ -141,9 +146,115 @@ def test_ordering_oldest_due_first_across_campaigns(make_spool: Factory) -> None
 def test_readonly_view_and_missing_spool(tmp_path: Path) -> None:
     with pytest.raises(SpoolError):
         SQLiteSpool(str(tmp_path / "nope"), readonly=True)
+    with pytest.raises(SpoolError, match="no spool"):
+        open_spool(str(tmp_path / "nope"), must_exist=True)
+    assert not (tmp_path / "nope").exists()
     s = SQLiteSpool(str(tmp_path))
     cid = s.create_campaign({"from": "a@b.example"})
     s.add_messages(cid, spool_rows(3), time.time())
     ro = SQLiteSpool(str(tmp_path), readonly=True)
     assert ro.counts()["queued"] == 3
     assert ro.get_campaign(cid) is not None
+
+
+def test_owner_counts_by_campaign_and_pending_domains(make_spool: Factory) -> None:
+    s = make_spool()
+    a = s.create_campaign({"from": "a@b.example"}, tenant="t1")
+    b = s.create_campaign({"from": "a@b.example"}, tenant="t2")
+    now = time.time()
+    ids = s.add_messages(a, spool_rows(3, "x.example"), now)
+    s.add_messages(a, spool_rows(2, "y.example"), now)
+    s.add_messages(b, spool_rows(4, "y.example"), now, state=SUPPRESSED)
+    s.add_messages(b, spool_rows(1, "z.example"), now)
+    assert s.owner(ids[1]) == (a, "u1@x.example")
+    assert s.owner(10**9) is None
+    # The nearest message of the campaign to that address, case-insensitive.
+    assert s.sibling(a, "U2@X.example", ids[0]) == (ids[2], "u2@x.example")
+    assert s.sibling(b, "u2@x.example", ids[0]) is None  # b has u2@y / u0@z only
+    assert s.sibling(a, "nobody@x.example", ids[0]) is None
+    got = s.claim_due(now, 1)  # in flight is still pending for the dashboard
+    s.record_results([Result(got[0].id, DELIVERED, 1, 0, 250, "2.0.0", "ok")], now)
+    per = s.counts_by_campaign()
+    assert set(per) == {a, b}
+    assert sum(per[a].values()) == 5 and per[a]["delivered"] == 1
+    assert per[b]["suppressed"] == 4 and per[b]["queued"] == 1
+    assert s.counts_by_campaign([b]) == {b: per[b]}
+    assert s.counts_by_campaign([]) == {}
+    c = s.create_campaign({"from": "a@b.example"})
+    assert s.counts_by_campaign()[c] == dict.fromkeys(per[a], 0)
+    domains = dict(s.pending_domains())
+    assert sum(domains.values()) == 5 and domains["y.example"] == 2 - (got[0].domain == "y.example")
+    assert s.pending_domains([b]) == [("z.example", 1)]
+    assert s.pending_domains(None, limit=1) == s.pending_domains()[:1]
+    assert s.pending_domains([]) == []
+
+
+def test_add_messages_suppressed_rows_and_ingest_mark(make_spool: Factory) -> None:
+    s = make_spool()
+    cid = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    source = {"path": "/x/list.csv", "size": 10, "mtime_ns": 1, "sha256": "ab"}
+    job = s.create_ingest(cid, source, 7)
+    j = s.get_ingest(job)
+    assert j is not None and (j.campaign, j.source, j.total, j.line, j.status) == (
+        cid, source, 7, 0, "running"
+    )  # fmt: skip
+    mark = IngestMark(job, line=5, accepted=4, rejected=1)
+    ids = s.add_messages(cid, spool_rows(4), now, suppressed={1, 3}, ingest=mark)
+    assert [s.message(i)["state"] for i in ids] == ["queued", "suppressed"] * 2  # type: ignore[index]
+    assert s.counts(cid)["suppressed"] == 2 and s.counts()["queued"] == 2
+    assert {c.id for c in s.claim_due(now, 10)} == {ids[0], ids[2]}
+    j = s.get_ingest(job)
+    assert j is not None and (j.line, j.accepted, j.rejected) == (5, 4, 1)
+    # A mark alone (the last rows were all bad) still moves the job.
+    assert s.add_messages(cid, [], now, ingest=IngestMark(job, 7, 4, 3)) == []
+    s2 = make_spool()  # durable: another process sees it
+    j2 = s2.get_ingest(job)
+    assert j2 is not None and (j2.line, j2.rejected) == (7, 3)
+    assert [x.id for x in s2.list_ingests(unfinished=True)] == [job]
+    other = s2.create_ingest(cid, source, 1)
+    s2.finish_ingest(job, "done")
+    assert [x.id for x in s2.list_ingests(unfinished=True)] == [other]
+    assert [(x.id, x.status, x.finished) for x in s2.list_ingests()] == [
+        (job, "done", True), (other, "running", False)
+    ]  # fmt: skip
+    s2.finish_ingest(other, "abandoned")
+    assert s2.list_ingests(unfinished=True) == [] and s2.get_ingest(10**6) is None
+    with pytest.raises(ValueError):
+        s2.finish_ingest(other, "running")
+
+
+def test_proxy_forwards_every_method(make_spool: Factory) -> None:
+    calls: list[str] = []
+
+    class Counting(SpoolProxy):
+        def add_messages(self, *a: Any, **kw: Any) -> list[int]:
+            calls.append("add")
+            return super().add_messages(*a, **kw)
+
+    inner = make_spool()
+    s = Counting(inner)
+    cid = s.create_campaign({"from": "a@b.example"}, name="p", tenant="t")
+    now = time.time()
+    ids = s.add_messages(cid, spool_rows(3), now, suppressed=[2])
+    assert calls == ["add"] and s.counts(cid)["suppressed"] == 1
+    assert s.get_campaign(cid) == inner.get_campaign(cid) and len(s.list_campaigns()) == 1
+    got = s.claim_due(now, 1)
+    s.renew()
+    s.requeue([(got[0].id, now)], now)
+    got = s.claim_due(now, 2)
+    s.release([got[0].id])
+    s.record_results([Result(got[1].id, DELIVERED, 1, 0, 250, "2.0.0", "ok")], now)
+    assert s.recover() == 0 and s.next_due() is not None
+    assert s.message(ids[0]) == inner.message(ids[0]) and s.owner(ids[0]) == (cid, "u0@example.com")
+    assert s.counts_by_campaign() == inner.counts_by_campaign()
+    assert s.pending_domains() == inner.pending_domains() and s.queue_shape(now)
+    job = s.create_ingest(cid, {}, 1)
+    assert s.get_ingest(job) is not None and len(s.list_ingests()) == 1
+    s.finish_ingest(job, "done")
+    s.set_campaign_status(cid, "paused")
+    assert inner.get_campaign(cid).status == "paused"  # type: ignore[union-attr]
+    assert s.add_counters({"w|a": 2}) == {"w|a": 2} and inner.counters("w|") == {"w|a": 2}
+    s.drop_counters(["w|a"])
+    assert s.counters("w|") == {}
+    s.close()

@@ -31,7 +31,8 @@ from fastsend.spool import (
     open_spool,
     spool_local_dir,
 )
-from fastsend.spool.redis import RedisSpool, parse_url
+from fastsend.spool import parse_redis_url as parse_url
+from fastsend.spool.redis import RedisSpool
 from fastsend.spool.sqlite import SQLiteSpool
 
 # -- Redis only: nodes, leases, atomic claims ----------------------------------

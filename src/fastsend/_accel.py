@@ -2,11 +2,20 @@
 
 Every hot function or class has a readable pure-Python version (the reference)
 and, in ``fastsend._core``, a compiled one with the same name and behaviour.
-Code imports the chosen one through :func:`pick`::
+Code binds the chosen one through :func:`pick`, the one idiom for every
+twin, at the end of the module that defines the reference version: a function
+is rebound under its own name; a class first keeps the reference under
+``Py<Name>`` (tests and type checkers use it) (``fastsend/ring.py``)::
 
     from fastsend._accel import pick
-    from fastsend.rings import _ring_py
-    Ring = pick(_ring_py.Ring)
+
+    def dot_stuff(data: bytes) -> bytes: ...   # the reference implementation
+    dot_stuff = pick(dot_stuff)                # fastsend._core.dot_stuff if built
+
+    class Ring: ...
+    PyRing: Final = Ring
+    if not TYPE_CHECKING:
+        Ring = pick(PyRing)
 
 Setting ``FASTSEND_NO_EXTENSIONS=1`` forces the pure-Python versions (as
 aiohttp's ``AIOHTTP_NO_EXTENSIONS``). If the extension is not built, the pure
@@ -35,7 +44,8 @@ HAVE_EXTENSIONS = _core is not None
 
 
 def compiled(name: str) -> Any:
-    """The compiled object ``name`` from ``fastsend._core`` (ImportError if absent)."""
+    """The compiled object ``name`` from ``fastsend._core`` (ImportError if absent):
+    tests compare each twin against its reference."""
     if _core is None or not hasattr(_core, name):
         raise ImportError(f"fastsend._core has no {name!r} (extension not built?)")
     return getattr(_core, name)

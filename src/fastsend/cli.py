@@ -37,13 +37,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fastsend.commands.top",
         "a live full-screen view of rates per provider, source IP and campaign",
     ),
-    "sink": ("fastsend.sink.cli", "run a fast fault-injecting SMTP sink for tests and load tests"),
+    "sink": (
+        "fastsend.commands.sink",
+        "run a fast fault-injecting SMTP sink for tests and load tests",
+    ),
     "dkim": (
-        "fastsend.message.keygen_cli",
+        "fastsend.commands.dkim",
         "DKIM key tools: keygen (writes a key, prints the DNS TXT record)",
     ),
     "check-domain": (
-        "fastsend.authcheck.cli",
+        "fastsend.commands.check_domain",
         "check a sending domain's MX, SPF, DKIM, DMARC and PTR records",
     ),
     "check-ip": (
@@ -51,18 +54,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "check source IPs against DNS blocklists ([reputation] blocklists)",
     ),
     "bounce": (
-        "fastsend.bounce.cli",
+        "fastsend.commands.bounce",
         "classify bounce and complaint messages (DSN, ARF, vendor formats)",
     ),
     "suppress": (
-        "fastsend.suppression_cli",
+        "fastsend.commands.suppress",
         "manage the suppression list: add, remove, list, import, export",
     ),
     "serve": (
         "fastsend.serve.main",
         "run the long-lived MTA: HTTP API, SMTP listeners, tracking, webhooks, metrics",
     ),
-    "apikey": ("fastsend.serve.apikey_cli", "create, list and revoke API keys (stored hashed)"),
+    "apikey": ("fastsend.commands.apikey", "create, list and revoke API keys (stored hashed)"),
 }
 
 

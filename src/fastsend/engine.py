@@ -74,10 +74,14 @@ def run(
     campaign: int | None = None,
     feeder: Iterator[object] | None = None,
     total_fn: Callable[[], int] | None = None,
+    events: EventLog | None = None,
 ) -> dict[str, Any]:
     """Deliver until done. ``feeder`` spools more mail while delivery runs (see
-    Supervisor); ``total_fn`` gives the progress line the count spooled so far."""
-    events = EventLog(config.event_log_path)
+    Supervisor); ``total_fn`` gives the progress line the count spooled so far.
+    ``events``: the caller's event log (it stays open), else the config's."""
+    own_events = events is None
+    if events is None:
+        events = EventLog(config.event_log_path)
     from fastsend.analytics.attach import attach  # issue 14: rollups beside the spool
 
     rollups = attach(config, spool, events)
@@ -98,7 +102,10 @@ def run(
         with asyncio.Runner() as runner:
             stats = runner.run(sup.run())
     finally:
-        events.close()
+        if own_events:
+            events.close()
+        else:
+            events.flush()
         if rollups is not None:
             rollups.close()
         if bar:

@@ -23,7 +23,7 @@ import os
 import secrets
 from typing import Any
 
-from fastsend.config import Config
+from fastsend.settings import Config
 
 _MAC_CHARS = 10  # 50 bits
 

@@ -49,7 +49,7 @@ from typing import Any
 
 import redis
 
-from fastsend.spool.redis import parse_url
+from fastsend.redisurl import parse_redis_url as parse_url
 
 MAX_NOW_S = 4.0e9  # |now| * 1e6 stays below 2**53: exact in Lua's doubles
 MAX_RATE = 1.0e6  # one event per microsecond

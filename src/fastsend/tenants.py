@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastsend.config import Config, ConfigError
+from fastsend.settings import Config, ConfigError
 
 __all__ = ["Tenant", "TenantDomainError", "Tenants", "domain_of"]
 

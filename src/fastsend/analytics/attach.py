@@ -1,7 +1,7 @@
 """Wiring: a :class:`~fastsend.analytics.rollup.Rollups` on a spool's event log.
 
 ``attach(config, spool, events)`` opens the rollup store beside the spool
-(:func:`~fastsend.analytics.store.open_store`), builds the listener with the
+(:func:`~fastsend.analytics.stores.open_store`), builds the listener with the
 shaping policy's provider matching and the spool's campaign tenants, and
 appends it to ``events.listeners``. The caller flushes it on its tick
 (``maybe_flush``) and closes it after the event log's last flush. ``None``
@@ -14,9 +14,9 @@ import logging
 from typing import Any
 
 from fastsend.analytics.rollup import AnalyticsSettings, Rollups, policy_provider
-from fastsend.analytics.store import open_store
-from fastsend.config import Config
+from fastsend.analytics.stores import open_store
 from fastsend.events import EventLog
+from fastsend.settings import Config
 
 log = logging.getLogger("fastsend.analytics")
 

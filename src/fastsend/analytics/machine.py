@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from fastsend.config import ConfigError
+from fastsend.settings import ConfigError
 
 KINDS = ("open", "click")
 _KEYS = {"name", "user_agent", "method", "within_s_of_delivery", "burst_links", "burst_window_s"}

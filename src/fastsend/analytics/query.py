@@ -256,31 +256,31 @@ def run_query(store: RollupStore, q: StatsQuery) -> dict[str, Any]:
         out["step"] = g
         out["series"] = {"t": ts, **{c: [0] * len(ts) for c in COUNTERS}}
         for values, row in series_rows:
-            i = pos.get(values[0])
-            if i is None:
+            ix = pos.get(values[0])
+            if ix is None:
                 continue
             for c, v in zip(COUNTERS, row, strict=True):
                 if v:
-                    out["series"][c][i] += v
+                    out["series"][c][ix] += v
             grp = groups.get(_group_key(q.dims, values[1:])) if q.dims else None
             if grp is not None:
                 s = grp.setdefault("series", {c: [0] * len(ts) for c in COUNTERS})
                 for c, v in zip(COUNTERS, row, strict=True):
                     if v:
-                        s[c][i] += v
+                        s[c][ix] += v
         if q.reasons:
             rs: dict[str, dict[str, list[int]]] = {"bounced": {}, "deferred": {}}
             for (t, kind, reason), n in store.reasons(g, start, q.t1, q.tenant, q.filters, True):
-                i = pos.get(t)
-                if i is not None and kind in rs:
-                    rs[kind].setdefault(reason, [0] * len(ts))[i] += n
+                ix = pos.get(t)
+                if ix is not None and kind in rs:
+                    rs[kind].setdefault(reason, [0] * len(ts))[ix] += n
             out["reasons_series"] = rs
         if q.gauges:
             gs: dict[str, list[float | None]] = {}
-            for t, name, v in store.gauges(g, start, q.t1, q.tenant):
-                i = pos.get(t)
-                if i is not None:
-                    gs.setdefault(name, [None] * len(ts))[i] = v
+            for t, name, gval in store.gauges(g, start, q.t1, q.tenant):
+                ix = pos.get(t)
+                if ix is not None:
+                    gs.setdefault(name, [None] * len(ts))[ix] = gval
             out["gauges"] = gs
     if q.reasons:
         rsum: dict[str, dict[str, int]] = {"bounced": {}, "deferred": {}}

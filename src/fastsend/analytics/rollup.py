@@ -56,7 +56,7 @@ from typing import Any
 
 from fastsend.analytics.machine import MachineRules, load_machine_rules
 from fastsend.analytics.store import ALL, IDX, NC, RETENTION_DAYS, RollupStore
-from fastsend.config import Config, ConfigError
+from fastsend.settings import Config, ConfigError
 
 log = logging.getLogger("fastsend.analytics")
 

@@ -1,7 +1,7 @@
 """Where rollups live: :class:`RollupStore` (the seam), its SQLite and Redis forms.
 
 NAME
-    fastsend.analytics.store -- RollupStore, SQLiteRollupStore, open_store.
+    fastsend.analytics.store -- RollupStore, SQLiteRollupStore (open_store: .stores).
 
 DESCRIPTION
     A rollup row is a bucket (granularity ``g`` in seconds: 60, 3600 or
@@ -35,7 +35,6 @@ from __future__ import annotations
 import abc
 import os
 import sqlite3
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -293,28 +292,6 @@ class SQLiteRollupStore(RollupStore):
 
     def close(self) -> None:
         self.db.close()
-
-
-def open_store(
-    spool: str | Any, local_dir: str | None = None, *, readonly: bool = False
-) -> RollupStore:
-    """The store beside a spool: a Redis spool (object or ``redis://`` URL) gets the
-    Redis form under the spool's prefix; otherwise ``<dir>/rollups.db``."""
-    from fastsend.spool import is_redis_url, spool_local_dir
-
-    if isinstance(spool, str):
-        if is_redis_url(spool):
-            from fastsend.analytics.store_redis import RedisRollupStore
-
-            return RedisRollupStore.from_url(spool)
-        return SQLiteRollupStore(local_dir or spool_local_dir(spool), readonly=readonly)
-    mod = sys.modules.get("fastsend.spool.redis")
-    if mod is not None and isinstance(spool, mod.RedisSpool):
-        from fastsend.analytics.store_redis import RedisRollupStore
-
-        return RedisRollupStore(spool.r, spool.prefix)
-    path = local_dir or getattr(spool, "directory", None) or "."
-    return SQLiteRollupStore(str(path), readonly=readonly)
 
 
 def merge_rows(

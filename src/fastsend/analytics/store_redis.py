@@ -72,9 +72,9 @@ class RedisRollupStore(RollupStore):
             key = f"{self.k}:rr:{g}:{t}:{tenant}"
             pipe.hincrby(key, SEP.join((str(cid), prov, ip, kind, reason)), n)
             touched[key] = g
-        for (g, t, tenant, name), v in gauges.items():
+        for (g, t, tenant, name), gv in gauges.items():
             key = f"{self.k}:rg:{g}:{t}:{tenant}"
-            pipe.hset(key, name, repr(float(v)))
+            pipe.hset(key, name, repr(float(gv)))
             touched[key] = g
         for key, g in touched.items():
             pipe.expire(key, self._ttl(g))

@@ -15,13 +15,11 @@ It only changes the campaign's status in the spool: it never sends mail.
 from __future__ import annotations
 
 import argparse
-import os
 
 import orjson
 
 from fastsend.commands.common import die
-from fastsend.spool import Spool, is_redis_url, open_spool
-from fastsend.spool.sqlite import SpoolError, SQLiteSpool
+from fastsend.spool import SpoolError, open_spool
 
 STATUS = {"pause": "paused", "resume": "active", "cancel": "cancelled"}
 
@@ -36,15 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    redis_url = is_redis_url(args.spool)
-    if not redis_url and not os.path.exists(os.path.join(args.spool, "spool.db")):
-        return die(f"no spool at {args.spool!r}")
     try:
-        spool: Spool = (
-            open_spool(args.spool)
-            if redis_url
-            else SQLiteSpool(args.spool, readonly=args.action == "list")
-        )
+        spool = open_spool(args.spool, readonly=args.action == "list", must_exist=True)
     except SpoolError as e:
         return die(str(e))
     try:

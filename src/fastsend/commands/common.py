@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
 import orjson
 
 from fastsend import config as cfgmod
 from fastsend.config import Config, ConfigError, Route
+from fastsend.spool import is_redis_url, parse_redis_url
+from fastsend.suppression import SuppressionList
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +46,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> Config:
     cfg = cfgmod.load(args.config) if args.config else Config()
+    for w in cfg.warnings:
+        print(f"fastsend: warning: {w}", file=sys.stderr)
     if args.spool:
         cfg.spool_dir = args.spool
     for r in args.route:
@@ -70,6 +76,23 @@ def build_config(args: argparse.Namespace) -> Config:
             raise ConfigError("--retry expects MIN,MAX,MAXAGE seconds") from None
         cfg.retry.min_backoff, cfg.retry.max_backoff, cfg.retry.max_age = lo, hi, age
     return cfg
+
+
+def open_suppression(spool_url: str, local_dir: str) -> Any:
+    """The suppression list ``serve`` uses with this spool: on a shared (Redis)
+    spool the one in Redis (every node's), else ``<dir>/suppression.db``, or
+    None when there is none yet."""
+    if is_redis_url(spool_url):
+        import redis
+
+        from fastsend.serve.shared_state import RedisSuppressionList
+
+        redis_url, ours = parse_redis_url(spool_url)
+        return RedisSuppressionList(
+            redis.Redis.from_url(redis_url), ours.get("prefix") or "fastsend"
+        )
+    path = os.path.join(local_dir, "suppression.db")
+    return SuppressionList(path) if os.path.exists(path) else None
 
 
 def print_summary(summary: dict[str, object], as_json: bool) -> None:

@@ -85,33 +85,28 @@ def run(args: argparse.Namespace) -> int:
         sink_cpu0 = sink_ps.cpu_times()
         machine0 = psutil.cpu_times()
         cfg.routes["*"] = Route(host, port)
-        from fastsend.commands.send import run as send_run
+        from fastsend.commands import send
 
-        ns = argparse.Namespace(
-            campaign=camp_path,
-            recipients=rcpt_path,
-            strict=False,
-            no_dkim=True,
-            name="demo",
-            config=None,
-            spool=cfg.spool_dir,
-            route=[f"*={host}:{port}"],
-            source_ip=",".join(cfg.source_ips),
-            workers=args.workers or None,
-            max_wait=30.0,
-            helo=cfg.helo,
-            nameserver=[],
-            json=True,
-            no_progress=False,
-            retry="1,5,60",
-        )
+        # send's own parser, so every send option has its default here too.
+        parser = argparse.ArgumentParser(prog="fastsend send")
+        send.add_arguments(parser)
+        ns = parser.parse_args(
+            [
+                camp_path, "--recipients", rcpt_path, "--no-dkim", "--name", "demo",
+                "--spool", cfg.spool_dir, "--route", f"*={host}:{port}",
+                "--source-ip", ",".join(cfg.source_ips), "--max-wait", "30",
+                "--json", "--retry", "1,5,60",
+                *(["--workers", str(args.workers)] if args.workers else []),
+                *(["--helo", cfg.helo] if cfg.helo else []),
+            ]
+        )  # fmt: skip
         import contextlib
         import io
 
         buf = io.StringIO()
         t0 = time.monotonic()
         with contextlib.redirect_stdout(buf):
-            rc = send_run(ns)
+            rc = send.run(ns)
         elapsed = time.monotonic() - t0
         sink_cpu1 = sink_ps.cpu_times()
         machine1 = psutil.cpu_times()

@@ -1,23 +1,41 @@
-"""``fastsend resume --spool DIR``: deliver what a spool still holds.
+"""``fastsend resume --spool DIR``: finish what a spool still holds.
 
 After a crash or a stop: every in-flight message goes back to the queue, and
 everything queued or deferred is delivered with the same engine, progress and
-summary as ``send``.
+summary as ``send``. A recipient list whose ingest was cut short (a durable
+job in the spool, see :mod:`fastsend.accept`) is read on from its last
+committed row, after checking the file is the one the job started from. When
+the file is gone or changed, the rows never accepted are counted and reported,
+the exit status is 1, and ``--abandon-rest`` closes the job without them.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
+from collections.abc import Iterator
 
 from fastsend import engine
-from fastsend.commands.common import add_engine_arguments, build_config, die, print_summary
+from fastsend.accept import Acceptor, rows_left, source_problem
+from fastsend.commands.common import (
+    add_engine_arguments,
+    build_config,
+    die,
+    open_suppression,
+    print_summary,
+)
 from fastsend.config import ConfigError
-from fastsend.spool import is_redis_url, open_spool, spool_local_dir
-from fastsend.spool.sqlite import SpoolError
+from fastsend.events import EventLog
+from fastsend.spool import IngestJob, SpoolError, open_spool, spool_local_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--abandon-rest",
+        action="store_true",
+        help="close unfinished list ingests whose file is gone or changed, without their"
+        " remaining rows",
+    )
     add_engine_arguments(p)
 
 
@@ -26,21 +44,89 @@ def run(args: argparse.Namespace) -> int:
         cfg = build_config(args)
     except ConfigError as e:
         return die(str(e))
-    spool_url, cfg.spool_dir = cfg.spool_dir, spool_local_dir(cfg.spool_dir)
-    if not is_redis_url(spool_url) and not os.path.exists(os.path.join(cfg.spool_dir, "spool.db")):
-        return die(f"no spool at {cfg.spool_dir!r}")
+    # A directory (SQLite) or a Redis URL (--spool, or the config's [spool] url);
+    # events, the secret and local state live in the local directory.
+    spool_url = cfg.spool_url or cfg.spool_dir
+    if not cfg.spool_url:
+        cfg.spool_dir = spool_local_dir(cfg.spool_dir)
     try:
-        spool = open_spool(spool_url)
+        spool = open_spool(spool_url, must_exist=True)
     except SpoolError as e:
         return die(str(e))
+    events = EventLog(cfg.event_log_path)
+    suppression = open_suppression(spool_url, cfg.spool_dir)
+    acceptor = Acceptor(spool, events, suppression)
+    resumable: list[IngestJob] = []
+    lost = 0  # rows of lists that cannot be read any more
+    abandoned = 0
+    for job in spool.list_ingests(unfinished=True):
+        problem = source_problem(job)
+        path = job.source.get("path")
+        if problem is None:
+            resumable.append(job)
+            print(
+                f"fastsend: resuming the ingest of {path} (campaign {job.campaign}):"
+                f" {job.accepted + job.rejected:,} of {job.total:,} rows were read",
+                file=sys.stderr,
+            )
+            continue
+        left = rows_left(job)
+        if args.abandon_rest:
+            spool.finish_ingest(job.id, "abandoned")
+            abandoned += left
+            print(
+                f"fastsend: {path} is {problem}: abandoned its {left:,} row(s) never accepted"
+                f" (campaign {job.campaign}, --abandon-rest)",
+                file=sys.stderr,
+            )
+        else:
+            lost += left
+            print(
+                f"fastsend: error: {path} is {problem}: {left:,} row(s) of campaign"
+                f" {job.campaign} were never accepted; restore the file and resume again,"
+                " or resume --abandon-rest to finish without them",
+                file=sys.stderr,
+            )
     recovered = spool.recover()
     counts = spool.counts()
     total = counts["queued"] + counts["deferred"]
+
+    def feeder() -> Iterator[None]:
+        for job in resumable:
+            for _mark in acceptor.ingest(job):
+                yield None
+
     summary = engine.run(
-        cfg, spool, max_wait=args.max_wait, total=total, progress=not args.no_progress
+        cfg,
+        spool,
+        max_wait=args.max_wait,
+        total=total,
+        progress=not args.no_progress,
+        feeder=feeder() if resumable else None,
+        events=events,
     )
+    events.close()
+    if suppression is not None:
+        suppression.close()
     summary["recovered_inflight"] = recovered
     summary["spool"] = spool_url
+    summary["rows_never_accepted"] = lost
+    summary["rows_abandoned"] = abandoned
+    unfinished = [
+        j for j in spool.list_ingests(unfinished=True) if j.id in {r.id for r in resumable}
+    ]
     print_summary(summary, args.json)
     spool.close()
+    if summary.get("feed_error") or unfinished:
+        print(
+            f"fastsend: error: the list ingest stopped: {summary.get('feed_error') or 'stopped'}",
+            file=sys.stderr,
+        )
+        return 1
+    if lost:
+        print(
+            f"fastsend: error: {lost:,} recipient row(s) were never accepted (see above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

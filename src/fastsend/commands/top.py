@@ -35,7 +35,8 @@ import time
 from typing import Any
 
 from fastsend.analytics.query import StatsQuery, rates, run_query
-from fastsend.analytics.store import IDX, RollupStore, open_store
+from fastsend.analytics.store import IDX, RollupStore
+from fastsend.analytics.stores import open_store
 from fastsend.commands.common import die
 
 NODE = "*"
@@ -165,8 +166,7 @@ class Top:
 
 
 def _open(args: argparse.Namespace) -> tuple[RollupStore, Any]:
-    from fastsend.spool import is_redis_url, open_spool, spool_local_dir
-    from fastsend.spool.sqlite import SQLiteSpool
+    from fastsend.spool import SpoolError, is_redis_url, open_spool, spool_local_dir
 
     spool_arg = args.spool
     if args.config:
@@ -178,10 +178,12 @@ def _open(args: argparse.Namespace) -> tuple[RollupStore, Any]:
     if is_redis_url(spool_arg):
         spool = open_spool(spool_arg)
         return open_store(spool, spool_local_dir(spool_arg)), spool
-    spool = None
-    if os.path.exists(os.path.join(spool_arg, "spool.db")):
-        spool = SQLiteSpool(spool_arg, readonly=True)
-    return open_store(spool_arg, readonly=True), spool
+    view: Any = None  # no spool yet: the rollups alone
+    try:
+        view = open_spool(spool_arg, readonly=True)
+    except SpoolError:
+        pass
+    return open_store(spool_arg, readonly=True), view
 
 
 def run(args: argparse.Namespace) -> int:

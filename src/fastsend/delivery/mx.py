@@ -92,6 +92,7 @@ class MXResolver:
         domain = domain.lower().rstrip(".")
         route = self.config.route_for(domain)
         now = time.monotonic()
+        hit: tuple[float, Site | Outcome] | None
         if route is not None:
             hit = self._route_cache.get((route.host, route.port))
         else:
@@ -180,7 +181,7 @@ class MXResolver:
             )
         hosts: list[Host] = []
         last_err: Outcome | None = None
-        refused: list[str] = []
+        refused = []
         for _pref, name in records:
             addrs = await self._addresses(name)
             if isinstance(addrs, Outcome):

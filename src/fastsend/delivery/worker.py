@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from fastsend import msgid
+from fastsend import msgid, wire
 from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
 from fastsend.delivery.mx import MXResolver, Site
@@ -34,7 +34,6 @@ from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.signing import ConfigDKIM, raw_from_domains
 from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
-from fastsend.queue import wire
 from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
 

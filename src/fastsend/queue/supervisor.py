@@ -29,13 +29,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastsend import msgid
+from fastsend import msgid, wire
 from fastsend.config import Config
 from fastsend.events import EventLog
-from fastsend.queue import wire
-from fastsend.queue.retry import next_attempt
+from fastsend.queue.shaping import SupervisorShaping
+from fastsend.retry import next_attempt
 from fastsend.ring import Ring
-from fastsend.shaping.supervise import SupervisorShaping
 from fastsend.spool import (
     BOUNCED,
     DEFERRED,
@@ -52,7 +51,7 @@ from fastsend.suppression import SOURCE_DELIVERY, SuppressionList
 # Per ring, per direction, per worker. Anonymous shared memory: only the pages a
 # busy ring touches are resident. Large enough for one maximum-size message (the
 # API and listeners accept up to 16 MB) plus its batch framing.
-RING_BYTES = 32 << 20
+RING_BYTES = wire.RING_BYTES
 TICK = 0.02
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
 CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
@@ -446,7 +445,7 @@ class Supervisor:
     def gate(
         self, slot: WorkerSlot, groups: dict[tuple[int, str], list[Claimed]]
     ) -> dict[tuple[int, str], list[Claimed]]:
-        """Per-campaign / per-tenant / global dispatch rates (fastsend.shaping.supervise):
+        """Per-campaign / per-tenant / global dispatch rates (fastsend.queue.shaping):
         what may not go yet waits in ``slot.held`` (in flight, inside the window)."""
         if slot.held:
             # Rate-held mail of a campaign paused or cancelled meanwhile (on any

@@ -340,20 +340,3 @@ def int_param(value: str, name: str, maximum: int = MAX_ID) -> int:
     if not 1 <= n <= maximum:
         raise bad(f"{name} must be an integer from 1 to {maximum}, got {value[:40]!r}", name)
     return n
-
-
-def make_app(ctx: ServeContext, settings: ApiSettings) -> web.Application:
-    """The application with every /v1 route and /metrics (tracking is added by main)."""
-    from fastsend.serve import api_campaigns, api_messages, openapi
-
-    app = web.Application(middlewares=[middleware], client_max_size=settings.max_body_bytes + 1024)
-    app[API_KEY] = Api(ctx, settings)
-    api_messages.add_routes(app)
-    api_campaigns.add_routes(app)
-    app.router.add_get("/v1/openapi.json", openapi.handler)
-
-    async def close(app: web.Application) -> None:
-        app[API_KEY].close()
-
-    app.on_cleanup.append(close)
-    return app

@@ -33,6 +33,7 @@ import orjson
 from aiohttp import web
 
 from fastsend import recipients
+from fastsend.accept import AcceptError, check_campaign
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
@@ -173,21 +174,20 @@ async def create_campaign(request: web.Request) -> web.Response:
     try:
         check_inline(body.template)  # before anything could be read: no server files
         camp = Campaign.from_dict(body.template)
+        spec = check_campaign(camp)
     except PathKeyError as e:
         raise bad(f"template.{e}", f"template.{e.key}") from None
-    except CampaignError as e:
+    except (CampaignError, AcceptError) as e:
         raise bad(f"template: {e}", "template") from None
     rows = _json_rows(body.recipients, camp)
     if body.strict and any(isinstance(r, recipients.BadRow) for r in rows):
         first = next(r for r in rows if isinstance(r, recipients.BadRow))
         raise bad(f"recipients[{first.line - 1}]: {first.error}", f"recipients[{first.line - 1}]")
     check_from_domain(request, camp.from_domain, "template.from")
-    spec = camp.to_dict()
     server_dkim(request, spec, camp.from_domain)
-    cid = api.ctx.spool.create_campaign(
-        spec, name=body.name, tenant=tenant_of(request), options={"api": True}
+    cid = api.ctx.acceptor.create_campaign(
+        spec, name=body.name, tenant=tenant_of(request), options={"api": True}, paused=body.paused
     )
-    api.ctx.spool.set_campaign_status(cid, "paused" if body.paused else "active")
     return await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
 
 
@@ -337,6 +337,7 @@ async def remove_suppression(request: web.Request) -> web.Response:
     try:
         entry = api.ctx.suppression.get(addr, tenant=tenant_of(request))
         if _recipients_decision(entry):
+            assert entry is not None
             raise ApiError(
                 403,
                 f"address: suppressed by the recipient ({entry.reason}); only the operator"

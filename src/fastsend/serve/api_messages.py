@@ -29,6 +29,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
+from fastsend.accept import AcceptError, check_campaign
 from fastsend.address import AddressError, normalize
 from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import Campaign, CampaignError
@@ -125,12 +126,14 @@ class MessagesHandler:
         try:
             check_inline(tpl)  # before anything could be read: no server files
             camp = Campaign.from_dict(tpl)
+            spec = check_campaign(camp)
         except PathKeyError as e:
             raise bad(f"{where}.{e}", f"{where}.{e.key}") from None
         except CampaignError as e:
             raise _campaign_error(e, where) from None
+        except AcceptError as e:
+            raise bad(f"{where}: {e}", where) from None
         check_from_domain(request, camp.from_domain, f"{where}.from")
-        spec = camp.to_dict()
         server_dkim(request, spec, camp.from_domain)
         digest = hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
         cid = self.template_campaigns.get((tenant, digest))
@@ -140,7 +143,7 @@ class MessagesHandler:
                     cid = info.id
                     break
             else:
-                cid = api.ctx.spool.create_campaign(
+                cid = api.ctx.acceptor.create_campaign(
                     spec, name=f"api-template:{digest[:12]}", tenant=tenant,
                     options={TEMPLATE_OPTION: digest},
                 )  # fmt: skip

@@ -1,7 +1,7 @@
 """The serving context: what every part of ``fastsend serve`` shares.
 
 One :class:`ServeContext` per serving process, built by :func:`open_context`
-from the config: the spool (the one writer of ``spool.db`` in this process),
+from the config: the spool (a :class:`~fastsend.spool.Spool`: SQLite or Redis),
 the event log, the suppression list, the supervisor (None in tools and tests
 that run without workers) and the HMAC secret for tracking links.
 
@@ -9,10 +9,12 @@ The contract used by the HTTP API, tracking, webhooks and the SMTP listeners:
 
 - ``tenant_campaign(tenant)``: the tenant's "transactional" campaign id (each
   message carries its own content), created on first use;
-- ``inject(campaign_id, rows)``: rows of (rcpt, ascii_domain, vars_json) are
-  spooled (durable when it returns their ids, in the order given), suppressed
-  recipients are stored as suppressed instead of queued, an "accepted" (or
-  "suppressed") event is emitted per message, and the supervisor is woken;
+- ``inject(campaign_id, rows)``: :meth:`fastsend.accept.Acceptor.accept`, the
+  one accept path (shared with ``fastsend send``): rows of (rcpt,
+  ascii_domain, vars_json) are spooled (durable when it returns their ids, in
+  the order given), suppressed recipients are stored as suppressed instead of
+  queued, an "accepted" (or "suppressed") event is emitted per message, and
+  the supervisor is woken;
 - ``emit(event)``: one event to the JSON-lines log and its listeners
   (the per-message index, webhooks).
 
@@ -23,38 +25,74 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastsend import msgid
+from fastsend.accept import Acceptor
 from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.queue.supervisor import Supervisor
-from fastsend.spool import QUEUED, SUPPRESSED
-from fastsend.spool.sqlite import SQLiteSpool
-from fastsend.suppression import DEFAULT_TENANT, SuppressionList
+from fastsend.spool import Spool, open_spool
+from fastsend.suppression import SuppressionList
 
 TRANSACTIONAL_SPEC: dict[str, Any] = {"kind": "transactional", "defaults": {}}
 TRANSACTIONAL_OPTION = "transactional_tenant"  # campaign option naming the tenant
 
 
-@dataclass
 class ServeContext:
-    config: Config
-    spool: SQLiteSpool
-    events: EventLog
-    suppression: SuppressionList
-    supervisor: Supervisor | None
-    secret: bytes  # HMAC key for tracking links
-    rollups: Any = None  # fastsend.analytics.rollup.Rollups (issue 14), None when disabled
-    reputation: Any = None  # fastsend.analytics.dnsbl.Reputation, with [reputation] blocklists
-    # fastsend.serve.shared_state.SharedState on a shared (Redis) spool: keys,
-    # suppression, webhook outbox, event index and the node registry in Redis.
-    shared: Any = None
-    dmarc: Any = None  # fastsend.analytics.dmarc.DmarcStore: aggregate reports from the intake
-    feeds: Any = None  # fastsend.analytics.feeds.Feeds, with [reputation.feeds]
-    _tenant_campaigns: dict[str, int] = field(default_factory=dict, repr=False)
-    _campaign_tenants: dict[int, str] = field(default_factory=dict, repr=False)
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        events: EventLog,
+        suppression: Any,
+        supervisor: Supervisor | None,
+        secret: bytes,
+        rollups: Any = None,
+        reputation: Any = None,
+        shared: Any = None,
+        dmarc: Any = None,
+        feeds: Any = None,
+    ) -> None:
+        self.config = config
+        self.events = events
+        self.supervisor = supervisor
+        self.secret = secret  # HMAC key for tracking links
+        # fastsend.analytics.rollup.Rollups (issue 14), None when disabled
+        self.rollups = rollups
+        # fastsend.analytics.dnsbl.Reputation, with [reputation] blocklists
+        self.reputation = reputation
+        # fastsend.serve.shared_state.SharedState on a shared (Redis) spool: keys,
+        # suppression, webhook outbox, event index and the node registry in Redis.
+        self.shared = shared
+        # fastsend.analytics.dmarc.DmarcStore: aggregate reports from the intake
+        self.dmarc = dmarc
+        # fastsend.analytics.feeds.Feeds, with [reputation.feeds]
+        self.feeds = feeds
+        self.acceptor = Acceptor(spool, events, suppression, wake=self._wake)
+        self._tenant_campaigns: dict[str, int] = {}
+
+    # The acceptor holds the spool and suppression list: swapping either here
+    # (metrics wrap the spool, SIGHUP reopens the list) swaps it there too.
+    @property
+    def spool(self) -> Spool:
+        return self.acceptor.spool
+
+    @spool.setter
+    def spool(self, spool: Spool) -> None:
+        self.acceptor.spool = spool
+
+    @property
+    def suppression(self) -> Any:
+        return self.acceptor.suppression
+
+    @suppression.setter
+    def suppression(self, suppression: Any) -> None:
+        self.acceptor.suppression = suppression
+
+    def _wake(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.wake.set()
 
     # -- campaigns -----------------------------------------------------------
 
@@ -68,67 +106,25 @@ class ServeContext:
                 cid = info.id
                 break
         else:
-            cid = self.spool.create_campaign(
+            cid = self.acceptor.create_campaign(
                 {**TRANSACTIONAL_SPEC, "tenant": tenant},  # the worker signs by (tenant, domain)
                 name=f"transactional:{tenant}",
                 tenant=tenant,
                 options={TRANSACTIONAL_OPTION: tenant},
             )
         self._tenant_campaigns[tenant] = cid
-        self._campaign_tenants[cid] = tenant
         return cid
 
     def campaign_tenant(self, campaign_id: int) -> str:
         """The tenant owning a campaign (KeyError if there is no such campaign)."""
-        t = self._campaign_tenants.get(campaign_id)
-        if t is None:
-            info = self.spool.get_campaign(campaign_id)
-            if info is None:
-                raise KeyError(campaign_id)
-            t = self._campaign_tenants[campaign_id] = info.tenant or DEFAULT_TENANT
-        return t
+        return self.acceptor.tenant(campaign_id)
 
     # -- messages ------------------------------------------------------------
 
     def inject(self, campaign_id: int, rows: list[tuple[str, str, bytes]]) -> list[int]:
-        """Spool rows durably; returns their ids in the order of ``rows``."""
-        if not rows:
-            return []
-        now = time.time()
-        tenant = self.campaign_tenant(campaign_id)
-        hits = self.suppression.contains_many([r[0] for r in rows], tenant=tenant)
-        if hits:
-            keep = [i for i, r in enumerate(rows) if r[0] not in hits]
-            gone = [i for i, r in enumerate(rows) if r[0] in hits]
-            ids = [0] * len(rows)
-            with_ids = self.spool.add_messages(campaign_id, [rows[i] for i in keep], now)
-            for i, mid in zip(keep, with_ids, strict=True):
-                ids[i] = mid
-            gone_ids = self.spool.add_messages(
-                campaign_id, [rows[i] for i in gone], now, state=SUPPRESSED
-            )
-            for i, mid in zip(gone, gone_ids, strict=True):
-                ids[i] = mid
-            suppressed = set(gone_ids)
-        else:
-            ids = self.spool.add_messages(campaign_id, rows, now, state=QUEUED)
-            suppressed = set()
-        evs = [
-            {
-                "time": now,
-                "event": "suppressed" if mid in suppressed else "accepted",
-                "id": mid,
-                "campaign": campaign_id,
-                "tenant": tenant,
-                "rcpt": r[0],
-            }
-            for mid, r in zip(ids, rows, strict=True)
-        ]
-        self.events.emit_many(evs)
-        self.events.flush()
-        if self.supervisor is not None and len(suppressed) < len(ids):
-            self.supervisor.wake.set()
-        return ids
+        """Spool rows durably (:meth:`fastsend.accept.Acceptor.accept`); returns
+        their ids in the order of ``rows``."""
+        return self.acceptor.accept(campaign_id, rows)
 
     # -- per-node files, or shared in Redis ----------------------------------
 
@@ -185,16 +181,15 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
     shared = None
     if config.spool_url:
         from fastsend.serve.shared_state import SharedState
-        from fastsend.spool import open_spool
 
-        spool: Any = open_spool(config.spool_url)
+        spool: Spool = open_spool(config.spool_url)
         shared = SharedState(spool)
         tracking = config.raw.get("tracking", {})
         if not config.secret and not (isinstance(tracking, dict) and tracking.get("secret")):
             config.secret = shared.cluster.shared_secret()  # one secret for every node
         suppression: Any = shared.suppression()
     else:
-        spool = SQLiteSpool(config.spool_dir)
+        spool = open_spool(config.spool_dir)
         suppression = SuppressionList(os.path.join(config.spool_dir, "suppression.db"))
     events = EventLog(config.event_log_path)
     ctx = ServeContext(

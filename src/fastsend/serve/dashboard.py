@@ -232,34 +232,15 @@ class Dashboard:
             return hit[1]
         spool = self.ctx.spool
         camps = [c for c in spool.list_campaigns() if tenant is None or c.tenant == tenant]
-        per: dict[int, dict[str, int]] = {c.id: dict.fromkeys(STATE_NAMES.values(), 0)
-                                          for c in camps}  # fmt: skip
-        domains: list[dict[str, Any]] = []
-        if camps:
-            marks = ",".join("?" * len(camps))
-            ids = [c.id for c in camps]
-            where = "" if tenant is None else f" WHERE campaign IN ({marks})"
-            args = [] if tenant is None else ids
-            for cid, state, n in spool.db.execute(
-                f"SELECT campaign, state, COUNT(*) FROM messages{where} GROUP BY campaign, state",
-                args,
-            ):
-                if cid in per:
-                    per[cid][STATE_NAMES.get(state, str(state))] = n
-            pend = ",".join(str(s) for s in _PENDING)
-            cond = f"state IN ({pend})" + ("" if tenant is None else f" AND campaign IN ({marks})")
-            domains = [
-                {"domain": d, "pending": n}
-                for d, n in spool.db.execute(
-                    f"SELECT domain, COUNT(*) AS n FROM messages WHERE {cond}"
-                    f" GROUP BY domain ORDER BY n DESC LIMIT {MAX_ROWS}",
-                    args,
-                )
-            ]
+        ids = None if tenant is None else [c.id for c in camps]
+        per = spool.counts_by_campaign(ids) if camps else {}
+        domains = [
+            {"domain": d, "pending": n} for d, n in spool.pending_domains(ids, MAX_ROWS)
+        ] if camps else []  # fmt: skip
         states = dict.fromkeys(STATE_NAMES.values(), 0)
         campaigns = []
         for c in sorted(camps, key=lambda c: -c.id):
-            counts = per[c.id]
+            counts = per.get(c.id) or dict.fromkeys(STATE_NAMES.values(), 0)
             for s, n in counts.items():
                 states[s] = states.get(s, 0) + n
             total = sum(counts.values())

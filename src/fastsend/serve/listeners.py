@@ -376,10 +376,10 @@ class _Intake(_Policy):
 
 # ---------------------------------------------------------------- reports
 def _owner(ctx: Any, mid: int) -> tuple[int, str, str] | None:
-    row = ctx.spool.db.execute("SELECT campaign, rcpt FROM messages WHERE id=?", (mid,)).fetchone()
+    row = ctx.spool.owner(mid)
     if row is None:
         return None
-    campaign = int(row[0])
+    campaign = row[0]
     try:
         tenant = ctx.campaign_tenant(campaign)
     except (KeyError, AttributeError):
@@ -426,13 +426,9 @@ def find_original(
         got = _owner(ctx, first)
         if got is None:
             return None
-        row = ctx.spool.db.execute(
-            "SELECT id, rcpt FROM messages WHERE campaign=? AND rcpt=? COLLATE NOCASE"
-            " ORDER BY abs(id - ?) LIMIT 1",
-            (got[0], rec.recipient, first),
-        ).fetchone()
+        row = ctx.spool.sibling(got[0], rec.recipient, first)
         if row is not None:
-            return int(row[0]), got[0], str(row[1]), got[2]
+            return row[0], got[0], row[1], got[2]
     return None
 
 

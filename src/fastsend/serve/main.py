@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"fastsend serve: {e}", file=sys.stderr)
         return 2
+    for w in cfg.warnings:
+        print(f"fastsend serve: warning: {w}", file=sys.stderr)
     if cfg.tenants is not None and not cfg.tenants.configured:
         print(
             "fastsend serve: no [tenants] table: single-tenant mode, every API key and"
@@ -129,7 +131,8 @@ class Server:
         from aiohttp import web
 
         from fastsend.queue.supervisor import Supervisor
-        from fastsend.serve.api import API_KEY, ApiSettings, make_app
+        from fastsend.serve.api import API_KEY, ApiSettings
+        from fastsend.serve.app import make_app
         from fastsend.serve.charts import setup_charts
         from fastsend.serve.context import open_context
         from fastsend.serve.dashboard import setup_dashboard
@@ -142,7 +145,7 @@ class Server:
         cfg = self.cfg
         settings = ApiSettings.from_raw(cfg.raw)
         from fastsend.cluster import ClusterError
-        from fastsend.spool.sqlite import SpoolError
+        from fastsend.spool import SpoolError
 
         try:
             ctx = self.ctx = open_context(cfg)
@@ -158,6 +161,7 @@ class Server:
                 print(f"fastsend serve: {e}", file=sys.stderr)
                 ctx.close()
                 return 2
+        metrics = Metrics(ctx)  # wraps ctx.spool: before the supervisor takes it
         sup = (
             Supervisor(
                 cfg,
@@ -170,10 +174,10 @@ class Server:
             if self.with_workers
             else None
         )
-        ctx.supervisor = sup
+        ctx.supervisor = metrics.sup = sup
         app = make_app(ctx, settings)
         self.api = app[API_KEY]
-        metrics = self.api.metrics = Metrics(ctx, sup)
+        self.api.metrics = metrics
         if sup is not None:
             sup.result_hooks.append(metrics.on_result)
         app.router.add_get("/metrics", metrics.handler)

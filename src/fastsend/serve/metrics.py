@@ -11,8 +11,9 @@ Sources, none costing more than a counter increment per message:
   its result ring about once a second, plus restarts and liveness;
 - the spool: messages per state and the queue's age buckets (cached for
   ``SPOOL_TTL`` seconds: they are queries, not counters), and the latency of
-  each spool write (``record_results`` and ``add_messages`` are wrapped with a
-  timer into a histogram);
+  each spool write: :class:`TimedSpool` wraps the spool (a
+  :class:`~fastsend.spool.SpoolProxy`) and times ``record_results`` and
+  ``add_messages`` into a histogram;
 - the API: recipients accepted.
 
 Written by hand rather than with prometheus-client: every value already
@@ -23,14 +24,21 @@ without saving code (the format is ~20 lines).
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from aiohttp import web
 
-from fastsend.spool import AGE_BUCKETS_MIN, STATE_NAMES
+from fastsend.spool import (
+    AGE_BUCKETS_MIN,
+    QUEUED,
+    STATE_NAMES,
+    IngestMark,
+    Result,
+    Spool,
+    SpoolProxy,
+)
 
 MAX_DOMAINS = 200
 SPOOL_TTL = 5.0
@@ -73,8 +81,45 @@ class Histogram:
         return out
 
 
+class TimedSpool(SpoolProxy):
+    """The spool with its write transactions timed (one histogram per method)."""
+
+    def __init__(self, inner: Spool, histograms: dict[str, Histogram]) -> None:
+        super().__init__(inner)
+        self._add = histograms.setdefault("add_messages", Histogram())
+        self._record = histograms.setdefault("record_results", Histogram())
+
+    def add_messages(
+        self,
+        campaign_id: int,
+        rows: Iterable[tuple[str, str, bytes]],
+        now: float,
+        *,
+        state: int = QUEUED,
+        suppressed: Collection[int] = (),
+        ingest: IngestMark | None = None,
+    ) -> list[int]:
+        t = time.perf_counter()
+        try:
+            return self.inner.add_messages(
+                campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest
+            )
+        finally:
+            self._add.observe(time.perf_counter() - t)
+
+    def record_results(self, results: Iterable[Result], now: float) -> None:
+        t = time.perf_counter()
+        try:
+            self.inner.record_results(results, now)
+        finally:
+            self._record.observe(time.perf_counter() - t)
+
+
 class Metrics:
-    def __init__(self, ctx: Any, sup: Any) -> None:
+    """Wraps ``ctx.spool`` in a :class:`TimedSpool`: build it before anything
+    (the supervisor) takes the spool from the context."""
+
+    def __init__(self, ctx: Any, sup: Any = None) -> None:
         self.ctx = ctx
         self.sup = sup
         self.started = time.time()
@@ -84,22 +129,7 @@ class Metrics:
         self.accepted_total = 0
         self.spool_write: dict[str, Histogram] = {}
         self._spool_cache: tuple[float, list[str]] = (0.0, [])
-        spool = ctx.spool
-        for op in ("record_results", "add_messages"):
-            setattr(spool, op, self._timed(op, getattr(spool, op)))
-
-    def _timed(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        h = self.spool_write.setdefault(op, Histogram())
-
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                h.observe(time.perf_counter() - t)
-
-        return wrapper
+        ctx.spool = TimedSpool(ctx.spool, self.spool_write)
 
     # -- hooks (hot path: a few dict increments) -------------------------------
 

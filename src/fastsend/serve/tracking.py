@@ -94,9 +94,9 @@ class _Tracking:
             return hit
         campaign: int | None = None
         tenant = DEFAULT_TENANT
-        row = self.ctx.spool.db.execute("SELECT campaign FROM messages WHERE id=?", (n,)).fetchone()
+        row = self.ctx.spool.owner(n)
         if row is not None:
-            campaign = int(row[0])
+            campaign = row[0]
             try:
                 tenant = self.ctx.campaign_tenant(campaign)
             except (KeyError, AttributeError):

@@ -49,7 +49,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fastsend.config import ConfigError
+from fastsend.settings import ConfigError
 
 ACTIONS = ("suspend", "rest", "throttle", "bounce")
 RULE_KEYS = frozenset(

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastsend.config import Config, ConfigError
+from fastsend.settings import Config, ConfigError
 from fastsend.spool import BOUNCED, DELIVERED, Spool
 
 

@@ -36,8 +36,8 @@ import math
 import time
 from typing import Any
 
-from fastsend.config import Config
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult
+from fastsend.settings import Config
 from fastsend.shaping.feedback import DECREASED, LIFTED, Aimd, Rule, Trigger, rules_for
 from fastsend.shaping.policy import Limits, Policy, load_policy
 from fastsend.shaping.pools import Pool, PoolSet, Warmup, load_pools

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from fastsend.config import Config, ConfigError
+from fastsend.settings import Config, ConfigError
 
 LIMIT_KEYS = frozenset(
     {
@@ -292,3 +292,21 @@ def load_policy(config: Config | None = None) -> Policy:
         p.merge(load_file(path), path)
     p.merge(table, "[shaping]")
     return p
+
+
+def dispatch_settings(config: Config) -> dict[str, Any]:
+    """The validated ``[shaping.dispatch]`` table (errors name the key)."""
+    raw = config.raw.get("shaping", {}).get("dispatch", {})
+    if not isinstance(raw, dict):
+        raise ConfigError("[shaping.dispatch] must be a table")
+    known = {"global_rate", "campaign_rate", "tenant_rate", "tenants"}
+    for k, v in raw.items():
+        if k not in known:
+            raise ConfigError(
+                f"[shaping.dispatch] unknown key {k!r} (known: {', '.join(sorted(known))})"
+            )
+        vals = v.values() if k == "tenants" and isinstance(v, dict) else [v]
+        for x in vals:
+            if not isinstance(x, int | float) or isinstance(x, bool) or x < 0:
+                raise ConfigError(f"[shaping.dispatch] {k} must be non-negative rates")
+    return raw

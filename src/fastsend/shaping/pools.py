@@ -52,7 +52,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastsend.config import Config, ConfigError, validate_ip
+from fastsend.settings import Config, ConfigError, validate_ip
 
 DEFAULT_SCHEDULE: tuple[int, ...] = (
     50, 100, 200, 400, 800, 1500, 3000, 6000, 10_000, 20_000, 40_000, 80_000, 150_000, 300_000,

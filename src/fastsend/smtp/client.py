@@ -47,7 +47,7 @@ from __future__ import annotations
 import base64
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
@@ -156,6 +156,14 @@ class SMTPClient:
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._auth: list[bytes] = []  # remaining AUTH LOGIN responses (secrets)
+        # The handler of each transaction command's reply, by pending kind.
+        handlers: list[Callable[[_Txn, int, Reply], None]] = [self._reply_rset] * 7
+        handlers[_MAIL] = self._reply_mail
+        handlers[_RCPT] = self._reply_rcpt
+        handlers[_DATA] = self._reply_data
+        handlers[_DOT] = self._reply_dot
+        handlers[_BDAT] = self._reply_bdat
+        self._handlers = handlers
 
     # ------------------------------------------------------------------ queries
     @property
@@ -446,6 +454,8 @@ class SMTPClient:
         return ev
 
     def _reply(self, reply: Reply) -> None:
+        """Route a reply to the handler of the command it answers (one per
+        command, as the server side has one ``_cmd_*`` per command)."""
         if self.state == CLOSED:
             raise RemoteProtocolError(f"reply after the session ended: {reply[0]}")
         if not self._pending:
@@ -456,107 +466,120 @@ class SMTPClient:
             raise RemoteProtocolError(f"unsolicited reply {reply[0]} {reply[2][:80]!r}")
         self._current = entry = self._pending.popleft()
         kind, txn, i = entry
-        code = reply[0]
         if kind == _CMD:
             self._command_reply(self._cmd_names.popleft(), reply)
-        elif txn is None:  # _RSET inside a pipeline: only a 421 matters
-            pass
-        elif kind == _RCPT:
+        elif txn is not None:  # a _RSET inside a pipeline has none: only a 421 matters
+            self._handlers[kind](txn, i, reply)
+        self._current = None
+        code = reply[0]
+        if code == 421 and self.state != CLOSED:
+            self._abort(code, reply[1], reply[2])
+
+    def _reply_rset(self, txn: _Txn, i: int, reply: Reply) -> None:
+        """RSET (and commands without a transaction): nothing but a 421 matters."""
+
+    def _reply_mail(self, txn: _Txn, i: int, reply: Reply) -> None:
+        code = reply[0]
+        if code >= 400:
+            txn.mail_fail = self._outcome(reply, "mail")
+        elif not 200 <= code < 300:
+            raise RemoteProtocolError(f"unexpected reply {code} to MAIL")
+        if txn.rest:
             if txn.mail_fail is not None:
-                if self.bdat and 200 <= code < 300 and txn.mail_fail.code == 503:
-                    # The server kept an earlier transaction open and added this
-                    # recipient to it: what BDAT answers is what happened to it
-                    # (counting it failed would send it again: a duplicate).
-                    txn.accepted += 1
-                else:
-                    txn.outcomes[i] = txn.mail_fail
-            elif 200 <= code < 300:
-                txn.accepted += 1
-            elif code >= 400:
-                txn.outcomes[i] = self._outcome(reply, "rcpt")
+                for j, _line_i, _line in txn.rest:
+                    if j == _RCPT:
+                        txn.outcomes[_line_i] = txn.mail_fail
+                txn.rest.clear()
+                self._group_open = False
+                self._finish(txn)
             else:
-                raise RemoteProtocolError(f"unexpected reply {code} to RCPT")
-            if txn.rest:
                 self._send_rest(txn)
-        elif kind == _MAIL:
-            if code >= 400:
-                txn.mail_fail = self._outcome(reply, "mail")
-            elif not 200 <= code < 300:
-                raise RemoteProtocolError(f"unexpected reply {code} to MAIL")
-            if txn.rest:
-                if txn.mail_fail is not None:
-                    for j, _line_i, _line in txn.rest:
-                        if j == _RCPT:
-                            txn.outcomes[_line_i] = txn.mail_fail
-                    txn.rest.clear()
-                    self._group_open = False
-                    self._finish(txn)
-                else:
-                    self._send_rest(txn)
-        elif kind == _DATA:
-            self._group_open = False
-            if code == 354:
-                if txn.accepted and txn.mail_fail is None:
-                    self._out.append(dot_stuff(txn.env.data))
-                else:  # a server that says 354 with no recipient: end it empty
-                    txn.dummy = True
-                    self._out.append(b".\r\n")
-                self._pending.append((_DOT, txn, 0))
-                if self.pipelining:
-                    self._start_next()
-            elif code >= 400:
-                if txn.mail_fail is None:
-                    out = self._outcome(reply, "data")
-                    outs = txn.outcomes
-                    for j in range(len(outs)):
-                        if outs[j] is None:
-                            outs[j] = out
-                    self._out.append(b"RSET\r\n")
-                    self._pending.append((_RSET, None, 0))
-                self._finish(txn)
+
+    def _reply_rcpt(self, txn: _Txn, i: int, reply: Reply) -> None:
+        code = reply[0]
+        if txn.mail_fail is not None:
+            if self.bdat and 200 <= code < 300 and txn.mail_fail.code == 503:
+                # The server kept an earlier transaction open and added this
+                # recipient to it: what BDAT answers is what happened to it
+                # (counting it failed would send it again: a duplicate).
+                txn.accepted += 1
             else:
-                raise RemoteProtocolError(f"unexpected reply {code} to DATA")
-        elif kind == _BDAT:
-            if code < 200 or 300 <= code < 400:
-                raise RemoteProtocolError(f"unexpected reply {code} to BDAT")
-            data = txn.env.data
-            self._bdat_bytes -= len(data) + (2 if data and data[-2:] != b"\r\n" else 0)
-            # The last BDAT answered decides whether the session is clean.
-            self._need_rset = not (200 <= code < 300)
-            outs = txn.outcomes
-            out = self._outcome(reply, "data")
-            for j in range(len(outs)):  # only the accepted recipients are undecided
-                if outs[j] is None:
-                    outs[j] = out
-            qid = ""
-            if code < 300 and txn.accepted:
-                text = out.text
-                k = text.find("queued as ")
-                qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
-            self._finish(txn, qid)
-        else:  # _DOT
-            outs = txn.outcomes
-            if txn.dummy:
-                for j in range(len(outs)):
-                    if outs[j] is None:  # cannot happen; keep every slot decided
-                        outs[j] = self._outcome(reply, "data")
-                self._finish(txn)
-            else:
-                if code < 200 or 300 <= code < 400:
-                    raise RemoteProtocolError(f"unexpected reply {code} to end of data")
+                txn.outcomes[i] = txn.mail_fail
+        elif 200 <= code < 300:
+            txn.accepted += 1
+        elif code >= 400:
+            txn.outcomes[i] = self._outcome(reply, "rcpt")
+        else:
+            raise RemoteProtocolError(f"unexpected reply {code} to RCPT")
+        if txn.rest:
+            self._send_rest(txn)
+
+    def _reply_data(self, txn: _Txn, i: int, reply: Reply) -> None:
+        code = reply[0]
+        self._group_open = False
+        if code == 354:
+            if txn.accepted and txn.mail_fail is None:
+                self._out.append(dot_stuff(txn.env.data))
+            else:  # a server that says 354 with no recipient: end it empty
+                txn.dummy = True
+                self._out.append(b".\r\n")
+            self._pending.append((_DOT, txn, 0))
+            if self.pipelining:
+                self._start_next()
+        elif code >= 400:
+            if txn.mail_fail is None:
                 out = self._outcome(reply, "data")
+                outs = txn.outcomes
                 for j in range(len(outs)):
                     if outs[j] is None:
                         outs[j] = out
-                if code >= 300:
-                    self._finish(txn)
-                else:
-                    text = out.text
-                    k = text.find("queued as ")
-                    self._finish(txn, text[k + 10 :].split(" ", 1)[0] if k >= 0 else text)
-        self._current = None
-        if code == 421 and self.state != CLOSED:
-            self._abort(code, reply[1], reply[2])
+                self._out.append(b"RSET\r\n")
+                self._pending.append((_RSET, None, 0))
+            self._finish(txn)
+        else:
+            raise RemoteProtocolError(f"unexpected reply {code} to DATA")
+
+    def _reply_bdat(self, txn: _Txn, i: int, reply: Reply) -> None:
+        code = reply[0]
+        if code < 200 or 300 <= code < 400:
+            raise RemoteProtocolError(f"unexpected reply {code} to BDAT")
+        data = txn.env.data
+        self._bdat_bytes -= len(data) + (2 if data and data[-2:] != b"\r\n" else 0)
+        # The last BDAT answered decides whether the session is clean.
+        self._need_rset = not (200 <= code < 300)
+        outs = txn.outcomes
+        out = self._outcome(reply, "data")
+        for j in range(len(outs)):  # only the accepted recipients are undecided
+            if outs[j] is None:
+                outs[j] = out
+        qid = ""
+        if code < 300 and txn.accepted:
+            text = out.text
+            k = text.find("queued as ")
+            qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+        self._finish(txn, qid)
+
+    def _reply_dot(self, txn: _Txn, i: int, reply: Reply) -> None:
+        code = reply[0]
+        outs = txn.outcomes
+        if txn.dummy:
+            for j in range(len(outs)):
+                if outs[j] is None:  # cannot happen; keep every slot decided
+                    outs[j] = self._outcome(reply, "data")
+            self._finish(txn)
+            return
+        if code < 200 or 300 <= code < 400:
+            raise RemoteProtocolError(f"unexpected reply {code} to end of data")
+        out = self._outcome(reply, "data")
+        for j in range(len(outs)):
+            if outs[j] is None:
+                outs[j] = out
+        if code >= 300:
+            self._finish(txn)
+        else:
+            text = out.text
+            k = text.find("queued as ")
+            self._finish(txn, text[k + 10 :].split(" ", 1)[0] if k >= 0 else text)
 
     def _outcome(self, reply: Reply, stage: str) -> Outcome:
         code = reply[0]

@@ -61,6 +61,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
+from fastsend.smtp.errors import LocalProtocolError
+
 __all__ = [
     "NEED_DATA",
     "AuthRequest",
@@ -75,10 +77,6 @@ __all__ = [
     "ServerProtocol",
     "StartTLS",
 ]
-
-
-class LocalProtocolError(Exception):
-    """The local caller misused the protocol object (a bug on our side)."""
 
 
 class _NeedData:

@@ -27,7 +27,9 @@ active campaigns; ``P:m:ID`` a small hash per message (short field names,
 listpack-encoded); ``P:due:CID`` a sorted set per campaign of its pending
 (queued/deferred) ids scored by next attempt time; ``P:n:CID`` and ``P:n``
 counters per state; ``P:nodes`` node -> lease deadline (ms, Redis server time:
-no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight.
+no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
+``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
+MULTI/EXEC as the batch of rows it describes), ``P:ings`` their ids.
 
 Sorted sets rather than Streams: a spool is a schedule, not a log. Every
 deferred message comes back at its own retry time, and a Stream has no delayed
@@ -40,7 +42,7 @@ campaigns. Consumer-group leases (XAUTOCLAIM) are replaced by a lease per
 node, which costs one ZADD to renew however large the window.
 
 Atomicity: claims, outcomes, releases, recovery and cancellation are Lua
-scripts, so each is all-or-nothing and two nodes never claim the same message.
+scripts (``spool/*.lua``, package data, each loaded after ``spool/lib.lua``), so each is all-or-nothing and two nodes never claim the same message.
 A claim also requeues the windows of nodes whose lease expired (a node that
 died), so the surviving nodes deliver them: nothing is lost, and duplicates
 are bounded by the dead node's window. An outcome is applied whoever holds the
@@ -64,361 +66,53 @@ old final messages is left to an operator's job.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 import redis
 
-from fastsend.spool import (
+from fastsend.spool.base import (
     AGE_BUCKETS_MIN,
+    INGEST_STATUSES,
     PENDING_STATES,
+    REDIS_PARAMS,
     STATE_NAMES,
+    SUPPRESSED,
     CampaignInfo,
     Claimed,
+    IngestJob,
+    IngestMark,
     Result,
     Spool,
+    SpoolError,
+    parse_redis_url,
 )
-from fastsend.spool.sqlite import SpoolError
 
-OUR_PARAMS = ("prefix", "dir", "node", "lease", "replicas")
+OUR_PARAMS = REDIS_PARAMS
 CHUNK = 2000  # ids per script call / pipeline for bulk work
-
-_LUA_LIB = """
-local P = ARGV[1]
-local function move(cid, old, new)
-  if old == new then return end
-  if old then
-    redis.call('HINCRBY', P..':n:'..cid, old, -1)
-    redis.call('HINCRBY', P..':n', old, -1)
-  end
-  redis.call('HINCRBY', P..':n:'..cid, new, 1)
-  redis.call('HINCRBY', P..':n', new, 1)
-end
-local function clock_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function requeue_node(node)
-  local fl = P..':fl:'..node
-  local ids = redis.call('SMEMBERS', fl)
-  local n = 0
-  for _, id in ipairs(ids) do
-    local k = P..':m:'..id
-    local f = redis.call('HMGET', k, 's', 'c', 'n', 'o')
-    if f[1] == '1' and f[4] == node then
-      redis.call('HSET', k, 's', '0')
-      redis.call('HDEL', k, 'o')
-      redis.call('ZADD', P..':due:'..f[2], f[3], id)
-      move(f[2], '1', '0')
-      n = n + 1
-    end
-  end
-  redis.call('DEL', fl)
-  -- Taken back from a node that did not finish: some may have been delivered
-  -- already and are sent again (the duplicates the issue bounds by the window).
-  if n > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', n) end
-  return n
-end
--- Counter moves of a batch, summed: tally(cid, old, new) per message, then
--- flush_tally() writes one HINCRBY per (campaign, state) touched (not per message).
-local tally_t = {}
-local function tally(cid, old, new)
-  if old == new then return end
-  local t = tally_t[cid]
-  if t == nil then t = {}; tally_t[cid] = t end
-  if old then t[old] = (t[old] or 0) - 1 end
-  t[new] = (t[new] or 0) + 1
-end
-local function flush_tally()
-  local all = {}
-  for cid, t in pairs(tally_t) do
-    for st, d in pairs(t) do
-      if d ~= 0 then
-        redis.call('HINCRBY', P..':n:'..cid, st, d)
-        all[st] = (all[st] or 0) + d
-      end
-    end
-  end
-  for st, d in pairs(all) do
-    if d ~= 0 then redis.call('HINCRBY', P..':n', st, d) end
-  end
-  tally_t = {}
-end
--- A variadic command over a long list, 1000 arguments a call (Lua's stack).
-local function each_chunk(cmd, key, list)
-  for i = 1, #list, 1000 do
-    redis.call(cmd, key, unpack(list, i, math.min(i + 999, #list)))
-  end
-end
-local function reap_dead(now_ms)
-  local n = 0
-  local dead = redis.call('ZRANGEBYSCORE', P..':nodes', '-inf', now_ms, 'LIMIT', 0, 16)
-  for _, d in ipairs(dead) do
-    n = n + requeue_node(d)
-    redis.call('ZREM', P..':nodes', d)
-  end
-  return n
-end
-"""
-
-# ARGV: P, now, limit, node, lease_ms
-_CLAIM = (
-    _LUA_LIB
-    + """
--- Per message: one HMGET and one HSET; per campaign one ZREMRANGEBYRANK (the
--- claimed ids are a prefix of its due set), one SADD and the counters per batch.
-local now, limit, node, lease = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local ms = clock_ms()
-redis.call('ZADD', P..':nodes', ms + lease, node)
-reap_dead(ms)
-local act = redis.call('SMEMBERS', P..':active')
-local cand = {}
-for _, cid in ipairs(act) do
-  local r = redis.call('ZRANGEBYSCORE', P..':due:'..cid, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
-  for i = 1, #r, 2 do cand[#cand + 1] = {tonumber(r[i + 1]), r[i], cid, i} end
-end
-if #act > 1 then
-  -- A total order that keeps each campaign's rank order (ties included), so
-  -- what is taken of each campaign is a prefix of its due set.
-  table.sort(cand, function(a, b)
-    if a[1] ~= b[1] then return a[1] < b[1] end
-    if a[3] ~= b[3] then return a[3] < b[3] end
-    return a[4] < b[4]
-  end)
-end
-local out = {}
-local ids = {}
-local taken = {}
-for i = 1, math.min(limit, #cand) do
-  local id, cid = cand[i][2], cand[i][3]
-  local k = P..':m:'..id
-  local f = redis.call('HMGET', k, 'r', 'd', 'v', 's', 'a', 't')
-  redis.call('HSET', k, 's', '1', 'o', node)
-  ids[#ids + 1] = id
-  taken[cid] = (taken[cid] or 0) + 1
-  tally(cid, f[4], '1')
-  out[#out + 1] = {id, cid, f[1], f[2], f[3], f[5] or '0', f[6]}
-end
-for cid, n in pairs(taken) do
-  redis.call('ZREMRANGEBYRANK', P..':due:'..cid, 0, n - 1)
-end
-each_chunk('SADD', P..':fl:'..node, ids)
-flush_tally()
-return out
-"""
-)
-
-# ARGV: P, now, node, lease_ms, JSON [[id, state, attempts, next_at, code, enhanced, text], ...]
-# (every value a string: one argument, decoded by cjson in the script)
-_RECORD = (
-    _LUA_LIB
-    + """
--- Per message: one HMGET and one HSET (the owner is cleared there); the due set
--- only for a retry (or a message no longer in flight); SREM and counters per batch.
-local now = ARGV[2]
-if ARGV[3] ~= '' then redis.call('ZADD', P..':nodes', 'XX', clock_ms() + tonumber(ARGV[4]), ARGV[3]) end
-local gone = {}
-local cancelled = {}
-local rows = cjson.decode(ARGV[5])
-for _, row in ipairs(rows) do
-  local id = row[1]
-  local k = P..':m:'..id
-  local f = redis.call('HMGET', k, 's', 'c', 'o')
-  if f[1] then
-    local new, nxt = row[2], row[4]
-    -- deferred after its campaign was cancelled: final too (never claimed again)
-    if new == '2' then
-      local c = cancelled[f[2]]
-      if c == nil then
-        c = redis.call('HGET', P..':c:'..f[2], 'status') == 'cancelled'
-        cancelled[f[2]] = c
-      end
-      if c then new, nxt = '7', '0' end
-    end
-    redis.call('HSET', k, 's', new, 'a', row[3], 'n', nxt, 'u', now,
-               'lc', row[5], 'le', row[6], 'lt', row[7], 'o', '')
-    if f[3] and f[3] ~= '' then
-      local g = gone[f[3]]
-      if g == nil then g = {}; gone[f[3]] = g end
-      g[#g + 1] = id
-    end
-    if new == '0' or new == '2' then
-      redis.call('ZADD', P..':due:'..f[2], nxt, id)
-    elseif f[1] == '0' or f[1] == '2' then
-      redis.call('ZREM', P..':due:'..f[2], id)  -- requeued meanwhile: final now
-    end
-    tally(f[2], f[1], new)
-  end
-end
-for owner, g in pairs(gone) do each_chunk('SREM', P..':fl:'..owner, g) end
-flush_tally()
-return 0
-"""
-)
-
-# ARGV: P, node, ids...: only messages this node holds (after its lease expired
-# another node may hold them now: releasing those would send them twice)
-_RELEASE = (
-    _LUA_LIB
-    + """
-local n = 0
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local k = P..':m:'..id
-  local f = redis.call('HMGET', k, 's', 'c', 'n', 'o')
-  if f[1] == '1' and (not f[4] or f[4] == ARGV[2]) then
-    redis.call('HSET', k, 's', '0')
-    if f[4] then
-      redis.call('SREM', P..':fl:'..f[4], id)
-      redis.call('HDEL', k, 'o')
-    end
-    redis.call('ZADD', P..':due:'..f[2], f[3], id)
-    move(f[2], '1', '0')
-    n = n + 1
-  end
-end
-return n
-"""
-)
-
-# ARGV: P, now, node, then (id, next_at)*: handed back unattempted; only messages
-# this node holds (as _RELEASE); attempts and last reply unchanged
-_REQUEUE = (
-    _LUA_LIB
-    + """
-local now, node = ARGV[2], ARGV[3]
-local n = 0
-for i = 4, #ARGV, 2 do
-  local id, nxt = ARGV[i], ARGV[i + 1]
-  local k = P..':m:'..id
-  local f = redis.call('HMGET', k, 's', 'c', 'a', 'o')
-  if f[1] == '1' and (not f[4] or f[4] == node) then
-    local new = '0'
-    if f[3] and f[3] ~= '0' then new = '2' end
-    if redis.call('HGET', P..':c:'..f[2], 'status') == 'cancelled' then
-      new, nxt = '7', '0'
-    end
-    redis.call('HSET', k, 's', new, 'n', nxt, 'u', now)
-    if f[4] then
-      redis.call('SREM', P..':fl:'..f[4], id)
-      redis.call('HDEL', k, 'o')
-    end
-    if new ~= '7' then redis.call('ZADD', P..':due:'..f[2], nxt, id) end
-    move(f[2], '1', new)
-    n = n + 1
-  end
-end
-return n
-"""
-)
-
-# ARGV: P, node
-_RECOVER = (
-    _LUA_LIB
-    + """
-local n = requeue_node(ARGV[2])
-return n + reap_dead(clock_ms())
-"""
-)
-
-# ARGV: P, node, lease_ms
-_RENEW = (
-    _LUA_LIB
-    + """
-redis.call('ZADD', P..':nodes', clock_ms() + tonumber(ARGV[3]), ARGV[2])
-return 0
-"""
-)
-
-# ARGV: P, node: forget this node if it holds nothing (a clean exit)
-_LEAVE = (
-    _LUA_LIB
-    + """
-if redis.call('SCARD', P..':fl:'..ARGV[2]) == 0 then redis.call('ZREM', P..':nodes', ARGV[2]) end
-return 0
-"""
-)
-
-# ARGV: P, cid, status
-_STATUS = (
-    _LUA_LIB
-    + """
-local k = P..':c:'..ARGV[2]
-if redis.call('EXISTS', k) == 0 then return 0 end
-redis.call('HSET', k, 'status', ARGV[3])
-if ARGV[3] == 'active' then
-  redis.call('SADD', P..':active', ARGV[2])
-else
-  redis.call('SREM', P..':active', ARGV[2])
-end
-return 1
-"""
-)
-
-# ARGV: P, cid, n: cancel up to n pending messages of a (non-active) campaign
-_CANCEL = (
-    _LUA_LIB
-    + """
-local cid, due = ARGV[2], P..':due:'..ARGV[2]
-local ids = redis.call('ZRANGE', due, 0, tonumber(ARGV[3]) - 1)
-for _, id in ipairs(ids) do
-  local k = P..':m:'..id
-  local s = redis.call('HGET', k, 's')
-  if s == '0' or s == '2' then
-    redis.call('HSET', k, 's', '7', 'n', '0')
-    move(cid, s, '7')
-  end
-end
-if #ids > 0 then redis.call('ZREMRANGEBYRANK', due, 0, #ids - 1) end
-return #ids
-"""
-)
-
-# ARGV: P, node -> earliest due time of an active campaign's pending message, or
-# the earliest lease deadline of another node holding messages in flight (they
-# come back when it expires), as a string; nil when neither.
-_NEXT_DUE = (
-    _LUA_LIB
-    + """
-local best = nil
-for _, cid in ipairs(redis.call('SMEMBERS', P..':active')) do
-  local r = redis.call('ZRANGE', P..':due:'..cid, 0, 0, 'WITHSCORES')
-  if r[2] then
-    local s = tonumber(r[2])
-    if best == nil or s < best then best = s end
-  end
-end
-local nodes = redis.call('ZRANGE', P..':nodes', 0, -1, 'WITHSCORES')
-for i = 1, #nodes, 2 do
-  if nodes[i] ~= ARGV[2] and redis.call('SCARD', P..':fl:'..nodes[i]) > 0 then
-    local s = tonumber(nodes[i + 1]) / 1000
-    if best == nil or s < best then best = s end
-  end
-end
-if best == nil then return false end
-return string.format('%.6f', best)
-"""
-)
-
 
 class RedisSpoolError(SpoolError):
     """The Redis spool cannot be used (bad URL, durability not reached)."""
 
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:
-    """Split a spool URL into the redis-py URL and our parameters."""
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    rest: list[tuple[str, str]] = []
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        (ours.__setitem__(k, v) if k in OUR_PARAMS else rest.append((k, v)))
-    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+    """Split a spool URL into the redis-py URL and our parameters
+    (:func:`fastsend.spool.parse_redis_url`)."""
+    return parse_redis_url(url)
+
+
+@functools.cache
+def _script(name: str) -> str:
+    """The Lua script ``spool/NAME.lua`` (package data) after ``spool/lib.lua``."""
+    here = resources.files("fastsend.spool")
+    return here.joinpath("lib.lua").read_text() + here.joinpath(f"{name}.lua").read_text()
 
 
 def _s(b: Any) -> str:
@@ -447,16 +141,16 @@ class RedisSpool(Spool):
         except redis.RedisError as e:
             raise RedisSpoolError(f"cannot reach Redis at {redis_url!r}: {e}") from None
         reg = self.r.register_script
-        self._claim = reg(_CLAIM)
-        self._record = reg(_RECORD)
-        self._release = reg(_RELEASE)
-        self._requeue = reg(_REQUEUE)
-        self._recover = reg(_RECOVER)
-        self._renew = reg(_RENEW)
-        self._leave = reg(_LEAVE)
-        self._status = reg(_STATUS)
-        self._cancel = reg(_CANCEL)
-        self._next_due = reg(_NEXT_DUE)
+        self._claim = reg(_script("claim"))
+        self._record = reg(_script("record"))
+        self._release = reg(_script("release"))
+        self._requeue = reg(_script("requeue"))
+        self._recover = reg(_script("recover"))
+        self._renew = reg(_script("renew"))
+        self._leave = reg(_script("leave"))
+        self._status = reg(_script("status"))
+        self._cancel = reg(_script("cancel"))
+        self._next_due = reg(_script("next_due"))
         self._lease_ms = int(self.lease * 1000)
         self._renewed = 0.0
         self._holding = False  # claimed anything: this node keeps a lease
@@ -540,19 +234,29 @@ class RedisSpool(Spool):
         now: float,
         *,
         state: int = 0,
+        suppressed: Collection[int] = (),
+        ingest: IngestMark | None = None,
     ) -> list[int]:
         rows = list(rows)
-        if not rows:
+        if not rows and ingest is None:
             return []
         k = self.k
         cid = int(campaign_id)
-        last = int(self.r.incrby(f"{k}:seq:m", len(rows)))
-        first = last - len(rows) + 1
-        ids = list(range(first, last + 1))
+        ids: list[int] = []
+        if rows:
+            last = int(self.r.incrby(f"{k}:seq:m", len(rows)))
+            ids = list(range(last - len(rows) + 1, last + 1))
+        sup = frozenset(suppressed)
         nowr = repr(float(now))
         st = str(int(state))
-        pipe = self.r.pipeline(transaction=True)
-        for i, (rcpt, domain, vars_) in zip(ids, rows, strict=True):
+        pipe = self.r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing
+        due: list[int] = []
+        n_sup = 0
+        for j, (i, (rcpt, domain, vars_)) in enumerate(zip(ids, rows, strict=True)):
+            gone = j in sup
+            n_sup += gone
+            if not gone and state in PENDING_STATES:
+                due.append(i)
             pipe.hset(
                 f"{k}:m:{i}",
                 mapping={
@@ -560,17 +264,27 @@ class RedisSpool(Spool):
                     "r": rcpt,
                     "d": domain,
                     "v": vars_,
-                    "s": st,
+                    "s": str(SUPPRESSED) if gone else st,
                     "t": nowr,
                     "n": nowr,
                     "u": nowr,
                 },
             )
-        if state in PENDING_STATES:
-            for j in range(0, len(ids), CHUNK):
-                pipe.zadd(f"{k}:due:{cid}", dict.fromkeys(ids[j : j + CHUNK], float(now)))
-        pipe.hincrby(f"{k}:n:{cid}", st, len(ids))
-        pipe.hincrby(f"{k}:n", st, len(ids))
+        for j in range(0, len(due), CHUNK):
+            pipe.zadd(f"{k}:due:{cid}", dict.fromkeys(due[j : j + CHUNK], float(now)))
+        for state_s, n in ((st, len(ids) - n_sup), (str(SUPPRESSED), n_sup)):
+            if n:
+                pipe.hincrby(f"{k}:n:{cid}", state_s, n)
+                pipe.hincrby(f"{k}:n", state_s, n)
+        if ingest is not None:
+            pipe.hset(
+                f"{k}:ing:{int(ingest.job)}",
+                mapping={
+                    "line": ingest.line,
+                    "accepted": ingest.accepted,
+                    "rejected": ingest.rejected,
+                },
+            )
         pipe.execute()
         self._wait_durable()
         return ids
@@ -613,7 +327,7 @@ class RedisSpool(Spool):
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
         batch = list(results)
-        head = [self.k, repr(float(now)), self.node if self._holding else "", self._lease_ms]
+        head: list[Any] = [self.k, repr(float(now)), self.node if self._holding else "", self._lease_ms]
         # One JSON argument per chunk (cjson in the script), every value a string:
         # packing 7 arguments per message cost more than the script itself.
         dumps = orjson.dumps
@@ -762,6 +476,137 @@ class RedisSpool(Spool):
 
             self._limits = SharedLimits(self.r, prefix=self.prefix)
         return self._limits
+
+    def owner(self, message_id: int) -> tuple[int, str] | None:
+        c, r = self.r.hmget(f"{self.k}:m:{int(message_id)}", "c", "r")
+        return None if c is None else (int(c), _s(r))
+
+    SIBLING_SPAN = 8192  # ids searched each side of near_id (no index by recipient)
+
+    def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
+        """As SQLite's, within :attr:`SIBLING_SPAN` ids of ``near_id``: a shared
+        transaction's rows are claimed and spooled together, so they lie close."""
+        want, cid, k = rcpt.lower(), str(int(campaign_id)).encode(), self.k
+        step = 512
+        for dist in range(0, self.SIBLING_SPAN, step):
+            ids = [
+                i
+                for d in range(dist, dist + step)
+                for i in ((near_id - d, near_id + d) if d else (near_id,))
+                if i > 0
+            ]
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(f"{k}:m:{i}", "c", "r")
+            for i, (c, r) in zip(ids, pipe.execute(), strict=True):
+                if c == cid and r is not None and _s(r).lower() == want:
+                    return i, _s(r)
+        return None
+
+    def counts_by_campaign(
+        self, campaign_ids: Collection[int] | None = None
+    ) -> dict[int, dict[str, int]]:
+        k = self.k
+        if campaign_ids is None:
+            ids = [int(x) for x in self.r.zrange(f"{k}:camps", 0, -1)]
+        else:
+            ids = [int(c) for c in campaign_ids]
+        pipe = self.r.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hgetall(f"{k}:n:{cid}")
+        out: dict[int, dict[str, int]] = {}
+        for cid, h in zip(ids, pipe.execute(), strict=True):
+            per = out[cid] = dict.fromkeys(STATE_NAMES.values(), 0)
+            for state, n in h.items():
+                per[STATE_NAMES.get(int(state), _s(state))] = int(n)
+        return out
+
+    def pending_domains(
+        self, campaign_ids: Collection[int] | None = None, limit: int = 100
+    ) -> list[tuple[str, int]]:
+        k, r = self.k, self.r
+        if campaign_ids is None:
+            cids = {int(x) for x in r.zrange(f"{k}:camps", 0, -1)}
+        else:
+            cids = {int(c) for c in campaign_ids}
+        counts: dict[str, int] = {}
+
+        def add(ids: list[bytes]) -> None:
+            pipe = r.pipeline(transaction=False)
+            for mid in ids:
+                pipe.hmget(f"{k}:m:{_s(mid)}", "d", "s", "c")
+            for domain, st, c in pipe.execute():
+                if domain is None or int(st) not in (0, 1, 2) or int(c) not in cids:
+                    continue
+                d = _s(domain)
+                counts[d] = counts.get(d, 0) + 1
+
+        for cid in sorted(cids):
+            start = 0
+            while ids := r.zrange(f"{k}:due:{cid}", start, start + CHUNK - 1):
+                add(ids)
+                start += CHUNK
+        for node in r.zrange(f"{k}:nodes", 0, -1):
+            add(list(r.smembers(f"{k}:fl:{_s(node)}")))
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: max(0, limit)]
+
+    # -- list ingest jobs ----------------------------------------------------
+
+    def create_ingest(self, campaign_id: int, source: dict[str, Any], total: int) -> int:
+        k = self.k
+        jid = int(self.r.incr(f"{k}:seq:ing"))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            f"{k}:ing:{jid}",
+            mapping={
+                "campaign": int(campaign_id),
+                "source": orjson.dumps(source),
+                "total": int(total),
+                "line": 0,
+                "accepted": 0,
+                "rejected": 0,
+                "status": "running",
+                "created": repr(time.time()),
+            },
+        )
+        pipe.zadd(f"{k}:ings", {jid: jid})
+        pipe.execute()
+        self._wait_durable()
+        return jid
+
+    @staticmethod
+    def _ingest(jid: int, h: dict[bytes, Any]) -> IngestJob | None:
+        if not h:
+            return None
+        return IngestJob(
+            id=jid,
+            campaign=int(h[b"campaign"]),
+            source=orjson.loads(h[b"source"]),
+            total=int(h[b"total"]),
+            line=int(h[b"line"]),
+            accepted=int(h[b"accepted"]),
+            rejected=int(h[b"rejected"]),
+            status=_s(h[b"status"]),
+            created=float(h[b"created"]),
+        )
+
+    def get_ingest(self, job_id: int) -> IngestJob | None:
+        return self._ingest(int(job_id), self.r.hgetall(f"{self.k}:ing:{int(job_id)}"))
+
+    def list_ingests(self, *, unfinished: bool = False) -> list[IngestJob]:
+        ids = [int(x) for x in self.r.zrange(f"{self.k}:ings", 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for jid in ids:
+            pipe.hgetall(f"{self.k}:ing:{jid}")
+        jobs = [self._ingest(j, h) for j, h in zip(ids, pipe.execute(), strict=True)]
+        return [j for j in jobs if j is not None and not (unfinished and j.finished)]
+
+    def finish_ingest(self, job_id: int, status: str) -> None:
+        if status not in INGEST_STATUSES[1:]:
+            raise ValueError(f"bad ingest status {status!r}")
+        key = f"{self.k}:ing:{int(job_id)}"
+        if self.r.exists(key):
+            self.r.hset(key, "status", status)
 
     def close(self) -> None:
         try:

@@ -26,23 +26,30 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import orjson
 
-from fastsend.spool import (
+from fastsend.spool.base import (
     AGE_BUCKETS_MIN,
     CANCELLED,
     DEFERRED,
     INFLIGHT,
+    INGEST_STATUSES,
     QUEUED,
     STATE_NAMES,
+    SUPPRESSED,
     CampaignInfo,
     Claimed,
+    IngestJob,
+    IngestMark,
     Result,
     Spool,
+    SpoolError,
 )
+
+__all__ = ["SQLiteSpool", "SpoolError"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS campaigns (
@@ -74,6 +81,17 @@ CREATE INDEX IF NOT EXISTS messages_campaign ON messages(campaign);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ingests (
+    id INTEGER PRIMARY KEY,
+    campaign INTEGER NOT NULL,
+    source BLOB NOT NULL,
+    total INTEGER NOT NULL,
+    line INTEGER NOT NULL DEFAULT 0,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'running',
+    created REAL NOT NULL
+);
 """
 
 SCHEMA_VERSION = "1"
@@ -110,10 +128,6 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
         prev = i
     out.append((start, prev))
     return out
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened or is not a fastsend spool."""
 
 
 class SQLiteSpool(Spool):
@@ -210,10 +224,13 @@ class SQLiteSpool(Spool):
         now: float,
         *,
         state: int = QUEUED,
+        suppressed: Collection[int] = (),
+        ingest: IngestMark | None = None,
     ) -> list[int]:
         rows = list(rows)
-        if not rows:
+        if not rows and ingest is None:
             return []
+        suppressed = frozenset(suppressed)
         db = self.db
         db.execute("PRAGMA synchronous=FULL")  # accepted means on disk, power loss included
         db.execute("BEGIN IMMEDIATE")
@@ -226,8 +243,14 @@ class SQLiteSpool(Spool):
                 params: list[Any] = []
                 add = params.extend
                 for i, (rcpt, domain, vars_) in enumerate(part, first + at):
-                    add((i, campaign_id, rcpt, domain, vars_, state, now, now, now))
+                    st = SUPPRESSED if suppressed and (i - first) in suppressed else state
+                    add((i, campaign_id, rcpt, domain, vars_, st, now, now, now))
                 db.execute(_insert_sql(len(part)), params)
+            if ingest is not None:
+                db.execute(
+                    "UPDATE ingests SET line=?, accepted=?, rejected=? WHERE id=?",
+                    (ingest.line, ingest.accepted, ingest.rejected, ingest.job),
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -429,6 +452,127 @@ class SQLiteSpool(Spool):
 
     def drop_counters(self, names: Iterable[str]) -> None:
         self.db.executemany("DELETE FROM counters WHERE name=?", [(k,) for k in names])
+
+    def owner(self, message_id: int) -> tuple[int, str] | None:
+        row = self.db.execute(
+            "SELECT campaign, rcpt FROM messages WHERE id=?", (message_id,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
+        row = self.db.execute(
+            "SELECT id, rcpt FROM messages WHERE campaign=? AND rcpt=? COLLATE NOCASE"
+            " ORDER BY abs(id - ?) LIMIT 1",
+            (campaign_id, rcpt, near_id),
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def counts_by_campaign(
+        self, campaign_ids: Collection[int] | None = None
+    ) -> dict[int, dict[str, int]]:
+        ids = None if campaign_ids is None else [int(c) for c in campaign_ids]
+        out: dict[int, dict[str, int]] = {}
+        if ids is None:
+            rows = self.db.execute(
+                "SELECT campaign, state, COUNT(*) FROM messages GROUP BY campaign, state"
+            ).fetchall()
+            for cid in self.db.execute("SELECT id FROM campaigns"):
+                out[int(cid[0])] = dict.fromkeys(STATE_NAMES.values(), 0)
+        else:
+            out = {c: dict.fromkeys(STATE_NAMES.values(), 0) for c in ids}
+            rows = []
+            for j in range(0, len(ids), 500):
+                chunk = ids[j : j + 500]
+                rows += self.db.execute(
+                    f"SELECT campaign, state, COUNT(*) FROM messages WHERE campaign IN"
+                    f" ({','.join('?' * len(chunk))}) GROUP BY campaign, state",
+                    chunk,
+                ).fetchall()
+        for cid, state, n in rows:
+            per = out.setdefault(int(cid), dict.fromkeys(STATE_NAMES.values(), 0))
+            per[STATE_NAMES.get(state, str(state))] = int(n)
+        return out
+
+    def pending_domains(
+        self, campaign_ids: Collection[int] | None = None, limit: int = 100
+    ) -> list[tuple[str, int]]:
+        counts: dict[str, int] = {}
+        pend = (QUEUED, INFLIGHT, DEFERRED)
+        if campaign_ids is None:
+            chunks: list[list[int] | None] = [None]
+        else:
+            ids = [int(c) for c in campaign_ids]
+            chunks = [ids[j : j + 500] for j in range(0, len(ids), 500)]
+        for chunk in chunks:
+            if chunk is None:
+                where, args = "", list(pend)
+            elif not chunk:
+                continue
+            else:
+                where = f" AND campaign IN ({','.join('?' * len(chunk))})"
+                args = [*pend, *chunk]
+            for d, n in self.db.execute(
+                f"SELECT domain, COUNT(*) FROM messages WHERE state IN (?,?,?){where}"
+                " GROUP BY domain",
+                args,
+            ):
+                counts[d] = counts.get(d, 0) + int(n)
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: max(0, limit)]
+
+    # -- list ingest jobs ----------------------------------------------------
+
+    _INGEST_COLS = "id, campaign, source, total, line, accepted, rejected, status, created"
+
+    @staticmethod
+    def _ingest(row: tuple[Any, ...]) -> IngestJob:
+        return IngestJob(
+            id=int(row[0]),
+            campaign=int(row[1]),
+            source=orjson.loads(row[2]),
+            total=int(row[3]),
+            line=int(row[4]),
+            accepted=int(row[5]),
+            rejected=int(row[6]),
+            status=str(row[7]),
+            created=float(row[8]),
+        )
+
+    def create_ingest(self, campaign_id: int, source: dict[str, Any], total: int) -> int:
+        db = self.db
+        db.execute("PRAGMA synchronous=FULL")
+        try:
+            cur = db.execute(
+                "INSERT INTO ingests(campaign, source, total, created) VALUES (?,?,?,?)",
+                (campaign_id, orjson.dumps(source), int(total), time.time()),
+            )
+        finally:
+            db.execute("PRAGMA synchronous=NORMAL")
+        assert cur.lastrowid is not None
+        return int(cur.lastrowid)
+
+    def get_ingest(self, job_id: int) -> IngestJob | None:
+        try:
+            row = self.db.execute(
+                f"SELECT {self._INGEST_COLS} FROM ingests WHERE id=?", (job_id,)
+            ).fetchone()
+        except sqlite3.OperationalError:  # a read-only view of a spool older than ingests
+            return None
+        return None if row is None else self._ingest(row)
+
+    def list_ingests(self, *, unfinished: bool = False) -> list[IngestJob]:
+        where = " WHERE status='running'" if unfinished else ""
+        try:
+            rows = self.db.execute(
+                f"SELECT {self._INGEST_COLS} FROM ingests{where} ORDER BY id"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return []
+        return [self._ingest(r) for r in rows]
+
+    def finish_ingest(self, job_id: int, status: str) -> None:
+        if status not in INGEST_STATUSES[1:]:
+            raise ValueError(f"bad ingest status {status!r}")
+        self.db.execute("UPDATE ingests SET status=? WHERE id=?", (status, job_id))
 
     def close(self) -> None:
         self.db.close()

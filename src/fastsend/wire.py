@@ -21,6 +21,11 @@ from typing import Any
 
 import msgspec
 
+RING_BYTES = 32 << 20
+"""Capacity of each supervisor <-> worker ring."""
+MAX_RECORD = RING_BYTES - 64
+"""The largest record sent over a ring (a campaign spec must fit in one)."""
+
 
 class CampaignSpec(msgspec.Struct, array_like=True, tag=1):
     id: int

@@ -460,11 +460,15 @@ def _run_workers(config: SinkConfig, args: argparse.Namespace, out: TextIO, err:
             if progress and ready and now - last_tick >= 1.0:
                 rate = (total["messages"] - last_msgs) / (now - last_tick)
                 faults = sum(total["faults"].values())
-                line = (
+                progress_line = (
                     f"sink: {total['messages']:,} msgs  {rate:,.0f}/s  {total['recipients']:,}"
                     f" rcpts  {total['active']} conns  {faults:,} faults  ({len(pids)} workers)"
                 )
-                print(("\r" + line + "  ") if tty else line, end="" if tty else "\n", file=err)
+                print(
+                    ("\r" + progress_line + "  ") if tty else progress_line,
+                    end="" if tty else "\n",
+                    file=err,
+                )
                 err.flush()
                 last_msgs, last_tick = total["messages"], now
     finally:

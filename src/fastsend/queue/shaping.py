@@ -1,7 +1,10 @@
-"""The supervisor's side of shaping: limits that span workers, and shaping state.
+"""The supervisor's side of shaping (engine layer): limits that span workers,
+and shaping state. The shaping area (``fastsend.shaping``) holds the policy,
+pools, guardrails and the workers' lanes; this module applies them where the
+supervisor dispatches.
 
 NAME
-    fastsend.shaping.supervise -- DispatchGate, ShapingState, SupervisorShaping.
+    fastsend.queue.shaping -- DispatchGate, ShapingState, SupervisorShaping.
 
 DESCRIPTION
     Maximum rates per campaign, per tenant and globally span every worker, so
@@ -56,10 +59,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastsend.config import Config, ConfigError
+from fastsend import wire
+from fastsend.config import Config
 from fastsend.events import EventLog
-from fastsend.queue import wire
 from fastsend.shaping.guardrails import Guardrails, GuardrailSettings
+from fastsend.shaping.policy import dispatch_settings
 from fastsend.spool import Spool
 from fastsend.throttle import Gcra
 
@@ -69,24 +73,6 @@ SHAPING_LOG = "shaping.jsonl"
 
 def _bucket(rate: float) -> Gcra | None:
     return Gcra(rate, max(1, round(rate))) if rate > 0 else None
-
-
-def dispatch_settings(config: Config) -> dict[str, Any]:
-    """The validated ``[shaping.dispatch]`` table (errors name the key)."""
-    raw = config.raw.get("shaping", {}).get("dispatch", {})
-    if not isinstance(raw, dict):
-        raise ConfigError("[shaping.dispatch] must be a table")
-    known = {"global_rate", "campaign_rate", "tenant_rate", "tenants"}
-    for k, v in raw.items():
-        if k not in known:
-            raise ConfigError(
-                f"[shaping.dispatch] unknown key {k!r} (known: {', '.join(sorted(known))})"
-            )
-        vals = v.values() if k == "tenants" and isinstance(v, dict) else [v]
-        for x in vals:
-            if not isinstance(x, int | float) or isinstance(x, bool) or x < 0:
-                raise ConfigError(f"[shaping.dispatch] {k} must be non-negative rates")
-    return raw
 
 
 class DispatchGate:

@@ -1,0 +1,245 @@
+"""Accepting mail: the one way recipients enter the spool.
+
+``fastsend send``, the HTTP API (``serve/context.inject``, campaigns and
+messages) and SMTP submission all come through :class:`Acceptor`, so the
+same input gives the same spool rows and the same events whichever way it
+arrives:
+
+1. :func:`check_campaign`: the campaign is valid (DKIM for the From domain when
+   required) and its spec fits a worker's ring in one record;
+2. :meth:`Acceptor.create_campaign`: the campaign is created (paused or active);
+3. :meth:`Acceptor.accept`: a batch of (rcpt, ascii_domain, vars_json) rows is
+   checked against the campaign tenant's suppression list and spooled in one
+   durable transaction (suppressed rows are stored as SUPPRESSED, final), then
+   one "accepted" or "suppressed" event per row is emitted and the supervisor
+   is woken;
+4. :meth:`Acceptor.start_ingest` / :meth:`Acceptor.ingest`: a recipient list is
+   a durable job in the spool (its source's path, size, mtime and SHA-256,
+   its row count, and the last committed source line, written in the same
+   transaction as each batch), so a crash in the middle of a list resumes
+   where the last batch ended (``fastsend resume``) instead of silently
+   dropping the rest; :func:`source_problem` says when the file changed.
+
+It never renders, never speaks SMTP and never decides delivery: that is the
+engine's (``queue/``), woken through the ``wake`` callback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastsend import recipients
+from fastsend.events import EventLog
+from fastsend.message import Campaign
+from fastsend.spool import IngestJob, IngestMark, Spool
+from fastsend.suppression import DEFAULT_TENANT, SuppressionList
+from fastsend.wire import MAX_RECORD, CampaignSpec, encoder
+
+CHUNK = 2000  # rows per spool transaction of a list ingest
+
+Row = tuple[str, str, bytes]  # (rcpt, ascii domain, vars as JSON)
+
+
+class AcceptError(ValueError):
+    """The campaign or list cannot be accepted; the message says why."""
+
+
+def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, Any]:
+    """Validate a loaded campaign for spooling; returns its self-contained spec.
+
+    ``require_dkim``: a DKIM key must be configured for the From domain. The
+    spec crosses a worker's ring as one record, so a spec too large for it is
+    refused here, once, instead of failing per recipient later."""
+    if require_dkim and not camp.dkim_for(camp.from_domain):
+        raise AcceptError(
+            f"no DKIM key configured for the From domain {camp.from_domain!r};"
+            " add a [dkim] table or pass --no-dkim"
+        )
+    spec = camp.to_dict()
+    size = len(encoder.encode(CampaignSpec(0, spec)))
+    if size > MAX_RECORD:
+        raise AcceptError(
+            f"the campaign is {size} bytes with its files inlined; at most {MAX_RECORD} bytes"
+        )
+    return spec
+
+
+# -- list sources ---------------------------------------------------------------
+
+
+def describe_source(path: str) -> tuple[dict[str, Any], int]:
+    """({path, size, mtime_ns, sha256}, data rows) of a recipient list as it is now."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    except FileNotFoundError:
+        raise recipients.RecipientsError(f"recipient file {path!r} not found") from None
+    except OSError as e:
+        raise recipients.RecipientsError(f"cannot read recipient file {path!r}: {e}") from None
+    total = sum(1 for _ in recipients.read(path))
+    src = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    return src, total
+
+
+def source_problem(job: IngestJob) -> str | None:
+    """Why the rest of a job's list cannot be read any more ("gone", "changed"),
+    or None when the file is the one the job started from (same bytes)."""
+    path = str(job.source.get("path", ""))
+    if not os.path.exists(path):
+        return "gone"
+    try:
+        now, _total = describe_source(path)
+    except recipients.RecipientsError:
+        return "unreadable"
+    if now["size"] != job.source.get("size") or now["sha256"] != job.source.get("sha256"):
+        return "changed"
+    return None
+
+
+def rows_left(job: IngestJob) -> int:
+    """Rows of a job's list not read yet (neither accepted nor rejected)."""
+    return max(0, job.total - job.accepted - job.rejected)
+
+
+# -- the acceptor -----------------------------------------------------------------
+
+
+class Acceptor:
+    """Creates campaigns and spools recipients (see the module docstring).
+
+    ``suppression`` may be None (no list yet: nothing is suppressed); ``wake``
+    is called after rows that need delivering were spooled."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        events: EventLog,
+        suppression: SuppressionList | None,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.events = events
+        self.suppression = suppression
+        self.wake = wake
+        self._tenants: dict[int, str] = {}
+
+    # -- campaigns -------------------------------------------------------------
+
+    def create_campaign(
+        self,
+        spec: dict[str, Any],
+        *,
+        name: str = "",
+        tenant: str = DEFAULT_TENANT,
+        options: dict[str, Any] | None = None,
+        paused: bool = False,
+    ) -> int:
+        """Create a campaign from a spec :func:`check_campaign` returned."""
+        cid = self.spool.create_campaign(spec, name=name, tenant=tenant, options=options)
+        if paused:
+            self.spool.set_campaign_status(cid, "paused")
+        self._tenants[cid] = tenant
+        return cid
+
+    def tenant(self, campaign_id: int) -> str:
+        """The tenant owning a campaign (KeyError if there is no such campaign)."""
+        t = self._tenants.get(campaign_id)
+        if t is None:
+            info = self.spool.get_campaign(campaign_id)
+            if info is None:
+                raise KeyError(campaign_id)
+            t = self._tenants[campaign_id] = info.tenant or DEFAULT_TENANT
+        return t
+
+    # -- recipients ------------------------------------------------------------
+
+    def accept(
+        self, campaign_id: int, rows: list[Row], *, ingest: IngestMark | None = None
+    ) -> list[int]:
+        """Spool ``rows`` durably (one transaction, with ``ingest``'s position);
+        returns their ids in the order of ``rows``."""
+        if not rows and ingest is None:
+            return []
+        now = time.time()
+        tenant = self.tenant(campaign_id)
+        hits: set[str] = set()
+        if self.suppression is not None and rows:
+            hits = self.suppression.contains_many([r[0] for r in rows], tenant=tenant)
+        gone = {i for i, r in enumerate(rows) if r[0] in hits} if hits else set()
+        ids = self.spool.add_messages(campaign_id, rows, now, suppressed=gone, ingest=ingest)
+        if ids:
+            self.events.emit_many(
+                [
+                    {
+                        "time": now,
+                        "event": "suppressed" if i in gone else "accepted",
+                        "id": mid,
+                        "campaign": campaign_id,
+                        "tenant": tenant,
+                        "rcpt": r[0],
+                    }
+                    for i, (mid, r) in enumerate(zip(ids, rows, strict=True))
+                ]
+            )
+            self.events.flush()
+        if self.wake is not None and len(gone) < len(ids):
+            self.wake()
+        return ids
+
+    # -- recipient lists ---------------------------------------------------------
+
+    def start_ingest(self, campaign_id: int, path: str) -> IngestJob:
+        """Record a durable ingest job for the list at ``path`` (not read yet)."""
+        source, total = describe_source(path)
+        job_id = self.spool.create_ingest(campaign_id, source, total)
+        job = self.spool.get_ingest(job_id)
+        assert job is not None
+        return job
+
+    def ingest(
+        self,
+        job: IngestJob,
+        *,
+        chunk: int = CHUNK,
+        on_bad: Callable[[recipients.BadRow], None] | None = None,
+    ) -> Iterator[IngestMark]:
+        """Read the job's list from after its last committed line, spooling
+        ``chunk`` good rows per transaction together with the job's new
+        position; yields each position once durable. The job is marked done
+        after the last row. The caller checks :func:`source_problem` first
+        when resuming. ``on_bad`` sees each bad row (not spooled)."""
+        path = str(job.source["path"])
+        start = line = job.line
+        accepted, rejected = job.accepted, job.rejected
+        batch: list[Row] = []
+        for row in recipients.read(path):
+            if isinstance(row, recipients.BadRow):
+                if row.line > start:
+                    line = row.line
+                    rejected += 1
+                    if on_bad is not None:
+                        on_bad(row)
+                continue
+            if row[0] <= start:
+                continue
+            line = row[0]
+            batch.append((row[1], row[2], row[3]))
+            if len(batch) >= chunk:
+                accepted += len(batch)
+                mark = IngestMark(job.id, line, accepted, rejected)
+                self.accept(job.campaign, batch, ingest=mark)
+                batch = []
+                yield mark
+        accepted += len(batch)
+        mark = IngestMark(job.id, line, accepted, rejected)
+        self.accept(job.campaign, batch, ingest=mark)
+        self.spool.finish_ingest(job.id, "done")
+        yield mark

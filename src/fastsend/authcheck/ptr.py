@@ -1,0 +1,66 @@
+"""The ``PTR <ip>`` checks: forward-confirmed reverse DNS of each source IP."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import dns.exception
+import dns.resolver
+import dns.reversename
+
+from fastsend.authcheck.common import (
+    FAIL,
+    PASS,
+    WARN,
+    Check,
+    _Judge,
+    _Lookup,
+)
+
+
+def check_ptr(ip: str, domain: str, look: _Lookup) -> Check:
+    j = _Judge(f"PTR {ip}")
+    addr = ipaddress.ip_address(ip)
+    rev = dns.reversename.from_address(ip).to_text().rstrip(".")
+    rtype = "A" if addr.version == 4 else "AAAA"
+    ptrs = [v.rstrip(".").lower() for v in look(rev, "PTR")]
+    if not ptrs:
+        host = f"out.{domain}"
+        j.add(FAIL, f"no PTR record for {ip}: many receivers reject mail from it",
+              f"{rev}. IN PTR {host}.", f"{host}. IN {rtype} {ip}")  # fmt: skip
+        return j.check()
+    if len(ptrs) > 1:
+        j.add(WARN, f"{len(ptrs)} PTR records ({', '.join(ptrs)}): keep one")
+    confirmed = []
+    for h in ptrs:
+        fwd = look(h, rtype)
+        if any(_same_ip(v, addr) for v in fwd):
+            confirmed.append(h)
+        elif fwd:
+            j.add(FAIL, f"{h} resolves to {', '.join(fwd)}, not {ip} (not forward-confirmed)",
+                  f"{h}. IN {rtype} {ip}")  # fmt: skip
+        else:
+            j.add(FAIL, f"{h} has no {rtype} record: {ip} is not forward-confirmed",
+                  f"{h}. IN {rtype} {ip}")  # fmt: skip
+    if confirmed:
+        j.items = [(s if s != FAIL else WARN, n) for s, n in j.items]  # one good name suffices
+        h = confirmed[0]
+        j.add(PASS, f"{h} (forward-confirmed)")
+        if _generic(h, addr):
+            j.add(WARN, f"{h} looks like a generic (dynamic) name; use one under {domain}")
+    return j.check()
+
+
+def _same_ip(v: str, addr: Any) -> bool:
+    try:
+        return bool(ipaddress.ip_address(v) == addr)
+    except ValueError:
+        return False
+
+
+def _generic(host: str, addr: Any) -> bool:
+    if addr.version != 4:
+        return False
+    o = str(addr).split(".")
+    return any(sep.join(seq) in host for sep in "-." for seq in (o, o[::-1]))

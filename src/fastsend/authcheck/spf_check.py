@@ -1,0 +1,109 @@
+"""The ``SPF`` check of the return-path domain (evaluation: :mod:`.spf`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+
+from fastsend.authcheck.common import (
+    FAIL,
+    PASS,
+    WARN,
+    Check,
+    _Judge,
+    _Lookup,
+    _txt,
+)
+from fastsend.authcheck.spf import SpfResult, check_host, parse_record, spf_record
+
+# Documentation/reserved addresses that no real record should authorise: evaluating one
+# walks the whole record, as a receiver does for a forger's IP.
+_PROBE_IPS = ("192.0.2.254", "198.51.100.254", "203.0.113.254", "240.0.0.1")
+
+
+def _ip_terms(ips: Sequence[str]) -> list[str]:
+    return [f"ip{ipaddress.ip_address(i).version}:{i}" for i in ips]
+
+
+def _spf_with(rec: str, add: list[str]) -> str:
+    """``rec`` with the ``add`` terms inserted before its first mechanism."""
+    parts = rec.split()
+    return " ".join([parts[0], *[t for t in add if t not in parts], *parts[1:]])
+
+
+def _merge_spf(recs: list[str]) -> str:
+    terms: list[str] = []
+    last = ""
+    for r in recs:
+        for t in r.split()[1:]:
+            if re.fullmatch(r"[+\-~?]?all", t, re.I):
+                last = last or t
+            elif t not in terms:
+                terms.append(t)
+    return " ".join(["v=spf1", *terms, last or "~all"])
+
+
+def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bool]:
+    """The SPF check for the return-path ``domain``; also whether every IP passed."""
+    j = _Judge("SPF")
+    terms = _ip_terms(ips)
+    rec = spf_record(domain, look)
+    if rec is None:
+        value = " ".join(["v=spf1", *(terms or ["mx"]), "-all"])
+        j.add(FAIL, f"no SPF record at {domain}", _txt(domain, value))
+        return j.check(), False
+    if isinstance(rec, list):
+        merged = _spf_with(_merge_spf(rec), terms)
+        j.add(FAIL, f"{len(rec)} SPF records at {domain}: permerror (RFC 7208 4.5); "
+                    "replace them with one", _txt(domain, merged))  # fmt: skip
+        return j.check(), False
+    try:
+        parse_record(rec)
+    except ValueError as exc:
+        j.add(FAIL, f"syntax error in {rec!r}: {exc} (permerror)")
+        return j.check(), False
+    all_pass = bool(ips)
+    results: list[SpfResult] = []
+    missing = []
+    for ip in ips:
+        res = check_host(ip, domain, look.query)
+        results.append(res)
+        how = f" via {res.matched}" if res.matched else ""
+        if res.result == "pass":
+            j.add(PASS, f"{ip}: pass{how}")
+            continue
+        all_pass = False
+        if res.result in ("permerror", "temperror"):
+            j.add(FAIL, f"{ip}: {res.result} ({res.note})")
+        else:
+            j.add(FAIL, f"{ip}: {res.result}{how or ' (' + res.note + ')'}: not authorised")
+            missing.append(_ip_terms([ip])[0])
+    # one corrected record for every finding: missing IPs added, a lax or missing all fixed
+    fixed = _spf_with(rec, missing)
+    fixed = re.sub(r"(^| )[+?]?all(?= |$)", r"\1-all", fixed, flags=re.I)
+    if not re.search(r"(^| )([+\-~?]?all|redirect=\S+)(?= |$)", fixed, re.I):
+        fixed += " -all"
+    fix = _txt(domain, fixed) if fixed != rec else ""
+    if missing:
+        j.add(FAIL, f"record: {rec}", fix)
+    for ip in _PROBE_IPS:
+        probe = check_host(ip, domain, look.query)
+        if probe.result != "pass" or probe.mechanism.lstrip("+").lower() == "all":
+            break
+    results.append(probe)
+    if probe.result in ("permerror", "temperror"):
+        j.add(FAIL, f"an unauthorised IP gets {probe.result}: {probe.note}"
+                    + (" (flatten includes)" if "lookups" in probe.note else ""))  # fmt: skip
+    elif probe.result == "pass":
+        j.add(FAIL, f"{probe.matched} authorises every IP on the Internet", fix)
+    elif probe.result == "neutral":
+        j.add(WARN, "unauthorised mail gets neutral: end the record with -all or ~all", fix)
+    else:
+        j.add(PASS, f"unauthorised IPs get {probe.result} ({probe.matched or probe.note}); "
+                    f"{probe.lookups}/10 DNS lookups")  # fmt: skip
+    for w in dict.fromkeys(w for r in results for w in r.warnings):
+        j.add(WARN, w)
+    if not ips:
+        j.add(WARN, f"no --ip given: only the record was checked ({rec})")
+    return j.check(), all_pass

@@ -1,0 +1,412 @@
+"""The spool's values and its seam: message states, the records crossing the
+seam, :class:`Spool` (the abstract backend), :class:`SpoolProxy`, SpoolError
+and spool URL parsing. The backends (``sqlite``, ``redis``) import this; the
+package (:mod:`fastsend.spool`) re-exports it and opens a backend by URL."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastsend.redisurl import REDIS_PARAMS, is_redis_url, parse_redis_url
+
+__all__ = ["REDIS_PARAMS", "is_redis_url", "parse_redis_url"]  # the spool's URL syntax
+
+# Message states (stored as small ints).
+QUEUED = 0
+INFLIGHT = 1
+DEFERRED = 2
+DELIVERED = 3
+BOUNCED = 4
+SUPPRESSED = 5
+EXPIRED = 6
+CANCELLED = 7
+
+STATE_NAMES = {
+    QUEUED: "queued",
+    INFLIGHT: "inflight",
+    DEFERRED: "deferred",
+    DELIVERED: "delivered",
+    BOUNCED: "bounced",
+    SUPPRESSED: "suppressed",
+    EXPIRED: "expired",
+    CANCELLED: "cancelled",
+}
+STATE_BY_NAME = {v: k for k, v in STATE_NAMES.items()}
+FINAL_STATES = frozenset({DELIVERED, BOUNCED, SUPPRESSED, EXPIRED, CANCELLED})
+PENDING_STATES = frozenset({QUEUED, DEFERRED})
+
+
+class SpoolError(Exception):
+    """The spool cannot be opened, is not a fastsend spool, or a write did not
+    become durable. Every backend raises this (or a subclass)."""
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A message taken from the spool for one delivery attempt."""
+
+    id: int
+    campaign: int
+    rcpt: str
+    domain: str
+    vars: bytes  # orjson-encoded dict of the recipient's variables
+    attempts: int  # attempts made before this one
+    created: float
+
+
+@dataclass(slots=True)
+class Result:
+    """What the scheduler decided for one message after an attempt."""
+
+    id: int
+    state: int
+    attempts: int
+    next_at: float
+    code: int = 0
+    enhanced: str = ""
+    text: str = ""
+
+
+@dataclass(slots=True)
+class CampaignInfo:
+    id: int
+    name: str
+    tenant: str
+    created: float
+    status: str  # active / paused / cancelled
+    spec: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class IngestMark:
+    """Where a list ingest stands once a batch commits: written in the same
+    transaction as the batch's rows, so the spool never holds rows past the
+    mark or a mark past its rows (see :class:`IngestJob`)."""
+
+    job: int
+    line: int  # source line of the last row this batch read (0: none yet)
+    accepted: int  # rows spooled by the job so far, this batch included
+    rejected: int  # bad rows skipped so far
+
+
+@dataclass(slots=True)
+class IngestJob:
+    """A recipient list being accepted: a durable job, so that a crash in the
+    middle of a list is resumed where the last committed batch ended (and a
+    changed or missing source is detected, never silently skipped).
+
+    ``source`` is {"path", "size", "mtime_ns", "sha256"} of the file as read
+    when the job started; ``total`` its good and bad data rows."""
+
+    id: int
+    campaign: int
+    source: dict[str, Any]
+    total: int
+    line: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    status: str = "running"  # running / done / abandoned
+    created: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
+
+
+INGEST_STATUSES = ("running", "done", "abandoned")
+
+
+class Spool(abc.ABC):
+    """Durable storage of campaigns and messages. Every write is durable on return."""
+
+    @abc.abstractmethod
+    def create_campaign(
+        self,
+        spec: dict[str, Any],
+        *,
+        name: str = "",
+        tenant: str = "default",
+        options: dict[str, Any] | None = None,
+    ) -> int: ...
+
+    @abc.abstractmethod
+    def get_campaign(self, campaign_id: int) -> CampaignInfo | None: ...
+
+    @abc.abstractmethod
+    def list_campaigns(self) -> list[CampaignInfo]: ...
+
+    @abc.abstractmethod
+    def set_campaign_status(self, campaign_id: int, status: str) -> None: ...
+
+    @abc.abstractmethod
+    def add_messages(
+        self,
+        campaign_id: int,
+        rows: Iterable[tuple[str, str, bytes]],
+        now: float,
+        *,
+        state: int = QUEUED,
+        suppressed: Collection[int] = (),
+        ingest: IngestMark | None = None,
+    ) -> list[int]:
+        """Spool (rcpt, domain, vars) rows in one transaction; durable when it
+        returns their ids (in the order of ``rows``). Rows whose index is in
+        ``suppressed`` are stored as SUPPRESSED (final), the others as ``state``.
+        ``ingest``: the list-ingest job's new position, committed atomically
+        with the rows."""
+
+    @abc.abstractmethod
+    def claim_due(self, now: float, limit: int) -> list[Claimed]:
+        """Take up to ``limit`` due messages (queued/deferred, next_at <= now) of
+        active campaigns, oldest due first, and mark them in flight."""
+
+    @abc.abstractmethod
+    def record_results(self, results: Iterable[Result], now: float) -> None:
+        """Apply attempt outcomes (one transaction)."""
+
+    @abc.abstractmethod
+    def release(self, ids: Iterable[int]) -> None:
+        """Put in-flight messages back to queued (a worker died, or a stop)."""
+
+    def requeue(self, items: Iterable[tuple[int, float]], now: float) -> None:
+        """Put in-flight messages back pending, unattempted: each (id, next_at)
+        becomes due at next_at, attempts and last reply unchanged (queued if never
+        attempted, else deferred; cancelled if its campaign was). A worker handed
+        it back (its site is slow, or a drain). This default only releases them
+        (due at once); the backends override it."""
+        self.release(i for i, _at in items)
+
+    @abc.abstractmethod
+    def recover(self) -> int:
+        """At start: every in-flight message back to queued. Returns how many."""
+
+    def renew(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """Keep this process's claims its own: a shared backend (Redis) leases them
+        per node and the supervisor calls this every tick. A no-op by default."""
+
+    def shared_limits(self) -> Any:
+        """Rate limits shared by every node on this spool (a
+        :class:`fastsend.shared_limits.SharedLimits`), or None: a local spool's
+        limits are the supervisor's own."""
+        return None
+
+    @abc.abstractmethod
+    def counts(self, campaign_id: int | None = None) -> dict[str, int]:
+        """Messages per state name."""
+
+    @abc.abstractmethod
+    def next_due(self) -> float | None:
+        """Earliest next attempt time of a pending message of an active campaign."""
+
+    @abc.abstractmethod
+    def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:
+        """(domain, counts per age bucket) of pending and in-flight messages."""
+
+    @abc.abstractmethod
+    def message(self, message_id: int) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def owner(self, message_id: int) -> tuple[int, str] | None:
+        """(campaign id, recipient) of a message, or None: the cheap lookup that
+        tracking, bounce and FBL processing make per event."""
+
+    @abc.abstractmethod
+    def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
+        """(id, recipient) of the campaign's message to ``rcpt`` (case-insensitive)
+        whose id is nearest ``near_id``, or None: a bounce for a message shared by
+        several recipients names the first row's id and another row's address."""
+
+    @abc.abstractmethod
+    def counts_by_campaign(
+        self, campaign_ids: Collection[int] | None = None
+    ) -> dict[int, dict[str, int]]:
+        """Messages per state name of each campaign (None: every campaign)."""
+
+    @abc.abstractmethod
+    def pending_domains(
+        self, campaign_ids: Collection[int] | None = None, limit: int = 100
+    ) -> list[tuple[str, int]]:
+        """(domain, pending messages) of the given campaigns (None: all), most
+        first, at most ``limit``; pending = queued, in flight or deferred."""
+
+    # -- list ingest jobs ----------------------------------------------------
+
+    @abc.abstractmethod
+    def create_ingest(self, campaign_id: int, source: dict[str, Any], total: int) -> int:
+        """Record a new list-ingest job (durable on return); returns its id."""
+
+    @abc.abstractmethod
+    def get_ingest(self, job_id: int) -> IngestJob | None: ...
+
+    @abc.abstractmethod
+    def list_ingests(self, *, unfinished: bool = False) -> list[IngestJob]:
+        """Every ingest job (or the running ones), oldest first."""
+
+    @abc.abstractmethod
+    def finish_ingest(self, job_id: int, status: str) -> None:
+        """Mark a job done (the whole source was read) or abandoned (the rest
+        of its source will never be accepted)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # -- counters: shaping state that must outlive the process ---------------
+    # Guardrail counts per campaign and warm-up counts per (day, IP, provider)
+    # survive a restart and, on a shared spool, are shared by every node. Names
+    # are short ASCII strings; values integers. These defaults keep them in
+    # memory (a backend without storage); SQLite and Redis store them.
+
+    def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
+        """Add ``deltas`` to named counters (absent ones start at 0), atomically;
+        returns the new totals of those names (other nodes' additions included)."""
+        mem: dict[str, int] = self.__dict__.setdefault("_counters", {})
+        for k, v in deltas.items():
+            mem[k] = mem.get(k, 0) + int(v)
+        return {k: mem[k] for k in deltas}
+
+    def counters(self, prefix: str) -> dict[str, int]:
+        """Every counter whose name starts with ``prefix``."""
+        mem: dict[str, int] = self.__dict__.get("_counters", {})
+        return {k: v for k, v in mem.items() if k.startswith(prefix)}
+
+    def drop_counters(self, names: Iterable[str]) -> None:
+        mem: dict[str, int] = self.__dict__.get("_counters", {})
+        for k in names:
+            mem.pop(k, None)
+
+
+AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+"""qshape-style age buckets in minutes (the last bucket is 'older')."""
+
+
+def spool_local_dir(url_or_dir: str) -> str:
+    """The local directory of a spool: its own directory for SQLite; for a Redis
+    URL its ``dir=`` parameter (default ``./spool``). Events, the suppression list,
+    the secret and shaping state live there (they are per node)."""
+    if is_redis_url(url_or_dir):
+        return parse_redis_url(url_or_dir)[1].get("dir") or "./spool"
+    return url_or_dir.removeprefix("sqlite:")
+
+
+class SpoolProxy(Spool):
+    """A spool that forwards every call to another one: subclass it to observe
+    a spool (metrics time its writes) without touching the backend."""
+
+    def __init__(self, inner: Spool) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        # What only one backend has (RedisSpool.stats, .r, .prefix, ...).
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def shared_limits(self) -> Any:
+        return self.inner.shared_limits()
+
+    def create_campaign(
+        self,
+        spec: dict[str, Any],
+        *,
+        name: str = "",
+        tenant: str = "default",
+        options: dict[str, Any] | None = None,
+    ) -> int:
+        return self.inner.create_campaign(spec, name=name, tenant=tenant, options=options)
+
+    def get_campaign(self, campaign_id: int) -> CampaignInfo | None:
+        return self.inner.get_campaign(campaign_id)
+
+    def list_campaigns(self) -> list[CampaignInfo]:
+        return self.inner.list_campaigns()
+
+    def set_campaign_status(self, campaign_id: int, status: str) -> None:
+        self.inner.set_campaign_status(campaign_id, status)
+
+    def add_messages(
+        self,
+        campaign_id: int,
+        rows: Iterable[tuple[str, str, bytes]],
+        now: float,
+        *,
+        state: int = QUEUED,
+        suppressed: Collection[int] = (),
+        ingest: IngestMark | None = None,
+    ) -> list[int]:
+        return self.inner.add_messages(
+            campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest
+        )
+
+    def claim_due(self, now: float, limit: int) -> list[Claimed]:
+        return self.inner.claim_due(now, limit)
+
+    def record_results(self, results: Iterable[Result], now: float) -> None:
+        self.inner.record_results(results, now)
+
+    def release(self, ids: Iterable[int]) -> None:
+        self.inner.release(ids)
+
+    def requeue(self, items: Iterable[tuple[int, float]], now: float) -> None:
+        self.inner.requeue(items, now)
+
+    def recover(self) -> int:
+        return self.inner.recover()
+
+    def renew(self) -> None:
+        self.inner.renew()
+
+    def counts(self, campaign_id: int | None = None) -> dict[str, int]:
+        return self.inner.counts(campaign_id)
+
+    def next_due(self) -> float | None:
+        return self.inner.next_due()
+
+    def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:
+        return self.inner.queue_shape(now)
+
+    def message(self, message_id: int) -> dict[str, Any] | None:
+        return self.inner.message(message_id)
+
+    def owner(self, message_id: int) -> tuple[int, str] | None:
+        return self.inner.owner(message_id)
+
+    def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
+        return self.inner.sibling(campaign_id, rcpt, near_id)
+
+    def counts_by_campaign(
+        self, campaign_ids: Collection[int] | None = None
+    ) -> dict[int, dict[str, int]]:
+        return self.inner.counts_by_campaign(campaign_ids)
+
+    def pending_domains(
+        self, campaign_ids: Collection[int] | None = None, limit: int = 100
+    ) -> list[tuple[str, int]]:
+        return self.inner.pending_domains(campaign_ids, limit)
+
+    def create_ingest(self, campaign_id: int, source: dict[str, Any], total: int) -> int:
+        return self.inner.create_ingest(campaign_id, source, total)
+
+    def get_ingest(self, job_id: int) -> IngestJob | None:
+        return self.inner.get_ingest(job_id)
+
+    def list_ingests(self, *, unfinished: bool = False) -> list[IngestJob]:
+        return self.inner.list_ingests(unfinished=unfinished)
+
+    def finish_ingest(self, job_id: int, status: str) -> None:
+        self.inner.finish_ingest(job_id, status)
+
+    def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
+        return self.inner.add_counters(deltas)
+
+    def counters(self, prefix: str) -> dict[str, int]:
+        return self.inner.counters(prefix)
+
+    def drop_counters(self, names: Iterable[str]) -> None:
+        self.inner.drop_counters(names)
+
+    def close(self) -> None:
+        self.inner.close()
