@@ -71,7 +71,7 @@ SECTIONS = frozenset(
         "shaping", "pools", "guardrails", "tenants", "dkim",
         # read by fastsend serve's parts from cfg.raw
         "api", "webhooks", "submission", "intake", "dashboard", "tracking", "analytics",
-        "reputation",
+        "reputation", "proxy",
     }
 )  # fmt: skip
 """Every top-level table a config may have: any other name is an error."""
