@@ -100,6 +100,19 @@ def resume(url: str, sink: Any, *extra: str) -> subprocess.CompletedProcess[str]
     )  # fmt: skip
 
 
+def test_row_count_matches_what_read_yields(tmp_path: Path) -> None:
+    from fastsend import recipients
+
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_text('email,name\n\na@x.example,"multi\nline"\nbad,1,2\n\nb@x.example,B\n')
+    jl = tmp_path / "a.jsonl"
+    jl.write_text('{"email": "a@x.example"}\n\n  \nnot json\n{"email": 5}\n')
+    for p in (csv_path, jl):
+        assert recipients.count_rows(str(p)) == len(list(recipients.read(str(p)))) == 3
+    (tmp_path / "e.csv").write_text("")
+    assert recipients.count_rows(str(tmp_path / "e.csv")) == 0
+
+
 def test_resume_continues_an_unfinished_list(spool_url: str, tmp_path: Path) -> None:
     job, addrs = crashed_ingest(spool_url, tmp_path, 5000, batches=2)
     assert (job.total, job.accepted, job.rejected, job.status) == (5001, 2000, 1, "running")

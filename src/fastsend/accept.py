@@ -84,7 +84,7 @@ def describe_source(path: str) -> tuple[dict[str, Any], int]:
         raise recipients.RecipientsError(f"recipient file {path!r} not found") from None
     except OSError as e:
         raise recipients.RecipientsError(f"cannot read recipient file {path!r}: {e}") from None
-    total = sum(1 for _ in recipients.read(path))
+    total = recipients.count_rows(path)
     src = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
     return src, total
 
