@@ -202,7 +202,7 @@ def _split_top(pattern: str) -> list[str] | None:
 def _prefix_literal(branch: str) -> str:
     """The longest literal run at the top level of ``branch`` ("" if none):
     text that every match of the branch contains."""
-    best, run = "", []
+    best, run = "", list[str]()
     i, n = 0, len(branch)
     while i < n:
         c = branch[i]

@@ -442,8 +442,8 @@ def process_report(
 
         got = ingest_mail(dmarc, data)
         if got is not None:
-            for ev in got:
-                ctx.emit(ev)
+            for report_ev in got:
+                ctx.emit(report_ev)
             return got
     envelope_ids = []
     for r in envelope_rcpts:
