@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastsend import wire
 from fastsend.analytics.rollup import _node_rows
 from fastsend.analytics.store import IDX, NC, SQLiteRollupStore
 from fastsend.analytics.warmup import (
@@ -20,7 +21,6 @@ from fastsend.analytics.warmup import (
     decide,
 )
 from fastsend.config import from_dict
-from fastsend.queue import wire
 from fastsend.shaping.pools import DEFAULT_SCHEDULE, Pool, PoolIP, utc_day
 
 

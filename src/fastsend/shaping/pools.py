@@ -137,9 +137,9 @@ class Pool:
         for p in self.ips:
             p.day_offset = int(offsets.get(p.ip, 0))
         for (ip, _prov), w in self.counters.items():
-            p = by_ip.get(ip)
-            if p is not None and w.day == day:
-                w.cap = self.schedule.cap(p.warmup_day(now))
+            pip = by_ip.get(ip)
+            if pip is not None and w.day == day:
+                w.cap = self.schedule.cap(pip.warmup_day(now))
 
     def pick(self, provider: str, now: float, eligible: Any = None) -> PoolIP | None:
         """Smooth weighted round-robin over the IPs that may send now."""
