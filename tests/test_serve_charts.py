@@ -305,6 +305,8 @@ def test_charts_campaign_and_ip_pages_in_chromium(served: Served) -> None:
             await dom_until(b, "#who", "tenant ops")
             await until("the unaligned source", lambda: _has(b, "#tbl-dmarc", "203.0.113.9"))
             assert "7 messages failed DMARC alignment" in await text_of(b, "#dmarc-note")
+            # The admin's queue-age chart reads the node-wide gauges (sampled at start).
+            await until("the queue age drawn", lambda: _points(b, "ch-age"))
             dmarc_png = await screenshot(b, "dmarc-admin", s.tmp)
             ip_png = await screenshot(b, "ip", s.tmp)
 
@@ -323,3 +325,7 @@ async def _has(b: Browser, selector: str, text: str) -> bool:
 
 async def _updates_over(b: Browser, n: int) -> bool:
     return int(await b.js("document.body.dataset.chartUpdates || '0'")) > n
+
+
+async def _points(b: Browser, canvas: str) -> bool:
+    return int(await b.js(f"document.getElementById('{canvas}').dataset.points || '0'")) > 0

@@ -20,6 +20,7 @@
   let range = '1h';
   let timer = null;
   let updates = 0;
+  let admin = null; // asked once: node-wide gauges and /v1/dmarc are for admin tenants
 
   function key() {
     try { return window.sessionStorage.getItem(STORE); } catch (e) { return null; }
@@ -119,7 +120,7 @@
       });
       c.stroke();
     }
-    canvas.dataset.points = String(lines.reduce((a, l) => a + l.values.length, 0));
+    canvas.dataset.points = String(lines.reduce((a, l) => a + l.values.filter((v) => v !== null && v !== undefined).length, 0));
   }
 
   function legend(id, lines) {
@@ -218,7 +219,14 @@
     const reasons = Object.entries(all.reasons_series.deferred)
       .sort((a, b) => b[1].reduce((x, y) => x + y, 0) - a[1].reduce((x, y) => x + y, 0)).slice(0, 6);
     chart('ch-deferrals', ts, step, reasons.map(([name, v], i) => ({ name, values: v, color: PALETTE[(i + 1) % PALETTE.length] })));
-    const g = all.gauges || {};
+    let g = all.gauges || {};
+    if (page === 'main') {
+      if (admin === null) admin = !!(await get('/v1/dashboard')).admin;
+      if (admin) { // the queue's age is node-wide (the spool's shape spans tenants)
+        const node = await stats({ ...filter, dims: '', gauges: '1', scope: 'node' });
+        g = { ...g, queue_oldest_min: (node.gauges || {}).queue_oldest_min };
+      }
+    }
     chart('ch-queue', ts, step, [
       { name: 'queue depth', color: PALETTE[3], values: g.queue_depth || ts.map(() => null) },
       { name: 'deferred', color: PALETTE[1], values: g.queue_deferred || ts.map(() => null) },
@@ -246,8 +254,6 @@
     if (page === 'main') await refreshDmarc();
     return all;
   }
-
-  let admin = null; // asked once: only admin tenants may read /v1/dmarc
 
   async function refreshDmarc() {
     const note = $('dmarc-note'); const table = $('tbl-dmarc');
