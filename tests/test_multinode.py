@@ -207,8 +207,11 @@ backend api
     assert dups <= out["taken_over"], f"{dups} duplicates exceed the windows taken over"
     # The paused campaign: what the sink got is what the spool says was delivered
     # (before the pause took effect), nothing after.
+    # A window taken over from a node whose lease lapsed under load may have been
+    # delivered without its outcome being accepted: bounded by what was taken over.
     paused = {a for a in got if a.startswith("p")}
-    assert len(paused) == out["paused_delivered"] < PAUSED_N
+    assert out["paused_delivered"] <= len(paused) <= out["paused_delivered"] + out["taken_over"]
+    assert len(paused) < PAUSED_N
     peers = Counter(rec["peer"] for rec in sink_log(log) for _ in rec["recipients"])
     assert set(IPS) <= set(peers), peers
     print(f"\nmultinode: {MULTINODE_N} recipients, dead node's window {held}, duplicates {dups},"
