@@ -100,6 +100,15 @@ KNOWN = [
 ]
 
 
+def test_multiparts_nested_thousands_deep_do_not_raise() -> None:
+    head = b"From: MAILER-DAEMON@example.net\nSubject: Undelivered Mail\n"
+    nest = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\n\n--b%d\n" % (i, i) for i in range(5000)
+    )
+    raw = head + nest + b"Content-Type: text/plain\n\n550 5.1.1 <a@b.example>: user unknown\n"
+    _check(raw)  # neither raises (RecursionError in the stdlib parser) nor runs long
+
+
 def test_known_pathological_runs_are_linear() -> None:
     for run in KNOWN:
         for shape in ("plain", "dsn-diag", "dsn-fields", "headers"):

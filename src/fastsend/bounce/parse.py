@@ -570,8 +570,14 @@ def _parse_one(
     raw: bytes, rules: RuleSet | None, verp_decoder: VerpDecoder | None, depth: int
 ) -> list[BounceRecord]:
     rs = rules or default_rules()
-    msg = email.message_from_bytes(bytes(raw), policy=policy.compat32)
-    parts = _collect(msg)
+    try:
+        msg = email.message_from_bytes(bytes(raw), policy=policy.compat32)
+        parts = _collect(msg)
+    except RecursionError:
+        # Multiparts nested thousands deep (the stdlib parser recurses per
+        # level): read it as the unstructured text below, never raise.
+        msg = email.message_from_bytes(bytes(raw).split(b"\n\n", 1)[0] + b"\n\n")
+        parts = _Parts()
     if not (parts.texts or parts.dsn or parts.arf):
         # A multipart whose boundaries never appear (or junk MIME): read the raw body.
         data = bytes(raw).replace(b"\r\n", b"\n")
