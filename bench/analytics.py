@@ -155,7 +155,8 @@ async def stats_latency(d: str, requests: int, campaigns: int) -> list[float]:
     from aiohttp import web
 
     from fastsend.config import from_dict
-    from fastsend.serve.api import ApiSettings, make_app
+    from fastsend.serve.api import ApiSettings
+    from fastsend.serve.app import make_app
     from fastsend.serve.auth import KeyStore
     from fastsend.serve.context import open_context
 
