@@ -157,7 +157,9 @@ def split_address(addr: str) -> tuple[str, str]:
 
 
 def _format_phrase(display: str, budget: int) -> list[str]:
-    if _ATOM_PHRASE.fullmatch(display) is not None:
+    # A word that looks like an encoded-word ("=?...?=") would be decoded by the
+    # reader (RFC 2047): such a phrase is encoded, never sent as atoms.
+    if _ATOM_PHRASE.fullmatch(display) is not None and "=?" not in display:
         return display.split(" ")
     if _SAFE_TEXT.fullmatch(display) is not None and "=?" not in display and len(display) < 900:
         return ['"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"']
