@@ -198,18 +198,35 @@ dkim = [{{domain = "evil.example", selector = "s1", key = "evil.pem"}}]
 listen = "127.0.0.1:{free_port()}"
 tls_cert = "{certs[0]}"
 tls_key = "{certs[1]}"
+{LIMITS}
 {users}
 [intake]
 listen = "127.0.0.1:{free_port()}"
 verp_domain = "bounces.example"
 fbl_address = "fbl@bounces.example"
+{LIMITS}
+"""
+
+
+LIMITS = """timeout = 2.0
+data_timeout = 2.0
+max_commands = 50
+max_connections = 100
+max_connections_per_ip = 20
+auth_failures_per_ip = 8
+auth_failures_per_user = 6
+auth_backoff_max = 0.5
 """
 
 
 def users_table(password: str) -> str:
     from fastsend.serve.listeners import hash_password
 
-    return f'[submission.users]\nevil = "{hash_password(password)}"\n'
+    legacy = hash_password(LEGACY_PASSWORD, iterations=200_000)  # an older, cheaper hash
+    return f'[submission.users]\nevil = "{hash_password(password)}"\nlegacy = "{legacy}"\n'
+
+
+LEGACY_PASSWORD = "a password hashed in 2022"
 
 
 @pytest.fixture(scope="module")
@@ -684,3 +701,220 @@ def test_5_forged_reports_and_tenants_cannot_touch_recipients_decisions(served: 
     st, _ = served.req("POST", "/v1/suppressions", {"addresses": ["m@example.org"]}, tenant="acme")
     assert st == 201
     assert served.req("DELETE", "/v1/suppressions/m@example.org", tenant="acme")[0] == 200
+
+
+# ---------------------------------------------------------------- 6. exhausting the server
+async def _api_latency_while(s: Served, busy: asyncio.Future[Any], key: str) -> float:
+    """The worst latency of GET /v1/campaigns, polled until ``busy`` is done."""
+    worst = 0.0
+    t = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=t) as session:
+        while not busy.done():
+            t0 = time.monotonic()
+            async with session.get(s.base + "/v1/campaigns",
+                                   headers={"Authorization": f"Bearer {key}"}) as r:  # fmt: skip
+                assert r.status == 200
+                await r.read()
+            worst = max(worst, time.monotonic() - t0)
+            await asyncio.sleep(0.05)
+    return worst
+
+
+@pytest.mark.parametrize("shape", ["one-char-lines", "atext-run"])
+def test_6_pathological_report_does_not_stall_the_api(served: Served, shape: str) -> None:
+    """A ~9 MB report the parser finds hard is parsed off the loop (size and CPU caps):
+    the API keeps answering, and the intake still answers 250."""
+    size = 9_000_000
+    head = (
+        b"From: x@isp.example\r\nTo: b@bounces.example\r\nSubject: Delivery failure\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        b"--B\r\nContent-Type: text/plain\r\n\r\n"
+    )
+    body = b"a\r\n" * (size // 3) if shape == "one-char-lines" else (
+        b"Final-Recipient: rfc822; " + b"!#$%&'*?^{|}~" * (size // 13) + b"\r\n")  # fmt: skip
+    data = head + body + b"\r\n--B--\r\n"
+
+    async def go() -> float:
+        async def send() -> Any:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=listen_port(served, "intake"),
+                                   timeout=120)  # fmt: skip
+            await smtp.connect()
+            try:
+                return await smtp.sendmail("", ["b-1-x@bounces.example"], data)
+            finally:
+                smtp.close()
+
+        sending = asyncio.ensure_future(send())
+        worst = await _api_latency_while(served, sending, served.keys["acme"])
+        errors, reply = sending.result()
+        assert errors == {} and reply.startswith("2.0.0"), reply
+        return worst
+
+    worst = asyncio.run(go())
+    assert worst < 2.0, f"the API stalled for {worst:.1f}s behind the intake"
+
+
+def _raw_session(port: int, source: str = "127.0.0.1") -> Any:
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.recv(1024)  # greeting
+    return sock
+
+
+def test_6_slowloris_is_disconnected_on_the_timeout(served: Served) -> None:
+    """A command trickled a byte at a time, or a DATA block that stops, is ended by the
+    configured timeout (2 s here) with 421, on both listeners."""
+    for table in ("submission", "intake"):
+        sock = _raw_session(listen_port(served, table))
+        t0 = time.monotonic()
+        got = b""
+        for ch in b"EHLO slow.example.org":
+            try:
+                sock.sendall(bytes([ch]))
+                sock.settimeout(0.4)
+                chunk = sock.recv(1024)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            got += chunk
+            if not chunk or b"421" in got:
+                break
+        elapsed = time.monotonic() - t0
+        sock.close()
+        assert b"421" in got and elapsed < 6, (table, got, elapsed)
+    sock = _raw_session(listen_port(served, "intake"))
+    sock.sendall(b"EHLO a\r\nMAIL FROM:<>\r\nRCPT TO:<b-1-x@bounces.example>\r\nDATA\r\n")
+    sock.sendall(b"Subject: slow\r\n\r\n")  # ... and nothing more
+    sock.settimeout(8)
+    got = b""
+    t0 = time.monotonic()
+    while b"421" not in got:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    sock.close()
+    assert b"421" in got and time.monotonic() - t0 < 6, got
+
+
+def test_6_command_cap_per_connection(served: Served) -> None:
+    sock = _raw_session(listen_port(served, "intake"))
+    sock.sendall(b"NOOP\r\n" * 200)
+    sock.settimeout(5)
+    got = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    sock.close()
+    assert got.count(b"250 ") < 60 and b"421 4.7.0 Too many commands" in got, got[-200:]
+
+
+def test_6_two_thousand_idle_connections_do_not_stop_the_api(served: Served) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4500 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4500, hard))
+    port = listen_port(served, "submission")
+
+    async def go() -> tuple[int, int, float]:
+        async def one(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+            try:
+                return await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(f"127.0.1.{1 + i % 200}", 0)
+                )
+            except OSError:
+                return None
+
+        conns = [c for c in await asyncio.gather(*(one(i) for i in range(2000))) if c]
+
+        async def first_line(r: asyncio.StreamReader) -> bytes:
+            try:
+                return await asyncio.wait_for(r.readline(), 15)
+            except (TimeoutError, OSError):
+                return b""
+
+        reading = asyncio.gather(*(first_line(r) for r, _ in conns))
+        worst = await _api_latency_while(served, reading, served.keys["acme"])
+        lines = reading.result()
+        greeted = sum(x.startswith(b"220") for x in lines)
+        refused = sum(x.startswith(b"421") for x in lines)
+        for _r, w in conns:
+            w.close()
+        return greeted, refused, worst
+
+    greeted, refused, worst = asyncio.run(go())
+    assert greeted <= 100 and refused >= 1800, (greeted, refused)  # max_connections = 100
+    assert worst < 2.0, worst
+
+
+def test_6_auth_throttling_and_equal_cost_for_unknown_users(served: Served) -> None:
+    async def attempt(user: str, password: str, source: str) -> tuple[float, int]:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=listen_port(served, "submission"),
+                               tls_context=served.client_tls, start_tls=True, timeout=30,
+                               source_address=(source, 0))  # fmt: skip
+        await smtp.connect()
+        t0 = time.monotonic()
+        try:
+            await smtp.login(user, password)
+            code = 235
+        except aiosmtplib.SMTPAuthenticationError as e:
+            code = e.code
+        except aiosmtplib.SMTPException as e:
+            code = getattr(e, "code", 0)
+        smtp.close()
+        return time.monotonic() - t0, code
+
+    async def go() -> None:
+        # The first failure of a fresh name from a fresh address: same back-off for both,
+        # so the time left is the PBKDF2 work, which must not tell the names apart.
+        unknown, c1 = await attempt("nobody-at-all", "guess", "127.0.0.6")
+        known, c2 = await attempt("legacy", "guess", "127.0.0.7")
+        assert c1 == c2 == 535
+        assert unknown > 0.5 * known, (unknown, known)
+        # Per user name: after 6 failures (3 logins, each trying PLAIN then LOGIN; from
+        # many addresses) AUTH is refused, 454, even with the right password, unchecked.
+        for i in range(3):
+            await attempt("evil", "wrong", f"127.0.2.{i + 1}")
+        _, code = await attempt("evil", PASSWORD, "127.0.2.9")
+        assert code == 454
+        # Per address: 8 failures from one address, then 454 for any name there.
+        for i in range(4):
+            await attempt(f"spray{i}", "x", "127.0.3.1")
+        _, code = await attempt("legacy", LEGACY_PASSWORD, "127.0.3.1")
+        assert code == 454
+        _, code = await attempt("legacy", LEGACY_PASSWORD, "127.0.3.2")
+        assert code == 235
+
+    asyncio.run(go())
+
+
+def test_6_pbkdf2_cost_and_upgrade_on_login(served: Served) -> None:
+    from fastsend.serve.listeners import PBKDF2_ITERATIONS, hash_password
+
+    assert PBKDF2_ITERATIONS >= 600_000
+    assert hash_password("x").split("$")[1] == str(PBKDF2_ITERATIONS)
+
+    async def go() -> None:
+        c = await smtp_session(served, "legacy", LEGACY_PASSWORD)
+        c.close()
+
+    asyncio.run(go())
+    store = orjson.loads((served.tmp / "spool" / "passwords.json").read_bytes())
+    assert store["legacy"]["hash"].startswith(f"pbkdf2_sha256${PBKDF2_ITERATIONS}$")
+    asyncio.run(go())  # and the upgraded hash logs in
+
+
+def test_6_csv_field_over_the_limit_is_a_400_with_the_line(served: Served) -> None:
+    st, out = served.req("POST", "/v1/campaigns",
+                         {"template": TEMPLATE, "paused": True})  # fmt: skip
+    assert st == 201, out
+    csv_body = b"email,name\r\na@example.org,x\r\nb@example.org," + b"y" * 200_000 + b"\r\n"
+    st, out = served.req("POST", f"/v1/campaigns/{out['id']}/recipients", raw=csv_body,
+                         headers={"Content-Type": "text/csv"})  # fmt: skip
+    assert st == 400, out
+    assert "line 3" in out["error"]["message"] and out["error"]["field"] == "recipients", out

@@ -60,7 +60,10 @@ def columns(path: str) -> set[str]:
         first = f.readline()
         fmt = detect_format(path, first)
         if fmt == "csv":
-            header = next(csv.reader([first]), [])
+            try:
+                header = next(csv.reader([first]), [])
+            except csv.Error as e:
+                raise RecipientsError(f"line 1: {e}") from None
             return {h.strip() for h in header}
         while first and not first.strip():
             first = f.readline()
@@ -112,14 +115,23 @@ def _row(line: int, email: object, variables: dict[str, str]) -> Row | BadRow:
 
 
 def _read_csv(first: str, f: io.TextIOWrapper) -> Iterator[Row | BadRow]:
-    header = [h.strip() for h in next(csv.reader([first]))]
+    try:
+        header = [h.strip() for h in next(csv.reader([first]))]
+    except csv.Error as e:
+        raise RecipientsError(f"line 1: {e}") from None
     if "email" not in header:
         raise RecipientsError(f"CSV header has no 'email' column (columns: {', '.join(header)})")
     ei = header.index("email")
     width = len(header)
     reader = csv.reader(f)
     line = 1
-    for rec in reader:
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # a field over csv.field_size_limit(), a NUL, ...
+            raise RecipientsError(f"line {reader.line_num + 1}: {e}") from None
         line = reader.line_num + 1
         if not rec or (len(rec) == 1 and not rec[0].strip()):
             continue

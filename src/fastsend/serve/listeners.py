@@ -9,7 +9,13 @@ CONFIG
     tls_cert = "/etc/fastsend/smtp.crt"; tls_key = "/etc/fastsend/smtp.key"   # required
     hostname = "smtp.example.com"; max_size = 26214400
     [submission.users]               # optional: tenant = hash_password("...") output
-    acme = "pbkdf2_sha256$200000$<salt b64>$<hash b64>"
+    acme = "pbkdf2_sha256$600000$<salt b64>$<hash b64>"
+
+    # Both tables also take (defaults shown): timeout = 300 (per command line),
+    # data_timeout = 180 (between DATA/BDAT blocks), max_session = 3600,
+    # max_connections = 200, max_connections_per_ip = 10, max_commands = 1000,
+    # auth_failures_per_ip = 10, auth_failures_per_user = 5, auth_window = 900,
+    # auth_backoff_max = 4.
 
     [intake]
     listen = "0.0.0.0:25"
@@ -17,6 +23,7 @@ CONFIG
     fbl_address = "fbl@example.com"       # feedback-loop (ARF) reports
     hostname = "mx.example.com"; max_size = 10485760
     tls_cert/tls_key                       # optional: offer STARTTLS
+    parse_max_bytes = 1048576; parse_cpu_seconds = 2.0   # per report, parsed off the loop
 
 DESCRIPTION
     Both listeners are ``asyncio.Protocol`` connections around the sans-I/O
@@ -29,15 +36,28 @@ DESCRIPTION
     before MAIL). The user name is the tenant; the password is one of the
     tenant's API keys (``fs_...``, checked against the key store of
     :mod:`fastsend.serve.auth`) or matches the tenant's entry in
-    ``[submission.users]`` (PBKDF2-SHA256, checked off the event loop). Three
-    failed attempts close the connection. Each accepted message is spooled
+    ``[submission.users]`` (PBKDF2-SHA256 at 600,000 iterations, checked off
+    the event loop; an unknown user costs the same work; an older, cheaper
+    hash is re-made at today's cost on the next good login and kept in
+    ``<spool>/passwords.json``). Three failed attempts close the connection;
+    failures are throttled per peer IP and per user name (:class:`AuthThrottle`).
+    A session whose key is revoked or whose user changes (SIGHUP) is refused
+    at its next message.
+
+    Every connection is under a :class:`Guard`: global and per-IP connection
+    caps (421 at the greeting), a timeout per command line and per DATA
+    block and a session cap (a slowloris peer is closed with 421), a cap on
+    commands per connection, and back-pressure (a peer that does not read its
+    replies is not read either). Each accepted message is spooled
     with ``ctx.inject`` into the tenant's transactional campaign, one row per
     recipient with vars ``{"raw": base64 MIME, "mail_from": ...}``; the 250
     (naming the spool ids) is sent only after inject returned, i.e. once the
     rows are durable. A spool error answers 451 and keeps nothing half done.
 
     Intake: accepts RCPT only for ``@verp_domain`` and ``fbl_address``.
-    Each message is parsed with :func:`fastsend.bounce.parse_bounce`; for each
+    Each message is parsed with :func:`fastsend.bounce.parse_bounce` in a
+    separate process with a size and CPU cap (:mod:`fastsend.serve.parsepool`),
+    so no report can stall the loop; for each
     record the original message is found (VERP id from the record or the
     envelope recipient, else a Message-ID ``<id@...>`` or X-Fastsend-Id whose
     spool row has the same recipient), then "bounced" (reason, hard, status,
@@ -65,6 +85,7 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -78,6 +99,9 @@ from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
+from fastsend.serve.parsepool import ParsePool
+from fastsend.smtp.server import _BDAT as _BDAT_MODE
+from fastsend.smtp.server import _DATA as _DATA_MODE
 from fastsend.smtp.server import (
     AuthRequest,
     DataStart,
@@ -111,7 +135,62 @@ __all__ = [
 log = logging.getLogger("fastsend.listeners")
 MAX_AUTH_FAILURES = 3
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
-PBKDF2_ITERATIONS = 200_000
+PBKDF2_ITERATIONS = 600_000  # PBKDF2-HMAC-SHA256, OWASP 2023
+_DUMMY: list[str] = []
+
+
+def _dummy_hash() -> str:
+    if not _DUMMY:
+        _DUMMY.append(hash_password(secrets.token_urlsafe(16)))
+    return _DUMMY[0]
+
+
+def _iterations(stored: str) -> int:
+    try:
+        return int(stored.split("$")[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+class PasswordUpgrades:
+    """``<spool>/passwords.json``: hashes re-made at today's cost on a successful login,
+    for [submission.users] entries of an older, cheaper cost. An upgrade applies while
+    the config keeps the entry it was made from (a changed password in the config wins).
+    File mode 0600; written atomically."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.data: dict[str, dict[str, str]] = {}
+        try:
+            with open(path, "rb") as f:
+                got = orjson.loads(f.read())
+            if isinstance(got, dict):
+                self.data = got
+        except (OSError, orjson.JSONDecodeError):
+            pass
+
+    @staticmethod
+    def _tag(stored: str) -> str:
+        return hashlib.sha256(stored.encode()).hexdigest()
+
+    def current(self, user: str, stored: str) -> str:
+        up = self.data.get(user)
+        if isinstance(up, dict) and up.get("from") == self._tag(stored) and up.get("hash"):
+            return str(up["hash"])
+        return stored
+
+    def save(self, user: str, stored: str, new: str) -> None:
+        self.data[user] = {"from": self._tag(stored), "hash": new}
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(orjson.dumps(self.data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            log.exception("submission: cannot save an upgraded password hash")
 
 
 # ---------------------------------------------------------------- passwords
@@ -174,7 +253,126 @@ def _table(raw: dict[str, Any], name: str, known: set[str]) -> dict[str, Any] | 
     return t
 
 
-SUBMISSION_KEYS = {"listen", "tls_cert", "tls_key", "hostname", "max_size", "users"}
+@dataclass
+class Limits:
+    """What one listener allows a peer (both [submission] and [intake] take these keys)."""
+
+    timeout: float = 300.0  # for each complete command line (RFC 5321 4.5.3.2: 5 min)
+    data_timeout: float = 180.0  # between DATA/BDAT blocks (RFC 5321 4.5.3.2.6: 3 min)
+    max_session: float = 3600.0  # a whole connection, whatever it does
+    max_connections: int = 200  # open at once on this listener
+    max_connections_per_ip: int = 10
+    max_commands: int = 1000  # replies per connection (commands, pipelined or not)
+    auth_failures_per_ip: int = 10  # then AUTH answers 454 until the window has passed
+    auth_failures_per_user: int = 5
+    auth_window: float = 900.0
+    auth_backoff_max: float = 4.0  # seconds a failed AUTH waits for its answer, at most
+
+    @classmethod
+    def from_table(cls, t: dict[str, Any], where: str) -> Limits:
+        out = cls()
+        for k in LIMIT_KEYS & set(t):
+            v = t[k]
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ValueError(f"[{where}] {k} must be a positive number, got {v!r}")
+            setattr(out, k, type(getattr(out, k))(v))
+        return out
+
+
+LIMIT_KEYS = set(Limits.__dataclass_fields__)
+SUBMISSION_KEYS = {"listen", "tls_cert", "tls_key", "hostname", "max_size", "users"} | LIMIT_KEYS
+
+
+class Guard:
+    """One listener's connections: caps (global, per peer IP) and a watchdog that ends
+    sessions over their timeouts with 421 (a slowloris peer gains nothing)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.conns: set[_Connection] = set()
+        self.per_ip: dict[str, int] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.timed_out = 0
+        self.refused = 0
+
+    def admit(self, conn: _Connection, ip: str) -> str | None:
+        lim = self.limits
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self.watch())
+        if len(self.conns) >= lim.max_connections:
+            self.refused += 1
+            return "Too many connections, try again later"
+        if self.per_ip.get(ip, 0) >= lim.max_connections_per_ip:
+            self.refused += 1
+            return "Too many connections from your address, try again later"
+        self.conns.add(conn)
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, conn: _Connection) -> None:
+        if conn in self.conns:
+            self.conns.discard(conn)
+            n = self.per_ip.get(conn.peer_ip, 0) - 1
+            if n > 0:
+                self.per_ip[conn.peer_ip] = n
+            else:
+                self.per_ip.pop(conn.peer_ip, None)
+
+    async def watch(self) -> None:
+        lim = self.limits
+        step = max(0.05, min(1.0, lim.timeout / 4, lim.data_timeout / 4))
+        while self.conns:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            for c in list(self.conns):
+                if now - c.started > lim.max_session or (not c._waiting and now > c.deadline):
+                    self.timed_out += 1
+                    c.time_out()
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+class AuthThrottle:
+    """Failed AUTH attempts per peer IP and per user name, over a sliding window: past
+    the limit AUTH is refused (454) without checking anything, and every failure is
+    answered after a back-off that doubles with the failures (0.25 s up to
+    auth_backoff_max)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.fails: dict[str, list[float]] = {}
+
+    def _recent(self, key: str, now: float) -> int:
+        times = self.fails.get(key)
+        if not times:
+            return 0
+        cut = now - self.limits.auth_window
+        while times and times[0] < cut:
+            times.pop(0)
+        if not times:
+            del self.fails[key]
+        return len(times)
+
+    def blocked(self, ip: str, user: str, now: float) -> bool:
+        lim = self.limits
+        return (
+            self._recent("ip:" + ip, now) >= lim.auth_failures_per_ip
+            or self._recent("user:" + user, now) >= lim.auth_failures_per_user
+        )
+
+    def failed(self, ip: str, user: str, now: float) -> float:
+        """Record a failure; the back-off (seconds) before answering it."""
+        if len(self.fails) > 100_000:  # bounded memory under a spray of names
+            self.fails.clear()
+        for key in ("ip:" + ip, "user:" + user):
+            self.fails.setdefault(key, []).append(now)
+        n = max(self._recent("ip:" + ip, now), self._recent("user:" + user, now))
+        return min(self.limits.auth_backoff_max, 0.25 * 2 ** min(n - 1, 16))
+
+    def succeeded(self, user: str) -> None:
+        self.fails.pop("user:" + user, None)
 
 
 @dataclass
@@ -186,6 +384,7 @@ class SubmissionConfig:
     # cross a worker ring (32 MB) in one record, else it would bounce after the 250.
     max_size: int = 16 * 1024 * 1024
     users: dict[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any], *, tls: bool = True) -> SubmissionConfig | None:
@@ -204,6 +403,7 @@ class SubmissionConfig:
             str(t.get("hostname", "localhost")),
             int(t.get("max_size", cls.max_size)),
             dict(users),
+            Limits.from_table(t, "submission"),
         )
 
     @classmethod
@@ -221,11 +421,15 @@ class IntakeConfig:
     hostname: str = "localhost"
     max_size: int = 10 * 1024 * 1024
     verp_prefix: str = "b"
+    parse_max_bytes: int = 1 << 20  # of each report, parsed (fastsend.serve.parsepool)
+    parse_cpu_seconds: float = 2.0
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any]) -> IntakeConfig | None:
         known = {"listen", "verp_domain", "fbl_address", "tls_cert", "tls_key", "hostname"}
-        known |= {"max_size", "verp_prefix"}
+        known |= {"max_size", "verp_prefix", "parse_max_bytes", "parse_cpu_seconds"}
+        known |= LIMIT_KEYS
         t = _table(raw, "intake", known)
         if t is None or "listen" not in t:
             return None
@@ -239,6 +443,9 @@ class IntakeConfig:
             str(t.get("hostname", "localhost")),
             int(t.get("max_size", cls.max_size)),
             str(t.get("verp_prefix", "b")),
+            int(t.get("parse_max_bytes", cls.parse_max_bytes)),
+            float(t.get("parse_cpu_seconds", cls.parse_cpu_seconds)),
+            Limits.from_table(t, "intake"),
         )
 
 
@@ -248,6 +455,12 @@ class _Policy:
 
     server_config: ServerConfig
     ssl: ssl.SSLContext | None = None
+    guard: Guard
+    limits: Limits
+    async_messages = False  # True: message_async answers (off the loop's critical path)
+
+    async def message_async(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
+        return self.message(conn, ev)
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
         return None  # None: accept
@@ -273,6 +486,10 @@ class _Submission(_Policy):
             auth_requires_tls=True,
             auth_required=True,
         )
+        self.limits = cfg.limits
+        self.guard = Guard(cfg.limits)
+        self.throttle = AuthThrottle(cfg.limits)
+        self.upgrades = PasswordUpgrades(os.path.join(ctx.config.spool_dir, "passwords.json"))
         self._keys: Any = None
         try:
             from fastsend.serve.auth import KeyStore
@@ -287,10 +504,17 @@ class _Submission(_Policy):
             got = self._keys.verify(password)
             return username if got is not None and got[1] == username else None
         stored = self.cfg.users.get(username)
-        if stored is None:
-            return None
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, verify_password, password, stored)
+        if stored is None:
+            # The same PBKDF2 work as a known user: timing does not tell names apart.
+            await loop.run_in_executor(None, verify_password, password, _dummy_hash())
+            return None
+        current = self.upgrades.current(username, stored)
+        ok = await loop.run_in_executor(None, verify_password, password, current)
+        if ok and _iterations(current) < PBKDF2_ITERATIONS:
+            # An old, cheaper hash: re-hashed at today's cost now that the password is known.
+            new = await loop.run_in_executor(None, hash_password, password)
+            self.upgrades.save(username, stored, new)
         return username if ok else None
 
     def still_valid(self, conn: _Connection) -> bool:
@@ -309,6 +533,7 @@ class _Submission(_Policy):
         """SIGHUP: new [submission.users] (and sizes); listen and TLS stay as started."""
         cfg.listen, cfg.ssl = self.cfg.listen, self.cfg.ssl
         self.cfg = cfg
+        self.limits = self.guard.limits = self.throttle.limits = cfg.limits
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
         try:
@@ -356,6 +581,9 @@ class _Intake(_Policy):
             starttls=cfg.ssl is not None,
             reject_bare_newlines=False,  # never relayed, so no smuggling risk downstream
         )
+        self.pool = ParsePool(cfg.parse_max_bytes, cfg.parse_cpu_seconds)
+        self.limits = cfg.limits
+        self.guard = Guard(cfg.limits)
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
         a = address.lower()
@@ -365,13 +593,23 @@ class _Intake(_Policy):
             return None
         return 550, "5.7.1", "Relay access denied"
 
-    def message(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
+    async_messages = True
+
+    async def message_async(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
+        # Parsed in another process with a size and CPU cap (fastsend.serve.parsepool):
+        # a pathological report cannot stall the API, tracking or submission.
         try:
-            evs = process_report(self.ctx, ev.data, ev.recipients, self.cfg.verp_prefix)
+            evs = _dmarc_report(self.ctx, ev.data)
+            if evs is None:
+                records = await self.pool.parse(ev.data)
+                evs = apply_records(self.ctx, records, ev.recipients, self.cfg.verp_prefix)
         except Exception:  # a parser bug must not make the sender retry forever
             log.exception("intake: report not processed")
             evs = []
         return 250, "2.0.0", f"Ok: {len(evs)} event(s)"
+
+    def message(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
+        raise NotImplementedError("the intake answers in message_async")
 
 
 # ---------------------------------------------------------------- reports
@@ -436,15 +674,30 @@ def process_report(
     ctx: Any, data: bytes, envelope_rcpts: list[str], verp_prefix: str = "b"
 ) -> list[dict[str, Any]]:
     """Parse one bounce/ARF message; emit its events, update suppression; return the events."""
-    dmarc = getattr(ctx, "dmarc", None)  # issue 14: DMARC aggregate reports (rua) come here too
-    if dmarc is not None:
-        from fastsend.analytics.dmarc import ingest_mail
+    got = _dmarc_report(ctx, data)
+    if got is not None:
+        return got
+    return apply_records(ctx, parse_bounce(data), envelope_rcpts, verp_prefix)
 
-        got = ingest_mail(dmarc, data)
-        if got is not None:
-            for report_ev in got:
-                ctx.emit(report_ev)
-            return got
+
+def _dmarc_report(ctx: Any, data: bytes) -> list[dict[str, Any]] | None:
+    """Issue 14: DMARC aggregate reports (rua) come here too; their events, or None."""
+    dmarc = getattr(ctx, "dmarc", None)
+    if dmarc is None:
+        return None
+    from fastsend.analytics.dmarc import ingest_mail
+
+    got = ingest_mail(dmarc, data)
+    if got is not None:
+        for report_ev in got:
+            ctx.emit(report_ev)
+    return got
+
+
+def apply_records(
+    ctx: Any, records: list[BounceRecord], envelope_rcpts: list[str], verp_prefix: str = "b"
+) -> list[dict[str, Any]]:
+    """The events and suppressions of one report's parsed records (on the loop: cheap)."""
     envelope_ids = []
     for r in envelope_rcpts:
         try:
@@ -453,7 +706,7 @@ def process_report(
             pass
     out: list[dict[str, Any]] = []
     now = time.time()
-    for rec in parse_bounce(data):
+    for rec in records:
         if rec.reason in ("delivered", "vacation"):
             continue
         found = find_original(ctx, rec, envelope_ids)
@@ -518,21 +771,81 @@ class _Connection(ServerConnection):
         self.auth_failures = 0
         self._task: asyncio.Future[None] | None = None
         self.client = ""
+        self.peer_ip = ""
+        self.started = time.monotonic()
+        self.deadline = self.started + policy.limits.timeout
+        self.replies = 0
+        self._input_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         # The client's address (the PROXY header's, behind a trusted balancer).
         peer = transport.get_extra_info("peername")
-        self.client = peer[0] if isinstance(peer, tuple) and peer else ""
-        self.proto.start()
+        self.client = self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        why = self.policy.guard.admit(self, self.peer_ip)
+        if why is not None:
+            self.proto.refuse(421, "4.7.0", why)
+        else:
+            self.proto.start()
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.policy.guard.release(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        # Commands are fed a line at a time, so that max_commands holds exactly even for
+        # a pipelined flood of commands the protocol answers by itself (NOOP, RSET, ...).
+        feed = super().data_received
+        start, n = 0, len(data)
+        while start < n and self.transport is not None:
+            mode = self.proto.mode
+            if mode in (_DATA_MODE, _BDAT_MODE):  # a block of the message arrived
+                self.deadline = time.monotonic() + self.policy.limits.data_timeout
+            if mode in (_DATA_MODE, _BDAT_MODE) or self._waiting or self._tls_early is not None:
+                feed(data[start:] if start else data)
+                break
+            nl = data.find(b"\n", start)
+            end = n if nl < 0 else nl + 1
+            feed(data[start:end])
+            start = end
+        if self._waiting and self.transport is not None and len(self.proto._buf) > 65536:
+            self._input_paused = True  # the peer runs ahead of an answer we owe it
+            self.transport.pause_reading()
+
+    def _resume_input(self) -> None:
+        if self._input_paused and self.transport is not None and not self._write_paused:
+            self._input_paused = False
+            self.transport.resume_reading()
+
+    def time_out(self) -> None:
+        """The watchdog's verdict: 421 and close (abort if the peer reads nothing)."""
+        t = self.transport
+        if t is None:
+            return
+        self.transport = None
+        if t.get_write_buffer_size() == 0:
+            t.write(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+            t.close()
+        else:
+            t.abort()
+        self.policy.guard.release(self)
+
+    def _flush(self) -> None:
+        n = len(self.proto._out)
+        if n:
+            self.replies += n
+            self.deadline = time.monotonic() + self.policy.limits.timeout
+        super()._flush()
 
     def _process(self) -> None:
         proto, policy = self.proto, self.policy
         while self.transport is not None:
+            if self.replies >= policy.limits.max_commands and not proto.closed:
+                proto.refuse(421, "4.7.0", "Too many commands in one session")
+                break
             ev = proto.next_event()
             if isinstance(ev, _NeedData):
                 break
@@ -544,6 +857,11 @@ class _Connection(ServerConnection):
                     proto.accept()
                 else:
                     proto.reply(*bad)
+            elif t is Message and policy.async_messages:
+                assert isinstance(ev, Message)
+                self._waiting = True
+                self._task = asyncio.ensure_future(self._message(ev))
+                break
             elif t is Message:
                 assert isinstance(ev, Message)
                 code, enh, text = policy.message(self, ev)
@@ -560,7 +878,31 @@ class _Connection(ServerConnection):
                 proto.accept()
         self._flush()
 
+    async def _message(self, ev: Message) -> None:
+        try:
+            code, enh, text = await self.policy.message_async(self, ev)
+        except Exception:
+            log.exception("message not processed")
+            code, enh, text = 451, "4.3.0", "Temporary failure, try again later"
+        if self.transport is None:
+            return
+        self.proto.reply(code, enh, text)
+        self._waiting = False
+        self._flush()
+        if not self.proto.closed:
+            self._process()
+            self._resume_input()
+
     async def _auth(self, ev: AuthRequest) -> None:
+        throttle: AuthThrottle | None = getattr(self.policy, "throttle", None)
+        user = ev.username[:256]
+        if throttle is not None and throttle.blocked(self.peer_ip, user, time.monotonic()):
+            self.proto.reply(454, "4.7.0", "Too many failed authentications, try again later")
+            self._waiting = False
+            self._flush()
+            if not self.proto.closed:
+                self._process()
+            return
         try:
             tenant = await self.policy.authenticate(ev.username, ev.password)
         except Exception:
@@ -569,12 +911,18 @@ class _Connection(ServerConnection):
         if self.transport is None:
             return
         if tenant is not None:
+            if throttle is not None:
+                throttle.succeeded(user)
             self.tenant = tenant
             stored = getattr(self.policy, "cfg", None)
             users = getattr(stored, "users", {})
             self.credential = (ev.password, users.get(tenant))
             self.proto.accept()
         else:
+            if throttle is not None:
+                await asyncio.sleep(throttle.failed(self.peer_ip, user, time.monotonic()))
+                if self.transport is None:
+                    return
             self.auth_failures += 1
             log.warning("submission: authentication failed from %s", self.client or "?")
             if self.auth_failures >= MAX_AUTH_FAILURES:
@@ -585,6 +933,7 @@ class _Connection(ServerConnection):
         self._flush()
         if not self.proto.closed:
             self._process()
+            self._resume_input()
 
     def _tls_started(self) -> None:
         self.tenant = None  # TLS resets the session: AUTH again
@@ -599,7 +948,9 @@ async def _serve(
     servers: list[asyncio.AbstractServer] = []
     factory = wrap_factory(lambda: _Connection(policy), proxy)
     for host, port in listen:
-        servers.append(await loop.create_server(factory, host, port, reuse_address=True))
+        servers.append(
+            await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        )
     return servers
 
 
@@ -607,6 +958,15 @@ class Listeners(list[asyncio.AbstractServer]):
     """The listening servers, and what SIGHUP may change in them (:meth:`reload`)."""
 
     submission: _Submission | None = None
+    intake: _Intake | None = None
+
+    def shutdown(self) -> None:
+        """After the servers closed: stop the watchdogs and the intake's parser process."""
+        for p in (self.submission, self.intake):
+            if p is not None:
+                p.guard.close()
+        if self.intake is not None:
+            self.intake.pool.close()
 
     def reload(self, raw: dict[str, Any]) -> None:
         """Re-read [submission.users] (ValueError for a bad table: nothing changes)."""
@@ -626,7 +986,8 @@ async def start_listeners(ctx: Any) -> Listeners:
             servers += await _serve(servers.submission, sub.listen, ProxySettings.from_raw(raw))
         intake = IntakeConfig.from_raw(raw)
         if intake is not None:
-            servers += await _serve(_Intake(ctx, intake), intake.listen)
+            servers.intake = _Intake(ctx, intake)
+            servers += await _serve(servers.intake, intake.listen)
     except BaseException:
         for s in servers:
             s.close()

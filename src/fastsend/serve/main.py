@@ -235,6 +235,7 @@ class Server:
                 await asyncio.wait_for(srv.wait_closed(), 10)
             except TimeoutError:
                 pass
+        listeners.shutdown()
         if sup is not None and sup_task is not None:
             if not sup_task.done():
                 sup.on_signal(signal.SIGTERM if self.terms < 2 else signal.SIGINT)

@@ -27,6 +27,7 @@ class ServerConnection(asyncio.Protocol):
         self._waiting = False  # events wait behind a pending reply (delay, AUTH, TLS)
         self._tls_early: list[bytes] | None = None  # set while the TLS handshake runs
         self._tls_task: asyncio.Future[None] | None = None
+        self._write_paused = False
 
     def data_received(self, data: bytes) -> None:
         if self._tls_early is not None:  # decrypted bytes before start_tls() returned
@@ -35,6 +36,18 @@ class ServerConnection(asyncio.Protocol):
         self.proto.receive_data(data)
         if not self._waiting:
             self._process()
+
+    # Back-pressure: a peer that does not read its replies stops being read
+    # (pipelined commands cannot pile replies up in our write buffer).
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.transport is not None and self._tls_early is None:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         self.proto.receive_data(b"")

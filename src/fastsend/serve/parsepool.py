@@ -1,0 +1,106 @@
+"""Bounce/FBL parsing off the event loop, with a CPU-time and a size cap.
+
+NAME
+    fastsend.serve.parsepool -- ParsePool: ``await pool.parse(data)`` -> records.
+
+DESCRIPTION
+    Whatever arrives at the intake is anyone's message. :func:`parse_bounce`
+    runs in a separate process (one, spawned on first use, reused), so the
+    serving loop (HTTP API, tracking, submission) never waits for it:
+
+    - size cap: only the first ``max_bytes`` (default 1 MiB) of a message are
+      parsed; the report parts (text, delivery-status, feedback-report, the
+      returned headers) come first, the returned body last;
+    - CPU cap: before each parse the child lowers its RLIMIT_CPU soft limit to
+      its CPU time so far plus ``cpu_seconds``; a parse that runs over is
+      killed by SIGXCPU. A wall-clock limit (``2 x cpu_seconds + 5``) backs it
+      up. Either way the child is replaced and the message yields no record
+      (the intake still answers 250: refusing a bounce only makes another).
+
+    Reports are parsed one at a time (one child): a flood queues here rather
+    than taking the machine's cores from the delivery workers.
+
+DELIBERATELY NOT HERE
+    Making the parser itself linear (fastsend.bounce); deciding what a record
+    means (fastsend.serve.listeners).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import resource
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+log = logging.getLogger("fastsend.serve.parsepool")
+
+MAX_BYTES = 1 << 20
+CPU_SECONDS = 2.0
+
+
+def _parse_capped(data: bytes, cpu_seconds: float) -> list[Any]:
+    """In the child: raise the CPU ceiling to now + cpu_seconds, then parse."""
+    from fastsend.bounce import parse_bounce
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    used = ru.ru_utime + ru.ru_stime
+    _soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    limit = int(used + cpu_seconds) + 1
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (limit, hard))
+    return parse_bounce(data)
+
+
+def _child_init() -> None:
+    os.nice(5)  # behind the API and the delivery workers when cores are scarce
+
+
+class ParsePool:
+    def __init__(self, max_bytes: int = MAX_BYTES, cpu_seconds: float = CPU_SECONDS) -> None:
+        self.max_bytes = max_bytes
+        self.cpu_seconds = cpu_seconds
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = asyncio.Lock()
+        self.killed = 0  # parses stopped by a cap (for tests and metrics)
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_child_init,
+            )
+        return self._pool
+
+    def _discard(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        for p in list(getattr(pool, "_processes", {}).values()):
+            try:
+                p.kill()
+            except (OSError, AttributeError):
+                pass
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    async def parse(self, data: bytes) -> list[Any]:
+        """Records of ``data`` (its first max_bytes); [] if a cap stopped the parse."""
+        data = data[: self.max_bytes]
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            try:
+                fut = loop.run_in_executor(self._executor(), _parse_capped, data, self.cpu_seconds)
+                return await asyncio.wait_for(fut, 2 * self.cpu_seconds + 5)
+            except (TimeoutError, BrokenProcessPool):
+                self.killed += 1
+                log.warning("intake: a report exceeded the parse limits; ignored")
+                self._discard()
+                return []
+
+    def close(self) -> None:
+        self._discard()
