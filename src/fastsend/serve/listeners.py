@@ -98,8 +98,8 @@ from fastsend.bounce import BounceRecord, parse_bounce
 from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
-from fastsend.serve.proxyproto import ProxySettings, wrap_factory
 from fastsend.serve.parsepool import ParsePool
+from fastsend.serve.proxyproto import ProxySettings, wrap_factory
 from fastsend.smtp.server import _BDAT as _BDAT_MODE
 from fastsend.smtp.server import _DATA as _DATA_MODE
 from fastsend.smtp.server import (
