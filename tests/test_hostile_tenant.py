@@ -73,14 +73,16 @@ class Served:
     """``fastsend serve`` in a subprocess with tenants acme and evil."""
 
     def __init__(
-        self, tmp: Path, route: str | None, extra: str = "", delivery: str = "", umask: int = -1
-    ) -> None:
+        self, tmp: Path, route: str | None, extra: str = "", delivery: str = "", umask: int = -1,
+        api: str = "",
+    ) -> None:  # fmt: skip
         self.tmp = tmp
         self.port = free_port()
         self.cfg = tmp / "fastsend.toml"
         self.route = route
         self.extra = extra
         self.delivery = delivery
+        self.api = api
         self.write_config()
         self.keys = {t: cli("apikey", "create", "--tenant", t, "-c", str(self.cfg), cwd=tmp,
                             umask=umask)
@@ -109,6 +111,7 @@ idle_timeout = 1.0
 {self.delivery}
 [api]
 listen = "127.0.0.1:{self.port}"
+{self.api}
 {self.extra}
 """
         )
@@ -193,6 +196,7 @@ domains = ["acme.example"]
 dkim = [{{domain = "acme.example", selector = "s1", key = "acme.pem"}}]
 [tenants.evil]
 domains = ["evil.example"]
+tracking_base_url = "https://t.evil.example"
 dkim = [{{domain = "evil.example", selector = "s1", key = "evil.pem"}}]
 [submission]
 listen = "127.0.0.1:{free_port()}"
@@ -918,3 +922,104 @@ def test_6_csv_field_over_the_limit_is_a_400_with_the_line(served: Served) -> No
                          headers={"Content-Type": "text/csv"})  # fmt: skip
     assert st == 400, out
     assert "line 3" in out["error"]["message"] and out["error"]["field"] == "recipients", out
+
+
+# ---------------------------------------------------------------- 7. operational data
+def test_7_metrics_and_all_tenant_views_need_an_admin(tmp_path: Path, sink: SinkThread) -> None:
+    admin_port, public_port = free_port(), free_port()
+    s = Served(tmp_path, f"{sink.host}:{sink.port}",
+               '[dashboard]\nadmin_tenants = ["ops"]\n',
+               api=f'admin_listen = "127.0.0.1:{admin_port}"\n'
+                   f'public_listen = "127.0.0.1:{public_port}"\n')  # fmt: skip
+    try:
+        ops = cli("apikey", "create", "--tenant", "ops", "-c", str(s.cfg), cwd=tmp_path)
+        st, out = s.req("GET", "/metrics", tenant=None)
+        assert st == 401, out
+        st, out = s.req("GET", "/metrics")  # a tenant's key: the route does not exist
+        assert st == 404 and "fastsend_" not in str(out), out
+        st, out = http("GET", s.base + "/metrics", key=ops)
+        assert st == 200 and "fastsend_" in out
+        st, out = http("GET", f"http://127.0.0.1:{admin_port}/metrics")
+        assert st == 200 and "fastsend_" in out
+        # all-tenant views stay for admin keys
+        st, out = s.req("GET", "/v1/dashboard/workers")
+        assert st == 403, out
+        assert http("GET", s.base + "/v1/dashboard/workers", key=ops)[0] == 200
+        # the public listener serves recipients' pages only; the API listener none of them
+        pub = f"http://127.0.0.1:{public_port}"
+        for path in ("/v1/campaigns", "/metrics", "/v1/openapi.json", "/dashboard"):
+            st, _ = http("GET", pub + path, key=s.keys["evil"])
+            assert st == 404, path
+        st, _ = http("GET", pub + "/t/o/AAAA.BBBB.gif")
+        assert st == 404  # a forged token: the route exists, the token does not verify
+        st, page = http("GET", pub + "/u/AAAA.BBBB")
+        assert st == 404 and "not valid" in page
+        st, _ = http("GET", s.base + "/u/AAAA.BBBB")
+        assert st == 404 and "not valid" not in _
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- 8. tracking links
+def test_8_tracking_tokens_expire_bind_to_the_tenant_and_hide_the_recipient(
+    served: Served, sink: SinkThread
+) -> None:
+    import base64
+    import re
+
+    from fastsend.message import tracking
+
+    html = '<html><body><a href="https://shop.evil.example/x">x</a></body></html>'
+    st, out = served.req("POST", "/v1/campaigns", {
+        "template": {**TEMPLATE, "subject": "tracked-8", "html": html,
+                     "tracking": {"opens": True, "clicks": True}},
+        "recipients": [{"email": "reader8@example.org"}]})  # fmt: skip
+    assert st == 201 and out["accepted"] == 1, out
+    data = sink_message(sink, b"tracked-8")
+    text = data.decode("ascii", "replace").replace("=\r\n", "").replace("=3D", "=")
+    # the tenant's own tracking base URL ([tenants.evil] tracking_base_url)
+    m = re.search(r"https://t\.evil\.example/t/c/([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+)", text)
+    assert m, text
+    token = m.group(1)
+    raw = b"".join(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)) for p in token.split("."))
+    assert b"reader8" not in raw and b"example.org" not in raw  # not readable
+    st, _ = served.req("GET", f"/t/c/{token}", tenant=None)
+    assert st == 302
+    secret = (served.tmp / "spool" / "secret.key").read_bytes().strip()
+    kind, fields, tenant = tracking.open_token(secret, token)
+    assert (kind, tenant) == ("c", "evil")
+    # expiry: signed with the server's own key, but expired -> 404
+    late = tracking.sign(secret, "c", *fields, tenant="evil", expires=time.time() - 1)
+    assert served.req("GET", f"/t/c/{late}", tenant=None)[0] == 404
+    assert tracking.open_token(secret, token, now=time.time() + 91 * 86400) is None
+    # binding: the same message under another tenant's name -> 404
+    other = tracking.sign(secret, "c", *fields, tenant="acme")
+    assert served.req("GET", f"/t/c/{other}", tenant=None)[0] == 404
+    st, out = served.req("POST", "/v1/campaigns", {
+        "template": {**TEMPLATE, "tracking": {"opens": True, "base_url": "https://t.evil.example",
+                                              "tenant": "acme"}}})  # fmt: skip
+    assert st == 400 and out["error"]["field"] == "template.tracking.tenant", out
+
+
+def test_6_bytes_x_recipients_and_campaign_recipient_limits(
+    tmp_path: Path, sink: SinkThread
+) -> None:
+    s = Served(tmp_path, f"{sink.host}:{sink.port}",
+               api="max_campaign_recipients = 5\nmax_spooled_bytes = 200000\n")  # fmt: skip
+    try:
+        big = {"from": "x@evil.example", "subject": "big", "text": "y" * 50_000,
+               "to": [f"r{i}@example.org" for i in range(5)]}  # fmt: skip
+        st, out = s.req("POST", "/v1/messages", big)
+        assert st == 413 and out["error"]["field"] == "message.to", out
+        assert s.req("POST", "/v1/messages", {**big, "to": big["to"][:2]})[0] == 202
+        many = [{"email": f"c{i}@example.org"} for i in range(6)]
+        st, out = s.req("POST", "/v1/campaigns", {"template": TEMPLATE, "recipients": many})
+        assert st == 413, out
+        st, out = s.req("POST", "/v1/campaigns",
+                        {"template": TEMPLATE, "recipients": many[:3], "paused": True})  # fmt: skip
+        assert st == 201, out
+        st, out = s.req("POST", f"/v1/campaigns/{out['id']}/recipients",
+                        {"recipients": many[3:]})  # fmt: skip
+        assert st == 413 and "max_campaign_recipients" in out["error"]["message"], out
+    finally:
+        s.stop()

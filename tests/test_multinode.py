@@ -74,6 +74,8 @@ listen = "127.0.0.1:{self.port}"
 rate_limit = 100000
 [proxy]
 trusted = ["127.0.0.1"]
+[dashboard]
+admin_tenants = ["acme"]
 [shaping.dispatch]
 campaign_rate = {max(600, MULTINODE_N // 10)}
 tenants = {{ slow = 300 }}
@@ -314,7 +316,7 @@ async def _run(nodes: list[Node], key: str, slow_key: str, lb: str, spool: Any) 
         # lapsed under load), and every node's metrics say so.
         taken = spool.stats()["taken_over"]
         assert taken >= held, (taken, held)
-        async with s.get(n3.base + "/metrics") as r:
+        async with s.get(n3.base + "/metrics", headers={"Authorization": f"Bearer {key}"}) as r:
             assert f"fastsend_redelivered_total {taken}" in await r.text()
     return {"held": held, "blocked": blocked, "paused_delivered": paused_at, "taken_over": taken}
 

@@ -433,8 +433,9 @@ flush_interval = 0.05
             # A tracked click, signed with the key the server made in its spool.
             secret_key = (tmp_path / "spool" / "secret.key").read_bytes().strip()
             tok = tracking.sign(
-                secret_key, tracking.CLICK, str(mid), "ann@example.org", "https://example.com/"
-            )
+                secret_key, tracking.CLICK, str(mid), "ann@example.org", "https://example.com/",
+                tenant="acme",
+            )  # fmt: skip
 
             async def click() -> tuple[int, str]:
                 async with (

@@ -55,6 +55,8 @@ tls = "off"
 idle_timeout = 1.0
 [api]
 listen = "127.0.0.1:{port}"
+[dashboard]
+admin_tenants = ["ops"]
 """
     )
 
@@ -68,6 +70,11 @@ class Served:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.key = subprocess.run(
             [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme",
+             "-c", str(self.cfg)],
+            check=True, capture_output=True, text=True, env=env, cwd=tmp,
+        ).stdout.strip()  # fmt: skip
+        self.admin_key = subprocess.run(
+            [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "ops",
              "-c", str(self.cfg)],
             check=True, capture_output=True, text=True, env=env, cwd=tmp,
         ).stdout.strip()  # fmt: skip
@@ -153,7 +160,9 @@ def test_end_to_end_metrics_reload_and_drain(served: tuple[Served, SinkThread]) 
     data = b"".join(x.data for x in msgs)
     assert b"{{ not a var }}" in data  # user text is sent literally
 
-    st, text = http("GET", s.base + "/metrics")
+    st, _ = http("GET", s.base + "/metrics")
+    assert st == 401  # operational data: admin keys or the admin listener only
+    st, text = http("GET", s.base + "/metrics", key=s.admin_key)
     assert st == 200
     assert 'fastsend_outcomes_total{state="delivered",domain="example.org"} 1' in text
     assert "fastsend_api_accepted_total 2" in text

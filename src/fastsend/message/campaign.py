@@ -96,6 +96,8 @@ def check_inline(d: Any) -> None:
             key, "DKIM keys are the server's: they are chosen by tenant and From domain"
         )
     tracking = d.get("tracking")
+    if isinstance(tracking, Mapping) and "tenant" in tracking:
+        raise PathKeyError("tracking.tenant", "set by the server (the key's tenant)")
     if isinstance(tracking, Mapping) and "secret_file" in tracking:
         raise PathKeyError(
             "tracking.secret_file", "file paths are not accepted here; the server signs links"

@@ -12,14 +12,18 @@ SUMMARY
     vs.update(t.variables(rcpt, vs, message_id))      # per recipient: signed URLs only
 
 DESCRIPTION
-    A token is ``b64url(payload) "." b64url(mac)`` where payload is the kind
-    letter (``o`` open, ``c`` click, ``u`` unsubscribe) followed by the
-    message id, the recipient and (clicks) the target URL, joined by LF, and
-    mac is the first 16 octets of HMAC-SHA256(secret, payload). The kind is
-    inside the MAC, so an open token can never be replayed as a click or an
-    unsubscribe; the URL is inside it, so a click link cannot be turned into
-    an open redirect. Verification is constant-time (hmac.compare_digest) and
-    needs no state: the tracking endpoints answer without touching the spool.
+    A token is ``b64url(nonce) "." b64url(AES-256-GCM(payload))``: the
+    payload is the kind letter (``o`` open, ``c`` click, ``u`` unsubscribe)
+    followed by the message id, the recipient, (clicks) the target URL, the
+    tenant and the expiry (Unix seconds), joined by LF; the key is derived
+    from the installation secret. Encryption keeps the recipient (and the
+    rest) unreadable to whoever sees the link; the GCM tag authenticates all
+    of it, so nothing can be changed: the kind (an open token is never a
+    click or an unsubscribe), the URL (no open redirect), the tenant (the
+    endpoint checks it against the message's owner) or the expiry (links
+    answer 404 after it: ``[tracking] link_ttl_days``, default 90 for opens
+    and clicks, at least 365 for unsubscribe links). Verification needs no
+    state: the tracking endpoints answer without touching the spool.
 
     URLs built on ``base_url``: ``/t/o/<token>.gif`` (open pixel),
     ``/t/c/<token>`` (click), ``/u/<token>`` (unsubscribe page and RFC 8058
@@ -57,11 +61,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import html
 import os
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,6 +80,8 @@ __all__ = [
     "Tracker",
     "ensure_secret",
     "load_secret",
+    "open_token",
+    "set_link_ttl",
     "set_process_secret",
     "sign",
     "verify",
@@ -86,7 +92,7 @@ _FIELDS = {OPEN: 2, CLICK: 3, UNSUBSCRIBE: 2}
 MAC_LEN = 16  # octets of HMAC-SHA256 kept: 128 bits
 MAX_TOKEN = 4096  # longer tokens are refused before any decoding
 SECRET_ENV = "FASTSEND_TRACKING_SECRET_FILE"
-TRACKING_KEYS = {"opens", "clicks", "unsubscribe", "base_url", "secret_file"}
+TRACKING_KEYS = {"opens", "clicks", "unsubscribe", "base_url", "secret_file", "tenant"}
 
 # A start tag of <a> or <area>, and an href attribute inside one (quoted values only).
 _LINK_TAG = re.compile(r"<(?:a|area)\b[^<>]*>", re.IGNORECASE)
@@ -98,6 +104,31 @@ _PIXEL = (
 )
 
 
+LINK_TTL = 90 * 86400.0  # seconds an open/click token stays valid (config: link_ttl_days)
+UNSUBSCRIBE_TTL_MIN = 365 * 86400.0  # unsubscribe links outlive clicks (CAN-SPAM, RFC 8058)
+_AAD = b"fastsend-tracking-v2"
+_KEYS: dict[bytes, Any] = {}
+_TTL: list[float] = [LINK_TTL]
+
+
+def set_link_ttl(seconds: float) -> None:
+    """How long tokens signed from now on in this process (and its forks) stay valid."""
+    if not seconds > 0:
+        raise ValueError("link ttl must be positive")
+    _TTL[0] = float(seconds)
+
+
+def _aead(secret: bytes) -> Any:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    k = _KEYS.get(secret)
+    if k is None:
+        if len(_KEYS) > 16:
+            _KEYS.clear()
+        k = _KEYS[secret] = AESGCM(hashlib.sha256(b"fastsend tracking v2\0" + secret).digest())
+    return k
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -106,40 +137,56 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def sign(secret: bytes, kind: str, *fields: str) -> str:
-    """A compact token for ``kind`` over ``fields`` (ValueError on a field with LF)."""
+def sign(
+    secret: bytes, kind: str, *fields: str, tenant: str = "", expires: float | None = None
+) -> str:
+    """An encrypted, authenticated token for ``kind`` over ``fields`` (ValueError on LF)."""
     if _FIELDS.get(kind) != len(fields):
         raise ValueError(f"kind {kind!r} takes {_FIELDS.get(kind)} fields")
-    if any("\n" in f for f in fields):
+    if any("\n" in f for f in (*fields, tenant)):
         raise ValueError("token fields must not contain LF")
-    payload = (kind + "\n".join(fields)).encode("utf-8")
-    mac = hmac.new(secret, payload, hashlib.sha256).digest()[:MAC_LEN]
-    return _b64(payload) + "." + _b64(mac)
+    if expires is None:
+        ttl = _TTL[0] if kind != UNSUBSCRIBE else max(_TTL[0], UNSUBSCRIBE_TTL_MIN)
+        expires = time.time() + ttl
+    payload = (kind + "\n".join((*fields, tenant, str(int(expires))))).encode("utf-8")
+    nonce = os.urandom(12)
+    return _b64(nonce) + "." + _b64(_aead(secret).encrypt(nonce, payload, _AAD))
+
+
+def open_token(
+    secret: bytes, token: str, now: float | None = None
+) -> tuple[str, tuple[str, ...], str] | None:
+    """``(kind, fields, tenant)`` of a genuine, unexpired token; None otherwise."""
+    if not secret or len(token) > MAX_TOKEN:
+        return None
+    nonce_text, dot, body = token.partition(".")
+    if not dot or not nonce_text or not body:
+        return None
+    try:
+        nonce, ct = _unb64(nonce_text), _unb64(body)
+    except (binascii.Error, ValueError):
+        return None
+    if len(nonce) != 12 or len(ct) < 17:
+        return None
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        text = _aead(secret).decrypt(nonce, ct, _AAD).decode("utf-8")
+    except (InvalidTag, UnicodeDecodeError):
+        return None
+    kind, parts = text[:1], text[1:].split("\n")
+    n = _FIELDS.get(kind)
+    if n is None or len(parts) != n + 2 or not parts[-1].isdigit():
+        return None
+    if int(parts[-1]) < (time.time() if now is None else now):
+        return None  # expired
+    return kind, tuple(parts[:n]), parts[n]
 
 
 def verify(secret: bytes, token: str) -> tuple[str, tuple[str, ...]] | None:
-    """``(kind, fields)`` of a genuine token; None for anything forged or malformed."""
-    if not secret or len(token) > MAX_TOKEN:
-        return None
-    body, dot, mac_text = token.partition(".")
-    if not dot or not body or not mac_text:
-        return None
-    try:
-        payload = _unb64(body)
-        mac = _unb64(mac_text)
-    except (binascii.Error, ValueError):
-        return None
-    want = hmac.new(secret, payload, hashlib.sha256).digest()[:MAC_LEN]
-    if not hmac.compare_digest(mac, want):
-        return None
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    kind, fields = text[:1], tuple(text[1:].split("\n"))
-    if _FIELDS.get(kind) != len(fields):
-        return None
-    return kind, fields
+    """``(kind, fields)`` of a genuine, unexpired token; None for anything else."""
+    got = open_token(secret, token)
+    return None if got is None else (got[0], got[1])
 
 
 # ---------------------------------------------------------------- the secret
@@ -198,7 +245,7 @@ def check_spec(t: Mapping[str, Any]) -> dict[str, Any]:
     for k in ("opens", "clicks", "unsubscribe"):
         if k in out and not isinstance(out[k], bool):
             raise CampaignError(f"tracking.{k} must be true or false")
-    for k in ("base_url", "secret_file"):
+    for k in ("base_url", "secret_file", "tenant"):
         if k in out and (not isinstance(out[k], str) or not out[k]):
             raise CampaignError(f"tracking.{k} must be a non-empty string")
     base = out.get("base_url", "")
@@ -213,9 +260,11 @@ class Tracker:
     """Per-campaign tracking state: the secret, base URL and compiled link templates."""
 
     def __init__(
-        self, secret: bytes, base_url: str, opens: bool, clicks: bool, unsubscribe: bool
-    ) -> None:
+        self, secret: bytes, base_url: str, opens: bool, clicks: bool, unsubscribe: bool,
+        tenant: str = "",
+    ) -> None:  # fmt: skip
         self.secret = secret
+        self.tenant = tenant  # set by the server in a tenant's campaign; "" for the CLI's
         self.base = base_url.rstrip("/")
         self.opens = opens
         self.clicks = clicks
@@ -241,7 +290,7 @@ class Tracker:
                     f" or ${SECRET_ENV}"
                 )
             secret = load_secret(env)
-        return cls(secret, t["base_url"], opens, clicks, unsub)
+        return cls(secret, t["base_url"], opens, clicks, unsub, str(t.get("tenant", "")))
 
     # -- compile time ---------------------------------------------------------
     def compile_html(self, source: str) -> str:
@@ -281,7 +330,7 @@ class Tracker:
 
     # -- per recipient --------------------------------------------------------
     def url(self, kind: str, *fields: str) -> str:
-        tok = sign(self.secret, kind, *fields)
+        tok = sign(self.secret, kind, *fields, tenant=self.tenant)
         if kind == OPEN:
             return f"{self.base}/t/o/{tok}.gif"
         if kind == CLICK:
@@ -296,7 +345,7 @@ class Tracker:
         """The ``_fs.*`` values (signed URLs) for one recipient."""
         out: dict[str, str] = {}
         if self.unsubscribe:
-            tok = sign(self.secret, UNSUBSCRIBE, message_id, rcpt)
+            tok = sign(self.secret, UNSUBSCRIBE, message_id, rcpt, tenant=self.tenant)
             out["_fs.u"] = tok
             out["unsubscribe_url"] = f"{self.base}/u/{tok}"
             variables = {**variables, "unsubscribe_url": out["unsubscribe_url"]}

@@ -50,12 +50,17 @@ class ApiSettings:
     max_body_bytes: int = 16 << 20
     rate_limit: float = 100.0  # requests per second per key
     rate_burst: int = 0  # 0: max(1, rate_limit)
-    max_campaign_recipients: int = 1_000_000  # per POST /v1/campaigns
+    max_campaign_recipients: int = 1_000_000  # per campaign (create + added lists)
+    # Spooled bytes of one request: each recipient's row carries its message, so a
+    # body of B bytes to N recipients costs B x N (413 beyond this).
+    max_spooled_bytes: int = 256 << 20
+    # Issue 16: operational data and recipients' pages on listeners of their own.
+    admin_listen: str = ""  # "HOST:PORT": /metrics without a key (bind it to a private net)
+    public_listen: str = ""  # "HOST:PORT": tracking and unsubscribe only (what recipients reach)
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]") or "127.0.0.1", int(port)
+        return split_listen(self.listen)
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any]) -> ApiSettings:
@@ -79,12 +84,46 @@ class ApiSettings:
             if not isinstance(v, str) and v < 0:
                 raise ConfigError(f"[api] {k} must not be negative")
             setattr(s, k, v)
-        host, sep, port = s.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ConfigError(f"[api] listen must be 'HOST:PORT', got {s.listen!r}")
+        for k in ("listen", "admin_listen", "public_listen"):
+            v = getattr(s, k)
+            if not v and k != "listen":
+                continue
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ConfigError(f"[api] {k} must be 'HOST:PORT', got {v!r}")
         if s.max_batch < 1 or s.max_body_bytes < 1024 or s.rate_limit <= 0:
             raise ConfigError("[api] max_batch >= 1, max_body_bytes >= 1024, rate_limit > 0")
         return s
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def admin_tenants(raw: dict[str, Any]) -> frozenset[str]:
+    """Tenants whose keys see operational, all-tenant data ([dashboard] admin_tenants)."""
+    t = raw.get("dashboard", {})
+    names = t.get("admin_tenants", []) if isinstance(t, dict) else []
+    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else (
+        frozenset())  # fmt: skip
+
+
+def admin_only(handler: Handler) -> Handler:
+    """``handler`` for admin keys only: 401 without a valid key, 404 for a tenant's key
+    (the public listener does not even show that the route exists)."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        api = api_of(request)
+        key = _key_from(request)
+        who = api.keys.verify(key) if key else None
+        if who is None:
+            return error_response(ApiError(401, "missing or invalid API key"))
+        if who[1] not in admin_tenants(api.ctx.config.raw):
+            return error_response(ApiError(404, "not found"))
+        return await handler(request)
+
+    return guarded
 
 
 class ApiError(Exception):
@@ -266,10 +305,17 @@ def check_from_domain(request: web.Request, domain: str, field: str) -> None:
 
 def server_dkim(request: web.Request, spec: dict[str, Any], from_domain: str) -> None:
     """Put the server's DKIM choice for (tenant, From domain) into a tenant's campaign spec
-    (tenants never name key files: fastsend.message.campaign.check_inline)."""
+    (tenants never name key files: fastsend.message.campaign.check_inline), and bind its
+    tracking links to the tenant (with the tenant's tracking base URL if it gave none)."""
     tenants = api_of(request).ctx.config.tenants
+    tenant = tenant_of(request)
     if tenants is not None:
-        spec["dkim"] = tenants.dkim_for(tenant_of(request), from_domain)
+        spec["dkim"] = tenants.dkim_for(tenant, from_domain)
+    t = spec.get("tracking")
+    if isinstance(t, dict) and (t.get("opens") or t.get("clicks") or t.get("unsubscribe")):
+        t["tenant"] = tenant  # tracking tokens are bound to the tenant
+        if not t.get("base_url") and tenants is not None and tenants.tracking_base_url(tenant):
+            t["base_url"] = tenants.tracking_base_url(tenant)
 
 
 def _key_from(request: web.Request) -> str | None:

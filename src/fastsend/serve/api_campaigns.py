@@ -124,6 +124,13 @@ async def _spool_rows(
             f"recipients[{first.line - 1}]",
         )
     good = [(r[1], r[2], r[3]) for r in rows if not isinstance(r, recipients.BadRow)]
+    cap = api.settings.max_campaign_recipients
+    have = sum(api.ctx.spool.counts(cid).values()) if ok_status == 202 else 0
+    if have + len(good) > cap:
+        raise ApiError(
+            413, f"recipients: the campaign would have {have + len(good)} recipients;"
+            f" [api] max_campaign_recipients is {cap}", "recipients",
+        )  # fmt: skip
     accepted = 0
     for i in range(0, len(good), CHUNK):
         accepted += len(api.ctx.inject(cid, good[i : i + CHUNK]))
@@ -179,6 +186,12 @@ async def create_campaign(request: web.Request) -> web.Response:
         raise bad(f"template.{e}", f"template.{e.key}") from None
     except (CampaignError, AcceptError) as e:
         raise bad(f"template: {e}", "template") from None
+    cap = api.settings.max_campaign_recipients
+    if len(body.recipients) > cap:  # before a campaign exists
+        raise ApiError(
+            413, f"recipients: {len(body.recipients)} recipients; [api] max_campaign_recipients"
+            f" is {cap}", "recipients",
+        )  # fmt: skip
     rows = _json_rows(body.recipients, camp)
     if body.strict and any(isinstance(r, recipients.BadRow) for r in rows):
         first = next(r for r in rows if isinstance(r, recipients.BadRow))

@@ -263,10 +263,18 @@ class MessagesHandler:
             raise ApiError(413, f"messages: {len(messages)} messages, [api] max_batch is {limit}")
         budget = limit
         prepared: list[Prepared] = []
+        spooled, cap = 0, api.settings.max_spooled_bytes
         for i, m in enumerate(messages):
             where = f"{prefix}[{i}]" if prefix else "$"
             p = self.prepare(request, m, where if prefix else "message", budget)
             budget -= len(p.rows)
+            spooled += sum(len(r[2]) for r in p.rows)
+            if spooled > cap:  # bytes x recipients: one body to many costs many bodies
+                w = where if prefix else "message"
+                raise ApiError(
+                    413, f"{w}: message size x recipients exceeds [api] max_spooled_bytes ({cap})",
+                    f"{w}.to",
+                )  # fmt: skip
             prepared.append(p)
         # Spool: one transaction per campaign (usually one for the whole request).
         by_campaign: dict[int, list[Prepared]] = {}

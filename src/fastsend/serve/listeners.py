@@ -281,6 +281,7 @@ class Limits:
 
 LIMIT_KEYS = set(Limits.__dataclass_fields__)
 SUBMISSION_KEYS = {"listen", "tls_cert", "tls_key", "hostname", "max_size", "users"} | LIMIT_KEYS
+SUBMISSION_KEYS |= {"max_spooled_bytes"}
 
 
 class Guard:
@@ -385,6 +386,7 @@ class SubmissionConfig:
     max_size: int = 16 * 1024 * 1024
     users: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    max_spooled_bytes: int = 256 << 20  # message size x recipients, per message
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any], *, tls: bool = True) -> SubmissionConfig | None:
@@ -404,6 +406,7 @@ class SubmissionConfig:
             int(t.get("max_size", cls.max_size)),
             dict(users),
             Limits.from_table(t, "submission"),
+            int(t.get("max_spooled_bytes", cls.max_spooled_bytes)),
         )
 
     @classmethod
@@ -557,6 +560,9 @@ class _Submission(_Policy):
             for d in [*domains, ev.mail_from.rpartition("@")[2].lower()]:
                 if d and not tenants.allows(tenant, d):
                     return 550, "5.7.1", f"From domain {d} is not one of your sending domains"
+        cap = self.cfg.max_spooled_bytes
+        if len(ev.data) * 4 // 3 * len(ev.recipients) > cap:  # each row holds the message
+            return 552, "5.3.4", "Message size x recipients exceeds the limit; send fewer"
         vars_ = orjson.dumps(
             {"raw": base64.b64encode(ev.data).decode("ascii"), "mail_from": ev.mail_from}
         )

@@ -5,8 +5,11 @@ One process on the standard asyncio loop runs, side by side:
 - the engine's :class:`~fastsend.queue.supervisor.Supervisor` with
   ``until_idle=False`` as a task (it forks the uvloop workers and feeds them
   from the spool; the API wakes it after each injection);
-- the HTTP server (aiohttp): the ``/v1`` API, ``/metrics``, and the tracking
-  and unsubscribe routes of :mod:`fastsend.serve.tracking`;
+- the HTTP server (aiohttp): the ``/v1`` API, ``/metrics`` (admin keys only),
+  and the tracking and unsubscribe routes of :mod:`fastsend.serve.tracking`;
+  with ``[api] public_listen`` those routes are served there only (what
+  recipients reach), with ``[api] admin_listen`` ``/metrics`` is also served
+  there without a key (bind it to a private address);
 - the webhook dispatcher and the SMTP listeners (submission, bounce intake).
 
 Signals:
@@ -131,7 +134,7 @@ class Server:
         from aiohttp import web
 
         from fastsend.queue.supervisor import Supervisor
-        from fastsend.serve.api import API_KEY, ApiSettings
+        from fastsend.serve.api import API_KEY, ApiSettings, admin_only, split_listen
         from fastsend.serve.app import make_app
         from fastsend.serve.charts import setup_charts
         from fastsend.serve.context import open_context
@@ -180,8 +183,19 @@ class Server:
         self.api.metrics = metrics
         if sup is not None:
             sup.result_hooks.append(metrics.on_result)
-        app.router.add_get("/metrics", metrics.handler)
-        setup_tracking(app, ctx)
+        # /metrics: on the admin listener, or for admin keys ([dashboard] admin_tenants).
+        app.router.add_get("/metrics", admin_only(metrics.handler))
+        extra: list[tuple[str, web.Application]] = []
+        if settings.admin_listen:
+            admin_app = web.Application()
+            admin_app.router.add_get("/metrics", metrics.handler)
+            extra.append((settings.admin_listen, admin_app))
+        if settings.public_listen:  # recipients reach tracking and unsubscribe there only
+            public_app = web.Application()
+            setup_tracking(public_app, ctx)
+            extra.append((settings.public_listen, public_app))
+        else:
+            setup_tracking(app, ctx)
         setup_dashboard(app, ctx)
         self.charts = setup_charts(app, ctx)  # issue 14: charts, campaign and IP pages
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -202,6 +216,19 @@ class Server:
             await runner.cleanup()
             ctx.close()
             return 2
+        runners = [runner]
+        for listen, extra_app in extra:
+            r = web.AppRunner(extra_app, access_log=None, handle_signals=False)
+            await r.setup()
+            runners.append(r)
+            try:
+                await web.TCPSite(r, *split_listen(listen), reuse_address=True).start()
+            except OSError as e:
+                print(f"fastsend serve: cannot listen on {listen}: {e}", file=sys.stderr)
+                for x in runners:
+                    await x.cleanup()
+                ctx.close()
+                return 2
         webhooks = WebhookDispatcher(ctx)
         await webhooks.start()
         listeners = self.listeners = await start_listeners(ctx)
@@ -229,7 +256,8 @@ class Server:
         t_drain = time.monotonic()
         for srv in listeners:
             srv.close()
-        await runner.cleanup()  # closes the listening socket, waits for handlers
+        for r in runners:
+            await r.cleanup()  # closes the listening socket, waits for handlers
         for srv in listeners:
             try:
                 await asyncio.wait_for(srv.wait_closed(), 10)

@@ -292,9 +292,13 @@ def document() -> dict[str, Any]:
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics (text format 0.0.4)",
-                "security": [],
-                "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}},
+                "summary": "Prometheus metrics (text format 0.0.4): admin keys only"
+                " ([dashboard] admin_tenants), or [api] admin_listen without a key",
+                "responses": {
+                    "200": {"description": "metrics", "content": {"text/plain": {}}},
+                    "401": {"description": "missing or invalid API key", **_json(_ref("Error"))},
+                    "404": {"description": "not an admin key", **_json(_ref("Error"))},
+                },
             }
         },
     }

@@ -15,8 +15,10 @@ DESCRIPTION
                               suppression list (reason "unsubscribe") and
                               "unsubscribed" is recorded.
 
-    Tokens are verified with :func:`fastsend.message.tracking.verify`
-    (HMAC-SHA256 with ``ctx.secret``, constant-time compare). Anything forged,
+    Tokens are opened with :func:`fastsend.message.tracking.open_token`
+    (AES-256-GCM under a key derived from ``ctx.secret``): expired tokens and
+    tokens whose tenant is not the message's owner answer 404 like forged
+    ones. Anything forged,
     truncated or of the wrong kind answers 404 and is never redirected, so the
     click endpoint cannot serve as an open redirect. Opens and clicks touch no
     database on the request path beyond one cached, indexed read that names
@@ -77,10 +79,19 @@ class _Tracking:
 
     # -- helpers --------------------------------------------------------------
     def _check(self, token: str, kind: str) -> tuple[str, ...]:
-        got = tr.verify(self.secret, token)
+        return self._open(token, kind)[0]
+
+    def _open(self, token: str, kind: str) -> tuple[tuple[str, ...], str]:
+        """(fields, tenant) of a genuine, unexpired token of ``kind`` bound to the
+        tenant that owns its message (when the message is still in the spool)."""
+        got = tr.open_token(self.secret, token)
         if got is None or got[0] != kind:
             raise _not_found()
-        return got[1]
+        fields, tenant = got[1], got[2] or DEFAULT_TENANT
+        campaign, owner = self.owner(fields[0])
+        if campaign is not None and owner != tenant:
+            raise _not_found()  # a token bound to another tenant than the message's
+        return fields, tenant
 
     def owner(self, mid: str) -> tuple[int | None, str]:
         """(campaign id, tenant) of a message id; (None, default) if unknown."""
@@ -107,8 +118,12 @@ class _Tracking:
             self._owner.popitem(last=False)
         return campaign, tenant
 
-    def _event(self, name: str, mid: str, rcpt: str, request: web.Request) -> dict[str, Any]:
+    def _event(
+        self, name: str, mid: str, rcpt: str, request: web.Request, token_tenant: str = ""
+    ) -> dict[str, Any]:
         campaign, tenant = self.owner(mid)
+        if campaign is None and token_tenant:
+            tenant = token_tenant  # the message is gone: the token's (authenticated) tenant
         return {
             "time": time.time(),
             "event": name,
@@ -165,12 +180,14 @@ class _Tracking:
         )
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
-        mid, rcpt = self._check(request.match_info["token"], tr.UNSUBSCRIBE)
+        (mid, rcpt), token_tenant = self._open(request.match_info["token"], tr.UNSUBSCRIBE)
         form = await request.post()
         one_click = form.get("List-Unsubscribe") == ONE_CLICK
         if not one_click and form.get("confirm") != "yes":
             raise _bad_request("expected List-Unsubscribe=One-Click or confirm=yes")
-        _campaign, tenant = self.owner(mid)
+        campaign, tenant = self.owner(mid)
+        if campaign is None:
+            tenant = token_tenant  # the message is gone: the token's (authenticated) tenant
         try:
             head = mid.partition("-")[0]
             self.ctx.suppression.add(
@@ -179,7 +196,7 @@ class _Tracking:
             )  # fmt: skip
         except SuppressionError:
             raise _bad_request("cannot unsubscribe this address") from None
-        ev = self._event("unsubscribed", mid, rcpt, request)
+        ev = self._event("unsubscribed", mid, rcpt, request, token_tenant)
         ev["method"] = "one-click" if one_click else "page"
         self.ctx.emit(ev)
         if one_click:
@@ -223,6 +240,10 @@ def _bad_request(why: str) -> web.HTTPBadRequest:
 def setup_tracking(app: web.Application, ctx: Any) -> None:
     """Add the /t/ (tracking) and /u/ (unsubscribe) routes to ``app``."""
     tr.set_process_secret(ctx.secret)
+    t = ctx.config.raw.get("tracking", {})
+    days = t.get("link_ttl_days") if isinstance(t, dict) else None
+    if isinstance(days, int | float) and not isinstance(days, bool) and days > 0:
+        tr.set_link_ttl(days * 86400.0)
     t = _Tracking(ctx)
     app.router.add_get("/t/o/" + _TOKEN + ".gif", t.open)  # GET and HEAD
     app.router.add_get("/t/c/" + _TOKEN, t.click)
