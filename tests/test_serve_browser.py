@@ -298,7 +298,7 @@ def check_page_headers(b: Browser, url: str) -> dict[str, str]:
 def test_unsubscribe_page_and_confirm(served: Served) -> None:
     async def main() -> None:
         mid = await new_message(served, "ann@example.org")
-        url = f"{served.base}/u/{tr.sign(SECRET.encode(), tr.UNSUBSCRIBE, str(mid), 'ann@example.org')}"
+        url = f"{served.base}/u/{tr.sign(SECRET.encode(), tr.UNSUBSCRIBE, str(mid), 'ann@example.org', tenant='acme')}"
         async with chromium() as b:
             await b.goto(url)
             assert await b.js("document.compatMode") == "CSS1Compat"  # a real HTML5 doctype
@@ -329,7 +329,7 @@ def test_one_click_post_from_the_browser(served: Served) -> None:
 
     async def main() -> None:
         mid = await new_message(served, "bob@example.org")
-        tok = tr.sign(SECRET.encode(), tr.UNSUBSCRIBE, str(mid), "bob@example.org")
+        tok = tr.sign(SECRET.encode(), tr.UNSUBSCRIBE, str(mid), "bob@example.org", tenant="acme")
         url = f"{served.base}/u/{tok}"
         form = (
             f'<form method="post" action="{url}">'
@@ -356,7 +356,7 @@ def test_click_redirects_and_forged_link_does_not(served: Served) -> None:
         mid = await new_message(served, "cy@example.org")
         async with landing_site() as (site, hits), chromium() as b:
             target = f"{site}/landing?campaign=spring&x=%20y"
-            tok = tr.sign(SECRET.encode(), tr.CLICK, str(mid), "cy@example.org", target)
+            tok = tr.sign(SECRET.encode(), tr.CLICK, str(mid), "cy@example.org", target, tenant="acme")
             await b.goto(f"{served.base}/t/c/{tok}")
             assert await b.js("location.href") == target
             assert await b.js("document.title") == "Landing"
@@ -391,7 +391,7 @@ def test_open_pixel_loads_as_an_image(served: Served) -> None:
     async def main() -> None:
         mid = await new_message(served, "di@example.org")
         pixel = (
-            f"{served.base}/t/o/{tr.sign(SECRET.encode(), tr.OPEN, str(mid), 'di@example.org')}.gif"
+            f"{served.base}/t/o/{tr.sign(SECRET.encode(), tr.OPEN, str(mid), 'di@example.org', tenant='acme')}.gif"
         )
         async with landing_site() as (site, _hits), chromium() as b:
             # An HTML mail as a webmail shows it: the pixel is an <img> of another origin.

@@ -116,15 +116,15 @@ async def send_and_engage(s: Served, key: str, n: int, prefix: str) -> list[int]
     return ids
 
 
-async def engage(s: Served, ids: list[int], rcpts: list[str]) -> None:
+async def engage(s: Served, ids: list[int], rcpts: list[str], tenant: str) -> None:
     sec = SECRET.encode()
     for mid, rcpt in zip(ids, rcpts, strict=True):
-        o = tr.sign(sec, tr.OPEN, str(mid), rcpt)
+        o = tr.sign(sec, tr.OPEN, str(mid), rcpt, tenant=tenant)
         await hit(s, "GET", f"/t/o/{o}.gif", HUMAN)
         await hit(s, "GET", f"/t/o/{o}.gif", "Mozilla/5.0")  # Apple MPP's proxy
-        c = tr.sign(sec, tr.CLICK, str(mid), rcpt, "https://example.com/offer")
+        c = tr.sign(sec, tr.CLICK, str(mid), rcpt, "https://example.com/offer", tenant=tenant)
         await hit(s, "HEAD", f"/t/c/{c}", "Mozilla/5.0")  # a link checker
-    c = tr.sign(sec, tr.CLICK, str(ids[0]), rcpts[0], "https://example.com/offer")
+    c = tr.sign(sec, tr.CLICK, str(ids[0]), rcpts[0], "https://example.com/offer", tenant=tenant)
     await hit(s, "GET", f"/t/c/{c}", HUMAN)
 
 
@@ -147,7 +147,7 @@ def test_stats_api_over_rollups(served: Served) -> None:
         assert got["totals"]["counts"]["accepted"] == 5
         assert got["totals"]["rates"]["delivery_rate"] == 0.8
         assert got["lines"]["complaint_rate"] == {"target": 0.001, "max": 0.003}
-        await engage(s, ids[:2], to[:2])
+        await engage(s, ids[:2], to[:2], "beta")
 
         async def engaged() -> Any:
             got = await stats(s, key, "dims=provider&granularity=minute&from=-10m")
@@ -248,7 +248,7 @@ def test_charts_campaign_and_ip_pages_in_chromium(served: Served) -> None:
             return c["delivered"] == 9 and c["bounced"] == 1
 
         await until("acme's mail delivered", done, 30)
-        await engage(s, body["messages"][0]["ids"][:3], to[:3])
+        await engage(s, body["messages"][0]["ids"][:3], to[:3], "acme")
         async with chromium() as b:
             await b.send("Runtime.enable")
             await b.send("Log.enable")
