@@ -30,11 +30,10 @@ import email.message
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from email import policy
 from email.header import decode_header, make_header
 from typing import Any
 
-from fastsend.bounce import vendors
+from fastsend.bounce import mime, vendors
 from fastsend.bounce.reply import RuleSet, default_rules
 
 VerpDecoder = Callable[[str], "str | None"]
@@ -325,7 +324,7 @@ def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw
     rcpts += [_address(v) for v in fields.get("removal-recipient", [])]
     if not rcpts:
         for ret in parts.returned:
-            m = email.message_from_string(ret, policy=policy.compat32)
+            m = mime.message_from_string(ret)
             to = _header(m, "To")
             if to:
                 rcpts += [a for a in vendors.ADDR_RE.findall(to)][:1]
@@ -433,7 +432,7 @@ def _returned_recipients(parts: _Parts) -> list[str]:
     sources += [t[len(vendors.cut_original(t)) :] for t in parts.texts]
     for src in sources:
         head = src.lstrip("\n").split("\n\n", 1)[0]
-        m = email.message_from_string(head + "\n\n", policy=policy.compat32)
+        m = mime.message_from_string(head + "\n\n")
         rcpts = []
         for name in ("To", "Cc"):
             rcpts += vendors.ADDR_RE.findall(_header(m, name))
@@ -464,7 +463,7 @@ def _inner_bounces(msg: email.message.Message, parts: _Parts) -> list[bytes]:
     """Bounces carried inside ``msg``: forwarded as an attachment or quoted."""
     out: list[bytes] = []
     for ret in parts.returned:
-        inner = email.message_from_string(ret, policy=policy.compat32)
+        inner = mime.message_from_string(ret)
         if _is_bounce_like(inner):
             out.append(ret.encode("utf-8", "replace"))
     for t in parts.texts:
@@ -473,7 +472,7 @@ def _inner_bounces(msg: email.message.Message, parts: _Parts) -> list[bytes]:
             continue
         lines = q.lstrip("\n").split("\n")
         if len(lines) > 2 and _FIELD_RE.match(lines[0]) and _FIELD_RE.match(lines[1]):
-            inner = email.message_from_string(q.lstrip("\n"), policy=policy.compat32)
+            inner = mime.message_from_string(q.lstrip("\n"))
             if _is_bounce_like(inner):
                 out.append(q.lstrip("\n").encode("utf-8", "replace"))
                 continue
@@ -570,14 +569,10 @@ def _parse_one(
     raw: bytes, rules: RuleSet | None, verp_decoder: VerpDecoder | None, depth: int
 ) -> list[BounceRecord]:
     rs = rules or default_rules()
-    try:
-        msg = email.message_from_bytes(bytes(raw), policy=policy.compat32)
-        parts = _collect(msg)
-    except RecursionError:
-        # Multiparts nested thousands deep (the stdlib parser recurses per
-        # level): read it as the unstructured text below, never raise.
-        msg = email.message_from_bytes(bytes(raw).split(b"\n\n", 1)[0] + b"\n\n")
-        parts = _Parts()
+    # mime.py stops splitting 20 multiparts deep (deeper nesting stays text),
+    # so a hostile message nested thousands deep neither recurses nor raises.
+    msg = mime.message_from_bytes(raw)
+    parts = _collect(msg)
     if not (parts.texts or parts.dsn or parts.arf):
         # A multipart whose boundaries never appear (or junk MIME): read the raw body.
         data = bytes(raw).replace(b"\r\n", b"\n")
@@ -611,7 +606,7 @@ def _parse_one(
             # The text names no code at all, but the attached message is
             # itself a bounce that does (a gateway re-wrapping a DSN).
             for ret in parts.returned:
-                wrapped = email.message_from_string(ret, policy=policy.compat32)
+                wrapped = mime.message_from_string(ret)
                 if not _is_bounce_like(wrapped):
                     continue
                 inner_records = _parse_one(

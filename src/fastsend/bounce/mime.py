@@ -1,0 +1,163 @@
+"""A lean MIME reader for bounces: the part tree as ``email.message.Message``
+objects (compat32), built with a few linear scans instead of the standard
+library's line-by-line feed parser.
+
+A bounce is read once for its structure and only a few of its parts are
+decoded (text/*, message/delivery-status, message/feedback-report, the
+returned headers), so the work that matters is splitting: the feed parser
+pushes every line through a generator and compiles a new regular expression
+for every multipart boundary, which cost more than the whole classification.
+
+What it keeps from the standard parser (so every caller can use the usual
+``Message`` API: ``get``, ``get_all``, ``get_content_type``,
+``get_payload(decode=True)``, ``raw_items``):
+
+* header lines are what RFC 5322 section 2.2 allows (printable ASCII name,
+  colon); folded lines stay in the value as received; a leading ``From ``
+  line is the mbox envelope; the first line that is not a header starts the
+  body;
+* a multipart is split on lines that are exactly ``--boundary`` (optionally
+  ``--`` and blanks after it, RFC 2046 section 5.1.1); the line break before
+  a delimiter belongs to the delimiter; a missing close delimiter ends the
+  last part at the end of the input; no delimiter at all leaves the body as
+  text; parts of multipart/digest default to message/rfc822;
+* bytes are read as ASCII with surrogate escapes, as
+  ``email.message_from_bytes`` does, so ``get_payload(decode=True)`` gives
+  back the original bytes.
+
+It differs on purpose in one way: message/* parts (an attached original, a
+delivery-status or feedback report) keep their body as text and are not
+parsed further; the bounce parser reads them as text, and parses an attached
+message only when it needs its headers.
+
+Every scan moves forward through the input (``str.find`` from the last
+position), so the time is linear in the size of the message.
+"""
+
+from __future__ import annotations
+
+import email.message
+
+_MAX_DEPTH = 20
+
+
+def _is_header_line(line: str) -> bool:
+    """RFC 5322 field: printable ASCII but ':' up to a ':' (or a continuation)."""
+    if line[:1] in (" ", "\t") or line.startswith("From "):
+        return True
+    i = line.find(":")
+    return i >= 0 and all("!" <= c <= "~" for c in line[:i])
+
+
+def _split_head(text: str, pos: int) -> tuple[list[tuple[str, str]], str | None, int]:
+    """(headers, unixfrom, body start) of the entity starting at ``pos``."""
+    headers: list[tuple[str, str]] = []
+    unixfrom = None
+    name = ""
+    value: list[str] = []
+    first = True
+    n = len(text)
+    while pos < n:
+        end = text.find("\n", pos)
+        nxt = n if end < 0 else end + 1
+        line = text[pos : n if end < 0 else end]
+        if not line:
+            pos = nxt  # the blank line separating head and body
+            break
+        if not _is_header_line(line):
+            break  # no separator: the body starts here
+        pos = nxt
+        if line[0] in (" ", "\t"):
+            if name:
+                value.append("\n" + line)
+            first = False
+            continue
+        if name:
+            headers.append((name, "".join(value)))
+            name = ""
+        if line.startswith("From "):
+            if first:
+                unixfrom = line
+            first = False
+            continue
+        first = False
+        i = line.find(":")
+        if i <= 0:
+            continue
+        name = line[:i]
+        value = [line[i + 1 :].lstrip(" \t")]
+    if name:
+        headers.append((name, "".join(value)))
+    return headers, unixfrom, min(pos, n)
+
+
+def _split_multipart(body: str, boundary: str) -> list[str] | None:
+    """The parts between ``--boundary`` lines; None when there is none."""
+    delim = "--" + boundary
+    starts: list[tuple[int, int, bool]] = []  # (line start, next line start, closing)
+    n = len(body)
+    if body.startswith(delim):
+        pos = 0
+    else:
+        pos = body.find("\n" + delim)
+        if pos >= 0:
+            pos += 1
+    while pos >= 0:
+        end = body.find("\n", pos)
+        eol = n if end < 0 else end
+        rest = body[pos + len(delim) : eol].rstrip(" \t")
+        if rest in ("", "--"):
+            starts.append((pos, n if end < 0 else end + 1, rest == "--"))
+            if rest == "--":
+                break
+        if end < 0:
+            break
+        pos = body.find("\n" + delim, end)
+        if pos >= 0:
+            pos += 1
+    if not starts:
+        return None
+    parts = []
+    for k, (_, begin, closing) in enumerate(starts):
+        if closing:
+            break
+        if k + 1 < len(starts):
+            stop = starts[k + 1][0] - 1  # the line break before a delimiter is the delimiter's
+            parts.append(body[begin : max(begin, stop)])
+        else:
+            parts.append(body[begin:])
+    return parts
+
+
+def _build(text: str, pos: int, depth: int, default_type: str) -> email.message.Message:
+    headers, unixfrom, start = _split_head(text, pos)
+    msg = email.message.Message()
+    msg._headers = headers
+    if unixfrom is not None:
+        msg.set_unixfrom(unixfrom)
+    if default_type != "text/plain":
+        msg.set_default_type(default_type)
+    body = text[start:]
+    if msg.get_content_maintype() == "multipart" and depth < _MAX_DEPTH:
+        boundary = msg.get_boundary()
+        pieces = _split_multipart(body, boundary) if boundary else None
+        if pieces is not None:
+            sub_default = (
+                "message/rfc822" if msg.get_content_subtype() == "digest" else "text/plain"
+            )
+            msg._payload = [_build(p, 0, depth + 1, sub_default) for p in pieces]
+            return msg
+    msg._payload = body
+    return msg
+
+
+def message_from_string(text: str) -> email.message.Message:
+    """``text`` (one message) as a tree of compat32 ``Message`` objects."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _build(text, 0, 0, "text/plain")
+
+
+def message_from_bytes(data: bytes) -> email.message.Message:
+    """As ``email.message_from_bytes(data, policy=compat32)`` reads it."""
+    return message_from_string(bytes(data).decode("ascii", "surrogateescape"))

@@ -1,0 +1,127 @@
+"""The lean MIME reader gives the tree the standard parser gives, in linear time."""
+
+from __future__ import annotations
+
+import email
+import time
+from email import policy
+
+import pytest
+
+from fastsend.bounce import mime
+
+NESTED = b"""From MAILER-DAEMON Fri Dec  4 10:00:00 2026
+Return-Path: <>
+Subject: Undelivered
+ Mail Returned
+Content-Type: multipart/report; report-type=delivery-status;
+\tboundary="outer=_1"
+MIME-Version: 1.0
+
+preamble text
+--outer=_1
+Content-Type: multipart/alternative; boundary=inner
+
+--inner
+Content-Type: text/plain; charset=iso-8859-1
+Content-Transfer-Encoding: quoted-printable
+
+Caf=E9 <a@example.org>: 550 5.1.1 unknown
+--inner
+Content-Type: text/html
+
+<p>html</p>
+--inner--
+--outer=_1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.org
+
+Final-Recipient: rfc822; a@example.org
+Action: failed
+Status: 5.1.1
+--outer=_1
+Content-Type: text/rfc822-headers
+
+To: a@example.org
+Message-ID: <x@y>
+
+--outer=_1--
+epilogue
+"""
+
+DIGEST = b"""Content-Type: multipart/digest; boundary=d
+
+--d
+
+Subject: one
+
+body one
+--d
+Content-Type: text/plain
+
+two
+--d--
+"""
+
+NO_CLOSE = b"""Content-Type: multipart/mixed; boundary=b
+
+--b
+Content-Type: text/plain
+
+last part runs to the end
+"""
+
+NO_DELIM = b"""Content-Type: multipart/mixed; boundary=never
+
+just text, the boundary never appears
+"""
+
+NO_SEPARATOR = b"""Subject: x
+this line is not a header, so the body starts here
+more body
+"""
+
+
+def _shape(m: email.message.Message) -> list:
+    out = [(m.get_content_type(), m.items(), m.get_unixfrom())]
+    payload = m.get_payload()
+    if isinstance(payload, list) and not m.get_content_type().startswith("message/"):
+        for p in payload:
+            out += _shape(p)
+    elif not m.get_content_type().startswith("message/"):
+        out.append(m.get_payload(decode=True).rstrip(b"\n"))
+    return out
+
+
+@pytest.mark.parametrize("raw", [NESTED, DIGEST, NO_CLOSE, NO_DELIM, NO_SEPARATOR])
+def test_same_tree_as_stdlib(raw: bytes) -> None:
+    ours = mime.message_from_bytes(raw)
+    theirs = email.message_from_bytes(raw, policy=policy.compat32)
+    assert _shape(ours) == _shape(theirs)
+
+
+def test_message_parts_kept_as_text() -> None:
+    m = mime.message_from_bytes(NESTED)
+    dsn = m.get_payload()[1]
+    assert dsn.get_content_type() == "message/delivery-status"
+    text = dsn.get_payload(decode=True).decode()
+    assert "Final-Recipient: rfc822; a@example.org" in text
+    assert m.get_payload()[0].get_payload()[0].get_payload(decode=True).decode(
+        "latin-1"
+    ).startswith("Caf\xe9")
+
+
+def test_boundary_lookalikes_are_linear() -> None:
+    # Lines that start like the delimiter but are not one, and a huge folded
+    # header: every scan must move forward (bounded time, generous).
+    body = b"--bb-not-a-delimiter\n" * 200_000
+    raw = (
+        b"Subject: x" + b"\n y" * 100_000 + b"\nContent-Type: multipart/mixed; boundary=bb\n\n"
+        b"--bb\n\n" + body + b"--bb--\n"
+    )
+    t0 = time.process_time()
+    m = mime.message_from_bytes(raw)
+    assert time.process_time() - t0 < 5.0
+    assert len(m.get_payload()) == 1
+    assert m.get_payload()[0].get_payload().count("\n") == 200_000 - 1
