@@ -37,16 +37,14 @@ position), so the time is linear in the size of the message.
 from __future__ import annotations
 
 import email.message
+import re
 
 _MAX_DEPTH = 20
 
 
-def _is_header_line(line: str) -> bool:
-    """RFC 5322 field: printable ASCII but ':' up to a ':' (or a continuation)."""
-    if line[:1] in (" ", "\t") or line.startswith("From "):
-        return True
-    i = line.find(":")
-    return i >= 0 and all("!" <= c <= "~" for c in line[:i])
+# What the standard parser takes as a header line (RFC 5322 field name:
+# printable ASCII but ':'; a continuation; the mbox envelope line).
+_HEADER_LINE = re.compile(r"From |[!-9;-~]*:|[ \t]")
 
 
 def _split_head(text: str, pos: int) -> tuple[list[tuple[str, str]], str | None, int]:
@@ -64,7 +62,7 @@ def _split_head(text: str, pos: int) -> tuple[list[tuple[str, str]], str | None,
         if not line:
             pos = nxt  # the blank line separating head and body
             break
-        if not _is_header_line(line):
+        if not _HEADER_LINE.match(line):
             break  # no separator: the body starts here
         pos = nxt
         if line[0] in (" ", "\t"):

@@ -20,6 +20,7 @@ It deliberately knows nothing about reasons: classification is reply.py's.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -61,8 +62,12 @@ _CUT_RE = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _HEADER_LINE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,40}: \S")
-_HEADER_START = re.compile(
-    r"^(?:Received|Return-Path|Message-I[Dd]|DKIM-Signature|MIME-Version|X-[A-Za-z-]+|From|Date|Subject|To): ",
+# A returned header block: a line starting with a common header field, then two header-like lines
+# (a field with a value, or a continuation), each line tried once per start.
+_HEADER_RUN = re.compile(
+    r"^(?:Received|Return-Path|Message-I[Dd]|DKIM-Signature|MIME-Version|X-[A-Za-z-]+|From|Date|Subject|To): "
+    r"[^\n]*\n(?:[A-Za-z][A-Za-z0-9-]{1,40}: \S|[ \t])[^\n]*\n(?:[A-Za-z][A-Za-z0-9-]{1,40}: \S|[ \t])",
+    re.MULTILINE,
 )
 _SENDER_CONTEXT = re.compile(
     r"(?:mail from:?\s*<?|envelope-from\s*<?|return-path:?\s*<?|sender:?\s*<?|from:\s*<?|\bfrom\s+<"
@@ -135,27 +140,20 @@ class TextFinding:
     command: str = ""
 
 
+@functools.lru_cache(maxsize=16)
 def cut_original(text: str) -> str:
-    """The part of a bounce text before the copy of the original message."""
+    """The part of a bounce text before the copy of the original message.
+
+    Memoised (a bounce asks for the same text's cut several times)."""
     m = _CUT_RE.search(text)
     if m:
         text = text[: m.start()]
-    lines = text.split("\n")
-    for i in range(len(lines) - 1):
-        # Three header lines in a row at column 0: the returned headers begin
-        # (a lone "To: ..." summary line is not enough).
-        if (
-            _HEADER_START.match(lines[i])
-            and _headerish(lines[i + 1])
-            and i + 2 < len(lines)
-            and _headerish(lines[i + 2])
-        ):
-            return "\n".join(lines[:i])
+    # Three header lines in a row at column 0: the returned headers begin (a
+    # lone "To: ..." summary line is not enough). One forward scan.
+    m = _HEADER_RUN.search(text)
+    if m:
+        return text[: max(0, m.start() - 1)]
     return text
-
-
-def _headerish(line: str) -> bool:
-    return bool(_HEADER_LINE.match(line)) or line[:1] in (" ", "\t")
 
 
 def _starts_line(text: str, pos: int) -> bool:
