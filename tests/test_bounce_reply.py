@@ -291,6 +291,18 @@ def test_missing_rule_file(tmp_path: Path) -> None:
         (550, "5.7.1", "Access denied", "RCPT", "securityerror"),
         # A refused greeting is about the client.
         (554, "", "Sorry, no service", "CONN", "blocked"),
+        # Outlook's documented "550 Requested action not taken: mailbox
+        # unavailable" is the SMTP reply; the same words with no reply code and
+        # no stage (a web-mail notice) are not evidence of a RCPT refusal.
+        (550, "5.5.0", "550 Requested action not taken: mailbox unavailable", "", "userunknown"),
+        (
+            0,
+            "",
+            "Invalid Address, ERROR_CODE :550, ERROR_CODE :Requested action not taken: "
+            "mailbox unavailable",
+            "",
+            "filtered",
+        ),
     ],
 )
 def test_evidence_order(code: int, status: str, text: str, command: str, reason: str) -> None:
