@@ -303,6 +303,9 @@ def test_missing_rule_file(tmp_path: Path) -> None:
             "",
             "filtered",
         ),
+        # RFC 5321's own 554 text names no reason: the server failed, not a
+        # policy about the sender (though it answered MAIL FROM).
+        (554, "5.0.0", "554 Transaction failed", "MAIL", "systemerror"),
     ],
 )
 def test_evidence_order(code: int, status: str, text: str, command: str, reason: str) -> None:
