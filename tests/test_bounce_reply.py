@@ -306,6 +306,22 @@ def test_missing_rule_file(tmp_path: Path) -> None:
         # RFC 5321's own 554 text names no reason: the server failed, not a
         # policy about the sender (though it answered MAIL FROM).
         (554, "5.0.0", "554 Transaction failed", "MAIL", "systemerror"),
+        # Yahoo's documented replies, given after DATA: the text decides.
+        (
+            554,
+            "",
+            "554 delivery error: dd This user doesn't have a yahoo.com account (x@yahoo.com) [0]",
+            "DATA",
+            "userunknown",
+        ),
+        (
+            554,
+            "",
+            "554 delivery error: dd Sorry, your message to x@yahoo.com cannot be delivered. "
+            "This account is over quota.",
+            "",
+            "mailboxfull",
+        ),
     ],
 )
 def test_evidence_order(code: int, status: str, text: str, command: str, reason: str) -> None:
