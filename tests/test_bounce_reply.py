@@ -306,6 +306,10 @@ def test_missing_rule_file(tmp_path: Path) -> None:
         # RFC 5321's own 554 text names no reason: the server failed, not a
         # policy about the sender (though it answered MAIL FROM).
         (554, "5.0.0", "554 Transaction failed", "MAIL", "systemerror"),
+        # The more specific verdict wins: a virus found is not spam.
+        (550, "5.0.0", "550 Virus Detected; Content Rejected", "DATA", "virusdetected"),
+        # Exim: no router accepted the address (the domain does not route).
+        (550, "", "Unrouteable address", "", "hostunknown"),
         # Yahoo's documented replies, given after DATA: the text decides.
         (
             554,
