@@ -308,6 +308,14 @@ def test_missing_rule_file(tmp_path: Path) -> None:
         (554, "5.0.0", "554 Transaction failed", "MAIL", "systemerror"),
         # The more specific verdict wins: a virus found is not spam.
         (550, "5.0.0", "550 Virus Detected; Content Rejected", "DATA", "virusdetected"),
+        # A locked account is suspended, whatever status wraps it.
+        (
+            550,
+            "5.7.1",
+            "Recipient address rejected: User a@example.com temporary locked.",
+            "RCPT",
+            "suspend",
+        ),
         # Exim: no router accepted the address (the domain does not route).
         (550, "", "Unrouteable address", "", "hostunknown"),
         # Yahoo's documented replies, given after DATA: the text decides.
