@@ -127,10 +127,13 @@ class Rule:
 
 
 def _any_search(patterns: tuple[re.Pattern[str], ...], text: str) -> bool:
-    prepared = _PREPARED.get(patterns)
-    if prepared is None:
-        prepared = _prepare(patterns)
-    gate, items = prepared
+    # Keyed by identity: hashing a tuple of patterns rehashes every pattern on
+    # every call. The entry keeps the tuple alive, so its id is not reused.
+    entry = _PREPARED.get(id(patterns))
+    if entry is not None and entry[0] is patterns:
+        gate, items = entry[1]
+    else:
+        gate, items = _prepare(patterns)
     if gate is not None:
         # Every pattern has required words: none present, none can match.
         for lit in gate:
@@ -150,10 +153,8 @@ def _any_search(patterns: tuple[re.Pattern[str], ...], text: str) -> bool:
     return False
 
 
-_PREPARED: dict[
-    tuple[re.Pattern[str], ...],
-    tuple[tuple[str, ...] | None, tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]],
-] = {}
+_Prepared = tuple[tuple[str, ...] | None, tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]]
+_PREPARED: dict[int, tuple[tuple[re.Pattern[str], ...], _Prepared]] = {}
 
 
 def _prepare(
@@ -165,7 +166,7 @@ def _prepare(
         gate = tuple(dict.fromkeys(lit for _, lits in items for lit in lits))
     out = (gate, items)
     if len(_PREPARED) < 10_000:
-        _PREPARED[patterns] = out
+        _PREPARED[id(patterns)] = (patterns, out)
     return out
 
 
