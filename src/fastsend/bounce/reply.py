@@ -385,6 +385,9 @@ class RuleSet:
     _memo: dict[tuple[int, str, str, str, str], Classification] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # tier -> its rules in order, built on first use (``rules`` is not changed
+    # after construction: ``extended`` makes a new RuleSet).
+    _tiers: dict[str, list[Rule]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "<rules>") -> RuleSet:
@@ -502,16 +505,20 @@ class RuleSet:
         if enhanced.startswith("2.") or (not enhanced and 200 <= code < 300):
             return "delivered", "status"
         by_status = self.status.get(enhanced, "")
-        for rule in self.rules:
-            if rule.tier == "provider" and rule.applies(t, code, enhanced, command):
+        tiers = self._tiers
+        if not tiers:
+            for tier in TIERS:
+                tiers[tier] = [r for r in self.rules if r.tier == tier]
+        for rule in tiers["provider"]:
+            if rule.applies(t, code, enhanced, command):
                 return rule.reason, rule.id
-        for rule in self.rules:
-            if rule.tier == "strong" and rule.applies(t, code, enhanced, command):
+        for rule in tiers["strong"]:
+            if rule.applies(t, code, enhanced, command):
                 return rule.reason, rule.id
         if by_status and by_status not in self.weak:
             return by_status, "status"
-        for rule in self.rules:
-            if rule.tier == "weak" and rule.applies(t, code, enhanced, command):
+        for rule in tiers["weak"]:
+            if rule.applies(t, code, enhanced, command):
                 return rule.reason, rule.id
         if by_status:
             return by_status, "status"
