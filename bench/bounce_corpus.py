@@ -30,8 +30,11 @@ What it prints (and why the numbers are honest):
 * **Speed.** CPU seconds (``time.process_time``, one process, one core) to
   parse and classify every corpus message, repeated; reported as bounces/s
   and compared in the same run with the baseline of only parsing the MIME
-  structure with the standard library (``email.message_from_bytes``), the
-  floor any bounce reader pays. The machine is shared: CPU time, not wall.
+  structure with the standard library (``email.message_from_bytes``,
+  compat32): what a reader built on the stdlib pays before it reads anything.
+  fastsend's reader does not use it (``bounce/mime.py`` splits the parts with
+  forward scans and keeps message/* parts as text), so the ratio can pass
+  0.3. The machine is shared: CPU time, not wall.
 
 Exits 0 when the ``cv`` score meets the goals (found >= 95%, hard/soft >=
 95%, reason >= 85%) and speed >= 2,000 bounces/s; 1 when not; 2 when the
