@@ -130,7 +130,8 @@ def _split_multipart(body: str, boundary: str) -> list[str] | None:
 def _build(text: str, pos: int, depth: int, default_type: str) -> email.message.Message:
     headers, unixfrom, start = _split_head(text, pos)
     msg = email.message.Message()
-    msg._headers = headers
+    for name, value in headers:
+        msg.set_raw(name, value)
     if unixfrom is not None:
         msg.set_unixfrom(unixfrom)
     if default_type != "text/plain":
@@ -143,9 +144,9 @@ def _build(text: str, pos: int, depth: int, default_type: str) -> email.message.
             sub_default = (
                 "message/rfc822" if msg.get_content_subtype() == "digest" else "text/plain"
             )
-            msg._payload = [_build(p, 0, depth + 1, sub_default) for p in pieces]
+            msg.set_payload([_build(p, 0, depth + 1, sub_default) for p in pieces])
             return msg
-    msg._payload = body
+    msg.set_payload(body)
     return msg
 
 
