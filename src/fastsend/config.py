@@ -71,7 +71,7 @@ SECTIONS = frozenset(
         "shaping", "pools", "guardrails", "tenants", "dkim",
         # read by fastsend serve's parts from cfg.raw
         "api", "webhooks", "submission", "intake", "dashboard", "tracking", "analytics",
-        "reputation", "proxy",
+        "reputation", "proxy", "transports", "provider_events",
     }
 )  # fmt: skip
 """Every top-level table a config may have: any other name is an error."""
@@ -106,10 +106,20 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
     cfg.helo = str(ips.get("helo", ""))
     if cfg.helo and not _HELO.fullmatch(cfg.helo):
         raise ConfigError(f"[ips] helo {cfg.helo!r} is not a host name or address literal")
-    for dom, target in _section(raw, "routes").items():
-        if not isinstance(target, str):
-            raise ConfigError(f"[routes] {dom!r} must be 'HOST:PORT'")
-        cfg.routes[dom.lower()] = Route.parse(target, where=f"[routes] {dom!r}")
+    from fastsend.transports.spec import TransportError, parse_route, parse_transports
+
+    try:
+        cfg.transports = parse_transports(raw, base_dir)
+        for dom, target in _section(raw, "routes").items():
+            where = f"[routes] {dom!r}"
+            chain = parse_route(target, cfg.transports, base_dir, where)
+            key = dom if dom.split(":", 1)[0] in ("campaign", "tenant", "pool") else dom.lower()
+            if chain is None:
+                cfg.routes[key] = Route.parse(target, where=where)
+            else:
+                cfg.routes[key] = Route("", 0, chain)
+    except TransportError as e:
+        raise ConfigError(str(e)) from None
     _fill(cfg.delivery, _section(raw, "delivery"), "delivery")
     if cfg.delivery.tls not in ("opportunistic", "required", "off"):
         raise ConfigError("[delivery] tls must be opportunistic, required or off")

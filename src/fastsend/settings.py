@@ -27,8 +27,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class Route:
+    """A static SMTP route (host, port), or -- with ``transports`` -- the names
+    of transports in failover order (fastsend.transports.spec)."""
+
     host: str
     port: int = 25
+    transports: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str, *, where: str) -> Route:
@@ -47,7 +51,7 @@ class Route:
         return cls(host, p)
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return ", ".join(self.transports) if self.transports else f"{self.host}:{self.port}"
 
 
 @dataclass
@@ -111,6 +115,9 @@ class Config:
     shaping: Any = None  # fastsend.shaping.policy.Policy, parsed from [shaping]
     pools: Any = None  # fastsend.shaping.pools.PoolSet, parsed from [pools]
     tenants: Any = None  # fastsend.tenants.Tenants, parsed from [tenants] and [dkim]
+    # [transports.NAME] and route shorthands (fastsend.transports.spec.TransportSpec);
+    # they hold credentials read from the environment or a 0600 file: never logged.
+    transports: dict[str, Any] = field(default_factory=dict, repr=False)
     # Settings that load but cannot take effect as written (the loader explains
     # each; the front ends print them): never silence.
     warnings: list[str] = field(default_factory=list)
@@ -122,6 +129,28 @@ class Config:
     @property
     def event_log_path(self) -> str:
         return self.event_log or os.path.join(self.spool_dir, "events.jsonl")
+
+    def route_lookup(
+        self,
+        domain: str,
+        campaign: tuple[int, tuple[str, ...], str] | None = None,
+        pool: str = "",
+    ) -> Route | None:
+        """The route of a message: ``campaign:ID`` or ``campaign:NAME``, then
+        ``tenant:NAME``, then ``pool:NAME``, then the domain's (``campaign`` is
+        (id, names, tenant): its spool name and the name in its spec)."""
+        routes = self.routes
+        if campaign is not None:
+            cid, names, tenant = campaign
+            keys = [f"campaign:{cid}", *(f"campaign:{n}" for n in names if n)]
+            if tenant:
+                keys.append(f"tenant:{tenant}")
+            for key in keys:
+                if key in routes:
+                    return routes[key]
+        if pool and f"pool:{pool}" in routes:
+            return routes[f"pool:{pool}"]
+        return self.route_for(domain)
 
     def route_for(self, domain: str) -> Route | None:
         """The static route for ``domain`` (exact, then parent domains, then '*')."""

@@ -68,6 +68,7 @@ class Res(msgspec.Struct, array_like=True):
     stage: str = ""
     reason: str = ""
     hard: bool = False
+    queue_id: str = ""  # the receiving server's or provider's id for the message
 
 
 class Results(msgspec.Struct, array_like=True, tag=4):
@@ -140,8 +141,25 @@ class WarmupAdjust(msgspec.Struct, array_like=True, tag=12):
     offsets: dict[str, int]
 
 
-ToWorker = CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts | IPRest | WarmupAdjust
-FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback
+class CampaignInfo(msgspec.Struct, array_like=True, tag=13):
+    """Supervisor -> worker, after a CampaignSpec: what routes by campaign or
+    tenant need (fastsend.transports.router)."""
+
+    id: int
+    name: str
+    tenant: str
+
+
+class Events(msgspec.Struct, array_like=True, tag=14):
+    """Worker -> supervisor: events for the event log (transport failover)."""
+
+    events: list[dict[str, Any]]
+
+
+ToWorker = (
+    CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts | IPRest | WarmupAdjust | CampaignInfo
+)
+FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events
 
 encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

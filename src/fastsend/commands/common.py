@@ -23,7 +23,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="DOMAIN=HOST:PORT",
-        help="static route bypassing MX; '*' for every domain (repeatable)",
+        help="static route bypassing MX, or transports (e.g. '*=ses:eu-west-1', 'x.org=smtp,relay1');"
+        " '*' for every domain (repeatable)",
     )
     p.add_argument("--source-ip", help="comma-separated source IPs, split across workers")
     p.add_argument("--workers", type=int, help="worker processes (default: one per CPU core)")
@@ -54,7 +55,7 @@ def build_config(args: argparse.Namespace) -> Config:
         dom, sep, target = r.partition("=")
         if not sep or not dom:
             raise ConfigError(f"--route {r!r}: expected DOMAIN=HOST:PORT")
-        cfg.routes[dom.strip().lower()] = Route.parse(target, where=f"--route {r!r}")
+        cfg.routes[dom.strip().lower()] = _route(cfg, target, f"--route {r!r}")
     if args.source_ip:
         cfg.source_ips = [
             cfgmod.validate_ip(ip, "--source-ip") for ip in args.source_ip.split(",") if ip.strip()
@@ -110,3 +111,13 @@ def print_summary(summary: dict[str, object], as_json: bool) -> None:
 def die(msg: str, code: int = 2) -> int:
     print(f"fastsend: error: {msg}", file=sys.stderr)
     return code
+
+
+def _route(cfg: Config, target: str, where: str) -> Route:
+    from fastsend.transports.spec import TransportError, parse_route
+
+    try:
+        chain = parse_route(target, cfg.transports, cfg.base_dir, where)
+    except TransportError as e:
+        raise ConfigError(str(e)) from None
+    return Route.parse(target, where=where) if chain is None else Route("", 0, chain)

@@ -93,7 +93,7 @@ class MXResolver:
         route = self.config.route_for(domain)
         now = time.monotonic()
         hit: tuple[float, Site | Outcome] | None
-        if route is not None:
+        if route is not None and route.host:
             hit = self._route_cache.get((route.host, route.port))
         else:
             hit = self._cache.get(domain)
@@ -104,7 +104,7 @@ class MXResolver:
     async def site_for(self, domain: str) -> Site | Outcome:
         domain = domain.lower().rstrip(".")
         route = self.config.route_for(domain)
-        if route is not None:
+        if route is not None and route.host:  # a route of transports sends "smtp" by MX
             now = time.monotonic()
             rkey = (route.host, route.port)
             rhit = self._route_cache.get(rkey)
@@ -146,6 +146,13 @@ class MXResolver:
             else:
                 refused.append(a)
         return ok
+
+    async def route_site(self, key: str, host: str, port: int) -> Site | Outcome:
+        """The site of a fixed host (a static route, a relay): its addresses."""
+        addrs = await self._addresses(host)
+        if isinstance(addrs, Outcome):
+            return addrs
+        return Site(key, tuple(Host(host, a, port) for a in addrs))
 
     @property
     def cache_entries(self) -> int:

@@ -44,6 +44,7 @@ from fastsend.config import Config
 from fastsend.delivery.mx import Site
 from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
 from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
+from fastsend.shaping.policy import Limits
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
 
 Report = Callable[[list[TxnResult], str, str], None]  # results, source_ip, mx
@@ -67,8 +68,13 @@ class SiteQueue:
         pool: str = "",
         domain: str = "",
         handback: Handback | None = None,
+        limits: Limits | None = None,
+        connect_options: dict[str, Any] | None = None,
     ) -> None:
         self.site = site
+        # A relay route (fastsend.transports.relay) brings its own limits and
+        # ConnectOptions fields (AUTH, TLS mode, implicit TLS, CA).
+        self.connect_options = connect_options or {}
         self.handback = handback
         self.horizon = config.delivery.ready_horizon
         self.max_ready = config.delivery.max_ready
@@ -86,7 +92,7 @@ class SiteQueue:
         hosts = tuple(h.name for h in site.hosts)
         if site.key.startswith("route:") and hosts:
             domain = hosts[0]
-        self.limits = self.shaper.site_limits(site.key, hosts, domain)
+        self.limits = limits or self.shaper.site_limits(site.key, hosts, domain)
         self.pending: collections.deque[Envelope] = collections.deque()
         self.wakeup = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -233,16 +239,19 @@ class SiteQueue:
         ip = lane.ip
         last: Outcome | None = None
         for host in self.site.hosts[:3]:
-            opts = ConnectOptions(
+            kw: dict[str, Any] = dict(
                 host=host.address,
                 port=host.port,
                 source_ip=ip or None,
                 helo_name=self.shaper.ehlo.get(ip) or self.helo,
-                tls=self.limits.tls,  # type: ignore[arg-type]  # validated by the policy
+                tls=self.limits.tls,  # validated by the policy
                 max_messages=self.limits.max_messages_per_connection,
                 timeouts=self.timeouts,
                 server_hostname=host.name,
             )
+            if self.connect_options:
+                kw.update(self.connect_options)
+            opts = ConnectOptions(**kw)
             conn = await connect(opts)
             if not isinstance(conn, Outcome):
                 self.count("connections_opened")

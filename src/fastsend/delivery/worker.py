@@ -36,6 +36,7 @@ from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
+from fastsend.transports.router import Router
 
 FLUSH_AT = 512
 SITES_MIN = 1024  # site queues held before idle ones are forgotten (then 2x the live ones)
@@ -72,6 +73,7 @@ class Worker:
         self.parent = os.getppid()
         self.resolver = MXResolver(config)
         self.dkim = ConfigDKIM(config)  # the config's [dkim], for self-contained messages
+        self.router = Router(self)  # routes of transports, failover (fastsend.transports)
         # Cumulative counters, shipped to the supervisor by stats_loop().
         self.counters: dict[str, float] = {}
         self.classified: dict[tuple[int, str, str, str], tuple[str, bool]] = {}
@@ -85,7 +87,8 @@ class Worker:
         while (rec := get()) is not None:
             msg = decode(rec)
             if isinstance(msg, wire.Batch):
-                site = self.resolver.cached(msg.domain)
+                # Routes of transports choose per batch (fastsend.transports.router).
+                site = None if self.router.has_routes else self.resolver.cached(msg.domain)
                 self.busy += 1
                 if site is None:  # a DNS lookup first: its own task
                     asyncio.get_running_loop().create_task(self.handle_batch(msg))
@@ -94,6 +97,8 @@ class Worker:
             elif isinstance(msg, wire.CampaignSpec):
                 self.campaign_specs[msg.id] = msg.spec
                 self.renderers.pop(msg.id, None)
+            elif isinstance(msg, wire.CampaignInfo):
+                self.router.on_campaign(msg)
             elif isinstance(msg, wire.CampaignShaping):
                 self.campaign_pools[msg.campaign] = msg.pool
             elif isinstance(msg, wire.WarmupCounts):
@@ -123,10 +128,27 @@ class Worker:
     async def handle_batch(self, batch: wire.Batch) -> None:
         site: Site | Outcome | Exception
         try:
+            chain = self.router.chain(batch)
+            if chain:  # a route of transports: relay, provider, failover
+                await self.route_batch(batch, chain)
+                return
             site = await self.resolver.site_for(batch.domain)
         except Exception as e:  # answered in place_batch, like any local error
             site = e
         self.place_batch(batch, site)
+
+    async def route_batch(self, batch: wire.Batch, chain: tuple[str, ...]) -> None:
+        try:
+            await self.router.dispatch(batch, chain)
+        except Exception as e:  # a bug must not lose the batch: defer it, loudly
+            import traceback
+
+            traceback.print_exc()
+            out = Outcome("deferred", 451, "4.3.0", f"local error: {e.__class__.__name__}", "local")
+            self.add_results([TxnResult(it.id, [out]) for it in batch.items], "", "")
+        finally:
+            self.busy -= 1
+            self.check_done()
 
     def place_batch(self, batch: wire.Batch, site: Site | Outcome | Exception) -> None:
         """Render a batch and put it on its site's ready queue (or answer it with
@@ -246,7 +268,7 @@ class Worker:
             self.add_results(failures, "", "")
         return envelopes
 
-    def site_queue(self, site: Site, batch: wire.Batch) -> SiteQueue:
+    def site_queue(self, site: Site, batch: wire.Batch, **relay: Any) -> SiteQueue:
         pool = self.campaign_pools.get(batch.campaign, "")
         q = self.sites.get((pool, site.key))
         if q is None:
@@ -263,6 +285,7 @@ class Worker:
                 pool=pool,
                 domain=batch.domain,
                 handback=self.handback,
+                **relay,
             )
             if self.draining:
                 q.horizon = DRAIN_HORIZON
@@ -283,6 +306,8 @@ class Worker:
     # -- outbox --------------------------------------------------------------
 
     def report(self, results: list[TxnResult], source_ip: str, mx: str) -> None:
+        if self.router.failover:
+            results = self.router.on_results(results, source_ip, mx)
         self.add_results(results, source_ip, mx)
         self.check_done()
 
@@ -297,6 +322,8 @@ class Worker:
                 ids.append(e.tag)
         if not ids:
             return
+        if self.router.failover:
+            self.router.forget(ids)
         self.count("handed_back", len(ids))
         if self.out:  # keep the outbox in the order things happened
             self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
@@ -319,7 +346,7 @@ class Worker:
             if type(tag) is int and outcomes and outcomes[0].kind == DELIVERED:
                 o = outcomes[0]  # one message delivered to its one recipient: the usual case
                 append(Res(tag, k_delivered, o.code, o.enhanced, o.text or tr.queue_id,
-                           mx or o.mx, source_ip))  # fmt: skip
+                           mx or o.mx, source_ip, "", "", False, tr.queue_id))  # fmt: skip
                 continue
             tags = tag if isinstance(tag, list) else [tag]
             for i, mid in enumerate(tags):
@@ -329,7 +356,7 @@ class Worker:
                     if tr.queue_id and not text:
                         text = tr.queue_id
                     out.append(Res(mid, wire.K_DELIVERED, o.code, o.enhanced, text,
-                                   mx or o.mx, source_ip))  # fmt: skip
+                                   mx or o.mx, source_ip, "", "", False, tr.queue_id))  # fmt: skip
                     continue
                 reason, hard = classify(o)
                 out.append(
@@ -344,6 +371,7 @@ class Worker:
                         o.stage,
                         reason,
                         hard and o.kind == FAILED,
+                        tr.queue_id,
                     )
                 )
         if len(out) >= FLUSH_AT:
@@ -380,6 +408,8 @@ class Worker:
             self.pending_out.append(
                 wire.encoder.encode(wire.ShapingEvents(self.shaper.take_events()))
             )
+        if self.router.events:
+            self.pending_out.append(wire.encoder.encode(wire.Events(self.router.take_events())))
         while self.pending_out:
             if not self.outbox.put(self.pending_out[0]):
                 # Ring full: the supervisor is behind; retry when it frees space.
@@ -413,6 +443,7 @@ class Worker:
         await self.done.wait()
         for q in self.sites.values():
             await q.close()
+        await self.router.close()
         self.flush()
         while self.pending_out:  # let the supervisor take the last outcomes
             await asyncio.sleep(0.01)

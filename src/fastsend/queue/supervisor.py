@@ -409,7 +409,11 @@ class Supervisor:
         rec = wire.encoder.encode(wire.CampaignSpec(campaign, spec))
         if len(rec) > RING_BYTES - 64:
             return [], f"campaign {campaign} is too large for a worker's ring ({len(rec)} bytes)"
-        return [rec, *self.shaping.campaign_records(campaign)], ""
+        info = self.spool.get_campaign(campaign)
+        named = wire.encoder.encode(
+            wire.CampaignInfo(campaign, info.name if info else "", info.tenant if info else "")
+        )
+        return [rec, named, *self.shaping.campaign_records(campaign)], ""
 
     def batch_records(
         self, slot: WorkerSlot, campaign: int, domain: str, items: list[Claimed]
@@ -544,6 +548,8 @@ class Supervisor:
                 got = True
             elif isinstance(msg, wire.Stats):
                 slot.counters = msg.counters
+            elif isinstance(msg, wire.Events):
+                self.event_buf.extend(msg.events)  # transport failover
             else:
                 self.shaping.on_record(msg)
         if got:
@@ -605,6 +611,8 @@ class Supervisor:
                     ev["stage"] = r.stage
                     ev["reason"] = r.reason
                     ev["hard"] = r.hard
+                if r.queue_id:
+                    ev["queue_id"] = r.queue_id
                 if state == EXPIRED:
                     ev["reason"] = "expired"
                     ev["last_reason"] = r.reason

@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         from fastsend.analytics.warmup import WarmupPolicy
 
         WarmupPolicy.from_config(cfg)
+        from fastsend.serve.provider_events import ProviderEventSettings
+
+        ProviderEventSettings.from_raw(cfg.raw, cfg.base_dir)
     except ConfigError as e:
         print(f"fastsend serve: {e}", file=sys.stderr)
         return 2
@@ -198,6 +201,9 @@ class Server:
             setup_tracking(app, ctx)
         setup_dashboard(app, ctx)
         self.charts = setup_charts(app, ctx)  # issue 14: charts, campaign and IP pages
+        from fastsend.serve import provider_events
+
+        provider_events.setup_provider_events(app, ctx)  # /webhooks/{ses,sendgrid,mailgun}
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = settings.host_port

@@ -45,6 +45,8 @@ refused at RCPT keeps that outcome whatever happens to the session later.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -164,6 +166,7 @@ class SMTPClient:
         handlers[_DOT] = self._reply_dot
         handlers[_BDAT] = self._reply_bdat
         self._handlers = handlers
+        self._cram: tuple[bytes, bytes] | None = None  # CRAM-MD5 (user, password) until the challenge
 
     # ------------------------------------------------------------------ queries
     @property
@@ -230,20 +233,31 @@ class SMTPClient:
         self.state = GREETED
 
     def send_auth(self, username: str, password: str, mechanism: str = "") -> bytes:
-        """AUTH PLAIN (preferred) or LOGIN, as offered; ``mechanism`` forces one."""
+        """AUTH with ``mechanism``, or the best offered: in clear text CRAM-MD5
+        (RFC 2195: the password never crosses the wire), else PLAIN (one round
+        trip), LOGIN, CRAM-MD5."""
         self._check_idle("AUTH")
         offered = self.capabilities.get("AUTH", "").upper().split()
-        mech = mechanism.upper() or ("PLAIN" if "PLAIN" in offered or not offered else "LOGIN")
+        mech = mechanism.upper()
+        if not mech:
+            order = ("PLAIN", "LOGIN", "CRAM-MD5")
+            if not self.tls_active:
+                order = ("CRAM-MD5", "PLAIN", "LOGIN")
+            mech = next((m for m in order if m in offered), "PLAIN")
+        self._auth = []
+        self._cram = None
         if mech == "PLAIN":
             token = base64.b64encode(b"\0%s\0%s" % (username.encode(), password.encode()))
             line = b"AUTH PLAIN " + token + b"\r\n"
-            self._auth = []
         elif mech == "LOGIN":
             line = b"AUTH LOGIN\r\n"
             self._auth = [
                 base64.b64encode(username.encode()) + b"\r\n",
                 base64.b64encode(password.encode()) + b"\r\n",
             ]
+        elif mech == "CRAM-MD5":
+            line = b"AUTH CRAM-MD5\r\n"
+            self._cram = (username.encode(), password.encode())
         else:
             raise LocalProtocolError(f"unsupported AUTH mechanism {mechanism!r}")
         line = self._command("auth", line, (READY,))
@@ -619,6 +633,21 @@ class SMTPClient:
             else:
                 self.state = READY
         elif name == "auth":
+            if code == 334 and self._cram is not None:
+                user, password = self._cram
+                self._cram = None
+                try:
+                    challenge = base64.b64decode(reply[2].strip(), validate=True)
+                except ValueError:
+                    challenge = None
+                self._pending.append((_CMD, None, 0))
+                self._cmd_names.append("auth")
+                if challenge is None:
+                    self._out.append(b"*\r\n")  # not base64: cancel (RFC 4954)
+                else:
+                    digest = hmac.new(password, challenge, hashlib.md5).hexdigest().encode()
+                    self._out.append(base64.b64encode(user + b" " + digest) + b"\r\n")
+                return
             if code == 334 and self._auth:
                 self._pending.append((_CMD, None, 0))
                 self._cmd_names.append("auth")
@@ -630,6 +659,7 @@ class SMTPClient:
                 self._out.append(b"*\r\n")
                 return
             self._auth = []
+            self._cram = None
             self.state = READY
         elif name == "quit":
             self.state = CLOSED

@@ -90,8 +90,9 @@ class ConnectOptions:
     max_messages: int = 100
     timeouts: Timeouts = Timeouts()
     server_hostname: str | None = None  # for SNI/verification; defaults to host
-    auth_mechanism: str = ""  # "PLAIN" or "LOGIN"; default: PLAIN if offered, else LOGIN
+    auth_mechanism: str = ""  # PLAIN, LOGIN or CRAM-MD5; default: the best offered
     chunking: bool = True  # BDAT when the server offers CHUNKING + PIPELINING
+    implicit_tls: bool = False  # TLS from the first byte (submissions, port 465, RFC 8314)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -104,7 +105,7 @@ class ConnectOptions:
             )
         if self.max_messages < 1:
             raise ValueError(f"ConnectOptions.max_messages must be >= 1, not {self.max_messages}")
-        if self.auth_mechanism.upper() not in ("", "PLAIN", "LOGIN"):
+        if self.auth_mechanism.upper() not in ("", "PLAIN", "LOGIN", "CRAM-MD5"):
             raise ValueError(f"unsupported AUTH mechanism {self.auth_mechanism!r}")
 
 
@@ -412,11 +413,27 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
         sock.close()  # a bad EHLO name is our error: do not leak the socket
         raise
     link = _Link(client, loop, t)
-    try:
-        await loop.create_connection(lambda: link, sock=sock)
-    except OSError as exc:
-        sock.close()
-        return Outcome(DEFERRED, 0, "", f"connect failed: {exc}", "connect", mx)
+    if opts.implicit_tls:
+        ctx = opts.ssl_context or _default_context("required" if tls == "required" else tls)
+        try:
+            await loop.create_connection(
+                lambda: link,
+                sock=sock,
+                ssl=ctx,
+                server_hostname=opts.server_hostname or opts.host,
+                ssl_handshake_timeout=t.starttls,
+            )
+        except Exception as exc:  # ssl.SSLError, OSError, TimeoutError
+            sock.close()
+            return Outcome(DEFERRED, 0, "", f"TLS handshake failed: {exc}", "tls", mx)
+        client.tls_active = True
+        tls = "off"  # no STARTTLS inside TLS
+    else:
+        try:
+            await loop.create_connection(lambda: link, sock=sock)
+        except OSError as exc:
+            sock.close()
+            return Outcome(DEFERRED, 0, "", f"connect failed: {exc}", "connect", mx)
     conn = SMTPConnection(opts, client, link)
     reply = await conn.command(b"")  # the greeting
     if not reply.ok:

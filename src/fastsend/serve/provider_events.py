@@ -1,0 +1,575 @@
+"""Provider event webhooks -> fastsend events and suppressions.
+
+``fastsend serve`` mounts, when ``[provider_events]`` configures them:
+
+- ``POST /webhooks/ses`` -- Amazon SNS (SES event publishing or notifications).
+  Every message is verified the SNS way: the ``SigningCertURL`` must be https
+  on a host of the allow-list (default ``sns.<region>.amazonaws.com``), the
+  certificate is fetched (TLS verified, cached) and must be valid now, and the
+  ``Signature`` (SignatureVersion 1: SHA1withRSA, 2: SHA256withRSA) must verify
+  over the documented string to sign of the message type. A verified
+  ``SubscriptionConfirmation`` for an allowed topic is confirmed by fetching its
+  ``SubscribeURL`` (same host rules); a ``Notification`` carries the SES event,
+  parsed by fastsend.bounce (bounce, complaint, delivery).
+- ``POST /webhooks/sendgrid`` -- the SendGrid Event Webhook: ECDSA (P-256,
+  SHA-256) over ``timestamp + body``, headers
+  ``X-Twilio-Email-Event-Webhook-Signature`` (base64 DER) and
+  ``-Timestamp``, against the configured public key (base64 DER SPKI).
+- ``POST /webhooks/mailgun`` -- Mailgun webhooks: HMAC-SHA256 of
+  ``timestamp + token`` with the webhook signing key (from the environment
+  ``FASTSEND_MAILGUN_WEBHOOK_KEY`` or a 0600 ``mailgun_signing_key_file``); a
+  token is accepted once.
+
+A post without a valid signature, or with a timestamp older than ``max_age``
+(replays), is answered 401 and changes nothing. Verified events name messages
+by the signed id tokens fastsend sent with them (SES: Message-ID; SendGrid:
+``custom_args.fastsend``; Mailgun: ``v:fastsend``), so a post can only touch
+messages fastsend sent; each becomes an event ("bounced", "complained",
+"unsubscribed", or "provider" for deliveries, opens, ...) and hard bounces,
+complaints and unsubscribes suppress the address for the message's tenant.
+
+It never logs keys or signatures and never raises into aiohttp for bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import logging
+import os
+import re
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from fastsend import msgid
+from fastsend.bounce import BounceRecord
+from fastsend.bounce.reply import classify_reply
+from fastsend.config import ConfigError
+from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
+
+log = logging.getLogger("fastsend.serve.provider_events")
+
+MAX_BODY = 4 * 1024 * 1024
+DEFAULT_SNS_HOSTS = (r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?",)
+_KEYS = {
+    "sns_cert_hosts", "sns_topics", "sns_ca_file", "sendgrid_public_key", "mailgun_signing_key_file",
+    "max_age",
+}  # fmt: skip
+
+
+@dataclass
+class ProviderEventSettings:
+    sns_cert_hosts: tuple[str, ...] = DEFAULT_SNS_HOSTS  # regexes, full match on the host
+    sns_topics: tuple[str, ...] = ()  # allowed TopicArns (empty: none -> SES endpoint off)
+    sns_ca_file: str = ""  # trust store for fetching certificates ("" = the system's)
+    sendgrid_public_key: str = ""  # base64 DER (SendGrid's "verification key"); public
+    mailgun_key: bytes = field(default=b"", repr=False)
+    max_age: float = 600.0
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any], base_dir: str = ".") -> ProviderEventSettings:
+        t = raw.get("provider_events", {})
+        if not isinstance(t, dict):
+            raise ConfigError("[provider_events] must be a table")
+        for k in t:
+            if k not in _KEYS:
+                raise ConfigError(
+                    f"[provider_events] unknown key {k!r} (known: {', '.join(sorted(_KEYS))})"
+                )
+        s = cls()
+        hosts = t.get("sns_cert_hosts", list(DEFAULT_SNS_HOSTS))
+        topics = t.get("sns_topics", [])
+        if not all(isinstance(x, str) for x in [*hosts, *topics]):
+            raise ConfigError(
+                "[provider_events] sns_cert_hosts and sns_topics are lists of strings"
+            )
+        for h in hosts:
+            try:
+                re.compile(h)
+            except re.error as e:
+                raise ConfigError(f"[provider_events] sns_cert_hosts {h!r}: {e}") from None
+        s.sns_cert_hosts, s.sns_topics = tuple(hosts), tuple(topics)
+        s.sns_ca_file = os.path.join(base_dir, t["sns_ca_file"]) if t.get("sns_ca_file") else ""
+        s.sendgrid_public_key = str(t.get("sendgrid_public_key", "")) or os.environ.get(
+            "FASTSEND_SENDGRID_WEBHOOK_PUBLIC_KEY", ""
+        )
+        if s.sendgrid_public_key:
+            try:
+                _ec_key(s.sendgrid_public_key)
+            except ValueError:
+                raise ConfigError(
+                    "[provider_events] sendgrid_public_key is not a base64 DER EC public key"
+                ) from None
+        key = os.environ.get("FASTSEND_MAILGUN_WEBHOOK_KEY", "")
+        if t.get("mailgun_signing_key_file"):
+            from fastsend.transports.spec import TransportError, read_credentials_file
+
+            try:
+                got = read_credentials_file(
+                    os.path.join(base_dir, str(t["mailgun_signing_key_file"])), "[provider_events]"
+                )
+            except TransportError as e:
+                raise ConfigError(str(e)) from None
+            key = got.get("signing_key", "")
+        s.mailgun_key = key.encode()
+        age = t.get("max_age", 600)
+        if not isinstance(age, int | float) or age <= 0:
+            raise ConfigError("[provider_events] max_age must be a positive number of seconds")
+        s.max_age = float(age)
+        return s
+
+
+def _ec_key(b64: str) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    key = load_der_public_key(base64.b64decode(b64, validate=True))
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("not an EC key")
+    return key
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+class ProviderEvents:
+    def __init__(self, ctx: Any, settings: ProviderEventSettings) -> None:
+        self.ctx = ctx
+        self.s = settings
+        self.sendgrid_key = (
+            _ec_key(settings.sendgrid_public_key) if settings.sendgrid_public_key else None
+        )
+        self.certs: dict[str, Any] = {}  # SigningCertURL -> public key (bounded)
+        self.seen: collections.OrderedDict[str, float] = collections.OrderedDict()  # replays
+        self.session: Any = None
+
+    # -- plumbing ---------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_BODY, actual_size=request.content_length
+            )
+        body = await request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
+        return body
+
+    def _once(self, key: str) -> bool:
+        """False when ``key`` was seen within max_age (a replayed post)."""
+        now = time.time()
+        while self.seen and next(iter(self.seen.values())) < now - self.s.max_age:
+            self.seen.popitem(last=False)
+        if key in self.seen:
+            return False
+        self.seen[key] = now
+        if len(self.seen) > 100_000:
+            self.seen.popitem(last=False)
+        return True
+
+    def _fresh(self, ts: str) -> None:
+        try:
+            t = float(ts)
+        except ValueError:
+            raise _Unauthorized("bad timestamp") from None
+        if abs(time.time() - t) > self.s.max_age:
+            raise _Unauthorized("timestamp outside max_age")
+
+    def _session(self) -> Any:
+        if self.session is None:
+            import aiohttp
+
+            ctx = ssl.create_default_context(cafile=self.s.sns_ca_file or None)
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
+        return self.session
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # -- messages named by tokens ------------------------------------------------
+
+    def _owner(self, mid: int) -> tuple[int, str, str] | None:
+        row = self.ctx.spool.db.execute(
+            "SELECT campaign, rcpt FROM messages WHERE id=?", (mid,)
+        ).fetchone()
+        if row is None:
+            return None
+        campaign = int(row[0])
+        try:
+            tenant = self.ctx.campaign_tenant(campaign)
+        except KeyError:
+            tenant = DEFAULT_TENANT
+        return campaign, str(row[1]), tenant
+
+    def find(self, tokens: list[str], rcpt: str) -> tuple[int, int, str, str] | None:
+        """(id, campaign, rcpt, tenant) of the message among ``tokens`` sent to ``rcpt``."""
+        for tok in tokens:
+            mid = msgid.parse(tok, self.ctx.secret)
+            if mid is None:
+                continue
+            got = self._owner(mid)
+            if got is not None and (not rcpt or got[1].lower() == rcpt.lower()):
+                return mid, *got
+        return None
+
+    def apply(
+        self, provider: str, rec: BounceRecord, tokens: list[str], kind: str, extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One provider event: emitted (and the address suppressed when it calls for it)."""
+        found = self.find(tokens, rec.recipient)
+        if found is not None:
+            mid, campaign, rcpt, tenant = found
+            ev: dict[str, Any] = {"id": mid, "campaign": campaign, "rcpt": rcpt, "tenant": tenant}
+        else:
+            ev = {"id": None, "campaign": None, "rcpt": rec.recipient, "tenant": DEFAULT_TENANT}
+        ev.update(event=kind, provider=provider, time=time.time(), **extra)
+        if kind == "bounced":
+            ev.update(reason=rec.reason, hard=rec.hard, status=rec.status, code=rec.reply_code,
+                      text=rec.diagnostic[:500], source="async")  # fmt: skip
+        elif kind == "complained":
+            ev["feedback_type"] = rec.feedback_type
+        entry = None
+        # Only a message fastsend sent can change its tenant's suppression list.
+        if found is not None and kind in ("bounced", "complained", "unsubscribed"):
+            try:
+                entry = suppress_from(
+                    self.ctx.suppression, ev["rcpt"], rec, tenant=ev["tenant"], source=provider
+                )
+            except SuppressionError:
+                entry = None
+        ev["suppressed"] = entry is not None
+        self.ctx.emit(ev)
+        return ev
+
+    # -- SES via SNS ---------------------------------------------------------------
+
+    def _allowed_url(self, url: str) -> bool:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        host = (u.hostname or "").lower()
+        return u.scheme == "https" and any(re.fullmatch(p, host) for p in self.s.sns_cert_hosts)
+
+    async def _cert_key(self, url: str) -> Any:
+        from cryptography import x509
+
+        key = self.certs.get(url)
+        if key is not None:
+            return key
+        if not self._allowed_url(url) or not url.endswith(".pem"):
+            raise _Unauthorized("SigningCertURL not allowed")
+        try:
+            async with self._session().get(url, timeout=_timeout(10)) as r:
+                if r.status != 200:
+                    raise _Unauthorized("certificate not fetched")
+                pem = await r.content.read(64 * 1024)
+            cert = x509.load_pem_x509_certificate(pem)
+        except _Unauthorized:
+            raise
+        except Exception as e:  # network, TLS verification, PEM
+            raise _Unauthorized(f"certificate: {e.__class__.__name__}") from None
+        now = time.time()
+        if not cert.not_valid_before_utc.timestamp() <= now <= cert.not_valid_after_utc.timestamp():
+            raise _Unauthorized("certificate not valid now")
+        if len(self.certs) > 64:
+            self.certs.clear()
+        key = self.certs[url] = cert.public_key()
+        return key
+
+    async def verify_sns(self, doc: dict[str, Any]) -> None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        typ = doc.get("Type")
+        if typ == "Notification":
+            names = ["Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"]
+        elif typ in ("SubscriptionConfirmation", "UnsubscribeConfirmation"):
+            names = [
+                "Message",
+                "MessageId",
+                "SubscribeURL",
+                "Timestamp",
+                "Token",
+                "TopicArn",
+                "Type",
+            ]
+        else:
+            raise _Unauthorized("unknown SNS message type")
+        parts = []
+        for n in names:
+            v = doc.get(n)
+            if v is None:
+                if n == "Subject":
+                    continue
+                raise _Unauthorized(f"missing {n}")
+            if not isinstance(v, str):
+                raise _Unauthorized(f"bad {n}")
+            parts.append(f"{n}\n{v}\n")
+        algo = {"1": hashes.SHA1(), "2": hashes.SHA256()}.get(str(doc.get("SignatureVersion")))
+        if algo is None:
+            raise _Unauthorized("unknown SignatureVersion")
+        try:
+            sig = base64.b64decode(str(doc.get("Signature", "")), validate=True)
+        except ValueError:
+            raise _Unauthorized("bad signature encoding") from None
+        key = await self._cert_key(str(doc.get("SigningCertURL", "")))
+        try:
+            key.verify(sig, "".join(parts).encode(), padding.PKCS1v15(), algo)
+        except (InvalidSignature, TypeError, ValueError, AttributeError):
+            raise _Unauthorized("signature does not verify") from None
+
+    async def ses(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        try:
+            doc = orjson.loads(body)
+            if not isinstance(doc, dict):
+                raise ValueError
+        except ValueError:
+            return _unauthorized()  # not even an SNS message: not signed
+        try:
+            await self.verify_sns(doc)
+        except _Unauthorized as e:
+            log.warning("ses webhook refused: %s", e)
+            return _unauthorized()
+        topic = str(doc.get("TopicArn"))
+        if topic not in self.s.sns_topics:
+            return web.json_response({"error": "topic not allowed"}, status=403)
+        if not self._once("sns:" + str(doc.get("MessageId"))):
+            return web.json_response({"ok": True, "duplicate": True})
+        typ = doc["Type"]
+        if typ == "SubscriptionConfirmation":
+            url = str(doc.get("SubscribeURL"))
+            if not self._allowed_url(url):
+                return web.json_response({"error": "SubscribeURL not allowed"}, status=400)
+            try:
+                async with self._session().get(url, timeout=_timeout(10)) as r:
+                    ok = r.status == 200
+            except Exception:
+                ok = False
+            self.ctx.emit(
+                {
+                    "event": "provider_subscription",
+                    "provider": "ses",
+                    "topic": topic,
+                    "confirmed": ok,
+                }
+            )
+            return web.json_response({"confirmed": ok}, status=200 if ok else 502)
+        if typ == "UnsubscribeConfirmation":
+            self.ctx.emit(
+                {
+                    "event": "provider_subscription",
+                    "provider": "ses",
+                    "topic": topic,
+                    "unsubscribed": True,
+                }
+            )
+            return web.json_response({"ok": True})
+        return web.json_response({"events": self._ses_message(str(doc["Message"]))})
+
+    def _ses_message(self, text: str) -> int:
+        """An SES event (event publishing or notification) -> events."""
+        from fastsend.bounce.vendors import parse_ses_json
+
+        records = parse_ses_json(text) or []
+        tokens: list[str] = []
+        try:
+            mail = orjson.loads(text).get("mail") or {}
+            tags = mail.get("tags") or {}
+            tokens += [str(t) for t in tags.get("fastsend", []) if isinstance(t, str)]
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+        for r in records:
+            toks = (
+                [*tokens, r.message_id.strip().strip("<>").partition("@")[0]]
+                if r.message_id
+                else tokens
+            )
+            extra = {"provider_event": r.kind}
+            if r.kind == "bounce":
+                diag = r.diagnostic.split(";", 1)[-1].strip()
+                m = re.match(r"\s*([245]\d\d)\b", diag)
+                code = int(m.group(1)) if m else 550
+                c = classify_reply(code, r.status, diag, command="")
+                permanent = r.action == "failed" and code >= 500
+                rec = BounceRecord(
+                    r.recipient, r.status or None, code, diag, c.reason, c.hard and permanent
+                )
+                self.apply("ses", rec, toks, "bounced", extra)
+            elif r.kind == "complaint":
+                rec = BounceRecord(
+                    r.recipient, None, None, "", "feedback", False, r.feedback_type or "abuse"
+                )
+                self.apply("ses", rec, toks, "complained", extra)
+            else:
+                self.apply(
+                    "ses",
+                    BounceRecord(r.recipient, None, None, "", "delivered", False),
+                    toks,
+                    "provider",
+                    extra,
+                )
+        return len(records)
+
+    # -- SendGrid ----------------------------------------------------------------
+
+    async def sendgrid(self, request: web.Request) -> web.Response:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        body = await self._body(request)
+        sig = request.headers.get("X-Twilio-Email-Event-Webhook-Signature", "")
+        ts = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp", "")
+        try:
+            if not sig or not ts:
+                raise _Unauthorized("unsigned")
+            self._fresh(ts)
+            raw_sig = base64.b64decode(sig, validate=True)
+            self.sendgrid_key.verify(raw_sig, ts.encode() + body, ec.ECDSA(hashes.SHA256()))
+            if not self._once("sg:" + hashlib.sha256(raw_sig).hexdigest()):
+                raise _Unauthorized("replayed")
+        except (_Unauthorized, InvalidSignature, ValueError) as e:
+            log.warning("sendgrid webhook refused: %s", e.__class__.__name__)
+            return _unauthorized()
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        if not isinstance(items, list):
+            return web.json_response({"error": "expected a JSON array of events"}, status=400)
+        n = 0
+        for it in items:
+            if isinstance(it, dict) and isinstance(it.get("email"), str):
+                self._sendgrid_event(it)
+                n += 1
+        return web.json_response({"events": n})
+
+    def _sendgrid_event(self, it: dict[str, Any]) -> None:
+        rcpt = it["email"]
+        kind = str(it.get("event", ""))
+        tokens = [str(it["fastsend"])] if it.get("fastsend") else []
+        extra = {"provider_event": kind, "queue_id": str(it.get("sg_message_id", ""))[:200]}
+        if kind in ("bounce", "dropped"):
+            text = str(it.get("reason", ""))[:1000]
+            status = str(it.get("status", "")) or None
+            m = re.match(r"\s*([245]\d\d)\b", text)
+            code = int(m.group(1)) if m else 550
+            c = classify_reply(code, status or "", text, command="")
+            blocked = it.get("type") == "blocked"
+            hard = c.hard and not blocked
+            rec = BounceRecord(rcpt, status, code, text, c.reason, hard)
+            self.apply("sendgrid", rec, tokens, "bounced", extra)
+        elif kind == "spamreport":
+            self.apply(
+                "sendgrid",
+                BounceRecord(rcpt, None, None, "", "feedback", False, "abuse"),
+                tokens,
+                "complained",
+                extra,
+            )
+        elif kind in ("unsubscribe", "group_unsubscribe"):
+            rec = BounceRecord(rcpt, None, None, "", "feedback", False, "unsubscribe")
+            self.apply("sendgrid", rec, tokens, "unsubscribed", {**extra, "method": "provider"})
+        else:  # processed, delivered, deferred, open, click: recorded, nothing suppressed
+            self.apply(
+                "sendgrid",
+                BounceRecord(rcpt, None, None, "", "delivered", False),
+                tokens,
+                "provider",
+                extra,
+            )
+
+    # -- Mailgun -----------------------------------------------------------------
+
+    async def mailgun(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        try:
+            doc = orjson.loads(body)
+            sig = doc["signature"]
+            ts, token, mac = str(sig["timestamp"]), str(sig["token"]), str(sig["signature"])
+            self._fresh(ts)
+            want = hmac.new(self.s.mailgun_key, (ts + token).encode(), hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(want, mac):
+                raise _Unauthorized("signature does not verify")
+            if not self._once("mg:" + token):
+                raise _Unauthorized("replayed token")
+        except (_Unauthorized, ValueError, KeyError, TypeError) as e:
+            log.warning("mailgun webhook refused: %s", e.__class__.__name__)
+            return _unauthorized()
+        ed = doc.get("event-data")
+        if not isinstance(ed, dict) or not isinstance(ed.get("recipient"), str):
+            return web.json_response({"error": "no event-data"}, status=400)
+        rcpt = ed["recipient"]
+        kind = str(ed.get("event", ""))
+        uv = ed.get("user-variables") or {}
+        tokens = str(uv.get("fastsend", "")).split() if isinstance(uv, dict) else []
+        msg = ed.get("message") or {}
+        headers = msg.get("headers") if isinstance(msg, dict) else {}
+        qid = str((headers or {}).get("message-id", ""))[:200] if isinstance(headers, dict) else ""
+        extra = {"provider_event": kind, "queue_id": qid}
+        if kind == "failed":
+            ds = ed.get("delivery-status") or {}
+            code = int(ds.get("code") or 550) if str(ds.get("code", "")).isdigit() else 550
+            text = str(ds.get("message") or ds.get("description") or ed.get("reason") or "")[:1000]
+            permanent = ed.get("severity") == "permanent"
+            c = classify_reply(code if 200 <= code <= 599 else 550, "", text, command="")
+            rec = BounceRecord(rcpt, None, code, text, c.reason, c.hard and permanent)
+            self.apply("mailgun", rec, tokens, "bounced", {**extra, "severity": ed.get("severity")})
+        elif kind == "complained":
+            self.apply(
+                "mailgun",
+                BounceRecord(rcpt, None, None, "", "feedback", False, "abuse"),
+                tokens,
+                "complained",
+                extra,
+            )
+        elif kind == "unsubscribed":
+            rec = BounceRecord(rcpt, None, None, "", "feedback", False, "unsubscribe")
+            self.apply("mailgun", rec, tokens, "unsubscribed", {**extra, "method": "provider"})
+        else:
+            self.apply(
+                "mailgun",
+                BounceRecord(rcpt, None, None, "", "delivered", False),
+                tokens,
+                "provider",
+                extra,
+            )
+        return web.json_response({"events": 1})
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response({"error": "missing or invalid signature"}, status=401)
+
+
+def _timeout(seconds: float) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=seconds)
+
+
+def setup_provider_events(app: web.Application, ctx: Any) -> None:
+    """Mount the endpoints that ``[provider_events]`` configures (none by default)."""
+    s = ProviderEventSettings.from_raw(ctx.config.raw, ctx.config.base_dir)
+    pe = ProviderEvents(ctx, s)
+    if s.sns_topics:
+        app.router.add_post("/webhooks/ses", pe.ses)
+    if pe.sendgrid_key is not None:
+        app.router.add_post("/webhooks/sendgrid", pe.sendgrid)
+    if s.mailgun_key:
+        app.router.add_post("/webhooks/mailgun", pe.mailgun)
+
+    async def close(app: web.Application) -> None:
+        await pe.close()
+
+    app.on_cleanup.append(close)

@@ -1,0 +1,421 @@
+"""HTTP provider transports in a worker: answers -> Outcomes, and the lane.
+
+:class:`HTTPTransport` is what SES, SendGrid and Mailgun share: one request
+per group of envelopes (``take``), sent on the worker's one aiohttp session
+(keep-alive), its answer mapped honestly to Outcomes of the same kinds SMTP
+gives (:func:`map_status`):
+
+- 2xx: delivered, the provider's message id kept as the result's queue_id;
+- 429 and the providers' throttling errors (SES ``TooManyRequestsException``,
+  ``Throttling``/"Maximum sending rate exceeded"): :class:`Throttled` -- not an
+  attempt; the lane slows down (below);
+- 5xx, network errors, timeouts, and refusals that are about our account or
+  credentials (401/403, SES ``SendingPausedException``...): deferred;
+- other 4xx (a permanent rejection of the message or a recipient): failed,
+  the provider's text classified by :func:`fastsend.bounce.reply.classify_reply`
+  (its reason and an RFC 3463 status in the Outcome).
+
+:class:`ProviderQueue` is the ready queue of one HTTP transport in a worker
+(it stands where a :class:`~fastsend.delivery.pool.SiteQueue` stands, with the
+same attributes the worker reads): at most ``max_connections / workers``
+requests in flight, a GCRA bucket when the transport has a rate (SES: its
+account's MaxSendRate, read once), and on throttling: a pause (Retry-After, or
+1 s doubling), the rate halved (or, with no rate, the in-flight bound), the
+throttled envelopes back at the head of the queue -- after ``MAX_THROTTLES``
+throttles of one envelope, or when the pause is longer than the ready horizon,
+they are answered deferred and the supervisor reschedules them. Successes
+raise the rate again additively. Every change is a "shaping" event.
+
+It never raises for provider or network trouble, and logs no secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastsend.delivery.mx import Site
+from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
+from fastsend.throttle import Gcra
+from fastsend.transports.spec import TransportSpec
+
+MAX_THROTTLES = 8  # throttles of one envelope before it is answered deferred
+MIN_PAUSE = 0.5
+MAX_PAUSE = 60.0
+# Reasons of fastsend.bounce.reply -> the RFC 3463 status a bounce carries.
+_STATUS = {
+    "userunknown": "5.1.1", "hostunknown": "5.1.2", "hasmoved": "5.1.6", "mailboxfull": "5.2.2",
+    "mesgtoobig": "5.3.4", "notaccept": "5.1.10", "rejected": "5.7.1", "policyviolation": "5.7.1",
+    "contenterror": "5.6.0", "spamdetected": "5.7.1", "securityerror": "5.7.0", "blocked": "5.7.1",
+    "suspend": "5.2.1", "systemerror": "5.3.0", "norelaying": "5.7.1", "virusdetected": "5.7.1",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Throttled:
+    """The provider asked us to slow down; nothing was sent."""
+
+    retry_after: float  # seconds (0: not said)
+    text: str
+
+
+Answer = list[TxnResult] | Throttled
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when - time.time())
+
+
+def delivered(envs: list[Envelope], label: str, queue_id: str, text: str) -> list[TxnResult]:
+    out = Outcome(DELIVERED, 250, "2.0.0", text[:400], "http", label)
+    return [TxnResult(e.tag, [out] * len(e.rcpts), queue_id) for e in envs]
+
+
+def answered(envs: list[Envelope], out: Outcome) -> list[TxnResult]:
+    return [TxnResult(e.tag, [out] * len(e.rcpts)) for e in envs]
+
+
+def deferred(
+    label: str, text: str, code: int = 451, enhanced: str = "4.3.0", stage: str = "http"
+) -> Outcome:
+    return Outcome(DEFERRED, code, enhanced, f"{label}: {text}"[:400], stage, label)
+
+
+def rejected(label: str, status: int, text: str) -> Outcome:
+    """A permanent rejection, its reason classified (bounce/reply.classify_reply)."""
+    from fastsend.bounce.reply import classify_reply
+
+    c = classify_reply(550, "", text, command="DATA")
+    enhanced = _STATUS.get(c.reason, "5.0.0")
+    return Outcome(
+        FAILED, 550, enhanced, f"{label} rejected (HTTP {status}, {c.reason}): {text}"[:400],
+        "http", label,
+    )  # fmt: skip
+
+
+def map_status(label: str, status: int, text: str, *, account_trouble: bool = False) -> Outcome:
+    """An HTTP error status (not 2xx, not throttling) as an Outcome."""
+    if status >= 500 or status in (401, 403, 407, 408, 409) or account_trouble:
+        what = "provider error" if status >= 500 else "refused (account or credentials)"
+        return deferred(label, f"HTTP {status} {what}: {text}")
+    return rejected(label, status, text)
+
+
+class HTTPTransport:
+    """Base of the provider transports: ``take`` one request's envelopes from
+    the queue, ``send`` them (never raises for the network or the provider)."""
+
+    def __init__(self, spec: TransportSpec, secret: bytes) -> None:
+        self.spec = spec
+        self.label = spec.label
+        self.secret = secret  # the installation secret: message-id tokens for webhooks
+        self.max_rcpts = spec.recipients_limit()
+        self.rate_hint = spec.rate  # messages/s across workers (0: unknown)
+
+    def take(
+        self,
+        pending: collections.deque[Envelope],
+        max_rcpts: int,
+        same: Callable[[Envelope, Envelope], bool],
+    ) -> list[Envelope]:
+        """One envelope per request (SES, Mailgun: one MIME each)."""
+        return [pending.popleft()]
+
+    async def setup(self, session: Any) -> None:
+        """Called once before the first request (SES reads its send quota)."""
+
+    async def send(self, session: Any, envs: list[Envelope]) -> Answer:
+        import aiohttp
+
+        try:
+            return await self.request(session, envs)
+        except (aiohttp.ClientError, OSError) as e:
+            return answered(envs, deferred(self.label, f"connection failed: {e}", 0, "", "connect"))
+        except TimeoutError:
+            return answered(
+                envs,
+                deferred(self.label, f"no answer within {self.spec.timeout:g} s", 0, "", "http"),
+            )
+
+    async def request(self, session: Any, envs: list[Envelope]) -> Answer:
+        raise NotImplementedError
+
+
+Report = Callable[[list[TxnResult], str, str], None]
+Handback = Callable[[list[Envelope], float, float, str], None]
+
+
+class ProviderQueue:
+    """The ready queue and lane of one HTTP transport in a worker."""
+
+    def __init__(
+        self,
+        transport: HTTPTransport,
+        session: Callable[[], Any],
+        report: Report,
+        handback: Handback | None,
+        *,
+        workers: int,
+        horizon: float,
+        count: Callable[..., None] | None = None,
+        events: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.site = Site(f"provider:{transport.spec.name}", ())
+        self.session = session
+        self.report = report
+        self.handback = handback
+        self.count: Callable[..., None] = count or (lambda name, n=1.0: None)
+        self.events = events if events is not None else []
+        self.horizon = horizon
+        self.workers = max(1, workers)
+        self.pending: collections.deque[Envelope] = collections.deque()
+        self.campaign_of: dict[int, int] = {}  # first tag id -> campaign (batching)
+        self.throttles: dict[int, int] = {}
+        self.limit_max = max(1, math.ceil(transport.spec.max_connections / self.workers))
+        self.limit = self.limit_max
+        self.bucket: Gcra | None = None
+        self.rate_max = 0.0
+        self.set_rate(transport.rate_hint)
+        self.paused_until = 0.0
+        self.backoff = MIN_PAUSE
+        self.nconn = 0  # requests in flight
+        self.sending = 0
+        self.closing = False
+        self.ready = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def active(self) -> int:
+        return self.nconn
+
+    def set_rate(self, rate_all: float) -> None:
+        """The transport's rate across workers (0: none); this worker's share."""
+        if rate_all > 0:
+            self.rate_max = rate_all / self.workers
+            burst = max(1, math.ceil(self.rate_max), self.transport.max_rcpts or 1)
+            self.bucket = Gcra(self.rate_max, burst)
+        else:
+            self.rate_max, self.bucket = 0.0, None
+
+    # -- queue ----------------------------------------------------------------
+
+    def push(self, envelopes: list[Envelope], campaign: int = 0) -> None:
+        for e in envelopes:
+            self.campaign_of[_key(e)] = campaign
+        self.pending.extend(envelopes)
+        if self.handback is not None:
+            self.trim()
+        self.pump()
+
+    def trim(self) -> int:
+        """Keep what this lane may send within the horizon; hand back the rest."""
+        if self.handback is None or self.bucket is None or not self.pending:
+            return 0
+        rate = self.bucket.rate
+        keep = int(rate * self.horizon) + self.bucket.burst
+        excess = 0
+        n = 0
+        for i, e in enumerate(self.pending):
+            n += len(e.rcpts)
+            if n > keep:
+                excess = len(self.pending) - i
+                break
+        if excess <= 0:
+            return 0
+        back = [self.pending.pop() for _ in range(excess)]
+        back.reverse()
+        for e in back:
+            self.campaign_of.pop(_key(e), None)
+            self.throttles.pop(_key(e), None)
+        self.handback(back, self.horizon, 1.0 / rate, f"handed back: {self.transport.label} "
+                      f"may take {keep} within {self.horizon:g} s")  # fmt: skip
+        return excess
+
+    def _same(self, a: Envelope, b: Envelope) -> bool:
+        """Two non-personalised envelopes of one campaign (one content)."""
+        return (
+            isinstance(a.tag, list)
+            and isinstance(b.tag, list)
+            and self.campaign_of.get(_key(a), -1) == self.campaign_of.get(_key(b), -2)
+        )
+
+    def pump(self) -> None:
+        if self.closing:
+            return
+        loop = asyncio.get_running_loop()
+        if not self.ready:
+            if not self.tasks:
+                self._spawn(self._setup())
+            return
+        now = time.monotonic()
+        while self.pending and self.nconn < self.limit:
+            if now < self.paused_until:
+                self._later(self.paused_until - now)
+                return
+            bucket = self.bucket
+            cap = self.transport.max_rcpts or 1 << 30
+            if bucket is not None:
+                cap = min(cap, bucket.burst)
+            envs = self.transport.take(self.pending, cap, self._same)
+            if bucket is not None:
+                n = min(sum(len(e.rcpts) for e in envs), bucket.burst)
+                wait = bucket.acquire(now, n)
+                if wait > 0:
+                    self.pending.extendleft(reversed(envs))
+                    self._later(wait)
+                    return
+            self.nconn += 1
+            self.sending += 1
+            self._spawn(self._request(envs))
+        del loop
+
+    def _later(self, delay: float) -> None:
+        if self.timer is None:
+
+            def fire() -> None:
+                self.timer = None
+                self.pump()
+
+            self.timer = asyncio.get_running_loop().call_later(max(0.001, delay), fire)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _setup(self) -> None:
+        try:
+            await self.transport.setup(self.session())
+        except Exception as e:  # best effort: the quota read is shaping data, not required
+            self.count("provider_setup_failed")
+            del e
+        if self.transport.rate_hint and self.bucket is None:
+            self.set_rate(self.transport.rate_hint)
+            self._event("rate from provider quota", rate=self.rate_max)
+        self.ready = True
+        self.pump()
+
+    async def _request(self, envs: list[Envelope]) -> None:
+        try:
+            try:
+                ans = await self.transport.send(self.session(), envs)
+            except Exception as e:  # a local bug must not strand the mail: defer it, loudly
+                import traceback
+
+                traceback.print_exc()
+                ans = answered(
+                    envs,
+                    deferred(
+                        self.transport.label,
+                        f"local error: {e.__class__.__name__}",
+                        451,
+                        "4.3.0",
+                        "local",
+                    ),
+                )
+        finally:
+            self.nconn -= 1
+            self.sending -= 1
+        if isinstance(ans, Throttled):
+            self._throttled(envs, ans)
+        else:
+            self._succeeded(ans)
+            for e in envs:
+                self.campaign_of.pop(_key(e), None)
+                self.throttles.pop(_key(e), None)
+            self.count("provider_requests")
+            self.report(ans, "", self.transport.label)
+        self.pump()
+
+    def _succeeded(self, results: list[TxnResult]) -> None:
+        if not any(o.kind == DELIVERED for r in results for o in r.outcomes[:1]):
+            return
+        self.backoff = MIN_PAUSE
+        now = time.monotonic()
+        if self.bucket is not None and self.bucket.rate < self.rate_max:
+            self.bucket.set_rate(min(self.rate_max, self.bucket.rate + self.rate_max / 20), now)
+        if self.limit < self.limit_max:
+            self.limit += 1
+
+    def _throttled(self, envs: list[Envelope], t: Throttled) -> None:
+        """Slow the lane; the envelopes wait at the head of the queue (no attempt),
+        or go back deferred when the wait is long or they were throttled often."""
+        now = time.monotonic()
+        self.count("provider_throttled")
+        pause = t.retry_after or self.backoff
+        self.backoff = min(MAX_PAUSE, self.backoff * 2)
+        pause = min(pause, MAX_PAUSE * 10)
+        self.paused_until = max(self.paused_until, now + pause)
+        if self.bucket is not None:
+            new = max(self.bucket.rate / 2, self.rate_max / 64, 0.01)
+            if new < self.bucket.rate:
+                self.bucket.set_rate(new, now)
+            rate: float | None = self.bucket.rate
+        else:
+            self.limit = max(1, self.limit // 2)
+            rate = None
+        self._event(
+            "provider throttled",
+            pause=round(pause, 3),
+            rate=rate,
+            limit=self.limit,
+            text=t.text[:200],
+        )
+        keep: list[Envelope] = []
+        give: list[Envelope] = []
+        for e in envs:
+            k = _key(e)
+            n = self.throttles[k] = self.throttles.get(k, 0) + 1
+            (give if n > MAX_THROTTLES or pause > self.horizon or self.closing else keep).append(e)
+        if keep:
+            self.pending.extendleft(reversed(keep))
+        if give:
+            for e in give:
+                self.campaign_of.pop(_key(e), None)
+                self.throttles.pop(_key(e), None)
+            out = deferred(self.transport.label, f"throttled: {t.text}", 421, "4.7.0")
+            self.report(answered(give, out), "", self.transport.label)
+
+    def _event(self, action: str, **fields: Any) -> None:
+        ev: dict[str, Any] = {
+            "time": time.time(),
+            "event": "shaping",
+            "action": action,
+            "site": self.site.key,
+            "transport": self.transport.label,
+        }
+        ev.update({k: v for k, v in fields.items() if v is not None})
+        self.events.append(ev)
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _key(e: Envelope) -> int:
+    t = e.tag
+    if isinstance(t, list):
+        return int(t[0]) if t else id(e)
+    return t if isinstance(t, int) else id(e)

@@ -1,0 +1,96 @@
+"""Mailgun: ``POST /v3/DOMAIN/messages.mime`` with the raw MIME fastsend signed.
+
+Endpoint ``https://api.mailgun.net`` (region us) or ``https://api.eu.mailgun.net``
+(eu) unless configured; HTTP basic auth ``api:KEY``; a multipart form with
+``to`` (the envelope's recipients), ``message`` (the MIME, as a file) and
+``v:fastsend`` (the recipients' message id tokens, in order: the webhooks
+echo it in ``user-variables``). DOMAIN is ``domain`` from the transport, else
+the envelope sender's domain. One request per envelope.
+
+Answers: 200 ``{"id": "<...>", "message": "Queued. Thank you."}`` ->
+delivered (queue_id = id); 429 -> throttled (Retry-After); 400
+``{"message": ...}`` -> failed, classified; 401 ("Forbidden"), 403 and 5xx ->
+deferred.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from typing import Any
+
+import orjson
+
+from fastsend import msgid
+from fastsend.outcome import Envelope
+from fastsend.transports.http import (
+    Answer,
+    HTTPTransport,
+    Throttled,
+    answered,
+    delivered,
+    map_status,
+    retry_after,
+)
+
+BASE = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}
+
+
+class MailgunTransport(HTTPTransport):
+    def __init__(self, spec: Any, secret: bytes) -> None:
+        super().__init__(spec, secret)
+        self.base = spec.endpoint or BASE[spec.region]
+        token = base64.b64encode(b"api:" + spec.secrets["api_key"].encode()).decode()
+        self.headers_base = {"Authorization": "Basic " + token}
+
+    def form(self, env: Envelope) -> tuple[bytes, str]:
+        """The multipart/form-data body, built in one join (aiohttp's FormData
+        costs ~0.3 ms a message here)."""
+        boundary = secrets.token_hex(16)
+        while boundary.encode() in env.data:
+            boundary = secrets.token_hex(16)
+        b = boundary.encode()
+        fields = [(b"to", ",".join(env.rcpts).encode())]
+        ids = env.tag if isinstance(env.tag, list) else [env.tag]
+        if self.secret and all(isinstance(i, int) for i in ids):
+            fields.append(
+                (b"v:fastsend", " ".join(msgid.token(i, self.secret) for i in ids).encode())
+            )
+        parts = [
+            b'--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (b, k, v)
+            for k, v in fields
+        ]
+        parts.append(
+            b'--%s\r\nContent-Disposition: form-data; name="message"; filename="message.mime"\r\n'
+            b"Content-Type: message/rfc822\r\n\r\n" % b
+        )
+        parts += [env.data, b"\r\n--%s--\r\n" % b]
+        return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+    async def request(self, session: Any, envs: list[Envelope]) -> Answer:
+        import aiohttp
+
+        env = envs[0]
+        domain = self.spec.domain or env.mail_from.rpartition("@")[2]
+        url = f"{self.base}/v3/{domain}/messages.mime"
+        body, ctype = self.form(env)
+        headers = {**self.headers_base, "Content-Type": ctype}
+        timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
+        async with session.post(url, data=body, headers=headers, timeout=timeout) as r:
+            raw = await r.read()
+            status = r.status
+            ra = retry_after(r.headers.get("Retry-After"))
+        text = raw[:300].decode("utf-8", "replace")
+        doc: Any = None
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+        if isinstance(doc, dict) and doc.get("message"):
+            text = str(doc["message"])
+        if 200 <= status < 300:
+            mid = str(doc.get("id", "")) if isinstance(doc, dict) else ""
+            return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
+        if status == 429:
+            return Throttled(ra, text)
+        return answered(envs, map_status(self.label, status, text))

@@ -1,0 +1,55 @@
+"""An authenticated SMTP relay as a route: the ConnectOptions and limits of
+a :class:`~fastsend.delivery.pool.SiteQueue` that submits to one host.
+
+- TLS: ``starttls`` (the default) requires STARTTLS and a verified
+  certificate before AUTH; ``implicit`` (the default on port 465, RFC 8314)
+  speaks TLS from the first byte; ``opportunistic`` and ``off`` exist for
+  closed networks. ``ca_file`` replaces the system trust store.
+- AUTH: the mechanism configured, else the best offered (PLAIN or LOGIN
+  inside TLS, CRAM-MD5 when in clear text), with the credentials of the
+  transport (environment or 0600 file, fastsend.transports.spec).
+- Limits: ``max_connections`` and ``rate`` (messages/s) are the relay's,
+  across all workers: each worker's lanes (one per source IP) get their share.
+
+The connections themselves are the SiteQueue's (pipelined, reused,
+shaped); this module only builds their settings.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from typing import Any
+
+from fastsend.shaping.policy import Limits
+from fastsend.transports.spec import TransportSpec
+
+
+def connect_options(spec: TransportSpec) -> dict[str, Any]:
+    """ConnectOptions fields for the relay (AUTH secrets stay in memory only)."""
+    tls = {"starttls": "required", "implicit": "required"}.get(spec.tls, spec.tls)
+    ctx: ssl.SSLContext | None = None
+    if tls == "required":
+        ctx = ssl.create_default_context(cafile=spec.ca_file or None)
+    opts: dict[str, Any] = {
+        "tls": tls,
+        "implicit_tls": spec.tls == "implicit",
+        "ssl_context": ctx,
+        "server_hostname": spec.host,
+        "auth_mechanism": spec.auth_mechanism,
+    }
+    if spec.secrets.get("username"):
+        opts["auth"] = (spec.secrets["username"], spec.secrets.get("password", ""))
+    return opts
+
+
+def limits(spec: TransportSpec, workers: int, ips: int, per_connection: int) -> Limits:
+    """This worker's share of the relay's limits, per lane (source IP)."""
+    share = max(1, workers) * max(1, ips)
+    conns = max(1, math.ceil(spec.max_connections / share))
+    rates: tuple[tuple[float, int], ...] = ()
+    if spec.rate > 0:
+        r = spec.rate / share
+        rates = ((r, max(1, math.ceil(r))),)
+    tls = {"starttls": "required", "implicit": "required"}.get(spec.tls, spec.tls)
+    return Limits(conns, per_connection, rates, 0.0, tls, True, "")

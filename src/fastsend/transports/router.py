@@ -1,0 +1,239 @@
+"""Routes of transports in a worker: which queue takes a batch, and failover.
+
+A route (fastsend.transports.spec) names transports in order. The worker
+asks :meth:`Router.chain` for a batch's chain (campaign, tenant, pool, then
+domain routes); an empty chain is today's path (MX, or a HOST:PORT route).
+Otherwise :meth:`Router.dispatch` finds the first transport that has a queue
+for the batch -- ``smtp``: the domain's MX site; a relay: a SiteQueue to the
+relay with its AUTH/TLS settings and limits; ses/sendgrid/mailgun: the
+worker's :class:`~fastsend.transports.http.ProviderQueue` of that transport
+-- and pushes the rendered envelopes there.
+
+Failover: while an envelope has transports left in its chain, its outcome is
+looked at before it is reported. When the site defers it (any 4xx or
+connection trouble, also "held by shaping") or refuses it as an IP block
+(classify_reply: ip_blocked), the envelope goes to the next transport instead
+and a "failover" event per message records the switch (from, to, why).
+Anything else (delivered, a recipient's permanent failure) is reported. DNS
+failures of the first transport move on only when temporary.
+
+One aiohttp session per worker serves every HTTP transport (keep-alive; the
+in-flight bound is per transport, in its queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastsend.delivery.mx import Host, Site
+from fastsend.outcome import DEFERRED, FAILED, Envelope, Outcome, TxnResult
+from fastsend.transports import relay
+from fastsend.transports.http import HTTPTransport, ProviderQueue, _key
+from fastsend.transports.spec import TransportSpec
+
+if TYPE_CHECKING:
+    from fastsend.delivery.worker import Worker
+    from fastsend.queue import wire
+
+
+def make_transport(spec: TransportSpec, secret: bytes) -> HTTPTransport:
+    if spec.kind == "ses":
+        from fastsend.transports.ses import SESTransport
+
+        return SESTransport(spec, secret)
+    if spec.kind == "sendgrid":
+        from fastsend.transports.sendgrid import SendGridTransport
+
+        return SendGridTransport(spec, secret)
+    if spec.kind == "mailgun":
+        from fastsend.transports.mailgun import MailgunTransport
+
+        return MailgunTransport(spec, secret)
+    raise ValueError(f"{spec.kind} is not an HTTP transport")
+
+
+def should_fail_over(o: Outcome) -> bool:
+    if o.kind == DEFERRED:
+        return True
+    if o.kind == FAILED and o.code:
+        from fastsend.bounce.reply import classify_reply
+
+        return classify_reply(o.code, o.enhanced, o.text, command=o.stage).ip_blocked
+    return False
+
+
+class Router:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.config = worker.config
+        self.has_routes = any(r.transports for r in self.config.routes.values())
+        self.campaigns: dict[
+            int, tuple[int, tuple[str, ...], str]
+        ] = {}  # id -> (id, names, tenant)
+        # first message id of an envelope -> (envelope, transports left, campaign, from label)
+        self.failover: dict[int, tuple[Envelope, tuple[str, ...], int, str]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._session: Any = None
+
+    def on_campaign(self, rec: wire.CampaignInfo) -> None:
+        spec = self.w.campaign_specs.get(rec.id) or {}
+        names = (rec.name, str(spec.get("name", "")))
+        self.campaigns[rec.id] = (rec.id, names, rec.tenant)
+
+    def chain(self, batch: wire.Batch) -> tuple[str, ...]:
+        if not self.has_routes:
+            return ()
+        pool = self.w.campaign_pools.get(batch.campaign, "")
+        route = self.config.route_lookup(batch.domain, self.campaigns.get(batch.campaign), pool)
+        return route.transports if route is not None else ()
+
+    def session(self) -> Any:
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, ttl_dns_cache=300),
+                raise_for_status=False,
+            )
+        return self._session
+
+    # -- queues ---------------------------------------------------------------
+
+    async def queue_for(self, name: str, batch: wire.Batch) -> Any:
+        """The queue of transport ``name`` for the batch, or an Outcome (no site)."""
+        w = self.w
+        if name == "smtp":
+            site = await w.resolver.site_for(batch.domain)
+            return site if isinstance(site, Outcome) else w.site_queue(site, batch)
+        spec: TransportSpec = self.config.transports[name]
+        if spec.kind == "relay":
+            site = await w.resolver.route_site(f"relay:{name}", spec.host, spec.port)
+            if isinstance(site, Outcome):
+                return site
+            # Events name the relay ("relay:NAME[address]:port"); TLS verifies spec.host.
+            site = Site(
+                site.key, tuple(Host(f"relay:{name}", h.address, h.port) for h in site.hosts)
+            )
+            ips = len(w.ips) or 1
+            return w.site_queue(
+                site,
+                batch,
+                limits=relay.limits(
+                    spec, self.config.worker_count, ips,
+                    self.config.delivery.max_messages_per_connection,
+                ),
+                connect_options=relay.connect_options(spec),
+            )  # fmt: skip
+        key = ("", f"provider:{name}")
+        q = w.sites.get(key)
+        if q is None:
+            q = w.sites[key] = ProviderQueue(
+                make_transport(spec, self.config.secret),
+                self.session,
+                w.report,
+                w.handback,
+                workers=self.config.worker_count,
+                horizon=self.config.delivery.ready_horizon,
+                count=w.count,
+                events=w.shaper.events,
+            )
+        return q
+
+    async def dispatch(self, batch: wire.Batch, chain: tuple[str, ...]) -> None:
+        """Build the batch's envelopes and push them to the first transport that
+        has a queue for them (a temporary DNS failure moves on)."""
+        w = self.w
+        for i, name in enumerate(chain):
+            q = await self.queue_for(name, batch)
+            if isinstance(q, Outcome):
+                if q.kind == DEFERRED and i + 1 < len(chain):
+                    continue
+                w.add_results([TxnResult(it.id, [q]) for it in batch.items], "", q.mx or "")
+                return
+            envelopes = w.build(batch)
+            if not envelopes:
+                return
+            rest = chain[i + 1 :]
+            if rest:
+                for e in envelopes:
+                    self.failover[_key(e)] = (e, rest, batch.campaign, name)
+            _push(q, envelopes, batch.campaign)
+            return
+
+    # -- failover -------------------------------------------------------------
+
+    def on_results(self, results: list[TxnResult], source_ip: str, mx: str) -> list[TxnResult]:
+        """Results to report now; the others' envelopes move to their next transport."""
+        keep: list[TxnResult] = []
+        for tr in results:
+            t = tr.tag
+            k = (t[0] if t else -1) if isinstance(t, list) else t
+            ent = self.failover.pop(k, None) if isinstance(k, int) else None
+            if ent is None or not tr.outcomes or not should_fail_over(tr.outcomes[0]):
+                keep.append(tr)
+                continue
+            env, rest, campaign, came_from = ent
+            o = tr.outcomes[0]
+            now = time.time()
+            ids = t if isinstance(t, list) else [t] * len(env.rcpts)
+            for mid, rcpt in zip(ids, env.rcpts, strict=False):
+                self.events.append({
+                    "time": now, "event": "failover", "id": mid, "campaign": campaign,
+                    "rcpt": rcpt, "from": came_from, "to": rest[0], "mx": mx or o.mx,
+                    "source_ip": source_ip, "code": o.code, "enhanced": o.enhanced,
+                    "text": o.text[:300],
+                })  # fmt: skip
+            self.w.count("failovers", len(env.rcpts))
+            self.w.busy += 1
+            asyncio.get_running_loop().create_task(self._reroute(env, rest, campaign))
+        return keep
+
+    async def _reroute(self, env: Envelope, rest: tuple[str, ...], campaign: int) -> None:
+        from fastsend.queue import wire
+
+        w = self.w
+        try:
+            domain = env.rcpts[0].rpartition("@")[2].lower()
+            batch = wire.Batch(campaign, domain, [])
+            for i, name in enumerate(rest):
+                q = await self.queue_for(name, batch)
+                if isinstance(q, Outcome):
+                    if q.kind == DEFERRED and i + 1 < len(rest):
+                        continue
+                    w.add_results([TxnResult(env.tag, [q] * len(env.rcpts))], "", q.mx or "")
+                    return
+                if rest[i + 1 :]:
+                    self.failover[_key(env)] = (env, rest[i + 1 :], campaign, name)
+                _push(q, [env], campaign)
+                return
+        except Exception as e:  # a bug must not lose the envelope: defer it, loudly
+            import traceback
+
+            traceback.print_exc()
+            out = Outcome(DEFERRED, 451, "4.3.0", f"local error: {e.__class__.__name__}", "local")
+            w.add_results([TxnResult(env.tag, [out] * len(env.rcpts))], "", "")
+        finally:
+            w.busy -= 1
+            w.check_done()
+
+    def forget(self, ids: list[int]) -> None:
+        for i in ids:
+            self.failover.pop(i, None)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        ev, self.events = self.events, []
+        return ev
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _push(q: Any, envelopes: list[Envelope], campaign: int) -> None:
+    if isinstance(q, ProviderQueue):
+        q.push(envelopes, campaign)  # batches non-personalised mail per campaign
+    else:
+        q.push(envelopes)

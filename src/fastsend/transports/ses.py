@@ -1,0 +1,129 @@
+"""Amazon SES through the v2 API: SendEmail with the raw MIME fastsend signed.
+
+``POST {endpoint}/v2/email/outbound-emails`` (endpoint
+``https://email.REGION.amazonaws.com`` unless configured), SigV4-signed
+(service ``ses``), JSON body::
+
+    {"Destination": {"ToAddresses": [...]}, "Content": {"Raw": {"Data": base64}},
+     "ConfigurationSetName": ..., "EmailTags": [{"Name": "fastsend", "Value": ...}]}
+
+No FromEmailAddress: SES takes the message's From header (a verified identity),
+so the bytes it sends are the bytes fastsend rendered and DKIM-signed. One
+request per envelope (at most 50 recipients, SES's limit). The answer's
+MessageId becomes the result's queue_id.
+
+Errors (the ``x-amzn-ErrorType`` header, the body's ``message``):
+TooManyRequestsException / ThrottlingException / "Maximum sending rate
+exceeded" -> throttled; "Daily message quota exceeded" -> throttled for 10
+minutes (so deferred); MessageRejected / BadRequestException -> failed
+(classified); account trouble (SendingPausedException, AccountSuspended,
+MailFromDomainNotVerified, NotFound, signature or key errors) and 5xx ->
+deferred.
+
+Its rate is shaping data: with no ``rate`` configured, the account's
+MaxSendRate (``GET /v2/email/account``) sets the lane's rate.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+from fastsend import msgid
+from fastsend.outcome import Envelope
+from fastsend.transports.http import (
+    Answer,
+    HTTPTransport,
+    Throttled,
+    answered,
+    delivered,
+    map_status,
+    retry_after,
+)
+from fastsend.transports.sigv4 import Signer
+from fastsend.transports.spec import TransportSpec
+
+PATH = "/v2/email/outbound-emails"
+THROTTLING = ("TooManyRequestsException", "ThrottlingException", "Throttling")
+ACCOUNT = (
+    "SendingPausedException", "AccountSuspendedException", "MailFromDomainNotVerifiedException",
+    "NotFoundException", "LimitExceededException", "UnrecognizedClientException",
+    "InvalidSignatureException", "SignatureDoesNotMatch", "AccessDeniedException",
+    "IncompleteSignature", "ExpiredTokenException", "InvalidClientTokenId",
+)  # fmt: skip
+DAILY_QUOTA_PAUSE = 600.0  # SES: "wait for an interval of up to 10 minutes"
+
+
+class SESTransport(HTTPTransport):
+    def __init__(self, spec: TransportSpec, secret: bytes) -> None:
+        super().__init__(spec, secret)
+        s = spec.secrets
+        self.signer = Signer(
+            s["access_key_id"], s["secret_access_key"], spec.region, "ses",
+            s.get("session_token", ""),
+        )  # fmt: skip
+        self.base = spec.endpoint or f"https://email.{spec.region}.amazonaws.com"
+        self.url = self.base + PATH
+
+    async def setup(self, session: Any) -> None:
+        if self.spec.rate:
+            return
+        import aiohttp
+
+        url = self.base + "/v2/email/account"
+        headers = self.signer.sign("GET", url, {}, b"")
+        timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
+        async with session.get(url, headers=headers, timeout=timeout) as r:
+            if r.status != 200:
+                return
+            doc = orjson.loads(await r.read())
+        rate = float((doc.get("SendQuota") or {}).get("MaxSendRate") or 0)
+        if rate > 0:
+            self.rate_hint = rate
+
+    def body(self, env: Envelope) -> bytes:
+        doc: dict[str, Any] = {
+            "Destination": {"ToAddresses": env.rcpts},
+            "Content": {"Raw": {"Data": base64.b64encode(env.data).decode()}},
+        }
+        if self.spec.configuration_set:
+            doc["ConfigurationSetName"] = self.spec.configuration_set
+        first = env.tag[0] if isinstance(env.tag, list) and env.tag else env.tag
+        if isinstance(first, int) and self.secret:
+            # Tag values: [A-Za-z0-9_-]; the token's '.'-free form is the message id.
+            doc["EmailTags"] = [{"Name": "fastsend", "Value": msgid.token(first, self.secret)}]
+        return orjson.dumps(doc)
+
+    async def request(self, session: Any, envs: list[Envelope]) -> Answer:
+        import aiohttp
+
+        env = envs[0]
+        body = self.body(env)
+        headers = self.signer.sign("POST", self.url, {"Content-Type": "application/json"}, body)
+        timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
+        async with session.post(self.url, data=body, headers=headers, timeout=timeout) as r:
+            raw = await r.read()
+            status = r.status
+            etype = r.headers.get("x-amzn-ErrorType", "").split(":", 1)[0]
+            ra = r.headers.get("Retry-After")
+        doc: dict[str, Any] = {}
+        try:
+            parsed = orjson.loads(raw) if raw else {}
+            doc = parsed if isinstance(parsed, dict) else {}
+        except orjson.JSONDecodeError:
+            pass
+        if 200 <= status < 300:
+            mid = str(doc.get("MessageId", ""))
+            return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
+        etype = etype or str(doc.get("__type", "") or doc.get("Code", "")).rsplit("#", 1)[-1]
+        text = str(doc.get("message") or doc.get("Message") or raw[:300].decode("utf-8", "replace"))
+        what = f"{etype}: {text}" if etype else text
+        if "daily message quota" in text.lower():
+            return Throttled(DAILY_QUOTA_PAUSE, what)
+        if status == 429 or etype in THROTTLING or "maximum sending rate" in text.lower():
+            return Throttled(retry_after(ra), what)
+        return answered(
+            envs, map_status(self.label, status, what, account_trouble=etype in ACCOUNT)
+        )

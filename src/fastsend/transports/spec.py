@@ -1,0 +1,284 @@
+"""Transports as data: ``[transports.NAME]`` tables, route values, credentials.
+
+A route value names one transport or several in failover order::
+
+    [routes]
+    "*"             = "ses:eu-west-1"            # shorthand: kind[:argument]
+    "example.org"   = ["smtp", "backup-relay"]   # direct MX first, then a relay
+    "campaign:spring-sale" = "sendgrid"          # by campaign name (or id)
+    "tenant:acme"   = "mailgun:eu"               # by tenant
+    "pool:transactional" = "ses-main"            # by source-IP pool
+    "bulk.example"  = "127.0.0.1:2525"           # HOST:PORT, a static SMTP route (as before)
+
+    [transports.backup-relay]
+    kind = "relay"; host = "smtp.relay.example"; port = 587   # 465: implicit TLS
+    max_connections = 4; rate = 50                            # across all workers
+    credentials_file = "/etc/fastsend/relay.secret"           # 0600: username=..., password=...
+
+Kinds: ``smtp`` (direct MX), ``relay`` (SMTP submission with AUTH), ``ses``
+(SES v2 SendEmail, raw MIME), ``sendgrid`` (v3 mail/send), ``mailgun``
+(messages.mime). Shorthand arguments: ``ses:REGION``, ``mailgun:us|eu``.
+
+Credentials never come from the TOML file (keys such as ``password`` or
+``api_key`` there are errors), never from a campaign, and are never logged
+(``repr`` hides them). They come from ``credentials_file`` -- ``field=value``
+lines, a file readable by its owner only (mode 0600 or stricter) -- or from the
+environment: ``FASTSEND_<NAME>_<FIELD>`` (NAME upper-cased, non-alphanumerics
+as ``_``) and then the provider's usual variable (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, SENDGRID_API_KEY, MAILGUN_API_KEY).
+
+This module parses and validates; it opens no sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("smtp", "relay", "ses", "sendgrid", "mailgun")
+HTTP_KINDS = ("ses", "sendgrid", "mailgun")
+
+# The secret fields of each kind, and the conventional environment variable of each.
+SECRETS: dict[str, dict[str, str]] = {
+    "relay": {"username": "", "password": ""},
+    "ses": {
+        "access_key_id": "AWS_ACCESS_KEY_ID",
+        "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+        "session_token": "AWS_SESSION_TOKEN",
+    },
+    "sendgrid": {"api_key": "SENDGRID_API_KEY"},
+    "mailgun": {"api_key": "MAILGUN_API_KEY"},
+}
+OPTIONAL_SECRETS = {"session_token"}
+FORBIDDEN = re.compile(r"pass|secret|api_key|apikey|token|access_key", re.I)
+_REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+class TransportError(ValueError):
+    """A transport table or route value is invalid (the message names it)."""
+
+
+@dataclass
+class TransportSpec:
+    """One transport: its kind, where it sends, its limits and its secrets."""
+
+    name: str
+    kind: str
+    # Where: relay host/port, or an HTTP API endpoint ("" = the provider's default).
+    host: str = ""
+    port: int = 0
+    endpoint: str = ""
+    region: str = ""  # ses: AWS region; mailgun: "us" or "eu"
+    configuration_set: str = ""  # ses
+    domain: str = ""  # mailgun: the sending domain ("" = the envelope sender's)
+    # relay
+    tls: str = "starttls"  # starttls (required) | implicit | opportunistic | off
+    auth_mechanism: str = ""  # "" = the best offered
+    ca_file: str = ""  # verify the relay against this CA bundle instead of the system's
+    # limits, across all workers (divided among them)
+    max_connections: int = 4  # relay: SMTP connections; http: requests in flight
+    rate: float = 0.0  # messages (recipients) per second, 0 = unlimited (ses: its MaxSendRate)
+    timeout: float = 30.0
+    max_recipients: int = 0  # per request/transaction, 0 = the provider's limit
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def label(self) -> str:
+        """How events name this transport (never a secret)."""
+        if self.kind == "relay":
+            return f"relay:{self.name}[{self.host}]:{self.port}"
+        if self.kind == "ses":
+            return f"ses:{self.region}"
+        if self.kind == "mailgun":
+            return f"mailgun:{self.region}"
+        return self.kind if self.name == self.kind else f"{self.kind}:{self.name}"
+
+    def recipients_limit(self) -> int:
+        default = {"ses": 50, "sendgrid": 1000, "mailgun": 1000, "relay": 0}.get(self.kind, 0)
+        return self.max_recipients or default
+
+
+_KEYS = {
+    "kind", "host", "port", "endpoint", "region", "configuration_set", "domain", "tls",
+    "auth_mechanism", "ca_file", "max_connections", "rate", "timeout", "max_recipients",
+    "credentials_file",
+}  # fmt: skip
+
+
+def env_name(name: str, fld: str) -> str:
+    return "FASTSEND_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_" + fld.upper()
+
+
+def read_credentials_file(path: str, where: str) -> dict[str, str]:
+    """``field=value`` lines from a file only its owner can read (0600 or stricter)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TransportError(f"{where}: credentials_file {path!r}: {e.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TransportError(
+            f"{where}: credentials_file {path!r} is readable by others"
+            f" (mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
+        )
+    if st.st_uid != os.getuid():
+        raise TransportError(f"{where}: credentials_file {path!r} is not owned by this user")
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            k, sep, v = line.partition("=")
+            if not sep:
+                raise TransportError(f"{where}: {path}:{n}: expected field=value")
+            out[k.strip().lower()] = v.strip()
+    return out
+
+
+def _load_secrets(spec: TransportSpec, file: str, where: str) -> None:
+    fields = SECRETS.get(spec.kind, {})
+    from_file = read_credentials_file(file, where) if file else {}
+    unknown = set(from_file) - set(fields)
+    if unknown:
+        raise TransportError(f"{where}: credentials_file has unknown fields {sorted(unknown)}")
+    for fld, conventional in fields.items():
+        v = from_file.get(fld) or os.environ.get(env_name(spec.name, fld), "")
+        if not v and conventional:
+            v = os.environ.get(conventional, "")
+        if v:
+            spec.secrets[fld] = v
+        elif fld not in OPTIONAL_SECRETS:
+            hint = env_name(spec.name, fld) + (f" or {conventional}" if conventional else "")
+            raise TransportError(
+                f"{where}: no {fld} (set {hint} in the environment, or use credentials_file)"
+            )
+
+
+def parse_table(name: str, t: Any, base_dir: str) -> TransportSpec:
+    where = f"[transports.{name}]"
+    if not isinstance(t, dict):
+        raise TransportError(f"{where} must be a table")
+    for k in t:
+        if k not in _KEYS:
+            if FORBIDDEN.search(k):
+                raise TransportError(
+                    f"{where} {k}: secrets never go in the config file; use the environment"
+                    " or a 0600 credentials_file"
+                )
+            raise TransportError(f"{where} unknown key {k!r} (known: {', '.join(sorted(_KEYS))})")
+    kind = t.get("kind")
+    if kind not in KINDS or kind == "smtp":
+        raise TransportError(f"{where} kind must be one of relay, ses, sendgrid, mailgun")
+    spec = TransportSpec(name=name, kind=kind)
+    for k, v in t.items():
+        if k in ("kind", "credentials_file"):
+            continue
+        cur = getattr(spec, k)
+        if isinstance(cur, float):
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            v = float(v) if ok else v
+        elif isinstance(cur, int):
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        else:
+            ok = isinstance(v, str)
+        if not ok:
+            raise TransportError(f"{where} {k} must be a non-negative {type(cur).__name__}")
+        setattr(spec, k, v)
+    _check(spec, where, base_dir, explicit_tls="tls" in t)
+    cf = t.get("credentials_file", "")
+    if not isinstance(cf, str):
+        raise TransportError(f"{where} credentials_file must be a path")
+    _load_secrets(spec, os.path.join(base_dir, cf) if cf else "", where)
+    return spec
+
+
+def _check(spec: TransportSpec, where: str, base_dir: str, explicit_tls: bool) -> None:
+    if spec.kind == "relay":
+        if not spec.host:
+            raise TransportError(f"{where} a relay needs host")
+        spec.port = spec.port or 587
+        if not 0 < spec.port < 65536:
+            raise TransportError(f"{where} port out of range")
+        if spec.port == 465 and not explicit_tls:
+            spec.tls = "implicit"  # submissions (RFC 8314): TLS from the first byte
+        if spec.tls not in ("starttls", "implicit", "opportunistic", "off"):
+            raise TransportError(f"{where} tls must be starttls, implicit, opportunistic or off")
+        spec.auth_mechanism = spec.auth_mechanism.upper()
+        if spec.auth_mechanism not in ("", *AUTH_MECHANISMS):
+            raise TransportError(f"{where} auth_mechanism must be one of {AUTH_MECHANISMS}")
+        if spec.ca_file:
+            spec.ca_file = os.path.join(base_dir, spec.ca_file)
+    elif spec.kind == "ses":
+        if not _REGION.fullmatch(spec.region):
+            raise TransportError(f"{where} region {spec.region!r} is not an AWS region")
+    elif spec.kind == "mailgun":
+        spec.region = spec.region or "us"
+        if spec.region not in ("us", "eu"):
+            raise TransportError(f"{where} region must be us or eu")
+    if spec.endpoint and not re.fullmatch(r"https?://[^/\s]+", spec.endpoint.rstrip("/")):
+        raise TransportError(f"{where} endpoint must be http(s)://HOST[:PORT]")
+    spec.endpoint = spec.endpoint.rstrip("/")
+    if spec.max_connections < 1:
+        raise TransportError(f"{where} max_connections must be at least 1")
+    if not spec.timeout > 0:
+        raise TransportError(f"{where} timeout must be positive")
+
+
+def shorthand(text: str, base_dir: str) -> TransportSpec | None:
+    """``ses:REGION``, ``sendgrid``, ``mailgun[:REGION]`` as a transport with
+    defaults (credentials from the environment); None if ``text`` is no kind."""
+    kind, _, arg = text.partition(":")
+    if kind not in HTTP_KINDS:
+        return None
+    table: dict[str, Any] = {"kind": kind}
+    if kind == "ses" or (kind == "mailgun" and arg):
+        table["region"] = arg
+    elif arg:
+        raise TransportError(f"route {text!r}: sendgrid takes no argument")
+    return parse_table(text, table, base_dir)
+
+
+def parse_route(
+    value: Any, names: dict[str, TransportSpec], base_dir: str, where: str
+) -> tuple[str, ...] | None:
+    """The transport names of a route value (created for shorthands), or None
+    when the value is a plain HOST:PORT static route."""
+    if isinstance(value, list):
+        items = value
+    elif isinstance(value, str):
+        items = [x.strip() for x in value.split(",")]
+    else:
+        raise TransportError(f"{where} must be a string or a list of transport names")
+    if not items or not all(isinstance(x, str) and x for x in items):
+        raise TransportError(f"{where} names no transport")
+    chain: list[str] = []
+    for item in items:
+        if item == "smtp" or item in names:
+            chain.append(item)
+            continue
+        spec = shorthand(item, base_dir)
+        if spec is None:
+            if len(items) == 1 and isinstance(value, str):
+                return None  # HOST:PORT
+            raise TransportError(f"{where}: {item!r} is no transport (define [transports.{item}])")
+        names[item] = spec
+        chain.append(item)
+    if len(set(chain)) != len(chain):
+        raise TransportError(f"{where} names a transport twice")
+    return tuple(chain)
+
+
+def parse_transports(raw: dict[str, Any], base_dir: str) -> dict[str, TransportSpec]:
+    section = raw.get("transports", {})
+    if not isinstance(section, dict):
+        raise TransportError("[transports] must be a table of tables")
+    out: dict[str, TransportSpec] = {}
+    for name, t in section.items():
+        if name in KINDS or ":" in name or "," in name:
+            raise TransportError(f"[transports.{name}]: a name cannot be a kind or hold ':' ','")
+        out[name] = parse_table(name, t, base_dir)
+    return out

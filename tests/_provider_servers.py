@@ -1,0 +1,249 @@
+"""Local stand-ins for the providers' HTTP APIs, on loopback, each in a thread.
+
+They implement the documented requests, authentication and error answers:
+
+- SendGrid v3 ``POST /v3/mail/send``: ``Authorization: Bearer KEY`` (else 401
+  with an ``errors`` body), JSON with 1..1000 personalizations, 202 +
+  ``X-Message-Id``; 400 ``{"errors": [{"message", "field"}]}`` for a bad
+  recipient; 429 + Retry-After above the account's rate.
+- Mailgun ``POST /v3/DOMAIN/messages.mime``: basic auth ``api:KEY`` (else 401
+  "Forbidden"), multipart ``to`` + ``message`` file; 200
+  ``{"id", "message": "Queued. Thank you."}``; 400 ``{"message"}``; 429.
+- SES: moto in server mode (it verifies SigV4 against the IAM key it issued)
+  behind a pass-through proxy that adds what moto lacks: the account's max
+  send rate (429 TooManyRequestsException "Maximum sending rate exceeded") and
+  a MessageRejected for chosen recipients.
+
+A recipient whose local part starts with ``reject`` is refused permanently.
+The rate is a token bucket per server (recipients per second, burst = rate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from aiohttp import ClientSession, web
+
+
+class Bucket:
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.t = time.monotonic()
+
+    def take(self, n: int) -> bool:
+        if not self.rate:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+class ThreadedApp:
+    """An aiohttp app on 127.0.0.1 in its own thread and loop."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        runner = web.AppRunner(self.app, access_log=None)
+        self.loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=512)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner = runner
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ThreadedApp:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+class Recorder:
+    def __init__(self, rate: float = 0.0) -> None:
+        self.bucket = Bucket(rate)
+        self.accepted: list[Any] = []  # what each provider keeps of an accepted request
+        self.recipients: Counter[str] = Counter()
+        self.throttled = 0
+        self.rejected = 0
+        self.unauthorized = 0
+        self.requests = 0
+
+
+def sendgrid_app(key: str, rec: Recorder) -> web.Application:
+    async def send(request: web.Request) -> web.Response:
+        rec.requests += 1
+        if request.headers.get("Authorization") != f"Bearer {key}":
+            rec.unauthorized += 1
+            msg = "The provided authorization grant is invalid, expired, or revoked"
+            return web.json_response({"errors": [{"message": msg, "field": None}]}, status=401)
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response(
+                {"errors": [{"message": "Bad Request", "field": None}]}, status=400
+            )
+        pers = body.get("personalizations")
+        if not isinstance(pers, list) or not 1 <= len(pers) <= 1000:
+            return web.json_response(
+                {"errors": [{"message": "The personalizations field is required and must have at least one personalization.", "field": "personalizations"}]},
+                status=400,
+            )  # fmt: skip
+        for k in ("from", "subject", "content"):
+            if not body.get(k):
+                return web.json_response(
+                    {"errors": [{"message": f"The {k} is required.", "field": k}]}, status=400
+                )
+        rcpts = [t["email"] for p in pers for t in p.get("to", [])]
+        if len(rcpts) > 1000:
+            return web.json_response(
+                {"errors": [{"message": "too many recipients", "field": "personalizations"}]},
+                status=400,
+            )
+        for i, r in enumerate(rcpts):
+            if r.startswith("reject"):
+                rec.rejected += 1
+                return web.json_response(
+                    {"errors": [{"message": "Does not contain a valid address.", "field": f"personalizations.{i}.to.0.email"}]},
+                    status=400,
+                )  # fmt: skip
+        if not rec.bucket.take(len(rcpts)):
+            rec.throttled += 1
+            return web.json_response(
+                {"errors": [{"message": "too many requests", "field": None}]},
+                status=429,
+                headers={"Retry-After": "1", "X-RateLimit-Reset": str(int(time.time()) + 1)},
+            )
+        rec.accepted.append(body)
+        rec.recipients.update(rcpts)
+        return web.Response(status=202, headers={"X-Message-Id": uuid.uuid4().hex[:22]})
+
+    app = web.Application(client_max_size=30 * 1024 * 1024)
+    app.router.add_post("/v3/mail/send", send)
+    return app
+
+
+def mailgun_app(key: str, rec: Recorder, domain: str) -> web.Application:
+    async def send(request: web.Request) -> web.Response:
+        import base64
+
+        rec.requests += 1
+        auth = request.headers.get("Authorization", "")
+        ok = auth.startswith("Basic ") and base64.b64decode(auth[6:]) == f"api:{key}".encode()
+        if not ok:
+            rec.unauthorized += 1
+            return web.Response(status=401, text="Forbidden")
+        if request.match_info["domain"] != domain:
+            return web.json_response(
+                {"message": f"Domain not found: {request.match_info['domain']}"}, status=404
+            )
+        form = await request.post()
+        to = str(form.get("to", ""))
+        message = form.get("message")
+        if not to or message is None:
+            return web.json_response({"message": "'to' parameter is missing"}, status=400)
+        data = message.file.read() if hasattr(message, "file") else str(message).encode()
+        rcpts = [x.strip() for x in to.split(",") if x.strip()]
+        for r in rcpts:
+            if r.startswith("reject"):
+                rec.rejected += 1
+                return web.json_response(
+                    {
+                        "message": f"to parameter is not a valid address. please check documentation: {r}"
+                    },
+                    status=400,
+                )
+        if not rec.bucket.take(len(rcpts)):
+            rec.throttled += 1
+            return web.json_response(
+                {"message": "Too Many Requests"}, status=429, headers={"Retry-After": "1"}
+            )
+        mid = f"<{uuid.uuid4().hex}@{domain}>"
+        rec.accepted.append((rcpts, data, str(form.get("v:fastsend", ""))))
+        rec.recipients.update(rcpts)
+        return web.json_response({"id": mid, "message": "Queued. Thank you."})
+
+    app = web.Application(client_max_size=30 * 1024 * 1024)
+    app.router.add_post("/v3/{domain}/messages.mime", send)
+    return app
+
+
+def ses_proxy_app(upstream: str, rec: Recorder) -> web.Application:
+    """Pass-through to moto (headers as signed, Host included) plus SES's max
+    send rate and a MessageRejected for ``reject*`` recipients."""
+    state: dict[str, ClientSession] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        rec.requests += 1
+        body = await request.read()
+        if request.method == "POST" and request.path == "/v2/email/outbound-emails":
+            doc = json.loads(body)
+            rcpts = doc.get("Destination", {}).get("ToAddresses", [])
+            if any(r.startswith("reject") for r in rcpts):
+                rec.rejected += 1
+                return web.json_response(
+                    {"message": "Email address is not verified. The following identities failed the check: " + rcpts[0]},
+                    status=400, headers={"x-amzn-ErrorType": "MessageRejected:http://internal.amazon.com/coral/com.amazon.sesv2/"},
+                )  # fmt: skip
+            if not rec.bucket.take(len(rcpts)):
+                rec.throttled += 1
+                return web.json_response(
+                    {"message": "Maximum sending rate exceeded."},
+                    status=429, headers={"x-amzn-ErrorType": "TooManyRequestsException:"},
+                )  # fmt: skip
+        s = state.get("s")
+        if s is None:
+            s = state["s"] = ClientSession()
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in ("content-length", "transfer-encoding")
+        }
+        async with s.request(
+            request.method, upstream + request.path_qs, data=body, headers=headers
+        ) as r:
+            out = await r.read()
+            status = r.status
+            keep = {
+                k: v
+                for k, v in r.headers.items()
+                if k.lower().startswith("x-amz") or k.lower() == "content-type"
+            }
+        if status < 300 and request.path == "/v2/email/outbound-emails":
+            rec.recipients.update(rcpts)
+        return web.Response(status=status, body=out, headers=keep)
+
+    async def close(app: web.Application) -> None:
+        if "s" in state:
+            await state["s"].close()
+
+    app = web.Application(client_max_size=30 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    app.on_cleanup.append(close)
+    return app

@@ -1,0 +1,410 @@
+"""Provider event webhooks of ``fastsend serve``: posts signed the providers' way
+(keys and certificates generated here) become events and suppressions; forged,
+unsigned, tampered, stale and replayed posts are 401 and change nothing.
+
+SES arrives through SNS: the signing certificate is served over HTTPS on
+loopback (trustme CA) from a host on the configured allow-list; the
+subscription is confirmed by fetching its SubscribeURL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import hmac
+import json
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import trustme
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
+
+from fastsend import msgid
+from fastsend.config import from_dict
+from fastsend.serve.context import open_context
+from fastsend.serve.provider_events import setup_provider_events
+
+TOPIC = "arn:aws:sns:eu-west-1:123456789012:fastsend-ses"
+
+
+def make_ctx(tmp: Path, section: dict[str, Any]) -> Any:
+    cfg = from_dict({"spool": {"dir": str(tmp / "spool")}, "provider_events": section})
+    ctx = open_context(cfg)
+    cid = ctx.tenant_campaign("acme")
+    ids = ctx.inject(cid, [(f"u{i}@example.net", "example.net", b'{"raw": ""}') for i in range(4)])
+    return ctx, ids
+
+
+def state(ctx: Any) -> tuple[int, list[str]]:
+    ctx.events.flush()
+    n = len(Path(ctx.config.event_log_path).read_bytes().splitlines())
+    return n, sorted(e.address for e in ctx.suppression.list(tenant="acme"))
+
+
+def last_events(ctx: Any, n: int) -> list[dict[str, Any]]:
+    ctx.events.flush()
+    return [orjson.loads(x) for x in Path(ctx.config.event_log_path).read_bytes().splitlines()[-n:]]
+
+
+async def serve(
+    app: web.Application, ssl_ctx: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"{'https' if ssl_ctx else 'http'}://127.0.0.1:{port}"
+
+
+# ---------------------------------------------------------------- SendGrid
+
+
+def test_sendgrid_event_webhook_ecdsa(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()  # fmt: skip
+    ctx, ids = make_ctx(tmp_path, {"sendgrid_public_key": pub})
+    tok = [msgid.token(i, ctx.secret) for i in ids]
+    events = [
+        {"email": "u0@example.net", "event": "bounce", "type": "bounce", "status": "5.1.1",
+         "reason": "550 5.1.1 The email account that you tried to reach does not exist",
+         "sg_message_id": "sg0.filter", "fastsend": tok[0], "timestamp": int(time.time())},
+        {"email": "u1@example.net", "event": "spamreport", "fastsend": tok[1], "sg_message_id": "sg1"},
+        {"email": "u2@example.net", "event": "delivered", "fastsend": tok[2], "sg_message_id": "sg2"},
+        {"email": "u3@example.net", "event": "bounce", "type": "blocked", "status": "5.7.1",
+         "reason": "550 5.7.1 blocked by policy", "fastsend": tok[3]},
+    ]  # fmt: skip
+    body = json.dumps(events).encode()
+
+    def signed(b: bytes, k: Any = key, ts: str | None = None) -> dict[str, str]:
+        ts = ts or str(int(time.time()))
+        sig = k.sign(ts.encode() + b, ec.ECDSA(hashes.SHA256()))
+        return {"X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(sig).decode(),
+                "X-Twilio-Email-Event-Webhook-Timestamp": ts, "Content-Type": "application/json"}  # fmt: skip
+
+    async def main() -> None:
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+        u = url + "/webhooks/sendgrid"
+        try:
+            async with aiohttp.ClientSession() as s:
+                before = state(ctx)
+                other = ec.generate_private_key(ec.SECP256R1())
+                for headers, b in [
+                    ({}, body),  # unsigned
+                    (signed(body, other), body),  # forged: another key
+                    (signed(body), body.replace(b"spamreport", b"delivered")),  # tampered
+                    (signed(body, ts=str(int(time.time()) - 3600)), body),  # stale
+                    ({**signed(body), "X-Twilio-Email-Event-Webhook-Signature": "!!"}, body),
+                ]:
+                    async with s.post(u, data=b, headers=headers) as r:
+                        assert r.status == 401
+                assert state(ctx) == before  # nothing changed
+                h = signed(body)
+                async with s.post(u, data=body, headers=h) as r:
+                    assert r.status == 200, await r.text()
+                    assert (await r.json())["events"] == 4
+                async with s.post(u, data=body, headers=h) as r:
+                    assert r.status == 401  # the same signed post again: a replay
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    evs = {e["rcpt"]: e for e in last_events(ctx, 4)}
+    assert evs["u0@example.net"]["event"] == "bounced" and evs["u0@example.net"]["hard"]
+    assert evs["u0@example.net"]["id"] == ids[0] and evs["u0@example.net"]["tenant"] == "acme"
+    assert evs["u1@example.net"]["event"] == "complained"
+    assert evs["u2@example.net"]["event"] == "provider"
+    assert evs["u3@example.net"]["event"] == "bounced" and not evs["u3@example.net"]["hard"]
+    assert state(ctx)[1] == ["u0@example.net", "u1@example.net"]
+    ctx.close()
+
+
+# ---------------------------------------------------------------- Mailgun
+
+
+def test_mailgun_webhook_hmac(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    signing_key = "key-mailgun-signing-0123456789"
+    kf = tmp_path / "mg.secret"
+    kf.write_text(f"signing_key = {signing_key}\n")
+    kf.chmod(0o600)
+    ctx, ids = make_ctx(tmp_path, {"mailgun_signing_key_file": str(kf)})
+    tok = [msgid.token(i, ctx.secret) for i in ids]
+
+    def post_body(
+        event: dict[str, Any],
+        key: str = signing_key,
+        ts: int | None = None,
+        token: str | None = None,
+    ) -> bytes:
+        ts = ts or int(time.time())
+        token = token or hashlib.sha256(str(time.monotonic_ns()).encode()).hexdigest()[:50]
+        sig = hmac.new(key.encode(), f"{ts}{token}".encode(), hashlib.sha256).hexdigest()
+        return json.dumps({"signature": {"timestamp": str(ts), "token": token, "signature": sig},
+                           "event-data": event}).encode()  # fmt: skip
+
+    failed = {"event": "failed", "severity": "permanent", "recipient": "u1@example.net",
+              "delivery-status": {"code": 550, "message": "5.1.1 The email account does not exist"},
+              "user-variables": {"fastsend": f"{tok[0]} {tok[1]}"},
+              "message": {"headers": {"message-id": "20260101.1@mg.example.com"}}}  # fmt: skip
+    temp = {**failed, "severity": "temporary", "recipient": "u2@example.net",
+            "user-variables": {"fastsend": tok[2]}}  # fmt: skip
+    complained = {
+        "event": "complained",
+        "recipient": "u3@example.net",
+        "user-variables": {"fastsend": tok[3]},
+    }
+
+    async def main() -> None:
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+        u = url + "/webhooks/mailgun"
+        try:
+            async with aiohttp.ClientSession() as s:
+                before = state(ctx)
+                for b in [
+                    json.dumps({"event-data": failed}).encode(),  # unsigned
+                    post_body(failed, key="wrong-key"),  # forged
+                    post_body(failed, ts=int(time.time()) - 7200),  # stale
+                    b"not json",
+                ]:
+                    async with s.post(u, data=b) as r:
+                        assert r.status == 401
+                assert state(ctx) == before  # nothing changed
+                once = post_body(failed, token="t" * 50)
+                async with s.post(u, data=once) as r:
+                    assert r.status == 200, await r.text()
+                async with s.post(u, data=once) as r:
+                    assert r.status == 401  # the token again: a replay
+                for ev in (temp, complained):
+                    async with s.post(u, data=post_body(ev)) as r:
+                        assert r.status == 200
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    evs = last_events(ctx, 3)
+    assert evs[0]["event"] == "bounced" and evs[0]["hard"] and evs[0]["id"] == ids[1]
+    assert evs[1]["event"] == "bounced" and not evs[1]["hard"]
+    assert evs[2]["event"] == "complained" and evs[2]["id"] == ids[3]
+    assert state(ctx)[1] == ["u1@example.net", "u3@example.net"]
+    ctx.close()
+
+
+# ---------------------------------------------------------------- SES via SNS
+
+
+def sns_cert() -> tuple[rsa.RSAPrivateKey, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30)).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def sns_sign(doc: dict[str, Any], key: rsa.RSAPrivateKey, version: str = "2") -> dict[str, Any]:
+    """Sign like SNS: the documented fields of the type, 'Name\\nvalue\\n' each."""
+    if doc["Type"] == "Notification":
+        names = ["Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"]
+    else:
+        names = ["Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"]
+    text = "".join(f"{n}\n{doc[n]}\n" for n in names if n in doc)
+    algo = hashes.SHA1() if version == "1" else hashes.SHA256()
+    sig = key.sign(text.encode(), padding.PKCS1v15(), algo)
+    return {**doc, "SignatureVersion": version, "Signature": base64.b64encode(sig).decode()}
+
+
+def test_ses_events_through_sns(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    https = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(https)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    signing_key, pem = sns_cert()
+    confirmed: list[str] = []
+
+    async def cert(request: web.Request) -> web.Response:
+        return web.Response(body=pem, content_type="application/x-pem-file")
+
+    async def confirm(request: web.Request) -> web.Response:
+        confirmed.append(request.query.get("Token", ""))
+        return web.Response(text="<ConfirmSubscriptionResponse/>")
+
+    async def main() -> None:
+        sns = web.Application()
+        sns.router.add_get("/SimpleNotificationService-abc.pem", cert)
+        sns.router.add_get("/confirm", confirm)
+        sns_runner, sns_url = await serve(sns, https)
+        section = {
+            "sns_topics": [TOPIC],
+            "sns_cert_hosts": [r"127\.0\.0\.1"],
+            "sns_ca_file": str(ca_file),
+        }
+        ctx, ids = make_ctx(tmp_path, section)
+        tok = msgid.token(ids[0], ctx.secret)
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+        u = url + "/webhooks/ses"
+        base = {"SigningCertURL": sns_url + "/SimpleNotificationService-abc.pem", "TopicArn": TOPIC,
+                "Timestamp": "2026-12-04T12:00:00.000Z"}  # fmt: skip
+        sub = sns_sign({**base, "Type": "SubscriptionConfirmation", "MessageId": "m-1", "Token": "tok-123",
+                        "Message": "You have chosen to subscribe", "SubscribeURL": sns_url + "/confirm?Token=tok-123"},
+                       signing_key)  # fmt: skip
+        bounce = {"notificationType": "Bounce", "bounce": {"bounceType": "Permanent", "bounceSubType": "General",
+                  "bouncedRecipients": [{"emailAddress": "u0@example.net", "action": "failed", "status": "5.1.1",
+                                         "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]},
+                  "mail": {"messageId": "0102-ses", "commonHeaders": {"messageId": f"<{tok}@sender.example.com>"}}}  # fmt: skip
+        note = sns_sign({**base, "Type": "Notification", "MessageId": "m-2", "Subject": "Amazon SES Email Event Notification",
+                         "Message": json.dumps(bounce)}, signing_key, version="1")  # fmt: skip
+        other_key, _ = sns_cert()
+        try:
+            async with aiohttp.ClientSession() as s:
+                before = state(ctx)
+                forged = sns_sign({**note, "MessageId": "m-3"}, other_key)
+                tampered = {**note, "Message": note["Message"].replace("u0@", "u1@")}
+                elsewhere = sns_sign(
+                    {**note, "MessageId": "m-4", "SigningCertURL": "https://localhost/x.pem"},
+                    signing_key,
+                )
+                plain_http = sns_sign(
+                    {
+                        **note,
+                        "MessageId": "m-5",
+                        "SigningCertURL": sns_url.replace("https", "http") + "/x.pem",
+                    },
+                    signing_key,
+                )
+                unsigned = {k: v for k, v in note.items() if k != "Signature"}
+                for doc in (forged, tampered, elsewhere, plain_http, unsigned):
+                    async with s.post(u, data=json.dumps(doc)) as r:
+                        assert r.status == 401, doc.get("MessageId")
+                async with s.post(u, data=b"not json") as r:
+                    assert r.status == 401
+                assert state(ctx) == before and not confirmed
+                wrong_topic = sns_sign(
+                    {**note, "MessageId": "m-6", "TopicArn": TOPIC + "-other"}, signing_key
+                )
+                async with s.post(u, data=json.dumps(wrong_topic)) as r:
+                    assert r.status == 403
+                async with s.post(u, data=json.dumps(sub)) as r:
+                    assert r.status == 200, await r.text()
+                assert confirmed == ["tok-123"]
+                async with s.post(u, data=json.dumps(note)) as r:
+                    assert r.status == 200, await r.text()
+                    assert (await r.json())["events"] == 1
+        finally:
+            await runner.cleanup()
+            await sns_runner.cleanup()
+        evs = last_events(ctx, 2)
+        assert evs[0]["event"] == "provider_subscription" and evs[0]["confirmed"]
+        assert evs[1]["event"] == "bounced" and evs[1]["id"] == ids[0] and evs[1]["suppressed"]
+        assert state(ctx)[1] == ["u0@example.net"]
+        ctx.close()
+
+    asyncio.run(main())
+
+
+def test_serve_round_trip_through_sendgrid(tmp_path: Path) -> None:
+    """`fastsend serve`: an API message routed to SendGrid (local server) carries its
+    signed id; SendGrid's signed bounce for it, posted to /webhooks/sendgrid, becomes
+    the message's "bounced" event and a suppression for its tenant."""
+    import os
+    import subprocess
+    import sys
+
+    from tests._provider_servers import Recorder, ThreadedApp, sendgrid_app
+    from tests.conftest import free_port, wait_port
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()  # fmt: skip
+    rec = Recorder()
+    port = free_port()
+    with ThreadedApp(sendgrid_app("sg-key", rec)) as sg:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            f'[spool]\ndir = "spool"\n[workers]\ncount = 1\n[api]\nlisten = "127.0.0.1:{port}"\n'
+            f'[transports.sg]\nkind = "sendgrid"\nendpoint = "{sg.url}"\n[routes]\n"*" = "sg"\n'
+            f'[provider_events]\nsendgrid_public_key = "{pub}"\n'
+        )
+        env = {**os.environ, "FASTSEND_SG_API_KEY": "sg-key"}
+        api_key = subprocess.run(
+            [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme", "-c", str(cfg)],
+            check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
+        ).stdout.strip()  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "fastsend", "serve", "-c", str(cfg)],
+                                stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)  # fmt: skip
+        try:
+            wait_port("127.0.0.1", port, timeout=15)
+            base = f"http://127.0.0.1:{port}"
+
+            async def main() -> None:
+                auth = {"Authorization": f"Bearer {api_key}"}
+                async with aiohttp.ClientSession() as s:
+                    msg = {
+                        "from": "a@sender.example.com",
+                        "subject": "Hi",
+                        "text": "Hello",
+                        "to": "gone@example.net",
+                    }
+                    async with s.post(base + "/v1/messages", json=msg, headers=auth) as r:
+                        assert r.status == 202, await r.text()
+                        mid = (await r.json())["messages"][0]["ids"][0]
+                    for _ in range(200):
+                        if rec.accepted:
+                            break
+                        await asyncio.sleep(0.05)
+                    token = rec.accepted[0]["personalizations"][0]["custom_args"]["fastsend"]
+                    events = [{"email": "gone@example.net", "event": "bounce", "type": "bounce", "status": "5.1.1",
+                               "reason": "550 5.1.1 mailbox does not exist", "fastsend": token, "sg_message_id": "x.1"}]  # fmt: skip
+                    body = json.dumps(events).encode()
+                    async with s.post(base + "/webhooks/sendgrid", data=body) as r:
+                        assert r.status == 401  # unsigned
+                    ts = str(int(time.time()))
+                    sig = base64.b64encode(
+                        key.sign(ts.encode() + body, ec.ECDSA(hashes.SHA256()))
+                    ).decode()
+                    headers = {
+                        "X-Twilio-Email-Event-Webhook-Signature": sig,
+                        "X-Twilio-Email-Event-Webhook-Timestamp": ts,
+                    }
+                    async with s.post(base + "/webhooks/sendgrid", data=body, headers=headers) as r:
+                        assert r.status == 200, await r.text()
+                    for _ in range(100):
+                        async with s.get(f"{base}/v1/messages/{mid}", headers=auth) as r:
+                            m = await r.json()
+                        if any(e["event"] == "bounced" for e in m["events"]):
+                            break
+                        await asyncio.sleep(0.05)
+                    kinds = [e["event"] for e in m["events"]]
+                    assert "delivered" in kinds and "bounced" in kinds, m
+                    delivered = next(e for e in m["events"] if e["event"] == "delivered")
+                    assert delivered["mx"] == "sendgrid:sg" and "accepted as" in delivered["text"]
+
+            asyncio.run(main())
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    from fastsend.suppression import SuppressionList
+
+    with SuppressionList(tmp_path / "spool" / "suppression.db") as sl:
+        assert sl.contains("gone@example.net", tenant="acme")
