@@ -157,7 +157,14 @@ class Events(msgspec.Struct, array_like=True, tag=14):
 
 
 ToWorker = (
-    CampaignSpec | Batch | Drain | CampaignShaping | WarmupCounts | IPRest | WarmupAdjust | CampaignInfo
+    CampaignSpec
+    | Batch
+    | Drain
+    | CampaignShaping
+    | WarmupCounts
+    | IPRest
+    | WarmupAdjust
+    | CampaignInfo
 )
 FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events
 

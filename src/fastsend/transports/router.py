@@ -34,8 +34,8 @@ from fastsend.transports.http import HTTPTransport, ProviderQueue, _key
 from fastsend.transports.spec import TransportSpec
 
 if TYPE_CHECKING:
+    from fastsend import wire
     from fastsend.delivery.worker import Worker
-    from fastsend.queue import wire
 
 
 def make_transport(spec: TransportSpec, secret: bytes) -> HTTPTransport:
@@ -191,7 +191,7 @@ class Router:
         return keep
 
     async def _reroute(self, env: Envelope, rest: tuple[str, ...], campaign: int) -> None:
-        from fastsend.queue import wire
+        from fastsend import wire
 
         w = self.w
         try:
