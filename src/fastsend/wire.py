@@ -143,7 +143,7 @@ class WarmupAdjust(msgspec.Struct, array_like=True, tag=12):
 
 class CampaignInfo(msgspec.Struct, array_like=True, tag=13):
     """Supervisor -> worker, after a CampaignSpec: what routes by campaign or
-    tenant need (fastsend.transports.router)."""
+    tenant need (fastsend.delivery.routes)."""
 
     id: int
     name: str

@@ -31,12 +31,12 @@ from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
+from fastsend.delivery.routes import Router
 from fastsend.delivery.signing import ConfigDKIM, raw_from_domains
 from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
-from fastsend.transports.router import Router
 
 FLUSH_AT = 512
 SITES_MIN = 1024  # site queues held before idle ones are forgotten (then 2x the live ones)
@@ -87,7 +87,7 @@ class Worker:
         while (rec := get()) is not None:
             msg = decode(rec)
             if isinstance(msg, wire.Batch):
-                # Routes of transports choose per batch (fastsend.transports.router).
+                # Routes of transports choose per batch (fastsend.delivery.routes).
                 site = None if self.router.has_routes else self.resolver.cached(msg.domain)
                 self.busy += 1
                 if site is None:  # a DNS lookup first: its own task

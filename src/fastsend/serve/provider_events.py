@@ -436,6 +436,7 @@ class ProviderEvents:
                 raise _Unauthorized("unsigned")
             self._fresh(ts)
             raw_sig = base64.b64decode(sig, validate=True)
+            assert self.sendgrid_key is not None  # the route exists only with a key
             self.sendgrid_key.verify(raw_sig, ts.encode() + body, ec.ECDSA(hashes.SHA256()))
             if not self._once("sg:" + hashlib.sha256(raw_sig).hexdigest()):
                 raise _Unauthorized("replayed")

@@ -4,7 +4,7 @@ authenticated SMTP ``relay``, or a provider's HTTP API (``ses``, ``sendgrid``,
 transport; outcomes come back with the same kinds as SMTP's.
 
 - ``spec.py``    -- ``[transports.NAME]``, route values, credentials (env / 0600 file)
-- ``router.py``  -- in a worker: the queue for a batch, failover between transports
+- ``fastsend.delivery.routes`` -- in a worker: the queue for a batch, failover between transports
 - ``relay.py``   -- a relay's ConnectOptions (AUTH, TLS, implicit TLS) and limits
 - ``http.py``    -- provider answers -> Outcomes; ProviderQueue (in-flight bound, rate, throttling)
 - ``sigv4.py``   -- AWS Signature Version 4

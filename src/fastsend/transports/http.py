@@ -38,9 +38,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from fastsend.delivery.mx import Site
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.throttle import Gcra
 from fastsend.transports.spec import TransportSpec
@@ -157,6 +156,13 @@ class HTTPTransport:
         raise NotImplementedError
 
 
+class ProviderSite(NamedTuple):
+    """What the worker reads of a queue's site (delivery.mx.Site's fields)."""
+
+    key: str
+    hosts: tuple[Any, ...] = ()
+
+
 Report = Callable[[list[TxnResult], str, str], None]
 Handback = Callable[[list[Envelope], float, float, str], None]
 
@@ -177,7 +183,7 @@ class ProviderQueue:
         events: list[dict[str, Any]] | None = None,
     ) -> None:
         self.transport = transport
-        self.site = Site(f"provider:{transport.spec.name}", ())
+        self.site = ProviderSite(f"provider:{transport.spec.name}")
         self.session = session
         self.report = report
         self.handback = handback
@@ -338,9 +344,9 @@ class ProviderQueue:
             self._throttled(envs, ans)
         else:
             self._succeeded(ans)
-            for e in envs:
-                self.campaign_of.pop(_key(e), None)
-                self.throttles.pop(_key(e), None)
+            for env in envs:
+                self.campaign_of.pop(_key(env), None)
+                self.throttles.pop(_key(env), None)
             self.count("provider_requests")
             self.report(ans, "", self.transport.label)
         self.pump()

@@ -54,7 +54,7 @@ class MailgunTransport(HTTPTransport):
         ids = env.tag if isinstance(env.tag, list) else [env.tag]
         if self.secret and all(isinstance(i, int) for i in ids):
             fields.append(
-                (b"v:fastsend", " ".join(msgid.token(i, self.secret) for i in ids).encode())
+                (b"v:fastsend", " ".join(msgid.token(int(i), self.secret) for i in ids).encode())  # type: ignore[arg-type]
             )
         parts = [
             b'--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (b, k, v)

@@ -35,7 +35,6 @@ from fastsend.transports.spec import TransportSpec
 
 if TYPE_CHECKING:
     from fastsend import wire
-    from fastsend.delivery.worker import Worker
 
 
 def make_transport(spec: TransportSpec, secret: bytes) -> HTTPTransport:
@@ -65,7 +64,7 @@ def should_fail_over(o: Outcome) -> bool:
 
 
 class Router:
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Any) -> None:  # the delivery.worker.Worker
         self.w = worker
         self.config = worker.config
         self.has_routes = any(r.transports for r in self.config.routes.values())
