@@ -25,6 +25,8 @@ from fastsend import config as cfgmod
 from fastsend import msgid
 from fastsend.events import EventLog
 from fastsend.message import Campaign
+from fastsend.queue import dispatch as dispatchmod
+from fastsend.queue import lifecycle as lifemod
 from fastsend.queue import supervisor as supmod
 from fastsend.queue.supervisor import Supervisor
 from fastsend.sink import SinkThread
@@ -132,7 +134,8 @@ def test_batches_split_to_fit_the_ring_and_an_oversized_message_bounces(
     again (with 8 MB rings, 200 transactional messages of 50 KB are enough).
     Now batches are split to fit, and a single message that can never cross the
     ring is bounced (5.3.4). Rings are shrunk to 64 KB here to keep it small."""
-    monkeypatch.setattr(supmod, "RING_BYTES", 1 << 16)
+    monkeypatch.setattr(lifemod, "RING_BYTES", 1 << 16)  # the rings forked with
+    monkeypatch.setattr(dispatchmod, "RING_BYTES", 1 << 16)  # what dispatch fits
     with SinkThread() as sink:
         cfg = make_config(tmp_path, sink, delivery={"batch_size": 200})
         spool = SQLiteSpool(cfg.spool_dir)
@@ -184,7 +187,8 @@ def test_kill_9_of_a_worker_with_a_full_inbox_loses_nothing(
     new rings whose eventfds reuse the old numbers: the old writer_fd must not
     stay registered on the loop, or the new inbox's space wake-ups are lost and
     the backlog (and every message in it) stays in flight forever."""
-    monkeypatch.setattr(supmod, "RING_BYTES", 1 << 16)
+    monkeypatch.setattr(lifemod, "RING_BYTES", 1 << 16)  # the rings forked with
+    monkeypatch.setattr(dispatchmod, "RING_BYTES", 1 << 16)  # what dispatch fits
     n = 3000
     with SinkThread() as sink:
         cfg = make_config(tmp_path, sink, delivery={"batch_size": 50, "window": n})
@@ -493,7 +497,7 @@ def test_a_hung_worker_is_killed_and_its_window_requeued(
     used to hold its window in flight for as long as the supervisor ran. A
     worker sends Stats every second; after WORKER_SILENCE without any record
     the supervisor kills it, and its window goes to a fresh worker."""
-    monkeypatch.setattr(supmod, "WORKER_SILENCE", 3.0)
+    monkeypatch.setattr(lifemod, "WORKER_SILENCE", 3.0)
     n = 300
     with SinkThread() as sink:
         cfg = make_config(tmp_path, sink)

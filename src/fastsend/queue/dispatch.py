@@ -1,0 +1,213 @@
+"""Dispatch: while a worker has room in its window, claim due messages from the
+spool, screen them against the tenant's suppression list, hold back what the
+campaign / tenant / global dispatch rates do not admit yet, group the rest by
+(campaign, domain) into batches, send the campaign spec first if that worker has
+not seen it, and put the batches on its inbox ring. What can never be handed to
+a worker (spec or message too large for a ring) is bounced here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from fastsend import wire
+from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
+from fastsend.spool import SUPPRESSED, Claimed, Result
+
+STATUS_TTL = 0.5  # s a campaign's status is trusted before rate-held mail is checked again
+
+
+class Dispatch(SupervisorState):
+    def dispatch(self) -> None:
+        if self.draining or self.stopping:
+            self.release_held()
+            if not self.stopping:
+                self.drain_workers()
+            return
+        now = time.time()
+        size = self.config.delivery.batch_size
+        window = self.config.delivery.window
+        nothing_due = False
+        for slot in self.slots:
+            if not slot.alive or slot.inbox is None or slot.backlog or slot.retiring:
+                continue
+            groups: dict[tuple[int, str], list[Claimed]] = {}
+            room = window - len(slot.inflight)
+            if not nothing_due and room >= min(size, window // 4 or 1):
+                claimed = self.spool.claim_due(now, room)
+                nothing_due = not claimed
+                if claimed and self.config.delivery.check_suppression:
+                    claimed = self.screen(claimed, now)
+                for c in claimed:
+                    slot.inflight[c.id] = c
+                    groups.setdefault((c.campaign, c.domain), []).append(c)
+            groups = self.gate(slot, groups)
+            if not groups:
+                continue
+            records: list[bytes] = []
+            for (campaign, domain), items in groups.items():
+                if campaign not in slot.campaigns:
+                    head, why = self.spec_records(campaign)
+                    if not head:  # it can never be rendered: final, not stuck in flight
+                        self.fail(slot, items, 554, "5.3.0", why)
+                        continue
+                    records.extend(head)
+                    slot.campaigns.add(campaign)
+                for i in range(0, len(items), size):
+                    records.extend(self.batch_records(slot, campaign, domain, items[i : i + size]))
+            slot.backlog.extend(records)
+            self.push_backlog(slot)
+
+    def screen(self, claimed: list[Claimed], now: float) -> list[Claimed]:
+        """Dispatch-time suppression: the claimed messages whose address is not
+        suppressed for their campaign's tenant. The others end as ``suppressed``
+        (an event each), never delivered. One lookup per tenant per claim."""
+        by_tenant: dict[str, list[Claimed]] = {}
+        tenant_of = self.tenant_of
+        for c in claimed:
+            by_tenant.setdefault(tenant_of(c.campaign), []).append(c)
+        gone: list[tuple[Claimed, str, str]] = []
+        for tenant, items in by_tenant.items():
+            try:
+                hits = self.suppression.reasons_many([c.rcpt for c in items], tenant=tenant)
+            except Exception:  # an unreadable list must not stop delivery: say so
+                self.hook_failed(self.suppression.reasons_many)
+                return claimed
+            if hits:
+                gone += [(c, tenant, hits[c.rcpt]) for c in items if c.rcpt in hits]
+        if not gone:
+            return claimed
+        drop = {c.id for c, _t, _r in gone}
+        log_events = self.events.path is not None or bool(self.events.listeners)
+        for c, tenant, reason in gone:
+            text = f"suppressed for tenant {tenant}: {reason}"
+            self.results.append(Result(c.id, SUPPRESSED, c.attempts, 0.0, 0, "", text))
+            self.stats.suppressed += 1
+            if log_events:
+                self.event_buf.append(
+                    {
+                        "time": now,
+                        "event": "suppressed",
+                        "id": c.id,
+                        "campaign": c.campaign,
+                        "tenant": tenant,
+                        "rcpt": c.rcpt,
+                        "reason": reason,
+                        "stage": "dispatch",
+                    }
+                )
+        return [c for c in claimed if c.id not in drop]
+
+    def tenant_of(self, campaign: int) -> str:
+        t = self.tenant_cache.get(campaign)
+        if t is None:
+            info = self.spool.get_campaign(campaign)
+            t = info.tenant if info is not None else "default"
+            if len(self.tenant_cache) > 100_000:
+                self.tenant_cache.clear()
+            self.tenant_cache[campaign] = t
+        return t
+
+    def spec_records(self, campaign: int) -> tuple[list[bytes], str]:
+        """The records that introduce a campaign to a worker, or why there are none."""
+        try:
+            spec = self.campaign_spec(campaign)
+        except KeyError:
+            return [], f"campaign {campaign} is missing from the spool"
+        rec = wire.encoder.encode(wire.CampaignSpec(campaign, spec))
+        if len(rec) > RING_BYTES - 64:
+            return [], f"campaign {campaign} is too large for a worker's ring ({len(rec)} bytes)"
+        info = self.spool.get_campaign(campaign)
+        named = wire.encoder.encode(
+            wire.CampaignInfo(campaign, info.name if info else "", info.tenant if info else "")
+        )
+        return [rec, named, *self.shaping.campaign_records(campaign)], ""
+
+    def batch_records(
+        self, slot: WorkerSlot, campaign: int, domain: str, items: list[Claimed]
+    ) -> list[bytes]:
+        """Batch records of ``items``, split so that each fits the ring comfortably
+        (a record the ring can never hold would raise in put()); a single message
+        too large for the ring is bounced."""
+        rec = wire.encoder.encode(
+            wire.Batch(
+                campaign, domain, [wire.Item(c.id, c.rcpt, c.vars, c.attempts) for c in items]
+            )
+        )
+        n = len(rec)
+        if n <= RING_BYTES // 4 or (len(items) == 1 and n <= RING_BYTES - 64):
+            return [rec]
+        if len(items) > 1:
+            half = len(items) // 2
+            return self.batch_records(slot, campaign, domain, items[:half]) + self.batch_records(
+                slot, campaign, domain, items[half:]
+            )
+        self.fail(slot, items, 552, "5.3.4", f"message too large for a worker's ring ({n} bytes)")
+        return []
+
+    def fail(
+        self, slot: WorkerSlot, items: list[Claimed], code: int, enhanced: str, text: str
+    ) -> None:
+        """Bounce claimed messages that can never be handed to a worker."""
+        print(f"fastsend: {len(items)} message(s) bounced: {text}", file=sys.stderr)
+        self.apply(
+            slot, [wire.Res(c.id, wire.K_FAILED, code, enhanced, text, "", "") for c in items]
+        )
+
+    def gate(
+        self, slot: WorkerSlot, groups: dict[tuple[int, str], list[Claimed]]
+    ) -> dict[tuple[int, str], list[Claimed]]:
+        """Per-campaign / per-tenant / global dispatch rates (fastsend.queue.shaping):
+        what may not go yet waits in ``slot.held`` (in flight, inside the window)."""
+        if slot.held:
+            # Rate-held mail of a campaign paused or cancelled meanwhile (on any
+            # node: the status is the spool's) goes back to the queue, undispatched.
+            stopped = [key for key in slot.held if not self.campaign_active(key[0])]
+            if stopped:
+                ids = [c.id for key in stopped for c in slot.held.pop(key)]
+                for i in ids:
+                    slot.inflight.pop(i, None)
+                self.spool.release(ids)
+            for key, items in groups.items():
+                slot.held.setdefault(key, []).extend(items)
+            groups, slot.held = slot.held, {}
+        admit = self.shaping.gate.admit
+        mono = time.monotonic()
+        out: dict[tuple[int, str], list[Claimed]] = {}
+        for key, items in groups.items():
+            n = admit(key[0], len(items), mono)
+            if n:
+                out[key] = items if n == len(items) else items[:n]
+            if n < len(items):
+                slot.held[key] = items[n:]
+        return out
+
+    def campaign_active(self, campaign: int) -> bool:
+        """The campaign's status, read from the spool at most every STATUS_TTL s."""
+        now = time.monotonic()
+        ent = self.status_cache.get(campaign)
+        if ent is None or now - ent[1] > STATUS_TTL:
+            info = self.spool.get_campaign(campaign)
+            ent = self.status_cache[campaign] = (info is not None and info.status == "active", now)
+        return ent[0]
+
+    def release_held(self) -> None:
+        """Stopping: rate-held messages go back to queued."""
+        for slot in self.slots:
+            if slot.held:
+                ids = [c.id for items in slot.held.values() for c in items]
+                for i in ids:
+                    slot.inflight.pop(i, None)
+                slot.held.clear()
+                self.spool.release(ids)
+
+    def campaign_spec(self, campaign_id: int) -> dict[str, Any]:
+        spec = self.spec_cache.get(campaign_id)
+        if spec is None:
+            info = self.spool.get_campaign(campaign_id)
+            if info is None:
+                raise KeyError(f"campaign {campaign_id} not in spool")
+            spec = self.spec_cache[campaign_id] = info.spec
+        return spec

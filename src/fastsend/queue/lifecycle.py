@@ -1,0 +1,252 @@
+"""Worker lifecycle: fork the uvloop workers with their two rings, feed records
+to a ring as it has room, watch for exits and silence, restart (or, in a crash
+loop, answer the window as deferred), replace workers one at a time on reload,
+and stop them (Drain and wait, or terminate).
+
+Before forking worker i the supervisor creates two rings (``inbox`` supervisor ->
+worker, ``outbox`` worker -> supervisor); each worker owns a slice of the
+source-IP pool. A worker that dies has its outbox drained, its window released
+back to queued, and is forked again with fresh rings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+from fastsend import msgid, wire
+from fastsend.config import Config
+from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
+from fastsend.ring import Ring
+
+WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
+CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
+
+
+class WorkerLifecycle(SupervisorState):
+    def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
+        """Rest a source IP for providers ("*": all) until ``until`` (unix seconds) in the
+        worker that owns it (and any worker started later): a DNS blocklist listing."""
+        self.shaping.rest_ip(ip, providers, until, reason)
+        rec = wire.encoder.encode(wire.IPRest(ip, list(providers), until, reason))
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None and (ip in slot.ips or not slot.ips):
+                slot.backlog.append(rec)
+                self.push_backlog(slot)
+
+    def set_warmup_offsets(self, offsets: dict[str, int]) -> None:
+        """Warm-up day offsets per IP for every worker (and any started later)."""
+        self.shaping.warmup_offsets = dict(offsets)
+        rec = wire.encoder.encode(wire.WarmupAdjust(dict(offsets)))
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None:
+                slot.backlog.append(rec)
+                self.push_backlog(slot)
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        from fastsend.delivery.worker import run_worker
+
+        slot.inbox, slot.outbox = Ring(RING_BYTES), Ring(RING_BYTES)
+        # An empty get() arms the consumer's waiting flag, so the worker's first
+        # put signals our eventfd (the ring signals only a consumer that waits).
+        slot.outbox.get()
+        slot.campaigns.clear()
+        slot.backlog.clear()
+        slot.drain_sent = False
+        slot.backlog.extend(self.shaping.spawn_records())
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                code = run_worker(slot.index, self.config, slot.ips, slot.inbox, slot.outbox)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        slot.pid = pid
+        slot.alive = True
+        slot.last_seen = time.monotonic()
+        loop = asyncio.get_running_loop()
+        outbox = slot.outbox
+        loop.add_reader(outbox.reader_fd, self.on_outbox, slot, outbox)
+
+    def reap(self) -> None:
+        for slot in self.slots:
+            if not slot.alive:
+                continue
+            try:
+                pid, status = os.waitpid(slot.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = slot.pid, 0
+            if pid == 0:
+                if time.monotonic() - slot.last_seen > WORKER_SILENCE:
+                    # Hung (its loop blocked, or stopped): its window would stay in
+                    # flight forever. Kill it; the next reap restarts it.
+                    print(
+                        f"fastsend: worker {slot.index} (pid {slot.pid}) silent for"
+                        f" {WORKER_SILENCE:g} s; killing it",
+                        file=sys.stderr,
+                    )
+                    slot.last_seen = time.monotonic()
+                    try:
+                        os.kill(slot.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                continue
+            slot.alive = False
+            code = os.waitstatus_to_exitcode(status)
+            why = ""
+            if not slot.retiring and not self.stopping and not (self.draining and code == 0):
+                now = time.monotonic()
+                slot.crashes = [t for t in slot.crashes if now - t < CRASH_LOOP[1]] + [now]
+                if len(slot.crashes) >= CRASH_LOOP[0]:
+                    # Its window may hold a message that kills it: counting the
+                    # attempt (backoff, then expiry) ends the loop, and with it
+                    # the duplicates each release would send again.
+                    why = (
+                        f"local error: worker {slot.index} exited {len(slot.crashes)} times"
+                        f" in {CRASH_LOOP[1]:g} s (last status {code})"
+                    )
+            self.retire(slot, why)
+            if slot.retiring:  # replaced by reload(): a fresh worker on the new config
+                slot.retiring = False
+                if not (self.draining or self.stopping):
+                    self.spawn(slot)
+                continue
+            if not (self.draining and code == 0) and not self.stopping:
+                print(
+                    f"fastsend: worker {slot.index} (pid {slot.pid}) exited with status {code};"
+                    " restarting it",
+                    file=sys.stderr,
+                )
+                slot.restarts += 1
+                self.stats.worker_restarts += 1
+                self.spawn(slot)
+
+    def retire(self, slot: WorkerSlot, defer: str = "") -> None:
+        """A worker is gone: take its last outcomes, requeue the rest of its window
+        (or, given a reason ``defer``, answer it as a deferred attempt)."""
+        loop = asyncio.get_running_loop()
+        if slot.outbox is not None:
+            loop.remove_reader(slot.outbox.reader_fd)
+            self.drain_outbox(slot, slot.outbox)
+        if slot.inflight:
+            ids = list(slot.inflight)
+            self.stats.duplicates_possible += len(ids)
+            if defer:
+                self.apply(
+                    slot, [wire.Res(i, wire.K_DEFERRED, 451, "4.3.0", defer, "", "") for i in ids]
+                )
+            self.flush_results()
+            self.spool.release(ids)
+            slot.inflight.clear()
+        slot.held.clear()
+        if slot.inbox is not None:
+            # A backlog may be waiting for inbox space: the fd is about to close
+            # and its number to be reused by the next rings, so unregister it.
+            loop.remove_reader(slot.inbox.writer_fd)
+        for ring in (slot.inbox, slot.outbox):
+            if ring is not None:
+                ring.close()
+        slot.inbox = slot.outbox = None
+
+    async def reload(self, config: Config) -> None:
+        """Swap in a new config (routes, shaping, ...) and replace the workers one at
+        a time: each is sent Drain, finishes its window and exits, and is forked
+        again on the new config; the others keep delivering meanwhile. The
+        worker count and the spool do not change here (they need a restart)."""
+        config.workers = self.config.workers
+        if not config.secret:  # as in __init__: Message-ID/VERP tokens must still verify
+            config.secret = msgid.load_secret(config)
+        self.config = config
+        self.shaping.reconfigure(config)  # dispatch rates, guardrails, pools
+        for slot in self.slots:  # a slot respawned by reap() meanwhile gets them too
+            slot.ips = config.ips_for_worker(slot.index)
+        for slot in self.slots:
+            if self.draining or self.stopping:
+                return
+            if not slot.alive or slot.inbox is None:
+                continue
+            slot.retiring = True
+            slot.drain_sent = True
+            slot.backlog.append(wire.encoder.encode(wire.Drain()))
+            self.push_backlog(slot)
+            while slot.retiring and not (self.draining or self.stopping):
+                await asyncio.sleep(0.02)
+
+    def drain_workers(self) -> None:
+        """SIGTERM: tell each worker at once, so it hands back the mail of sites
+        that cannot finish soon instead of the drain waiting for them."""
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None and not slot.drain_sent:
+                slot.drain_sent = True
+                slot.backlog.append(wire.encoder.encode(wire.Drain()))
+                self.push_backlog(slot)
+
+    def push_backlog(self, slot: WorkerSlot) -> None:
+        ring = slot.inbox
+        if ring is None:
+            return
+        while slot.backlog:
+            if not ring.put(slot.backlog[0]):
+                loop = asyncio.get_running_loop()
+                loop.add_reader(ring.writer_fd, self.on_inbox_space, slot, ring)
+                return
+            slot.backlog.pop(0)
+
+    def on_inbox_space(self, slot: WorkerSlot, ring: Ring) -> None:
+        asyncio.get_running_loop().remove_reader(ring.writer_fd)
+        ring.clear_writer()
+        if slot.inbox is ring:
+            self.push_backlog(slot)
+
+    async def shutdown(self) -> None:
+        """Stop the workers: Drain and wait (normal end), or terminate (stop now)."""
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None and not self.stopping and not slot.drain_sent:
+                slot.drain_sent = True
+                slot.backlog.append(wire.encoder.encode(wire.Drain()))
+                self.push_backlog(slot)
+        deadline = time.monotonic() + (2.0 if self.stopping else 60.0)
+        while any(s.alive for s in self.slots) and time.monotonic() < deadline:
+            if self.stopping:
+                for s in self.slots:
+                    if s.alive:
+                        try:
+                            os.kill(s.pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+            await asyncio.sleep(0.02)
+            self.draining = True
+            self.spool.renew()
+            self.reap_final()
+        for s in self.slots:
+            if s.alive:
+                try:
+                    os.kill(s.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                os.waitpid(s.pid, 0)
+                s.alive = False
+                self.retire(s)
+        self.flush_results()
+
+    def reap_final(self) -> None:
+        for slot in self.slots:
+            if not slot.alive:
+                continue
+            try:
+                pid, _status = os.waitpid(slot.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid = slot.pid
+            if pid:
+                slot.alive = False
+                self.retire(slot)
+            elif slot.outbox is not None:
+                self.drain_outbox(slot, slot.outbox)
+        self.flush_results()

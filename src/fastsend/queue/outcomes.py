@@ -1,0 +1,169 @@
+"""Outcome application: drain a worker's outbox ring, decode its records, decide
+each message's next state (delivered, bounced, deferred with a retry time,
+expired; handed back unattempted), then once per tick apply them to the spool
+in one transaction, learn hard bounces into the suppression list, and write the
+event log. Result hooks (guardrails) see every outcome.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from fastsend import wire
+from fastsend.queue.state import SupervisorState, WorkerSlot
+from fastsend.retry import next_attempt
+from fastsend.ring import Ring
+from fastsend.spool import BOUNCED, DEFERRED, DELIVERED, EXPIRED, Result
+from fastsend.suppression import SOURCE_DELIVERY
+
+HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up to this far
+
+
+class Outcomes(SupervisorState):
+    def _on_events(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            if ev.get("event") == "complained" and isinstance(ev.get("campaign"), int):
+                self.shaping.guardrails.record_complaint(ev["campaign"])
+
+    def on_outbox(self, slot: WorkerSlot, ring: Ring) -> None:
+        ring.clear_reader()
+        self.drain_outbox(slot, ring)
+
+    def drain_outbox(self, slot: WorkerSlot, ring: Ring) -> None:
+        decode = wire.from_worker_decoder.decode
+        got = False
+        while (rec := ring.get()) is not None:
+            slot.last_seen = time.monotonic()
+            msg = decode(rec)
+            if isinstance(msg, wire.Results):
+                self.apply(slot, msg.items)
+                got = True
+            elif isinstance(msg, wire.Handback):
+                self.handback(slot, msg)
+                got = True
+            elif isinstance(msg, wire.Stats):
+                slot.counters = msg.counters
+            elif isinstance(msg, wire.Events):
+                self.event_buf.extend(msg.events)  # transport failover
+            else:
+                self.shaping.on_record(msg)
+        if got:
+            self.wake.set()
+
+    def apply(self, slot: WorkerSlot, items: list[wire.Res]) -> None:
+        now = time.time()
+        policy = self.config.retry
+        stats = self.stats
+        results = self.results
+        events = self.event_buf
+        inflight = slot.inflight
+        log_events = self.events.path is not None or bool(self.events.listeners)
+        for r in items:
+            c = inflight.pop(r.id, None)
+            if c is None:
+                continue  # already released (duplicate answer after a restart)
+            attempts = c.attempts + 1
+            stats.attempts += 1
+            if r.kind == wire.K_DELIVERED:
+                state, name, at = DELIVERED, "delivered", 0.0
+                stats.delivered += 1
+            elif r.kind == wire.K_FAILED:
+                state, name, at = BOUNCED, "bounced", 0.0
+                stats.bounced += 1
+                if r.hard:  # the address can never receive: suppress it for the tenant now
+                    self.to_suppress.append(
+                        (self.tenant_of(c.campaign), c.rcpt, r.reason, SOURCE_DELIVERY, c.id)
+                    )
+            else:
+                nxt = next_attempt(policy, attempts, now, c.created)
+                if nxt is None:
+                    state, name, at = EXPIRED, "expired", 0.0
+                    stats.expired += 1
+                else:
+                    state, name, at = DEFERRED, "deferred", nxt
+                    stats.deferred += 1
+            results.append(Result(c.id, state, attempts, at, r.code, r.enhanced, r.text))
+            for hook in self.result_hooks:
+                try:
+                    hook(c, r, state)
+                except Exception:  # a hook's bug must not strand the rest of the record
+                    self.hook_failed(hook)
+            if log_events:
+                ev = {
+                    "time": now,
+                    "event": name,
+                    "id": c.id,
+                    "campaign": c.campaign,
+                    "rcpt": c.rcpt,
+                    "source_ip": r.source_ip,
+                    "mx": r.mx,
+                    "code": r.code,
+                    "enhanced": r.enhanced,
+                    "text": r.text,
+                    "attempt": attempts,
+                }
+                if state != DELIVERED:
+                    ev["stage"] = r.stage
+                    ev["reason"] = r.reason
+                    ev["hard"] = r.hard
+                if r.queue_id:
+                    ev["queue_id"] = r.queue_id
+                if state == EXPIRED:
+                    ev["reason"] = "expired"
+                    ev["last_reason"] = r.reason
+                elif state == DEFERRED:
+                    ev["next_attempt"] = at
+                elif state == BOUNCED:
+                    ev["suppressed"] = r.hard
+                events.append(ev)
+
+    def handback(self, slot: WorkerSlot, msg: wire.Handback) -> None:
+        """Mail a worker gave back unattempted: queued again (attempts unchanged),
+        the k-th at ``at + min(k * step, HANDBACK_SPREAD)``. Its outcome for this
+        claim; no attempt, no event, no result hook."""
+        inflight = slot.inflight
+        out = self.requeues
+        at, step = msg.at, msg.step
+        k = 0
+        for i in msg.ids:
+            if inflight.pop(i, None) is None:
+                continue  # already released (duplicate answer after a restart)
+            out.append((i, at + min(k * step, HANDBACK_SPREAD)))
+            k += 1
+        self.stats.handed_back += k
+
+    def flush_results(self) -> None:
+        if self.to_suppress:
+            # Before the spool records the bounce: a crash in between re-sends
+            # to the address at worst, never leaves it unsuppressed.
+            try:
+                self.suppression.add_entries(self.to_suppress)
+                self.to_suppress = []
+            except Exception:  # locked or unwritable: keep them, try again next tick
+                self.hook_failed(self.suppression.add_entries)
+                del self.to_suppress[:-100_000]
+        if self.results:
+            self.spool.record_results(self.results, time.time())
+            self.results = []
+        if self.requeues:
+            self.spool.requeue(self.requeues, time.time())
+            self.requeues = []
+        if self.event_buf:
+            buf, self.event_buf = self.event_buf, []
+            try:
+                self.events.emit_many(buf)  # the file, then listeners (webhooks, index)
+            except Exception:
+                self.hook_failed(self.events.emit_many)
+        self.events.flush()
+
+    def hook_failed(self, hook: Any) -> None:
+        """Report a result hook or event listener that raised (once per hook)."""
+        name = getattr(hook, "__qualname__", repr(hook))
+        if name not in self.failed_hooks:
+            self.failed_hooks.add(name)
+            import traceback
+
+            print(f"fastsend: {name} raised (outcomes are still applied):", file=sys.stderr)
+            traceback.print_exc()

@@ -1,0 +1,118 @@
+"""What the supervisor's three parts share: the worker slots, the run's counters,
+and the state every part reads (:class:`SupervisorState`).
+
+The supervisor is split by noun, as Postfix splits its queue manager:
+:mod:`~fastsend.queue.lifecycle` (fork, watch, restart and stop the workers; the
+rings), :mod:`~fastsend.queue.dispatch` (claim, screen, rate-gate, batch onto the
+rings) and :mod:`~fastsend.queue.outcomes` (decode what workers answer, decide
+retries, write the spool and the event log). :class:`~fastsend.queue.supervisor.
+Supervisor` composes them and runs the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastsend import wire
+from fastsend.config import Config
+from fastsend.events import EventLog
+from fastsend.queue.shaping import SupervisorShaping
+from fastsend.ring import Ring
+from fastsend.spool import Claimed, Result, Spool
+from fastsend.suppression import SuppressionList
+
+# Per ring, per direction, per worker. Anonymous shared memory: only the pages a
+# busy ring touches are resident. Large enough for one maximum-size message (the
+# API and listeners accept up to 16 MB) plus its batch framing.
+RING_BYTES = wire.RING_BYTES
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    ips: list[str]
+    pid: int = 0
+    inbox: Ring | None = None
+    outbox: Ring | None = None
+    inflight: dict[int, Claimed] = field(default_factory=dict)
+    campaigns: set[int] = field(default_factory=set)
+    backlog: list[bytes] = field(default_factory=list)  # records waiting for ring space
+    restarts: int = 0
+    alive: bool = False
+    counters: dict[str, float] = field(default_factory=dict)  # last wire.Stats
+    retiring: bool = False  # draining for a reload: respawn on exit, feed nothing
+    held: dict[tuple[int, str], list[Claimed]] = field(default_factory=dict)  # rate-held
+    last_seen: float = 0.0  # monotonic time of the worker's last record
+    crashes: list[float] = field(default_factory=list)  # monotonic times of abnormal exits
+    drain_sent: bool = False  # Drain is on its way (SIGTERM): the worker hands back slow mail
+
+
+@dataclass
+class RunStats:
+    started: float = field(default_factory=time.monotonic)
+    delivered: int = 0
+    deferred: int = 0  # deferral events (attempts), not messages
+    bounced: int = 0
+    expired: int = 0
+    suppressed: int = 0
+    attempts: int = 0
+    worker_restarts: int = 0
+    duplicates_possible: int = 0  # messages released from a dead worker's window
+    handed_back: int = 0  # messages a worker gave back unattempted (slow site, drain)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "started"}
+
+
+class SupervisorState:
+    """The attributes :class:`~fastsend.queue.supervisor.Supervisor` sets up, and the
+    methods one part calls in another, declared once for the type checker."""
+
+    # set up in Supervisor.__init__
+    config: Config
+    spool: Spool
+    events: EventLog
+    shaping: SupervisorShaping
+    suppression: SuppressionList
+    own_suppression: bool
+    slots: list[WorkerSlot]
+    stats: RunStats
+    wake: asyncio.Event
+    draining: bool  # SIGTERM: no new claims, windows finish
+    stopping: bool  # stop now: windows go back to queued
+    feeder: Iterator[object] | None
+    feeding: bool
+    feed_error: BaseException | None
+    until_idle: bool
+    max_wait: float
+    on_tick: Callable[[Any], None] | None
+    # dispatch
+    spec_cache: dict[int, dict[str, Any]]
+    status_cache: dict[int, tuple[bool, float]]  # campaign -> (active, read at)
+    tenant_cache: dict[int, str]
+    # outcomes, written to the spool and the event log once per tick
+    results: list[Result]
+    requeues: list[tuple[int, float]]  # handed back: (id, next_at)
+    event_buf: list[dict[str, Any]]
+    to_suppress: list[tuple[str, str, str, str, int | None]]
+    result_hooks: list[Callable[[Claimed, wire.Res, int], None]]
+    failed_hooks: set[str]
+
+    if TYPE_CHECKING:
+        # lifecycle
+        def push_backlog(self, slot: WorkerSlot) -> None: ...
+        def drain_workers(self) -> None: ...
+
+        # dispatch
+        def tenant_of(self, campaign: int) -> str: ...
+
+        # outcomes
+        def on_outbox(self, slot: WorkerSlot, ring: Ring) -> None: ...
+        def drain_outbox(self, slot: WorkerSlot, ring: Ring) -> None: ...
+        def apply(self, slot: WorkerSlot, items: list[wire.Res]) -> None: ...
+        def flush_results(self) -> None: ...
+        def hook_failed(self, hook: Any) -> None: ...
