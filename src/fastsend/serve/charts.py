@@ -33,13 +33,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from importlib import resources
 from typing import Any
 
 from aiohttp import web
 
 from fastsend.serve.api import ApiError, json_response, tenant_of
 from fastsend.serve.dashboard import _HEADERS
+from fastsend.serve.pages import load
 from fastsend.spool import AGE_BUCKETS_MIN
 
 log = logging.getLogger("fastsend.serve.charts")
@@ -53,9 +53,8 @@ _PAGES = {"campaign": "campaign.html", "ip": "ip.html"}
 class Charts:
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
-        pkg = resources.files("fastsend.serve") / "static"
-        self.files = {name: (pkg / f).read_bytes() for name, f in _PAGES.items()}
-        self.script = (pkg / "charts.js").read_bytes()
+        self.files = {name: load(f) for name, f in _PAGES.items()}
+        self.script = load("charts.js")
         self.rests: dict[str, dict[str, dict[str, Any]]] = {}  # ip -> site -> rest
         self.last_gauges = 0.0
         self.reputation: Any = None  # fastsend.analytics.dnsbl state, when configured

@@ -51,12 +51,12 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from importlib import resources
 from typing import Any
 
 from aiohttp import web
 
 from fastsend.serve.api import ApiError, api_of, json_response, tenant_of
+from fastsend.serve.pages import load
 from fastsend.spool import DEFERRED, INFLIGHT, QUEUED, STATE_NAMES
 
 __all__ = ["setup_dashboard"]
@@ -171,10 +171,7 @@ class Dashboard:
         self._spool_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._ttl = SPOOL_TTL
         self._warned = False
-        pkg = resources.files("fastsend.serve") / "static"
-        self.files = {
-            path: ((pkg / name).read_bytes(), ctype) for path, (name, ctype) in _FILES.items()
-        }
+        self.files = {path: (load(name), ctype) for path, (name, ctype) in _FILES.items()}
 
     # -- the event listener (every event this process emits) -------------------
 
