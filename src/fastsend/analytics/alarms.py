@@ -35,7 +35,8 @@ from typing import Any
 
 from fastsend.analytics.query import rates
 from fastsend.analytics.store import IDX, RollupStore
-from fastsend.config import Config, ConfigError
+from fastsend.config import Config
+from fastsend.tables import load_table
 
 NODE = "*"
 
@@ -53,19 +54,7 @@ class AlarmSettings:
     def from_config(cls, config: Config) -> AlarmSettings:
         rep = config.raw.get("reputation", {})
         raw = rep.get("alarms", {}) if isinstance(rep, dict) else {}
-        if not isinstance(raw, dict):
-            raise ConfigError("[reputation.alarms] must be a table")
-        s = cls()
-        for k, v in raw.items():
-            if k not in cls.__dataclass_fields__:
-                raise ConfigError(f"[reputation.alarms] unknown key {k!r}")
-            cur = getattr(s, k)
-            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"[reputation.alarms] {k} must be a number >= 0")
-            if isinstance(cur, int) and not isinstance(v, int):
-                raise ConfigError(f"[reputation.alarms] {k} must be an integer")
-            setattr(s, k, type(cur)(v))
-        return s
+        return load_table(cls, raw, "reputation.alarms")
 
 
 class Alarms:

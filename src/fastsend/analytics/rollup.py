@@ -56,7 +56,8 @@ from typing import Any
 
 from fastsend.analytics.machine import MachineRules, load_machine_rules
 from fastsend.analytics.store import ALL, IDX, NC, RETENTION_DAYS, RollupStore
-from fastsend.settings import Config, ConfigError
+from fastsend.settings import Config
+from fastsend.tables import load_table
 
 log = logging.getLogger("fastsend.analytics")
 
@@ -107,25 +108,7 @@ class AnalyticsSettings:
     @classmethod
     def from_config(cls, config: Config | None) -> AnalyticsSettings:
         raw = (config.raw if config is not None else {}).get("analytics", {})
-        if not isinstance(raw, dict):
-            raise ConfigError("[analytics] must be a table")
-        s = cls()
-        for k, v in raw.items():
-            if k not in cls.__dataclass_fields__:
-                known = ", ".join(sorted(cls.__dataclass_fields__))
-                raise ConfigError(f"[analytics] unknown key {k!r} (known: {known})")
-            cur = getattr(s, k)
-            if isinstance(cur, bool):
-                ok = isinstance(v, bool)
-            elif isinstance(cur, str):
-                ok = isinstance(v, str)
-            elif isinstance(cur, int):
-                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            else:
-                ok = isinstance(v, int | float) and not isinstance(v, bool) and v > 0
-            if not ok:
-                raise ConfigError(f"[analytics] {k} has a bad value {v!r}")
-            setattr(s, k, float(v) if isinstance(cur, float) else v)
+        s = load_table(cls, raw, "analytics", float_min_open=True)
         if s.machine_rules and config is not None:
             import os
 

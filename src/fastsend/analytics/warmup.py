@@ -46,7 +46,8 @@ from typing import Any
 
 from fastsend.analytics.query import rates
 from fastsend.analytics.store import IDX, RollupStore
-from fastsend.config import Config, ConfigError
+from fastsend.config import Config
+from fastsend.tables import load_table
 
 NODE = "*"
 ADVANCE, NORMAL, HOLD, BACK = 1, 0, -1, -2
@@ -68,23 +69,7 @@ class WarmupPolicy:
     def from_config(cls, config: Config) -> WarmupPolicy:
         rep = config.raw.get("reputation", {})
         raw = rep.get("warmup", {}) if isinstance(rep, dict) else {}
-        if not isinstance(raw, dict):
-            raise ConfigError("[reputation.warmup] must be a table")
-        s = cls()
-        for k, v in raw.items():
-            if k not in cls.__dataclass_fields__:
-                raise ConfigError(f"[reputation.warmup] unknown key {k!r}")
-            cur = getattr(s, k)
-            if isinstance(cur, bool):
-                ok = isinstance(v, bool)
-            elif isinstance(cur, int):
-                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            else:
-                ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
-            if not ok:
-                raise ConfigError(f"[reputation.warmup] {k} has a bad value {v!r}")
-            setattr(s, k, float(v) if isinstance(cur, float) else v)
-        return s
+        return load_table(cls, raw, "reputation.warmup", float_max=1.0)
 
 
 def decide(delivered: int, complaint_rate: float | None, bounce_rate: float | None,

@@ -35,6 +35,7 @@ from fastsend.config import ConfigError
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext
 from fastsend.serve.eventindex import EventIndex
+from fastsend.tables import load_table
 from fastsend.tenants import TenantDomainError
 from fastsend.throttle import Gcra
 
@@ -64,26 +65,7 @@ class ApiSettings:
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any]) -> ApiSettings:
-        t = raw.get("api", {})
-        if not isinstance(t, dict):
-            raise ConfigError("[api] must be a table")
-        s = cls()
-        for k, v in t.items():
-            if k not in s.__dataclass_fields__:
-                known = ", ".join(sorted(s.__dataclass_fields__))
-                raise ConfigError(f"[api] unknown key {k!r} (known: {known})")
-            cur = getattr(s, k)
-            if isinstance(cur, str) != isinstance(v, str) or isinstance(v, bool):
-                raise ConfigError(f"[api] {k} must be {type(cur).__name__}, got {v!r}")
-            if type(cur) is int and not isinstance(v, int):
-                raise ConfigError(f"[api] {k} must be an integer, got {v!r}")
-            if type(cur) is float and not isinstance(v, int | float):
-                raise ConfigError(f"[api] {k} must be a number, got {v!r}")
-            if isinstance(cur, float):
-                v = float(v)
-            if not isinstance(v, str) and v < 0:
-                raise ConfigError(f"[api] {k} must not be negative")
-            setattr(s, k, v)
+        s = load_table(cls, raw.get("api", {}), "api")
         for k in ("listen", "admin_listen", "public_listen"):
             v = getattr(s, k)
             if not v and k != "listen":

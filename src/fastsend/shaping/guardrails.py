@@ -40,8 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastsend.settings import Config, ConfigError
+from fastsend.settings import Config
 from fastsend.spool import BOUNCED, DELIVERED, Spool
+from fastsend.tables import load_table
 
 
 @dataclass
@@ -54,26 +55,7 @@ class GuardrailSettings:
     @classmethod
     def from_config(cls, config: Config) -> GuardrailSettings:
         raw = config.raw.get("guardrails", {})
-        if not isinstance(raw, dict):
-            raise ConfigError("[guardrails] must be a table")
-        s = cls()
-        for k, v in raw.items():
-            if k not in cls.__dataclass_fields__:
-                raise ConfigError(
-                    f"[guardrails] unknown key {k!r} (known: bounce_rate, complaint_rate,"
-                    " min_sample, enabled)"
-                )
-            cur = getattr(s, k)
-            if isinstance(cur, bool):
-                ok = isinstance(v, bool)
-            elif isinstance(cur, int):
-                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
-            else:
-                ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
-            if not ok:
-                raise ConfigError(f"[guardrails] {k} has a bad value {v!r}")
-            setattr(s, k, float(v) if isinstance(cur, float) else v)
-        return s
+        return load_table(cls, raw, "guardrails", int_min=1, float_max=1.0)
 
 
 class Guardrails:
