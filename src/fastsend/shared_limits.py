@@ -54,8 +54,10 @@ from fastsend.redisurl import parse_redis_url as parse_url
 MAX_NOW_S = 4.0e9  # |now| * 1e6 stays below 2**53: exact in Lua's doubles
 MAX_RATE = 1.0e6  # one event per microsecond
 
-# KEYS[1] bucket; ARGV: now_us ('' = Redis TIME), interval_us, burst, n
-_GCRA = """
+# Both scripts: KEYS[1] bucket; ARGV: now_us ('' = Redis TIME), interval_us, burst, n.
+# The prelude sets t (now, us), interval, burst, n, tau (burst tolerance) and tat
+# (the bucket's theoretical arrival time, never in the past).
+_PRELUDE = """
 local t
 if ARGV[1] == '' then
   local tt = redis.call('TIME')
@@ -67,6 +69,12 @@ local interval, burst, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4
 local tau = burst * interval
 local tat = tonumber(redis.call('GET', KEYS[1]) or '')
 if tat == nil or tat < t then tat = t end
+"""
+
+# -> 0 when all n conform (and are taken), else the wait in us (nothing taken)
+_GCRA = (
+    _PRELUDE
+    + """
 local new_tat = tat + n * interval
 local wait = new_tat - tau - t
 if wait <= 0 then
@@ -76,22 +84,12 @@ if wait <= 0 then
 end
 return wait
 """
+)
 
-
-# KEYS[1] bucket; ARGV: now_us ('' = Redis TIME), interval_us, burst, n
 # -> {granted, wait_us}: as many of n as conform now (then wait_us = 0)
-_GCRA_TAKE = """
-local t
-if ARGV[1] == '' then
-  local tt = redis.call('TIME')
-  t = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
-else
-  t = tonumber(ARGV[1])
-end
-local interval, burst, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tau = burst * interval
-local tat = tonumber(redis.call('GET', KEYS[1]) or '')
-if tat == nil or tat < t then tat = t end
+_GCRA_TAKE = (
+    _PRELUDE
+    + """
 local k = math.floor((t + tau - tat) / interval)
 if k > n then k = n end
 if k < 1 then return {0, tat + interval - tau - t} end
@@ -99,6 +97,7 @@ local new_tat = tat + k * interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - t) / 1000) + 60000)
 return {k, 0}
 """
+)
 
 LEASE_TTL = 1.0  # s: leased tokens not spent by then are dropped
 MAX_LEASE_BATCH = 100
