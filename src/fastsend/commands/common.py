@@ -11,7 +11,7 @@ import orjson
 
 from fastsend import config as cfgmod
 from fastsend.config import Config, ConfigError, Route
-from fastsend.spool import is_redis_url, parse_redis_url
+from fastsend.spool import is_redis_url, parse_redis_url, spool_local_dir
 from fastsend.suppression import SuppressionList
 
 
@@ -77,6 +77,17 @@ def build_config(args: argparse.Namespace) -> Config:
             raise ConfigError("--retry expects MIN,MAX,MAXAGE seconds") from None
         cfg.retry.min_backoff, cfg.retry.max_backoff, cfg.retry.max_age = lo, hi, age
     return cfg
+
+
+def engine_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """:func:`build_config` and the spool to open: a directory (SQLite) or a Redis
+    URL (``--spool``, or the config's ``[spool] url``). ``cfg.spool_dir`` becomes
+    the local directory, where events, the secret and local state live."""
+    cfg = build_config(args)
+    spool_url = cfg.spool_url or cfg.spool_dir
+    if not cfg.spool_url:
+        cfg.spool_dir = spool_local_dir(cfg.spool_dir)
+    return cfg, spool_url
 
 
 def open_suppression(spool_url: str, local_dir: str) -> Any:

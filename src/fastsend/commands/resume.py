@@ -19,14 +19,14 @@ from fastsend import engine
 from fastsend.accept import Acceptor, rows_left, source_problem
 from fastsend.commands.common import (
     add_engine_arguments,
-    build_config,
     die,
+    engine_config,
     open_suppression,
     print_summary,
 )
 from fastsend.config import ConfigError
 from fastsend.events import EventLog
-from fastsend.spool import IngestJob, SpoolError, open_spool, spool_local_dir
+from fastsend.spool import IngestJob, SpoolError, open_spool
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,14 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = build_config(args)
+        cfg, spool_url = engine_config(args)
     except ConfigError as e:
         return die(str(e))
-    # A directory (SQLite) or a Redis URL (--spool, or the config's [spool] url);
-    # events, the secret and local state live in the local directory.
-    spool_url = cfg.spool_url or cfg.spool_dir
-    if not cfg.spool_url:
-        cfg.spool_dir = spool_local_dir(cfg.spool_dir)
     try:
         spool = open_spool(spool_url, must_exist=True)
     except SpoolError as e:

@@ -24,14 +24,14 @@ from fastsend import engine, recipients
 from fastsend.accept import AcceptError, Acceptor, check_campaign, rows_left
 from fastsend.commands.common import (
     add_engine_arguments,
-    build_config,
     die,
+    engine_config,
     open_suppression,
     print_summary,
 )
 from fastsend.config import ConfigError
 from fastsend.events import EventLog
-from fastsend.spool import SpoolError, open_spool, spool_local_dir
+from fastsend.spool import SpoolError, open_spool
 from fastsend.suppression import DEFAULT_TENANT
 
 
@@ -51,16 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from fastsend.message import Campaign, CampaignError
 
     try:
-        cfg = build_config(args)
+        cfg, spool_url = engine_config(args)
     except ConfigError as e:
         return die(str(e))
-    # A directory (SQLite) or a redis:// URL; events, suppression and the secret
-    # live in the local directory (a Redis URL's dir= parameter).
-    # A directory (SQLite) or a Redis URL (--spool, or the config's [spool] url);
-    # events, the secret and local state live in the local directory.
-    spool_url = cfg.spool_url or cfg.spool_dir
-    if not cfg.spool_url:
-        cfg.spool_dir = spool_local_dir(cfg.spool_dir)
     try:
         camp = Campaign.load(args.campaign)
         spec = check_campaign(camp, require_dkim=not args.no_dkim)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -40,24 +41,24 @@ def parse_listen(value: str) -> list[tuple[str, int]]:
     return out
 
 
-def _rate(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"a probability within 0..1, not {value}")
-    return v
+def _float_in(lo: float, hi: float, outside: str) -> Callable[[str], float]:
+    """An argparse type: a float from ``lo`` to ``hi`` (NaN refused); ``outside``
+    is the message for one beyond them, ``{}`` standing for the value."""
+
+    def parse(value: str) -> float:
+        try:
+            v = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(outside.format(value))
+        return v
+
+    return parse
 
 
-def _non_negative(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
-    return v
+_rate = _float_in(0.0, 1.0, "a probability within 0..1, not {}")
+_non_negative = _float_in(0.0, math.inf, "must not be negative: {}")
 
 
 def _count(value: str) -> int:
