@@ -40,13 +40,14 @@ import email.parser
 import email.policy
 import io
 import os
-import sqlite3
 import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 from xml.parsers import expat
+
+from fastsend.sqlitedb import connect, transaction
 
 MAX_PART = 10 << 20  # bytes of one attachment as mailed
 MAX_XML = 50 << 20  # bytes of one decompressed report
@@ -270,24 +271,18 @@ def _pick(results: list[tuple[str, str]]) -> tuple[str, str]:
 
 class DmarcStore:
     def __init__(self, spool_dir: str) -> None:
-        os.makedirs(spool_dir, exist_ok=True)
-        self.db = sqlite3.connect(os.path.join(spool_dir, "dmarc.db"), isolation_level=None,
-                                  timeout=30)  # fmt: skip
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        self.db = connect(os.path.join(spool_dir, "dmarc.db"), schema=_SCHEMA)
 
     def add(self, r: Report) -> bool:
         """Store a report (one transaction); False if this org's report id was seen."""
         db = self.db
-        db.execute("BEGIN")
-        try:
+        with transaction(db, immediate=False):
             cur = db.execute(
                 "INSERT INTO reports VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (r.org, r.report_id, r.domain, r.begin, r.end, time.time(), len(r.records)),
             )
             if cur.rowcount != 1:
-                db.execute("ROLLBACK")
-                return False
+                return False  # seen: nothing was written
             day = (r.begin or int(time.time())) // 86400 * 86400
             rows = []
             for rec in r.records:
@@ -299,10 +294,6 @@ class DmarcStore:
             db.executemany(
                 "INSERT INTO rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE"
                 " SET n = n + excluded.n", rows)  # fmt: skip
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return True
 
     def summary(self, t0: float, t1: float, limit: int = 50) -> dict[str, Any]:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import abc
 import os
-import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from fastsend.sqlitedb import connect, transaction
 
 COUNTERS: tuple[str, ...] = (
     "accepted", "delivered", "deferred", "bounced", "bounced_hard", "bounced_soft",
@@ -166,25 +167,15 @@ def _where(filters: dict[str, Any], args: list[Any], dims: Sequence[str] = ()) -
 class SQLiteRollupStore(RollupStore):
     def __init__(self, spool_dir: str, *, readonly: bool = False) -> None:
         self.path = os.path.join(spool_dir, "rollups.db")
-        if readonly:
-            if not os.path.exists(self.path):
-                raise FileNotFoundError(self.path)
-            self.db = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30
-            )
-        else:
-            os.makedirs(spool_dir, exist_ok=True)
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
+        if readonly and not os.path.exists(self.path):
+            raise FileNotFoundError(self.path)
+        self.db = connect(self.path, readonly=readonly, synchronous="NORMAL", schema=_SCHEMA)
 
     def add(self, counts: Counts, reasons: Reasons, gauges: Gauges) -> None:
         if not counts and not reasons and not gauges:
             return
         db = self.db
-        db.execute("BEGIN")
-        try:
+        with transaction(db, immediate=False):
             if counts:
                 db.executemany(_UPSERT, [(g, t, *k, *row) for (g, t, k), row in counts.items()])
             if reasons:
@@ -197,27 +188,18 @@ class SQLiteRollupStore(RollupStore):
                     "INSERT OR REPLACE INTO gauges VALUES (?,?,?,?,?)",
                     [(g, t, tenant, name, v) for (g, t, tenant, name), v in gauges.items()],
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def first_seen(self, pairs: Sequence[tuple[int, int]], t: int) -> list[bool]:
         if not pairs:
             return []
         db = self.db
         out = []
-        db.execute("BEGIN")
-        try:
+        with transaction(db, immediate=False):
             for kind, msg in pairs:
                 cur = db.execute(
                     "INSERT INTO firsts VALUES (?,?,?) ON CONFLICT DO NOTHING", (kind, msg, t)
                 )
                 out.append(cur.rowcount == 1)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return out
 
     def aggregate(

@@ -28,6 +28,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from fastsend.sqlitedb import connect
+
 PREFIX = "fs_"
 _KEY_RE = re.compile(r"^fs_([a-z0-9]{8})_([A-Za-z0-9_-]{43})$")
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -88,10 +90,7 @@ class KeyStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        self.db = connect(path, schema=_SCHEMA)
         try:
             os.chmod(path, 0o600)
         except OSError:

@@ -18,12 +18,13 @@ It never decides anything about delivery and is never read by the scheduler.
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
+
+from fastsend.sqlitedb import connect, transaction
 
 FLUSH_EVERY = 0.2
 
@@ -50,11 +51,7 @@ CREATE TABLE IF NOT EXISTS meta (
 class EventIndex:
     def __init__(self, spool_dir: str) -> None:
         self.path = os.path.join(spool_dir, "events.db")
-        os.makedirs(spool_dir, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self.db = connect(self.path, synchronous="NORMAL", schema=_SCHEMA)
         self.pending: list[tuple[Any, ...]] = []
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
         self.last_flush = time.monotonic()
@@ -97,16 +94,11 @@ class EventIndex:
         rows, self.pending = self.pending, []
         meta, self.pending_meta = self.pending_meta, []
         db = self.db
-        db.execute("BEGIN")
-        try:
+        with transaction(db, immediate=False):
             if rows:
                 db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
             if meta:
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?,?)", meta)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     # -- reading -------------------------------------------------------------
 

@@ -68,6 +68,8 @@ import aiohttp
 import orjson
 from redis.exceptions import RedisError
 
+from fastsend.sqlitedb import connect, transaction
+
 __all__ = ["Outbox", "WebhookConfig", "WebhookDispatcher", "sign_payload"]
 
 log = logging.getLogger("fastsend.webhooks")
@@ -155,15 +157,11 @@ class Outbox:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        self.db = connect(path, synchronous="FULL", schema=_SCHEMA)
 
     def set_urls(self, urls: list[str]) -> None:
         """Register ``urls`` (a new one starts at the current end), forget others."""
-        with self._tx():
+        with transaction(self.db):
             end = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
             start = int(end[0]) if end else 0
             for u in urls:
@@ -177,7 +175,7 @@ class Outbox:
     def append(self, bodies: list[bytes]) -> None:
         """Durably add event bodies (JSON objects), in order, in one transaction."""
         if bodies:
-            with self._tx():
+            with transaction(self.db):
                 self.db.executemany("INSERT INTO events(body) VALUES (?)", [(b,) for b in bodies])
 
     def fetch(self, url: str, limit: int) -> list[tuple[int, bytes]]:
@@ -215,16 +213,6 @@ class Outbox:
 
     def close(self) -> None:
         self.db.close()
-
-    @contextlib.contextmanager
-    def _tx(self) -> Any:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
 
 class WebhookDispatcher:

@@ -1,0 +1,68 @@
+"""fastsend's SQLite files: one way to open them, one way to write a transaction.
+
+NAME
+    fastsend.sqlitedb -- connect(path, ...), transaction(db, ...).
+
+DESCRIPTION
+    Every SQLite file fastsend keeps (the spool, rollups, the event index, the
+    webhook outbox, API keys, DMARC reports) is opened by :func:`connect` the
+    same way: autocommit mode (``isolation_level=None``: transactions are
+    explicit), a wait of up to ``TIMEOUT`` seconds for a lock another process
+    holds, and, when writable, its directory made, WAL mode (readers never
+    block the writer), the file's own ``synchronous`` level (its durability:
+    FULL for what must survive a power cut, NORMAL for what a crash may only
+    repeat) and its schema script. Read-only opens (``mode=ro``) change nothing
+    on disk and need the file to exist.
+
+    :func:`transaction` is one explicit transaction: ``BEGIN IMMEDIATE`` (the
+    write lock taken at once, so two writers never deadlock upgrading) or a
+    deferred ``BEGIN``, then ``COMMIT`` when the block ends, or ``ROLLBACK``
+    and the exception again when it raises (anything, KeyboardInterrupt and
+    task cancellation included).
+
+DELIBERATELY NOT HERE
+    No schemas, no queries, no migrations: each store owns its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+
+__all__ = ["TIMEOUT", "connect", "transaction"]
+
+TIMEOUT = 30.0  # seconds waiting for another process's lock
+
+
+def connect(
+    path: str, *, readonly: bool = False, synchronous: str = "", schema: str = ""
+) -> sqlite3.Connection:
+    """The database at ``path``; writable ones in WAL mode with ``schema`` applied."""
+    if readonly:
+        return sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=TIMEOUT
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, timeout=TIMEOUT)
+    db.execute("PRAGMA journal_mode=WAL")
+    if synchronous:
+        if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous: not a level: {synchronous!r}")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+    if schema:
+        db.executescript(schema)
+    return db
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection, *, immediate: bool = True) -> Iterator[None]:
+    """``with transaction(db):`` the block's writes commit together or not at all."""
+    db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
