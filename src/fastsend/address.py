@@ -21,6 +21,12 @@ _ATEXT = re.compile(
 _QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The common case in one match: an ASCII dot-atom local part and a plain domain
+# (no space, no control character, one @). What it accepts the full checks
+# below accept too, with the same result; anything else takes the full path.
+_PLAIN = re.compile(
+    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*)@([A-Za-z0-9.\-]+)"
+)
 
 
 class AddressError(ValueError):
@@ -29,6 +35,14 @@ class AddressError(ValueError):
 
 def normalize(address: str) -> tuple[str, str]:
     """Return (address, ascii_domain) with the domain lowercased and IDNA-encoded."""
+    m = _PLAIN.fullmatch(address)
+    if m is not None:
+        local, domain = m.groups()
+        ascii_domain = _domain(domain)
+        if ascii_domain is not None and len(local) <= 64:
+            full = address if ascii_domain == domain else f"{local}@{ascii_domain}"
+            if len(full) <= 254:
+                return full, ascii_domain
     a = address.strip()
     if not a:
         raise AddressError("empty address")

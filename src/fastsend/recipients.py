@@ -122,9 +122,10 @@ def _read_csv(first: str, f: io.TextIOWrapper) -> Iterator[Row | BadRow]:
     if "email" not in header:
         raise RecipientsError(f"CSV header has no 'email' column (columns: {', '.join(header)})")
     ei = header.index("email")
+    names = header[:ei] + header[ei + 1 :]  # the variables, in column order
     width = len(header)
     reader = csv.reader(f)
-    line = 1
+    dumps = orjson.dumps
     while True:
         try:
             rec = next(reader)
@@ -132,14 +133,20 @@ def _read_csv(first: str, f: io.TextIOWrapper) -> Iterator[Row | BadRow]:
             return
         except csv.Error as e:  # a field over csv.field_size_limit(), a NUL, ...
             raise RecipientsError(f"line {reader.line_num + 1}: {e}") from None
-        line = reader.line_num + 1
-        if not rec or (len(rec) == 1 and not rec[0].strip()):
-            continue
         if len(rec) != width:
-            yield BadRow(line, f"expected {width} columns, found {len(rec)}")
+            if not rec or (len(rec) == 1 and not rec[0].strip()):
+                continue
+            yield BadRow(reader.line_num + 1, f"expected {width} columns, found {len(rec)}")
             continue
-        variables = {h: v for i, (h, v) in enumerate(zip(header, rec, strict=True)) if i != ei}
-        yield _row(line, rec[ei], variables)
+        if width == 1 and not rec[0].strip():
+            continue
+        email = rec.pop(ei)
+        try:
+            addr, domain = normalize(email)
+        except AddressError as e:
+            yield BadRow(reader.line_num + 1, str(e))
+            continue
+        yield (reader.line_num + 1, addr, domain, dumps(dict(zip(names, rec, strict=True))))
 
 
 def _read_jsonl(first: str, f: io.TextIOWrapper) -> Iterator[Row | BadRow]:

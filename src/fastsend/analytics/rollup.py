@@ -158,9 +158,12 @@ class Rollups:
         sent = self.sent
         places = self._places
         half = self.settings.remember_messages // 2
-        now = 0.0
+        wall = 0.0  # time.time(), read once per batch for events without a time
+        last_t: Any = None
+        minute = 0
         for e in events:
-            name = e.get("event")
+            get = e.get
+            name = get("event")
             k = plain.get(name)  # type: ignore[arg-type]
             if k is None:
                 k = special.get(name)  # type: ignore[arg-type]
@@ -169,14 +172,16 @@ class Rollups:
                 spec = True
             else:
                 spec = False
-            t = e.get("time") or now or time.time()
-            rcpt = e.get("rcpt")
+            t = get("time") or wall or (wall := time.time())
+            if t != last_t:  # a batch's events mostly share one time
+                last_t, minute = t, int(t) // 60
+            rcpt = get("rcpt")
             key = (
-                int(t) // 60,
-                e.get("campaign"),
-                e.get("tenant"),
-                e.get("mx") or "",
-                e.get("source_ip") or "",
+                minute,
+                get("campaign"),
+                get("tenant"),
+                get("mx") or "",
+                get("source_ip") or "",
                 rcpt[rcpt.rfind("@") + 1 :] if rcpt.__class__ is str else "",  # lowered later
             )
             if spec:
@@ -187,18 +192,18 @@ class Rollups:
                 row = acc[key] = [0] * NC
             row[k] += 1
             if k == 1:  # delivered: remember where it went, for its opens and clicks
-                mid = e.get("id")
+                mid = get("id")
                 if mid is not None:
                     # (time, where): ``where`` is one shared tuple per distinct
                     # (campaign, tenant, mx, ip, domain), so the strings decoded
                     # for each event are not kept alive per message: about 170
-                    # bytes a remembered delivery instead of 360.
-                    where = key[1:]
-                    w = places.get(where)
+                    # bytes a remembered delivery instead of 360. ``places`` is
+                    # keyed by the whole key, so finding it is one lookup.
+                    w = places.get(key)
                     if w is None:
                         if len(places) > MAX_KEYS:
                             places.clear()
-                        w = places[where] = where
+                        w = places[key] = key[1:]
                     sent[mid] = (t, w)
                     if len(sent) > half:
                         self.sent_old = sent

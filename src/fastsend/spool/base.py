@@ -10,6 +10,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from fastsend.redisurl import REDIS_PARAMS, is_redis_url, parse_redis_url
 
 __all__ = ["REDIS_PARAMS", "is_redis_url", "parse_redis_url"]  # the spool's URL syntax
@@ -44,9 +46,10 @@ class SpoolError(Exception):
     become durable. Every backend raises this (or a subclass)."""
 
 
-@dataclass(slots=True)
-class Claimed:
-    """A message taken from the spool for one delivery attempt."""
+class Claimed(msgspec.Struct, gc=False):
+    """A message taken from the spool for one delivery attempt. A C struct (built
+    for every claimed row: cheaper than a dataclass), not tracked by the cycle
+    collector (it holds no containers)."""
 
     id: int
     campaign: int
@@ -57,8 +60,7 @@ class Claimed:
     created: float
 
 
-@dataclass(slots=True)
-class Result:
+class Result(msgspec.Struct, gc=False):
     """What the scheduler decided for one message after an attempt."""
 
     id: int

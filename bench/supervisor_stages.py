@@ -1,0 +1,232 @@
+"""The supervisor's CPU per message, stage by stage, in one process and without
+the network: the real code paths of `fastsend send`'s supervisor, driven here.
+
+A list of N personalised recipients (the rows bench/end_to_end.py sends) is
+read and spooled as `fastsend send` does (the acceptor's ingest job, with the
+analytics rollups attached to the event log as the engine attaches them);
+then a real ``Supervisor`` (not started: no fork, no event loop) dispatches
+onto real inbox rings, a stand-in worker answers every batch with one Results
+record of "250 delivered" outcomes on the outbox ring (untimed: that is the
+worker's cost), and the supervisor drains the rings, applies the outcomes and
+flushes them (spool, event log, listeners), round after round until the
+spool is empty. Each stage is CPU time (process_time) of the calls the
+supervisor makes, per message:
+
+    read CSV        recipients.read: parse rows, check addresses, vars JSON
+    insert          spool.add_messages (multi-row INSERT, durable commit)
+    accept events   the `accepted` events: dicts, JSON lines, listeners
+    claim           spool.claim_due
+    screen          dispatch-time suppression lookup (one per tenant per claim)
+    batch encode    batch records (msgpack) onto the inbox ring
+    dispatch other  the rest of dispatch (grouping, rate gate, backlog)
+    results decode  outbox records decoded (msgpack)
+    apply           next state per message, hooks (guardrail counters), events built
+    outcome writes  spool.record_results (one statement per 256 outcomes)
+    event JSON      outcome events encoded as JSON lines
+    listeners       event listeners (analytics rollups, the supervisor's own)
+    flush other     the rest of flush_results (event file write, ...)
+
+The goal (issue 11) is the supervisor at <= 10 us per message; the baseline
+is that goal, and the ratio is printed. The whole-command figures (with
+workers, a real SMTP receiver and smtp-source beside it) are
+bench/end_to_end.py's. Exits non-zero if a message was not delivered.
+
+    python bench/supervisor_stages.py              # 100,000 messages, 3 repeats
+    python bench/supervisor_stages.py --quick      # 20,000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import fmt_mr, machine, median_range
+from end_to_end import write_inputs
+
+GOAL_US = 10.0
+STAGES = [
+    "read CSV",
+    "insert",
+    "accept events",
+    "claim",
+    "screen",
+    "batch encode",
+    "dispatch other",
+    "results decode",
+    "apply",
+    "outcome writes",
+    "event JSON",
+    "listeners",
+    "flush other",
+]
+
+
+class Clock:
+    """CPU seconds per stage; ``wrap`` times a callable under a stage name
+    (nested stages are subtracted from the one around them)."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = defaultdict(float)
+        self.stack: list[list[float]] = []
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*a: Any, **kw: Any) -> Any:
+            inner = [0.0]
+            self.stack.append(inner)
+            t0 = time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                dt = time.process_time() - t0
+                self.stack.pop()
+                self.t[name] += dt - inner[0]
+                if self.stack:
+                    self.stack[-1][0] += dt
+
+        return timed
+
+
+class TimedDecoder:
+    def __init__(self, dec: Any, clock: Clock) -> None:
+        self.decode = clock.wrap("results decode", dec.decode)
+
+
+def delivered(mid: int, ip: str) -> Any:
+    from fastsend import wire
+
+    text = "2.0.0 Ok: queued as 4XyZ1b2c3d"
+    return wire.Res(
+        mid, wire.K_DELIVERED, 250, "2.0.0", text, "127.0.0.1", ip, queue_id="4XyZ1b2c3d"
+    )
+
+
+def one_run(n: int, tmp: str, tag: str) -> dict[str, float]:
+    from fastsend import recipients, wire
+    from fastsend.accept import Acceptor
+    from fastsend.analytics.attach import attach
+    from fastsend.events import EventLog
+    from fastsend.message import Campaign
+    from fastsend.queue import supervisor as supmod
+    from fastsend.settings import Config
+    from fastsend.spool import open_spool
+
+    camp_path, rcpts = write_inputs(tmp, n, 4096)
+    cfg = Config()
+    cfg.spool_dir = os.path.join(tmp, f"spool-{tag}")
+    cfg.workers = 2
+    cfg.source_ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    spool = open_spool(cfg.spool_dir)
+    events = EventLog(cfg.event_log_path)
+    rollups = attach(cfg, spool, events)
+    clock = Clock()
+
+    # -- accept: read, insert, accepted events (as `fastsend send` does) --
+    t0 = time.process_time()
+    for _row in recipients.read(rcpts):
+        pass
+    clock.t["read CSV"] += time.process_time() - t0
+    acceptor = Acceptor(spool, events, None)
+    spec = Campaign.load(camp_path).to_dict()
+    cid = acceptor.create_campaign(spec, name="stages")
+    job = acceptor.start_ingest(cid, rcpts)
+    spool.add_messages = clock.wrap("insert", spool.add_messages)  # type: ignore[method-assign]
+    emit_many = events.emit_many
+    events.emit_many = clock.wrap("accept events", emit_many)  # type: ignore[method-assign]
+    events.flush = clock.wrap("accept events", events.flush)  # type: ignore[method-assign]
+    for _mark in acceptor.ingest(job):  # its reading is the stage timed above
+        pass
+    del events.emit_many, events.flush  # the plain methods again
+
+    # -- deliver: a real Supervisor, stand-in workers on real rings --
+    sup = supmod.Supervisor(cfg, spool, events, max_wait=1.0)
+    for slot in sup.slots:
+        slot.inbox, slot.outbox = supmod.Ring(supmod.RING_BYTES), supmod.Ring(supmod.RING_BYTES)
+        slot.alive = True
+    sp = sup.spool
+    sp.claim_due = clock.wrap("claim", sp.claim_due)  # type: ignore[method-assign]
+    sp.record_results = clock.wrap("outcome writes", sp.record_results)  # type: ignore[method-assign]
+    sup.screen = clock.wrap("screen", sup.screen)  # type: ignore[method-assign]
+    sup.batch_records = clock.wrap("batch encode", sup.batch_records)  # type: ignore[method-assign]
+    sup.push_backlog = clock.wrap("batch encode", sup.push_backlog)  # type: ignore[method-assign]
+    sup.apply = clock.wrap("apply", sup.apply)  # type: ignore[method-assign]
+    events.emit_many = clock.wrap("event JSON", events.emit_many)  # type: ignore[method-assign]
+    events.listeners[:] = [clock.wrap("listeners", fn) for fn in events.listeners]
+    dispatch = clock.wrap("dispatch other", sup.dispatch)
+    drain = clock.wrap("results decode", sup.drain_outbox)
+    flush = clock.wrap("flush other", sup.flush_results)
+    saved_decoder = wire.from_worker_decoder
+    wire.from_worker_decoder = TimedDecoder(saved_decoder, clock)  # type: ignore[assignment]
+    enc = wire.encoder.encode
+    dec = wire.to_worker_decoder.decode
+    try:
+        idle = 0
+        while idle < 2:
+            dispatch()
+            moved = 0
+            for slot in sup.slots:  # the stand-in worker (untimed)
+                assert slot.inbox is not None and slot.outbox is not None
+                while (rec := slot.inbox.get()) is not None:
+                    msg = dec(rec)
+                    if isinstance(msg, wire.Batch):
+                        ips = slot.ips or [""]
+                        res = [delivered(it.id, ips[it.id % len(ips)]) for it in msg.items]
+                        slot.outbox.put(enc(wire.Results(res)))
+                        moved += len(res)
+            for slot in sup.slots:
+                assert slot.outbox is not None
+                drain(slot, slot.outbox)
+            flush()
+            idle = 0 if moved or sup.inflight else idle + 1
+    finally:
+        wire.from_worker_decoder = saved_decoder
+    if rollups is not None:
+        rollups.close()
+    events.close()
+    counts = spool.counts()
+    sup.suppression.close()
+    for slot in sup.slots:
+        for ring in (slot.inbox, slot.outbox):
+            if ring is not None:
+                ring.close()
+    spool.close()
+    if counts["delivered"] != n:
+        raise SystemExit(f"delivered {counts['delivered']} of {n}")
+    return {k: clock.t.get(k, 0.0) / n * 1e6 for k in STAGES}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="20,000 messages")
+    args = ap.parse_args()
+    n = 20_000 if args.quick else args.messages
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="fastsend-stages-") as tmp:
+        for rep in range(args.repeat):
+            runs.append(one_run(n, tmp, f"r{rep}"))
+    print(f"machine: {machine()} (shared: CPU time per message is what counts)")
+    print(
+        f"settings: {n} personalised recipients over 100 domains, 2 rings (workers stood in),"
+        f" every answer 250; {args.repeat} runs, medians (min-max), CPU us per message"
+    )
+    total = [sum(r.values()) for r in runs]
+    for k in STAGES:
+        print(f"  {k:<16} {fmt_mr([r[k] for r in runs], '.2f'):>22}")
+    print(f"  {'total':<16} {fmt_mr(total, '.2f'):>22}")
+    med = median_range(total)[0]
+    print(f"ratio supervisor CPU/msg / goal ({GOAL_US:g} us): {med / GOAL_US:.2f}x  (goal <= 1.0x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
