@@ -328,6 +328,9 @@ class SuppressionList:
     ) -> dict[str, str]:
         """``{address as given: reason}`` for those of ``addresses`` suppressed now
         (one indexed query per 500 distinct addresses)."""
+        probe = self._db.execute("SELECT 1 FROM suppression WHERE tenant = ? LIMIT 1", (tenant,))
+        if probe.fetchone() is None:
+            return {}  # the tenant's list is empty: one index probe, not one per address
         by_key: dict[str, list[str]] = {}
         for a in addresses:
             try:

@@ -95,14 +95,18 @@ CREATE TABLE IF NOT EXISTS ingests (
 """
 
 SCHEMA_VERSION = "1"
-ROWS_PER_STATEMENT = 256  # rows per multi-row statement (7-9 parameters each)
+ROWS_PER_STATEMENT = 256  # rows per multi-row statement (4-7 parameters each)
 
 
 @functools.lru_cache(maxsize=16)
 def _insert_sql(n: int) -> str:
+    # ?1 campaign, ?2 state, ?3 now, bound once; then 4 per row (id, rcpt, domain, vars).
+    rows = ",".join(
+        f"(?{j},?1,?{j + 1},?{j + 2},?{j + 3},?2,?3,?3,?3)" for j in range(4, 4 + 4 * n, 4)
+    )
     return (
         "INSERT INTO messages(id, campaign, rcpt, domain, vars, state, created, next_at,"
-        " updated) VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?)"] * n)
+        " updated) VALUES " + rows
     )
 
 
@@ -240,12 +244,16 @@ class SQLiteSpool(Spool):
             # chunk instead of one step per row.
             for at in range(0, len(rows), ROWS_PER_STATEMENT):
                 part = rows[at : at + ROWS_PER_STATEMENT]
-                params: list[Any] = []
+                params: list[Any] = [campaign_id, state, now]
                 add = params.extend
-                for i, (rcpt, domain, vars_) in enumerate(part, first + at):
-                    st = SUPPRESSED if suppressed and (i - first) in suppressed else state
-                    add((i, campaign_id, rcpt, domain, vars_, st, now, now, now))
+                for i, row in enumerate(part, first + at):
+                    add((i, *row))
                 db.execute(_insert_sql(len(part)), params)
+            if suppressed:  # rows the tenant's list holds: spooled as final, never sent
+                db.executemany(
+                    "UPDATE messages SET state=? WHERE id=?",
+                    [(SUPPRESSED, first + i) for i in sorted(suppressed) if i < len(rows)],
+                )
             if ingest is not None:
                 db.execute(
                     "UPDATE ingests SET line=?, accepted=?, rejected=? WHERE id=?",
