@@ -25,7 +25,10 @@ ext = Extension(
     "fastsend._core",
     ["src/fastsend/_core.pyx"],
     extra_compile_args=["-O3"] if not debug else ["-O0", "-g"],
-    define_macros=macros,
+    define_macros=[*macros, ("OPENSSL_SUPPRESS_DEPRECATED", "1")],
+    # libcrypto (OpenSSL, as Python's hashlib): SHA-256 for message-id MACs and
+    # DKIM body hashes without Python objects (libssl-dev at build time).
+    libraries=["crypto"],
 )
 
 setup(ext_modules=cythonize([ext], compiler_directives=directives, annotate=debug))

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from _message_helpers import use_impl
 from fastsend import _accel
 from fastsend.message import Campaign, RenderError
+from fastsend.message import dkim as dkim_mod
+from fastsend.message import mime as mime_mod
 from fastsend.message.keys import generate, write_key
 
 ANY = st.text(st.characters(exclude_categories=("Cs",)), max_size=200)
@@ -62,6 +64,9 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _render(r: Any, variables: dict[str, str], mid: str) -> bytes | str:
+    r._assembly = mime_mod.Assembly(*r._layout)  # the implementation use_impl chose
+    for signer, _plan in r._plans:
+        signer._body_hash = dkim_mod.BodyHasher(signer._brelaxed)
     try:
         return bytes(r.render("rcpt@example.org", variables, mid))
     except RenderError as exc:
@@ -95,3 +100,96 @@ def test_compiled_and_pure_render_identical(
     use_impl(monkeypatch, "c")
     got = _render(r, variables, mid)
     assert got == want
+
+
+@SETTINGS
+@given(mid=st.one_of(st.text(max_size=220), st.text("ab_-Z09", min_size=195, max_size=205)))
+def test_message_id_safe_twins(mid: str) -> None:
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    assert _accel.compiled("message_id_safe")(mid) == mime_mod.PURE["message_id_safe"](mid)
+
+
+def test_assembly_twins_same_bytes() -> None:
+    """Every kind of entry and segment, both twins: the same lines, body and message."""
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    head = (
+        b"From: a@example.com\r\n",
+        ("Subject", ("Hi ", "!"), ("name",), (None,)),
+        lambda v: b"X-Call: " + v["name"].encode() + b"\r\n",
+    )
+    tail = (("X-Tail", ("t=",), (), ()),)
+    content = (b"Content-Type: text/plain\r\n",)
+    for end_crlf in (True, False):
+        for body in (
+            ((("Hello ", "\n"), ("name",), (None,)),),
+            ((("no end ",), (), ()),),
+            (b"--b\r\n", (("x=", ""), ("name",), (None,)), b"\r\n", lambda v: b"cb\r\n"),
+            ((("",), (), ()),),
+        ):
+            for variables in ({"name": "Zoë  \t"}, {"name": "x" * 300}):
+                args = (variables, b"To: r@example.org\r\n", b"Date: x\r\n", b"Message-ID: <m>\r\n")
+                py = mime_mod.PURE["Assembly"](head, tail, content, body, end_crlf)
+                c = _accel.compiled("Assembly")(head, tail, content, body, end_crlf)
+                assert c.headers(*args) == py.headers(*args)
+                assert c.body(variables) == py.body(variables)
+                assert c.message(*args) == py.message(*args)
+                assert c.message(variables, b"", b"D\r\n", b"M\r\n") == py.message(
+                    variables, b"", b"D\r\n", b"M\r\n"
+                )
+    for bad in ({}, {"name": 5}):
+        for cls in (mime_mod.PURE["Assembly"], _accel.compiled("Assembly")):
+            with pytest.raises(KeyError if not bad else TypeError):
+                cls(head, tail, content, (), True).message(bad, b"", b"", b"")
+
+
+def test_body_hasher_twins_and_reference() -> None:
+    """Both BodyHasher twins give the plain SHA-256 of the canonical body whatever
+    the sequence (repeats, shared prefixes of any length, short, empty, unclean)."""
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    import hashlib
+    import random
+
+    rng = random.Random(7)
+    static = b"static line of text here\r\n" * 40
+    for relaxed in (True, False):
+        canon = dkim_mod.PURE["body_relaxed" if relaxed else "body_simple"]
+        c = _accel.compiled("BodyHasher")(relaxed)
+        p = dkim_mod.PURE["BodyHasher"](relaxed)
+        for i in range(2000):
+            kind = rng.randrange(6)
+            if kind == 0:  # a per-recipient tail: the prefix state is used
+                body = static + b"tail %d\r\n" % i
+            elif kind == 1:  # a per-recipient head: no common prefix
+                body = b"x%d\r\n" % i + static
+            elif kind == 2:  # cut anywhere, white space to canonicalize
+                body = static[: rng.randrange(len(static))] + b"v  \t%d\r\n\r\n" % (i % 3)
+            elif kind == 3:
+                body = b""
+            elif kind == 4:
+                body = static
+            else:
+                body = bytes(rng.choice(b" \tab\r\n") for _ in range(rng.randrange(300)))
+            want = base64.b64encode(hashlib.sha256(canon(body)).digest())
+            assert c(body) == p(body) == want, (relaxed, i, kind)
+        assert c.prefix == p.prefix
+
+
+@pytest.mark.parametrize("canon", ["relaxed/relaxed", "simple/simple", "relaxed/simple"])
+def test_signature_head_is_the_canonical_form(key: Path, canon: str) -> None:
+    """The DKIM-Signature head made from a cached part before ``bh=`` canonicalizes
+    exactly as the whole line does."""
+    from fastsend.message.dkim import Signer, relaxed_headers
+    from fastsend.message.keys import load_private_key
+
+    s = Signer("example.com", "ed", load_private_key(str(key)), canon)
+    plan = s.plan(["from", "to", "subject", "date"])
+    for bh in (b"A" * 44, b"47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=", b"x+/="):
+        head, c14n = s._sig_head(plan, bh)
+        assert head.endswith(b"bh=" + bh + b";\r\n b=")
+        if canon.startswith("relaxed"):
+            assert c14n == relaxed_headers((head,))[:-2]
+        else:
+            assert c14n == head

@@ -4,12 +4,14 @@
 One extension module, one ``.pxi`` file per concern (each with a pure-Python
 twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 
+- _openssl.pxi     the libcrypto functions the others call (SHA-256)
 - _smtp.pxi        SMTP reply parsing and DATA dot-stuffing (fastsend.smtp.replies)
 - _ring.pxi        shared-memory SPSC rings with eventfd wake-ups (fastsend.ring)
 - _throttle.pxi    GCRA token buckets and keyed limiters (fastsend.throttle)
-- _mime.pxi        template splicing, quoted-printable bodies (fastsend.message)
-- _dkim.pxi        DKIM canonicalization (fastsend.message.dkim)
+- _mime.pxi        template splicing, quoted-printable bodies, message layout (fastsend.message)
+- _dkim.pxi        DKIM canonicalization, body hashes, Ed25519 (fastsend.message.dkim)
 - _sink.pxi        the sink's fast-path SMTP scanner (fastsend.sink.fast)
+- _msgid.pxi       message-id tokens, HMAC-SHA256 on libcrypto (fastsend.msgid)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -18,9 +20,11 @@ def core_version():
     """A trivial function so the module is importable before any .pxi lands."""
     return 1
 
+include "_openssl.pxi"
 include "_ring.pxi"
 include "_throttle.pxi"
 include "_mime.pxi"
 include "_dkim.pxi"
 include "_smtp.pxi"
 include "_sink.pxi"
+include "_msgid.pxi"

@@ -4,6 +4,7 @@
 # behaviour is identical.
 
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcmp, memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 
@@ -290,3 +291,66 @@ def _ed25519_sign_lines_py(lines, sig_head, sig_head_c14n, sodium_key, relaxed):
     from fastsend.message.dkim import PURE
 
     return PURE["ed25519_sign_lines"](lines, sig_head, sig_head_c14n, sodium_key, relaxed)
+
+
+# -- body hashes (twin: fastsend.message.dkim.BodyHasher) -----------------------
+
+cdef Py_ssize_t _PREFIX_MIN = 256  # as fastsend.message.dkim.PREFIX_MIN
+
+
+cdef class BodyHasher:
+    """``bh=`` of bodies: base64 SHA-256 of the canonical body, the same body
+    not hashed again and a prefix shared with the last body hashed once (twin
+    of the pure ``BodyHasher``: the same values; the state is libcrypto's,
+    copied with memcpy, and hashing runs without the GIL)."""
+    cdef readonly bint relaxed
+    cdef bytes last
+    cdef bytes last_bh
+    cdef readonly Py_ssize_t prefix
+    cdef SHA256_CTX state
+
+    def __init__(self, bint relaxed):
+        self.relaxed = relaxed
+        self.last = None
+        self.last_bh = b""
+        self.prefix = 0
+
+    def __call__(self, bytes body):
+        cdef bytes canon = body_relaxed(body) if self.relaxed else body_simple(body)
+        cdef bytes last = self.last
+        cdef const unsigned char* c = canon
+        cdef const unsigned char* p
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(canon), k = self.prefix, m
+        cdef SHA256_CTX ctx
+        cdef unsigned char md[32]
+        cdef unsigned char b64[44]
+        if last is not None:
+            p = last
+            m = PyBytes_GET_SIZE(last)
+            if last is canon or (m == n and memcmp(p, c, n) == 0):
+                return self.last_bh
+            if not (k and n >= k and memcmp(p, c, k) == 0):
+                k = 0
+                if m < n:
+                    n = m
+                while k + 64 <= n and memcmp(p + k, c + k, 64) == 0:
+                    k += 64
+                n = PyBytes_GET_SIZE(canon)
+                if k >= _PREFIX_MIN:
+                    with nogil:
+                        SHA256_Init(&self.state)
+                        SHA256_Update(&self.state, c, k)
+                else:
+                    k = 0
+                self.prefix = k
+        with nogil:
+            if k:
+                memcpy(&ctx, &self.state, sizeof(SHA256_CTX))
+            else:
+                SHA256_Init(&ctx)
+            SHA256_Update(&ctx, c + k, n - k)
+            SHA256_Final(md, &ctx)
+            _b64(md, 32, b64)
+        self.last = canon
+        self.last_bh = PyBytes_FromStringAndSize(<char*> b64, 44)
+        return self.last_bh

@@ -170,6 +170,12 @@ cdef bytes qp_encode_bytes(bytes raw):
 
 
 def qp_template(tuple literals, tuple names, tuple defaults, variables):
+    """Quoted-printable of the spliced template; b"" when it is empty (twin of
+    the pure ``qp_template``)."""
+    return _qp_template(literals, names, defaults, variables)
+
+
+cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
     """Quoted-printable of the spliced template; b"" when it is empty.
 
     Twin of ``qp_encode_text(splice(...)) if text else b""``, without the
@@ -241,6 +247,10 @@ def qp_template(tuple literals, tuple names, tuple defaults, variables):
 
 def splice(tuple literals, tuple names, tuple defaults, variables):
     """Template splice (twin of fastsend.message.template.splice)."""
+    return _splice(literals, names, defaults, variables)
+
+
+cdef str _splice(tuple literals, tuple names, tuple defaults, variables):
     cdef Py_ssize_t k, m = len(names)
     if m == 0:
         return literals[0]
@@ -342,6 +352,12 @@ cdef class _Folder:
 
 
 def text_header(str name, str value):
+    """An unstructured header line (Subject, X-*, ...) as bytes (twin of the pure
+    ``text_header``)."""
+    return _text_header(name, value)
+
+
+cdef bytes _text_header(str name, str value):
     """An unstructured header line (Subject, X-*, ...) as bytes, folded, CRLF-terminated.
 
     Twin of ``unstructured_header(name, value).encode("utf-8")``; the rare
@@ -597,3 +613,92 @@ def _split_address_py(addr):
     from fastsend.message.headers import PURE
 
     return PURE["split_address"](addr)
+
+
+# -- message layout (twin: fastsend.message.mime.Assembly) ----------------------
+
+cdef class Assembly:
+    """The fixed layout of a campaign's messages, filled per recipient (twin of
+    the pure ``Assembly``: same entries, segments and bytes out; headers and
+    quoted-printable parts are made by the compiled functions above, without a
+    Python call per piece)."""
+    cdef readonly tuple head, tail, content, segments
+    cdef readonly bint end_crlf
+
+    def __init__(self, tuple head, tuple tail, tuple content, tuple body, bint end_crlf):
+        self.head = head
+        self.tail = tail
+        self.content = content
+        self.segments = body
+        self.end_crlf = end_crlf
+
+    cdef bytes _entry(self, object e, object variables):
+        cdef tuple t
+        if type(e) is bytes:
+            return <bytes> e
+        if type(e) is tuple:
+            t = <tuple> e
+            return _text_header(t[0], _splice(t[1], t[2], t[3], variables))
+        return e(variables)
+
+    cdef list _headers(self, object variables, bytes to, bytes date, bytes message_id):
+        cdef list lines = []
+        cdef object e
+        for e in self.head:
+            lines.append(self._entry(e, variables))
+        if to:
+            lines.append(to)
+        lines.append(date)
+        lines.append(message_id)
+        lines.append(b"MIME-Version: 1.0\r\n")
+        for e in self.tail:
+            lines.append(self._entry(e, variables))
+        lines.extend(self.content)
+        return lines
+
+    cdef bytes _body(self, object variables):
+        cdef list chunks = []
+        cdef object seg
+        cdef tuple t
+        cdef bytes body
+        for seg in self.segments:
+            if type(seg) is bytes:
+                chunks.append(seg)
+            elif type(seg) is tuple:
+                t = <tuple> seg
+                chunks.append(_qp_template(t[0], t[1], t[2], variables))
+            else:
+                chunks.append(seg(variables))
+        body = b"".join(chunks)
+        if self.end_crlf and PyBytes_GET_SIZE(body) and not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        return body
+
+    def headers(self, variables, bytes to, bytes date, bytes message_id):
+        """The header lines, in order (``to`` may be b"")."""
+        return self._headers(variables, to, date, message_id)
+
+    def body(self, variables):
+        return self._body(variables)
+
+    def message(self, variables, bytes to, bytes date, bytes message_id):
+        """The whole message: headers, the empty line, the body."""
+        cdef list lines = self._headers(variables, to, date, message_id)
+        lines.append(b"\r\n")
+        lines.append(self._body(variables))
+        return b"".join(lines)
+
+
+def message_id_safe(str message_id):
+    """True when ``message_id`` is 1-200 of A-Z a-z 0-9 _ - (twin of the pure one)."""
+    cdef Py_ssize_t n = len(message_id), i
+    cdef const unsigned char* s
+    cdef unsigned char c
+    if n < 1 or n > 200 or not message_id.isascii():
+        return False
+    s = <const unsigned char*> PyUnicode_AsUTF8AndSize(message_id, &n)
+    for i in range(n):
+        c = s[i]
+        if not ((48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 95 or c == 45):
+            return False
+    return True

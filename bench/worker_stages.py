@@ -1,0 +1,192 @@
+"""Where a worker's microseconds go per message, stage by stage, on one core.
+
+Runs the worker's own code (``fastsend.delivery.worker.Worker``) on the
+messages bench/end_to_end.py sends (a ~4 KB personalised campaign, three
+per-recipient values, batches of 200 as the supervisor makes them), outside
+the SMTP client, by process CPU time:
+
+- batch decode: a ring record (msgpack) -> ``wire.Batch``;
+- vars decode: each item's per-recipient values (JSON);
+- msgid: the message's id token (HMAC-SHA256, ``fastsend.msgid``);
+- render: the MIME message (``Renderer.render``);
+- envelope: MAIL FROM and the ``Envelope`` value;
+- build (whole): ``Worker.build`` of the batch, all of the above but the decode
+  together, with the loop around them;
+- outcome collect: ``Worker.add_results`` of what the client returns;
+- outcome encode: the ``wire.Results`` record for the supervisor.
+
+Each figure is the best of ``--rounds`` rounds, both implementations
+(compiled core and the pure-Python twins, ``FASTSEND_NO_EXTENSIONS=1``) in
+the same run, each in its own process. The SMTP client's own cost per message
+(the baseline the worker is held to, goal <= 1.3x) is measured by
+bench/smtp_throughput.py and bench/end_to_end.py (workers' CPU/msg there);
+this bench tells which stage to cut.
+
+    python bench/worker_stages.py [--rounds 5] [--batches 50]
+
+Exits non-zero when a figure cannot be measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import orjson
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine
+
+BATCH = 200
+
+
+def cpu_per_call(fn: Callable[[], object], calls: int, rounds: int) -> float:
+    """Best CPU seconds per call of ``fn`` over ``rounds`` rounds of ``calls`` calls."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.process_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.process_time() - t0) / calls)
+    return best
+
+
+async def measure(rounds: int, batches: int) -> dict[str, float]:
+    from end_to_end import write_inputs
+
+    from fastsend import _accel, msgid, wire
+    from fastsend.delivery.worker import Worker
+    from fastsend.message import Campaign
+    from fastsend.outcome import DELIVERED, Envelope, Outcome, TxnResult
+    from fastsend.ring import Ring
+    from fastsend.settings import Config
+
+    tmp = tempfile.mkdtemp(prefix="fastsend-stages-")
+    camp_path, _rcpts = write_inputs(tmp, 1, 4096)
+    spec = Campaign.load(camp_path).to_dict()
+    config = Config(spool_dir=tmp, secret=b"bench installation secret 0123456789")
+    worker = Worker(0, config, ["127.0.0.2"], Ring(1 << 20), Ring(64 << 20))
+    worker.campaign_specs[1] = spec
+    r = worker.renderer(1)
+    plans = ("free", "pro", "team")
+    items = [
+        wire.Item(
+            1000 + i,
+            f"user{i}@d{i % 100}.example.net",
+            orjson.dumps({"name": f"Name{i}", "account": f"A{i:09d}", "plan": plans[i % 3]}),
+            0,
+        )
+        for i in range(BATCH)
+    ]
+    batch = wire.Batch(1, "d1.example.net", items)
+    record = wire.encoder.encode(batch)
+    decode = wire.to_worker_decoder.decode
+    secret = config.secret
+    mids = [msgid.token(it.id, secret) for it in items]
+    values = [orjson.loads(it.vars) for it in items]
+    datas = [r.render(it.rcpt, v, m) for it, v, m in zip(items, values, mids, strict=True)]
+    ok = Outcome(DELIVERED, 250, "2.0.0", "Ok: queued as 4Xq1", "data")
+    results = [TxnResult(it.id, [ok], "4Xq1") for it in items]
+    per = BATCH * batches  # messages per round
+
+    def over_batch(fn: Callable[[int], object]) -> Callable[[], None]:
+        def run() -> None:
+            for i in range(BATCH):
+                fn(i)
+
+        return run
+
+    def collect() -> None:
+        worker.add_results(results, "127.0.0.2", "sink[127.0.0.1]:25")
+        worker.out = []
+
+    worker.add_results(results, "127.0.0.2", "sink[127.0.0.1]:25")
+    out, worker.out = worker.out, []
+    if worker.flush_handle is not None:
+        worker.flush_handle.cancel()
+        worker.flush_handle = None
+    stages: dict[str, Callable[[], object]] = {
+        "batch decode": lambda: decode(record),
+        "vars decode": over_batch(lambda i: orjson.loads(items[i].vars)),
+        "msgid": over_batch(lambda i: msgid.token(items[i].id, secret)),
+        "render": over_batch(lambda i: r.render(items[i].rcpt, values[i], mids[i])),
+        "envelope": over_batch(
+            lambda i: Envelope(
+                r.envelope_from(mids[i]),
+                [items[i].rcpt],
+                datas[i],
+                tag=items[i].id,
+                smtputf8=r.needs_smtputf8(items[i].rcpt),
+            )
+        ),
+        "build (whole, per message)": lambda: worker.build(batch),
+        "outcome collect": collect,
+        "outcome encode": lambda: wire.encoder.encode(wire.Results(out)),
+    }
+    figures: dict[str, float] = {}
+    for name, fn in stages.items():
+        figures[name] = cpu_per_call(fn, batches, rounds) / BATCH * 1e6
+    if worker.flush_handle is not None:
+        worker.flush_handle.cancel()
+    figures["_compiled"] = float(_accel.HAVE_EXTENSIONS and not _accel.NO_EXTENSIONS)
+    figures["_size"] = float(len(datas[0]))
+    figures["_per_round"] = float(per)
+    return figures
+
+
+def child(rounds: int, batches: int) -> int:
+    try:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    except (AttributeError, OSError):
+        pass
+    print(json.dumps(asyncio.run(measure(rounds, batches))))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batches", type=int, default=50, help="batches of 200 per round")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.rounds, args.batches)
+    res: dict[str, dict[str, float]] = {}
+    for label, env in (("compiled", {}), ("pure", {"FASTSEND_NO_EXTENSIONS": "1"})):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child"]
+        cmd += ["--rounds", str(args.rounds), "--batches", str(args.batches)]
+        p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"error: the {label} run failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+            return 2
+        res[label] = json.loads(p.stdout.strip().splitlines()[-1])
+    if not res["compiled"]["_compiled"]:
+        print("error: fastsend._core is not built: no compiled figures", file=sys.stderr)
+        return 2
+    c, p = res["compiled"], res["pure"]
+    print(f"machine: {machine()} (shared: CPU time, best of {args.rounds} rounds)")
+    print(
+        f"settings: the end_to_end.py campaign ({int(c['_size'])} B messages, 3 per-recipient"
+        f" values, text/plain quoted-printable), batches of {BATCH},"
+        f" {int(c['_per_round'])} messages per round, pinned to one core"
+    )
+    print(f"  {'stage':28s} {'compiled':>10s} {'pure':>10s}   (CPU us per message)")
+    for name in c:
+        if name.startswith("_"):
+            continue
+        print(f"  {name:28s} {c[name]:10.2f} {p[name]:10.2f}")
+    whole = c["build (whole, per message)"] + c["batch decode"] + c["outcome collect"]
+    whole += c["outcome encode"]
+    print(f"  worker-side total (build + decode + collect + encode), compiled: {whole:.2f} us/msg")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
