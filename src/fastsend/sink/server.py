@@ -100,6 +100,16 @@ FAULT_KINDS: Final = (*DEFAULT_FAULT_REPLIES, "disconnect", "slow")
 SinkScanner = pick(fast.SinkScanner)
 # Prefixes whose fault needs the full path (a close, a dropped body, a delayed reply).
 _FULL_PATH_FAULTS: Final = ("421-", "disconnect-in-data", "slow-")
+# Local-part prefix -> fault kind, in the order they are tried.
+_PREFIX_FAULTS: Final = (
+    ("tempfail-", "tempfail"),
+    ("permfail-", "permfail"),
+    ("policy-", "policy"),
+    ("mailboxfull-", "mailboxfull"),
+    ("421-", "421"),
+    ("disconnect-in-data", "disconnect"),
+    ("slow-", "slow"),
+)
 _DEFER: Final = re.compile(r"defer(\d)-")
 _FAULT_FIRST: Final = frozenset("tdp4sm")  # first letters of fault prefixes: a fast skip
 _MESSAGE_ID: Final = re.compile(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)")
@@ -352,20 +362,9 @@ class Sink:
         local = address.rpartition("@")[0] or address
         if local[:1].lower() in _FAULT_FIRST:
             low = local.lower()
-            if low.startswith("tempfail-"):
-                return "tempfail"
-            if low.startswith("permfail-"):
-                return "permfail"
-            if low.startswith("policy-"):
-                return "policy"
-            if low.startswith("mailboxfull-"):
-                return "mailboxfull"
-            if low.startswith("421-"):
-                return "421"
-            if low.startswith("disconnect-in-data"):
-                return "disconnect"
-            if low.startswith("slow-"):
-                return "slow"
+            for prefix, kind in _PREFIX_FAULTS:
+                if low.startswith(prefix):
+                    return kind
             m = _DEFER.match(low)
             if m is not None:
                 key = address.lower()
