@@ -462,6 +462,17 @@ class _Policy:
     limits: Limits
     async_messages = False  # True: message_async answers (off the loop's critical path)
 
+    def __init__(
+        self, ctx: Any, cfg: SubmissionConfig | IntakeConfig, banner: str, **server: Any
+    ) -> None:
+        self.ctx = ctx
+        self.ssl = cfg.ssl
+        self.server_config = ServerConfig(
+            hostname=cfg.hostname, banner=banner, max_message_size=cfg.max_size, **server
+        )
+        self.limits = cfg.limits
+        self.guard = Guard(cfg.limits)
+
     async def message_async(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
         return self.message(conn, ev)
 
@@ -477,20 +488,16 @@ class _Policy:
 
 class _Submission(_Policy):
     def __init__(self, ctx: Any, cfg: SubmissionConfig) -> None:
-        self.ctx = ctx
-        self.cfg = cfg
-        self.ssl = cfg.ssl
-        self.server_config = ServerConfig(
-            hostname=cfg.hostname,
-            banner="ESMTP fastsend submission",
-            max_message_size=cfg.max_size,
+        super().__init__(
+            ctx,
+            cfg,
+            "ESMTP fastsend submission",
             starttls=True,
             auth_mechanisms=("PLAIN", "LOGIN"),
             auth_requires_tls=True,
             auth_required=True,
         )
-        self.limits = cfg.limits
-        self.guard = Guard(cfg.limits)
+        self.cfg = cfg
         self.throttle = AuthThrottle(cfg.limits)
         self.upgrades = PasswordUpgrades(os.path.join(ctx.config.spool_dir, "passwords.json"))
         self._keys: Any = None
@@ -577,19 +584,15 @@ class _Submission(_Policy):
 
 class _Intake(_Policy):
     def __init__(self, ctx: Any, cfg: IntakeConfig) -> None:
-        self.ctx = ctx
-        self.cfg = cfg
-        self.ssl = cfg.ssl
-        self.server_config = ServerConfig(
-            hostname=cfg.hostname,
-            banner="ESMTP fastsend intake",
-            max_message_size=cfg.max_size,
+        super().__init__(
+            ctx,
+            cfg,
+            "ESMTP fastsend intake",
             starttls=cfg.ssl is not None,
             reject_bare_newlines=False,  # never relayed, so no smuggling risk downstream
         )
+        self.cfg = cfg
         self.pool = ParsePool(cfg.parse_max_bytes, cfg.parse_cpu_seconds)
-        self.limits = cfg.limits
-        self.guard = Guard(cfg.limits)
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
         a = address.lower()
