@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from fastsend.analytics.warmup import WarmupPolicy
 from fastsend.config import ConfigError, from_dict
 from fastsend.serve.api import ApiSettings
 from fastsend.shaping.guardrails import GuardrailSettings
-from fastsend.tables import load_table
+from fastsend.tables import load_table, read_toml
 
 
 @dataclass
@@ -98,3 +99,26 @@ def test_each_section_keeps_its_bounds() -> None:
         ConfigError, match=r"\[api\] listen has a bad value 8025: it must be a string"
     ):
         ApiSettings.from_raw({"api": {"listen": 8025}})
+
+
+class Bad(Exception):
+    pass
+
+
+def test_read_toml_names_the_file_and_what_it_is(tmp_path: Path) -> None:
+    good = tmp_path / "a.toml"
+    good.write_text("x = 1\n[t]\ny = 'z'\n")
+    assert read_toml(good, "shaping file") == {"x": 1, "t": {"y": "z"}}
+    missing = tmp_path / "none.toml"
+    with pytest.raises(ConfigError, match=r"cannot read shaping file '.*none\.toml': not found"):
+        read_toml(missing, "shaping file")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is = = not toml")
+    with pytest.raises(Bad, match=r"bad\.toml: not valid TOML"):
+        read_toml(bad, "rule file", Bad)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"x = '\xe9'\n")
+    with pytest.raises(Bad, match=r"latin\.toml: not valid TOML"):
+        read_toml(latin, "rule file", Bad)
+    with pytest.raises(Bad, match=r"cannot read rule file '.*': Is a directory"):
+        read_toml(tmp_path, "rule file", Bad)

@@ -1,9 +1,15 @@
 """Flat TOML tables into settings dataclasses: the one loop the scalar sections share.
 
 NAME
-    fastsend.tables -- load_table(cls, raw, section, ...): a settings dataclass from a table.
+    fastsend.tables -- read_toml(path, what, error): a TOML file, parsed.
+    load_table(cls, raw, section, ...): a settings dataclass from a table.
 
 DESCRIPTION
+    :func:`read_toml` reads the files fastsend is given (the config, campaign,
+    shaping, bounce-rule and machine-rule files) one way: an error of the
+    caller's class naming the file and what it is for when it is missing,
+    unreadable, not UTF-8 or not TOML.
+
     Several areas read a section that is only scalars with defaults, declared as a
     dataclass: ``[api]``, ``[analytics]``, ``[guardrails]``, ``[reputation.alarms]``,
     ``[reputation.warmup]``. :func:`load_table` fills one from the parsed table and
@@ -31,14 +37,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 import typing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastsend.settings import ConfigError
 
-__all__ = ["load_table"]
+__all__ = ["load_table", "read_toml"]
 
 T = TypeVar("T")
+
+
+def read_toml(
+    path: str | Path, what: str, error: Callable[[str], Exception] = ConfigError
+) -> dict[str, Any]:
+    """The TOML file at ``path`` (``what`` it is: "shaping file"), parsed; else ``error(msg)``."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        why = "not found" if isinstance(e, FileNotFoundError) else e.strerror or e
+        raise error(f"cannot read {what} {str(path)!r}: {why}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid TOML: {e}") from None
 
 
 def _misfit(kind: Any, v: Any, int_min: int, lo: float, hi: float, lo_open: bool) -> str:

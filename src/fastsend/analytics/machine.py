@@ -29,6 +29,7 @@ from importlib import resources
 from typing import Any
 
 from fastsend.settings import ConfigError
+from fastsend.tables import read_toml
 
 KINDS = ("open", "click")
 _KEYS = {"name", "user_agent", "method", "within_s_of_delivery", "burst_links", "burst_window_s"}
@@ -157,13 +158,7 @@ def load_machine_rules(path: str | None = None) -> MachineRules:
     shipped = _rules(shipped_rules(), "machine.toml (shipped)")
     if not path:
         return MachineRules(shipped["open"], shipped["click"])
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"machine rules file {path!r} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    data = read_toml(path, "machine rules file")
     replace = data.get("replace", False)
     if not isinstance(replace, bool):
         raise ConfigError(f"{path}: replace must be true or false")

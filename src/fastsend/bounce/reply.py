@@ -36,6 +36,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fastsend.tables import read_toml
+
 # Reasons where the address itself can never receive (Sisimai's hard bounce).
 HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved"})
 # Reasons that are not failures at all.
@@ -422,14 +424,7 @@ class RuleSet:
     @classmethod
     def load(cls, path: str | Path) -> RuleSet:
         """Read one rule file; RuleError (naming the file) on any problem."""
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise RuleError(f"{p}: cannot read rule file: {e.strerror or e}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise RuleError(f"{p}: not valid TOML: {e}") from None
-        return cls.from_dict(data, str(p))
+        return cls.from_dict(read_toml(path, "rule file", RuleError), str(path))
 
     @classmethod
     def default(cls) -> RuleSet:

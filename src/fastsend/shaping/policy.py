@@ -43,6 +43,7 @@ from importlib import resources
 from typing import Any
 
 from fastsend.settings import Config, ConfigError
+from fastsend.tables import read_toml
 
 LIMIT_KEYS = frozenset(
     {
@@ -255,13 +256,7 @@ def shipped() -> dict[str, Any]:
 
 
 def load_file(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"shaping file {path!r} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return read_toml(path, "shaping file")
 
 
 def load_policy(config: Config | None = None) -> Policy:
