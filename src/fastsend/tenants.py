@@ -184,15 +184,4 @@ def _dkim_entry(e: Any, where: str, base_dir: str) -> dict[str, Any]:
 def _global_dkim(raw: dict[str, Any], base_dir: str) -> list[dict[str, Any]]:
     dk = raw.get("dkim", [])
     items = [dk] if isinstance(dk, dict) else list(dk) if isinstance(dk, list) else []
-    out = []
-    for e in items:
-        if not isinstance(e, dict) or not {"domain", "selector", "key"} <= set(e):
-            raise ConfigError("config [dkim] entries need domain, selector and key")
-        bad = set(e) - _DKIM_KEYS
-        if bad:
-            raise ConfigError(f"config [dkim] unknown keys: {', '.join(sorted(bad))}")
-        e = dict(e)
-        e["domain"] = _norm(str(e["domain"]))
-        e["key"] = os.path.join(base_dir, str(e["key"]))
-        out.append(e)
-    return out
+    return [_dkim_entry(e, "config [dkim]", base_dir) for e in items]
