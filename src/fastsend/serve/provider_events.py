@@ -250,6 +250,26 @@ class ProviderEvents:
         self.ctx.emit(ev)
         return ev
 
+    def notice(
+        self,
+        provider: str,
+        kind: str,
+        rcpt: str,
+        tokens: list[str],
+        extra: dict[str, Any],
+        feedback_type: str | None = None,
+    ) -> dict[str, Any]:
+        """A provider event that is no bounce: ``complained`` (``feedback_type``,
+        default "abuse"), ``unsubscribed`` or ``provider`` (recorded only)."""
+        if kind == "complained":
+            rec = BounceRecord(rcpt, None, None, "", "feedback", False, feedback_type or "abuse")
+        elif kind == "unsubscribed":
+            rec = BounceRecord(rcpt, None, None, "", "feedback", False, "unsubscribe")
+            extra = {**extra, "method": "provider"}
+        else:
+            rec = BounceRecord(rcpt, None, None, "", "delivered", False)
+        return self.apply(provider, rec, tokens, kind, extra)
+
     # -- SES via SNS ---------------------------------------------------------------
 
     def _allowed_url(self, url: str) -> bool:
@@ -407,18 +427,9 @@ class ProviderEvents:
                 )
                 self.apply("ses", rec, toks, "bounced", extra)
             elif r.kind == "complaint":
-                rec = BounceRecord(
-                    r.recipient, None, None, "", "feedback", False, r.feedback_type or "abuse"
-                )
-                self.apply("ses", rec, toks, "complained", extra)
+                self.notice("ses", "complained", r.recipient, toks, extra, r.feedback_type)
             else:
-                self.apply(
-                    "ses",
-                    BounceRecord(r.recipient, None, None, "", "delivered", False),
-                    toks,
-                    "provider",
-                    extra,
-                )
+                self.notice("ses", "provider", r.recipient, toks, extra)
         return len(records)
 
     # -- SendGrid ----------------------------------------------------------------
@@ -472,24 +483,11 @@ class ProviderEvents:
             rec = BounceRecord(rcpt, status, code, text, c.reason, hard)
             self.apply("sendgrid", rec, tokens, "bounced", extra)
         elif kind == "spamreport":
-            self.apply(
-                "sendgrid",
-                BounceRecord(rcpt, None, None, "", "feedback", False, "abuse"),
-                tokens,
-                "complained",
-                extra,
-            )
+            self.notice("sendgrid", "complained", rcpt, tokens, extra)
         elif kind in ("unsubscribe", "group_unsubscribe"):
-            rec = BounceRecord(rcpt, None, None, "", "feedback", False, "unsubscribe")
-            self.apply("sendgrid", rec, tokens, "unsubscribed", {**extra, "method": "provider"})
+            self.notice("sendgrid", "unsubscribed", rcpt, tokens, extra)
         else:  # processed, delivered, deferred, open, click: recorded, nothing suppressed
-            self.apply(
-                "sendgrid",
-                BounceRecord(rcpt, None, None, "", "delivered", False),
-                tokens,
-                "provider",
-                extra,
-            )
+            self.notice("sendgrid", "provider", rcpt, tokens, extra)
 
     # -- Mailgun -----------------------------------------------------------------
 
@@ -528,24 +526,11 @@ class ProviderEvents:
             rec = BounceRecord(rcpt, None, code, text, c.reason, c.hard and permanent)
             self.apply("mailgun", rec, tokens, "bounced", {**extra, "severity": ed.get("severity")})
         elif kind == "complained":
-            self.apply(
-                "mailgun",
-                BounceRecord(rcpt, None, None, "", "feedback", False, "abuse"),
-                tokens,
-                "complained",
-                extra,
-            )
+            self.notice("mailgun", "complained", rcpt, tokens, extra)
         elif kind == "unsubscribed":
-            rec = BounceRecord(rcpt, None, None, "", "feedback", False, "unsubscribe")
-            self.apply("mailgun", rec, tokens, "unsubscribed", {**extra, "method": "provider"})
+            self.notice("mailgun", "unsubscribed", rcpt, tokens, extra)
         else:
-            self.apply(
-                "mailgun",
-                BounceRecord(rcpt, None, None, "", "delivered", False),
-                tokens,
-                "provider",
-                extra,
-            )
+            self.notice("mailgun", "provider", rcpt, tokens, extra)
         return web.json_response({"events": 1})
 
 
