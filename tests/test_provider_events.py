@@ -41,7 +41,7 @@ def make_ctx(tmp: Path, section: dict[str, Any]) -> Any:
     cfg = from_dict({"spool": {"dir": str(tmp / "spool")}, "provider_events": section})
     ctx = open_context(cfg)
     cid = ctx.tenant_campaign("acme")
-    ids = ctx.inject(cid, [(f"u{i}@example.net", "example.net", b'{"raw": ""}') for i in range(4)])
+    ids = ctx.inject(cid, [(f"u{i}@example.net", "example.net", b'{"raw": ""}') for i in range(5)])
     return ctx, ids
 
 
@@ -84,6 +84,7 @@ def test_sendgrid_event_webhook_ecdsa(tmp_path: Path) -> None:
         {"email": "u2@example.net", "event": "delivered", "fastsend": tok[2], "sg_message_id": "sg2"},
         {"email": "u3@example.net", "event": "bounce", "type": "blocked", "status": "5.7.1",
          "reason": "550 5.7.1 blocked by policy", "fastsend": tok[3]},
+        {"email": "u4@example.net", "event": "group_unsubscribe", "fastsend": tok[4]},
     ]  # fmt: skip
     body = json.dumps(events).encode()
 
@@ -115,20 +116,22 @@ def test_sendgrid_event_webhook_ecdsa(tmp_path: Path) -> None:
                 h = signed(body)
                 async with s.post(u, data=body, headers=h) as r:
                     assert r.status == 200, await r.text()
-                    assert (await r.json())["events"] == 4
+                    assert (await r.json())["events"] == 5
                 async with s.post(u, data=body, headers=h) as r:
                     assert r.status == 401  # the same signed post again: a replay
         finally:
             await runner.cleanup()
 
     asyncio.run(main())
-    evs = {e["rcpt"]: e for e in last_events(ctx, 4)}
+    evs = {e["rcpt"]: e for e in last_events(ctx, 5)}
     assert evs["u0@example.net"]["event"] == "bounced" and evs["u0@example.net"]["hard"]
     assert evs["u0@example.net"]["id"] == ids[0] and evs["u0@example.net"]["tenant"] == "acme"
     assert evs["u1@example.net"]["event"] == "complained"
     assert evs["u2@example.net"]["event"] == "provider"
     assert evs["u3@example.net"]["event"] == "bounced" and not evs["u3@example.net"]["hard"]
-    assert state(ctx)[1] == ["u0@example.net", "u1@example.net"]
+    assert evs["u4@example.net"]["event"] == "unsubscribed"
+    assert evs["u4@example.net"]["method"] == "provider" and evs["u4@example.net"]["suppressed"]
+    assert state(ctx)[1] == ["u0@example.net", "u1@example.net", "u4@example.net"]
     ctx.close()
 
 
