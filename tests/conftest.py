@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -54,6 +55,50 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+class ServeProcess:
+    """A real ``fastsend serve [ARGS] -c CFG`` process, run from the config's folder
+    (output to ``serve.log`` there), returned once its API port ``port`` listens."""
+
+    def __init__(
+        self, cfg: Path, port: int, *args: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log = cfg.parent / "serve.log"
+        self.base = f"http://127.0.0.1:{port}"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fastsend", "serve", *args, "-c", str(cfg)],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=cfg.parent,
+            )  # fmt: skip
+        try:
+            wait_port("127.0.0.1", port, timeout=20)
+        except TimeoutError:
+            self.stop()
+            raise TimeoutError(f"serve did not listen: {self.log.read_text(errors='replace')}") from None
+
+    def api_key(self, tenant: str) -> str:
+        """A new key for ``tenant`` (``fastsend apikey create``, the way an operator makes one)."""
+        return create_api_key(self.cfg, tenant, self.env)
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code (killed, -9, if still running after 30 s)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def create_api_key(cfg: Path, tenant: str, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", tenant, "-c", str(cfg)],
+        check=True, capture_output=True, text=True, env=env, cwd=cfg.parent,
+    ).stdout.strip()  # fmt: skip
 
 
 def require_program(name: str) -> str:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -33,7 +31,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from conftest import free_port, require_program, wait_port
+from conftest import ServeProcess, create_api_key, free_port, require_program
 from fastsend.message import tracking as tr
 
 SECRET = "browser-test-secret-0123456789abcdef"
@@ -81,29 +79,12 @@ class Served:
             f'[spool]\ndir = "spool"\n[api]\nlisten = "127.0.0.1:{self.port}"\n'
             f'[tracking]\nbase_url = "http://127.0.0.1:{self.port}"\nsecret = "{SECRET}"\n'
         )
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.key = subprocess.run(
-            [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme",
-             "-c", str(cfg)],
-            check=True, capture_output=True, text=True, env=env, cwd=tmp,
-        ).stdout.strip()  # fmt: skip
-        self.log = open(tmp / "serve.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsend", "serve", "--no-workers", "-c", str(cfg)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
-        )  # fmt: skip
-        wait_port("127.0.0.1", self.port, timeout=20)
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.key = create_api_key(cfg, "acme")
+        self.serve = ServeProcess(cfg, self.port, "--no-workers")
+        self.base = self.serve.base
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self.serve.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import aiohttp
 import aiosmtplib
 import pytest
 
-from conftest import free_port, wait_port
+from conftest import ServeProcess, free_port
 from fastsend.message import tracking as tr
 from fastsend.serve.auth import KeyStore
 from fastsend.sink import SinkThread
@@ -59,24 +57,11 @@ class Served:
         store = KeyStore.for_spool(str(tmp / "spool"))
         self.keys = {t: store.create(t)[0] for t in ("acme", "beta", "ops")}
         store.close()
-        self.log = open(tmp / "serve.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsend", "serve", "-c", str(cfg)],
-            stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp,
-        )  # fmt: skip
-        wait_port("127.0.0.1", self.port, timeout=20)
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.serve = ServeProcess(cfg, self.port)
+        self.base = self.serve.base
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self.serve.stop()
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import free_port, wait_port
+from conftest import ServeProcess, create_api_key, free_port
 
 pytest.importorskip("schemathesis")
 
@@ -74,37 +74,15 @@ max_body_bytes = {MAX_BODY}
 rate_limit = 100000.0
 """
         )
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.key = self.new_key("acme")
-        self.other_key = self.new_key("keeper")
-        self.log = tmp / "serve.log"
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fastsend", "serve", "-c", str(self.cfg)],
-                stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=tmp,
-            )  # fmt: skip
-        wait_port("127.0.0.1", self.port, timeout=20)
-
-    def new_key(self, tenant: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", tenant,
-             "-c", str(self.cfg)],
-            check=True, capture_output=True, text=True, env=self.env, cwd=self.tmp,
-        ).stdout.strip()  # fmt: skip
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.key = create_api_key(self.cfg, "acme")
+        self.other_key = create_api_key(self.cfg, "keeper")
+        self.serve = ServeProcess(self.cfg, self.port)
+        self.base = self.serve.base
+        self.log = self.serve.log
+        self.proc = self.serve.proc
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        return self.serve.stop()
 
 
 def raw_request(
