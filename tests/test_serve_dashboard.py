@@ -158,6 +158,7 @@ def test_page_and_assets_are_self_contained(served: Served) -> None:
         texts = {}
         for path, ctype in (("/dashboard", "text/html"), ("/dashboard/app.js", "text/javascript"),
                             ("/dashboard/app.css", "text/css"),
+                            ("/dashboard/common.js", "text/javascript"),
                             ("/dashboard/charts.js", "text/javascript")):  # fmt: skip
             st, text, h = await req(served, "GET", path)
             assert st == 200
@@ -174,11 +175,13 @@ def test_page_and_assets_are_self_contained(served: Served) -> None:
             assert csp_part in CSP
         # No inline script, style or handler for the CSP to block.
         assert re.findall(r"<script\b[^>]*>", html) == [
+            '<script src="/dashboard/common.js" defer>',
             '<script src="/dashboard/app.js" defer>',
             '<script src="/dashboard/charts.js" defer>',
         ]
         assert not re.search(r"<style|\sstyle=|\son[a-z]+=", html)
-        for js in (texts["/dashboard/app.js"], texts["/dashboard/charts.js"]):
+        for js in (texts["/dashboard/app.js"], texts["/dashboard/charts.js"],
+                   texts["/dashboard/common.js"]):  # fmt: skip
             assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write|eval\(",
                                  js)  # fmt: skip
         assert 'name="' not in html.split('<form id="login"')[1].split("</form>")[0]

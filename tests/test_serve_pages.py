@@ -17,9 +17,9 @@ import pytest
 from fastsend.serve.pages import MAX_DEPTH, load, render
 
 SCRIPTS = {
-    "dashboard.html": ["/dashboard/app.js", "/dashboard/charts.js"],
-    "campaign.html": ["/dashboard/charts.js"],
-    "ip.html": ["/dashboard/charts.js"],
+    "dashboard.html": ["/dashboard/common.js", "/dashboard/app.js", "/dashboard/charts.js"],
+    "campaign.html": ["/dashboard/common.js", "/dashboard/charts.js"],
+    "ip.html": ["/dashboard/common.js", "/dashboard/charts.js"],
 }
 
 
@@ -48,7 +48,7 @@ def test_pages_differ_where_they_should() -> None:
 
 def test_assets_are_served_as_stored() -> None:
     static = resources.files("fastsend.serve") / "static"
-    for name in ("app.css", "app.js", "charts.js"):
+    for name in ("app.css", "app.js", "charts.js", "common.js"):
         assert load(name) == (static / name).read_bytes()
     assert load("dashboard.html") == render("dashboard.html")
 

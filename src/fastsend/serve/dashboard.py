@@ -5,11 +5,14 @@ NAME
 
 DESCRIPTION
     ``GET /dashboard``             one self-contained page (``static/dashboard.html``)
-    ``GET /dashboard/app.js``      its script, ``/dashboard/app.css`` its styles;
+    ``GET /dashboard/app.js``      its script, ``/dashboard/app.css`` its styles,
+                                   ``/dashboard/common.js`` what its scripts
+                                   share (the key's storage, the one fetch
+                                   that sends it, DOM building by textContent);
                                    no inline script or style, nothing from
                                    elsewhere: a strict Content-Security-Policy
                                    (``default-src 'none'``; scripts, styles and
-                                   fetches from this origin only) on all three.
+                                   fetches from this origin only) on them all.
     ``GET /v1/dashboard``          the key's tenant, live: messages per second
                                    (delivered / deferred / bounced, one value
                                    per second over ``SERIES_S``), counts by
@@ -93,6 +96,7 @@ _HEADERS = {
 _FILES = {
     "/dashboard": ("dashboard.html", "text/html"),
     "/dashboard/app.js": ("app.js", "text/javascript"),
+    "/dashboard/common.js": ("common.js", "text/javascript"),
     "/dashboard/app.css": ("app.css", "text/css"),
 }
 

@@ -4,7 +4,8 @@
 'use strict';
 
 (() => {
-  const STORE = 'fastsend.dashboard.key';
+  const common = window.fastsendDashboard; // common.js: key storage, requests, el
+  const { el } = common;
   const POLL_MS = 1000;
   const STATES = ['queued', 'inflight', 'deferred', 'delivered', 'bounced', 'suppressed',
     'expired', 'cancelled'];
@@ -17,13 +18,6 @@
   let generation = 0; // bumps on login/logout so a late answer is ignored
   const campaignRows = new Map();
 
-  function el(tag, text, cls) {
-    const e = document.createElement(tag);
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    if (cls) e.className = cls;
-    return e;
-  }
-
   function num(n) {
     if (typeof n === 'number') return n.toLocaleString('en-US');
     return n === undefined || n === null ? '' : String(n);
@@ -35,21 +29,8 @@
     s.className = isError ? 'error' : '';
   }
 
-  function storage() {
-    try { return window.sessionStorage; } catch (e) { return null; }
-  }
-
-  async function call(method, path) {
-    const r = await fetch(path, {
-      method,
-      headers: { Authorization: 'Bearer ' + key, Accept: 'application/json' },
-      cache: 'no-store',
-      credentials: 'omit',
-      referrerPolicy: 'no-referrer',
-    });
-    let body = null;
-    try { body = await r.json(); } catch (e) { body = null; }
-    return { status: r.status, body };
+  function call(method, path) {
+    return common.request(method, path, key);
   }
 
   // ---------------------------------------------------------------- login
@@ -57,8 +38,7 @@
     generation += 1;
     if (timer !== null) { clearTimeout(timer); timer = null; }
     key = null;
-    const st = storage();
-    if (st) st.removeItem(STORE);
+    common.forgetKey();
     $('app').hidden = true;
     $('logout').hidden = true;
     $('login-box').hidden = false;
@@ -86,8 +66,7 @@
     const k = input.value.trim();
     input.value = '';
     if (!k) return;
-    const st = storage();
-    if (st) st.setItem(STORE, k);
+    common.saveKey(k);
     start(k);
   });
   $('logout').addEventListener('click', () => showLogin('Key forgotten.'));
@@ -359,7 +338,6 @@
   }
 
   // ---------------------------------------------------------------- start
-  const st = storage();
-  const saved = st ? st.getItem(STORE) : null;
+  const saved = common.savedKey();
   if (saved) start(saved); else showLogin('');
 })();

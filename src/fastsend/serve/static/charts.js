@@ -6,7 +6,8 @@
 'use strict';
 
 (() => {
-  const STORE = 'fastsend.dashboard.key';
+  const common = window.fastsendDashboard; // common.js: key storage, requests, el
+  const { el } = common;
   const REFRESH_MS = 3000;
   const PALETTE = ['#1a9850', '#e08e0b', '#d73027', '#4575b4', '#7b3294', '#35978f',
     '#bf812d', '#666666', '#c51b7d', '#01665e'];
@@ -23,14 +24,7 @@
   let admin = null; // asked once: node-wide gauges and /v1/dmarc are for admin tenants
 
   function key() {
-    try { return window.sessionStorage.getItem(STORE); } catch (e) { return null; }
-  }
-
-  function el(tag, text, cls) {
-    const e = document.createElement(tag);
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    if (cls) e.className = cls;
-    return e;
+    return common.savedKey();
   }
 
   function pct(v) {
@@ -40,13 +34,9 @@
   async function get(path) {
     const k = key();
     if (!k) throw new Error('no key');
-    const r = await fetch(path, {
-      headers: { Authorization: 'Bearer ' + k, Accept: 'application/json' },
-      cache: 'no-store', credentials: 'omit', referrerPolicy: 'no-referrer',
-    });
-    const body = await r.json().catch(() => null);
-    if (r.status !== 200) {
-      const msg = body && body.error ? body.error.message : 'HTTP ' + r.status;
+    const { status, body } = await common.request('GET', path, k);
+    if (status !== 200) {
+      const msg = body && body.error ? body.error.message : 'HTTP ' + status;
       throw new Error(msg);
     }
     return body;
