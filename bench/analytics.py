@@ -152,13 +152,13 @@ def build_store(d: str, days: int, campaigns: int) -> tuple[int, int]:
 
 async def stats_latency(d: str, requests: int, campaigns: int) -> list[float]:
     import aiohttp
-    from aiohttp import web
 
     from fastsend.config import from_dict
     from fastsend.serve.api import ApiSettings
     from fastsend.serve.app import make_app
     from fastsend.serve.auth import KeyStore
     from fastsend.serve.context import open_context
+    from fastsend.testing.http import app_on_loopback
 
     cfg = from_dict({"spool": {"dir": d}, "api": {"listen": "127.0.0.1:0",
                                                    "rate_limit": 100000}})  # fmt: skip
@@ -167,11 +167,6 @@ async def stats_latency(d: str, requests: int, campaigns: int) -> list[float]:
     ks.close()
     ctx = open_context(cfg)
     app = make_app(ctx, ApiSettings.from_raw(cfg.raw))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     queries = [
         "from=-30d&granularity=total&dims=campaign",
         "from=-30d&granularity=day&dims=&campaign={c}",
@@ -183,11 +178,11 @@ async def stats_latency(d: str, requests: int, campaigns: int) -> list[float]:
     lat: list[float] = []
     h = {"Authorization": f"Bearer {key}"}
     try:
-        async with aiohttp.ClientSession() as http:
+        async with app_on_loopback(app) as base, aiohttp.ClientSession() as http:
             for i in range(requests):
                 q = queries[i % len(queries)].format(c=1 + i % campaigns)
                 t = time.perf_counter()
-                async with http.get(f"http://127.0.0.1:{port}/v1/stats?{q}", headers=h) as r:
+                async with http.get(f"{base}/v1/stats?{q}", headers=h) as r:
                     body = await r.json()
                     if r.status != 200:
                         raise RuntimeError(f"{q}: {r.status} {body}")
@@ -195,7 +190,6 @@ async def stats_latency(d: str, requests: int, campaigns: int) -> list[float]:
                 if i == 0 and body["totals"]["counts"]["delivered"] <= 0:
                     raise RuntimeError("no data in the answer")
     finally:
-        await runner.cleanup()
         ctx.close()
     return lat
 

@@ -16,7 +16,6 @@ import aiosmtplib
 import orjson
 import pytest
 import trustme
-from aiohttp import web
 from tests._engine_helpers import send_via, summary, write_campaign, write_recipients
 
 from fastsend.accept import AcceptError, check_campaign
@@ -30,6 +29,7 @@ from fastsend.serve.listeners import hash_password, start_listeners
 from fastsend.sink import SinkProcess
 from fastsend.spool import open_spool
 from fastsend.suppression import SuppressionList
+from fastsend.testing.http import app_on_loopback
 from fastsend.wire import MAX_RECORD
 
 TENANT = "acme"
@@ -91,17 +91,14 @@ def via_api(tmp: Path, url: str) -> None:
         cfg = from_dict({"spool": _spool_table(spool, url), "api": {"listen": "127.0.0.1:0"}})
         ctx = open_context(cfg)
         key = ctx.key_store().create(TENANT)[0]
-        runner = web.AppRunner(make_app(ctx, ApiSettings.from_raw(cfg.raw)), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+        app = make_app(ctx, ApiSettings.from_raw(cfg.raw))
         body = {"template": TPL, "recipients": [{"email": a, "name": "N"} for a in RCPTS]}
         try:
             async with (
+                app_on_loopback(app) as base,
                 aiohttp.ClientSession() as session,
                 session.post(
-                    f"http://127.0.0.1:{port}/v1/campaigns",
+                    f"{base}/v1/campaigns",
                     json=body,
                     headers={"Authorization": f"Bearer {key}"},
                 ) as r,
@@ -110,7 +107,6 @@ def via_api(tmp: Path, url: str) -> None:
                 assert r.status == 201, out
             assert out["accepted"] == 4 and out["rejected"] == 0
         finally:
-            await runner.cleanup()
             ctx.close()
 
     asyncio.run(main())

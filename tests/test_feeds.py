@@ -17,6 +17,7 @@ from aiohttp import web
 
 from fastsend.analytics.feeds import Feeds, FeedSettings, grade, parse_snds
 from fastsend.config import ConfigError, from_dict
+from fastsend.testing.http import app_on_loopback
 
 TOKEN = "ya29.test-access-token"
 SNDS_KEY = "0123abcd-snds-key"
@@ -69,14 +70,8 @@ async def provider_apis(spam_rate: float, needs_work: bool) -> AsyncIterator[tup
     app.router.add_post("/v2/domains/{domain}/domainStats:query", stats)
     app.router.add_get("/v2/domains/{domain}/complianceStatus", compliance)
     app.router.add_get("/snds/data.aspx", snds)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
-    finally:
-        await runner.cleanup()
+    async with app_on_loopback(app) as base:
+        yield base, seen
 
 
 def settings(tmp: Path, base: str, token: str = TOKEN, key: str = SNDS_KEY) -> FeedSettings:

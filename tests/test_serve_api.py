@@ -17,13 +17,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from fastsend.config import from_dict
 from fastsend.serve.api import API_KEY, ApiSettings
 from fastsend.serve.app import make_app
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext, open_context
+from fastsend.testing.http import app_on_loopback
 
 
 class Client:
@@ -67,17 +67,11 @@ async def serving(tmp: str, **api: Any) -> AsyncIterator[Client]:
     cfg = from_dict({"spool": {"dir": tmp}, "api": {"listen": "127.0.0.1:0", **api}})
     ctx = open_context(cfg)
     app = make_app(ctx, ApiSettings.from_raw(cfg.raw))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with aiohttp.ClientSession() as session:
-        try:
-            yield Client(session, f"http://127.0.0.1:{port}", ctx)
-        finally:
-            await runner.cleanup()
-            ctx.close()
+    try:
+        async with app_on_loopback(app) as base, aiohttp.ClientSession() as session:
+            yield Client(session, base, ctx)
+    finally:
+        ctx.close()
 
 
 def arun(tmp_path: Any, fn: Callable[[Client], Awaitable[None]], **api: Any) -> None:

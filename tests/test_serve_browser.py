@@ -33,6 +33,7 @@ from aiohttp import web
 
 from conftest import ServeProcess, create_api_key, free_port, require_program
 from fastsend.message import tracking as tr
+from fastsend.testing.http import app_on_loopback
 
 SECRET = "browser-test-secret-0123456789abcdef"
 CHROMIUM_FLAGS = [
@@ -140,15 +141,8 @@ async def landing_site() -> AsyncIterator[tuple[str, list[str]]]:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", hits
-    finally:
-        await runner.cleanup()
+    async with app_on_loopback(app) as base:
+        yield base, hits
 
 
 # ------------------------------------------------------------------ the browser
