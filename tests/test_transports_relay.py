@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import os
 import ssl
-import subprocess
 import threading
 import uuid
 from collections import Counter
@@ -22,10 +21,18 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
-from tests._engine_helpers import fastsend_cmd, received_counts, summary, write_recipients
+from tests._engine_helpers import received_counts, summary, write_recipients
 from tests._provider_servers import Bucket
 from tests.conftest import free_port
-from tests.test_transports_http import REJECTS, RETRY, dkim_campaign, events, recipients, verify_all
+from tests.test_transports_http import (
+    REJECTS,
+    RETRY,
+    dkim_campaign,
+    events,
+    recipients,
+    send,
+    verify_all,
+)
 
 from fastsend.config import ConfigError, from_dict
 from fastsend.sink import SinkProcess
@@ -128,20 +135,6 @@ class Relay:
         self.controller.stop()
 
 
-def run_send(
-    tmp: Path, camp: Path, rcpts: Path, config: str, env: dict[str, str], *extra: str
-) -> subprocess.CompletedProcess[str]:
-    cfg = tmp / "fastsend.toml"
-    cfg.write_text(config)
-    full = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
-    full.update(env)
-    return subprocess.run(
-        fastsend_cmd("send", str(camp), "-r", str(rcpts), "-c", str(cfg), "--spool",
-                     str(tmp / "spool"), "--json", "--no-progress", "--workers", "2", *extra),
-        capture_output=True, text=True, timeout=200, env=full,
-    )  # fmt: skip
-
-
 def relay_config(port: int, ca: Path, *, tls: str = "", extra: str = "", retry: bool = True) -> str:
     t = f'tls = "{tls}"\n' if tls else ""
     return (RETRY if retry else "") + (
@@ -162,7 +155,7 @@ def test_relay_starttls_auth_5000_messages(
     rcpts, good = recipients(tmp_path)
     handler = RelayHandler(rate=400)
     with Relay(handler, ctx, implicit=False) as relay:
-        proc = run_send(tmp_path, camp, rcpts, relay_config(relay.port, ca), ENV)
+        proc = send(tmp_path, camp, rcpts, relay_config(relay.port, ca), ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary(proc)
     assert (s["delivered"], s["bounced"]) == (len(good), len(REJECTS)), (s, proc.stderr[-2000:])
@@ -189,7 +182,7 @@ def test_relay_implicit_tls_and_cram_md5(
     handler = RelayHandler()
     with Relay(handler, ctx, implicit=True, exclude=["PLAIN", "LOGIN"]) as relay:
         cfg = relay_config(relay.port, ca, tls="implicit")
-        proc = run_send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "5")
+        proc = send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary(proc)
     assert (s["delivered"], s["bounced"]) == (len(good), len(REJECTS)), (s, events(tmp_path)[-3:])
@@ -205,7 +198,7 @@ def test_relay_login_when_forced(tmp_path: Path, certs: tuple[ssl.SSLContext, Pa
     handler = RelayHandler()
     with Relay(handler, ctx, implicit=False) as relay:
         cfg = relay_config(relay.port, ca, extra='auth_mechanism = "login"\n')
-        proc = run_send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "5")
+        proc = send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "5")
     assert summary(proc)["delivered"] == 2, proc.stderr[-2000:]
     assert set(handler.mechanisms) == {"LOGIN"}
 
@@ -220,7 +213,7 @@ def test_relay_wrong_password_and_untrusted_certificate_defer(
     with Relay(handler, ctx, implicit=False) as relay:
         bad = {**ENV, "FASTSEND_RELAY1_PASSWORD": "wrong"}
         cfg = relay_config(relay.port, ca, retry=False)
-        proc = run_send(tmp_path, camp, rcpts, cfg, bad, "--max-wait", "1")
+        proc = send(tmp_path, camp, rcpts, cfg, bad, "--max-wait", "1")
         s = summary(proc)
         assert (s["delivered"], s["bounced"]) == (0, 0)
         ev = next(e for e in events(tmp_path) if e["event"] == "deferred")
@@ -229,7 +222,7 @@ def test_relay_wrong_password_and_untrusted_certificate_defer(
         t2 = tmp_path / "t2"
         t2.mkdir()
         cfg = relay_config(relay.port, ca, retry=False).replace(f'ca_file = "{ca}"\n', "")
-        proc = run_send(t2, camp, rcpts, cfg, ENV, "--max-wait", "1")
+        proc = send(t2, camp, rcpts, cfg, ENV, "--max-wait", "1")
         assert summary(proc)["delivered"] == 0
         ev = next(e for e in events(t2) if e["event"] == "deferred")
         assert "certificate" in ev["text"].lower() or "tls" in ev["text"].lower(), ev
@@ -258,7 +251,7 @@ def test_failover_from_direct_mx_to_relay(
         )
         cfg += f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {mx_port}\n'
         cfg += "[delivery]\nallow_private_mx = true\n"  # the test MX is on loopback
-        proc = run_send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "1")
+        proc = send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary(proc)
     assert (s["delivered"], s["bounced"]) == (30, 1), s
