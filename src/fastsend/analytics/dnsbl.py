@@ -48,6 +48,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
+from fastsend import periodic
 from fastsend.config import Config, ConfigError
 
 log = logging.getLogger("fastsend.analytics.dnsbl")
@@ -224,9 +225,5 @@ class Reputation:
         every = self.settings.check_every
         if every <= 0 or not self.settings.blocklists:
             return
-        while True:
-            try:
-                await self.check_ips([ip for ip in ips() if ip])
-            except Exception:
-                log.exception("blocklist check failed")
-            await asyncio.sleep(every)
+        await periodic.every(every, lambda: self.check_ips([ip for ip in ips() if ip]),
+                             "blocklist check", log)  # fmt: skip

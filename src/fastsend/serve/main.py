@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 from fastsend.config import Config, ConfigError, load
+from fastsend.periodic import every
 
 log = logging.getLogger("fastsend.serve")
 
@@ -290,16 +291,14 @@ class Server:
         return 0
 
     async def tick(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            try:
-                self.api.index.maybe_flush()
-                self.ctx.events.flush()
-                self.charts.tick()  # rollups flushed about once a second, queue gauges
-                if self.ctx.shared is not None:
-                    self.ctx.shared.tick()  # renew this node's hold on its source IPs
-            except Exception:
-                log.exception("periodic flush failed")
+        await every(0.2, self._tick, "periodic flush", log, wait_first=True)
+
+    def _tick(self) -> None:
+        self.api.index.maybe_flush()
+        self.ctx.events.flush()
+        self.charts.tick()  # rollups flushed about once a second, queue gauges
+        if self.ctx.shared is not None:
+            self.ctx.shared.tick()  # renew this node's hold on its source IPs
 
     def on_term(self, signum: int) -> None:
         self.terms += 1

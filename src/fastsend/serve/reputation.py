@@ -27,6 +27,7 @@ from fastsend.analytics.alarms import Alarms, AlarmSettings
 from fastsend.analytics.dnsbl import Reputation, ReputationSettings, make_resolver, node_ips
 from fastsend.analytics.feeds import Feeds, FeedSettings
 from fastsend.analytics.warmup import EngagementWarmup, WarmupPolicy
+from fastsend.periodic import every
 
 log = logging.getLogger("fastsend.serve.reputation")
 
@@ -68,29 +69,19 @@ def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
                               feeds_now.verdict if feeds_now is not None else None)  # fmt: skip
         ctx.supervisor.set_warmup_offsets(ew.offsets())  # what earlier days decided
 
-        async def warmup_loop() -> None:
-            while True:
-                try:
-                    rollups.flush()
-                    if ew.evaluate(node_ips(ctx.config)):
-                        ctx.supervisor.set_warmup_offsets(ew.offsets())
-                except Exception:
-                    log.exception("warm-up evaluation failed")
-                await asyncio.sleep(WARMUP_EVERY)
+        def warmup() -> None:
+            rollups.flush()
+            if ew.evaluate(node_ips(ctx.config)):
+                ctx.supervisor.set_warmup_offsets(ew.offsets())
 
-        tasks.append(asyncio.create_task(warmup_loop(), name="warmup"))
+        tasks.append(asyncio.create_task(every(WARMUP_EVERY, warmup, "warm-up evaluation", log),
+                                         name="warmup"))  # fmt: skip
     if rollups is not None:
         alarms = Alarms(AlarmSettings.from_config(ctx.config), rollups.store, ctx.emit)
 
-        async def alarm_loop() -> None:
-            while True:
-                await asyncio.sleep(ALARM_EVERY)
-                try:
-                    tenants = sorted({c.tenant or "default"
-                                      for c in ctx.spool.list_campaigns()})  # fmt: skip
-                    alarms.evaluate(tenants)
-                except Exception:
-                    log.exception("alarm evaluation failed")
+        def alarm() -> None:
+            alarms.evaluate(sorted({c.tenant or "default" for c in ctx.spool.list_campaigns()}))
 
-        tasks.append(asyncio.create_task(alarm_loop(), name="alarms"))
+        tasks.append(asyncio.create_task(every(ALARM_EVERY, alarm, "alarm evaluation", log,
+                                               wait_first=True), name="alarms"))  # fmt: skip
     return tasks
