@@ -17,6 +17,11 @@ both alike; medians are shown with min-max. smtp-source's best session count
 from the kernel (wait4), so fastsend's supervisor and every worker count; the
 supervisor/worker split comes from fastsend's summary.
 
+The workers' CPU per message is also held against fastsend's own SMTP client
+alone (bench/smtp_throughput.py's client: the same pipelined connections on
+uvloop, no spool, no rendering, no shaping), run on the same sink in each
+repeat: goal <= 1.3x its send phase.
+
 Prints the machine, the settings, both sides and the ratios; exits non-zero
 when a side could not be measured or delivered fewer than all messages.
 
@@ -46,6 +51,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import SmtpSink, fmt_mr, free_port, machine, median_range, program
+from smtp_throughput import measure_fastsend as measure_client
 
 CAMPAIGN = """\
 from = "Bench <bench@sender.example.com>"
@@ -56,6 +62,10 @@ Account {{ account }}, plan {{ plan }}.
 FILLER
 \"\"\"
 """
+
+
+CLIENT_CONNECTIONS = 20  # the client-alone baseline (bench/smtp_throughput.py's client)
+CLIENT_GROUP = 64  # envelopes per send(), as a worker's pipelined groups ([delivery] pipeline)
 
 
 def write_inputs(tmp: str, n: int, size: int) -> tuple[str, str]:
@@ -364,6 +374,7 @@ def main() -> int:
         sink = SmtpSink(free_port())
         src: dict[int, list[tuple[float, float]]] = {s: [] for s in sessions}
         fsr: list[dict[str, Any]] = []
+        alone: list[tuple[float, float, float, float]] = []  # fastsend's SMTP client alone
         try:
             if args.suppression:
                 rows = args.suppression
@@ -390,6 +401,15 @@ def main() -> int:
                     )
                     ok = False
                 fsr.append(fs)
+                # The worker's baseline: fastsend's SMTP client alone (no spool,
+                # no render), as bench/smtp_throughput.py runs it, same sink.
+                before = sink.messages()
+                got_alone = measure_client(sink.port, CLIENT_CONNECTIONS, n, CLIENT_GROUP)
+                if got_alone is None or sink.messages() - before != n:
+                    print("fastsend's client alone could not be measured", file=sys.stderr)
+                    ok = False
+                else:
+                    alone.append(got_alone)
             for s in sessions:
                 rates = [r for r, _c in src[s]]
                 cpus = [c for _r, c in src[s]]
@@ -419,6 +439,19 @@ def main() -> int:
                 f"  delivered: spool {[f['delivered'] for f in fsr]},"
                 f" counted by smtp-sink {[f['sink_got'] for f in fsr]}"
             )
+            if alone:
+                a_send = [a[3] for a in alone]
+                print(
+                    f"fastsend's SMTP client alone ({CLIENT_CONNECTIONS} connections, groups of"
+                    f" {CLIENT_GROUP}, messages of ~4.3 KB, no spool, no render): send phase"
+                    f" {fmt_mr(a_send, '.1f')} us CPU/msg, from launch"
+                    f" {fmt_mr([a[1] for a in alone], '.1f')} us"
+                )
+                w_med, a_med = median_range(wrk_cpu)[0], median_range(a_send)[0]
+                print(
+                    f"ratio worker CPU/msg (fastsend workers / client alone, send phase):"
+                    f" {w_med / a_med:.2f}x  (goal <= 1.3x)"
+                )
             f_rate = median_range(w_rates)[0]
             f_cpu = median_range(w_cpu)[0]
             print(

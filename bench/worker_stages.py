@@ -13,7 +13,10 @@ the SMTP client, by process CPU time:
 - build (whole): ``Worker.build`` of the batch, all of the above but the decode
   together, with the loop around them;
 - outcome collect: ``Worker.add_results`` of what the client returns;
-- outcome encode: the ``wire.Results`` record for the supervisor.
+- outcome encode: the ``wire.Results`` record for the supervisor;
+- per batch of 6 (placing): what a batch costs besides building its
+  messages (decode, site lookup, the site's ready queue), per message, for
+  the small batches end_to_end.py's 100-domain list gets.
 
 Each figure is the best of ``--rounds`` rounds, both implementations
 (compiled core and the pure-Python twins, ``FASTSEND_NO_EXTENSIONS=1``) in
@@ -45,6 +48,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine
 
 BATCH = 200
+SMALL = 6  # messages per batch in end_to_end.py's runs (100 domains)
 
 
 def cpu_per_call(fn: Callable[[], object], calls: int, rounds: int) -> float:
@@ -66,12 +70,16 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
     from fastsend.message import Campaign
     from fastsend.outcome import DELIVERED, Envelope, Outcome, TxnResult
     from fastsend.ring import Ring
-    from fastsend.settings import Config
+    from fastsend.settings import Config, Route
 
     tmp = tempfile.mkdtemp(prefix="fastsend-stages-")
     camp_path, _rcpts = write_inputs(tmp, 1, 4096)
     spec = Campaign.load(camp_path).to_dict()
-    config = Config(spool_dir=tmp, secret=b"bench installation secret 0123456789")
+    config = Config(
+        spool_dir=tmp,
+        secret=b"bench installation secret 0123456789",
+        routes={"*": Route("127.0.0.1", 2525)},  # as end_to_end.py's --route
+    )
     worker = Worker(0, config, ["127.0.0.2"], Ring(1 << 20), Ring(64 << 20))
     worker.campaign_specs[1] = spec
     r = worker.renderer(1)
@@ -112,6 +120,23 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
     if worker.flush_handle is not None:
         worker.flush_handle.cancel()
         worker.flush_handle = None
+    # Per batch: what a batch costs besides its messages (decode, site lookup,
+    # the site's ready queue: push, trim, scale) -- with the end_to_end.py list
+    # (100 domains) a claim splits into batches of a few messages.
+    small = wire.encoder.encode(wire.Batch(1, "d1.example.net", items[:SMALL]))
+    site = await worker.resolver.site_for("d1.example.net")  # a route: no DNS
+    if worker.resolver.cached("d1.example.net") is not site:
+        raise SystemExit("the bench route is not cached after its first lookup")
+    queue = worker.site_queue(site, wire.Batch(1, "d1.example.net", []))
+    queue.closing = True  # no connections: the queue's bookkeeping alone
+    envs = worker.build(wire.Batch(1, "d1.example.net", items[:SMALL]))
+
+    def place() -> None:
+        b = decode(small)
+        worker.busy += 1
+        worker.place_batch(b, worker.resolver.cached(b.domain))
+        queue.pending.clear()
+
     stages: dict[str, Callable[[], object]] = {
         "batch decode": lambda: decode(record),
         "vars decode": over_batch(lambda i: orjson.loads(items[i].vars)),
@@ -133,6 +158,10 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
     figures: dict[str, float] = {}
     for name, fn in stages.items():
         figures[name] = cpu_per_call(fn, batches, rounds) / BATCH * 1e6
+    worker.build = lambda _batch: list(envs)  # type: ignore[method-assign]  # placing alone
+    figures[f"per batch of {SMALL} (placing)"] = (
+        cpu_per_call(place, batches * 20, rounds) / SMALL * 1e6
+    )
     if worker.flush_handle is not None:
         worker.flush_handle.cancel()
     figures["_compiled"] = float(_accel.HAVE_EXTENSIONS and not _accel.NO_EXTENSIONS)

@@ -138,6 +138,14 @@ def test_assembly_twins_same_bytes() -> None:
                 assert c.message(variables, b"", b"D\r\n", b"M\r\n") == py.message(
                     variables, b"", b"D\r\n", b"M\r\n"
                 )
+    for to_custom in (False, True):
+        py = mime_mod.PURE["Assembly"](head, tail, content, body, True, to_custom, "example.com")
+        c = _accel.compiled("Assembly")(head, tail, content, body, True, to_custom, "example.com")
+        for rcpt in ("r@example.org", "Zoë@bücher.example", "a@[127.0.0.1]"):
+            for mid in ("12-abc", "x y", "é" * 3):
+                for sign in (False, True):
+                    args = ({"name": "n", "email": "x"}, rcpt, mid, b"Date: d\r\n", sign)
+                    assert c.personal(*args) == py.personal(*args)
     for bad in ({}, {"name": 5}):
         for cls in (mime_mod.PURE["Assembly"], _accel.compiled("Assembly")):
             with pytest.raises(KeyError if not bad else TypeError):

@@ -7,6 +7,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_Check
+from cpython.dict cimport PyDict_Copy
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
@@ -623,14 +624,42 @@ cdef class Assembly:
     quoted-printable parts are made by the compiled functions above, without a
     Python call per piece)."""
     cdef readonly tuple head, tail, content, segments
-    cdef readonly bint end_crlf
+    cdef readonly bint end_crlf, to_custom
+    cdef readonly str from_domain
 
-    def __init__(self, tuple head, tuple tail, tuple content, tuple body, bint end_crlf):
+    def __init__(self, tuple head, tuple tail, tuple content, tuple body, bint end_crlf,
+                 bint to_custom=False, str from_domain=""):
         self.head = head
         self.tail = tail
         self.content = content
         self.segments = body
         self.end_crlf = end_crlf
+        self.to_custom = to_custom
+        self.from_domain = from_domain
+
+    def personal(self, variables, str rcpt, str message_id, bytes date, bint sign):
+        """One recipient's message (or with ``sign``, its header lines and body):
+        the variables ``email`` and ``message_id``, To and Message-ID made here."""
+        cdef dict vs = PyDict_Copy(variables) if type(variables) is dict else dict(variables)
+        cdef bytes to = b""
+        cdef str mid = message_id
+        vs["email"] = rcpt
+        vs["message_id"] = message_id
+        local, domain = split_address(rcpt)
+        if not self.to_custom:
+            to = ("To: " + local + "@" + domain + "\r\n").encode("utf-8")
+        if not message_id_safe(message_id):
+            from fastsend.message.verp import encode_id
+
+            mid = encode_id(message_id)
+        cdef bytes mid_line = ("Message-ID: <" + mid + "@" + self.from_domain + ">\r\n").encode(
+            "utf-8")
+        cdef list lines = self._headers(vs, to, date, mid_line)
+        if sign:
+            return lines, self._body(vs)
+        lines.append(b"\r\n")
+        lines.append(self._body(vs))
+        return b"".join(lines)
 
     cdef bytes _entry(self, object e, object variables):
         cdef tuple t

@@ -200,9 +200,30 @@ class Assembly:
         content: tuple[bytes, ...],
         body: tuple[Segment, ...],
         end_crlf: bool,
+        to_custom: bool = False,
+        from_domain: str = "",
     ) -> None:
         self.head, self.tail, self.content = head, tail, content
         self.segments, self.end_crlf = body, end_crlf
+        self.to_custom, self.from_domain = to_custom, from_domain
+
+    def personal(
+        self, variables: Mapping[str, str], rcpt: str, message_id: str, date: bytes, sign: bool
+    ) -> bytes | tuple[list[bytes], bytes]:
+        """One recipient's message, nothing added per recipient but the
+        variables ``email`` and ``message_id``, To (unless ``to_custom``) and
+        Message-ID (``message_id`` at ``from_domain``, VERP-encoded unless
+        :func:`message_id_safe`). The message, or with ``sign`` its (header
+        lines, body) to sign."""
+        vs = {**variables, "email": rcpt, "message_id": message_id}
+        local, domain = split_address(rcpt)
+        to = b"" if self.to_custom else f"To: {local}@{domain}\r\n".encode()
+        safe = _message_id_safe_py(message_id)
+        mid = message_id if safe else verp.encode_id(message_id)
+        mid_line = f"Message-ID: <{mid}@{self.from_domain}>\r\n".encode()
+        if sign:
+            return self.headers(vs, to, date, mid_line), self.body(vs)
+        return self.message(vs, to, date, mid_line)
 
     def headers(
         self, variables: Mapping[str, str], to: bytes, date: bytes, message_id: bytes
@@ -247,6 +268,7 @@ def message_id_safe(message_id: str) -> bool:
 
 _text_header_py = text_header
 _qp_template_py = qp_template
+_message_id_safe_py = message_id_safe
 
 # The readable twins, by name (tests run both; the compiled ones are picked).
 PURE = {
@@ -433,6 +455,8 @@ class Renderer:
             tuple(self._content),
             self._segments(),
             len(parts) == 1 and not self._mixed,
+            self._to_custom,
+            self.from_domain,
         )
         self._assembly = Assembly(*self._layout)
         # The header layout is fixed, so each signer's plan is made once.
@@ -501,29 +525,35 @@ class Renderer:
         self, rcpt: str, variables: Mapping[str, str], message_id: str, *, shared: bool = False
     ) -> bytes:
         """The complete message for one recipient (RenderError if it cannot be built)."""
-        vs = {**variables, "email": rcpt, "message_id": message_id}
+        now = int(time.time())
+        date = self._date_line if now == self._date_sec else self._date()
+        sign = bool(self._plans)
         try:
-            if shared:
-                to = b"" if self._to_custom else b"To: undisclosed-recipients:;\r\n"
+            if not shared and self.tracker is None:  # the usual case: one call
+                got = self._assembly.personal(variables, rcpt, message_id, date, sign)
             else:
-                local, domain = split_address(rcpt)
-                if self.tracker is not None:
-                    vs.update(self.tracker.variables(rcpt, vs, message_id))
-                to = b"" if self._to_custom else f"To: {local}@{domain}\r\n".encode()
-            now = int(time.time())
-            date = self._date_line if now == self._date_sec else self._date()
-            mid = message_id if message_id_safe(message_id) else verp.encode_id(message_id)
-            mid_line = f"Message-ID: <{mid}@{self.from_domain}>\r\n".encode()
-            if not self._plans:
-                return self._assembly.message(vs, to, date, mid_line)
-            lines = self._assembly.headers(vs, to, date, mid_line)
-            body = self._assembly.body(vs)
+                vs = {**variables, "email": rcpt, "message_id": message_id}
+                if shared:
+                    to = b"" if self._to_custom else b"To: undisclosed-recipients:;\r\n"
+                else:
+                    local, domain = split_address(rcpt)
+                    vs.update(self.tracker.variables(rcpt, vs, message_id))  # type: ignore[union-attr]
+                    to = b"" if self._to_custom else f"To: {local}@{domain}\r\n".encode()
+                mid = message_id if message_id_safe(message_id) else verp.encode_id(message_id)
+                mid_line = f"Message-ID: <{mid}@{self.from_domain}>\r\n".encode()
+                if sign:
+                    got = (self._assembly.headers(vs, to, date, mid_line), self._assembly.body(vs))
+                else:
+                    got = self._assembly.message(vs, to, date, mid_line)
         except KeyError as exc:
             raise RenderError(f"{rcpt!r}: missing variable {exc.args[0]!r}") from None
         except TypeError:
             raise RenderError(f"{rcpt!r}: variable values must be strings") from None
         except (HeaderError, verp.VerpError) as exc:
             raise RenderError(f"{rcpt!r}: {exc}") from None
+        if isinstance(got, bytes):  # not signed
+            return got
+        lines, body = got
         t0 = time.perf_counter()
         sigs = [s.sign_lines(plan, lines, body) for s, plan in self._plans]
         self.dkim_seconds += time.perf_counter() - t0
