@@ -17,6 +17,7 @@ runs the same shape at 60,000.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
 import signal
 import subprocess
@@ -47,9 +48,32 @@ TPL = {"from": "a@example.com", "subject": "Hi {{ name }}", "text": "Dear {{ nam
 PAUSED_N = 3000
 
 
+class Hooks:
+    """A webhook receiver: every event posted, with its event_id."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        hooks = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hooks.events.extend(orjson.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 class Node:
     def __init__(self, tmp: Path, name: str, ip: str, url: str, sink: tuple[str, int],
-                 *extra: str) -> None:  # fmt: skip
+                 *extra: str, hook: int = 0) -> None:  # fmt: skip
         self.name, self.ip = name, ip
         self.port = free_port()
         d = tmp / name
@@ -80,6 +104,17 @@ admin_tenants = ["acme"]
 campaign_rate = {max(600, MULTINODE_N // 10)}
 tenants = {{ slow = 300 }}
 """
+            + (
+                f"""
+[webhooks]
+urls = ["http://127.0.0.1:{hook}/hook"]
+secret = "test-webhook-secret"
+events = ["delivered"]
+batch_size = 1000
+"""
+                if hook
+                else ""
+            )
         )
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
@@ -163,7 +198,11 @@ def test_three_nodes_behind_haproxy(tmp_path: Path) -> None:
             ).stdout.strip()
             for tenant in ("acme", "slow")
         )  # fmt: skip
-        nodes = [Node(tmp_path, f"n{i}", ip, url, sink.addresses[0]) for i, ip in enumerate(IPS)]
+        hooks = Hooks()
+        nodes = [
+            Node(tmp_path, f"n{i}", ip, url, sink.addresses[0], hook=hooks.port)
+            for i, ip in enumerate(IPS)
+        ]
         for n in nodes:
             n.wait_ready()
             assert "an acknowledged message survives a" in n.output()
@@ -189,6 +228,19 @@ backend api
         try:
             with start_haproxy(cfg, [lb]):
                 out = asyncio.run(_run(nodes, key, slow_key, f"http://127.0.0.1:{lb}", spool))
+            # The surviving nodes' outbox drained to the receiver: every delivery
+            # the sink logged from a node that lived has its event (the sink writes
+            # its log within a second).
+            deadline = time.monotonic() + 60
+            while True:
+                time.sleep(1.0)
+                hooked = {e["rcpt"] for e in list(hooks.events)}
+                lived = {r for rec in sink_log(log) if rec["peer"] != IPS[1]
+                         for r in rec["recipients"]}  # fmt: skip
+                if lived <= hooked:
+                    break
+                assert time.monotonic() < deadline, len(lived - hooked)
+            out["hooks"] = list(hooks.events)
         finally:
             for n in nodes:
                 if n.proc.poll() is None:
@@ -216,6 +268,13 @@ backend api
     assert len(paused) < PAUSED_N
     peers = Counter(rec["peer"] for rec in sink_log(log) for _ in rec["recipients"])
     assert set(IPS) <= set(peers), peers
+    # The shared webhook outbox: each event posted once (one sender node at a
+    # time), and every delivery by a node that lived has its "delivered" event.
+    ids = [e["event_id"] for e in out["hooks"]]
+    assert len(ids) == len(set(ids)), "an event was posted twice"
+    hooked = {e["rcpt"] for e in out["hooks"] if e["event"] == "delivered"}
+    lived = {r for rec in sink_log(log) if rec["peer"] != IPS[1] for r in rec["recipients"]}
+    assert lived <= hooked, f"{len(lived - hooked)} deliveries without a webhook event"
     print(f"\nmultinode: {MULTINODE_N} recipients, dead node's window {held}, duplicates {dups},"
           f" per IP {dict(peers)}, taken over {out['taken_over']}")  # fmt: skip
 
