@@ -1,13 +1,15 @@
 -- ARGV: P, cid, n: cancel up to n pending messages of a (non-active) campaign
 local cid, due = ARGV[2], P..':due:'..ARGV[2]
 local ids = redis.call('ZRANGE', due, 0, tonumber(ARGV[3]) - 1)
-for _, id in ipairs(ids) do
-  local k = P..':m:'..id
-  local s = redis.call('HGET', k, 's')
-  if s == '0' or s == '2' then
-    redis.call('HSET', k, 's', '7', 'n', '0')
-    move(cid, s, '7')
+local rows = {}
+for id, f in pairs(states(ids)) do
+  if f[1] == '0' or f[1] == '2' then
+    tally(cid, f[1], '7')
+    f[1], f[3] = '7', '0'
+    rows[#rows + 1] = {id, f}
   end
 end
+put_states(rows)
+flush_tally()
 if #ids > 0 then redis.call('ZREMRANGEBYRANK', due, 0, #ids - 1) end
 return #ids

@@ -1,6 +1,7 @@
--- ARGV: P, now, limit, node, lease_ms
--- Per message: one HMGET and one HSET; per campaign one ZREMRANGEBYRANK (the
--- claimed ids are a prefix of its due set), one SADD and the counters per batch.
+-- ARGV: P, now, limit, node, lease_ms -> flat {id, cid, attempts, data, ...}
+-- Per bucket of ids (lib.lua) one HMGET and one HSET; per campaign one
+-- ZRANGEBYSCORE and one ZREMRANGEBYRANK (the claimed ids are a prefix of its
+-- due set); one SADD per 1000 and the counters per batch.
 local now, limit, node, lease = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local ms = clock_ms()
 redis.call('ZADD', P..':nodes', ms + lease, node)
@@ -20,22 +21,42 @@ if #act > 1 then
     return a[4] < b[4]
   end)
 end
-local out = {}
-local ids = {}
-local taken = {}
+local ids, taken = {}, {}
 for i = 1, math.min(limit, #cand) do
   local id, cid = cand[i][2], cand[i][3]
-  local k = P..':m:'..id
-  local f = redis.call('HMGET', k, 'r', 'd', 'v', 's', 'a', 't')
-  redis.call('HSET', k, 's', '1', 'o', node)
   ids[#ids + 1] = id
   taken[cid] = (taken[cid] or 0) + 1
-  tally(cid, f[4], '1')
-  out[#out + 1] = {id, cid, f[1], f[2], f[3], f[5] or '0', f[6]}
 end
 for cid, n in pairs(taken) do
   redis.call('ZREMRANGEBYRANK', P..':due:'..cid, 0, n - 1)
 end
-each_chunk('SADD', P..':fl:'..node, ids)
+local out, held, rows = {}, {}, {}
+for _, g in ipairs(group(ids)) do
+  local fs = {}
+  for _, id in ipairs(g[2]) do
+    fs[#fs + 1] = id
+    fs[#fs + 1] = id..'s'
+  end
+  local v = redis.call('HMGET', g[1], unpack(fs))
+  for i, id in ipairs(g[2]) do
+    local data, st = v[2 * i - 1], v[2 * i]
+    if st then
+      local f = parse(st)
+      -- only pending messages (a due entry of anything else is stale: dropped)
+      if f[1] == '0' or f[1] == '2' then
+        tally(f[5], f[1], '1')
+        f[1], f[6] = '1', node
+        rows[#rows + 1] = {id, f}
+        held[#held + 1] = id
+        out[#out + 1] = id
+        out[#out + 1] = f[5]
+        out[#out + 1] = f[2]
+        out[#out + 1] = data
+      end
+    end
+  end
+end
+put_states(rows)
+each_chunk('SADD', P..':fl:'..node, held)
 flush_tally()
 return out

@@ -1,40 +1,59 @@
--- Prepended to every spool script at load: P is the key prefix (ARGV[1]);
--- move()/tally() keep the per-state counters; requeue_node()/reap_dead() take back
--- the in-flight window of a node (whose lease expired).
+-- Prepended to every spool script at load: P is the key prefix (ARGV[1]).
+-- Messages live in buckets of B consecutive ids: P:m:(id // B) is a hash with
+-- two fields per message, ID = "rcpt\0domain\0created\0vars" (written once)
+-- and ID.."s" = "s|a|n|u|c|o|lc|le|lt" (state, attempts, next attempt, updated,
+-- campaign, owner node, last code / enhanced / text: the text last, it may hold
+-- '|'). A batch of consecutive ids is one HMGET and one HSET per bucket, not
+-- per message: that is what keeps Redis at well under one command a message.
+-- tally() keeps the per-state counters; requeue_node()/reap_dead() take
+-- back the in-flight window of a node (whose lease expired).
 local P = ARGV[1]
-local function move(cid, old, new)
-  if old == new then return end
-  if old then
-    redis.call('HINCRBY', P..':n:'..cid, old, -1)
-    redis.call('HINCRBY', P..':n', old, -1)
+local B = 128
+local function bucket(id) return P..':m:'..math.floor(tonumber(id) / B) end
+local function parse(v)
+  local s, a, n, u, c, o, t = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  return {s, a, n, u, c, o, t}
+end
+local function pack(f) return table.concat(f, '|', 1, 7) end
+-- ids grouped by bucket, in order: {{key, {id, ...}}, ...}
+local function group(ids)
+  local out, at = {}, {}
+  for _, id in ipairs(ids) do
+    local k = bucket(id)
+    local g = at[k]
+    if g == nil then g = {k, {}}; at[k] = g; out[#out + 1] = g end
+    g[2][#g[2] + 1] = id
   end
-  redis.call('HINCRBY', P..':n:'..cid, new, 1)
-  redis.call('HINCRBY', P..':n', new, 1)
+  return out
+end
+-- id -> parsed state of those that exist; one HMGET per bucket
+local function states(ids)
+  local out = {}
+  for _, g in ipairs(group(ids)) do
+    local fs = {}
+    for i, id in ipairs(g[2]) do fs[i] = id..'s' end
+    local v = redis.call('HMGET', g[1], unpack(fs))
+    for i, id in ipairs(g[2]) do
+      if v[i] then out[id] = parse(v[i]) end
+    end
+  end
+  return out
+end
+-- write {id, parsed state} rows back: one HSET per bucket
+local function put_states(rows)
+  local by, order = {}, {}
+  for _, r in ipairs(rows) do
+    local k = bucket(r[1])
+    local t = by[k]
+    if t == nil then t = {}; by[k] = t; order[#order + 1] = k end
+    t[#t + 1] = r[1]..'s'
+    t[#t + 1] = pack(r[2])
+  end
+  for _, k in ipairs(order) do redis.call('HSET', k, unpack(by[k])) end
 end
 local function clock_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function requeue_node(node)
-  local fl = P..':fl:'..node
-  local ids = redis.call('SMEMBERS', fl)
-  local n = 0
-  for _, id in ipairs(ids) do
-    local k = P..':m:'..id
-    local f = redis.call('HMGET', k, 's', 'c', 'n', 'o')
-    if f[1] == '1' and f[4] == node then
-      redis.call('HSET', k, 's', '0')
-      redis.call('HDEL', k, 'o')
-      redis.call('ZADD', P..':due:'..f[2], f[3], id)
-      move(f[2], '1', '0')
-      n = n + 1
-    end
-  end
-  redis.call('DEL', fl)
-  -- Taken back from a node that did not finish: some may have been delivered
-  -- already and are sent again (the duplicates the issue bounds by the window).
-  if n > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', n) end
-  return n
 end
 -- Counter moves of a batch, summed: tally(cid, old, new) per message, then
 -- flush_tally() writes one HINCRBY per (campaign, state) touched (not per message).
@@ -66,6 +85,51 @@ local function each_chunk(cmd, key, list)
   for i = 1, #list, 1000 do
     redis.call(cmd, key, unpack(list, i, math.min(i + 999, #list)))
   end
+end
+-- Sorted-set adds collected per key, then one ZADD per key and 500 members.
+local zadd_t = {}
+local function zadd_later(key, score, id)
+  local t = zadd_t[key]
+  if t == nil then t = {}; zadd_t[key] = t end
+  t[#t + 1] = score
+  t[#t + 1] = id
+end
+local function flush_zadd()
+  for key, t in pairs(zadd_t) do each_chunk('ZADD', key, t) end
+  zadd_t = {}
+end
+-- Pending messages handed back from a node: back to queued (or deferred, when
+-- attempted before), due at their next attempt time; a cancelled campaign's
+-- become final. ids: those the node held; only those it still holds move.
+local cancelled_t = {}
+local function is_cancelled(cid)
+  local c = cancelled_t[cid]
+  if c == nil then
+    c = redis.call('HGET', P..':c:'..cid, 'status') == 'cancelled'
+    cancelled_t[cid] = c
+  end
+  return c
+end
+local function requeue_node(node)
+  local fl = P..':fl:'..node
+  local ids = redis.call('SMEMBERS', fl)
+  local rows = {}
+  for id, f in pairs(states(ids)) do
+    if f[1] == '1' and f[6] == node then
+      f[1], f[6] = '0', ''
+      rows[#rows + 1] = {id, f}
+      zadd_later(P..':due:'..f[5], f[3], id)
+      tally(f[5], '1', '0')
+    end
+  end
+  put_states(rows)
+  flush_zadd()
+  flush_tally()
+  redis.call('DEL', fl)
+  -- Taken back from a node that did not finish: some may have been delivered
+  -- already and are sent again (the duplicates the issue bounds by the window).
+  if #rows > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', #rows) end
+  return #rows
 end
 local function reap_dead(now_ms)
   local n = 0

@@ -23,8 +23,14 @@ taken out of the URL; the rest goes to redis-py.
 
 Layout (``P`` = ``{prefix}``): ``P:c:CID`` a hash per campaign (spec and
 options as JSON), ``P:camps`` the ids (sorted set), ``P:active`` the ids of
-active campaigns; ``P:m:ID`` a small hash per message (short field names,
-listpack-encoded); ``P:due:CID`` a sorted set per campaign of its pending
+active campaigns; ``P:m:B`` a hash per bucket of ``BUCKET`` consecutive
+message ids (``B = id // BUCKET``) with two fields per message: ``ID`` =
+``rcpt NUL domain NUL created NUL vars`` (written once) and ``IDs`` =
+``state|attempts|next|updated|campaign|owner|code|enhanced|text`` (``spool/lib.lua``
+reads and writes it). The ids of one batch are consecutive, so a claim or an
+outcome of a whole batch is one HMGET and one HSET per bucket, not per message
+(bench/multinode.py counts well under one Redis command per message). ``P:layout``
+is the layout's version (a spool of another layout is refused). ``P:due:CID`` a sorted set per campaign of its pending
 (queued/deferred) ids scored by next attempt time; ``P:n:CID`` and ``P:n``
 counters per state; ``P:nodes`` node -> lease deadline (ms, Redis server time:
 no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
@@ -97,6 +103,8 @@ from fastsend.spool.base import (
 
 OUR_PARAMS = REDIS_PARAMS
 CHUNK = 2000  # ids per script call / pipeline for bulk work
+BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
+LAYOUT = b"2"  # P:layout: the message layout above
 
 class RedisSpoolError(SpoolError):
     """The Redis spool cannot be used (bad URL, durability not reached)."""
@@ -119,6 +127,19 @@ def _s(b: Any) -> str:
     return b.decode() if isinstance(b, bytes) else str(b)
 
 
+def _buckets(ids: Iterable[int]) -> dict[int, list[int]]:
+    """Ids grouped by their bucket hash (``P:m:B``), in order."""
+    out: dict[int, list[int]] = {}
+    for i in ids:
+        out.setdefault(i // BUCKET, []).append(i)
+    return out
+
+
+def _state(raw: bytes) -> list[bytes]:
+    """``state|attempts|next|updated|campaign|owner|code|enhanced|text`` split."""
+    return raw.split(b"|", 8)
+
+
 class RedisSpool(Spool):
     def __init__(self, url: str) -> None:
         redis_url, p = parse_url(url)
@@ -126,6 +147,8 @@ class RedisSpool(Spool):
         self.prefix = p.get("prefix") or "fastsend"
         self.local_dir = p.get("dir") or "./spool"
         self.node = p.get("node") or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        if "|" in self.node or not self.node.isprintable():
+            raise RedisSpoolError(f"bad node name {self.node!r} (printable, no '|')")
         try:
             self.lease = float(p.get("lease") or 30.0)
             self.replicas = int(p.get("replicas") or 0)
@@ -140,6 +163,13 @@ class RedisSpool(Spool):
             self.r.ping()
         except redis.RedisError as e:
             raise RedisSpoolError(f"cannot reach Redis at {redis_url!r}: {e}") from None
+        lay = f"{self.k}:layout"
+        if not self.r.set(lay, LAYOUT, nx=True) and self.r.get(lay) != LAYOUT:
+            raise RedisSpoolError(
+                f"the spool under prefix {self.prefix!r} has message layout"
+                f" {_s(self.r.get(lay))}, this fastsend writes {_s(LAYOUT)}: drain it"
+                " with the fastsend that wrote it, or use another prefix"
+            )
         reg = self.r.register_script
         self._claim = reg(_script("claim"))
         self._record = reg(_script("record"))
@@ -247,29 +277,29 @@ class RedisSpool(Spool):
             last = int(self.r.incrby(f"{k}:seq:m", len(rows)))
             ids = list(range(last - len(rows) + 1, last + 1))
         sup = frozenset(suppressed)
-        nowr = repr(float(now))
-        st = str(int(state))
+        nowr = repr(float(now)).encode()
+        st = str(int(state)).encode()
+        tail = b"|%s|%s|%d||0||" % (nowr, nowr, cid)
+        pending = state in PENDING_STATES
         pipe = self.r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing
         due: list[int] = []
         n_sup = 0
+        fields: dict[int, dict[bytes, bytes]] = {}
+        sup_s = str(SUPPRESSED).encode()
         for j, (i, (rcpt, domain, vars_)) in enumerate(zip(ids, rows, strict=True)):
+            if "\0" in rcpt or "\0" in domain:
+                raise SpoolError(f"NUL in recipient {rcpt!r}")
             gone = j in sup
             n_sup += gone
-            if not gone and state in PENDING_STATES:
+            if not gone and pending:
                 due.append(i)
-            pipe.hset(
-                f"{k}:m:{i}",
-                mapping={
-                    "c": cid,
-                    "r": rcpt,
-                    "d": domain,
-                    "v": vars_,
-                    "s": str(SUPPRESSED) if gone else st,
-                    "t": nowr,
-                    "n": nowr,
-                    "u": nowr,
-                },
-            )
+            f = fields.get(i // BUCKET)
+            if f is None:
+                f = fields[i // BUCKET] = {}
+            f[b"%d" % i] = b"%s\0%s\0%s\0%s" % (rcpt.encode(), domain.encode(), nowr, vars_)
+            f[b"%ds" % i] = (sup_s if gone else st) + b"|0" + tail
+        for bkt, f in fields.items():
+            pipe.hset(f"{k}:m:{bkt}", mapping=f)  # type: ignore[arg-type]
         for j in range(0, len(due), CHUNK):
             pipe.zadd(f"{k}:due:{cid}", dict.fromkeys(due[j : j + CHUNK], float(now)))
         for state_s, n in ((st, len(ids) - n_sup), (str(SUPPRESSED), n_sup)):
@@ -317,13 +347,16 @@ class RedisSpool(Spool):
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
         if limit <= 0:
             return []
-        rows = self._claim(args=[self.k, repr(float(now)), int(limit), self.node, self._lease_ms])
+        flat = self._claim(args=[self.k, repr(float(now)), int(limit), self.node, self._lease_ms])
         self._holding = True
         self._renewed = time.monotonic()
-        return [
-            Claimed(int(r[0]), int(r[1]), _s(r[2]), _s(r[3]), r[4], int(r[5]), float(r[6]))
-            for r in rows
-        ]
+        out = []
+        add = out.append
+        for j in range(0, len(flat), 4):  # id, campaign, attempts, data
+            rcpt, domain, created, vars_ = flat[j + 3].split(b"\0", 3)
+            add(Claimed(int(flat[j]), int(flat[j + 1]), rcpt.decode(), domain.decode(), vars_,
+                        int(flat[j + 2]), float(created)))  # fmt: skip
+        return out
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
         batch = list(results)
@@ -380,67 +413,82 @@ class RedisSpool(Spool):
         v = self._next_due(args=[self.k, self.node])
         return None if v is None else float(v)
 
-    def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:
+    def _rows(self, ids: list[int]) -> list[tuple[int, bytes, list[bytes]]]:
+        """(id, data, state fields) of those of ``ids`` that exist: one HMGET per
+        bucket, pipelined."""
+        groups = list(_buckets(ids).items())
+        pipe = self.r.pipeline(transaction=False)
+        for b, g in groups:
+            pipe.hmget(f"{self.k}:m:{b}", [f for i in g for f in (b"%d" % i, b"%ds" % i)])
+        out = []
+        for (_b, g), vals in zip(groups, pipe.execute(), strict=True):
+            for j, i in enumerate(g):
+                data, st = vals[2 * j], vals[2 * j + 1]
+                if data is not None and st is not None:
+                    out.append((i, data, _state(st)))
+        return out
+
+    def _pending_rows(
+        self, campaign_ids: Collection[int]
+    ) -> Iterable[tuple[int, bytes, list[bytes]]]:
+        """Rows of every pending or in-flight message of those campaigns (due
+        sets, then every node's in-flight set), CHUNK ids at a time."""
         k, r = self.k, self.r
+        cids = {str(int(c)).encode() for c in campaign_ids}
+        for cid in sorted(cids):
+            start = 0
+            while ids := r.zrange(f"{k}:due:{_s(cid)}", start, start + CHUNK - 1):
+                yield from self._rows([int(x) for x in ids])
+                start += CHUNK
+        for node in r.zrange(f"{k}:nodes", 0, -1):
+            fl = [int(x) for x in r.smembers(f"{k}:fl:{_s(node)}")]
+            for j in range(0, len(fl), CHUNK):
+                for row in self._rows(fl[j : j + CHUNK]):
+                    if row[2][4] in cids:
+                        yield row
+
+    def _all_campaigns(self) -> list[int]:
+        return [int(x) for x in self.r.zrange(f"{self.k}:camps", 0, -1)]
+
+    def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:
         edges = [m * 60.0 for m in AGE_BUCKETS_MIN]
         shape: dict[str, list[int]] = {}
-        keys = [f"{k}:due:{int(c)}" for c in r.zrange(f"{k}:camps", 0, -1)]
-        keys += [f"{k}:fl:{_s(n)}" for n in r.zrange(f"{k}:nodes", 0, -1)]
-
-        def add(ids: list[bytes]) -> None:
-            pipe = r.pipeline(transaction=False)
-            for mid in ids:
-                pipe.hmget(f"{k}:m:{_s(mid)}", "d", "t", "s")
-            for domain, created, st in pipe.execute():
-                if domain is None or int(st) not in (0, 1, 2):
-                    continue
-                d = _s(domain)
-                buckets = shape.get(d)
-                if buckets is None:
-                    buckets = shape[d] = [0] * (len(edges) + 1)
-                age = now - float(created)
-                i = 0
-                while i < len(edges) and age >= edges[i]:
-                    i += 1
-                buckets[i] += 1
-
-        for key in keys:
-            if key.startswith(f"{k}:fl:"):
-                add(list(r.smembers(key)))
+        for _i, data, st in self._pending_rows(self._all_campaigns()):
+            if st[0] not in (b"0", b"1", b"2"):
                 continue
-            start = 0
-            while True:
-                ids = r.zrange(key, start, start + CHUNK - 1)
-                if not ids:
-                    break
-                add(ids)
-                start += CHUNK
+            _r, domain, created, _v = data.split(b"\0", 3)
+            d = _s(domain)
+            buckets = shape.get(d)
+            if buckets is None:
+                buckets = shape[d] = [0] * (len(edges) + 1)
+            age = now - float(created)
+            i = 0
+            while i < len(edges) and age >= edges[i]:
+                i += 1
+            buckets[i] += 1
         return sorted(shape.items(), key=lambda kv: -sum(kv[1]))
 
     def message(self, message_id: int) -> dict[str, Any] | None:
-        h = self.r.hgetall(f"{self.k}:m:{int(message_id)}")
-        if not h:
+        rows = self._rows([int(message_id)])
+        if not rows:
             return None
-
-        def g(f: bytes, default: bytes = b"0") -> bytes:
-            v = h.get(f, default)
-            return v if isinstance(v, bytes) else default
-
-        state = int(g(b"s"))
+        i, data, st = rows[0]
+        rcpt, domain, created, vars_ = data.split(b"\0", 3)
+        state = int(st[0])
         return {
-            "id": int(message_id),
-            "campaign": int(g(b"c")),
-            "rcpt": _s(g(b"r", b"")),
-            "domain": _s(g(b"d", b"")),
-            "vars": orjson.loads(g(b"v", b"{}")),
+            "id": i,
+            "campaign": int(st[4]),
+            "rcpt": _s(rcpt),
+            "domain": _s(domain),
+            "vars": orjson.loads(vars_ or b"{}"),
             "state": STATE_NAMES.get(state, state),
-            "attempts": int(g(b"a")),
-            "created": float(g(b"t")),
-            "next_at": float(g(b"n")),
-            "updated": float(g(b"u")),
-            "last_code": int(g(b"lc")),
-            "last_enhanced": _s(g(b"le", b"")),
-            "last_text": _s(g(b"lt", b"")),
+            "attempts": int(st[1]),
+            "created": float(created),
+            "next_at": float(st[2]),
+            "updated": float(st[3]),
+            "last_code": int(st[6] or 0),
+            "last_enhanced": _s(st[7]),
+            "last_text": _s(st[8]),
         }
 
     def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
@@ -478,15 +526,18 @@ class RedisSpool(Spool):
         return self._limits
 
     def owner(self, message_id: int) -> tuple[int, str] | None:
-        c, r = self.r.hmget(f"{self.k}:m:{int(message_id)}", "c", "r")
-        return None if c is None else (int(c), _s(r))
+        rows = self._rows([int(message_id)])
+        if not rows:
+            return None
+        _i, data, st = rows[0]
+        return int(st[4]), _s(data.split(b"\0", 1)[0])
 
     SIBLING_SPAN = 8192  # ids searched each side of near_id (no index by recipient)
 
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         """As SQLite's, within :attr:`SIBLING_SPAN` ids of ``near_id``: a shared
         transaction's rows are claimed and spooled together, so they lie close."""
-        want, cid, k = rcpt.lower(), str(int(campaign_id)).encode(), self.k
+        want, cid = rcpt.lower(), str(int(campaign_id)).encode()
         step = 512
         for dist in range(0, self.SIBLING_SPAN, step):
             ids = [
@@ -495,12 +546,12 @@ class RedisSpool(Spool):
                 for i in ((near_id - d, near_id + d) if d else (near_id,))
                 if i > 0
             ]
-            pipe = self.r.pipeline(transaction=False)
-            for i in ids:
-                pipe.hmget(f"{k}:m:{i}", "c", "r")
-            for i, (c, r) in zip(ids, pipe.execute(), strict=True):
-                if c == cid and r is not None and _s(r).lower() == want:
-                    return i, _s(r)
+            got = {i: (st[4], data) for i, data, st in self._rows(ids)}
+            for i in ids:  # nearest first
+                if i in got and got[i][0] == cid:
+                    r = _s(got[i][1].split(b"\0", 1)[0])
+                    if r.lower() == want:
+                        return i, r
         return None
 
     def counts_by_campaign(
@@ -524,30 +575,12 @@ class RedisSpool(Spool):
     def pending_domains(
         self, campaign_ids: Collection[int] | None = None, limit: int = 100
     ) -> list[tuple[str, int]]:
-        k, r = self.k, self.r
-        if campaign_ids is None:
-            cids = {int(x) for x in r.zrange(f"{k}:camps", 0, -1)}
-        else:
-            cids = {int(c) for c in campaign_ids}
+        cids = self._all_campaigns() if campaign_ids is None else campaign_ids
         counts: dict[str, int] = {}
-
-        def add(ids: list[bytes]) -> None:
-            pipe = r.pipeline(transaction=False)
-            for mid in ids:
-                pipe.hmget(f"{k}:m:{_s(mid)}", "d", "s", "c")
-            for domain, st, c in pipe.execute():
-                if domain is None or int(st) not in (0, 1, 2) or int(c) not in cids:
-                    continue
-                d = _s(domain)
+        for _i, data, st in self._pending_rows(cids):
+            if st[0] in (b"0", b"1", b"2"):
+                d = _s(data.split(b"\0", 2)[1])
                 counts[d] = counts.get(d, 0) + 1
-
-        for cid in sorted(cids):
-            start = 0
-            while ids := r.zrange(f"{k}:due:{cid}", start, start + CHUNK - 1):
-                add(ids)
-                start += CHUNK
-        for node in r.zrange(f"{k}:nodes", 0, -1):
-            add(list(r.smembers(f"{k}:fl:{_s(node)}")))
         return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: max(0, limit)]
 
     # -- list ingest jobs ----------------------------------------------------
