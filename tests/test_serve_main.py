@@ -246,3 +246,51 @@ def test_apikey_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert store.verify(key) is None
     store.close()
     assert main(["apikey", "create", "--tenant", "bad name", "--spool", spool]) == 2
+
+
+def test_kill_9_of_serve_frees_its_port_and_ends_its_workers(tmp_path: Path) -> None:
+    """A worker keeps no copy of the listeners and dies with its parent: after
+    kill -9 of `fastsend serve` the API port refuses within a second, no worker
+    is left, and the port can be bound again at once (a restart)."""
+    import socket
+
+    import psutil
+
+    s = Served(tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        deadline = time.monotonic() + 20
+        kids: list[psutil.Process] = []
+        while not kids:
+            kids = psutil.Process(s.proc.pid).children(recursive=True)
+            assert time.monotonic() < deadline, "no worker started"
+            time.sleep(0.05)
+        for k in kids:  # no worker holds a listening socket
+            assert not [c for c in k.net_connections("inet") if c.status == "LISTEN"], k
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(10)
+        t0 = time.monotonic()
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", s.port), timeout=0.2).close()
+            except ConnectionRefusedError:
+                break
+            assert time.monotonic() - t0 < 1.0, "the API port still accepts after kill -9"
+            time.sleep(0.02)
+        def running() -> list[psutil.Process]:
+            out = []
+            for k in kids:
+                try:
+                    if k.status() != psutil.STATUS_ZOMBIE:
+                        out.append(k)
+                except psutil.NoSuchProcess:
+                    pass
+            return out
+
+        while running():
+            assert time.monotonic() - t0 < 1.0, f"workers outlived their parent: {running()}"
+            time.sleep(0.02)
+        with socket.socket() as b:  # a restarted node can listen there again
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            b.bind(("127.0.0.1", s.port))
+    finally:
+        s.stop()

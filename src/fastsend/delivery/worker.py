@@ -519,8 +519,62 @@ def _literal(v: Any) -> Any:
     return v
 
 
-def run_worker(index: int, config: Config, ips: list[str], inbox: Ring, outbox: Ring) -> int:
-    """Entry point in the forked child. Creates its own uvloop loop."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (``prctl
+    PR_SET_PDEATHSIG``), so a kill -9 of the supervisor leaves no worker behind;
+    if the parent is already gone (it died before the prctl), exit now.
+    watch_parent() is the fallback where prctl is not available."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(3)
+
+
+def close_listeners() -> int:
+    """Close every listening socket inherited at fork (the API, submission and
+    tracking listeners of ``fastsend serve``): a worker never accepts, and a
+    copy held by a worker keeps the port bound after its parent died. Returns
+    how many were closed."""
+    import socket
+
+    n = 0
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue  # not a socket (or already closed: the listdir fd itself)
+        try:
+            listening = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            listening = 0
+        finally:
+            s.detach()
+        if listening:
+            os.close(fd)
+            n += 1
+    return n
+
+
+def run_worker(
+    index: int, config: Config, ips: list[str], inbox: Ring, outbox: Ring, parent: int = 0
+) -> int:
+    """Entry point in the forked child (``parent``: the supervisor's pid, read
+    before the fork). Creates its own uvloop loop."""
+    die_with_parent(parent or os.getppid())
+    close_listeners()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
