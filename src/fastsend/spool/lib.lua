@@ -110,12 +110,12 @@ local function is_cancelled(cid)
   end
   return c
 end
-local function requeue_node(node)
-  local fl = P..':fl:'..node
-  local ids = redis.call('SMEMBERS', fl)
+-- In-flight messages of `node` among ids (and unowned ones when `loose`) back
+-- to pending, due at their next attempt time. Returns how many moved.
+local function put_back(ids, node, loose)
   local rows = {}
   for id, f in pairs(states(ids)) do
-    if f[1] == '1' and f[6] == node then
+    if f[1] == '1' and (f[6] == node or (loose and f[6] == '')) then
       f[1], f[6] = '0', ''
       rows[#rows + 1] = {id, f}
       zadd_later(P..':due:'..f[5], f[3], id)
@@ -125,11 +125,16 @@ local function requeue_node(node)
   put_states(rows)
   flush_zadd()
   flush_tally()
+  return #rows
+end
+local function requeue_node(node)
+  local fl = P..':fl:'..node
+  local n = put_back(redis.call('SMEMBERS', fl), node, false)
   redis.call('DEL', fl)
   -- Taken back from a node that did not finish: some may have been delivered
   -- already and are sent again (the duplicates the issue bounds by the window).
-  if #rows > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', #rows) end
-  return #rows
+  if n > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', n) end
+  return n
 end
 local function reap_dead(now_ms)
   local n = 0
