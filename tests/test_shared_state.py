@@ -6,6 +6,8 @@ node (a second object with its own connection) as soon as the first writes."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -113,7 +115,34 @@ def test_event_index_read_on_another_node(redis_server: RedisServer) -> None:
     assert [e["event"] for e in b.for_message(7)] == ["accepted", "delivered"]
     assert b.meta(7) == (["t1"], {"k": "v"})
     assert b.for_message(8) == [] and b.meta(8) == ([], {})
-    assert 0 < int(rb.ttl(f"{{{p}}}:ev:7")) <= shared_state.EVENT_TTL
+    assert 0 < int(rb.ttl(f"{{{p}}}:ev:0")) <= shared_state.EVENT_TTL
+
+
+def test_event_index_stats_answer_as_on_sqlite(redis_server: RedisServer, tmp_path: Path) -> None:
+    """/v1/stats?by=domain|source_ip|campaign&window=: the counts one node's events
+    make, read on another node, equal the SQLite index's for the same events."""
+    from fastsend.serve.eventindex import EventIndex
+
+    ra, rb, p = _two(redis_server)
+    a, b = RedisEventIndex(ra, p), RedisEventIndex(rb, p)
+    sq = EventIndex(str(tmp_path))
+    now = time.time()
+    evs: list[dict[str, Any]] = [
+        {"time": now - (10 if i % 5 else 7200), "event": ("delivered", "bounced")[i % 7 == 0],
+         "id": i, "campaign": 1 + i % 2, "rcpt": f"u{i}@D{i % 3}.Example", "source_ip": f"127.0.0.{2 + i % 2}"}
+        for i in range(1, 400)
+    ] + [{"time": now, "event": "campaign_paused", "campaign": 1}]  # fmt: skip
+    for ix in (a, sq):
+        ix.listener(evs[:200])
+        ix.listener(evs[200:])
+    a.flush()
+    for since in (now - 3600, now - 86400):
+        for by in ("campaign", "domain", "source_ip"):
+            for camps in (None, [1], [2, 3], []):
+                got = sorted(b.stats(since, camps, by))
+                assert got == sorted(sq.stats(since, camps, by)), (since, by, camps)
+    assert ("d0.example", "delivered", 91) in b.stats(now - 3600, None, "domain")
+    sq.close()
 
 
 def test_suppress_cli_on_a_redis_spool(redis_server: RedisServer) -> None:

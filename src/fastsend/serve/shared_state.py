@@ -24,9 +24,12 @@ DESCRIPTION
                         lease, ``SET NX PX``): each event is posted by one
                         node, in order; a dead sender's lease lapses and
                         another node continues from the cursor.
-    ``P:ev:ID``         list of a message's events (JSON), ``P:meta:ID`` its
-                        tags and metadata: GET /v1/messages/ID on any node.
-                        Each expires ``EVENT_TTL`` after its last event.
+    ``P:ev:B``          list of the events (``ID:JSON``) of the messages of
+                        bucket B (ids ``B*128 ...``), ``P:meta:B`` their tags
+                        and metadata: GET /v1/messages/ID on any node; each
+                        expires ``EVENT_TTL`` after its last write.
+    ``P:evs:STEP:T``    event counts per minute (kept 6 h) and per hour (8 d)
+                        by campaign, domain and source IP: /v1/stats?by=domain.
 
 DELIBERATELY NOT HERE
     The queue (fastsend.spool.redis), rates (fastsend.shared_limits),
@@ -455,23 +458,50 @@ class RedisOutbox:
 
 
 # ---------------------------------------------------------------- event index
+EV_BUCKET = 128  # message ids per event list / meta hash (as the spool's buckets)
+STAT_STEPS = ((60, 6 * 3600), (3600, 8 * 86400))  # (bucket s, kept s): minutes, hours
+_SEP = "\x1f"
+
+
 class RedisEventIndex:
-    """Per-message events for GET /v1/messages/{id}, readable on every node."""
+    """Per-message events for GET /v1/messages/{id} and the per-domain /
+    per-IP counts of /v1/stats?by=..., readable on every node.
+
+    A flush (every ``FLUSH_EVERY`` s) is a handful of commands whatever the
+    number of events: a message's events go to the list of its bucket of
+    ``EV_BUCKET`` ids (``P:ev:B``, entries ``ID:json``), tags and metadata to
+    the hash ``P:meta:B``, and counts to one hash per minute and per hour
+    (``P:evs:STEP:T``, fields ``d|ip<US>campaign<US>value<US>event``)."""
 
     def __init__(self, r: Any, prefix: str) -> None:
         self.r = r
         self.k = "{" + prefix + "}"
         self.pending: list[tuple[int, bytes]] = []
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
+        self.counts: dict[tuple[int, str], int] = {}  # (minute, field) -> n
         self.last_flush = time.monotonic()
 
     def listener(self, events: list[dict[str, Any]]) -> None:
         dumps = orjson.dumps
         add = self.pending.append
+        counts = self.counts
         for e in events:
             mid = e.get("id")
-            if isinstance(mid, int):
-                add((mid, dumps(e)))
+            if not isinstance(mid, int):
+                continue
+            add((mid, b"%d:%s" % (mid, dumps(e))))
+            t = e.get("time")
+            minute = int(t if isinstance(t, (int, float)) else time.time()) // 60
+            rcpt = e.get("rcpt")
+            dom = rcpt.rpartition("@")[2].lower() if isinstance(rcpt, str) else ""
+            head = f"{_SEP}{int(e.get('campaign') or 0)}{_SEP}"
+            ev = _SEP + str(e.get("event", "")).replace(_SEP, " ")
+            for f in (
+                "d" + head + dom.replace(_SEP, " ") + ev,
+                "i" + head + str(e.get("source_ip") or "").replace(_SEP, " ") + ev,
+            ):
+                key = (minute, f)
+                counts[key] = counts.get(key, 0) + 1
 
     def add_meta(self, rows: Iterable[tuple[int, list[str], dict[str, Any]]]) -> None:
         dumps = orjson.dumps
@@ -483,40 +513,85 @@ class RedisEventIndex:
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()
-        if not self.pending and not self.pending_meta:
+        if not self.pending and not self.pending_meta and not self.counts:
             return
         rows, self.pending = self.pending, []
         meta, self.pending_meta = self.pending_meta, []
+        counts, self.counts = self.counts, {}
+        k = self.k
         pipe = self.r.pipeline(transaction=False)
-        by_msg: dict[int, list[bytes]] = {}
+        lists: dict[int, list[bytes]] = {}
         for mid, body in rows:
-            by_msg.setdefault(mid, []).append(body)
-        for mid, bodies in by_msg.items():
-            key = f"{self.k}:ev:{mid}"
-            pipe.rpush(key, *bodies)
+            lists.setdefault(mid // EV_BUCKET, []).append(body)
+        for b, bodies in lists.items():
+            key = f"{k}:ev:{b}"
+            for i in range(0, len(bodies), 1000):
+                pipe.rpush(key, *bodies[i : i + 1000])
             pipe.expire(key, EVENT_TTL)
+        hashes: dict[int, dict[bytes, bytes]] = {}
         for mid, tags, md in meta:
-            key = f"{self.k}:meta:{mid}"
-            pipe.hset(key, mapping={"t": tags, "m": md})
+            h = hashes.setdefault(mid // EV_BUCKET, {})
+            h[b"%dt" % mid], h[b"%dm" % mid] = tags, md
+        for b, h in hashes.items():
+            key = f"{k}:meta:{b}"
+            pipe.hset(key, mapping=h)  # type: ignore[arg-type]
             pipe.expire(key, EVENT_TTL)
+        for step, keep in STAT_STEPS:
+            per: dict[int, dict[str, int]] = {}
+            for (minute, f), n in counts.items():
+                h2 = per.setdefault(minute * 60 // step, {})
+                h2[f] = h2.get(f, 0) + n
+            for t, h2 in per.items():
+                key = f"{k}:evs:{step}:{t}"
+                for f, n in h2.items():
+                    pipe.hincrby(key, f, n)
+                pipe.expire(key, keep + step)
         pipe.execute()
 
     def for_message(self, mid: int) -> list[dict[str, Any]]:
         self.flush()
-        evs = [orjson.loads(b) for b in self.r.lrange(f"{self.k}:ev:{int(mid)}", 0, -1)]
+        head = b"%d:" % int(mid)
+        raw = self.r.lrange(f"{self.k}:ev:{int(mid) // EV_BUCKET}", 0, -1)
+        evs = [orjson.loads(b[len(head) :]) for b in raw if b.startswith(head)]
         evs.sort(key=lambda e: e.get("time") or 0)
         return evs
 
     def meta(self, mid: int) -> tuple[list[str], dict[str, Any]]:
         self.flush()
-        t, m = self.r.hmget(f"{self.k}:meta:{int(mid)}", "t", "m")
-        if t is None:
+        mid = int(mid)
+        t, m = self.r.hmget(f"{self.k}:meta:{mid // EV_BUCKET}", b"%dt" % mid, b"%dm" % mid)
+        if t is None or m is None:
             return [], {}
         return orjson.loads(t), orjson.loads(m)
 
-    def stats(self, since: float, campaigns: list[int] | None, by: str) -> list[Any]:
-        """Not kept per node on Redis: /v1/stats reads the rollups (analytics)."""
-        return []
+    def stats(
+        self, since: float, campaigns: list[int] | None, by: str
+    ) -> list[tuple[str, str, int]]:
+        """(group, event, count) over events since ``since`` (to the minute, or
+        to the hour beyond six hours) as EventIndex.stats; ``by`` is campaign,
+        domain or source_ip; ``campaigns`` limits to a tenant's."""
+        if by not in ("campaign", "domain", "source_ip"):
+            raise ValueError(by)
+        self.flush()
+        if campaigns is not None and not campaigns:
+            return []
+        now = time.time()
+        step = STAT_STEPS[0][0] if now - since <= STAT_STEPS[0][1] else STAT_STEPS[1][0]
+        keys = [f"{self.k}:evs:{step}:{t}" for t in range(int(since) // step, int(now) // step + 1)]
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        want = None if campaigns is None else {str(int(c)) for c in campaigns}
+        kind = "i" if by == "source_ip" else "d"
+        out: dict[tuple[str, str], int] = {}
+        for h in pipe.execute():
+            for f, n in h.items():
+                k, cid, value, event = _s(f).split(_SEP, 3)
+                if k != kind or (want is not None and cid not in want):
+                    continue
+                g = (cid if by == "campaign" else value, event)
+                out[g] = out.get(g, 0) + int(n)
+        return [(g, e, n) for (g, e), n in out.items()]
 
     def prune(self, before: float) -> int:
         return 0  # keys expire on their own
