@@ -48,10 +48,12 @@ class RedisRollupStore(RollupStore):
 
     @classmethod
     def from_url(cls, url: str) -> RedisRollupStore:
-        from fastsend.spool.redis import RedisSpool
+        from fastsend.spool import open_spool
 
-        sp = RedisSpool(url)
-        return cls(sp.r, sp.prefix)
+        shared = open_spool(url).shared()
+        if shared is None:
+            raise ValueError(f"not a shared spool: {url!r}")
+        return cls(shared.client, shared.prefix)
 
     def _ttl(self, g: int) -> int:
         return int(self.retention.get(g, RETENTION_DAYS.get(g, 30)) * 86400) + g

@@ -5,7 +5,6 @@ imports the other."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from fastsend.analytics.store import RollupStore, SQLiteRollupStore
@@ -16,14 +15,15 @@ from fastsend.spool import is_redis_url, spool_local_dir
 def open_store(
     spool: str | Any, local_dir: str | None = None, *, readonly: bool = False
 ) -> RollupStore:
-    """The store beside a spool: a Redis spool (object or ``redis://`` URL) gets the
-    Redis form under the spool's prefix; otherwise ``<dir>/rollups.db``."""
+    """The store beside a spool: a shared spool (``Spool.shared()``, or a
+    ``redis://`` URL) gets the Redis form under the spool's prefix; otherwise
+    ``<dir>/rollups.db``."""
     if isinstance(spool, str):
         if is_redis_url(spool):
             return RedisRollupStore.from_url(spool)
         return SQLiteRollupStore(local_dir or spool_local_dir(spool), readonly=readonly)
-    mod = sys.modules.get("fastsend.spool.redis")
-    if mod is not None and isinstance(spool, mod.RedisSpool):
-        return RedisRollupStore(spool.r, spool.prefix)
+    shared = spool.shared()
+    if shared is not None:
+        return RedisRollupStore(shared.client, shared.prefix)
     path = local_dir or getattr(spool, "directory", None) or "."
     return SQLiteRollupStore(str(path), readonly=readonly)

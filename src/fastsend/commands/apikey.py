@@ -51,13 +51,11 @@ def _store(args: argparse.Namespace) -> Any:
     (``--spool redis://...`` or ``[spool] url``: every node sees the key)."""
     url = str(args.spool) if args.spool else (load(args.config).spool_url if args.config else "")
     if url and is_redis_url(url):
-        import redis
+        from fastsend.serve.shared_state import RedisKeyStore, shared_store
 
-        from fastsend.serve.shared_state import RedisKeyStore
-        from fastsend.spool.redis import parse_url
-
-        redis_url, ours = parse_url(url)
-        return RedisKeyStore(redis.Redis.from_url(redis_url), ours.get("prefix") or "fastsend")
+        shared = shared_store(url)
+        assert shared is not None
+        return RedisKeyStore(shared.client, shared.prefix)
     return KeyStore.for_spool(_spool_dir(args))
 
 

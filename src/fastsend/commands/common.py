@@ -11,7 +11,7 @@ import orjson
 
 from fastsend import config as cfgmod
 from fastsend.config import Config, ConfigError, Route
-from fastsend.spool import is_redis_url, parse_redis_url, spool_local_dir
+from fastsend.spool import is_redis_url, spool_local_dir
 from fastsend.suppression import SuppressionList
 
 
@@ -95,14 +95,11 @@ def open_suppression(spool_url: str, local_dir: str) -> Any:
     spool the one in Redis (every node's), else ``<dir>/suppression.db``, or
     None when there is none yet."""
     if is_redis_url(spool_url):
-        import redis
+        from fastsend.serve.shared_state import RedisSuppressionList, shared_store
 
-        from fastsend.serve.shared_state import RedisSuppressionList
-
-        redis_url, ours = parse_redis_url(spool_url)
-        return RedisSuppressionList(
-            redis.Redis.from_url(redis_url), ours.get("prefix") or "fastsend"
-        )
+        shared = shared_store(spool_url)
+        assert shared is not None
+        return RedisSuppressionList(shared.client, shared.prefix)
     path = os.path.join(local_dir, "suppression.db")
     return SuppressionList(path) if os.path.exists(path) else None
 

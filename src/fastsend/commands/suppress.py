@@ -71,20 +71,20 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastsend.spool import is_redis_url
+    from fastsend.spool import SpoolError, is_redis_url
 
     if is_redis_url(str(args.spool)):
         import redis
 
-        from fastsend.serve.shared_state import RedisSuppressionList
-        from fastsend.spool.redis import parse_url
+        from fastsend.serve.shared_state import RedisSuppressionList, shared_store
 
-        redis_url, ours = parse_url(str(args.spool))
-        shared = RedisSuppressionList(
-            redis.Redis.from_url(redis_url), ours.get("prefix") or "fastsend"
-        )
         try:
+            store = shared_store(str(args.spool))
+            assert store is not None
+            shared = RedisSuppressionList(store.client, store.prefix)
             return _dispatch(shared, args)  # type: ignore[arg-type]
+        except SpoolError as e:
+            return _fail(str(e))
         except SuppressionError as e:
             return _fail(str(e))
         except redis.RedisError as e:

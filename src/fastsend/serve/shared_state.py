@@ -58,6 +58,7 @@ from fastsend.serve.auth import (
     ApiKey,
     check_key_tenant,
 )
+from fastsend.spool import SharedStore
 from fastsend.suppression import (
     DEFAULT_TENANT,
     MANUAL,
@@ -601,16 +602,27 @@ class RedisEventIndex:
 
 
 # ---------------------------------------------------------------- the bundle
+def shared_store(url: str) -> SharedStore | None:
+    """The shared store of the spool a URL names (``Spool.shared()``), or None for
+    a local spool: what the CLI tools (apikey, suppress) open."""
+    from fastsend.spool import is_redis_url, open_spool
+
+    return open_spool(url).shared() if is_redis_url(url) else None
+
+
 class SharedState:
     """What a serving node on a shared spool keeps in Redis (built from the spool)."""
 
     def __init__(self, spool: Any) -> None:
         from fastsend.cluster import ClusterNode
 
-        self.r = spool.r
-        self.prefix: str = spool.prefix
-        self.node: str = spool.node
-        self.lease: float = spool.lease
+        shared = spool.shared()
+        if shared is None:
+            raise ValueError("SharedState needs a shared spool (Spool.shared())")
+        self.r = shared.client
+        self.prefix: str = shared.prefix
+        self.node: str = shared.node
+        self.lease: float = shared.lease
         self.cluster = ClusterNode(self.r, self.prefix, self.node, self.lease)
         self._spool = spool
         self.durability: Any = None

@@ -41,6 +41,22 @@ FINAL_STATES = frozenset({DELIVERED, BOUNCED, SUPPRESSED, EXPIRED, CANCELLED})
 PENDING_STATES = frozenset({QUEUED, DEFERRED})
 
 
+@dataclass(frozen=True, slots=True)
+class SharedStore:
+    """What :meth:`Spool.shared` gives: the shared spool's store (a redis-py
+    client, bytes replies), its key namespace (every key ``{prefix}:...``, one
+    Redis Cluster slot), this node's name and lease (s)."""
+
+    client: Any
+    prefix: str
+    node: str
+    lease: float
+
+    def key(self, *parts: object) -> str:
+        """``{prefix}:part:part...``"""
+        return ":".join(["{" + self.prefix + "}", *map(str, parts)])
+
+
 class SpoolError(Exception):
     """The spool cannot be opened, is not a fastsend spool, or a write did not
     become durable. Every backend raises this (or a subclass)."""
@@ -196,6 +212,19 @@ class Spool(abc.ABC):
         limits are the supervisor's own."""
         return None
 
+    def shared(self) -> SharedStore | None:
+        """Where nodes on this spool keep what they share besides the queue (API
+        keys, suppression, webhook outbox, event index, rollups, node registry):
+        a :class:`SharedStore`, or None for a spool only this node uses. The one
+        way code outside ``fastsend.spool`` learns that a spool is shared."""
+        return None
+
+    def stats(self) -> dict[str, int]:
+        """Spool-wide counters of a shared spool (``taken_over``: in-flight
+        messages put back after their node's lease expired, each a possible
+        duplicate); empty for a local spool."""
+        return {}
+
     @abc.abstractmethod
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         """Messages per state name."""
@@ -302,13 +331,19 @@ class SpoolProxy(Spool):
         self.inner = inner
 
     def __getattr__(self, name: str) -> Any:
-        # What only one backend has (RedisSpool.stats, .r, .prefix, ...).
+        # What only one backend has.
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
 
     def shared_limits(self) -> Any:
         return self.inner.shared_limits()
+
+    def shared(self) -> SharedStore | None:
+        return self.inner.shared()
+
+    def stats(self) -> dict[str, int]:
+        return self.inner.stats()
 
     def create_campaign(
         self,

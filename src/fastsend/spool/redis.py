@@ -96,6 +96,7 @@ from fastsend.spool.base import (
     IngestJob,
     IngestMark,
     Result,
+    SharedStore,
     Spool,
     SpoolError,
     parse_redis_url,
@@ -350,7 +351,7 @@ class RedisSpool(Spool):
         flat = self._claim(args=[self.k, repr(float(now)), int(limit), self.node, self._lease_ms])
         self._holding = True
         self._renewed = time.monotonic()
-        out = []
+        out: list[Claimed] = []
         add = out.append
         for j in range(0, len(flat), 4):  # id, campaign, attempts, data
             rcpt, domain, created, vars_ = flat[j + 3].split(b"\0", 3)
@@ -516,6 +517,9 @@ class RedisSpool(Spool):
         put back after their node's lease expired (or at its restart), each a
         possible duplicate."""
         return {_s(k): int(v) for k, v in self.r.hgetall(f"{self.k}:stats").items()}
+
+    def shared(self) -> SharedStore:
+        return SharedStore(self.r, self.prefix, self.node, self.lease)
 
     def shared_limits(self) -> Any:
         """GCRA buckets on this Redis, under this spool's prefix (one per spool)."""
