@@ -1,9 +1,11 @@
-"""SuppressionList: CRUD, normalisation, expiry, import/export, bad input, CLI."""
+"""The suppression list (SQLite and Redis stores): CRUD, normalisation, expiry, import/export, bad input, CLI."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from fastsend.bounce import classify_reply
 from fastsend.suppression import (
     SuppressionError,
     SuppressionList,
+    Suppressions,
     normalize,
     parse_duration,
     suppress_from,
@@ -31,14 +34,27 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def sl(tmp_path: Path, clock: Clock) -> SuppressionList:
-    s = SuppressionList(tmp_path / "suppression.db", clock=clock)
+@pytest.fixture(params=["sqlite", "redis"])
+def sl(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Suppressions]:
+    """One implementation, two stores: every test runs on SQLite and on Redis."""
+    s: Suppressions
+    if request.param == "sqlite":
+        s = SuppressionList(tmp_path / "suppression.db", clock=clock)
+    else:
+        import redis
+
+        from fastsend.serve.shared_state import RedisSuppressionList
+
+        server = request.getfixturevalue("redis_server")
+        prefix = "sup" + str(time.monotonic_ns())
+        s = RedisSuppressionList(
+            redis.Redis(host="127.0.0.1", port=server.port), prefix, clock=clock
+        )
     yield s
     s.close()
 
 
-def test_add_contains_remove(sl: SuppressionList) -> None:
+def test_add_contains_remove(sl: Suppressions) -> None:
     e = sl.add("Kiji@Example.COM", "userunknown", source="bounce")
     assert (e.address, e.reason, e.source, e.tenant) == (
         "Kiji@example.com",
@@ -56,14 +72,14 @@ def test_add_contains_remove(sl: SuppressionList) -> None:
     assert not sl.contains("kiji@example.com")
 
 
-def test_tenants_are_separate(sl: SuppressionList) -> None:
+def test_tenants_are_separate(sl: Suppressions) -> None:
     sl.add("a@example.com", tenant="t1")
     assert sl.contains("a@example.com", tenant="t1")
     assert not sl.contains("a@example.com")
     assert [e.address for e in sl.list(tenant=None)] == ["a@example.com"]
 
 
-def test_contains_many(sl: SuppressionList) -> None:
+def test_contains_many(sl: Suppressions) -> None:
     sl.add_many([f"u{i}@example.com" for i in range(0, 2000, 2)], "manual")
     batch = [f"U{i}@Example.com" for i in range(2000)] + ["not an address"]
     hit = sl.contains_many(batch)
@@ -72,7 +88,7 @@ def test_contains_many(sl: SuppressionList) -> None:
     assert sl.contains_many([]) == set()
 
 
-def test_expiry(sl: SuppressionList, clock: Clock) -> None:
+def test_expiry(sl: Suppressions, clock: Clock) -> None:
     sl.add("soft@example.com", "mailboxfull", expires_in=parse_duration("30d"))
     sl.add("hard@example.com", "userunknown")
     assert sl.contains("soft@example.com")
@@ -101,7 +117,7 @@ def test_expiry(sl: SuppressionList, clock: Clock) -> None:
         "a\n@example.com",
     ],
 )
-def test_malformed_address(sl: SuppressionList, bad: str) -> None:
+def test_malformed_address(sl: Suppressions, bad: str) -> None:
     sl.add("keep@example.com")
     with pytest.raises(SuppressionError, match="malformed address"):
         sl.add_many(["ok@example.com", bad])
@@ -110,7 +126,7 @@ def test_malformed_address(sl: SuppressionList, bad: str) -> None:
     assert sl.contains("keep@example.com")
 
 
-def test_bad_reason_and_expiry(sl: SuppressionList) -> None:
+def test_bad_reason_and_expiry(sl: Suppressions) -> None:
     with pytest.raises(SuppressionError, match="reason"):
         sl.add("a@example.com", "Not A Reason!")
     with pytest.raises(SuppressionError, match="expires_in"):
@@ -126,7 +142,7 @@ def test_normalize() -> None:
     assert normalize("mailto:a@b.example") == ("a@b.example", "a@b.example")
 
 
-def test_import_export_round_trip(sl: SuppressionList, tmp_path: Path, clock: Clock) -> None:
+def test_import_export_round_trip(sl: Suppressions, tmp_path: Path, clock: Clock) -> None:
     sl.add("a@example.com", "userunknown", source="bounce")
     sl.add("b@example.com", "mailboxfull", expires_in=3600)
     sl.add("c@example.com", "complaint")
@@ -139,7 +155,7 @@ def test_import_export_round_trip(sl: SuppressionList, tmp_path: Path, clock: Cl
     other.close()
 
 
-def test_import_plain_lines_and_errors(sl: SuppressionList, tmp_path: Path) -> None:
+def test_import_plain_lines_and_errors(sl: Suppressions, tmp_path: Path) -> None:
     f = tmp_path / "list.txt"
     f.write_text("# unsubscribes\nx@example.com\n\nY@Example.com\n")
     assert sl.import_file(f, reason="unsubscribe") == 2
@@ -154,7 +170,7 @@ def test_import_plain_lines_and_errors(sl: SuppressionList, tmp_path: Path) -> N
         sl.import_file(tmp_path / "missing.txt")
 
 
-def test_import_csv_with_email_column(sl: SuppressionList) -> None:
+def test_import_csv_with_email_column(sl: Suppressions) -> None:
     n = sl.import_text(
         "name,email,reason\nKiji,kiji@example.com,complaint\nMike,mike@example.com,\n"
     )
@@ -163,7 +179,7 @@ def test_import_csv_with_email_column(sl: SuppressionList) -> None:
     assert sl.get("mike@example.com").reason == "manual"  # type: ignore[union-attr]
 
 
-def test_suppress_from_classifications(sl: SuppressionList) -> None:
+def test_suppress_from_classifications(sl: Suppressions) -> None:
     hard = classify_reply(550, "5.1.1", "User unknown")
     soft = classify_reply(452, "4.2.2", "Mailbox full")
     policy = classify_reply(550, "5.7.1", "blocked using zen.spamhaus.org")
@@ -175,7 +191,7 @@ def test_suppress_from_classifications(sl: SuppressionList) -> None:
     assert sl.get("h@example.com").reason == "userunknown"  # type: ignore[union-attr]
 
 
-def test_suppress_from_bounce_records(sl: SuppressionList) -> None:
+def test_suppress_from_bounce_records(sl: Suppressions) -> None:
     from fastsend.bounce import parse_bounce
     from test_bounce_parse import ARF, DSN
 

@@ -184,33 +184,50 @@ _UPSERT = (
 )
 
 
-class SuppressionList:
-    """Suppressed addresses per tenant in a SQLite file (see module docstring).
+class Suppressions:
+    """The suppression list's policy, whatever stores it: validation, the
+    normalised key, expiry, import / export. A store (:class:`SuppressionList`
+    in SQLite here, ``serve.shared_state.RedisSuppressionList`` in Redis for
+    several nodes) supplies the primitives named ``_put`` ... ``__len__``."""
 
-    Safe to open from several processes (WAL, busy timeout); one object per
-    thread. Use as a context manager or call :meth:`close`.
-    """
+    _clock: Any = staticmethod(time.time)
 
-    def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
-        self.path = Path(path)
-        self._clock = clock
-        try:
-            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # An acknowledged suppression must survive a crash or power cut.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            cols = {r[1] for r in self._db.execute("PRAGMA table_info(suppression)")}
-            if "message" not in cols:  # a list written before entries named their message
-                self._db.execute("ALTER TABLE suppression ADD COLUMN message INTEGER")
-        except sqlite3.DatabaseError as e:
-            raise SuppressionError(f"{self.path}: cannot open suppression list: {e}") from None
+    # ------------------------------------------------------------ the store's part
+    def _put(self, rows: list[tuple[str, Entry]]) -> None:
+        """Upsert ``(key, entry)`` rows (any tenants) all-or-nothing, durably."""
+        raise NotImplementedError
+
+    def _delete(self, tenant: str, key: str) -> bool:
+        raise NotImplementedError
+
+    def _purge(self, now: float) -> int:
+        """Delete entries expired at ``now``; how many."""
+        raise NotImplementedError
+
+    def _reasons(self, tenant: str, keys: list[str], now: float) -> dict[str, str]:
+        """``{key: reason}`` of those of ``keys`` not expired at ``now``."""
+        raise NotImplementedError
+
+    def _get(self, tenant: str, key: str) -> Entry | None:
+        raise NotImplementedError
+
+    def _any(self, tenant: str) -> bool:
+        """Might the tenant have entries? (True: look them up.)"""
+        return True
+
+    def _entries(self, tenant: str | None, now: float | None) -> Iterator[Entry]:
+        """Entries of one tenant (every tenant: None) not expired at ``now``
+        (None: expired ones too), by tenant then key."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
     # ------------------------------------------------------------ lifecycle
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> SuppressionList:
+    def __enter__(self) -> Suppressions:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -251,22 +268,18 @@ class SuppressionList:
             raise SuppressionError(f"expires_in must be positive seconds, got {expires_in!r}")
         now = float(self._clock())
         expires = None if expires_in is None else now + expires_in
-        entries = []
         rows = []
         for a in addresses:
             key, display = normalize(a)
-            entries.append(Entry(display, tenant, reason, source, now, expires, message))
-            rows.append((tenant, key, display, reason, source, now, expires, message))
-        with self._tx():
-            self._db.executemany(_UPSERT, rows)
-        return entries
+            rows.append((key, Entry(display, tenant, reason, source, now, expires, message)))
+        self._put(rows)
+        return [e for _k, e in rows]
 
     def add_entries(self, items: Iterable[tuple[str, str, str, str, int | None]]) -> list[Entry]:
         """Add ``(tenant, address, reason, source, message)`` entries (no expiry) in
         one durable transaction; malformed addresses are skipped, not fatal (they
         come from the delivery path, not from a user). Returns what was stored."""
         now = float(self._clock())
-        entries: list[Entry] = []
         rows = []
         for tenant, a, reason, source, message in items:
             try:
@@ -275,62 +288,37 @@ class SuppressionList:
                 _check_tenant(tenant)
             except SuppressionError:
                 continue
-            entries.append(Entry(display, tenant, reason, source, now, None, message))
-            rows.append((tenant, key, display, reason, source, now, None, message))
+            rows.append((key, Entry(display, tenant, reason, source, now, None, message)))
         if rows:
-            with self._tx():
-                self._db.executemany(_UPSERT, rows)
-        return entries
+            self._put(rows)
+        return [e for _k, e in rows]
 
     def remove(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
         """Remove one entry; True if it was there."""
         key, _ = normalize(address)
-        with self._tx():
-            cur = self._db.execute(
-                "DELETE FROM suppression WHERE tenant = ? AND key = ?", (tenant, key)
-            )
-        return cur.rowcount > 0
+        return self._delete(tenant, key)
 
     def purge_expired(self) -> int:
         """Delete expired entries of every tenant; returns how many."""
-        with self._tx():
-            cur = self._db.execute(
-                "DELETE FROM suppression WHERE expires IS NOT NULL AND expires <= ?",
-                (float(self._clock()),),
-            )
-        return cur.rowcount
+        return self._purge(float(self._clock()))
 
     # ------------------------------------------------------------ reads
     def contains(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
         """Is this address suppressed (now) for this tenant?"""
-        try:
-            key, _ = normalize(address)
-        except SuppressionError:
-            return False
-        row = self._db.execute(
-            "SELECT 1 FROM suppression WHERE tenant = ? AND key = ?"
-            " AND (expires IS NULL OR expires > ?)",
-            (tenant, key, float(self._clock())),
-        ).fetchone()
-        return row is not None
+        return bool(self.reasons_many([address], tenant=tenant))
 
     def contains_many(self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT) -> set[str]:
-        """The subset of ``addresses`` (as given) that is suppressed now.
-
-        One indexed query per 500 addresses: meant for checking a batch of
-        recipients right before sending. Malformed addresses are not reported
-        (they cannot have been stored).
-        """
+        """The subset of ``addresses`` (as given) that is suppressed now: meant
+        for checking a batch of recipients right before sending (one lookup per
+        batch). Malformed addresses are not reported (they cannot be stored)."""
         return set(self.reasons_many(addresses, tenant=tenant))
 
     def reasons_many(
         self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT
     ) -> dict[str, str]:
-        """``{address as given: reason}`` for those of ``addresses`` suppressed now
-        (one indexed query per 500 distinct addresses)."""
-        probe = self._db.execute("SELECT 1 FROM suppression WHERE tenant = ? LIMIT 1", (tenant,))
-        if probe.fetchone() is None:
-            return {}  # the tenant's list is empty: one index probe, not one per address
+        """``{address as given: reason}`` for those of ``addresses`` suppressed now."""
+        if not self._any(tenant):
+            return {}  # the tenant's list is empty: one probe, not one lookup per address
         by_key: dict[str, list[str]] = {}
         for a in addresses:
             try:
@@ -340,51 +328,22 @@ class SuppressionList:
             by_key.setdefault(key, []).append(a)
         if not by_key:
             return {}
-        now = float(self._clock())
         hit: dict[str, str] = {}
-        keys = list(by_key)
-        for i in range(0, len(keys), _CHUNK):
-            chunk = keys[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for key, reason in self._db.execute(
-                f"SELECT key, reason FROM suppression WHERE tenant = ? AND key IN ({marks})"
-                " AND (expires IS NULL OR expires > ?)",
-                (tenant, *chunk, now),
-            ):
-                for a in by_key[key]:
-                    hit[a] = reason
+        for key, reason in self._reasons(tenant, list(by_key), float(self._clock())).items():
+            for a in by_key[key]:
+                hit[a] = reason
         return hit
 
     def get(self, address: str, *, tenant: str = DEFAULT_TENANT) -> Entry | None:
         """The entry for this address (even if expired), or None."""
         key, _ = normalize(address)
-        row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM suppression WHERE tenant = ? AND key = ?",
-            (tenant, key),
-        ).fetchone()
-        return Entry(*row) if row else None
+        return self._get(tenant, key)
 
     def list(
         self, *, tenant: str | None = DEFAULT_TENANT, include_expired: bool = False
     ) -> Iterator[Entry]:
         """Entries of one tenant (all tenants when None), sorted by address."""
-        sql = f"SELECT {_COLUMNS} FROM suppression"
-        where: list[str] = []
-        args: list[Any] = []
-        if tenant is not None:
-            where.append("tenant = ?")
-            args.append(tenant)
-        if not include_expired:
-            where.append("(expires IS NULL OR expires > ?)")
-            args.append(float(self._clock()))
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY tenant, key"
-        for row in self._db.execute(sql, args):
-            yield Entry(*row)
-
-    def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM suppression").fetchone()[0])
+        return self._entries(tenant, None if include_expired else float(self._clock()))
 
     # ------------------------------------------------------------ import / export
     def import_text(
@@ -415,10 +374,9 @@ class SuppressionList:
                 e = exp if exp is not None else (None if expires_in is None else now + expires_in)
             except SuppressionError as err:
                 raise SuppressionError(f"line {lineno}: {err}") from None
-            parsed.append((tenant, key, display, r, src, now, e, None))
+            parsed.append((key, Entry(display, tenant, r, src, now, e, None)))
         _check_tenant(tenant)
-        with self._tx():
-            self._db.executemany(_UPSERT, parsed)
+        self._put(parsed)
         return len(parsed)
 
     def import_file(self, path: str | Path, **kw: Any) -> int:
@@ -451,7 +409,101 @@ class SuppressionList:
             )
         return buf.getvalue()
 
-    # ------------------------------------------------------------ internals
+
+class SuppressionList(Suppressions):
+    """Suppressed addresses per tenant in a SQLite file (see module docstring).
+
+    Safe to open from several processes (WAL, busy timeout); one object per
+    thread. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # An acknowledged suppression must survive a crash or power cut.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(suppression)")}
+            if "message" not in cols:  # a list written before entries named their message
+                self._db.execute("ALTER TABLE suppression ADD COLUMN message INTEGER")
+        except sqlite3.DatabaseError as e:
+            raise SuppressionError(f"{self.path}: cannot open suppression list: {e}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SuppressionList:
+        return self
+
+    def _put(self, rows: list[tuple[str, Entry]]) -> None:
+        with self._tx():
+            self._db.executemany(
+                _UPSERT,
+                [(e.tenant, key, e.address, e.reason, e.source, e.created, e.expires, e.message)
+                 for key, e in rows],
+            )  # fmt: skip
+
+    def _delete(self, tenant: str, key: str) -> bool:
+        with self._tx():
+            cur = self._db.execute(
+                "DELETE FROM suppression WHERE tenant = ? AND key = ?", (tenant, key)
+            )
+        return cur.rowcount > 0
+
+    def _purge(self, now: float) -> int:
+        with self._tx():
+            cur = self._db.execute(
+                "DELETE FROM suppression WHERE expires IS NOT NULL AND expires <= ?", (now,)
+            )
+        return cur.rowcount
+
+    def _any(self, tenant: str) -> bool:
+        probe = self._db.execute("SELECT 1 FROM suppression WHERE tenant = ? LIMIT 1", (tenant,))
+        return probe.fetchone() is not None
+
+    def _reasons(self, tenant: str, keys: list[str], now: float) -> dict[str, str]:
+        """One indexed query per 500 keys."""
+        hit: dict[str, str] = {}
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for key, reason in self._db.execute(
+                f"SELECT key, reason FROM suppression WHERE tenant = ? AND key IN ({marks})"
+                " AND (expires IS NULL OR expires > ?)",
+                (tenant, *chunk, now),
+            ):
+                hit[key] = reason
+        return hit
+
+    def _get(self, tenant: str, key: str) -> Entry | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM suppression WHERE tenant = ? AND key = ?",
+            (tenant, key),
+        ).fetchone()
+        return Entry(*row) if row else None
+
+    def _entries(self, tenant: str | None, now: float | None) -> Iterator[Entry]:
+        sql = f"SELECT {_COLUMNS} FROM suppression"
+        where: list[str] = []
+        args: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if now is not None:
+            where.append("(expires IS NULL OR expires > ?)")
+            args.append(now)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY tenant, key"
+        for row in self._db.execute(sql, args):
+            yield Entry(*row)
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM suppression").fetchone()[0])
+
     def _tx(self) -> _Tx:
         return _Tx(self._db)
 

@@ -38,14 +38,11 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
-import io
 import secrets
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -59,16 +56,7 @@ from fastsend.serve.auth import (
     check_key_tenant,
 )
 from fastsend.spool import SharedStore
-from fastsend.suppression import (
-    DEFAULT_TENANT,
-    MANUAL,
-    Entry,
-    SuppressionError,
-    _check_reason,
-    _check_tenant,
-    _read_rows,
-    normalize,
-)
+from fastsend.suppression import Entry, Suppressions
 
 EVENT_TTL = 30 * 86400  # s a message's event history stays readable in Redis
 WEBHOOK_LOCK = 10.0  # s a node's lease on sending to one webhook URL
@@ -156,9 +144,9 @@ class RedisKeyStore:
 
 
 # ---------------------------------------------------------------- suppression
-class RedisSuppressionList:
-    """The suppression list per tenant, shared by every node (same interface as
-    :class:`fastsend.suppression.SuppressionList`)."""
+class RedisSuppressionList(Suppressions):
+    """The suppression list per tenant, shared by every node: the policy of
+    :class:`fastsend.suppression.Suppressions` on a hash per tenant."""
 
     def __init__(self, r: Any, prefix: str, *, clock: Any = time.time) -> None:
         self.r = r
@@ -169,16 +157,10 @@ class RedisSuppressionList:
     def _key(self, tenant: str) -> str:
         return f"{self.k}:sup:{tenant}"
 
-    def close(self) -> None:
-        pass
-
     def __enter__(self) -> RedisSuppressionList:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _store(self, rows: list[tuple[str, Entry]]) -> None:
+    def _put(self, rows: list[tuple[str, Entry]]) -> None:
         """(key, entry) rows, any tenants, in one MULTI/EXEC (durable as the spool's
         writes: the AOF policy Redis runs with)."""
         if not rows:
@@ -206,69 +188,13 @@ class RedisSuppressionList:
         a, reason, source, created, expires, *rest = orjson.loads(raw)
         return Entry(a, tenant, reason, source, created, expires, rest[0] if rest else None)
 
-    def add(
-        self,
-        address: str,
-        reason: str = MANUAL,
-        *,
-        tenant: str = DEFAULT_TENANT,
-        source: str = "",
-        expires_in: float | None = None,
-        message: int | None = None,
-    ) -> Entry:
-        return self.add_many(
-            [address], reason, tenant=tenant, source=source, expires_in=expires_in,
-            message=message,
-        )[0]  # fmt: skip
-
-    def add_entries(self, items: Iterable[tuple[str, str, str, str, int | None]]) -> list[Entry]:
-        """``(tenant, address, reason, source, message)`` entries from the delivery
-        path; malformed ones are skipped (as SuppressionList.add_entries)."""
-        now = float(self._clock())
-        rows = []
-        for tenant, a, reason, source, message in items:
-            try:
-                key, display = normalize(a)
-                _check_reason(reason)
-                _check_tenant(tenant)
-            except SuppressionError:
-                continue
-            rows.append((key, Entry(display, tenant, reason, source, now, None, message)))
-        self._store(rows)
-        return [e for _, e in rows]
-
-    def add_many(
-        self,
-        addresses: Iterable[str],
-        reason: str = MANUAL,
-        *,
-        tenant: str = DEFAULT_TENANT,
-        source: str = "",
-        expires_in: float | None = None,
-        message: int | None = None,
-    ) -> list[Entry]:
-        _check_reason(reason)
-        _check_tenant(tenant)
-        if expires_in is not None and not expires_in > 0:
-            raise SuppressionError(f"expires_in must be positive seconds, got {expires_in!r}")
-        now = float(self._clock())
-        expires = None if expires_in is None else now + expires_in
-        rows = []
-        for a in addresses:
-            key, display = normalize(a)
-            rows.append((key, Entry(display, tenant, reason, source, now, expires, message)))
-        self._store(rows)
-        return [e for _, e in rows]
-
-    def remove(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
-        key, _ = normalize(address)
+    def _delete(self, tenant: str, key: str) -> bool:
         return bool(self.r.hdel(self._key(tenant), key))
 
     def _tenants(self) -> list[str]:
         return sorted(_s(t) for t in self.r.smembers(f"{self.k}:suptenants"))
 
-    def purge_expired(self) -> int:
-        now = float(self._clock())
+    def _purge(self, now: float) -> int:
         n = 0
         for t in self._tenants():
             gone = [
@@ -280,105 +206,31 @@ class RedisSuppressionList:
                 n += int(self.r.hdel(self._key(t), *gone))
         return n
 
-    def contains(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
-        return bool(self.contains_many([address], tenant=tenant))
-
-    def contains_many(self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT) -> set[str]:
-        return set(self.reasons_many(addresses, tenant=tenant))
-
-    def reasons_many(
-        self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT
-    ) -> dict[str, str]:
-        """``{address as given: reason}`` of those suppressed now: one HMGET per
-        1000 distinct addresses (the dispatch-time check of every batch)."""
-        by_key: dict[str, list[str]] = {}
-        for a in addresses:
-            try:
-                key, _ = normalize(a)
-            except SuppressionError:
-                continue
-            by_key.setdefault(key, []).append(a)
-        if not by_key:
-            return {}
-        now = float(self._clock())
-        keys = list(by_key)
+    def _reasons(self, tenant: str, keys: list[str], now: float) -> dict[str, str]:
+        """One HMGET per 1000 keys (the dispatch-time check of every batch)."""
         hit: dict[str, str] = {}
         for i in range(0, len(keys), 1000):
             chunk = keys[i : i + 1000]
             for key, raw in zip(chunk, self.r.hmget(self._key(tenant), chunk), strict=True):
-                if raw is None:
-                    continue
-                e = self._entry(tenant, raw)
-                if e.expires is None or e.expires > now:
-                    for a in by_key[key]:
-                        hit[a] = e.reason
+                if raw is not None:
+                    e = self._entry(tenant, raw)
+                    if e.expires is None or e.expires > now:
+                        hit[key] = e.reason
         return hit
 
-    def get(self, address: str, *, tenant: str = DEFAULT_TENANT) -> Entry | None:
-        key, _ = normalize(address)
+    def _get(self, tenant: str, key: str) -> Entry | None:
         raw = self.r.hget(self._key(tenant), key)
         return None if raw is None else self._entry(tenant, raw)
 
-    def list(
-        self, *, tenant: str | None = DEFAULT_TENANT, include_expired: bool = False
-    ) -> Iterator[Entry]:
-        now = float(self._clock())
+    def _entries(self, tenant: str | None, now: float | None) -> Iterator[Entry]:
         for t in [tenant] if tenant is not None else self._tenants():
-            rows = sorted(self.r.hgetall(self._key(t)).items())
-            for _k, v in rows:
+            for _k, v in sorted(self.r.hgetall(self._key(t)).items()):
                 e = self._entry(t, v)
-                if include_expired or e.expires is None or e.expires > now:
+                if now is None or e.expires is None or e.expires > now:
                     yield e
 
     def __len__(self) -> int:
         return sum(int(self.r.hlen(self._key(t))) for t in self._tenants())
-
-    def import_text(
-        self,
-        text: str,
-        *,
-        tenant: str = DEFAULT_TENANT,
-        reason: str = MANUAL,
-        source: str = "import",
-        expires_in: float | None = None,
-    ) -> int:
-        now = float(self._clock())
-        parsed = []
-        for lineno, addr, rsn, src, exp in _read_rows(text, reason, source):
-            try:
-                key, display = normalize(addr)
-                _check_reason(rsn)
-                if exp is not None and exp <= now:
-                    continue
-                e = exp if exp is not None else (None if expires_in is None else now + expires_in)
-            except SuppressionError as err:
-                raise SuppressionError(f"line {lineno}: {err}") from None
-            parsed.append((key, Entry(display, tenant, rsn, src, now, e, None)))
-        _check_tenant(tenant)
-        self._store(parsed)
-        return len(parsed)
-
-    def import_file(self, path: str | Path, **kw: Any) -> int:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as e:
-            raise SuppressionError(f"{p}: cannot read: {e}") from None
-        try:
-            return self.import_text(text, **kw)
-        except SuppressionError as e:
-            raise SuppressionError(f"{p}: {e}") from None
-
-    def export_csv(self, *, tenant: str | None = DEFAULT_TENANT) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["address", "reason", "source", "created", "expires", "tenant"])
-        for e in self.list(tenant=tenant):
-            w.writerow(
-                [e.address, e.reason, e.source, f"{e.created:.3f}",
-                 "" if e.expires is None else f"{e.expires:.3f}", e.tenant]
-            )  # fmt: skip
-        return buf.getvalue()
 
 
 # ---------------------------------------------------------------- webhook outbox
