@@ -81,3 +81,38 @@ def test_shared_secret(redis_server: RedisServer) -> None:
     s2 = ClusterNode(r, prefix, "n2").shared_secret()
     assert s1 == s2 and len(s1) == 64
     assert ClusterNode(r, prefix + "x", "n1").shared_secret() != s1
+
+
+def test_every_live_node_in_the_cluster_view(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each node publishes its status; any node lists every live one with its IPs,
+    lease and rates, and the totals; a clean exit or a silent node drops out."""
+    from fastsend import cluster
+    from fastsend.serve.shared_state import SharedState
+    from fastsend.spool import open_spool
+
+    url = redis_server.url()
+    a = SharedState(open_spool(url + "&node=na&lease=2"))
+    b = SharedState(open_spool(url + "&node=nb&lease=2"))
+    a.cluster.claim_ips(["127.0.0.2", "127.0.0.3"])
+    b.cluster.claim_ips(["127.0.0.4"])
+    a.status_source = lambda: {"rates": {"delivered": 10.5}, "totals": {"delivered": 100}}
+    b.status_source = lambda: {
+        "rates": {"delivered": 4.5, "bounced": 1},
+        "totals": {"delivered": 7},
+    }
+    a.tick()
+    b.tick()
+    view = b.cluster_view()
+    assert view["count"] == 2 and [n["node"] for n in view["nodes"]] == ["na", "nb"]
+    na, nb = view["nodes"]
+    assert na["ips"] == ["127.0.0.2", "127.0.0.3"] and nb["ips"] == ["127.0.0.4"]
+    assert nb["self"] and not na["self"] and na["pid"] > 0
+    assert 0 <= na["lease_age_s"] < 1.0 and 1.0 < na["lease_left_s"] <= 2.0
+    assert view["rates"] == {"delivered": 15.0, "bounced": 1} and view["totals"]["delivered"] == 107
+    b.stop()  # a clean exit: gone from the view at once
+    assert [n["node"] for n in a.cluster_view()["nodes"]] == ["na"]
+    monkeypatch.setattr(cluster, "STATUS_STALE", 0.2)  # a node that stops publishing
+    time.sleep(0.3)
+    assert a.cluster_view()["nodes"] == []

@@ -279,6 +279,16 @@ backend api
           f" per IP {dict(peers)}, taken over {out['taken_over']}")  # fmt: skip
 
 
+async def _cluster(s: aiohttp.ClientSession, base: str, key: str, n: int) -> dict[str, Any]:
+    """GET /v1/dashboard/workers' cluster view once it lists n live nodes."""
+    deadline = time.monotonic() + 15
+    while True:
+        view = (await _req(s, "GET", base + "/v1/dashboard/workers", key))["cluster"]
+        if view["count"] == n or time.monotonic() > deadline:
+            return dict(view)
+        await asyncio.sleep(0.2)
+
+
 async def _run(nodes: list[Node], key: str, slow_key: str, lb: str, spool: Any) -> dict[str, Any]:
     n1, n2, n3 = nodes
     # From 127.0.0.9: HAProxy (127.0.0.1) is the nodes' only trusted proxy; a direct
@@ -312,6 +322,12 @@ async def _run(nodes: list[Node], key: str, slow_key: str, lb: str, spool: Any) 
         c = spool.counts(pid)
         assert c["inflight"] == 0 and c["queued"] > 0, c
         paused_at = c["delivered"]
+        # The dashboard of any node shows every live node, with its IPs (admin key).
+        view = await _cluster(s, n1.base, key, 3)
+        assert {n["node"]: n["ips"] for n in view["nodes"]} == {
+            n.name: [n.ip] for n in nodes
+        }, view
+        assert all(n["lease_age_s"] is not None for n in view["nodes"])
         # "main" through HAProxy in batches; node 2 killed (kill -9) half way, while
         # it holds a window. HAProxy's checks take it out; injection goes on.
         rows = _rows("m", MULTINODE_N)
@@ -371,6 +387,14 @@ async def _run(nodes: list[Node], key: str, slow_key: str, lb: str, spool: Any) 
         assert c["delivered"] == paused_at and c["inflight"] == 0, "a paused campaign was sent"
         st = await _req(s, "GET", f"{n1.base}/v1/campaigns/{pid}", slow_key)
         assert st["status"] == "paused"
+        # The dead node drops out of the cluster view; the per-domain counts of the
+        # event index are the cluster's (any node answers the same).
+        view = await _cluster(s, n3.base, key, 2)
+        assert sorted(n["node"] for n in view["nodes"]) == [n1.name, n3.name]
+        by_dom = await _req(s, "GET", f"{n3.base}/v1/stats?by=domain&window=1h", key)
+        got = {d: g["counts"].get("delivered", 0) for d, g in by_dom["groups"].items()}
+        assert set(got) >= {f"d{i}.example" for i in range(7)}, got
+        assert sum(got.values()) >= MULTINODE_N // 2, got
         # The dead node's window was taken over (and any window of a node whose lease
         # lapsed under load), and every node's metrics say so.
         taken = spool.stats()["taken_over"]

@@ -36,6 +36,11 @@ DESCRIPTION
       (:meth:`ClusterNode.shared_secret`), unless ``[tracking] secret`` is set:
       a link signed by one node verifies on every other.
 
+    - publishes its status about once a second (:meth:`ClusterNode.publish`:
+      ``P:status`` node -> JSON, ``P:seen`` node -> Redis time of the last
+      one) so the dashboard of any node lists every live node with its IPs,
+      lease and rates, and the cluster's totals (:meth:`ClusterNode.members`).
+
     ``P`` is the spool's ``{prefix}`` (a Redis Cluster hash tag).
 
 DELIBERATELY NOT HERE
@@ -48,6 +53,8 @@ import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 log = logging.getLogger("fastsend.cluster")
 
@@ -191,6 +198,24 @@ return 0
 """
 
 
+STATUS_STALE = 5.0  # s without a status: a node is not listed as live
+STATUS_FORGET = 3600.0  # s without a status: its record is dropped
+
+# KEYS: seen zset, status hash. ARGV: node, JSON, forget_ms -> Redis time (ms)
+_PUBLISH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]), 'LIMIT', 0, 100)
+for _, n in ipairs(old) do
+  redis.call('HDEL', KEYS[2], n)
+  redis.call('ZREM', KEYS[1], n)
+end
+return now
+"""
+
+
 class ClusterNode:
     """One node's hold on its source IPs, and the shared secret."""
 
@@ -203,6 +228,7 @@ class ClusterNode:
         self._claim = r.register_script(_CLAIM_IPS)
         self._renew = r.register_script(_RENEW_IPS)
         self._release = r.register_script(_RELEASE_IPS)
+        self._publish = r.register_script(_PUBLISH)
         self.lost: list[str] = []  # IPs another node took while our lease had lapsed
 
     @property
@@ -240,13 +266,63 @@ class ClusterNode:
         return lost
 
     def release(self) -> None:
+        """A clean exit: the IPs back at once, and off every node's dashboard."""
         if self.ips:
             self._release(keys=self._keys, args=[self.node, *self.ips])
             self.ips = []
+        self.r.zrem(f"{self.k}:seen", self.node)
+        self.r.hdel(f"{self.k}:status", self.node)
 
     def holders(self) -> dict[str, str]:
         """IP -> node, for status pages."""
         return {_s(k): _s(v) for k, v in self.r.hgetall(f"{self.k}:ips").items()}
+
+    def publish(self, status: dict[str, Any]) -> None:
+        """This node's status (JSON-able: rates, workers, ...) for every node's
+        dashboard; the time it was published is Redis's."""
+        body = orjson.dumps({**status, "lease": self.lease})
+        self._publish(
+            keys=[f"{self.k}:seen", f"{self.k}:status"],
+            args=[self.node, body, int(STATUS_FORGET * 1000)],
+        )
+
+    def members(self) -> list[dict[str, Any]]:
+        """Every live node (a status within ``STATUS_STALE`` s), by name: its last
+        status plus ``node``, ``ips`` (those it holds in the registry), ``seen_s``
+        (age of that status), ``lease_left_s`` / ``lease_age_s`` (its IP lease:
+        time to expiry, time since the last renewal; None without IPs) and
+        ``self`` (this node)."""
+        k = self.k
+        pipe = self.r.pipeline(transaction=False)
+        pipe.time()
+        pipe.zrange(f"{k}:seen", 0, -1, withscores=True)
+        pipe.hgetall(f"{k}:status")
+        pipe.zrange(f"{k}:ipnodes", 0, -1, withscores=True)
+        pipe.hgetall(f"{k}:ips")
+        (sec, usec), seen, status, leases, ips = pipe.execute()
+        now = int(sec) * 1000 + int(usec) // 1000
+        held: dict[str, list[str]] = {}
+        for ip, n in ips.items():
+            held.setdefault(_s(n), []).append(_s(ip))
+        deadline = {_s(n): float(d) for n, d in leases}
+        out = []
+        for n, at in seen:
+            node = _s(n)
+            age = (now - float(at)) / 1000
+            if age > STATUS_STALE:
+                continue
+            raw = status.get(n)
+            st = orjson.loads(raw) if raw else {}
+            dl = deadline.get(node)
+            left = None if dl is None else round((dl - now) / 1000, 3)
+            lease = float(st.get("lease") or self.lease)
+            out.append({
+                **st, "node": node, "ips": sorted(held.get(node, [])), "seen_s": round(age, 3),
+                "lease_left_s": left,
+                "lease_age_s": None if left is None else round(max(0.0, lease - left), 3),
+                "self": node == self.node,
+            })  # fmt: skip
+        return sorted(out, key=lambda m: m["node"])
 
     def shared_secret(self) -> bytes:
         """The installation secret, made once by the first node (SET NX)."""

@@ -23,7 +23,13 @@ DESCRIPTION
     ``GET /v1/dashboard/workers``  what spans tenants: worker processes (alive,
                                    restarts, connections, in flight),
                                    supervisor totals, all tenants' source IPs
-                                   and spool counts. Only for tenants named in
+                                   and spool counts; on a shared (Redis)
+                                   spool ``cluster``: every live node (its
+                                   IPs, lease age, rates, workers) and the
+                                   cluster's totals, whichever node answers
+                                   (each publishes its status about once a
+                                   second: ``ClusterNode.publish``). Only for
+                                   tenants named in
                                    ``[dashboard] admin_tenants`` (API keys
                                    carry no admin flag); 403 for the others.
 
@@ -73,6 +79,7 @@ MAX_ROWS = 50  # rows per table in an answer
 RECENT = 40  # recent events kept per tenant
 MAX_TEXT = 300  # characters of a reply text in a recent event
 SPOOL_TTL = 1.0
+RATE_S = 10  # seconds a node's published rates average over
 ALL = "*"  # the all-tenant aggregate (not a valid tenant name: fastsend.serve.auth)
 OUTCOMES = ("delivered", "deferred", "bounced")
 _KIND = {name: i for i, name in enumerate(OUTCOMES)}
@@ -175,6 +182,9 @@ class Dashboard:
         self._spool_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._ttl = SPOOL_TTL
         self._warned = False
+        self.totals = [0, 0, 0]  # outcomes of this node since it started
+        if getattr(ctx, "shared", None) is not None:
+            ctx.shared.status_source = self.node_status
         self.files = {path: (load(name), ctype) for path, (name, ctype) in _FILES.items()}
 
     # -- the event listener (every event this process emits) -------------------
@@ -217,6 +227,7 @@ class Dashboard:
                 ip = str(e.get("source_ip") or "")
                 mine.outcome(t, k, domain, ip)
                 every.outcome(t, k, domain, ip)
+                self.totals[k] += 1
             rec = {f: e[f] for f in _RECENT_FIELDS if e.get(f) is not None}
             if isinstance(rec.get("text"), str):
                 rec["text"] = rec["text"][:MAX_TEXT]
@@ -263,6 +274,28 @@ class Dashboard:
         self._spool_cache[key] = (time.monotonic(), view)
         return view
 
+    def node_status(self) -> dict[str, Any]:
+        """What this node publishes for the cluster view: outcomes per second over
+        the last ``RATE_S`` whole seconds, totals since start, its workers."""
+        lv = self.live.get(ALL) or _Live()
+        end = int(time.time()) - 1
+        acc = [0, 0, 0]
+        for sec in range(end - RATE_S + 1, end + 1):
+            i = sec % SERIES_S
+            if lv.sec_at[i] == sec:
+                for k in range(3):
+                    acc[k] += lv.secs[i][k]
+        sup = self.ctx.supervisor
+        slots = sup.slots if sup is not None else []
+        return {
+            "rates": {o: round(acc[k] / RATE_S, 2) for k, o in enumerate(OUTCOMES)},
+            "totals": {
+                **dict(zip(OUTCOMES, self.totals, strict=True)),
+                "inflight": sum(len(x.inflight) for x in slots),
+            },
+            "workers": {"count": len(slots), "alive": sum(1 for x in slots if x.alive)},
+        }
+
     def admins(self) -> frozenset[str]:
         t = self.ctx.config.raw.get("dashboard", {})
         names = t.get("admin_tenants", []) if isinstance(t, dict) else None
@@ -301,6 +334,7 @@ class Dashboard:
         if tenant_of(request) not in self.admins():
             raise ApiError(403, "worker status spans tenants: only for [dashboard] admin_tenants")
         sup = api_of(request).ctx.supervisor
+        shared = getattr(api_of(request).ctx, "shared", None)
         now = time.time()
         rows = []
         for s in sup.slots if sup is not None else []:
@@ -323,6 +357,7 @@ class Dashboard:
                 "states": view["states"],
                 "queue_depth": view["queue_depth"],
                 "source_ips": lv.table(now, 1, "source_ip"),
+                "cluster": shared.cluster_view() if shared is not None else None,
             },
             headers={"Cache-Control": "no-store"},
         )

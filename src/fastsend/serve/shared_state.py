@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -60,6 +62,7 @@ from fastsend.suppression import Entry, Suppressions
 
 EVENT_TTL = 30 * 86400  # s a message's event history stays readable in Redis
 WEBHOOK_LOCK = 10.0  # s a node's lease on sending to one webhook URL
+STATUS_EVERY = 1.0  # s between two status records of this node (the cluster view)
 
 
 def _s(b: Any) -> str:
@@ -479,6 +482,10 @@ class SharedState:
         self._spool = spool
         self.durability: Any = None
         self._renewed = 0.0
+        self._published = 0.0
+        self._started = time.time()
+        # () -> this node's status for the cluster view (the dashboard sets it)
+        self.status_source: Callable[[], dict[str, Any]] | None = None
 
     def start(self, config: Any, *, allow_volatile: bool) -> list[str]:
         """Before anything is accepted: durability stated (and checked), this node's
@@ -496,11 +503,29 @@ class SharedState:
         ]
 
     def tick(self) -> None:
-        """Renew this node's hold on its IPs (every lease/4)."""
+        """Renew this node's hold on its IPs (every lease/4); publish its status
+        (``status_source()``, every ``STATUS_EVERY`` s) for every node's dashboard."""
         now = time.monotonic()
         if now - self._renewed >= self.lease / 4:
             self._renewed = now
             self.cluster.renew()
+        if now - self._published >= STATUS_EVERY:
+            self._published = now
+            st = self.status_source() if self.status_source is not None else {}
+            self.cluster.publish({**st, "host": socket.gethostname(), "pid": os.getpid(),
+                                  "started": self._started})  # fmt: skip
+
+    def cluster_view(self) -> dict[str, Any]:
+        """Every live node (ClusterNode.members) and the cluster's totals: the sum
+        of each number the nodes publish under ``rates`` and ``totals``."""
+        nodes = self.cluster.members()
+        sums: dict[str, dict[str, float]] = {"rates": {}, "totals": {}}
+        for m in nodes:
+            for part, acc in sums.items():
+                for name, v in (m.get(part) or {}).items():
+                    if isinstance(v, int | float):
+                        acc[name] = round(acc.get(name, 0) + v, 3)
+        return {"nodes": nodes, "count": len(nodes), **sums}
 
     def stop(self) -> None:
         self.cluster.release()

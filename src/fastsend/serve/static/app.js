@@ -258,7 +258,25 @@
     }
   }
 
+  function renderCluster(c) {
+    $('cluster').hidden = !c;
+    if (!c) return;
+    const r = c.rates || {};
+    const t = c.totals || {};
+    $('cluster-note').textContent = num(c.count) + ' live node(s); cluster: '
+      + num(r.delivered || 0) + '/' + num(r.deferred || 0) + '/' + num(r.bounced || 0)
+      + ' per second (delivered/deferred/bounced, last 10 s), ' + num(t.delivered || 0)
+      + ' delivered since their start, ' + num(t.inflight || 0) + ' in flight.';
+    fillTable($('nodes'), (c.nodes || []).map((n) => [
+      n.node + (n.self ? ' (this node)' : ''), (n.ips || []).join(' ') || 'default',
+      n.lease_age_s === null ? '-' : n.lease_age_s.toFixed(1),
+      (n.rates || {}).delivered || 0, (n.rates || {}).deferred || 0, (n.rates || {}).bounced || 0,
+      (n.totals || {}).delivered || 0, (n.totals || {}).inflight || 0,
+      (n.workers || {}).alive + '/' + (n.workers || {}).count]));
+  }
+
   function renderWorkers(w) {
+    renderCluster(w.cluster);
     const table = $('workers');
     table.hidden = false;
     const rows = w.workers || [];
