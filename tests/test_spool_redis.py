@@ -200,14 +200,26 @@ def test_kill_9_of_a_node_its_window_is_recovered_by_the_other(
         b = _start_node(tmp_path, url, "B", "127.0.0.3", sink.addresses[0])
         deadline = time.monotonic() + 60
         assert isinstance(spool, RedisSpool)
-        # Kill A while it holds a window (on a loaded machine B may briefly hold all).
-        while spool.counts()["delivered"] < 1500 or not spool.r.scard(f"{spool.k}:fl:A"):
+        # Kill A while it holds a window (on a loaded machine B may briefly hold all):
+        # freeze A and its worker (SIGSTOP) when it holds one, read the window (a
+        # call A sent just before may still land), then kill.
+        procs = [psutil.Process(a.pid)]
+        procs += procs[0].children()
+        held = 0
+        while not held:
             assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.005)
-        workers = psutil.Process(a.pid).children()
+            if spool.counts()["delivered"] >= 1000 and spool.r.scard(f"{spool.k}:fl:A"):
+                for p in procs:
+                    p.suspend()
+                time.sleep(0.05)
+                held = int(spool.r.scard(f"{spool.k}:fl:A"))  # A's window at its death
+                if not held:
+                    for p in procs:
+                        p.resume()
+            time.sleep(0.002)
+        workers = procs[1:]
         os.kill(a.pid, signal.SIGKILL)
         assert spool.counts()["delivered"] < NODES_N, "finished before the kill"
-        held = int(spool.r.scard(f"{spool.k}:fl:A"))  # A's window at its death
         assert 0 < held <= NODE_WINDOW
         a.communicate(timeout=30)
         _gone, alive = psutil.wait_procs(workers, timeout=10)
