@@ -83,6 +83,34 @@ def test_a_dead_nodes_window_comes_back_after_its_lease(redis_server: RedisServe
     a.close()
 
 
+def test_outcomes_and_their_webhook_events_in_one_step(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """record_outcomes writes the outcomes and appends their events to the shared
+    webhook outbox in one script call; a local spool keeps no outbox (None)."""
+    from fastsend.serve.shared_state import RedisOutbox
+
+    s = RedisSpool(redis_server.url() + "&node=a")
+    shared = s.shared()
+    box = RedisOutbox(shared.client, shared.prefix, "a")
+    box.set_urls(["http://hooks.example/"])
+    cid = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    s.add_messages(cid, spool_rows(3), now)
+    got = s.claim_due(now, 10)
+    res = [Result(c.id, DELIVERED, 1, 0, 250, "2.0.0", "ok") for c in got]
+    first = s.record_outcomes(res, now, [b'{"n":1}', b'{"n":2}'])
+    assert first is not None
+    assert box.fetch("http://hooks.example/", 10) == [(first, b'{"n":1}'), (first + 1, b'{"n":2}')]
+    assert s.counts(cid)["delivered"] == 3 and s.counts(cid)["inflight"] == 0
+    assert s.record_outcomes([], now, [b'{"n":3}']) == first + 2  # events alone
+    assert s.record_outcomes([], now) is None
+    s.close()
+    local = SQLiteSpool(str(tmp_path / "sq"))
+    assert local.record_outcomes([], now, [b"{}"]) is None
+    local.close()
+
+
 def test_claims_are_atomic_across_nodes(redis_server: RedisServer) -> None:
     url = redis_server.url()
     seed = RedisSpool(url)

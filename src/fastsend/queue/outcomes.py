@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any
 
+import orjson
+
 from fastsend import wire
 from fastsend.queue.state import SupervisorState, WorkerSlot
 from fastsend.retry import next_attempt
@@ -144,8 +146,20 @@ class Outcomes(SupervisorState):
             except Exception:  # locked or unwritable: keep them, try again next tick
                 self.hook_failed(self.suppression.add_entries)
                 del self.to_suppress[:-100_000]
-        if self.results:
-            self.spool.record_results(self.results, time.time())
+        keep = self.outbox_filter
+        marked = [e for e in self.event_buf if keep(e)] if keep is not None else []
+        if self.results or marked:
+            # On a shared spool the events the webhooks want go into the outbox in
+            # the same atomic step as the outcomes (an event_id marks them: the
+            # dispatcher does not append them again); elsewhere the event log's
+            # listeners take them after the outcome.
+            dumps = orjson.dumps
+            first = self.spool.record_outcomes(
+                self.results, time.time(), [dumps(e) for e in marked]
+            )
+            if first is not None:
+                for i, e in enumerate(marked):
+                    e["event_id"] = first + i
             self.results = []
         if self.requeues:
             self.spool.requeue(self.requeues, time.time())

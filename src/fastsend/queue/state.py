@@ -98,6 +98,8 @@ class SupervisorState:
     results: list[Result]
     requeues: list[tuple[int, float]]  # handed back: (id, next_at)
     event_buf: list[dict[str, Any]]
+    # the events the webhook outbox wants, written with the outcomes (None: none)
+    outbox_filter: Callable[[dict[str, Any]], bool] | None
     to_suppress: list[tuple[str, str, str, str, int | None]]
     result_hooks: list[Callable[[Claimed, wire.Res, int], None]]
     failed_hooks: set[str]

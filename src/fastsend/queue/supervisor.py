@@ -84,6 +84,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.results: list[Result] = []
         self.requeues: list[tuple[int, float]] = []  # handed back: (id, next_at)
         self.event_buf: list[dict[str, Any]] = []
+        self.outbox_filter: Callable[[dict[str, Any]], bool] | None = None
         self.draining = False
         self.stopping = False
         self.spec_cache: dict[int, dict[str, Any]] = {}

@@ -25,7 +25,7 @@ without saving code (the format is ~20 lines).
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -111,6 +111,15 @@ class TimedSpool(SpoolProxy):
         t = time.perf_counter()
         try:
             self.inner.record_results(results, now)
+        finally:
+            self._record.observe(time.perf_counter() - t)
+
+    def record_outcomes(
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
+    ) -> int | None:
+        t = time.perf_counter()
+        try:
+            return self.inner.record_outcomes(results, now, events)
         finally:
             self._record.observe(time.perf_counter() - t)
 

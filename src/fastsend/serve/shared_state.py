@@ -253,7 +253,11 @@ return 1
 
 
 class RedisOutbox:
-    """The webhook outbox shared by every node: one node at a time sends to a URL."""
+    """The webhook outbox shared by every node: one node at a time sends to a URL.
+    Its keys (``P:wh``, ``P:wh:seq``) are the shared spool's: a node's outcomes
+    append their events in the same script (``Spool.record_outcomes``)."""
+
+    written_with_outcomes = True
 
     def __init__(self, r: Any, prefix: str, node: str) -> None:
         self.r = r

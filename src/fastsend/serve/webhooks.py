@@ -20,7 +20,12 @@ DESCRIPTION
     ``<spool dir>/webhooks.db`` (WAL, synchronous=FULL). One sender task per
     URL reads the outbox past that URL's cursor, POSTs up to ``batch_size``
     events, and advances the cursor only on a 2xx answer; rows every URL has
-    acknowledged are deleted. Anything else (connection refused, timeout,
+    acknowledged are deleted. On a shared (Redis) spool the outbox is the
+    spool's, shared by every node, and the outcomes' events do not wait in
+    memory: the supervisor appends them in the same Lua call that records the
+    outcomes (``Spool.record_outcomes``), so a node killed with kill -9 loses
+    no event of an outcome it recorded (the others' buffer still applies to
+    events from the API and tracking). Anything else (connection refused, timeout,
     3xx/4xx/5xx) is retried after ``retry_min * 2**n`` seconds (capped at
     ``retry_max``, +-20 % jitter), forever: an endpoint that is down for an
     hour loses nothing, and a restart resumes from the cursors. Delivery is
@@ -254,6 +259,11 @@ class WebhookDispatcher:
             headers={"User-Agent": "fastsend-webhooks/1"},
         )
         self.ctx.events.listeners.append(self._on_events)
+        sup = getattr(self.ctx, "supervisor", None)
+        if getattr(self.outbox, "written_with_outcomes", False) and sup is not None:
+            # The shared outbox is the spool's: the supervisor appends the events
+            # of its outcomes in the same atomic step as the outcomes.
+            sup.outbox_filter = self._wanted
         self._tasks.append(asyncio.create_task(self._flusher()))
         for url in self.config.urls:
             self._send_wake[url] = asyncio.Event()
@@ -266,6 +276,9 @@ class WebhookDispatcher:
         self._stopping = True
         with contextlib.suppress(ValueError):
             self.ctx.events.listeners.remove(self._on_events)
+        sup = getattr(self.ctx, "supervisor", None)
+        if sup is not None and getattr(sup, "outbox_filter", None) == self._wanted:
+            sup.outbox_filter = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -280,11 +293,21 @@ class WebhookDispatcher:
         self.outbox = None
 
     # -- event log -> outbox ----------------------------------------------------
+    def _wanted(self, e: dict[str, Any]) -> bool:
+        wanted = self.config.events
+        return wanted is None or e.get("event") in wanted
+
     def _on_events(self, events: list[dict[str, Any]]) -> None:
-        """EventLog listener: buffer (cheap); the flusher writes within flush_interval."""
+        """EventLog listener: buffer (cheap); the flusher writes within flush_interval.
+        An event with an ``event_id`` is in the outbox already (written with its
+        outcome by the supervisor on a shared spool)."""
         wanted = self.config.events
         dumps = orjson.dumps
-        bodies = [dumps(e) for e in events if wanted is None or e.get("event") in wanted]
+        bodies = [
+            dumps(e)
+            for e in events
+            if (wanted is None or e.get("event") in wanted) and "event_id" not in e
+        ]
         if not bodies:
             return
         with self._lock:

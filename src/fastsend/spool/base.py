@@ -6,7 +6,7 @@ package (:mod:`fastsend.spool`) re-exports it and opens a backend by URL."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +185,18 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     def record_results(self, results: Iterable[Result], now: float) -> None:
         """Apply attempt outcomes (one transaction)."""
+
+    def record_outcomes(
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
+    ) -> int | None:
+        """:meth:`record_results`, and ``events`` (JSON records) appended to the
+        spool's shared event outbox (the webhook outbox of every node) in the
+        same atomic step: an outcome is never durable without its events.
+        Returns the first event's outbox id (the others follow in order), or
+        None when this spool keeps no outbox (a local spool: the caller writes
+        the events elsewhere, after the outcome)."""
+        self.record_results(results, now)
+        return None
 
     @abc.abstractmethod
     def release(self, ids: Iterable[int]) -> None:
@@ -383,6 +395,11 @@ class SpoolProxy(Spool):
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
         self.inner.record_results(results, now)
+
+    def record_outcomes(
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
+    ) -> int | None:
+        return self.inner.record_outcomes(results, now, events)
 
     def release(self, ids: Iterable[int]) -> None:
         self.inner.release(ids)

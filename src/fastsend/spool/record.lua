@@ -1,5 +1,7 @@
 -- ARGV: P, now, node, lease_ms, JSON [[id, state, attempts, next_at, code, enhanced, text], ...]
--- (every value a string: one argument, decoded by cjson in the script)
+-- (every value a string: one argument, decoded by cjson in the script), then
+-- event records (JSON) for the webhook outbox P:wh, appended in this same call
+-- -> the outbox id of the first event (0: none)
 -- Per bucket of ids one HMGET and one HSET (the owner is cleared there); the
 -- due set only for a retry (or a message no longer in flight); SREM and
 -- counters per batch.
@@ -37,4 +39,13 @@ put_states(out)
 flush_zadd()
 for _, owner in ipairs(owners) do each_chunk('SREM', P..':fl:'..owner, gone[owner]) end
 flush_tally()
-return 0
+local n = #ARGV - 5
+if n <= 0 then return 0 end
+local first = redis.call('INCRBY', P..':wh:seq', n) - n + 1
+local z = {}
+for i = 1, n do
+  z[#z + 1] = first + i - 1
+  z[#z + 1] = (first + i - 1)..':'..ARGV[5 + i]
+end
+each_chunk('ZADD', P..':wh', z)
+return first

@@ -34,7 +34,10 @@ is the layout's version (a spool of another layout is refused). ``P:due:CID`` a 
 (queued/deferred) ids scored by next attempt time; ``P:n:CID`` and ``P:n``
 counters per state; ``P:nodes`` node -> lease deadline (ms, Redis server time:
 no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
-``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
+``P:wh`` the webhook outbox (a sorted set of ``ID:JSON`` by id, ids from
+``P:wh:seq``): outcomes append their events to it in the same script
+(:meth:`RedisSpool.record_outcomes`), and ``fastsend.serve.shared_state.RedisOutbox``
+sends from it; ``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
 MULTI/EXEC as the batch of rows it describes), ``P:ings`` their ids.
 
 Sorted sets rather than Streams: a spool is a schedule, not a log. Every
@@ -77,7 +80,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -360,12 +363,22 @@ class RedisSpool(Spool):
         return out
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
+        self.record_outcomes(results, now)
+
+    def record_outcomes(
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
+    ) -> int | None:
+        """The events go with the first chunk of outcomes: a crash between two
+        chunks can leave an event whose outcome is not recorded yet (its message
+        is sent again: a duplicate, as for any in-flight message), never an
+        outcome without its event."""
         batch = list(results)
         head: list[Any] = [self.k, repr(float(now)), self.node if self._holding else "", self._lease_ms]
         # One JSON argument per chunk (cjson in the script), every value a string:
         # packing 7 arguments per message cost more than the script itself.
         dumps = orjson.dumps
-        for j in range(0, len(batch), CHUNK):
+        first: int | None = None
+        for j in range(0, max(len(batch), 1), CHUNK):
             blob = dumps(
                 [
                     (str(r.id), str(r.state), str(r.attempts), repr(float(r.next_at)),
@@ -373,7 +386,10 @@ class RedisSpool(Spool):
                     for r in batch[j : j + CHUNK]
                 ]
             )  # fmt: skip
-            self._record(args=[*head, blob])
+            got = self._record(args=[*head, blob, *(events if j == 0 else ())])
+            if j == 0 and events:
+                first = int(got)
+        return first
 
     def release(self, ids: Iterable[int]) -> None:
         ids = list(ids)
