@@ -57,11 +57,14 @@ class WorkerLifecycle(SupervisorState):
         slot.backlog.clear()
         slot.drain_sent = False
         slot.backlog.extend(self.shaping.spawn_records())
+        parent = os.getpid()  # the child dies with us (PR_SET_PDEATHSIG), checked from here
         pid = os.fork()
         if pid == 0:  # child
             code = 1
             try:
-                code = run_worker(slot.index, self.config, slot.ips, slot.inbox, slot.outbox)
+                code = run_worker(
+                    slot.index, self.config, slot.ips, slot.inbox, slot.outbox, parent
+                )
             except BaseException:
                 import traceback
 
