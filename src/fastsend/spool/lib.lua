@@ -1,20 +1,24 @@
 -- Prepended to every spool script at load: P is the key prefix (ARGV[1]).
 -- Messages live in buckets of B consecutive ids: P:m:(id // B) is a hash with
 -- two fields per message, ID = "rcpt\0domain\0created\0vars" (written once)
--- and ID.."s" = "s|a|n|u|c|o|lc|le|lt" (state, attempts, next attempt, updated,
--- campaign, owner node, last code / enhanced / text: the text last, it may hold
--- '|'). A batch of consecutive ids is one HMGET and one HSET per bucket, not
+-- and ID.."s" = "s|o|c|a|n|u|lc|le|lt" (state: one digit, owner node, campaign,
+-- attempts, next attempt, updated, last code / enhanced / text: the text last, it
+-- may hold '|'; a node name holds none). claim.lua and record.lua edit it in place
+-- (its head changes, the rest is copied); the rest reads it with parse(). A batch of consecutive ids is one HMGET and one HSET per bucket, not
 -- per message: that is what keeps Redis at well under one command a message.
 -- tally() keeps the per-state counters; requeue_node()/reap_dead() take
 -- back the in-flight window of a node (whose lease expired).
 local P = ARGV[1]
 local B = 128
 local function bucket(id) return P..':m:'..math.floor(tonumber(id) / B) end
+-- parse() gives {s, a, n, u, c, o, tail}; pack() stores it back
 local function parse(v)
-  local s, a, n, u, c, o, t = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local s, o, c, a, n, u, t = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
   return {s, a, n, u, c, o, t}
 end
-local function pack(f) return table.concat(f, '|', 1, 7) end
+local function pack(f)
+  return f[1]..'|'..f[6]..'|'..f[5]..'|'..f[2]..'|'..f[3]..'|'..f[4]..'|'..f[7]
+end
 -- ids grouped by bucket, in order: {{key, {id, ...}}, ...}
 local function group(ids)
   local out, at = {}, {}

@@ -7,35 +7,48 @@
 -- counters per batch.
 local now = ARGV[2]
 if ARGV[3] ~= '' then redis.call('ZADD', P..':nodes', 'XX', clock_ms() + tonumber(ARGV[4]), ARGV[3]) end
-local rows = cjson.decode(ARGV[5])
-local ids = {}
-for i, row in ipairs(rows) do ids[i] = row[1] end
-local st = states(ids)
-local gone, owners, out = {}, {}, {}
-for _, row in ipairs(rows) do
-  local id = row[1]
-  local f = st[id]
-  st[id] = nil  -- an id twice in one batch: its first outcome counts
-  if f then
-    local old, cid, owner = f[1], f[5], f[6]
-    local new, nxt = row[2], row[4]
-    -- deferred after its campaign was cancelled: final too (never claimed again)
-    if new == '2' and is_cancelled(cid) then new, nxt = '7', '0' end
-    out[#out + 1] = {id, {new, row[3], nxt, now, cid, '', row[5]..'|'..row[6]..'|'..row[7]}}
-    if owner ~= '' then
-      local g = gone[owner]
-      if g == nil then g = {}; gone[owner] = g; owners[#owners + 1] = owner end
-      g[#g + 1] = id
-    end
-    if new == '0' or new == '2' then
-      zadd_later(P..':due:'..cid, nxt, id)
-    elseif old == '0' or old == '2' then
-      redis.call('ZREM', P..':due:'..cid, id)  -- requeued meanwhile: final now
-    end
-    tally(cid, old, new)
+local byid, ids = {}, {}
+for _, row in ipairs(cjson.decode(ARGV[5])) do
+  if byid[row[1]] == nil then  -- an id twice in one batch: its first outcome counts
+    byid[row[1]] = row
+    ids[#ids + 1] = row[1]
   end
 end
-put_states(out)
+local gone, owners = {}, {}
+local sub, find = string.sub, string.find
+for _, g in ipairs(group(ids)) do
+  local fs = {}
+  for i, id in ipairs(g[2]) do fs[i] = id..'s' end
+  local v = redis.call('HMGET', g[1], unpack(fs))
+  local hs = {}
+  for i, id in ipairs(g[2]) do
+    local st = v[i]
+    if st then
+      local row = byid[id]
+      local old = sub(st, 1, 1)
+      local p2 = find(st, '|', 3, true)
+      local p3 = find(st, '|', p2 + 1, true)
+      local owner, cid = sub(st, 3, p2 - 1), sub(st, p2 + 1, p3 - 1)
+      local new, nxt = row[2], row[4]
+      -- deferred after its campaign was cancelled: final too (never claimed again)
+      if new == '2' and is_cancelled(cid) then new, nxt = '7', '0' end
+      hs[#hs + 1] = id..'s'
+      hs[#hs + 1] = new..'||'..cid..'|'..row[3]..'|'..nxt..'|'..now..'|'..row[5]..'|'..row[6]..'|'..row[7]
+      if owner ~= '' then
+        local og = gone[owner]
+        if og == nil then og = {}; gone[owner] = og; owners[#owners + 1] = owner end
+        og[#og + 1] = id
+      end
+      if new == '0' or new == '2' then
+        zadd_later(P..':due:'..cid, nxt, id)
+      elseif old == '0' or old == '2' then
+        redis.call('ZREM', P..':due:'..cid, id)  -- requeued meanwhile: final now
+      end
+      tally(cid, old, new)
+    end
+  end
+  if #hs > 0 then redis.call('HSET', g[1], unpack(hs)) end
+end
 flush_zadd()
 for _, owner in ipairs(owners) do each_chunk('SREM', P..':fl:'..owner, gone[owner]) end
 flush_tally()

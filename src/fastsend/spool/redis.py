@@ -26,7 +26,7 @@ options as JSON), ``P:camps`` the ids (sorted set), ``P:active`` the ids of
 active campaigns; ``P:m:B`` a hash per bucket of ``BUCKET`` consecutive
 message ids (``B = id // BUCKET``) with two fields per message: ``ID`` =
 ``rcpt NUL domain NUL created NUL vars`` (written once) and ``IDs`` =
-``state|attempts|next|updated|campaign|owner|code|enhanced|text`` (``spool/lib.lua``
+``state|owner|campaign|attempts|next|updated|code|enhanced|text`` (``spool/lib.lua``
 reads and writes it). The ids of one batch are consecutive, so a claim or an
 outcome of a whole batch is one HMGET and one HSET per bucket, not per message
 (bench/multinode.py counts well under one Redis command per message). ``P:layout``
@@ -140,8 +140,10 @@ def _buckets(ids: Iterable[int]) -> dict[int, list[int]]:
 
 
 def _state(raw: bytes) -> list[bytes]:
-    """``state|attempts|next|updated|campaign|owner|code|enhanced|text`` split."""
-    return raw.split(b"|", 8)
+    """The stored ``state|owner|campaign|attempts|next|updated|code|enhanced|text``
+    as [state, attempts, next, updated, campaign, owner, code, enhanced, text]."""
+    s, o, c, a, n, u, lc, le, lt = raw.split(b"|", 8)
+    return [s, a, n, u, c, o, lc, le, lt]
 
 
 class RedisSpool(Spool):
@@ -283,7 +285,7 @@ class RedisSpool(Spool):
         sup = frozenset(suppressed)
         nowr = repr(float(now)).encode()
         st = str(int(state)).encode()
-        tail = b"|%s|%s|%d||0||" % (nowr, nowr, cid)
+        tail = b"||%d|0|%s|%s|0||" % (cid, nowr, nowr)
         pending = state in PENDING_STATES
         pipe = self.r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing
         due: list[int] = []
@@ -301,7 +303,7 @@ class RedisSpool(Spool):
             if f is None:
                 f = fields[i // BUCKET] = {}
             f[b"%d" % i] = b"%s\0%s\0%s\0%s" % (rcpt.encode(), domain.encode(), nowr, vars_)
-            f[b"%ds" % i] = (sup_s if gone else st) + b"|0" + tail
+            f[b"%ds" % i] = (sup_s if gone else st) + tail
         for bkt, f in fields.items():
             pipe.hset(f"{k}:m:{bkt}", mapping=f)  # type: ignore[arg-type]
         for j in range(0, len(due), CHUNK):
@@ -356,10 +358,11 @@ class RedisSpool(Spool):
         self._renewed = time.monotonic()
         out: list[Claimed] = []
         add = out.append
-        for j in range(0, len(flat), 4):  # id, campaign, attempts, data
-            rcpt, domain, created, vars_ = flat[j + 3].split(b"\0", 3)
-            add(Claimed(int(flat[j]), int(flat[j + 1]), rcpt.decode(), domain.decode(), vars_,
-                        int(flat[j + 2]), float(created)))  # fmt: skip
+        for j in range(0, len(flat), 3):  # id, state (1|node|campaign|attempts|...), data
+            _s1, _o, cid, att, _rest = flat[j + 1].split(b"|", 4)
+            rcpt, domain, created, vars_ = flat[j + 2].split(b"\0", 3)
+            add(Claimed(int(flat[j]), int(cid), rcpt.decode(), domain.decode(), vars_,
+                        int(att), float(created)))  # fmt: skip
         return out
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
@@ -382,7 +385,7 @@ class RedisSpool(Spool):
             blob = dumps(
                 [
                     (str(r.id), str(r.state), str(r.attempts), repr(float(r.next_at)),
-                     str(r.code), r.enhanced, r.text)
+                     str(r.code), r.enhanced.replace("|", " "), r.text)
                     for r in batch[j : j + CHUNK]
                 ]
             )  # fmt: skip
