@@ -332,3 +332,69 @@ def test_dashboard_in_chromium(served: Served) -> None:
 
 async def _contains(b: Browser, selector: str, text: str) -> bool:
     return text in await text_of(b, selector)
+
+
+def test_cluster_view_in_chromium(redis_server: Any, tmp_path: Path) -> None:
+    """On a Redis spool the admin's page lists every live node (this one, and a
+    second node publishing from here) with its IPs, and the cluster's totals."""
+    chromium_path()
+    from fastsend.cluster import ClusterNode
+    from fastsend.serve.shared_state import RedisKeyStore
+    from fastsend.spool import open_spool
+
+    url = redis_server.url()
+    port = free_port()
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[spool]\nurl = "{url}&node=alpha&dir={tmp_path / "local"}"\n'
+        f'[ips]\nsource = ["127.0.0.2"]\n[routes]\n"*" = "127.0.0.1:{free_port()}"\n'
+        f'[api]\nlisten = "127.0.0.1:{port}"\n[dashboard]\nadmin_tenants = ["ops"]\n'
+    )
+    shared = open_spool(url).shared()
+    assert shared is not None
+    key = RedisKeyStore(shared.client, shared.prefix).create("ops")[0]
+    other = ClusterNode(shared.client, shared.prefix, "beta", lease=30)
+    other.claim_ips(["127.0.0.3"])
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastsend", "serve", "--allow-volatile", "--no-workers",
+         "-c", str(cfg)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    async def main() -> None:
+        async with chromium() as b:
+            await b.goto(f"http://127.0.0.1:{port}/dashboard")
+            await log_in(b, key)
+            await dom_until(b, "#who", "tenant ops")
+
+            async def both() -> bool:
+                other.publish({"rates": {"delivered": 12.5}, "totals": {"delivered": 40}})
+                rows = await text_of(b, "#nodes tbody")
+                return "alpha (this node)" in rows and "beta" in rows
+
+            await until("both nodes listed", both)
+            assert await b.js("document.getElementById('cluster').hidden") is False
+            rows = await b.js(
+                "[...document.querySelectorAll('#nodes tbody tr')]"
+                ".map((tr) => [...tr.cells].map((td) => td.textContent))"
+            )
+            by_node = {r[0]: r for r in rows}
+            assert by_node["alpha (this node)"][1] == "127.0.0.2"
+            assert by_node["beta"][1] == "127.0.0.3" and by_node["beta"][3] == "12.5"
+            note = await text_of(b, "#cluster-note")
+            assert note.startswith("2 live node(s)") and "40 delivered" in note
+            only_loopback(b.requests())
+
+    try:
+        wait_port("127.0.0.1", port, timeout=20)
+        asyncio.run(main())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
