@@ -225,9 +225,15 @@ backend api
 {servers}
 """
         spool = open_spool(url)
+        r = spool.r
+        r.config_resetstat()
         try:
             with start_haproxy(cfg, [lb]):
                 out = asyncio.run(_run(nodes, key, slow_key, f"http://127.0.0.1:{lb}", spool))
+            # Everything Redis ran for the serve path (API, claims, outcomes, events,
+            # index, webhooks, dashboards, leases), per recipient: reported, not timed.
+            calls = sum(v["calls"] for v in r.info("commandstats").values())
+            out["redis_per_msg"] = calls / (MULTINODE_N + PAUSED_N)
             # The outbox drained to the receiver: every delivery the sink logged has
             # its event (the sink writes its log within a second).
             deadline = time.monotonic() + 60
@@ -278,7 +284,8 @@ backend api
     sent = {r for rec in sink_log(log) for r in rec["recipients"]}
     assert sent <= hooked, f"{len(sent - hooked)} deliveries without a webhook event"
     print(f"\nmultinode: {MULTINODE_N} recipients, dead node's window {held}, duplicates {dups},"
-          f" per IP {dict(peers)}, taken over {out['taken_over']}")  # fmt: skip
+          f" per IP {dict(peers)}, taken over {out['taken_over']},"
+          f" Redis commands per recipient {out['redis_per_msg']:.2f}")  # fmt: skip
 
 
 async def _cluster(s: aiohttp.ClientSession, base: str, key: str, n: int) -> dict[str, Any]:
