@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import re
 import time
@@ -356,13 +355,6 @@ def test_cluster_view_in_chromium(redis_server: Any, tmp_path: Path) -> None:
     key = RedisKeyStore(shared.client, shared.prefix).create("ops")[0]
     other = ClusterNode(shared.client, shared.prefix, "beta", lease=30)
     other.claim_ips(["127.0.0.3"])
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastsend", "serve", "--allow-volatile", "--no-workers",
-         "-c", str(cfg)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=tmp_path,
-    )  # fmt: skip
 
     async def main() -> None:
         async with chromium() as b:
@@ -388,13 +380,8 @@ def test_cluster_view_in_chromium(redis_server: Any, tmp_path: Path) -> None:
             assert note.startswith("2 live node(s)") and "40 delivered" in note
             only_loopback(b.requests())
 
+    serve = ServeProcess(cfg, port, "--allow-volatile", "--no-workers")
     try:
-        wait_port("127.0.0.1", port, timeout=20)
         asyncio.run(main())
     finally:
-        proc.terminate()  # SIGTERM: a drain; killed if it takes over 30 s
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        proc.kill()
-        proc.wait()
-        log.close()
+        serve.stop()
