@@ -17,7 +17,8 @@ from fastsend import wire
 from fastsend.queue.state import SupervisorState, WorkerSlot
 from fastsend.retry import next_attempt
 from fastsend.ring import Ring
-from fastsend.spool import BOUNCED, DEFERRED, DELIVERED, EXPIRED, Result
+from fastsend.settings import RetryConfig
+from fastsend.spool import BOUNCED, DEFERRED, DELIVERED, EXPIRED, Claimed, Result
 from fastsend.suppression import SOURCE_DELIVERY
 
 HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up to this far
@@ -55,71 +56,102 @@ class Outcomes(SupervisorState):
             self.wake.set()
 
     def apply(self, slot: WorkerSlot, items: list[wire.Res]) -> None:
+        """Decide each outcome's next state: a Result for the spool, an event, the
+        result hooks. Deliveries (nearly every outcome) take a short path; the
+        guardrails count them per campaign once per record, before any other
+        outcome of the record reaches them, so each check sees the same counts
+        as when they were counted one by one."""
         now = time.time()
         policy = self.config.retry
         stats = self.stats
-        results = self.results
-        events = self.event_buf
-        inflight = slot.inflight
+        add_result = self.results.append
+        add_event = self.event_buf.append
+        pop = slot.inflight.pop
+        hooks = self.result_hooks
         log_events = self.events.path is not None or bool(self.events.listeners)
-        for r in items:
-            c = inflight.pop(r.id, None)
-            if c is None:
-                continue  # already released (duplicate answer after a restart)
-            attempts = c.attempts + 1
-            stats.attempts += 1
-            if r.kind == wire.K_DELIVERED:
-                state, name, at = DELIVERED, "delivered", 0.0
-                stats.delivered += 1
-            elif r.kind == wire.K_FAILED:
-                state, name, at = BOUNCED, "bounced", 0.0
-                stats.bounced += 1
-                if r.hard:  # the address can never receive: suppress it for the tenant now
-                    self.to_suppress.append(
-                        (self.tenant_of(c.campaign), c.rcpt, r.reason, SOURCE_DELIVERY, c.id)
-                    )
+        delivered: dict[int, int] = {}  # campaign -> deliveries not yet counted
+        n = ok = 0
+        try:
+            for r in items:
+                c = pop(r.id, None)
+                if c is None:
+                    continue  # already released (duplicate answer after a restart)
+                n += 1
+                attempts = c.attempts + 1
+                if r.kind == wire.K_DELIVERED:
+                    ok += 1
+                    add_result(Result(c.id, DELIVERED, attempts, 0.0, r.code, r.enhanced, r.text))
+                    cid = c.campaign
+                    delivered[cid] = delivered.get(cid, 0) + 1
+                    for hook in hooks:
+                        try:
+                            hook(c, r, DELIVERED)
+                        except Exception:  # a hook's bug must not strand the rest
+                            self.hook_failed(hook)
+                    if log_events:
+                        add_event(_event(now, "delivered", c, r, attempts))
+                    continue
+                if delivered:
+                    self._count_delivered(delivered)
+                    delivered = {}
+                self._apply_other(c, r, attempts, now, policy, log_events)
+        finally:
+            if delivered:
+                self._count_delivered(delivered)
+            stats.attempts += n
+            stats.delivered += ok
+
+    def _count_delivered(self, delivered: dict[int, int]) -> None:
+        guardrails = self.shaping.guardrails
+        try:
+            for cid, k in delivered.items():
+                guardrails.count_delivered(cid, k)
+        except Exception:
+            self.hook_failed(guardrails.count_delivered)
+
+    def _apply_other(
+        self,
+        c: Claimed,
+        r: wire.Res,
+        attempts: int,
+        now: float,
+        policy: RetryConfig,
+        log_events: bool,
+    ) -> None:
+        """A bounce, a deferral or an expiry (the attempt is counted by apply)."""
+        stats = self.stats
+        if r.kind == wire.K_FAILED:
+            state, name, at = BOUNCED, "bounced", 0.0
+            stats.bounced += 1
+            if r.hard:  # the address can never receive: suppress it for the tenant now
+                self.to_suppress.append(
+                    (self.tenant_of(c.campaign), c.rcpt, r.reason, SOURCE_DELIVERY, c.id)
+                )
+        else:
+            nxt = next_attempt(policy, attempts, now, c.created)
+            if nxt is None:
+                state, name, at = EXPIRED, "expired", 0.0
+                stats.expired += 1
             else:
-                nxt = next_attempt(policy, attempts, now, c.created)
-                if nxt is None:
-                    state, name, at = EXPIRED, "expired", 0.0
-                    stats.expired += 1
-                else:
-                    state, name, at = DEFERRED, "deferred", nxt
-                    stats.deferred += 1
-            results.append(Result(c.id, state, attempts, at, r.code, r.enhanced, r.text))
-            for hook in self.result_hooks:
-                try:
-                    hook(c, r, state)
-                except Exception:  # a hook's bug must not strand the rest of the record
-                    self.hook_failed(hook)
-            if log_events:
-                ev = {
-                    "time": now,
-                    "event": name,
-                    "id": c.id,
-                    "campaign": c.campaign,
-                    "rcpt": c.rcpt,
-                    "source_ip": r.source_ip,
-                    "mx": r.mx,
-                    "code": r.code,
-                    "enhanced": r.enhanced,
-                    "text": r.text,
-                    "attempt": attempts,
-                }
-                if state != DELIVERED:
-                    ev["stage"] = r.stage
-                    ev["reason"] = r.reason
-                    ev["hard"] = r.hard
-                if r.queue_id:
-                    ev["queue_id"] = r.queue_id
-                if state == EXPIRED:
-                    ev["reason"] = "expired"
-                    ev["last_reason"] = r.reason
-                elif state == DEFERRED:
-                    ev["next_attempt"] = at
-                elif state == BOUNCED:
-                    ev["suppressed"] = r.hard
-                events.append(ev)
+                state, name, at = DEFERRED, "deferred", nxt
+                stats.deferred += 1
+        self.results.append(Result(c.id, state, attempts, at, r.code, r.enhanced, r.text))
+        guardrails = self.shaping.guardrails
+        for hook in (guardrails.on_result, *self.result_hooks):
+            try:
+                hook(c, r, state)
+            except Exception:  # a hook's bug must not strand the rest of the record
+                self.hook_failed(hook)
+        if log_events:
+            ev = _event(now, name, c, r, attempts, failed=True)
+            if state == EXPIRED:
+                ev["reason"] = "expired"
+                ev["last_reason"] = r.reason
+            elif state == DEFERRED:
+                ev["next_attempt"] = at
+            else:
+                ev["suppressed"] = r.hard
+            self.event_buf.append(ev)
 
     def handback(self, slot: WorkerSlot, msg: wire.Handback) -> None:
         """Mail a worker gave back unattempted: queued again (attempts unchanged),
@@ -181,3 +213,30 @@ class Outcomes(SupervisorState):
 
             print(f"fastsend: {name} raised (outcomes are still applied):", file=sys.stderr)
             traceback.print_exc()
+
+
+def _event(
+    now: float, name: str, c: Claimed, r: wire.Res, attempts: int, failed: bool = False
+) -> dict[str, Any]:
+    """An outcome's event: what every outcome says, and for a failed or deferred
+    one the stage, reason and hard verdict (before the queue id, as they were)."""
+    ev = {
+        "time": now,
+        "event": name,
+        "id": c.id,
+        "campaign": c.campaign,
+        "rcpt": c.rcpt,
+        "source_ip": r.source_ip,
+        "mx": r.mx,
+        "code": r.code,
+        "enhanced": r.enhanced,
+        "text": r.text,
+        "attempt": attempts,
+    }
+    if failed:
+        ev["stage"] = r.stage
+        ev["reason"] = r.reason
+        ev["hard"] = r.hard
+    if r.queue_id:
+        ev["queue_id"] = r.queue_id
+    return ev

@@ -102,7 +102,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.failed_hooks: set[str] = set()
         # Shaping that spans workers: dispatch rates, guardrails, pools, warm-up state.
         self.shaping = SupervisorShaping(config, spool, lambda ev: self.event_buf.append(ev))
-        self.result_hooks.append(self.shaping.guardrails.on_result)
+        # The guardrails see every outcome too (apply() calls them first, and counts
+        # deliveries per campaign per record); result_hooks are the others' (metrics).
         # Complaints arrive as events (ARF intake, webhooks of providers): they
         # count toward the campaign's complaint-rate guardrail.
         events.listeners.append(self._on_events)

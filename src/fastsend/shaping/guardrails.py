@@ -111,6 +111,10 @@ class Guardrails:
                 r[reason] = r.get(reason, 0) + 1
             self.check(claimed.campaign)
 
+    def count_delivered(self, campaign: int, n: int) -> None:
+        """``n`` deliveries of ``campaign`` (what on_result counts for each one)."""
+        self._count(campaign, 0, n)
+
     def record_complaint(self, campaign: int, n: int = 1) -> None:
         self._count(campaign, 2, n)
         self.check(campaign)

