@@ -176,19 +176,20 @@ class Acceptor:
         gone = {i for i, r in enumerate(rows) if r[0] in hits} if hits else set()
         ids = self.spool.add_messages(campaign_id, rows, now, suppressed=gone, ingest=ingest)
         if ids:
-            self.events.emit_many(
-                [
-                    {
-                        "time": now,
-                        "event": "suppressed" if i in gone else "accepted",
-                        "id": mid,
-                        "campaign": campaign_id,
-                        "tenant": tenant,
-                        "rcpt": r[0],
-                    }
-                    for i, (mid, r) in enumerate(zip(ids, rows, strict=True))
-                ]
-            )
+            evs = [
+                {
+                    "time": now,
+                    "event": "accepted",
+                    "id": mid,
+                    "campaign": campaign_id,
+                    "tenant": tenant,
+                    "rcpt": r[0],
+                }
+                for mid, r in zip(ids, rows, strict=True)
+            ]
+            for i in gone:
+                evs[i]["event"] = "suppressed"
+            self.events.emit_many(evs)
             self.events.flush()
         if self.wake is not None and len(gone) < len(ids):
             self.wake()
