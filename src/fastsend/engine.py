@@ -84,7 +84,8 @@ def run(
         events = EventLog(config.event_log_path)
     from fastsend.analytics.attach import attach  # issue 14: rollups beside the spool
 
-    rollups = attach(config, spool, events)
+    # No tracking or intake runs in this process: nothing to attribute engagement to.
+    rollups = attach(config, spool, events, engagement=False)
     bar = Progress(total) if progress else None
     if bar is not None and total_fn is not None:
         bar.total_fn = total_fn

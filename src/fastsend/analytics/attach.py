@@ -21,10 +21,23 @@ from fastsend.settings import Config
 log = logging.getLogger("fastsend.analytics")
 
 
-def attach(config: Config, spool: Any, events: EventLog, tenant_of: Any = None) -> Rollups | None:
+def attach(
+    config: Config,
+    spool: Any,
+    events: EventLog,
+    tenant_of: Any = None,
+    *,
+    engagement: bool = True,
+) -> Rollups | None:
+    """``engagement=False``: no open, click or complaint event can reach this
+    process (a `send`/`resume`/`demo` run: no tracking, no intake), so the
+    deliveries are not remembered for them (``remember_messages`` = 0: no
+    per-message work or memory)."""
     settings = AnalyticsSettings.from_config(config)
     if not settings.enabled:
         return None
+    if not engagement:
+        settings.remember_messages = 0
 
     def spool_tenant(cid: int) -> str:
         info = spool.get_campaign(cid)

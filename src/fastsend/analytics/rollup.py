@@ -17,7 +17,8 @@ DESCRIPTION
     - complaints, unsubscribes, opens and clicks carry no MX or source IP:
       they take those of the message's delivery, which the rollup remembers
       for the last ``remember_messages`` deliveries (older: the provider from
-      the recipient's domain, the source IP "");
+      the recipient's domain, the source IP ""; 0: none, where no engagement
+      event can arrive, as in a `send` run);
     - opens and clicks are judged human-likely or machine by
       :mod:`fastsend.analytics.machine`; a click waits ``burst_window_s``
       before it is judged, so "every link at once" sees the whole burst;
@@ -191,7 +192,7 @@ class Rollups:
             if row is None:
                 row = acc[key] = [0] * NC
             row[k] += 1
-            if k == 1:  # delivered: remember where it went, for its opens and clicks
+            if k == 1 and half:  # delivered: remember where it went, for its opens and clicks
                 mid = get("id")
                 if mid is not None:
                     # (time, where): ``where`` is one shared tuple per distinct

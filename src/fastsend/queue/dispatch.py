@@ -34,7 +34,7 @@ class Dispatch(SupervisorState):
             if not slot.alive or slot.inbox is None or slot.backlog or slot.retiring:
                 continue
             groups: dict[tuple[int, str], list[Claimed]] = {}
-            room = window - len(slot.inflight)
+            room = window - len(slot.inflight) - slot.unwritten
             # Claim once a quarter of the window is free, not per answered batch:
             # a claim of ~window/4 messages groups into batches of several
             # messages per site (100 sites: ~10 a batch, not ~2), and the claim's
@@ -43,7 +43,9 @@ class Dispatch(SupervisorState):
                 claimed = self.spool.claim_due(now, room)
                 nothing_due = not claimed
                 if claimed and self.config.delivery.check_suppression:
+                    n = len(claimed)
                     claimed = self.screen(claimed, now)
+                    slot.unwritten += n - len(claimed)
                 for c in claimed:
                     slot.inflight[c.id] = c
                     groups.setdefault((c.campaign, c.domain), []).append(c)
@@ -68,10 +70,13 @@ class Dispatch(SupervisorState):
         """Dispatch-time suppression: the claimed messages whose address is not
         suppressed for their campaign's tenant. The others end as ``suppressed``
         (an event each), never delivered. One lookup per tenant per claim."""
+        tenants = {cid: self.tenant_of(cid) for cid in {c.campaign for c in claimed}}
         by_tenant: dict[str, list[Claimed]] = {}
-        tenant_of = self.tenant_of
-        for c in claimed:
-            by_tenant.setdefault(tenant_of(c.campaign), []).append(c)
+        if len(set(tenants.values())) == 1:  # the usual claim: one tenant's mail
+            by_tenant[next(iter(tenants.values()))] = claimed
+        else:
+            for c in claimed:
+                by_tenant.setdefault(tenants[c.campaign], []).append(c)
         gone: list[tuple[Claimed, str, str]] = []
         for tenant, items in by_tenant.items():
             try:

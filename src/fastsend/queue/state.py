@@ -49,6 +49,10 @@ class WorkerSlot:
     last_seen: float = 0.0  # monotonic time of the worker's last record
     crashes: list[float] = field(default_factory=list)  # monotonic times of abnormal exits
     drain_sent: bool = False  # Drain is on its way (SIGTERM): the worker hands back slow mail
+    # Claimed by this slot and answered (or suppressed at dispatch), outcome not yet
+    # written to the spool: counted against the window, so what a crash can send
+    # twice stays bounded by the window.
+    unwritten: int = 0
 
 
 @dataclass
@@ -96,6 +100,7 @@ class SupervisorState:
     tenant_cache: dict[int, str]
     # outcomes, written to the spool and the event log once per tick
     results: list[Result]
+    results_since: float  # monotonic time the oldest unwritten outcome was seen (0: none)
     requeues: list[tuple[int, float]]  # handed back: (id, next_at)
     event_buf: list[dict[str, Any]]
     # the events the webhook outbox wants, written with the outcomes (None: none)
@@ -117,4 +122,5 @@ class SupervisorState:
         def drain_outbox(self, slot: WorkerSlot, ring: Ring) -> None: ...
         def apply(self, slot: WorkerSlot, items: list[wire.Res]) -> None: ...
         def flush_results(self) -> None: ...
+        def flush_due(self) -> None: ...
         def hook_failed(self, hook: Any) -> None: ...

@@ -82,6 +82,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.stats = RunStats()
         self.slots = [WorkerSlot(i, config.ips_for_worker(i)) for i in range(config.worker_count)]
         self.results: list[Result] = []
+        self.results_since = 0.0
         self.requeues: list[tuple[int, float]] = []  # handed back: (id, next_at)
         self.event_buf: list[dict[str, Any]] = []
         self.outbox_filter: Callable[[dict[str, Any]], bool] | None = None
@@ -168,7 +169,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                 for slot in self.slots:  # cheap safety net: a get() on an empty ring
                     if slot.outbox is not None:
                         self.drain_outbox(slot, slot.outbox)
-                self.flush_results()
+                self.flush_due()
                 now = time.monotonic()
                 if now - last_reap > 0.1:
                     self.reap()
