@@ -53,3 +53,16 @@ def test_immediate_takes_the_write_lock_at_once(tmp_path: Path) -> None:
         b.execute("BEGIN IMMEDIATE")
     b.execute("BEGIN IMMEDIATE")
     b.execute("COMMIT")
+
+
+def test_transaction_at_its_own_synchronous_level(tmp_path: Path) -> None:
+    db = connect(str(tmp_path / "x.db"), synchronous="NORMAL", schema=SCHEMA)
+    seen = []
+    with transaction(db, synchronous="FULL"):
+        db.execute("INSERT INTO t VALUES (1, 'a')")
+        seen.append(db.execute("PRAGMA synchronous").fetchone()[0])
+    assert seen == [2] and db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError), transaction(db, synchronous="FULL"):
+        raise ValueError("bad row")
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 1  # back after a rollback too
+    assert db.execute("SELECT COUNT(*) FROM t").fetchone() == (1,)

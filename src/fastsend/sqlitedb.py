@@ -18,7 +18,8 @@ DESCRIPTION
     write lock taken at once, so two writers never deadlock upgrading) or a
     deferred ``BEGIN``, then ``COMMIT`` when the block ends, or ``ROLLBACK``
     and the exception again when it raises (anything, KeyboardInterrupt and
-    task cancellation included).
+    task cancellation included); optionally at a ``synchronous`` level of its
+    own (the spool's accepting transaction is FULL on a NORMAL connection).
 
 DELIBERATELY NOT HERE
     No schemas, no queries, no migrations: each store owns its own.
@@ -34,6 +35,7 @@ from collections.abc import Iterator
 __all__ = ["TIMEOUT", "connect", "transaction"]
 
 TIMEOUT = 30.0  # seconds waiting for another process's lock
+_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 def connect(
@@ -48,21 +50,38 @@ def connect(
     db = sqlite3.connect(path, isolation_level=None, timeout=TIMEOUT)
     db.execute("PRAGMA journal_mode=WAL")
     if synchronous:
-        if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous: not a level: {synchronous!r}")
-        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute(f"PRAGMA synchronous={_level(synchronous)}")
     if schema:
         db.executescript(schema)
     return db
 
 
+def _level(synchronous: str) -> str:
+    if synchronous not in _LEVELS:
+        raise ValueError(f"synchronous: not a level: {synchronous!r}")
+    return synchronous
+
+
 @contextlib.contextmanager
-def transaction(db: sqlite3.Connection, *, immediate: bool = True) -> Iterator[None]:
-    """``with transaction(db):`` the block's writes commit together or not at all."""
-    db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+def transaction(
+    db: sqlite3.Connection, *, immediate: bool = True, synchronous: str = ""
+) -> Iterator[None]:
+    """``with transaction(db):`` the block's writes commit together or not at all.
+
+    ``synchronous``: this transaction's own level (FULL: the commit survives a
+    power loss), the connection's own level again after it."""
+    before = None
+    if synchronous:
+        before = int(db.execute("PRAGMA synchronous").fetchone()[0])
+        db.execute(f"PRAGMA synchronous={_level(synchronous)}")
     try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    finally:
+        if before is not None:
+            db.execute(f"PRAGMA synchronous={before}")

@@ -49,6 +49,7 @@ from fastsend.spool.base import (
     Spool,
     SpoolError,
 )
+from fastsend.sqlitedb import connect, transaction
 
 __all__ = ["SQLiteSpool", "SpoolError"]
 
@@ -142,22 +143,14 @@ class SQLiteSpool(Spool):
     def __init__(self, directory: str, *, readonly: bool = False) -> None:
         self.directory = directory
         self.path = os.path.join(directory, "spool.db")
-        if readonly:
-            if not os.path.exists(self.path):
-                raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
-            self.db = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30
-            )
-        else:
-            os.makedirs(directory, exist_ok=True)
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives a crash of any process (kill -9)
-            # but not a power loss. That is enough for claims and outcomes (a lost
-            # outcome means a retry, never a loss); add_messages, which makes mail
-            # "accepted", switches to FULL for its own transaction.
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+        if readonly and not os.path.exists(self.path):
+            raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
+        # NORMAL in WAL mode: a commit survives a crash of any process (kill -9)
+        # but not a power loss. That is enough for claims and outcomes (a lost
+        # outcome means a retry, never a loss); add_messages, which makes mail
+        # "accepted", switches to FULL for its own transaction.
+        self.db = connect(self.path, readonly=readonly, synchronous="NORMAL", schema=SCHEMA)
+        if not readonly:
             self.db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
             )
@@ -209,8 +202,7 @@ class SQLiteSpool(Spool):
         if status not in ("active", "paused", "cancelled"):
             raise ValueError(f"bad campaign status {status!r}")
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             db.execute("UPDATE campaigns SET status=? WHERE id=?", (status, campaign_id))
             if status == "cancelled":
                 # Pending mail becomes final; what is in flight finishes its attempt.
@@ -218,10 +210,6 @@ class SQLiteSpool(Spool):
                     "UPDATE messages SET state=?, next_at=0 WHERE campaign=? AND state IN (0, 2)",
                     (CANCELLED, campaign_id),
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     # -- messages ------------------------------------------------------------
 
@@ -240,9 +228,8 @@ class SQLiteSpool(Spool):
             return []
         suppressed = frozenset(suppressed)
         db = self.db
-        db.execute("PRAGMA synchronous=FULL")  # accepted means on disk, power loss included
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        # accepted means on disk, power loss included
+        with transaction(db, synchronous="FULL"):
             first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
             # Multi-row INSERTs (ROWS_PER_STATEMENT rows each): one statement per
             # chunk instead of one step per row.
@@ -263,12 +250,6 @@ class SQLiteSpool(Spool):
                     "UPDATE ingests SET line=?, accepted=?, rejected=? WHERE id=?",
                     (ingest.line, ingest.accepted, ingest.rejected, ingest.job),
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.execute("PRAGMA synchronous=NORMAL")
         return list(range(first, first + len(rows)))
 
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
@@ -278,8 +259,7 @@ class SQLiteSpool(Spool):
         # (a list spooled together is one run), in one transaction: cheaper than
         # UPDATE ... RETURNING, which buffers and re-reads every row it returns.
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             rows = db.execute(
                 "SELECT id, campaign, rcpt, domain, vars, attempts, created FROM messages"
                 " WHERE state IN (0, 2) AND next_at <= ?"
@@ -292,10 +272,6 @@ class SQLiteSpool(Spool):
                     "UPDATE messages SET state=1 WHERE id BETWEEN ? AND ?",
                     _runs(sorted([r[0] for r in rows])),
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return [Claimed(*r) for r in rows]
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
@@ -304,8 +280,7 @@ class SQLiteSpool(Spool):
         # less CPU per outcome than in arrival order).
         results = sorted(results, key=_by_id)
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             # One UPDATE ... FROM (VALUES ...) per ROWS_PER_STATEMENT outcomes.
             for at in range(0, len(results), ROWS_PER_STATEMENT):
                 part = results[at : at + ROWS_PER_STATEMENT]
@@ -322,34 +297,24 @@ class SQLiteSpool(Spool):
                 " (SELECT id FROM campaigns WHERE status='cancelled')",
                 [(CANCELLED, r.id) for r in results if r.state == DEFERRED],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def release(self, ids: Iterable[int]) -> None:
         ids = list(ids)
         if not ids:
             return
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             db.executemany(
                 "UPDATE messages SET state=? WHERE id=? AND state=?",
                 [(QUEUED, i, INFLIGHT) for i in ids],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def requeue(self, items: Iterable[tuple[int, float]], now: float) -> None:
         rows = list(items)
         if not rows:
             return
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             db.executemany(
                 "UPDATE messages SET state=CASE WHEN attempts > 0 THEN ? ELSE ? END,"
                 " next_at=?, updated=? WHERE id=? AND state=?",
@@ -360,10 +325,6 @@ class SQLiteSpool(Spool):
                 " AND campaign IN (SELECT id FROM campaigns WHERE status='cancelled')",
                 [(CANCELLED, i, QUEUED, DEFERRED) for i, _at in rows],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def recover(self) -> int:
         cur = self.db.execute("UPDATE messages SET state=? WHERE state=?", (QUEUED, INFLIGHT))
@@ -438,8 +399,7 @@ class SQLiteSpool(Spool):
         if not deltas:
             return {}
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             db.executemany(
                 "INSERT INTO counters(name, value) VALUES (?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
@@ -449,10 +409,6 @@ class SQLiteSpool(Spool):
                 k: int(db.execute("SELECT value FROM counters WHERE name=?", (k,)).fetchone()[0])
                 for k in deltas
             }
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return out
 
     def counters(self, prefix: str) -> dict[str, int]:
