@@ -141,9 +141,12 @@ def test_endpoints_need_a_key_and_scope_to_the_tenant(served: Served) -> None:
         async def workers() -> Any:
             st, w, _ = await req(s, "GET", "/v1/dashboard/workers", key=ops)
             assert st == 200, w
-            return w if w["workers"] and w["workers"][0]["alive"] else None
+            # counters come with the worker's periodic stats: wait for the first report
+            # after the deliveries rather than read one snapshot
+            ok = w["workers"] and w["workers"][0]["alive"]
+            return w if ok and w["workers"][0]["connections_opened"] >= 1 else None
 
-        w = await until("worker alive", workers)
+        w = await until("worker alive, its connections reported", workers)
         assert w["workers"][0]["restarts"] == 0 and w["workers"][0]["connections_opened"] >= 1
         assert w["supervisor"]["delivered"] >= 2
         assert sum(r["delivered"] for r in w["source_ips"]) >= 2
