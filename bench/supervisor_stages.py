@@ -126,7 +126,10 @@ def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
     cfg.source_ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
     spool = open_spool(cfg.spool_dir)
     events = EventLog(cfg.event_log_path)
-    rollups = attach(cfg, spool, events)
+    try:  # as the engine attaches them for `fastsend send`
+        rollups = attach(cfg, spool, events, engagement=False)
+    except TypeError:  # a tree from before `engagement`
+        rollups = attach(cfg, spool, events)
     clock = Clock()
 
     # -- accept: read, insert, accepted events (as `fastsend send` does) --
