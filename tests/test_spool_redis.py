@@ -111,6 +111,58 @@ def test_outcomes_and_their_webhook_events_in_one_step(
     local.close()
 
 
+def test_claim_ahead_answers_at_the_next_call_within_the_window(
+    redis_server: RedisServer,
+) -> None:
+    """claim_next sends the claim and hands out its answer at the key's next call:
+    what a key holds (handed out, answered, on the way) stays within its limit;
+    next_due sees an answer not handed out yet; an answer read too late goes
+    back to queued, and so does what close() finds not handed out."""
+    from fastsend.spool.redis import AHEAD_TTL
+
+    url = redis_server.url()
+    s = RedisSpool(url + "&node=a")
+    other = RedisSpool(url + "&node=b")
+    cid = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    s.add_messages(cid, spool_rows(1000), now)
+    fl = f"{s.k}:fl:a"
+    assert s.claim_next(now, 300, 0) == []  # sent; its answer is read next time
+    assert s.claim_next(now, 200, 1) == []  # another window, its own claim
+    assert s.next_due() is not None and s.next_due() <= time.time()  # answered, not handed out
+    w0 = s.claim_next(now, 300, 0)
+    assert len(w0) == 300 and int(s.r.scard(fl)) == 500  # window 0 full: nothing sent
+    assert len(s.claim_next(now, 200, 1)) == 200
+    # 100 of window 0 answered: its next call claims 100 more, handed out after.
+    assert s.claim_next(now, 100, 0) == [] and int(s.r.scard(fl)) <= 600
+    got = s.claim_next(now, 100, 0)
+    assert len(got) == 100 and not {c.id for c in got} & {c.id for c in w0}
+    # Another node's claims never overlap.
+    assert len(other.claim_due(now, 1000)) == 400
+    assert s.claim_next(now, 50, 0) == []  # sent: nothing due
+    assert s.claim_next(now, 50, 0) == []  # answered "nothing due": nothing sent
+    nd = s.next_due()  # b's lease deadline: nothing due here, nothing claimed ahead
+    assert nd is not None and nd > time.time() + 10 and not s._ahead
+    # An answer read later than AHEAD_TTL is put back (a campaign paused meanwhile
+    # stops within it): the claim sent instead finds the campaign paused.
+    s.release([c.id for c in got])
+    assert s.claim_next(now, 100, 0) == []
+    deadline = time.monotonic() + 10
+    while s.counts(cid)["queued"]:  # Redis ran it (the answer is not read yet)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    s.set_campaign_status(cid, "paused")
+    time.sleep(AHEAD_TTL + 0.1)
+    assert s.claim_next(now, 100, 0) == [] and s.counts(cid)["queued"] == 100
+    s.set_campaign_status(cid, "active")
+    assert s.claim_next(now, 100, 0) == []  # that claim found nothing: none sent
+    assert not s._ahead and s.claim_next(now, 100, 0) == []  # sent
+    # close() puts back what was claimed ahead and never handed out.
+    s.close()
+    assert s.counts(cid)["queued"] == 100 and s.counts(cid)["inflight"] == 900
+    other.close()
+
+
 def test_claims_are_atomic_across_nodes(redis_server: RedisServer) -> None:
     url = redis_server.url()
     seed = RedisSpool(url)

@@ -40,7 +40,7 @@ class Dispatch(SupervisorState):
             # messages per site (100 sites: ~10 a batch, not ~2), and the claim's
             # transaction and each batch record are paid for many messages.
             if not nothing_due and room >= (window // 4 or 1):
-                claimed = self.spool.claim_due(now, room)
+                claimed = self.spool.claim_next(now, room, slot.index)
                 nothing_due = not claimed
                 if claimed and self.config.delivery.check_suppression:
                     n = len(claimed)

@@ -182,6 +182,16 @@ class Spool(abc.ABC):
         """Take up to ``limit`` due messages (queued/deferred, next_at <= now) of
         active campaigns, oldest due first, and mark them in flight."""
 
+    def claim_next(self, now: float, limit: int, key: int = 0) -> list[Claimed]:
+        """:meth:`claim_due` for a dispatcher that claims over and over, one
+        window per ``key`` (a worker): a shared spool may answer with the claim
+        it sent at the previous call and send the next one without waiting for
+        it (what is claimed and not yet handed out counts against ``limit``, so
+        a window's in-flight set stays within it; :meth:`next_due` and
+        :meth:`close` account for it). An empty answer may mean "not back yet":
+        ask :meth:`next_due` before concluding nothing is due."""
+        return self.claim_due(now, limit)
+
     @abc.abstractmethod
     def record_results(self, results: Iterable[Result], now: float) -> None:
         """Apply attempt outcomes (one transaction)."""
@@ -392,6 +402,9 @@ class SpoolProxy(Spool):
 
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
         return self.inner.claim_due(now, limit)
+
+    def claim_next(self, now: float, limit: int, key: int = 0) -> list[Claimed]:
+        return self.inner.claim_next(now, limit, key)
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
         self.inner.record_results(results, now)

@@ -75,6 +75,7 @@ old final messages is left to an operator's job.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import secrets
@@ -109,6 +110,7 @@ OUR_PARAMS = REDIS_PARAMS
 CHUNK = 2000  # ids per script call / pipeline for bulk work
 BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
 LAYOUT = b"2"  # P:layout: the message layout above
+AHEAD_TTL = 0.5  # s: a claim sent ahead and answered later than this is put back
 
 class RedisSpoolError(SpoolError):
     """The Redis spool cannot be used (bad URL, durability not reached)."""
@@ -193,6 +195,11 @@ class RedisSpool(Spool):
         self._waitaof: bool | None = None  # decided at the first add_messages
         self.durability = "unknown"
         self._limits: Any = None
+        # claim_next: claims sent ahead on self._aconn, (key, sent) oldest first,
+        # and per key what they claimed that is not handed out yet
+        self._aconn: Any = None
+        self._ahead: collections.deque[tuple[int, float]] = collections.deque()
+        self._stock: dict[int, list[Claimed]] = {}
 
     # -- campaigns -----------------------------------------------------------
 
@@ -356,6 +363,75 @@ class RedisSpool(Spool):
         flat = self._claim(args=[self.k, repr(float(now)), int(limit), self.node, self._lease_ms])
         self._holding = True
         self._renewed = time.monotonic()
+        return self._claimed(flat)
+
+    def claim_next(self, now: float, limit: int, key: int = 0) -> list[Claimed]:
+        """Claim-ahead (see :meth:`Spool.claim_next`): hand out what the claim sent
+        at ``key``'s previous call got, and send a claim for the rest of
+        ``limit`` on a connection of its own without reading its reply, so the
+        supervisor's loop does not wait for the round trip (Redis runs the
+        script while the loop applies outcomes). A key's window in flight, its
+        answered claims and its claim on the way together stay within
+        ``limit``. A claim answered more than :data:`AHEAD_TTL` s after it was
+        sent is put back (a campaign paused meanwhile stops within that)."""
+        got = self._collect(key)
+        out = self._stock.pop(key, [])
+        if len(out) > limit:
+            self._stock[key], out = out[limit:], out[:limit]
+        want = limit - len(out)
+        if want > 0 and got is not False:  # got False: nothing was due just now
+            conn = self._ahead_conn()
+            conn.send_command(
+                "EVALSHA", self._claim.sha, 0,
+                self.k, repr(float(now)), want, self.node, self._lease_ms,
+            )  # fmt: skip
+            self._ahead.append((key, time.monotonic()))
+            self._holding = True
+            self._renewed = time.monotonic()
+        return out
+
+    def _ahead_conn(self) -> Any:
+        if self._aconn is None:
+            self._aconn = self.r.connection_pool.get_connection()
+            self.r.script_load(self._claim.script)
+        return self._aconn
+
+    def _collect(self, key: int | None) -> bool | None:
+        """Read the answers of the claims on the way, in the order they were sent,
+        up to the last one of ``key`` (None: all) into each key's stock. Returns
+        whether ``key``'s last answer claimed anything (None: none was on the way)."""
+        last: bool | None = None
+        if key is not None and all(k != key for k, _t in self._ahead):
+            return None
+        while self._ahead:
+            k, sent = self._ahead.popleft()
+            try:
+                flat = self._aconn.read_response()
+            except redis.exceptions.NoScriptError:  # Redis lost its scripts: claimed nothing
+                self.r.script_load(self._claim.script)
+                flat = []
+            except BaseException:
+                # Unread answers would be taken for later ones: start afresh. What
+                # those claims took is held by this node until it exits (or its
+                # lease lapses), then recovered, as for a failed claim_due.
+                self._ahead.clear()
+                conn, self._aconn = self._aconn, None
+                conn.disconnect()
+                self.r.connection_pool.release(conn)
+                raise
+            got = self._claimed(flat)
+            if got and time.monotonic() - sent > AHEAD_TTL:
+                self.release([c.id for c in got])
+                got = []
+            if got:
+                self._stock.setdefault(k, []).extend(got)
+            if k == key:
+                last = bool(flat)
+                if not any(k2 == key for k2, _t in self._ahead):
+                    break
+        return last
+
+    def _claimed(self, flat: list[bytes]) -> list[Claimed]:
         out: list[Claimed] = []
         add = out.append
         for j in range(0, len(flat), 3):  # id, state (1|node|campaign|attempts|...), data
@@ -430,6 +506,10 @@ class RedisSpool(Spool):
         return out
 
     def next_due(self) -> float | None:
+        if self._ahead:
+            self._collect(None)
+        if any(self._stock.values()):  # claimed ahead, not handed out yet
+            return time.time()
         v = self._next_due(args=[self.k, self.node])
         return None if v is None else float(v)
 
@@ -666,6 +746,14 @@ class RedisSpool(Spool):
 
     def close(self) -> None:
         try:
+            if self._ahead:
+                self._collect(None)
+            held = [c.id for cs in self._stock.values() for c in cs]
+            self._stock.clear()
+            self.release(held)  # claimed ahead, never handed out: queued again
+            if self._aconn is not None:
+                self.r.connection_pool.release(self._aconn)
+                self._aconn = None
             if self._holding:
                 self._leave(args=[self.k, self.node])
         except redis.RedisError:
