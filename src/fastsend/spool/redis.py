@@ -368,7 +368,7 @@ class RedisSpool(Spool):
     def claim_next(self, now: float, limit: int, key: int = 0) -> list[Claimed]:
         """Claim-ahead (see :meth:`Spool.claim_next`): hand out what the claim sent
         at ``key``'s previous call got, and send a claim for the rest of
-        ``limit`` on a connection of its own without reading its reply, so the
+        ``limit`` (if half of it or more) on a connection of its own without reading its reply, so the
         supervisor's loop does not wait for the round trip (Redis runs the
         script while the loop applies outcomes). A key's window in flight, its
         answered claims and its claim on the way together stay within
@@ -379,7 +379,9 @@ class RedisSpool(Spool):
         if len(out) > limit:
             self._stock[key], out = out[limit:], out[:limit]
         want = limit - len(out)
-        if want > 0 and got is not False:  # got False: nothing was due just now
+        # got False: nothing was due just now. A rest under half the limit waits
+        # for the next call: claims stay as large as the caller asks for.
+        if want > 0 and got is not False and (not out or 2 * want >= limit):
             conn = self._ahead_conn()
             conn.send_command(
                 "EVALSHA", self._claim.sha, 0,
