@@ -154,7 +154,6 @@ async def stats_latency(d: str, requests: int, campaigns: int) -> list[float]:
     import aiohttp
 
     from fastsend.config import from_dict
-    from fastsend.serve.api import ApiSettings
     from fastsend.serve.app import make_app
     from fastsend.serve.auth import KeyStore
     from fastsend.serve.context import open_context
@@ -166,7 +165,7 @@ async def stats_latency(d: str, requests: int, campaigns: int) -> list[float]:
     key = ks.create("acme")[0]
     ks.close()
     ctx = open_context(cfg)
-    app = make_app(ctx, ApiSettings.from_raw(cfg.raw))
+    app = make_app(ctx, cfg.api)
     queries = [
         "from=-30d&granularity=total&dims=campaign",
         "from=-30d&granularity=day&dims=&campaign={c}",

@@ -112,11 +112,11 @@ def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
     from fastsend import recipients, wire
     from fastsend.accept import Acceptor
     from fastsend.analytics.attach import attach
+    from fastsend.config import Config
     from fastsend.events import EventLog
     from fastsend.message import Campaign
     from fastsend.queue import supervisor as supmod
     from fastsend.ring import Ring
-    from fastsend.settings import Config
     from fastsend.spool import open_spool
 
     camp_path, rcpts = write_inputs(tmp, n, 4096)

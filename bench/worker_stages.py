@@ -66,11 +66,11 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
     from end_to_end import write_inputs
 
     from fastsend import _accel, msgid, wire
+    from fastsend.config import Config, Route
     from fastsend.delivery.worker import Worker
     from fastsend.message import Campaign
     from fastsend.outcome import DELIVERED, Envelope, Outcome, TxnResult
     from fastsend.ring import Ring
-    from fastsend.settings import Config, Route
 
     tmp = tempfile.mkdtemp(prefix="fastsend-stages-")
     camp_path, _rcpts = write_inputs(tmp, 1, 4096)

@@ -22,7 +22,6 @@ from fastsend.accept import AcceptError, check_campaign
 from fastsend.commands.common import open_suppression
 from fastsend.config import from_dict
 from fastsend.message import Campaign
-from fastsend.serve.api import ApiSettings
 from fastsend.serve.app import make_app
 from fastsend.serve.context import open_context
 from fastsend.serve.listeners import hash_password, start_listeners
@@ -91,7 +90,7 @@ def via_api(tmp: Path, url: str) -> None:
         cfg = from_dict({"spool": _spool_table(spool, url), "api": {"listen": "127.0.0.1:0"}})
         ctx = open_context(cfg)
         key = ctx.key_store().create(TENANT)[0]
-        app = make_app(ctx, ApiSettings.from_raw(cfg.raw))
+        app = make_app(ctx, cfg.api)
         body = {"template": TPL, "recipients": [{"email": a, "name": "N"} for a in RCPTS]}
         try:
             async with (

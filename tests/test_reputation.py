@@ -160,7 +160,7 @@ def test_check_ip_command(dns_server: DNSServer, tmp_path: Path) -> None:
 
 
 def test_reputation_config_errors() -> None:
-    for raw, msg in (({"blocklists": "x"}, "must be a list"),
+    for raw, msg in (({"blocklists": "x"}, r"\[reputation\] blocklists: expected an array"),
                      ({"blocklists": [{"zone": ""}]}, "zone must be"),
                      ({"blocklists": [{"zone": "a.b", "providers": []}]}, "providers"),
                      ({"check_every": -1}, "check_every"), ({"colour": 1}, "unknown key")):  # fmt: skip

@@ -66,7 +66,7 @@ class Client:
 async def serving(tmp: str, **api: Any) -> AsyncIterator[Client]:
     cfg = from_dict({"spool": {"dir": tmp}, "api": {"listen": "127.0.0.1:0", **api}})
     ctx = open_context(cfg)
-    app = make_app(ctx, ApiSettings.from_raw(cfg.raw))
+    app = make_app(ctx, cfg.api)
     try:
         async with app_on_loopback(app) as base, aiohttp.ClientSession() as session:
             yield Client(session, base, ctx)

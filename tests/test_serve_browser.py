@@ -78,7 +78,7 @@ class Served:
         cfg = tmp / "fastsend.toml"
         cfg.write_text(
             f'[spool]\ndir = "spool"\n[api]\nlisten = "127.0.0.1:{self.port}"\n'
-            f'[tracking]\nbase_url = "http://127.0.0.1:{self.port}"\nsecret = "{SECRET}"\n'
+            f'[tracking]\nsecret = "{SECRET}"\n'
         )
         self.key = create_api_key(cfg, "acme")
         self.serve = ServeProcess(cfg, self.port, "--no-workers")

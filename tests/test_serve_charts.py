@@ -46,7 +46,7 @@ class Served:
             f'[routes]\n"*" = "{sink.host}:{sink.port}"\n'
             f'[delivery]\ntls = "off"\nidle_timeout = 1.0\n'
             f'[api]\nlisten = "127.0.0.1:{self.port}"\nrate_limit = 1000\n'
-            f'[tracking]\nbase_url = "http://127.0.0.1:{self.port}"\nsecret = "{SECRET}"\n'
+            f'[tracking]\nsecret = "{SECRET}"\n'
             f'[dashboard]\nadmin_tenants = ["ops"]\n'
             f'[pools]\ndefault = "main"\n[pools.warmup]\nschedule = [50, 100, 500, 1000]\n'
             f'[pools.main]\nips = [{{ ip = "127.0.0.2", warmup_day = 3 }}, "127.0.0.3"]\n'

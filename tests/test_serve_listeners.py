@@ -171,14 +171,15 @@ def test_submission_config_and_passwords(tmp_path: Path) -> None:
     assert verify_password("pw", h) and not verify_password("pW", h)
     assert not verify_password("pw", "garbage") and not verify_password("pw", "md5$1$a$b")
     with pytest.raises(ValueError, match="tls_cert"):
-        SubmissionConfig.from_raw({"submission": {"listen": "127.0.0.1:0"}})
+        from_dict({"submission": {"listen": "127.0.0.1:0"}})
     with pytest.raises(ValueError, match="listen"):
-        IntakeConfig.from_raw({"intake": {"listen": "nope", "verp_domain": "b.example"}})
+        from_dict({"intake": {"listen": "nope", "verp_domain": "b.example"}})
     with pytest.raises(ValueError, match="verp_domain"):
-        IntakeConfig.from_raw({"intake": {"listen": "127.0.0.1:0"}})
+        from_dict({"intake": {"listen": "127.0.0.1:0"}})
     with pytest.raises(ValueError, match="unknown"):
-        IntakeConfig.from_raw({"intake": {"listen": "127.0.0.1:0", "fbl": "x"}})
-    assert SubmissionConfig.from_raw({}) is None and IntakeConfig.from_raw({}) is None
+        from_dict({"intake": {"listen": "127.0.0.1:0", "fbl": "x"}})
+    empty = from_dict({})
+    assert SubmissionConfig.of(empty.submission) is None and IntakeConfig.of(empty.intake) is None
     ctx = _ctx(tmp_path)
     assert asyncio.run(start_listeners(ctx)) == []
     ctx.close()

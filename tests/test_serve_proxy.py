@@ -57,7 +57,7 @@ async def _talk(port: int, send: bytes, src: str = "127.0.0.1") -> bytes:
 
 
 def test_gate_trusts_only_configured_peers() -> None:
-    settings = ProxySettings.from_raw({"proxy": {"trusted": ["127.0.0.1/32"], "timeout": 0.5}})
+    settings = ProxySettings.of(from_dict({"proxy": {"trusted": ["127.0.0.1/32"], "timeout": 0.5}}).proxy)
     v2 = ProxyProtocolV2().pack(
         ProxyResultIPv4(
             (__import__("ipaddress").IPv4Address("203.0.113.9"), 40000),
@@ -90,9 +90,9 @@ def test_gate_trusts_only_configured_peers() -> None:
 
     asyncio.run(main())
     with pytest.raises(ValueError, match="not an address"):
-        ProxySettings.from_raw({"proxy": {"trusted": ["nope"]}})
+        from_dict({"proxy": {"trusted": ["nope"]}})
     with pytest.raises(ValueError, match="unknown"):
-        ProxySettings.from_raw({"proxy": {"trused": []}})
+        from_dict({"proxy": {"trused": []}})
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ backend smtp
         app.router.add_get("/remote", remote)
         runner = web.AppRunner(app)
         await runner.setup()
-        await proxied_site(runner, "127.0.0.1", api_port, ProxySettings.from_raw(raw)).start()
+        await proxied_site(runner, "127.0.0.1", api_port, ProxySettings.of(from_dict(raw).proxy)).start()
         servers = await start_listeners(ctx)
         try:
             with start_haproxy(lb, [lb_api, lb_smtp]):

@@ -207,17 +207,17 @@ def test_config_and_signature_helpers(tmp_path: Path) -> None:
     assert sign_payload(b"k" * 16, b"[]", 1700000000) == (
         "t=1700000000,v1=" + hmac.new(b"k" * 16, b"1700000000.[]", hashlib.sha256).hexdigest()
     )
-    assert not WebhookConfig.from_raw({}).urls
+    assert not WebhookConfig.of(from_dict({}).webhooks).urls
     with pytest.raises(ValueError, match="secret"):
-        WebhookConfig.from_raw({"webhooks": {"urls": ["http://127.0.0.1:1/"]}})
+        from_dict({"webhooks": {"urls": ["http://127.0.0.1:1/"]}})
     with pytest.raises(ValueError, match="unknown"):
-        WebhookConfig.from_raw({"webhooks": {"url": "x"}})
+        from_dict({"webhooks": {"url": "x"}})
     with pytest.raises(ValueError, match="urls"):
-        WebhookConfig.from_raw({"webhooks": {"urls": ["ftp://x"], "secret": SECRET}})
+        from_dict({"webhooks": {"urls": ["ftp://x"], "secret": SECRET}})
     key = tmp_path / "wh.key"
     key.write_text(SECRET + "\n")
-    c = WebhookConfig.from_raw(
-        {"webhooks": {"urls": "https://h.example/", "secret_file": str(key)}}
+    c = WebhookConfig.of(
+        from_dict({"webhooks": {"urls": "https://h.example/", "secret_file": str(key)}}).webhooks
     )
     assert c.urls == ["https://h.example/"] and c.secret == SECRET.encode()
     # No URLs: start/stop are no-ops and nothing listens to the event log.

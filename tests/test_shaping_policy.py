@@ -10,10 +10,11 @@ import pytest
 from fastsend import config as cfgmod
 from fastsend.config import ConfigError
 from fastsend.shaping.policy import load_policy
+from fastsend.shaping.pools import load_pools
 
 
 def policy(raw: dict | None = None, tmp: Path | None = None):  # type: ignore[no-untyped-def]
-    return cfgmod.from_dict(raw or {}, base_dir=str(tmp or ".")).shaping
+    return load_policy(cfgmod.from_dict(raw or {}, base_dir=str(tmp or ".")))
 
 
 @pytest.mark.parametrize(
@@ -110,12 +111,12 @@ def test_no_shipped_defaults() -> None:
 @pytest.mark.parametrize(
     ("raw", "msg"),
     [
-        ({"shaping": {"defualt": {}}}, "unknown key 'defualt'"),
-        ({"shaping": {"default": {"max_conections": 3}}}, "unknown key 'max_conections'"),
-        ({"shaping": {"default": {"tls": "maybe"}}}, "tls must be one of"),
-        ({"shaping": {"default": {"max_connections": 0}}}, "positive integer"),
-        ({"shaping": {"provider": {"g": {"mx_suffixes": "google.com"}}}}, "list of names"),
-        ({"shaping": {"aimd": {"decrease": -1}}}, "non-negative"),
+        ({"shaping": {"defualt": {}}}, r'\[shaping\] unknown key "defualt"'),
+        ({"shaping": {"default": {"max_conections": 3}}}, r'\[shaping.default\] unknown key "max_conections"'),
+        ({"shaping": {"default": {"tls": "maybe"}}}, r"\[shaping.default\] tls: must be one of"),
+        ({"shaping": {"default": {"max_connections": 0}}}, r"\[shaping.default\] max_connections: expected int >= 1"),
+        ({"shaping": {"provider": {"g": {"mx_suffixes": "google.com"}}}}, r"\[shaping.provider.g\] mx_suffixes: expected an array, got str"),
+        ({"shaping": {"aimd": {"decrease": -1}}}, r"\[shaping.aimd\] decrease: expected float >= 0"),
         ({"shaping": {"rule": [{"name": "x", "match": "(", "action": "suspend"}]}}, "bad regex"),
         ({"shaping": {"rule": [{"name": "x", "match": "a", "action": "explode"}]}}, "action"),
         (
@@ -123,8 +124,8 @@ def test_no_shipped_defaults() -> None:
             "needs a rate",
         ),
         ({"shaping": {"file": "/nonexistent/shaping.toml"}}, "not found"),
-        ({"shaping": {"dispatch": {"global_rte": 1}}}, "unknown key 'global_rte'"),
-        ({"guardrails": {"bounce_rate": 5}}, "bad value"),
+        ({"shaping": {"dispatch": {"global_rte": 1}}}, r'\[shaping.dispatch\] unknown key "global_rte"'),
+        ({"guardrails": {"bounce_rate": 5}}, r"\[guardrails\] bounce_rate: expected float <= 1"),
         ({"pools": {"main": {"ips": [{"ip": "127.0.0.2", "weight": 0}]}}}, "weight"),
         ({"pools": {"main": {"ips": ["not-an-ip"]}}}, "not an IP"),
         ({"pools": {"default": "nope", "main": {"ips": ["127.0.0.2"]}}}, "not a pool"),
@@ -152,4 +153,4 @@ def test_pools_give_source_ips() -> None:
         {"pools": {"main": {"ips": [{"ip": "127.0.0.2", "ehlo": "o1.example"}, "127.0.0.3"]}}}
     )
     assert cfg.source_ips == ["127.0.0.2", "127.0.0.3"]
-    assert cfg.pools.ehlo_names() == {"127.0.0.2": "o1.example"}
+    assert load_pools(cfg, 0).ehlo_names() == {"127.0.0.2": "o1.example"}

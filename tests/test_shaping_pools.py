@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import Counter
 
 from fastsend import config as cfgmod
 from fastsend.outcome import DEFERRED, Outcome, TxnResult
 from fastsend.shaping.lanes import Shaper
-from fastsend.shaping.pools import UNCAPPED, Pool, PoolIP, WarmupSchedule, utc_day
+from fastsend.shaping.pools import UNCAPPED, Pool, PoolIP, WarmupSchedule, load_pools, utc_day
 
 NOW = 1_750_000_000.0  # a fixed unix time: the tests drive the day
 DAY = 86400.0
@@ -124,7 +125,7 @@ def test_pool_choice_by_campaign_option_and_tenant() -> None:
             }
         }
     )
-    ps = cfg.pools
+    ps = load_pools(cfg, time.time())
     assert ps.pool_for("", "someone") == "shared"
     assert ps.pool_for("", "acme") == "acme"
     assert ps.pool_for("shared", "acme") == "shared"

@@ -312,8 +312,8 @@ def test_credentials_never_from_the_config_file_and_only_from_private_files(
 
 
 def test_relay_limits_are_shared_among_workers_and_source_ips() -> None:
+    from fastsend.config.transports import TransportSpec
     from fastsend.transports import relay
-    from fastsend.transports.spec import TransportSpec
 
     spec = TransportSpec(name="r", kind="relay", host="h", port=465, tls="implicit",
                          max_connections=8, rate=100.0, secrets={"username": "u", "password": "p"})  # fmt: skip

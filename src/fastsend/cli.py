@@ -45,6 +45,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fastsend.commands.dkim",
         "DKIM key tools: keygen (writes a key, prints the DNS TXT record)",
     ),
+    "check-config": (
+        "fastsend.commands.check_config",
+        "check a config file: every section, unknown keys, types, settings that cannot apply",
+    ),
     "check-domain": (
         "fastsend.commands.check_domain",
         "check a sending domain's MX, SPF, DKIM, DMARC and PTR records",

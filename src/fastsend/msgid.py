@@ -24,7 +24,7 @@ import secrets
 from typing import Any
 
 from fastsend._accel import pick
-from fastsend.settings import Config
+from fastsend.config import Config
 
 _MAC_CHARS = 10  # 50 bits
 
@@ -111,9 +111,8 @@ def parse_group(text: str | None, secret: bytes) -> int | None:
 
 def load_secret(config: Config) -> bytes:
     """``[tracking] secret`` from the config, else ``<spool>/secret.key`` (made once, 0600)."""
-    tracking = config.raw.get("tracking", {})
-    if isinstance(tracking, dict) and tracking.get("secret"):
-        return str(tracking["secret"]).encode()
+    if config.tracking.secret:
+        return config.tracking.secret.encode()
     path = os.path.join(config.spool_dir, "secret.key")
     try:
         with open(path, "rb") as f:

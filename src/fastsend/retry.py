@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from fastsend.settings import RetryConfig
+from fastsend.config import RetryConfig
 
 
 def next_attempt(policy: RetryConfig, attempts: int, now: float, created: float) -> float | None:

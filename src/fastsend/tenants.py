@@ -28,19 +28,15 @@ DESCRIPTION
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastsend.settings import Config, ConfigError
+from fastsend.config import Config
+from fastsend.config.tenants import OPERATOR, norm_domain, under
 
-__all__ = ["Tenant", "TenantDomainError", "Tenants", "domain_of"]
+__all__ = ["OPERATOR", "Tenant", "TenantDomainError", "Tenants", "domain_of"]
 
-_DOMAIN = re.compile(r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}")
-_KEYS = {"domains", "dkim", "tracking_base_url"}
-_DKIM_KEYS = {"domain", "selector", "key", "canonicalization", "headers"}
-OPERATOR = "default"  # fastsend.suppression.DEFAULT_TENANT: CLI campaigns
+
 
 
 class TenantDomainError(ValueError):
@@ -60,12 +56,8 @@ class Tenant:
     tracking_base_url: str = ""
 
 
-def _norm(domain: str) -> str:
-    return domain.strip().lower().rstrip(".")
-
-
-def _under(domain: str, parent: str) -> bool:
-    return domain == parent or domain.endswith("." + parent)
+_norm = norm_domain
+_under = under
 
 
 def domain_of(address: str) -> str:
@@ -87,51 +79,14 @@ class Tenants:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Tenants:
-        raw = cfg.raw
-        out = cls(global_dkim=tuple(_global_dkim(raw, cfg.base_dir)))
-        t = raw.get("tenants")
-        if t is None:
+        """From ``[tenants]`` and ``[dkim]`` (typed and checked when the config loaded)."""
+        out = cls(global_dkim=tuple(k.entry(cfg.base_dir) for k in cfg.dkim))
+        if cfg.tenants is None:
             return out
-        if not isinstance(t, dict):
-            raise ConfigError("[tenants] must be a table of [tenants.NAME] tables")
         out.configured = True
-        for name, spec in t.items():
-            where = f"[tenants.{name}]"
-            if not isinstance(spec, dict):
-                raise ConfigError(f"{where} must be a table")
-            if name.lower() == OPERATOR:
-                raise ConfigError(f"{where}: the tenant name {OPERATOR!r} is the operator's")
-            bad = set(spec) - _KEYS
-            if bad:
-                raise ConfigError(f"{where} unknown keys: {', '.join(sorted(bad))}")
-            doms = spec.get("domains")
-            if not isinstance(doms, list) or not doms:
-                raise ConfigError(
-                    f'{where} needs domains = ["..."]: the From domains it may send as'
-                )
-            domains = []
-            for d in doms:
-                if not isinstance(d, str) or not _DOMAIN.fullmatch(_norm(d)):
-                    raise ConfigError(f"{where} domains: {d!r} is not a domain name")
-                domains.append(_norm(d))
-            dk = spec.get("dkim", [])
-            items = [dk] if isinstance(dk, dict) else dk
-            if not isinstance(items, list):
-                raise ConfigError(f"{where} dkim must be a table or a list of tables")
-            keys = []
-            for e in items:
-                e = _dkim_entry(e, f"{where} dkim", cfg.base_dir)
-                if not any(_under(e["domain"], d) for d in domains):
-                    raise ConfigError(
-                        f"{where} dkim domain {e['domain']!r} is not under the tenant's domains"
-                    )
-                keys.append(e)
-            base = spec.get("tracking_base_url", "")
-            if not isinstance(base, str) or (
-                base and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(?:/[!-~]*)?", base)
-            ):
-                raise ConfigError(f"{where} tracking_base_url must be an http(s) URL")
-            out.by_name[name] = Tenant(name, tuple(domains), tuple(keys), base)
+        for name, t in cfg.tenants.items():
+            keys = tuple(k.entry(cfg.base_dir) for k in t.keys)
+            out.by_name[name] = Tenant(name, tuple(t.domains), keys, t.tracking_base_url)
         return out
 
     def get(self, tenant: str) -> Tenant | None:
@@ -167,21 +122,3 @@ class Tenants:
     def tracking_base_url(self, tenant: str) -> str:
         t = self.by_name.get(tenant)
         return t.tracking_base_url if t is not None else ""
-
-
-def _dkim_entry(e: Any, where: str, base_dir: str) -> dict[str, Any]:
-    if not isinstance(e, dict) or not {"domain", "selector", "key"} <= set(e):
-        raise ConfigError(f"{where} entries need domain, selector and key")
-    bad = set(e) - _DKIM_KEYS
-    if bad:
-        raise ConfigError(f"{where} unknown keys: {', '.join(sorted(bad))}")
-    e = dict(e)
-    e["domain"] = _norm(str(e["domain"]))
-    e["key"] = os.path.join(base_dir, str(e["key"]))
-    return e
-
-
-def _global_dkim(raw: dict[str, Any], base_dir: str) -> list[dict[str, Any]]:
-    dk = raw.get("dkim", [])
-    items = [dk] if isinstance(dk, dict) else list(dk) if isinstance(dk, list) else []
-    return [_dkim_entry(e, "config [dkim]", base_dir) for e in items]

@@ -30,31 +30,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastsend.analytics.query import rates
 from fastsend.analytics.store import IDX, RollupStore
-from fastsend.config import Config
-from fastsend.tables import load_table
+from fastsend.config.analytics import AlarmSettings
 
 NODE = "*"
 
 
-@dataclass
-class AlarmSettings:
-    window_s: float = 3600.0
-    min_delivered: int = 200
-    complaint_rate_warn: float = 0.001
-    complaint_rate_max: float = 0.003
-    bounce_rate_warn: float = 0.02
-    bounce_rate_max: float = 0.05
-
-    @classmethod
-    def from_config(cls, config: Config) -> AlarmSettings:
-        rep = config.raw.get("reputation", {})
-        raw = rep.get("alarms", {}) if isinstance(rep, dict) else {}
-        return load_table(cls, raw, "reputation.alarms")
 
 
 class Alarms:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastsend.analytics.rollup import AnalyticsSettings, Rollups, policy_provider
+import msgspec
+
+from fastsend.analytics.rollup import Rollups, policy_provider
 from fastsend.analytics.stores import open_store
+from fastsend.config import Config
 from fastsend.events import EventLog
-from fastsend.settings import Config
 
 log = logging.getLogger("fastsend.analytics")
 
@@ -33,11 +35,11 @@ def attach(
     process (a `send`/`resume`/`demo` run: no tracking, no intake), so the
     deliveries are not remembered for them (``remember_messages`` = 0: no
     per-message work or memory)."""
-    settings = AnalyticsSettings.from_config(config)
+    settings = config.analytics
     if not settings.enabled:
         return None
-    if not engagement:
-        settings.remember_messages = 0
+    if not engagement:  # a copy: the config's own section stays as loaded
+        settings = msgspec.structs.replace(settings, remember_messages=0)
 
     def spool_tenant(cid: int) -> str:
         info = spool.get_campaign(cid)

@@ -49,7 +49,7 @@ import dns.exception
 import dns.resolver
 
 from fastsend import periodic
-from fastsend.config import Config, ConfigError
+from fastsend.config import Config
 
 log = logging.getLogger("fastsend.analytics.dnsbl")
 
@@ -68,42 +68,10 @@ class ReputationSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> ReputationSettings:
-        raw = config.raw.get("reputation", {})
-        if not isinstance(raw, dict):
-            raise ConfigError("[reputation] must be a table")
-        known = {"blocklists", "check_every", "rest_hours", "feeds", "alarms", "warmup"}
-        extra = set(raw) - known
-        if extra:
-            raise ConfigError(f"[reputation] unknown key {sorted(extra)[0]!r}"
-                              f" (known: {', '.join(sorted(known))})")  # fmt: skip
-        s = cls()
-        for k in ("check_every", "rest_hours"):
-            if k in raw:
-                v = raw[k]
-                if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-                    raise ConfigError(f"[reputation] {k} must be a number >= 0")
-                setattr(s, k, float(v))
-        lists = raw.get("blocklists", [])
-        if not isinstance(lists, list):
-            raise ConfigError("[reputation] blocklists must be a list")
-        for i, b in enumerate(lists):
-            where = f"[reputation] blocklists[{i}]"
-            if isinstance(b, str):
-                b = {"zone": b}
-            if not isinstance(b, dict) or set(b) - {"zone", "providers"}:
-                raise ConfigError(f"{where}: a zone name or {{ zone = ..., providers = [...] }}")
-            zone = b.get("zone")
-            if not isinstance(zone, str) or not zone.strip(".") or " " in zone:
-                raise ConfigError(f"{where}: zone must be a DNS name")
-            provs = b.get("providers", ["*"])
-            if (
-                not isinstance(provs, list)
-                or not provs
-                or not all(isinstance(p, str) and p for p in provs)
-            ):
-                raise ConfigError(f"{where}: providers must be a non-empty list of names")
-            s.blocklists.append(Blocklist(zone.strip(".").lower(), tuple(provs)))
-        return s
+        """From ``[reputation]`` (typed and checked when the config loaded)."""
+        r = config.reputation
+        lists = [Blocklist(b.zone.strip(".").lower(), tuple(b.providers)) for b in r.lists]
+        return cls(lists, r.check_every, r.rest_hours)
 
 
 @dataclass
@@ -129,14 +97,12 @@ def query_name(ip: str, zone: str) -> str:
     return ".".join(reversed(a.exploded.replace(":", ""))) + "." + zone
 
 
-def node_ips(config: Any) -> list[str]:
+def node_ips(config: Config) -> list[str]:
     """The node's source IPs: ``[ips] source`` and every pool's addresses."""
-    ips = list(getattr(config, "source_ips", []) or [])
-    pools = getattr(config, "pools", None)
-    if pools is not None:
-        for ip in pools.all_ips():
-            if ip not in ips:
-                ips.append(ip)
+    ips = list(config.source_ips)
+    if config.pools is not None:
+        for p in config.pools.pools.values():
+            ips.extend(e.ip for e in p.ips if e.ip not in ips)
     return ips
 
 

@@ -53,13 +53,12 @@ import csv
 import datetime as dt
 import io
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastsend.config import Config, ConfigError
+from fastsend.config import Config
 
 log = logging.getLogger("fastsend.analytics.feeds")
 
@@ -86,55 +85,19 @@ class FeedSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> FeedSettings:
-        rep = config.raw.get("reputation", {})
-        raw = rep.get("feeds", {}) if isinstance(rep, dict) else {}
-        if not isinstance(raw, dict) or set(raw) - {"postmaster", "snds"}:
-            raise ConfigError("[reputation.feeds] takes postmaster and snds tables")
+        """From ``[reputation.feeds]`` (typed and checked when the config loaded)."""
         s = cls()
-        base = config.base_dir
-        pm = raw.get("postmaster")
+        pm, sn = config.reputation.feeds.postmaster, config.reputation.feeds.snds
         if pm is not None:
-            if not isinstance(pm, dict) or set(pm) - {"url", "token_file", "domains", "every"}:
-                raise ConfigError("[reputation.feeds.postmaster] keys: url, token_file, domains,"
-                                  " every")  # fmt: skip
-            s.postmaster_url = _url(pm.get("url", "https://gmailpostmastertools.googleapis.com"),
-                                    "postmaster")  # fmt: skip
-            s.postmaster_token_file = os.path.join(base, _str(pm, "token_file", "postmaster"))
-            doms = pm.get("domains", [])
-            if not isinstance(doms, list) or not doms or not all(isinstance(d, str) and d
-                                                                  for d in doms):  # fmt: skip
-                raise ConfigError("[reputation.feeds.postmaster] domains: a list of domains")
-            s.postmaster_domains = [d.lower().strip(".") for d in doms]
-            s.postmaster_every = _every(pm, "postmaster")
-        sn = raw.get("snds")
+            s.postmaster_url = pm.url.rstrip("/")
+            s.postmaster_token_file = pm.token_file
+            s.postmaster_domains = [d.lower().strip(".") for d in pm.domains]
+            s.postmaster_every = pm.every
         if sn is not None:
-            if not isinstance(sn, dict) or set(sn) - {"url", "key_file", "every"}:
-                raise ConfigError("[reputation.feeds.snds] keys: url, key_file, every")
-            s.snds_url = _url(sn.get(
-                "url", "https://sendersupport.olc.protection.outlook.com/snds/data.aspx"), "snds")
-            s.snds_key_file = os.path.join(base, _str(sn, "key_file", "snds"))
-            s.snds_every = _every(sn, "snds")
+            s.snds_url = sn.url.rstrip("/")
+            s.snds_key_file = sn.key_file
+            s.snds_every = sn.every
         return s
-
-
-def _url(v: Any, name: str) -> str:
-    if not isinstance(v, str) or not v.startswith(("https://", "http://")):
-        raise ConfigError(f"[reputation.feeds.{name}] url must be an http(s) URL")
-    return v.rstrip("/")
-
-
-def _str(t: dict[str, Any], k: str, name: str) -> str:
-    v = t.get(k)
-    if not isinstance(v, str) or not v:
-        raise ConfigError(f"[reputation.feeds.{name}] {k} is required")
-    return v
-
-
-def _every(t: dict[str, Any], name: str) -> float:
-    v = t.get("every", 86400)
-    if not isinstance(v, int | float) or isinstance(v, bool) or v < 60:
-        raise ConfigError(f"[reputation.feeds.{name}] every must be at least 60 (seconds)")
-    return float(v)
 
 
 def _secret(path: str) -> str:

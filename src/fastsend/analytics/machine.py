@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from fastsend.settings import ConfigError
-from fastsend.tables import read_toml
+from fastsend.config import ConfigError
+from fastsend.config.base import read_toml
 
 KINDS = ("open", "click")
 _KEYS = {"name", "user_agent", "method", "within_s_of_delivery", "burst_links", "burst_window_s"}

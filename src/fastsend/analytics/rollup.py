@@ -52,13 +52,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastsend.analytics.machine import MachineRules, load_machine_rules
-from fastsend.analytics.store import ALL, IDX, NC, RETENTION_DAYS, RollupStore
-from fastsend.settings import Config
-from fastsend.tables import load_table
+from fastsend.analytics.store import ALL, IDX, NC, RollupStore
+from fastsend.config import Config
+from fastsend.config.analytics import AnalyticsSettings
 
 log = logging.getLogger("fastsend.analytics")
 
@@ -93,28 +92,6 @@ _UNIQUE = {1: IDX["opens_unique"], 2: IDX["opens_machine_unique"],
 _MACHINE = {_OPEN: IDX["opens_machine"], _CLICK: IDX["clicks_machine"]}
 
 
-@dataclass
-class AnalyticsSettings:
-    enabled: bool = True
-    minute_days: float = RETENTION_DAYS[60]
-    hour_days: float = RETENTION_DAYS[3600]
-    day_days: float = RETENTION_DAYS[86400]
-    remember_messages: int = 500_000
-    machine_rules: str = ""
-
-    @property
-    def retention(self) -> dict[int, float]:
-        return {60: self.minute_days, 3600: self.hour_days, 86400: self.day_days}
-
-    @classmethod
-    def from_config(cls, config: Config | None) -> AnalyticsSettings:
-        raw = (config.raw if config is not None else {}).get("analytics", {})
-        s = load_table(cls, raw, "analytics", float_min_open=True)
-        if s.machine_rules and config is not None:
-            import os
-
-            s.machine_rules = os.path.join(config.base_dir, s.machine_rules)
-        return s
 
 
 class Rollups:
@@ -493,9 +470,7 @@ def policy_provider(config: Config | None) -> Callable[[str, str], str]:
     """provider_of(mx, domain) from the shaping policy (MX suffix, else domain)."""
     from fastsend.shaping.policy import load_policy
 
-    policy = getattr(config, "shaping", None) if config is not None else None
-    if policy is None:
-        policy = load_policy(config)
+    policy = load_policy(config)
 
     def provider_of(mx: str, domain: str) -> str:
         host = mx.rpartition(":")[0] if mx.count(":") == 1 else mx

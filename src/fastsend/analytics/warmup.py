@@ -41,35 +41,16 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastsend.analytics.query import rates
 from fastsend.analytics.store import IDX, RollupStore
-from fastsend.config import Config
-from fastsend.tables import load_table
+from fastsend.config.analytics import WarmupPolicy
 
 NODE = "*"
 ADVANCE, NORMAL, HOLD, BACK = 1, 0, -1, -2
 
 
-@dataclass
-class WarmupPolicy:
-    enabled: bool = True
-    min_delivered: int = 200
-    advance_complaint: float = 0.0005
-    advance_bounce: float = 0.01
-    hold_complaint: float = 0.001
-    hold_bounce: float = 0.02
-    back_complaint: float = 0.003
-    back_bounce: float = 0.05
-    max_ahead: int = 7
-
-    @classmethod
-    def from_config(cls, config: Config) -> WarmupPolicy:
-        rep = config.raw.get("reputation", {})
-        raw = rep.get("warmup", {}) if isinstance(rep, dict) else {}
-        return load_table(cls, raw, "reputation.warmup", float_max=1.0)
 
 
 def decide(delivered: int, complaint_rate: float | None, bounce_rate: float | None,

@@ -36,7 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastsend.tables import read_toml
+from fastsend.config.base import read_toml
 
 # Reasons where the address itself can never receive (Sisimai's hard bounce).
 HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved"})

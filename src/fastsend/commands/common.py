@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from fastsend import config as cfgmod
-from fastsend.config import Config, ConfigError, Route
+from fastsend.config import Config, ConfigError
 from fastsend.spool import is_redis_url, spool_local_dir
 from fastsend.suppression import SuppressionList
 
@@ -55,7 +55,7 @@ def build_config(args: argparse.Namespace) -> Config:
         dom, sep, target = r.partition("=")
         if not sep or not dom:
             raise ConfigError(f"--route {r!r}: expected DOMAIN=HOST:PORT")
-        cfg.routes[dom.strip().lower()] = _route(cfg, target, f"--route {r!r}")
+        cfg.routes[dom.strip().lower()] = cfg.route(target, f"--route {r!r}")
     if args.source_ip:
         cfg.source_ips = [
             cfgmod.validate_ip(ip, "--source-ip") for ip in args.source_ip.split(",") if ip.strip()
@@ -65,7 +65,7 @@ def build_config(args: argparse.Namespace) -> Config:
             raise ConfigError("--workers must be at least 1")
         cfg.workers = args.workers
     if args.helo:
-        if not cfgmod._HELO.fullmatch(args.helo):
+        if not cfgmod.HELO.fullmatch(args.helo):
             raise ConfigError(f"--helo {args.helo!r} is not a host name or address literal")
         cfg.helo = args.helo
     if args.nameserver:
@@ -119,13 +119,3 @@ def print_summary(summary: dict[str, object], as_json: bool) -> None:
 def die(msg: str, code: int = 2) -> int:
     print(f"fastsend: error: {msg}", file=sys.stderr)
     return code
-
-
-def _route(cfg: Config, target: str, where: str) -> Route:
-    from fastsend.transports.spec import TransportError, parse_route
-
-    try:
-        chain = parse_route(target, cfg.transports, cfg.base_dir, where)
-    except TransportError as e:
-        raise ConfigError(str(e)) from None
-    return Route.parse(target, where=where) if chain is None else Route("", 0, chain)

@@ -1,6 +1,6 @@
 """Routes of transports in a worker: which queue takes a batch, and failover.
 
-A route (fastsend.transports.spec) names transports in order. The worker
+A route (fastsend.config.transports) names transports in order. The worker
 asks :meth:`Router.chain` for a batch's chain (campaign, tenant, pool, then
 domain routes); an empty chain is today's path (MX, or a HOST:PORT route).
 Otherwise :meth:`Router.dispatch` finds the first transport that has a queue
@@ -27,11 +27,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from fastsend.config.transports import TransportSpec
 from fastsend.delivery.mx import Host, Site
 from fastsend.outcome import DEFERRED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.transports import relay
 from fastsend.transports.http import HTTPTransport, ProviderQueue, _key
-from fastsend.transports.spec import TransportSpec
 
 if TYPE_CHECKING:
     from fastsend import wire

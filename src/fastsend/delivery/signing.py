@@ -31,7 +31,7 @@ from fastsend.tenants import Tenants
 class ConfigDKIM:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.tenants = config.tenants if config.tenants is not None else Tenants.from_config(config)
+        self.tenants = Tenants.from_config(config)
         self._signers: dict[tuple[str | None, str], list[Signer]] = {}
 
     @cached_property

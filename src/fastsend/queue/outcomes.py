@@ -14,10 +14,10 @@ from typing import Any
 import orjson
 
 from fastsend import wire
+from fastsend.config import RetryConfig
 from fastsend.queue.state import SupervisorState, WorkerSlot
 from fastsend.retry import next_attempt
 from fastsend.ring import Ring
-from fastsend.settings import RetryConfig
 from fastsend.spool import BOUNCED, DEFERRED, DELIVERED, EXPIRED, Claimed, Result
 from fastsend.suppression import SOURCE_DELIVERY
 

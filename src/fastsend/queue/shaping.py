@@ -62,8 +62,7 @@ from typing import Any
 from fastsend import wire
 from fastsend.config import Config
 from fastsend.events import EventLog
-from fastsend.shaping.guardrails import Guardrails, GuardrailSettings
-from fastsend.shaping.policy import dispatch_settings
+from fastsend.shaping.guardrails import Guardrails
 from fastsend.spool import Spool
 from fastsend.throttle import Gcra
 
@@ -77,13 +76,13 @@ def _bucket(rate: float) -> Gcra | None:
 
 class DispatchGate:
     def __init__(self, config: Config, spool: Spool, limits: Any = None) -> None:
-        raw = dispatch_settings(config)
+        raw = config.shaping.dispatch
         self.spool = spool
         self.limits = limits  # SharedLimits: rates shared by every node
-        self.campaign_rate = float(raw.get("campaign_rate", 0))
-        self.tenant_rate = float(raw.get("tenant_rate", 0))
-        self.tenant_rates = {str(t): float(r) for t, r in raw.get("tenants", {}).items()}
-        self.global_bucket = self._bucket("global", float(raw.get("global_rate", 0)))
+        self.campaign_rate = raw.campaign_rate
+        self.tenant_rate = raw.tenant_rate
+        self.tenant_rates = dict(raw.tenants)
+        self.global_bucket = self._bucket("global", raw.global_rate)
         # campaign -> its buckets (campaign's own, tenant's); tenant -> bucket
         self.campaigns: dict[int, tuple[Any, ...]] = {}
         self.tenants: dict[str, Any] = {}
@@ -223,7 +222,7 @@ class SupervisorShaping:
         shared = getattr(spool, "shared_limits", None)
         self.limits = shared() if callable(shared) else None
         self.gate = DispatchGate(config, spool, self.limits)
-        self.guardrails = Guardrails(spool, GuardrailSettings.from_config(config), emit)
+        self.guardrails = Guardrails(spool, config.guardrails, emit)
         self.poolset = load_pools(config, time.time())
         self.state = ShapingState(config.spool_dir, spool)
         self.emit = emit
@@ -243,7 +242,7 @@ class SupervisorShaping:
 
         self.config = config
         self.gate = DispatchGate(config, self.spool, self.limits)
-        self.guardrails.settings = GuardrailSettings.from_config(config)
+        self.guardrails.settings = config.guardrails
         self.poolset = load_pools(config, time.time())
 
     def campaign_records(self, campaign: int) -> list[bytes]:

@@ -24,18 +24,17 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import orjson
 from aiohttp import web
 
-from fastsend.config import ConfigError
+from fastsend.config import Config
+from fastsend.config.serve import ApiSettings
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext
 from fastsend.serve.eventindex import EventIndex
-from fastsend.tables import load_table
 from fastsend.tenants import TenantDomainError
 from fastsend.throttle import Gcra
 
@@ -44,51 +43,9 @@ log = logging.getLogger("fastsend.serve.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass
-class ApiSettings:
-    listen: str = "127.0.0.1:8025"
-    max_batch: int = 1000  # messages (and recipients) per POST /v1/messages
-    max_body_bytes: int = 16 << 20
-    rate_limit: float = 100.0  # requests per second per key
-    rate_burst: int = 0  # 0: max(1, rate_limit)
-    max_campaign_recipients: int = 1_000_000  # per campaign (create + added lists)
-    # Spooled bytes of one request: each recipient's row carries its message, so a
-    # body of B bytes to N recipients costs B x N (413 beyond this).
-    max_spooled_bytes: int = 256 << 20
-    # Issue 16: operational data and recipients' pages on listeners of their own.
-    admin_listen: str = ""  # "HOST:PORT": /metrics without a key (bind it to a private net)
-    public_listen: str = ""  # "HOST:PORT": tracking and unsubscribe only (what recipients reach)
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        return split_listen(self.listen)
-
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any]) -> ApiSettings:
-        s = load_table(cls, raw.get("api", {}), "api")
-        for k in ("listen", "admin_listen", "public_listen"):
-            v = getattr(s, k)
-            if not v and k != "listen":
-                continue
-            host, sep, port = v.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-                raise ConfigError(f"[api] {k} must be 'HOST:PORT', got {v!r}")
-        if s.max_batch < 1 or s.max_body_bytes < 1024 or s.rate_limit <= 0:
-            raise ConfigError("[api] max_batch >= 1, max_body_bytes >= 1024, rate_limit > 0")
-        return s
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def admin_tenants(raw: dict[str, Any]) -> frozenset[str]:
+def admin_tenants(config: Config) -> frozenset[str]:
     """Tenants whose keys see operational, all-tenant data ([dashboard] admin_tenants)."""
-    t = raw.get("dashboard", {})
-    names = t.get("admin_tenants", []) if isinstance(t, dict) else []
-    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else (
-        frozenset())  # fmt: skip
+    return frozenset(config.dashboard.admin_tenants)
 
 
 def admin_only(handler: Handler) -> Handler:
@@ -101,7 +58,7 @@ def admin_only(handler: Handler) -> Handler:
         who = api.keys.verify(key) if key else None
         if who is None:
             return error_response(ApiError(401, "missing or invalid API key"))
-        if who[1] not in admin_tenants(api.ctx.config.raw):
+        if who[1] not in admin_tenants(api.ctx.config):
             return error_response(ApiError(404, "not found"))
         return await handler(request)
 
@@ -276,7 +233,7 @@ def require_tenant(request: web.Request, owner: str | None, missing: ApiError) -
 
 def check_from_domain(request: web.Request, domain: str, field: str) -> None:
     """403 naming the domain unless the key's tenant may send From ``domain`` ([tenants])."""
-    tenants = api_of(request).ctx.config.tenants
+    tenants = api_of(request).ctx.tenants
     if tenants is None:
         return
     try:
@@ -289,7 +246,7 @@ def server_dkim(request: web.Request, spec: dict[str, Any], from_domain: str) ->
     """Put the server's DKIM choice for (tenant, From domain) into a tenant's campaign spec
     (tenants never name key files: fastsend.message.campaign.check_inline), and bind its
     tracking links to the tenant (with the tenant's tracking base URL if it gave none)."""
-    tenants = api_of(request).ctx.config.tenants
+    tenants = api_of(request).ctx.tenants
     tenant = tenant_of(request)
     if tenants is not None:
         spec["dkim"] = tenants.dkim_for(tenant, from_domain)

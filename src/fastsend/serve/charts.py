@@ -73,19 +73,13 @@ class Charts:
     # -- the IP answer -----------------------------------------------------------
 
     def _admins(self) -> frozenset[str]:
-        t = self.ctx.config.raw.get("dashboard", {})
-        names = t.get("admin_tenants", []) if isinstance(t, dict) else []
-        if not isinstance(names, list):
-            return frozenset()
-        return frozenset(n for n in names if isinstance(n, str))
+        return frozenset(self.ctx.config.dashboard.admin_tenants)
 
     def _pool_of(self, ip: str, tenant: str) -> tuple[Any, Any, bool]:
         """(pool, PoolIP, allowed) for an IP, or (None, None, admin) if in no pool."""
-        pools = getattr(self.ctx.config, "pools", None)
-        if pools is None:  # no [pools]: one pool of the [ips] source addresses
-            from fastsend.shaping.pools import load_pools
+        from fastsend.shaping.pools import load_pools
 
-            pools = load_pools(self.ctx.config, time.time())
+        pools = load_pools(self.ctx.config, time.time())  # no [pools]: one of [ips] source
         admin = tenant in self._admins()
         mine = pools.pool_for(tenant=tenant)
         for name, pool in pools.pools.items():

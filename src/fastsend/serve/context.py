@@ -34,6 +34,7 @@ from fastsend.events import EventLog
 from fastsend.queue.supervisor import Supervisor
 from fastsend.spool import Spool, open_spool
 from fastsend.suppression import SuppressionList
+from fastsend.tenants import Tenants
 
 TRANSACTIONAL_SPEC: dict[str, Any] = {"kind": "transactional", "defaults": {}}
 TRANSACTIONAL_OPTION = "transactional_tenant"  # campaign option naming the tenant
@@ -71,6 +72,14 @@ class ServeContext:
         self.feeds = feeds
         self.acceptor = Acceptor(spool, events, suppression, wake=self._wake)
         self._tenant_campaigns: dict[str, int] = {}
+        self._tenants: tuple[Config, Tenants] | None = None
+
+    @property
+    def tenants(self) -> Tenants:
+        """Who may send as what, from the current config (rebuilt after a reload)."""
+        if self._tenants is None or self._tenants[0] is not self.config:
+            self._tenants = (self.config, Tenants.from_config(self.config))
+        return self._tenants[1]
 
     # The acceptor holds the spool and suppression list: swapping either here
     # (metrics wrap the spool, SIGHUP reopens the list) swaps it there too.
@@ -184,8 +193,7 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
 
         spool: Spool = open_spool(config.spool_url)
         shared = SharedState(spool)
-        tracking = config.raw.get("tracking", {})
-        if not config.secret and not (isinstance(tracking, dict) and tracking.get("secret")):
+        if not config.secret and not config.tracking.secret:
             config.secret = shared.cluster.shared_secret()  # one secret for every node
         suppression: Any = shared.suppression()
     else:

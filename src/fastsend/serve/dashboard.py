@@ -181,7 +181,6 @@ class Dashboard:
         self.live: dict[str, _Live] = {}
         self._spool_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._ttl = SPOOL_TTL
-        self._warned = False
         self.totals = [0, 0, 0]  # outcomes of this node since it started
         if getattr(ctx, "shared", None) is not None:
             ctx.shared.status_source = self.node_status
@@ -297,14 +296,7 @@ class Dashboard:
         }
 
     def admins(self) -> frozenset[str]:
-        t = self.ctx.config.raw.get("dashboard", {})
-        names = t.get("admin_tenants", []) if isinstance(t, dict) else None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            if not self._warned:
-                log.warning("[dashboard] admin_tenants must be a list of tenant names; ignored")
-                self._warned = True
-            return frozenset()
-        return frozenset(names)
+        return frozenset(self.ctx.config.dashboard.admin_tenants)
 
     # -- handlers ---------------------------------------------------------------
 

@@ -95,6 +95,8 @@ import orjson
 
 from fastsend import msgid
 from fastsend.bounce import BounceRecord, parse_bounce
+from fastsend.config import Config
+from fastsend.config.serve import IntakeSettings, ListenerLimits, SubmissionSettings, listen_pairs
 from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
@@ -217,19 +219,6 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 # ---------------------------------------------------------------- config
-def _listen(value: Any, where: str) -> list[tuple[str, int]]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"[{where}] listen must be 'HOST:PORT' or a list of them")
-    out = []
-    for it in items:
-        host, sep, port = str(it).rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"[{where}] listen {it!r}: expected HOST:PORT")
-        out.append((host.strip("[]") or "0.0.0.0", int(port)))
-    return out
-
-
 def _ssl_context(cert: str | None, key: str | None, where: str) -> ssl.SSLContext | None:
     if not cert and not key:
         return None
@@ -241,47 +230,9 @@ def _ssl_context(cert: str | None, key: str | None, where: str) -> ssl.SSLContex
     return ctx
 
 
-def _table(raw: dict[str, Any], name: str, known: set[str]) -> dict[str, Any] | None:
-    t = raw.get(name)
-    if t is None:
-        return None
-    if not isinstance(t, dict):
-        raise ValueError(f"[{name}] must be a table")
-    bad = set(t) - known
-    if bad:
-        raise ValueError(f"unknown [{name}] keys: {', '.join(sorted(bad))}")
-    return t
-
-
-@dataclass
-class Limits:
-    """What one listener allows a peer (both [submission] and [intake] take these keys)."""
-
-    timeout: float = 300.0  # for each complete command line (RFC 5321 4.5.3.2: 5 min)
-    data_timeout: float = 180.0  # between DATA/BDAT blocks (RFC 5321 4.5.3.2.6: 3 min)
-    max_session: float = 3600.0  # a whole connection, whatever it does
-    max_connections: int = 200  # open at once on this listener
-    max_connections_per_ip: int = 10
-    max_commands: int = 1000  # replies per connection (commands, pipelined or not)
-    auth_failures_per_ip: int = 10  # then AUTH answers 454 until the window has passed
-    auth_failures_per_user: int = 5
-    auth_window: float = 900.0
-    auth_backoff_max: float = 4.0  # seconds a failed AUTH waits for its answer, at most
-
-    @classmethod
-    def from_table(cls, t: dict[str, Any], where: str) -> Limits:
-        out = cls()
-        for k in LIMIT_KEYS & set(t):
-            v = t[k]
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise ValueError(f"[{where}] {k} must be a positive number, got {v!r}")
-            setattr(out, k, type(getattr(out, k))(v))
-        return out
-
-
-LIMIT_KEYS = set(Limits.__dataclass_fields__)
-SUBMISSION_KEYS = {"listen", "tls_cert", "tls_key", "hostname", "max_size", "users"} | LIMIT_KEYS
-SUBMISSION_KEYS |= {"max_spooled_bytes"}
+# What one listener allows a peer: the [submission]/[intake] keys of
+# fastsend.config.serve.ListenerLimits (those sections are ListenerLimits).
+Limits = ListenerLimits
 
 
 class Guard:
@@ -389,30 +340,22 @@ class SubmissionConfig:
     max_spooled_bytes: int = 256 << 20  # message size x recipients, per message
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any], *, tls: bool = True) -> SubmissionConfig | None:
-        t = _table(raw, "submission", SUBMISSION_KEYS)
-        if t is None or "listen" not in t:
+    def of(cls, t: SubmissionSettings, *, tls: bool = True) -> SubmissionConfig | None:
+        """From ``[submission]`` (checked when the config loaded); None without listen.
+        ``tls=False`` does not load the TLS files (SIGHUP keeps the running
+        listener's and takes only the users and limits)."""
+        if not t.listen:
             return None
-        ctx = _ssl_context(t.get("tls_cert"), t.get("tls_key"), "submission") if tls else None
-        if ctx is None and tls:
-            raise ValueError("[submission] needs tls_cert and tls_key (AUTH only under TLS)")
-        users = t.get("users", {})
-        if not isinstance(users, dict) or not all(isinstance(v, str) for v in users.values()):
-            raise ValueError("[submission.users] must map tenant = password hash")
+        ctx = _ssl_context(t.tls_cert, t.tls_key, "submission") if tls else None
         return cls(
-            _listen(t["listen"], "submission"),
+            listen_pairs(t.listen),
             ctx,  # type: ignore[arg-type]
-            str(t.get("hostname", "localhost")),
-            int(t.get("max_size", cls.max_size)),
-            dict(users),
-            Limits.from_table(t, "submission"),
-            int(t.get("max_spooled_bytes", cls.max_spooled_bytes)),
+            t.hostname,
+            t.max_size,
+            dict(t.users),
+            t,
+            t.max_spooled_bytes,
         )
-
-    @classmethod
-    def users_from_raw(cls, raw: dict[str, Any]) -> SubmissionConfig | None:
-        """The table without loading TLS files (SIGHUP keeps the running listener's)."""
-        return cls.from_raw(raw, tls=False)
 
 
 @dataclass
@@ -429,26 +372,21 @@ class IntakeConfig:
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any]) -> IntakeConfig | None:
-        known = {"listen", "verp_domain", "fbl_address", "tls_cert", "tls_key", "hostname"}
-        known |= {"max_size", "verp_prefix", "parse_max_bytes", "parse_cpu_seconds"}
-        known |= LIMIT_KEYS
-        t = _table(raw, "intake", known)
-        if t is None or "listen" not in t:
+    def of(cls, t: IntakeSettings) -> IntakeConfig | None:
+        """From ``[intake]`` (checked when the config loaded); None without listen."""
+        if not t.listen:
             return None
-        if not t.get("verp_domain") and not t.get("fbl_address"):
-            raise ValueError("[intake] needs verp_domain and/or fbl_address")
         return cls(
-            _listen(t["listen"], "intake"),
-            str(t.get("verp_domain", "")).lower().rstrip("."),
-            str(t.get("fbl_address", "")).lower(),
-            _ssl_context(t.get("tls_cert"), t.get("tls_key"), "intake"),
-            str(t.get("hostname", "localhost")),
-            int(t.get("max_size", cls.max_size)),
-            str(t.get("verp_prefix", "b")),
-            int(t.get("parse_max_bytes", cls.parse_max_bytes)),
-            float(t.get("parse_cpu_seconds", cls.parse_cpu_seconds)),
-            Limits.from_table(t, "intake"),
+            listen_pairs(t.listen),
+            t.verp_domain,
+            t.fbl_address,
+            _ssl_context(t.tls_cert, t.tls_key, "intake"),
+            t.hostname,
+            t.max_size,
+            t.verp_prefix,
+            t.parse_max_bytes,
+            t.parse_cpu_seconds,
+            t,
         )
 
 
@@ -559,7 +497,7 @@ class _Submission(_Policy):
         if not self.still_valid(conn):
             conn.close_after_reply = True
             return 535, "5.7.8", "Authentication credentials no longer valid"
-        tenants = self.ctx.config.tenants
+        tenants = self.ctx.tenants
         if tenants is not None and tenants.configured:
             domains = raw_from_domains(ev.data)
             if not domains:
@@ -977,23 +915,23 @@ class Listeners(list[asyncio.AbstractServer]):
         if self.intake is not None:
             self.intake.pool.close()
 
-    def reload(self, raw: dict[str, Any]) -> None:
-        """Re-read [submission.users] (ValueError for a bad table: nothing changes)."""
-        sub = SubmissionConfig.users_from_raw(raw)
+    def reload(self, config: Config) -> None:
+        """Take the new [submission] users and limits (the config loaded and checked)."""
+        sub = SubmissionConfig.of(config.submission, tls=False)
         if self.submission is not None and sub is not None:
             self.submission.reload(sub)
 
 
 async def start_listeners(ctx: Any) -> Listeners:
     """Start the SMTP listeners the config names ([submission], [intake]); their servers."""
-    raw = ctx.config.raw
+    cfg = ctx.config
     servers = Listeners()
     try:
-        sub = SubmissionConfig.from_raw(raw)
+        sub = SubmissionConfig.of(cfg.submission)
         if sub is not None:
             servers.submission = _Submission(ctx, sub)
-            servers += await _serve(servers.submission, sub.listen, ProxySettings.from_raw(raw))
-        intake = IntakeConfig.from_raw(raw)
+            servers += await _serve(servers.submission, sub.listen, ProxySettings.of(cfg.proxy))
+        intake = IntakeConfig.of(cfg.intake)
         if intake is not None:
             servers.intake = _Intake(ctx, intake)
             servers += await _serve(servers.intake, intake.listen)

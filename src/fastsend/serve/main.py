@@ -65,32 +65,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = load(args.config)
-        from fastsend.serve.api import ApiSettings
-
-        ApiSettings.from_raw(cfg.raw)
-        from fastsend.analytics.rollup import AnalyticsSettings
-
-        AnalyticsSettings.from_config(cfg)  # issue 14: [analytics] errors before starting
-        from fastsend.analytics.alarms import AlarmSettings
-        from fastsend.analytics.dnsbl import ReputationSettings
-        from fastsend.analytics.feeds import FeedSettings
-
-        ReputationSettings.from_config(cfg)
-        AlarmSettings.from_config(cfg)
-        FeedSettings.from_config(cfg)
-        from fastsend.analytics.warmup import WarmupPolicy
-
-        WarmupPolicy.from_config(cfg)
-        from fastsend.serve.provider_events import ProviderEventSettings
-
-        ProviderEventSettings.from_raw(cfg.raw, cfg.base_dir)
+        cfg = load(args.config)  # every section, serve's own included, checked here
     except ConfigError as e:
         print(f"fastsend serve: {e}", file=sys.stderr)
         return 2
     for w in cfg.warnings:
         print(f"fastsend serve: warning: {w}", file=sys.stderr)
-    if cfg.tenants is not None and not cfg.tenants.configured:
+    if cfg.tenants is None:
         print(
             "fastsend serve: no [tenants] table: single-tenant mode, every API key and"
             " submission user may send as any From domain (see SECURITY.md)",
@@ -137,8 +118,9 @@ class Server:
     async def main(self) -> int:
         from aiohttp import web
 
+        from fastsend.config.base import split_listen
         from fastsend.queue.supervisor import Supervisor
-        from fastsend.serve.api import API_KEY, ApiSettings, admin_only, split_listen
+        from fastsend.serve.api import API_KEY, admin_only
         from fastsend.serve.app import make_app
         from fastsend.serve.charts import setup_charts
         from fastsend.serve.context import open_context
@@ -150,7 +132,7 @@ class Server:
         from fastsend.serve.webhooks import WebhookDispatcher
 
         cfg = self.cfg
-        settings = ApiSettings.from_raw(cfg.raw)
+        settings = cfg.api
         from fastsend.cluster import ClusterError
         from fastsend.spool import SpoolError
 
@@ -208,13 +190,7 @@ class Server:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = settings.host_port
-        try:
-            proxy = ProxySettings.from_raw(cfg.raw)
-        except ValueError as e:
-            print(f"fastsend serve: {e}", file=sys.stderr)
-            await runner.cleanup()
-            ctx.close()
-            return 2
+        proxy = ProxySettings.of(cfg.proxy)
         site = proxied_site(runner, host, port, proxy, reuse_address=True, backlog=1024)
         try:
             await site.start()
@@ -315,19 +291,18 @@ class Server:
         self.reloading = asyncio.create_task(self.reload(), name="reload")
 
     async def reload(self) -> None:
-        from fastsend.serve.api import ApiSettings
         from fastsend.suppression import SuppressionList
 
         try:
             cfg = load(self.config_path)
-            settings = ApiSettings.from_raw(cfg.raw)
+            settings = cfg.api
         except ConfigError as e:
             print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
             return
         ctx = self.ctx
         try:
             if self.listeners is not None:
-                self.listeners.reload(cfg.raw)
+                self.listeners.reload(cfg)
         except ValueError as e:
             print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
             return

@@ -51,21 +51,20 @@ from aiohttp import web
 from fastsend import msgid
 from fastsend.bounce import BounceRecord
 from fastsend.bounce.reply import classify_reply
-from fastsend.config import ConfigError
+from fastsend.config import Config
+from fastsend.config.serve import DEFAULT_SNS_HOSTS
 from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
 
 log = logging.getLogger("fastsend.serve.provider_events")
 
 MAX_BODY = 4 * 1024 * 1024
-DEFAULT_SNS_HOSTS = (r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?",)
-_KEYS = {
-    "sns_cert_hosts", "sns_topics", "sns_ca_file", "sendgrid_public_key", "mailgun_signing_key_file",
-    "max_age",
-}  # fmt: skip
 
 
 @dataclass
 class ProviderEventSettings:
+    """What the endpoints check, from ``[provider_events]`` (typed and checked
+    when the config loaded) and the environment."""
+
     sns_cert_hosts: tuple[str, ...] = DEFAULT_SNS_HOSTS  # regexes, full match on the host
     sns_topics: tuple[str, ...] = ()  # allowed TopicArns (empty: none -> SES endpoint off)
     sns_ca_file: str = ""  # trust store for fetching certificates ("" = the system's)
@@ -74,56 +73,17 @@ class ProviderEventSettings:
     max_age: float = 600.0
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any], base_dir: str = ".") -> ProviderEventSettings:
-        t = raw.get("provider_events", {})
-        if not isinstance(t, dict):
-            raise ConfigError("[provider_events] must be a table")
-        for k in t:
-            if k not in _KEYS:
-                raise ConfigError(
-                    f"[provider_events] unknown key {k!r} (known: {', '.join(sorted(_KEYS))})"
-                )
-        s = cls()
-        hosts = t.get("sns_cert_hosts", list(DEFAULT_SNS_HOSTS))
-        topics = t.get("sns_topics", [])
-        if not all(isinstance(x, str) for x in [*hosts, *topics]):
-            raise ConfigError(
-                "[provider_events] sns_cert_hosts and sns_topics are lists of strings"
-            )
-        for h in hosts:
-            try:
-                re.compile(h)
-            except re.error as e:
-                raise ConfigError(f"[provider_events] sns_cert_hosts {h!r}: {e}") from None
-        s.sns_cert_hosts, s.sns_topics = tuple(hosts), tuple(topics)
-        s.sns_ca_file = os.path.join(base_dir, t["sns_ca_file"]) if t.get("sns_ca_file") else ""
-        s.sendgrid_public_key = str(t.get("sendgrid_public_key", "")) or os.environ.get(
-            "FASTSEND_SENDGRID_WEBHOOK_PUBLIC_KEY", ""
+    def of(cls, config: Config) -> ProviderEventSettings:
+        t = config.provider_events
+        return cls(
+            tuple(t.sns_cert_hosts),
+            tuple(t.sns_topics),
+            t.sns_ca_file,
+            t.sendgrid_public_key or os.environ.get("FASTSEND_SENDGRID_WEBHOOK_PUBLIC_KEY", ""),
+            config.mailgun_webhook_key
+            or os.environ.get("FASTSEND_MAILGUN_WEBHOOK_KEY", "").encode(),
+            t.max_age,
         )
-        if s.sendgrid_public_key:
-            try:
-                _ec_key(s.sendgrid_public_key)
-            except ValueError:
-                raise ConfigError(
-                    "[provider_events] sendgrid_public_key is not a base64 DER EC public key"
-                ) from None
-        key = os.environ.get("FASTSEND_MAILGUN_WEBHOOK_KEY", "")
-        if t.get("mailgun_signing_key_file"):
-            from fastsend.transports.spec import TransportError, read_credentials_file
-
-            try:
-                got = read_credentials_file(
-                    os.path.join(base_dir, str(t["mailgun_signing_key_file"])), "[provider_events]"
-                )
-            except TransportError as e:
-                raise ConfigError(str(e)) from None
-            key = got.get("signing_key", "")
-        s.mailgun_key = key.encode()
-        age = t.get("max_age", 600)
-        if not isinstance(age, int | float) or age <= 0:
-            raise ConfigError("[provider_events] max_age must be a positive number of seconds")
-        s.max_age = float(age)
-        return s
 
 
 def _ec_key(b64: str) -> Any:
@@ -546,7 +506,7 @@ def _timeout(seconds: float) -> Any:
 
 def setup_provider_events(app: web.Application, ctx: Any) -> None:
     """Mount the endpoints that ``[provider_events]`` configures (none by default)."""
-    s = ProviderEventSettings.from_raw(ctx.config.raw, ctx.config.base_dir)
+    s = ProviderEventSettings.of(ctx.config)
     pe = ProviderEvents(ctx, s)
     if s.sns_topics:
         app.router.add_post("/webhooks/ses", pe.ses)

@@ -44,6 +44,8 @@ from typing import Any
 
 from proxyprotocol.detect import ProxyProtocolDetect
 
+from fastsend.config.serve import ProxySettings as ProxySection
+
 log = logging.getLogger("fastsend.serve.proxy")
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -59,30 +61,9 @@ class ProxySettings:
     timeout: float = 5.0
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any]) -> ProxySettings:
-        t = raw.get("proxy", {})
-        if not isinstance(t, dict):
-            raise ValueError("[proxy] must be a table")
-        bad = set(t) - {"trusted", "timeout"}
-        if bad:
-            raise ValueError(f"unknown [proxy] keys: {', '.join(sorted(bad))}")
-        nets = t.get("trusted", [])
-        if not isinstance(nets, list) or not all(isinstance(x, str) for x in nets):
-            raise ValueError("[proxy] trusted must be a list of addresses or networks")
-        out: list[Network] = []
-        for x in nets:
-            try:
-                out.append(ipaddress.ip_network(x.strip(), strict=False))
-            except ValueError:
-                raise ValueError(f"[proxy] trusted: {x!r} is not an address or network") from None
-        timeout = t.get("timeout", 5.0)
-        if (
-            not isinstance(timeout, int | float)
-            or isinstance(timeout, bool)
-            or not 0 < timeout <= 60
-        ):
-            raise ValueError("[proxy] timeout must be seconds in (0, 60]")
-        return cls(out, float(timeout))
+    def of(cls, section: ProxySection) -> ProxySettings:
+        """From ``[proxy]`` (typed and checked when the config loaded)."""
+        return cls(section.networks, section.timeout)
 
     def is_trusted(self, host: str) -> bool:
         if not self.trusted:

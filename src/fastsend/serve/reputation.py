@@ -23,10 +23,10 @@ import asyncio
 import logging
 from typing import Any
 
-from fastsend.analytics.alarms import Alarms, AlarmSettings
+from fastsend.analytics.alarms import Alarms
 from fastsend.analytics.dnsbl import Reputation, ReputationSettings, make_resolver, node_ips
 from fastsend.analytics.feeds import Feeds, FeedSettings
-from fastsend.analytics.warmup import EngagementWarmup, WarmupPolicy
+from fastsend.analytics.warmup import EngagementWarmup
 from fastsend.periodic import every
 
 log = logging.getLogger("fastsend.serve.reputation")
@@ -58,10 +58,12 @@ def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
         f = Feeds(feeds, gauge, ctx.emit, sup.rest_ip if sup is not None else None)
         ctx.feeds = f
         tasks.append(asyncio.create_task(f.loop(), name="reputation-feeds"))
-    policy = WarmupPolicy.from_config(ctx.config)
-    pools = getattr(ctx.config, "pools", None)
+    policy = ctx.config.reputation.warmup
+    pools = ctx.config.pools
     warming = pools is not None and any(
-        ip.warmup_start_day is not None for p in pools.pools.values() for ip in p.ips
+        ip.warmup_start is not None or ip.warmup_day is not None
+        for p in pools.pools.values()
+        for ip in p.ips
     )
     if rollups is not None and policy.enabled and warming and ctx.supervisor is not None:
         feeds_now = getattr(ctx, "feeds", None)
@@ -77,7 +79,7 @@ def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
         tasks.append(asyncio.create_task(every(WARMUP_EVERY, warmup, "warm-up evaluation", log),
                                          name="warmup"))  # fmt: skip
     if rollups is not None:
-        alarms = Alarms(AlarmSettings.from_config(ctx.config), rollups.store, ctx.emit)
+        alarms = Alarms(ctx.config.reputation.alarms, rollups.store, ctx.emit)
 
         def alarm() -> None:
             alarms.evaluate(sorted({c.tenant or "default" for c in ctx.spool.list_campaigns()}))

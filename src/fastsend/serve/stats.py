@@ -128,13 +128,7 @@ PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
 
 
 def _admins(ctx: Any) -> frozenset[str]:
-    t = ctx.config.raw.get("dashboard", {})
-    names = t.get("admin_tenants", []) if isinstance(t, dict) else []
-    return (
-        frozenset(n for n in names if isinstance(n, str))
-        if isinstance(names, list)
-        else frozenset()
-    )
+    return frozenset(ctx.config.dashboard.admin_tenants)
 
 
 async def rollup_stats(request: web.Request, windows: dict[str, int]) -> web.Response:

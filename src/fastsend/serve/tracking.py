@@ -240,9 +240,8 @@ def _bad_request(why: str) -> web.HTTPBadRequest:
 def setup_tracking(app: web.Application, ctx: Any) -> None:
     """Add the /t/ (tracking) and /u/ (unsubscribe) routes to ``app``."""
     tr.set_process_secret(ctx.secret)
-    t = ctx.config.raw.get("tracking", {})
-    days = t.get("link_ttl_days") if isinstance(t, dict) else None
-    if isinstance(days, int | float) and not isinstance(days, bool) and days > 0:
+    days = ctx.config.tracking.link_ttl_days
+    if days is not None:
         tr.set_link_ttl(days * 86400.0)
     t = _Tracking(ctx)
     app.router.add_get("/t/o/" + _TOKEN + ".gif", t.open)  # GET and HEAD

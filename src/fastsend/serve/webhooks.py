@@ -73,6 +73,7 @@ import aiohttp
 import orjson
 from redis.exceptions import RedisError
 
+from fastsend.config.serve import WebhookSettings
 from fastsend.sqlitedb import connect, transaction
 
 __all__ = ["Outbox", "WebhookConfig", "WebhookDispatcher", "sign_payload"]
@@ -100,49 +101,18 @@ class WebhookConfig:
     flush_interval: float = 0.2
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any]) -> WebhookConfig:
-        """From the ``[webhooks]`` table (ValueError naming a bad key)."""
-        t = raw.get("webhooks", {}) or {}
-        if not isinstance(t, dict):
-            raise ValueError("[webhooks] must be a table")
-        known = {"urls", "secret", "secret_file", "batch_size", "events", "timeout"}
-        known |= {"retry_min", "retry_max", "flush_interval"}
-        bad = set(t) - known
-        if bad:
-            raise ValueError(f"unknown [webhooks] keys: {', '.join(sorted(bad))}")
-        c = cls()
-        urls = t.get("urls", [])
-        if isinstance(urls, str):
-            urls = [urls]
-        if not isinstance(urls, list) or not all(
-            isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls
-        ):
-            raise ValueError("[webhooks] urls must be a list of http(s) URLs")
-        c.urls = list(dict.fromkeys(urls))
-        if t.get("secret_file"):
-            with open(str(t["secret_file"]), "rb") as f:
-                c.secret = f.read().strip()
-        elif t.get("secret"):
-            c.secret = str(t["secret"]).encode()
-        if c.urls and len(c.secret) < 16:
-            raise ValueError("[webhooks] needs a secret (or secret_file) of 16+ characters")
-        for k in ("batch_size",):
-            if k in t:
-                if not isinstance(t[k], int) or isinstance(t[k], bool) or t[k] < 1:
-                    raise ValueError(f"[webhooks] {k} must be a positive integer")
-                setattr(c, k, t[k])
-        for k in ("timeout", "retry_min", "retry_max", "flush_interval"):
-            if k in t:
-                v = t[k]
-                if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
-                    raise ValueError(f"[webhooks] {k} must be a positive number")
-                setattr(c, k, float(v))
-        if "events" in t:
-            ev = t["events"]
-            if not isinstance(ev, list) or not all(isinstance(e, str) for e in ev):
-                raise ValueError("[webhooks] events must be a list of event names")
-            c.events = frozenset(ev)
-        return c
+    def of(cls, t: WebhookSettings) -> WebhookConfig:
+        """From ``[webhooks]`` (typed and checked, secret_file read, when the config loaded)."""
+        return cls(
+            urls=t.url_list,
+            secret=t.secret.encode(),
+            batch_size=t.batch_size,
+            events=frozenset(t.events) if t.events is not None else None,
+            timeout=t.timeout,
+            retry_min=t.retry_min,
+            retry_max=t.retry_max,
+            flush_interval=t.flush_interval,
+        )
 
 
 _SCHEMA = """
@@ -225,7 +195,7 @@ class WebhookDispatcher:
 
     def __init__(self, ctx: Any, config: WebhookConfig | None = None) -> None:
         self.ctx = ctx
-        self.config = config if config is not None else WebhookConfig.from_raw(ctx.config.raw)
+        self.config = config if config is not None else WebhookConfig.of(ctx.config.webhooks)
         self.outbox: Outbox | None = None
         self.stats = {"posted": 0, "failed": 0, "events": 0}
         self._pending: list[bytes] = []

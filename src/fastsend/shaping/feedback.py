@@ -49,88 +49,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fastsend.settings import ConfigError
-
-ACTIONS = ("suspend", "rest", "throttle", "bounce")
-RULE_KEYS = frozenset(
-    {
-        "name",
-        "match",
-        "reasons",
-        "provider",
-        "codes",
-        "threshold",
-        "period",
-        "action",
-        "duration",
-        "messages_per_second",
-        "messages_per_minute",
-        "messages_per_hour",
-        "max_connections",
-    }
-)
+ACTIONS = ("suspend", "rest", "throttle", "bounce")  # fastsend.config.shaping.RuleTable
 # Aimd.observe answers
 SAME, DECREASED, INCREASED, LIFTED = 0, 1, 2, 3
-
-
-def parse_rule(r: Any, where: str) -> dict[str, Any]:
-    """Validate one ``[[rule]]`` table; returns it with defaults filled in."""
-    if not isinstance(r, dict):
-        raise ConfigError(f"{where}: must be a table")
-    for k in r:
-        if k not in RULE_KEYS:
-            raise ConfigError(f"{where}: unknown key {k!r} (known: {', '.join(sorted(RULE_KEYS))})")
-    out = dict(r)
-    name = out.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}: name is required")
-    reasons = out.setdefault("reasons", [])
-    if not isinstance(reasons, list) or not all(isinstance(x, str) and x for x in reasons):
-        raise ConfigError(f"{where} ({name}): reasons must be a list of reason names")
-    pat = out.setdefault("match", "")
-    if not isinstance(pat, str) or not (pat or reasons):
-        raise ConfigError(f"{where} ({name}): match (a regex) or reasons is required")
-    try:
-        re.compile(pat, re.I)
-    except re.error as e:
-        raise ConfigError(f"{where} ({name}): bad regex {pat!r}: {e}") from None
-    action = out.get("action")
-    if action not in ACTIONS:
-        raise ConfigError(f"{where} ({name}): action must be one of {', '.join(ACTIONS)}")
-    out.setdefault("threshold", 1)
-    out.setdefault("period", 3600.0)
-    out.setdefault("duration", 3600.0)
-    out.setdefault("provider", "")
-    out.setdefault("codes", [])
-    if not isinstance(out["threshold"], int) or out["threshold"] < 1:
-        raise ConfigError(f"{where} ({name}): threshold must be a positive integer")
-    for k in (
-        "period",
-        "duration",
-        "messages_per_second",
-        "messages_per_minute",
-        "messages_per_hour",
-    ):
-        v = out.get(k, 0)
-        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"{where} ({name}): {k} must be a non-negative number")
-    if "max_connections" in out and (
-        not isinstance(out["max_connections"], int) or out["max_connections"] < 1
-    ):
-        raise ConfigError(f"{where} ({name}): max_connections must be a positive integer")
-    if action == "throttle" and not any(
-        k in out
-        for k in (
-            "messages_per_second",
-            "messages_per_minute",
-            "messages_per_hour",
-            "max_connections",
-        )
-    ):
-        raise ConfigError(f"{where} ({name}): a throttle rule needs a rate or max_connections")
-    if not isinstance(out["codes"], list) or not all(isinstance(c, int) for c in out["codes"]):
-        raise ConfigError(f"{where} ({name}): codes must be a list of reply codes")
-    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,25 +37,10 @@ DELIBERATELY NOT HERE
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from fastsend.settings import Config
+from fastsend.config.shaping import GuardrailSettings
 from fastsend.spool import BOUNCED, DELIVERED, Spool
-from fastsend.tables import load_table
-
-
-@dataclass
-class GuardrailSettings:
-    bounce_rate: float = 0.05
-    complaint_rate: float = 0.003
-    min_sample: int = 500
-    enabled: bool = True
-
-    @classmethod
-    def from_config(cls, config: Config) -> GuardrailSettings:
-        raw = config.raw.get("guardrails", {})
-        return load_table(cls, raw, "guardrails", int_min=1, float_max=1.0)
 
 
 class Guardrails:

@@ -36,8 +36,8 @@ import math
 import time
 from typing import Any
 
+from fastsend.config import Config
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult
-from fastsend.settings import Config
 from fastsend.shaping.feedback import DECREASED, LIFTED, Aimd, Rule, Trigger, rules_for
 from fastsend.shaping.policy import Limits, Policy, load_policy
 from fastsend.shaping.pools import Pool, PoolSet, Warmup, load_pools
@@ -393,10 +393,8 @@ class Shaper:
 
     def __init__(self, config: Config, ips: list[str], now: float | None = None) -> None:
         self.config = config
-        self.policy: Policy = getattr(config, "shaping", None) or load_policy(config)
-        poolset: PoolSet = getattr(config, "pools", None) or load_pools(
-            config, time.time() if now is None else now
-        )
+        self.policy: Policy = load_policy(config)
+        poolset: PoolSet = load_pools(config, time.time() if now is None else now)
         self.poolset = poolset
         self.worker_ips = ips or [""]
         self.pools: dict[str, Pool] = {}

@@ -29,9 +29,9 @@ DESCRIPTION
     (:mod:`fastsend.throttle`) in :mod:`fastsend.shaping.lanes`.
 
 DELIBERATELY NOT HERE
-    No clocks, no buckets, no sockets: this module only parses and answers
-    "what are the limits". Unknown keys are errors naming the key, as in
-    :mod:`fastsend.config`.
+    No clocks, no buckets, no sockets, no parsing: the layers arrive typed
+    (:class:`fastsend.config.shaping.ShapingFile`, checked when the config
+    loaded); this module merges them and answers "what are the limits".
 """
 
 from __future__ import annotations
@@ -42,26 +42,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from fastsend.settings import Config, ConfigError
-from fastsend.tables import read_toml
+from fastsend.config import Config
+from fastsend.config.base import decode, set_fields
+from fastsend.config.shaping import ShapingFile
 
-LIMIT_KEYS = frozenset(
-    {
-        "max_connections",
-        "max_messages_per_connection",
-        "messages_per_second",
-        "messages_per_minute",
-        "messages_per_hour",
-        "burst",
-        "connections_per_minute",
-        "tls",
-        "aimd",
-    }
-)
-PROVIDER_KEYS = LIMIT_KEYS | {"mx_suffixes", "domains"}
-TOP_KEYS = frozenset(
-    {"default", "provider", "domain", "aimd", "rest", "rule", "file", "defaults", "dispatch"}
-)
 AIMD_KEYS = {"decrease": 0.5, "increase": 5.0, "defer_share": 0.2, "hold": 1.0, "min_rate": 0.5}
 REST_KEYS = {"duration": 3600.0}
 TLS_MODES = ("opportunistic", "required", "off")
@@ -174,16 +158,11 @@ class Policy:
 
     # -- building ------------------------------------------------------------
 
-    def merge(self, data: dict[str, Any], where: str) -> None:
-        """Overlay one layer (a parsed shaping file or the config's table)."""
-        for k in data:
-            if k not in TOP_KEYS:
-                raise ConfigError(
-                    f"{where}: unknown key {k!r} (known: {', '.join(sorted(TOP_KEYS))})"
-                )
-        self.default.update(_limits(data.get("default", {}), f"{where} [default]", LIMIT_KEYS))
-        for name, pv in _table(data, "provider", where).items():
-            vals = _limits(pv, f"{where} [provider.{name}]", PROVIDER_KEYS)
+    def merge(self, layer: ShapingFile) -> None:
+        """Overlay one layer (the shipped file, the user's file, the config's table)."""
+        self.default.update(set_fields(layer.default))
+        for name, pv in layer.provider.items():
+            vals = set_fields(pv)
             old = self.providers.get(name)
             suffixes = vals.pop("mx_suffixes", None)
             doms = vals.pop("domains", None)
@@ -194,69 +173,25 @@ class Policy:
             if doms is not None:
                 old.domains = frozenset(d.lower() for d in doms)
             old.values.update(vals)
-        for dom, dv in _table(data, "domain", where).items():
-            vals = _limits(dv, f'{where} [domain."{dom}"]', LIMIT_KEYS)
-            self.domains.setdefault(dom.lower().rstrip("."), {}).update(vals)
-        for sect, target in (("aimd", self.aimd), ("rest", self.rest)):
-            for k, val in _table(data, sect, where).items():
-                if k not in target:
-                    raise ConfigError(f"{where} [{sect}]: unknown key {k!r}")
-                if not isinstance(val, int | float) or isinstance(val, bool) or val < 0:
-                    raise ConfigError(f"{where} [{sect}] {k} must be a non-negative number")
-                target[k] = float(val)
-        rules = data.get("rule", [])
-        if not isinstance(rules, list):
-            raise ConfigError(f"{where}: rule must be an array of tables ([[rule]])")
-        from fastsend.shaping.feedback import parse_rule
-
-        for i, r in enumerate(rules):
-            rule = parse_rule(r, f"{where} rule #{i + 1}")
+        for dom, dv in layer.domain.items():
+            self.domains.setdefault(dom.lower().rstrip("."), {}).update(set_fields(dv))
+        self.aimd.update(set_fields(layer.aimd))
+        self.rest.update(set_fields(layer.rest))
+        for r in layer.rule:
+            rule = set_fields(r)
             self.rules = [x for x in self.rules if x["name"] != rule["name"]]  # same name replaces
             self.rules.append(rule)
 
 
-def _table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
-    v = data.get(name, {})
-    if not isinstance(v, dict):
-        raise ConfigError(f"{where}: [{name}] must be a table")
-    return v
+_SHIPPED: list[ShapingFile] = []
 
 
-def _limits(values: Any, where: str, known: frozenset[str]) -> dict[str, Any]:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a table")
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if k not in known:
-            raise ConfigError(f"{where}: unknown key {k!r} (known: {', '.join(sorted(known))})")
-        if k == "tls":
-            if v not in TLS_MODES:
-                raise ConfigError(f"{where}: tls must be one of {', '.join(TLS_MODES)}")
-        elif k == "aimd":
-            if not isinstance(v, bool):
-                raise ConfigError(f"{where}: aimd must be true or false")
-        elif k in ("mx_suffixes", "domains"):
-            if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
-                raise ConfigError(f"{where}: {k} must be a list of names")
-        else:
-            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"{where}: {k} must be a non-negative number")
-            if k in ("max_connections", "max_messages_per_connection", "burst") and (
-                not isinstance(v, int) or (v < 1 and k != "burst")
-            ):
-                raise ConfigError(f"{where}: {k} must be a positive integer")
-        out[k] = v
-    return out
-
-
-def shipped() -> dict[str, Any]:
-    """The shipped shaping.toml, parsed."""
-    text = resources.files("fastsend.shaping").joinpath("shaping.toml").read_text()
-    return tomllib.loads(text)
-
-
-def load_file(path: str) -> dict[str, Any]:
-    return read_toml(path, "shaping file")
+def shipped() -> ShapingFile:
+    """The shipped shaping.toml, typed (read once)."""
+    if not _SHIPPED:
+        text = resources.files("fastsend.shaping").joinpath("shaping.toml").read_text()
+        _SHIPPED.append(decode(tomllib.loads(text), ShapingFile))
+    return _SHIPPED[0]
 
 
 def load_policy(config: Config | None = None) -> Policy:
@@ -265,43 +200,16 @@ def load_policy(config: Config | None = None) -> Policy:
     ``[shaping] defaults = false`` starts from nothing instead of the shipped file.
     """
     p = Policy()
-    table: dict[str, Any] = {}
-    if config is not None:
-        d = config.delivery
-        p.engine_connections = d.max_connections
-        p.engine_messages_per_connection = d.max_messages_per_connection
-        p.engine_tls = d.tls
-        raw = config.raw.get("shaping", {})
-        if not isinstance(raw, dict):
-            raise ConfigError("[shaping] must be a table")
-        table = dict(raw)
-    use_shipped = table.pop("defaults", True)
-    if not isinstance(use_shipped, bool):
-        raise ConfigError("[shaping] defaults must be true or false")
-    if use_shipped:
-        p.merge(shipped(), "shaping.toml (shipped)")
-    path = table.pop("file", None)
-    if path is not None:
-        if not isinstance(path, str):
-            raise ConfigError("[shaping] file must be a path")
-        p.merge(load_file(path), path)
-    p.merge(table, "[shaping]")
+    if config is None:
+        p.merge(shipped())
+        return p
+    d = config.delivery
+    p.engine_connections = d.max_connections
+    p.engine_messages_per_connection = d.max_messages_per_connection
+    p.engine_tls = d.tls
+    if config.shaping.defaults:
+        p.merge(shipped())
+    if config.shaping_file is not None:
+        p.merge(config.shaping_file)
+    p.merge(config.shaping)
     return p
-
-
-def dispatch_settings(config: Config) -> dict[str, Any]:
-    """The validated ``[shaping.dispatch]`` table (errors name the key)."""
-    raw = config.raw.get("shaping", {}).get("dispatch", {})
-    if not isinstance(raw, dict):
-        raise ConfigError("[shaping.dispatch] must be a table")
-    known = {"global_rate", "campaign_rate", "tenant_rate", "tenants"}
-    for k, v in raw.items():
-        if k not in known:
-            raise ConfigError(
-                f"[shaping.dispatch] unknown key {k!r} (known: {', '.join(sorted(known))})"
-            )
-        vals = v.values() if k == "tenants" and isinstance(v, dict) else [v]
-        for x in vals:
-            if not isinstance(x, int | float) or isinstance(x, bool) or x < 0:
-                raise ConfigError(f"[shaping.dispatch] {k} must be non-negative rates")
-    return raw

@@ -52,7 +52,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastsend.settings import Config, ConfigError, validate_ip
+from fastsend.config import Config
 
 DEFAULT_SCHEDULE: tuple[int, ...] = (
     50, 100, 200, 400, 800, 1500, 3000, 6000, 10_000, 20_000, 40_000, 80_000, 150_000, 300_000,
@@ -194,84 +194,25 @@ class PoolSet:
         return {ip.ip: ip.ehlo for p in self.pools.values() for ip in p.ips if ip.ehlo}
 
 
-def _day_of(v: Any, where: str) -> int:
-    if isinstance(v, dt.datetime):
-        v = v.date()
-    if isinstance(v, dt.date):
-        return (v - dt.date(1970, 1, 1)).days
-    if isinstance(v, str):
-        try:
-            return (dt.date.fromisoformat(v) - dt.date(1970, 1, 1)).days
-        except ValueError:
-            pass
-    raise ConfigError(f"{where}: warmup_start must be a date (YYYY-MM-DD)")
-
-
 def load_pools(config: Config, now: float) -> PoolSet:
-    """Parse ``[pools]``; with none, one pool "default" of ``[ips] source``."""
-    raw = config.raw.get("pools", {})
-    if not isinstance(raw, dict):
-        raise ConfigError("[pools] must be a table")
-    schedule = WarmupSchedule()
-    wu = raw.get("warmup", {})
-    if not isinstance(wu, dict) or set(wu) - {"schedule"}:
-        raise ConfigError("[pools.warmup] takes one key: schedule = [caps per day]")
-    if "schedule" in wu:
-        caps = wu["schedule"]
-        if not isinstance(caps, list) or not all(isinstance(c, int) and c > 0 for c in caps):
-            raise ConfigError("[pools.warmup] schedule must be a list of positive integers")
-        schedule = WarmupSchedule(tuple(caps))
-    tenants = raw.get("tenants", {})
-    if not isinstance(tenants, dict) or not all(isinstance(v, str) for v in tenants.values()):
-        raise ConfigError("[pools] tenants must map tenant names to pool names")
+    """The pools of ``[pools]`` (typed and checked when the config loaded);
+    with none, one pool "default" of ``[ips] source``."""
+    sec = config.pools
+    schedule = WarmupSchedule(tuple(sec.warmup.schedule)) if sec and sec.warmup.schedule else (
+        WarmupSchedule())  # fmt: skip
     pools: dict[str, Pool] = {}
-    for name, table in raw.items():
-        if name in ("warmup", "tenants", "default"):
-            continue
-        where = f"[pools.{name}]"
-        if not isinstance(table, dict) or set(table) - {"ips"}:
-            raise ConfigError(f"{where} must be a table with ips = [...]")
+    for name, table in (sec.pools if sec is not None else {}).items():
         ips: list[PoolIP] = []
-        for i, entry in enumerate(table.get("ips", [])):
-            w = f"{where} ips[{i}]"
-            if isinstance(entry, str):
-                entry = {"ip": entry}
-            if not isinstance(entry, dict):
-                raise ConfigError(f"{w}: must be an address or a table")
-            extra = set(entry) - {"ip", "weight", "ehlo", "warmup_start", "warmup_day"}
-            if extra:
-                raise ConfigError(f"{w}: unknown key {sorted(extra)[0]!r}")
-            weight = entry.get("weight", 1)
-            if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
-                raise ConfigError(f"{w}: weight must be a positive integer")
+        for e in table.ips:
             start: int | None = None
-            if "warmup_start" in entry:
-                start = _day_of(entry["warmup_start"], w)
-            elif "warmup_day" in entry:
-                d = entry["warmup_day"]
-                if not isinstance(d, int) or d < 1:
-                    raise ConfigError(f"{w}: warmup_day must be a positive integer")
-                start = utc_day(now) - d + 1
-            ips.append(
-                PoolIP(
-                    validate_ip(str(entry.get("ip", "")), w),
-                    weight,
-                    str(entry.get("ehlo", "")),
-                    start,
-                )
-            )
-        if not ips:
-            raise ConfigError(f"{where}: ips is empty")
+            if e.warmup_start is not None:
+                start = (e.warmup_start - dt.date(1970, 1, 1)).days
+            elif e.warmup_day is not None:
+                start = utc_day(now) - e.warmup_day + 1
+            ips.append(PoolIP(e.ip, e.weight, e.ehlo, start))
         pools[name] = Pool(name, ips, schedule)
-    default = raw.get("default", "")
+    default = sec.default if sec is not None else ""
     if not pools:
         pools["default"] = Pool("default", [PoolIP(ip) for ip in config.source_ips], schedule)
         default = "default"
-    if not default:
-        default = next(iter(pools))
-    if default not in pools:
-        raise ConfigError(f"[pools] default {default!r} is not a pool")
-    for t, p in tenants.items():
-        if p not in pools:
-            raise ConfigError(f"[pools] tenants: {t!r} names unknown pool {p!r}")
-    return PoolSet(pools, default, dict(tenants))
+    return PoolSet(pools, default or next(iter(pools)), dict(sec.tenants) if sec else {})

@@ -40,9 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from fastsend.config.transports import TransportSpec
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.throttle import Gcra
-from fastsend.transports.spec import TransportSpec
 
 MAX_THROTTLES = 8  # throttles of one envelope before it is answered deferred
 MIN_PAUSE = 0.5

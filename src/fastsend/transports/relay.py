@@ -7,7 +7,7 @@ a :class:`~fastsend.delivery.pool.SiteQueue` that submits to one host.
   closed networks. ``ca_file`` replaces the system trust store.
 - AUTH: the mechanism configured, else the best offered (PLAIN or LOGIN
   inside TLS, CRAM-MD5 when in clear text), with the credentials of the
-  transport (environment or 0600 file, fastsend.transports.spec).
+  transport (environment or 0600 file, fastsend.config.transports).
 - Limits: ``max_connections`` and ``rate`` (messages/s) are the relay's,
   across all workers: each worker's lanes (one per source IP) get their share.
 
@@ -21,8 +21,8 @@ import math
 import ssl
 from typing import Any
 
+from fastsend.config.transports import TransportSpec
 from fastsend.shaping.policy import Limits
-from fastsend.transports.spec import TransportSpec
 
 
 def connect_options(spec: TransportSpec) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from fastsend import msgid
+from fastsend.config.transports import TransportSpec
 from fastsend.outcome import Envelope
 from fastsend.transports.http import (
     Answer,
@@ -43,7 +44,6 @@ from fastsend.transports.http import (
     retry_after,
 )
 from fastsend.transports.sigv4 import Signer
-from fastsend.transports.spec import TransportSpec
 
 PATH = "/v2/email/outbound-emails"
 THROTTLING = ("TooManyRequestsException", "ThrottlingException", "Throttling")

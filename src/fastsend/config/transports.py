@@ -27,7 +27,8 @@ environment: ``FASTSEND_<NAME>_<FIELD>`` (NAME upper-cased, non-alphanumerics
 as ``_``) and then the provider's usual variable (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, SENDGRID_API_KEY, MAILGUN_API_KEY).
 
-This module parses and validates; it opens no sockets.
+This module parses and validates (reading credentials); it opens no sockets.
+The transports themselves are :mod:`fastsend.transports`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,21 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from fastsend.config.base import (
+    ConfigError,
+    NonNegFloat,
+    NonNegInt,
+    Path,
+    PosFloat,
+    PosInt,
+    Section,
+    _struct,
+    where,
+)
 
 KINDS = ("smtp", "relay", "ses", "sendgrid", "mailgun")
 HTTP_KINDS = ("ses", "sendgrid", "mailgun")
@@ -58,8 +73,39 @@ _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 
 
-class TransportError(ValueError):
+class TransportError(ConfigError):
     """A transport table or route value is invalid (the message names it)."""
+
+
+class TransportTable(Section):
+    """``[transports.NAME]`` as written (credentials are never keys here)."""
+
+    kind: Literal["relay", "ses", "sendgrid", "mailgun"]
+    host: str = ""
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    endpoint: str = ""
+    region: str = ""
+    configuration_set: str = ""
+    domain: str = ""
+    tls: Literal["starttls", "implicit", "opportunistic", "off", ""] = ""
+    auth_mechanism: str = ""
+    ca_file: str = ""
+    max_connections: PosInt = 4
+    rate: NonNegFloat = 0.0
+    timeout: PosFloat = 30.0
+    max_recipients: NonNegInt = 0
+    credentials_file: str = ""
+
+    @classmethod
+    def config_decode(cls, value: Any, path: Path) -> TransportTable:
+        if isinstance(value, dict):
+            for k in value:
+                if k not in cls.__struct_fields__ and FORBIDDEN.search(k):
+                    raise TransportError(
+                        f"{where(path)} {k}: secrets never go in the config file; use the"
+                        " environment or a 0600 credentials_file"
+                    )
+        return _struct(value, cls, path)
 
 
 @dataclass
@@ -100,13 +146,6 @@ class TransportSpec:
     def recipients_limit(self) -> int:
         default = {"ses": 50, "sendgrid": 1000, "mailgun": 1000, "relay": 0}.get(self.kind, 0)
         return self.max_recipients or default
-
-
-_KEYS = {
-    "kind", "host", "port", "endpoint", "region", "configuration_set", "domain", "tls",
-    "auth_mechanism", "ca_file", "max_connections", "rate", "timeout", "max_recipients",
-    "credentials_file",
-}  # fmt: skip
 
 
 def env_name(name: str, fld: str) -> str:
@@ -158,40 +197,18 @@ def _load_secrets(spec: TransportSpec, file: str, where: str) -> None:
             )
 
 
-def parse_table(name: str, t: Any, base_dir: str) -> TransportSpec:
+def build_spec(name: str, t: TransportTable, base_dir: str) -> TransportSpec:
+    """The transport ``t`` names, its secrets read (TransportError naming what is missing)."""
     where = f"[transports.{name}]"
-    if not isinstance(t, dict):
-        raise TransportError(f"{where} must be a table")
-    for k in t:
-        if k not in _KEYS:
-            if FORBIDDEN.search(k):
-                raise TransportError(
-                    f"{where} {k}: secrets never go in the config file; use the environment"
-                    " or a 0600 credentials_file"
-                )
-            raise TransportError(f"{where} unknown key {k!r} (known: {', '.join(sorted(_KEYS))})")
-    kind = t.get("kind")
-    if kind not in KINDS or kind == "smtp":
-        raise TransportError(f"{where} kind must be one of relay, ses, sendgrid, mailgun")
-    spec = TransportSpec(name=name, kind=kind)
-    for k, v in t.items():
-        if k in ("kind", "credentials_file"):
-            continue
-        cur = getattr(spec, k)
-        if isinstance(cur, float):
-            ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
-            v = float(v) if ok else v
-        elif isinstance(cur, int):
-            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        else:
-            ok = isinstance(v, str)
-        if not ok:
-            raise TransportError(f"{where} {k} must be a non-negative {type(cur).__name__}")
-        setattr(spec, k, v)
-    _check(spec, where, base_dir, explicit_tls="tls" in t)
-    cf = t.get("credentials_file", "")
-    if not isinstance(cf, str):
-        raise TransportError(f"{where} credentials_file must be a path")
+    spec = TransportSpec(
+        name=name, kind=t.kind, host=t.host, port=t.port, endpoint=t.endpoint,
+        region=t.region, configuration_set=t.configuration_set, domain=t.domain,
+        tls=t.tls or "starttls", auth_mechanism=t.auth_mechanism, ca_file=t.ca_file,
+        max_connections=t.max_connections, rate=t.rate, timeout=t.timeout,
+        max_recipients=t.max_recipients,
+    )  # fmt: skip
+    _check(spec, where, base_dir, explicit_tls=bool(t.tls))
+    cf = t.credentials_file
     _load_secrets(spec, os.path.join(base_dir, cf) if cf else "", where)
     return spec
 
@@ -234,12 +251,12 @@ def shorthand(text: str, base_dir: str) -> TransportSpec | None:
     kind, _, arg = text.partition(":")
     if kind not in HTTP_KINDS:
         return None
-    table: dict[str, Any] = {"kind": kind}
+    region = ""
     if kind == "ses" or (kind == "mailgun" and arg):
-        table["region"] = arg
+        region = arg
     elif arg:
         raise TransportError(f"route {text!r}: sendgrid takes no argument")
-    return parse_table(text, table, base_dir)
+    return build_spec(text, TransportTable(kind=kind, region=region), base_dir)  # type: ignore[arg-type]
 
 
 def parse_route(
@@ -272,13 +289,12 @@ def parse_route(
     return tuple(chain)
 
 
-def parse_transports(raw: dict[str, Any], base_dir: str) -> dict[str, TransportSpec]:
-    section = raw.get("transports", {})
-    if not isinstance(section, dict):
-        raise TransportError("[transports] must be a table of tables")
+def build_transports(
+    tables: dict[str, TransportTable], base_dir: str
+) -> dict[str, TransportSpec]:
     out: dict[str, TransportSpec] = {}
-    for name, t in section.items():
+    for name, t in tables.items():
         if name in KINDS or ":" in name or "," in name:
             raise TransportError(f"[transports.{name}]: a name cannot be a kind or hold ':' ','")
-        out[name] = parse_table(name, t, base_dir)
+        out[name] = build_spec(name, t, base_dir)
     return out

@@ -1,0 +1,115 @@
+"""The engine's own tables: [spool], [workers], [ips], [routes], [delivery],
+[retry], [dns], [events]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fastsend.config.base import (
+    HELO,
+    ConfigError,
+    NonNegFloat,
+    NonNegInt,
+    Port,
+    PosFloat,
+    PosInt,
+    Section,
+    Share,
+    validate_ip,
+)
+
+
+@dataclass
+class Route:
+    """A static SMTP route (host, port), or -- with ``transports`` -- the names
+    of transports in failover order (:mod:`fastsend.config.transports`)."""
+
+    host: str
+    port: int = 25
+    transports: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, *, where: str) -> Route:
+        host, sep, port = text.strip().rpartition(":")
+        if not sep:
+            host, port = text.strip(), "25"
+        host = host.strip("[]")
+        if not host:
+            raise ConfigError(f"{where}: route {text!r} has no host")
+        try:
+            p = int(port)
+        except ValueError:
+            raise ConfigError(f"{where}: route {text!r} has a bad port") from None
+        if not 0 < p < 65536:
+            raise ConfigError(f"{where}: route {text!r} port out of range")
+        return cls(host, p)
+
+    def __str__(self) -> str:
+        return ", ".join(self.transports) if self.transports else f"{self.host}:{self.port}"
+
+
+class SpoolSection(Section):
+    dir: str = ""  # this node's local directory (default ./spool, or the URL's dir=)
+    # A shared (Redis) spool of several nodes (docs/DEPLOY.md)
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url must be redis://, rediss:// or unix://, not {self.url!r}")
+
+
+class WorkersSection(Section):
+    count: NonNegInt = 0  # 0: one per CPU core
+
+
+class IpsSection(Section):
+    source: list[str] = []
+    helo: str = ""
+
+    def __post_init__(self) -> None:
+        self.source = [validate_ip(ip, "source") for ip in self.source]
+        if self.helo and not HELO.fullmatch(self.helo):
+            raise ValueError(f"helo {self.helo!r} is not a host name or address literal")
+
+
+class DeliveryConfig(Section):
+    batch_size: PosInt = 200  # messages per ring record (supervisor -> worker)
+    window: PosInt = 4000  # claimed-but-unanswered messages per worker (active window)
+    max_connections: PosInt = 16  # per (source IP, site)
+    max_messages_per_connection: NonNegInt = 1000
+    recipients_per_transaction: PosInt = 50  # for identical (non-personalised) messages
+    pipeline: PosInt = 64  # messages written per pipelined group on one connection
+    tls: Literal["opportunistic", "required", "off"] = "opportunistic"
+    idle_timeout: NonNegFloat = 5.0
+    connect_timeout: NonNegFloat = 30.0
+    command_timeout: NonNegFloat = 300.0
+    # Per site, in a worker: envelopes held ready (0: no bound but the window),
+    # and the seconds of a shaped site's rate worth holding; the rest goes back
+    # to the supervisor (queued again, no attempt counted) so that one slow site
+    # cannot fill the window (KumoMTA's max_ready, Postfix's per-destination limits).
+    max_ready: NonNegInt = 0
+    ready_horizon: PosFloat = 10.0
+    # MX answers that resolve to loopback/private/link-local/ULA addresses are refused
+    # (fastsend.delivery.mx); static [routes] are not affected.
+    allow_private_mx: bool = False
+    # Check the suppression list again when mail is dispatched (one query per
+    # claimed batch), not only when it is accepted. Off only to measure its cost.
+    check_suppression: bool = True
+
+
+class RetryConfig(Section):
+    min_backoff: NonNegFloat = 300.0
+    max_backoff: NonNegFloat = 4000.0
+    max_age: NonNegFloat = 5 * 86400.0
+    jitter: Share = 0.2
+
+
+class DNSConfig(Section):
+    nameservers: list[str] = []  # empty: the system's resolv.conf
+    timeout: PosFloat = 5.0
+    mx_port: Port = 25  # the SMTP port of MX hosts (25; tests point it at a sink's port)
+
+
+class EventsSection(Section):
+    log: str = ""  # "" = DIR/events.jsonl of the spool

@@ -1,0 +1,411 @@
+"""The loader: a TOML file -> :class:`Config`, every section typed and
+checked before anything runs.
+
+:func:`load` reads the file; :func:`from_dict` decodes each top-level table
+into its section struct (:class:`ConfigFile` lists them), so an unknown key or
+a wrong type anywhere is a :class:`ConfigError` naming its full key path; then
+the checks that span sections (routes and transports, pools and source IPs,
+tenants and what names them). A setting that loads but cannot take effect as
+written is a warning in :attr:`Config.warnings` (the front ends print them),
+never silence.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from fastsend.config.analytics import AnalyticsSettings, ReputationSection
+from fastsend.config.base import ConfigError, Section, decode, read_toml, where
+from fastsend.config.engine import (
+    DeliveryConfig,
+    DNSConfig,
+    EventsSection,
+    IpsSection,
+    RetryConfig,
+    Route,
+    SpoolSection,
+    WorkersSection,
+)
+from fastsend.config.serve import (
+    ApiSettings,
+    DashboardSettings,
+    IntakeSettings,
+    ProviderEventSettings,
+    ProxySettings,
+    SubmissionSettings,
+    TrackingSettings,
+    WebhookSettings,
+)
+from fastsend.config.shaping import (
+    GuardrailSettings,
+    PoolsSection,
+    ShapingFile,
+    ShapingSection,
+)
+from fastsend.config.tenants import OPERATOR, DkimKey, TenantTable
+from fastsend.config.transports import (
+    TransportSpec,
+    TransportTable,
+    build_transports,
+    parse_route,
+    read_credentials_file,
+)
+
+_new = msgspec.field
+
+
+class ConfigFile(Section):
+    """Every top-level table a config may have (any other name is an error)."""
+
+    spool: SpoolSection = _new(default_factory=SpoolSection)
+    workers: WorkersSection = _new(default_factory=WorkersSection)
+    ips: IpsSection = _new(default_factory=IpsSection)
+    routes: dict[str, str | list[str]] = {}
+    delivery: DeliveryConfig = _new(default_factory=DeliveryConfig)
+    retry: RetryConfig = _new(default_factory=RetryConfig)
+    dns: DNSConfig = _new(default_factory=DNSConfig)
+    events: EventsSection = _new(default_factory=EventsSection)
+    shaping: ShapingSection = _new(default_factory=ShapingSection)
+    pools: PoolsSection | None = None
+    guardrails: GuardrailSettings = _new(default_factory=GuardrailSettings)
+    tenants: dict[str, TenantTable] | None = None
+    dkim: DkimKey | list[DkimKey] = []
+    transports: dict[str, TransportTable] = {}
+    api: ApiSettings = _new(default_factory=ApiSettings)
+    webhooks: WebhookSettings = _new(default_factory=WebhookSettings)
+    submission: SubmissionSettings = _new(default_factory=SubmissionSettings)
+    intake: IntakeSettings = _new(default_factory=IntakeSettings)
+    proxy: ProxySettings = _new(default_factory=ProxySettings)
+    dashboard: DashboardSettings = _new(default_factory=DashboardSettings)
+    tracking: TrackingSettings = _new(default_factory=TrackingSettings)
+    provider_events: ProviderEventSettings = _new(default_factory=ProviderEventSettings)
+    analytics: AnalyticsSettings = _new(default_factory=AnalyticsSettings)
+    reputation: ReputationSection = _new(default_factory=ReputationSection)
+
+
+SECTIONS = frozenset(ConfigFile.__struct_fields__)
+
+
+@dataclass
+class Config:
+    """The loaded configuration: each section typed (the areas read their own),
+    plus what the loader derived (paths made absolute, routes parsed,
+    transports with their credentials)."""
+
+    spool_dir: str = "./spool"
+    spool_url: str = ""  # [spool] url: a shared (Redis) spool; spool_dir stays the local dir
+    workers: int = 0
+    source_ips: list[str] = field(default_factory=list)
+    helo: str = ""
+    routes: dict[str, Route] = field(default_factory=dict)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    event_log: str = ""  # "" = DIR/events.jsonl of the spool
+    # The installation secret (fastsend.msgid.load_secret), set by the supervisor
+    # before it forks: message-id MACs, tracking links. Never from TOML, never logged.
+    secret: bytes = field(default=b"", repr=False)
+    base_dir: str = "."  # the config file's directory: relative paths in it start here
+    shaping: ShapingSection = field(default_factory=ShapingSection)
+    shaping_file: ShapingFile | None = None  # the file [shaping] file names, parsed
+    pools: PoolsSection | None = None  # None: one pool "default" of the source IPs
+    guardrails: GuardrailSettings = field(default_factory=GuardrailSettings)
+    tenants: dict[str, TenantTable] | None = None  # None: no [tenants] (one operator)
+    dkim: list[DkimKey] = field(default_factory=list)  # [dkim]: keys of any tenant's domains
+    # [transports.NAME] and route shorthands; they hold credentials read from the
+    # environment or a 0600 file: never logged.
+    transports: dict[str, TransportSpec] = field(default_factory=dict, repr=False)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    submission: SubmissionSettings = field(default_factory=SubmissionSettings)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings, repr=False)
+    provider_events: ProviderEventSettings = field(default_factory=ProviderEventSettings)
+    mailgun_webhook_key: bytes = field(default=b"", repr=False)  # [provider_events]
+    analytics: AnalyticsSettings = field(default_factory=AnalyticsSettings)
+    reputation: ReputationSection = field(default_factory=ReputationSection)
+    # Settings that load but cannot take effect as written (the loader explains
+    # each; the front ends print them): never silence.
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+    @property
+    def event_log_path(self) -> str:
+        return self.event_log or os.path.join(self.spool_dir, "events.jsonl")
+
+    @property
+    def tenant_names(self) -> frozenset[str]:
+        return frozenset(self.tenants or ())
+
+    def path(self, p: str) -> str:
+        """A path from the config file, relative to its directory ("" stays "")."""
+        return os.path.join(self.base_dir, p) if p else ""
+
+    def route_lookup(
+        self,
+        domain: str,
+        campaign: tuple[int, tuple[str, ...], str] | None = None,
+        pool: str = "",
+    ) -> Route | None:
+        """The route of a message: ``campaign:ID`` or ``campaign:NAME``, then
+        ``tenant:NAME``, then ``pool:NAME``, then the domain's (``campaign`` is
+        (id, names, tenant): its spool name and the name in its spec)."""
+        routes = self.routes
+        if campaign is not None:
+            cid, names, tenant = campaign
+            keys = [f"campaign:{cid}", *(f"campaign:{n}" for n in names if n)]
+            if tenant:
+                keys.append(f"tenant:{tenant}")
+            for key in keys:
+                if key in routes:
+                    return routes[key]
+        if pool and f"pool:{pool}" in routes:
+            return routes[f"pool:{pool}"]
+        return self.route_for(domain)
+
+    def route_for(self, domain: str) -> Route | None:
+        """The static route for ``domain`` (exact, then parent domains, then '*')."""
+        d = domain.lower()
+        while True:
+            r = self.routes.get(d)
+            if r is not None:
+                return r
+            if "." not in d:
+                break
+            d = d.split(".", 1)[1]
+        return self.routes.get("*")
+
+    def ips_for_worker(self, index: int) -> list[str]:
+        """The source IPs owned by worker ``index`` (round-robin split of the pool)."""
+        if not self.source_ips:
+            return []
+        n = self.worker_count
+        mine = self.source_ips[index % n :: n] if len(self.source_ips) >= n else []
+        return mine or [self.source_ips[index % len(self.source_ips)]]
+
+    def route(self, target: str | list[str], where: str) -> Route:
+        """A ``[routes]`` value (or ``--route``): HOST:PORT or transports
+        (a shorthand such as ``ses:eu-west-1`` adds its transport)."""
+        chain = parse_route(target, self.transports, self.base_dir, where)
+        if chain is not None:
+            return Route("", 0, chain)
+        assert isinstance(target, str)
+        return Route.parse(target, where=where)
+
+
+def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
+    """Decode and check every section of a parsed config file."""
+    f: ConfigFile = decode(raw, ConfigFile)
+    cfg = Config(base_dir=base_dir)
+    if f.spool.url:
+        cfg.spool_url = f.spool.url
+        from fastsend.redisurl import parse_redis_url
+
+        local = f.spool.dir or parse_redis_url(f.spool.url)[1].get("dir") or "./spool"
+        cfg.spool_dir = os.path.join(base_dir, local)
+    elif f.spool.dir:
+        cfg.spool_dir = os.path.join(base_dir, f.spool.dir)
+    cfg.workers = f.workers.count
+    cfg.source_ips = list(f.ips.source)
+    cfg.helo = f.ips.helo
+    cfg.transports = build_transports(f.transports, base_dir)
+    for dom, target in f.routes.items():
+        key = dom if dom.split(":", 1)[0] in ("campaign", "tenant", "pool") else dom.lower()
+        cfg.routes[key] = cfg.route(target, f"[routes] {dom!r}")
+    cfg.delivery, cfg.retry, cfg.dns = f.delivery, f.retry, f.dns
+    if f.events.log:
+        cfg.event_log = os.path.join(base_dir, f.events.log)
+    cfg.shaping = f.shaping
+    if f.shaping.file:
+        cfg.shaping.file = os.path.join(base_dir, f.shaping.file)
+        cfg.shaping_file = load_shaping_file(cfg.shaping.file)
+    cfg.pools, cfg.guardrails = f.pools, f.guardrails
+    cfg.tenants = f.tenants
+    cfg.dkim = [f.dkim] if isinstance(f.dkim, DkimKey) else list(f.dkim)
+    cfg.api, cfg.webhooks, cfg.submission, cfg.intake = f.api, f.webhooks, f.submission, f.intake
+    cfg.proxy, cfg.dashboard, cfg.tracking = f.proxy, f.dashboard, f.tracking
+    cfg.provider_events, cfg.analytics, cfg.reputation = f.provider_events, f.analytics, f.reputation
+    _check(cfg)
+    return cfg
+
+
+def load_shaping_file(path: str) -> ShapingFile:
+    """A shaping file (the shipped shaping.toml's form), typed."""
+    data = read_toml(path, "shaping file")
+    try:
+        result: ShapingFile = decode(data, ShapingFile)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return result
+
+
+def _check(cfg: Config) -> None:
+    """What spans sections: paths, secrets read from files, names that must exist."""
+    tenants = cfg.tenants
+    if tenants is not None:
+        for name in tenants:
+            if name.lower() == OPERATOR:
+                raise ConfigError(f"[tenants.{name}]: the tenant name {OPERATOR!r} is the operator's")
+    names = cfg.tenant_names
+
+    def unknown_tenant(t: str) -> bool:
+        return tenants is not None and t not in names and t != OPERATOR
+
+    # [pools]: the pools' addresses are the source IPs, or must be among them
+    if cfg.pools is not None:
+        if not cfg.pools.pools and cfg.pools.default not in ("", "default"):
+            raise ConfigError(f"[pools] default {cfg.pools.default!r} is not a pool")
+        ips = [ip.ip for p in cfg.pools.pools.values() for ip in p.ips]
+        if cfg.source_ips:
+            for pname, p in cfg.pools.pools.items():
+                for i, ip in enumerate(p.ips):
+                    if ip.ip not in cfg.source_ips:
+                        raise ConfigError(
+                            f"{where(('pools', pname, 'ips', i))} {ip.ip} is not one of"
+                            " [ips] source: no worker would send from it"
+                        )
+        else:
+            cfg.source_ips = list(dict.fromkeys(ips))
+        for t in cfg.pools.tenants:
+            if unknown_tenant(t):
+                cfg.warnings.append(f"[pools] tenants: {t!r} is not a tenant of [tenants]")
+    pools = set(cfg.pools.pools) if cfg.pools is not None and cfg.pools.pools else {"default"}
+    for key in cfg.routes:
+        kind, _, name = key.partition(":")
+        if kind == "pool" and name not in pools:
+            cfg.warnings.append(
+                f"[routes] {key!r} never applies: no pool {name!r} (pools: {', '.join(sorted(pools))})"
+            )
+        if kind == "tenant" and unknown_tenant(name):
+            cfg.warnings.append(f"[routes] {key!r}: {name!r} is not a tenant of [tenants]")
+    _check_routes_vs_shaping(cfg)
+    for t in cfg.shaping.dispatch.tenants:
+        if unknown_tenant(t):
+            cfg.warnings.append(f"[shaping.dispatch] tenants: {t!r} is not a tenant of [tenants]")
+    # DKIM: keys are files relative to the config; a key no tenant can use is said
+    if tenants is not None:
+        owned = {d for t in tenants.values() for d in t.domains}
+        for k in cfg.dkim:
+            if k.domain not in owned:
+                cfg.warnings.append(
+                    f"[dkim] key {k.selector}._domainkey.{k.domain}: no tenant owns {k.domain}"
+                    " (tenants' mail is signed only with keys of their own domains), so it"
+                    " signs only the operator's (CLI) mail"
+                )
+    for sec, users in (("submission.users", cfg.submission.users),
+                       ("dashboard", {n: "" for n in cfg.dashboard.admin_tenants})):  # fmt: skip
+        for t in users:
+            if unknown_tenant(t):
+                cfg.warnings.append(f"[{sec}] {t!r} is not a tenant of [tenants]")
+    for t in cfg.submission.users:
+        if tenants is None and t != OPERATOR:
+            cfg.warnings.append(
+                f"[submission.users] {t!r}: without [tenants] every user sends as the operator"
+            )
+            break
+    r = cfg.retry
+    if r.min_backoff > r.max_backoff:
+        raise ConfigError(
+            f"[retry] min_backoff {r.min_backoff:g} is more than max_backoff {r.max_backoff:g}"
+        )
+    if r.max_age < r.min_backoff:
+        cfg.warnings.append(
+            f"[retry] max_age {r.max_age:g} is less than min_backoff {r.min_backoff:g}:"
+            " a deferred message expires before its first retry"
+        )
+    if cfg.pools is not None and cfg.pools.warmup.schedule and not any(
+        e.warmup_start is not None or e.warmup_day is not None
+        for p in cfg.pools.pools.values()
+        for e in p.ips
+    ):
+        cfg.warnings.append(
+            "[pools.warmup] schedule applies to no address: give an IP warmup_start or warmup_day"
+        )
+    if not cfg.analytics.enabled:
+        rep = cfg.reputation
+        for name, table in (("alarms", rep.alarms), ("warmup", rep.warmup)):
+            if _changed(table):
+                cfg.warnings.append(
+                    f"[reputation.{name}] does not apply: it reads the rollups, and"
+                    " [analytics] enabled = false"
+                )
+    # serve's secrets
+    w = cfg.webhooks
+    if w.secret_file:
+        w.secret_file = cfg.path(w.secret_file)
+        try:
+            with open(w.secret_file, "rb") as fh:
+                w.secret = fh.read().strip().decode()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"[webhooks] secret_file {w.secret_file!r}: {e}") from None
+    if w.url_list and len(w.secret) < 16:
+        raise ConfigError("[webhooks] needs a secret (or secret_file) of 16+ characters")
+    pe = cfg.provider_events
+    if pe.sns_ca_file:
+        pe.sns_ca_file = cfg.path(pe.sns_ca_file)
+    if pe.sendgrid_public_key:
+        try:
+            import base64
+
+            from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+            load_der_public_key(base64.b64decode(pe.sendgrid_public_key))
+        except ValueError:
+            raise ConfigError(
+                "[provider_events] sendgrid_public_key is not a base64 DER EC public key"
+            ) from None
+    if pe.mailgun_signing_key_file:
+        pe.mailgun_signing_key_file = cfg.path(pe.mailgun_signing_key_file)
+        got = read_credentials_file(pe.mailgun_signing_key_file, "[provider_events]")
+        cfg.mailgun_webhook_key = got.get("signing_key", "").encode()
+    if cfg.analytics.machine_rules:
+        cfg.analytics.machine_rules = cfg.path(cfg.analytics.machine_rules)
+    feeds = cfg.reputation.feeds
+    if feeds.postmaster is not None:
+        feeds.postmaster.token_file = cfg.path(feeds.postmaster.token_file)
+    if feeds.snds is not None:
+        feeds.snds.key_file = cfg.path(feeds.snds.key_file)
+    # a listener that names no listen address does nothing: say so
+    for sec, s in (("submission", cfg.submission), ("intake", cfg.intake)):
+        if not s.listen and _changed(s):
+            cfg.warnings.append(f"[{sec}] has settings but no listen address: no listener starts")
+
+
+def _changed(s: msgspec.Struct) -> bool:
+    """Whether any key of section ``s`` was set to other than its default."""
+    return msgspec.structs.asdict(s) != msgspec.structs.asdict(type(s)())
+
+
+def _check_routes_vs_shaping(cfg: Config) -> None:
+    """A static route carries all its domains to one site, whose limits are the
+    default or ``[shaping.domain."ROUTE-HOST"]``: a domain entry for a routed
+    domain would be ignored, so say so."""
+    for dom in cfg.shaping.domain:
+        route = cfg.route_for(dom)
+        if route is not None and dom.lower().rstrip(".") != route.host.lower():
+            cfg.warnings.append(
+                f'[shaping.domain."{dom}"] does not apply: mail to {dom} goes through'
+                f" the static route {route}, whose site takes the [shaping] default"
+                f' limits or [shaping.domain."{route.host}"]'
+            )
+
+
+def load(path: str) -> Config:
+    """Read and check a config file (ConfigError naming the file and the key)."""
+    raw = read_toml(path, "config file")
+    try:
+        return from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)))
+    except ConfigError as e:
+        raise ConfigError(f"{os.path.basename(path)}: {e}") from None
+
+
+load_config = load

@@ -1,0 +1,229 @@
+"""``fastsend serve``'s tables: [api], [webhooks], [submission] (and its
+users), [intake], [proxy], [dashboard], [tracking], [provider_events].
+Validated with every other section when the config loads, not when serve
+starts; serve builds its listeners from these."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated
+
+import msgspec
+
+from fastsend.config.base import (
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Section,
+    check_listen,
+    split_listen,
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ApiSettings(Section):
+    """[api]: the HTTP API (fastsend.serve.api)."""
+
+    listen: str = "127.0.0.1:8025"
+    max_batch: PosInt = 1000  # messages (and recipients) per POST /v1/messages
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 << 20
+    rate_limit: PosFloat = 100.0  # requests per second per key
+    rate_burst: NonNegInt = 0  # 0: max(1, rate_limit)
+    max_campaign_recipients: NonNegInt = 1_000_000  # per campaign (create + added lists)
+    # Spooled bytes of one request: each recipient's row carries its message, so a
+    # body of B bytes to N recipients costs B x N (413 beyond this).
+    max_spooled_bytes: NonNegInt = 256 << 20
+    # Operational data and recipients' pages on listeners of their own.
+    admin_listen: str = ""  # "HOST:PORT": /metrics without a key (bind it to a private net)
+    public_listen: str = ""  # "HOST:PORT": tracking and unsubscribe only (what recipients reach)
+
+    def __post_init__(self) -> None:
+        check_listen(self.listen, "listen")
+        for k in ("admin_listen", "public_listen"):
+            if getattr(self, k):
+                check_listen(getattr(self, k), k)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_listen(self.listen)
+
+
+class WebhookSettings(Section):
+    """[webhooks]: where events are POSTed (fastsend.serve.webhooks)."""
+
+    urls: str | list[str] = []
+    secret: str = ""  # or secret_file; 16+ characters
+    secret_file: str = ""
+    batch_size: PosInt = 100
+    events: list[str] | None = None  # None: every event
+    timeout: PosFloat = 10.0
+    retry_min: PosFloat = 1.0
+    retry_max: PosFloat = 300.0
+    flush_interval: PosFloat = 0.2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.urls, str):
+            self.urls = [self.urls]
+        for u in self.urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"urls: {u!r} is not an http(s) URL")
+        self.urls = list(dict.fromkeys(self.urls))
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"WebhookSettings(urls={self.urls!r}, events={self.events!r})"
+
+    @property
+    def url_list(self) -> list[str]:
+        return [self.urls] if isinstance(self.urls, str) else list(self.urls)
+
+
+class ListenerLimits(Section):
+    """What one SMTP listener allows a peer (both [submission] and [intake])."""
+
+    timeout: PosFloat = 300.0  # each complete command line (RFC 5321 4.5.3.2: 5 min)
+    data_timeout: PosFloat = 180.0  # between DATA/BDAT blocks (RFC 5321 4.5.3.2.6)
+    max_session: PosFloat = 3600.0  # a whole connection, whatever it does
+    max_connections: PosInt = 200  # open at once on this listener
+    max_connections_per_ip: PosInt = 10
+    max_commands: PosInt = 1000  # replies per connection (commands, pipelined or not)
+    auth_failures_per_ip: PosInt = 10  # then AUTH answers 454 until the window has passed
+    auth_failures_per_user: PosInt = 5
+    auth_window: PosFloat = 900.0
+    auth_backoff_max: PosFloat = 4.0  # seconds a failed AUTH waits for its answer, at most
+
+
+def _listens(v: str | list[str]) -> list[str]:
+    items = [v] if isinstance(v, str) else v
+    if not items:
+        raise ValueError("listen must be 'HOST:PORT' or a list of them")
+    for it in items:
+        _, sep, port = it.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"listen {it!r}: expected HOST:PORT")
+    return items
+
+
+def listen_pairs(v: str | list[str]) -> list[tuple[str, int]]:
+    out = []
+    for it in _listens(v):
+        host, _, port = it.rpartition(":")
+        out.append((host.strip("[]") or "0.0.0.0", int(port)))
+    return out
+
+
+class SubmissionSettings(ListenerLimits):
+    """[submission]: SMTP submission with AUTH (tenants' passwords in [submission.users])."""
+
+    listen: str | list[str] = []  # empty: no submission listener
+    tls_cert: str = ""
+    tls_key: str = ""
+    hostname: str = "localhost"
+    # As the HTTP API's body limit: a message spooled base64-encoded must still
+    # cross a worker ring (32 MB) in one record, else it would bounce after the 250.
+    max_size: PosInt = 16 * 1024 * 1024
+    max_spooled_bytes: PosInt = 256 << 20  # message size x recipients, per message
+    users: dict[str, str] = {}  # tenant = password hash (fastsend apikey hash-password)
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            _listens(self.listen)
+            if not (self.tls_cert and self.tls_key):
+                raise ValueError("needs tls_cert and tls_key (AUTH only under TLS)")
+
+
+class IntakeSettings(ListenerLimits):
+    """[intake]: the SMTP listener for bounces (VERP) and feedback reports."""
+
+    listen: str | list[str] = []  # empty: no intake listener
+    verp_domain: str = ""
+    fbl_address: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    hostname: str = "localhost"
+    max_size: PosInt = 10 * 1024 * 1024
+    verp_prefix: str = "b"
+    parse_max_bytes: PosInt = 1 << 20  # of each report, parsed (fastsend.serve.parsepool)
+    parse_cpu_seconds: PosFloat = 2.0
+
+    def __post_init__(self) -> None:
+        self.verp_domain = self.verp_domain.lower().rstrip(".")
+        self.fbl_address = self.fbl_address.lower()
+        if self.listen:
+            _listens(self.listen)
+            if not self.verp_domain and not self.fbl_address:
+                raise ValueError("needs verp_domain and/or fbl_address")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("give both tls_cert and tls_key")
+
+
+class ProxySettings(Section):
+    """[proxy]: load balancers trusted to send PROXY protocol headers."""
+
+    trusted: list[str] = []  # addresses or networks
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
+
+    def __post_init__(self) -> None:
+        for x in self.trusted:
+            try:
+                ipaddress.ip_network(x.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted: {x!r} is not an address or network") from None
+
+    @property
+    def networks(self) -> list[Network]:
+        return [ipaddress.ip_network(x.strip(), strict=False) for x in self.trusted]
+
+
+class DashboardSettings(Section):
+    """[dashboard]: tenants whose keys see operational, all-tenant data."""
+
+    admin_tenants: list[str] = []
+
+
+class TrackingSettings(Section):
+    """[tracking]: link and open tracking."""
+
+    secret: str = ""  # "" = <spool>/secret.key (or the cluster's shared one)
+    link_ttl_days: PosFloat | None = None  # tracking links expire after this
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"TrackingSettings(link_ttl_days={self.link_ttl_days!r})"
+
+
+DEFAULT_SNS_HOSTS = (r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?",)
+
+
+class ProviderEventSettings(Section):
+    """[provider_events]: SES (via SNS), SendGrid and Mailgun event webhooks."""
+
+    sns_cert_hosts: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_SNS_HOSTS))  # regexes, full match on the host
+    sns_topics: list[str] = []  # allowed TopicArns (empty: none -> SES endpoint off)
+    sns_ca_file: str = ""  # trust store for fetching certificates ("" = the system's)
+    sendgrid_public_key: str = ""  # base64 DER (SendGrid's "verification key"); public
+    mailgun_signing_key_file: str = ""  # 0600 file: signing_key=...
+    max_age: PosFloat = 600.0
+
+    def __post_init__(self) -> None:
+        for h in self.sns_cert_hosts:
+            try:
+                re.compile(h)
+            except re.error as e:
+                raise ValueError(f"sns_cert_hosts {h!r}: {e}") from None
+
+
+__all__ = [
+    "ApiSettings",
+    "DashboardSettings",
+    "IntakeSettings",
+    "ListenerLimits",
+    "NonNegFloat",
+    "ProviderEventSettings",
+    "ProxySettings",
+    "SubmissionSettings",
+    "TrackingSettings",
+    "WebhookSettings",
+    "listen_pairs",
+]

@@ -1,0 +1,85 @@
+"""[tenants.NAME] and [dkim]: who may send as which domains, and the DKIM
+keys that sign them (:mod:`fastsend.tenants` answers the questions)."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+from fastsend.config.base import Section
+
+OPERATOR = "default"  # fastsend.suppression.DEFAULT_TENANT: CLI campaigns
+DOMAIN = re.compile(r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}")
+_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(?:/[!-~]*)?")
+
+
+def norm_domain(domain: str) -> str:
+    return domain.strip().lower().rstrip(".")
+
+
+def under(domain: str, parent: str) -> bool:
+    return domain == parent or domain.endswith("." + parent)
+
+
+class DkimKey(Section):
+    """One signing key: ``key`` is a PEM file (relative to the config's directory)."""
+
+    domain: str
+    selector: str
+    key: str
+    canonicalization: Literal[
+        "relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed"
+    ] = "relaxed/relaxed"
+    headers: list[str] = []  # empty: the signer's default list (must include From)
+
+    def __post_init__(self) -> None:
+        self.domain = norm_domain(self.domain)
+        if not DOMAIN.fullmatch(self.domain):
+            raise ValueError(f"domain {self.domain!r} is not a domain name")
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9\-._]*[A-Za-z0-9])?", self.selector):
+            raise ValueError(f"selector {self.selector!r} is not a DKIM selector")
+        if not self.key:
+            raise ValueError("key (a PEM file) is required")
+        if self.headers and "from" not in [h.lower() for h in self.headers]:
+            raise ValueError("headers must include From (RFC 6376)")
+
+    def entry(self, base_dir: str) -> dict[str, Any]:
+        """The signer's form (fastsend.message.dkim.Signer.from_settings)."""
+        out: dict[str, Any] = {
+            "domain": self.domain,
+            "selector": self.selector,
+            "key": os.path.join(base_dir, self.key),
+            "canonicalization": self.canonicalization,
+        }
+        if self.headers:
+            out["headers"] = [h.lower() for h in self.headers]
+        return out
+
+
+class TenantTable(Section):
+    """[tenants.NAME]: the From domains a tenant may send as, its DKIM keys
+    (under those domains) and its tracking links' base URL."""
+
+    domains: list[str]
+    dkim: DkimKey | list[DkimKey] = []
+    tracking_base_url: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.domains:
+            raise ValueError('needs domains = ["..."]: the From domains it may send as')
+        doms = []
+        for d in self.domains:
+            if not DOMAIN.fullmatch(norm_domain(d)):
+                raise ValueError(f"domains: {d!r} is not a domain name")
+            doms.append(norm_domain(d))
+        self.domains = doms
+        for e in self.keys:
+            if not any(under(e.domain, d) for d in self.domains):
+                raise ValueError(f"dkim domain {e.domain!r} is not under the tenant's domains")
+        if self.tracking_base_url and not _URL.fullmatch(self.tracking_base_url):
+            raise ValueError("tracking_base_url must be an http(s) URL")
+
+    @property
+    def keys(self) -> list[DkimKey]:
+        return [self.dkim] if isinstance(self.dkim, DkimKey) else self.dkim
