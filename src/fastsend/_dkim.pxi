@@ -205,12 +205,11 @@ ctypedef int (*_sodium_sign_t)(unsigned char* sm, unsigned long long* smlen,
 
 # libsodium's crypto_sign, found through PyNaCl's cffi module on first use
 # (PyNaCl carries its own libsodium; this module does not link it). SHA-256
-# is hashlib's (OpenSSL uses the CPU's SHA instructions; libsodium's is
+# is libcrypto's (_openssl.pxi: the CPU's SHA instructions; libsodium's is
 # portable C, four times slower).
 # 0: not looked up yet; 1: found; -1: not available (the pure twin is used).
 cdef int _sodium_state = 0
 cdef _sodium_sign_t _sodium_sign = NULL
-from hashlib import sha256 as _sha256
 
 
 cdef int _sodium_load() except -1:
@@ -236,7 +235,8 @@ def ed25519_sign_lines(tuple lines, bytes sig_head, bytes sig_head_c14n, bytes s
     """
     cdef Py_ssize_t k, m = len(lines), cap = 0, o = 0, n, hn
     cdef object ln
-    cdef bytes digest
+    cdef unsigned char digest[32]
+    cdef SHA256_CTX ctx
     cdef unsigned char sm[96]
     cdef unsigned char b64[88]
     cdef unsigned long long smlen = 0
@@ -267,10 +267,12 @@ def ed25519_sign_lines(tuple lines, bytes sig_head, bytes sig_head_c14n, bytes s
                 o += n
         memcpy(buf + o, PyBytes_AS_STRING(sig_head_c14n), len(sig_head_c14n))
         o += len(sig_head_c14n)
-        digest = _sha256(PyBytes_FromStringAndSize(<char*> buf, o)).digest()
+        SHA256_Init(&ctx)
+        SHA256_Update(&ctx, buf, o)
+        SHA256_Final(digest, &ctx)
     finally:
         free(buf)
-    rc = _sodium_sign(sm, &smlen, <const unsigned char*> PyBytes_AS_STRING(digest), 32,
+    rc = _sodium_sign(sm, &smlen, digest, 32,
                       <const unsigned char*> PyBytes_AS_STRING(sodium_key))
     if rc != 0:
         raise RuntimeError("libsodium failed to sign")
