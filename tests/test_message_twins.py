@@ -119,7 +119,10 @@ def test_assembly_twins_same_bytes() -> None:
         ("Subject", ("Hi ", "!"), ("name",), (None,)),
         lambda v: b"X-Call: " + v["name"].encode() + b"\r\n",
     )
-    tail = (("X-Tail", ("t=",), (), ()),)
+    tail = (
+        ("X-Tail", ("t=",), (), ()),
+        ("List-Unsubscribe", ((("https://e.example/u/", ""), ("name",), (None,)),)),
+    )
     content = (b"Content-Type: text/plain\r\n",)
     for end_crlf in (True, False):
         for body in (

@@ -648,7 +648,7 @@ cdef class Assembly:
         local, domain = split_address(rcpt)
         if not self.to_custom:
             to = ("To: " + local + "@" + domain + "\r\n").encode("utf-8")
-        if not message_id_safe(message_id):
+        if not _message_id_safe(message_id):
             from fastsend.message.verp import encode_id
 
             mid = encode_id(message_id)
@@ -667,6 +667,8 @@ cdef class Assembly:
             return <bytes> e
         if type(e) is tuple:
             t = <tuple> e
+            if len(t) == 2:
+                return uri_header(t[0], t[1], variables)
             return _text_header(t[0], _splice(t[1], t[2], t[3], variables))
         return e(variables)
 
@@ -720,6 +722,10 @@ cdef class Assembly:
 
 def message_id_safe(str message_id):
     """True when ``message_id`` is 1-200 of A-Z a-z 0-9 _ - (twin of the pure one)."""
+    return _message_id_safe(message_id)
+
+
+cdef bint _message_id_safe(str message_id) except -1:
     cdef Py_ssize_t n = len(message_id), i
     cdef const unsigned char* s
     cdef unsigned char c

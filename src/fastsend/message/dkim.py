@@ -299,7 +299,7 @@ class Signer:
 
     def sign_lines(self, plan: Plan, lines: Sequence[bytes], body: bytes) -> bytes:
         """The ``DKIM-Signature: ...\\r\\n`` line for header ``lines`` laid out as ``plan`` says."""
-        sig_head, sig_head_c14n = self._sig_head(plan, self.body_hash(body))
+        sig_head, sig_head_c14n = self._sig_head(plan, self._body_hash(body))
         if self._sodium_key is not None:
             return ed25519_sign_lines(
                 plan.pick(lines), sig_head, sig_head_c14n, self._sodium_key, self._hrelaxed

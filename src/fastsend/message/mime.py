@@ -160,11 +160,13 @@ def _url_quote(value: str) -> str:
 _qp_encode_text_py = qp_encode_text
 
 #: A header of a message layout: its bytes (static), ``(name, literals, names,
-#: defaults)`` (unstructured text from a template: :func:`text_header`), or a
-#: callable ``variables -> bytes`` (mailboxes, URI lists).
+#: defaults)`` (unstructured text from a template: :func:`text_header`),
+#: ``(name, uris)`` (a URI list: :func:`uri_header`), or a callable
+#: ``variables -> bytes`` (mailboxes).
 Entry = (
     bytes
     | tuple[str, tuple[str, ...], tuple[str, ...], tuple[str | None, ...]]
+    | tuple[str, tuple[UriTemplate, ...]]
     | Callable[[Mapping[str, str]], bytes]
 )
 #: A piece of a message body: bytes (static), ``(literals, names, defaults)``
@@ -176,6 +178,8 @@ def _entry(e: Entry, variables: Mapping[str, str]) -> bytes:
     if isinstance(e, bytes):
         return e
     if isinstance(e, tuple):
+        if len(e) == 2:
+            return _uri_header_py(e[0], e[1], variables)
         name, literals, names, defaults = e
         return _text_header_py(name, _splice_py(literals, names, defaults, variables))
     return e(variables)
@@ -268,6 +272,7 @@ def message_id_safe(message_id: str) -> bool:
 
 _text_header_py = text_header
 _qp_template_py = qp_template
+_uri_header_py = uri_header
 _message_id_safe_py = message_id_safe
 
 # The readable twins, by name (tests run both; the compiled ones are picked).
@@ -321,6 +326,8 @@ class _Header:
         if self.kind == "text":
             t = self.templates[0]
             return (self.name, t.literals, t._names, t._defaults)
+        if self.kind == "uris":
+            return (self.name, self.uris)
         return self.encode
 
     def encode(self, variables: Mapping[str, str]) -> bytes:
@@ -555,7 +562,11 @@ class Renderer:
             return got
         lines, body = got
         t0 = time.perf_counter()
-        sigs = [s.sign_lines(plan, lines, body) for s, plan in self._plans]
+        if len(self._plans) == 1:  # one signature: the usual case
+            signer, plan = self._plans[0]
+            sigs = [signer.sign_lines(plan, lines, body)]
+        else:
+            sigs = [s.sign_lines(plan, lines, body) for s, plan in self._plans]
         self.dkim_seconds += time.perf_counter() - t0
         sigs += lines
         sigs.append(CRLF)
