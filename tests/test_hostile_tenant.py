@@ -1023,3 +1023,39 @@ def test_6_bytes_x_recipients_and_campaign_recipient_limits(
         assert st == 413 and "max_campaign_recipients" in out["error"]["message"], out
     finally:
         s.stop()
+
+
+def test_6_campaign_listing_reads_only_the_tenants_own_page(tmp_path: Path) -> None:
+    """GET /v1/campaigns pages through the tenant's own campaigns by an index: with
+    hundreds of campaigns of another tenant whose stored specs do not even decode,
+    the listing is complete, ordered, and never touches them."""
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    s = Served(tmp_path, None)
+    try:
+        spool = SQLiteSpool(str(tmp_path / "spool"))  # a second writer beside the server's
+        mine = []
+        for i in range(120):
+            mine.append(spool.create_campaign({"kind": "template", "n": i}, name=f"e{i}",
+                                              tenant="evil"))  # fmt: skip
+            spool.create_campaign({"n": i}, name=f"a{i}", tenant="acme")
+        spool.db.execute("UPDATE campaigns SET spec=x'ff00' WHERE tenant='acme'")
+        spool.close()
+        got, cursor = [], ""
+        while True:
+            st, out = s.req("GET", f"/v1/campaigns?limit=50{cursor}")
+            assert st == 200, out
+            assert len(out["campaigns"]) <= 50
+            got += [c["id"] for c in out["campaigns"]]
+            if out["next_cursor"] is None:
+                break
+            cursor = f"&cursor={out['next_cursor']}"
+        assert got == mine
+        st, out = s.req("GET", "/v1/campaigns")  # default page: 100
+        assert [c["name"] for c in out["campaigns"]] == [f"e{i}" for i in range(100)]
+        assert out["next_cursor"] == mine[99]
+        for q, field in (("limit=0", "limit"), ("limit=1001", "limit"), ("cursor=x", "cursor")):
+            st, out = s.req("GET", f"/v1/campaigns?{q}")
+            assert st == 400 and out["error"]["field"] == field, out
+    finally:
+        s.stop()

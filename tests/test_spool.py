@@ -258,3 +258,44 @@ def test_proxy_forwards_every_method(make_spool: Factory) -> None:
     s.drop_counters(["w|a"])
     assert s.counters("w|") == {}
     s.close()
+
+
+def _corrupt_spec(s: Spool, cid: int) -> None:
+    """Make a campaign's stored spec undecodable (what reading it would trip on)."""
+    inner = getattr(s, "inner", s)
+    if isinstance(inner, SQLiteSpool):
+        inner.db.execute("UPDATE campaigns SET spec=x'ff00' WHERE id=?", (cid,))
+    else:
+        inner.r.hset(f"{inner.k}:c:{cid}", "spec", b"\xff\x00")  # type: ignore[attr-defined]
+
+
+def test_campaigns_of_one_tenant_by_page_never_read_another_tenants(make_spool: Factory) -> None:
+    s = make_spool()
+    mine = []
+    for i in range(25):
+        mine.append(s.create_campaign({"n": i}, tenant="t1"))
+        theirs = s.create_campaign({"n": i}, tenant="t2")
+        _corrupt_spec(s, theirs)  # t1's listing must not even decode it
+    got, after = [], 0
+    while page := s.campaigns("t1", after=after, limit=7):
+        assert len(page) <= 7 and all(c.tenant == "t1" for c in page)
+        got += [c.id for c in page]
+        after = page[-1].id
+    assert got == mine
+    assert [c.spec["n"] for c in s.campaigns("t1", after=mine[19])] == [20, 21, 22, 23, 24]
+    assert s.campaigns("t1", limit=0) == [] and s.campaigns("nobody") == []
+    with pytest.raises(orjson.JSONDecodeError):
+        s.campaigns("t2", limit=1)  # the corruption is real
+
+
+def test_redis_spool_indexes_tenants_of_an_older_spool(redis_server: Any, tmp_path: Path) -> None:
+    url = redis_server.url(node="n1", dir=str(tmp_path))
+    s: Any = open_spool(url)
+    a = s.create_campaign({}, tenant="t1")
+    b = s.create_campaign({}, tenant="t2")
+    r, k = s.r, s.k
+    r.delete(f"{k}:tc:t1", f"{k}:tc:t2", f"{k}:tc-ok")  # as a spool made before the sets
+    again = open_spool(url)
+    assert [c.id for c in again.campaigns("t1")] == [a]
+    assert [c.id for c in again.campaigns("t2")] == [b]
+    assert [c.id for c in again.campaigns()] == [a, b]

@@ -241,15 +241,28 @@ async def get_campaign(request: web.Request) -> web.Response:
     return json_response(_campaign_view(api_of(request), _own_campaign(request)))
 
 
+LIST_LIMIT = 100  # campaigns per page of GET /v1/campaigns (at most MAX_LIST)
+MAX_LIST = 1000
+
+
 async def list_campaigns(request: web.Request) -> web.Response:
+    """A page of the tenant's campaigns by id: ``?limit=N&cursor=C`` (C: the
+    ``next_cursor`` of the page before). Only the tenant's own rows are read."""
     api = api_of(request)
-    tenant = tenant_of(request)
+    limit = int_param(request.query.get("limit", str(LIST_LIMIT)), "limit", MAX_LIST)
+    cursor = request.query.get("cursor")
+    after = int_param(cursor, "cursor") if cursor else 0
+    page = api.ctx.spool.campaigns(tenant_of(request), after=after, limit=limit + 1)
+    more = len(page) > limit
+    page = page[:limit]
     out = [
         {"id": c.id, "name": c.name, "status": c.status, "created": c.created,
          "kind": c.spec.get("kind", "template")}
-        for c in api.ctx.spool.list_campaigns() if c.tenant == tenant
+        for c in page
     ]  # fmt: skip
-    return json_response({"campaigns": out})
+    return json_response(
+        {"campaigns": out, "next_cursor": page[-1].id if more and page else None}
+    )
 
 
 async def set_status(request: web.Request) -> web.Response:
@@ -283,7 +296,7 @@ async def stats(request: web.Request) -> web.Response:
     if by not in ("campaign", "domain", "source_ip"):
         raise bad("by must be campaign, domain or source_ip", "by")
     tenant = tenant_of(request)
-    mine = [c.id for c in api.ctx.spool.list_campaigns() if c.tenant == tenant]
+    mine = [c.id for c in api.ctx.spool.campaigns(tenant)]
     seconds = WINDOWS[w]
     groups: dict[str, dict[str, Any]] = {}
     for g, event, n in api.index.stats(time.time() - seconds, mine, by):

@@ -138,8 +138,8 @@ class MessagesHandler:
         digest = hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
         cid = self.template_campaigns.get((tenant, digest))
         if cid is None:
-            for info in api.ctx.spool.list_campaigns():
-                if info.tenant == tenant and info.options.get(TEMPLATE_OPTION) == digest:
+            for info in api.ctx.spool.campaigns(tenant):
+                if info.options.get(TEMPLATE_OPTION) == digest:
                     cid = info.id
                     break
             else:

@@ -110,7 +110,7 @@ class ServeContext:
         cid = self._tenant_campaigns.get(tenant)
         if cid is not None:
             return cid
-        for info in self.spool.list_campaigns():
+        for info in self.spool.campaigns(tenant):
             if info.options.get(TRANSACTIONAL_OPTION) == tenant and info.status != "cancelled":
                 cid = info.id
                 break

@@ -242,7 +242,7 @@ class Dashboard:
         if hit is not None and now - hit[0] < self._ttl:
             return hit[1]
         spool = self.ctx.spool
-        camps = [c for c in spool.list_campaigns() if tenant is None or c.tenant == tenant]
+        camps = spool.campaigns(tenant)
         ids = None if tenant is None else [c.id for c in camps]
         per = spool.counts_by_campaign(ids) if camps else {}
         domains = [

@@ -110,7 +110,11 @@ def _response_schemas() -> dict[str, Any]:
             events={"type": "array", "items": {"type": "object"}},
         ),
         "Campaign": view,
-        "Campaigns": _obj(["campaigns"], campaigns={"type": "array", "items": campaign}),
+        "Campaigns": _obj(
+            ["campaigns", "next_cursor"],
+            campaigns={"type": "array", "items": campaign},
+            next_cursor=nullable("integer"),
+        ),
         "RecipientsAccepted": _obj(
             ["id", "accepted", "rejected", "errors"],
             id=_INT,
@@ -221,7 +225,17 @@ def document() -> dict[str, Any]:
                 _json(_ref("CampaignIn")),
                 operationId="postCampaign",
             ),
-            "get": _op("The tenant's campaigns", _answers("200", schema=_ref("Campaigns"))),
+            "get": _op(
+                "A page of the tenant's campaigns, by id",
+                _answers("200", 400, schema=_ref("Campaigns")),
+                parameters=[
+                    {"name": "limit", "in": "query",
+                     "schema": {**_ID_SCHEMA, "maximum": 1000, "default": 100},
+                     "description": "at most this many campaigns"},
+                    {"name": "cursor", "in": "query", "schema": _ID_SCHEMA,
+                     "description": "the next_cursor of the page before"},
+                ],
+            ),  # fmt: skip
         },
         "/v1/campaigns/{id}": {
             "get": _op(

@@ -158,6 +158,15 @@ class Spool(abc.ABC):
     def list_campaigns(self) -> list[CampaignInfo]: ...
 
     @abc.abstractmethod
+    def campaigns(
+        self, tenant: str | None = None, *, after: int = 0, limit: int | None = None
+    ) -> list[CampaignInfo]:
+        """Campaigns of ``tenant`` (None: every tenant's) with ids above ``after``,
+        by id, at most ``limit``: a page of a listing whose cursor is the last id.
+        Backends find a tenant's campaigns by an index (SQLite) or a set per
+        tenant (Redis): another tenant's specs are never read or decoded."""
+
+    @abc.abstractmethod
     def set_campaign_status(self, campaign_id: int, status: str) -> None: ...
 
     @abc.abstractmethod
@@ -382,6 +391,11 @@ class SpoolProxy(Spool):
 
     def list_campaigns(self) -> list[CampaignInfo]:
         return self.inner.list_campaigns()
+
+    def campaigns(
+        self, tenant: str | None = None, *, after: int = 0, limit: int | None = None
+    ) -> list[CampaignInfo]:
+        return self.inner.campaigns(tenant, after=after, limit=limit)
 
     def set_campaign_status(self, campaign_id: int, status: str) -> None:
         self.inner.set_campaign_status(campaign_id, status)

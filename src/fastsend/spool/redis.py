@@ -22,8 +22,9 @@ taken out of the URL; the rest goes to redis-py.
   that many replicas acknowledged the write.
 
 Layout (``P`` = ``{prefix}``): ``P:c:CID`` a hash per campaign (spec and
-options as JSON), ``P:camps`` the ids (sorted set), ``P:active`` the ids of
-active campaigns; ``P:m:B`` a hash per bucket of ``BUCKET`` consecutive
+options as JSON), ``P:camps`` the ids (sorted set), ``P:tc:TENANT`` a
+tenant's ids (sorted set: a tenant's listing reads only its own campaigns),
+``P:active`` the ids of active campaigns; ``P:m:B`` a hash per bucket of ``BUCKET`` consecutive
 message ids (``B = id // BUCKET``) with two fields per message: ``ID`` =
 ``rcpt NUL domain NUL created NUL vars`` (written once) and ``IDs`` =
 ``state|owner|campaign|attempts|next|updated|code|enhanced|text`` (``spool/lib.lua``
@@ -200,6 +201,7 @@ class RedisSpool(Spool):
         self._aconn: Any = None
         self._ahead: collections.deque[tuple[int, float]] = collections.deque()
         self._stock: dict[int, list[Claimed]] = {}
+        self._tenants_indexed = False
 
     # -- campaigns -----------------------------------------------------------
 
@@ -226,6 +228,7 @@ class RedisSpool(Spool):
             },
         )
         pipe.zadd(f"{k}:camps", {cid: cid})
+        pipe.zadd(self._tenant_key(tenant), {cid: cid})
         pipe.sadd(f"{k}:active", cid)
         pipe.execute()
         self._wait_durable()
@@ -254,6 +257,46 @@ class RedisSpool(Spool):
             pipe.hgetall(f"{self.k}:c:{cid}")
         out = [self._campaign(cid, h) for cid, h in zip(ids, pipe.execute(), strict=True)]
         return [c for c in out if c is not None]
+
+    def _tenant_key(self, tenant: str) -> str:
+        """The sorted set of a tenant's campaign ids (scored by id)."""
+        return f"{self.k}:tc:{tenant}"
+
+    def _index_tenants(self) -> None:
+        """Once per spool: the per-tenant sets of a spool made before them."""
+        k, r = self.k, self.r
+        if r.exists(f"{k}:tc-ok"):
+            return
+        ids = [int(x) for x in r.zrange(f"{k}:camps", 0, -1)]
+        for j in range(0, len(ids), CHUNK):
+            part = ids[j : j + CHUNK]
+            pipe = r.pipeline(transaction=False)
+            for cid in part:
+                pipe.hget(f"{k}:c:{cid}", "tenant")
+            tenants = pipe.execute()
+            pipe = r.pipeline(transaction=False)
+            for cid, t in zip(part, tenants, strict=True):
+                if t is not None:
+                    pipe.zadd(self._tenant_key(_s(t)), {cid: cid})
+            pipe.execute()
+        r.set(f"{k}:tc-ok", 1)
+
+    def campaigns(
+        self, tenant: str | None = None, *, after: int = 0, limit: int | None = None
+    ) -> list[CampaignInfo]:
+        if not self._tenants_indexed:
+            self._index_tenants()
+            self._tenants_indexed = True
+        key = f"{self.k}:camps" if tenant is None else self._tenant_key(tenant)
+        page = (0, int(limit)) if limit is not None else (None, None)
+        if limit is not None and limit <= 0:
+            return []
+        ids = [int(x) for x in self.r.zrangebyscore(key, f"({int(after)}", "+inf", *page)]
+        pipe = self.r.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hgetall(f"{self.k}:c:{cid}")
+        out = [self._campaign(cid, h) for cid, h in zip(ids, pipe.execute(), strict=True)]
+        return [c for c in out if c is not None and (tenant is None or c.tenant == tenant)]
 
     def set_campaign_status(self, campaign_id: int, status: str) -> None:
         if status not in ("active", "paused", "cancelled"):

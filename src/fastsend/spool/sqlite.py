@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages(next_at) WHERE state IN (0, 2);
 CREATE INDEX IF NOT EXISTS messages_campaign ON messages(campaign);
+CREATE INDEX IF NOT EXISTS campaigns_tenant ON campaigns(tenant, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
     WITHOUT ROWID;
@@ -195,6 +196,20 @@ class SQLiteSpool(Spool):
     def list_campaigns(self) -> list[CampaignInfo]:
         rows = self.db.execute(
             "SELECT id, name, tenant, created, status, spec, options FROM campaigns ORDER BY id"
+        ).fetchall()
+        return [self._campaign(r) for r in rows]
+
+    def campaigns(
+        self, tenant: str | None = None, *, after: int = 0, limit: int | None = None
+    ) -> list[CampaignInfo]:
+        # (tenant, id) index: a tenant's page reads only its own rows.
+        where, args = ("WHERE tenant=? AND id>?", [tenant, after]) if tenant is not None else (
+            "WHERE id>?", [after])  # fmt: skip
+        args.append(-1 if limit is None else max(0, int(limit)))
+        rows = self.db.execute(
+            "SELECT id, name, tenant, created, status, spec, options FROM campaigns"
+            f" {where} ORDER BY id LIMIT ?",
+            args,
         ).fetchall()
         return [self._campaign(r) for r in rows]
 
