@@ -260,9 +260,7 @@ async def list_campaigns(request: web.Request) -> web.Response:
          "kind": c.spec.get("kind", "template")}
         for c in page
     ]  # fmt: skip
-    return json_response(
-        {"campaigns": out, "next_cursor": page[-1].id if more and page else None}
-    )
+    return json_response({"campaigns": out, "next_cursor": page[-1].id if more and page else None})
 
 
 async def set_status(request: web.Request) -> web.Response:

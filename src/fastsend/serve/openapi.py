@@ -229,13 +229,20 @@ def document() -> dict[str, Any]:
                 "A page of the tenant's campaigns, by id",
                 _answers("200", 400, schema=_ref("Campaigns")),
                 parameters=[
-                    {"name": "limit", "in": "query",
-                     "schema": {**_ID_SCHEMA, "maximum": 1000, "default": 100},
-                     "description": "at most this many campaigns"},
-                    {"name": "cursor", "in": "query", "schema": _ID_SCHEMA,
-                     "description": "the next_cursor of the page before"},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {**_ID_SCHEMA, "maximum": 1000, "default": 100},
+                        "description": "at most this many campaigns",
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "schema": _ID_SCHEMA,
+                        "description": "the next_cursor of the page before",
+                    },
                 ],
-            ),  # fmt: skip
+            ),
         },
         "/v1/campaigns/{id}": {
             "get": _op(
