@@ -113,7 +113,6 @@ BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
 LAYOUT = b"2"  # P:layout: the message layout above
 AHEAD_TTL = 0.5  # s: a claim sent ahead and answered later than this is put back
 
-
 class RedisSpoolError(SpoolError):
     """The Redis spool cannot be used (bad URL, durability not reached)."""
 
@@ -498,12 +497,7 @@ class RedisSpool(Spool):
         is sent again: a duplicate, as for any in-flight message), never an
         outcome without its event."""
         batch = list(results)
-        head: list[Any] = [
-            self.k,
-            repr(float(now)),
-            self.node if self._holding else "",
-            self._lease_ms,
-        ]
+        head: list[Any] = [self.k, repr(float(now)), self.node if self._holding else "", self._lease_ms]
         # One JSON argument per chunk (cjson in the script), every value a string:
         # packing 7 arguments per message cost more than the script itself.
         dumps = orjson.dumps
