@@ -1,7 +1,8 @@
 """DMARC aggregate reports (RFC 7489 section 7.2, "rua"): intake, safe parsing, rollups.
 
 NAME
-    fastsend.analytics.dmarc -- extract_reports, parse_report, DmarcStore, ingest_mail.
+    fastsend.analytics.dmarc -- read_mail, store_reports, parse_report, DmarcStore,
+    ingest_mail.
 
 DESCRIPTION
     Mailbox providers send a daily XML report per domain to the address in the
@@ -20,7 +21,11 @@ DESCRIPTION
     - XML: the standard library's expat with any DOCTYPE refused (so no
       entity declarations, no entity expansion, no external entities or DTDs)
       and a depth limit; a report that breaks a rule is refused with a
-      :class:`DmarcError` naming it, never half-stored.
+      :class:`DmarcError` naming it, never half-stored;
+    - CPU: ``fastsend serve`` unpacks and parses (:func:`read_mail`) in the
+      intake's parse process, under its size and CPU-time caps
+      (:mod:`fastsend.serve.parsepool`); only storing the parsed report runs
+      in the server.
 
     :class:`DmarcStore` (``<spool>/dmarc.db``) keeps each report once (by
     reporting org and report id: a report mailed twice counts once) and rolls
@@ -334,9 +339,12 @@ def _looks_like_report(message: bytes) -> tuple[bool, bool]:
     return True, b"report domain:" in head and b"report-id:" in head
 
 
-def ingest_mail(store: DmarcStore, message: bytes) -> list[dict[str, Any]] | None:
-    """Reports in a mail message -> stored; the events to emit. None: not a DMARC report
-    (the caller tries the bounce parser); [] when every report was already stored."""
+def read_mail(message: bytes) -> list[Report | str] | None:
+    """The aggregate reports in one mail message, unpacked and parsed (nothing
+    stored): each a :class:`Report`, or the reason one was refused (a str).
+    None: not a DMARC report (the caller tries the bounce parser). Pure and
+    CPU-bound: ``fastsend serve`` runs it in its capped parse process
+    (:mod:`fastsend.serve.parsepool`), never on its event loop."""
     maybe, surely = _looks_like_report(message)
     if not maybe:
         return None
@@ -344,21 +352,28 @@ def ingest_mail(store: DmarcStore, message: bytes) -> list[dict[str, Any]] | Non
         docs = extract_reports(message)
     except DmarcError as e:
         if surely:
-            return [{"event": "dmarc_report_refused", "error": str(e)[:300]}]
+            return [str(e)[:300]]
         return None  # e.g. a returned message with a broken attachment: a bounce
     docs = [d for d in docs if b"<feedback" in d[:65536]]
     if not docs:
-        if surely:
-            return [{"event": "dmarc_report_refused", "error": "no aggregate report attached"}]
-        return None
-    events: list[dict[str, Any]] = []
+        return ["no aggregate report attached"] if surely else None
+    out: list[Report | str] = []
     for doc in docs:
         try:
-            rep = parse_report(doc)
+            out.append(parse_report(doc))
         except DmarcError as e:
-            events.append({"event": "dmarc_report_refused", "error": str(e)[:300]})
-            continue
-        if store.add(rep):
+            out.append(str(e)[:300])
+    return out
+
+
+def store_reports(store: DmarcStore, items: list[Report | str]) -> list[dict[str, Any]]:
+    """Store what :func:`read_mail` found; the events to emit ([] when every
+    report was already stored)."""
+    events: list[dict[str, Any]] = []
+    for rep in items:
+        if isinstance(rep, str):
+            events.append({"event": "dmarc_report_refused", "error": rep})
+        elif store.add(rep):
             total = sum(r.count for r in rep.records)
             unaligned = sum(r.count for r in rep.records
                             if r.dkim_eval != "pass" and r.spf_eval != "pass")  # fmt: skip
@@ -367,3 +382,11 @@ def ingest_mail(store: DmarcStore, message: bytes) -> list[dict[str, Any]] | Non
                            "begin": rep.begin, "end": rep.end, "messages": total,
                            "unaligned": unaligned, "records": len(rep.records)})  # fmt: skip
     return events
+
+
+def ingest_mail(store: DmarcStore, message: bytes) -> list[dict[str, Any]] | None:
+    """Reports in a mail message -> stored; the events to emit. None: not a DMARC report
+    (the caller tries the bounce parser); [] when every report was already stored.
+    In-process (the CLI, tests); the server reads in its parse pool instead."""
+    items = read_mail(message)
+    return None if items is None else store_reports(store, items)

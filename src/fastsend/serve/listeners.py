@@ -55,9 +55,11 @@ DESCRIPTION
     rows are durable. A spool error answers 451 and keeps nothing half done.
 
     Intake: accepts RCPT only for ``@verp_domain`` and ``fbl_address``.
-    Each message is parsed with :func:`fastsend.bounce.parse_bounce` in a
-    separate process with a size and CPU cap (:mod:`fastsend.serve.parsepool`),
-    so no report can stall the loop; for each
+    Each message is parsed with :func:`fastsend.bounce.parse_bounce` (or, a
+    DMARC aggregate report, unpacked and parsed by
+    :func:`fastsend.analytics.dmarc.read_mail`) in a separate process with a
+    size and CPU cap (:mod:`fastsend.serve.parsepool`), so no report can stall
+    the loop; for each
     record the original message is found (VERP id from the record or the
     envelope recipient, else a Message-ID ``<id@...>`` or X-Fastsend-Id whose
     spool row has the same recipient), then "bounced" (reason, hard, status,
@@ -545,11 +547,14 @@ class _Intake(_Policy):
     async def message_async(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
         # Parsed in another process with a size and CPU cap (fastsend.serve.parsepool):
         # a pathological report cannot stall the API, tracking or submission.
+        # DMARC aggregate reports (zip/gzip, XML) too: only storing one runs here.
         try:
-            evs = _dmarc_report(self.ctx, ev.data)
-            if evs is None:
-                records = await self.pool.parse(ev.data)
-                evs = apply_records(self.ctx, records, ev.recipients, self.cfg.verp_prefix)
+            dmarc = getattr(self.ctx, "dmarc", None)
+            kind, got = await self.pool.read(ev.data, dmarc=dmarc is not None)
+            if kind == "dmarc":
+                evs = _emit_dmarc(self.ctx, got)
+            else:
+                evs = apply_records(self.ctx, got, ev.recipients, self.cfg.verp_prefix)
         except Exception:  # a parser bug must not make the sender retry forever
             log.exception("intake: report not processed")
             evs = []
@@ -632,12 +637,20 @@ def _dmarc_report(ctx: Any, data: bytes) -> list[dict[str, Any]] | None:
     dmarc = getattr(ctx, "dmarc", None)
     if dmarc is None:
         return None
-    from fastsend.analytics.dmarc import ingest_mail
+    from fastsend.analytics.dmarc import read_mail
 
-    got = ingest_mail(dmarc, data)
-    if got is not None:
-        for report_ev in got:
-            ctx.emit(report_ev)
+    items = read_mail(data)
+    return None if items is None else _emit_dmarc(ctx, items)
+
+
+def _emit_dmarc(ctx: Any, items: list[Any]) -> list[dict[str, Any]]:
+    """Store parsed DMARC reports (:func:`fastsend.analytics.dmarc.read_mail`);
+    emit and return their events."""
+    from fastsend.analytics.dmarc import store_reports
+
+    got = store_reports(ctx.dmarc, items)
+    for report_ev in got:
+        ctx.emit(report_ev)
     return got
 
 

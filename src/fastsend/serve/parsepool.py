@@ -1,12 +1,15 @@
-"""Bounce/FBL parsing off the event loop, with a CPU-time and a size cap.
+"""Bounce/FBL/DMARC parsing off the event loop, with a CPU-time and a size cap.
 
 NAME
-    fastsend.serve.parsepool -- ParsePool: ``await pool.parse(data)`` -> records.
+    fastsend.serve.parsepool -- ParsePool: ``await pool.read(data, dmarc=)``
+    -> ("dmarc", reports) or ("bounce", records).
 
 DESCRIPTION
-    Whatever arrives at the intake is anyone's message. :func:`parse_bounce`
-    runs in a separate process (one, spawned on first use, reused), so the
-    serving loop (HTTP API, tracking, submission) never waits for it:
+    Whatever arrives at the intake is anyone's message. DMARC aggregate
+    reports (:func:`fastsend.analytics.dmarc.read_mail`: unzip/gunzip and
+    XML) and :func:`parse_bounce` run in a separate process (one, spawned on
+    first use, reused), so the serving loop (HTTP API, tracking, submission)
+    never waits for them:
 
     - size cap: only the first ``max_bytes`` (default 1 MiB) of a message are
       parsed; the report parts (text, delivery-status, feedback-report, the
@@ -16,6 +19,8 @@ DESCRIPTION
       killed by SIGXCPU. A wall-clock limit (``2 x cpu_seconds + 5``) backs it
       up. Either way the child is replaced and the message yields no record
       (the intake still answers 250: refusing a bounce only makes another).
+      A zip/gzip bomb, a deeply nested or huge XML report meets the same caps
+      (and dmarc's own: decompressed size, depth, records).
 
     Reports are parsed one at a time (one child): a flood queues here rather
     than taking the machine's cores from the delivery workers.
@@ -42,10 +47,22 @@ MAX_BYTES = 1 << 20
 CPU_SECONDS = 2.0
 
 
-def _parse_capped(data: bytes, cpu_seconds: float) -> list[Any]:
-    """In the child: raise the CPU ceiling to now + cpu_seconds, then parse."""
+def _read_capped(data: bytes, cpu_seconds: float, dmarc: bool) -> tuple[str, list[Any]]:
+    """In the child: raise the CPU ceiling to now + cpu_seconds, then read the
+    message as a DMARC aggregate report (when ``dmarc``) or else as a bounce."""
+    _cap_cpu(cpu_seconds)
+    if dmarc:
+        from fastsend.analytics.dmarc import read_mail
+
+        reports = read_mail(data)
+        if reports is not None:
+            return "dmarc", reports
     from fastsend.bounce import parse_bounce
 
+    return "bounce", parse_bounce(data)
+
+
+def _cap_cpu(cpu_seconds: float) -> None:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     used = ru.ru_utime + ru.ru_stime
     _soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
@@ -53,7 +70,6 @@ def _parse_capped(data: bytes, cpu_seconds: float) -> list[Any]:
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_CPU, (limit, hard))
-    return parse_bounce(data)
 
 
 def _child_init() -> None:
@@ -88,19 +104,27 @@ class ParsePool:
                 pass
         pool.shutdown(wait=False, cancel_futures=True)
 
-    async def parse(self, data: bytes) -> list[Any]:
-        """Records of ``data`` (its first max_bytes); [] if a cap stopped the parse."""
+    async def read(self, data: bytes, *, dmarc: bool = False) -> tuple[str, list[Any]]:
+        """("dmarc", reports or refusals) if ``data`` (its first max_bytes) is a
+        DMARC aggregate report and ``dmarc``, else ("bounce", its records);
+        ("bounce", []) if a cap stopped the parse."""
         data = data[: self.max_bytes]
         loop = asyncio.get_running_loop()
         async with self._lock:
             try:
-                fut = loop.run_in_executor(self._executor(), _parse_capped, data, self.cpu_seconds)
+                fut = loop.run_in_executor(
+                    self._executor(), _read_capped, data, self.cpu_seconds, dmarc
+                )
                 return await asyncio.wait_for(fut, 2 * self.cpu_seconds + 5)
             except (TimeoutError, BrokenProcessPool):
                 self.killed += 1
                 log.warning("intake: a report exceeded the parse limits; ignored")
                 self._discard()
-                return []
+                return "bounce", []
+
+    async def parse(self, data: bytes) -> list[Any]:
+        """Bounce records of ``data`` (its first max_bytes); [] if a cap stopped it."""
+        return (await self.read(data))[1]
 
     def close(self) -> None:
         self._discard()
