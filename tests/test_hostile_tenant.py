@@ -1064,6 +1064,85 @@ def test_8_tracking_tokens_expire_bind_to_the_tenant_and_hide_the_recipient(
     assert st == 400 and out["error"]["field"] == "template.tracking.tenant", out
 
 
+def legacy_token(secret: bytes, kind: str, *fields: str) -> str:
+    """A link as the code before encrypted tokens signed it (commit ba41b6c's
+    ``tracking.sign``): b64url(kind + LF-joined fields) "." b64url(HMAC-SHA256[:16])."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+    payload = (kind + "\n".join(fields)).encode()
+    return b64(payload) + "." + b64(hmac.new(secret, payload, hashlib.sha256).digest()[:16])
+
+
+def test_8_links_of_the_older_format_keep_working_for_their_natural_life(
+    served: Served,
+) -> None:
+    import sqlite3
+
+    st, out = served.req("POST", "/v1/messages", {"from": "n@acme.example", "to": "old8@example.org",
+                                                  "subject": "s", "text": "t"}, tenant="acme")  # fmt: skip
+    assert st == 202, out
+    mid, rcpt = str(out["messages"][0]["ids"][0]), "old8@example.org"
+    secret = (served.tmp / "spool" / "secret.key").read_bytes().strip()
+    url = "https://acme.example/landing?x=1"
+    st, body = served.req("GET", f"/t/c/{legacy_token(secret, 'c', mid, rcpt, url)}", tenant=None)
+    assert st == 302, body
+    assert served.req("GET", f"/t/o/{legacy_token(secret, 'o', mid, rcpt)}.gif", tenant=None)[0] == 200
+    # The signature covers the URL: no open redirect by editing it, nor a non-http target.
+    tok = legacy_token(secret, "c", mid, rcpt, url)
+    forged = legacy_token(secret, "c", mid, rcpt, "https://phish.example/").split(".")[0]
+    assert served.req("GET", f"/t/c/{forged}.{tok.split('.')[1]}", tenant=None)[0] == 404
+    assert served.req("GET", f"/t/c/{legacy_token(b'x' * 32, 'c', mid, rcpt, url)}",
+                      tenant=None)[0] == 404  # fmt: skip
+    js = legacy_token(secret, "c", mid, rcpt, "javascript:alert(1)")
+    assert served.req("GET", f"/t/c/{js}", tenant=None)[0] == 404
+    assert served.req("GET", f"/t/o/{legacy_token(secret, 'c', mid, rcpt, url)}.gif",
+                      tenant=None)[0] == 404  # a click token is not an open token  # fmt: skip
+    # Bound to the tenant owning the message: acme's event, acme's suppression list.
+    unsub = legacy_token(secret, "u", mid, rcpt)
+    st, _ = served.req("POST", f"/u/{unsub}", raw=b"List-Unsubscribe=One-Click", tenant=None,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert st == 200
+    clicks = [e for e in _events_named(served, "clicked") if e.get("url") == url]
+    assert clicks and clicks[-1]["tenant"] == "acme" and clicks[-1]["id"] == int(mid)
+    st, out = served.req("GET", "/v1/suppressions", tenant="acme")
+    assert any(e["address"] == rcpt and e["reason"] == "unsubscribe" for e in out["suppressions"])
+    st, out = served.req("GET", "/v1/suppressions", tenant="evil")
+    assert not any(e["address"] == rcpt for e in out["suppressions"])
+    db = sqlite3.connect(f"file:{served.tmp / 'spool' / 'spool.db'}?mode=ro", uri=True)
+    since = float(db.execute("SELECT value FROM meta WHERE key='tracking_v2_since'").fetchone()[0])
+    db.close()
+    assert time.time() - 3600 < since <= time.time()
+
+
+def test_8_older_links_expire_link_ttl_days_after_the_upgrade(tmp_path: Path) -> None:
+    """The upgrade's time is recorded once: a spool upgraded 100 days ago (link_ttl_days
+    90) refuses old click and open links, while old unsubscribe links (365 days) work."""
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    spool = SQLiteSpool(str(tmp_path / "spool"))
+    assert spool.meta_once("tracking_v2_since", repr(time.time() - 100 * 86400)) != ""
+    spool.close()
+    s = Served(tmp_path, None)
+    try:
+        secret = (tmp_path / "spool" / "secret.key").read_bytes().strip()
+        url = "https://shop.example/"
+        assert s.req("GET", f"/t/c/{legacy_token(secret, 'c', '7', 'a@example.org', url)}",
+                     tenant=None)[0] == 404  # fmt: skip
+        assert s.req("GET", f"/t/o/{legacy_token(secret, 'o', '7', 'a@example.org')}.gif",
+                     tenant=None)[0] == 404  # fmt: skip
+        st, _ = s.req("POST", f"/u/{legacy_token(secret, 'u', '7', 'a@example.org')}",
+                      raw=b"List-Unsubscribe=One-Click", tenant=None,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+        assert st == 200
+    finally:
+        s.stop()
+
+
 def test_6_bytes_x_recipients_and_campaign_recipient_limits(
     tmp_path: Path, sink: SinkThread
 ) -> None:

@@ -25,6 +25,12 @@ DESCRIPTION
     and clicks, at least 365 for unsubscribe links). Verification needs no
     state: the tracking endpoints answer without touching the spool.
 
+    Links signed before tokens were encrypted (``b64url(payload) "."
+    b64url(HMAC-SHA256(secret, payload)[:16])``, no tenant, no expiry) are
+    still accepted by :func:`open_legacy` until ``link_ttl_days`` after the
+    installation's upgrade (recorded once in the spool), bound to the tenant
+    of the message they name.
+
     URLs built on ``base_url``: ``/t/o/<token>.gif`` (open pixel),
     ``/t/c/<token>`` (click), ``/u/<token>`` (unsubscribe page and RFC 8058
     one-click POST), served by :mod:`fastsend.serve.tracking`.
@@ -61,6 +67,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import html
 import os
 import re
@@ -80,6 +87,7 @@ __all__ = [
     "Tracker",
     "ensure_secret",
     "load_secret",
+    "open_legacy",
     "open_token",
     "set_link_ttl",
     "set_process_secret",
@@ -146,8 +154,7 @@ def sign(
     if any("\n" in f for f in (*fields, tenant)):
         raise ValueError("token fields must not contain LF")
     if expires is None:
-        ttl = _TTL[0] if kind != UNSUBSCRIBE else max(_TTL[0], UNSUBSCRIBE_TTL_MIN)
-        expires = time.time() + ttl
+        expires = time.time() + _ttl(kind)
     payload = (kind + "\n".join((*fields, tenant, str(int(expires))))).encode("utf-8")
     nonce = os.urandom(12)
     return _b64(nonce) + "." + _b64(_aead(secret).encrypt(nonce, payload, _AAD))
@@ -181,6 +188,47 @@ def open_token(
     if int(parts[-1]) < (time.time() if now is None else now):
         return None  # expired
     return kind, tuple(parts[:n]), parts[n]
+
+
+def _ttl(kind: str) -> float:
+    return _TTL[0] if kind != UNSUBSCRIBE else max(_TTL[0], UNSUBSCRIBE_TTL_MIN)
+
+
+def open_legacy(
+    secret: bytes, token: str, since: float, now: float | None = None
+) -> tuple[str, tuple[str, ...], str] | None:
+    """``(kind, fields, "")`` of a genuine token of the format before encryption
+    (``b64url(payload) "." b64url(HMAC-SHA256(secret, payload)[:16])``, the
+    payload readable: kind letter, then the fields joined by LF), or None.
+
+    Links already in mailboxes keep working for their natural life: such a
+    token expires ``link_ttl_days`` (unsubscribe: at least 365 days) after
+    ``since``, the time this installation first ran the encrypted format (the
+    old format had no expiry). It names no tenant: the caller binds it to the
+    owner of the message it names. The MAC covers the kind and every field
+    (the click URL included), so nothing in it can be changed."""
+    if not secret or len(token) > MAX_TOKEN:
+        return None
+    body, dot, mac_text = token.partition(".")
+    if not dot or not body or not mac_text:
+        return None
+    try:
+        payload, mac = _unb64(body), _unb64(mac_text)
+    except (binascii.Error, ValueError):
+        return None
+    want = hmac.new(secret, payload, hashlib.sha256).digest()[:MAC_LEN]
+    if len(mac) != MAC_LEN or not hmac.compare_digest(mac, want):
+        return None
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    kind, fields = text[:1], tuple(text[1:].split("\n"))
+    if _FIELDS.get(kind) != len(fields):
+        return None
+    if since + _ttl(kind) < (time.time() if now is None else now):
+        return None  # past its natural life
+    return kind, fields, ""
 
 
 def verify(secret: bytes, token: str) -> tuple[str, tuple[str, ...]] | None:

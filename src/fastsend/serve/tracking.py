@@ -18,7 +18,11 @@ DESCRIPTION
     Tokens are opened with :func:`fastsend.message.tracking.open_token`
     (AES-256-GCM under a key derived from ``ctx.secret``): expired tokens and
     tokens whose tenant is not the message's owner answer 404 like forged
-    ones. Anything forged,
+    ones. Links of the older HMAC format (mail sent before the upgrade) are
+    opened by :func:`fastsend.message.tracking.open_legacy`: genuine ones work
+    until ``link_ttl_days`` after the upgrade (spool meta ``tracking_v2_since``,
+    recorded at the first start), bound to the tenant owning their message.
+    Anything forged,
     truncated or of the wrong kind answers 404 and is never redirected, so the
     click endpoint cannot serve as an open redirect. Opens and clicks touch no
     database on the request path beyond one cached, indexed read that names
@@ -71,11 +75,17 @@ _CACHE_SIZE = 4096
 ONE_CLICK = "One-Click"
 
 
+LEGACY_SINCE = "tracking_v2_since"  # spool meta: when this installation first encrypted tokens
+
+
 class _Tracking:
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self.secret: bytes = ctx.secret
         self._owner: OrderedDict[int, tuple[int | None, str]] = OrderedDict()
+        # Links of the HMAC format in mail sent before the upgrade expire
+        # link_ttl_days after it: the upgrade's time is recorded once.
+        self.legacy_since = float(ctx.spool.meta_once(LEGACY_SINCE, repr(time.time())))
 
     # -- helpers --------------------------------------------------------------
     def _check(self, token: str, kind: str) -> tuple[str, ...]:
@@ -85,10 +95,15 @@ class _Tracking:
         """(fields, tenant) of a genuine, unexpired token of ``kind`` bound to the
         tenant that owns its message (when the message is still in the spool)."""
         got = tr.open_token(self.secret, token)
+        legacy = got is None
+        if legacy:
+            got = tr.open_legacy(self.secret, token, self.legacy_since)
         if got is None or got[0] != kind:
             raise _not_found()
         fields, tenant = got[1], got[2] or DEFAULT_TENANT
         campaign, owner = self.owner(fields[0])
+        if legacy:
+            return fields, owner  # no tenant inside: the message's owner, if known
         if campaign is not None and owner != tenant:
             raise _not_found()  # a token bound to another tenant than the message's
         return fields, tenant

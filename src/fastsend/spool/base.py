@@ -316,6 +316,16 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    # -- facts about the spool itself ------------------------------------------
+
+    def meta_once(self, key: str, value: str) -> str:
+        """The value stored under ``key``; ``value`` is stored first when there
+        is none (the first writer wins, on every node of a shared spool): e.g.
+        when this installation first ran a format. This default keeps it in
+        memory; SQLite and Redis store it."""
+        mem: dict[str, str] = self.__dict__.setdefault("_meta", {})
+        return mem.setdefault(key, value)
+
     # -- counters: shaping state that must outlive the process ---------------
     # Guardrail counts per campaign and warm-up counts per (day, IP, provider)
     # survive a restart and, on a shared spool, are shared by every node. Names
@@ -479,6 +489,9 @@ class SpoolProxy(Spool):
 
     def finish_ingest(self, job_id: int, status: str) -> None:
         self.inner.finish_ingest(job_id, status)
+
+    def meta_once(self, key: str, value: str) -> str:
+        return self.inner.meta_once(key, value)
 
     def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
         return self.inner.add_counters(deltas)

@@ -38,7 +38,8 @@ no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
 ``P:wh`` the webhook outbox (a sorted set of ``ID:JSON`` by id, ids from
 ``P:wh:seq``): outcomes append their events to it in the same script
 (:meth:`RedisSpool.record_outcomes`), and ``fastsend.serve.shared_state.RedisOutbox``
-sends from it; ``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
+sends from it; ``P:meta`` facts about the spool (:meth:`meta_once`);
+``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
 MULTI/EXEC as the batch of rows it describes), ``P:ings`` their ids.
 
 Sorted sets rather than Streams: a spool is a schedule, not a log. Every
@@ -655,6 +656,10 @@ class RedisSpool(Spool):
         names = list(names)
         if names:
             self.r.hdel(f"{self.k}:counters", *names)
+
+    def meta_once(self, key: str, value: str) -> str:
+        self.r.hsetnx(f"{self.k}:meta", key, value)
+        return _s(self.r.hget(f"{self.k}:meta", key))
 
     def stats(self) -> dict[str, int]:
         """Spool-wide counters every node shares: ``taken_over``, in-flight messages

@@ -410,6 +410,10 @@ class SQLiteSpool(Spool):
         out["state"] = STATE_NAMES.get(out["state"], out["state"])
         return out
 
+    def meta_once(self, key: str, value: str) -> str:
+        self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        return str(self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
+
     def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
         if not deltas:
             return {}
