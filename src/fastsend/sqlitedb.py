@@ -39,15 +39,24 @@ _LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 def connect(
-    path: str, *, readonly: bool = False, synchronous: str = "", schema: str = ""
+    path: str,
+    *,
+    readonly: bool = False,
+    synchronous: str = "",
+    schema: str = "",
+    threads: bool = False,
 ) -> sqlite3.Connection:
-    """The database at ``path``; writable ones in WAL mode with ``schema`` applied."""
+    """The database at ``path``; writable ones in WAL mode with ``schema`` applied.
+    ``threads``: the connection may be used from other threads (the caller
+    serialises its use, e.g. with a lock)."""
     if readonly:
         return sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=TIMEOUT
         )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, timeout=TIMEOUT)
+    db = sqlite3.connect(
+        path, isolation_level=None, timeout=TIMEOUT, check_same_thread=not threads
+    )
     db.execute("PRAGMA journal_mode=WAL")
     if synchronous:
         db.execute(f"PRAGMA synchronous={_level(synchronous)}")

@@ -45,6 +45,7 @@ import email.parser
 import email.policy
 import io
 import os
+import threading
 import time
 import zipfile
 import zlib
@@ -276,10 +277,17 @@ def _pick(results: list[tuple[str, str]]) -> tuple[str, str]:
 
 class DmarcStore:
     def __init__(self, spool_dir: str) -> None:
-        self.db = connect(os.path.join(spool_dir, "dmarc.db"), schema=_SCHEMA)
+        # The server stores reports from a thread (a large report is many rows):
+        # one connection, used under a lock.
+        self.db = connect(os.path.join(spool_dir, "dmarc.db"), schema=_SCHEMA, threads=True)
+        self.lock = threading.Lock()
 
     def add(self, r: Report) -> bool:
         """Store a report (one transaction); False if this org's report id was seen."""
+        with self.lock:
+            return self._add(r)
+
+    def _add(self, r: Report) -> bool:
         db = self.db
         with transaction(db, immediate=False):
             cur = db.execute(
@@ -304,6 +312,10 @@ class DmarcStore:
     def summary(self, t0: float, t1: float, limit: int = 50) -> dict[str, Any]:
         """Per reporting org and per source IP: messages, DMARC-aligned (DKIM or SPF
         aligned pass) and unaligned; the unaligned sources first."""
+        with self.lock:
+            return self._summary(t0, t1, limit)
+
+    def _summary(self, t0: float, t1: float, limit: int) -> dict[str, Any]:
         args = (int(t0) // 86400 * 86400, int(t1))
         q = ("SELECT {g}, SUM(n), SUM(CASE WHEN dkim_aligned OR spf_aligned THEN n ELSE 0 END),"
              " SUM(dkim_aligned * n), SUM(spf_aligned * n) FROM rows WHERE day >= ? AND day < ?"
@@ -327,7 +339,8 @@ class DmarcStore:
                 "unaligned_sources": [s for s in sources if s["unaligned"]][:limit]}  # fmt: skip
 
     def close(self) -> None:
-        self.db.close()
+        with self.lock:
+            self.db.close()
 
 
 def _looks_like_report(message: bytes) -> tuple[bool, bool]:

@@ -551,8 +551,12 @@ class _Intake(_Policy):
         try:
             dmarc = getattr(self.ctx, "dmarc", None)
             kind, got = await self.pool.read(ev.data, dmarc=dmarc is not None)
-            if kind == "dmarc":
-                evs = _emit_dmarc(self.ctx, got)
+            if kind == "dmarc":  # stored from a thread: a report may be many rows
+                from fastsend.analytics.dmarc import store_reports
+
+                evs = await asyncio.to_thread(store_reports, self.ctx.dmarc, got)
+                for report_ev in evs:
+                    self.ctx.emit(report_ev)
             else:
                 evs = apply_records(self.ctx, got, ev.recipients, self.cfg.verp_prefix)
         except Exception:  # a parser bug must not make the sender retry forever
@@ -637,20 +641,12 @@ def _dmarc_report(ctx: Any, data: bytes) -> list[dict[str, Any]] | None:
     dmarc = getattr(ctx, "dmarc", None)
     if dmarc is None:
         return None
-    from fastsend.analytics.dmarc import read_mail
+    from fastsend.analytics.dmarc import ingest_mail
 
-    items = read_mail(data)
-    return None if items is None else _emit_dmarc(ctx, items)
-
-
-def _emit_dmarc(ctx: Any, items: list[Any]) -> list[dict[str, Any]]:
-    """Store parsed DMARC reports (:func:`fastsend.analytics.dmarc.read_mail`);
-    emit and return their events."""
-    from fastsend.analytics.dmarc import store_reports
-
-    got = store_reports(ctx.dmarc, items)
-    for report_ev in got:
-        ctx.emit(report_ev)
+    got = ingest_mail(dmarc, data)
+    if got is not None:
+        for report_ev in got:
+            ctx.emit(report_ev)
     return got
 
 
