@@ -182,6 +182,15 @@ def redis_server() -> Iterator[Any]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """(cert.pem, key.pem, client SSLContext trusting them) for localhost/127.0.0.1,
+    from a throwaway CA (tests/_serve_helpers.make_certs)."""
+    from tests._serve_helpers import make_certs  # it imports this module
+
+    return make_certs(tmp_path_factory.mktemp("tls"))
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def make_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Any]:
     """Opens the same spool again on each call: SQLite, then Redis (one node)."""

@@ -24,6 +24,7 @@ from tests._engine_helpers import (
     write_campaign,
     write_recipients,
 )
+from tests._serve_helpers import dsn
 
 from conftest import EximServer
 from fastsend import msgid
@@ -186,7 +187,7 @@ def test_a_dsn_about_a_grouped_message_names_the_recipient_it_reports(tmp_path: 
         rows = [(a, "example.org", b"{}") for a in ("al@example.org", "bo@example.org")]
         first, second = ctx.inject(cid, rows)
         token = msgid.group_token(first, ctx.secret)  # the group's Message-ID
-        evs = process_report(ctx, DSN.format(rcpt="Bo@example.org", mid=token).encode(), [])
+        evs = process_report(ctx, dsn("Bo@example.org", token, to="undisclosed-recipients:;").encode(), [])
         assert [(e["id"], e["rcpt"], e["tenant"]) for e in evs] == [
             (second, "bo@example.org", "shop")
         ]
@@ -194,7 +195,7 @@ def test_a_dsn_about_a_grouped_message_names_the_recipient_it_reports(tmp_path: 
         assert not ctx.suppression.contains("al@example.org", tenant="shop")
         entry = ctx.suppression.get("bo@example.org", tenant="shop")
         assert entry is not None and (entry.source, entry.message) == ("bounce-dsn", second)
-        evs = process_report(ctx, DSN.format(rcpt="zed@example.org", mid=token).encode(), [])
+        evs = process_report(ctx, dsn("zed@example.org", token, to="undisclosed-recipients:;").encode(), [])
         assert [(e["id"], e["tenant"]) for e in evs] == [(None, "default")]
         # A complaint naming no recipient (ARF reports are often redacted) names no
         # one: never the first row's address.
@@ -204,39 +205,6 @@ def test_a_dsn_about_a_grouped_message_names_the_recipient_it_reports(tmp_path: 
         assert find_original(ctx, report, []) == (first, cid, "al@example.org", "shop")  # type: ignore[arg-type]
     finally:
         ctx.close()
-
-
-DSN = """From: MAILER-DAEMON@mx.example.org
-To: bounces@sender.example.com
-Subject: Undelivered Mail Returned to Sender
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary="B"
-
---B
-Content-Type: text/plain
-
-Your message could not be delivered.
-
---B
-Content-Type: message/delivery-status
-
-Reporting-MTA: dns; mx.example.org
-
-Final-Recipient: rfc822; {rcpt}
-Action: failed
-Status: 5.1.1
-Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown
-
---B
-Content-Type: text/rfc822-headers
-
-From: News <news@example.com>
-To: undisclosed-recipients:;
-Subject: Hi
-Message-ID: <{mid}@example.com>
-
---B--
-"""
 
 
 # ---------------------------------------------------------------- 2. suppression at dispatch

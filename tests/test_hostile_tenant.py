@@ -15,7 +15,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,145 +25,16 @@ import aiosmtplib
 import dkim
 import orjson
 import pytest
-import trustme
+from tests._serve_helpers import ENV, Served, cli, dsn, http, sink_message
 
 from conftest import free_port
 from fastsend.sink import SinkThread
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def http(
-    method: str,
-    url: str,
-    body: Any = None,
-    key: str | None = None,
-    *,
-    raw: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
-) -> tuple[int, Any]:
-    async def go() -> tuple[int, Any]:
-        h = dict(headers or {})
-        if key:
-            h["Authorization"] = f"Bearer {key}"
-        data = raw if raw is not None else orjson.dumps(body) if body is not None else None
-        t = aiohttp.ClientTimeout(total=timeout)
-        async with (
-            aiohttp.ClientSession(timeout=t) as s,
-            s.request(method, url, data=data, headers=h, allow_redirects=False) as r,
-        ):
-            got = await r.read()
-            if "json" in r.headers.get("Content-Type", ""):
-                return r.status, orjson.loads(got)
-            return r.status, got.decode("utf-8", "replace")
-
-    return asyncio.run(go())
-
-
-def cli(*args: str, cwd: Path, umask: int = -1) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "fastsend", *args],
-        check=True, capture_output=True, text=True, env=ENV, cwd=cwd, umask=umask,
-    ).stdout.strip()  # fmt: skip
-
-
-class Served:
-    """``fastsend serve`` in a subprocess with tenants acme and evil."""
-
-    def __init__(
-        self, tmp: Path, route: str | None, extra: str = "", delivery: str = "", umask: int = -1,
-        api: str = "",
-    ) -> None:  # fmt: skip
-        self.tmp = tmp
-        self.port = free_port()
-        self.cfg = tmp / "fastsend.toml"
-        self.route = route
-        self.extra = extra
-        self.delivery = delivery
-        self.api = api
-        self.write_config()
-        self.keys = {t: cli("apikey", "create", "--tenant", t, "-c", str(self.cfg), cwd=tmp,
-                            umask=umask)
-                     for t in ("acme", "evil")}  # fmt: skip
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsend", "serve", "-c", str(self.cfg)],
-            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp, umask=umask,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self.client_tls: ssl.SSLContext | None = None
-        threading.Thread(target=self._read, daemon=True).start()
-        self.wait_line("ready in")
-
-    def write_config(self) -> None:
-        self.cfg.write_text(
-            f"""
-[spool]
-dir = "spool"
-[workers]
-count = 1
-[routes]
-{f'"*" = "{self.route}"' if self.route else ""}
-[delivery]
-tls = "off"
-idle_timeout = 1.0
-{self.delivery}
-[api]
-listen = "127.0.0.1:{self.port}"
-{self.api}
-{self.extra}
-"""
-        )
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def wait_line(self, text: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in ln for ln in self.lines):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise TimeoutError(f"no {text!r} in server output: {''.join(self.lines)}")
-            time.sleep(0.02)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def req(self, method: str, path: str, body: Any = None, tenant: str | None = "evil",
-            **kw: Any) -> tuple[int, Any]:  # fmt: skip
-        return http(method, self.base + path, body, self.keys[tenant] if tenant else None, **kw)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
 def sink() -> Iterator[SinkThread]:
     with SinkThread() as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, ssl.SSLContext]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    d = tmp_path_factory.mktemp("tls")
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    for pem in cert.cert_chain_pems[1:]:
-        pem.write_to_path(str(d / "cert.pem"), append=True)
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return str(d / "cert.pem"), str(d / "key.pem"), client
 
 
 PASSWORD = "evil's submission password"
@@ -267,16 +137,6 @@ def raw_mail(sender: str, subject: str) -> bytes:
         f"From: <{sender}>\r\nTo: <x@example.org>\r\nSubject: {subject}\r\n"
         f"Message-ID: <{subject}@example.org>\r\n\r\nbody\r\n"
     ).encode()
-
-
-def sink_message(sink: SinkThread, marker: bytes, timeout: float = 20.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for m in list(sink.messages):
-            if marker in m.data:
-                return bytes(m.data)
-        time.sleep(0.05)
-    raise TimeoutError(f"no message with {marker!r} at the sink")
 
 
 TEMPLATE = {"from": "News <news@evil.example>", "subject": "hi", "text": "hello"}
@@ -593,32 +453,6 @@ def test_10_spool_files_are_private_whatever_the_umask(tmp_path: Path, sink: Sin
 
 
 # ---------------------------------------------------------------- 5. suppressing others' addresses
-DSN = """From: MAILER-DAEMON@mx.example.org
-To: bounces@bounces.example
-Subject: Undelivered Mail Returned to Sender
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary="B"
-
---B
-Content-Type: message/delivery-status
-
-Reporting-MTA: dns; mx.example.org
-
-Final-Recipient: rfc822; {rcpt}
-Action: failed
-Status: 5.1.1
-Diagnostic-Code: smtp; 550 5.1.1 User unknown
-
---B
-Content-Type: text/rfc822-headers
-
-From: <news@acme.example>
-To: {rcpt}
-Message-ID: <{mid}@acme.example>
-
---B--
-"""
-
 ARF = """From: fbl@isp.example
 To: fbl@bounces.example
 Subject: complaint
@@ -677,7 +511,7 @@ def test_5_forged_reports_and_tenants_cannot_touch_recipients_decisions(served: 
     for to, mid in [(f"b-{victim_id}@bounces.example", str(victim_id)),
                     (f"b-{victim_id}-AAAAAAAAAAAA@bounces.example", f"{victim_id}-AAAAAAAAAAAA"),
                     ("b-999999-xx@bounces.example", "999999")]:  # fmt: skip
-        _intake(served, to, DSN.format(rcpt="victim@example.org", mid=mid))
+        _intake(served, to, dsn("victim@example.org", mid))
     _intake(served, "fbl@bounces.example", ARF.format(rcpt="victim@example.org", mid=victim_id))
     _intake(served, "fbl@bounces.example", ARF.format(rcpt="ceo@acme.example", mid="1"))
     time.sleep(0.3)

@@ -26,7 +26,7 @@ import aiohttp
 import aiosmtplib
 import orjson
 import pytest
-import trustme
+from tests._serve_helpers import dsn
 
 from conftest import bounce_corpus, free_port, wait_port
 from fastsend import msgid
@@ -49,20 +49,6 @@ MESSAGE = (
     b"From: App <app@example.com>\r\nTo: ann@example.org\r\nSubject: hi\r\n"
     b"Message-ID: <abc@example.com>\r\n\r\nHello\r\n.leading dot\r\n"
 )
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, ssl.SSLContext]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    d = tmp_path_factory.mktemp("tls")
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    for pem in cert.cert_chain_pems[1:]:
-        pem.write_to_path(str(d / "cert.pem"), append=True)
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return str(d / "cert.pem"), str(d / "key.pem"), client
 
 
 def _ctx(tmp_path: Path, **tables: Any) -> ServeContext:
@@ -279,39 +265,6 @@ def test_intake_corpus_to_events_and_suppressions(tmp_path: Path) -> None:
     ctx.close()
 
 
-DSN = """From: MAILER-DAEMON@mx.example.org
-To: bounces@bounces.example.com
-Subject: Undelivered Mail Returned to Sender
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary="B"
-
---B
-Content-Type: text/plain
-
-Your message could not be delivered.
-
---B
-Content-Type: message/delivery-status
-
-Reporting-MTA: dns; mx.example.org
-
-Final-Recipient: rfc822; {rcpt}
-Action: failed
-Status: 5.1.1
-Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown
-
---B
-Content-Type: text/rfc822-headers
-
-From: News <news@example.com>
-To: {rcpt}
-Subject: Hi
-Message-ID: <{mid}@example.com>
-
---B--
-"""
-
-
 def test_intake_finds_original_by_message_id(tmp_path: Path) -> None:
     intake = {"listen": "127.0.0.1:0", "verp_domain": "bounces.example.com"}
     ctx = _ctx(tmp_path, intake=intake)
@@ -328,7 +281,7 @@ def test_intake_finds_original_by_message_id(tmp_path: Path) -> None:
             await smtp.connect()
             token = msgid.token(mid, ctx.secret)  # what the worker puts in Message-ID
             for rcpt, m in (("gone@example.org", token), ("stranger@example.org", token)):
-                raw = DSN.format(rcpt=rcpt, mid=m).encode()
+                raw = dsn(rcpt, m).encode()
                 await smtp.sendmail("", ["bounces@bounces.example.com"], raw)
             await smtp.quit()
         finally:

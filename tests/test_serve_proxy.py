@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import aiosmtplib
 import pytest
-import trustme
 from aiohttp import web
 from proxyprotocol.result import ProxyResultIPv4
 from proxyprotocol.v2 import ProxyProtocolV2
@@ -93,20 +92,6 @@ def test_gate_trusts_only_configured_peers() -> None:
         from_dict({"proxy": {"trusted": ["nope"]}})
     with pytest.raises(ValueError, match="unknown"):
         from_dict({"proxy": {"trused": []}})
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, ssl.SSLContext]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    d = tmp_path_factory.mktemp("tls")
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    for pem in cert.cert_chain_pems[1:]:
-        pem.write_to_path(str(d / "cert.pem"), append=True)
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return str(d / "cert.pem"), str(d / "key.pem"), client
 
 
 def test_haproxy_front_api_and_submission_see_client_ip(

@@ -299,3 +299,35 @@ def test_redis_spool_indexes_tenants_of_an_older_spool(redis_server: Any, tmp_pa
     assert [c.id for c in again.campaigns("t1")] == [a]
     assert [c.id for c in again.campaigns("t2")] == [b]
     assert [c.id for c in again.campaigns()] == [a, b]
+
+
+def test_blobs_stored_once_kept_while_needed_then_swept(make_spool: Factory) -> None:
+    import hashlib
+
+    s = make_spool()
+    cid = s.create_campaign({})
+    body = b"x" * 5000
+    d = hashlib.sha256(body).hexdigest()
+    now = time.time()
+    s.put_blob(d, body, now)
+    s.put_blob(d, body, now)  # a second request with the same body: one copy
+    ids = s.add_messages(cid, [(f"r{i}@a.example", "a.example", b"[]") for i in range(5)], now)
+    s.ref_blob(d, ids[:3])
+    assert s.get_blobs([d, "0" * 64]) == {d: body}
+    day = 86400.0
+    # One reference still pending (put, no ref yet: rows may exist): never swept.
+    assert s.sweep_blobs(now + 2 * day, day) == 0
+    s.ref_blob(d, ids[3:])
+    assert s.sweep_blobs(now + 4 * day, day) == 0  # its rows are queued
+    s.claim_due(now, 10)
+    later = now + 6 * day
+    s.record_results([Result(i, DELIVERED, 1, 0, 250, "2.0.0", "ok") for i in ids[:4]], later)
+    assert s.sweep_blobs(later, day) == 0  # one row still in flight
+    s.record_results([Result(ids[4], BOUNCED, 1, 0, 550, "5.1.1", "no")], later)
+    assert s.sweep_blobs(later + day / 2, day) == 0  # final, but not for `retention` yet
+    s.put_blob(d, body, later + day / 2)  # used again meanwhile: the clock restarts
+    s.ref_blob(d, [])
+    assert s.sweep_blobs(later + day, day) == 0
+    assert s.sweep_blobs(later + 3 * day, day) == 1
+    assert s.get_blobs([d]) == {} and s.message(ids[0]) is not None
+    assert s.sweep_blobs(later + 3 * day, day) == 0

@@ -12,7 +12,9 @@ arrives:
    checked against the campaign tenant's suppression list and spooled in one
    durable transaction (suppressed rows are stored as SUPPRESSED, final), then
    one "accepted" or "suppressed" event per row is emitted and the supervisor
-   is woken;
+   is woken. A body shared by several rows (a message to many recipients) is
+   stored once, before the rows, as a content-addressed blob
+   (``Spool.put_blob``) that the rows reference (``wire.blob_ref``);
 4. :meth:`Acceptor.start_ingest` / :meth:`Acceptor.ingest`: a recipient list is
    a durable job in the spool (its source's path, size, mtime and SHA-256,
    its row count, and the last committed source line, written in the same
@@ -37,9 +39,15 @@ from fastsend.events import EventLog
 from fastsend.message import Campaign
 from fastsend.spool import IngestJob, IngestMark, Spool
 from fastsend.suppression import DEFAULT_TENANT, SuppressionList
-from fastsend.wire import MAX_RECORD, CampaignSpec, encoder
+from fastsend.wire import MAX_RECORD, CampaignSpec, blob_ref, encoder
 
 CHUNK = 2000  # rows per spool transaction of a list ingest
+# A row's vars (its message body, for the API and submission) is stored once as
+# a content-addressed blob when several rows of a batch share it and it is at
+# least BLOB_SHARED bytes, or when it is at least BLOB_ALONE bytes (the same big
+# body may come again in another request).
+BLOB_SHARED = 1024
+BLOB_ALONE = 64 << 10
 
 Row = tuple[str, str, bytes]  # (rcpt, ascii domain, vars as JSON)
 
@@ -174,7 +182,10 @@ class Acceptor:
         if self.suppression is not None and rows:
             hits = self.suppression.contains_many([r[0] for r in rows], tenant=tenant)
         gone = {i for i, r in enumerate(rows) if r[0] in hits} if hits else set()
-        ids = self.spool.add_messages(campaign_id, rows, now, suppressed=gone, ingest=ingest)
+        stored, blobs = self._store_blobs(rows, now)
+        ids = self.spool.add_messages(campaign_id, stored, now, suppressed=gone, ingest=ingest)
+        for digest, where in blobs.items():
+            self.spool.ref_blob(digest, [ids[i] for i in where])
         if ids:
             evs = [
                 {
@@ -194,6 +205,29 @@ class Acceptor:
         if self.wake is not None and len(gone) < len(ids):
             self.wake()
         return ids
+
+    def _store_blobs(self, rows: list[Row], now: float) -> tuple[list[Row], dict[str, list[int]]]:
+        """``rows`` with each body worth sharing replaced by a reference to a blob
+        stored (durably) before the rows; and which rows hold each blob. Rows are
+        spooled after their blob, so no row is ever without its body."""
+        uses: dict[bytes, list[int]] = {}
+        for i, r in enumerate(rows):
+            if len(r[2]) >= BLOB_SHARED:
+                uses.setdefault(r[2], []).append(i)
+        if not uses:
+            return rows, {}
+        out = list(rows)
+        blobs: dict[str, list[int]] = {}
+        for body, where in uses.items():
+            if len(where) < 2 and len(body) < BLOB_ALONE:
+                continue
+            digest = hashlib.sha256(body).hexdigest()
+            self.spool.put_blob(digest, body, now)
+            ref = blob_ref(digest)
+            for i in where:
+                out[i] = (rows[i][0], rows[i][1], ref)
+            blobs[digest] = where
+        return out, blobs
 
     # -- recipient lists ---------------------------------------------------------
 

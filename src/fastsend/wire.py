@@ -2,7 +2,8 @@
 
 Supervisor -> worker: :class:`CampaignSpec` (once per campaign per worker,
 before its first batch), :class:`Batch` (messages of one campaign and one
-destination domain), :class:`Drain` (finish what you have, then exit).
+destination domain, with the bodies its rows share: :func:`blob_ref`),
+:class:`Drain` (finish what you have, then exit).
 
 Worker -> supervisor: :class:`Results` (a flush of outcomes, several batches'
 worth at once), :class:`Hello` (the worker is up), :class:`Handback` (mail
@@ -43,6 +44,28 @@ class Batch(msgspec.Struct, array_like=True, tag=2):
     campaign: int
     domain: str
     items: list[Item]
+    # Bodies stored once in the spool (content-addressed): items whose vars is a
+    # blob reference (:func:`blob_digest`) find their vars here, once per batch.
+    blobs: dict[str, bytes] = {}
+
+
+# A message body (vars) shared by many rows is stored once in the spool, by its
+# SHA-256; each row's vars is then this reference. It is a JSON array, which no
+# recipient's variables (always a JSON object) can be, so a tenant cannot forge
+# one, and it still decodes as JSON wherever a row is read.
+_BLOB_HEAD = b'["fs-blob","'
+
+
+def blob_ref(digest: str) -> bytes:
+    """The vars of a row whose body is the blob ``digest`` (hex SHA-256)."""
+    return _BLOB_HEAD + digest.encode("ascii") + b'"]'
+
+
+def blob_digest(vars_: bytes) -> str | None:
+    """The blob a row's vars refers to, or None (the vars are the row's own)."""
+    if not vars_.startswith(_BLOB_HEAD) or len(vars_) != len(_BLOB_HEAD) + 66:
+        return None
+    return vars_[len(_BLOB_HEAD) : -2].decode("ascii")
 
 
 class Drain(msgspec.Struct, array_like=True, tag=3):

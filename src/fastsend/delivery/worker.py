@@ -230,11 +230,15 @@ class Worker:
         envelopes: list[Envelope] = []
         append = envelopes.append
         failures: list[TxnResult] = []
+        blobs = batch.blobs  # vars stored once for many rows (wire.blob_ref)
         for it in batch.items:
             rcpt = it.rcpt
             try:
                 mid = token(it.id, secret)
-                data = render(rcpt, loads(it.vars) if it.vars else {}, mid)
+                vs = it.vars
+                if blobs and (d := wire.blob_digest(vs)):
+                    vs = blobs[d]
+                data = render(rcpt, loads(vs) if vs else {}, mid)
                 append(Envelope(envelope_from(mid), [rcpt], data, it.id, needs_smtputf8(rcpt)))
             except RenderError as e:
                 failures.append(
@@ -259,10 +263,38 @@ class Worker:
         defaults = cspec.get("defaults", {})
         tenant = cspec.get("tenant")  # set by fastsend.serve.context; None in older spools
         tenants = self.dkim.tenants
+        # A body stored once for many rows (wire.blob_ref) is decoded, checked and
+        # signed (raw) or compiled (fields) once per batch, not once per recipient.
+        # A raw body is the same bytes for each of its recipients: they share SMTP
+        # transactions (up to recipients_per_transaction RCPTs, as identical
+        # campaign mail does), each recipient keeping its own outcome.
+        raws: dict[str, tuple[bytes, str]] = {}
+        groups: dict[tuple[str, bool], Envelope] = {}
+        per_txn = self.config.delivery.recipients_per_transaction
+        compiled: dict[str, Any] = {}
+
+        def share(blob: str, data: bytes, mail_from: str, it: wire.Item) -> None:
+            smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
+            group = groups.get((blob, smtputf8))
+            if group is not None and len(group.rcpts) < per_txn:
+                group.rcpts.append(it.rcpt)
+                assert isinstance(group.tag, list)
+                group.tag.append(it.id)
+                return
+            groups[(blob, smtputf8)] = env = Envelope(
+                mail_from, [it.rcpt], data, tag=[it.id], smtputf8=smtputf8
+            )
+            envelopes.append(env)
+
         for it in batch.items:
             mid = msgid.token(it.id, secret)
             try:
-                msg = orjson.loads(it.vars)
+                blob = wire.blob_digest(it.vars) if batch.blobs else None
+                if blob in raws:
+                    share(blob, *raws[blob], it)  # type: ignore[arg-type]
+                    continue
+                r = compiled.get(blob) if blob else None
+                msg = {} if r is not None else orjson.loads(batch.blobs[blob] if blob else it.vars)
                 if "raw" in msg:
                     raw = base64.b64decode(msg["raw"])
                     mail_from = msg.get("mail_from", "")
@@ -271,15 +303,22 @@ class Worker:
                             if d and not tenants.allows(tenant or "", d):
                                 raise ValueError(f"From domain {d} is not the tenant's")
                     data = self.dkim.sign_raw(raw, tenant)
+                    if blob:
+                        raws[blob] = (data, mail_from)
+                        share(blob, data, mail_from, it)
+                        continue
                     smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
                 else:
-                    spec = {**defaults, **{k: _literal(v) for k, v in msg.items()}}
-                    from_domain = str(spec.get("from", "")).rpartition("@")[2].strip("> ")
-                    if tenants.configured and not tenants.allows(tenant or "", from_domain):
-                        raise ValueError(f"From domain {from_domain} is not the tenant's")
-                    if "dkim" not in spec and self.dkim.entries:
-                        spec["dkim"] = self.dkim.for_domain(from_domain, tenant)
-                    r = Campaign.from_dict(spec).compile()
+                    if r is None:
+                        spec = {**defaults, **{k: _literal(v) for k, v in msg.items()}}
+                        from_domain = str(spec.get("from", "")).rpartition("@")[2].strip("> ")
+                        if tenants.configured and not tenants.allows(tenant or "", from_domain):
+                            raise ValueError(f"From domain {from_domain} is not the tenant's")
+                        if "dkim" not in spec and self.dkim.entries:
+                            spec["dkim"] = self.dkim.for_domain(from_domain, tenant)
+                        r = Campaign.from_dict(spec).compile()
+                        if blob:
+                            compiled[blob] = r
                     data = r.render(it.rcpt, {}, mid)
                     mail_from = r.envelope_from(mid)
                     smtputf8 = r.needs_smtputf8(it.rcpt)

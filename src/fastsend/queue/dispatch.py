@@ -17,6 +17,9 @@ from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
 from fastsend.spool import SUPPRESSED, Claimed, Result
 
 STATUS_TTL = 0.5  # s a campaign's status is trusted before rate-held mail is checked again
+BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that follow
+BLOB_SWEEP_EVERY = 600.0  # s between sweeps of bodies no message needs any more
+BLOB_RETENTION = 7 * 86400.0  # s a body outlives the last message that needed it
 
 
 class Dispatch(SupervisorState):
@@ -140,9 +143,23 @@ class Dispatch(SupervisorState):
         """Batch records of ``items``, split so that each fits the ring comfortably
         (a record the ring can never hold would raise in put()); a single message
         too large for the ring is bounced."""
+        blobs: dict[str, bytes] = {}
+        digests = {d for c in items if (d := wire.blob_digest(c.vars)) is not None}
+        if digests:
+            blobs = self.blobs(digests)
+            gone = digests - blobs.keys()
+            lost = [c for c in items if gone and wire.blob_digest(c.vars) in gone]
+            if lost:  # cannot happen (a blob outlives its rows): say so, never send junk
+                self.fail(slot, lost, 554, "5.3.0", "message body missing from the spool")
+                items = [c for c in items if wire.blob_digest(c.vars) not in gone]
+                if not items:
+                    return []
         rec = wire.encoder.encode(
             wire.Batch(
-                campaign, domain, [wire.Item(c.id, c.rcpt, c.vars, c.attempts) for c in items]
+                campaign,
+                domain,
+                [wire.Item(c.id, c.rcpt, c.vars, c.attempts) for c in items],
+                blobs,
             )
         )
         n = len(rec)
@@ -155,6 +172,33 @@ class Dispatch(SupervisorState):
             )
         self.fail(slot, items, 552, "5.3.4", f"message too large for a worker's ring ({n} bytes)")
         return []
+
+    def blobs(self, digests: set[str]) -> dict[str, bytes]:
+        """Bodies stored once (``Spool.put_blob``) from an LRU cache: a body sent
+        to many recipients is read from the spool once, not once per row or batch."""
+        cache = self.blob_cache
+        out = {d: cache[d] for d in digests if d in cache}
+        for d in out:
+            cache.move_to_end(d)
+        missing = digests - out.keys()
+        if missing:
+            got = self.spool.get_blobs(missing)
+            out.update(got)
+            cache.update(got)
+            size = sum(len(v) for v in cache.values())
+            while size > BLOB_CACHE_BYTES and len(cache) > len(got):
+                size -= len(cache.popitem(last=False)[1])
+        return out
+
+    def sweep_blobs(self, mono: float) -> None:
+        """Every BLOB_SWEEP_EVERY s: delete bodies no message needs any more."""
+        if mono - self.blob_swept < BLOB_SWEEP_EVERY:
+            return
+        self.blob_swept = mono
+        try:
+            self.spool.sweep_blobs(time.time(), BLOB_RETENTION)
+        except Exception:  # housekeeping must never stop delivery: say so
+            self.hook_failed(self.spool.sweep_blobs)
 
     def fail(
         self, slot: WorkerSlot, items: list[Claimed], code: int, enhanced: str, text: str

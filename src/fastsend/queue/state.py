@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,8 @@ class SupervisorState:
     spec_cache: dict[int, dict[str, Any]]
     status_cache: dict[int, tuple[bool, float]]  # campaign -> (active, read at)
     tenant_cache: dict[int, str]
+    blob_cache: OrderedDict[str, bytes]  # bodies stored once (Spool.put_blob), LRU
+    blob_swept: float  # monotonic time of the last Spool.sweep_blobs
     # outcomes, written to the spool and the event log once per tick
     results: list[Result]
     results_since: float  # monotonic time the oldest unwritten outcome was seen (0: none)

@@ -24,6 +24,7 @@ import asyncio
 import os
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -91,6 +92,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.spec_cache: dict[int, dict[str, Any]] = {}
         self.status_cache: dict[int, tuple[bool, float]] = {}  # campaign -> (active, read at)
         self.tenant_cache: dict[int, str] = {}
+        self.blob_cache: OrderedDict[str, bytes] = OrderedDict()
+        self.blob_swept = time.monotonic()
         # The suppression list is checked again at dispatch (an address suppressed
         # while its mail waited is not mailed) and learns hard delivery-time bounces.
         self.suppression = suppression or SuppressionList(
@@ -180,6 +183,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                             slot.backlog.extend(recs)
                             self.push_backlog(slot)
                     self.spool.renew()  # a shared spool's lease on our claims (no-op: SQLite)
+                    self.sweep_blobs(now)
                     last_reap = now
                 if self.on_tick:
                     self.on_tick(self)

@@ -316,6 +316,63 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    # -- bodies stored once (content-addressed blobs) --------------------------
+    # A body sent to many recipients is stored once, by its SHA-256 (hex), and
+    # each row's vars is a reference to it (fastsend.wire.blob_ref). Order on
+    # accept: put_blob (durable, counts one pending reference), then the rows
+    # (add_messages), then ref_blob (records which rows hold it, ends the
+    # pending reference). A crash anywhere in between leaves a blob without
+    # rows (kept: its pending reference never ends), never a row without its
+    # blob. sweep_blobs deletes a blob only when no reference is pending, it
+    # was not put again within ``retention`` and every row holding it is final
+    # and has been for ``retention``. These defaults keep blobs in memory;
+    # SQLite and Redis store them.
+
+    def put_blob(self, digest: str, data: bytes, now: float) -> None:
+        """Store ``data`` under ``digest`` (if absent), durable on return, with one
+        more pending reference; ``now`` marks it as just used."""
+        mem = self.__dict__.setdefault("_blobs", {})
+        ent = mem.setdefault(digest, [data, now, 0, []])
+        ent[1], ent[2] = now, ent[2] + 1
+
+    def ref_blob(self, digest: str, ids: Iterable[int]) -> None:
+        """The rows ``ids`` (spooled) hold blob ``digest``: ends one pending reference."""
+        ent = self.__dict__.get("_blobs", {}).get(digest)
+        if ent is not None:
+            ent[2] -= 1
+            ent[3].extend(id_runs(sorted(ids)))
+
+    def get_blobs(self, digests: Collection[str]) -> dict[str, bytes]:
+        """The stored blobs among ``digests`` (a missing one is absent)."""
+        mem = self.__dict__.get("_blobs", {})
+        return {d: mem[d][0] for d in digests if d in mem}
+
+    def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
+        """Delete up to ``limit`` blobs no message needs any more (see above);
+        returns how many."""
+        mem = self.__dict__.get("_blobs", {})
+        gone = 0
+        for d, (_data, touched, pending, runs) in list(mem.items()):
+            if gone >= limit:
+                break
+            if pending <= 0 and touched < now - retention and self._runs_done(
+                runs, now - retention
+            ):
+                del mem[d]
+                gone += 1
+        return gone
+
+    def _runs_done(self, runs: Iterable[tuple[int, int]], before: float) -> bool:
+        """Every row in ``runs`` is final and was last updated before ``before``."""
+        for first, last in runs:
+            for i in range(first, last + 1):
+                m = self.message(i)
+                if m is not None and (
+                    STATE_BY_NAME.get(m["state"], -1) not in FINAL_STATES or m["updated"] >= before
+                ):
+                    return False
+        return True
+
     # -- facts about the spool itself ------------------------------------------
 
     def meta_once(self, key: str, value: str) -> str:
@@ -349,6 +406,21 @@ class Spool(abc.ABC):
         mem: dict[str, int] = self.__dict__.get("_counters", {})
         for k in names:
             mem.pop(k, None)
+
+
+def id_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids as (first, last) runs of consecutive values."""
+    out: list[tuple[int, int]] = []
+    if not ids:
+        return out
+    start = prev = ids[0]
+    for i in ids[1:]:
+        if i != prev + 1:
+            out.append((start, prev))
+            start = i
+        prev = i
+    out.append((start, prev))
+    return out
 
 
 AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
@@ -492,6 +564,18 @@ class SpoolProxy(Spool):
 
     def meta_once(self, key: str, value: str) -> str:
         return self.inner.meta_once(key, value)
+
+    def put_blob(self, digest: str, data: bytes, now: float) -> None:
+        self.inner.put_blob(digest, data, now)
+
+    def ref_blob(self, digest: str, ids: Iterable[int]) -> None:
+        self.inner.ref_blob(digest, ids)
+
+    def get_blobs(self, digests: Collection[str]) -> dict[str, bytes]:
+        return self.inner.get_blobs(digests)
+
+    def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
+        return self.inner.sweep_blobs(now, retention, limit)
 
     def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
         return self.inner.add_counters(deltas)

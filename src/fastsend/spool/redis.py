@@ -38,7 +38,9 @@ no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
 ``P:wh`` the webhook outbox (a sorted set of ``ID:JSON`` by id, ids from
 ``P:wh:seq``): outcomes append their events to it in the same script
 (:meth:`RedisSpool.record_outcomes`), and ``fastsend.serve.shared_state.RedisOutbox``
-sends from it; ``P:meta`` facts about the spool (:meth:`meta_once`);
+sends from it; ``P:meta`` facts about the spool (:meth:`meta_once`); ``P:b:HEX``,
+``P:bm:HEX``, ``P:br:HEX`` and ``P:blobs`` the bodies stored once
+(:meth:`put_blob`);
 ``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
 MULTI/EXEC as the batch of rows it describes), ``P:ings`` their ids.
 
@@ -105,6 +107,7 @@ from fastsend.spool.base import (
     SharedStore,
     Spool,
     SpoolError,
+    id_runs,
     parse_redis_url,
 )
 
@@ -656,6 +659,66 @@ class RedisSpool(Spool):
         names = list(names)
         if names:
             self.r.hdel(f"{self.k}:counters", *names)
+
+    # -- bodies stored once (see Spool.put_blob): P:b:HEX the bytes, P:bm:HEX
+    # {touched, pending}, P:br:HEX the id runs holding it ("first-last"),
+    # P:blobs HEX -> when a sweep looks at it next (oldest first).
+
+    def put_blob(self, digest: str, data: bytes, now: float) -> None:
+        k = self.k
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(f"{k}:b:{digest}", data, nx=True)
+        pipe.hset(f"{k}:bm:{digest}", "touched", repr(float(now)))
+        pipe.hincrby(f"{k}:bm:{digest}", "pending", 1)
+        pipe.zadd(f"{k}:blobs", {digest: float(now)})
+        pipe.execute()
+        self._wait_durable()  # the rows that follow are "accepted"
+
+    def ref_blob(self, digest: str, ids: Iterable[int]) -> None:
+        runs = [f"{a}-{b}" for a, b in id_runs(sorted(ids))]
+        pipe = self.r.pipeline(transaction=True)
+        if runs:
+            pipe.rpush(f"{self.k}:br:{digest}", *runs)
+        pipe.hincrby(f"{self.k}:bm:{digest}", "pending", -1)
+        pipe.execute()
+
+    def get_blobs(self, digests: Collection[str]) -> dict[str, bytes]:
+        want = list(digests)
+        if not want:
+            return {}
+        got = self.r.mget([f"{self.k}:b:{d}" for d in want])
+        return {d: v for d, v in zip(want, got, strict=True) if v is not None}
+
+    def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
+        k, cutoff = self.k, now - retention
+        gone = 0
+        for raw in self.r.zrangebyscore(f"{k}:blobs", "-inf", f"({cutoff!r}", 0, int(limit)):
+            d = _s(raw)
+            bm, br = f"{k}:bm:{d}", f"{k}:br:{d}"
+            with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    # Deleted only if no put or ref happened since these reads.
+                    pipe.watch(bm, br)
+                    pending, touched = pipe.hmget(bm, "pending", "touched")
+                    runs = [_s(x).partition("-") for x in pipe.lrange(br, 0, -1)]
+                    if (
+                        int(pending or 0) > 0
+                        or float(touched or 0) >= cutoff
+                        or not self._runs_done([(int(a), int(b)) for a, _, b in runs], cutoff)
+                    ):
+                        pipe.unwatch()
+                        # Still needed: looked at again a retention later, so the
+                        # blobs behind it get their turn.
+                        self.r.zadd(f"{k}:blobs", {d: float(now)}, xx=True)
+                        continue
+                    pipe.multi()
+                    pipe.delete(f"{k}:b:{d}", bm, br)
+                    pipe.zrem(f"{k}:blobs", d)
+                    pipe.execute()
+                    gone += 1
+                except redis.WatchError:
+                    continue
+        return gone
 
     def meta_once(self, key: str, value: str) -> str:
         self.r.hsetnx(f"{self.k}:meta", key, value)

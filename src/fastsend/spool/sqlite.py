@@ -5,7 +5,8 @@ once (its self-contained spec as JSON); ``messages`` has one row per recipient
 with its variables (orjson), state, attempts, times and last reply. A partial
 index over pending rows (``state IN (queued, deferred)``) keyed by next attempt
 time makes "what is due" a short index range scan however many final rows the
-table holds.
+table holds. ``blobs`` holds bodies shared by many rows once, by SHA-256
+(``Spool.put_blob``), ``blob_rows`` the id runs that hold each.
 
 Durability: WAL mode. Adding messages (what makes mail "accepted") commits with
 ``synchronous=FULL``: on disk when it returns, power loss included. Claims and
@@ -48,6 +49,7 @@ from fastsend.spool.base import (
     Result,
     Spool,
     SpoolError,
+    id_runs,
 )
 from fastsend.sqlitedb import connect, transaction
 
@@ -84,6 +86,19 @@ CREATE INDEX IF NOT EXISTS campaigns_tenant ON campaigns(tenant, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    touched REAL NOT NULL,
+    pending INTEGER NOT NULL DEFAULT 0,
+    looked REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS blob_rows (
+    digest TEXT NOT NULL,
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blob_rows_digest ON blob_rows(digest);
 CREATE TABLE IF NOT EXISTS ingests (
     id INTEGER PRIMARY KEY,
     campaign INTEGER NOT NULL,
@@ -125,19 +140,6 @@ def _outcome_sql(n: int) -> str:
 
 
 _by_id = operator.attrgetter("id")
-
-
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """Sorted ids as (first, last) runs of consecutive values."""
-    out: list[tuple[int, int]] = []
-    start = prev = ids[0]
-    for i in ids[1:]:
-        if i != prev + 1:
-            out.append((start, prev))
-            start = i
-        prev = i
-    out.append((start, prev))
-    return out
 
 
 class SQLiteSpool(Spool):
@@ -285,7 +287,7 @@ class SQLiteSpool(Spool):
             if rows:
                 db.executemany(
                     "UPDATE messages SET state=1 WHERE id BETWEEN ? AND ?",
-                    _runs(sorted([r[0] for r in rows])),
+                    id_runs(sorted([r[0] for r in rows])),
                 )
         return [Claimed(*r) for r in rows]
 
@@ -409,6 +411,86 @@ class SQLiteSpool(Spool):
         out["vars"] = orjson.loads(out["vars"])
         out["state"] = STATE_NAMES.get(out["state"], out["state"])
         return out
+
+    # -- bodies stored once (see Spool.put_blob) --------------------------------
+
+    def put_blob(self, digest: str, data: bytes, now: float) -> None:
+        db = self.db
+        db.execute("PRAGMA synchronous=FULL")  # the rows that follow are "accepted"
+        try:
+            db.execute(
+                "INSERT INTO blobs(digest, data, touched, pending) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT(digest) DO UPDATE SET touched=excluded.touched,"
+                " pending=pending + 1",
+                (digest, data, now),
+            )
+        finally:
+            db.execute("PRAGMA synchronous=NORMAL")
+
+    def ref_blob(self, digest: str, ids: Iterable[int]) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO blob_rows(digest, first, last) VALUES (?, ?, ?)",
+                [(digest, a, b) for a, b in id_runs(sorted(ids))],
+            )
+            db.execute("UPDATE blobs SET pending=pending - 1 WHERE digest=?", (digest,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def get_blobs(self, digests: Collection[str]) -> dict[str, bytes]:
+        want = list(digests)
+        out: dict[str, bytes] = {}
+        for j in range(0, len(want), 500):
+            chunk = want[j : j + 500]
+            out.update(
+                self.db.execute(
+                    f"SELECT digest, data FROM blobs WHERE digest IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            )
+        return out
+
+    def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
+        cutoff = now - retention
+        db = self.db
+        gone = 0
+        for (digest,) in db.execute(
+            "SELECT digest FROM blobs WHERE pending <= 0 AND touched < ? AND looked < ?"
+            " ORDER BY looked LIMIT ?",
+            (cutoff, cutoff, limit),
+        ).fetchall():
+            db.execute("BEGIN IMMEDIATE")  # checked and deleted in one transaction
+            try:
+                row = db.execute(
+                    "SELECT 1 FROM blobs WHERE digest=? AND pending <= 0 AND touched < ?",
+                    (digest, cutoff),
+                ).fetchone()
+                runs = db.execute(
+                    "SELECT first, last FROM blob_rows WHERE digest=?", (digest,)
+                ).fetchall()
+                busy = row is None or any(
+                    db.execute(
+                        "SELECT 1 FROM messages WHERE id BETWEEN ? AND ?"
+                        " AND (state IN (?, ?, ?) OR updated >= ?) LIMIT 1",
+                        (a, b, QUEUED, INFLIGHT, DEFERRED, cutoff),
+                    ).fetchone()
+                    for a, b in runs
+                )
+                if not busy:
+                    db.execute("DELETE FROM blob_rows WHERE digest=?", (digest,))
+                    db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+                    gone += 1
+                else:  # still needed: looked at again a retention later
+                    db.execute("UPDATE blobs SET looked=? WHERE digest=?", (now, digest))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return gone
 
     def meta_once(self, key: str, value: str) -> str:
         self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))

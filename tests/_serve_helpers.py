@@ -1,0 +1,205 @@
+"""What the serve tests share: ``fastsend serve`` in a subprocess (:class:`Served`)
+and its HTTP client, TLS certificates from a throwaway CA, a sink reader, and a
+DSN builder. Fixtures built on these live in ``conftest.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import trustme
+from tests.conftest import free_port
+
+from fastsend.sink import SinkThread
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    key: str | None = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, Any]:
+    async def go() -> tuple[int, Any]:
+        h = dict(headers or {})
+        if key:
+            h["Authorization"] = f"Bearer {key}"
+        data = raw if raw is not None else orjson.dumps(body) if body is not None else None
+        t = aiohttp.ClientTimeout(total=timeout)
+        async with (
+            aiohttp.ClientSession(timeout=t) as s,
+            s.request(method, url, data=data, headers=h, allow_redirects=False) as r,
+        ):
+            got = await r.read()
+            if "json" in r.headers.get("Content-Type", ""):
+                return r.status, orjson.loads(got)
+            return r.status, got.decode("utf-8", "replace")
+
+    return asyncio.run(go())
+
+
+def cli(*args: str, cwd: Path, umask: int = -1) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "fastsend", *args],
+        check=True, capture_output=True, text=True, env=ENV, cwd=cwd, umask=umask,
+    ).stdout.strip()  # fmt: skip
+
+
+class Served:
+    """``fastsend serve`` in a subprocess with tenants acme and evil."""
+
+    def __init__(
+        self, tmp: Path, route: str | None, extra: str = "", delivery: str = "", umask: int = -1,
+        api: str = "", spool_url: str = "", serve_args: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
+        self.tmp = tmp
+        self.port = free_port()
+        self.cfg = tmp / "fastsend.toml"
+        self.route = route
+        self.extra = extra
+        self.delivery = delivery
+        self.api = api
+        self.spool_url = spool_url  # a Redis spool ("" : SQLite in tmp/spool)
+        self.write_config()
+        self.keys = {t: cli("apikey", "create", "--tenant", t, "-c", str(self.cfg), cwd=tmp,
+                            umask=umask)
+                     for t in ("acme", "evil")}  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastsend", "serve", "-c", str(self.cfg), *serve_args],
+            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp, umask=umask,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.client_tls: ssl.SSLContext | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_line("ready in")
+
+    def write_config(self) -> None:
+        self.cfg.write_text(
+            f"""
+[spool]
+dir = "spool"
+{f'url = "{self.spool_url}"' if self.spool_url else ""}
+[workers]
+count = 1
+[routes]
+{f'"*" = "{self.route}"' if self.route else ""}
+[delivery]
+tls = "off"
+idle_timeout = 1.0
+{self.delivery}
+[api]
+listen = "127.0.0.1:{self.port}"
+{self.api}
+{self.extra}
+"""
+        )
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_line(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in ln for ln in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"no {text!r} in server output: {''.join(self.lines)}")
+            time.sleep(0.02)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def req(self, method: str, path: str, body: Any = None, tenant: str | None = "evil",
+            **kw: Any) -> tuple[int, Any]:  # fmt: skip
+        return http(method, self.base + path, body, self.keys[tenant] if tenant else None, **kw)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def sink_message(sink: SinkThread, marker: bytes, timeout: float = 20.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for m in list(sink.messages):
+            if marker in m.data:
+                return bytes(m.data)
+        time.sleep(0.05)
+    raise TimeoutError(f"no message with {marker!r} at the sink")
+
+
+def make_certs(d: Path) -> tuple[str, str, ssl.SSLContext]:
+    """A throwaway CA's certificate for localhost/127.0.0.1 in ``d``: (cert.pem,
+    key.pem, a client context that trusts it)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(d / "cert.pem"), append=True)
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return str(d / "cert.pem"), str(d / "key.pem"), client
+
+
+DSN = """From: MAILER-DAEMON@mx.example.org
+To: {envelope_to}
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+Your message could not be delivered.
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.org
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown
+
+--B
+Content-Type: text/rfc822-headers
+
+From: News <news@example.com>
+To: {to}
+Subject: Hi
+Message-ID: <{mid}@example.com>
+
+--B--
+"""
+
+
+def dsn(rcpt: str, mid: str | int, *, to: str = "", envelope_to: str = "") -> str:
+    """A Postfix-style DSN (RFC 3464) reporting ``rcpt`` as unknown (5.1.1); the
+    returned headers carry Message-ID ``<mid@example.com>`` and To ``to``
+    (default: ``rcpt``)."""
+    return DSN.format(rcpt=rcpt, mid=mid, to=to or rcpt,
+                      envelope_to=envelope_to or "bounces@bounces.example.com")  # fmt: skip
