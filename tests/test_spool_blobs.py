@@ -63,6 +63,14 @@ def sink() -> Iterator[tuple[SinkThread, Received]]:
         yield s, got
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def spool_url(request: Any, tmp_path: Path) -> str:
+    """The spool ``fastsend serve`` uses: "" (SQLite in tmp/spool) or a Redis URL."""
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("redis_server").url(dir=str(tmp_path / "spool")))
+
+
 def spool_bytes(tmp: Path, url: str) -> int:
     """What the spool holds: the SQLite files, or Redis's used memory."""
     if url:
@@ -70,13 +78,11 @@ def spool_bytes(tmp: Path, url: str) -> int:
     return sum(p.stat().st_size for p in (tmp / "spool").glob("spool.db*"))
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_one_body_to_a_thousand_recipients_is_stored_once(
-    backend: str, tmp_path: Path, sink: tuple[SinkThread, Received], request: Any
+    spool_url: str, tmp_path: Path, sink: tuple[SinkThread, Received]
 ) -> None:
     s_thread, got = sink
-    url = request.getfixturevalue("redis_server").url(dir=str(tmp_path / "spool")) if (
-        backend == "redis") else ""  # fmt: skip
+    url = spool_url
     raw = big_message()
     rcpts = [f"r{i}@example.org" for i in range(N)]
     s = Served(tmp_path, f"{s_thread.host}:{s_thread.port}", spool_url=url, serve_args=VOLATILE,
@@ -121,13 +127,11 @@ ctx.inject(cid, [(f"c{i}@example.org", "example.org", vars_) for i in range(3)])
 """
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_kill_between_blob_and_rows_leaves_no_row_without_its_body(
-    backend: str, tmp_path: Path, sink: tuple[SinkThread, Received], request: Any
+    spool_url: str, tmp_path: Path, sink: tuple[SinkThread, Received]
 ) -> None:
     s_thread, got = sink
-    url = request.getfixturevalue("redis_server").url(dir=str(tmp_path / "spool")) if (
-        backend == "redis") else ""  # fmt: skip
+    url = spool_url
     raw = big_message(200_000, "crash")
     (tmp_path / "raw.eml").write_bytes(raw)
     for stage in ("add_messages", "ref_blob"):
