@@ -257,6 +257,12 @@ def test_proxy_forwards_every_method(make_spool: Factory) -> None:
     assert s.add_counters({"w|a": 2}) == {"w|a": 2} and inner.counters("w|") == {"w|a": 2}
     s.drop_counters(["w|a"])
     assert s.counters("w|") == {}
+    assert [c.id for c in s.campaigns("t", limit=5)] == [cid] and s.campaigns("u") == []
+    assert s.meta_once("k", "1") == "1" and s.meta_once("k", "2") == inner.meta_once("k", "3") == "1"
+    s.put_blob("ab" * 32, b"body", now)
+    s.ref_blob("ab" * 32, ids)
+    assert s.get_blobs(["ab" * 32]) == inner.get_blobs(["ab" * 32]) == {"ab" * 32: b"body"}
+    assert s.sweep_blobs(now, 1.0) == 0
     s.close()
 
 
