@@ -12,11 +12,7 @@ import hashlib
 import hmac
 import http.server
 import json
-import os
-import signal
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +22,7 @@ import aiohttp
 import aiosmtplib
 import orjson
 import pytest
-from tests._serve_helpers import dsn
+from tests._serve_helpers import Served, dsn
 
 from conftest import bounce_corpus, free_port, wait_port
 from fastsend import msgid
@@ -328,21 +324,8 @@ def test_through_fastsend_serve(tmp_path: Path, certs: tuple[str, str, ssl.SSLCo
     _HookReceiver.secret, _HookReceiver.events = secret.encode(), []
     hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HookReceiver)
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
-    api_port, sub_port = free_port(), free_port()
-    cfg = tmp_path / "fastsend.toml"
-    with SinkThread() as sink:
-        cfg.write_text(
-            f"""
-[spool]
-dir = "spool"
-[workers]
-count = 1
-[routes]
-"*" = "{sink.host}:{sink.port}"
-[delivery]
-tls = "off"
-[api]
-listen = "127.0.0.1:{api_port}"
+    sub_port = free_port()
+    extra = f"""
 [submission]
 listen = "127.0.0.1:{sub_port}"
 tls_cert = "{cert}"
@@ -353,16 +336,9 @@ secret = "{secret}"
 retry_min = 0.05
 flush_interval = 0.05
 """
-        )
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        fs = [sys.executable, "-m", "fastsend"]
-        api_key = subprocess.run(
-            [*fs, "apikey", "create", "--tenant", "acme", "-c", str(cfg)],
-            check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
-        ).stdout.strip()  # fmt: skip
-        proc = subprocess.Popen(
-            [*fs, "serve", "-c", str(cfg)], stderr=subprocess.DEVNULL, env=env, cwd=tmp_path
-        )
+    with SinkThread() as sink:
+        served = Served(tmp_path, f"{sink.host}:{sink.port}", extra=extra)
+        api_key = served.keys["acme"]
         try:
             wait_port("127.0.0.1", sub_port, timeout=20)
 
@@ -394,7 +370,7 @@ flush_interval = 0.05
             async def click() -> tuple[int, str]:
                 async with (
                     aiohttp.ClientSession() as s,
-                    s.get(f"http://127.0.0.1:{api_port}/t/c/{tok}", allow_redirects=False) as r,
+                    s.get(f"{served.base}/t/c/{tok}", allow_redirects=False) as r,
                 ):
                     return r.status, r.headers.get("Location", "")
 
@@ -403,14 +379,8 @@ flush_interval = 0.05
                 assert time.monotonic() < deadline, _HookReceiver.events
                 time.sleep(0.05)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                hooks.shutdown()
+            served.stop()
+            hooks.shutdown()
 
 
 def test_forged_verp_ids_name_no_message(tmp_path: Path) -> None:
