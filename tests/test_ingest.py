@@ -271,3 +271,85 @@ def test_kill_9_during_ingest_and_delivery_then_resume(spool_url: str, tmp_path:
     assert dups <= in_flight_at_kills <= len(kills) * 2 * WINDOW
     _counts, jobs = _state(spool_url)
     assert [j.status for j in jobs] == ["done"] and jobs[0].accepted == n
+
+
+# -- one reader per list ---------------------------------------------------------
+
+HOLDER = """
+import sys, time
+from fastsend.spool import open_spool
+spool = open_spool(sys.argv[1])
+spool.hold_ingest(int(sys.argv[2]))
+print("held", flush=True)
+while True:
+    spool.renew()  # what a reading process's loop does
+    time.sleep(0.05)
+"""
+
+
+def test_a_list_has_one_reader_and_a_killed_one_does_not_block(
+    spool_url: str, tmp_path: Path
+) -> None:
+    """A live process reading a list (here one that holds the job and reads
+    slowly) makes `fastsend resume` stop at once with an error naming its pid,
+    exit 75, the queue untouched; killed with -9, its hold does not block: the
+    next `resume` reads on (on Redis without waiting out the lease: the holder
+    ran on this host and is gone)."""
+    import sys
+
+    job, addrs = crashed_ingest(spool_url, tmp_path, 3000, batches=1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, spool_url, str(job.id)],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        log = tmp_path / "sink.jsonl"
+        with SinkProcess("--log", str(log)) as sink:
+            busy = resume(spool_url, sink)
+            assert busy.returncode == 75, busy.stderr[-2000:]
+            assert f"ingest job {job.id} is being read by pid {holder.pid} on " in busy.stderr
+            assert not log.exists() or not received_counts(log)  # nothing was delivered
+            spool = open_spool(spool_url)
+            try:
+                same = spool.get_ingest(job.id)
+                assert same is not None and (same.accepted, same.status) == (1000, "running")
+            finally:
+                spool.close()
+            holder.kill()  # kill -9: it leaves its hold behind
+            holder.wait(10)
+            res = resume(spool_url, sink)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert summary(res)["delivered"] == 3000
+        got = received_counts(log)
+        assert set(got) == set(addrs) and max(got.values()) == 1
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+
+
+def test_a_lease_of_another_host_is_waited_out(redis_server: Any, tmp_path: Path) -> None:
+    """On a shared spool a reader on another host cannot be checked from here:
+    its lease is respected until it expires (it stops being renewed when that
+    host dies), then the list is read on."""
+    import orjson
+    import redis
+
+    url = str(redis_server.url(node="n1", dir=str(tmp_path / "spool")))
+    job, addrs = crashed_ingest(url, tmp_path, 1500, batches=1)
+    prefix = url.split("prefix=")[1].split("&")[0]
+    r = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    tag = {"pid": 4242, "host": "other-host.invalid", "start": 1.0, "since": time.time()}
+    r.set(f"{{{prefix}}}:ing:{job.id}:lease", orjson.dumps(tag), px=3000)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        busy = resume(url, sink)
+        assert busy.returncode == 75
+        assert "being read by pid 4242 on other-host.invalid" in busy.stderr
+        deadline = time.monotonic() + 10
+        while r.exists(f"{{{prefix}}}:ing:{job.id}:lease") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        res = resume(url, sink)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert set(received_counts(log)) == set(addrs)

@@ -34,20 +34,35 @@ def test_the_layers_contract_is_kept() -> None:
     assert "0 broken" in res.stdout
 
 
-def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
-    """The same contract on a copy of the package with one import inside a
-    function from the bottom layer to the engine: lint-imports must fail and
-    name it."""
+@pytest.mark.parametrize(
+    ("module", "imported", "message"),
+    [
+        # the bottom layer reaching up to the engine
+        ("address.py", "fastsend.queue.supervisor",
+         "fastsend.address is not allowed to import fastsend.queue"),
+        # one part of the supervisor reaching into a sibling part
+        ("queue/dispatch.py", "fastsend.queue.outcomes",
+         "fastsend.queue.dispatch is not allowed to import fastsend.queue.outcomes"),
+        # a front end opening a spool backend instead of fastsend.spool
+        ("commands/queue.py", "fastsend.spool.sqlite",
+         "fastsend.commands.queue -> fastsend.spool.sqlite"),
+    ],
+)  # fmt: skip
+def test_a_wrong_import_breaks_a_contract(
+    tmp_path: Path, module: str, imported: str, message: str
+) -> None:
+    """The same contracts on a copy of the package with one import inside a
+    function that a contract forbids: lint-imports must fail and name it."""
     pkg = tmp_path / "src"
     shutil.copytree(ROOT / "src" / "fastsend", pkg / "fastsend",
                     ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))  # fmt: skip
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    with open(pkg / "fastsend" / "address.py", "a") as f:
-        f.write("\n\ndef _wrong() -> object:\n    from fastsend.queue import supervisor\n\n"
-                "    return supervisor\n")  # fmt: skip
+    with open(pkg / "fastsend" / module, "a") as f:
+        f.write(f"\n\ndef _wrong() -> object:\n    import {imported}\n\n"
+                f"    return {imported}\n")  # fmt: skip
     res = _lint_imports(tmp_path, pkg)
     assert res.returncode != 0
-    assert "fastsend.address is not allowed to import fastsend.queue" in res.stdout
+    assert message in " ".join(res.stdout.split()), res.stdout[-3000:]
 
 
 def _tool(name: str) -> str:

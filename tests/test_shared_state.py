@@ -162,3 +162,23 @@ def test_suppress_cli_on_a_redis_spool(redis_server: RedisServer) -> None:
     assert "cli@example.org" in out.stdout
     bad = subprocess.run([*run, "add", "nope", "--spool", url], capture_output=True, text=True)
     assert bad.returncode == 2 and "malformed" in bad.stderr
+
+
+def test_apikey_cli_on_a_redis_spool(redis_server: RedisServer) -> None:
+    """`fastsend apikey --spool redis://...` writes the shared key store every
+    node reads (the URL is read through fastsend.spool, not a backend module)."""
+    import subprocess
+    import sys
+
+    url = redis_server.url()
+    prefix = url.split("prefix=")[1]
+    run = [sys.executable, "-m", "fastsend", "apikey"]
+    out = subprocess.run([*run, "create", "--tenant", "acme", "--spool", url],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    r = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    got = RedisKeyStore(r, prefix).verify(key)
+    assert got is not None and got[1] == "acme"
+    out = subprocess.run([*run, "list", "--json", "--spool", url], capture_output=True, text=True)
+    assert out.returncode == 0 and got[0] in out.stdout and key not in out.stdout

@@ -3,6 +3,7 @@ durability, claiming, results, recovery, campaigns, shape."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from fastsend.spool import (
     DEFERRED,
     DELIVERED,
     SUPPRESSED,
+    IngestBusy,
     IngestMark,
     Result,
     Spool,
@@ -222,6 +224,27 @@ def test_add_messages_suppressed_rows_and_ingest_mark(make_spool: Factory) -> No
     assert s2.list_ingests(unfinished=True) == [] and s2.get_ingest(10**6) is None
     with pytest.raises(ValueError):
         s2.finish_ingest(other, "running")
+
+
+def test_an_ingest_job_has_one_holder(make_spool: Factory) -> None:
+    """The creator holds a new job; another holder is refused with the holder
+    named (here another spool object of this process) until it releases or
+    closes; holding twice is a no-op. Other processes: tests/test_ingest.py."""
+    a, b = make_spool(), make_spool()
+    cid = a.create_campaign({"from": "a@b.example"})
+    job = a.create_ingest(cid, {"path": "/x.csv"}, 3)
+    a.hold_ingest(job)
+    with pytest.raises(IngestBusy, match=rf"ingest job {job} is being read by pid {os.getpid()} "):
+        b.hold_ingest(job)
+    a.release_ingest(job)
+    b.hold_ingest(job)
+    b.hold_ingest(job)
+    with pytest.raises(IngestBusy) as e:
+        a.hold_ingest(job)
+    assert e.value.job_id == job and e.value.holder["pid"] == os.getpid()
+    b.close()
+    a.hold_ingest(job)
+    a.close()
 
 
 def test_proxy_forwards_every_method(make_spool: Factory) -> None:

@@ -231,9 +231,13 @@ class Acceptor:
 
     # -- recipient lists ---------------------------------------------------------
 
-    def start_ingest(self, campaign_id: int, path: str) -> IngestJob:
-        """Record a durable ingest job for the list at ``path`` (not read yet)."""
+    def start_ingest(self, campaign_id: int, path: str, *, origin: str = "") -> IngestJob:
+        """Record a durable ingest job for the list at ``path`` (not read yet),
+        held by this process. ``origin``: where the list came from ("api": an
+        upload the serving process continues at its start)."""
         source, total = describe_source(path)
+        if origin:
+            source["origin"] = origin
         job_id = self.spool.create_ingest(campaign_id, source, total)
         job = self.spool.get_ingest(job_id)
         assert job is not None
@@ -250,7 +254,12 @@ class Acceptor:
         ``chunk`` good rows per transaction together with the job's new
         position; yields each position once durable. The job is marked done
         after the last row. The caller checks :func:`source_problem` first
-        when resuming. ``on_bad`` sees each bad row (not spooled)."""
+        when resuming. ``on_bad`` sees each bad row (not spooled).
+
+        The job is held for this process first (one reader per job:
+        :class:`~fastsend.spool.IngestBusy` names the live one), and released
+        once done; a holder that dies leaves nothing that blocks."""
+        self.spool.hold_ingest(job.id)  # a no-op for the job's creator, who holds it
         path = str(job.source["path"])
         start = line = job.line
         accepted, rejected = job.accepted, job.rejected
@@ -272,9 +281,11 @@ class Acceptor:
                 mark = IngestMark(job.id, line, accepted, rejected)
                 self.accept(job.campaign, batch, ingest=mark)
                 batch = []
+                self.spool.renew()  # the hold, on a backend that leases it
                 yield mark
         accepted += len(batch)
         mark = IngestMark(job.id, line, accepted, rejected)
         self.accept(job.campaign, batch, ingest=mark)
         self.spool.finish_ingest(job.id, "done")
+        self.spool.release_ingest(job.id)
         yield mark

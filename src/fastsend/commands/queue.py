@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             "job": j.id,
             "campaign": j.campaign,
             "path": j.source.get("path", ""),
+            "origin": j.source.get("origin", "file"),
             "read": j.accepted + j.rejected,
             "rows": j.total,
             "accepted": j.accepted,
@@ -65,7 +66,13 @@ def run(args: argparse.Namespace) -> int:
     for j in ingests:
         print(
             f"spooling: {j['read']:,} of {j['rows']:,} rows"
-            f" (campaign {j['campaign']}, {j['path']}; `fastsend resume` continues it)"
+            f" (campaign {j['campaign']}, {j['path']}; "
+            + (
+                "uploaded through the API: `fastsend serve` continues it at start"
+                if j["origin"] == "api"
+                else "`fastsend resume` continues it"
+            )
+            + ")"
         )
     head = f"{'':30s} {'T':>7s} " + " ".join(f"{x:>6s}" for x in labels)
     print(head)

@@ -7,6 +7,8 @@ job in the spool, see :mod:`fastsend.accept`) is read on from its last
 committed row, after checking the file is the one the job started from. When
 the file is gone or changed, the rows never accepted are counted and reported,
 the exit status is 1, and ``--abandon-rest`` closes the job without them.
+A list another live process is reading (``send``, ``serve``, another
+``resume``) is not touched: the error names that process, exit status 75.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from fastsend.commands.common import (
 )
 from fastsend.config import ConfigError
 from fastsend.events import EventLog
-from fastsend.spool import IngestJob, SpoolError, open_spool
+from fastsend.spool import IngestBusy, IngestJob, SpoolError, open_spool
+
+EX_TEMPFAIL = 75  # another live process reads one of the spool's lists: try again later
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,13 +52,29 @@ def run(args: argparse.Namespace) -> int:
         spool = open_spool(spool_url, must_exist=True)
     except SpoolError as e:
         return die(str(e))
+    # One reader per list: every unfinished job is held before anything else
+    # (a live `send`, `serve` or `resume` reading one makes this one stop here,
+    # before it touches the queue).
+    jobs: list[IngestJob] = []
+    for job in spool.list_ingests(unfinished=True):
+        try:
+            spool.hold_ingest(job.id)
+        except IngestBusy as e:
+            spool.close()  # releases what was held
+            print(f"fastsend: error: {e}", file=sys.stderr)
+            return EX_TEMPFAIL
+        now = spool.get_ingest(job.id)  # it may have finished meanwhile
+        if now is not None and not now.finished:
+            jobs.append(now)
+        else:
+            spool.release_ingest(job.id)
     events = EventLog(cfg.event_log_path)
     suppression = open_suppression(spool_url, cfg.spool_dir)
     acceptor = Acceptor(spool, events, suppression)
     resumable: list[IngestJob] = []
     lost = 0  # rows of lists that cannot be read any more
     abandoned = 0
-    for job in spool.list_ingests(unfinished=True):
+    for job in jobs:
         problem = source_problem(job)
         path = job.source.get("path")
         if problem is None:

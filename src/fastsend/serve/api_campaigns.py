@@ -7,7 +7,11 @@
 - ``POST /v1/campaigns/{id}/recipients``: more recipients, as JSON
   (``{"recipients": [...]}``), CSV with a header row (``text/csv``) or JSON
   lines (``application/x-ndjson``), parsed by :mod:`fastsend.recipients`;
-  ``?strict=1`` as above. Answers after the rows are durable.
+  ``?strict=1`` as above. Answers after the rows are durable. A CSV or JSON
+  lines body is a durable ingest job (:mod:`fastsend.serve.uploads`): a long
+  list is answered 202 with its ``job`` and the rows spooled so far
+  (``"status": "spooling"``) and spooled on in the background; a serve killed
+  meanwhile continues it at its next start.
 - ``GET /v1/campaigns`` and ``GET /v1/campaigns/{id}`` (counts per state and
   progress), ``POST /v1/campaigns/{id}/pause|resume|cancel``.
 - ``GET /v1/stats``: the rollups by dimensions, filters, time range and
@@ -23,8 +27,6 @@ missing one).
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -50,6 +52,7 @@ from fastsend.serve.api import (
     server_dkim,
     tenant_of,
 )
+from fastsend.serve.uploads import UploadTooLarge, scan
 from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
 from fastsend.suppression import normalize as suppression_key
 
@@ -91,7 +94,7 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
     counts = api.ctx.spool.counts(info.id)
     total = sum(counts.values())
     done = sum(counts[s] for s in ("delivered", "bounced", "suppressed", "expired", "cancelled"))
-    return {
+    view: dict[str, Any] = {
         "id": info.id,
         "name": info.name,
         "kind": info.spec.get("kind", "template"),
@@ -101,6 +104,10 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
         "total": total,
         "progress": round(done / total, 4) if total else 0.0,
     }
+    spooling = api.ctx.uploads.progress(info.id)
+    if spooling:  # lists still being accepted ("spooling: X of Y rows")
+        view["spooling"] = spooling
+    return view
 
 
 async def _spool_rows(
@@ -205,7 +212,6 @@ async def create_campaign(request: web.Request) -> web.Response:
 
 
 async def add_recipients(request: web.Request) -> web.Response:
-    api = api_of(request)
     info = _own_campaign(request)
     if info.spec.get("kind") == "transactional":
         raise bad("id: a transactional campaign takes messages, not recipient lists", "id")
@@ -214,27 +220,84 @@ async def add_recipients(request: web.Request) -> web.Response:
     camp = Campaign.from_dict(info.spec)
     strict = request.query.get("strict", "") in ("1", "true", "yes")
     ctype = request.content_type
+    if ctype in LIST_TYPES:
+        return await _upload(request, info.id, camp, strict, LIST_TYPES[ctype])
     body = await read_body(request)
-    if ctype in ("text/csv", "application/x-ndjson", "application/jsonl", "application/x-jsonl"):
-        fd, path = tempfile.mkstemp(
-            suffix=".csv" if ctype == "text/csv" else ".jsonl", dir=api.ctx.config.spool_dir
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            try:
-                cols = recipients.columns(path)
-                camp.check_columns(cols | {"email"})
-                rows = list(recipients.read(path))
-            except (recipients.RecipientsError, CampaignError) as e:
-                raise bad(f"recipients: {e}", "recipients") from None
-            except UnicodeDecodeError:
-                raise bad("recipients: not UTF-8 text", "recipients") from None
-        finally:
-            os.unlink(path)
-    else:
-        rows = _json_rows(decode_body(body, RecipientsIn).recipients, camp)
+    rows = _json_rows(decode_body(body, RecipientsIn).recipients, camp)
     return await _spool_rows(request, info.id, rows, strict, camp)
+
+
+LIST_TYPES = {
+    "text/csv": ".csv",
+    "application/x-ndjson": ".jsonl",
+    "application/jsonl": ".jsonl",
+    "application/x-jsonl": ".jsonl",
+}
+
+
+async def _upload(
+    request: web.Request, cid: int, camp: Campaign, strict: bool, suffix: str
+) -> web.Response:
+    """A CSV / JSON-lines list: saved durably, checked, then accepted as an
+    ingest job (fastsend.serve.uploads); answered when it is spooled, or, for a
+    long list, once it is a durable job, with the rows spooled so far."""
+    api = api_of(request)
+    uploads = api.ctx.uploads
+    limit = api.settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body of {request.content_length} bytes exceeds {limit}")
+    try:
+        path = await uploads.save(request.content.iter_chunked(1 << 16), suffix, limit)
+    except UploadTooLarge as e:
+        raise ApiError(413, str(e)) from None
+    try:
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, scan, path, camp.check_columns, MAX_REPORTED
+        )
+        if found.bad and strict:
+            first = found.bad[0]
+            raise bad(
+                f"recipients: {found.rejected} bad row(s); first: {first}; nothing was spooled",
+                f"recipients[{first.line - 1}]",
+            )
+        cap = api.settings.max_campaign_recipients
+        have = sum(api.ctx.spool.counts(cid).values())
+        if have + found.good > cap:
+            raise ApiError(
+                413, f"recipients: the campaign would have {have + found.good} recipients;"
+                f" [api] max_campaign_recipients is {cap}", "recipients",
+            )  # fmt: skip
+    except (recipients.RecipientsError, CampaignError) as e:
+        uploads.discard(path)
+        raise bad(f"recipients: {e}", "recipients") from None
+    except UnicodeDecodeError:
+        uploads.discard(path)
+        raise bad("recipients: not UTF-8 text", "recipients") from None
+    except BaseException:
+        uploads.discard(path)
+        raise
+    out: dict[str, Any] = {
+        "id": cid,
+        "accepted": 0,
+        "rejected": found.rejected,
+        "errors": [{"row": b.line, "error": b.error} for b in found.bad],
+    }
+    if not found.good:  # nothing to spool: no job
+        uploads.discard(path)
+        if found.bad:  # a 400 with the error object
+            field = f"recipients[{found.bad[0].line - 1}]"
+            out["error"] = {"status": 400, "message": f"{field}: {found.bad[0].error}",
+                            "field": field}  # fmt: skip
+            return json_response(out, status=400)
+        return json_response(out, status=202)
+    if api.metrics is not None:
+        uploads.on_spooled = api.metrics.accepted
+    job, mark = uploads.accept(cid, path)
+    out["job"] = job.id
+    out["rows"] = job.total
+    out["accepted"] = mark.accepted
+    out["status"] = "spooling" if job.id in uploads.tasks else "spooled"
+    return json_response(out, status=202)
 
 
 async def get_campaign(request: web.Request) -> web.Response:

@@ -32,6 +32,7 @@ from fastsend.accept import Acceptor
 from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.queue.supervisor import Supervisor
+from fastsend.serve.uploads import Uploads
 from fastsend.spool import Spool, open_spool
 from fastsend.suppression import SuppressionList
 from fastsend.tenants import Tenants
@@ -71,6 +72,8 @@ class ServeContext:
         # fastsend.analytics.feeds.Feeds, with [reputation.feeds]
         self.feeds = feeds
         self.acceptor = Acceptor(spool, events, suppression, wake=self._wake)
+        # Recipient lists uploaded through the API, as durable ingest jobs.
+        self.uploads = Uploads(self.acceptor, config.spool_dir)
         self._tenant_campaigns: dict[str, int] = {}
         self._tenants: tuple[Config, Tenants] | None = None
 

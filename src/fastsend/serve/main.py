@@ -224,6 +224,8 @@ class Server:
             loop.add_signal_handler(sig, self.on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self.on_hup)
         ticker = asyncio.create_task(self.tick(), name="tick")
+        ctx.uploads.on_spooled = metrics.accepted
+        ctx.uploads.resume()  # lists a killed serve was still spooling
         from fastsend.serve.reputation import start_reputation
 
         reputation = start_reputation(ctx, self.charts)  # issue 14: blocklists, rate alarms
@@ -255,6 +257,7 @@ class Server:
             except Exception:
                 log.exception("supervisor failed")
         ticker.cancel()
+        await ctx.uploads.stop()  # what is not spooled yet stays a job for the next start
         for task in reputation:
             task.cancel()
         await webhooks.stop()

@@ -75,6 +75,19 @@ def _response_schemas() -> dict[str, Any]:
             "counts": _COUNTS,
             "total": _INT,
             "progress": {"type": "number", "minimum": 0, "maximum": 1},
+            # recipient lists still being accepted (an upload spooled in the background)
+            "spooling": {
+                "type": "array",
+                "items": _obj(
+                    ["job", "rows", "read", "accepted", "rejected", "text"],
+                    job=_INT,
+                    rows=_INT,
+                    read=_INT,
+                    accepted=_INT,
+                    rejected=_INT,
+                    text=_STR,
+                ),
+            },
         },
         "required": [*campaign["required"], "counts", "total", "progress"],
     }
@@ -121,6 +134,11 @@ def _response_schemas() -> dict[str, Any]:
             accepted=_INT,
             rejected=_INT,
             errors={"type": "array", "items": _obj(["row", "error"], row=_INT, error=_STR)},
+            # a CSV / JSON-lines upload: its ingest job, its rows, and whether the rest
+            # is still being spooled in the background (GET the campaign for progress)
+            job=_INT,
+            rows=_INT,
+            status={"enum": ["spooled", "spooling"]},
         ),
         "Stats": _obj(
             ["window", "window_s", "by", "groups"],

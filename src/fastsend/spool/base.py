@@ -6,11 +6,15 @@ package (:mod:`fastsend.spool`) re-exports it and opens a backend by URL."""
 from __future__ import annotations
 
 import abc
+import os
+import socket
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import psutil
 
 from fastsend.redisurl import REDIS_PARAMS, is_redis_url, parse_redis_url
 
@@ -60,6 +64,55 @@ class SharedStore:
 class SpoolError(Exception):
     """The spool cannot be opened, is not a fastsend spool, or a write did not
     become durable. Every backend raises this (or a subclass)."""
+
+
+class IngestBusy(SpoolError):
+    """Another live process is reading this ingest job (``holder`` says which:
+    its pid, host and start time)."""
+
+    def __init__(self, job_id: int, holder: dict[str, Any]) -> None:
+        self.job_id = job_id
+        self.holder = holder
+        super().__init__(
+            f"ingest job {job_id} is being read by {describe_holder(holder)};"
+            " wait for it to finish, or stop it (its spooled rows stay) and try again"
+        )
+
+
+def holder_tag() -> dict[str, Any]:
+    """Who holds an ingest job: this process (pid, host, start time: a pid
+    reused by another process after a crash is not mistaken for the holder)."""
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "start": _start_time(pid), "since": time.time()}
+
+
+def describe_holder(tag: dict[str, Any]) -> str:
+    since = tag.get("since")
+    when = time.strftime(" since %H:%M:%S", time.localtime(float(since))) if since else ""
+    return f"pid {tag.get('pid', '?')} on {tag.get('host', '?')}{when}"
+
+
+def holder_gone(tag: dict[str, Any]) -> bool:
+    """True when the holder ran on this host and is dead (its pid is gone or now
+    names a process started at another time): its lease need not be waited out.
+    A holder on another host is never judged from here (its lease expires)."""
+    if tag.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(tag.get("pid", 0))
+    except (TypeError, ValueError):
+        return True
+    if pid <= 0:
+        return True
+    start = _start_time(pid)
+    return start is None or (tag.get("start") is not None and abs(start - tag["start"]) > 1.0)
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
 
 
 class Claimed(msgspec.Struct, gc=False):
@@ -312,6 +365,24 @@ class Spool(abc.ABC):
     def finish_ingest(self, job_id: int, status: str) -> None:
         """Mark a job done (the whole source was read) or abandoned (the rest
         of its source will never be accepted)."""
+
+    # One reader per ingest job: two processes reading on from the same line
+    # would spool its rows twice. ``create_ingest`` holds the new job for its
+    # creator before another process can see it; ``resume`` (or a restarted
+    # ``serve``) holds a job before reading it. A hold ends with
+    # ``release_ingest``, ``close`` or the death of the process: a hold left by
+    # a killed process never blocks (SQLite: a POSIX lock the kernel drops;
+    # Redis: a lease renewed by ``renew`` that expires, taken over at once when
+    # its holder ran on this host and is gone).
+
+    @abc.abstractmethod
+    def hold_ingest(self, job_id: int) -> None:
+        """Become the only reader of a job; :class:`IngestBusy` names the live
+        process that is. Holding a job this spool object holds already is a no-op."""
+
+    @abc.abstractmethod
+    def release_ingest(self, job_id: int) -> None:
+        """Stop being the job's reader (no-op if not held)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -576,6 +647,12 @@ class SpoolProxy(Spool):
 
     def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
         return self.inner.sweep_blobs(now, retention, limit)
+
+    def hold_ingest(self, job_id: int) -> None:
+        self.inner.hold_ingest(job_id)
+
+    def release_ingest(self, job_id: int) -> None:
+        self.inner.release_ingest(job_id)
 
     def add_counters(self, deltas: Mapping[str, int]) -> dict[str, int]:
         return self.inner.add_counters(deltas)

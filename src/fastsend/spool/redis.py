@@ -84,6 +84,7 @@ import functools
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from importlib import resources
@@ -101,12 +102,15 @@ from fastsend.spool.base import (
     SUPPRESSED,
     CampaignInfo,
     Claimed,
+    IngestBusy,
     IngestJob,
     IngestMark,
     Result,
     SharedStore,
     Spool,
     SpoolError,
+    holder_gone,
+    holder_tag,
     id_runs,
     parse_redis_url,
 )
@@ -121,17 +125,19 @@ class RedisSpoolError(SpoolError):
     """The Redis spool cannot be used (bad URL, durability not reached)."""
 
 
-def parse_url(url: str) -> tuple[str, dict[str, str]]:
-    """Split a spool URL into the redis-py URL and our parameters
-    (:func:`fastsend.spool.parse_redis_url`)."""
-    return parse_redis_url(url)
-
-
 @functools.cache
 def _script(name: str) -> str:
     """The Lua script ``spool/NAME.lua`` (package data) after ``spool/lib.lua``."""
     here = resources.files("fastsend.spool")
     return here.joinpath("lib.lua").read_text() + here.joinpath(f"{name}.lua").read_text()
+
+
+def _holder(tag: Any) -> dict[str, Any]:
+    try:
+        out = orjson.loads(tag)
+    except orjson.JSONDecodeError:
+        return {}
+    return out if isinstance(out, dict) else {}
 
 
 def _s(b: Any) -> str:
@@ -155,7 +161,7 @@ def _state(raw: bytes) -> list[bytes]:
 
 class RedisSpool(Spool):
     def __init__(self, url: str) -> None:
-        redis_url, p = parse_url(url)
+        redis_url, p = parse_redis_url(url)
         self.url = url
         self.prefix = p.get("prefix") or "fastsend"
         self.local_dir = p.get("dir") or "./spool"
@@ -194,6 +200,10 @@ class RedisSpool(Spool):
         self._status = reg(_script("status"))
         self._cancel = reg(_script("cancel"))
         self._next_due = reg(_script("next_due"))
+        self._ingest_lease = reg(_script("ingest_lease"))
+        self._tag = orjson.dumps(holder_tag())  # this process, as an ingest job's reader
+        self._ingests: set[int] = set()  # ingest jobs this object holds
+        self._ingests_renewed = 0.0
         self._lease_ms = int(self.lease * 1000)
         self._renewed = 0.0
         self._holding = False  # claimed anything: this node keeps a lease
@@ -538,7 +548,10 @@ class RedisSpool(Spool):
         return int(self._recover(args=[self.k, self.node]))
 
     def renew(self) -> None:
-        """Extend this node's lease on its claims (cheap: at most ~4 calls a lease)."""
+        """Extend this node's lease on its claims and this process's leases on the
+        ingest jobs it reads (cheap: at most ~4 calls a lease)."""
+        if self._ingests:
+            self._renew_ingests()
         if not self._holding:
             return
         mono = time.monotonic()
@@ -804,6 +817,7 @@ class RedisSpool(Spool):
     def create_ingest(self, campaign_id: int, source: dict[str, Any], total: int) -> int:
         k = self.k
         jid = int(self.r.incr(f"{k}:seq:ing"))
+        self.hold_ingest(jid)  # before the job is listed: no other reader can start it
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(
             f"{k}:ing:{jid}",
@@ -857,7 +871,47 @@ class RedisSpool(Spool):
         if self.r.exists(key):
             self.r.hset(key, "status", status)
 
+    def hold_ingest(self, job_id: int) -> None:
+        """A lease key (``lease`` seconds, renewed by :meth:`renew`) naming this
+        process; a lease whose holder ran on this host and is dead is taken
+        over at once, one of another host's is waited out."""
+        jid = int(job_id)
+        if jid in self._ingests:
+            return
+        args: list[Any] = [self.k, "hold", jid, self._tag, self._lease_ms]
+        cur = self._ingest_lease(args=args)
+        if cur:
+            holder = _holder(cur)
+            if holder_gone(holder):
+                cur = self._ingest_lease(args=[*args, cur])
+            if cur:
+                raise IngestBusy(jid, _holder(cur))
+        self._ingests.add(jid)
+        self._ingests_renewed = time.monotonic()
+
+    def release_ingest(self, job_id: int) -> None:
+        jid = int(job_id)
+        if jid in self._ingests:
+            self._ingests.discard(jid)
+            self._ingest_lease(args=[self.k, "release", jid, self._tag, self._lease_ms])
+
+    def _renew_ingests(self) -> None:
+        mono = time.monotonic()
+        if mono - self._ingests_renewed < self.lease / 4:
+            return
+        self._ingests_renewed = mono
+        for jid in sorted(self._ingests):
+            if not self._ingest_lease(args=[self.k, "renew", jid, self._tag, self._lease_ms]):
+                # Our lease lapsed (a stall longer than it) and another process holds the job.
+                self._ingests.discard(jid)
+                print(f"fastsend: lost the lease on ingest job {jid}", file=sys.stderr)
+
     def close(self) -> None:
+        try:
+            for jid in list(self._ingests):
+                self.release_ingest(jid)
+        except redis.RedisError:
+            pass
         try:
             if self._ahead:
                 self._collect(None)

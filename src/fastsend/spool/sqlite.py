@@ -23,6 +23,7 @@ an API listener in the same process). Other processes may open read-only views
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import operator
 import os
@@ -44,11 +45,13 @@ from fastsend.spool.base import (
     SUPPRESSED,
     CampaignInfo,
     Claimed,
+    IngestBusy,
     IngestJob,
     IngestMark,
     Result,
     Spool,
     SpoolError,
+    holder_tag,
     id_runs,
 )
 from fastsend.sqlitedb import connect, transaction
@@ -142,9 +145,16 @@ def _outcome_sql(n: int) -> str:
 _by_id = operator.attrgetter("id")
 
 
+# Ingest locks this process holds, by lock file: POSIX locks belong to the process,
+# so a second hold from the same process must be refused here, and only the
+# holder may close the descriptor (closing any descriptor of the file drops it).
+_LOCKS: dict[str, tuple[int, dict[str, Any]]] = {}
+
+
 class SQLiteSpool(Spool):
     def __init__(self, directory: str, *, readonly: bool = False) -> None:
         self.directory = directory
+        self._holds: set[str] = set()  # ingest lock files this object holds
         self.path = os.path.join(directory, "spool.db")
         if readonly and not os.path.exists(self.path):
             raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
@@ -613,14 +623,23 @@ class SQLiteSpool(Spool):
         db = self.db
         db.execute("PRAGMA synchronous=FULL")
         try:
-            cur = db.execute(
-                "INSERT INTO ingests(campaign, source, total, created) VALUES (?,?,?,?)",
-                (campaign_id, orjson.dumps(source), int(total), time.time()),
-            )
+            # Held before the commit makes the job visible to another process.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = db.execute(
+                    "INSERT INTO ingests(campaign, source, total, created) VALUES (?,?,?,?)",
+                    (campaign_id, orjson.dumps(source), int(total), time.time()),
+                )
+                assert cur.lastrowid is not None
+                job_id = int(cur.lastrowid)
+                self.hold_ingest(job_id)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
         finally:
             db.execute("PRAGMA synchronous=NORMAL")
-        assert cur.lastrowid is not None
-        return int(cur.lastrowid)
+        return job_id
 
     def get_ingest(self, job_id: int) -> IngestJob | None:
         try:
@@ -646,5 +665,51 @@ class SQLiteSpool(Spool):
             raise ValueError(f"bad ingest status {status!r}")
         self.db.execute("UPDATE ingests SET status=? WHERE id=?", (status, job_id))
 
+    def _ingest_lock_path(self, job_id: int) -> str:
+        return os.path.join(os.path.realpath(self.directory), f"ingest-{int(job_id)}.lock")
+
+    def hold_ingest(self, job_id: int) -> None:
+        """A POSIX record lock on ``ingest-N.lock`` in the spool directory: the
+        kernel drops it when the holder dies (kill -9 included), and a forked
+        worker does not inherit it. The file names the holder for the error."""
+        path = self._ingest_lock_path(job_id)
+        if path in self._holds:
+            return
+        held = _LOCKS.get(path)
+        if held is not None:  # another spool object of this process (POSIX locks are per process)
+            raise IngestBusy(job_id, held[1])
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder: dict[str, Any] = {}
+            for _ in range(20):  # the holder writes its name just after locking
+                try:
+                    holder = orjson.loads(os.pread(fd, 4096, 0) or b"{}")
+                except orjson.JSONDecodeError:
+                    holder = {}
+                if holder:
+                    break
+                time.sleep(0.005)
+            os.close(fd)
+            raise IngestBusy(job_id, holder) from None
+        tag = holder_tag()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, orjson.dumps(tag), 0)
+        _LOCKS[path] = (fd, tag)
+        self._holds.add(path)
+
+    def release_ingest(self, job_id: int) -> None:
+        self._release_lock(self._ingest_lock_path(job_id))
+
+    def _release_lock(self, path: str) -> None:
+        if path not in self._holds:
+            return
+        self._holds.discard(path)
+        fd, _tag = _LOCKS.pop(path)
+        os.close(fd)  # drops the lock (the file stays: unlinking it would race a waiter)
+
     def close(self) -> None:
+        for path in list(self._holds):
+            self._release_lock(path)
         self.db.close()

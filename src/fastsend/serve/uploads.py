@@ -1,0 +1,258 @@
+"""Recipient lists uploaded through the HTTP API, as durable ingest jobs.
+
+``POST /v1/campaigns/{id}/recipients`` with a CSV or JSON-lines body:
+
+1. the body is streamed to ``uploads/upload-*.csv|.jsonl`` in the spool's
+   local directory (0600) and fsynced, the file and then the directory;
+2. it is checked (the columns the template needs, every row parsed, the
+   campaign's recipient cap, ``?strict=1``) off the event loop; a bad upload
+   is answered 400/413 and its file removed;
+3. it becomes an ingest job (:mod:`fastsend.accept`: path, size, SHA-256, row
+   count), held by this process, and its rows are spooled in transactions that
+   carry the job's position (:class:`~fastsend.spool.IngestMark`), as
+   ``fastsend send`` spools a list;
+4. a list of at most :data:`SYNC_ROWS` rows is spooled before the answer (the
+   synchronous answer: accepted, rejected, errors); a longer one is answered
+   202 with the job id and the rows spooled so far and spooled on in the
+   background, a chunk per loop turn.
+
+A serve killed in the middle continues its jobs at its next start (or
+``fastsend resume`` does: the file is in the spool directory). Meanwhile
+``GET /v1/campaigns/{id}`` and ``fastsend queue`` show "spooling: X of Y
+rows". The file is removed once its job is done. Nothing acknowledged is
+lost: the answer comes after the job is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastsend import recipients
+from fastsend.accept import Acceptor, source_problem
+from fastsend.spool import IngestBusy, IngestJob, IngestMark, Spool
+
+log = logging.getLogger("fastsend.serve")
+
+UPLOAD_DIR = "uploads"
+SYNC_ROWS = 20_000  # at most this many rows: spooled before the answer, one transaction
+CHUNK = 2_000  # rows per transaction in the background (a loop turn each)
+ORPHAN_AGE = 3600.0  # s: an upload file no job names (its request died before the job)
+
+
+class UploadTooLarge(ValueError):
+    """The body exceeds the API's body limit."""
+
+
+@dataclass
+class Scan:
+    """What checking an uploaded list found (before anything is spooled)."""
+
+    good: int = 0
+    bad: list[recipients.BadRow] = field(default_factory=list)
+    rejected: int = 0
+
+
+def scan(path: str, needed: Callable[[set[str]], None], keep: int) -> Scan:
+    """Check an uploaded list: its columns (``needed`` raises when the template
+    needs one it lacks) and every row; the first ``keep`` bad rows are kept.
+    Raises RecipientsError / UnicodeDecodeError for a file that cannot be read."""
+    needed(recipients.columns(path) | {"email"})
+    out = Scan()
+    for row in recipients.read(path):
+        if isinstance(row, recipients.BadRow):
+            out.rejected += 1
+            if len(out.bad) < keep:
+                out.bad.append(row)
+        else:
+            out.good += 1
+    return out
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Uploads:
+    """The uploaded lists of one serving process (see the module docstring)."""
+
+    def __init__(self, acceptor: Acceptor, local_dir: str) -> None:
+        self.acceptor = acceptor
+        self.dir = os.path.join(local_dir, UPLOAD_DIR)
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.on_spooled: Callable[[int], None] | None = None  # rows spooled (metrics)
+
+    @property
+    def spool(self) -> Spool:
+        return self.acceptor.spool
+
+    async def save(self, body: AsyncIterable[bytes], suffix: str, limit: int) -> str:
+        """Stream a request body to a new file in the uploads directory, durably;
+        returns its path. UploadTooLarge past ``limit`` bytes (nothing kept)."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                n = 0
+                async for block in body:
+                    n += len(block)
+                    if n > limit:
+                        raise UploadTooLarge(f"request body exceeds {limit} bytes")
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(self.dir)  # the name too, before a job refers to it
+        except BaseException:
+            self.discard(path)
+            raise
+        return path
+
+    @staticmethod
+    def discard(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def owns(self, job: IngestJob) -> bool:
+        """A job whose list was uploaded to this process's uploads directory."""
+        path = str(job.source.get("path", ""))
+        return job.source.get("origin") == "api" and os.path.dirname(
+            os.path.realpath(path)
+        ) == os.path.realpath(self.dir)
+
+    def accept(
+        self,
+        campaign_id: int,
+        path: str,
+        on_bad: Callable[[recipients.BadRow], None] | None = None,
+    ) -> tuple[IngestJob, IngestMark]:
+        """Make the checked upload at ``path`` an ingest job and spool it: all of
+        it when it has at most SYNC_ROWS rows (the mark is then the job's last),
+        else its first chunk, the rest in the background (:meth:`running`)."""
+        job = self.acceptor.start_ingest(campaign_id, path, origin="api")  # durable, held
+        if job.total <= SYNC_ROWS:
+            mark = IngestMark(job.id, 0, 0, 0)
+            for mark in self.acceptor.ingest(job, chunk=SYNC_ROWS, on_bad=on_bad):
+                self._spooled(mark, job)
+                job.accepted, job.rejected = mark.accepted, mark.rejected
+            self.discard(path)
+            return job, mark
+        feed = self.acceptor.ingest(job, chunk=CHUNK, on_bad=on_bad)
+        mark = next(feed)
+        self._spooled(mark, job)
+        job.accepted, job.rejected = mark.accepted, mark.rejected
+        self._start(job, feed)
+        return job, mark
+
+    def _spooled(self, mark: IngestMark, before: IngestJob) -> None:
+        if self.on_spooled is not None and mark.accepted > before.accepted:
+            self.on_spooled(mark.accepted - before.accepted)
+
+    def _start(self, job: IngestJob, feed: Iterator[IngestMark]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(job, feed), name=f"ingest-{job.id}")
+        self.tasks[job.id] = task
+
+    async def _run(self, job: IngestJob, feed: Iterator[IngestMark]) -> None:
+        path = str(job.source["path"])
+        try:
+            for mark in feed:  # one transaction per step
+                self._spooled(mark, job)
+                job.accepted, job.rejected = mark.accepted, mark.rejected
+                await asyncio.sleep(0)  # requests (and the supervisor) between chunks
+        except asyncio.CancelledError:
+            raise  # stopping: the job stays unfinished, the next start continues it
+        except Exception:
+            log.exception("spooling uploaded list %s (ingest job %s) stopped", path, job.id)
+        else:
+            self.discard(path)
+        finally:
+            self.tasks.pop(job.id, None)
+
+    def resume(self) -> list[IngestJob]:
+        """At start: continue every unfinished job of an upload this process's
+        directory holds (a serve killed while spooling it); returns them. A job
+        another live process reads is left to it; an upload whose file is gone
+        is reported (``fastsend resume --abandon-rest`` closes it). Old upload
+        files no job names are removed."""
+        named: set[str] = set()
+        out: list[IngestJob] = []
+        for job in self.spool.list_ingests(unfinished=True):
+            if not self.owns(job):
+                continue
+            named.add(os.path.realpath(str(job.source["path"])))
+            try:
+                self.spool.hold_ingest(job.id)
+            except IngestBusy as e:
+                log.warning("%s", e)
+                continue
+            problem = source_problem(job)
+            if problem is not None:
+                self.spool.release_ingest(job.id)
+                log.error(
+                    "uploaded list %s of campaign %s is %s: %d row(s) were never accepted",
+                    job.source.get("path"), job.campaign, problem,
+                    max(0, job.total - job.accepted - job.rejected),
+                )  # fmt: skip
+                continue
+            log.warning(
+                "continuing the uploaded list of campaign %s (ingest job %s): %d of %d rows read",
+                job.campaign, job.id, job.accepted + job.rejected, job.total,
+            )  # fmt: skip
+            self._start(job, self.acceptor.ingest(job, chunk=CHUNK))
+            out.append(job)
+        self._remove_orphans(named)
+        return out
+
+    def _remove_orphans(self, named: set[str]) -> None:
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return
+        old = time.time() - ORPHAN_AGE
+        for e in entries:
+            if e.name.startswith("upload-") and os.path.realpath(e.path) not in named:
+                try:
+                    if e.stat().st_mtime < old:
+                        os.unlink(e.path)
+                except FileNotFoundError:
+                    pass
+
+    async def stop(self) -> None:
+        """Stopping: background spooling ends after its current chunk; the jobs
+        stay unfinished (and durable) for the next start."""
+        held = dict(self.tasks)
+        for t in held.values():
+            t.cancel()
+        for t in held.values():
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        for jid in held:
+            self.spool.release_ingest(jid)
+
+    def progress(self, campaign_id: int) -> list[dict[str, Any]]:
+        """The campaign's lists still being spooled, for its API view."""
+        return [
+            {
+                "job": j.id,
+                "rows": j.total,
+                "read": j.accepted + j.rejected,
+                "accepted": j.accepted,
+                "rejected": j.rejected,
+                "text": f"spooling: {j.accepted + j.rejected:,} of {j.total:,} rows",
+            }
+            for j in self.spool.list_ingests(unfinished=True)
+            if j.campaign == campaign_id
+        ]
