@@ -68,6 +68,45 @@ def test_add_claim_record_and_counts(make_spool: Factory) -> None:
     s.close()
 
 
+def test_outcomes_of_many_rows_mixed_and_out_of_order(make_spool: Factory) -> None:
+    """A flush as the supervisor writes it: hundreds of outcomes in arrival order
+    (interleaved, not id order), deliveries with different attempts and codes
+    between bounces and deferrals: every row ends exactly as its Result says."""
+    s = make_spool()
+    cid = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    ids = s.add_messages(cid, spool_rows(600), now)
+    assert len(s.claim_due(now, 1000)) == 600
+    want: dict[int, Result] = {}
+    for k, i in enumerate(ids):
+        if k % 7 == 3:
+            want[i] = Result(i, BOUNCED, 1, 0, 550, "5.1.1", f"no user {k}")
+        elif k % 11 == 5:
+            want[i] = Result(i, DEFERRED, 2, now + 60 + k, 451, "4.7.1", f"later {k}")
+        else:  # deliveries with 1 or 3 attempts, two codes: several runs each
+            want[i] = Result(i, DELIVERED, 1 + 2 * (k % 5 == 0), 0, 250 if k % 13 else 251,
+                             "2.0.0", f"ok {k}")  # fmt: skip
+    order = sorted(ids, key=lambda i: (i % 100, i))  # as answers come: per domain
+    s.record_results([want[i] for i in order], now + 1)
+    c = s.counts(cid)
+    assert c["inflight"] == 0 and c["queued"] == 0
+    assert c["delivered"] == sum(r.state == DELIVERED for r in want.values())
+    assert c["deferred"] == sum(r.state == DEFERRED for r in want.values())
+    for i, r in want.items():
+        m = s.message(i)
+        assert m is not None
+        got = (m["attempts"], m["last_code"], m["last_enhanced"])
+        assert got == (r.attempts, r.code, r.enhanced)
+        if r.state == DELIVERED:
+            assert m["state"] == "delivered" and m["updated"] == pytest.approx(now + 1)
+        else:  # a failure's reply is kept whole; a deferral is due again at its time
+            assert m["last_text"] == r.text
+            assert m["state"] == ("bounced" if r.state == BOUNCED else "deferred")
+        if r.state == DEFERRED:
+            assert m["next_at"] == pytest.approx(r.next_at)
+    assert s.next_due() == pytest.approx(min(r.next_at for r in want.values() if r.next_at))
+
+
 def test_durable_across_reopen_and_recover_inflight(make_spool: Factory) -> None:
     s = make_spool()
     cid = s.create_campaign({"from": "a@b.example"})

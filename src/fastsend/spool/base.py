@@ -256,7 +256,9 @@ class Spool(abc.ABC):
 
     @abc.abstractmethod
     def record_results(self, results: Iterable[Result], now: float) -> None:
-        """Apply attempt outcomes (one transaction)."""
+        """Apply attempt outcomes (one transaction). A backend may leave a
+        delivery's reply text out of its row (SQLite does: the delivered event
+        carries it); a bounce's or deferral's reply is kept."""
 
     def record_outcomes(
         self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()

@@ -14,7 +14,9 @@ outcomes commit with ``synchronous=NORMAL``: safe against the crash of any
 process (kill -9), and after a power loss the worst case is a retried message,
 never a lost one. Callers batch many rows per transaction; statements carry
 many rows each (multi-row INSERT, ``UPDATE ... FROM (VALUES ...)``). Claiming
-is a SELECT and an UPDATE by runs of ids, in one transaction.
+is a SELECT and an UPDATE by runs of ids, in one transaction. Deliveries are
+written by runs of ids too (nothing bound per row), without their reply text:
+the delivered event carries it; a bounce or deferral keeps its reply whole.
 
 Single writer: a SQLiteSpool object belongs to one process (the supervisor, or
 an API listener in the same process). Other processes may open read-only views
@@ -38,6 +40,7 @@ from fastsend.spool.base import (
     AGE_BUCKETS_MIN,
     CANCELLED,
     DEFERRED,
+    DELIVERED,
     INFLIGHT,
     INGEST_STATUSES,
     QUEUED,
@@ -141,6 +144,11 @@ def _outcome_sql(n: int) -> str:
         " FROM v WHERE messages.id=v.id"
     )
 
+
+_DELIVERED_SQL = (
+    f"UPDATE messages SET state={DELIVERED}, attempts=?, next_at=0, updated=?, last_code=?,"
+    " last_enhanced=?, last_text='' WHERE id BETWEEN ? AND ?"
+)
 
 _by_id = operator.attrgetter("id")
 
@@ -306,11 +314,28 @@ class SQLiteSpool(Spool):
         # rows visited in key order touch each B-tree page once (about a third
         # less CPU per outcome than in arrival order).
         results = sorted(results, key=_by_id)
+        # Deliveries (nearly every outcome) are written by runs of consecutive ids
+        # sharing (attempts, code, enhanced): one short UPDATE per run with nothing
+        # bound per row, a third of the CPU of a row each in UPDATE ... FROM
+        # (VALUES ...). Their reply text is not kept in the row: the delivered
+        # event (event log, event index) carries it, with the remote queue id.
+        done: dict[tuple[int, int, str], list[int]] = {}
+        rest: list[Result] = []
+        for r in results:
+            if r.state == DELIVERED:
+                done.setdefault((r.attempts, r.code, r.enhanced), []).append(r.id)
+            else:
+                rest.append(r)
         db = self.db
         with transaction(db):
-            # One UPDATE ... FROM (VALUES ...) per ROWS_PER_STATEMENT outcomes.
-            for at in range(0, len(results), ROWS_PER_STATEMENT):
-                part = results[at : at + ROWS_PER_STATEMENT]
+            for (attempts, code, enhanced), ids in done.items():
+                db.executemany(
+                    _DELIVERED_SQL,
+                    [(attempts, now, code, enhanced, a, b) for a, b in id_runs(ids)],
+                )
+            # The others: one UPDATE ... FROM (VALUES ...) per ROWS_PER_STATEMENT.
+            for at in range(0, len(rest), ROWS_PER_STATEMENT):
+                part = rest[at : at + ROWS_PER_STATEMENT]
                 params: list[Any] = []
                 add = params.extend
                 for r in part:
@@ -322,7 +347,7 @@ class SQLiteSpool(Spool):
             db.executemany(
                 "UPDATE messages SET state=?, next_at=0 WHERE id=? AND campaign IN"
                 " (SELECT id FROM campaigns WHERE status='cancelled')",
-                [(CANCELLED, r.id) for r in results if r.state == DEFERRED],
+                [(CANCELLED, r.id) for r in rest if r.state == DEFERRED],
             )
 
     def release(self, ids: Iterable[int]) -> None:
