@@ -3,26 +3,30 @@ the network: the real code paths of `fastsend send`'s supervisor, driven here.
 
 A list of N personalised recipients (the rows bench/end_to_end.py sends) is
 read and spooled as `fastsend send` does (the acceptor's ingest job, with the
-analytics rollups attached to the event log as the engine attaches them);
-then a real ``Supervisor`` (not started: no fork, no event loop) dispatches
-onto real inbox rings, a stand-in worker answers --per-round of the messages
-it holds per tick with Results records of "250 delivered" outcomes on the
-outbox ring (untimed: that is the worker's cost; its window stays nearly full,
-as a running worker's does), and the supervisor drains the rings, applies the outcomes and
-flushes them (spool, event log, listeners), round after round until the
-spool is empty. Each stage is CPU time (process_time) of the calls the
-supervisor makes, per message:
+analytics rollups attached to the event log as the engine attaches them): the
+first chunk before the supervisor starts, the next ones as its claims come
+back short (the supervisor's feeder is paced by dispatch; on SQLite the rows
+read go straight to the windows' room, parked in flight). A real
+``Supervisor`` (not started: no fork, no event loop) dispatches onto real
+inbox rings, a stand-in worker answers --per-round of the messages it holds
+per tick with Results records of "250 delivered" outcomes on the outbox ring
+(untimed: that is the worker's cost; its window stays nearly full, as a
+running worker's does), and the supervisor drains the rings, applies the
+outcomes and flushes them (spool, event log, listeners), round after round
+until the list is read and the spool is empty. Each stage is CPU time
+(process_time) of the calls the supervisor makes, per message:
 
-    read CSV        recipients.read: parse rows, check addresses, vars JSON
-    insert          spool.add_messages (multi-row INSERT, durable commit)
-    accept events   the `accepted` events: dicts, JSON lines, listeners
-    claim           spool.claim_due
+    read CSV        the ingest's reading: parse rows, check addresses, vars JSON
+    insert          spool.add_messages (multi-row INSERT, durable commit; parked rows)
+    accept events   the `accepted` events: JSON lines, listeners
+    accept other    the rest of Acceptor.accept (suppression, event dicts, blobs)
+    claim           spool.claim_next (parked rows first, then SELECT + UPDATE)
     screen          dispatch-time suppression lookup (one per tenant per claim)
     batch encode    batch records (msgpack) onto the inbox ring
     dispatch other  the rest of dispatch (grouping, rate gate, backlog)
     results decode  outbox records decoded (msgpack)
     apply           next state per message, hooks (guardrail counters), events built
-    outcome writes  spool.record_results (one statement per 256 outcomes)
+    outcome writes  spool.record_results (deliveries by id runs, others by VALUES)
     event JSON      outcome events encoded as JSON lines
     listeners       event listeners (analytics rollups, the supervisor's own)
     flush other     the rest of flush_results (event file write, ...)
@@ -56,6 +60,7 @@ STAGES = [
     "read CSV",
     "insert",
     "accept events",
+    "accept other",
     "claim",
     "screen",
     "batch encode",
@@ -94,6 +99,14 @@ class Clock:
         return timed
 
 
+class TimedEvents:
+    """The acceptor's event log: its emit_many and flush timed as "accept events"."""
+
+    def __init__(self, events: Any, clock: Clock) -> None:
+        self.emit_many = clock.wrap("accept events", events.emit_many)
+        self.flush = clock.wrap("accept events", events.flush)
+
+
 class TimedDecoder:
     def __init__(self, dec: Any, clock: Clock) -> None:
         self.decode = clock.wrap("results decode", dec.decode)
@@ -109,7 +122,7 @@ def delivered(mid: int, ip: str) -> Any:
 
 
 def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
-    from fastsend import recipients, wire
+    from fastsend import wire
     from fastsend.accept import Acceptor
     from fastsend.analytics.attach import attach
     from fastsend.config import Config
@@ -132,30 +145,32 @@ def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
         rollups = attach(cfg, spool, events)
     clock = Clock()
 
-    # -- accept: read, insert, accepted events (as `fastsend send` does) --
-    t0 = time.process_time()
-    for _row in recipients.read(rcpts):
-        pass
-    clock.t["read CSV"] += time.process_time() - t0
-    acceptor = Acceptor(spool, events, None)
+    # -- accept (read, insert, accepted events) and deliver, as `fastsend send`
+    # runs them: the list's first chunk before the supervisor starts, the next
+    # ones read as the dispatcher's claims come back short (Supervisor._feed,
+    # paced by dispatch); a real Supervisor (not started: no fork, no event
+    # loop) on real inbox rings, stand-in workers (untimed) on the other side.
+    acceptor = Acceptor(spool, TimedEvents(events, clock), None)
     spec = Campaign.load(camp_path).to_dict()
     cid = acceptor.create_campaign(spec, name="stages")
     job = acceptor.start_ingest(cid, rcpts)
     spool.add_messages = clock.wrap("insert", spool.add_messages)  # type: ignore[method-assign]
-    emit_many = events.emit_many
-    events.emit_many = clock.wrap("accept events", emit_many)  # type: ignore[method-assign]
-    events.flush = clock.wrap("accept events", events.flush)  # type: ignore[method-assign]
-    for _mark in acceptor.ingest(job):  # its reading is the stage timed above
-        pass
-    del events.emit_many, events.flush  # the plain methods again
-
-    # -- deliver: a real Supervisor, stand-in workers on real rings --
+    acceptor.accept = clock.wrap("accept other", acceptor.accept)  # type: ignore[method-assign]
+    feed = acceptor.ingest(job)
+    step = clock.wrap("read CSV", lambda: next(feed, None))  # what accept() does not
+    step()
     sup = supmod.Supervisor(cfg, spool, events, max_wait=1.0)
+    paced = hasattr(sup, "feed_room")  # older trees read the whole list first
+    if paced:
+        sup.feeding = sup.pace_feed = True
+    else:
+        while step() is not None:
+            pass
     for slot in sup.slots:
         slot.inbox, slot.outbox = Ring(wire.RING_BYTES), Ring(wire.RING_BYTES)
         slot.alive = True
     sp = sup.spool
-    sp.claim_due = clock.wrap("claim", sp.claim_due)  # type: ignore[method-assign]
+    sp.claim_next = clock.wrap("claim", sp.claim_next)  # type: ignore[method-assign]
     sp.record_results = clock.wrap("outcome writes", sp.record_results)  # type: ignore[method-assign]
     sup.screen = clock.wrap("screen", sup.screen)  # type: ignore[method-assign]
     sup.batch_records = clock.wrap("batch encode", sup.batch_records)  # type: ignore[method-assign]
@@ -176,6 +191,12 @@ def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
         idle = 0
         while idle < 2:
             dispatch()
+            if paced and sup.feeding and sup.feed_room.is_set():  # Supervisor._feed's step
+                sup.feed_room.clear()
+                sup.open_room.clear()
+                if step() is None:
+                    sup.feeding = sup.pace_feed = False
+                continue
             moved = 0
             for slot in sup.slots:  # the stand-in worker (untimed)
                 assert slot.inbox is not None and slot.outbox is not None
@@ -197,7 +218,7 @@ def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
                 assert slot.outbox is not None
                 drain(slot, slot.outbox)
             flush()
-            idle = 0 if moved or sup.inflight else idle + 1
+            idle = 0 if moved or sup.inflight or sup.feeding else idle + 1
     finally:
         wire.from_worker_decoder = saved_decoder
     if rollups is not None:

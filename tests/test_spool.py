@@ -399,3 +399,87 @@ def test_blobs_stored_once_kept_while_needed_then_swept(make_spool: Factory) -> 
     assert s.sweep_blobs(later + 3 * day, day) == 1
     assert s.get_blobs([d]) == {} and s.message(ids[0]) is not None
     assert s.sweep_blobs(later + 3 * day, day) == 0
+
+
+# -- SQLite: rows spooled for a waiting dispatcher ("parked") ---------------------
+
+
+def test_rows_spooled_after_a_short_claim_go_straight_to_it(tmp_path: Path) -> None:
+    """After the dispatcher's claim came back short, the rows spooled next (up to
+    its room) are in flight from their commit (other processes' views say so)
+    and the next claims hand them out first, in order, without their campaign's
+    other queued rows going missing; a one-shot claim_due leaves no room open."""
+    s = SQLiteSpool(str(tmp_path))
+    cid = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    s.add_messages(cid, spool_rows(3), now)
+    assert len(s.claim_due(now, 10)) == 3  # claim_due: no room left open
+    assert s.add_messages(cid, spool_rows(2, "q.example"), now) and s.counts()["queued"] == 2
+    assert len(s.claim_next(now, 12, key=0)) == 2  # short by 10
+    ids = s.add_messages(cid, spool_rows(14, "p.example"), now, suppressed={1})
+    c = s.counts()
+    # 10 in flight from the commit (one of them suppressed instead), 4 queued
+    assert (c["inflight"], c["queued"], c["suppressed"]) == (3 + 2 + 9, 4, 1)
+    view = SQLiteSpool(str(tmp_path), readonly=True)
+    assert view.counts() == c and view.message(ids[0])["state"] == "inflight"  # type: ignore[index]
+    view.close()
+    assert s.next_due() is not None and s.next_due() <= now  # type: ignore[operator]
+    got = s.claim_next(now, 5, key=0)  # parked first, in order
+    assert [g.id for g in got] == [ids[0], *ids[2:6]]
+    assert (got[0].rcpt, got[0].domain, got[0].attempts) == ("u0@p.example", "p.example", 0)
+    assert got[0].vars == orjson.dumps({"i": "0"}) and got[0].created == pytest.approx(now)
+    got = s.claim_next(now, 100, key=0)  # the rest of the parked, then the queued ones
+    assert [g.id for g in got] == [*ids[6:10], *ids[10:]]
+    assert s.counts()["queued"] == 0 and s.counts()["inflight"] == 3 + 2 + 13
+    s.record_results([Result(g.id, DELIVERED, 1, 0, 250, "2.0.0", "") for g in got], now)
+    assert s.counts(cid)["delivered"] == 8
+    s.close()
+
+
+def test_parked_rows_stale_room_paused_cancelled_closed_and_crashed(tmp_path: Path) -> None:
+    import fastsend.spool.sqlite as mod
+
+    s = SQLiteSpool(str(tmp_path))
+    cid = s.create_campaign({"from": "a@b.example"})
+    other = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    # A room older than ROOM_TTL takes nothing.
+    assert s.claim_next(now, 50) == []
+    ttl, mod.ROOM_TTL = mod.ROOM_TTL, 0.0
+    try:
+        s.add_messages(cid, spool_rows(3), now)
+    finally:
+        mod.ROOM_TTL = ttl
+    assert s.counts()["queued"] == 3
+    # Nor does a paused campaign's list.
+    s.set_campaign_status(other, "paused")
+    assert len(s.claim_next(now, 50)) == 3
+    s.add_messages(other, spool_rows(4), now)
+    assert s.counts(other)["queued"] == 4
+    # Parked, then paused: not handed out, queued again; resumed: claimed.
+    s.set_campaign_status(other, "active")
+    assert len(s.claim_next(now, 50)) == 4
+    parked = s.add_messages(cid, spool_rows(5, "p.example"), now)
+    assert s.counts(cid)["inflight"] == 3 + 5
+    s.set_campaign_status(cid, "paused")
+    assert s.claim_next(now, 50) == [] and s.counts(cid)["queued"] == 5
+    s.set_campaign_status(cid, "active")
+    assert [g.id for g in s.claim_next(now, 50)] == parked
+    # Parked, then cancelled (by another process): final, never handed out.
+    parked = s.add_messages(other, spool_rows(2, "c.example"), now)
+    SQLiteSpool(str(tmp_path)).set_campaign_status(other, "cancelled")
+    assert s.claim_next(now, 50) == [] and s.counts(other)["cancelled"] == 2
+    # Parked and never claimed: close() queues them again.
+    s.set_campaign_status(cid, "active")
+    assert s.claim_next(now, 50) == []
+    parked = s.add_messages(cid, spool_rows(2, "z.example"), now)
+    s.close()
+    s = SQLiteSpool(str(tmp_path))
+    assert [m["state"] for m in map(s.message, parked)] == ["queued"] * 2  # type: ignore[index]
+    # Parked when the process dies (no close): in flight until recover().
+    assert len(s.claim_next(now, 50)) == 2
+    parked = s.add_messages(cid, spool_rows(3, "k.example"), now)
+    after = SQLiteSpool(str(tmp_path))  # the next start, the old object abandoned
+    assert after.counts(cid)["inflight"] >= 3
+    after.recover()
+    assert {g.id for g in after.claim_due(now, 100)} >= set(parked)

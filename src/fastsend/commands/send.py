@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         job = acceptor.start_ingest(cid, args.recipients)
         feed = acceptor.ingest(job, on_bad=on_bad)
         # The first chunk before the engine starts (file errors surface here);
-        # the rest is spooled while the first is already being delivered.
+        # the rest is read as the windows have room (paced by dispatch).
         mark = next(feed)
     except (recipients.RecipientsError, SpoolError) as e:
         events.close()

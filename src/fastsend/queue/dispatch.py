@@ -17,6 +17,7 @@ from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
 from fastsend.spool import SUPPRESSED, Claimed, Result
 
 STATUS_TTL = 0.5  # s a campaign's status is trusted before rate-held mail is checked again
+FEED_ROOM = 2000  # open room that asks the feeder for its next chunk (accept.CHUNK rows)
 BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that follow
 BLOB_SWEEP_EVERY = 600.0  # s between sweeps of bodies no message needs any more
 BLOB_RETENTION = 7 * 86400.0  # s a body outlives the last message that needed it
@@ -42,9 +43,14 @@ class Dispatch(SupervisorState):
             # a claim of ~window/4 messages groups into batches of several
             # messages per site (100 sites: ~10 a batch, not ~2), and the claim's
             # transaction and each batch record are paid for many messages.
-            if not nothing_due and room >= (window // 4 or 1):
+            # While a list is being read, every window with room claims: a claim
+            # that comes back short (nothing more due) leaves its room open for
+            # the rows the feeder spools next (they go straight to it).
+            if (not nothing_due or self.pace_feed) and room >= (window // 4 or 1):
                 claimed = self.spool.claim_next(now, room, slot.index)
                 nothing_due = not claimed
+                if self.pace_feed:
+                    self.note_room(slot, room - len(claimed))
                 if claimed and self.config.delivery.check_suppression:
                     n = len(claimed)
                     claimed = self.screen(claimed, now)
@@ -68,6 +74,15 @@ class Dispatch(SupervisorState):
                     records.extend(self.batch_records(slot, campaign, domain, items[i : i + size]))
             slot.backlog.extend(records)
             self.push_backlog(slot)
+
+    def note_room(self, slot: WorkerSlot, short: int) -> None:
+        """A claim of ``slot`` left ``short`` of its room unfilled: once the
+        windows' open room would take a list chunk (or half the windows), the
+        feeder reads its next one (see Supervisor._feed)."""
+        self.open_room[slot.index] = short
+        want = min(FEED_ROOM, self.config.delivery.window * len(self.slots) // 2)
+        if sum(self.open_room.values()) >= max(want, 1):
+            self.feed_room.set()
 
     def screen(self, claimed: list[Claimed], now: float) -> list[Claimed]:
         """Dispatch-time suppression: the claimed messages whose address is not

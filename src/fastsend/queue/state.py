@@ -87,10 +87,13 @@ class SupervisorState:
     slots: list[WorkerSlot]
     stats: RunStats
     wake: asyncio.Event
+    feed_room: asyncio.Event  # claims came back short: the feeder may read on
+    open_room: dict[int, int]  # slot -> room its last claim left open (while feeding)
     draining: bool  # SIGTERM: no new claims, windows finish
     stopping: bool  # stop now: windows go back to queued
     feeder: Iterator[object] | None
     feeding: bool
+    pace_feed: bool  # the feeder reads as the windows have room (a local spool)
     feed_error: BaseException | None
     until_idle: bool
     max_wait: float

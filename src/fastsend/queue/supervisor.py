@@ -21,6 +21,7 @@ It never speaks SMTP and never renders a message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 TICK = 0.02
+FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
+_END = object()
 
 
 class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
@@ -71,6 +74,9 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         # delivery runs, so sending starts before a long list is fully imported.
         self.feeder = feeder
         self.feeding = feeder is not None
+        # A local spool's list is read as this node's windows have room; a shared
+        # one's at full speed (every node delivers from it).
+        self.pace_feed = self.feeding and spool.shared() is None
         self.feed_error: BaseException | None = None
         if not config.secret:
             config.secret = msgid.load_secret(config)  # workers inherit it at fork
@@ -102,6 +108,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.own_suppression = suppression is None
         self.to_suppress: list[tuple[str, str, str, str, int | None]] = []
         self.wake = asyncio.Event()
+        self.feed_room = asyncio.Event()  # set by dispatch: the windows have room
+        self.open_room: dict[int, int] = {}  # slot -> room its last claim left open
         self.result_hooks: list[Callable[[Claimed, wire.Res, int], None]] = []
         self.failed_hooks: set[str] = set()
         # Shaping that spans workers: dispatch rates, guardrails, pools, warm-up state.
@@ -130,19 +138,33 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
 
     async def _feed(self) -> None:
         """Drive the feeder one chunk per loop turn (spooling is synchronous and
-        short per chunk); a drain does not stop it (what is read is spooled and
-        stays queued for `resume`), a stop-now does."""
+        short per chunk), paced by dispatch: the next chunk is read once a claim
+        came back short (nothing more due: the chunk's rows go straight to the
+        windows' room, see ``SQLiteSpool.add_messages``), or FEED_LAG s after
+        the last one (windows full: the list is still read on). The list file is
+        the incoming queue: its ingest job records where reading stands. A
+        shared spool's list is read at full speed (every node delivers from
+        it), and so is any list during a drain (what is read is spooled and
+        stays queued for `resume`); a stop-now stops reading."""
         assert self.feeder is not None
+        feeder = self.feeder
         try:
-            for _ in self.feeder:
+            while True:
+                self.feed_room.clear()  # before the chunk: a claim after it counts
+                self.open_room.clear()
+                if next(feeder, _END) is _END:
+                    break
                 self.wake.set()
                 await asyncio.sleep(0)
+                if self.pace_feed and not (self.draining or self.stopping):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.feed_room.wait(), FEED_LAG)
                 if self.stopping:
                     break
         except Exception as e:  # reported by the caller; what was spooled stays
             self.feed_error = e
         finally:
-            self.feeding = False
+            self.feeding = self.pace_feed = False
             self.wake.set()
 
     def on_signal(self, signum: int) -> None:
@@ -151,6 +173,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         else:
             self.stopping = True
         self.wake.set()
+        self.feed_room.set()
 
     async def run(self) -> RunStats:
         loop = asyncio.get_running_loop()

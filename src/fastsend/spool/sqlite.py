@@ -18,6 +18,13 @@ is a SELECT and an UPDATE by runs of ids, in one transaction. Deliveries are
 written by runs of ids too (nothing bound per row), without their reply text:
 the delivered event carries it; a bounce or deferral keeps its reply whole.
 
+Rows spooled for a waiting dispatcher skip the queue: when the dispatcher's
+claim (``claim_next``) came back short, rows added within ROOM_TTL (up to that
+room, of an active campaign) are inserted already in flight and handed out by
+the next claims from memory ("parked"): no due-index entry, no SELECT, no
+UPDATE. In the database they are in flight from the accepting commit, so
+views count them in flight and a crash turns them back to queued (recover).
+
 Single writer: a SQLiteSpool object belongs to one process (the supervisor, or
 an API listener in the same process). Other processes may open read-only views
 (``fastsend queue``) at any time; WAL lets them read while it writes.
@@ -120,6 +127,7 @@ CREATE TABLE IF NOT EXISTS ingests (
 
 SCHEMA_VERSION = "1"
 ROWS_PER_STATEMENT = 256  # rows per multi-row statement (4-7 parameters each)
+ROOM_TTL = 1.0  # s a short claim's room takes rows spooled after it (see _take_parked)
 
 
 @functools.lru_cache(maxsize=16)
@@ -163,6 +171,8 @@ class SQLiteSpool(Spool):
     def __init__(self, directory: str, *, readonly: bool = False) -> None:
         self.directory = directory
         self._holds: set[str] = set()  # ingest lock files this object holds
+        self._parked: list[Claimed] = []  # spooled in flight for a waiting claim
+        self._room: dict[int, tuple[int, float]] = {}  # claim key -> (room, monotonic time)
         self.path = os.path.join(directory, "spool.db")
         if readonly and not os.path.exists(self.path):
             raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
@@ -263,18 +273,25 @@ class SQLiteSpool(Spool):
             return []
         suppressed = frozenset(suppressed)
         db = self.db
+        room = self._open_room() if state == QUEUED and rows else 0
         # accepted means on disk, power loss included
         with transaction(db, synchronous="FULL"):
             first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
+            park = 0  # the first ``park`` rows go in flight (see _take_parked)
+            if room:
+                active = "SELECT 1 FROM campaigns WHERE id=? AND status='active'"
+                if db.execute(active, (campaign_id,)).fetchone():
+                    park = min(room, len(rows))
             # Multi-row INSERTs (ROWS_PER_STATEMENT rows each): one statement per
             # chunk instead of one step per row.
-            for at in range(0, len(rows), ROWS_PER_STATEMENT):
-                part = rows[at : at + ROWS_PER_STATEMENT]
-                params: list[Any] = [campaign_id, state, now]
-                add = params.extend
-                for i, row in enumerate(part, first + at):
-                    add((i, *row))
-                db.execute(_insert_sql(len(part)), params)
+            for lo, hi, st in ((0, park, INFLIGHT), (park, len(rows), state)):
+                for at in range(lo, hi, ROWS_PER_STATEMENT):
+                    part = rows[at : min(at + ROWS_PER_STATEMENT, hi)]
+                    params: list[Any] = [campaign_id, st, now]
+                    add = params.extend
+                    for i, row in enumerate(part, first + at):
+                        add((i, *row))
+                    db.execute(_insert_sql(len(part)), params)
             if suppressed:  # rows the tenant's list holds: spooled as final, never sent
                 db.executemany(
                     "UPDATE messages SET state=? WHERE id=?",
@@ -285,11 +302,34 @@ class SQLiteSpool(Spool):
                     "UPDATE ingests SET line=?, accepted=?, rejected=? WHERE id=?",
                     (ingest.line, ingest.accepted, ingest.rejected, ingest.job),
                 )
+        if park:
+            self._parked += [
+                Claimed(first + k, campaign_id, r[0], r[1], r[2], 0, now)
+                for k, r in enumerate(rows[:park])
+                if k not in suppressed
+            ]
+            for key, (n, at) in self._room.items():  # the room is taken
+                took = min(n, park)
+                self._room[key] = (n - took, at)
+                park -= took
         return list(range(first, first + len(rows)))
 
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
         if limit <= 0:
             return []
+        out: list[Claimed] = self._take_parked(limit) if self._parked else []
+        if len(out) < limit:
+            out += self._claim_rows(now, limit - len(out))
+        return out
+
+    def claim_next(self, now: float, limit: int, key: int = 0) -> list[Claimed]:
+        out = self.claim_due(now, limit)
+        # The dispatcher's claim: one that comes back short leaves its room open
+        # for ROOM_TTL, and rows spooled meanwhile go straight to it (parked).
+        self._room[key] = (max(0, limit - len(out)), time.monotonic())
+        return out
+
+    def _claim_rows(self, now: float, limit: int) -> list[Claimed]:
         # SELECT the due rows, then mark them in flight by runs of consecutive ids
         # (a list spooled together is one run), in one transaction: cheaper than
         # UPDATE ... RETURNING, which buffers and re-reads every row it returns.
@@ -308,6 +348,48 @@ class SQLiteSpool(Spool):
                     id_runs(sorted([r[0] for r in rows])),
                 )
         return [Claimed(*r) for r in rows]
+
+    # -- rows parked for a waiting claim ----------------------------------------
+    # A claim that came back short (nothing more was due) has room; rows spooled
+    # within ROOM_TTL after it, of an active campaign, are inserted already in
+    # flight and kept here (up to that room), and the next claims hand them out
+    # first: no index entry written and removed, no SELECT of rows just written,
+    # no UPDATE to mark them. They are in flight in the database from their
+    # commit, so a crash turns them back to queued at the next start (recover)
+    # like any claimed row; close() puts those never handed out back.
+
+    def _open_room(self) -> int:
+        mono = time.monotonic()
+        return sum(n for n, at in self._room.values() if n > 0 and mono - at < ROOM_TTL)
+
+    def _take_parked(self, limit: int) -> list[Claimed]:
+        parked = self._parked
+        # Of a campaign paused or cancelled since (here or by another process):
+        # back to the queue (cancelled: final), never handed out.
+        stopped = {
+            r[0]
+            for r in self.db.execute(
+                "SELECT id FROM campaigns WHERE status != 'active' AND id IN"
+                f" ({','.join(str(c) for c in {c.campaign for c in parked})})"
+            )
+        }
+        if stopped:
+            self._unpark([c.id for c in parked if c.campaign in stopped])
+            parked = self._parked = [c for c in parked if c.campaign not in stopped]
+        out, self._parked = parked[:limit], parked[limit:]
+        return out
+
+    def _unpark(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        db = self.db
+        with transaction(db):
+            db.executemany(
+                "UPDATE messages SET state=CASE WHEN campaign IN"
+                " (SELECT id FROM campaigns WHERE status='cancelled') THEN ? ELSE ? END"
+                " WHERE id BETWEEN ? AND ? AND state=?",
+                [(CANCELLED, QUEUED, a, b, INFLIGHT) for a, b in id_runs(sorted(ids))],
+            )
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
         # In id order: outcomes arrive interleaved across domains and workers, and
@@ -379,6 +461,7 @@ class SQLiteSpool(Spool):
             )
 
     def recover(self) -> int:
+        self._parked, self._room = [], {}
         cur = self.db.execute("UPDATE messages SET state=? WHERE state=?", (QUEUED, INFLIGHT))
         return int(cur.rowcount)
 
@@ -396,6 +479,8 @@ class SQLiteSpool(Spool):
         return out
 
     def next_due(self) -> float | None:
+        if self._parked:  # due now: the next claim hands them out
+            return self._parked[0].created
         row = self.db.execute(
             "SELECT MIN(next_at) FROM messages WHERE state IN (0, 2)"
             " AND campaign NOT IN (SELECT id FROM campaigns WHERE status != 'active')"
@@ -735,6 +820,9 @@ class SQLiteSpool(Spool):
         os.close(fd)  # drops the lock (the file stays: unlinking it would race a waiter)
 
     def close(self) -> None:
+        if self._parked:  # spooled for a claim that never came: queued again
+            self._unpark([c.id for c in self._parked])
+            self._parked = []
         for path in list(self._holds):
             self._release_lock(path)
         self.db.close()
