@@ -62,6 +62,38 @@ def test_csv_rows_with_line_numbers(tmp_path: Path) -> None:
     assert recipients.columns(str(p)) == {"email", "name"}
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        ["name", "email", "plan"],  # the usual list: a field type per header
+        ["email"],  # no variables at all
+        ["a", "email", "a"],  # a duplicate name (the last value wins, as in a dict)
+        ['say "hi"', "email", "back\\slash", "é ü", ""],  # names msgspec cannot rename to
+    ],
+)
+def test_csv_vars_are_the_json_of_the_row_dict(tmp_path: Path, header: list[str]) -> None:
+    """Whatever the header, a row's vars are byte for byte the JSON of the dict
+    of its variables (what the worker renders from), values escaped as JSON."""
+    import csv
+
+    values = ['Ann "A" \\ é', "\u2028line\nbreak", "", "\U0001f600", "<b>&"]
+    p = tmp_path / "r.csv"
+    with open(p, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for k in range(len(values)):
+            w.writerow(["x@example.com" if h == "email" else values[(k + j) % 5]
+                        for j, h in enumerate(header)])  # fmt: skip
+    out = list(recipients.read(str(p)))
+    assert len(out) == len(values)
+    ei = header.index("email")
+    names = header[:ei] + header[ei + 1 :]
+    for k, row in enumerate(out):
+        assert not isinstance(row, recipients.BadRow)
+        vals = [values[(k + j) % 5] for j, h in enumerate(header) if h != "email"]
+        assert row[3] == orjson.dumps(dict(zip(names, vals, strict=True)))
+
+
 def test_jsonl_rows(tmp_path: Path) -> None:
     p = tmp_path / "r.jsonl"
     p.write_text('{"email": "a@example.com", "n": 3, "tags": ["x"]}\nnot json\n[1]\n')
