@@ -264,8 +264,10 @@ class Acceptor:
         start = line = job.line
         accepted, rejected = job.accepted, job.rejected
         batch: list[Row] = []
+        add = batch.append
+        bad_row = recipients.BadRow
         for row in recipients.read(path):
-            if isinstance(row, recipients.BadRow):
+            if isinstance(row, bad_row):
                 if row.line > start:
                     line = row.line
                     rejected += 1
@@ -275,12 +277,13 @@ class Acceptor:
             if row[0] <= start:
                 continue
             line = row[0]
-            batch.append((row[1], row[2], row[3]))
+            add(row[1:])  # (rcpt, domain, vars)
             if len(batch) >= chunk:
                 accepted += len(batch)
                 mark = IngestMark(job.id, line, accepted, rejected)
                 self.accept(job.campaign, batch, ingest=mark)
                 batch = []
+                add = batch.append
                 self.spool.renew()  # the hold, on a backend that leases it
                 yield mark
         accepted += len(batch)

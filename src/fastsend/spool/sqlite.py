@@ -308,9 +308,9 @@ class SQLiteSpool(Spool):
                 for k, r in enumerate(rows[:park])
                 if k not in suppressed
             ]
-            for key, (n, at) in self._room.items():  # the room is taken
+            for key, (n, since) in self._room.items():  # the room is taken
                 took = min(n, park)
-                self._room[key] = (n - took, at)
+                self._room[key] = (n - took, since)
                 park -= took
         return list(range(first, first + len(rows)))
 
