@@ -79,13 +79,19 @@ class Served:
         self.keys = {t: cli("apikey", "create", "--tenant", t, "-c", str(self.cfg), cwd=tmp,
                             umask=umask)
                      for t in ("acme", "evil")}  # fmt: skip
+        self.umask = umask
+        self.serve_args = serve_args
+        self.client_tls: ssl.SSLContext | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, after a stop or a kill: same config and spool)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsend", "serve", "-c", str(self.cfg), *serve_args],
-            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp, umask=umask,
+            [sys.executable, "-m", "fastsend", "serve", "-c", str(self.cfg), *self.serve_args],
+            stderr=subprocess.PIPE, text=True, env=ENV, cwd=self.tmp, umask=self.umask,
         )  # fmt: skip
         self.lines: list[str] = []
-        self.client_tls: ssl.SSLContext | None = None
-        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
         self.wait_line("ready in")
 
     def write_config(self) -> None:
@@ -109,10 +115,11 @@ listen = "127.0.0.1:{self.port}"
 """
         )
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], lines: list[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
 
     def wait_line(self, text: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -36,6 +36,9 @@ class ApiSettings(Section):
     # Spooled bytes of one request: each recipient's row carries its message, so a
     # body of B bytes to N recipients costs B x N (413 beyond this).
     max_spooled_bytes: NonNegInt = 256 << 20
+    # How long an Idempotency-Key's answer is kept (a retry with the key within it
+    # gets the first answer again); swept afterwards. At least a minute.
+    idempotency_ttl_s: Annotated[float, msgspec.Meta(ge=60.0)] = 86400.0
     # Operational data and recipients' pages on listeners of their own.
     admin_listen: str = ""  # "HOST:PORT": /metrics without a key (bind it to a private net)
     public_listen: str = ""  # "HOST:PORT": tracking and unsubscribe only (what recipients reach)

@@ -52,7 +52,8 @@ from fastsend.serve.api import (
     server_dkim,
     tenant_of,
 )
-from fastsend.serve.uploads import UploadTooLarge, scan
+from fastsend.serve.idempotency import idempotent, json_digest
+from fastsend.serve.uploads import UPLOAD, Saved, UploadTooLarge, scan
 from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
 from fastsend.suppression import normalize as suppression_key
 
@@ -235,6 +236,32 @@ LIST_TYPES = {
 }
 
 
+async def save_list(request: web.Request, suffix: str) -> Saved:
+    """The request's CSV / JSON-lines body, saved durably (once per request:
+    an Idempotency-Key needs its digest before the handler runs)."""
+    saved = request.get(UPLOAD)
+    if saved is None:
+        api = api_of(request)
+        limit = api.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, f"request body of {request.content_length} bytes exceeds {limit}")
+        try:
+            saved = await api.ctx.uploads.save(request.content.iter_chunked(1 << 16), suffix, limit)
+        except UploadTooLarge as e:
+            raise ApiError(413, str(e)) from None
+        request[UPLOAD] = saved
+    return saved
+
+
+async def _list_digest(request: web.Request) -> str:
+    """SHA-256 of the body of POST .../recipients (a CSV / JSON-lines list is
+    saved first, hashed as it streams to disk)."""
+    suffix = LIST_TYPES.get(request.content_type)
+    if suffix is not None:
+        return (await save_list(request, suffix)).sha256
+    return await json_digest(request)
+
+
 async def _upload(
     request: web.Request, cid: int, camp: Campaign, strict: bool, suffix: str
 ) -> web.Response:
@@ -243,13 +270,9 @@ async def _upload(
     long list, once it is a durable job, with the rows spooled so far."""
     api = api_of(request)
     uploads = api.ctx.uploads
-    limit = api.settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body of {request.content_length} bytes exceeds {limit}")
-    try:
-        path = await uploads.save(request.content.iter_chunked(1 << 16), suffix, limit)
-    except UploadTooLarge as e:
-        raise ApiError(413, str(e)) from None
+    saved = await save_list(request, suffix)
+    saved.taken = True  # removed below on every error, else the job's
+    path = saved.path
     try:
         found = await asyncio.get_running_loop().run_in_executor(
             None, scan, path, camp.check_columns, MAX_REPORTED
@@ -441,10 +464,10 @@ async def remove_suppression(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     r = app.router
-    r.add_post("/v1/campaigns", create_campaign)
+    r.add_post("/v1/campaigns", idempotent(create_campaign))
     r.add_get("/v1/campaigns", list_campaigns)
     r.add_get("/v1/campaigns/{id}", get_campaign)
-    r.add_post("/v1/campaigns/{id}/recipients", add_recipients)
+    r.add_post("/v1/campaigns/{id}/recipients", idempotent(add_recipients, _list_digest))
     r.add_post("/v1/campaigns/{id}/{action:pause|resume|cancel}", set_status)
     r.add_get("/v1/stats", stats)
     r.add_get("/v1/suppressions", list_suppressions)

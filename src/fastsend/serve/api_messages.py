@@ -49,6 +49,7 @@ from fastsend.serve.api import (
     server_dkim,
     tenant_of,
 )
+from fastsend.serve.idempotency import idempotent
 from fastsend.tenants import domain_of
 
 MAX_TAGS = 20
@@ -332,5 +333,5 @@ class MessagesHandler:
 
 def add_routes(app: web.Application) -> None:
     h = MessagesHandler()
-    app.router.add_post("/v1/messages", h.post)
+    app.router.add_post("/v1/messages", idempotent(h.post))
     app.router.add_get("/v1/messages/{id}", h.get)

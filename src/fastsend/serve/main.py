@@ -44,6 +44,7 @@ from fastsend.config import Config, ConfigError, load
 from fastsend.periodic import every
 
 log = logging.getLogger("fastsend.serve")
+IDEM_SWEEP_EVERY = 300.0  # s between sweeps of expired Idempotency-Keys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,6 +115,7 @@ class Server:
         self.reloading: asyncio.Task[None] | None = None
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
         self.allow_volatile = False
+        self.idem_swept = 0.0
 
     async def main(self) -> int:
         from aiohttp import web
@@ -276,6 +278,10 @@ class Server:
         self.api.index.maybe_flush()
         self.ctx.events.flush()
         self.charts.tick()  # rollups flushed about once a second, queue gauges
+        now = time.time()
+        if now - self.idem_swept > IDEM_SWEEP_EVERY:  # expired Idempotency-Keys (SQLite)
+            self.idem_swept = now
+            self.ctx.spool.sweep_idem(now)
         if self.ctx.shared is not None:
             self.ctx.shared.tick()  # renew this node's hold on its source IPs
 

@@ -36,8 +36,9 @@ def _answers(ok: str, *codes: int, schema: dict[str, Any] | None = None) -> dict
         401: "missing or invalid API key",
         403: "the From domain is not one of the tenant's domains",
         404: "not found (another tenant's id answers the same)",
-        409: "conflicting state",
+        409: "conflicting state (or: a request with this Idempotency-Key is still running)",
         413: "body or batch too large",
+        422: "this Idempotency-Key was used for another request",
         429: "rate limit of the key exceeded",
     }
     for c in (401, 429, *codes):
@@ -49,6 +50,34 @@ def _op(summary: str, answers: dict[str, Any], body: Any = None, **kw: Any) -> d
     op: dict[str, Any] = {"summary": summary, "responses": answers, **kw}
     if body is not None:
         op["requestBody"] = {"required": True, **body}
+    return op
+
+
+_IDEM_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+    "description": "Makes a retry safe: the first accepted answer (2xx) is stored with the key"
+    " for the tenant ([api] idempotency_ttl_s, 24 h); a retry with the same key and the same"
+    " request gets it again (header Idempotent-Replayed: true) and accepts nothing; the same"
+    " key with another request is a 422, a retry while the first still runs a 409. An answer"
+    " other than 2xx is not stored (nothing was accepted).",
+}
+_REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "true: the stored answer of an earlier request with this Idempotency-Key",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+
+
+def _idempotent(op: dict[str, Any], ok: str) -> dict[str, Any]:
+    """An operation that accepts mail: it takes an Idempotency-Key (fastsend.serve.idempotency)."""
+    op["parameters"] = [*op.get("parameters", []), _IDEM_KEY]
+    op["responses"][ok]["headers"] = _REPLAYED
+    for c in ("409", "422"):
+        op["responses"].setdefault(c, _answers(ok, int(c))[c])
     return op
 
 
@@ -221,12 +250,12 @@ def document() -> dict[str, Any]:
     }
     paths: dict[str, Any] = {
         "/v1/messages": {
-            "post": _op(
+            "post": _idempotent(_op(
                 "Inject one message or a batch; 202 once durable in the spool",
                 _answers("202", 400, 403, 413, schema=_ref("Accepted")),
                 _json({"oneOf": [_ref("MessageIn"), _ref("BatchIn")]}),
                 operationId="postMessages",
-            )
+            ), "202")
         },
         "/v1/messages/{id}": {
             "get": _op(
@@ -237,12 +266,12 @@ def document() -> dict[str, Any]:
             )
         },
         "/v1/campaigns": {
-            "post": _op(
+            "post": _idempotent(_op(
                 "Create a campaign from a template and recipients",
-                _answers("201", 400, 413, schema=_ref("RecipientsAccepted")),
+                _answers("201", 400, 403, 413, schema=_ref("RecipientsAccepted")),
                 _json(_ref("CampaignIn")),
                 operationId="postCampaign",
-            ),
+            ), "201"),
             "get": _op(
                 "A page of the tenant's campaigns, by id",
                 _answers("200", 400, schema=_ref("Campaigns")),
@@ -271,13 +300,13 @@ def document() -> dict[str, Any]:
             )
         },
         "/v1/campaigns/{id}/recipients": {
-            "post": _op(
+            "post": _idempotent(_op(
                 "Add recipients (JSON, CSV or JSON lines); ?strict=1 rejects all on a bad row",
                 _answers("202", 400, 403, 404, 409, 413, schema=_ref("RecipientsAccepted")),
                 csv_body,
                 parameters=_ID,
                 operationId="postRecipients",
-            )
+            ), "202")
         },
         "/v1/stats": {
             "get": _op(

@@ -26,6 +26,7 @@ lost: the answer comes after the job is durable.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import tempfile
@@ -33,6 +34,8 @@ import time
 from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from aiohttp import web
 
 from fastsend import recipients
 from fastsend.accept import Acceptor, source_problem
@@ -57,6 +60,19 @@ class Scan:
     good: int = 0
     bad: list[recipients.BadRow] = field(default_factory=list)
     rejected: int = 0
+
+
+@dataclass
+class Saved:
+    """An uploaded body on disk (:meth:`Uploads.save`); ``taken`` once a handler
+    owns the file (a job, or its own removal), else whoever saved it removes it."""
+
+    path: str
+    sha256: str
+    taken: bool = False
+
+
+UPLOAD: web.RequestKey[Saved] = web.RequestKey("fastsend_upload", Saved)  # a request's list
 
 
 def scan(path: str, needed: Callable[[set[str]], None], keep: int) -> Scan:
@@ -96,11 +112,13 @@ class Uploads:
     def spool(self) -> Spool:
         return self.acceptor.spool
 
-    async def save(self, body: AsyncIterable[bytes], suffix: str, limit: int) -> str:
+    async def save(self, body: AsyncIterable[bytes], suffix: str, limit: int) -> Saved:
         """Stream a request body to a new file in the uploads directory, durably;
-        returns its path. UploadTooLarge past ``limit`` bytes (nothing kept)."""
+        returns its path and SHA-256. UploadTooLarge past ``limit`` bytes (nothing
+        kept)."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=self.dir)
+        digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as f:
                 n = 0
@@ -109,13 +127,14 @@ class Uploads:
                     if n > limit:
                         raise UploadTooLarge(f"request body exceeds {limit} bytes")
                     f.write(block)
+                    digest.update(block)
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(self.dir)  # the name too, before a job refers to it
         except BaseException:
             self.discard(path)
             raise
-        return path
+        return Saved(path, digest.hexdigest())
 
     @staticmethod
     def discard(path: str) -> None:

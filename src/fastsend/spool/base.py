@@ -191,6 +191,24 @@ class IngestJob:
 INGEST_STATUSES = ("running", "done", "abandoned")
 
 
+@dataclass(slots=True)
+class IdemRecord:
+    """What the spool holds for one idempotency key of a tenant (see
+    :meth:`Spool.idem_begin`): the request's fingerprint, who runs it (a holder
+    tag, JSON), and once it answered, its status and body (``status`` 0: still
+    running)."""
+
+    fingerprint: str
+    holder: bytes
+    created: float
+    status: int = 0
+    body: bytes = b""
+
+    @property
+    def running(self) -> bool:
+        return self.status == 0
+
+
 class Spool(abc.ABC):
     """Durable storage of campaigns and messages. Every write is durable on return."""
 
@@ -446,6 +464,54 @@ class Spool(abc.ABC):
                     return False
         return True
 
+    # -- idempotency keys (fastsend.serve.idempotency) ---------------------------
+    # One record per (scope, key), scope being the tenant: reserved by the first
+    # request (running, its holder's tag), then its answer; a retry finds it.
+    # Kept ``ttl`` seconds from the reservation, then gone (SQLite: deleted by
+    # sweep_idem; Redis: the key expires). These defaults keep them in memory.
+
+    def idem_begin(
+        self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,
+        stale: bytes | None = None,
+    ) -> IdemRecord | None:  # fmt: skip
+        """Reserve ``key`` for the caller (``holder``) and return None when it is
+        free (absent or expired), or still running under ``stale`` (a holder the
+        caller found dead); else return the record as it is (atomically: of two
+        callers only one reserves)."""
+        mem: dict[tuple[str, str], tuple[IdemRecord, float]] = self.__dict__.setdefault(
+            "_idem", {}
+        )
+        cur = mem.get((scope, key))
+        if cur is not None and cur[1] > now and not (
+            stale is not None and cur[0].running and cur[0].holder == stale
+        ):
+            return cur[0]
+        mem[(scope, key)] = (IdemRecord(fingerprint, holder, now), now + ttl)
+        return None
+
+    def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
+        """Record the answer of the request ``holder`` reserved ``key`` for
+        (durable on return); nothing if another holder took the key over."""
+        cur = self.__dict__.get("_idem", {}).get((scope, key))
+        if cur is not None and cur[0].holder == holder:
+            cur[0].status, cur[0].body = int(status), body
+
+    def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
+        """Forget a reservation that did not answer with an acceptance (nothing was
+        spooled: a retry runs again)."""
+        mem = self.__dict__.get("_idem", {})
+        cur = mem.get((scope, key))
+        if cur is not None and cur[0].holder == holder and cur[0].running:
+            del mem[(scope, key)]
+
+    def sweep_idem(self, now: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` expired records; returns how many."""
+        mem = self.__dict__.get("_idem", {})
+        old = [k for k, (_r, until) in mem.items() if until <= now][:limit]
+        for k in old:
+            del mem[k]
+        return len(old)
+
     # -- facts about the spool itself ------------------------------------------
 
     def meta_once(self, key: str, value: str) -> str:
@@ -652,6 +718,21 @@ class SpoolProxy(Spool):
 
     def hold_ingest(self, job_id: int) -> None:
         self.inner.hold_ingest(job_id)
+
+    def idem_begin(
+        self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,
+        stale: bytes | None = None,
+    ) -> IdemRecord | None:  # fmt: skip
+        return self.inner.idem_begin(scope, key, fingerprint, now, ttl, holder, stale)
+
+    def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
+        self.inner.idem_finish(scope, key, holder, status, body)
+
+    def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
+        self.inner.idem_drop(scope, key, holder)
+
+    def sweep_idem(self, now: float, limit: int = 1000) -> int:
+        return self.inner.sweep_idem(now, limit)
 
     def release_ingest(self, job_id: int) -> None:
         self.inner.release_ingest(job_id)

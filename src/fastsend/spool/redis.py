@@ -41,6 +41,8 @@ no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
 sends from it; ``P:meta`` facts about the spool (:meth:`meta_once`); ``P:b:HEX``,
 ``P:bm:HEX``, ``P:br:HEX`` and ``P:blobs`` the bodies stored once
 (:meth:`put_blob`);
+``P:idem:HEX`` an Idempotency-Key's record (HEX: SHA-256 of tenant NUL key;
+``spool/idem.lua``, expiring with the key's ttl);
 ``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
 MULTI/EXEC as the batch of rows it describes), ``P:ings`` their ids.
 
@@ -81,6 +83,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import os
 import secrets
 import socket
@@ -102,6 +105,7 @@ from fastsend.spool.base import (
     SUPPRESSED,
     CampaignInfo,
     Claimed,
+    IdemRecord,
     IngestBusy,
     IngestJob,
     IngestMark,
@@ -201,6 +205,7 @@ class RedisSpool(Spool):
         self._cancel = reg(_script("cancel"))
         self._next_due = reg(_script("next_due"))
         self._ingest_lease = reg(_script("ingest_lease"))
+        self._idem = reg(_script("idem"))
         self._tag = orjson.dumps(holder_tag())  # this process, as an ingest job's reader
         self._ingests: set[int] = set()  # ingest jobs this object holds
         self._ingests_renewed = 0.0
@@ -732,6 +737,35 @@ class RedisSpool(Spool):
                 except redis.WatchError:
                     continue
         return gone
+
+    # -- idempotency keys (see Spool.idem_begin; spool/idem.lua) ----------------
+
+    @staticmethod
+    def _idem_key(scope: str, key: str) -> str:
+        return hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
+
+    def idem_begin(
+        self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,
+        stale: bytes | None = None,
+    ) -> IdemRecord | None:  # fmt: skip
+        got = self._idem(args=[
+            self.k, "begin", self._idem_key(scope, key), holder, fingerprint,
+            max(1, int(ttl * 1000)), repr(float(now)), stale or b"",
+        ])  # fmt: skip
+        if not got:
+            return None
+        fp, who, created, status, body = got
+        return IdemRecord(_s(fp), bytes(who), float(created), int(status), bytes(body or b""))
+
+    def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
+        self._idem(args=[self.k, "finish", self._idem_key(scope, key), holder, int(status), body])
+        self._wait_durable()  # the answer says "accepted"
+
+    def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
+        self._idem(args=[self.k, "drop", self._idem_key(scope, key), holder])
+
+    def sweep_idem(self, now: float, limit: int = 1000) -> int:
+        return 0  # the keys expire by themselves
 
     def meta_once(self, key: str, value: str) -> str:
         self.r.hsetnx(f"{self.k}:meta", key, value)

@@ -55,6 +55,7 @@ from fastsend.spool.base import (
     SUPPRESSED,
     CampaignInfo,
     Claimed,
+    IdemRecord,
     IngestBusy,
     IngestJob,
     IngestMark,
@@ -123,6 +124,18 @@ CREATE TABLE IF NOT EXISTS ingests (
     status TEXT NOT NULL DEFAULT 'running',
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fp TEXT NOT NULL,
+    holder BLOB NOT NULL,
+    status INTEGER NOT NULL DEFAULT 0,
+    body BLOB NOT NULL DEFAULT x'',
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
 """
 
 SCHEMA_VERSION = "1"
@@ -774,6 +787,56 @@ class SQLiteSpool(Spool):
         if status not in INGEST_STATUSES[1:]:
             raise ValueError(f"bad ingest status {status!r}")
         self.db.execute("UPDATE ingests SET status=? WHERE id=?", (status, job_id))
+
+    # -- idempotency keys (see Spool.idem_begin) -------------------------------
+
+    def idem_begin(
+        self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,
+        stale: bytes | None = None,
+    ) -> IdemRecord | None:  # fmt: skip
+        db = self.db
+        with transaction(db):
+            row = db.execute(
+                "SELECT fp, holder, created, status, body, expires FROM idempotency"
+                " WHERE tenant=? AND key=?",
+                (scope, key),
+            ).fetchone()
+            if row is not None and row[5] > now and not (
+                stale is not None and row[3] == 0 and bytes(row[1]) == stale
+            ):
+                return IdemRecord(str(row[0]), bytes(row[1]), float(row[2]), int(row[3]),
+                                  bytes(row[4]))  # fmt: skip
+            db.execute(
+                "INSERT OR REPLACE INTO idempotency(tenant, key, fp, holder, status, body,"
+                " created, expires) VALUES (?, ?, ?, ?, 0, x'', ?, ?)",
+                (scope, key, fingerprint, holder, now, now + ttl),
+            )
+        return None
+
+    def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
+        db = self.db
+        db.execute("PRAGMA synchronous=FULL")  # the answer says "accepted": durable first
+        try:
+            db.execute(
+                "UPDATE idempotency SET status=?, body=? WHERE tenant=? AND key=? AND holder=?",
+                (int(status), body, scope, key, holder),
+            )
+        finally:
+            db.execute("PRAGMA synchronous=NORMAL")
+
+    def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
+        self.db.execute(
+            "DELETE FROM idempotency WHERE tenant=? AND key=? AND holder=? AND status=0",
+            (scope, key, holder),
+        )
+
+    def sweep_idem(self, now: float, limit: int = 1000) -> int:
+        cur = self.db.execute(
+            "DELETE FROM idempotency WHERE (tenant, key) IN (SELECT tenant, key"
+            " FROM idempotency WHERE expires <= ? LIMIT ?)",
+            (now, int(limit)),
+        )
+        return int(cur.rowcount)
 
     def _ingest_lock_path(self, job_id: int) -> str:
         return os.path.join(os.path.realpath(self.directory), f"ingest-{int(job_id)}.lock")
