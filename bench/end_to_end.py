@@ -18,9 +18,15 @@ from the kernel (wait4), so fastsend's supervisor and every worker count; the
 supervisor/worker split comes from fastsend's summary.
 
 The workers' CPU per message is also held against fastsend's own SMTP client
-alone (bench/smtp_throughput.py's client: the same pipelined connections on
-uvloop, no spool, no rendering, no shaping), run on the same sink in each
-repeat: goal <= 1.3x its send phase.
+alone (bench/smtp_throughput.py's client: pipelined connections on uvloop, no
+spool, no rendering, no shaping), run on the same sink in each repeat, like
+for like: as many client processes as workers, at once, each with the
+connections a worker holds to the site (max_connections x its source IPs),
+groups of [delivery] pipeline, a new connection every
+max_messages_per_connection messages. Goal: workers <= 1.3x its send phase.
+(One client process with 20 connections, the baseline of earlier runs, is
+printed too: it has a core to itself and fewer sockets, so it is cheaper per
+message than the same client run the way the workers run.)
 
 Prints the machine, the settings, both sides and the ratios; exits non-zero
 when a side could not be measured or delivered fewer than all messages.
@@ -52,6 +58,7 @@ import psutil
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import SmtpSink, fmt_mr, free_port, machine, median_range, program
 from smtp_throughput import measure_fastsend as measure_client
+from smtp_throughput import measure_fastsend_parallel as measure_clients
 
 CAMPAIGN = """\
 from = "Bench <bench@sender.example.com>"
@@ -64,8 +71,20 @@ FILLER
 """
 
 
-CLIENT_CONNECTIONS = 20  # the client-alone baseline (bench/smtp_throughput.py's client)
-CLIENT_GROUP = 64  # envelopes per send(), as a worker's pipelined groups ([delivery] pipeline)
+CLIENT_CONNECTIONS = 20  # the earlier baseline: one process (bench/smtp_throughput.py's client)
+SOURCE_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+
+
+def worker_shape(workers: int) -> tuple[int, int, int]:
+    """(connections per worker, envelopes per pipelined group, messages per
+    connection) of ``fastsend send`` as this bench runs it: the [delivery]
+    defaults and the source IPs each worker owns (Config.ips_for_worker)."""
+    from fastsend.config import Config
+
+    c = Config(source_ips=list(SOURCE_IPS), workers=workers)
+    d = c.delivery
+    per_worker = [d.max_connections * len(c.ips_for_worker(i)) for i in range(workers)]
+    return max(per_worker), d.pipeline, d.max_messages_per_connection
 
 
 def write_inputs(tmp: str, n: int, size: int) -> tuple[str, str]:
@@ -137,7 +156,7 @@ def run_fastsend(
         "--route",
         f"*=127.0.0.1:{port}",
         "--source-ip",
-        "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5",
+        ",".join(SOURCE_IPS),
         "--workers",
         str(workers),
         "--spool",
@@ -375,6 +394,8 @@ def main() -> int:
         src: dict[int, list[tuple[float, float]]] = {s: [] for s in sessions}
         fsr: list[dict[str, Any]] = []
         alone: list[tuple[float, float, float, float]] = []  # fastsend's SMTP client alone
+        alone1: list[tuple[float, float, float, float]] = []  # ... one process, 20 connections
+        conns, group, per_conn = worker_shape(workers)
         try:
             if args.suppression:
                 rows = args.suppression
@@ -401,15 +422,20 @@ def main() -> int:
                     )
                     ok = False
                 fsr.append(fs)
-                # The worker's baseline: fastsend's SMTP client alone (no spool,
-                # no render), as bench/smtp_throughput.py runs it, same sink.
+                # The workers' baseline: fastsend's SMTP client alone (no spool,
+                # no render), bench/smtp_throughput.py's client, same sink, run
+                # the way the workers run (processes, connections, groups).
                 before = sink.messages()
-                got_alone = measure_client(sink.port, CLIENT_CONNECTIONS, n, CLIENT_GROUP)
+                got_alone = measure_clients(sink.port, workers, conns, n, group, per_conn)
                 if got_alone is None or sink.messages() - before != n:
                     print("fastsend's client alone could not be measured", file=sys.stderr)
                     ok = False
                 else:
                     alone.append(got_alone)
+                before = sink.messages()
+                got_alone = measure_client(sink.port, CLIENT_CONNECTIONS, n, group)
+                if got_alone is not None and sink.messages() - before == n:
+                    alone1.append(got_alone)
             for s in sessions:
                 rates = [r for r, _c in src[s]]
                 cpus = [c for _r, c in src[s]]
@@ -441,13 +467,22 @@ def main() -> int:
             )
             if alone:
                 a_send = [a[3] for a in alone]
+                w_med, a_med = median_range(wrk_cpu)[0], median_range(a_send)[0]
+                if alone1:
+                    a1 = [a[3] for a in alone1]
+                    print(
+                        f"fastsend's SMTP client alone, one process, {CLIENT_CONNECTIONS}"
+                        f" connections (the earlier baseline, a core to itself): send phase"
+                        f" {fmt_mr(a1, '.1f')} us CPU/msg; workers / it:"
+                        f" {w_med / median_range(a1)[0]:.2f}x"
+                    )
                 print(
-                    f"fastsend's SMTP client alone ({CLIENT_CONNECTIONS} connections, groups of"
-                    f" {CLIENT_GROUP}, messages of ~4.3 KB, no spool, no render): send phase"
+                    f"fastsend's SMTP client alone as the workers run ({workers} processes at"
+                    f" once, {conns} connections each, groups of {group}, {per_conn} messages"
+                    f" per connection, messages of ~4.3 KB, no spool, no render): send phase"
                     f" {fmt_mr(a_send, '.1f')} us CPU/msg, from launch"
                     f" {fmt_mr([a[1] for a in alone], '.1f')} us"
                 )
-                w_med, a_med = median_range(wrk_cpu)[0], median_range(a_send)[0]
                 print(
                     f"ratio worker CPU/msg (fastsend workers / client alone, send phase):"
                     f" {w_med / a_med:.2f}x  (goal <= 1.3x)"

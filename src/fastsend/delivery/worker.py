@@ -70,6 +70,9 @@ class Worker:
         self.pending_out: list[bytes] = []
         self.draining = False
         self.busy = 0  # batches being resolved/rendered
+        # Envelopes placed during one read of the inbox, per site queue, pushed
+        # together at its end (place_batch, push_placed).
+        self.placed: dict[SiteQueue, list[Envelope]] = {}
         self.done = asyncio.Event()
         self.parent = os.getppid()
         self.resolver = MXResolver(config)
@@ -83,8 +86,18 @@ class Worker:
 
     def on_inbox(self) -> None:
         self.inbox.clear_reader()
+        self.busy += 1  # until what was placed is on its site queues
+        try:
+            self._read_inbox()
+        finally:
+            self.push_placed()
+            self.busy -= 1
+            self.check_done()
+
+    def _read_inbox(self) -> None:
         get = self.inbox.get
         decode = wire.to_worker_decoder.decode
+        placed = self.placed
         while (rec := get()) is not None:
             msg = decode(rec)
             if isinstance(msg, wire.Batch):
@@ -94,8 +107,11 @@ class Worker:
                 if site is None:  # a DNS lookup first: its own task
                     asyncio.get_running_loop().create_task(self.handle_batch(msg))
                 else:  # the common case: placed now, no task per batch
-                    self.place_batch(msg, site)
-            elif isinstance(msg, wire.CampaignSpec):
+                    self.place_batch(msg, site, placed)
+                continue
+            if placed:  # what came before a control record is on its queue first
+                self.push_placed()
+            if isinstance(msg, wire.CampaignSpec):
                 self.campaign_specs[msg.id] = msg.spec
                 self.renderers.pop(msg.id, None)
             elif isinstance(msg, wire.CampaignInfo):
@@ -151,9 +167,21 @@ class Worker:
             self.busy -= 1
             self.check_done()
 
-    def place_batch(self, batch: wire.Batch, site: Site | Outcome | Exception) -> None:
+    def place_batch(
+        self,
+        batch: wire.Batch,
+        site: Site | Outcome | Exception,
+        placed: dict[SiteQueue, list[Envelope]] | None = None,
+    ) -> None:
         """Render a batch and put it on its site's ready queue (or answer it with
-        the site's failure). ``busy`` was raised for it; this lowers it."""
+        the site's failure). ``busy`` was raised for it; this lowers it.
+
+        With ``placed`` (:attr:`placed`, from :meth:`on_inbox`), the envelopes
+        wait there and go onto their queue with the other batches for the same
+        queue read in the same wake-up (:meth:`push_placed`): one push, one
+        trim and one connection check per site queue, not per batch (the
+        supervisor sends a batch per recipient domain, so a claim arrives as
+        many small batches for the same MX or route)."""
         try:
             if isinstance(site, Exception):
                 raise site
@@ -164,7 +192,13 @@ class Worker:
                 return
             envelopes = self.build(batch)
             if envelopes:
-                self.site_queue(site, batch).push(envelopes)
+                q = self.site_queue(site, batch)
+                if placed is None:
+                    q.push(envelopes)
+                elif (waiting := placed.get(q)) is None:
+                    placed[q] = envelopes
+                else:
+                    waiting += envelopes
         except Exception as e:  # a bug must not lose the batch: defer it, loudly
             import traceback
 
@@ -220,11 +254,19 @@ class Worker:
 
     def build_each(self, batch: wire.Batch, r: Any) -> list[Envelope]:
         """One message per recipient (the usual, personalised case): the loop
-        of :meth:`build` with nothing looked up per message."""
+        of :meth:`build` with nothing looked up per message. Without tracked
+        links or DKIM the compiled assembly is called directly (one call per
+        message, Renderer.for_batch); with no VERP the sender is the same for
+        every message, and an ASCII recipient needs SMTPUTF8 only when the
+        sender does (Renderer.needs_smtputf8)."""
         secret = self.config.secret
         token = msgid.token
         render = r.render
+        fast = r.for_batch()
+        personal, date = fast if fast is not None else (None, b"")
         envelope_from = r.envelope_from
+        sender = None if r.verp_domain else r.return_path
+        sender_utf8 = r.sender_utf8
         needs_smtputf8 = r.needs_smtputf8
         loads = orjson.loads
         envelopes: list[Envelope] = []
@@ -238,8 +280,23 @@ class Worker:
                 vs = it.vars
                 if blobs and (d := wire.blob_digest(vs)):
                     vs = blobs[d]
-                data = render(rcpt, loads(vs) if vs else {}, mid)
-                append(Envelope(envelope_from(mid), [rcpt], data, it.id, needs_smtputf8(rcpt)))
+                values = loads(vs) if vs else {}
+                if personal is None:
+                    data = render(rcpt, values, mid)
+                else:
+                    try:
+                        data = personal(values, rcpt, mid, date, False)
+                    except Exception:  # render() says why, as a RenderError
+                        data = render(rcpt, values, mid)
+                append(
+                    Envelope(
+                        sender or envelope_from(mid),
+                        [rcpt],
+                        data,
+                        it.id,
+                        sender_utf8 or (not rcpt.isascii() and needs_smtputf8(rcpt)),
+                    )
+                )
             except RenderError as e:
                 failures.append(
                     TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"render: {e}", "local")])
@@ -357,10 +414,19 @@ class Worker:
             q.site = site  # refreshed DNS answer
         return q
 
+    def push_placed(self) -> None:
+        """Put the envelopes :meth:`place_batch` left in :attr:`placed` on their
+        site queues."""
+        placed = self.placed
+        while placed:
+            q, envelopes = placed.popitem()
+            q.push(envelopes)
+
     def prune(self) -> None:
         """Forget idle site queues and the lanes no one needs any more: memory must
         not grow with the number of destinations a long run has seen. Amortised:
         the next prune waits until the count has doubled."""
+        self.push_placed()  # a queue with envelopes still to push is not idle
         for key, q in list(self.sites.items()):
             if not (q.pending or q.nconn or q.sending):
                 del self.sites[key]

@@ -573,6 +573,19 @@ class Renderer:
         sigs.append(body)
         return b"".join(sigs)
 
+    def for_batch(self) -> tuple[Callable[..., bytes], bytes] | None:
+        """The usual case of :meth:`render` (no tracked links, no DKIM) as one
+        direct call, for the messages of one batch: ``(personal, date)``, and
+        ``personal(variables, rcpt, message_id, date, False)`` is what
+        ``render(rcpt, variables, message_id)`` returns, with the Date line
+        taken now, once per batch (a batch is built within a millisecond or
+        so). None when that case does not apply. ``personal`` raises what the
+        compiled assembly raises (KeyError, TypeError, HeaderError, VerpError);
+        :meth:`render` of the same message then says why, as a RenderError."""
+        if self.tracker is not None or self._plans:
+            return None
+        return self._assembly.personal, self._date()  # type: ignore[return-value]
+
     def envelope_from(self, message_id: str) -> str:
         """The MAIL FROM address: a VERP bounce address, or the return path/From."""
         if self.verp_domain:
@@ -584,6 +597,11 @@ class Renderer:
         """``rcpt`` with its domain in IDNA A-labels (what RCPT TO should carry)."""
         local, domain = split_address(rcpt)
         return f"{local}@{domain}"
+
+    @property
+    def sender_utf8(self) -> bool:
+        """True when the sender's local part alone needs SMTPUTF8."""
+        return self._sender_utf8
 
     def needs_smtputf8(self, rcpt: str) -> bool:
         """True when the recipient's (or sender's) local part is non-ASCII (RFC 6531)."""

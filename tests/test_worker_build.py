@@ -1,0 +1,148 @@
+"""A delivery worker's own steps (fastsend.delivery.worker): building a batch's
+messages on the direct render path, and placing the batches of one inbox read
+per site queue -- against a real SMTP sink, with real rings."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import orjson
+import pytest
+
+from _message_helpers import use_impl
+from fastsend import msgid, wire
+from fastsend.config import Config, Route
+from fastsend.delivery.pool import SiteQueue
+from fastsend.delivery.worker import Worker
+from fastsend.message import Campaign, RenderError
+from fastsend.message.keys import generate, write_key
+from fastsend.ring import Ring
+from fastsend.sink import SinkProcess
+
+SECRET = b"worker build test secret 0123456789"
+SPEC = {
+    "from": "Sender <news@sender.example.com>",
+    "subject": "Hello {{ name }}, your {{ plan }} plan",
+    "text": "Hi {{ name }},\n\naccount {{ account }}.\n" + "lorem ipsum dolor sit amet " * 60,
+    "html": "<p>Hi {{ name }}</p>",
+}
+RCPTS = ["ann@d1.example.net", "björn@d2.example.net", "carl@bücher.example", "dee@d1.example.net"]
+DATE = re.compile(rb"^Date: [^\r]*\r\n", re.M)
+
+
+def _values(i: int) -> dict[str, str]:
+    return {"name": f"Näme{i}", "plan": ("free", "pro")[i % 2], "account": f"A{i:09d}"}
+
+
+def _config(tmp_path: Path, port: int = 9) -> Config:
+    return Config(spool_dir=str(tmp_path), secret=SECRET, routes={"*": Route("127.0.0.1", port)})
+
+
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_for_batch_renders_what_render_does(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    use_impl(monkeypatch, impl)
+    r = Campaign.from_dict(SPEC).compile()
+    fast = r.for_batch()
+    assert fast is not None
+    personal, date = fast
+    for i, rcpt in enumerate(RCPTS):
+        mid = msgid.token(1000 + i, SECRET)
+        got = personal(_values(i), rcpt, mid, date, False)
+        want = r.render(rcpt, _values(i), mid)
+        assert DATE.search(got) and DATE.sub(b"", got) == DATE.sub(b"", want)
+    # A message it cannot render raises; render() says why.
+    with pytest.raises(KeyError):
+        personal({"name": "x"}, RCPTS[0], "m1", date, False)
+    with pytest.raises(RenderError, match="plan"):
+        r.render(RCPTS[0], {"name": "x"}, "m1")
+
+
+def test_for_batch_is_not_used_for_tracked_or_signed_mail(tmp_path: Path) -> None:
+    secret = tmp_path / "tracking.key"
+    secret.write_text("a tracking secret of enough length 0123")
+    tracking = {"base_url": "https://t.example.com", "opens": True, "secret_file": str(secret)}
+    tracked = {**SPEC, "tracking": tracking}
+    assert Campaign.from_dict(tracked).compile().for_batch() is None
+    key = tmp_path / "k.pem"
+    write_key(generate("ed25519"), key)
+    dk = {"domain": "sender.example.com", "selector": "s1", "key": str(key)}
+    signed = Campaign.from_dict({**SPEC, "dkim": dk})
+    assert signed.compile().for_batch() is None
+    assert Campaign.from_dict(SPEC).compile().for_batch() is not None
+
+
+def test_build_each_answers_a_failed_render_and_builds_the_rest(tmp_path: Path) -> None:
+    w = Worker(0, _config(tmp_path), ["127.0.0.2"], Ring(1 << 16), Ring(1 << 16))
+    w.campaign_specs[1] = Campaign.from_dict(SPEC).to_dict()
+    r = w.renderer(1)
+    items = [wire.Item(10 + i, rcpt, orjson.dumps(_values(i)), 0) for i, rcpt in enumerate(RCPTS)]
+    # Not a string: the render fails for this recipient alone.
+    items.insert(2, wire.Item(99, "bad@d1.example.net", orjson.dumps({**_values(0), "name": 5}), 0))
+
+    async def build() -> list:
+        envs = w.build(wire.Batch(1, "d1.example.net", items))
+        if w.flush_handle is not None:
+            w.flush_handle.cancel()
+        return envs
+
+    envs = asyncio.run(build())
+    assert [e.tag for e in envs] == [10, 11, 12, 13]
+    for e, it in zip(envs, [it for it in items if it.id != 99], strict=True):
+        assert e.rcpts == [it.rcpt] and e.mail_from == "news@sender.example.com"
+        assert e.smtputf8 == r.needs_smtputf8(it.rcpt)
+        want = r.render(it.rcpt, orjson.loads(it.vars), msgid.token(it.id, SECRET))
+        assert DATE.sub(b"", e.data) == DATE.sub(b"", want)
+    assert [e.smtputf8 for e in envs] == [False, True, False, False]  # IDN domain: no SMTPUTF8
+    [res] = w.out
+    assert res.id == 99 and res.kind == wire.K_FAILED and res.code == 550
+    assert res.text.startswith("render:") and "string" in res.text
+
+
+def test_batches_of_one_read_go_onto_their_site_queue_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim arrives as one batch per recipient domain; every batch read in
+    one wake-up for the same site is pushed once, and a Drain read with them
+    still delivers each recipient exactly once, each with its outcome."""
+    pushes: list[int] = []
+    real_push = SiteQueue.push
+
+    def counting_push(self: SiteQueue, envelopes: list) -> None:
+        pushes.append(len(envelopes))
+        real_push(self, envelopes)
+
+    monkeypatch.setattr(SiteQueue, "push", counting_push)
+    n_domains, per = 12, 5
+    ids = list(range(1, n_domains * per + 1))
+    with SinkProcess() as sink:
+        config = _config(tmp_path, sink.addresses[0][1])
+        inbox, outbox = Ring(1 << 20), Ring(1 << 20)
+        enc = wire.encoder.encode
+        inbox.put(enc(wire.CampaignSpec(1, Campaign.from_dict(SPEC).to_dict())))
+        for d in range(n_domains):
+            items = [
+                wire.Item(i, f"u{i}@d{d}.example.net", orjson.dumps(_values(i)), 0)
+                for i in ids[d * per : (d + 1) * per]
+            ]
+            inbox.put(enc(wire.Batch(1, f"d{d}.example.net", items)))
+        inbox.put(enc(wire.Drain()))
+        w = Worker(0, config, ["127.0.0.2"], inbox, outbox)
+
+        async def run() -> None:
+            # The route's site is known before the read, as after a worker's
+            # first batch to it: every batch is placed in the read itself.
+            await w.resolver.site_for("d0.example.net")
+            await asyncio.wait_for(w.main(), 60)
+
+        asyncio.run(run())
+    assert pushes == [n_domains * per]
+    got: dict[int, int] = {}
+    while (rec := outbox.get()) is not None:
+        msg = wire.from_worker_decoder.decode(rec)
+        if isinstance(msg, wire.Results):
+            for res in msg.items:
+                assert res.kind == wire.K_DELIVERED and res.code == 250
+                got[res.id] = got.get(res.id, 0) + 1
+    assert got == {i: 1 for i in ids}
