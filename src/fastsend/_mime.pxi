@@ -9,8 +9,13 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes
 from cpython.unicode cimport PyUnicode_Check
 from cpython.dict cimport PyDict_Copy
 
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_DECREF
+
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
+    int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize) except -1
+
 
 cdef char* _QP_HEX = b"0123456789ABCDEF"
 
@@ -216,10 +221,13 @@ cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
     if total == 0:
         return b""
     cdef unsigned char* src = <unsigned char*> malloc(dyn + 1)
-    cdef unsigned char* out = <unsigned char*> malloc(_qp_cap(dyn) + 16 * nseg + stat)
+    if src == NULL:
+        raise MemoryError()
+    cdef object res
+    cdef unsigned char* out
     try:
-        if src == NULL or out == NULL:
-            raise MemoryError()
+        res = PyBytes_FromStringAndSize(NULL, _qp_cap(dyn) + 16 * nseg + stat)
+        out = <unsigned char*> PyBytes_AS_STRING(res)
         for k in range(npieces):
             piece = literals[k >> 1] if (k & 1) == 0 else vals[k >> 1]
             p = PyUnicode_AsUTF8AndSize(piece, &ln)
@@ -240,10 +248,17 @@ cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
             memcpy(src + pos, p + t, ln - t)
             pos += ln - t
         o += _qp_encode(src + seg, pos - seg, out + o)
-        return PyBytes_FromStringAndSize(<char*> out, o)
     finally:
         free(src)
-        free(out)
+    # Encoded straight into the bytes returned (made with room to spare), cut
+    # to size in place: no scratch buffer copied out at the end.
+    cdef PyObject* raw = <PyObject*> res
+    Py_INCREF(res)  # the reference _PyBytes_Resize takes over ...
+    res = None  # ... is now the only one (it needs that)
+    _PyBytes_Resize(&raw, o)  # on failure: the object freed, raw NULL, raised
+    res = <object> raw
+    Py_DECREF(res)  # the reference taken over above
+    return res
 
 
 def splice(tuple literals, tuple names, tuple defaults, variables):
@@ -616,6 +631,32 @@ def _split_address_py(addr):
     return PURE["split_address"](addr)
 
 
+cdef inline const char* _utf8(object p, Py_ssize_t* n) except NULL:
+    if type(p) is bytes:
+        n[0] = PyBytes_GET_SIZE(p)
+        return PyBytes_AS_STRING(p)
+    return PyUnicode_AsUTF8AndSize(p, n)
+
+
+cdef bytes _cat5(object p0, object p1, object p2, object p3, object p4):
+    """``b"".join`` of the UTF-8 of five str or bytes pieces, in one allocation
+    (``(p0 + p1 + ...).encode("utf-8")`` without the intermediate strs)."""
+    cdef const char* ptr[5]
+    cdef Py_ssize_t ln[5]
+    cdef Py_ssize_t k, o = 0
+    ptr[0] = _utf8(p0, &ln[0])
+    ptr[1] = _utf8(p1, &ln[1])
+    ptr[2] = _utf8(p2, &ln[2])
+    ptr[3] = _utf8(p3, &ln[3])
+    ptr[4] = _utf8(p4, &ln[4])
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, ln[0] + ln[1] + ln[2] + ln[3] + ln[4])
+    cdef char* dst = PyBytes_AS_STRING(out)
+    for k in range(5):
+        memcpy(dst + o, ptr[k], ln[k])
+        o += ln[k]
+    return out
+
+
 # -- message layout (twin: fastsend.message.mime.Assembly) ----------------------
 
 cdef class Assembly:
@@ -647,13 +688,12 @@ cdef class Assembly:
         vs["message_id"] = message_id
         local, domain = split_address(rcpt)
         if not self.to_custom:
-            to = ("To: " + local + "@" + domain + "\r\n").encode("utf-8")
+            to = _cat5(b"To: ", local, b"@", domain, b"\r\n")
         if not _message_id_safe(message_id):
             from fastsend.message.verp import encode_id
 
             mid = encode_id(message_id)
-        cdef bytes mid_line = ("Message-ID: <" + mid + "@" + self.from_domain + ">\r\n").encode(
-            "utf-8")
+        cdef bytes mid_line = _cat5(b"Message-ID: <", mid, b"@", self.from_domain, b">\r\n")
         cdef list lines = self._headers(vs, to, date, mid_line)
         if sign:
             return lines, self._body(vs)
