@@ -108,11 +108,13 @@ def run(args: argparse.Namespace) -> int:
         cfg,
         spool,
         max_wait=args.max_wait,
-        total=mark.accepted,
+        total=job.total - mark.rejected,
         progress=not args.no_progress,
         campaign=cid,
         feeder=feeder() if more else None,
-        total_fn=lambda: progress[0].accepted,
+        # The list's good rows: it is read as the windows have room, so the
+        # rows spooled so far are not the whole run.
+        total_fn=lambda: job.total - progress[0].rejected,
         events=events,
     )
     events.close()
