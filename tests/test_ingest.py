@@ -274,6 +274,39 @@ def test_kill_9_during_ingest_and_delivery_then_resume(spool_url: str, tmp_path:
     assert [j.status for j in jobs] == ["done"] and jobs[0].accepted == n
 
 
+def test_a_list_changed_while_read_stops_before_its_changed_rows(
+    spool_url: str, tmp_path: Path
+) -> None:
+    """The list is read as delivery makes room, so it may be rewritten while
+    being read: each batch is checked against the file as it was opened before
+    it is accepted; rows read from a changed file are never spooled, the job
+    stays where the last good batch ended and resume sees the change."""
+    from fastsend.recipients import RecipientsError
+
+    path = tmp_path / "list.csv"
+    write_list(path, 5000)
+    spool = open_spool(spool_url)
+    events = EventLog(str(tmp_path / "events.jsonl"))
+    acceptor = Acceptor(spool, events, None)
+    cid = acceptor.create_campaign(check_campaign(Campaign.from_dict(_campaign())), name="c")
+    job = acceptor.start_ingest(cid, str(path))
+    feed = acceptor.ingest(job, chunk=1000)
+    assert next(feed).accepted == 1000 and next(feed).accepted == 2000
+    with open(path, "r+") as f:  # rewritten in place, same size
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace("user2500@", "evil2500@"))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(RecipientsError, match="changed while it was being read"):
+        next(feed)
+    now = spool.get_ingest(job.id)
+    assert now is not None and now.accepted == 2000 and now.line == 2001 and not now.finished
+    assert spool.counts(cid)["queued"] + spool.counts(cid)["inflight"] == 2000
+    assert source_problem(now) == "changed"
+    events.close()
+    spool.close()
+
+
 def test_send_reads_a_long_list_as_the_windows_have_room(spool_url: str, tmp_path: Path) -> None:
     """`send` on a local spool reads its list paced by dispatch (the list file is
     the incoming queue; the rows read go straight to the windows' room): what

@@ -112,6 +112,23 @@ def source_problem(job: IngestJob) -> str | None:
     return None
 
 
+def _identity(path: str) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime) of a list file: what a rewrite changes."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise recipients.RecipientsError(f"cannot read recipient file {path!r}: {e}") from None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _check_unchanged(path: str, opened: tuple[int, int, int, int], line: int) -> None:
+    if _identity(path) != opened:
+        raise recipients.RecipientsError(
+            f"{path} changed while it was being read (rows after line {line} are not"
+            " accepted); restore it and run `fastsend resume`, or resume --abandon-rest"
+        )
+
+
 def rows_left(job: IngestJob) -> int:
     """Rows of a job's list not read yet (neither accepted nor rejected)."""
     return max(0, job.total - job.accepted - job.rejected)
@@ -261,7 +278,11 @@ class Acceptor:
         once done; a holder that dies leaves nothing that blocks."""
         self.spool.hold_ingest(job.id)  # a no-op for the job's creator, who holds it
         path = str(job.source["path"])
-        start = line = job.line
+        # Read as delivery makes room (send's feeder is paced), so the file may be
+        # rewritten meanwhile: each batch is checked against the file as it was
+        # opened before it is accepted (rows read from a changed file never are).
+        opened = _identity(path)
+        start = line = committed = job.line
         accepted, rejected = job.accepted, job.rejected
         batch: list[Row] = []
         add = batch.append
@@ -279,13 +300,16 @@ class Acceptor:
             line = row[0]
             add(row[1:])  # (rcpt, domain, vars)
             if len(batch) >= chunk:
+                _check_unchanged(path, opened, committed)
                 accepted += len(batch)
                 mark = IngestMark(job.id, line, accepted, rejected)
                 self.accept(job.campaign, batch, ingest=mark)
                 batch = []
                 add = batch.append
+                committed = line
                 self.spool.renew()  # the hold, on a backend that leases it
                 yield mark
+        _check_unchanged(path, opened, committed)
         accepted += len(batch)
         mark = IngestMark(job.id, line, accepted, rejected)
         self.accept(job.campaign, batch, ingest=mark)
