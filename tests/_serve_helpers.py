@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import trustme
-from tests.conftest import free_port
+from tests.conftest import ServeProcess, free_port
 
 from fastsend.sink import SinkThread
 
@@ -61,7 +59,8 @@ def cli(*args: str, cwd: Path, umask: int = -1) -> str:
 
 
 class Served:
-    """``fastsend serve`` in a subprocess with tenants acme and evil."""
+    """``fastsend serve`` (conftest.ServeProcess) on a config of its own, with API
+    keys for tenants acme and evil."""
 
     def __init__(
         self, tmp: Path, route: str | None, extra: str = "", delivery: str = "", umask: int = -1,
@@ -86,12 +85,8 @@ class Served:
 
     def start(self) -> None:
         """Start the server (again, after a stop or a kill: same config and spool)."""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsend", "serve", "-c", str(self.cfg), *self.serve_args],
-            stderr=subprocess.PIPE, text=True, env=ENV, cwd=self.tmp, umask=self.umask,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+        self.server = ServeProcess(self.cfg, self.port, *self.serve_args, umask=self.umask)
+        self.proc = self.server.proc
         self.wait_line("ready in")
 
     def write_config(self) -> None:
@@ -115,18 +110,13 @@ listen = "127.0.0.1:{self.port}"
 """
         )
 
-    @staticmethod
-    def _read(proc: subprocess.Popen[str], lines: list[str]) -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
+    @property
+    def lines(self) -> list[str]:
+        """What the server printed so far (serve.log), line by line."""
+        return self.server.lines
 
     def wait_line(self, text: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in ln for ln in self.lines):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise TimeoutError(f"no {text!r} in server output: {''.join(self.lines)}")
-            time.sleep(0.02)
+        self.server.wait_line(text, timeout)
 
     @property
     def base(self) -> str:
@@ -137,14 +127,7 @@ listen = "127.0.0.1:{self.port}"
         return http(method, self.base + path, body, self.keys[tenant] if tenant else None, **kw)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        return self.server.stop()
 
 
 def sink_message(sink: SinkThread, marker: bytes, timeout: float = 20.0) -> bytes:

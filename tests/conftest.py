@@ -59,11 +59,13 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 class ServeProcess:
     """A real ``fastsend serve [ARGS] -c CFG`` process, run from the config's folder
-    (output to ``serve.log`` there), returned once its API port ``port`` listens."""
+    (output to ``serve.log`` there), returned once its API port ``port`` listens.
+    The one way tests start a server (tests/_serve_helpers.Served builds on it)."""
 
     def __init__(
-        self, cfg: Path, port: int, *args: str, env: dict[str, str] | None = None
-    ) -> None:
+        self, cfg: Path, port: int, *args: str, env: dict[str, str] | None = None,
+        umask: int = -1,
+    ) -> None:  # fmt: skip
         self.cfg = cfg
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log = cfg.parent / "serve.log"
@@ -71,13 +73,25 @@ class ServeProcess:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fastsend", "serve", *args, "-c", str(cfg)],
-                stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=cfg.parent,
+                stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=cfg.parent, umask=umask,
             )  # fmt: skip
         try:
             wait_port("127.0.0.1", port, timeout=20)
         except TimeoutError:
             self.stop()
             raise TimeoutError(f"serve did not listen: {self.log.read_text(errors='replace')}") from None
+
+    @property
+    def lines(self) -> list[str]:
+        """What it printed so far, line by line."""
+        return self.log.read_text(errors="replace").splitlines(keepends=True)
+
+    def wait_line(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in ln for ln in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"no {text!r} in server output: {''.join(self.lines)}")
+            time.sleep(0.02)
 
     def api_key(self, tenant: str) -> str:
         """A new key for ``tenant`` (``fastsend apikey create``, the way an operator makes one)."""

@@ -208,8 +208,8 @@ def test_every_shipped_config_loads_cleanly(capsys: pytest.CaptureFixture[str]) 
         assert load(path).warnings == []
     docs = _doc_configs()
     assert docs  # docs/DEPLOY.md's node config at least
-    for name, raw in docs:
-        assert from_dict(raw).warnings == [], name
+    for name, raw in docs:  # their file paths are placeholders
+        assert from_dict(raw, files=False).warnings == [], name
 
 
 class Bad(Exception):
@@ -233,3 +233,75 @@ def test_read_toml_names_the_file_and_what_it_is(tmp_path: Path) -> None:
         read_toml(latin, "rule file", Bad)
     with pytest.raises(Bad, match=r"cannot read rule file '.*': Is a directory"):
         read_toml(tmp_path, "rule file", Bad)
+
+
+RULE = {"name": "r", "action": "rest", "match": "x"}
+
+
+def test_a_rule_for_an_unknown_provider_is_a_warning(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    cfg = from_dict({"shaping": {"rule": [{**RULE, "provider": "gogle"}]}})
+    assert any(re.search(r'\[\[shaping.rule\]\] "r": provider \'gogle\' is not a provider'
+                         r".*known: comcast, gmx, google", w) for w in cfg.warnings), cfg.warnings
+    # Known: the shipped providers, a shaping file's and the config's own.
+    assert from_dict({"shaping": {"rule": [{**RULE, "provider": "google"}]}}).warnings == []
+    own = {"provider": {"corp": {"domains": ["corp.example"]}},
+           "rule": [{**RULE, "provider": "corp"}]}  # fmt: skip
+    assert from_dict({"shaping": own}).warnings == []
+    # Without the shipped tables "google" is unknown too; a shaping file's rule is checked.
+    assert from_dict({"shaping": {"defaults": False,
+                                  "rule": [{**RULE, "provider": "google"}]}}).warnings  # fmt: skip
+    (tmp_path / "s.toml").write_text('[[rule]]\nname = "f"\naction = "rest"\nmatch = "x"\n'
+                                     'provider = "yahooo"\n')  # fmt: skip
+    f = tmp_path / "c.toml"
+    f.write_text('[shaping]\nfile = "s.toml"\n')
+    assert main(["check-config", str(f)]) == 0
+    assert "s.toml: [[rule]] \"f\": provider 'yahooo'" in capsys.readouterr().err
+    assert main(["check-config", "--strict", str(f)]) != 0
+
+
+def test_tls_files_are_checked_at_load(tmp_path: Path, certs: Any) -> None:
+    """[submission]/[intake] tls_cert and tls_key: missing, unreadable, not PEM or
+    not a pair is an error naming the key, from any command that loads the config
+    (check-config here), not only when serve starts its listeners."""
+    import shutil
+
+    import trustme
+
+    cert, key, _ = certs
+    shutil.copy(cert, tmp_path / "cert.pem")  # relative paths: from the config's folder
+    shutil.copy(key, tmp_path / "key.pem")
+    trustme.CA().issue_cert("other.example").private_key_pem.write_to_path(
+        str(tmp_path / "other.pem"))  # fmt: skip
+    (tmp_path / "junk.pem").write_text("not pem\n")
+    f = tmp_path / "c.toml"
+
+    def check(sec: str, c: str, k: str) -> subprocess.CompletedProcess[str]:
+        extra = 'verp_domain = "b.example"\n' if sec == "intake" else ""
+        f.write_text(f'[{sec}]\nlisten = "127.0.0.1:2525"\n{extra}tls_cert = "{c}"\n'
+                     f'tls_key = "{k}"\n')  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "fastsend", "check-config", str(f)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    for sec in ("submission", "intake"):
+        assert check(sec, "cert.pem", "key.pem").returncode == 0
+        for c, k, want in (
+            ("missing.pem", "key.pem", f"[{sec}] tls_cert: cannot read {tmp_path}/missing.pem"),
+            ("cert.pem", "gone.pem", f"[{sec}] tls_key: cannot read {tmp_path}/gone.pem"),
+            ("junk.pem", "key.pem", f"[{sec}] tls_cert: {tmp_path}/junk.pem holds no PEM cert"),
+            ("cert.pem", "junk.pem", f"[{sec}] tls_key: {tmp_path}/junk.pem holds no usable"),
+            ("cert.pem", "other.pem", f"[{sec}] tls_key: {tmp_path}/other.pem is not the key"),
+        ):
+            r = check(sec, c, k)
+            assert r.returncode == 2 and want in r.stderr, (c, k, r.stderr)
+    assert check("intake", "cert.pem", "key.pem").returncode == 0
+    assert load(str(f)).intake.tls_cert == str(tmp_path / "cert.pem")  # resolved
+
+
+def test_blob_settings_are_validated() -> None:
+    cfg = from_dict({"spool": {"blob_retention_days": 2.5, "blob_sweep_interval_s": 60}})
+    assert (cfg.spool.blob_retention_days, cfg.spool.blob_sweep_interval_s) == (2.5, 60)
+    for key, bad in (("blob_retention_days", 0), ("blob_sweep_interval_s", 0.5),
+                     ("blob_orphan_grace_s", 1), ("blob_retention_days", "7")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"\[spool\] {key}"):
+            from_dict({"spool": {key: bad}})

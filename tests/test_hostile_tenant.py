@@ -930,8 +930,11 @@ def test_8_links_of_the_older_format_keep_working_for_their_natural_life(
     st, _ = served.req("POST", f"/u/{unsub}", raw=b"List-Unsubscribe=One-Click", tenant=None,
                        headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
     assert st == 200
-    clicks = [e for e in _events_named(served, "clicked") if e.get("url") == url]
-    assert clicks and clicks[-1]["tenant"] == "acme" and clicks[-1]["id"] == int(mid)
+    deadline = time.monotonic() + 10  # the event log is written by serve's tick
+    while not (clicks := [e for e in _events_named(served, "clicked") if e.get("url") == url]):
+        assert time.monotonic() < deadline, "no clicked event"
+        time.sleep(0.05)
+    assert clicks[-1]["tenant"] == "acme" and clicks[-1]["id"] == int(mid)
     st, out = served.req("GET", "/v1/suppressions", tenant="acme")
     assert any(e["address"] == rcpt and e["reason"] == "unsubscribe" for e in out["suppressions"])
     st, out = served.req("GET", "/v1/suppressions", tenant="evil")

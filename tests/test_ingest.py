@@ -434,3 +434,56 @@ def test_a_lease_of_another_host_is_waited_out(redis_server: Any, tmp_path: Path
         res = resume(url, sink)
     assert res.returncode == 0, res.stderr[-3000:]
     assert set(received_counts(log)) == set(addrs)
+
+
+LATE_HOLDER = """
+import sys
+from fastsend.spool import open_spool
+spool = open_spool(sys.argv[1])
+spool.hold_ingest(int(sys.argv[2]))
+print("held", flush=True)
+sys.stdin.read()  # holds until the test closes stdin
+"""
+
+
+def test_redis_rows_of_a_lapsed_ingest_lease_are_refused(redis_server: Any,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    """A writer stalled past its ingest lease (another process took the job
+    over, or nobody did) adds no row: add_messages checks the lease in the same
+    transaction as the rows (WATCH/MULTI/EXEC on a real redis-server) and raises
+    IngestLost naming the new holder; the job's position is unchanged."""
+    import sys
+
+    from fastsend.spool import IngestLost, IngestMark
+
+    url = str(redis_server.url(node="n1", dir=str(tmp_path / "spool"), lease="1"))
+    sp = open_spool(url)
+    try:
+        cid = sp.create_campaign(_campaign())
+        source = {"path": str(tmp_path / "l.csv"), "size": 1, "mtime_ns": 1, "sha256": "x"}
+        job = sp.create_ingest(cid, source, 10)  # held by this process
+        rows = [(f"a{i}@x.example", "x.example", b"{}") for i in range(3)]
+        assert len(sp.add_messages(cid, rows, time.time(), ingest=IngestMark(job, 3, 3, 0))) == 3
+        time.sleep(1.3)  # a stall longer than the lease: nobody renewed it
+        with pytest.raises(IngestLost, match=f"ingest job {job}: this process's lease"):
+            sp.add_messages(cid, rows, time.time(), ingest=IngestMark(job, 6, 6, 0))
+        sp.hold_ingest(job)  # free again: taken back, then lapses again
+        time.sleep(1.3)
+        other = subprocess.Popen([sys.executable, "-c", LATE_HOLDER, url, str(job)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=dict(os.environ))  # fmt: skip
+        try:
+            assert other.stdout is not None and other.stdout.readline().strip() == "held"
+            with pytest.raises(IngestLost, match=f"pid {other.pid} on .* reads it now"):
+                sp.add_messages(cid, rows, time.time(), ingest=IngestMark(job, 6, 6, 0))
+        finally:
+            assert other.stdin is not None
+            other.stdin.close()
+            other.wait(10)
+        assert sum(sp.counts(cid).values()) == 3  # no row of the refused batches
+        j = sp.get_ingest(job)
+        assert j is not None and (j.line, j.accepted) == (3, 3)
+        # Rows without an ingest mark (the API's messages) need no lease.
+        assert len(sp.add_messages(cid, rows, time.time())) == 3
+    finally:
+        sp.close()

@@ -483,3 +483,39 @@ def test_parked_rows_stale_room_paused_cancelled_closed_and_crashed(tmp_path: Pa
     assert after.counts(cid)["inflight"] >= 3
     after.recover()
     assert {g.id for g in after.claim_due(now, 100)} >= set(parked)
+
+
+def test_a_blob_of_an_accept_that_died_is_reclaimed(make_spool: Factory) -> None:
+    """put_blob, then the process dies: before its rows (no row holds the blob),
+    or after them (rows hold it, never recorded by ref_blob). Once the pending
+    reference is older than the grace the sweep finds the rows holding it:
+    none -> deleted a retention later; some -> kept until they are final for
+    the retention. A blob put within the grace (an accept running) is left be."""
+    import hashlib
+
+    from fastsend.wire import blob_ref
+
+    s = make_spool()
+    cid = s.create_campaign({})
+    now, day, hour = time.time(), 86400.0, 3600.0
+    alone, held, fresh = (hashlib.sha256(b).hexdigest() for b in (b"a" * 9, b"b" * 9, b"c" * 9))
+    s.put_blob(alone, b"a" * 9, now)  # died before its rows
+    s.put_blob(held, b"b" * 9, now)  # died after its rows
+    ids = s.add_messages(cid, [(f"r{i}@a.example", "a.example", blob_ref(held))
+                               for i in range(3)], now)  # fmt: skip
+    other = s.add_messages(cid, [("x@a.example", "a.example", b"{}")], now)
+    assert s.sweep_blobs(now + 2 * day, day, grace=hour) == 1  # `alone`: nobody holds it
+    assert s.get_blobs([alone, held]) == {held: b"b" * 9}
+    s.put_blob(fresh, b"c" * 9, now + 3 * day)  # an accept running now
+    assert s.sweep_blobs(now + 3 * day + 60, 1.0, grace=hour) == 0
+    assert set(s.get_blobs([held, fresh])) == {held, fresh}
+    s.ref_blob(fresh, [])  # that accept ends (it spooled no row)
+    s.ref_blob(fresh, [])  # one end too many: the count stays at 0
+    s.claim_due(now + 3 * day, 10)
+    later = now + 4 * day
+    s.record_results([Result(i, DELIVERED, 1, 0, 250, "2.0.0", "ok") for i in ids + other], later)
+    assert s.sweep_blobs(later + day / 2, day, grace=hour) == 1  # `fresh`; `held` not for a day
+    assert s.get_blobs([held, fresh]) == {held: b"b" * 9}
+    assert s.sweep_blobs(later + 2 * day, day, grace=hour) == 1
+    assert s.get_blobs([held]) == {} and s.message(ids[0]) is not None
+    s.close()

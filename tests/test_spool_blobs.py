@@ -146,7 +146,8 @@ def test_kill_between_blob_and_rows_leaves_no_row_without_its_body(
     digest = refs.pop()
     assert digest is not None
     assert set(spool.get_blobs([digest])) == {digest}  # no row without its body
-    # A reference never recorded (the kill) keeps the body, however late the sweep.
+    # A reference never recorded (the kill): the sweep finds the rows that hold
+    # the body and keeps it while they are not final, however late.
     assert spool.sweep_blobs(time.time() + 365 * 86400, 86400) == 0
     spool.release([c.id for c in rows])
     spool.close()
@@ -157,6 +158,16 @@ def test_kill_between_blob_and_rows_leaves_no_row_without_its_body(
         assert got.bodies.keys() == {hashlib.sha256(raw).hexdigest()}
     finally:
         s.stop()
+    # Delivered: a retention after, the dead accepts' body is reclaimed.
+    spool = open_spool(url or str(tmp_path / "spool"))
+    try:
+        deadline = time.monotonic() + 20
+        while spool.counts()["delivered"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert spool.sweep_blobs(time.time() + 367 * 86400, 86400) == 1  # after the one above
+        assert spool.get_blobs([digest]) == {}
+    finally:
+        spool.close()
 
 
 def test_submission_to_many_rcpts_stores_the_message_once(

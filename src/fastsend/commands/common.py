@@ -119,3 +119,20 @@ def print_summary(summary: dict[str, object], as_json: bool) -> None:
 def die(msg: str, code: int = 2) -> int:
     print(f"fastsend: error: {msg}", file=sys.stderr)
     return code
+
+
+EX_TEMPFAIL = 75  # another live process holds what this one needs: try again later
+
+
+def hold_supervisor(spool: Any, command: str) -> int:
+    """Make this process the spool's one supervisor (``Spool.hold_supervisor``):
+    0, or the error printed, the spool closed and :data:`EX_TEMPFAIL` when a live
+    process supervises it (two would requeue each other's in-flight mail)."""
+    from fastsend.spool import SpoolBusy
+
+    try:
+        spool.hold_supervisor(command)
+    except SpoolBusy as e:
+        spool.close()
+        return die(str(e), EX_TEMPFAIL)
+    return 0

@@ -8,7 +8,9 @@ committed row, after checking the file is the one the job started from. When
 the file is gone or changed, the rows never accepted are counted and reported,
 the exit status is 1, and ``--abandon-rest`` closes the job without them.
 A list another live process is reading (``send``, ``serve``, another
-``resume``) is not touched: the error names that process, exit status 75.
+``resume``) is not touched: the error names that process, exit status 75; the
+same for a SQLite spool another live process supervises (``send``, ``serve``,
+``resume``: ``Spool.hold_supervisor``), before anything is requeued.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ from collections.abc import Iterator
 from fastsend import engine
 from fastsend.accept import Acceptor, rows_left, source_problem
 from fastsend.commands.common import (
+    EX_TEMPFAIL,
     add_engine_arguments,
     die,
     engine_config,
+    hold_supervisor,
     open_suppression,
     print_summary,
 )
 from fastsend.config import ConfigError
 from fastsend.events import EventLog
 from fastsend.spool import IngestBusy, IngestJob, SpoolError, open_spool
-
-EX_TEMPFAIL = 75  # another live process reads one of the spool's lists: try again later
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         spool = open_spool(spool_url, must_exist=True)
     except SpoolError as e:
         return die(str(e))
+    # One supervisor per spool (SQLite): another one's in-flight mail is not ours to requeue.
+    busy = hold_supervisor(spool, "fastsend resume")
+    if busy:
+        return busy
     # One reader per list: every unfinished job is held before anything else
     # (a live `send`, `serve` or `resume` reading one makes this one stop here,
     # before it touches the queue).

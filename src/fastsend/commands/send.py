@@ -26,6 +26,7 @@ from fastsend.commands.common import (
     add_engine_arguments,
     die,
     engine_config,
+    hold_supervisor,
     open_suppression,
     print_summary,
 )
@@ -81,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         spool = open_spool(spool_url)
     except (recipients.RecipientsError, SpoolError) as e:
         return die(str(e))
+    busy = hold_supervisor(spool, "fastsend send")  # before anything is spooled
+    if busy:
+        return busy
     events = EventLog(cfg.event_log_path)
     suppression = open_suppression(spool_url, cfg.spool_dir)
     acceptor = Acceptor(spool, events, suppression)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+import msgspec
 
 from fastsend.config.base import (
     HELO,
@@ -53,6 +55,12 @@ class SpoolSection(Section):
     dir: str = ""  # this node's local directory (default ./spool, or the URL's dir=)
     # A shared (Redis) spool of several nodes (docs/DEPLOY.md)
     url: str = ""
+    # Bodies stored once (Spool.put_blob): kept this long after the last message
+    # that needed one is final, swept this often by the supervisor; a body whose
+    # accept died before its rows were recorded is checked after blob_orphan_grace_s.
+    blob_retention_days: Annotated[float, msgspec.Meta(gt=0, le=3650)] = 7.0
+    blob_sweep_interval_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 600.0
+    blob_orphan_grace_s: Annotated[float, msgspec.Meta(ge=60, le=30 * 86400)] = 3600.0
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):

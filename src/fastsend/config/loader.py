@@ -13,6 +13,7 @@ never silence.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ from fastsend.config.shaping import (
     PoolsSection,
     ShapingFile,
     ShapingSection,
+    shipped_shaping,
 )
 from fastsend.config.tenants import OPERATOR, DkimKey, TenantTable
 from fastsend.config.transports import (
@@ -99,6 +101,7 @@ class Config:
     spool_dir: str = "./spool"
     spool_url: str = ""  # [spool] url: a shared (Redis) spool; spool_dir stays the local dir
     workers: int = 0
+    spool: SpoolSection = field(default_factory=SpoolSection)  # [spool] (blob retention)
     source_ips: list[str] = field(default_factory=list)
     helo: str = ""
     routes: dict[str, Route] = field(default_factory=dict)
@@ -202,8 +205,10 @@ class Config:
         return Route.parse(target, where=where)
 
 
-def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
-    """Decode and check every section of a parsed config file."""
+def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -> Config:
+    """Decode and check every section of a parsed config file. ``files``: also
+    check the TLS certificates and keys it names (False: a config shown in the
+    docs, whose paths are placeholders)."""
     f: ConfigFile = decode(raw, ConfigFile)
     cfg = Config(base_dir=base_dir)
     if f.spool.url:
@@ -214,6 +219,7 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
         cfg.spool_dir = os.path.join(base_dir, local)
     elif f.spool.dir:
         cfg.spool_dir = os.path.join(base_dir, f.spool.dir)
+    cfg.spool = f.spool
     cfg.workers = f.workers.count
     cfg.source_ips = list(f.ips.source)
     cfg.helo = f.ips.helo
@@ -235,6 +241,8 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".") -> Config:
     cfg.proxy, cfg.dashboard, cfg.tracking = f.proxy, f.dashboard, f.tracking
     cfg.provider_events, cfg.analytics, cfg.reputation = f.provider_events, f.analytics, f.reputation
     _check(cfg)
+    if files:
+        _check_tls(cfg)
     return cfg
 
 
@@ -288,6 +296,7 @@ def _check(cfg: Config) -> None:
         if kind == "tenant" and unknown_tenant(name):
             cfg.warnings.append(f"[routes] {key!r}: {name!r} is not a tenant of [tenants]")
     _check_routes_vs_shaping(cfg)
+    _check_rule_providers(cfg)
     for t in cfg.shaping.dispatch.tenants:
         if unknown_tenant(t):
             cfg.warnings.append(f"[shaping.dispatch] tenants: {t!r} is not a tenant of [tenants]")
@@ -383,6 +392,59 @@ def _check(cfg: Config) -> None:
 def _changed(s: msgspec.Struct) -> bool:
     """Whether any key of section ``s`` was set to other than its default."""
     return msgspec.structs.asdict(s) != msgspec.structs.asdict(type(s)())
+
+
+def _check_rule_providers(cfg: Config) -> None:
+    """A feedback rule for a provider no shaping layer defines never matches: say so."""
+    layers: list[tuple[str, ShapingFile]] = []
+    if cfg.shaping.defaults:
+        layers.append(("", shipped_shaping()))
+    if cfg.shaping_file is not None:
+        layers.append((f"{cfg.shaping.file}: [[rule]]", cfg.shaping_file))
+    layers.append(("[[shaping.rule]]", cfg.shaping))
+    known = sorted({name for _, layer in layers for name in layer.provider})
+    for label, layer in layers:
+        for rule in layer.rule if label else ():  # the shipped rules are right
+            if rule.provider and rule.provider not in known:
+                cfg.warnings.append(
+                    f'{label} "{rule.name}": provider {rule.provider!r} is not a provider of'
+                    f" the shaping tables (known: {', '.join(known) or 'none'}): the rule"
+                    " never applies"
+                )
+
+
+def _check_tls(cfg: Config) -> None:
+    """[submission]/[intake] tls_cert and tls_key (relative to the config file):
+    readable, a PEM certificate and the private key that matches it. Checked at
+    load, so a bad file fails `check-config` and a reload, not the next start."""
+    for sec, s in (("submission", cfg.submission), ("intake", cfg.intake)):
+        if not (s.tls_cert and s.tls_key):
+            continue
+        s.tls_cert, s.tls_key = cfg.path(s.tls_cert), cfg.path(s.tls_key)
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(s, key)
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ConfigError(f"[{sec}] {key}: cannot read {path}: {e.strerror}") from None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_verify_locations(cafile=s.tls_cert)
+        except ssl.SSLError:
+            raise ConfigError(
+                f"[{sec}] tls_cert: {s.tls_cert} holds no PEM certificate"
+            ) from None
+        try:
+            ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        except ssl.SSLError as e:
+            if e.reason == "KEY_VALUES_MISMATCH":
+                raise ConfigError(
+                    f"[{sec}] tls_key: {s.tls_key} is not the key of tls_cert {s.tls_cert}"
+                ) from None
+            raise ConfigError(
+                f"[{sec}] tls_key: {s.tls_key} holds no usable PEM private key"
+            ) from None
 
 
 def _check_routes_vs_shaping(cfg: Config) -> None:

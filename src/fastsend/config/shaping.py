@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import tomllib
+from importlib import resources
 from typing import Any, Literal
 
 import msgspec
@@ -125,6 +127,17 @@ class ShapingFile(Section):
     aimd: AimdTable = msgspec.field(default_factory=AimdTable)
     rest: RestTable = msgspec.field(default_factory=RestTable)
     rule: list[RuleTable] = []
+
+
+_SHIPPED: list[ShapingFile] = []
+
+
+def shipped_shaping() -> ShapingFile:
+    """The shipped ``fastsend/shaping/shaping.toml``, typed (read once)."""
+    if not _SHIPPED:
+        text = resources.files("fastsend").joinpath("shaping", "shaping.toml").read_text()
+        _SHIPPED.append(decode(tomllib.loads(text), ShapingFile))
+    return _SHIPPED[0]
 
 
 class ShapingSection(ShapingFile):

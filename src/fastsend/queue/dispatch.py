@@ -19,8 +19,6 @@ from fastsend.spool import SUPPRESSED, Claimed, Result
 STATUS_TTL = 0.5  # s a campaign's status is trusted before rate-held mail is checked again
 FEED_ROOM = 2000  # open room that asks the feeder for its next chunk (accept.CHUNK rows)
 BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that follow
-BLOB_SWEEP_EVERY = 600.0  # s between sweeps of bodies no message needs any more
-BLOB_RETENTION = 7 * 86400.0  # s a body outlives the last message that needed it
 
 
 class Dispatch(SupervisorState):
@@ -206,12 +204,15 @@ class Dispatch(SupervisorState):
         return out
 
     def sweep_blobs(self, mono: float) -> None:
-        """Every BLOB_SWEEP_EVERY s: delete bodies no message needs any more."""
-        if mono - self.blob_swept < BLOB_SWEEP_EVERY:
+        """Every [spool] blob_sweep_interval_s: delete bodies no message needs any more."""
+        sp = self.config.spool
+        if mono - self.blob_swept < sp.blob_sweep_interval_s:
             return
         self.blob_swept = mono
         try:
-            self.spool.sweep_blobs(time.time(), BLOB_RETENTION)
+            self.spool.sweep_blobs(
+                time.time(), sp.blob_retention_days * 86400.0, grace=sp.blob_orphan_grace_s
+            )
         except Exception:  # housekeeping must never stop delivery: say so
             self.hook_failed(self.spool.sweep_blobs)
 

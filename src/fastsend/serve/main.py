@@ -23,7 +23,8 @@ Signals:
 - SIGHUP: re-read the config file; routes, shaping, API limits, tenants,
   ``[submission.users]`` and the suppression list take effect, workers are replaced one at a time by
   drain + respawn (no delivery connection is cut mid-transaction), HTTP
-  connections stay open. A config with an error is reported and ignored.
+  connections stay open. The new config's warnings are printed; a config with
+  an error is reported and ignored (the running one stays).
 
 It prints one line to stderr when ready (with the startup time) and logs no
 API keys, message bodies or secrets.
@@ -136,13 +137,19 @@ class Server:
         cfg = self.cfg
         settings = cfg.api
         from fastsend.cluster import ClusterError
-        from fastsend.spool import SpoolError
+        from fastsend.spool import SpoolBusy, SpoolError
 
         try:
             ctx = self.ctx = open_context(cfg)
         except SpoolError as e:
             print(f"fastsend serve: {e}", file=sys.stderr)
             return 2
+        try:  # one supervisor per SQLite spool (a no-op on Redis: one per node)
+            ctx.spool.hold_supervisor("fastsend serve")
+        except SpoolBusy as e:
+            print(f"fastsend serve: {e}", file=sys.stderr)
+            ctx.close()
+            return 75
         if ctx.shared is not None:
             # A shared spool: state what accepted mail survives, hold our source IPs.
             try:
@@ -308,6 +315,8 @@ class Server:
         except ConfigError as e:
             print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
             return
+        for w in cfg.warnings:  # as at start: a setting that cannot take effect is said
+            print(f"fastsend serve: SIGHUP: warning: {w}", file=sys.stderr)
         ctx = self.ctx
         try:
             if self.listeners is not None:

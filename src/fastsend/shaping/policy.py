@@ -37,14 +37,12 @@ DELIBERATELY NOT HERE
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from fastsend.config import Config
-from fastsend.config.base import decode, set_fields
-from fastsend.config.shaping import ShapingFile
+from fastsend.config.base import set_fields
+from fastsend.config.shaping import ShapingFile, shipped_shaping
 
 AIMD_KEYS = {"decrease": 0.5, "increase": 5.0, "defer_share": 0.2, "hold": 1.0, "min_rate": 0.5}
 REST_KEYS = {"duration": 3600.0}
@@ -183,15 +181,7 @@ class Policy:
             self.rules.append(rule)
 
 
-_SHIPPED: list[ShapingFile] = []
-
-
-def shipped() -> ShapingFile:
-    """The shipped shaping.toml, typed (read once)."""
-    if not _SHIPPED:
-        text = resources.files("fastsend.shaping").joinpath("shaping.toml").read_text()
-        _SHIPPED.append(decode(tomllib.loads(text), ShapingFile))
-    return _SHIPPED[0]
+shipped = shipped_shaping  # the shipped shaping.toml, typed (read once)
 
 
 def load_policy(config: Config | None = None) -> Policy:

@@ -79,6 +79,39 @@ class IngestBusy(SpoolError):
         )
 
 
+class IngestLost(SpoolError):
+    """This process's hold on an ingest job lapsed (a stall longer than its
+    lease; ``holder``: who holds it now, or None): its rows are refused, so
+    two readers never spool the same lines."""
+
+    def __init__(self, job_id: int, holder: dict[str, Any] | None) -> None:
+        self.job_id = job_id
+        self.holder = holder
+        now = f"; {describe_holder(holder)} reads it now" if holder else ""
+        super().__init__(
+            f"ingest job {job_id}: this process's lease on it lapsed{now}; no rows were"
+            " added (the job goes on from its last committed row: `fastsend resume`)"
+        )
+
+
+class SpoolBusy(SpoolError):
+    """Another live process supervises this spool (``holder``: its pid, host,
+    start time and command): two supervisors would take each other's mail."""
+
+    def __init__(self, where: str, holder: dict[str, Any]) -> None:
+        self.holder = holder
+        command = holder.get("command") or "?"
+        super().__init__(
+            f"spool {where} is in use by pid {holder.get('pid', '?')} ({command})"
+            f"{_since(holder)}; stop it first, or wait for it to finish"
+        )
+
+
+def _since(tag: dict[str, Any]) -> str:
+    since = tag.get("since")
+    return time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(float(since))) if since else ""
+
+
 def holder_tag() -> dict[str, Any]:
     """Who holds an ingest job: this process (pid, host, start time: a pid
     reused by another process after a crash is not mistaken for the holder)."""
@@ -87,9 +120,7 @@ def holder_tag() -> dict[str, Any]:
 
 
 def describe_holder(tag: dict[str, Any]) -> str:
-    since = tag.get("since")
-    when = time.strftime(" since %H:%M:%S", time.localtime(float(since))) if since else ""
-    return f"pid {tag.get('pid', '?')} on {tag.get('host', '?')}{when}"
+    return f"pid {tag.get('pid', '?')} on {tag.get('host', '?')}{_since(tag)}"
 
 
 def holder_gone(tag: dict[str, Any]) -> bool:
@@ -189,6 +220,7 @@ class IngestJob:
 
 
 INGEST_STATUSES = ("running", "done", "abandoned")
+ORPHAN_GRACE = 3600.0  # s: a blob reference pending this long after its put is a dead accept's
 
 
 @dataclass(slots=True)
@@ -404,6 +436,13 @@ class Spool(abc.ABC):
     def release_ingest(self, job_id: int) -> None:
         """Stop being the job's reader (no-op if not held)."""
 
+    def hold_supervisor(self, command: str) -> None:  # noqa: B027 (optional hook)
+        """Become the one process supervising this spool (claims, recovery,
+        accepting as ``send``/``resume``/``serve``) until :meth:`close` or death;
+        :class:`SpoolBusy` names the live one. SQLite: a POSIX lock the kernel
+        drops when its holder dies. A shared spool (Redis) has a supervisor per
+        node by design (leases keep their claims apart): a no-op."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -413,11 +452,15 @@ class Spool(abc.ABC):
     # accept: put_blob (durable, counts one pending reference), then the rows
     # (add_messages), then ref_blob (records which rows hold it, ends the
     # pending reference). A crash anywhere in between leaves a blob without
-    # rows (kept: its pending reference never ends), never a row without its
-    # blob. sweep_blobs deletes a blob only when no reference is pending, it
-    # was not put again within ``retention`` and every row holding it is final
-    # and has been for ``retention``. These defaults keep blobs in memory;
-    # SQLite and Redis store them.
+    # rows (its pending reference never ends), never a row without its blob.
+    # sweep_blobs deletes a blob only when no reference is pending, it was not
+    # put again within ``retention`` and every row holding it is final and has
+    # been for ``retention``. A reference still pending ``grace`` after the
+    # blob's last put belongs to an accept that died: the sweep then finds the
+    # rows that hold the blob (those the dead accept spooled, if any), records
+    # them and ends the pending references, so the blob goes once they are
+    # final like any other (a full scan of the rows: rare, only after a crash).
+    # These defaults keep blobs in memory; SQLite and Redis store them.
 
     def put_blob(self, digest: str, data: bytes, now: float) -> None:
         """Store ``data`` under ``digest`` (if absent), durable on return, with one
@@ -438,10 +481,15 @@ class Spool(abc.ABC):
         mem = self.__dict__.get("_blobs", {})
         return {d: mem[d][0] for d in digests if d in mem}
 
-    def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
+    def sweep_blobs(
+        self, now: float, retention: float, limit: int = 100, grace: float = ORPHAN_GRACE
+    ) -> int:
         """Delete up to ``limit`` blobs no message needs any more (see above);
         returns how many."""
         mem = self.__dict__.get("_blobs", {})
+        for ent in mem.values():  # an accept that died (this default keeps no rows)
+            if ent[2] > 0 and ent[1] < now - grace:
+                ent[2] = 0
         gone = 0
         for d, (_data, touched, pending, runs) in list(mem.items()):
             if gone >= limit:
@@ -713,11 +761,16 @@ class SpoolProxy(Spool):
     def get_blobs(self, digests: Collection[str]) -> dict[str, bytes]:
         return self.inner.get_blobs(digests)
 
-    def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
-        return self.inner.sweep_blobs(now, retention, limit)
+    def sweep_blobs(
+        self, now: float, retention: float, limit: int = 100, grace: float = ORPHAN_GRACE
+    ) -> int:
+        return self.inner.sweep_blobs(now, retention, limit, grace)
 
     def hold_ingest(self, job_id: int) -> None:
         self.inner.hold_ingest(job_id)
+
+    def hold_supervisor(self, command: str) -> None:
+        self.inner.hold_supervisor(command)
 
     def idem_begin(
         self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,

@@ -99,6 +99,7 @@ import redis
 from fastsend.spool.base import (
     AGE_BUCKETS_MIN,
     INGEST_STATUSES,
+    ORPHAN_GRACE,
     PENDING_STATES,
     REDIS_PARAMS,
     STATE_NAMES,
@@ -108,6 +109,7 @@ from fastsend.spool.base import (
     IdemRecord,
     IngestBusy,
     IngestJob,
+    IngestLost,
     IngestMark,
     Result,
     SharedStore,
@@ -118,8 +120,14 @@ from fastsend.spool.base import (
     id_runs,
     parse_redis_url,
 )
+from fastsend.wire import blob_ref
 
 OUR_PARAMS = REDIS_PARAMS
+# ref_blob: one pending reference fewer, never below 0
+_UNPEND = (
+    "local v = redis.call('HINCRBY', KEYS[1], 'pending', -1)"
+    " if v < 0 then redis.call('HSET', KEYS[1], 'pending', 0) end return v"
+)
 CHUNK = 2000  # ids per script call / pipeline for bulk work
 BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
 LAYOUT = b"2"  # P:layout: the message layout above
@@ -357,12 +365,22 @@ class RedisSpool(Spool):
         tail = b"||%d|0|%s|%s|0||" % (cid, nowr, nowr)
         pending = state in PENDING_STATES
         pipe = self.r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing
+        lease = f"{k}:ing:{int(ingest.job)}:lease" if ingest is not None else ""
+        if lease:
+            # A list's rows only while this process holds the job: the lease is
+            # WATCHed, so a takeover or expiry before EXEC aborts the transaction.
+            pipe.watch(lease)
+            if pipe.get(lease) != self._tag:
+                pipe.reset()
+                raise self._ingest_lost(int(ingest.job))  # type: ignore[union-attr]
+            pipe.multi()
         due: list[int] = []
         n_sup = 0
         fields: dict[int, dict[bytes, bytes]] = {}
         sup_s = str(SUPPRESSED).encode()
         for j, (i, (rcpt, domain, vars_)) in enumerate(zip(ids, rows, strict=True)):
             if "\0" in rcpt or "\0" in domain:
+                pipe.reset()
                 raise SpoolError(f"NUL in recipient {rcpt!r}")
             gone = j in sup
             n_sup += gone
@@ -390,9 +408,19 @@ class RedisSpool(Spool):
                     "rejected": ingest.rejected,
                 },
             )
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            raise self._ingest_lost(int(ingest.job)) from None  # type: ignore[union-attr]
+        finally:
+            pipe.reset()
         self._wait_durable()
         return ids
+
+    def _ingest_lost(self, jid: int) -> IngestLost:
+        self._ingests.discard(jid)
+        cur = self.r.get(f"{self.k}:ing:{jid}:lease")
+        return IngestLost(jid, _holder(cur) if cur else None)
 
     def _wait_durable(self) -> None:
         """Block until the last writes are as durable as Redis is configured to make them."""
@@ -684,8 +712,10 @@ class RedisSpool(Spool):
 
     def put_blob(self, digest: str, data: bytes, now: float) -> None:
         k = self.k
+        first = int(self.r.get(f"{k}:seq:m") or 0) + 1  # its rows' ids are at least this
         pipe = self.r.pipeline(transaction=True)
         pipe.set(f"{k}:b:{digest}", data, nx=True)
+        pipe.hsetnx(f"{k}:bm:{digest}", "since", first)
         pipe.hset(f"{k}:bm:{digest}", "touched", repr(float(now)))
         pipe.hincrby(f"{k}:bm:{digest}", "pending", 1)
         pipe.zadd(f"{k}:blobs", {digest: float(now)})
@@ -697,7 +727,8 @@ class RedisSpool(Spool):
         pipe = self.r.pipeline(transaction=True)
         if runs:
             pipe.rpush(f"{self.k}:br:{digest}", *runs)
-        pipe.hincrby(f"{self.k}:bm:{digest}", "pending", -1)
+        # (never below 0: a reference the sweep ended as a dead accept's)
+        pipe.eval(_UNPEND, 1, f"{self.k}:bm:{digest}")
         pipe.execute()
 
     def get_blobs(self, digests: Collection[str]) -> dict[str, bytes]:
@@ -707,12 +738,17 @@ class RedisSpool(Spool):
         got = self.r.mget([f"{self.k}:b:{d}" for d in want])
         return {d: v for d, v in zip(want, got, strict=True) if v is not None}
 
-    def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
+    def sweep_blobs(
+        self, now: float, retention: float, limit: int = 100, grace: float = ORPHAN_GRACE
+    ) -> int:
         k, cutoff = self.k, now - retention
         gone = 0
         for raw in self.r.zrangebyscore(f"{k}:blobs", "-inf", f"({cutoff!r}", 0, int(limit)):
             d = _s(raw)
             bm, br = f"{k}:bm:{d}", f"{k}:br:{d}"
+            pending, touched, since = self.r.hmget(bm, "pending", "touched", "since")
+            if int(pending or 0) > 0 and float(touched or 0) < now - grace:
+                self._reclaim_pending(d, touched, int(since or 1))
             with self.r.pipeline(transaction=True) as pipe:
                 try:
                     # Deleted only if no put or ref happened since these reads.
@@ -766,6 +802,36 @@ class RedisSpool(Spool):
 
     def sweep_idem(self, now: float, limit: int = 1000) -> int:
         return 0  # the keys expire by themselves
+
+    def _reclaim_pending(self, digest: str, touched: bytes, since: int) -> None:
+        """A blob whose pending reference outlived the grace (its accept died):
+        record the rows that hold it (every row spooled since its first put is
+        read: only after a crash) and end the pending references."""
+        k, ref = self.k, blob_ref(digest)
+        last = int(self.r.get(f"{k}:seq:m") or 0)
+        ids: list[int] = []
+        buckets = list(range(since // BUCKET, last // BUCKET + 1))
+        for j in range(0, len(buckets), 64):
+            pipe = self.r.pipeline(transaction=False)
+            for b in buckets[j : j + 64]:
+                pipe.hgetall(f"{k}:m:{b}")
+            for h in pipe.execute():
+                for f, v in h.items():
+                    if not f.endswith(b"s") and v.split(b"\0", 3)[-1] == ref:
+                        ids.append(int(f))
+        bm, br = f"{k}:bm:{digest}", f"{k}:br:{digest}"
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(bm)  # a put meanwhile (an accept running) leaves it be
+                if pipe.hget(bm, "touched") != touched:
+                    return
+                pipe.multi()
+                for a, b in id_runs(sorted(ids)):
+                    pipe.rpush(br, f"{a}-{b}")
+                pipe.hset(bm, "pending", 0)
+                pipe.execute()
+            except redis.WatchError:
+                pass
 
     def meta_once(self, key: str, value: str) -> str:
         self.r.hsetnx(f"{self.k}:meta", key, value)

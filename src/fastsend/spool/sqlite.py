@@ -51,6 +51,7 @@ from fastsend.spool.base import (
     DELIVERED,
     INFLIGHT,
     INGEST_STATUSES,
+    ORPHAN_GRACE,
     QUEUED,
     STATE_NAMES,
     SUPPRESSED,
@@ -62,11 +63,13 @@ from fastsend.spool.base import (
     IngestMark,
     Result,
     Spool,
+    SpoolBusy,
     SpoolError,
     holder_tag,
     id_runs,
 )
 from fastsend.sqlitedb import connect, transaction
+from fastsend.wire import blob_ref
 
 __all__ = ["SQLiteSpool", "SpoolError"]
 
@@ -190,6 +193,7 @@ _DELIVERED_SQL = (
 )
 
 _by_id = operator.attrgetter("id")
+SUPERVISOR_LOCK = "supervisor.lock"  # held by the one process supervising the spool
 
 
 # Ingest locks this process holds, by lock file: POSIX locks belong to the process,
@@ -591,7 +595,8 @@ class SQLiteSpool(Spool):
                 "INSERT INTO blob_rows(digest, first, last) VALUES (?, ?, ?)",
                 [(digest, a, b) for a, b in id_runs(sorted(ids))],
             )
-            db.execute("UPDATE blobs SET pending=pending - 1 WHERE digest=?", (digest,))
+            # (never below 0: a reference the sweep ended as a dead accept's)
+            db.execute("UPDATE blobs SET pending=MAX(pending - 1, 0) WHERE digest=?", (digest,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -610,7 +615,10 @@ class SQLiteSpool(Spool):
             )
         return out
 
-    def sweep_blobs(self, now: float, retention: float, limit: int = 100) -> int:
+    def sweep_blobs(
+        self, now: float, retention: float, limit: int = 100, grace: float = ORPHAN_GRACE
+    ) -> int:
+        self._reclaim_pending(now - grace, limit)
         cutoff = now - retention
         db = self.db
         gone = 0
@@ -647,6 +655,33 @@ class SQLiteSpool(Spool):
                 db.execute("ROLLBACK")
                 raise
         return gone
+
+    def _reclaim_pending(self, before: float, limit: int) -> None:
+        """Blobs whose pending reference outlived ``before`` (their accept died):
+        record the rows that hold them (a scan of every row: only after a crash)
+        and end the pending references, so the normal sweep can judge them."""
+        db = self.db
+        for digest, touched in db.execute(
+            "SELECT digest, touched FROM blobs WHERE pending > 0 AND touched < ? LIMIT ?",
+            (before, limit),
+        ).fetchall():
+            ids = [i for (i,) in db.execute(
+                "SELECT id FROM messages WHERE vars = ? ORDER BY id", (blob_ref(digest),)
+            )]  # fmt: skip
+            with transaction(db):
+                if db.execute(
+                    "SELECT 1 FROM blobs WHERE digest=? AND touched=?", (digest, touched)
+                ).fetchone() is None:
+                    continue  # put again meanwhile: an accept is running
+                runs = db.execute(
+                    "SELECT first, last FROM blob_rows WHERE digest=?", (digest,)
+                ).fetchall()
+                new = [i for i in ids if not any(a <= i <= b for a, b in runs)]
+                db.executemany(
+                    "INSERT INTO blob_rows(digest, first, last) VALUES (?, ?, ?)",
+                    [(digest, a, b) for a, b in id_runs(new)],
+                )
+                db.execute("UPDATE blobs SET pending=0 WHERE digest=?", (digest,))
 
     def meta_once(self, key: str, value: str) -> str:
         self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
@@ -868,12 +903,29 @@ class SQLiteSpool(Spool):
         """A POSIX record lock on ``ingest-N.lock`` in the spool directory: the
         kernel drops it when the holder dies (kill -9 included), and a forked
         worker does not inherit it. The file names the holder for the error."""
-        path = self._ingest_lock_path(job_id)
+        holder = self._lock(self._ingest_lock_path(job_id), holder_tag())
+        if holder is not None:
+            raise IngestBusy(job_id, holder)
+
+    def hold_supervisor(self, command: str) -> None:
+        """``supervisor.lock`` in the spool directory, locked like an ingest job
+        (dropped by the kernel when the holder dies): one supervisor per spool."""
+        path = os.path.join(os.path.realpath(self.directory), SUPERVISOR_LOCK)
+        holder = self._lock(path, {**holder_tag(), "command": command}, mine_ok=True)
+        if holder is not None:
+            raise SpoolBusy(self.directory, holder)
+
+    def _lock(
+        self, path: str, tag: dict[str, Any], mine_ok: bool = False
+    ) -> dict[str, Any] | None:
+        """Lock ``path`` for this object, writing ``tag`` in it; None when held
+        (already by this object, or by this process when ``mine_ok``), else the
+        tag of the process holding it."""
         if path in self._holds:
-            return
+            return None
         held = _LOCKS.get(path)
         if held is not None:  # another spool object of this process (POSIX locks are per process)
-            raise IngestBusy(job_id, held[1])
+            return None if mine_ok else held[1]
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -888,12 +940,12 @@ class SQLiteSpool(Spool):
                     break
                 time.sleep(0.005)
             os.close(fd)
-            raise IngestBusy(job_id, holder) from None
-        tag = holder_tag()
+            return holder
         os.ftruncate(fd, 0)
         os.pwrite(fd, orjson.dumps(tag), 0)
         _LOCKS[path] = (fd, tag)
         self._holds.add(path)
+        return None
 
     def release_ingest(self, job_id: int) -> None:
         self._release_lock(self._ingest_lock_path(job_id))
