@@ -146,3 +146,41 @@ def test_batches_of_one_read_go_onto_their_site_queue_at_once(
                 assert res.kind == wire.K_DELIVERED and res.code == 250
                 got[res.id] = got.get(res.id, 0) + 1
     assert got == {i: 1 for i in ids}
+
+
+def test_a_push_that_fails_defers_every_recipient_it_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The batches of a read wait in Worker.placed: if putting them on their
+    queue fails (a bug), each of their recipients is answered deferred, once."""
+
+    def broken_push(self: SiteQueue, envelopes: list) -> None:
+        raise RuntimeError("broken ready queue")
+
+    monkeypatch.setattr(SiteQueue, "push", broken_push)
+    inbox, outbox = Ring(1 << 20), Ring(1 << 20)
+    enc = wire.encoder.encode
+    inbox.put(enc(wire.CampaignSpec(1, Campaign.from_dict(SPEC).to_dict())))
+    for d in range(3):
+        items = [wire.Item(10 * d + i, f"u{i}@d{d}.example.net", orjson.dumps(_values(i)), 0)
+                 for i in range(4)]  # fmt: skip
+        inbox.put(enc(wire.Batch(1, f"d{d}.example.net", items)))
+    w = Worker(0, _config(tmp_path), ["127.0.0.2"], inbox, outbox)
+
+    async def run() -> None:
+        await w.resolver.site_for("d0.example.net")
+        w.on_inbox()
+        w.flush()
+
+    asyncio.run(run())
+    got: dict[int, int] = {}
+    while (rec := outbox.get()) is not None:
+        msg = wire.from_worker_decoder.decode(rec)
+        if isinstance(msg, wire.Results):
+            for res in msg.items:
+                assert res.kind == wire.K_DEFERRED and res.code == 451
+                assert res.text == "local error: RuntimeError"
+                got[res.id] = got.get(res.id, 0) + 1
+    assert got == {10 * d + i: 1 for d in range(3) for i in range(4)}
+    assert w.busy == 0 and not w.placed
+    assert "broken ready queue" in capsys.readouterr().err

@@ -158,11 +158,7 @@ class Worker:
         try:
             await self.router.dispatch(batch, chain)
         except Exception as e:  # a bug must not lose the batch: defer it, loudly
-            import traceback
-
-            traceback.print_exc()
-            out = Outcome("deferred", 451, "4.3.0", f"local error: {e.__class__.__name__}", "local")
-            self.add_results([TxnResult(it.id, [out]) for it in batch.items], "", "")
+            self.defer_local(e, [(it.id, 1) for it in batch.items])
         finally:
             self.busy -= 1
             self.check_done()
@@ -200,11 +196,7 @@ class Worker:
                 else:
                     waiting += envelopes
         except Exception as e:  # a bug must not lose the batch: defer it, loudly
-            import traceback
-
-            traceback.print_exc()
-            out = Outcome("deferred", 451, "4.3.0", f"local error: {e.__class__.__name__}", "local")
-            self.add_results([TxnResult(it.id, [out]) for it in batch.items], "", "")
+            self.defer_local(e, [(it.id, 1) for it in batch.items])
         finally:
             self.busy -= 1
             self.check_done()
@@ -420,7 +412,19 @@ class Worker:
         placed = self.placed
         while placed:
             q, envelopes = placed.popitem()
-            q.push(envelopes)
+            try:
+                q.push(envelopes)
+            except Exception as e:  # as in place_batch: defer, loudly
+                self.defer_local(e, [(x.tag, len(x.rcpts)) for x in envelopes])
+
+    def defer_local(self, e: Exception, tags: list[tuple[Any, int]]) -> None:
+        """A local bug must not lose mail: print it, and answer each (tag,
+        number of recipients) deferred (451 4.3.0 local error)."""
+        import traceback
+
+        traceback.print_exc()
+        out = Outcome("deferred", 451, "4.3.0", f"local error: {e.__class__.__name__}", "local")
+        self.add_results([TxnResult(tag, [out] * n) for tag, n in tags], "", "")
 
     def prune(self) -> None:
         """Forget idle site queues and the lanes no one needs any more: memory must
