@@ -78,6 +78,8 @@ def test_one_supervisor_per_sqlite_spool_and_kill_9_frees_it(tmp_path: Path) -> 
         sent = run_fastsend("send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool",
                             str(spool), "--route", f"*={mute}", "--no-progress")  # fmt: skip
         assert sent.returncode == 75 and "(fastsend serve)" in sent.stderr, sent.stderr
+        again = run_fastsend("serve", "-c", str(s.cfg), timeout=60)  # a second server
+        assert again.returncode == 75 and f"pid {s.proc.pid} (fastsend serve)" in again.stderr
         # Nothing was requeued or added under the live supervisor; the views still work.
         after = counts(spool)
         assert sum(after.values()) == N and after["inflight"] >= before["inflight"] > 0, after
