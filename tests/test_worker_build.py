@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -34,6 +35,16 @@ DATE = re.compile(rb"^Date: [^\r]*\r\n", re.M)
 
 def _values(i: int) -> dict[str, str]:
     return {"name": f"Näme{i}", "plan": ("free", "pro")[i % 2], "account": f"A{i:09d}"}
+
+
+def _results(outbox: Ring) -> list[wire.Res]:
+    """Every outcome the worker put in its outbox."""
+    out: list[wire.Res] = []
+    while (rec := outbox.get()) is not None:
+        msg = wire.from_worker_decoder.decode(rec)
+        if isinstance(msg, wire.Results):
+            out += msg.items
+    return out
 
 
 def _config(tmp_path: Path, port: int = 9) -> Config:
@@ -138,14 +149,9 @@ def test_batches_of_one_read_go_onto_their_site_queue_at_once(
 
         asyncio.run(run())
     assert pushes == [n_domains * per]
-    got: dict[int, int] = {}
-    while (rec := outbox.get()) is not None:
-        msg = wire.from_worker_decoder.decode(rec)
-        if isinstance(msg, wire.Results):
-            for res in msg.items:
-                assert res.kind == wire.K_DELIVERED and res.code == 250
-                got[res.id] = got.get(res.id, 0) + 1
-    assert got == {i: 1 for i in ids}
+    results = _results(outbox)
+    assert all(res.kind == wire.K_DELIVERED and res.code == 250 for res in results)
+    assert Counter(res.id for res in results) == dict.fromkeys(ids, 1)
 
 
 def test_a_push_that_fails_defers_every_recipient_it_held(
@@ -173,14 +179,9 @@ def test_a_push_that_fails_defers_every_recipient_it_held(
         w.flush()
 
     asyncio.run(run())
-    got: dict[int, int] = {}
-    while (rec := outbox.get()) is not None:
-        msg = wire.from_worker_decoder.decode(rec)
-        if isinstance(msg, wire.Results):
-            for res in msg.items:
-                assert res.kind == wire.K_DEFERRED and res.code == 451
-                assert res.text == "local error: RuntimeError"
-                got[res.id] = got.get(res.id, 0) + 1
-    assert got == {10 * d + i: 1 for d in range(3) for i in range(4)}
+    results = _results(outbox)
+    assert all(res.kind == wire.K_DEFERRED and res.code == 451 for res in results)
+    assert {res.text for res in results} == {"local error: RuntimeError"}
+    assert Counter(res.id for res in results) == {10 * d + i: 1 for d in range(3) for i in range(4)}
     assert w.busy == 0 and not w.placed
     assert "broken ready queue" in capsys.readouterr().err
