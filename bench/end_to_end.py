@@ -373,7 +373,9 @@ def main() -> int:
         help="add runs with the dispatch-time suppression check off and on, a ROWS-row list",
     )
     ap.add_argument("--only-suppression", action="store_true", help="only the --suppression runs")
+    ap.add_argument("--only-dkim", action="store_true", help="only the --dkim run")
     args = ap.parse_args()
+    args.dkim = args.dkim or args.only_dkim
     n = 20_000 if args.quick else args.messages
     workers = args.workers or (os.cpu_count() or 1)
     sessions = [int(x) for x in args.sessions.split(",")]
@@ -402,6 +404,9 @@ def main() -> int:
                 ok = suppression_run(tmp, camp, rcpts, sink, workers, n, rows, args.repeat)
                 if args.only_suppression:
                     return 0 if ok else 1
+            if args.only_dkim:
+                ok = dkim_run(tmp, sink, workers, min(n, 20_000), args.size)
+                return 0 if ok else 1
             for rep in range(args.repeat):
                 for s in sessions:
                     before = sink.messages()

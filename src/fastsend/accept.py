@@ -68,6 +68,16 @@ def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, A
             " add a [dkim] table or pass --no-dkim"
         )
     spec = camp.to_dict()
+    if spec.get("dkim"):
+        # Each key is loaded (and checked) now: a bad one is refused before a
+        # message is spooled, and workers forked after this share it (no load each).
+        from fastsend.message.dkim import Signer
+
+        for entry in spec["dkim"]:
+            try:
+                Signer.from_settings(entry)
+            except ValueError as e:  # DkimKeyError, a bad canonicalization
+                raise AcceptError(f"[dkim] {entry.get('domain', '')}: {e}") from None
     size = len(encoder.encode(CampaignSpec(0, spec)))
     if size > MAX_RECORD:
         raise AcceptError(

@@ -14,11 +14,31 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import string
 
-_ATEXT = re.compile(
-    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*$"
-)
-_QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
+
+def ascii_and_non_ascii(ascii_chars: str) -> str:
+    """A regex character class of ``ascii_chars`` (listed one by one) and every
+    non-ASCII character: written as the class of what it excludes, which ``re``
+    compiles in ~0.1 ms, where a range up to ``\\U0010ffff`` takes 2-25 ms at
+    every start of every process."""
+    bad = [c for c in range(128) if chr(c) not in ascii_chars]
+    runs: list[str] = []
+    i = 0
+    while i < len(bad):
+        j = i
+        while j + 1 < len(bad) and bad[j + 1] == bad[j] + 1:
+            j += 1
+        runs.append(f"\\x{bad[i]:02x}" + (f"-\\x{bad[j]:02x}" if j > i else ""))
+        i = j + 1
+    return "[^" + "".join(runs) + "]"
+
+
+ATEXT_CHARS = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
+_ATEXT_U = ascii_and_non_ascii(ATEXT_CHARS)  # RFC 6531: atext and any non-ASCII
+_ATEXT = re.compile(rf"^{_ATEXT_U}+(\.{_ATEXT_U}+)*$")
+_QTEXT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')  # and SP
+_QUOTED = re.compile(rf'^"({ascii_and_non_ascii(_QTEXT)}|\\[\x20-\x7e])*"$')
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The common case in one match: an ASCII dot-atom local part and a plain domain

@@ -37,11 +37,14 @@ import csv
 import io
 import re
 import sqlite3
+import string
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from fastsend.address import ATEXT_CHARS, ascii_and_non_ascii
 
 DEFAULT_TENANT = "default"
 MANUAL = "manual"
@@ -55,11 +58,11 @@ SOURCE_DSN = "bounce-dsn"  # an asynchronous bounce (DSN) read by the intake
 SOURCE_MANUAL = "manual"  # fastsend suppress add
 SOURCE_API = "api"
 SOURCE_IMPORT = "import"
-_LOCAL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+$")
-_DOMAIN_RE = re.compile(
-    r"^(?:[a-z0-9\x80-\U0010ffff](?:[a-z0-9\x80-\U0010ffff-]{0,61}[a-z0-9\x80-\U0010ffff])?\.)+"
-    r"[a-z\x80-\U0010ffff][a-z0-9\x80-\U0010ffff-]{0,62}$"
-)
+_LOCAL_RE = re.compile(rf"^{ascii_and_non_ascii(ATEXT_CHARS + '.')}+$")
+_LD = ascii_and_non_ascii(string.ascii_lowercase + string.digits)  # letter/digit, or non-ASCII
+_LDH = ascii_and_non_ascii(string.ascii_lowercase + string.digits + "-")
+_L = ascii_and_non_ascii(string.ascii_lowercase)
+_DOMAIN_RE = re.compile(rf"^(?:{_LD}(?:{_LDH}{{0,61}}{_LD})?\.)+{_L}{_LDH}{{0,62}}$")
 _REASON_RE = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -7,9 +7,15 @@ into one :class:`BounceRecord` per recipient. Rules are data
 
 This package never touches the spool or the suppression list: the engine
 feeds records to :mod:`fastsend.suppression` (see ``suppress_from``).
+
+The DSN/ARF reader (``parse``: the email package, vendor rules) is imported on
+first use: a delivery worker needs only ``classify_reply``.
 """
 
-from fastsend.bounce.parse import BounceRecord, default_verp_decoder, parse_bounce
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from fastsend.bounce.reply import (
     HARD_REASONS,
     Classification,
@@ -19,6 +25,20 @@ from fastsend.bounce.reply import (
     default_rules,
     load_rules,
 )
+
+if TYPE_CHECKING:
+    from fastsend.bounce.parse import BounceRecord, default_verp_decoder, parse_bounce
+
+_LAZY = {"BounceRecord", "default_verp_decoder", "parse_bounce"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from fastsend.bounce import parse
+
+        return getattr(parse, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "HARD_REASONS",

@@ -107,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
             progress[0] = m
             yield None
 
-    more = job.total > mark.accepted + mark.rejected
     summary = engine.run(
         cfg,
         spool,
@@ -115,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         total=job.total - mark.rejected,
         progress=not args.no_progress,
         campaign=cid,
-        feeder=feeder() if more else None,
+        # Always: after the last chunk the feed still marks the job done (a list of
+        # exactly one chunk would otherwise be left unfinished, for `resume`).
+        feeder=feeder(),
         # The list's good rows: it is read as the windows have room, so the
         # rows spooled so far are not the whole run.
         total_fn=lambda: job.total - progress[0].rejected,

@@ -19,6 +19,12 @@ an :class:`~fastsend.outcome.Outcome` saying why there is none:
   routes are the operator's and stay allowed)
 
 It does not connect anywhere; delivery/pool.py does.
+
+dnspython is imported (and the resolver configured) on the first lookup, not at
+start: a run whose domains all go to static routes at IP addresses never loads
+it. :func:`prepare` imports it before the supervisor forks the workers when the
+config may look a name up, so the workers share those pages instead of each
+importing it.
 """
 
 from __future__ import annotations
@@ -27,15 +33,32 @@ import ipaddress
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import dns.asyncresolver
-import dns.exception
-import dns.rdatatype
-import dns.resolver
+from typing import TYPE_CHECKING, Any
 
 from fastsend.config import Config
 from fastsend.outcome import DEFERRED, FAILED, Outcome
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+
+
+def may_resolve(config: Config) -> bool:
+    """Whether delivery on ``config`` may look a name up in DNS: any domain not
+    covered by a static route to an IP address (routes of transports included:
+    their relays and "smtp" hops may name hosts)."""
+    catch_all = config.routes.get("*")
+    if catch_all is None:
+        return True
+    return any(not r.host or not _is_ip(r.host) for r in config.routes.values())
+
+
+def prepare(config: Config) -> None:
+    """Before fork: import dnspython once, in the supervisor, when ``config`` may
+    need it (each worker would otherwise import it, ~20-40 ms of CPU each)."""
+    if may_resolve(config):
+        import dns.asyncresolver
+        import dns.exception
+        import dns.resolver  # noqa: F401
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +83,27 @@ CACHE_MAX = 20000  # entries per cache: expired ones go first, then the oldest h
 class MXResolver:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.resolver = dns.asyncresolver.Resolver(configure=not config.dns.nameservers)
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        self.mx_port = config.dns.mx_port
+        # A domain's MX is anyone's to set: by default it may not point mail at this
+        # machine or its private network (static routes are the operator's and may).
+        self.allow_private = config.delivery.allow_private_mx
+        self._cache: dict[str, tuple[float, Site | Outcome]] = {}
+        self._addr_cache: dict[str, tuple[float, list[str]]] = {}
+        self._route_cache: dict[tuple[str, int], tuple[float, Site]] = {}
+
+    @property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        """dnspython's resolver, made on the first lookup."""
+        if self._resolver is None:
+            self._resolver = self._make_resolver()
+        return self._resolver
+
+    def _make_resolver(self) -> dns.asyncresolver.Resolver:
+        import dns.asyncresolver
+
+        config = self.config
+        resolver = dns.asyncresolver.Resolver(configure=not config.dns.nameservers)
         if config.dns.nameservers:
             addrs, port = [], 53
             for ns in config.dns.nameservers:
@@ -73,17 +116,11 @@ class MXResolver:
                 else:
                     host = ns
                 addrs.append(host)
-            self.resolver.nameservers = addrs
-            self.resolver.port = port
-        self.resolver.lifetime = config.dns.timeout
-        self.resolver.timeout = config.dns.timeout
-        self.mx_port = config.dns.mx_port
-        # A domain's MX is anyone's to set: by default it may not point mail at this
-        # machine or its private network (static routes are the operator's and may).
-        self.allow_private = config.delivery.allow_private_mx
-        self._cache: dict[str, tuple[float, Site | Outcome]] = {}
-        self._addr_cache: dict[str, tuple[float, list[str]]] = {}
-        self._route_cache: dict[tuple[str, int], tuple[float, Site]] = {}
+            resolver.nameservers = addrs
+            resolver.port = port
+        resolver.lifetime = config.dns.timeout
+        resolver.timeout = config.dns.timeout
+        return resolver
 
     def cached(self, domain: str) -> Site | Outcome | None:
         """The site of ``domain`` when known without a lookup (a fresh cache
@@ -159,6 +196,9 @@ class MXResolver:
         return len(self._cache) + len(self._addr_cache) + len(self._route_cache)
 
     async def _lookup(self, domain: str) -> tuple[Site | Outcome, float]:
+        import dns.exception
+        import dns.resolver
+
         try:
             ans = await self.resolver.resolve(domain, "MX", search=False)
         except dns.resolver.NXDOMAIN:
@@ -212,6 +252,9 @@ class MXResolver:
         hit = self._addr_cache.get(name)
         if hit is not None and hit[0] > now:
             return hit[1]
+        import dns.exception
+        import dns.resolver
+
         addrs: list[str] = []
         ttl = _MAX_TTL
         nx = False

@@ -12,7 +12,10 @@ tenant's own keys, and the config's ``[dkim]`` entries for the tenant's domains
 - raw MIME (``{"raw": ...}``) is signed here: a DKIM-Signature header per entry
   is put in front of the message, which is otherwise sent byte for byte.
 
-Keys are loaded once per worker (fastsend.message.keys caches them). This module
+Keys are loaded once per process (fastsend.message.keys caches them), by
+:meth:`ConfigDKIM.preload` in the supervisor before it forks the workers, so
+they share them. ``fastsend.message.dkim`` (and ``cryptography``) is imported
+only when there is a key to sign with. This module
 does not decide policy about unsigned mail; a From domain with no key is sent
 unsigned (``fastsend check-domain`` reports the missing DKIM record).
 """
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import email.utils
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastsend.config import Config
-from fastsend.message.dkim import Signer
 from fastsend.tenants import Tenants
+
+if TYPE_CHECKING:
+    from fastsend.message.dkim import Signer
 
 
 class ConfigDKIM:
@@ -40,6 +45,20 @@ class ConfigDKIM:
         t = self.tenants
         return bool(t.global_dkim) or any(x.dkim for x in t.by_name.values())
 
+    def preload(self) -> None:
+        """Load every configured key now (before fork: the workers share them).
+        A key that cannot be loaded is left to fail where it is used, as before."""
+        if not self.entries:
+            return
+        from fastsend.message.keys import DkimKeyError, load_private_key
+
+        t = self.tenants
+        for e in [*t.global_dkim, *(e for x in t.by_name.values() for e in x.dkim)]:
+            try:
+                load_private_key(e["key"])
+            except DkimKeyError:
+                pass
+
     def for_domain(self, domain: str, tenant: str | None = None) -> list[dict[str, Any]]:
         return self.tenants.dkim_for(tenant, domain)
 
@@ -47,6 +66,8 @@ class ConfigDKIM:
         d = domain.lower().rstrip(".")
         s = self._signers.get((tenant, d))
         if s is None:
+            from fastsend.message.dkim import Signer
+
             s = self._signers[(tenant, d)] = [
                 Signer.from_settings(e) for e in self.for_domain(d, tenant)
             ]

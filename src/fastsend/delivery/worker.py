@@ -30,6 +30,7 @@ import orjson
 from fastsend import msgid, wire
 from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
+from fastsend.delivery import mx
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.routes import Router
@@ -675,6 +676,15 @@ def close_listeners() -> int:
             os.close(fd)
             n += 1
     return n
+
+
+def prepare(config: Config) -> None:
+    """In the supervisor, before it forks workers on ``config``: what every worker
+    would otherwise do after the fork and can share instead (copy-on-write):
+    import dnspython when a name may be looked up, load the config's DKIM keys.
+    Campaign keys are loaded when a campaign is accepted (accept.check_campaign)."""
+    mx.prepare(config)
+    ConfigDKIM(config).preload()
 
 
 def run_worker(

@@ -27,6 +27,7 @@ import functools
 import re
 
 from fastsend._accel import pick
+from fastsend.address import ATEXT_CHARS, ascii_and_non_ascii
 
 __all__ = [
     "HeaderError",
@@ -54,10 +55,8 @@ _SAFE_TEXT = re.compile(r"[!-~]+(?: [!-~]+)*")
 _ATOM_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?: [A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*")
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*")
 # UTF-8 local parts (RFC 6531): atext plus any non-ASCII character.
-_U_DOT_ATOM = re.compile(
-    r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]+"
-    r"(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]+)*"
-)
+_U_ATEXT = ascii_and_non_ascii(ATEXT_CHARS)
+_U_DOT_ATOM = re.compile(rf"{_U_ATEXT}+(?:\.{_U_ATEXT}+)*")
 _ASCII_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*\.?"
 )

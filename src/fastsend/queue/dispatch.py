@@ -22,6 +22,8 @@ BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that fol
 
 
 class Dispatch(SupervisorState):
+    first_slot = 0  # the slot a pass starts with turns, so no worker is always first
+
     def dispatch(self) -> None:
         if self.draining or self.stopping:
             self.release_held()
@@ -32,11 +34,16 @@ class Dispatch(SupervisorState):
         size = self.config.delivery.batch_size
         window = self.config.delivery.window
         nothing_due = False
-        for slot in self.slots:
-            if not slot.alive or slot.inbox is None or slot.backlog or slot.retiring:
+        n_slots = len(self.slots)
+        order = self.slots[self.first_slot % n_slots :] + self.slots[: self.first_slot % n_slots]
+        self.first_slot += 1
+        given: dict[int, list[Claimed]] = {}  # slot index -> a share of another's claim
+        for pos, slot in enumerate(order):
+            if not self.can_take(slot):
                 continue
             groups: dict[tuple[int, str], list[Claimed]] = {}
             room = window - len(slot.inflight) - slot.unwritten
+            claimed = given.pop(slot.index, [])
             # Claim once a quarter of the window is free, not per answered batch:
             # a claim of ~window/4 messages groups into batches of several
             # messages per site (100 sites: ~10 a batch, not ~2), and the claim's
@@ -44,18 +51,25 @@ class Dispatch(SupervisorState):
             # While a list is being read, every window with room claims: a claim
             # that comes back short (nothing more due) leaves its room open for
             # the rows the feeder spools next (they go straight to it).
-            if (not nothing_due or self.pace_feed) and room >= (window // 4 or 1):
+            asked = bool(claimed)  # a share of another's claim counts as asking
+            if not claimed and (not nothing_due or self.pace_feed) and room >= (window // 4 or 1):
+                asked = True
                 claimed = self.spool.claim_next(now, room, slot.index)
                 nothing_due = not claimed
-                if self.pace_feed:
-                    self.note_room(slot, room - len(claimed))
                 if claimed and self.config.delivery.check_suppression:
                     n = len(claimed)
                     claimed = self.screen(claimed, now)
                     slot.unwritten += n - len(claimed)
-                for c in claimed:
-                    slot.inflight[c.id] = c
-                    groups.setdefault((c.campaign, c.domain), []).append(c)
+                if 1 < len(claimed) < room:
+                    # Less was due than this window takes (a short list, the start
+                    # of a long one while it is spooled, the tail): shared with the
+                    # workers after this one, so no core idles while one works.
+                    claimed = self.share(claimed, order[pos + 1 :], window, given)
+            for c in claimed:
+                slot.inflight[c.id] = c
+                groups.setdefault((c.campaign, c.domain), []).append(c)
+            if asked and self.pace_feed:  # the room this window still has open
+                self.note_room(slot, window - len(slot.inflight) - slot.unwritten)
             groups = self.gate(slot, groups)
             if not groups:
                 continue
@@ -81,6 +95,38 @@ class Dispatch(SupervisorState):
         want = min(FEED_ROOM, self.config.delivery.window * len(self.slots) // 2)
         if sum(self.open_room.values()) >= max(want, 1):
             self.feed_room.set()
+
+    @staticmethod
+    def can_take(slot: WorkerSlot) -> bool:
+        return slot.alive and slot.inbox is not None and not slot.backlog and not slot.retiring
+
+    def share(
+        self,
+        claimed: list[Claimed],
+        others: list[WorkerSlot],
+        window: int,
+        given: dict[int, list[Claimed]],
+    ) -> list[Claimed]:
+        """Split ``claimed`` evenly between its claimer and the ``others`` that can
+        take mail now (each up to its room): their shares go into ``given``;
+        returns the claimer's (the rest: it had room for all of it)."""
+        takers = [
+            (s, window - len(s.inflight) - s.unwritten)
+            for s in others
+            if self.can_take(s) and s.index not in given
+        ]
+        takers = [(s, room) for s, room in takers if room > 0]
+        if not takers:
+            return claimed
+        each = -(-len(claimed) // (len(takers) + 1))
+        start = each
+        for s, room in takers:
+            part = claimed[start : start + min(room, each)]
+            if not part:
+                break
+            given[s.index] = part
+            start += len(part)
+        return claimed[:each] + claimed[start:]
 
     def screen(self, claimed: list[Claimed], now: float) -> list[Claimed]:
         """Dispatch-time suppression: the claimed messages whose address is not

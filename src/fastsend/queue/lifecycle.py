@@ -26,6 +26,15 @@ WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kil
 CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
 
 
+def wait(slot: WorkerSlot, options: int) -> tuple[int, int]:
+    """``os.waitpid`` of the slot's worker, adding its CPU time to ``slot.cpu_s``
+    when it has exited."""
+    pid, status, usage = os.wait4(slot.pid, options)
+    if pid:
+        slot.cpu_s += usage.ru_utime + usage.ru_stime
+    return pid, status
+
+
 class WorkerLifecycle(SupervisorState):
     def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
         """Rest a source IP for providers ("*": all) until ``until`` (unix seconds) in the
@@ -47,8 +56,9 @@ class WorkerLifecycle(SupervisorState):
                 self.push_backlog(slot)
 
     def spawn(self, slot: WorkerSlot) -> None:
-        from fastsend.delivery.worker import run_worker
+        from fastsend.delivery.worker import prepare, run_worker
 
+        prepare(self.config)  # imports and keys the workers share (done once, cached)
         slot.inbox, slot.outbox = Ring(RING_BYTES), Ring(RING_BYTES)
         # An empty get() arms the consumer's waiting flag, so the worker's first
         # put signals our eventfd (the ring signals only a consumer that waits).
@@ -83,7 +93,7 @@ class WorkerLifecycle(SupervisorState):
             if not slot.alive:
                 continue
             try:
-                pid, status = os.waitpid(slot.pid, os.WNOHANG)
+                pid, status = wait(slot, os.WNOHANG)
             except ChildProcessError:
                 pid, status = slot.pid, 0
             if pid == 0:
@@ -234,7 +244,7 @@ class WorkerLifecycle(SupervisorState):
                     os.kill(s.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                os.waitpid(s.pid, 0)
+                wait(s, 0)
                 s.alive = False
                 self.retire(s)
         self.flush_results()
@@ -244,7 +254,7 @@ class WorkerLifecycle(SupervisorState):
             if not slot.alive:
                 continue
             try:
-                pid, _status = os.waitpid(slot.pid, os.WNOHANG)
+                pid, _status = wait(slot, os.WNOHANG)
             except ChildProcessError:
                 pid = slot.pid
             if pid:

@@ -54,6 +54,7 @@ class WorkerSlot:
     # written to the spool: counted against the window, so what a crash can send
     # twice stays bounded by the window.
     unwritten: int = 0
+    cpu_s: float = 0.0  # user + system CPU of this slot's workers that have exited
 
 
 @dataclass

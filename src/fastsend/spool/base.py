@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import psutil
 
 from fastsend.redisurl import REDIS_PARAMS, is_redis_url, parse_redis_url
 
@@ -140,6 +139,8 @@ def holder_gone(tag: dict[str, Any]) -> bool:
 
 
 def _start_time(pid: int) -> float | None:
+    import psutil  # here: only a lease check needs it, not every command's start
+
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
