@@ -60,11 +60,11 @@ class Dispatch(SupervisorState):
                     n = len(claimed)
                     claimed = self.screen(claimed, now)
                     slot.unwritten += n - len(claimed)
-                if 1 < len(claimed) < room:
+                if 2 * size <= len(claimed) < room:
                     # Less was due than this window takes (a short list, the start
                     # of a long one while it is spooled, the tail): shared with the
                     # workers after this one, so no core idles while one works.
-                    claimed = self.share(claimed, order[pos + 1 :], window, given)
+                    claimed = self.share(claimed, order[pos + 1 :], window, size, given)
             for c in claimed:
                 slot.inflight[c.id] = c
                 groups.setdefault((c.campaign, c.domain), []).append(c)
@@ -105,20 +105,25 @@ class Dispatch(SupervisorState):
         claimed: list[Claimed],
         others: list[WorkerSlot],
         window: int,
+        batch: int,
         given: dict[int, list[Claimed]],
     ) -> list[Claimed]:
         """Split ``claimed`` evenly between its claimer and the ``others`` that can
-        take mail now (each up to its room): their shares go into ``given``;
-        returns the claimer's (the rest: it had room for all of it)."""
+        take mail now (each up to its room), in shares of at least a ``batch``
+        (fewer messages stay together: identical ones share transactions, and a
+        batch record is paid for many): their shares go into ``given``; returns
+        the claimer's (the rest: it had room for all of it)."""
         takers = [
             (s, window - len(s.inflight) - s.unwritten)
             for s in others
             if self.can_take(s) and s.index not in given
         ]
-        takers = [(s, room) for s, room in takers if room > 0]
-        if not takers:
+        takers = [(s, room) for s, room in takers if room >= batch]
+        k = min(len(takers) + 1, len(claimed) // batch)
+        if k < 2:
             return claimed
-        each = -(-len(claimed) // (len(takers) + 1))
+        takers = takers[: k - 1]
+        each = -(-len(claimed) // k)
         start = each
         for s, room in takers:
             part = claimed[start : start + min(room, each)]
