@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import gc
 import os
 import signal
@@ -632,19 +633,27 @@ def _literal(v: Any) -> Any:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+@functools.cache
+def _prctl() -> Any:
+    """libc's ``prctl`` (None where there is none), looked up once in the
+    supervisor (``prepare``): ``ctypes.util.find_library`` would run
+    ``ldconfig -p`` in every worker, ~10 ms of CPU each."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # the process's own libc
+    except (OSError, AttributeError):
+        return None
+
+
 def die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this process when its parent dies (``prctl
     PR_SET_PDEATHSIG``), so a kill -9 of the supervisor leaves no worker behind;
     if the parent is already gone (it died before the prctl), exit now.
     watch_parent() is the fallback where prctl is not available."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(3)
 
@@ -681,10 +690,12 @@ def close_listeners() -> int:
 def prepare(config: Config) -> None:
     """In the supervisor, before it forks workers on ``config``: what every worker
     would otherwise do after the fork and can share instead (copy-on-write):
-    import dnspython when a name may be looked up, load the config's DKIM keys.
+    import dnspython when a name may be looked up, load the config's DKIM keys,
+    find libc's prctl.
     Campaign keys are loaded when a campaign is accepted (accept.check_campaign)."""
     mx.prepare(config)
     ConfigDKIM(config).preload()
+    _prctl()
 
 
 def run_worker(

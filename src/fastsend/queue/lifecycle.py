@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from fastsend import msgid, wire
 from fastsend.config import Config
@@ -33,6 +34,34 @@ def wait(slot: WorkerSlot, options: int) -> tuple[int, int]:
     if pid:
         slot.cpu_s += usage.ru_utime + usage.ru_stime
     return pid, status
+
+
+def watch_exits(pids: list[int], on_exit: Callable[[], None]) -> list[int]:
+    """Call ``on_exit`` from the running loop when one of ``pids`` exits (a
+    pidfd each, Linux >= 5.3); returns the pidfds for :func:`unwatch` (none
+    where pidfds are not available: the caller polls)."""
+    loop = asyncio.get_running_loop()
+
+    def exited(fd: int) -> None:
+        loop.remove_reader(fd)  # readable for good now: once is enough
+        on_exit()
+
+    fds: list[int] = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            continue
+        loop.add_reader(fd, exited, fd)
+        fds.append(fd)
+    return fds
+
+
+def unwatch(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    for fd in fds:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 class WorkerLifecycle(SupervisorState):
@@ -226,18 +255,28 @@ class WorkerLifecycle(SupervisorState):
                 slot.backlog.append(wire.encoder.encode(wire.Drain()))
                 self.push_backlog(slot)
         deadline = time.monotonic() + (2.0 if self.stopping else 60.0)
-        while any(s.alive for s in self.slots) and time.monotonic() < deadline:
-            if self.stopping:
-                for s in self.slots:
-                    if s.alive:
-                        try:
-                            os.kill(s.pid, signal.SIGTERM)
-                        except ProcessLookupError:
-                            pass
-            await asyncio.sleep(0.02)
-            self.draining = True
-            self.spool.renew()
-            self.reap_final()
+        exited = asyncio.Event()
+        pidfds = watch_exits([s.pid for s in self.slots if s.alive], exited.set)
+        try:
+            while any(s.alive for s in self.slots) and time.monotonic() < deadline:
+                if self.stopping:
+                    for s in self.slots:
+                        if s.alive:
+                            try:
+                                os.kill(s.pid, signal.SIGTERM)
+                            except ProcessLookupError:
+                                pass
+                # Woken the moment a worker exits (its pidfd), else every 20 ms.
+                try:
+                    await asyncio.wait_for(exited.wait(), 0.02)
+                except TimeoutError:
+                    pass
+                exited.clear()
+                self.draining = True
+                self.spool.renew()
+                self.reap_final()
+        finally:
+            unwatch(pidfds)
         for s in self.slots:
             if s.alive:
                 try:
