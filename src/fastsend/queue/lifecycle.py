@@ -260,12 +260,7 @@ class WorkerLifecycle(SupervisorState):
         try:
             while any(s.alive for s in self.slots) and time.monotonic() < deadline:
                 if self.stopping:
-                    for s in self.slots:
-                        if s.alive:
-                            try:
-                                os.kill(s.pid, signal.SIGTERM)
-                            except ProcessLookupError:
-                                pass
+                    self.signal_workers(signal.SIGTERM)
                 # Woken the moment a worker exits (its pidfd), else every 20 ms.
                 try:
                     await asyncio.wait_for(exited.wait(), 0.02)
@@ -277,16 +272,21 @@ class WorkerLifecycle(SupervisorState):
                 self.reap_final()
         finally:
             unwatch(pidfds)
+        self.signal_workers(signal.SIGKILL)
         for s in self.slots:
             if s.alive:
-                try:
-                    os.kill(s.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 wait(s, 0)
                 s.alive = False
                 self.retire(s)
         self.flush_results()
+
+    def signal_workers(self, sig: int) -> None:
+        for s in self.slots:
+            if s.alive:
+                try:
+                    os.kill(s.pid, sig)
+                except ProcessLookupError:
+                    pass
 
     def reap_final(self) -> None:
         for slot in self.slots:
