@@ -149,3 +149,17 @@ def test_a_bad_dkim_key_is_refused_before_anything_is_spooled(tmp_path: Path) ->
     db = tmp_path / "spool" / "spool.db"
     if db.exists():
         assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+def test_send_exits_at_once_with_its_output_and_status_intact(tmp_path: Path) -> None:
+    """`python -m fastsend send` ends without the interpreter's teardown
+    (cli.run_process): what it wrote to stdout and stderr arrives whole, and
+    the exit status is the command's (1: a bad row was skipped)."""
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, ["a@example.net", "not an address", "b@example.net"])
+    with SinkProcess() as sink:
+        proc = send_via(camp, rcpts, sink.addresses[0], tmp_path / "spool", "--no-dkim")
+    assert proc.returncode == 1
+    assert summary(proc)["delivered"] == 2
+    assert proc.stdout.endswith("}\n")
+    assert "1 bad recipient row(s) were skipped" in proc.stderr

@@ -1,3 +1,3 @@
-from fastsend.cli import main
+from fastsend.cli import run_process
 
-raise SystemExit(main())
+run_process()

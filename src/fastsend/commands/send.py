@@ -35,6 +35,10 @@ from fastsend.events import EventLog
 from fastsend.spool import SpoolError, open_spool
 from fastsend.suppression import DEFAULT_TENANT
 
+# Everything run() opens is closed when it returns, and it leaves no thread:
+# the process may exit without the interpreter's teardown (cli.run_process).
+EXIT_AT_ONCE = True
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("campaign", help="campaign file (TOML)")

@@ -693,6 +693,8 @@ def prepare(config: Config) -> None:
     import dnspython when a name may be looked up, load the config's DKIM keys,
     find libc's prctl.
     Campaign keys are loaded when a campaign is accepted (accept.check_campaign)."""
+    import uvloop  # noqa: F401  (each worker's loop)
+
     mx.prepare(config)
     ConfigDKIM(config).preload()
     _prctl()

@@ -292,9 +292,11 @@ class Campaign:
 
     def compile(self) -> Renderer:
         """The renderer for this process: templates split, DKIM keys loaded."""
-        from fastsend.message.dkim import Signer
+        signers = []
+        if self._spec["dkim"]:  # cryptography is imported only to sign
+            from fastsend.message.dkim import Signer
 
-        signers = [Signer.from_settings(x) for x in self._spec["dkim"]]
+            signers = [Signer.from_settings(x) for x in self._spec["dkim"]]
         return Renderer(self._spec, signers)
 
 
