@@ -118,7 +118,9 @@ def run_process() -> NoReturn:
     code = main()
     name = sys.argv[1] if len(sys.argv) > 1 else ""
     module = sys.modules.get(COMMANDS[name][0]) if name in COMMANDS else None
-    if getattr(module, "EXIT_AT_ONCE", False):
+    # Not under a profiler or tracer (cProfile, coverage): they write at exit.
+    traced = sys.getprofile() is not None or sys.gettrace() is not None
+    if getattr(module, "EXIT_AT_ONCE", False) and not traced:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
