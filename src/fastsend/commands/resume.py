@@ -34,7 +34,6 @@ from fastsend.config import ConfigError
 from fastsend.events import EventLog
 from fastsend.spool import IngestBusy, IngestJob, SpoolError, open_spool
 
-
 # Everything run() opens is closed when it returns, and it leaves no thread:
 # the process may exit without the interpreter's teardown (cli.run_process).
 EXIT_AT_ONCE = True
