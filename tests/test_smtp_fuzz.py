@@ -138,6 +138,7 @@ def test_dot_stuff_twins_agree_and_never_end_data_early(data: bytes) -> None:
     body = replies.py_dot_stuff(data)
     if _accel.HAVE_EXTENSIONS:
         assert _accel.compiled("dot_stuff")(data) == body
+        assert _accel.compiled("dot_stuff")(data, data) == body + data
     assert body.endswith(b"\r\n.\r\n") or body == b".\r\n"
     inner = body[:-3]
     # no line inside the body is a lone dot, whatever a server takes as a line end

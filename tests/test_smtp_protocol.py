@@ -551,6 +551,9 @@ STUFF_ROWS = [
 @pytest.mark.parametrize(("data", "expected"), STUFF_ROWS)
 def test_dot_stuff(impl: str, data: bytes, expected: bytes) -> None:
     assert stuffer(impl)(data) == expected
+    # The next pipelined commands, built into the same buffer, are not stuffed.
+    tail = b".MAIL FROM:<a@example.com>\r\n"
+    assert stuffer(impl)(data, tail) == expected + tail
 
 
 def test_a_refusal_at_rcpt_is_final_whatever_happens_to_the_session() -> None:

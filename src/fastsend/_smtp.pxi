@@ -125,10 +125,12 @@ cdef class ReplyParser:
         return 0
 
 
-def dot_stuff(bytes data not None):
-    """The DATA body for ``data``: dot-stuffed, CRLF-terminated, ending ``.\\r\\n``."""
+def dot_stuff(bytes data not None, bytes tail not None = b""):
+    """The DATA body for ``data``: dot-stuffed, CRLF-terminated, ending ``.\\r\\n``,
+    then ``tail``."""
     cdef const char* p = PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t nt = PyBytes_GET_SIZE(tail)
     cdef Py_ssize_t i = 0, extra = 0, o = 0, last = 0
     cdef const char* q
     # Count the dots to double: at the start, or after CR or LF.
@@ -141,7 +143,7 @@ def dot_stuff(bytes data not None):
             extra += 1
         i += 1
     cdef bint crlf = n >= 2 and p[n - 2] == 13 and p[n - 1] == 10
-    cdef Py_ssize_t size = n + extra + (0 if crlf or n == 0 else 2) + 3
+    cdef Py_ssize_t size = n + extra + (0 if crlf or n == 0 else 2) + 3 + nt
     cdef bytes result = PyBytes_FromStringAndSize(NULL, size)
     cdef char* w = PyBytes_AS_STRING(result)
     if extra:
@@ -165,4 +167,6 @@ def dot_stuff(bytes data not None):
     w[o] = 46
     w[o + 1] = 13
     w[o + 2] = 10
+    if nt:
+        memcpy(w + o + 3, PyBytes_AS_STRING(tail), nt)
     return result

@@ -124,7 +124,8 @@ class _Txn:
         self.dummy = False  # a lone "." was sent after a 354 with no recipient left
         self.utf8 = False  # MAIL FROM gets SMTPUTF8
         self.decided = False  # every recipient refused locally: nothing to send
-        self.rest: deque[tuple[int, int, bytes]] = deque()  # unsent, without PIPELINING
+        # Unsent commands without PIPELINING (None with it: nothing waits).
+        self.rest: deque[tuple[int, int, bytes]] | None = None
 
 
 class SMTPClient:
@@ -167,6 +168,12 @@ class SMTPClient:
         handlers[_BDAT] = self._reply_bdat
         self._handlers = handlers
         self._cram: tuple[bytes, bytes] | None = None  # CRAM-MD5 (user, password) until the challenge
+        # The last sender checked (_check_sender): whether it is refused, needs
+        # SMTPUTF8, and its "MAIL FROM:<...>" bytes.
+        self._from: object = None
+        self._from_bad = True
+        self._from_utf8 = False
+        self._from_line = b""
 
     # ------------------------------------------------------------------ queries
     @property
@@ -303,8 +310,10 @@ class SMTPClient:
         if not env.rcpts:
             return False
         mail_from = env.mail_from
-        bad_from = type(mail_from) is not str or _BAD_ADDRESS.search(mail_from) is not None
-        utf8 = env.smtputf8 or (not bad_from and not mail_from.isascii())
+        if mail_from is not self._from:  # a batch's envelopes share one sender object
+            self._check_sender(mail_from)
+        bad_from = self._from_bad
+        utf8 = env.smtputf8 or self._from_utf8
         for i, rcpt in enumerate(env.rcpts):
             if not isinstance(rcpt, str) or not rcpt or _BAD_ADDRESS.search(rcpt):
                 text = f"invalid recipient address {rcpt!r}"
@@ -331,17 +340,26 @@ class SMTPClient:
             return False
         return None in outs  # identity is tested first: cheap when nothing failed
 
+    def _check_sender(self, mail_from: str) -> None:
+        """Check a sender once (not once per envelope); keeps its MAIL FROM prefix."""
+        self._from = mail_from
+        self._from_bad = type(mail_from) is not str or _BAD_ADDRESS.search(mail_from) is not None
+        self._from_utf8 = not self._from_bad and not mail_from.isascii()
+        self._from_line = b"" if self._from_bad else b"MAIL FROM:<" + mail_from.encode() + b">"
+
     def _mail_line(self, txn: _Txn) -> bytes:
         env = txn.env
-        params = b""
+        if env.mail_from is not self._from:
+            self._check_sender(env.mail_from)
+        line = self._from_line
         caps = self.capabilities
         if "SIZE" in caps:
-            params += b" SIZE=%d" % len(env.data)
+            line += b" SIZE=%d" % len(env.data)
         if env.eightbit and "8BITMIME" in caps:
-            params += b" BODY=8BITMIME"
+            line += b" BODY=8BITMIME"
         if txn.utf8:
-            params += b" SMTPUTF8"
-        return b"MAIL FROM:<" + env.mail_from.encode() + b">" + params + b"\r\n"
+            line += b" SMTPUTF8"
+        return line + b"\r\n"
 
     def _start_next(self) -> None:
         """Send the next queued transaction's commands (all of them with PIPELINING)."""
@@ -370,7 +388,7 @@ class SMTPClient:
             self._out.append(b"".join(parts))
             self._group_open = True
             return
-        rest = txn.rest
+        rest = txn.rest = deque()
         for i in range(len(rcpts)):
             if outcomes[i] is None:
                 rest.append((_RCPT, i, b"RCPT TO:<" + rcpts[i].encode() + b">\r\n"))
@@ -421,9 +439,11 @@ class SMTPClient:
 
     def _send_rest(self, txn: _Txn) -> None:
         """Without PIPELINING: send the transaction's next command, or end it."""
-        kind, i, line = txn.rest.popleft()
+        rest = txn.rest
+        assert rest is not None
+        kind, i, line = rest.popleft()
         if kind == _DATA and (txn.mail_fail is not None or not txn.accepted):
-            txn.rest.clear()
+            rest.clear()
             self._group_open = False
             if txn.mail_fail is None:
                 self._out.append(b"RSET\r\n")
@@ -454,9 +474,34 @@ class SMTPClient:
             # trusted after it (CVE-2011-0411 style injection): refuse them.
             state, self.state = self.state, CLOSED
             raise RemoteProtocolError(f"unexpected data in state {state!r}")
+        pending = self._pending
+        handlers = self._handlers
         try:
+            # _reply, inlined for the replies of a running session (one call
+            # less per reply); a 2xx to MAIL or RCPT with PIPELINING, nearly
+            # every reply but the last of a transaction, needs no handler.
             for reply in self._parser.feed(data):
-                self._reply(reply)
+                if not pending or self.state == CLOSED:
+                    self._reply(reply)  # out of turn: a 421, or an error
+                    continue
+                self._current = entry = pending.popleft()
+                kind, txn, i = entry
+                code = reply[0]
+                if kind == _CMD:
+                    self._command_reply(self._cmd_names.popleft(), reply)
+                elif txn is None:  # a _RSET inside a pipeline: only a 421 matters
+                    pass
+                elif kind <= _RCPT and 200 <= code < 300 and txn.rest is None:
+                    if kind == _RCPT:
+                        if txn.mail_fail is None:
+                            txn.accepted += 1
+                        else:
+                            self._reply_rcpt(txn, i, reply)
+                else:
+                    handlers[kind](txn, i, reply)
+                self._current = None
+                if code == 421 and self.state != CLOSED:
+                    self._abort(code, reply[1], reply[2])
         except RemoteProtocolError:
             if self._current is not None and self._current[1] is not None:  # its txn
                 self._pending.appendleft(self._current)
@@ -532,14 +577,23 @@ class SMTPClient:
         code = reply[0]
         self._group_open = False
         if code == 354:
+            self._pending.append((_DOT, txn, 0))
+            wire = self._out
+            k = len(wire)
+            tail = b""
+            if self.pipelining:
+                # The next transaction's commands go in the same write as this
+                # body, and in the same buffer (dot_stuff appends them): no
+                # second copy of the message to join them.
+                self._start_next()
+                if len(wire) > k:
+                    tail = wire[k] if len(wire) == k + 1 else b"".join(wire[k:])
+                    del wire[k:]
             if txn.accepted and txn.mail_fail is None:
-                self._out.append(dot_stuff(txn.env.data))
+                wire.append(dot_stuff(txn.env.data, tail))
             else:  # a server that says 354 with no recipient: end it empty
                 txn.dummy = True
-                self._out.append(b".\r\n")
-            self._pending.append((_DOT, txn, 0))
-            if self.pipelining:
-                self._start_next()
+                wire.append(b".\r\n" + tail)
         elif code >= 400:
             if txn.mail_fail is None:
                 out = self._outcome(reply, "data")
@@ -585,9 +639,12 @@ class SMTPClient:
         if code < 200 or 300 <= code < 400:
             raise RemoteProtocolError(f"unexpected reply {code} to end of data")
         out = self._outcome(reply, "data")
-        for j in range(len(outs)):
-            if outs[j] is None:
-                outs[j] = out
+        if len(outs) == 1:  # one recipient, accepted (else no body was sent): the usual case
+            outs[0] = out
+        else:
+            for j in range(len(outs)):
+                if outs[j] is None:
+                    outs[j] = out
         if code >= 300:
             self._finish(txn)
         else:

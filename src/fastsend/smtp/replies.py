@@ -9,7 +9,8 @@ its enhanced code removed, lines joined by ``"\\n"``.
 
 :func:`dot_stuff` turns a message into the bytes of a DATA body: every line
 starting with "." gets a second one (RFC 5321 section 4.5.2), a missing final
-CRLF is added, and the ``.`` terminator is appended.
+CRLF is added, and the ``.`` terminator is appended (then, optionally, the
+bytes that follow it on the wire).
 
 Both have compiled twins of the same names in ``fastsend._core``;
 ``fastsend._accel.pick`` chooses. This module does no I/O and keeps no state
@@ -111,8 +112,10 @@ class ReplyParser:
         self._enhanced = ""
 
 
-def dot_stuff(data: bytes) -> bytes:
-    """The DATA body for ``data``: dot-stuffed, CRLF-terminated, ending ``.\\r\\n``.
+def dot_stuff(data: bytes, tail: bytes = b"") -> bytes:
+    """The DATA body for ``data``: dot-stuffed, CRLF-terminated, ending ``.\\r\\n``,
+    followed by ``tail`` (the next commands of a pipelined session, built into
+    the same buffer instead of being joined to a copy of the message).
 
     A "." after a bare CR is stuffed too, so no "<CR>.<CR>"-style end-of-data
     sequence can be smuggled through a server that treats bare CR or LF as a
@@ -125,7 +128,7 @@ def dot_stuff(data: bytes) -> bytes:
         body = re.sub(rb"\r(?!\n)\.", b"\r..", body)
     if body[-2:] != b"\r\n":
         body += b"\r\n" if body else b""
-    return body + b".\r\n"
+    return body + b".\r\n" + tail
 
 
 # The readable references stay reachable for the tests (``impl`` fixture).
