@@ -163,3 +163,29 @@ def test_send_exits_at_once_with_its_output_and_status_intact(tmp_path: Path) ->
     assert summary(proc)["delivered"] == 2
     assert proc.stdout.endswith("}\n")
     assert "1 bad recipient row(s) were skipped" in proc.stderr
+
+
+def test_a_whole_send_imports_none_of_what_it_does_not_use(tmp_path: Path) -> None:
+    """A real `fastsend send` (supervisor and workers, run with -X importtime):
+    none of NOT_ON_THE_SEND_PATH is imported at any point of the run (the
+    supervisor lock's process start time comes from /proc, not psutil), nor
+    what only other mail needs (email.utils: self-contained messages and HTTP
+    transports; html: tracked links; mimetypes: attachments)."""
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, ["a@example.net", "b@example.org"])
+    with SinkProcess() as sink:
+        host, port = sink.addresses[0]
+        cmd = [sys.executable, "-X", "importtime", "-m", "fastsend", "send", str(camp),
+               "-r", str(rcpts), "--route", f"*={host}:{port}", "--workers", "2",
+               "--spool", str(tmp_path / "spool"), "--json", "--no-progress", "--no-dkim"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(proc)["delivered"] == 2
+    imported = {
+        line.rpartition("|")[2].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "fastsend.delivery.worker" in imported  # the probe works
+    unused = (*NOT_ON_THE_SEND_PATH, "email.utils", "html.entities", "mimetypes")
+    assert not [m for m in unused if m in imported]

@@ -89,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     # First pass: find the subcommand without its options, then let its module
-    # add them (lazy import keeps `fastsend --help` fast).
+    # add them (lazy import keeps `fastsend --help` fast). The table of every
+    # subcommand is built only for help, --version or a wrong name.
     if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv or ["--help"])
+        build_parser().parse_args(argv or ["--help"])
         return 2
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])

@@ -692,10 +692,13 @@ def prepare(config: Config) -> None:
     """In the supervisor, before it forks workers on ``config``: what every worker
     would otherwise do after the fork and can share instead (copy-on-write):
     import dnspython when a name may be looked up, load the config's DKIM keys,
-    find libc's prctl.
+    find libc's prctl, load the idna codec.
     Campaign keys are loaded when a campaign is accepted (accept.check_campaign)."""
     import uvloop  # noqa: F401  (each worker's loop)
 
+    # The loop's getaddrinfo encodes every host name with the idna codec: its
+    # module (and stringprep) would be imported at each worker's first connect.
+    "localhost".encode("idna")
     mx.prepare(config)
     ConfigDKIM(config).preload()
     _prctl()

@@ -22,7 +22,6 @@ work itself (see :mod:`fastsend.message.mime`) and no signing (see
 from __future__ import annotations
 
 import base64
-import mimetypes
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -355,6 +354,8 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
     fname = str(fname)
     if re.search(r"[\x00-\x1f\x7f/\\]", fname):
         raise CampaignError(f"bad attachment filename {fname!r}")
+    import mimetypes  # here: only attachments need it
+
     ctype = a.get("content_type") or mimetypes.guess_type(fname)[0] or "application/octet-stream"
     if not re.fullmatch(r"[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+", ctype):
         raise CampaignError(f"bad attachment content_type {ctype!r}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import email.utils
 import math
 import time
 from collections.abc import Callable
@@ -74,6 +73,8 @@ def retry_after(value: str | None) -> float:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # here: rare, and ~5 ms to import in every worker
+
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError):
