@@ -110,12 +110,14 @@ class Sampler(threading.Thread):
 
 
 def run_once(camp: str, rcpts: str, sink: SmtpSink, tmp: str, workers: int, tag: str,
-             every: float) -> tuple[float, float, list[tuple[float, int, str]], Sampler, int]:  # fmt: skip
+             every: float, config: str = "") -> tuple[float, float, list[tuple[float, int, str]], Sampler, int]:  # fmt: skip
     marks = os.path.join(tmp, f"marks-{tag}.txt")
     cmd = [sys.executable, HOOKS, marks, "send", camp, "-r", rcpts,
            "--route", f"*=127.0.0.1:{sink.port}", "--source-ip", ",".join(SOURCE_IPS),
            "--workers", str(workers), "--spool", os.path.join(tmp, f"spool-{tag}"),
            "--json", "--no-progress", "--no-dkim"]  # fmt: skip
+    if config:
+        cmd += ["-c", config]
     before = sink.messages()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -196,6 +198,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0, help="0: one per core")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--bucket", type=float, default=0.1, help="s per row of the CPU table")
+    ap.add_argument("--config", "-c", default="", help="a fastsend config file for the send")
     ap.add_argument("--sample", type=float, default=0.005, help="s between /proc samples")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
@@ -211,7 +214,7 @@ def main() -> int:
         try:
             for r in range(args.runs):
                 t0, t_exit, rows, sampler, got = run_once(
-                    camp, rcpts, sink, tmp, workers, str(r), args.sample
+                    camp, rcpts, sink, tmp, workers, str(r), args.sample, args.config
                 )
                 print(f"\n== run {r + 1}: sink counted {got} of {args.messages}")
                 ok = ok and got == args.messages
