@@ -93,6 +93,10 @@ def install() -> None:
     wrap(worker.Worker, "report", before="first results in a worker", once=True)
     wrap(outcomes.Outcomes, "apply", before="first outcomes applied", once=True)
     wrap(supervisor.Supervisor, "_feed", after="list fully read (feeder done)")
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    wrap(SQLiteSpool, "counts", before="spool counts", after="spool counted")
+    wrap(SQLiteSpool, "close", before="spool close", after="spool closed")
     wrap(lifecycle.WorkerLifecycle, "shutdown", before="shutdown start", after="workers reaped")
 
     # The last outcome batch: remembered, written once the engine returns.
