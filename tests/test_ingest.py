@@ -114,6 +114,67 @@ def test_row_count_matches_what_read_yields(tmp_path: Path) -> None:
     assert recipients.count_rows(str(tmp_path / "e.csv")) == 0
 
 
+@pytest.mark.parametrize("block", [1, 3, 64, 1 << 20])
+def test_survey_counts_what_read_yields_whatever_the_lines(tmp_path: Path, block: int) -> None:
+    """survey() counts lines at C speed and looks at a line only when it may be
+    blank: its count is what read() yields for line ends CR, LF and CRLF (split
+    by the block), whitespace-only lines (Unicode spaces too), a BOM, literal
+    quotes, and quoted fields spanning lines (counted by the csv module); and
+    its digest is the file's SHA-256."""
+    import hashlib
+
+    from fastsend import recipients
+
+    rng = random.Random(block)
+    pieces = ["u@x.example", "n", ",", '"', "\n", "\r", "\r\n", " ", "\t", "\xa0", "\u3000",
+              "\u2028", "\x1c", "\x85", "\x0b", "\u00e9", '{"email": "j@x.example"}']  # fmt: skip
+    cases = [
+        "\ufeffemail,name\r\na@x.example,A\r\n\r\n \u3000\r\nb@x.example,B",
+        'email,name\na@x.example,O"Brien\n\xa0\nb@x.example,"B, the ""second""\nline"\n',
+        "email\n\n\n a@x.example \n\x85\n",
+    ]
+    for _ in range(400):
+        cases.append("email,name\n" + "".join(rng.choices(pieces, k=rng.randint(0, 30))))
+        cases.append("".join(rng.choices(pieces, k=rng.randint(0, 30))))
+    for i, text in enumerate(cases):
+        for ext in (".csv", ".jsonl"):
+            p = tmp_path / f"c{i}{ext}"
+            p.write_bytes(text.encode())
+            try:
+                want = len(list(recipients.read(str(p))))
+            except recipients.RecipientsError:
+                continue  # not a list read() accepts (no email column)
+            digest, rows = recipients.survey(str(p), block=block)
+            assert rows == want, (text, ext)
+            assert digest == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_a_list_not_in_utf8_is_refused_with_its_line(tmp_path: Path) -> None:
+    from fastsend import recipients
+
+    spool_url = str(tmp_path / "spool")
+
+    rows = "".join(f"u{i}@x.example,N{i}\n" for i in range(3000))
+    p = tmp_path / "latin1.csv"
+    p.write_bytes(b"email,name\n" + rows.encode() + "j@x.example,Jos\u00e9\n".encode("latin-1"))
+    with pytest.raises(recipients.RecipientsError, match="line 3002: not UTF-8"):
+        recipients.survey(str(p))
+    camp = write_campaign(tmp_path)
+    res = run_fastsend("send", camp, "-r", str(p), "--spool", spool_url, "--no-dkim",
+                       "--route", "*=127.0.0.1:9", "--json", "--no-progress")  # fmt: skip
+    assert res.returncode == 2 and "line 3002: not UTF-8 text" in res.stderr
+    assert "Traceback" not in res.stderr
+    spool = open_spool(spool_url)
+    try:
+        assert sum(spool.counts().values()) == 0  # nothing of it was spooled
+    finally:
+        spool.close()
+    (tmp_path / "head.csv").write_bytes(b"email,nam\xe9\n")  # the header: refused at once
+    res = run_fastsend("send", camp, "-r", str(tmp_path / "head.csv"), "--spool", spool_url,
+                       "--no-dkim", "--route", "*=127.0.0.1:9", "--json", "--no-progress")  # fmt: skip
+    assert res.returncode == 2 and "not UTF-8 text" in res.stderr, res.stderr
+
+
 def test_resume_continues_an_unfinished_list(spool_url: str, tmp_path: Path) -> None:
     job, addrs = crashed_ingest(spool_url, tmp_path, 5000, batches=2)
     assert (job.total, job.accepted, job.rejected, job.status) == (5001, 2000, 1, "running")

@@ -90,20 +90,17 @@ def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, A
 
 
 def describe_source(path: str) -> tuple[dict[str, Any], int]:
-    """({path, size, mtime_ns, sha256}, data rows) of a recipient list as it is now."""
+    """({path, size, mtime_ns, sha256}, data rows) of a recipient list as it is
+    now: one pass over its bytes (:func:`recipients.survey`)."""
     path = os.path.abspath(path)
     try:
         st = os.stat(path)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
     except FileNotFoundError:
         raise recipients.RecipientsError(f"recipient file {path!r} not found") from None
     except OSError as e:
         raise recipients.RecipientsError(f"cannot read recipient file {path!r}: {e}") from None
-    total = recipients.count_rows(path)
-    src = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    sha256, total = recipients.survey(path)
+    src = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
     return src, total
 
 
@@ -114,10 +111,12 @@ def source_problem(job: IngestJob) -> str | None:
     if not os.path.exists(path):
         return "gone"
     try:
-        now, _total = describe_source(path)
-    except recipients.RecipientsError:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
         return "unreadable"
-    if now["size"] != job.source.get("size") or now["sha256"] != job.source.get("sha256"):
+    if size != job.source.get("size") or sha256 != job.source.get("sha256"):
         return "changed"
     return None
 

@@ -11,7 +11,9 @@ kept as JSON). The format is chosen by extension (.csv / .jsonl / .ndjson /
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -58,7 +60,7 @@ def detect_format(path: str, first: str) -> str:
 def columns(path: str) -> set[str]:
     """The variable names a file provides (CSV header, or keys of the first JSON row)."""
     with _open(path) as f:
-        first = f.readline()
+        first = _readline(path, f)
         fmt = detect_format(path, first)
         if fmt == "csv":
             try:
@@ -67,7 +69,7 @@ def columns(path: str) -> set[str]:
                 raise RecipientsError(f"line 1: {e}") from None
             return {h.strip() for h in header}
         while first and not first.strip():
-            first = f.readline()
+            first = _readline(path, f)
         try:
             obj = orjson.loads(first) if first.strip() else {}
         except orjson.JSONDecodeError:
@@ -75,23 +77,157 @@ def columns(path: str) -> set[str]:
         return set(obj) if isinstance(obj, dict) else set()
 
 
+def _readline(path: str, f: io.TextIOWrapper) -> str:
+    try:
+        return f.readline()
+    except UnicodeDecodeError as e:
+        raise RecipientsError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
 def read(path: str) -> Iterator[Row | BadRow]:
     """Yield good rows and BadRow entries, in file order."""
     f = _open(path)
     with f:
-        first = f.readline()
+        first = _readline(path, f)
         if not first:
             return
         fmt = detect_format(path, first)
-        if fmt == "csv":
-            yield from _read_csv(first, f)
-        else:
-            yield from _read_jsonl(first, f)
+        try:
+            if fmt == "csv":
+                yield from _read_csv(first, f)
+            else:
+                yield from _read_jsonl(first, f)
+        except UnicodeDecodeError as e:  # survey() finds it first, unless the file changed
+            raise RecipientsError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 def count_rows(path: str) -> int:
     """How many rows :func:`read` yields (good and bad), without checking them:
-    a cheap pass (no address parsing) for progress ("38,000 of 50,000 rows")."""
+    for progress ("38,000 of 50,000 rows"). See :func:`survey`."""
+    return survey(path)[1]
+
+
+BLOCK = 1 << 20  # bytes per read of survey()
+# Bytes that may begin a line holding only whitespace (what str.strip() removes):
+# ASCII whitespace, the separators U+001C-U+001F, and the lead bytes of the
+# UTF-8 forms of U+0085, U+00A0, U+1680, U+2000-U+205F and U+3000.
+_MAY_BE_BLANK = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3"
+_MAY_BE_BLANK_AFTER_BREAK = re.compile(b"\n[" + re.escape(_MAY_BE_BLANK) + b"]")
+
+
+def survey(path: str, *, block: int = BLOCK) -> tuple[str, int]:
+    """(SHA-256 of the file's bytes, how many rows :func:`read` yields) in one
+    pass over the bytes, at C speed: line breaks are counted (the csv module
+    and a text file split lines at CR, LF and CRLF alike), a run of lines is
+    decoded and looked at line by line only when one of them may be blank
+    (such a line is no row), and non-ASCII text is checked to be UTF-8
+    (RecipientsError naming the line, before anything is spooled). A CSV with a
+    quoted field (a '"' opening a field: only there is it not a plain
+    character, and only such a field may span lines) is counted again by the
+    csv module."""
+    digest = hashlib.sha256()
+    counter = _LineCounter(path)
+    try:
+        with open(path, "rb") as f:
+            while data := f.read(block):
+                digest.update(data)
+                counter.feed(data)
+    except FileNotFoundError:
+        raise RecipientsError(f"recipient file {path!r} not found") from None
+    except OSError as e:
+        raise RecipientsError(f"cannot read recipient file {path!r}: {e.strerror}") from None
+    rows = counter.end()
+    if rows is None:  # quoted fields: the csv module's own count
+        rows = _count_records(path)
+    return digest.hexdigest(), rows
+
+
+class _LineCounter:
+    """Rows of a list fed as blocks of bytes (see :func:`survey`). A block is
+    looked at by ranges, not copied: copying 1 MB costs as much as the search."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.carry = b""  # the line begun at the end of the last block
+        self.fmt = ""  # "csv" / "jsonl" once the first line is known
+        self.rows = 0
+        self.lines = 0  # line breaks counted (for the line of a decoding error)
+        self.quoted = False  # a CSV with a quoted field: counted by the csv module
+
+    def feed(self, data: bytes) -> None:
+        if b"\r" in data or self.carry.endswith(b"\r"):  # CR or CRLF line ends
+            buf = self.carry + data
+            held = b""
+            if buf.endswith(b"\r"):  # maybe the CR of a CRLF the block split
+                buf, held = buf[:-1], b"\r"
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            end = buf.rfind(b"\n") + 1
+            self.carry = buf[end:] + held
+            if end:
+                self._lines(buf, 0, end)
+            return
+        start = data.find(b"\n") + 1
+        if not start:
+            self.carry += data
+            return
+        if self.carry:  # the line the last block began
+            line = self.carry + data[:start]
+            self._lines(line, 0, len(line))
+        else:
+            start = 0
+        end = data.rfind(b"\n") + 1
+        if start < end:
+            self._lines(data, start, end)
+        self.carry = data[end:]
+
+    def end(self) -> int | None:
+        last = self.carry[:-1] if self.carry.endswith(b"\r") else self.carry
+        if last:
+            last += b"\n"
+            self._lines(last, 0, len(last))
+        return None if self.quoted else self.rows
+
+    def _lines(self, buf: bytes, start: int, end: int) -> None:
+        """Count the complete lines of ``buf[start:end]`` (each ends with LF)."""
+        if not self.fmt:
+            cut = buf.index(b"\n", start, end) + 1
+            first = self._text(buf, start, cut).removeprefix("\ufeff")
+            self.fmt = detect_format(self.path, first)
+            if self.fmt != "csv" and first.strip():  # a CSV's first line is its header
+                self.rows += 1
+            self.lines += 1
+            start = cut
+            if start == end:
+                return
+        n = buf.count(b"\n", start, end)
+        if not buf.isascii():
+            self._text(buf, start, end)  # UTF-8, or an error naming the line
+        if self.fmt == "csv" and not self.quoted and buf.find(b'"', start, end) >= 0:
+            self.quoted = (
+                buf[start] == 0x22
+                or buf.find(b'\n"', start, end) >= 0
+                or buf.find(b',"', start, end) >= 0
+            )
+        if buf[start] in _MAY_BE_BLANK or _MAY_BE_BLANK_AFTER_BREAK.search(buf, start, end):
+            lines = self._text(buf, start, end).split("\n")[:-1]
+            self.rows += sum(1 for line in lines if line.strip())
+        else:
+            self.rows += n
+        self.lines += n
+
+    def _text(self, buf: bytes, start: int, end: int) -> str:
+        try:
+            return str(memoryview(buf)[start:end], "utf-8")
+        except UnicodeDecodeError as e:
+            line = self.lines + buf.count(b"\n", start, start + e.start) + 1
+            raise RecipientsError(
+                f"{self.path}: line {line}: not UTF-8 text ({e.reason})"
+            ) from None
+
+
+def _count_records(path: str) -> int:
+    """What read() yields from a CSV, counted by the csv module (no address
+    parsing): the exact count of a list with quoted fields."""
     with _open(path) as f:
         first = f.readline()
         if not first:
