@@ -300,6 +300,7 @@ def test_proxy_forwards_every_method(make_spool: Factory) -> None:
     now = time.time()
     ids = s.add_messages(cid, spool_rows(3), now, suppressed=[2])
     assert calls == ["add"] and s.counts(cid)["suppressed"] == 1
+    assert s.tally(cid) == inner.tally(cid)
     assert s.get_campaign(cid) == inner.get_campaign(cid) and len(s.list_campaigns()) == 1
     got = s.claim_due(now, 1)
     s.renew()
@@ -433,6 +434,35 @@ def test_rows_spooled_after_a_short_claim_go_straight_to_it(tmp_path: Path) -> N
     assert s.counts()["queued"] == 0 and s.counts()["inflight"] == 3 + 2 + 13
     s.record_results([Result(g.id, DELIVERED, 1, 0, 250, "2.0.0", "") for g in got], now)
     assert s.counts(cid)["delivered"] == 8
+    s.close()
+
+
+def test_tally_of_a_campaign_only_while_this_object_spooled_all_it_has(tmp_path: Path) -> None:
+    """tally(): (rows, suppressed) of a campaign this object created, counted as
+    they are spooled (parked, queued, suppressed alike); None for a campaign it
+    did not create, once another connection wrote the spool (another process's
+    cancel or pause, a CLI command) and once it was cancelled here."""
+    s = SQLiteSpool(str(tmp_path))
+    cid = s.create_campaign({"from": "a@b.example"})
+    other = s.create_campaign({"from": "a@b.example"})
+    assert s.tally(cid) == (0, 0)
+    now = time.time()
+    s.add_messages(cid, spool_rows(3), now)
+    assert len(s.claim_next(now, 12, key=0)) == 3  # short: the next rows are parked
+    s.add_messages(cid, spool_rows(5, "p.example"), now, suppressed={0, 3})
+    s.add_messages(other, spool_rows(2), now)
+    c = s.counts(cid)
+    assert s.tally(cid) == (8, 2) == (sum(c.values()), c["suppressed"])
+    again = SQLiteSpool(str(tmp_path))  # not created by it
+    assert again.tally(cid) is None
+    again.set_campaign_status(other, "paused")  # another connection's commit
+    again.close()
+    assert s.tally(cid) is None and s.tally(other) is None
+    third = s.create_campaign({"from": "a@b.example"})
+    s.add_messages(third, spool_rows(2), now)
+    assert s.tally(third) == (2, 0)
+    s.set_campaign_status(third, "cancelled")  # its pending rows end cancelled
+    assert s.tally(third) is None
     s.close()
 
 

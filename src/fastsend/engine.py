@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from fastsend.config import Config
 from fastsend.events import EventLog
+from fastsend.queue.state import RunStats
 from fastsend.queue.supervisor import Supervisor
 from fastsend.spool import Spool
 
@@ -111,16 +112,11 @@ def run(
             bar.done()
     elapsed = time.monotonic() - t0
     cpu1 = os.times()
-    counts = spool.counts(campaign)
-    pending = counts["queued"] + counts["deferred"] + counts["inflight"]
+    counts = final_counts(spool, stats, campaign)
     done = stats.delivered + stats.bounced + stats.expired
     return {
         "campaign": campaign,
-        "delivered": counts["delivered"],
-        "deferred": pending,
-        "bounced": counts["bounced"],
-        "suppressed": counts["suppressed"],
-        "expired": counts["expired"],
+        **counts,
         "elapsed_s": round(elapsed, 3),
         "msgs_per_s": round(done / elapsed, 1) if elapsed > 0 else 0.0,
         "attempts": stats.attempts,
@@ -135,4 +131,35 @@ def run(
             3,
         ),
         "worker_cpu_s": [round(s.cpu_s, 3) for s in sup.slots],  # per worker slot
+    }
+
+
+def final_counts(spool: Spool, stats: RunStats, campaign: int | None) -> dict[str, int]:
+    """The messages of ``campaign`` (None: the spool's) per summary state at the
+    end of a run ("deferred": still pending). A campaign this process created,
+    whose rows were all spooled here and whose spool nothing else wrote since
+    (``Spool.tally``), has had no outcome but the ones this run applied: its
+    counts follow from those, exactly, without reading its rows (~20 ms per
+    100,000). Any other is counted in the spool."""
+    finals = stats.finals
+    tally = spool.tally(campaign) if campaign is not None and finals is not None else None
+    if tally is not None and finals is not None:
+        rows, suppressed = tally
+        delivered, bounced, expired, dropped = finals.get(campaign, (0, 0, 0, 0))
+        pending = rows - suppressed - delivered - bounced - expired - dropped
+        if pending >= 0:
+            return {
+                "delivered": delivered,
+                "deferred": pending,
+                "bounced": bounced,
+                "suppressed": suppressed + dropped,
+                "expired": expired,
+            }
+    counts = spool.counts(campaign)
+    return {
+        "delivered": counts["delivered"],
+        "deferred": counts["queued"] + counts["deferred"] + counts["inflight"],
+        "bounced": counts["bounced"],
+        "suppressed": counts["suppressed"],
+        "expired": counts["expired"],
     }

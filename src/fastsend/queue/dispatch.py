@@ -161,6 +161,7 @@ class Dispatch(SupervisorState):
             text = f"suppressed for tenant {tenant}: {reason}"
             self.results.append(Result(c.id, SUPPRESSED, c.attempts, 0.0, 0, "", text))
             self.stats.suppressed += 1
+            self.stats.final(c.campaign)[3] += 1
             if log_events:
                 self.event_buf.append(
                     {

@@ -115,6 +115,9 @@ class Outcomes(SupervisorState):
             slot.unwritten += n
 
     def _count_delivered(self, delivered: dict[int, int]) -> None:
+        final = self.stats.final
+        for cid, k in delivered.items():
+            final(cid)[0] += k
         guardrails = self.shaping.guardrails
         try:
             for cid, k in delivered.items():
@@ -136,6 +139,7 @@ class Outcomes(SupervisorState):
         if r.kind == wire.K_FAILED:
             state, name, at = BOUNCED, "bounced", 0.0
             stats.bounced += 1
+            stats.final(c.campaign)[1] += 1
             if r.hard:  # the address can never receive: suppress it for the tenant now
                 self.to_suppress.append(
                     (self.tenant_of(c.campaign), c.rcpt, r.reason, SOURCE_DELIVERY, c.id)
@@ -145,6 +149,7 @@ class Outcomes(SupervisorState):
             if nxt is None:
                 state, name, at = EXPIRED, "expired", 0.0
                 stats.expired += 1
+                stats.final(c.campaign)[2] += 1
             else:
                 state, name, at = DEFERRED, "deferred", nxt
                 stats.deferred += 1

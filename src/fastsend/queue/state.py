@@ -69,9 +69,22 @@ class RunStats:
     worker_restarts: int = 0
     duplicates_possible: int = 0  # messages released from a dead worker's window
     handed_back: int = 0  # messages a worker gave back unattempted (slow site, drain)
+    # campaign -> [delivered, bounced, expired, suppressed]: the final outcomes this
+    # run gave its messages (each message's once: it leaves the window with it).
+    # Kept by a run that ends (engine.run), not by a long-lived serve.
+    finals: dict[int, list[int]] | None = field(default_factory=dict)
+
+    def final(self, campaign: int) -> list[int]:
+        finals = self.finals
+        if finals is None:
+            return [0, 0, 0, 0]
+        f = finals.get(campaign)
+        if f is None:
+            f = finals[campaign] = [0, 0, 0, 0]
+        return f
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "started"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("started", "finals")}
 
 
 class SupervisorState:

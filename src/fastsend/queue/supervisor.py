@@ -86,7 +86,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.until_idle = until_idle
         self.max_wait = max_wait
         self.on_tick = on_tick
-        self.stats = RunStats()
+        self.stats = RunStats(finals={} if until_idle else None)
         self.slots = [WorkerSlot(i, config.ips_for_worker(i)) for i in range(config.worker_count)]
         self.results: list[Result] = []
         self.results_since = 0.0

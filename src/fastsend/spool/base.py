@@ -391,6 +391,15 @@ class Spool(abc.ABC):
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         """Messages per state name."""
 
+    def tally(self, campaign_id: int) -> tuple[int, int] | None:
+        """(rows spooled, of which suppressed) of a campaign this object created,
+        when every row of it was spooled through this object and nothing else
+        has written the spool since it was created: the outcomes this process
+        applied to it are then all it has had, and its counts follow from them
+        without reading its rows (``engine.run``'s summary). None when that
+        cannot be known (this default, another process's write, a cancel)."""
+        return None
+
     @abc.abstractmethod
     def next_due(self) -> float | None:
         """Earliest next attempt time of a pending message of an active campaign."""
@@ -737,6 +746,9 @@ class SpoolProxy(Spool):
 
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         return self.inner.counts(campaign_id)
+
+    def tally(self, campaign_id: int) -> tuple[int, int] | None:
+        return self.inner.tally(campaign_id)
 
     def next_due(self) -> float | None:
         return self.inner.next_due()

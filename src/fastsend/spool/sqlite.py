@@ -208,6 +208,9 @@ class SQLiteSpool(Spool):
         self._holds: set[str] = set()  # ingest lock files this object holds
         self._parked: list[Claimed] = []  # spooled in flight for a waiting claim
         self._room: dict[int, tuple[int, float]] = {}  # claim key -> (room, monotonic time)
+        # Campaigns created here: [rows spooled, of which suppressed, the
+        # database's data_version at creation] (see tally()).
+        self._tallies: dict[int, list[int]] = {}
         self.path = os.path.join(directory, "spool.db")
         if readonly and not os.path.exists(self.path):
             raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
@@ -238,7 +241,19 @@ class SQLiteSpool(Spool):
             (name, tenant, time.time(), orjson.dumps(spec), orjson.dumps(options or {})),
         )
         assert cur.lastrowid is not None
-        return int(cur.lastrowid)
+        cid = int(cur.lastrowid)
+        self._tallies[cid] = [0, 0, self._data_version()]
+        return cid
+
+    def _data_version(self) -> int:
+        """Changes whenever another connection commits to the database."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    def tally(self, campaign_id: int) -> tuple[int, int] | None:
+        t = self._tallies.get(campaign_id)
+        if t is None or t[2] != self._data_version():
+            return None
+        return t[0], t[1]
 
     def _campaign(self, row: tuple[Any, ...]) -> CampaignInfo:
         return CampaignInfo(
@@ -285,6 +300,7 @@ class SQLiteSpool(Spool):
         with transaction(db):
             db.execute("UPDATE campaigns SET status=? WHERE id=?", (status, campaign_id))
             if status == "cancelled":
+                self._tallies.pop(campaign_id, None)  # pending rows end cancelled
                 # Pending mail becomes final; what is in flight finishes its attempt.
                 db.execute(
                     "UPDATE messages SET state=?, next_at=0 WHERE campaign=? AND state IN (0, 2)",
@@ -341,6 +357,13 @@ class SQLiteSpool(Spool):
                     "UPDATE ingests SET line=?, accepted=?, rejected=? WHERE id=?",
                     (ingest.line, ingest.accepted, ingest.rejected, ingest.job),
                 )
+        t = self._tallies.get(campaign_id)
+        if t is not None:
+            if state == QUEUED:
+                t[0] += len(rows)
+                t[1] += states.count(SUPPRESSED)
+            else:  # rows spooled in another state: count the rows themselves
+                del self._tallies[campaign_id]
         if park:
             self._parked += [
                 Claimed(first + k, campaign_id, r[0], r[1], r[2], 0, now)
