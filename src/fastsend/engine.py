@@ -143,7 +143,7 @@ def final_counts(spool: Spool, stats: RunStats, campaign: int | None) -> dict[st
     100,000). Any other is counted in the spool."""
     finals = stats.finals
     tally = spool.tally(campaign) if campaign is not None and finals is not None else None
-    if tally is not None and finals is not None:
+    if tally is not None and campaign is not None and finals is not None:
         rows, suppressed = tally
         delivered, bounced, expired, dropped = finals.get(campaign, (0, 0, 0, 0))
         pending = rows - suppressed - delivered - bounced - expired - dropped
