@@ -80,12 +80,14 @@ class Served:
                      for t in ("acme", "evil")}  # fmt: skip
         self.umask = umask
         self.serve_args = serve_args
+        self.env: dict[str, str] = {}  # more environment for the next start
         self.client_tls: ssl.SSLContext | None = None
         self.start()
 
     def start(self) -> None:
         """Start the server (again, after a stop or a kill: same config and spool)."""
-        self.server = ServeProcess(self.cfg, self.port, *self.serve_args, umask=self.umask)
+        self.server = ServeProcess(self.cfg, self.port, *self.serve_args, umask=self.umask,
+                                   env=self.env)  # fmt: skip
         self.proc = self.server.proc
         self.wait_line("ready in")
 

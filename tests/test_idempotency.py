@@ -222,27 +222,36 @@ def test_running_key_is_409_and_a_dead_holders_is_taken_over(spool_url: str,
         s.stop()
 
 
-def test_redis_retry_on_another_node_is_a_replay(redis_server: Any, tmp_path: Path) -> None:
-    url = redis_server.url()
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = Served(tmp_path / "a", NOWHERE, spool_url=url + f"&node=a&dir={tmp_path}/a/spool",
-               serve_args=("--no-workers", *VOLATILE))  # fmt: skip
+def two_nodes(tmp_path: Path, url: str, params: str = "") -> tuple[Served, Served]:
+    """Serve nodes a and b (no workers) on one Redis spool, each with its own
+    directory; ``params``: more of the spool URL (``&lease=2``)."""
+    nodes: list[Served] = []
     try:
-        b = Served(tmp_path / "b", NOWHERE, spool_url=url + f"&node=b&dir={tmp_path}/b/spool",
-                   serve_args=("--no-workers", *VOLATILE))  # fmt: skip
-        try:
-            b.keys = a.keys  # one key store (shared on Redis)
-            st, first, _ = call(a, "/v1/messages", MSG, key="two-nodes")
-            assert st == 202
-            st, again, h = call(b, "/v1/messages", MSG, key="two-nodes")
-            assert (st, again, h.get("Idempotent-Replayed")) == (202, first, "true")
-            st, _e, _ = call(b, "/v1/messages", {**MSG, "text": "x"}, key="two-nodes")
-            assert st == 422
-            assert total(a) == 1
-        finally:
-            b.stop()
+        for n in ("a", "b"):
+            (tmp_path / n).mkdir()
+            nodes.append(Served(tmp_path / n, NOWHERE,
+                                spool_url=url + f"&node={n}{params}&dir={tmp_path}/{n}/spool",
+                                serve_args=("--no-workers", *VOLATILE)))  # fmt: skip
+    except BaseException:
+        for s in nodes:
+            s.stop()
+        raise
+    nodes[1].keys = nodes[0].keys  # one key store (shared on Redis)
+    return nodes[0], nodes[1]
+
+
+def test_redis_retry_on_another_node_is_a_replay(redis_server: Any, tmp_path: Path) -> None:
+    a, b = two_nodes(tmp_path, redis_server.url())
+    try:
+        st, first, _ = call(a, "/v1/messages", MSG, key="two-nodes")
+        assert st == 202
+        st, again, h = call(b, "/v1/messages", MSG, key="two-nodes")
+        assert (st, again, h.get("Idempotent-Replayed")) == (202, first, "true")
+        st, _e, _ = call(b, "/v1/messages", {**MSG, "text": "x"}, key="two-nodes")
+        assert st == 422
+        assert total(a) == 1
     finally:
+        b.stop()
         a.stop()
 
 
@@ -258,10 +267,13 @@ def test_records_expire_after_their_ttl(make_spool: Any) -> None:
                                                                               "fp1")  # fmt: skip
         assert sp.idem_begin("u", "k", "fp1", now + 1, 60, me) is None  # another scope
         # A finished record is never taken over as "stale"; a running one only by
-        # the holder named.
-        assert sp.idem_begin("t", "k", "fp2", now + 2, 60, b"o", stale=me) is not None
-        assert sp.idem_begin("u", "k", "fp2", now + 2, 60, b"o", stale=b"nobody") is not None
-        assert sp.idem_begin("u", "k", "fp2", now + 2, 60, b"o", stale=me) is None
+        # the holder named (the taker gets it back under its own name).
+        got = sp.idem_begin("t", "k", "fp2", now + 2, 60, b"o", stale=me)
+        assert got is not None and got.holder == me and got.status == 202
+        got = sp.idem_begin("u", "k", "fp2", now + 2, 60, b"o", stale=b"nobody")
+        assert got is not None and got.holder == me
+        got = sp.idem_begin("u", "k", "fp2", now + 2, 60, b"o", stale=me)
+        assert got is not None and (got.holder, got.fingerprint, got.running) == (b"o", "fp1", True)
         sp.idem_drop("u", "k", b"o")
         assert sp.idem_begin("u", "k", "fp3", now + 3, 60, me) is None
         sp.idem_finish("u", "k", me, 201, b"{}")
@@ -275,5 +287,74 @@ def test_records_expire_after_their_ttl(make_spool: Any) -> None:
             assert len(ttls) == 2 and all(50_000 < t <= 60_000 for t in ttls), ttls
         # Expired (swept or not): the key is free again.
         assert sp.idem_begin("t", "k", "fp9", now + 120, 60, me) is None
+    finally:
+        sp.close()
+
+
+def test_parts_commit_with_their_rows_and_only_for_the_holder(make_spool: Any) -> None:
+    """The spool side of a resumable request: each add_messages under an IdemMark
+    records its ids in the key's record in the same transaction; a takeover
+    keeps them; the old holder's next part is refused and adds no row; a failed
+    request's key is released with its parts; the lease is renewed by its holder."""
+    from fastsend.spool import IDEM_RELEASED, IdemLost, IdemMark
+
+    sp = make_spool()
+    try:
+        now = time.time()
+        cid = sp.create_campaign({"kind": "transactional"}, tenant="t")
+        a, b = b'{"req":"a"}', b'{"req":"b"}'
+        assert sp.idem_begin("t", "k", "fp", now, 600, a, lease=5) is None
+        rows = [(f"r{i}@x.example", "x.example", b"{}") for i in range(300)]
+        ids0 = sp.add_messages(cid, rows[:200], now, idem=IdemMark("t", "k", a, 0))
+        ids1 = sp.add_messages(cid, rows[200:], now, idem=IdemMark("t", "k", a, 1))
+        with pytest.raises(IdemLost):  # not the next part: refused, nothing added
+            sp.add_messages(cid, rows[:1], now, idem=IdemMark("t", "k", a, 1))
+        with pytest.raises(IdemLost):  # not the holder
+            sp.add_messages(cid, rows[:1], now, idem=IdemMark("t", "k", b, 2))
+        assert sum(sp.counts().values()) == 300
+        assert sp.idem_renew("t", "k", a, 5) and not sp.idem_renew("t", "k", b, 5)
+        rec = sp.idem_begin("t", "k", "fp", now + 1, 600, b, lease=5)
+        assert rec is not None and rec.holder == a and 4 < rec.lease_left <= 5
+        assert rec.parts == [(cid, ids0), (cid, ids1)]
+        # Taken over (a judged dead): b holds it with a's parts; a's next part is refused.
+        rec = sp.idem_begin("t", "k", "fp", now + 2, 600, b, lease=5, stale=a)
+        assert rec is not None and rec.holder == b and rec.parts == [(cid, ids0), (cid, ids1)]
+        with pytest.raises(IdemLost):
+            sp.add_messages(cid, rows[:1], now, idem=IdemMark("t", "k", a, 2))
+        assert not sp.idem_renew("t", "k", a, 5)
+        assert sum(sp.counts().values()) == 300
+        ids2 = sp.add_messages(cid, rows[:1], now, idem=IdemMark("t", "k", b, 2))
+        # b fails (a 5xx): the key is released with its parts, for the next retry.
+        sp.idem_drop("t", "k", b)
+        rec = sp.idem_begin("t", "k", "fp", now + 3, 600, a, lease=5)
+        assert rec is not None and rec.holder == IDEM_RELEASED and rec.running
+        assert rec.parts[-1] == (cid, ids2)
+        rec = sp.idem_begin("t", "k", "fp", now + 3, 600, a, lease=5, stale=IDEM_RELEASED)
+        assert rec is not None and rec.holder == a and len(rec.parts) == 3
+        sp.idem_finish("t", "k", a, 202, b"{}")
+        assert not sp.idem_renew("t", "k", a, 5)  # answered: nothing to renew
+        # A request that spooled nothing and failed: forgotten, the key is free.
+        assert sp.idem_begin("t", "k2", "fp", now, 600, a, lease=5) is None
+        sp.idem_drop("t", "k2", a)
+        assert sp.idem_begin("t", "k2", "fp", now, 600, b, lease=5) is None
+    finally:
+        sp.close()
+
+
+def test_redis_lease_lapses_on_its_own(redis_server: Any, tmp_path: Path) -> None:
+    """On Redis the holder's lease is a key with an expiry (Redis's clock): a
+    holder that stops renewing is seen as lapsed, one that renews never is."""
+    sp = open_spool(redis_server.url(node="n1", dir=str(tmp_path)))
+    try:
+        now = time.time()
+        assert sp.idem_begin("t", "k", "fp", now, 600, b"h", lease=1) is None
+        for _ in range(3):
+            time.sleep(0.5)
+            assert sp.idem_renew("t", "k", b"h", 1)
+        rec = sp.idem_begin("t", "k", "fp", now, 600, b"x", lease=1)
+        assert rec is not None and rec.lease_left > 0.3
+        time.sleep(1.2)
+        rec = sp.idem_begin("t", "k", "fp", now, 600, b"x", lease=1)
+        assert rec is not None and rec.lease_left == 0 and rec.holder == b"h"
     finally:
         sp.close()

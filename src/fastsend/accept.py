@@ -37,7 +37,7 @@ from typing import Any
 from fastsend import recipients
 from fastsend.events import EventLog
 from fastsend.message import Campaign
-from fastsend.spool import IngestJob, IngestMark, Spool
+from fastsend.spool import IdemMark, IngestJob, IngestMark, Spool
 from fastsend.suppression import DEFAULT_TENANT, SuppressionList
 from fastsend.wire import MAX_RECORD, CampaignSpec, blob_ref, encoder
 
@@ -196,10 +196,16 @@ class Acceptor:
     # -- recipients ------------------------------------------------------------
 
     def accept(
-        self, campaign_id: int, rows: list[Row], *, ingest: IngestMark | None = None
+        self,
+        campaign_id: int,
+        rows: list[Row],
+        *,
+        ingest: IngestMark | None = None,
+        idem: IdemMark | None = None,
     ) -> list[int]:
-        """Spool ``rows`` durably (one transaction, with ``ingest``'s position);
-        returns their ids in the order of ``rows``."""
+        """Spool ``rows`` durably (one transaction, with ``ingest``'s position, or
+        recorded as a part of an Idempotency-Key's request: ``idem``); returns
+        their ids in the order of ``rows``."""
         if not rows and ingest is None:
             return []
         now = time.time()
@@ -209,7 +215,9 @@ class Acceptor:
             hits = self.suppression.contains_many([r[0] for r in rows], tenant=tenant)
         gone = {i for i, r in enumerate(rows) if r[0] in hits} if hits else set()
         stored, blobs = self._store_blobs(rows, now)
-        ids = self.spool.add_messages(campaign_id, stored, now, suppressed=gone, ingest=ingest)
+        ids = self.spool.add_messages(
+            campaign_id, stored, now, suppressed=gone, ingest=ingest, idem=idem
+        )
         for digest, where in blobs.items():
             self.spool.ref_blob(digest, [ids[i] for i in where])
         if ids:
@@ -257,13 +265,17 @@ class Acceptor:
 
     # -- recipient lists ---------------------------------------------------------
 
-    def start_ingest(self, campaign_id: int, path: str, *, origin: str = "") -> IngestJob:
+    def start_ingest(
+        self, campaign_id: int, path: str, *, origin: str = "", tags: dict[str, str] | None = None
+    ) -> IngestJob:
         """Record a durable ingest job for the list at ``path`` (not read yet),
         held by this process. ``origin``: where the list came from ("api": an
-        upload the serving process continues at its start)."""
+        upload a serving process continues); ``tags``: more fields of its
+        source, written with the job (an Idempotency-Key's token)."""
         source, total = describe_source(path)
         if origin:
             source["origin"] = origin
+        source.update(tags or {})
         job_id = self.spool.create_ingest(campaign_id, source, total)
         job = self.spool.get_ingest(job_id)
         assert job is not None

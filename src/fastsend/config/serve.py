@@ -39,6 +39,11 @@ class ApiSettings(Section):
     # How long an Idempotency-Key's answer is kept (a retry with the key within it
     # gets the first answer again); swept afterwards. At least a minute.
     idempotency_ttl_s: Annotated[float, msgspec.Meta(ge=60.0)] = 86400.0
+    # A request running under an Idempotency-Key renews its lease on the key
+    # (every third of it) while it works; a holder on another host whose lease
+    # lapsed is dead and a retry takes the request over (on this host a dead
+    # holder is seen at once, a live one never taken over).
+    idempotency_lease_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 30.0
     # Operational data and recipients' pages on listeners of their own.
     admin_listen: str = ""  # "HOST:PORT": /metrics without a key (bind it to a private net)
     public_listen: str = ""  # "HOST:PORT": tracking and unsubscribe only (what recipients reach)

@@ -52,7 +52,7 @@ from fastsend.serve.api import (
     server_dkim,
     tenant_of,
 )
-from fastsend.serve.idempotency import idempotent, json_digest
+from fastsend.serve.idempotency import TOKEN_OPTION, accept_rows, idempotent, json_digest, run_of
 from fastsend.serve.uploads import UPLOAD, Saved, UploadTooLarge, scan
 from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
 from fastsend.suppression import normalize as suppression_key
@@ -134,6 +134,9 @@ async def _spool_rows(
     good = [(r[1], r[2], r[3]) for r in rows if not isinstance(r, recipients.BadRow)]
     cap = api.settings.max_campaign_recipients
     have = sum(api.ctx.spool.counts(cid).values()) if ok_status == 202 else 0
+    run = run_of(request)
+    if run is not None:  # rows an earlier attempt of this very request spooled
+        have -= run.spooled(cid)
     if have + len(good) > cap:
         raise ApiError(
             413, f"recipients: the campaign would have {have + len(good)} recipients;"
@@ -141,7 +144,7 @@ async def _spool_rows(
         )  # fmt: skip
     accepted = 0
     for i in range(0, len(good), CHUNK):
-        accepted += len(api.ctx.inject(cid, good[i : i + CHUNK]))
+        accepted += len(accept_rows(request, cid, good[i : i + CHUNK]))
         await asyncio.sleep(0)  # let other requests in between chunks
     if api.metrics is not None:
         api.metrics.accepted(accepted)
@@ -206,9 +209,17 @@ async def create_campaign(request: web.Request) -> web.Response:
         raise bad(f"recipients[{first.line - 1}]: {first.error}", f"recipients[{first.line - 1}]")
     check_from_domain(request, camp.from_domain, "template.from")
     server_dkim(request, spec, camp.from_domain)
-    cid = api.ctx.acceptor.create_campaign(
-        spec, name=body.name, tenant=tenant_of(request), options={"api": True}, paused=body.paused
-    )
+    tenant = tenant_of(request)
+    run = run_of(request)
+    # Retried under an Idempotency-Key: the campaign an earlier attempt created.
+    cid = run.campaign(api.ctx.spool, tenant) if run is not None else None
+    if cid is None:
+        options: dict[str, Any] = {"api": True}
+        if run is not None:
+            options[TOKEN_OPTION] = run.token  # written with the campaign
+        cid = api.ctx.acceptor.create_campaign(
+            spec, name=body.name, tenant=tenant, options=options, paused=body.paused
+        )
     return await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
 
 
@@ -283,9 +294,12 @@ async def _upload(
                 f"recipients: {found.rejected} bad row(s); first: {first}; nothing was spooled",
                 f"recipients[{first.line - 1}]",
             )
+        run = run_of(request)
+        # Retried under an Idempotency-Key: the job an earlier attempt started.
+        job = run.ingest_job(api.ctx.spool) if run is not None else None
         cap = api.settings.max_campaign_recipients
         have = sum(api.ctx.spool.counts(cid).values())
-        if have + found.good > cap:
+        if job is None and have + found.good > cap:
             raise ApiError(
                 413, f"recipients: the campaign would have {have + found.good} recipients;"
                 f" [api] max_campaign_recipients is {cap}", "recipients",
@@ -305,6 +319,14 @@ async def _upload(
         "rejected": found.rejected,
         "errors": [{"row": b.line, "error": b.error} for b in found.bad],
     }
+    if job is not None:  # this copy is not needed: the job reads the first one
+        uploads.discard(path)
+        if run is not None:
+            run.skipped = job.accepted
+        uploads.take_over(job)  # continued here if its reader died
+        out.update(job=job.id, rows=job.total, accepted=job.accepted)
+        out["status"] = "spooled" if job.finished else "spooling"
+        return json_response(out, status=202)
     if not found.good:  # nothing to spool: no job
         uploads.discard(path)
         if found.bad:  # a 400 with the error object
@@ -315,7 +337,7 @@ async def _upload(
         return json_response(out, status=202)
     if api.metrics is not None:
         uploads.on_spooled = api.metrics.accepted
-    job, mark = uploads.accept(cid, path)
+    job, mark = uploads.accept(cid, path, tags={TOKEN_OPTION: run.token} if run else None)
     out["job"] = job.id
     out["rows"] = job.total
     out["accepted"] = mark.accepted

@@ -49,7 +49,7 @@ from fastsend.serve.api import (
     server_dkim,
     tenant_of,
 )
-from fastsend.serve.idempotency import idempotent
+from fastsend.serve.idempotency import accept_rows, idempotent
 from fastsend.tenants import domain_of
 
 MAX_TAGS = 20
@@ -284,7 +284,7 @@ class MessagesHandler:
         metrics = api.metrics
         for cid, group in by_campaign.items():
             rows = [r for p in group for r in p.rows]
-            ids = api.ctx.inject(cid, rows)
+            ids = accept_rows(request, cid, rows)  # recorded under an Idempotency-Key
             k = 0
             for p in group:
                 p.ids = ids[k : k + len(p.rows)]

@@ -8,28 +8,57 @@ characters). With it:
 - the first request reserves the key in the spool (:meth:`Spool.idem_begin`:
   SQLite or Redis, so every node of a shared spool sees it), scoped to the
   key's tenant: one tenant's key never matches another tenant's;
+- every spool write of the request is recorded under the key **in the same
+  transaction** (SQLite) or MULTI/EXEC (Redis) as its rows
+  (:class:`~fastsend.spool.IdemMark`: a "part", the ids its rows got); a new
+  campaign carries the key's token in its options and an uploaded list's
+  ingest job in its source, written with them. So whatever the moment a serve
+  dies, the spool knows what the request accepted;
 - when it accepts (a 2xx answer), its status and body are stored with the key,
-  durably, before the answer is sent; any other answer (a 4xx: nothing was
-  accepted, or a 5xx) frees the key, so a corrected request may use it again;
+  durably, before the answer is sent; an answer that accepted nothing (a 4xx)
+  frees the key, so a corrected request may use it again; a failure (5xx,
+  an exception) after some parts were spooled releases the key with its parts;
 - a retry with the same key and the same request (method, path and query,
   content type, body: a SHA-256 fingerprint) gets the stored answer again
   with ``Idempotent-Replayed: true``, and nothing is accepted again;
+- a retry of a request whose attempt died or failed (the key released, or its
+  holder dead) takes the key over and runs the request again, **continuing**
+  it: each part an earlier attempt spooled is answered from the record (the
+  same ids, nothing spooled again), the campaign it created and the list job
+  it started are reused, and only what is missing is spooled; the answer is
+  the one the first attempt would have given, with ``Idempotent-Resumed: N``
+  (rows the earlier attempts had spooled, not spooled again);
 - the same key with another request: 422; while the first is still running:
   409 with ``Retry-After`` (the request is running on this or another node);
-- a reservation whose request never answered because its process died (on this
-  host: its pid is gone; elsewhere: after :data:`RUNNING_LEASE`) is taken over
-  by the next retry, which runs the request again. Keys are kept
-  ``[api] idempotency_ttl_s`` (24 h) from their first request, then swept.
+- the holder of a running request renews a lease on its key every third of
+  ``[api] idempotency_lease_s`` (30 s) while it works. A holder on this host
+  is judged by its pid (dead: taken over at once; alive: never, however slow);
+  one on another host is dead once its lease lapsed. A holder that was judged
+  dead after all (a stall longer than its lease) cannot spool more: its next
+  part is refused (:class:`~fastsend.spool.IdemLost`, answered 409), so two
+  attempts never spool the same part. Keys are kept ``[api]
+  idempotency_ttl_s`` (24 h) from their first request, then swept.
 
-Limit: a serve killed after the spool committed a request's rows and before
-its answer was stored (the answer was never sent) runs the retry again.
+Not covered: "accepted" events of a part whose attempt died between the
+commit and emitting them are not emitted by the retry (the rows are spooled
+and delivered; the event log misses their "accepted" line).
+
+``FASTSEND_TEST_FAULT`` (tests only; inert when unset): ``idem-kill-after-part:N``
+(kill -9 once part N is committed), ``idem-fail-after-part:N`` (an exception
+there: a 500), ``idem-kill-before-answer`` (kill -9 after the handler, before
+its answer is stored), ``idem-slow-before-answer:S`` (wait S seconds there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import os
 import re
 import secrets
+import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -37,17 +66,38 @@ import orjson
 from aiohttp import web
 
 from fastsend.serve.api import ApiError, Handler, api_of, bad, error_response, read_body, tenant_of
+from fastsend.serve.context import ServeContext
 from fastsend.serve.uploads import UPLOAD, Uploads
+from fastsend.spool import IDEM_RELEASED, IdemLost, IdemMark, IdemRecord, IngestJob, Spool
 from fastsend.spool.base import holder_gone, holder_tag
+
+log = logging.getLogger("fastsend.serve")
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
+RESUMED = "Idempotent-Resumed"
 MAX_KEY = 255
 KEY_RE = re.compile(f"[!-~]{{1,{MAX_KEY}}}")
-RUNNING_LEASE = 600.0  # s: a running request whose holder cannot be checked is abandoned after
-SWEEP_EVERY = 300.0  # s between sweeps of expired keys
+TOKEN_OPTION = "idempotency"  # a campaign's option / an ingest job's source field
 
 Digest = Callable[[web.Request], Awaitable[str]]
+
+_FAULT = os.environ.get("FASTSEND_TEST_FAULT", "")
+
+
+def _fault(point: str, n: int = 0) -> float:
+    """Tests only (``FASTSEND_TEST_FAULT``, see the module docstring); returns
+    seconds to wait for a slow fault, else 0."""
+    if not _FAULT:
+        return 0.0
+    name, _, arg = _FAULT.partition(":")
+    if name == f"idem-kill-{point}" and (not arg or int(arg) == n):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if name == f"idem-fail-{point}" and (not arg or int(arg) == n):
+        raise RuntimeError(f"test fault {_FAULT}")
+    if name == f"idem-slow-{point}":
+        return float(arg)
+    return 0.0
 
 
 async def json_digest(request: web.Request) -> str:
@@ -55,12 +105,116 @@ async def json_digest(request: web.Request) -> str:
     return hashlib.sha256(await read_body(request)).hexdigest()
 
 
-def _abandoned(holder: bytes, created: float, now: float) -> bool:
+def _abandoned(rec: IdemRecord) -> bool:
+    """A running record whose request will not answer: released after a
+    failure, or its holder dead (this host: its pid; another: its lease)."""
+    if rec.holder == IDEM_RELEASED:
+        return True
     try:
-        tag = orjson.loads(holder)
+        tag = orjson.loads(rec.holder)
     except orjson.JSONDecodeError:
         return True
-    return now - created > RUNNING_LEASE or (isinstance(tag, dict) and holder_gone(tag))
+    if not isinstance(tag, dict):
+        return True
+    if tag.get("host") == socket.gethostname():
+        return holder_gone(tag)  # a live process here is never taken over
+    return rec.lease_left <= 0
+
+
+class IdemRun:
+    """One attempt of a request under an Idempotency-Key: holds the key, and
+    spools each part with its mark, or answers it from the record when an
+    earlier attempt spooled it (``done``)."""
+
+    def __init__(
+        self, spool: Spool, scope: str, key: str, holder: bytes, created: float,
+        done: list[tuple[int, list[int]]],
+    ) -> None:  # fmt: skip
+        self.spool = spool
+        self.scope = scope
+        self.key = key
+        self.holder = holder
+        self.done = done
+        self.resumed = bool(done)  # set too when a campaign or job is found again
+        self.skipped = 0  # rows earlier attempts spooled, answered from the record
+        self.next = 0
+        # What a campaign or ingest job created by this request carries, the same
+        # for every attempt (the record's creation time is kept by a takeover).
+        self.token = hashlib.sha256(f"{scope}\0{key}\0{created!r}".encode()).hexdigest()[:32]
+        self.taken_over = False
+
+    def accept(self, ctx: ServeContext, campaign_id: int, rows: list[tuple[str, str, bytes]]
+               ) -> list[int]:  # fmt: skip
+        """:meth:`ServeContext.inject` as one part of the request."""
+        if not rows:
+            return []
+        n = self.next
+        self.next += 1
+        if n < len(self.done):
+            _cid, ids = self.done[n]
+            if len(ids) != len(rows):
+                raise ApiError(
+                    409, f"{HEADER}: an earlier attempt of this request spooled its part {n}"
+                    f" with {len(ids)} rows, this one has {len(rows)}; use a new key", HEADER,
+                )  # fmt: skip
+            self.skipped += len(ids)
+            return ids
+        mark = IdemMark(self.scope, self.key, self.holder, n)
+        ids = ctx.acceptor.accept(campaign_id, rows, idem=mark)
+        _fault("after-part", n)
+        return ids
+
+    def spooled(self, campaign_id: int) -> int:
+        """Rows of ``campaign_id`` earlier attempts of this request spooled."""
+        return sum(len(ids) for cid, ids in self.done if cid == campaign_id)
+
+    def campaign(self, spool: Spool, tenant: str) -> int | None:
+        """The campaign an earlier attempt of this request created, if any."""
+        if not self.taken_over:
+            return None
+        for info in spool.campaigns(tenant):
+            if info.options.get(TOKEN_OPTION) == self.token:
+                self.resumed = True
+                return info.id
+        return None
+
+    def ingest_job(self, spool: Spool) -> IngestJob | None:
+        """The list job an earlier attempt of this request started, if any."""
+        if not self.taken_over:
+            return None
+        for job in spool.list_ingests():
+            if job.source.get(TOKEN_OPTION) == self.token:
+                self.resumed = True
+                return job
+        return None
+
+
+RUN: web.RequestKey[IdemRun] = web.RequestKey("fastsend_idem_run", IdemRun)
+
+
+def run_of(request: web.Request) -> IdemRun | None:
+    """The request's attempt under an Idempotency-Key, or None (no key)."""
+    return request.get(RUN)
+
+
+def accept_rows(request: web.Request, campaign_id: int, rows: list[tuple[str, str, bytes]]
+                ) -> list[int]:  # fmt: skip
+    """Spool rows for a route that accepts mail: ``ctx.inject``, recorded under the
+    request's Idempotency-Key when it has one (see :class:`IdemRun`)."""
+    ctx = api_of(request).ctx
+    run = run_of(request)
+    if run is None:
+        return ctx.inject(campaign_id, rows)
+    return run.accept(ctx, campaign_id, rows)
+
+
+async def _keep(spool: Spool, scope: str, key: str, holder: bytes, lease: float) -> None:
+    """Renew the hold on a key while its request runs."""
+    while True:
+        await asyncio.sleep(lease / 3)
+        if not spool.idem_renew(scope, key, holder, lease):
+            log.warning("%s: lost the hold on a key (taken over or answered)", HEADER)
+            return
 
 
 def idempotent(handler: Handler, digest: Digest = json_digest) -> Handler:
@@ -91,15 +245,17 @@ def idempotent(handler: Handler, digest: Digest = json_digest) -> Handler:
         holder = orjson.dumps({**holder_tag(), "req": secrets.token_hex(6)})
         now = time.time()
         ttl = api.settings.idempotency_ttl_s
-        rec = spool.idem_begin(tenant, key, fp, now, ttl, holder)
-        if rec is not None and rec.running and _abandoned(rec.holder, rec.created, now):
-            rec = spool.idem_begin(tenant, key, fp, now, ttl, holder, stale=rec.holder)
-        if rec is not None:
-            if rec.fingerprint != fp:
-                raise ApiError(
-                    422, f"{HEADER}: this key was used for another request (method, path or"
-                    " body differ); use a new key for a new request", HEADER,
-                )  # fmt: skip
+        lease = api.settings.idempotency_lease_s
+        rec = spool.idem_begin(tenant, key, fp, now, ttl, holder, lease=lease)
+        if rec is not None and rec.fingerprint != fp:
+            raise ApiError(
+                422, f"{HEADER}: this key was used for another request (method, path or"
+                " body differ); use a new key for a new request", HEADER,
+            )  # fmt: skip
+        if rec is not None and rec.running and _abandoned(rec):
+            rec = spool.idem_begin(tenant, key, fp, now, ttl, holder, lease=lease,
+                                   stale=rec.holder)  # fmt: skip
+        if rec is not None and rec.holder != holder:
             if rec.running:
                 return error_response(
                     ApiError(409, f"{HEADER}: a request with this key is still being processed;"
@@ -110,19 +266,47 @@ def idempotent(handler: Handler, digest: Digest = json_digest) -> Handler:
                 body=rec.body, status=rec.status, content_type="application/json",
                 headers={REPLAYED: "true", HEADER: key},
             )  # fmt: skip
+        attempt = IdemRun(spool, tenant, key, holder, now if rec is None else rec.created,
+                          [] if rec is None else rec.parts)  # fmt: skip
+        attempt.taken_over = rec is not None
+        request[RUN] = attempt
+        keeper = asyncio.get_running_loop().create_task(
+            _keep(spool, tenant, key, holder, lease), name="idempotency-lease"
+        )
         try:
-            resp = await handler(request)
-        except ApiError as e:
-            resp = error_response(e)
-        except BaseException:
-            spool.idem_drop(tenant, key, holder)
-            raise
-        if 200 <= resp.status < 300 and isinstance(resp, web.Response) and resp.body is not None:
-            spool.idem_finish(tenant, key, holder, resp.status, bytes(resp.body))  # type: ignore[arg-type]
-            resp.headers[HEADER] = key
-        else:  # nothing was accepted: the key is free again
-            spool.idem_drop(tenant, key, holder)
-        return resp
+            try:
+                resp = await handler(request)
+            except ApiError as e:
+                resp = error_response(e)
+            except IdemLost:
+                return error_response(ApiError(
+                    409, f"{HEADER}: another attempt of this request took it over (this one"
+                    " was too slow); retry to get its answer", HEADER,
+                ), {"Retry-After": "1"})  # fmt: skip
+            except BaseException:
+                spool.idem_drop(tenant, key, holder)  # released with its parts, if any
+                raise
+            if (
+                200 <= resp.status < 300
+                and isinstance(resp, web.Response)
+                and resp.body is not None
+            ):
+                slow = _fault("before-answer")
+                if slow:
+                    await asyncio.sleep(slow)
+                spool.idem_finish(tenant, key, holder, resp.status, bytes(resp.body))  # type: ignore[arg-type]
+                resp.headers[HEADER] = key
+                if attempt.resumed:
+                    resp.headers[RESUMED] = str(attempt.skipped)
+                    log.warning(
+                        "%s: continued a request an earlier attempt left unanswered"
+                        " (%d row(s) it had spooled were not spooled again)",
+                        HEADER, attempt.skipped,
+                    )  # fmt: skip
+            else:  # nothing accepted (or, after some parts, released with them)
+                spool.idem_drop(tenant, key, holder)
+            return resp
+        finally:
+            keeper.cancel()
 
     return run
-

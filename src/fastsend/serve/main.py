@@ -46,6 +46,7 @@ from fastsend.periodic import every
 
 log = logging.getLogger("fastsend.serve")
 IDEM_SWEEP_EVERY = 300.0  # s between sweeps of expired Idempotency-Keys
+ADOPT_EVERY = 5.0  # s between looks for upload jobs whose reader died (Uploads.adopt)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,6 +118,7 @@ class Server:
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
         self.allow_volatile = False
         self.idem_swept = 0.0
+        self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
 
     async def main(self) -> int:
         from aiohttp import web
@@ -291,6 +293,10 @@ class Server:
             self.ctx.spool.sweep_idem(now)
         if self.ctx.shared is not None:
             self.ctx.shared.tick()  # renew this node's hold on its source IPs
+        mono = time.monotonic()
+        if mono - self.adopted > ADOPT_EVERY:  # upload jobs whose reader died (any node)
+            self.adopted = mono
+            self.ctx.uploads.adopt()
 
     def on_term(self, signum: int) -> None:
         self.terms += 1

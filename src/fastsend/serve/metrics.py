@@ -34,6 +34,7 @@ from fastsend.spool import (
     AGE_BUCKETS_MIN,
     QUEUED,
     STATE_NAMES,
+    IdemMark,
     IngestMark,
     Result,
     Spool,
@@ -98,12 +99,14 @@ class TimedSpool(SpoolProxy):
         state: int = QUEUED,
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
+        idem: IdemMark | None = None,
     ) -> list[int]:
         t = time.perf_counter()
         try:
             return self.inner.add_messages(
-                campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest
-            )
+                campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest,
+                idem=idem,
+            )  # fmt: skip
         finally:
             self._add.observe(time.perf_counter() - t)
 

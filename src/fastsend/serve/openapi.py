@@ -61,14 +61,23 @@ _IDEM_KEY = {
     "description": "Makes a retry safe: the first accepted answer (2xx) is stored with the key"
     " for the tenant ([api] idempotency_ttl_s, 24 h); a retry with the same key and the same"
     " request gets it again (header Idempotent-Replayed: true) and accepts nothing; the same"
-    " key with another request is a 422, a retry while the first still runs a 409. An answer"
-    " other than 2xx is not stored (nothing was accepted).",
+    " key with another request is a 422, a retry while the first still runs a 409. What the"
+    " request spools is recorded under the key in the same commit, so a retry after a server"
+    " crash or a 5xx never accepts a recipient twice: it continues the request (only what is"
+    " missing is spooled; header Idempotent-Resumed) and answers with the same ids. A 4xx"
+    " answer is not stored (nothing was accepted): the key is free again.",
 }
 _REPLAYED = {
     "Idempotent-Replayed": {
         "description": "true: the stored answer of an earlier request with this Idempotency-Key",
         "schema": {"type": "string", "enum": ["true"]},
-    }
+    },
+    "Idempotent-Resumed": {
+        "description": "This answer continues a request with this Idempotency-Key whose earlier"
+        " attempt died or failed after spooling some recipients: how many it had spooled (not"
+        " spooled again; their ids are in this answer)",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
 }
 
 

@@ -17,7 +17,11 @@
    background, a chunk per loop turn.
 
 A serve killed in the middle continues its jobs at its next start (or
-``fastsend resume`` does: the file is in the spool directory). Meanwhile
+``fastsend resume`` does: the file is in the spool directory); meanwhile a
+running serve takes over every upload job whose reader died (this host: its
+pid is gone; another: its lease on the job lapsed, Redis) and whose file it can
+read, unchanged (:meth:`Uploads.adopt`, every few seconds):
+its own uploads, or another node's when the file is on storage both see. Meanwhile
 ``GET /v1/campaigns/{id}`` and ``fastsend queue`` show "spooling: X of Y
 rows". The file is removed once its job is done. Nothing acknowledged is
 lost: the answer comes after the job is durable.
@@ -39,7 +43,7 @@ from aiohttp import web
 
 from fastsend import recipients
 from fastsend.accept import Acceptor, source_problem
-from fastsend.spool import IngestBusy, IngestJob, IngestMark, Spool
+from fastsend.spool import IngestBusy, IngestJob, IngestLost, IngestMark, Spool
 
 log = logging.getLogger("fastsend.serve")
 
@@ -47,6 +51,7 @@ UPLOAD_DIR = "uploads"
 SYNC_ROWS = 20_000  # at most this many rows: spooled before the answer, one transaction
 CHUNK = 2_000  # rows per transaction in the background (a loop turn each)
 ORPHAN_AGE = 3600.0  # s: an upload file no job names (its request died before the job)
+RETRY_FAILED = 60.0  # s before a job whose spooling failed here is tried again
 
 
 class UploadTooLarge(ValueError):
@@ -107,6 +112,8 @@ class Uploads:
         self.dir = os.path.join(local_dir, UPLOAD_DIR)
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.on_spooled: Callable[[int], None] | None = None  # rows spooled (metrics)
+        self.failed: dict[int, float] = {}  # job id -> monotonic time its spooling failed here
+        self.reported: set[int] = set()  # jobs whose unreadable file was reported
 
     @property
     def spool(self) -> Spool:
@@ -155,11 +162,14 @@ class Uploads:
         campaign_id: int,
         path: str,
         on_bad: Callable[[recipients.BadRow], None] | None = None,
+        *,
+        tags: dict[str, str] | None = None,
     ) -> tuple[IngestJob, IngestMark]:
         """Make the checked upload at ``path`` an ingest job and spool it: all of
         it when it has at most SYNC_ROWS rows (the mark is then the job's last),
-        else its first chunk, the rest in the background (:meth:`running`)."""
-        job = self.acceptor.start_ingest(campaign_id, path, origin="api")  # durable, held
+        else its first chunk, the rest in the background (:meth:`running`).
+        ``tags``: written into the job's source (an Idempotency-Key's token)."""
+        job = self.acceptor.start_ingest(campaign_id, path, origin="api", tags=tags)  # durable
         if job.total <= SYNC_ROWS:
             mark = IngestMark(job.id, 0, 0, 0)
             for mark in self.acceptor.ingest(job, chunk=SYNC_ROWS, on_bad=on_bad):
@@ -191,47 +201,81 @@ class Uploads:
                 await asyncio.sleep(0)  # requests (and the supervisor) between chunks
         except asyncio.CancelledError:
             raise  # stopping: the job stays unfinished, the next start continues it
+        except IngestLost as e:  # another process reads it now (our lease lapsed)
+            log.warning("uploaded list %s: %s", path, e)
         except Exception:
             log.exception("spooling uploaded list %s (ingest job %s) stopped", path, job.id)
+            self.failed[job.id] = time.monotonic()
         else:
             self.discard(path)
         finally:
             self.tasks.pop(job.id, None)
 
     def resume(self) -> list[IngestJob]:
-        """At start: continue every unfinished job of an upload this process's
-        directory holds (a serve killed while spooling it); returns them. A job
-        another live process reads is left to it; an upload whose file is gone
-        is reported (``fastsend resume --abandon-rest`` closes it). Old upload
-        files no job names are removed."""
+        """At start: continue every unfinished upload job whose reader died
+        (:meth:`adopt`: a serve killed while spooling it); returns them. Old
+        upload files no job names are removed."""
         named: set[str] = set()
-        out: list[IngestJob] = []
-        for job in self.spool.list_ingests(unfinished=True):
-            if not self.owns(job):
-                continue
-            named.add(os.path.realpath(str(job.source["path"])))
-            try:
-                self.spool.hold_ingest(job.id)
-            except IngestBusy as e:
-                log.warning("%s", e)
-                continue
-            problem = source_problem(job)
-            if problem is not None:
-                self.spool.release_ingest(job.id)
-                log.error(
-                    "uploaded list %s of campaign %s is %s: %d row(s) were never accepted",
-                    job.source.get("path"), job.campaign, problem,
-                    max(0, job.total - job.accepted - job.rejected),
-                )  # fmt: skip
-                continue
-            log.warning(
-                "continuing the uploaded list of campaign %s (ingest job %s): %d of %d rows read",
-                job.campaign, job.id, job.accepted + job.rejected, job.total,
-            )  # fmt: skip
-            self._start(job, self.acceptor.ingest(job, chunk=CHUNK))
-            out.append(job)
+        out = self.adopt(named)
         self._remove_orphans(named)
         return out
+
+    def adopt(self, named: set[str] | None = None) -> list[IngestJob]:
+        """Continue every unfinished upload job nobody reads any more (see
+        :meth:`take_over`); returns them. ``named``: gets the real path of every
+        unfinished upload job's file. Cheap when there is none: one query."""
+        out: list[IngestJob] = []
+        for job in self.spool.list_ingests(unfinished=True):
+            if job.source.get("origin") != "api":
+                continue  # a `fastsend send` list: `fastsend resume` continues it
+            if named is not None:
+                named.add(os.path.realpath(str(job.source.get("path", ""))))
+            if self.take_over(job):
+                out.append(job)
+        return out
+
+    def take_over(self, job: IngestJob) -> bool:
+        """Continue an unfinished upload job in the background if nobody reads it:
+        its reader died (this host) or its lease lapsed (Redis), and its file is
+        here and unchanged. A job another live process reads, or whose file is
+        elsewhere (another node's disk), is left alone; one of this node's whose
+        file is gone or changed is reported once (``fastsend resume
+        --abandon-rest`` closes it)."""
+        if job.id in self.tasks or job.finished:
+            return False
+        if time.monotonic() - self.failed.get(job.id, -RETRY_FAILED) < RETRY_FAILED:
+            return False
+        path = str(job.source.get("path", ""))
+        if not self.owns(job) and not os.path.exists(path):
+            return False  # another node's upload, on its disk: its node continues it
+        try:
+            self.spool.hold_ingest(job.id)
+        except IngestBusy as e:
+            if self.owns(job) and job.id not in self.reported:
+                self.reported.add(job.id)
+                log.warning("%s", e)
+            return False
+        fresh = self.spool.get_ingest(job.id)  # where it stands now that it is ours
+        if fresh is None or fresh.finished:
+            self.spool.release_ingest(job.id)
+            return False
+        problem = source_problem(fresh)
+        if problem is not None:
+            self.spool.release_ingest(job.id)
+            if job.id not in self.reported:
+                self.reported.add(job.id)
+                log.error(
+                    "uploaded list %s of campaign %s is %s: %d row(s) were never accepted",
+                    path, fresh.campaign, problem,
+                    max(0, fresh.total - fresh.accepted - fresh.rejected),
+                )  # fmt: skip
+            return False
+        log.warning(
+            "continuing the uploaded list of campaign %s (ingest job %s): %d of %d rows read",
+            fresh.campaign, fresh.id, fresh.accepted + fresh.rejected, fresh.total,
+        )  # fmt: skip
+        self._start(fresh, self.acceptor.ingest(fresh, chunk=CHUNK))
+        return True
 
     def _remove_orphans(self, named: set[str]) -> None:
         try:

@@ -94,6 +94,20 @@ class IngestLost(SpoolError):
         )
 
 
+class IdemLost(SpoolError):
+    """The request's hold on its Idempotency-Key was taken over (its lease
+    lapsed and another request judged it dead, or the key is gone): its rows
+    are refused, so two attempts of one request never spool the same part."""
+
+    def __init__(self, scope: str, key: str) -> None:
+        self.scope = scope
+        self.key = key
+        super().__init__(
+            "Idempotency-Key: another attempt of this request took it over; nothing more was"
+            " spooled by this one"
+        )
+
+
 class SpoolBusy(SpoolError):
     """Another live process supervises this spool (``holder``: its pid, host,
     start time and command): two supervisors would take each other's mail."""
@@ -249,22 +263,58 @@ INGEST_STATUSES = ("running", "done", "abandoned")
 ORPHAN_GRACE = 3600.0  # s: a blob reference pending this long after its put is a dead accept's
 
 
+IDEM_RELEASED = b"released"  # the holder of a record whose request failed after some parts
+
+
 @dataclass(slots=True)
 class IdemRecord:
     """What the spool holds for one idempotency key of a tenant (see
     :meth:`Spool.idem_begin`): the request's fingerprint, who runs it (a holder
-    tag, JSON), and once it answered, its status and body (``status`` 0: still
-    running)."""
+    tag, JSON; :data:`IDEM_RELEASED` once a request that failed gave it up),
+    and once it answered, its status and body (``status`` 0: still running).
+
+    ``parts``: what the request's attempts have accepted so far, one entry per
+    :meth:`Spool.add_messages` call made under an :class:`IdemMark` (its
+    campaign and the ids its rows got), each written in the same transaction
+    as its rows. ``lease_left``: seconds the holder's lease has left (it
+    renews it while it works; <= 0: lapsed)."""
 
     fingerprint: str
     holder: bytes
     created: float
     status: int = 0
     body: bytes = b""
+    parts: list[tuple[int, list[int]]] = field(default_factory=list)
+    lease_left: float = 0.0
 
     @property
     def running(self) -> bool:
         return self.status == 0
+
+
+@dataclass(slots=True)
+class IdemMark:
+    """Rows spooled under an Idempotency-Key (``add_messages(..., idem=)``):
+    recorded as part ``part`` of the key's record (their campaign and ids) in
+    the same transaction as the rows, and only while ``holder`` holds the key
+    and the record has exactly ``part`` parts; else :class:`IdemLost` and
+    nothing is added."""
+
+    scope: str
+    key: str
+    holder: bytes
+    part: int
+
+
+def idem_part(campaign_id: int, ids: Sequence[int]) -> list[Any]:
+    """One part of an idempotency record as stored (JSON): [campaign, id runs]."""
+    return [int(campaign_id), id_runs(list(ids))]
+
+
+def idem_part_ids(part: Any) -> tuple[int, list[int]]:
+    """(campaign, ids) of a stored part (:func:`idem_part`)."""
+    cid, runs = part
+    return int(cid), [i for a, b in runs for i in range(int(a), int(b) + 1)]
 
 
 class Spool(abc.ABC):
@@ -308,12 +358,15 @@ class Spool(abc.ABC):
         state: int = QUEUED,
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
+        idem: IdemMark | None = None,
     ) -> list[int]:
         """Spool (rcpt, domain, vars) rows in one transaction; durable when it
         returns their ids (in the order of ``rows``). Rows whose index is in
         ``suppressed`` are stored as SUPPRESSED (final), the others as ``state``.
         ``ingest``: the list-ingest job's new position, committed atomically
-        with the rows."""
+        with the rows. ``idem``: the rows are a part of a request made under an
+        Idempotency-Key, recorded in the key's record atomically with the rows
+        (:class:`IdemMark`; :class:`IdemLost` when the key is not the caller's)."""
 
     @abc.abstractmethod
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
@@ -529,8 +582,10 @@ class Spool(abc.ABC):
         for d, (_data, touched, pending, runs) in list(mem.items()):
             if gone >= limit:
                 break
-            if pending <= 0 and touched < now - retention and self._runs_done(
-                runs, now - retention
+            if (
+                pending <= 0
+                and touched < now - retention
+                and self._runs_done(runs, now - retention)
             ):
                 del mem[d]
                 gone += 1
@@ -549,28 +604,42 @@ class Spool(abc.ABC):
 
     # -- idempotency keys (fastsend.serve.idempotency) ---------------------------
     # One record per (scope, key), scope being the tenant: reserved by the first
-    # request (running, its holder's tag), then its answer; a retry finds it.
-    # Kept ``ttl`` seconds from the reservation, then gone (SQLite: deleted by
-    # sweep_idem; Redis: the key expires). These defaults keep them in memory.
+    # request (running, its holder's tag and lease), the parts its attempts
+    # accepted (add_messages with an IdemMark), then its answer; a retry finds
+    # it. Kept ``ttl`` seconds from the reservation, then gone (SQLite: deleted
+    # by sweep_idem; Redis: the key expires). These defaults keep them in memory.
 
     def idem_begin(
         self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,
-        stale: bytes | None = None,
+        *, lease: float = 30.0, stale: bytes | None = None,
     ) -> IdemRecord | None:  # fmt: skip
-        """Reserve ``key`` for the caller (``holder``) and return None when it is
-        free (absent or expired), or still running under ``stale`` (a holder the
-        caller found dead); else return the record as it is (atomically: of two
-        callers only one reserves)."""
-        mem: dict[tuple[str, str], tuple[IdemRecord, float]] = self.__dict__.setdefault(
-            "_idem", {}
-        )
+        """Reserve ``key`` for the caller (``holder``, its lease ``lease``
+        seconds), atomically (of two callers only one reserves):
+
+        - None: it was free (absent or expired) and is now the caller's;
+        - a record whose ``holder`` is the caller's: it was running under
+          ``stale`` (a holder the caller judged dead, or :data:`IDEM_RELEASED`)
+          and the caller took it over, its fingerprint, creation and parts kept
+          (the caller continues the request after those parts);
+        - else the record as it is (answered, or running under another holder)."""
+        mem: dict[tuple[str, str], tuple[IdemRecord, float]] = self.__dict__.setdefault("_idem", {})
         cur = mem.get((scope, key))
-        if cur is not None and cur[1] > now and not (
-            stale is not None and cur[0].running and cur[0].holder == stale
-        ):
-            return cur[0]
-        mem[(scope, key)] = (IdemRecord(fingerprint, holder, now), now + ttl)
+        if cur is not None and cur[1] > now:
+            rec = cur[0]
+            if stale is not None and rec.running and rec.holder == stale:
+                rec.holder, rec.lease_left = holder, lease
+            return rec
+        mem[(scope, key)] = (IdemRecord(fingerprint, holder, now, lease_left=lease), now + ttl)
         return None
+
+    def idem_renew(self, scope: str, key: str, holder: bytes, lease: float) -> bool:
+        """Extend the caller's lease on a running key it holds; False when it
+        does not hold it any more (taken over, answered or gone)."""
+        cur = self.__dict__.get("_idem", {}).get((scope, key))
+        if cur is None or cur[0].holder != holder or not cur[0].running:
+            return False
+        cur[0].lease_left = lease
+        return True
 
     def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
         """Record the answer of the request ``holder`` reserved ``key`` for
@@ -580,12 +649,17 @@ class Spool(abc.ABC):
             cur[0].status, cur[0].body = int(status), body
 
     def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
-        """Forget a reservation that did not answer with an acceptance (nothing was
-        spooled: a retry runs again)."""
+        """A request that did not answer with an acceptance gives its key up:
+        forgotten when none of its parts was spooled (a retry runs anew), else
+        released (:data:`IDEM_RELEASED`: the next retry takes it over at once and
+        continues after the parts)."""
         mem = self.__dict__.get("_idem", {})
         cur = mem.get((scope, key))
         if cur is not None and cur[0].holder == holder and cur[0].running:
-            del mem[(scope, key)]
+            if cur[0].parts:
+                cur[0].holder, cur[0].lease_left = IDEM_RELEASED, 0.0
+            else:
+                del mem[(scope, key)]
 
     def sweep_idem(self, now: float, limit: int = 1000) -> int:
         """Delete up to ``limit`` expired records; returns how many."""
@@ -713,9 +787,10 @@ class SpoolProxy(Spool):
         state: int = QUEUED,
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
+        idem: IdemMark | None = None,
     ) -> list[int]:
         return self.inner.add_messages(
-            campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest
+            campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest, idem=idem
         )
 
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
@@ -812,9 +887,14 @@ class SpoolProxy(Spool):
 
     def idem_begin(
         self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,
-        stale: bytes | None = None,
+        *, lease: float = 30.0, stale: bytes | None = None,
     ) -> IdemRecord | None:  # fmt: skip
-        return self.inner.idem_begin(scope, key, fingerprint, now, ttl, holder, stale)
+        return self.inner.idem_begin(
+            scope, key, fingerprint, now, ttl, holder, lease=lease, stale=stale
+        )
+
+    def idem_renew(self, scope: str, key: str, holder: bytes, lease: float) -> bool:
+        return self.inner.idem_renew(scope, key, holder, lease)
 
     def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
         self.inner.idem_finish(scope, key, holder, status, body)

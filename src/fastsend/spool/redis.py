@@ -42,9 +42,13 @@ sends from it; ``P:meta`` facts about the spool (:meth:`meta_once`); ``P:b:HEX``
 ``P:bm:HEX``, ``P:br:HEX`` and ``P:blobs`` the bodies stored once
 (:meth:`put_blob`);
 ``P:idem:HEX`` an Idempotency-Key's record (HEX: SHA-256 of tenant NUL key;
-``spool/idem.lua``, expiring with the key's ttl);
+``spool/idem.lua``, expiring with the key's ttl; its parts are written in the
+MULTI/EXEC of their rows, which WATCHes it) and ``P:idem:HEX:lease`` its
+running holder's lease;
 ``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
-MULTI/EXEC as the batch of rows it describes), ``P:ings`` their ids.
+MULTI/EXEC as the batch of rows it describes), ``P:ings`` their ids,
+``P:ings:run`` the ids of the running ones (what a serve polls for upload
+jobs whose reader died).
 
 Sorted sets rather than Streams: a spool is a schedule, not a log. Every
 deferred message comes back at its own retry time, and a Stream has no delayed
@@ -106,6 +110,8 @@ from fastsend.spool.base import (
     SUPPRESSED,
     CampaignInfo,
     Claimed,
+    IdemLost,
+    IdemMark,
     IdemRecord,
     IngestBusy,
     IngestJob,
@@ -118,6 +124,8 @@ from fastsend.spool.base import (
     holder_gone,
     holder_tag,
     id_runs,
+    idem_part,
+    idem_part_ids,
     parse_redis_url,
 )
 from fastsend.wire import blob_ref
@@ -349,6 +357,7 @@ class RedisSpool(Spool):
         state: int = 0,
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
+        idem: IdemMark | None = None,
     ) -> list[int]:
         rows = list(rows)
         if not rows and ingest is None:
@@ -366,13 +375,19 @@ class RedisSpool(Spool):
         pending = state in PENDING_STATES
         pipe = self.r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing
         lease = f"{k}:ing:{int(ingest.job)}:lease" if ingest is not None else ""
-        if lease:
+        ikey = f"{k}:idem:{self._idem_key(idem.scope, idem.key)}" if idem is not None else ""
+        if lease or ikey:
             # A list's rows only while this process holds the job: the lease is
             # WATCHed, so a takeover or expiry before EXEC aborts the transaction.
-            pipe.watch(lease)
-            if pipe.get(lease) != self._tag:
+            # Rows under an Idempotency-Key only while the caller holds the key:
+            # its record is WATCHed (a takeover rewrites its holder).
+            pipe.watch(*[x for x in (lease, ikey) if x])
+            if lease and pipe.get(lease) != self._tag:
                 pipe.reset()
                 raise self._ingest_lost(int(ingest.job))  # type: ignore[union-attr]
+            if idem is not None and not self._idem_ours(pipe, ikey, idem):
+                pipe.reset()
+                raise IdemLost(idem.scope, idem.key)
             pipe.multi()
         due: list[int] = []
         n_sup = 0
@@ -399,6 +414,8 @@ class RedisSpool(Spool):
             if n:
                 pipe.hincrby(f"{k}:n:{cid}", state_s, n)
                 pipe.hincrby(f"{k}:n", state_s, n)
+        if idem is not None:
+            pipe.hset(ikey, f"p{idem.part}", orjson.dumps(idem_part(cid, ids)))
         if ingest is not None:
             pipe.hset(
                 f"{k}:ing:{int(ingest.job)}",
@@ -411,11 +428,24 @@ class RedisSpool(Spool):
         try:
             pipe.execute()
         except redis.WatchError:
+            if idem is not None and not self._idem_ours(self.r, ikey, idem):
+                raise IdemLost(idem.scope, idem.key) from None
             raise self._ingest_lost(int(ingest.job)) from None  # type: ignore[union-attr]
         finally:
             pipe.reset()
         self._wait_durable()
         return ids
+
+    @staticmethod
+    def _idem_ours(r: Any, ikey: str, idem: IdemMark) -> bool:
+        """The caller holds the running record and it has exactly ``idem.part`` parts."""
+        holder, status, last, nxt = r.hmget(
+            ikey, "holder", "status", f"p{idem.part - 1}", f"p{idem.part}"
+        )
+        return (
+            holder == idem.holder and status == b"0" and nxt is None
+            and (idem.part == 0 or last is not None)
+        )  # fmt: skip
 
     def _ingest_lost(self, jid: int) -> IngestLost:
         self._ingests.discard(jid)
@@ -782,16 +812,23 @@ class RedisSpool(Spool):
 
     def idem_begin(
         self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,
-        stale: bytes | None = None,
+        *, lease: float = 30.0, stale: bytes | None = None,
     ) -> IdemRecord | None:  # fmt: skip
         got = self._idem(args=[
             self.k, "begin", self._idem_key(scope, key), holder, fingerprint,
-            max(1, int(ttl * 1000)), repr(float(now)), stale or b"",
+            max(1, int(ttl * 1000)), repr(float(now)), max(1, int(lease * 1000)), stale or b"",
         ])  # fmt: skip
         if not got:
             return None
-        fp, who, created, status, body = got
-        return IdemRecord(_s(fp), bytes(who), float(created), int(status), bytes(body or b""))
+        fp, who, created, status, body, left, *parts = got
+        return IdemRecord(_s(fp), bytes(who), float(created), int(status), bytes(body or b""),
+                          [idem_part_ids(orjson.loads(p)) for p in parts],
+                          int(left) / 1000)  # fmt: skip
+
+    def idem_renew(self, scope: str, key: str, holder: bytes, lease: float) -> bool:
+        return bool(self._idem(args=[
+            self.k, "renew", self._idem_key(scope, key), holder, max(1, int(lease * 1000)),
+        ]))  # fmt: skip
 
     def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
         self._idem(args=[self.k, "finish", self._idem_key(scope, key), holder, int(status), body])
@@ -933,6 +970,7 @@ class RedisSpool(Spool):
             },
         )
         pipe.zadd(f"{k}:ings", {jid: jid})
+        pipe.zadd(f"{k}:ings:run", {jid: jid})
         pipe.execute()
         self._wait_durable()
         return jid
@@ -957,10 +995,17 @@ class RedisSpool(Spool):
         return self._ingest(int(job_id), self.r.hgetall(f"{self.k}:ing:{int(job_id)}"))
 
     def list_ingests(self, *, unfinished: bool = False) -> list[IngestJob]:
-        ids = [int(x) for x in self.r.zrange(f"{self.k}:ings", 0, -1)]
+        k = self.k
+        if unfinished and not self.r.exists(f"{k}:ings:run-ok"):
+            # Once per spool: the running jobs of a spool made before P:ings:run.
+            running = {j.id: j.id for j in self.list_ingests() if not j.finished}
+            if running:
+                self.r.zadd(f"{k}:ings:run", running)
+            self.r.set(f"{k}:ings:run-ok", 1)
+        ids = [int(x) for x in self.r.zrange(f"{k}:ings:run" if unfinished else f"{k}:ings", 0, -1)]
         pipe = self.r.pipeline(transaction=False)
         for jid in ids:
-            pipe.hgetall(f"{self.k}:ing:{jid}")
+            pipe.hgetall(f"{k}:ing:{jid}")
         jobs = [self._ingest(j, h) for j, h in zip(ids, pipe.execute(), strict=True)]
         return [j for j in jobs if j is not None and not (unfinished and j.finished)]
 
@@ -970,6 +1015,7 @@ class RedisSpool(Spool):
         key = f"{self.k}:ing:{int(job_id)}"
         if self.r.exists(key):
             self.r.hset(key, "status", status)
+        self.r.zrem(f"{self.k}:ings:run", int(job_id))  # P:ings:run: the running ones
 
     def hold_ingest(self, job_id: int) -> None:
         """A lease key (``lease`` seconds, renewed by :meth:`renew`) naming this

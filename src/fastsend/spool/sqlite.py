@@ -49,6 +49,7 @@ from fastsend.spool.base import (
     CANCELLED,
     DEFERRED,
     DELIVERED,
+    IDEM_RELEASED,
     INFLIGHT,
     INGEST_STATUSES,
     ORPHAN_GRACE,
@@ -57,6 +58,8 @@ from fastsend.spool.base import (
     SUPPRESSED,
     CampaignInfo,
     Claimed,
+    IdemLost,
+    IdemMark,
     IdemRecord,
     IngestBusy,
     IngestJob,
@@ -67,6 +70,8 @@ from fastsend.spool.base import (
     SpoolError,
     holder_tag,
     id_runs,
+    idem_part,
+    idem_part_ids,
 )
 from fastsend.sqlitedb import connect, transaction
 from fastsend.wire import blob_ref
@@ -137,6 +142,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
     body BLOB NOT NULL DEFAULT x'',
     created REAL NOT NULL,
     expires REAL NOT NULL,
+    lease REAL NOT NULL DEFAULT 0,
+    parts BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
@@ -145,6 +152,14 @@ CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
 SCHEMA_VERSION = "1"
 ROWS_PER_STATEMENT = 256  # rows per multi-row statement (4-7 parameters each)
 ROOM_TTL = 1.0  # s a short claim's room takes rows spooled after it (see _take_parked)
+
+
+def _idem_columns(db: sqlite3.Connection) -> None:
+    """A spool made before idempotency records had a lease and parts: add them."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(idempotency)")}
+    for col, decl in (("lease", "REAL NOT NULL DEFAULT 0"), ("parts", "BLOB NOT NULL DEFAULT x''")):
+        if col not in have:
+            db.execute(f"ALTER TABLE idempotency ADD COLUMN {col} {decl}")
 
 
 def _sizes(n: int) -> Iterator[int]:
@@ -225,6 +240,8 @@ class SQLiteSpool(Spool):
             )
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.execute("PRAGMA cache_size=-16384")
+        if not readonly:
+            _idem_columns(self.db)
 
     # -- campaigns -----------------------------------------------------------
 
@@ -318,6 +335,7 @@ class SQLiteSpool(Spool):
         state: int = QUEUED,
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
+        idem: IdemMark | None = None,
     ) -> list[int]:
         rows = list(rows)
         if not rows and ingest is None:
@@ -328,6 +346,8 @@ class SQLiteSpool(Spool):
         # accepted means on disk, power loss included
         with transaction(db, synchronous="FULL"):
             first = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
+            if idem is not None:  # the rows and their record under the key: one commit
+                self._idem_part(idem, campaign_id, first, len(rows))
             park = 0  # the first ``park`` rows go in flight (see _take_parked)
             if room:
                 active = "SELECT 1 FROM campaigns WHERE id=? AND status='active'"
@@ -871,28 +891,63 @@ class SQLiteSpool(Spool):
 
     # -- idempotency keys (see Spool.idem_begin) -------------------------------
 
+    _IDEM_COLS = "fp, holder, created, status, body, expires, lease, parts"
+
+    def _idem_row(self, scope: str, key: str) -> tuple[Any, ...] | None:
+        return self.db.execute(  # type: ignore[no-any-return]
+            f"SELECT {self._IDEM_COLS} FROM idempotency WHERE tenant=? AND key=?", (scope, key)
+        ).fetchone()
+
+    @staticmethod
+    def _idem_record(row: tuple[Any, ...], now: float) -> IdemRecord:
+        parts = [idem_part_ids(p) for p in orjson.loads(row[7] or b"[]")]
+        return IdemRecord(str(row[0]), bytes(row[1]), float(row[2]), int(row[3]), bytes(row[4]),
+                          parts, float(row[6]) - now)  # fmt: skip
+
     def idem_begin(
         self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,
-        stale: bytes | None = None,
+        *, lease: float = 30.0, stale: bytes | None = None,
     ) -> IdemRecord | None:  # fmt: skip
         db = self.db
         with transaction(db):
-            row = db.execute(
-                "SELECT fp, holder, created, status, body, expires FROM idempotency"
-                " WHERE tenant=? AND key=?",
-                (scope, key),
-            ).fetchone()
-            if row is not None and row[5] > now and not (
-                stale is not None and row[3] == 0 and bytes(row[1]) == stale
-            ):
-                return IdemRecord(str(row[0]), bytes(row[1]), float(row[2]), int(row[3]),
-                                  bytes(row[4]))  # fmt: skip
+            row = self._idem_row(scope, key)
+            if row is not None and row[5] > now:
+                if stale is not None and row[3] == 0 and bytes(row[1]) == stale:
+                    db.execute(  # taken over: same request, its parts kept
+                        "UPDATE idempotency SET holder=?, lease=? WHERE tenant=? AND key=?",
+                        (holder, now + lease, scope, key),
+                    )
+                    row = (*row[:1], holder, *row[2:6], now + lease, row[7])
+                return self._idem_record(row, now)
             db.execute(
                 "INSERT OR REPLACE INTO idempotency(tenant, key, fp, holder, status, body,"
-                " created, expires) VALUES (?, ?, ?, ?, 0, x'', ?, ?)",
-                (scope, key, fingerprint, holder, now, now + ttl),
+                " created, expires, lease, parts) VALUES (?, ?, ?, ?, 0, x'', ?, ?, ?, x'')",
+                (scope, key, fingerprint, holder, now, now + ttl, now + lease),
             )
         return None
+
+    def idem_renew(self, scope: str, key: str, holder: bytes, lease: float) -> bool:
+        cur = self.db.execute(
+            "UPDATE idempotency SET lease=? WHERE tenant=? AND key=? AND holder=? AND status=0",
+            (time.time() + lease, scope, key, holder),
+        )
+        return cur.rowcount > 0
+
+    def _idem_part(self, mark: IdemMark, campaign_id: int, first: int, n: int) -> None:
+        """In add_messages' transaction: the rows first..first+n-1 are part
+        ``mark.part`` of the key's record (IdemLost unless the caller holds it)."""
+        row = self.db.execute(
+            "SELECT holder, status, parts FROM idempotency WHERE tenant=? AND key=?",
+            (mark.scope, mark.key),
+        ).fetchone()
+        parts = orjson.loads(row[2] or b"[]") if row is not None else []
+        if row is None or bytes(row[0]) != mark.holder or row[1] != 0 or len(parts) != mark.part:
+            raise IdemLost(mark.scope, mark.key)
+        parts.append(idem_part(campaign_id, range(first, first + n)))
+        self.db.execute(
+            "UPDATE idempotency SET parts=? WHERE tenant=? AND key=?",
+            (orjson.dumps(parts), mark.scope, mark.key),
+        )
 
     def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
         db = self.db
@@ -906,10 +961,18 @@ class SQLiteSpool(Spool):
             db.execute("PRAGMA synchronous=NORMAL")
 
     def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
-        self.db.execute(
-            "DELETE FROM idempotency WHERE tenant=? AND key=? AND holder=? AND status=0",
-            (scope, key, holder),
-        )
+        db = self.db
+        with transaction(db):
+            db.execute(
+                "DELETE FROM idempotency WHERE tenant=? AND key=? AND holder=? AND status=0"
+                " AND parts=x''",
+                (scope, key, holder),
+            )
+            db.execute(  # some parts were spooled: the next retry continues after them
+                "UPDATE idempotency SET holder=?, lease=0 WHERE tenant=? AND key=? AND holder=?"
+                " AND status=0",
+                (IDEM_RELEASED, scope, key, holder),
+            )
 
     def sweep_idem(self, now: float, limit: int = 1000) -> int:
         cur = self.db.execute(
