@@ -149,6 +149,41 @@ def test_survey_counts_what_read_yields_whatever_the_lines(tmp_path: Path, block
             assert digest == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("ext", [".csv", ".jsonl"])
+def test_batches_are_what_read_yields_after_a_line(tmp_path: Path, ext: str) -> None:
+    """batches(): the rows read() yields after line ``after``, ``size`` good
+    rows a batch with the bad rows among them, each batch's last line, and one
+    last batch (marked, short or empty) at the end of the file."""
+    from fastsend import recipients
+
+    p = tmp_path / f"l{ext}"
+    lines = []
+    for i in range(23):
+        ok = i % 5 != 3
+        addr = f"u{i}@x.example" if ok else "not-an-address"
+        lines.append(f"{addr},N{i}" if ext == ".csv" else f'{{"email": "{addr}", "name": "N{i}"}}')
+        if i % 7 == 6:
+            lines.append("")  # a blank line: no row
+    p.write_text(("email,name\n" if ext == ".csv" else "") + "\n".join(lines) + "\n")
+    every = list(recipients.read(str(p)))
+    for after in (0, 5, 12, 40):
+        for size in (1, 4, 100):
+            got = list(recipients.batches(str(p), after=after, size=size))
+            want = [
+                r for r in every if (r.line if isinstance(r, recipients.BadRow) else r[0]) > after
+            ]
+            assert [b.last for b in got] == [False] * (len(got) - 1) + [True]
+            assert all(len(b.rows) == size for b in got[:-1]) and len(got[-1].rows) < size
+            rows = [(ln, *r) for b in got for ln, r in zip(b.lines, b.rows, strict=True)]
+            bad = [r for b in got for r in b.bad]
+            assert rows == [r for r in want if not isinstance(r, recipients.BadRow)]
+            assert bad == [r for r in want if isinstance(r, recipients.BadRow)]
+            last = [r.line if isinstance(r, recipients.BadRow) else r[0] for r in want]
+            assert got[-1].line == (max(last) if last else after)
+            for b in got[:-1]:
+                assert b.line == b.lines[-1]  # a full batch ends at its last good row
+
+
 def test_a_list_not_in_utf8_is_refused_with_its_line(tmp_path: Path) -> None:
     from fastsend import recipients
 

@@ -303,37 +303,22 @@ class Acceptor:
         # rewritten meanwhile: each batch is checked against the file as it was
         # opened before it is accepted (rows read from a changed file never are).
         opened = _identity(path)
-        start = line = committed = job.line
+        committed = job.line
         accepted, rejected = job.accepted, job.rejected
-        batch: list[Row] = []
-        add = batch.append
-        bad_row = recipients.BadRow
-        for row in recipients.read(path):
-            if isinstance(row, bad_row):
-                if row.line > start:
-                    line = row.line
-                    rejected += 1
-                    if on_bad is not None:
+        for b in recipients.batches(path, after=job.line, size=chunk):
+            if b.bad:
+                rejected += len(b.bad)
+                if on_bad is not None:
+                    for row in b.bad:
                         on_bad(row)
-                continue
-            if row[0] <= start:
-                continue
-            line = row[0]
-            add(row[1:])  # (rcpt, domain, vars)
-            if len(batch) >= chunk:
-                _check_unchanged(path, opened, committed)
-                accepted += len(batch)
-                mark = IngestMark(job.id, line, accepted, rejected)
-                self.accept(job.campaign, batch, ingest=mark)
-                batch = []
-                add = batch.append
-                committed = line
+            _check_unchanged(path, opened, committed)
+            accepted += len(b.rows)
+            mark = IngestMark(job.id, b.line, accepted, rejected)
+            self.accept(job.campaign, b.rows, ingest=mark)
+            committed = b.line
+            if b.last:
+                self.spool.finish_ingest(job.id, "done")
+                self.spool.release_ingest(job.id)
+            else:
                 self.spool.renew()  # the hold, on a backend that leases it
-                yield mark
-        _check_unchanged(path, opened, committed)
-        accepted += len(batch)
-        mark = IngestMark(job.id, line, accepted, rejected)
-        self.accept(job.campaign, batch, ingest=mark)
-        self.spool.finish_ingest(job.id, "done")
-        self.spool.release_ingest(job.id)
-        yield mark
+            yield mark

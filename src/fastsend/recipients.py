@@ -5,7 +5,10 @@ reports every bad row with its line number instead of stopping.
 Each good row becomes (line, address, ascii_domain, vars_json_bytes); vars hold
 every column except ``email`` (JSON lines may carry nested values; they are
 kept as JSON). The format is chosen by extension (.csv / .jsonl / .ndjson /
-.json) or sniffed from the first character.
+.json) or sniffed from the first character. :func:`read` yields rows one by
+one; :func:`batches` hands them over as lists (how a list is spooled: no call
+and no tuple per row); :func:`survey` hashes a file and counts its rows in one
+pass over its bytes, before any is spooled.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
+from typing import NamedTuple
 
 import msgspec
 import orjson
@@ -86,17 +91,42 @@ def _readline(path: str, f: io.TextIOWrapper) -> str:
 
 def read(path: str) -> Iterator[Row | BadRow]:
     """Yield good rows and BadRow entries, in file order."""
+    for b in batches(path, size=256):
+        good = list(zip(b.lines, b.rows, strict=True))
+        j = 0
+        for bad in b.bad:  # the bad rows where they were among the good ones
+            while j < len(good) and good[j][0] < bad.line:
+                yield (good[j][0], *good[j][1])
+                j += 1
+            yield bad
+        for line, row in islice(good, j, None):
+            yield (line, *row)
+
+
+class Batch(NamedTuple):
+    """Rows of a list as :func:`batches` reads them."""
+
+    rows: list[tuple[str, str, bytes]]  # the good rows: (address, ascii domain, vars JSON)
+    lines: list[int]  # the line of each good row
+    bad: list[BadRow]  # the bad rows among them
+    line: int  # the last line of a row read (good or bad), 0: none yet
+    last: bool  # the file ends here
+
+
+def batches(path: str, *, after: int = 0, size: int = 2000) -> Iterator[Batch]:
+    """The rows after line ``after`` (lines up to it are parsed as the format
+    needs, not checked), ``size`` good rows a batch; the last batch, marked,
+    may hold fewer or none. What :func:`read` yields, without a call and a
+    tuple per row: the form a list is spooled in (``Acceptor.ingest``)."""
     f = _open(path)
     with f:
         first = _readline(path, f)
         if not first:
+            yield Batch([], [], [], after, True)
             return
-        fmt = detect_format(path, first)
+        parse = _csv_batches if detect_format(path, first) == "csv" else _jsonl_batches
         try:
-            if fmt == "csv":
-                yield from _read_csv(first, f)
-            else:
-                yield from _read_jsonl(first, f)
+            yield from parse(first, f, after, size)
         except UnicodeDecodeError as e:  # survey() finds it first, unless the file changed
             raise RecipientsError(f"{path}: not UTF-8 text ({e.reason})") from None
 
@@ -241,16 +271,6 @@ def _count_records(path: str) -> int:
         return sum(1 for text in _chain(first, f) if text.strip())
 
 
-def _row(line: int, email: object, variables: dict[str, str]) -> Row | BadRow:
-    if not isinstance(email, str):
-        return BadRow(line, "missing or non-text email")
-    try:
-        addr, domain = normalize(email)
-    except AddressError as e:
-        return BadRow(line, str(e))
-    return (line, addr, domain, orjson.dumps(variables))
-
-
 _encode = msgspec.json.Encoder().encode
 
 
@@ -272,7 +292,7 @@ def _vars_struct(names: list[str]) -> type[msgspec.Struct] | None:
         return None
 
 
-def _read_csv(first: str, f: io.TextIOWrapper) -> Iterator[Row | BadRow]:
+def _csv_batches(first: str, f: io.TextIOWrapper, after: int, size: int) -> Iterator[Batch]:
     try:
         header = [h.strip() for h in next(csv.reader([first]))]
     except csv.Error as e:
@@ -286,17 +306,25 @@ def _read_csv(first: str, f: io.TextIOWrapper) -> Iterator[Row | BadRow]:
     dumps = orjson.dumps
     row_type = _vars_struct(names)
     encode = _encode
+    rows: list[tuple[str, str, bytes]] = []
+    lines: list[int] = []
+    bad: list[BadRow] = []
+    last = after
     while True:
         try:
             rec = next(reader)
         except StopIteration:
-            return
+            break
         except csv.Error as e:  # a field over csv.field_size_limit(), a NUL, ...
             raise RecipientsError(f"line {reader.line_num + 1}: {e}") from None
+        line = reader.line_num + 1
+        if line <= after:
+            continue
         if len(rec) != width:
             if not rec or (len(rec) == 1 and not rec[0].strip()):
                 continue
-            yield BadRow(reader.line_num + 1, f"expected {width} columns, found {len(rec)}")
+            bad.append(BadRow(line, f"expected {width} columns, found {len(rec)}"))
+            last = line
             continue
         if width == 1 and not rec[0].strip():
             continue
@@ -304,31 +332,55 @@ def _read_csv(first: str, f: io.TextIOWrapper) -> Iterator[Row | BadRow]:
         try:
             addr, domain = normalize(email)
         except AddressError as e:
-            yield BadRow(reader.line_num + 1, str(e))
+            bad.append(BadRow(line, str(e)))
+            last = line
             continue
         if row_type is not None:  # the same bytes as the dict below, a third of the CPU
-            yield (reader.line_num + 1, addr, domain, encode(row_type(*rec)))
+            rows.append((addr, domain, encode(row_type(*rec))))
         else:
-            yield (reader.line_num + 1, addr, domain, dumps(dict(zip(names, rec, strict=True))))
+            rows.append((addr, domain, dumps(dict(zip(names, rec, strict=True)))))
+        lines.append(line)
+        last = line
+        if len(rows) >= size:
+            yield Batch(rows, lines, bad, line, False)
+            rows, lines, bad = [], [], []
+    yield Batch(rows, lines, bad, last, True)
 
 
-def _read_jsonl(first: str, f: io.TextIOWrapper) -> Iterator[Row | BadRow]:
+def _jsonl_batches(first: str, f: io.TextIOWrapper, after: int, size: int) -> Iterator[Batch]:
+    rows: list[tuple[str, str, bytes]] = []
+    lines: list[int] = []
+    bad: list[BadRow] = []
+    last = after
     line = 0
     for text in _chain(first, f):
         line += 1
-        if not text.strip():
+        if line <= after or not text.strip():
             continue
+        last = line
         try:
             obj = orjson.loads(text)
         except orjson.JSONDecodeError as e:
-            yield BadRow(line, f"invalid JSON: {e}")
+            bad.append(BadRow(line, f"invalid JSON: {e}"))
             continue
         if not isinstance(obj, dict):
-            yield BadRow(line, "a JSON line must be an object with an 'email' key")
+            bad.append(BadRow(line, "a JSON line must be an object with an 'email' key"))
             continue
         email = obj.pop("email", None)
-        variables = {k: _text(v) for k, v in obj.items()}
-        yield _row(line, email, variables)
+        if not isinstance(email, str):
+            bad.append(BadRow(line, "missing or non-text email"))
+            continue
+        try:
+            addr, domain = normalize(email)
+        except AddressError as e:
+            bad.append(BadRow(line, str(e)))
+            continue
+        rows.append((addr, domain, orjson.dumps({k: _text(v) for k, v in obj.items()})))
+        lines.append(line)
+        if len(rows) >= size:
+            yield Batch(rows, lines, bad, line, False)
+            rows, lines, bad = [], [], []
+    yield Batch(rows, lines, bad, last, True)
 
 
 def _text(v: object) -> str:
