@@ -522,6 +522,37 @@ def test_reply_parser(impl: str, data: bytes, expected: list[tuple[int, str, str
     assert got == expected and not p.pending
 
 
+def test_reply_parser_repeated_lines(impl: str) -> None:
+    """A session's replies repeat: the same line gives the same reply every time,
+    also around multi-line replies whose lines match an earlier one-line reply
+    (the compiled parser hands a recently seen line's reply back as is)."""
+    stream = [
+        b"250 2.1.5 Ok\r\n",
+        b"250 2.1.5 Ok\r\n250 Ok\r\n",
+        b"250-2.0.0 first\r\n250 Ok\r\n",  # the last line of a multi-line reply
+        b"250 Ok\r\n",
+        b"250 2.1.5 Ok\r\n354 go\r\n550 5.1.1 no\r\n451 4.3.0 later\r\n250 a\r\n",
+        b"250 2.1.5 Ok\r\n354 go\r\n",
+    ]
+    expected = [
+        [(250, "2.1.5", "Ok")],
+        [(250, "2.1.5", "Ok"), (250, "", "Ok")],
+        [(250, "2.0.0", "first\nOk")],
+        [(250, "", "Ok")],
+        [
+            (250, "2.1.5", "Ok"),
+            (354, "", "go"),
+            (550, "5.1.1", "no"),
+            (451, "4.3.0", "later"),
+            (250, "", "a"),
+        ],
+        [(250, "2.1.5", "Ok"), (354, "", "go")],
+    ]
+    p = parser_cls(impl)()
+    assert [p.feed(chunk) for chunk in stream] == expected
+    assert not p.pending
+
+
 @pytest.mark.parametrize(
     "data",
     [b"25 x\r\n", b"abc\r\n", b"250_x\r\n", b"150 x\r\n", b"650 x\r\n", b"250-a\r\n550 b\r\n"],

@@ -2,7 +2,7 @@
 # and dot_stuff, with identical names and behaviour (the pure-Python versions
 # are the reference; tests run over both). No I/O, no SMTP state here.
 
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 cdef Py_ssize_t _SMTP_MAX_LINE = 4096
@@ -26,12 +26,20 @@ cdef class ReplyParser:
     cdef int _code
     cdef str _enhanced
     cdef list _lines
+    # The last single-line replies seen (raw line -> reply tuple): a session's
+    # replies repeat ("250 2.1.5 Ok" to every RCPT), and a repeated line is
+    # answered with the same tuple instead of decoding it again.
+    cdef bytes _seen0, _seen1, _seen2, _seen3
+    cdef tuple _reply0, _reply1, _reply2, _reply3
+    cdef int _next_seen
 
     def __init__(self):
         self._buf = b""
         self._code = 0
         self._enhanced = ""
         self._lines = []
+        self._seen0 = self._seen1 = self._seen2 = self._seen3 = b""
+        self._next_seen = 0
 
     @property
     def pending(self):
@@ -63,6 +71,7 @@ cdef class ReplyParser:
         cdef int code, sep, cls
         cdef Py_ssize_t i, k, d
         cdef str text
+        cdef tuple reply
         if n < 3 or not (50 <= s[0] <= 53 and _smtp_digit(s[1]) and _smtp_digit(s[2])):
             raise _smtp_remote_error(f"not an SMTP reply line: {buf[off:off + min(n, 80)]!r}")
         code = (s[0] - 48) * 100 + (s[1] - 48) * 10 + (s[2] - 48)
@@ -78,6 +87,12 @@ cdef class ReplyParser:
             raise _smtp_remote_error(
                 f"multi-line reply changed code from {self._code} to {code}"
             )
+        cdef tuple seen
+        if sep == 32 and not self._code:  # a whole one-line reply: seen lately?
+            seen = self._seen(s, n)
+            if seen is not None:
+                out.append(seen)
+                return 0
         # Enhanced status code: class "." 1-3 digits "." 1-3 digits, then spaces or end.
         i = 4
         k = 0
@@ -119,10 +134,39 @@ cdef class ReplyParser:
             self._lines.append(text)
             text = "\n".join(self._lines)
             self._lines = []
-        out.append((code, self._enhanced, text))
+        reply = (code, self._enhanced, text)
+        out.append(reply)
+        if not self._code:  # a one-line reply: remember it
+            self._remember(buf[off:off + n], reply)
         self._code = 0
         self._enhanced = ""
         return 0
+
+    cdef inline bint _same(self, bytes raw, const char* s, Py_ssize_t n):
+        return PyBytes_GET_SIZE(raw) == n and memcmp(PyBytes_AS_STRING(raw), s, n) == 0
+
+    cdef tuple _seen(self, const char* s, Py_ssize_t n):
+        if self._same(self._seen0, s, n):
+            return self._reply0
+        if self._same(self._seen1, s, n):
+            return self._reply1
+        if self._same(self._seen2, s, n):
+            return self._reply2
+        if self._same(self._seen3, s, n):
+            return self._reply3
+        return None
+
+    cdef void _remember(self, bytes raw, tuple reply):
+        cdef int k = self._next_seen
+        self._next_seen = (k + 1) & 3
+        if k == 0:
+            self._seen0, self._reply0 = raw, reply
+        elif k == 1:
+            self._seen1, self._reply1 = raw, reply
+        elif k == 2:
+            self._seen2, self._reply2 = raw, reply
+        else:
+            self._seen3, self._reply3 = raw, reply
 
 
 def dot_stuff(bytes data not None, bytes tail not None = b""):

@@ -71,6 +71,8 @@ CLOSED = "closed"  # the connection is gone (or the server said 421)
 _MAIL, _RCPT, _DATA, _DOT, _RSET, _CMD, _BDAT = range(7)
 _STAGE = {_MAIL: "mail", _RCPT: "rcpt", _DATA: "data", _DOT: "data", _RSET: "rset", _BDAT: "data"}
 
+_RCPT_DATA = b">\r\nDATA\r\n"  # the end of a one-recipient group
+
 # With CHUNKING, whole transactions stream without waiting for any reply; at
 # most this many, and (beyond the first) this many message bytes, are in
 # flight per connection: bounds the write buffer whatever the message sizes.
@@ -174,6 +176,9 @@ class SMTPClient:
         self._from_bad = True
         self._from_utf8 = False
         self._from_line = b""
+        # The last reply to a message's end and what it made (Outcome, queue id).
+        self._dot_reply: Reply | None = None
+        self._dot_result: tuple[Outcome, str] = (Outcome(DEFERRED), "")
 
     # ------------------------------------------------------------------ queries
     @property
@@ -377,6 +382,13 @@ class SMTPClient:
         rcpts = txn.env.rcpts
         outcomes = txn.outcomes
         if self.pipelining:
+            if len(rcpts) == 1:  # undecided (else the whole envelope was): the usual case
+                pending.extend(((_MAIL, txn, 0), (_RCPT, txn, 0), (_DATA, txn, 0)))
+                self._out.append(
+                    b"".join((self._mail_line(txn), b"RCPT TO:<", rcpts[0].encode(), _RCPT_DATA))
+                )
+                self._group_open = True
+                return
             parts = [self._mail_line(txn)]
             pending.append((_MAIL, txn, 0))
             for i in range(len(rcpts)):
@@ -638,19 +650,24 @@ class SMTPClient:
             return
         if code < 200 or 300 <= code < 400:
             raise RemoteProtocolError(f"unexpected reply {code} to end of data")
-        out = self._outcome(reply, "data")
+        if reply is self._dot_reply:  # the compiled parser hands a repeated line back as is
+            out, qid = self._dot_result
+        else:
+            out = self._outcome(reply, "data")
+            qid = ""
+            if code < 300:
+                text = out.text
+                k = text.find("queued as ")
+                qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+            self._dot_reply = reply
+            self._dot_result = (out, qid)
         if len(outs) == 1:  # one recipient, accepted (else no body was sent): the usual case
             outs[0] = out
         else:
             for j in range(len(outs)):
                 if outs[j] is None:
                     outs[j] = out
-        if code >= 300:
-            self._finish(txn)
-        else:
-            text = out.text
-            k = text.find("queued as ")
-            self._finish(txn, text[k + 10 :].split(" ", 1)[0] if k >= 0 else text)
+        self._finish(txn, qid)
 
     def _outcome(self, reply: Reply, stage: str) -> Outcome:
         code = reply[0]
