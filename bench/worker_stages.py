@@ -16,6 +16,12 @@ the SMTP client, by process CPU time:
   together, with the loop around them;
 - outcome collect: ``Worker.add_results`` of what the client returns;
 - outcome encode: the ``wire.Results`` record for the supervisor;
+- SMTP client protocol: the sans-I/O client (``fastsend.smtp.client``) doing
+  a batch of these messages on one connection as smtp-sink answers them
+  (PIPELINING, DATA; each reply burst: the last message's 250, MAIL's and
+  RCPT's 250 and DATA's 354), no socket: replies parsed and matched,
+  commands and dot-stuffed bodies made, one outcome per message. Not part of
+  the worker-side total (it is the client's own cost);
 - placing, batches of 6: what a batch costs besides building its messages
   (decode, site lookup, the site's ready queue), per message, for the small
   batches end_to_end.py's 100-domain list gets (the supervisor sends one per
@@ -140,6 +146,30 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
     queue.closing = True  # no connections: the queue's bookkeeping alone
     envs = worker.build(wire.Batch(1, "d1.example.net", items[:SMALL]))
 
+    from fastsend.smtp.client import SMTPClient
+
+    sink_next = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+    sink_each = b"250 2.0.0 Ok\r\n" + sink_next  # a message's end, the next one's start
+    client_envs = [
+        Envelope(r.envelope_from(mids[i]), [items[i].rcpt], datas[i], tag=items[i].id)
+        for i in range(BATCH)
+    ]
+
+    def session() -> None:
+        c = SMTPClient("bench.example", "sink[127.0.0.1]:25")
+        c.receive_data(b"220 smtp-sink ESMTP\r\n")
+        c.send_ehlo()
+        c.receive_data(b"250-smtp-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 DSN\r\n")
+        c.send_envelopes(client_envs)
+        done = len(c.receive_data(sink_next))
+        c.data_to_send()
+        for _ in range(BATCH - 1):
+            done += len(c.receive_data(sink_each))
+            c.data_to_send()
+        done += len(c.receive_data(b"250 2.0.0 Ok\r\n"))
+        if done != BATCH:
+            raise SystemExit(f"the client finished {done} of {BATCH} transactions")
+
     def place() -> None:
         for _ in range(READ):
             b = decode(small)
@@ -165,6 +195,7 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
         "build (whole, per message)": lambda: worker.build(batch),
         "outcome collect": collect,
         "outcome encode": lambda: wire.encoder.encode(wire.Results(out)),
+        "SMTP client protocol": session,
     }
     figures: dict[str, float] = {}
     for name, fn in stages.items():
@@ -225,6 +256,10 @@ def main() -> int:
     whole = c["build (whole, per message)"] + c["batch decode"] + c["outcome collect"]
     whole += c["outcome encode"]
     print(f"  worker-side total (build + decode + collect + encode), compiled: {whole:.2f} us/msg")
+    print(
+        f"  SMTP client protocol (sans-I/O, not in the total), compiled:"
+        f" {c['SMTP client protocol']:.2f} us/msg"
+    )
     return 0
 
 

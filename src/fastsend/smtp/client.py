@@ -474,7 +474,11 @@ class SMTPClient:
 
     def _finish(self, txn: _Txn, queue_id: str = "") -> None:
         self._active -= 1
-        self._events.append(self._result(txn, queue_id))
+        outs = txn.outcomes
+        if len(outs) == 1 and outs[0] is not None:  # _result's check, one recipient
+            self._events.append(TxnResult(txn.env.tag, outs, queue_id))  # type: ignore[arg-type]
+        else:
+            self._events.append(self._result(txn, queue_id))
         if not self._group_open:
             self._start_next()
 
