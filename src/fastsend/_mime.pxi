@@ -614,10 +614,30 @@ def split_address(str addr):
         elif not _ATEXT[c]:
             return _split_address_py(addr)
         prev = c
+    # The domain: LDH labels of 1-63 octets, no "-" at either end, an optional
+    # final "." (the pure twin's _ASCII_DOMAIN) are returned as they are, as
+    # encode_domain returns them; anything else goes through it (literals,
+    # IDNA, the error).
+    cdef bint plain = True
+    cdef Py_ssize_t label = 0
+    prev = 0
     for i in range(at + 1, n):
         c = s[i]
         if c == 13 or c == 10 or c == 0:
             return _split_address_py(addr)
+        if c == 46:
+            if label == 0 or prev == 45:
+                plain = False
+            label = 0
+        elif (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or (c == 45 and label):
+            label += 1
+            if label > 63:
+                plain = False
+        else:
+            plain = False
+        prev = c
+    if plain and prev != 45:
+        return addr[:at], addr[at + 1:]
     if _encode_domain is None:
         from fastsend.message.headers import encode_domain
 
