@@ -182,6 +182,8 @@ def test_batches_are_what_read_yields_after_a_line(tmp_path: Path, ext: str) -> 
             assert got[-1].line == (max(last) if last else after)
             for b in got[:-1]:
                 assert b.line == b.lines[-1]  # a full batch ends at its last good row
+    got = list(recipients.batches(str(p), size=4, first=2))  # a first batch of its own size
+    assert [len(b.rows) for b in got] == [2, 4, 4, 4, 4, 1]
 
 
 def test_a_list_not_in_utf8_is_refused_with_its_line(tmp_path: Path) -> None:

@@ -42,6 +42,9 @@ from fastsend.suppression import DEFAULT_TENANT, SuppressionList
 from fastsend.wire import MAX_RECORD, CampaignSpec, blob_ref, encoder
 
 CHUNK = 2000  # rows per spool transaction of a list ingest
+# Rows of the first transaction of `send`'s list: delivery starts after it (the
+# workers fork once it is spooled), the rest is read as the windows have room.
+FIRST_CHUNK = 256
 # A row's vars (its message body, for the API and submission) is stored once as
 # a content-addressed blob when several rows of a batch share it and it is at
 # least BLOB_SHARED bytes, or when it is at least BLOB_ALONE bytes (the same big
@@ -287,10 +290,11 @@ class Acceptor:
         *,
         chunk: int = CHUNK,
         on_bad: Callable[[recipients.BadRow], None] | None = None,
+        first: int = 0,
     ) -> Iterator[IngestMark]:
         """Read the job's list from after its last committed line, spooling
-        ``chunk`` good rows per transaction together with the job's new
-        position; yields each position once durable. The job is marked done
+        ``chunk`` good rows per transaction (the first: ``first``, if given)
+        together with the job's new position; yields each position once durable. The job is marked done
         after the last row. The caller checks :func:`source_problem` first
         when resuming. ``on_bad`` sees each bad row (not spooled).
 
@@ -305,7 +309,7 @@ class Acceptor:
         opened = _identity(path)
         committed = job.line
         accepted, rejected = job.accepted, job.rejected
-        for b in recipients.batches(path, after=job.line, size=chunk):
+        for b in recipients.batches(path, after=job.line, size=chunk, first=first):
             if b.bad:
                 rejected += len(b.bad)
                 if on_bad is not None:

@@ -113,20 +113,21 @@ class Batch(NamedTuple):
     last: bool  # the file ends here
 
 
-def batches(path: str, *, after: int = 0, size: int = 2000) -> Iterator[Batch]:
+def batches(path: str, *, after: int = 0, size: int = 2000, first: int = 0) -> Iterator[Batch]:
     """The rows after line ``after`` (lines up to it are parsed as the format
-    needs, not checked), ``size`` good rows a batch; the last batch, marked,
-    may hold fewer or none. What :func:`read` yields, without a call and a
-    tuple per row: the form a list is spooled in (``Acceptor.ingest``)."""
+    needs, not checked), ``size`` good rows a batch (the first: ``first``, if
+    given); the last batch, marked, may hold fewer or none. What :func:`read`
+    yields, without a call and a tuple per row: the form a list is spooled in
+    (``Acceptor.ingest``)."""
     f = _open(path)
     with f:
-        first = _readline(path, f)
-        if not first:
+        head = _readline(path, f)
+        if not head:
             yield Batch([], [], [], after, True)
             return
-        parse = _csv_batches if detect_format(path, first) == "csv" else _jsonl_batches
+        parse = _csv_batches if detect_format(path, head) == "csv" else _jsonl_batches
         try:
-            yield from parse(first, f, after, size)
+            yield from parse(head, f, after, first or size, size)
         except UnicodeDecodeError as e:  # survey() finds it first, unless the file changed
             raise RecipientsError(f"{path}: not UTF-8 text ({e.reason})") from None
 
@@ -292,7 +293,10 @@ def _vars_struct(names: list[str]) -> type[msgspec.Struct] | None:
         return None
 
 
-def _csv_batches(first: str, f: io.TextIOWrapper, after: int, size: int) -> Iterator[Batch]:
+def _csv_batches(
+    first: str, f: io.TextIOWrapper, after: int, limit: int, size: int
+) -> Iterator[Batch]:
+    """Batches of ``limit`` good rows, then of ``size``."""
     try:
         header = [h.strip() for h in next(csv.reader([first]))]
     except csv.Error as e:
@@ -341,13 +345,17 @@ def _csv_batches(first: str, f: io.TextIOWrapper, after: int, size: int) -> Iter
             rows.append((addr, domain, dumps(dict(zip(names, rec, strict=True)))))
         lines.append(line)
         last = line
-        if len(rows) >= size:
+        if len(rows) >= limit:
             yield Batch(rows, lines, bad, line, False)
             rows, lines, bad = [], [], []
+            limit = size
     yield Batch(rows, lines, bad, last, True)
 
 
-def _jsonl_batches(first: str, f: io.TextIOWrapper, after: int, size: int) -> Iterator[Batch]:
+def _jsonl_batches(
+    first: str, f: io.TextIOWrapper, after: int, limit: int, size: int
+) -> Iterator[Batch]:
+    """Batches of ``limit`` good rows, then of ``size``."""
     rows: list[tuple[str, str, bytes]] = []
     lines: list[int] = []
     bad: list[BadRow] = []
@@ -377,9 +385,10 @@ def _jsonl_batches(first: str, f: io.TextIOWrapper, after: int, size: int) -> It
             continue
         rows.append((addr, domain, orjson.dumps({k: _text(v) for k, v in obj.items()})))
         lines.append(line)
-        if len(rows) >= size:
+        if len(rows) >= limit:
             yield Batch(rows, lines, bad, line, False)
             rows, lines, bad = [], [], []
+            limit = size
     yield Batch(rows, lines, bad, last, True)
 
 

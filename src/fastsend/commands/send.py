@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 
 from fastsend import engine, recipients
-from fastsend.accept import AcceptError, Acceptor, check_campaign, rows_left
+from fastsend.accept import FIRST_CHUNK, AcceptError, Acceptor, check_campaign, rows_left
 from fastsend.commands.common import (
     add_engine_arguments,
     die,
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             spec, name=args.name or os.path.basename(args.campaign), tenant=args.tenant
         )
         job = acceptor.start_ingest(cid, args.recipients)
-        feed = acceptor.ingest(job, on_bad=on_bad)
+        feed = acceptor.ingest(job, on_bad=on_bad, first=FIRST_CHUNK)
         # The first chunk before the engine starts (file errors surface here);
         # the rest is read as the windows have room (paced by dispatch).
         mark = next(feed)
