@@ -358,3 +358,33 @@ def test_redis_lease_lapses_on_its_own(redis_server: Any, tmp_path: Path) -> Non
         assert rec is not None and rec.lease_left == 0 and rec.holder == b"h"
     finally:
         sp.close()
+
+
+def test_a_spool_from_before_leases_and_parts_gets_them(tmp_path: Path) -> None:
+    """An existing SQLite spool whose idempotency table has no lease or parts
+    columns (made by the previous release) is upgraded when opened; its
+    records stay valid."""
+    import sqlite3
+
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    (tmp_path / "s").mkdir()
+    db = sqlite3.connect(tmp_path / "s" / "spool.db")
+    db.executescript(
+        "CREATE TABLE idempotency (tenant TEXT NOT NULL, key TEXT NOT NULL, fp TEXT NOT NULL,"
+        " holder BLOB NOT NULL, status INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL DEFAULT"
+        " x'', created REAL NOT NULL, expires REAL NOT NULL, PRIMARY KEY (tenant, key))"
+        " WITHOUT ROWID;"
+    )
+    now = time.time()
+    db.execute("INSERT INTO idempotency VALUES ('t', 'k', 'fp', x'7b7d', 202, x'7b7d', ?, ?)",
+               (now, now + 600))  # fmt: skip
+    db.commit()
+    db.close()
+    sp = SQLiteSpool(str(tmp_path / "s"))
+    try:
+        rec = sp.idem_begin("t", "k", "fp", now, 600, b"me")
+        assert rec is not None and (rec.status, rec.body, rec.parts) == (202, b"{}", [])
+        assert sp.idem_begin("t", "k2", "fp", now, 600, b"me") is None
+    finally:
+        sp.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -203,6 +204,41 @@ def test_a_failure_or_kill_after_some_parts_is_continued_by_the_retry(
         st, got, h = call(s, rcpts, other, key="kill-list")
         assert st == 202 and got["accepted"] == 20_300 and h.get("Idempotent-Resumed") == "20000"
         assert total(s) == 5 + 20_500 + 20_300  # every recipient once
+    finally:
+        s.stop()
+
+
+def test_a_failure_after_a_new_campaign_or_list_job_reuses_it(
+    spool_url: str, tmp_path: Path
+) -> None:
+    """A 500 once the request created its campaign (before any row) or its
+    upload's list job (after its rows): the key is kept, and the retry goes on
+    with that campaign / answers from that job; nothing is created twice."""
+    s, rcpts = served_with_a_campaign(tmp_path, spool_url)
+    try:
+        assert s.stop() == 0
+        s.env = {FAULT: "idem-fail-after-campaign"}
+        s.start()
+        before = campaigns(s)
+        camp = {"template": TPL, "paused": True,
+                "recipients": [{"email": f"c{i}@three.example", "name": "C"} for i in range(4)]}
+        st, e, _ = call(s, "/v1/campaigns", camp, key="fail-camp")
+        assert st == 500 and campaigns(s) == before + 1 and total(s) == 0, e
+        st, got, h = call(s, "/v1/campaigns", camp, key="fail-camp")
+        assert st == 201 and got["accepted"] == 4 and h.get("Idempotent-Resumed") == "0", got
+        assert campaigns(s) == before + 1 and total(s) == 4  # the same campaign
+        assert s.stop() == 0
+        s.env = {FAULT: "idem-fail-after-job"}
+        s.start()
+        body = csv_list("j", 800)
+        st, e, _ = call(s, rcpts, key="fail-job", raw=body, ctype="text/csv")
+        assert st == 500 and total(s) == 4 + 800, e  # spooled, then the failure
+        st, got, h = call(s, rcpts, key="fail-job", raw=body, ctype="text/csv")
+        assert st == 202 and (got["accepted"], got["status"]) == (800, "spooled"), got
+        assert h.get("Idempotent-Resumed") == "800"
+        assert total(s) == 4 + 800  # the job's rows, once
+        uploads = s.tmp / "spool" / "uploads"
+        assert not uploads.exists() or os.listdir(uploads) == []  # the retry's copy removed
     finally:
         s.stop()
 

@@ -52,7 +52,7 @@ from fastsend.serve.api import (
     server_dkim,
     tenant_of,
 )
-from fastsend.serve.idempotency import TOKEN_OPTION, accept_rows, idempotent, json_digest, run_of
+from fastsend.serve.idempotency import accept_rows, fault, idempotent, json_digest, run_of
 from fastsend.serve.uploads import UPLOAD, Saved, UploadTooLarge, scan
 from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
 from fastsend.suppression import normalize as suppression_key
@@ -214,12 +214,11 @@ async def create_campaign(request: web.Request) -> web.Response:
     # Retried under an Idempotency-Key: the campaign an earlier attempt created.
     cid = run.campaign(api.ctx.spool, tenant) if run is not None else None
     if cid is None:
-        options: dict[str, Any] = {"api": True}
-        if run is not None:
-            options[TOKEN_OPTION] = run.token  # written with the campaign
+        options: dict[str, Any] = {"api": True, **(run.tags() if run is not None else {})}
         cid = api.ctx.acceptor.create_campaign(
             spec, name=body.name, tenant=tenant, options=options, paused=body.paused
         )
+        fault("after-campaign")
     return await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
 
 
@@ -337,7 +336,8 @@ async def _upload(
         return json_response(out, status=202)
     if api.metrics is not None:
         uploads.on_spooled = api.metrics.accepted
-    job, mark = uploads.accept(cid, path, tags={TOKEN_OPTION: run.token} if run else None)
+    job, mark = uploads.accept(cid, path, tags=run.tags() if run is not None else None)
+    fault("after-job")
     out["job"] = job.id
     out["rows"] = job.total
     out["accepted"] = mark.accepted

@@ -17,7 +17,8 @@ characters). With it:
 - when it accepts (a 2xx answer), its status and body are stored with the key,
   durably, before the answer is sent; an answer that accepted nothing (a 4xx)
   frees the key, so a corrected request may use it again; a failure (5xx,
-  an exception) after some parts were spooled releases the key with its parts;
+  an exception) after some parts were spooled, or after it created its
+  campaign or list job, releases the key with what it wrote;
 - a retry with the same key and the same request (method, path and query,
   content type, body: a SHA-256 fingerprint) gets the stored answer again
   with ``Idempotent-Replayed: true``, and nothing is accepted again;
@@ -45,8 +46,10 @@ and delivered; the event log misses their "accepted" line).
 
 ``FASTSEND_TEST_FAULT`` (tests only; inert when unset): ``idem-kill-after-part:N``
 (kill -9 once part N is committed), ``idem-fail-after-part:N`` (an exception
-there: a 500), ``idem-kill-before-answer`` (kill -9 after the handler, before
-its answer is stored), ``idem-slow-before-answer:S`` (wait S seconds there).
+there: a 500), ``idem-fail-after-campaign`` / ``idem-fail-after-job`` (an
+exception once a new campaign / an upload's list job is written),
+``idem-kill-before-answer`` (kill -9 after the handler, before its answer is
+stored), ``idem-slow-before-answer:S`` (wait S seconds there).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ Digest = Callable[[web.Request], Awaitable[str]]
 _FAULT = os.environ.get("FASTSEND_TEST_FAULT", "")
 
 
-def _fault(point: str, n: int = 0) -> float:
+def fault(point: str, n: int = 0) -> float:
     """Tests only (``FASTSEND_TEST_FAULT``, see the module docstring); returns
     seconds to wait for a slow fault, else 0."""
     if not _FAULT:
@@ -142,6 +145,13 @@ class IdemRun:
         # for every attempt (the record's creation time is kept by a takeover).
         self.token = hashlib.sha256(f"{scope}\0{key}\0{created!r}".encode()).hexdigest()[:32]
         self.taken_over = False
+        self.wrote = False  # created a campaign or list job: a failure keeps the key
+
+    def tags(self) -> dict[str, str]:
+        """What a campaign (options) or list job (source) this request creates
+        carries, written with it, so that a retry finds it again."""
+        self.wrote = True
+        return {TOKEN_OPTION: self.token}
 
     def accept(self, ctx: ServeContext, campaign_id: int, rows: list[tuple[str, str, bytes]]
                ) -> list[int]:  # fmt: skip
@@ -161,7 +171,7 @@ class IdemRun:
             return ids
         mark = IdemMark(self.scope, self.key, self.holder, n)
         ids = ctx.acceptor.accept(campaign_id, rows, idem=mark)
-        _fault("after-part", n)
+        fault("after-part", n)
         return ids
 
     def spooled(self, campaign_id: int) -> int:
@@ -212,9 +222,12 @@ async def _keep(spool: Spool, scope: str, key: str, holder: bytes, lease: float)
     """Renew the hold on a key while its request runs."""
     while True:
         await asyncio.sleep(lease / 3)
-        if not spool.idem_renew(scope, key, holder, lease):
-            log.warning("%s: lost the hold on a key (taken over or answered)", HEADER)
-            return
+        try:
+            if not spool.idem_renew(scope, key, holder, lease):
+                log.warning("%s: lost the hold on a key (taken over or answered)", HEADER)
+                return
+        except Exception:  # the spool unreachable a moment: try again next time
+            log.exception("%s: renewing the hold on a key failed", HEADER)
 
 
 def idempotent(handler: Handler, digest: Digest = json_digest) -> Handler:
@@ -284,14 +297,14 @@ def idempotent(handler: Handler, digest: Digest = json_digest) -> Handler:
                     " was too slow); retry to get its answer", HEADER,
                 ), {"Retry-After": "1"})  # fmt: skip
             except BaseException:
-                spool.idem_drop(tenant, key, holder)  # released with its parts, if any
+                spool.idem_drop(tenant, key, holder, keep=attempt.wrote)  # released, with parts
                 raise
             if (
                 200 <= resp.status < 300
                 and isinstance(resp, web.Response)
                 and resp.body is not None
             ):
-                slow = _fault("before-answer")
+                slow = fault("before-answer")
                 if slow:
                     await asyncio.sleep(slow)
                 spool.idem_finish(tenant, key, holder, resp.status, bytes(resp.body))  # type: ignore[arg-type]
@@ -304,7 +317,7 @@ def idempotent(handler: Handler, digest: Digest = json_digest) -> Handler:
                         HEADER, attempt.skipped,
                     )  # fmt: skip
             else:  # nothing accepted (or, after some parts, released with them)
-                spool.idem_drop(tenant, key, holder)
+                spool.idem_drop(tenant, key, holder, keep=attempt.wrote)
             return resp
         finally:
             keeper.cancel()

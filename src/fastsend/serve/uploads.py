@@ -113,7 +113,8 @@ class Uploads:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.on_spooled: Callable[[int], None] | None = None  # rows spooled (metrics)
         self.failed: dict[int, float] = {}  # job id -> monotonic time its spooling failed here
-        self.reported: set[int] = set()  # jobs whose unreadable file was reported
+        self.reported: set[int] = set()  # jobs whose file was found gone or changed (said)
+        self.busy: set[int] = set()  # jobs of ours another live process read (said)
 
     @property
     def spool(self) -> Spool:
@@ -241,8 +242,8 @@ class Uploads:
         elsewhere (another node's disk), is left alone; one of this node's whose
         file is gone or changed is reported once (``fastsend resume
         --abandon-rest`` closes it)."""
-        if job.id in self.tasks or job.finished:
-            return False
+        if job.id in self.tasks or job.finished or job.id in self.reported:
+            return False  # reading it, or its file was found gone or changed (said once)
         if time.monotonic() - self.failed.get(job.id, -RETRY_FAILED) < RETRY_FAILED:
             return False
         path = str(job.source.get("path", ""))
@@ -251,8 +252,8 @@ class Uploads:
         try:
             self.spool.hold_ingest(job.id)
         except IngestBusy as e:
-            if self.owns(job) and job.id not in self.reported:
-                self.reported.add(job.id)
+            if self.owns(job) and job.id not in self.busy:
+                self.busy.add(job.id)
                 log.warning("%s", e)
             return False
         fresh = self.spool.get_ingest(job.id)  # where it stands now that it is ours

@@ -648,15 +648,16 @@ class Spool(abc.ABC):
         if cur is not None and cur[0].holder == holder:
             cur[0].status, cur[0].body = int(status), body
 
-    def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
+    def idem_drop(self, scope: str, key: str, holder: bytes, *, keep: bool = False) -> None:
         """A request that did not answer with an acceptance gives its key up:
-        forgotten when none of its parts was spooled (a retry runs anew), else
-        released (:data:`IDEM_RELEASED`: the next retry takes it over at once and
-        continues after the parts)."""
+        forgotten when none of its parts was spooled and not ``keep`` (it wrote
+        nothing else either: a retry runs anew), else released
+        (:data:`IDEM_RELEASED`: the next retry takes it over at once and
+        continues after the parts, with the campaign or list job it created)."""
         mem = self.__dict__.get("_idem", {})
         cur = mem.get((scope, key))
         if cur is not None and cur[0].holder == holder and cur[0].running:
-            if cur[0].parts:
+            if cur[0].parts or keep:
                 cur[0].holder, cur[0].lease_left = IDEM_RELEASED, 0.0
             else:
                 del mem[(scope, key)]
@@ -899,8 +900,8 @@ class SpoolProxy(Spool):
     def idem_finish(self, scope: str, key: str, holder: bytes, status: int, body: bytes) -> None:
         self.inner.idem_finish(scope, key, holder, status, body)
 
-    def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
-        self.inner.idem_drop(scope, key, holder)
+    def idem_drop(self, scope: str, key: str, holder: bytes, *, keep: bool = False) -> None:
+        self.inner.idem_drop(scope, key, holder, keep=keep)
 
     def sweep_idem(self, now: float, limit: int = 1000) -> int:
         return self.inner.sweep_idem(now, limit)

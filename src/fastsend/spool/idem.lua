@@ -13,8 +13,9 @@
 --          the rest kept: the caller continues after its parts)
 --   renew: lease_ms -> 1 when the caller still holds the running record
 --   finish: status, body -> 1 when still ours
---   drop: delete when ours, running and without parts; with parts, release
---         it (holder 'released', no lease: the next retry continues it)
+--   drop: keep ('1': the request wrote something besides parts) -> delete when
+--         ours, running, without parts and not keep; else release it (holder
+--         'released', no lease: the next retry continues it)
 local k = P..':idem:'..ARGV[3]
 local lk = k..':lease'
 local op, holder = ARGV[2], ARGV[4]
@@ -63,7 +64,7 @@ elseif op == 'finish' then
 elseif op == 'drop' then
   local cur = redis.call('HMGET', k, 'holder', 'status', 'p0')
   if cur[1] == holder and cur[2] == '0' then
-    if cur[3] then
+    if cur[3] or ARGV[5] == '1' then
       redis.call('HSET', k, 'holder', 'released')
       redis.call('DEL', lk)
     else

@@ -834,8 +834,8 @@ class RedisSpool(Spool):
         self._idem(args=[self.k, "finish", self._idem_key(scope, key), holder, int(status), body])
         self._wait_durable()  # the answer says "accepted"
 
-    def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
-        self._idem(args=[self.k, "drop", self._idem_key(scope, key), holder])
+    def idem_drop(self, scope: str, key: str, holder: bytes, *, keep: bool = False) -> None:
+        self._idem(args=[self.k, "drop", self._idem_key(scope, key), holder, int(keep)])
 
     def sweep_idem(self, now: float, limit: int = 1000) -> int:
         return 0  # the keys expire by themselves
@@ -1007,6 +1007,10 @@ class RedisSpool(Spool):
         for jid in ids:
             pipe.hgetall(f"{k}:ing:{jid}")
         jobs = [self._ingest(j, h) for j, h in zip(ids, pipe.execute(), strict=True)]
+        if unfinished:  # finished meanwhile (a race with the first listing): not running
+            done = [i for i, j in zip(ids, jobs, strict=True) if j is None or j.finished]
+            if done:
+                self.r.zrem(f"{k}:ings:run", *done)
         return [j for j in jobs if j is not None and not (unfinished and j.finished)]
 
     def finish_ingest(self, job_id: int, status: str) -> None:

@@ -960,15 +960,16 @@ class SQLiteSpool(Spool):
         finally:
             db.execute("PRAGMA synchronous=NORMAL")
 
-    def idem_drop(self, scope: str, key: str, holder: bytes) -> None:
+    def idem_drop(self, scope: str, key: str, holder: bytes, *, keep: bool = False) -> None:
         db = self.db
         with transaction(db):
-            db.execute(
-                "DELETE FROM idempotency WHERE tenant=? AND key=? AND holder=? AND status=0"
-                " AND parts=x''",
-                (scope, key, holder),
-            )
-            db.execute(  # some parts were spooled: the next retry continues after them
+            if not keep:
+                db.execute(
+                    "DELETE FROM idempotency WHERE tenant=? AND key=? AND holder=? AND status=0"
+                    " AND parts=x''",
+                    (scope, key, holder),
+                )
+            db.execute(  # it wrote something: the next retry continues after it
                 "UPDATE idempotency SET holder=?, lease=0 WHERE tenant=? AND key=? AND holder=?"
                 " AND status=0",
                 (IDEM_RELEASED, scope, key, holder),
