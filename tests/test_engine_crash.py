@@ -21,10 +21,11 @@ from tests._engine_helpers import (
     write_recipients,
 )
 
+from fastsend.config.engine import DeliveryConfig
 from fastsend.sink import SinkProcess
 
 N = 12000
-WINDOW = 4000  # delivery.window default: claimed-but-unanswered messages per worker
+WINDOW = DeliveryConfig().window  # claimed-but-unanswered messages per worker
 
 
 def delivered(spool: Path, state: int = 3) -> int:

@@ -38,12 +38,13 @@ from tests._engine_helpers import (
 )
 
 from fastsend.accept import Acceptor, check_campaign, rows_left, source_problem
+from fastsend.config.engine import DeliveryConfig
 from fastsend.events import EventLog
 from fastsend.message import Campaign
 from fastsend.sink import SinkProcess
 from fastsend.spool import IngestJob, Spool, open_spool
 
-WINDOW = 4000  # delivery.window default: claimed-but-unanswered messages per worker
+WINDOW = DeliveryConfig().window  # claimed-but-unanswered messages per worker
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -585,3 +586,29 @@ def test_redis_rows_of_a_lapsed_ingest_lease_are_refused(redis_server: Any,
         assert len(sp.add_messages(cid, rows, time.time())) == 3
     finally:
         sp.close()
+
+
+def test_a_short_first_chunk_then_whole_chunks(spool_url: str, tmp_path: Path) -> None:
+    """`send` spools a short first chunk before the engine starts (a batch per
+    worker, so the workers are forked sooner), then whole chunks: each commits
+    the job's position, and a reader stopped after the first leaves the job
+    where that chunk ended, for `resume`."""
+    path = tmp_path / "list.csv"
+    write_list(path, 2500, bad_at=(5,))
+    spool = open_spool(spool_url)
+    events = EventLog(str(tmp_path / "events.jsonl"))
+    acceptor = Acceptor(spool, events, None)
+    cid = acceptor.create_campaign(check_campaign(Campaign.from_dict(_campaign())), name="c")
+    job = acceptor.start_ingest(cid, str(path))
+    feed = acceptor.ingest(job, chunk=1000, first=300)
+    first = next(feed)
+    assert (first.accepted, first.rejected, first.line) == (300, 1, 302)
+    now = spool.get_ingest(job.id)
+    assert now is not None and now.accepted == 300 and not now.finished
+    assert [m.accepted for m in feed] == [1300, 2300, 2500]
+    done = spool.get_ingest(job.id)
+    assert done is not None and done.finished and rows_left(done) == 0
+    c = spool.counts(cid)
+    assert c["queued"] + c["inflight"] == 2500
+    events.close()
+    spool.close()
