@@ -113,8 +113,10 @@ class Dispatch(SupervisorState):
         (fewer messages stay together: identical ones share transactions, and a
         batch record is paid for many): their shares go into ``given``; returns
         the claimer's (the rest: it had room for all of it)."""
+        # A taker's room counts what a shared spool has claimed for it ahead
+        # (spool.held): its window in flight stays within ``window``.
         takers = [
-            (s, window - len(s.inflight) - s.unwritten)
+            (s, window - len(s.inflight) - s.unwritten - self.spool.held(s.index))
             for s in others
             if self.can_take(s) and s.index not in given
         ]

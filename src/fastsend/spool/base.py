@@ -383,6 +383,12 @@ class Spool(abc.ABC):
         ask :meth:`next_due` before concluding nothing is due."""
         return self.claim_due(now, limit)
 
+    def held(self, key: int = 0) -> int:
+        """Messages :meth:`claim_next` has claimed for ``key`` (in flight in the
+        spool) and not handed out yet: what a caller giving ``key``'s window
+        more mail from elsewhere must count against its room."""
+        return 0
+
     @abc.abstractmethod
     def record_results(self, results: Iterable[Result], now: float) -> None:
         """Apply attempt outcomes (one transaction). A backend may leave a
@@ -799,6 +805,9 @@ class SpoolProxy(Spool):
 
     def claim_next(self, now: float, limit: int, key: int = 0) -> list[Claimed]:
         return self.inner.claim_next(now, limit, key)
+
+    def held(self, key: int = 0) -> int:
+        return self.inner.held(key)
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
         self.inner.record_results(results, now)

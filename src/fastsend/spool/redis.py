@@ -234,7 +234,7 @@ class RedisSpool(Spool):
         # claim_next: claims sent ahead on self._aconn, (key, sent) oldest first,
         # and per key what they claimed that is not handed out yet
         self._aconn: Any = None
-        self._ahead: collections.deque[tuple[int, float]] = collections.deque()
+        self._ahead: collections.deque[tuple[int, float, int]] = collections.deque()  # key, sent, want
         self._stock: dict[int, list[Claimed]] = {}
         self._tenants_indexed = False
 
@@ -507,10 +507,13 @@ class RedisSpool(Spool):
                 "EVALSHA", self._claim.sha, 0,
                 self.k, repr(float(now)), want, self.node, self._lease_ms,
             )  # fmt: skip
-            self._ahead.append((key, time.monotonic()))
+            self._ahead.append((key, time.monotonic(), want))
             self._holding = True
             self._renewed = time.monotonic()
         return out
+
+    def held(self, key: int = 0) -> int:
+        return len(self._stock.get(key, ())) + sum(w for k, _t, w in self._ahead if k == key)
 
     def _ahead_conn(self) -> Any:
         if self._aconn is None:
@@ -523,10 +526,10 @@ class RedisSpool(Spool):
         up to the last one of ``key`` (None: all) into each key's stock. Returns
         whether ``key``'s last answer claimed anything (None: none was on the way)."""
         last: bool | None = None
-        if key is not None and all(k != key for k, _t in self._ahead):
+        if key is not None and all(k != key for k, _t, _w in self._ahead):
             return None
         while self._ahead:
-            k, sent = self._ahead.popleft()
+            k, sent, _want = self._ahead.popleft()
             try:
                 flat = self._aconn.read_response()
             except redis.exceptions.NoScriptError:  # Redis lost its scripts: claimed nothing
@@ -549,7 +552,7 @@ class RedisSpool(Spool):
                 self._stock.setdefault(k, []).extend(got)
             if k == key:
                 last = bool(flat)
-                if not any(k2 == key for k2, _t in self._ahead):
+                if not any(k2 == key for k2, _t, _w in self._ahead):
                     break
         return last
 
