@@ -446,7 +446,10 @@ def test_a_dead_workers_outbox_is_applied_before_its_window_is_released(tmp_path
     window. Each message ends with exactly one outcome event, at attempt 1 (no
     outcome applied twice, none applied to a released message), and the
     duplicates the sink sees stay within what was released."""
-    n = 2000
+    # Two windows' worth: the kill happens while the worker still has at least
+    # ``busy`` messages to answer (a late tick under load may find the first
+    # window done; the next claim refills it).
+    n, busy = 8000, 500
     with SinkThread(latency_ms=1) as sink:
         cfg = make_config(tmp_path, sink, delivery={"pipeline": 16})
         spool = SQLiteSpool(cfg.spool_dir)
@@ -458,6 +461,8 @@ def test_a_dead_workers_outbox_is_applied_before_its_window_is_released(tmp_path
         def on_tick(sup: Supervisor) -> None:
             slot = sup.slots[0]
             if seen or not slot.alive or slot.outbox is None or len(sink.messages) < 200:
+                return
+            if len(slot.inflight) < busy:
                 return
             # The loop is blocked here: the worker's outcomes pile up unread.
             deadline = time.monotonic() + RUN_LIMIT / 2
