@@ -12,6 +12,8 @@ The crash windows are hit with the serve's test-only fault hook
 - a 500 (and a kill -9) after the first of several parts of one request (a
   batch over two campaigns; a JSON list of two spool transactions): the retry
   spools only the missing part;
+- kill -9 between a part's commit and its "accepted" events: the retry emits
+  them (once, marked resumed); after they were told: not again;
 - a holder on another host that keeps renewing its lease keeps its key longer
   than the lease (409s); once it stops, a retry takes the key over within
   about a lease, not 600 s; a slow request of a real serve renews its own lease;
@@ -204,6 +206,69 @@ def test_a_failure_or_kill_after_some_parts_is_continued_by_the_retry(
         st, got, h = call(s, rcpts, other, key="kill-list")
         assert st == 202 and got["accepted"] == 20_300 and h.get("Idempotent-Resumed") == "20000"
         assert total(s) == 5 + 20_500 + 20_300  # every recipient once
+    finally:
+        s.stop()
+
+
+def message_events(s: Served, mid: int) -> list[dict[str, Any]]:
+    """GET /v1/messages/{mid}'s events (the event index)."""
+
+    async def go() -> list[dict[str, Any]]:
+        h = {"Authorization": f"Bearer {s.keys['acme']}"}
+        async with (
+            aiohttp.ClientSession() as c,
+            c.get(f"{s.base}/v1/messages/{mid}", headers=h) as r,
+        ):
+            assert r.status == 200, await r.text()
+            return list(orjson.loads(await r.read())["events"])
+
+    return asyncio.run(go())
+
+
+def test_events_of_a_part_a_killed_attempt_committed_are_told_once(
+    spool_url: str, tmp_path: Path
+) -> None:
+    """Killed between a part's commit and its events: the retry emits them
+    ("resumed"); killed after they were told: the retry emits nothing again."""
+    s = Served(tmp_path, NOWHERE, spool_url=spool_url, serve_args=VOLATILE)
+    try:
+        assert s.stop() == 0
+        untold, told = two_campaign_batch("u"), two_campaign_batch("t")
+        for fault, key, body in (("idem-kill-after-commit:0", "untold", untold),
+                                 ("idem-kill-after-part:0", "told", told)):  # fmt: skip
+            s.env = {FAULT: fault}
+            s.start()
+            dies(s, "/v1/messages", body, key=key)
+        s.env = {}
+        s.start()
+        accepted: dict[int, list[dict[str, Any]]] = {}
+        for line in (tmp_path / "spool" / "events.jsonl").read_bytes().splitlines():
+            e = orjson.loads(line)
+            if e.get("event") == "accepted":
+                accepted.setdefault(e["id"], []).append(e)
+        assert len(accepted) == 3  # "told"'s part 0 only: "untold" died before its events
+        for key, body in (("untold", untold), ("told", told)):
+            st, got, h = call(s, "/v1/messages", body, key=key)
+            assert st == 202 and got["accepted"] == 5 and h.get("Idempotent-Resumed") == "3", got
+            ids = [i for m in got["messages"] for i in m["ids"]]
+            assert s.proc.poll() is None
+            log: dict[int, list[dict[str, Any]]] = {}
+            for line in (tmp_path / "spool" / "events.jsonl").read_bytes().splitlines():
+                e = orjson.loads(line)
+                if e.get("event") == "accepted" and e["id"] in ids:
+                    log.setdefault(e["id"], []).append(e)
+            assert sorted(log) == sorted(ids)  # every row told ...
+            assert all(len(v) == 1 for v in log.values()), log  # ... once
+            resumed = {i for i, v in log.items() if v[0].get("resumed")}
+            assert resumed == (set(ids[:3]) if key == "untold" else set()), (key, resumed)
+            rcpts = {i: log[i][0]["rcpt"] for i in ids}
+            assert sorted(rcpts.values()) == sorted(
+                t for m in body["messages"] for t in ([m["to"]] if isinstance(m["to"], str)
+                                                      else m["to"]))  # fmt: skip
+            for i in ids:  # the index the API reads has them too
+                evs = [e for e in message_events(s, i) if e["event"] == "accepted"]
+                assert len(evs) == 1 and evs[0]["rcpt"] == rcpts[i], (i, evs)
+        assert "before telling" in "".join(s.lines)
     finally:
         s.stop()
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from fastsend import recipients
@@ -205,10 +205,12 @@ class Acceptor:
         *,
         ingest: IngestMark | None = None,
         idem: IdemMark | None = None,
+        committed: Callable[[list[int]], None] | None = None,
     ) -> list[int]:
         """Spool ``rows`` durably (one transaction, with ``ingest``'s position, or
         recorded as a part of an Idempotency-Key's request: ``idem``); returns
-        their ids in the order of ``rows``."""
+        their ids in the order of ``rows``. ``committed`` (tests' fault points)
+        is called with the ids once they are durable, before their events."""
         if not rows and ingest is None:
             return []
         now = time.time()
@@ -223,25 +225,39 @@ class Acceptor:
         )
         for digest, where in blobs.items():
             self.spool.ref_blob(digest, [ids[i] for i in where])
+        if committed is not None:
+            committed(ids)
         if ids:
-            evs = [
-                {
-                    "time": now,
-                    "event": "accepted",
-                    "id": mid,
-                    "campaign": campaign_id,
-                    "tenant": tenant,
-                    "rcpt": r[0],
-                }
-                for mid, r in zip(ids, rows, strict=True)
-            ]
-            for i in gone:
-                evs[i]["event"] = "suppressed"
-            self.events.emit_many(evs)
-            self.events.flush()
+            self.emit_accepted(campaign_id, ids, [r[0] for r in rows], gone, now)
         if self.wake is not None and len(gone) < len(ids):
             self.wake()
         return ids
+
+    def emit_accepted(
+        self, campaign_id: int, ids: list[int], rcpts: list[str], gone: Collection[int],
+        now: float, **extra: Any,
+    ) -> None:  # fmt: skip
+        """The "accepted" event of each spooled row ("suppressed" for the indexes
+        in ``gone``), to the log and its listeners, flushed."""
+        tenant = self.tenant(campaign_id)
+        evs = [
+            {
+                "time": now,
+                "event": "accepted",
+                "id": mid,
+                "campaign": campaign_id,
+                "tenant": tenant,
+                "rcpt": rcpt,
+            }
+            for mid, rcpt in zip(ids, rcpts, strict=True)
+        ]
+        for i in gone:
+            evs[i]["event"] = "suppressed"
+        if extra:
+            for e in evs:
+                e.update(extra)
+        self.events.emit_many(evs)
+        self.events.flush()
 
     def _store_blobs(self, rows: list[Row], now: float) -> tuple[list[Row], dict[str, list[int]]]:
         """``rows`` with each body worth sharing replaced by a reference to a blob

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import orjson
@@ -108,6 +108,19 @@ class EventIndex:
             "SELECT data FROM events WHERE msg=? ORDER BY time, rowid", (mid,)
         ).fetchall()
         return [orjson.loads(r[0]) for r in rows]
+
+    def logged(self, ids: Collection[int], events: tuple[str, ...]) -> set[int]:
+        """Which of ``ids`` have one of ``events`` indexed (what is buffered included)."""
+        self.flush()
+        if not ids:
+            return set()
+        sql = (
+            "SELECT DISTINCT msg FROM events WHERE msg BETWEEN ? AND ?"
+            f" AND event IN ({','.join('?' * len(events))})"
+        )
+        want = set(ids)
+        rows = self.db.execute(sql, (min(want), max(want), *events))
+        return {r[0] for r in rows if r[0] in want}
 
     def meta(self, mid: int) -> tuple[list[str], dict[str, Any]]:
         self.flush()

@@ -40,12 +40,14 @@ characters). With it:
   attempts never spool the same part. Keys are kept ``[api]
   idempotency_ttl_s`` (24 h) from their first request, then swept.
 
-Not covered: "accepted" events of a part whose attempt died between the
-commit and emitting them are not emitted by the retry (the rows are spooled
-and delivered; the event log misses their "accepted" line).
+Events: each part's "accepted" / "suppressed" events are emitted and indexed
+right after its commit; a part answered from the record whose events the
+index lacks (the attempt died between the commit and them) has them emitted
+by the retry, with ``"resumed": true``: at least once, never missing.
 
 ``FASTSEND_TEST_FAULT`` (tests only; inert when unset): ``idem-kill-after-part:N``
-(kill -9 once part N is committed), ``idem-fail-after-part:N`` (an exception
+(kill -9 once part N is committed and told), ``idem-kill-after-commit:N`` (once
+it is committed, before its events), ``idem-fail-after-part:N`` (an exception
 there: a 500), ``idem-fail-after-campaign`` / ``idem-fail-after-job`` (an
 exception once a new campaign / an upload's list job is written),
 ``idem-kill-before-answer`` (kill -9 after the handler, before its answer is
@@ -64,6 +66,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -131,9 +134,10 @@ class IdemRun:
 
     def __init__(
         self, spool: Spool, scope: str, key: str, holder: bytes, created: float,
-        done: list[tuple[int, list[int]]],
+        done: list[tuple[int, list[int]]], index: Any = None,
     ) -> None:  # fmt: skip
         self.spool = spool
+        self.index = index  # the event index (EventIndex / RedisEventIndex), if any
         self.scope = scope
         self.key = key
         self.holder = holder
@@ -168,11 +172,47 @@ class IdemRun:
                     f" with {len(ids)} rows, this one has {len(rows)}; use a new key", HEADER,
                 )  # fmt: skip
             self.skipped += len(ids)
+            self._events_of(ctx, _cid, ids)
             return ids
         mark = IdemMark(self.scope, self.key, self.holder, n)
-        ids = ctx.acceptor.accept(campaign_id, rows, idem=mark)
+        def hook(_ids: list[int]) -> None:
+            fault("after-commit", n)
+
+        ids = ctx.acceptor.accept(campaign_id, rows, idem=mark, committed=hook if _FAULT else None)
+        if self.index is not None:
+            self.index.flush()  # the part's events indexed now: what a retry checks
         fault("after-part", n)
         return ids
+
+    def _events_of(self, ctx: ServeContext, campaign_id: int, ids: list[int]) -> None:
+        """The "accepted" / "suppressed" events of a part an earlier attempt
+        committed and died before emitting (the index lacks them), emitted now
+        with ``"resumed": true``. Events are at least once: an attempt killed
+        between writing the log line and indexing it has its lines twice."""
+        if self.index is None or not ids:
+            return
+        have = self.index.logged(ids, ("accepted", "suppressed"))
+        if len(have) == len(ids):
+            return
+        miss: list[int] = []
+        rcpts: list[str] = []
+        gone: list[int] = []
+        for mid in ids:
+            if mid in have:
+                continue
+            m = self.spool.message(mid)
+            if m is None:  # gone already (swept): nothing to tell
+                continue
+            if m["state"] == "suppressed":
+                gone.append(len(miss))
+            miss.append(mid)
+            rcpts.append(str(m["rcpt"]))
+        if miss:
+            ctx.acceptor.emit_accepted(campaign_id, miss, rcpts, gone, time.time(), resumed=True)
+            log.warning(
+                "%s: emitted the events of %d row(s) an earlier attempt spooled and died"
+                " before telling", HEADER, len(miss),
+            )  # fmt: skip
 
     def spooled(self, campaign_id: int) -> int:
         """Rows of ``campaign_id`` earlier attempts of this request spooled."""
@@ -280,7 +320,7 @@ def idempotent(handler: Handler, digest: Digest = json_digest) -> Handler:
                 headers={REPLAYED: "true", HEADER: key},
             )  # fmt: skip
         attempt = IdemRun(spool, tenant, key, holder, now if rec is None else rec.created,
-                          [] if rec is None else rec.parts)  # fmt: skip
+                          [] if rec is None else rec.parts, api.index)  # fmt: skip
         attempt.taken_over = rec is not None
         request[RUN] = attempt
         keeper = asyncio.get_running_loop().create_task(

@@ -44,7 +44,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -415,6 +415,23 @@ class RedisEventIndex:
         evs = [orjson.loads(b[len(head) :]) for b in raw if b.startswith(head)]
         evs.sort(key=lambda e: e.get("time") or 0)
         return evs
+
+    def logged(self, ids: Collection[int], events: tuple[str, ...]) -> set[int]:
+        """Which of ``ids`` have one of ``events`` indexed (what is buffered included)."""
+        self.flush()
+        want = set(ids)
+        buckets = sorted({mid // EV_BUCKET for mid in want})
+        pipe = self.r.pipeline(transaction=False)
+        for b in buckets:
+            pipe.lrange(f"{self.k}:ev:{b}", 0, -1)
+        out: set[int] = set()
+        for raw in pipe.execute():
+            for entry in raw:
+                head, _, body = entry.partition(b":")
+                mid = int(head)
+                if mid in want and mid not in out and orjson.loads(body).get("event") in events:
+                    out.add(mid)
+        return out
 
     def meta(self, mid: int) -> tuple[list[str], dict[str, Any]]:
         self.flush()
