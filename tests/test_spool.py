@@ -265,6 +265,30 @@ def test_add_messages_suppressed_rows_and_ingest_mark(make_spool: Factory) -> No
         s2.finish_ingest(other, "running")
 
 
+def test_rows_keep_their_vars_byte_for_byte_and_their_order(make_spool: Factory) -> None:
+    """Vars come back as the bytes spooled (UTF-8 JSON with non-ASCII text, bytes
+    that are not UTF-8 at all), ids follow the rows' order across statements of
+    every size, and suppressed rows anywhere in a batch are the only ones not due."""
+    s = make_spool()
+    cid = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    odd = [orjson.dumps({"n": "Zoë ✓ 名前"}), b"\xff\xfe not utf-8 \x00", b'{"nul":"\\u0000"}']
+    ids = s.add_messages(cid, [(f"v{i}@v.example", "v.example", v) for i, v in enumerate(odd)], now)
+    assert [s.message(i)["vars"] if i != ids[1] else None for i in ids] == [  # type: ignore[index]
+        {"n": "Zoë ✓ 名前"}, None, {"nul": "\u0000"}]  # fmt: skip
+    got = {c.id: c.vars for c in s.claim_due(now, 10)}
+    assert [got[i] for i in ids] == odd
+    if isinstance(s, SQLiteSpool):  # stored as blobs, as before
+        assert {t for (t,) in s.db.execute("SELECT typeof(vars) FROM messages")} == {"blob"}
+    gone = {0, 255, 256, 299, 300, 599}
+    more = s.add_messages(cid, spool_rows(600, "w.example"), now, suppressed=gone)
+    assert more == list(range(ids[-1] + 1, ids[-1] + 601))
+    due = s.claim_due(now, 1000)
+    assert sorted(c.id for c in due) == [m for k, m in enumerate(more) if k not in gone]
+    assert all(c.rcpt == f"u{c.id - more[0]}@w.example" for c in due)
+    assert s.counts(cid)["suppressed"] == len(gone)
+
+
 def test_an_ingest_job_has_one_holder(make_spool: Factory) -> None:
     """The creator holds a new job; another holder is refused with the holder
     named (here another spool object of this process) until it releases or

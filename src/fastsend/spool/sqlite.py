@@ -209,7 +209,7 @@ def _text_vars(vars_: tuple[bytes, ...]) -> list[str] | tuple[bytes, ...]:
     blob as it is."""
     try:
         return list(map(bytes.decode, vars_))
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, TypeError):  # TypeError: not bytes (bound as given)
         return vars_
 
 
