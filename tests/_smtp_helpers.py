@@ -6,6 +6,8 @@
 - :func:`aiosmtpd_server`: aiosmtpd (a real third-party server, in its own
   thread) with a handler that refuses recipients whose local part starts with
   "reject" and records the peer address and every message.
+- :func:`client_class`: ``SMTPClient`` over either twin of its core, for the
+  ``impl`` fixture ("py": the reference, "c": the compiled ``ClientCore``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.controller import Controller
+
+from fastsend import _accel
+from fastsend.smtp import client as cl
+
+
+def client_class(impl: str) -> Any:
+    """``SMTPClient`` over the reference core ("py") or the compiled one ("c")."""
+    if impl == "py":
+        return cl.PySMTPClient
+    return type("SMTPClient", (cl._Commands, _accel.compiled("ClientCore")), {})
 
 
 @dataclass

@@ -4,7 +4,9 @@ Random bytes and random well-formed-looking replies are fed, in random chunks,
 to clients in every interesting state; the only exception allowed out of
 ``receive_data`` is :class:`RemoteProtocolError`, and afterwards
 ``connection_lost`` must decide every recipient of every envelope.
-The reply parsers (pure and compiled) must agree on every input.
+The reply parsers (pure and compiled) must agree on every input, and so must
+the two twins of the client's core (``ClientCore``): the same events, the same
+bytes to write and the same error for the same server bytes, however split.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _smtp_helpers import client_class
 from fastsend import _accel
 from fastsend.outcome import Envelope, TxnResult
 from fastsend.smtp import replies
-from fastsend.smtp.client import SMTPClient
 from fastsend.smtp.errors import RemoteProtocolError
 
 SETTINGS = settings(
@@ -56,8 +58,13 @@ def envelopes() -> list[Envelope]:
     ]
 
 
-def client_in(state: str) -> tuple[SMTPClient, list[Envelope]]:
-    c = SMTPClient("client.example", mx="mx:25")
+def client_twins() -> list[Any]:
+    """The reference client, and the compiled one when built."""
+    return [client_class("py")] + ([client_class("c")] if _accel.HAVE_EXTENSIONS else [])
+
+
+def client_in(state: str, cls: Any) -> tuple[Any, list[Envelope]]:
+    c = cls("client.example", mx="mx:25")
     envs: list[Envelope] = []
     if state == "greeting":
         return c, envs
@@ -97,22 +104,29 @@ def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
 def test_garbage_only_raises_remote_protocol_error(
     state: str, data: bytes, cuts: list[int]
 ) -> None:
-    c, envs = client_in(state)
-    results: list[Any] = []
-    try:
-        for piece in chunks(data, cuts):
-            results += c.receive_data(piece)
-            c.data_to_send()
-    except RemoteProtocolError:
-        pass
-    results += c.connection_lost("gone")
-    txns = [r for r in results if isinstance(r, TxnResult)]
-    # every envelope got exactly one result, each recipient exactly one outcome
-    assert [t.tag for t in txns] == [e.tag for e in envs]
-    for t, e in zip(txns, envs, strict=True):
-        assert len(t.outcomes) == len(e.rcpts)
-        assert all(o.kind in ("delivered", "deferred", "failed") for o in t.outcomes)
-    assert not c.busy
+    seen = []
+    for cls in client_twins():
+        c, envs = client_in(state, cls)
+        results: list[Any] = []
+        wire: list[bytes] = []
+        error = ""
+        try:
+            for piece in chunks(data, cuts):
+                results += c.receive_data(piece)
+                wire.append(c.data_to_send())
+        except RemoteProtocolError as e:
+            error = str(e)
+        results += c.connection_lost("gone")
+        txns = [r for r in results if isinstance(r, TxnResult)]
+        # every envelope got exactly one result, each recipient exactly one outcome
+        assert [t.tag for t in txns] == [e.tag for e in envs]
+        for t, e in zip(txns, envs, strict=True):
+            assert len(t.outcomes) == len(e.rcpts)
+            assert all(o.kind in ("delivered", "deferred", "failed") for o in t.outcomes)
+        assert not c.busy
+        seen.append((results, wire, error, c.state, c.expecting))
+    # the twins: the same events, writes, error, state
+    assert all(x == seen[0] for x in seen), seen
 
 
 def _parse(cls: Any, data: bytes) -> Any:

@@ -2,7 +2,8 @@
 
 Each row is (what the server says, what the client must write next); the
 final results are compared as (kind, code, enhanced, stage) per recipient.
-Reply parsing and dot-stuffing run over both implementations (``impl``).
+Everything here runs over both twins of the client's core (``ClientCore``,
+``impl``), and so do reply parsing and dot-stuffing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from _smtp_helpers import client_class
 from fastsend import _accel
 from fastsend.outcome import Envelope, TxnResult
 from fastsend.smtp import client as cl
@@ -19,6 +21,13 @@ from fastsend.smtp.client import CommandDone, SMTPClient
 from fastsend.smtp.errors import LocalProtocolError, RemoteProtocolError
 
 FULL = ("PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8")
+
+
+@pytest.fixture(autouse=True)
+def client_twin(impl: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``SMTPClient`` in this module: the reference, or over the compiled core."""
+    monkeypatch.setitem(globals(), "SMTPClient", client_class(impl))
+    return impl
 
 
 def ready(caps: tuple[str, ...] = FULL) -> SMTPClient:
@@ -76,6 +85,25 @@ CASES: list[tuple[str, tuple[str, ...], list[Envelope], list[tuple[bytes, bytes]
             (b"250 2.0.0 Ok\r\n", b""),
         ],
         [("Ok", [DELIVERED, ("failed", 550, "5.1.1", "rcpt")])],
+    ),
+    (
+        "multi-line replies: an accepted RCPT, a refused one, the end of data",
+        FULL,
+        [env("a@example.com", "b@example.com")],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org> SIZE=7\r\n"
+                b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n",
+            ),
+            (
+                b"250 2.1.0 Ok\r\n250-2.1.5 first\r\n250 2.1.5 second\r\n"
+                b"550-5.1.1 no such\r\n550 5.1.1 user\r\n354 go\r\n",
+                b"hello\r\n.\r\n",
+            ),
+            (b"250-2.0.0 Ok\r\n250 2.0.0 queued as MLQ\r\n", b""),
+        ],
+        [("MLQ", [DELIVERED, ("failed", 550, "5.1.1", "rcpt")])],
     ),
     (
         "every recipient refused, DATA answered 554, RSET follows",
@@ -363,6 +391,41 @@ def test_transactions(case: Any, twins: str) -> None:
         assert wire == client_next
     assert summary(results) == expected
     assert not c.busy
+
+
+def play(cls: Any, case: Any, step: int) -> tuple[list[Any], list[bytes]]:
+    """A case's script over ``cls``, the server's bytes in pieces of ``step``
+    (0: whole): every event (compared whole, texts included) and each write."""
+    _name, caps, envelopes, script, _expected = case
+    monkey = pytest.MonkeyPatch()
+    monkey.setitem(globals(), "SMTPClient", cls)
+    try:
+        c = ready(caps)
+    finally:
+        monkey.undo()
+    results: list[Any] = []
+    writes = [c.send_envelopes(envelopes)]
+    results += c.events()
+    for server, _client_next in script:
+        if not server:
+            continue
+        n = step or len(server)
+        wrote = []
+        for k in range(0, len(server), n):
+            results += c.receive_data(server[k : k + n])
+            wrote.append(c.data_to_send())
+        writes.append(b"".join(wrote))
+    return results, writes
+
+
+@pytest.mark.parametrize("step", [1, 2, 7])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_transactions_split_reads_same_as_the_reference(
+    case: Any, step: int, client_twin: str
+) -> None:
+    """Replies cut anywhere (a line, a multi-line reply, across replies) give the
+    same events and writes as whole reads through the reference client."""
+    assert play(SMTPClient, case, step) == play(cl.PySMTPClient, case, 0)
 
 
 def test_connection_lost_mid_batch_defers_the_rest() -> None:

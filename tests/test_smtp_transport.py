@@ -1,8 +1,10 @@
 """The SMTP client over real sockets, on asyncio and uvloop.
 
 Real servers on loopback: aiosmtpd (refuses some recipients; STARTTLS with
-trustme certificates), Postfix's smtp-sink, and a small scripted server that
-drops connections or stops answering (disconnects and timeouts).
+trustme certificates), Postfix's smtp-sink, Exim (PIPELINING and CHUNKING,
+refusals at RCPT), and a small scripted server that drops connections or stops
+answering (disconnects and timeouts). Every test runs over both twins of the
+client's core (``ClientCore``: the reference and the compiled one).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 import pytest
 import trustme
 
-from _smtp_helpers import FaultServer, aiosmtpd_server
-from conftest import free_port, require_program, wait_port
+from _smtp_helpers import FaultServer, aiosmtpd_server, client_class
+from conftest import EximServer, free_port, require_program, wait_port
 from fastsend.outcome import Envelope, Outcome
 from fastsend.smtp import ConnectOptions, SMTPConnection, Timeouts, connect
+from fastsend.smtp import transport as tr
 
 Run = Callable[[Any], Any]
 SHORT = Timeouts(connect=2, greeting=2, ehlo=0.5, mail=0.5, rcpt=0.5, data=0.5, data_end=0.5)
@@ -37,6 +40,13 @@ def envs(n: int, rcpts: tuple[str, ...] = ("a@example.com",)) -> list[Envelope]:
         )
         for i in range(n)
     ]
+
+
+@pytest.fixture(autouse=True)
+def client_twin(impl: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The connections made here run the reference client or the compiled core."""
+    monkeypatch.setattr(tr, "SMTPClient", client_class(impl))
+    return impl
 
 
 async def must_connect(opts: ConnectOptions) -> SMTPConnection:
@@ -341,3 +351,47 @@ def test_bdat_stream_against_fastsend_sink(run: Run, fastsend_sink: int) -> None
             ("failed", "rcpt"),
             ("deferred", "rcpt"),
         ]
+
+
+@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
+def test_exim_pipelining_with_refusals(
+    run: Run, exim_server: EximServer, chunking: bool, client_twin: str
+) -> None:
+    """Exim (it enforces command synchronisation): pipelined transactions with
+    BDAT or DATA, recipients refused 550, 451 and 550 5.7.1 at RCPT, a
+    transaction with every recipient refused between accepted ones. Each
+    outcome as Exim answered; Exim took exactly the accepted recipients and
+    logged no protocol or synchronisation error."""
+    rcpt_sets = [
+        ("a@example.com", "permfail-1@example.com", "tempfail-1@example.com"),
+        ("permfail-2@example.com", "policy-2@example.com"),  # nothing accepted
+        ("b@example.com",),
+        ("c@example.com", "d@example.com"),
+    ]
+    batch = [
+        Envelope("bounce@example.org", list(rs), b"Subject: %d\r\n\r\nbody\r\n" % i, tag=i)
+        for i, rs in enumerate(rcpt_sets * 3)
+    ]
+
+    async def go() -> Any:
+        opts = ConnectOptions(
+            host=exim_server.host, port=exim_server.port, tls="off", chunking=chunking
+        )
+        conn = await must_connect(opts)
+        assert {"PIPELINING", "CHUNKING"} <= set(conn.capabilities)
+        results = await conn.send(batch)
+        await conn.quit()
+        return results
+
+    results = run(go())
+    assert [r.tag for r in results] == list(range(len(batch)))
+    want = {"a": "delivered", "b": "delivered", "c": "delivered", "d": "delivered"}
+    want |= {"permfail": "failed", "policy": "failed", "tempfail": "deferred"}
+    for r, e in zip(results, batch, strict=True):
+        for o, rcpt in zip(r.outcomes, e.rcpts, strict=True):
+            kind = want[rcpt.split("@")[0].split("-")[0]]
+            assert o.kind == kind, (rcpt, o)
+            assert o.stage == ("data" if kind == "delivered" else "rcpt"), (rcpt, o)
+    got = sorted(r for _sender, rs in exim_server.received() for r in rs)
+    assert got == sorted(["a@example.com", "b@example.com", "c@example.com", "d@example.com"] * 3)
+    assert exim_server.protocol_errors() == [], exim_server.protocol_errors()[:5]

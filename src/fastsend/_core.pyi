@@ -109,6 +109,13 @@ class ReplyParser:
 
 def dot_stuff(data: bytes, tail: bytes = b"") -> bytes: ...
 
+# twin: fastsend.smtp.client.PyClientCore (its methods and attributes)
+from typing import Any  # noqa: E402
+
+class ClientCore:
+    def __init__(self, mx: str = "", chunking: bool = True) -> None: ...
+    def __getattr__(self, name: str) -> Any: ...
+
 # _sink.pxi (twin: fastsend.sink.fast.SinkScanner)
 from collections.abc import Callable  # noqa: E402
 

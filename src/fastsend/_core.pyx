@@ -5,7 +5,8 @@ One extension module, one ``.pxi`` file per concern (each with a pure-Python
 twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 
 - _openssl.pxi     the libcrypto functions the others call (SHA-256)
-- _smtp.pxi        SMTP reply parsing and DATA dot-stuffing (fastsend.smtp.replies)
+- _smtp.pxi        SMTP reply parsing and DATA dot-stuffing (fastsend.smtp.replies), the
+                   client's transaction state machine (fastsend.smtp.client.ClientCore)
 - _ring.pxi        shared-memory SPSC rings with eventfd wake-ups (fastsend.ring)
 - _throttle.pxi    GCRA token buckets and keyed limiters (fastsend.throttle)
 - _mime.pxi        template splicing, quoted-printable bodies, message layout (fastsend.message)

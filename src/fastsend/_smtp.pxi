@@ -46,6 +46,9 @@ cdef class ReplyParser:
         return PyBytes_GET_SIZE(self._buf) > 0 or self._code != 0
 
     def feed(self, bytes data not None):
+        return self._feed(data)
+
+    cdef list _feed(self, bytes data):
         cdef bytes buf = self._buf + data if PyBytes_GET_SIZE(self._buf) else data
         cdef const char* p = PyBytes_AS_STRING(buf)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
@@ -172,6 +175,10 @@ cdef class ReplyParser:
 def dot_stuff(bytes data not None, bytes tail not None = b""):
     """The DATA body for ``data``: dot-stuffed, CRLF-terminated, ending ``.\\r\\n``,
     then ``tail``."""
+    return _dot_stuff(data, tail)
+
+
+cdef bytes _dot_stuff(bytes data, bytes tail):
     cdef const char* p = PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t nt = PyBytes_GET_SIZE(tail)
@@ -214,3 +221,668 @@ def dot_stuff(bytes data not None, bytes tail not None = b""):
     if nt:
         memcpy(w + o + 3, PyBytes_AS_STRING(tail), nt)
     return result
+
+
+# ---------------------------------------------------------------------------
+# ClientCore: compiled twin of fastsend.smtp.client.ClientCore, the hot half of
+# the SMTP client's state machine (transactions, replies, outcomes). The
+# session commands (EHLO, STARTTLS, AUTH, ...) stay in Python
+# (fastsend.smtp.client._Commands) and reach this state through the public
+# attributes; their replies come back through self._command_reply. Same
+# states, kinds and outcomes as the reference, method for method.
+
+from collections import deque as _smtp_deque
+
+# States (the same strings as fastsend.smtp.client's).
+cdef str _C_GREETING = "greeting"
+cdef str _C_READY = "ready"
+cdef str _C_TLS = "tls"
+cdef str _C_CLOSED = "closed"
+# Kinds of commands waiting for a reply (fastsend.smtp.client's values).
+DEF _K_MAIL = 0
+DEF _K_RCPT = 1
+DEF _K_DATA = 2
+DEF _K_DOT = 3
+DEF _K_RSET = 4
+DEF _K_CMD = 5
+DEF _K_BDAT = 6
+cdef tuple _C_STAGE = ("mail", "rcpt", "data", "data", "rset", None, "data")
+DEF _C_BDAT_WINDOW = 32
+DEF _C_BDAT_WINDOW_BYTES = 1 << 20
+
+cdef object _c_Outcome = None
+cdef object _c_TxnResult = None
+cdef object _c_CommandDone = None
+cdef object _c_Local = None
+cdef object _c_Remote = None
+cdef str _c_DELIVERED = "delivered"
+cdef str _c_DEFERRED = "deferred"
+cdef str _c_FAILED = "failed"
+
+
+cdef int _client_types() except -1:
+    # Imported lazily: fastsend.smtp.client imports fastsend._core, not the reverse.
+    global _c_Outcome, _c_TxnResult, _c_CommandDone, _c_Local, _c_Remote
+    global _c_DELIVERED, _c_DEFERRED, _c_FAILED
+    if _c_Outcome is not None:
+        return 0
+    from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult
+    from fastsend.smtp.client import CommandDone
+    from fastsend.smtp.errors import LocalProtocolError, RemoteProtocolError
+    _c_DELIVERED, _c_DEFERRED, _c_FAILED = DELIVERED, DEFERRED, FAILED
+    _c_TxnResult, _c_CommandDone = TxnResult, CommandDone
+    _c_Local, _c_Remote = LocalProtocolError, RemoteProtocolError
+    _c_Outcome = Outcome
+    return 0
+
+
+cdef int _address_kind(object s):
+    """-1: not an acceptable address (not a str, empty, a C0 control, space, DEL,
+    "<" or ">": client.py's _BAD_ADDRESS); 1: non-ASCII; 0: ASCII."""
+    cdef Py_UCS4 c
+    cdef int wide = 0
+    if not isinstance(s, str) or not s:
+        return -1
+    for c in <str>s:
+        if c <= 0x20 or c == 0x7f or c == 60 or c == 62:
+            return -1
+        if c > 0x7f:
+            wide = 1
+    return wide
+
+
+cdef inline bint _ends_crlf(bytes d):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(d)
+    cdef const char* p = PyBytes_AS_STRING(d)
+    return n >= 2 and p[n - 2] == 13 and p[n - 1] == 10
+
+
+cdef class _CoreTxn:
+    """One envelope in flight (client.py's _Txn)."""
+
+    cdef object env
+    cdef list outcomes
+    cdef Py_ssize_t accepted
+    cdef object mail_fail
+    cdef bint dummy, utf8, decided
+    cdef object rest  # deque of (kind, i, line) without PIPELINING, else None
+
+
+cdef class ClientCore:
+    """Compiled twin of fastsend.smtp.client.ClientCore (the reference)."""
+
+    cdef public str mx
+    cdef public str state
+    cdef public dict capabilities
+    cdef public bint tls_active, pipelining, chunking, bdat
+    cdef public Py_ssize_t size_limit
+    cdef public ReplyParser _parser
+    # Commands waiting for a reply, oldest first: _pending[_head:] ((kind, txn, i)).
+    cdef public list _pending
+    cdef Py_ssize_t _head
+    cdef public object _current
+    cdef public object _cmd_names
+    cdef public object _queue
+    cdef public bint _group_open, _need_rset
+    cdef public Py_ssize_t _active, _bdat_bytes
+    cdef public list _out, _events, _auth
+    cdef public object _cram
+    cdef object _from
+    cdef bint _from_bad, _from_utf8
+    cdef bytes _from_line
+    cdef object _dot_reply
+    cdef object _dot_out
+    cdef str _dot_qid
+
+    def __init__(self, str mx not None = "", chunking=True):
+        _client_types()
+        self.mx = mx
+        self.state = _C_GREETING
+        self.capabilities = {}
+        self.tls_active = False
+        self.pipelining = False
+        self.chunking = bool(chunking)
+        self.bdat = False
+        self.size_limit = 0
+        self._parser = ReplyParser()
+        self._pending = [(_K_CMD, None, 0)]
+        self._head = 0
+        self._current = None
+        self._cmd_names = _smtp_deque(["greeting"])
+        self._queue = _smtp_deque()
+        self._group_open = False
+        self._active = 0
+        self._bdat_bytes = 0
+        self._need_rset = False
+        self._out = []
+        self._events = []
+        self._auth = []
+        self._cram = None
+        self._from = None
+        self._from_bad = True
+        self._from_utf8 = False
+        self._from_line = b""
+        self._dot_reply = None
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def expecting(self):
+        cdef int kind
+        if self._head >= len(self._pending):
+            return ""
+        kind = (<tuple>self._pending[self._head])[0]
+        if kind == _K_CMD:
+            return self._cmd_names[0]
+        if kind == _K_DOT or kind == _K_BDAT:
+            return "dot"
+        return _C_STAGE[kind]
+
+    @property
+    def busy(self):
+        return self._active > 0 or len(self._queue) > 0
+
+    # ---------------------------------------------------------- pending queue
+    cdef inline void _push(self, int kind, object txn, Py_ssize_t i):
+        self._pending.append((kind, txn, i))
+
+    cdef inline tuple _pop(self):
+        cdef list p = self._pending
+        cdef tuple entry = <tuple>p[self._head]
+        p[self._head] = None
+        self._head += 1
+        if self._head == len(p):
+            del p[:]
+            self._head = 0
+        elif self._head >= 64 and self._head * 2 >= len(p):
+            del p[:self._head]
+            self._head = 0
+        return entry
+
+    # ------------------------------------------------------------------ output
+    def data_to_send(self):
+        return self._take_out()
+
+    cdef bytes _take_out(self):
+        cdef list out = self._out
+        if not out:
+            return b""
+        cdef bytes data = <bytes>out[0] if len(out) == 1 else b"".join(out)
+        self._out = []
+        return data
+
+    def events(self):
+        ev = self._events
+        self._events = []
+        return ev
+
+    # ------------------------------------------------------------ transactions
+    def send_envelopes(self, envelopes):
+        cdef _CoreTxn txn
+        if self.state != _C_READY:
+            raise _c_Local(f"cannot send mail in state {self.state!r}")
+        for env in envelopes:
+            txn = _CoreTxn.__new__(_CoreTxn)
+            txn.env = env
+            txn.outcomes = [None] * len(env.rcpts)
+            txn.accepted = 0
+            txn.mail_fail = None
+            txn.dummy = False
+            txn.utf8 = False
+            txn.rest = None
+            txn.decided = not self._check_envelope(txn)
+            self._queue.append(txn)
+        if self._group_open or (not self.pipelining and self._active):
+            return b""
+        self._start_next()
+        return self._take_out()
+
+    cdef bint _check_envelope(self, _CoreTxn txn) except -1:
+        cdef object env = txn.env
+        cdef list outs = txn.outcomes
+        cdef Py_ssize_t i
+        cdef int k
+        cdef bint utf8
+        rcpts = env.rcpts
+        if not rcpts:
+            return False
+        mail_from = env.mail_from
+        if mail_from is not self._from:
+            self._check_sender(mail_from)
+        utf8 = env.smtputf8 or self._from_utf8
+        i = 0
+        for rcpt in rcpts:
+            k = _address_kind(rcpt)
+            if k < 0:
+                outs[i] = _c_Outcome(
+                    _c_FAILED, 0, "5.1.3", f"invalid recipient address {rcpt!r}", "local", self.mx
+                )
+            elif k == 1:
+                utf8 = True
+            i += 1
+        txn.utf8 = utf8
+        enhanced = ""
+        if self._from_bad:
+            enhanced, reason = "5.1.7", f"invalid sender address {mail_from!r}"
+        elif utf8 and "SMTPUTF8" not in self.capabilities:
+            enhanced = "5.6.7"
+            reason = (
+                "the message needs SMTPUTF8 (non-ASCII address) and the server does not offer it"
+            )
+        elif self.size_limit and len(env.data) > self.size_limit:
+            enhanced = "5.3.4"
+            reason = f"message size {len(env.data)} exceeds the server's limit {self.size_limit}"
+        if enhanced:
+            fail = _c_Outcome(_c_FAILED, 0, enhanced, reason, "mail", self.mx)
+            for i in range(len(outs)):
+                if outs[i] is None:
+                    outs[i] = fail
+            return False
+        for o in outs:
+            if o is None:
+                return True
+        return False
+
+    cdef int _check_sender(self, object mail_from) except -1:
+        self._from = mail_from
+        self._from_bad = type(mail_from) is not str or _address_kind(mail_from) < 0
+        self._from_utf8 = not self._from_bad and _address_kind(mail_from) == 1
+        self._from_line = (
+            b"" if self._from_bad else b"MAIL FROM:<" + (<str>mail_from).encode() + b">"
+        )
+        return 0
+
+    cdef bytes _mail_line(self, _CoreTxn txn):
+        env = txn.env
+        mail_from = env.mail_from
+        if mail_from is not self._from:
+            self._check_sender(mail_from)
+        cdef bytes line = self._from_line
+        cdef dict caps = self.capabilities
+        if "SIZE" in caps:
+            line += b" SIZE=%d" % len(env.data)
+        if env.eightbit and "8BITMIME" in caps:
+            line += b" BODY=8BITMIME"
+        if txn.utf8:
+            line += b" SMTPUTF8"
+        return line + b"\r\n"
+
+    cdef int _start_next(self) except -1:
+        cdef _CoreTxn txn
+        cdef list rcpts, outcomes, parts
+        cdef Py_ssize_t i
+        queue = self._queue
+        while queue and (<_CoreTxn>queue[0]).decided:
+            self._events.append(self._result(<_CoreTxn>queue.popleft(), ""))
+        if not queue or self.state != _C_READY:
+            return 0
+        if self.bdat:
+            return self._start_bdat()
+        txn = <_CoreTxn>queue.popleft()
+        self._active += 1
+        rcpts = txn.env.rcpts
+        outcomes = txn.outcomes
+        if self.pipelining:
+            if len(rcpts) == 1:
+                self._push(_K_MAIL, txn, 0)
+                self._push(_K_RCPT, txn, 0)
+                self._push(_K_DATA, txn, 0)
+                self._out.append(
+                    b"".join((self._mail_line(txn), b"RCPT TO:<", (<str>rcpts[0]).encode(),
+                              b">\r\nDATA\r\n"))
+                )
+                self._group_open = True
+                return 0
+            parts = [self._mail_line(txn)]
+            self._push(_K_MAIL, txn, 0)
+            for i in range(len(rcpts)):
+                if outcomes[i] is None:
+                    parts.append(b"RCPT TO:<" + (<str>rcpts[i]).encode() + b">\r\n")
+                    self._push(_K_RCPT, txn, i)
+            parts.append(b"DATA\r\n")
+            self._push(_K_DATA, txn, 0)
+            self._out.append(b"".join(parts))
+            self._group_open = True
+            return 0
+        rest = txn.rest = _smtp_deque()
+        for i in range(len(rcpts)):
+            if outcomes[i] is None:
+                rest.append((_K_RCPT, i, b"RCPT TO:<" + (<str>rcpts[i]).encode() + b">\r\n"))
+        rest.append((_K_DATA, 0, b"DATA\r\n"))
+        self._group_open = True
+        self._push(_K_MAIL, txn, 0)
+        self._out.append(self._mail_line(txn))
+        return 0
+
+    cdef int _start_bdat(self) except -1:
+        cdef _CoreTxn txn
+        cdef list out = self._out
+        cdef list rcpts, outcomes
+        cdef bytes data
+        cdef Py_ssize_t i
+        queue = self._queue
+        while (
+            queue
+            and self._active < _C_BDAT_WINDOW
+            and (not self._active or self._bdat_bytes < _C_BDAT_WINDOW_BYTES)
+        ):
+            txn = <_CoreTxn>queue.popleft()
+            if txn.decided:
+                self._events.append(self._result(txn, ""))
+                continue
+            if self._active or self._need_rset:
+                out.append(b"RSET\r\n")
+                self._push(_K_RSET, None, 0)
+            self._need_rset = True
+            self._active += 1
+            rcpts, outcomes = txn.env.rcpts, txn.outcomes
+            data = txn.env.data
+            if data and not _ends_crlf(data):
+                data += b"\r\n"
+            out.append(self._mail_line(txn))
+            self._push(_K_MAIL, txn, 0)
+            for i in range(len(rcpts)):
+                if outcomes[i] is None:
+                    out.append(b"RCPT TO:<" + (<str>rcpts[i]).encode() + b">\r\n")
+                    self._push(_K_RCPT, txn, i)
+            self._bdat_bytes += len(data)
+            out.append(b"BDAT %d LAST\r\n" % len(data))
+            out.append(data)
+            self._push(_K_BDAT, txn, 0)
+        return 0
+
+    cdef int _send_rest(self, _CoreTxn txn) except -1:
+        cdef tuple entry = <tuple>txn.rest.popleft()
+        cdef int kind = entry[0]
+        if kind == _K_DATA and (txn.mail_fail is not None or not txn.accepted):
+            txn.rest.clear()
+            self._group_open = False
+            if txn.mail_fail is None:
+                self._out.append(b"RSET\r\n")
+                self._push(_K_RSET, None, 0)
+            return self._finish(txn, "")
+        self._push(kind, txn, entry[1])
+        self._out.append(entry[2])
+        return 0
+
+    cdef object _result(self, _CoreTxn txn, str queue_id):
+        cdef list outs = txn.outcomes
+        for o in outs:
+            if o is None:
+                raise _c_Local("transaction finished with an undecided recipient")
+        return _c_TxnResult(txn.env.tag, outs, queue_id)
+
+    cdef int _finish(self, _CoreTxn txn, str queue_id) except -1:
+        self._active -= 1
+        cdef list outs = txn.outcomes
+        if len(outs) == 1 and outs[0] is not None:
+            self._events.append(_c_TxnResult(txn.env.tag, outs, queue_id))
+        else:
+            self._events.append(self._result(txn, queue_id))
+        if not self._group_open:
+            self._start_next()
+        return 0
+
+    # ------------------------------------------------------------------- input
+    def receive_data(self, bytes data not None):
+        cdef tuple reply, entry
+        cdef int kind, code
+        cdef Py_ssize_t i
+        cdef _CoreTxn txn
+        cdef str state = self.state
+        if state == _C_TLS or state == _C_CLOSED:
+            self.state = _C_CLOSED
+            raise _c_Remote(f"unexpected data in state {state!r}")
+        try:
+            for reply in self._parser._feed(data):
+                if self._head >= len(self._pending) or self.state == _C_CLOSED:
+                    self._reply(reply)
+                    continue
+                entry = self._pop()
+                self._current = entry
+                kind = entry[0]
+                code = reply[0]
+                if kind == _K_CMD:
+                    self._command_reply(self._cmd_names.popleft(), reply)
+                elif entry[1] is not None:
+                    txn = <_CoreTxn>entry[1]
+                    i = entry[2]
+                    if kind <= _K_RCPT and 200 <= code < 300 and txn.rest is None:
+                        if kind == _K_RCPT:
+                            if txn.mail_fail is None:
+                                txn.accepted += 1
+                            else:
+                                self._reply_rcpt(txn, i, reply)
+                    else:
+                        self._handle(kind, txn, i, reply)
+                self._current = None
+                if code == 421 and self.state != _C_CLOSED:
+                    self._abort(code, reply[1], reply[2])
+        except BaseException as exc:
+            if isinstance(exc, _c_Remote):
+                cur = self._current
+                if cur is not None and (<tuple>cur)[1] is not None:
+                    if self._head > 0:
+                        self._head -= 1
+                        self._pending[self._head] = cur
+                    else:
+                        self._pending.insert(0, cur)
+                    self._current = None
+                self.state = _C_CLOSED
+            raise
+        ev = self._events
+        self._events = []
+        return ev
+
+    cdef int _handle(self, int kind, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
+        if kind == _K_MAIL:
+            return self._reply_mail(txn, i, reply)
+        if kind == _K_RCPT:
+            return self._reply_rcpt(txn, i, reply)
+        if kind == _K_DATA:
+            return self._reply_data(txn, i, reply)
+        if kind == _K_DOT:
+            return self._reply_dot(txn, i, reply)
+        if kind == _K_BDAT:
+            return self._reply_bdat(txn, i, reply)
+        return 0  # RSET and commands without a transaction: only a 421 matters
+
+    cdef int _reply(self, tuple reply) except -1:
+        cdef int kind, code
+        if self.state == _C_CLOSED:
+            raise _c_Remote(f"reply after the session ended: {reply[0]}")
+        if self._head >= len(self._pending):
+            if reply[0] == 421:
+                self._events.append(_c_CommandDone("unsolicited", *reply))
+                self._abort(reply[0], reply[1], reply[2])
+                return 0
+            raise _c_Remote(f"unsolicited reply {reply[0]} {reply[2][:80]!r}")
+        cdef tuple entry = self._pop()
+        self._current = entry
+        kind = entry[0]
+        if kind == _K_CMD:
+            self._command_reply(self._cmd_names.popleft(), reply)
+        elif entry[1] is not None:
+            self._handle(kind, <_CoreTxn>entry[1], entry[2], reply)
+        self._current = None
+        code = reply[0]
+        if code == 421 and self.state != _C_CLOSED:
+            self._abort(code, reply[1], reply[2])
+        return 0
+
+    def _command_reply(self, name, reply):
+        raise NotImplementedError
+
+    cdef int _reply_mail(self, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
+        cdef int code = reply[0]
+        if code >= 400:
+            txn.mail_fail = self._outcome(reply, "mail")
+        elif not 200 <= code < 300:
+            raise _c_Remote(f"unexpected reply {code} to MAIL")
+        if txn.rest:
+            if txn.mail_fail is not None:
+                for entry in txn.rest:
+                    if (<tuple>entry)[0] == _K_RCPT:
+                        txn.outcomes[(<tuple>entry)[1]] = txn.mail_fail
+                txn.rest.clear()
+                self._group_open = False
+                self._finish(txn, "")
+            else:
+                self._send_rest(txn)
+        return 0
+
+    cdef int _reply_rcpt(self, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
+        cdef int code = reply[0]
+        if txn.mail_fail is not None:
+            if self.bdat and 200 <= code < 300 and txn.mail_fail.code == 503:
+                txn.accepted += 1
+            else:
+                txn.outcomes[i] = txn.mail_fail
+        elif 200 <= code < 300:
+            txn.accepted += 1
+        elif code >= 400:
+            txn.outcomes[i] = self._outcome(reply, "rcpt")
+        else:
+            raise _c_Remote(f"unexpected reply {code} to RCPT")
+        if txn.rest:
+            self._send_rest(txn)
+        return 0
+
+    cdef int _reply_data(self, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
+        cdef int code = reply[0]
+        cdef list wire
+        cdef Py_ssize_t k, j
+        cdef bytes tail
+        self._group_open = False
+        if code == 354:
+            self._push(_K_DOT, txn, 0)
+            wire = self._out
+            k = len(wire)
+            tail = b""
+            if self.pipelining:
+                self._start_next()
+                wire = self._out  # (the same list: nothing takes it meanwhile)
+                if len(wire) > k:
+                    tail = <bytes>wire[k] if len(wire) == k + 1 else b"".join(wire[k:])
+                    del wire[k:]
+            if txn.accepted and txn.mail_fail is None:
+                wire.append(_dot_stuff(txn.env.data, tail))
+            else:
+                txn.dummy = True
+                wire.append(b".\r\n" + tail)
+        elif code >= 400:
+            if txn.mail_fail is None:
+                out = self._outcome(reply, "data")
+                outs = txn.outcomes
+                for j in range(len(outs)):
+                    if outs[j] is None:
+                        outs[j] = out
+                self._out.append(b"RSET\r\n")
+                self._push(_K_RSET, None, 0)
+            self._finish(txn, "")
+        else:
+            raise _c_Remote(f"unexpected reply {code} to DATA")
+        return 0
+
+    cdef int _reply_bdat(self, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
+        cdef int code = reply[0]
+        cdef Py_ssize_t j, k
+        if code < 200 or 300 <= code < 400:
+            raise _c_Remote(f"unexpected reply {code} to BDAT")
+        cdef bytes data = txn.env.data
+        self._bdat_bytes -= len(data) + (2 if data and not _ends_crlf(data) else 0)
+        self._need_rset = not (200 <= code < 300)
+        outs = txn.outcomes
+        out = self._outcome(reply, "data")
+        for j in range(len(outs)):
+            if outs[j] is None:
+                outs[j] = out
+        qid = ""
+        if code < 300 and txn.accepted:
+            text = out.text
+            k = text.find("queued as ")
+            qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+        return self._finish(txn, qid)
+
+    cdef int _reply_dot(self, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
+        cdef int code = reply[0]
+        cdef list outs = txn.outcomes
+        cdef Py_ssize_t j, k
+        cdef str qid, text
+        if txn.dummy:
+            for j in range(len(outs)):
+                if outs[j] is None:
+                    outs[j] = self._outcome(reply, "data")
+            return self._finish(txn, "")
+        if code < 200 or 300 <= code < 400:
+            raise _c_Remote(f"unexpected reply {code} to end of data")
+        if reply is self._dot_reply:
+            out, qid = self._dot_out, self._dot_qid
+        else:
+            out = self._outcome(reply, "data")
+            qid = ""
+            if code < 300:
+                text = out.text
+                k = text.find("queued as ")
+                qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+            self._dot_reply = reply
+            self._dot_out = out
+            self._dot_qid = qid
+        if len(outs) == 1:
+            outs[0] = out
+        else:
+            for j in range(len(outs)):
+                if outs[j] is None:
+                    outs[j] = out
+        return self._finish(txn, qid)
+
+    cdef object _outcome(self, tuple reply, str stage):
+        cdef int code = reply[0]
+        kind = _c_DELIVERED if code < 300 else (_c_DEFERRED if code < 500 else _c_FAILED)
+        if code == 503:
+            kind = _c_DEFERRED
+        text = reply[2]
+        if "\n" in text:
+            text = text.replace("\n", " ")
+        return _c_Outcome(kind, code, reply[1], text, stage, self.mx)
+
+    # --------------------------------------------------------------- teardown
+    def connection_lost(self, text="connection lost"):
+        if self.state != _C_CLOSED or self._head < len(self._pending) or self._queue:
+            self._abort(0, "", text)
+        ev = self._events
+        self._events = []
+        return ev
+
+    def _abort(self, int code, enhanced, text):
+        cdef Py_ssize_t j
+        cdef dict stage_of = {}
+        cdef list seen = []
+        cdef tuple entry
+        cdef _CoreTxn txn
+        self.state = _C_CLOSED
+        self._out = []
+        text = text.replace("\n", " ")
+        for entry in self._pending[self._head:]:
+            t = entry[1]
+            if t is not None and t not in stage_of:
+                stage_of[t] = _C_STAGE[<int>entry[0]]
+                seen.append(t)
+        self._pending = []
+        self._head = 0
+        self._cmd_names.clear()
+        seen.extend(self._queue)
+        self._queue.clear()
+        for t in seen:
+            txn = <_CoreTxn>t
+            stage = stage_of.get(txn, "mail")
+            out = _c_Outcome(_c_DEFERRED, code, enhanced, text, stage, self.mx)
+            outs = txn.outcomes
+            for j in range(len(outs)):
+                if outs[j] is None:
+                    outs[j] = out
+            self._events.append(self._result(txn, ""))
+        self._active = 0
+        self._bdat_bytes = 0
+        self._need_rset = False
+        self._group_open = False
+        self._auth = []

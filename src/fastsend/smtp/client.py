@@ -50,8 +50,9 @@ import hmac
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+from fastsend._accel import pick
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.smtp.errors import LocalProtocolError, RemoteProtocolError
 from fastsend.smtp.replies import Reply, ReplyParser, dot_stuff
@@ -130,13 +131,19 @@ class _Txn:
         self.rest: deque[tuple[int, int, bytes]] | None = None
 
 
-class SMTPClient:
-    """One SMTP session's client side. See the module docstring for the flow."""
+class ClientCore:
+    """The state machine's hot half: transactions, replies, outcomes.
 
-    def __init__(self, helo_name: str = "localhost", mx: str = "", chunking: bool = True) -> None:
-        if not helo_name or _BAD_ADDRESS.search(helo_name):
-            raise LocalProtocolError(f"bad HELO name {helo_name!r}")
-        self.helo_name = helo_name
+    :class:`SMTPClient` is this plus the session commands (:class:`_Commands`:
+    EHLO, STARTTLS, AUTH, RSET, NOOP, QUIT and their replies, which this class
+    hands to ``_command_reply``). It has a compiled twin of the same name in
+    ``fastsend._core`` (``_smtp.pxi``) that does the same to the same bytes:
+    every reply, command and outcome of a session goes through it, so per
+    message it is most of the client's CPU. Tests run both (``PySMTPClient``
+    is this reference with the commands).
+    """
+
+    def __init__(self, mx: str = "", chunking: bool = True) -> None:
         self.mx = mx
         self.state = GREETING
         self.capabilities: dict[str, str] = {}
@@ -212,87 +219,6 @@ class SMTPClient:
         ev = self._events
         self._events = []
         return ev
-
-    # ---------------------------------------------------------------- commands
-    def _command(self, name: str, line: bytes, allowed: tuple[str, ...]) -> bytes:
-        if self.state not in allowed:
-            raise LocalProtocolError(f"cannot send {name.upper()} in state {self.state!r}")
-        self._pending.append((_CMD, None, 0))
-        self._cmd_names.append(name)
-        return line
-
-    def send_ehlo(self) -> bytes:
-        line = self._command("ehlo", b"EHLO %s\r\n" % self.helo_name.encode(), (GREETED,))
-        self.state = EHLO
-        return line
-
-    def send_starttls(self) -> bytes:
-        if self.tls_active:
-            raise LocalProtocolError("TLS is already active")
-        self._check_idle("STARTTLS")
-        line = self._command("starttls", b"STARTTLS\r\n", (READY,))
-        self.state = STARTTLS
-        return line
-
-    def tls_established(self) -> None:
-        """The caller finished the TLS handshake: forget what was said in clear."""
-        if self.state != TLS:
-            raise LocalProtocolError(f"no STARTTLS was accepted (state {self.state!r})")
-        self.tls_active = True
-        self.capabilities = {}
-        self.pipelining = self.bdat = False
-        self.size_limit = 0
-        self.state = GREETED
-
-    def send_auth(self, username: str, password: str, mechanism: str = "") -> bytes:
-        """AUTH with ``mechanism``, or the best offered: in clear text CRAM-MD5
-        (RFC 2195: the password never crosses the wire), else PLAIN (one round
-        trip), LOGIN, CRAM-MD5."""
-        self._check_idle("AUTH")
-        offered = self.capabilities.get("AUTH", "").upper().split()
-        mech = mechanism.upper()
-        if not mech:
-            order = ("PLAIN", "LOGIN", "CRAM-MD5")
-            if not self.tls_active:
-                order = ("CRAM-MD5", "PLAIN", "LOGIN")
-            mech = next((m for m in order if m in offered), "PLAIN")
-        self._auth = []
-        self._cram = None
-        if mech == "PLAIN":
-            token = base64.b64encode(b"\0%s\0%s" % (username.encode(), password.encode()))
-            line = b"AUTH PLAIN " + token + b"\r\n"
-        elif mech == "LOGIN":
-            line = b"AUTH LOGIN\r\n"
-            self._auth = [
-                base64.b64encode(username.encode()) + b"\r\n",
-                base64.b64encode(password.encode()) + b"\r\n",
-            ]
-        elif mech == "CRAM-MD5":
-            line = b"AUTH CRAM-MD5\r\n"
-            self._cram = (username.encode(), password.encode())
-        else:
-            raise LocalProtocolError(f"unsupported AUTH mechanism {mechanism!r}")
-        line = self._command("auth", line, (READY,))
-        self.state = AUTH
-        return line
-
-    def send_rset(self) -> bytes:
-        self._check_idle("RSET")
-        return self._command("rset", b"RSET\r\n", (READY,))
-
-    def send_noop(self) -> bytes:
-        self._check_idle("NOOP")
-        return self._command("noop", b"NOOP\r\n", (READY,))
-
-    def send_quit(self) -> bytes:
-        self._check_idle("QUIT")
-        line = self._command("quit", b"QUIT\r\n", (READY, GREETED, EHLO, AUTH))
-        self.state = QUIT
-        return line
-
-    def _check_idle(self, what: str) -> None:
-        if self.busy:
-            raise LocalProtocolError(f"cannot send {what} while transactions are in flight")
 
     # ------------------------------------------------------------ transactions
     def send_envelopes(self, envelopes: Iterable[Envelope]) -> bytes:
@@ -683,6 +609,148 @@ class SMTPClient:
             text = text.replace("\n", " ")
         return Outcome(kind, code, reply[1], text, stage, self.mx)
 
+
+    def _command_reply(self, name: str, reply: Reply) -> None:
+        """A session command's reply (:class:`_Commands`)."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------- teardown
+    def connection_lost(self, text: str = "connection lost") -> list[Event]:
+        """The connection is gone: every undecided recipient is deferred (code 0)."""
+        if self.state != CLOSED or self._pending or self._queue:
+            self._abort(0, "", text)
+        ev = self._events
+        self._events = []
+        return ev
+
+    def _abort(self, code: int, enhanced: str, text: str) -> None:
+        """Defer every undecided recipient with this reason and close the session."""
+        self.state = CLOSED
+        self._out = []
+        text = text.replace("\n", " ")
+        seen: list[_Txn] = []
+        stage_of: dict[int, str] = {}
+        for kind, txn, _i in self._pending:
+            if txn is not None and id(txn) not in stage_of:
+                stage_of[id(txn)] = _STAGE[kind]
+                seen.append(txn)
+        self._pending.clear()
+        self._cmd_names.clear()
+        seen.extend(self._queue)
+        self._queue.clear()
+        for txn in seen:
+            stage = stage_of.get(id(txn), "mail")
+            out = Outcome(DEFERRED, code, enhanced, text, stage, self.mx)
+            outs = txn.outcomes
+            for j in range(len(outs)):
+                if outs[j] is None:
+                    outs[j] = out
+            self._events.append(self._result(txn))
+        self._active = 0
+        self._bdat_bytes = 0
+        self._need_rset = False
+        self._group_open = False
+        self._auth = []
+
+
+# For the type checker, the commands see the core's attributes; at run time they
+# are a mixin (the core is whichever twin SMTPClient or PySMTPClient names).
+if TYPE_CHECKING:
+    _CoreAttrs = ClientCore
+else:
+    _CoreAttrs = object
+
+
+class _Commands(_CoreAttrs):
+    """The session commands of :class:`SMTPClient` and their replies (cold: a few
+    per connection), over either twin of :class:`ClientCore`."""
+
+    def __init__(self, helo_name: str = "localhost", mx: str = "", chunking: bool = True) -> None:
+        if not helo_name or _BAD_ADDRESS.search(helo_name):
+            raise LocalProtocolError(f"bad HELO name {helo_name!r}")
+        super().__init__(mx, chunking)  # the ClientCore
+        self.helo_name = helo_name
+
+    def _command(self, name: str, line: bytes, allowed: tuple[str, ...]) -> bytes:
+        if self.state not in allowed:
+            raise LocalProtocolError(f"cannot send {name.upper()} in state {self.state!r}")
+        self._pending.append((_CMD, None, 0))
+        self._cmd_names.append(name)
+        return line
+
+    def send_ehlo(self) -> bytes:
+        line = self._command("ehlo", b"EHLO %s\r\n" % self.helo_name.encode(), (GREETED,))
+        self.state = EHLO
+        return line
+
+    def send_starttls(self) -> bytes:
+        if self.tls_active:
+            raise LocalProtocolError("TLS is already active")
+        self._check_idle("STARTTLS")
+        line = self._command("starttls", b"STARTTLS\r\n", (READY,))
+        self.state = STARTTLS
+        return line
+
+    def tls_established(self) -> None:
+        """The caller finished the TLS handshake: forget what was said in clear."""
+        if self.state != TLS:
+            raise LocalProtocolError(f"no STARTTLS was accepted (state {self.state!r})")
+        self.tls_active = True
+        self.capabilities = {}
+        self.pipelining = self.bdat = False
+        self.size_limit = 0
+        self.state = GREETED
+
+    def send_auth(self, username: str, password: str, mechanism: str = "") -> bytes:
+        """AUTH with ``mechanism``, or the best offered: in clear text CRAM-MD5
+        (RFC 2195: the password never crosses the wire), else PLAIN (one round
+        trip), LOGIN, CRAM-MD5."""
+        self._check_idle("AUTH")
+        offered = self.capabilities.get("AUTH", "").upper().split()
+        mech = mechanism.upper()
+        if not mech:
+            order = ("PLAIN", "LOGIN", "CRAM-MD5")
+            if not self.tls_active:
+                order = ("CRAM-MD5", "PLAIN", "LOGIN")
+            mech = next((m for m in order if m in offered), "PLAIN")
+        self._auth = []
+        self._cram = None
+        if mech == "PLAIN":
+            token = base64.b64encode(b"\0%s\0%s" % (username.encode(), password.encode()))
+            line = b"AUTH PLAIN " + token + b"\r\n"
+        elif mech == "LOGIN":
+            line = b"AUTH LOGIN\r\n"
+            self._auth = [
+                base64.b64encode(username.encode()) + b"\r\n",
+                base64.b64encode(password.encode()) + b"\r\n",
+            ]
+        elif mech == "CRAM-MD5":
+            line = b"AUTH CRAM-MD5\r\n"
+            self._cram = (username.encode(), password.encode())
+        else:
+            raise LocalProtocolError(f"unsupported AUTH mechanism {mechanism!r}")
+        line = self._command("auth", line, (READY,))
+        self.state = AUTH
+        return line
+
+    def send_rset(self) -> bytes:
+        self._check_idle("RSET")
+        return self._command("rset", b"RSET\r\n", (READY,))
+
+    def send_noop(self) -> bytes:
+        self._check_idle("NOOP")
+        return self._command("noop", b"NOOP\r\n", (READY,))
+
+    def send_quit(self) -> bytes:
+        self._check_idle("QUIT")
+        line = self._command("quit", b"QUIT\r\n", (READY, GREETED, EHLO, AUTH))
+        self.state = QUIT
+        return line
+
+    def _check_idle(self, what: str) -> None:
+        if self.busy:
+            raise LocalProtocolError(f"cannot send {what} while transactions are in flight")
+
     def _command_reply(self, name: str, reply: Reply) -> None:
         code = reply[0]
         if name == "greeting":
@@ -759,40 +827,16 @@ class SMTPClient:
         size = caps.get("SIZE", "")
         self.size_limit = int(size) if size.isdigit() else 0
 
-    # --------------------------------------------------------------- teardown
-    def connection_lost(self, text: str = "connection lost") -> list[Event]:
-        """The connection is gone: every undecided recipient is deferred (code 0)."""
-        if self.state != CLOSED or self._pending or self._queue:
-            self._abort(0, "", text)
-        ev = self._events
-        self._events = []
-        return ev
 
-    def _abort(self, code: int, enhanced: str, text: str) -> None:
-        """Defer every undecided recipient with this reason and close the session."""
-        self.state = CLOSED
-        self._out = []
-        text = text.replace("\n", " ")
-        seen: list[_Txn] = []
-        stage_of: dict[int, str] = {}
-        for kind, txn, _i in self._pending:
-            if txn is not None and id(txn) not in stage_of:
-                stage_of[id(txn)] = _STAGE[kind]
-                seen.append(txn)
-        self._pending.clear()
-        self._cmd_names.clear()
-        seen.extend(self._queue)
-        self._queue.clear()
-        for txn in seen:
-            stage = stage_of.get(id(txn), "mail")
-            out = Outcome(DEFERRED, code, enhanced, text, stage, self.mx)
-            outs = txn.outcomes
-            for j in range(len(outs)):
-                if outs[j] is None:
-                    outs[j] = out
-            self._events.append(self._result(txn))
-        self._active = 0
-        self._bdat_bytes = 0
-        self._need_rset = False
-        self._group_open = False
-        self._auth = []
+# The reference stays reachable for the tests; the picked twin is the base.
+PyClientCore = ClientCore
+if not TYPE_CHECKING:
+    ClientCore = pick(PyClientCore)
+
+
+class SMTPClient(_Commands, ClientCore):
+    """One SMTP session's client side. See the module docstring for the flow."""
+
+
+class PySMTPClient(_Commands, PyClientCore):
+    """:class:`SMTPClient` over the pure-Python :class:`ClientCore` (tests)."""
