@@ -120,6 +120,43 @@ def test_durable_across_reopen_and_recover_inflight(make_spool: Factory) -> None
     assert len(s2.claim_due(now, 1000)) == 100
 
 
+def test_recover_scans_from_the_lowest_id_put_in_flight(tmp_path: Path) -> None:
+    """recover() on SQLite reads only ids from a bound every claim and every
+    parked insert lowers in its own transaction: rows claimed again long after
+    they were spooled (a retry), rows parked for a short claim, and every row of
+    a spool whose bound was never written (an older version's) come back."""
+    s = SQLiteSpool(str(tmp_path))
+    cid = s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    old = s.add_messages(cid, spool_rows(50), now - 10)
+    s.record_results(
+        [Result(c.id, DELIVERED, 1, 0, 250, "2.0.0", "") for c in s.claim_due(now, 40)], now
+    )  # 10 still queued, 40 final
+    s.db.execute("DELETE FROM meta WHERE key='inflight_low'")  # as an older version left it
+    assert len(s.claim_due(now, 5)) == 5
+    s2 = SQLiteSpool(str(tmp_path))  # a crash, then the next start
+    assert s2.recover() == 5 and s2.counts()["queued"] == 10
+
+    def bound() -> int:
+        return int(s2.db.execute("SELECT value FROM meta WHERE key='inflight_low'").fetchone()[0])
+
+    assert bound() == old[-1] + 1  # nothing in flight: only newer rows can be
+    new = s2.add_messages(cid, spool_rows(20, "n.example"), now)
+    retry = s2.claim_due(now, 3)  # the oldest due first: ids far below the bound
+    assert {c.id for c in retry} <= set(old) and bound() == min(c.id for c in retry)
+    assert len(s2.claim_next(now, 1000, key=0)) == 27  # the rest, then short: room
+    parked = s2.add_messages(cid, spool_rows(4, "p.example"), now)
+    assert s2.counts()["inflight"] == 3 + 27 + 4
+    s3 = SQLiteSpool(str(tmp_path))  # a crash again
+    assert s3.recover() == 34 and s3.counts()["queued"] == 34 and s3.counts()["inflight"] == 0
+    assert sorted(c.id for c in s3.claim_due(now, 100)) == old[40:] + new + parked
+    s3.db.execute("UPDATE messages SET state=1 WHERE id=?", (old[0],))  # below the bound
+    s4 = SQLiteSpool(str(tmp_path))
+    assert s4.recover() == 34  # the 34 claimed again by s3; the row below the bound is not read
+    for x in (s, s2, s3, s4):
+        x.close()
+
+
 def test_paused_and_cancelled_campaigns(make_spool: Factory) -> None:
     s = make_spool()
     a = s.create_campaign({"from": "a@b.example"})

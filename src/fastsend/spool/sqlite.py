@@ -150,6 +150,8 @@ CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
 """
 
 SCHEMA_VERSION = "1"
+# meta: every row in flight has an id >= this (recover() scans from it)
+INFLIGHT_LOW = "inflight_low"
 ROWS_PER_STATEMENT = 256  # rows per multi-row statement (4-7 parameters each)
 ROOM_TTL = 1.0  # s a short claim's room takes rows spooled after it (see _take_parked)
 
@@ -403,6 +405,8 @@ class SQLiteSpool(Spool):
                     at += n
                     if last != first + at - 1:  # ids are handed out as counted, or nothing is
                         raise SpoolError(f"spool: rows got ids up to {last}, not {first + at - 1}")
+            if park or state == INFLIGHT:
+                self._lower_bound(first)
             if ingest is not None:
                 db.execute(
                     "UPDATE ingests SET line=?, accepted=?, rejected=? WHERE id=?",
@@ -457,10 +461,9 @@ class SQLiteSpool(Spool):
                 (now, limit),
             ).fetchall()
             if rows:
-                db.executemany(
-                    "UPDATE messages SET state=1 WHERE id BETWEEN ? AND ?",
-                    id_runs(sorted([r[0] for r in rows])),
-                )
+                runs = id_runs(sorted([r[0] for r in rows]))
+                db.executemany("UPDATE messages SET state=1 WHERE id BETWEEN ? AND ?", runs)
+                self._lower_bound(runs[0][0])
         return [Claimed(*r) for r in rows]
 
     # -- rows parked for a waiting claim ----------------------------------------
@@ -576,9 +579,31 @@ class SQLiteSpool(Spool):
             )
 
     def recover(self) -> int:
+        # Only rows from the bound on can be in flight (see _lower_bound): an
+        # id range, not a scan of the spool's whole history. A spool whose
+        # bound was never written (made by an older version) is scanned whole.
         self._parked, self._room = [], {}
-        cur = self.db.execute("UPDATE messages SET state=? WHERE state=?", (QUEUED, INFLIGHT))
+        db = self.db
+        with transaction(db):
+            row = db.execute("SELECT value FROM meta WHERE key=?", (INFLIGHT_LOW,)).fetchone()
+            cur = db.execute(
+                "UPDATE messages SET state=? WHERE id >= ? AND state=?",
+                (QUEUED, int(row[0]) if row else 0, INFLIGHT),
+            )
+            db.execute(  # nothing is in flight now: the next rows to be are newer
+                "INSERT OR REPLACE INTO meta(key, value)"
+                " SELECT ?, COALESCE(MAX(id), 0) + 1 FROM messages",
+                (INFLIGHT_LOW,),
+            )
         return int(cur.rowcount)
+
+    def _lower_bound(self, low: int) -> None:
+        """In the transaction putting rows from id ``low`` on in flight: the bound
+        recover() scans from is at most ``low``."""
+        self.db.execute(
+            "UPDATE meta SET value=? WHERE key=? AND CAST(value AS INTEGER) > ?",
+            (low, INFLIGHT_LOW, low),
+        )
 
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         if campaign_id is None:
