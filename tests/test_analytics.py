@@ -144,6 +144,46 @@ def test_rollups_known_answers(tmp_path: Path) -> None:
     assert nobody["totals"]["counts"]["accepted"] == 0
 
 
+class _Ev(dict):  # type: ignore[type-arg]
+    """An event that is a dict subclass (the compiled twin's generic .get path)."""
+
+
+def test_compiled_count_events_is_its_reference_twin() -> None:
+    """fastsend._core.count_events counts, queues and remembers exactly as the
+    pure reference in fastsend.analytics.rollup does, odd events included."""
+    from fastsend import _accel
+    from fastsend.analytics import rollup
+
+    compiled = _accel.compiled("count_events")
+    pure = rollup.py_count_events
+    assert compiled is not pure
+    t0 = 1_700_000_000.5
+    evs, _want = stream(t0)
+    odd: list[Any] = [
+        {"event": "delivered", "id": 1, "campaign": 1, "rcpt": "a@b.example"},  # no time
+        {"time": 0, "event": "accepted", "id": 2, "campaign": 1, "rcpt": "x@y.example"},
+        {"time": t0, "event": "delivered", "campaign": 2, "rcpt": None, "mx": None},  # no id
+        {"time": t0, "event": "delivered", "id": 3, "rcpt": 7, "source_ip": 0},
+        {"time": t0, "event": "nonsense", "id": 4, "rcpt": "q@r.example"},
+        {"time": t0 + 61, "event": "bounced", "id": 5, "campaign": 3, "rcpt": "@@"},
+        _Ev(time=t0 + 120, event="delivered", id=6, campaign=1, rcpt="noat", tenant="acme"),
+        {"time": t0 + 120.0, "event": "accepted", "id": 8, "campaign": 1, "rcpt": "A@B.Example"},
+    ]
+    for remember in (True, False):
+        got = []
+        for fn in (pure, compiled):
+            acc: dict[Any, list[int]] = {}
+            special: list[Any] = []
+            mem: list[Any] | None = [] if remember else None
+            for k in range(0, len(evs), 97):
+                fn(evs[k : k + 97], acc, special, mem, rollup._PLAIN, rollup._SPECIAL,
+                   rollup.NC, 1_700_000_500.0)  # fmt: skip
+            fn(odd, acc, special, mem, rollup._PLAIN, rollup._SPECIAL, rollup.NC, 42.0)
+            got.append((acc, special, mem))
+        assert got[0] == got[1]
+        assert got[0][0] and got[0][1] and (got[0][2] is None) != remember
+
+
 def test_unique_counts_survive_a_restart(tmp_path: Path) -> None:
     now = time.time()
     ev = {"time": now, "event": "opened", "id": 7, "campaign": 1, "tenant": "acme",

@@ -13,6 +13,7 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _dkim.pxi        DKIM canonicalization, body hashes, Ed25519 (fastsend.message.dkim)
 - _sink.pxi        the sink's fast-path SMTP scanner (fastsend.sink.fast)
 - _msgid.pxi       message-id tokens, HMAC-SHA256 on libcrypto (fastsend.msgid)
+- _rollup.pxi      the analytics listener's count per event (fastsend.analytics.rollup)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -29,3 +30,4 @@ include "_dkim.pxi"
 include "_smtp.pxi"
 include "_sink.pxi"
 include "_msgid.pxi"
+include "_rollup.pxi"

@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastsend._accel import pick
 from fastsend.analytics.machine import MachineRules, load_machine_rules
 from fastsend.analytics.store import ALL, IDX, NC, RollupStore
 from fastsend.config import Config
@@ -90,8 +91,67 @@ _FIRST = {(_OPEN, False): 1, (_OPEN, True): 2, (_CLICK, False): 3, (_CLICK, True
 _UNIQUE = {1: IDX["opens_unique"], 2: IDX["opens_machine_unique"],
            3: IDX["clicks_unique"], 4: IDX["clicks_machine_unique"]}  # fmt: skip
 _MACHINE = {_OPEN: IDX["opens_machine"], _CLICK: IDX["clicks_machine"]}
+_DELIVERED = IDX["delivered"]
 
 
+
+
+def count_events(
+    events: list[dict[str, Any]],
+    acc: dict[tuple[Any, ...], list[int]],
+    special: list[tuple[tuple[Any, ...], int, dict[str, Any]]],
+    remember: list[tuple[Any, Any, tuple[Any, ...]]] | None,
+    plain: dict[str, int],
+    specials: dict[str, int],
+    nc: int,
+    wall: float,
+) -> None:
+    """The listener's work per event (``fastsend._core`` has the compiled twin):
+    the event name picks a counter (``plain``: counted here; ``specials``:
+    queued on ``special`` for the flush with their key), and (minute,
+    campaign, tenant, MX host, source IP, recipient domain) picks ``acc``'s row
+    of ``nc`` counters. An event without a time counts at ``wall``. With
+    ``remember`` (a list), each delivery's (id, time, key) is appended to it."""
+    last_t: Any = None
+    minute = 0
+    for e in events:
+        get = e.get
+        name = get("event")
+        k = plain.get(name)  # type: ignore[arg-type]
+        if k is None:
+            k = specials.get(name)  # type: ignore[arg-type]
+            if k is None:
+                continue
+            spec = True
+        else:
+            spec = False
+        t = get("time") or wall
+        if t != last_t:  # a batch's events mostly share one time
+            last_t, minute = t, int(t) // 60
+        rcpt = get("rcpt")
+        key = (
+            minute,
+            get("campaign"),
+            get("tenant"),
+            get("mx") or "",
+            get("source_ip") or "",
+            rcpt[rcpt.rfind("@") + 1 :] if rcpt.__class__ is str else "",  # lowered later
+        )
+        if spec:
+            special.append((key, k, e))
+            continue
+        row = acc.get(key)
+        if row is None:
+            row = acc[key] = [0] * nc
+        row[k] += 1
+        if k == _DELIVERED and remember is not None:
+            mid = get("id")
+            if mid is not None:
+                remember.append((mid, t, key))
+
+
+py_count_events = count_events  # the reference (tests compare the twin with it)
+count_events = pick(count_events)
 
 
 class Rollups:
@@ -130,64 +190,35 @@ class Rollups:
     # -- the event path --------------------------------------------------------
 
     def listener(self, events: list[dict[str, Any]]) -> None:
-        acc = self.acc
-        plain = _PLAIN
-        special = _SPECIAL
-        sent = self.sent
-        places = self._places
         half = self.settings.remember_messages // 2
-        wall = 0.0  # time.time(), read once per batch for events without a time
-        last_t: Any = None
-        minute = 0
-        for e in events:
-            get = e.get
-            name = get("event")
-            k = plain.get(name)  # type: ignore[arg-type]
-            if k is None:
-                k = special.get(name)  # type: ignore[arg-type]
-                if k is None:
-                    continue
-                spec = True
-            else:
-                spec = False
-            t = get("time") or wall or (wall := time.time())
-            if t != last_t:  # a batch's events mostly share one time
-                last_t, minute = t, int(t) // 60
-            rcpt = get("rcpt")
-            key = (
-                minute,
-                get("campaign"),
-                get("tenant"),
-                get("mx") or "",
-                get("source_ip") or "",
-                rcpt[rcpt.rfind("@") + 1 :] if rcpt.__class__ is str else "",  # lowered later
-            )
-            if spec:
-                self.special.append((key, k, e))
-                continue
-            row = acc.get(key)
-            if row is None:
-                row = acc[key] = [0] * NC
-            row[k] += 1
-            if k == 1 and half:  # delivered: remember where it went, for its opens and clicks
-                mid = get("id")
-                if mid is not None:
-                    # (time, where): ``where`` is one shared tuple per distinct
-                    # (campaign, tenant, mx, ip, domain), so the strings decoded
-                    # for each event are not kept alive per message: about 170
-                    # bytes a remembered delivery instead of 360. ``places`` is
-                    # keyed by the whole key, so finding it is one lookup.
-                    w = places.get(key)
-                    if w is None:
-                        if len(places) > MAX_KEYS:
-                            places.clear()
-                        w = places[key] = key[1:]
-                    sent[mid] = (t, w)
-                    if len(sent) > half:
-                        self.sent_old = sent
-                        sent = self.sent = {}
+        remember: list[tuple[Any, Any, tuple[Any, ...]]] | None = [] if half else None
+        # time.time() for the events without a time, read once per batch
+        count_events(events, self.acc, self.special, remember, _PLAIN, _SPECIAL, NC, time.time())
+        if remember:
+            self._remember(remember, half)
         if time.monotonic() - self.last_flush >= FLUSH_EVERY:
             self.flush()
+
+    def _remember(self, delivered: list[tuple[Any, Any, tuple[Any, ...]]], half: int) -> None:
+        """Where each delivery went (``count_events``' (id, time, key) list), for
+        its opens and clicks: the last ``half`` to ``2 * half`` deliveries."""
+        sent = self.sent
+        places = self._places
+        for mid, t, key in delivered:
+            # (time, where): ``where`` is one shared tuple per distinct
+            # (campaign, tenant, mx, ip, domain), so the strings decoded
+            # for each event are not kept alive per message: about 170
+            # bytes a remembered delivery instead of 360. ``places`` is
+            # keyed by the whole key, so finding it is one lookup.
+            w = places.get(key)
+            if w is None:
+                if len(places) > MAX_KEYS:
+                    places.clear()
+                w = places[key] = key[1:]
+            sent[mid] = (t, w)
+            if len(sent) > half:
+                self.sent_old = sent
+                sent = self.sent = {}
 
     def gauge(self, tenant: str, name: str, value: float, t: float | None = None) -> None:
         """A sampled value (the last one in a bucket wins)."""

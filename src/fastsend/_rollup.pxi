@@ -1,0 +1,69 @@
+# _rollup.pxi: compiled twin of fastsend.analytics.rollup.count_events (the pure
+# version there is the reference; the same counts, special entries and
+# remembered deliveries for every batch of events).
+#
+# The rollup listener sees every event of the supervisor twice per message
+# (accepted, delivered): per event a few dict look-ups, a key tuple and a
+# counter. Here the look-ups are PyDict_GetItem on the event (exact dicts; any
+# other mapping through its own .get), the domain a slice after the last "@".
+
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+
+
+cdef inline object _ev_get(object e, str key):
+    cdef PyObject* v
+    if type(e) is dict:
+        v = PyDict_GetItem(e, key)
+        return None if v is NULL else <object>v
+    return e.get(key)
+
+
+def count_events(list events, dict acc, list special, remember, dict plain, dict specials,
+                 Py_ssize_t nc, wall):
+    cdef object e, name, k, t, rcpt, key, row, mid, dom, mx, ip
+    cdef object last_t = None
+    cdef object minute = 0
+    cdef bint spec
+    cdef Py_ssize_t at, ki
+    cdef list lrow
+    for e in events:
+        name = _ev_get(e, "event")
+        k = plain.get(name)
+        if k is None:
+            k = specials.get(name)
+            if k is None:
+                continue
+            spec = True
+        else:
+            spec = False
+        t = _ev_get(e, "time") or wall
+        if t != last_t:  # a batch's events mostly share one time
+            last_t = t
+            minute = int(t) // 60
+        rcpt = _ev_get(e, "rcpt")
+        if type(rcpt) is str:
+            at = (<str>rcpt).rfind("@")
+            dom = (<str>rcpt)[at + 1:]
+        else:
+            dom = ""
+        mx = _ev_get(e, "mx") or ""
+        ip = _ev_get(e, "source_ip") or ""
+        key = (minute, _ev_get(e, "campaign"), _ev_get(e, "tenant"), mx, ip, dom)
+        if spec:
+            special.append((key, k, e))
+            continue
+        row = acc.get(key)
+        if row is None:
+            row = [0] * nc
+            acc[key] = row
+        if type(row) is list and type(k) is int:
+            lrow = <list>row
+            ki = <Py_ssize_t>k
+            lrow[ki] = lrow[ki] + 1
+        else:
+            row[k] += 1
+        if remember is not None and k == 1:
+            mid = _ev_get(e, "id")
+            if mid is not None:
+                remember.append((mid, t, key))
