@@ -6,9 +6,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from fastsend import recipients
-from fastsend.address import AddressError, normalize
+from fastsend import _accel, recipients
+from fastsend.address import AddressError, normalize, py_normalize
 from fastsend.config import ConfigError, RetryConfig, from_dict
 from fastsend.retry import next_attempt
 
@@ -45,6 +47,38 @@ def test_good_addresses(addr: str, expected: tuple[str, str]) -> None:
 def test_bad_addresses(addr: str) -> None:
     with pytest.raises(AddressError):
         normalize(addr)
+
+
+_ADDRESS_PARTS = st.sampled_from(
+    [*"ab.@-+!#'`{}~_Z9 \"\\é\r\n\x00", "x" * 40, "example.org", "@", "..", "bücher.de", "[1.2.3.4]",
+     "Ex-Ample.ORG", "a-.b", "x" * 64, "a@b.c", "ÿ"]
+)  # fmt: skip
+
+
+@settings(max_examples=800, deadline=None)
+@given(addr=st.one_of(st.lists(_ADDRESS_PARTS, max_size=12).map("".join), st.emails(), st.text()))
+@example("a@b")
+@example("." + "a@b.example")
+@example("a.@b.example")
+@example("a..b@c.example")
+@example("x" * 64 + "@" + "d" * 63 + ".example")
+@example("x" * 65 + "@d.example")
+@example("x" * 60 + "@" + ".".join(["d" * 60] * 3) + ".ex")
+@example("A@Bücher.DE")
+@example("x" * 64 + "@" + ".".join(["d" * 62] * 3) + ".e")
+def test_compiled_normalize_is_its_reference_twin(addr: str) -> None:
+    """fastsend._core.normalize gives the reference's answer for every string:
+    the same (address, domain) or the same AddressError text."""
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+
+    def run(fn: object) -> object:
+        try:
+            return fn(addr)  # type: ignore[operator]
+        except AddressError as e:
+            return ("AddressError", str(e))
+
+    assert run(_accel.compiled("normalize")) == run(py_normalize)
 
 
 def test_csv_rows_with_line_numbers(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _sink.pxi        the sink's fast-path SMTP scanner (fastsend.sink.fast)
 - _msgid.pxi       message-id tokens, HMAC-SHA256 on libcrypto (fastsend.msgid)
 - _rollup.pxi      the analytics listener's count per event (fastsend.analytics.rollup)
+- _address.pxi     recipient address normalization, the plain case (fastsend.address)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -31,3 +32,4 @@ include "_smtp.pxi"
 include "_sink.pxi"
 include "_msgid.pxi"
 include "_rollup.pxi"
+include "_address.pxi"

@@ -16,6 +16,8 @@ import ipaddress
 import re
 import string
 
+from fastsend._accel import pick
+
 
 def ascii_and_non_ascii(ascii_chars: str) -> str:
     """A regex character class of ``ascii_chars`` (listed one by one) and every
@@ -125,3 +127,7 @@ def _check_domain(domain: str) -> str:
     if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
         raise AddressError("invalid domain in {ADDR}")
     return ascii_domain
+
+
+py_normalize = normalize  # the reference (tests compare the compiled twin with it)
+normalize = pick(normalize)  # fastsend._core.normalize (_address.pxi): the plain case in C
