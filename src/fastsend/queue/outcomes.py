@@ -100,23 +100,8 @@ class Outcomes(SupervisorState):
                             hook(c, r, DELIVERED)
                         except Exception:  # a hook's bug must not strand the rest
                             self.hook_failed(hook)
-                    if log_events:  # _event's, inline (no call per delivery)
-                        ev = {
-                            "time": now,
-                            "event": "delivered",
-                            "id": c.id,
-                            "campaign": cid,
-                            "rcpt": c.rcpt,
-                            "source_ip": r.source_ip,
-                            "mx": r.mx,
-                            "code": r.code,
-                            "enhanced": r.enhanced,
-                            "text": r.text,
-                            "attempt": attempts,
-                        }
-                        if r.queue_id:
-                            ev["queue_id"] = r.queue_id
-                        add_event(ev)
+                    if log_events:
+                        add_event(_event(now, "delivered", c, r, attempts))
                     continue
                 if delivered:
                     self._count_delivered(delivered)
