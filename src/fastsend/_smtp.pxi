@@ -303,7 +303,7 @@ cdef class _CoreTxn:
 
     cdef object env
     cdef object tag, mail_from, data
-    cdef list rcpts
+    cdef object rcpts  # any sequence (a list from the worker)
     cdef bint eightbit
     cdef list outcomes
     cdef Py_ssize_t accepted
@@ -551,7 +551,7 @@ cdef class ClientCore:
 
     cdef int _start_next(self) except -1:
         cdef _CoreTxn txn
-        cdef list rcpts, outcomes, parts
+        cdef list outcomes, parts
         cdef Py_ssize_t i
         queue = self._queue
         while queue and (<_CoreTxn>queue[0]).decided:
@@ -596,7 +596,7 @@ cdef class ClientCore:
     cdef int _start_bdat(self) except -1:
         cdef _CoreTxn txn
         cdef list out = self._out
-        cdef list rcpts, outcomes
+        cdef list outcomes
         cdef bytes data
         cdef Py_ssize_t i
         queue = self._queue
