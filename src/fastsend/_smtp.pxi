@@ -322,7 +322,7 @@ cdef class ClientCore:
     cdef public Py_ssize_t size_limit
     cdef public ReplyParser _parser
     # Commands waiting for a reply, oldest first: _pending[_head:] ((kind, txn, i)).
-    cdef public list _pending
+    cdef readonly list _pending  # (the commands append; only this class replaces it)
     cdef Py_ssize_t _head
     cdef public object _current
     cdef public object _cmd_names
@@ -374,7 +374,7 @@ cdef class ClientCore:
         cdef int kind
         if self._head >= len(self._pending):
             return ""
-        kind = (<tuple>self._pending[self._head])[0]
+        kind = (<tuple?>self._pending[self._head])[0]
         if kind == _K_CMD:
             return self._cmd_names[0]
         if kind == _K_DOT or kind == _K_BDAT:
@@ -391,7 +391,7 @@ cdef class ClientCore:
 
     cdef inline tuple _pop(self):
         cdef list p = self._pending
-        cdef tuple entry = <tuple>p[self._head]
+        cdef tuple entry = p[self._head]  # (checked: the commands append here too)
         p[self._head] = None
         self._head += 1
         if self._head == len(p):
