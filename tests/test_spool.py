@@ -4,6 +4,7 @@ durability, claiming, results, recovery, campaigns, shape."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,6 +156,60 @@ def test_recover_scans_from_the_lowest_id_put_in_flight(tmp_path: Path) -> None:
     assert s4.recover() == 34  # the 34 claimed again by s3; the row below the bound is not read
     for x in (s, s2, s3, s4):
         x.close()
+
+
+def test_a_spool_made_before_campaign_runs_opens_and_works(tmp_path: Path) -> None:
+    """A spool of the previous layout (rows found by an index on their campaign, no
+    campaign_rows) reads right in a read-only view as it is; opened for writing it
+    gets its runs from its rows and loses the index, once; rows an older version
+    adds later are found the same way at the next open. Counts, pages of domains,
+    siblings and cancelling a campaign see exactly each campaign's rows."""
+    s = SQLiteSpool(str(tmp_path))
+    a, b = s.create_campaign({"from": "a@b.example"}), s.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    for cid, dom in ((a, "a.example"), (b, "b.example"), (a, "c.example"), (b, "b.example")):
+        s.add_messages(cid, spool_rows(7, dom), now)
+    s.close()
+
+    def as_before(db: Any) -> None:  # the previous layout, as the older version leaves it
+        db.execute("DROP TABLE campaign_rows")
+        db.execute("CREATE INDEX messages_campaign ON messages(campaign)")
+
+    raw = sqlite3.connect(str(tmp_path / "spool.db"))
+    as_before(raw)
+    raw.commit()
+    raw.close()
+    want = {a: {"queued": 14}, b: {"queued": 14}}
+    view = SQLiteSpool(str(tmp_path), readonly=True)
+    assert {c: {k: v for k, v in n.items() if v} for c, n in view.counts_by_campaign().items()} == want
+    assert view.counts(a)["queued"] == 14 and view.sibling(b, "U3@B.example", 0) == (11, "u3@b.example")
+    view.close()
+    s = SQLiteSpool(str(tmp_path))
+    names = {r[0] for r in s.db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "messages_campaign" not in names
+    assert s.db.execute("SELECT campaign, first, last FROM campaign_rows ORDER BY first").fetchall() == [
+        (a, 1, 7), (b, 8, 14), (a, 15, 21), (b, 22, 28)]  # fmt: skip
+    ids = s.add_messages(a, spool_rows(3, "d.example"), now)  # b's run ends last: a new run
+    s.db.execute(  # an older version appends a row of b and keeps no run
+        "INSERT INTO messages(campaign, rcpt, domain, vars, state, created, next_at, updated)"
+        " VALUES (?, 'late@b.example', 'b.example', x'7b7d', 0, ?, ?, ?)", (b, now, now, now)
+    )
+    s.close()
+    s = SQLiteSpool(str(tmp_path))
+    for x in (s, SQLiteSpool(str(tmp_path), readonly=True)):
+        assert x.counts(a)["queued"] == 17 and x.counts(b)["queued"] == 15
+        assert x.counts_by_campaign([b])[b]["queued"] == 15
+        assert x.pending_domains([a]) == [("a.example", 7), ("c.example", 7), ("d.example", 3)]
+        assert x.sibling(a, "u1@d.example", 0) == (ids[1], "u1@d.example")
+        assert x.sibling(a, "late@b.example", 0) is None
+    s.set_campaign_status(b, "cancelled")
+    assert s.counts(b)["cancelled"] == 15 and s.counts(a)["queued"] == 17
+    s.add_messages(a, spool_rows(2, "e.example"), now)  # after b's late row: a new run
+    s.add_messages(a, spool_rows(2, "f.example"), now)  # right after a's: that run extended
+    runs = "SELECT first, last FROM campaign_rows WHERE campaign=? ORDER BY first"
+    assert s.db.execute(runs, (a,)).fetchall() == [(1, 7), (15, 21), (29, 31), (33, 36)]
+    assert s.db.execute(runs, (b,)).fetchall() == [(8, 14), (22, 28), (32, 32)]
+    s.close()
 
 
 def test_paused_and_cancelled_campaigns(make_spool: Factory) -> None:

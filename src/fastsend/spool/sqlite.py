@@ -5,7 +5,9 @@ once (its self-contained spec as JSON); ``messages`` has one row per recipient
 with its variables (orjson), state, attempts, times and last reply. A partial
 index over pending rows (``state IN (queued, deferred)``) keyed by next attempt
 time makes "what is due" a short index range scan however many final rows the
-table holds. ``blobs`` holds bodies shared by many rows once, by SHA-256
+table holds. A campaign's rows are found by its runs of consecutive ids
+(``campaign_rows``, one row per run, written in the transaction that spools
+them), not by an index entry per row. ``blobs`` holds bodies shared by many rows once, by SHA-256
 (``Spool.put_blob``), ``blob_rows`` the id runs that hold each.
 
 Durability: WAL mode. Adding messages (what makes mail "accepted") commits with
@@ -104,7 +106,12 @@ CREATE TABLE IF NOT EXISTS messages (
     last_text TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages(next_at) WHERE state IN (0, 2);
-CREATE INDEX IF NOT EXISTS messages_campaign ON messages(campaign);
+CREATE TABLE IF NOT EXISTS campaign_rows (
+    campaign INTEGER NOT NULL,
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    PRIMARY KEY (campaign, first)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS campaigns_tenant ON campaigns(tenant, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
@@ -154,6 +161,46 @@ SCHEMA_VERSION = "1"
 INFLIGHT_LOW = "inflight_low"
 ROWS_PER_STATEMENT = 256  # rows per multi-row statement (4-7 parameters each)
 ROOM_TTL = 1.0  # s a short claim's room takes rows spooled after it (see _take_parked)
+
+
+# A campaign's rows: its id runs (campaign_rows, written with the rows), each a
+# rowid range of messages; ``m`` is the messages row, ``?`` the campaign(s).
+_OF_RUNS = (
+    "campaign_rows r JOIN messages m ON m.id BETWEEN r.first AND r.last"
+    " AND m.campaign = r.campaign WHERE r.campaign"
+)
+_OF_INDEX = "messages m WHERE m.campaign"  # a read-only view of a spool made before runs
+# Runs of consecutive ids of one campaign, for the rows after ?1 (ids are
+# handed out in order, so a run never holds another campaign's row).
+_RUNS_OF_ROWS = (
+    "INSERT INTO campaign_rows(campaign, first, last)"
+    " SELECT campaign, MIN(id), MAX(id) FROM (SELECT id, campaign,"
+    " id - ROW_NUMBER() OVER (PARTITION BY campaign ORDER BY id) AS run"
+    " FROM messages WHERE id > ?1) GROUP BY campaign, run"
+)
+
+
+def _runs_cover(db: sqlite3.Connection) -> int | None:
+    """The last id the campaign runs cover, if they cover every row (else None:
+    rows spooled by a version that kept no runs)."""
+    try:
+        done = db.execute("SELECT MAX(last) FROM campaign_rows").fetchone()[0] or 0
+    except sqlite3.OperationalError:  # a read-only view of a spool made before runs
+        return None
+    top = db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0
+    return done if done >= top else None
+
+
+def _campaign_runs(db: sqlite3.Connection) -> None:
+    """A campaign's rows are found by its id runs, not an index on
+    messages(campaign) (one entry written per row spooled). A spool made
+    before the runs (or rows an older version spooled since) gets them from
+    its rows, and loses that index, in one transaction."""
+    with transaction(db):
+        if _runs_cover(db) is None:
+            done = db.execute("SELECT MAX(last) FROM campaign_rows").fetchone()[0] or 0
+            db.execute(_RUNS_OF_ROWS, (done,))
+        db.execute("DROP INDEX IF EXISTS messages_campaign")
 
 
 def _idem_columns(db: sqlite3.Connection) -> None:
@@ -266,6 +313,8 @@ class SQLiteSpool(Spool):
         self.db.execute("PRAGMA cache_size=-16384")
         if not readonly:
             _idem_columns(self.db)
+            _campaign_runs(self.db)
+        self._of = _OF_RUNS if not readonly or _runs_cover(self.db) is not None else _OF_INDEX
 
     # -- campaigns -----------------------------------------------------------
 
@@ -343,10 +392,13 @@ class SQLiteSpool(Spool):
             if status == "cancelled":
                 self._tallies.pop(campaign_id, None)  # pending rows end cancelled
                 # Pending mail becomes final; what is in flight finishes its attempt.
-                db.execute(
-                    "UPDATE messages SET state=?, next_at=0 WHERE campaign=? AND state IN (0, 2)",
-                    (CANCELLED, campaign_id),
-                )
+                db.executemany(
+                    "UPDATE messages SET state=?, next_at=0 WHERE id BETWEEN ? AND ?"
+                    " AND campaign=? AND state IN (0, 2)",
+                    [(CANCELLED, a, b, campaign_id) for a, b in db.execute(
+                        "SELECT first, last FROM campaign_rows WHERE campaign=?", (campaign_id,)
+                    ).fetchall()],
+                )  # fmt: skip
 
     # -- messages ------------------------------------------------------------
 
@@ -407,6 +459,16 @@ class SQLiteSpool(Spool):
                         raise SpoolError(f"spool: rows got ids up to {last}, not {first + at - 1}")
             if park or state == INFLIGHT:
                 self._lower_bound(first)
+            if rows:  # the campaign's run of ids: the one it ends extended, or a new one
+                end = first + len(rows) - 1
+                if not db.execute(
+                    "UPDATE campaign_rows SET last=? WHERE campaign=? AND last=?",
+                    (end, campaign_id, first - 1),
+                ).rowcount:
+                    db.execute(
+                        "INSERT INTO campaign_rows(campaign, first, last) VALUES (?, ?, ?)",
+                        (campaign_id, first, end),
+                    )
             if ingest is not None:
                 db.execute(
                     "UPDATE ingests SET line=?, accepted=?, rejected=? WHERE id=?",
@@ -610,8 +672,7 @@ class SQLiteSpool(Spool):
             rows = self.db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")
         else:
             rows = self.db.execute(
-                "SELECT state, COUNT(*) FROM messages WHERE campaign=? GROUP BY state",
-                (campaign_id,),
+                f"SELECT m.state, COUNT(*) FROM {self._of}=? GROUP BY m.state", (campaign_id,)
             )
         out = dict.fromkeys(STATE_NAMES.values(), 0)
         for state, n in rows:
@@ -824,8 +885,8 @@ class SQLiteSpool(Spool):
 
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         row = self.db.execute(
-            "SELECT id, rcpt FROM messages WHERE campaign=? AND rcpt=? COLLATE NOCASE"
-            " ORDER BY abs(id - ?) LIMIT 1",
+            f"SELECT m.id, m.rcpt FROM {self._of}=? AND m.rcpt=? COLLATE NOCASE"
+            " ORDER BY abs(m.id - ?) LIMIT 1",
             (campaign_id, rcpt, near_id),
         ).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
@@ -847,8 +908,8 @@ class SQLiteSpool(Spool):
             for j in range(0, len(ids), 500):
                 chunk = ids[j : j + 500]
                 rows += self.db.execute(
-                    f"SELECT campaign, state, COUNT(*) FROM messages WHERE campaign IN"
-                    f" ({','.join('?' * len(chunk))}) GROUP BY campaign, state",
+                    f"SELECT m.campaign, m.state, COUNT(*) FROM {self._of} IN"
+                    f" ({','.join('?' * len(chunk))}) GROUP BY m.campaign, m.state",
                     chunk,
                 ).fetchall()
         for cid, state, n in rows:
@@ -868,16 +929,14 @@ class SQLiteSpool(Spool):
             chunks = [ids[j : j + 500] for j in range(0, len(ids), 500)]
         for chunk in chunks:
             if chunk is None:
-                where, args = "", list(pend)
+                sql, args = "messages m WHERE m.state IN (?,?,?)", list(pend)
             elif not chunk:
                 continue
             else:
-                where = f" AND campaign IN ({','.join('?' * len(chunk))})"
-                args = [*pend, *chunk]
+                sql = f"{self._of} IN ({','.join('?' * len(chunk))}) AND m.state IN (?,?,?)"
+                args = [*chunk, *pend]
             for d, n in self.db.execute(
-                f"SELECT domain, COUNT(*) FROM messages WHERE state IN (?,?,?){where}"
-                " GROUP BY domain",
-                args,
+                f"SELECT m.domain, COUNT(*) FROM {sql} GROUP BY m.domain", args
             ):
                 counts[d] = counts.get(d, 0) + int(n)
         return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: max(0, limit)]
