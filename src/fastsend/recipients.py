@@ -314,41 +314,38 @@ def _csv_batches(
     lines: list[int] = []
     bad: list[BadRow] = []
     last = after
-    while True:
-        try:
-            rec = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:  # a field over csv.field_size_limit(), a NUL, ...
-            raise RecipientsError(f"line {reader.line_num + 1}: {e}") from None
-        line = reader.line_num + 1
-        if line <= after:
-            continue
-        if len(rec) != width:
-            if not rec or (len(rec) == 1 and not rec[0].strip()):
+    try:
+        for rec in reader:
+            line = reader.line_num + 1
+            if line <= after:
                 continue
-            bad.append(BadRow(line, f"expected {width} columns, found {len(rec)}"))
+            if len(rec) != width:
+                if not rec or (len(rec) == 1 and not rec[0].strip()):
+                    continue
+                bad.append(BadRow(line, f"expected {width} columns, found {len(rec)}"))
+                last = line
+                continue
+            if width == 1 and not rec[0].strip():
+                continue
+            email = rec.pop(ei)
+            try:
+                addr, domain = normalize(email)
+            except AddressError as e:
+                bad.append(BadRow(line, str(e)))
+                last = line
+                continue
+            if row_type is not None:  # the same bytes as the dict below, a third of the CPU
+                rows.append((addr, domain, encode(row_type(*rec))))
+            else:
+                rows.append((addr, domain, dumps(dict(zip(names, rec, strict=True)))))
+            lines.append(line)
             last = line
-            continue
-        if width == 1 and not rec[0].strip():
-            continue
-        email = rec.pop(ei)
-        try:
-            addr, domain = normalize(email)
-        except AddressError as e:
-            bad.append(BadRow(line, str(e)))
-            last = line
-            continue
-        if row_type is not None:  # the same bytes as the dict below, a third of the CPU
-            rows.append((addr, domain, encode(row_type(*rec))))
-        else:
-            rows.append((addr, domain, dumps(dict(zip(names, rec, strict=True)))))
-        lines.append(line)
-        last = line
-        if len(rows) >= limit:
-            yield Batch(rows, lines, bad, line, False)
-            rows, lines, bad = [], [], []
-            limit = size
+            if len(rows) >= limit:
+                yield Batch(rows, lines, bad, line, False)
+                rows, lines, bad = [], [], []
+                limit = size
+    except csv.Error as e:  # a field over csv.field_size_limit(), a NUL, ...
+        raise RecipientsError(f"line {reader.line_num + 1}: {e}") from None
     yield Batch(rows, lines, bad, last, True)
 
 
