@@ -183,11 +183,13 @@ _RUNS_OF_ROWS = (
 def _runs_cover(db: sqlite3.Connection) -> int | None:
     """The last id the campaign runs cover, if they cover every row (else None:
     rows spooled by a version that kept no runs)."""
-    try:
-        done = db.execute("SELECT MAX(last) FROM campaign_rows").fetchone()[0] or 0
+    try:  # one statement: one snapshot of both
+        done, top = db.execute(
+            "SELECT (SELECT MAX(last) FROM campaign_rows), (SELECT MAX(id) FROM messages)"
+        ).fetchone()
     except sqlite3.OperationalError:  # a read-only view of a spool made before runs
         return None
-    top = db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0
+    done, top = done or 0, top or 0
     return done if done >= top else None
 
 
@@ -196,6 +198,9 @@ def _campaign_runs(db: sqlite3.Connection) -> None:
     messages(campaign) (one entry written per row spooled). A spool made
     before the runs (or rows an older version spooled since) gets them from
     its rows, and loses that index, in one transaction."""
+    old = "SELECT 1 FROM sqlite_master WHERE type='index' AND name='messages_campaign'"
+    if _runs_cover(db) is not None and db.execute(old).fetchone() is None:
+        return  # nothing to do: no write
     with transaction(db):
         if _runs_cover(db) is None:
             done = db.execute("SELECT MAX(last) FROM campaign_rows").fetchone()[0] or 0
