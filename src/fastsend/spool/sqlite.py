@@ -41,7 +41,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
-from itertools import chain, repeat
+from itertools import chain, repeat, starmap
 from typing import Any
 
 import orjson
@@ -531,7 +531,7 @@ class SQLiteSpool(Spool):
                 runs = id_runs(sorted([r[0] for r in rows]))
                 db.executemany("UPDATE messages SET state=1 WHERE id BETWEEN ? AND ?", runs)
                 self._lower_bound(runs[0][0])
-        return [Claimed(*r) for r in rows]
+        return list(starmap(Claimed, rows))
 
     # -- rows parked for a waiting claim ----------------------------------------
     # A claim that came back short (nothing more was due) has room; rows spooled
