@@ -57,6 +57,7 @@ def test_add_claim_record_and_counts(make_spool: Factory) -> None:
     c = s.counts(cid)
     assert c["delivered"] == 1 and c["bounced"] == 1 and c["deferred"] == 1
     assert c["inflight"] == 7
+    assert s.pending() == {"queued": 0, "deferred": 1}
     m = s.message(claimed[1].id)
     assert m is not None and m["state"] == "bounced" and m["last_enhanced"] == "5.1.1"
     assert m["attempts"] == 1 and m["last_code"] == 550 and m["campaign"] == cid
@@ -427,6 +428,7 @@ def test_proxy_forwards_every_method(make_spool: Factory) -> None:
     assert s.recover() == 0 and s.next_due() is not None
     assert s.message(ids[0]) == inner.message(ids[0]) and s.owner(ids[0]) == (cid, "u0@example.com")
     assert s.counts_by_campaign() == inner.counts_by_campaign()
+    assert s.pending() == inner.pending() == {"queued": 1, "deferred": 0}
     assert s.pending_domains() == inner.pending_domains() and s.queue_shape(now)
     job = s.create_ingest(cid, {}, 1)
     assert s.get_ingest(job) is not None and len(s.list_ingests()) == 1

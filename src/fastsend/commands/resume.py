@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     recovered = spool.recover()
-    counts = spool.counts()
-    total = counts["queued"] + counts["deferred"]
+    pending = spool.pending()  # not counts(): that reads every row the spool ever held
+    total = pending["queued"] + pending["deferred"]
 
     def feeder() -> Iterator[None]:
         for job in resumable:

@@ -450,6 +450,12 @@ class Spool(abc.ABC):
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         """Messages per state name."""
 
+    def pending(self) -> dict[str, int]:
+        """Messages queued and deferred (what a run has left to send): those two
+        of :meth:`counts`, which a backend may count without its final rows."""
+        c = self.counts()
+        return {"queued": c["queued"], "deferred": c["deferred"]}
+
     def tally(self, campaign_id: int) -> tuple[int, int] | None:
         """(rows spooled, of which suppressed) of a campaign this object created,
         when every row of it was spooled through this object and nothing else
@@ -831,6 +837,9 @@ class SpoolProxy(Spool):
 
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         return self.inner.counts(campaign_id)
+
+    def pending(self) -> dict[str, int]:
+        return self.inner.pending()
 
     def tally(self, campaign_id: int) -> tuple[int, int] | None:
         return self.inner.tally(campaign_id)

@@ -692,6 +692,15 @@ class SQLiteSpool(Spool):
             out[STATE_NAMES.get(state, str(state))] = n
         return out
 
+    def pending(self) -> dict[str, int]:
+        # The due index holds exactly these rows: read it, not the history.
+        out = {"queued": 0, "deferred": 0}
+        for state, n in self.db.execute(
+            "SELECT state, COUNT(*) FROM messages WHERE state IN (0, 2) GROUP BY state"
+        ):
+            out[STATE_NAMES[state]] = int(n)
+        return out
+
     def next_due(self) -> float | None:
         if self._parked:  # due now: the next claim hands them out
             return self._parked[0].created
