@@ -298,6 +298,7 @@ class SQLiteSpool(Spool):
         self.directory = directory
         self._holds: set[str] = set()  # ingest lock files this object holds
         self._parked: list[Claimed] = []  # spooled in flight for a waiting claim
+        self._parked_cids: set[int] = set()  # their campaigns (or more): never fewer
         self._room: dict[int, tuple[int, float]] = {}  # claim key -> (room, monotonic time)
         # Campaigns created here: [rows spooled, of which suppressed, the
         # database's data_version at creation] (see tally()).
@@ -487,6 +488,7 @@ class SQLiteSpool(Spool):
             else:  # rows spooled in another state: count the rows themselves
                 del self._tallies[campaign_id]
         if park:
+            self._parked_cids.add(campaign_id)
             parked = map(Claimed, range(first, first + park), repeat(campaign_id),
                          rcpts, domains, vars_, repeat(0), repeat(now))  # fmt: skip
             if not suppressed or suppressed.isdisjoint(range(park)):
@@ -554,13 +556,15 @@ class SQLiteSpool(Spool):
             r[0]
             for r in self.db.execute(
                 "SELECT id FROM campaigns WHERE status != 'active' AND id IN"
-                f" ({','.join(str(c) for c in {c.campaign for c in parked})})"
+                f" ({','.join(map(str, self._parked_cids))})"
             )
         }
         if stopped:
             self._unpark([c.id for c in parked if c.campaign in stopped])
             parked = self._parked = [c for c in parked if c.campaign not in stopped]
         out, self._parked = parked[:limit], parked[limit:]
+        if not self._parked:
+            self._parked_cids.clear()
         return out
 
     def _unpark(self, ids: list[int]) -> None:
