@@ -21,11 +21,13 @@ from tests._engine_helpers import (
     write_recipients,
 )
 
-from fastsend.config.engine import DeliveryConfig
+from fastsend.config import Config
 from fastsend.sink import SinkProcess
 
 N = 12000
-WINDOW = DeliveryConfig().window  # claimed-but-unanswered messages per worker
+# Claimed-but-unanswered messages per worker: the default window of the runs
+# below (two workers, one source IP each).
+WINDOW = Config(source_ips=["127.0.0.2", "127.0.0.3"], workers=2).window_for(0)
 
 
 def delivered(spool: Path, state: int = 3) -> int:

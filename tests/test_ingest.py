@@ -38,13 +38,15 @@ from tests._engine_helpers import (
 )
 
 from fastsend.accept import Acceptor, check_campaign, rows_left, source_problem
-from fastsend.config.engine import DeliveryConfig
+from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.message import Campaign
 from fastsend.sink import SinkProcess
 from fastsend.spool import IngestJob, Spool, open_spool
 
-WINDOW = DeliveryConfig().window  # claimed-but-unanswered messages per worker
+# Claimed-but-unanswered messages per worker: the default window of the runs
+# below (two workers, no source IPs of their own).
+WINDOW = Config(workers=2).window_for(0)
 
 
 @pytest.fixture(params=["sqlite", "redis"])

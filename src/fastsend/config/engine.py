@@ -81,9 +81,20 @@ class IpsSection(Section):
             raise ValueError(f"helo {self.helo!r} is not a host name or address literal")
 
 
+# [delivery] window = 0 (the default): a worker's window is this many times what
+# its connections to one site keep in flight, and never under WINDOW_MIN
+# (Config.window_for).
+WINDOW_PIPELINES = 4
+WINDOW_MIN = 4000
+
+
 class DeliveryConfig(Section):
     batch_size: PosInt = 200  # messages per ring record (supervisor -> worker)
-    window: PosInt = 4000  # claimed-but-unanswered messages per worker (active window)
+    # Claimed-but-unanswered messages per worker (the active window: what a crash
+    # may send twice). 0: sized per worker from what its connections keep in
+    # flight (Config.window_for: 4 x max_connections x pipeline x its source
+    # IPs, at least WINDOW_MIN).
+    window: NonNegInt = 0
     max_connections: PosInt = 16  # per (source IP, site)
     max_messages_per_connection: NonNegInt = 1000
     recipients_per_transaction: PosInt = 50  # for identical (non-personalised) messages

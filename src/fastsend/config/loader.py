@@ -22,6 +22,8 @@ import msgspec
 from fastsend.config.analytics import AnalyticsSettings, ReputationSection
 from fastsend.config.base import ConfigError, Section, decode, read_toml, where
 from fastsend.config.engine import (
+    WINDOW_MIN,
+    WINDOW_PIPELINES,
     DeliveryConfig,
     DNSConfig,
     EventsSection,
@@ -194,6 +196,21 @@ class Config:
         n = self.worker_count
         mine = self.source_ips[index % n :: n] if len(self.source_ips) >= n else []
         return mine or [self.source_ips[index % len(self.source_ips)]]
+
+    def window_for(self, index: int) -> int:
+        """Worker ``index``'s active window: ``[delivery] window``, or when that
+        is 0, WINDOW_PIPELINES times what its connections to one site keep in
+        flight (``max_connections`` per source IP x ``pipeline``), at least
+        WINDOW_MIN. A window that only covers what is at the receiver leaves the
+        worker nothing rendered when replies come back: the other shares hold
+        as much again rendered and ready, the next claim on its way (a claim
+        waits for a quarter of the window) and what is answered but not yet
+        written to the spool (still counted: a crash would send it again)."""
+        d = self.delivery
+        if d.window:
+            return d.window
+        ips = max(1, len(self.ips_for_worker(index)))
+        return max(WINDOW_MIN, WINDOW_PIPELINES * d.max_connections * d.pipeline * ips)
 
     def route(self, target: str | list[str], where: str) -> Route:
         """A ``[routes]`` value (or ``--route``): HOST:PORT or transports

@@ -32,7 +32,6 @@ class Dispatch(SupervisorState):
             return
         now = time.time()
         size = self.config.delivery.batch_size
-        window = self.config.delivery.window
         nothing_due = False
         n_slots = len(self.slots)
         order = self.slots[self.first_slot % n_slots :] + self.slots[: self.first_slot % n_slots]
@@ -42,6 +41,7 @@ class Dispatch(SupervisorState):
             if not self.can_take(slot):
                 continue
             groups: dict[tuple[int, str], list[Claimed]] = {}
+            window = slot.window
             room = window - len(slot.inflight) - slot.unwritten
             claimed = given.pop(slot.index, [])
             # Claim once a quarter of the window is free, not per answered batch:
@@ -64,7 +64,7 @@ class Dispatch(SupervisorState):
                     # Less was due than this window takes (a short list, the start
                     # of a long one while it is spooled, the tail): shared with the
                     # workers after this one, so no core idles while one works.
-                    claimed = self.share(claimed, order[pos + 1 :], window, size, given)
+                    claimed = self.share(claimed, order[pos + 1 :], size, given)
             for c in claimed:
                 slot.inflight[c.id] = c
                 groups.setdefault((c.campaign, c.domain), []).append(c)
@@ -89,11 +89,13 @@ class Dispatch(SupervisorState):
 
     def note_room(self, slot: WorkerSlot, short: int) -> None:
         """A claim of ``slot`` left ``short`` of its room unfilled: once the
-        windows' open room would take a list chunk (or half the windows), the
-        feeder reads its next one (see Supervisor._feed)."""
+        windows' open room would take a list chunk, or this window has a claim's
+        worth open (a quarter: it found nothing to take), the feeder reads its
+        next one (see Supervisor._feed). Waiting for a chunk's room across the
+        windows kept a worker with a quarter of its window free and nothing due
+        until another's window freed up too (its ready queue ran dry)."""
         self.open_room[slot.index] = short
-        want = min(FEED_ROOM, self.config.delivery.window * len(self.slots) // 2)
-        if sum(self.open_room.values()) >= max(want, 1):
+        if short >= max(slot.window // 4, 1) or sum(self.open_room.values()) >= FEED_ROOM:
             self.feed_room.set()
 
     @staticmethod
@@ -104,7 +106,6 @@ class Dispatch(SupervisorState):
         self,
         claimed: list[Claimed],
         others: list[WorkerSlot],
-        window: int,
         batch: int,
         given: dict[int, list[Claimed]],
     ) -> list[Claimed]:
@@ -114,9 +115,9 @@ class Dispatch(SupervisorState):
         batch record is paid for many): their shares go into ``given``; returns
         the claimer's (the rest: it had room for all of it)."""
         # A taker's room counts what a shared spool has claimed for it ahead
-        # (spool.held): its window in flight stays within ``window``.
+        # (spool.held): its window in flight stays within ``s.window``.
         takers = [
-            (s, window - len(s.inflight) - s.unwritten - self.spool.held(s.index))
+            (s, s.window - len(s.inflight) - s.unwritten - self.spool.held(s.index))
             for s in others
             if self.can_take(s) and s.index not in given
         ]

@@ -209,6 +209,7 @@ class WorkerLifecycle(SupervisorState):
         self.shaping.reconfigure(config)  # dispatch rates, guardrails, pools
         for slot in self.slots:  # a slot respawned by reap() meanwhile gets them too
             slot.ips = config.ips_for_worker(slot.index)
+            slot.window = config.window_for(slot.index)  # claims from here on
         for slot in self.slots:
             if self.draining or self.stopping:
                 return

@@ -55,6 +55,7 @@ class WorkerSlot:
     # twice stays bounded by the window.
     unwritten: int = 0
     cpu_s: float = 0.0  # user + system CPU of this slot's workers that have exited
+    window: int = 4000  # its active window (Config.window_for): claimed + unwritten at most
 
 
 @dataclass

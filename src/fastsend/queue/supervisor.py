@@ -87,7 +87,10 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.max_wait = max_wait
         self.on_tick = on_tick
         self.stats = RunStats(finals={} if until_idle else None)
-        self.slots = [WorkerSlot(i, config.ips_for_worker(i)) for i in range(config.worker_count)]
+        self.slots = [
+            WorkerSlot(i, config.ips_for_worker(i), window=config.window_for(i))
+            for i in range(config.worker_count)
+        ]
         self.results: list[Result] = []
         self.results_since = 0.0
         self.requeues: list[tuple[int, float]] = []  # handed back: (id, next_at)

@@ -1,0 +1,195 @@
+"""The active window: how much a worker may hold (claimed and not yet written
+back), how the default is sized, and how mail reaches a worker while a list is
+still being read (``fastsend send``'s feeder, paced by dispatch).
+
+The integration test runs the real engine (supervisor, forked uvloop workers,
+rings, a SQLite spool, a sink on loopback) and asserts structure at every
+dispatch pass, never speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from fastsend import config as cfgmod
+from fastsend.config.engine import WINDOW_MIN, WINDOW_PIPELINES
+from fastsend.events import EventLog
+from fastsend.message import Campaign
+from fastsend.queue import supervisor as supmod
+from fastsend.queue.supervisor import Supervisor
+from fastsend.sink import SinkThread
+from fastsend.spool.sqlite import SQLiteSpool
+
+SPEC = {
+    "from": "Window Test <news@sender.example.com>",
+    "subject": "Hello {{ name }}",
+    "text": "Hi {{ name }}, this is the window test.",
+}
+RUN_LIMIT = 60.0  # seconds; only a hang reaches it
+
+
+def make_config(tmp: Path, sink: SinkThread | None = None, **tables: Any) -> cfgmod.Config:
+    raw: dict[str, Any] = {
+        "spool": {"dir": "spool"},
+        "workers": {"count": 2},
+        "ips": {"source": ["127.0.0.2", "127.0.0.3"], "helo": "out.example.com"},
+    }
+    if sink is not None:
+        raw["routes"] = {"*": f"{sink.host}:{sink.port}"}
+    for name, table in tables.items():
+        raw[name] = {**raw.get(name, {}), **table}
+    return cfgmod.from_dict(raw, base_dir=str(tmp))
+
+
+# -- the default window ----------------------------------------------------------
+
+
+def test_default_window_covers_what_the_connections_keep_in_flight(tmp_path: Path) -> None:
+    """[delivery] window = 0 (the default): each worker's window is
+    WINDOW_PIPELINES times what its connections to one site can have in flight
+    (max_connections per source IP x pipeline), never under WINDOW_MIN, so the
+    connections can be full with as much again rendered and ready; a window set
+    in the config is taken as it is."""
+    assert cfgmod.Config().delivery.window == 0
+    four = make_config(
+        tmp_path, ips={"source": [f"127.0.0.{i}" for i in range(2, 6)]}, workers={"count": 2}
+    )
+    d = four.delivery
+    per_worker = d.max_connections * d.pipeline * 2  # two source IPs each
+    assert [four.window_for(i) for i in range(2)] == [WINDOW_PIPELINES * per_worker] * 2
+    assert four.window_for(0) > WINDOW_MIN
+    # Three IPs on two workers: two and one; each window follows its own IPs.
+    three = make_config(
+        tmp_path,
+        ips={"source": ["127.0.0.2", "127.0.0.3", "127.0.0.4"]},
+        delivery={"max_connections": 40, "pipeline": 50},
+    )
+    assert three.window_for(0) == WINDOW_PIPELINES * 40 * 50 * 2
+    assert three.window_for(1) == WINDOW_PIPELINES * 40 * 50
+    # No source IP of its own (the system's address): one IP's worth, at least the floor.
+    small = make_config(tmp_path, ips={"source": []}, delivery={"pipeline": 4})
+    assert small.window_for(0) == WINDOW_MIN
+    fixed = make_config(tmp_path, delivery={"window": 300})
+    assert [fixed.window_for(i) for i in range(2)] == [300, 300]
+    sup = Supervisor(four, SQLiteSpool(str(tmp_path / "s2")), EventLog(None))
+    assert [s.window for s in sup.slots] == [four.window_for(0), four.window_for(1)]
+    asyncio.run(sup.reload(fixed))  # a reload's window applies to the next claims
+    assert [s.window for s in sup.slots] == [300, 300]
+    sup.spool.close()
+    sup.suppression.close()
+    with pytest.raises(cfgmod.ConfigError):
+        make_config(tmp_path, delivery={"window": -1})
+
+
+# -- one window short of mail reads the list on ------------------------------------
+
+
+def test_one_window_with_a_quarter_free_reads_the_next_chunk(tmp_path: Path) -> None:
+    """While a list is read, a claim that found nothing due with a quarter of
+    its window open asks the feeder for the next chunk at once, whatever the
+    other windows hold: waiting for a chunk's worth of room across all of them
+    let this worker's ready queue run dry while another's window was full."""
+    cfg = make_config(tmp_path, delivery={"window": 1000})
+    spool = SQLiteSpool(cfg.spool_dir)
+    sup = Supervisor(cfg, spool, EventLog(None))
+    try:
+        a, b = sup.slots
+        sup.note_room(b, 0)  # the other window is full
+        sup.note_room(a, 249)  # under a quarter open: its claim took mail
+        assert not sup.feed_room.is_set()
+        sup.note_room(a, 250)  # a quarter open and nothing came: read on
+        assert sup.feed_room.is_set()
+        sup.feed_room.clear()
+        sup.open_room.clear()
+        # Small rooms in several windows add up to a chunk's worth too.
+        big = make_config(tmp_path, delivery={"window": 100_000})
+        sup2 = Supervisor(big, spool, EventLog(None))
+        sup2.note_room(sup2.slots[0], 1000)
+        assert not sup2.feed_room.is_set()
+        sup2.note_room(sup2.slots[1], 1000)
+        assert sup2.feed_room.is_set()
+        sup2.suppression.close()
+    finally:
+        sup.suppression.close()
+        spool.close()
+
+
+# -- the window's bound while a list is read ---------------------------------------
+
+
+def test_a_window_never_holds_more_than_its_size_while_a_list_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list read by the feeder in chunks while two workers deliver to a sink
+    that answers slowly: after every dispatch pass, each worker's claimed and
+    not yet written messages stay within its window, and the windows fill up.
+    The feeder's fallback (a chunk a second later) is turned off: every chunk
+    after the first must be read because a window asked for mail, or the run
+    hangs. Every message is delivered exactly once."""
+    n, window, chunk = 3000, 200, 150
+    passes: list[tuple[int, int, int]] = []  # (slot, held, window) after each pass
+    over: list[str] = []
+    monkeypatch.setattr(supmod, "FEED_LAG", 3600.0)
+
+    class Watched(Supervisor):
+        def dispatch(self) -> None:
+            super().dispatch()
+            for s in self.slots:
+                held = len(s.inflight) + s.unwritten + self.spool.held(s.index)
+                passes.append((s.index, held, s.window))
+                if held > s.window:
+                    over.append(f"slot {s.index}: {held} > {s.window}")
+
+    with SinkThread(latency_ms=5) as sink:
+        cfg = make_config(
+            tmp_path,
+            sink,
+            delivery={"window": window, "batch_size": 20, "pipeline": 5, "max_connections": 2},
+        )
+        spool = SQLiteSpool(cfg.spool_dir)
+        cid = spool.create_campaign(Campaign.from_dict(SPEC).to_dict(), name="window")
+        rcpts = [f"u{i}@d{i % 7}.example" for i in range(n)]
+        reads: list[int] = []
+
+        def feeder() -> Iterator[None]:
+            for at in range(0, n, chunk):
+                reads.append(at)
+                part = rcpts[at : at + chunk]
+                rows = [(r, r.rpartition("@")[2], orjson.dumps({"name": r})) for r in part]
+                spool.add_messages(cid, rows, time.time())
+                yield None
+
+        events = EventLog(cfg.event_log_path)
+        sup = Watched(cfg, spool, events, until_idle=True, max_wait=5.0, feeder=feeder())
+
+        async def main() -> None:
+            task = asyncio.ensure_future(sup.run())
+            done, _ = await asyncio.wait({task}, timeout=RUN_LIMIT)
+            if not done:
+                sup.on_signal(signal.SIGINT)
+                await task
+                pytest.fail(f"no end within {RUN_LIMIT} s (a hang)")
+            task.result()
+
+        try:
+            with asyncio.Runner() as r:
+                r.run(main())
+        finally:
+            events.close()
+        got = sorted(r for m in sink.messages for r in m.recipients)
+    assert not over, over[:5]
+    assert passes and max(h for _s, h, _w in passes) <= window
+    # The windows filled up (the bound was reached, not trivially kept).
+    assert max(h for _s, h, _w in passes) >= window // 2
+    assert len(reads) == -(-n // chunk)
+    assert got == sorted(rcpts)
+    assert spool.counts(cid)["delivered"] == n
+    spool.close()
