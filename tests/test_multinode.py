@@ -278,8 +278,18 @@ backend api
     # killed with kill -9 included: its events went into the outbox with its
     # outcomes, and what it delivered without recording was sent again by another
     # node (which posted the event).
-    ids = [e["event_id"] for e in out["hooks"]]
-    assert len(ids) == len(set(ids)), "an event was posted twice"
+    # Delivery is at least once: a batch the frozen-then-killed node had POSTed
+    # (received here) but not acknowledged is sent again by the node that takes
+    # its hold over. Nothing else is posted twice: the repeats are one run of
+    # consecutive events of the outbox, at most one batch ([webhooks] batch_size).
+    times = Counter(e["event_id"] for e in out["hooks"])
+    uniq = sorted(times)
+    again = [k for k, i in enumerate(uniq) if times[i] > 1]  # positions in the outbox order
+    assert max(times.values()) <= 2, "an event was posted three times"
+    if again:
+        assert len(again) <= 1000 and again == list(range(again[0], again[-1] + 1)), (
+            f"events posted twice beyond one unacknowledged batch: {[uniq[k] for k in again]}"
+        )
     hooked = {e["rcpt"] for e in out["hooks"] if e["event"] == "delivered"}
     sent = {r for rec in sink_log(log) for r in rec["recipients"]}
     assert sent <= hooked, f"{len(sent - hooked)} deliveries without a webhook event"
