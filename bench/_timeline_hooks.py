@@ -103,19 +103,31 @@ def install() -> None:
     # In each worker: its ready queues sampled every 5 ms (mail rendered and not
     # yet written to a connection, and groups awaiting replies), written at exit:
     # a worker whose queues run dry while its window is in flight waits on the
-    # supervisor's refill.
+    # supervisor's refill. Also over the middle of its run (from its first
+    # results to the last batch it received): the start and the tail empty the
+    # queues whatever the refill does.
     main = worker.Worker.main
+    place_batch = worker.Worker.place_batch
+    times = {"first": 0.0, "batch": 0.0}
+
+    def place_batch_timed(self: Any, *a: Any, **k: Any) -> None:
+        place_batch(self, *a, **k)
+        times["batch"] = time.monotonic()
+
+    worker.Worker.place_batch = place_batch_timed  # type: ignore[method-assign]
 
     async def main_sampled(self: Any) -> None:
         import asyncio
 
-        samples: list[tuple[int, int]] = []
+        samples: list[tuple[float, int, int]] = []
         report = self.report
         last = [0.0]
 
         def report_last(*a: Any) -> None:
             report(*a)
             last[0] = time.monotonic()
+            if not times["first"]:
+                times["first"] = last[0]
 
         self.report = report_last  # the site queues made from here on report through it
 
@@ -123,22 +135,27 @@ def install() -> None:
             while True:
                 await asyncio.sleep(0.005)
                 qs = list(self.sites.values())
-                samples.append((sum(len(q.pending) for q in qs), sum(q.sending for q in qs)))
+                samples.append((time.monotonic(), sum(len(q.pending) for q in qs),
+                                sum(q.sending for q in qs)))  # fmt: skip
 
         task = asyncio.get_running_loop().create_task(sample())
         try:
             await main(self)
         finally:
             task.cancel()
-            busy = [s for s in samples if s[1]]
-            dry = sum(1 for p, _ in busy if p == 0)
-            med = sorted(p for p, _ in busy)[len(busy) // 2] if busy else 0
+            busy = [s for s in samples if s[2]]
+            dry = sum(1 for _t, p, _s in busy if p == 0)
+            med = sorted(p for _t, p, _s in busy)[len(busy) // 2] if busy else 0
+            mid = [s for s in samples if times["first"] <= s[0] <= times["batch"]]
+            mid_dry = sum(1 for _t, p, _s in mid if p == 0)
             line = f"{last[0]:.6f} {os.getpid()} last results in a worker\n".encode()
             fd = os.open(OUT, os.O_WRONLY | os.O_APPEND)
             os.write(fd, line)
             os.close(fd)
             mark(f"ready queues while sending: {len(busy)} samples, empty in {dry}"
-                 f" ({dry / max(1, len(busy)) * 100:.0f}%), median {med} ready")
+                 f" ({dry / max(1, len(busy)) * 100:.0f}%), median {med} ready;"
+                 f" from first results to last batch: {len(mid)} samples, empty in"
+                 f" {mid_dry} ({mid_dry / max(1, len(mid)) * 100:.0f}%)")  # fmt: skip
 
     worker.Worker.main = main_sampled  # type: ignore[method-assign]
 

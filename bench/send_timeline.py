@@ -14,6 +14,16 @@ time the cores could have spent on the work and did not.
 
     python bench/send_timeline.py                     # 100,000 messages, 1 run
     python bench/send_timeline.py --messages 20000 --runs 3 --bucket 0.05
+    python bench/send_timeline.py --baseline ../base --runs 5 --quiet
+
+--baseline DIR runs the same sends, interleaved, with another checkout's
+fastsend (DIR/src, built in place) and prints per run and side, then medians
+with min-max: messages/s (launch to exit, sink-counted), fastsend's CPU per
+message (supervisor + workers), the share of each worker's samples with an
+empty ready queue while it sends (over the run, and between its first answer
+and the last list chunk read: the start and the tail empty it by nature), and
+the cores' idle time. On a shared machine the rate follows the other load;
+the CPU per message and the ready-queue shares are what compare.
 
 The hooks cost a few microseconds per mark; run bench/end_to_end.py for the
 rates. Exits non-zero when the send failed or the sink counted fewer.
@@ -24,6 +34,8 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,7 +122,7 @@ class Sampler(threading.Thread):
 
 
 def run_once(camp: str, rcpts: str, sink: SmtpSink, tmp: str, workers: int, tag: str,
-             every: float, config: str = "") -> tuple[float, float, list[tuple[float, int, str]], Sampler, int]:  # fmt: skip
+             every: float, config: str = "", tree: str = "") -> tuple[float, float, list[tuple[float, int, str]], Sampler, int]:  # fmt: skip
     marks = os.path.join(tmp, f"marks-{tag}.txt")
     cmd = [sys.executable, HOOKS, marks, "send", camp, "-r", rcpts,
            "--route", f"*=127.0.0.1:{sink.port}", "--source-ip", ",".join(SOURCE_IPS),
@@ -118,9 +130,12 @@ def run_once(camp: str, rcpts: str, sink: SmtpSink, tmp: str, workers: int, tag:
            "--json", "--no-progress", "--no-dkim"]  # fmt: skip
     if config:
         cmd += ["-c", config]
+    env = None
+    if tree:  # another checkout's fastsend (the --baseline side)
+        env = {**os.environ, "PYTHONPATH": os.path.join(os.path.abspath(tree), "src")}
     before = sink.messages()
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     sampler = Sampler(proc.pid, sink.proc.pid, every)
     sampler.start()
     _out, err = proc.communicate()
@@ -139,8 +154,25 @@ def run_once(camp: str, rcpts: str, sink: SmtpSink, tmp: str, workers: int, tag:
     return t0, t_exit, rows, sampler, got
 
 
+READY = re.compile(r"ready queues while sending: (\d+) samples, empty in (\d+)"
+                   r".*last batch: (\d+) samples, empty in (\d+)")  # fmt: skip
+
+
+def ready_shares(rows: list[tuple[float, int, str]]) -> tuple[float, float]:
+    """(share of the workers' samples with an empty ready queue while sending,
+    the same from each one's first results to its last batch), in %."""
+    tot = [0, 0, 0, 0]
+    for _t, _pid, name in rows:
+        m = READY.search(name)
+        if m:
+            tot = [a + int(b) for a, b in zip(tot, m.groups(), strict=True)]
+    return tot[1] / max(1, tot[0]) * 100, tot[3] / max(1, tot[2]) * 100
+
+
 def report(t0: float, t_exit: float, rows: list[tuple[float, int, str]], sampler: Sampler,
-           bucket: float, cores: int, n: int) -> dict[str, float]:  # fmt: skip
+           bucket: float, cores: int, n: int, quiet: bool = False) -> dict[str, float]:  # fmt: skip
+    if quiet:
+        return totals(t0, t_exit, sampler, cores)
     root = sampler.root
     print(f"{'ms from launch':>14}  milestone")
     print(f"{0.0:14.1f}  launch (Popen)")
@@ -187,7 +219,19 @@ def report(t0: float, t_exit: float, rows: list[tuple[float, int, str]], sampler
         f" ({busy / (cores * wall) * 100:.0f}%), cores idle {idle:.3f} core-s,"
         f" other load {max(0.0, cores * wall - busy - idle):.3f} core-s"
     )  # fmt: skip
-    return {"wall": wall, "busy": busy, "idle": idle}
+    return totals(t0, t_exit, sampler, cores)
+
+
+def totals(t0: float, t_exit: float, sampler: Sampler, cores: int) -> dict[str, float]:
+    """wall s; CPU s of fastsend (supervisor + workers, each from its start) and
+    of fastsend + smtp-sink; idle core-s of the machine, over the run."""
+    if not sampler.samples:
+        return {"wall": t_exit - t0, "fastsend": 0.0, "busy": 0.0, "idle": 0.0}
+    first, last = sampler.samples[0][1], sampler.samples[-1][1]
+    fast = sum(v for k, v in last.items() if k == "supervisor" or k.startswith("worker")) / 1e9
+    sink = (last.get("smtp-sink", 0) - first.get("smtp-sink", 0)) / 1e9
+    idle = (last.get("machine idle", 0) - first.get("machine idle", 0)) / 1e9
+    return {"wall": t_exit - t0, "fastsend": fast, "busy": fast + sink, "idle": idle}
 
 
 def main() -> int:
@@ -200,6 +244,9 @@ def main() -> int:
     ap.add_argument("--bucket", type=float, default=0.1, help="s per row of the CPU table")
     ap.add_argument("--config", "-c", default="", help="a fastsend config file for the send")
     ap.add_argument("--sample", type=float, default=0.005, help="s between /proc samples")
+    ap.add_argument("--baseline", default="", metavar="DIR",
+                    help="A/B: interleave each run with the same send from DIR/src")
+    ap.add_argument("--quiet", action="store_true", help="no timeline, the figures only")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     workers = args.workers or cores
@@ -207,20 +254,57 @@ def main() -> int:
     print(compile_bytecode("fastsend"))
     print(f"settings: {args.messages} messages of ~{args.size} B, {workers} workers,"
           f" Postfix smtp-sink on 127.0.0.1, sampling every {args.sample * 1e3:.0f} ms")  # fmt: skip
+    sides = [("this", "")]
+    if args.baseline:
+        if not os.path.isdir(os.path.join(args.baseline, "src", "fastsend")):
+            raise SystemExit(f"--baseline {args.baseline}: no src/fastsend there")
+        sides.append(("baseline", args.baseline))
+        import compileall  # as compile_bytecode did for this checkout
+
+        if not compileall.compile_dir(os.path.join(args.baseline, "src", "fastsend"), quiet=1):
+            raise SystemExit(f"could not compile {args.baseline}/src/fastsend to bytecode")
+        print(f"A/B: this checkout ({os.path.dirname(os.path.dirname(HOOKS))}) and"
+              f" {os.path.abspath(args.baseline)}, interleaved (ABBA...)")  # fmt: skip
+    n = args.messages
+    figures: dict[str, list[dict[str, float]]] = {name: [] for name, _ in sides}
     ok = True
     with tempfile.TemporaryDirectory(prefix="fastsend-timeline-") as tmp:
-        camp, rcpts = write_inputs(tmp, args.messages, args.size)
+        camp, rcpts = write_inputs(tmp, n, args.size)
         sink = SmtpSink(free_port())
         try:
             for r in range(args.runs):
-                t0, t_exit, rows, sampler, got = run_once(
-                    camp, rcpts, sink, tmp, workers, str(r), args.sample, args.config
-                )
-                print(f"\n== run {r + 1}: sink counted {got} of {args.messages}")
-                ok = ok and got == args.messages
-                report(t0, t_exit, rows, sampler, args.bucket, cores, args.messages)
+                for name, tree in sides if r % 2 == 0 else sides[::-1]:
+                    t0, t_exit, rows, sampler, got = run_once(
+                        camp, rcpts, sink, tmp, workers, f"{name}-{r}", args.sample,
+                        args.config, tree,
+                    )  # fmt: skip
+                    ok = ok and got == n
+                    if not args.quiet:
+                        print(f"\n== run {r + 1} ({name}): sink counted {got} of {n}")
+                    t = report(t0, t_exit, rows, sampler, args.bucket, cores, n, args.quiet)
+                    dry, dry_mid = ready_shares(rows)
+                    f = {"msgs/s": got / t["wall"], "fastsend us/msg": t["fastsend"] / n * 1e6,
+                         "ready empty %": dry, "ready empty mid %": dry_mid,
+                         "idle core-s": t["idle"]}  # fmt: skip
+                    figures[name].append(f)
+                    print(f"run {r + 1} {name:>8}: sink counted {got} of {n}; "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in f.items()))  # fmt: skip
         finally:
             sink.close()
+    print(f"\nmedians [min-max] of {args.runs} run(s) each")
+    for name, runs in figures.items():
+        print(f"{name:>8}: " + ", ".join(
+            f"{k} {statistics.median(r[k] for r in runs):.1f}"
+            f" [{min(r[k] for r in runs):.1f}-{max(r[k] for r in runs):.1f}]"
+            for k in runs[0]))  # fmt: skip
+    if args.baseline and all(figures.values()):
+        med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+               for name, runs in figures.items()}  # fmt: skip
+        a, b = med["this"], med["baseline"]
+        print(f"ratio this/baseline: msgs/s {a['msgs/s'] / b['msgs/s']:.2f}x,"
+              f" fastsend CPU per message {a['fastsend us/msg'] / b['fastsend us/msg']:.2f}x")
+    if not ok:
+        print("a send was not counted in full by the sink", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -56,8 +56,8 @@ def test_default_window_covers_what_the_connections_keep_in_flight(tmp_path: Pat
     """[delivery] window = 0 (the default): each worker's window is
     WINDOW_PIPELINES times what its connections to one site can have in flight
     (max_connections per source IP x pipeline), never under WINDOW_MIN, so the
-    connections can be full with as much again rendered and ready; a window set
-    in the config is taken as it is."""
+    connections can be full with the next claim on its way and mail rendered
+    and ready; a window set in the config is taken as it is."""
     assert cfgmod.Config().delivery.window == 0
     four = make_config(
         tmp_path, ips={"source": [f"127.0.0.{i}" for i in range(2, 6)]}, workers={"count": 2}

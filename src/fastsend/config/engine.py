@@ -84,7 +84,7 @@ class IpsSection(Section):
 # [delivery] window = 0 (the default): a worker's window is this many times what
 # its connections to one site keep in flight, and never under WINDOW_MIN
 # (Config.window_for).
-WINDOW_PIPELINES = 4
+WINDOW_PIPELINES = 3
 WINDOW_MIN = 4000
 
 
@@ -92,7 +92,7 @@ class DeliveryConfig(Section):
     batch_size: PosInt = 200  # messages per ring record (supervisor -> worker)
     # Claimed-but-unanswered messages per worker (the active window: what a crash
     # may send twice). 0: sized per worker from what its connections keep in
-    # flight (Config.window_for: 4 x max_connections x pipeline x its source
+    # flight (Config.window_for: 3 x max_connections x pipeline x its source
     # IPs, at least WINDOW_MIN).
     window: NonNegInt = 0
     max_connections: PosInt = 16  # per (source IP, site)

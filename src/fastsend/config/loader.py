@@ -202,10 +202,12 @@ class Config:
         is 0, WINDOW_PIPELINES times what its connections to one site keep in
         flight (``max_connections`` per source IP x ``pipeline``), at least
         WINDOW_MIN. A window that only covers what is at the receiver leaves the
-        worker nothing rendered when replies come back: the other shares hold
-        as much again rendered and ready, the next claim on its way (a claim
-        waits for a quarter of the window) and what is answered but not yet
-        written to the spool (still counted: a crash would send it again)."""
+        worker nothing rendered when replies come back: the rest holds the next
+        claim on its way (a claim waits for a quarter of the window), what is
+        rendered and ready, and what is answered but not yet written to the
+        spool (still counted: a crash would send it again). A deeper ready
+        queue costs CPU (rendered bytes cold in cache when sent): see
+        docs/SCHEDULER.md for the measures."""
         d = self.delivery
         if d.window:
             return d.window
