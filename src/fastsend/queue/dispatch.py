@@ -42,7 +42,7 @@ class Dispatch(SupervisorState):
                 continue
             groups: dict[tuple[int, str], list[Claimed]] = {}
             window = slot.window
-            room = window - len(slot.inflight) - slot.unwritten
+            room = slot.room
             claimed = given.pop(slot.index, [])
             # Claim once a quarter of the window is free, not per answered batch:
             # a claim of ~window/4 messages groups into batches of several
@@ -69,7 +69,7 @@ class Dispatch(SupervisorState):
                 slot.inflight[c.id] = c
                 groups.setdefault((c.campaign, c.domain), []).append(c)
             if asked and self.pace_feed:  # the room this window still has open
-                self.note_room(slot, window - len(slot.inflight) - slot.unwritten)
+                self.note_room(slot, slot.room)
             groups = self.gate(slot, groups)
             if not groups:
                 continue
@@ -117,7 +117,7 @@ class Dispatch(SupervisorState):
         # A taker's room counts what a shared spool has claimed for it ahead
         # (spool.held): its window in flight stays within ``s.window``.
         takers = [
-            (s, s.window - len(s.inflight) - s.unwritten - self.spool.held(s.index))
+            (s, s.room - self.spool.held(s.index))
             for s in others
             if self.can_take(s) and s.index not in given
         ]

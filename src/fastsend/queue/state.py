@@ -57,6 +57,12 @@ class WorkerSlot:
     cpu_s: float = 0.0  # user + system CPU of this slot's workers that have exited
     window: int = 4000  # its active window (Config.window_for): claimed + unwritten at most
 
+    @property
+    def room(self) -> int:
+        """What its window can still take: the window less what it has claimed
+        and what was answered but not yet written."""
+        return self.window - len(self.inflight) - self.unwritten
+
 
 @dataclass
 class RunStats:
