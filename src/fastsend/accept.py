@@ -217,10 +217,11 @@ class Acceptor:
             return []
         now = time.time()
         tenant = self.tenant(campaign_id)
+        rcpts = [r[0] for r in rows]
         hits: set[str] = set()
         if self.suppression is not None and rows:
-            hits = self.suppression.contains_many([r[0] for r in rows], tenant=tenant)
-        gone = {i for i, r in enumerate(rows) if r[0] in hits} if hits else set()
+            hits = self.suppression.contains_many(rcpts, tenant=tenant)
+        gone = {i for i, r in enumerate(rcpts) if r in hits} if hits else set()
         stored, blobs = self._store_blobs(rows, now)
         ids = self.spool.add_messages(
             campaign_id, stored, now, suppressed=gone, ingest=ingest, idem=idem
@@ -230,7 +231,7 @@ class Acceptor:
         if committed is not None:
             committed(ids)
         if ids:
-            self.emit_accepted(campaign_id, ids, [r[0] for r in rows], gone, now)
+            self.emit_accepted(campaign_id, ids, rcpts, gone, now)
         if self.wake is not None and len(gone) < len(ids):
             self.wake()
         return ids
