@@ -375,6 +375,61 @@ def test_kill_9_during_ingest_and_delivery_then_resume(spool_url: str, tmp_path:
     assert [j.status for j in jobs] == ["done"] and jobs[0].accepted == n
 
 
+def test_events_of_a_batch_a_killed_reader_committed_are_told_by_the_next(
+    spool_url: str, tmp_path: Path
+) -> None:
+    """kill -9 of ``send`` once its list's 2nd batch is committed, before that
+    batch's "accepted" events: ``resume`` emits them (``"resumed": true``), so
+    every spooled row has its event; the rows of the other batches are told
+    once, by the reader that spooled them."""
+    n = 5000
+    path = tmp_path / "list.csv"
+    addrs = write_list(path, n, bad_at=(300,))
+    camp = write_campaign(tmp_path)
+    with SinkProcess() as sink:
+        host, port = sink.addresses[0]
+        common = ["--spool", spool_url, "--route", f"*={host}:{port}", "--workers", "1",
+                  "--json", "--no-progress", "--max-wait", "5"]  # fmt: skip
+        env = dict(os.environ, FASTSEND_TEST_FAULT="ingest-kill-after-commit:2")
+        env.pop("FASTSEND_NO_EXTENSIONS", None)
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(path), "--no-dkim", *common),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its workers, if any is left
+        except ProcessLookupError:
+            pass
+        _counts, jobs = _state(spool_url)
+        # The first chunk (256 rows) and the 2nd batch (2,000) are spooled; the
+        # job names the 2nd batch's ids as untold.
+        assert [(j.accepted, j.untold[1] - j.untold[0] + 1) for j in jobs] == [(2256, 2000)]
+        res = run_fastsend("resume", *common, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert summary(res)["delivered"] == n
+    assert "emitted the events of 2000 row(s)" in res.stderr
+    (log,) = tmp_path.rglob("events.jsonl")
+    events = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    told: dict[int, list[dict[str, Any]]] = {}
+    delivered: set[int] = set()
+    for e in events:
+        if e["event"] in ("accepted", "suppressed"):
+            told.setdefault(e["id"], []).append(e)
+        elif e["event"] == "delivered":
+            delivered.add(e["id"])
+    assert len(delivered) == n and set(told) == delivered  # every row told
+    assert {e["rcpt"] for es in told.values() for e in es} == set(addrs)
+    assert all(len(es) == 1 for es in told.values())  # once: the clear was not lost
+    resumed = sorted(mid for mid, es in told.items() if es[0].get("resumed"))
+    first, last = jobs[0].untold
+    assert resumed == list(range(first, last + 1))
+    _counts, jobs = _state(spool_url)
+    assert [(j.status, j.untold) for j in jobs] == [("done", (0, 0))]
+
+
 def test_a_list_changed_while_read_stops_before_its_changed_rows(
     spool_url: str, tmp_path: Path
 ) -> None:

@@ -20,7 +20,10 @@ arrives:
    its row count, and the last committed source line, written in the same
    transaction as each batch), so a crash in the middle of a list resumes
    where the last batch ended (``fastsend resume``) instead of silently
-   dropping the rest; :func:`source_problem` says when the file changed.
+   dropping the rest; :func:`source_problem` says when the file changed. The
+   job also names its last batch's ids until that batch's events are out, so
+   a reader killed between the commit and the events has them emitted by the
+   next one (:meth:`Acceptor.retell`, marked ``"resumed": true``).
 
 It never renders, never speaks SMTP and never decides delivery: that is the
 engine's (``queue/``), woken through the ``wake`` callback.
@@ -29,8 +32,10 @@ engine's (``queue/``), woken through the ``wake`` callback.
 from __future__ import annotations
 
 import hashlib
+import logging
 import operator
 import os
+import signal
 import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
@@ -41,6 +46,27 @@ from fastsend.message import Campaign
 from fastsend.spool import IdemMark, IngestJob, IngestMark, Spool
 from fastsend.suppression import DEFAULT_TENANT, SuppressionList
 from fastsend.wire import MAX_RECORD, CampaignSpec, blob_ref, encoder
+
+log = logging.getLogger("fastsend.accept")
+
+# Tests only (inert when unset): FASTSEND_TEST_FAULT=ingest-kill-after-commit:N
+# kills this process (SIGKILL) once the N-th batch a list job reads here is
+# committed, before its events are emitted.
+_FAULT = os.environ.get("FASTSEND_TEST_FAULT", "")
+
+
+def _fault_after_commit() -> Callable[[list[int]], None] | None:
+    name, _, arg = _FAULT.partition(":")
+    if name != "ingest-kill-after-commit":
+        return None
+    left = [int(arg or 1)]
+
+    def hook(_ids: list[int]) -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 CHUNK = 2000  # rows per spool transaction of a list ingest
 # Rows of the first transaction of `send`'s list: delivery starts after it (the
@@ -168,6 +194,9 @@ class Acceptor:
         self.events = events
         self.suppression = suppression
         self.wake = wake
+        # The per-message event index (serve's EventIndex / RedisEventIndex), if
+        # any: what :meth:`retell` asks which rows' events are already out.
+        self.index: Any = None
         self._tenants: dict[int, str] = {}
 
     # -- campaigns -------------------------------------------------------------
@@ -262,6 +291,36 @@ class Acceptor:
         self.events.emit_many(evs)
         self.events.flush()
 
+    def retell(self, campaign_id: int, ids: Collection[int], why: str, index: Any = None) -> int:
+        """Emit, with ``"resumed": true``, the "accepted" / "suppressed" events
+        of spooled rows an earlier process committed and died before telling
+        (``why`` names them in the log); returns how many. With an event index
+        (``index``, else :attr:`index`), only the rows it lacks; without one, all of them: events are at least
+        once (a process killed between its log line and what recorded it as
+        told has those lines twice, never none)."""
+        index = index if index is not None else self.index
+        have = index.logged(ids, ("accepted", "suppressed")) if index is not None else set()
+        miss: list[int] = []
+        rcpts: list[str] = []
+        gone: list[int] = []
+        for mid in ids:
+            if mid in have:
+                continue
+            m = self.spool.message(mid)
+            if m is None:  # gone already (swept): nothing to tell
+                continue
+            if m["state"] == "suppressed":
+                gone.append(len(miss))
+            miss.append(mid)
+            rcpts.append(str(m["rcpt"]))
+        if miss:
+            self.emit_accepted(campaign_id, miss, rcpts, gone, time.time(), resumed=True)
+            log.warning(
+                "%s: emitted the events of %d row(s) it spooled and died before telling",
+                why, len(miss),
+            )  # fmt: skip
+        return len(miss)
+
     def _store_blobs(self, rows: list[Row], now: float) -> tuple[list[Row], dict[str, list[int]]]:
         """``rows`` with each body worth sharing replaced by a reference to a blob
         stored (durably) before the rows; and which rows hold each blob. Rows are
@@ -325,6 +384,11 @@ class Acceptor:
         :class:`~fastsend.spool.IngestBusy` names the live one), and released
         once done; a holder that dies leaves nothing that blocks."""
         self.spool.hold_ingest(job.id)  # a no-op for the job's creator, who holds it
+        if job.untold != (0, 0):  # a reader died between a batch's commit and its events
+            first, last = job.untold
+            self.retell(job.campaign, range(first, last + 1), f"list ingest job {job.id}")
+            self.spool.told_ingest(job.id)
+        hook = _fault_after_commit() if _FAULT else None
         path = str(job.source["path"])
         # Read as delivery makes room (send's feeder is paced), so the file may be
         # rewritten meanwhile: each batch is checked against the file as it was
@@ -341,7 +405,8 @@ class Acceptor:
             _check_unchanged(path, opened, committed)
             accepted += len(b.rows)
             mark = IngestMark(job.id, b.line, accepted, rejected)
-            self.accept(job.campaign, b.rows, ingest=mark)
+            self.accept(job.campaign, b.rows, ingest=mark, committed=hook)
+            self.spool.told_ingest(job.id)  # the batch's events are out (accept flushed them)
             committed = b.line
             if b.last:
                 self.spool.finish_ingest(job.id, "done")

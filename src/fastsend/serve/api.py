@@ -188,6 +188,10 @@ class Api:
             ctx.event_index() if hasattr(ctx, "event_index") else EventIndex(ctx.config.spool_dir)
         )
         ctx.events.listeners.append(self.index.listener)
+        # An upload's reader that died between a batch's commit and its events:
+        # the next one asks this index which events are missing (Acceptor.retell).
+        if getattr(ctx, "acceptor", None) is not None:
+            ctx.acceptor.index = self.index
         self.limits: dict[str, Gcra] = {}
         self.metrics: Any = None  # fastsend.serve.metrics.Metrics, when serving
 

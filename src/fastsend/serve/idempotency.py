@@ -191,28 +191,7 @@ class IdemRun:
         between writing the log line and indexing it has its lines twice."""
         if self.index is None or not ids:
             return
-        have = self.index.logged(ids, ("accepted", "suppressed"))
-        if len(have) == len(ids):
-            return
-        miss: list[int] = []
-        rcpts: list[str] = []
-        gone: list[int] = []
-        for mid in ids:
-            if mid in have:
-                continue
-            m = self.spool.message(mid)
-            if m is None:  # gone already (swept): nothing to tell
-                continue
-            if m["state"] == "suppressed":
-                gone.append(len(miss))
-            miss.append(mid)
-            rcpts.append(str(m["rcpt"]))
-        if miss:
-            ctx.acceptor.emit_accepted(campaign_id, miss, rcpts, gone, time.time(), resumed=True)
-            log.warning(
-                "%s: emitted the events of %d row(s) an earlier attempt spooled and died"
-                " before telling", HEADER, len(miss),
-            )  # fmt: skip
+        ctx.acceptor.retell(campaign_id, ids, f"{HEADER}: an earlier attempt", self.index)
 
     def spooled(self, campaign_id: int) -> int:
         """Rows of ``campaign_id`` earlier attempts of this request spooled."""

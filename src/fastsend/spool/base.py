@@ -253,6 +253,10 @@ class IngestJob:
     rejected: int = 0
     status: str = "running"  # running / done / abandoned
     created: float = 0.0
+    # (first, last) ids of the last committed batch while its "accepted" /
+    # "suppressed" events may not have been emitted: set in the batch's
+    # transaction, cleared (told_ingest) once they are flushed; (0, 0) if none.
+    untold: tuple[int, int] = (0, 0)
 
     @property
     def finished(self) -> bool:
@@ -517,6 +521,12 @@ class Spool(abc.ABC):
     def finish_ingest(self, job_id: int, status: str) -> None:
         """Mark a job done (the whole source was read) or abandoned (the rest
         of its source will never be accepted)."""
+
+    @abc.abstractmethod
+    def told_ingest(self, job_id: int) -> None:
+        """The events of the job's last committed batch are out: clear its
+        ``untold`` ids (the rows' transaction set them). No sync needed: a
+        clear lost to a crash only tells those events again."""
 
     # One reader per ingest job: two processes reading on from the same line
     # would spool its rows twice. ``create_ingest`` holds the new job for its
@@ -880,6 +890,9 @@ class SpoolProxy(Spool):
 
     def finish_ingest(self, job_id: int, status: str) -> None:
         self.inner.finish_ingest(job_id, status)
+
+    def told_ingest(self, job_id: int) -> None:
+        self.inner.told_ingest(job_id)
 
     def meta_once(self, key: str, value: str) -> str:
         return self.inner.meta_once(key, value)

@@ -45,8 +45,9 @@ sends from it; ``P:meta`` facts about the spool (:meth:`meta_once`); ``P:b:HEX``
 ``spool/idem.lua``, expiring with the key's ttl; its parts are written in the
 MULTI/EXEC of their rows, which WATCHes it) and ``P:idem:HEX:lease`` its
 running holder's lease;
-``P:ing:JOB`` a hash per list-ingest job (its position is written in the same
-MULTI/EXEC as the batch of rows it describes), ``P:ings`` their ids,
+``P:ing:JOB`` a hash per list-ingest job (its position, and the ids of the
+batch whose events are not told yet, are written in the same MULTI/EXEC as the
+batch of rows it describes), ``P:ings`` their ids,
 ``P:ings:run`` the ids of the running ones (what a serve polls for upload
 jobs whose reader died).
 
@@ -423,6 +424,8 @@ class RedisSpool(Spool):
                     "line": ingest.line,
                     "accepted": ingest.accepted,
                     "rejected": ingest.rejected,
+                    # its rows' events are untold until told_ingest
+                    "untold": b"%d %d" % ((ids[0], ids[-1]) if ids else (0, 0)),
                 },
             )
         try:
@@ -992,6 +995,7 @@ class RedisSpool(Spool):
             rejected=int(h[b"rejected"]),
             status=_s(h[b"status"]),
             created=float(h[b"created"]),
+            untold=tuple(map(int, h.get(b"untold", b"0 0").split())),  # type: ignore[arg-type]
         )
 
     def get_ingest(self, job_id: int) -> IngestJob | None:
@@ -1023,6 +1027,11 @@ class RedisSpool(Spool):
         if self.r.exists(key):
             self.r.hset(key, "status", status)
         self.r.zrem(f"{self.k}:ings:run", int(job_id))  # P:ings:run: the running ones
+
+    def told_ingest(self, job_id: int) -> None:
+        key = f"{self.k}:ing:{int(job_id)}"
+        if self.r.exists(key):
+            self.r.hset(key, "untold", b"0 0")
 
     def hold_ingest(self, job_id: int) -> None:
         """A lease key (``lease`` seconds, renewed by :meth:`renew`) naming this

@@ -138,7 +138,9 @@ CREATE TABLE IF NOT EXISTS ingests (
     accepted INTEGER NOT NULL DEFAULT 0,
     rejected INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL DEFAULT 'running',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    untold_first INTEGER NOT NULL DEFAULT 0,
+    untold_last INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant TEXT NOT NULL,
@@ -209,11 +211,22 @@ def _campaign_runs(db: sqlite3.Connection) -> None:
 
 
 def _idem_columns(db: sqlite3.Connection) -> None:
-    """A spool made before idempotency records had a lease and parts: add them."""
-    have = {r[1] for r in db.execute("PRAGMA table_info(idempotency)")}
-    for col, decl in (("lease", "REAL NOT NULL DEFAULT 0"), ("parts", "BLOB NOT NULL DEFAULT x''")):
-        if col not in have:
-            db.execute(f"ALTER TABLE idempotency ADD COLUMN {col} {decl}")
+    """A spool made before idempotency records had a lease and parts, or before
+    ingest jobs kept their untold batch: add them."""
+    for table, cols in (
+        (
+            "idempotency",
+            (("lease", "REAL NOT NULL DEFAULT 0"), ("parts", "BLOB NOT NULL DEFAULT x''")),
+        ),
+        ("ingests", (("untold_first", _ZERO), ("untold_last", _ZERO))),
+    ):
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        for col, decl in cols:
+            if col not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+
+
+_ZERO = "INTEGER NOT NULL DEFAULT 0"
 
 
 def _sizes(n: int) -> Iterator[int]:
@@ -475,11 +488,13 @@ class SQLiteSpool(Spool):
                         "INSERT INTO campaign_rows(campaign, first, last) VALUES (?, ?, ?)",
                         (campaign_id, first, end),
                     )
-            if ingest is not None:
+            if ingest is not None:  # its rows' events are untold until told_ingest
                 db.execute(
-                    "UPDATE ingests SET line=?, accepted=?, rejected=? WHERE id=?",
-                    (ingest.line, ingest.accepted, ingest.rejected, ingest.job),
-                )
+                    "UPDATE ingests SET line=?, accepted=?, rejected=?, untold_first=?,"
+                    " untold_last=? WHERE id=?",
+                    (ingest.line, ingest.accepted, ingest.rejected,
+                     first if rows else 0, first + len(rows) - 1 if rows else 0, ingest.job),
+                )  # fmt: skip
         t = self._tallies.get(campaign_id)
         if t is not None:
             if state == QUEUED:
@@ -969,7 +984,11 @@ class SQLiteSpool(Spool):
 
     # -- list ingest jobs ----------------------------------------------------
 
-    _INGEST_COLS = "id, campaign, source, total, line, accepted, rejected, status, created"
+    _INGEST_COLS = (
+        "id, campaign, source, total, line, accepted, rejected, status, created,"
+        " untold_first, untold_last"
+    )
+    _INGEST_COLS_OLD = "id, campaign, source, total, line, accepted, rejected, status, created, 0, 0"
 
     @staticmethod
     def _ingest(row: tuple[Any, ...]) -> IngestJob:
@@ -983,6 +1002,7 @@ class SQLiteSpool(Spool):
             rejected=int(row[6]),
             status=str(row[7]),
             created=float(row[8]),
+            untold=(int(row[9]), int(row[10])),
         )
 
     def create_ingest(self, campaign_id: int, source: dict[str, Any], total: int) -> int:
@@ -1007,29 +1027,33 @@ class SQLiteSpool(Spool):
             db.execute("PRAGMA synchronous=NORMAL")
         return job_id
 
+    def _ingests(self, where: str, args: tuple[Any, ...] = ()) -> list[IngestJob]:
+        for cols in (self._INGEST_COLS, self._INGEST_COLS_OLD):
+            try:
+                rows = self.db.execute(f"SELECT {cols} FROM ingests{where}", args).fetchall()
+            except sqlite3.OperationalError:
+                # A read-only view of a spool older than ingests, or than their
+                # untold batch (their events were told, as that version did).
+                continue
+            return [self._ingest(r) for r in rows]
+        return []
+
     def get_ingest(self, job_id: int) -> IngestJob | None:
-        try:
-            row = self.db.execute(
-                f"SELECT {self._INGEST_COLS} FROM ingests WHERE id=?", (job_id,)
-            ).fetchone()
-        except sqlite3.OperationalError:  # a read-only view of a spool older than ingests
-            return None
-        return None if row is None else self._ingest(row)
+        jobs = self._ingests(" WHERE id=?", (job_id,))
+        return jobs[0] if jobs else None
 
     def list_ingests(self, *, unfinished: bool = False) -> list[IngestJob]:
-        where = " WHERE status='running'" if unfinished else ""
-        try:
-            rows = self.db.execute(
-                f"SELECT {self._INGEST_COLS} FROM ingests{where} ORDER BY id"
-            ).fetchall()
-        except sqlite3.OperationalError:
-            return []
-        return [self._ingest(r) for r in rows]
+        return self._ingests((" WHERE status='running'" if unfinished else "") + " ORDER BY id")
 
     def finish_ingest(self, job_id: int, status: str) -> None:
         if status not in INGEST_STATUSES[1:]:
             raise ValueError(f"bad ingest status {status!r}")
         self.db.execute("UPDATE ingests SET status=? WHERE id=?", (status, job_id))
+
+    def told_ingest(self, job_id: int) -> None:
+        self.db.execute(
+            "UPDATE ingests SET untold_first=0, untold_last=0 WHERE id=?", (int(job_id),)
+        )
 
     # -- idempotency keys (see Spool.idem_begin) -------------------------------
 
