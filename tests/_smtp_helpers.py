@@ -7,7 +7,8 @@
   thread) with a handler that refuses recipients whose local part starts with
   "reject" and records the peer address and every message.
 - :func:`client_class`: ``SMTPClient`` over either twin of its core, for the
-  ``impl`` fixture ("py": the reference, "c": the compiled ``ClientCore``).
+  ``impl`` fixture ("py": the reference, "c": the compiled ``ClientCore``);
+  :func:`link_class`: the transport's ``Link`` protocol, either twin.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ def client_class(impl: str) -> Any:
     if impl == "py":
         return cl.PySMTPClient
     return type("SMTPClient", (cl._Commands, _accel.compiled("ClientCore")), {})
+
+
+def link_class(impl: str) -> Any:
+    """The transport's ``Link`` (asyncio protocol): the reference ("py") or the
+    compiled twin ("c")."""
+    from fastsend.smtp import transport as tr
+
+    return tr.PyLink if impl == "py" else _accel.compiled("Link")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trustme
 
-from _smtp_helpers import FaultServer, aiosmtpd_server, client_class
+from _smtp_helpers import FaultServer, aiosmtpd_server, client_class, link_class
 from conftest import EximServer, free_port, require_program, wait_port
 from fastsend.outcome import Envelope, Outcome
 from fastsend.smtp import ConnectOptions, SMTPConnection, Timeouts, connect
@@ -44,8 +44,10 @@ def envs(n: int, rcpts: tuple[str, ...] = ("a@example.com",)) -> list[Envelope]:
 
 @pytest.fixture(autouse=True)
 def client_twin(impl: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The connections made here run the reference client or the compiled core."""
+    """The connections made here run the reference client and link, or the
+    compiled core and link."""
     monkeypatch.setattr(tr, "SMTPClient", client_class(impl))
+    monkeypatch.setattr(tr, "Link", link_class(impl))
     return impl
 
 

@@ -664,6 +664,9 @@ cdef class ClientCore:
 
     # ------------------------------------------------------------------- input
     def receive_data(self, bytes data not None):
+        return self._receive(data)
+
+    cdef list _receive(self, bytes data):
         cdef tuple reply, entry
         cdef int kind, code
         cdef Py_ssize_t i
@@ -926,3 +929,159 @@ cdef class ClientCore:
         self._need_rset = False
         self._group_open = False
         self._auth = []
+
+
+# ---------------------------------------------------------------------------
+# Link: compiled twin of fastsend.smtp.transport.Link (the reference), the
+# asyncio protocol between a connection's socket and its SMTP client. Every
+# server read goes through data_received: with the compiled ClientCore as the
+# client, the reply parse, the reaction's bytes and the events are C calls
+# here, and the events are sorted (results, command replies, waiters) without
+# a Python frame per read or per event. Same attributes, methods and waiters
+# as the reference, which SMTPConnection and connect() drive alike.
+
+cdef str _C_UNSOLICITED = "unsolicited"
+
+
+cdef class Link:
+    """Compiled twin of fastsend.smtp.transport.Link (an asyncio protocol)."""
+
+    cdef public object client, loop, timeouts, transport
+    cdef public list results
+    cdef public Py_ssize_t want
+    cdef public object batch_waiter, cmd_waiter, early, timer
+    cdef public double last, tick
+    cdef public str lost_reason
+    cdef ClientCore _core  # the client when it is the compiled core (else None)
+    cdef object _time  # loop.time
+
+    def __init__(self, client, loop, t):
+        _client_types()
+        self.client = client
+        self._core = client if isinstance(client, ClientCore) else None
+        self.loop = loop
+        self._time = loop.time
+        self.timeouts = t
+        self.transport = None
+        self.results = []
+        self.want = 0
+        self.batch_waiter = None
+        self.cmd_waiter = None
+        self.early = None
+        self.last = loop.time()
+        self.timer = None
+        self.tick = min(t.mail, t.rcpt, t.data, t.data_end)
+        self.lost_reason = ""
+
+    # asyncio callbacks --------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        cdef ClientCore core = self._core
+        cdef list events
+        cdef bytes out
+        try:
+            if core is not None:
+                events = core._receive(data)
+            else:
+                events = self.client.receive_data(data)
+        except Exception as exc:
+            if not isinstance(exc, _c_Remote):
+                raise
+            self.fail(f"protocol error from server: {exc}")
+            return
+        out = core._take_out() if core is not None else self.client.data_to_send()
+        if PyBytes_GET_SIZE(out):
+            self.transport.write(out)
+        self.last = self._time()
+        if events:
+            self._dispatch(events)
+
+    def connection_lost(self, exc):
+        if not self.lost_reason:
+            self.lost_reason = f"connection lost: {exc}" if exc else "connection closed by server"
+        self.finish(self.client.connection_lost(self.lost_reason))
+
+    def eof_received(self):
+        return None  # close the transport; connection_lost follows
+
+    def pause_writing(self):
+        pass  # (asyncio.BaseProtocol's defaults: a batch's size bounds the buffer)
+
+    def resume_writing(self):
+        pass
+
+    # plumbing -----------------------------------------------------------------
+    def dispatch(self, events):
+        self._dispatch(events)
+
+    cdef int _dispatch(self, list events) except -1:
+        cdef list results = self.results
+        for ev in events:
+            if type(ev) is _c_TxnResult:
+                results.append(ev)
+            elif (<tuple>ev)[0] != _C_UNSOLICITED:
+                w = self.cmd_waiter
+                if w is not None and not w.done():
+                    self.cmd_waiter = None
+                    w.set_result(ev)
+                else:
+                    self.early = ev
+        w2 = self.batch_waiter
+        if w2 is not None and len(results) >= self.want and not w2.done():
+            self.batch_waiter = None
+            w2.set_result(None)
+        return 0
+
+    def finish(self, events):
+        """After the connection died: deliver outcomes, release every waiter."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._dispatch(events)
+        w = self.cmd_waiter
+        if w is not None and not w.done():
+            self.cmd_waiter = None
+            w.set_result(_c_CommandDone("lost", 0, "", self.lost_reason))
+        w2 = self.batch_waiter
+        if w2 is not None and not w2.done():
+            self.batch_waiter = None
+            w2.set_result(None)
+
+    def fail(self, reason):
+        """Give up on the connection: defer what is pending, abort the socket."""
+        if not self.lost_reason:
+            self.lost_reason = reason
+        self.finish(self.client.connection_lost(self.lost_reason))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def write(self, wire):
+        """Write commands; starts the reply clock when we were idle."""
+        cdef double now = self._time()
+        cdef double deadline
+        if self.timer is None:
+            self.last = now
+        deadline = self.last + self.timeouts.for_stage(self.client.expecting or "ehlo")
+        if self.timer is None or self.timer.when() > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.arm(min(deadline - now, self.tick))
+        if wire:
+            self.transport.write(wire)
+
+    def arm(self, delay):
+        self.timer = self.loop.call_later(delay, self.check_timeout)
+
+    def check_timeout(self):
+        self.timer = None
+        stage = self.client.expecting
+        if not stage or self.client.state == _C_CLOSED:
+            return  # idle: nothing is waited for
+        limit = self.timeouts.for_stage(stage)
+        waited = self._time() - self.last
+        if waited >= limit:
+            self.fail(f"timeout: no reply to {stage} after {limit:g} s")
+        else:
+            self.arm(min(limit - waited, self.tick))

@@ -27,8 +27,9 @@ import ssl
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from fastsend._accel import pick
 from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
 from fastsend.smtp.client import CLOSED, READY, CommandDone, Event, SMTPClient
 from fastsend.smtp.errors import RemoteProtocolError
@@ -125,8 +126,13 @@ def _default_context(mode: TLSMode) -> ssl.SSLContext:
     return ctx
 
 
-class _Link(asyncio.Protocol):
-    """Moves bytes between the socket and the sans-I/O client; resolves waiters."""
+class Link(asyncio.Protocol):
+    """Moves bytes between the socket and the sans-I/O client; resolves waiters.
+
+    The reference of the compiled twin of the same name in ``fastsend._core``
+    (``_smtp.pxi``), which is picked below: every server read of every
+    connection runs ``data_received``, so per message it is the client's glue.
+    The tests run every transport test over both (with the client twins)."""
 
     def __init__(self, client: SMTPClient, loop: asyncio.AbstractEventLoop, t: Timeouts) -> None:
         self.client = client
@@ -243,10 +249,16 @@ class _Link(asyncio.Protocol):
             self.arm(min(limit - waited, self.tick))
 
 
+# The reference stays reachable for the tests; the picked twin is the one used.
+PyLink = Link
+if not TYPE_CHECKING:
+    Link = pick(PyLink)
+
+
 class SMTPConnection:
     """One open SMTP session, ready for transactions. Create with :func:`connect`."""
 
-    def __init__(self, opts: ConnectOptions, client: SMTPClient, link: _Link) -> None:
+    def __init__(self, opts: ConnectOptions, client: SMTPClient, link: Link) -> None:
         self.options = opts
         self.mx = client.mx
         self._client = client
@@ -417,7 +429,7 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
     except BaseException:
         sock.close()  # a bad EHLO name is our error: do not leak the socket
         raise
-    link = _Link(client, loop, t)
+    link = Link(client, loop, t)
     if opts.implicit_tls:
         ctx = opts.ssl_context or _default_context("required" if tls == "required" else tls)
         try:
@@ -482,7 +494,7 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
 async def _start_tls(
     loop: asyncio.AbstractEventLoop,
     conn: SMTPConnection,
-    link: _Link,
+    link: Link,
     client: SMTPClient,
     opts: ConnectOptions,
 ) -> str:
