@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
+import os
 import socket
 import ssl
 import sys
@@ -391,11 +393,35 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, opts: ConnectOptions) ->
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((opts.source_ip, 0))
-        await loop.sock_connect(sock, addr)
+        await _sock_connect(loop, sock, addr)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def _sock_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple) -> None:
+    """``loop.sock_connect`` of a resolved address, without its look-up: uvloop's
+    looks the address up again (getaddrinfo in its thread pool: a thread
+    wake-up per connection, even for a numeric address). A non-blocking
+    connect, then a wait for the socket to be writable, as asyncio does."""
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"Connect call failed {addr}: {os.strerror(err)}")
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def connect(opts: ConnectOptions) -> SMTPConnection | Outcome:
