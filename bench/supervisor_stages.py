@@ -104,6 +104,8 @@ class TimedEvents:
 
     def __init__(self, events: Any, clock: Clock) -> None:
         self.emit_many = clock.wrap("accept events", events.emit_many)
+        if hasattr(events, "emit_rows"):  # a tree with Rows batches (accepted events)
+            self.emit_rows = clock.wrap("accept events", events.emit_rows)
         self.flush = clock.wrap("accept events", events.flush)
 
 
@@ -177,7 +179,14 @@ def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
     sup.push_backlog = clock.wrap("batch encode", sup.push_backlog)  # type: ignore[method-assign]
     sup.apply = clock.wrap("apply", sup.apply)  # type: ignore[method-assign]
     events.emit_many = clock.wrap("event JSON", events.emit_many)  # type: ignore[method-assign]
-    events.listeners[:] = [clock.wrap("listeners", fn) for fn in events.listeners]
+    if hasattr(events, "emit_rows"):
+        events.emit_rows = clock.wrap("event JSON", events.emit_rows)  # type: ignore[method-assign]
+    on_rows = getattr(events, "rows_listeners", {})  # listeners' own handlers of Rows batches
+    timed = [clock.wrap("listeners", fn) for fn in events.listeners]
+    for fn, wrapped in zip(events.listeners, timed, strict=True):
+        if fn in on_rows:
+            on_rows[wrapped] = clock.wrap("listeners", on_rows.pop(fn))
+    events.listeners[:] = timed
     dispatch = clock.wrap("dispatch other", sup.dispatch)
     drain = clock.wrap("results decode", sup.drain_outbox)
     # The loop's flush (writes once enough outcomes wait; older trees: every round).

@@ -184,6 +184,38 @@ def test_compiled_count_events_is_its_reference_twin() -> None:
         assert got[0][0] and got[0][1] and (got[0][2] is None) != remember
 
 
+def test_rows_count_as_their_dicts() -> None:
+    """count_accepted / count_delivered (both twins) count and remember a Rows
+    batch exactly as count_events counts the batch's dicts."""
+    from fastsend import _accel, wire
+    from fastsend.analytics import rollup
+    from fastsend.events import AcceptedRows, DeliveredRows
+    from fastsend.spool import Claimed
+
+    t0 = 1_700_000_000.5
+    rcpts = ["a@b.example", "C@D.Example", "noat", "@@", "x@y@z.example", "ü@例え.jp"] * 9
+    acc_rows = AcceptedRows(t0, 3, "acme", list(range(len(rcpts))), rcpts)
+    dl = DeliveredRows(t0 + 61)
+    for i, r in enumerate(rcpts):
+        dl.claims.append(Claimed(100 + i, i % 3, r, "d", b"{}", i % 2, t0))
+        dl.results.append(wire.Res(100 + i, 0, 250, "2.0.0", "ok", "" if i % 4 else "mx.b.example",
+                                   f"127.0.0.{i % 3}" if i % 5 else "", queue_id="q"))  # fmt: skip
+    for remember in (True, False):
+        want_acc: dict[Any, list[int]] = {}
+        want_mem: list[Any] | None = [] if remember else None
+        for batch in (acc_rows, dl):
+            rollup.py_count_events(batch.dicts(), want_acc, [], want_mem, rollup._PLAIN,
+                                   rollup._SPECIAL, rollup.NC, 1.0)  # fmt: skip
+        for ca, cd in ((rollup.py_count_accepted, rollup.py_count_delivered),
+                       (_accel.compiled("count_accepted"), _accel.compiled("count_delivered"))):
+            acc: dict[Any, list[int]] = {}
+            mem: list[Any] | None = [] if remember else None
+            ca(acc_rows.time, 3, "acme", rcpts, acc, rollup.NC, rollup._ACCEPTED)
+            cd(dl.time, dl.claims, dl.results, acc, mem, rollup.NC, rollup._DELIVERED)
+            assert acc == want_acc and mem == want_mem
+        assert want_acc and (want_mem is None) != remember
+
+
 def test_unique_counts_survive_a_restart(tmp_path: Path) -> None:
     now = time.time()
     ev = {"time": now, "event": "opened", "id": 7, "campaign": 1, "tenant": "acme",

@@ -15,6 +15,7 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _msgid.pxi       message-id tokens, HMAC-SHA256 on libcrypto (fastsend.msgid)
 - _rollup.pxi      the analytics listener's count per event (fastsend.analytics.rollup)
 - _address.pxi     recipient address normalization, the plain case (fastsend.address)
+- _events.pxi      JSON lines of accepted/delivered events from columns (fastsend.events)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -33,3 +34,4 @@ include "_sink.pxi"
 include "_msgid.pxi"
 include "_rollup.pxi"
 include "_address.pxi"
+include "_events.pxi"

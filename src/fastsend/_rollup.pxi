@@ -1,6 +1,7 @@
-# _rollup.pxi: compiled twin of fastsend.analytics.rollup.count_events (the pure
-# version there is the reference; the same counts, special entries and
-# remembered deliveries for every batch of events).
+# _rollup.pxi: compiled twins of fastsend.analytics.rollup.count_events,
+# count_accepted and count_delivered (the pure versions there are the
+# references; the same counts, special entries and remembered deliveries for
+# every batch of events, as dicts or as fastsend.events Rows columns).
 #
 # The rollup listener sees every event of the supervisor twice per message
 # (accepted, delivered): per event a few dict look-ups, a key tuple and a
@@ -65,5 +66,52 @@ def count_events(list events, dict acc, list special, remember, dict plain, dict
             row[k] += 1
         if remember is not None and k == 1:
             mid = _ev_get(e, "id")
+            if mid is not None:
+                remember.append((mid, t, key))
+
+
+cdef inline object _rcpt_domain(object rcpt):
+    cdef Py_ssize_t at
+    if type(rcpt) is str:
+        at = (<str>rcpt).rfind("@")
+        return (<str>rcpt)[at + 1:]
+    return ""
+
+
+cdef inline void _bump(dict acc, object key, Py_ssize_t nc, object k) except *:
+    cdef object row = acc.get(key)
+    cdef list lrow
+    cdef Py_ssize_t ki
+    if row is None:
+        row = [0] * nc
+        acc[key] = row
+    if type(row) is list and type(k) is int:
+        lrow = <list>row
+        ki = <Py_ssize_t>k
+        lrow[ki] = lrow[ki] + 1
+    else:
+        row[k] += 1
+
+
+def count_accepted(t, campaign, tenant, list rcpts, dict acc, Py_ssize_t nc, k):
+    cdef object minute = int(t) // 60
+    cdef object rcpt
+    for rcpt in rcpts:
+        _bump(acc, (minute, campaign, tenant, "", "", _rcpt_domain(rcpt)), nc, k)
+
+
+def count_delivered(t, list claims, list results, dict acc, remember, Py_ssize_t nc, k):
+    cdef object minute = int(t) // 60
+    cdef object c, r, key, mid
+    cdef Py_ssize_t i, n = len(claims)
+    if len(results) != n:
+        raise ValueError("count_delivered: claims and results differ in length")
+    for i in range(n):
+        c = claims[i]
+        r = results[i]
+        key = (minute, c.campaign, None, r.mx or "", r.source_ip or "", _rcpt_domain(c.rcpt))
+        _bump(acc, key, nc, k)
+        if remember is not None:
+            mid = c.id
             if mid is not None:
                 remember.append((mid, t, key))

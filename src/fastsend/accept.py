@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from fastsend import recipients
-from fastsend.events import EventLog
+from fastsend.events import AcceptedRows, EventLog, accepted_dicts
 from fastsend.message import Campaign
 from fastsend.spool import IdemMark, IngestJob, IngestMark, Spool
 from fastsend.suppression import DEFAULT_TENANT, SuppressionList
@@ -272,17 +272,11 @@ class Acceptor:
         """The "accepted" event of each spooled row ("suppressed" for the indexes
         in ``gone``), to the log and its listeners, flushed."""
         tenant = self.tenant(campaign_id)
-        evs = [
-            {
-                "time": now,
-                "event": "accepted",
-                "id": mid,
-                "campaign": campaign_id,
-                "tenant": tenant,
-                "rcpt": rcpt,
-            }
-            for mid, rcpt in zip(ids, rcpts, strict=True)
-        ]
+        if not gone and not extra:  # every row accepted: columns, no dict per event
+            self.events.emit_rows([AcceptedRows(now, campaign_id, tenant, ids, rcpts)])
+            self.events.flush()
+            return
+        evs = accepted_dicts(now, campaign_id, tenant, ids, rcpts)
         for i in gone:
             evs[i]["event"] = "suppressed"
         if extra:

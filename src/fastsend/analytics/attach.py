@@ -54,5 +54,5 @@ def attach(
         provider_of=policy_provider(config),
         settings=settings,
     )
-    events.listeners.append(r.listener)
+    events.listen(r.listener, rows=r.rows)
     return r

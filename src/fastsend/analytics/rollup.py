@@ -59,6 +59,7 @@ from fastsend.analytics.machine import MachineRules, load_machine_rules
 from fastsend.analytics.store import ALL, IDX, NC, RollupStore
 from fastsend.config import Config
 from fastsend.config.analytics import AnalyticsSettings
+from fastsend.events import AcceptedRows, DeliveredRows, Rows
 
 log = logging.getLogger("fastsend.analytics")
 
@@ -91,7 +92,7 @@ _FIRST = {(_OPEN, False): 1, (_OPEN, True): 2, (_CLICK, False): 3, (_CLICK, True
 _UNIQUE = {1: IDX["opens_unique"], 2: IDX["opens_machine_unique"],
            3: IDX["clicks_unique"], 4: IDX["clicks_machine_unique"]}  # fmt: skip
 _MACHINE = {_OPEN: IDX["opens_machine"], _CLICK: IDX["clicks_machine"]}
-_DELIVERED = IDX["delivered"]
+_DELIVERED, _ACCEPTED = IDX["delivered"], IDX["accepted"]
 
 
 
@@ -150,8 +151,59 @@ def count_events(
                 remember.append((mid, t, key))
 
 
-py_count_events = count_events  # the reference (tests compare the twin with it)
+def count_accepted(
+    t: float,
+    campaign: Any,
+    tenant: Any,
+    rcpts: list[str],
+    acc: dict[tuple[Any, ...], list[int]],
+    nc: int,
+    k: int,
+) -> None:
+    """What ``count_events`` counts for the accepted events of an
+    :class:`~fastsend.events.AcceptedRows` (at time ``t``), without their
+    dicts (compiled twin in ``_rollup.pxi``)."""
+    minute = int(t) // 60
+    for rcpt in rcpts:
+        key = (minute, campaign, tenant, "", "",
+               rcpt[rcpt.rfind("@") + 1 :] if rcpt.__class__ is str else "")  # fmt: skip
+        row = acc.get(key)
+        if row is None:
+            row = acc[key] = [0] * nc
+        row[k] += 1
+
+
+def count_delivered(
+    t: float,
+    claims: list[Any],
+    results: list[Any],
+    acc: dict[tuple[Any, ...], list[int]],
+    remember: list[tuple[Any, Any, tuple[Any, ...]]] | None,
+    nc: int,
+    k: int,
+) -> None:
+    """What ``count_events`` counts (and remembers) for the delivered events of
+    a :class:`~fastsend.events.DeliveredRows` (at time ``t``), without their
+    dicts (compiled twin in ``_rollup.pxi``)."""
+    minute = int(t) // 60
+    for c, r in zip(claims, results, strict=True):
+        rcpt = c.rcpt
+        key = (minute, c.campaign, None, r.mx or "", r.source_ip or "",
+               rcpt[rcpt.rfind("@") + 1 :] if rcpt.__class__ is str else "")  # fmt: skip
+        row = acc.get(key)
+        if row is None:
+            row = acc[key] = [0] * nc
+        row[k] += 1
+        if remember is not None and c.id is not None:
+            remember.append((c.id, t, key))
+
+
+# the references (tests compare the twins with them)
+py_count_events, py_count_accepted, py_count_delivered = (
+    count_events, count_accepted, count_delivered)  # fmt: skip
 count_events = pick(count_events)
+count_accepted = pick(count_accepted)
+count_delivered = pick(count_delivered)
 
 
 class Rollups:
@@ -196,6 +248,25 @@ class Rollups:
         count_events(events, self.acc, self.special, remember, _PLAIN, _SPECIAL, NC, time.time())
         if remember:
             self._remember(remember, half)
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY:
+            self.flush()
+
+    def rows(self, batch: Rows) -> None:
+        """The listener's handler of a :class:`~fastsend.events.Rows` batch:
+        counted (and remembered) as its dicts would be, from its columns."""
+        if isinstance(batch, DeliveredRows):
+            half = self.settings.remember_messages // 2
+            remember: list[tuple[Any, Any, tuple[Any, ...]]] | None = [] if half else None
+            t = batch.time or time.time()
+            count_delivered(t, batch.claims, batch.results, self.acc, remember, NC, _DELIVERED)
+            if remember:
+                self._remember(remember, half)
+        elif isinstance(batch, AcceptedRows):
+            t = batch.time or time.time()
+            count_accepted(t, batch.campaign, batch.tenant, batch.rcpts, self.acc, NC, _ACCEPTED)
+        else:
+            self.listener(batch.dicts())
+            return
         if time.monotonic() - self.last_flush >= FLUSH_EVERY:
             self.flush()
 

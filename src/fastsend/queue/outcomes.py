@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from itertools import repeat
 from typing import Any
 
@@ -16,6 +17,7 @@ import orjson
 
 from fastsend import wire
 from fastsend.config import RetryConfig
+from fastsend.events import DeliveredRows, Rows
 from fastsend.queue.state import SupervisorState, WorkerSlot
 from fastsend.retry import next_attempt
 from fastsend.ring import Ring
@@ -31,6 +33,10 @@ FLUSH_AGE = 0.05  # s
 
 
 class Outcomes(SupervisorState):
+    @staticmethod
+    def _on_rows(rows: Rows) -> None:
+        """The accepted and delivered events of a Rows batch hold no complaint."""
+
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         # Nearly every batch (accepted, delivered) has no complaint: looked for
         # at C speed (dict.get mapped over the batch), each event visited in
@@ -68,18 +74,21 @@ class Outcomes(SupervisorState):
 
     def apply(self, slot: WorkerSlot, items: list[wire.Res]) -> None:
         """Decide each outcome's next state: a Result for the spool, an event, the
-        result hooks. Deliveries (nearly every outcome) take a short path; the
-        guardrails count them per campaign once per record, before any other
-        outcome of the record reaches them, so each check sees the same counts
-        as when they were counted one by one."""
+        result hooks. Deliveries (nearly every outcome) take a short path: their
+        events are kept as columns (``DeliveredRows``: the claim and the answer,
+        no dict), in order with the other events; the guardrails count them per
+        campaign once per record, before any other outcome of the record reaches
+        them, so each check sees the same counts as when they were counted one
+        by one."""
         now = time.time()
         policy = self.config.retry
         stats = self.stats
         add_result = self.results.append
-        add_event = self.event_buf.append
         pop = slot.inflight.pop
         hooks = self.result_hooks
         log_events = self.events.path is not None or bool(self.events.listeners)
+        rows = DeliveredRows(now)
+        add_claim, add_res = rows.claims.append, rows.results.append
         delivered: dict[int, int] = {}  # campaign -> deliveries not yet counted
         n = ok = 0
         k_delivered = wire.K_DELIVERED
@@ -101,13 +110,20 @@ class Outcomes(SupervisorState):
                         except Exception:  # a hook's bug must not strand the rest
                             self.hook_failed(hook)
                     if log_events:
-                        add_event(_event(now, "delivered", c, r, attempts))
+                        add_claim(c)
+                        add_res(r)
                     continue
                 if delivered:
                     self._count_delivered(delivered)
                     delivered = {}
+                if rows.claims:  # the deliveries before it, then its event
+                    self.event_buf.append(rows)
+                    rows = DeliveredRows(now)
+                    add_claim, add_res = rows.claims.append, rows.results.append
                 self._apply_other(c, r, attempts, now, policy, log_events)
         finally:
+            if rows.claims:
+                self.event_buf.append(rows)
             if delivered:
                 self._count_delivered(delivered)
             stats.attempts += n
@@ -218,6 +234,8 @@ class Outcomes(SupervisorState):
                 self.hook_failed(self.suppression.add_entries)
                 del self.to_suppress[:-100_000]
         keep = self.outbox_filter
+        if keep is not None:  # the filter sees dicts
+            self.event_buf = list(_dicts(self.event_buf))
         marked = [e for e in self.event_buf if keep(e)] if keep is not None else []
         if self.results or marked:
             # On a shared spool the events the webhooks want go into the outbox in
@@ -240,9 +258,9 @@ class Outcomes(SupervisorState):
         if self.event_buf:
             buf, self.event_buf = self.event_buf, []
             try:
-                self.events.emit_many(buf)  # the file, then listeners (webhooks, index)
+                self.events.emit_rows(buf)  # the file, then listeners (webhooks, index)
             except Exception:
-                self.hook_failed(self.events.emit_many)
+                self.hook_failed(self.events.emit_rows)
         self.events.flush()
 
     def hook_failed(self, hook: Any) -> None:
@@ -254,6 +272,15 @@ class Outcomes(SupervisorState):
 
             print(f"fastsend: {name} raised (outcomes are still applied):", file=sys.stderr)
             traceback.print_exc()
+
+
+def _dicts(buf: list[Any]) -> Iterator[dict[str, Any]]:
+    """Events as dicts (the Rows batches among them expanded)."""
+    for e in buf:
+        if isinstance(e, Rows):
+            yield from e.dicts()
+        else:
+            yield e
 
 
 def _event(

@@ -129,7 +129,7 @@ class SupervisorState:
     results: list[Result]
     results_since: float  # monotonic time the oldest unwritten outcome was seen (0: none)
     requeues: list[tuple[int, float]]  # handed back: (id, next_at)
-    event_buf: list[dict[str, Any]]
+    event_buf: list[Any]  # event dicts and DeliveredRows batches, in order
     # the events the webhook outbox wants, written with the outcomes (None: none)
     outbox_filter: Callable[[dict[str, Any]], bool] | None
     to_suppress: list[tuple[str, str, str, str, int | None]]

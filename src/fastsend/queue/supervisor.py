@@ -94,7 +94,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.results: list[Result] = []
         self.results_since = 0.0
         self.requeues: list[tuple[int, float]] = []  # handed back: (id, next_at)
-        self.event_buf: list[dict[str, Any]] = []
+        self.event_buf: list[Any] = []  # event dicts and DeliveredRows batches
         self.outbox_filter: Callable[[dict[str, Any]], bool] | None = None
         self.draining = False
         self.stopping = False
@@ -121,7 +121,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         # deliveries per campaign per record); result_hooks are the others' (metrics).
         # Complaints arrive as events (ARF intake, webhooks of providers): they
         # count toward the campaign's complaint-rate guardrail.
-        events.listeners.append(self._on_events)
+        events.listen(self._on_events, rows=self._on_rows)
 
     # -- main loop -----------------------------------------------------------
 

@@ -1,0 +1,179 @@
+# _events.pxi: compiled twins of fastsend.events.accepted_lines and
+# delivered_lines (the pure versions there are the references: the bytes
+# msgspec's encode_lines writes for the events' dicts, for every input).
+#
+# Nearly every message has two events (accepted, delivered). Here their JSON
+# lines are written from the columns the acceptor and the supervisor already
+# hold, with no dict per event: the parts every line of a batch shares are
+# encoded once (msgspec), and per row an integer is formatted in C and a plain
+# string (ASCII, no quote, backslash or control character: an address, an IP,
+# a reply) copied as it is; any other value is msgspec's to encode.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_GET_LENGTH
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
+    long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
+
+cdef object _ev_encode = None  # msgspec.json.Encoder().encode
+
+
+cdef struct _Out:
+    char* buf
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+# One output buffer, kept between calls (the supervisor's one thread writes
+# events; a batch's lines are copied out into their bytes object).
+cdef _Out _ev_out = _Out(NULL, 0, 0)
+
+
+cdef int _out_room(_Out* o, Py_ssize_t n) except -1:
+    cdef Py_ssize_t cap
+    cdef char* nb
+    if o.len + n <= o.cap:
+        return 0
+    cap = o.cap * 2
+    if cap < o.len + n:
+        cap = o.len + n + 4096
+    nb = <char*>realloc(o.buf, cap)
+    if nb == NULL:
+        raise MemoryError()
+    o.buf = nb
+    o.cap = cap
+    return 0
+
+
+cdef bytes _out_take(_Out* o):
+    """The lines written, as bytes; a buffer grown past 8 MB is let go."""
+    cdef bytes out = PyBytes_FromStringAndSize(o.buf, o.len)
+    o.len = 0
+    if o.cap > (8 << 20):
+        free(o.buf)
+        o.buf = NULL
+        o.cap = 0
+    return out
+
+
+cdef inline int _out_raw(_Out* o, const char* p, Py_ssize_t n) except -1:
+    _out_room(o, n)
+    memcpy(o.buf + o.len, p, n)
+    o.len += n
+    return 0
+
+
+cdef inline int _out_bytes(_Out* o, bytes b) except -1:
+    return _out_raw(o, <const char*>b, len(b))
+
+
+cdef int _out_value(_Out* o, object v) except -1:
+    """``v`` as msgspec encodes it: plain strings and ints here, the rest by msgspec."""
+    cdef Py_ssize_t n, i
+    cdef const char* p
+    cdef unsigned char ch
+    cdef long long x
+    cdef unsigned long long u
+    cdef int overflow = 0
+    cdef char num[24]
+    if type(v) is str and PyUnicode_IS_ASCII(v):
+        p = PyUnicode_AsUTF8AndSize(v, &n)
+        for i in range(n):
+            ch = <unsigned char>p[i]
+            if ch < 0x20 or ch == 0x22 or ch == 0x5c:
+                break
+        else:
+            _out_room(o, n + 2)
+            o.buf[o.len] = b'"'
+            memcpy(o.buf + o.len + 1, p, n)
+            o.buf[o.len + n + 1] = b'"'
+            o.len += n + 2
+            return 0
+    elif type(v) is int:
+        x = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if not overflow:
+            u = <unsigned long long>(-x) if x < 0 else <unsigned long long>x
+            i = 24
+            while True:
+                i -= 1
+                num[i] = <char>(48 + u % 10)
+                u //= 10
+                if u == 0:
+                    break
+            if x < 0:
+                i -= 1
+                num[i] = b'-'
+            return _out_raw(o, num + i, 24 - i)
+    return _out_bytes(o, _ev_encode(v))
+
+
+cdef object _ev_encoder():
+    global _ev_encode
+    if _ev_encode is None:
+        import msgspec
+        _ev_encode = msgspec.json.Encoder().encode
+    return _ev_encode
+
+
+def accepted_lines(now, campaign, tenant, list ids, list rcpts):
+    cdef object enc = _ev_encoder()
+    cdef Py_ssize_t i, n = len(ids)
+    cdef bytes head, mid
+    cdef _Out* o = &_ev_out
+    if len(rcpts) != n:
+        raise ValueError("accepted_lines: ids and rcpts differ in length")
+    head = b'{"time":' + enc(now) + b',"event":"accepted","id":'
+    mid = b',"campaign":' + enc(campaign) + b',"tenant":' + enc(tenant) + b',"rcpt":'
+    o.len = 0
+    _out_room(o, n * 128 + 64)
+    for i in range(n):
+        _out_bytes(o, head)
+        _out_value(o, ids[i])
+        _out_bytes(o, mid)
+        _out_value(o, rcpts[i])
+        _out_raw(o, b"}\n", 2)
+    return _out_take(o)
+
+
+def delivered_lines(now, list claims, list results):
+    cdef object enc = _ev_encoder()
+    cdef Py_ssize_t i, n = len(claims)
+    cdef bytes head
+    cdef object c, r, qid
+    cdef _Out* o = &_ev_out
+    if len(results) != n:
+        raise ValueError("delivered_lines: claims and results differ in length")
+    head = b'{"time":' + enc(now) + b',"event":"delivered","id":'
+    o.len = 0
+    _out_room(o, n * 256 + 64)
+    for i in range(n):
+        c = claims[i]
+        r = results[i]
+        _out_bytes(o, head)
+        _out_value(o, c.id)
+        _out_raw(o, b',"campaign":', 12)
+        _out_value(o, c.campaign)
+        _out_raw(o, b',"rcpt":', 8)
+        _out_value(o, c.rcpt)
+        _out_raw(o, b',"source_ip":', 13)
+        _out_value(o, r.source_ip)
+        _out_raw(o, b',"mx":', 6)
+        _out_value(o, r.mx)
+        _out_raw(o, b',"code":', 8)
+        _out_value(o, r.code)
+        _out_raw(o, b',"enhanced":', 12)
+        _out_value(o, r.enhanced)
+        _out_raw(o, b',"text":', 8)
+        _out_value(o, r.text)
+        _out_raw(o, b',"attempt":', 11)
+        _out_value(o, c.attempts + 1)
+        qid = r.queue_id
+        if qid:
+            _out_raw(o, b',"queue_id":', 12)
+            _out_value(o, qid)
+        _out_raw(o, b"}\n", 2)
+    return _out_take(o)
