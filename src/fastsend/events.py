@@ -115,12 +115,14 @@ def accepted_dicts(
     ]  # fmt: skip
 
 
-def delivered_dict(now: float, c: Any, r: Any) -> dict[str, Any]:
-    """A delivery's event: the outcome's fields, in the order of every outcome
-    event (the remote queue id last, when there is one)."""
+def outcome_dict(now: float, name: str, c: Any, r: Any, failed: bool = False) -> dict[str, Any]:
+    """An outcome's event (``name``: delivered, deferred, bounced, expired) of
+    claim ``c`` (id, campaign, rcpt, attempts before this one) answered ``r``:
+    what every outcome says, and for a failed or deferred one the stage, reason
+    and hard verdict (before the remote queue id, last when there is one)."""
     ev = {
         "time": now,
-        "event": "delivered",
+        "event": name,
         "id": c.id,
         "campaign": c.campaign,
         "rcpt": c.rcpt,
@@ -131,13 +133,17 @@ def delivered_dict(now: float, c: Any, r: Any) -> dict[str, Any]:
         "text": r.text,
         "attempt": c.attempts + 1,
     }
+    if failed:
+        ev["stage"] = r.stage
+        ev["reason"] = r.reason
+        ev["hard"] = r.hard
     if r.queue_id:
         ev["queue_id"] = r.queue_id
     return ev
 
 
 def delivered_dicts(now: float, claims: list[Any], results: list[Any]) -> list[dict[str, Any]]:
-    return [delivered_dict(now, c, r) for c, r in zip(claims, results, strict=True)]
+    return [outcome_dict(now, "delivered", c, r) for c, r in zip(claims, results, strict=True)]
 
 
 def accepted_lines(

@@ -17,7 +17,7 @@ import orjson
 
 from fastsend import wire
 from fastsend.config import RetryConfig
-from fastsend.events import DeliveredRows, Rows
+from fastsend.events import DeliveredRows, Rows, outcome_dict
 from fastsend.queue.state import SupervisorState, WorkerSlot
 from fastsend.retry import next_attempt
 from fastsend.ring import Ring
@@ -177,7 +177,7 @@ class Outcomes(SupervisorState):
             except Exception:  # a hook's bug must not strand the rest of the record
                 self.hook_failed(hook)
         if log_events:
-            ev = _event(now, name, c, r, attempts, failed=True)
+            ev = outcome_dict(now, name, c, r, failed=True)
             if state == EXPIRED:
                 ev["reason"] = "expired"
                 ev["last_reason"] = r.reason
@@ -281,30 +281,3 @@ def _dicts(buf: list[Any]) -> Iterator[dict[str, Any]]:
             yield from e.dicts()
         else:
             yield e
-
-
-def _event(
-    now: float, name: str, c: Claimed, r: wire.Res, attempts: int, failed: bool = False
-) -> dict[str, Any]:
-    """An outcome's event: what every outcome says, and for a failed or deferred
-    one the stage, reason and hard verdict (before the queue id, as they were)."""
-    ev = {
-        "time": now,
-        "event": name,
-        "id": c.id,
-        "campaign": c.campaign,
-        "rcpt": c.rcpt,
-        "source_ip": r.source_ip,
-        "mx": r.mx,
-        "code": r.code,
-        "enhanced": r.enhanced,
-        "text": r.text,
-        "attempt": attempts,
-    }
-    if failed:
-        ev["stage"] = r.stage
-        ev["reason"] = r.reason
-        ev["hard"] = r.hard
-    if r.queue_id:
-        ev["queue_id"] = r.queue_id
-    return ev
