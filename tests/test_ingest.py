@@ -189,6 +189,99 @@ def test_batches_are_what_read_yields_after_a_line(tmp_path: Path, ext: str) -> 
     assert [len(b.rows) for b in got] == [2, 4, 4, 4, 4, 1]
 
 
+def _csv_module_rows(path: Path, after: int) -> list[Any]:
+    """What batches() yields for a CSV list, read by the csv module alone (the
+    reference of the plain-line path): (line, address, domain, vars) rows and
+    bad rows, in file order."""
+    import csv
+
+    from fastsend import recipients
+    from fastsend.address import AddressError, normalize
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader)]
+        ei = header.index("email")
+        names = header[:ei] + header[ei + 1 :]
+        out: list[Any] = []
+        for rec in reader:
+            line = reader.line_num
+            if line <= after:
+                continue
+            if len(rec) != len(header):
+                if not rec or (len(rec) == 1 and not rec[0].strip()):
+                    continue
+                why = f"expected {len(header)} columns, found {len(rec)}"
+                out.append(recipients.BadRow(line, why))
+                continue
+            if len(header) == 1 and not rec[0].strip():
+                continue
+            email = rec.pop(ei)
+            try:
+                addr, domain = normalize(email)
+            except AddressError as e:
+                out.append(recipients.BadRow(line, str(e)))
+                continue
+            out.append((line, addr, domain, orjson.dumps(dict(zip(names, rec, strict=True)))))
+        return out
+
+
+def test_plain_csv_lines_read_as_the_csv_module_reads_them(tmp_path: Path) -> None:
+    """Lines with no '"' are split at "," (csv_plain_rows, compiled and pure
+    twins alike), the rest read by the csv module from the first quote on: the
+    same rows, vars bytes, line numbers and bad rows as the csv module's
+    reading, for any line ends, blank and bad lines, non-ASCII and escaped
+    values, a quote late in the list, after any line and in any batch size."""
+    from fastsend import _accel, recipients
+
+    rng = random.Random(11)
+    cells = ["u@x.example", "Ünï@exämple.DE", "bad", "", " ", "v\\w", "tab\tx", "é", "a;b",
+             "\x01", "O\"Brien", '"q,u"', "日本"]  # fmt: skip
+    ends = ["\n", "\r\n", "\r"]
+    for case in range(120):
+        width = rng.randint(1, 4)
+        names = [f"c{j}" if rng.random() < 0.8 else f"n\u00e9{j}" for j in range(width - 1)]
+        header = names[:]
+        header.insert(rng.randint(0, width - 1), "email")
+        body = []
+        for i in range(rng.randint(0, 60)):
+            k = width + (rng.random() < 0.1) - (rng.random() < 0.1)
+            row = [f"r{i}@d{i % 3}.example" if rng.random() < 0.8 else rng.choice(cells)]
+            row += [rng.choice(cells) if rng.random() < 0.3 else f"v{i}" for _ in range(k - 1)]
+            if rng.random() < 0.05 or case % 10 != 0:  # most lists have no quote at all
+                row = [c.replace('"', "") for c in row]
+            body.append(",".join(row))
+        eol = rng.choice(ends)
+        text = ",".join(header) + eol + eol.join(body) + (eol if rng.random() < 0.7 else "")
+        p = tmp_path / f"p{case}.csv"
+        p.write_bytes(text.encode())
+        for after in (0, 3, 17):
+            want = _csv_module_rows(p, after)
+            for size in (1, 5, 2000):
+                got: list[Any] = []
+                for b in recipients.batches(str(p), after=after, size=size):
+                    good = [(ln, *r) for ln, r in zip(b.lines, b.rows, strict=True)]
+                    got += sorted(good + b.bad, key=lambda r: r.line if isinstance(r, recipients.BadRow) else r[0])  # fmt: skip
+                assert got == want, (text, after, size)
+    # the twins, chunk by chunk, with a stop at a quote and at the field size limit
+    pure, comp = recipients.py_csv_plain_rows, _accel.compiled("csv_plain_rows")
+    keys = [b'"a":', b'"\xc3\xa9":']
+    chunk = ["u@x.example,1,2\n", "\r\n", "bad,1,2\r", " , \n", "x@y.example,\x01,\\\n",
+             "t@x.example,é,3", "q@x.example,\"1\",2\n", "z@x.example,1,2\n"]  # fmt: skip
+    for limit in (1, 2, 100):
+        for maxlen in (5, 1000):
+            outs = []
+            for fn in (pure, comp):
+                rows: list[Any] = []
+                lines: list[int] = []
+                bad: list[Any] = []
+                res = fn(chunk, 0, 1, 0, 3, 0, keys, maxlen, limit, rows, lines, bad, 0)
+                outs.append((res, rows, lines, bad))
+            assert outs[0] == outs[1]
+    assert _accel.compiled("vars_json")(keys, ["x", "\n"]) == recipients.py_vars_json(
+        keys, ["x", "\n"]) == b'{"a":"x","\xc3\xa9":"\\n"}'  # fmt: skip
+
+
 def test_a_list_not_in_utf8_is_refused_with_its_line(tmp_path: Path) -> None:
     from fastsend import recipients
 

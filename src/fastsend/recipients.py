@@ -19,12 +19,13 @@ import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import NamedTuple
 
 import msgspec
 import orjson
 
+from fastsend._accel import pick
 from fastsend.address import AddressError, normalize
 
 
@@ -293,10 +294,87 @@ def _vars_struct(names: list[str]) -> type[msgspec.Struct] | None:
         return None
 
 
+def csv_plain_rows(
+    chunk: list[str],
+    at: int,
+    line: int,
+    after: int,
+    width: int,
+    ei: int,
+    keys: list[bytes],
+    maxlen: int,
+    limit: int,
+    rows: list[tuple[str, str, bytes]],
+    lines: list[int],
+    bad: list[BadRow],
+    last: int,
+) -> tuple[int, int, int, bool]:
+    """The rows of ``chunk`` (lines of a CSV list, terminators kept) from index
+    ``at`` (line ``line`` the last one read): what the csv module reads from a
+    line holding no '"' and no NUL (its fields split at ","), checked and
+    appended to ``rows``/``lines``/``bad`` as :func:`_csv_batches` does, the
+    vars the JSON object of ``keys`` (each name's JSON and ":") and the
+    fields. Stops once ``rows`` holds ``limit`` rows, at the end of the chunk,
+    or before a line with '"' or NUL or longer than ``maxlen`` (the csv
+    module's field size limit: the csv module's to read, or refuse: quoted is
+    True); returns (index of the next line, its line - 1, last, quoted).
+    ``fastsend._core`` has the compiled twin (_recipients.pxi)."""
+    n = len(chunk)
+    while at < n:
+        text = chunk[at]
+        if '"' in text or "\0" in text or len(text) > maxlen:
+            return at, line, last, True
+        at += 1
+        line += 1
+        if line <= after:
+            continue
+        if text.endswith("\n"):
+            text = text[:-2] if text.endswith("\r\n") else text[:-1]
+        elif text.endswith("\r"):
+            text = text[:-1]
+        rec = text.split(",")
+        if len(rec) != width:
+            if len(rec) == 1 and not rec[0].strip():
+                continue
+            bad.append(BadRow(line, f"expected {width} columns, found {len(rec)}"))
+            last = line
+            continue
+        if width == 1 and not rec[0].strip():
+            continue
+        email = rec.pop(ei)
+        try:
+            addr, domain = normalize(email)
+        except AddressError as e:
+            bad.append(BadRow(line, str(e)))
+            last = line
+            continue
+        rows.append((addr, domain, vars_json(keys, rec)))
+        lines.append(line)
+        last = line
+        if len(rows) >= limit:
+            break
+    return at, line, last, False
+
+
+def vars_json(keys: list[bytes], values: list[str]) -> bytes:
+    """The JSON object of ``keys`` (each a name's JSON and ":") and ``values``:
+    the bytes of the dict's JSON, without the dict (compiled twin in _recipients.pxi)."""
+    return b"{" + b",".join([k + _encode(v) for k, v in zip(keys, values, strict=True)]) + b"}"
+
+
+py_csv_plain_rows, py_vars_json = csv_plain_rows, vars_json  # the references (twin tests)
+csv_plain_rows = pick(csv_plain_rows)
+vars_json = pick(vars_json)
+
+CHUNK_CHARS = 1 << 16  # characters of lines read at a time by the plain path
+
+
 def _csv_batches(
     first: str, f: io.TextIOWrapper, after: int, limit: int, size: int
 ) -> Iterator[Batch]:
-    """Batches of ``limit`` good rows, then of ``size``."""
+    """Batches of ``limit`` good rows, then of ``size``. Lines with no '"' (no
+    quoted field can begin or continue there) are read by ``csv_plain_rows``;
+    from the first line holding one on, the csv module reads the rest."""
     try:
         header = [h.strip() for h in next(csv.reader([first]))]
     except csv.Error as e:
@@ -306,17 +384,40 @@ def _csv_batches(
     ei = header.index("email")
     names = header[:ei] + header[ei + 1 :]  # the variables, in column order
     width = len(header)
-    reader = csv.reader(f)
-    dumps = orjson.dumps
     row_type = _vars_struct(names)
-    encode = _encode
     rows: list[tuple[str, str, bytes]] = []
     lines: list[int] = []
     bad: list[BadRow] = []
     last = after
+    line = 1  # the lines read so far (the header)
+    rest: Iterator[str] = f
+    if row_type is not None:  # names the JSON of a row's vars can be written with
+        keys = [_encode(name) + b":" for name in names]
+        maxlen = csv.field_size_limit()
+        while chunk := f.readlines(CHUNK_CHARS):
+            at = 0
+            quoted = False
+            while at < len(chunk) and not quoted:
+                at, line, last, quoted = csv_plain_rows(
+                    chunk, at, line, after, width, ei, keys, maxlen, limit, rows, lines, bad, last
+                )
+                if len(rows) >= limit:
+                    yield Batch(rows, lines, bad, last, False)
+                    rows, lines, bad = [], [], []
+                    limit = size
+            if quoted:
+                rest = chain(chunk[at:], f)
+                break
+        else:
+            yield Batch(rows, lines, bad, last, True)
+            return
+    reader = csv.reader(rest)
+    base = line  # reader.line_num counts the lines after it
+    dumps = orjson.dumps
+    encode = _encode
     try:
         for rec in reader:
-            line = reader.line_num + 1
+            line = base + reader.line_num
             if line <= after:
                 continue
             if len(rec) != width:
@@ -345,7 +446,7 @@ def _csv_batches(
                 rows, lines, bad = [], [], []
                 limit = size
     except csv.Error as e:  # a field over csv.field_size_limit(), a NUL, ...
-        raise RecipientsError(f"line {reader.line_num + 1}: {e}") from None
+        raise RecipientsError(f"line {base + reader.line_num}: {e}") from None
     yield Batch(rows, lines, bad, last, True)
 
 
