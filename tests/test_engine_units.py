@@ -214,3 +214,38 @@ def test_event_log_isolates_a_raising_listener(tmp_path: Path) -> None:
     log.close()
     assert [e["id"] for e in seen] == [1, 2]  # the listener after the broken one saw both
     assert len((tmp_path / "events.jsonl").read_bytes().splitlines()) == 2
+
+
+def test_compiled_dispatch_twins_write_the_same_records() -> None:
+    """fastsend._core.batch_record writes msgspec's bytes of the Batch (every
+    int, str and bin size class, blobs), decodable as the worker decodes it;
+    blob_digests and group_claims find and group as their references."""
+    import random
+
+    from fastsend import wire
+    from fastsend.queue import dispatch
+    from fastsend.spool import Claimed
+
+    rng = random.Random(5)
+    ints = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**64 - 1,
+            -1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63)]  # fmt: skip
+    strs = ["", "a", "é" * 40, "x" * 31, "x" * 32, "y" * 255, "y" * 256, "z" * 65536, "日本"]
+    bins = [b"", b"{}", b"x" * 255, b"x" * 256, b"q" * 65536, wire.blob_ref("a" * 64)]
+    rec, dig, grp = (_accel.compiled(n) for n in ("batch_record", "blob_digests", "group_claims"))
+    for _ in range(200):
+        items = [Claimed(rng.choice(ints), rng.randint(1, 3), rng.choice(strs), rng.choice("ab"),
+                         rng.choice(bins), rng.choice(ints), 1.0)
+                 for _ in range(rng.choice([0, 1, 15, 16, 300]))]  # fmt: skip
+        camp, dom = rng.choice(ints), rng.choice(strs)
+        blobs = {} if rng.random() < 0.5 else {"a" * 64: b"body"}
+        want = dispatch.py_batch_record(camp, dom, items, blobs)
+        assert rec(camp, dom, items, blobs) == want
+        got = wire.to_worker_decoder.decode(want)
+        assert isinstance(got, wire.Batch) and [i.id for i in got.items] == [c.id for c in items]
+        assert dig(items) == dispatch.py_blob_digests(items)
+        out = [({}, {}), ({}, {})]
+        for fn, (inflight, groups) in zip((dispatch.py_group_claims, grp), out, strict=True):
+            fn(items, inflight, groups)
+        assert out[0] == out[1]
+    with pytest.raises(OverflowError):
+        rec(1, "d", [Claimed(2**70, 1, "r", "d", b"", 0, 1.0)], {})

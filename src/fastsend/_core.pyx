@@ -16,6 +16,8 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _rollup.pxi      the analytics listener's count per event (fastsend.analytics.rollup)
 - _address.pxi     recipient address normalization, the plain case (fastsend.address)
 - _events.pxi      JSON lines of accepted/delivered events from columns (fastsend.events)
+- _recipients.pxi  a CSV list's plain lines to spool rows (fastsend.recipients)
+- _dispatch.pxi    claims grouped and written as Batch records (fastsend.queue.dispatch)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -35,3 +37,5 @@ include "_msgid.pxi"
 include "_rollup.pxi"
 include "_address.pxi"
 include "_events.pxi"
+include "_recipients.pxi"
+include "_dispatch.pxi"

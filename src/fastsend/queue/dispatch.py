@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from fastsend import wire
+from fastsend._accel import pick
 from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
 from fastsend.spool import SUPPRESSED, Claimed, Result
 
@@ -65,9 +66,7 @@ class Dispatch(SupervisorState):
                     # of a long one while it is spooled, the tail): shared with the
                     # workers after this one, so no core idles while one works.
                     claimed = self.share(claimed, order[pos + 1 :], size, given)
-            for c in claimed:
-                slot.inflight[c.id] = c
-                groups.setdefault((c.campaign, c.domain), []).append(c)
+            group_claims(claimed, slot.inflight, groups)
             if asked and self.pace_feed:  # the room this window still has open
                 self.note_room(slot, slot.room)
             groups = self.gate(slot, groups)
@@ -212,7 +211,7 @@ class Dispatch(SupervisorState):
         (a record the ring can never hold would raise in put()); a single message
         too large for the ring is bounced."""
         blobs: dict[str, bytes] = {}
-        digests = {d for c in items if (d := wire.blob_digest(c.vars)) is not None}
+        digests = blob_digests(items)
         if digests:
             blobs = self.blobs(digests)
             gone = digests - blobs.keys()
@@ -222,14 +221,7 @@ class Dispatch(SupervisorState):
                 items = [c for c in items if wire.blob_digest(c.vars) not in gone]
                 if not items:
                     return []
-        rec = wire.encoder.encode(
-            wire.Batch(
-                campaign,
-                domain,
-                [wire.Item(c.id, c.rcpt, c.vars, c.attempts) for c in items],
-                blobs,
-            )
-        )
+        rec = batch_record(campaign, domain, items, blobs)
         n = len(rec)
         if n <= RING_BYTES // 4 or (len(items) == 1 and n <= RING_BYTES - 64):
             return [rec]
@@ -335,3 +327,39 @@ class Dispatch(SupervisorState):
                 raise KeyError(f"campaign {campaign_id} not in spool")
             spec = self.spec_cache[campaign_id] = info.spec
         return spec
+
+
+def group_claims(
+    claimed: list[Claimed],
+    inflight: dict[int, Claimed],
+    groups: dict[tuple[int, str], list[Claimed]],
+) -> None:
+    """Each claim in flight for its window, and grouped by (campaign, domain)
+    (compiled twin in ``_dispatch.pxi``)."""
+    for c in claimed:
+        inflight[c.id] = c
+        groups.setdefault((c.campaign, c.domain), []).append(c)
+
+
+def blob_digests(items: list[Claimed]) -> set[str]:
+    """The blobs the rows of ``items`` refer to (compiled twin in ``_dispatch.pxi``)."""
+    return {d for c in items if (d := wire.blob_digest(c.vars)) is not None}
+
+
+def batch_record(
+    campaign: int, domain: str, items: list[Claimed], blobs: dict[str, bytes]
+) -> bytes:
+    """The ring record of a Batch of ``items`` (compiled twin in
+    ``_dispatch.pxi``: the same bytes, written without a wire.Item per message)."""
+    return wire.encoder.encode(
+        wire.Batch(
+            campaign, domain, [wire.Item(c.id, c.rcpt, c.vars, c.attempts) for c in items], blobs
+        )
+    )
+
+
+# the references (tests compare the twins with them)
+py_group_claims, py_blob_digests, py_batch_record = group_claims, blob_digests, batch_record
+group_claims = pick(group_claims)
+blob_digests = pick(blob_digests)
+batch_record = pick(batch_record)
