@@ -333,27 +333,36 @@ def csv_plain_rows(
         elif text.endswith("\r"):
             text = text[:-1]
         rec = text.split(",")
-        if len(rec) != width:
-            if len(rec) == 1 and not rec[0].strip():
-                continue
-            bad.append(BadRow(line, f"expected {width} columns, found {len(rec)}"))
-            last = line
+        got = _address_of(rec, line, width, ei, bad)
+        if not got:
+            if got is False:
+                last = line
             continue
-        if width == 1 and not rec[0].strip():
-            continue
-        email = rec.pop(ei)
-        try:
-            addr, domain = normalize(email)
-        except AddressError as e:
-            bad.append(BadRow(line, str(e)))
-            last = line
-            continue
-        rows.append((addr, domain, vars_json(keys, rec)))
+        rows.append((got[0], got[1], vars_json(keys, rec)))
         lines.append(line)
         last = line
         if len(rows) >= limit:
             break
     return at, line, last, False
+
+
+def _address_of(
+    rec: list[str], line: int, width: int, ei: int, bad: list[BadRow]
+) -> tuple[str, str] | bool | None:
+    """The (address, ascii domain) of a CSV record, its email field popped;
+    None: a blank line (no row); False: a bad row (appended to ``bad``)."""
+    if len(rec) != width:
+        if not rec or (len(rec) == 1 and not rec[0].strip()):
+            return None
+        bad.append(BadRow(line, f"expected {width} columns, found {len(rec)}"))
+        return False
+    if width == 1 and not rec[0].strip():
+        return None
+    try:
+        return normalize(rec.pop(ei))
+    except AddressError as e:
+        bad.append(BadRow(line, str(e)))
+        return False
 
 
 def vars_json(keys: list[bytes], values: list[str]) -> bytes:
@@ -420,21 +429,12 @@ def _csv_batches(
             line = base + reader.line_num
             if line <= after:
                 continue
-            if len(rec) != width:
-                if not rec or (len(rec) == 1 and not rec[0].strip()):
-                    continue
-                bad.append(BadRow(line, f"expected {width} columns, found {len(rec)}"))
-                last = line
+            got = _address_of(rec, line, width, ei, bad)
+            if not got:
+                if got is False:
+                    last = line
                 continue
-            if width == 1 and not rec[0].strip():
-                continue
-            email = rec.pop(ei)
-            try:
-                addr, domain = normalize(email)
-            except AddressError as e:
-                bad.append(BadRow(line, str(e)))
-                last = line
-                continue
+            addr, domain = got
             if row_type is not None:  # the same bytes as the dict below, a third of the CPU
                 rows.append((addr, domain, encode(row_type(*rec))))
             else:
