@@ -334,7 +334,7 @@ def csv_plain_rows(
             text = text[:-1]
         rec = text.split(",")
         got = _address_of(rec, line, width, ei, bad)
-        if not got:
+        if not isinstance(got, tuple):
             if got is False:
                 last = line
             continue
@@ -430,7 +430,7 @@ def _csv_batches(
             if line <= after:
                 continue
             got = _address_of(rec, line, width, ei, bad)
-            if not got:
+            if not isinstance(got, tuple):
                 if got is False:
                     last = line
                 continue
