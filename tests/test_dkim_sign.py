@@ -205,3 +205,96 @@ def test_ed25519_libsodium_and_openssl_sign_alike(keydir: Path, canon: str) -> N
     headers = [("from", b"From: a@example.com\r\n"), ("subject", b"Subject:  x \r\n y\r\n")]
     body = b"hello \r\n\r\n"
     assert sodium.sign(headers, body) == openssl.sign(headers, body)
+
+
+# Raw messages (as ConfigDKIM.sign_raw signs them): header lines with odd white
+# space and folds, bodies with and without a final CRLF, white-space-only lines,
+# long lines.
+ODD_HEADERS = [
+    ("from", b"From: Sender\t Name  <news@example.com> \t\r\n"),
+    ("to", b"To: a@example.org,\r\n\t  b@example.org \r\n"),
+    ("subject", b"Subject: two  spaces,\ttab \r\n   and a fold\t\r\n"),
+    ("date", b"Date: Sat, 05 Dec 2026 06:30:00 +0000\r\n"),
+    ("message-id", b"Message-ID: <odd-1@example.com>\r\n"),
+    ("x-long", b"X-Long: " + b"v" * 900 + b"\r\n"),
+]
+# White space right after the colon other than one SP: OpenDKIM rebuilds a
+# header as "Name: value" (as from a milter), so it can check these only under
+# relaxed header canonicalization: they are signed with that only.
+COLON_WSP = [
+    ("from", b"From:\t  Sender Name <news@example.com>\r\n"),
+    ("subject", b"Subject:two\t\r\n spaces\r\n"),
+]
+RAW_BODIES = {
+    "no-final-crlf": b"first line\r\nthe last line has no CRLF",
+    "no-final-crlf-wsp": b"text \t\r\nends in white space \t ",
+    "final-crlfs": b"inner   white\t\tspace \r\n\r\n\r\n\r\n",
+    "wsp-lines": b"a \t\r\n \t \r\n\t\r\n",
+    "long-lines": (b"word " * 190).rstrip() + b"\r\n" + b"z" * 990 + b"\r\n",
+    "empty": b"",
+    "crlf-only": b"\r\n",
+}
+CANONS = ["relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed"]
+
+
+@pytest.mark.parametrize("canon", CANONS)
+@pytest.mark.parametrize("sel", ["rsa2048", "ed"])
+def test_raw_messages_verify_with_dkimpy_and_opendkim(
+    impl: str, monkeypatch: pytest.MonkeyPatch, keydir: Path, tmp_path: Path, sel: str, canon: str
+) -> None:
+    """Every signature verifies with both verifiers, for rsa-sha256 and
+    ed25519-sha256, each canonicalization pair, the compiled and pure twins."""
+    exe = require_program("opendkim")
+    use_impl(monkeypatch, impl)
+    records = txt_records(keydir)
+    signer = dkim_mod.Signer.from_settings(
+        {"domain": "example.com", "selector": sel, "key": str(keydir / f"{sel}.pem"),
+         "canonicalization": canon, "headers": [*dkim_mod.DEFAULT_HEADERS, "x-long"]}
+    )  # fmt: skip
+    headers = ODD_HEADERS
+    if canon.startswith("relaxed/"):
+        odd = dict(COLON_WSP)
+        headers = [(n, odd.get(n, ln)) for n, ln in ODD_HEADERS]
+    head = b"".join(ln for _, ln in headers)
+    for name, body in RAW_BODIES.items():
+        data = signer.sign(headers, body) + head + b"\r\n" + body
+        # Verified as receivers see it: DATA ends a body with CRLF
+        # (smtp.replies.dot_stuff), and both canonicalizations sign a body
+        # without one as if it had it (RFC 6376 3.4.3, 3.4.4).
+        wire = data if data.endswith(b"\r\n") else data + b"\r\n"
+        assert dkimpy_verify(wire, records), name
+        verdict = opendkim_verify(exe, tmp_path, wire, records)
+        assert f"s={sel}," in verdict and "succeeded" in verdict, (name, verdict)
+        bad = wire[:-3] + b"!\r\n" if body.strip() else wire + b"x\r\n"
+        assert not dkimpy_verify(bad, records), name
+        assert "failed" in opendkim_verify(exe, tmp_path, bad, records), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(lines=st.lists(WSP_BYTES.map(lambda b: b"X-A:" + b"".join(b) + b"\r\n"), max_size=5),
+       relaxed=st.booleans())  # fmt: skip
+def test_rsa_signer_twins_agree(keydir: Path, lines: list[bytes], relaxed: bool) -> None:
+    """The compiled RsaSigner (libcrypto, one context per key) and the pure one
+    (cryptography) make the same line: PKCS#1 v1.5 signatures are deterministic."""
+    from fastsend import _accel
+
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("compiled core not built")
+    key = load_private_key(str(keydir / "rsa1024.pem"))
+    head = b"DKIM-Signature: v=1; a=rsa-sha256;\r\n b="
+    c14n = dkim_mod.PURE["header_relaxed"](head)[:-2] if relaxed else head
+    args = (tuple(lines), head, c14n, relaxed)
+    got = _accel.compiled("RsaSigner")(key).sign_lines(*args)
+    assert got == dkim_mod.PyRsaSigner(key).sign_lines(*args)
+
+
+def test_rsa_signer_refuses_other_keys(impl: str, keydir: Path) -> None:
+    from fastsend import _accel
+
+    cls = dkim_mod.PyRsaSigner if impl == "py" else _accel.compiled("RsaSigner")
+    with pytest.raises(ValueError, match="RSA private key"):
+        cls(load_private_key(str(keydir / "ed.pem")))
+    signer = cls(load_private_key(str(keydir / "rsa4096.pem")))
+    assert signer.size == 512
+    line = signer.sign_lines((b"From: a@example.com\r\n",), b"h b=", b"h b=", True)
+    assert line.startswith(b"h b=") and line.endswith(b"\r\n") and line.count(b"\r\n  ") == 9

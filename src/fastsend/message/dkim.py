@@ -25,6 +25,7 @@ not do l= body length limits, and never prints key material.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import operator
 import re
@@ -33,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from fastsend._accel import pick
 from fastsend.message.keys import PrivateKey, algorithm_of, load_private_key
@@ -112,13 +113,48 @@ def ed25519_sign_lines(
     PyNaCl) with ``sodium_key``, its 64-octet secret key, over the SHA-256 of
     the canonical header block (RFC 8463).
     """
-    if relaxed:
-        signed = _relaxed_headers_py(lines) + sig_head_c14n
-    else:
-        signed = b"".join((*lines, sig_head_c14n))
+    signed = _header_block(lines, sig_head_c14n, relaxed)
     sig = _sodium_sign(hashlib.sha256(signed).digest(), sodium_key)[:64]
-    b64 = base64.b64encode(sig)  # 88 characters: folded into two lines
-    return b"".join([sig_head, b64[:72], b"\r\n  ", b64[72:], b"\r\n"])
+    return _sig_line(sig_head, sig)
+
+
+def _sig_line(sig_head: bytes, sig: bytes) -> bytes:
+    """``sig_head``, then ``sig`` in base64 folded in lines of 72 (CRLF, two
+    spaces), then CRLF: the rest of the ``DKIM-Signature`` line after ``b=``."""
+    b64 = base64.b64encode(sig)
+    folded = b"\r\n  ".join([b64[i : i + 72] for i in range(0, len(b64), 72)])
+    return b"".join([sig_head, folded, b"\r\n"])
+
+
+def _header_block(lines: tuple[bytes, ...], sig_head_c14n: bytes, relaxed: bool) -> bytes:
+    """The signed header block: ``lines`` canonicalized, then ``sig_head_c14n``."""
+    if relaxed:
+        return _relaxed_headers_py(lines) + sig_head_c14n
+    return b"".join((*lines, sig_head_c14n))
+
+
+class RsaSigner:
+    """rsa-sha256 signatures (RSASSA-PKCS1-v1_5 over SHA-256) with one RSA key.
+
+    ``sign_lines(lines, sig_head, sig_head_c14n, relaxed)`` is the
+    ``DKIM-Signature`` line, as :func:`ed25519_sign_lines` makes it. The
+    compiled twin parses the key once into libcrypto and keeps one signing
+    context for every message (``cryptography`` makes one per call).
+    """
+
+    def __init__(self, key: Any) -> None:
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError("RsaSigner needs an RSA private key")
+        self.key = key
+        self.size = key.key_size // 8
+        self._padding = padding.PKCS1v15()
+        self._sha256 = hashes.SHA256()
+
+    def sign_lines(
+        self, lines: tuple[bytes, ...], sig_head: bytes, sig_head_c14n: bytes, relaxed: bool
+    ) -> bytes:
+        signed = _header_block(lines, sig_head_c14n, relaxed)
+        return _sig_line(sig_head, self.key.sign(signed, self._padding, self._sha256))
 
 
 PREFIX_MIN = 256  # octets of a common body prefix worth keeping a SHA-256 state for
@@ -183,6 +219,7 @@ PURE = {
     "relaxed_headers": relaxed_headers,
     "ed25519_sign_lines": ed25519_sign_lines,
     "BodyHasher": BodyHasher,
+    "RsaSigner": RsaSigner,
 }
 body_relaxed = pick(body_relaxed)
 body_simple = pick(body_simple)
@@ -190,8 +227,22 @@ header_relaxed = pick(header_relaxed)
 relaxed_headers = pick(relaxed_headers)
 ed25519_sign_lines = pick(ed25519_sign_lines)
 PyBodyHasher = BodyHasher
+PyRsaSigner = RsaSigner
 if not TYPE_CHECKING:
     BodyHasher = pick(PyBodyHasher)
+    RsaSigner = pick(PyRsaSigner)
+
+
+def rsa_signer(key: rsa.RSAPrivateKey) -> RsaSigner:
+    """The :class:`RsaSigner` of ``key``: one per key object (keys are cached
+    per path, ``load_private_key``), so the compiled one parses the key into
+    libcrypto once per process, not once per campaign compiled."""
+    return _rsa_signer(RsaSigner, key)
+
+
+@functools.lru_cache(maxsize=64)
+def _rsa_signer(cls: type[RsaSigner], key: rsa.RSAPrivateKey) -> RsaSigner:
+    return cls(key)
 
 
 class Plan(NamedTuple):
@@ -226,7 +277,6 @@ class Signer:
         self.selector = selector
         self.key = key
         self.algorithm = algorithm_of(key)
-        self._ed = isinstance(key, ed25519.Ed25519PrivateKey)
         self._sodium_key: bytes | None = None  # libsodium's secret key (seed + public key)
         if isinstance(key, ed25519.Ed25519PrivateKey) and _sodium_keypair is not None:
             seed = key.private_bytes(
@@ -247,8 +297,7 @@ class Signer:
         self._body_hash = BodyHasher(self._brelaxed)
         self._last_head: tuple[int, Plan | None, bytes, bytes] = (-1, None, b"", b"")
         self._plans: dict[tuple[str, ...], Plan] = {}
-        self._padding = padding.PKCS1v15()
-        self._sha256 = hashes.SHA256()
+        self._rsa = rsa_signer(key) if isinstance(key, rsa.RSAPrivateKey) else None
 
     @classmethod
     def from_settings(cls, s: Mapping[str, Any]) -> Signer:
@@ -304,19 +353,14 @@ class Signer:
             return ed25519_sign_lines(
                 plan.pick(lines), sig_head, sig_head_c14n, self._sodium_key, self._hrelaxed
             )
-        if self._hrelaxed:
-            signed = relaxed_headers(plan.pick(lines)) + sig_head_c14n
-        else:
-            signed = b"".join((*plan.pick(lines), sig_head_c14n))
-        if self._ed:
-            sig = self.key.sign(hashlib.sha256(signed).digest())  # type: ignore[call-arg]
-        else:
-            sig = self.key.sign(signed, self._padding, self._sha256)  # type: ignore[call-arg]
-        b64 = base64.b64encode(sig)
-        if 72 < len(b64) <= 144:  # ed25519: 88 characters, two lines
-            return b"".join([sig_head, b64[:72], b"\r\n  ", b64[72:], b"\r\n"])
-        folded = b"\r\n  ".join([b64[i : i + 72] for i in range(0, len(b64), 72)])
-        return sig_head + folded + b"\r\n"
+        if self._rsa is not None:
+            return self._rsa.sign_lines(  # type: ignore[no-any-return]
+                plan.pick(lines), sig_head, sig_head_c14n, self._hrelaxed
+            )
+        # Ed25519 without PyNaCl: OpenSSL through cryptography.
+        signed = _header_block(plan.pick(lines), sig_head_c14n, self._hrelaxed)
+        sig = self.key.sign(hashlib.sha256(signed).digest())  # type: ignore[call-arg]
+        return _sig_line(sig_head, sig)
 
     def sign(self, headers: Sequence[tuple[str, bytes]], body: bytes) -> bytes:
         """The ``DKIM-Signature: ...\\r\\n`` line for ``(lower-case name, raw line)`` pairs."""
