@@ -330,8 +330,7 @@ cdef class RsaSigner:
     ``RsaSigner``: the same bytes). The key is parsed once into libcrypto's
     EVP_PKEY and one signing context (PKCS#1 v1.5 over a SHA-256 digest) is
     set up once and reused: per message the header block is canonicalized
-    and hashed in one buffer, signed by ``EVP_PKEY_sign`` without the GIL,
-    and the line is written base64-folded, with no context made, no
+    and hashed in one buffer, signed by ``EVP_PKEY_sign``, and the line is written base64-folded, with no context made, no
     algorithm looked up and no Python objects in between."""
     cdef EVP_PKEY* pkey
     cdef EVP_PKEY_CTX* ctx
@@ -350,6 +349,8 @@ cdef class RsaSigner:
             serialization.NoEncryption(),
         )
         cdef const unsigned char* p = der
+        if self.pkey != NULL:
+            raise TypeError("RsaSigner is initialised once")
         self.pkey = d2i_AutoPrivateKey(NULL, &p, PyBytes_GET_SIZE(der))
         if self.pkey == NULL or EVP_PKEY_base_id(self.pkey) != EVP_PKEY_RSA:
             ERR_clear_error()
@@ -379,8 +380,9 @@ cdef class RsaSigner:
         if self.size > <Py_ssize_t> sizeof(sig):
             raise ValueError("RSA keys of more than 4096 bits are not supported")
         _block_digest(lines, sig_head_c14n, relaxed, digest)
-        with nogil:
-            rc = EVP_PKEY_sign(self.ctx, sig, &n, digest, 32)
+        # With the GIL held: the context is this object's, so two threads must
+        # not sign with it at once (a worker has one thread).
+        rc = EVP_PKEY_sign(self.ctx, sig, &n, digest, 32)
         if rc <= 0:
             ERR_clear_error()
             raise RuntimeError("libcrypto failed to sign")
