@@ -119,3 +119,51 @@ def test_a_failing_rows_handler_is_reported_once(tmp_path: Path, capsys: Any) ->
     log.emit_rows([a])
     assert got == a.dicts() * 2  # the other listener still sees every batch
     assert capsys.readouterr().err.count("failed (reported once)") == 1
+
+
+def test_compiled_writers_read_any_object_as_getattr_does() -> None:
+    """The compiled loops read struct fields from their slots: a list mixing
+    other objects with the same attributes (a namespace, a struct subclass)
+    gives what the reference gives through getattr."""
+    from types import SimpleNamespace
+
+    from fastsend.analytics import rollup
+    from fastsend.queue import dispatch
+
+    class Sub(Claimed):
+        pass
+
+    claims, results = claims_results(24)
+    mixed_c: list[Any] = []
+    mixed_r: list[Any] = []
+    for i, (c, r) in enumerate(zip(claims, results, strict=True)):
+        if i % 3 == 1:
+            c = SimpleNamespace(id=c.id, campaign=c.campaign, rcpt=c.rcpt, domain=c.domain,
+                                vars=c.vars, attempts=c.attempts, created=c.created)  # fmt: skip
+            r = SimpleNamespace(**{f: getattr(r, f) for f in r.__struct_fields__})
+        elif i % 3 == 2:
+            c = Sub(c.id, c.campaign, c.rcpt, c.domain, c.vars, c.attempts, c.created)
+        mixed_c.append(c)
+        mixed_r.append(r)
+    now = 1_700_000_000.25
+    want = events.py_delivered_lines(now, claims, results)
+    assert _accel.compiled("delivered_lines")(now, mixed_c, mixed_r) == want
+    accs = []
+    for fn in (rollup.py_count_delivered, _accel.compiled("count_delivered")):
+        acc: dict[Any, list[int]] = {}
+        mem: list[Any] = []
+        fn(now, mixed_c, mixed_r, acc, mem, rollup.NC, rollup._DELIVERED)
+        accs.append((acc, mem))
+    assert accs[0] == accs[1]
+    plain = [c for c in mixed_c if not isinstance(c, SimpleNamespace) and abs(c.id) < 2**62]
+    assert _accel.compiled("batch_record")(5, "d", plain, {}) == dispatch.py_batch_record(
+        5, "d", plain, {}
+    )
+    for fn in (dispatch.py_group_claims, _accel.compiled("group_claims")):
+        inflight: dict[int, Any] = {}
+        groups: dict[Any, list[Any]] = {}
+        fn(mixed_c, inflight, groups)
+        assert inflight == {c.id: c for c in mixed_c}
+        assert sum(map(len, groups.values())) == len(mixed_c)
+    with pytest.raises(AttributeError):
+        _accel.compiled("delivered_lines")(now, [SimpleNamespace(id=1)], results[:1])

@@ -13,6 +13,9 @@ cdef object _dp_encode = None  # fastsend.wire.encoder.encode
 cdef object _dp_digest = None  # fastsend.wire.blob_digest
 cdef _Out _dp_out = _Out(NULL, 0, 0)
 DEF _DP_BLOB_LEN = 78          # len(wire.blob_ref(sha256 hex digest))
+cdef tuple _CLAIM_ITEM = ("id", "rcpt", "vars", "attempts")
+cdef tuple _CLAIM_VARS = ("vars",)
+cdef tuple _CLAIM_GROUP = ("id", "campaign", "domain")
 
 
 cdef inline int _mp_head(_Out* o, unsigned char small, Py_ssize_t small_max,
@@ -118,6 +121,7 @@ def batch_record(campaign, domain, list items, dict blobs):
     cdef _Out* o = &_dp_out
     cdef object c
     cdef bytes out
+    cdef _Fields f = None
     _dp_init()
     o.len = 0
     _out_raw(o, b"\x95\x02", 2)  # Batch: array_like, 5 values, tag 2
@@ -125,11 +129,12 @@ def batch_record(campaign, domain, list items, dict blobs):
     _mp_str(o, domain)
     _mp_head(o, 0x90, 15, 0, 0xdc, 0xdd, len(items))
     for c in items:
+        f = _fields_for(c, f, _CLAIM_ITEM)
         _out_raw(o, b"\x94", 1)  # Item: 4 values
-        _mp_int(o, c.id)
-        _mp_str(o, c.rcpt)
-        _mp_bin(o, c.vars)
-        _mp_int(o, c.attempts)
+        _mp_int(o, _get(c, f, 0))
+        _mp_str(o, _get(c, f, 1))
+        _mp_bin(o, _get(c, f, 2))
+        _mp_int(o, _get(c, f, 3))
     _out_bytes(o, _dp_encode(blobs))
     out = PyBytes_FromStringAndSize(o.buf, o.len)
     o.len = 0
@@ -144,8 +149,10 @@ def blob_digests(list items):
     cdef set out = set()
     cdef object c, v, d
     _dp_init()
+    cdef _Fields f = None
     for c in items:
-        v = c.vars
+        f = _fields_for(c, f, _CLAIM_VARS)
+        v = _get(c, f, 0)
         if type(v) is bytes and len(<bytes>v) != _DP_BLOB_LEN:
             continue  # not a blob reference (the usual row)
         d = _dp_digest(v)
@@ -156,9 +163,11 @@ def blob_digests(list items):
 
 def group_claims(list claimed, dict inflight, dict groups):
     cdef object c, key, have
+    cdef _Fields f = None
     for c in claimed:
-        inflight[c.id] = c
-        key = (c.campaign, c.domain)
+        f = _fields_for(c, f, _CLAIM_GROUP)
+        inflight[_get(c, f, 0)] = c
+        key = (_get(c, f, 1), _get(c, f, 2))
         have = groups.get(key)
         if have is None:
             groups[key] = [c]

@@ -100,18 +100,26 @@ def count_accepted(t, campaign, tenant, list rcpts, dict acc, Py_ssize_t nc, k):
         _bump(acc, (minute, campaign, tenant, "", "", _rcpt_domain(rcpt)), nc, k)
 
 
+cdef tuple _CLAIM_COUNT = ("campaign", "rcpt", "id")
+cdef tuple _RES_COUNT = ("mx", "source_ip")
+
+
 def count_delivered(t, list claims, list results, dict acc, remember, Py_ssize_t nc, k):
     cdef object minute = int(t) // 60
     cdef object c, r, key, mid
     cdef Py_ssize_t i, n = len(claims)
     if len(results) != n:
         raise ValueError("count_delivered: claims and results differ in length")
+    cdef _Fields fc = None, fr = None
     for i in range(n):
         c = claims[i]
         r = results[i]
-        key = (minute, c.campaign, None, r.mx or "", r.source_ip or "", _rcpt_domain(c.rcpt))
+        fc = _fields_for(c, fc, _CLAIM_COUNT)
+        fr = _fields_for(r, fr, _RES_COUNT)
+        key = (minute, _get(c, fc, 0), None, _get(r, fr, 0) or "", _get(r, fr, 1) or "",
+               _rcpt_domain(_get(c, fc, 1)))
         _bump(acc, key, nc, k)
         if remember is not None:
-            mid = c.id
+            mid = _get(c, fc, 2)
             if mid is not None:
                 remember.append((mid, t, key))
