@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -249,3 +250,48 @@ def test_compiled_dispatch_twins_write_the_same_records() -> None:
         assert out[0] == out[1]
     with pytest.raises(OverflowError):
         rec(1, "d", [Claimed(2**70, 1, "r", "d", b"", 0, 1.0)], {})
+
+
+def test_compiled_apply_delivered_is_its_reference_twin() -> None:
+    """fastsend._core.apply_delivered takes the same claims, makes the same
+    Results, counts, events and hook calls as the reference, stops at the same
+    outcome (not a delivery) and skips answers whose claim is gone."""
+    from fastsend import wire
+    from fastsend.queue import outcomes
+    from fastsend.spool import DELIVERED, Claimed, Result
+
+    def run(fn: Any, events: bool, raising: bool) -> Any:
+        inflight = {i: Claimed(i, i % 3, f"u{i}@x.example", "x.example", b"{}", i % 2, 1.0)
+                    for i in range(0, 60) if i % 11 != 5}  # fmt: skip
+        items = [wire.Res(i, wire.K_DEFERRED if i % 13 == 12 else wire.K_DELIVERED, 250,
+                          "2.0.0", f"ok {i}", "mx", "127.0.0.2") for i in range(60)]  # fmt: skip
+        seen: list[Any] = []
+        failed: list[Any] = []
+
+        def hook(c: Any, r: Any, state: int) -> None:
+            seen.append((c.id, r.id, state))
+            if raising and c.id % 7 == 0:
+                raise RuntimeError("hook bug")
+
+        results: list[Any] = []
+        claims: list[Any] | None = [] if events else None
+        answers: list[Any] = []
+        delivered: dict[int, int] = {}
+        counts = [0, 0]
+        stops = []
+        i = 0
+        while True:
+            i, c = fn(items, i, inflight.pop, [hook], failed.append, (Result, DELIVERED,
+                      wire.K_DELIVERED), results, claims, answers, delivered, counts)  # fmt: skip
+            if c is None:
+                break
+            stops.append((i, c.id))
+            i += 1
+        assert all(f is hook for f in failed)
+        return results, claims, answers, delivered, counts, stops, seen, len(failed), sorted(inflight)
+
+    for events in (True, False):
+        for raising in (True, False):
+            want = run(outcomes.py_apply_delivered, events, raising)
+            assert run(_accel.compiled("apply_delivered"), events, raising) == want
+            assert want[5] and want[4][0] > want[4][1] > 0 and want[0]

@@ -18,6 +18,7 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _events.pxi      JSON lines of accepted/delivered events from columns (fastsend.events)
 - _recipients.pxi  a CSV list's plain lines to spool rows (fastsend.recipients)
 - _dispatch.pxi    claims grouped and written as Batch records (fastsend.queue.dispatch)
+- _outcomes.pxi    deliveries applied: Results, counts, events (fastsend.queue.outcomes)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -39,3 +40,4 @@ include "_rollup.pxi"
 include "_address.pxi"
 include "_recipients.pxi"
 include "_dispatch.pxi"
+include "_outcomes.pxi"

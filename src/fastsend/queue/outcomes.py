@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import repeat
 from typing import Any
 
 import orjson
 
 from fastsend import wire
+from fastsend._accel import pick
 from fastsend.config import RetryConfig
 from fastsend.events import DeliveredRows, Rows, outcome_dict
 from fastsend.queue.state import SupervisorState, WorkerSlot
@@ -83,49 +84,37 @@ class Outcomes(SupervisorState):
         now = time.time()
         policy = self.config.retry
         stats = self.stats
-        add_result = self.results.append
         pop = slot.inflight.pop
         hooks = self.result_hooks
         log_events = self.events.path is not None or bool(self.events.listeners)
         rows = DeliveredRows(now)
-        add_claim, add_res = rows.claims.append, rows.results.append
         delivered: dict[int, int] = {}  # campaign -> deliveries not yet counted
-        n = ok = 0
-        k_delivered = wire.K_DELIVERED
+        counts = [0, 0]  # outcomes applied, of which delivered
+        make = (Result, DELIVERED, wire.K_DELIVERED)
+        i = 0
         try:
-            for r in items:
-                c = pop(r.id, None)
+            while True:
+                i, c = apply_delivered(
+                    items, i, pop, hooks, self.hook_failed, make, self.results,
+                    rows.claims if log_events else None, rows.results, delivered, counts,
+                )  # fmt: skip
                 if c is None:
-                    continue  # already released (duplicate answer after a restart)
-                n += 1
-                attempts = c.attempts + 1
-                if r.kind == k_delivered:
-                    ok += 1
-                    cid = c.campaign
-                    add_result(Result(c.id, DELIVERED, attempts, 0.0, r.code, r.enhanced, r.text))
-                    delivered[cid] = delivered.get(cid, 0) + 1
-                    for hook in hooks:
-                        try:
-                            hook(c, r, DELIVERED)
-                        except Exception:  # a hook's bug must not strand the rest
-                            self.hook_failed(hook)
-                    if log_events:
-                        add_claim(c)
-                        add_res(r)
-                    continue
+                    break
+                r = items[i]  # another outcome: the deliveries before it counted, then it
+                i += 1
                 if delivered:
                     self._count_delivered(delivered)
                     delivered = {}
                 if rows.claims:  # the deliveries before it, then its event
                     self.event_buf.append(rows)
                     rows = DeliveredRows(now)
-                    add_claim, add_res = rows.claims.append, rows.results.append
-                self._apply_other(c, r, attempts, now, policy, log_events)
+                self._apply_other(c, r, c.attempts + 1, now, policy, log_events)
         finally:
             if rows.claims:
                 self.event_buf.append(rows)
             if delivered:
                 self._count_delivered(delivered)
+            n, ok = counts
             stats.attempts += n
             stats.delivered += ok
             slot.unwritten += n
@@ -272,6 +261,59 @@ class Outcomes(SupervisorState):
 
             print(f"fastsend: {name} raised (outcomes are still applied):", file=sys.stderr)
             traceback.print_exc()
+
+
+def apply_delivered(
+    items: list[wire.Res],
+    i: int,
+    pop: Callable[[int, None], Claimed | None],
+    hooks: list[Callable[[Claimed, wire.Res, int], None]],
+    failed: Callable[[Any], None],
+    make: tuple[type[Result], int, int],
+    results: list[Result],
+    claims: list[Claimed] | None,
+    answers: list[wire.Res],
+    delivered: dict[int, int],
+    counts: list[int],
+) -> tuple[int, Claimed | None]:
+    """The deliveries of ``items`` from index ``i`` (``Outcomes.apply``'s short
+    path; compiled twin in ``_outcomes.pxi``): each claim taken out of its
+    window (``pop``; one already gone is skipped), its Result (``make``: the
+    Result type, the delivered state, the delivered kind) appended, its
+    campaign counted in ``delivered``, the hooks called (``failed`` told of one
+    that raises), the claim and its answer appended to ``claims``/``answers``
+    (its event; None: no events), ``counts`` (applied, delivered) bumped.
+    Stops at the first outcome that is not a delivery: (its index, its claim,
+    taken out and counted as applied); at the end: (len(items), None)."""
+    result, state, k_delivered = make
+    end = len(items)
+    while i < end:
+        r = items[i]
+        c = pop(r.id, None)
+        if c is None:  # already released (duplicate answer after a restart)
+            i += 1
+            continue
+        counts[0] += 1
+        if r.kind != k_delivered:
+            return i, c
+        counts[1] += 1
+        results.append(result(c.id, state, c.attempts + 1, 0.0, r.code, r.enhanced, r.text))
+        cid = c.campaign
+        delivered[cid] = delivered.get(cid, 0) + 1
+        for hook in hooks:
+            try:
+                hook(c, r, state)
+            except Exception:  # a hook's bug must not strand the rest
+                failed(hook)
+        if claims is not None:
+            claims.append(c)
+            answers.append(r)
+        i += 1
+    return i, None
+
+
+py_apply_delivered = apply_delivered  # the reference (tests compare the twin with it)
+apply_delivered = pick(apply_delivered)
 
 
 def _dicts(buf: list[Any]) -> Iterator[dict[str, Any]]:
