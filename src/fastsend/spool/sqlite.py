@@ -163,6 +163,12 @@ SCHEMA_VERSION = "1"
 INFLIGHT_LOW = "inflight_low"
 ROWS_PER_STATEMENT = 256  # rows per multi-row statement (4-7 parameters each)
 ROOM_TTL = 1.0  # s a short claim's room takes rows spooled after it (see _take_parked)
+# The WAL is copied back into the database (checkpoint, in the commit that
+# passes this many pages) every ~40 MB, not SQLite's ~4 MB: a row's page is
+# written at its INSERT, its claim and its outcome within a few thousand
+# messages, so a short interval copied most pages twice or more (about 0.3 us
+# per message in the supervisor, bench/supervisor_stages.py).
+WAL_CHECKPOINT_PAGES = 10_000
 
 
 # A campaign's rows: its id runs (campaign_rows, written with the rows), each a
@@ -330,6 +336,8 @@ class SQLiteSpool(Spool):
             )
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.execute("PRAGMA cache_size=-16384")
+        if not readonly:
+            self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
         if not readonly:
             _idem_columns(self.db)
             _campaign_runs(self.db)
