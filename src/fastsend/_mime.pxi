@@ -10,11 +10,14 @@ from cpython.unicode cimport PyUnicode_Check
 from cpython.dict cimport PyDict_Copy
 
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF, Py_DECREF
+from cpython.ref cimport Py_DECREF
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
     int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize) except -1
+    PyObject* _bytes_new "PyBytes_FromStringAndSize" (const char* v, Py_ssize_t n) except NULL
+    char* _bytes_buf "PyBytes_AS_STRING" (PyObject* o)
+    void Py_XDECREF(PyObject* o)
 
 
 cdef char* _QP_HEX = b"0123456789ABCDEF"
@@ -181,20 +184,19 @@ def qp_template(tuple literals, tuple names, tuple defaults, variables):
     return _qp_template(literals, names, defaults, variables)
 
 
-cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
-    """Quoted-printable of the spliced template; b"" when it is empty.
+cdef class _QPPlan:
+    """One message's quoted-printable template, measured before it is written:
+    the values, the pre-encoded lines of its long literals (``_QP_LINES``), the
+    octets to encode and ``cap``, the room its encoding needs at most."""
+    cdef tuple literals
+    cdef list vals, lines
+    cdef Py_ssize_t dyn, cap
 
-    Twin of ``qp_encode_text(splice(...)) if text else b""``, without the
-    intermediate str: the UTF-8 of each piece (cached by Python for the
-    literals) is copied into one buffer and encoded in one pass, except the
-    whole lines inside long literals, whose encoding is made once and copied
-    (see ``_QP_LINES``).
-    """
-    cdef Py_ssize_t k, m = len(names), total = 0, dyn = 0, stat = 0, nseg = 1
-    cdef Py_ssize_t ln, pos = 0, seg = 0, o = 0, h, t
+
+cdef _QPPlan _qp_plan(tuple literals, tuple names, tuple defaults, variables):
+    cdef Py_ssize_t k, m = len(names), dyn = 0, stat = 0, nseg = 1, ln, h, t
     cdef list vals = _values(names, defaults, variables)
     cdef object piece, entry
-    cdef const char* p
     for k in range(m):
         if not PyUnicode_Check(vals[k]):
             raise TypeError(f"sequence item {2 * k + 1}: expected str instance, "
@@ -217,17 +219,28 @@ cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
         else:
             PyUnicode_AsUTF8AndSize(vals[k >> 1], &ln)
         dyn += ln
-    total = dyn + stat
-    if total == 0:
-        return b""
-    cdef unsigned char* src = <unsigned char*> malloc(dyn + 1)
+    cdef _QPPlan plan = _QPPlan.__new__(_QPPlan)
+    plan.literals = literals
+    plan.vals = vals
+    plan.lines = lines
+    plan.dyn = dyn
+    plan.cap = 0 if dyn + stat == 0 else _qp_cap(dyn) + 16 * nseg + stat
+    return plan
+
+
+cdef Py_ssize_t _qp_write(_QPPlan plan, unsigned char* out) except -1:
+    """Write the planned encoding to ``out`` (room: ``plan.cap``); its length."""
+    if plan.cap == 0:
+        return 0
+    cdef tuple literals = plan.literals
+    cdef list vals = plan.vals, lines = plan.lines
+    cdef Py_ssize_t k, npieces = 2 * len(vals) + 1, ln, pos = 0, seg = 0, o = 0, h, t
+    cdef object piece, entry
+    cdef const char* p
+    cdef unsigned char* src = <unsigned char*> malloc(plan.dyn + 1)
     if src == NULL:
         raise MemoryError()
-    cdef object res
-    cdef unsigned char* out
     try:
-        res = PyBytes_FromStringAndSize(NULL, _qp_cap(dyn) + 16 * nseg + stat)
-        out = <unsigned char*> PyBytes_AS_STRING(res)
         for k in range(npieces):
             piece = literals[k >> 1] if (k & 1) == 0 else vals[k >> 1]
             p = PyUnicode_AsUTF8AndSize(piece, &ln)
@@ -250,15 +263,39 @@ cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
         o += _qp_encode(src + seg, pos - seg, out + o)
     finally:
         free(src)
+    return o
+
+
+cdef bytes _cut(PyObject* raw, Py_ssize_t n):
+    """``raw``, a new bytes object made with room to spare whose only reference
+    the caller hands over, cut to its first ``n`` octets in place (no copy)."""
+    _PyBytes_Resize(&raw, n)  # on failure: the object freed, raw NULL, raised
+    cdef bytes res = <bytes> raw
+    Py_DECREF(res)  # the reference handed over (res holds its own)
+    return res
+
+
+cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
+    """Quoted-printable of the spliced template; b"" when it is empty.
+
+    Twin of ``qp_encode_text(splice(...)) if text else b""``, without the
+    intermediate str: the UTF-8 of each piece (cached by Python for the
+    literals) is copied into one buffer and encoded in one pass, except the
+    whole lines inside long literals, whose encoding is made once and copied
+    (see ``_QP_LINES``).
+    """
+    cdef _QPPlan plan = _qp_plan(literals, names, defaults, variables)
+    if plan.cap == 0:
+        return b""
     # Encoded straight into the bytes returned (made with room to spare), cut
     # to size in place: no scratch buffer copied out at the end.
-    cdef PyObject* raw = <PyObject*> res
-    Py_INCREF(res)  # the reference _PyBytes_Resize takes over ...
-    res = None  # ... is now the only one (it needs that)
-    _PyBytes_Resize(&raw, o)  # on failure: the object freed, raw NULL, raised
-    res = <object> raw
-    Py_DECREF(res)  # the reference taken over above
-    return res
+    cdef PyObject* raw = _bytes_new(NULL, plan.cap)
+    try:
+        n = _qp_write(plan, <unsigned char*> _bytes_buf(raw))
+    except BaseException:
+        Py_XDECREF(raw)
+        raise
+    return _cut(raw, n)
 
 
 def splice(tuple literals, tuple names, tuple defaults, variables):
@@ -717,9 +754,71 @@ cdef class Assembly:
         cdef list lines = self._headers(vs, to, date, mid_line)
         if sign:
             return lines, self._body(vs)
-        lines.append(b"\r\n")
-        lines.append(self._body(vs))
-        return b"".join(lines)
+        return self._whole(lines, vs)
+
+    cdef bytes _whole(self, list lines, object variables):
+        """The header lines, the empty line and the body, written into one
+        bytes object (the quoted-printable parts encoded in place): the
+        message's octets are written once, in one allocation, not once per
+        part and again to join them."""
+        cdef Py_ssize_t k, nseg = len(self.segments), cap = 2, o
+        cdef list parts = [None] * nseg
+        cdef object seg
+        cdef tuple t
+        cdef _QPPlan plan
+        for k in range(len(lines)):
+            seg = lines[k]
+            if type(seg) is not bytes:  # (any buffer, as b"".join takes it)
+                seg = lines[k] = b"".join((seg,))
+            cap += PyBytes_GET_SIZE(seg)
+        for k in range(nseg):
+            seg = self.segments[k]
+            if type(seg) is bytes:
+                parts[k] = seg
+                cap += PyBytes_GET_SIZE(seg)
+            elif type(seg) is tuple:
+                t = <tuple> seg
+                plan = _qp_plan(t[0], t[1], t[2], variables)
+                parts[k] = plan
+                cap += plan.cap
+            else:
+                seg = seg(variables)
+                if type(seg) is not bytes:
+                    seg = b"".join((seg,))
+                parts[k] = seg
+                cap += PyBytes_GET_SIZE(seg)
+        cap += 2  # the CRLF a body may need at its end
+        cdef PyObject* raw = _bytes_new(NULL, cap)
+        try:
+            o = self._write_whole(lines, parts, <unsigned char*> _bytes_buf(raw))
+        except BaseException:
+            Py_XDECREF(raw)
+            raise
+        return _cut(raw, o)
+
+    cdef Py_ssize_t _write_whole(self, list lines, list parts, unsigned char* w) except -1:
+        cdef Py_ssize_t o = 0, b, n
+        cdef object seg
+        for seg in lines:
+            n = PyBytes_GET_SIZE(seg)
+            memcpy(w + o, PyBytes_AS_STRING(seg), n)
+            o += n
+        w[o] = 13
+        w[o + 1] = 10
+        o += 2
+        b = o  # the body starts here
+        for seg in parts:
+            if type(seg) is bytes:
+                n = PyBytes_GET_SIZE(seg)
+                memcpy(w + o, PyBytes_AS_STRING(seg), n)
+                o += n
+            else:
+                o += _qp_write(<_QPPlan> seg, w + o)
+        if self.end_crlf and o > b and not (o - b >= 2 and w[o - 2] == 13 and w[o - 1] == 10):
+            w[o] = 13
+            w[o + 1] = 10
+            o += 2
+        return o
 
     cdef bytes _entry(self, object e, object variables):
         cdef tuple t
@@ -774,10 +873,7 @@ cdef class Assembly:
 
     def message(self, variables, bytes to, bytes date, bytes message_id):
         """The whole message: headers, the empty line, the body."""
-        cdef list lines = self._headers(variables, to, date, message_id)
-        lines.append(b"\r\n")
-        lines.append(self._body(variables))
-        return b"".join(lines)
+        return self._whole(self._headers(variables, to, date, message_id), variables)
 
 
 def message_id_safe(str message_id):

@@ -3,6 +3,11 @@
 # are the reference; tests run over both). No I/O, no SMTP state here.
 
 from libc.string cimport memchr, memcmp, memcpy
+from cpython.list cimport PyList_GET_SIZE
+from cpython.object cimport PyObject
+
+cdef extern from "Python.h":
+    int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject* itemlist) except -1
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 cdef Py_ssize_t _SMTP_MAX_LINE = 4096
@@ -793,7 +798,7 @@ cdef class ClientCore:
     cdef int _reply_data(self, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
         cdef int code = reply[0]
         cdef list wire
-        cdef Py_ssize_t k, j
+        cdef Py_ssize_t k, j, n
         cdef bytes tail
         self._group_open = False
         if code == 354:
@@ -804,9 +809,10 @@ cdef class ClientCore:
             if self.pipelining:
                 self._start_next()
                 wire = self._out  # (the same list: nothing takes it meanwhile)
-                if len(wire) > k:
-                    tail = <bytes>wire[k] if len(wire) == k + 1 else b"".join(wire[k:])
-                    del wire[k:]
+                n = PyList_GET_SIZE(wire)
+                if n > k:
+                    tail = <bytes>wire[k] if n == k + 1 else b"".join(wire[k:])
+                    PyList_SetSlice(wire, k, n, NULL)  # (del wire[k:], no slice object)
             if txn.accepted and txn.mail_fail is None:
                 wire.append(_dot_stuff(txn.data, tail))
             else:
