@@ -32,15 +32,23 @@ from aiohttp import ClientSession, web
 
 
 class Bucket:
+    """A provider's send rate. It starts nearly empty at the first request (not
+    full, a second's worth, nor filled while the sender starts): the first
+    concurrent requests are throttled whatever the machine's speed, so a test
+    always sees the limit reached (on a loaded machine the sender could stay
+    under the rate for a whole run)."""
+
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.tokens = rate
-        self.t = time.monotonic()
+        self.tokens = min(rate, 4.0)
+        self.t = 0.0  # set by the first request
 
     def take(self, n: int) -> bool:
         if not self.rate:
             return True
         now = time.monotonic()
+        if not self.t:
+            self.t = now
         self.tokens = min(self.rate, self.tokens + (now - self.t) * self.rate)
         self.t = now
         if self.tokens >= n:
