@@ -4,8 +4,10 @@ Measures, in one run, on one pinned core, by process CPU time:
 
 - fastsend build only (compiled core), vs the stdlib ``email`` package
   building the same message (goal: >= 50x);
-- fastsend build + DKIM rsa-sha256 (2048-bit), vs the raw OpenSSL sign rate
-  of the same key via ``cryptography`` (goal: >= 85%);
+- fastsend build + DKIM rsa-sha256 (2048-bit), vs the raw OpenSSL sign rate:
+  the faster of the same key via ``cryptography`` and ``openssl speed
+  rsa2048`` on the same core (goal: >= 85%); for reference, the same with a
+  body that differs per recipient from its first line (its SHA-256 every time);
 - fastsend build + DKIM ed25519-sha256, vs the raw Ed25519 sign rate of the
   same key via ``cryptography`` (PyNaCl too when installed; the faster one is
   the baseline) (goal: >= 70%);
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +79,23 @@ def cpu_rate(fn: Callable[[], object], seconds: float) -> float:
         if spent >= seconds:
             return n / spent
         batch = min(batch * 2, 1000)
+
+
+def openssl_speed_rsa2048(seconds: float) -> float:
+    """RSA-2048 signatures per second of `openssl speed rsa2048` (OpenSSL's own
+    loop on a digest, on this process's core; 0.0 when it cannot run)."""
+    try:
+        out = subprocess.run(
+            ["openssl", "speed", "-seconds", str(max(1, round(seconds))), "rsa2048"],
+            capture_output=True, text=True, check=False, timeout=60,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return 0.0
+    for line in out.splitlines():
+        f = line.split()
+        if f[:3] == ["rsa", "2048", "bits"] and len(f) > 5:
+            return float(f[5])
+    return 0.0
 
 
 def stdlib_builder() -> Callable[[int], bytes]:
@@ -192,6 +212,7 @@ def main() -> int:
         "fastsend build": build,
         "stdlib email build": lambda: std(next(std_counter)),
         "fastsend build+rsa2048": build_rsa,
+        "fastsend build+rsa2048, body varies": renderer("rsa", vary="start"),
         "raw rsa2048 sign": raw_rsa,
         "fastsend build+ed25519": build_ed,
         "fastsend build+ed25519, body varies": renderer("ed", vary=True),
@@ -203,6 +224,9 @@ def main() -> int:
         for name, fn in figures.items():
             secs = args.seconds if "stdlib" not in name else max(args.seconds / 2, 0.3)
             best[name] = max(best.get(name, 0.0), cpu_rate(fn, secs))
+        best["raw rsa2048 sign (openssl speed)"] = max(
+            best.get("raw rsa2048 sign (openssl speed)", 0.0), openssl_speed_rsa2048(args.seconds)
+        )
     best["stdlib email + dkimpy rsa2048"] = cpu_rate(dkimpy_path, max(args.seconds, 1.0))
 
     print(f"message: {size} octets, text+html, quoted-printable, 6 placeholders")
@@ -213,10 +237,12 @@ def main() -> int:
         print("error: some figures could not be measured", file=sys.stderr)
         return 2
     raw_ed_best = max(v for k, v in best.items() if k.startswith("raw ed25519"))
+    raw_rsa_best = max(v for k, v in best.items() if k.startswith("raw rsa2048"))
     goals = [
         ("build-only vs stdlib email", best["fastsend build"] / best["stdlib email build"], 50.0),
-        ("rsa2048 vs raw OpenSSL sign", best["fastsend build+rsa2048"] / best["raw rsa2048 sign"],
-         0.85),
+        ("rsa2048 vs raw OpenSSL sign", best["fastsend build+rsa2048"] / raw_rsa_best, 0.85),
+        ("rsa2048, body varies, vs raw", best["fastsend build+rsa2048, body varies"]
+         / raw_rsa_best, 0.0),
         ("ed25519 vs raw ed25519 sign", best["fastsend build+ed25519"] / raw_ed_best, 0.70),
         ("ed25519, body varies, vs raw", best["fastsend build+ed25519, body varies"]
          / raw_ed_best, 0.70),
