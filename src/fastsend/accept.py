@@ -289,9 +289,9 @@ class Acceptor:
         """Emit, with ``"resumed": true``, the "accepted" / "suppressed" events
         of spooled rows an earlier process committed and died before telling
         (``why`` names them in the log); returns how many. With an event index
-        (``index``, else :attr:`index`), only the rows it lacks; without one, all of them: events are at least
-        once (a process killed between its log line and what recorded it as
-        told has those lines twice, never none)."""
+        (``index``, else :attr:`index`), only the rows it lacks; without one,
+        all of them: events are at least once (a process killed between its log
+        line and what recorded it as told has those lines twice, never none)."""
         index = index if index is not None else self.index
         have = index.logged(ids, ("accepted", "suppressed")) if index is not None else set()
         miss: list[int] = []
