@@ -13,7 +13,10 @@ set so that its messages are as large as fastsend's (both sizes are printed).
 Each setting runs --repeat times (default 3), interleaved (smtp-source at every
 session count, then fastsend, then again), so load on a shared machine hits
 both alike; medians are shown with min-max. smtp-source's best session count
-(by median rate) is the baseline. CPU is user+system of the whole process tree
+(by median rate) is the baseline; each ratio is also shown per repeat, against
+the smtp-source run just before that fastsend run (the VM's speed drifts, up to
+~1.8x over a day; adjacent runs share its state), and a fixed pure-Python loop
+timed before, between and after the repeats shows that state. CPU is user+system of the whole process tree
 from the kernel (wait4), so fastsend's supervisor and every worker count; the
 supervisor/worker split comes from fastsend's summary.
 
@@ -493,6 +496,16 @@ def calibrate(tmp: str, camp: str, size: int) -> tuple[int, int, int]:
     return fs_size, length, src_size - size + length
 
 
+def host_probe() -> float:
+    """Milliseconds of process CPU a fixed pure-Python loop takes: the VM's
+    speed at that moment (it swings by up to ~1.8x over the day here)."""
+    t0 = time.process_time()
+    x = 0
+    for i in range(2_000_000):
+        x += i & 7
+    return (time.process_time() - t0) * 1e3
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -555,7 +568,10 @@ def main() -> int:
                 ok = dkim_run(tmp, sink, workers, min(n, 20_000), args.size, args.repeat)
                 return 0 if ok else 1
             startup_run(tmp, camp, sink, workers, args.repeat)
+            probes = [host_probe()]
             for rep in range(args.repeat):
+                if rep:
+                    probes.append(host_probe())
                 for s in sessions:
                     before, sink0 = sink.messages(), sink.cpu_s()
                     wall, cpu = run_source(sink.port, s, n, src_len)
@@ -591,6 +607,7 @@ def main() -> int:
                 got_alone = measure_client(sink.port, CLIENT_CONNECTIONS, n, group)
                 if got_alone is not None and sink.messages() - before == n:
                     alone1.append(got_alone)
+            probes.append(host_probe())
             for s in sessions:
                 rates = [r for r, _c in src[s]]
                 cpus = [c for _r, c in src[s]]
@@ -655,15 +672,27 @@ def main() -> int:
                 )
             f_rate = median_range(w_rates)[0]
             f_cpu = median_range(w_cpu)[0]
+            # Each repeat's fastsend run against the smtp-source run just before
+            # it (best session count): the host's speed drifts over a minute
+            # (the same smtp-source run costs 17-37 us/msg on this VM from one
+            # hour to the next), and adjacent runs share its state.
+            pair_rate = [n / f["wall_s"] / src[best][i][0] for i, f in enumerate(fsr)]
+            pair_cpu = [w_cpu[i] / src[best][i][1] for i in range(len(fsr))]
+            print(
+                f"host speed (a fixed pure-Python loop, ms; lower is faster):"
+                f" {' '.join(f'{x:.0f}' for x in probes)} (before, between repeats, after)"
+            )
             print(
                 f"baseline: smtp-source at its best session count (-s {best}):"
                 f" {b_rate:.0f} msg/s, {b_cpu:.1f} us CPU/msg"
             )
             print(
-                f"ratio msgs/s (whole command / smtp-source): {f_rate / b_rate:.2f}x  (goal >= 1.25x)"
+                f"ratio msgs/s (whole command / smtp-source): {f_rate / b_rate:.2f}x  (goal >= 1.25x);"
+                f" per adjacent pair {fmt_mr(pair_rate, '.2f')}"
             )
             print(
-                f"ratio CPU/msg (fastsend / smtp-source)    : {f_cpu / b_cpu:.2f}x  (goal <= 1.0x)"
+                f"ratio CPU/msg (fastsend / smtp-source)    : {f_cpu / b_cpu:.2f}x  (goal <= 1.0x);"
+                f" per adjacent pair {fmt_mr(pair_cpu, '.2f')}"
             )
             if args.dkim:
                 ok = dkim_run(tmp, sink, workers, min(n, 20_000), args.size, args.repeat) and ok
