@@ -252,6 +252,37 @@ def test_compiled_dispatch_twins_write_the_same_records() -> None:
         rec(1, "d", [Claimed(2**70, 1, "r", "d", b"", 0, 1.0)], {})
 
 
+def test_compiled_delivered_runs_is_its_reference_twin() -> None:
+    """fastsend._core.delivered_runs (the SQLite spool's write of a flush's
+    deliveries) gives the same UPDATE parameters (runs of consecutive ids per
+    (attempts, code, enhanced), groups in first-seen order) and the same other
+    outcomes, in order, as the reference, for ids in any order."""
+    import random
+
+    from fastsend.spool import BOUNCED, DEFERRED, DELIVERED, Result
+    from fastsend.spool import sqlite as sq
+
+    twin = _accel.compiled("delivered_runs")
+    rng = random.Random(11)
+    for t in range(300):
+        n = rng.choice([0, 1, 2, 5, 60, 1000])
+        ids = rng.sample(range(1, 4000), n) if t % 3 else list(range(100, 100 + n))
+        if t % 2:
+            rng.shuffle(ids)
+        res = [Result(i, rng.choice([DELIVERED] * 8 + [DEFERRED, BOUNCED]),
+                      rng.choice([1, 1, 1, 2, 300]), 0.0, rng.choice([250] * 5 + [251, 2**70]),
+                      rng.choice(["2.0.0"] * 5 + ["", "2.1.5"]), "x")
+               for i in ids]  # fmt: skip
+        want = sq.py_delivered_runs(res, 5.0, DELIVERED)
+        got = twin(iter(res) if t % 4 == 1 else res, 5.0, DELIVERED)
+        assert got == want
+        assert all(a is b for a, b in zip(got[1], want[1], strict=True))
+    runs, rest = twin([Result(i, DELIVERED, 1, 0.0, 250, "2.0.0") for i in (7, 3, 4, 5, 9)], 1.0,
+                      DELIVERED)  # fmt: skip
+    assert runs == [(1, 1.0, 250, "2.0.0", 3, 5), (1, 1.0, 250, "2.0.0", 7, 7),
+                    (1, 1.0, 250, "2.0.0", 9, 9)] and rest == []  # fmt: skip
+
+
 def test_compiled_apply_delivered_is_its_reference_twin() -> None:
     """fastsend._core.apply_delivered takes the same claims, makes the same
     Results, counts, events and hook calls as the reference, stops at the same

@@ -47,3 +47,57 @@ def apply_delivered(list items, Py_ssize_t i, pop, list hooks, failed, tuple mak
             answers.append(r)
         i += 1
     return i, None
+
+
+# Compiled twin of fastsend.spool.sqlite.delivered_runs (the pure version there
+# is the reference): the spool's write of a flush's deliveries, grouped by
+# (attempts, code, enhanced) without a key tuple per outcome (consecutive
+# outcomes mostly share it: compared in place), each group's ids sorted and
+# cut into runs of consecutive ids, one parameter tuple per run.
+
+cdef tuple _RESULT_RUNS = ("state", "attempts", "code", "enhanced", "id")
+
+
+cdef inline bint _same(object a, object b) except -1:
+    return a is b or a == b
+
+
+def delivered_runs(results, now, delivered):
+    cdef dict done = {}
+    cdef list rest = []
+    cdef list ids = None
+    cdef list runs = []
+    cdef object r, a, code, enh, key = None, start, prev, i
+    cdef long long p, v
+    cdef Py_ssize_t j, n
+    cdef _Fields fr = None
+    for r in results:
+        fr = _fields_for(r, fr, _RESULT_RUNS)
+        if not _same(_get(r, fr, 0), delivered):
+            rest.append(r)
+            continue
+        a = _get(r, fr, 1)
+        code = _get(r, fr, 2)
+        enh = _get(r, fr, 3)
+        if key is None or not (_same(a, key[0]) and _same(code, key[1]) and _same(enh, key[2])):
+            key = (a, code, enh)
+            ids = done.get(key)
+            if ids is None:
+                ids = []
+                done[key] = ids
+        ids.append(_get(r, fr, 4))
+    for key, ids in done.items():
+        ids.sort()
+        n = len(ids)
+        start = prev = ids[0]
+        p = prev
+        for j in range(1, n):
+            i = ids[j]
+            v = i
+            if v != p + 1:
+                runs.append((key[0], now, key[1], key[2], start, prev))
+                start = i
+            prev = i
+            p = v
+        runs.append((key[0], now, key[1], key[2], start, prev))
+    return runs, rest

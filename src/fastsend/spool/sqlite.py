@@ -46,6 +46,7 @@ from typing import Any
 
 import orjson
 
+from fastsend._accel import pick
 from fastsend.spool.base import (
     AGE_BUCKETS_MIN,
     CANCELLED,
@@ -303,6 +304,37 @@ _DELIVERED_SQL = (
 )
 
 _by_id = operator.attrgetter("id")
+
+
+def delivered_runs(
+    results: Iterable[Result], now: float, delivered: int
+) -> tuple[list[tuple[int, float, int, str, int, int]], list[Result]]:
+    """``record_results``' deliveries as the parameters of ``_DELIVERED_SQL``
+    (attempts, ``now``, code, enhanced, first id, last id): one per run of
+    consecutive ids sharing (attempts, code, enhanced), the groups in the order
+    they first appear, each group's ids sorted; and the other outcomes, in
+    their order (compiled twin in ``_outcomes.pxi``: no key tuple per outcome)."""
+    done: dict[tuple[int, int, str], list[int]] = {}
+    rest: list[Result] = []
+    key: tuple[int, int, str] | None = None
+    ids: list[int] = []
+    for r in results:
+        if r.state == delivered:
+            k = (r.attempts, r.code, r.enhanced)
+            if k != key:  # consecutive outcomes mostly share it
+                key, ids = k, done.setdefault(k, [])
+            ids.append(r.id)
+        else:
+            rest.append(r)
+    runs: list[tuple[int, float, int, str, int, int]] = []
+    for (attempts, code, enhanced), ids in done.items():
+        ids.sort()
+        runs += [(attempts, now, code, enhanced, a, b) for a, b in id_runs(ids)]
+    return runs, rest
+
+
+py_delivered_runs = delivered_runs  # the reference (tests compare the twin with it)
+delivered_runs = pick(delivered_runs)
 SUPERVISOR_LOCK = "supervisor.lock"  # held by the one process supervising the spool
 
 
@@ -611,29 +643,13 @@ class SQLiteSpool(Spool):
         # bound per row, a third of the CPU of a row each in UPDATE ... FROM
         # (VALUES ...). Their reply text is not kept in the row: the delivered
         # event (event log, event index) carries it, with the remote queue id.
-        # Grouped first, then each group sorted (ids, not objects by a key).
-        done: dict[tuple[int, int, str], list[int]] = {}
-        rest: list[Result] = []
-        key: tuple[int, int, str] | None = None
-        ids: list[int] = []
-        for r in results:
-            if r.state == DELIVERED:
-                k = (r.attempts, r.code, r.enhanced)
-                if k != key:  # consecutive outcomes mostly share it
-                    key, ids = k, done.setdefault(k, [])
-                ids.append(r.id)
-            else:
-                rest.append(r)
-        for ids in done.values():
-            ids.sort()
+        # Grouped first, then each group sorted (ids, not objects by a key):
+        # ``delivered_runs``.
+        runs, rest = delivered_runs(results, now, DELIVERED)
         rest.sort(key=_by_id)
         db = self.db
         with transaction(db):
-            for (attempts, code, enhanced), ids in done.items():
-                db.executemany(
-                    _DELIVERED_SQL,
-                    [(attempts, now, code, enhanced, a, b) for a, b in id_runs(ids)],
-                )
+            db.executemany(_DELIVERED_SQL, runs)
             # The others: one UPDATE ... FROM (VALUES ...) per chunk (sizes from _sizes).
             at = 0
             for n in _sizes(len(rest)):
