@@ -216,6 +216,39 @@ def test_rows_count_as_their_dicts() -> None:
         assert want_acc and (want_mem is None) != remember
 
 
+def test_delivered_rows_in_runs_count_as_their_dicts() -> None:
+    """count_delivered's compiled twin bumps the last key's row again for a
+    delivery sharing it (campaign, MX, source IP, recipient domain): the same
+    counts and remembered keys as the reference, whether consecutive
+    deliveries share a key or differ in any one part of it (a domain that is
+    a suffix of the last, a changed case, no '@', a campaign id 1 vs True)."""
+    from fastsend import _accel, wire
+    from fastsend.analytics import rollup
+    from fastsend.spool import Claimed
+
+    t0 = 1_700_000_000.5
+    rcpts = ["a@b.example", "q@b.example", "q@xb.example", "z@b.example", "w@B.example",
+             "noat", "noat2", "@", "y@", "x@b.example"]  # fmt: skip
+    claims: list[Any] = []
+    results: list[Any] = []
+    for i in range(90):
+        rcpt = rcpts[(i // 3) % len(rcpts)]
+        cid: Any = True if i % 17 == 16 else (i // 30) + 1
+        claims.append(Claimed(i, cid, rcpt, "d", b"{}", 0, t0))
+        mx = "mx.b.example" if i % 7 else ""
+        results.append(wire.Res(i, 0, 250, "2.0.0", "ok", mx, "127.0.0.2" if i % 11 else "",
+                                queue_id="q"))  # fmt: skip
+    for remember in (True, False):
+        got = []
+        for fn in (rollup.py_count_delivered, _accel.compiled("count_delivered")):
+            acc: dict[Any, list[int]] = {}
+            mem: list[Any] | None = [] if remember else None
+            fn(t0, claims, results, acc, mem, rollup.NC, rollup._DELIVERED)
+            got.append((acc, mem))
+        assert got[0] == got[1]
+        assert sum(row[rollup._DELIVERED] for row in got[0][0].values()) == 90
+
+
 def test_unique_counts_survive_a_restart(tmp_path: Path) -> None:
     now = time.time()
     ev = {"time": now, "event": "opened", "id": 7, "campaign": 1, "tenant": "acme",
