@@ -283,6 +283,30 @@ def test_compiled_delivered_runs_is_its_reference_twin() -> None:
                     (1, 1.0, 250, "2.0.0", 9, 9)] and rest == []  # fmt: skip
 
 
+def test_compiled_insert_params_is_its_reference_twin() -> None:
+    """fastsend._core.insert_params appends what a multi-row INSERT binds
+    (rcpt, domain, vars as text when they are UTF-8 bytes, else as given; the
+    row's state in a mixed chunk) exactly as the reference, for any cut of
+    the rows; a row that is not (rcpt, domain, vars) raises in both."""
+    from fastsend.spool import sqlite as sq
+
+    twin = _accel.compiled("insert_params")
+    rows: list[Any] = [("a@b.example", "b.example", b'{"name":"\xc3\xa9"}'),
+                       ["c@d.example", "d.example", b"\xff\xfe"], ("e@f", "f", "text"),
+                       ("g@h", "h", bytearray(b"{}")), ("i@j", "j", b"")]  # fmt: skip
+    states = [1, 0, 5, 0, 0]
+    for at, end in ((0, 5), (1, 3), (2, 2), (0, 1), (4, 5)):
+        for cut_states in (None, states):
+            got: list[Any] = ["head"]
+            want: list[Any] = ["head"]
+            sq.py_insert_params(want, rows, at, end, cut_states)
+            twin(got, rows, at, end, cut_states)
+            assert got == want and list(map(type, got)) == list(map(type, want))
+    for fn in (sq.py_insert_params, twin):
+        with pytest.raises(ValueError):
+            fn([], [("a@b", "b")], 0, 1, None)
+
+
 def test_compiled_apply_delivered_is_its_reference_twin() -> None:
     """fastsend._core.apply_delivered takes the same claims, makes the same
     Results, counts, events and hook calls as the reference, stops at the same

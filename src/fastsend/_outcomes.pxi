@@ -101,3 +101,29 @@ def delivered_runs(results, now, delivered):
             p = v
         runs.append((key[0], now, key[1], key[2], start, prev))
     return runs, rest
+
+
+# Compiled twin of fastsend.spool.sqlite.insert_params (the reference there):
+# what one multi-row INSERT binds per spooled row, appended to its parameters
+# straight from the rows (no column tuples, slices or a tuple per row), the
+# vars bound as text when they are UTF-8 bytes.
+
+def insert_params(list params, list rows, Py_ssize_t at, Py_ssize_t end, states):
+    cdef Py_ssize_t k
+    cdef object row, rcpt, domain, v
+    cdef bint mixed = states is not None
+    if mixed and type(states) is not list:
+        states = list(states)
+    for k in range(at, end):
+        row = rows[k]
+        rcpt, domain, v = row
+        if type(v) is bytes:
+            try:
+                v = (<bytes>v).decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        params.append(rcpt)
+        params.append(domain)
+        params.append(v)
+        if mixed:
+            params.append((<list>states)[k])

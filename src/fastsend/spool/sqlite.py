@@ -256,7 +256,7 @@ def _sizes(n: int) -> Iterator[int]:
 @functools.lru_cache(maxsize=32)
 def _insert_sql(n: int, mixed: bool) -> str:
     """``n`` rows: ?1 campaign, ?2 now and ?3 the rows' state, bound once; then
-    per row its rcpt, domain and vars (as text: ``_text_vars``), and when
+    per row its rcpt, domain and vars (as text: ``insert_params``), and when
     ``mixed`` its own state. No id: each row takes the largest id + 1, as
     add_messages counted them (checked)."""
     if mixed:
@@ -275,16 +275,41 @@ def _insert_sql(n: int, mixed: bool) -> str:
     )
 
 
-def _text_vars(vars_: tuple[bytes, ...]) -> list[str] | tuple[bytes, ...]:
-    """Rows' vars to bind: as text, which Python's sqlite3 binds at a third of
-    the cost of bytes (those go through its adapter look-up, ~0.3 us each);
-    the statement stores them back as the same bytes (CAST AS BLOB). Vars that
-    are not UTF-8 (never written by fastsend: JSON) stay bytes: CAST leaves a
-    blob as it is."""
-    try:
-        return list(map(bytes.decode, vars_))
-    except (UnicodeDecodeError, TypeError):  # TypeError: not bytes (bound as given)
-        return vars_
+def _text_var(v: Any) -> Any:
+    """A row's vars to bind: as text, which Python's sqlite3 binds at a third
+    of the cost of bytes (those go through its adapter look-up, ~0.3 us
+    each); the statement stores them back as the same bytes (CAST AS BLOB).
+    Vars that are not UTF-8 bytes (never written by fastsend: JSON) are bound
+    as given: CAST leaves a blob as it is."""
+    if type(v) is bytes:
+        try:
+            return v.decode()
+        except UnicodeDecodeError:
+            pass
+    return v
+
+
+def insert_params(
+    params: list[Any],
+    rows: list[tuple[str, str, bytes]],
+    at: int,
+    end: int,
+    states: list[int] | None,
+) -> None:
+    """Append to ``params`` what ``_insert_sql`` binds per row for
+    ``rows[at:end]``: its rcpt, domain and vars (as text: ``_text_var``), and
+    its state from ``states`` when given (a mixed chunk). Compiled twin in
+    ``_outcomes.pxi``: no column tuples, slices or a tuple per row."""
+    part = rows[at:end]
+    rcpts, domains, vars_ = zip(*part, strict=True) if part else ((), (), ())
+    cols = [rcpts, domains, map(_text_var, vars_)]
+    if states is not None:
+        cols.append(states[at:end])
+    params.extend(chain.from_iterable(zip(*cols, strict=True)))
+
+
+py_insert_params = insert_params  # the reference (tests compare the twin with it)
+insert_params = pick(insert_params)
 
 
 @functools.lru_cache(maxsize=16)
@@ -497,21 +522,11 @@ class SQLiteSpool(Spool):
             for i in suppressed:
                 if i < len(rows):
                     states[i] = SUPPRESSED
-            rcpts, domains, vars_ = zip(*rows, strict=True) if rows else ((), (), ())
-            texts = _text_vars(vars_)
             for at, end in ((0, park), (park, len(rows))):
                 for n in _sizes(end - at):
-                    cut = slice(at, at + n)
                     mixed = bool(suppressed) and not suppressed.isdisjoint(range(at, at + n))
                     params: list[Any] = [campaign_id, now, states[at]]
-                    if mixed:
-                        params.extend(chain.from_iterable(
-                            zip(rcpts[cut], domains[cut], texts[cut], states[cut], strict=True)
-                        ))  # fmt: skip
-                    else:
-                        params.extend(chain.from_iterable(
-                            zip(rcpts[cut], domains[cut], texts[cut], strict=True)
-                        ))  # fmt: skip
+                    insert_params(params, rows, at, at + n, states if mixed else None)
                     last = db.execute(_insert_sql(n, mixed), params).lastrowid
                     at += n
                     if last != first + at - 1:  # ids are handed out as counted, or nothing is
@@ -544,6 +559,7 @@ class SQLiteSpool(Spool):
                 del self._tallies[campaign_id]
         if park:
             self._parked_cids.add(campaign_id)
+            rcpts, domains, vars_ = zip(*rows[:park], strict=True)
             parked = map(Claimed, range(first, first + park), repeat(campaign_id),
                          rcpts, domains, vars_, repeat(0), repeat(now))  # fmt: skip
             if not suppressed or suppressed.isdisjoint(range(park)):
