@@ -14,7 +14,7 @@ import pytest
 
 from _smtp_helpers import client_class
 from fastsend import _accel
-from fastsend.outcome import Envelope, TxnResult
+from fastsend.outcome import Envelope, Outcome, TxnResult
 from fastsend.smtp import client as cl
 from fastsend.smtp import replies
 from fastsend.smtp.client import CommandDone, SMTPClient
@@ -338,6 +338,95 @@ CASES += [
         [("", [("failed", 550, "5.1.1", "rcpt")]), ("Q3", [DELIVERED])],
     ),
 ]
+
+
+# Deferred messages (Envelope.data a callable, as the worker's DeferredMessage):
+# made as the transaction starts; one that gives an Outcome (a render failure),
+# exceeds the server's SIZE or raises sends nothing and is answered with it.
+def made(data: Any) -> Any:
+    return lambda: data
+
+
+def broken() -> bytes:
+    raise RuntimeError("no message")
+
+
+RENDER_FAILED = Outcome("failed", 550, "5.6.0", "render: bad value", "local")
+CASES += [
+    (
+        "deferred messages: made as each transaction starts, sent as bytes would be",
+        FULL,
+        [
+            env("a@example.com", data=made(b"hello\r\n"), tag=1),
+            env("b@example.com", data=made(b"two\r\n"), tag=2),
+        ],
+        [
+            (b"", b"MAIL FROM:<sender@example.org> SIZE=7\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"),
+            (
+                b"250 Ok\r\n250 Ok\r\n354 go\r\n",
+                b"hello\r\n.\r\nMAIL FROM:<sender@example.org> SIZE=5\r\n"
+                b"RCPT TO:<b@example.com>\r\nDATA\r\n",
+            ),
+            (b"250 2.0.0 queued as A\r\n250 Ok\r\n250 Ok\r\n354 go\r\n", b"two\r\n.\r\n"),
+            (b"250 2.0.0 queued as B\r\n", b""),
+        ],
+        [("A", [DELIVERED]), ("B", [DELIVERED])],
+    ),
+    (
+        "deferred messages that cannot be made (an Outcome, over SIZE, a bug) send nothing",
+        FULL,
+        [
+            env("a@example.com", "b@example.com", data=made(RENDER_FAILED), tag=1),
+            env("c@example.com", data=made(b"x" * 100_001), tag=2),
+            env("d@example.com", data=broken, tag=3),
+            env("e@example.com", data=made(b"hello\r\n"), tag=4),
+        ],
+        [
+            (b"", b"MAIL FROM:<sender@example.org> SIZE=7\r\nRCPT TO:<e@example.com>\r\nDATA\r\n"),
+            (b"250 Ok\r\n250 Ok\r\n354 go\r\n", b"hello\r\n.\r\n"),
+            (b"250 2.0.0 queued as E\r\n", b""),
+        ],
+        [
+            ("", [("failed", 550, "5.6.0", "local")] * 2),
+            ("", [("failed", 0, "5.3.4", "mail")]),
+            ("", [("deferred", 451, "4.3.0", "local")]),
+            ("E", [DELIVERED]),
+        ],
+    ),
+    (
+        "BDAT: a deferred message is made as its transaction streams; one that cannot be"
+        " sends nothing",
+        BDAT,
+        [
+            env("a@example.com", data=made(RENDER_FAILED), tag=1),
+            env("b@example.com", data=made(b"hello\r\n"), tag=2),
+        ],
+        [
+            (
+                b"",
+                b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<b@example.com>\r\n"
+                b"BDAT 7 LAST\r\nhello\r\n",
+            ),
+            (b"250 Ok\r\n250 Ok\r\n250 2.0.0 queued as Q\r\n", b""),
+        ],
+        [("", [("failed", 550, "5.6.0", "local")]), ("Q", [DELIVERED])],
+    ),
+]
+
+
+def test_a_deferred_message_is_made_when_its_transaction_starts() -> None:
+    """Not when it is queued: only the message about to be sent exists as bytes."""
+    c = ready()
+    calls: list[int] = []
+
+    def maker(i: int) -> Any:
+        return lambda: calls.append(i) or b"m%d\r\n" % i
+
+    c.send_envelopes([env(f"r{i}@example.com", data=maker(i), tag=i) for i in range(3)])
+    assert calls == [0]
+    c.receive_data(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    assert calls == [0, 1]  # the second starts as the first body goes
+    assert c.data_to_send().startswith(b"m0\r\n.\r\nMAIL FROM:")
 
 
 def test_bdat_reset_after_a_failed_transaction() -> None:

@@ -70,6 +70,35 @@ def test_for_batch_renders_what_render_does(monkeypatch: pytest.MonkeyPatch, imp
         r.render(RCPTS[0], {"name": "x"}, "m1")
 
 
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_a_deferred_message_makes_what_personal_does(
+    monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    """Assembly.deferred (for_batch(deferred=True)): the message personal()
+    makes, from the variables or their JSON, made when it is called; when
+    personal() raises, what the fallback returns for (rcpt, variables, id)."""
+    use_impl(monkeypatch, impl)
+    r = Campaign.from_dict(SPEC).compile()
+    personal, date = r.for_batch()  # type: ignore[misc]
+    deferred, date2 = r.for_batch(deferred=True)  # type: ignore[misc]
+    assert date2 == date
+    asked: list[tuple] = []
+
+    def fallback(rcpt: str, variables: object, mid: str) -> object:
+        asked.append((rcpt, variables, mid))
+        return "why"
+
+    for i, rcpt in enumerate(RCPTS):
+        mid = msgid.token(1000 + i, SECRET)
+        want = personal(_values(i), rcpt, mid, date, False)
+        assert deferred(_values(i), rcpt, mid, date, fallback)() == want
+        assert deferred(orjson.dumps(_values(i)), rcpt, mid, date, fallback)() == want
+    assert deferred(b"", RCPTS[0], "m0", date, fallback)() == "why"  # no variables: {}
+    bad = orjson.dumps({"name": "x"})
+    assert deferred(bad, RCPTS[1], "m1", date, fallback)() == "why"
+    assert asked == [(RCPTS[0], b"", "m0"), (RCPTS[1], bad, "m1")]
+
+
 def test_for_batch_is_not_used_for_tracked_or_signed_mail(tmp_path: Path) -> None:
     secret = tmp_path / "tracking.key"
     secret.write_text("a tracking secret of enough length 0123")
@@ -109,6 +138,56 @@ def test_build_each_answers_a_failed_render_and_builds_the_rest(tmp_path: Path) 
     [res] = w.out
     assert res.id == 99 and res.kind == wire.K_FAILED and res.code == 550
     assert res.text.startswith("render:") and "string" in res.text
+
+
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_deferred_messages_are_made_as_they_are_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    """A worker's site queues hold DeferredMessages (build(deferred=True)): each
+    is made by the SMTP client as its transaction starts, delivered with the
+    bytes render() makes, and one that cannot be rendered is answered failed
+    (550 5.6.0 render: ...) with nothing sent for it."""
+    use_impl(monkeypatch, impl)
+    with SinkProcess("--save", str(tmp_path / "saved")) as sink:
+        config = _config(tmp_path, sink.addresses[0][1])
+        inbox, outbox = Ring(1 << 20), Ring(1 << 20)
+        enc = wire.encoder.encode
+        inbox.put(enc(wire.CampaignSpec(1, Campaign.from_dict(SPEC).to_dict())))
+        items = [wire.Item(10 + i, rcpt, orjson.dumps(_values(i)), 0)
+                 for i, rcpt in enumerate(RCPTS)]  # fmt: skip
+        bad_vars = orjson.dumps({**_values(0), "name": 5})  # not a string
+        items.insert(2, wire.Item(99, "bad@d1.example.net", bad_vars, 0))
+        inbox.put(enc(wire.Batch(1, "d1.example.net", items)))
+        inbox.put(enc(wire.Drain()))
+        w = Worker(0, config, ["127.0.0.2"], inbox, outbox)
+        built: list = []
+        real_build = w.build
+
+        def build(batch: wire.Batch, deferred: bool = False) -> list:
+            built.extend(envs := real_build(batch, deferred))
+            return envs
+
+        w.build = build  # type: ignore[method-assign]
+        asyncio.run(asyncio.wait_for(w.main(), 60))
+    assert len(built) == 5 and all(type(e.data) is not bytes for e in built)
+    results = {res.id: res for res in _results(outbox)}
+    assert sorted(results) == [10, 11, 12, 13, 99]
+    bad = results.pop(99)
+    assert (bad.kind, bad.code, bad.enhanced, bad.stage) == (wire.K_FAILED, 550, "5.6.0", "local")
+    assert bad.text.startswith("render:") and "string" in bad.text
+    assert (bad.mx, bad.source_ip) == (f"127.0.0.1:{sink.port}", "127.0.0.2")  # where it was to go
+    assert all(res.kind == wire.K_DELIVERED for res in results.values())
+    r = w.renderer(1)
+    saved = sorted((tmp_path / "saved").iterdir())
+    assert len(saved) == len(RCPTS)
+    got = sorted(DATE.sub(b"", p.read_bytes().split(b"\r\n\r\n", 1)[1]) for p in saved)
+    want = sorted(
+        DATE.sub(b"", r.render(it.rcpt, orjson.loads(it.vars), msgid.token(it.id, SECRET))
+                 .split(b"\r\n\r\n", 1)[1])
+        for it in items if it.id != 99
+    )  # fmt: skip
+    assert got == want
 
 
 def test_batches_of_one_read_go_onto_their_site_queue_at_once(

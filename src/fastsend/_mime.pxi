@@ -738,6 +738,21 @@ cdef class Assembly:
     def personal(self, variables, str rcpt, str message_id, bytes date, bint sign):
         """One recipient's message (or with ``sign``, its header lines and body):
         the variables ``email`` and ``message_id``, To and Message-ID made here."""
+        return self._personal(variables, rcpt, message_id, date, sign)
+
+    def deferred(self, variables, str rcpt, str message_id, bytes date, fallback):
+        """``personal(variables, rcpt, message_id, date, False)`` to be made
+        later, when it is about to be sent (a :class:`DeferredMessage`)."""
+        cdef DeferredMessage d = DeferredMessage.__new__(DeferredMessage)
+        d.assembly = self
+        d.variables = variables
+        d.rcpt = rcpt
+        d.message_id = message_id
+        d.date = date
+        d.fallback = fallback
+        return d
+
+    cdef object _personal(self, variables, str rcpt, str message_id, bytes date, bint sign):
         cdef dict vs = PyDict_Copy(variables) if type(variables) is dict else dict(variables)
         cdef bytes to = b""
         cdef str mid = message_id
@@ -874,6 +889,38 @@ cdef class Assembly:
     def message(self, variables, bytes to, bytes date, bytes message_id):
         """The whole message: headers, the empty line, the body."""
         return self._whole(self._headers(variables, to, date, message_id), variables)
+
+
+cdef object _json_loads = None  # orjson.loads, imported at the first DeferredMessage
+
+
+cdef class DeferredMessage:
+    """A recipient's message made when it is called (twin of the pure one in
+    fastsend.message.mime): the SMTP client calls it as the message's
+    transaction starts, so its bytes are written just before they are sent,
+    still in cache. ``Assembly.personal``'s message, or when that raises,
+    what ``fallback(rcpt, variables, message_id)`` returns (the message made
+    the slow way, or an Outcome saying why there is none). ``variables`` may
+    be their JSON (bytes), decoded when it is made."""
+    cdef Assembly assembly
+    cdef object variables, fallback
+    cdef str rcpt, message_id
+    cdef bytes date
+
+    def __call__(self):
+        return self.make()
+
+    cdef object make(self):
+        global _json_loads
+        vs = self.variables
+        try:
+            if type(vs) is bytes:  # the recipient's JSON, decoded now (in cache)
+                if _json_loads is None:
+                    from orjson import loads as _json_loads
+                vs = _json_loads(vs) if PyBytes_GET_SIZE(vs) else {}
+            return self.assembly._personal(vs, self.rcpt, self.message_id, self.date, False)
+        except Exception:
+            return self.fallback(self.rcpt, self.variables, self.message_id)
 
 
 def message_id_safe(str message_id):

@@ -334,6 +334,7 @@ cdef class ClientCore:
     cdef public object _queue
     cdef public bint _group_open, _need_rset
     cdef public Py_ssize_t _active, _bdat_bytes
+    cdef Py_ssize_t _decided  # decided transactions in _queue (no deque indexing without)
     cdef public list _out, _events, _auth
     cdef public object _cram
     cdef object _from
@@ -362,6 +363,7 @@ cdef class ClientCore:
         self._group_open = False
         self._active = 0
         self._bdat_bytes = 0
+        self._decided = 0
         self._need_rset = False
         self._out = []
         self._events = []
@@ -444,6 +446,8 @@ cdef class ClientCore:
             txn.utf8 = False
             txn.rest = None
             txn.decided = not self._check_envelope(txn)
+            if txn.decided:
+                self._decided += 1
             self._queue.append(txn)
         if self._group_open or (not self.pipelining and self._active):
             return b""
@@ -482,7 +486,9 @@ cdef class ClientCore:
             reason = (
                 "the message needs SMTPUTF8 (non-ASCII address) and the server does not offer it"
             )
-        elif self.size_limit and len(txn.data) > self.size_limit:
+        elif (
+            self.size_limit and type(txn.data) is bytes and len(txn.data) > self.size_limit
+        ):  # (a deferred message is checked when it is made: _made)
             enhanced = "5.3.4"
             reason = f"message size {len(txn.data)} exceeds the server's limit {self.size_limit}"
         if enhanced:
@@ -559,13 +565,18 @@ cdef class ClientCore:
         cdef list outcomes, parts
         cdef Py_ssize_t i
         queue = self._queue
-        while queue and (<_CoreTxn>queue[0]).decided:
-            self._events.append(self._result(<_CoreTxn>queue.popleft(), ""))
-        if not queue or self.state != _C_READY:
-            return 0
-        if self.bdat:
-            return self._start_bdat()
-        txn = <_CoreTxn>queue.popleft()
+        while True:
+            while self._decided and queue and (<_CoreTxn>queue[0]).decided:
+                self._decided -= 1
+                self._events.append(self._result(<_CoreTxn>queue.popleft(), ""))
+            if not queue or self.state != _C_READY:
+                return 0
+            if self.bdat:
+                return self._start_bdat()
+            txn = <_CoreTxn>queue.popleft()
+            if type(txn.data) is bytes or self._made(txn):
+                break
+            self._events.append(self._result(txn, ""))
         self._active += 1
         rcpts = txn.rcpts
         outcomes = txn.outcomes
@@ -612,6 +623,10 @@ cdef class ClientCore:
         ):
             txn = <_CoreTxn>queue.popleft()
             if txn.decided:
+                self._decided -= 1
+                self._events.append(self._result(txn, ""))
+                continue
+            if type(txn.data) is not bytes and not self._made(txn):
                 self._events.append(self._result(txn, ""))
                 continue
             if self._active or self._need_rset:
@@ -634,6 +649,40 @@ cdef class ClientCore:
             out.append(data)
             self._push(_K_BDAT, txn, 0)
         return 0
+
+    cdef bint _made(self, _CoreTxn txn) except -1:
+        """Make a deferred message (``data`` a callable: a DeferredMessage) now
+        that its transaction starts. False when there is none to send: every
+        recipient then has the Outcome it gave (a render failure), 5.3.4 if
+        it exceeds the server's SIZE, or 4.3.0 if making it raised."""
+        cdef list outs = txn.outcomes
+        cdef Py_ssize_t j
+        data = txn.data
+        try:
+            if type(data) is DeferredMessage:
+                data = (<DeferredMessage>data).make()
+            else:
+                data = data()
+        except Exception as e:  # a local bug: defer the message, loudly
+            import traceback
+
+            traceback.print_exc()
+            data = _c_Outcome(
+                _c_DEFERRED, 451, "4.3.0", f"local error: {e.__class__.__name__}", "local"
+            )
+        if type(data) is bytes:
+            txn.data = data
+            if not self.size_limit or PyBytes_GET_SIZE(data) <= self.size_limit:
+                return True
+            data = _c_Outcome(
+                _c_FAILED, 0, "5.3.4",
+                f"message size {len(data)} exceeds the server's limit {self.size_limit}",
+                "mail", self.mx,
+            )
+        for j in range(len(outs)):
+            if outs[j] is None:
+                outs[j] = data
+        return False
 
     cdef int _send_rest(self, _CoreTxn txn) except -1:
         cdef tuple entry = <tuple>txn.rest.popleft()
@@ -921,6 +970,7 @@ cdef class ClientCore:
         self._cmd_names.clear()
         seen.extend(self._queue)
         self._queue.clear()
+        self._decided = 0
         for t in seen:
             txn = <_CoreTxn>t
             stage = stage_of.get(txn, "mail")

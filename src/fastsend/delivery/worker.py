@@ -189,7 +189,7 @@ class Worker:
                     [TxnResult(it.id, [site]) for it in batch.items], "", site.mx or ""
                 )
                 return
-            envelopes = self.build(batch)
+            envelopes = self.build(batch, deferred=True)
             if envelopes:
                 q = self.site_queue(site, batch)
                 if placed is None:
@@ -204,13 +204,16 @@ class Worker:
             self.busy -= 1
             self.check_done()
 
-    def build(self, batch: wire.Batch) -> list[Envelope]:
+    def build(self, batch: wire.Batch, deferred: bool = False) -> list[Envelope]:
+        """The batch's envelopes (a failed render answered at once). With
+        ``deferred`` (the SMTP client's site queues), a personalised message
+        on the direct path is a DeferredMessage (see :meth:`build_each`)."""
         secret = self.config.secret
         if self.campaign_specs[batch.campaign].get("kind") == TRANSACTIONAL:
             return self.build_transactional(batch)
         r = self.renderer(batch.campaign)
         if not self.shared[batch.campaign]:
-            return self.build_each(batch, r)
+            return self.build_each(batch, r, deferred)
         # Truly identical messages: one transaction carries up to per_txn RCPTs.
         envelopes: list[Envelope] = []
         failures: list[TxnResult] = []
@@ -237,9 +240,7 @@ class Worker:
                     smtputf8=r.needs_smtputf8(it.rcpt),
                 )
             except RenderError as e:
-                failures.append(
-                    TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"render: {e}", "local")])
-                )
+                failures.append(TxnResult(it.id, [_render_failure(e)]))
                 continue
             envelopes.append(env)
             group = env
@@ -247,18 +248,27 @@ class Worker:
             self.add_results(failures, "", "")
         return envelopes
 
-    def build_each(self, batch: wire.Batch, r: Any) -> list[Envelope]:
+    def build_each(self, batch: wire.Batch, r: Any, deferred: bool = False) -> list[Envelope]:
         """One message per recipient (the usual, personalised case): the loop
         of :meth:`build` with nothing looked up per message. Without tracked
         links or DKIM the compiled assembly is called directly (one call per
         message, Renderer.for_batch); with no VERP the sender is the same for
         every message, and an ASCII recipient needs SMTPUTF8 only when the
-        sender does (Renderer.needs_smtputf8)."""
+        sender does (Renderer.needs_smtputf8).
+
+        With ``deferred``, that direct path makes no message here: each
+        envelope's data is a DeferredMessage, which the SMTP client calls as
+        the message's transaction starts (a worker holds thousands of
+        envelopes in its ready queues and connections; made just before it
+        is written, a message is still in cache when it is dot-stuffed and
+        copied to the socket). One that cannot be made is answered by the
+        client with what :func:`_render_failure` says (550 5.6.0 render: ...)."""
         secret = self.config.secret
         token = msgid.token
         render = r.render
-        fast = r.for_batch()
+        fast = r.for_batch(deferred)
         personal, date = fast if fast is not None else (None, b"")
+        fallback = functools.partial(_render_or_failure, render)
         envelope_from = r.envelope_from
         sender = None if r.verp_domain else r.return_path
         sender_utf8 = r.sender_utf8
@@ -275,6 +285,11 @@ class Worker:
                 vs = it.vars
                 if blobs and (d := wire.blob_digest(vs)):
                     vs = blobs[d]
+                if deferred and personal is not None:
+                    data = personal(vs, rcpt, mid, date, fallback)
+                    append(Envelope(sender or envelope_from(mid), [rcpt], data, it.id,
+                        sender_utf8 or (not rcpt.isascii() and needs_smtputf8(rcpt))))  # fmt: skip
+                    continue
                 values = loads(vs) if vs else {}
                 if personal is None:
                     data = render(rcpt, values, mid)
@@ -293,9 +308,7 @@ class Worker:
                     )
                 )
             except RenderError as e:
-                failures.append(
-                    TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"render: {e}", "local")])
-                )
+                failures.append(TxnResult(it.id, [_render_failure(e)]))
         if failures:
             self.add_results(failures, "", "")
         return envelopes
@@ -618,6 +631,23 @@ class Worker:
             await asyncio.sleep(0.5)
             if os.getppid() != self.parent:
                 os._exit(3)  # the supervisor died: it will requeue on restart
+
+
+def _render_failure(e: RenderError) -> Outcome:
+    """A message that cannot be rendered: failed, 550 5.6.0, why."""
+    return Outcome(FAILED, 550, "5.6.0", f"render: {e}", "local")
+
+
+def _render_or_failure(render: Any, rcpt: str, values: Any, mid: str) -> bytes | Outcome:
+    """A DeferredMessage's fallback: the message by ``render`` (the renderer's
+    own path), or the Outcome saying why there is none. ``values``: the
+    recipient's variables, or their JSON."""
+    try:
+        if type(values) is bytes:
+            values = orjson.loads(values) if values else {}
+        return render(rcpt, values, mid)  # type: ignore[no-any-return]
+    except RenderError as e:
+        return _render_failure(e)
 
 
 def _literal(v: Any) -> Any:

@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import orjson
+
 from fastsend._accel import pick
 from fastsend.message import tracking, verp
 from fastsend.message.errors import RenderError
@@ -229,6 +231,18 @@ class Assembly:
             return self.headers(vs, to, date, mid_line), self.body(vs)
         return self.message(vs, to, date, mid_line)
 
+    def deferred(
+        self,
+        variables: Mapping[str, str],
+        rcpt: str,
+        message_id: str,
+        date: bytes,
+        fallback: Callable[[str, Mapping[str, str], str], object],
+    ) -> DeferredMessage:
+        """``personal(variables, rcpt, message_id, date, False)`` to be made
+        later, when it is about to be sent (a :class:`DeferredMessage`)."""
+        return DeferredMessage(self, variables, rcpt, message_id, date, fallback)
+
     def headers(
         self, variables: Mapping[str, str], to: bytes, date: bytes, message_id: bytes
     ) -> list[bytes]:
@@ -263,6 +277,41 @@ class Assembly:
         lines.append(CRLF)
         lines.append(self.body(variables))
         return b"".join(lines)
+
+
+class DeferredMessage:
+    """A recipient's message made when it is called: the SMTP client calls it
+    as the message's transaction starts (``Envelope.data`` may be one), so its
+    bytes are written just before they are sent, still in cache, not
+    thousands of messages earlier. ``Assembly.personal``'s message, or when
+    that raises, what ``fallback(rcpt, variables, message_id)`` returns (the
+    message made the slow way, or an Outcome saying why there is none).
+    ``variables`` may be their JSON (bytes), decoded when it is made: a
+    waiting message holds one bytes object, not a dict of strings.
+    The compiled twin (``_mime.pxi``) is what the compiled Assembly makes."""
+
+    __slots__ = ("assembly", "date", "fallback", "message_id", "rcpt", "variables")
+
+    def __init__(
+        self,
+        assembly: Assembly,
+        variables: Mapping[str, str],
+        rcpt: str,
+        message_id: str,
+        date: bytes,
+        fallback: Callable[[str, Mapping[str, str], str], object],
+    ) -> None:
+        self.assembly, self.variables, self.rcpt = assembly, variables, rcpt
+        self.message_id, self.date, self.fallback = message_id, date, fallback
+
+    def __call__(self) -> object:
+        vs = self.variables
+        try:
+            if type(vs) is bytes:  # the recipient's JSON, decoded now (in cache)
+                vs = orjson.loads(vs) if vs else {}
+            return self.assembly.personal(vs, self.rcpt, self.message_id, self.date, False)
+        except Exception:
+            return self.fallback(self.rcpt, self.variables, self.message_id)
 
 
 def message_id_safe(message_id: str) -> bool:
@@ -573,7 +622,7 @@ class Renderer:
         sigs.append(body)
         return b"".join(sigs)
 
-    def for_batch(self) -> tuple[Callable[..., bytes], bytes] | None:
+    def for_batch(self, deferred: bool = False) -> tuple[Callable[..., Any], bytes] | None:
         """The usual case of :meth:`render` (no tracked links, no DKIM) as one
         direct call, for the messages of one batch: ``(personal, date)``, and
         ``personal(variables, rcpt, message_id, date, False)`` is what
@@ -581,10 +630,14 @@ class Renderer:
         taken now, once per batch (a batch is built within a millisecond or
         so). None when that case does not apply. ``personal`` raises what the
         compiled assembly raises (KeyError, TypeError, HeaderError, VerpError);
-        :meth:`render` of the same message then says why, as a RenderError."""
+        :meth:`render` of the same message then says why, as a RenderError.
+        With ``deferred``, ``Assembly.deferred`` in its place: the same
+        arguments, ``False`` replaced by a fallback, make a
+        :class:`DeferredMessage` (the message made when it is called)."""
         if self.tracker is not None or self._plans:
             return None
-        return self._assembly.personal, self._date()  # type: ignore[return-value]
+        a = self._assembly
+        return (a.deferred if deferred else a.personal), self._date()  # type: ignore[return-value]
 
     def envelope_from(self, message_id: str) -> str:
         """The MAIL FROM address: a VERP bounce address, or the return path/From."""

@@ -117,10 +117,15 @@ Event = CommandDone | TxnResult
 class _Txn:
     """One envelope in flight: its outcomes fill in as replies arrive."""
 
-    __slots__ = ("accepted", "decided", "dummy", "env", "mail_fail", "outcomes", "rest", "utf8")
+    __slots__ = (
+        "accepted", "data", "decided", "dummy", "env", "mail_fail", "outcomes", "rest", "utf8"
+    )  # fmt: skip
 
     def __init__(self, env: Envelope, n: int) -> None:
         self.env = env
+        # The message: bytes, or a callable that makes it when the transaction
+        # starts (fastsend.message.mime.DeferredMessage; ClientCore._made).
+        self.data: object = env.data
         self.outcomes: list[Outcome | None] = [None] * n
         self.accepted = 0
         self.mail_fail: Outcome | None = None
@@ -260,9 +265,10 @@ class ClientCore:
             reason = (
                 "the message needs SMTPUTF8 (non-ASCII address) and the server does not offer it"
             )
-        elif self.size_limit and len(env.data) > self.size_limit:
+        elif self.size_limit and type(txn.data) is bytes and len(txn.data) > self.size_limit:
+            # (a deferred message is checked when it is made: _made)
             enhanced = "5.3.4"
-            reason = f"message size {len(env.data)} exceeds the server's limit {self.size_limit}"
+            reason = f"message size {len(txn.data)} exceeds the server's limit {self.size_limit}"
         if enhanced:
             fail = Outcome(FAILED, 0, enhanced, reason, "mail", self.mx)
             for i in range(len(outs)):
@@ -285,7 +291,7 @@ class ClientCore:
         line = self._from_line
         caps = self.capabilities
         if "SIZE" in caps:
-            line += b" SIZE=%d" % len(env.data)
+            line += b" SIZE=%d" % len(txn.data)  # type: ignore[arg-type]
         if env.eightbit and "8BITMIME" in caps:
             line += b" BODY=8BITMIME"
         if txn.utf8:
@@ -295,14 +301,18 @@ class ClientCore:
     def _start_next(self) -> None:
         """Send the next queued transaction's commands (all of them with PIPELINING)."""
         queue = self._queue
-        while queue and queue[0].decided:  # refused locally: nothing to send
-            self._events.append(self._result(queue.popleft()))
-        if not queue or self.state != READY:
-            return
-        if self.bdat:
-            self._start_bdat()
-            return
-        txn = queue.popleft()
+        while True:
+            while queue and queue[0].decided:  # refused locally: nothing to send
+                self._events.append(self._result(queue.popleft()))
+            if not queue or self.state != READY:
+                return
+            if self.bdat:
+                self._start_bdat()
+                return
+            txn = queue.popleft()
+            if type(txn.data) is bytes or self._made(txn):
+                break
+            self._events.append(self._result(txn))  # no message to send
         self._active += 1
         pending = self._pending
         rcpts = txn.env.rcpts
@@ -349,7 +359,7 @@ class ClientCore:
             and (not self._active or self._bdat_bytes < BDAT_WINDOW_BYTES)
         ):
             txn = queue.popleft()
-            if txn.decided:
+            if txn.decided or (type(txn.data) is not bytes and not self._made(txn)):
                 self._events.append(self._result(txn))
                 continue
             if self._active or self._need_rset:
@@ -361,7 +371,7 @@ class ClientCore:
             self._need_rset = True  # until this transaction's BDAT succeeds
             self._active += 1
             rcpts, outcomes = txn.env.rcpts, txn.outcomes
-            data = txn.env.data
+            data: bytes = txn.data  # type: ignore[assignment]
             if data[-2:] != b"\r\n" and data:
                 data += b"\r\n"
             out.append(self._mail_line(txn))
@@ -374,6 +384,33 @@ class ClientCore:
             out.append(b"BDAT %d LAST\r\n" % len(data))
             out.append(data)
             pending.append((_BDAT, txn, 0))
+
+    def _made(self, txn: _Txn) -> bool:
+        """Make a deferred message (``data`` a callable: a DeferredMessage) now
+        that its transaction starts. False when there is none to send: every
+        recipient then has the Outcome it gave (a render failure), 5.3.4 if
+        it exceeds the server's SIZE, or 4.3.0 if making it raised."""
+        try:
+            data = txn.data()  # type: ignore[operator]
+        except Exception as e:  # a local bug: defer the message, loudly
+            import traceback
+
+            traceback.print_exc()
+            data = Outcome(DEFERRED, 451, "4.3.0", f"local error: {e.__class__.__name__}", "local")
+        if type(data) is bytes:
+            txn.data = data
+            if not self.size_limit or len(data) <= self.size_limit:
+                return True
+            data = Outcome(
+                FAILED, 0, "5.3.4",
+                f"message size {len(data)} exceeds the server's limit {self.size_limit}",
+                "mail", self.mx,
+            )  # fmt: skip
+        outs = txn.outcomes
+        for i in range(len(outs)):
+            if outs[i] is None:
+                outs[i] = data  # type: ignore[assignment]
+        return False
 
     def _send_rest(self, txn: _Txn) -> None:
         """Without PIPELINING: send the transaction's next command, or end it."""
@@ -532,7 +569,7 @@ class ClientCore:
                     tail = wire[k] if len(wire) == k + 1 else b"".join(wire[k:])
                     del wire[k:]
             if txn.accepted and txn.mail_fail is None:
-                wire.append(dot_stuff(txn.env.data, tail))
+                wire.append(dot_stuff(txn.data, tail))  # type: ignore[arg-type]
             else:  # a server that says 354 with no recipient: end it empty
                 txn.dummy = True
                 wire.append(b".\r\n" + tail)
@@ -553,7 +590,7 @@ class ClientCore:
         code = reply[0]
         if code < 200 or 300 <= code < 400:
             raise RemoteProtocolError(f"unexpected reply {code} to BDAT")
-        data = txn.env.data
+        data: bytes = txn.data  # type: ignore[assignment]
         self._bdat_bytes -= len(data) + (2 if data and data[-2:] != b"\r\n" else 0)
         # The last BDAT answered decides whether the session is clean.
         self._need_rset = not (200 <= code < 300)
