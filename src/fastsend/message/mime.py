@@ -231,17 +231,11 @@ class Assembly:
             return self.headers(vs, to, date, mid_line), self.body(vs)
         return self.message(vs, to, date, mid_line)
 
-    def deferred(
-        self,
-        variables: Mapping[str, str],
-        rcpt: str,
-        message_id: str,
-        date: bytes,
-        fallback: Callable[[str, Mapping[str, str], str], object],
-    ) -> DeferredMessage:
-        """``personal(variables, rcpt, message_id, date, False)`` to be made
+    def deferred(self, *args: Any) -> DeferredMessage:
+        """``deferred(variables, rcpt, message_id, date, fallback)``: the message
+        ``personal(variables, rcpt, message_id, date, False)`` makes, to be made
         later, when it is about to be sent (a :class:`DeferredMessage`)."""
-        return DeferredMessage(self, variables, rcpt, message_id, date, fallback)
+        return DeferredMessage(self, *args)
 
     def headers(
         self, variables: Mapping[str, str], to: bytes, date: bytes, message_id: bytes
