@@ -122,6 +122,50 @@ def test_one_window_with_a_quarter_free_reads_the_next_chunk(tmp_path: Path) -> 
         spool.close()
 
 
+def test_a_chunk_is_parked_in_the_room_the_windows_have_now(tmp_path: Path) -> None:
+    """Before the feeder reads a chunk, every window with room claims
+    (``dispatch(any_room=True)``): with nothing due, each one's room as it is
+    now is recorded with the spool, so the chunk's rows go in flight straight
+    into it (parked), not only into the room the windows had at their last
+    claims (a window claims once a quarter of it is free: the room it freed
+    since was not on record, and rows beyond the recorded room were queued,
+    to be found by a SELECT and marked by an UPDATE)."""
+    from fastsend import wire
+    from fastsend.ring import Ring
+    from fastsend.spool import Claimed
+
+    cfg = make_config(tmp_path, delivery={"window": 1000})
+    spool = SQLiteSpool(cfg.spool_dir)
+    sup = Supervisor(cfg, spool, EventLog(None))
+    try:
+        sup.feeding = sup.pace_feed = True
+        cid = spool.create_campaign(Campaign.from_dict(SPEC).to_dict())
+        now = time.time()
+        for slot, held in zip(sup.slots, (900, 800), strict=True):
+            slot.inbox, slot.outbox = Ring(wire.RING_BYTES), Ring(wire.RING_BYTES)
+            slot.alive = True
+            for i in range(held):  # the window's claims, answers still to come
+                k = -(slot.index * 10_000 + i + 1)
+                slot.inflight[k] = Claimed(k, cid, "x@y.example", "y.example", b"{}", 0, now)
+            assert spool.claim_next(now, 0, slot.index) == []  # its last claim: full
+        sup.dispatch()  # under a quarter free (100, 200 of 1000): no claim, no record
+        rows = [(f"u{i}@d.example", "d.example", b"{}") for i in range(500)]
+        spool.add_messages(cid, rows[:50], now)
+        assert spool.counts(cid)["inflight"] == 0  # no room on record: queued
+        sup.dispatch(any_room=True)  # what _feed does before a chunk: every room claims
+        assert sum(len(s.inflight) for s in sup.slots) == 1750  # the 50 queued: claimed
+        spool.add_messages(cid, rows[50:], now)
+        counts = spool.counts(cid)
+        # the 50 claimed, and the rooms as they were after that claim (250 in
+        # all) taken by the new rows: the rest queued
+        assert counts["inflight"] == 50 + 250 and counts["queued"] == 200
+        sup.dispatch(any_room=True)  # the parked rows handed out, up to each room
+        assert [len(s.inflight) for s in sup.slots] == [1000, 1000]
+    finally:
+        sup.suppression.close()
+        spool.close()
+
+
 # -- the window's bound while a list is read ---------------------------------------
 
 
@@ -140,8 +184,8 @@ def test_a_window_never_holds_more_than_its_size_while_a_list_is_read(
     monkeypatch.setattr(supmod, "FEED_LAG", 3600.0)
 
     class Watched(Supervisor):
-        def dispatch(self) -> None:
-            super().dispatch()
+        def dispatch(self, any_room: bool = False) -> None:
+            super().dispatch(any_room)
             for s in self.slots:
                 held = len(s.inflight) + s.unwritten + self.spool.held(s.index)
                 passes.append((s.index, held, s.window))

@@ -25,7 +25,9 @@ BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that fol
 class Dispatch(SupervisorState):
     first_slot = 0  # the slot a pass starts with turns, so no worker is always first
 
-    def dispatch(self) -> None:
+    def dispatch(self, any_room: bool = False) -> None:
+        """Claim for each window with room (a quarter of it free; ``any_room``:
+        any), screen, gate, batch and put the batches on the workers' rings."""
         if self.draining or self.stopping:
             self.release_held()
             if not self.stopping:
@@ -53,7 +55,8 @@ class Dispatch(SupervisorState):
             # that comes back short (nothing more due) leaves its room open for
             # the rows the feeder spools next (they go straight to it).
             asked = bool(claimed)  # a share of another's claim counts as asking
-            if not claimed and (not nothing_due or self.pace_feed) and room >= (window // 4 or 1):
+            least = 1 if any_room else (window // 4 or 1)
+            if not claimed and (not nothing_due or self.pace_feed) and room >= least:
                 asked = True
                 claimed = self.spool.claim_next(now, room, slot.index)
                 nothing_due = not claimed

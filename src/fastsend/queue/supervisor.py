@@ -153,6 +153,15 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         feeder = self.feeder
         try:
             while True:
+                if self.pace_feed and not (self.draining or self.stopping):
+                    # Every window with room claims now (what is due, else its
+                    # room is recorded): the chunk's rows go straight to the
+                    # room the windows have now, not to what it was at their
+                    # last claims (a window claims once a quarter of it is free,
+                    # so the room it freed since was not on record, and rows
+                    # beyond the recorded room were queued: an index entry, a
+                    # SELECT and an UPDATE more each).
+                    self.dispatch(any_room=True)
                 self.feed_room.clear()  # before the chunk: a claim after it counts
                 self.open_room.clear()
                 if next(feeder, _END) is _END:
