@@ -252,6 +252,42 @@ def test_compiled_dispatch_twins_write_the_same_records() -> None:
         rec(1, "d", [Claimed(2**70, 1, "r", "d", b"", 0, 1.0)], {})
 
 
+def test_the_loops_wake_waits_until_set_or_the_timeout() -> None:
+    """Supervisor.wake: a wait returns at once when it is set, when it is set
+    meanwhile (from another task), or after its timeout; clear() makes the
+    next wait wait; a cancelled wait leaves no waiter behind."""
+    import asyncio
+    import time
+
+    from fastsend.queue.state import Wake
+
+    async def main() -> None:
+        w = Wake()
+        t0 = time.monotonic()
+        await w.wait(0.05)  # not set: the timeout
+        assert 0.04 <= time.monotonic() - t0 < 1.0 and not w.is_set()
+        w.set()
+        t0 = time.monotonic()
+        await w.wait(5.0)  # set: at once
+        assert time.monotonic() - t0 < 0.5 and w.is_set()
+        w.clear()
+        assert not w.is_set()
+        asyncio.get_running_loop().call_later(0.02, w.set)
+        t0 = time.monotonic()
+        await w.wait(5.0)  # set while waiting
+        assert time.monotonic() - t0 < 1.0 and w.is_set()
+        w.clear()
+        task = asyncio.ensure_future(w.wait(5.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        w.set()  # no waiter left to settle
+        await w.wait(5.0)
+
+    asyncio.run(main())
+
+
 def test_compiled_delivered_runs_is_its_reference_twin() -> None:
     """fastsend._core.delivered_runs (the SQLite spool's write of a flush's
     deliveries) gives the same UPDATE parameters (runs of consecutive ids per

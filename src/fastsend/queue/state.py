@@ -64,6 +64,49 @@ class WorkerSlot:
         return self.window - len(self.inflight) - self.unwritten
 
 
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class Wake:
+    """The loop's wake-up: ``set``/``clear``/``is_set`` as an asyncio.Event's,
+    and :meth:`wait` with a timeout, which costs one future and one timer (the
+    loop waits once per pass: ``asyncio.wait_for(event.wait(), t)`` made a
+    task, a second future and their callbacks each time)."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            if self._waiter is not None:
+                _settle(self._waiter)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self, timeout: float) -> None:
+        """Until set, or ``timeout`` seconds."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
 @dataclass
 class RunStats:
     started: float = field(default_factory=time.monotonic)
@@ -107,7 +150,7 @@ class SupervisorState:
     own_suppression: bool
     slots: list[WorkerSlot]
     stats: RunStats
-    wake: asyncio.Event
+    wake: Wake  # the loop's wake-up (set by outcomes, the feeder, serve's injections)
     feed_room: asyncio.Event  # claims came back short: the feeder may read on
     open_room: dict[int, int]  # slot -> room its last claim left open (while feeding)
     draining: bool  # SIGTERM: no new claims, windows finish

@@ -36,7 +36,7 @@ from fastsend.queue.dispatch import STATUS_TTL, Dispatch
 from fastsend.queue.lifecycle import CRASH_LOOP, WORKER_SILENCE, WorkerLifecycle
 from fastsend.queue.outcomes import HANDBACK_SPREAD, Outcomes
 from fastsend.queue.shaping import SupervisorShaping
-from fastsend.queue.state import RING_BYTES, RunStats, WorkerSlot
+from fastsend.queue.state import RING_BYTES, RunStats, Wake, WorkerSlot
 from fastsend.spool import Claimed, Result, Spool, spool_local_dir
 from fastsend.suppression import SuppressionList
 
@@ -110,7 +110,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         )
         self.own_suppression = suppression is None
         self.to_suppress: list[tuple[str, str, str, str, int | None]] = []
-        self.wake = asyncio.Event()
+        self.wake = Wake()
         self.feed_room = asyncio.Event()  # set by dispatch: the windows have room
         self.open_room: dict[int, int] = {}  # slot -> room its last claim left open
         self.result_hooks: list[Callable[[Claimed, wire.Res, int], None]] = []
@@ -199,10 +199,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         try:
             while True:
                 self.dispatch()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), TICK)
-                except TimeoutError:
-                    pass
+                await self.wake.wait(TICK)
                 self.wake.clear()
                 for slot in self.slots:  # cheap safety net: a get() on an empty ring
                     if slot.outbox is not None:
