@@ -738,7 +738,7 @@ cdef class Assembly:
     def personal(self, variables, str rcpt, str message_id, bytes date, bint sign):
         """One recipient's message (or with ``sign``, its header lines and body):
         the variables ``email`` and ``message_id``, To and Message-ID made here."""
-        return self._personal(variables, rcpt, message_id, date, sign)
+        return self._personal(variables, rcpt, message_id, date, sign, False)
 
     def deferred(self, variables, str rcpt, str message_id, bytes date, fallback):
         """``personal(variables, rcpt, message_id, date, False)`` to be made
@@ -752,8 +752,14 @@ cdef class Assembly:
         d.fallback = fallback
         return d
 
-    cdef object _personal(self, variables, str rcpt, str message_id, bytes date, bint sign):
-        cdef dict vs = PyDict_Copy(variables) if type(variables) is dict else dict(variables)
+    cdef object _personal(self, variables, str rcpt, str message_id, bytes date, bint sign,
+                          bint own):
+        # ``own``: a dict of the caller's own (just decoded), filled in place.
+        cdef dict vs
+        if own and type(variables) is dict:
+            vs = <dict>variables
+        else:
+            vs = PyDict_Copy(variables) if type(variables) is dict else dict(variables)
         cdef bytes to = b""
         cdef str mid = message_id
         vs["email"] = rcpt
@@ -913,12 +919,14 @@ cdef class DeferredMessage:
     cdef object make(self):
         global _json_loads
         vs = self.variables
+        cdef bint own = False
         try:
             if type(vs) is bytes:  # the recipient's JSON, decoded now (in cache)
                 if _json_loads is None:
                     from orjson import loads as _json_loads
                 vs = _json_loads(vs) if PyBytes_GET_SIZE(vs) else {}
-            return self.assembly._personal(vs, self.rcpt, self.message_id, self.date, False)
+                own = True  # (no copy of a dict no one else holds)
+            return self.assembly._personal(vs, self.rcpt, self.message_id, self.date, False, own)
         except Exception:
             return self.fallback(self.rcpt, self.variables, self.message_id)
 
