@@ -3,6 +3,8 @@
 # are the reference; names and behaviour are identical).
 # Quoted-printable (RFC 2045) encoding of text bodies, one pass over UTF-8 bytes.
 
+cimport cython
+
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -900,6 +902,9 @@ cdef class Assembly:
 cdef object _json_loads = None  # orjson.loads, imported at the first DeferredMessage
 
 
+# Not tracked by the cyclic GC (no_gc): nothing it holds refers back to it, and a
+# worker holds thousands of them waiting on its ready queues.
+@cython.no_gc
 cdef class DeferredMessage:
     """A recipient's message made when it is called (twin of the pure one in
     fastsend.message.mime): the SMTP client calls it as the message's

@@ -302,6 +302,7 @@ cdef inline bint _ends_crlf(bytes d):
     return n >= 2 and p[n - 2] == 13 and p[n - 1] == 10
 
 
+@cython.no_gc  # (nothing it holds refers back to it: not tracked by the cyclic GC)
 cdef class _CoreTxn:
     """One envelope in flight (client.py's _Txn), with the envelope's fields read
     once (msgspec attribute reads are most of what a message costs here)."""
