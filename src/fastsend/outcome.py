@@ -51,7 +51,10 @@ class Envelope(msgspec.Struct, gc=False):
     """One SMTP transaction: a sender, one or more recipients, one message.
 
     ``data`` is the message as it should arrive, CRLF line ends, *not*
-    dot-stuffed and without the terminating ``.`` (the client does both).
+    dot-stuffed and without the terminating ``.`` (the client does both); or
+    a callable that makes those bytes when the transaction starts (a worker's
+    ``fastsend.message.mime.DeferredMessage``; what it returns instead of
+    bytes, an Outcome, answers the recipients with nothing sent).
     ``tag`` is opaque to the client and comes back with the result.
     ``smtputf8`` asks for SMTPUTF8 (non-ASCII addresses); ``eightbit`` for
     BODY=8BITMIME.
