@@ -78,7 +78,9 @@ def install() -> None:
     from fastsend.queue import dispatch, lifecycle, outcomes, supervisor
 
     wrap(send_mod, "engine_config", before="run: config loading", after="config loaded")
-    wrap(send_mod, "open_spool", after="spool opened")
+    import fastsend.spool as spool_pkg  # send.run imports open_spool from it when it runs
+
+    wrap(spool_pkg, "open_spool", after="spool opened")
     wrap(Acceptor, "start_ingest", after="ingest job started (list opened)")
     wrap(engine, "run", before="engine start (first chunk spooled)", after="engine done")
     wrap(supervisor.Supervisor, "run", before="supervisor loop start")

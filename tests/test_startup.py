@@ -75,6 +75,22 @@ def test_prepare_imports_dnspython_before_fork_only_when_a_name_may_be_looked_up
     assert "dns.asyncresolver" in by_name
 
 
+@pytest.mark.parametrize("command", ["send", "resume"])
+def test_help_of_an_engine_command_imports_no_engine(command: str) -> None:
+    """`fastsend send --help` (and resume's) needs only the options: the command
+    module imports the engine, the spool and the config when it runs."""
+    probe = (
+        "import contextlib, io\n"
+        "from fastsend import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        f"    cli.main([{command!r}, '--help'])\n"
+        "assert '--spool' in out.getvalue()\n"
+    )
+    mods = set(_loaded_after(probe))
+    heavy = ("asyncio", "msgspec", "sqlite3", "fastsend.engine", "fastsend.config", "fastsend.spool")
+    assert not [m for m in heavy if m in mods]
+
+
 @pytest.mark.parametrize(
     ("routes", "expected"),
     [

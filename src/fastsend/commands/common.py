@@ -1,18 +1,19 @@
-"""Options shared by ``send``, ``resume`` and ``demo``, and how they become a Config."""
+"""Options shared by ``send``, ``resume`` and ``demo``, and how they become a Config.
+
+Adding the options imports nothing beyond argparse: ``fastsend send --help``
+needs only them. What turns them into a Config, a spool or a summary is
+imported by the function that does it (once the command runs, it is all
+imported anyway)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from fastsend import config as cfgmod
-from fastsend.config import Config, ConfigError
-from fastsend.spool import is_redis_url, spool_local_dir
-from fastsend.suppression import SuppressionList
+if TYPE_CHECKING:
+    from fastsend.config import Config
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +47,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    from fastsend import config as cfgmod
+    from fastsend.config import Config, ConfigError
+
     cfg = cfgmod.load(args.config) if args.config else Config()
     for w in cfg.warnings:
         print(f"fastsend: warning: {w}", file=sys.stderr)
@@ -83,6 +87,8 @@ def engine_config(args: argparse.Namespace) -> tuple[Config, str]:
     """:func:`build_config` and the spool to open: a directory (SQLite) or a Redis
     URL (``--spool``, or the config's ``[spool] url``). ``cfg.spool_dir`` becomes
     the local directory, where events, the secret and local state live."""
+    from fastsend.spool import spool_local_dir
+
     cfg = build_config(args)
     spool_url = cfg.spool_url or cfg.spool_dir
     if not cfg.spool_url:
@@ -94,6 +100,9 @@ def open_suppression(spool_url: str, local_dir: str) -> Any:
     """The suppression list ``serve`` uses with this spool: on a shared (Redis)
     spool the one in Redis (every node's), else ``<dir>/suppression.db``, or
     None when there is none yet."""
+    from fastsend.spool import is_redis_url
+    from fastsend.suppression import SuppressionList
+
     if is_redis_url(spool_url):
         from fastsend.serve.shared_state import RedisSuppressionList, shared_store
 
@@ -106,6 +115,8 @@ def open_suppression(spool_url: str, local_dir: str) -> Any:
 
 def print_summary(summary: dict[str, object], as_json: bool) -> None:
     if as_json:
+        import orjson
+
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
         return
     keys = ("delivered", "deferred", "bounced", "suppressed", "expired")

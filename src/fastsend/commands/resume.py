@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from fastsend import engine
-from fastsend.accept import Acceptor, rows_left, source_problem
 from fastsend.commands.common import (
     EX_TEMPFAIL,
     add_engine_arguments,
@@ -30,9 +29,9 @@ from fastsend.commands.common import (
     open_suppression,
     print_summary,
 )
-from fastsend.config import ConfigError
-from fastsend.events import EventLog
-from fastsend.spool import IngestBusy, IngestJob, SpoolError, open_spool
+
+if TYPE_CHECKING:
+    from fastsend.spool import IngestJob
 
 # Everything run() opens is closed when it returns, and it leaves no thread:
 # the process may exit without the interpreter's teardown (cli.run_process).
@@ -50,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The engine and what it needs, imported once the command runs (not for --help).
+    from fastsend import engine
+    from fastsend.accept import Acceptor, rows_left, source_problem
+    from fastsend.config import ConfigError
+    from fastsend.events import EventLog
+    from fastsend.spool import IngestBusy, SpoolError, open_spool
+
     try:
         cfg, spool_url = engine_config(args)
     except ConfigError as e:

@@ -20,8 +20,6 @@ import os
 import sys
 from collections.abc import Iterator
 
-from fastsend import engine, recipients
-from fastsend.accept import FIRST_CHUNK, AcceptError, Acceptor, check_campaign, rows_left
 from fastsend.commands.common import (
     add_engine_arguments,
     die,
@@ -30,10 +28,6 @@ from fastsend.commands.common import (
     open_suppression,
     print_summary,
 )
-from fastsend.config import ConfigError
-from fastsend.events import EventLog
-from fastsend.spool import SpoolError, open_spool
-from fastsend.suppression import DEFAULT_TENANT
 
 # Everything run() opens is closed when it returns, and it leaves no thread:
 # the process may exit without the interpreter's teardown (cli.run_process).
@@ -46,14 +40,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="send nothing if any row is bad")
     p.add_argument("--no-dkim", action="store_true", help="allow a From domain without DKIM")
     p.add_argument("--name", default="", help="campaign name (default: the file name)")
-    p.add_argument(
-        "--tenant", default=DEFAULT_TENANT, help="the campaign's tenant (its suppression list)"
-    )
+    # None: the default tenant (fastsend.suppression.DEFAULT_TENANT, not imported for --help)
+    p.add_argument("--tenant", help="the campaign's tenant (its suppression list)")
     add_engine_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    # The engine and what it needs, imported once the command runs (not for --help).
+    from fastsend import engine, recipients
+    from fastsend.accept import FIRST_CHUNK, AcceptError, Acceptor, check_campaign, rows_left
+    from fastsend.config import ConfigError
+    from fastsend.events import EventLog
     from fastsend.message import Campaign, CampaignError
+    from fastsend.spool import SpoolError, open_spool
+    from fastsend.suppression import DEFAULT_TENANT
+
+    tenant = DEFAULT_TENANT if args.tenant is None else args.tenant
 
     try:
         cfg, spool_url = engine_config(args)
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     acceptor = Acceptor(spool, events, suppression)
     try:
         cid = acceptor.create_campaign(
-            spec, name=args.name or os.path.basename(args.campaign), tenant=args.tenant
+            spec, name=args.name or os.path.basename(args.campaign), tenant=tenant
         )
         job = acceptor.start_ingest(cid, args.recipients)
         feed = acceptor.ingest(job, on_bad=on_bad, first=FIRST_CHUNK)
