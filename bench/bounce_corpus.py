@@ -51,9 +51,10 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
 from email import policy
 from pathlib import Path
+
+import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -151,7 +152,7 @@ def held_out_rules(
         match = tuple(p for p in rule.match if not (fams[p.pattern] and fams[p.pattern] <= fold))
         if rule.match and not match:
             continue
-        kept.append(replace(rule, match=match))
+        kept.append(msgspec.structs.replace(rule, match=match))
     return RuleSet(kept, rules.status, rules.weak, rules.signals)
 
 

@@ -18,7 +18,6 @@ import hashlib
 import io
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import chain, islice
 from typing import NamedTuple
 
@@ -33,8 +32,7 @@ class RecipientsError(ValueError):
     """The file as a whole cannot be read (missing, no email column, ...)."""
 
 
-@dataclass(slots=True)
-class BadRow:
+class BadRow(msgspec.Struct):
     line: int
     error: str
 

@@ -40,9 +40,10 @@ import sqlite3
 import string
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+import msgspec
 
 from fastsend.address import ATEXT_CHARS, ascii_and_non_ascii
 
@@ -73,8 +74,7 @@ class SuppressionError(ValueError):
     """Bad input to the suppression list (malformed address, reason, expiry, file)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(msgspec.Struct, frozen=True):
     """One suppressed address."""
 
     address: str

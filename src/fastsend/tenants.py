@@ -28,8 +28,9 @@ DESCRIPTION
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from fastsend.config import Config
 from fastsend.config.tenants import OPERATOR, norm_domain, under
@@ -48,8 +49,7 @@ class TenantDomainError(ValueError):
         self.domain = domain
 
 
-@dataclass(frozen=True)
-class Tenant:
+class Tenant(msgspec.Struct, frozen=True):
     name: str
     domains: tuple[str, ...]
     dkim: tuple[dict[str, Any], ...] = ()
@@ -71,9 +71,8 @@ def domain_of(address: str) -> str:
     return d
 
 
-@dataclass
-class Tenants:
-    by_name: dict[str, Tenant] = field(default_factory=dict)
+class Tenants(msgspec.Struct):
+    by_name: dict[str, Tenant] = msgspec.field(default_factory=dict)
     configured: bool = False
     global_dkim: tuple[dict[str, Any], ...] = ()
 

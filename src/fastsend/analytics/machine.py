@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+import msgspec
 
 from fastsend.config import ConfigError
 from fastsend.config.base import read_toml
@@ -35,8 +36,7 @@ KINDS = ("open", "click")
 _KEYS = {"name", "user_agent", "method", "within_s_of_delivery", "burst_links", "burst_window_s"}
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(msgspec.Struct, frozen=True):
     name: str
     user_agent: re.Pattern[str] | None = None
     method: str = ""

@@ -31,10 +31,12 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from fastsend.config.base import read_toml
 
@@ -74,8 +76,7 @@ class RuleError(ValueError):
     """A rule file is malformed (bad TOML, unknown key, bad regex, ...)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Classification:
+class Classification(msgspec.Struct, frozen=True):
     """What a reply means for the recipient and for the sending IP.
 
     ``reason`` is a Sisimai reason name; ``hard`` is true only when the address
@@ -94,8 +95,7 @@ class Classification:
     rule: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(msgspec.Struct, frozen=True):
     """One rule of a rule file (see the header of rules.toml)."""
 
     id: str
@@ -586,5 +586,5 @@ def classify_reply(
         # A 4xx reply is temporary: the sender retries, so nothing is known
         # yet about the address (an asynchronous bounce whose final reply
         # was a 4xx is different: the reporting MTA has given up).
-        c = replace(c, hard=False, soft=True)
+        c = msgspec.structs.replace(c, hard=False, soft=True)
     return c

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import ssl
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -94,8 +93,11 @@ class ConfigFile(Section):
 SECTIONS = frozenset(ConfigFile.__struct_fields__)
 
 
-@dataclass
-class Config:
+# Config fields its repr leaves out.
+_SECRET = frozenset({"secret", "transports", "tracking", "mailgun_webhook_key"})
+
+
+class Config(msgspec.Struct):
     """The loaded configuration: each section typed (the areas read their own),
     plus what the loader derived (paths made absolute, routes parsed,
     transports with their credentials)."""
@@ -103,41 +105,47 @@ class Config:
     spool_dir: str = "./spool"
     spool_url: str = ""  # [spool] url: a shared (Redis) spool; spool_dir stays the local dir
     workers: int = 0
-    spool: SpoolSection = field(default_factory=SpoolSection)  # [spool] (blob retention)
-    source_ips: list[str] = field(default_factory=list)
+    spool: SpoolSection = _new(default_factory=SpoolSection)  # [spool] (blob retention)
+    source_ips: list[str] = _new(default_factory=list)
     helo: str = ""
-    routes: dict[str, Route] = field(default_factory=dict)
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    retry: RetryConfig = field(default_factory=RetryConfig)
-    dns: DNSConfig = field(default_factory=DNSConfig)
+    routes: dict[str, Route] = _new(default_factory=dict)
+    delivery: DeliveryConfig = _new(default_factory=DeliveryConfig)
+    retry: RetryConfig = _new(default_factory=RetryConfig)
+    dns: DNSConfig = _new(default_factory=DNSConfig)
     event_log: str = ""  # "" = DIR/events.jsonl of the spool
     # The installation secret (fastsend.msgid.load_secret), set by the supervisor
     # before it forks: message-id MACs, tracking links. Never from TOML, never logged.
-    secret: bytes = field(default=b"", repr=False)
+    secret: bytes = b""
     base_dir: str = "."  # the config file's directory: relative paths in it start here
-    shaping: ShapingSection = field(default_factory=ShapingSection)
+    shaping: ShapingSection = _new(default_factory=ShapingSection)
     shaping_file: ShapingFile | None = None  # the file [shaping] file names, parsed
     pools: PoolsSection | None = None  # None: one pool "default" of the source IPs
-    guardrails: GuardrailSettings = field(default_factory=GuardrailSettings)
+    guardrails: GuardrailSettings = _new(default_factory=GuardrailSettings)
     tenants: dict[str, TenantTable] | None = None  # None: no [tenants] (one operator)
-    dkim: list[DkimKey] = field(default_factory=list)  # [dkim]: keys of any tenant's domains
+    dkim: list[DkimKey] = _new(default_factory=list)  # [dkim]: keys of any tenant's domains
     # [transports.NAME] and route shorthands; they hold credentials read from the
     # environment or a 0600 file: never logged.
-    transports: dict[str, TransportSpec] = field(default_factory=dict, repr=False)
-    api: ApiSettings = field(default_factory=ApiSettings)
-    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
-    submission: SubmissionSettings = field(default_factory=SubmissionSettings)
-    intake: IntakeSettings = field(default_factory=IntakeSettings)
-    proxy: ProxySettings = field(default_factory=ProxySettings)
-    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
-    tracking: TrackingSettings = field(default_factory=TrackingSettings, repr=False)
-    provider_events: ProviderEventSettings = field(default_factory=ProviderEventSettings)
-    mailgun_webhook_key: bytes = field(default=b"", repr=False)  # [provider_events]
-    analytics: AnalyticsSettings = field(default_factory=AnalyticsSettings)
-    reputation: ReputationSection = field(default_factory=ReputationSection)
+    transports: dict[str, TransportSpec] = _new(default_factory=dict)
+    api: ApiSettings = _new(default_factory=ApiSettings)
+    webhooks: WebhookSettings = _new(default_factory=WebhookSettings)
+    submission: SubmissionSettings = _new(default_factory=SubmissionSettings)
+    intake: IntakeSettings = _new(default_factory=IntakeSettings)
+    proxy: ProxySettings = _new(default_factory=ProxySettings)
+    dashboard: DashboardSettings = _new(default_factory=DashboardSettings)
+    tracking: TrackingSettings = _new(default_factory=TrackingSettings)
+    provider_events: ProviderEventSettings = _new(default_factory=ProviderEventSettings)
+    mailgun_webhook_key: bytes = b""  # [provider_events]
+    analytics: AnalyticsSettings = _new(default_factory=AnalyticsSettings)
+    reputation: ReputationSection = _new(default_factory=ReputationSection)
     # Settings that load but cannot take effect as written (the loader explains
     # each; the front ends print them): never silence.
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = _new(default_factory=list)
+
+    def __repr__(self) -> str:
+        """Every field but the secrets (the installation secret, transports'
+        credentials, tracking keys, the Mailgun webhook key): never logged."""
+        shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f not in _SECRET)
+        return f"Config({', '.join(shown)})"
 
     @property
     def worker_count(self) -> int:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -108,8 +107,7 @@ class TransportTable(Section):
         return _struct(value, cls, path)
 
 
-@dataclass
-class TransportSpec:
+class TransportSpec(msgspec.Struct):
     """One transport: its kind, where it sends, its limits and its secrets."""
 
     name: str
@@ -130,7 +128,11 @@ class TransportSpec:
     rate: float = 0.0  # messages (recipients) per second, 0 = unlimited (ses: its MaxSendRate)
     timeout: float = 30.0
     max_recipients: int = 0  # per request/transaction, 0 = the provider's limit
-    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    secrets: dict[str, str] = msgspec.field(default_factory=dict)  # not in the repr
+
+    def __repr__(self) -> str:
+        shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f != "secrets")
+        return f"TransportSpec({', '.join(shown)})"
 
     @property
     def label(self) -> str:

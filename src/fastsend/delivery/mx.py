@@ -32,8 +32,9 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from fastsend.config import Config
 from fastsend.outcome import DEFERRED, FAILED, Outcome
@@ -61,15 +62,13 @@ def prepare(config: Config) -> None:
         import dns.resolver  # noqa: F401
 
 
-@dataclass(frozen=True, slots=True)
-class Host:
+class Host(msgspec.Struct, frozen=True):
     name: str  # MX host name (or route host)
     address: str  # IP to connect to
     port: int
 
 
-@dataclass(frozen=True, slots=True)
-class Site:
+class Site(msgspec.Struct, frozen=True):
     """A set of receiving hosts, in preference order. ``key`` names the site."""
 
     key: str

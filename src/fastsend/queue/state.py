@@ -15,8 +15,9 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from fastsend import wire
 from fastsend.config import Config
@@ -32,23 +33,22 @@ from fastsend.suppression import SuppressionList
 RING_BYTES = wire.RING_BYTES
 
 
-@dataclass
-class WorkerSlot:
+class WorkerSlot(msgspec.Struct):
     index: int
     ips: list[str]
     pid: int = 0
     inbox: Ring | None = None
     outbox: Ring | None = None
-    inflight: dict[int, Claimed] = field(default_factory=dict)
-    campaigns: set[int] = field(default_factory=set)
-    backlog: list[bytes] = field(default_factory=list)  # records waiting for ring space
+    inflight: dict[int, Claimed] = msgspec.field(default_factory=dict)
+    campaigns: set[int] = msgspec.field(default_factory=set)
+    backlog: list[bytes] = msgspec.field(default_factory=list)  # records waiting for ring space
     restarts: int = 0
     alive: bool = False
-    counters: dict[str, float] = field(default_factory=dict)  # last wire.Stats
+    counters: dict[str, float] = msgspec.field(default_factory=dict)  # last wire.Stats
     retiring: bool = False  # draining for a reload: respawn on exit, feed nothing
-    held: dict[tuple[int, str], list[Claimed]] = field(default_factory=dict)  # rate-held
+    held: dict[tuple[int, str], list[Claimed]] = msgspec.field(default_factory=dict)  # rate-held
     last_seen: float = 0.0  # monotonic time of the worker's last record
-    crashes: list[float] = field(default_factory=list)  # monotonic times of abnormal exits
+    crashes: list[float] = msgspec.field(default_factory=list)  # monotonic times of abnormal exits
     drain_sent: bool = False  # Drain is on its way (SIGTERM): the worker hands back slow mail
     # Claimed by this slot and answered (or suppressed at dispatch), outcome not yet
     # written to the spool: counted against the window, so what a crash can send
@@ -107,9 +107,8 @@ class Wake:
             self._waiter = None
 
 
-@dataclass
-class RunStats:
-    started: float = field(default_factory=time.monotonic)
+class RunStats(msgspec.Struct):
+    started: float = msgspec.field(default_factory=time.monotonic)
     delivered: int = 0
     deferred: int = 0  # deferral events (attempts), not messages
     bounced: int = 0
@@ -122,7 +121,7 @@ class RunStats:
     # campaign -> [delivered, bounced, expired, suppressed]: the final outcomes this
     # run gave its messages (each message's once: it leaves the window with it).
     # Kept by a run that ends (engine.run), not by a long-lived serve.
-    finals: dict[int, list[int]] | None = field(default_factory=dict)
+    finals: dict[int, list[int]] | None = msgspec.field(default_factory=dict)
 
     def final(self, campaign: int) -> list[int]:
         finals = self.finals
@@ -134,7 +133,7 @@ class RunStats:
         return f
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("started", "finals")}
+        return {k: getattr(self, k) for k in self.__struct_fields__ if k not in ("started", "finals")}
 
 
 class SupervisorState:

@@ -46,16 +46,16 @@ from __future__ import annotations
 import collections
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 ACTIONS = ("suspend", "rest", "throttle", "bounce")  # fastsend.config.shaping.RuleTable
 # Aimd.observe answers
 SAME, DECREASED, INCREASED, LIFTED = 0, 1, 2, 3
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(msgspec.Struct, frozen=True):
     """A compiled automation rule."""
 
     name: str

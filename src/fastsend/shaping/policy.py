@@ -37,8 +37,9 @@ DELIBERATELY NOT HERE
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from fastsend.config import Config
 from fastsend.config.base import set_fields
@@ -49,8 +50,7 @@ REST_KEYS = {"duration": 3600.0}
 TLS_MODES = ("opportunistic", "required", "off")
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(msgspec.Struct, frozen=True):
     """The effective limits of one (source IP, site).
 
     ``rates`` holds (events per second, burst) pairs, one per configured
@@ -73,24 +73,22 @@ class Limits:
         return min((r for r, _ in self.rates), default=math.inf)
 
 
-@dataclass
-class Provider:
+class Provider(msgspec.Struct):
     name: str
     mx_suffixes: tuple[str, ...]
     domains: frozenset[str]
     values: dict[str, Any]
 
 
-@dataclass
-class Policy:
+class Policy(msgspec.Struct):
     """Merged shaping data; :meth:`resolve` answers per site."""
 
-    default: dict[str, Any] = field(default_factory=dict)
-    providers: dict[str, Provider] = field(default_factory=dict)
-    domains: dict[str, dict[str, Any]] = field(default_factory=dict)
-    aimd: dict[str, float] = field(default_factory=lambda: dict(AIMD_KEYS))
-    rest: dict[str, float] = field(default_factory=lambda: dict(REST_KEYS))
-    rules: list[dict[str, Any]] = field(default_factory=list)
+    default: dict[str, Any] = msgspec.field(default_factory=dict)
+    providers: dict[str, Provider] = msgspec.field(default_factory=dict)
+    domains: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    aimd: dict[str, float] = msgspec.field(default_factory=lambda: dict(AIMD_KEYS))
+    rest: dict[str, float] = msgspec.field(default_factory=lambda: dict(REST_KEYS))
+    rules: list[dict[str, Any]] = msgspec.field(default_factory=list)
     engine_connections: int = 16
     engine_messages_per_connection: int = 1000
     engine_tls: str = "opportunistic"

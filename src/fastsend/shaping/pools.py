@@ -52,6 +52,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from fastsend.config import Config
 
 DEFAULT_SCHEDULE: tuple[int, ...] = (
@@ -64,8 +66,7 @@ def utc_day(now: float) -> int:
     return int(now // 86400)
 
 
-@dataclass
-class PoolIP:
+class PoolIP(msgspec.Struct):
     ip: str
     weight: int = 1
     ehlo: str = ""
@@ -81,8 +82,7 @@ class PoolIP:
         return max(1, utc_day(now) - self.warmup_start_day + 1 + self.day_offset)
 
 
-@dataclass
-class WarmupSchedule:
+class WarmupSchedule(msgspec.Struct):
     caps: tuple[int, ...] = DEFAULT_SCHEDULE
 
     def cap(self, day: int) -> int:
@@ -169,11 +169,10 @@ class Pool:
         return best
 
 
-@dataclass
-class PoolSet:
+class PoolSet(msgspec.Struct):
     pools: dict[str, Pool]
     default: str
-    tenants: dict[str, str] = field(default_factory=dict)
+    tenants: dict[str, str] = msgspec.field(default_factory=dict)
 
     def pool_for(self, name: str = "", tenant: str = "") -> str:
         if name and name in self.pools:

@@ -28,8 +28,9 @@ import socket
 import ssl
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
+
+import msgspec
 
 from fastsend._accel import pick
 from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
@@ -45,8 +46,7 @@ IP_BIND_ADDRESS_NO_PORT = getattr(
 TLSMode = Literal["opportunistic", "required", "off"]
 
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
+class Timeouts(msgspec.Struct, frozen=True):
     """Seconds to wait for each reply (RFC 5321 section 4.5.3.2 defaults)."""
 
     connect: float = 30.0  # TCP connect (not in the RFC; Postfix uses 30 s)
@@ -80,8 +80,10 @@ class Timeouts:
         return self.ehlo
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectOptions:
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+class ConnectOptions(msgspec.Struct, frozen=True):
     """Where and how to connect. ``auth`` is (user, password); it is never logged."""
 
     host: str
@@ -90,9 +92,9 @@ class ConnectOptions:
     helo_name: str = "localhost"
     tls: TLSMode = "opportunistic"
     ssl_context: ssl.SSLContext | None = None
-    auth: tuple[str, str] | None = field(default=None, repr=False)
+    auth: tuple[str, str] | None = None  # not in the repr
     max_messages: int = 100
-    timeouts: Timeouts = Timeouts()
+    timeouts: Timeouts = DEFAULT_TIMEOUTS
     server_hostname: str | None = None  # for SNI/verification; defaults to host
     auth_mechanism: str = ""  # PLAIN, LOGIN or CRAM-MD5; default: the best offered
     chunking: bool = True  # BDAT when the server offers CHUNKING + PIPELINING
@@ -111,6 +113,10 @@ class ConnectOptions:
             raise ValueError(f"ConnectOptions.max_messages must be >= 1, not {self.max_messages}")
         if self.auth_mechanism.upper() not in ("", "PLAIN", "LOGIN", "CRAM-MD5"):
             raise ValueError(f"unsupported AUTH mechanism {self.auth_mechanism!r}")
+
+    def __repr__(self) -> str:
+        shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f != "auth")
+        return f"ConnectOptions({', '.join(shown)})"
 
 
 @functools.cache

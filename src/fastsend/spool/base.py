@@ -11,7 +11,6 @@ import os
 import socket
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -45,8 +44,7 @@ FINAL_STATES = frozenset({DELIVERED, BOUNCED, SUPPRESSED, EXPIRED, CANCELLED})
 PENDING_STATES = frozenset({QUEUED, DEFERRED})
 
 
-@dataclass(frozen=True, slots=True)
-class SharedStore:
+class SharedStore(msgspec.Struct, frozen=True):
     """What :meth:`Spool.shared` gives: the shared spool's store (a redis-py
     client, bytes replies), its key namespace (every key ``{prefix}:...``, one
     Redis Cluster slot), this node's name and lease (s)."""
@@ -212,19 +210,17 @@ class Result(msgspec.Struct, gc=False):
     text: str = ""
 
 
-@dataclass(slots=True)
-class CampaignInfo:
+class CampaignInfo(msgspec.Struct):
     id: int
     name: str
     tenant: str
     created: float
     status: str  # active / paused / cancelled
     spec: dict[str, Any]
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class IngestMark:
+class IngestMark(msgspec.Struct):
     """Where a list ingest stands once a batch commits: written in the same
     transaction as the batch's rows, so the spool never holds rows past the
     mark or a mark past its rows (see :class:`IngestJob`)."""
@@ -235,8 +231,7 @@ class IngestMark:
     rejected: int  # bad rows skipped so far
 
 
-@dataclass(slots=True)
-class IngestJob:
+class IngestJob(msgspec.Struct):
     """A recipient list being accepted: a durable job, so that a crash in the
     middle of a list is resumed where the last committed batch ended (and a
     changed or missing source is detected, never silently skipped).
@@ -270,8 +265,7 @@ ORPHAN_GRACE = 3600.0  # s: a blob reference pending this long after its put is 
 IDEM_RELEASED = b"released"  # the holder of a record whose request failed after some parts
 
 
-@dataclass(slots=True)
-class IdemRecord:
+class IdemRecord(msgspec.Struct):
     """What the spool holds for one idempotency key of a tenant (see
     :meth:`Spool.idem_begin`): the request's fingerprint, who runs it (a holder
     tag, JSON; :data:`IDEM_RELEASED` once a request that failed gave it up),
@@ -288,7 +282,7 @@ class IdemRecord:
     created: float
     status: int = 0
     body: bytes = b""
-    parts: list[tuple[int, list[int]]] = field(default_factory=list)
+    parts: list[tuple[int, list[int]]] = msgspec.field(default_factory=list)
     lease_left: float = 0.0
 
     @property
@@ -296,8 +290,7 @@ class IdemRecord:
         return self.status == 0
 
 
-@dataclass(slots=True)
-class IdemMark:
+class IdemMark(msgspec.Struct):
     """Rows spooled under an Idempotency-Key (``add_messages(..., idem=)``):
     recorded as part ``part`` of the key's record (their campaign and ids) in
     the same transaction as the rows, and only while ``holder`` holds the key

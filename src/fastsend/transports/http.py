@@ -36,8 +36,9 @@ import collections
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import msgspec
 
 from fastsend.config.transports import TransportSpec
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
@@ -55,8 +56,7 @@ _STATUS = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class Throttled:
+class Throttled(msgspec.Struct, frozen=True):
     """The provider asked us to slow down; nothing was sent."""
 
     retry_after: float  # seconds (0: not said)
