@@ -220,7 +220,11 @@ class Rollups:
     ) -> None:
         self.store = store
         self.settings = settings or AnalyticsSettings()
-        self.rules = rules or load_machine_rules(self.settings.machine_rules or None)
+        # A user's rules file is read (and checked) now; the shipped rules only
+        # once an open or a click needs them (a `send` never sees one).
+        self._rules = rules
+        if rules is None and self.settings.machine_rules:
+            self._rules = load_machine_rules(self.settings.machine_rules)
         self.tenant_of = tenant_of
         self.provider_of = provider_of
         self.acc: dict[tuple[Any, ...], list[int]] = {}
@@ -238,6 +242,13 @@ class Rollups:
         self.last_flush = time.monotonic()
         self.last_prune = 0.0
         self.failed = 0
+
+    @property
+    def rules(self) -> MachineRules:
+        """The machine-open and -click rules (:mod:`fastsend.analytics.machine`)."""
+        if self._rules is None:
+            self._rules = load_machine_rules(None)
+        return self._rules
 
     # -- the event path --------------------------------------------------------
 

@@ -30,11 +30,20 @@ from typing import TYPE_CHECKING, Any
 from fastsend.config.transports import TransportSpec
 from fastsend.delivery.mx import Host, Site
 from fastsend.outcome import DEFERRED, FAILED, Envelope, Outcome, TxnResult
-from fastsend.transports import relay
-from fastsend.transports.http import HTTPTransport, ProviderQueue, _key
 
 if TYPE_CHECKING:
     from fastsend import wire
+    from fastsend.config import Config
+    from fastsend.transports.http import HTTPTransport
+
+
+def prepare(config: Config) -> None:
+    """In the supervisor before the fork (``delivery.worker.prepare``): the
+    transports' modules when a route names transports. A run without such a
+    route never imports them (the worker's router is then idle)."""
+    if any(r.transports for r in config.routes.values()):
+        import fastsend.transports.http
+        import fastsend.transports.relay  # noqa: F401
 
 
 def make_transport(spec: TransportSpec, secret: bytes) -> HTTPTransport:
@@ -102,6 +111,9 @@ class Router:
 
     async def queue_for(self, name: str, batch: wire.Batch) -> Any:
         """The queue of transport ``name`` for the batch, or an Outcome (no site)."""
+        from fastsend.transports import relay
+        from fastsend.transports.http import ProviderQueue
+
         w = self.w
         if name == "smtp":
             site = await w.resolver.site_for(batch.domain)
@@ -143,6 +155,8 @@ class Router:
     async def dispatch(self, batch: wire.Batch, chain: tuple[str, ...]) -> None:
         """Build the batch's envelopes and push them to the first transport that
         has a queue for them (a temporary DNS failure moves on)."""
+        from fastsend.transports.http import _key
+
         w = self.w
         for i, name in enumerate(chain):
             q = await self.queue_for(name, batch)
@@ -191,6 +205,7 @@ class Router:
 
     async def _reroute(self, env: Envelope, rest: tuple[str, ...], campaign: int) -> None:
         from fastsend import wire
+        from fastsend.transports.http import _key
 
         w = self.w
         try:
@@ -232,6 +247,8 @@ class Router:
 
 
 def _push(q: Any, envelopes: list[Envelope], campaign: int) -> None:
+    from fastsend.transports.http import ProviderQueue  # imported by queue_for already
+
     if isinstance(q, ProviderQueue):
         q.push(envelopes, campaign)  # batches non-personalised mail per campaign
     else:

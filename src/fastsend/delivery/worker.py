@@ -31,7 +31,7 @@ import orjson
 from fastsend import msgid, wire
 from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
-from fastsend.delivery import mx
+from fastsend.delivery import mx, routes
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.routes import Router
@@ -730,6 +730,7 @@ def prepare(config: Config) -> None:
     # module (and stringprep) would be imported at each worker's first connect.
     "localhost".encode("idna")
     mx.prepare(config)
+    routes.prepare(config)
     ConfigDKIM(config).preload()
     _prctl()
 

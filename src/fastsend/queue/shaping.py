@@ -53,7 +53,6 @@ SHARED
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -162,6 +161,8 @@ class ShapingState:
         self.warm = {k: v for k, v in stored.items() if _recent(k, today)}
         try:
             with open(self.path) as f:
+                import json  # only for the legacy file, which a new spool never has
+
                 data = json.load(f)
             legacy = {k: int(v) for k, v in data.get("warmup", {}).items() if _recent(k, today)}
         except (OSError, ValueError, AttributeError):
