@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 # Everything run() opens is closed when it returns, and it leaves no thread:
 # the process may exit without the interpreter's teardown (cli.run_process).
 EXIT_AT_ONCE = True
+# What run() imports beyond the options (the cli imports them first, see cli.main).
+RUN_IMPORTS = (
+    "fastsend.engine",
+    "fastsend.delivery.worker",  # forked workers run it: imported before the fork
+    "fastsend.accept",
+    "fastsend.events",
+    "fastsend.spool",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
