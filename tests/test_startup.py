@@ -75,6 +75,41 @@ def test_prepare_imports_dnspython_before_fork_only_when_a_name_may_be_looked_up
     assert "dns.asyncresolver" in by_name
 
 
+def test_set_pdeathsig_sets_the_signal_a_worker_gets_when_its_parent_dies(impl: str) -> None:
+    """Both twins: prctl(PR_SET_PDEATHSIG) as read back with PR_GET_PDEATHSIG,
+    in a forked child (the setting is the calling process's own)."""
+    import ctypes
+    import os
+    import signal
+
+    from fastsend._accel import compiled
+    from fastsend.delivery import worker
+
+    fn = compiled("set_pdeathsig") if impl == "c" else worker._py_set_pdeathsig
+    libc = ctypes.CDLL(None)
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        got = ctypes.c_int(0)
+        ok = fn(signal.SIGTERM) and libc.prctl(2, ctypes.byref(got), 0, 0, 0) == 0
+        os._exit(0 if ok and got.value == signal.SIGTERM else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_prepare_with_the_compiled_core_imports_no_ctypes(tmp_path: Path) -> None:
+    from fastsend import _accel
+
+    if not _accel.HAVE_EXTENSIONS or _accel.NO_EXTENSIONS:
+        pytest.skip("the pure twin looks prctl up through ctypes")
+    mods = _loaded_after(
+        "from fastsend import config\n"
+        "from fastsend.delivery.worker import prepare\n"
+        "prepare(config.from_dict({'routes': {'*': '127.0.0.1:2525'}},"
+        f" base_dir={str(tmp_path)!r}))\n"
+    )
+    assert "ctypes" not in mods and "uvloop" in mods
+
+
 @pytest.mark.parametrize("command", ["send", "resume"])
 def test_help_of_an_engine_command_imports_no_engine(command: str) -> None:
     """`fastsend send --help` (and resume's) needs only the options: the command

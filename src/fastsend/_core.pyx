@@ -19,6 +19,7 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _recipients.pxi  a CSV list's plain lines to spool rows (fastsend.recipients)
 - _dispatch.pxi    claims grouped and written as Batch records (fastsend.queue.dispatch)
 - _outcomes.pxi    deliveries applied: Results, counts, events (fastsend.queue.outcomes)
+- _proc.pxi        a worker's death with its parent, prctl without ctypes (fastsend.delivery.worker)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -41,3 +42,4 @@ include "_address.pxi"
 include "_recipients.pxi"
 include "_dispatch.pxi"
 include "_outcomes.pxi"
+include "_proc.pxi"

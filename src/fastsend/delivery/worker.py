@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from fastsend import msgid, wire
+from fastsend._accel import pick
 from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
 from fastsend.delivery import mx, routes
@@ -677,14 +678,24 @@ def _prctl() -> Any:
         return None
 
 
+def set_pdeathsig(sig: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``): True when it is set. The compiled twin
+    (``_proc.pxi``) calls prctl without ctypes."""
+    prctl = _prctl()
+    return prctl is not None and prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+
+
+_py_set_pdeathsig = set_pdeathsig
+set_pdeathsig = pick(set_pdeathsig)
+
+
 def die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this process when its parent dies (``prctl
     PR_SET_PDEATHSIG``), so a kill -9 of the supervisor leaves no worker behind;
     if the parent is already gone (it died before the prctl), exit now.
     watch_parent() is the fallback where prctl is not available."""
-    prctl = _prctl()
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(3)
 
@@ -722,7 +733,7 @@ def prepare(config: Config) -> None:
     """In the supervisor, before it forks workers on ``config``: what every worker
     would otherwise do after the fork and can share instead (copy-on-write):
     import dnspython when a name may be looked up, load the config's DKIM keys,
-    find libc's prctl, load the idna codec.
+    find libc's prctl (the pure twin's), load the idna codec.
     Campaign keys are loaded when a campaign is accepted (accept.check_campaign)."""
     import uvloop  # noqa: F401  (each worker's loop)
 
@@ -732,7 +743,8 @@ def prepare(config: Config) -> None:
     mx.prepare(config)
     routes.prepare(config)
     ConfigDKIM(config).preload()
-    _prctl()
+    if set_pdeathsig is _py_set_pdeathsig:
+        _prctl()  # ctypes, for the pure twin only
 
 
 def run_worker(
