@@ -64,9 +64,9 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _render(r: Any, variables: dict[str, str], mid: str) -> bytes | str:
-    r._assembly = mime_mod.Assembly(*r._layout)  # the implementation use_impl chose
     for signer, _plan in r._plans:
         signer._body_hash = dkim_mod.BodyHasher(signer._brelaxed)
+    r._assemble()  # the Assembly and MessageSigner use_impl chose
     try:
         return bytes(r.render("rcpt@example.org", variables, mid))
     except RenderError as exc:

@@ -230,12 +230,22 @@ cdef int _block_digest(tuple lines, bytes sig_head_c14n, bint relaxed,
                        unsigned char* digest) except -1:
     """SHA-256 of the signed header block: ``lines`` canonicalized (relaxed, or
     simple: as they are) and ``sig_head_c14n``, made in one buffer."""
-    cdef Py_ssize_t k, m = len(lines), cap = PyBytes_GET_SIZE(sig_head_c14n), o = 0, n
+    return _lines_digest(lines, None, <const unsigned char*> PyBytes_AS_STRING(sig_head_c14n),
+                         PyBytes_GET_SIZE(sig_head_c14n), relaxed, digest)
+
+
+cdef int _lines_digest(object lines, tuple idx, const unsigned char* tail, Py_ssize_t tn,
+                       bint relaxed, unsigned char* digest) except -1:
+    """SHA-256 of the signed header block: the header lines (``lines``, a list
+    or tuple: those at the positions ``idx``, or all of them in order when it
+    is None) canonicalized (relaxed, or simple: as they are), then the ``tn``
+    octets at ``tail`` (the DKIM-Signature line canonicalized), in one buffer."""
+    cdef Py_ssize_t k, m = len(idx) if idx is not None else len(lines), cap = tn, o = 0, n
     cdef object ln
     cdef SHA256_CTX ctx
     cdef unsigned char* buf
     for k in range(m):
-        ln = lines[k]
+        ln = lines[<Py_ssize_t> idx[k]] if idx is not None else lines[k]
         if type(ln) is not bytes:
             raise TypeError("the header lines to sign must be a tuple of bytes")
         cap += PyBytes_GET_SIZE(ln) + 3
@@ -244,16 +254,15 @@ cdef int _block_digest(tuple lines, bytes sig_head_c14n, bint relaxed,
         raise MemoryError()
     try:
         for k in range(m):
-            ln = lines[k]
+            ln = lines[<Py_ssize_t> idx[k]] if idx is not None else lines[k]
             n = PyBytes_GET_SIZE(ln)
             if relaxed:
                 o += _header_relaxed(<const unsigned char*> PyBytes_AS_STRING(ln), n, buf + o)
             else:
                 memcpy(buf + o, PyBytes_AS_STRING(ln), n)
                 o += n
-        n = PyBytes_GET_SIZE(sig_head_c14n)
-        memcpy(buf + o, PyBytes_AS_STRING(sig_head_c14n), n)
-        o += n
+        memcpy(buf + o, tail, tn)
+        o += tn
         with nogil:
             SHA256_Init(&ctx)
             SHA256_Update(&ctx, buf, o)
@@ -263,22 +272,22 @@ cdef int _block_digest(tuple lines, bytes sig_head_c14n, bint relaxed,
     return 0
 
 
-cdef bytes _sig_line(bytes sig_head, const unsigned char* sig, Py_ssize_t n):
-    """``sig_head``, the base64 of ``sig`` in lines of 72 joined by CRLF and two
-    spaces, and CRLF (the pure twins' ``_sig_line``)."""
-    cdef Py_ssize_t hn = PyBytes_GET_SIZE(sig_head), bn = (n + 2) // 3 * 4, i, o, take
+cdef inline Py_ssize_t _folded_len(Py_ssize_t n) noexcept nogil:
+    """Octets of a signature of ``n`` octets in base64 folded as ``_fold_sig``
+    writes it, with the final CRLF."""
+    cdef Py_ssize_t bn = (n + 2) // 3 * 4
+    return bn + (bn - 1) // 72 * 4 + 2
+
+
+cdef Py_ssize_t _fold_sig(const unsigned char* sig, Py_ssize_t n, unsigned char* out) except -1:
+    """The base64 of ``sig`` in lines of 72 joined by CRLF and two spaces, and
+    CRLF, written to ``out`` (room: ``_folded_len(n)``); its length."""
+    cdef Py_ssize_t bn = (n + 2) // 3 * 4, i = 0, o = 0, take
     cdef unsigned char* b64 = <unsigned char*> malloc(bn + 1)
     if b64 == NULL:
         raise MemoryError()
-    cdef bytes res
-    cdef unsigned char* out
     try:
         _b64(sig, n, b64)
-        res = PyBytes_FromStringAndSize(NULL, hn + bn + (bn - 1) // 72 * 4 + 2)
-        out = <unsigned char*> PyBytes_AS_STRING(res)
-        memcpy(out, PyBytes_AS_STRING(sig_head), hn)
-        o = hn
-        i = 0
         while i < bn:
             if i:
                 memcpy(out + o, b"\r\n  ", 4)
@@ -289,9 +298,20 @@ cdef bytes _sig_line(bytes sig_head, const unsigned char* sig, Py_ssize_t n):
             i += take
         out[o] = 13
         out[o + 1] = 10
-        return res
+        return o + 2
     finally:
         free(b64)
+
+
+cdef bytes _sig_line(bytes sig_head, const unsigned char* sig, Py_ssize_t n):
+    """``sig_head``, the base64 of ``sig`` in lines of 72 joined by CRLF and two
+    spaces, and CRLF (the pure twins' ``_sig_line``)."""
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(sig_head)
+    cdef bytes res = PyBytes_FromStringAndSize(NULL, hn + _folded_len(n))
+    cdef unsigned char* out = <unsigned char*> PyBytes_AS_STRING(res)
+    memcpy(out, PyBytes_AS_STRING(sig_head), hn)
+    _fold_sig(sig, n, out + hn)
+    return res
 
 
 def ed25519_sign_lines(tuple lines, bytes sig_head, bytes sig_head_c14n, bytes sodium_key,
@@ -375,18 +395,24 @@ cdef class RsaSigner:
         ``sig_head_c14n`` (``sig_head`` canonicalized, without its CRLF)."""
         cdef unsigned char digest[32]
         cdef unsigned char sig[512]  # RSA up to 4096 bits
-        cdef size_t n = sizeof(sig)
-        cdef int rc
+        cdef Py_ssize_t n
         if self.size > <Py_ssize_t> sizeof(sig):
             raise ValueError("RSA keys of more than 4096 bits are not supported")
         _block_digest(lines, sig_head_c14n, relaxed, digest)
+        n = self._sign(digest, sig)
+        return _sig_line(sig_head, sig, n)
+
+    cdef Py_ssize_t _sign(self, const unsigned char* digest, unsigned char* sig) except -1:
+        """The signature of a SHA-256 ``digest`` into ``sig`` (room: 512); its length."""
+        cdef size_t n = 512
+        if self.size > 512:
+            raise ValueError("RSA keys of more than 4096 bits are not supported")
         # With the GIL held: the context is this object's, so two threads must
         # not sign with it at once (a worker has one thread).
-        rc = EVP_PKEY_sign(self.ctx, sig, &n, digest, 32)
-        if rc <= 0:
+        if EVP_PKEY_sign(self.ctx, sig, &n, digest, 32) <= 0:
             ERR_clear_error()
             raise RuntimeError("libcrypto failed to sign")
-        return _sig_line(sig_head, sig, n)
+        return n
 
 
 # -- body hashes (twin: fastsend.message.dkim.BodyHasher) -----------------------
@@ -400,7 +426,8 @@ cdef class BodyHasher:
     of the pure ``BodyHasher``: the same values; the state is libcrypto's,
     copied with memcpy, and hashing runs without the GIL)."""
     cdef readonly bint relaxed
-    cdef bytes last
+    cdef bytes last  # the last canonical body: last_len octets at last_off in it
+    cdef Py_ssize_t last_off, last_len
     cdef bytes last_bh
     cdef readonly Py_ssize_t prefix
     cdef SHA256_CTX state
@@ -408,30 +435,52 @@ cdef class BodyHasher:
     def __init__(self, bint relaxed):
         self.relaxed = relaxed
         self.last = None
+        self.last_off = self.last_len = 0
         self.last_bh = b""
         self.prefix = 0
 
     def __call__(self, bytes body):
-        cdef bytes canon = body_relaxed(body) if self.relaxed else body_simple(body)
+        return self._hash_at(body, 0, PyBytes_GET_SIZE(body))
+
+    cdef bytes _hash_at(self, bytes owner, Py_ssize_t off, Py_ssize_t n):
+        """``bh=`` of the body at ``off`` in ``owner``, ``n`` octets long (the
+        part of a whole message that is its body: hashed where it lies, not
+        copied, when it is its own canonical form, as generated bodies are)."""
+        cdef const unsigned char* s = <const unsigned char*> PyBytes_AS_STRING(owner) + off
+        cdef Py_ssize_t o
+        if self.relaxed:
+            if not _relaxed_clean(s, n):
+                owner = body_relaxed(owner if off == 0 and n == PyBytes_GET_SIZE(owner)
+                                     else PyBytes_FromStringAndSize(<const char*> s, n))
+                return self._canon_hash(owner, 0, PyBytes_GET_SIZE(owner))
+        else:
+            o = n
+            while o >= 2 and s[o - 2] == 13 and s[o - 1] == 10:
+                o -= 2
+            if o != n - 2:  # (body_simple's canonical form is a new object)
+                owner = PyBytes_FromStringAndSize(<const char*> s, o) + b"\r\n"
+                return self._canon_hash(owner, 0, o + 2)
+        return self._canon_hash(owner, off, n)
+
+    cdef bytes _canon_hash(self, bytes canon, Py_ssize_t off, Py_ssize_t n):
+        """``bh=`` of the canonical body at ``off`` in ``canon``, ``n`` octets."""
         cdef bytes last = self.last
-        cdef const unsigned char* c = canon
+        cdef const unsigned char* c = <const unsigned char*> PyBytes_AS_STRING(canon) + off
         cdef const unsigned char* p
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(canon), k = self.prefix, m
+        cdef Py_ssize_t k = self.prefix, m, shared
         cdef SHA256_CTX ctx
         cdef unsigned char md[32]
         cdef unsigned char b64[44]
         if last is not None:
-            p = last
-            m = PyBytes_GET_SIZE(last)
-            if last is canon or (m == n and memcmp(p, c, n) == 0):
+            p = <const unsigned char*> PyBytes_AS_STRING(last) + self.last_off
+            m = self.last_len
+            if (p == c and m == n) or (m == n and memcmp(p, c, n) == 0):
                 return self.last_bh
             if not (k and n >= k and memcmp(p, c, k) == 0):
                 k = 0
-                if m < n:
-                    n = m
-                while k + 64 <= n and memcmp(p + k, c + k, 64) == 0:
+                shared = m if m < n else n
+                while k + 64 <= shared and memcmp(p + k, c + k, 64) == 0:
                     k += 64
-                n = PyBytes_GET_SIZE(canon)
                 if k >= _PREFIX_MIN:
                     with nogil:
                         SHA256_Init(&self.state)
@@ -447,6 +496,153 @@ cdef class BodyHasher:
             SHA256_Update(&ctx, c + k, n - k)
             SHA256_Final(md, &ctx)
             _b64(md, 32, b64)
-        self.last = canon
+        self.last = canon  # (holds the whole message the body is part of)
+        self.last_off = off
+        self.last_len = n
         self.last_bh = PyBytes_FromStringAndSize(<char*> b64, 44)
         return self.last_bh
+
+
+# -- whole signed messages (twin: fastsend.message.dkim.MessageSigner) ----------
+
+import time as _dkim_time
+
+
+cdef class MessageSigner:
+    """Whole messages signed by one ``Signer`` for one header layout (twin of
+    the pure ``MessageSigner``: the same bytes). The compiled ``Assembly``
+    asks for the room the DKIM-Signature line takes (``_reserve``), writes
+    the header lines and the body after it in one bytes object, and has the
+    line written into that room (``_sign_into``): the body hashed where it
+    lies, the header block canonicalized and hashed in one buffer, one
+    signature (rsa-sha256: the compiled ``RsaSigner``'s context; Ed25519:
+    libsodium), no copy of the body and no join. Keys of any other kind (or
+    a pure BodyHasher / RsaSigner) are signed through the Signer (mode 0)."""
+    cdef object signer, plan
+    cdef readonly int mode  # 0: through the Signer; 1: rsa-sha256; 2: Ed25519 (libsodium)
+    cdef RsaSigner rsa
+    cdef bytes sodium_key
+    cdef BodyHasher hasher
+    cdef bint hrelaxed
+    cdef tuple idx
+    cdef bytes head, h_part
+    cdef Py_ssize_t siglen  # octets of a signature
+    # The line up to its body hash, and its canonical form, for the second ``sec``
+    # (the pure Signer._sig_head's cache).
+    cdef object sec
+    cdef bytes pre, pre_c14n
+
+    def __init__(self, signer, plan):
+        self.signer = signer
+        self.plan = plan
+        self.idx = tuple(plan.idx)
+        self.h_part = plan.h_part
+        self.head = signer._head
+        self.hrelaxed = signer._hrelaxed
+        self.sec = None
+        self.mode = 0
+        hasher, rsa, sk = signer._body_hash, signer._rsa, signer._sodium_key
+        if type(hasher) is not BodyHasher:
+            return
+        if sk is not None:
+            if _sodium_state == 0:
+                _sodium_load()
+            if _sodium_state > 0 and len(sk) == 64:
+                self.sodium_key = sk
+                self.siglen = 64
+                self.mode = 2
+        elif type(rsa) is RsaSigner and (<RsaSigner> rsa).size <= 512:
+            self.rsa = <RsaSigner> rsa
+            self.siglen = self.rsa.size
+            self.mode = 1
+        if self.mode:
+            self.hasher = <BodyHasher> hasher
+
+    cdef Py_ssize_t _reserve(self) except -1:
+        """Octets of the DKIM-Signature line of a message signed now (the line
+        up to ``bh=`` made once a second)."""
+        cdef object now = int(_dkim_time.time())
+        cdef bytes pre
+        if now != self.sec:
+            pre = b"".join([self.head, b"%d" % now, self.h_part])
+            self.pre_c14n = relaxed_headers((pre,))[:-2] if self.hrelaxed else pre
+            self.pre = pre
+            self.sec = now
+        return PyBytes_GET_SIZE(self.pre) + 44 + 6 + _folded_len(self.siglen)
+
+    cdef int _sign_into(self, bytes msg, Py_ssize_t room, object lines, Py_ssize_t off,
+                        Py_ssize_t n) except -1:
+        """Write the DKIM-Signature line (``room`` octets: ``_reserve``) at the
+        start of ``msg``, whose header ``lines`` follow it and whose body is
+        the ``n`` octets at ``off``."""
+        cdef bytes bh = self.hasher._hash_at(msg, off, n)
+        cdef unsigned char* w = <unsigned char*> PyBytes_AS_STRING(msg)
+        cdef Py_ssize_t pn = PyBytes_GET_SIZE(self.pre), hl, cn, sn
+        cdef unsigned char digest[32]
+        cdef unsigned char sig[512]
+        cdef unsigned char* tail
+        memcpy(w, PyBytes_AS_STRING(self.pre), pn)
+        memcpy(w + pn, PyBytes_AS_STRING(bh), 44)
+        memcpy(w + pn + 44, b";\r\n b=", 6)
+        hl = pn + 50  # the line up to b=
+        if self.hrelaxed:  # bh is base64 (no white space): the canonical head, bh, "; b="
+            cn = PyBytes_GET_SIZE(self.pre_c14n)
+            tail = <unsigned char*> malloc(cn + 48)
+            if tail == NULL:
+                raise MemoryError()
+            try:
+                memcpy(tail, PyBytes_AS_STRING(self.pre_c14n), cn)
+                memcpy(tail + cn, PyBytes_AS_STRING(bh), 44)
+                memcpy(tail + cn + 44, b"; b=", 4)
+                _lines_digest(lines, self.idx, tail, cn + 48, True, digest)
+            finally:
+                free(tail)
+        else:
+            _lines_digest(lines, self.idx, w, hl, False, digest)
+        if self.mode == 1:
+            sn = self.rsa._sign(digest, sig)
+        else:
+            sn = self._ed25519(digest, sig)
+        if sn != self.siglen or hl + _fold_sig(sig, sn, w + hl) != room:
+            raise RuntimeError("the DKIM-Signature line does not fit the room kept for it")
+        return 0
+
+    cdef Py_ssize_t _ed25519(self, const unsigned char* digest, unsigned char* sig) except -1:
+        cdef unsigned char sm[96]
+        cdef unsigned long long smlen = 0
+        if _sodium_sign(sm, &smlen, digest, 32,
+                        <const unsigned char*> PyBytes_AS_STRING(self.sodium_key)) != 0:
+            raise RuntimeError("libsodium failed to sign")
+        memcpy(sig, sm, 64)
+        return 64
+
+    def message(self, lines, bytes body):
+        """The DKIM-Signature line, the header ``lines``, the empty line and
+        ``body``, in one bytes object."""
+        cdef Py_ssize_t room, k, o, n, bn = PyBytes_GET_SIZE(body)
+        cdef object ln
+        cdef bytes msg
+        cdef unsigned char* w
+        if self.mode == 0:
+            return b"".join([self.signer.sign_lines(self.plan, lines, body), *lines, b"\r\n",
+                             body])
+        lines = list(lines)
+        for k in range(len(lines)):
+            if type(lines[k]) is not bytes:  # (any buffer, as b"".join takes it)
+                lines[k] = b"".join((lines[k],))
+        room = self._reserve()
+        o = room
+        for ln in lines:
+            o += PyBytes_GET_SIZE(ln)
+        msg = PyBytes_FromStringAndSize(NULL, o + 2 + bn)
+        w = <unsigned char*> PyBytes_AS_STRING(msg)
+        o = room
+        for ln in lines:
+            n = PyBytes_GET_SIZE(ln)
+            memcpy(w + o, PyBytes_AS_STRING(ln), n)
+            o += n
+        w[o] = 13
+        w[o + 1] = 10
+        memcpy(w + o + 2, PyBytes_AS_STRING(body), bn)
+        self._sign_into(msg, room, lines, o + 2, bn)
+        return msg

@@ -726,9 +726,10 @@ cdef class Assembly:
     cdef readonly tuple head, tail, content, segments
     cdef readonly bint end_crlf, to_custom
     cdef readonly str from_domain
+    cdef readonly MessageSigner signer
 
     def __init__(self, tuple head, tuple tail, tuple content, tuple body, bint end_crlf,
-                 bint to_custom=False, str from_domain=""):
+                 bint to_custom=False, str from_domain="", MessageSigner signer=None):
         self.head = head
         self.tail = tail
         self.content = content
@@ -736,11 +737,19 @@ cdef class Assembly:
         self.end_crlf = end_crlf
         self.to_custom = to_custom
         self.from_domain = from_domain
+        self.signer = signer
 
     def personal(self, variables, str rcpt, str message_id, bytes date, bint sign):
         """One recipient's message (or with ``sign``, its header lines and body):
         the variables ``email`` and ``message_id``, To and Message-ID made here."""
-        return self._personal(variables, rcpt, message_id, date, sign, False)
+        return self._personal(variables, rcpt, message_id, date, _WHOLE + sign, False)
+
+    def signed(self, variables, str rcpt, str message_id, bytes date):
+        """The message ``personal`` makes, signed by ``signer`` (its
+        DKIM-Signature line first), written in one buffer (``_whole``)."""
+        if self.signer is None:
+            raise TypeError("this Assembly has no signer")
+        return self._personal(variables, rcpt, message_id, date, _SIGNED, False)
 
     def deferred(self, variables, str rcpt, str message_id, bytes date, fallback):
         """``personal(variables, rcpt, message_id, date, False)`` to be made
@@ -754,9 +763,11 @@ cdef class Assembly:
         d.fallback = fallback
         return d
 
-    cdef object _personal(self, variables, str rcpt, str message_id, bytes date, bint sign,
+    cdef object _personal(self, variables, str rcpt, str message_id, bytes date, int make,
                           bint own):
-        # ``own``: a dict of the caller's own (just decoded), filled in place.
+        # ``make``: _WHOLE, _PARTS (the header lines and the body, to sign) or
+        # _SIGNED (signed by ``signer``). ``own``: a dict of the caller's own
+        # (just decoded), filled in place.
         cdef dict vs
         if own and type(variables) is dict:
             vs = <dict>variables
@@ -775,16 +786,24 @@ cdef class Assembly:
             mid = encode_id(message_id)
         cdef bytes mid_line = _cat5(b"Message-ID: <", mid, b"@", self.from_domain, b">\r\n")
         cdef list lines = self._headers(vs, to, date, mid_line)
-        if sign:
-            return lines, self._body(vs)
-        return self._whole(lines, vs)
+        if make == _WHOLE:
+            return self._whole(lines, vs, None)
+        if make == _SIGNED:
+            if self.signer.mode:
+                return self._whole(lines, vs, self.signer)
+            return self.signer.message(lines, self._body(vs))
+        return lines, self._body(vs)
 
-    cdef bytes _whole(self, list lines, object variables):
+    cdef bytes _whole(self, list lines, object variables, MessageSigner signer):
         """The header lines, the empty line and the body, written into one
         bytes object (the quoted-printable parts encoded in place): the
         message's octets are written once, in one allocation, not once per
-        part and again to join them."""
-        cdef Py_ssize_t k, nseg = len(self.segments), cap = 2, o
+        part and again to join them. With ``signer``, room for the
+        DKIM-Signature line is kept before the header lines, and it is
+        written there once the rest is (the body hashed in place)."""
+        cdef Py_ssize_t k, nseg = len(self.segments), cap = 2, o, room = 0, head
+        if signer is not None:
+            room = signer._reserve()
         cdef list parts = [None] * nseg
         cdef object seg
         cdef tuple t
@@ -794,6 +813,7 @@ cdef class Assembly:
             if type(seg) is not bytes:  # (any buffer, as b"".join takes it)
                 seg = lines[k] = b"".join((seg,))
             cap += PyBytes_GET_SIZE(seg)
+        head = room + cap  # where the body starts: the header lines and the empty line
         for k in range(nseg):
             seg = self.segments[k]
             if type(seg) is bytes:
@@ -811,13 +831,17 @@ cdef class Assembly:
                 parts[k] = seg
                 cap += PyBytes_GET_SIZE(seg)
         cap += 2  # the CRLF a body may need at its end
+        cap += room
         cdef PyObject* raw = _bytes_new(NULL, cap)
         try:
-            o = self._write_whole(lines, parts, <unsigned char*> _bytes_buf(raw))
+            o = room + self._write_whole(lines, parts, <unsigned char*> _bytes_buf(raw) + room)
         except BaseException:
             Py_XDECREF(raw)
             raise
-        return _cut(raw, o)
+        cdef bytes msg = _cut(raw, o)
+        if signer is not None:
+            signer._sign_into(msg, room, lines, head, o - head)
+        return msg
 
     cdef Py_ssize_t _write_whole(self, list lines, list parts, unsigned char* w) except -1:
         cdef Py_ssize_t o = 0, b, n
@@ -896,7 +920,13 @@ cdef class Assembly:
 
     def message(self, variables, bytes to, bytes date, bytes message_id):
         """The whole message: headers, the empty line, the body."""
-        return self._whole(self._headers(variables, to, date, message_id), variables)
+        return self._whole(self._headers(variables, to, date, message_id), variables, None)
+
+
+cdef enum:
+    _WHOLE = 0  # Assembly._personal: the message
+    _PARTS = 1  # its header lines and body (to sign)
+    _SIGNED = 2  # the message signed by the assembly's signer
 
 
 cdef object _json_loads = None  # orjson.loads, imported at the first DeferredMessage
@@ -909,7 +939,8 @@ cdef class DeferredMessage:
     """A recipient's message made when it is called (twin of the pure one in
     fastsend.message.mime): the SMTP client calls it as the message's
     transaction starts, so its bytes are written just before they are sent,
-    still in cache. ``Assembly.personal``'s message, or when that raises,
+    still in cache. ``Assembly.personal``'s message (``Assembly.signed``'s
+    when the assembly has a signer), or when that raises,
     what ``fallback(rcpt, variables, message_id)`` returns (the message made
     the slow way, or an Outcome saying why there is none). ``variables`` may
     be their JSON (bytes), decoded when it is made."""
@@ -931,7 +962,9 @@ cdef class DeferredMessage:
                     from orjson import loads as _json_loads
                 vs = _json_loads(vs) if PyBytes_GET_SIZE(vs) else {}
                 own = True  # (no copy of a dict no one else holds)
-            return self.assembly._personal(vs, self.rcpt, self.message_id, self.date, False, own)
+            return self.assembly._personal(vs, self.rcpt, self.message_id, self.date,
+                                           _WHOLE if self.assembly.signer is None else _SIGNED,
+                                           own)
         except Exception:
             return self.fallback(self.rcpt, self.variables, self.message_id)
 

@@ -50,7 +50,7 @@ from fastsend.message.template import PURE as _TEMPLATE_PURE
 from fastsend.message.template import Template, splice
 
 if TYPE_CHECKING:
-    from fastsend.message.dkim import Signer
+    from fastsend.message.dkim import MessageSigner, Signer
 
 __all__ = [
     "Renderer",
@@ -195,8 +195,10 @@ class Assembly:
     :data:`Entry` values, ``content`` the content header lines, ``body`` the
     body's :data:`Segment` values (``end_crlf``: a single part whose text does
     not end a line gets a CRLF). The lines made per recipient (To, Date,
-    Message-ID) are passed in. The compiled twin (``_mime.pxi``) writes the
-    same bytes without a Python call per piece.
+    Message-ID) are passed in. ``signer`` (a
+    :class:`~fastsend.message.dkim.MessageSigner`, or None) signs the messages
+    :meth:`signed` makes, and those of :meth:`deferred`. The compiled twin
+    (``_mime.pxi``) writes the same bytes without a Python call per piece.
     """
 
     def __init__(
@@ -208,10 +210,12 @@ class Assembly:
         end_crlf: bool,
         to_custom: bool = False,
         from_domain: str = "",
+        signer: MessageSigner | None = None,
     ) -> None:
         self.head, self.tail, self.content = head, tail, content
         self.segments, self.end_crlf = body, end_crlf
         self.to_custom, self.from_domain = to_custom, from_domain
+        self.signer = signer
 
     def personal(
         self, variables: Mapping[str, str], rcpt: str, message_id: str, date: bytes, sign: bool
@@ -231,10 +235,21 @@ class Assembly:
             return self.headers(vs, to, date, mid_line), self.body(vs)
         return self.message(vs, to, date, mid_line)
 
+    def signed(
+        self, variables: Mapping[str, str], rcpt: str, message_id: str, date: bytes
+    ) -> bytes:
+        """The message :meth:`personal` makes, signed by :attr:`signer` (its
+        ``DKIM-Signature`` line first). The compiled twin writes it in one
+        buffer, the body hashed where it lies and the signature written into
+        room kept for it before the header lines."""
+        lines, body = self.personal(variables, rcpt, message_id, date, True)  # type: ignore[misc]
+        return self.signer.message(lines, body)  # type: ignore[union-attr]
+
     def deferred(self, *args: Any) -> DeferredMessage:
         """``deferred(variables, rcpt, message_id, date, fallback)``: the message
-        ``personal(variables, rcpt, message_id, date, False)`` makes, to be made
-        later, when it is about to be sent (a :class:`DeferredMessage`)."""
+        ``personal(variables, rcpt, message_id, date, False)`` makes (or with a
+        :attr:`signer`, :meth:`signed`), to be made later, when it is about to
+        be sent (a :class:`DeferredMessage`)."""
         return DeferredMessage(self, *args)
 
     def headers(
@@ -277,8 +292,10 @@ class DeferredMessage:
     """A recipient's message made when it is called: the SMTP client calls it
     as the message's transaction starts (``Envelope.data`` may be one), so its
     bytes are written just before they are sent, still in cache, not
-    thousands of messages earlier. ``Assembly.personal``'s message, or when
-    that raises, what ``fallback(rcpt, variables, message_id)`` returns (the
+    thousands of messages earlier. ``Assembly.personal``'s message (signed,
+    ``Assembly.signed``, when the assembly has a signer: the signature made
+    as the message is sent), or when that raises, what
+    ``fallback(rcpt, variables, message_id)`` returns (the
     message made the slow way, or an Outcome saying why there is none).
     ``variables`` may be their JSON (bytes), decoded when it is made: a
     waiting message holds one bytes object, not a dict of strings.
@@ -303,7 +320,10 @@ class DeferredMessage:
         try:
             if type(vs) is bytes:  # the recipient's JSON, decoded now (in cache)
                 vs = orjson.loads(vs) if vs else {}
-            return self.assembly.personal(vs, self.rcpt, self.message_id, self.date, False)
+            a = self.assembly
+            if a.signer is not None:
+                return a.signed(vs, self.rcpt, self.message_id, self.date)
+            return a.personal(vs, self.rcpt, self.message_id, self.date, False)
         except Exception:
             return self.fallback(self.rcpt, self.variables, self.message_id)
 
@@ -508,7 +528,6 @@ class Renderer:
             self._to_custom,
             self.from_domain,
         )
-        self._assembly = Assembly(*self._layout)
         # The header layout is fixed, so each signer's plan is made once.
         names = [h.lname for h in self._head]
         if not self._to_custom:
@@ -517,8 +536,14 @@ class Renderer:
         names += [h.lname for h in self._tail]
         names += [ln[: ln.index(b":")].decode("ascii").lower() for ln in self._content]
         self._plans = [(s, s.plan(names)) for s in self.signers]
-        #: Seconds spent signing (time.perf_counter, cumulative; 0.0 without DKIM).
-        self.dkim_seconds = 0.0
+        self._assemble()
+
+    def _assemble(self) -> None:
+        """The :class:`Assembly` of the layout, with the ``MessageSigner`` of
+        the one signer (several signers: signed in :meth:`render`, one by one)."""
+        ms = self._plans[0][0].message_signer(self._plans[0][1]) if len(self._plans) == 1 else None
+        self._signer = ms
+        self._assembly = Assembly(*self._layout, ms)
 
     # -- compile-time helpers -------------------------------------------------
     def _attachment_part(self, a: Mapping[str, Any]) -> bytes:
@@ -580,6 +605,8 @@ class Renderer:
         sign = bool(self._plans)
         try:
             if not shared and self.tracker is None:  # the usual case: one call
+                if self._signer is not None:  # signed in the same call
+                    return self._assembly.signed(variables, rcpt, message_id, date)  # type: ignore[no-any-return]
                 got = self._assembly.personal(variables, rcpt, message_id, date, sign)
             else:
                 vs = {**variables, "email": rcpt, "message_id": message_id}
@@ -604,20 +631,17 @@ class Renderer:
         if isinstance(got, bytes):  # not signed
             return got
         lines, body = got
-        t0 = time.perf_counter()
-        if len(self._plans) == 1:  # one signature: the usual case
-            signer, plan = self._plans[0]
-            sigs = [signer.sign_lines(plan, lines, body)]
-        else:
-            sigs = [s.sign_lines(plan, lines, body) for s, plan in self._plans]
-        self.dkim_seconds += time.perf_counter() - t0
+        if self._signer is not None:  # one signature: the usual case
+            return self._signer.message(lines, body)  # type: ignore[no-any-return]
+        sigs = [s.sign_lines(plan, lines, body) for s, plan in self._plans]
         sigs += lines
         sigs.append(CRLF)
         sigs.append(body)
         return b"".join(sigs)
 
     def for_batch(self, deferred: bool = False) -> tuple[Callable[..., Any], bytes] | None:
-        """The usual case of :meth:`render` (no tracked links, no DKIM) as one
+        """The usual case of :meth:`render` (no tracked links, no DKIM; with
+        ``deferred``, one DKIM signature too) as one
         direct call, for the messages of one batch: ``(personal, date)``, and
         ``personal(variables, rcpt, message_id, date, False)`` is what
         ``render(rcpt, variables, message_id)`` returns, with the Date line
@@ -627,8 +651,9 @@ class Renderer:
         :meth:`render` of the same message then says why, as a RenderError.
         With ``deferred``, ``Assembly.deferred`` in its place: the same
         arguments, ``False`` replaced by a fallback, make a
-        :class:`DeferredMessage` (the message made when it is called)."""
-        if self.tracker is not None or self._plans:
+        :class:`DeferredMessage` (the message made when it is called; signed
+        then, when the campaign has one signer: ``Assembly.signed``)."""
+        if self.tracker is not None or (self._plans and not (deferred and self._signer)):
             return None
         a = self._assembly
         return (a.deferred if deferred else a.personal), self._date()  # type: ignore[return-value]
