@@ -100,16 +100,22 @@ def test_a_deferred_message_makes_what_personal_does(
 
 
 def test_for_batch_is_not_used_for_tracked_or_signed_mail(tmp_path: Path) -> None:
+    """Not for tracked mail; for signed mail only deferred (a DeferredMessage
+    signs as it makes the message) and with one signature."""
     secret = tmp_path / "tracking.key"
     secret.write_text("a tracking secret of enough length 0123")
     tracking = {"base_url": "https://t.example.com", "opens": True, "secret_file": str(secret)}
     tracked = {**SPEC, "tracking": tracking}
     assert Campaign.from_dict(tracked).compile().for_batch() is None
+    assert Campaign.from_dict(tracked).compile().for_batch(deferred=True) is None
     key = tmp_path / "k.pem"
     write_key(generate("ed25519"), key)
     dk = {"domain": "sender.example.com", "selector": "s1", "key": str(key)}
     signed = Campaign.from_dict({**SPEC, "dkim": dk})
     assert signed.compile().for_batch() is None
+    assert signed.compile().for_batch(deferred=True) is not None
+    twice = Campaign.from_dict({**SPEC, "dkim": [dk, {**dk, "selector": "s2"}]})
+    assert twice.compile().for_batch(deferred=True) is None
     assert Campaign.from_dict(SPEC).compile().for_batch() is not None
 
 
@@ -264,3 +270,115 @@ def test_a_push_that_fails_defers_every_recipient_it_held(
     assert Counter(res.id for res in results) == {10 * d + i: 1 for d in range(3) for i in range(4)}
     assert w.busy == 0 and not w.placed
     assert "broken ready queue" in capsys.readouterr().err
+
+
+def _signed_worker_run(
+    tmp_path: Path, alg: str
+) -> tuple[list, dict[int, wire.Res], list[bytes], dict[str, str], Worker]:
+    """A worker sending SPEC signed with one ``alg`` key to a real sink (which
+    saves what it gets): RCPTS plus one recipient whose values cannot be
+    rendered (id 99). The envelopes built, the outcomes by id, the messages
+    saved, the selector's TXT record, the worker."""
+    key = tmp_path / f"{alg}.pem"
+    write_key(generate(alg, 2048), key)
+    dk = {"domain": "sender.example.com", "selector": "s1", "key": str(key)}
+    spec = Campaign.from_dict({**SPEC, "dkim": dk}).to_dict()
+    with SinkProcess("--save", str(tmp_path / "saved")) as sink:
+        config = _config(tmp_path, sink.addresses[0][1])
+        inbox, outbox = Ring(1 << 20), Ring(1 << 20)
+        enc = wire.encoder.encode
+        inbox.put(enc(wire.CampaignSpec(1, spec)))
+        items = [wire.Item(10 + i, rcpt, orjson.dumps(_values(i)), 0)
+                 for i, rcpt in enumerate(RCPTS)]  # fmt: skip
+        items.insert(2, wire.Item(99, "bad@d1.example.net", orjson.dumps({"name": "x"}), 0))
+        inbox.put(enc(wire.Batch(1, "d1.example.net", items)))
+        inbox.put(enc(wire.Drain()))
+        w = Worker(0, config, ["127.0.0.2"], inbox, outbox)
+        built: list = []
+        real_build = w.build
+
+        def build(batch: wire.Batch, deferred: bool = False) -> list:
+            built.extend(envs := real_build(batch, deferred))
+            return envs
+
+        w.build = build  # type: ignore[method-assign]
+        asyncio.run(asyncio.wait_for(w.main(), 60))
+    results = {res.id: res for res in _results(outbox)}
+    saved = [p.read_bytes() for p in sorted((tmp_path / "saved").iterdir())]
+    from fastsend.message.keys import load_private_key, public_txt
+
+    txt = {"s1._domainkey.sender.example.com": public_txt(load_private_key(str(key)))}
+    return built, results, saved, txt, w
+
+
+@pytest.mark.parametrize("alg", ["rsa", "ed25519"])
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_deferred_signed_messages_verify_at_a_real_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str, alg: str
+) -> None:
+    """Signed mail (one signature) waits on the site queues as DeferredMessages
+    too: each is made and signed by the SMTP client as its transaction starts;
+    what the sink saved verifies with dkimpy and OpenDKIM, and is what render()
+    makes; one that cannot be rendered is answered 550 5.6.0, nothing sent."""
+    import dkim as dkimpy
+
+    from _message_helpers import opendkim_verify
+    from conftest import require_program
+
+    exe = require_program("opendkim")
+    use_impl(monkeypatch, impl)
+    built, results, saved, txt, w = _signed_worker_run(tmp_path, alg)
+    assert len(built) == 5 and all(type(e.data) is not bytes for e in built)
+    assert sorted(results) == [10, 11, 12, 13, 99]
+    bad = results.pop(99)
+    assert (bad.kind, bad.code, bad.enhanced, bad.stage) == (wire.K_FAILED, 550, "5.6.0", "local")
+    assert bad.text.startswith("render:") and "missing variable" in bad.text
+    assert all(res.kind == wire.K_DELIVERED for res in results.values())
+    assert len(saved) == len(RCPTS)
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return txt[name.decode().rstrip(".")].encode()
+
+    r = w.renderer(1)
+    a = "ed25519-sha256" if alg == "ed25519" else "rsa-sha256"
+    sig = re.compile(rb"^DKIM-Signature: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*", re.M)
+    want = sorted(
+        DATE.sub(b"", sig.sub(b"", r.render(rcpt, _values(i), msgid.token(10 + i, SECRET))))
+        for i, rcpt in enumerate(RCPTS)
+    )
+    got = []
+    for data in saved:
+        assert data.startswith(f"DKIM-Signature: v=1; a={a};".encode()), data[:200]
+        assert dkimpy.verify(data, dnsfunc=dnsfunc)
+        verdict = opendkim_verify(exe, tmp_path, data, txt)
+        assert "s=s1," in verdict and "succeeded" in verdict, verdict
+        got.append(DATE.sub(b"", sig.sub(b"", data)))
+    assert sorted(got) == want
+
+
+def test_a_signed_message_that_cannot_be_signed_is_deferred_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deferred signed message whose signature fails (a fault put into the
+    pure RsaSigner: libcrypto refusing) is answered 451 4.3.0 local error --
+    deferred, so the supervisor retries it -- with nothing sent for it; the
+    others are delivered."""
+    from fastsend.message import dkim as dkim_mod
+
+    use_impl(monkeypatch, "py")
+    real = dkim_mod.PyRsaSigner.sign_lines
+
+    def sign_lines(self: object, lines: tuple, *args: object) -> bytes:
+        if b"To: ann@d1.example.net\r\n" in lines:  # RCPTS[0]'s message
+            raise RuntimeError("libcrypto failed to sign")
+        return real(self, lines, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dkim_mod.PyRsaSigner, "sign_lines", sign_lines)
+    _built, results, saved, _txt, _w = _signed_worker_run(tmp_path, "rsa")
+    assert sorted(results) == [10, 11, 12, 13, 99]
+    failed = results.pop(10)  # RCPTS[0]'s
+    assert (failed.kind, failed.code, failed.enhanced) == (wire.K_DEFERRED, 451, "4.3.0")
+    assert failed.text == "local error: RuntimeError" and failed.stage == "local"
+    assert results.pop(99).code == 550
+    assert all(res.kind == wire.K_DELIVERED for res in results.values())
+    assert len(saved) == len(RCPTS) - 1

@@ -242,8 +242,11 @@ class Assembly:
         ``DKIM-Signature`` line first). The compiled twin writes it in one
         buffer, the body hashed where it lies and the signature written into
         room kept for it before the header lines."""
-        lines, body = self.personal(variables, rcpt, message_id, date, True)  # type: ignore[misc]
-        return self.signer.message(lines, body)  # type: ignore[union-attr]
+        if self.signer is None:
+            raise TypeError("this Assembly has no signer")
+        got = self.personal(variables, rcpt, message_id, date, True)
+        assert not isinstance(got, bytes)
+        return self.signer.message(*got)
 
     def deferred(self, *args: Any) -> DeferredMessage:
         """``deferred(variables, rcpt, message_id, date, fallback)``: the message
