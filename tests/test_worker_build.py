@@ -8,6 +8,7 @@ import asyncio
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -101,7 +102,8 @@ def test_a_deferred_message_makes_what_personal_does(
 
 def test_for_batch_is_not_used_for_tracked_or_signed_mail(tmp_path: Path) -> None:
     """Not for tracked mail; for signed mail only deferred (a DeferredMessage
-    signs as it makes the message) and with one signature."""
+    signs as it makes the message), with one signature, Ed25519 (an rsa-sha256
+    signature is made as the batch is built)."""
     secret = tmp_path / "tracking.key"
     secret.write_text("a tracking secret of enough length 0123")
     tracking = {"base_url": "https://t.example.com", "opens": True, "secret_file": str(secret)}
@@ -116,6 +118,10 @@ def test_for_batch_is_not_used_for_tracked_or_signed_mail(tmp_path: Path) -> Non
     assert signed.compile().for_batch(deferred=True) is not None
     twice = Campaign.from_dict({**SPEC, "dkim": [dk, {**dk, "selector": "s2"}]})
     assert twice.compile().for_batch(deferred=True) is None
+    rsa_key = tmp_path / "rsa.pem"
+    write_key(generate("rsa", 1024), rsa_key)
+    rsa_signed = Campaign.from_dict({**SPEC, "dkim": {**dk, "key": str(rsa_key)}})
+    assert rsa_signed.compile().for_batch(deferred=True) is None
     assert Campaign.from_dict(SPEC).compile().for_batch() is not None
 
 
@@ -316,8 +322,9 @@ def _signed_worker_run(
 def test_deferred_signed_messages_verify_at_a_real_sink(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str, alg: str
 ) -> None:
-    """Signed mail (one signature) waits on the site queues as DeferredMessages
-    too: each is made and signed by the SMTP client as its transaction starts;
+    """Mail with one Ed25519 signature waits on the site queues as
+    DeferredMessages too: each is made and signed by the SMTP client as its
+    transaction starts (rsa-sha256: signed as the batch is built, as before);
     what the sink saved verifies with dkimpy and OpenDKIM, and is what render()
     makes; one that cannot be rendered is answered 550 5.6.0, nothing sent."""
     import dkim as dkimpy
@@ -328,7 +335,10 @@ def test_deferred_signed_messages_verify_at_a_real_sink(
     exe = require_program("opendkim")
     use_impl(monkeypatch, impl)
     built, results, saved, txt, w = _signed_worker_run(tmp_path, alg)
-    assert len(built) == 5 and all(type(e.data) is not bytes for e in built)
+    if alg == "ed25519":
+        assert len(built) == 5 and all(type(e.data) is not bytes for e in built)
+    else:  # the bad one answered as the batch is built
+        assert len(built) == 4 and all(type(e.data) is bytes for e in built)
     assert sorted(results) == [10, 11, 12, 13, 99]
     bad = results.pop(99)
     assert (bad.kind, bad.code, bad.enhanced, bad.stage) == (wire.K_FAILED, 550, "5.6.0", "local")
@@ -356,29 +366,44 @@ def test_deferred_signed_messages_verify_at_a_real_sink(
     assert sorted(got) == want
 
 
+@pytest.mark.parametrize("alg", ["ed25519", "rsa"])
 def test_a_signed_message_that_cannot_be_signed_is_deferred_not_lost(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alg: str
 ) -> None:
-    """A deferred signed message whose signature fails (a fault put into the
-    pure RsaSigner: libcrypto refusing) is answered 451 4.3.0 local error --
-    deferred, so the supervisor retries it -- with nothing sent for it; the
-    others are delivered."""
+    """A signature that fails (a fault put into the pure signer: libsodium or
+    libcrypto refusing) loses nothing: made when sent (Ed25519), that message
+    is answered 451 4.3.0 local error -- deferred, so the supervisor retries
+    it -- with nothing sent for it and the others delivered; made as the batch
+    is built (rsa-sha256), the batch is deferred (451 4.3.0), nothing sent."""
     from fastsend.message import dkim as dkim_mod
 
     use_impl(monkeypatch, "py")
-    real = dkim_mod.PyRsaSigner.sign_lines
 
-    def sign_lines(self: object, lines: tuple, *args: object) -> bytes:
-        if b"To: ann@d1.example.net\r\n" in lines:  # RCPTS[0]'s message
-            raise RuntimeError("libcrypto failed to sign")
-        return real(self, lines, *args)  # type: ignore[arg-type]
+    def failing(real: Any) -> Any:
+        def sign(*args: Any) -> bytes:
+            lines = args[1] if alg == "rsa" else args[0]
+            if b"To: ann@d1.example.net\r\n" in lines:  # RCPTS[0]'s message
+                raise RuntimeError("failed to sign")
+            return real(*args)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(dkim_mod.PyRsaSigner, "sign_lines", sign_lines)
-    _built, results, saved, _txt, _w = _signed_worker_run(tmp_path, "rsa")
+        return sign
+
+    if alg == "rsa":
+        monkeypatch.setattr(
+            dkim_mod.PyRsaSigner, "sign_lines", failing(dkim_mod.PyRsaSigner.sign_lines)
+        )
+    else:
+        monkeypatch.setattr(dkim_mod, "ed25519_sign_lines", failing(dkim_mod.ed25519_sign_lines))
+    _built, results, saved, _txt, _w = _signed_worker_run(tmp_path, alg)
     assert sorted(results) == [10, 11, 12, 13, 99]
-    failed = results.pop(10)  # RCPTS[0]'s
-    assert (failed.kind, failed.code, failed.enhanced) == (wire.K_DEFERRED, 451, "4.3.0")
-    assert failed.text == "local error: RuntimeError" and failed.stage == "local"
-    assert results.pop(99).code == 550
-    assert all(res.kind == wire.K_DELIVERED for res in results.values())
-    assert len(saved) == len(RCPTS) - 1
+    deferred = [10] if alg == "ed25519" else [10, 11, 12, 13, 99]
+    for i in deferred:
+        res = results.pop(i)
+        assert (res.kind, res.code, res.enhanced) == (wire.K_DEFERRED, 451, "4.3.0")
+        assert res.text == "local error: RuntimeError"
+    if alg == "ed25519":
+        assert results.pop(99).code == 550
+        assert all(res.kind == wire.K_DELIVERED for res in results.values())
+        assert len(saved) == len(RCPTS) - 1
+    else:
+        assert not results and not saved

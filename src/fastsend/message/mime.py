@@ -547,6 +547,16 @@ class Renderer:
         ms = self._plans[0][0].message_signer(self._plans[0][1]) if len(self._plans) == 1 else None
         self._signer = ms
         self._assembly = Assembly(*self._layout, ms)
+        # Signed messages are made when sent (for_batch(deferred=True)) when
+        # their signature is cheap next to the rest of the send: Ed25519
+        # (~15 us; measured, bench/end_to_end.py, 2 workers: workers -4 to -6
+        # us/msg, the receiver +2). An rsa-sha256 signature (~260 us at 2048
+        # bits) is made when the batch is built, back to back: made in the
+        # SMTP client's reply path, it spaced each connection's next write a
+        # quarter of a millisecond after its reply, the workers gained nothing
+        # measurable and a receiver on the same cores woke once per message
+        # (smtp-sink +7 us/msg).
+        self._defer_signed = ms is not None and self._plans[0][0].algorithm == "ed25519-sha256"
 
     # -- compile-time helpers -------------------------------------------------
     def _attachment_part(self, a: Mapping[str, Any]) -> bytes:
@@ -644,7 +654,7 @@ class Renderer:
 
     def for_batch(self, deferred: bool = False) -> tuple[Callable[..., Any], bytes] | None:
         """The usual case of :meth:`render` (no tracked links, no DKIM; with
-        ``deferred``, one DKIM signature too) as one
+        ``deferred``, one Ed25519 DKIM signature too) as one
         direct call, for the messages of one batch: ``(personal, date)``, and
         ``personal(variables, rcpt, message_id, date, False)`` is what
         ``render(rcpt, variables, message_id)`` returns, with the Date line
@@ -655,8 +665,8 @@ class Renderer:
         With ``deferred``, ``Assembly.deferred`` in its place: the same
         arguments, ``False`` replaced by a fallback, make a
         :class:`DeferredMessage` (the message made when it is called; signed
-        then, when the campaign has one signer: ``Assembly.signed``)."""
-        if self.tracker is not None or (self._plans and not (deferred and self._signer)):
+        then, when the campaign has one Ed25519 signer: ``Assembly.signed``)."""
+        if self.tracker is not None or (self._plans and not (deferred and self._defer_signed)):
             return None
         a = self._assembly
         return (a.deferred if deferred else a.personal), self._date()  # type: ignore[return-value]
