@@ -6,7 +6,10 @@ produced it, a list of ``(lower-case name, raw folded line)`` plus the body
 bytes, and returns the complete ``DKIM-Signature`` header line to prepend.
 The hot path is ``plan(names)`` once per header layout, then
 ``sign_lines(plan, lines, body)`` per message: the signed lines are picked by
-index and canonicalized in one pass (``relaxed_headers``).
+index and canonicalized in one pass (``relaxed_headers``). A campaign's
+messages go through ``message_signer(plan)``: a :class:`MessageSigner` makes
+the whole signed message, and its compiled twin writes it in one buffer with
+the body hashed where it lies (``Assembly.signed``).
 
 Canonicalization (simple and relaxed, header and body) are twins: the
 readable versions here, compiled ones in ``_dkim.pxi`` (picked at import).
