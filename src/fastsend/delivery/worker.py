@@ -253,7 +253,7 @@ class Worker:
         """One message per recipient (the usual, personalised case): the loop
         of :meth:`build` with nothing looked up per message. Without tracked
         links or DKIM the compiled assembly is called directly (one call per
-        message, Renderer.for_batch; deferred, with one DKIM signature too:
+        message, Renderer.for_batch; deferred, with one Ed25519 signature too:
         the message is signed as it is made); with no VERP the sender is the same for
         every message, and an ASCII recipient needs SMTPUTF8 only when the
         sender does (Renderer.needs_smtputf8).
