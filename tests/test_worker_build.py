@@ -100,6 +100,59 @@ def test_a_deferred_message_makes_what_personal_does(
     assert asked == [(RCPTS[0], b"", "m0"), (RCPTS[1], bad, "m1")]
 
 
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_assembly_envelopes_are_what_the_deferred_loop_makes(
+    monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    """Assembly.envelopes (Worker.build_each's deferred loop, one sender):
+    per item an Envelope from the sender to its recipient, tagged with its
+    id, SMTPUTF8 as needs_smtputf8 says for a non-ASCII recipient (or always
+    with sender_utf8), its data the DeferredMessage deferred() makes with the
+    item's token (a blob's vars when the item refers to one), and both twins
+    make the same."""
+    use_impl(monkeypatch, impl)
+    r = Campaign.from_dict(SPEC).compile()
+    deferred, date = r.for_batch(deferred=True)  # type: ignore[misc]
+    blob = orjson.dumps(_values(7))
+    digest, ref = "ab" * 32, wire.blob_ref("ab" * 32)
+    assert wire.blob_digest(ref) == digest
+    items = [wire.Item(500 + i, rcpt, orjson.dumps(_values(i)), 1) for i, rcpt in enumerate(RCPTS)]
+    items.append(wire.Item(600, "eve@d3.example.net", ref, 2))
+    asked: list[str] = []
+
+    def needs(rcpt: str) -> bool:
+        asked.append(rcpt)
+        return rcpt.startswith("b")
+
+    def fallback(rcpt: str, variables: object, mid: str) -> object:
+        return "why"
+
+    for sender_utf8 in (False, True):
+        asked.clear()
+        got = r.assembly.envelopes(
+            items, {digest: blob}, SECRET, date, fallback, "bounce@s.example", sender_utf8, needs
+        )
+        assert [e.tag for e in got] == [it.id for it in items]
+        assert [e.rcpts for e in got] == [[it.rcpt] for it in items]
+        assert {e.mail_from for e in got} == {"bounce@s.example"}
+        assert not any(e.eightbit for e in got)
+        want_utf8 = [sender_utf8 or rcpt.startswith("b") for rcpt in RCPTS] + [sender_utf8]
+        assert [e.smtputf8 for e in got] == want_utf8
+        assert asked == ([] if sender_utf8 else ["björn@d2.example.net", "carl@bücher.example"])
+        for e, it in zip(got, items, strict=True):
+            vs = blob if it.id == 600 else it.vars
+            mid = msgid.token(it.id, SECRET)
+            assert e.data() == deferred(vs, it.rcpt, mid, date, fallback)()
+        assert got[-1].data() == deferred(_values(7), "eve@d3.example.net",
+                                          msgid.token(600, SECRET), date, fallback)()  # fmt: skip
+    # Without blobs, a ref is the item's own vars (then not JSON: the fallback).
+    got = r.assembly.envelopes(items[-1:], {}, SECRET, date, fallback, "b@s.example", False, needs)
+    assert got[0].data() == "why"
+    # No secret: the row id alone (msgid.token).
+    got = r.assembly.envelopes(items[:1], {}, b"", date, fallback, "b@s.example", False, needs)
+    assert got[0].data() == deferred(items[0].vars, RCPTS[0], "500", date, fallback)()
+
+
 def test_for_batch_is_not_used_for_tracked_or_signed_mail(tmp_path: Path) -> None:
     """Not for tracked mail; for signed mail only deferred (a DeferredMessage
     signs as it makes the message), with one signature, Ed25519 (an rsa-sha256

@@ -20,6 +20,7 @@ cdef extern from "Python.h":
     PyObject* _bytes_new "PyBytes_FromStringAndSize" (const char* v, Py_ssize_t n) except NULL
     char* _bytes_buf "PyBytes_AS_STRING" (PyObject* o)
     void Py_XDECREF(PyObject* o)
+    bint PyUnicode_IS_ASCII(object o)
 
 
 cdef char* _QP_HEX = b"0123456789ABCDEF"
@@ -230,6 +231,10 @@ cdef _QPPlan _qp_plan(tuple literals, tuple names, tuple defaults, variables):
     return plan
 
 
+cdef enum:
+    _QP_STACK = 1024  # octets of _qp_write's scratch kept on the stack
+
+
 cdef Py_ssize_t _qp_write(_QPPlan plan, unsigned char* out) except -1:
     """Write the planned encoding to ``out`` (room: ``plan.cap``); its length."""
     if plan.cap == 0:
@@ -239,9 +244,16 @@ cdef Py_ssize_t _qp_write(_QPPlan plan, unsigned char* out) except -1:
     cdef Py_ssize_t k, npieces = 2 * len(vals) + 1, ln, pos = 0, seg = 0, o = 0, h, t
     cdef object piece, entry
     cdef const char* p
-    cdef unsigned char* src = <unsigned char*> malloc(plan.dyn + 1)
-    if src == NULL:
-        raise MemoryError()
+    # The octets to encode are usually a few hundred (the values and the parts
+    # of lines around them): on the stack then. A malloc'd scratch buffer freed
+    # per message left a small free chunk that made the next message's malloc
+    # of its (large) bytes consolidate the heap each time.
+    cdef unsigned char stack[_QP_STACK]
+    cdef unsigned char* src = stack
+    if plan.dyn + 1 > _QP_STACK:
+        src = <unsigned char*> malloc(plan.dyn + 1)
+        if src == NULL:
+            raise MemoryError()
     try:
         for k in range(npieces):
             piece = literals[k >> 1] if (k & 1) == 0 else vals[k >> 1]
@@ -264,7 +276,8 @@ cdef Py_ssize_t _qp_write(_QPPlan plan, unsigned char* out) except -1:
             pos += ln - t
         o += _qp_encode(src + seg, pos - seg, out + o)
     finally:
-        free(src)
+        if src != stack:
+            free(src)
     return o
 
 
@@ -412,6 +425,10 @@ def text_header(str name, str value):
     return _text_header(name, value)
 
 
+cdef enum:
+    _HEADER_STACK = 1024  # octets of _text_header's room kept on the stack
+
+
 cdef bytes _text_header(str name, str value):
     """An unstructured header line (Subject, X-*, ...) as bytes, folded, CRLF-terminated.
 
@@ -423,6 +440,7 @@ cdef bytes _text_header(str name, str value):
     cdef const unsigned char* s
     cdef int kind
     cdef unsigned char word[80]
+    cdef unsigned char stack[_HEADER_STACK]
     cdef _Folder f
     try:
         nm = <const unsigned char*> PyUnicode_AsUTF8AndSize(name, &nn)
@@ -436,9 +454,12 @@ cdef bytes _text_header(str name, str value):
         return _text_header_py(name, value)
     cap = nn + 8 * n + 128
     f = _Folder()
-    f.out = <unsigned char*> malloc(cap)
-    if f.out == NULL:
-        raise MemoryError()
+    if cap <= _HEADER_STACK:  # a short header's room: on the stack (no malloc)
+        f.out = stack
+    else:
+        f.out = <unsigned char*> malloc(cap)
+        if f.out == NULL:
+            raise MemoryError()
     try:
         memcpy(f.out, nm, nn)
         f.out[nn] = 58
@@ -481,7 +502,9 @@ cdef bytes _text_header(str name, str value):
         f.out[f.o + 1] = 10
         return PyBytes_FromStringAndSize(<char*> f.out, f.o + 2)
     finally:
-        free(f.out)
+        if f.out != stack:
+            free(f.out)
+        f.out = NULL
 
 
 def _text_header_py(name, value):
@@ -630,29 +653,45 @@ def split_address(str addr):
     ``encode_domain``); anything else is handed to the pure twin.
     """
     global _encode_domain
+    cdef Py_ssize_t at = -1
+    cdef int kind = _address_plain(addr, &at)
+    if kind == 0:
+        return _split_address_py(addr)
+    if kind == 2:
+        return addr[:at], addr[at + 1:]
+    if _encode_domain is None:
+        from fastsend.message.headers import encode_domain
+
+        _encode_domain = encode_domain
+    return addr[:at], _encode_domain(addr[at + 1:])
+
+
+cdef int _address_plain(str addr, Py_ssize_t* at_out) except -1:
+    """What ``split_address`` does with ``addr``: 0, handed to the pure twin;
+    1, an ASCII dot-atom local part whose domain goes through
+    ``encode_domain``; 2, one whose domain is returned as it is (then
+    ``local + "@" + domain`` is ``addr``). ``at_out``: where its "@" is."""
     cdef Py_ssize_t n, i, at = -1
     cdef const unsigned char* s
     cdef unsigned char c, prev = 46
-    try:
-        s = <const unsigned char*> PyUnicode_AsUTF8AndSize(addr, &n)
-    except UnicodeEncodeError:
-        return _split_address_py(addr)
-    if n != len(addr):
-        return _split_address_py(addr)
+    if not PyUnicode_IS_ASCII(addr):  # (then its UTF-8 is its characters, one octet each)
+        return 0
+    s = <const unsigned char*> PyUnicode_AsUTF8AndSize(addr, &n)
     for i in range(n - 1, -1, -1):
         if s[i] == 64:
             at = i
             break
     if at < 1 or at > 64 or at == n - 1 or s[at - 1] == 46:
-        return _split_address_py(addr)
+        return 0
     for i in range(at):
         c = s[i]
         if c == 46:
             if prev == 46:  # a leading dot or two in a row
-                return _split_address_py(addr)
+                return 0
         elif not _ATEXT[c]:
-            return _split_address_py(addr)
+            return 0
         prev = c
+    at_out[0] = at
     # The domain: LDH labels of 1-63 octets, no "-" at either end, an optional
     # final "." (the pure twin's _ASCII_DOMAIN) are returned as they are, as
     # encode_domain returns them; anything else goes through it (literals,
@@ -663,7 +702,7 @@ def split_address(str addr):
     for i in range(at + 1, n):
         c = s[i]
         if c == 13 or c == 10 or c == 0:
-            return _split_address_py(addr)
+            return 0
         if c == 46:
             if label == 0 or prev == 45:
                 plain = False
@@ -675,13 +714,7 @@ def split_address(str addr):
         else:
             plain = False
         prev = c
-    if plain and prev != 45:
-        return addr[:at], addr[at + 1:]
-    if _encode_domain is None:
-        from fastsend.message.headers import encode_domain
-
-        _encode_domain = encode_domain
-    return addr[:at], _encode_domain(addr[at + 1:])
+    return 2 if plain and prev != 45 else 1
 
 
 def _split_address_py(addr):
@@ -763,6 +796,41 @@ cdef class Assembly:
         d.fallback = fallback
         return d
 
+    def envelopes(self, items, blobs, secret, bytes date, fallback, str sender,
+                  bint sender_utf8, needs_smtputf8):
+        """Twin of the pure ``Assembly.envelopes``: per item an Envelope from
+        ``sender`` whose data is this assembly's DeferredMessage, the
+        Message-ID token and the DeferredMessage made here, no Python call per
+        message but the Envelope's (and ``needs_smtputf8`` for a non-ASCII
+        recipient)."""
+        global _m_Envelope, _m_blob_digest
+        if _m_Envelope is None:
+            from fastsend.outcome import Envelope as _m_Envelope
+            from fastsend.wire import blob_digest as _m_blob_digest
+        cdef list out = []
+        cdef DeferredMessage d
+        cdef str rcpt
+        cdef bint utf8
+        cdef object vs, rid, digest
+        for it in items:
+            rcpt = it.rcpt
+            rid = it.id
+            vs = it.vars
+            if blobs:
+                digest = _m_blob_digest(vs)
+                if digest:
+                    vs = blobs[digest]
+            d = DeferredMessage.__new__(DeferredMessage)
+            d.assembly = self
+            d.variables = vs
+            d.rcpt = rcpt
+            d.message_id = _token(rid, secret)
+            d.date = date
+            d.fallback = fallback
+            utf8 = sender_utf8 or (not PyUnicode_IS_ASCII(rcpt) and needs_smtputf8(rcpt))
+            out.append(_m_Envelope(sender, [rcpt], d, rid, utf8))
+        return out
+
     cdef object _personal(self, variables, str rcpt, str message_id, bytes date, int make,
                           bint own):
         # ``make``: _WHOLE, _PARTS (the header lines and the body, to sign) or
@@ -777,9 +845,14 @@ cdef class Assembly:
         cdef str mid = message_id
         vs["email"] = rcpt
         vs["message_id"] = message_id
-        local, domain = split_address(rcpt)
-        if not self.to_custom:
-            to = _cat5(b"To: ", local, b"@", domain, b"\r\n")
+        cdef Py_ssize_t at = -1
+        if _address_plain(rcpt, &at) == 2:  # split_address would return it as it is
+            if not self.to_custom:
+                to = _cat5(b"To: ", rcpt, b"\r\n", b"", b"")
+        else:
+            local, domain = split_address(rcpt)  # (or raises HeaderError)
+            if not self.to_custom:
+                to = _cat5(b"To: ", local, b"@", domain, b"\r\n")
         if not _message_id_safe(message_id):
             from fastsend.message.verp import encode_id
 
@@ -930,6 +1003,8 @@ cdef enum:
 
 
 cdef object _json_loads = None  # orjson.loads, imported at the first DeferredMessage
+cdef object _m_Envelope = None  # fastsend.outcome.Envelope, at the first Assembly.envelopes
+cdef object _m_blob_digest = None  # fastsend.wire.blob_digest, with it
 
 
 # Not tracked by the cyclic GC (no_gc): nothing it holds refers back to it, and a

@@ -51,6 +51,10 @@ cdef _MacPads _mac_pads(bytes secret):
 def token(row_id, secret):
     """``"<row id>-<mac>"``; just the row id when there is no secret (twin of
     fastsend.msgid.token)."""
+    return _token(row_id, secret)
+
+
+cdef str _token(row_id, secret):
     if not secret:
         return str(row_id)
     if type(secret) is not bytes:

@@ -276,10 +276,16 @@ class Worker:
         sender_utf8 = r.sender_utf8
         needs_smtputf8 = r.needs_smtputf8
         loads = orjson.loads
+        blobs = batch.blobs  # vars stored once for many rows (wire.blob_ref)
+        if deferred and personal is not None and sender is not None:
+            # The usual case (no VERP: one sender): the loop below, compiled,
+            # nothing in it can fail one message alone.
+            return r.assembly.envelopes(  # type: ignore[no-any-return]
+                batch.items, blobs, secret, date, fallback, sender, sender_utf8, needs_smtputf8
+            )
         envelopes: list[Envelope] = []
         append = envelopes.append
         failures: list[TxnResult] = []
-        blobs = batch.blobs  # vars stored once for many rows (wire.blob_ref)
         for it in batch.items:
             rcpt = it.rcpt
             try:
