@@ -264,7 +264,9 @@ class Worker:
         envelopes in its ready queues and connections; made just before it
         is written, a message is still in cache when it is dot-stuffed and
         copied to the socket). One that cannot be made is answered by the
-        client with what :func:`_render_failure` says (550 5.6.0 render: ...)."""
+        client with what :func:`_render_failure` says (550 5.6.0 render: ...).
+        With one sender for every message (no VERP), that deferred loop is one
+        compiled call (``Assembly.envelopes``)."""
         secret = self.config.secret
         token = msgid.token
         render = r.render

@@ -284,7 +284,7 @@ class Assembly:
             vs = it.vars
             if blobs and (d := wire.blob_digest(vs)):
                 vs = blobs[d]
-            data = DeferredMessage(self, vs, rcpt, mid, date, fallback)
+            data = DeferredMessage(self, vs, rcpt, mid, date, fallback)  # type: ignore[arg-type]
             utf8 = sender_utf8 or (not rcpt.isascii() and needs_smtputf8(rcpt))
             out.append(Envelope(sender, [rcpt], data, it.id, utf8))  # type: ignore[arg-type]
         return out
