@@ -205,25 +205,26 @@ def test_build_each_answers_a_failed_render_and_builds_the_rest(tmp_path: Path) 
     assert res.text.startswith("render:") and "string" in res.text
 
 
-@pytest.mark.parametrize("impl", ["py", "c"])
-def test_deferred_messages_are_made_as_they_are_sent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
-) -> None:
-    """A worker's site queues hold DeferredMessages (build(deferred=True)): each
-    is made by the SMTP client as its transaction starts, delivered with the
-    bytes render() makes, and one that cannot be rendered is answered failed
-    (550 5.6.0 render: ...) with nothing sent for it."""
-    use_impl(monkeypatch, impl)
+def _items(bad_vars: bytes) -> list[wire.Item]:
+    """RCPTS as items 10, 11, ..., with one more (id 99, third) whose
+    variables are ``bad_vars``."""
+    items = [wire.Item(10 + i, rcpt, orjson.dumps(_values(i)), 0) for i, rcpt in enumerate(RCPTS)]
+    items.insert(2, wire.Item(99, "bad@d1.example.net", bad_vars, 0))
+    return items
+
+
+def _worker_to_sink(
+    tmp_path: Path, spec: dict, bad_vars: bytes
+) -> tuple[list, dict[int, wire.Res], Worker, int]:
+    """A worker sending campaign ``spec`` to :func:`_items` through a real
+    sink that saves what it gets in ``tmp_path/saved``: the envelopes it
+    built, the outcomes by id, the worker, the sink's port."""
     with SinkProcess("--save", str(tmp_path / "saved")) as sink:
         config = _config(tmp_path, sink.addresses[0][1])
         inbox, outbox = Ring(1 << 20), Ring(1 << 20)
         enc = wire.encoder.encode
-        inbox.put(enc(wire.CampaignSpec(1, Campaign.from_dict(SPEC).to_dict())))
-        items = [wire.Item(10 + i, rcpt, orjson.dumps(_values(i)), 0)
-                 for i, rcpt in enumerate(RCPTS)]  # fmt: skip
-        bad_vars = orjson.dumps({**_values(0), "name": 5})  # not a string
-        items.insert(2, wire.Item(99, "bad@d1.example.net", bad_vars, 0))
-        inbox.put(enc(wire.Batch(1, "d1.example.net", items)))
+        inbox.put(enc(wire.CampaignSpec(1, spec)))
+        inbox.put(enc(wire.Batch(1, "d1.example.net", _items(bad_vars))))
         inbox.put(enc(wire.Drain()))
         w = Worker(0, config, ["127.0.0.2"], inbox, outbox)
         built: list = []
@@ -235,13 +236,29 @@ def test_deferred_messages_are_made_as_they_are_sent(
 
         w.build = build  # type: ignore[method-assign]
         asyncio.run(asyncio.wait_for(w.main(), 60))
+    return built, {res.id: res for res in _results(outbox)}, w, sink.port
+
+
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_deferred_messages_are_made_as_they_are_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    """A worker's site queues hold DeferredMessages (build(deferred=True)): each
+    is made by the SMTP client as its transaction starts, delivered with the
+    bytes render() makes, and one that cannot be rendered is answered failed
+    (550 5.6.0 render: ...) with nothing sent for it."""
+    use_impl(monkeypatch, impl)
+    bad_vars = orjson.dumps({**_values(0), "name": 5})  # not a string
+    built, results, w, port = _worker_to_sink(
+        tmp_path, Campaign.from_dict(SPEC).to_dict(), bad_vars
+    )
+    items = _items(bad_vars)
     assert len(built) == 5 and all(type(e.data) is not bytes for e in built)
-    results = {res.id: res for res in _results(outbox)}
     assert sorted(results) == [10, 11, 12, 13, 99]
     bad = results.pop(99)
     assert (bad.kind, bad.code, bad.enhanced, bad.stage) == (wire.K_FAILED, 550, "5.6.0", "local")
     assert bad.text.startswith("render:") and "string" in bad.text
-    assert (bad.mx, bad.source_ip) == (f"127.0.0.1:{sink.port}", "127.0.0.2")  # where it was to go
+    assert (bad.mx, bad.source_ip) == (f"127.0.0.1:{port}", "127.0.0.2")  # where it was to go
     assert all(res.kind == wire.K_DELIVERED for res in results.values())
     r = w.renderer(1)
     saved = sorted((tmp_path / "saved").iterdir())
@@ -342,27 +359,7 @@ def _signed_worker_run(
     write_key(generate(alg, 2048), key)
     dk = {"domain": "sender.example.com", "selector": "s1", "key": str(key)}
     spec = Campaign.from_dict({**SPEC, "dkim": dk}).to_dict()
-    with SinkProcess("--save", str(tmp_path / "saved")) as sink:
-        config = _config(tmp_path, sink.addresses[0][1])
-        inbox, outbox = Ring(1 << 20), Ring(1 << 20)
-        enc = wire.encoder.encode
-        inbox.put(enc(wire.CampaignSpec(1, spec)))
-        items = [wire.Item(10 + i, rcpt, orjson.dumps(_values(i)), 0)
-                 for i, rcpt in enumerate(RCPTS)]  # fmt: skip
-        items.insert(2, wire.Item(99, "bad@d1.example.net", orjson.dumps({"name": "x"}), 0))
-        inbox.put(enc(wire.Batch(1, "d1.example.net", items)))
-        inbox.put(enc(wire.Drain()))
-        w = Worker(0, config, ["127.0.0.2"], inbox, outbox)
-        built: list = []
-        real_build = w.build
-
-        def build(batch: wire.Batch, deferred: bool = False) -> list:
-            built.extend(envs := real_build(batch, deferred))
-            return envs
-
-        w.build = build  # type: ignore[method-assign]
-        asyncio.run(asyncio.wait_for(w.main(), 60))
-    results = {res.id: res for res in _results(outbox)}
+    built, results, w, _ = _worker_to_sink(tmp_path, spec, orjson.dumps({"name": "x"}))
     saved = [p.read_bytes() for p in sorted((tmp_path / "saved").iterdir())]
     from fastsend.message.keys import load_private_key, public_txt
 
