@@ -436,10 +436,13 @@ def test_kill_9_during_ingest_and_delivery_then_resume(spool_url: str, tmp_path:
             else:
                 base = _state(spool_url)[0].get("delivered", 0)
                 goal = base + rng.randrange(200, 2000)
-                try:
-                    _wait(lambda g=goal: _state(spool_url)[0].get("delivered", 0) >= g, 60)
-                except TimeoutError:
-                    pass  # it may have finished: the kill below is then a no-op
+                # Until the goal, or the run's end (fewer than the goal may be
+                # left): the kill below is then a no-op.
+                _wait(
+                    lambda g=goal, p=proc: p.poll() is not None
+                    or _state(spool_url)[0].get("delivered", 0) >= g,
+                    60,
+                )
             if proc.poll() is None:
                 _kill_group(proc)
                 counts, jobs = _state(spool_url)
