@@ -190,3 +190,41 @@ def test_rule_by_the_classifiers_reason() -> None:
     assert not ln.can_connect(4.0)
     with pytest.raises(cfgmod.ConfigError, match=r"match .* or reasons"):
         lane_for("mx.example.org", {"shaping": {"rule": [{"name": "x", "action": "rest"}]}})
+
+
+def test_all_delivered_twins_agree_and_observe_reads_a_delivered_group_as_before() -> None:
+    """``all_delivered`` (compiled twin and reference) counts a group's
+    outcomes when every one is a delivery, else -1; ``Lane.observe`` of such a
+    group feeds AIMD the same count and returns the results unchanged."""
+    from fastsend import _accel
+    from fastsend.outcome import FAILED, py_all_delivered
+
+    twin = _accel.compiled("all_delivered")
+    multi = TxnResult([1, 2], [OK, OK])
+    cases = [
+        [],
+        results(OK),
+        results(OK, OK, OK),
+        [multi, *results(OK)],
+        [TxnResult(5, [])],
+        results(OK, defer("busy")),
+        [TxnResult([1, 2], [OK, Outcome(FAILED, 550, "5.1.1", "no", "rcpt")])],
+        results(Outcome("delivered", 250)),  # an equal string, not the constant
+    ]
+    for rs in cases:
+        assert twin(rs) == py_all_delivered(rs)
+    assert [py_all_delivered(rs) for rs in cases] == [0, 1, 3, 3, 0, -1, -1, 1]
+    a, b = lane_for("mx.example.net"), lane_for("mx.example.net")
+    assert a.aimd is not None and b.aimd is not None
+    cut = results(OK, defer("busy", 451, "4.3.0"), defer("busy", 451, "4.3.0"))
+    a.observe(cut, 1.0)
+    b.observe(cut, 1.0)
+    assert a.rate() < math.inf  # cut: the delivered groups below raise it again
+    group = [multi, *results(OK, OK)]
+    for t in (2.0, 5.0, 9.0, 14.0, 30.0):
+        assert a.observe(group, t) is group
+        b.feed_aimd(t, 4, 0, False)  # what the loop over each outcome fed it
+        assert a.rate() == b.rate()
+        assert [(e["action"], e.get("rate")) for e in a.events] == [
+            (e["action"], e.get("rate")) for e in b.events
+        ]

@@ -457,3 +457,75 @@ def test_a_signed_message_that_cannot_be_signed_is_deferred_not_lost(
         assert len(saved) == len(RCPTS) - 1
     else:
         assert not results and not saved
+
+
+def _txn_results() -> list:
+    """Results of every shape Worker.add_results meets, in one list."""
+    from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult
+
+    ok = Outcome(DELIVERED, 250, "2.0.0", "Ok: queued as Q1", "data", "mx1[10.0.0.1]:25")
+    bare = Outcome(DELIVERED, 250, "", "", "data", "")
+    return [
+        TxnResult(1, [ok], "Q1"),
+        TxnResult(2, [bare], "Q2"),  # no text: the queue id; no mx: the connection's
+        TxnResult(3, [bare], ""),
+        TxnResult(4, [Outcome(DEFERRED, 451, "4.3.0", "try later", "rcpt", "mx1")]),
+        TxnResult(5, [ok], "Q5"),
+        TxnResult([6, 7], [bare, Outcome(FAILED, 550, "5.1.1", "no such user", "rcpt")], "Q6"),
+        TxnResult(8, [Outcome("delivered", 250, "2.0.0", "ok")]),  # an equal kind string
+        TxnResult("nine", [ok], "Q9"),  # not an int tag: the general path
+        TxnResult(10, [Outcome(FAILED, 554, "5.7.1", "refused", "data", "mx2")]),
+        TxnResult(11, [ok]),
+        TxnResult(12, [ok]),
+    ]
+
+
+@pytest.mark.parametrize("mx", ["", "sink[127.0.0.1]:25"])
+def test_collect_delivered_twins_agree(mx: str) -> None:
+    from fastsend import _accel
+    from fastsend.delivery.worker import py_collect_delivered
+
+    twin = _accel.compiled("collect_delivered")
+    rs = _txn_results()
+    for i in range(len(rs) + 1):
+        a: list[wire.Res] = []
+        b: list[wire.Res] = []
+        assert twin(rs, i, a, "127.0.0.2", mx) == py_collect_delivered(rs, i, b, "127.0.0.2", mx)
+        assert a == b
+    a = []
+    assert twin(rs, 0, a, "127.0.0.2", mx) == 3
+    assert [(r.id, r.text, r.mx) for r in a] == [
+        (1, "Ok: queued as Q1", mx or "mx1[10.0.0.1]:25"),
+        (2, "Q2", mx),
+        (3, "", mx),
+    ]
+
+
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_add_results_records_every_outcome_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    """Worker.add_results: one wire.Res per recipient, in the order of the
+    results, with either twin of collect_delivered."""
+    from fastsend import _accel
+    from fastsend.delivery import worker as worker_mod
+
+    twin = worker_mod.py_collect_delivered if impl == "py" else _accel.compiled("collect_delivered")
+    monkeypatch.setattr(worker_mod, "collect_delivered", twin)
+    w = Worker(0, _config(tmp_path), ["127.0.0.2"], Ring(1 << 16), Ring(1 << 16))
+
+    async def collect() -> list[wire.Res]:
+        w.add_results(_txn_results(), "127.0.0.2", "")
+        if w.flush_handle is not None:
+            w.flush_handle.cancel()
+        return w.out
+
+    out = asyncio.run(collect())
+    assert [r.id for r in out] == [1, 2, 3, 4, 5, 6, 7, 8, "nine", 10, 11, 12]
+    k = wire.K_DELIVERED
+    assert [r.kind for r in out] == [k, k, k, wire.K_DEFERRED, k, k, wire.K_FAILED, k, k,
+                                     wire.K_FAILED, k, k]  # fmt: skip
+    assert [r.text for r in out][:3] == ["Ok: queued as Q1", "Q2", ""]
+    assert out[5].text == "Q6" and out[5].queue_id == "Q6" and out[6].text == "no such user"
+    assert out[9].stage == "data" and out[9].mx == "mx2" and out[3].stage == "rcpt"
+    assert all(r.source_ip == "127.0.0.2" for r in out)

@@ -145,3 +145,9 @@ class SinkScanner:
 
 # _proc.pxi (twin: fastsend.delivery.worker.set_pdeathsig)
 def set_pdeathsig(sig: int) -> bool: ...
+
+# _worker.pxi (twins: fastsend.delivery.worker.collect_delivered, fastsend.outcome.all_delivered)
+def collect_delivered(
+    results: list[Any], i: int, out: list[Any], source_ip: str, mx: str
+) -> int: ...
+def all_delivered(results: list[Any]) -> int: ...

@@ -20,6 +20,8 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _dispatch.pxi    claims grouped and written as Batch records (fastsend.queue.dispatch)
 - _outcomes.pxi    deliveries applied: Results, counts, events (fastsend.queue.outcomes)
 - _proc.pxi        a worker's death with its parent, prctl without ctypes (fastsend.delivery.worker)
+- _worker.pxi      a worker's loops over the client's results: deliveries to wire.Res
+                   (fastsend.delivery.worker), a group's tally (fastsend.outcome)
 
 Each included file owns its names; names match the pure-Python twin exactly.
 """
@@ -43,3 +45,4 @@ include "_recipients.pxi"
 include "_dispatch.pxi"
 include "_outcomes.pxi"
 include "_proc.pxi"
+include "_worker.pxi"

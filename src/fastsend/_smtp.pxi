@@ -255,6 +255,7 @@ cdef tuple _C_STAGE = ("mail", "rcpt", "data", "data", "rset", None, "data")
 DEF _C_BDAT_WINDOW = 32
 DEF _C_BDAT_WINDOW_BYTES = 1 << 20
 
+cdef tuple _C_ENVELOPE = ("rcpts", "mail_from", "data", "tag", "eightbit", "smtputf8")
 cdef object _c_Outcome = None
 cdef object _c_TxnResult = None
 cdef object _c_CommandDone = None
@@ -310,7 +311,7 @@ cdef class _CoreTxn:
     cdef object env
     cdef object tag, mail_from, data
     cdef object rcpts  # any sequence (a list from the worker)
-    cdef bint eightbit
+    cdef bint eightbit, smtputf8
     cdef list outcomes
     cdef Py_ssize_t accepted
     cdef object mail_fail
@@ -430,16 +431,20 @@ cdef class ClientCore:
     # ------------------------------------------------------------ transactions
     def send_envelopes(self, envelopes):
         cdef _CoreTxn txn
+        cdef _Fields fe = None
         if self.state != _C_READY:
             raise _c_Local(f"cannot send mail in state {self.state!r}")
         for env in envelopes:
+            # (an Envelope's fields read from their slots: _events.pxi's _Fields)
+            fe = _fields_for(env, fe, _C_ENVELOPE)
             txn = _CoreTxn.__new__(_CoreTxn)
             txn.env = env
-            txn.rcpts = env.rcpts
-            txn.mail_from = env.mail_from
-            txn.data = env.data
-            txn.tag = env.tag
-            txn.eightbit = env.eightbit
+            txn.rcpts = _get(env, fe, 0)
+            txn.mail_from = _get(env, fe, 1)
+            txn.data = _get(env, fe, 2)
+            txn.tag = _get(env, fe, 3)
+            txn.eightbit = _get(env, fe, 4)
+            txn.smtputf8 = _get(env, fe, 5)
             txn.outcomes = [None] * len(txn.rcpts)
             txn.accepted = 0
             txn.mail_fail = None
@@ -456,7 +461,6 @@ cdef class ClientCore:
         return self._take_out()
 
     cdef bint _check_envelope(self, _CoreTxn txn) except -1:
-        cdef object env = txn.env
         cdef list outs = txn.outcomes
         cdef Py_ssize_t i
         cdef int k
@@ -467,7 +471,7 @@ cdef class ClientCore:
         mail_from = txn.mail_from
         if mail_from is not self._from:
             self._check_sender(mail_from)
-        utf8 = env.smtputf8 or self._from_utf8
+        utf8 = txn.smtputf8 or self._from_utf8
         i = 0
         for rcpt in rcpts:
             k = _address_kind(rcpt)

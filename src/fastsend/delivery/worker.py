@@ -498,19 +498,17 @@ class Worker:
         Res = wire.Res
         kinds = _KIND
         classify = self.classify
-        k_delivered = wire.K_DELIVERED
-        append = out.append
-        for tr in results:
+        n = len(results)
+        # One message delivered to its one recipient, the usual case: in one
+        # compiled loop (collect_delivered), up to the first result that is not.
+        i = collect_delivered(results, 0, out, source_ip, mx)
+        while i < n:
+            tr = results[i]
             tag = tr.tag
             outcomes = tr.outcomes
-            if type(tag) is int and outcomes and outcomes[0].kind == DELIVERED:
-                o = outcomes[0]  # one message delivered to its one recipient: the usual case
-                append(Res(tag, k_delivered, o.code, o.enhanced, o.text or tr.queue_id,
-                           mx or o.mx, source_ip, "", "", False, tr.queue_id))  # fmt: skip
-                continue
             tags = tag if isinstance(tag, list) else [tag]
-            for i, mid in enumerate(tags):
-                o = outcomes[i] if i < len(outcomes) else outcomes[-1]
+            for k, mid in enumerate(tags):
+                o = outcomes[k] if k < len(outcomes) else outcomes[-1]
                 text = o.text
                 if o.kind == DELIVERED:
                     if tr.queue_id and not text:
@@ -534,6 +532,7 @@ class Worker:
                         tr.queue_id,
                     )
                 )
+            i = collect_delivered(results, i + 1, out, source_ip, mx)
         if len(out) >= FLUSH_AT:
             self.flush()
         elif self.flush_handle is None:
@@ -641,6 +640,35 @@ class Worker:
             await asyncio.sleep(0.5)
             if os.getppid() != self.parent:
                 os._exit(3)  # the supervisor died: it will requeue on restart
+
+
+def collect_delivered(
+    results: list[TxnResult], i: int, out: list[wire.Res], source_ip: str, mx: str
+) -> int:
+    """From ``results[i]`` on, append to ``out`` the wire.Res of each result
+    that is one message delivered to its one recipient (an int tag, a
+    delivered first outcome: nearly every result), up to the first that is
+    not; return that one's index (``len(results)``: none). The rest of
+    :meth:`Worker.add_results` answers that one. Compiled twin in
+    ``_worker.pxi``."""
+    Res = wire.Res
+    k_delivered = wire.K_DELIVERED
+    n = len(results)
+    while i < n:
+        tr = results[i]
+        tag = tr.tag
+        outcomes = tr.outcomes
+        if type(tag) is not int or not outcomes or outcomes[0].kind != DELIVERED:
+            return i
+        o = outcomes[0]
+        out.append(Res(tag, k_delivered, o.code, o.enhanced, o.text or tr.queue_id,
+                       mx or o.mx, source_ip, "", "", False, tr.queue_id))  # fmt: skip
+        i += 1
+    return n
+
+
+py_collect_delivered = collect_delivered  # the reference (tests compare the twin with it)
+collect_delivered = pick(collect_delivered)
 
 
 def _render_failure(e: RenderError) -> Outcome:

@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 from fastsend.config import Config
-from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult
+from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult, all_delivered
 from fastsend.shaping.feedback import DECREASED, LIFTED, Aimd, Rule, Trigger, rules_for
 from fastsend.shaping.policy import Limits, Policy, load_policy
 from fastsend.shaping.pools import Pool, PoolSet, Warmup, load_pools
@@ -246,6 +246,11 @@ class Lane:
 
     def observe(self, results: list[TxnResult], now: float) -> list[TxnResult]:
         """Read a group's outcomes; may rewrite outcomes (action "bounce")."""
+        delivered = all_delivered(results)
+        if delivered >= 0:  # the usual group: every message delivered, no reply to read
+            if self.aimd is not None:
+                self.feed_aimd(now, delivered, 0, False)
+            return results
         delivered = deferred = 0
         slow = False
         rewritten = False
