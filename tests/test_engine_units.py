@@ -343,6 +343,60 @@ def test_compiled_insert_params_is_its_reference_twin() -> None:
             fn([], [("a@b", "b")], 0, 1, None)
 
 
+def test_compiled_row_writer_is_its_reference_twin(tmp_path: Path) -> None:
+    """fastsend._core.RowWriter (rows bound on the spool connection's own SQLite
+    handle) writes the same rows, ids, states and stored types as the
+    reference's multi-row INSERTs, for parts that cross the statement sizes,
+    with and without rows of their own state; both return the first id that
+    differs from the expected ones, raise on a bad row, refuse a closed
+    connection, and the compiled one refuses a connection to another file."""
+    import sqlite3
+
+    from fastsend.spool import sqlite as sq
+
+    twin = _accel.compiled("RowWriter")
+    vars_: list[Any] = [b'{"name":"\xc3\xa9"}', b"\xff\xfe", "text", bytearray(b"{}"), b"", 7]
+    rows: list[Any] = [(f"u{i}@d{i % 3}.example", f"d{i % 3}.example", vars_[i % 6])
+                       for i in range(700)]  # fmt: skip
+    rows[3] = list(rows[3])
+    dumps = {}
+    for name, cls in (("ref", sq.PyRowWriter), ("twin", twin)):
+        path = str(tmp_path / f"{name}.db")
+        db = sqlite3.connect(path, isolation_level=None)
+        db.executescript(sq.SCHEMA)
+        w = cls(db, path, sq._insert_sql)
+        got = []
+        first = 1
+        for at, end, state, own in ((0, 300, 1, None), (300, 301, 0, None), (301, 301, 0, None),
+                                    (301, 700, 0, {301, 360, 557, 558, 699})):  # fmt: skip
+            states = None
+            if own is not None:
+                states = [state] * len(rows)
+                for i in own:
+                    states[i] = 5
+            got.append(w.insert(first, 9, 1.5, rows, at, end, state, states))
+        got.append(w.insert(first, 9, 2.5, rows, 0, 3, 0, None))  # ids taken: 701, not 1
+        for bad in ([("a@b", "b")], [("a@b", "b", b"{}", 1)]):
+            with pytest.raises(ValueError):
+                w.insert(704, 9, 1.0, bad, 0, 1, 0, None)
+        dumps[name] = (got, db.execute(
+            "SELECT id, campaign, rcpt, domain, vars, typeof(vars), state, created, next_at,"
+            " updated FROM messages ORDER BY id").fetchall())  # fmt: skip
+        w.close()
+        w = cls(db, path, sq._insert_sql)
+        db.close()
+        with pytest.raises(sqlite3.ProgrammingError):
+            w.insert(1, 9, 1.0, rows, 0, 1, 0, None)
+    assert dumps["twin"] == dumps["ref"]
+    got, table = dumps["ref"]
+    assert got == [300, 301, 301, 700, 702] and len(table) == 702  # 701-702: a chunk of 2
+    assert [r[6] for r in table if r[6] == 5] == [5] * 5 and table[2][4:6] == (b"text", "blob")
+    other = sqlite3.connect(str(tmp_path / "other.db"), isolation_level=None)
+    with pytest.raises(ImportError):
+        twin(other, str(tmp_path / "ref.db"), sq._insert_sql)
+    other.close()
+
+
 def test_compiled_apply_delivered_is_its_reference_twin() -> None:
     """fastsend._core.apply_delivered takes the same claims, makes the same
     Results, counts, events and hook calls as the reference, stops at the same

@@ -19,6 +19,8 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _recipients.pxi  a CSV list's plain lines to spool rows (fastsend.recipients)
 - _dispatch.pxi    claims grouped and written as Batch records (fastsend.queue.dispatch)
 - _outcomes.pxi    deliveries applied: Results, counts, events (fastsend.queue.outcomes)
+- _spooldb.pxi     spooled rows bound and stepped on the spool's own SQLite handle
+                   (fastsend.spool.sqlite.RowWriter)
 - _proc.pxi        a worker's death with its parent, prctl without ctypes (fastsend.delivery.worker)
 - _worker.pxi      a worker's loops over the client's results: deliveries to wire.Res
                    (fastsend.delivery.worker), a group's tally (fastsend.outcome)
@@ -44,5 +46,6 @@ include "_address.pxi"
 include "_recipients.pxi"
 include "_dispatch.pxi"
 include "_outcomes.pxi"
+include "_spooldb.pxi"
 include "_proc.pxi"
 include "_worker.pxi"

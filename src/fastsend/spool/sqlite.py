@@ -40,7 +40,7 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from itertools import chain, repeat, starmap
 from typing import Any
 
@@ -312,6 +312,62 @@ py_insert_params = insert_params  # the reference (tests compare the twin with i
 insert_params = pick(insert_params)
 
 
+class RowWriter:
+    """Rows spooled into ``messages`` through the spool's connection ``db``
+    (``path``: its database file), inside the caller's transaction. Compiled
+    twin in ``_spooldb.pxi``: one prepared single-row INSERT on the
+    connection's own SQLite handle, each row's values bound where they lie
+    (Python's sqlite3 binds each parameter at ~0.2 us, most of a multi-row
+    INSERT's cost); it raises ImportError where it cannot use the
+    interpreter's SQLite, and the spool uses this reference instead."""
+
+    def __init__(
+        self, db: sqlite3.Connection, path: str, sql: Callable[[int, bool], str]
+    ) -> None:
+        self.db = db
+        self.sql = sql
+
+    def close(self) -> None:
+        """Nothing held (the compiled twin finalizes its statement)."""
+
+    def insert(
+        self,
+        first: int,
+        campaign: int,
+        now: float,
+        rows: list[tuple[str, str, bytes]],
+        at: int,
+        end: int,
+        state: int,
+        states: list[int] | None,
+    ) -> int:
+        """Insert ``rows[at:end]`` (rcpt, domain, vars) of ``campaign`` at
+        ``now``, each in ``state`` or, when ``states`` is given, in its own
+        ``states[k]``; the k-th row must get id ``first + k``. Returns the last
+        id inserted when every row got its id, else the last id of the first
+        statement whose ids differ (nothing after it is inserted).
+
+        Multi-row INSERTs (up to ROWS_PER_STATEMENT rows each, sizes from
+        ``_sizes``): one statement per chunk instead of one step per row; a
+        chunk whose rows share one state binds it once."""
+        db = self.db
+        last = first + at - 1
+        for n in _sizes(end - at):
+            mixed = states is not None and any(s != state for s in states[at : at + n])
+            params: list[Any] = [campaign, now, state]
+            insert_params(params, rows, at, at + n, states if mixed else None)
+            got = db.execute(self.sql(n, mixed), params).lastrowid
+            last = -1 if got is None else got
+            at += n
+            if last != first + at - 1:  # ids are handed out as counted, or nothing is
+                return last
+        return last
+
+
+PyRowWriter = RowWriter  # the reference (tests compare the twin with it)
+RowWriter = pick(PyRowWriter)  # type: ignore[misc]
+
+
 @functools.lru_cache(maxsize=16)
 def _outcome_sql(n: int) -> str:
     return (
@@ -399,6 +455,12 @@ class SQLiteSpool(Spool):
             _idem_columns(self.db)
             _campaign_runs(self.db)
         self._of = _OF_RUNS if not readonly or _runs_cover(self.db) is not None else _OF_INDEX
+        self._rows: RowWriter | PyRowWriter = PyRowWriter(self.db, self.path, _insert_sql)
+        if not readonly and RowWriter is not PyRowWriter:
+            try:
+                self._rows = RowWriter(self.db, self.path, _insert_sql)
+            except ImportError:  # not this interpreter's SQLite: the reference
+                pass
 
     # -- campaigns -----------------------------------------------------------
 
@@ -513,24 +575,20 @@ class SQLiteSpool(Spool):
                 active = "SELECT 1 FROM campaigns WHERE id=? AND status='active'"
                 if db.execute(active, (campaign_id,)).fetchone():
                     park = min(room, len(rows))
-            # Multi-row INSERTs (up to ROWS_PER_STATEMENT rows each, sizes from
-            # _sizes): one statement per chunk instead of one step per row. Each
-            # row's state is its own: in flight (parked), suppressed (the
-            # tenant's list holds it: final, never sent) or ``state``; a chunk
-            # whose rows share one binds it once.
+            # Each row's state is its own: in flight (parked), suppressed (the
+            # tenant's list holds it: final, never sent) or ``state``
+            # (RowWriter: the rows of a part sharing one bind it once).
             states = [INFLIGHT] * park + [state] * (len(rows) - park)
             for i in suppressed:
                 if i < len(rows):
                     states[i] = SUPPRESSED
-            for at, end in ((0, park), (park, len(rows))):
-                for n in _sizes(end - at):
-                    mixed = bool(suppressed) and not suppressed.isdisjoint(range(at, at + n))
-                    params: list[Any] = [campaign_id, now, states[at]]
-                    insert_params(params, rows, at, at + n, states if mixed else None)
-                    last = db.execute(_insert_sql(n, mixed), params).lastrowid
-                    at += n
-                    if last != first + at - 1:  # ids are handed out as counted, or nothing is
-                        raise SpoolError(f"spool: rows got ids up to {last}, not {first + at - 1}")
+            for at, end, st in ((0, park, INFLIGHT), (park, len(rows), state)):
+                own = bool(suppressed) and not suppressed.isdisjoint(range(at, end))
+                last = self._rows.insert(
+                    first, campaign_id, now, rows, at, end, st, states if own else None
+                )
+                if last != first + end - 1:  # ids are handed out as counted, or nothing is
+                    raise SpoolError(f"spool: rows got ids up to {last}, not {first + end - 1}")
             if park or state == INFLIGHT:
                 self._lower_bound(first)
             if rows:  # the campaign's run of ids: the one it ends extended, or a new one
@@ -1256,4 +1314,5 @@ class SQLiteSpool(Spool):
             self._parked = []
         for path in list(self._holds):
             self._release_lock(path)
+        self._rows.close()  # its statement before the connection
         self.db.close()
