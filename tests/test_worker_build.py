@@ -529,3 +529,34 @@ def test_add_results_records_every_outcome_in_order(
     assert out[5].text == "Q6" and out[5].queue_id == "Q6" and out[6].text == "no such user"
     assert out[9].stage == "data" and out[9].mx == "mx2" and out[3].stage == "rcpt"
     assert all(r.source_ip == "127.0.0.2" for r in out)
+
+
+def test_a_deferred_batch_is_built_by_the_campaign_s_direct_call(tmp_path: Path) -> None:
+    """Worker.build(deferred=True) of a personalised campaign with one sender
+    is Assembly.envelopes with what Worker.direct found once for the campaign:
+    the envelopes build_each makes; a VERP, shared or transactional campaign
+    has none (build_each's other paths), and a new spec finds it again."""
+    w = Worker(0, _config(tmp_path), ["127.0.0.2"], Ring(1 << 16), Ring(1 << 16))
+    w.campaign_specs[1] = Campaign.from_dict(SPEC).to_dict()
+    w.campaign_specs[2] = Campaign.from_dict({**SPEC, "verp_domain": "b.example.com"}).to_dict()
+    same = {**SPEC, "subject": "Hi", "text": "Hi", "html": "<p>Hi</p>"}
+    w.campaign_specs[3] = Campaign.from_dict(same).to_dict()
+    items = [wire.Item(10 + i, rcpt, orjson.dumps(_values(i)), 0) for i, rcpt in enumerate(RCPTS)]
+    batch = wire.Batch(1, "d1.example.net", items)
+    got = w.build(batch, deferred=True)
+    want = w.build_each(batch, w.renderer(1), deferred=True)
+    assert w.direct(1) is not None and w.direct(2) is None and w.direct(3) is None
+    assert [(e.mail_from, e.rcpts, e.tag, e.smtputf8) for e in got] == [
+        (e.mail_from, e.rcpts, e.tag, e.smtputf8) for e in want
+    ]
+    assert [DATE.sub(b"", e.data()) for e in got] == [DATE.sub(b"", e.data()) for e in want]
+    verp = w.build(wire.Batch(2, "d1.example.net", items), deferred=True)
+    assert {e.mail_from for e in verp} != {"news@sender.example.com"}  # one VERP sender each
+    assert len({e.mail_from for e in verp}) == len(items)
+    # A campaign's new spec: its direct call is found again from it.
+    enc = wire.encoder.encode
+    new = Campaign.from_dict({**SPEC, "from": "Other <o@other.example.com>"}).to_dict()
+    w.inbox.put(enc(wire.CampaignSpec(1, new)))
+    w._read_inbox()
+    assert 1 not in w.directs
+    assert {e.mail_from for e in w.build(batch, deferred=True)} == {"o@other.example.com"}

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from fastsend.config import Config
+from fastsend.config import Config, Route
 from fastsend.outcome import DEFERRED, FAILED, Outcome
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ class MXResolver:
         self._cache: dict[str, tuple[float, Site | Outcome]] = {}
         self._addr_cache: dict[str, tuple[float, list[str]]] = {}
         self._route_cache: dict[tuple[str, int], tuple[float, Site]] = {}
+        # domain as a batch names it -> its static route (or None): the routes
+        # are the config's, fixed for the process; looked up per batch.
+        self._route_of: dict[str, Route | None] = {}
 
     @property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -125,14 +128,18 @@ class MXResolver:
         """The site of ``domain`` when known without a lookup (a fresh cache
         entry, or a route to an IP literal), else None: then await site_for().
         Lets a worker place a batch without a task per batch."""
-        domain = domain.lower().rstrip(".")
-        route = self.config.route_for(domain)
+        try:
+            route = self._route_of[domain]
+        except KeyError:  # (the first batch for this domain name)
+            if len(self._route_of) >= CACHE_MAX:
+                self._route_of.clear()
+            route = self._route_of[domain] = self.config.route_for(domain.lower().rstrip("."))
         now = time.monotonic()
         hit: tuple[float, Site | Outcome] | None
         if route is not None and route.host:
             hit = self._route_cache.get((route.host, route.port))
         else:
-            hit = self._cache.get(domain)
+            hit = self._cache.get(domain.lower().rstrip("."))
         if hit is not None and hit[0] > now:
             return hit[1]
         return None

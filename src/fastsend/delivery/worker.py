@@ -64,6 +64,9 @@ class Worker:
         self.campaign_specs: dict[int, dict[str, Any]] = {}
         self.renderers: dict[int, Any] = {}
         self.shared: dict[int, bool] = {}  # campaign -> may share one multi-rcpt message
+        # campaign -> what its deferred batches are built with, when that is one
+        # compiled call (see direct()); None when it is not
+        self.directs: dict[int, tuple[Any, ...] | None] = {}
         self.sites: dict[tuple[str, str], SiteQueue] = {}
         self.sites_limit = SITES_MIN
         self.shaper = Shaper(config, ips)
@@ -118,6 +121,7 @@ class Worker:
             if isinstance(msg, wire.CampaignSpec):
                 self.campaign_specs[msg.id] = msg.spec
                 self.renderers.pop(msg.id, None)
+                self.directs.pop(msg.id, None)
             elif isinstance(msg, wire.CampaignInfo):
                 self.router.on_campaign(msg)
             elif isinstance(msg, wire.CampaignShaping):
@@ -205,11 +209,39 @@ class Worker:
             self.busy -= 1
             self.check_done()
 
+    def direct(self, campaign_id: int) -> tuple[Any, ...] | None:
+        """What :meth:`build_each` calls for a deferred batch of the campaign
+        when that is the one compiled call (``Assembly.envelopes``: one message
+        per recipient on the direct path, one sender), found once per campaign
+        rather than per batch: ``(envelopes, fallback, sender, sender_utf8,
+        needs_smtputf8, date)``, ``date()`` the batch's Date line. None when
+        the campaign's batches take the other paths."""
+        try:
+            return self.directs[campaign_id]
+        except KeyError:
+            pass
+        d: tuple[Any, ...] | None = None
+        if self.campaign_specs[campaign_id].get("kind") != TRANSACTIONAL:
+            r = self.renderer(campaign_id)
+            if not self.shared[campaign_id] and not r.verp_domain and r.for_batch(True):
+                fallback = functools.partial(_render_or_failure, r.render)
+                d = (r.assembly.envelopes, fallback, r.return_path, r.sender_utf8,
+                     r.needs_smtputf8, r.date_line)  # fmt: skip
+        self.directs[campaign_id] = d
+        return d
+
     def build(self, batch: wire.Batch, deferred: bool = False) -> list[Envelope]:
         """The batch's envelopes (a failed render answered at once). With
         ``deferred`` (the SMTP client's site queues), a personalised message
         on the direct path is a DeferredMessage (see :meth:`build_each`)."""
         secret = self.config.secret
+        if deferred and (d := self.direct(batch.campaign)) is not None:
+            # The usual case: build_each's compiled call, nothing looked up per batch.
+            make, fallback, sender, sender_utf8, needs, date = d
+            made: list[Envelope] = make(
+                batch.items, batch.blobs, secret, date(), fallback, sender, sender_utf8, needs
+            )
+            return made
         if self.campaign_specs[batch.campaign].get("kind") == TRANSACTIONAL:
             return self.build_transactional(batch)
         r = self.renderer(batch.campaign)

@@ -609,12 +609,15 @@ class Renderer:
 
     # -- per recipient --------------------------------------------------------
     def _date(self) -> bytes:
+        """The Date header line of a message made now (formatted once a second)."""
         now = int(time.time())
         if now != self._date_sec:
             stamp = datetime.fromtimestamp(now, UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
             self._date_line = b"Date: " + stamp.encode("ascii") + CRLF
             self._date_sec = now
         return self._date_line
+
+    date_line = _date  # (what for_batch's date is: a worker's batches take it directly)
 
     def _segments(self) -> tuple[Segment, ...]:
         """The body of the whole message as :class:`Assembly` segments (its
