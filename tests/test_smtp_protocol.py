@@ -751,3 +751,59 @@ def test_a_refusal_at_rcpt_is_final_whatever_happens_to_the_session() -> None:
             ("failed", 550, "rcpt"),
             ("deferred", 0, "data"),
         ], caps
+
+
+def test_made_messages_are_written_as_bytes_data_would_be() -> None:
+    """Messages made by the client (the compiled core writes the end of DATA
+    and the next commands past a made message's end when it can: no dot to
+    double, the room it kept) go out octet for octet as the same messages
+    given as bytes: dots doubled, a next transaction longer than that room."""
+    from fastsend.message import Campaign
+
+    r = Campaign.from_dict(
+        {
+            "from": "S <s@sender.example.com>",
+            "subject": "Hi {{ name }}",
+            "text": "{{ name }} here\nbye",
+        }
+    ).compile()
+    fast = r.for_batch(True)
+    assert fast is not None
+    deferred, date = fast
+    long_rcpt = "x" * 600 + "@example.com"  # its MAIL, RCPT, DATA: past the room kept
+    # (the envelopes' recipients: the messages name r0@example.com, r1@...)
+    names = ["plain", ".dot", "ann", "bob", "..two", "cy"]
+    rcpts = [
+        "a@example.com",
+        "b@example.com",
+        long_rcpt,
+        "d@example.com",
+        "e@example.com",
+        "f@ex.com",
+    ]
+
+    def envelopes(made: bool) -> list[Envelope]:
+        out = []
+        for i, (name, rcpt) in enumerate(zip(names, rcpts, strict=True)):
+            d = deferred({"name": name}, f"r{i}@example.com", f"m{i}", date, None)
+            out.append(env(rcpt, data=d if made else d(), tag=i))
+        return out
+
+    def transcript(envs: list[Envelope]) -> tuple[bytes, list[Any]]:
+        c = ready(("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"))
+        wire = [c.send_envelopes(envs)]
+        results = list(c.receive_data(b"250 Ok\r\n250 Ok\r\n354 go\r\n"))
+        wire.append(c.data_to_send())
+        for i in range(1, len(envs)):
+            results += c.receive_data(
+                b"250 2.0.0 queued as Q%d\r\n250 Ok\r\n250 Ok\r\n354 go\r\n" % i
+            )
+            wire.append(c.data_to_send())
+        results += c.receive_data(b"250 2.0.0 queued as Z\r\n")
+        wire.append(c.data_to_send())
+        return b"".join(wire), summary(results)
+
+    got, want = transcript(envelopes(True)), transcript(envelopes(False))
+    assert got == want
+    assert b"\r\n..dot here\r\n" in got[0] and b"\r\n...two here\r\n" in got[0]
+    assert got[1] == [(f"Q{i}", [DELIVERED]) for i in range(1, 6)] + [("Z", [DELIVERED])]

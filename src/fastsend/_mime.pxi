@@ -21,6 +21,7 @@ cdef extern from "Python.h":
     char* _bytes_buf "PyBytes_AS_STRING" (PyObject* o)
     void Py_XDECREF(PyObject* o)
     bint PyUnicode_IS_ASCII(object o)
+    void Py_SET_SIZE(object o, Py_ssize_t size)
 
 
 cdef char* _QP_HEX = b"0123456789ABCDEF"
@@ -832,10 +833,10 @@ cdef class Assembly:
         return out
 
     cdef object _personal(self, variables, str rcpt, str message_id, bytes date, int make,
-                          bint own):
+                          bint own, Py_ssize_t extra=0, Py_ssize_t* spare=NULL):
         # ``make``: _WHOLE, _PARTS (the header lines and the body, to sign) or
         # _SIGNED (signed by ``signer``). ``own``: a dict of the caller's own
-        # (just decoded), filled in place.
+        # (just decoded), filled in place. ``extra``, ``spare``: see _whole.
         cdef dict vs
         if own and type(variables) is dict:
             vs = <dict>variables
@@ -860,20 +861,27 @@ cdef class Assembly:
         cdef bytes mid_line = _cat5(b"Message-ID: <", mid, b"@", self.from_domain, b">\r\n")
         cdef list lines = self._headers(vs, to, date, mid_line)
         if make == _WHOLE:
-            return self._whole(lines, vs, None)
+            return self._whole(lines, vs, None, extra, spare)
         if make == _SIGNED:
             if self.signer.mode:
-                return self._whole(lines, vs, self.signer)
+                return self._whole(lines, vs, self.signer, extra, spare)
             return self.signer.message(lines, self._body(vs))
         return lines, self._body(vs)
 
-    cdef bytes _whole(self, list lines, object variables, MessageSigner signer):
+    cdef bytes _whole(self, list lines, object variables, MessageSigner signer,
+                      Py_ssize_t extra=0, Py_ssize_t* spare=NULL):
         """The header lines, the empty line and the body, written into one
         bytes object (the quoted-printable parts encoded in place): the
         message's octets are written once, in one allocation, not once per
         part and again to join them. With ``signer``, room for the
         DKIM-Signature line is kept before the header lines, and it is
-        written there once the rest is (the body hashed in place)."""
+        written there once the rest is (the body hashed in place).
+
+        With ``extra``, the bytes object's allocation keeps ``extra`` octets
+        past its end (its size is the message's) and ``spare[0]`` says so:
+        the SMTP client writes the end of DATA and the next commands there
+        (``_smtp.pxi``, ``ClientCore._dot_end``) instead of copying the
+        message into another object."""
         cdef Py_ssize_t k, nseg = len(self.segments), cap = 2, o, room = 0, head
         if signer is not None:
             room = signer._reserve()
@@ -905,13 +913,22 @@ cdef class Assembly:
                 cap += PyBytes_GET_SIZE(seg)
         cap += 2  # the CRLF a body may need at its end
         cap += room
-        cdef PyObject* raw = _bytes_new(NULL, cap)
+        if extra < 0:
+            extra = 0
+        cdef PyObject* raw = _bytes_new(NULL, cap + extra)
         try:
             o = room + self._write_whole(lines, parts, <unsigned char*> _bytes_buf(raw) + room)
         except BaseException:
             Py_XDECREF(raw)
             raise
-        cdef bytes msg = _cut(raw, o)
+        cdef bytes msg = _cut(raw, o + extra)
+        if extra:
+            # The allocation keeps the extra octets; the object's size is the
+            # message's (with its NUL after it, as every bytes object has).
+            Py_SET_SIZE(msg, o)
+            (<char*> PyBytes_AS_STRING(msg))[o] = 0
+            if spare != NULL:
+                spare[0] = extra
         if signer is not None:
             signer._sign_into(msg, room, lines, head, o - head)
         return msg
@@ -1028,6 +1045,11 @@ cdef class DeferredMessage:
         return self.make()
 
     cdef object make(self):
+        return self._make(0, NULL)
+
+    cdef object _make(self, Py_ssize_t extra, Py_ssize_t* spare):
+        """``make()``; with ``extra``, a message made by the assembly keeps that
+        many octets free past its end and ``spare[0]`` says so (Assembly._whole)."""
         global _json_loads
         vs = self.variables
         cdef bint own = False
@@ -1039,8 +1061,10 @@ cdef class DeferredMessage:
                 own = True  # (no copy of a dict no one else holds)
             return self.assembly._personal(vs, self.rcpt, self.message_id, self.date,
                                            _WHOLE if self.assembly.signer is None else _SIGNED,
-                                           own)
+                                           own, extra, spare)
         except Exception:
+            if spare != NULL:
+                spare[0] = 0
             return self.fallback(self.rcpt, self.variables, self.message_id)
 
 

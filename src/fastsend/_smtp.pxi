@@ -8,6 +8,7 @@ from cpython.object cimport PyObject
 
 cdef extern from "Python.h":
     int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject* itemlist) except -1
+    Py_ssize_t Py_REFCNT(object o)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 cdef Py_ssize_t _SMTP_MAX_LINE = 4096
@@ -183,13 +184,10 @@ def dot_stuff(bytes data not None, bytes tail not None = b""):
     return _dot_stuff(data, tail)
 
 
-cdef bytes _dot_stuff(bytes data, bytes tail):
-    cdef const char* p = PyBytes_AS_STRING(data)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-    cdef Py_ssize_t nt = PyBytes_GET_SIZE(tail)
-    cdef Py_ssize_t i = 0, extra = 0, o = 0, last = 0
+cdef Py_ssize_t _dots(const char* p, Py_ssize_t n) noexcept nogil:
+    """The dots to double in ``p``: at the start, or after CR or LF."""
+    cdef Py_ssize_t i = 0, extra = 0
     cdef const char* q
-    # Count the dots to double: at the start, or after CR or LF.
     while i < n:
         q = <const char*>memchr(p + i, 46, n - i)
         if q == NULL:
@@ -198,6 +196,15 @@ cdef bytes _dot_stuff(bytes data, bytes tail):
         if i == 0 or p[i - 1] == 10 or p[i - 1] == 13:
             extra += 1
         i += 1
+    return extra
+
+
+cdef bytes _dot_stuff(bytes data, bytes tail):
+    cdef const char* p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t nt = PyBytes_GET_SIZE(tail)
+    cdef Py_ssize_t i = 0, extra = _dots(p, n), o = 0, last = 0
+    cdef const char* q
     cdef bint crlf = n >= 2 and p[n - 2] == 13 and p[n - 1] == 10
     cdef Py_ssize_t size = n + extra + (0 if crlf or n == 0 else 2) + 3 + nt
     cdef bytes result = PyBytes_FromStringAndSize(NULL, size)
@@ -226,6 +233,50 @@ cdef bytes _dot_stuff(bytes data, bytes tail):
     if nt:
         memcpy(w + o + 3, PyBytes_AS_STRING(tail), nt)
     return result
+
+
+# A message the client core makes (a DeferredMessage, _made) keeps this many
+# octets free past its end: DATA's end and the next transaction's commands
+# (MAIL, RCPT, DATA: a few hundred octets) are written there when its 354
+# comes (_dot_end), so the message is not copied into a second object.
+DEF _C_TAIL_ROOM = 512
+
+
+cdef bytes _dot_end(_CoreTxn txn, bytes tail):
+    """``_dot_stuff(txn.data, tail)``: the same octets. When the message was
+    made here with room past its end (``txn.spare``), is held by ``txn``
+    alone and has no dot to double, they are written in that room and the
+    message's own object is returned, grown to them (no copy)."""
+    cdef object data = txn.data
+    cdef Py_ssize_t n, nt, o
+    cdef char* w
+    cdef bint crlf
+    # (two references: txn's and this function's ``data``; any other holder,
+    # and it is copied as before)
+    if txn.spare <= 0 or type(data) is not bytes or Py_REFCNT(data) != 2:
+        return _dot_stuff(data, tail)
+    n = PyBytes_GET_SIZE(data)
+    nt = PyBytes_GET_SIZE(tail)
+    w = PyBytes_AS_STRING(data)
+    crlf = n >= 2 and w[n - 2] == 13 and w[n - 1] == 10
+    if 5 + nt > txn.spare or _dots(w, n):
+        return _dot_stuff(data, tail)
+    o = n
+    if not crlf and n:
+        w[o] = 13
+        w[o + 1] = 10
+        o += 2
+    w[o] = 46
+    w[o + 1] = 13
+    w[o + 2] = 10
+    o += 3
+    if nt:
+        memcpy(w + o, PyBytes_AS_STRING(tail), nt)
+        o += nt
+    w[o] = 0
+    txn.spare = 0  # (used: data is now the octets written, not the message)
+    Py_SET_SIZE(data, o)
+    return data
 
 
 # ---------------------------------------------------------------------------
@@ -317,6 +368,9 @@ cdef class _CoreTxn:
     cdef object mail_fail
     cdef bint dummy, utf8, decided
     cdef object rest  # deque of (kind, i, line) without PIPELINING, else None
+    # Octets free past the end of ``data``'s allocation: a message made here
+    # (_made) keeps room for the end of DATA and the next commands (_dot_end).
+    cdef Py_ssize_t spare
 
 
 cdef class ClientCore:
@@ -663,9 +717,10 @@ cdef class ClientCore:
         cdef list outs = txn.outcomes
         cdef Py_ssize_t j
         data = txn.data
+        txn.spare = 0
         try:
             if type(data) is DeferredMessage:
-                data = (<DeferredMessage>data).make()
+                data = (<DeferredMessage>data)._make(_C_TAIL_ROOM, &txn.spare)
             else:
                 data = data()
         except Exception as e:  # a local bug: defer the message, loudly
@@ -675,7 +730,9 @@ cdef class ClientCore:
             data = _c_Outcome(
                 _c_DEFERRED, 451, "4.3.0", f"local error: {e.__class__.__name__}", "local"
             )
-        if type(data) is bytes:
+        if type(data) is not bytes:
+            txn.spare = 0
+        else:
             txn.data = data
             if not self.size_limit or PyBytes_GET_SIZE(data) <= self.size_limit:
                 return True
@@ -868,7 +925,7 @@ cdef class ClientCore:
                     tail = <bytes>wire[k] if n == k + 1 else b"".join(wire[k:])
                     PyList_SetSlice(wire, k, n, NULL)  # (del wire[k:], no slice object)
             if txn.accepted and txn.mail_fail is None:
-                wire.append(_dot_stuff(txn.data, tail))
+                wire.append(_dot_end(txn, tail))
             else:
                 txn.dummy = True
                 wire.append(b".\r\n" + tail)
