@@ -282,6 +282,53 @@ def test_plain_csv_lines_read_as_the_csv_module_reads_them(tmp_path: Path) -> No
         keys, ["x", "\n"]) == b'{"a":"x","\xc3\xa9":"\\n"}'  # fmt: skip
 
 
+def test_plain_lines_read_in_place_as_the_reference_reads_them() -> None:
+    """The compiled csv_plain_rows reads a plain line (ASCII, its fields, an
+    address normalize's plain case takes, no value JSON escapes) where it lies:
+    the same rows (address and domain as normalize gives them, vars bytes),
+    line numbers, bad rows and stops as the reference, for addresses at and
+    past every limit of the plain case and values with and without escapes."""
+    from fastsend import _accel, address, recipients
+
+    pure, comp = recipients.py_csv_plain_rows, _accel.compiled("csv_plain_rows")
+    address.normalize("warm@up.example")  # the compiled normalize's cache is set up
+    rng = random.Random(5)
+    locals_ = ["u", "a.b", "x+tag", "o'neil", "{}~", ".lead", "dot.", "two..dots", "sp ace",
+               "l" * 64, "l" * 65, "", "é", "a@b"]  # fmt: skip
+    domains = ["d.example", "D.Example", "x-y.example", "-bad.example", "bad_.example",
+               "toolong" + "x" * 60 + ".example", "a." * 120 + "example", "", "dé.example",
+               "1.2.3.4", "d.example."]  # fmt: skip
+    values = ["v", "", " ", "a\\b", "t\tx", "\x7f", "é", "x;y", "N0", "{}", "\x1f"]
+    for width in (1, 2, 3, 5):
+        for ei in range(width):
+            keys = [f'"k{j}":'.encode() for j in range(width - 1)]
+            chunk = []
+            for i in range(400):
+                email = f"{rng.choice(locals_)}@{rng.choice(domains)}"
+                if rng.random() < 0.5:
+                    email = f"r{i}@d{i % 7}.example"
+                fields = [rng.choice(values) for _ in range(width - 1)]
+                fields.insert(ei, email)
+                if rng.random() < 0.05:
+                    fields.append("extra")
+                if rng.random() < 0.05:
+                    fields = fields[:-1]
+                chunk.append(",".join(fields) + rng.choice(["\n", "\r\n", "\r", ""]))
+            for limit in (7, 10_000):
+                outs = []
+                for fn in (pure, comp):
+                    rows: list[Any] = []
+                    lines: list[int] = []
+                    bad: list[Any] = []
+                    res = [0, 1, 0, False]
+                    while res[0] < len(chunk):
+                        res = list(fn(chunk, res[0], res[1], 3, width, ei, keys, 1000, limit,
+                                      rows, lines, bad, res[2]))  # fmt: skip
+                    outs.append((res, rows, lines, bad))
+                assert outs[0] == outs[1], (width, ei, limit)
+                assert len(outs[0][1]) > 100
+
+
 def test_a_list_not_in_utf8_is_refused_with_its_line(tmp_path: Path) -> None:
     from fastsend import recipients
 

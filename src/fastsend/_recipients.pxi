@@ -6,7 +6,10 @@
 # split at "," here, its address checked by fastsend.address.normalize (the
 # compiled plain case), and its vars written as JSON straight from the fields
 # (the _out_* writer of _events.pxi: plain strings copied, any other value
-# msgspec's to encode), no csv-module record and no struct per row.
+# msgspec's to encode), no csv-module record and no struct per row. A plain
+# line (ASCII, an address normalize's plain case takes, no value to escape)
+# is read where it lies (_rc_plain_row): its fields found by their commas,
+# no list or field strings, only the address, its domain and the vars made.
 
 cdef object _rc_normalize = None      # fastsend.address.normalize
 cdef object _rc_address_error = None  # fastsend.address.AddressError
@@ -42,6 +45,120 @@ def vars_json(list keys, list values):
     return _rc_vars(keys, values)
 
 
+cdef inline bint _rc_atext(unsigned char c) noexcept:
+    if (c >= 97 and c <= 122) or (c >= 65 and c <= 90) or (c >= 48 and c <= 57):
+        return True
+    return (c == 33 or c == 35 or c == 36 or c == 37 or c == 38 or c == 39 or c == 42
+            or c == 43 or c == 47 or c == 61 or c == 63 or c == 94 or c == 95 or c == 96
+            or c == 123 or c == 124 or c == 125 or c == 126 or c == 45)  # !#$%&'*+/=?^_`{|}~-
+
+
+cdef inline bint _rc_dchar(unsigned char c) noexcept:
+    return ((c >= 97 and c <= 122) or (c >= 65 and c <= 90) or (c >= 48 and c <= 57)
+            or c == 46 or c == 45)  # . -
+
+
+cdef enum:
+    _RC_MAX_FIELDS = 64
+
+
+cdef object _rc_plain_row(str text, Py_ssize_t tl, Py_ssize_t width, Py_ssize_t ei, list keys):
+    """The row of a plain line (ASCII, ``width`` fields, its address what
+    normalize's plain case takes, no value needing a JSON escape), read from
+    the line's characters where they lie: only the address, its domain (the
+    cache's key) and the vars are made. None: any other line, for the path
+    below (split, normalize, _rc_vars), which gives the same row for these."""
+    cdef Py_ssize_t n, i, j, k, es, ee, at, fs, fe
+    cdef Py_ssize_t starts[_RC_MAX_FIELDS + 1]
+    cdef const unsigned char* p
+    cdef unsigned char c, prev
+    cdef _Out* o = &_rc_out
+    cdef str domain, email, full
+    cdef object ascii_domain
+    cdef bytes out
+    if width < 2 or width > _RC_MAX_FIELDS or not PyUnicode_IS_ASCII(text) or _addr_domain is None:
+        return None
+    p = <const unsigned char*>PyUnicode_AsUTF8AndSize(text, &n)
+    k = 0
+    starts[0] = 0
+    for i in range(tl):
+        if p[i] == 44:  # ,
+            k += 1
+            if k >= width:
+                return None
+            starts[k] = i + 1
+    if k != width - 1:
+        return None
+    starts[width] = tl + 1
+    # the values: nothing JSON must escape ('"' and NUL never reach here)
+    for j in range(width):
+        if j == ei:
+            continue
+        for i in range(starts[j], starts[j + 1] - 1):
+            if p[i] < 0x20 or p[i] == 92:  # control, backslash
+                return None
+    # the address: normalize's plain case (fastsend.address, _address.pxi)
+    es = starts[ei]
+    ee = starts[ei + 1] - 1
+    at = -1
+    prev = 46  # a dot may not lead, follow a dot or end the local part
+    for i in range(es, ee):
+        c = p[i]
+        if c == 64:  # @
+            at = i
+            break
+        if c == 46:
+            if prev == 46:
+                return None
+        elif not _rc_atext(c):
+            return None
+        prev = c
+    if at <= es or prev == 46 or at == ee - 1 or at - es > 64:
+        return None
+    for i in range(at + 1, ee):
+        if not _rc_dchar(p[i]):
+            return None
+    domain = text[at + 1:ee]
+    ascii_domain = _addr_domains.get(domain, _addr_domains)
+    if ascii_domain is _addr_domains:
+        ascii_domain = _addr_domain(domain)
+        if len(_addr_domains) >= 65536:
+            _addr_domains.clear()
+        _addr_domains[domain] = ascii_domain
+    if ascii_domain is None:
+        return None
+    email = text[es:ee]
+    full = email if ascii_domain == domain else text[es:at + 1] + ascii_domain
+    if len(full) > 254:
+        return None
+    # the vars: the JSON object of the keys and the other fields, in order
+    o.len = 0
+    _out_raw(o, b"{", 1)
+    k = 0
+    for j in range(width):
+        if j == ei:
+            continue
+        if k:
+            _out_raw(o, b",", 1)
+        _out_bytes(o, keys[k])
+        k += 1
+        fs = starts[j]
+        fe = starts[j + 1] - 1
+        _out_room(o, fe - fs + 2)
+        o.buf[o.len] = 34  # "
+        memcpy(o.buf + o.len + 1, p + fs, fe - fs)
+        o.buf[o.len + 1 + fe - fs] = 34
+        o.len += fe - fs + 2
+    _out_raw(o, b"}", 1)
+    out = PyBytes_FromStringAndSize(o.buf, o.len)
+    o.len = 0
+    if o.cap > (1 << 20):
+        free(o.buf)
+        o.buf = NULL
+        o.cap = 0
+    return (full, ascii_domain, out)
+
+
 def csv_plain_rows(list chunk, Py_ssize_t at, Py_ssize_t line, Py_ssize_t after,
                    Py_ssize_t width, Py_ssize_t ei, list keys, Py_ssize_t maxlen,
                    Py_ssize_t limit, list rows, list lines, list bad, Py_ssize_t last):
@@ -49,7 +166,7 @@ def csv_plain_rows(list chunk, Py_ssize_t at, Py_ssize_t line, Py_ssize_t after,
     cdef Py_ssize_t n = len(chunk), tl
     cdef str text
     cdef list rec
-    cdef object email, pair
+    cdef object email, pair, row
     if _rc_normalize is None:
         from fastsend import address as _a, recipients as _r
         _rc_normalize, _rc_address_error, _rc_bad_row = _a.normalize, _a.AddressError, _r.BadRow
@@ -68,6 +185,15 @@ def csv_plain_rows(list chunk, Py_ssize_t at, Py_ssize_t line, Py_ssize_t after,
                 tl -= 1
         elif tl and text[tl - 1] == u"\r":
             tl -= 1
+        if len(keys) == width - 1:
+            row = _rc_plain_row(text, tl, width, ei, keys)
+            if row is not None:
+                rows.append(row)
+                lines.append(line)
+                last = line
+                if len(rows) >= limit:
+                    break
+                continue
         rec = text[:tl].split(",")
         if len(rec) != width:
             if len(rec) == 1 and not (<str>rec[0]).strip():
