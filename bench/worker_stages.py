@@ -32,7 +32,9 @@ the SMTP client, by process CPU time:
   (decode, site lookup, the site's ready queue), per message, for the small
   batches end_to_end.py's 100-domain list gets (the supervisor sends one per
   recipient domain), read as ``Worker.on_inbox`` reads them: 20 batches in a
-  read, pushed once per site queue (``Worker.placed``, ``push_placed``).
+  read, pushed once per site queue (``Worker.placed``, ``push_placed``);
+- placing + deferred build, batches of 6: the same with each batch's
+  envelopes built as a worker builds them (what a small batch costs whole).
 
 Each figure is the best of ``--rounds`` rounds, both implementations
 (compiled core and the pure-Python twins, ``FASTSEND_NO_EXTENSIONS=1``) in
@@ -226,6 +228,11 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
     figures: dict[str, float] = {}
     for name, fn in stages.items():
         figures[name] = cpu_per_call(fn, batches, rounds) / BATCH * 1e6
+    # The same with each batch's envelopes built, as place_batch builds them
+    # (deferred: Worker.direct's compiled call for this campaign).
+    figures[f"placing + deferred build, batches of {SMALL}"] = (
+        cpu_per_call(place, batches, rounds) / (READ * SMALL) * 1e6
+    )
     worker.build = lambda _batch, deferred=False: list(envs)  # type: ignore[method-assign]  # placing alone
     figures[f"placing, batches of {SMALL}"] = (
         cpu_per_call(place, batches, rounds) / (READ * SMALL) * 1e6

@@ -199,6 +199,16 @@ def test_verp_round_trip() -> None:
         verp.decode("someone@example.com")
 
 
+def test_verp_ids_of_plain_characters_are_written_as_they_are() -> None:
+    """A plain id (fastsend's tokens) is taken whole; any other character is
+    =HH, one character at a time, as before."""
+    for mid in ["123-AbZ_09", "a", "-_-", "x" * 40]:
+        assert verp.encode_id(mid) == mid
+    assert verp.encode_id("a.b") == "a=2Eb"
+    assert verp.encode_id("x\n") == "x=0A"  # (no line end slips through a match)
+    assert verp.encode_id("é-1") == "=C3=A9-1"
+
+
 def test_dkim_for() -> None:
     camp = Campaign.from_dict(MINIMAL)
     assert camp.dkim_for() == []

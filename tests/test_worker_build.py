@@ -145,6 +145,12 @@ def test_assembly_envelopes_are_what_the_deferred_loop_makes(
             assert e.data() == deferred(vs, it.rcpt, mid, date, fallback)()
         assert got[-1].data() == deferred(_values(7), "eve@d3.example.net",
                                           msgid.token(600, SECRET), date, fallback)()  # fmt: skip
+    # VERP: a callable sender makes each message's from its token.
+    got = r.assembly.envelopes(items, {digest: blob}, SECRET, date, fallback, "b-{}@v.example".format,
+                               False, needs)  # fmt: skip
+    assert [e.mail_from for e in got] == [
+        f"b-{msgid.token(it.id, SECRET)}@v.example" for it in items
+    ]
     # Without blobs, a ref is the item's own vars (then not JSON: the fallback).
     got = r.assembly.envelopes(items[-1:], {}, SECRET, date, fallback, "b@s.example", False, needs)
     assert got[0].data() == "why"
@@ -532,10 +538,11 @@ def test_add_results_records_every_outcome_in_order(
 
 
 def test_a_deferred_batch_is_built_by_the_campaign_s_direct_call(tmp_path: Path) -> None:
-    """Worker.build(deferred=True) of a personalised campaign with one sender
-    is Assembly.envelopes with what Worker.direct found once for the campaign:
-    the envelopes build_each makes; a VERP, shared or transactional campaign
-    has none (build_each's other paths), and a new spec finds it again."""
+    """Worker.build(deferred=True) of a personalised campaign is
+    Assembly.envelopes with what Worker.direct found once for the campaign
+    (with VERP, each message's sender made from its token): the envelopes
+    build_each makes; a shared campaign has none (build_each's other paths),
+    and a new spec finds it again."""
     w = Worker(0, _config(tmp_path), ["127.0.0.2"], Ring(1 << 16), Ring(1 << 16))
     w.campaign_specs[1] = Campaign.from_dict(SPEC).to_dict()
     w.campaign_specs[2] = Campaign.from_dict({**SPEC, "verp_domain": "b.example.com"}).to_dict()
@@ -545,14 +552,21 @@ def test_a_deferred_batch_is_built_by_the_campaign_s_direct_call(tmp_path: Path)
     batch = wire.Batch(1, "d1.example.net", items)
     got = w.build(batch, deferred=True)
     want = w.build_each(batch, w.renderer(1), deferred=True)
-    assert w.direct(1) is not None and w.direct(2) is None and w.direct(3) is None
+    assert w.direct(1) is not None and w.direct(2) is not None and w.direct(3) is None
     assert [(e.mail_from, e.rcpts, e.tag, e.smtputf8) for e in got] == [
         (e.mail_from, e.rcpts, e.tag, e.smtputf8) for e in want
     ]
     assert [DATE.sub(b"", e.data()) for e in got] == [DATE.sub(b"", e.data()) for e in want]
     verp = w.build(wire.Batch(2, "d1.example.net", items), deferred=True)
-    assert {e.mail_from for e in verp} != {"news@sender.example.com"}  # one VERP sender each
+    r2 = w.renderer(2)
+    assert [e.mail_from for e in verp] == [
+        r2.envelope_from(msgid.token(it.id, SECRET)) for it in items
+    ]  # one VERP sender each, as envelope_from makes it
     assert len({e.mail_from for e in verp}) == len(items)
+    assert [DATE.sub(b"", e.data()) for e in verp] == [
+        DATE.sub(b"", r2.render(it.rcpt, orjson.loads(it.vars), msgid.token(it.id, SECRET)))
+        for it in items
+    ]
     # A campaign's new spec: its direct call is found again from it.
     enc = wire.encoder.encode
     new = Campaign.from_dict({**SPEC, "from": "Other <o@other.example.com>"}).to_dict()

@@ -797,13 +797,14 @@ cdef class Assembly:
         d.fallback = fallback
         return d
 
-    def envelopes(self, items, blobs, secret, bytes date, fallback, str sender,
+    def envelopes(self, items, blobs, secret, bytes date, fallback, sender,
                   bint sender_utf8, needs_smtputf8):
         """Twin of the pure ``Assembly.envelopes``: per item an Envelope from
-        ``sender`` whose data is this assembly's DeferredMessage, the
-        Message-ID token and the DeferredMessage made here, no Python call per
-        message but the Envelope's (and ``needs_smtputf8`` for a non-ASCII
-        recipient)."""
+        ``sender`` (a str, or ``sender(token)``: VERP) whose data is this
+        assembly's DeferredMessage, the Message-ID token and the
+        DeferredMessage made here, no Python call per message but the
+        Envelope's (and ``needs_smtputf8`` for a non-ASCII recipient, and a
+        VERP sender's)."""
         global _m_Envelope, _m_blob_digest
         if _m_Envelope is None:
             from fastsend.outcome import Envelope as _m_Envelope
@@ -812,7 +813,8 @@ cdef class Assembly:
         cdef DeferredMessage d
         cdef str rcpt
         cdef bint utf8
-        cdef object vs, rid, digest
+        cdef object vs, rid, digest, mail_from = sender
+        cdef bint one = type(sender) is str
         for it in items:
             rcpt = it.rcpt
             rid = it.id
@@ -828,8 +830,10 @@ cdef class Assembly:
             d.message_id = _token(rid, secret)
             d.date = date
             d.fallback = fallback
+            if not one:
+                mail_from = sender(d.message_id)
             utf8 = sender_utf8 or (not PyUnicode_IS_ASCII(rcpt) and needs_smtputf8(rcpt))
-            out.append(_m_Envelope(sender, [rcpt], d, rid, utf8))
+            out.append(_m_Envelope(mail_from, [rcpt], d, rid, utf8))
         return out
 
     cdef object _personal(self, variables, str rcpt, str message_id, bytes date, int make,

@@ -223,9 +223,10 @@ class Worker:
         d: tuple[Any, ...] | None = None
         if self.campaign_specs[campaign_id].get("kind") != TRANSACTIONAL:
             r = self.renderer(campaign_id)
-            if not self.shared[campaign_id] and not r.verp_domain and r.for_batch(True):
+            if not self.shared[campaign_id] and r.for_batch(True):
                 fallback = functools.partial(_render_or_failure, r.render)
-                d = (r.assembly.envelopes, fallback, r.return_path, r.sender_utf8,
+                sender = r.envelope_from if r.verp_domain else r.return_path
+                d = (r.assembly.envelopes, fallback, sender or r.envelope_from, r.sender_utf8,
                      r.needs_smtputf8, r.date_line)  # fmt: skip
         self.directs[campaign_id] = d
         return d
@@ -297,8 +298,8 @@ class Worker:
         is written, a message is still in cache when it is dot-stuffed and
         copied to the socket). One that cannot be made is answered by the
         client with what :func:`_render_failure` says (550 5.6.0 render: ...).
-        With one sender for every message (no VERP), that deferred loop is one
-        compiled call (``Assembly.envelopes``)."""
+        That deferred loop is one compiled call (``Assembly.envelopes``; with
+        VERP it makes each message's sender too, ``envelope_from``)."""
         secret = self.config.secret
         token = msgid.token
         render = r.render
@@ -311,12 +312,15 @@ class Worker:
         needs_smtputf8 = r.needs_smtputf8
         loads = orjson.loads
         blobs = batch.blobs  # vars stored once for many rows (wire.blob_ref)
-        if deferred and personal is not None and sender is not None:
-            # The usual case (no VERP: one sender): the loop below, compiled,
-            # nothing in it can fail one message alone.
-            return r.assembly.envelopes(  # type: ignore[no-any-return]
-                batch.items, blobs, secret, date, fallback, sender, sender_utf8, needs_smtputf8
-            )
+        if deferred and personal is not None:
+            # The usual case: one compiled loop (with VERP each message's sender
+            # made there too, envelope_from), nothing in it can fail one
+            # message alone.
+            made: list[Envelope] = r.assembly.envelopes(
+                batch.items, blobs, secret, date, fallback, sender or envelope_from,
+                sender_utf8, needs_smtputf8,
+            )  # fmt: skip
+            return made
         envelopes: list[Envelope] = []
         append = envelopes.append
         failures: list[TxnResult] = []
@@ -327,11 +331,6 @@ class Worker:
                 vs = it.vars
                 if blobs and (d := wire.blob_digest(vs)):
                     vs = blobs[d]
-                if deferred and personal is not None:
-                    data = personal(vs, rcpt, mid, date, fallback)
-                    append(Envelope(sender or envelope_from(mid), [rcpt], data, it.id,
-                        sender_utf8 or (not rcpt.isascii() and needs_smtputf8(rcpt))))  # fmt: skip
-                    continue
                 values = loads(vs) if vs else {}
                 if personal is None:
                     data = render(rcpt, values, mid)

@@ -264,13 +264,14 @@ class Assembly:
         secret: bytes,
         date: bytes,
         fallback: Callable[[str, Mapping[str, str], str], object],
-        sender: str,
+        sender: str | Callable[[str], str],
         sender_utf8: bool,
         needs_smtputf8: Callable[[str], bool],
     ) -> list[Envelope]:
-        """``Worker.build_each``'s deferred loop when every message has the same
-        sender (no VERP): per ``wire.Item``, an :class:`~fastsend.outcome.Envelope`
-        from ``sender`` to its ``rcpt``, tagged with its ``id``, whose data is
+        """``Worker.build_each``'s deferred loop: per ``wire.Item``, an
+        :class:`~fastsend.outcome.Envelope` from ``sender`` (a str: every
+        message's; else ``sender(token)``, each message's own, VERP) to its
+        ``rcpt``, tagged with its ``id``, whose data is
         ``deferred(vars, rcpt, msgid.token(id, secret), date, fallback)`` (the
         vars of ``blobs`` when the item's refer to one, ``wire.blob_digest``);
         SMTPUTF8 when ``sender_utf8``, or for a non-ASCII recipient when
@@ -278,6 +279,7 @@ class Assembly:
         Python call per message (but the Envelope's)."""
         token = msgid.token
         out: list[Envelope] = []
+        one = type(sender) is str
         for it in items:
             rcpt = it.rcpt
             mid = token(it.id, secret)
@@ -285,8 +287,9 @@ class Assembly:
             if blobs and (d := wire.blob_digest(vs)):
                 vs = blobs[d]
             data = DeferredMessage(self, vs, rcpt, mid, date, fallback)  # type: ignore[arg-type]
+            mail_from = sender if one else sender(mid)  # type: ignore[operator]
             utf8 = sender_utf8 or (not rcpt.isascii() and needs_smtputf8(rcpt))
-            out.append(Envelope(sender, [rcpt], data, it.id, utf8))  # type: ignore[arg-type]
+            out.append(Envelope(mail_from, [rcpt], data, it.id, utf8))  # type: ignore[arg-type]
         return out
 
     def headers(

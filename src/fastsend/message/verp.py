@@ -17,6 +17,7 @@ import re
 __all__ = ["VerpError", "decode", "encode", "encode_id"]
 
 _PLAIN = re.compile(r"[A-Za-z0-9_\-]")
+_ALL_PLAIN = re.compile(r"[A-Za-z0-9_\-]+")
 _HEX = re.compile(r"=([0-9A-Fa-f]{2})")
 
 
@@ -28,6 +29,8 @@ def encode_id(message_id: str) -> str:
     """``message_id`` with every octet outside ``[A-Za-z0-9_-]`` written as ``=HH``."""
     if not message_id:
         raise VerpError("empty message id")
+    if _ALL_PLAIN.fullmatch(message_id):  # (fastsend's tokens: one match, not one a character)
+        return message_id
     out: list[str] = []
     for ch in message_id:
         if _PLAIN.match(ch):
