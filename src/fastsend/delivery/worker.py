@@ -224,10 +224,7 @@ class Worker:
         if self.campaign_specs[campaign_id].get("kind") != TRANSACTIONAL:
             r = self.renderer(campaign_id)
             if not self.shared[campaign_id] and r.for_batch(True):
-                fallback = functools.partial(_render_or_failure, r.render)
-                sender = r.envelope_from if r.verp_domain else r.return_path
-                d = (r.assembly.envelopes, fallback, sender or r.envelope_from, r.sender_utf8,
-                     r.needs_smtputf8, r.date_line)  # fmt: skip
+                d = _direct_args(r)
         self.directs[campaign_id] = d
         return d
 
@@ -238,11 +235,7 @@ class Worker:
         secret = self.config.secret
         if deferred and (d := self.direct(batch.campaign)) is not None:
             # The usual case: build_each's compiled call, nothing looked up per batch.
-            make, fallback, sender, sender_utf8, needs, date = d
-            made: list[Envelope] = make(
-                batch.items, batch.blobs, secret, date(), fallback, sender, sender_utf8, needs
-            )
-            return made
+            return _build_direct(d, batch, secret)
         if self.campaign_specs[batch.campaign].get("kind") == TRANSACTIONAL:
             return self.build_transactional(batch)
         r = self.renderer(batch.campaign)
@@ -305,7 +298,6 @@ class Worker:
         render = r.render
         fast = r.for_batch(deferred)
         personal, date = fast if fast is not None else (None, b"")
-        fallback = functools.partial(_render_or_failure, render)
         envelope_from = r.envelope_from
         sender = None if r.verp_domain else r.return_path
         sender_utf8 = r.sender_utf8
@@ -316,11 +308,7 @@ class Worker:
             # The usual case: one compiled loop (with VERP each message's sender
             # made there too, envelope_from), nothing in it can fail one
             # message alone.
-            made: list[Envelope] = r.assembly.envelopes(
-                batch.items, blobs, secret, date, fallback, sender or envelope_from,
-                sender_utf8, needs_smtputf8,
-            )  # fmt: skip
-            return made
+            return _build_direct(_direct_args(r), batch, secret)
         envelopes: list[Envelope] = []
         append = envelopes.append
         failures: list[TxnResult] = []
@@ -700,6 +688,26 @@ def collect_delivered(
 
 py_collect_delivered = collect_delivered  # the reference (tests compare the twin with it)
 collect_delivered = pick(collect_delivered)
+
+
+def _direct_args(r: Any) -> tuple[Any, ...]:
+    """The arguments of a personalised campaign's deferred build (renderer
+    ``r``, direct path): ``(envelopes, fallback, sender, sender_utf8,
+    needs_smtputf8, date)``; the sender is the return path, or with VERP
+    ``envelope_from``, which makes each message's."""
+    fallback = functools.partial(_render_or_failure, r.render)
+    sender = None if r.verp_domain else r.return_path
+    return (r.assembly.envelopes, fallback, sender or r.envelope_from, r.sender_utf8,
+            r.needs_smtputf8, r.date_line)  # fmt: skip
+
+
+def _build_direct(d: tuple[Any, ...], batch: wire.Batch, secret: bytes) -> list[Envelope]:
+    """A deferred batch built by the one compiled call ``d`` (see _direct_args)."""
+    make, fallback, sender, sender_utf8, needs, date = d
+    made: list[Envelope] = make(
+        batch.items, batch.blobs, secret, date(), fallback, sender, sender_utf8, needs
+    )
+    return made
 
 
 def _render_failure(e: RenderError) -> Outcome:
