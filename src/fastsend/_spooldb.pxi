@@ -5,10 +5,11 @@
 # parameter through its own checks and SQLite copies every string it is
 # given (SQLITE_TRANSIENT: a malloc under SQLite's memory mutex), ~0.2 us a
 # parameter, three per row. Here the rows go into the spool connection's own
-# database handle through one prepared single-row INSERT: each row's rcpt,
-# domain and vars bound where they lie (SQLITE_STATIC: the row objects
-# outlive the step), stepped and reset, no Python object made per row. The
-# same connection, so the same transaction as the rest of add_messages.
+# database handle through the same multi-row INSERTs as the reference, each
+# size prepared once: each row's rcpt, domain and vars bound where they lie
+# (SQLITE_STATIC: the row objects outlive the step), stepped and reset, no
+# Python object made per row. The same connection, so the same transaction
+# as the rest of add_messages.
 #
 # SQLite's functions are looked up (dlsym) in the library the interpreter's
 # own _sqlite3 module uses, so the handle and the functions are one SQLite;

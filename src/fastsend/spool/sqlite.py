@@ -315,8 +315,8 @@ insert_params = pick(insert_params)
 class RowWriter:
     """Rows spooled into ``messages`` through the spool's connection ``db``
     (``path``: its database file), inside the caller's transaction. Compiled
-    twin in ``_spooldb.pxi``: one prepared single-row INSERT on the
-    connection's own SQLite handle, each row's values bound where they lie
+    twin in ``_spooldb.pxi``: the same multi-row INSERTs, each size prepared
+    once on the connection's own SQLite handle, each row's values bound where they lie
     (Python's sqlite3 binds each parameter at ~0.2 us, most of a multi-row
     INSERT's cost); it raises ImportError where it cannot use the
     interpreter's SQLite, and the spool uses this reference instead."""
