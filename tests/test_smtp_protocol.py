@@ -807,3 +807,55 @@ def test_made_messages_are_written_as_bytes_data_would_be() -> None:
     assert got == want
     assert b"\r\n..dot here\r\n" in got[0] and b"\r\n...two here\r\n" in got[0]
     assert got[1] == [(f"Q{i}", [DELIVERED]) for i in range(1, 6)] + [("Z", [DELIVERED])]
+
+
+def _drive(c: Any, garbage_at: int) -> tuple[list[Any], list[list[int]], list[bytes]]:
+    """Answer whatever ``c`` waits for, one reply per read (354 to DATA, 250 to
+    anything else), until nothing is pending, or a garbage line at read
+    ``garbage_at``; what it waited for after each read, wrote and decided."""
+    kinds: list[list[int]] = []
+    wrote: list[bytes] = []
+    results: list[Any] = []
+    step = 0
+    while pending := c._pending_kinds():
+        if step == garbage_at:
+            with pytest.raises(RemoteProtocolError):
+                c.receive_data(b"hello\r\n")
+            kinds.append(c._pending_kinds())
+            results += summary(c.connection_lost("protocol error"))
+            break
+        k = pending[0]
+        reply = b"354 go\r\n" if k == cl._DATA else b"250 2.0.0 Ok: queued as Q%d\r\n" % step
+        results += summary(c.receive_data(reply))
+        kinds.append(c._pending_kinds())
+        wrote.append(c.data_to_send())
+        step += 1
+    return results, kinds, wrote
+
+
+@pytest.mark.parametrize("caps", [FULL, (*FULL, "CHUNKING"), ("8BITMIME",)])
+@pytest.mark.parametrize("garbage_at", [-1, 0, 5, 37, 150])
+def test_twins_wait_for_the_same_replies(caps: tuple[str, ...], garbage_at: int) -> None:
+    """The compiled core keeps what it waits for in a ring of structs (grown
+    when full, wrapped around), the reference in a deque of tuples: through a
+    long pipelined session (BDAT: up to 32 transactions of 5 commands in
+    flight), they wait for the same commands, write the same bytes and decide
+    the same outcomes, also when garbage ends the session half way (the
+    command it answered is put back first: its stage names the deferral)."""
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("fastsend._core not built")
+    got = []
+    for impl in ("py", "c"):
+        c = client_class(impl)("client.example", mx="mx.example:25")
+        c.receive_data(b"220 mx.example ESMTP\r\n")
+        c.send_ehlo()
+        lines = [b"250-mx.example"] + [b"250-" + k.encode() for k in caps] + [b"250 HELP"]
+        c.receive_data(b"\r\n".join(lines) + b"\r\n")
+        envs = [env(*(f"r{i}-{j}@example.com" for j in range(1 + i % 3)), tag=i) for i in range(45)]
+        first = c.send_envelopes(envs)
+        got.append((first, _drive(c, garbage_at)))
+    assert got[0] == got[1]
+    results = got[0][1][0]
+    assert len(results) == 45
+    if garbage_at < 0:
+        assert all(o[0] == "delivered" for _q, outs in results for o in outs)

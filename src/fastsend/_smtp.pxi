@@ -9,6 +9,9 @@ from cpython.object cimport PyObject
 cdef extern from "Python.h":
     int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject* itemlist) except -1
     Py_ssize_t Py_REFCNT(object o)
+    void _smtp_xincref "Py_XINCREF"(PyObject* o)
+    void _smtp_xdecref "Py_XDECREF"(PyObject* o)
+from libc.stdlib cimport malloc as _smtp_malloc, free as _smtp_free
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 cdef Py_ssize_t _SMTP_MAX_LINE = 4096
@@ -303,6 +306,16 @@ DEF _K_RSET = 4
 DEF _K_CMD = 5
 DEF _K_BDAT = 6
 cdef tuple _C_STAGE = ("mail", "rcpt", "data", "data", "rset", None, "data")
+
+# A command waiting for its reply: its kind, its transaction (a strong
+# reference, or NULL) and the recipient's index. ClientCore keeps them in a
+# ring of these structs (the reference's deque of tuples): no object per
+# command.
+ctypedef struct _CPend:
+    int kind
+    Py_ssize_t i
+    PyObject* txn
+DEF _C_PEND_MIN = 16  # the ring's first size (a power of two; doubled when full)
 DEF _C_BDAT_WINDOW = 32
 DEF _C_BDAT_WINDOW_BYTES = 1 << 20
 
@@ -382,10 +395,17 @@ cdef class ClientCore:
     cdef public bint tls_active, pipelining, chunking, bdat
     cdef public Py_ssize_t size_limit
     cdef public ReplyParser _parser
-    # Commands waiting for a reply, oldest first: _pending[_head:] ((kind, txn, i)).
-    cdef readonly list _pending  # (the commands append; only this class replaces it)
-    cdef Py_ssize_t _head
-    cdef public object _current
+    # Commands waiting for a reply, oldest first: _pn entries of the ring _pq
+    # (_pcap of them, a power of two) from _ph on. The session commands
+    # (_Commands) add theirs with _push_cmd.
+    cdef _CPend* _pq
+    cdef Py_ssize_t _pcap, _ph, _pn
+    # The entry whose reply is being handled (put back first if the server's
+    # reply to it is garbage: the connection's loss then names its stage).
+    cdef int _cur_kind
+    cdef Py_ssize_t _cur_i
+    cdef object _cur_txn
+    cdef bint _cur_set
     cdef public object _cmd_names
     cdef public object _queue
     cdef public bint _group_open, _need_rset
@@ -400,6 +420,19 @@ cdef class ClientCore:
     cdef object _dot_out
     cdef str _dot_qid
 
+    def __cinit__(self, *args, **kwargs):
+        self._pq = <_CPend*>_smtp_malloc(_C_PEND_MIN * sizeof(_CPend))
+        if self._pq == NULL:
+            raise MemoryError()
+        self._pcap = _C_PEND_MIN
+        self._ph = 0
+        self._pn = 0
+
+    def __dealloc__(self):
+        self._pclear()
+        _smtp_free(self._pq)
+        self._pq = NULL
+
     def __init__(self, str mx not None = "", chunking=True):
         _client_types()
         self.mx = mx
@@ -411,9 +444,10 @@ cdef class ClientCore:
         self.bdat = False
         self.size_limit = 0
         self._parser = ReplyParser()
-        self._pending = [(_K_CMD, None, 0)]
-        self._head = 0
-        self._current = None
+        self._pclear()
+        self._push(_K_CMD, None, 0)
+        self._cur_set = False
+        self._cur_txn = None
         self._cmd_names = _smtp_deque(["greeting"])
         self._queue = _smtp_deque()
         self._group_open = False
@@ -435,9 +469,9 @@ cdef class ClientCore:
     @property
     def expecting(self):
         cdef int kind
-        if self._head >= len(self._pending):
+        if not self._pn:
             return ""
-        kind = (<tuple?>self._pending[self._head])[0]
+        kind = self._pq[self._ph].kind
         if kind == _K_CMD:
             return self._cmd_names[0]
         if kind == _K_DOT or kind == _K_BDAT:
@@ -449,21 +483,85 @@ cdef class ClientCore:
         return self._active > 0 or len(self._queue) > 0
 
     # ---------------------------------------------------------- pending queue
-    cdef inline void _push(self, int kind, object txn, Py_ssize_t i):
-        self._pending.append((kind, txn, i))
+    def _push_cmd(self, str name not None):
+        """A session command (``name``, e.g. "ehlo") now waits for its reply."""
+        self._push(_K_CMD, None, 0)
+        self._cmd_names.append(name)
 
-    cdef inline tuple _pop(self):
-        cdef list p = self._pending
-        cdef tuple entry = p[self._head]  # (checked: the commands append here too)
-        p[self._head] = None
-        self._head += 1
-        if self._head == len(p):
-            del p[:]
-            self._head = 0
-        elif self._head >= 64 and self._head * 2 >= len(p):
-            del p[:self._head]
-            self._head = 0
-        return entry
+    cdef int _pgrow(self) except -1:
+        cdef Py_ssize_t cap = self._pcap * 2, k, m = self._pcap - 1
+        cdef _CPend* q = <_CPend*>_smtp_malloc(cap * sizeof(_CPend))
+        if q == NULL:
+            raise MemoryError()
+        for k in range(self._pn):
+            q[k] = self._pq[(self._ph + k) & m]
+        _smtp_free(self._pq)
+        self._pq = q
+        self._pcap = cap
+        self._ph = 0
+        return 0
+
+    cdef inline int _push(self, int kind, object txn, Py_ssize_t i) except -1:
+        cdef _CPend* e
+        cdef PyObject* t = NULL
+        if self._pn == self._pcap:
+            self._pgrow()
+        e = &self._pq[(self._ph + self._pn) & (self._pcap - 1)]
+        if txn is not None:
+            t = <PyObject*>txn
+            _smtp_xincref(t)
+        e.kind = kind
+        e.i = i
+        e.txn = t
+        self._pn += 1
+        return 0
+
+    cdef inline object _pop(self, int* kind, Py_ssize_t* i):
+        """Take the oldest entry (there is one): its kind and index into
+        ``kind``, ``i``; returns its transaction (None for a command)."""
+        cdef _CPend* e = &self._pq[self._ph]
+        cdef PyObject* t = e.txn
+        kind[0] = e.kind
+        i[0] = e.i
+        e.txn = NULL
+        self._ph = (self._ph + 1) & (self._pcap - 1)
+        self._pn -= 1
+        if t == NULL:
+            return None
+        txn = <object>t  # (a new reference: the ring's is dropped below)
+        _smtp_xdecref(t)
+        return txn
+
+    cdef int _unpop(self, int kind, object txn, Py_ssize_t i) except -1:
+        """Put an entry back first (the one taken by _pop)."""
+        cdef _CPend* e
+        if self._pn == self._pcap:
+            self._pgrow()
+        self._ph = (self._ph - 1) & (self._pcap - 1)
+        e = &self._pq[self._ph]
+        e.kind = kind
+        e.i = i
+        e.txn = NULL
+        if txn is not None:
+            e.txn = <PyObject*>txn
+            _smtp_xincref(e.txn)
+        self._pn += 1
+        return 0
+
+    cdef void _pclear(self):
+        cdef Py_ssize_t k, m = self._pcap - 1
+        cdef PyObject* t
+        for k in range(self._pn):
+            t = self._pq[(self._ph + k) & m].txn
+            self._pq[(self._ph + k) & m].txn = NULL
+            _smtp_xdecref(t)
+        self._ph = 0
+        self._pn = 0
+
+    def _pending_kinds(self):
+        """The kinds of the commands waiting for a reply, oldest first (tests)."""
+        cdef Py_ssize_t k
+        return [self._pq[(self._ph + k) & (self._pcap - 1)].kind for k in range(self._pn)]
 
     # ------------------------------------------------------------------ output
     def data_to_send(self):
@@ -783,28 +881,28 @@ cdef class ClientCore:
         return self._receive(data)
 
     cdef list _receive(self, bytes data):
-        cdef tuple reply, entry
+        cdef tuple reply
         cdef int kind, code
         cdef Py_ssize_t i
         cdef _CoreTxn txn
+        cdef object t
         cdef str state = self.state
         if state == _C_TLS or state == _C_CLOSED:
             self.state = _C_CLOSED
             raise _c_Remote(f"unexpected data in state {state!r}")
         try:
             for reply in self._parser._feed(data):
-                if self._head >= len(self._pending) or self.state == _C_CLOSED:
+                if not self._pn or self.state == _C_CLOSED:
                     self._reply(reply)
                     continue
-                entry = self._pop()
-                self._current = entry
-                kind = entry[0]
+                t = self._pop(&kind, &i)
+                self._cur_kind, self._cur_txn, self._cur_i = kind, t, i
+                self._cur_set = True
                 code = reply[0]
                 if kind == _K_CMD:
                     self._command_reply(self._cmd_names.popleft(), reply)
-                elif entry[1] is not None:
-                    txn = <_CoreTxn>entry[1]
-                    i = entry[2]
+                elif t is not None:
+                    txn = <_CoreTxn>t
                     if kind <= _K_RCPT and 200 <= code < 300 and txn.rest is None:
                         if kind == _K_RCPT:
                             if txn.mail_fail is None:
@@ -813,19 +911,16 @@ cdef class ClientCore:
                                 self._reply_rcpt(txn, i, reply)
                     else:
                         self._handle(kind, txn, i, reply)
-                self._current = None
+                self._cur_set = False
+                self._cur_txn = None
                 if code == 421 and self.state != _C_CLOSED:
                     self._abort(code, reply[1], reply[2])
         except BaseException as exc:
             if isinstance(exc, _c_Remote):
-                cur = self._current
-                if cur is not None and (<tuple>cur)[1] is not None:
-                    if self._head > 0:
-                        self._head -= 1
-                        self._pending[self._head] = cur
-                    else:
-                        self._pending.insert(0, cur)
-                    self._current = None
+                if self._cur_set and self._cur_txn is not None:
+                    self._unpop(self._cur_kind, self._cur_txn, self._cur_i)
+                self._cur_set = False
+                self._cur_txn = None
                 self.state = _C_CLOSED
             raise
         ev = self._events
@@ -847,22 +942,24 @@ cdef class ClientCore:
 
     cdef int _reply(self, tuple reply) except -1:
         cdef int kind, code
+        cdef Py_ssize_t i
         if self.state == _C_CLOSED:
             raise _c_Remote(f"reply after the session ended: {reply[0]}")
-        if self._head >= len(self._pending):
+        if not self._pn:
             if reply[0] == 421:
                 self._events.append(_c_CommandDone("unsolicited", *reply))
                 self._abort(reply[0], reply[1], reply[2])
                 return 0
             raise _c_Remote(f"unsolicited reply {reply[0]} {reply[2][:80]!r}")
-        cdef tuple entry = self._pop()
-        self._current = entry
-        kind = entry[0]
+        t = self._pop(&kind, &i)
+        self._cur_kind, self._cur_txn, self._cur_i = kind, t, i
+        self._cur_set = True
         if kind == _K_CMD:
             self._command_reply(self._cmd_names.popleft(), reply)
-        elif entry[1] is not None:
-            self._handle(kind, <_CoreTxn>entry[1], entry[2], reply)
-        self._current = None
+        elif t is not None:
+            self._handle(kind, <_CoreTxn>t, i, reply)
+        self._cur_set = False
+        self._cur_txn = None
         code = reply[0]
         if code == 421 and self.state != _C_CLOSED:
             self._abort(code, reply[1], reply[2])
@@ -1007,7 +1104,7 @@ cdef class ClientCore:
 
     # --------------------------------------------------------------- teardown
     def connection_lost(self, text="connection lost"):
-        if self.state != _C_CLOSED or self._head < len(self._pending) or self._queue:
+        if self.state != _C_CLOSED or self._pn or self._queue:
             self._abort(0, "", text)
         ev = self._events
         self._events = []
@@ -1017,18 +1114,21 @@ cdef class ClientCore:
         cdef Py_ssize_t j
         cdef dict stage_of = {}
         cdef list seen = []
-        cdef tuple entry
         cdef _CoreTxn txn
+        cdef _CPend* e
+        cdef Py_ssize_t k
         self.state = _C_CLOSED
         self._out = []
         text = text.replace("\n", " ")
-        for entry in self._pending[self._head:]:
-            t = entry[1]
-            if t is not None and t not in stage_of:
-                stage_of[t] = _C_STAGE[<int>entry[0]]
+        for k in range(self._pn):
+            e = &self._pq[(self._ph + k) & (self._pcap - 1)]
+            if e.txn == NULL:
+                continue
+            t = <object>e.txn
+            if t not in stage_of:
+                stage_of[t] = _C_STAGE[e.kind]
                 seen.append(t)
-        self._pending = []
-        self._head = 0
+        self._pclear()
         self._cmd_names.clear()
         seen.extend(self._queue)
         self._queue.clear()
@@ -1064,7 +1164,8 @@ cdef str _C_UNSOLICITED = "unsolicited"
 cdef class Link:
     """Compiled twin of fastsend.smtp.transport.Link (an asyncio protocol)."""
 
-    cdef public object client, loop, timeouts, transport
+    cdef public object client, loop, timeouts
+    cdef object _transport, _write  # the transport and its bound write
     cdef public list results
     cdef public Py_ssize_t want
     cdef public object batch_waiter, cmd_waiter, early, timer
@@ -1080,7 +1181,7 @@ cdef class Link:
         self.loop = loop
         self._time = loop.time
         self.timeouts = t
-        self.transport = None
+        self._transport = self._write = None
         self.results = []
         self.want = 0
         self.batch_waiter = None
@@ -1090,6 +1191,16 @@ cdef class Link:
         self.timer = None
         self.tick = min(t.mail, t.rcpt, t.data, t.data_end)
         self.lost_reason = ""
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @transport.setter
+    def transport(self, transport):
+        # (STARTTLS sets the new one: its write is looked up once, here)
+        self._transport = transport
+        self._write = None if transport is None else transport.write
 
     # asyncio callbacks --------------------------------------------------------
     def connection_made(self, transport):
@@ -1111,7 +1222,7 @@ cdef class Link:
             return
         out = core._take_out() if core is not None else self.client.data_to_send()
         if PyBytes_GET_SIZE(out):
-            self.transport.write(out)
+            self._write(out)
         self.last = self._time()
         if events:
             self._dispatch(events)
@@ -1172,8 +1283,8 @@ cdef class Link:
         if not self.lost_reason:
             self.lost_reason = reason
         self.finish(self.client.connection_lost(self.lost_reason))
-        if self.transport is not None:
-            self.transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
 
     def write(self, wire):
         """Write commands; starts the reply clock when we were idle."""
@@ -1187,7 +1298,7 @@ cdef class Link:
                 self.timer.cancel()
             self.arm(min(deadline - now, self.tick))
         if wire:
-            self.transport.write(wire)
+            self._write(wire)
 
     def arm(self, delay):
         self.timer = self.loop.call_later(delay, self.check_timeout)

@@ -210,6 +210,15 @@ class ClientCore:
         """True while transactions are queued or in flight."""
         return self._active > 0 or bool(self._queue)
 
+    def _push_cmd(self, name: str) -> None:
+        """A session command (``name``, e.g. "ehlo") now waits for its reply."""
+        self._pending.append((_CMD, None, 0))
+        self._cmd_names.append(name)
+
+    def _pending_kinds(self) -> list[int]:
+        """The kinds of the commands waiting for a reply, oldest first (tests)."""
+        return [kind for kind, _txn, _i in self._pending]
+
     # ------------------------------------------------------------------ output
     def data_to_send(self) -> bytes:
         """Bytes produced in reaction to replies; write them, in order."""
@@ -711,8 +720,7 @@ class _Commands(_CoreAttrs):
     def _command(self, name: str, line: bytes, allowed: tuple[str, ...]) -> bytes:
         if self.state not in allowed:
             raise LocalProtocolError(f"cannot send {name.upper()} in state {self.state!r}")
-        self._pending.append((_CMD, None, 0))
-        self._cmd_names.append(name)
+        self._push_cmd(name)
         return line
 
     def send_ehlo(self) -> bytes:
@@ -798,8 +806,7 @@ class _Commands(_CoreAttrs):
                 self.state = READY
             elif code in (500, 501, 502, 504, 550):
                 # No ESMTP: try HELO (RFC 5321 section 3.2); no event until it answers.
-                self._pending.append((_CMD, None, 0))
-                self._cmd_names.append("helo")
+                self._push_cmd("helo")
                 self._out.append(b"HELO %s\r\n" % self.helo_name.encode())
                 return
             else:
@@ -823,8 +830,7 @@ class _Commands(_CoreAttrs):
                     challenge = base64.b64decode(reply[2].strip(), validate=True)
                 except ValueError:
                     challenge = None
-                self._pending.append((_CMD, None, 0))
-                self._cmd_names.append("auth")
+                self._push_cmd("auth")
                 if challenge is None:
                     self._out.append(b"*\r\n")  # not base64: cancel (RFC 4954)
                 else:
@@ -832,13 +838,11 @@ class _Commands(_CoreAttrs):
                     self._out.append(base64.b64encode(user + b" " + digest) + b"\r\n")
                 return
             if code == 334 and self._auth:
-                self._pending.append((_CMD, None, 0))
-                self._cmd_names.append("auth")
+                self._push_cmd("auth")
                 self._out.append(self._auth.pop(0))
                 return
             if code == 334:  # a challenge we have no answer for: cancel (RFC 4954)
-                self._pending.append((_CMD, None, 0))
-                self._cmd_names.append("auth")
+                self._push_cmd("auth")
                 self._out.append(b"*\r\n")
                 return
             self._auth = []
