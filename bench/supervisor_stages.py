@@ -9,7 +9,9 @@ back short (the supervisor's feeder is paced by dispatch; on SQLite the rows
 read go straight to the windows' room, parked in flight). A real
 ``Supervisor`` (not started: no fork, no event loop) dispatches onto real
 inbox rings, a stand-in worker answers --per-round of the messages it holds
-per tick with Results records of "250 delivered" outcomes on the outbox ring
+per tick with Results records of "250 delivered" outcomes on the outbox ring,
+encoded as the tree's worker encodes them (its collect_delivered; 16 per
+connection, 64 per record; --unique-text: each reply its own queue id)
 (untimed: that is the worker's cost; its window stays nearly full, as a
 running worker's does), and the supervisor drains the rings, applies the
 outcomes and flushes them (spool, event log, listeners), round after round
@@ -115,16 +117,31 @@ class TimedDecoder:
         self.decode = clock.wrap("results decode", dec.decode)
 
 
-def delivered(mid: int, ip: str) -> Any:
-    from fastsend import wire
-
-    text = "2.0.0 Ok: queued as 4XyZ1b2c3d"
-    return wire.Res(
-        mid, wire.K_DELIVERED, 250, "2.0.0", text, "127.0.0.1", ip, queue_id="4XyZ1b2c3d"
-    )
+TEXT = "2.0.0 Ok: queued as 4XyZ1b2c3d"
+CONN = 16  # messages answered together on one connection (one Worker.add_results call)
 
 
-def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
+def answers(ids: list[int], ips: list[str], unique: bool) -> list[Any]:
+    """A Results record's items for ``ids``, all delivered, as the tree's worker
+    makes them (its collect_delivered, untimed): ``CONN`` messages per
+    connection, the connections' source IPs in turn; ``unique``: each reply
+    names its own queue id (a real MTA's), else every reply is the same."""
+    from fastsend.delivery.worker import collect_delivered
+    from fastsend.outcome import DELIVERED, Outcome, TxnResult
+
+    out: list[Any] = []
+    for k in range(0, len(ids), CONN):
+        ip = ips[(k // CONN) % len(ips)]
+        txns = []
+        for mid in ids[k : k + CONN]:
+            qid = f"4XyZ{mid:07d}" if unique else "4XyZ1b2c3d"
+            text = f"2.0.0 Ok: queued as {qid}" if unique else TEXT
+            txns.append(TxnResult(mid, [Outcome(DELIVERED, 250, "2.0.0", text)], qid))
+        collect_delivered(txns, 0, out, ip, "127.0.0.1")
+    return out
+
+
+def one_run(n: int, tmp: str, tag: str, per_round: int, unique: bool) -> dict[str, float]:
     from fastsend import wire
     from fastsend.accept import Acceptor
     from fastsend.analytics.attach import attach
@@ -224,7 +241,7 @@ def one_run(n: int, tmp: str, tag: str, per_round: int) -> dict[str, float]:
                 done, waiting[slot.index] = queue[:per_round], queue[per_round:]
                 ips = slot.ips or [""]
                 for k in range(0, len(done), 64):
-                    res = [delivered(it.id, ips[it.id % len(ips)]) for it in done[k : k + 64]]
+                    res = answers([it.id for it in done[k : k + 64]], ips, unique)
                     slot.outbox.put(enc(wire.Results(res)))
                 moved += len(done)
             for slot in sup.slots:
@@ -262,16 +279,22 @@ def main() -> int:
         default=250,
         help="outcomes each stand-in worker reports per supervisor tick (its window stays full)",
     )
+    ap.add_argument(
+        "--unique-text",
+        action="store_true",
+        help="each reply names its own queue id (a real MTA's); default: all the same (smtp-sink's)",
+    )
     args = ap.parse_args()
     n = 20_000 if args.quick else args.messages
     runs = []
     with tempfile.TemporaryDirectory(prefix="fastsend-stages-") as tmp:
         for rep in range(args.repeat):
-            runs.append(one_run(n, tmp, f"r{rep}", args.per_round))
+            runs.append(one_run(n, tmp, f"r{rep}", args.per_round, args.unique_text))
     print(f"machine: {machine()} (shared: CPU time per message is what counts)")
     print(
         f"settings: {n} personalised recipients over 100 domains, 2 rings (workers stood in),"
-        f" every answer 250, {args.per_round} answers per worker per tick; {args.repeat} runs, medians (min-max), CPU us per message"
+        f" every answer 250 ({'a queue id each' if args.unique_text else 'all the same'}),"
+        f" {CONN} per connection, 64 per record, {args.per_round} answers per worker per tick; {args.repeat} runs, medians (min-max), CPU us per message"
     )
     total = [sum(r.values()) for r in runs]
     for k in STAGES:

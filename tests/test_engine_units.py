@@ -427,7 +427,7 @@ def test_compiled_apply_delivered_is_its_reference_twin() -> None:
         i = 0
         while True:
             i, c = fn(items, i, inflight.pop, [hook], failed.append, (Result, DELIVERED,
-                      wire.K_DELIVERED), results, claims, answers, delivered, counts)  # fmt: skip
+                      wire.K_DELIVERED, wire.Sent, wire.Res), results, claims, answers, delivered, counts)  # fmt: skip
             if c is None:
                 break
             stops.append((i, c.id))

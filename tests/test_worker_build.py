@@ -44,7 +44,7 @@ def _results(outbox: Ring) -> list[wire.Res]:
     while (rec := outbox.get()) is not None:
         msg = wire.from_worker_decoder.decode(rec)
         if isinstance(msg, wire.Results):
-            out += msg.items
+            out += wire.expand(msg.items)
     return out
 
 
@@ -494,13 +494,13 @@ def test_collect_delivered_twins_agree(mx: str) -> None:
     twin = _accel.compiled("collect_delivered")
     rs = _txn_results()
     for i in range(len(rs) + 1):
-        a: list[wire.Res] = []
-        b: list[wire.Res] = []
+        a: list[wire.Res | wire.Sent] = []
+        b: list[wire.Res | wire.Sent] = []
         assert twin(rs, i, a, "127.0.0.2", mx) == py_collect_delivered(rs, i, b, "127.0.0.2", mx)
         assert a == b
     a = []
     assert twin(rs, 0, a, "127.0.0.2", mx) == 3
-    assert [(r.id, r.text, r.mx) for r in a] == [
+    assert [(r.id, r.text, r.mx) for r in wire.expand(a)] == [
         (1, "Ok: queued as Q1", mx or "mx1[10.0.0.1]:25"),
         (2, "Q2", mx),
         (3, "", mx),
@@ -511,8 +511,9 @@ def test_collect_delivered_twins_agree(mx: str) -> None:
 def test_add_results_records_every_outcome_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
 ) -> None:
-    """Worker.add_results: one wire.Res per recipient, in the order of the
-    results, with either twin of collect_delivered."""
+    """Worker.add_results: one wire.Res per recipient (the deliveries in
+    wire.Sent groups, expanded), in the order of the results, with either
+    twin of collect_delivered."""
     from fastsend import _accel
     from fastsend.delivery import worker as worker_mod
 
@@ -524,7 +525,7 @@ def test_add_results_records_every_outcome_in_order(
         w.add_results(_txn_results(), "127.0.0.2", "")
         if w.flush_handle is not None:
             w.flush_handle.cancel()
-        return w.out
+        return wire.expand(w.out)
 
     out = asyncio.run(collect())
     assert [r.id for r in out] == [1, 2, 3, 4, 5, 6, 7, 8, "nine", 10, 11, 12]

@@ -18,10 +18,13 @@ def apply_delivered(list items, Py_ssize_t i, pop, list hooks, failed, tuple mak
     cdef object result = make[0]
     cdef object state = make[1]
     cdef object k_delivered = make[2]
+    cdef object sent = make[3]
     cdef bint events = claims is not None
     cdef _Fields fr = None, fc = None
     while i < end:
         r = items[i]
+        if type(r) is sent:
+            return i, None
         fr = _fields_for(r, fr, _RES_APPLY)
         c = pop(_get(r, fr, 0), None)
         if c is None:
@@ -47,6 +50,61 @@ def apply_delivered(list items, Py_ssize_t i, pop, list hooks, failed, tuple mak
             answers.append(r)
         i += 1
     return i, None
+
+
+cdef tuple _SENT_APPLY = ("ids", "code", "enhanced", "mx", "source_ip", "text", "queue_id",
+                         "texts", "queue_ids")
+
+
+def apply_sent(g, pop, list hooks, failed, tuple make, list results, claims, list answers,
+               dict delivered, list counts):
+    """Twin of fastsend.queue.outcomes.apply_sent: a wire.Sent group's
+    deliveries, each as apply_delivered applies a delivered wire.Res."""
+    cdef object result = make[0]
+    cdef object state = make[1]
+    cdef object k_delivered = make[2]
+    cdef object res = make[4]
+    cdef bint events = claims is not None
+    cdef _Fields fg = _fields_of(type(g), _SENT_APPLY)
+    cdef _Fields fc = None
+    cdef list ids = _get(g, fg, 0)
+    cdef object code = _get(g, fg, 1), enhanced = _get(g, fg, 2)
+    cdef object mx = _get(g, fg, 3), ip = _get(g, fg, 4)
+    cdef object text = _get(g, fg, 5), qid = _get(g, fg, 6)
+    cdef object texts = _get(g, fg, 7), qids = _get(g, fg, 8)
+    cdef bint per_message = bool(texts)
+    cdef bint any_hook = bool(hooks)
+    cdef object r = g, h, c, mid, cid, have, hook
+    cdef Py_ssize_t k, n = len(ids), applied = 0
+    for k in range(n):
+        mid = ids[k]
+        c = pop(mid, None)
+        if c is None:
+            continue
+        applied += 1
+        if per_message:
+            text = texts[k]
+            qid = qids[k]
+            r = res(mid, k_delivered, code, enhanced, text, mx, ip, "", "", False, qid)
+        fc = _fields_for(c, fc, _CLAIM_APPLY)
+        results.append(result(_get(c, fc, 0), state, _get(c, fc, 1) + 1, 0.0, code, enhanced, text))
+        cid = _get(c, fc, 2)
+        have = delivered.get(cid)
+        delivered[cid] = 1 if have is None else have + 1
+        if any_hook:
+            h = r if per_message else res(mid, k_delivered, code, enhanced, text, mx, ip, "", "",
+                                          False, qid)
+            for hook in hooks:
+                try:
+                    hook(c, h, state)
+                except Exception:
+                    failed(hook)
+        if events:
+            claims.append(c)
+            answers.append(r)
+    if applied:
+        counts[0] = counts[0] + applied
+        counts[1] = counts[1] + applied
 
 
 # Compiled twin of fastsend.spool.sqlite.delivered_runs (the pure version there

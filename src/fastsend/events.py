@@ -85,7 +85,8 @@ class AcceptedRows(Rows):
 class DeliveredRows(Rows):
     """The ``delivered`` events of one flush of outcomes at ``time``: message
     ``claims[i]`` (id, campaign, rcpt, attempts before this one) answered
-    ``results[i]`` (code, enhanced, text, mx, source_ip, queue_id)."""
+    ``results[i]`` (code, enhanced, text, mx, source_ip, queue_id: a
+    ``wire.Res``, or the ``wire.Sent`` group of messages sharing one text)."""
 
     __slots__ = ("claims", "results", "time")
 

@@ -6,7 +6,7 @@ destination domain, with the bodies its rows share: :func:`blob_ref`),
 :class:`Drain` (finish what you have, then exit).
 
 Worker -> supervisor: :class:`Results` (a flush of outcomes, several batches'
-worth at once), :class:`Hello` (the worker is up), :class:`Handback` (mail
+worth at once; deliveries in :class:`Sent` groups), :class:`Hello` (the worker is up), :class:`Handback` (mail
 the worker gives back unattempted, so one slow site cannot hold its window).
 
 Shaping (fastsend.shaping): :class:`CampaignShaping` (the campaign's IP pool),
@@ -76,10 +76,11 @@ class Drain(msgspec.Struct, array_like=True, tag=3):
 K_DELIVERED, K_DEFERRED, K_FAILED = 0, 1, 2
 
 
-class Res(msgspec.Struct, array_like=True):
+class Res(msgspec.Struct, array_like=True, tag=15):
     """One message's outcome. For a failure, ``stage`` is where it happened
     (rcpt, data, connect, ...) and ``reason``/``hard`` are the bounce
-    classifier's verdict (fastsend.bounce.classify_reply, the rules DSNs get)."""
+    classifier's verdict (fastsend.bounce.classify_reply, the rules DSNs get).
+    (Tagged: a :class:`Results` record holds these and :class:`Sent` groups.)"""
 
     id: int
     kind: int
@@ -94,8 +95,48 @@ class Res(msgspec.Struct, array_like=True):
     queue_id: str = ""  # the receiving server's or provider's id for the message
 
 
+class Sent(msgspec.Struct, array_like=True, tag=16):
+    """Messages ``ids`` delivered, each to its one recipient, from
+    ``source_ip`` to ``mx`` with the same ``code`` and ``enhanced``: nearly
+    every outcome, in columns (the fields every message shares once, no struct
+    and five strings per message). The reply text and the remote queue id are
+    ``text`` and ``queue_id`` when every message's are the same (``texts`` is
+    empty), else ``texts[k]`` and ``queue_ids[k]`` are message ``ids[k]``'s
+    (``text`` and ``queue_id`` then empty). Message ``ids[k]``'s outcome is
+    the :class:`Res` :func:`expand` makes of it. The attribute names are
+    Res's, so a group whose messages share their text stands for each
+    message's answer where one is read by name (events, rollups)."""
+
+    ids: list[int]
+    code: int
+    enhanced: str
+    mx: str
+    source_ip: str
+    text: str = ""
+    queue_id: str = ""
+    texts: list[str] = []
+    queue_ids: list[str] = []
+
+
 class Results(msgspec.Struct, array_like=True, tag=4):
-    items: list[Res]
+    """A flush of outcomes, in the order they came: a :class:`Res` per message,
+    or a :class:`Sent` group of deliveries."""
+
+    items: list[Res | Sent]
+
+
+def expand(items: list[Res | Sent]) -> list[Res]:
+    """A :class:`Results` record's items as one :class:`Res` per message, in order."""
+    out: list[Res] = []
+    for it in items:
+        if isinstance(it, Res):
+            out.append(it)
+            continue
+        for k, mid in enumerate(it.ids):
+            text, qid = (it.texts[k], it.queue_ids[k]) if it.texts else (it.text, it.queue_id)
+            out.append(Res(mid, K_DELIVERED, it.code, it.enhanced, text, it.mx, it.source_ip,
+                           "", "", False, qid))  # fmt: skip
+    return out
 
 
 class Hello(msgspec.Struct, array_like=True, tag=5):

@@ -72,7 +72,8 @@ class Worker:
         self.shaper = Shaper(config, ips)
         self.campaign_pools: dict[int, str] = {}
         self.warm_sent: dict[str, int] = {}
-        self.out: list[wire.Res] = []
+        self.out: list[wire.Res | wire.Sent] = []
+        self.out_n = 0  # messages in out (a wire.Sent holds several)
         self.flush_handle: asyncio.TimerHandle | None = None
         self.pending_out: list[bytes] = []
         self.draining = False
@@ -507,6 +508,7 @@ class Worker:
         if self.out:  # keep the outbox in the order things happened
             self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
             self.out = []
+            self.out_n = 0
         rec = wire.Handback(ids, time.time() + delay, step, why[:400])
         self.pending_out.append(wire.encoder.encode(rec))
         self.flush()
@@ -517,15 +519,17 @@ class Worker:
         Res = wire.Res
         kinds = _KIND
         classify = self.classify
-        n = len(results)
+        n = added = len(results)
         # One message delivered to its one recipient, the usual case: in one
-        # compiled loop (collect_delivered), up to the first result that is not.
+        # compiled loop (collect_delivered, into wire.Sent groups), up to the
+        # first result that is not.
         i = collect_delivered(results, 0, out, source_ip, mx)
         while i < n:
             tr = results[i]
             tag = tr.tag
             outcomes = tr.outcomes
             tags = tag if isinstance(tag, list) else [tag]
+            added += len(tags) - 1
             for k, mid in enumerate(tags):
                 o = outcomes[k] if k < len(outcomes) else outcomes[-1]
                 text = o.text
@@ -552,7 +556,8 @@ class Worker:
                     )
                 )
             i = collect_delivered(results, i + 1, out, source_ip, mx)
-        if len(out) >= FLUSH_AT:
+        self.out_n += added
+        if self.out_n >= FLUSH_AT:
             self.flush()
         elif self.flush_handle is None:
             self.flush_handle = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
@@ -582,6 +587,7 @@ class Worker:
         if self.out:
             self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
             self.out = []
+            self.out_n = 0
         if self.shaper.events:
             self.pending_out.append(
                 wire.encoder.encode(wire.ShapingEvents(self.shaper.take_events()))
@@ -662,17 +668,19 @@ class Worker:
 
 
 def collect_delivered(
-    results: list[TxnResult], i: int, out: list[wire.Res], source_ip: str, mx: str
+    results: list[TxnResult], i: int, out: list[wire.Res | wire.Sent], source_ip: str, mx: str
 ) -> int:
-    """From ``results[i]`` on, append to ``out`` the wire.Res of each result
-    that is one message delivered to its one recipient (an int tag, a
-    delivered first outcome: nearly every result), up to the first that is
-    not; return that one's index (``len(results)``: none). The rest of
-    :meth:`Worker.add_results` answers that one. Compiled twin in
-    ``_worker.pxi``."""
-    Res = wire.Res
-    k_delivered = wire.K_DELIVERED
+    """From ``results[i]`` on, add to ``out`` each result that is one message
+    delivered to its one recipient (an int tag, a delivered first outcome:
+    nearly every result), up to the first that is not; return that one's index
+    (``len(results)``: none). The deliveries go into ``wire.Sent`` groups by
+    (code, enhanced, MX, source IP): the group of theirs among the Sent at
+    the end of ``out`` (after its last Res), else a new one appended
+    (:func:`_sent_group`); ``out`` expanded (``wire.expand``) holds the
+    ``wire.Res`` each would have had. The rest of :meth:`Worker.add_results`
+    answers the result this stops at. Compiled twin in ``_worker.pxi``."""
     n = len(results)
+    g: wire.Sent | None = None
     while i < n:
         tr = results[i]
         tag = tr.tag
@@ -680,10 +688,49 @@ def collect_delivered(
         if type(tag) is not int or not outcomes or outcomes[0].kind != DELIVERED:
             return i
         o = outcomes[0]
-        out.append(Res(tag, k_delivered, o.code, o.enhanced, o.text or tr.queue_id,
-                       mx or o.mx, source_ip, "", "", False, tr.queue_id))  # fmt: skip
+        qid = tr.queue_id
+        text = o.text or qid
+        m = mx or o.mx
+        if g is None or g.code != o.code or g.enhanced != o.enhanced or g.mx != m:
+            g = _sent_group(out, o.code, o.enhanced, m, source_ip)
+        ids = g.ids
+        if not ids:
+            g.text, g.queue_id = text, qid
+        elif g.texts:
+            g.texts.append(text)
+            g.queue_ids.append(qid)
+        elif text != g.text or qid != g.queue_id:  # from here on, one text per message
+            g.texts = [g.text] * len(ids) + [text]
+            g.queue_ids = [g.queue_id] * len(ids) + [qid]
+            g.text = g.queue_id = ""
+        ids.append(tag)
         i += 1
     return n
+
+
+SENT_LOOKBACK = 8
+"""How many Sent groups at the end of a worker's outbox list a delivery may join."""
+
+
+def _sent_group(
+    out: list[wire.Res | wire.Sent], code: int, enhanced: str, mx: str, source_ip: str
+) -> wire.Sent:
+    """The ``wire.Sent`` group of (code, enhanced, mx, source_ip) among the last
+    SENT_LOOKBACK items of ``out`` that are Sent groups (none past a Res), else
+    a new one appended."""
+    Sent = wire.Sent
+    k = len(out)
+    stop = max(0, k - SENT_LOOKBACK)
+    while k > stop:
+        k -= 1
+        g = out[k]
+        if type(g) is not Sent:
+            break
+        if g.code == code and g.source_ip == source_ip and g.mx == mx and g.enhanced == enhanced:
+            return g
+    g = Sent([], code, enhanced, mx, source_ip)
+    out.append(g)
+    return g
 
 
 py_collect_delivered = collect_delivered  # the reference (tests compare the twin with it)

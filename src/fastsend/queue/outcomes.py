@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from itertools import repeat
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -73,14 +73,14 @@ class Outcomes(SupervisorState):
         if got:
             self.wake.set()
 
-    def apply(self, slot: WorkerSlot, items: list[wire.Res]) -> None:
+    def apply(self, slot: WorkerSlot, items: list[wire.Res | wire.Sent]) -> None:
         """Decide each outcome's next state: a Result for the spool, an event, the
-        result hooks. Deliveries (nearly every outcome) take a short path: their
-        events are kept as columns (``DeliveredRows``: the claim and the answer,
-        no dict), in order with the other events; the guardrails count them per
-        campaign once per record, before any other outcome of the record reaches
-        them, so each check sees the same counts as when they were counted one
-        by one."""
+        result hooks. Deliveries (nearly every outcome, most in ``wire.Sent``
+        groups) take a short path: their events are kept as columns
+        (``DeliveredRows``: the claim and the answer, no dict), in order with
+        the other events; the guardrails count them per campaign once per
+        record, before any other outcome of the record reaches them, so each
+        check sees the same counts as when they were counted one by one."""
         now = time.time()
         policy = self.config.retry
         stats = self.stats
@@ -90,7 +90,8 @@ class Outcomes(SupervisorState):
         rows = DeliveredRows(now)
         delivered: dict[int, int] = {}  # campaign -> deliveries not yet counted
         counts = [0, 0]  # outcomes applied, of which delivered
-        make = (Result, DELIVERED, wire.K_DELIVERED)
+        make = (Result, DELIVERED, wire.K_DELIVERED, wire.Sent, wire.Res)
+        end = len(items)
         i = 0
         try:
             while True:
@@ -99,7 +100,14 @@ class Outcomes(SupervisorState):
                     rows.claims if log_events else None, rows.results, delivered, counts,
                 )  # fmt: skip
                 if c is None:
-                    break
+                    if i >= end:
+                        break
+                    apply_sent(
+                        cast(wire.Sent, items[i]), pop, hooks, self.hook_failed, make, self.results,
+                        rows.claims if log_events else None, rows.results, delivered, counts,
+                    )  # fmt: skip
+                    i += 1
+                    continue
                 r = items[i]  # another outcome: the deliveries before it counted, then it
                 i += 1
                 if delivered:
@@ -108,6 +116,7 @@ class Outcomes(SupervisorState):
                 if rows.claims:  # the deliveries before it, then its event
                     self.event_buf.append(rows)
                     rows = DeliveredRows(now)
+                assert type(r) is wire.Res
                 self._apply_other(c, r, c.attempts + 1, now, policy, log_events)
         finally:
             if rows.claims:
@@ -264,31 +273,35 @@ class Outcomes(SupervisorState):
 
 
 def apply_delivered(
-    items: list[wire.Res],
+    items: list[wire.Res | wire.Sent],
     i: int,
     pop: Callable[[int, None], Claimed | None],
     hooks: list[Callable[[Claimed, wire.Res, int], None]],
     failed: Callable[[Any], None],
-    make: tuple[type[Result], int, int],
+    make: tuple[type[Result], int, int, type[wire.Sent], type[wire.Res]],
     results: list[Result],
     claims: list[Claimed] | None,
-    answers: list[wire.Res],
+    answers: list[Any],
     delivered: dict[int, int],
     counts: list[int],
 ) -> tuple[int, Claimed | None]:
-    """The deliveries of ``items`` from index ``i`` (``Outcomes.apply``'s short
-    path; compiled twin in ``_outcomes.pxi``): each claim taken out of its
-    window (``pop``; one already gone is skipped), its Result (``make``: the
-    Result type, the delivered state, the delivered kind) appended, its
-    campaign counted in ``delivered``, the hooks called (``failed`` told of one
-    that raises), the claim and its answer appended to ``claims``/``answers``
-    (its event; None: no events), ``counts`` (applied, delivered) bumped.
-    Stops at the first outcome that is not a delivery: (its index, its claim,
-    taken out and counted as applied); at the end: (len(items), None)."""
-    result, state, k_delivered = make
+    """The deliveries of ``items`` (each a ``wire.Res``) from index ``i``
+    (``Outcomes.apply``'s short path; compiled twin in ``_outcomes.pxi``):
+    each claim taken out of its window (``pop``; one already gone is skipped),
+    its Result (``make``: the Result type, the delivered state, the delivered
+    kind, then the Sent and Res types) appended, its campaign counted in
+    ``delivered``, the hooks called (``failed`` told of one that raises), the
+    claim and its answer appended to ``claims``/``answers`` (its event; None:
+    no events), ``counts`` (applied, delivered) bumped. Stops at the first
+    outcome that is not a delivery: (its index, its claim, taken out and
+    counted as applied); at a ``wire.Sent`` group: (its index, None) (see
+    :func:`apply_sent`); at the end: (len(items), None)."""
+    result, state, k_delivered = make[:3]
     end = len(items)
     while i < end:
         r = items[i]
+        if not isinstance(r, wire.Res):  # a wire.Sent group (make[3])
+            return i, None
         c = pop(r.id, None)
         if c is None:  # already released (duplicate answer after a restart)
             i += 1
@@ -312,8 +325,60 @@ def apply_delivered(
     return i, None
 
 
-py_apply_delivered = apply_delivered  # the reference (tests compare the twin with it)
+def apply_sent(
+    g: wire.Sent,
+    pop: Callable[[int, None], Claimed | None],
+    hooks: list[Callable[[Claimed, wire.Res, int], None]],
+    failed: Callable[[Any], None],
+    make: tuple[type[Result], int, int, type[wire.Sent], type[wire.Res]],
+    results: list[Result],
+    claims: list[Claimed] | None,
+    answers: list[Any],
+    delivered: dict[int, int],
+    counts: list[int],
+) -> None:
+    """A ``wire.Sent`` group's deliveries, as :func:`apply_delivered` applies
+    each delivered ``wire.Res`` (compiled twin in ``_outcomes.pxi``). Each
+    message's answer (its event's; ``answers``) is the group itself when its
+    messages share their text, else the Res ``wire.expand`` makes of it; the
+    hooks get that Res."""
+    result, state, k_delivered, _sent, res = make
+    code, enhanced, mx, ip = g.code, g.enhanced, g.mx, g.source_ip
+    texts, qids = g.texts, g.queue_ids
+    text, qid = g.text, g.queue_id
+    r: Any = g
+    for k, mid in enumerate(g.ids):
+        c = pop(mid, None)
+        if c is None:  # already released (duplicate answer after a restart)
+            continue
+        counts[0] += 1
+        counts[1] += 1
+        if texts:
+            text, qid = texts[k], qids[k]
+            r = res(mid, k_delivered, code, enhanced, text, mx, ip, "", "", False, qid)
+        results.append(result(c.id, state, c.attempts + 1, 0.0, code, enhanced, text))
+        cid = c.campaign
+        delivered[cid] = delivered.get(cid, 0) + 1
+        if hooks:
+            h = (
+                r
+                if texts
+                else res(mid, k_delivered, code, enhanced, text, mx, ip, "", "", False, qid)
+            )
+            for hook in hooks:
+                try:
+                    hook(c, h, state)
+                except Exception:  # a hook's bug must not strand the rest
+                    failed(hook)
+        if claims is not None:
+            claims.append(c)
+            answers.append(r)
+
+
+py_apply_delivered = apply_delivered  # the references (tests compare the twins with them)
+py_apply_sent = apply_sent
 apply_delivered = pick(apply_delivered)
+apply_sent = pick(apply_sent)
 
 
 def _dicts(buf: list[Any]) -> Iterator[dict[str, Any]]:
