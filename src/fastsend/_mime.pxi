@@ -6,7 +6,7 @@
 cimport cython
 
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_Check
 from cpython.dict cimport PyDict_Copy
@@ -22,6 +22,9 @@ cdef extern from "Python.h":
     void Py_XDECREF(PyObject* o)
     bint PyUnicode_IS_ASCII(object o)
     void Py_SET_SIZE(object o, Py_ssize_t size)
+    PyObject* PyDict_GetItemWithError(object d, object key)
+    PyObject* PyErr_Occurred()
+    void PyErr_Clear()
 
 
 cdef char* _QP_HEX = b"0123456789ABCDEF"
@@ -291,6 +294,21 @@ cdef bytes _cut(PyObject* raw, Py_ssize_t n):
     return res
 
 
+cdef bytes _finish(PyObject* raw, Py_ssize_t o, Py_ssize_t extra, Py_ssize_t* spare):
+    """``raw`` (see _cut), the message's ``o`` octets written, cut to them; with
+    ``extra``, its allocation keeps ``extra`` octets past them and ``spare[0]``
+    says so (Assembly._whole)."""
+    cdef bytes msg = _cut(raw, o + extra)
+    if extra:
+        # The allocation keeps the extra octets; the object's size is the
+        # message's (with its NUL after it, as every bytes object has).
+        Py_SET_SIZE(msg, o)
+        (<char*> PyBytes_AS_STRING(msg))[o] = 0
+        if spare != NULL:
+            spare[0] = extra
+    return msg
+
+
 cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
     """Quoted-printable of the spliced template; b"" when it is empty.
 
@@ -399,25 +417,26 @@ cdef int _text_kind(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     return kind
 
 
-cdef class _Folder:
-    """Writes ``Name: tok tok ...`` folded before a space at 78 columns."""
-    cdef unsigned char* out
-    cdef Py_ssize_t o, col, longest
-    cdef bint first
+cdef struct _Fold:
+    # Writes ``Name: tok tok ...`` folded before a space at 78 columns (_fold_token).
+    unsigned char* out
+    Py_ssize_t o, col, longest
+    bint first
 
-    cdef inline void token(self, const unsigned char* t, Py_ssize_t n) noexcept:
-        if not self.first and self.col + 1 + n > 78:
-            self.out[self.o] = 13
-            self.out[self.o + 1] = 10
-            self.o += 2
-            self.col = 0
-        self.first = False
-        self.out[self.o] = 32
-        memcpy(self.out + self.o + 1, t, n)
-        self.o += n + 1
-        self.col += n + 1
-        if self.col > self.longest:
-            self.longest = self.col
+
+cdef inline void _fold_token(_Fold* f, const unsigned char* t, Py_ssize_t n) noexcept nogil:
+    if not f.first and f.col + 1 + n > 78:
+        f.out[f.o] = 13
+        f.out[f.o + 1] = 10
+        f.o += 2
+        f.col = 0
+    f.first = False
+    f.out[f.o] = 32
+    memcpy(f.out + f.o + 1, t, n)
+    f.o += n + 1
+    f.col += n + 1
+    if f.col > f.longest:
+        f.longest = f.col
 
 
 def text_header(str name, str value):
@@ -436,76 +455,94 @@ cdef bytes _text_header(str name, str value):
     Twin of ``unstructured_header(name, value).encode("utf-8")``; the rare
     cases (an error to report, names that are not short ASCII) are handed to it.
     """
-    cdef Py_ssize_t nn, n, i, j, take, budget, cap, start
+    cdef Py_ssize_t nn, n, cap, o
     cdef const unsigned char* nm
     cdef const unsigned char* s
-    cdef int kind
-    cdef unsigned char word[80]
     cdef unsigned char stack[_HEADER_STACK]
-    cdef _Folder f
+    cdef unsigned char* out = stack
     try:
         nm = <const unsigned char*> PyUnicode_AsUTF8AndSize(name, &nn)
         s = <const unsigned char*> PyUnicode_AsUTF8AndSize(value, &n)
     except UnicodeEncodeError:
         return _text_header_py(name, value)
-    if n == 0 or nn > 60 or nn != len(name):
+    if nn > 60 or nn != len(name):
         return _text_header_py(name, value)
-    kind = _text_kind(s, n)
-    if kind == 2:
-        return _text_header_py(name, value)
-    cap = nn + 8 * n + 128
-    f = _Folder()
-    if cap <= _HEADER_STACK:  # a short header's room: on the stack (no malloc)
-        f.out = stack
-    else:
-        f.out = <unsigned char*> malloc(cap)
-        if f.out == NULL:
+    cap = _text_cap(nn, n)
+    if cap > _HEADER_STACK:  # a short header's room: on the stack (no malloc)
+        out = <unsigned char*> malloc(cap)
+        if out == NULL:
             raise MemoryError()
     try:
-        memcpy(f.out, nm, nn)
-        f.out[nn] = 58
-        f.o = f.col = f.longest = nn + 1
-        f.first = True
-        if kind == 0:
-            start = 0
-            for i in range(n + 1):
-                if i == n or s[i] == 32:
-                    f.token(s + start, i - start)
-                    start = i + 1
-        else:
-            budget = 78 - nn - 2
-            if budget < 24:
-                budget = 24
-            i = 0
-            while i < n:
-                take = ((min(budget, 75) - 12) // 4) * 3
-                if take < 3:
-                    take = 3
-                j = min(i + take, n)
-                while j < n and j > i and (s[j] & 0xC0) == 0x80:
-                    j -= 1
-                if j == i:
-                    j = i + 1
-                    while j < n and (s[j] & 0xC0) == 0x80:
-                        j += 1
-                if j - i > 45:  # never: take <= 45 and a character is <= 4 octets
-                    return _text_header_py(name, value)
-                memcpy(word, b"=?utf-8?b?", 10)
-                take = 10 + _b64(s + i, j - i, word + 10)
-                word[take] = 63
-                word[take + 1] = 61
-                f.token(word, take + 2)
-                i = j
-                budget = 75
-        if f.longest > 998:
+        o = _text_line(nm, nn, s, n, out)
+        if o < 0:
             return _text_header_py(name, value)
-        f.out[f.o] = 13
-        f.out[f.o + 1] = 10
-        return PyBytes_FromStringAndSize(<char*> f.out, f.o + 2)
+        return PyBytes_FromStringAndSize(<char*> out, o)
     finally:
-        if f.out != stack:
-            free(f.out)
-        f.out = NULL
+        if out != stack:
+            free(out)
+
+
+cdef inline Py_ssize_t _text_cap(Py_ssize_t nn, Py_ssize_t n) noexcept nogil:
+    """Room _text_line needs at most for a name of ``nn`` and a value of ``n`` octets."""
+    return nn + 8 * n + 128
+
+
+cdef Py_ssize_t _text_line(const unsigned char* nm, Py_ssize_t nn, const unsigned char* s,
+                           Py_ssize_t n, unsigned char* out) noexcept nogil:
+    """The header line ``_text_header`` makes of the ASCII name ``nm`` (at most 60
+    octets) and the UTF-8 value ``s``, written to ``out`` (room: _text_cap);
+    its length, or -1 when the pure twin must make it (an empty value, CR, LF
+    or NUL in it: the error to report; a line past 998 octets)."""
+    cdef Py_ssize_t i, j, take, budget, start
+    cdef int kind
+    cdef unsigned char word[80]
+    cdef _Fold f
+    if n == 0:
+        return -1
+    kind = _text_kind(s, n)
+    if kind == 2:
+        return -1
+    f.out = out
+    memcpy(f.out, nm, nn)
+    f.out[nn] = 58
+    f.o = f.col = f.longest = nn + 1
+    f.first = True
+    if kind == 0:
+        start = 0
+        for i in range(n + 1):
+            if i == n or s[i] == 32:
+                _fold_token(&f, s + start, i - start)
+                start = i + 1
+    else:
+        budget = 78 - nn - 2
+        if budget < 24:
+            budget = 24
+        i = 0
+        while i < n:
+            take = ((min(budget, 75) - 12) // 4) * 3
+            if take < 3:
+                take = 3
+            j = min(i + take, n)
+            while j < n and j > i and (s[j] & 0xC0) == 0x80:
+                j -= 1
+            if j == i:
+                j = i + 1
+                while j < n and (s[j] & 0xC0) == 0x80:
+                    j += 1
+            if j - i > 45:  # never: take <= 45 and a character is <= 4 octets
+                return -1
+            memcpy(word, b"=?utf-8?b?", 10)
+            take = 10 + _b64(s + i, j - i, word + 10)
+            word[take] = 63
+            word[take + 1] = 61
+            _fold_token(&f, word, take + 2)
+            i = j
+            budget = 75
+    if f.longest > 998:
+        return -1
+    f.out[f.o] = 13
+    f.out[f.o + 1] = 10
+    return f.o + 2
 
 
 def _text_header_py(name, value):
@@ -565,7 +602,7 @@ def uri_header(str name, tuple uris, variables):
     cdef tuple literals, names, defaults
     cdef object v
     cdef str tok
-    cdef _Folder f
+    cdef _Fold f
     if not uris:
         return _uri_header_py(name, uris, variables)
     try:
@@ -601,7 +638,6 @@ def uri_header(str name, tuple uris, variables):
         total += n + 3
         toks.append(tok)
     cap = nn + total + 16
-    f = _Folder()
     f.out = <unsigned char*> malloc(cap)
     if f.out == NULL:
         raise MemoryError()
@@ -612,7 +648,7 @@ def uri_header(str name, tuple uris, variables):
         f.first = True
         for tok in toks:
             s = <const unsigned char*> PyUnicode_AsUTF8AndSize(tok, &n)
-            f.token(s, n)
+            _fold_token(&f, s, n)
         if f.longest > 998:
             return _uri_header_py(name, uris, variables)
         f.out[f.o] = 13
@@ -750,6 +786,479 @@ cdef bytes _cat5(object p0, object p1, object p2, object p3, object p4):
     return out
 
 
+# -- the made message's fast path (Assembly._fast_make) ---------------------------
+#
+# What Assembly._personal makes of a message, written with no Python object
+# but the message's bytes: the campaign's layout compiled once per Assembly
+# (_Fast: each template's literals as UTF-8, the pre-encoded quoted-printable
+# lines of its long literals, each placeholder's name as an index), and per
+# message the values found where they lie -- in the recipient's JSON as the
+# supervisor sent it (_json_flat: a flat object of strings without escapes)
+# or in a dict's strs -- the header lines written into a scratch on the stack
+# and the body encoded straight into the message's bytes. Anything it does not
+# cover (an escape in the JSON, a value that is not a string, a header that
+# must be refused or handed to the pure twin, a non-plain address, a layout
+# with callables) is declined (None): the message is then made the usual way,
+# which makes the same octets or raises what it raises.
+
+cdef enum:
+    _FAST_NAMES = 64  # distinct placeholder names a fast layout may have
+    _FAST_PH = 128  # placeholders in one template
+    _FAST_SEGS = 32  # body segments
+    _FAST_HEAD = 8192  # octets of the header lines' scratch (on the stack)
+    _FAST_VAL = 2048  # octets of a header value's scratch (on the stack)
+    _FAST_NONE = -1  # a value that is missing (absent or null)
+
+
+cdef class _FastTpl:
+    """A template ``(literals, names, defaults)`` as _Fast writes it: the UTF-8
+    of each literal and default, each placeholder's name index, and (quoted-
+    printable bodies) each literal's pre-encoded whole lines (``_QP_LINES``)."""
+    cdef tuple lits, defs, mids
+    cdef Py_ssize_t m
+    cdef int idx[_FAST_PH]
+    cdef Py_ssize_t h[_FAST_PH + 1]
+    cdef Py_ssize_t t[_FAST_PH + 1]
+
+
+cdef class _FastEntry:
+    """A header entry: ``kind`` 0 static bytes, 1 text (_text_line), 2 URIs."""
+    cdef int kind
+    cdef bytes static, name
+    cdef _FastTpl tpl
+    cdef tuple uris
+
+
+cdef class _Fast:
+    cdef list names  # name index -> str; 0: "email", 1: "message_id"
+    cdef tuple name_utf8
+    cdef const char* nptr[_FAST_NAMES]
+    cdef Py_ssize_t nlen[_FAST_NAMES]
+    cdef tuple head, tail, segs
+    cdef bytes content, mime, from_domain
+
+    cdef int index(self, str name) except -2:
+        cdef int k
+        if name in self.names:
+            return self.names.index(name)
+        if len(self.names) >= _FAST_NAMES:
+            return -1
+        self.names.append(name)
+        return len(self.names) - 1
+
+    cdef _FastTpl tpl(self, tuple literals, tuple names, tuple defaults, bint qp):
+        """None when the template cannot be written by the fast path."""
+        cdef _FastTpl t = _FastTpl.__new__(_FastTpl)
+        cdef Py_ssize_t k, m = len(names)
+        cdef object entry
+        if m > _FAST_PH or len(literals) != m + 1 or len(defaults) != m:
+            return None
+        t.m = m
+        for k in range(m):
+            if type(names[k]) is not str:
+                return None
+            t.idx[k] = self.index(names[k])
+            if t.idx[k] < 0 or not (defaults[k] is None or type(defaults[k]) is str):
+                return None
+        for k in range(m + 1):
+            if type(literals[k]) is not str:
+                return None
+        try:
+            t.lits = tuple([(<str> x).encode("utf-8") for x in literals])
+            t.defs = tuple([None if d is None else (<str> d).encode("utf-8") for d in defaults])
+        except UnicodeEncodeError:
+            return None
+        mids = [None] * (m + 1)
+        for k in range(m + 1):
+            t.h[k] = t.t[k] = 0
+            if qp and len(<bytes> t.lits[k]) >= _QP_LINES_MIN:
+                entry = _qp_lines(literals[k])
+                if entry is not None:
+                    t.h[k] = (<tuple> entry)[0]
+                    t.t[k] = (<tuple> entry)[1]
+                    mids[k] = (<tuple> entry)[2]
+        t.mids = tuple(mids)
+        return t
+
+    cdef _FastEntry entry(self, object e):
+        cdef _FastEntry f = _FastEntry.__new__(_FastEntry)
+        cdef tuple te
+        cdef list uris
+        if type(e) is bytes:
+            f.kind = 0
+            f.static = <bytes> e
+            return f
+        if type(e) is not tuple:
+            return None
+        te = <tuple> e
+        if len(te) not in (2, 4) or type(te[0]) is not str:
+            return None
+        if not (<str> te[0]).isascii() or len(<str> te[0]) > 60:
+            return None
+        f.name = (<str> te[0]).encode("ascii")
+        if len(te) == 4:
+            f.kind = 1
+            f.tpl = self.tpl(te[1], te[2], te[3], False)
+            return f if f.tpl is not None else None
+        if type(te[1]) is not tuple or not te[1]:
+            return None
+        f.kind = 2
+        uris = []
+        for u in <tuple> te[1]:
+            if type(u) is not tuple or len(<tuple> u) != 3:
+                return None
+            t = self.tpl((<tuple> u)[0], (<tuple> u)[1], (<tuple> u)[2], False)
+            if t is None:
+                return None
+            uris.append(t)
+        f.uris = tuple(uris)
+        return f
+
+
+cdef _Fast _fast_layout(Assembly a):
+    """The fast path's layout of ``a``, or None when it has a part the fast
+    path does not write (a callable entry or segment, a signer)."""
+    cdef _Fast fp = _Fast.__new__(_Fast)
+    cdef list out
+    cdef object x
+    cdef _FastEntry fe
+    cdef _FastTpl t
+    if a.signer is not None or len(a.segments) > _FAST_SEGS:
+        return None
+    fp.names = ["email", "message_id"]
+    for which in range(2):
+        out = []
+        for x in (a.head if which == 0 else a.tail):
+            fe = fp.entry(x)
+            if fe is None:
+                return None
+            out.append(fe)
+        if which == 0:
+            fp.head = tuple(out)
+        else:
+            fp.tail = tuple(out)
+    out = []
+    for x in a.segments:
+        if type(x) is bytes:
+            out.append(x)
+        elif type(x) is tuple and len(<tuple> x) == 3:
+            t = fp.tpl((<tuple> x)[0], (<tuple> x)[1], (<tuple> x)[2], True)
+            if t is None:
+                return None
+            out.append(t)
+        else:
+            return None
+    fp.segs = tuple(out)
+    for x in a.content:
+        if type(x) is not bytes:
+            return None
+    fp.content = b"".join(a.content)
+    fp.mime = b"MIME-Version: 1.0\r\n"
+    try:
+        fp.from_domain = a.from_domain.encode("utf-8")
+        fp.name_utf8 = tuple([(<str> n).encode("utf-8") for n in fp.names])
+    except UnicodeEncodeError:
+        return None
+    for k in range(len(fp.names)):
+        fp.nptr[k] = PyBytes_AS_STRING(fp.name_utf8[k])
+        fp.nlen[k] = PyBytes_GET_SIZE(fp.name_utf8[k])
+    return fp
+
+
+cdef inline Py_ssize_t _utf8_char(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The length of the valid UTF-8 character at ``s[i]`` (not ASCII), or 0
+    (what Python's strict decoder refuses: overlong forms, surrogates, past
+    U+10FFFF, cut short)."""
+    cdef unsigned char c = s[i], c1
+    if 0xC2 <= c <= 0xDF:
+        return 2 if i + 1 < n and (s[i + 1] & 0xC0) == 0x80 else 0
+    if i + 1 >= n:
+        return 0
+    c1 = s[i + 1]
+    if 0xE0 <= c <= 0xEF:
+        if i + 2 >= n or (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80:
+            return 0
+        if (c == 0xE0 and c1 < 0xA0) or (c == 0xED and c1 > 0x9F):
+            return 0
+        return 3
+    if 0xF0 <= c <= 0xF4:
+        if i + 3 >= n or (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80 or (s[i + 3] & 0xC0) != 0x80:
+            return 0
+        if (c == 0xF0 and c1 < 0x90) or (c == 0xF4 and c1 > 0x8F):
+            return 0
+        return 4
+    return 0
+
+
+cdef inline Py_ssize_t _json_str(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The end (the closing quote's index) of the JSON string whose first
+    character is at ``s[i]``, when it has no escape, no control character and
+    is valid UTF-8; else -1."""
+    cdef unsigned char c
+    cdef Py_ssize_t k
+    while i < n:
+        c = s[i]
+        if c == 34:
+            return i
+        if c < 0x20 or c == 92:
+            return -1
+        if c < 0x80:
+            i += 1
+        else:
+            k = _utf8_char(s, i, n)
+            if k == 0:
+                return -1
+            i += k
+    return -1
+
+
+cdef inline Py_ssize_t _json_ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (s[i] == 32 or s[i] == 10 or s[i] == 13 or s[i] == 9):
+        i += 1
+    return i
+
+
+cdef int _json_flat(const unsigned char* s, Py_ssize_t n, _Fast fp, const char** vp,
+                    Py_ssize_t* vl) noexcept:
+    """The values of ``fp``'s names (from index 2) in the JSON object ``s``,
+    when it is an object of strings (or nulls: missing) with no escape in its
+    keys or strings (what the supervisor sends for a CSV row): ``vp``/``vl``
+    point into ``s``; 0. Anything else (another JSON, what orjson.loads
+    refuses, a name given twice): -1."""
+    cdef Py_ssize_t i, ks, ke, vs, ve, j, nn = len(fp.names)
+    i = _json_ws(s, 0, n)
+    if i >= n or s[i] != 123:  # "{"
+        return -1
+    i = _json_ws(s, i + 1, n)
+    if i < n and s[i] == 125:  # "}"
+        return 0 if _json_ws(s, i + 1, n) == n else -1
+    while True:
+        if i >= n or s[i] != 34:
+            return -1
+        ks = i + 1
+        ke = _json_str(s, ks, n)
+        if ke < 0:
+            return -1
+        i = _json_ws(s, ke + 1, n)
+        if i >= n or s[i] != 58:  # ":"
+            return -1
+        i = _json_ws(s, i + 1, n)
+        if i >= n:
+            return -1
+        if s[i] == 34:
+            vs = i + 1
+            ve = _json_str(s, vs, n)
+            if ve < 0:
+                return -1
+            i = ve + 1
+        elif i + 4 <= n and memcmp(s + i, b"null", 4) == 0:
+            vs = -1
+            ve = 0
+            i += 4
+        else:
+            return -1
+        for j in range(2, nn):
+            if fp.nlen[j] == ke - ks and memcmp(fp.nptr[j], s + ks, ke - ks) == 0:
+                if vl[j] != _FAST_NONE or vp[j] != NULL:  # given twice
+                    return -1
+                if vs >= 0:
+                    vp[j] = <const char*> s + vs
+                    vl[j] = ve - vs
+                else:
+                    vp[j] = <const char*> s  # (seen: null)
+                break
+        i = _json_ws(s, i, n)
+        if i >= n:
+            return -1
+        if s[i] == 44:  # ","
+            i = _json_ws(s, i + 1, n)
+            continue
+        if s[i] == 125:
+            return 0 if _json_ws(s, i + 1, n) == n else -1
+        return -1
+
+
+cdef int _dict_values(dict d, _Fast fp, const char** vp, Py_ssize_t* vl) except -2:
+    """The values of ``fp``'s names (from index 2) in ``d``: 0; -1 when one is
+    not a str (or has no UTF-8)."""
+    cdef Py_ssize_t j
+    cdef PyObject* v
+    for j in range(2, len(fp.names)):
+        v = PyDict_GetItemWithError(d, fp.names[j])
+        if v == NULL:
+            if PyErr_Occurred():
+                PyErr_Clear()
+                return -1
+            continue
+        if <object> v is None:
+            continue
+        if type(<object> v) is not str:
+            return -1
+        try:
+            vp[j] = PyUnicode_AsUTF8AndSize(<object> v, &vl[j])
+        except UnicodeEncodeError:
+            return -1
+    return 0
+
+
+cdef inline Py_ssize_t _tpl_values(_FastTpl t, const char** vp, Py_ssize_t* vl,
+                                   const char** pp, Py_ssize_t* pl) noexcept:
+    """Each placeholder's value (as splice() chooses it) into ``pp``/``pl``;
+    the spliced text's length, or -1 when one is missing (KeyError)."""
+    cdef Py_ssize_t k, j, total = 0
+    cdef object d
+    for k in range(t.m):
+        j = t.idx[k]
+        if vl[j] > 0 or (vl[j] == 0 and t.defs[k] is None):
+            pp[k] = vp[j]
+            pl[k] = vl[j]
+        else:
+            d = t.defs[k]
+            if d is None:
+                return -1
+            pp[k] = PyBytes_AS_STRING(d)
+            pl[k] = PyBytes_GET_SIZE(d)
+        total += pl[k]
+    for k in range(t.m + 1):
+        total += PyBytes_GET_SIZE(t.lits[k])
+    return total
+
+
+cdef inline Py_ssize_t _tpl_splice(_FastTpl t, const char** pp, Py_ssize_t* pl,
+                                   unsigned char* out) noexcept:
+    cdef Py_ssize_t k, o = 0, ln
+    cdef object lit
+    for k in range(t.m + 1):
+        lit = t.lits[k]
+        ln = PyBytes_GET_SIZE(lit)
+        memcpy(out + o, PyBytes_AS_STRING(lit), ln)
+        o += ln
+        if k < t.m:
+            memcpy(out + o, pp[k], pl[k])
+            o += pl[k]
+    return o
+
+
+cdef Py_ssize_t _qp_fast_cap(_FastTpl t, const char** pp, Py_ssize_t* pl, Py_ssize_t* dyn) noexcept:
+    """_qp_plan's measure of ``t`` with these values: the room its encoding
+    needs at most (0: empty), the octets to encode in ``dyn``."""
+    cdef Py_ssize_t k, d = 0, stat = 0, nseg = 1
+    cdef object mid
+    for k in range(t.m + 1):
+        d += PyBytes_GET_SIZE(t.lits[k])
+        mid = t.mids[k]
+        if mid is not None:
+            d -= t.t[k] - t.h[k]
+            stat += PyBytes_GET_SIZE(mid)
+            nseg += 1
+        if k < t.m:
+            d += pl[k]
+    dyn[0] = d
+    return 0 if d + stat == 0 else _qp_cap(d) + 16 * nseg + stat
+
+
+cdef Py_ssize_t _qp_fast_write(_FastTpl t, const char** pp, Py_ssize_t* pl, Py_ssize_t dyn,
+                               unsigned char* out) except -1:
+    """_qp_write of ``t`` with these values (the same octets)."""
+    cdef Py_ssize_t k, ln, pos = 0, seg = 0, o = 0, h, e
+    cdef object lit, mid
+    cdef const char* p
+    cdef unsigned char stack[_QP_STACK]
+    cdef unsigned char* src = stack
+    if dyn + 1 > _QP_STACK:
+        src = <unsigned char*> malloc(dyn + 1)
+        if src == NULL:
+            raise MemoryError()
+    try:
+        for k in range(t.m + 1):
+            lit = t.lits[k]
+            p = PyBytes_AS_STRING(lit)
+            ln = PyBytes_GET_SIZE(lit)
+            mid = t.mids[k]
+            if mid is None:
+                memcpy(src + pos, p, ln)
+                pos += ln
+            else:
+                h = t.h[k]
+                e = t.t[k]
+                memcpy(src + pos, p, h)  # up to and including the first LF
+                pos += h
+                o += _qp_encode(src + seg, pos - seg, out + o)
+                seg = pos
+                memcpy(out + o, PyBytes_AS_STRING(mid), PyBytes_GET_SIZE(mid))
+                o += PyBytes_GET_SIZE(mid)
+                memcpy(src + pos, p + e, ln - e)
+                pos += ln - e
+            if k < t.m:
+                memcpy(src + pos, pp[k], pl[k])
+                pos += pl[k]
+        o += _qp_encode(src + seg, pos - seg, out + o)
+    finally:
+        if src != stack:
+            free(src)
+    return o
+
+
+cdef Py_ssize_t _fast_entry(_FastEntry e, const char** vp, Py_ssize_t* vl, unsigned char* w,
+                            Py_ssize_t o) noexcept:
+    """Write header entry ``e`` at ``w + o`` (room: _FAST_HEAD - o); the new
+    offset, or -1 when the fast path declines it."""
+    cdef const char* pp[_FAST_PH]
+    cdef Py_ssize_t pl[_FAST_PH]
+    cdef unsigned char val[_FAST_VAL]
+    cdef Py_ssize_t n, nn, k, u, nu, r, j
+    cdef _FastTpl t
+    cdef _Fold f
+    if e.kind == 0:
+        n = PyBytes_GET_SIZE(e.static)
+        if o + n > _FAST_HEAD:
+            return -1
+        memcpy(w + o, PyBytes_AS_STRING(e.static), n)
+        return o + n
+    nn = PyBytes_GET_SIZE(e.name)
+    if o + nn + 1 > _FAST_HEAD:
+        return -1
+    if e.kind == 1:
+        n = _tpl_values(e.tpl, vp, vl, pp, pl)
+        if n < 0 or n > _FAST_VAL or o + _text_cap(nn, n) > _FAST_HEAD:
+            return -1
+        n = _tpl_splice(e.tpl, pp, pl, val)
+        r = _text_line(<const unsigned char*> PyBytes_AS_STRING(e.name), nn, val, n, w + o)
+        return -1 if r < 0 else o + r
+    # URIs: each "<URI>" (values as percent-encoding leaves them, the URI
+    # ASCII without CR, LF, NUL, space, < or >), folded as uri_header folds
+    f.out = w + o
+    memcpy(f.out, PyBytes_AS_STRING(e.name), nn)
+    f.out[nn] = 58
+    f.o = f.col = f.longest = nn + 1
+    f.first = True
+    nu = len(e.uris)
+    for u in range(nu):
+        t = <_FastTpl> e.uris[u]
+        n = _tpl_values(t, vp, vl, pp, pl)
+        if n < 0 or n + 3 > _FAST_VAL or o + f.o + n + 8 > _FAST_HEAD:
+            return -1
+        for k in range(t.m):
+            for j in range(pl[k]):
+                if not _URL_SAFE[<unsigned char> pp[k][j]]:
+                    return -1
+        val[0] = 60  # "<"
+        n = 1 + _tpl_splice(t, pp, pl, val + 1)
+        if not _uri_clean(val + 1, n - 1):
+            return -1
+        val[n] = 62  # ">"
+        n += 1
+        if u + 1 < nu:
+            val[n] = 44  # ","
+            n += 1
+        _fold_token(&f, val, n)
+    if f.longest > 998 or o + f.o + 2 > _FAST_HEAD:
+        return -1
+    f.out[f.o] = 13
+    f.out[f.o + 1] = 10
+    return o + f.o + 2
+
+
 # -- message layout (twin: fastsend.message.mime.Assembly) ----------------------
 
 cdef class Assembly:
@@ -761,6 +1270,8 @@ cdef class Assembly:
     cdef readonly bint end_crlf, to_custom
     cdef readonly str from_domain
     cdef readonly MessageSigner signer
+    cdef _Fast fast  # the fast path's layout (None: none), made at the first message
+    cdef bint fast_made
 
     def __init__(self, tuple head, tuple tail, tuple content, tuple body, bint end_crlf,
                  bint to_custom=False, str from_domain="", MessageSigner signer=None):
@@ -842,6 +1353,11 @@ cdef class Assembly:
         # _SIGNED (signed by ``signer``). ``own``: a dict of the caller's own
         # (just decoded), filled in place. ``extra``, ``spare``: see _whole.
         cdef dict vs
+        cdef object fast
+        if make == _WHOLE:
+            fast = self._fast_make(variables, rcpt, message_id, date, extra, spare)
+            if fast is not None:
+                return fast
         if own and type(variables) is dict:
             vs = <dict>variables
         else:
@@ -871,6 +1387,124 @@ cdef class Assembly:
                 return self._whole(lines, vs, self.signer, extra, spare)
             return self.signer.message(lines, self._body(vs))
         return lines, self._body(vs)
+
+    def _fast_made_by(self, variables, str rcpt, str message_id, bytes date):
+        """What the fast path makes of this message, or None (tests)."""
+        return self._fast_make(variables, rcpt, message_id, date, 0, NULL)
+
+    cdef object _fast_make(self, object variables, str rcpt, str message_id, bytes date,
+                           Py_ssize_t extra, Py_ssize_t* spare):
+        """The message ``_personal(..., _WHOLE, ...)`` makes, written by the
+        fast path (see _Fast) from ``variables`` (a dict, or the recipient's
+        JSON as bytes): no Python object but the message. None when the fast
+        path declines it (then made the usual way)."""
+        if not self.fast_made:
+            self.fast_made = True
+            self.fast = _fast_layout(self)
+        cdef _Fast fp = self.fast
+        if fp is None:
+            return None
+        cdef const char* vp[_FAST_NAMES]
+        cdef Py_ssize_t vl[_FAST_NAMES]
+        cdef Py_ssize_t k, nn = len(fp.names), o = 0, n, at = -1, cap, b
+        cdef Py_ssize_t caps[_FAST_SEGS]
+        cdef Py_ssize_t dyns[_FAST_SEGS]
+        cdef const char* pp[_FAST_PH]
+        cdef Py_ssize_t pl[_FAST_PH]
+        cdef unsigned char hw[_FAST_HEAD]
+        cdef object seg
+        cdef _FastEntry e
+        cdef unsigned char* w
+        for k in range(nn):
+            vp[k] = NULL
+            vl[k] = _FAST_NONE
+        if type(variables) is bytes:
+            if _json_flat(<const unsigned char*> PyBytes_AS_STRING(variables),
+                          PyBytes_GET_SIZE(variables), fp, vp, vl) < 0:
+                return None
+        elif type(variables) is dict:
+            if _dict_values(<dict> variables, fp, vp, vl) < 0:
+                return None
+        else:
+            return None
+        # To (and the variable email): an address split_address returns as it
+        # is (ASCII); Message-ID: an id written as it is (message_id_safe).
+        if _address_plain(rcpt, &at) != 2 or not _message_id_safe(message_id):
+            return None
+        vp[0] = PyUnicode_AsUTF8AndSize(rcpt, &vl[0])
+        vp[1] = PyUnicode_AsUTF8AndSize(message_id, &vl[1])
+        for e in fp.head:
+            o = _fast_entry(e, vp, vl, hw, o)
+            if o < 0:
+                return None
+        n = PyBytes_GET_SIZE(date) + PyBytes_GET_SIZE(fp.mime) + PyBytes_GET_SIZE(fp.from_domain)
+        if o + vl[0] + vl[1] + n + 32 > _FAST_HEAD:
+            return None
+        if not self.to_custom:
+            memcpy(hw + o, b"To: ", 4)
+            memcpy(hw + o + 4, vp[0], vl[0])
+            o += 4 + vl[0]
+            hw[o] = 13
+            hw[o + 1] = 10
+            o += 2
+        memcpy(hw + o, PyBytes_AS_STRING(date), PyBytes_GET_SIZE(date))
+        o += PyBytes_GET_SIZE(date)
+        memcpy(hw + o, b"Message-ID: <", 13)
+        memcpy(hw + o + 13, vp[1], vl[1])
+        o += 13 + vl[1]
+        hw[o] = 64  # "@"
+        memcpy(hw + o + 1, PyBytes_AS_STRING(fp.from_domain), PyBytes_GET_SIZE(fp.from_domain))
+        o += 1 + PyBytes_GET_SIZE(fp.from_domain)
+        memcpy(hw + o, b">\r\n", 3)
+        o += 3
+        memcpy(hw + o, PyBytes_AS_STRING(fp.mime), PyBytes_GET_SIZE(fp.mime))
+        o += PyBytes_GET_SIZE(fp.mime)
+        for e in fp.tail:
+            o = _fast_entry(e, vp, vl, hw, o)
+            if o < 0:
+                return None
+        n = PyBytes_GET_SIZE(fp.content)
+        if o + n + 2 > _FAST_HEAD:
+            return None
+        memcpy(hw + o, PyBytes_AS_STRING(fp.content), n)
+        o += n
+        hw[o] = 13
+        hw[o + 1] = 10
+        o += 2
+        # The body's room: each segment's as _whole measures it.
+        cap = o + 2
+        for k in range(len(fp.segs)):
+            seg = fp.segs[k]
+            if type(seg) is bytes:
+                caps[k] = PyBytes_GET_SIZE(seg)
+            else:
+                if _tpl_values(<_FastTpl> seg, vp, vl, pp, pl) < 0:
+                    return None
+                caps[k] = _qp_fast_cap(<_FastTpl> seg, pp, pl, &dyns[k])
+            cap += caps[k]
+        if extra < 0:
+            extra = 0
+        cdef PyObject* raw = _bytes_new(NULL, cap + extra)
+        try:
+            w = <unsigned char*> _bytes_buf(raw)
+            memcpy(w, hw, o)
+            b = o  # the body starts here
+            for k in range(len(fp.segs)):
+                seg = fp.segs[k]
+                if type(seg) is bytes:
+                    memcpy(w + o, PyBytes_AS_STRING(seg), caps[k])
+                    o += caps[k]
+                elif caps[k]:
+                    _tpl_values(<_FastTpl> seg, vp, vl, pp, pl)
+                    o += _qp_fast_write(<_FastTpl> seg, pp, pl, dyns[k], w + o)
+            if self.end_crlf and o > b and not (o - b >= 2 and w[o - 2] == 13 and w[o - 1] == 10):
+                w[o] = 13
+                w[o + 1] = 10
+                o += 2
+        except BaseException:
+            Py_XDECREF(raw)
+            raise
+        return _finish(raw, o, extra, spare)
 
     cdef bytes _whole(self, list lines, object variables, MessageSigner signer,
                       Py_ssize_t extra=0, Py_ssize_t* spare=NULL):
@@ -925,14 +1559,7 @@ cdef class Assembly:
         except BaseException:
             Py_XDECREF(raw)
             raise
-        cdef bytes msg = _cut(raw, o + extra)
-        if extra:
-            # The allocation keeps the extra octets; the object's size is the
-            # message's (with its NUL after it, as every bytes object has).
-            Py_SET_SIZE(msg, o)
-            (<char*> PyBytes_AS_STRING(msg))[o] = 0
-            if spare != NULL:
-                spare[0] = extra
+        cdef bytes msg = _finish(raw, o, extra, spare)
         if signer is not None:
             signer._sign_into(msg, room, lines, head, o - head)
         return msg
@@ -1059,6 +1686,12 @@ cdef class DeferredMessage:
         cdef bint own = False
         try:
             if type(vs) is bytes:  # the recipient's JSON, decoded now (in cache)
+                if self.assembly.signer is None and PyBytes_GET_SIZE(vs):
+                    # its values read where they lie, when the fast path can
+                    made = self.assembly._fast_make(vs, self.rcpt, self.message_id, self.date,
+                                                    extra, spare)
+                    if made is not None:
+                        return made
                 if _json_loads is None:
                     from orjson import loads as _json_loads
                 vs = _json_loads(vs) if PyBytes_GET_SIZE(vs) else {}
