@@ -28,6 +28,13 @@ the SMTP client, by process CPU time:
   RCPT's 250 and DATA's 354), no socket: replies parsed and matched,
   commands and dot-stuffed bodies made, one outcome per message. Not part of
   the worker-side total (it is the client's own cost);
+- SMTP client, 32 sessions round-robin: the same client, 32 sessions (a
+  worker's connections to one site) each given a group of 63 envelopes made
+  beforehand (``pipeline``'s group, as a ready queue holds them), answered one
+  reply burst at a time in turn, as smtp-sink answers a worker's connections:
+  a session's next message starts 32 messages after its last, its envelope
+  long out of cache, as in a worker (the groups released at the end, as the
+  worker releases a group's envelopes);
 - placing, batches of 6: what a batch costs besides building its messages
   (decode, site lookup, the site's ready queue), per message, for the small
   batches end_to_end.py's 100-domain list gets (the supervisor sends one per
@@ -67,6 +74,8 @@ from _common import machine
 
 BATCH = 200
 SMALL = 6  # messages per batch in end_to_end.py's runs (100 domains)
+SESSIONS = 32  # a worker's connections to one site (16 per source IP x 2)
+GROUP = 63  # envelopes per pipelined group (a 100k send's average, pipeline 64)
 READ = 20  # such batches read from the inbox in one wake-up
 
 
@@ -196,6 +205,39 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
         if done != BATCH:
             raise SystemExit(f"the client finished {done} of {BATCH} transactions")
 
+    def sessions() -> float:
+        """CPU seconds per message of SESSIONS sessions answered in turn."""
+        groups = [
+            [Envelope(e.mail_from, list(e.rcpts), e.data, tag=e.tag) for e in client_envs[:GROUP]]
+            for _ in range(SESSIONS)
+        ]
+        clients = []
+        for _ in range(SESSIONS):
+            c = SMTPClient("bench.example", "sink[127.0.0.1]:25")
+            c.receive_data(b"220 smtp-sink ESMTP\r\n")
+            c.send_ehlo()
+            c.receive_data(b"250-smtp-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 DSN\r\n")
+            clients.append(c)
+        t0 = time.process_time()
+        for c, g in zip(clients, groups, strict=True):
+            c.send_envelopes(g)
+            c.data_to_send()
+        done = 0
+        for c in clients:
+            done += len(c.receive_data(sink_next))
+            c.data_to_send()
+        for _ in range(GROUP - 1):
+            for c in clients:
+                done += len(c.receive_data(sink_each))
+                c.data_to_send()
+        for c in clients:
+            done += len(c.receive_data(b"250 2.0.0 Ok\r\n"))
+        del groups
+        spent = time.process_time() - t0
+        if done != SESSIONS * GROUP:
+            raise SystemExit(f"the clients finished {done} of {SESSIONS * GROUP} transactions")
+        return spent / (SESSIONS * GROUP)
+
     def place() -> None:
         for _ in range(READ):
             b = decode(small)
@@ -228,6 +270,9 @@ async def measure(rounds: int, batches: int) -> dict[str, float]:
     figures: dict[str, float] = {}
     for name, fn in stages.items():
         figures[name] = cpu_per_call(fn, batches, rounds) / BATCH * 1e6
+    figures[f"SMTP client, {SESSIONS} sessions round-robin"] = (
+        min(sessions() for _ in range(2 * rounds)) * 1e6
+    )
     # The same with each batch's envelopes built, as place_batch builds them
     # (deferred: Worker.direct's compiled call for this campaign).
     figures[f"placing + deferred build, batches of {SMALL}"] = (

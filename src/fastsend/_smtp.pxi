@@ -11,6 +11,8 @@ cdef extern from "Python.h":
     Py_ssize_t Py_REFCNT(object o)
     void _smtp_xincref "Py_XINCREF"(PyObject* o)
     void _smtp_xdecref "Py_XDECREF"(PyObject* o)
+    PyObject* _smtp_list_item "PyList_GET_ITEM"(object l, Py_ssize_t i)
+    void _smtp_list_set "PyList_SET_ITEM"(object l, Py_ssize_t i, PyObject* v)
 from libc.stdlib cimport malloc as _smtp_malloc, free as _smtp_free
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
@@ -26,6 +28,18 @@ cdef object _smtp_remote_error(str msg):
 
 cdef inline bint _smtp_digit(char c):
     return 48 <= c <= 57
+
+
+cdef inline void _list_reset(list l):
+    """Empty ``l`` and keep its storage (``del l[:]`` frees it): a list
+    refilled at every server read allocates nothing."""
+    cdef Py_ssize_t k, n = PyList_GET_SIZE(l)
+    cdef PyObject* o
+    Py_SET_SIZE(l, 0)
+    for k in range(n):
+        o = _smtp_list_item(l, k)
+        _smtp_list_set(l, k, NULL)
+        _smtp_xdecref(o)
 
 
 cdef class ReplyParser:
@@ -58,12 +72,17 @@ cdef class ReplyParser:
         return self._feed(data)
 
     cdef list _feed(self, bytes data):
+        cdef list out = []
+        self._feed_into(data, out)
+        return out
+
+    cdef int _feed_into(self, bytes data, list out) except -1:
+        """_feed, the replies appended to ``out``."""
         cdef bytes buf = self._buf + data if PyBytes_GET_SIZE(self._buf) else data
         cdef const char* p = PyBytes_AS_STRING(buf)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
         cdef Py_ssize_t start = 0, nl, end
         cdef const char* q
-        cdef list out = []
         while start < n:
             q = <const char*>memchr(p + start, 10, n - start)
             if q == NULL:
@@ -77,7 +96,7 @@ cdef class ReplyParser:
         if n - start > _SMTP_MAX_LINE:
             raise _smtp_remote_error(f"reply line longer than {_SMTP_MAX_LINE} octets")
         self._buf = b"" if start >= n else (buf if start == 0 else buf[start:])
-        return out
+        return 0
 
     cdef int _line(self, const char* s, Py_ssize_t n, bytes buf, Py_ssize_t off, list out) except -1:
         cdef int code, sep, cls
@@ -320,6 +339,15 @@ DEF _C_BDAT_WINDOW = 32
 DEF _C_BDAT_WINDOW_BYTES = 1 << 20
 
 cdef tuple _C_ENVELOPE = ("rcpts", "mail_from", "data", "tag", "eightbit", "smtputf8")
+
+
+cdef inline bint _all_slots(_Fields f, int n) noexcept:
+    """Every one of ``f``'s first ``n`` fields is read from a slot (no getattr)."""
+    cdef int k
+    for k in range(n):
+        if f.off[k] < 0:
+            return False
+    return True
 cdef object _c_Outcome = None
 cdef object _c_TxnResult = None
 cdef object _c_CommandDone = None
@@ -372,7 +400,6 @@ cdef class _CoreTxn:
     """One envelope in flight (client.py's _Txn), with the envelope's fields read
     once (msgspec attribute reads are most of what a message costs here)."""
 
-    cdef object env
     cdef object tag, mail_from, data
     cdef object rcpts  # any sequence (a list from the worker)
     cdef bint eightbit, smtputf8
@@ -407,10 +434,12 @@ cdef class ClientCore:
     cdef object _cur_txn
     cdef bint _cur_set
     cdef public object _cmd_names
+    # Transactions not started, oldest first: a _CoreTxn, or an Envelope not
+    # yet read (made one when it comes first: _head_txn).
     cdef public object _queue
+    cdef _Fields _efields  # the Envelope's slots (send_envelopes' last type)
     cdef public bint _group_open, _need_rset
     cdef public Py_ssize_t _active, _bdat_bytes
-    cdef Py_ssize_t _decided  # decided transactions in _queue (no deque indexing without)
     cdef public list _out, _events, _auth
     cdef public object _cram
     cdef object _from
@@ -419,6 +448,7 @@ cdef class ClientCore:
     cdef object _dot_reply
     cdef object _dot_out
     cdef str _dot_qid
+    cdef list _replies  # a read's replies (kept: refilled at each read)
 
     def __cinit__(self, *args, **kwargs):
         self._pq = <_CPend*>_smtp_malloc(_C_PEND_MIN * sizeof(_CPend))
@@ -444,6 +474,7 @@ cdef class ClientCore:
         self.bdat = False
         self.size_limit = 0
         self._parser = ReplyParser()
+        self._replies = []
         self._pclear()
         self._push(_K_CMD, None, 0)
         self._cur_set = False
@@ -453,7 +484,6 @@ cdef class ClientCore:
         self._group_open = False
         self._active = 0
         self._bdat_bytes = 0
-        self._decided = 0
         self._need_rset = False
         self._out = []
         self._events = []
@@ -569,10 +599,11 @@ cdef class ClientCore:
 
     cdef bytes _take_out(self):
         cdef list out = self._out
-        if not out:
+        cdef Py_ssize_t n = PyList_GET_SIZE(out)
+        if not n:
             return b""
-        cdef bytes data = <bytes>out[0] if len(out) == 1 else b"".join(out)
-        self._out = []
+        cdef bytes data = <bytes>out[0] if n == 1 else b"".join(out)
+        _list_reset(out)  # (the same list: no allocation at the next reply)
         return data
 
     def events(self):
@@ -582,35 +613,58 @@ cdef class ClientCore:
 
     # ------------------------------------------------------------ transactions
     def send_envelopes(self, envelopes):
-        cdef _CoreTxn txn
-        cdef _Fields fe = None
+        cdef _Fields fe = self._efields
         if self.state != _C_READY:
             raise _c_Local(f"cannot send mail in state {self.state!r}")
+        queue = self._queue
         for env in envelopes:
             # (an Envelope's fields read from their slots: _events.pxi's _Fields)
             fe = _fields_for(env, fe, _C_ENVELOPE)
-            txn = _CoreTxn.__new__(_CoreTxn)
-            txn.env = env
-            txn.rcpts = _get(env, fe, 0)
-            txn.mail_from = _get(env, fe, 1)
-            txn.data = _get(env, fe, 2)
-            txn.tag = _get(env, fe, 3)
-            txn.eightbit = _get(env, fe, 4)
-            txn.smtputf8 = _get(env, fe, 5)
-            txn.outcomes = [None] * len(txn.rcpts)
-            txn.accepted = 0
-            txn.mail_fail = None
-            txn.dummy = False
-            txn.utf8 = False
-            txn.rest = None
-            txn.decided = not self._check_envelope(txn)
-            if txn.decided:
-                self._decided += 1
-            self._queue.append(txn)
+            if _all_slots(fe, 6):
+                # Read when its transaction comes first (_head_txn), not now: a
+                # group's envelopes have waited behind thousands of others,
+                # their objects out of the caches, and each is read once, as
+                # its message is made, not here and again then.
+                queue.append(env)
+            else:
+                queue.append(self._txn(env, fe))
+        self._efields = fe
         if self._group_open or (not self.pipelining and self._active):
             return b""
         self._start_next()
         return self._take_out()
+
+    cdef _CoreTxn _txn(self, object env, _Fields fe):
+        """The transaction of ``env``, its recipients checked (a refused one
+        has its local outcome; ``decided``: nothing to send)."""
+        cdef _CoreTxn txn
+        fe = _fields_for(env, fe, _C_ENVELOPE)
+        txn = _CoreTxn.__new__(_CoreTxn)
+        txn.rcpts = _get(env, fe, 0)
+        txn.mail_from = _get(env, fe, 1)
+        txn.data = _get(env, fe, 2)
+        txn.tag = _get(env, fe, 3)
+        txn.eightbit = _get(env, fe, 4)
+        txn.smtputf8 = _get(env, fe, 5)
+        txn.outcomes = [None] * len(txn.rcpts)
+        txn.accepted = 0
+        txn.mail_fail = None
+        txn.dummy = False
+        txn.utf8 = False
+        txn.rest = None
+        txn.decided = not self._check_envelope(txn)
+        return txn
+
+    cdef _CoreTxn _head_txn(self):
+        """The queue's first transaction (there is one), made from its
+        envelope if it is one still."""
+        queue = self._queue
+        head = queue[0]
+        if type(head) is _CoreTxn:
+            return <_CoreTxn>head
+        txn = self._txn(head, self._efields)
+        queue[0] = txn
+        return txn
 
     cdef bint _check_envelope(self, _CoreTxn txn) except -1:
         cdef list outs = txn.outcomes
@@ -723,8 +777,7 @@ cdef class ClientCore:
         cdef Py_ssize_t i
         queue = self._queue
         while True:
-            while self._decided and queue and (<_CoreTxn>queue[0]).decided:
-                self._decided -= 1
+            while queue and self._head_txn().decided:
                 self._events.append(self._result(<_CoreTxn>queue.popleft(), ""))
             if not queue or self.state != _C_READY:
                 return 0
@@ -778,9 +831,9 @@ cdef class ClientCore:
             and self._active < _C_BDAT_WINDOW
             and (not self._active or self._bdat_bytes < _C_BDAT_WINDOW_BYTES)
         ):
-            txn = <_CoreTxn>queue.popleft()
+            txn = self._head_txn()
+            queue.popleft()
             if txn.decided:
-                self._decided -= 1
                 self._events.append(self._result(txn, ""))
                 continue
             if type(txn.data) is not bytes and not self._made(txn):
@@ -881,17 +934,30 @@ cdef class ClientCore:
         return self._receive(data)
 
     cdef list _receive(self, bytes data):
+        self._receive_in(data)
+        ev = self._events
+        self._events = []
+        return ev
+
+    cdef int _receive_in(self, bytes data) except -1:
+        """_receive, its events left in ``_events`` (the compiled Link reads
+        them there and empties the list, which is kept)."""
         cdef tuple reply
         cdef int kind, code
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, r
         cdef _CoreTxn txn
         cdef object t
         cdef str state = self.state
+        cdef list replies = self._replies
         if state == _C_TLS or state == _C_CLOSED:
             self.state = _C_CLOSED
             raise _c_Remote(f"unexpected data in state {state!r}")
+        if PyList_GET_SIZE(replies):  # (left by a read that raised)
+            _list_reset(replies)
         try:
-            for reply in self._parser._feed(data):
+            self._parser._feed_into(data, replies)
+            for r in range(PyList_GET_SIZE(replies)):
+                reply = <tuple>replies[r]
                 if not self._pn or self.state == _C_CLOSED:
                     self._reply(reply)
                     continue
@@ -923,9 +989,8 @@ cdef class ClientCore:
                 self._cur_txn = None
                 self.state = _C_CLOSED
             raise
-        ev = self._events
-        self._events = []
-        return ev
+        _list_reset(replies)
+        return 0
 
     cdef int _handle(self, int kind, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
         if kind == _K_MAIL:
@@ -1130,9 +1195,9 @@ cdef class ClientCore:
                 seen.append(t)
         self._pclear()
         self._cmd_names.clear()
-        seen.extend(self._queue)
+        for t in self._queue:  # (an envelope not read yet: its transaction now)
+            seen.append(t if type(t) is _CoreTxn else self._txn(t, self._efields))
         self._queue.clear()
-        self._decided = 0
         for t in seen:
             txn = <_CoreTxn>t
             stage = stage_of.get(txn, "mail")
@@ -1212,7 +1277,8 @@ cdef class Link:
         cdef bytes out
         try:
             if core is not None:
-                events = core._receive(data)
+                core._receive_in(data)
+                events = core._events
             else:
                 events = self.client.receive_data(data)
         except Exception as exc:
@@ -1224,8 +1290,12 @@ cdef class Link:
         if PyBytes_GET_SIZE(out):
             self._write(out)
         self.last = self._time()
-        if events:
-            self._dispatch(events)
+        if PyList_GET_SIZE(events):
+            try:
+                self._dispatch(events)
+            finally:
+                if core is not None:
+                    _list_reset(events)  # (the core's own list, kept)
 
     def connection_lost(self, exc):
         if not self.lost_reason:
