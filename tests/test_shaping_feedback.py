@@ -228,3 +228,23 @@ def test_all_delivered_twins_agree_and_observe_reads_a_delivered_group_as_before
         assert [(e["action"], e.get("rate")) for e in a.events] == [
             (e["action"], e.get("rate")) for e in b.events
         ]
+
+
+def test_observe_told_every_result_is_one_delivery_reads_none() -> None:
+    """``Lane.observe(results, now, delivered_one)``: told by the SMTP client
+    that every result is one recipient delivered, AIMD is fed that count
+    without a look at the outcomes, as reading them feeds it; told less (a
+    group with anything else), it reads them, deferrals and rules included."""
+    a, b = lane_for("mx.example.net"), lane_for("mx.example.net")
+    cut = results(OK, defer("busy", 451, "4.3.0"), defer("busy", 451, "4.3.0"))
+    a.observe(cut, 1.0, 1)  # one of three delivered: read, the deferrals cut
+    b.observe(cut, 1.0)
+    assert a.rate() == b.rate() < math.inf
+    for t in (2.0, 5.0, 9.0, 14.0, 30.0):
+        group = results(OK, OK, OK)
+        assert a.observe(group, t, 3) is group
+        assert b.observe(group, t) is group
+        assert a.rate() == b.rate()
+        assert [(e["action"], e.get("rate")) for e in a.events] == [
+            (e["action"], e.get("rate")) for e in b.events
+        ]

@@ -872,9 +872,10 @@ def test_twins_wait_for_the_same_replies(caps: tuple[str, ...], garbage_at: int)
         c.receive_data(b"\r\n".join(lines) + b"\r\n")
         envs = [env(*_rcpts(i), tag=i) for i in range(45)]
         first = c.send_envelopes(envs)
-        got.append((first, _drive(c, garbage_at)))
+        got.append((first, _drive(c, garbage_at), c.delivered_one))
     assert got[0] == got[1]
     results = got[0][1][0]
+    assert got[0][2] == sum(1 for _q, outs in results if [o[0] for o in outs] == ["delivered"])
     assert len(results) == 45
     if garbage_at == -1000:  # answered to the end: what could be sent was delivered
         local = [o for _q, outs in results for o in outs if o[3] != "data"]

@@ -421,6 +421,9 @@ cdef class ClientCore:
     cdef public dict capabilities
     cdef public bint tls_active, pipelining, chunking, bdat
     cdef public Py_ssize_t size_limit
+    # Results decided so far that are one recipient delivered (SMTPConnection
+    # tells a group's from it, Lane.observe then reads none of its outcomes).
+    cdef public Py_ssize_t delivered_one
     cdef public ReplyParser _parser
     # Commands waiting for a reply, oldest first: _pn entries of the ring _pq
     # (_pcap of them, a power of two) from _ph on. The session commands
@@ -473,6 +476,7 @@ cdef class ClientCore:
         self.chunking = bool(chunking)
         self.bdat = False
         self.size_limit = 0
+        self.delivered_one = 0
         self._parser = ReplyParser()
         self._replies = []
         self._pclear()
@@ -1123,6 +1127,8 @@ cdef class ClientCore:
             text = out.text
             k = text.find("queued as ")
             qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+            if len(outs) == 1 and outs[0] is out:
+                self.delivered_one += 1
         return self._finish(txn, qid)
 
     cdef int _reply_dot(self, _CoreTxn txn, Py_ssize_t i, tuple reply) except -1:
@@ -1151,6 +1157,8 @@ cdef class ClientCore:
             self._dot_qid = qid
         if len(outs) == 1:
             outs[0] = out
+            if code < 300:
+                self.delivered_one += 1
         else:
             for j in range(len(outs)):
                 if outs[j] is None:

@@ -334,7 +334,9 @@ class SiteQueue:
                         finally:
                             self.sending -= 1
                         if lane.aimd is not None or lane.rules:
-                            results = lane.observe(results, time.monotonic())
+                            results = lane.observe(
+                                results, time.monotonic(), conn.delivered_one
+                            )
                         batch = []
                         self.report(results, ip, mx)
                 finally:

@@ -244,9 +244,15 @@ class Lane:
 
     # -- feedback --------------------------------------------------------------
 
-    def observe(self, results: list[TxnResult], now: float) -> list[TxnResult]:
-        """Read a group's outcomes; may rewrite outcomes (action "bounce")."""
-        delivered = all_delivered(results)
+    def observe(
+        self, results: list[TxnResult], now: float, delivered_one: int = -1
+    ) -> list[TxnResult]:
+        """Read a group's outcomes; may rewrite outcomes (action "bounce").
+        ``delivered_one``: how many of them are one recipient delivered, when
+        the caller knows (the SMTP client counts them): when that is all of
+        them, no outcome is read."""
+        n = len(results)
+        delivered = n if delivered_one == n else all_delivered(results)
         if delivered >= 0:  # the usual group: every message delivered, no reply to read
             if self.aimd is not None:
                 self.feed_aimd(now, delivered, 0, False)

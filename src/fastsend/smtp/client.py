@@ -157,6 +157,9 @@ class ClientCore:
         self.chunking = chunking  # use BDAT when offered together with PIPELINING
         self.bdat = False  # ... and it was: this session sends BDAT, not DATA
         self.size_limit = 0
+        # Results decided so far that are one recipient delivered (SMTPConnection
+        # tells a group's from it, Lane.observe then reads none of its outcomes).
+        self.delivered_one = 0
         self._parser = ReplyParser()
         self._pending: deque[tuple[int, _Txn | None, int]] = deque()
         self._pending.append((_CMD, None, 0))
@@ -613,6 +616,8 @@ class ClientCore:
             text = out.text
             k = text.find("queued as ")
             qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+            if len(outs) == 1 and outs[0] is out:
+                self.delivered_one += 1
         self._finish(txn, qid)
 
     def _reply_dot(self, txn: _Txn, i: int, reply: Reply) -> None:
@@ -639,6 +644,8 @@ class ClientCore:
             self._dot_result = (out, qid)
         if len(outs) == 1:  # one recipient, accepted (else no body was sent): the usual case
             outs[0] = out
+            if code < 300:
+                self.delivered_one += 1
         else:
             for j in range(len(outs)):
                 if outs[j] is None:

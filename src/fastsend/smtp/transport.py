@@ -273,6 +273,9 @@ class SMTPConnection:
         self._link = link
         self._lock = asyncio.Lock()
         self.messages_sent = 0
+        # Of the last send()'s results, how many are one recipient delivered
+        # (all of them: Lane.observe need not read the group's outcomes).
+        self.delivered_one = 0
 
     @property
     def capabilities(self) -> dict[str, str]:
@@ -333,8 +336,10 @@ class SMTPConnection:
             room = self.remaining
             head, tail = envs[:room], envs[room:]
             results: list[TxnResult] = []
+            before = self._client.delivered_one
             if head:
                 results = await self._send(head)
+            self.delivered_one = self._client.delivered_one - before
             if tail:
                 if self._link.lost_reason or self._client.state != READY:
                     why = self._link.lost_reason or f"connection not usable ({self._client.state})"
