@@ -261,6 +261,13 @@ def test_a_group_stands_for_its_messages_answers_in_events_and_rollups() -> None
     assert b'"queue_id":"Ok"' in want and want.count(b"\n") == 16
     for lines in (ev_mod.py_delivered_lines, _accel.compiled("delivered_lines")):
         assert lines(5.0, claims, answers) == want
+    # Groups and Res interleaved, the same group again after another answer.
+    mixed = [g1, g1, res[2], g1, g2, g2, res[11], g1, g2, res[0], res[0]] + [g2] * 5
+    own = [r if type(r) is wire.Res else wire.Res(c.id, 0, r.code, r.enhanced, r.text, r.mx,
+                                                   r.source_ip, queue_id=r.queue_id)
+           for c, r in zip(claims, mixed, strict=True)]  # fmt: skip
+    want = ev_mod.py_delivered_lines(5.0, claims, own)
+    assert _accel.compiled("delivered_lines")(5.0, claims, mixed) == want
     for count in (rollup.py_count_delivered, _accel.compiled("count_delivered")):
         acc_a: dict[Any, list[int]] = {}
         acc_b: dict[Any, list[int]] = {}
@@ -269,3 +276,40 @@ def test_a_group_stands_for_its_messages_answers_in_events_and_rollups() -> None
         count(65.0, claims, answers, acc_a, rem_a, 4, 1)
         rollup.py_count_delivered(65.0, claims, res, acc_b, rem_b, 4, 1)
         assert acc_a == acc_b and rem_a == rem_b and sum(r[1] for r in acc_a.values()) == 16
+
+
+def test_a_drain_applies_consecutive_results_together_in_order(tmp_path: Path) -> None:
+    """drain_outbox applies the items of consecutive Results records in one
+    apply (one DeliveredRows), and another record between them keeps its place:
+    the events come out in the order the worker wrote them."""
+    cfg = Config(spool_dir=str(tmp_path / "s"), workers=1)
+    spool = SQLiteSpool(cfg.spool_dir)
+    cid = spool.create_campaign(Campaign.from_dict(SPEC).to_dict())
+    spool.add_messages(cid, [(f"u{i}@d.example", "d.example", b"{}") for i in range(6)], 1.0)
+    events = EventLog(cfg.event_log_path)
+    sup = Supervisor(cfg, spool, events)
+    try:
+        slot = sup.slots[0]
+        slot.outbox = Ring(1 << 20)
+        for c in spool.claim_next(2.0, 100):
+            slot.inflight[c.id] = c
+        sent = [wire.Sent([i], 250, "2.0.0", "mx", "127.0.0.2", "Ok", "") for i in range(1, 7)]
+        failover = {"event": "failover", "id": 3}
+        for rec in (wire.Results(sent[:1]), wire.Results(sent[1:2]), wire.Events([failover]),
+                    wire.Results(sent[2:4]), wire.Results(sent[4:])):  # fmt: skip
+            assert slot.outbox.put(wire.encoder.encode(rec))
+        sup.drain_outbox(slot, slot.outbox)
+        buf = sup.event_buf
+        assert [x["event"] if isinstance(x, dict) else len(x) for x in buf] == [2, "failover", 4]
+        assert sup.stats.delivered == 6 and not slot.inflight
+        sup.flush_results()
+        events.flush()
+        with open(cfg.event_log_path, "rb") as f:
+            lines = [orjson.loads(x) for x in f.read().splitlines()]
+        assert [(e["event"], e["id"]) for e in lines] == [
+            ("delivered", 1), ("delivered", 2), ("failover", 3), ("delivered", 3),
+            ("delivered", 4), ("delivered", 5), ("delivered", 6)]  # fmt: skip
+    finally:
+        sup.suppression.close()
+        events.close()
+        spool.close()

@@ -53,15 +53,28 @@ class Outcomes(SupervisorState):
         self.drain_outbox(slot, ring)
 
     def drain_outbox(self, slot: WorkerSlot, ring: Ring) -> None:
+        """Every record the worker wrote: the items of consecutive Results
+        records applied together (one ``apply``: one events batch, one pass of
+        the guardrails' counts, not one per record: a worker flushes every few
+        ms, a record holds ~10-30 outcomes), in order with the other records."""
         decode = wire.from_worker_decoder.decode
-        got = False
+        results = wire.Results
+        got = seen = False
+        items: list[wire.Res | wire.Sent] = []
         while (rec := ring.get()) is not None:
-            slot.last_seen = time.monotonic()
+            seen = True
             msg = decode(rec)
-            if isinstance(msg, wire.Results):
-                self.apply(slot, msg.items)
+            if type(msg) is results:
+                if items:
+                    items += msg.items
+                else:
+                    items = msg.items
+                continue
+            if items:
+                self.apply(slot, items)
+                items = []
                 got = True
-            elif isinstance(msg, wire.Handback):
+            if isinstance(msg, wire.Handback):
                 self.handback(slot, msg)
                 got = True
             elif isinstance(msg, wire.Stats):
@@ -70,6 +83,11 @@ class Outcomes(SupervisorState):
                 self.event_buf.extend(msg.events)  # transport failover
             else:
                 self.shaping.on_record(msg)
+        if items:
+            self.apply(slot, items)
+            got = True
+        if seen:
+            slot.last_seen = time.monotonic()
         if got:
             self.wake.set()
 
@@ -79,8 +97,9 @@ class Outcomes(SupervisorState):
         groups) take a short path: their events are kept as columns
         (``DeliveredRows``: the claim and the answer, no dict), in order with
         the other events; the guardrails count them per campaign once per
-        record, before any other outcome of the record reaches them, so each
-        check sees the same counts as when they were counted one by one."""
+        call (a drained run of records), before any other outcome of it
+        reaches them, so each check sees the same counts as when they were
+        counted one by one."""
         now = time.time()
         policy = self.config.retry
         stats = self.stats
