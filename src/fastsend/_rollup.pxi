@@ -136,15 +136,21 @@ cdef inline bint _same_domain(object rcpt, object dom) except -1:
 
 
 def count_delivered(t, list claims, list results, dict acc, remember, Py_ssize_t nc, k):
-    # Consecutive deliveries mostly share their key (a worker answers a
-    # connection's messages together: one campaign, MX, source IP and domain):
-    # the last key's row is bumped again without a key tuple, a domain slice
-    # and a dict look-up per message.
+    # Consecutive deliveries often share their key (a worker answers a
+    # connection's messages together: one campaign, MX, source IP, and a
+    # batch's domain): the last key's row is bumped again without a key tuple,
+    # a domain slice and a dict look-up per message. Any other row is found by
+    # its domain in a dict per (campaign, MX, source IP) kept for the call
+    # (a string's dict look-up, not a key tuple of six made, hashed and
+    # compared per message: a connection's messages span many domains).
     cdef object minute = int(t) // 60
-    cdef object c, r, key, mid, cid, mx, ip, rcpt
+    cdef object c, r, key, mid, cid, mx, ip, rcpt, dom, ent, row
     cdef object last_key = None, last_cid = None, last_mx = None, last_ip = None
     cdef object last_dom = None
     cdef list last_row = None
+    cdef dict ctxs = {}  # (campaign, mx, ip) -> {domain: (key, row)}
+    cdef dict by_dom = None
+    cdef object ctx_cid = None, ctx_mx = None, ctx_ip = None
     cdef Py_ssize_t i, ki = 0, n = len(claims)
     cdef bint fast = type(k) is int
     if len(results) != n:
@@ -165,16 +171,35 @@ def count_delivered(t, list claims, list results, dict acc, remember, Py_ssize_t
                 and mx == last_mx and ip == last_ip and _same_domain(rcpt, last_dom)):
             last_row[ki] = last_row[ki] + 1
             key = last_key
+        elif fast:
+            if by_dom is None or not ((cid is ctx_cid or cid == ctx_cid)
+                                      and mx == ctx_mx and ip == ctx_ip):
+                ent = (cid, mx, ip)
+                by_dom = ctxs.get(ent)
+                if by_dom is None:
+                    by_dom = {}
+                    ctxs[ent] = by_dom
+                ctx_cid, ctx_mx, ctx_ip = cid, mx, ip
+            dom = _rcpt_domain(rcpt)
+            ent = by_dom.get(dom)
+            if ent is not None:
+                key = (<tuple>ent)[0]
+                last_row = <list>(<tuple>ent)[1]
+                last_row[ki] = last_row[ki] + 1
+            else:
+                key = (minute, cid, None, mx, ip, dom)
+                _bump(acc, key, nc, k)
+                row = acc.get(key)
+                last_row = None
+                if type(row) is list:
+                    last_row = <list>row
+                    by_dom[dom] = (key, row)
+            if last_row is not None:
+                last_key, last_cid, last_mx, last_ip = key, cid, mx, ip
+                last_dom = dom
         else:
             key = (minute, cid, None, mx, ip, _rcpt_domain(rcpt))
             _bump(acc, key, nc, k)
-            last_row = None
-            if fast:
-                row = acc.get(key)
-                if type(row) is list:
-                    last_row = <list>row
-                    last_key, last_cid, last_mx, last_ip = key, cid, mx, ip
-                    last_dom = key[5]
         if remember is not None:
             mid = _get(c, fc, 2)
             if mid is not None:
