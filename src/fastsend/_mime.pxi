@@ -1326,10 +1326,13 @@ cdef class Assembly:
         cdef bint utf8
         cdef object vs, rid, digest, mail_from = sender
         cdef bint one = type(sender) is str
+        cdef _Fields f = None
         for it in items:
-            rcpt = it.rcpt
-            rid = it.id
-            vs = it.vars
+            # (a wire.Item's fields read from their slots, _events.pxi's _Fields)
+            f = _fields_for(it, f, _ITEM_FIELDS)
+            rcpt = _get(it, f, 1)
+            rid = _get(it, f, 0)
+            vs = _get(it, f, 2)
             if blobs:
                 digest = _m_blob_digest(vs)
                 if digest:
@@ -1400,7 +1403,10 @@ cdef class Assembly:
         path declines it (then made the usual way)."""
         if not self.fast_made:
             self.fast_made = True
-            self.fast = _fast_layout(self)
+            try:
+                self.fast = _fast_layout(self)
+            except Exception:  # (a layout it does not know: the usual way, always)
+                self.fast = None
         cdef _Fast fp = self.fast
         if fp is None:
             return None
@@ -1650,6 +1656,7 @@ cdef enum:
     _SIGNED = 2  # the message signed by the assembly's signer
 
 
+cdef tuple _ITEM_FIELDS = ("id", "rcpt", "vars")  # Assembly.envelopes' reads of a wire.Item
 cdef object _json_loads = None  # orjson.loads, imported at the first DeferredMessage
 cdef object _m_Envelope = None  # fastsend.outcome.Envelope, at the first Assembly.envelopes
 cdef object _m_blob_digest = None  # fastsend.wire.blob_digest, with it
@@ -1714,7 +1721,7 @@ cdef bint _message_id_safe(str message_id) except -1:
     cdef Py_ssize_t n = len(message_id), i
     cdef const unsigned char* s
     cdef unsigned char c
-    if n < 1 or n > 200 or not message_id.isascii():
+    if n < 1 or n > 200 or not PyUnicode_IS_ASCII(message_id):
         return False
     s = <const unsigned char*> PyUnicode_AsUTF8AndSize(message_id, &n)
     for i in range(n):

@@ -4,9 +4,12 @@
 # HMAC-SHA256 (RFC 2104) from two SHA-256 states kept per secret (after the
 # inner and outer padded keys), with libcrypto's SHA-256 (the OpenSSL that
 # Python's hashlib uses; the CPU's SHA instructions): a token is two
-# struct copies and two one-block hashes, no Python objects but the result.
+# struct copies and two one-block hashes, no Python objects but the result
+# (an int row id's digits written here, not by str(); the str made from
+# its ASCII octets at once).
 
 from libc.string cimport memcpy, memset
+from cpython.unicode cimport PyUnicode_DecodeASCII
 
 
 cdef class _MacPads:
@@ -59,11 +62,34 @@ cdef str _token(row_id, secret):
         return str(row_id)
     if type(secret) is not bytes:
         return _token_py(row_id, secret)
-    cdef str head = str(row_id)
+    cdef str head
     cdef Py_ssize_t n, i
-    cdef const char* h = PyUnicode_AsUTF8AndSize(head, &n)
-    if n > 64:
-        return _token_py(row_id, secret)
+    cdef const char* h
+    cdef char digits[24]
+    cdef int overflow = 1
+    cdef long long rid = 0
+    cdef unsigned long long u
+    if type(row_id) is int:  # (the usual case) its decimal digits written here, no str
+        rid = PyLong_AsLongLongAndOverflow(row_id, &overflow)
+    if overflow == 0:
+        u = <unsigned long long> (-(rid + 1)) + 1 if rid < 0 else <unsigned long long> rid
+        n = 24
+        while True:
+            n -= 1
+            digits[n] = 48 + <char> (u % 10)
+            u //= 10
+            if u == 0:
+                break
+        if rid < 0:
+            n -= 1
+            digits[n] = 45
+        h = digits + n
+        n = 24 - n
+    else:
+        head = str(row_id)
+        h = PyUnicode_AsUTF8AndSize(head, &n)
+        if n > 64:
+            return _token_py(row_id, secret)
     cdef _MacPads p = _mac_pads(secret)
     cdef SHA256_CTX ctx
     cdef unsigned char md[32]
@@ -83,7 +109,7 @@ cdef str _token(row_id, secret):
     out[n] = 45  # "-"
     for i in range(10):
         out[n + 1 + i] = _B32_ALPHABET[(v >> (45 - 5 * i)) & 31]
-    return out[:n + 11].decode("ascii")
+    return PyUnicode_DecodeASCII(out, n + 11, NULL)
 
 
 def _token_py(row_id, secret):

@@ -200,7 +200,10 @@ class Assembly:
     Message-ID) are passed in. ``signer`` (a
     :class:`~fastsend.message.dkim.MessageSigner`, or None) signs the messages
     :meth:`signed` makes, and those of :meth:`deferred`. The compiled twin
-    (``_mime.pxi``) writes the same bytes without a Python call per piece.
+    (``_mime.pxi``) writes the same bytes without a Python call per piece,
+    and an unsigned message, when it can, with no Python object but the
+    message (``_fast_make``: the values read where they lie in the
+    recipient's JSON or a dict's strs; anything else made as here).
     """
 
     def __init__(
