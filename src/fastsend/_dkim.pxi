@@ -235,16 +235,24 @@ cdef int _block_digest(tuple lines, bytes sig_head_c14n, bint relaxed,
 
 
 cdef int _lines_digest(object lines, tuple idx, const unsigned char* tail, Py_ssize_t tn,
-                       bint relaxed, unsigned char* digest) except -1:
+                       bint relaxed, unsigned char* digest, const unsigned char* base=NULL,
+                       const Py_ssize_t* spans=NULL) except -1:
     """SHA-256 of the signed header block: the header lines (``lines``, a list
     or tuple: those at the positions ``idx``, or all of them in order when it
     is None) canonicalized (relaxed, or simple: as they are), then the ``tn``
-    octets at ``tail`` (the DKIM-Signature line canonicalized), in one buffer."""
-    cdef Py_ssize_t k, m = len(idx) if idx is not None else len(lines), cap = tn, o = 0, n
+    octets at ``tail`` (the DKIM-Signature line canonicalized), in one buffer.
+    With ``spans`` (and ``idx``), line k is the octets ``base[spans[2k]:
+    spans[2k + 1]]`` (a message's own lines, where they lie: Assembly._fast_make)."""
+    cdef Py_ssize_t k, j, m = len(idx) if idx is not None else len(lines), cap = tn, o = 0, n
     cdef object ln
     cdef SHA256_CTX ctx
     cdef unsigned char* buf
+    cdef const unsigned char* p
     for k in range(m):
+        if spans != NULL:
+            j = <Py_ssize_t> idx[k]
+            cap += spans[2 * j + 1] - spans[2 * j] + 3
+            continue
         ln = lines[<Py_ssize_t> idx[k]] if idx is not None else lines[k]
         if type(ln) is not bytes:
             raise TypeError("the header lines to sign must be a tuple of bytes")
@@ -254,12 +262,18 @@ cdef int _lines_digest(object lines, tuple idx, const unsigned char* tail, Py_ss
         raise MemoryError()
     try:
         for k in range(m):
-            ln = lines[<Py_ssize_t> idx[k]] if idx is not None else lines[k]
-            n = PyBytes_GET_SIZE(ln)
-            if relaxed:
-                o += _header_relaxed(<const unsigned char*> PyBytes_AS_STRING(ln), n, buf + o)
+            if spans != NULL:
+                j = <Py_ssize_t> idx[k]
+                p = base + spans[2 * j]
+                n = spans[2 * j + 1] - spans[2 * j]
             else:
-                memcpy(buf + o, PyBytes_AS_STRING(ln), n)
+                ln = lines[<Py_ssize_t> idx[k]] if idx is not None else lines[k]
+                p = <const unsigned char*> PyBytes_AS_STRING(ln)
+                n = PyBytes_GET_SIZE(ln)
+            if relaxed:
+                o += _header_relaxed(p, n, buf + o)
+            else:
+                memcpy(buf + o, p, n)
                 o += n
         memcpy(buf + o, tail, tn)
         o += tn
@@ -571,10 +585,11 @@ cdef class MessageSigner:
         return PyBytes_GET_SIZE(self.pre) + 44 + 6 + _folded_len(self.siglen)
 
     cdef int _sign_into(self, bytes msg, Py_ssize_t room, object lines, Py_ssize_t off,
-                        Py_ssize_t n) except -1:
+                        Py_ssize_t n, const Py_ssize_t* spans=NULL) except -1:
         """Write the DKIM-Signature line (``room`` octets: ``_reserve``) at the
         start of ``msg``, whose header ``lines`` follow it and whose body is
-        the ``n`` octets at ``off``."""
+        the ``n`` octets at ``off``. With ``spans``, ``lines`` is None and
+        header line k is ``msg[spans[2k]:spans[2k + 1]]`` (``_lines_digest``)."""
         cdef bytes bh = self.hasher._hash_at(msg, off, n)
         cdef unsigned char* w = <unsigned char*> PyBytes_AS_STRING(msg)
         cdef Py_ssize_t pn = PyBytes_GET_SIZE(self.pre), hl, cn, sn
@@ -594,11 +609,11 @@ cdef class MessageSigner:
                 memcpy(tail, PyBytes_AS_STRING(self.pre_c14n), cn)
                 memcpy(tail + cn, PyBytes_AS_STRING(bh), 44)
                 memcpy(tail + cn + 44, b"; b=", 4)
-                _lines_digest(lines, self.idx, tail, cn + 48, True, digest)
+                _lines_digest(lines, self.idx, tail, cn + 48, True, digest, w, spans)
             finally:
                 free(tail)
         else:
-            _lines_digest(lines, self.idx, w, hl, False, digest)
+            _lines_digest(lines, self.idx, w, hl, False, digest, w, spans)
         if self.mode == 1:
             sn = self.rsa._sign(digest, sig)
         else:

@@ -808,6 +808,7 @@ cdef enum:
     _FAST_HEAD = 8192  # octets of the header lines' scratch (on the stack)
     _FAST_VAL = 2048  # octets of a header value's scratch (on the stack)
     _FAST_NONE = -1  # a value that is missing (absent or null)
+    _FAST_LINES = 64  # header lines
 
 
 cdef class _FastTpl:
@@ -834,8 +835,9 @@ cdef class _Fast:
     cdef tuple name_utf8
     cdef const char* nptr[_FAST_NAMES]
     cdef Py_ssize_t nlen[_FAST_NAMES]
-    cdef tuple head, tail, segs
-    cdef bytes content, mime, from_domain
+    cdef tuple head, tail, segs, content
+    cdef bytes mime, from_domain
+    cdef Py_ssize_t nlines  # header lines of a message
 
     cdef int index(self, str name) except -2:
         cdef int k
@@ -923,7 +925,7 @@ cdef _Fast _fast_layout(Assembly a):
     cdef object x
     cdef _FastEntry fe
     cdef _FastTpl t
-    if a.signer is not None or len(a.segments) > _FAST_SEGS:
+    if (a.signer is not None and a.signer.mode == 0) or len(a.segments) > _FAST_SEGS:
         return None
     fp.names = ["email", "message_id"]
     for which in range(2):
@@ -952,7 +954,14 @@ cdef _Fast _fast_layout(Assembly a):
     for x in a.content:
         if type(x) is not bytes:
             return None
-    fp.content = b"".join(a.content)
+    fp.content = a.content
+    fp.nlines = len(fp.head) + len(fp.tail) + len(a.content) + 3 + (not a.to_custom)
+    if fp.nlines > _FAST_LINES:
+        return None
+    if a.signer is not None:
+        for x in a.signer.idx:
+            if type(x) is not int or not 0 <= x < fp.nlines:
+                return None
     fp.mime = b"MIME-Version: 1.0\r\n"
     try:
         fp.from_domain = a.from_domain.encode("utf-8")
@@ -1357,8 +1366,9 @@ cdef class Assembly:
         # (just decoded), filled in place. ``extra``, ``spare``: see _whole.
         cdef dict vs
         cdef object fast
-        if make == _WHOLE:
-            fast = self._fast_make(variables, rcpt, message_id, date, extra, spare)
+        if make == _WHOLE or (make == _SIGNED and self.signer.mode):
+            fast = self._fast_make(variables, rcpt, message_id, date, extra, spare,
+                                   make == _SIGNED)
             if fast is not None:
                 return fast
         if own and type(variables) is dict:
@@ -1391,16 +1401,19 @@ cdef class Assembly:
             return self.signer.message(lines, self._body(vs))
         return lines, self._body(vs)
 
-    def _fast_made_by(self, variables, str rcpt, str message_id, bytes date):
-        """What the fast path makes of this message, or None (tests)."""
-        return self._fast_make(variables, rcpt, message_id, date, 0, NULL)
+    def _fast_made_by(self, variables, str rcpt, str message_id, bytes date, bint sign=False):
+        """What the fast path makes of this message (signed: ``signed``'s), or
+        None (tests)."""
+        return self._fast_make(variables, rcpt, message_id, date, 0, NULL, sign)
 
     cdef object _fast_make(self, object variables, str rcpt, str message_id, bytes date,
-                           Py_ssize_t extra, Py_ssize_t* spare):
-        """The message ``_personal(..., _WHOLE, ...)`` makes, written by the
-        fast path (see _Fast) from ``variables`` (a dict, or the recipient's
-        JSON as bytes): no Python object but the message. None when the fast
-        path declines it (then made the usual way)."""
+                           Py_ssize_t extra, Py_ssize_t* spare, bint sign=False):
+        """The message ``_personal(..., _WHOLE, ...)`` makes (with ``sign``,
+        ``_SIGNED``'s: the signer's line in the room kept for it, the header
+        lines hashed where they lie), written by the fast path (see _Fast)
+        from ``variables`` (a dict, or the recipient's JSON as bytes): no
+        Python object but the message. None when the fast path declines it
+        (then made the usual way)."""
         if not self.fast_made:
             self.fast_made = True
             try:
@@ -1418,9 +1431,14 @@ cdef class Assembly:
         cdef const char* pp[_FAST_PH]
         cdef Py_ssize_t pl[_FAST_PH]
         cdef unsigned char hw[_FAST_HEAD]
+        cdef Py_ssize_t spans[2 * _FAST_LINES]
+        cdef Py_ssize_t line = 0, room = 0
         cdef object seg
         cdef _FastEntry e
         cdef unsigned char* w
+        cdef MessageSigner signer = self.signer if sign else None
+        if sign and (signer is None or signer.mode == 0):
+            return None
         for k in range(nn):
             vp[k] = NULL
             vl[k] = _FAST_NONE
@@ -1440,21 +1458,30 @@ cdef class Assembly:
         vp[0] = PyUnicode_AsUTF8AndSize(rcpt, &vl[0])
         vp[1] = PyUnicode_AsUTF8AndSize(message_id, &vl[1])
         for e in fp.head:
+            spans[2 * line] = o
             o = _fast_entry(e, vp, vl, hw, o)
             if o < 0:
                 return None
+            spans[2 * line + 1] = o
+            line += 1
         n = PyBytes_GET_SIZE(date) + PyBytes_GET_SIZE(fp.mime) + PyBytes_GET_SIZE(fp.from_domain)
         if o + vl[0] + vl[1] + n + 32 > _FAST_HEAD:
             return None
         if not self.to_custom:
+            spans[2 * line] = o
             memcpy(hw + o, b"To: ", 4)
             memcpy(hw + o + 4, vp[0], vl[0])
             o += 4 + vl[0]
             hw[o] = 13
             hw[o + 1] = 10
             o += 2
+            spans[2 * line + 1] = o
+            line += 1
+        spans[2 * line] = o
         memcpy(hw + o, PyBytes_AS_STRING(date), PyBytes_GET_SIZE(date))
         o += PyBytes_GET_SIZE(date)
+        spans[2 * line + 1] = spans[2 * line + 2] = o
+        line += 1
         memcpy(hw + o, b"Message-ID: <", 13)
         memcpy(hw + o + 13, vp[1], vl[1])
         o += 13 + vl[1]
@@ -1463,17 +1490,30 @@ cdef class Assembly:
         o += 1 + PyBytes_GET_SIZE(fp.from_domain)
         memcpy(hw + o, b">\r\n", 3)
         o += 3
+        spans[2 * line + 1] = spans[2 * line + 2] = o
+        line += 1
         memcpy(hw + o, PyBytes_AS_STRING(fp.mime), PyBytes_GET_SIZE(fp.mime))
         o += PyBytes_GET_SIZE(fp.mime)
+        spans[2 * line + 1] = o
+        line += 1
         for e in fp.tail:
+            spans[2 * line] = o
             o = _fast_entry(e, vp, vl, hw, o)
             if o < 0:
                 return None
-        n = PyBytes_GET_SIZE(fp.content)
-        if o + n + 2 > _FAST_HEAD:
+            spans[2 * line + 1] = o
+            line += 1
+        for seg in fp.content:
+            n = PyBytes_GET_SIZE(seg)
+            if o + n + 2 > _FAST_HEAD:
+                return None
+            spans[2 * line] = o
+            memcpy(hw + o, PyBytes_AS_STRING(seg), n)
+            o += n
+            spans[2 * line + 1] = o
+            line += 1
+        if o + 2 > _FAST_HEAD:
             return None
-        memcpy(hw + o, PyBytes_AS_STRING(fp.content), n)
-        o += n
         hw[o] = 13
         hw[o + 1] = 10
         o += 2
@@ -1490,9 +1530,13 @@ cdef class Assembly:
             cap += caps[k]
         if extra < 0:
             extra = 0
-        cdef PyObject* raw = _bytes_new(NULL, cap + extra)
+        if signer is not None:
+            room = signer._reserve()
+            for k in range(2 * line):
+                spans[k] += room  # (where the lines lie in the message)
+        cdef PyObject* raw = _bytes_new(NULL, room + cap + extra)
         try:
-            w = <unsigned char*> _bytes_buf(raw)
+            w = <unsigned char*> _bytes_buf(raw) + room
             memcpy(w, hw, o)
             b = o  # the body starts here
             for k in range(len(fp.segs)):
@@ -1510,7 +1554,10 @@ cdef class Assembly:
         except BaseException:
             Py_XDECREF(raw)
             raise
-        return _finish(raw, o, extra, spare)
+        cdef bytes msg = _finish(raw, room + o, extra, spare)
+        if signer is not None:
+            signer._sign_into(msg, room, None, room + b, o - b, spans)
+        return msg
 
     cdef bytes _whole(self, list lines, object variables, MessageSigner signer,
                       Py_ssize_t extra=0, Py_ssize_t* spare=NULL):
@@ -1693,10 +1740,12 @@ cdef class DeferredMessage:
         cdef bint own = False
         try:
             if type(vs) is bytes:  # the recipient's JSON, decoded now (in cache)
-                if self.assembly.signer is None and PyBytes_GET_SIZE(vs):
+                if PyBytes_GET_SIZE(vs) and (self.assembly.signer is None
+                                             or self.assembly.signer.mode):
                     # its values read where they lie, when the fast path can
                     made = self.assembly._fast_make(vs, self.rcpt, self.message_id, self.date,
-                                                    extra, spare)
+                                                    extra, spare,
+                                                    self.assembly.signer is not None)
                     if made is not None:
                         return made
                 if _json_loads is None:
