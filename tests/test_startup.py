@@ -240,3 +240,26 @@ def test_a_whole_send_imports_none_of_what_it_does_not_use(tmp_path: Path) -> No
     assert "fastsend.delivery.worker" in imported  # the probe works
     unused = (*NOT_ON_THE_SEND_PATH, "email.utils", "html.entities", "mimetypes")
     assert not [m for m in unused if m in imported]
+
+
+def test_shipped_files_are_read_without_importlib_resources() -> None:
+    """The shipped shaping defaults, bounce rules and machine-open rules are read
+    beside their modules: importlib.resources (with its zip reader and tempfile)
+    would be imported at every start (~5 ms of a `send`) in an interpreter whose
+    site has not loaded it already (this probe runs without site's .pth files)."""
+    probe = (
+        f"import sys; sys.path[:0] = {sys.path!r}\n"
+        "from fastsend.config.shaping import shipped_shaping\n"
+        "from fastsend.bounce.reply import default_rules\n"
+        "from fastsend.analytics.machine import load_machine_rules\n"
+        "import fastsend.commands.send, fastsend.engine, fastsend.delivery.worker\n"
+        "assert shipped_shaping().provider and default_rules().rules\n"
+        "assert load_machine_rules()\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "fastsend.delivery.worker" in out  # the probe works
+    assert not [m for m in out if m.startswith(("importlib.resources", "importlib.readers"))]
+    assert "zipfile" not in out and "tempfile" not in out

@@ -22,9 +22,9 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
-from importlib import resources
 from typing import Any
 
 import msgspec
@@ -149,7 +149,9 @@ class MachineRules:
 
 
 def shipped_rules() -> dict[str, Any]:
-    text = (resources.files("fastsend.analytics") / "machine.toml").read_text("utf-8")
+    # Beside this module (not through importlib.resources: see config.shaping).
+    with open(os.path.join(os.path.dirname(__file__), "machine.toml"), encoding="utf-8") as f:
+        text = f.read()
     return tomllib.loads(text)
 
 

@@ -28,11 +28,11 @@ do about a reply (retry, suppress, rest an IP): callers do.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -428,7 +428,9 @@ class RuleSet:
 
     @classmethod
     def default(cls) -> RuleSet:
-        text = resources.files("fastsend.bounce").joinpath("rules.toml").read_text("utf-8")
+        # Beside this module (not through importlib.resources: see config.shaping).
+        with open(os.path.join(os.path.dirname(__file__), "rules.toml"), encoding="utf-8") as f:
+            text = f.read()
         return cls.from_dict(tomllib.loads(text), "fastsend/bounce/rules.toml")
 
     def extended(self, *others: RuleSet) -> RuleSet:
