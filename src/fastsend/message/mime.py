@@ -201,9 +201,10 @@ class Assembly:
     :class:`~fastsend.message.dkim.MessageSigner`, or None) signs the messages
     :meth:`signed` makes, and those of :meth:`deferred`. The compiled twin
     (``_mime.pxi``) writes the same bytes without a Python call per piece,
-    and an unsigned message, when it can, with no Python object but the
+    and a message, signed or not, when it can, with no Python object but the
     message (``_fast_make``: the values read where they lie in the
-    recipient's JSON or a dict's strs; anything else made as here).
+    recipient's JSON or a dict's strs, a signed one's header lines hashed
+    where they lie; anything else made as here).
     """
 
     def __init__(
