@@ -329,19 +329,39 @@ def apply_delivered(
         if r.kind != k_delivered:
             return i, c
         counts[1] += 1
-        results.append(result(c.id, state, c.attempts + 1, 0.0, r.code, r.enhanced, r.text))
-        cid = c.campaign
-        delivered[cid] = delivered.get(cid, 0) + 1
-        for hook in hooks:
-            try:
-                hook(c, r, state)
-            except Exception:  # a hook's bug must not strand the rest
-                failed(hook)
-        if claims is not None:
-            claims.append(c)
-            answers.append(r)
+        row = result(c.id, state, c.attempts + 1, 0.0, r.code, r.enhanced, r.text)
+        _delivered(c, row, r, r, state, hooks, failed, results, claims, answers, delivered)
         i += 1
     return i, None
+
+
+def _delivered(
+    c: Claimed,
+    row: Result,
+    hres: wire.Res | None,
+    answer: Any,
+    state: int,
+    hooks: list[Callable[[Claimed, wire.Res, int], None]],
+    failed: Callable[[Any], None],
+    results: list[Result],
+    claims: list[Claimed] | None,
+    answers: list[Any],
+    delivered: dict[int, int],
+) -> None:
+    """One delivery applied (the pure twins' shared step): its Result ``row``
+    appended, its campaign counted, the hooks given ``hres`` (``failed`` told
+    of one that raises), the claim and its event's ``answer`` kept."""
+    results.append(row)
+    cid = c.campaign
+    delivered[cid] = delivered.get(cid, 0) + 1
+    for hook in hooks:
+        try:
+            hook(c, hres, state)  # type: ignore[arg-type]  # hres is set when there are hooks
+        except Exception:  # a hook's bug must not strand the rest
+            failed(hook)
+    if claims is not None:
+        claims.append(c)
+        answers.append(answer)
 
 
 def apply_sent(
@@ -375,23 +395,15 @@ def apply_sent(
         if texts:
             text, qid = texts[k], qids[k]
             r = res(mid, k_delivered, code, enhanced, text, mx, ip, "", "", False, qid)
-        results.append(result(c.id, state, c.attempts + 1, 0.0, code, enhanced, text))
-        cid = c.campaign
-        delivered[cid] = delivered.get(cid, 0) + 1
+        h = None
         if hooks:
             h = (
                 r
                 if texts
                 else res(mid, k_delivered, code, enhanced, text, mx, ip, "", "", False, qid)
             )
-            for hook in hooks:
-                try:
-                    hook(c, h, state)
-                except Exception:  # a hook's bug must not strand the rest
-                    failed(hook)
-        if claims is not None:
-            claims.append(c)
-            answers.append(r)
+        row = result(c.id, state, c.attempts + 1, 0.0, code, enhanced, text)
+        _delivered(c, row, h, r, state, hooks, failed, results, claims, answers, delivered)
 
 
 py_apply_delivered = apply_delivered  # the references (tests compare the twins with them)
