@@ -35,6 +35,7 @@ import hashlib
 import logging
 import operator
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -84,7 +85,44 @@ Row = tuple[str, str, bytes]  # (rcpt, ascii domain, vars as JSON)
 
 
 class AcceptError(ValueError):
-    """The campaign or list cannot be accepted; the message says why."""
+    """The campaign or list cannot be accepted; the message says why (``key``: the
+    campaign key at fault, when one is)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+_VERP_PREFIX = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.=+\-]{0,30}[A-Za-z0-9])?")
+_BREAKS = ("\r", "\n", "\0")
+
+
+def _header_sources(spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(key, template source) of every value that becomes a header field."""
+    for key in ("subject", "feedback_id", "to", "reply_to", "return_path", "verp_domain"):
+        yield key, spec.get(key)
+    for name, value in (spec.get("headers") or {}).items():
+        yield f"headers.{name}", value
+    for key in ("mailto", "url"):
+        yield f"list_unsubscribe.{key}", (spec.get("list_unsubscribe") or {}).get(key)
+
+
+def _check_header_values(spec: dict[str, Any]) -> None:
+    """A campaign whose own text would put CR, LF or NUL in a header is refused
+    now: the renderer refuses it too, but only once the campaign is spooled,
+    when every message would wait in the queue until it expires."""
+    for key, value in _header_sources(spec):
+        if isinstance(value, str) and any(c in value for c in _BREAKS):
+            raise AcceptError(
+                f"{key}: CR, LF and NUL are not allowed in a header value (header injection"
+                " refused)", key,
+            )  # fmt: skip
+    prefix = spec.get("verp_prefix")
+    if prefix is not None and not _VERP_PREFIX.fullmatch(prefix):
+        raise AcceptError(
+            f"verp_prefix: {prefix[:80]!r} is not a VERP prefix (1-32 letters, digits and"
+            " _.=+-, a letter or digit at each end)", "verp_prefix",
+        )  # fmt: skip
 
 
 def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, Any]:
@@ -99,6 +137,7 @@ def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, A
             " add a [dkim] table or pass --no-dkim"
         )
     spec = camp.to_dict()
+    _check_header_values(spec)
     if spec.get("dkim"):
         # Each key is loaded (and checked) now: a bad one is refused before a
         # message is spooled, and workers forked after this share it (no load each).

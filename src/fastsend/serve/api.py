@@ -32,10 +32,11 @@ from aiohttp import web
 
 from fastsend.config import Config
 from fastsend.config.serve import ApiSettings
+from fastsend.config.tenants import norm_domain
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext
 from fastsend.serve.eventindex import EventIndex
-from fastsend.tenants import TenantDomainError
+from fastsend.tenants import TenantDomainError, domain_of
 from fastsend.throttle import Gcra
 
 log = logging.getLogger("fastsend.serve.api")
@@ -244,6 +245,46 @@ def check_from_domain(request: web.Request, domain: str, field: str) -> None:
         tenants.check_from(tenant_of(request), domain)
     except TenantDomainError as e:
         raise ApiError(403, f"{field}: {e}", field) from None
+
+
+def check_envelope(request: web.Request, spec: dict[str, Any], where: str) -> None:
+    """403 naming the key unless the campaign's envelope sender is the tenant's: a
+    ``return_path`` or ``verp_domain`` at one of its sending domains, or the intake's
+    ``[intake] verp_domain`` (bounces come back to the server). The envelope sender is
+    the domain SPF checks and bounces go to: another tenant's is not for the taking."""
+    api = api_of(request)
+    tenants = api.ctx.tenants
+    if tenants is None:
+        return
+    tenant = tenant_of(request)
+    intake = norm_domain(api.ctx.config.intake.verp_domain or "")
+    for key in ("return_path", "verp_domain"):
+        value = spec.get(key)
+        if not value:
+            continue
+        domain = domain_of(value) if key == "return_path" else domain_of("@" + value)
+        if intake and domain == intake:
+            continue
+        try:
+            tenants.check_from(tenant, domain)
+        except TenantDomainError as e:
+            raise ApiError(403, f"{where}.{key}: {e}", f"{where}.{key}") from None
+
+
+def tenant_template(request: web.Request, template: Any) -> Any:
+    """A tenant's campaign template with its ``tracking_base_url`` as the links' base
+    when tracking is on and the template names none (before it is validated: an
+    unsubscribe link needs its https base)."""
+    tenants = api_of(request).ctx.tenants
+    if not isinstance(template, dict) or tenants is None:
+        return template
+    t = template.get("tracking")
+    base = tenants.tracking_base_url(tenant_of(request))
+    if base and isinstance(t, dict) and not t.get("base_url") and (
+        t.get("opens") or t.get("clicks") or t.get("unsubscribe")
+    ):
+        template = {**template, "tracking": {**t, "base_url": base}}
+    return template
 
 
 def server_dkim(request: web.Request, spec: dict[str, Any], from_domain: str) -> None:

@@ -43,6 +43,7 @@ from fastsend.serve.api import (
     ApiError,
     api_of,
     bad,
+    check_envelope,
     check_from_domain,
     decode_body,
     int_param,
@@ -51,6 +52,7 @@ from fastsend.serve.api import (
     require_tenant,
     server_dkim,
     tenant_of,
+    tenant_template,
 )
 from fastsend.serve.idempotency import accept_rows, fault, idempotent, json_digest, run_of
 from fastsend.serve.uploads import UPLOAD, Saved, UploadTooLarge, scan
@@ -191,11 +193,14 @@ async def create_campaign(request: web.Request) -> web.Response:
     body = decode_body(await read_body(request), CampaignIn)
     try:
         check_inline(body.template)  # before anything could be read: no server files
-        camp = Campaign.from_dict(body.template)
+        camp = Campaign.from_dict(tenant_template(request, body.template))
         spec = check_campaign(camp)
     except PathKeyError as e:
         raise bad(f"template.{e}", f"template.{e.key}") from None
-    except (CampaignError, AcceptError) as e:
+    except AcceptError as e:
+        field = f"template.{e.key}" if e.key else "template"
+        raise bad(f"{field}: {e}" if e.key else f"template: {e}", field) from None
+    except CampaignError as e:
         raise bad(f"template: {e}", "template") from None
     cap = api.settings.max_campaign_recipients
     if len(body.recipients) > cap:  # before a campaign exists
@@ -208,6 +213,7 @@ async def create_campaign(request: web.Request) -> web.Response:
         first = next(r for r in rows if isinstance(r, recipients.BadRow))
         raise bad(f"recipients[{first.line - 1}]: {first.error}", f"recipients[{first.line - 1}]")
     check_from_domain(request, camp.from_domain, "template.from")
+    check_envelope(request, spec, "template")
     server_dkim(request, spec, camp.from_domain)
     tenant = tenant_of(request)
     run = run_of(request)

@@ -40,6 +40,7 @@ from fastsend.serve.api import (
     ApiError,
     api_of,
     bad,
+    check_envelope,
     check_from_domain,
     decode_body,
     int_param,
@@ -48,6 +49,7 @@ from fastsend.serve.api import (
     require_tenant,
     server_dkim,
     tenant_of,
+    tenant_template,
 )
 from fastsend.serve.idempotency import accept_rows, idempotent
 from fastsend.tenants import domain_of
@@ -126,15 +128,17 @@ class MessagesHandler:
             return tpl, Campaign.from_dict(info.spec)
         try:
             check_inline(tpl)  # before anything could be read: no server files
-            camp = Campaign.from_dict(tpl)
+            camp = Campaign.from_dict(tenant_template(request, tpl))
             spec = check_campaign(camp)
         except PathKeyError as e:
             raise bad(f"{where}.{e}", f"{where}.{e.key}") from None
         except CampaignError as e:
             raise _campaign_error(e, where) from None
         except AcceptError as e:
-            raise bad(f"{where}: {e}", where) from None
+            field = f"{where}.{e.key}" if e.key else where
+            raise bad(f"{field}: {e}" if e.key else f"{where}: {e}", field) from None
         check_from_domain(request, camp.from_domain, f"{where}.from")
+        check_envelope(request, spec, where)
         server_dkim(request, spec, camp.from_domain)
         digest = hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
         cid = self.template_campaigns.get((tenant, digest))

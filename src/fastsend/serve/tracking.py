@@ -172,8 +172,8 @@ class _Tracking:
 
     async def click(self, request: web.Request) -> web.Response:
         mid, rcpt, url = self._check(request.match_info["token"], tr.CLICK)
-        if not url.lower().startswith(("http://", "https://")):
-            raise _not_found()
+        if not url.lower().startswith(("http://", "https://")) or not url.isprintable():
+            raise _not_found()  # (a control character cannot go in a Location header)
         ev = self._event("clicked", mid, rcpt, request)
         ev["url"] = url
         if request.method == "GET":
