@@ -9,6 +9,7 @@ client's core (``ClientCore``: the reference and the compiled one).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
@@ -402,3 +403,74 @@ def test_exim_pipelining_with_refusals(
     got = sorted(r for _sender, rs in exim_server.received() for r in rs)
     assert got == sorted(["a@example.com", "b@example.com", "c@example.com", "d@example.com"] * 3)
     assert exim_server.protocol_errors() == [], exim_server.protocol_errors()[:5]
+
+
+def napper_class(impl: str) -> Any:
+    """The transport's ``Napper``: the reference ("py") or the compiled twin ("c")."""
+    from fastsend import _accel
+
+    return tr.PyNapper if impl == "py" else _accel.compiled("Napper")
+
+
+def test_napper_naps_once_per_iteration_and_only_while_enough_links_send(impl: str) -> None:
+    nap = napper_class(impl)()
+    loop = asyncio.new_event_loop()
+    try:
+        nap.poke()  # off: nothing scheduled
+        loop.run_until_complete(asyncio.sleep(0))
+        assert nap.naps == 0 and not nap.active
+        nap.start(loop, 0.0001, 2)
+        assert nap.active and nap.us == 100
+        nap.sending = 1
+        nap.poke()  # one link sending: no nap
+        loop.run_until_complete(asyncio.sleep(0))
+        assert nap.naps == 0
+        nap.sending = 2
+        for _ in range(5):  # five reads in one iteration: one nap after it
+            nap.poke()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert nap.naps == 1
+        nap.poke()
+        nap.sending = 0  # the links finished before the nap came: none taken
+        loop.run_until_complete(asyncio.sleep(0))
+        assert nap.naps == 1
+        nap.sending = 2
+        nap.poke()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert nap.naps == 2
+        nap.stop()
+        nap.poke()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert nap.naps == 2 and not nap.active
+    finally:
+        loop.close()
+
+
+def test_napping_connections_deliver_everything(
+    run: Run, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight connections sending at once to smtp-sink with the process's napper
+    on (as a worker runs it): every message delivered, in order, naps taken,
+    and no link left counted as sending."""
+    nap = napper_class(impl)()
+    monkeypatch.setattr(tr, "NAPPER", nap)
+    with smtp_sink() as port:
+
+        async def go() -> Any:
+            nap.start(asyncio.get_running_loop(), 0.0002, 4)
+            opts = ConnectOptions(host="127.0.0.1", port=port, timeouts=SHORT)
+            conns = [await must_connect(opts) for _ in range(8)]
+            assert all(c._link.napper is nap for c in conns)
+            out = await asyncio.gather(*(c.send(envs(40)) for c in conns))
+            out += await asyncio.gather(*(c.send(envs(40)) for c in conns))
+            for c in conns:
+                await c.quit()
+            nap.stop()
+            return out
+
+        out = run(go())
+    assert len(out) == 16
+    for results in out:
+        assert [r.tag for r in results] == list(range(40))
+        assert all(o.delivered for r in results for o in r.outcomes)
+    assert nap.naps > 0 and nap.sending == 0

@@ -1233,6 +1233,72 @@ cdef class ClientCore:
 
 cdef str _C_UNSOLICITED = "unsolicited"
 
+cdef extern from "unistd.h" nogil:
+    int usleep(unsigned int usec)
+
+
+cdef class Napper:
+    """Compiled twin of fastsend.smtp.transport.Napper (the reference): after a
+    loop iteration in which a connection read a reply, while at least
+    ``min_links`` connections have a group in flight, the loop sleeps ``us``
+    microseconds before it polls again, so the next poll finds the replies of
+    many connections at once (one wake-up for them, not one each)."""
+
+    cdef public Py_ssize_t sending  # links with a group in flight (SMTPConnection._send)
+    cdef public Py_ssize_t min_links
+    cdef public unsigned int us
+    cdef public Py_ssize_t naps  # naps taken (tests, benches)
+    cdef object _soon  # the loop's call_soon, or None: off
+    cdef object _nap  # the bound method: no new one per nap
+    cdef bint _due
+
+    def __init__(self):
+        self.sending = 0
+        self.min_links = 0
+        self.us = 0
+        self.naps = 0
+        self._soon = None
+        self._nap = self.nap
+        self._due = False
+
+    def start(self, loop, double seconds, Py_ssize_t min_links):
+        """Nap ``seconds`` on ``loop`` while ``min_links`` links send (0 s: off)."""
+        self._due = False
+        self.min_links = min_links
+        if seconds <= 0 or loop is None:
+            self._soon = None
+            self.us = 0
+        else:
+            self._soon = loop.call_soon
+            self.us = <unsigned int>(seconds * 1e6)
+
+    def stop(self):
+        self._soon = None
+        self._due = False
+
+    @property
+    def active(self):
+        return self._soon is not None
+
+    def poke(self):
+        """A connection read something: nap after this iteration, if due."""
+        self._poke()
+
+    cdef inline int _poke(self) except -1:
+        if self._soon is not None and not self._due and self.sending >= self.min_links:
+            self._due = True
+            self._soon(self._nap)
+        return 0
+
+    def nap(self):
+        cdef unsigned int us = self.us
+        self._due = False
+        if self._soon is None or self.sending < self.min_links:
+            return
+        self.naps += 1
+        with nogil:
+            usleep(us)
+
 
 cdef class Link:
     """Compiled twin of fastsend.smtp.transport.Link (an asyncio protocol)."""
@@ -1246,8 +1312,10 @@ cdef class Link:
     cdef public str lost_reason
     cdef ClientCore _core  # the client when it is the compiled core (else None)
     cdef object _time  # loop.time
+    cdef public object napper  # the process's Napper (told of every read), or None
+    cdef Napper _cnap  # the same when it is the compiled one
 
-    def __init__(self, client, loop, t):
+    def __init__(self, client, loop, t, napper=None):
         _client_types()
         self.client = client
         self._core = client if isinstance(client, ClientCore) else None
@@ -1264,6 +1332,8 @@ cdef class Link:
         self.timer = None
         self.tick = min(t.mail, t.rcpt, t.data, t.data_end)
         self.lost_reason = ""
+        self.napper = napper
+        self._cnap = napper if type(napper) is Napper else None
 
     @property
     def transport(self):
@@ -1283,6 +1353,10 @@ cdef class Link:
         cdef ClientCore core = self._core
         cdef list events
         cdef bytes out
+        if self._cnap is not None:
+            self._cnap._poke()
+        elif self.napper is not None:
+            self.napper.poke()
         try:
             if core is not None:
                 core._receive_in(data)

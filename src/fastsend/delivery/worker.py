@@ -41,12 +41,19 @@ from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
+from fastsend.smtp import transport
 
 FLUSH_AT = 512
 SITES_MIN = 1024  # site queues held before idle ones are forgotten (then 2x the live ones)
 TRANSACTIONAL = "transactional"  # campaign kind whose messages carry their own content
 FLUSH_DELAY = 0.002
 GC_YOUNG = 50_000  # gen0 threshold of a worker process (see run_worker)
+# The loop's nap (smtp.transport.Napper) after an iteration that read a
+# reply, while NAP_LINKS connections have a group in flight: one wake-up reads
+# the replies of many connections (a 100k send to smtp-sink: ~0.77 -> ~0.16
+# context switches per message, workers' CPU -15% on a quiet host).
+NAP_S = 0.0003
+NAP_LINKS = 8
 CLASSIFY_CACHE = 4096  # (code, enhanced, stage, text) -> (reason, hard) kept per worker
 _KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
 
@@ -619,6 +626,7 @@ class Worker:
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
+        transport.NAPPER.start(loop, NAP_S, NAP_LINKS)
         loop.add_reader(self.inbox.reader_fd, self.on_inbox)
         self.outbox.put(wire.encoder.encode(wire.Hello(os.getpid(), self.ips)))
         self.on_inbox()
