@@ -79,10 +79,13 @@ def run(
     feeder: Iterator[object] | None = None,
     total_fn: Callable[[], int] | None = None,
     events: EventLog | None = None,
+    suppression: Any = None,
 ) -> dict[str, Any]:
     """Deliver until done. ``feeder`` spools more mail while delivery runs (see
     Supervisor); ``total_fn`` gives the progress line the count spooled so far.
-    ``events``: the caller's event log (it stays open), else the config's."""
+    ``events``: the caller's event log (it stays open), else the config's.
+    ``suppression``: the list dispatch screens against and hard bounces go to
+    (a shared spool's: every node's, in Redis); None: ``<spool>/suppression.db``."""
     own_events = events is None
     if events is None:
         events = EventLog(config.event_log_path)
@@ -94,7 +97,14 @@ def run(
     if bar is not None and total_fn is not None:
         bar.total_fn = total_fn
     sup = Supervisor(
-        config, spool, events, until_idle=True, max_wait=max_wait, on_tick=bar, feeder=feeder
+        config,
+        spool,
+        events,
+        until_idle=True,
+        max_wait=max_wait,
+        on_tick=bar,
+        feeder=feeder,
+        suppression=suppression,
     )
     cpu0 = os.times()  # this process, and its reaped children (the workers)
     t0 = time.monotonic()

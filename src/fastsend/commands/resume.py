@@ -143,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         feeder=feeder() if resumable else None,
         events=events,
+        # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
+        suppression=suppression if spool.shared() is not None else None,
     )
     events.close()
     if suppression is not None:

@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         # rows spooled so far are not the whole run.
         total_fn=lambda: job.total - progress[0].rejected,
         events=events,
+        # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
+        suppression=suppression if spool.shared() is not None else None,
     )
     events.close()
     if suppression is not None:

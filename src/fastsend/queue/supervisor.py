@@ -105,7 +105,9 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.blob_swept = time.monotonic()
         # The suppression list is checked again at dispatch (an address suppressed
         # while its mail waited is not mailed) and learns hard delivery-time bounces.
-        self.suppression = suppression or SuppressionList(
+        # "is None", not "or": a list defines __len__, and an empty one (a shared
+        # list before its first entry) is falsy but still the list to use.
+        self.suppression = suppression if suppression is not None else SuppressionList(
             os.path.join(spool_local_dir(config.spool_dir), "suppression.db")
         )
         self.own_suppression = suppression is None

@@ -1,0 +1,60 @@
+"""Delivery semantics checked from the outside: the real ``fastsend`` commands,
+real receivers on loopback (``fastsend sink``), a real redis-server for the
+shared spool. Each test is a defect found by the session-12 audit (it failed on
+the code before its fix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests._engine_helpers import received_counts, run_fastsend, summary, write_campaign
+
+from fastsend.sink import SinkProcess
+
+FAST_RETRY = "[retry]\nmin_backoff = 3.0\nmax_backoff = 3.0\njitter = 0.0\n"
+
+
+def _list(tmp: Path, rcpts: list[str], name: str = "list.csv") -> Path:
+    p = tmp / name
+    p.write_text("email,name\n" + "".join(f"{r},n{i}\n" for i, r in enumerate(rcpts)))
+    return p
+
+
+def test_redis_send_and_resume_use_the_shared_suppression_list(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """On a Redis spool the suppression list is Redis's (every node's, where
+    ``fastsend suppress --spool redis://`` writes it): an address suppressed there
+    while its mail waits for a retry is not mailed by ``resume``, and a hard
+    bounce met by ``send`` is written there, not to a file only this machine reads.
+    Before: send/resume screened and learned against ``<dir>/suppression.db``."""
+    url = redis_server.url(node="n1", dir=str(tmp_path / "local"))
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(FAST_RETRY)
+    camp = write_campaign(tmp_path)
+    rcpts = ["defer1-a@example.com", "defer1-b@example.com", "permfail-c@example.com",
+             "d@example.com"]  # fmt: skip
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        route = f"*={sink.host}:{sink.port}"
+        common = ["-c", str(cfg), "--spool", url, "--route", route, "--workers", "1",
+                  "--source-ip", "127.0.0.2", "--json", "--no-progress"]  # fmt: skip
+        first = run_fastsend("send", str(camp), "-r", str(lst), "--no-dkim", "--max-wait", "0",
+                             *common)  # fmt: skip
+        s = summary(first)
+        assert s["delivered"] == 1 and s["bounced"] == 1 and s["deferred"] == 2, s
+        # The hard bounce is in the shared list (where every node and serve read it).
+        listed = run_fastsend("suppress", "list", "--spool", url)
+        assert listed.returncode == 0, listed.stderr
+        assert "permfail-c@example.com" in listed.stdout and "bounce-delivery" in listed.stdout
+        # Suppressed while it waits for its retry: resume must not mail it.
+        add = run_fastsend("suppress", "add", "defer1-a@example.com", "--spool", url)
+        assert add.returncode == 0, add.stderr
+        second = run_fastsend("resume", "--max-wait", "30", *common)
+        s2 = summary(second)
+        assert s2["deferred"] == 0, (s2, second.stderr)
+    got = received_counts(log)
+    assert got == {"d@example.com": 1, "defer1-b@example.com": 1}, got
+    assert s2["suppressed"] == 1, s2
