@@ -58,3 +58,48 @@ def test_redis_send_and_resume_use_the_shared_suppression_list(
     got = received_counts(log)
     assert got == {"d@example.com": 1, "defer1-b@example.com": 1}, got
     assert s2["suppressed"] == 1, s2
+
+
+def test_rate_held_mail_is_screened_again_before_it_goes(tmp_path: Path) -> None:
+    """A campaign under a dispatch rate is claimed faster than it may go: the
+    rest waits in the supervisor (rate-held). An address suppressed while its
+    message waits there is not mailed; it ends ``suppressed``. Before: held mail
+    was screened only at its claim, and went out to the suppressed address."""
+    import subprocess
+    import time
+
+    from tests._engine_helpers import fastsend_cmd
+
+    spool = tmp_path / "spool"
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text("[shaping.dispatch]\ncampaign_rate = 2.0\n")
+    camp = write_campaign(tmp_path)
+    rcpts = [f"h{i}@example.com" for i in range(20)]
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                         "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
+                         "--workers", "1", "--source-ip", "127.0.0.2", "--json",
+                         "--no-progress", "--max-wait", "60"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            events = spool / "events.jsonl"
+            deadline = time.monotonic() + 60
+            while b'"delivered"' not in (events.read_bytes() if events.exists() else b""):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.05)
+            # The whole list is claimed (held) by now; the last ones go ~9 s later.
+            add = run_fastsend("suppress", "add", "h18@example.com", "h19@example.com",
+                               "--spool", str(spool))  # fmt: skip
+            assert add.returncode == 0, add.stderr
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    s = summary(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    got = received_counts(log)
+    assert got == {r: 1 for r in rcpts[:18]}, got
+    assert s["suppressed"] == 2 and s["delivered"] == 18, s

@@ -279,7 +279,10 @@ class Dispatch(SupervisorState):
         self, slot: WorkerSlot, groups: dict[tuple[int, str], list[Claimed]]
     ) -> dict[tuple[int, str], list[Claimed]]:
         """Per-campaign / per-tenant / global dispatch rates (fastsend.queue.shaping):
-        what may not go yet waits in ``slot.held`` (in flight, inside the window)."""
+        what may not go yet waits in ``slot.held`` (in flight, inside the window);
+        held mail is screened against the suppression list again as it goes (it
+        may have waited long enough for its address to be suppressed meanwhile)."""
+        was_held = bool(slot.held)
         if slot.held:
             # Rate-held mail of a campaign paused or cancelled meanwhile (on any
             # node: the status is the spool's) goes back to the queue, undispatched.
@@ -301,6 +304,30 @@ class Dispatch(SupervisorState):
                 out[key] = items if n == len(items) else items[:n]
             if n < len(items):
                 slot.held[key] = items[n:]
+        if was_held and out and self.config.delivery.check_suppression:
+            out = self.rescreen(slot, out)
+        return out
+
+    def rescreen(
+        self, slot: WorkerSlot, groups: dict[tuple[int, str], list[Claimed]]
+    ) -> dict[tuple[int, str], list[Claimed]]:
+        """``groups`` less the messages whose address was suppressed since they
+        were claimed (they end ``suppressed`` as at the claim's screen, and leave
+        the window as answered-but-unwritten outcomes)."""
+        flat = [c for items in groups.values() for c in items]
+        kept = self.screen(flat, time.time())
+        if len(kept) == len(flat):
+            return groups
+        keep = {c.id for c in kept}
+        for c in flat:
+            if c.id not in keep:
+                slot.inflight.pop(c.id, None)
+                slot.unwritten += 1
+        out: dict[tuple[int, str], list[Claimed]] = {}
+        for key, items in groups.items():
+            left = [c for c in items if c.id in keep]
+            if left:
+                out[key] = left
         return out
 
     def campaign_active(self, campaign: int) -> bool:
