@@ -107,8 +107,10 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         # while its mail waited is not mailed) and learns hard delivery-time bounces.
         # "is None", not "or": a list defines __len__, and an empty one (a shared
         # list before its first entry) is falsy but still the list to use.
-        self.suppression = suppression if suppression is not None else SuppressionList(
-            os.path.join(spool_local_dir(config.spool_dir), "suppression.db")
+        self.suppression = (
+            suppression
+            if suppression is not None
+            else SuppressionList(os.path.join(spool_local_dir(config.spool_dir), "suppression.db"))
         )
         self.own_suppression = suppression is None
         self.to_suppress: list[tuple[str, str, str, str, int | None]] = []
