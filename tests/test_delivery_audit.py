@@ -103,3 +103,41 @@ def test_rate_held_mail_is_screened_again_before_it_goes(tmp_path: Path) -> None
     got = received_counts(log)
     assert got == {r: 1 for r in rcpts[:18]}, got
     assert s["suppressed"] == 2 and s["delivered"] == 18, s
+
+
+def test_a_provider_404_is_our_configuration_never_a_bounce(tmp_path: Path) -> None:
+    """Mailgun answers a sending domain it does not know (a typo, the wrong
+    region) with 404 ``Domain not found: DOMAIN``. That is the sender's
+    configuration, like a 401: the mail is deferred, and no recipient is
+    suppressed. Before: every message bounced as ``hostunknown`` (hard), and
+    every recipient of the campaign was put on the suppression list forever."""
+    import os
+    import subprocess
+
+    from tests._engine_helpers import fastsend_cmd
+    from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
+
+    camp = write_campaign(tmp_path)
+    rcpts = ["a@example.net", "b@example.org"]
+    lst = _list(tmp_path, rcpts)
+    spool = tmp_path / "spool"
+    rec = Recorder()
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\n'
+            'domain = "mg.sender.example.co"\n[routes]\n"*" = "mg"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
+        env["FASTSEND_MG_API_KEY"] = "mg-key"
+        proc = subprocess.run(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                         "--spool", str(spool), "--workers", "1", "--json", "--no-progress",
+                         "--max-wait", "1"),
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+    s = summary(proc)
+    assert rec.requests >= 2 and not rec.accepted
+    assert s["bounced"] == 0 and s["deferred"] == 2, (s, proc.stderr[-2000:])
+    listed = run_fastsend("suppress", "list", "--spool", str(spool))
+    assert listed.returncode == 0 and listed.stdout == "", listed.stdout

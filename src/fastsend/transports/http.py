@@ -10,7 +10,9 @@ gives (:func:`map_status`):
   ``Throttling``/"Maximum sending rate exceeded"): :class:`Throttled` -- not an
   attempt; the lane slows down (below);
 - 5xx, network errors, timeouts, and refusals that are about our account or
-  credentials (401/403, SES ``SendingPausedException``...): deferred;
+  credentials (401/403, SES ``SendingPausedException``...) or configuration
+  (404: Mailgun's "Domain not found" for a sending domain it does not have):
+  deferred;
 - other 4xx (a permanent rejection of the message or a recipient): failed,
   the provider's text classified by :func:`fastsend.bounce.reply.classify_reply`
   (its reason and an RFC 3463 status in the Outcome).
@@ -110,9 +112,14 @@ def rejected(label: str, status: int, text: str) -> Outcome:
 
 
 def map_status(label: str, status: int, text: str, *, account_trouble: bool = False) -> Outcome:
-    """An HTTP error status (not 2xx, not throttling) as an Outcome."""
-    if status >= 500 or status in (401, 403, 407, 408, 409) or account_trouble:
+    """An HTTP error status (not 2xx, not throttling) as an Outcome. A 404 is
+    the request's URL: our configuration (Mailgun's "Domain not found: D" for a
+    sending domain it does not have, or the wrong region), never the message
+    or a recipient: deferred, and no address suppressed."""
+    if status >= 500 or status in (401, 403, 404, 407, 408, 409) or account_trouble:
         what = "provider error" if status >= 500 else "refused (account or credentials)"
+        if status == 404:
+            what = "not found (account or configuration)"
         return deferred(label, f"HTTP {status} {what}: {text}")
     return rejected(label, status, text)
 
