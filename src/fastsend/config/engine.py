@@ -98,7 +98,9 @@ class DeliveryConfig(Section):
     max_connections: PosInt = 16  # per (source IP, site)
     max_messages_per_connection: NonNegInt = 1000
     recipients_per_transaction: PosInt = 50  # for identical (non-personalised) messages
-    pipeline: PosInt = 64  # messages written per pipelined group on one connection
+    # messages per pipelined group on one connection (a connection whose groups
+    # are all delivered quickly takes up to 4x: delivery/pool.py, GROUP_GROW)
+    pipeline: PosInt = 64
     tls: Literal["opportunistic", "required", "off"] = "opportunistic"
     idle_timeout: NonNegFloat = 5.0
     connect_timeout: NonNegFloat = 30.0

@@ -52,6 +52,13 @@ Report = Callable[[list[TxnResult], str, str], None]  # results, source_ip, mx
 Handback = Callable[[list[Envelope], float, float, str], None]
 DRAIN_HORIZON = 2.0  # draining: keep what a site may send within this, hand back the rest
 TRIM_WAIT = 1.0  # a connection told to wait this long re-checks its site's ready queue
+# A connection whose full group was all delivered within GROUP_QUICK seconds,
+# on a lane with no rate to keep, takes twice as many next time, up to
+# GROUP_GROW x `pipeline`; back to `pipeline` after a group that was not all
+# delivered, took over 2 x GROUP_QUICK, or once its lane has a rate (see
+# SiteQueue._connection).
+GROUP_QUICK = 1.0
+GROUP_GROW = 4
 MAX_READY_DELAY = 1.0  # delay for envelopes over max_ready at a site with no rate limit
 
 
@@ -230,8 +237,10 @@ class SiteQueue:
             r = 86400.0 - (time.time() % 86400.0) + 1.0
         return r
 
-    def _take(self, limit: int = 1 << 30) -> list[Envelope]:
-        n = min(self.config.delivery.pipeline, len(self.pending), limit)
+    def _take(self, limit: int = 1 << 30, most: int = 0) -> list[Envelope]:
+        """Up to ``limit`` of the ready envelopes, oldest first, at most
+        ``most`` (a connection's group) or `pipeline`."""
+        n = min(most or self.config.delivery.pipeline, len(self.pending), limit)
         pop = self.pending.popleft
         return [pop() for _ in range(n)]
 
@@ -274,6 +283,14 @@ class SiteQueue:
     async def _connection(self, lane: Lane) -> None:
         ip = lane.ip
         pipeline = self.config.delivery.pipeline
+        # Messages this connection takes per group: `pipeline`, or up to
+        # GROUP_GROW times it while its groups are all delivered quickly and
+        # its lane has no rate to keep (the lane still reads every group's
+        # outcomes, at most a few seconds apart). Each group costs a wake-up
+        # of this task, a write and a read more on both sides (its last end of
+        # DATA goes alone) and a report of its results.
+        group = pipeline
+        top = pipeline * GROUP_GROW
         batch: list[Envelope] = []  # taken from pending and not yet reported
         try:
             while self.pending and not self.closing:
@@ -311,7 +328,7 @@ class SiteQueue:
                                 break
                             if not self.pending:
                                 continue
-                        want = min(pipeline, len(self.pending), conn.remaining)
+                        want = min(group, len(self.pending), conn.remaining)
                         if not lane.free:
                             want, wait = lane.take(time.monotonic(), want)
                             if not want:
@@ -323,16 +340,25 @@ class SiteQueue:
                                 if self.closing:
                                     break
                                 continue
-                        batch = self._take(want)
+                        batch = self._take(want, group)
                         if not batch:
                             continue
+                        start = time.monotonic()
                         if lane.aimd is not None:
-                            lane.aimd.sent(time.monotonic(), len(batch))
+                            lane.aimd.sent(start, len(batch))
                         self.sending += 1
                         try:
                             results = await conn.send(batch)
                         finally:
                             self.sending -= 1
+                        took = time.monotonic() - start
+                        if not lane.free or conn.delivered_one != len(results):
+                            group = pipeline  # a rate to keep, or a reply to react to
+                        elif took < GROUP_QUICK:
+                            if len(batch) >= group < top:
+                                group *= 2
+                        elif took > 2 * GROUP_QUICK:
+                            group = pipeline
                         if lane.aimd is not None or lane.rules:
                             results = lane.observe(
                                 results, time.monotonic(), conn.delivered_one
