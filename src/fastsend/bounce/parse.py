@@ -267,7 +267,7 @@ def _enrich(records: list[_Raw], human: str) -> None:
     section = vendors.cut_original(human) if human else ""
     # Every mention of every address, in one pass (linear in the text, not
     # recipients x text): [(position, address)] in text order.
-    mentions = [(m.start(1), m.group(1).lower()) for m in vendors.ADDR_RE.finditer(section)]
+    mentions = [(start, addr.lower()) for start, _, addr in vendors.address_spans(section)]
     first: dict[str, int] = {}
     for i, a in mentions:
         first.setdefault(a, i)
@@ -412,6 +412,19 @@ _FORWARD_TEXT = re.compile(
     r"(?:begin|start of) forwarded message|-{3,} ?(?:forwarded|original) message ?-{3,}",
     re.IGNORECASE,
 )
+# Every match names a forwarded or original message: lower-cased ASCII text
+# without either is skipped, else searched case-sensitively (same matches).
+_FORWARD_TEXT_LOWER = vendors.case_sensitive(_FORWARD_TEXT)
+
+
+def _forward_text(text: str) -> bool:
+    """_FORWARD_TEXT found in ``text``."""
+    if not text.isascii():
+        return _FORWARD_TEXT.search(text) is not None
+    low = text.lower()
+    if "forwarded message" not in low and "original message" not in low:
+        return False
+    return _FORWARD_TEXT_LOWER.search(low) is not None
 
 
 def _is_bounce_like(msg: email.message.Message) -> bool:
@@ -484,7 +497,7 @@ def _inner_bounces(msg: email.message.Message, parts: _Parts) -> list[bytes]:
 def _is_forward(msg: email.message.Message, parts: _Parts) -> bool:
     if _FORWARD_SUBJECT.match(_header(msg, "Subject")):
         return True
-    return any(_FORWARD_TEXT.search(t) for t in parts.texts)
+    return any(_forward_text(t) for t in parts.texts)
 
 
 def _is_autoreply(msg: email.message.Message) -> bool:

@@ -53,7 +53,9 @@ SIGNALS = ("ratelimit", "ipblock")
 _ENHANCED_RE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _WS_RE = re.compile(r"\s+")
 # Continuation prefixes of multi-line replies ("550-5.7.1 ") inside the text.
-_CONT_RE = re.compile(r"(?:(?<=\s)|(?<=^))[245]\d\d[- ](?:[245]\.\d{1,3}\.\d{1,3}\s)?(?=\S)", re.M)
+# (At a line start or after a blank: the digit first, then "not after a
+# non-blank", so the engine skips ahead to the digits 2, 4 and 5.)
+_CONT_RE = re.compile(r"[245](?<![^\s][245])\d\d[- ](?:[245]\.\d{1,3}\.\d{1,3}\s)?(?=\S)")
 
 
 # Rules see at most this much of a reply text. An SMTP reply line is at most
@@ -129,13 +131,21 @@ class Rule(msgspec.Struct, frozen=True):
 
 
 def _any_search(patterns: tuple[re.Pattern[str], ...], text: str) -> bool:
+    return _search_prepared(_prepared(patterns), text)
+
+
+def _prepared(patterns: tuple[re.Pattern[str], ...]) -> _Prepared:
     # Keyed by identity: hashing a tuple of patterns rehashes every pattern on
     # every call. The entry keeps the tuple alive, so its id is not reused.
     entry = _PREPARED.get(id(patterns))
     if entry is not None and entry[0] is patterns:
-        gate, items = entry[1]
-    else:
-        gate, items = _prepare(patterns)
+        return entry[1]
+    return _prepare(patterns)
+
+
+def _search_prepared(prepared: _Prepared, text: str) -> bool:
+    """Any of the prepared patterns found in ``text`` (see _prepare)."""
+    gate, items = prepared
     if gate is not None:
         # Every pattern has required words: none present, none can match.
         for lit in gate:
@@ -157,6 +167,57 @@ def _any_search(patterns: tuple[re.Pattern[str], ...], text: str) -> bool:
 
 _Prepared = tuple[tuple[str, ...] | None, tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]]
 _PREPARED: dict[int, tuple[tuple[re.Pattern[str], ...], _Prepared]] = {}
+
+# A rule's conditions laid out for RuleSet's loop (the same tests as
+# Rule.applies, in the same order): codes, exact statuses, status prefixes,
+# the same two for not_status, commands, prepared match and not_match.
+_Entry = tuple[
+    Rule,
+    frozenset[int],
+    frozenset[str],
+    tuple[str, ...],
+    frozenset[str],
+    tuple[str, ...],
+    "frozenset[str] | None",
+    "_Prepared | None",
+    "_Prepared | None",
+]
+
+
+def _entry(rule: Rule) -> _Entry:
+    return (
+        rule,
+        rule.codes,
+        frozenset(s for s in rule.status if not s.endswith(".")),
+        tuple(s for s in rule.status if s.endswith(".")),
+        frozenset(s for s in rule.not_status if not s.endswith(".")),
+        tuple(s for s in rule.not_status if s.endswith(".")),
+        rule.commands,
+        _prepared(rule.match) if rule.match else None,
+        _prepared(rule.not_match) if rule.not_match else None,
+    )
+
+
+def _first_rule(
+    entries: list[_Entry], t: str, code: int, enhanced: str, command: str
+) -> Rule | None:
+    """The first rule of ``entries`` that applies (as Rule.applies decides;
+    ``enhanced`` is empty or a whole status code, never a prefix)."""
+    for rule, codes, st, st_pre, nst, nst_pre, commands, match, not_match in entries:
+        if codes and code not in codes:
+            continue
+        if (st or st_pre) and not (enhanced in st or enhanced.startswith(st_pre)):
+            continue
+        if (nst or nst_pre) and (enhanced in nst or enhanced.startswith(nst_pre)):
+            continue
+        if commands is not None and command not in commands:
+            continue
+        if match is not None and not _search_prepared(match, t):
+            continue
+        if not_match is not None and _search_prepared(not_match, t):
+            continue
+        return rule
+    return None
 
 
 def _prepare(
@@ -265,21 +326,101 @@ def _prefix_literal(branch: str) -> str:
     return best
 
 
+def _group_literals(branch: str, depth: int = 0) -> tuple[str, ...]:
+    """Words one of which every match of ``branch`` contains, taken from a
+    group that every match goes through (not optional, not repeated, not a
+    lookaround): one word of each of its alternatives. () if there is none.
+
+    ``(?:invalid|bogus) (?:sender|mail from)`` -> ("invalid", "bogus")."""
+    if depth > 4:
+        return ()
+    best: tuple[str, ...] = ()
+    i, n = 0, len(branch)
+    while i < n:
+        c = branch[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":
+            j = i + 1
+            if j < n and branch[j] == "^":
+                j += 1
+            if j < n and branch[j] == "]":
+                j += 1
+            while j < n and branch[j] != "]":
+                j += 2 if branch[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c != "(":
+            i += 1
+            continue
+        level, j = 1, i + 1
+        while j < n and level:
+            if branch[j] == "\\":
+                j += 2
+                continue
+            if branch[j] == "[":
+                j += 1
+                while j < n and branch[j] != "]":
+                    j += 2 if branch[j] == "\\" else 1
+            elif branch[j] == "(":
+                level += 1
+            elif branch[j] == ")":
+                level -= 1
+            j += 1
+        if level:
+            return ()
+        inner = branch[i + 1 : j - 1]
+        i = j
+        if j < n and branch[j] in _QUANT:
+            continue  # optional or repeated: not every match has it
+        if inner.startswith("?:"):
+            inner = inner[2:]
+        elif inner.startswith("?P<") and ">" in inner:
+            inner = inner[inner.index(">") + 1 :]
+        elif inner.startswith("?"):
+            continue  # a lookaround, a flag group, a back reference
+        alts = _split_top(inner)
+        if not alts:
+            continue
+        words: list[str] = []
+        for alt in alts:
+            lit = _prefix_literal(alt)
+            if len(lit.strip()) >= 3:
+                words.append(lit)
+                continue
+            sub = _group_literals(alt, depth + 1)
+            if not sub:
+                break
+            words.extend(sub)
+        else:
+            cand = tuple(dict.fromkeys(words))
+            if not best or min(len(w.strip()) for w in cand) > min(len(w.strip()) for w in best):
+                best = cand
+    return best
+
+
 def _required_literals(pattern: str) -> tuple[str, ...]:
     """Words one of which any match must contain (a prefilter), or () if unknown.
 
-    Only the literal start of each top-level alternative is used, so the
-    answer is conservative: a pattern is skipped only when it cannot match."""
+    Each top-level alternative gives its longest literal run, or, when it
+    has none of three letters or more, one word of each alternative of a
+    group every match goes through; so the answer is conservative: a pattern
+    is skipped only when it cannot match."""
     branches = _split_top(pattern)
     if not branches:
         return ()
-    lits = []
+    lits: list[str] = []
     for b in branches:
         lit = _prefix_literal(b)
-        if len(lit.strip()) < 3:
+        if len(lit.strip()) >= 3:
+            lits.append(lit)
+            continue
+        words = _group_literals(b)
+        if not words:
             return ()
-        lits.append(lit)
-    return tuple(lits)
+        lits.extend(words)
+    return tuple(dict.fromkeys(lits))
 
 
 def _compile(patterns: Any, where: str) -> tuple[re.Pattern[str], ...]:
@@ -387,9 +528,10 @@ class RuleSet:
     _memo: dict[tuple[int, str, str, str, str], Classification] = field(
         default_factory=dict, repr=False, compare=False
     )
-    # tier -> its rules in order, built on first use (``rules`` is not changed
-    # after construction: ``extended`` makes a new RuleSet).
-    _tiers: dict[str, list[Rule]] = field(default_factory=dict, repr=False, compare=False)
+    # tier -> its rules in order (as _entry lays them out), built on first
+    # use (``rules`` is not changed after construction: ``extended`` makes a
+    # new RuleSet); with "<signal name>" -> its prepared patterns.
+    _tiers: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "<rules>") -> RuleSet:
@@ -490,11 +632,26 @@ class RuleSet:
         soft = not hard and reason not in NOT_BOUNCES
         rate = reason in RATE_REASONS
         ipb = reason in IPBLOCK_REASONS
+        tiers = self._tiers or self._build_tiers()
         if not rate:
-            rate = any(p.search(t) for p in self.signals.get("ratelimit", ()))
+            prep = tiers["<ratelimit>"]
+            rate = prep is not None and _search_prepared(prep, t)
         if not ipb:
-            ipb = any(p.search(t) for p in self.signals.get("ipblock", ()))
+            prep = tiers["<ipblock>"]
+            ipb = prep is not None and _search_prepared(prep, t)
         return Classification(reason, hard, soft, permanent, rate, ipb, rule_id)
+
+    def _build_tiers(self) -> dict[str, Any]:
+        tiers = self._tiers
+        entries: dict[int, _Entry] = {}
+        for tier in TIERS:
+            tiers[tier] = [
+                entries.setdefault(id(r), _entry(r)) for r in self.rules if r.tier == tier
+            ]
+        for name in SIGNALS:
+            pats = self.signals.get(name, ())
+            tiers[f"<{name}>"] = _prepared(pats) if pats else None
+        return tiers
 
     def _reason(
         self, code: int, enhanced: str, t: str, command: str, action: str
@@ -502,21 +659,17 @@ class RuleSet:
         if enhanced.startswith("2.") or (not enhanced and 200 <= code < 300):
             return "delivered", "status"
         by_status = self.status.get(enhanced, "")
-        tiers = self._tiers
-        if not tiers:
-            for tier in TIERS:
-                tiers[tier] = [r for r in self.rules if r.tier == tier]
-        for rule in tiers["provider"]:
-            if rule.applies(t, code, enhanced, command):
-                return rule.reason, rule.id
-        for rule in tiers["strong"]:
-            if rule.applies(t, code, enhanced, command):
-                return rule.reason, rule.id
+        tiers = self._tiers or self._build_tiers()
+        rule = _first_rule(tiers["provider"], t, code, enhanced, command)
+        if rule is None:
+            rule = _first_rule(tiers["strong"], t, code, enhanced, command)
+        if rule is not None:
+            return rule.reason, rule.id
         if by_status and by_status not in self.weak:
             return by_status, "status"
-        for rule in tiers["weak"]:
-            if rule.applies(t, code, enhanced, command):
-                return rule.reason, rule.id
+        rule = _first_rule(tiers["weak"], t, code, enhanced, command)
+        if rule is not None:
+            return rule.reason, rule.id
         if by_status:
             return by_status, "status"
         return _fallback(code, enhanced, t, command, action), "fallback"

@@ -26,6 +26,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+
+def case_sensitive(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    """``pattern`` (case-insensitive, no upper-case letter of its own) for
+    lower-cased ASCII text: the same matches at the same places, and the
+    engine can skip ahead to the possible first characters, which it cannot
+    do for a case-insensitive pattern starting with a letter."""
+    if re.search("[A-Z]", re.sub(r"\\.", "", pattern.pattern)):
+        raise ValueError(f"an upper-case letter in {pattern.pattern!r}")
+    return re.compile(pattern.pattern, pattern.flags & ~re.IGNORECASE)
+
+
 # Every repetition is bounded (a local part is at most 64 octets and a domain
 # at most 255, RFC 5321 4.5.3.1), so a search costs at most a constant per
 # start position: a long run of atext characters without "@" stays linear.
@@ -61,6 +72,11 @@ _CUT_RE = re.compile(
     r")",
     re.IGNORECASE | re.MULTILINE,
 )
+# _CUT_RE for a text with "\n" put before it (the line start found from the
+# newline before it: the engine jumps from newline to newline), as written
+# and for lower-cased ASCII text (case-sensitive: faster, same matches).
+_CUT_NL = re.compile("\n" + _CUT_RE.pattern[1:], re.IGNORECASE)
+_CUT_NL_LOWER = case_sensitive(_CUT_NL)
 _HEADER_LINE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,40}: \S")
 # A returned header block: a line starting with a common header field, then two header-like lines
 # (a field with a value, or a continuation), each line tried once per start.
@@ -69,6 +85,7 @@ _HEADER_RUN = re.compile(
     r"[^\n]*\n(?:[A-Za-z][A-Za-z0-9-]{1,40}: \S|[ \t])[^\n]*\n(?:[A-Za-z][A-Za-z0-9-]{1,40}: \S|[ \t])",
     re.MULTILINE,
 )
+_HEADER_RUN_NL = re.compile("\n" + _HEADER_RUN.pattern[1:])
 _SENDER_CONTEXT = re.compile(
     r"(?:mail from:?\s*<?|envelope-from\s*<?|return-path:?\s*<?|sender:?\s*<?|from:\s*<?|\bfrom\s+<"
     # Exim's "(generated from ADDR)" and Sendmail's "(expanded from: <ADDR>)"
@@ -145,15 +162,27 @@ def cut_original(text: str) -> str:
     """The part of a bounce text before the copy of the original message.
 
     Memoised (a bounce asks for the same text's cut several times)."""
-    m = _CUT_RE.search(text)
+    # As _CUT_RE.search(text) and _HEADER_RUN.search(text), through their
+    # "\n"-led forms (see _CUT_NL): m.start() is the line start in text.
+    ascii_ = text.isascii()
+    m = (_CUT_NL_LOWER if ascii_ else _CUT_NL).search("\n" + (text.lower() if ascii_ else text))
     if m:
         text = text[: m.start()]
     # Three header lines in a row at column 0: the returned headers begin (a
     # lone "To: ..." summary line is not enough). One forward scan.
-    m = _HEADER_RUN.search(text)
+    m = _HEADER_RUN_NL.search("\n" + text)
     if m:
         return text[: max(0, m.start() - 1)]
     return text
+
+
+@functools.lru_cache(maxsize=16)
+def address_spans(text: str) -> tuple[tuple[int, int, str], ...]:
+    """(start, end, address) of every ADDR_RE match in ``text``, in order.
+
+    Memoised: a bounce's error section is searched for addresses by several
+    steps (its recipients, their mentions, the candidates)."""
+    return tuple((m.start(1), m.end(1), m.group(1)) for m in ADDR_RE.finditer(text))
 
 
 def _starts_line(text: str, pos: int) -> bool:
@@ -181,19 +210,37 @@ def find_status(text: str) -> str:
     return ""
 
 
+# find_command's patterns in both forms: (as written, for lower-cased ASCII).
+_COMMAND_SETS = tuple(
+    (
+        tuple((case_sensitive(p) if lower else p, name) for p, name in _COMMAND_PHRASES),
+        case_sensitive(_SENT_RE) if lower else _SENT_RE,
+        case_sensitive(_COMMAND_CONTEXT) if lower else _COMMAND_CONTEXT,
+        tuple((case_sensitive(p) if lower else p, name) for p, name in _COMMANDS),
+    )
+    for lower in (False, True)
+)
+
+
 def find_command(text: str) -> str:
     """The SMTP command a reply answered, when the text says so, or ""."""
-    for pattern, name in _COMMAND_PHRASES:
+    if text.isascii():
+        # The same matches as the case-insensitive patterns give on the text.
+        phrases, sent_re, context, commands = _COMMAND_SETS[1]
+        text = text.lower()
+    else:
+        phrases, sent_re, context, commands = _COMMAND_SETS[0]
+    for pattern, name in phrases:
         if pattern.search(text):
             return name
-    sent = _SENT_RE.findall(text)
+    sent = sent_re.findall(text)
     if sent:
         # A transcript ("Sent <<< RCPT TO:<...>" / "Received >>> 550 ..."):
         # the reply answered the last command sent.
         verb = sent[-1].upper()
         return {"HELO": "EHLO", "RCPT TO": "RCPT", "MAIL FROM": "MAIL"}.get(verb, verb)
-    for ctx in _COMMAND_CONTEXT.finditer(text):
-        for pattern, name in _COMMANDS:
+    for ctx in context.finditer(text):
+        for pattern, name in commands:
             if pattern.search(ctx.group(0)):
                 return name
     return ""
@@ -215,16 +262,16 @@ def candidate_addresses(
     """(address, start, end) of each first mention of a plausible recipient."""
     seen: dict[str, tuple[str, int, int]] = {}
     senders: set[str] = set()
-    for m in ADDR_RE.finditer(section):
-        addr = m.group(1).strip(".")
+    for start, end, found in address_spans(section):
+        addr = found.strip(".")
         key = addr.lower()
-        before = section[max(0, m.start() - 24) : m.start()]
+        before = section[max(0, start - 24) : start]
         if _SENDER_CONTEXT.search(before):
             senders.add(key)
             continue
         excluded = key in exclude if allow_system else _is_excluded(addr, exclude)
         if key not in seen and not excluded:
-            seen[key] = (addr, m.start(), m.end())
+            seen[key] = (addr, start, end)
     return [v for k, v in seen.items() if k not in senders]
 
 
@@ -244,8 +291,8 @@ def find_in_text(
             once.setdefault(a.lower(), a)
         hinted = list(once.values())
         first: dict[str, int] = {}
-        for m in ADDR_RE.finditer(section):
-            first.setdefault(m.group(1).lower(), m.start(1))
+        for start, _, addr in address_spans(section):
+            first.setdefault(addr.lower(), start)
         found = []
         for addr in hinted:
             i = first.get(addr.lower(), -1)
@@ -275,9 +322,7 @@ def find_in_text(
     # Every mention of a recipient in text order, found in one pass.
     names = {a.lower() for a, _, _ in found}
     mentions = [
-        (m.start(1), m.group(1).lower())
-        for m in ADDR_RE.finditer(section)
-        if m.group(1).lower() in names
+        (start, low) for start, _, addr in address_spans(section) if (low := addr.lower()) in names
     ]
     for addr, start, end in found:
         if start < 0 or len(found) == 1:
