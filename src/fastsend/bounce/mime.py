@@ -137,13 +137,12 @@ def _build(text: str, pos: int, depth: int, default_type: str) -> email.message.
     if default_type != "text/plain":
         msg.set_default_type(default_type)
     body = text[start:]
-    if msg.get_content_maintype() == "multipart" and depth < _MAX_DEPTH:
+    ctype = msg.get_content_type()
+    if ctype.startswith("multipart/") and depth < _MAX_DEPTH:
         boundary = msg.get_boundary()
         pieces = _split_multipart(body, boundary) if boundary else None
         if pieces is not None:
-            sub_default = (
-                "message/rfc822" if msg.get_content_subtype() == "digest" else "text/plain"
-            )
+            sub_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
             msg.set_payload([_build(p, 0, depth + 1, sub_default) for p in pieces])
             return msg
     msg.set_payload(body)

@@ -84,10 +84,19 @@ def default_verp_decoder(address: str) -> str | None:
 
 
 # ---------------------------------------------------------------- MIME helpers
-def _text_of(part: email.message.Message) -> str:
+def _charset(part: email.message.Message) -> str | None:
+    """part.get_content_charset(), without parsing a Content-Type that names
+    no charset parameter (most parts of a bounce)."""
+    v = part.get("content-type")
+    if v is None or "charset" not in str(v).lower():
+        return None
+    return part.get_content_charset()
+
+
+def _text_of(part: email.message.Message, ctype: str = "") -> str:
     payload = part.get_payload(decode=True)
     if isinstance(payload, bytes):
-        charset = part.get_content_charset() or "utf-8"
+        charset = _charset(part) or "utf-8"
         try:
             text = payload.decode(charset, "replace")
         except LookupError:
@@ -99,7 +108,7 @@ def _text_of(part: email.message.Message) -> str:
         else:
             text = str(raw or "")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if part.get_content_subtype() == "html":
+    if (ctype or part.get_content_type()).endswith("/html"):
         text = _TAG_RE.sub(" ", re.sub(r"(?i)<br\s*/?>|</p>|</div>", "\n", text))
     return text
 
@@ -128,6 +137,8 @@ def _header(msg: email.message.Message, name: str) -> str:
     v = msg.get(name)
     if v is None:
         return ""
+    if isinstance(v, str) and v.isascii() and "=?" not in v:
+        return v  # no encoded word: decode_header/make_header give it back as it is
     try:
         return str(make_header(decode_header(str(v))))
     except (ValueError, LookupError, UnicodeError):
@@ -152,9 +163,9 @@ def _collect(msg: email.message.Message) -> _Parts:
             return
         ct = p.get_content_type()
         if ct in ("message/delivery-status", "message/global-delivery-status"):
-            parts.dsn.append(_text_of(p))
+            parts.dsn.append(_text_of(p, ct))
         elif ct == "message/feedback-report":
-            parts.arf.append(_text_of(p))
+            parts.arf.append(_text_of(p, ct))
         elif ct in (
             "message/rfc822",
             "message/global",
@@ -162,13 +173,13 @@ def _collect(msg: email.message.Message) -> _Parts:
             "message/rfc822-headers",
             "message/global-headers",
         ):
-            parts.returned.append(_text_of(p))
+            parts.returned.append(_text_of(p, ct))
         elif p.is_multipart():
             for sub in p.get_payload():
                 if isinstance(sub, email.message.Message):
                     visit(sub, depth + 1)
-        elif p.get_content_maintype() == "text" or ct == "application/json":
-            parts.texts.append(_text_of(p))
+        elif ct.startswith("text/") or ct == "application/json":
+            parts.texts.append(_text_of(p, ct))
 
     visit(msg, 0)
     return parts
@@ -521,8 +532,15 @@ def _original_ids(
     msg: email.message.Message, parts: _Parts, decoder: VerpDecoder
 ) -> tuple[str | None, str | None]:
     verp = None
-    for name in ("X-Original-To", "Delivered-To", "Envelope-To", "X-Envelope-To", "To"):
-        for v in msg.get_all(name) or []:
+    # msg.get_all of each name in turn, from one pass over the headers.
+    values: dict[str, list[Any]] = {n: [] for n in _VERP_HEADERS}
+    fetch = msg.policy.header_fetch_parse
+    for k, v in msg.raw_items():
+        found = values.get(k.lower())
+        if found is not None:
+            found.append(fetch(k, v))
+    for name in _VERP_HEADERS:
+        for v in values[name]:
             for a in vendors.ADDR_RE.findall(str(v)):
                 verp = decoder(a)
                 if verp:
@@ -537,17 +555,40 @@ def _original_ids(
         # Plain-text bounces quote the returned headers after the error section.
         sources = [t[len(vendors.cut_original(t)) :] for t in parts.texts]
     for src in sources:
-        m = re.search(r"(?im)^X-Fastsend-Id:\s*(\S+)", src)
-        if m:
-            return m.group(1), verp
-        m = re.search(r"(?im)^Message-I[Dd]:\s*(<[^>\s]+>|\S+)", src)
-        if m and orig is None:
-            orig = m.group(1)
-    for block in (b for d in parts.dsn for b in _field_blocks(d)):
-        for k in ("x-original-message-id", "original-message-id"):
-            if k in block and orig is None:
-                orig = block[k][0]
+        fid = _line_field(_FASTSEND_ID, src)
+        if fid is not None:
+            return fid, verp
+        if orig is None:
+            orig = _line_field(_MESSAGE_ID, src)
+    if orig is None:
+        for block in (b for d in parts.dsn for b in _field_blocks(d)):
+            for k in ("x-original-message-id", "original-message-id"):
+                if k in block and orig is None:
+                    orig = block[k][0]
     return orig, verp
+
+
+_VERP_HEADERS = ("x-original-to", "delivered-to", "envelope-to", "x-envelope-to", "to")
+# A header field at a line start: (as written, "\n"-led for lower-cased ASCII
+# text with "\n" put before it; see vendors.cut_original). The value is cut
+# from the text itself, so its case is kept.
+_FASTSEND_ID = (
+    re.compile(r"(?im)^X-Fastsend-Id:\s*(\S+)"),
+    re.compile(r"\nx-fastsend-id:\s*(\S+)"),
+)
+_MESSAGE_ID = (
+    re.compile(r"(?im)^Message-I[Dd]:\s*(<[^>\s]+>|\S+)"),
+    re.compile(r"\nmessage-id:\s*(<[^>\s]+>|\S+)"),
+)
+
+
+def _line_field(patterns: tuple[re.Pattern[str], re.Pattern[str]], text: str) -> str | None:
+    """The value of the first match of patterns[0] in ``text``, or None."""
+    if text.isascii():
+        m = patterns[1].search("\n" + text.lower())
+        return text[m.start(1) - 1 : m.end(1) - 1] if m else None
+    m = patterns[0].search(text)
+    return m.group(1) if m else None
 
 
 # ---------------------------------------------------------------- entry point

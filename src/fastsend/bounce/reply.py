@@ -168,9 +168,113 @@ def _search_prepared(prepared: _Prepared, text: str) -> bool:
 _Prepared = tuple[tuple[str, ...] | None, tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]]
 _PREPARED: dict[int, tuple[tuple[re.Pattern[str], ...], _Prepared]] = {}
 
+# _Prepared with the required words as sets, tested against the set of the
+# words present in a text (found by one scan, see _WordScan) rather than one
+# substring search per word.
+_Gated = tuple[frozenset[str] | None, tuple[tuple[re.Pattern[str], frozenset[str] | None], ...]]
+
+
+def _gated(prepared: _Prepared) -> _Gated:
+    gate, items = prepared
+    return (
+        None if gate is None else frozenset(gate),
+        tuple((p, frozenset(lits) if lits else None) for p, lits in items),
+    )
+
+
+def _search_gated(gated: _Gated, text: str, present: set[str]) -> bool:
+    """As _search_prepared, ``present`` being the required words in ``text``."""
+    gate, items = gated
+    if gate is not None and gate.isdisjoint(present):
+        return False  # every pattern has required words: none present, none can match
+    for p, lits in items:
+        if lits is not None and lits.isdisjoint(present):
+            continue  # none of its required words is in the text
+        if p.search(text) is not None:
+            return True
+    return False
+
+
+class _WordScan:
+    """Which of a fixed set of words occur in a text, in one regex scan.
+
+    The words go into a trie-shaped pattern inside a look-ahead, so the scan
+    stops at every position and reports the longest word starting there;
+    every other word starting there is a prefix of it (``covers``). One
+    per set of words (the rules' required words, lower case as the rules'
+    text is), shared. Compiling the pattern costs about as much as 500
+    texts searched word by word, so the first texts are searched word by
+    word: a process that classifies a few replies never compiles it."""
+
+    COMPILE_AFTER = 200
+
+    def __init__(self, words: frozenset[str]) -> None:
+        self.words = tuple(sorted(words))
+        self.rx: re.Pattern[str] | None = None
+        self.covers: dict[str, tuple[str, ...]] = {}
+        self.uses = 0
+
+    def _compile(self) -> re.Pattern[str]:
+        words = set(self.words)
+        trie: dict[str, Any] = {}
+        for w in words:
+            node = trie
+            for ch in w:
+                node = node.setdefault(ch, {})
+            node[""] = {}
+        self.covers = {
+            w: tuple(w[:i] for i in range(1, len(w) + 1) if w[:i] in words) for w in words
+        }
+        self.rx = re.compile("(?=(" + self._source(trie) + "))", re.DOTALL)
+        return self.rx
+
+    @classmethod
+    def _source(cls, node: dict[str, Any]) -> str:
+        alts = [re.escape(ch) + cls._source(sub) for ch, sub in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    def present(self, text: str) -> set[str]:
+        """The words that occur in ``text``."""
+        rx = self.rx
+        if rx is None:
+            self.uses += 1
+            if self.uses <= self.COMPILE_AFTER:
+                return {w for w in self.words if w in text}
+            rx = self._compile()
+        found: set[str] = set()
+        covers = self.covers
+        for m in rx.finditer(text):
+            found.update(covers[m.group(1)])
+        return found
+
+
+_SCANS: dict[frozenset[str], _WordScan] = {}
+
+
+def _word_scan(words: frozenset[str]) -> _WordScan:
+    scan = _SCANS.get(words)
+    if scan is None:
+        scan = _WordScan(words)
+        if len(_SCANS) < 64:
+            _SCANS[words] = scan
+    return scan
+
+
+def _words_of(gated: _Gated | None) -> set[str]:
+    if gated is None:
+        return set()
+    out = set(gated[0] or ())
+    for _, lits in gated[1]:
+        out |= lits or set()
+    return out
+
+
 # A rule's conditions laid out for RuleSet's loop (the same tests as
 # Rule.applies, in the same order): codes, exact statuses, status prefixes,
-# the same two for not_status, commands, prepared match and not_match.
+# the same two for not_status, commands, gated match and not_match.
 _Entry = tuple[
     Rule,
     frozenset[int],
@@ -179,8 +283,8 @@ _Entry = tuple[
     frozenset[str],
     tuple[str, ...],
     "frozenset[str] | None",
-    "_Prepared | None",
-    "_Prepared | None",
+    "_Gated | None",
+    "_Gated | None",
 ]
 
 
@@ -193,13 +297,13 @@ def _entry(rule: Rule) -> _Entry:
         frozenset(s for s in rule.not_status if not s.endswith(".")),
         tuple(s for s in rule.not_status if s.endswith(".")),
         rule.commands,
-        _prepared(rule.match) if rule.match else None,
-        _prepared(rule.not_match) if rule.not_match else None,
+        _gated(_prepared(rule.match)) if rule.match else None,
+        _gated(_prepared(rule.not_match)) if rule.not_match else None,
     )
 
 
 def _first_rule(
-    entries: list[_Entry], t: str, code: int, enhanced: str, command: str
+    entries: list[_Entry], t: str, present: set[str], code: int, enhanced: str, command: str
 ) -> Rule | None:
     """The first rule of ``entries`` that applies (as Rule.applies decides;
     ``enhanced`` is empty or a whole status code, never a prefix)."""
@@ -212,9 +316,9 @@ def _first_rule(
             continue
         if commands is not None and command not in commands:
             continue
-        if match is not None and not _search_prepared(match, t):
+        if match is not None and not _search_gated(match, t, present):
             continue
-        if not_match is not None and _search_prepared(not_match, t):
+        if not_match is not None and _search_gated(not_match, t, present):
             continue
         return rule
     return None
@@ -622,7 +726,9 @@ class RuleSet:
             if m and (not code or m.group(1) == str(code)[0]):
                 enhanced = m.group(0)
         command = (command or "").upper()
-        reason, rule_id = self._reason(code, enhanced, t, command, action)
+        tiers = self._tiers or self._build_tiers()
+        present = tiers["<scan>"].present(t)
+        reason, rule_id = self._reason(code, enhanced, t, present, command, action)
         klass = enhanced[:1] if enhanced else (str(code)[0] if code else "")
         permanent = klass == "5"
         hard = reason in HARD_REASONS or (reason == "notaccept" and klass != "4")
@@ -632,13 +738,12 @@ class RuleSet:
         soft = not hard and reason not in NOT_BOUNCES
         rate = reason in RATE_REASONS
         ipb = reason in IPBLOCK_REASONS
-        tiers = self._tiers or self._build_tiers()
         if not rate:
-            prep = tiers["<ratelimit>"]
-            rate = prep is not None and _search_prepared(prep, t)
+            gated = tiers["<ratelimit>"]
+            rate = gated is not None and _search_gated(gated, t, present)
         if not ipb:
-            prep = tiers["<ipblock>"]
-            ipb = prep is not None and _search_prepared(prep, t)
+            gated = tiers["<ipblock>"]
+            ipb = gated is not None and _search_gated(gated, t, present)
         return Classification(reason, hard, soft, permanent, rate, ipb, rule_id)
 
     def _build_tiers(self) -> dict[str, Any]:
@@ -648,26 +753,32 @@ class RuleSet:
             tiers[tier] = [
                 entries.setdefault(id(r), _entry(r)) for r in self.rules if r.tier == tier
             ]
+        words: set[str] = set()
+        for e in entries.values():
+            words |= _words_of(e[7]) | _words_of(e[8])
         for name in SIGNALS:
             pats = self.signals.get(name, ())
-            tiers[f"<{name}>"] = _prepared(pats) if pats else None
+            gated = _gated(_prepared(pats)) if pats else None
+            tiers[f"<{name}>"] = gated
+            words |= _words_of(gated)
+        tiers["<scan>"] = _word_scan(frozenset(words))
         return tiers
 
     def _reason(
-        self, code: int, enhanced: str, t: str, command: str, action: str
+        self, code: int, enhanced: str, t: str, present: set[str], command: str, action: str
     ) -> tuple[str, str]:
         if enhanced.startswith("2.") or (not enhanced and 200 <= code < 300):
             return "delivered", "status"
         by_status = self.status.get(enhanced, "")
         tiers = self._tiers or self._build_tiers()
-        rule = _first_rule(tiers["provider"], t, code, enhanced, command)
+        rule = _first_rule(tiers["provider"], t, present, code, enhanced, command)
         if rule is None:
-            rule = _first_rule(tiers["strong"], t, code, enhanced, command)
+            rule = _first_rule(tiers["strong"], t, present, code, enhanced, command)
         if rule is not None:
             return rule.reason, rule.id
         if by_status and by_status not in self.weak:
             return by_status, "status"
-        rule = _first_rule(tiers["weak"], t, code, enhanced, command)
+        rule = _first_rule(tiers["weak"], t, present, code, enhanced, command)
         if rule is not None:
             return rule.reason, rule.id
         if by_status:

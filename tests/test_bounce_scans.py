@@ -1,0 +1,165 @@
+"""The bounce reader's faster scans find what the plain searches they replace
+find: the address scan around each "@", the lower-cased ASCII searches, the
+newline-led line searches, the classifier's one-scan word set and its
+continuation-prefix pattern."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastsend.bounce import default_rules, parse, reply, vendors
+
+FRAGMENTS = [
+    " ",
+    "\n",
+    "\t",
+    "\n\n",
+    "  ",
+    "@",
+    ".",
+    "-",
+    ">",
+    "<",
+    ":",
+    ";",
+    "\u00e9",
+    "\u017f",
+    "\u212a",
+    "user@example.org",
+    "<A.B@Mail.Example.COM>",
+    "x@y",
+    "mailer-daemon@mx.example.net",
+    "550",
+    "550-5.1.1 ",
+    "452 4.2.2 ",
+    "5.7.1",
+    "250 ok",
+    " 421-",
+    "\n550 ",
+    "RCPT TO:<a@b.example>",
+    ">>> DATA",
+    "<<< 550 ",
+    "in reply to RCPT TO command",
+    "after end of data",
+    "does not like recipient",
+    "but sender was rejected",
+    "greeting",
+    "while talking to mx.example.org.:",
+    "Remote host said:",
+    "SMTP error from remote mail server",
+    "----- Original message -----",
+    "--- Forwarded Message ---",
+    "Begin forwarded message",
+    "------ This is a copy of the message, including all the headers. ------",
+    "Content-Type: message/rfc822",
+    "   ----- Returned mail follows",
+    "Original message headers:",
+    "Received: from a\n",
+    "Message-ID: <m@x>\n",
+    "Subject: hi\n",
+    "X-Fastsend-Id: abc-1\n",
+    "message-id: <LOW@x>\n",
+    "To: a@b.example\n",
+    " folded\n",
+    "From: b@c.example\n",
+    "User Unknown",
+    "MAILBOX FULL",
+    "spamhaus",
+    "Rate Limit",
+    "rbl",
+    "try again later",
+]
+TEXT = st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join)
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(TEXT)
+def test_address_spans_are_the_pattern_matches(text: str) -> None:
+    want = tuple((m.start(1), m.end(1), m.group(1)) for m in vendors.ADDR_RE.finditer(text))
+    assert vendors.address_spans.__wrapped__(text) == want
+
+
+def _find_command_reference(text: str) -> str:
+    for pattern, name in vendors._COMMAND_PHRASES:
+        if pattern.search(text):
+            return name
+    sent = vendors._SENT_RE.findall(text)
+    if sent:
+        verb = sent[-1].upper()
+        return {"HELO": "EHLO", "RCPT TO": "RCPT", "MAIL FROM": "MAIL"}.get(verb, verb)
+    for ctx in vendors._COMMAND_CONTEXT.finditer(text):
+        for pattern, name in vendors._COMMANDS:
+            if pattern.search(ctx.group(0)):
+                return name
+    return ""
+
+
+@SETTINGS
+@given(TEXT, st.sampled_from([str.upper, str.lower, str.title, str.swapcase, str]))
+def test_find_command_as_the_case_insensitive_patterns(text: str, case) -> None:
+    text = case(text)
+    assert vendors.find_command(text) == _find_command_reference(text)
+
+
+def _cut_reference(text: str) -> str:
+    m = vendors._CUT_RE.search(text)
+    if m:
+        text = text[: m.start()]
+    m = vendors._HEADER_RUN.search(text)
+    if m:
+        return text[: max(0, m.start() - 1)]
+    return text
+
+
+@SETTINGS
+@given(TEXT, st.sampled_from([str.upper, str.lower, str]))
+def test_cut_original_as_the_line_patterns(text: str, case) -> None:
+    text = case(text)
+    assert vendors.cut_original.__wrapped__(text) == _cut_reference(text)
+
+
+@SETTINGS
+@given(TEXT, st.sampled_from([str.upper, str.lower, str]))
+def test_line_fields_and_forward_text_as_the_patterns(text: str, case) -> None:
+    text = case(text)
+    for pats, old in (
+        (parse._FASTSEND_ID, re.compile(r"(?im)^X-Fastsend-Id:\s*(\S+)")),
+        (parse._MESSAGE_ID, re.compile(r"(?im)^Message-I[Dd]:\s*(<[^>\s]+>|\S+)")),
+    ):
+        m = old.search(text)
+        assert parse._line_field(pats, text) == (m.group(1) if m else None)
+    assert parse._forward_text(text) == bool(parse._FORWARD_TEXT.search(text))
+
+
+_OLD_CONT = re.compile(r"(?:(?<=\s)|(?<=^))[245]\d\d[- ](?:[245]\.\d{1,3}\.\d{1,3}\s)?(?=\S)", re.M)
+
+
+@SETTINGS
+@given(TEXT)
+def test_continuation_prefixes_as_before(text: str) -> None:
+    assert reply._CONT_RE.sub(" ", text) == _OLD_CONT.sub(" ", text)
+
+
+WORDS = sorted(
+    {
+        w
+        for r in default_rules().rules
+        for p in (*r.match, *r.not_match)
+        for w in reply._required_literals(p.pattern)
+    }
+)
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from([*WORDS, " ", "x", "-", "un"]), max_size=30).map("".join))
+def test_word_scan_finds_every_word_present(text: str) -> None:
+    want = {w for w in WORDS if w in text}
+    scan = reply._WordScan(frozenset(WORDS))
+    assert scan.present(text) == want  # word by word, before compiling
+    scan.uses = scan.COMPILE_AFTER
+    assert scan.present(text) == want  # compiled
+    assert scan.rx is not None
