@@ -163,3 +163,81 @@ def test_word_scan_finds_every_word_present(text: str) -> None:
     scan.uses = scan.COMPILE_AFTER
     assert scan.present(text) == want  # compiled
     assert scan.rx is not None
+
+
+_HEADER_LINE = re.compile(r"From |[!-9;-~]*:|[ \t]")
+
+
+def _split_head_by_lines(text: str, pos: int) -> tuple[list[tuple[str, str]], str | None, int]:
+    """mime._split_head as it was written line by line (the reference)."""
+    headers: list[tuple[str, str]] = []
+    unixfrom = None
+    name = ""
+    value: list[str] = []
+    first = True
+    n = len(text)
+    while pos < n:
+        end = text.find("\n", pos)
+        nxt = n if end < 0 else end + 1
+        line = text[pos : n if end < 0 else end]
+        if not line:
+            pos = nxt
+            break
+        if not _HEADER_LINE.match(line):
+            break
+        pos = nxt
+        if line[0] in (" ", "\t"):
+            if name:
+                value.append("\n" + line)
+            first = False
+            continue
+        if name:
+            headers.append((name, "".join(value)))
+            name = ""
+        if line.startswith("From "):
+            if first:
+                unixfrom = line
+            first = False
+            continue
+        first = False
+        i = line.find(":")
+        if i <= 0:
+            continue
+        name = line[:i]
+        value = [line[i + 1 :].lstrip(" \t")]
+    if name:
+        headers.append((name, "".join(value)))
+    return headers, unixfrom, min(pos, n)
+
+
+HEAD_FRAGMENTS = [
+    "Subject: hi\n",
+    "To:  a@b\n",
+    " folded\n",
+    "\tfolded\n",
+    " \n",
+    "\n",
+    "From x y\n",
+    "From: z\n",
+    "From ",
+    ":empty\n",
+    "X-A:\n",
+    "X-B:   \n",
+    "not a header\n",
+    "a b: c\n",
+    "Content-Type: text/plain;\n",
+    "\tcharset=x\n",
+    "body\n",
+    "Last: line",
+    "\u00e9: x\n",
+    "X:\t v",
+]
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(HEAD_FRAGMENTS), max_size=14).map("".join), st.integers(0, 3))
+def test_split_head_as_line_by_line(text: str, pos: int) -> None:
+    from fastsend.bounce import mime
+
+    pos = min(pos, len(text))
+    assert mime._split_head(text, pos) == _split_head_by_lines(text, pos)

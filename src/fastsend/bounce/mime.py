@@ -42,50 +42,48 @@ import re
 _MAX_DEPTH = 20
 
 
-# What the standard parser takes as a header line (RFC 5322 field name:
-# printable ASCII but ':'; a continuation; the mbox envelope line).
-_HEADER_LINE = re.compile(r"From |[!-9;-~]*:|[ \t]")
+# What the standard parser takes as a header line: an RFC 5322 field name
+# (printable ASCII but ':') and a colon; a continuation; the mbox envelope
+# line. A header field from its line start: the name, the blanks after the colon,
+# the value with its continuation lines (as received, up to the last one's
+# line break: a slice of the text, as the lines' pieces joined would be).
+_FIELD = re.compile(r"([!-9;-~]*):[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)(?:\n|\Z)")
 
 
 def _split_head(text: str, pos: int) -> tuple[list[tuple[str, str]], str | None, int]:
-    """(headers, unixfrom, body start) of the entity starting at ``pos``."""
+    """(headers, unixfrom, body start) of the entity starting at ``pos``.
+
+    Line by line: a blank line ends the head (the body after it); a line
+    that is not a header line (a field name and a colon, a continuation, a
+    "From " line) is the body's first; a "From "
+    line is the mbox envelope when it comes first (skipped elsewhere); a
+    continuation line belongs to the field before it (none: skipped); a
+    field named "" (a line starting with ":") is skipped."""
     headers: list[tuple[str, str]] = []
     unixfrom = None
-    name = ""
-    value: list[str] = []
     first = True
     n = len(text)
+    match = _FIELD.match
     while pos < n:
-        end = text.find("\n", pos)
-        nxt = n if end < 0 else end + 1
-        line = text[pos : n if end < 0 else end]
-        if not line:
-            pos = nxt  # the blank line separating head and body
+        c = text[pos]
+        if c == "\n":
+            pos += 1  # the blank line separating head and body
             break
-        if not _HEADER_LINE.match(line):
+        if c == " " or c == "\t" or text.startswith("From ", pos):
+            end = text.find("\n", pos)
+            if first and c == "F":
+                unixfrom = text[pos : n if end < 0 else end]
+            first = False
+            pos = n if end < 0 else end + 1
+            continue
+        m = match(text, pos)
+        if m is None:
             break  # no separator: the body starts here
-        pos = nxt
-        if line[0] in (" ", "\t"):
-            if name:
-                value.append("\n" + line)
-            first = False
-            continue
-        if name:
-            headers.append((name, "".join(value)))
-            name = ""
-        if line.startswith("From "):
-            if first:
-                unixfrom = line
-            first = False
-            continue
         first = False
-        i = line.find(":")
-        if i <= 0:
-            continue
-        name = line[:i]
-        value = [line[i + 1 :].lstrip(" \t")]
-    if name:
-        headers.append((name, "".join(value)))
+        name = m.group(1)
+        if name:
+            headers.append((name, m.group(2)))
+        pos = m.end()
     return headers, unixfrom, min(pos, n)
 
 
