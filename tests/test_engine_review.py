@@ -657,7 +657,11 @@ def test_a_crash_loop_counts_an_attempt_instead_of_releasing_for_ever(tmp_path: 
     as a deferred attempt instead: backoff, then expiry, as for any failure."""
     n = 200
     with SinkThread(latency_ms=20) as sink:
-        cfg = make_config(tmp_path, sink, delivery={"pipeline": 4, "max_connections": 2})
+        # max_age well beyond three worker restarts on a loaded host: the mail
+        # must be retried (attempt 2), not expire while the workers respawn.
+        cfg = make_config(
+            tmp_path, sink, delivery={"pipeline": 4, "max_connections": 2}, retry={"max_age": 60.0}
+        )
         spool = SQLiteSpool(cfg.spool_dir)
         cid = new_campaign(spool)
         rcpts = [f"u{i}@crash.example" for i in range(n)]
