@@ -141,3 +141,52 @@ def test_a_provider_404_is_our_configuration_never_a_bounce(tmp_path: Path) -> N
     assert s["bounced"] == 0 and s["deferred"] == 2, (s, proc.stderr[-2000:])
     listed = run_fastsend("suppress", "list", "--spool", str(spool))
     assert listed.returncode == 0 and listed.stdout == "", listed.stdout
+
+
+class _RefuseDataHandler:
+    """aiosmtpd: refuses the message at end of data with a "user unknown" when
+    one of its recipients is gone-*, whatever the others are."""
+
+    def __init__(self) -> None:
+        self.transactions: list[list[str]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.transactions.append(list(envelope.rcpt_tos))
+        if any(r.startswith("gone") for r in envelope.rcpt_tos):
+            return "550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown"
+        return "250 2.0.0 Ok"
+
+
+def test_a_refusal_after_data_suppresses_no_recipient_of_a_shared_transaction(
+    tmp_path: Path,
+) -> None:
+    """Identical mail shares one transaction (three RCPTs). A 550 5.1.1 at end
+    of data refuses the message for all three, and it names none of them: all
+    three bounce, none is suppressed (the valid ones would never be mailed
+    again). Before: all three were put on the suppression list as userunknown."""
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import free_port
+
+    handler = _RefuseDataHandler()
+    port = free_port()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        camp = write_campaign(
+            tmp_path,
+            'from = "News <news@sender.example.com>"\nsubject = "Same for all"\ntext = "Hello.\\n"\n',
+        )
+        rcpts = ["gone@example.com", "alice@example.com", "bob@example.com"]
+        lst = _list(tmp_path, rcpts)
+        spool = tmp_path / "spool"
+        proc = run_fastsend("send", str(camp), "-r", str(lst), "--no-dkim", "--spool", str(spool),
+                            "--route", f"*=127.0.0.1:{port}", "--workers", "1", "--json",
+                            "--no-progress", "--max-wait", "5")  # fmt: skip
+    finally:
+        ctl.stop()
+    s = summary(proc)
+    assert handler.transactions == [rcpts], handler.transactions  # one shared transaction
+    assert s["bounced"] == 3, s
+    listed = run_fastsend("suppress", "list", "--spool", str(spool))
+    assert listed.returncode == 0 and listed.stdout == "", listed.stdout

@@ -547,6 +547,11 @@ class Worker:
                                    mx or o.mx, source_ip, "", "", False, tr.queue_id))  # fmt: skip
                     continue
                 reason, hard = classify(o)
+                # Only a reply to RCPT names a recipient: a refusal of the whole
+                # message (DATA, end of data, MAIL, an API request) in a
+                # transaction of several recipients is no proof against any one
+                # of them, so it suppresses none (it still bounces them all).
+                hard = hard and o.kind == FAILED and (len(tags) == 1 or o.stage == "rcpt")
                 out.append(
                     Res(
                         mid,
@@ -558,7 +563,7 @@ class Worker:
                         source_ip,
                         o.stage,
                         reason,
-                        hard and o.kind == FAILED,
+                        hard,
                         tr.queue_id,
                     )
                 )
