@@ -165,7 +165,6 @@ def test_a_refusal_after_data_suppresses_no_recipient_of_a_shared_transaction(
     three bounce, none is suppressed (the valid ones would never be mailed
     again). Before: all three were put on the suppression list as userunknown."""
     from aiosmtpd.controller import Controller
-
     from tests.conftest import free_port
 
     handler = _RefuseDataHandler()
