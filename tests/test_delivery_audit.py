@@ -189,3 +189,52 @@ def test_a_refusal_after_data_suppresses_no_recipient_of_a_shared_transaction(
     assert s["bounced"] == 3, s
     listed = run_fastsend("suppress", "list", "--spool", str(spool))
     assert listed.returncode == 0 and listed.stdout == "", listed.stdout
+
+
+def test_mail_waiting_in_a_worker_is_withdrawn_when_its_address_is_suppressed(
+    tmp_path: Path,
+) -> None:
+    """A site that takes 2 messages/s: a worker keeps the next ~10 s of them on
+    its ready queue (``[delivery] ready_horizon``) and hands the rest back. An
+    address suppressed with the CLI while its message waits on that queue is
+    not mailed: the supervisor sees the list change, the worker hands the
+    message back unsent (wire.Withdraw), and it ends ``suppressed``. Before:
+    only what went back to the spool was screened again; the worker's queue
+    was sent as it stood."""
+    import subprocess
+    import time
+
+    from tests._engine_helpers import fastsend_cmd
+
+    spool = tmp_path / "spool"
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text("[shaping.default]\nmessages_per_second = 2.0\nburst = 1\n")
+    camp = write_campaign(tmp_path)
+    rcpts = [f"w{i}@example.com" for i in range(30)]
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    gone = ["w15@example.com", "w28@example.com"]  # on the worker's queue; handed back
+    with SinkProcess("--log", str(log)) as sink:
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                         "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
+                         "--workers", "1", "--source-ip", "127.0.0.2", "--json",
+                         "--no-progress", "--max-wait", "60"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            events = spool / "events.jsonl"
+            deadline = time.monotonic() + 60
+            while b'"delivered"' not in (events.read_bytes() if events.exists() else b""):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.05)
+            add = run_fastsend("suppress", "add", *gone, "--spool", str(spool))
+            assert add.returncode == 0, add.stderr
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    s = summary(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    got = received_counts(log)
+    assert got == {r: 1 for r in rcpts if r not in gone}, got
+    assert s["suppressed"] == 2 and s["delivered"] == 28, s

@@ -218,6 +218,12 @@ class Suppressions:
         """Might the tenant have entries? (True: look them up.)"""
         return True
 
+    def version(self) -> int | None:
+        """A number that changes when another connection or process has written
+        the list since (None: the store cannot tell; ask the list again). The
+        supervisor checks its mail in flight again when it changes."""
+        return None
+
     def _entries(self, tenant: str | None, now: float | None) -> Iterator[Entry]:
         """Entries of one tenant (every tenant: None) not expired at ``now``
         (None: expired ones too), by tenant then key."""
@@ -437,6 +443,10 @@ class SuppressionList(Suppressions):
 
     def close(self) -> None:
         self._db.close()
+
+    def version(self) -> int | None:
+        # SQLite's data_version: changed by commits of other connections only.
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def __enter__(self) -> SuppressionList:
         return self

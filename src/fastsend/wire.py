@@ -220,6 +220,15 @@ class Events(msgspec.Struct, array_like=True, tag=14):
     events: list[dict[str, Any]]
 
 
+class Withdraw(msgspec.Struct, array_like=True, tag=17):
+    """Supervisor -> worker: messages of its window whose address was suppressed
+    since their claim. The worker hands back (wire.Handback) those still waiting
+    on its ready queues, unsent; their next claim ends them ``suppressed``. One
+    already in a transaction is answered as usual."""
+
+    ids: list[int]
+
+
 ToWorker = (
     CampaignSpec
     | Batch
@@ -229,6 +238,7 @@ ToWorker = (
     | IPRest
     | WarmupAdjust
     | CampaignInfo
+    | Withdraw
 )
 FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events
 

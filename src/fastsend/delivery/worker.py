@@ -140,6 +140,8 @@ class Worker:
                 self.shaper.rest_ip(msg.ip, msg.providers, msg.until, msg.reason)
             elif isinstance(msg, wire.WarmupAdjust):
                 self.shaper.adjust_warmup(msg.offsets)
+            elif isinstance(msg, wire.Withdraw):
+                self.withdraw(msg.ids)
             elif isinstance(msg, wire.Drain):
                 self.draining = True
                 for q in self.sites.values():  # what cannot go soon goes back now
@@ -497,6 +499,28 @@ class Worker:
             results = self.router.on_results(results, source_ip, mx)
         self.add_results(results, source_ip, mx)
         self.check_done()
+
+    def withdraw(self, ids: list[int]) -> None:
+        """wire.Withdraw: hand back, unsent, the envelopes of ``ids`` still
+        waiting on a ready queue (their address was suppressed since the claim;
+        the supervisor's next claim ends them). An envelope shared by several
+        recipients goes back whole; one already taken by a connection is sent."""
+        gone = set(ids)
+        back: list[Envelope] = []
+        for q in self.sites.values():
+            pending = q.pending
+            if not pending:
+                continue
+            keep: list[Envelope] = []
+            for e in pending:
+                t = e.tag
+                hit = any(i in gone for i in t) if isinstance(t, list) else t in gone
+                (back if hit else keep).append(e)
+            if len(keep) < len(pending):
+                pending.clear()
+                pending.extend(keep)
+        if back:
+            self.handback(back, 0.0, 0.0, "withdrawn: its address was suppressed after its claim")
 
     def handback(self, envelopes: list[Envelope], delay: float, step: float, why: str) -> None:
         """Give envelopes back to the supervisor unattempted (wire.Handback): their

@@ -18,6 +18,8 @@ from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
 from fastsend.spool import SUPPRESSED, Claimed, Result
 
 STATUS_TTL = 0.5  # s a campaign's status is trusted before rate-held mail is checked again
+WITHDRAW_EVERY = 1.0  # s between checks of the windows against a list with no version()
+WITHDRAW_GAP = 0.25  # s at least between two checks of the windows (a list written often)
 FEED_ROOM = 2000  # open room that asks the feeder for its next chunk (accept.CHUNK rows)
 BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that follow
 
@@ -138,10 +140,10 @@ class Dispatch(SupervisorState):
             start += len(part)
         return claimed[:each] + claimed[start:]
 
-    def screen(self, claimed: list[Claimed], now: float) -> list[Claimed]:
-        """Dispatch-time suppression: the claimed messages whose address is not
-        suppressed for their campaign's tenant. The others end as ``suppressed``
-        (an event each), never delivered. One lookup per tenant per claim."""
+    def suppressed_claims(self, claimed: list[Claimed]) -> list[tuple[Claimed, str, str]] | None:
+        """(claim, tenant, reason) of the claims whose address is suppressed for
+        their campaign's tenant (None: the list could not be read, said so).
+        One lookup per tenant."""
         tenants = {cid: self.tenant_of(cid) for cid in {c.campaign for c in claimed}}
         by_tenant: dict[str, list[Claimed]] = {}
         if len(set(tenants.values())) == 1:  # the usual claim: one tenant's mail
@@ -155,9 +157,52 @@ class Dispatch(SupervisorState):
                 hits = self.suppression.reasons_many([c.rcpt for c in items], tenant=tenant)
             except Exception:  # an unreadable list must not stop delivery: say so
                 self.hook_failed(self.suppression.reasons_many)
-                return claimed
+                return None
             if hits:
                 gone += [(c, tenant, hits[c.rcpt]) for c in items if c.rcpt in hits]
+        return gone
+
+    def withdraw_suppressed(self, mono: float) -> None:
+        """Mail in the workers' windows whose address was suppressed since its
+        claim (the CLI, the API, the intake, another node): each worker is asked
+        to hand back what it has not sent yet (wire.Withdraw), and the next
+        claim ends it ``suppressed``. Checked when the list's version() changed
+        (SQLite: another connection wrote it), or every WITHDRAW_EVERY s when it
+        cannot tell (Redis). Rate-held mail is screened as it is admitted."""
+        if not self.config.delivery.check_suppression or not any(s.inflight for s in self.slots):
+            return
+        try:
+            version = self.suppression.version()
+        except Exception:  # an unreadable list must not stop delivery: say so
+            self.hook_failed(self.suppression.version)
+            return
+        since = mono - self.withdraw_checked
+        if since < WITHDRAW_GAP or (version is None and since < WITHDRAW_EVERY):
+            return
+        if version is not None and version == self.suppression_seen:
+            return
+        self.suppression_seen = version
+        self.withdraw_checked = mono
+        for slot in self.slots:
+            asked = slot.withdrawn
+            if asked:
+                asked.intersection_update(slot.inflight.keys())
+            if not slot.inflight or not slot.alive or slot.inbox is None:
+                continue
+            held = {c.id for items in slot.held.values() for c in items}
+            claims = [c for i, c in slot.inflight.items() if i not in held and i not in asked]
+            hits = self.suppressed_claims(claims) if claims else None
+            if hits:
+                ids = [c.id for c, _t, _r in hits]
+                asked.update(ids)
+                slot.backlog.append(wire.encoder.encode(wire.Withdraw(ids)))
+                self.push_backlog(slot)
+
+    def screen(self, claimed: list[Claimed], now: float) -> list[Claimed]:
+        """Dispatch-time suppression: the claimed messages whose address is not
+        suppressed for their campaign's tenant. The others end as ``suppressed``
+        (an event each), never delivered. One lookup per tenant per claim."""
+        gone = self.suppressed_claims(claimed)
         if not gone:
             return claimed
         drop = {c.id for c, _t, _r in gone}

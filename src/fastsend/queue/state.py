@@ -56,6 +56,8 @@ class WorkerSlot(msgspec.Struct):
     unwritten: int = 0
     cpu_s: float = 0.0  # user + system CPU of this slot's workers that have exited
     window: int = 4000  # its active window (Config.window_for): claimed + unwritten at most
+    # Ids in flight the worker was asked to hand back (wire.Withdraw): suppressed since.
+    withdrawn: set[int] = msgspec.field(default_factory=set)
 
     @property
     def room(self) -> int:
@@ -133,7 +135,9 @@ class RunStats(msgspec.Struct):
         return f
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__struct_fields__ if k not in ("started", "finals")}
+        return {
+            k: getattr(self, k) for k in self.__struct_fields__ if k not in ("started", "finals")
+        }
 
 
 class SupervisorState:
@@ -167,6 +171,8 @@ class SupervisorState:
     tenant_cache: dict[int, str]
     blob_cache: OrderedDict[str, bytes]  # bodies stored once (Spool.put_blob), LRU
     blob_swept: float  # monotonic time of the last Spool.sweep_blobs
+    suppression_seen: int | None  # the list's version() at the last check of the windows
+    withdraw_checked: float  # monotonic time of that check
     # outcomes, written to the spool and the event log once per tick
     results: list[Result]
     results_since: float  # monotonic time the oldest unwritten outcome was seen (0: none)

@@ -113,6 +113,11 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             else SuppressionList(os.path.join(spool_local_dir(config.spool_dir), "suppression.db"))
         )
         self.own_suppression = suppression is None
+        self.withdraw_checked = 0.0
+        try:
+            self.suppression_seen = self.suppression.version()
+        except Exception:  # checked again at the first tick (withdraw_suppressed)
+            self.suppression_seen = None
         self.to_suppress: list[tuple[str, str, str, str, int | None]] = []
         self.wake = Wake()
         self.feed_room = asyncio.Event()  # set by dispatch: the windows have room
@@ -219,6 +224,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                             slot.backlog.extend(recs)
                             self.push_backlog(slot)
                     self.spool.renew()  # a shared spool's lease on our claims (no-op: SQLite)
+                    self.withdraw_suppressed(now)
                     self.sweep_blobs(now)
                     last_reap = now
                 if self.on_tick:
