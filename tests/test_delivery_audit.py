@@ -238,3 +238,29 @@ def test_mail_waiting_in_a_worker_is_withdrawn_when_its_address_is_suppressed(
     got = received_counts(log)
     assert got == {r: 1 for r in rcpts if r not in gone}, got
     assert s["suppressed"] == 2 and s["delivered"] == 28, s
+
+
+def test_a_hard_bounce_withdraws_other_mail_to_the_address_from_the_worker(
+    tmp_path: Path,
+) -> None:
+    """The same address twice in a list, its second message waiting on the
+    worker's queue (a 2 msg/s site) when the first is refused 550 5.1.1 at
+    RCPT: the address is suppressed at once and its other message is handed
+    back unsent and ends ``suppressed``, not refused a second time. Before: it
+    was sent (and bounced) again."""
+    spool = tmp_path / "spool"
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text("[shaping.default]\nmessages_per_second = 2.0\nburst = 1\n")
+    camp = write_campaign(tmp_path)
+    rcpts = ["permfail-x@example.com", *(f"h{i}@example.com" for i in range(8)),
+             "permfail-x@example.com", "h8@example.com"]  # fmt: skip
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        proc = run_fastsend("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                            "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
+                            "--workers", "1", "--source-ip", "127.0.0.2", "--json",
+                            "--no-progress", "--max-wait", "60")  # fmt: skip
+    s = summary(proc)
+    assert s["bounced"] == 1 and s["suppressed"] == 1 and s["delivered"] == 9, s
+    assert received_counts(log) == {f"h{i}@example.com": 1 for i in range(9)}

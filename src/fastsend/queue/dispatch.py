@@ -198,6 +198,33 @@ class Dispatch(SupervisorState):
                 slot.backlog.append(wire.encoder.encode(wire.Withdraw(ids)))
                 self.push_backlog(slot)
 
+    def withdraw_addresses(self, gone: list[tuple[str, str, str, str, int | None]]) -> None:
+        """Hard bounces just written to the list (``to_suppress`` entries:
+        tenant, address, ...): the workers are asked to hand back their other
+        unsent mail to those addresses (another campaign's, a duplicate row),
+        as :meth:`withdraw_suppressed` does for what other writers add (this
+        process's own writes do not change the list's version)."""
+        if not self.config.delivery.check_suppression:
+            return
+        keys = {(t, a.lower()) for t, a, *_rest in gone}
+        rcpts = {a for _t, a in keys}
+        tenant_of = self.tenant_of
+        for slot in self.slots:
+            if not slot.inflight or not slot.alive or slot.inbox is None:
+                continue
+            asked = slot.withdrawn
+            ids = [
+                i
+                for i, c in slot.inflight.items()
+                if (r := c.rcpt.lower()) in rcpts
+                and i not in asked
+                and (tenant_of(c.campaign), r) in keys
+            ]
+            if ids:
+                asked.update(ids)
+                slot.backlog.append(wire.encoder.encode(wire.Withdraw(ids)))
+                self.push_backlog(slot)
+
     def screen(self, claimed: list[Claimed], now: float) -> list[Claimed]:
         """Dispatch-time suppression: the claimed messages whose address is not
         suppressed for their campaign's tenant. The others end as ``suppressed``

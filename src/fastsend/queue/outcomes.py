@@ -246,10 +246,13 @@ class Outcomes(SupervisorState):
             # to the address at worst, never leaves it unsuppressed.
             try:
                 self.suppression.add_entries(self.to_suppress)
-                self.to_suppress = []
             except Exception:  # locked or unwritable: keep them, try again next tick
                 self.hook_failed(self.suppression.add_entries)
                 del self.to_suppress[:-100_000]
+            else:
+                # Their other mail in the workers' windows goes back unsent.
+                written, self.to_suppress = self.to_suppress, []
+                self.withdraw_addresses(written)
         keep = self.outbox_filter
         if keep is not None:  # the filter sees dicts
             self.event_buf = list(_dicts(self.event_buf))
