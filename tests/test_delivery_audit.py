@@ -264,3 +264,45 @@ def test_a_hard_bounce_withdraws_other_mail_to_the_address_from_the_worker(
     s = summary(proc)
     assert s["bounced"] == 1 and s["suppressed"] == 1 and s["delivered"] == 9, s
     assert received_counts(log) == {f"h{i}@example.com": 1 for i in range(9)}
+
+
+def test_sendgrid_refusing_one_recipient_of_a_batch_bounces_only_that_one(
+    tmp_path: Path,
+) -> None:
+    """Identical mail to SendGrid goes as one request of several
+    personalizations (one recipient each: none sees another). SendGrid refuses
+    such a request whole (400) for one recipient it does not take, naming its
+    personalization: only that recipient bounces, the others are delivered
+    once each. Before: every recipient of the request bounced."""
+    import os
+    import subprocess
+
+    from tests._engine_helpers import fastsend_cmd
+    from tests._provider_servers import Recorder, ThreadedApp, sendgrid_app
+
+    camp = write_campaign(
+        tmp_path,
+        'from = "News <news@sender.example.com>"\nsubject = "Same for all"\ntext = "Hello.\\n"\n',
+    )
+    good = [f"u{i}@example.net" for i in range(6)]
+    lst = _list(tmp_path, [*good[:3], "reject-1@example.net", *good[3:]])
+    rec = Recorder()
+    with ThreadedApp(sendgrid_app("sg-key", rec)) as app:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            f'[transports.sg]\nkind = "sendgrid"\nendpoint = "{app.url}"\n[routes]\n"*" = "sg"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
+        env["FASTSEND_SG_API_KEY"] = "sg-key"
+        proc = subprocess.run(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                         "--spool", str(tmp_path / "spool"), "--workers", "1", "--json",
+                         "--no-progress", "--max-wait", "5"),
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+    s = summary(proc)
+    assert rec.rejected >= 1
+    assert s["delivered"] == 6 and s["bounced"] == 1, (s, proc.stderr[-2000:])
+    assert dict(rec.recipients) == {r: 1 for r in good}
+    for body in rec.accepted:  # one recipient per personalization, never two
+        assert all(len(p["to"]) == 1 for p in body["personalizations"])

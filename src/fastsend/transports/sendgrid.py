@@ -18,7 +18,9 @@ which the Event Webhook echoes (fastsend.serve.provider_events).
 
 Answers: 202 + ``X-Message-Id`` -> delivered (queue_id); 429 -> throttled
 (Retry-After, or X-RateLimit-Reset); 400 ``{"errors": [{"message", "field"}]}``
-and 413 -> failed, classified; 401/403 and 5xx -> deferred.
+and 413 -> failed, classified; 401/403/404 and 5xx -> deferred. A 400 naming a
+personalization of a request of several recipients refuses the whole request
+for one of them: each is then sent on its own, and only the refused bounce.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from typing import Any
 import orjson
 
 from fastsend import msgid
-from fastsend.outcome import Envelope
+from fastsend.outcome import DELIVERED, Envelope, Outcome, TxnResult
 from fastsend.transports.http import (
     Answer,
     HTTPTransport,
     Throttled,
     answered,
+    deferred,
     delivered,
     map_status,
     retry_after,
@@ -149,30 +152,37 @@ class SendGridTransport(HTTPTransport):
         return out
 
     def body(self, envs: list[Envelope]) -> bytes:
-        doc = mime_to_v3(envs[0].data)
+        return self._body(envs[0].data, [p for env in envs for p in _pairs(env)])
+
+    def _body(self, data: bytes, pairs: list[tuple[str, object]]) -> bytes:
+        doc = mime_to_v3(data)
         pers: list[dict[str, Any]] = []
-        for env in envs:
-            ids = env.tag if isinstance(env.tag, list) else [env.tag] * len(env.rcpts)
-            for rcpt, mid in zip(env.rcpts, ids, strict=False):
-                p: dict[str, Any] = {"to": [{"email": rcpt}]}
-                if isinstance(mid, int) and self.secret:
-                    p["custom_args"] = {"fastsend": msgid.token(mid, self.secret)}
-                pers.append(p)
+        for rcpt, mid in pairs:
+            p: dict[str, Any] = {"to": [{"email": rcpt}]}
+            if isinstance(mid, int) and self.secret:
+                p["custom_args"] = {"fastsend": msgid.token(mid, self.secret)}
+            pers.append(p)
         doc = {"personalizations": pers, **doc}
         return orjson.dumps(doc)
 
-    async def request(self, session: Any, envs: list[Envelope]) -> Answer:
+    async def _post(self, session: Any, body: bytes) -> tuple[int, bytes, str, float, str]:
         import aiohttp
 
-        body = self.body(envs)
         headers = {"Authorization": self.auth, "Content-Type": "application/json"}
         timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
         async with session.post(self.url, data=body, headers=headers, timeout=timeout) as r:
             raw = await r.read()
-            status = r.status
-            mid = r.headers.get("X-Message-Id", "")
-            ra = retry_after(r.headers.get("Retry-After"))
-            reset = r.headers.get("X-RateLimit-Reset", "")
+            return (
+                r.status,
+                raw,
+                r.headers.get("X-Message-Id", ""),
+                retry_after(r.headers.get("Retry-After")),
+                r.headers.get("X-RateLimit-Reset", ""),
+            )
+
+    async def request(self, session: Any, envs: list[Envelope]) -> Answer:
+        body = self.body(envs)
+        status, raw, mid, ra, reset = await self._post(session, body)
         if 200 <= status < 300:
             return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
         text = _errors(raw)
@@ -180,7 +190,40 @@ class SendGridTransport(HTTPTransport):
             if not ra and reset.isdigit():
                 ra = max(0.0, int(reset) - time.time())
             return Throttled(ra, text)
+        if status == 400 and b"personalizations." in raw and sum(len(e.rcpts) for e in envs) > 1:
+            # SendGrid refuses the whole request for one personalization it
+            # does not take (a recipient): each is sent alone, so only the
+            # refused recipients bounce, not every recipient of the batch.
+            return await self._one_by_one(session, envs)
         return answered(envs, map_status(self.label, status, text))
+
+    async def _one_by_one(self, session: Any, envs: list[Envelope]) -> list[TxnResult]:
+        out: list[TxnResult] = []
+        for env in envs:
+            outcomes: list[Outcome] = []
+            first = ""
+            for pair in _pairs(env):
+                status, raw, mid, _ra, _reset = await self._post(
+                    session, self._body(envs[0].data, [pair])
+                )
+                if 200 <= status < 300:
+                    first = first or mid
+                    text = f"{self.label} accepted as {mid}"
+                    outcomes.append(
+                        Outcome(DELIVERED, 250, "2.0.0", text[:400], "http", self.label)
+                    )
+                elif status == 429:  # nothing sent: later, as any throttled request
+                    outcomes.append(deferred(self.label, f"HTTP 429: {_errors(raw)}"))
+                else:
+                    outcomes.append(map_status(self.label, status, _errors(raw)))
+            out.append(TxnResult(env.tag, outcomes, first))
+        return out
+
+
+def _pairs(env: Envelope) -> list[tuple[str, object]]:
+    """(recipient, message id) of each of an envelope's recipients."""
+    ids = env.tag if isinstance(env.tag, list) else [env.tag] * len(env.rcpts)
+    return list(zip(env.rcpts, ids, strict=False))
 
 
 def _errors(raw: bytes) -> str:
