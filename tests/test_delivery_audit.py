@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tests._engine_helpers import received_counts, run_fastsend, summary, write_campaign
 
 from fastsend.sink import SinkProcess
@@ -191,13 +192,15 @@ def test_a_refusal_after_data_suppresses_no_recipient_of_a_shared_transaction(
     assert listed.returncode == 0 and listed.stdout == "", listed.stdout
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_mail_waiting_in_a_worker_is_withdrawn_when_its_address_is_suppressed(
-    tmp_path: Path,
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A site that takes 2 messages/s: a worker keeps the next ~10 s of them on
     its ready queue (``[delivery] ready_horizon``) and hands the rest back. An
     address suppressed with the CLI while its message waits on that queue is
-    not mailed: the supervisor sees the list change, the worker hands the
+    not mailed: the supervisor sees the list change (SQLite: its version;
+    Redis, shared by every node: checked every second), the worker hands the
     message back unsent (wire.Withdraw), and it ends ``suppressed``. Before:
     only what went back to the spool was screened again; the worker's queue
     was sent as it stood."""
@@ -206,7 +209,10 @@ def test_mail_waiting_in_a_worker_is_withdrawn_when_its_address_is_suppressed(
 
     from tests._engine_helpers import fastsend_cmd
 
-    spool = tmp_path / "spool"
+    local = tmp_path / "spool"
+    spool: Any = local
+    if kind == "redis":
+        spool = request.getfixturevalue("redis_server").url(node="n1", dir=str(local))
     cfg = tmp_path / "fastsend.toml"
     cfg.write_text("[shaping.default]\nmessages_per_second = 2.0\nburst = 1\n")
     camp = write_campaign(tmp_path)
@@ -223,7 +229,7 @@ def test_mail_waiting_in_a_worker_is_withdrawn_when_its_address_is_suppressed(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
-            events = spool / "events.jsonl"
+            events = local / "events.jsonl"
             deadline = time.monotonic() + 60
             while b'"delivered"' not in (events.read_bytes() if events.exists() else b""):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
