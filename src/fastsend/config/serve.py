@@ -47,6 +47,15 @@ class ApiSettings(Section):
     # Operational data and recipients' pages on listeners of their own.
     admin_listen: str = ""  # "HOST:PORT": /metrics without a key (bind it to a private net)
     public_listen: str = ""  # "HOST:PORT": tracking and unsubscribe only (what recipients reach)
+    # Every HTTP listener (API, public, admin; fastsend.serve.httpguard): a connection
+    # sends a whole request's headers within header_timeout of opening or of its last
+    # answer (else it is closed: slowloris, idle keep-alive), a request's body within
+    # body_timeout (else 408); beyond max_connections open at once, or
+    # max_connections_per_ip from one address, a connection gets a 503.
+    header_timeout: PosFloat = 30.0
+    body_timeout: PosFloat = 60.0
+    max_connections: PosInt = 1024
+    max_connections_per_ip: PosInt = 256
 
     def __post_init__(self) -> None:
         check_listen(self.listen, "listen")

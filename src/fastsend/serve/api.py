@@ -20,6 +20,7 @@ It never writes SQL itself: the spool, the index and the key store do.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -333,7 +334,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             request[KEY_ID] = kid
         return await handler(request)
     except ApiError as e:
-        return error_response(e)
+        resp = error_response(e)
+        if e.status == 408:
+            resp.force_close()  # the rest of the body is not waited for
+        return resp
     except web.HTTPRequestEntityTooLarge as e:
         return error_response(ApiError(413, f"request body too large: {e.text}"))
     except web.HTTPException as e:
@@ -348,11 +352,37 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return error_response(ApiError(500, "internal error (logged on the server)"))
 
 
+# What a JSON body may be labelled: JSON, nothing (aiohttp reads a missing
+# Content-Type as application/octet-stream) and curl -d's form type; any other
+# declared type (text/plain, XML, multipart, CSV) is a 415.
+JSON_TYPES = frozenset(
+    {"application/json", "application/octet-stream", "application/x-www-form-urlencoded"}
+)
+
+
+def check_json_type(request: web.Request, others: str = "") -> None:
+    """415 unless the request's Content-Type may hold a JSON body (``others``: what
+    else the route takes, named in the error)."""
+    ctype = request.content_type
+    if ctype not in JSON_TYPES and not ctype.endswith("+json"):
+        also = f" or {others}" if others else ""
+        raise ApiError(
+            415, f"Content-Type {ctype[:100]!r} is not accepted here: send application/json{also}"
+        )
+
+
 async def read_body(request: web.Request) -> bytes:
-    limit = api_of(request).settings.max_body_bytes
+    api = api_of(request)
+    limit = api.settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body of {request.content_length} bytes exceeds {limit}")
-    body = await request.read()  # aiohttp enforces client_max_size too
+    check_json_type(request)
+    seconds = api.settings.body_timeout
+    try:
+        async with asyncio.timeout(seconds):  # a body that stops arriving holds nothing
+            body = await request.read()  # aiohttp enforces client_max_size too
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {seconds:g} s") from None
     if len(body) > limit:
         raise ApiError(413, f"request body exceeds {limit} bytes")
     return body

@@ -45,6 +45,7 @@ from fastsend.serve.api import (
     bad,
     check_envelope,
     check_from_domain,
+    check_json_type,
     decode_body,
     int_param,
     json_response,
@@ -239,6 +240,7 @@ async def add_recipients(request: web.Request) -> web.Response:
     ctype = request.content_type
     if ctype in LIST_TYPES:
         return await _upload(request, info.id, camp, strict, LIST_TYPES[ctype])
+    check_json_type(request, "a list: text/csv or application/x-ndjson")
     body = await read_body(request)
     rows = _json_rows(decode_body(body, RecipientsIn).recipients, camp)
     return await _spool_rows(request, info.id, rows, strict, camp)
@@ -261,10 +263,16 @@ async def save_list(request: web.Request, suffix: str) -> Saved:
         limit = api.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, f"request body of {request.content_length} bytes exceeds {limit}")
+        seconds = api.settings.body_timeout
         try:
-            saved = await api.ctx.uploads.save(request.content.iter_chunked(1 << 16), suffix, limit)
+            async with asyncio.timeout(seconds):  # a list that stops arriving holds nothing
+                saved = await api.ctx.uploads.save(
+                    request.content.iter_chunked(1 << 16), suffix, limit
+                )
         except UploadTooLarge as e:
             raise ApiError(413, str(e)) from None
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {seconds:g} s") from None
         request[UPLOAD] = saved
     return saved
 

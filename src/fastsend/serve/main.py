@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"fastsend serve: spool {cfg.spool_dir}: {e}", file=sys.stderr)
         return 2
+    raise_nofile(cfg)
     server = Server(args.config, cfg, workers=not args.no_workers, t0=t0)
     server.allow_volatile = bool(getattr(args, "allow_volatile", False))
     # The standard asyncio loop: the supervisor forks workers from inside it
@@ -106,6 +107,32 @@ def secure_spool(spool_dir: str) -> None:
                 os.chmod(e.path, 0o600)
 
 
+def raise_nofile(cfg: Config) -> None:
+    """Raise the soft limit on open files towards the hard one: the listeners' caps
+    ([api] max_connections per HTTP listener, [submission]/[intake] max_connections)
+    only protect the process if it can hold that many sockets (Debian's soft limit
+    is 1024). Says so when even the hard limit is short."""
+    import resource
+
+    a = cfg.api
+    http = 1 + bool(a.public_listen) + bool(a.admin_listen)
+    smtp = [t.max_connections for t in (cfg.submission, cfg.intake) if t.listen]
+    want = a.max_connections * http + sum(smtp) + 1024  # + spool files, workers, clients
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            new = soft
+        if new < want:
+            print(
+                f"fastsend serve: warning: open files limited to {new} (ulimit -n), fewer"
+                f" than the listeners' connection caps need ({want})",
+                file=sys.stderr,
+            )
+
+
 class Server:
     def __init__(self, config_path: str, cfg: Config, *, workers: bool, t0: float) -> None:
         self.config_path = config_path
@@ -119,6 +146,7 @@ class Server:
         self.allow_volatile = False
         self.idem_swept = 0.0
         self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
+        self.caps: list[Any] = []  # fastsend.serve.httpguard.ConnectionCap per HTTP listener
 
     async def main(self) -> int:
         from aiohttp import web
@@ -130,6 +158,7 @@ class Server:
         from fastsend.serve.charts import setup_charts
         from fastsend.serve.context import open_context
         from fastsend.serve.dashboard import setup_dashboard
+        from fastsend.serve.httpguard import ConnectionCap
         from fastsend.serve.listeners import start_listeners
         from fastsend.serve.metrics import Metrics
         from fastsend.serve.proxyproto import ProxySettings, proxied_site
@@ -202,7 +231,10 @@ class Server:
         await runner.setup()
         host, port = settings.host_port
         proxy = ProxySettings.of(cfg.proxy)
-        site = proxied_site(runner, host, port, proxy, reuse_address=True, backlog=1024)
+        # Each HTTP listener: header and body timeouts, connection caps (serve.httpguard).
+        self.caps = [ConnectionCap(settings)]
+        site = proxied_site(runner, host, port, proxy, reuse_address=True, backlog=1024,
+                            cap=self.caps[0])  # fmt: skip
         try:
             await site.start()
         except OSError as e:
@@ -215,8 +247,10 @@ class Server:
             r = web.AppRunner(extra_app, access_log=None, handle_signals=False)
             await r.setup()
             runners.append(r)
+            self.caps.append(ConnectionCap(settings))
             try:
-                await web.TCPSite(r, *split_listen(listen), reuse_address=True).start()
+                h, p = split_listen(listen)
+                await proxied_site(r, h, p, None, reuse_address=True, cap=self.caps[-1]).start()
             except OSError as e:
                 print(f"fastsend serve: cannot listen on {listen}: {e}", file=sys.stderr)
                 for x in runners:
@@ -341,6 +375,8 @@ class Server:
         cfg.spool_dir = ctx.config.spool_dir  # the spool cannot move under a running server
         ctx.config = cfg
         self.api.reconfigure(settings)
+        for cap in self.caps:
+            cap.configure(settings)
         sup = ctx.supervisor
         if sup is not None:
             await sup.reload(cfg)

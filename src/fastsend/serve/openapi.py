@@ -36,8 +36,10 @@ def _answers(ok: str, *codes: int, schema: dict[str, Any] | None = None) -> dict
         401: "missing or invalid API key",
         403: "the From domain is not one of the tenant's domains",
         404: "not found (another tenant's id answers the same)",
+        408: "the request body did not arrive within [api] body_timeout",
         409: "conflicting state (or: a request with this Idempotency-Key is still running)",
         413: "body or batch too large",
+        415: "the Content-Type is not one the route takes (JSON; a list: CSV, JSON lines)",
         422: "this Idempotency-Key was used for another request",
         429: "rate limit of the key exceeded",
     }
@@ -261,7 +263,7 @@ def document() -> dict[str, Any]:
         "/v1/messages": {
             "post": _idempotent(_op(
                 "Inject one message or a batch; 202 once durable in the spool",
-                _answers("202", 400, 403, 413, schema=_ref("Accepted")),
+                _answers("202", 400, 403, 408, 413, 415, schema=_ref("Accepted")),
                 _json({"oneOf": [_ref("MessageIn"), _ref("BatchIn")]}),
                 operationId="postMessages",
             ), "202")
@@ -277,7 +279,7 @@ def document() -> dict[str, Any]:
         "/v1/campaigns": {
             "post": _idempotent(_op(
                 "Create a campaign from a template and recipients",
-                _answers("201", 400, 403, 413, schema=_ref("RecipientsAccepted")),
+                _answers("201", 400, 403, 408, 413, 415, schema=_ref("RecipientsAccepted")),
                 _json(_ref("CampaignIn")),
                 operationId="postCampaign",
             ), "201"),
@@ -311,7 +313,7 @@ def document() -> dict[str, Any]:
         "/v1/campaigns/{id}/recipients": {
             "post": _idempotent(_op(
                 "Add recipients (JSON, CSV or JSON lines); ?strict=1 rejects all on a bad row",
-                _answers("202", 400, 403, 404, 409, 413, schema=_ref("RecipientsAccepted")),
+                _answers("202", 400, 403, 404, 408, 409, 413, 415, schema=_ref("RecipientsAccepted")),
                 csv_body,
                 parameters=_ID,
                 operationId="postRecipients",
@@ -342,7 +344,7 @@ def document() -> dict[str, Any]:
             ),
             "post": _op(
                 "Suppress addresses",
-                _answers("201", 400, 413, schema=_ref("Added")),
+                _answers("201", 400, 408, 413, 415, schema=_ref("Added")),
                 _json(_ref("SuppressIn")),
             ),
         },

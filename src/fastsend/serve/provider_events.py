@@ -53,6 +53,7 @@ from fastsend.bounce import BounceRecord
 from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
 from fastsend.config.serve import DEFAULT_SNS_HOSTS
+from fastsend.serve.httpguard import body_deadline
 from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
 
 log = logging.getLogger("fastsend.serve.provider_events")
@@ -110,6 +111,7 @@ class ProviderEvents:
         self.certs: dict[str, Any] = {}  # SigningCertURL -> public key (bounded)
         self.seen: collections.OrderedDict[str, float] = collections.OrderedDict()  # replays
         self.session: Any = None
+        self.body_timeout = float(ctx.config.api.body_timeout)
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -118,7 +120,7 @@ class ProviderEvents:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_BODY, actual_size=request.content_length
             )
-        body = await request.content.read(MAX_BODY + 1)
+        body = await body_deadline(request.content.read(MAX_BODY + 1), self.body_timeout)
         if len(body) > MAX_BODY:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
         return body

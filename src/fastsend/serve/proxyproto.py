@@ -200,9 +200,11 @@ def wrap_factory(
 
 
 def proxied_site(
-    runner: Any, host: str, port: int, settings: ProxySettings | None, **kw: Any
+    runner: Any, host: str, port: int, settings: ProxySettings | None, cap: Any = None,
+    **kw: Any,
 ) -> Any:
-    """An aiohttp TCPSite whose connections pass the PROXY gate (when configured)."""
+    """An aiohttp TCPSite whose connections pass the PROXY gate (when configured), then
+    ``cap`` (a :class:`fastsend.serve.httpguard.ConnectionCap`: caps and timeouts)."""
     from aiohttp import web
 
     class _Site(web.TCPSite):
@@ -211,7 +213,7 @@ def proxied_site(
             server = self._runner.server
             assert server is not None
             self._server = await asyncio.get_running_loop().create_server(
-                wrap_factory(server, settings),
+                wrap_factory(cap.wrap(server) if cap is not None else server, settings),
                 self._host,
                 self._port,
                 ssl=self._ssl_context,

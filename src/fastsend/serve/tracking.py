@@ -51,6 +51,7 @@ from typing import Any
 from aiohttp import web
 
 from fastsend.message import tracking as tr
+from fastsend.serve.httpguard import body_deadline
 from fastsend.suppression import DEFAULT_TENANT, UNSUBSCRIBE, SuppressionError
 
 __all__ = ["setup_tracking"]
@@ -86,6 +87,7 @@ class _Tracking:
         # Links of the HMAC format in mail sent before the upgrade expire
         # link_ttl_days after it: the upgrade's time is recorded once.
         self.legacy_since = float(ctx.spool.meta_once(LEGACY_SINCE, repr(time.time())))
+        self.body_timeout = ctx.config.api.body_timeout  # the unsubscribe form's
 
     # -- helpers --------------------------------------------------------------
     def _check(self, token: str, kind: str) -> tuple[str, ...]:
@@ -196,7 +198,7 @@ class _Tracking:
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
         (mid, rcpt), token_tenant = self._open(request.match_info["token"], tr.UNSUBSCRIBE)
-        form = await request.post()
+        form = await body_deadline(request.post(), self.body_timeout)
         one_click = form.get("List-Unsubscribe") == ONE_CLICK
         if not one_click and form.get("confirm") != "yes":
             raise _bad_request("expected List-Unsubscribe=One-Click or confirm=yes")
