@@ -13,7 +13,9 @@ attack made over the network, with what the server must answer instead:
 - a click target with a control character: a 404 page, not a dropped
   connection;
 - a tenant's ``tracking_base_url`` makes its unsubscribe links (the campaign
-  need not repeat it).
+  need not repeat it);
+- tracking links on another tenant's host (its ``tracking_base_url``, a name
+  under its domains): 403, else that host would redirect wherever evil likes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fastsend.sink import SinkThread
 TENANTS = """
 [tenants.acme]
 domains = ["acme.example"]
+tracking_base_url = "https://t.acme-links.example"
 [tenants.evil]
 domains = ["evil.example"]
 tracking_base_url = "https://t.evil.example"
@@ -177,3 +180,28 @@ def test_click_target_with_a_control_character_is_a_404(
     st, page = http("GET", served.public + paths[0].decode())  # type: ignore[attr-defined]
     assert st == 404
     assert "Set-Cookie" not in str(page)
+
+
+@pytest.mark.parametrize(
+    "base", ["https://t.acme-links.example", "https://links.acme.example", "https://T.ACME.example."]
+)
+def test_links_on_another_tenants_host_are_refused(served: Served, base: str) -> None:
+    """A click link on acme's tracking host (or under acme's domains) that redirects
+    wherever evil likes would be an open redirect on acme's name."""
+    over = {"html": '<a href="https://evil.example/x">x</a>',
+            "tracking": {"clicks": True, "base_url": base}}  # fmt: skip
+    st, got = served.req("POST", "/v1/campaigns", campaign(over))
+    assert st == 403, got
+    assert got["error"]["field"] == "template.tracking.base_url"
+    msg = {"to": "r@example.org", "template": campaign(over)["template"]}
+    st, got = served.req("POST", "/v1/messages", msg)
+    assert st == 403, got
+    assert got["error"]["field"] == "message.template.tracking.base_url"
+
+
+@pytest.mark.parametrize("base", ["https://t.evil.example", "https://links.shared-host.example"])
+def test_links_on_own_or_shared_hosts_are_accepted(served: Served, base: str) -> None:
+    over = {"html": '<a href="https://evil.example/x">x</a>',
+            "tracking": {"clicks": True, "base_url": base}}  # fmt: skip
+    st, got = served.req("POST", "/v1/campaigns", campaign(over))
+    assert st == 201, got

@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import orjson
@@ -33,7 +34,7 @@ from aiohttp import web
 
 from fastsend.config import Config
 from fastsend.config.serve import ApiSettings
-from fastsend.config.tenants import norm_domain
+from fastsend.config.tenants import norm_domain, under
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext
 from fastsend.serve.eventindex import EventIndex
@@ -270,6 +271,35 @@ def check_envelope(request: web.Request, spec: dict[str, Any], where: str) -> No
             tenants.check_from(tenant, domain)
         except TenantDomainError as e:
             raise ApiError(403, f"{where}.{key}: {e}", f"{where}.{key}") from None
+
+
+def check_link_host(request: web.Request, spec: dict[str, Any], where: str) -> None:
+    """403 when the campaign's tracking links would be on another tenant's host: its
+    ``tracking_base_url``'s or a name under its domains (and not under the key's
+    tenant's own). Such a link redirects where this tenant says on the other's name."""
+    tenants = api_of(request).ctx.tenants
+    t = spec.get("tracking")
+    if tenants is None or not tenants.configured or not isinstance(t, dict):
+        return
+    base = t.get("base_url")
+    if not base or not (t.get("opens") or t.get("clicks") or t.get("unsubscribe")):
+        return
+    tenant = tenant_of(request)
+    if base == tenants.tracking_base_url(tenant):
+        return  # the operator's choice for this tenant
+    host = norm_domain(urlsplit(base).hostname or "")
+    me = tenants.get(tenant)
+    if me is not None and any(under(host, d) for d in me.domains):
+        return
+    for name, other in tenants.by_name.items():
+        if name == tenant:
+            continue
+        theirs = norm_domain(urlsplit(other.tracking_base_url).hostname or "")
+        if host == theirs or any(under(host, d) for d in other.domains):
+            raise ApiError(
+                403, f"{where}.tracking.base_url: host {host!r} is not one this tenant may"
+                " put links on", f"{where}.tracking.base_url",
+            )  # fmt: skip
 
 
 def tenant_template(request: web.Request, template: Any) -> Any:

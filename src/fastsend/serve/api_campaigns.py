@@ -46,6 +46,7 @@ from fastsend.serve.api import (
     check_envelope,
     check_from_domain,
     check_json_type,
+    check_link_host,
     decode_body,
     int_param,
     json_response,
@@ -215,6 +216,7 @@ async def create_campaign(request: web.Request) -> web.Response:
         raise bad(f"recipients[{first.line - 1}]: {first.error}", f"recipients[{first.line - 1}]")
     check_from_domain(request, camp.from_domain, "template.from")
     check_envelope(request, spec, "template")
+    check_link_host(request, spec, "template")
     server_dkim(request, spec, camp.from_domain)
     tenant = tenant_of(request)
     run = run_of(request)

@@ -42,6 +42,7 @@ from fastsend.serve.api import (
     bad,
     check_envelope,
     check_from_domain,
+    check_link_host,
     decode_body,
     int_param,
     json_response,
@@ -139,6 +140,7 @@ class MessagesHandler:
             raise bad(f"{field}: {e}" if e.key else f"{where}: {e}", field) from None
         check_from_domain(request, camp.from_domain, f"{where}.from")
         check_envelope(request, spec, where)
+        check_link_host(request, spec, where)
         server_dkim(request, spec, camp.from_domain)
         digest = hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
         cid = self.template_campaigns.get((tenant, digest))
