@@ -14,6 +14,10 @@ attack made over the network, with what the server must answer instead:
   connection;
 - a tenant's ``tracking_base_url`` makes its unsubscribe links (the campaign
   need not repeat it);
+- an IDN From domain is judged in the A-labels the message carries (IDNA 2008
+  with UTS 46), the same by the API and the worker: ``bücher.example`` is the
+  tenant's ``xn--bcher-kva.example`` (delivered, not a 202 then a bounce),
+  ``straße.example`` is not its ``strasse.example`` (403, not a 202);
 - tracking links on another tenant's host (its ``tracking_base_url``, a name
   under its domains): 403, else that host would redirect wherever evil likes.
 """
@@ -34,7 +38,7 @@ TENANTS = """
 domains = ["acme.example"]
 tracking_base_url = "https://t.acme-links.example"
 [tenants.evil]
-domains = ["evil.example"]
+domains = ["evil.example", "xn--bcher-kva.example", "strasse.example"]
 tracking_base_url = "https://t.evil.example"
 [intake]
 listen = "127.0.0.1:{intake}"
@@ -205,3 +209,54 @@ def test_links_on_own_or_shared_hosts_are_accepted(served: Served, base: str) ->
             "tracking": {"clicks": True, "base_url": base}}  # fmt: skip
     st, got = served.req("POST", "/v1/campaigns", campaign(over))
     assert st == 201, got
+
+
+def test_variables_with_cr_lf_for_a_header_are_refused_rows(served: Served) -> None:
+    """A recipient's variable that goes into a header with CR/LF is a refused row (the
+    others are spooled), not a message that bounces after a 201."""
+    tpl = {"from": "E <e@evil.example>", "subject": "Hi {{ name }}", "text": "{{ body }}",
+           "headers": {"X-Ref": "{{ ref | default('none') }}"}}  # fmt: skip
+    rows = [
+        {"email": "ok@example.org", "name": "Ann", "body": "line 1\r\nline 2"},  # body: fine
+        {"email": "bad1@example.org", "name": "x\r\nBcc: spy@example.org", "body": "b"},
+        {"email": "bad2@example.org", "name": "y", "body": "b", "ref": "r\nBcc: spy@example.org"},
+    ]
+    st, got = served.req("POST", "/v1/campaigns", {"template": tpl, "recipients": rows})
+    assert st == 201, got
+    assert (got["accepted"], got["rejected"]) == (1, 2), got
+    assert [e["row"] for e in got["errors"]] == [2, 3]
+    assert "'name'" in got["errors"][0]["error"] and "CR, LF" in got["errors"][0]["error"]
+    st, got = served.req("POST", "/v1/campaigns", {"template": tpl, "recipients": rows[1:2],
+                                                   "strict": True})  # fmt: skip
+    assert st == 400, got
+    # A template message's variables: a 400 naming the variable.
+    st, got = served.req("POST", "/v1/messages",
+                         {"to": "r@example.org", "template": tpl, "variables": rows[1]})  # fmt: skip
+    assert st == 400, got
+    assert got["error"]["field"] == "message.variables.name"
+    st, got = served.req("POST", "/v1/messages",
+                         {"to": "r@example.org", "template": tpl, "variables": rows[0]})  # fmt: skip
+    assert st == 202, got
+
+
+@pytest.mark.parametrize(
+    ("sender", "status"),
+    [
+        ("n@bücher.example", 202),  # the tenant's xn--bcher-kva.example
+        ("n@BÜCHER.example.", 202),
+        ("n@ｅｖｉｌ.example", 202),  # fullwidth: UTS 46 maps it to evil.example
+        ("n@straße.example", 403),  # xn--strae-oqa.example, not the tenant's strasse.example
+        ("n@ſtrasse.example", 202),  # long s: UTS 46 (as receivers) maps it to strasse.example
+    ],
+)
+def test_idn_from_domains_are_judged_as_the_message_carries_them(
+    served: Served, sink: SinkThread, sender: str, status: int
+) -> None:
+    subject = f"idn-{sender.encode('punycode').decode()}"
+    st, got = served.req("POST", "/v1/messages",
+                         {"from": sender, "to": "r@example.org", "subject": subject, "text": "t"})  # fmt: skip
+    assert st == status, got
+    if status == 202:  # the worker agrees: delivered, not bounced as another's domain
+        assert sink_message(sink, subject.encode())
+    else:
+        assert got["error"]["field"] == "message.from"

@@ -97,7 +97,7 @@ _VERP_PREFIX = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.=+\-]{0,30}[A-Za-z0-9])?")
 _BREAKS = ("\r", "\n", "\0")
 
 
-def _header_sources(spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+def header_sources(spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(key, template source) of every value that becomes a header field."""
     for key in ("subject", "feedback_id", "to", "reply_to", "return_path", "verp_domain"):
         yield key, spec.get(key)
@@ -111,7 +111,7 @@ def _check_header_values(spec: dict[str, Any]) -> None:
     """A campaign whose own text would put CR, LF or NUL in a header is refused
     now: the renderer refuses it too, but only once the campaign is spooled,
     when every message would wait in the queue until it expires."""
-    for key, value in _header_sources(spec):
+    for key, value in header_sources(spec):
         if isinstance(value, str) and any(c in value for c in _BREAKS):
             raise AcceptError(
                 f"{key}: CR, LF and NUL are not allowed in a header value (header injection"

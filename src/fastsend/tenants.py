@@ -35,7 +35,7 @@ import msgspec
 from fastsend.config import Config
 from fastsend.config.tenants import OPERATOR, norm_domain, under
 
-__all__ = ["OPERATOR", "Tenant", "TenantDomainError", "Tenants", "domain_of"]
+__all__ = ["OPERATOR", "Tenant", "TenantDomainError", "Tenants", "ascii_domain", "domain_of"]
 
 
 
@@ -60,15 +60,24 @@ _norm = norm_domain
 _under = under
 
 
+def ascii_domain(domain: str) -> str:
+    """``domain`` lower-cased, without its trailing dot, in A-labels as message headers
+    write it (IDNA 2008 with UTS 46: ``straße`` is not ``strasse``); a name that is not
+    a valid IDN is returned as it is (it matches no configured domain, all ASCII)."""
+    d = _norm(domain)
+    if d.isascii():
+        return d
+    from fastsend.message.headers import HeaderError, encode_domain
+
+    try:
+        return encode_domain(d).lower()
+    except HeaderError:
+        return d
+
+
 def domain_of(address: str) -> str:
-    """The lower-case domain of an address (IDNA-encoded when it is not ASCII)."""
-    d = _norm(address.rpartition("@")[2])
-    if not d.isascii():
-        try:
-            d = d.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass
-    return d
+    """The lower-case domain of an address (in A-labels when it is not ASCII)."""
+    return ascii_domain(address.rpartition("@")[2])
 
 
 class Tenants(msgspec.Struct):
@@ -96,17 +105,17 @@ class Tenants(msgspec.Struct):
         if not self.configured or tenant == OPERATOR:
             return True
         t = self.by_name.get(tenant)
-        d = _norm(domain)
+        d = ascii_domain(domain)
         return t is not None and bool(d) and any(_under(d, x) for x in t.domains)
 
     def check_from(self, tenant: str, domain: str) -> None:
         """TenantDomainError unless ``tenant`` may send From ``domain``."""
         if not self.allows(tenant, domain):
-            raise TenantDomainError(tenant, _norm(domain))
+            raise TenantDomainError(tenant, ascii_domain(domain))
 
     def dkim_for(self, tenant: str | None, domain: str) -> list[dict[str, Any]]:
         """The DKIM settings that sign mail From ``domain`` sent by ``tenant``."""
-        d = _norm(domain)
+        d = ascii_domain(domain)
         if not d:
             return []
         aligned = [e for e in self.global_dkim if _under(d, e["domain"])]

@@ -48,6 +48,8 @@ from fastsend.serve.api import (
     check_json_type,
     check_link_host,
     decode_body,
+    header_break,
+    header_variables,
     int_param,
     json_response,
     read_body,
@@ -168,12 +170,19 @@ async def _spool_rows(
 def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
     rows: list[Any] = []
     needed = camp.variables - {"email", "message_id"}
+    in_headers = header_variables(camp)
     for n, obj in enumerate(items, start=1):
         obj = dict(obj)
         email = obj.pop("email", None)
         missing = needed - set(obj)
         if missing:
             rows.append(recipients.BadRow(n, f"missing variables: {', '.join(sorted(missing))}"))
+            continue
+        broken = header_break(obj, in_headers) if in_headers else None
+        if broken is not None:
+            rows.append(recipients.BadRow(
+                n, f"variable {broken[:64]!r}: CR, LF and NUL are not allowed in a header value",
+            ))  # fmt: skip
             continue
         if not isinstance(email, str):
             rows.append(recipients.BadRow(n, "missing or non-text email"))

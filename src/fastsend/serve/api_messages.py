@@ -44,6 +44,8 @@ from fastsend.serve.api import (
     check_from_domain,
     check_link_host,
     decode_body,
+    header_break,
+    header_variables,
     int_param,
     json_response,
     read_body,
@@ -116,6 +118,16 @@ class MessagesHandler:
     def __init__(self) -> None:
         # (tenant, sha256 of the template) -> campaign id
         self.template_campaigns: dict[tuple[str, str], int] = {}
+        self.in_headers: dict[int, frozenset[str]] = {}  # campaign id -> header variables
+
+    def header_names(self, cid: int, camp: Campaign) -> frozenset[str]:
+        """The variables campaign ``cid`` puts into headers (kept per campaign)."""
+        got = self.in_headers.get(cid)
+        if got is None:
+            if len(self.in_headers) > 4096:
+                self.in_headers.clear()
+            got = self.in_headers[cid] = header_variables(camp)
+        return got
 
     def template_campaign(self, request: web.Request, tpl: int | dict[str, Any], where: str) -> Any:
         api = api_of(request)
@@ -196,6 +208,10 @@ class MessagesHandler:
                 camp.check_columns(set(m.variables) | {"email"})
             except CampaignError as e:
                 raise bad(f"{where}.variables: {e}", f"{where}.variables") from None
+            broken = header_break(m.variables, self.header_names(cid, camp))
+            if broken is not None:
+                field = f"{where}.variables.{broken}"
+                raise bad(f"{field}: CR, LF and NUL are not allowed in a header value", field)
             p.campaign = cid
             vars_ = orjson.dumps(m.variables)
         else:
