@@ -82,6 +82,13 @@ class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
     messages: list[MessageIn]
 
 
+class _BatchSize(msgspec.Struct):
+    messages: list[msgspec.Raw]  # counted without being decoded
+
+
+SIZE_FIRST = 1 << 16  # bodies larger than this have their messages counted first
+
+
 def _literal(v: Any) -> Any:
     """As the worker does: user text is sent as written, never templated."""
     if isinstance(v, str):
@@ -270,6 +277,14 @@ class MessagesHandler:
         api = api_of(request)
         body = await read_body(request)
         if b'"messages"' in body:
+            if len(body) > SIZE_FIRST:  # a million tiny messages: 413 before decoding them
+                limit = api.settings.max_batch
+                try:
+                    n = len(msgspec.json.decode(body, type=_BatchSize).messages)
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    n = 0  # (the decode below names the problem)
+                if n > limit:
+                    raise ApiError(413, f"messages: {n} messages, [api] max_batch is {limit}")
             try:
                 batch = decode_body(body, BatchIn)
                 messages, prefix = batch.messages, "messages"
