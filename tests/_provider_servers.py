@@ -11,10 +11,13 @@ They implement the documented requests, authentication and error answers:
   ``{"id", "message": "Queued. Thank you."}``; 400 ``{"message"}``; 429.
 - SES: moto in server mode (it verifies SigV4 against the IAM key it issued)
   behind a pass-through proxy that adds what moto lacks: the account's max
-  send rate (429 TooManyRequestsException "Maximum sending rate exceeded") and
-  a MessageRejected for chosen recipients.
+  send rate (429 TooManyRequestsException "Maximum sending rate exceeded"),
+  a BadRequestException "Illegal address" for ``reject*`` recipients and the
+  sandbox's MessageRejected "Email address is not verified" for
+  ``unverified*`` recipients.
 
-A recipient whose local part starts with ``reject`` is refused permanently.
+A recipient whose local part starts with ``reject`` is refused permanently
+(a request naming several recipients is refused whole, as the providers do).
 The rate is a token bucket per server (recipients per second, burst = rate).
 """
 
@@ -204,7 +207,8 @@ def mailgun_app(key: str, rec: Recorder, domain: str) -> web.Application:
 
 def ses_proxy_app(upstream: str, rec: Recorder) -> web.Application:
     """Pass-through to moto (headers as signed, Host included) plus SES's max
-    send rate and a MessageRejected for ``reject*`` recipients."""
+    send rate, a BadRequestException for ``reject*`` recipients and a sandbox
+    MessageRejected for ``unverified*`` ones."""
     state: dict[str, ClientSession] = {}
 
     async def handle(request: web.Request) -> web.Response:
@@ -213,11 +217,18 @@ def ses_proxy_app(upstream: str, rec: Recorder) -> web.Application:
         if request.method == "POST" and request.path == "/v2/email/outbound-emails":
             doc = json.loads(body)
             rcpts = doc.get("Destination", {}).get("ToAddresses", [])
+            unverified = [r for r in rcpts if r.startswith("unverified")]
+            if unverified:  # a sandbox account: recipients must be verified identities
+                rec.rejected += 1
+                return web.json_response(
+                    {"message": "Email address is not verified. The following identities failed the check in region EU-WEST-1: " + ", ".join(unverified)},
+                    status=400, headers={"x-amzn-ErrorType": "MessageRejected:http://internal.amazon.com/coral/com.amazon.sesv2/"},
+                )  # fmt: skip
             if any(r.startswith("reject") for r in rcpts):
                 rec.rejected += 1
                 return web.json_response(
-                    {"message": "Email address is not verified. The following identities failed the check: " + rcpts[0]},
-                    status=400, headers={"x-amzn-ErrorType": "MessageRejected:http://internal.amazon.com/coral/com.amazon.sesv2/"},
+                    {"message": "Illegal address"},
+                    status=400, headers={"x-amzn-ErrorType": "BadRequestException:http://internal.amazon.com/coral/com.amazon.sesv2/"},
                 )  # fmt: skip
             if not rec.bucket.take(len(rcpts)):
                 rec.throttled += 1

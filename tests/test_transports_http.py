@@ -267,8 +267,12 @@ def test_ses_bad_signature_is_refused_by_moto_and_deferred(tmp_path: Path, moto_
     assert not sent()
 
 
-def test_ses_unverified_sender_is_bounced_by_moto(tmp_path: Path, moto_ses: Any) -> None:
-    """moto's own MessageRejected (From not a verified identity) -> bounced."""
+def test_ses_unverified_sender_is_deferred_never_bounced(tmp_path: Path, moto_ses: Any) -> None:
+    """moto's own MessageRejected (From not a verified identity: "Did not have
+    authority to send from email"; SES: "Email address is not verified") is
+    our account's configuration, not the recipient: deferred, and nothing
+    suppressed (this test asserted a bounce before: every recipient of a
+    campaign from an unverified identity bounced and was suppressed for good)."""
     url, akid, secret_key, sent = moto_ses
     camp = tmp_path / "c.toml"
     camp.write_text('from = "x@unverified.example"\nsubject = "s"\ntext = "t"\n')
@@ -284,10 +288,109 @@ def test_ses_unverified_sender_is_bounced_by_moto(tmp_path: Path, moto_ses: Any)
         "1",
         "--no-dkim",
     )
-    assert summary(proc)["bounced"] == 1, proc.stderr[-2000:]
-    ev = next(e for e in events(tmp_path) if e["event"] == "bounced")
+    s = summary(proc)
+    assert s["bounced"] == 0 and s["deferred"] == 1, (s, proc.stderr[-2000:])
+    ev = next(e for e in events(tmp_path) if e["event"] == "deferred")
     assert "MessageRejected" in ev["text"] and "not have authority" in ev["text"]
     assert not sent()
+    assert _suppressed(tmp_path) == ""
+
+
+def test_ses_sandbox_unverified_recipient_is_deferred(tmp_path: Path, moto_ses: Any) -> None:
+    """A sandbox account may mail only verified identities: SES refuses the
+    others with MessageRejected "Email address is not verified. The following
+    identities failed the check in region ...". That is our account (out of
+    the sandbox, the address is fine): deferred, never suppressed; the
+    verified recipient is delivered."""
+    url, akid, secret_key, sent = moto_ses
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    rcpts = write_recipients(tmp_path, ["unverified-1@example.net", "a@example.net"])
+    rec = Recorder()
+    with ThreadedApp(ses_proxy_app(url, rec)) as proxy:
+        cfg = f'[transports.s]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{proxy.url}"\n[routes]\n"*" = "s"\n'
+        env = {"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret_key}
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "1", "--no-dkim")
+    s = summary(proc)
+    assert rec.rejected >= 1
+    assert s["bounced"] == 0 and s["deferred"] == 1 and s["delivered"] == 1, (
+        s,
+        proc.stderr[-2000:],
+    )
+    ev = next(e for e in events(tmp_path) if e["event"] == "deferred")
+    assert ev["rcpt"] == "unverified-1@example.net" and "not verified" in ev["text"], ev
+    assert len(sent()) == 1
+    assert _suppressed(tmp_path) == ""
+
+
+SAME = 'from = "News <news@sender.example.com>"\nsubject = "Same for all"\ntext = "Hello.\\n"\n'
+GROUP = [f"u{i}@example.net" for i in range(6)]
+
+
+def _suppressed(tmp: Path) -> str:
+    r = subprocess.run(
+        fastsend_cmd("suppress", "list", "--spool", str(tmp / "spool")),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_mailgun_refusing_one_recipient_of_a_group_bounces_only_that_one(tmp_path: Path) -> None:
+    """Identical mail goes to Mailgun as one request whose ``to`` lists several
+    recipients. Mailgun refuses such a request whole (400 "to parameter is not
+    a valid address") for one address: each recipient is then sent on its own,
+    so only the refused one bounces and the others are delivered once each.
+    Before: every recipient of the request bounced."""
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    rcpts = write_recipients(tmp_path, [*GROUP[:3], "reject-1@example.net", *GROUP[3:]])
+    rec = Recorder()
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\n'
+            'domain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg, {"FASTSEND_MG_API_KEY": "mg-key"},
+                    "--max-wait", "5", "--no-dkim")  # fmt: skip
+    s = summary(proc)
+    assert rec.rejected >= 1
+    assert s["delivered"] == 6 and s["bounced"] == 1, (s, proc.stderr[-2000:])
+    assert rec.rejected >= 2, "never grouped"  # the group, then the address alone
+    assert dict(rec.recipients) == {r: 1 for r in GROUP}
+    bounced = [e for e in events(tmp_path) if e["event"] == "bounced"]
+    assert [e["rcpt"] for e in bounced] == ["reject-1@example.net"]
+
+
+def test_ses_refusing_one_recipient_of_a_group_bounces_only_that_one(
+    tmp_path: Path, moto_ses: Any
+) -> None:
+    """Identical mail goes to SES as one SendEmail with several ToAddresses.
+    SES refuses it whole for one bad address (BadRequestException "Illegal
+    address"): each recipient is then sent on its own, so only the refused one
+    bounces and the others are delivered once each (moto keeps each message).
+    Before: every recipient of the request bounced."""
+    url, akid, secret_key, sent = moto_ses
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    rcpts = write_recipients(tmp_path, [*GROUP[:3], "reject-1@example.net", *GROUP[3:]])
+    rec = Recorder()
+    with ThreadedApp(ses_proxy_app(url, rec)) as proxy:
+        cfg = f'[transports.s]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{proxy.url}"\n[routes]\n"*" = "s"\n'
+        env = {"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret_key}
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "5", "--no-dkim")
+    s = summary(proc)
+    assert rec.rejected >= 1
+    assert s["delivered"] == 6 and s["bounced"] == 1, (s, proc.stderr[-2000:])
+    assert dict(rec.recipients) == {r: 1 for r in GROUP}
+    kept = [
+        d.get("ToAddresses", []) if isinstance(d, dict) else d
+        for d in (m.destinations for m in sent())
+    ]
+    assert sorted(r for d in kept for r in d) == sorted(GROUP), kept
+    bounced = [e for e in events(tmp_path) if e["event"] == "bounced"]
+    assert [e["rcpt"] for e in bounced] == ["reject-1@example.net"]
+    assert "Illegal address" in bounced[0]["text"], bounced
 
 
 def test_sigv4_matches_botocore() -> None:

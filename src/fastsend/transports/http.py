@@ -15,7 +15,12 @@ gives (:func:`map_status`):
   deferred;
 - other 4xx (a permanent rejection of the message or a recipient): failed,
   the provider's text classified by :func:`fastsend.bounce.reply.classify_reply`
-  (its reason and an RFC 3463 status in the Outcome).
+  (its reason and an RFC 3463 status in the Outcome). A request of several
+  recipients (identical mail grouped) refused whole because of one recipient
+  (SendGrid's 400 naming a personalization, Mailgun's 400 on the ``to``
+  parameter, SES's MessageRejected/BadRequestException naming an address) is
+  sent again one recipient per request (:meth:`HTTPTransport.one_by_one`), so
+  only the refused recipient bounces.
 
 :class:`ProviderQueue` is the ready queue of one HTTP transport in a worker
 (it stands where a :class:`~fastsend.delivery.pool.SiteQueue` stands, with the
@@ -162,6 +167,30 @@ class HTTPTransport:
 
     async def request(self, session: Any, envs: list[Envelope]) -> Answer:
         raise NotImplementedError
+
+    async def one_by_one(self, session: Any, envs: list[Envelope]) -> list[TxnResult]:
+        """Each recipient of ``envs`` in a request of its own, one after the
+        other: after a request of several recipients was refused whole because
+        of one of them, only the refused recipients are answered failed (the
+        others delivered, or deferred if throttled or the network fails)."""
+        out: list[TxnResult] = []
+        for env in envs:
+            many = isinstance(env.tag, list)
+            ids: list[object] = (
+                list(env.tag) if isinstance(env.tag, list) else [env.tag] * len(env.rcpts)
+            )
+            outcomes: list[Outcome] = []
+            first = ""
+            for rcpt, mid in zip(env.rcpts, ids, strict=False):
+                one = msgspec.structs.replace(env, rcpts=[rcpt], tag=[mid] if many else mid)
+                ans = await self.send(session, [one])
+                if isinstance(ans, Throttled):  # nothing sent: later, as any throttled request
+                    outcomes.append(deferred(self.label, f"HTTP 429 throttled: {ans.text}"))
+                    continue
+                outcomes.append(ans[0].outcomes[0])
+                first = first or ans[0].queue_id
+            out.append(TxnResult(env.tag, outcomes, first))
+        return out
 
 
 class ProviderSite(NamedTuple):

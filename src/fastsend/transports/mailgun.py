@@ -9,8 +9,11 @@ the envelope sender's domain. One request per envelope.
 
 Answers: 200 ``{"id": "<...>", "message": "Queued. Thank you."}`` ->
 delivered (queue_id = id); 429 -> throttled (Retry-After); 400
-``{"message": ...}`` -> failed, classified; 401 ("Forbidden"), 403 and 5xx ->
-deferred.
+``{"message": ...}`` -> failed, classified; 401 ("Forbidden"), 403, 404
+("Domain not found") and 5xx -> deferred. A 400 about the ``to`` parameter or
+naming one of the recipients of a request of several (identical mail grouped:
+Mailgun refuses it whole for one address, "to parameter is not a valid
+address") sends each recipient on its own, so only the refused one bounces.
 """
 
 from __future__ import annotations
@@ -93,4 +96,12 @@ class MailgunTransport(HTTPTransport):
             return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
         if status == 429:
             return Throttled(ra, text)
+        if status == 400 and len(env.rcpts) > 1 and _about_a_recipient(text, env.rcpts):
+            return await self.one_by_one(session, envs)
         return answered(envs, map_status(self.label, status, text))
+
+
+def _about_a_recipient(text: str, rcpts: list[str]) -> bool:
+    """Mailgun's 400 is about the ``to`` parameter or names a recipient."""
+    low = text.lower()
+    return "to parameter" in low or "'to'" in low or any(r.lower() in low for r in rcpts)

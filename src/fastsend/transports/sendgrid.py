@@ -36,13 +36,12 @@ from typing import Any
 import orjson
 
 from fastsend import msgid
-from fastsend.outcome import DELIVERED, Envelope, Outcome, TxnResult
+from fastsend.outcome import Envelope
 from fastsend.transports.http import (
     Answer,
     HTTPTransport,
     Throttled,
     answered,
-    deferred,
     delivered,
     map_status,
     retry_after,
@@ -194,30 +193,8 @@ class SendGridTransport(HTTPTransport):
             # SendGrid refuses the whole request for one personalization it
             # does not take (a recipient): each is sent alone, so only the
             # refused recipients bounce, not every recipient of the batch.
-            return await self._one_by_one(session, envs)
+            return await self.one_by_one(session, envs)
         return answered(envs, map_status(self.label, status, text))
-
-    async def _one_by_one(self, session: Any, envs: list[Envelope]) -> list[TxnResult]:
-        out: list[TxnResult] = []
-        for env in envs:
-            outcomes: list[Outcome] = []
-            first = ""
-            for pair in _pairs(env):
-                status, raw, mid, _ra, _reset = await self._post(
-                    session, self._body(envs[0].data, [pair])
-                )
-                if 200 <= status < 300:
-                    first = first or mid
-                    text = f"{self.label} accepted as {mid}"
-                    outcomes.append(
-                        Outcome(DELIVERED, 250, "2.0.0", text[:400], "http", self.label)
-                    )
-                elif status == 429:  # nothing sent: later, as any throttled request
-                    outcomes.append(deferred(self.label, f"HTTP 429: {_errors(raw)}"))
-                else:
-                    outcomes.append(map_status(self.label, status, _errors(raw)))
-            out.append(TxnResult(env.tag, outcomes, first))
-        return out
 
 
 def _pairs(env: Envelope) -> list[tuple[str, object]]:

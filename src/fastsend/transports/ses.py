@@ -17,8 +17,13 @@ TooManyRequestsException / ThrottlingException / "Maximum sending rate
 exceeded" -> throttled; "Daily message quota exceeded" -> throttled for 10
 minutes (so deferred); MessageRejected / BadRequestException -> failed
 (classified); account trouble (SendingPausedException, AccountSuspended,
-MailFromDomainNotVerified, NotFound, signature or key errors) and 5xx ->
-deferred.
+MailFromDomainNotVerified, NotFound, signature or key errors), the sandbox's
+or an unverified sender's MessageRejected "Email address is not verified"
+(moto: "Did not have authority to send from email") and 5xx -> deferred: our
+account's configuration, never a bounce of the recipient. A request of several
+recipients (identical mail grouped) refused with a MessageRejected /
+BadRequestException / InvalidParameterValue about an address is sent again one
+recipient per request, so only the refused one bounces.
 
 Its rate is shaping data: with no ``rate`` configured, the account's
 MaxSendRate (``GET /v2/email/account``) sets the lane's rate.
@@ -53,6 +58,10 @@ ACCOUNT = (
     "InvalidSignatureException", "SignatureDoesNotMatch", "AccessDeniedException",
     "IncompleteSignature", "ExpiredTokenException", "InvalidClientTokenId",
 )  # fmt: skip
+# MessageRejected texts about our identities (the sandbox, an unverified From),
+# not the recipient: deferred like the ACCOUNT errors.
+UNVERIFIED = ("is not verified", "not have authority to send")
+REFUSALS = ("MessageRejected", "BadRequestException", "InvalidParameterValue")
 DAILY_QUOTA_PAUSE = 600.0  # SES: "wait for an interval of up to 10 minutes"
 
 
@@ -124,6 +133,15 @@ class SESTransport(HTTPTransport):
             return Throttled(DAILY_QUOTA_PAUSE, what)
         if status == 429 or etype in THROTTLING or "maximum sending rate" in text.lower():
             return Throttled(retry_after(ra), what)
-        return answered(
-            envs, map_status(self.label, status, what, account_trouble=etype in ACCOUNT)
-        )
+        low = text.lower()
+        ours = etype in ACCOUNT or any(u in low for u in UNVERIFIED)
+        if (
+            not ours
+            and status == 400
+            and etype in REFUSALS
+            and len(env.rcpts) > 1
+            and ("address" in low or any(r.lower() in low for r in env.rcpts))
+        ):
+            # Refused whole for one recipient: each alone, only it bounces.
+            return await self.one_by_one(session, envs)
+        return answered(envs, map_status(self.label, status, what, account_trouble=ours))
