@@ -342,6 +342,22 @@ def test_mbox_of_two_bounces() -> None:
     ]
 
 
+def test_mbox_without_a_blank_line_between_messages() -> None:
+    """An envelope line (RFC 4155: sender, then an asctime date) right after
+    the last line of the message before it still starts a message."""
+    raw = b"From MAILER-DAEMON Thu Apr 29 23:34:45 2021\n" + QMAIL.rstrip(b"\n") + b"\n"
+    raw += b"From MAILER-DAEMON  Thu Apr  9 23:34:46 2021\n" + EXIM
+    assert [r.recipient for r in parse_bounce(raw)] == [
+        "gone@example.org",
+        "a@example.org",
+        "b@example.org",
+    ]
+    # A "From " line in a body that is no envelope line splits nothing.
+    body = b"From MAILER-DAEMON Thu Apr 29 23:34:45 2021\n" + QMAIL.rstrip(b"\n")
+    body += b"\nFrom here on, nothing.\nX-Not: a message\n"
+    assert [r.recipient for r in parse_bounce(body)] == ["gone@example.org"]
+
+
 # ---------------------------------------------------------------- transcript shapes
 _SHAPE_HEAD = (
     b"From: MAILER-DAEMON@mx.example.net\nTo: b-1@bounces.example.com\n"

@@ -42,6 +42,25 @@ TABLE = [
     (556, "", "Domain does not accept mail", "RCPT", "notaccept", True),
     (550, "5.1.6", "Recipient mailbox has moved", "RCPT", "hasmoved", True),
     (552, "5.3.4", "Message size exceeds fixed maximum message size", "DATA", "mesgtoobig", False),
+    # Documented replies (see the rules' ref): sendmail's ratecontrol, a virus
+    # scanner, a URI blocklist, T-Online's (BL), Cox's AUP# codes.
+    (421, "4.3.2", "Connection rate limit exceeded.", "CONN", "toomanyconn", False),
+    (554, "5.6.4", "Virus e-mail blocked", "DATA", "virusdetected", False),
+    (554, "", "Message rejected: a link in it is listed on SURBL", "DATA", "spamdetected", False),
+    (
+        554,
+        "",
+        "IP=192.0.2.7 - A problem occurred. (Ask your postmaster for help or to contact"
+        " tosa@rx.t-online.de to clarify.) (BL)",
+        "CONN",
+        "blocked",
+        False,
+    ),
+    (550, "5.1.0", "<s@example.com> sender rejected. AUP#CXBL", "MAIL", "blocked", False),
+    (554, "", "Connection refused. AUP#CXDNS", "CONN", "requireptr", False),
+    (550, "", "Message rejected. AUP#CXSNDR", "DATA", "authfailure", False),
+    (421, "", "Too many sessions. AUP#CXCNCT", "CONN", "toomanyconn", False),
+    (554, "", "Message rejected. AUP#URLBL1001", "DATA", "spamdetected", False),
     (552, "5.2.3", "Message length exceeds administrative limit", "DATA", "exceedlimit", False),
     (
         554,

@@ -45,7 +45,14 @@ _TAG_RE = re.compile(r"<[^<>]*>")
 _LIST_HOST = re.compile(r"@googlegroups\.com$", re.IGNORECASE)
 _RCPT_FIELDS = ("final-recipient", "original-recipient")
 _QUOTE_RE = re.compile(r"^[ \t]?> ?", re.MULTILINE)
-_MBOX_SPLIT = re.compile(rb"\n\n(?=From [^\n]{1,200}\n[A-Za-z-]+:)")
+# Messages of an mbox: a "From " line after a blank line, or right after the
+# last line of the message before it when it is an mbox envelope line proper
+# (RFC 4155: "From " sender, then the date as asctime() writes it).
+_MBOX_SPLIT = re.compile(
+    rb"\n\n(?=From [^\n]{1,200}\n[A-Za-z-]+:)"
+    rb"|\n(?=From \S{1,200} +(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep"
+    rb"|Oct|Nov|Dec) +\d{1,2} \d\d:\d\d:\d\d \d{4}\n[A-Za-z-]+:)"
+)
 
 
 @dataclass(slots=True)
