@@ -51,8 +51,14 @@ GC_YOUNG = 50_000  # gen0 threshold of a worker process (see run_worker)
 # The loop's nap (smtp.transport.Napper) after an iteration that read a
 # reply, while NAP_LINKS connections have a group in flight: one wake-up reads
 # the replies of many connections (a 100k send to smtp-sink: ~0.77 -> ~0.16
-# context switches per message, workers' CPU -15% on a quiet host).
-NAP_S = 0.0003
+# context switches per message, workers' CPU -15% on a quiet host). Off
+# (0.0) by default since 2026-12-05: the nap sleeps the loop even when it has
+# work, and on a 2-core host where the CPU is the throughput the lead's runs
+# saw the rate drop with it (rsa-2048 DKIM sends 10-14% slower in 2 of 2
+# adjacent pairs; whole 100k sends slower in 3 of 3 pairs and in 8 of 12
+# simultaneous pairs): it saves CPU but costs rate until it naps only after
+# short iterations. 0.0003 turns it on.
+NAP_S = 0.0
 NAP_LINKS = 8
 CLASSIFY_CACHE = 4096  # (code, enhanced, stage, text) -> (reason, hard) kept per worker
 _KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
