@@ -367,6 +367,38 @@ def _split_top(pattern: str) -> list[str] | None:
     return out
 
 
+def _class_end(branch: str, i: int) -> int:
+    """The index after the character class that starts at ``branch[i]`` ("[")."""
+    n, j = len(branch), i + 1
+    if j < n and branch[j] == "^":
+        j += 1
+    if j < n and branch[j] == "]":
+        j += 1
+    while j < n and branch[j] != "]":
+        j += 2 if branch[j] == "\\" else 1
+    return j + 1
+
+
+def _group_end(branch: str, i: int) -> tuple[int, int]:
+    """The index after the group that starts at ``branch[i]`` ("("), and the
+    nesting level left open there (0 unless the group is never closed)."""
+    n, level, j = len(branch), 1, i + 1
+    while j < n and level:
+        if branch[j] == "\\":
+            j += 2
+            continue
+        if branch[j] == "[":
+            j += 1
+            while j < n and branch[j] != "]":
+                j += 2 if branch[j] == "\\" else 1
+        elif branch[j] == "(":
+            level += 1
+        elif branch[j] == ")":
+            level -= 1
+        j += 1
+    return j, level
+
+
 def _prefix_literal(branch: str) -> str:
     """The longest literal run at the top level of ``branch`` ("" if none):
     text that every match of the branch contains."""
@@ -389,30 +421,9 @@ def _prefix_literal(branch: str) -> str:
                 j = branch.find("}", i)
                 i = n if j < 0 else j + 1
             elif c == "[":
-                j = i + 1
-                if j < n and branch[j] == "^":
-                    j += 1
-                if j < n and branch[j] == "]":
-                    j += 1
-                while j < n and branch[j] != "]":
-                    j += 2 if branch[j] == "\\" else 1
-                i = j + 1
+                i = _class_end(branch, i)
             elif c == "(":
-                depth, j = 1, i + 1
-                while j < n and depth:
-                    if branch[j] == "\\":
-                        j += 2
-                        continue
-                    if branch[j] == "[":
-                        j += 1
-                        while j < n and branch[j] != "]":
-                            j += 2 if branch[j] == "\\" else 1
-                    elif branch[j] == "(":
-                        depth += 1
-                    elif branch[j] == ")":
-                        depth -= 1
-                    j += 1
-                i = j
+                i = _group_end(branch, i)[0]
             else:
                 i += 1
             continue
@@ -446,32 +457,12 @@ def _group_literals(branch: str, depth: int = 0) -> tuple[str, ...]:
             i += 2
             continue
         if c == "[":
-            j = i + 1
-            if j < n and branch[j] == "^":
-                j += 1
-            if j < n and branch[j] == "]":
-                j += 1
-            while j < n and branch[j] != "]":
-                j += 2 if branch[j] == "\\" else 1
-            i = j + 1
+            i = _class_end(branch, i)
             continue
         if c != "(":
             i += 1
             continue
-        level, j = 1, i + 1
-        while j < n and level:
-            if branch[j] == "\\":
-                j += 2
-                continue
-            if branch[j] == "[":
-                j += 1
-                while j < n and branch[j] != "]":
-                    j += 2 if branch[j] == "\\" else 1
-            elif branch[j] == "(":
-                level += 1
-            elif branch[j] == ")":
-                level -= 1
-            j += 1
+        j, level = _group_end(branch, i)
         if level:
             return ()
         inner = branch[i + 1 : j - 1]
