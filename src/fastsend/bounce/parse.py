@@ -147,7 +147,18 @@ def _header(msg: email.message.Message, name: str) -> str:
     if isinstance(v, str) and v.isascii() and "=?" not in v:
         return v  # no encoded word: decode_header/make_header give it back as it is
     try:
-        return str(make_header(decode_header(str(v))))
+        if isinstance(v, str):
+            return str(make_header(decode_header(v)))
+        # A raw 8-bit header (RFC 6532 allows UTF-8): the parser keeps its
+        # bytes as "unknown-8bit"; read them as UTF-8.
+        return str(
+            make_header(
+                [
+                    (b, "utf-8" if cs in (None, "unknown-8bit") and isinstance(b, bytes) else cs)
+                    for b, cs in decode_header(v)
+                ]
+            )
+        )
     except (ValueError, LookupError, UnicodeError):
         return str(v)
 
@@ -406,6 +417,7 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
         # take any address but the bounce's own sender.
         own = {a.lower() for a in vendors.ADDR_RE.findall(_header(msg, "From"))}
         found = vendors.find_in_text(body, own, None, allow_system=True)
+    action = "delayed" if _is_delay_warning(msg, body) else "failed"
     return [
         _Raw(
             recipient=f.recipient,
@@ -413,10 +425,41 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
             status=f.status,
             reply_code=f.reply_code,
             command=f.command,
-            action="failed",
+            action=action,
         )
         for f in found
     ]
+
+
+# A plain-text warning that a message is still being retried (the RFC 3464
+# Action "delayed" of a report without a delivery-status part): Exim's delay
+# warning ("has not yet been delivered to one or more of its recipients ...
+# Delivery attempts will continue", Exim spec, customizing bounce and warning
+# messages), sendmail's ("THIS IS A WARNING MESSAGE ONLY / YOU DO NOT NEED TO
+# RESEND YOUR MESSAGE", "Warning: could not send message for past N hours"),
+# Postfix's delay_template ("THIS IS A WARNING ONLY. YOU DO NOT NEED TO RESEND
+# YOUR MESSAGE", bounce(5)) and OpenSMTPD's ("this is only a temporary failure
+# report ... You DO NOT NEED to re-send the message").
+_DELAY_TEXT = re.compile(
+    r"you do not need to re-?send (?:your|the) message|this is a warning (?:message )?only"
+    r"|has not yet been delivered to one or more of its\s+recipients"
+    r"|this is only a temporary failure report|could not send message for past"
+    r"|delivery attempts will continue",
+    re.IGNORECASE,
+)
+_DELAY_SUBJECT = re.compile(
+    r"\s*(?:warning: message \S+ delayed|delayed mail \(still being retried\)"
+    r"|warning: could not send message for past)",
+    re.IGNORECASE,
+)
+
+
+def _is_delay_warning(msg: email.message.Message, body: str) -> bool:
+    """The report says delivery is still being retried (not a final failure)."""
+    if _DELAY_SUBJECT.match(_header(msg, "Subject")):
+        return True
+    # The report's own text comes before the returned message.
+    return _DELAY_TEXT.search(vendors.cut_original(body)[:20000]) is not None
 
 
 _BOUNCE_SUBJECT = re.compile(
@@ -518,20 +561,39 @@ def _is_forward(msg: email.message.Message, parts: _Parts) -> bool:
     return any(_forward_text(t) for t in parts.texts)
 
 
+# The subject an auto-reply starts with: RFC 3834 section 3.1.5 suggests
+# "Auto:"; Outlook/Exchange's Automatic Replies (the Out of Office Assistant)
+# prefix the original subject with "Automatic reply:" in the user's language
+# (de, fr, es, it, pt, nl, pl, sv, ru, ja, zh); older clients "Out of Office:"
+# ("AutoReply:"); IONOS/GMX/web.de name the German feature "Abwesenheitsnotiz".
+_AUTO_SUBJECT = re.compile(
+    r"\s*(?:auto(?:matic)?[ -]?reply|out of (?:the )?office|auto:|automatische antwort"
+    r"|abwesenheitsnotiz|r[ée]ponse automatique|respuesta autom[áa]tica|risposta automatica"
+    r"|resposta autom[áa]tica|automatisch antwoord|automatyczna odpowied[źz]"
+    r"|automatiskt svar|автоматический ответ|自動応答|自動返信|自动回复|自動回覆)",
+    re.IGNORECASE,
+)
+
+
 def _is_autoreply(msg: email.message.Message) -> bool:
+    """An auto-reply (vacation, out of office) from a person, not a mail system.
+
+    RFC 3834: an automatic response carries Auto-Submitted with a value other
+    than "no"; mail systems mark their bounces so too (Exim: auto-replied), so
+    that header counts only on a message that is not bounce-like."""
     sender = vendors.ADDR_RE.findall(_header(msg, "From"))
     if not sender or vendors.is_system_address(sender[0]):
         return False
     if msg.get_content_type() == "multipart/report":
         return False
-    auto = _header(msg, "Auto-Submitted").lower()
-    subject = _header(msg, "Subject").lower()
-    return (
-        auto.startswith("auto-replied")
-        or bool(msg.get("X-Autoreply") or msg.get("X-Autorespond"))
-        or _header(msg, "Precedence").lower() == "auto_reply"
-        or bool(re.match(r"(?:auto(?:matic)?[ -]?reply|out of (?:the )?office)", subject))
-    )
+    if _AUTO_SUBJECT.match(_header(msg, "Subject")):
+        return True
+    if msg.get("X-Autoreply") or msg.get("X-Autorespond"):
+        return True
+    if _header(msg, "Precedence").lower() == "auto_reply":
+        return True
+    auto = _header(msg, "Auto-Submitted").strip().lower()
+    return bool(auto) and not auto.startswith("no") and not _is_bounce_like(msg)
 
 
 # ---------------------------------------------------------------- ids
@@ -655,6 +717,12 @@ def _parse_one(
             if sender
             else []
         )
+    if not raws and _is_autoreply(msg):
+        # Before reading the text for failed addresses: an out-of-office names
+        # colleagues to write to, and none of them bounced.
+        sender = vendors.ADDR_RE.findall(_header(msg, "From"))
+        if sender:
+            raws = [_Raw(recipient=sender[0], reason="vacation", diagnostic=human[:500])]
     if not raws and depth < 2 and _is_forward(msg, parts):
         # A forwarded bounce (attached or quoted): read the bounce itself.
         for inner in _inner_bounces(msg, parts):
@@ -680,10 +748,6 @@ def _parse_one(
             inner_records = _parse_one(inner, rules, verp_decoder, depth + 1)
             if inner_records:
                 return inner_records
-    if not raws and _is_autoreply(msg):
-        sender = vendors.ADDR_RE.findall(_header(msg, "From"))
-        if sender:
-            raws = [_Raw(recipient=sender[0], reason="vacation", diagnostic=human[:500])]
 
     orig, verp = _original_ids(msg, parts, verp_decoder or default_verp_decoder)
     out = []

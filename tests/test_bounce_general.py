@@ -1,0 +1,306 @@
+"""The bounce reader on messages unlike the corpus: what must hold for any sender.
+
+Each message is written here from the documented layout of its format or the
+provider's published reply text (no real message copied):
+
+* auto-replies (RFC 3834; Outlook/Exchange "Automatic reply" in the user's
+  language) are the vacation of their sender, whatever addresses their text
+  names: never a bounce of a colleague named in the text;
+* a plain-text delay warning (Exim's "has not yet been delivered", sendmail's
+  "Warning: could not send message for past ...") is not a final failure:
+  never hard, whatever its last reply said;
+* replies in other languages and providers' documented replies are read
+  for what they say.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fastsend.bounce import classify_reply, parse_bounce
+
+
+def _msg(headers: str, body: str) -> bytes:
+    return (headers.strip("\n") + "\n\n" + body.lstrip("\n")).encode()
+
+
+# ---------------------------------------------------------------- auto-replies
+@pytest.mark.parametrize(
+    ("subject", "extra", "body"),
+    [
+        (
+            "Out of Office: Weekly news",
+            "",
+            "I am out of the office until Monday. Your message will not be delivered to me"
+            " before then; for urgent matters write to alice@example.com.\n",
+        ),
+        (
+            "Re: Weekly news",
+            "Auto-Submitted: auto-replied\n",
+            "Thanks for your mail. I am away; please write to alice@example.com.\n",
+        ),
+        (
+            "Automatische Antwort: Ihr Newsletter",
+            "Auto-Submitted: auto-generated\nX-Auto-Response-Suppress: All\n",
+            "Ich bin bis 12.01. nicht im Büro. In dringenden Fällen wenden Sie sich bitte"
+            " an alice@example.com.\n",
+        ),
+        (
+            "Réponse automatique : Votre lettre",
+            "",
+            "Je suis absent jusqu'au 12 janvier. Pour toute urgence : alice@example.com.\n",
+        ),
+        (
+            "Respuesta automática: Boletín",
+            "",
+            "Estoy de vacaciones hasta el lunes. Para urgencias: alice@example.com.\n",
+        ),
+        (
+            "Risposta automatica: Notizie",
+            "",
+            "Sono fuori ufficio fino a lunedì. Per urgenze: alice@example.com.\n",
+        ),
+        (
+            "Automatisch antwoord: Nieuwsbrief",
+            "",
+            "Ik ben afwezig tot maandag. Voor dringende zaken: alice@example.com.\n",
+        ),
+        (
+            "Автоматический ответ: Новости",
+            "",
+            "Я в отпуске до понедельника. По срочным вопросам: alice@example.com.\n",
+        ),
+        ("自動応答: ニュース", "", "月曜日まで不在です。急ぎの場合は alice@example.com まで。\n"),
+        ("自动回复: 新闻", "", "我休假到周一。紧急事务请联系 alice@example.com。\n"),
+        ("Abwesenheitsnotiz", "", "Ich bin im Urlaub. Vertretung: alice@example.com\n"),
+        ("Auto: Weekly news", "", "Away until Monday; alice@example.com can help.\n"),
+    ],
+)
+def test_autoreply_is_the_vacation_of_its_sender(subject: str, extra: str, body: str) -> None:
+    raw = _msg(
+        f"From: Bob Example <bob@example.org>\nTo: news@sender.example\nSubject: {subject}\n"
+        f"{extra}MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n",
+        body,
+    )
+    recs = parse_bounce(raw)
+    assert [(r.recipient, r.reason, r.hard) for r in recs] == [
+        ("bob@example.org", "vacation", False)
+    ]
+
+
+def test_a_bounce_from_a_person_named_like_a_reply_is_still_a_bounce() -> None:
+    # Mailer-daemon's own bounce (Exim marks its bounces Auto-Submitted:
+    # auto-replied) is read as a bounce.
+    raw = _msg(
+        "From: Mail Delivery System <Mailer-Daemon@mx.example.net>\nTo: news@sender.example\n"
+        "Subject: Mail delivery failed: returning message to sender\n"
+        "Auto-Submitted: auto-replied\nX-Failed-Recipients: gone@example.org\n"
+        "Content-Type: text/plain\n",
+        "This message was created automatically by mail delivery software.\n\n"
+        "A message that you sent could not be delivered to one or more of its\n"
+        "recipients. This is a permanent error. The following address(es) failed:\n\n"
+        "  gone@example.org\n    host mx.example.org [192.0.2.1]\n"
+        "    SMTP error from remote mail server after RCPT TO:<gone@example.org>:\n"
+        "    550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown\n",
+    )
+    assert [(r.recipient, r.reason, r.hard) for r in parse_bounce(raw)] == [
+        ("gone@example.org", "userunknown", True)
+    ]
+
+
+# ---------------------------------------------------------------- delay warnings
+EXIM_WARNING = """\
+From: Mail Delivery System <Mailer-Daemon@mx.sender.example>
+To: news@sender.example
+Subject: Warning: message 1abcDE-000123-AB delayed 24 hours
+Auto-Submitted: auto-replied
+X-Failed-Recipients: fay@example.org
+Content-Type: text/plain
+
+This message was created automatically by mail delivery software.
+A message that you sent has not yet been delivered to one or more of its
+recipients after more than 24 hours on the queue on mx.sender.example.
+
+The message identifier is:     1abcDE-000123-AB
+
+The address to which the message has not yet been delivered is:
+
+  fay@example.org
+    host mx.example.org [192.0.2.1]
+    Delay reason: SMTP error from remote mail server after RCPT TO:<fay@example.org>:
+    450 4.1.1 <fay@example.org>: Recipient address rejected: User unknown in local recipient table
+
+No action is required on your part. Delivery attempts will continue for
+some time, and this warning may be repeated at intervals if the message
+remains undelivered. Eventually the mail delivery software will give up,
+and when that happens, the message will be returned to you.
+"""
+
+SENDMAIL_WARNING = """\
+From: Mail Delivery Subsystem <MAILER-DAEMON@mx.sender.example>
+To: news@sender.example
+Subject: Warning: could not send message for past 4 hours
+Content-Type: text/plain
+
+    **********************************************
+    **      THIS IS A WARNING MESSAGE ONLY      **
+    **  YOU DO NOT NEED TO RESEND YOUR MESSAGE  **
+    **********************************************
+
+The original message was received at Fri, 5 Jan 2024 10:00:00 GMT
+from localhost [127.0.0.1]
+
+   ----- Transcript of session follows -----
+<fay@example.org>... Deferred: 450 4.1.1 <fay@example.org>... User unknown
+Warning: message still undelivered after 4 hours
+Will keep trying until message is 5 days old
+"""
+
+
+@pytest.mark.parametrize("raw", [EXIM_WARNING, SENDMAIL_WARNING], ids=["exim", "sendmail"])
+def test_plain_text_delay_warning_is_never_hard(raw: str) -> None:
+    (r,) = parse_bounce(raw.encode())
+    assert r.recipient == "fay@example.org"
+    assert (r.action, r.hard) == ("delayed", False), r
+
+
+# ---------------------------------------------------------------- documented replies
+@pytest.mark.parametrize(
+    ("code", "status", "text", "command", "reason"),
+    [
+        # web.de's bilingual replies (sitepackage.de's table of German providers' replies).
+        (550, "", "Benutzer nicht bekannt/User unknown", "RCPT", "userunknown"),
+        (
+            550,
+            "",
+            "Benutzer hat das Speichervolumen ueberschritten. / User has exhausted allowed"
+            " storage space.",
+            "",
+            "mailboxfull",
+        ),
+        (
+            550,
+            "",
+            "Benutzer hat zuviele Mails auf dem Server. / User has too many messages on the server.",
+            "",
+            "mailboxfull",
+        ),
+        # QQ Mail's bounce keywords (QQ Mail help, 'transceivers' article on bounces).
+        (550, "", "该用户不存在", "", "userunknown"),
+        (550, "", "该用户未开通QQ邮箱", "", "userunknown"),
+        (552, "", "收件人空间不足", "", "mailboxfull"),
+        # Yandex's non-delivery table (yandex.com/support/mail/bounces).
+        (550, "5.7.1", "Policy rejection on the target address", "RCPT", "suspend"),
+        (552, "", "Mailbox size limit exceeded", "RCPT", "mailboxfull"),
+        # Gmail SMTP errors and codes (support.google.com/a/answer/3726730).
+        (
+            550,
+            "5.7.1",
+            "The IP you're using to send mail is not authorized to send email directly to our"
+            " servers. Please use the SMTP relay at your service provider instead.",
+            "RCPT",
+            "blocked",
+        ),
+        (
+            421,
+            "4.7.0",
+            "TLS required for RCPT domain, closing connection.",
+            "RCPT",
+            "failedstarttls",
+        ),
+        (
+            552,
+            "5.2.3",
+            "Your message exceeded Google's message size limits.",
+            "DATA",
+            "mesgtoobig",
+        ),
+        (
+            550,
+            "5.7.1",
+            "Our system has detected that this message is likely unsolicited mail.",
+            "DATA",
+            "spamdetected",
+        ),
+        # Yahoo's SMTP error codes (senders.yahooinc.com/smtp-error-codes): TSS09 = the IP is
+        # refused.
+        (
+            553,
+            "5.7.2",
+            "[TSS09] All messages from 192.0.2.1 will be permanently deferred; Retrying will NOT"
+            " succeed.",
+            "RCPT",
+            "blocked",
+        ),
+        # Microsoft Learn, "Fix error code 451 4.7.500-699 (ASxxx) in Exchange Online": the
+        # sending IP is throttled for its reputation.
+        (
+            451,
+            "4.7.500",
+            "Server busy. Please try again later from [192.0.2.1]. (S77714)",
+            "RCPT",
+            "badreputation",
+        ),
+        (
+            451,
+            "4.7.650",
+            "The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
+            "RCPT",
+            "badreputation",
+        ),
+        # Gmail's sender-authentication replies: our SPF/DKIM, never the recipient's address
+        # (IANA's X.7.27 is the *sender's* null MX, RFC 7505).
+        (
+            550,
+            "5.7.27",
+            "This mail has been blocked because the sender is unauthenticated. Gmail requires all"
+            " senders to authenticate with either SPF or DKIM.",
+            "DATA",
+            "authfailure",
+        ),
+        (
+            421,
+            "4.7.30",
+            "Your email has been rate limited because DKIM authentication didn't pass for this"
+            " message.",
+            "DATA",
+            "authfailure",
+        ),
+        (
+            421,
+            "4.7.32",
+            "Your email has been rate limited because the From: header (RFC5322) in this message"
+            " isn't aligned with either the authenticated SPF or DKIM organizational domain.",
+            "DATA",
+            "authfailure",
+        ),
+        (550, "5.7.27", "Sender address has null MX", "MAIL", "rejected"),
+    ],
+)
+def test_documented_and_localised_replies(
+    code: int, status: str, text: str, command: str, reason: str
+) -> None:
+    c = classify_reply(code, status, text, command=command)
+    assert c.reason == reason, c
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "text", "command"),
+    [
+        (550, "5.7.27", "Sender address has null MX", "MAIL"),
+        (550, "5.7.27", "sender domain publishes a null MX", "RCPT"),
+        (
+            550,
+            "5.7.27",
+            "The sender is unauthenticated. Gmail requires all senders to authenticate"
+            " with either SPF or DKIM.",
+            "DATA",
+        ),
+    ],
+)
+def test_a_refusal_of_our_sender_never_marks_the_recipient_hard(
+    code: int, status: str, text: str, command: str
+) -> None:
+    # RFC 7505: X.7.27 is the *sender's* null MX; the recipient may be fine.
+    c = classify_reply(code, status, text, command=command)
+    assert (c.hard, c.soft) == (False, True), c
