@@ -304,3 +304,65 @@ def test_a_refusal_of_our_sender_never_marks_the_recipient_hard(
     # RFC 7505: X.7.27 is the *sender's* null MX; the recipient may be fine.
     c = classify_reply(code, status, text, command=command)
     assert (c.hard, c.soft) == (False, True), c
+
+
+# ---------------------------------------------------------------- redacted complaints
+REDACTED_ARF = """\
+From: feedbackloop@fbl.example.net
+To: fbl@sender.example
+Subject: Abuse Report
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary="R"
+
+--R
+Content-Type: text/plain
+
+This is an email abuse report for an email message received from IP 192.0.2.9.
+
+--R
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+User-Agent: ExampleFBL/1.0
+Version: 1
+Source-IP: 192.0.2.9
+Original-Mail-From: news@sender.example
+
+--R
+Content-Type: message/rfc822
+
+From: News <news@sender.example>
+To: undisclosed-recipients:;
+Subject: Weekly news
+Message-ID: <12345.abcdef@sender.example>
+
+Hello
+--R--
+"""
+
+
+def test_redacted_complaint_is_still_a_complaint_about_its_message() -> None:
+    # RFC 6590: a loop may remove the recipient; the report still names the
+    # message (its Message-ID), which the intake maps back to the recipient.
+    (r,) = parse_bounce(REDACTED_ARF.encode())
+    assert (r.recipient, r.reason, r.feedback_type, r.hard) == ("", "feedback", "abuse", False)
+    assert r.original_message_id == "<12345.abcdef@sender.example>"
+
+
+# ---------------------------------------------------------------- no rule matches
+@pytest.mark.parametrize(
+    ("code", "status", "text"),
+    [
+        # RFC 5321 4.2.3: "451 Requested action aborted: local error in processing".
+        (451, "", "Could not read the configuration of this domain"),
+        (451, "4.0.0", "Could not read the configuration of this domain"),
+        # RFC 3463 X.3.X: mail system status (the destination system itself).
+        (451, "4.3.0", "Something odd happened"),
+        (554, "5.3.9", "Something odd happened"),
+    ],
+)
+def test_reply_code_and_status_subject_decide_when_no_phrase_does(
+    code: int, status: str, text: str
+) -> None:
+    c = classify_reply(code, status, text, command="")
+    assert (c.reason, c.hard) == ("systemerror", False), c

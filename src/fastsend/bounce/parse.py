@@ -364,6 +364,12 @@ def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw
             rcpts += vendors.ADDR_RE.findall(vendors.cut_original(t))[:1]
             if rcpts:
                 break
+    if not rcpts:
+        # A redacted report (RFC 6590; Yahoo's and others' loops remove the
+        # recipient): still a complaint, about the message its returned
+        # Message-ID or VERP address names (the intake finds the recipient
+        # from those; see serve.listeners.find_original).
+        return [_Raw(recipient="", feedback_type=ftype, reason="feedback")]
     seen: set[str] = set()
     out = []
     for a in rcpts:

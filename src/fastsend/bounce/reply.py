@@ -783,10 +783,16 @@ def _fallback(code: int, enhanced: str, t: str, command: str, action: str) -> st
         return "contenterror"
     if subject == "7.":
         return "securityerror"
+    if subject == "3.":
+        # RFC 3463 X.3.X "Mail system status": the destination system itself.
+        return "systemerror"
     if action in ("delayed", "expired"):
         return "expired"
     if 401 <= code <= 407 or 501 <= code <= 507:
         return "syntaxerror"
+    if code == 451:
+        # RFC 5321 4.2.3: "451 Requested action aborted: local error in processing".
+        return "systemerror"
     if command in ("EHLO", "HELO", "CONN"):
         return "blocked"
     if command == "MAIL":
