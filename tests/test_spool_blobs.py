@@ -32,7 +32,9 @@ def big_message(size: int = 1 << 20, marker: str = "blob") -> bytes:
     line = b"The same body for every recipient, stored once in the spool." + b"." * 13 + b"\r\n"
     head = (
         "From: News <news@evil.example>\r\nTo: undisclosed-recipients:;\r\n"
-        f"Subject: {marker}\r\nMessage-ID: <{marker}@evil.example>\r\n\r\n"
+        # its own Date and Message-ID: a raw message without them gets them added
+        f"Subject: {marker}\r\nDate: Mon, 01 Jun 2026 10:00:00 +0000\r\n"
+        f"Message-ID: <{marker}@evil.example>\r\n\r\n"
     ).encode()
     return head + line * (size // len(line)) + b".a line that starts with a dot\r\n"
 

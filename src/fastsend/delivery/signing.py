@@ -9,8 +9,13 @@ tenant's own keys, and the config's ``[dkim]`` entries for the tenant's domains
 
 - campaign-format messages (from, subject, text, ...) get those entries as their
   ``dkim`` key, so the renderer signs them like any campaign;
-- raw MIME (``{"raw": ...}``) is signed here: a DKIM-Signature header per entry
-  is put in front of the message, which is otherwise sent byte for byte.
+- raw MIME (``{"raw": ...}``) is made ready here (:meth:`ConfigDKIM.sign_raw`):
+  its line ends made CRLF (a bare LF or CR is one line end, RFC 5322 2.3: a
+  message written with LF alone, as programs often do, would otherwise go
+  out unsigned, and one with a stray CR with a signature no verifier
+  accepts), a ``Date`` and a ``Message-ID`` put in front when it has none
+  (RFC 5322 3.6 requires the first; Gmail refuses mail without the second),
+  then a DKIM-Signature header per entry; it is otherwise sent byte for byte.
 
 Keys are loaded once per process (fastsend.message.keys caches them), by
 :meth:`ConfigDKIM.preload` in the supervisor before it forks the workers, so
@@ -22,11 +27,13 @@ unsigned (``fastsend check-domain`` reports the missing DKIM record).
 
 from __future__ import annotations
 
+import re
+import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from fastsend.config import Config
-from fastsend.tenants import Tenants
+from fastsend.tenants import Tenants, ascii_domain
 
 if TYPE_CHECKING:
     from fastsend.message.dkim import Signer
@@ -72,20 +79,46 @@ class ConfigDKIM:
             ]
         return s
 
-    def sign_raw(self, data: bytes, tenant: str | None = None) -> bytes:
-        """``data`` with DKIM-Signature headers for (tenant, its From domain) (unchanged if none)."""
-        if not self.entries:
-            return data
+    def sign_raw(self, data: bytes, tenant: str | None = None, message_id: str = "") -> bytes:
+        """``data`` ready to send: CRLF line ends, a Date and (with a
+        ``message_id``: ``<message_id@From domain>``) a Message-ID added
+        in front when it has none, and DKIM-Signature headers for (tenant, its
+        From domain) when there are keys."""
+        data = crlf_lines(data)
         head, sep, body = data.partition(b"\r\n\r\n")
         if not sep:
-            return data
+            return data  # no blank line: not a header section to add to or sign
         headers = _header_lines(head + b"\r\n")
         domains = _from_domains(headers)
-        if len(domains) != 1:
-            return data  # no From, or several: nothing to align a signature with
-        domain = domains[0]
-        sigs = [s.sign(headers, body) for s in self.signers(domain, tenant)] if domain else []
+        domain = ascii_domain(domains[0]) if len(domains) == 1 else ""
+        names = {n for n, _ in headers}
+        added: list[tuple[str, bytes]] = []
+        if "date" not in names:
+            stamp = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+            added.append(("date", f"Date: {stamp}\r\n".encode("ascii")))
+        if "message-id" not in names and message_id and _DOMAIN.fullmatch(domain):
+            added.append(("message-id", f"Message-ID: <{message_id}@{domain}>\r\n".encode()))
+        if added:
+            data = b"".join(ln for _, ln in added) + data
+            headers = added + headers
+        if not self.entries or not domain:
+            return data  # no key; or no From, or several: nothing to align a signature with
+        sigs = [s.sign(headers, body) for s in self.signers(domain, tenant)]
         return b"".join(sigs) + data if sigs else data
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9.\-]*[a-z0-9])?")
+
+
+def crlf_lines(data: bytes) -> bytes:
+    """``data`` with every line end CRLF: a bare LF or a bare CR is a line end
+    (RFC 5322 2.3: CR and LF occur only together); unchanged when it already
+    is, which is one count of each."""
+    n = data.count(b"\r\n")
+    if data.count(b"\n") == n and data.count(b"\r") == n:
+        return data
+    return _LINE_END.sub(b"\r\n", data)
 
 
 def raw_from_domains(data: bytes) -> list[str]:

@@ -412,7 +412,8 @@ class Worker:
                         for d in [*raw_from_domains(raw), mail_from.rpartition("@")[2]]:
                             if d and not tenants.allows(tenant or "", d):
                                 raise ValueError(f"From domain {d} is not the tenant's")
-                    data = self.dkim.sign_raw(raw, tenant)
+                    # Shared by a blob's recipients: a Message-ID naming none of them.
+                    data = self.dkim.sign_raw(raw, tenant, mid + msgid.GROUP_SUFFIX if blob else mid)
                     if blob:
                         raws[blob] = (data, mail_from)
                         share(blob, data, mail_from, it)
