@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fastsend.message.errors import CampaignError
-from fastsend.message.headers import HeaderError, parse_mailbox, split_address
+from fastsend.message.headers import HeaderError, encode_domain, parse_mailbox, split_address
 from fastsend.message.mime import Renderer
 from fastsend.message.template import Template, TemplateError
 from fastsend.message.tracking import check_spec as check_tracking
@@ -181,6 +181,7 @@ class Campaign:
             except HeaderError as exc:
                 raise CampaignError(f"verp_domain: {exc}") from None
         templates = _parse_templates(spec)
+        _one_click(spec, templates)
         # A From/Reply-To without placeholders is checked now, not per recipient.
         for key in ("from", "reply_to", "to"):
             if key in spec and templates[key].is_static:
@@ -357,7 +358,7 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
     import mimetypes  # here: only attachments need it
 
     ctype = a.get("content_type") or mimetypes.guess_type(fname)[0] or "application/octet-stream"
-    if not re.fullmatch(r"[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+", ctype):
+    if len(ctype) > 255 or not re.fullmatch(r"[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+", ctype):
         raise CampaignError(f"bad attachment content_type {ctype!r}")
     return {"filename": fname, "content_type": ctype, "data_b64": data_b64}
 
@@ -388,8 +389,12 @@ def _dkim(x: Any, base: Path) -> dict[str, Any]:
     for k in ("domain", "selector", "key"):
         if not isinstance(x.get(k), str) or not x[k]:
             raise CampaignError(f"[dkim] needs {k!r}")
+    try:  # d= in A-labels, as the From domain it must align with is written
+        domain = encode_domain(x["domain"].strip().rstrip(".")).lower()
+    except HeaderError as exc:
+        raise CampaignError(f"[dkim] domain: {exc}") from None
     out: dict[str, Any] = {
-        "domain": x["domain"].lower().rstrip("."),
+        "domain": domain,
         "selector": x["selector"],
         "key": str((base / x["key"]).resolve()),
         "canonicalization": x.get("canonicalization", "relaxed/relaxed"),
@@ -426,11 +431,38 @@ def _unsub(u: Any) -> dict[str, Any]:
             out[k] = u[k]
     if "url" in out and not out["url"].lower().startswith("https://"):
         raise CampaignError("list_unsubscribe.url must be an https:// URL (RFC 8058)")
-    oc = u.get("one_click", True)
-    if not isinstance(oc, bool):
+    oc = u.get("one_click")  # None: decided by _one_click once the URL is parsed
+    if oc is not None and not isinstance(oc, bool):
         raise CampaignError("list_unsubscribe.one_click must be true or false")
     out["one_click"] = oc
     return out
+
+
+def _one_click(spec: dict[str, Any], templates: Mapping[str, Template]) -> None:
+    """Settle ``list_unsubscribe.one_click``. A one-click URL is POSTed to with
+    nothing but ``List-Unsubscribe=One-Click`` (RFC 8058 3.1: it "MUST contain
+    enough information to identify the mail recipient"), so one that is the
+    same for every recipient (no placeholder) unsubscribes nobody: refused
+    when one_click is asked for, and by default such a URL is a plain link
+    (List-Unsubscribe without List-Unsubscribe-Post: it opens a page). A
+    signed tracking unsubscribe URL replaces it (``[tracking] unsubscribe``)."""
+    unsub = spec["list_unsubscribe"]
+    if not unsub:
+        return
+    oc = unsub.get("one_click")
+    t = spec["tracking"]
+    url = templates.get("list_unsubscribe.url")
+    if url is None or (t.get("unsubscribe") and t.get("base_url")) or not url.is_static:
+        unsub["one_click"] = True if oc is None else oc
+        return
+    if oc:
+        raise CampaignError(
+            "list_unsubscribe.url is the same for every recipient, so a one-click"
+            " unsubscribe (RFC 8058) could not tell who asked: put a placeholder in it"
+            " (e.g. {{ message_id }} or a column identifying the recipient), or set"
+            " one_click = false"
+        )
+    unsub["one_click"] = False
 
 
 def _parse_templates(spec: Mapping[str, Any]) -> dict[str, Template]:

@@ -44,6 +44,8 @@ from fastsend.message.keys import PrivateKey, algorithm_of, load_private_key
 
 __all__ = [
     "DEFAULT_HEADERS",
+    "OVERSIGN_ALWAYS",
+    "OVERSIGN_PRESENT",
     "MessageSigner",
     "Plan",
     "Signer",
@@ -56,10 +58,24 @@ __all__ = [
 
 # Signed when present, in this order (RFC 6376 5.4.1 recommendations + RFC 8058).
 DEFAULT_HEADERS = (
-    "from", "reply-to", "to", "cc", "subject", "date", "message-id", "mime-version",
+    "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "mime-version",
     "content-type", "content-transfer-encoding", "list-unsubscribe",
     "list-unsubscribe-post", "feedback-id", "list-id",
 )  # fmt: skip
+
+# Oversigning (RFC 6376 8.15, 5.4.2): a name listed in h= once more than the
+# message has instances of it signs a "null" instance, so a header of that
+# name added later (above the signed one, where readers look first) breaks
+# the signature. The ones a reader trusts most are oversigned even when the
+# message has none (an added Reply-To, Sender or Cc would be covered by the
+# signature otherwise); the other single-instance ones when present. Only
+# names the signer signs (its ``headers``) are oversigned.
+OVERSIGN_ALWAYS = frozenset({"from", "sender", "reply-to", "to", "cc", "subject"})
+OVERSIGN_PRESENT = frozenset({
+    "date", "message-id", "mime-version", "content-type", "content-transfer-encoding",
+    "list-unsubscribe", "list-unsubscribe-post", "feedback-id", "list-id",
+    "in-reply-to", "references",
+})  # fmt: skip
 
 # Ed25519 signatures are deterministic (RFC 8032), so libsodium (through
 # PyNaCl, when installed) gives the same bytes as OpenSSL, in about 60% of the time.
@@ -291,6 +307,21 @@ def _picker(idx: tuple[int, ...]) -> Callable[[Sequence[bytes]], tuple[bytes, ..
     return operator.itemgetter(*idx)
 
 
+def _fold_names(names: Sequence[str]) -> bytes:
+    """``a:b:c`` for the h= tag, folded before a colon so that no line of the
+    ``DKIM-Signature`` passes 78 characters (FWS is allowed there, RFC 6376 3.5)."""
+    lines: list[str] = []
+    line = " h="
+    for i, n in enumerate(names):
+        tok = n if i == 0 else ":" + n
+        if len(line) + len(tok) > 76 and i:
+            lines.append(line)
+            line = " "
+        line += tok
+    lines.append(line)
+    return "\r\n".join(lines)[3:].encode("ascii")
+
+
 class Signer:
     """Signs messages for one (domain, selector, key)."""
 
@@ -353,13 +384,30 @@ class Signer:
         Made once per header layout (a :class:`~fastsend.message.mime.Renderer`
         has one), so per message nothing is looked up by name.
         """
-        present = set(names)
-        signed = [n for n in self.headers if n in present]
-        # The last instance of each name is signed (RFC 6376 5.4.2); ours are unique.
-        last = {n: i for i, n in enumerate(names)}
-        h_part = b";\r\n h=" + ":".join(signed).encode("ascii") + b";\r\n bh="
-        idx = tuple(last[n] for n in signed)
-        return Plan(_picker(idx), h_part, idx)
+        # Each name's lines, bottom up: the first h= entry of a name signs its
+        # last instance, the next one the instance above (RFC 6376 5.4.2).
+        pos: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            pos.setdefault(n, []).insert(0, i)
+        wanted = list(dict.fromkeys(self.headers))
+        if "list-unsubscribe-post" in pos:  # RFC 8058 4: one-click needs both signed
+            wanted += [n for n in ("list-unsubscribe", "list-unsubscribe-post") if n not in wanted]
+        signed = [n for n in wanted if n in pos]
+        idx = [pos[n][0] for n in signed]
+        h_names = list(signed)
+        # Then each oversigned name's other instances (a message with one has
+        # none) and once more: no line of the message is picked for that
+        # entry (a verifier signs it as an empty header), so adding a header
+        # of that name breaks the signature (``OVERSIGN_ALWAYS``,
+        # ``OVERSIGN_PRESENT``; a name listed twice in ``headers`` too).
+        twice = {n for n in wanted if self.headers.count(n) > 1}
+        for n in wanted:
+            if n in OVERSIGN_ALWAYS or n in twice or (n in OVERSIGN_PRESENT and n in pos):
+                rest = pos.get(n, [])[1:]
+                idx += rest
+                h_names += [n] * (len(rest) + 1)
+        h_part = b";\r\n h=" + _fold_names(h_names) + b";\r\n bh="
+        return Plan(_picker(tuple(idx)), h_part, tuple(idx))
 
     def message_signer(self, plan: Plan) -> MessageSigner:
         """The :class:`MessageSigner` of messages laid out as ``plan`` says (the

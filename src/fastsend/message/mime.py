@@ -406,6 +406,34 @@ def base64_body(data: bytes) -> bytes:
     return base64.encodebytes(data).replace(b"\n", b"\r\n")
 
 
+_FNAME_PLAIN = re.compile(r'[ !#-\[\]-~]*')  # printable ASCII but " and \\
+
+
+def disposition(filename: str) -> str:
+    """The ``Content-Disposition`` line of an attachment named ``filename``
+    (CRLF-terminated, no line past 78 characters): ``filename="..."`` when it
+    is short printable ASCII, else RFC 2231: UTF-8 percent-encoded, in
+    continuations (``filename*0*=utf-8''...; filename*1*=...``) when long (a
+    long name on one line would pass the 998-octet line limit)."""
+    line = f'Content-Disposition: attachment; filename="{filename}"'
+    if len(line) <= 78 and _FNAME_PLAIN.fullmatch(filename) is not None:
+        return line + "\r\n"
+    enc = quote(filename, safe="")
+    if len(enc) <= 40:
+        return f"Content-Disposition: attachment;\r\n filename*=utf-8''{enc}\r\n"
+    parts: list[str] = []
+    i = 0
+    while i < len(enc):  # pieces of <= 45 characters, never splitting a %XX
+        j = min(i + 45, len(enc))
+        k = enc.rfind("%", j - 2, j)
+        if k >= 0 and k + 3 > j:
+            j = k
+        parts.append(enc[i:j])
+        i = j
+    lines = [f" filename*{i}*={'utf-8' + chr(39) * 2 if i == 0 else ''}{p}" for i, p in enumerate(parts)]
+    return "Content-Disposition: attachment;\r\n" + ";\r\n".join(lines) + "\r\n"
+
+
 def _normalize_text(text: str) -> str:
     text = _NEWLINES.sub("\n", text)
     return text if text.endswith("\n") else text + "\n"
@@ -601,15 +629,10 @@ class Renderer:
 
     # -- compile-time helpers -------------------------------------------------
     def _attachment_part(self, a: Mapping[str, Any]) -> bytes:
-        fname = a["filename"]
-        if fname.isascii() and '"' not in fname and "\\" not in fname:
-            disp = f'attachment; filename="{fname}"'
-        else:
-            disp = "attachment; filename*=utf-8''" + quote(fname, safe="")
         head = (
             f"--{self._mixed}\r\n"
             f"Content-Type: {a['content_type']}\r\n"
-            f"Content-Disposition: {disp}\r\n"
+            f"{disposition(a['filename'])}"
             "Content-Transfer-Encoding: base64\r\n\r\n"
         ).encode("ascii")
         return head + base64_body(base64.b64decode(a["data_b64"]))
