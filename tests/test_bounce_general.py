@@ -88,6 +88,25 @@ def test_autoreply_is_the_vacation_of_its_sender(subject: str, extra: str, body:
     ]
 
 
+@pytest.mark.parametrize(
+    "subject",
+    ["Nondeliverable mail", "Delivery delayed: Weekly news", "Your message to gone@example.org"],
+    ids=["failed", "delayed", "plain"],
+)
+def test_an_auto_submitted_report_from_a_gateway_is_not_a_vacation(subject: str) -> None:
+    # A gateway whose address is not mailer-daemon@ marks its reports
+    # Auto-Submitted too (RFC 3834 5.1 asks every automatic message to).
+    raw = _msg(
+        f"From: Mail Gateway <gateway@mx.example.net>\nTo: news@sender.example\n"
+        f"Subject: {subject}\nAuto-Submitted: auto-generated\nContent-Type: text/plain\n",
+        "Your message could not be delivered to gone@example.org:\n"
+        "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown\n",
+    )
+    assert [(r.recipient, r.reason) for r in parse_bounce(raw)] == [
+        ("gone@example.org", "userunknown")
+    ]
+
+
 def test_a_bounce_from_a_person_named_like_a_reply_is_still_a_bounce() -> None:
     # Mailer-daemon's own bounce (Exim marks its bounces Auto-Submitted:
     # auto-replied) is read as a bounce.
@@ -366,3 +385,50 @@ def test_reply_code_and_status_subject_decide_when_no_phrase_does(
 ) -> None:
     c = classify_reply(code, status, text, command="")
     assert (c.reason, c.hard) == ("systemerror", False), c
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "text", "command", "reason"),
+    [
+        # Comcast postmaster, mail delivery error codes: ES = dynamic IP space, BL = blocklists.
+        (
+            554,
+            "",
+            "resimta-po-01v.sys.comcast.net comcast 192.0.2.1 found on one or more DNSBLs,"
+            " see http://postmaster.comcast.net/smtp-error-codes.php#BL000010",
+            "RCPT",
+            "blocked",
+        ),
+        (550, "", "ES000001 mail from dynamic IP space refused", "RCPT", "blocked"),
+        # iCloud Mail (support.apple.com HT204137).
+        (
+            421,
+            "4.7.1",
+            "Messages to someone@icloud.com deferred due to excessive volume. Try again later",
+            "RCPT",
+            "speeding",
+        ),
+        (
+            550,
+            "5.7.1",
+            "Your email was rejected due to having a domain present in the Spamhaus DBL",
+            "DATA",
+            "spamdetected",
+        ),
+        # 1&1 / IONOS / GMX / web.de SMTP error messages.
+        (421, "", "Reject due to policy violations", "RCPT", "blocked"),
+        (
+            550,
+            "",
+            "<someone@gmx.de>: Reject due to SPF policy. The originating IP of the message is"
+            " not permitted by the domain owner",
+            "MAIL",
+            "authfailure",
+        ),
+    ],
+)
+def test_more_providers_documented_replies(
+    code: int, status: str, text: str, command: str, reason: str
+) -> None:
+    c = classify_reply(code, status, text, command=command)
+    assert c.reason == reason, c

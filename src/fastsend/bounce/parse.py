@@ -470,7 +470,7 @@ def _is_delay_warning(msg: email.message.Message, body: str) -> bool:
 
 _BOUNCE_SUBJECT = re.compile(
     r"undeliver|undelivered|returned mail|delivery (?:status|fail|failure|notification|problem)"
-    r"|failure notice|mail delivery|non[- ]?delivery|could not be delivered|not delivered"
+    r"|failure notice|mail delivery|non[- ]?deliver|could not be delivered|not delivered|delayed"
     r"|nicht zustellbar|unzustellbar|non remis|no entregado|non recapitabile|error",
     re.IGNORECASE,
 )
@@ -581,12 +581,13 @@ _AUTO_SUBJECT = re.compile(
 )
 
 
-def _is_autoreply(msg: email.message.Message) -> bool:
+def _is_autoreply(msg: email.message.Message, human: str = "") -> bool:
     """An auto-reply (vacation, out of office) from a person, not a mail system.
 
     RFC 3834: an automatic response carries Auto-Submitted with a value other
     than "no"; mail systems mark their bounces so too (Exim: auto-replied), so
-    that header counts only on a message that is not bounce-like."""
+    that header counts only on a message that is not bounce-like and whose
+    own text (``human``, before any returned message) quotes no SMTP reply."""
     sender = vendors.ADDR_RE.findall(_header(msg, "From"))
     if not sender or vendors.is_system_address(sender[0]):
         return False
@@ -599,7 +600,10 @@ def _is_autoreply(msg: email.message.Message) -> bool:
     if _header(msg, "Precedence").lower() == "auto_reply":
         return True
     auto = _header(msg, "Auto-Submitted").strip().lower()
-    return bool(auto) and not auto.startswith("no") and not _is_bounce_like(msg)
+    if not auto or auto.startswith("no") or _is_bounce_like(msg):
+        return False
+    own = vendors.cut_original(human)[:20000] if human else ""
+    return not (vendors.find_status(own) or vendors.find_reply_code(own))
 
 
 # ---------------------------------------------------------------- ids
@@ -723,7 +727,7 @@ def _parse_one(
             if sender
             else []
         )
-    if not raws and _is_autoreply(msg):
+    if not raws and _is_autoreply(msg, human):
         # Before reading the text for failed addresses: an out-of-office names
         # colleagues to write to, and none of them bounced.
         sender = vendors.ADDR_RE.findall(_header(msg, "From"))
