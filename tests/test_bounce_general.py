@@ -432,3 +432,24 @@ def test_more_providers_documented_replies(
 ) -> None:
     c = classify_reply(code, status, text, command=command)
     assert c.reason == reason, c
+
+
+@pytest.mark.parametrize(
+    ("text", "reason", "hard"),
+    [
+        # RFC 3463's descriptions, printed as the reply text by sendmail and Exchange.
+        ("Bad destination mailbox address", "userunknown", True),
+        ("Bad destination mailbox address syntax", "userunknown", True),
+        ("Bad destination system address", "hostunknown", True),
+        ("Destination mailbox has moved, No forwarding address", "hasmoved", True),
+        ("Bad sender's system address", "rejected", False),
+        ("Message length exceeds administrative limit", "exceedlimit", False),
+        ("Mail system full", "systemfull", False),
+        # Yandex's table of non-delivery replies.
+        ("No correct recipients", "userunknown", True),
+        ("Mailbox size exceeded", "mailboxfull", False),
+    ],
+)
+def test_rfc3463_descriptions_without_a_code(text: str, reason: str, hard: bool) -> None:
+    c = classify_reply(550, "", text, command="RCPT")
+    assert (c.reason, c.hard) == (reason, hard), c
