@@ -15,9 +15,11 @@ provider's published reply text (no real message copied):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from fastsend.bounce import classify_reply, parse_bounce
+from fastsend.bounce import RuleError, classify_reply, load_rules, parse_bounce
 
 
 def _msg(headers: str, body: str) -> bytes:
@@ -453,3 +455,40 @@ def test_more_providers_documented_replies(
 def test_rfc3463_descriptions_without_a_code(text: str, reason: str, hard: bool) -> None:
     c = classify_reply(550, "", text, command="RCPT")
     assert (c.reason, c.hard) == (reason, hard), c
+
+
+# ---------------------------------------------------------------- feedback signals
+@pytest.mark.parametrize(
+    ("code", "status", "text"),
+    [
+        (
+            450,
+            "4.2.0",
+            "<u@example.org>: Recipient address rejected: Greylisted, see"
+            " http://postgrey.schweikert.ch/help/example.org.html",
+        ),
+        (451, "4.7.1", "Greylisted, please try again later"),
+        (450, "4.7.1", "<u@example.org>: Recipient address rejected: Greylisted for 300 seconds"),
+    ],
+)
+def test_greylisting_is_neither_an_ip_block_nor_a_rate_limit(
+    code: int, status: str, text: str
+) -> None:
+    # RFC 6647: the retry must come from the same IP; resting the IP at the
+    # site (ip_blocked) or failing over to another one only restarts the wait.
+    c = classify_reply(code, status, text, command="RCPT")
+    assert (c.ip_blocked, c.rate_limited, c.hard) == (False, False, False), c
+
+
+def test_a_rules_own_signal_drives_the_feedback_loop(tmp_path: Path) -> None:
+    f = tmp_path / "rules.toml"
+    f.write_text(
+        '[[rule]]\nid = "site-quota"\nreason = "rejected"\nsignal = "ipblock"\n'
+        'match = ["site quota for your network"]\n'
+    )
+    rules = load_rules([f])
+    c = classify_reply(550, "5.7.1", "Site quota for your network reached", rules=rules)
+    assert (c.reason, c.ip_blocked) == ("rejected", True), c
+    f.write_text('[[rule]]\nreason = "rejected"\nsignal = "loud"\nmatch = ["x"]\n')
+    with pytest.raises(RuleError, match="none"):
+        load_rules([f])

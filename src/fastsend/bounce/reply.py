@@ -50,6 +50,10 @@ IPBLOCK_REASONS = frozenset({"blocked", "badreputation", "requireptr"})
 
 TIERS = ("provider", "strong", "weak")
 SIGNALS = ("ratelimit", "ipblock")
+# A rule's own signal: one of SIGNALS (the reply drives that feedback loop,
+# whatever its reason), or "none" (it drives neither: a greylisting deferral
+# is retried from the same IP, RFC 6647, and says nothing about the IP).
+RULE_SIGNALS = (*SIGNALS, "none")
 _ENHANCED_RE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _WS_RE = re.compile(r"\s+")
 # Continuation prefixes of multi-line replies ("550-5.7.1 ") inside the text.
@@ -573,8 +577,8 @@ def _parse_rule(d: Any, where: str, known: dict[str, Rule]) -> Rule:
     if tier not in TIERS:
         raise RuleError(f"{where}: 'tier' must be one of {TIERS}, got {tier!r}")
     signal = d.get("signal", "")
-    if signal and signal not in SIGNALS:
-        raise RuleError(f"{where}: 'signal' must be one of {SIGNALS}, got {signal!r}")
+    if signal and signal not in RULE_SIGNALS:
+        raise RuleError(f"{where}: 'signal' must be one of {RULE_SIGNALS}, got {signal!r}")
     codes = d.get("codes", [])
     if not isinstance(codes, list) or not all(
         isinstance(c, int) and 200 <= c <= 599 for c in codes
@@ -719,7 +723,7 @@ class RuleSet:
         command = (command or "").upper()
         tiers = self._tiers or self._build_tiers()
         present = tiers["<scan>"].present(t)
-        reason, rule_id = self._reason(code, enhanced, t, present, command, action)
+        reason, rule_id, signal = self._reason(code, enhanced, t, present, command, action)
         klass = enhanced[:1] if enhanced else (str(code)[0] if code else "")
         permanent = klass == "5"
         hard = reason in HARD_REASONS or (reason == "notaccept" and klass != "4")
@@ -727,8 +731,10 @@ class RuleSet:
             # Not a final failure: the reporting MTA still retries (or it worked).
             hard = False
         soft = not hard and reason not in NOT_BOUNCES
-        rate = reason in RATE_REASONS
-        ipb = reason in IPBLOCK_REASONS
+        if signal == "none":
+            return Classification(reason, hard, soft, permanent, False, False, rule_id)
+        rate = reason in RATE_REASONS or signal == "ratelimit"
+        ipb = reason in IPBLOCK_REASONS or signal == "ipblock"
         if not rate:
             gated = tiers["<ratelimit>"]
             rate = gated is not None and _search_gated(gated, t, present)
@@ -757,24 +763,24 @@ class RuleSet:
 
     def _reason(
         self, code: int, enhanced: str, t: str, present: set[str], command: str, action: str
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, str]:
         if enhanced.startswith("2.") or (not enhanced and 200 <= code < 300):
-            return "delivered", "status"
+            return "delivered", "status", ""
         by_status = self.status.get(enhanced, "")
         tiers = self._tiers or self._build_tiers()
         rule = _first_rule(tiers["provider"], t, present, code, enhanced, command)
         if rule is None:
             rule = _first_rule(tiers["strong"], t, present, code, enhanced, command)
         if rule is not None:
-            return rule.reason, rule.id
+            return rule.reason, rule.id, rule.signal
         if by_status and by_status not in self.weak:
-            return by_status, "status"
+            return by_status, "status", ""
         rule = _first_rule(tiers["weak"], t, present, code, enhanced, command)
         if rule is not None:
-            return rule.reason, rule.id
+            return rule.reason, rule.id, rule.signal
         if by_status:
-            return by_status, "status"
-        return _fallback(code, enhanced, t, command, action), "fallback"
+            return by_status, "status", ""
+        return _fallback(code, enhanced, t, command, action), "fallback", ""
 
 
 def _fallback(code: int, enhanced: str, t: str, command: str, action: str) -> str:
