@@ -492,3 +492,19 @@ def test_a_rules_own_signal_drives_the_feedback_loop(tmp_path: Path) -> None:
     f.write_text('[[rule]]\nreason = "rejected"\nsignal = "loud"\nmatch = ["x"]\n')
     with pytest.raises(RuleError, match="none"):
         load_rules([f])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Verification failed for <news@sender.example>\nUnrouteable address\nSender verify failed",
+        "Verification failed for <news@sender.example>\nCalled:   192.0.2.1\n"
+        "Sent:     RCPT TO:<news@sender.example>\nResponse: 550 No Such User Here\n"
+        "Sender verify failed",
+        "Unrouteable sender address",
+    ],
+)
+def test_a_failed_verification_of_our_sender_is_not_the_recipients_fault(text: str) -> None:
+    # Exim's verify = sender refusal: it names our envelope sender.
+    c = classify_reply(550, "", text, command="RCPT")
+    assert (c.reason, c.hard) == ("rejected", False), c
