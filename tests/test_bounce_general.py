@@ -502,6 +502,11 @@ def test_a_rules_own_signal_drives_the_feedback_loop(tmp_path: Path) -> None:
         "Sent:     RCPT TO:<news@sender.example>\nResponse: 550 No Such User Here\n"
         "Sender verify failed",
         "Unrouteable sender address",
+        # Postfix reject_unverified_sender, quoting the sender's own server (here Gmail's
+        # documented 'does not exist' reply, which alone would be the recipient's).
+        "<news@gmail.com>: Sender address rejected: undeliverable address: host"
+        " gmail-smtp-in.l.google.com[192.0.2.26] said: 550-5.1.1 The email account that you"
+        " tried to reach does not exist.",
     ],
 )
 def test_a_failed_verification_of_our_sender_is_not_the_recipients_fault(text: str) -> None:
