@@ -513,3 +513,20 @@ def test_a_failed_verification_of_our_sender_is_not_the_recipients_fault(text: s
     # Exim's verify = sender refusal: it names our envelope sender.
     c = classify_reply(550, "", text, command="RCPT")
     assert (c.reason, c.hard) == ("rejected", False), c
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Our domain does not accept mail from senders without SPF",
+        "example.org does not accept mail from you",
+        "Mailbox not accepting mail from your domain",
+        "does not receive email from your domain (policy)",
+    ],
+)
+def test_a_domain_refusing_mail_from_us_is_not_a_hard_notaccept(text: str) -> None:
+    # notaccept (hard) is a domain that takes no mail at all (RFC 7505 null MX,
+    # RFC 7504 556); "... from you" refuses the sender.
+    c = classify_reply(550, "", text, command="RCPT")
+    assert not c.hard, c
+    assert classify_reply(556, "5.1.10", "Recipient address has null MX", command="RCPT").hard
