@@ -207,7 +207,8 @@ def mailgun_app(key: str, rec: Recorder, domain: str) -> web.Application:
 
 def ses_proxy_app(upstream: str, rec: Recorder) -> web.Application:
     """Pass-through to moto (headers as signed, Host included) plus SES's max
-    send rate, a BadRequestException for ``reject*`` recipients and a sandbox
+    send rate, a BadRequestException for ``reject*`` recipients, an
+    InvalidParameterValue naming no address for ``badlocal*`` ones and a sandbox
     MessageRejected for ``unverified*`` ones."""
     state: dict[str, ClientSession] = {}
 
@@ -229,6 +230,12 @@ def ses_proxy_app(upstream: str, rec: Recorder) -> web.Application:
                 return web.json_response(
                     {"message": "Illegal address"},
                     status=400, headers={"x-amzn-ErrorType": "BadRequestException:http://internal.amazon.com/coral/com.amazon.sesv2/"},
+                )  # fmt: skip
+            if any(r.startswith("badlocal") for r in rcpts):  # SES's text names no address
+                rec.rejected += 1
+                return web.json_response(
+                    {"message": "Missing final '@domain'"},
+                    status=400, headers={"x-amzn-ErrorType": "InvalidParameterValue:http://internal.amazon.com/coral/com.amazon.sesv2/"},
                 )  # fmt: skip
             if not rec.bucket.take(len(rcpts)):
                 rec.throttled += 1

@@ -312,3 +312,120 @@ def test_sendgrid_refusing_one_recipient_of_a_batch_bounces_only_that_one(
     assert dict(rec.recipients) == {r: 1 for r in good}
     for body in rec.accepted:  # one recipient per personalization, never two
         assert all(len(p["to"]) == 1 for p in body["personalizations"])
+
+
+# ---------------------------------------------------------------- session 13
+
+
+def test_the_redis_suppression_list_tells_every_node_when_it_changed(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """The shared list has a change counter (``version()``), like SQLite's
+    data_version: a node's supervisor reads one number and screens the mail its
+    workers hold again only when any node (here the real CLI, and another
+    client) added or removed an entry. Before: ``version()`` was None, and
+    every node screened its whole window against Redis every second."""
+    import redis
+
+    from fastsend.serve.shared_state import RedisSuppressionList
+
+    prefix = "v" + tmp_path.name[-8:]
+    url = redis_server.url(node="n1", dir=str(tmp_path / "local"), prefix=prefix)
+    node_a = RedisSuppressionList(redis.Redis(port=redis_server.port), prefix)
+    node_b = RedisSuppressionList(redis.Redis(port=redis_server.port), prefix)
+    v0 = node_a.version()
+    assert v0 is not None
+    assert node_a.contains("x@example.com") is False and node_a.version() == v0  # reads: no change
+    add = run_fastsend("suppress", "add", "x@example.com", "--spool", url)
+    assert add.returncode == 0, add.stderr
+    v1 = node_a.version()
+    assert v1 is not None and v1 != v0
+    assert node_b.remove("x@example.com") is True
+    v2 = node_a.version()
+    assert v2 not in (v0, v1)
+    node_b.add("y@example.com", expires_in=0.01)
+    v3 = node_a.version()
+    import time
+
+    time.sleep(0.05)
+    assert node_b.purge_expired() == 1
+    assert node_a.version() not in (v0, v1, v2, v3)
+
+
+def test_a_refused_connection_is_a_network_error_not_a_block(tmp_path: Path) -> None:
+    """Nothing listens on the MX's port: every connection is refused
+    (ECONNREFUSED), no server said a word. The deferral's reason in the event
+    log is ``networkerror``; "blocked" is what a server's refusal says (a 554
+    greeting), and it drives IP-block views and alerts. Before: ``blocked``."""
+    import json
+
+    from tests.conftest import free_port
+
+    port = free_port()  # nothing listens there
+    camp = write_campaign(tmp_path)
+    lst = _list(tmp_path, ["a@example.com", "b@example.com"])
+    spool = tmp_path / "spool"
+    proc = run_fastsend("send", str(camp), "-r", str(lst), "--no-dkim", "--spool", str(spool),
+                        "--route", f"*=127.0.0.1:{port}", "--workers", "1",
+                        "--source-ip", "127.0.0.2", "--json", "--no-progress",
+                        "--max-wait", "0")  # fmt: skip
+    s = summary(proc)
+    assert s["deferred"] == 2, (s, proc.stderr[-2000:])
+    events = [json.loads(x) for x in (spool / "events.jsonl").read_text().splitlines()]
+    deferred = [e for e in events if e.get("event") == "deferred"]
+    assert len(deferred) == 2, events
+    for e in deferred:
+        assert "refused" in e["text"].lower(), e
+        assert e["reason"] == "networkerror", e
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_line_break_in_a_header_variable_is_a_refused_row_at_intake(
+    fmt: str, tmp_path: Path
+) -> None:
+    """A list whose ``name`` (used in the Subject) holds a line break in one
+    row (a quoted CSV field spanning two lines; a JSON string with \\n): that
+    row is refused as the list is read, with its line and the variable named,
+    and never spooled; every other row is accepted and delivered, the send
+    exits 1 (bad rows skipped). A line break in a variable used only in the
+    body is text, and that row is delivered. Before: the row was spooled and
+    bounced at render (550 5.6.0), counted as a bounce of the campaign."""
+    import json
+
+    camp = write_campaign(
+        tmp_path,
+        'from = "T <news@sender.example.com>"\nsubject = "Hello {{ name }}"\n'
+        'text = "Hi {{ name }}.\\n{{ addr }}\\n"\n',
+    )
+    if fmt == "csv":
+        lst = tmp_path / "list.csv"
+        lst.write_text(
+            "email,addr,name\n"
+            "a@example.com,x,Ann\n"
+            'b@example.com,x,"Bob\nBcc: victim@example.org"\n'
+            'c@example.com,"1 Main St\nSpringfield",Cy\n'
+            "d@example.com,x,Di\n"
+        )
+        bad_line = 4  # the record's last line (the csv module's count)
+    else:
+        lst = tmp_path / "list.jsonl"
+        rows = [
+            {"email": "a@example.com", "addr": "x", "name": "Ann"},
+            {"email": "b@example.com", "addr": "x", "name": "Bob\r\nBcc: victim@example.org"},
+            {"email": "c@example.com", "addr": "1 Main St\nSpringfield", "name": "Cy"},
+            {"email": "d@example.com", "addr": "x", "name": "Di"},
+        ]
+        lst.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        bad_line = 2
+    log = tmp_path / "sink.jsonl"
+    spool = tmp_path / "spool"
+    with SinkProcess("--log", str(log)) as sink:
+        proc = run_fastsend("send", str(camp), "-r", str(lst), "--no-dkim", "--spool", str(spool),
+                            "--route", f"*={sink.host}:{sink.port}", "--workers", "1",
+                            "--source-ip", "127.0.0.2", "--json", "--no-progress",
+                            "--max-wait", "5")  # fmt: skip
+    s = summary(proc)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"line {bad_line}: variable 'name'" in proc.stderr, proc.stderr[-2000:]
+    assert s["delivered"] == 3 and s["bounced"] == 0 and s["rejected_rows"] == 1, s
+    assert received_counts(log) == {"a@example.com": 1, "c@example.com": 1, "d@example.com": 1}

@@ -393,6 +393,32 @@ def test_ses_refusing_one_recipient_of_a_group_bounces_only_that_one(
     assert "Illegal address" in bounced[0]["text"], bounced
 
 
+def test_ses_invalid_parameter_naming_no_address_bounces_only_that_recipient(
+    tmp_path: Path, moto_ses: Any
+) -> None:
+    """SES refuses a SendEmail whole with InvalidParameterValue for one bad
+    recipient, in words that name neither the address nor "address" (here
+    "Missing final '@domain'", as SES says of a recipient with no domain). The group is sent again one recipient per request: only the
+    refused one bounces, the six others are delivered once each. Before: all
+    seven bounced."""
+    url, akid, secret_key, sent = moto_ses
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    rcpts = write_recipients(tmp_path, [*GROUP[:3], "badlocal-1@example.net", *GROUP[3:]])
+    rec = Recorder()
+    with ThreadedApp(ses_proxy_app(url, rec)) as proxy:
+        cfg = f'[transports.s]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{proxy.url}"\n[routes]\n"*" = "s"\n'
+        env = {"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret_key}
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "5", "--no-dkim")
+    s = summary(proc)
+    assert rec.rejected >= 2, "never grouped"  # the group, then the address alone
+    assert s["delivered"] == 6 and s["bounced"] == 1, (s, proc.stderr[-2000:])
+    assert dict(rec.recipients) == {r: 1 for r in GROUP}
+    bounced = [e for e in events(tmp_path) if e["event"] == "bounced"]
+    assert [e["rcpt"] for e in bounced] == ["badlocal-1@example.net"]
+    assert "InvalidParameterValue" in bounced[0]["text"], bounced
+
+
 def test_sigv4_matches_botocore() -> None:
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest

@@ -107,6 +107,22 @@ def header_sources(spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         yield f"list_unsubscribe.{key}", (spec.get("list_unsubscribe") or {}).get(key)
 
 
+def header_variables(spec: dict[str, Any]) -> frozenset[str]:
+    """The variables a campaign spec puts into header fields (subject,
+    headers, To, ...): a recipient row whose value of one of them holds CR,
+    LF or NUL is refused as the list is read (``Acceptor.ingest``)."""
+    from fastsend.message.template import Template
+
+    names: set[str] = set()
+    for _key, src in header_sources(spec):
+        if isinstance(src, str) and "{{" in src:
+            try:
+                names |= Template(src).names
+            except ValueError:
+                pass  # (the campaign's own check reports it)
+    return frozenset(names - {"email"})
+
+
 def _check_header_values(spec: dict[str, Any]) -> None:
     """A campaign whose own text would put CR, LF or NUL in a header is refused
     now: the renderer refuses it too, but only once the campaign is spooled,
@@ -429,7 +445,13 @@ class Acceptor:
         opened = _identity(path)
         committed = job.line
         accepted, rejected = job.accepted, job.rejected
-        for b in recipients.batches(path, after=job.line, size=chunk, first=first):
+        # A row whose header-bound variable holds a line break is refused here,
+        # with its line, not spooled to bounce at render (550 5.6.0).
+        info = self.spool.get_campaign(job.campaign)
+        refuse = header_variables(info.spec) if info is not None else frozenset()
+        for b in recipients.batches(
+            path, after=job.line, size=chunk, first=first, refuse=refuse
+        ):
             if b.bad:
                 rejected += len(b.bad)
                 if on_bad is not None:

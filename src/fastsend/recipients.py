@@ -112,12 +112,22 @@ class Batch(NamedTuple):
     last: bool  # the file ends here
 
 
-def batches(path: str, *, after: int = 0, size: int = 2000, first: int = 0) -> Iterator[Batch]:
+def batches(
+    path: str,
+    *,
+    after: int = 0,
+    size: int = 2000,
+    first: int = 0,
+    refuse: frozenset[str] = frozenset(),
+) -> Iterator[Batch]:
     """The rows after line ``after`` (lines up to it are parsed as the format
     needs, not checked), ``size`` good rows a batch (the first: ``first``, if
     given); the last batch, marked, may hold fewer or none. What :func:`read`
     yields, without a call and a tuple per row: the form a list is spooled in
-    (``Acceptor.ingest``)."""
+    (``Acceptor.ingest``). A row whose value of a variable in ``refuse`` (the
+    campaign's header-bound ones) holds CR, LF or NUL is a bad row (only a
+    quoted CSV field or a JSON string can hold one: the plain CSV path, one
+    line per row, never looks)."""
     f = _open(path)
     with f:
         head = _readline(path, f)
@@ -126,7 +136,7 @@ def batches(path: str, *, after: int = 0, size: int = 2000, first: int = 0) -> I
             return
         parse = _csv_batches if detect_format(path, head) == "csv" else _jsonl_batches
         try:
-            yield from parse(head, f, after, first or size, size)
+            yield from parse(head, f, after, first or size, size, refuse)
         except UnicodeDecodeError as e:  # survey() finds it first, unless the file changed
             raise RecipientsError(f"{path}: not UTF-8 text ({e.reason})") from None
 
@@ -376,8 +386,33 @@ vars_json = pick(vars_json)
 CHUNK_CHARS = 1 << 16  # characters of lines read at a time by the plain path
 
 
+def _breaks(names: list[str], refuse: frozenset[str]) -> list[tuple[int, str]]:
+    """(index among ``names``, name) of the variables in ``refuse``."""
+    return [(i, n) for i, n in enumerate(names) if n in refuse]
+
+
+def _broken(values: list[str], checks: list[tuple[int, str]]) -> str | None:
+    """The first checked variable whose value holds CR, LF or NUL."""
+    for i, name in checks:
+        v = values[i]
+        if "\n" in v or "\r" in v or "\0" in v:
+            return name
+    return None
+
+
+def _break_row(line: int, name: str) -> BadRow:
+    return BadRow(
+        line, f"variable {name[:64]!r}: CR, LF and NUL are not allowed in a header value"
+    )
+
+
 def _csv_batches(
-    first: str, f: io.TextIOWrapper, after: int, limit: int, size: int
+    first: str,
+    f: io.TextIOWrapper,
+    after: int,
+    limit: int,
+    size: int,
+    refuse: frozenset[str] = frozenset(),
 ) -> Iterator[Batch]:
     """Batches of ``limit`` good rows, then of ``size``. Lines with no '"' (no
     quoted field can begin or continue there) are read by ``csv_plain_rows``;
@@ -422,6 +457,7 @@ def _csv_batches(
     base = line  # reader.line_num counts the lines after it
     dumps = orjson.dumps
     encode = _encode
+    checks = _breaks(names, refuse)
     try:
         for rec in reader:
             line = base + reader.line_num
@@ -431,6 +467,10 @@ def _csv_batches(
             if not isinstance(got, tuple):
                 if got is False:
                     last = line
+                continue
+            if checks and (name := _broken(rec, checks)) is not None:
+                bad.append(_break_row(line, name))
+                last = line
                 continue
             addr, domain = got
             if row_type is not None:  # the same bytes as the dict below, a third of the CPU
@@ -449,7 +489,12 @@ def _csv_batches(
 
 
 def _jsonl_batches(
-    first: str, f: io.TextIOWrapper, after: int, limit: int, size: int
+    first: str,
+    f: io.TextIOWrapper,
+    after: int,
+    limit: int,
+    size: int,
+    refuse: frozenset[str] = frozenset(),
 ) -> Iterator[Batch]:
     """Batches of ``limit`` good rows, then of ``size``."""
     rows: list[tuple[str, str, bytes]] = []
@@ -457,6 +502,7 @@ def _jsonl_batches(
     bad: list[BadRow] = []
     last = after
     line = 0
+    checked = sorted(refuse)
     for text in _chain(first, f):
         line += 1
         if line <= after or not text.strip():
@@ -479,7 +525,15 @@ def _jsonl_batches(
         except AddressError as e:
             bad.append(BadRow(line, str(e)))
             continue
-        rows.append((addr, domain, orjson.dumps({k: _text(v) for k, v in obj.items()})))
+        values = {k: _text(v) for k, v in obj.items()}
+        if refuse:
+            name = next(
+                (n for n in checked if any(c in values.get(n, "") for c in "\r\n\0")), None
+            )
+            if name is not None:
+                bad.append(_break_row(line, name))
+                continue
+        rows.append((addr, domain, orjson.dumps(values)))
         lines.append(line)
         if len(rows) >= limit:
             yield Batch(rows, lines, bad, line, False)

@@ -612,16 +612,24 @@ class Worker:
         key = (o.code, o.enhanced, o.stage, o.text)
         got = self.classified.get(key)
         if got is None:
-            try:
-                c = classify_reply(o.code, o.enhanced, o.text, command=o.stage)
-            except ValueError:  # not an SMTP code: a local failure
-                got = ("", False)
+            if not o.code and o.stage == "connect":
+                # No reply at all (refused, unreachable, timed out): the
+                # network, not a block (a block is the server's reply).
+                got = ("networkerror", False)
             else:
-                got = (c.reason, c.hard)
+                got = self._classify(o)
             if len(self.classified) >= CLASSIFY_CACHE:
                 self.classified.clear()
             self.classified[key] = got
         return got
+
+    @staticmethod
+    def _classify(o: Outcome) -> tuple[str, bool]:
+        try:
+            c = classify_reply(o.code, o.enhanced, o.text, command=o.stage)
+        except ValueError:  # not an SMTP code: a local failure
+            return ("", False)
+        return (c.reason, c.hard)
 
     def flush(self) -> None:
         if self.flush_handle is not None:

@@ -167,19 +167,25 @@ class Dispatch(SupervisorState):
         claim (the CLI, the API, the intake, another node): each worker is asked
         to hand back what it has not sent yet (wire.Withdraw), and the next
         claim ends it ``suppressed``. Checked when the list's version() changed
-        (SQLite: another connection wrote it), or every WITHDRAW_EVERY s when it
-        cannot tell (Redis). Rate-held mail is screened as it is admitted."""
+        (SQLite: another connection wrote it; Redis: any node's write, its
+        ``supver`` counter), read at most every WITHDRAW_GAP s, or every
+        WITHDRAW_EVERY s for a list that cannot tell. Rate-held mail is screened
+        as it is admitted."""
         if not self.config.delivery.check_suppression or not any(s.inflight for s in self.slots):
+            return
+        since = mono - self.withdraw_checked
+        if since < WITHDRAW_GAP:  # the version is read at most this often (Redis: a GET)
             return
         try:
             version = self.suppression.version()
         except Exception:  # an unreadable list must not stop delivery: say so
             self.hook_failed(self.suppression.version)
             return
-        since = mono - self.withdraw_checked
-        if since < WITHDRAW_GAP or (version is None and since < WITHDRAW_EVERY):
-            return
-        if version is not None and version == self.suppression_seen:
+        if version is None:
+            if since < WITHDRAW_EVERY:
+                return
+        elif version == self.suppression_seen:
+            self.withdraw_checked = mono
             return
         self.suppression_seen = version
         self.withdraw_checked = mono

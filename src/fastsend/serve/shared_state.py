@@ -149,13 +149,20 @@ class RedisKeyStore:
 # ---------------------------------------------------------------- suppression
 class RedisSuppressionList(Suppressions):
     """The suppression list per tenant, shared by every node: the policy of
-    :class:`fastsend.suppression.Suppressions` on a hash per tenant."""
+    :class:`fastsend.suppression.Suppressions` on a hash per tenant. Every
+    write also increments ``{prefix}:supver`` in the same MULTI/EXEC, the
+    list's :meth:`version`: one GET tells a node's supervisor whether any
+    node changed the list since it last screened its mail in flight."""
 
     def __init__(self, r: Any, prefix: str, *, clock: Any = time.time) -> None:
         self.r = r
         self.k = "{" + prefix + "}"
         self._clock = clock
         self.path = f"redis {self.k}:sup:*"
+        self._ver = f"{self.k}:supver"
+
+    def version(self) -> int | None:
+        return int(self.r.get(self._ver) or 0)
 
     def _key(self, tenant: str) -> str:
         return f"{self.k}:sup:{tenant}"
@@ -184,6 +191,7 @@ class RedisSuppressionList(Suppressions):
                         for key, e in trows[i : i + 1000]
                     },
                 )
+        pipe.incr(self._ver)
         pipe.execute()
 
     @staticmethod
@@ -192,7 +200,10 @@ class RedisSuppressionList(Suppressions):
         return Entry(a, tenant, reason, source, created, expires, rest[0] if rest else None)
 
     def _delete(self, tenant: str, key: str) -> bool:
-        return bool(self.r.hdel(self._key(tenant), key))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(self._key(tenant), key)
+        pipe.incr(self._ver)
+        return bool(pipe.execute()[0])
 
     def _tenants(self) -> list[str]:
         return sorted(_s(t) for t in self.r.smembers(f"{self.k}:suptenants"))
@@ -206,7 +217,10 @@ class RedisSuppressionList(Suppressions):
                 if (e := self._entry(t, v)).expires is not None and e.expires <= now
             ]
             if gone:
-                n += int(self.r.hdel(self._key(t), *gone))
+                pipe = self.r.pipeline(transaction=True)
+                pipe.hdel(self._key(t), *gone)
+                pipe.incr(self._ver)
+                n += int(pipe.execute()[0])
         return n
 
     def _reasons(self, tenant: str, keys: list[str], now: float) -> dict[str, str]:

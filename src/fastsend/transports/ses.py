@@ -22,8 +22,9 @@ or an unverified sender's MessageRejected "Email address is not verified"
 (moto: "Did not have authority to send from email") and 5xx -> deferred: our
 account's configuration, never a bounce of the recipient. A request of several
 recipients (identical mail grouped) refused with a MessageRejected /
-BadRequestException / InvalidParameterValue about an address is sent again one
-recipient per request, so only the refused one bounces.
+BadRequestException about an address, or with any InvalidParameterValue (its
+texts about a recipient often name no address: "Missing final '@domain'"), is
+sent again one recipient per request, so only the refused one bounces.
 
 Its rate is shaping data: with no ``rate`` configured, the account's
 MaxSendRate (``GET /v2/email/account``) sets the lane's rate.
@@ -140,8 +141,18 @@ class SESTransport(HTTPTransport):
             and status == 400
             and etype in REFUSALS
             and len(env.rcpts) > 1
-            and ("address" in low or any(r.lower() in low for r in env.rcpts))
+            and (
+                etype == "InvalidParameterValue"
+                or "address" in low
+                or any(r.lower() in low for r in env.rcpts)
+            )
         ):
-            # Refused whole for one recipient: each alone, only it bounces.
+            # Refused whole for one recipient: each alone, only it bounces. An
+            # InvalidParameterValue is about a field of the request, and SES's
+            # texts about a recipient often name neither it nor "address"
+            # ("Missing final '@domain'", "Domain starts with dot"). If it was
+            # the message, every single request is refused too, each a
+            # bounce as before; a group's answers never suppress (one_by_one
+            # answers a group as one TxnResult, Worker.add_results).
             return await self.one_by_one(session, envs)
         return answered(envs, map_status(self.label, status, what, account_trouble=ours))
