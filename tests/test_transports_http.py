@@ -401,7 +401,7 @@ def test_ses_invalid_parameter_naming_no_address_bounces_only_that_recipient(
     "Missing final '@domain'", as SES says of a recipient with no domain). The group is sent again one recipient per request: only the
     refused one bounces, the six others are delivered once each. Before: all
     seven bounced."""
-    url, akid, secret_key, sent = moto_ses
+    url, akid, secret_key, _sent = moto_ses
     camp = tmp_path / "c.toml"
     camp.write_text(SAME)
     rcpts = write_recipients(tmp_path, [*GROUP[:3], "badlocal-1@example.net", *GROUP[3:]])
