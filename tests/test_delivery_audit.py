@@ -429,3 +429,77 @@ def test_a_line_break_in_a_header_variable_is_a_refused_row_at_intake(
     assert f"line {bad_line}: variable 'name'" in proc.stderr, proc.stderr[-2000:]
     assert s["delivered"] == 3 and s["bounced"] == 0 and s["rejected_rows"] == 1, s
     assert received_counts(log) == {"a@example.com": 1, "c@example.com": 1, "d@example.com": 1}
+
+
+def test_mail_waiting_for_its_mx_lookup_is_withdrawn_when_its_address_is_suppressed(
+    tmp_path: Path,
+) -> None:
+    """The MX lookup of a domain hangs (a slow DNS server; it answers once the
+    test says so, or after 20 s). An address of that domain suppressed with the
+    CLI while its batch waits for the answer is not mailed: the worker takes it
+    out of the waiting batch and hands it back, and it ends ``suppressed``; the
+    others are delivered once the answer comes. Before: a withdrawal reached
+    only the ready queues, and the batch was placed and sent whole."""
+    import json
+    import subprocess
+    import threading
+    import time
+
+    from tests._engine_helpers import fastsend_cmd
+
+    from fastsend.testing.dnsserver import DNSServer
+
+    answer = threading.Event()
+    asked = threading.Event()
+    dns = DNSServer(
+        {"slow.test": [("MX", "10 mx.slow.test.")], "mx.slow.test": [("A", "127.0.0.1")]}
+    )
+    plain = dns.resolver.resolve
+
+    def slow(request: Any, handler: Any) -> Any:
+        if str(request.q.qname).rstrip(".").lower() == "slow.test":
+            asked.set()
+            answer.wait(20)
+        return plain(request, handler)
+
+    dns.resolver.resolve = slow
+    camp = write_campaign(tmp_path)
+    rcpts = ["a@slow.test", "b@slow.test", "c@slow.test"]
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    spool = tmp_path / "spool"
+    with dns, SinkProcess("--log", str(log)) as sink:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            f'[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\nmx_port = {sink.port}\ntimeout = 40\n'
+            '[delivery]\nallow_private_mx = true\n'
+        )
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                         "--spool", str(spool), "--workers", "1", "--source-ip", "127.0.0.2",
+                         "--json", "--no-progress", "--max-wait", "60"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not asked.is_set():
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.05)
+            add = run_fastsend("suppress", "add", "b@slow.test", "--spool", str(spool))
+            assert add.returncode == 0, add.stderr
+            events = spool / "events.jsonl"
+            until = time.monotonic() + 15  # the withdrawal ends it suppressed, then DNS answers
+            while time.monotonic() < until:
+                text = events.read_text() if events.exists() else ""
+                if any(json.loads(x).get("event") == "suppressed" for x in text.splitlines()):
+                    break
+                time.sleep(0.05)
+            answer.set()
+            out, err = proc.communicate(timeout=120)
+        finally:
+            answer.set()
+            if proc.poll() is None:
+                proc.kill()
+    s = summary(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    assert received_counts(log) == {"a@slow.test": 1, "c@slow.test": 1}
+    assert s["suppressed"] == 1 and s["delivered"] == 2, s

@@ -152,14 +152,26 @@ class Router:
             )
         return q
 
-    async def dispatch(self, batch: wire.Batch, chain: tuple[str, ...]) -> None:
+    async def dispatch(
+        self, batch: wire.Batch, chain: tuple[str, ...], waiting: dict[int, Any] | None = None
+    ) -> None:
         """Build the batch's envelopes and push them to the first transport that
-        has a queue for them (a temporary DNS failure moves on)."""
+        has a queue for them (a temporary DNS failure moves on). ``waiting``
+        (the worker's ``resolving``) holds the batch while a queue is looked
+        up: a withdrawal takes its messages out meanwhile."""
         from fastsend.transports.http import _key
 
         w = self.w
         for i, name in enumerate(chain):
-            q = await self.queue_for(name, batch)
+            if waiting is not None:
+                waiting[id(batch)] = batch
+            try:
+                q = await self.queue_for(name, batch)
+            finally:
+                if waiting is not None:
+                    waiting.pop(id(batch), None)
+            if not batch.items:  # all withdrawn while it waited
+                return
             if isinstance(q, Outcome):
                 if q.kind == DEFERRED and i + 1 < len(chain):
                     continue

@@ -94,6 +94,9 @@ class Worker:
         # Envelopes placed during one read of the inbox, per site queue, pushed
         # together at its end (place_batch, push_placed).
         self.placed: dict[SiteQueue, list[Envelope]] = {}
+        # Batches waiting for their site (a DNS lookup, a route's queue), by
+        # id(): what wire.Withdraw takes out of them before they are placed.
+        self.resolving: dict[int, wire.Batch] = {}
         self.done = asyncio.Event()
         self.parent = os.getppid()
         self.resolver = MXResolver(config)
@@ -168,19 +171,27 @@ class Worker:
 
     async def handle_batch(self, batch: wire.Batch) -> None:
         site: Site | Outcome | Exception
+        self.resolving[id(batch)] = batch
         try:
-            chain = self.router.chain(batch)
-            if chain:  # a route of transports: relay, provider, failover
-                await self.route_batch(batch, chain)
-                return
-            site = await self.resolver.site_for(batch.domain)
-        except Exception as e:  # answered in place_batch, like any local error
-            site = e
+            try:
+                chain = self.router.chain(batch)
+                if chain:  # a route of transports: relay, provider, failover
+                    await self.route_batch(batch, chain)
+                    return
+                site = await self.resolver.site_for(batch.domain)
+            except Exception as e:  # answered in place_batch, like any local error
+                site = e
+        finally:
+            self.resolving.pop(id(batch), None)
+        if not batch.items:  # every message was withdrawn while it waited
+            self.busy -= 1
+            self.check_done()
+            return
         self.place_batch(batch, site)
 
     async def route_batch(self, batch: wire.Batch, chain: tuple[str, ...]) -> None:
         try:
-            await self.router.dispatch(batch, chain)
+            await self.router.dispatch(batch, chain, self.resolving)
         except Exception as e:  # a bug must not lose the batch: defer it, loudly
             self.defer_local(e, [(it.id, 1) for it in batch.items])
         finally:
@@ -514,6 +525,16 @@ class Worker:
         recipients goes back whole; one already taken by a connection is sent."""
         gone = set(ids)
         back: list[Envelope] = []
+        taken: list[int] = []
+        for batch in self.resolving.values():  # still waiting for DNS or a route's queue
+            items = batch.items
+            if any(it.id in gone for it in items):
+                taken += [it.id for it in items if it.id in gone]
+                batch.items = [it for it in items if it.id not in gone]
+        if taken:
+            self.handback_ids(
+                taken, 0.0, 0.0, "withdrawn: its address was suppressed after its claim"
+            )
         for q in self.sites.values():
             pending = q.pending
             if not pending:
@@ -538,6 +559,9 @@ class Worker:
                 ids.extend(e.tag)
             elif isinstance(e.tag, int):
                 ids.append(e.tag)
+        self.handback_ids(ids, delay, step, why)
+
+    def handback_ids(self, ids: list[int], delay: float, step: float, why: str) -> None:
         if not ids:
             return
         if self.router.failover:
