@@ -105,6 +105,7 @@ class Recorder:
         self.rejected = 0
         self.unauthorized = 0
         self.requests = 0
+        self.times: list[float] = []  # monotonic time of each accepted recipient (Mailgun)
 
 
 def sendgrid_app(key: str, rec: Recorder) -> web.Application:
@@ -196,6 +197,7 @@ def mailgun_app(key: str, rec: Recorder, domain: str) -> web.Application:
                 {"message": "Too Many Requests"}, status=429, headers={"Retry-After": "1"}
             )
         mid = f"<{uuid.uuid4().hex}@{domain}>"
+        rec.times.extend([time.monotonic()] * len(rcpts))
         rec.accepted.append((rcpts, data, str(form.get("v:fastsend", ""))))
         rec.recipients.update(rcpts)
         return web.json_response({"id": mid, "message": "Queued. Thank you."})

@@ -74,22 +74,47 @@ class Dispatch(SupervisorState):
             group_claims(claimed, slot.inflight, groups)
             if asked and self.pace_feed:  # the room this window still has open
                 self.note_room(slot, slot.room)
-            groups = self.gate(slot, groups)
-            if not groups:
-                continue
-            records: list[bytes] = []
-            for (campaign, domain), items in groups.items():
-                if campaign not in slot.campaigns:
-                    head, why = self.spec_records(campaign)
-                    if not head:  # it can never be rendered: final, not stuck in flight
-                        self.fail(slot, items, 554, "5.3.0", why)
-                        continue
-                    records.extend(head)
-                    slot.campaigns.add(campaign)
-                for i in range(0, len(items), size):
-                    records.extend(self.batch_records(slot, campaign, domain, items[i : i + size]))
+            mine, held = groups, slot.held
+            try:
+                groups = self.gate(slot, groups)
+                if not groups:
+                    continue
+                records: list[bytes] = []
+                told: set[int] = set()  # campaigns these records introduce to the worker
+                for (campaign, domain), items in groups.items():
+                    if campaign not in slot.campaigns and campaign not in told:
+                        head, why = self.spec_records(campaign)
+                        if not head:  # it can never be rendered: final, not stuck in flight
+                            self.fail(slot, items, 554, "5.3.0", why)
+                            continue
+                        records.extend(head)
+                        told.add(campaign)
+                    for i in range(0, len(items), size):
+                        records.extend(
+                            self.batch_records(slot, campaign, domain, items[i : i + size])
+                        )
+            except BaseException:
+                # The spool failed under us (a shared one out of reach): nothing of
+                # these reached the worker, so they leave the window and go back
+                # to the queue (written with the next flush), never stranded in it.
+                self.unclaim(slot, [mine, held, groups])
+                raise
+            slot.campaigns |= told
             slot.backlog.extend(records)
             self.push_backlog(slot)
+
+    def unclaim(self, slot: WorkerSlot, parts: list[dict[tuple[int, str], list[Claimed]]]) -> None:
+        """The claims of ``parts`` (a dispatch that failed before they were
+        written to the worker) that are in ``slot``'s window and not held for
+        a rate: out of the window, handed back to the queue unattempted."""
+        still = {c.id for items in slot.held.values() for c in items}
+        now = time.time()
+        inflight = slot.inflight
+        for part in parts:
+            for items in part.values():
+                for c in items:
+                    if c.id not in still and inflight.pop(c.id, None) is not None:
+                        self.requeues.append((c.id, now))
 
     def note_room(self, slot: WorkerSlot, short: int) -> None:
         """A claim of ``slot`` left ``short`` of its room unfilled: once the
@@ -377,7 +402,7 @@ class Dispatch(SupervisorState):
         mono = time.monotonic()
         out: dict[tuple[int, str], list[Claimed]] = {}
         for key, items in groups.items():
-            n = admit(key[0], len(items), mono)
+            n = admit(key[0], len(items), mono, key[1])
             if n:
                 out[key] = items if n == len(items) else items[:n]
             if n < len(items):

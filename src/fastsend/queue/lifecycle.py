@@ -184,8 +184,10 @@ class WorkerLifecycle(SupervisorState):
                 self.apply(
                     slot, [wire.Res(i, wire.K_DEFERRED, 451, "4.3.0", defer, "", "") for i in ids]
                 )
-            self.flush_results()
-            self.spool.release(ids)
+            # In an outage of a shared spool the outcomes wait, and the window
+            # goes back once it answers (Supervisor.outage_wait: release_strays).
+            self.guard(self.flush_results)
+            self.guard(self.spool.release, ids)
             slot.inflight.clear()
         slot.held.clear()
         if slot.inbox is not None:

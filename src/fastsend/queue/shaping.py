@@ -48,7 +48,9 @@ SHARED
     :class:`fastsend.shared_limits.SharedLimits`) the campaign, tenant and
     global rates are one bucket for every node: each gate leases tokens in
     batches (:class:`fastsend.shared_limits.LeasedBucket`), about one Redis
-    call per 100 messages at high rates.
+    call per 100 messages at high rates. So is the ``rate`` of a transport
+    (``[transports.NAME]``: a relay, a provider account) that a message's route
+    sends through first: one bucket ``transport:NAME`` for every node.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from fastsend.spool import Spool
 from fastsend.throttle import Gcra
 
 STATE_FILE = "shaping-state.json"
+ROUTED_MAX = 100_000  # (campaign, domain) -> transport bucket entries kept
 SHAPING_LOG = "shaping.jsonl"
 
 
@@ -85,8 +88,25 @@ class DispatchGate:
         # campaign -> its buckets (campaign's own, tenant's); tenant -> bucket
         self.campaigns: dict[int, tuple[Any, ...]] = {}
         self.tenants: dict[str, Any] = {}
+        # A transport's rate (a relay's, a provider account's) is one limit for
+        # every node on a shared spool: each node's workers keep their share of
+        # it (rate / workers), so N nodes would send N times it; here the mail
+        # routed to it is admitted from one bucket in Redis for all of them.
+        self.config = config
+        self.transport_rates = (
+            {n: t.rate for n, t in config.transports.items() if t.rate > 0}
+            if limits is not None
+            else {}
+        )
+        self.transport_buckets: dict[str, Any] = {}
+        self.routed: dict[tuple[int, str], Any] = {}  # (campaign, domain) -> bucket or None
+        self.pool_of: Callable[[int], str] = lambda campaign: ""
         self.enabled = bool(
-            self.global_bucket or self.campaign_rate or self.tenant_rate or self.tenant_rates
+            self.global_bucket
+            or self.campaign_rate
+            or self.tenant_rate
+            or self.tenant_rates
+            or self.transport_rates
         )
 
     def _bucket(self, name: str, rate: float) -> Any:
@@ -120,9 +140,36 @@ class DispatchGate:
                 self.enabled = True
         return bs
 
-    def admit(self, campaign: int, n: int, now: float) -> int:
-        """How many of ``n`` messages of ``campaign`` may be dispatched now (consumed)."""
+    def transport_bucket(self, campaign: int, domain: str) -> Any:
+        """The shared bucket of the transport the (campaign, domain)'s route
+        sends through first, when that transport has a rate (else None)."""
+        key = (campaign, domain)
+        try:
+            return self.routed[key]
+        except KeyError:
+            pass
+        info = self.spool.get_campaign(campaign)
+        named = None
+        if info is not None:
+            named = (campaign, (info.name, str(info.spec.get("name", ""))), info.tenant)
+        route = self.config.route_lookup(domain, named, self.pool_of(campaign))
+        name = route.transports[0] if route is not None and route.transports else ""
+        b = None
+        if (rate := self.transport_rates.get(name, 0.0)) > 0:
+            b = self.transport_buckets.get(name)
+            if b is None:
+                b = self.transport_buckets[name] = self._bucket(f"transport:{name}", rate)
+        if len(self.routed) >= ROUTED_MAX:
+            self.routed.clear()
+        self.routed[key] = b
+        return b
+
+    def admit(self, campaign: int, n: int, now: float, domain: str = "") -> int:
+        """How many of ``n`` messages of ``campaign`` (to ``domain``) may be
+        dispatched now (consumed)."""
         bs = self._buckets(campaign)
+        if self.transport_rates and (tb := self.transport_bucket(campaign, domain)) is not None:
+            bs = (*bs, tb)
         if not bs:
             return n
         for b in bs:
@@ -225,6 +272,7 @@ class SupervisorShaping:
         self.gate = DispatchGate(config, spool, self.limits)
         self.guardrails = Guardrails(spool, config.guardrails, emit)
         self.poolset = load_pools(config, time.time())
+        self.gate.pool_of = self.pool_of
         self.state = ShapingState(config.spool_dir, spool)
         self.emit = emit
         # Shaping decisions (event "shaping") go to their own JSON-lines file next
@@ -245,13 +293,20 @@ class SupervisorShaping:
         self.gate = DispatchGate(config, self.spool, self.limits)
         self.guardrails.settings = config.guardrails
         self.poolset = load_pools(config, time.time())
+        self.gate.pool_of = self.pool_of
+
+    def pool_of(self, campaign: int) -> str:
+        """The source-IP pool a campaign's mail goes from (what its workers are told)."""
+        info = self.spool.get_campaign(campaign)
+        if info is None:
+            return ""
+        return self.poolset.pool_for(str((info.options or {}).get("pool", "")), info.tenant)
 
     def campaign_records(self, campaign: int) -> list[bytes]:
         """Records to send a worker with a campaign's spec (its pool)."""
-        info = self.spool.get_campaign(campaign)
-        if info is None:
+        if self.spool.get_campaign(campaign) is None:
             return []
-        pool = self.poolset.pool_for(str((info.options or {}).get("pool", "")), info.tenant)
+        pool = self.pool_of(campaign)
         return [wire.encoder.encode(wire.CampaignShaping(campaign, pool))]
 
     def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:

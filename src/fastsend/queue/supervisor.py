@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 TICK = 0.02
+OUTAGE_PAUSE = 2.0  # s: the longest pause between tries while the spool is out of reach
 FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
 _END = object()
 
@@ -119,6 +121,12 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         except Exception:  # checked again at the first tick (withdraw_suppressed)
             self.suppression_seen = None
         self.to_suppress: list[tuple[str, str, str, str, int | None]] = []
+        # A shared spool out of reach (Supervisor.guard): since when (monotonic; 0:
+        # it answers), the last error, the pause before the next try.
+        self.outage_types = spool.outage_errors()
+        self.outage_since = 0.0
+        self.outage_error: BaseException | None = None
+        self.outage_pause = 0.0
         self.wake = Wake()
         self.feed_room = asyncio.Event()  # set by dispatch: the windows have room
         self.open_room: dict[int, int] = {}  # slot -> room its last claim left open
@@ -188,6 +196,58 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             self.feeding = self.pace_feed = False
             self.wake.set()
 
+    # -- a shared spool out of reach ---------------------------------------------
+
+    def guard(self, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)``; an error of the spool's backend being out of reach
+        (``Spool.outage_errors``: Redis restarting, the network) starts or
+        continues an outage instead of ending the run: what the supervisor
+        holds (windows, outcomes, hand-backs) stays, the workers go on with
+        their windows, and the loop tries again with a growing pause."""
+        try:
+            return step(*args)
+        except self.outage_types as e:
+            if not self.outage_since:
+                self.outage_since = time.monotonic()
+                print(
+                    f"fastsend: the spool is out of reach ({e.__class__.__name__}: {e});"
+                    " keeping what is in flight and trying again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.outage_error = e
+            return None
+
+    async def outage_wait(self) -> None:
+        """In an outage: pause (0.1 s doubling to OUTAGE_PAUSE), and once the
+        spool answers again, write what waited and give back the claims the
+        outage cut off (``Spool.release_strays``)."""
+        self.outage_pause = min(OUTAGE_PAUSE, max(0.1, self.outage_pause * 2))
+        end = time.monotonic() + self.outage_pause
+        while not self.stopping and time.monotonic() < end:  # outcomes still drain
+            await asyncio.sleep(0.05)
+        try:
+            self.flush_results()
+            known: set[int] = set()
+            for slot in self.slots:
+                known.update(slot.inflight)
+            known.update(r.id for r in self.results)
+            known.update(i for i, _at in self.requeues)
+            strays = self.spool.release_strays(known)
+        except self.outage_types as e:
+            self.outage_error = e
+            return
+        took = time.monotonic() - self.outage_since
+        print(
+            f"fastsend: the spool answers again after {took:.1f} s; {strays} claim(s) the"
+            " outage cut off went back to the queue",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.outage_since = 0.0
+        self.outage_pause = 0.0
+        self.outage_error = None
+
     def on_signal(self, signum: int) -> None:
         if signum == signal.SIGTERM and not self.draining:
             self.draining = True
@@ -205,33 +265,37 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             self.spawn(slot)
         feed_task = loop.create_task(self._feed()) if self.feeder is not None else None
         last_reap = 0.0
+        guard = self.guard
         try:
             while True:
-                self.dispatch()
+                if self.outage_since:
+                    await self.outage_wait()
+                guard(self.dispatch)
                 await self.wake.wait(TICK)
                 self.wake.clear()
                 for slot in self.slots:  # cheap safety net: a get() on an empty ring
                     if slot.outbox is not None:
                         self.drain_outbox(slot, slot.outbox)
-                self.flush_due()
+                guard(self.flush_due)
                 now = time.monotonic()
                 if now - last_reap > 0.1:
                     self.reap()
-                    self.shaping.tick()
+                    guard(self.shaping.tick)
                     recs = self.shaping.broadcast_records()
                     for slot in self.slots if recs else ():
                         if slot.alive and slot.inbox is not None:
                             slot.backlog.extend(recs)
                             self.push_backlog(slot)
-                    self.spool.renew()  # a shared spool's lease on our claims (no-op: SQLite)
+                    # a shared spool's lease on our claims (no-op: SQLite)
+                    guard(self.spool.renew)
                     self.withdraw_suppressed(now)
-                    self.sweep_blobs(now)
+                    guard(self.sweep_blobs, now)
                     last_reap = now
                 if self.on_tick:
                     self.on_tick(self)
                 if self.stopping:
                     break
-                if self.idle_done():
+                if not self.outage_since and guard(self.idle_done) is True:
                     break
         finally:
             if feed_task is not None and not feed_task.done():

@@ -424,6 +424,19 @@ class Spool(abc.ABC):
         """Keep this process's claims its own: a shared backend (Redis) leases them
         per node and the supervisor calls this every tick. A no-op by default."""
 
+    def outage_errors(self) -> tuple[type[BaseException], ...]:
+        """Exceptions that mean the backend cannot be reached for now (a shared
+        spool's server restarting, a network blip): the supervisor keeps what
+        it holds, waits and goes on. None for a local spool."""
+        return ()
+
+    def release_strays(self, known: Collection[int]) -> int:
+        """Back to queued: what this process holds in flight in the spool that
+        is none of ``known`` (the supervisor's windows and unwritten outcomes):
+        claims whose answers an outage lost. How many; 0 where claims cannot
+        be lost (a local spool)."""
+        return 0
+
     def shared_limits(self) -> Any:
         """Rate limits shared by every node on this spool (a
         :class:`fastsend.shared_limits.SharedLimits`), or None: a local spool's
@@ -763,6 +776,12 @@ class SpoolProxy(Spool):
 
     def shared_limits(self) -> Any:
         return self.inner.shared_limits()
+
+    def outage_errors(self) -> tuple[type[BaseException], ...]:
+        return self.inner.outage_errors()
+
+    def release_strays(self, known: Collection[int]) -> int:
+        return self.inner.release_strays(known)
 
     def shared(self) -> SharedStore | None:
         return self.inner.shared()

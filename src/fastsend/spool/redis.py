@@ -598,6 +598,23 @@ class RedisSpool(Spool):
                 first = int(got)
         return first
 
+    def outage_errors(self) -> tuple[type[BaseException], ...]:
+        # BusyLoadingError (Redis reading its AOF after a restart) is a ConnectionError.
+        return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+    def release_strays(self, known: Collection[int]) -> int:
+        """This node's in-flight set less ``known`` and the claims answered but
+        not handed out yet: claims an outage cut off (a claim run whose answer
+        was lost, a claim dropped before it reached a window) back to queued.
+        Call it with every claim this node knows of in ``known``."""
+        self._collect(None)
+        stock = {c.id for cs in self._stock.values() for c in cs}
+        mine = self.r.smembers(f"{self.k}:fl:{self.node}")
+        stray = [i for i in map(int, mine) if i not in known and i not in stock]
+        if stray:
+            self.release(stray)
+        return len(stray)
+
     def release(self, ids: Iterable[int]) -> None:
         ids = list(ids)
         for j in range(0, len(ids), CHUNK):

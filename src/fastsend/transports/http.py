@@ -253,7 +253,11 @@ class ProviderQueue:
         """The transport's rate across workers (0: none); this worker's share."""
         if rate_all > 0:
             self.rate_max = rate_all / self.workers
-            burst = max(1, math.ceil(self.rate_max), self.transport.max_rcpts or 1)
+            # A second's worth: a request carries at most that many recipients
+            # (pump's cap), so the rate holds over any second, not only on
+            # average (a burst of max_rcpts, 1000 for Mailgun, let a rate of 20
+            # send 1000 messages at once).
+            burst = max(1, math.ceil(self.rate_max))
             self.bucket = Gcra(self.rate_max, burst)
         else:
             self.rate_max, self.bucket = 0.0, None

@@ -1,0 +1,201 @@
+"""Nodes on one Redis: when Redis goes away for a while and comes back, and
+the limits they share.
+
+Real parts: redis-server (AOF, ``appendfsync always``: every acknowledged write
+is on disk), two ``fastsend serve`` nodes with distinct source IPs, a sink
+process logging every recipient. Redis is killed (kill -9) while the nodes
+deliver, and started again a few seconds later on the same port and data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from tests._engine_helpers import received_counts
+from tests.test_multinode import TPL, Node, _req, _rows
+
+from conftest import free_port, require_program, wait_port
+from fastsend.sink import SinkProcess
+from fastsend.spool import open_spool
+
+N = 3000
+IPS = ["127.0.0.2", "127.0.0.3"]
+
+
+class Redis:
+    """A redis-server that can be killed and started again on its port and data."""
+
+    def __init__(self, d: Path) -> None:
+        self.exe = require_program("redis-server")
+        self.dir = d
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
+             "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_port("127.0.0.1", self.port)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+def test_nodes_survive_a_redis_restart_and_deliver_everything(tmp_path: Path) -> None:
+    """Two nodes deliver a campaign; Redis is killed mid-delivery and comes back
+    3 s later. Both nodes stay up, say the spool was out of reach and answers
+    again, and go on: every recipient accepted is delivered, none lost (the
+    duplicates are within the windows in flight). Before: the supervisor's loop
+    ended at the first refused connection while serve kept answering the API,
+    so nothing more was ever delivered (the rest stayed queued and in flight)."""
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    redis = Redis(rdir)
+    redis.start()
+    log = tmp_path / "sink.jsonl"
+    url = f"redis://127.0.0.1:{redis.port}/0?prefix=out&lease=4"
+    nodes: list[Node] = []
+    try:
+        with SinkProcess("--log", str(log), "--latency-ms", "2") as sink:
+            key = subprocess.run(
+                [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme",
+                 "--spool", url],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()  # fmt: skip
+            nodes = [
+                Node(tmp_path, f"n{i}", ip, url, sink.addresses[0]) for i, ip in enumerate(IPS)
+            ]
+            for n in nodes:
+                n.wait_ready()
+            cid = asyncio.run(_inject(nodes, key))
+            spool = open_spool(url)
+            deadline = time.monotonic() + 60
+            while spool.counts(cid)["delivered"] < N // 5:
+                assert time.monotonic() < deadline, spool.counts(cid)
+                time.sleep(0.01)
+            spool.close()
+            redis.kill()
+            time.sleep(3.0)
+            assert all(n.proc.poll() is None for n in nodes), [n.output() for n in nodes]
+            redis.start()
+            spool = open_spool(url)
+            deadline = time.monotonic() + 60
+            while (c := spool.counts(cid))["delivered"] < N:
+                assert time.monotonic() < deadline, c
+                time.sleep(0.2)
+            assert c["inflight"] == 0 and c["queued"] == 0, c
+            spool.close()
+            for n in nodes:
+                assert n.proc.poll() is None, n.output()
+                out = n.output()
+                assert "the spool is out of reach" in out, out[-3000:]
+                assert "the spool answers again" in out, out[-3000:]
+            for n in nodes:
+                n.proc.send_signal(signal.SIGTERM)
+            for n in nodes:
+                assert n.proc.wait(60) == 0, n.output()[-3000:]
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.proc.kill()
+        redis.stop()
+    got = received_counts(log)
+    want = {r["email"] for r in _rows("m", N)}
+    assert set(got) == want, f"lost {len(want - set(got))}"
+    assert sum(v - 1 for v in got.values()) <= 2 * 300  # at most the windows in flight
+
+
+async def _inject(nodes: list[Node], key: str) -> int:
+    conn = aiohttp.TCPConnector(local_addr=("127.0.0.9", 0), force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        rows = _rows("m", N)
+        first = await _req(s, "POST", nodes[0].base + "/v1/campaigns", key,
+                           {"name": "main", "template": TPL, "recipients": rows[:1000]},
+                           ok=201)  # fmt: skip
+        cid = int(first["id"])
+        for i in range(1000, N, 1000):
+            await _req(s, "POST", f"{nodes[(i // 1000) % 2].base}/v1/campaigns/{cid}/recipients",
+                       key, {"recipients": rows[i : i + 1000]}, ok=202)  # fmt: skip
+        return cid
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_transports_rate_holds_for_every_node_together(
+    nodes: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A provider account's rate (``[transports.mg] rate = 20``, the Mailgun
+    account's) is one limit, however many nodes send through it: two nodes on
+    one Redis spool (two ``fastsend send``, each with its own list) together
+    stay within it, as the provider counts: in any 3 s the provider accepts at
+    most what the rate allows (its burst, 3 s of rate, and 1 s of slack for a
+    stalled process). One node (a SQLite spool) keeps it too. Before: each
+    node kept the whole rate for itself, so two nodes sent twice it, and each
+    worker's bucket took a burst of 1000 (Mailgun's recipients per request), so
+    even one node sent its 120 messages within a second. Every recipient is
+    delivered once."""
+    from tests._engine_helpers import fastsend_cmd
+    from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
+
+    rate, per_node, window = 20, 120, 3.0
+    prefix = "tr" + tmp_path.name[-6:]
+    rec = Recorder()
+    camp = tmp_path / "campaign.toml"
+    camp.write_text(
+        'from = "T <news@sender.example.com>"\nsubject = "Hi {{ name }}"\ntext = "Dear {{ name }}"\n'
+    )
+    procs = []
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\n'
+            f'domain = "mg.sender.example.com"\nrate = {rate}\n[routes]\n"*" = "mg"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
+        env["FASTSEND_MG_API_KEY"] = "mg-key"
+        for node, ip in (("a", "127.0.0.2"), ("b", "127.0.0.3"))[:nodes]:
+            lst = tmp_path / f"{node}.csv"
+            lst.write_text(
+                "email,name\n"
+                + "".join(f"{node}{i}@d{i % 5}.example,n{i}\n" for i in range(per_node))
+            )
+            url: Any = tmp_path / "spool"
+            if nodes > 1:
+                server = request.getfixturevalue("redis_server")
+                url = server.url(node=node, dir=str(tmp_path / node), prefix=prefix)
+            procs.append(subprocess.Popen(
+                fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                             "--spool", url, "--workers", "1", "--source-ip", ip, "--json",
+                             "--no-progress", "--max-wait", "5"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            ))  # fmt: skip
+        outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    want = {f"{n}{i}@d{i % 5}.example" for n in "ab"[:nodes] for i in range(per_node)}
+    assert dict(rec.recipients) == {r: 1 for r in want}
+    times = sorted(rec.times)
+    most = max(bisect.bisect_left(times, t + window) - i for i, t in enumerate(times))
+    allowed = rate + rate * window + rate  # the burst, the window's rate, 1 s of slack
+    assert most <= allowed, (
+        f"{most} accepted within {window:g} s; the account's rate allows {allowed}"
+    )
