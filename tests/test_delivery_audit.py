@@ -503,3 +503,59 @@ def test_mail_waiting_for_its_mx_lookup_is_withdrawn_when_its_address_is_suppres
     s = summary(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     assert received_counts(log) == {"a@slow.test": 1, "c@slow.test": 1}
     assert s["suppressed"] == 1 and s["delivered"] == 2, s
+
+
+@pytest.mark.parametrize("action", ["pause", "cancel"])
+def test_a_paused_or_cancelled_campaign_stops_what_waits_in_the_workers(
+    action: str, tmp_path: Path
+) -> None:
+    """A site that takes 2 messages/s: the worker's ready queue holds the next
+    ~10 s of the campaign. Paused (or cancelled) with the CLI after its first
+    delivery, the campaign stops: what waits in the worker goes back unsent
+    (paused: queued for a resume; cancelled: cancelled), and at most the few
+    messages sent while the command reached the worker are delivered (2/s).
+    Before: the worker sent its whole ready queue (~20 messages) after the
+    pause; only mail not yet handed to a worker stopped."""
+    import json
+    import subprocess
+    import time
+
+    from tests._engine_helpers import fastsend_cmd
+
+    spool = tmp_path / "spool"
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text("[shaping.default]\nmessages_per_second = 2.0\nburst = 1\n")
+    camp = write_campaign(tmp_path)
+    rcpts = [f"p{i}@example.com" for i in range(40)]
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                         "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
+                         "--workers", "1", "--source-ip", "127.0.0.2", "--json",
+                         "--no-progress", "--max-wait", "5"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            events = spool / "events.jsonl"
+            deadline = time.monotonic() + 60
+            while b'"delivered"' not in (events.read_bytes() if events.exists() else b""):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.05)
+            act = run_fastsend("campaign", action, "1", "--spool", str(spool))
+            assert act.returncode == 0, act.stderr
+            acted = sum(
+                1 for x in events.read_text().splitlines() if json.loads(x)["event"] == "delivered"
+            )
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    s = summary(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    got = received_counts(log)
+    assert all(n == 1 for n in got.values()), got
+    assert len(got) <= acted + 8, (len(got), acted, s)  # 8: 4 s at the site's 2/s
+    assert s["delivered"] == len(got), (s, got)
+    # Paused: the rest waits for a resume; cancelled: nothing is left pending.
+    assert s["deferred"] == (40 - len(got) if action == "pause" else 0), s

@@ -62,6 +62,7 @@ NAP_S = 0.0
 NAP_LINKS = 8
 CLASSIFY_CACHE = 4096  # (code, enhanced, stage, text) -> (reason, hard) kept per worker
 _KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
+WITHDRAWN = "withdrawn after its claim: its address suppressed, or its campaign paused or cancelled"
 
 
 class Worker:
@@ -520,9 +521,10 @@ class Worker:
 
     def withdraw(self, ids: list[int]) -> None:
         """wire.Withdraw: hand back, unsent, the envelopes of ``ids`` still
-        waiting on a ready queue (their address was suppressed since the claim;
-        the supervisor's next claim ends them). An envelope shared by several
-        recipients goes back whole; one already taken by a connection is sent."""
+        waiting on a ready queue or for their site (their address was
+        suppressed, or their campaign paused or cancelled, since the claim).
+        An envelope shared by several recipients goes back whole; one already
+        taken by a connection is sent."""
         gone = set(ids)
         back: list[Envelope] = []
         taken: list[int] = []
@@ -532,9 +534,7 @@ class Worker:
                 taken += [it.id for it in items if it.id in gone]
                 batch.items = [it for it in items if it.id not in gone]
         if taken:
-            self.handback_ids(
-                taken, 0.0, 0.0, "withdrawn: its address was suppressed after its claim"
-            )
+            self.handback_ids(taken, 0.0, 0.0, WITHDRAWN)
         for q in self.sites.values():
             pending = q.pending
             if not pending:
@@ -548,7 +548,7 @@ class Worker:
                 pending.clear()
                 pending.extend(keep)
         if back:
-            self.handback(back, 0.0, 0.0, "withdrawn: its address was suppressed after its claim")
+            self.handback(back, 0.0, 0.0, WITHDRAWN)
 
     def handback(self, envelopes: list[Envelope], delay: float, step: float, why: str) -> None:
         """Give envelopes back to the supervisor unattempted (wire.Handback): their

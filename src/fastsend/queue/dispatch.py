@@ -229,6 +229,38 @@ class Dispatch(SupervisorState):
                 slot.backlog.append(wire.encoder.encode(wire.Withdraw(ids)))
                 self.push_backlog(slot)
 
+    def withdraw_stopped(self, mono: float) -> None:
+        """Mail in the workers' windows of a campaign paused or cancelled since
+        its claim (on any node: the status is the spool's, read at most every
+        STATUS_TTL s): each worker hands back what it has not sent yet
+        (wire.Withdraw); the spool keeps a paused campaign's queued and ends a
+        cancelled one's. Before, a worker sent its ready queues (up to
+        ``ready_horizon`` of each site's rate) after the pause. Every
+        STATUS_TTL s, one pass over the windows."""
+        if mono - self.stopped_checked < STATUS_TTL:
+            return
+        self.stopped_checked = mono
+        for slot in self.slots:
+            asked = slot.withdrawn
+            if asked:  # those answered (handed back, sent) since: forgotten
+                asked.intersection_update(slot.inflight.keys())
+            if not slot.inflight or not slot.alive or slot.inbox is None:
+                continue
+            campaigns = {c.campaign for c in slot.inflight.values()}
+            stopped = {cid for cid in campaigns if not self.campaign_active(cid)}
+            if not stopped:
+                continue
+            held = {c.id for items in slot.held.values() for c in items}  # gate() releases
+            ids = [
+                i
+                for i, c in slot.inflight.items()
+                if c.campaign in stopped and i not in asked and i not in held
+            ]
+            if ids:
+                asked.update(ids)
+                slot.backlog.append(wire.encoder.encode(wire.Withdraw(ids)))
+                self.push_backlog(slot)
+
     def withdraw_addresses(self, gone: list[tuple[str, str, str, str, int | None]]) -> None:
         """Hard bounces just written to the list (``to_suppress`` entries:
         tenant, address, ...): the workers are asked to hand back their other

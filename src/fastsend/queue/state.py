@@ -173,6 +173,7 @@ class SupervisorState:
     blob_swept: float  # monotonic time of the last Spool.sweep_blobs
     suppression_seen: int | None  # the list's version() at the last check of the windows
     withdraw_checked: float  # monotonic time of that check
+    stopped_checked: float  # monotonic time windows were checked for stopped campaigns
     # outcomes, written to the spool and the event log once per tick
     results: list[Result]
     results_since: float  # monotonic time the oldest unwritten outcome was seen (0: none)

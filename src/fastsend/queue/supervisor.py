@@ -116,6 +116,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         )
         self.own_suppression = suppression is None
         self.withdraw_checked = 0.0
+        self.stopped_checked = 0.0  # monotonic time windows were checked for stopped campaigns
         try:
             self.suppression_seen = self.suppression.version()
         except Exception:  # checked again at the first tick (withdraw_suppressed)
@@ -289,6 +290,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                     # a shared spool's lease on our claims (no-op: SQLite)
                     guard(self.spool.renew)
                     self.withdraw_suppressed(now)
+                    guard(self.withdraw_stopped, now)
                     guard(self.sweep_blobs, now)
                     last_reap = now
                 if self.on_tick:
