@@ -199,3 +199,38 @@ def test_a_transports_rate_holds_for_every_node_together(
     assert most <= allowed, (
         f"{most} accepted within {window:g} s; the account's rate allows {allowed}"
     )
+
+
+def test_a_node_whose_clock_is_off_says_so(redis_server: Any, tmp_path: Path) -> None:
+    """Due times, retry times and expiry are decided by each node's clock, and
+    leases and shared rates by Redis's: a node whose clock is two minutes ahead
+    says so at start, naming the gap (here ``fastsend send`` with its
+    ``time.time`` shifted); one in step says nothing. Before: nothing was
+    said, and such a node retried every deferral two minutes early."""
+    from tests._engine_helpers import fastsend_cmd
+
+    shift = tmp_path / "shift"
+    shift.mkdir()
+    (shift / "sitecustomize.py").write_text(
+        "import time\n_t = time.time\ntime.time = lambda: _t() + 120.0\n"
+    )
+    camp = tmp_path / "campaign.toml"
+    camp.write_text('from = "T <news@sender.example.com>"\nsubject = "Hi"\ntext = "Dear"\n')
+    lst = tmp_path / "list.csv"
+    lst.write_text("email\na@example.com\n")
+    outs = {}
+    for name, extra in (("skewed", [str(shift)]), ("in-step", [])):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([*extra, env.get("PYTHONPATH", "")])
+        url = redis_server.url(node=name, dir=str(tmp_path / name))
+        proc = subprocess.run(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "--spool", url,
+                         "--route", "*=127.0.0.1:9", "--workers", "1", "--json",
+                         "--no-progress", "--max-wait", "0"),
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        outs[name] = proc.stderr
+    assert "clock is 120." in outs["skewed"] and "ahead of the shared spool" in outs["skewed"], (
+        outs["skewed"][-2000:]
+    )
+    assert "clock is" not in outs["in-step"], outs["in-step"][-2000:]

@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 TICK = 0.02
+CLOCK_SKEW = 2.0  # s between this node's clock and a shared spool's that is said at start
 OUTAGE_PAUSE = 2.0  # s: the longest pause between tries while the spool is out of reach
 FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
 _END = object()
@@ -260,6 +261,16 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
     async def run(self) -> RunStats:
         loop = asyncio.get_running_loop()
         self.spool.recover()
+        skew = self.spool.clock_offset()
+        if abs(skew) >= CLOCK_SKEW:
+            print(
+                f"fastsend: this node's clock is {abs(skew):.1f} s"
+                f" {'behind' if skew > 0 else 'ahead of'} the shared spool's (Redis TIME):"
+                " the retry times, due times and expiry it decides are off by as much"
+                " for every node; keep the nodes' clocks in step (NTP)",
+                file=sys.stderr,
+                flush=True,
+            )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
         for slot in self.slots:

@@ -430,6 +430,12 @@ class Spool(abc.ABC):
         it holds, waits and goes on. None for a local spool."""
         return ()
 
+    def clock_offset(self) -> float:
+        """Seconds a shared spool's clock (Redis TIME) is ahead of this
+        process's ``time.time()``; 0.0 for a local spool. Due times, retry
+        times and expiry are judged by each node's clock, so nodes must agree."""
+        return 0.0
+
     def release_strays(self, known: Collection[int]) -> int:
         """Back to queued: what this process holds in flight in the spool that
         is none of ``known`` (the supervisor's windows and unwritten outcomes):
@@ -782,6 +788,9 @@ class SpoolProxy(Spool):
 
     def release_strays(self, known: Collection[int]) -> int:
         return self.inner.release_strays(known)
+
+    def clock_offset(self) -> float:
+        return self.inner.clock_offset()
 
     def shared(self) -> SharedStore | None:
         return self.inner.shared()

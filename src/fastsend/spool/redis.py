@@ -602,6 +602,12 @@ class RedisSpool(Spool):
         # BusyLoadingError (Redis reading its AOF after a restart) is a ConnectionError.
         return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
+    def clock_offset(self) -> float:
+        t0 = time.time()
+        sec, usec = self.r.time()
+        t1 = time.time()
+        return float(sec) + float(usec) / 1e6 - (t0 + t1) / 2
+
     def release_strays(self, known: Collection[int]) -> int:
         """This node's in-flight set less ``known`` and the claims answered but
         not handed out yet: claims an outage cut off (a claim run whose answer
