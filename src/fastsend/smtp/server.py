@@ -581,8 +581,11 @@ class ServerProtocol:
         size: int | None = None
         smtputf8 = False
         for key, value in params.items():
-            if key == "SIZE" and value is not None and value.isdigit() and len(value) < 19:
-                size = int(value)
+            if key == "SIZE" and value is not None and value.isascii() and value.isdigit():
+                # ASCII digits only (str.isdigit takes '²', which int() refuses, and
+                # Arabic-Indic digits); any number of them: 20 digits are over every
+                # maximum, a 552 (RFC 1870 6.1), not a syntax error.
+                size = int(value) if len(value) < 19 else 1 << 63
             elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
                 if value.upper() == "8BITMIME" and not c.eightbitmime:
                     self._bad_param(key)
