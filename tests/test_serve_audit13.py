@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,14 +40,19 @@ def sink() -> Iterator[SinkThread]:
         yield s
 
 
+class Audited(Served):
+    """A serve with an admin listener (``admin``: its base URL) and an intake (port)."""
+
+    def __init__(self, tmp: Path, route: str) -> None:
+        admin, self.intake = free_port(), free_port()
+        self.admin = f"http://127.0.0.1:{admin}"
+        super().__init__(tmp, route, CONFIG.format(intake=self.intake),
+                         api=f'admin_listen = "127.0.0.1:{admin}"')  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, sink: SinkThread) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("audit13")
-    admin, intake = free_port(), free_port()
-    s = Served(tmp, f"{sink.host}:{sink.port}", CONFIG.format(intake=intake),
-               api=f'admin_listen = "127.0.0.1:{admin}"')  # fmt: skip
-    s.admin = f"http://127.0.0.1:{admin}"  # type: ignore[attr-defined]
-    s.intake = intake  # type: ignore[attr-defined]
+def served(tmp_path_factory: pytest.TempPathFactory, sink: SinkThread) -> Iterator[Audited]:
+    s = Audited(tmp_path_factory.mktemp("audit13"), f"{sink.host}:{sink.port}")
     try:
         yield s
     finally:
@@ -69,19 +75,118 @@ def smtp_dialogue(port: int, lines: list[bytes]) -> list[bytes]:
 
 # ---------------------------------------------------------------- SMTP SIZE
 @pytest.mark.parametrize("digits", ["1" + "0" * 18, "9" * 20, "1" + "0" * 40])
-def test_a_size_too_large_for_64_bits_is_552_not_555(served: Served, digits: str) -> None:
+def test_a_size_too_large_for_64_bits_is_552_not_555(served: Audited, digits: str) -> None:
     """RFC 1870 6.1: a SIZE over the server's fixed maximum is 552 5.3.4, however many
     digits it has; 555 (unknown parameter) told the client its syntax was wrong."""
-    got = smtp_dialogue(served.intake, [b"EHLO client.example",  # type: ignore[attr-defined]
-                                        f"MAIL FROM:<a@b.example> SIZE={digits}".encode()])
+    got = smtp_dialogue(
+        served.intake, [b"EHLO client.example", f"MAIL FROM:<a@b.example> SIZE={digits}".encode()]
+    )
     assert got[2].startswith(b"552 5.3.4"), got
 
 
 @pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "12a", "-1", ""])
-def test_a_size_that_is_not_ascii_digits_is_555(served: Served, value: str) -> None:
-    got = smtp_dialogue(served.intake, [b"EHLO client.example",  # type: ignore[attr-defined]
-                                        f"MAIL FROM:<a@b.example> SIZE={value}".encode()])
+def test_a_size_that_is_not_ascii_digits_is_555(served: Audited, value: str) -> None:
+    got = smtp_dialogue(
+        served.intake, [b"EHLO client.example", f"MAIL FROM:<a@b.example> SIZE={value}".encode()]
+    )
     assert got[2].startswith(b"555"), got
     # and the session goes on
-    got = smtp_dialogue(served.intake, [b"EHLO client.example", b"NOOP"])  # type: ignore[attr-defined]
+    got = smtp_dialogue(served.intake, [b"EHLO client.example", b"NOOP"])
     assert got[2].startswith(b"250"), got
+
+
+# ---------------------------------------------------------------- /metrics
+def scrape(served: Audited) -> tuple[str, dict[str, Any]]:
+    """The admin listener's /metrics: (Content-Type, families by name), read with
+    prometheus_client's parser; a family named twice fails the test."""
+    import asyncio
+
+    import aiohttp
+
+    async def get() -> tuple[str, str]:
+        async with aiohttp.ClientSession() as s, s.get(served.admin + "/metrics") as r:
+            assert r.status == 200
+            return r.headers["Content-Type"], await r.text()
+
+    ctype, text = asyncio.run(get())
+    families: dict[str, Any] = {}
+    for fam in text_string_to_metric_families(text):
+        assert fam.name not in families, f"{fam.name} is not one group of lines:\n{text}"
+        families[fam.name] = fam
+    return ctype, families
+
+
+def worker_pid(served: Audited, ops: str) -> int:
+    st, out = http("GET", served.base + "/v1/dashboard/workers", key=ops)
+    assert st == 200, out
+    return int(out["workers"][0]["pid"])
+
+
+def send(served: Audited, n: int, tag: str) -> None:
+    msgs = [{"from": "a@example.com", "to": f"{tag}{i}@d{i % 3}.example", "subject": tag,
+             "text": "hi"} for i in range(n)]  # fmt: skip
+    st, out = served.req("POST", "/v1/messages", {"messages": msgs}, tenant="acme")
+    assert st == 202, out
+
+
+def wait_delivered(served: Audited, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, fams = scrape(served)
+        fam = fams.get("fastsend_outcomes")
+        got = (
+            sum(s.value for s in fam.samples if s.labels.get("state") == "delivered") if fam else 0
+        )
+        if got >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} delivered")
+
+
+def test_metrics_parse_as_prometheus_text_with_counters_that_never_go_back(
+    served: Audited, tmp_path: Path
+) -> None:
+    """/metrics through prometheus_client's parser: the Content-Type names the format,
+    every family is one group with one TYPE, figures of the moment are gauges (a
+    counter that goes down reads as a reset to rate()), and a worker's counters go on
+    from where they were after the worker is killed and started again."""
+    from tests._serve_helpers import cli
+
+    ops = cli("apikey", "create", "--tenant", "ops", "-c", str(served.cfg), cwd=served.tmp)
+    send(served, 6, "m1-")
+    wait_delivered(served, 6)
+    deadline = time.monotonic() + 30
+    while True:  # a worker reports its counters about once a second
+        ctype, fams = scrape(served)
+        if any(n.startswith("fastsend_worker_connections_opened") for n in fams):
+            break
+        assert time.monotonic() < deadline, sorted(fams)
+        time.sleep(0.2)
+    assert ctype.replace(" ", "") == "text/plain;version=0.0.4;charset=utf-8", ctype
+    for name in ("fastsend_worker_connections_open", "fastsend_worker_ready_queue",
+                 "fastsend_worker_lanes", "fastsend_worker_inflight", "fastsend_queue_depth",
+                 "fastsend_start_time_seconds"):  # fmt: skip
+        assert fams[name].type == "gauge", (name, fams[name].type)
+    counters = {n: f for n, f in fams.items() if f.type == "counter"}
+    assert "fastsend_worker_connections_opened" in counters, sorted(fams)
+    for name, fam in counters.items():
+        for s in fam.samples:
+            assert s.name.endswith(("_total", "_created")), (name, s.name)
+    before = {s.labels["worker"]: s.value
+              for s in counters["fastsend_worker_connections_opened"].samples}  # fmt: skip
+    assert before["0"] >= 1, before
+    pid = worker_pid(served, ops)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker_pid(served, ops) in (pid, 0):
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        time.sleep(0.1)
+    send(served, 3, "m2-")
+    wait_delivered(served, 9)
+    time.sleep(1.5)  # the new worker's counters arrive about once a second
+    _, fams = scrape(served)
+    after = {s.labels["worker"]: s.value
+             for s in fams["fastsend_worker_connections_opened"].samples}  # fmt: skip
+    assert after["0"] > before["0"], (before, after)
+    restarts = {s.labels["worker"]: s.value for s in fams["fastsend_worker_restarts"].samples}
+    assert restarts["0"] == 1, restarts

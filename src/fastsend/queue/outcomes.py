@@ -79,6 +79,7 @@ class Outcomes(SupervisorState):
                 got = True
             elif isinstance(msg, wire.Stats):
                 slot.counters = msg.counters
+                slot.counters_pid = msg.pid  # a restarted worker counts from 0 again
             elif isinstance(msg, wire.Events):
                 self.event_buf.extend(msg.events)  # transport failover
             else:

@@ -45,6 +45,7 @@ class WorkerSlot(msgspec.Struct):
     restarts: int = 0
     alive: bool = False
     counters: dict[str, float] = msgspec.field(default_factory=dict)  # last wire.Stats
+    counters_pid: int = 0  # the worker process that sent them
     retiring: bool = False  # draining for a reload: respawn on exit, feed nothing
     held: dict[tuple[int, str], list[Claimed]] = msgspec.field(default_factory=dict)  # rate-held
     last_seen: float = 0.0  # monotonic time of the worker's last record

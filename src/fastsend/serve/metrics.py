@@ -41,8 +41,13 @@ from fastsend.spool import (
     SpoolProxy,
 )
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format
 MAX_DOMAINS = 200
 SPOOL_TTL = 5.0
+# What workers report (wire.Stats) that is a figure of the moment, not a count.
+WORKER_GAUGES = frozenset(
+    {"connections_open", "ready_queue", "site_queues", "lanes", "dns_cache_entries"}
+)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -141,6 +146,11 @@ class Metrics:
         self.accepted_total = 0
         self.spool_write: dict[str, Histogram] = {}
         self._spool_cache: tuple[float, list[str]] = (0.0, [])
+        # Worker counters as scraped last, and what restarted workers had counted:
+        # a worker's counters start again at 0 when it is restarted.
+        self._worker_last: dict[tuple[int, str], float] = {}
+        self._worker_base: dict[tuple[int, str], float] = {}
+        self._worker_pid: dict[int, int] = {}
         ctx.spool = TimedSpool(ctx.spool, self.spool_write)
 
     # -- hooks (hot path: a few dict increments) -------------------------------
@@ -183,15 +193,57 @@ class Metrics:
                   "# TYPE fastsend_queue_age gauge"]  # fmt: skip
         for le, c in zip((*AGE_BUCKETS_MIN, "+Inf"), totals, strict=True):
             lines.append(f"fastsend_queue_age{_labels({'le_minutes': str(le)})} {c}")
-        lines.append(f"fastsend_queue_depth {sum(totals)}")
+        lines += [
+            "# HELP fastsend_queue_depth Pending messages.",
+            "# TYPE fastsend_queue_depth gauge",
+            f"fastsend_queue_depth {sum(totals)}",
+        ]
         self._spool_cache = (now, lines)
         return lines
+
+    def worker_counter(self, slot: Any, name: str, value: float) -> float:
+        """``value`` of a worker's counter plus what the slot's earlier processes
+        counted, so the series never goes backwards while serve runs (what a killed
+        worker counted after its last report is lost, never counted twice)."""
+        index = slot.index
+        pid = getattr(slot, "counters_pid", 0)
+        if self._worker_pid.get(index, pid) != pid:  # a new process reports
+            for (i, n), v in list(self._worker_last.items()):
+                if i == index:
+                    self._worker_base[i, n] = self._worker_base.get((i, n), 0.0) + v
+                    del self._worker_last[i, n]
+        self._worker_pid[index] = pid
+        key = (index, name)
+        self._worker_last[key] = value
+        return self._worker_base.get(key, 0.0) + value
+
+    def worker_lines(self, slots: Sequence[Any]) -> list[str]:
+        """The counters workers report (wire.Stats): counters as ``..._total``, the
+        figures of the moment (``WORKER_GAUGES``) as gauges; one family each."""
+        out: list[str] = []
+        names = sorted({n for s in slots for n in s.counters})
+        for name in names:
+            safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
+            gauge = name in WORKER_GAUGES
+            metric = f"fastsend_worker_{safe}" if gauge else f"fastsend_worker_{safe}_total"
+            out.append(f"# TYPE {metric} {'gauge' if gauge else 'counter'}")
+            for s in slots:
+                if name not in s.counters:
+                    continue
+                v = s.counters[name]
+                if not gauge:
+                    v = self.worker_counter(s, name, v)
+                out.append(f"{metric}{_labels({'worker': str(s.index)})} {v:g}")
+        return out
 
     def render(self) -> str:
         out: list[str] = [
             "# HELP fastsend_up 1 while the server runs.",
             "# TYPE fastsend_up gauge",
             "fastsend_up 1",
+            "# HELP fastsend_start_time_seconds When the server started (Unix time): counters"
+            " start again from 0 then.",
+            "# TYPE fastsend_start_time_seconds gauge",
             f"fastsend_start_time_seconds {self.started:.3f}",
             "# HELP fastsend_api_accepted_total Recipients accepted by POST /v1/messages.",
             "# TYPE fastsend_api_accepted_total counter",
@@ -219,23 +271,19 @@ class Metrics:
         if sup is not None:
             out += ["# HELP fastsend_worker_up 1 if the worker process is alive.",
                     "# TYPE fastsend_worker_up gauge"]  # fmt: skip
-            names: set[str] = set()
             for s in sup.slots:
                 out.append(f"fastsend_worker_up{_labels({'worker': str(s.index)})} {int(s.alive)}")
-                names.update(s.counters)
-            out += ["# TYPE fastsend_worker_restarts_total counter"]
+            out += ["# HELP fastsend_worker_restarts_total Times the worker was started again.",
+                    "# TYPE fastsend_worker_restarts_total counter"]  # fmt: skip
             for s in sup.slots:
                 w = _labels({"worker": str(s.index)})
                 out.append(f"fastsend_worker_restarts_total{w} {s.restarts}")
+            out += ["# HELP fastsend_worker_inflight Messages the worker holds.",
+                    "# TYPE fastsend_worker_inflight gauge"]  # fmt: skip
+            for s in sup.slots:
+                w = _labels({"worker": str(s.index)})
                 out.append(f"fastsend_worker_inflight{w} {len(s.inflight)}")
-            for name in sorted(names):
-                metric = "fastsend_worker_" + "".join(c if c.isalnum() else "_" for c in name)
-                out.append(f"# TYPE {metric} counter")
-                for s in sup.slots:
-                    if name in s.counters:
-                        out.append(
-                            f"{metric}{_labels({'worker': str(s.index)})} {s.counters[name]:g}"
-                        )
+            out += self.worker_lines(sup.slots)
             st = sup.stats.as_dict()
             out.append("# TYPE fastsend_supervisor_events_total counter")
             for k, v in sorted(st.items()):
@@ -253,7 +301,9 @@ class Metrics:
         return "\n".join(out) + "\n"
 
     async def handler(self, request: web.Request) -> web.Response:
+        # The version parameter names the format (Prometheus 3 refuses a scrape whose
+        # Content-Type does not name a format it knows).
         return web.Response(
-            text=self.render(), content_type="text/plain", charset="utf-8",
-            headers={"X-Content-Type-Options": "nosniff"},
-        )  # fmt: skip
+            body=self.render().encode(),
+            headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
+        )
