@@ -190,3 +190,54 @@ def test_metrics_parse_as_prometheus_text_with_counters_that_never_go_back(
     assert after["0"] > before["0"], (before, after)
     restarts = {s.labels["worker"]: s.value for s in fams["fastsend_worker_restarts"].samples}
     assert restarts["0"] == 1, restarts
+
+
+# ---------------------------------------------------------------- log floods
+def test_repeated_warnings_and_tracebacks_are_held_back(served: Audited) -> None:
+    """A client repeating a bad request must not write the log full: lines alike
+    (same logger and text before its arguments) are limited, the limit is said once,
+    and a line that differs still gets through. Before: one warning per 401 and one
+    aiohttp traceback per unparsable request."""
+    import asyncio
+
+    import aiohttp
+
+    before = len(served.lines)
+
+    async def flood() -> None:
+        async with aiohttp.ClientSession() as s:
+            for i in range(300):
+                h = {"Authorization": f"Bearer fs_nokey{i}_x"}
+                async with s.get(served.base + "/v1/campaigns", headers=h) as r:
+                    assert r.status == 401
+
+    asyncio.run(flood())
+    for _ in range(60):  # requests aiohttp cannot parse (a header line without a colon)
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(b"GET /v1/campaigns HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.") # 400, JSON (httpguard)
+    lines = served.lines[before:]
+    text = "".join(lines)
+    assert text.count("API: 401") <= 30, text[-3000:]
+    assert text.count("Traceback") <= 10, text[-3000:]
+    assert "held back" in text, text[-3000:]
+
+
+def test_repeat_limit_counts_kinds_apart_and_says_what_it_held_back() -> None:
+    import logging
+
+    from fastsend.serve.lograte import RepeatLimit
+
+    now = [0.0]
+    limit = RepeatLimit(burst=3, per_minute=6, clock=lambda: now[0])
+
+    def rec(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("x", logging.WARNING, __file__, 1, msg, args, None)
+
+    got = [limit.filter(r) for r in (rec("401 %s", i) for i in range(10))]
+    assert got == [True] * 4 + [False] * 6  # 3, then the one that says so
+    assert limit.filter(rec("another kind %s", 1))
+    now[0] = 10.0  # one line's worth of time later
+    r = rec("401 %s", "x")
+    assert limit.filter(r) and r.getMessage() == "401 x [6 more like this held back]"
+    assert not limit.filter(rec("401 %s", "y"))

@@ -43,6 +43,7 @@ from typing import Any
 
 from fastsend.config import Config, ConfigError, load
 from fastsend.periodic import every
+from fastsend.serve import lograte
 
 log = logging.getLogger("fastsend.serve")
 IDEM_SWEEP_EVERY = 300.0  # s between sweeps of expired Idempotency-Keys
@@ -67,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    lograte.install(logging.getLogger().handlers)  # repeated lines held back
     try:
         cfg = load(args.config)  # every section, serve's own included, checked here
     except ConfigError as e:
