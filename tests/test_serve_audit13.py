@@ -291,3 +291,38 @@ def test_a_large_json_recipient_list_does_not_hold_other_requests(served: Audite
 
     took, longest, n = asyncio.run(main())
     assert longest < took / 2, (took, longest, n)
+
+
+# ---------------------------------------------------------------- duplicate JSON keys
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"from":"a@example.com","to":"dup1@example.com","subject":"s","text":"t",'
+        b'"to":"other@example.com"}',
+        b'{"messages":[{"from":"a@example.com","to":"dup2@example.com","subject":"s",'
+        b'"text":"t","metadata":{"k":1,"\\u006b":2}}]}',
+        b'{"messages":[{"from":"a@example.com","to":"dup3@example.com","subject":"s",'
+        b'"text":"t"}],"messages":[]}',
+    ],
+)
+def test_a_key_named_twice_in_an_object_is_a_400_and_nothing_is_spooled(
+    served: Audited, raw: bytes
+) -> None:
+    """RFC 7493 2.3 (I-JSON): names MUST be unique. The server kept the last, while a
+    proxy, a signer or the client's own log may read the first: one body, two meanings."""
+    st, out = served.req("POST", "/v1/messages", raw=raw, tenant="acme",
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+    assert st == 400 and "twice" in out["error"]["message"], out
+    st, found = served.req("GET", "/v1/messages?limit=1000", tenant="acme")
+    assert "dup" not in str(found), found
+
+
+def test_a_recipient_row_naming_email_twice_is_refused(served: Audited) -> None:
+    tpl = {"from": "a@example.com", "subject": "Hi", "text": "x"}
+    raw = (b'{"template":{"from":"a@example.com","subject":"Hi","text":"x"},"recipients":'
+           b'[{"email":"good@example.com"},{"email":"a@example.com","email":"b@example.com"}]}')  # fmt: skip
+    st, out = served.req("POST", "/v1/campaigns", raw=raw, tenant="acme",
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+    assert st == 400 and "email" in out["error"]["message"], out
+    st, out = served.req("POST", "/v1/campaigns", {"template": tpl}, tenant="acme")
+    assert st == 201, out  # the same without the repeated key
