@@ -187,6 +187,7 @@ def test_rate_alarms_with_the_providers_lines(tmp_path: Path) -> None:
     put(1, 1000, 4, 0)  # 0.4%: over Gmail's 0.3% line
     put(2, 1000, 2, 30)  # 0.2% complaints: warning; 2.9% bounces: warning
     put(3, 50, 10, 10)  # too small a sample to judge
+    put(4, 30, 0, 870)  # a list that mostly bounces: 96.7% over 900 ended, 30 delivered
     alarms.evaluate(["acme"], now)
     got = {(e.get("campaign"), e.get("provider"), e["kind"]): e for e in events}
     assert got[(1, None, "complaint_rate")]["level"] == "critical"
@@ -194,7 +195,9 @@ def test_rate_alarms_with_the_providers_lines(tmp_path: Path) -> None:
     assert got[(2, None, "complaint_rate")]["level"] == "warning"
     assert got[(2, None, "bounce_rate")]["level"] == "warning"
     assert not [e for e in events if e.get("campaign") == 3]
-    assert got[(None, "google", "complaint_rate")]["level"] == "critical"  # 16 / 2,050
+    assert got[(4, None, "bounce_rate")]["level"] == "critical"  # was never judged
+    assert (4, None, "complaint_rate") not in got  # 30 delivered: too few to judge
+    assert got[(None, "google", "complaint_rate")]["level"] == "critical"  # 16 / 2,080
     n = len(events)
     alarms.evaluate(["acme"], now)
     assert len(events) == n  # raised once per level

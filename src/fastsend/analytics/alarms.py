@@ -7,7 +7,9 @@ DESCRIPTION
     Config (``[reputation.alarms]``, every key optional)::
 
         window_s = 3600            # rates over the last hour
-        min_delivered = 200        # judge a group only with this much delivered mail
+        min_delivered = 200        # judge a rate only over this much mail: delivered for
+                                   # the complaint rate, ended (delivered, bounced or
+                                   # expired) for the bounce rate
         complaint_rate_warn = 0.001  # Gmail: keep the spam rate under 0.1% ...
         complaint_rate_max = 0.003   # ... and never reach 0.3% (Gmail and Yahoo bulk-sender
                                      # requirements, February 2024)
@@ -67,13 +69,21 @@ class Alarms:
             for dim in ("campaign", "provider"):
                 rows = self.store.aggregate(60, t0, t1, tenant, {}, [dim], False)
                 for (value,), row in rows:
-                    if row[IDX["delivered"]] < s.min_delivered:
+                    delivered = row[IDX["delivered"]]
+                    ended = delivered + row[IDX["bounced"]] + row[IDX["expired"]]
+                    if ended < s.min_delivered:
                         continue
                     r = rates(row)
-                    for kind, warn, top in (
-                        ("complaint_rate", s.complaint_rate_warn, s.complaint_rate_max),
-                        ("bounce_rate", s.bounce_rate_warn, s.bounce_rate_max),
-                    ):
+                    # Each rate is judged on the mail it is a rate of: complaints over
+                    # delivered mail, bounces over mail that ended (a list that mostly
+                    # bounces delivers little, and is the one to warn about).
+                    for kind, warn, top, sample in (
+                        ("complaint_rate", s.complaint_rate_warn, s.complaint_rate_max,
+                         delivered),
+                        ("bounce_rate", s.bounce_rate_warn, s.bounce_rate_max, ended),
+                    ):  # fmt: skip
+                        if sample < s.min_delivered:
+                            continue
                         key = (tenant, dim, value, kind)
                         seen.add(key)
                         level = self._level(r[kind], warn, top)
