@@ -326,3 +326,73 @@ def test_a_recipient_row_naming_email_twice_is_refused(served: Audited) -> None:
     assert st == 400 and "email" in out["error"]["message"], out
     st, out = served.req("POST", "/v1/campaigns", {"template": tpl}, tenant="acme")
     assert st == 201, out  # the same without the repeated key
+
+
+# ---------------------------------------------------------------- reports counted once
+ARF = """From: fbl@isp.example
+To: fbl@bounces.example
+Subject: complaint
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary="B"
+
+--B
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+User-Agent: isp/1.0
+Version: 1
+
+--B
+Content-Type: text/rfc822-headers
+
+From: <a@example.com>
+To: {rcpt}
+Message-ID: <{mid}@example.com>
+
+--B--
+"""
+
+
+def intake(served: Audited, rcpt: str, data: str) -> bytes:
+    import asyncio
+
+    import aiosmtplib
+
+    async def go() -> bytes:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=served.intake, timeout=10)
+        await smtp.connect()
+        _, reply = await smtp.sendmail("", [rcpt], data.replace("\n", "\r\n").encode())
+        await smtp.quit()
+        return reply.encode()
+
+    return asyncio.run(go())
+
+
+def test_a_report_sent_again_is_one_complaint_or_bounce(served: Audited) -> None:
+    """The same feedback report (or DSN) about one message, received five times, is one
+    "complained" (one "bounced") event: each event is counted by the rollups, the rate
+    alarms and the campaign guardrails, so a recipient who replays one genuine report
+    (or a provider that resends it) could otherwise pause a whole campaign."""
+    from tests._serve_helpers import dsn
+
+    from fastsend import msgid
+
+    st, out = served.req("POST", "/v1/messages", {"from": "a@example.com",
+                         "to": ["fbl-once@example.org", "dsn-once@example.org"],
+                         "subject": "once", "text": "t"}, tenant="acme")  # fmt: skip
+    assert st == 202, out
+    complained_id, bounced_id = out["messages"][0]["ids"]
+    secret = (served.tmp / "spool" / "secret.key").read_bytes().strip()
+    arf = ARF.format(rcpt="fbl-once@example.org", mid=msgid.token(complained_id, secret))
+    report = dsn("dsn-once@example.org", msgid.token(bounced_id, secret))
+    for _ in range(5):
+        intake(served, "fbl@bounces.example", arf)
+        intake(served, "bounces@bounces.example", report)
+
+    def events(mid: int) -> list[str]:
+        st, got = served.req("GET", f"/v1/messages/{mid}", tenant="acme")
+        assert st == 200, got
+        return [e["event"] for e in got["events"]]
+
+    assert events(complained_id).count("complained") == 1, events(complained_id)
+    assert events(bounced_id).count("bounced") == 1, events(bounced_id)

@@ -27,6 +27,21 @@ import orjson
 from fastsend.sqlitedb import connect, transaction
 
 FLUSH_EVERY = 0.2
+# Events a report names a message with (a DSN, a feedback report, a provider's
+# event): recorded once per message (see :func:`already_told`).
+ONCE_PER_MESSAGE = frozenset({"bounced", "complained", "unsubscribed"})
+
+
+def already_told(ctx: Any, mid: Any, event: str) -> bool:
+    """Whether message ``mid`` already has ``event`` (one of ``ONCE_PER_MESSAGE``) in
+    serve's per-message index (the API's, handed to the acceptor; a context without
+    it answers False). A report received again (a provider resending it, or anyone
+    replaying a genuine one) must not be counted again: each event is counted by the
+    rollups, the rate alarms and the campaign guardrails, which pause campaigns."""
+    if event not in ONCE_PER_MESSAGE or not isinstance(mid, int):
+        return False
+    index = getattr(getattr(ctx, "acceptor", None), "index", None)
+    return index is not None and mid in index.logged([mid], (event,))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (

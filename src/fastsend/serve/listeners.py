@@ -102,6 +102,7 @@ from fastsend.config.serve import IntakeSettings, ListenerLimits, SubmissionSett
 from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
+from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
 from fastsend.serve.parsepool import ParsePool
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
 from fastsend.smtp.server import _BDAT as _BDAT_MODE
@@ -669,6 +670,7 @@ def apply_records(
             pass
     out: list[dict[str, Any]] = []
     now = time.time()
+    told: set[tuple[int, str]] = set()
     for rec in records:
         if rec.reason in ("delivered", "vacation"):
             continue
@@ -706,6 +708,15 @@ def apply_records(
                 remote_mta=rec.remote_mta,
                 source="async",
             )
+        if found is not None and ev["event"] in ONCE_PER_MESSAGE:
+            # A report about a message that already has this event is a repeat (a
+            # provider resending it, or anyone replaying a genuine one): each event is
+            # counted by the rollups, the rate alarms and the guardrails, so it is
+            # recorded once, and the suppression decided then is not made again.
+            key = (ev["id"], ev["event"])
+            if key in told or already_told(ctx, ev["id"], ev["event"]):
+                continue
+            told.add(key)
         entry = None
         if ev["rcpt"] and suppress:
             try:

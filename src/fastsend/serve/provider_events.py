@@ -53,6 +53,7 @@ from fastsend.bounce import BounceRecord
 from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
 from fastsend.config.serve import DEFAULT_SNS_HOSTS
+from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
 from fastsend.serve.httpguard import body_deadline
 from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
 
@@ -160,9 +161,7 @@ class ProviderEvents:
     # -- messages named by tokens ------------------------------------------------
 
     def _owner(self, mid: int) -> tuple[int, str, str] | None:
-        row = self.ctx.spool.db.execute(
-            "SELECT campaign, rcpt FROM messages WHERE id=?", (mid,)
-        ).fetchone()
+        row = self.ctx.spool.owner(mid)  # (either spool: no SQL of the SQLite one here)
         if row is None:
             return None
         campaign = int(row[0])
@@ -194,6 +193,9 @@ class ProviderEvents:
         else:
             ev = {"id": None, "campaign": None, "rcpt": rec.recipient, "tenant": DEFAULT_TENANT}
         ev.update(event=kind, provider=provider, time=time.time(), **extra)
+        if found is not None and already_told(self.ctx, ev["id"], kind):
+            ev["repeated"] = True  # (SendGrid retries a batch with a new signature):
+            return ev  # not recorded or counted again, nothing suppressed again
         if kind == "bounced":
             ev.update(reason=rec.reason, hard=rec.hard, status=rec.status, code=rec.reply_code,
                       text=rec.diagnostic[:500], source="async")  # fmt: skip
@@ -201,7 +203,7 @@ class ProviderEvents:
             ev["feedback_type"] = rec.feedback_type
         entry = None
         # Only a message fastsend sent can change its tenant's suppression list.
-        if found is not None and kind in ("bounced", "complained", "unsubscribed"):
+        if found is not None and kind in ONCE_PER_MESSAGE:
             try:
                 entry = suppress_from(
                     self.ctx.suppression, ev["rcpt"], rec, tenant=ev["tenant"], source=provider
