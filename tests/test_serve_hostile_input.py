@@ -203,6 +203,30 @@ def test_links_on_another_tenants_host_are_refused(served: Served, base: str) ->
     assert got["error"]["field"] == "message.template.tracking.base_url"
 
 
+def test_a_link_taken_to_another_tenants_host_is_a_404(served: Served, sink: SinkThread) -> None:
+    """The host is not inside a tracking token: evil's genuine click link, with its
+    host rewritten to acme's tracking host (or a name under acme's domains), would
+    redirect to evil's target on acme's name. 404 there; evil's own host, and a host
+    no tenant claims, still redirect."""
+    over = {"html": '<a href="https://evil.example/phish">x</a>', "tracking": {"clicks": True,
+            "opens": True, "unsubscribe": True}}  # fmt: skip
+    st, got = served.req("POST", "/v1/campaigns", campaign(over, "link-moved-host"))
+    assert st == 201, got
+    data = sink_message(sink, b"link-moved-host")
+    body = re.sub(rb"=\r\n", b"", data).replace(b"=3D", b"=")
+    paths = [p.decode() for p in re.findall(
+        rb"https://t\.evil\.example(/(?:t/[co]|u)/[A-Za-z0-9_\-.]+)", body)]  # fmt: skip
+    assert all(any(p.startswith(k) for p in paths) for k in ("/t/c/", "/t/o/", "/u/")), paths
+    for host in ("t.acme-links.example", "links.acme.example", "T.ACME-LINKS.EXAMPLE."):
+        for path in paths:
+            st, _ = http("GET", served.public + path, headers={"Host": host})  # type: ignore[attr-defined]
+            assert st == 404, (host, path, st)
+    click = next(p for p in paths if p.startswith("/t/c/"))
+    for host in ("t.evil.example", "links.shared-host.example", "127.0.0.1"):
+        st, _ = http("GET", served.public + click, headers={"Host": host})  # type: ignore[attr-defined]
+        assert st == 302, host
+
+
 @pytest.mark.parametrize("base", ["https://t.evil.example", "https://links.shared-host.example"])
 def test_links_on_own_or_shared_hosts_are_accepted(served: Served, base: str) -> None:
     over = {"html": '<a href="https://evil.example/x">x</a>',

@@ -47,9 +47,11 @@ import html
 import time
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from fastsend.config.tenants import norm_domain, under
 from fastsend.message import tracking as tr
 from fastsend.serve.httpguard import body_deadline
 from fastsend.suppression import DEFAULT_TENANT, UNSUBSCRIBE, SuppressionError
@@ -88,14 +90,50 @@ class _Tracking:
         # link_ttl_days after it: the upgrade's time is recorded once.
         self.legacy_since = float(ctx.spool.meta_once(LEGACY_SINCE, repr(time.time())))
         self.body_timeout = ctx.config.api.body_timeout  # the unsubscribe form's
+        self._hosts: tuple[Any, dict[str, str | None]] = (None, {})  # host -> its tenant
 
     # -- helpers --------------------------------------------------------------
-    def _check(self, token: str, kind: str) -> tuple[str, ...]:
-        return self._open(token, kind)[0]
+    def _check(self, request: web.Request, kind: str) -> tuple[str, ...]:
+        return self._open(request, kind)[0]
 
-    def _open(self, token: str, kind: str) -> tuple[tuple[str, ...], str]:
+    def _host_owner(self, request: web.Request) -> str | None:
+        """The tenant whose host the request came to (its ``tracking_base_url``'s, or a
+        name under its domains), or None (a shared host, or no [tenants])."""
+        tenants = getattr(self.ctx, "tenants", None)
+        if tenants is None or not tenants.configured:
+            return None
+        host = norm_domain(urlsplit("//" + (request.host or "")).hostname or "")
+        if not host:
+            return None
+        if self._hosts[0] is not tenants:
+            self._hosts = (tenants, {})
+        cache = self._hosts[1]
+        if host not in cache:
+            owner = None
+            for name, t in tenants.by_name.items():
+                theirs = norm_domain(urlsplit(t.tracking_base_url).hostname or "")
+                if host == theirs or any(under(host, d) for d in t.domains):
+                    owner = name
+                    break
+            if len(cache) > _CACHE_SIZE:
+                cache.clear()
+            cache[host] = owner
+        return cache[host]
+
+    def _open(self, request: web.Request, kind: str) -> tuple[tuple[str, ...], str]:
         """(fields, tenant) of a genuine, unexpired token of ``kind`` bound to the
-        tenant that owns its message (when the message is still in the spool)."""
+        tenant that owns its message (when the message is still in the spool), asked
+        for on a host that is not another tenant's."""
+        fields, tenant = self._token(request.match_info["token"], kind)
+        owner = self._host_owner(request)
+        if owner is not None and tenant != DEFAULT_TENANT and owner != tenant:
+            # One tenant's link on another's host: a redirect where the one says, on
+            # the other's name (the link's host is not inside the token: it can be
+            # rewritten). The operator's own campaigns (tenant default) may use any.
+            raise _not_found()
+        return fields, tenant
+
+    def _token(self, token: str, kind: str) -> tuple[tuple[str, ...], str]:
         got = tr.open_token(self.secret, token)
         legacy = got is None
         if legacy:
@@ -161,7 +199,7 @@ class _Tracking:
 
     # -- handlers -------------------------------------------------------------
     async def open(self, request: web.Request) -> web.Response:
-        mid, rcpt = self._check(request.match_info["token"], tr.OPEN)
+        mid, rcpt = self._check(request, tr.OPEN)
         if request.method == "GET":
             self.ctx.emit(self._event("opened", mid, rcpt, request))
         else:
@@ -173,7 +211,7 @@ class _Tracking:
         )
 
     async def click(self, request: web.Request) -> web.Response:
-        mid, rcpt, url = self._check(request.match_info["token"], tr.CLICK)
+        mid, rcpt, url = self._check(request, tr.CLICK)
         if not url.lower().startswith(("http://", "https://")) or not url.isprintable():
             raise _not_found()  # (a control character cannot go in a Location header)
         ev = self._event("clicked", mid, rcpt, request)
@@ -188,7 +226,7 @@ class _Tracking:
         )
 
     async def unsubscribe_page(self, request: web.Request) -> web.Response:
-        _mid, rcpt = self._check(request.match_info["token"], tr.UNSUBSCRIBE)
+        _mid, rcpt = self._check(request, tr.UNSUBSCRIBE)
         return _page(
             "Unsubscribe",
             f"<p>Stop sending mail to <b>{html.escape(rcpt)}</b>?</p>"
@@ -197,7 +235,7 @@ class _Tracking:
         )
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
-        (mid, rcpt), token_tenant = self._open(request.match_info["token"], tr.UNSUBSCRIBE)
+        (mid, rcpt), token_tenant = self._open(request, tr.UNSUBSCRIBE)
         form = await body_deadline(request.post(), self.body_timeout)
         one_click = form.get("List-Unsubscribe") == ONE_CLICK
         if not one_click and form.get("confirm") != "yes":
