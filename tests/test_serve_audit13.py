@@ -193,11 +193,23 @@ def test_metrics_parse_as_prometheus_text_with_counters_that_never_go_back(
 
 
 # ---------------------------------------------------------------- log floods
-def test_repeated_warnings_and_tracebacks_are_held_back(served: Audited) -> None:
+def test_repeated_warnings_and_tracebacks_are_held_back(
+    tmp_path: Path, sink: SinkThread
+) -> None:
     """A client repeating a bad request must not write the log full: lines alike
     (same logger and text before its arguments) are limited, the limit is said once,
     and a line that differs still gets through. Before: one warning per 401 and one
     aiohttp traceback per unparsable request."""
+
+
+    served = Audited(tmp_path, f"{sink.host}:{sink.port}")  # its own: the limit is held
+    try:
+        flood_it(served)
+    finally:
+        served.stop()
+
+
+def flood_it(served: Audited) -> None:
     import asyncio
 
     import aiohttp
@@ -396,3 +408,23 @@ def test_a_report_sent_again_is_one_complaint_or_bounce(served: Audited) -> None
 
     assert events(complained_id).count("complained") == 1, events(complained_id)
     assert events(bounced_id).count("bounced") == 1, events(bounced_id)
+
+
+def test_a_client_cannot_write_a_line_of_the_log(served: Audited) -> None:
+    """The 401 warning names the request's path, which aiohttp decodes: %0d%0a in it
+    started a forged line of the log ("... FORGED admin login ok"). Control characters
+    of a message are written as escapes; the server's own tracebacks keep their lines."""
+    before = len(served.lines)
+    forged = "2026-12-05%2023:59:59,000%20fastsend.serve.api:%20FORGED%20login%20ok"
+    for sep in ("%0d%0a", "%0a", "%e2%80%a8"):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(f"GET /v1/x{sep}{forged} HTTP/1.1\r\nHost: x\r\n"
+                         "Connection: close\r\n\r\n".encode())  # fmt: skip
+            assert sock.recv(100).startswith(b"HTTP/1.1 401")
+    deadline = time.monotonic() + 10
+    while sum("FORGED" in ln for ln in served.lines[before:]) < 3:
+        assert time.monotonic() < deadline, "".join(served.lines[before:])
+        time.sleep(0.05)
+    lines = [ln for ln in served.lines[before:] if "FORGED" in ln]
+    assert all("API: 401" in ln for ln in lines), lines  # each on the 401's own line
+    assert not any(ln.startswith("2026-12-05 23:59:59,000") for ln in served.lines), lines

@@ -1,7 +1,7 @@
 """Repeated log lines held back: a client that repeats a bad request cannot fill the disk.
 
 NAME
-    fastsend.serve.lograte -- RepeatLimit, a logging.Filter; install(handlers).
+    fastsend.serve.lograte -- RepeatLimit and OneLine, logging filters; install(handlers).
 
 DESCRIPTION
     Lines alike are records of the same logger, level and text before its
@@ -14,7 +14,11 @@ DESCRIPTION
     since. Tracebacks (``exc_info``) go with their record. Kinds are forgotten
     when there are more than ``MAX_KINDS`` of them (the table stays small).
 
-    ``fastsend serve`` installs it on the root logger's handlers at start, so
+    :class:`OneLine` writes the control characters of a message (CR, LF, ...) as
+    escapes: a client's text in a log line (a decoded request path, an address)
+    cannot start a forged line.
+
+    ``fastsend serve`` installs both on the root logger's handlers at start, so
     every logger (fastsend's, aiohttp's, asyncio's) is covered.
 """
 
@@ -25,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-__all__ = ["RepeatLimit", "install"]
+__all__ = ["OneLine", "RepeatLimit", "install"]
 
 MAX_KINDS = 4096
 
@@ -83,14 +87,42 @@ class RepeatLimit(logging.Filter):
         return False
 
 
+class OneLine(logging.Filter):
+    """Each record's message on one line: CR, LF and the other control characters of
+    its text (a request's decoded path, an address, a peer's words) are written as
+    escapes, so no client can forge a line of the log. A traceback (``exc_info``) keeps
+    its lines: it is the server's own text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_fastsend_one_line", False):
+            return True  # another handler escaped it already
+        record._fastsend_one_line = True
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True  # (logging reports the bad format itself)
+        if not text.isprintable():
+            record.msg = text.translate(_ESCAPES)
+            record.args = None
+        return True
+
+
+# Every C0/C1 control character and the line/paragraph separators, as \xNN / \uNNNN.
+_ESCAPES = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
+
+
 def _append(record: logging.LogRecord, note: str) -> None:
     record.msg = f"{record.getMessage()}{note}"
     record.args = None  # (getMessage formats with args only when there are some)
 
 
 def install(handlers: Iterable[logging.Handler], limit: RepeatLimit | None = None) -> RepeatLimit:
-    """One limit shared by ``handlers`` (serve: the root logger's)."""
+    """One limit shared by ``handlers`` (serve: the root logger's), then each message
+    made one line (:class:`OneLine`; after the limit, which tells kinds apart by the
+    text before the arguments)."""
     limit = limit or RepeatLimit()
+    one_line = OneLine()
     for h in handlers:
         h.addFilter(limit)
+        h.addFilter(one_line)
     return limit
