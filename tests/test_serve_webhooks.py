@@ -228,3 +228,42 @@ def test_config_and_signature_helpers(tmp_path: Path) -> None:
     assert ctx.events.listeners == before
     asyncio.run(d.stop())
     ctx.close()
+
+
+def test_a_url_with_its_secret_in_the_path_is_not_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Many receivers' URLs carry their secret in the path (Slack's
+    /services/T.../B.../<secret>, Zapier's, Discord's): a refused batch is logged with
+    the URL's host and a digest of it, never its path, query or credentials."""
+    import logging
+
+    async def main() -> None:
+        rx = Receiver(SECRET)
+        rx.status = 500
+        url = await rx.start()
+        secret_url = url + "?token=QUERYSECRET"
+        secret_url = secret_url.replace("http://", "http://user:PASSWORDSECRET@")
+        app = web.Application()
+        app.router.add_post("/services/T0/B0/PATHSECRET", rx.handle)
+        path_rx = TestServer(app, host="127.0.0.1")
+        await path_rx.start_server()
+        path_url = str(path_rx.make_url("/services/T0/B0/PATHSECRET"))
+        ctx = _ctx(tmp_path, [secret_url, path_url])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            _emit(ctx, ["bounced"])
+            await _until(lambda: rx.attempts >= 4)
+        finally:
+            await d.stop()
+            ctx.close()
+            await rx.close()
+            await path_rx.close()
+
+    with caplog.at_level(logging.WARNING, logger="fastsend.webhooks"):
+        asyncio.run(main())
+    text = caplog.text
+    assert "not accepted" in text and "127.0.0.1" in text, text
+    for secret in ("PATHSECRET", "QUERYSECRET", "PASSWORDSECRET", "user"):
+        assert secret not in text, text

@@ -50,8 +50,10 @@ SIGNATURE (the scheme Stripe uses)
     ``Fastsend-Batch: <first event_id>-<last event_id>`` names the batch.
 
 DELIBERATELY NOT HERE
-    No per-tenant endpoints (one list of URLs), no dead-letter expiry (rows
-    stay until acknowledged), no redirects followed, no secrets in logs.
+    No per-tenant endpoints (one list of URLs, the operator's: no tenant can make
+    the server post anywhere), no dead-letter expiry (rows stay until
+    acknowledged), no redirects followed, no secrets in logs (a URL is logged as
+    its scheme, host and port and a digest of it: paths hold secrets too).
 """
 
 from __future__ import annotations
@@ -369,8 +371,16 @@ def _with_id(event_id: int, body: bytes) -> bytes:
 
 
 def _safe(url: str) -> str:
-    """The URL without credentials or query (which may hold tokens), for logs."""
+    """The URL as logs name it: scheme, host and port, and a digest of the whole URL
+    to tell one from another. Not its credentials, query or path: many receivers'
+    URLs carry their secret in the path (hooks.slack.com/services/T.../B.../<secret>,
+    Zapier's and Discord's too)."""
     from urllib.parse import urlsplit
 
     p = urlsplit(url)
-    return f"{p.scheme}://{p.hostname}{':' + str(p.port) if p.port else ''}{p.path}"
+    try:
+        port = f":{p.port}" if p.port else ""
+    except ValueError:
+        port = ""
+    tag = hashlib.sha256(url.encode()).hexdigest()[:8]
+    return f"{p.scheme}://{p.hostname}{port}/... (#{tag})"
