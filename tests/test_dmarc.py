@@ -30,7 +30,8 @@ from fastsend.serve.listeners import start_listeners
 BEGIN = int(time.time()) // 86400 * 86400 - 86400
 
 
-def report(org: str = "google.com", rid: str = "r1", rows: Any = None) -> bytes:
+def report(org: str = "google.com", rid: str = "r1", rows: Any = None,
+           domain: str = "example.com") -> bytes:  # fmt: skip
     rows = rows or [("127.0.0.2", 120, "pass", "pass", "example.com", "example.com"),
                     ("203.0.113.9", 7, "fail", "fail", "example.com", "spammer.test")]
     recs = "".join(
@@ -46,7 +47,7 @@ def report(org: str = "google.com", rid: str = "r1", rows: Any = None) -> bytes:
         f"<report_metadata><org_name>{org}</org_name><email>dmarc@{org}</email>"
         f"<report_id>{rid}</report_id><date_range><begin>{BEGIN}</begin>"
         f"<end>{BEGIN + 86399}</end></date_range></report_metadata>"
-        "<policy_published><domain>example.com</domain><adkim>r</adkim><aspf>r</aspf>"
+        f"<policy_published><domain>{domain}</domain><adkim>r</adkim><aspf>r</aspf>"
         f"<p>none</p><pct>100</pct></policy_published>{recs}</feedback>"
     ).encode()
 
@@ -165,4 +166,44 @@ def test_reports_through_the_smtp_intake(tmp_path: Path) -> None:
     assert [e["event"] for e in events] == ["dmarc_report"]
     s = ctx.dmarc.summary(BEGIN - 86400, time.time())
     assert s["unaligned_sources"][0]["source_ip"] == "203.0.113.9"
+    ctx.close()
+
+
+def test_the_intake_stores_reports_about_the_tenants_domains_only(tmp_path: Path) -> None:
+    """Anyone can mail an aggregate report about any domain: with [tenants], a report
+    whose policy domain is not a tenant's (or under one) is refused, not stored (it
+    would fill dmarc.db and the view of where mail claiming our domains comes from)."""
+    cfg = from_dict({"spool": {"dir": str(tmp_path / "spool")},
+                     "tenants": {"acme": {"domains": ["example.com"]}},
+                     "intake": {"listen": "127.0.0.1:0",
+                                "verp_domain": "bounces.example.com"}})  # fmt: skip
+    ctx = open_context(cfg)
+    events: list[dict[str, Any]] = []
+    ctx.events.listeners.append(events.extend)
+
+    async def main() -> None:
+        servers = await start_listeners(ctx)
+        try:
+            port = int(servers[0].sockets[0].getsockname()[1])
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+            await smtp.connect()
+            for rid, domain in (("a1", "victim.test"), ("a2", "mail.example.com"),
+                                ("a3", "notexample.com")):  # fmt: skip
+                raw = mail(zipped("r.xml", report(rid=rid, domain=domain)), "r.zip",
+                           "application/zip", f"Report Domain: {domain} Submitter: google.com"
+                           f" Report-ID: <{rid}>")  # fmt: skip
+                errors, _ = await smtp.sendmail("", ["dmarc@bounces.example.com"], raw)
+                assert errors == {}
+            await smtp.quit()
+        finally:
+            for s in servers:
+                s.close()
+
+    asyncio.run(main())
+    got = [(e["event"], e.get("domain") or e.get("error")) for e in events]
+    assert got[1] == ("dmarc_report", "mail.example.com"), got
+    assert [g[0] for g in got] == ["dmarc_report_refused", "dmarc_report", "dmarc_report_refused"]
+    assert "victim.test" in got[0][1] and "notexample.com" in got[2][1], got
+    s = ctx.dmarc.summary(BEGIN - 86400, time.time())
+    assert s["reports"] == 1 and [d["domain"] for d in s["domains"]] == ["mail.example.com"], s
     ctx.close()

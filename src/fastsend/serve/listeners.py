@@ -127,6 +127,7 @@ from fastsend.suppression import (
     SuppressionError,
     suppress_from,
 )
+from fastsend.tenants import ascii_domain
 
 __all__ = [
     "IntakeConfig",
@@ -562,6 +563,9 @@ class _Intake(_Policy):
             if kind == "dmarc":  # stored from a thread: a report may be many rows
                 from fastsend.analytics.dmarc import store_reports
 
+                got = [r if isinstance(r, str) or self.ours(r.domain) else
+                       f"policy domain {r.domain[:255]!r} is not one of the tenants' domains"
+                       for r in got]  # fmt: skip
                 evs = await asyncio.to_thread(store_reports, self.ctx.dmarc, got)
                 for report_ev in evs:
                     self.ctx.emit(report_ev)
@@ -574,6 +578,20 @@ class _Intake(_Policy):
 
     def message(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
         raise NotImplementedError("the intake answers in message_async")
+
+    def ours(self, domain: str) -> bool:
+        """A DMARC report's policy domain is one of ours (a tenant's domain or under
+        it; any, without [tenants]): anyone can mail a report about any domain, and
+        the view is about where mail claiming our domains comes from."""
+        tenants = getattr(self.ctx, "tenants", None)
+        if tenants is None or not tenants.configured:
+            return True
+        d = ascii_domain(domain)
+        return any(
+            d == (x := ascii_domain(y)) or d.endswith("." + x)
+            for t in tenants.by_name.values()
+            for y in t.domains
+        )
 
 
 # ---------------------------------------------------------------- reports
