@@ -31,6 +31,9 @@ listen = "127.0.0.1:{intake}"
 verp_domain = "bounces.example"
 fbl_address = "fbl@bounces.example"
 max_size = 1000000
+[webhooks]
+urls = ["http://127.0.0.1:{hook}/services/T0/B0/HOOKSECRET"]
+secret = "whsec-audit13-0123456789"
 """
 
 
@@ -46,7 +49,8 @@ class Audited(Served):
     def __init__(self, tmp: Path, route: str) -> None:
         admin, self.intake = free_port(), free_port()
         self.admin = f"http://127.0.0.1:{admin}"
-        super().__init__(tmp, route, CONFIG.format(intake=self.intake),
+        # the webhook receiver is a port nobody listens on: every batch is refused
+        super().__init__(tmp, route, CONFIG.format(intake=self.intake, hook=free_port()),
                          api=f'admin_listen = "127.0.0.1:{admin}"')  # fmt: skip
 
 
@@ -188,6 +192,18 @@ def test_metrics_parse_as_prometheus_text_with_counters_that_never_go_back(
     after = {s.labels["worker"]: s.value
              for s in fams["fastsend_worker_connections_opened"].samples}  # fmt: skip
     assert after["0"] > before["0"], (before, after)
+    # The webhook receiver is down: the refused batches and the backlog are there to
+    # alert on (the log's warnings are rate-limited), the URL without its secret path.
+    batches = {s.labels["result"]: s.value for s in fams["fastsend_webhook_batches"].samples}
+    assert batches["refused"] >= 1 and batches["accepted"] == 0, batches
+    deadline = time.monotonic() + 30
+    while True:  # (the backlog is a COUNT, cached for a few seconds)
+        (pending,) = scrape(served)[1]["fastsend_webhook_pending"].samples
+        if pending.value >= 9 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert pending.value >= 9 and "HOOKSECRET" not in str(pending.labels), pending
+    assert pending.labels["url"].startswith("http://127.0.0.1:"), pending
     restarts = {s.labels["worker"]: s.value for s in fams["fastsend_worker_restarts"].samples}
     assert restarts["0"] == 1, restarts
 

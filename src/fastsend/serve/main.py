@@ -261,6 +261,7 @@ class Server:
                 return 2
         webhooks = WebhookDispatcher(ctx)
         await webhooks.start()
+        metrics.webhooks = webhooks
         listeners = self.listeners = await start_listeners(ctx)
         sup_task: asyncio.Task[Any] | None = None
         if sup is not None:

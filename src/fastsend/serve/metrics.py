@@ -30,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from fastsend.serve.webhooks import safe_url
 from fastsend.spool import (
     AGE_BUCKETS_MIN,
     QUEUED,
@@ -146,6 +147,8 @@ class Metrics:
         self.accepted_total = 0
         self.spool_write: dict[str, Histogram] = {}
         self._spool_cache: tuple[float, list[str]] = (0.0, [])
+        self._hook_cache: tuple[float, list[str]] = (0.0, [])
+        self.webhooks: Any = None  # serve's WebhookDispatcher, once started
         # Worker counters as scraped last, and what restarted workers had counted:
         # a worker's counters start again at 0 when it is restarted.
         self._worker_last: dict[tuple[int, str], float] = {}
@@ -236,6 +239,37 @@ class Metrics:
                 out.append(f"{metric}{_labels({'worker': str(s.index)})} {v:g}")
         return out
 
+    def webhook_lines(self) -> list[str]:
+        """What the webhook dispatcher posted, and each URL's backlog (a COUNT: cached
+        like the spool's figures). Its warnings are rate-limited in the log; these
+        are what an alert watches (a receiver down for an hour: pending grows)."""
+        hooks = self.webhooks
+        if hooks is None or not getattr(hooks, "enabled", False):
+            return []
+        st = hooks.stats
+        out = ["# HELP fastsend_webhook_batches_total Batches POSTed, by the receiver's answer.",
+               "# TYPE fastsend_webhook_batches_total counter",
+               f'fastsend_webhook_batches_total{{result="accepted"}} {st.get("posted", 0)}',
+               f'fastsend_webhook_batches_total{{result="refused"}} {st.get("failed", 0)}',
+               "# HELP fastsend_webhook_events_total Events written to the webhook outbox.",
+               "# TYPE fastsend_webhook_events_total counter",
+               f"fastsend_webhook_events_total {st.get('events', 0)}"]  # fmt: skip
+        now = time.monotonic()
+        at, lines = self._hook_cache
+        if now - at >= SPOOL_TTL or not lines:
+            lines = ["# HELP fastsend_webhook_pending Events not yet accepted by the receiver"
+                     " (the URL as scheme://host:port and a digest: paths hold secrets).",
+                     "# TYPE fastsend_webhook_pending gauge"]  # fmt: skip
+            outbox = hooks.outbox
+            for url in hooks.config.urls if outbox is not None else ():
+                try:
+                    n = outbox.pending(url)
+                except Exception:  # (a scrape never fails for the outbox's sake)
+                    continue
+                lines.append(f"fastsend_webhook_pending{_labels({'url': safe_url(url)})} {n}")
+            self._hook_cache = (now, lines)
+        return out + lines
+
     def render(self) -> str:
         out: list[str] = [
             "# HELP fastsend_up 1 while the server runs.",
@@ -289,6 +323,7 @@ class Metrics:
             for k, v in sorted(st.items()):
                 out.append(f"fastsend_supervisor_events_total{_labels({'kind': k})} {v}")
         out += self.spool_lines()
+        out += self.webhook_lines()
         shared = getattr(self.ctx, "shared", None)
         if shared is not None:
             stats = shared.spool_stats()

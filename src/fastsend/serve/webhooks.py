@@ -78,7 +78,7 @@ from redis.exceptions import RedisError
 from fastsend.config.serve import WebhookSettings
 from fastsend.sqlitedb import connect, transaction
 
-__all__ = ["Outbox", "WebhookConfig", "WebhookDispatcher", "sign_payload"]
+__all__ = ["Outbox", "WebhookConfig", "WebhookDispatcher", "safe_url", "sign_payload"]
 
 log = logging.getLogger("fastsend.webhooks")
 SIGNATURE_HEADER = "Fastsend-Signature"
@@ -359,7 +359,7 @@ class WebhookDispatcher:
         else:
             self.stats["failed"] += 1
             log.warning(
-                "webhook %s: batch %s not accepted (%s)", _safe(url), headers[BATCH_HEADER], status
+                "webhook %s: batch %s not accepted (%s)", safe_url(url), headers[BATCH_HEADER], status
             )
         return ok
 
@@ -370,7 +370,7 @@ def _with_id(event_id: int, body: bytes) -> bytes:
     return b'{"event_id":%d' % event_id + (b"}" if rest == b"}" else b"," + rest)
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL as logs name it: scheme, host and port, and a digest of the whole URL
     to tell one from another. Not its credentials, query or path: many receivers'
     URLs carry their secret in the path (hooks.slack.com/services/T.../B.../<secret>,
