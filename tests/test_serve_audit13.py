@@ -444,3 +444,29 @@ def test_a_client_cannot_write_a_line_of_the_log(served: Audited) -> None:
     lines = [ln for ln in served.lines[before:] if "FORGED" in ln]
     assert all("API: 401" in ln for ln in lines), lines  # each on the 401's own line
     assert not any(ln.startswith("2026-12-05 23:59:59,000") for ln in served.lines), lines
+
+
+def test_unsubscribing_twice_is_one_event(served: Audited, sink: SinkThread) -> None:
+    """A mail client may send RFC 8058's one-click POST more than once (and a person
+    may confirm the page again): the address is suppressed once, and "unsubscribed"
+    is recorded once (the rollups count each event)."""
+    import re
+
+    from tests._serve_helpers import sink_message
+
+    tpl = {"from": "a@example.com", "subject": "unsub-twice", "text": "hi",
+           "tracking": {"unsubscribe": True, "base_url": "https://t.example.com"}}  # fmt: skip
+    st, out = served.req("POST", "/v1/messages", {"template": tpl, "to": "twice@example.org"},
+                         tenant="acme")  # fmt: skip
+    assert st == 202, out
+    mid = out["messages"][0]["ids"][0]
+    data = sink_message(sink, b"unsub-twice")
+    path = re.search(rb"List-Unsubscribe: <https://t\.example\.com(/u/[A-Za-z0-9_\-.]+)>", data)
+    assert path, data[:2000]
+    for body in ("List-Unsubscribe=One-Click", "List-Unsubscribe=One-Click", "confirm=yes"):
+        st, _ = http("POST", served.base + path.group(1).decode(), raw=body.encode(),
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+        assert st == 200
+    st, got = served.req("GET", f"/v1/messages/{mid}", tenant="acme")
+    assert st == 200, got
+    assert [e["event"] for e in got["events"]].count("unsubscribed") == 1, got["events"]

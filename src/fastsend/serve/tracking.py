@@ -53,6 +53,7 @@ from aiohttp import web
 
 from fastsend.config.tenants import norm_domain, under
 from fastsend.message import tracking as tr
+from fastsend.serve.eventindex import already_told
 from fastsend.serve.httpguard import body_deadline
 from fastsend.suppression import DEFAULT_TENANT, UNSUBSCRIBE, SuppressionError
 
@@ -253,7 +254,8 @@ class _Tracking:
             raise _bad_request("cannot unsubscribe this address") from None
         ev = self._event("unsubscribed", mid, rcpt, request, token_tenant)
         ev["method"] = "one-click" if one_click else "page"
-        self.ctx.emit(ev)
+        if not already_told(self.ctx, ev["id"], "unsubscribed"):
+            self.ctx.emit(ev)  # once per message: a client may POST one-click again
         if one_click:
             return web.Response(text="unsubscribed\n", headers=_NO_STORE)
         return _page("Unsubscribed", f"<p>{html.escape(rcpt)} will get no more mail from us.</p>")
