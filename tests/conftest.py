@@ -7,6 +7,7 @@ nothing is mocked. Area-specific fixtures live in the area's test files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -299,6 +300,14 @@ class EximServer:
 
 @pytest.fixture
 def exim_server() -> Iterator[EximServer]:
+    with start_exim() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def start_exim(extra_conf: str = "") -> Iterator[EximServer]:
+    """Exim on a free loopback port with EXIM_CONF; ``extra_conf`` (main
+    section options, e.g. ``smtp_accept_max_per_connection = 10``) goes first."""
     root = exim_root()
     if root is None:
         if IN_CI:
@@ -313,7 +322,7 @@ def exim_server() -> Iterator[EximServer]:
         p.chmod(0o777)
     port = free_port()
     conf = d / "exim.conf"
-    conf.write_text(EXIM_CONF.format(dir=d, port=port))
+    conf.write_text(extra_conf + EXIM_CONF.format(dir=d, port=port))
     env = dict(os.environ)
     libs = [str(root / "usr/lib/x86_64-linux-gnu"), str(root / "lib/x86_64-linux-gnu")]
     env["LD_LIBRARY_PATH"] = ":".join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(":")

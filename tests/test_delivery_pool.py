@@ -1,5 +1,7 @@
-"""A site queue's connections (delivery/pool.py) against Postfix's smtp-sink:
-the size of each pipelined group a connection takes."""
+"""A site queue's connections (delivery/pool.py) against real receivers:
+the size of each pipelined group a connection takes (Postfix's smtp-sink), a
+receiver that ends each session after N messages (Exim), and the fallback to
+the next MX host when a host's addresses do not answer (aiosmtpd)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from conftest import free_port, require_program, wait_port
+from _smtp_helpers import aiosmtpd_server
+from conftest import free_port, require_program, start_exim, wait_port
 from fastsend.config import loader
 from fastsend.delivery import pool
 from fastsend.delivery.mx import Host, Site
@@ -36,12 +39,22 @@ def smtp_sink(*options: str) -> Iterator[int]:
         proc.wait(5)
 
 
-def send_groups(run: Run, port: int, n: int, tmp: str) -> list[list[TxnResult]]:
-    """``n`` messages through one connection (pipeline 4): the groups reported."""
+def send_groups(
+    run: Run,
+    port: int,
+    n: int,
+    tmp: str,
+    pipeline: int = 4,
+    site: Site | None = None,
+    **connect: Any,
+) -> list[list[TxnResult]]:
+    """``n`` messages through one connection at a time (``pipeline`` per group):
+    the groups reported."""
     cfg = loader.from_dict(
-        {"delivery": {"pipeline": 4, "max_connections": 1}}, base_dir=tmp, files=False
+        {"delivery": {"pipeline": pipeline, "max_connections": 1}}, base_dir=tmp, files=False
     )
-    site = Site("route:127.0.0.1", (Host("127.0.0.1", "127.0.0.1", port),))
+    if site is None:
+        site = Site("route:127.0.0.1", (Host("127.0.0.1", "127.0.0.1", port),))
     groups: list[list[TxnResult]] = []
 
     async def go() -> None:
@@ -52,7 +65,9 @@ def send_groups(run: Run, port: int, n: int, tmp: str) -> list[list[TxnResult]]:
             if sum(len(g) for g in groups) >= n:
                 done.set()
 
-        q = pool.SiteQueue(site, ["127.0.0.1"], cfg, report, "localhost")
+        q = pool.SiteQueue(
+            site, ["127.0.0.1"], cfg, report, "localhost", connect_options=connect or None
+        )
         body = b"Subject: x\r\n\r\nhi\r\n"
         q.push([Envelope("s@example.org", [f"r{i}@x.example"], body, tag=i) for i in range(n)])
         await asyncio.wait_for(done.wait(), 30)
@@ -85,3 +100,40 @@ def test_groups_stay_at_pipeline_when_slow_or_not_all_delivered(
         groups = send_groups(run, port, 12, str(tmp_path))
     assert [len(g) for g in groups] == [4, 4, 4]
     assert all(o.failed for g in groups for r in g for o in r.outcomes)
+
+
+@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
+def test_a_receiver_that_ends_each_session_after_n_messages_gets_the_rest_on_new_ones(
+    run: Run, tmp_path: Any, chunking: bool
+) -> None:
+    """Exim answers 421 "too many messages in this connection" to the MAIL
+    after 10 (smtp_accept_max_per_connection): the rest of a pipelined group
+    was never taken (nor refused) by it, so it goes out on a new session,
+    not back to the queue as deferred (a retry interval later, an attempt
+    counted, a deferral for the shaping to slow down on) -- as Postfix, which
+    has one message in flight, would lose none."""
+    with start_exim("smtp_accept_max_per_connection = 10\n") as exim:
+        groups = send_groups(run, exim.port, 60, str(tmp_path), 25, chunking=chunking)
+        received = exim.received()
+    outcomes = [o for g in groups for r in g for o in r.outcomes]
+    assert sorted(r.tag for g in groups for r in g) == list(range(60))
+    assert [o for o in outcomes if not o.delivered] == []
+    assert len(received) == 60
+
+
+def test_a_host_whose_addresses_do_not_answer_falls_back_to_the_next_mx(
+    run: Run, tmp_path: Any
+) -> None:
+    """The preferred MX has three addresses and none answers: the next MX
+    (RFC 5321 5.1: try the next in preference order) still gets the mail. It
+    used to be left untried: only the site's first three addresses were."""
+    port = free_port()
+    dead = [Host("mx1.example.test", f"127.0.0.{i}", port) for i in (9, 10, 11)]
+    site = Site(
+        "mx:mx1.example.test,mx2.example.test",
+        (*dead, Host("mx2.example.test", "127.0.0.1", port)),
+    )
+    with aiosmtpd_server(port) as (_ctl, handler):
+        groups = send_groups(run, port, 6, str(tmp_path), site=site)
+    assert [o.delivered for g in groups for r in g for o in r.outcomes] == [True] * 6
+    assert len(handler.messages) == 6

@@ -8,9 +8,21 @@ group, reuses itself for up to ``max_messages_per_connection`` messages, and
 closes (QUIT) after ``idle_timeout`` with nothing to do. Connections are spread
 over the worker's source IPs round-robin.
 
-A connection that cannot be opened tries the site's next host; when every host
-fails, the envelopes it would have carried are answered with that failure
-(deferred or failed), so nothing waits forever on a dead site.
+A connection that cannot be opened tries the site's next host, in preference
+order: up to MX_ADDRESSES addresses, at most MX_PER_NAME of one MX name while
+another name is left (so a preferred MX whose addresses are all down still
+leaves its backup MX tried); an address that did not answer is tried after the
+others for DOWN_FOR seconds. When every host fails, the envelopes it would
+have carried are answered with that failure (deferred or failed), so nothing
+waits forever on a dead site.
+
+A session that ends under a pipelined group (the server's 421 "too many
+messages in this connection" after N, a dropped connection) leaves envelopes
+the server never took nor refused (their MAIL or RCPT unanswered, or answered
+with the 421): when the connection had delivered something, they go back to
+the front of the ready queue for the next session, unreported, instead of
+being deferred for a retry interval (Postfix, one message in flight, loses
+at most one; a group of hundreds would all wait).
 
 Shaping (fastsend.shaping): the site's limits are resolved once per site
 queue; each source IP's :class:`~fastsend.shaping.lanes.Lane` caps its
@@ -41,8 +53,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastsend.config import Config
-from fastsend.delivery.mx import Site
-from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
+from fastsend.delivery.mx import Host, Site
+from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
 from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
 from fastsend.shaping.policy import Limits
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
@@ -60,6 +72,17 @@ TRIM_WAIT = 1.0  # a connection told to wait this long re-checks its site's read
 GROUP_QUICK = 1.0
 GROUP_GROW = 4
 MAX_READY_DELAY = 1.0  # delay for envelopes over max_ready at a site with no rate limit
+# A new connection tries up to MX_ADDRESSES of the site's addresses, in
+# preference order (Postfix's smtp_mx_address_limit), at most MX_PER_NAME of
+# one MX name while another name is left; one that did not answer (TCP) is
+# tried after the others for DOWN_FOR seconds.
+MX_ADDRESSES = 5
+MX_PER_NAME = 2
+DOWN_FOR = 60.0
+# Outcomes of a session's end that say the server neither took nor refused
+# the envelope: its MAIL/RCPT unanswered (code 0) or answered by the 421
+# that ended the session, or never started ("local").
+_UNSTARTED_STAGES = frozenset(("mail", "rcpt", "local"))
 
 
 class SiteQueue:
@@ -100,6 +123,8 @@ class SiteQueue:
         if site.key.startswith("route:") and hosts:
             domain = hosts[0]
         self.limits = limits or self.shaper.site_limits(site.key, hosts, domain)
+        self.candidates = _candidates(site.hosts)
+        self.down: dict[str, float] = {}  # address -> until when it is tried last
         self.pending: collections.deque[Envelope] = collections.deque()
         self.wakeup = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -247,7 +272,14 @@ class SiteQueue:
     async def _open(self, lane: Lane) -> SMTPConnection | Outcome:
         ip = lane.ip
         last: Outcome | None = None
-        for host in self.site.hosts[:3]:
+        hosts = self.candidates
+        if self.down:
+            now = time.monotonic()
+            for a in [a for a, until in self.down.items() if until <= now]:
+                del self.down[a]
+            up = [h for h in hosts if h.address not in self.down]
+            hosts = up + [h for h in hosts if h.address in self.down]
+        for host in hosts:
             kw: dict[str, Any] = dict(
                 host=host.address,
                 port=host.port,
@@ -263,6 +295,8 @@ class SiteQueue:
             opts = ConnectOptions(**kw)
             conn = await connect(opts)
             if not isinstance(conn, Outcome):
+                if self.down:
+                    self.down.pop(host.address, None)
                 self.count("connections_opened")
                 # Postfix-style "name[address]:port" for the event log.
                 conn.mx = (
@@ -272,6 +306,8 @@ class SiteQueue:
                 )
                 return conn
             self.count("connections_failed")
+            if conn.stage == "connect":  # no TCP session: others first for a while
+                self.down[host.address] = time.monotonic() + DOWN_FOR
             if conn.code:
                 lane.reply(conn, time.monotonic())
             last = conn
@@ -314,6 +350,7 @@ class SiteQueue:
                         )
                     continue
                 mx = conn.mx
+                progress = False  # this connection delivered something
                 try:
                     while conn.usable:
                         if not self.pending:
@@ -352,6 +389,17 @@ class SiteQueue:
                         finally:
                             self.sending -= 1
                         took = time.monotonic() - start
+                        if conn.ended:
+                            # The server ended the session under this group:
+                            # what it never took nor refused goes out on the
+                            # next session, if this one got anywhere.
+                            if progress or _any_delivered(results):
+                                results = self._put_back(results, batch)
+                                if not results:
+                                    batch = []
+                                    break
+                        elif not progress:
+                            progress = conn.delivered_one > 0 or _any_delivered(results)
                         if not lane.free or conn.delivered_one != len(results):
                             group = pipeline  # a rate to keep, or a reply to react to
                         elif took < GROUP_QUICK:
@@ -387,6 +435,27 @@ class SiteQueue:
             if self.pending and not self.closing:
                 self._scale()
 
+    def _put_back(self, results: list[TxnResult], batch: list[Envelope]) -> list[TxnResult]:
+        """Of a group whose session ended under it, put the envelopes the server
+        neither took nor refused back at the front of the ready queue; returns
+        the results of the others (to report)."""
+        if len(results) != len(batch):
+            return results
+        keep: list[TxnResult] = []
+        back: list[Envelope] = []
+        for env, tr in zip(batch, results, strict=True):
+            if tr.tag is env.tag and all(
+                o.kind == DEFERRED and o.code in (0, 421) and o.stage in _UNSTARTED_STAGES
+                for o in tr.outcomes
+            ):
+                back.append(env)
+            else:
+                keep.append(tr)
+        if back:
+            self.pending.extendleft(reversed(back))
+            self.count("requeued_after_session_end", len(back))
+        return keep
+
     async def _pause(self, wait: float) -> None:
         """Sleep ``wait`` seconds (a shaping wait), or until close()."""
         if self.closing:
@@ -402,6 +471,25 @@ class SiteQueue:
         self.wakeup.set()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _any_delivered(results: list[TxnResult]) -> bool:
+    return any(o.kind == DELIVERED for tr in results for o in tr.outcomes)
+
+
+def _candidates(hosts: tuple[Host, ...]) -> list[Host]:
+    """The addresses a new connection tries, in order (see MX_ADDRESSES)."""
+    per = MX_PER_NAME if len({h.name for h in hosts}) > 1 else MX_ADDRESSES
+    taken: dict[str, int] = {}
+    out: list[Host] = []
+    for h in hosts:
+        k = taken.get(h.name, 0)
+        if k < per:
+            taken[h.name] = k + 1
+            out.append(h)
+            if len(out) >= MX_ADDRESSES:
+                break
+    return out
 
 
 def _local_error(e: BaseException, stage: str) -> Outcome:

@@ -364,6 +364,12 @@ class SMTPConnection:
         )
 
     @property
+    def ended(self) -> bool:
+        """The session is over: closed by the server (a 421), lost, timed out
+        or aborted (not merely at ``max_messages``)."""
+        return self._client.state == CLOSED or bool(self._link.lost_reason)
+
+    @property
     def remaining(self) -> int:
         """Messages this connection may still carry (0 when not usable)."""
         return self.options.max_messages - self.messages_sent if self.usable else 0
