@@ -4,9 +4,11 @@ transactions for identical messages; the transactional message kind."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 from tests._engine_helpers import (
@@ -19,8 +21,10 @@ from tests._engine_helpers import (
     write_recipients,
 )
 
-from fastsend.config import Config, Route
+from fastsend.config import Config, Route, loader
+from fastsend.delivery.mx import MXResolver, Site
 from fastsend.events import EventLog
+from fastsend.outcome import Outcome
 from fastsend.queue.supervisor import Supervisor
 from fastsend.sink import SinkProcess
 from fastsend.spool.sqlite import SQLiteSpool
@@ -141,3 +145,73 @@ def test_transactional_kind_raw_and_literal_messages(tmp_path: Path) -> None:
     assert any(b.endswith(raw) for b in bodies)  # as sent, after the Date and Message-ID added
     literal = next(b for b in bodies if b"Subject:" in b and b"raw body" not in b)
     assert b"Hi {{ x }}" in literal and b"{{ not a var }}" in literal
+
+
+def _resolver(dns_server: DNSServer) -> MXResolver:
+    cfg = loader.from_dict(
+        {
+            "dns": {"nameservers": [dns_server.nameserver], "mx_port": 2525, "timeout": 3},
+            "delivery": {"allow_private_mx": True},
+        },
+        base_dir=".",
+        files=False,
+    )
+    return MXResolver(cfg)
+
+
+def test_mx_lookups_of_one_domain_at_once_ask_the_dns_once(dns_server: DNSServer) -> None:
+    """Batches for a domain not yet cached arrive together (a campaign's first
+    seconds): one MX query and one address query per host, not one per batch."""
+    dns_server.set_zones(
+        {
+            "many.test": [("MX", "10 mx.provider.test.")],
+            "other.test": [("MX", "10 mx.provider.test.")],
+            "mx.provider.test": [("A", "127.0.0.1")],
+        }
+    )
+    r = _resolver(dns_server)
+
+    async def go() -> list[Any]:
+        names = ["many.test", "other.test"] * 20
+        return await asyncio.gather(*(r.site_for(d) for d in names))
+
+    sites = asyncio.run(go())
+    assert all(isinstance(s, Site) and s.hosts[0].address == "127.0.0.1" for s in sites)
+    asked = dns_server.resolver.queries
+    assert asked.count(("many.test", "MX")) == 1
+    assert asked.count(("other.test", "MX")) == 1
+    assert asked.count(("mx.provider.test", "A")) == 1
+
+
+def test_mx_cname_servfail_and_preference(dns_server: DNSServer) -> None:
+    """A CNAME'd MX host is followed (as a recursive resolver answers it);
+    SERVFAIL is soft (deferred 4.4.3), NXDOMAIN hard (failed 5.1.2); hosts come
+    in preference order, whatever order the DNS lists them in."""
+    dns_server.set_zones(
+        {
+            "cname.test": [("MX", "10 alias.cname.test.")],
+            "alias.cname.test": [("CNAME", "real.cname.test.")],
+            "real.cname.test": [("A", "127.0.0.7")],
+            "broken.test": [("SERVFAIL", "")],
+            "order.test": [
+                ("MX", "30 c.order.test."),
+                ("MX", "10 a.order.test."),
+                ("MX", "20 b.order.test."),
+            ],
+            "a.order.test": [("A", "127.0.0.11")],
+            "b.order.test": [("A", "127.0.0.12")],
+            "c.order.test": [("A", "127.0.0.13")],
+        }
+    )
+    r = _resolver(dns_server)
+
+    async def go() -> list[Any]:
+        return [await r.site_for(d) for d in ("cname.test", "broken.test", "gone.test", "order.test")]
+
+    cname, broken, gone, order = asyncio.run(go())
+    assert isinstance(cname, Site) and [h.address for h in cname.hosts] == ["127.0.0.7"]
+    assert cname.hosts[0].name == "alias.cname.test"  # the MX name: TLS verifies it
+    assert isinstance(broken, Outcome) and (broken.kind, broken.enhanced) == ("deferred", "4.4.3")
+    assert isinstance(gone, Outcome) and (gone.kind, gone.enhanced) == ("failed", "5.1.2")
+    assert isinstance(order, Site)
+    assert [h.address for h in order.hosts] == ["127.0.0.11", "127.0.0.12", "127.0.0.13"]

@@ -5,7 +5,9 @@ no c-ares build, gives TTLs and typed answers, and honours per-resolver
 nameserver:port settings, which the loopback test DNS server needs).
 
 Answers are cached by their TTL (floored at 5 s, capped at 1 h; failures are
-cached for 30 s). The result is a :class:`Site` — the sorted set of MX host names
+cached for 30 s). Lookups of one name already under way are shared: the
+batches of a domain not yet cached (a campaign's first seconds), or many
+domains of one provider naming the same MX host, ask the DNS once. The result is a :class:`Site` — the sorted set of MX host names
 that serve the domain, so every domain hosted by one provider shares a site — or
 an :class:`~fastsend.outcome.Outcome` saying why there is none:
 
@@ -29,10 +31,12 @@ importing it.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -75,6 +79,7 @@ class Site(msgspec.Struct, frozen=True):
     hosts: tuple[Host, ...]
 
 
+T = TypeVar("T")
 _MIN_TTL, _MAX_TTL, _NEG_TTL = 5.0, 3600.0, 30.0
 CACHE_MAX = 20000  # entries per cache: expired ones go first, then the oldest half
 
@@ -93,6 +98,8 @@ class MXResolver:
         # domain as a batch names it -> its static route (or None): the routes
         # are the config's, fixed for the process; looked up per batch.
         self._route_of: dict[str, Route | None] = {}
+        # Lookups under way, by (kind, name): a second asker awaits the first's.
+        self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     @property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -173,9 +180,24 @@ class MXResolver:
         hit = self._cache.get(domain)
         if hit is not None and hit[0] > now:
             return hit[1]
+        return await self._shared("mx", domain, self._lookup_and_cache)
+
+    async def _lookup_and_cache(self, domain: str) -> Site | Outcome:
         result, ttl = await self._lookup(domain)
+        now = time.monotonic()
         _put(self._cache, domain, (now + ttl, result), now)
         return result
+
+    async def _shared(self, kind: str, name: str, lookup: Callable[[str], Awaitable[T]]) -> T:
+        """``lookup(name)``, or the result of the same lookup already under way."""
+        key = (kind, name)
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)  # type: ignore[no-any-return]
+        fut = asyncio.ensure_future(lookup(name))
+        self._inflight[key] = fut
+        fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        return await asyncio.shield(fut)
 
     def _public(self, addrs: list[str], refused: list[str]) -> list[str]:
         """``addrs`` without loopback, private, link-local, ULA and other non-global
@@ -254,10 +276,13 @@ class MXResolver:
         # Literal IPs need no lookup.
         if _is_ip(name):
             return [name]
-        now = time.monotonic()
         hit = self._addr_cache.get(name)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
+        return await self._shared("a", name, self._address_lookup)
+
+    async def _address_lookup(self, name: str) -> list[str] | Outcome:
+        now = time.monotonic()
         import dns.exception
         import dns.resolver
 

@@ -14,7 +14,10 @@ exercised exactly as in production.
 
 Names are matched case-insensitively; a name with no records answers NXDOMAIN,
 a name with records but none of the asked type answers NOERROR with no answer
-(NODATA). It does not do wildcards, DNSSEC or delegation.
+(NODATA). A CNAME is followed within the zones, as a recursive resolver
+answers (the CNAME, then the target's records of the asked type); a name
+with a ``("SERVFAIL", "")`` record answers SERVFAIL (a broken zone). It does
+not do wildcards, DNSSEC or delegation.
 """
 
 from __future__ import annotations
@@ -59,15 +62,28 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
         qtype = QTYPE[request.q.qtype]
         self.queries.append((qname, qtype))
         with self.lock:
-            records = self.zones.get(qname)
-        if records is None:
-            reply.header.rcode = RCODE.NXDOMAIN
-            return reply
-        for rtype, value, ttl in records:
-            if rtype == qtype or (rtype == "CNAME" and qtype != "CNAME"):
-                zone = f"{qname}. {ttl} IN {rtype} {_quote(rtype, value)}"
-                for rr in RR.fromZone(zone):
-                    reply.add_answer(rr)
+            zones = self.zones
+        name = qname
+        for _hop in range(8):  # a CNAME chain, followed as a recursive resolver would
+            records = zones.get(name)
+            if records is None:
+                if name == qname:
+                    reply.header.rcode = RCODE.NXDOMAIN
+                return reply
+            if any(rtype == "SERVFAIL" for rtype, _v, _t in records):
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply
+            target = ""
+            for rtype, value, ttl in records:
+                if rtype == qtype or (rtype == "CNAME" and qtype != "CNAME"):
+                    zone = f"{name}. {ttl} IN {rtype} {_quote(rtype, value)}"
+                    for rr in RR.fromZone(zone):
+                        reply.add_answer(rr)
+                    if rtype == "CNAME" and qtype != "CNAME":
+                        target = value.rstrip(".").lower()
+            if not target:
+                break
+            name = target
         return reply
 
 
