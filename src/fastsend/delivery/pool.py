@@ -439,12 +439,12 @@ class SiteQueue:
         """Of a group whose session ended under it, put the envelopes the server
         neither took nor refused back at the front of the ready queue; returns
         the results of the others (to report)."""
-        if len(results) != len(batch):
-            return results
+        env_of = {id(e.tag): e for e in batch}  # results come in the order decided
         keep: list[TxnResult] = []
         back: list[Envelope] = []
-        for env, tr in zip(batch, results, strict=True):
-            if tr.tag is env.tag and all(
+        for tr in results:
+            env = env_of.get(id(tr.tag))
+            if env is not None and all(
                 o.kind == DEFERRED and o.code in (0, 421) and o.stage in _UNSTARTED_STAGES
                 for o in tr.outcomes
             ):

@@ -399,7 +399,10 @@ class SMTPConnection:
         return await fut
 
     async def send(self, envelopes: Iterable[Envelope]) -> list[TxnResult]:
-        """Deliver a batch, pipelined; one TxnResult per envelope, same order.
+        """Deliver a batch, pipelined; one TxnResult per envelope (its ``tag``
+        names it), in the order they were decided: envelope order, except that
+        one refused locally (SIZE, SMTPUTF8, a bad address) may come before
+        those still in flight ahead of it.
 
         Never raises: a broken connection defers every remaining recipient.
         Envelopes beyond ``max_messages`` are deferred with stage "local".

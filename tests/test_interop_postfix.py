@@ -1,0 +1,318 @@
+"""The SMTP client against a real Postfix smtpd (not smtp-sink): a private
+Postfix instance on loopback (its own config, queue and log, run by its own
+master), whose mail goes to the discard transport so each accepted recipient
+is logged "status=sent".
+
+One master runs several smtpd listeners, each with its own overrides:
+
+- "full": PIPELINING, CHUNKING (BDAT), SIZE, 8BITMIME, SMTPUTF8, as Postfix
+  3.x offers them;
+- "data": CHUNKING withheld (pipelined DATA);
+- "lockstep": PIPELINING and CHUNKING withheld (one command at a time);
+  Postfix logs "improper command pipelining" if the client writes ahead;
+- "small": message_size_limit 3000 (SIZE 3000);
+- "tls": STARTTLS with a certificate for postfix.test from a CA only the
+  test knows.
+
+Recipients: ``permfail@`` 550 5.1.1, ``tempfail@`` 450 4.2.0, ``policy@`` 554
+5.7.1 (check_recipient_access), anyone else accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from _smtp_helpers import client_class, link_class
+from conftest import IN_CI, free_port, wait_port
+from fastsend.outcome import Envelope, Outcome
+from fastsend.smtp import ConnectOptions, SMTPConnection, connect
+from fastsend.smtp import transport as tr
+
+Run = Callable[[Any], Any]
+MASTER = "/usr/lib/postfix/sbin/master"
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.test
+mydomain = postfix.test
+myorigin = postfix.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains = static:ALL
+alias_maps =
+alias_database =
+smtpd_recipient_restrictions =
+    check_recipient_access inline:{{
+        {{ permfail@x.test = 550 5.1.1 no such user }},
+        {{ tempfail@x.test = 450 4.2.0 try again later }},
+        {{ policy@x.test = 554 5.7.1 refused by policy }} }},
+    permit_mynetworks, reject
+default_transport = discard
+relay_transport = discard
+maillog_file = /dev/stdout
+maillog_file_prefixes = /dev/stdout
+smtpd_banner = $myhostname ESMTP
+smtpd_tls_cert_file = {d}/cert.pem
+smtpd_tls_key_file = {d}/key.pem
+smtpd_tls_security_level = none
+"""
+
+MASTER_CF = """\
+127.0.0.1:{full} inet n - n - - smtpd
+127.0.0.1:{data} inet n - n - - smtpd -o smtpd_discard_ehlo_keywords=chunking
+127.0.0.1:{lockstep} inet n - n - - smtpd -o smtpd_discard_ehlo_keywords=pipelining,chunking
+127.0.0.1:{small} inet n - n - - smtpd -o message_size_limit=3000
+127.0.0.1:{tls} inet n - n - - smtpd -o smtpd_tls_security_level=may
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+pickup unix n - n 60 1 pickup
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+proxymap unix - - n - - proxymap
+discard unix - - n - - discard
+error unix - - n - - error
+retry unix - - n - - error
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+tlsmgr unix - - n 1000? 1 tlsmgr
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+LISTENERS = ("full", "data", "lockstep", "small", "tls")
+
+
+@dataclass
+class Postfix:
+    ports: dict[str, int]
+    dir: Path
+    ca: trustme.CA
+
+    def log(self) -> str:
+        p = self.dir / "maillog"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def sent(self, want: int, timeout: float = 20.0) -> list[str]:
+        """The recipients the discard transport took ("status=sent"), once
+        there are ``want`` of them (Postfix's queue manager is asynchronous)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = re.findall(r"to=<([^>]*)>, relay=none.*status=sent", self.log())
+            if len(got) >= want or time.monotonic() > deadline:
+                return sorted(got)
+            time.sleep(0.05)
+
+    def errors(self) -> list[str]:
+        """Protocol trouble Postfix logged (the port probes' "lost connection
+        after CONNECT" aside)."""
+        return [
+            ln
+            for ln in self.log().splitlines()
+            if "improper command pipelining" in ln
+            or ("lost connection" in ln and "after CONNECT" not in ln)
+            or "timeout after" in ln
+        ]
+
+
+@contextlib.contextmanager
+def start_postfix() -> Iterator[Postfix]:
+    if not (os.path.exists(MASTER) and shutil.which("postfix")):
+        if IN_CI:
+            pytest.fail("Postfix is required in CI (.ci/run installs it)")
+        pytest.skip("Postfix not installed")
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix master needs root")
+    d = Path(tempfile.mkdtemp(prefix="fastsend-postfix-"))
+    d.chmod(0o755)
+    for sub in ("etc", "queue", "data"):
+        (d / sub).mkdir()
+    shutil.chown(d / "data", "postfix")
+    ca = trustme.CA()
+    cert = ca.issue_cert("postfix.test")
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    ports = {name: free_port() for name in LISTENERS}
+    (d / "etc" / "main.cf").write_text(MAIN_CF.format(d=d))
+    (d / "etc" / "master.cf").write_text(MASTER_CF.format(**ports))
+    env = {**os.environ, "MAIL_CONFIG": str(d / "etc")}
+    check = subprocess.run(["postfix", "check"], env=env, capture_output=True, text=True)
+    if check.returncode:
+        raise RuntimeError(f"postfix check failed: {check.stdout}{check.stderr}")
+    with open(d / "maillog", "wb") as log:
+        proc = subprocess.Popen([MASTER, "-d"], env=env, stdout=log, stderr=log)
+    try:
+        for port in ports.values():
+            wait_port("127.0.0.1", port)
+        yield Postfix(ports, d, ca)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postfix() -> Iterator[Postfix]:
+    with start_postfix() as pf:
+        yield pf
+
+
+@pytest.fixture(autouse=True)
+def client_twin(impl: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(tr, "SMTPClient", client_class(impl))
+    monkeypatch.setattr(tr, "Link", link_class(impl))
+    return impl
+
+
+def envelope(tag: int, rcpts: list[str], body: bytes = b"") -> Envelope:
+    data = b"Subject: %d\r\nFrom: s@sender.test\r\n\r\n.dot line\r\n%sbody\r\n" % (tag, body)
+    return Envelope(f"bounce-{tag}@sender.test", rcpts, data, tag=tag)
+
+
+async def must_connect(opts: ConnectOptions) -> SMTPConnection:
+    conn = await connect(opts)
+    assert isinstance(conn, SMTPConnection), conn
+    return conn
+
+
+RCPT_SETS = [
+    ["a{n}@x.test", "permfail@x.test", "tempfail@x.test"],
+    ["permfail@x.test", "policy@x.test"],  # nothing accepted
+    ["b{n}@x.test"],
+    ["c{n}@x.test", "d{n}@x.test"],
+]
+WANT = {"permfail": ("failed", "5.1.1"), "tempfail": ("deferred", "4.2.0")}
+WANT["policy"] = ("failed", "5.7.1")
+
+
+@pytest.mark.parametrize("listener", ["full", "data", "lockstep"])
+def test_postfix_smtpd_transactions_with_refusals_at_rcpt(
+    run: Run, postfix: Postfix, listener: str, loop_kind: str, client_twin: str
+) -> None:
+    """Pipelined with BDAT, pipelined with DATA, and one command at a time:
+    each recipient's outcome as Postfix answered it, Postfix took exactly
+    the accepted ones, and logged no improper pipelining or lost connection."""
+    n = f"-{listener}-{loop_kind}-{client_twin}-"
+    batch = [
+        envelope(i, [r.format(n=n + str(i)) for r in rs])
+        for i, rs in enumerate(RCPT_SETS * 3)
+    ]
+    before = len(postfix.sent(0, 0))
+
+    async def go() -> Any:
+        opts = ConnectOptions(host="127.0.0.1", port=postfix.ports[listener], tls="off")
+        conn = await must_connect(opts)
+        caps = set(conn.capabilities)
+        results = await conn.send(batch)
+        await conn.quit()
+        return caps, results
+
+    caps, results = run(go())
+    assert ("CHUNKING" in caps, "PIPELINING" in caps) == {
+        "full": (True, True), "data": (False, True), "lockstep": (False, False)
+    }[listener]  # fmt: skip
+    accepted = []
+    for r, e in zip(results, batch, strict=True):
+        assert r.tag == e.tag
+        for o, rcpt in zip(r.outcomes, e.rcpts, strict=True):
+            local = rcpt.split("@")[0]
+            if local in WANT:
+                assert (o.kind, o.enhanced, o.stage) == (*WANT[local], "rcpt"), (rcpt, o)
+            else:
+                assert (o.kind, o.stage) == ("delivered", "data"), (rcpt, o)
+                accepted.append(rcpt)
+    assert len(accepted) == 3 * 4
+    got = [r for r in postfix.sent(before + len(accepted)) if n in r]
+    assert got == sorted(accepted)
+    assert [e for e in postfix.errors() if "127.0.0.1" in e] == []
+
+
+def test_postfix_smtpd_size_limit(run: Run, postfix: Postfix) -> None:
+    """SIZE 3000: a larger message is failed 5.3.4 without being sent (RFC
+    1870), the others on the same connection are delivered."""
+
+    async def go() -> Any:
+        opts = ConnectOptions(host="127.0.0.1", port=postfix.ports["small"], tls="off")
+        conn = await must_connect(opts)
+        size = conn.capabilities.get("SIZE")
+        results = await conn.send(
+            [
+                envelope(0, ["small0@x.test"]),
+                envelope(1, ["big1@x.test"], (b"x" * 70 + b"\r\n") * 60),
+                envelope(2, ["small2@x.test"]),
+            ]
+        )
+        await conn.quit()
+        return size, results
+
+    size, results = run(go())
+    assert size == "3000"
+    results.sort(key=lambda r: r.tag)  # the local refusal comes first
+    kinds = [(r.outcomes[0].kind, r.outcomes[0].enhanced) for r in results]
+    assert kinds == [("delivered", "2.0.0"), ("failed", "5.3.4"), ("delivered", "2.0.0")], results
+    assert "big1@x.test" not in postfix.log()
+
+
+def test_postfix_smtpd_starttls_opportunistic_and_required(run: Run, postfix: Postfix) -> None:
+    """STARTTLS with a certificate no system CA signed: opportunistic TLS
+    encrypts anyway (RFC 7435); "required" verifies, so it defers unless the
+    CA is trusted and the MX name matches the certificate."""
+    import ssl
+
+    port = postfix.ports["tls"]
+    trusted = ssl.create_default_context()
+    postfix.ca.configure_trust(trusted)
+
+    async def go() -> Any:
+        conn = await must_connect(ConnectOptions(host="127.0.0.1", port=port))
+        tls = conn.tls_active
+        first = await conn.send([envelope(0, ["tls0@x.test"])])
+        await conn.quit()
+        bad = await connect(ConnectOptions(host="127.0.0.1", port=port, tls="required"))
+        wrong_name = await connect(
+            ConnectOptions(
+                host="127.0.0.1", port=port, tls="required", ssl_context=trusted,
+                server_hostname="mx.other.test",
+            )
+        )  # fmt: skip
+        good = await must_connect(
+            ConnectOptions(
+                host="127.0.0.1", port=port, tls="required", ssl_context=trusted,
+                server_hostname="postfix.test",
+            )
+        )  # fmt: skip
+        second = await good.send([envelope(1, ["tls1@x.test"])])
+        await good.quit()
+        return tls, first, bad, wrong_name, second
+
+    tls, first, bad, wrong_name, second = run(go())
+    assert tls and first[0].outcomes[0].delivered
+    for out in (bad, wrong_name):
+        assert isinstance(out, Outcome) and out.deferred and out.stage == "starttls", out
+    assert second[0].outcomes[0].delivered
+    assert postfix.sent(2)
+    assert "starttls=1 mail=1" in postfix.log()
