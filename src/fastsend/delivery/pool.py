@@ -16,6 +16,12 @@ others for DOWN_FOR seconds. When every host fails, the envelopes it would
 have carried are answered with that failure (deferred or failed), so nothing
 waits forever on a dead site.
 
+A connection that cannot be opened while others of its site are open or
+opening (a 421 "too many concurrent connections" greeting, a listen backlog
+that drops the SYN) leaves the mail to them: it ends without deferring any,
+and the site opens no more than the sessions it has for CAP_FOR seconds.
+Only the site's last connection answers the mail with its failure.
+
 A session that ends under a pipelined group (the server's 421 "too many
 messages in this connection" after N, a dropped connection) leaves envelopes
 the server never took nor refused (their MAIL or RCPT unanswered, or answered
@@ -79,6 +85,9 @@ MAX_READY_DELAY = 1.0  # delay for envelopes over max_ready at a site with no ra
 MX_ADDRESSES = 5
 MX_PER_NAME = 2
 DOWN_FOR = 60.0
+# A connection refused while others of the site work caps the site's
+# connections at those that work for this long (then it probes again).
+CAP_FOR = 60.0
 # Outcomes of a session's end that say the server neither took nor refused
 # the envelope: its MAIL/RCPT unanswered (code 0) or answered by the 421
 # that ended the session, or never started ("local").
@@ -131,6 +140,9 @@ class SiteQueue:
         self.closing = False
         self.sending = 0  # pipelined groups written and not yet answered
         self.nconn = 0  # connection tasks running
+        self.sessions = 0  # ... of which have an open session
+        self.cap = 0  # the most connections to open before cap_until (0: no cap)
+        self.cap_until = 0.0
         d = config.delivery
         t = d.command_timeout
         self.timeouts = Timeouts(
@@ -199,6 +211,11 @@ class SiteQueue:
             return
         d = self.config.delivery
         limit = self.limits.max_connections * len(self.pool.ips)
+        if self.cap:
+            if time.monotonic() < self.cap_until:
+                limit = min(limit, self.cap)
+            else:
+                self.cap = 0
         # One more connection per `pipeline` envelopes waiting, up to the limit.
         want = min(limit, max(1, -(-len(self.pending) // d.pipeline)))
         while self.active < want:
@@ -341,6 +358,13 @@ class SiteQueue:
                 except Exception as e:  # a local bug: answer like a failed connect
                     conn = _local_error(e, "connect")
                 if isinstance(conn, Outcome):
+                    if self.nconn > 1:
+                        # Others are open or opening: this one is over what the
+                        # site takes. Leave the mail to them; open no more for now.
+                        self.cap = max(1, self.sessions)
+                        self.cap_until = time.monotonic() + CAP_FOR
+                        self.count("connections_over_site_cap")
+                        break
                     failed = self._take()
                     if failed:
                         self.report(
@@ -351,6 +375,7 @@ class SiteQueue:
                     continue
                 mx = conn.mx
                 progress = False  # this connection delivered something
+                self.sessions += 1
                 try:
                     while conn.usable:
                         if not self.pending:
@@ -414,6 +439,7 @@ class SiteQueue:
                         batch = []
                         self.report(results, ip, mx)
                 finally:
+                    self.sessions -= 1
                     if conn.usable:
                         await conn.quit()
                     else:
