@@ -591,6 +591,12 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
                 return Outcome(DEFERRED, 0, "", text, "starttls", mx)
         else:
             reply = await conn.command(client.send_starttls())
+            if reply.code == 0 and tls == "opportunistic":
+                # The STARTTLS exchange broke the session (garbage or data
+                # after the 220, a drop, no answer): a broken TLS setup, as a
+                # failed handshake is. Once more in clear, not deferred forever.
+                conn.close()
+                return _TLSFailed()
             if reply.code != 220:
                 if tls == "required" or reply.code == 0 or client.state != READY:
                     await conn.quit()
