@@ -104,3 +104,42 @@ def test_over_the_cap_overflows_to_warmed_ips() -> None:
         if p.warmup_start_day is not None:
             pool.warmup(p, "google", now).sent += 1
     assert picks["127.0.0.2"] == cap and picks["127.0.0.3"] == cap * 3
+
+
+def test_a_workers_capped_ips_leave_the_rest_to_warmed_ips_on_other_workers(
+    tmp_path: Path,
+) -> None:
+    """Two workers split the pool's addresses: one holds only the warming
+    127.0.0.3 (30 a day), the other the warmed .2 and .4. Over .3's cap, the
+    first worker's share goes to the others within seconds, through the real
+    binary to aiosmtpd (it used to wait, unattempted, for UTC midnight: half
+    a campaign hours late while warmed addresses idled)."""
+    from collections import Counter
+
+    from tests._engine_helpers import run_fastsend, summary, write_campaign, write_recipients
+
+    from _smtp_helpers import aiosmtpd_server
+    from conftest import free_port
+
+    port = free_port()
+    n = 2000
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, [f"u{i}@d{i % 7}.test" for i in range(n)])
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        '[pools]\ndefault = "main"\n[pools.warmup]\nschedule = [30, 60]\n[pools.main]\n'
+        'ips = [{ip = "127.0.0.2"}, {ip = "127.0.0.3", warmup_day = 1}, {ip = "127.0.0.4"}]\n'
+        "[workers]\ncount = 2\n"
+    )
+    with aiosmtpd_server(port) as (_ctl, handler):
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+            "--route", f"*=127.0.0.1:{port}", "--spool", str(tmp_path / "spool"),
+            "--json", "--no-dkim", "--no-progress", "--max-wait", "30",
+            timeout=300,
+        )  # fmt: skip
+        by_ip = Counter(m["peer"][0] for m in handler.messages)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = summary(proc)
+    assert (s["delivered"], s["deferred"]) == (n, 0), (s, by_ip)
+    assert by_ip["127.0.0.3"] <= 30 and sum(by_ip.values()) == n
