@@ -144,9 +144,10 @@ def start_postfix() -> Iterator[Postfix]:
     if os.geteuid() != 0:
         pytest.skip("a private Postfix master needs root")
     d = Path(tempfile.mkdtemp(prefix="fastsend-postfix-"))
-    d.chmod(0o755)
+    d.chmod(0o755)  # whatever the umask: Postfix's own users must traverse it
     for sub in ("etc", "queue", "data"):
         (d / sub).mkdir()
+        (d / sub).chmod(0o755)
     shutil.chown(d / "data", "postfix")
     ca = trustme.CA()
     cert = ca.issue_cert("postfix.test")
@@ -156,11 +157,16 @@ def start_postfix() -> Iterator[Postfix]:
     (d / "etc" / "main.cf").write_text(MAIN_CF.format(d=d))
     (d / "etc" / "master.cf").write_text(MASTER_CF.format(**ports))
     env = {**os.environ, "MAIL_CONFIG": str(d / "etc")}
-    check = subprocess.run(["postfix", "check"], env=env, capture_output=True, text=True)
+    # Postfix creates its queue and sockets with the caller's umask: the usual one.
+    check = subprocess.run(
+        ["postfix", "check"], env=env, capture_output=True, text=True, umask=0o022
+    )
     if check.returncode:
         raise RuntimeError(f"postfix check failed: {check.stdout}{check.stderr}")
     with open(d / "maillog", "wb") as log:
-        proc = subprocess.Popen([MASTER, "-d"], env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [MASTER, "-d"], env=env, stdout=log, stderr=log, umask=0o022
+        )
     try:
         for port in ports.values():
             wait_port("127.0.0.1", port)
