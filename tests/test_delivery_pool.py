@@ -47,6 +47,7 @@ def send_groups(
     pipeline: int = 4,
     site: Site | None = None,
     connections: int = 1,
+    rcpts: int = 1,
     **connect: Any,
 ) -> list[list[TxnResult]]:
     """``n`` messages through up to ``connections`` connections at a time
@@ -65,14 +66,26 @@ def send_groups(
 
         def report(results: list[TxnResult], ip: str, mx: str) -> None:
             groups.append(results)
-            if sum(len(g) for g in groups) >= n:
+            if sum(len(r.outcomes) for g in groups for r in g) >= n:
                 done.set()
 
         q = pool.SiteQueue(
             site, ["127.0.0.1"], cfg, report, "localhost", connect_options=connect or None
         )
         body = b"Subject: x\r\n\r\nhi\r\n"
-        q.push([Envelope("s@example.org", [f"r{i}@x.example"], body, tag=i) for i in range(n)])
+        if rcpts == 1:
+            envs = [Envelope("s@example.org", [f"r{i}@x.example"], body, tag=i) for i in range(n)]
+        else:  # identical messages: one transaction for `rcpts` recipients
+            envs = [
+                Envelope(
+                    "s@example.org",
+                    [f"r{i}@x.example" for i in range(k, k + rcpts)],
+                    body,
+                    tag=list(range(k, k + rcpts)),
+                )
+                for k in range(0, n, rcpts)
+            ]
+        q.push(envs)
         await asyncio.wait_for(done.wait(), 30)
         await q.close()
 
@@ -157,3 +170,23 @@ def test_connections_over_the_receivers_limit_leave_the_mail_to_the_others(
     assert sorted(r.tag for g in groups for r in g) == list(range(600))
     assert [o for o in outcomes if not o.delivered][:3] == []
     assert len(received) == 600
+
+
+def test_recipients_over_the_receivers_limit_go_in_the_next_transaction(
+    run: Run, tmp_path: Any
+) -> None:
+    """Exim takes 10 recipients per message (recipients_max) and answers the
+    11th RCPT "452 too many recipients": the rest of a 25-recipient
+    transaction goes in the next transaction on the same connection (RFC
+    5321 4.5.3.1.10; Postfix does the same), not back to the queue as
+    deferred for a retry interval (300 identical messages: 286 deferrals
+    through the binary before)."""
+    with start_exim("recipients_max = 10\n") as exim:
+        groups = send_groups(run, exim.port, 75, str(tmp_path), rcpts=25)
+        received = exim.received()
+    ids = sorted(i for g in groups for r in g for i in r.tag)
+    outcomes = [o for g in groups for r in g for o in r.outcomes]
+    assert ids == list(range(75)) and len(outcomes) == 75
+    assert [o for o in outcomes if not o.delivered][:3] == []
+    assert sorted(r for _s, rs in received for r in rs) == sorted(f"r{i}@x.example" for i in range(75))
+    assert max(len(rs) for _s, rs in received) == 10

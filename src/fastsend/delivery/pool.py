@@ -455,6 +455,8 @@ class SiteQueue:
                                     break
                         elif not progress:
                             progress = conn.delivered_one > 0 or _any_delivered(results)
+                        if conn.delivered_one != len(results):  # not all one-recipient deliveries
+                            results = self._split_over_limit(results, batch)
                         if not lane.free or conn.delivered_one != len(results):
                             group = pipeline  # a rate to keep, or a reply to react to
                         elif took < GROUP_QUICK:
@@ -512,6 +514,61 @@ class SiteQueue:
             self.count("requeued_after_session_end", len(back))
         return keep
 
+    def _split_over_limit(
+        self, results: list[TxnResult], batch: list[Envelope]
+    ) -> list[TxnResult]:
+        """Recipients a transaction's RCPTs were refused with 452 "too many
+        recipients" (RFC 5321 4.5.3.1.10: the server's recipient limit) after
+        others were taken go in a new transaction at the front of the ready
+        queue, as Postfix sends them, not back as deferred; returns the
+        results to report (those recipients left out)."""
+        out: list[TxnResult] | None = None
+        env_of: dict[int, Envelope] | None = None
+        for n, tr in enumerate(results):
+            split = self._split_one(tr, batch, env_of) if len(tr.outcomes) > 1 else None
+            if split is None:
+                if out is not None:
+                    out.append(tr)
+                continue
+            if out is None:
+                out = results[:n]
+            env_of, kept = split
+            out.append(kept)
+        if out is None:
+            return results
+        return out
+
+    def _split_one(
+        self, tr: TxnResult, batch: list[Envelope], env_of: dict[int, Envelope] | None
+    ) -> tuple[dict[int, Envelope], TxnResult] | None:
+        """_split_over_limit for one result: None when it has no recipient to
+        send again, else (the batch's envelopes by tag, what to report)."""
+        outs = tr.outcomes
+        tag = tr.tag
+        if not isinstance(tag, list) or len(tag) != len(outs):
+            return None
+        over = [k for k, o in enumerate(outs) if _over_limit(o)]
+        if not over or not any(o.kind == DELIVERED for o in outs):
+            return None  # (none taken: the limit is not per transaction)
+        if env_of is None:
+            env_of = {id(e.tag): e for e in batch}
+        env = env_of.get(id(tag))
+        if env is None or len(env.rcpts) != len(outs):
+            return None
+        self.pending.appendleft(
+            Envelope(
+                env.mail_from,
+                [env.rcpts[k] for k in over],
+                env.data,
+                tag=[tag[k] for k in over],
+                smtputf8=env.smtputf8,
+                eightbit=env.eightbit,
+            )
+        )
+        self.count("recipients_over_limit", len(over))
+        keep = [k for k in range(len(outs)) if k not in over]
+        return env_of, TxnResult([tag[k] for k in keep], [outs[k] for k in keep], tr.queue_id)
+
     async def _pause(self, wait: float) -> None:
         """Sleep ``wait`` seconds (a shaping wait), or until close()."""
         if self.closing:
@@ -527,6 +584,15 @@ class SiteQueue:
         self.wakeup.set()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _over_limit(o: Outcome) -> bool:
+    """A RCPT refused because the transaction has too many recipients."""
+    return (
+        o.code == 452
+        and o.stage == "rcpt"
+        and (o.enhanced == "4.5.3" or "recipients" in o.text.lower())
+    )
 
 
 def _any_delivered(results: list[TxnResult]) -> bool:
