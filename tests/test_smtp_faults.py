@@ -25,6 +25,7 @@ from fastsend.smtp import ConnectOptions, SMTPConnection, Timeouts, connect
 from fastsend.smtp import transport as tr
 
 Run = Callable[[Any], Any]
+STALL = b"stall"  # a reply that never comes
 EHLO_TLS = b"250-scripted\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
 
 
@@ -74,6 +75,8 @@ class Scripted:
         self.sessions.append(seen)
         state: dict[str, int] = {"messages": 0}
         try:
+            if self.greeting == STALL:
+                await asyncio.sleep(3600)
             await self._write(w, self.greeting)
             if not self.greeting.startswith(b"220"):
                 return
@@ -101,10 +104,14 @@ class Scripted:
                     }.get(verb, b"250 2.0.0 Ok\r\n")
                 if answer == b"":  # drop the connection here
                     return
+                if answer == STALL:
+                    await asyncio.sleep(3600)
                 await self._write(w, answer)
                 if verb == "QUIT" or answer.startswith(b"421"):
                     return
                 if verb == "STARTTLS" and answer.startswith(b"220"):
+                    if self.tls_garbage == STALL:  # a TLS handshake that never starts
+                        await asyncio.sleep(3600)
                     await self._write(w, self.tls_garbage)
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -121,7 +128,7 @@ def envs(n: int, rcpts: tuple[str, ...] = ("a@example.com",)) -> list[Envelope]:
     ]
 
 
-SHORT = Timeouts(connect=2, greeting=2, ehlo=2, starttls=2, mail=2, rcpt=2, data=2, data_end=2)
+SHORT = Timeouts(connect=2, greeting=2, ehlo=2, starttls=0.5, mail=2, rcpt=2, data=2, data_end=2)
 
 
 async def session(server: Scripted, n: int = 2, **opts: Any) -> Any:
@@ -160,10 +167,12 @@ def test_starttls_refused_454_continues_in_clear_unless_required(run: Run) -> No
     assert server.sessions[0][:2] == [b"EHLO localhost", b"STARTTLS"]
 
 
-@pytest.mark.parametrize("after_220", [b"this is not TLS\r\n", b""], ids=["garbage", "close"])
+@pytest.mark.parametrize(
+    "after_220", [b"this is not TLS\r\n", b"", STALL], ids=["garbage", "close", "silent"]
+)
 def test_starttls_accepted_then_broken_falls_back_to_clear_once(run: Run, after_220: bytes) -> None:
-    """The server says 220 to STARTTLS and then writes plain text (or just
-    closes): no TLS session. Opportunistic TLS delivers on a second
+    """The server says 220 to STARTTLS and then writes plain text, closes, or
+    says nothing until the handshake times out: no TLS session. Opportunistic TLS delivers on a second
     connection in clear (as Postfix does; plain text after the 220 used to
     defer the mail at every attempt until it expired); "required" defers;
     nothing is sent on the broken connection."""
@@ -266,3 +275,45 @@ def test_connection_dropped_mid_pipeline(run: Run) -> None:
     kinds = [(r.outcomes[0].kind, r.outcomes[0].code) for r in sorted(results, key=lambda r: r.tag)]
     assert kinds[0] == ("delivered", 250)
     assert all(k == ("deferred", 0) for k in kinds[1:]), kinds
+
+
+# Each stage's own limit (RFC 5321 4.5.3.2), distinct so the text names which.
+STAGED = Timeouts(
+    connect=5, greeting=0.31, ehlo=0.32, starttls=0.33, mail=0.34, rcpt=0.35, data=0.36,
+    data_end=0.37,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("replies", "greeting", "stage", "limit"),
+    [
+        ({}, STALL, "greeting", "0.31"),
+        ({"EHLO": STALL}, b"", "ehlo", "0.32"),
+        ({"MAIL": STALL}, b"", "mail", "0.34"),
+        ({"RCPT": STALL}, b"", "rcpt", "0.35"),
+        ({"DATA": STALL}, b"", "data", "0.36"),
+        ({"EHLO": b"250-x\r\n250 STARTTLS\r\n", "STARTTLS": STALL}, b"", "starttls", "0.33"),
+    ],
+    ids=["greeting", "ehlo", "mail", "rcpt", "data", "starttls"],
+)
+def test_each_stage_times_out_with_its_own_limit(
+    run: Run, replies: dict[str, bytes], greeting: bytes, stage: str, limit: str
+) -> None:
+    """A server that stops answering at each stage: the mail is deferred
+    with that stage's timeout (one command at a time, so each command waits
+    alone; STARTTLS required, so the stall is not retried in clear)."""
+    server = Scripted(replies, greeting=greeting or Scripted.greeting)
+    tls = "required" if stage == "starttls" else "off"
+
+    async def body(s: Scripted) -> Any:
+        conn = await connect(
+            ConnectOptions(host="127.0.0.1", port=s.port, timeouts=STAGED, tls=tls)
+        )
+        if isinstance(conn, Outcome):
+            return conn
+        (r,) = await conn.send(envs(1))
+        return r.outcomes[0]
+
+    out = scripted(run, server, body)
+    assert out.deferred and out.stage == stage, out
+    assert out.text == f"timeout: no reply to {stage} after {limit} s", out
