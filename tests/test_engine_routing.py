@@ -206,7 +206,9 @@ def test_mx_cname_servfail_and_preference(dns_server: DNSServer) -> None:
     r = _resolver(dns_server)
 
     async def go() -> list[Any]:
-        return [await r.site_for(d) for d in ("cname.test", "broken.test", "gone.test", "order.test")]
+        return [
+            await r.site_for(d) for d in ("cname.test", "broken.test", "gone.test", "order.test")
+        ]
 
     cname, broken, gone, order = asyncio.run(go())
     assert isinstance(cname, Site) and [h.address for h in cname.hosts] == ["127.0.0.7"]
@@ -215,3 +217,58 @@ def test_mx_cname_servfail_and_preference(dns_server: DNSServer) -> None:
     assert isinstance(gone, Outcome) and (gone.kind, gone.enhanced) == ("failed", "5.1.2")
     assert isinstance(order, Site)
     assert [h.address for h in order.hosts] == ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+
+
+def test_mx_fallback_through_the_binary(tmp_path: Path, dns_server: DNSServer) -> None:
+    """The preferred MX's three addresses refuse connections; the next MX
+    (preference 20, a CNAME to its host) takes the mail; a domain whose only
+    MX host does not exist is deferred (4.4.3), not bounced; a null MX next
+    to another MX still bounces at once (5.1.10, no attempt)."""
+    from _smtp_helpers import aiosmtpd_server
+    from conftest import free_port
+
+    port = free_port()
+    dns_server.set_zones(
+        {
+            "backup.test": [("MX", "10 mx1.backup.test."), ("MX", "20 mx2.backup.test.")],
+            "mx1.backup.test": [("A", "127.0.0.9"), ("A", "127.0.0.10"), ("A", "127.0.0.11")],
+            "mx2.backup.test": [("CNAME", "host2.backup.test.")],
+            "host2.backup.test": [("A", "127.0.0.1")],
+            "nohost.test": [("MX", "10 gone.nohost.test.")],
+            "nullmix.test": [("MX", "0 ."), ("MX", "10 mx2.backup.test.")],
+        }
+    )
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(
+        tmp_path, ["a@backup.test", "b@backup.test", "c@nohost.test", "d@nullmix.test"]
+    )
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+        '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
+        "[delivery]\nallow_private_mx = true\n"
+    )
+    with aiosmtpd_server(port) as (_ctl, handler):
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+            "--spool", str(tmp_path / "spool"), "--json", "--no-dkim", "--no-progress",
+            "--max-wait", "1",
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary(proc)
+    assert (s["delivered"], s["deferred"], s["bounced"]) == (2, 1, 1), s
+    assert sorted(r for m in handler.messages for r in m["rcpts"]) == [
+        "a@backup.test",
+        "b@backup.test",
+    ]
+    events = {
+        e["rcpt"]: e
+        for e in map(orjson.loads, (tmp_path / "spool" / "events.jsonl").read_bytes().splitlines())
+        if e["event"] in ("delivered", "deferred", "bounced")
+    }
+    assert events["a@backup.test"]["mx"].startswith("mx2.backup.test[127.0.0.1]")
+    assert events["c@nohost.test"]["enhanced"] == "4.4.3"
+    assert (events["d@nullmix.test"]["event"], events["d@nullmix.test"]["enhanced"]) == (
+        "bounced",
+        "5.1.10",
+    )
