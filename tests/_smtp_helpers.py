@@ -142,12 +142,12 @@ class RecordingHandler:
 
 @contextlib.contextmanager
 def aiosmtpd_server(
-    port: int, tls_context: ssl.SSLContext | None = None, **kwargs: Any
+    port: int, tls_context: ssl.SSLContext | None = None, host: str = "127.0.0.1", **kwargs: Any
 ) -> Iterator[tuple[Controller, RecordingHandler]]:
     handler = RecordingHandler()
     if tls_context is not None:
         kwargs["tls_context"] = tls_context
-    ctl = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
+    ctl = Controller(handler, hostname=host, port=port, **kwargs)
     ctl.start()
     try:
         yield ctl, handler

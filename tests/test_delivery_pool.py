@@ -188,5 +188,30 @@ def test_recipients_over_the_receivers_limit_go_in_the_next_transaction(
     outcomes = [o for g in groups for r in g for o in r.outcomes]
     assert ids == list(range(75)) and len(outcomes) == 75
     assert [o for o in outcomes if not o.delivered][:3] == []
-    assert sorted(r for _s, rs in received for r in rs) == sorted(f"r{i}@x.example" for i in range(75))
+    assert sorted(r for _s, rs in received for r in rs) == sorted(
+        f"r{i}@x.example" for i in range(75)
+    )
     assert max(len(rs) for _s, rs in received) == 10
+
+
+def test_equal_preference_hosts_share_the_connections(run: Run, tmp_path: Any) -> None:
+    """Two MX hosts of one preference (RFC 5321 5.1: spread the load) and a
+    backup: new connections take the two in turn (one message per connection
+    here), the backup none. Before, every connection went to the first."""
+    port = free_port()
+    site = Site(
+        "mx:a.example.test,b.example.test,c.example.test",
+        (
+            Host("a.example.test", "127.0.0.1", port, 10),
+            Host("b.example.test", "127.0.0.5", port, 10),
+            Host("c.example.test", "127.0.0.6", port, 20),
+        ),
+    )
+    with (
+        aiosmtpd_server(port) as (_c1, first),
+        aiosmtpd_server(port, host="127.0.0.5") as (_c2, second),
+        aiosmtpd_server(port, host="127.0.0.6") as (_c3, backup),
+    ):
+        groups = send_groups(run, port, 8, str(tmp_path), site=site, max_messages=1)
+    assert [o.delivered for g in groups for r in g for o in r.outcomes] == [True] * 8
+    assert (len(first.messages), len(second.messages), len(backup.messages)) == (4, 4, 0)

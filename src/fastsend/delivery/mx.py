@@ -70,6 +70,7 @@ class Host(msgspec.Struct, frozen=True):
     name: str  # MX host name (or route host)
     address: str  # IP to connect to
     port: int
+    pref: int = 0  # the MX preference (0 for a route): equal ones share the load
 
 
 class Site(msgspec.Struct, frozen=True):
@@ -257,13 +258,13 @@ class MXResolver:
         hosts: list[Host] = []
         last_err: Outcome | None = None
         refused = []
-        for _pref, name in records:
+        for pref, name in records:
             addrs = await self._addresses(name)
             if isinstance(addrs, Outcome):
                 last_err = addrs
                 continue
             ok = self._public(addrs, refused)
-            hosts.extend(Host(name, a, self.mx_port) for a in ok)
+            hosts.extend(Host(name, a, self.mx_port, pref) for a in ok)
         if not hosts and refused:
             return _refused(domain, refused), ttl
         if not hosts:

@@ -8,8 +8,10 @@ group, reuses itself for up to ``max_messages_per_connection`` messages, and
 closes (QUIT) after ``idle_timeout`` with nothing to do. Connections are spread
 over the worker's source IPs round-robin.
 
-A connection that cannot be opened tries the site's next host, in preference
-order: up to MX_ADDRESSES addresses, at most MX_PER_NAME of one MX name while
+A new connection tries the site's addresses in preference order, those of
+equal preference (MX hosts of one preference, a host's addresses) in turn
+from one connection to the next, to spread the load (RFC 5321 5.1; Postfix's
+smtp_randomize_addresses): up to MX_ADDRESSES addresses, at most MX_PER_NAME of one MX name while
 another name is left (so a preferred MX whose addresses are all down still
 leaves its backup MX tried); an address that did not answer is tried after the
 others for DOWN_FOR seconds. When every host fails, the envelopes it would
@@ -138,6 +140,10 @@ class SiteQueue:
             domain = hosts[0]
         self.limits = limits or self.shaper.site_limits(site.key, hosts, domain)
         self.candidates = _candidates(site.hosts)
+        # Equal-preference addresses, taken in turn by new connections.
+        self.turn = 0
+        prefs = [h.pref for h in site.hosts]
+        self.spread = len(prefs) > len(set(prefs))
         self.warm_elsewhere: bool | None = None  # _warm_elsewhere, once known
         self.down: dict[str, float] = {}  # address -> until when it is tried last
         self.pending: collections.deque[Envelope] = collections.deque()
@@ -320,6 +326,9 @@ class SiteQueue:
         ip = lane.ip
         last: Outcome | None = None
         hosts = self.candidates
+        if self.spread:
+            self.turn += 1
+            hosts = _candidates(_rotate(self.site.hosts, self.turn))
         if self.down:
             now = time.monotonic()
             for a in [a for a, until in self.down.items() if until <= now]:
@@ -597,6 +606,22 @@ def _over_limit(o: Outcome) -> bool:
 
 def _any_delivered(results: list[TxnResult]) -> bool:
     return any(o.kind == DELIVERED for tr in results for o in tr.outcomes)
+
+
+def _rotate(hosts: tuple[Host, ...], turn: int) -> tuple[Host, ...]:
+    """``hosts`` (in preference order) with each run of equal preference
+    rotated by ``turn``."""
+    out: list[Host] = []
+    i, n = 0, len(hosts)
+    while i < n:
+        j = i + 1
+        while j < n and hosts[j].pref == hosts[i].pref:
+            j += 1
+        run = hosts[i:j]
+        k = turn % len(run)
+        out.extend(run[k:] + run[:k])
+        i = j
+    return tuple(out)
 
 
 def _candidates(hosts: tuple[Host, ...]) -> list[Host]:
