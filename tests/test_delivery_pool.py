@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socketserver
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -215,3 +217,77 @@ def test_equal_preference_hosts_share_the_connections(run: Run, tmp_path: Any) -
         groups = send_groups(run, port, 8, str(tmp_path), site=site, max_messages=1)
     assert [o.delivered for g in groups for r in g for o in r.outcomes] == [True] * 8
     assert (len(first.messages), len(second.messages), len(backup.messages)) == (4, 4, 0)
+
+
+@contextlib.contextmanager
+def closing_server(after: int, reply: bytes) -> Iterator[tuple[int, list[int]]]:
+    """A pipelining SMTP server (in a thread) that answers the MAIL after
+    ``after`` messages with ``reply`` and closes; yields (port, messages per
+    session)."""
+    sessions: list[int] = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            n = 0
+            sessions.append(0)
+            k = len(sessions) - 1
+            self.wfile.write(b"220 scripted ESMTP\r\n")
+            while line := self.rfile.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    self.wfile.write(b"250-scripted\r\n250 PIPELINING\r\n")
+                elif verb == b"MAIL" and n == after:
+                    self.wfile.write(reply)
+                    return
+                elif verb == b"DATA":
+                    self.wfile.write(b"354 go\r\n")
+                    while self.rfile.readline() not in (b".\r\n", b""):
+                        pass
+                    n += 1
+                    sessions[k] = n
+                    self.wfile.write(b"250 2.0.0 Ok\r\n")
+                elif verb == b"QUIT":
+                    self.wfile.write(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    self.wfile.write(b"250 2.0.0 Ok\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], sessions
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "again"),
+    [
+        (b"421 4.7.0 Too many messages in this session, closing\r\n", True),
+        (b"421 4.7.28 Unusual rate of unsolicited mail from your IP, closing\r\n", False),
+        (b"421 4.7.0 Try again later, closing connection.\r\n", False),
+    ],
+    ids=["per-session-cap", "rate", "try-later"],
+)
+def test_a_421_that_asks_to_slow_down_is_deferred_not_resent_at_once(
+    run: Run, tmp_path: Any, reply: bytes, again: bool
+) -> None:
+    """The server ends the session with 421 at the third MAIL of a group. A
+    per-session cap ("in this session") sends the rest on a new session at
+    once; a 421 about the rate or a plain "try again later" is the receiver
+    asking to slow down: the rest is deferred with it (and the shaping reads
+    it), not sent again on a new session."""
+    with closing_server(2, reply) as (port, sessions):
+        groups = send_groups(run, port, 8, str(tmp_path), 8)
+    outcomes = sorted((r.tag, r.outcomes[0].kind, r.outcomes[0].code) for g in groups for r in g)
+    if again:
+        assert [k for _t, k, _c in outcomes] == ["delivered"] * 8
+        assert sessions == [2, 2, 2, 2]
+    else:
+        assert [(k, c) for _t, k, c in outcomes] == [("delivered", 250)] * 2 + [
+            ("deferred", 421)
+        ] * 6
+        assert sessions == [2]

@@ -12,7 +12,9 @@ One master runs several smtpd listeners, each with its own overrides:
   Postfix logs "improper command pipelining" if the client writes ahead;
 - "small": message_size_limit 3000 (SIZE 3000);
 - "tls": STARTTLS with a certificate for postfix.test from a CA only the
-  test knows.
+  test knows;
+- "rate": 5 messages per client per minute (anvil), then 421 4.7.0 "too
+  many messages from" and the session ends.
 
 Recipients: ``permfail@`` 550 5.1.1, ``tempfail@`` 450 4.2.0, ``policy@`` 554
 5.7.1 (check_recipient_access), anyone else accepted.
@@ -82,6 +84,7 @@ MASTER_CF = """\
 127.0.0.1:{lockstep} inet n - n - - smtpd -o smtpd_discard_ehlo_keywords=pipelining,chunking
 127.0.0.1:{small} inet n - n - - smtpd -o message_size_limit=3000
 127.0.0.1:{tls} inet n - n - - smtpd -o smtpd_tls_security_level=may
+127.0.0.1:{rate} inet n - n - - smtpd -o smtpd_client_message_rate_limit=5 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0 -o smtpd_soft_error_limit=100
 cleanup unix n - n - 0 cleanup
 qmgr unix n - n 300 1 qmgr
 pickup unix n - n 60 1 pickup
@@ -100,7 +103,7 @@ tlsmgr unix - - n 1000? 1 tlsmgr
 postlog unix-dgram n - n - 1 postlogd
 """
 
-LISTENERS = ("full", "data", "lockstep", "small", "tls")
+LISTENERS = ("full", "data", "lockstep", "small", "tls", "rate")
 
 
 @dataclass
@@ -322,3 +325,53 @@ def test_postfix_smtpd_starttls_opportunistic_and_required(run: Run, postfix: Po
     assert second[0].outcomes[0].delivered
     assert postfix.sent(2)
     assert "starttls=1 mail=1" in postfix.log()
+
+
+def test_postfix_message_rate_limit_defers_the_rest_of_the_group(
+    run: Run, postfix: Postfix, tmp_path: Any, loop_kind: str, client_twin: str
+) -> None:
+    """Postfix's per-client message rate (smtpd_client_message_rate_limit 5,
+    anvil) answers the 6th MAIL and on "450 4.7.1 Error: too much mail from":
+    through a site queue, 5 delivered and 15 deferred (by that reply, or held
+    by the shaping because of it), in one session, none sent again."""
+    import asyncio
+
+    from fastsend.config import loader
+    from fastsend.delivery import pool
+    from fastsend.delivery.mx import Host, Site
+    from fastsend.outcome import TxnResult
+
+    # anvil counts per client address: one address per variant of the test
+    source = {"py": "127.0.0.21", "c": "127.0.0.22"}[client_twin]
+    source = source[:-1] + str(int(source[-1]) + (2 if loop_kind == "uvloop" else 0))
+    port = postfix.ports["rate"]
+    cfg = loader.from_dict(
+        {"delivery": {"pipeline": 20, "max_connections": 1}}, base_dir=str(tmp_path), files=False
+    )
+    site = Site("route:127.0.0.1", (Host("127.0.0.1", "127.0.0.1", port),))
+    got: list[TxnResult] = []
+    sessions_from = re.compile(rf": connect from \S+\[{re.escape(source)}\]")
+    before = len(sessions_from.findall(postfix.log()))
+
+    async def go() -> None:
+        done = asyncio.Event()
+
+        def report(results: list[TxnResult], ip: str, mx: str) -> None:
+            got.extend(results)
+            if len(got) >= 20:
+                done.set()
+
+        q = pool.SiteQueue(site, [source], cfg, report, "localhost")
+        q.push([envelope(i, [f"rate{i}@x.test"]) for i in range(20)])
+        await asyncio.wait_for(done.wait(), 30)
+        await q.close()
+
+    run(go())
+    delivered = [r for r in got if r.outcomes[0].delivered]
+    late = [o for r in got for o in r.outcomes if not o.delivered]
+    assert len(delivered) == 5 and len(late) == 15 and all(o.deferred for o in late)
+    # the reply itself (the shaping may hold the rest of the group on it)
+    assert f"450 4.7.1 Error: too much mail from {source}" in " ".join(
+        f"{o.code} {o.enhanced} {o.text}" for o in late
+    )
+    assert len(sessions_from.findall(postfix.log())) - before == 1

@@ -27,10 +27,12 @@ Only the site's last connection answers the mail with its failure.
 A session that ends under a pipelined group (the server's 421 "too many
 messages in this connection" after N, a dropped connection) leaves envelopes
 the server never took nor refused (their MAIL or RCPT unanswered, or answered
-with the 421): when the connection had delivered something, they go back to
+with that 421): when the connection had delivered something, they go back to
 the front of the ready queue for the next session, unreported, instead of
 being deferred for a retry interval (Postfix, one message in flight, loses
-at most one; a group of hundreds would all wait).
+at most one; a group of hundreds would all wait). A 421 that is not about
+the session's own cap ("unusual rate", "try again later") asks to slow down:
+its group is deferred and read by the shaping, as before.
 
 Shaping (fastsend.shaping): the site's limits are resolved once per site
 queue; each source IP's :class:`~fastsend.shaping.lanes.Lane` caps its
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,9 +99,16 @@ WARM_HANDOFF = 1.0
 # connections at those that work for this long (then it probes again).
 CAP_FOR = 60.0
 # Outcomes of a session's end that say the server neither took nor refused
-# the envelope: its MAIL/RCPT unanswered (code 0) or answered by the 421
-# that ended the session, or never started ("local").
+# the envelope: its MAIL/RCPT unanswered (code 0: the connection dropped) or
+# answered by a 421 that ends a session at its per-session cap ("too many
+# messages in this connection"), or never started ("local"). Any other 421
+# ("unusual rate", "try again later") asks to slow down: deferred, as before.
 _UNSTARTED_STAGES = frozenset(("mail", "rcpt", "local"))
+_PER_SESSION = re.compile(
+    r"\b(?:in|per|for) (?:this|the|a|one|each|same) (?:connection|session)\b"
+    r"|\bper (?:connection|session)\b",
+    re.IGNORECASE,
+)
 
 
 class SiteQueue:
@@ -511,10 +521,7 @@ class SiteQueue:
         back: list[Envelope] = []
         for tr in results:
             env = env_of.get(id(tr.tag))
-            if env is not None and all(
-                o.kind == DEFERRED and o.code in (0, 421) and o.stage in _UNSTARTED_STAGES
-                for o in tr.outcomes
-            ):
+            if env is not None and all(_unstarted(o) for o in tr.outcomes):
                 back.append(env)
             else:
                 keep.append(tr)
@@ -593,6 +600,16 @@ class SiteQueue:
         self.wakeup.set()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _unstarted(o: Outcome) -> bool:
+    """The session ended before the server took or refused this recipient,
+    and not to slow us down (see _PER_SESSION)."""
+    return (
+        o.kind == DEFERRED
+        and o.stage in _UNSTARTED_STAGES
+        and (o.code == 0 or (o.code == 421 and _PER_SESSION.search(o.text) is not None))
+    )
 
 
 def _over_limit(o: Outcome) -> bool:
