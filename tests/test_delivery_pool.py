@@ -220,15 +220,18 @@ def test_equal_preference_hosts_share_the_connections(run: Run, tmp_path: Any) -
 
 
 @contextlib.contextmanager
-def closing_server(after: int, reply: bytes) -> Iterator[tuple[int, list[int]]]:
+def closing_server(
+    after: int, reply: bytes, rcpt_limit: int = 0, rcpt_reply: bytes = b""
+) -> Iterator[tuple[int, list[int]]]:
     """A pipelining SMTP server (in a thread) that answers the MAIL after
-    ``after`` messages with ``reply`` and closes; yields (port, messages per
-    session)."""
+    ``after`` messages with ``reply`` and closes (``after`` < 0: never), and
+    RCPTs beyond ``rcpt_limit`` per transaction with ``rcpt_reply``; yields
+    (port, messages per session)."""
     sessions: list[int] = []
 
     class Handler(socketserver.StreamRequestHandler):
         def handle(self) -> None:
-            n = 0
+            n = rcpts = 0
             sessions.append(0)
             k = len(sessions) - 1
             self.wfile.write(b"220 scripted ESMTP\r\n")
@@ -239,6 +242,14 @@ def closing_server(after: int, reply: bytes) -> Iterator[tuple[int, list[int]]]:
                 elif verb == b"MAIL" and n == after:
                     self.wfile.write(reply)
                     return
+                elif verb == b"MAIL":
+                    rcpts = 0
+                    self.wfile.write(b"250 2.1.0 Ok\r\n")
+                elif verb == b"RCPT" and rcpt_limit and rcpts >= rcpt_limit:
+                    self.wfile.write(rcpt_reply)
+                elif verb == b"RCPT":
+                    rcpts += 1
+                    self.wfile.write(b"250 2.1.5 Ok\r\n")
                 elif verb == b"DATA":
                     self.wfile.write(b"354 go\r\n")
                     while self.rfile.readline() not in (b".\r\n", b""):
@@ -291,3 +302,23 @@ def test_a_421_that_asks_to_slow_down_is_deferred_not_resent_at_once(
             ("deferred", 421)
         ] * 6
         assert sessions == [2]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"452 4.5.3 Error: too many recipients\r\n", b"552 5.5.3 Too many recipients\r\n"],
+    ids=["452", "552"],
+)
+def test_too_many_recipients_452_or_552_go_in_the_next_transaction(
+    run: Run, tmp_path: Any, reply: bytes
+) -> None:
+    """Postfix's reply to the RCPT over smtpd_recipient_limit, and the 552
+    RFC 821 gave it (RFC 5321 4.5.3.1.10: "clients SHOULD treat a 552 code in
+    this case as a temporary, rather than permanent, failure"): the rest of
+    the transaction goes in the next one, none bounced."""
+    with closing_server(-1, b"", rcpt_limit=4, rcpt_reply=reply) as (port, sessions):
+        groups = send_groups(run, port, 20, str(tmp_path), rcpts=10)
+    outcomes = [o for g in groups for r in g for o in r.outcomes]
+    assert sorted(i for g in groups for r in g for i in r.tag) == list(range(20))
+    assert [o for o in outcomes if not o.delivered][:3] == []
+    assert sum(sessions) == 6  # 4 + 4 + 2 recipients per message, twice

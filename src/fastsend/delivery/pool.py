@@ -564,13 +564,26 @@ class SiteQueue:
         if not isinstance(tag, list) or len(tag) != len(outs):
             return None
         over = [k for k, o in enumerate(outs) if _over_limit(o)]
-        if not over or not any(o.kind == DELIVERED for o in outs):
-            return None  # (none taken: the limit is not per transaction)
+        if not over:
+            return None
         if env_of is None:
             env_of = {id(e.tag): e for e in batch}
         env = env_of.get(id(tag))
-        if env is None or len(env.rcpts) != len(outs):
-            return None
+        if (
+            env is None
+            or len(env.rcpts) != len(outs)
+            or not any(o.kind == DELIVERED for o in outs)  # (the limit is not per transaction)
+        ):
+            if all(outs[k].code == 452 for k in over):
+                return None
+            # A 552 for too many recipients is temporary (RFC 5321 4.5.3.1.10).
+            outs = [
+                Outcome(DEFERRED, o.code, o.enhanced, o.text, o.stage, o.mx)
+                if k in over and o.code == 552
+                else o
+                for k, o in enumerate(outs)
+            ]
+            return env_of, TxnResult(tag, outs, tr.queue_id)
         self.pending.appendleft(
             Envelope(
                 env.mail_from,
@@ -613,11 +626,12 @@ def _unstarted(o: Outcome) -> bool:
 
 
 def _over_limit(o: Outcome) -> bool:
-    """A RCPT refused because the transaction has too many recipients."""
+    """A RCPT refused because the transaction has too many recipients: 452,
+    or the 552 of RFC 821 (RFC 5321 4.5.3.1.10: to be taken as temporary)."""
     return (
-        o.code == 452
+        (o.code == 452 or o.code == 552)
         and o.stage == "rcpt"
-        and (o.enhanced == "4.5.3" or "recipients" in o.text.lower())
+        and (o.enhanced in ("4.5.3", "5.5.3") or "too many recipients" in o.text.lower())
     )
 
 
