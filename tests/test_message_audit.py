@@ -6,6 +6,7 @@ messages are the bytes a real SMTP server (aiosmtpd) received from the real
 - raw MIME from the API written with LF alone went out unsigned; one with a
   stray CR or mixed line ends went out with a signature no verifier accepts;
   one without Date / Message-ID went out without them (Gmail refuses that);
+  its Bcc field went to every recipient;
 - signatures did not oversign, so a header added after signing (a second
   From or Subject above the signed one, a Reply-To) kept them valid;
 - an attachment with a long name made a header line past 998 octets;
@@ -123,8 +124,9 @@ RAWS = {
               "Date: Mon, 01 Jun 2026 10:00:00 +0000\r\n"
               "Message-ID: <own-id-1@sender.example>\r\nSubject: mixed\r\n\r\n"
               "a\rb\r\nc\nd\r"),
-    # CRLF throughout but no final line end and no Date / Message-ID
-    "nofinal": "From: app@sender.example\r\nSubject: no final\r\n\r\n.\r\nend",
+    # CRLF throughout but no final line end and no Date / Message-ID; a folded Bcc
+    "nofinal": ("From: app@sender.example\r\nBcc: hidden@example.org,\r\n"
+                " also-hidden@example.org\r\nSubject: no final\r\n\r\n.\r\nend"),
 }  # fmt: skip
 
 
@@ -180,6 +182,7 @@ domains = ["evil.example"]
             assert rcpt.encode() not in data  # a shared message names none of them
         m = email.message_from_bytes(data, policy=email.policy.default)
         assert m["From"].addresses[0].domain == DOMAIN
+        assert m["Bcc"] is None and b"hidden@" not in data  # blind copies stay blind
     # a shared body: its Message-ID is a group's (-g), the same for every
     # recipient of one transaction, and names none of them
     for m in msgs:
@@ -411,3 +414,126 @@ def test_one_click_headers_are_signed_whatever_the_header_list(
     assert b"list-unsubscribe" in signed and b"list-unsubscribe-post" in signed
     forged = data.replace(b"/u/1-abcdefghij", b"/u/2-abcdefghij")
     assert verdicts(tmp_path, forged, records) == [(False, False)]
+
+
+# -- variables that are not text -------------------------------------------------------
+
+
+NULL_CAMPAIGN = {
+    "from": "News <news@sender.example>",
+    "subject": "Hi {{ name | default(\"friend\") }}, {{ age }}",
+    "text": "name={{ name | default(\"friend\") }} age={{ age }} vip={{ vip }}",
+}
+
+
+def subjects(msgs: list[dict[str, Any]]) -> dict[str, str]:
+    out = {}
+    for m in msgs:
+        msg = email.message_from_bytes(m["data"], policy=email.policy.default)
+        for r in m["rcpts"]:
+            out[r] = str(msg["Subject"])
+    return out
+
+
+def test_null_variable_is_no_value_in_a_jsonl_list(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    """A JSON null (a database export's empty field) is no value: the default
+    applies; before, the text "null" went into the message ("Hi null")."""
+    port, handler = receiver
+    (tmp_path / "c.toml").write_text(
+        "".join(f"{k} = {_toml(v)}\n" for k, v in NULL_CAMPAIGN.items())
+    )
+    (tmp_path / "r.jsonl").write_text(
+        '{"email": "a@example.net", "name": null, "age": 30, "vip": true}\n'
+        '{"email": "b@example.net", "name": "Bo", "age": 4.5, "vip": false}\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastsend", "send", str(tmp_path / "c.toml"), "-r",
+         str(tmp_path / "r.jsonl"), "--route", f"*=127.0.0.1:{port}", "--spool",
+         str(tmp_path / "spool"), "--json", "--no-progress", "--workers", "1",
+         "--max-wait", "5", "--no-dkim"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = subjects(wait_for(handler, 2))
+    assert got == {"a@example.net": "Hi friend, 30", "b@example.net": "Hi Bo, 4.5"}
+
+
+def test_api_variables_numbers_are_text_and_null_is_no_value(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    """The HTTP API: a template message's variables and an uploaded list's
+    fields. A number was refused only when the message was made (bounced,
+    "variable values must be strings"), a null became "null"; a required
+    variable given as null is now a 400 naming it, nothing spooled."""
+    port, handler = receiver
+    tenants = f'[tenants.acme]\ndomains = ["{DOMAIN}"]\n[tenants.evil]\ndomains = ["evil.example"]\n'
+    s = Served(tmp_path, f"127.0.0.1:{port}", tenants)
+    try:
+        st, got = s.req("POST", "/v1/messages", {
+            "to": "m1@example.net", "template": NULL_CAMPAIGN,
+            "variables": {"name": None, "age": 30, "vip": True}}, tenant="acme")  # fmt: skip
+        assert st == 202, got
+        st, got = s.req("POST", "/v1/messages", {
+            "to": "m2@example.net", "template": NULL_CAMPAIGN,
+            "variables": {"name": "Al", "age": None, "vip": "x"}}, tenant="acme")  # fmt: skip
+        assert st == 400 and "age" in str(got), got
+        st, got = s.req("POST", "/v1/campaigns", {
+            "name": "nulls", "template": NULL_CAMPAIGN,
+            "recipients": [{"email": "u1@example.net", "name": None, "age": 7, "vip": 1},
+                           {"email": "u2@example.net", "name": "Cy", "age": 8, "vip": None}],
+        }, tenant="acme")  # fmt: skip
+        assert st in (200, 201, 202), got
+        msgs = wait_for(handler, 2)  # u2 lacks vip: bounced when made, never sent
+    finally:
+        s.stop()
+    assert subjects(msgs) == {"m1@example.net": "Hi friend, 30", "u1@example.net": "Hi friend, 7"}
+
+
+# -- SMTPUTF8 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["reply_to", "to"])
+def test_a_utf8_reply_to_or_to_asks_for_smtputf8(
+    tmp_path: Path, key: str
+) -> None:
+    """A Reply-To (or a fixed To) with a non-ASCII local part puts UTF-8 in a
+    header (RFC 6532): the transaction must ask for SMTPUTF8, and a server
+    without it gets no 8-bit header (5.6.7). Before, only From and the return
+    path were looked at: the message went without SMTPUTF8."""
+    camp = (
+        'from = "News <news@sender.example>"\nsubject = "s"\ntext = "t"\n'
+        f'{key} = "Réponse <réponse@sender.example>"\n'
+    )
+    from aiosmtpd.controller import Controller
+
+    class Handler(RecordingHandler):
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            self.messages.append(
+                {"data": envelope.original_content, "rcpts": list(envelope.rcpt_tos),
+                 "mail_options": list(envelope.mail_options)}
+            )  # fmt: skip
+            return "250 2.0.0 Ok"
+
+    for utf8 in (True, False):
+        port = free_port()
+        handler = Handler()
+        ctl = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=utf8)
+        ctl.start()
+        try:
+            d = tmp_path / str(utf8)
+            d.mkdir()
+            proc = send(d, camp, "email\nr@example.net\n", port, "c", "--no-dkim")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            events = [ln for ln in (d / "spool" / "events.jsonl").read_text().splitlines()
+                      if '"bounced"' in ln or '"delivered"' in ln]  # fmt: skip
+            if utf8:
+                (m,) = wait_for(handler, 1)
+                assert "SMTPUTF8" in m["mail_options"], m["mail_options"]
+                assert "réponse@sender.example".encode() in m["data"]
+            else:
+                assert handler.messages == []
+                assert len(events) == 1 and "5.6.7" in events[0], events
+        finally:
+            ctl.stop()

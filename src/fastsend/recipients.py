@@ -19,7 +19,7 @@ import io
 import re
 from collections.abc import Iterator
 from itertools import chain, islice
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import orjson
@@ -516,6 +516,7 @@ def _jsonl_batches(
         if not isinstance(obj, dict):
             bad.append(BadRow(line, "a JSON line must be an object with an 'email' key"))
             continue
+        obj = {k: v for k, v in obj.items() if v is not None}  # a null is no value (text_vars)
         email = obj.pop("email", None)
         if not isinstance(email, str):
             bad.append(BadRow(line, "missing or non-text email"))
@@ -540,6 +541,13 @@ def _jsonl_batches(
             rows, lines, bad = [], [], []
             limit = size
     yield Batch(rows, lines, bad, last, True)
+
+
+def text_vars(obj: dict[str, Any]) -> dict[str, str]:
+    """A row's template variables as text (:func:`_text`). A null is no value:
+    the placeholder's default, or a missing variable -- never the text "null"
+    in a message ("Hi null,")."""
+    return {k: _text(v) for k, v in obj.items() if v is not None}
 
 
 def _text(v: object) -> str:

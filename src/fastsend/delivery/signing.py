@@ -15,7 +15,8 @@ tenant's own keys, and the config's ``[dkim]`` entries for the tenant's domains
   out unsigned, and one with a stray CR with a signature no verifier
   accepts), a ``Date`` and a ``Message-ID`` put in front when it has none
   (RFC 5322 3.6 requires the first; Gmail refuses mail without the second),
-  then a DKIM-Signature header per entry; it is otherwise sent byte for byte.
+  its ``Bcc`` fields taken out (every recipient would read them), then a
+  DKIM-Signature header per entry; it is otherwise sent byte for byte.
 
 Keys are loaded once per process (fastsend.message.keys caches them), by
 :meth:`ConfigDKIM.preload` in the supervisor before it forks the workers, so
@@ -80,7 +81,7 @@ class ConfigDKIM:
         return s
 
     def sign_raw(self, data: bytes, tenant: str | None = None, message_id: str = "") -> bytes:
-        """``data`` ready to send: CRLF line ends, a Date and (with a
+        """``data`` ready to send: CRLF line ends, no Bcc, a Date and (with a
         ``message_id``: ``<message_id@From domain>``) a Message-ID added
         in front when it has none, and DKIM-Signature headers for (tenant, its
         From domain) when there are keys."""
@@ -89,6 +90,11 @@ class ConfigDKIM:
         if not sep:
             return data  # no blank line: not a header section to add to or sign
         headers = _header_lines(head + b"\r\n")
+        if any(n == "bcc" for n, _ in headers):
+            # Blind copies are blind (RFC 5322 3.6.3): every recipient would
+            # read the Bcc field. Taken out, as Postfix's cleanup does.
+            headers = [(n, ln) for n, ln in headers if n != "bcc"]
+            data = b"".join(ln for _, ln in headers) + b"\r\n" + body
         domains = _from_domains(headers)
         domain = ascii_domain(domains[0]) if len(domains) == 1 else ""
         names = {n for n, _ in headers}

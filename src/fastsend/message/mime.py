@@ -568,10 +568,14 @@ class Renderer:
         attachments = spec.get("attachments") or []
         self._mixed = _new_boundary("m") if attachments else ""
         self._attachments = b"".join(self._attachment_part(a) for a in attachments)
-        self._sender_utf8 = not (
-            self.from_addr.rpartition("@")[0].isascii()
-            and self.return_path.rpartition("@")[0].isascii()
-        )
+        # A non-ASCII local part in an address the message always carries (From,
+        # the return path, a Reply-To or To without placeholders) is UTF-8 in
+        # its header: every message needs SMTPUTF8 (RFC 6531/6532).
+        addrs = [self.from_addr, self.return_path]
+        for key in ("reply_to", "to"):
+            if spec.get(key) and Template(spec[key]).is_static:
+                addrs.append(parse_mailbox(spec[key])[1])
+        self._sender_utf8 = not all(a.rpartition("@")[0].isascii() for a in addrs)
         self._date_sec = -1
         self._date_line = b""
         # Static pieces of the body and the content headers, made once.
@@ -757,9 +761,11 @@ class Renderer:
 
     @property
     def sender_utf8(self) -> bool:
-        """True when the sender's local part alone needs SMTPUTF8."""
+        """True when every message needs SMTPUTF8, whoever gets it: a non-ASCII
+        local part in From, the return path, or a Reply-To or To without
+        placeholders."""
         return self._sender_utf8
 
     def needs_smtputf8(self, rcpt: str) -> bool:
-        """True when the recipient's (or sender's) local part is non-ASCII (RFC 6531)."""
+        """True when the recipient's local part is non-ASCII, or :attr:`sender_utf8` (RFC 6531)."""
         return self._sender_utf8 or not rcpt.rpartition("@")[0].isascii()

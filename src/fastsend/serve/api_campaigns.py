@@ -226,10 +226,7 @@ def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
         except AddressError as e:
             rows.append(recipients.BadRow(n, str(e)))
             continue
-        variables = {
-            k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in obj.items()
-        }
-        rows.append((n, addr, domain, orjson.dumps(variables)))
+        rows.append((n, addr, domain, orjson.dumps(recipients.text_vars(obj))))
     return rows
 
 

@@ -35,6 +35,7 @@ from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
 from fastsend.message.headers import HeaderError, parse_mailbox
+from fastsend.recipients import text_vars
 from fastsend.serve.api import (
     MAX_ID,
     ApiError,
@@ -211,6 +212,7 @@ class MessagesHandler:
             if m.headers:
                 raise bad(f"{where}.headers: not allowed with template", f"{where}.headers")
             cid, camp = self.template_campaign(request, m.template, f"{where}.template")
+            m.variables = text_vars(m.variables)  # 30 -> "30"; a null is no value
             try:
                 camp.check_columns(set(m.variables) | {"email"})
             except CampaignError as e:
