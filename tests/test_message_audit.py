@@ -537,3 +537,16 @@ def test_a_utf8_reply_to_or_to_asks_for_smtputf8(
                 assert len(events) == 1 and "5.6.7" in events[0], events
         finally:
             ctl.stop()
+
+
+@pytest.mark.parametrize(
+    "name", ["Authentication-Results", "ARC-Seal", "arc-message-signature", "Received-SPF"]
+)
+def test_a_campaign_cannot_write_a_receivers_verdict(name: str) -> None:
+    """Authentication-Results, ARC-* and Received-SPF are written by receivers:
+    a campaign's own ("dkim=pass") would claim checks never made."""
+    with pytest.raises(Exception, match="set by receivers"):
+        Campaign.from_dict(
+            {"from": "n@b.example", "subject": "s", "text": "t",
+             "headers": {name: "mx.example; dkim=pass header.d=bank.example"}}
+        )  # fmt: skip

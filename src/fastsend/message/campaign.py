@@ -51,6 +51,13 @@ _RESERVED = {
     "return-path", "received", "list-unsubscribe", "list-unsubscribe-post", "feedback-id",
     "sender",
 }  # fmt: skip
+# Verdicts a receiver writes (RFC 8601, RFC 8617, RFC 7208): a sender's own
+# would claim checks that were never made.
+_VERDICTS = {
+    "authentication-results", "arc-seal", "arc-message-signature",
+    "arc-authentication-results", "received-spf",
+}  # fmt: skip
+_RESERVED |= _VERDICTS
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
 _DKIM_KEYS = {"domain", "selector", "key", "canonicalization", "headers"}
 _CANON = {"relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed"}
@@ -373,7 +380,8 @@ def _headers(h: Any) -> dict[str, str]:
         if not _HEADER_NAME.fullmatch(name):
             raise CampaignError(f"bad header name {name!r}")
         if name.lower() in _RESERVED:
-            raise CampaignError(f"header {name!r} is set by fastsend, not by [headers]")
+            who = "receivers" if name.lower() in _VERDICTS else "fastsend"
+            raise CampaignError(f"header {name!r} is set by {who}, not by [headers]")
         if not isinstance(value, str):
             raise CampaignError(f"header {name!r} must be a string")
         out[name] = value
