@@ -68,10 +68,13 @@ def spool_mail(cfg: cfgmod.Config, n_slow: int, n_fast: int) -> tuple[SQLiteSpoo
 
 
 def run(
-    cfg: cfgmod.Config, spool: SQLiteSpool, on_tick: Callable[[Supervisor], None]
+    cfg: cfgmod.Config,
+    spool: SQLiteSpool,
+    on_tick: Callable[[Supervisor], None],
+    max_wait: float = 300.0,
 ) -> Supervisor:
     events = EventLog(cfg.event_log_path)
-    sup = Supervisor(cfg, spool, events, until_idle=True, max_wait=300.0, on_tick=on_tick)
+    sup = Supervisor(cfg, spool, events, until_idle=True, max_wait=max_wait, on_tick=on_tick)
     try:
         with asyncio.Runner() as r:
             r.run(asyncio.wait_for(sup.run(), 35))
@@ -214,6 +217,12 @@ def test_mail_over_the_warm_up_cap_waits_for_the_next_day_unattempted(tmp_path: 
     """A worker whose only IP reached today's warm-up cap for a site hands the
     rest back until the UTC day ends: queued with no attempt counted, not
     deferred again and again."""
+    # The cap resets at 00:00 UTC. The run ends once the next mail is more than
+    # max_wait away, so a test started just before midnight would see the cap
+    # reset under it (and, with a long max_wait, wait for it): start in a new day.
+    left = 86400.0 - time.time() % 86400.0
+    if left < 45.0:
+        time.sleep(left + 1.0)
     with SinkThread() as sink:
         raw: dict[str, Any] = {
             "spool": {"dir": "spool"},
@@ -232,7 +241,7 @@ def test_mail_over_the_warm_up_cap_waits_for_the_next_day_unattempted(tmp_path: 
         spool.add_messages(
             cid, [(f"w{i}@fast.example", "fast.example", b"{}") for i in range(12)], time.time()
         )
-        sup = run(cfg, spool, lambda s: None)
+        sup = run(cfg, spool, lambda s: None, max_wait=5.0)
     counts = spool.counts(cid)
     assert counts["delivered"] == 5 and counts["queued"] == 7, counts
     assert len(sink.messages) == 5
