@@ -68,7 +68,6 @@ from fastsend.delivery.mx import Host, Site
 from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
 from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
 from fastsend.shaping.policy import Limits
-from fastsend.shaping.pools import UNCAPPED
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
 
 Report = Callable[[list[TxnResult], str, str], None]  # results, source_ip, mx
@@ -91,10 +90,6 @@ MAX_READY_DELAY = 1.0  # delay for envelopes over max_ready at a site with no ra
 MX_ADDRESSES = 5
 MX_PER_NAME = 2
 DOWN_FOR = 60.0
-# Mail of a worker whose addresses of the pool are all at their warm-up caps
-# goes back to the supervisor this soon when the pool has a warmed address on
-# another worker (else at UTC midnight, when the caps reset).
-WARM_HANDOFF = 1.0
 # A connection refused while others of the site work caps the site's
 # connections at those that work for this long (then it probes again).
 CAP_FOR = 60.0
@@ -154,7 +149,6 @@ class SiteQueue:
         self.turn = 0
         prefs = [h.pref for h in site.hosts]
         self.spread = len(prefs) > len(set(prefs))
-        self.warm_elsewhere: bool | None = None  # _warm_elsewhere, once known
         self.down: dict[str, float] = {}  # address -> until when it is tried last
         self.pending: collections.deque[Envelope] = collections.deque()
         self.wakeup = asyncio.Event()
@@ -200,7 +194,6 @@ class SiteQueue:
         keep = 0
         rate = 0.0
         resume = FOREVER
-        capped = True  # every lane is held by its warm-up cap alone
         for p in self.pool.ips:
             ln = self.lane(p.ip)
             n = ln.budget(now, self.horizon)
@@ -210,14 +203,8 @@ class SiteQueue:
             keep += n
             rate += ln.send_rate()
             resume = min(resume, self._resume(p.ip, now))
-            if capped and (ln.warm is None or n < ln.warm.left()):
-                capped = False
         if self.max_ready and self.max_ready < keep:
             keep, delay, why = self.max_ready, MAX_READY_DELAY, f"over max_ready ({self.max_ready})"
-        elif capped and self._warm_elsewhere():
-            # What is over this worker's warm-up caps will not go from here
-            # today: back now, for a worker with a warmed address.
-            delay, why = WARM_HANDOFF, f"over this worker's warm-up caps ({keep} left today)"
         else:
             # Not before the horizon (what we keep fills it), nor before a lane resumes.
             delay = max(self.horizon, resume) if resume < FOREVER else self.horizon
@@ -301,29 +288,12 @@ class SiteQueue:
     def _resume(self, ip: str, now: float) -> float:
         """Seconds until ``ip`` may send to this site again. A warm-up cap ends
         with the UTC day: its mail waits for midnight, unattempted, instead of
-        being deferred (an attempt counted) again and again -- unless the pool
-        has a warmed address on another worker (the workers split the pool's
-        addresses): then it goes back within WARM_HANDOFF seconds, for the
-        supervisor to give to a worker that may send it."""
+        being deferred (an attempt counted) again and again."""
         ln = self.lane(ip)
         r = ln.resume_at(now)
         if r >= FOREVER and ln.warm is not None and ln.warm.left() <= 0:
-            if self._warm_elsewhere():
-                return WARM_HANDOFF
             r = 86400.0 - (time.time() % 86400.0) + 1.0
         return r
-
-    def _warm_elsewhere(self) -> bool:
-        """Whether this site's pool has a warmed address on another worker."""
-        if self.warm_elsewhere is None:
-            full = self.shaper.poolset.pools.get(self.pool.name)
-            mine = set(self.shaper.worker_ips)
-            now = time.time()
-            self.warm_elsewhere = full is not None and any(
-                p.ip not in mine and full.schedule.cap(p.warmup_day(now)) >= UNCAPPED
-                for p in full.ips
-            )
-        return self.warm_elsewhere
 
     def _take(self, limit: int = 1 << 30, most: int = 0) -> list[Envelope]:
         """Up to ``limit`` of the ready envelopes, oldest first, at most
