@@ -271,7 +271,8 @@ class WorkerLifecycle(SupervisorState):
                     pass
                 exited.clear()
                 self.draining = True
-                self.spool.renew()
+                if not self.outage_since:  # a spool out of reach: no call blocks the stop
+                    self.guard(self.spool.renew)
                 self.reap_final()
         finally:
             unwatch(pidfds)
@@ -281,7 +282,8 @@ class WorkerLifecycle(SupervisorState):
                 wait(s, 0)
                 s.alive = False
                 self.retire(s)
-        self.flush_results()
+        if not self.outage_since:
+            self.guard(self.flush_results)
 
     def signal_workers(self, sig: int) -> None:
         for s in self.slots:
@@ -304,4 +306,5 @@ class WorkerLifecycle(SupervisorState):
                 self.retire(slot)
             elif slot.outbox is not None:
                 self.drain_outbox(slot, slot.outbox)
-        self.flush_results()
+        if not self.outage_since:
+            self.guard(self.flush_results)

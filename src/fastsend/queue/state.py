@@ -159,6 +159,7 @@ class SupervisorState:
     open_room: dict[int, int]  # slot -> room its last claim left open (while feeding)
     draining: bool  # SIGTERM: no new claims, windows finish
     stopping: bool  # stop now: windows go back to queued
+    outage_since: float  # monotonic start of a shared spool's outage (0: it answers)
     feeder: Iterator[object] | None
     feeding: bool
     pace_feed: bool  # the feeder reads as the windows have room (a local spool)

@@ -56,6 +56,7 @@ __all__ = [
 TICK = 0.02
 CLOCK_SKEW = 2.0  # s between this node's clock and a shared spool's that is said at start
 OUTAGE_PAUSE = 2.0  # s: the longest pause between tries while the spool is out of reach
+DRAIN_OUTAGE = 10.0  # s: a drain with the spool out of reach this long stops now
 FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
 _END = object()
 
@@ -205,7 +206,12 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         (``Spool.outage_errors``: Redis restarting, the network) starts or
         continues an outage instead of ending the run: what the supervisor
         holds (windows, outcomes, hand-backs) stays, the workers go on with
-        their windows, and the loop tries again with a growing pause."""
+        their windows, and the loop tries again with a growing pause. While
+        an outage lasts, steps are skipped (None): only ``outage_wait`` tries
+        the spool, so a Redis that stops answering (paused: each call waits
+        for the client's timeout) does not hold the loop and its signals."""
+        if self.outage_since:
+            return None
         try:
             return step(*args)
         except self.outage_types as e:
@@ -300,13 +306,33 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                             self.push_backlog(slot)
                     # a shared spool's lease on our claims (no-op: SQLite)
                     guard(self.spool.renew)
-                    self.withdraw_suppressed(now)
+                    if not self.outage_since:
+                        self.withdraw_suppressed(now)
                     guard(self.withdraw_stopped, now)
                     guard(self.sweep_blobs, now)
                     last_reap = now
                 if self.on_tick:
                     self.on_tick(self)
                 if self.stopping:
+                    break
+                if (
+                    self.draining
+                    and self.outage_since
+                    and time.monotonic() - self.outage_since >= DRAIN_OUTAGE
+                ):
+                    # Nothing can be recorded: stop rather than drain for ever
+                    # (systemctl stop would kill us). What this node holds stays
+                    # in flight under its lease: queued again when the lease
+                    # lapses (another node) or at this node's next start.
+                    print(
+                        f"fastsend: draining with the spool out of reach for"
+                        f" {time.monotonic() - self.outage_since:.0f} s: stopping now;"
+                        f" {self.inflight} message(s) in flight stay claimed and are queued"
+                        " again once the spool answers (lease lapsed, or the next start)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    self.stopping = True
                     break
                 if not self.outage_since and guard(self.idle_done) is True:
                     break
@@ -316,7 +342,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
-            self.shaping.close()
+            self.guard(self.shaping.close)
             if self.own_suppression:
                 self.suppression.close()
         return self.stats

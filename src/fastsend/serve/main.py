@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ from fastsend.serve import lograte
 
 log = logging.getLogger("fastsend.serve")
 IDEM_SWEEP_EVERY = 300.0  # s between sweeps of expired Idempotency-Keys
+TICK_OUTAGE = 2.0  # s between periodic flushes while the spool is out of reach
 ADOPT_EVERY = 5.0  # s between looks for upload jobs whose reader died (Uploads.adopt)
 
 
@@ -147,6 +149,8 @@ class Server:
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
         self.allow_volatile = False
         self.idem_swept = 0.0
+        self.tick_outage = False  # the periodic flush found the spool out of reach
+        self.tick_failed = 0.0  # monotonic time it last did
         self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
         self.caps: list[Any] = []  # fastsend.serve.httpguard.ConnectionCap per HTTP listener
 
@@ -285,6 +289,7 @@ class Server:
             flush=True,
         )
         await self.stop_event.wait()
+        outage = ctx.spool.outage_errors()
         # Drain: stop accepting, finish requests in progress, then the supervisor.
         t_drain = time.monotonic()
         for srv in listeners:
@@ -309,7 +314,11 @@ class Server:
         for task in reputation:
             task.cancel()
         await webhooks.stop()
-        ctx.close()
+        try:
+            ctx.close()
+        except outage as e:  # the node's hold on its source IPs lapses by itself
+            print(f"fastsend serve: the spool is out of reach at exit ({e.__class__.__name__}:"
+                  f" {e})", file=sys.stderr, flush=True)  # fmt: skip
         print(
             f"fastsend serve: stopped after draining for {time.monotonic() - t_drain:.2f}s",
             file=sys.stderr,
@@ -321,6 +330,27 @@ class Server:
         await every(0.2, self._tick, "periodic flush", log, wait_first=True)
 
     def _tick(self) -> None:
+        # A shared spool out of reach: one line when it starts and one when it
+        # ends (no failure for 3 * TICK_OUTAGE s), not a traceback every 0.2 s.
+        # After a failure the steps pause TICK_OUTAGE s (a paused Redis holds
+        # each call for the client's timeout).
+        mono = time.monotonic()
+        if self.tick_outage and mono - self.tick_failed < TICK_OUTAGE:
+            return
+        try:
+            self._tick_steps()
+        except self.ctx.spool.outage_errors() as e:
+            if not self.tick_outage:
+                log.warning("periodic flush: the spool is out of reach (%s: %s); trying"
+                            " again every %.0f s", e.__class__.__name__, e, TICK_OUTAGE)  # fmt: skip
+            self.tick_outage = True
+            self.tick_failed = time.monotonic()
+            return
+        if self.tick_outage and mono - self.tick_failed >= 3 * TICK_OUTAGE:  # no flapping
+            log.warning("periodic flush: the spool answers again")
+            self.tick_outage = False
+
+    def _tick_steps(self) -> None:
         self.api.index.maybe_flush()
         self.ctx.events.flush()
         self.charts.tick()  # rollups flushed about once a second, queue gauges
@@ -338,8 +368,9 @@ class Server:
     def on_term(self, signum: int) -> None:
         self.terms += 1
         if self.terms == 1:
-            print("fastsend serve: draining (send SIGTERM again to stop now)", file=sys.stderr)
-            self.stop_event.set()
+            self.stop_event.set()  # first: a stderr that is gone must not keep us up
+            with contextlib.suppress(OSError):
+                print("fastsend serve: draining (send SIGTERM again to stop now)", file=sys.stderr)
         elif self.ctx.supervisor is not None:
             self.ctx.supervisor.on_signal(signal.SIGINT)
 

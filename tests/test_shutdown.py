@@ -1,0 +1,155 @@
+"""Stopping ``fastsend serve`` while its Redis spool is gone or paused.
+
+Real parts: redis-server (AOF, ``appendfsync always``), the ``fastsend serve``
+binary, a receiver that accepts TCP and never answers (the windows stay in
+flight), then fastsend's own sink for the restart. The promise (serve/main.py,
+queue/supervisor.py, deploy/fastsend.service): the first SIGTERM drains and
+ends, a second stops at once, and nothing accepted is lost: a restart with
+Redis back delivers every recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from tests._engine_helpers import received_counts
+from tests.test_multinode import TPL, Node, _req, _rows
+from tests.test_multinode_outage import Redis
+
+from fastsend.sink import SinkProcess
+from fastsend.spool import open_spool
+
+N = 200
+
+
+def _mute_receiver() -> tuple[socket.socket, tuple[str, int]]:
+    """A port that completes TCP handshakes (the backlog) and never says a word."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1024)
+    return s, s.getsockname()
+
+
+async def _inject(node: Node, key: str) -> int:
+    conn = aiohttp.TCPConnector(local_addr=("127.0.0.9", 0), force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        r = await _req(s, "POST", node.base + "/v1/campaigns", key,
+                       {"name": "m", "template": TPL, "recipients": _rows("s", N)},
+                       ok=201)  # fmt: skip
+        return int(r["id"])
+
+
+def _start(tmp: Path, redis: Redis) -> tuple[str, str, Node, socket.socket]:
+    url = f"redis://127.0.0.1:{redis.port}/0?prefix=st&lease=4"
+    key = subprocess.run(
+        [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme", "--spool", url],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    mute, addr = _mute_receiver()
+    node = Node(tmp, "n0", "127.0.0.2", url, addr)
+    node.wait_ready()
+    return url, key, node, mute
+
+
+def _redeliver(tmp: Path, url: str, cid: int) -> None:
+    """Redis back: the same node (same node= name) started again with a sink
+    that answers delivers every recipient."""
+    log = tmp / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        node = Node(tmp, "n0", "127.0.0.2", url, sink.addresses[0])
+        try:
+            node.wait_ready()
+            spool = open_spool(url)
+            deadline = time.monotonic() + 120
+            while (c := spool.counts(cid))["delivered"] < N:
+                assert time.monotonic() < deadline, (c, node.output()[-3000:])
+                time.sleep(0.2)
+            spool.close()
+            node.proc.send_signal(signal.SIGTERM)
+            assert node.proc.wait(120) == 0, node.output()[-3000:]
+        finally:
+            if node.proc.poll() is None:
+                node.proc.kill()
+    got = received_counts(log)
+    assert set(got) >= {r["email"] for r in _rows("s", N)}
+
+
+def test_one_sigterm_ends_a_drain_while_redis_is_down(tmp_path: Path) -> None:
+    """Redis killed under a node whose windows wait on a receiver that never
+    answers: one SIGTERM ends the process (exit 0), saying why, with one line
+    per outage from the periodic flush, not a traceback every 0.2 s; a restart
+    delivers everything. Before: the drain waited for Redis for ever (systemctl
+    stop ended in SIGKILL), and a second SIGTERM exited 1 with a traceback."""
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    redis = Redis(rdir)
+    redis.start()
+    node = None
+    try:
+        url, key, node, mute = _start(tmp_path, redis)
+        cid = asyncio.run(_inject(node, key))
+        time.sleep(1.0)  # the windows claim and connect
+        redis.kill()
+        time.sleep(1.5)
+        node.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = node.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still draining: " + node.output()[-3000:]) from None
+        out = node.output()
+        assert rc == 0, out[-3000:]
+        assert "draining with the spool out of reach" in out, out[-3000:]
+        assert "periodic flush failed" not in out, out[-3000:]
+        assert out.count("periodic flush: the spool is out of reach") <= 2, out[-3000:]
+        mute.close()
+        redis.start()
+        _redeliver(tmp_path, url, cid)
+    finally:
+        if node is not None and node.proc.poll() is None:
+            node.proc.kill()
+        redis.stop()
+
+
+def test_two_sigterms_stop_a_node_whose_redis_is_paused(tmp_path: Path) -> None:
+    """Redis paused (SIGSTOP: connections open, no reply): two SIGTERMs stop
+    the node cleanly (exit 0, no traceback); once Redis continues, a restart
+    delivers everything. Before: the stop path called Redis unguarded and
+    exited 1 with a traceback (its workers not reaped), after every step of
+    the loop had waited out the client's timeout in turn."""
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    redis = Redis(rdir)
+    redis.start()
+    node = None
+    assert redis.proc is not None
+    try:
+        url, key, node, mute = _start(tmp_path, redis)
+        cid = asyncio.run(_inject(node, key))
+        time.sleep(1.0)
+        redis.proc.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)
+        node.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        node.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = node.proc.wait(150)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still up: " + node.output()[-3000:]) from None
+        assert rc == 0, node.output()[-3000:]
+        assert "Traceback" not in node.output(), node.output()[-3000:]
+        redis.proc.send_signal(signal.SIGCONT)
+        mute.close()
+        _redeliver(tmp_path, url, cid)
+    finally:
+        if node is not None and node.proc.poll() is None:
+            node.proc.kill()
+        if redis.proc.poll() is None:
+            redis.proc.send_signal(signal.SIGCONT)
+        redis.stop()
