@@ -1,4 +1,5 @@
-"""Stopping ``fastsend serve`` while its Redis spool is gone or paused.
+"""Stopping ``fastsend serve`` while its Redis spool is gone or paused, and
+``fastsend send`` while its receiver never answers.
 
 Real parts: redis-server (AOF, ``appendfsync always``), the ``fastsend serve``
 binary, a receiver that accepts TCP and never answers (the windows stay in
@@ -19,7 +20,14 @@ import time
 from pathlib import Path
 
 import aiohttp
-from tests._engine_helpers import received_counts
+from tests._engine_helpers import (
+    _env,
+    fastsend_cmd,
+    received_counts,
+    run_fastsend,
+    write_campaign,
+    write_recipients,
+)
 from tests.test_multinode import TPL, Node, _req, _rows
 from tests.test_multinode_outage import Redis
 
@@ -153,3 +161,57 @@ def test_two_sigterms_stop_a_node_whose_redis_is_paused(tmp_path: Path) -> None:
         if redis.proc.poll() is None:
             redis.proc.send_signal(signal.SIGCONT)
         redis.stop()
+
+
+def test_one_sigterm_ends_a_send_whose_receiver_never_answers(tmp_path: Path) -> None:
+    """``fastsend send`` to a receiver that accepts TCP and never says a word:
+    one SIGTERM ends it within the drain limit (the windows go back to the
+    queue, none left in flight), and ``fastsend resume`` delivers every
+    recipient. Before: the drain waited for the connections' command timeout
+    (300 s; systemd's TimeoutStopSec=90 would SIGKILL a serve node)."""
+    import sqlite3
+
+    addrs = [f"u{i}@d{i % 5}.example" for i in range(N)]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    spool = tmp_path / "spool"
+    mute, (host, port) = _mute_receiver()
+    proc = subprocess.Popen(
+        fastsend_cmd("send", str(camp), "-r", str(rcpts), "--route", f"*={host}:{port}",
+                     "--spool", str(spool), "--no-dkim", "--no-progress", "--workers", "1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        db = sqlite3.connect(spool / "spool.db") if (spool / "spool.db").exists() else None
+        deadline = time.monotonic() + 60
+        while True:  # wait until the window is on the mute connections
+            if db is None and (spool / "spool.db").exists():
+                db = sqlite3.connect(spool / "spool.db")
+            if db is not None:
+                try:
+                    n = db.execute("SELECT count(*) FROM messages WHERE state = 1").fetchone()[0]
+                except sqlite3.OperationalError:
+                    n = 0
+                if n:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _out, err = proc.communicate(timeout=200)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _out, err = proc.communicate()
+            raise AssertionError("still draining: " + err[-3000:]) from None
+        assert "still draining after" in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        mute.close()
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        r = run_fastsend("resume", "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
+                         "--no-progress", "--workers", "1", "--max-wait", "5")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert set(received_counts(log)) == set(addrs)

@@ -12,8 +12,9 @@ docs/SCHEDULER.md for the algorithm):
   event log;
 - this module — set-up and the loop: dispatch, wait for a ring or the tick,
   apply outcomes, reap; the first SIGTERM drains (no new claims, windows
-  finish), a second SIGTERM or a SIGINT stops now, releasing the windows back
-  to queued.
+  finish; at most DRAIN_LIMIT s, DRAIN_OUTAGE s with the spool out of reach),
+  a second SIGTERM or a SIGINT stops now, releasing the windows back to
+  queued.
 
 It never speaks SMTP and never renders a message.
 """
@@ -57,6 +58,7 @@ TICK = 0.02
 CLOCK_SKEW = 2.0  # s between this node's clock and a shared spool's that is said at start
 OUTAGE_PAUSE = 2.0  # s: the longest pause between tries while the spool is out of reach
 DRAIN_OUTAGE = 10.0  # s: a drain with the spool out of reach this long stops now
+DRAIN_LIMIT = 30.0  # s: a drain still waiting on connections after this stops now
 FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
 _END = object()
 
@@ -101,6 +103,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.event_buf: list[Any] = []  # event dicts and DeliveredRows batches
         self.outbox_filter: Callable[[dict[str, Any]], bool] | None = None
         self.draining = False
+        self.drain_started = 0.0  # monotonic time of the SIGTERM that started a drain
         self.stopping = False
         self.spec_cache: dict[int, dict[str, Any]] = {}
         self.status_cache: dict[int, tuple[bool, float]] = {}  # campaign -> (active, read at)
@@ -259,6 +262,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
     def on_signal(self, signum: int) -> None:
         if signum == signal.SIGTERM and not self.draining:
             self.draining = True
+            self.drain_started = time.monotonic()
         else:
             self.stopping = True
         self.wake.set()
@@ -329,6 +333,19 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                         f" {time.monotonic() - self.outage_since:.0f} s: stopping now;"
                         f" {self.inflight} message(s) in flight stay claimed and are queued"
                         " again once the spool answers (lease lapsed, or the next start)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    self.stopping = True
+                    break
+                if self.drain_started and time.monotonic() - self.drain_started >= DRAIN_LIMIT:
+                    # A receiver that accepts and never answers holds a window
+                    # for the command timeout (300 s): longer than a stop may
+                    # take (systemd's TimeoutStopSec=90 ends in SIGKILL).
+                    print(
+                        f"fastsend: still draining after {DRAIN_LIMIT:.0f} s: stopping now;"
+                        f" {self.inflight} message(s) on connections that did not finish"
+                        " go back to the queue",
                         file=sys.stderr,
                         flush=True,
                     )

@@ -18,7 +18,8 @@ Signals:
   requests in progress finish (each answers only after its commit), the
   supervisor claims nothing new and lets the workers finish their windows,
   then the process exits 0. Whatever is still queued stays in the spool for
-  the next start. A second SIGTERM/SIGINT stops at once (windows go back to
+  the next start. A drain stops now after 30 s (a receiver that never
+  answers), or after 10 s with a shared spool out of reach. A second SIGTERM/SIGINT stops at once (windows go back to
   queued).
 - SIGHUP: re-read the config file; routes, shaping, API limits, tenants,
   ``[submission.users]`` and the suppression list take effect, workers are replaced one at a time by
