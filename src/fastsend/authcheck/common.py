@@ -148,5 +148,17 @@ def _tag_list(rec: str) -> tuple[list[tuple[str, str]], list[str]]:
     return pairs, errors
 
 
+def _records(look: _Lookup, j: _Judge, name: str, rtype: str) -> list[str] | None:
+    """The answers, or None (a FAIL noted in ``j``, no record to publish) when the lookup
+    failed: a timeout or SERVFAIL says nothing about whether the record exists, and
+    telling the operator to add a record they already have would make two."""
+    try:
+        return look.query(name, rtype)
+    except DnsTempError as exc:
+        j.add(FAIL, f"DNS lookup of {name} {rtype} failed ({exc}): cannot tell what is "
+                    "published; check the nameservers and run again")  # fmt: skip
+        return None
+
+
 def _txt(name: str, value: str) -> str:
     return f'{name}. IN TXT "{value}"'

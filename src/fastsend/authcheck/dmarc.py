@@ -11,13 +11,16 @@ from fastsend.authcheck.common import (
     Check,
     _Judge,
     _Lookup,
+    _records,
     _tag_list,
     _txt,
     org_domain,
 )
 
 _POLICIES = ("none", "quarantine", "reject")
-_DMARC_RE = re.compile(r"^\s*v\s*=\s*DMARC1\s*(;|$)", re.I)
+# A record that starts like a DMARC record: receivers that select on this prefix see
+# "v=DMARC1 p=reject" (no ';') as a (broken) record, so the check judges it too.
+_DMARC_RE = re.compile(r"^\s*v\s*=\s*DMARC1(?![A-Za-z0-9])", re.I)
 
 
 def parse_dmarc(rec: str) -> tuple[dict[str, str], list[str], list[str]]:
@@ -67,8 +70,10 @@ def _uri_domain(uri: str) -> str:
     return addr.rpartition("@")[2].lower().rstrip(".")
 
 
-def _dmarc_records(name: str, look: _Lookup) -> list[str]:
-    return [t for t in look(name, "TXT") if _DMARC_RE.match(t)]
+def _dmarc_records(name: str, look: _Lookup, j: _Judge) -> list[str] | None:
+    """The DMARC records at ``name``; None when the lookup failed (noted in ``j``)."""
+    txts = _records(look, j, name, "TXT")
+    return None if txts is None else [t for t in txts if _DMARC_RE.match(t)]
 
 
 _KNOWN_DMARC = ("sp", "adkim", "aspf", "rua", "ruf", "fo", "rf", "ri")
@@ -96,9 +101,11 @@ def check_dmarc(domain: str, look: _Lookup) -> tuple[Check, dict[str, str]]:
     j = _Judge("DMARC")
     org = org_domain(domain)
     where = domain
-    recs = _dmarc_records(f"_dmarc.{domain}", look)
-    if not recs and org != domain:
-        where, recs = org, _dmarc_records(f"_dmarc.{org}", look)
+    recs = _dmarc_records(f"_dmarc.{domain}", look, j)
+    if recs == [] and org != domain:
+        where, recs = org, _dmarc_records(f"_dmarc.{org}", look, j)
+    if recs is None:  # no fallback past a failed lookup (RFC 7489 6.6.3)
+        return j.check(), {}
     name = f"_dmarc.{where}"
     default = f"v=DMARC1; p=none; rua=mailto:dmarc-reports@{org}"
     if not recs:
@@ -134,13 +141,19 @@ def check_dmarc(domain: str, look: _Lookup) -> tuple[Check, dict[str, str]]:
     rua = _uris(tags.get("rua", ""))
     if not rua:
         j.add(WARN, "no rua=: you get no aggregate reports", fixed)
-    for uri in rua:
-        dest = _uri_domain(uri)
-        if dest and org_domain(dest) != org:
-            auth = f"{where}._report._dmarc.{dest}"
-            if not _dmarc_records(auth, look):
-                j.add(WARN, f"rua {uri} is in another domain, which has not authorised "
-                            f"reports for {where} (RFC 7489 7.1)", _txt(auth, "v=DMARC1"))  # fmt: skip
+    for tag in ("rua", "ruf"):
+        for uri in _uris(tags.get(tag, "")):
+            dest = _uri_domain(uri)
+            if dest and org_domain(dest) != org:
+                auth = f"{where}._report._dmarc.{dest}"
+                probe = _Judge("")
+                found = _dmarc_records(auth, look, probe)
+                if found is None:
+                    j.add(WARN, f"{tag} {uri}: could not look up {auth} (DNS failure)")
+                elif not found:
+                    j.add(WARN, f"{tag} {uri} is in another domain, which has not authorised "
+                                f"reports for {where} (RFC 7489 7.1)",
+                          _txt(auth, "v=DMARC1"))  # fmt: skip
     if "ruf" in tags:
         j.add(PASS, f"ruf={tags['ruf']} (failure reports: few receivers send them)")
     return j.check(), tags

@@ -11,13 +11,20 @@ from fastsend.authcheck.common import (
     Check,
     _Judge,
     _Lookup,
+    _records,
 )
 
 
-def _addresses(look: _Lookup, host: str) -> list[str]:
-    out = []
+def _addresses(look: _Lookup, host: str, j: _Judge | None = None) -> list[str] | None:
+    """The host's addresses; None when a lookup failed and none was found (noted in ``j``)."""
+    out: list[str] = []
+    failed = _Judge("")
     for rtype in ("A", "AAAA"):
-        out += [v for v in look(host, rtype) if _is_ip(v)]
+        out += [v for v in (_records(look, failed, host, rtype) or []) if _is_ip(v)]
+    if failed.items and not out:
+        if j is not None:
+            j.items += failed.items
+        return None
     return out
 
 
@@ -33,11 +40,16 @@ def check_mx(domain: str, look: _Lookup, name: str = "MX") -> Check:
     j = _Judge(name)
     want = f"{domain}. IN MX 10 mx.{domain}."
     mx: list[tuple[int, str]] = []
-    for v in look(domain, "MX"):
+    answers = _records(look, j, domain, "MX")
+    if answers is None:
+        return j.check()
+    for v in answers:
         pref, _, host = v.partition(" ")
         mx.append((int(pref) if pref.isdigit() else 0, host.strip()))
     if not mx:
-        addrs = _addresses(look, domain)
+        addrs = _addresses(look, domain, j)
+        if addrs is None:
+            return j.check()
         if addrs:
             j.add(WARN, f"no MX record: mail for {domain} goes to its address {addrs[0]} "
                         "(implicit MX); publish an MX", want)  # fmt: skip
@@ -67,7 +79,9 @@ def check_mx(domain: str, look: _Lookup, name: str = "MX") -> Check:
             target = cname[0]
             j.add(WARN, f"MX host {h} is a CNAME to {target} (RFC 2181 10.3: MX must name "
                         "the host itself)", f"{domain}. IN MX {pref} {target}.")  # fmt: skip
-        addrs = _addresses(look, target)
+        addrs = _addresses(look, target, j)
+        if addrs is None:
+            continue
         if not addrs:
             j.add(FAIL, f"MX host {h} has no A/AAAA record", f"{target}. IN A <address>")
         else:

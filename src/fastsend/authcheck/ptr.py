@@ -16,6 +16,7 @@ from fastsend.authcheck.common import (
     Check,
     _Judge,
     _Lookup,
+    _records,
 )
 
 
@@ -24,7 +25,10 @@ def check_ptr(ip: str, domain: str, look: _Lookup) -> Check:
     addr = ipaddress.ip_address(ip)
     rev = dns.reversename.from_address(ip).to_text().rstrip(".")
     rtype = "A" if addr.version == 4 else "AAAA"
-    ptrs = [v.rstrip(".").lower() for v in look(rev, "PTR")]
+    answers = _records(look, j, rev, "PTR")
+    if answers is None:
+        return j.check()
+    ptrs = [v.rstrip(".").lower() for v in answers]
     if not ptrs:
         host = f"out.{domain}"
         j.add(FAIL, f"no PTR record for {ip}: many receivers reject mail from it",
@@ -34,7 +38,9 @@ def check_ptr(ip: str, domain: str, look: _Lookup) -> Check:
         j.add(WARN, f"{len(ptrs)} PTR records ({', '.join(ptrs)}): keep one")
     confirmed = []
     for h in ptrs:
-        fwd = look(h, rtype)
+        fwd = _records(look, j, h, rtype)
+        if fwd is None:
+            continue
         if any(_same_ip(v, addr) for v in fwd):
             confirmed.append(h)
         elif fwd:

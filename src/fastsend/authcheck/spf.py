@@ -49,6 +49,13 @@ MAX_LOOKUPS, MAX_VOID, MAX_MX, MAX_PTR = 10, 2, 10, 10
 _MODIFIER = re.compile(r"^([A-Za-z][A-Za-z0-9_.\-]*)=(.*)$")
 _MECH = re.compile(r"^([+\-~?]?)([A-Za-z][A-Za-z0-9_.\-]*)(.*)$")
 _CIDR = re.compile(r"^(.*?)(?:/(\d+))?(?://(\d+))?$")
+_CIDR_LEN = re.compile(r"0|[1-9][0-9]{0,2}")  # RFC 7208 5.6: no leading zeros
+# domain-end (RFC 7208 7.1): "." toplabel ["."] or a macro-expand; a toplabel has a letter
+# or an inner hyphen, so "a:192.0.2.5" (ip4: was meant) and "include:spfhost" are errors.
+_DOMAIN_END = re.compile(
+    r"(?:.+\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9\-]*[A-Za-z0-9])\.?"
+    r"|.*(?:%\{[^}]*\}|%[%_\-]))"
+)
 _MACRO = re.compile(r"%(?:\{([a-zA-Z])(\d*)(r?)([.\-+,/_=]*)\}|(.))", re.S)
 
 
@@ -118,6 +125,23 @@ def _check_macros(s: str, exp: bool) -> None:
         raise _Stop("permerror", f"bad macro in {s!r}")
 
 
+def _check_domain_spec(spec: str, text: str) -> None:
+    if not _DOMAIN_END.fullmatch(spec):
+        raise _Stop(
+            "permerror",
+            f"{spec!r} in {text!r} is not a domain name (RFC 7208 7.1"
+            + ("; an address belongs in ip4:/ip6:)" if _is_ip(spec) else ")"),
+        )
+
+
+def _is_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s.rstrip("."))
+    except ValueError:
+        return False
+    return True
+
+
 def parse_record(record: str) -> list[_Term]:
     """The terms of ``record``; raises ``ValueError`` (the permerror reason) on bad syntax."""
     try:
@@ -145,6 +169,8 @@ def _parse(record: str) -> list[_Term]:
                 if not arg:
                     raise _Stop("permerror", f"{name}= without a domain")
             _check_macros(arg, exp=False)
+            if name in ("redirect", "exp"):
+                _check_domain_spec(arg, text)
             terms.append(_Term("", name, arg, text=text, modifier=True))
             continue
         m = _MECH.match(text)
@@ -162,13 +188,15 @@ def _parse(record: str) -> list[_Term]:
         elif name in ("ip4", "ip6"):
             if not rest.startswith(":"):
                 raise _Stop("permerror", f"{name} without a network in {text!r}")
-            net, _, cidr = rest[1:].partition("/")
+            net, slash, cidr = rest[1:].partition("/")
             try:
                 ip = ipaddress.ip_address(net)
                 if ip.version != int(name[2]):
                     raise ValueError
-                bits = int(cidr) if cidr else ip.max_prefixlen
-                if not (cidr == "" or cidr.isdigit()) or bits > ip.max_prefixlen:
+                if slash and not _CIDR_LEN.fullmatch(cidr):
+                    raise ValueError
+                bits = int(cidr) if slash else ip.max_prefixlen
+                if bits > ip.max_prefixlen:
                     raise ValueError
             except ValueError:
                 raise _Stop("permerror", f"bad network in {text!r}") from None
@@ -182,6 +210,8 @@ def _parse(record: str) -> list[_Term]:
                 assert cm is not None
                 spec = cm.group(1)
                 c4, c6 = cm.group(2), cm.group(3)
+                if any(c is not None and not _CIDR_LEN.fullmatch(c) for c in (c4, c6)):
+                    raise _Stop("permerror", f"bad CIDR length in {text!r}")
                 term.cidr4 = int(c4) if c4 else None
                 term.cidr6 = int(c6) if c6 else None
                 if (term.cidr4 or 0) > 32 or (term.cidr6 or 0) > 128:
@@ -193,6 +223,8 @@ def _parse(record: str) -> list[_Term]:
             if name in ("include", "exists") and not spec:
                 raise _Stop("permerror", f"{name} needs a domain in {text!r}")
             _check_macros(spec, exp=False)
+            if spec:
+                _check_domain_spec(spec, text)
             term.arg = spec
         terms.append(term)
     return terms

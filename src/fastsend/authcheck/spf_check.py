@@ -13,6 +13,7 @@ from fastsend.authcheck.common import (
     Check,
     _Judge,
     _Lookup,
+    _records,
     _txt,
 )
 from fastsend.authcheck.spf import SpfResult, check_host, parse_record, spf_record
@@ -32,6 +33,28 @@ def _spf_with(rec: str, add: list[str]) -> str:
     return " ".join([parts[0], *[t for t in add if t not in parts], *parts[1:]])
 
 
+def _address_fix(domain: str, rec: str) -> str:
+    """The record with each ``a:<address>``/``mx:<address>`` written as ip4:/ip6:, if
+    that was its only error ("" otherwise)."""
+
+    def term(t: str) -> str:
+        m = re.fullmatch(r"([+\-~?]?)(?:a|mx):([0-9A-Fa-f.:]+?)(/\d+)?", t, re.I)
+        if not m:
+            return t
+        try:
+            v = ipaddress.ip_address(m.group(2)).version
+        except ValueError:
+            return t
+        return f"{m.group(1)}ip{v}:{m.group(2)}{m.group(3) or ''}"
+
+    fixed = " ".join(term(t) for t in rec.split())
+    try:
+        parse_record(fixed)
+    except ValueError:
+        return ""
+    return _txt(domain, fixed) if fixed != " ".join(rec.split()) else ""
+
+
 def _merge_spf(recs: list[str]) -> str:
     terms: list[str] = []
     last = ""
@@ -48,7 +71,10 @@ def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bo
     """The SPF check for the return-path ``domain``; also whether every IP passed."""
     j = _Judge("SPF")
     terms = _ip_terms(ips)
-    rec = spf_record(domain, look)
+    txts = _records(look, j, domain, "TXT")
+    if txts is None:
+        return j.check(), False
+    rec = spf_record(domain, lambda n, t: txts)
     if rec is None:
         value = " ".join(["v=spf1", *(terms or ["mx"]), "-all"])
         j.add(FAIL, f"no SPF record at {domain}", _txt(domain, value))
@@ -61,7 +87,7 @@ def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bo
     try:
         parse_record(rec)
     except ValueError as exc:
-        j.add(FAIL, f"syntax error in {rec!r}: {exc} (permerror)")
+        j.add(FAIL, f"syntax error in {rec!r}: {exc} (permerror)", _address_fix(domain, rec))
         return j.check(), False
     all_pass = bool(ips)
     results: list[SpfResult] = []

@@ -1,0 +1,233 @@
+"""check-domain audit (session 13): DNS failures are not missing records, RFC 7208
+domain-spec syntax, strict CIDR lengths, DMARC records a receiver would still see,
+external ruf authorisation. On the loopback DNS server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dnslib import RCODE
+
+from fastsend.authcheck import check_domain, make_lookup
+from fastsend.authcheck.spf import check_host, parse_record
+from fastsend.message.keys import generate, load_private_key, public_txt, write_key
+from fastsend.testing.dnsserver import DNSServer
+
+D = "example.test"
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[tuple[DNSServer, set[str]]]:
+    """The loopback server; names put in the returned set answer SERVFAIL."""
+    servfail: set[str] = set()
+    with DNSServer({}) as server:
+        real = server.resolver.resolve
+
+        def resolve(request: Any, handler: Any) -> Any:
+            if str(request.q.qname).rstrip(".").lower() in servfail:
+                reply = request.reply()
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply
+            return real(request, handler)
+
+        server.resolver.resolve = resolve  # the server asks its resolver per query
+        yield server, servfail
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> str:
+    p = tmp_path_factory.mktemp("k") / "ed.pem"
+    write_key(generate("ed25519"), p)
+    return str(p)
+
+
+def zones(key: str) -> dict[str, list[tuple[str, str]]]:
+    return {
+        D: [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 ip4:127.0.0.2 -all")],
+        "mx1.example.test": [("A", "127.0.0.1")],
+        "out1.example.test": [("A", "127.0.0.2")],
+        "s1._domainkey.example.test": [("TXT", public_txt(load_private_key(key)))],
+        "_dmarc.example.test": [("TXT", "v=DMARC1; p=reject; rua=mailto:d@example.test")],
+        "2.0.0.127.in-addr.arpa": [("PTR", "out1.example.test.")],
+    }
+
+
+def run(dns: tuple[DNSServer, set[str]], z: dict[str, Any], key: str, fail: set[str],
+        **kw: Any) -> dict[str, Any]:  # fmt: skip
+    server, servfail = dns
+    server.set_zones(z)
+    servfail.clear()
+    servfail.update(fail)
+    try:
+        checks = check_domain(D, ["127.0.0.2"], [("s1", key)], [server.nameserver], **kw)
+    finally:
+        servfail.clear()
+    return {c.name: c for c in checks}
+
+
+@pytest.mark.parametrize(
+    ("failing", "check", "record_hint"),
+    [
+        ("example.test", "SPF", "IN TXT"),
+        ("_dmarc.example.test", "DMARC", "IN TXT"),
+        ("s1._domainkey.example.test", "DKIM s1", "IN TXT"),
+        ("2.0.0.127.in-addr.arpa", "PTR 127.0.0.2", "IN PTR"),
+    ],
+)
+def test_dns_failure_is_not_a_missing_record(
+    dns: tuple[DNSServer, set[str]], key: str, failing: str, check: str, record_hint: str
+) -> None:
+    """A SERVFAIL at the record's name says the lookup failed, and never tells the
+    operator to publish a record they already have (a second SPF or DMARC record
+    breaks both: permerror, DMARC not applied)."""
+    got = run(dns, zones(key), key, {failing})
+    c = got[check]
+    assert c.status == "fail", c
+    assert "DNS" in c.detail and "no SPF record" not in c.detail, c
+    assert not c.detail.startswith("no "), c
+    assert record_hint not in c.fix, c
+    assert got["DNS"].status == "warn"
+
+
+def test_dns_failure_at_mx(dns: tuple[DNSServer, set[str]], key: str) -> None:
+    got = run(dns, zones(key), key, {"example.test"})
+    c = got["MX"]
+    assert c.status == "fail" and "DNS" in c.detail and "IN MX" not in c.fix, c
+
+
+def test_dns_failure_at_mx_host(dns: tuple[DNSServer, set[str]], key: str) -> None:
+    got = run(dns, zones(key), key, {"mx1.example.test"})
+    c = got["MX"]
+    assert c.status == "fail" and "DNS" in c.detail and "IN A" not in c.fix, c
+
+
+def test_dns_failure_at_dmarc_falls_back_nowhere(dns: tuple[DNSServer, set[str]], key: str) -> None:
+    """A subdomain whose own _dmarc name fails: not judged by the organizational record."""
+    server, servfail = dns
+    server.set_zones(zones(key))
+    servfail.update({"_dmarc.news.example.test"})
+    try:
+        checks = {
+            c.name: c for c in check_domain("news.example.test", nameservers=[server.nameserver])
+        }
+    finally:
+        servfail.clear()
+    c = checks["DMARC"]
+    assert c.status == "fail" and "DNS" in c.detail and c.fix == "", c
+
+
+# --- SPF domain-spec syntax (RFC 7208 7.1 / 4.8: domain-end needs a toplabel) ---
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=spf1 a:192.0.2.5 -all",  # an address where ip4: was meant
+        "v=spf1 mx:192.0.2.5 -all",
+        "v=spf1 include:spfhost -all",  # one label
+        "v=spf1 a:museum. -all",
+        "v=spf1 exists:foo.example.1 -all",  # numeric toplabel
+        "v=spf1 redirect=192.0.2.5",
+        "v=spf1 ip4:192.0.2.5/ -all",  # CIDR without digits
+        "v=spf1 ip4:192.0.2.0/024 -all",  # leading zero in a CIDR length
+        "v=spf1 a:example.test/024 -all",
+        "v=spf1 ip6:2001:db8::/ -all",
+    ],
+)
+def test_spf_bad_domain_spec_or_cidr_is_permerror(
+    dns: tuple[DNSServer, set[str]], record: str
+) -> None:
+    server, _ = dns
+    server.set_zones({"bad.test": [("TXT", record)], "192.0.2.5": [("A", "192.0.2.5")]})
+    look = make_lookup([server.nameserver])
+    with pytest.raises(ValueError):
+        parse_record(record)
+    assert check_host("192.0.2.5", "bad.test", look.query).result == "permerror"
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=spf1 a:mail.example.test -all",
+        "v=spf1 a:mail.example.test. -all",
+        "v=spf1 a:e.b-c -all",
+        "v=spf1 a:foo.x1 -all",
+        "v=spf1 exists:%{i}._spf.%{d} -all",
+        "v=spf1 exists:%{ir}.%{d2} -all",
+        "v=spf1 include:%{d} -all",
+        "v=spf1 a/24 mx//64 -all",
+        "v=spf1 ip4:0.0.0.0/0 -all",
+        "v=spf1 redirect=_spf.example.test",
+    ],
+)
+def test_spf_good_domain_specs_parse(record: str) -> None:
+    parse_record(record)
+
+
+def test_spf_check_reports_address_in_a_mechanism(
+    dns: tuple[DNSServer, set[str]], key: str
+) -> None:
+    """The common mistake 'a:<address>': permerror at receivers, so a FAIL naming it."""
+    z = zones(key)
+    z[D] = [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 a:127.0.0.2 -all")]
+    got = run(dns, z, key, set())
+    c = got["SPF"]
+    assert c.status == "fail" and "permerror" in c.detail and "a:127.0.0.2" in c.detail, c
+    assert c.fix == 'example.test. IN TXT "v=spf1 ip4:127.0.0.2 -all"', c
+
+
+# --- DMARC -------------------------------------------------------------------
+
+
+def test_dmarc_record_missing_semicolon_is_a_syntax_error_not_absent(
+    dns: tuple[DNSServer, set[str]], key: str
+) -> None:
+    """'v=DMARC1 p=reject' is a broken record at _dmarc (receivers that match on the
+    v=DMARC1 prefix see it): report it and replace it, never 'add a record'."""
+    z = zones(key)
+    z["_dmarc.example.test"] = [("TXT", "v=DMARC1 p=reject")]
+    got = run(dns, z, key, set())
+    c = got["DMARC"]
+    assert c.status == "fail" and "no DMARC record" not in c.detail, c
+    assert "syntax" in c.detail, c
+
+
+def test_dmarc_external_ruf_needs_authorisation(dns: tuple[DNSServer, set[str]], key: str) -> None:
+    z = zones(key)
+    z["_dmarc.example.test"] = [
+        ("TXT", "v=DMARC1; p=reject; rua=mailto:d@example.test; ruf=mailto:f@forensic.test")
+    ]
+    got = run(dns, z, key, set())
+    c = got["DMARC"]
+    assert c.status == "warn" and "ruf mailto:f@forensic.test" in c.detail, c
+    assert 'example.test._report._dmarc.forensic.test. IN TXT "v=DMARC1"' in c.fix
+    z["example.test._report._dmarc.forensic.test"] = [("TXT", "v=DMARC1")]
+    got = run(dns, z, key, set())
+    assert got["DMARC"].status == "pass", got["DMARC"]
+
+
+def test_cli_dns_failure_exits_one(
+    dns: tuple[DNSServer, set[str]], key: str, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    server, servfail = dns
+    server.set_zones(zones(key))
+    servfail.update({"example.test"})
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "fastsend", "check-domain", D, "--ip", "127.0.0.2",
+             "--selector", "s1", "--key", key, "--nameserver", server.nameserver, "--json"],
+            capture_output=True, text=True, timeout=60, env={**os.environ},
+        )  # fmt: skip
+    finally:
+        servfail.clear()
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert not any('IN TXT "v=spf1' in rec for rec in doc["records"]), doc["records"]
