@@ -231,3 +231,56 @@ def test_cli_dns_failure_exits_one(
     assert r.returncode == 1, r.stderr
     doc = json.loads(r.stdout)
     assert not any('IN TXT "v=spf1' in rec for rec in doc["records"]), doc["records"]
+
+
+def test_cli_config_checks_the_pools_ips_keys_and_nameservers(
+    dns: tuple[DNSServer, set[str]], key: str, tmp_path: Path
+) -> None:
+    """``check-domain -c fastsend.toml``: the source IPs and every pool's addresses, the
+    config's DKIM keys for the domain and its [dns] nameservers, as the MTA will send."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    server, _ = dns
+    z = zones(key)
+    z["3.0.0.127.in-addr.arpa"] = [("PTR", "out2.example.test.")]
+    z["out2.example.test"] = [("A", "127.0.0.3")]
+    server.set_zones(z)
+    shutil.copy(key, tmp_path / "ed.pem")
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        '[ips]\nsource = ["127.0.0.2", "127.0.0.3"]\n'
+        '[pools.main]\nips = ["127.0.0.3"]\n'
+        f'[dns]\nnameservers = ["{server.nameserver}"]\n'
+        '[[dkim]]\ndomain = "example.test"\nselector = "s1"\nkey = "ed.pem"\n'
+        '[[dkim]]\ndomain = "other.test"\nselector = "s9"\nkey = "ed.pem"\n'
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fastsend", "check-domain", *args],
+                              capture_output=True, text=True, timeout=60, env={**os.environ})  # fmt: skip
+
+    r = cli(D, "-c", str(cfg), "--json")
+    doc = json.loads(r.stdout)
+    checks = {c["name"]: c for c in doc["checks"]}
+    # 127.0.0.3 (the pool's address) is not in the SPF record: found and failed
+    assert checks["SPF"]["status"] == "fail", checks["SPF"]
+    assert "127.0.0.3: fail" in checks["SPF"]["detail"]
+    assert "127.0.0.2: pass" in checks["SPF"]["detail"]
+    assert checks["DKIM s1"]["status"] == "pass" and "DKIM s9" not in checks
+    assert {"PTR 127.0.0.2", "PTR 127.0.0.3"} <= set(checks)
+    assert r.returncode == 1
+    z[D] = [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 ip4:127.0.0.2 ip4:127.0.0.3 -all")]
+    server.set_zones(z)
+    r = cli(D, "-c", str(cfg))
+    assert r.returncode == 0, r.stdout
+    # flags override the config
+    r = cli(D, "-c", str(cfg), "--ip", "127.0.0.2", "--json")
+    assert "PTR 127.0.0.3" not in {c["name"] for c in json.loads(r.stdout)["checks"]}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[ips]\nsource = 5\n")
+    r = cli(D, "-c", str(bad))
+    assert r.returncode == 2 and "bad.toml" in r.stderr, r.stderr

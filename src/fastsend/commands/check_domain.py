@@ -3,6 +3,12 @@
     fastsend check-domain example.com --ip 192.0.2.10 \\
         --selector s2026 --key keys/s2026.pem [--return-path-domain bounce.example.com] \\
         [--dkim-domain example.com] [--nameserver 127.0.0.1:5353] [--json]
+    fastsend check-domain example.com -c fastsend.toml
+
+``-c`` checks what the MTA will send with: the config's source IPs and every
+pool's addresses (``--ip`` when none is given), its DKIM keys for the DKIM
+domain (``--selector/--key`` when none is given) and its ``[dns] nameservers``
+(``--nameserver``); flags given on the command line win.
 
 Prints a pass/warn/fail table, then the exact records to add or change for
 every check that is not a pass. ``--json`` prints the document described in
@@ -29,6 +35,7 @@ _NAME_W = 20
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="the sending (From) domain")
+    p.add_argument("-c", "--config", help="config file (TOML): source/pool IPs, DKIM keys, DNS")
     p.add_argument("--ip", action="append", default=[], help="a sending IP (repeatable)")
     p.add_argument("--selector", action="append", default=[], help="DKIM selector (repeatable)")
     p.add_argument("--key", action="append", default=[], help="private key for each --selector")
@@ -78,12 +85,33 @@ def run(args: argparse.Namespace) -> int:
     if not args.domain.strip(".") or " " in args.domain:
         print(f"check-domain: bad domain {args.domain!r}", file=sys.stderr)
         return 2
+    ips, keys, nameservers = (
+        args.ip,
+        list(zip(args.selector, args.key, strict=True)),
+        args.nameserver,
+    )
+    if getattr(args, "config", None):
+        from fastsend.analytics.dnsbl import node_ips
+        from fastsend.config import ConfigError, load
+
+        try:
+            cfg = load(args.config)
+        except (ConfigError, OSError) as exc:
+            print(f"check-domain: {exc}", file=sys.stderr)
+            return 2
+        dd = (args.dkim_domain or args.domain).lower().rstrip(".")
+        ips = ips or node_ips(cfg)
+        all_keys = [*cfg.dkim, *(k for t in (cfg.tenants or {}).values() for k in t.keys)]
+        keys = keys or list(dict.fromkeys(
+            (k.selector, k.entry(cfg.base_dir)["key"]) for k in all_keys if k.domain == dd
+        ))  # fmt: skip
+        nameservers = nameservers or list(cfg.dns.nameservers)
     try:
         checks = check_domain(
             args.domain,
-            args.ip,
-            list(zip(args.selector, args.key, strict=True)),
-            args.nameserver,
+            ips,
+            keys,
+            nameservers,
             args.return_path_domain,
             args.dkim_domain,
         )
