@@ -284,3 +284,30 @@ def test_cli_config_checks_the_pools_ips_keys_and_nameservers(
     bad.write_text("[ips]\nsource = 5\n")
     r = cli(D, "-c", str(bad))
     assert r.returncode == 2 and "bad.toml" in r.stderr, r.stderr
+
+
+def test_fix_records_are_valid_zone_file_lines(
+    dns: tuple[DNSServer, set[str]], key: str, tmp_path: Path
+) -> None:
+    """A 2048-bit RSA key's TXT value is ~400 characters: the printed record splits it
+    into character-strings of at most 255 (one longer string is a zone-file error:
+    BIND's 'ran out of space', dnspython's 'string too long'), which DNS joins back."""
+    from dns import zone as dnszone
+
+    rsa_key = tmp_path / "rsa.pem"
+    write_key(generate("rsa", 2048), rsa_key)
+    want = public_txt(load_private_key(str(rsa_key)))
+    assert len(want) > 255
+    z = zones(key)
+    del z["s1._domainkey.example.test"]
+    z[D] = [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 a:mx1.example.test ?all")]
+    got = run(dns, z, str(rsa_key), set())
+    lines = [ln for c in got.values() for ln in c.fix.splitlines() if " IN TXT " in ln]
+    assert len(lines) >= 2, got
+    zone = dnszone.from_text("$TTL 300\n" + "\n".join(lines), origin="example.test.",
+                             relativize=False, check_origin=False)  # fmt: skip
+    rd = zone.find_rdataset("s1._domainkey.example.test.", "TXT")
+    assert [b"".join(r.strings).decode() for r in rd] == [want]
+    # and what check-domain reads back from the published split record is a match
+    z["s1._domainkey.example.test"] = [("TXT", want)]
+    assert run(dns, z, str(rsa_key), set())["DKIM s1"].status == "pass"

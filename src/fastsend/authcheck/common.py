@@ -161,4 +161,9 @@ def _records(look: _Lookup, j: _Judge, name: str, rtype: str) -> list[str] | Non
 
 
 def _txt(name: str, value: str) -> str:
-    return f'{name}. IN TXT "{value}"'
+    """A zone-file TXT line: ``"`` and ``\\`` escaped, a value over 255 characters (a
+    2048-bit DKIM key) split into several character-strings, which DNS joins back
+    (RFC 7208 3.3, RFC 6376 3.6.2.2); one longer string is a zone-file error."""
+    esc = [c.replace("\\", "\\\\").replace('"', '\\"') for c in
+           (value[i : i + 255] for i in range(0, len(value), 255))] or [""]  # fmt: skip
+    return f"{name}. IN TXT " + " ".join(f'"{c}"' for c in esc)
