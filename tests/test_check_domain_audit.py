@@ -311,3 +311,29 @@ def test_fix_records_are_valid_zone_file_lines(
     # and what check-domain reads back from the published split record is a match
     z["s1._domainkey.example.test"] = [("TXT", want)]
     assert run(dns, z, str(rsa_key), set())["DKIM s1"].status == "pass"
+
+
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [
+        ("%{d2R}", "example.email"),  # ABNF literals are case-insensitive: "R" is "r"
+        ("%{DR}", "com.example.email"),
+        ("%{l1R-}", "strong"),
+    ],
+)
+def test_spf_macro_upper_case_r_transformer(spec: str, want: str) -> None:
+    from fastsend.authcheck.spf import expand_macros
+
+    got = expand_macros(spec, "192.0.2.3", "email.example.com",
+                        sender="strong-bad@email.example.com")  # fmt: skip
+    assert got == want
+
+
+def test_spf_every_ipv6_address_is_a_failure(dns: tuple[DNSServer, set[str]], key: str) -> None:
+    z = zones(key)
+    z[D] = [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 ip4:127.0.0.2 ip6:::/0 -all")]
+    c = run(dns, z, key, set())["SPF"]
+    assert c.status == "fail" and "ip6:::/0 authorises every IPv6 address" in c.detail, c
+    z[D] = [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 ip4:127.0.0.2 ip6:2001:db8::/32 -all")]
+    c = run(dns, z, key, set())["SPF"]
+    assert c.status == "pass", c

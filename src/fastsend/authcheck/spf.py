@@ -54,9 +54,9 @@ _CIDR_LEN = re.compile(r"0|[1-9][0-9]{0,2}")  # RFC 7208 5.6: no leading zeros
 # or an inner hyphen, so "a:192.0.2.5" (ip4: was meant) and "include:spfhost" are errors.
 _DOMAIN_END = re.compile(
     r"(?:.+\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9\-]*[A-Za-z0-9])\.?"
-    r"|.*(?:%\{[^}]*\}|%[%_\-]))"
+    r"|.*(?:%\{[^}]*\}|%[%_\-])\.?)"
 )
-_MACRO = re.compile(r"%(?:\{([a-zA-Z])(\d*)(r?)([.\-+,/_=]*)\}|(.))", re.S)
+_MACRO = re.compile(r"%(?:\{([a-zA-Z])(\d*)([rR]?)([.\-+,/_=]*)\}|(.))", re.S)
 
 
 class DnsTempError(Exception):

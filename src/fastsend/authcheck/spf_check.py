@@ -21,6 +21,17 @@ from fastsend.authcheck.spf import SpfResult, check_host, parse_record, spf_reco
 # Documentation/reserved addresses that no real record should authorise: evaluating one
 # walks the whole record, as a receiver does for a forger's IP.
 _PROBE_IPS = ("192.0.2.254", "198.51.100.254", "203.0.113.254", "240.0.0.1")
+# IPv6: documentation (RFC 3849, RFC 9637) and discard-only (RFC 6666) addresses
+_PROBE_IPS6 = ("2001:db8:ffff:ffff::fe", "3fff:fff:ffff::fe", "100::fe")
+
+
+def _probe(domain: str, look: _Lookup, ips: Sequence[str]) -> SpfResult:
+    """The result for an unauthorised IP: the first probe not passed by a narrow term."""
+    for ip in ips:
+        probe = check_host(ip, domain, look.query)
+        if probe.result != "pass" or probe.mechanism.lstrip("+").lower() == "all":
+            break
+    return probe
 
 
 def _ip_terms(ips: Sequence[str]) -> list[str]:
@@ -113,10 +124,7 @@ def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bo
     fix = _txt(domain, fixed) if fixed != rec else ""
     if missing:
         j.add(FAIL, f"record: {rec}", fix)
-    for ip in _PROBE_IPS:
-        probe = check_host(ip, domain, look.query)
-        if probe.result != "pass" or probe.mechanism.lstrip("+").lower() == "all":
-            break
+    probe = _probe(domain, look, _PROBE_IPS)
     results.append(probe)
     if probe.result in ("permerror", "temperror"):
         j.add(FAIL, f"an unauthorised IP gets {probe.result}: {probe.note}"
@@ -128,6 +136,10 @@ def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bo
     else:
         j.add(PASS, f"unauthorised IPs get {probe.result} ({probe.matched or probe.note}); "
                     f"{probe.lookups}/10 DNS lookups")  # fmt: skip
+    if probe.result != "pass":
+        probe6 = _probe(domain, look, _PROBE_IPS6)
+        if probe6.result == "pass":
+            j.add(FAIL, f"{probe6.matched} authorises every IPv6 address on the Internet")
     for w in dict.fromkeys(w for r in results for w in r.warnings):
         j.add(WARN, w)
     if not ips:
