@@ -337,3 +337,41 @@ def test_spf_every_ipv6_address_is_a_failure(dns: tuple[DNSServer, set[str]], ke
     z[D] = [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 ip4:127.0.0.2 ip6:2001:db8::/32 -all")]
     c = run(dns, z, key, set())["SPF"]
     assert c.status == "pass", c
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["example..test"],
+        ["https://example.test"],
+        ["user@example.test"],
+        ["example"],
+        ["example.test", "--return-path-domain", "bounce..example.test"],
+        ["example.test", "--dkim-domain", "mail example.test"],
+    ],
+)
+def test_cli_bad_domain_exits_two_without_asking_dns(argv: list[str]) -> None:
+    """A mistyped domain is a usage error naming it (exit 2), not a page of DNS failures."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "fastsend", "check-domain", *argv, "--nameserver", "127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60, env={**os.environ},
+    )  # fmt: skip
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "not a domain name" in r.stderr and r.stdout == "", r.stderr
+
+
+def test_spf_ptr_mechanism_dns_error_does_not_match(dns: tuple[DNSServer, set[str]]) -> None:
+    """RFC 7208 5.5: a DNS error on the PTR lookup makes ptr not match (no temperror)."""
+    server, servfail = dns
+    server.set_zones({"ptr.test": [("TXT", "v=spf1 ptr ip4:192.0.2.5 -all")]})
+    servfail.add("5.2.0.192.in-addr.arpa")
+    try:
+        look = make_lookup([server.nameserver])
+        res = check_host("192.0.2.5", "ptr.test", look.query)
+    finally:
+        servfail.clear()
+    assert (res.result, res.mechanism) == ("pass", "ip4:192.0.2.5"), res

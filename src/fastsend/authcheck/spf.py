@@ -277,7 +277,13 @@ class _Eval:
         """The ptr validation of RFC 7208 5.5: a PTR name of the IP that resolves back
         to it, preferring ``target`` or a subdomain of it."""
         rev = ipaddress.ip_address(self.ip).reverse_pointer
-        names = [n.rstrip(".").lower() for n in self.query(rev, "PTR")][:MAX_PTR]
+        try:
+            answers = self.query(rev, "PTR")
+        except _Stop as exc:  # a DNS error: ptr does not match (RFC 7208 5.5)
+            if exc.result != "temperror":
+                raise
+            return None
+        names = [n.rstrip(".").lower() for n in answers][:MAX_PTR]
         target = target.lower().rstrip(".")
         names.sort(key=lambda n: not (n == target or n.endswith("." + target)))
         for n in names:

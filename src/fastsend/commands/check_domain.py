@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import re
 import shutil
 import sys
 import textwrap
@@ -31,6 +32,8 @@ from fastsend.message.keys import DkimKeyError
 __all__ = ["add_arguments", "format_table", "run"]
 
 _NAME_W = 20
+# two or more labels of letters (any script), digits, '-' and '_', none empty or over 63
+_DOMAIN = re.compile(r"(?=.{1,253}\.?$)(?:(?!-)[\w-]{1,63}(?<!-)\.)+(?!-)[\w-]{1,63}(?<!-)\.?")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             print(f"check-domain: bad IP {ip!r}", file=sys.stderr)
             return 2
-    if not args.domain.strip(".") or " " in args.domain:
-        print(f"check-domain: bad domain {args.domain!r}", file=sys.stderr)
-        return 2
+    for flag, value in (("", args.domain), ("--return-path-domain ", args.return_path_domain),
+                        ("--dkim-domain ", args.dkim_domain)):  # fmt: skip
+        if value is not None and not _DOMAIN.fullmatch(value):
+            print(f"check-domain: {flag}{value!r} is not a domain name", file=sys.stderr)
+            return 2
     ips, keys, nameservers = (
         args.ip,
         list(zip(args.selector, args.key, strict=True)),
