@@ -252,8 +252,8 @@ def test_cli_config_checks_the_pools_ips_keys_and_nameservers(
     shutil.copy(key, tmp_path / "ed.pem")
     cfg = tmp_path / "fastsend.toml"
     cfg.write_text(
-        '[ips]\nsource = ["127.0.0.2", "127.0.0.3"]\n'
-        '[pools.main]\nips = ["127.0.0.3"]\n'
+        '[ips]\nsource = ["127.0.0.2", "127.0.0.3"]\nhelo = "out1.example.test"\n'
+        '[pools.main]\nips = [{ ip = "127.0.0.3", ehlo = "out2.example.test" }]\n'
         f'[dns]\nnameservers = ["{server.nameserver}"]\n'
         '[[dkim]]\ndomain = "example.test"\nselector = "s1"\nkey = "ed.pem"\n'
         '[[dkim]]\ndomain = "other.test"\nselector = "s9"\nkey = "ed.pem"\n'
@@ -375,3 +375,55 @@ def test_spf_ptr_mechanism_dns_error_does_not_match(dns: tuple[DNSServer, set[st
     finally:
         servfail.clear()
     assert (res.result, res.mechanism) == ("pass", "ip4:192.0.2.5"), res
+
+
+def test_cli_config_checks_each_ips_ehlo_name(
+    dns: tuple[DNSServer, set[str]], key: str, tmp_path: Path
+) -> None:
+    """The name fastsend says in EHLO from each IP (the pool's ehlo, else [ips] helo,
+    else 'localhost'): a fully qualified name that resolves to the IP, the PTR name."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    server, _ = dns
+    z = zones(key)
+    z[D] = [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 ip4:127.0.0.2 ip4:127.0.0.3 -all")]
+    z["3.0.0.127.in-addr.arpa"] = [("PTR", "out2.example.test.")]
+    z["out2.example.test"] = [("A", "127.0.0.3")]
+    server.set_zones(z)
+    shutil.copy(key, tmp_path / "ed.pem")
+
+    def check(ips_section: str, *extra: str) -> dict[str, Any]:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            f'[ips]\nsource = ["127.0.0.2", "127.0.0.3"]\n{ips_section}'
+            f'[dns]\nnameservers = ["{server.nameserver}"]\n'
+            '[[dkim]]\ndomain = "example.test"\nselector = "s1"\nkey = "ed.pem"\n'
+        )
+        r = subprocess.run(
+            [sys.executable, "-m", "fastsend", "check-domain", D, "-c", str(cfg), "--json", *extra],
+            capture_output=True, text=True, timeout=60, env={**os.environ},
+        )  # fmt: skip
+        doc = json.loads(r.stdout)
+        return {"rc": r.returncode, **{c["name"]: c for c in doc["checks"]}}
+
+    got = check("")  # no helo anywhere: fastsend says EHLO localhost
+    assert got["rc"] == 1
+    for ip in ("127.0.0.2", "127.0.0.3"):
+        c = got[f"PTR {ip}"]
+        assert c["status"] == "fail" and "EHLO localhost" in c["detail"], c
+    got = check('helo = "out1.example.test"\n'
+                '[pools.main]\nips = [{ ip = "127.0.0.3", ehlo = "out2.example.test" }]\n')  # fmt: skip
+    assert got["rc"] == 0, got
+    assert "EHLO out1.example.test" in got["PTR 127.0.0.2"]["detail"]
+    assert "EHLO out2.example.test" in got["PTR 127.0.0.3"]["detail"]
+    # the global helo names another host for 127.0.0.3: it does not resolve to the IP
+    got = check('helo = "out1.example.test"\n')
+    c = got["PTR 127.0.0.3"]
+    assert c["status"] == "fail" and "does not resolve to 127.0.0.3" in c["detail"], c
+    # --helo says it for every IP
+    got = check('helo = "out1.example.test"\n', "--helo", "mx1.example.test")
+    assert got["PTR 127.0.0.2"]["status"] == "fail"

@@ -20,8 +20,45 @@ from fastsend.authcheck.common import (
 )
 
 
-def check_ptr(ip: str, domain: str, look: _Lookup) -> Check:
+def check_ptr(ip: str, domain: str, look: _Lookup, ehlo: str | None = None) -> Check:
+    """FCrDNS of ``ip``; with ``ehlo`` (the name said in EHLO from it) also that name."""
     j = _Judge(f"PTR {ip}")
+    c = _check_ptr(j, ip, domain, look)
+    if ehlo is None:
+        return c
+    _check_ehlo(j, ip, ehlo, c.status != FAIL, look)
+    return j.check()
+
+
+def _check_ehlo(j: _Judge, ip: str, ehlo: str, ptr_ok: bool, look: _Lookup) -> None:
+    addr = ipaddress.ip_address(ip)
+    rtype = "A" if addr.version == 4 else "AAAA"
+    rev = dns.reversename.from_address(ip).to_text().rstrip(".")
+    name = ehlo.rstrip(".").lower()
+    hint = "set the pool address's ehlo or [ips] helo to the IP's PTR name"
+    if name.startswith("["):
+        j.add(WARN, f"EHLO {ehlo}: an address literal, which many receivers score as spam; {hint}")
+        return
+    if "." not in name:
+        j.add(FAIL, f"EHLO {ehlo}: not a fully qualified domain name (RFC 5321 4.1.1.1), "
+                    f"receivers reject or score it; {hint}")  # fmt: skip
+        return
+    fwd = _records(look, j, name, rtype)
+    if fwd is None:
+        return
+    if not any(_same_ip(v, addr) for v in fwd):
+        j.add(FAIL, f"EHLO {ehlo} does not resolve to {ip}"
+                    + (f" ({', '.join(fwd)})" if fwd else ""), f"{name}. IN {rtype} {ip}")  # fmt: skip
+        return
+    ptrs = [v.rstrip(".").lower() for v in (look(rev, "PTR") if ptr_ok else [])]
+    if ptrs and name not in ptrs:
+        j.add(WARN, f"EHLO {ehlo} resolves to {ip} but is not its PTR name ({ptrs[0]}): "
+                    "say the PTR name")  # fmt: skip
+    else:
+        j.add(PASS, f"EHLO {ehlo} resolves to {ip}")
+
+
+def _check_ptr(j: _Judge, ip: str, domain: str, look: _Lookup) -> Check:
     addr = ipaddress.ip_address(ip)
     rev = dns.reversename.from_address(ip).to_text().rstrip(".")
     rtype = "A" if addr.version == 4 else "AAAA"

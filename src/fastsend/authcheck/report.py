@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastsend.authcheck.common import (
@@ -40,9 +40,11 @@ def check_domain(
     nameservers: Sequence[str] = (),
     return_path_domain: str | None = None,
     dkim_domain: str | None = None,
+    ehlo: Mapping[str, str] | None = None,
 ) -> list[Check]:
     """All checks for ``domain``; ``keys`` are (selector, private-key path) pairs for
-    ``dkim_domain`` (default: ``domain``)."""
+    ``dkim_domain`` (default: ``domain``); ``ehlo`` maps a source IP to the name said
+    in EHLO from it (checked in its ``PTR`` check)."""
     domain = domain.lower().rstrip(".")
     rp = (return_path_domain or domain).lower().rstrip(".")
     dd = (dkim_domain or domain).lower().rstrip(".")
@@ -63,7 +65,7 @@ def check_domain(
     checks.append(dmarc)
     checks.append(check_alignment(domain, tags, dd, dkim_ok, rp, spf_ok))
     for ip in ips:
-        checks.append(check_ptr(ip, domain, look))
+        checks.append(check_ptr(ip, domain, look, (ehlo or {}).get(ip)))
     if look.errors:
         errs = list(dict.fromkeys(look.errors))
         checks.append(Check("DNS", WARN, "; ".join(errs[:3]), notes=errs[:10]))

@@ -7,8 +7,11 @@
 
 ``-c`` checks what the MTA will send with: the config's source IPs and every
 pool's addresses (``--ip`` when none is given), its DKIM keys for the DKIM
-domain (``--selector/--key`` when none is given) and its ``[dns] nameservers``
-(``--nameserver``); flags given on the command line win.
+domain (``--selector/--key`` when none is given), its ``[dns] nameservers``
+(``--nameserver``) and the name each IP says in EHLO (the pool address's
+``ehlo``, else ``[ips] helo``, else ``localhost``; ``--helo`` for all): a fully
+qualified name that resolves to the IP, ideally its PTR name. Flags given on the
+command line win.
 
 Prints a pass/warn/fail table, then the exact records to add or change for
 every check that is not a pass. ``--json`` prints the document described in
@@ -45,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--return-path-domain", help="envelope sender domain (default: DOMAIN)")
     p.add_argument("--dkim-domain", help="the DKIM d= domain of the keys (default: DOMAIN)")
     p.add_argument("--nameserver", action="append", default=[], help="HOST[:PORT] to ask")
+    p.add_argument("--helo", help="the name said in EHLO from every --ip (default: the config's)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         list(zip(args.selector, args.key, strict=True)),
         args.nameserver,
     )
+    ehlo: dict[str, str] = {}
     if getattr(args, "config", None):
         from fastsend.analytics.dnsbl import node_ips
         from fastsend.config import ConfigError, load
@@ -111,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
             (k.selector, k.entry(cfg.base_dir)["key"]) for k in all_keys if k.domain == dd
         ))  # fmt: skip
         nameservers = nameservers or list(cfg.dns.nameservers)
+        # what the delivery pool says: the pool address's ehlo, else [ips] helo, else localhost
+        pools = cfg.pools.pools.values() if cfg.pools is not None else ()
+        pool_ehlo = {e.ip: e.ehlo for p in pools for e in p.ips if e.ehlo}
+        ehlo = {ip: pool_ehlo.get(ip) or cfg.helo or "localhost" for ip in ips}
+    if getattr(args, "helo", None):
+        ehlo = {ip: args.helo for ip in ips}
     try:
         checks = check_domain(
             args.domain,
@@ -119,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             nameservers,
             args.return_path_domain,
             args.dkim_domain,
+            ehlo,
         )
     except DkimKeyError as exc:
         print(f"check-domain: {exc}", file=sys.stderr)
