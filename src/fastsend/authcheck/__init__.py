@@ -29,8 +29,19 @@ records to add or change when something is wrong:
   return-path domain (``aspf``), strict (equal) or relaxed (same
   organizational domain), counting only a DKIM key / SPF result that passed.
 - ``PTR <ip>``: a PTR record whose name resolves back to the IP (FCrDNS);
-  several PTR names or a generic-looking name warn.
+  several PTR names or a generic-looking name warn. With ``ehlo`` (the name
+  said in EHLO from the IP): a name that is not fully qualified (``localhost``)
+  or does not resolve to the IP fails, one that is not the PTR name warns.
 - ``DNS``: warns when lookups failed (timeouts, server failures).
+
+A lookup that fails (SERVFAIL, timeout) is never read as "no record": the
+check that needed it fails saying the lookup failed, with no record to publish
+(publishing a second SPF or DMARC record next to an unseen one breaks both),
+and DMARC discovery does not fall back past it. SPF terms are checked against
+RFC 7208's grammar: a domain-spec ends in a toplabel with a letter or a macro
+(``a:192.0.2.5`` is a permerror; the fix writes ``ip4:``), CIDR lengths have
+no leading zeros. Every printed TXT record is a valid zone-file line: values
+over 255 characters are split into character-strings.
 
 The organizational domain comes from the Public Suffix List (the
 ``publicsuffixlist`` package's bundled snapshot, no network); without that
