@@ -427,3 +427,30 @@ def test_cli_config_checks_each_ips_ehlo_name(
     # --helo says it for every IP
     got = check('helo = "out1.example.test"\n', "--helo", "mx1.example.test")
     assert got["PTR 127.0.0.2"]["status"] == "fail"
+
+
+def test_cli_nameservers_keep_their_own_ports_and_bad_ones_exit_two(
+    dns: tuple[DNSServer, set[str]], key: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    server, _ = dns
+    server.set_zones(zones(key))
+
+    def cli(*ns: str) -> subprocess.CompletedProcess[str]:
+        args = [a for n in ns for a in ("--nameserver", n)]
+        return subprocess.run(
+            [sys.executable, "-m", "fastsend", "check-domain", D, "--ip", "127.0.0.2",
+             "--selector", "s1", "--key", key, *args],
+            capture_output=True, text=True, timeout=120, env={**os.environ},
+        )  # fmt: skip
+
+    # the second server's port was used for both: every lookup went to 127.0.0.1:9
+    r = cli(server.nameserver, "127.0.0.3:9")
+    assert r.returncode == 0, r.stdout
+    for bad in ("localhost", "127.0.0.1:port", "127.0.0.1:70000", "[::1"):
+        r = cli(bad)
+        assert r.returncode == 2 and "--nameserver" in r.stderr, (bad, r.stderr)
+        assert "Traceback" not in r.stderr

@@ -3,12 +3,14 @@ wrapper (:func:`make_lookup`) and the organizational domain (Public Suffix List)
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dns.exception
+import dns.nameserver
 import dns.resolver
 import dns.reversename
 
@@ -112,19 +114,33 @@ class _Lookup:
             return []
 
 
+def parse_nameserver(ns: str) -> tuple[str, int]:
+    """``ADDR``, ``V4:PORT`` or ``[V6]:PORT`` as (address, port); ValueError otherwise."""
+    host, port = ns.strip(), "53"
+    if host.startswith("["):
+        host, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{ns!r} is not ADDR, ADDR:PORT or [IPv6]:PORT")
+        port = rest[1:] or port
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{ns!r}: {host!r} is not an IP address") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{ns!r}: bad port {port!r}")
+    return host, int(port)
+
+
 def make_lookup(nameservers: Sequence[str] = ()) -> _Lookup:
-    """A caching DNS lookup over ``host[:port]`` nameservers (system ones if empty)."""
+    """A caching DNS lookup over ``host[:port]`` nameservers (system ones if empty),
+    each asked on its own port."""
     if not nameservers:
         r = dns.resolver.Resolver()
     else:
         r = dns.resolver.Resolver(configure=False)
-        hosts, port = [], 53
-        for ns in nameservers:
-            host, _, p = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "")
-            hosts.append(host.strip("[]"))
-            port = int(p) if p else 53
-        r.nameservers = hosts
-        r.port = port
+        r.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(n)) for n in nameservers]
     r.timeout, r.lifetime = 2.0, 5.0
     return _Lookup(r)
 

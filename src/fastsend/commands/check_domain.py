@@ -30,6 +30,7 @@ import sys
 import textwrap
 
 from fastsend.authcheck import FAIL, PASS, check_domain, report
+from fastsend.authcheck.common import parse_nameserver
 from fastsend.message.keys import DkimKeyError
 
 __all__ = ["add_arguments", "format_table", "run"]
@@ -122,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
         ehlo = {ip: pool_ehlo.get(ip) or cfg.helo or "localhost" for ip in ips}
     if getattr(args, "helo", None):
         ehlo = {ip: args.helo for ip in ips}
+    for ns in nameservers:
+        try:
+            parse_nameserver(ns)
+        except ValueError as exc:
+            print(f"check-domain: --nameserver {exc}", file=sys.stderr)
+            return 2
     try:
         checks = check_domain(
             args.domain,
