@@ -454,3 +454,23 @@ def test_cli_nameservers_keep_their_own_ports_and_bad_ones_exit_two(
         r = cli(bad)
         assert r.returncode == 2 and "--nameserver" in r.stderr, (bad, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_record_split_into_separate_txt_records_is_named(
+    dns: tuple[DNSServer, set[str]], key: str, tmp_path: Path
+) -> None:
+    """A DNS panel's long value entered as two TXT records instead of one record of two
+    strings: the second half is ignored by receivers; say so."""
+    rsa_key = tmp_path / "rsa.pem"
+    write_key(generate("rsa", 2048), rsa_key)
+    value = public_txt(load_private_key(str(rsa_key)))
+    z = zones(key)
+    z[D] = [("MX", "10 mx1.example.test."), ("TXT", "v=spf1 ip4:127.0.0.2"),
+            ("TXT", "include:_spf.esp.test -all")]  # fmt: skip
+    z["s1._domainkey.example.test"] = [("TXT", value[:250]), ("TXT", value[250:])]
+    got = run(dns, z, str(rsa_key), set())
+    spf = got["SPF"]
+    assert "'include:_spf.esp.test -all'" in spf.detail and "one TXT record" in spf.detail, spf
+    assert spf.fix == 'example.test. IN TXT "v=spf1 ip4:127.0.0.2 include:_spf.esp.test -all"'
+    dk = got["DKIM s1"]
+    assert dk.status == "fail" and "one TXT record" in dk.detail, dk

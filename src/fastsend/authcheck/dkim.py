@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -74,6 +75,10 @@ def check_dkim(sel: str, path: str, domain: str, look: _Lookup) -> Check:
         j.add(FAIL, f"{len(recs)} key records at {name}: verifiers may take either",
               want_txt)  # fmt: skip
     rec = recs[0]
+    for part in (t for t in txts if t not in recs and re.fullmatch(r"[A-Za-z0-9+/=\s;]+", t)):
+        j.add(FAIL, f"the TXT record {part[:40]!r}... at {name} looks like the rest of the key, "
+                    "which verifiers never see: publish one TXT record (of several strings), "
+                    "not two", want_txt)  # fmt: skip
     tags, errors = parse_dkim(rec)
     for e in errors:
         j.add(FAIL, f"syntax: {e}", want_txt)

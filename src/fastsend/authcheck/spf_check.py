@@ -34,6 +34,22 @@ def _probe(domain: str, look: _Lookup, ips: Sequence[str]) -> SpfResult:
     return probe
 
 
+def _orphans(txts: list[str]) -> list[str]:
+    """TXT records at the name that hold SPF mechanisms without ``v=spf1``: the second
+    half of a record a DNS panel took as two records."""
+    out = []
+    for t in txts:
+        if re.match(r"(?i)v=spf1(?: |$)", t):
+            continue
+        try:
+            terms = parse_record("v=spf1 " + t)
+        except ValueError:
+            continue
+        if any(not x.modifier or x.name == "redirect" for x in terms):
+            out.append(t)
+    return out
+
+
 def _ip_terms(ips: Sequence[str]) -> list[str]:
     return [f"ip{ipaddress.ip_address(i).version}:{i}" for i in ips]
 
@@ -86,6 +102,11 @@ def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bo
     if txts is None:
         return j.check(), False
     rec = spf_record(domain, lambda n, t: txts)
+    for part in _orphans(txts):
+        joined = _txt(domain, f"{rec} {part}") if isinstance(rec, str) else ""
+        j.add(FAIL, f"the TXT record {part!r} at {domain} looks like the rest of the SPF "
+                    "record, which receivers never see: publish one TXT record (of several "
+                    "strings if long), not two", joined)  # fmt: skip
     if rec is None:
         value = " ".join(["v=spf1", *(terms or ["mx"]), "-all"])
         j.add(FAIL, f"no SPF record at {domain}", _txt(domain, value))
@@ -144,4 +165,7 @@ def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bo
         j.add(WARN, w)
     if not ips:
         j.add(WARN, f"no --ip given: only the record was checked ({rec})")
+    orphans = _orphans(txts)
+    if orphans:  # the one record to publish is the joined one; its own findings come next run
+        j.fixes = [_txt(domain, " ".join([rec, *orphans]))]
     return j.check(), all_pass
