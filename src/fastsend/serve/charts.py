@@ -179,6 +179,8 @@ class Charts:
             self.last_gauges = now
             try:
                 self.sample_gauges(rollups, now)
+            except self.ctx.spool.outage_errors():
+                raise  # serve's tick says once that the spool is out of reach
             except Exception:
                 log.exception("queue gauges not sampled")
 
