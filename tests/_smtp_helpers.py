@@ -135,6 +135,7 @@ class RecordingHandler:
                 "rcpts": list(envelope.rcpt_tos),
                 "data": envelope.original_content,
                 "tls": session.ssl is not None,
+                "helo": session.host_name,
             }
         )
         return f"250 2.0.0 Ok: queued as AIO{len(self.messages)}"

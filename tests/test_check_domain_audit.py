@@ -381,7 +381,8 @@ def test_cli_config_checks_each_ips_ehlo_name(
     dns: tuple[DNSServer, set[str]], key: str, tmp_path: Path
 ) -> None:
     """The name fastsend says in EHLO from each IP (the pool's ehlo, else [ips] helo,
-    else 'localhost'): a fully qualified name that resolves to the IP, the PTR name."""
+    else the IP's forward-confirmed PTR name): a fully qualified name that resolves to
+    the IP, the PTR name."""
     import json
     import os
     import shutil
@@ -410,11 +411,12 @@ def test_cli_config_checks_each_ips_ehlo_name(
         doc = json.loads(r.stdout)
         return {"rc": r.returncode, **{c["name"]: c for c in doc["checks"]}}
 
-    got = check("")  # no helo anywhere: fastsend says EHLO localhost
-    assert got["rc"] == 1
-    for ip in ("127.0.0.2", "127.0.0.3"):
-        c = got[f"PTR {ip}"]
-        assert c["status"] == "fail" and "EHLO localhost" in c["detail"], c
+    # no helo anywhere: each IP says its forward-confirmed PTR name (before: localhost)
+    got = check("")
+    assert got["rc"] == 0, got
+    assert "EHLO out1.example.test resolves to 127.0.0.2" in got["PTR 127.0.0.2"]["detail"]
+    assert "EHLO out2.example.test resolves to 127.0.0.3" in got["PTR 127.0.0.3"]["detail"]
+    assert not any("localhost" in c["detail"] for k, c in got.items() if k != "rc")
     got = check('helo = "out1.example.test"\n'
                 '[pools.main]\nips = [{ ip = "127.0.0.3", ehlo = "out2.example.test" }]\n')  # fmt: skip
     assert got["rc"] == 0, got

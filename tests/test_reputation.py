@@ -135,7 +135,9 @@ def test_a_listed_ip_rests_its_lanes() -> None:
 
 
 def test_check_ip_command(dns_server: DNSServer, tmp_path: Path) -> None:
-    dns_server.set_zones(ZONES)
+    # 127.0.0.3's reverse DNS and EHLO name are in order (check-ip checks them too)
+    dns_server.set_zones({**ZONES, "3.0.0.127.in-addr.arpa": [("PTR", "out3.example.test.")],
+                          "out3.example.test": [("A", "127.0.0.3"), ("TXT", "v=spf1 a -all")]})
     cfg = tmp_path / "fastsend.toml"
     cfg.write_text(f'[dns]\nnameservers = ["{dns_server.nameserver}"]\ntimeout = 3\n'
                    '[ips]\nsource = ["127.0.0.2", "127.0.0.3"]\n'

@@ -133,15 +133,17 @@ def parse_nameserver(ns: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def make_lookup(nameservers: Sequence[str] = ()) -> _Lookup:
+def make_lookup(
+    nameservers: Sequence[str] = (), timeout: float = 2.0, lifetime: float = 5.0
+) -> _Lookup:
     """A caching DNS lookup over ``host[:port]`` nameservers (system ones if empty),
-    each asked on its own port."""
+    each asked on its own port; ``timeout`` per server, ``lifetime`` per lookup."""
     if not nameservers:
         r = dns.resolver.Resolver()
     else:
         r = dns.resolver.Resolver(configure=False)
         r.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(n)) for n in nameservers]
-    r.timeout, r.lifetime = 2.0, 5.0
+    r.timeout, r.lifetime = min(timeout, lifetime), lifetime
     return _Lookup(r)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from fastsend.authcheck.common import (
     FAIL,
     PASS,
@@ -13,6 +11,7 @@ from fastsend.authcheck.common import (
     _Lookup,
     _records,
 )
+from fastsend.hostname import is_ip
 
 
 def _addresses(look: _Lookup, host: str, j: _Judge | None = None) -> list[str] | None:
@@ -20,20 +19,12 @@ def _addresses(look: _Lookup, host: str, j: _Judge | None = None) -> list[str] |
     out: list[str] = []
     failed = _Judge("")
     for rtype in ("A", "AAAA"):
-        out += [v for v in (_records(look, failed, host, rtype) or []) if _is_ip(v)]
+        out += [v for v in (_records(look, failed, host, rtype) or []) if is_ip(v)]
     if failed.items and not out:
         if j is not None:
             j.items += failed.items
         return None
     return out
-
-
-def _is_ip(s: str) -> bool:
-    try:
-        ipaddress.ip_address(s.rstrip("."))
-    except ValueError:
-        return False
-    return True
 
 
 def check_mx(domain: str, look: _Lookup, name: str = "MX") -> Check:
@@ -68,7 +59,7 @@ def check_mx(domain: str, look: _Lookup, name: str = "MX") -> Check:
     for prio, host in sorted(mx):
         pref = str(prio)
         h = host.rstrip(".")
-        if _is_ip(h):
+        if is_ip(h):
             j.add(FAIL, f"MX {pref} {host} is an IP address literal, not a host name "
                         "(RFC 5321 5.1)",
                   f"{domain}. IN MX {pref} mx.{domain}.", f"mx.{domain}. IN A {h}")  # fmt: skip

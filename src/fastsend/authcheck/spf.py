@@ -38,6 +38,8 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fastsend.hostname import is_ip
+
 __all__ = ["DnsTempError", "SpfResult", "check_host", "expand_macros", "parse_record", "spf_record"]
 
 Lookup = Callable[[str, str], list[str]]  # (name, rtype) -> values ([] for NXDOMAIN/NODATA)
@@ -130,16 +132,8 @@ def _check_domain_spec(spec: str, text: str) -> None:
         raise _Stop(
             "permerror",
             f"{spec!r} in {text!r} is not a domain name (RFC 7208 7.1"
-            + ("; an address belongs in ip4:/ip6:)" if _is_ip(spec) else ")"),
+            + ("; an address belongs in ip4:/ip6:)" if is_ip(spec) else ")"),
         )
-
-
-def _is_ip(s: str) -> bool:
-    try:
-        ipaddress.ip_address(s.rstrip("."))
-    except ValueError:
-        return False
-    return True
 
 
 def parse_record(record: str) -> list[_Term]:

@@ -17,6 +17,7 @@ from fastsend.authcheck.common import (
     _txt,
 )
 from fastsend.authcheck.spf import SpfResult, check_host, parse_record, spf_record
+from fastsend.hostname import host_name, is_fqdn
 
 # Documentation/reserved addresses that no real record should authorise: evaluating one
 # walks the whole record, as a receiver does for a forger's IP.
@@ -169,3 +170,54 @@ def check_spf(domain: str, ips: Sequence[str], look: _Lookup) -> tuple[Check, bo
     if orphans:  # the one record to publish is the joined one; its own findings come next run
         j.fixes = [_txt(domain, " ".join([rec, *orphans]))]
     return j.check(), all_pass
+
+
+def check_helo_spf(ip: str, helo: str, look: _Lookup) -> Check:
+    """RFC 7208 2.3: the SPF check of the HELO identity, ``ip`` saying ``helo``.
+    Receivers that check it (RFC 7208 recommends it) and every receiver of a bounce
+    (an empty MAIL FROM is checked as ``postmaster@<helo>``) need the EHLO name to
+    authorise its IP; the record to publish is the usual ``v=spf1 a -all``."""
+    j = _Judge("SPF helo")
+    name = host_name(helo)
+    if not is_fqdn(name):
+        j.add(WARN, f"EHLO {helo} is not a domain name, so it has no SPF record to check "
+                    "(RFC 7208 2.3); say a fully qualified name")  # fmt: skip
+        return j.check()
+    term = _ip_terms([ip])[0]
+    txts = _records(look, j, name, "TXT")
+    if txts is None:
+        return j.check()
+    rec = spf_record(name, lambda n, t: txts)
+    if rec is None:
+        j.add(WARN, f"no SPF record at the EHLO name {name}: receivers that check the HELO "
+                    "identity (RFC 7208 2.3), as every one does for a bounce, get none",
+              _txt(name, f"v=spf1 {term} -all"))  # fmt: skip
+        return j.check()
+    if isinstance(rec, list):
+        j.add(FAIL, f"{len(rec)} SPF records at {name}: permerror (RFC 7208 4.5); replace "
+                    "them with one", _txt(name, _spf_with(_merge_spf(rec), [term])))  # fmt: skip
+        return j.check()
+    try:
+        parse_record(rec)
+    except ValueError as exc:
+        j.add(FAIL, f"syntax error in {rec!r} at {name}: {exc} (permerror)",
+              _address_fix(name, rec))  # fmt: skip
+        return j.check()
+    res = check_host(ip, name, look.query, helo=name)
+    how = f" via {res.matched}" if res.matched else ""
+    fix = _txt(name, _spf_with(rec, [term]))
+    if res.result == "pass":
+        j.add(PASS, f"{name} authorises {ip}{how}")
+    elif res.result == "temperror":
+        j.add(FAIL, f"{name}: temperror ({res.note}): cannot tell what is published; check "
+                    "the nameservers and run again")  # fmt: skip
+    elif res.result == "permerror":
+        j.add(FAIL, f"{name}: permerror ({res.note})")
+    elif res.result == "fail":
+        j.add(FAIL, f"{name} does not authorise {ip} (fail{how}): receivers checking the "
+                    "HELO identity reject its mail", fix)  # fmt: skip
+    else:
+        j.add(WARN, f"{name} does not authorise {ip} ({res.result}{how})", fix)
+    for w in res.warnings:
+        j.add(WARN, w)
+    return j.check()

@@ -9,9 +9,11 @@
 pool's addresses (``--ip`` when none is given), its DKIM keys for the DKIM
 domain (``--selector/--key`` when none is given), its ``[dns] nameservers``
 (``--nameserver``) and the name each IP says in EHLO (the pool address's
-``ehlo``, else ``[ips] helo``, else ``localhost``; ``--helo`` for all): a fully
-qualified name that resolves to the IP, ideally its PTR name. Flags given on the
-command line win.
+``ehlo``, else ``[ips] helo``, else the IP's forward-confirmed PTR name, this
+host's fully qualified name or the IP's address literal, as
+:mod:`fastsend.delivery.ehlo` chooses; ``--helo`` for all): a fully qualified
+name that resolves to the IP, ideally its PTR name. Flags given on the command
+line win.
 
 Prints a pass/warn/fail table, then the exact records to add or change for
 every check that is not a pass. ``--json`` prints the document described in
@@ -117,10 +119,17 @@ def run(args: argparse.Namespace) -> int:
             (k.selector, k.entry(cfg.base_dir)["key"]) for k in all_keys if k.domain == dd
         ))  # fmt: skip
         nameservers = nameservers or list(cfg.dns.nameservers)
-        # what the delivery pool says: the pool address's ehlo, else [ips] helo, else localhost
-        pools = cfg.pools.pools.values() if cfg.pools is not None else ()
-        pool_ehlo = {e.ip: e.ehlo for p in pools for e in p.ips if e.ehlo}
-        ehlo = {ip: pool_ehlo.get(ip) or cfg.helo or "localhost" for ip in ips}
+        # what the workers say (fastsend.delivery.ehlo): the pool address's ehlo, else
+        # [ips] helo, else the IP's forward-confirmed PTR name, this host's full name,
+        # its address literal
+        from fastsend.delivery.ehlo import choose
+
+        if nameservers:
+            cfg.dns.nameservers = list(nameservers)
+        pool_ips = {e.ip for p in (cfg.pools.pools.values() if cfg.pools else ()) for e in p.ips}
+        cfg.source_ips = [ip for ip in ips if ip not in pool_ips]
+        chosen = choose(cfg, lookups=True)
+        ehlo = {ip: chosen.name(ip) for ip in ips}
     if getattr(args, "helo", None):
         ehlo = {ip: args.helo for ip in ips}
     for ns in nameservers:

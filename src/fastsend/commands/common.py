@@ -69,9 +69,10 @@ def build_config(args: argparse.Namespace) -> Config:
             raise ConfigError("--workers must be at least 1")
         cfg.workers = args.workers
     if args.helo:
-        if not cfgmod.HELO.fullmatch(args.helo):
-            raise ConfigError(f"--helo {args.helo!r} is not a host name or address literal")
-        cfg.helo = args.helo
+        try:
+            cfg.helo = cfgmod.validate_helo(args.helo, "--helo")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if args.nameserver:
         cfg.dns.nameservers = list(args.nameserver)
     if args.retry:

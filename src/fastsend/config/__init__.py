@@ -18,7 +18,7 @@ A value layer: it imports no area; the areas read their typed section from a
 loads a file and reports what is wrong, naming the key.
 """
 
-from fastsend.config.base import HELO, ConfigError, validate_ip
+from fastsend.config.base import HELO, ConfigError, validate_helo, validate_ip
 from fastsend.config.engine import DeliveryConfig, DNSConfig, RetryConfig, Route
 from fastsend.config.loader import SECTIONS, Config, ConfigFile, from_dict, load, load_config
 
@@ -37,5 +37,6 @@ __all__ = [
     "from_dict",
     "load",
     "load_config",
+    "validate_helo",
     "validate_ip",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "read_toml",
     "set_fields",
     "split_listen",
+    "validate_helo",
     "validate_ip",
     "where",
 ]
@@ -237,6 +238,33 @@ def validate_ip(text: str, where: str) -> str:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not an IP address") from None
+
+
+def validate_helo(text: str, where: str) -> str:
+    """An EHLO name as configured: a host name (an internationalised one in
+    A-labels: EHLO comes before the server says it takes UTF-8) or an address
+    literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``); ValueError otherwise."""
+    t = text.strip()
+    bad = ValueError(f"{where} {text!r} is not a host name or address literal")
+    if t.startswith("["):
+        inner = t[1:-1] if t.endswith("]") else ""
+        v6 = inner[:5].lower() == "ipv6:"
+        try:
+            addr = ipaddress.ip_address(inner[5:] if v6 else inner)
+        except ValueError:
+            raise bad from None
+        if (addr.version == 6) != v6:
+            raise ValueError(f"{where} {text!r}: an IPv6 address literal is [IPv6:ADDRESS], "
+                             "an IPv4 one [ADDRESS] (RFC 5321 4.1.3)")  # fmt: skip
+        return t
+    if not t.isascii():
+        try:
+            t = t.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise bad from None
+    if not HELO.fullmatch(t):
+        raise bad
+    return t
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 import msgspec
 
 from fastsend.config.base import (
-    HELO,
     ConfigError,
     NonNegFloat,
     NonNegInt,
@@ -18,6 +17,7 @@ from fastsend.config.base import (
     PosInt,
     Section,
     Share,
+    validate_helo,
     validate_ip,
 )
 
@@ -77,8 +77,8 @@ class IpsSection(Section):
 
     def __post_init__(self) -> None:
         self.source = [validate_ip(ip, "source") for ip in self.source]
-        if self.helo and not HELO.fullmatch(self.helo):
-            raise ValueError(f"helo {self.helo!r} is not a host name or address literal")
+        if self.helo:
+            self.helo = validate_helo(self.helo, "helo")
 
 
 # [delivery] window = 0 (the default): a worker's window is this many times what

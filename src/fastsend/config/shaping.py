@@ -23,6 +23,7 @@ from fastsend.config.base import (
     Share,
     build,
     decode,
+    validate_helo,
     validate_ip,
     where,
 )
@@ -164,6 +165,8 @@ class PoolIPTable(Section):
 
     def __post_init__(self) -> None:
         self.ip = validate_ip(self.ip, "ip")
+        if self.ehlo:
+            self.ehlo = validate_helo(self.ehlo, "ehlo")
 
     @classmethod
     def config_decode(cls, value: Any, path: Path) -> PoolIPTable:

@@ -32,7 +32,7 @@ from fastsend import msgid, wire
 from fastsend._accel import pick
 from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
-from fastsend.delivery import mx, routes
+from fastsend.delivery import ehlo, mx, routes
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.routes import Router
@@ -74,7 +74,9 @@ class Worker:
         self.ips = ips
         self.inbox = inbox
         self.outbox = outbox
-        self.helo = config.helo or "localhost"
+        # The EHLO name per source IP (fastsend.delivery.ehlo, chosen before the fork).
+        names = ehlo.names_for(config)
+        self.helo = names.default
         self.campaign_specs: dict[int, dict[str, Any]] = {}
         self.renderers: dict[int, Any] = {}
         self.shared: dict[int, bool] = {}  # campaign -> may share one multi-rcpt message
@@ -84,6 +86,9 @@ class Worker:
         self.sites: dict[tuple[str, str], SiteQueue] = {}
         self.sites_limit = SITES_MIN
         self.shaper = Shaper(config, ips)
+        for ip in ips:
+            if ip:
+                self.shaper.ehlo[ip] = names.name(ip)
         self.campaign_pools: dict[int, str] = {}
         self.warm_sent: dict[str, int] = {}
         self.out: list[wire.Res | wire.Sent] = []
@@ -941,6 +946,7 @@ def prepare(config: Config) -> None:
     "localhost".encode("idna")
     mx.prepare(config)
     routes.prepare(config)
+    ehlo.prepare(config)  # the EHLO names, looked up once; warnings on stderr
     ConfigDKIM(config).preload()
     if set_pdeathsig is _py_set_pdeathsig:
         _prctl()  # ctypes, for the pure twin only

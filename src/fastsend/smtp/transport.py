@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 from fastsend._accel import pick
+from fastsend.hostname import address_literal
 from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
 from fastsend.smtp.client import CLOSED, READY, CommandDone, Event, SMTPClient
 from fastsend.smtp.errors import RemoteProtocolError
@@ -548,7 +549,9 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
     except OSError as exc:
         return Outcome(DEFERRED, 0, "", f"connect failed: {exc}", "connect", mx)
     try:
-        client = SMTPClient(opts.helo_name, mx, chunking=opts.chunking)
+        # "" (no name known): the connection's own address, as a literal (RFC 5321 4.1.4)
+        helo = opts.helo_name or address_literal(sock.getsockname()[0])
+        client = SMTPClient(helo, mx, chunking=opts.chunking)
     except BaseException:
         sock.close()  # a bad EHLO name is our error: do not leak the socket
         raise
