@@ -20,7 +20,10 @@ table; then broad phrases and stage-only rules; then fallbacks.
 
 The classification also says whether the reply is a "slow down" signal
 (``rate_limited``) or an "your IP is listed/blocked" signal (``ip_blocked``)
-for the feedback loops of the delivery side.
+for the feedback loops of the delivery side. A temporary (4xx) refusal whose
+reason comes from its status code or refused stage alone (a generic 4.7.1, a
+421 at the greeting) is ``ip_blocked`` only when its words are about the IP:
+greylisting, a busy server and a policy check answer the same way.
 
 This module does no I/O except reading rule files, and never decides what to
 do about a reply (retry, suppress, rest an IP): callers do.
@@ -725,6 +728,9 @@ class RuleSet:
         present = tiers["<scan>"].present(t)
         reason, rule_id, signal = self._reason(code, enhanced, t, present, command, action)
         klass = enhanced[:1] if enhanced else (str(code)[0] if code else "")
+        # The reason came from the status code or the refused stage alone:
+        # no words in the reply say what was refused.
+        bare = rule_id in ("status", "fallback") or rule_id in self._bare_rules()
         permanent = klass == "5"
         hard = reason in HARD_REASONS or (reason == "notaccept" and klass != "4")
         if action in ("delayed", "relayed", "delivered", "expanded"):
@@ -734,7 +740,11 @@ class RuleSet:
         if signal == "none":
             return Classification(reason, hard, soft, permanent, False, False, rule_id)
         rate = reason in RATE_REASONS or signal == "ratelimit"
-        ipb = reason in IPBLOCK_REASONS or signal == "ipblock"
+        # A temporary refusal whose reason is only its status or stage (a
+        # generic 4.7.1, a 421 at the greeting) says nothing about the IP:
+        # greylisting, a busy server and a policy check answer the same.
+        # Only words about the IP make it a block then.
+        ipb = signal == "ipblock" or (reason in IPBLOCK_REASONS and not (bare and klass == "4"))
         if not rate:
             gated = tiers["<ratelimit>"]
             rate = gated is not None and _search_gated(gated, t, present)
@@ -742,6 +752,23 @@ class RuleSet:
             gated = tiers["<ipblock>"]
             ipb = gated is not None and _search_gated(gated, t, present)
         return Classification(reason, hard, soft, permanent, rate, ipb, rule_id)
+
+    def _bare_rules(self) -> frozenset[str]:
+        """Ids of the rules with no words to find (only codes, statuses or
+        stages, or a match-anything pattern such as "blocked-at-connect")."""
+        tiers = self._tiers or self._build_tiers()
+        bare: frozenset[str] | None = tiers.get("<bare>")
+        if bare is None:
+            bare_ids, worded = set(), set()
+            for r in self.rules:
+                if not r.match or all(p.pattern in (".", ".*", "^", "") for p in r.match):
+                    bare_ids.add(r.id)
+                else:
+                    worded.add(r.id)
+            # An id shared with a rule that has words (ids need not be unique)
+            # does not say which of them decided: not bare.
+            bare = tiers["<bare>"] = frozenset(bare_ids - worded)
+        return bare
 
     def _build_tiers(self) -> dict[str, Any]:
         tiers = self._tiers

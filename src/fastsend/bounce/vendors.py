@@ -242,8 +242,14 @@ _COMMAND_SETS = tuple(
 )
 
 
+_BLANKS_RE = re.compile(r"\s{2,}|[\t\n\r]")
+
+
 def find_command(text: str) -> str:
     """The SMTP command a reply answered, when the text says so, or ""."""
+    # Bounces wrap their explanation anywhere, also inside the phrase that
+    # names the command (Postfix: "(in reply\n    to RCPT TO command)").
+    text = _BLANKS_RE.sub(" ", text)
     if text.isascii():
         # The same matches as the case-insensitive patterns give on the text.
         phrases, sent_re, context, commands = _COMMAND_SETS[1]

@@ -1,0 +1,419 @@
+"""The bounce reader on bounces real MTAs write, made on loopback.
+
+A "remote site" (aiosmtpd) refuses recipients by local part with the replies
+real servers give (unknown user, full mailbox, relay denied, a DNSBL hit,
+spam, Postfix's rate limit, a reply with no enhanced code, a refusal after
+the message). A private Postfix and an unpacked Exim each relay a test
+message there, give up at once (queue lifetime 0 / a retry rule with no
+times), and send their own DSN back to the same site, which keeps every
+message with a null sender. Each recipient of each DSN is then checked:
+found, reason, hard or soft, the refused command, and the two signals.
+
+The limits Postfix's own smtpd enforces (anvil rate limits, the
+per-message recipient limit, the connection limits) are driven with a real
+client and their replies classified as the delivery side classifies them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import smtplib
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from conftest import IN_CI, exim_root, free_port, wait_port
+from fastsend.bounce import classify_reply, parse_bounce
+
+MASTER = "/usr/lib/postfix/sbin/master"
+
+# Local part prefix -> the remote site's reply at RCPT.
+REFUSALS = {
+    "unknown": "550 5.1.1 <{a}>: Recipient address rejected: User unknown in virtual mailbox table",
+    "full": "552 5.2.2 <{a}>: Recipient address rejected: Mailbox quota exceeded",
+    "relay": "554 5.7.1 <{a}>: Relay access denied",
+    "dnsbl": (
+        "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using "
+        "zen.spamhaus.org; https://www.spamhaus.org/query/ip/127.0.0.1"
+    ),
+    "rate": "450 4.7.1 Error: too much mail from 127.0.0.1",
+    "spam": "554 5.7.1 Spam message rejected",
+    # No enhanced status code: the MTA writing the DSN says "5.0.0".
+    "nouser": "550 User unknown",
+}
+# Local part prefix -> the reply at the end of the data.
+DATA_REFUSALS = {
+    "big": "552 5.3.4 Message size exceeds fixed limit",
+    "content": "550 5.7.1 Message content rejected",
+}
+
+
+class RemoteSite:
+    """Refuses by local part; keeps each null-sender message (a bounce)."""
+
+    def __init__(self) -> None:
+        self.bounces: list[bytes] = []
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        local = address.split("@")[0].lower()
+        for prefix, reply in REFUSALS.items():
+            if local.startswith(prefix):
+                return reply.format(a=address)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if envelope.mail_from in ("", "<>"):
+            self.bounces.append(envelope.original_content)
+            return "250 2.0.0 Ok"
+        for rcpt in envelope.rcpt_tos:
+            for prefix, reply in DATA_REFUSALS.items():
+                if rcpt.lower().startswith(prefix):
+                    return reply
+        return "250 2.0.0 Ok"
+
+    def wait(self, n: int, timeout: float = 30.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while len(self.bounces) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.bounces)
+
+
+@pytest.fixture
+def remote() -> Iterator[tuple[RemoteSite, int]]:
+    site = RemoteSite()
+    port = free_port()
+    ctl = Controller(site, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        yield site, port
+    finally:
+        ctl.stop()
+
+
+def _send(port: int, rcpts: list[str], subject: str) -> None:
+    m = EmailMessage()
+    m["From"] = "sender@s.test"
+    m["To"] = ", ".join(rcpts)
+    m["Subject"] = subject
+    m["Message-ID"] = f"<{subject}@s.test>"
+    m.set_content("hello\n")
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.send_message(m, from_addr="sender@s.test", to_addrs=rcpts)
+
+
+# What each refusal must give: (reason, hard, command, rate_limited, ip_blocked).
+EXPECTED = {
+    "unknown": ("userunknown", True, "RCPT", False, False),
+    "full": ("mailboxfull", False, "RCPT", False, False),
+    "relay": ("norelaying", False, "RCPT", False, False),
+    "dnsbl": ("blocked", False, "RCPT", False, True),
+    "rate": ("speeding", False, "RCPT", True, False),
+    "spam": ("spamdetected", False, "RCPT", False, False),
+    "nouser": ("userunknown", True, "RCPT", False, False),
+    "big": ("mesgtoobig", False, "DATA", False, False),
+}
+# Recipient lists sent: one message with mixed results, then one each.
+# "nouser" addresses of many lengths: the MTA wraps its explanation at a
+# different place for each, also inside "(in reply to RCPT TO command)".
+MESSAGES = [
+    ["unknown1@r.test", "full1@r.test", "ok1@r.test"],
+    ["relay1@r.test"],
+    ["dnsbl1@r.test"],
+    ["rate1@r.test"],
+    ["spam1@r.test"],
+    ["big1@r.test"],
+    *[[f"nouser{'x' * n}@r.test"] for n in range(14)],
+]
+
+
+def _check_bounces(
+    bounces: list[bytes], expected: dict[str, tuple[str, bool, str, bool, bool]] = EXPECTED
+) -> None:
+    got: dict[str, Any] = {}
+    for raw in bounces:
+        for r in parse_bounce(raw):
+            got[r.recipient] = r
+    want = {a for rcpts in MESSAGES for a in rcpts if not a.startswith("ok")}
+    assert set(got) == want
+    wrong = []
+    for addr, r in sorted(got.items()):
+        prefix = next(p for p in expected if addr.startswith(p))
+        decision = (r.reason, r.hard, r.command, r.rate_limited, r.ip_blocked)
+        if decision != expected[prefix]:
+            wrong.append((addr, decision, r.diagnostic))
+    assert wrong == []
+
+
+# ---------------------------------------------------------------- Postfix
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.test
+mydomain = postfix.test
+myorigin = postfix.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains = static:ALL
+alias_maps =
+alias_database =
+smtpd_recipient_restrictions = permit_mynetworks, reject
+relayhost = [127.0.0.1]:{remote}
+maximal_queue_lifetime = 0
+bounce_queue_lifetime = 0
+smtp_tls_security_level = none
+maillog_file = /dev/stdout
+maillog_file_prefixes = /dev/stdout
+"""
+
+MASTER_CF = """\
+127.0.0.1:{relay} inet n - n - - smtpd
+127.0.0.1:{msgrate} inet n - n - - smtpd -o smtpd_client_message_rate_limit=1 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0
+127.0.0.1:{rcptrate} inet n - n - - smtpd -o smtpd_client_recipient_rate_limit=2 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0
+127.0.0.1:{rcptlimit} inet n - n - - smtpd -o smtpd_recipient_limit=2 -o smtpd_error_sleep_time=0
+127.0.0.1:{connrate} inet n - n - - smtpd -o smtpd_client_connection_rate_limit=1 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+pickup unix n - n 60 1 pickup
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+proxymap unix - - n - - proxymap
+smtp unix - - n - - smtp
+relay unix - - n - - smtp
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+LISTENERS = ("relay", "msgrate", "rcptrate", "rcptlimit", "connrate")
+
+
+@contextlib.contextmanager
+def start_postfix(remote_port: int) -> Iterator[dict[str, int]]:
+    if not (os.path.exists(MASTER) and shutil.which("postfix")):
+        if IN_CI:
+            pytest.fail("Postfix is required in CI (.ci/run installs it)")
+        pytest.skip("Postfix not installed")
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix master needs root")
+    d = Path(tempfile.mkdtemp(prefix="fastsend-pfbounce-"))
+    d.chmod(0o755)
+    for sub in ("etc", "queue", "data"):
+        (d / sub).mkdir()
+        (d / sub).chmod(0o755)
+    shutil.chown(d / "data", "postfix")
+    ports = {name: free_port() for name in LISTENERS}
+    (d / "etc" / "main.cf").write_text(MAIN_CF.format(d=d, remote=remote_port))
+    (d / "etc" / "master.cf").write_text(MASTER_CF.format(**ports))
+    env = {**os.environ, "MAIL_CONFIG": str(d / "etc")}
+    check = subprocess.run(
+        ["postfix", "check"], env=env, capture_output=True, text=True, umask=0o022
+    )
+    if check.returncode:
+        raise RuntimeError(f"postfix check failed: {check.stdout}{check.stderr}")
+    with open(d / "maillog", "wb") as log:
+        proc = subprocess.Popen([MASTER, "-d"], env=env, stdout=log, stderr=log, umask=0o022)
+    try:
+        for port in ports.values():
+            wait_port("127.0.0.1", port)
+        yield ports
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_postfix_dsns_each_recipient_decided(remote: tuple[RemoteSite, int]) -> None:
+    site, remote_port = remote
+    with start_postfix(remote_port) as ports:
+        for i, rcpts in enumerate(MESSAGES):
+            _send(ports["relay"], rcpts, f"m{i}")
+        bounces = site.wait(len(MESSAGES))
+    assert len(bounces) == len(MESSAGES)
+    _check_bounces(bounces)
+
+
+def _replies(port: int, rcpts: list[str], messages: int) -> list[tuple[str, int, str]]:
+    """(command, code, text) of every reply to MAIL and RCPT in one session."""
+    out = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("client.test")
+        for _ in range(messages):
+            code, text = s.mail("a@s.test")
+            out.append(("MAIL", code, text.decode()))
+            if code < 400:
+                for r in rcpts:
+                    code, text = s.rcpt(r)
+                    out.append(("RCPT", code, text.decode()))
+            s.rset()
+    return out
+
+
+def _classified(command: str, code: int, text: str) -> tuple[str, bool, bool, bool]:
+    enhanced, _, rest = text.partition(" ")
+    c = classify_reply(code, enhanced, rest, command=command)
+    return c.reason, c.hard, c.rate_limited, c.ip_blocked
+
+
+def test_postfix_smtpd_limits_classified(remote: tuple[RemoteSite, int]) -> None:
+    """Postfix's own limits, as a sending MTA meets them: rate limits slow
+    down and never rest the IP; the recipients-per-message limit is neither."""
+    with start_postfix(remote[1]) as ports:
+        msg = [r for r in _replies(ports["msgrate"], ["x@r.test"], 3) if r[1] >= 400]
+        rcpt = [
+            r
+            for r in _replies(ports["rcptrate"], ["x@r.test", "y@r.test", "z@r.test"], 1)
+            if r[1] >= 400
+        ]
+        limit = [
+            r
+            for r in _replies(ports["rcptlimit"], ["x@r.test", "y@r.test", "z@r.test"], 1)
+            if r[1] >= 400
+        ]
+        conn = []
+        for _ in range(3):
+            try:
+                with smtplib.SMTP("127.0.0.1", ports["connrate"], timeout=10) as s:
+                    s.ehlo("client.test")
+            except smtplib.SMTPConnectError as e:
+                conn.append(("CONN", e.smtp_code, e.smtp_error.decode()))
+    assert msg and all("too much mail from" in t for _, _, t in msg)
+    assert rcpt and all("too many recipients from" in t for _, _, t in rcpt)
+    assert limit and all(c == 452 for _, c, _ in limit)
+    assert conn and all("too many connections from" in t for _, _, t in conn)
+    assert {_classified(*r) for r in msg} == {("speeding", False, True, False)}
+    assert {_classified(*r) for r in rcpt} == {("speeding", False, True, False)}
+    assert {_classified(*r) for r in limit} == {("toomanyconn", False, False, False)}
+    assert {_classified(*r) for r in conn} == {("toomanyconn", False, True, False)}
+
+
+# ---------------------------------------------------------------- Exim
+
+EXIM_CONF = """\
+primary_hostname = exim.test
+spool_directory = {d}/spool
+log_file_path = {d}/log/%slog
+pid_file_path = {d}/exim.pid
+exim_path = {d}/exim-wrap
+daemon_smtp_ports = {port}
+local_interfaces = 127.0.0.1
+tls_advertise_hosts =
+host_lookup =
+rfc1413_hosts =
+keep_environment =
+acl_smtp_rcpt = acl_rcpt
+begin acl
+acl_rcpt:
+  accept
+begin routers
+remote:
+  driver = manualroute
+  route_list = * 127.0.0.1::{remote} byname
+  self = send
+  transport = remote_smtp
+begin transports
+remote_smtp:
+  driver = smtp
+  hosts_avoid_tls = *
+  allow_localhost
+begin retry
+# No retry times: a temporary error is final at once.
+* *
+"""
+
+
+@contextlib.contextmanager
+def start_exim_relay(remote_port: int) -> Iterator[int]:
+    """Exim relaying everything to the remote site. Exim re-executes itself
+    to deliver (and to submit its bounces) as its own user, which cannot read
+    the unpacked tree under root's home and for which the dynamic linker
+    drops LD_LIBRARY_PATH when the binary is setuid: so a copy of the tree
+    in a readable place, without the setuid bit, behind a wrapper that sets
+    the library path."""
+    root = exim_root()
+    if root is None:
+        if IN_CI:
+            pytest.fail("Exim is required in CI (scripts/test runs scripts/fetch-exim)")
+        pytest.skip("Exim not unpacked (run scripts/fetch-exim)")
+    d = Path(tempfile.mkdtemp(prefix="fastsend-eximbounce-"))
+    shutil.copytree(root, d / "root", symlinks=True)
+    binary = d / "root" / "usr" / "sbin" / "exim4"
+    binary.chmod(0o755)
+    libs = f"{d}/root/usr/lib/x86_64-linux-gnu:{d}/root/lib/x86_64-linux-gnu"
+    wrap = d / "exim-wrap"
+    wrap.write_text(f'#!/bin/sh\nLD_LIBRARY_PATH={libs} exec {binary} "$@"\n')
+    wrap.chmod(0o755)
+    for sub in ("spool", "log"):
+        (d / sub).mkdir()
+    for p in (d, d / "spool", d / "log"):
+        p.chmod(0o777)
+    subprocess.run(["chmod", "-R", "a+rX", str(d / "root")], check=True)
+    port = free_port()
+    conf = d / "exim.conf"
+    conf.write_text(EXIM_CONF.format(d=d, port=port, remote=remote_port))
+    conf.chmod(0o644)
+    proc = subprocess.Popen(
+        [str(wrap), "-C", str(conf), "-bdf", "-oX", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        try:
+            wait_port("127.0.0.1", port)
+        except TimeoutError:
+            proc.kill()
+            err = proc.communicate()[1].decode(errors="replace")
+            raise RuntimeError(f"exim did not start: {err[-2000:]}") from None
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# Exim gives up on a temporary refusal with "retry timeout exceeded": the
+# message expired, whatever the last reply said.
+EXIM_EXPECTED = {**EXPECTED, "rate": ("expired", False, "RCPT", True, False)}
+
+
+def test_exim_dsns_each_recipient_decided(remote: tuple[RemoteSite, int]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("Exim's daemon changes to its own user: needs root")
+    site, remote_port = remote
+    with start_exim_relay(remote_port) as port:
+        for i, rcpts in enumerate(MESSAGES):
+            _send(port, rcpts, f"m{i}")
+        bounces = site.wait(len(MESSAGES))
+    assert len(bounces) == len(MESSAGES)
+    _check_bounces(bounces, EXIM_EXPECTED)

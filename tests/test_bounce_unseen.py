@@ -1,0 +1,148 @@
+"""Synchronous replies the corpus does not hold, written from the texts MTAs
+and providers document (Postfix postconf(5)/anvil(8), Exim's specification,
+RFC 5321/6647, Microsoft's NDR pages, Proofpoint's IP check, greylisting
+implementations' replies), each checked for the decision the delivery side
+acts on: the reason, hard or soft, and the two feedback signals
+(``rate_limited`` slows the site down, ``ip_blocked`` rests the IP for an
+hour, so a false one costs an hour of mail to that site).
+
+The replies Postfix itself gives are also driven from a real Postfix in
+tests/test_bounce_real_mta.py; these cover wordings no MTA on the machine
+produces.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fastsend.bounce import classify_reply
+
+# (code, enhanced, text, stage) -> (reason, hard, rate_limited, ip_blocked)
+CASES = [
+    # Postfix anvil(8) limits: the client sends too fast; not a block.
+    (
+        (450, "4.7.1", "Error: too much mail from 192.0.2.1", "MAIL"),
+        ("speeding", False, True, False),
+    ),
+    (
+        (450, "4.7.1", "<a@x.test>: Error: too many recipients from 192.0.2.1", "RCPT"),
+        ("speeding", False, True, False),
+    ),
+    # A per-message recipient limit (RFC 5321 4.5.3.1.10): the rest go in
+    # another transaction; nothing about pace or the IP.
+    ((452, "4.5.3", "Error: too many recipients", "RCPT"), ("toomanyconn", False, False, False)),
+    ((452, "", "Too many recipients", "RCPT"), ("toomanyconn", False, False, False)),
+    # Connection limits stay a slow-down signal.
+    (
+        (421, "4.7.0", "mx.x.test Error: too many connections from 192.0.2.1", "CONN"),
+        ("toomanyconn", False, True, False),
+    ),
+    # Exim's documented ratelimit ACL message, and common wording.
+    ((450, "", "Sender rate overlimit - 10.0 / 1h", "MAIL"), ("speeding", False, True, False)),
+    (
+        (450, "4.7.1", "You have exceeded the rate limit. Please slow down.", "RCPT"),
+        ("speeding", False, True, False),
+    ),
+    # Greylisting (RFC 6647) under the codes and wordings implementations
+    # use: retried from the same IP, no signal.
+    (
+        (451, "4.7.1", "greylisting, please try again later", "RCPT"),
+        ("blocked", False, False, False),
+    ),
+    ((457, "", "Greylisted, please come back later.", "RCPT"), ("blocked", False, False, False)),
+    (
+        (451, "4.7.1", "Greylisting in action, please come back in 00:05:00", "RCPT"),
+        ("blocked", False, False, False),
+    ),
+    # A temporary refusal with only a generic status and no word about the
+    # IP (rspamd's soft reject and greylisting answer "Try again later"):
+    # never a reason to rest the IP.
+    ((451, "4.7.1", "Try again later", "DATA"), ("blocked", False, True, False)),
+    ((450, "4.7.1", "Service unavailable", "RCPT"), ("blocked", False, False, False)),
+    ((451, "4.7.1", "Local policy violation", "RCPT"), ("blocked", False, False, False)),
+    (
+        (421, "", "mx.x.test Service not available, closing transmission channel", "CONN"),
+        ("blocked", False, False, False),
+    ),
+    # ...but words about the IP still make it a block, 4xx or 5xx.
+    (
+        (421, "", "Your IP has been temporarily blocked", "CONN"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (554, "", "mx.x.test Service unavailable", "CONN"),
+        ("blocked", False, False, True),
+    ),
+    # Proofpoint Dynamic Reputation.
+    (
+        (554, "5.7.0", "Blocked - see https://ipcheck.proofpoint.com/?ip=192.0.2.1", "RCPT"),
+        ("blocked", False, False, True),
+    ),
+    # Microsoft 5.7.708: the IP is refused (delisting is the remedy), not
+    # a rate limit.
+    (
+        (
+            550,
+            "5.7.708",
+            "Service unavailable. Access denied, traffic not accepted from this IP.",
+            "RCPT",
+        ),
+        ("blocked", False, False, True),
+    ),
+    (
+        (550, "", "Access denied, traffic not accepted from this IP.", "RCPT"),
+        ("blocked", False, False, True),
+    ),
+    # Gmail: one recipient receiving too fast is that mailbox's limit; it
+    # must not slow all mail to the site down.
+    (
+        (
+            450,
+            "4.2.1",
+            "The user you are trying to contact is receiving mail at a rate that prevents "
+            "additional messages from being delivered. Please resend your message at a later time.",
+            "RCPT",
+        ),
+        ("speeding", False, False, False),
+    ),
+    # Decisions that held (kept so they stay held).
+    (
+        (
+            554,
+            "5.7.1",
+            "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
+            "RCPT",
+        ),
+        ("blocked", False, False, True),
+    ),
+    (
+        (550, "5.7.606", "Access denied, banned sending IP [192.0.2.1].", "RCPT"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (
+            550,
+            "5.1.1",
+            "<bob@x.test>: Recipient address rejected: User unknown in local recipient table",
+            "RCPT",
+        ),
+        ("userunknown", True, False, False),
+    ),
+    (
+        (554, "5.7.1", "<bob@x.test>: Relay access denied", "RCPT"),
+        ("norelaying", False, False, False),
+    ),
+    (
+        (552, "5.3.4", "Message size exceeds fixed limit", "DATA"),
+        ("mesgtoobig", False, False, False),
+    ),
+]
+
+
+@pytest.mark.parametrize(("reply", "want"), CASES, ids=[f"{c[0][0]}-{c[0][2][:40]}" for c in CASES])
+def test_documented_reply_decision(
+    reply: tuple[int, str, str, str], want: tuple[str, bool, bool, bool]
+) -> None:
+    code, enhanced, text, stage = reply
+    c = classify_reply(code, enhanced, text, command=stage)
+    assert (c.reason, c.hard, c.rate_limited, c.ip_blocked) == want, c.rule
