@@ -64,6 +64,25 @@ CASES = [
         (421, "", "mx.x.test Service not available, closing transmission channel", "CONN"),
         ("blocked", False, False, False),
     ),
+    # RFC 5321's own text for a server closing the session, after any
+    # command: shutting down or overloaded, nothing about the client.
+    (
+        (421, "", "mx.x.test Service not available, closing transmission channel", "RCPT"),
+        ("blocked", False, False, False),
+    ),
+    (
+        (421, "4.3.2", "mx.x.test Service not available, closing transmission channel", "DATA"),
+        ("blocked", False, False, False),
+    ),
+    (
+        (
+            421,
+            "",
+            "mx.x.test Service not available, closing transmission channel: your IP is blacklisted",
+            "RCPT",
+        ),
+        ("blocked", False, False, True),
+    ),
     # ...but words about the IP still make it a block, 4xx or 5xx.
     (
         (421, "", "Your IP has been temporarily blocked", "CONN"),
