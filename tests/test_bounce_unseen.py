@@ -30,7 +30,10 @@ CASES = [
     ),
     # A per-message recipient limit (RFC 5321 4.5.3.1.10): the rest go in
     # another transaction; nothing about pace or the IP.
-    ((452, "4.5.3", "Error: too many recipients", "RCPT"), ("toomanyconn", False, False, False)),
+    (
+        (452, "4.5.3", "Error: too many recipients", "RCPT"),
+        ("toomanyconn", False, False, False),
+    ),
     ((452, "", "Too many recipients", "RCPT"), ("toomanyconn", False, False, False)),
     # Connection limits stay a slow-down signal.
     (
@@ -38,7 +41,10 @@ CASES = [
         ("toomanyconn", False, True, False),
     ),
     # Exim's documented ratelimit ACL message, and common wording.
-    ((450, "", "Sender rate overlimit - 10.0 / 1h", "MAIL"), ("speeding", False, True, False)),
+    (
+        (450, "", "Sender rate overlimit - 10.0 / 1h", "MAIL"),
+        ("speeding", False, True, False),
+    ),
     (
         (450, "4.7.1", "You have exceeded the rate limit. Please slow down.", "RCPT"),
         ("speeding", False, True, False),
@@ -49,7 +55,10 @@ CASES = [
         (451, "4.7.1", "greylisting, please try again later", "RCPT"),
         ("blocked", False, False, False),
     ),
-    ((457, "", "Greylisted, please come back later.", "RCPT"), ("blocked", False, False, False)),
+    (
+        (457, "", "Greylisted, please come back later.", "RCPT"),
+        ("blocked", False, False, False),
+    ),
     (
         (451, "4.7.1", "Greylisting in action, please come back in 00:05:00", "RCPT"),
         ("blocked", False, False, False),
@@ -59,19 +68,37 @@ CASES = [
     # never a reason to rest the IP.
     ((451, "4.7.1", "Try again later", "DATA"), ("blocked", False, True, False)),
     ((450, "4.7.1", "Service unavailable", "RCPT"), ("blocked", False, False, False)),
-    ((451, "4.7.1", "Local policy violation", "RCPT"), ("blocked", False, False, False)),
     (
-        (421, "", "mx.x.test Service not available, closing transmission channel", "CONN"),
+        (451, "4.7.1", "Local policy violation", "RCPT"),
+        ("blocked", False, False, False),
+    ),
+    (
+        (
+            421,
+            "",
+            "mx.x.test Service not available, closing transmission channel",
+            "CONN",
+        ),
         ("blocked", False, False, False),
     ),
     # RFC 5321's own text for a server closing the session, after any
     # command: shutting down or overloaded, nothing about the client.
     (
-        (421, "", "mx.x.test Service not available, closing transmission channel", "RCPT"),
+        (
+            421,
+            "",
+            "mx.x.test Service not available, closing transmission channel",
+            "RCPT",
+        ),
         ("blocked", False, False, False),
     ),
     (
-        (421, "4.3.2", "mx.x.test Service not available, closing transmission channel", "DATA"),
+        (
+            421,
+            "4.3.2",
+            "mx.x.test Service not available, closing transmission channel",
+            "DATA",
+        ),
         ("blocked", False, False, False),
     ),
     (
@@ -94,7 +121,12 @@ CASES = [
     ),
     # Proofpoint Dynamic Reputation.
     (
-        (554, "5.7.0", "Blocked - see https://ipcheck.proofpoint.com/?ip=192.0.2.1", "RCPT"),
+        (
+            554,
+            "5.7.0",
+            "Blocked - see https://ipcheck.proofpoint.com/?ip=192.0.2.1",
+            "RCPT",
+        ),
         ("blocked", False, False, True),
     ),
     # Microsoft 5.7.708: the IP is refused (delisting is the remedy), not
@@ -123,6 +155,65 @@ CASES = [
             "RCPT",
         ),
         ("speeding", False, False, False),
+    ),
+    # SPF refusals in Exim's documented wording and Mimecast's: a record to
+    # fix in DNS, not an IP block.
+    (
+        (
+            550,
+            "",
+            "SPF: 192.0.2.1 is not allowed to send mail from example.com",
+            "RCPT",
+        ),
+        ("authfailure", False, False, False),
+    ),
+    (
+        (
+            550,
+            "",
+            "Submitter failed SPF Policy - https://community.mimecast.com/docs/DOC-1369#550",
+            "MAIL",
+        ),
+        ("authfailure", False, False, False),
+    ),
+    (
+        (
+            550,
+            "",
+            "Rejected by header based Blocked Senders - https://community.mimecast.com/docs/DOC-1369#550",
+            "DATA",
+        ),
+        ("rejected", False, False, False),
+    ),
+    # The Spamhaus DBL lists domains in the content; a spam verdict naming a
+    # filter vendor is about the content: neither rests the IP.
+    (
+        (
+            550,
+            "5.7.1",
+            "Your email was rejected due to having a domain present in the Spamhaus DBL "
+            "-- see https://www.spamhaus.org/dbl/",
+            "DATA",
+        ),
+        ("spamdetected", False, False, False),
+    ),
+    (
+        (554, "5.7.1", "Message contains a URL listed in dbl.spamhaus.org", "DATA"),
+        ("spamdetected", False, False, False),
+    ),
+    (
+        (554, "", "Message rejected due to spam content (Barracuda)", "DATA"),
+        ("spamdetected", False, False, False),
+    ),
+    (
+        (
+            554,
+            "5.7.1",
+            "Service unavailable; Client host [192.0.2.1] blocked using Barracuda Reputation; "
+            "http://www.barracudanetworks.com/reputation/?r=1&ip=192.0.2.1",
+            "RCPT",
+        ),
+        ("blocked", False, False, True),
     ),
     # Decisions that held (kept so they stay held).
     (
@@ -158,7 +249,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("reply", "want"), CASES, ids=[f"{c[0][0]}-{c[0][2][:40]}" for c in CASES])
+@pytest.mark.parametrize(
+    ("reply", "want"), CASES, ids=[f"{c[0][0]}-{c[0][2][:40]}" for c in CASES]
+)
 def test_documented_reply_decision(
     reply: tuple[int, str, str, str], want: tuple[str, bool, bool, bool]
 ) -> None:
