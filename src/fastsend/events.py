@@ -250,6 +250,16 @@ class EventLog:
                 n = os.write(self._fd, view)
                 view = view[n:]
 
+    def reopen(self) -> None:
+        """Write what is buffered, then go on in a file at ``path`` again (serve's
+        SIGHUP: the old one was renamed by a log rotation)."""
+        if self._fd < 0 or not self.path:
+            return
+        self.flush()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        os.close(self._fd)
+        self._fd = fd
+
     def close(self) -> None:
         self.flush()
         if self._fd >= 0:

@@ -338,6 +338,22 @@ class DmarcStore:
                 "sources": sources[:limit],
                 "unaligned_sources": [s for s in sources if s["unaligned"]][:limit]}  # fmt: skip
 
+    def prune(self, before: float) -> int:
+        """Forget reports and their rows of days before ``before`` (``[analytics]
+        dmarc_days``): one day per transaction, so the intake never waits long for
+        the lock. Rows deleted."""
+        cut = int(before) // 86400 * 86400
+        n = 0
+        while True:
+            with self.lock, transaction(self.db):
+                day = self.db.execute("SELECT MIN(day) FROM rows").fetchone()[0]
+                if day is None or day >= cut:
+                    break
+                n += self.db.execute("DELETE FROM rows WHERE day = ?", (day,)).rowcount
+        with self.lock:
+            self.db.execute("DELETE FROM reports WHERE begin < ? AND received < ?", (cut, cut))
+        return n
+
     def close(self) -> None:
         with self.lock:
             self.db.close()

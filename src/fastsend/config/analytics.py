@@ -21,6 +21,10 @@ class AnalyticsSettings(Section):
     hour_days: PosFloat = RETENTION_DAYS[3600]
     day_days: PosFloat = RETENTION_DAYS[86400]
     remember_messages: NonNegInt = 500_000
+    # Other stores that only grow, pruned by serve's retention pass (fastsend.serve.retention);
+    # 0 keeps them for ever.
+    events_days: NonNegFloat = 30.0  # the per-message event index (events.db)
+    dmarc_days: NonNegFloat = 400.0  # DMARC aggregate reports (dmarc.db), by report day
     machine_rules: str = ""  # a TOML file of machine-open rules (relative to the config)
 
     @property

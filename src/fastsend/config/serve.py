@@ -80,6 +80,8 @@ class WebhookSettings(Section):
     retry_min: PosFloat = 1.0
     retry_max: PosFloat = 300.0
     flush_interval: PosFloat = 0.2
+    # Events no URL took within this many days are dropped (logged, counted); 0: never.
+    retention_days: NonNegFloat = 7.0
 
     def __post_init__(self) -> None:
         if isinstance(self.urls, str):

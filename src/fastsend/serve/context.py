@@ -150,8 +150,8 @@ class ServeContext:
 
     def event_index(self) -> Any:
         """The per-message event index the API reads (``events.db``, or Redis)."""
-        if self.shared is not None:
-            return self.shared.index()
+        if self.shared is not None:  # its keys expire after [analytics] events_days
+            return self.shared.index(int(self.config.analytics.events_days * 86400))
         from fastsend.serve.eventindex import EventIndex
 
         return EventIndex(self.config.spool_dir)

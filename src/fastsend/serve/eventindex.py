@@ -162,9 +162,26 @@ class EventIndex:
         sql += f" GROUP BY {by}, event"
         return [(str(g), str(e), int(n)) for g, e, n in self.db.execute(sql, args)]
 
-    def prune(self, before: float) -> int:
-        cur = self.db.execute("DELETE FROM events WHERE time < ?", (before,))
-        return int(cur.rowcount)
+    def prune(self, before: float, chunk: int = 5000) -> int:
+        """Delete events older than ``before`` (``[analytics] events_days``), ``chunk``
+        rows per transaction (the API's writes wait at most one chunk), and the tags
+        and metadata of messages older than every event left. Rows deleted."""
+        n = 0
+        while True:
+            cur = self.db.execute(
+                "DELETE FROM events WHERE rowid IN"
+                " (SELECT rowid FROM events WHERE time < ? LIMIT ?)",
+                (before, chunk),
+            )
+            n += int(cur.rowcount)
+            if cur.rowcount < chunk:
+                break
+        # Message ids grow: a message older than the oldest one with an event left.
+        self.db.execute(
+            "DELETE FROM meta WHERE msg < COALESCE((SELECT MIN(msg) FROM events),"
+            " (SELECT MAX(msg) + 1 FROM meta))"
+        )
+        return n
 
     def close(self) -> None:
         self.flush()

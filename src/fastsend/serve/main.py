@@ -282,6 +282,9 @@ class Server:
         from fastsend.serve.reputation import start_reputation
 
         reputation = start_reputation(ctx, self.charts)  # issue 14: blocklists, rate alarms
+        from fastsend.serve.retention import start_retention
+
+        reputation.append(start_retention(ctx))  # stores that would only grow, hourly
         print(
             f"fastsend serve: ready in {time.monotonic() - self.t0:.2f}s; API on"
             f" http://{host}:{port}/v1 (pid {os.getpid()},"
@@ -406,6 +409,7 @@ class Server:
             old_supp = ctx.suppression
             ctx.suppression = SuppressionList(os.path.join(ctx.config.spool_dir, "suppression.db"))
             old_supp.close()
+        ctx.events.reopen()  # the event log moved away (logrotate without copytruncate)
         cfg.spool_url = ctx.config.spool_url
         cfg.spool_dir = ctx.config.spool_dir  # the spool cannot move under a running server
         ctx.config = cfg

@@ -253,7 +253,12 @@ class Metrics:
                f'fastsend_webhook_batches_total{{result="refused"}} {st.get("failed", 0)}',
                "# HELP fastsend_webhook_events_total Events written to the webhook outbox.",
                "# TYPE fastsend_webhook_events_total counter",
-               f"fastsend_webhook_events_total {st.get('events', 0)}"]  # fmt: skip
+               f"fastsend_webhook_events_total {st.get('events', 0)}",
+               "# HELP fastsend_webhook_events_expired_total Events dropped from the outbox"
+               " unsent, past [webhooks] retention_days.",
+               "# TYPE fastsend_webhook_events_expired_total counter",
+               "fastsend_webhook_events_expired_total"
+               f" {getattr(self.ctx, 'webhook_expired', 0)}"]  # fmt: skip
         now = time.monotonic()
         at, lines = self._hook_cache
         if now - at >= SPOOL_TTL or not lines:

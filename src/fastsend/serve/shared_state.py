@@ -27,7 +27,8 @@ DESCRIPTION
     ``P:ev:B``          list of the events (``ID:JSON``) of the messages of
                         bucket B (ids ``B*128 ...``), ``P:meta:B`` their tags
                         and metadata: GET /v1/messages/ID on any node; each
-                        expires ``EVENT_TTL`` after its last write.
+                        expires ``[analytics] events_days`` (30) after
+                        its last write.
     ``P:evs:STEP:T``    event counts per minute (kept 6 h) and per hour (8 d)
                         by campaign, domain and source IP: /v1/stats?by=domain.
 
@@ -321,6 +322,30 @@ class RedisOutbox:
     def prune(self) -> None:
         pass  # ack prunes
 
+    def fetch_all(self, after: int, limit: int) -> list[tuple[int, bytes]]:
+        rows = self.r.zrangebyscore(self.zkey, f"({int(after)}", "+inf", start=0, num=limit)
+        out = []
+        for m in rows:
+            i, _, body = bytes(m).partition(b":")
+            out.append((int(i), body))
+        return out
+
+    def expire(self, before: float) -> dict[str, int]:
+        """As :meth:`fastsend.serve.webhooks.Outbox.expire`, on the shared outbox (also
+        what a URL no node sends to any more held back)."""
+        from fastsend.serve.webhooks import expired_until
+
+        cut = expired_until(self.fetch_all, before)
+        if cut is None:
+            return {}
+        lost = {}
+        for u, c in self.r.hgetall(self.ckey).items():
+            n = int(self.r.zcount(self.zkey, f"({int(c)}", cut))
+            if n:
+                lost[_s(u)] = n
+        self.r.zremrangebyscore(self.zkey, "-inf", cut)
+        return lost
+
     def pending(self, url: str | None = None) -> int:
         if url is None:
             return int(self.r.zcard(self.zkey))
@@ -347,9 +372,10 @@ class RedisEventIndex:
     the hash ``P:meta:B``, and counts to one hash per minute and per hour
     (``P:evs:STEP:T``, fields ``d|ip<US>campaign<US>value<US>event``)."""
 
-    def __init__(self, r: Any, prefix: str) -> None:
+    def __init__(self, r: Any, prefix: str, ttl: int = EVENT_TTL) -> None:
         self.r = r
         self.k = "{" + prefix + "}"
+        self.ttl = ttl  # s a message's history is kept ([analytics] events_days; 0: for ever)
         self.pending: list[tuple[int, bytes]] = []
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
         self.counts: dict[tuple[int, str], int] = {}  # (minute, field) -> n
@@ -401,7 +427,8 @@ class RedisEventIndex:
             key = f"{k}:ev:{b}"
             for i in range(0, len(bodies), 1000):
                 pipe.rpush(key, *bodies[i : i + 1000])
-            pipe.expire(key, EVENT_TTL)
+            if self.ttl:
+                pipe.expire(key, self.ttl)
         hashes: dict[int, dict[bytes, bytes]] = {}
         for mid, tags, md in meta:
             h = hashes.setdefault(mid // EV_BUCKET, {})
@@ -409,7 +436,8 @@ class RedisEventIndex:
         for b, h in hashes.items():
             key = f"{k}:meta:{b}"
             pipe.hset(key, mapping=h)  # type: ignore[arg-type]
-            pipe.expire(key, EVENT_TTL)
+            if self.ttl:
+                pipe.expire(key, self.ttl)
         for step, keep in STAT_STEPS:
             per: dict[int, dict[str, int]] = {}
             for (minute, f), n in counts.items():
@@ -578,5 +606,5 @@ class SharedState:
     def outbox(self) -> RedisOutbox:
         return RedisOutbox(self.r, self.prefix, self.node)
 
-    def index(self) -> RedisEventIndex:
-        return RedisEventIndex(self.r, self.prefix)
+    def index(self, ttl: int = EVENT_TTL) -> RedisEventIndex:
+        return RedisEventIndex(self.r, self.prefix, ttl)

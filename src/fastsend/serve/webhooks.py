@@ -12,6 +12,7 @@ CONFIG
     timeout = 10                    # seconds per POST
     retry_min = 1                   # first retry delay, doubling (with jitter) ...
     retry_max = 300                 # ... up to this many seconds between attempts
+    retention_days = 7              # the retry window: older unsent events are dropped
 
 DESCRIPTION
     The dispatcher adds a listener to ``ctx.events`` (the event log). Events
@@ -27,8 +28,12 @@ DESCRIPTION
     no event of an outcome it recorded (the others' buffer still applies to
     events from the API and tracking). Anything else (connection refused, timeout,
     3xx/4xx/5xx) is retried after ``retry_min * 2**n`` seconds (capped at
-    ``retry_max``, +-20 % jitter), forever: an endpoint that is down for an
-    hour loses nothing, and a restart resumes from the cursors. Delivery is
+    ``retry_max``, +-20 % jitter) for ``retention_days``: an endpoint that is
+    down for a day loses nothing, and a restart resumes from the cursors. Past
+    that window serve's retention pass (:mod:`fastsend.serve.retention`) drops
+    the events a URL never took, says how many per URL and counts them
+    (``fastsend_webhook_events_expired_total``): an endpoint gone for good no
+    longer grows the outbox for ever (0 days: keep them for ever). Delivery is
     at least once, in order per URL: a batch whose 2xx was lost is sent again,
     so receivers deduplicate by ``event_id``.
 
@@ -51,8 +56,8 @@ SIGNATURE (the scheme Stripe uses)
 
 DELIBERATELY NOT HERE
     No per-tenant endpoints (one list of URLs, the operator's: no tenant can make
-    the server post anywhere), no dead-letter expiry (rows stay until
-    acknowledged), no redirects followed, no secrets in logs (a URL is logged as
+    the server post anywhere), no dead-letter store (an expired event is in the
+    event log and GET /v1/events), no redirects followed, no secrets in logs (a URL is logged as
     its scheme, host and port and a digest of it: paths hold secrets too).
 """
 
@@ -68,6 +73,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +183,30 @@ class Outbox:
             "DELETE FROM events WHERE id <= (SELECT COALESCE(MIN(last_id), 0) FROM cursors)"
             " AND EXISTS (SELECT 1 FROM cursors)"
         )
+
+    def expire(self, before: float) -> dict[str, int]:
+        """Drop events older than ``before`` that some URL never acknowledged (``[webhooks]
+        retention_days``: past the retry window): {url: events it will never get}."""
+        cut = expired_until(self.fetch_all, before)
+        if cut is None:
+            return {}
+        with transaction(self.db):
+            lost = {
+                str(u): int(n)
+                for u, n in self.db.execute(
+                    "SELECT url, (SELECT COUNT(*) FROM events WHERE id > last_id AND id <= ?)"
+                    " FROM cursors", (cut,)
+                )
+            }
+            self.db.execute("DELETE FROM events WHERE id <= ?", (cut,))
+        return {u: n for u, n in lost.items() if n}
+
+    def fetch_all(self, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` (id, body) rows with an id past ``after``, oldest first."""
+        rows = self.db.execute(
+            "SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        return [(int(i), bytes(b)) for i, b in rows]
 
     def pending(self, url: str | None = None) -> int:
         if url is None:
@@ -362,6 +392,30 @@ class WebhookDispatcher:
                 "webhook %s: batch %s not accepted (%s)", safe_url(url), headers[BATCH_HEADER], status
             )
         return ok
+
+
+def expired_until(
+    fetch: Callable[[int, int], list[tuple[int, bytes]]], before: float, chunk: int = 1000
+) -> int | None:
+    """The last outbox id of the run of events older than ``before`` at the start of
+    the outbox (``fetch(after_id, limit)`` reads it in id order), or None. Events are
+    appended in about time order; the first one at or after ``before`` ends the run
+    (a body without a ``time`` goes with the events around it)."""
+    after, cut = -1, None
+    while True:
+        rows = fetch(after, chunk)
+        for i, body in rows:
+            try:
+                t = orjson.loads(body).get("time")
+            except (orjson.JSONDecodeError, AttributeError):
+                t = None
+            if isinstance(t, int | float):
+                if t >= before:
+                    return cut
+                cut = i
+        if len(rows) < chunk:
+            return cut
+        after = rows[-1][0]
 
 
 def _with_id(event_id: int, body: bytes) -> bytes:
