@@ -206,3 +206,84 @@ def test_rate_alarms_with_the_providers_lines(tmp_path: Path) -> None:
     put(1, 10000, 0, 0)  # diluted under the lines: cleared
     alarms.evaluate(["acme"], now)
     assert any(e["event"] == "alarm_cleared" and e.get("campaign") == 1 for e in events[n:])
+
+
+def _critical(store: Any, cid: int, delivered: int = 1000, complaints: int = 4) -> None:
+    now = time.time()
+    t = int(now) - int(now) % 60
+    row = [0] * NC
+    row[IDX["delivered"]], row[IDX["complaints"]] = delivered, complaints
+    counts = {(60, t, ("acme", cid, "google", "127.0.0.2")): row}
+    _node_rows(counts, {})
+    store.add(counts, {}, {})
+
+
+def test_a_raised_alarm_survives_a_restart(tmp_path: Path) -> None:
+    """Alarm state lived in memory: after a restart every alarm still over its line was
+    raised (and webhooked) again, and one that cleared was never told cleared."""
+    settings = AlarmSettings(min_delivered=100)
+    store = SQLiteRollupStore(str(tmp_path))
+    _critical(store, 1)
+    events: list[dict[str, Any]] = []
+    Alarms(settings, store, events.append).evaluate(["acme"])
+    raised = [(e["event"], e.get("campaign"), e.get("provider")) for e in events]
+    assert ("alarm", 1, None) in raised and ("alarm", None, "google") in raised
+    store.close()
+    store = SQLiteRollupStore(str(tmp_path))  # serve restarted: a new process
+    after: list[dict[str, Any]] = []
+    alarms = Alarms(settings, store, after.append)
+    alarms.evaluate(["acme"])
+    assert after == []  # still critical: already told
+    _critical(store, 1, delivered=20000, complaints=0)  # diluted under the lines
+    alarms.evaluate(["acme"])
+    assert {(e["event"], e.get("campaign"), e.get("provider")) for e in after} == {
+        ("alarm_cleared", 1, None), ("alarm_cleared", None, "google")}
+    store.close()
+
+
+def test_two_nodes_on_a_shared_spool_tell_an_alarm_once(redis_server: Any) -> None:
+    """Two serve nodes read the same Redis rollups: each raised every alarm, so every
+    webhook receiver got each alarm (and each clearing) once per node."""
+    from fastsend.analytics.stores import open_store
+
+    url = redis_server.url(node="n1")
+    a, b = open_store(url), open_store(url)
+    _critical(a, 7)
+    events: list[dict[str, Any]] = []
+    node1 = Alarms(AlarmSettings(min_delivered=100), a, events.append)
+    node2 = Alarms(AlarmSettings(min_delivered=100), b, events.append)
+    node1.evaluate(["acme"])
+    node2.evaluate(["acme"])
+    kinds = [(e["event"], e.get("campaign"), e.get("provider"), e["kind"]) for e in events]
+    assert len(kinds) == len(set(kinds)) and ("alarm", 7, None, "complaint_rate") in kinds
+    n = len(events)
+    _critical(b, 7, delivered=20000, complaints=0)
+    node2.evaluate(["acme"])
+    node1.evaluate(["acme"])
+    cleared = [e for e in events[n:] if e.get("campaign") == 7]
+    assert [e["event"] for e in cleared] == ["alarm_cleared"]
+
+
+def test_a_listing_is_told_once_over_restarts_and_a_delisting_while_down(
+    dns_server: DNSServer, tmp_path: Path
+) -> None:
+    """After a restart a still-listed IP was announced listed again, and an IP delisted
+    while the server was down was never announced delisted."""
+    dns_server.set_zones(ZONES)
+    cfg = config(dns_server)
+    settings = ReputationSettings.from_config(cfg)
+    store = SQLiteRollupStore(str(tmp_path))
+    events: list[dict[str, Any]] = []
+
+    def run() -> None:  # one server's life: a fresh Reputation on the same store
+        rep = Reputation(settings, make_resolver(cfg), events.append, None, store)
+        asyncio.run(rep.check_ips(["127.0.0.2"]))
+
+    run()
+    assert [e["event"] for e in events] == ["ip_listed"]
+    run()
+    assert [e["event"] for e in events] == ["ip_listed"]
+    dns_server.set_zones({})  # delisted while down
+    run()
+    assert [e["event"] for e in events] == ["ip_listed", "ip_delisted"]
+    store.close()

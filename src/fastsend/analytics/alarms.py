@@ -22,7 +22,10 @@ DESCRIPTION
     "warning" | "critical", "tenant", "campaign" | "provider", "rate", "line",
     "delivered", "window_s"}`` when a group crosses a line (once per group and
     level, again only after it cleared: ``alarm_cleared``). Events reach the
-    webhooks like every other event.
+    webhooks like every other event. What is raised is kept in the rollup store
+    (:meth:`RollupStore.states`, scope ``alarm``) and changed by compare-and-set:
+    a restart neither raises an alarm again nor forgets to clear it, and of two
+    nodes sharing a Redis spool (the same rollups) only one tells each change.
 
 DELIBERATELY NOT HERE
     No pausing (the guardrails pause campaigns: fastsend.shaping.guardrails).
@@ -34,11 +37,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from fastsend.analytics.query import rates
 from fastsend.analytics.store import IDX, RollupStore
 from fastsend.config.analytics import AlarmSettings
 
 NODE = "*"
+SCOPE = "alarm"  # the rollup store's states of raised alarms: JSON [tenant, dim, value, kind]
 
 
 
@@ -50,6 +56,16 @@ class Alarms:
         self.store = store
         self.emit = emit
         self.raised: dict[tuple[Any, ...], str] = {}  # (tenant, dim, value, kind) -> level
+
+    def _load(self) -> None:
+        """What is raised, as the store keeps it (this node's and the others' changes)."""
+        self.raised = {}
+        for k, level in self.store.states(SCOPE).items():
+            try:
+                key = tuple(orjson.loads(k))
+            except (orjson.JSONDecodeError, TypeError):
+                continue
+            self.raised[key] = level
 
     def _level(self, rate: float | None, warn: float, top: float) -> str:
         if rate is None:
@@ -64,7 +80,7 @@ class Alarms:
         t1 = int(now) - int(now) % 60 + 60
         t0 = t1 - int(s.window_s) // 60 * 60
         out = []
-        seen: set[tuple[Any, ...]] = set()
+        self._load()
         for tenant in tenants:
             for dim in ("campaign", "provider"):
                 rows = self.store.aggregate(60, t0, t1, tenant, {}, [dim], False)
@@ -85,11 +101,13 @@ class Alarms:
                         if sample < s.min_delivered:
                             continue
                         key = (tenant, dim, value, kind)
-                        seen.add(key)
                         level = self._level(r[kind], warn, top)
                         was = self.raised.get(key, "")
                         if level == was:
                             continue
+                        if not self.store.set_state(SCOPE, orjson.dumps(key).decode(), was,
+                                                    level):  # fmt: skip
+                            continue  # another node told this change first
                         if level:
                             self.raised[key] = level
                             ev = {"event": "alarm", "kind": kind, "level": level,

@@ -137,6 +137,9 @@ async def check(resolver: Any, ip: str, zone: str) -> Listing:
     return Listing(ip, zone, True, good, text, checked=now)
 
 
+DNSBL = "dnsbl"  # the rollup store's states: "IP ZONE" -> "1" while listed
+
+
 class Reputation:
     """Last results per (IP, zone); emits events and rests IPs on a new listing."""
 
@@ -146,37 +149,48 @@ class Reputation:
         resolver: Any,
         emit: Callable[[dict[str, Any]], None],
         rest: Callable[[str, list[str], float, str], None] | None = None,
+        state: Any = None,
     ) -> None:
         self.settings = settings
         self.resolver = resolver
         self.emit = emit
         self.rest = rest
         self.results: dict[tuple[str, str], Listing] = {}
+        # The rollup store (RollupStore.states, scope "dnsbl"): which (IP, zone) are
+        # listed, kept over restarts, so a listing is told once and a delisting that
+        # happened while the server was down is still told.
+        self.state = state
 
     async def check_ips(self, ips: list[str]) -> list[Listing]:
         jobs = [check(self.resolver, ip, b.zone) for ip in ips for b in self.settings.blocklists]
         got = await asyncio.gather(*jobs)
         by_zone = {b.zone: b for b in self.settings.blocklists}
         until = time.time() + self.settings.rest_hours * 3600
+        kept = self.state.states(DNSBL) if self.state is not None else None
         for res in got:
             key = (res.ip, res.zone)
+            skey = f"{res.ip} {res.zone}"
             old = self.results.get(key)
-            if res.error and old is not None:
-                res = Listing(res.ip, res.zone, old.listed, old.codes, old.text, res.error,
-                              res.checked)  # fmt: skip
+            was = (kept.get(skey) == "1") if kept is not None else (old is not None and old.listed)
+            if res.error:  # a failed lookup changes nothing
+                res = Listing(res.ip, res.zone, was, old.codes if old else [],
+                              old.text if old else "", res.error, res.checked)  # fmt: skip
             self.results[key] = res
             provs = list(by_zone[res.zone].providers)
             if res.listed:
-                if old is None or not old.listed:
+                if not was and self._moved(skey, "", "1"):
                     self.emit({"event": "ip_listed", "source_ip": res.ip, "zone": res.zone,
                                "codes": res.codes, "text": res.text, "providers": provs})  # fmt: skip
                 if self.rest is not None and self.settings.rest_hours > 0:
                     self.rest(
                         res.ip, provs, until, f"listed on {res.zone} ({', '.join(res.codes)})"
                     )
-            elif old is not None and old.listed and not res.error:
+            elif was and not res.error and self._moved(skey, "1", ""):
                 self.emit({"event": "ip_delisted", "source_ip": res.ip, "zone": res.zone})
         return got
+
+    def _moved(self, key: str, was: str, value: str) -> bool:
+        return self.state is None or bool(self.state.set_state(DNSBL, key, was, value))
 
     def status(self, ip: str) -> list[dict[str, Any]]:
         out = []

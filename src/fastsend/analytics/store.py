@@ -102,6 +102,17 @@ class RollupStore(abc.ABC):
     def prune(self, now: float, retention: dict[int, float]) -> int:
         """Drop buckets older than their granularity's retention (days); rows dropped."""
 
+    @abc.abstractmethod
+    def states(self, scope: str) -> dict[str, str]:
+        """Every kept state of ``scope`` (``alarm``: a raised rate alarm's level,
+        ``dnsbl``: a listed IP), key -> value: what a restart or another node knows."""
+
+    @abc.abstractmethod
+    def set_state(self, scope: str, key: str, was: str, value: str) -> bool:
+        """Move ``key`` from ``was`` to ``value`` ("" = none) if it is ``was`` now, in one
+        atomic step; False when it is not (another node moved it): the caller that
+        gets True is the one that tells (one event per change, whatever the nodes)."""
+
     def close(self) -> None:  # noqa: B027 - optional
         pass
 
@@ -129,6 +140,10 @@ CREATE TABLE IF NOT EXISTS firsts (
     PRIMARY KEY (kind, msg)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS firsts_t ON firsts(t);
+CREATE TABLE IF NOT EXISTS states (
+    scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
 """
 
 _UPSERT = (
@@ -252,6 +267,23 @@ class SQLiteRollupStore(RollupStore):
                 (g, tenant, t0, t1),
             )
         ]
+
+    def states(self, scope: str) -> dict[str, str]:
+        rows = self.db.execute("SELECT key, value FROM states WHERE scope = ?", (scope,))
+        return {str(k): str(v) for k, v in rows}
+
+    def set_state(self, scope: str, key: str, was: str, value: str) -> bool:
+        db = self.db
+        with transaction(db):
+            r = db.execute("SELECT value FROM states WHERE scope = ? AND key = ?",
+                           (scope, key)).fetchone()  # fmt: skip
+            if (r[0] if r else "") != was:
+                return False
+            if value:
+                db.execute("INSERT OR REPLACE INTO states VALUES (?,?,?)", (scope, key, value))
+            else:
+                db.execute("DELETE FROM states WHERE scope = ? AND key = ?", (scope, key))
+        return True
 
     def prune(self, now: float, retention: dict[int, float]) -> int:
         n = 0

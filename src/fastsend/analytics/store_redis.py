@@ -11,7 +11,9 @@ DESCRIPTION
       -> count (HINCRBY: several nodes add into the same buckets);
     - ``{p}:rr:<g>:<t>:<tenant>`` hash, field ``campaign|provider|ip|kind|reason``;
     - ``{p}:rg:<g>:<t>:<tenant>`` hash, field gauge name -> value (last wins);
-    - ``{p}:r1:<kind>:<msg>`` a marker set with NX (unique opens and clicks).
+    - ``{p}:r1:<kind>:<msg>`` a marker set with NX (unique opens and clicks);
+    - ``{p}:st:<scope>`` hash, key -> value: alarm and blocklist states, changed by a
+      compare-and-set script (one node tells each change).
 
     Every key gets an expiry from its granularity's retention, so there is no
     prune pass. One pipeline per :meth:`add`; ranges are read one HGETALL per
@@ -38,6 +40,18 @@ from fastsend.analytics.store import (
 )
 
 SEP = "\x1f"
+def _str(b: Any) -> str:
+    return b.decode() if isinstance(b, bytes | bytearray) else str(b)
+
+
+_SET_STATE = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then cur = '' end
+if cur ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1])
+else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"""
 
 
 class RedisRollupStore(RollupStore):
@@ -54,6 +68,13 @@ class RedisRollupStore(RollupStore):
         if shared is None:
             raise ValueError(f"not a shared spool: {url!r}")
         return cls(shared.client, shared.prefix)
+
+    def states(self, scope: str) -> dict[str, str]:
+        got = self.r.hgetall(f"{self.k}:st:{scope}")
+        return {_str(k): _str(v) for k, v in got.items()}
+
+    def set_state(self, scope: str, key: str, was: str, value: str) -> bool:
+        return bool(self.r.eval(_SET_STATE, 1, f"{self.k}:st:{scope}", key, was, value))
 
     def _ttl(self, g: int) -> int:
         return int(self.retention.get(g, RETENTION_DAYS.get(g, 30)) * 86400) + g

@@ -40,8 +40,10 @@ def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
     settings = ReputationSettings.from_config(ctx.config)
     if settings.blocklists:
         sup = ctx.supervisor
+        ru = getattr(ctx, "rollups", None)  # its store keeps what is listed over restarts
         rep = Reputation(settings, make_resolver(ctx.config), ctx.emit,
-                         sup.rest_ip if sup is not None else None)  # fmt: skip
+                         sup.rest_ip if sup is not None else None,
+                         ru.store if ru is not None else None)  # fmt: skip
         charts.reputation = rep
         ctx.reputation = rep
         tasks.append(asyncio.create_task(rep.loop(lambda: node_ips(ctx.config)),
