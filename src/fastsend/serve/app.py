@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from fastsend.serve import api_campaigns, api_messages, openapi
+from fastsend.serve import api_campaigns, api_events, api_messages, openapi
 from fastsend.serve.api import API_KEY, Api, ApiSettings, middleware
 from fastsend.serve.context import ServeContext
 
@@ -21,6 +21,7 @@ def make_app(ctx: ServeContext, settings: ApiSettings) -> web.Application:
     app[API_KEY] = Api(ctx, settings)
     api_messages.add_routes(app)
     api_campaigns.add_routes(app)
+    api_events.add_routes(app)  # GET /v1/events: the bulk export
     app.router.add_get("/v1/openapi.json", openapi.handler)
 
     async def close(app: web.Application) -> None:

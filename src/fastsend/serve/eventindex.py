@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -61,6 +62,20 @@ CREATE TABLE IF NOT EXISTS meta (
     metadata BLOB NOT NULL
 );
 """
+
+
+@dataclass
+class ExportQuery:
+    """What GET /v1/events asks: events with ``t0 <= time < t1``, of ``campaigns``
+    (None: any; the tenant's own), of event names ``kinds`` (None: any), past the
+    position ``after`` (a cursor), at most ``limit`` of them."""
+
+    t0: float
+    t1: float
+    campaigns: list[int] | None = None
+    kinds: list[str] | None = None
+    after: tuple[float, int] | None = None
+    limit: int = 10000
 
 
 class EventIndex:
@@ -161,6 +176,58 @@ class EventIndex:
             args.extend(campaigns)
         sql += f" GROUP BY {by}, event"
         return [(str(g), str(e), int(n)) for g, e, n in self.db.execute(sql, args)]
+
+    # -- bulk export (GET /v1/events) -------------------------------------------
+
+    def _where(self, q: ExportQuery, after: tuple[float, int] | None) -> tuple[str, list[Any]]:
+        sql = "time >= ? AND time < ?"
+        args: list[Any] = [q.t0 if after is None else max(q.t0, after[0]), q.t1]
+        if after is not None:
+            sql += " AND NOT (time = ? AND rowid <= ?)"
+            args += [after[0], after[1]]
+        if q.campaigns is not None:
+            sql += f" AND campaign IN ({','.join('?' * len(q.campaigns))})"
+            args += q.campaigns
+        if q.kinds is not None:
+            sql += f" AND event IN ({','.join('?' * len(q.kinds))})"
+            args += q.kinds
+        return sql, args
+
+    def export_end(self, q: ExportQuery) -> tuple[tuple[float, int] | None, bool]:
+        """(the last row of the page starting after ``q.after``, whether more follow):
+        one walk of the time index over ``q.limit`` rows, before anything is streamed.
+        (None, False): the page is everything left (fewer than ``q.limit`` rows)."""
+        self.flush()
+        if q.campaigns == [] or q.kinds == []:
+            return None, False
+        w, args = self._where(q, q.after)
+        rows = self.db.execute(
+            f"SELECT time, rowid FROM events WHERE {w} ORDER BY time, rowid LIMIT 2 OFFSET ?",
+            (*args, q.limit - 1),
+        ).fetchall()
+        if not rows:
+            return None, False
+        return (float(rows[0][0]), int(rows[0][1])), len(rows) > 1
+
+    def export_chunk(
+        self, q: ExportQuery, after: tuple[float, int] | None, until: tuple[float, int] | None,
+        n: int = 1000,
+    ) -> tuple[list[bytes], tuple[float, int] | None]:  # fmt: skip
+        """Up to ``n`` event bodies past ``after`` (in time, then recording order), not
+        past ``until``; and the position of the last one (None: nothing left)."""
+        if q.campaigns == [] or q.kinds == []:
+            return [], None
+        w, args = self._where(q, after)
+        if until is not None:
+            w += " AND (time < ? OR (time = ? AND rowid <= ?))"
+            args += [until[0], until[0], until[1]]
+        rows = self.db.execute(
+            f"SELECT time, rowid, data FROM events WHERE {w} ORDER BY time, rowid LIMIT ?",
+            (*args, n),
+        ).fetchall()
+        if not rows:
+            return [], None
+        return [bytes(r[2]) for r in rows], (float(rows[-1][0]), int(rows[-1][1]))
 
     def prune(self, before: float, chunk: int = 5000) -> int:
         """Delete events older than ``before`` (``[analytics] events_days``), ``chunk``

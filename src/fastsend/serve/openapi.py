@@ -48,6 +48,52 @@ def _answers(ok: str, *codes: int, schema: dict[str, Any] | None = None) -> dict
     return out
 
 
+def _events_op() -> dict[str, Any]:
+    """GET /v1/events (fastsend.serve.api_events): the bulk export."""
+    answers = _answers("200", 400, 403)
+    answers["200"] = {
+        "description": "one page of events, streamed (NDJSON: one event per line; CSV with a"
+        " header row); the next page's cursor in Fastsend-Next-Cursor and Link rel=next",
+        "headers": {
+            "Fastsend-Next-Cursor": {
+                "description": "cursor of the next page; absent on the last page",
+                "schema": {"type": "string"},
+            }
+        },
+        "content": {
+            "application/x-ndjson": {"schema": {"type": "string"}},
+            "text/csv": {"schema": {"type": "string"}},
+        },
+    }
+    answers["501"] = {
+        "description": "no event index to export from (a Redis spool)",
+        **_json(_ref("Error")),
+    }
+
+    def p(name: str, schema: dict[str, Any], what: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "schema": schema, "description": what}
+
+    text = {"type": "string", "maxLength": 4096}
+    return _op(
+        "Export events (time range, campaigns, event types), streamed, paged with a cursor",
+        answers,
+        parameters=[
+            p("from", text, "unix seconds, ISO 8601, now or -2h/-7d (default: -24h)"),
+            p("to", text, "the end, exclusive (default: now)"),
+            p("campaign", text, "comma-separated campaign ids"),
+            p("type", text, "comma-separated event names (delivered, bounced, ...)"),
+            p("event", text, "the same as type"),
+            p("format", {"type": "string", "enum": ["ndjson", "csv"]}, "default ndjson"),
+            p("limit", {"type": "integer", "minimum": 1, "maximum": 100000, "default": 10000},
+              "events in this page"),
+            p("cursor", text, "Fastsend-Next-Cursor of the page before"),
+            p("scope", {"type": "string", "enum": ["tenant", "node"]},
+              "node: every tenant's events (admin tenants only)"),
+        ],
+        operationId="exportEvents",
+    )
+
+
 def _op(summary: str, answers: dict[str, Any], body: Any = None, **kw: Any) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": answers, **kw}
     if body is not None:
@@ -329,6 +375,7 @@ def document() -> dict[str, Any]:
                 operationId="getStats",
             )
         },
+        "/v1/events": {"get": _events_op()},
         "/v1/suppressions": {
             "get": _op(
                 "The tenant's suppression list",
