@@ -73,7 +73,7 @@ def _events_op() -> dict[str, Any]:
     def p(name: str, schema: dict[str, Any], what: str) -> dict[str, Any]:
         return {"name": name, "in": "query", "schema": schema, "description": what}
 
-    text = {"type": "string", "maxLength": 4096}
+    text = {"type": "string"}
     return _op(
         "Export events (time range, campaigns, event types), streamed, paged with a cursor",
         answers,
