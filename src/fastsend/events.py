@@ -175,9 +175,21 @@ class EventLog:
         # listener without one gets a Rows batch's dicts.
         self.rows_listeners: dict[Listener, Callable[[Rows], None]] = {}
         self._reported: set[str] = set()
+        # Where the log ends (bytes written and buffered) and, while listeners are
+        # called, where the batch they are given ends: how far a listener that has
+        # seen everything so far has read (the rollups keep it beside their counts
+        # and, after a crash, count the rest from the file: ``mark``).
+        self.pos = 0
+        self.delivering: int | None = None
+        self._ident = ""  # "dev:inode" of the file written
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._opened()
+
+    def _opened(self) -> None:
+        st = os.fstat(self._fd)
+        self.pos, self._ident = st.st_size, f"{st.st_dev}:{st.st_ino}"
 
     def listen(self, listener: Listener, rows: Callable[[Rows], None] | None = None) -> None:
         """Add ``listener`` (it sees every batch of event dicts); ``rows``: its
@@ -205,13 +217,19 @@ class EventLog:
                 run.append(p)
         if run:
             segs.append(run)
+        ends: list[int | None] = [None] * len(segs)
         if self._fd >= 0:
             add = self._buf.append
-            for seg in segs:
-                add(seg.lines() if isinstance(seg, Rows) else _encode_lines(seg))
+            for i, seg in enumerate(segs):
+                data = seg.lines() if isinstance(seg, Rows) else _encode_lines(seg)
+                add(data)
+                self.pos += len(data)
+                ends[i] = self.pos
+        outer = self.delivering
         for listener in self.listeners:
             on_rows = self.rows_listeners.get(listener)
-            for seg in segs:
+            for seg, end in zip(segs, ends, strict=True):
+                self.delivering = end
                 try:
                     if not isinstance(seg, Rows):
                         listener(seg)
@@ -221,15 +239,29 @@ class EventLog:
                         listener(seg.dicts())
                 except Exception:  # one broken listener must not starve the others
                     self._report(listener)
+        self.delivering = outer
 
     def emit_many(self, events: list[dict[str, Any]]) -> None:
         if self._fd >= 0 and events:
-            self._buf.append(_encode_lines(events))  # newline-terminated lines
+            data = _encode_lines(events)  # newline-terminated lines
+            self._buf.append(data)
+            self.pos += len(data)
+        outer, self.delivering = self.delivering, self.pos
         for listener in self.listeners:
             try:
                 listener(events)
             except Exception:  # one broken listener must not starve the others
                 self._report(listener)
+        self.delivering = outer
+
+    def mark(self) -> str | None:
+        """How far into this log every listener has seen (``dev:inode:offset``), for a
+        listener that keeps counts of it: the offset where the batch being delivered
+        ends, or the log's end between deliveries. None without a log file."""
+        if not self._ident:
+            return None
+        at = self.delivering if self.delivering is not None else self.pos
+        return f"{self._ident}:{at}"
 
     def _report(self, listener: Callable[..., Any]) -> None:
         name = getattr(listener, "__qualname__", repr(listener))
@@ -259,6 +291,7 @@ class EventLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         os.close(self._fd)
         self._fd = fd
+        self._opened()
 
     def close(self) -> None:
         self.flush()

@@ -55,4 +55,8 @@ def attach(
         settings=settings,
     )
     events.listen(r.listener, rows=r.rows)
+    try:  # what a killed run counted in its log but never flushed
+        r.catch_up(events)
+    except Exception:
+        log.exception("analytics: catching up on the event log failed")
     return r

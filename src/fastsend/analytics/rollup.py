@@ -68,6 +68,7 @@ FLUSH_EVERY = 1.0
 MAX_KEYS = 20_000  # distinct providers/domains cached
 MAX_REASON = 300
 NODE = "*"  # node-wide rows: not a valid tenant name (fastsend.serve.auth)
+MARK = "logmark"  # the store's states: how far into each event log the counts go
 
 # Event name -> counter index; the names below FIRST_SPECIAL are counted on the spot.
 _PLAIN = {
@@ -242,6 +243,10 @@ class Rollups:
         self.last_flush = time.monotonic()
         self.last_prune = 0.0
         self.failed = 0
+        # The event log whose position (EventLog.mark) is written with the counts,
+        # under ``mark_key`` (this host and the log's path): see catch_up.
+        self.log: Any = None
+        self.mark_key = ""
 
     @property
     def rules(self) -> MachineRules:
@@ -334,8 +339,73 @@ class Rollups:
             except Exception:
                 log.exception("analytics: prune failed")
 
+    # -- after a crash --------------------------------------------------------
+
+    def catch_up(self, events: Any) -> int:
+        """Count what event log ``events`` holds past the point the store's counts go
+        to, and keep that point with every flush from now on. A process killed
+        (kill -9, a power loss) loses the counts of its last second, which its event
+        log has: they are counted here at the next start. Events counted."""
+        import os
+        import socket
+
+        mine = events.mark() if events.path else None
+        if mine is None:
+            return 0
+        self.mark_key = f"{socket.gethostname()}:{os.path.realpath(events.path)}"
+        kept = self.store.states(MARK).get(self.mark_key, "")
+        dev, ino, end = mine.rsplit(":", 2)
+        n = 0
+        kdev, kino, koff = [*kept.rsplit(":", 2), "", "", ""][:3]
+        # The same file (a rotated log starts again: nothing of it to catch up on).
+        if (kdev, kino) == (dev, ino) and koff.isdigit() and int(koff) < int(end):
+            n = self._replay(events.path, int(koff), int(end))
+            log.warning("analytics: counted %d event(s) of %s that the rollups missed"
+                        " (the last run stopped without its last flush)", n, events.path)  # fmt: skip
+        self.log = events
+        self.flush()  # the counts and the new mark together
+        return n
+
+    def _replay(self, path: str, start: int, end: int) -> int:
+        import orjson
+
+        n = 0
+        half = self.settings.remember_messages // 2
+        with open(path, "rb") as f:
+            if start > 0:
+                f.seek(start - 1)
+                if f.read(1) != b"\n":  # not at a line's start: from the next one
+                    f.readline()
+            batch: list[dict[str, Any]] = []
+            while f.tell() < end:
+                line = f.readline()
+                if not line.endswith(b"\n"):
+                    break  # a line cut short by the crash
+                try:
+                    e = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(e, dict):
+                    batch.append(e)
+                if len(batch) >= 5000 or f.tell() >= end:
+                    remember: list[Any] | None = [] if half else None
+                    count_events(batch, self.acc, self.special, remember, _PLAIN, _SPECIAL,
+                                 NC, time.time())  # fmt: skip
+                    if remember:
+                        self._remember(remember, half)
+                    n += len(batch)
+                    batch = []
+            if batch:
+                count_events(batch, self.acc, self.special, None, _PLAIN, _SPECIAL, NC,
+                             time.time())  # fmt: skip
+                n += len(batch)
+        return n
+
     def _flush(self, final: bool) -> None:
         now = time.time()
+        # How far into the event log these counts go (taken with them: the listener
+        # runs on this thread, so nothing is counted between the two).
+        mark = self.log.mark() if self.log is not None else None
         acc, self.acc = self.acc, {}
         special, self.special = self.special, []
         mins: dict[tuple[int, tuple[str, int, str, str]], list[int]] = {}  # (minute, rk)
@@ -370,7 +440,7 @@ class Rollups:
             counts = _grains(mins)
             _node_rows(counts, reasons)
             gauges, self.gauges_pending = self.gauges_pending, {}
-            self.store.add(counts, reasons, gauges)
+            self.store.add(counts, reasons, gauges, {self.mark_key: mark} if mark else None)
         except BaseException:
             # Keep what was not written: the counts go back for the next flush.
             for key, row in acc.items():

@@ -65,9 +65,11 @@ class RollupStore(abc.ABC):
     """The durable side of the rollups; every method is one round trip or transaction."""
 
     @abc.abstractmethod
-    def add(self, counts: Counts, reasons: Reasons, gauges: Gauges) -> None:
+    def add(self, counts: Counts, reasons: Reasons, gauges: Gauges,
+            marks: dict[str, str] | None = None) -> None:  # fmt: skip
         """Add ``counts`` and ``reasons`` to their buckets, set ``gauges``; durable on return
-        (to the store's sync level)."""
+        (to the store's sync level). ``marks``: states of scope ``logmark`` (how far into
+        an event log the counts go) written in the same step as the counts."""
 
     @abc.abstractmethod
     def first_seen(self, pairs: Sequence[tuple[int, int]], t: int) -> list[bool]:
@@ -186,11 +188,15 @@ class SQLiteRollupStore(RollupStore):
             raise FileNotFoundError(self.path)
         self.db = connect(self.path, readonly=readonly, synchronous="NORMAL", schema=_SCHEMA)
 
-    def add(self, counts: Counts, reasons: Reasons, gauges: Gauges) -> None:
-        if not counts and not reasons and not gauges:
+    def add(self, counts: Counts, reasons: Reasons, gauges: Gauges,
+            marks: dict[str, str] | None = None) -> None:  # fmt: skip
+        if not counts and not reasons and not gauges and not marks:
             return
         db = self.db
         with transaction(db, immediate=False):
+            if marks:
+                db.executemany("INSERT OR REPLACE INTO states VALUES ('logmark', ?, ?)",
+                               list(marks.items()))  # fmt: skip
             if counts:
                 db.executemany(_UPSERT, [(g, t, *k, *row) for (g, t, k), row in counts.items()])
             if reasons:

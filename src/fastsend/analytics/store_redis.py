@@ -79,10 +79,15 @@ class RedisRollupStore(RollupStore):
     def _ttl(self, g: int) -> int:
         return int(self.retention.get(g, RETENTION_DAYS.get(g, 30)) * 86400) + g
 
-    def add(self, counts: Counts, reasons: Reasons, gauges: Gauges) -> None:
-        if not counts and not reasons and not gauges:
+    def add(self, counts: Counts, reasons: Reasons, gauges: Gauges,
+            marks: dict[str, str] | None = None) -> None:  # fmt: skip
+        if not counts and not reasons and not gauges and not marks:
             return
-        pipe = self.r.pipeline(transaction=False)
+        # With a mark (how far into a node's event log the counts go): MULTI/EXEC, so
+        # the counts and the mark land together or not at all.
+        pipe = self.r.pipeline(transaction=bool(marks))
+        if marks:
+            pipe.hset(f"{self.k}:st:logmark", mapping=marks)  # type: ignore[arg-type]
         touched: dict[str, int] = {}
         for (g, t, (tenant, cid, prov, ip)), row in counts.items():
             key = f"{self.k}:ru:{g}:{t}:{tenant}"
