@@ -21,6 +21,7 @@ from tests.conftest import free_port
 from tests.test_dmarc import BEGIN, report
 
 from fastsend.analytics.dmarc import DmarcStore, parse_report
+from fastsend.analytics.store import IDX, NC, SQLiteRollupStore
 from fastsend.events import EventLog
 from fastsend.serve.eventindex import EventIndex
 from fastsend.serve.webhooks import Outbox
@@ -65,6 +66,13 @@ def test_serve_prunes_old_index_dmarc_and_expired_webhook_events_only(tmp_path: 
     assert dmarc.add(_report_on(today - 500 * DAY, "old"))
     assert dmarc.add(_report_on(today - 2 * DAY, "new"))
     dmarc.close()
+    rollups = SQLiteRollupStore(str(spool))
+    row = [0] * NC
+    row[IDX["delivered"]] = 5
+    old_minute = int(now - 10 * DAY) // 60 * 60
+    rollups.add({(g, t // g * g, ("acme", 1, "google", "")): row
+                 for g in (60, 3600, 86400) for t in (old_minute, int(now))}, {}, {})  # fmt: skip
+    rollups.close()
     down = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: the endpoint is down
     outbox = Outbox(str(spool / "webhooks.db"))
     outbox.set_urls([down])
@@ -86,6 +94,15 @@ def test_serve_prunes_old_index_dmarc_and_expired_webhook_events_only(tmp_path: 
                 s.close()
 
         _until(lambda: dmarc_days() == [today - 2 * DAY], "old DMARC rows dropped")
+
+        def minutes() -> list[int]:
+            s = SQLiteRollupStore(str(spool))
+            try:
+                return [r[0] for r in s.db.execute("SELECT t FROM counts WHERE g = 60")]
+            finally:
+                s.close()
+
+        _until(lambda: old_minute not in minutes() and minutes(), "old minute rollups dropped")
         index = EventIndex(str(spool))
         try:
             assert index.for_message(1) == [] and index.meta(1) == ([], {})

@@ -247,6 +247,9 @@ class Rollups:
         # under ``mark_key`` (this host and the log's path): see catch_up.
         self.log: Any = None
         self.mark_key = ""
+        # serve prunes the store from its retention pass, in a thread (a DELETE of an
+        # hour of minute rows is not for the event loop): fastsend.serve.retention.
+        self.prune_elsewhere = False
 
     @property
     def rules(self) -> MachineRules:
@@ -332,6 +335,8 @@ class Rollups:
         """Drop buckets past their retention, at most once an hour (the server's tick and
         close call this; never a request's flush)."""
         now = time.time()
+        if self.prune_elsewhere:
+            return
         if now - self.last_prune > 3600:
             self.last_prune = now
             try:

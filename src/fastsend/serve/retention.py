@@ -21,7 +21,12 @@ DESCRIPTION
       get (and ``fastsend_webhook_events_expired_total``). Nothing younger is ever
       dropped, whatever the endpoint answers; acknowledged events leave at once.
 
-    The rollups prune themselves (``[analytics] minute_days`` ...); the JSON-lines
+    - the rollups (``rollups.db``): buckets past ``[analytics] minute_days`` (8),
+      ``hour_days`` (120), ``day_days`` (800); serve's rollups leave this to the
+      pass (``Rollups.prune_elsewhere``), a ``send`` run prunes at its end. On a
+      Redis spool their keys expire.
+
+    The JSON-lines
     event log is the operator's (logrotate with ``copytruncate``, or SIGHUP after
     moving it: serve reopens it). ``0`` days keeps a store for ever.
 """
@@ -59,6 +64,15 @@ def prune_once(ctx: Any, now: float | None = None) -> dict[str, int]:
                 done["events"] = index.prune(now - a.events_days * DAY)
             finally:
                 index.close()
+    rollups = getattr(ctx, "rollups", None)
+    if rollups is not None and getattr(ctx, "shared", None) is None:  # Redis keys expire
+        from fastsend.analytics.store import SQLiteRollupStore
+
+        store = SQLiteRollupStore(cfg.spool_dir)  # a connection of this thread's own
+        try:
+            done["rollups"] = store.prune(now, a.retention)
+        finally:
+            store.close()
     dmarc = getattr(ctx, "dmarc", None)
     if a.dmarc_days > 0 and dmarc is not None:
         done["dmarc"] = dmarc.prune(now - a.dmarc_days * DAY)
@@ -86,6 +100,9 @@ def prune_once(ctx: Any, now: float | None = None) -> dict[str, int]:
 
 def start_retention(ctx: Any) -> asyncio.Task[None]:
     """The pass at start, then every ``RETENTION_EVERY`` seconds, off the loop."""
+
+    if getattr(ctx, "rollups", None) is not None:
+        ctx.rollups.prune_elsewhere = True  # here, off the loop, instead of on the tick
 
     async def step() -> None:
         done = await asyncio.to_thread(prune_once, ctx)
