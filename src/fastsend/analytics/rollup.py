@@ -247,6 +247,7 @@ class Rollups:
         # under ``mark_key`` (this host and the log's path): see catch_up.
         self.log: Any = None
         self.mark_key = ""
+        self._mark_written: str | None = None
         # serve prunes the store from its retention pass, in a thread (a DELETE of an
         # hour of minute rows is not for the event loop): fastsend.serve.retention.
         self.prune_elsewhere = False
@@ -445,7 +446,12 @@ class Rollups:
             counts = _grains(mins)
             _node_rows(counts, reasons)
             gauges, self.gauges_pending = self.gauges_pending, {}
-            self.store.add(counts, reasons, gauges, {self.mark_key: mark} if mark else None)
+            # The mark only when it moved: an idle flush makes no call (a Redis outage
+            # with nothing to write is not a failed flush).
+            marks = {self.mark_key: mark} if mark and mark != self._mark_written else None
+            self.store.add(counts, reasons, gauges, marks)
+            if marks:
+                self._mark_written = mark
         except BaseException:
             # Keep what was not written: the counts go back for the next flush.
             for key, row in acc.items():
