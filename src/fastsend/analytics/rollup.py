@@ -248,6 +248,7 @@ class Rollups:
         self.log: Any = None
         self.mark_key = ""
         self._mark_written: str | None = None
+        self._outage = False
         # serve prunes the store from its retention pass, in a thread (a DELETE of an
         # hour of minute rows is not for the event loop): fastsend.serve.retention.
         self.prune_elsewhere = False
@@ -328,9 +329,17 @@ class Rollups:
         self.last_flush = time.monotonic()
         try:
             self._flush(final)
-        except Exception:
+        except Exception as e:
             self.failed += 1
-            log.exception("analytics: rollup flush failed (counts kept for the next one)")
+            if isinstance(e, OSError) or type(e).__module__.startswith("redis"):
+                if not self._outage:  # said once per outage, not a traceback a second
+                    log.warning("analytics: the rollup store is out of reach (%s: %s); counts"
+                                " are kept until it answers", type(e).__name__, e)  # fmt: skip
+                self._outage = True
+            else:
+                log.exception("analytics: rollup flush failed (counts kept for the next one)")
+        else:
+            self._outage = False
 
     def maybe_prune(self) -> None:
         """Drop buckets past their retention, at most once an hour (the server's tick and
