@@ -559,3 +559,77 @@ def test_a_paused_or_cancelled_campaign_stops_what_waits_in_the_workers(
     assert s["delivered"] == len(got), (s, got)
     # Paused: the rest waits for a resume; cancelled: nothing is left pending.
     assert s["deferred"] == (40 - len(got) if action == "pause" else 0), s
+
+
+# -- session 14 (aud14d) ---------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(pid).children()]
+
+
+def test_a_killed_workers_window_counts_as_an_attempt_of_unknown_outcome(
+    tmp_path: Path,
+) -> None:
+    """A worker killed (SIGKILL) while its window is on slow connections: what it
+    had been handed may have reached the receiver, and is sent again. Each such
+    message counts one attempt of unknown outcome: a deferred event saying so
+    (due again at once), its later delivery is its next attempt, and the run's
+    ``attempts`` is every outcome in the event log, never fewer than the
+    messages the receiver got. Before: the window went back to the queue with
+    no attempt, no event, and the summary's attempts counted each message once
+    (the receiver's duplicates were nowhere)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests._engine_helpers import fastsend_cmd
+
+    spool = tmp_path / "spool"
+    camp = write_campaign(tmp_path)
+    rcpts = [f"k{i}@d{i % 4}.example" for i in range(300)]
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log), "--latency-ms", "30") as sink:
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim",
+                         "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
+                         "--workers", "1", "--source-ip", "127.0.0.2", "--json",
+                         "--no-progress", "--max-wait", "5"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while len(received_counts(log)) < 30:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            workers = _children(proc.pid)
+            assert workers
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    s = summary(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    assert "exited with status -9" in err, err[-2000:]
+    assert s["delivered"] == 300 and s["worker_restarts"] >= 1, (s, err[-2000:])
+    events = [json.loads(x) for x in (spool / "events.jsonl").read_text().splitlines()]
+    outcomes = [e for e in events if e["event"] in ("delivered", "deferred", "bounced", "expired")]
+    unknown = [e for e in outcomes if e["event"] == "deferred" and "outcome unknown" in e["text"]]
+    assert unknown, err[-2000:]
+    assert all(e["next_attempt"] <= e["time"] + 1 and e["stage"] == "worker" for e in unknown)
+    assert s["attempts"] == len(outcomes), (s, len(outcomes))
+    got = received_counts(log)
+    assert set(got) == set(rcpts)
+    assert s["attempts"] >= sum(got.values()), (s, sum(got.values()))
+    # Each message's delivery is its attempt after the unknown one(s).
+    delivered = {e["rcpt"]: e["attempt"] for e in outcomes if e["event"] == "delivered"}
+    for e in unknown:
+        assert delivered[e["rcpt"]] >= e["attempt"] + 1, e
+    for rcpt, n in got.items():
+        assert delivered[rcpt] >= n, (rcpt, n, delivered[rcpt])

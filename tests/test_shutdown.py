@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 from tests._engine_helpers import (
     _env,
     fastsend_cmd,
@@ -215,3 +216,117 @@ def test_one_sigterm_ends_a_send_whose_receiver_never_answers(tmp_path: Path) ->
                          "--no-progress", "--workers", "1", "--max-wait", "5")  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
     assert set(received_counts(log)) == set(addrs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_send_stopped_by_a_signal_exits_non_zero_with_the_command_that_resumes(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    """``fastsend send`` stopped by SIGTERM (it drains) or SIGINT (stops now)
+    while a list is delivered to a slow receiver: it exits 128 + the signal
+    (143, 130: what a shell reports for a process the signal ended, so a script
+    or systemd sees the run did not finish), says how many messages are still
+    queued, and prints the exact ``fastsend resume`` command, which run as it
+    is (from another directory) delivers the rest. Before: exit 0, and nothing
+    said that mail was left."""
+    import shlex
+
+    addrs = [f"s{i}@d{i % 3}.example" for i in range(N)]
+    (tmp_path / "fastsend.toml").write_text(
+        "[shaping.default]\nmessages_per_second = 20.0\nburst = 1\n"
+    )
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(rcpts), "--spool", "spool", "-c",
+                         "fastsend.toml",
+                         "--route", f"*={sink.host}:{sink.port}", "--no-dkim", "--no-progress",
+                         "--workers", "1", "--max-wait", "5"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while len(received_counts(log)) < 20:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+        counts = dict(zip(out.split()[::2], out.split()[1::2], strict=False))
+        line = next((x for x in err.splitlines() if "continue with: " in x), "")
+        assert f"stopped by {sig.name}" in line, err[-3000:]
+        left = int(counts["deferred"])
+        assert left > 0 and left == len(addrs) - int(counts["delivered"]), out
+        assert f" {left:,} message(s) still queued" in line, (left, line)
+        cmd = shlex.split(line.split("continue with: ", 1)[1])
+        assert cmd[:2] == ["fastsend", "resume"], cmd
+        other = tmp_path / "elsewhere"
+        other.mkdir()
+        r = subprocess.run([*fastsend_cmd(*cmd[1:]), "--no-progress"],
+                           capture_output=True, text=True, env=_env(), cwd=other, timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert set(received_counts(log)) == set(addrs)
+
+
+@pytest.mark.parametrize("workers", [False, True])
+def test_a_second_sigterm_stops_serve_at_once_while_a_request_is_in_progress(
+    workers: bool, tmp_path: Path
+) -> None:
+    """``fastsend serve`` (with and without ``--no-workers``) draining while an
+    authenticated client sends a request body slowly: the first SIGTERM waits
+    for the request (a drain lets requests in progress finish), a second one
+    stops the process at once, cut-off request and all. Before: the second
+    SIGTERM did nothing and the drain waited for the request up to aiohttp's
+    60 s shutdown timeout (systemd's stop would end in SIGKILL)."""
+    from conftest import free_port
+
+    spool = tmp_path / "spool"
+    key = run_fastsend("apikey", "create", "--tenant", "acme", "--spool", str(spool))
+    assert key.returncode == 0, key.stderr
+    port = free_port()
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f'[spool]\ndir = "{spool}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+                   '[workers]\ncount = 1\n')  # fmt: skip
+    args = ["serve", "-c", str(cfg)] + ([] if workers else ["--no-workers"])
+    proc = subprocess.Popen(fastsend_cmd(*args), stderr=subprocess.PIPE, text=True, env=_env())
+    slow = None
+    try:
+        assert proc.stderr is not None
+        err = ""
+        while "ready in" not in err:
+            line = proc.stderr.readline()
+            assert line, err
+            err += line
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(
+            b"POST /v1/campaigns HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + key.stdout.strip().encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+        )
+        slow.settimeout(30)
+        time.sleep(0.5)  # the request reaches its handler (reading the body)
+        proc.send_signal(signal.SIGTERM)
+        while "draining" not in err:
+            line = proc.stderr.readline()
+            assert line, err
+            err += line
+        time.sleep(0.5)
+        assert proc.poll() is None, err  # the drain waits for the request
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)  # well under the 60 s the request could hold the drain
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the second SIGTERM did not stop serve: " + err) from None
+        err += proc.stderr.read()
+        assert rc == 0, err
+        assert "stopping now" in err and "Traceback" not in err, err
+    finally:
+        if slow is not None:
+            slow.close()
+        if proc.poll() is None:
+            proc.kill()

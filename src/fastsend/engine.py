@@ -147,6 +147,8 @@ def run(
         "worker_restarts": stats.worker_restarts,
         "requeued_from_dead_workers": stats.duplicates_possible,
         "feed_error": str(sup.feed_error) if sup.feed_error else None,
+        # Stopped by SIGTERM/SIGINT (its number; 0: ran until done or --max-wait).
+        "signal": sup.stop_signal,
         "supervisor_cpu_s": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 3),
         "workers_cpu_s": round(
             (cpu1.children_user - cpu0.children_user)

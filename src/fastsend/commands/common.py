@@ -128,6 +128,54 @@ def print_summary(summary: dict[str, object], as_json: bool) -> None:
     )
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``fastsend resume`` command line that continues this run: the same
+    config, spool and engine options (routes, source IPs... are not kept in the
+    spool), paths made absolute, quoted for a POSIX shell."""
+    import shlex
+
+    from fastsend.spool import is_redis_url
+
+    cmd = ["fastsend", "resume"]
+    if args.config:
+        cmd += ["-c", os.path.abspath(args.config)]
+    if args.spool:
+        cmd += ["--spool", args.spool if is_redis_url(args.spool) else os.path.abspath(args.spool)]
+    for r in args.route:
+        cmd += ["--route", r]
+    for flag, value in (("--source-ip", args.source_ip), ("--helo", args.helo),
+                        ("--retry", args.retry)):  # fmt: skip
+        if value:
+            cmd += [flag, value]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
+    for ns in args.nameserver:
+        cmd += ["--nameserver", ns]
+    if args.max_wait != 300.0:
+        cmd += ["--max-wait", f"{args.max_wait:g}"]
+    return shlex.join(cmd)
+
+
+def stopped_by_signal(summary: dict[str, Any], args: argparse.Namespace, rows_left: int) -> int:
+    """After a run a SIGTERM/SIGINT ended (``summary["signal"]``): say what is
+    left and the command that continues, and return the exit status a shell
+    gives a process that signal ended (128 + its number: 143, 130). 0 when no
+    signal stopped the run."""
+    import signal
+
+    signum = int(summary.get("signal") or 0)
+    if not signum:
+        return 0
+    queued = int(summary.get("deferred", 0))
+    unread = f" and {rows_left:,} list row(s) not yet read" if rows_left else ""
+    print(
+        f"fastsend: stopped by {signal.Signals(signum).name}: {queued:,} message(s) still"
+        f" queued{unread}; continue with: {resume_command(args)}",
+        file=sys.stderr,
+    )
+    return 128 + signum
+
+
 def die(msg: str, code: int = 2) -> int:
     print(f"fastsend: error: {msg}", file=sys.stderr)
     return code

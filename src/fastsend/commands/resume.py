@@ -28,6 +28,7 @@ from fastsend.commands.common import (
     hold_supervisor,
     open_suppression,
     print_summary,
+    stopped_by_signal,
 )
 
 if TYPE_CHECKING:
@@ -158,7 +159,13 @@ def run(args: argparse.Namespace) -> int:
     ]
     print_summary(summary, args.json)
     spool.close()
-    if summary.get("feed_error") or unfinished:
+    left = sum(rows_left(j) for j in unfinished)
+    if summary.get("feed_error"):
+        print(f"fastsend: error: the list ingest stopped: {summary['feed_error']}", file=sys.stderr)
+        return stopped_by_signal(summary, args, left) or 1
+    if stopped := stopped_by_signal(summary, args, left):
+        return stopped
+    if unfinished:
         print(
             f"fastsend: error: the list ingest stopped: {summary.get('feed_error') or 'stopped'}",
             file=sys.stderr,

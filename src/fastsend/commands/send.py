@@ -10,7 +10,9 @@ chunks while the engine already delivers, until every recipient is final or
 deferred past --max-wait. Killed in the middle, ``fastsend resume`` continues
 the ingest where its last committed chunk ended.
 Exit status: 0 when all went as far as it can, 1 when bad rows were skipped or
-the list could not be read to its end, 2 on unusable input.
+the list could not be read to its end, 2 on unusable input, 128 + the signal's
+number when a SIGTERM (143) or SIGINT (130) stopped it (what is left and the
+``fastsend resume`` command that continues are printed).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fastsend.commands.common import (
     hold_supervisor,
     open_suppression,
     print_summary,
+    stopped_by_signal,
 )
 
 # Everything run() opens is closed when it returns, and it leaves no thread:
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         suppression.close()
     job_now = spool.get_ingest(job.id) or job
     code = 0
-    if summary.get("feed_error") or not job_now.finished:
+    if summary.get("feed_error") or (not job_now.finished and not summary.get("signal")):
         left = rows_left(job_now)
         print(
             f"fastsend: reading {args.recipients} stopped: {summary.get('feed_error') or 'stopped'};"
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     summary["ingest"] = {"job": job.id, "rows": job.total, "left": rows_left(job_now)}
     print_summary(summary, args.json)
     spool.close()
+    stopped = stopped_by_signal(summary, args, rows_left(job_now))
     if bad:
         print(f"fastsend: {len(bad)} bad recipient row(s) were skipped", file=sys.stderr)
-        return 1
-    return code
+    return stopped or (1 if bad else code)

@@ -154,7 +154,15 @@ class WorkerLifecycle(SupervisorState):
                         f"local error: worker {slot.index} exited {len(slot.crashes)} times"
                         f" in {CRASH_LOOP[1]:g} s (last status {code})"
                     )
-            self.retire(slot, why)
+            unknown = ""
+            if not why and not slot.retiring and not self.stopping and code != 0:
+                # Killed or crashed holding its window: what it had begun to send
+                # may have reached the receiver, and is sent again.
+                unknown = (
+                    f"local error: worker {slot.index} exited with status {code} while"
+                    " this message was in its window: outcome unknown, sent again"
+                )
+            self.retire(slot, why, unknown)
             if slot.retiring:  # replaced by reload(): a fresh worker on the new config
                 slot.retiring = False
                 if not (self.draining or self.stopping):
@@ -170,9 +178,13 @@ class WorkerLifecycle(SupervisorState):
                 self.stats.worker_restarts += 1
                 self.spawn(slot)
 
-    def retire(self, slot: WorkerSlot, defer: str = "") -> None:
+    def retire(self, slot: WorkerSlot, defer: str = "", unknown: str = "") -> None:
         """A worker is gone: take its last outcomes, requeue the rest of its window
-        (or, given a reason ``defer``, answer it as a deferred attempt)."""
+        (or, given a reason ``defer``, answer it as a deferred attempt). Given
+        ``unknown`` (it died abnormally), what had been handed to it counts as an
+        attempt whose outcome is unknown: an attempt in the spool, a deferred
+        event, and due again at once (``unknown_outcomes``); what never reached
+        it (rate-held, still in the backlog) goes back unattempted."""
         loop = asyncio.get_running_loop()
         if slot.outbox is not None:
             loop.remove_reader(slot.outbox.reader_fd)
@@ -184,6 +196,8 @@ class WorkerLifecycle(SupervisorState):
                 self.apply(
                     slot, [wire.Res(i, wire.K_DEFERRED, 451, "4.3.0", defer, "", "") for i in ids]
                 )
+            elif unknown:
+                self.unknown_outcomes(slot, ids, unknown)
             # In an outage of a shared spool the outcomes wait, and the window
             # goes back once it answers (Supervisor.outage_wait: release_strays).
             self.guard(self.flush_results)

@@ -7,6 +7,7 @@ event log. Result hooks (guardrails) see every outcome.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -159,6 +160,32 @@ class Outcomes(SupervisorState):
         except Exception:
             self.hook_failed(guardrails.count_delivered)
 
+    def unknown_outcomes(self, slot: WorkerSlot, ids: list[int], text: str) -> None:
+        """A worker died with ``ids`` in its window. Those it was handed (not
+        rate-held in the supervisor, not in its backlog) may have been sent: each
+        is an attempt of unknown outcome (counted, a deferred event saying so,
+        the backoff of later retries counting it) due again at once; the rest
+        stay in the window for ``retire`` to release unattempted."""
+        unsent = {c.id for items in slot.held.values() for c in items}
+        decode = wire.to_worker_decoder.decode
+        for rec in slot.backlog:
+            with contextlib.suppress(Exception):
+                msg = decode(rec)
+                if isinstance(msg, wire.Batch):
+                    unsent.update(item.id for item in msg.items)
+        now = time.time()
+        policy = self.config.retry
+        log_events = self.events.path is not None or bool(self.events.listeners)
+        n = 0
+        for i in ids:
+            if i in unsent or (c := slot.inflight.pop(i, None)) is None:
+                continue
+            r = wire.Res(i, wire.K_DEFERRED, 451, "4.3.0", text, "", "", "worker", "")
+            self._apply_other(c, r, c.attempts + 1, now, policy, log_events, retry_at=now)
+            n += 1
+        self.stats.attempts += n
+        slot.unwritten += n
+
     def _apply_other(
         self,
         c: Claimed,
@@ -167,6 +194,7 @@ class Outcomes(SupervisorState):
         now: float,
         policy: RetryConfig,
         log_events: bool,
+        retry_at: float | None = None,
     ) -> None:
         """A bounce, a deferral or an expiry (the attempt is counted by apply)."""
         stats = self.stats
@@ -180,6 +208,8 @@ class Outcomes(SupervisorState):
                 )
         else:
             nxt = next_attempt(policy, attempts, now, c.created)
+            if nxt is not None and retry_at is not None:
+                nxt = retry_at  # due again at once (not the receiver's deferral)
             if nxt is None:
                 state, name, at = EXPIRED, "expired", 0.0
                 stats.expired += 1

@@ -105,6 +105,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.draining = False
         self.drain_started = 0.0  # monotonic time of the SIGTERM that started a drain
         self.stopping = False
+        self.stop_signal = 0  # the first SIGTERM/SIGINT received (0: none)
         self.spec_cache: dict[int, dict[str, Any]] = {}
         self.status_cache: dict[int, tuple[bool, float]] = {}  # campaign -> (active, read at)
         self.tenant_cache: dict[int, str] = {}
@@ -260,6 +261,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.outage_error = None
 
     def on_signal(self, signum: int) -> None:
+        self.stop_signal = self.stop_signal or signum
         if signum == signal.SIGTERM and not self.draining:
             self.draining = True
             self.drain_started = time.monotonic()

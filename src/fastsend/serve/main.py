@@ -20,7 +20,8 @@ Signals:
   then the process exits 0. Whatever is still queued stays in the spool for
   the next start. A drain stops now after 30 s (a receiver that never
   answers), or after 10 s with a shared spool out of reach. A second SIGTERM/SIGINT stops at once (windows go back to
-  queued).
+  queued; HTTP requests still in progress, with or without --no-workers, are
+  cut off).
 - SIGHUP: re-read the config file; routes, shaping, API limits, tenants,
   ``[submission.users]`` and the suppression list take effect, workers are replaced one at a time by
   drain + respawn (no delivery connection is cut mid-transaction), HTTP
@@ -145,6 +146,7 @@ class Server:
         self.with_workers = workers
         self.t0 = t0
         self.stop_event = asyncio.Event()
+        self.stop_now = asyncio.Event()  # a second SIGTERM/SIGINT: no more waiting
         self.terms = 0
         self.reloading: asyncio.Task[None] | None = None
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
@@ -298,13 +300,19 @@ class Server:
         t_drain = time.monotonic()
         for srv in listeners:
             srv.close()
-        for r in runners:
-            await r.cleanup()  # closes the listening socket, waits for handlers
-        for srv in listeners:
-            try:
-                await asyncio.wait_for(srv.wait_closed(), 10)
-            except TimeoutError:
-                pass
+        # Requests in progress finish (up to aiohttp's 60 s, each listener's 10 s),
+        # unless a second signal says stop now: then they are cut off.
+        closing = asyncio.create_task(self.close_listeners(runners, listeners))
+        now = asyncio.create_task(self.stop_now.wait())
+        await asyncio.wait((closing, now), return_when=asyncio.FIRST_COMPLETED)
+        now.cancel()
+        if not closing.done():
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+            with contextlib.suppress(OSError):
+                print("fastsend serve: stopping now: requests in progress are cut off",
+                      file=sys.stderr, flush=True)  # fmt: skip
         listeners.shutdown()
         if sup is not None and sup_task is not None:
             if not sup_task.done():
@@ -329,6 +337,15 @@ class Server:
             flush=True,
         )
         return 0
+
+    async def close_listeners(self, runners: list[Any], listeners: Any) -> None:
+        for r in runners:
+            await r.cleanup()  # closes the listening socket, waits for handlers
+        for srv in listeners:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 10)
+            except TimeoutError:
+                pass
 
     async def tick(self) -> None:
         await every(0.2, self._tick, "periodic flush", log, wait_first=True)
@@ -375,8 +392,10 @@ class Server:
             self.stop_event.set()  # first: a stderr that is gone must not keep us up
             with contextlib.suppress(OSError):
                 print("fastsend serve: draining (send SIGTERM again to stop now)", file=sys.stderr)
-        elif self.ctx.supervisor is not None:
-            self.ctx.supervisor.on_signal(signal.SIGINT)
+        else:
+            self.stop_now.set()
+            if self.ctx.supervisor is not None:
+                self.ctx.supervisor.on_signal(signal.SIGINT)
 
     def on_hup(self) -> None:
         if self.reloading is not None and not self.reloading.done():
