@@ -207,9 +207,9 @@ class Outcomes(SupervisorState):
                     (self.tenant_of(c.campaign), c.rcpt, r.reason, SOURCE_DELIVERY, c.id)
                 )
         else:
-            nxt = next_attempt(policy, attempts, now, c.created)
-            if nxt is not None and retry_at is not None:
-                nxt = retry_at  # due again at once (not the receiver's deferral)
+            # An unknown outcome (retry_at) is due again at once and never expires
+            # the message: no receiver answered; the next attempt's answer decides.
+            nxt = retry_at if retry_at is not None else next_attempt(policy, attempts, now, c.created)
             if nxt is None:
                 state, name, at = EXPIRED, "expired", 0.0
                 stats.expired += 1
