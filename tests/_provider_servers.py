@@ -105,7 +105,7 @@ class Recorder:
         self.rejected = 0
         self.unauthorized = 0
         self.requests = 0
-        self.times: list[float] = []  # monotonic time of each accepted recipient (Mailgun)
+        self.times: list[float] = []  # monotonic time of each accepted recipient (Mailgun, SES)
 
 
 def sendgrid_app(key: str, rec: Recorder) -> web.Application:
@@ -207,16 +207,22 @@ def mailgun_app(key: str, rec: Recorder, domain: str) -> web.Application:
     return app
 
 
-def ses_proxy_app(upstream: str, rec: Recorder) -> web.Application:
+def ses_proxy_app(upstream: str, rec: Recorder, max_send_rate: float = 0.0) -> web.Application:
     """Pass-through to moto (headers as signed, Host included) plus SES's max
     send rate, a BadRequestException for ``reject*`` recipients, an
     InvalidParameterValue naming no address for ``badlocal*`` ones and a sandbox
-    MessageRejected for ``unverified*`` ones."""
+    MessageRejected for ``unverified*`` ones. With ``max_send_rate``, ``GET
+    /v2/email/account`` answers the account's SendQuota with it (moto's has
+    none)."""
     state: dict[str, ClientSession] = {}
 
     async def handle(request: web.Request) -> web.Response:
         rec.requests += 1
         body = await request.read()
+        if max_send_rate and request.method == "GET" and request.path == "/v2/email/account":
+            quota = {"Max24HourSend": 50000.0, "MaxSendRate": max_send_rate, "SentLast24Hours": 0.0}
+            return web.json_response({"SendQuota": quota, "SendingEnabled": True,
+                                      "ProductionAccessEnabled": True})  # fmt: skip
         if request.method == "POST" and request.path == "/v2/email/outbound-emails":
             doc = json.loads(body)
             rcpts = doc.get("Destination", {}).get("ToAddresses", [])
@@ -265,6 +271,7 @@ def ses_proxy_app(upstream: str, rec: Recorder) -> web.Application:
             }
         if status < 300 and request.path == "/v2/email/outbound-emails":
             rec.recipients.update(rcpts)
+            rec.times.extend([time.monotonic()] * len(rcpts))
         return web.Response(status=status, body=out, headers=keep)
 
     async def close(app: web.Application) -> None:

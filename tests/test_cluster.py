@@ -116,3 +116,42 @@ def test_every_live_node_in_the_cluster_view(
     monkeypatch.setattr(cluster, "STATUS_STALE", 0.2)  # a node that stops publishing
     time.sleep(0.3)
     assert a.cluster_view()["nodes"] == []
+
+
+def test_transport_connections_are_split_among_the_live_nodes(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transport's max_connections (a relay's sessions, a provider's requests
+    in flight) split among the nodes sending through it, on a real Redis:
+    equal parts, the remainder to the first names; a node restarted with its
+    name takes its own place again (no third share); a clean exit gives its
+    part back at once, a dead node's part comes back when its lease lapses;
+    more nodes than connections: 1 each (never 0: a node could send nothing)."""
+    from fastsend import shared_limits as sl
+
+    prefix = "cs" + str(time.monotonic_ns())[-6:]
+    lim = sl.SharedLimits(redis_server.url(prefix=prefix))
+    a = sl.ConnectionShares(lim, "a", {"relay1": 5, "ses": 1})
+    assert a.refresh() and a.shares == {"relay1": 5, "ses": 1} and a.others == 0
+    b = sl.ConnectionShares(lim, "b", {"relay1": 5, "ses": 1})
+    b.refresh()
+    assert a.refresh() and a.shares == {"relay1": 3, "ses": 1}
+    assert b.shares == {"relay1": 2, "ses": 1} and b.others == 1
+    assert a.nodes == b.nodes == {"relay1": 2, "ses": 2}
+    b_again = sl.ConnectionShares(lim, "b", {"relay1": 5, "ses": 1})  # restarted, same name
+    b_again.refresh()
+    assert b_again.shares == {"relay1": 2, "ses": 1}
+    assert not a.refresh() and a.shares["relay1"] == 3
+    b.leave()
+    assert a.refresh() and a.shares == {"relay1": 5, "ses": 1}
+    # A node that dies keeps its place until its lease lapses.
+    monkeypatch.setattr(sl, "SHARE_LEASE", 0.3)
+    c = sl.ConnectionShares(lim, "c", {"relay1": 5, "ses": 1})
+    c.refresh()
+    a.refresh()
+    assert a.shares["relay1"] == 3
+    time.sleep(0.5)
+    assert a.refresh() and a.shares["relay1"] == 5
+    assert [sl.node_share(2, ["a", "b", "c"], n) for n in "abc"] == [1, 1, 1]
+    assert [sl.node_share(7, ["x", "y", "z"], n) for n in "xyz"] == [3, 2, 2]
+    lim.close()

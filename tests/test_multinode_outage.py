@@ -234,3 +234,63 @@ def test_a_node_whose_clock_is_off_says_so(redis_server: Any, tmp_path: Path) ->
         outs["skewed"][-2000:]
     )
     assert "clock is" not in outs["in-step"], outs["in-step"][-2000:]
+
+
+def _send_nodes(
+    tmp: Path, redis_server: Any, cfg: Path, per_node: int, env: dict[str, str], tag: str
+) -> list[tuple[subprocess.Popen[str], str, str]]:
+    """Two ``fastsend send`` nodes (a, b) on one Redis spool, each with its own list,
+    started together; -> each process with its stdout and stderr once it ended."""
+    from tests._engine_helpers import fastsend_cmd
+
+    camp = tmp / "campaign.toml"
+    camp.write_text(
+        'from = "T <news@sender.example.com>"\nsubject = "Hi {{ name }}"\ntext = "Dear {{ name }}"\n'
+    )
+    prefix = tag + tmp.name[-6:]
+    procs = []
+    for node, ip in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+        lst = tmp / f"{node}.csv"
+        lst.write_text(
+            "email,name\n" + "".join(f"{node}{i}@d{i % 5}.example,n{i}\n" for i in range(per_node))
+        )
+        url = redis_server.url(node=node, dir=str(tmp / node), prefix=prefix)
+        procs.append(subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
+                         "--spool", url, "--workers", "1", "--source-ip", ip, "--json",
+                         "--no-progress", "--max-wait", "5"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        ))  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [(p, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
+
+
+def test_a_relays_max_connections_hold_for_every_node_together(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """A relay that takes 2 sessions at once (``max_connections = 2``, the
+    relay's own cap: above it, 421 at connect) and two nodes on one Redis
+    spool sending through it: together they hold at most 2 sessions, so the
+    relay never refuses one, and no message is deferred. Before: each node
+    opened its 2 and the relay refused the extra ones (deferrals, connections
+    over the site's cap)."""
+    import orjson
+
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log), "--max-connections", "2", "--latency-ms", "20",
+                     "--auth", "u:p") as sink:  # fmt: skip
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            "[retry]\nmin_backoff = 1.0\nmax_backoff = 1.0\njitter = 0.0\n"
+            f'[transports.relay1]\nkind = "relay"\nhost = "{sink.host}"\nport = {sink.port}\n'
+            'tls = "off"\nauth_mechanism = "plain"\nmax_connections = 2\n[routes]\n"*" = "relay1"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
+        env |= {"FASTSEND_RELAY1_USERNAME": "u", "FASTSEND_RELAY1_PASSWORD": "p"}
+        ran = _send_nodes(tmp_path, redis_server, cfg, 300, env, "rc")
+    for p, out, err in ran:
+        assert p.returncode == 0, err[-3000:]
+        s = orjson.loads([x for x in out.splitlines() if x.startswith("{")][-1])
+        assert s["deferrals"] == 0 and s["delivered"] == 300, (s, err[-2000:])
+    got = received_counts(log)
+    assert len(got) == 600 and set(got.values()) == {1}, len(got)

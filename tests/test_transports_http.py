@@ -497,3 +497,40 @@ def test_ses_max_send_rate_shapes_the_lane_and_campaign_routes(tmp_path: Path) -
     assert all(
         e["queue_id"].startswith("0102-") for e in events(tmp_path) if e["event"] == "delivered"
     )
+
+
+def test_ses_account_rate_holds_for_every_node_together(
+    tmp_path: Path, moto_ses: Any, redis_server: Any
+) -> None:
+    """SES's MaxSendRate is the account's, one quota whichever node sends: two
+    nodes on one Redis spool, each with its own list, read it from the account
+    (``GET /v2/email/account``: 8/s, no ``rate`` configured) and together stay
+    within it as SES counts: in any 5 s SES accepts at most the burst, 5 s of
+    rate and 2 s of slack. Before: each node took the whole quota (two nodes
+    sent twice it: SES answers "Maximum sending rate exceeded")."""
+    import bisect
+
+    from tests.test_multinode_outage import _send_nodes
+
+    url, akid, secret_key, _sent = moto_ses
+    rate, per_node, window = 8, 80, 5.0
+    rec = Recorder()
+    with ThreadedApp(ses_proxy_app(url, rec, max_send_rate=rate)) as proxy:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            RETRY
+            + f'[transports.ses-eu]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{proxy.url}"\n'
+            '[routes]\n"*" = "ses-eu"\n'
+            "[delivery]\nwindow = 16\n"  # both nodes take mail from the one queue
+        )
+        env = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
+        env |= {"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret_key}
+        ran = _send_nodes(tmp_path, redis_server, cfg, per_node, env, "ses")
+    for p, _out, err in ran:
+        assert p.returncode == 0, err[-3000:]
+    want = {f"{n}{i}@d{i % 5}.example" for n in "ab" for i in range(per_node)}
+    assert dict(rec.recipients) == {r: 1 for r in want}
+    times = sorted(rec.times)
+    most = max(bisect.bisect_left(times, t + window) - i for i, t in enumerate(times))
+    allowed = rate + rate * window + 2 * rate
+    assert most <= allowed, f"{most} accepted within {window:g} s; MaxSendRate allows {allowed}"

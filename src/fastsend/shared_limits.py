@@ -234,3 +234,91 @@ class LeasedBucket:
 
     def __repr__(self) -> str:
         return f"LeasedBucket({self.name!r}, rate_per_s={self.rate!r}, burst={self.burst})"
+
+
+# KEYS: one sorted set per transport (member: node, score: its lease deadline in
+# ms of Redis time); ARGV: node, lease (ms), and 1 to join or 0 to leave. Drops
+# the members whose lease lapsed, then -> the live members of each key.
+_SHARES = """
+local tt = redis.call('TIME')
+local now = tonumber(tt[1]) * 1000 + math.floor(tonumber(tt[2]) / 1000)
+local lease = tonumber(ARGV[2])
+local out = {}
+for i, k in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  if ARGV[3] == '1' then
+    redis.call('ZADD', k, now + lease, ARGV[1])
+    redis.call('PEXPIRE', k, 2 * lease)
+  else
+    redis.call('ZREM', k, ARGV[1])
+  end
+  out[i] = redis.call('ZRANGE', k, 0, -1)
+end
+return out
+"""
+
+SHARE_LEASE = 30.0  # s a node's place in a transport's split lasts unrenewed
+SHARE_EVERY = 0.5  # s between renewals (fastsend.queue.shaping: a new share is known this soon)
+
+
+def node_share(total: int, members: list[str], node: str) -> int:
+    """``node``'s part of ``total`` connections split among ``members``: an
+    equal part, the remainder to the first names in order; never below 1 (a
+    node with no connection could send nothing: more nodes than connections
+    go over the total by that much)."""
+    live = sorted(set(members) | {node})
+    n = len(live)
+    rank = live.index(node)
+    return max(1, total // n + (1 if rank < total % n else 0))
+
+
+class ConnectionShares:
+    """Each transport's ``max_connections`` (a relay's sessions, a provider's
+    requests in flight) split among the live nodes that send through it, so
+    every node together holds at most the total, as the relay or provider
+    counts them; and the count of live nodes per transport, by which a
+    worker divides a provider account's rate read from the provider (SES's
+    MaxSendRate: one quota for the account, whichever node sends).
+
+    A node renews its place in ``{prefix}:conns:NAME`` (a sorted set: node ->
+    lease deadline, Redis time) every :data:`SHARE_EVERY` s and takes its part
+    (:func:`node_share`) of the live members; a node that died drops out once
+    its lease (:data:`SHARE_LEASE` s) lapses and the others take its part, and
+    a node restarted with the same name takes its own place again. In a Redis
+    outage the last shares stay (:meth:`refresh` raises; the caller keeps
+    them). A node that joins while others send waits for them to have seen it
+    before it sends (:meth:`join`)."""
+
+    def __init__(self, limits: SharedLimits, node: str, totals: dict[str, int]) -> None:
+        self.r = limits.r
+        base = limits.k[: -len("gcra:")]
+        self.names = sorted(totals)
+        self.keys = [base + "conns:" + n for n in self.names]
+        self.node = node
+        self.totals = dict(totals)
+        self.shares: dict[str, int] = {}
+        self.nodes: dict[str, int] = {}  # live nodes per transport, this one included
+        self.others = 0  # the most other live nodes seen on one transport
+        self._script = self.r.register_script(_SHARES)
+
+    def refresh(self, join: bool = True) -> bool:
+        """Renew this node's place, read the live members: True when a share (or
+        a transport's count of live nodes) changed."""
+        lease_ms = int(SHARE_LEASE * 1000)
+        got = self._script(keys=self.keys, args=[self.node, lease_ms, "1" if join else "0"])
+        shares = {}
+        nodes = {}
+        others = 0
+        for name, members in zip(self.names, got, strict=True):
+            live = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+            others = max(others, len(set(live) - {self.node}))
+            shares[name] = node_share(self.totals[name], live, self.node)
+            nodes[name] = len(set(live) | {self.node})
+        self.others = others
+        changed = shares != self.shares or nodes != self.nodes
+        self.shares, self.nodes = shares, nodes
+        return changed
+
+    def leave(self) -> None:
+        """A clean exit: this node's part goes to the others at their next renewal."""
+        self.refresh(join=False)

@@ -229,6 +229,19 @@ class Withdraw(msgspec.Struct, array_like=True, tag=17):
     ids: list[int]
 
 
+class TransportShares(msgspec.Struct, array_like=True, tag=18):
+    """This node's share of each transport's ``max_connections`` (name -> the
+    connections or requests in flight its workers together may hold), when
+    several nodes send through the transport (a shared spool:
+    :class:`fastsend.shared_limits.ConnectionShares`). Each worker keeps its
+    part of it, as of the whole ``max_connections`` on a single node."""
+
+    conns: dict[str, int]
+    # name -> live nodes sending through it: a rate read from the provider (SES's
+    # MaxSendRate, the account's) is split among them (transports.http).
+    nodes: dict[str, int] = {}
+
+
 ToWorker = (
     CampaignSpec
     | Batch
@@ -239,6 +252,7 @@ ToWorker = (
     | WarmupAdjust
     | CampaignInfo
     | Withdraw
+    | TransportShares
 )
 FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events
 

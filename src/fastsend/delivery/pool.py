@@ -123,6 +123,7 @@ class SiteQueue:
         connect_options: dict[str, Any] | None = None,
     ) -> None:
         self.site = site
+        self.transport = ""  # the relay transport's name (delivery.routes), else ""
         # A relay route (fastsend.transports.relay) brings its own limits and
         # ConnectOptions fields (AUTH, TLS mode, implicit TLS, CA).
         self.connect_options = connect_options or {}
@@ -364,6 +365,7 @@ class SiteQueue:
         group = pipeline
         top = pipeline * GROUP_GROW
         batch: list[Envelope] = []  # taken from pending and not yet reported
+        over = False  # left because the lane's connections were cut below its open ones
         try:
             while self.pending and not self.closing:
                 wait = lane.connect_wait(time.monotonic())
@@ -397,6 +399,13 @@ class SiteQueue:
                 self.sessions += 1
                 try:
                     while conn.usable:
+                        if lane.active > lane.max_connections:
+                            # Its share of a relay's connections was cut (another
+                            # node joined: wire.TransportShares): this one ends
+                            # between transactions, the others carry the mail.
+                            lane.active -= 1
+                            over = True
+                            break
                         if not self.pending:
                             if self.closing:
                                 break
@@ -465,7 +474,7 @@ class SiteQueue:
                         await conn.quit()
                     else:
                         conn.close()
-                if not self.pending:
+                if not self.pending or over:
                     break
         except Exception as e:
             # A local bug must not strand the mail this connection holds (nor
@@ -477,7 +486,8 @@ class SiteQueue:
                 out = _local_error(e, "local")
                 self.report([TxnResult(x.tag, [out] * len(x.rcpts)) for x in batch], ip, "")
         finally:
-            lane.active -= 1
+            if not over:
+                lane.active -= 1
             self.nconn -= 1
             if self.pending and not self.closing:
                 self._scale()

@@ -84,6 +84,42 @@ class Router:
         self.failover: dict[int, tuple[Envelope, tuple[str, ...], int, str]] = {}
         self.events: list[dict[str, Any]] = []
         self._session: Any = None
+        # Transport name -> this node's share of its max_connections (several
+        # nodes on a shared spool: wire.TransportShares); absent: all of it.
+        self.conns: dict[str, int] = {}
+        self.nodes: dict[str, int] = {}  # transport -> live nodes sending through it
+
+    def set_conns(self, conns: dict[str, int], nodes: dict[str, int]) -> None:
+        """A new share of each transport's connections for this node (and the
+        count of nodes sharing it): the queues already open take it at once
+        (connections over it finish their transaction and are not replaced)."""
+        from fastsend.transports.http import ProviderQueue
+
+        self.conns, self.nodes = dict(conns), dict(nodes)
+        w = self.w
+        for (_pool, key), q in list(w.sites.items()):
+            if isinstance(q, ProviderQueue):
+                name = key.removeprefix("provider:")
+                if name in self.conns:
+                    q.set_conns(self.conns[name])
+                q.set_nodes(self.nodes.get(name, 1))
+                continue
+            name = getattr(q, "transport", "")
+            spec = self.config.transports.get(name) if name else None
+            if spec is None or name not in self.conns:
+                continue
+            q.limits = self._relay_limits(spec, self.conns[name])
+            for (_ip, site_key), lane in w.shaper.lanes.items():
+                if site_key == q.site.key:
+                    lane.max_connections = q.limits.max_connections
+
+    def _relay_limits(self, spec: TransportSpec, total: int | None) -> Any:
+        from fastsend.transports import relay
+
+        return relay.limits(
+            spec, self.config.worker_count, len(self.w.ips) or 1,
+            self.config.delivery.max_messages_per_connection, total,
+        )  # fmt: skip
 
     def on_campaign(self, rec: wire.CampaignInfo) -> None:
         spec = self.w.campaign_specs.get(rec.id) or {}
@@ -127,16 +163,14 @@ class Router:
             site = Site(
                 site.key, tuple(Host(f"relay:{name}", h.address, h.port) for h in site.hosts)
             )
-            ips = len(w.ips) or 1
-            return w.site_queue(
+            q = w.site_queue(
                 site,
                 batch,
-                limits=relay.limits(
-                    spec, self.config.worker_count, ips,
-                    self.config.delivery.max_messages_per_connection,
-                ),
+                limits=self._relay_limits(spec, self.conns.get(name)),
                 connect_options=relay.connect_options(spec),
-            )  # fmt: skip
+            )
+            q.transport = name  # set_conns finds it by this
+            return q
         key = ("", f"provider:{name}")
         q = w.sites.get(key)
         if q is None:
@@ -146,6 +180,8 @@ class Router:
                 w.report,
                 w.handback,
                 workers=self.config.worker_count,
+                conns=self.conns.get(name),
+                nodes=self.nodes.get(name, 1),
                 horizon=self.config.delivery.ready_horizon,
                 count=w.count,
                 events=w.shaper.events,

@@ -157,6 +157,8 @@ class Worker:
                 self.shaper.adjust_warmup(msg.offsets)
             elif isinstance(msg, wire.Withdraw):
                 self.withdraw(msg.ids)
+            elif isinstance(msg, wire.TransportShares):
+                self.router.set_conns(msg.conns, msg.nodes)
             elif isinstance(msg, wire.Drain):
                 self.draining = True
                 for q in self.sites.values():  # what cannot go soon goes back now

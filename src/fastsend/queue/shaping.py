@@ -55,7 +55,9 @@ SHARED
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +72,21 @@ from fastsend.throttle import Gcra
 STATE_FILE = "shaping-state.json"
 ROUTED_MAX = 100_000  # (campaign, domain) -> transport bucket entries kept
 SHAPING_LOG = "shaping.jsonl"
+
+
+SHARE_EVERY = 0.5  # s between renewals of the transports' connection split
+
+
+def _node_of(spool: Any) -> str:
+    """The spool's node name (a Redis spool's ``node=``), through wrappers."""
+    for _ in range(4):
+        node = getattr(spool, "node", None)
+        if isinstance(node, str) and node:
+            return node
+        spool = getattr(spool, "inner", None)
+        if spool is None:
+            break
+    return ""
 
 
 def _bucket(rate: float) -> Gcra | None:
@@ -282,6 +299,34 @@ class SupervisorShaping:
         self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []  # e.g. dashboards
         self.ip_rests: list[wire.IPRest] = []  # blocklist rests, for (re)started workers
         self.warmup_offsets: dict[str, int] = {}  # engagement-aware warm-up, likewise
+        # Each transport's max_connections split among the nodes (shared spool).
+        self.shares: Any = None  # a fastsend.shared_limits.ConnectionShares
+        self.shares_changed = False
+        self.shares_at = 0.0
+        self._start_shares(config)
+
+    def _start_shares(self, config: Config) -> None:
+        """Join each transport's connection split (a shared spool with transports);
+        when other nodes already send through one, wait until they have seen
+        this node (their next renewal) so that together they stay within it."""
+        node = _node_of(self.spool)
+        if self.limits is None or not config.transports or not node:
+            return
+        from fastsend.shared_limits import ConnectionShares
+
+        totals = {n: t.max_connections for n, t in config.transports.items()}
+        shares = ConnectionShares(self.limits, node, totals)
+        try:
+            shares.refresh()
+            if shares.others:
+                time.sleep(4 * SHARE_EVERY)  # their renewals: every SHARE_EVERY s
+                shares.refresh()
+        except Exception as e:  # Redis out of reach: each node's own limits until it is back
+            print(f"fastsend: transport connection shares not read ({e.__class__.__name__}: {e});"
+                  " trying again", file=sys.stderr, flush=True)  # fmt: skip
+        self.shares = shares
+        self.shares_changed = bool(shares.shares)
+        self.shares_at = time.monotonic()
 
     def reconfigure(self, config: Config) -> None:
         """SIGHUP: new dispatch rates, guardrail thresholds and pools. Buckets start
@@ -294,6 +339,12 @@ class SupervisorShaping:
         self.guardrails.settings = config.guardrails
         self.poolset = load_pools(config, time.time())
         self.gate.pool_of = self.pool_of
+        if self.shares is not None and sorted(config.transports) == self.shares.names:
+            self.shares.totals = {n: t.max_connections for n, t in config.transports.items()}
+            self.shares_at = 0.0  # renewed (and the new totals split) at the next tick
+        elif self.shares is not None or config.transports:
+            self.shares = None
+            self._start_shares(config)
 
     def pool_of(self, campaign: int) -> str:
         """The source-IP pool a campaign's mail goes from (what its workers are told)."""
@@ -318,6 +369,8 @@ class SupervisorShaping:
     def spawn_records(self) -> list[bytes]:
         now = time.time()
         out = [wire.encoder.encode(r) for r in self.ip_rests if r.until > now]
+        if self.shares is not None and self.shares.shares:
+            out.append(self.shares_record())
         if self.warmup_offsets:
             out.append(wire.encoder.encode(wire.WarmupAdjust(dict(self.warmup_offsets))))
         if not self.state.warm:
@@ -338,21 +391,41 @@ class SupervisorShaping:
             return True
         return False
 
+    def shares_record(self) -> bytes:
+        assert self.shares is not None
+        return wire.encoder.encode(
+            wire.TransportShares(dict(self.shares.shares), dict(self.shares.nodes))
+        )
+
     def broadcast_records(self) -> list[bytes]:
-        """Records for every worker: warm-up totals that grew (other nodes' sends)."""
-        if not self.state.changed:
-            return []
-        self.state.changed = False
-        return [wire.encoder.encode(wire.WarmupCounts(dict(self.state.warm)))]
+        """Records for every worker: warm-up totals that grew (other nodes' sends),
+        this node's new share of the transports' connections (and node counts)."""
+        out = []
+        if self.shares_changed and self.shares is not None:
+            self.shares_changed = False
+            out.append(self.shares_record())
+        if self.state.changed:
+            self.state.changed = False
+            out.append(wire.encoder.encode(wire.WarmupCounts(dict(self.state.warm))))
+        return out
 
     def tick(self, force: bool = False) -> None:
         self.guardrails.flush()
         self.state.save(time.time(), force)
         if self.log is not None:
             self.log.flush()
+        mono = time.monotonic()
+        if self.shares is not None and (force or mono - self.shares_at >= SHARE_EVERY):
+            self.shares_at = mono  # a failure (an outage) keeps the last shares
+            if self.shares.refresh():
+                self.shares_changed = True
 
     def close(self) -> None:
         self.tick(force=True)
         if self.log is not None:
             self.log.close()
             self.log = None
+        if self.shares is not None:
+            with contextlib.suppress(Exception):  # else its lease lapses by itself
+                self.shares.leave()
+            self.shares = None

@@ -216,6 +216,8 @@ class ProviderQueue:
         *,
         workers: int,
         horizon: float,
+        conns: int | None = None,
+        nodes: int = 1,
         count: Callable[..., None] | None = None,
         events: list[dict[str, Any]] | None = None,
     ) -> None:
@@ -231,10 +233,12 @@ class ProviderQueue:
         self.pending: collections.deque[Envelope] = collections.deque()
         self.campaign_of: dict[int, int] = {}  # first tag id -> campaign (batching)
         self.throttles: dict[int, int] = {}
-        self.limit_max = max(1, math.ceil(transport.spec.max_connections / self.workers))
+        self.limit_max = max(1, math.ceil((conns or transport.spec.max_connections) / self.workers))
         self.limit = self.limit_max
         self.bucket: Gcra | None = None
         self.rate_max = 0.0
+        self.nodes = max(1, nodes)  # nodes sending through this transport (shared spool)
+        self.quota = 0.0  # the account's rate read from the provider (0: none read)
         self.set_rate(transport.rate_hint)
         self.paused_until = 0.0
         self.backoff = MIN_PAUSE
@@ -248,6 +252,26 @@ class ProviderQueue:
     @property
     def active(self) -> int:
         return self.nconn
+
+    def set_conns(self, total: int) -> None:
+        """This node's share of the transport's max_connections changed (other
+        nodes came or went): this worker's part of it. Requests over it finish."""
+        new = max(1, math.ceil(total / self.workers))
+        full = self.limit >= self.limit_max
+        self.limit_max = new
+        self.limit = new if full else min(self.limit, new)
+        if self.ready and self.pending:
+            self.pump()
+
+    def set_nodes(self, n: int) -> None:
+        """``n`` nodes now send through this transport: a rate read from the
+        provider (the account's, one for every node) is split among them."""
+        n = max(1, n)
+        if n == self.nodes:
+            return
+        self.nodes = n
+        if self.quota > 0:
+            self.set_rate(self.quota / n)
 
     def set_rate(self, rate_all: float) -> None:
         """The transport's rate across workers (0: none); this worker's share."""
@@ -355,8 +379,11 @@ class ProviderQueue:
             self.count("provider_setup_failed")
             del e
         if self.transport.rate_hint and self.bucket is None:
-            self.set_rate(self.transport.rate_hint)
-            self._event("rate from provider quota", rate=self.rate_max)
+            # The account's rate (SES: MaxSendRate) holds for every node
+            # together: each node takes its part (set_nodes), each worker its own.
+            self.quota = self.transport.rate_hint
+            self.set_rate(self.quota / self.nodes)
+            self._event("rate from provider quota", rate=self.rate_max, nodes=self.nodes)
         self.ready = True
         self.pump()
 

@@ -10,6 +10,9 @@ a :class:`~fastsend.delivery.pool.SiteQueue` that submits to one host.
   transport (environment or 0600 file, fastsend.config.transports).
 - Limits: ``max_connections`` and ``rate`` (messages/s) are the relay's,
   across all workers: each worker's lanes (one per source IP) get their share.
+  On a shared spool both span the nodes: the rate is one bucket in Redis
+  (fastsend.queue.shaping), the connections are split among the live nodes
+  (fastsend.shared_limits.ConnectionShares), each node's part of them here.
 
 The connections themselves are the SiteQueue's (pipelined, reused,
 shaped); this module only builds their settings.
@@ -43,10 +46,14 @@ def connect_options(spec: TransportSpec) -> dict[str, Any]:
     return opts
 
 
-def limits(spec: TransportSpec, workers: int, ips: int, per_connection: int) -> Limits:
-    """This worker's share of the relay's limits, per lane (source IP)."""
+def limits(
+    spec: TransportSpec, workers: int, ips: int, per_connection: int, total: int | None = None
+) -> Limits:
+    """This worker's share of the relay's limits, per lane (source IP).
+    ``total``: this node's connections to the relay when several nodes share
+    its ``max_connections`` (wire.TransportShares), else the whole of it."""
     share = max(1, workers) * max(1, ips)
-    conns = max(1, math.ceil(spec.max_connections / share))
+    conns = max(1, math.ceil((total or spec.max_connections) / share))
     rates: tuple[tuple[float, int], ...] = ()
     if spec.rate > 0:
         r = spec.rate / share
