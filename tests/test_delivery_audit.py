@@ -633,3 +633,73 @@ def test_a_killed_workers_window_counts_as_an_attempt_of_unknown_outcome(
         assert delivered[e["rcpt"]] >= e["attempt"] + 1, e
     for rcpt, n in got.items():
         assert delivered[rcpt] >= n, (rcpt, n, delivered[rcpt])
+
+
+def test_a_tenant_under_a_low_rate_does_not_hold_back_other_tenants(tmp_path: Path) -> None:
+    """``fastsend serve`` with one worker whose window takes 200 messages, and a
+    tenant limited to 5 messages/s (``[shaping.dispatch] tenants``): that
+    tenant's 1,000-recipient campaign, then another tenant's 20 recipients.
+    The second tenant's mail goes at once (the first one's rate-held mail keeps
+    only 10 s of its rate in the window, the rest waits in the queue, due at
+    its rate), while most of the first campaign is still to send. Before: the
+    held mail filled the window and the other tenant waited until the slow
+    campaign's last message was claimed (200 s here; 20,000 recipients: an
+    hour)."""
+    import json
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import free_port
+    from tests._engine_helpers import fastsend_cmd, sink_log
+
+    spool = tmp_path / "spool"
+    keys = {}
+    for tenant in ("slow", "acme"):
+        r = run_fastsend("apikey", "create", "--tenant", tenant, "--spool", str(spool))
+        assert r.returncode == 0, r.stderr
+        keys[tenant] = r.stdout.strip()
+    log = tmp_path / "sink.jsonl"
+    port = free_port()
+    with SinkProcess("--log", str(log)) as sink:
+        cfg = tmp_path / "serve.toml"
+        cfg.write_text(
+            f'[spool]\ndir = "{spool}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+            f'[workers]\ncount = 1\n[delivery]\ntls = "off"\nwindow = 200\n'
+            f'[routes]\n"*" = "{sink.host}:{sink.port}"\n'
+            "[shaping.dispatch]\ntenants = { slow = 5 }\n"
+        )
+        proc = subprocess.Popen(fastsend_cmd("serve", "-c", str(cfg)), stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            while "ready in" not in (line := proc.stderr.readline()):
+                assert line, "serve exited"
+
+            def post(tenant: str, rcpts: list[str]) -> None:
+                body = {"name": tenant, "template": {"from": "a@example.com", "subject": "Hi",
+                                                     "text": "Dear {{ email }}"},
+                        "recipients": [{"email": r} for r in rcpts]}  # fmt: skip
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/campaigns", data=json.dumps(body).encode(),
+                    headers={"Authorization": "Bearer " + keys[tenant],
+                             "Content-Type": "application/json"},
+                )  # fmt: skip
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    assert r.status == 201
+
+            post("slow", [f"b{i}@d{i % 7}.example" for i in range(1000)])
+            time.sleep(1.0)  # the slow tenant's mail fills the window
+            small = {f"s{i}@x{i % 3}.example" for i in range(20)}
+            post("acme", sorted(small))
+            deadline = time.monotonic() + 60  # the counterfactual: 200 s
+            while True:
+                got = {r for m in sink_log(log) for r in m["recipients"]}
+                if small <= got:
+                    break
+                assert time.monotonic() < deadline, f"{len(small & got)} of 20 delivered"
+                time.sleep(0.2)
+            assert len(got - small) < 500, len(got - small)  # the slow campaign goes on at 5/s
+        finally:
+            proc.terminate()
+            proc.wait(60)

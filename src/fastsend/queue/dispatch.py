@@ -8,6 +8,7 @@ a worker (spec or message too large for a ring) is bounced here.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
@@ -21,6 +22,7 @@ STATUS_TTL = 0.5  # s a campaign's status is trusted before rate-held mail is ch
 WITHDRAW_EVERY = 1.0  # s between checks of the windows against a list with no version()
 WITHDRAW_GAP = 0.25  # s at least between two checks of the windows (a list written often)
 FEED_ROOM = 2000  # open room that asks the feeder for its next chunk (accept.CHUNK rows)
+HOLD_HORIZON = 10.0  # s of a rate's worth kept rate-held in a window (the rest requeued)
 BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that follow
 
 
@@ -439,9 +441,51 @@ class Dispatch(SupervisorState):
                 out[key] = items if n == len(items) else items[:n]
             if n < len(items):
                 slot.held[key] = items[n:]
+        if slot.held:
+            self.trim_held(slot)
         if was_held and out and self.config.delivery.check_suppression:
             out = self.rescreen(slot, out)
         return out
+
+    def trim_held(self, slot: WorkerSlot) -> None:
+        """Keep rate-held mail to what its rates let go within HOLD_HORIZON s; the
+        rest goes back to the queue unattempted, due at the campaign's rate from
+        then on (``hold_next``). Held mail fills the window: a campaign or tenant
+        under a low rate would otherwise hold every window, and mail of other
+        campaigns and tenants accepted after it would wait until its last
+        message was claimed (20,000 at 5/s: an hour)."""
+        gate = self.shaping.gate
+        now = time.time()
+        nxt = self.hold_next
+        if len(nxt) > 10_000:
+            for cid in [c for c, t in nxt.items() if t < now]:
+                del nxt[cid]
+        by_campaign: dict[int, list[tuple[int, str]]] = {}
+        for key in slot.held:
+            by_campaign.setdefault(key[0], []).append(key)
+        inflight = slot.inflight
+        out = self.requeues
+        for cid, keys in by_campaign.items():
+            rate = min(gate.rate_of(cid, k[1]) for k in keys)
+            if rate <= 0:
+                continue
+            budget = max(1, math.ceil(rate * HOLD_HORIZON))  # kept, over all its domains
+            if sum(len(slot.held[k]) for k in keys) <= budget:
+                continue
+            at = max(nxt.get(cid, 0.0), now + HOLD_HORIZON)
+            step = 1.0 / rate
+            n = 0
+            for k in keys:
+                items = slot.held[k]
+                mine = min(len(items), max(1, budget // len(keys)))
+                slot.held[k] = items[:mine]
+                for c in items[mine:]:
+                    if inflight.pop(c.id, None) is not None:
+                        out.append((c.id, at))
+                        at += step
+                        n += 1
+            nxt[cid] = at
+            self.stats.handed_back += n
 
     def rescreen(
         self, slot: WorkerSlot, groups: dict[tuple[int, str], list[Claimed]]

@@ -181,6 +181,14 @@ class DispatchGate:
         self.routed[key] = b
         return b
 
+    def rate_of(self, campaign: int, domain: str = "") -> float:
+        """The lowest rate (messages/s) of the buckets ``campaign``'s mail to
+        ``domain`` passes (0.0: none)."""
+        bs = self._buckets(campaign)
+        if self.transport_rates and (tb := self.transport_bucket(campaign, domain)) is not None:
+            bs = (*bs, tb)
+        return min((float(b.rate) for b in bs), default=0.0)
+
     def admit(self, campaign: int, n: int, now: float, domain: str = "") -> int:
         """How many of ``n`` messages of ``campaign`` (to ``domain``) may be
         dispatched now (consumed)."""

@@ -180,6 +180,7 @@ class SupervisorState:
     results: list[Result]
     results_since: float  # monotonic time the oldest unwritten outcome was seen (0: none)
     requeues: list[tuple[int, float]]  # handed back: (id, next_at)
+    hold_next: dict[int, float]  # campaign -> when its next rate-held message requeued is due
     event_buf: list[Any]  # event dicts and DeliveredRows batches, in order
     # the events the webhook outbox wants, written with the outcomes (None: none)
     outbox_filter: Callable[[dict[str, Any]], bool] | None

@@ -100,6 +100,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.results: list[Result] = []
         self.results_since = 0.0
         self.requeues: list[tuple[int, float]] = []  # handed back: (id, next_at)
+        self.hold_next: dict[int, float] = {}  # campaign -> next due of its requeued held mail
         self.event_buf: list[Any] = []  # event dicts and DeliveredRows batches
         self.outbox_filter: Callable[[dict[str, Any]], bool] | None = None
         self.draining = False
