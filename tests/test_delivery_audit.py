@@ -650,8 +650,9 @@ def test_a_tenant_under_a_low_rate_does_not_hold_back_other_tenants(tmp_path: Pa
     import time
     import urllib.request
 
-    from conftest import free_port
     from tests._engine_helpers import fastsend_cmd, sink_log
+
+    from conftest import free_port
 
     spool = tmp_path / "spool"
     keys = {}
