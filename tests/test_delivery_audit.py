@@ -704,3 +704,34 @@ def test_a_tenant_under_a_low_rate_does_not_hold_back_other_tenants(tmp_path: Pa
         finally:
             proc.terminate()
             proc.wait(60)
+
+
+def test_a_redis_password_is_never_printed_by_send_or_its_resume_hint(tmp_path: Path) -> None:
+    """``fastsend send --spool redis://:PASSWORD@...`` (a Redis with
+    ``requirepass``): the summary names the spool without the password, and
+    so does the ``fastsend resume`` command printed when a signal stops it
+    (``****`` where the password was: logs and CI output are no place for
+    it). Before: the JSON summary carried the URL as given, password and all."""
+    import argparse
+
+    from tests._redis_helpers import start_redis
+
+    from fastsend.commands.common import resume_command
+
+    secret = "s3cret-" + tmp_path.name[-6:]
+    with start_redis("--requirepass", secret) as rs, SinkProcess() as sink:
+        url = f"redis://:{secret}@127.0.0.1:{rs.port}/0?node=a&dir={tmp_path / 'local'}"
+        camp = write_campaign(tmp_path)
+        lst = _list(tmp_path, ["a@example.com", "b@example.com"])
+        r = run_fastsend("send", str(camp), "-r", str(lst), "--no-dkim", "--spool", url,
+                         "--route", f"*={sink.host}:{sink.port}", "--workers", "1", "--json",
+                         "--no-progress", "--max-wait", "0")  # fmt: skip
+        s = summary(r)
+        assert s["delivered"] == 2, (s, r.stderr[-2000:])
+        assert secret not in r.stdout + r.stderr
+        assert s["spool"].startswith("redis://:****@127.0.0.1:")
+    args = argparse.Namespace(config=None, spool=url, route=["*=127.0.0.1:25"], source_ip=None,
+                              helo=None, retry=None, workers=None, nameserver=[],
+                              max_wait=300.0)  # fmt: skip
+    hint = resume_command(args)
+    assert secret not in hint and "redis://:****@127.0.0.1:" in hint, hint

@@ -128,6 +128,22 @@ def print_summary(summary: dict[str, object], as_json: bool) -> None:
     )
 
 
+def redact_url(url: str) -> str:
+    """A spool URL fit to print: a Redis password (``redis://:PW@host``,
+    ``redis://user:PW@host``) as ``****``; anything else as it is."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:****@{host}"))
+
+
 def resume_command(args: argparse.Namespace) -> str:
     """The ``fastsend resume`` command line that continues this run: the same
     config, spool and engine options (routes, source IPs... are not kept in the
@@ -139,8 +155,9 @@ def resume_command(args: argparse.Namespace) -> str:
     cmd = ["fastsend", "resume"]
     if args.config:
         cmd += ["-c", os.path.abspath(args.config)]
-    if args.spool:
-        cmd += ["--spool", args.spool if is_redis_url(args.spool) else os.path.abspath(args.spool)]
+    if args.spool:  # a Redis password is never printed: the operator puts it back
+        cmd += ["--spool", redact_url(args.spool) if is_redis_url(args.spool)
+                else os.path.abspath(args.spool)]  # fmt: skip
     for r in args.route:
         cmd += ["--route", r]
     for flag, value in (("--source-ip", args.source_ip), ("--helo", args.helo),

@@ -28,6 +28,7 @@ from fastsend.commands.common import (
     hold_supervisor,
     open_suppression,
     print_summary,
+    redact_url,
     stopped_by_signal,
 )
 
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if suppression is not None:
         suppression.close()
     summary["recovered_inflight"] = recovered
-    summary["spool"] = spool_url
+    summary["spool"] = redact_url(spool_url)  # no Redis password in the output
     summary["rows_never_accepted"] = lost
     summary["rows_abandoned"] = abandoned
     unfinished = [

@@ -29,6 +29,7 @@ from fastsend.commands.common import (
     hold_supervisor,
     open_suppression,
     print_summary,
+    redact_url,
     stopped_by_signal,
 )
 
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         code = 1
-    summary["spool"] = spool_url
+    summary["spool"] = redact_url(spool_url)  # no Redis password in the output
     summary["rejected_rows"] = len(bad)
     summary["ingest"] = {"job": job.id, "rows": job.total, "left": rows_left(job_now)}
     print_summary(summary, args.json)
