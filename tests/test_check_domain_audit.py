@@ -476,3 +476,27 @@ def test_record_split_into_separate_txt_records_is_named(
     assert spf.fix == 'example.test. IN TXT "v=spf1 ip4:127.0.0.2 include:_spf.esp.test -all"'
     dk = got["DKIM s1"]
     assert dk.status == "fail" and "one TXT record" in dk.detail, dk
+
+
+def test_an_internationalised_domain_is_checked_in_a_labels(dns_server: DNSServer) -> None:
+    """`check-domain bücher.example`: DNS holds the name in A-labels. Before, the
+    U-label domain made its own DMARC rua look external (a false warning with an
+    authorisation record to publish) and the records printed carried U-labels,
+    which are not zone-file names."""
+    a = "xn--bcher-kva.example"
+    dns_server.set_zones({
+        a: [("MX", f"10 mx.{a}."), ("TXT", "v=spf1 ip4:127.0.0.2 -all")],
+        f"mx.{a}": [("A", "127.0.0.2")],
+        f"_dmarc.{a}": [("TXT", f"v=DMARC1; p=reject; rua=mailto:d@{a}")],
+    })  # fmt: skip
+    from fastsend.authcheck import report
+
+    for given in ("bücher.example", "BÜCHER.example.", a):
+        checks = check_domain(given, ["127.0.0.2"], nameservers=[dns_server.nameserver])
+        doc = report(given, checks)
+        assert doc["domain"] == a, doc
+        got = {c["name"]: c for c in doc["checks"]}
+        assert got["DMARC"]["status"] == "pass", got["DMARC"]
+        assert got["SPF"]["status"] == "pass"
+        assert doc["records"] and all(r.isascii() for r in doc["records"]), doc["records"]
+        assert f"2.0.0.127.in-addr.arpa. IN PTR out.{a}." in doc["records"]

@@ -137,3 +137,31 @@ def test_one_is_ip_for_the_checks() -> None:
     assert mx.is_ip is hostname.is_ip and spf.is_ip is hostname.is_ip
     assert hostname.is_ip("192.0.2.1.") and hostname.is_ip("2001:db8::1")
     assert not hostname.is_ip("mx.example.com") and not hostname.is_ip("")
+
+
+def test_nameservers_that_never_answer_are_waited_for_once() -> None:
+    """check-ip over a pool of IPs (and check-domain) with a nameserver that
+    never answers: before, every lookup waited out its own timeout (one query, or
+    more, per IP: minutes over a pool); now the first timeout fails the rest at
+    once, each a failure that says the lookup failed, with nothing to publish."""
+    import socket
+
+    from fastsend.authcheck.ptr import check_ptr
+
+    quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    quiet.bind(("127.0.0.1", 0))
+    quiet.setblocking(False)
+    try:
+        look = make_lookup([f"127.0.0.1:{quiet.getsockname()[1]}"], 0.5, 0.5)
+        checks = [check_ptr(f"127.0.0.{i}", "example.test", look) for i in range(2, 12)]
+        asked = 0
+        while True:
+            try:
+                quiet.recv(4096)
+            except BlockingIOError:
+                break
+            asked += 1
+    finally:
+        quiet.close()
+    assert all(c.status == "fail" and "failed" in c.detail and not c.fix for c in checks)
+    assert 1 <= asked <= 3, asked  # one lookup (and its retries), not one per IP

@@ -204,3 +204,18 @@ def test_choose_without_dns_many_pool_ips() -> None:
     assert names.by_ip["127.0.1.7"] == "mta1.example.net" and not names.warnings
     assert address_literal("2001:db8::7") == "[IPv6:2001:db8::7]"
     assert address_literal("::ffff:127.0.0.2") == "[127.0.0.2]"
+
+
+def test_a_ptr_name_that_is_not_fully_qualified_is_not_said(dns_server: DNSServer) -> None:
+    """A forward-confirmed PTR name like `localhost` (a reverse zone copied from
+    /etc/hosts) is no EHLO name: the IP falls to the next step, with a warning."""
+    dns_server.set_zones({
+        "2.0.0.127.in-addr.arpa": [("PTR", "localhost.")], "localhost": [("A", "127.0.0.2")],
+        "3.0.0.127.in-addr.arpa": [("PTR", "Out3.Example.Test.")],
+        "out3.example.test": [("A", "127.0.0.3")],
+    })  # fmt: skip
+    c = cfgmod.from_dict({"dns": {"nameservers": [dns_server.nameserver]},
+                          "ips": {"source": ["127.0.0.2", "127.0.0.3"]}})  # fmt: skip
+    names = ehlo.choose(c, hostname="vm")
+    assert names.by_ip == {"127.0.0.2": "[127.0.0.2]", "127.0.0.3": "out3.example.test"}
+    assert any("'localhost' is not fully qualified" in w for w in names.warnings), names.warnings

@@ -79,6 +79,7 @@ class _Lookup:
     resolver: dns.resolver.Resolver
     errors: list[str] = field(default_factory=list)
     cache: dict[tuple[str, str], list[str] | DnsTempError] = field(default_factory=dict)
+    down: str = ""  # set once no server answered a lookup in time: later ones fail at once
 
     def query(self, name: str, rtype: str) -> list[str]:
         """Answers as text, [] for NXDOMAIN/NODATA; raises DnsTempError on failure."""
@@ -92,10 +93,18 @@ class _Lookup:
         return list(hit)
 
     def _ask(self, name: str, rtype: str) -> list[str] | DnsTempError:
+        if self.down:
+            return DnsTempError(self.down)
         try:
             ans = self.resolver.resolve(name + ".", rtype, raise_on_no_answer=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
+        except dns.exception.Timeout as exc:
+            # No server answered within a lookup's lifetime: the next lookups would
+            # each wait as long (minutes over a pool of IPs) for the same failure.
+            self.errors.append(f"{name} {rtype}: {exc}")
+            self.down = f"not asked: the nameservers did not answer an earlier lookup ({exc})"
+            return DnsTempError(str(exc))
         except (dns.exception.DNSException, OSError, ValueError) as exc:
             self.errors.append(f"{name} {rtype}: {exc}")
             return DnsTempError(str(exc))

@@ -31,6 +31,7 @@ from fastsend.authcheck.ptr import (
 from fastsend.authcheck.spf_check import (
     check_spf,
 )
+from fastsend.hostname import host_name
 
 
 def check_domain(
@@ -45,9 +46,12 @@ def check_domain(
     """All checks for ``domain``; ``keys`` are (selector, private-key path) pairs for
     ``dkim_domain`` (default: ``domain``); ``ehlo`` maps a source IP to the name said
     in EHLO from it (checked in its ``PTR`` check)."""
-    domain = domain.lower().rstrip(".")
-    rp = (return_path_domain or domain).lower().rstrip(".")
-    dd = (dkim_domain or domain).lower().rstrip(".")
+    # An internationalised domain in A-labels, as DNS holds it: in U-labels the
+    # DMARC rua/ruf of the same domain looked external, and the records to publish
+    # were not valid zone-file names.
+    domain = _a_labels(domain)
+    rp = _a_labels(return_path_domain or domain)
+    dd = _a_labels(dkim_domain or domain)
     look = make_lookup(nameservers)
     checks = [check_mx(domain, look)]
     if rp != domain:
@@ -72,11 +76,15 @@ def check_domain(
     return checks
 
 
+def _a_labels(domain: str) -> str:
+    return host_name(domain) or domain.lower().rstrip(".")
+
+
 def report(domain: str, checks: Sequence[Check]) -> dict[str, Any]:
     """The ``--json`` document (schema in the module docstring)."""
     summary = {s: sum(c.status == s for c in checks) for s in (PASS, WARN, FAIL)}
     worst = max((c.status for c in checks), key=_RANK.__getitem__, default=PASS)
-    d = domain.lower().rstrip(".")
+    d = _a_labels(domain)
     records = [line for c in checks if c.status != PASS for line in c.fix.splitlines()]
     return {
         "schema": 1,

@@ -112,11 +112,13 @@ def run(args: argparse.Namespace) -> int:
         except (ConfigError, OSError) as exc:
             print(f"check-domain: {exc}", file=sys.stderr)
             return 2
-        dd = (args.dkim_domain or args.domain).lower().rstrip(".")
+        from fastsend.hostname import host_name
+
+        dd = host_name(args.dkim_domain or args.domain)
         ips = ips or node_ips(cfg)
         all_keys = [*cfg.dkim, *(k for t in (cfg.tenants or {}).values() for k in t.keys)]
         keys = keys or list(dict.fromkeys(
-            (k.selector, k.entry(cfg.base_dir)["key"]) for k in all_keys if k.domain == dd
+            (k.selector, k.entry(cfg.base_dir)["key"]) for k in all_keys if host_name(k.domain) == dd
         ))  # fmt: skip
         nameservers = nameservers or list(cfg.dns.nameservers)
         # what the workers say (fastsend.delivery.ehlo): the pool address's ehlo, else

@@ -151,9 +151,11 @@ def choose(
                                 + (f" ({', '.join(value)})" if value else "") + f"; {FIX}")
             continue
         kind, value = result(ip)
-        if kind == "ok" and value[0]:
-            out.by_ip[ip] = value[0]  # the forward-confirmed PTR name
+        if kind == "ok" and value[0] and is_fqdn(value[0]):
+            out.by_ip[ip] = host_name(value[0])  # the forward-confirmed PTR name
             continue
+        if kind == "ok" and value[0]:
+            kind, value = "ok", (None, f"its PTR name {value[0]!r} is not fully qualified")
         why = value[1] if kind == "ok" else value
         if host_ok and not kind:  # no DNS to check with: this host's name, as Postfix says
             out.by_ip[ip] = host
