@@ -288,6 +288,52 @@ def test_2_another_tenants_from_domain_is_refused(served: Served) -> None:
     asyncio.run(smtp())
 
 
+@pytest.mark.parametrize(
+    ("head", "status", "named"),
+    [
+        # A bare CR is a line end on the wire (the worker makes it CRLF): a second From.
+        ("From: <x@evil.example>\r\nX-A: a\rFrom: <ceo@acme.example>\r\n", 403, "acme.example"),
+        ("From: <x@evil.example>\r\nSender: <ceo@acme.example>\r\n", 403, "acme.example"),
+        ("From: <x@evil.example>\r\nResent-From: <ceo@Acme.Example.>\r\n", 403, "acme.example"),
+        ("From: <x@evil.example>\r\nRESENT-SENDER: ceo@mail.acme.example\r\n", 403,
+         "mail.acme.example"),
+        ("From: <x@evil.example>\r\nX-A: a\0From: <ceo@acme.example>\r\n", 400, "NUL"),
+        ("X-A: no author\r\n", 400, "no From"),
+    ],
+    ids=["from-behind-bare-cr", "sender", "resent-from", "resent-sender", "nul", "no-from"],
+)  # fmt: skip
+def test_2_author_and_sender_fields_are_judged_as_sent(
+    served: Served, sink: SinkThread, head: str, status: int, named: str
+) -> None:
+    """Raw MIME's From, Sender, Resent-From, Resent-Sender at another tenant's domain,
+    also a From that only a bare CR separates from the field before it, are refused
+    (API: 403/400 naming raw; submission: 550); nothing reaches the sink."""
+    marker = f"hidden-{abs(hash(head))}"
+    raw = f"{head}To: <r@example.org>\r\nSubject: {marker}\r\n\r\nbody\r\n"
+    st, out = served.req("POST", "/v1/messages",
+                         {"from": "x@evil.example", "to": "r@example.org", "raw": raw})  # fmt: skip
+    assert st == status, out
+    assert out["error"]["field"] == "message.raw" and named in out["error"]["message"], out
+
+    async def smtp() -> None:
+        c = await smtp_session(served, "evil", PASSWORD)
+        try:
+            with pytest.raises(aiosmtplib.SMTPResponseException) as e:
+                await c.sendmail("x@evil.example", ["r@example.org"], raw.encode())
+            assert e.value.code >= 500, e.value
+        finally:
+            c.close()
+
+    asyncio.run(smtp())
+    # The tenant's own Sender is fine, and what was refused never went out.
+    ok = f"From: <x@evil.example>\r\nSender: <s@mail.evil.example>\r\nSubject: {marker}-ok\r\n\r\nb\r\n"
+    st, out = served.req("POST", "/v1/messages",
+                         {"from": "x@evil.example", "to": "r@example.org", "raw": ok})  # fmt: skip
+    assert st == 202, out
+    sink_message(sink, f"{marker}-ok".encode())
+    assert not any(f"{marker}\r\n".encode() in m.data for m in list(sink.messages))
+
+
 def test_2_dkim_key_is_chosen_by_tenant_and_domain(served: Served, sink: SinkThread) -> None:
     txt = orjson.loads((served.tmp / "dkim.json").read_bytes())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 from collections.abc import Iterator
 from itertools import chain, islice
@@ -516,6 +517,9 @@ def _jsonl_batches(
         if not isinstance(obj, dict):
             bad.append(BadRow(line, "a JSON line must be an object with an 'email' key"))
             continue
+        if text.count(":") > _keys(obj) and (twice := _key_twice(text)) is not None:
+            bad.append(BadRow(line, f"invalid JSON: the key {twice[:64]!r} appears twice"))
+            continue
         obj = {k: v for k, v in obj.items() if v is not None}  # a null is no value (text_vars)
         email = obj.pop("email", None)
         if not isinstance(email, str):
@@ -541,6 +545,46 @@ def _jsonl_batches(
             rows, lines, bad = [], [], []
             limit = size
     yield Batch(rows, lines, bad, last, True)
+
+
+def _keys(v: object) -> int:
+    """How many keys the parsed JSON value holds, nested objects included."""
+    if isinstance(v, dict):
+        return len(v) + sum(_keys(x) for x in v.values() if isinstance(x, dict | list))
+    if isinstance(v, list):
+        return sum(_keys(x) for x in v if isinstance(x, dict | list))
+    return 0
+
+
+class _Twice(Exception):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise _Twice(k)
+        seen.add(k)
+
+
+def _key_twice(text: str) -> str | None:
+    """The first key named twice in one object of a JSON line, or None. A row naming
+    a key twice means two things (RFC 8259 4; I-JSON, RFC 7493 2.3, MUST NOT): orjson
+    keeps the last, a spreadsheet or the sender's own tools may read the first.
+    Asked only when the line has more colons than the parsed row has keys (each key
+    is followed by one; a value's text may hold more), so a plain row costs a count."""
+    try:
+        json.loads(text, object_pairs_hook=_pairs, parse_int=_none, parse_float=_none)
+    except _Twice as e:
+        return str(e.args[0])
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
+def _none(_text: str) -> None:
+    return None
 
 
 def text_vars(obj: dict[str, Any]) -> dict[str, str]:

@@ -401,19 +401,22 @@ class Suppressions:
             raise SuppressionError(f"{p}: {e}") from None
 
     def export_csv(self, *, tenant: str | None = DEFAULT_TENANT) -> str:
-        """CSV with header address,reason,source,created,expires (what import reads)."""
+        """CSV with header address,reason,source,created,expires,tenant (what import
+        reads). Text cells are guarded (:func:`cell_guard`): an address such as
+        ``=HYPERLINK(...)@x.example`` (a valid local part) or a source named by a
+        feedback report is never read as a formula by a spreadsheet."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["address", "reason", "source", "created", "expires", "tenant"])
         for e in self.list(tenant=tenant):
             w.writerow(
                 [
-                    e.address,
-                    e.reason,
-                    e.source,
+                    cell_guard(e.address),
+                    cell_guard(e.reason),
+                    cell_guard(e.source or ""),
                     f"{e.created:.3f}",
                     "" if e.expires is None else f"{e.expires:.3f}",
-                    e.tenant,
+                    cell_guard(e.tenant),
                 ]
             )
         return buf.getvalue()
@@ -532,6 +535,24 @@ class _Tx:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+# A cell a spreadsheet reads as a formula (or as a comment line, for '#': the
+# importer skips those): =, +, -, @, TAB, CR (OWASP "CSV injection").
+_FORMULA = re.compile(r"'*[=+\-@\t\r#]")
+
+
+def cell_guard(value: str) -> str:
+    """``value`` with a ``'`` in front when a spreadsheet would read it as a formula
+    (it starts with = + - @ TAB CR, or with quotes before one; '#' too, which the
+    importer reads as a comment): spreadsheets show the text and drop the quote.
+    :func:`cell_unguard` takes it off again, so an export imports as it was."""
+    return "'" + value if _FORMULA.match(value) else value
+
+
+def cell_unguard(value: str) -> str:
+    """The value :func:`cell_guard` was given (a cell it did not change is as it was)."""
+    return value[1:] if value[:1] == "'" and _FORMULA.match(value, 1) else value
+
+
 def _read_rows(
     text: str, reason: str, source: str
 ) -> Iterator[tuple[int, str, str, str, float | None]]:
@@ -548,7 +569,10 @@ def _read_rows(
             if not seen_header:
                 seen_header = True
                 continue
-            cells = {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
+            cells = {
+                h: (cell_unguard(row[i].strip()) if i < len(row) else "")
+                for i, h in enumerate(header)
+            }
             if col >= len(row):
                 raise SuppressionError(f"line {lineno}: missing address column")
             exp_text = cells.get("expires", "")
@@ -558,7 +582,7 @@ def _read_rows(
                 raise SuppressionError(f"line {lineno}: bad expires {exp_text!r}") from None
             yield (
                 lineno,
-                row[col].strip(),
+                cell_unguard(row[col].strip()),
                 cells.get("reason") or reason,
                 cells.get("source", source),
                 exp,

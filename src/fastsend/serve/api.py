@@ -33,11 +33,9 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from fastsend.accept import header_sources
 from fastsend.config import Config
 from fastsend.config.serve import ApiSettings
 from fastsend.config.tenants import norm_domain, under
-from fastsend.message.template import Template
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext
 from fastsend.serve.eventindex import EventIndex
@@ -307,18 +305,6 @@ def check_envelope(request: web.Request, spec: dict[str, Any], where: str) -> No
             tenants.check_from(tenant, domain)
         except TenantDomainError as e:
             raise ApiError(403, f"{where}.{key}: {e}", f"{where}.{key}") from None
-
-
-def header_variables(camp: Any) -> frozenset[str]:
-    """The variables a campaign puts into header fields (subject, headers, To, ...)."""
-    names: set[str] = set()
-    for _key, src in header_sources(camp.to_dict()):
-        if isinstance(src, str) and "{{" in src:
-            try:
-                names |= Template(src).names
-            except ValueError:
-                pass  # (the campaign's own check reports it)
-    return frozenset(names)
 
 
 def header_break(variables: dict[str, Any], names: frozenset[str]) -> str | None:

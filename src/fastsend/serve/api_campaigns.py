@@ -35,7 +35,7 @@ import orjson
 from aiohttp import web
 
 from fastsend import recipients
-from fastsend.accept import AcceptError, check_campaign
+from fastsend.accept import AcceptError, check_campaign, header_variables
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
@@ -49,7 +49,6 @@ from fastsend.serve.api import (
     check_link_host,
     decode_body,
     header_break,
-    header_variables,
     int_param,
     json_response,
     read_body,
@@ -204,7 +203,7 @@ def _decoded_rows(body: bytes, camp: Campaign) -> list[Any]:
 def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
     rows: list[Any] = []
     needed = camp.variables - {"email", "message_id"}
-    in_headers = header_variables(camp)
+    in_headers = header_variables(camp.to_dict())
     for n, obj in enumerate(items, start=1):
         obj = dict(obj)
         email = obj.pop("email", None)

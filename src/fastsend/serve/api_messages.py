@@ -29,7 +29,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from fastsend.accept import AcceptError, check_campaign
+from fastsend.accept import AcceptError, check_campaign, header_variables
 from fastsend.address import AddressError, normalize
 from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import Campaign, CampaignError
@@ -46,7 +46,6 @@ from fastsend.serve.api import (
     check_link_host,
     decode_body,
     header_break,
-    header_variables,
     int_param,
     json_response,
     read_body,
@@ -56,6 +55,7 @@ from fastsend.serve.api import (
     tenant_template,
 )
 from fastsend.serve.idempotency import accept_rows, idempotent
+from fastsend.serve.senders import header_nul, sender_domains
 from fastsend.tenants import domain_of
 
 MAX_TAGS = 20
@@ -134,7 +134,7 @@ class MessagesHandler:
         if got is None:
             if len(self.in_headers) > 4096:
                 self.in_headers.clear()
-            got = self.in_headers[cid] = header_variables(camp)
+            got = self.in_headers[cid] = header_variables(camp.to_dict())
         return got
 
     def template_campaign(self, request: web.Request, tpl: int | dict[str, Any], where: str) -> Any:
@@ -248,6 +248,14 @@ class MessagesHandler:
             if b"\n\n" not in raw and b"\r\n\r\n" not in raw:
                 raise bad(f"{where}.raw: no blank line between header and body", f"{where}.raw")
             for d in raw_from_domains(raw):  # the From the recipient sees (DKIM, DMARC)
+                check_from_domain(request, d, f"{where}.raw")
+            # Read as it is sent (a bare CR is a line end), with Sender and Resent-*.
+            if header_nul(raw):
+                raise bad(f"{where}.raw: NUL in the header section", f"{where}.raw")
+            has_from, senders = sender_domains(raw)
+            if not has_from:
+                raise bad(f"{where}.raw: no From header field (RFC 5322 3.6)", f"{where}.raw")
+            for _, d in senders:  # the From (and Sender) the recipient sees; DKIM, DMARC
                 check_from_domain(request, d, f"{where}.raw")
             return orjson.dumps({"raw": base64.b64encode(raw).decode(), "mail_from": from_addr})
         if m.subject is None:

@@ -99,12 +99,12 @@ from fastsend import msgid
 from fastsend.bounce import BounceRecord, parse_bounce
 from fastsend.config import Config
 from fastsend.config.serve import IntakeSettings, ListenerLimits, SubmissionSettings, listen_pairs
-from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
 from fastsend.serve.parsepool import ParsePool
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
+from fastsend.serve.senders import header_nul, sender_domains
 from fastsend.smtp.server import _BDAT as _BDAT_MODE
 from fastsend.smtp.server import _DATA as _DATA_MODE
 from fastsend.smtp.server import (
@@ -510,12 +510,16 @@ class _Submission(_Policy):
             return 535, "5.7.8", "Authentication credentials no longer valid"
         tenants = self.ctx.tenants
         if tenants is not None and tenants.configured:
-            domains = raw_from_domains(ev.data)
-            if not domains:
+            if header_nul(ev.data):
+                return 550, "5.6.0", "NUL in the header section"
+            has_from, senders = sender_domains(ev.data)
+            if not has_from:
                 return 550, "5.7.1", "Message has no From address"
-            for d in [*domains, ev.mail_from.rpartition("@")[2].lower()]:
-                if d and not tenants.allows(tenant, d):
-                    return 550, "5.7.1", f"From domain {d} is not one of your sending domains"
+            envelope = ("MAIL FROM", ev.mail_from.rpartition("@")[2].lower())
+            for field, d in [*senders, envelope]:
+                if (d or field != "MAIL FROM") and not tenants.allows(tenant, d):
+                    name = field.title() if field != "MAIL FROM" else field
+                    return 550, "5.7.1", f"{name} domain {d} is not one of your sending domains"
         cap = self.cfg.max_spooled_bytes
         if len(ev.data) * 4 // 3 * len(ev.recipients) > cap:  # each row holds the message
             return 552, "5.3.4", "Message size x recipients exceeds the limit; send fewer"

@@ -1,0 +1,100 @@
+"""Session 14's outside audit of serve's hostile input (the attacks on the trust
+boundary itself are in test_hostile_tenant.py):
+
+- a JSON-lines recipient row naming a key twice is refused with its line number
+  (it was last-wins; a JSON body already gets a 400 naming the key): tried by an
+  upload to a running ``fastsend serve`` (``fastsend send`` reads lists with the
+  same reader, fastsend.recipients);
+- ``fastsend suppress export`` writes no cell a spreadsheet reads as a formula
+  (= + - @ TAB CR at the start), and its output imports back as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from tests._serve_helpers import ENV, Served
+
+TPL = {"from": "a@evil.example", "subject": "Hi {{ name }}", "text": "Dear {{ name }}"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    s = Served(tmp_path_factory.mktemp("audit14"), "127.0.0.1:9", serve_args=("--no-workers",))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_ndjson_row_naming_a_key_twice_is_refused_with_its_line(served: Served) -> None:
+    st, got = served.req("POST", "/v1/campaigns", {"name": "dup", "template": TPL,
+                                                   "recipients": []})  # fmt: skip
+    assert st == 201, got
+    cid = got["id"]
+    rows = (
+        b'{"email": "one@example.org", "name": "One"}\n'
+        b'{"email": "two@example.org", "name": "Two", "name": "=cmd|x"}\n'
+        b'{"email": "three@example.org", "name": "Three", "url": "https://x.example:8/a:b"}\n'
+        b'{"email": "four@example.org", "name": "Four", "m": {"k": 1, "k": 2}}\n'
+    )
+    st, got = served.req("POST", f"/v1/campaigns/{cid}/recipients", raw=rows,
+                         headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    assert st == 202, got
+    assert got["accepted"] == 2 and got["rejected"] == 2, got
+    assert [e["row"] for e in got["errors"]] == [2, 4], got
+    assert "'name' appears twice" in got["errors"][0]["error"], got
+    assert "'k' appears twice" in got["errors"][1]["error"], got
+    # A JSON body's recipient list is held to the same rule (a 400 naming the key).
+    st, got = served.req("POST", f"/v1/campaigns/{cid}/recipients",
+                         raw=b'{"recipients": [{"email": "x@example.org", "email": "y@example.org"}]}')  # fmt: skip
+    assert st == 400 and "email" in got["error"]["message"], got
+
+
+def _cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastsend", *args], input=stdin,
+                          capture_output=True, text=True, env=ENV, cwd=cwd, timeout=60)  # fmt: skip
+
+
+# Valid addresses (every character is atext) a spreadsheet would run as formulas.
+FORMULAS = [
+    "=cmd|'/Ccalc'!A0@example.org",
+    "+1+cmd|'/Ccalc'!A0@example.org",
+    "-2+3@example.org",
+    "'=quoted@example.org",
+    "#hash@example.org",
+    "plain@example.org",
+]
+
+
+def test_suppress_export_guards_formulas_and_imports_back(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    out = _cli("suppress", "add", "--spool", str(spool), "--source", "@SUM(A1:A9)", "--",
+               *FORMULAS, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    exported = _cli("suppress", "export", "--spool", str(spool), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    rows = list(csv.reader(io.StringIO(exported.stdout)))
+    assert rows[0][:3] == ["address", "reason", "source"]
+    assert len(rows) == 1 + len(FORMULAS)
+    for row in rows[1:]:
+        for cell in row:
+            assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r"), row
+    # Imported again (into another tenant): the very same addresses and sources.
+    back = _cli("suppress", "import", "-", "--spool", str(spool), "--tenant", "again",
+                stdin=exported.stdout, cwd=tmp_path)  # fmt: skip
+    assert back.returncode == 0, back.stderr
+    assert f"imported {len(FORMULAS)} address(es)" in back.stdout
+    listed = _cli("suppress", "list", "--json", "--spool", str(spool), "--tenant", "again",
+                  cwd=tmp_path)  # fmt: skip
+    entries = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(e["address"] for e in entries) == sorted(FORMULAS)
+    assert {e["source"] for e in entries} == {"@SUM(A1:A9)"}
