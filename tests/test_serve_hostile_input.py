@@ -284,3 +284,40 @@ def test_idn_from_domains_are_judged_as_the_message_carries_them(
         assert sink_message(sink, subject.encode())
     else:
         assert got["error"]["field"] == "message.from"
+
+
+# ------------------------------------------------------------ Resent-From / Resent-Sender
+@pytest.mark.parametrize(
+    ("name", "value", "status"),
+    [
+        ("Resent-From", "ceo@acme.example", 403),
+        ("RESENT-SENDER", "Boss <ceo@mail.Acme.Example.>", 403),
+        ("Resent-From", "me@evil.example, ceo@acme.example", 403),
+        ("Resent-From", "{{ who }}@evil.example", 400),
+    ],
+)
+def test_resent_headers_at_another_tenants_domain_are_refused(
+    served: Served, name: str, value: str, status: int
+) -> None:
+    """Resent-From / Resent-Sender name who sent the message on (mail programs show
+    them): held to the From's rule, in a campaign, a template message and a plain one."""
+    field = f"template.headers.{name}"
+    before = campaign_count(served)
+    st, got = served.req("POST", "/v1/campaigns", campaign({"headers": {name: value}}))
+    assert st == status, got
+    assert got["error"]["field"] == field, got
+    assert status == 400 or "acme.example" in got["error"]["message"], got
+    assert campaign_count(served) == before
+    tpl = campaign({"headers": {name: value}})["template"]
+    st, got = served.req("POST", "/v1/messages", {"to": "r@example.org", "template": tpl})
+    assert st == status and got["error"]["field"] == "message." + field, got
+    plain = {"to": "r@example.org", "from": "e@evil.example", "subject": "s", "text": "t",
+             "headers": {name: value}}  # fmt: skip
+    st, got = served.req("POST", "/v1/messages", plain)
+    assert st == status and got["error"]["field"] == f"message.headers.{name}", got
+
+
+def test_own_resent_headers_are_accepted(served: Served) -> None:
+    st, got = served.req("POST", "/v1/campaigns", campaign(
+        {"headers": {"Resent-From": "Desk <desk@mail.evil.example>"}}, subject="resent-own"))  # fmt: skip
+    assert st == 201, got

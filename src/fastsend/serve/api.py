@@ -292,6 +292,7 @@ def check_envelope(request: web.Request, spec: dict[str, Any], where: str) -> No
     tenants = api.ctx.tenants
     if tenants is None:
         return
+    check_resent_headers(request, spec.get("headers"), where)
     tenant = tenant_of(request)
     intake = norm_domain(api.ctx.config.intake.verp_domain or "")
     for key in ("return_path", "verp_domain"):
@@ -315,6 +316,28 @@ def header_break(variables: dict[str, Any], names: frozenset[str]) -> str | None
         if isinstance(v, str) and ("\r" in v or "\n" in v or "\0" in v):
             return name
     return None
+
+
+RESENT_FIELDS = ("resent-from", "resent-sender")
+
+
+def check_resent_headers(request: web.Request, headers: Any, where: str) -> None:
+    """A ``Resent-From`` or ``Resent-Sender`` header (RFC 5322 3.6.6; mail programs show
+    it as who sent the message on) is held to the From's rule: every address at one of
+    the tenant's domains (403 naming the header), and no placeholder (400: a recipient
+    row would choose the domain)."""
+    if not isinstance(headers, dict) or api_of(request).ctx.tenants is None:
+        return
+    import email.utils
+
+    for name, value in headers.items():
+        if not isinstance(name, str) or name.lower() not in RESENT_FIELDS:
+            continue
+        field = f"{where}.headers.{name}"
+        if not isinstance(value, str) or "{{" in value:
+            raise bad(f"{field}: must be literal addresses (it names the sender)", field)
+        for _, addr in email.utils.getaddresses([value]) or [("", "")]:
+            check_from_domain(request, domain_of(addr) if "@" in addr else "", field)
 
 
 def check_link_host(request: web.Request, spec: dict[str, Any], where: str) -> None:

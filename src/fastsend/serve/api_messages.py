@@ -44,6 +44,7 @@ from fastsend.serve.api import (
     check_envelope,
     check_from_domain,
     check_link_host,
+    check_resent_headers,
     decode_body,
     header_break,
     int_param,
@@ -274,6 +275,7 @@ class MessagesHandler:
         if m.headers:
             for name, value in m.headers.items():
                 _no_crlf(value, f"{where}.headers.{name}")
+            check_resent_headers(request, m.headers, where)
             spec["headers"] = m.headers
         try:
             Campaign.from_dict(_literal(spec))
