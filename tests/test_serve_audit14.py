@@ -4,7 +4,7 @@ boundary itself are in test_hostile_tenant.py):
 - a JSON-lines recipient row naming a key twice is refused with its line number
   (it was last-wins; a JSON body already gets a 400 naming the key): tried by an
   upload to a running ``fastsend serve`` (``fastsend send`` reads lists with the
-  same reader, fastsend.recipients);
+  same reader, fastsend.recipients); so is a row nested too deep (it was a 500);
 - ``fastsend suppress export`` writes no cell a spreadsheet reads as a formula
   (= + - @ TAB CR at the start), and its output imports back as it was.
 """
@@ -56,6 +56,21 @@ def test_ndjson_row_naming_a_key_twice_is_refused_with_its_line(served: Served) 
     st, got = served.req("POST", f"/v1/campaigns/{cid}/recipients",
                          raw=b'{"recipients": [{"email": "x@example.org", "email": "y@example.org"}]}')  # fmt: skip
     assert st == 400 and "email" in got["error"]["message"], got
+
+
+def test_ndjson_row_nested_too_deep_is_a_refused_row_not_a_500(served: Served) -> None:
+    """A value nested 300 levels (orjson reads 1,024, writes 254): the row is refused
+    with its line, the others are spooled (it was a 500, and nothing spooled)."""
+    st, got = served.req("POST", "/v1/campaigns", {"name": "deep", "template": TPL,
+                                                   "recipients": []})  # fmt: skip
+    assert st == 201, got
+    deep = b'{"email": "deep@example.org", "n": ' + b"[" * 300 + b"]" * 300 + b"}\n"
+    rows = b'{"email": "one@example.org", "name": "One"}\n' + deep + b'{"email": "x@example.org"}\n'
+    st, got = served.req("POST", f"/v1/campaigns/{got['id']}/recipients", raw=rows,
+                         headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    assert st == 202, got
+    assert got["accepted"] == 2 and [e["row"] for e in got["errors"]] == [2], got
+    assert "nested deeper than 32 levels" in got["errors"][0]["error"], got
 
 
 def _cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -517,7 +517,11 @@ def _jsonl_batches(
         if not isinstance(obj, dict):
             bad.append(BadRow(line, "a JSON line must be an object with an 'email' key"))
             continue
-        if text.count(":") > _keys(obj) and (twice := _key_twice(text)) is not None:
+        keys, depth = _shape(obj)
+        if depth > MAX_DEPTH:
+            bad.append(BadRow(line, f"a value nested deeper than {MAX_DEPTH} levels"))
+            continue
+        if text.count(":") > keys and (twice := _key_twice(text)) is not None:
             bad.append(BadRow(line, f"invalid JSON: the key {twice[:64]!r} appears twice"))
             continue
         obj = {k: v for k, v in obj.items() if v is not None}  # a null is no value (text_vars)
@@ -547,13 +551,24 @@ def _jsonl_batches(
     yield Batch(rows, lines, bad, last, True)
 
 
-def _keys(v: object) -> int:
-    """How many keys the parsed JSON value holds, nested objects included."""
-    if isinstance(v, dict):
-        return len(v) + sum(_keys(x) for x in v.values() if isinstance(x, dict | list))
-    if isinstance(v, list):
-        return sum(_keys(x) for x in v if isinstance(x, dict | list))
-    return 0
+MAX_DEPTH = 32  # nesting of a row's values (as JSON request bodies: fastsend.serve.api)
+
+
+def _shape(v: object) -> tuple[int, int]:
+    """(how many keys the parsed JSON value holds, nested objects included; how deep
+    it nests). A loop, not recursion: orjson reads 1,024 levels, more than Python's
+    recursion limit (and more than orjson writes: 254)."""
+    n = depth = 0
+    stack = [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        depth = max(depth, d)
+        if isinstance(x, dict):
+            n += len(x)
+            stack.extend((y, d + 1) for y in x.values() if isinstance(y, dict | list))
+        elif isinstance(x, list):
+            stack.extend((y, d + 1) for y in x if isinstance(y, dict | list))
+    return n, depth
 
 
 class _Twice(Exception):
