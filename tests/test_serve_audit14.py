@@ -4,7 +4,8 @@ boundary itself are in test_hostile_tenant.py):
 - a JSON-lines recipient row naming a key twice is refused with its line number
   (it was last-wins; a JSON body already gets a 400 naming the key): tried by an
   upload to a running ``fastsend serve`` (``fastsend send`` reads lists with the
-  same reader, fastsend.recipients); so is a row nested too deep (it was a 500);
+  same reader, fastsend.recipients); so is a row nested too deep (it was a 500),
+  and a CSV header naming a column twice is a 400 (it was last-wins);
 - ``fastsend suppress export`` writes no cell a spreadsheet reads as a formula
   (= + - @ TAB CR at the start), and its output imports back as it was.
 """
@@ -71,6 +72,26 @@ def test_ndjson_row_nested_too_deep_is_a_refused_row_not_a_500(served: Served) -
     assert st == 202, got
     assert got["accepted"] == 2 and [e["row"] for e in got["errors"]] == [2], got
     assert "nested deeper than 32 levels" in got["errors"][0]["error"], got
+
+
+def test_csv_header_naming_a_column_twice_is_a_400_and_errors_name_no_server_path(
+    served: Served,
+) -> None:
+    st, got = served.req("POST", "/v1/campaigns", {"name": "csv", "template": TPL,
+                                                   "recipients": []})  # fmt: skip
+    assert st == 201, got
+    url = f"/v1/campaigns/{got['id']}/recipients"
+    csv_type = {"Content-Type": "text/csv"}
+    st, got = served.req("POST", url, raw=b"email,name, name\nq@example.org,A,B\n",
+                         headers=csv_type)  # fmt: skip
+    assert st == 400, got
+    assert "'name' twice" in got["error"]["message"], got
+    st, got = served.req("GET", url.rpartition("/")[0])
+    assert got["total"] == 0, got  # nothing spooled
+    # A list that cannot be read: the answer says why, not where the server keeps it.
+    st, got = served.req("POST", url, raw=b"email,name\nq@example.org,\xff\n", headers=csv_type)
+    assert st == 400 and "UTF-8" in got["error"]["message"], got
+    assert str(served.tmp) not in got["error"]["message"] and "upload-" not in got["error"]["message"]
 
 
 def _cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -424,6 +424,9 @@ def _csv_batches(
         raise RecipientsError(f"line 1: {e}") from None
     if "email" not in header:
         raise RecipientsError(f"CSV header has no 'email' column (columns: {', '.join(header)})")
+    if len(set(header)) != len(header):  # one name, two values: which one is meant?
+        twice = next(h for i, h in enumerate(header) if h in header[:i])
+        raise RecipientsError(f"line 1: CSV header names the column {twice[:64]!r} twice")
     ei = header.index("email")
     names = header[:ei] + header[ei + 1 :]  # the variables, in column order
     width = len(header)

@@ -363,7 +363,8 @@ async def _upload(
             )  # fmt: skip
     except (recipients.RecipientsError, CampaignError) as e:
         uploads.discard(path)
-        raise bad(f"recipients: {e}", "recipients") from None
+        why = str(e).replace(f"{path}: ", "").replace(path, "the list")  # no server paths
+        raise bad(f"recipients: {why}", "recipients") from None
     except UnicodeDecodeError:
         uploads.discard(path)
         raise bad("recipients: not UTF-8 text", "recipients") from None
