@@ -7,7 +7,8 @@ boundary itself are in test_hostile_tenant.py):
   same reader, fastsend.recipients); so is a row nested too deep (it was a 500),
   and a CSV header naming a column twice is a 400 (it was last-wins);
 - ``fastsend suppress export`` writes no cell a spreadsheet reads as a formula
-  (= + - @ TAB CR at the start), and its output imports back as it was.
+  (= + - @ TAB CR at the start), and its output imports back as it was;
+- a [tracking] secret of a few characters is a config error.
 """
 
 from __future__ import annotations
@@ -134,3 +135,16 @@ def test_suppress_export_guards_formulas_and_imports_back(tmp_path: Path) -> Non
     entries = [orjson.loads(line) for line in listed.stdout.splitlines()]
     assert sorted(e["address"] for e in entries) == sorted(FORMULAS)
     assert {e["source"] for e in entries} == {"@SUM(A1:A9)"}
+
+
+def test_short_tracking_secret_is_a_config_error(tmp_path: Path) -> None:
+    """Every tracking, click and unsubscribe link carries an HMAC under [tracking]
+    secret: one of a few characters is found offline from a single link, and then
+    every link can be forged. Refused like a short [webhooks] secret, unnamed."""
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text('[spool]\ndir = "spool"\n[tracking]\nsecret = "hunter2"\n')
+    out = _cli("check-config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 2, out
+    assert "[tracking] secret: 16+ characters" in out.stderr and "hunter2" not in out.stderr
+    cfg.write_text('[spool]\ndir = "spool"\n[tracking]\nsecret = "0123456789abcdef"\n')
+    assert _cli("check-config", str(cfg), cwd=tmp_path).returncode == 0

@@ -208,6 +208,12 @@ class TrackingSettings(Section):
     secret: str = ""  # "" = <spool>/secret.key (or the cluster's shared one)
     link_ttl_days: PosFloat | None = None  # tracking links expire after this
 
+    def __post_init__(self) -> None:
+        # Links carry an HMAC of this: a short one is guessed offline from one link
+        # (then any link, unsubscribe and redirect, is forged). As [webhooks] secret.
+        if self.secret and len(self.secret) < 16:
+            raise ValueError("secret: 16+ characters (or none: <spool>/secret.key is made)")
+
     def __repr__(self) -> str:  # never print the secret
         return f"TrackingSettings(link_ttl_days={self.link_ttl_days!r})"
 
