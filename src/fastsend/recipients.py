@@ -520,11 +520,19 @@ def _jsonl_batches(
         if not isinstance(obj, dict):
             bad.append(BadRow(line, "a JSON line must be an object with an 'email' key"))
             continue
-        keys, depth = _shape(obj)
-        if depth > MAX_DEPTH:
-            bad.append(BadRow(line, f"a value nested deeper than {MAX_DEPTH} levels"))
-            continue
-        if text.count(":") > keys and (twice := _key_twice(text)) is not None:
+        if text.count("{") > 1 or "[" in text:  # maybe nested (or a bracket in a string)
+            keys, depth = _shape(obj)
+            if depth > MAX_DEPTH:
+                bad.append(BadRow(line, f"a value nested deeper than {MAX_DEPTH} levels"))
+                continue
+        else:
+            keys = len(obj)
+        # Each key ends '"' then ':' (whitespace between allowed); a value holds such
+        # a pair only after an escaped quote. So more of them than keys is the sign.
+        ends = text.count('":')
+        if '" ' in text or '"\t' in text or '"\r' in text:  # whitespace before a ':'?
+            ends = len(_KEY_END.findall(text))
+        if ends > keys and (twice := _key_twice(text)) is not None:
             bad.append(BadRow(line, f"invalid JSON: the key {twice[:64]!r} appears twice"))
             continue
         obj = {k: v for k, v in obj.items() if v is not None}  # a null is no value (text_vars)
@@ -555,6 +563,7 @@ def _jsonl_batches(
 
 
 MAX_DEPTH = 32  # nesting of a row's values (as JSON request bodies: fastsend.serve.api)
+_KEY_END = re.compile(r'"[ \t\r\n]*:')
 
 
 def _shape(v: object) -> tuple[int, int]:
