@@ -102,7 +102,6 @@ def test_csv_rows_with_line_numbers(tmp_path: Path) -> None:
     [
         ["name", "email", "plan"],  # the usual list: a field type per header
         ["email"],  # no variables at all
-        ["a", "email", "a"],  # a duplicate name (the last value wins, as in a dict)
         ['say "hi"', "email", "back\\slash", "é ü", ""],  # names msgspec cannot rename to
     ],
 )
@@ -127,6 +126,14 @@ def test_csv_vars_are_the_json_of_the_row_dict(tmp_path: Path, header: list[str]
         assert not isinstance(row, recipients.BadRow)
         vals = [values[(k + j) % 5] for j, h in enumerate(header) if h != "email"]
         assert row[3] == orjson.dumps(dict(zip(names, vals, strict=True)))
+
+
+def test_csv_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    """One name, two values: which is meant? (It was last-wins, as in a dict.)"""
+    p = tmp_path / "r.csv"
+    p.write_text("a,email,a\nx,x@example.com,y\n")
+    with pytest.raises(recipients.RecipientsError, match=r"line 1: .*'a' twice"):
+        list(recipients.read(str(p)))
 
 
 def test_jsonl_rows(tmp_path: Path) -> None:
