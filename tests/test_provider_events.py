@@ -460,3 +460,73 @@ def test_mailgun_event_on_a_redis_spool(
         assert ctx.suppression.contains("u0@example.net", tenant="acme")
     finally:
         ctx.close()
+
+
+def test_sns_urls_are_not_followed_through_redirects(tmp_path: Path) -> None:
+    """The SigningCertURL and SubscribeURL of an SNS post are fetched only from the
+    allowed hosts: a redirect from one (an open redirect on an allowed host, say) to a
+    host off the list is not followed (the certificate is not taken: 401; the
+    subscription is not confirmed), so the server never fetches where a post says."""
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    https = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(https)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    signing_key, pem = sns_cert()
+    hits: list[str] = []
+
+    async def main() -> None:
+        port: list[int] = []
+
+        async def moved(request: web.Request) -> web.Response:
+            # The allowed host (127.0.0.1) sends the client on to one not allowed.
+            raise web.HTTPFound(f"https://localhost:{port[0]}/elsewhere{request.path_qs}")
+
+        async def elsewhere(request: web.Request) -> web.Response:
+            hits.append(request.path_qs)
+            return web.Response(body=pem, content_type="application/x-pem-file")
+
+        async def cert(request: web.Request) -> web.Response:
+            return web.Response(body=pem, content_type="application/x-pem-file")
+
+        sns = web.Application()
+        sns.router.add_get("/SimpleNotificationService-ok.pem", cert)
+        sns.router.add_get("/elsewhere/{rest:.*}", elsewhere)
+        sns.router.add_get("/{rest:.*}", moved)
+        sns_runner, sns_url = await serve(sns, https)
+        port.append(int(sns_url.rpartition(":")[2]))
+        ctx, ids = make_ctx(tmp_path, {"sns_topics": [TOPIC], "sns_cert_hosts": [r"127\.0\.0\.1"],
+                                       "sns_ca_file": str(ca_file)})  # fmt: skip
+        tok = msgid.token(ids[0], ctx.secret)
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+        base = {"SigningCertURL": sns_url + "/SimpleNotificationService-r.pem", "TopicArn": TOPIC,
+                "Timestamp": "2026-12-04T12:00:00.000Z"}  # fmt: skip
+        bounce = {"notificationType": "Bounce", "bounce": {"bounceType": "Permanent",
+                  "bouncedRecipients": [{"emailAddress": "u0@example.net", "status": "5.1.1"}]},
+                  "mail": {"commonHeaders": {"messageId": f"<{tok}@sender.example.com>"}}}  # fmt: skip
+        note = sns_sign({**base, "Type": "Notification", "MessageId": "r-1",
+                         "Message": json.dumps(bounce)}, signing_key)  # fmt: skip
+        try:
+            async with aiohttp.ClientSession() as s:
+                before = state(ctx)
+                async with s.post(url + "/webhooks/ses", data=json.dumps(note)) as r:
+                    assert r.status == 401, await r.text()
+                assert state(ctx) == before
+                sub = sns_sign({**base, "SigningCertURL": sns_url + "/SimpleNotificationService-ok.pem",
+                                "Type": "SubscriptionConfirmation", "MessageId": "r-2", "Token": "t-9",
+                                "Message": "subscribe", "SubscribeURL": sns_url + "/confirm?Token=t-9"},
+                               signing_key)  # fmt: skip
+                async with s.post(url + "/webhooks/ses", data=json.dumps(sub)) as r:
+                    assert r.status == 502 and not (await r.json())["confirmed"]  # not confirmed
+                assert hits == []  # the host off the list was never asked
+        finally:
+            await runner.cleanup()
+            await sns_runner.cleanup()
+        evs = last_events(ctx, 1)
+        assert evs[0]["event"] == "provider_subscription" and not evs[0]["confirmed"], evs
+        ctx.close()
+
+    asyncio.run(main())

@@ -252,7 +252,8 @@ class ProviderEvents:
         if not self._allowed_url(url) or not url.endswith(".pem"):
             raise _Unauthorized("SigningCertURL not allowed")
         try:
-            async with self._session().get(url, timeout=_timeout(10)) as r:
+            # Not through a redirect: only the allowed hosts are asked (sns_cert_hosts).
+            async with self._session().get(url, timeout=_timeout(10), allow_redirects=False) as r:
                 if r.status != 200:
                     raise _Unauthorized("certificate not fetched")
                 pem = await r.content.read(64 * 1024)
@@ -336,7 +337,9 @@ class ProviderEvents:
             if not self._allowed_url(url):
                 return web.json_response({"error": "SubscribeURL not allowed"}, status=400)
             try:
-                async with self._session().get(url, timeout=_timeout(10)) as r:
+                async with self._session().get(
+                    url, timeout=_timeout(10), allow_redirects=False
+                ) as r:
                     ok = r.status == 200
             except Exception:
                 ok = False
