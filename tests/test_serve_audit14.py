@@ -148,3 +148,48 @@ def test_short_tracking_secret_is_a_config_error(tmp_path: Path) -> None:
     assert "[tracking] secret: 16+ characters" in out.stderr and "hunter2" not in out.stderr
     cfg.write_text('[spool]\ndir = "spool"\n[tracking]\nsecret = "0123456789abcdef"\n')
     assert _cli("check-config", str(cfg), cwd=tmp_path).returncode == 0
+
+
+NESTED = """
+[tenants.evil]
+domains = ["parent.example"]
+[tenants.acme]
+domains = ["shop.parent.example"]
+"""
+
+
+def test_a_parent_domains_tenant_does_not_send_as_a_subdomain_another_tenant_has(
+    tmp_path: Path,
+) -> None:
+    """evil is listed for parent.example, acme for shop.parent.example: evil's From at
+    shop.parent.example (or under it) is 403 (it was accepted, and evil's key for
+    parent.example would sign it, aligned by relaxed DMARC); its other subdomains stay
+    its own. A domain listed for two tenants is a config error."""
+    s = Served(tmp_path, "127.0.0.1:9", NESTED, serve_args=("--no-workers",))
+    try:
+        def send(frm: str, tenant: str) -> tuple[int, object]:
+            return s.req("POST", "/v1/messages", {"from": frm, "to": "r@example.org",
+                                                  "subject": "s", "text": "t"}, tenant=tenant)  # fmt: skip
+
+        for frm in ("x@shop.parent.example", "x@Deep.Shop.Parent.Example."):
+            st, got = send(frm, "evil")
+            assert st == 403 and "shop.parent.example" in str(got), got
+        assert send("x@www.parent.example", "evil")[0] == 202
+        assert send("x@parent.example", "evil")[0] == 202
+        assert send("x@deep.shop.parent.example", "acme")[0] == 202
+        assert send("x@parent.example", "acme")[0] == 403
+        # Nor does it put its click links on a host under acme's domain.
+        tpl = {"from": "x@parent.example", "subject": "s", "html": "<a href='https://a.example/'>a</a>",
+               "tracking": {"clicks": True, "base_url": "https://t.shop.parent.example"}}  # fmt: skip
+        st, got = s.req("POST", "/v1/campaigns", {"template": tpl, "recipients": []}, tenant="evil")
+        assert st == 403 and "t.shop.parent.example" in str(got), got
+        tpl["tracking"] = {"clicks": True, "base_url": "https://t.parent.example"}
+        assert s.req("POST", "/v1/campaigns", {"template": tpl, "recipients": []},
+                     tenant="evil")[0] == 201  # fmt: skip
+    finally:
+        s.stop()
+    cfg = tmp_path / "twice.toml"
+    cfg.write_text('[spool]\ndir = "spool"\n[tenants.a]\ndomains = ["example.com"]\n'
+                   '[tenants.b]\ndomains = ["Example.COM."]\n')  # fmt: skip
+    out = _cli("check-config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 2 and "'example.com' is also [tenants.a]'s" in out.stderr, out

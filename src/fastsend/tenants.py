@@ -9,7 +9,9 @@ CONFIG
 
 DESCRIPTION
     A tenant (the owner of API keys and submission users) may put in From only
-    an address at one of its ``domains`` or a subdomain of one; the HTTP API
+    an address at one of its ``domains`` or a subdomain of one (unless another
+    tenant is listed for that subdomain or one nearer: the most specific listed
+    domain decides, and no domain is listed for two tenants); the HTTP API
     answers 403 naming the domain, SMTP submission 550 5.7.1, and the worker
     fails such a message rather than sign it (a config change after it was
     accepted). DKIM keys are chosen by (tenant, From domain): the tenant's own
@@ -106,7 +108,19 @@ class Tenants(msgspec.Struct):
             return True
         t = self.by_name.get(tenant)
         d = ascii_domain(domain)
-        return t is not None and bool(d) and any(_under(d, x) for x in t.domains)
+        return t is not None and bool(d) and self.owner_of(d) == tenant
+
+    def owner_of(self, domain: str) -> str | None:
+        """The tenant whose listed domain covering ``domain`` (A-labels, lower case) is
+        the most specific: a tenant listed for ``example.com`` does not send as
+        ``shop.example.com`` when another tenant is listed for that (with its key for
+        example.com, relaxed DMARC alignment would pass). None: no tenant's."""
+        best, size = None, -1
+        for name, t in self.by_name.items():
+            for x in t.domains:
+                if len(x) > size and _under(domain, x):
+                    best, size = name, len(x)
+        return best
 
     def check_from(self, tenant: str, domain: str) -> None:
         """TenantDomainError unless ``tenant`` may send From ``domain``."""

@@ -327,6 +327,15 @@ def _check(cfg: Config) -> None:
     for t in cfg.shaping.dispatch.tenants:
         if unknown_tenant(t):
             cfg.warnings.append(f"[shaping.dispatch] tenants: {t!r} is not a tenant of [tenants]")
+    if tenants is not None:  # a domain is one tenant's: else each sends (and signs) as the other
+        listed: dict[str, str] = {}
+        for name, domains in ((n, x.domains) for n, x in tenants.items()):
+            for d in domains:
+                if listed.setdefault(d, name) != name:
+                    raise ConfigError(
+                        f"[tenants.{name}] domains: {d!r} is also [tenants.{listed[d]}]'s"
+                        " (a sending domain belongs to one tenant)"
+                    )
     # DKIM: keys are files relative to the config; a key no tenant can use is said
     if tenants is not None:
         owned = {d for t in tenants.values() for d in t.domains}

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from fastsend.config import Config
 from fastsend.config.serve import ApiSettings
-from fastsend.config.tenants import norm_domain, under
+from fastsend.config.tenants import norm_domain
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext
 from fastsend.serve.eventindex import EventIndex
@@ -355,14 +355,14 @@ def check_link_host(request: web.Request, spec: dict[str, Any], where: str) -> N
     if base == tenants.tracking_base_url(tenant):
         return  # the operator's choice for this tenant
     host = norm_domain(urlsplit(base).hostname or "")
-    me = tenants.get(tenant)
-    if me is not None and any(under(host, d) for d in me.domains):
+    owner = tenants.owner_of(host)  # the most specific listed domain decides
+    if owner == tenant:
         return
     for name, other in tenants.by_name.items():
         if name == tenant:
             continue
         theirs = norm_domain(urlsplit(other.tracking_base_url).hostname or "")
-        if host == theirs or any(under(host, d) for d in other.domains):
+        if host == theirs or owner == name:
             raise ApiError(
                 403, f"{where}.tracking.base_url: host {host!r} is not one this tenant may"
                 " put links on", f"{where}.tracking.base_url",

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from fastsend.config.tenants import norm_domain, under
+from fastsend.config.tenants import norm_domain
 from fastsend.message import tracking as tr
 from fastsend.serve.eventindex import already_told
 from fastsend.serve.httpguard import body_deadline
@@ -110,12 +110,11 @@ class _Tracking:
             self._hosts = (tenants, {})
         cache = self._hosts[1]
         if host not in cache:
-            owner = None
-            for name, t in tenants.by_name.items():
-                theirs = norm_domain(urlsplit(t.tracking_base_url).hostname or "")
-                if host == theirs or any(under(host, d) for d in t.domains):
-                    owner = name
-                    break
+            owner = next(
+                (name for name, t in tenants.by_name.items()
+                 if host == norm_domain(urlsplit(t.tracking_base_url).hostname or "")),
+                None,
+            ) or tenants.owner_of(host)  # else the most specific listed domain's  # fmt: skip
             if len(cache) > _CACHE_SIZE:
                 cache.clear()
             cache[host] = owner
