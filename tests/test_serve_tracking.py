@@ -249,6 +249,38 @@ def test_open_and_click_endpoints(tmp_path: Path) -> None:
     _run(main())
 
 
+def test_one_link_replayed_records_a_bounded_number_of_events(tmp_path: Path) -> None:
+    """A recipient (or whoever holds a forwarded mail) replaying one pixel or one link
+    is answered every time, but records at most LINK_EVENTS opens or clicks an hour:
+    before, each request wrote an event (log, index, webhooks), ~3,600 a second from
+    one client. Other links keep their own count."""
+    from fastsend.serve.tracking import LINK_EVENTS
+
+    async def main() -> None:
+        async with _served(tmp_path) as (ctx, base, events), ClientSession() as http:
+            mid = _message(ctx)
+            del events[:]
+            o = tr.sign(SECRET, tr.OPEN, str(mid), "ann@example.org", tenant="acme")
+            c = tr.sign(SECRET, tr.CLICK, str(mid), "ann@example.org", "https://example.com/a",
+                        tenant="acme")  # fmt: skip
+            c2 = tr.sign(SECRET, tr.CLICK, str(mid), "ann@example.org", "https://example.com/b",
+                         tenant="acme")  # fmt: skip
+            for _ in range(LINK_EVENTS + 30):
+                async with http.get(f"{base}/t/o/{o}.gif") as resp:
+                    assert resp.status == 200 and await resp.read() == PIXEL_GIF
+                async with http.get(f"{base}/t/c/{c}", allow_redirects=False) as resp:
+                    assert resp.status == 302
+            async with http.get(f"{base}/t/c/{c2}", allow_redirects=False) as resp:
+                assert resp.status == 302
+            ctx.events.flush()
+            kinds = [(e["event"], e.get("url")) for e in events]
+            assert kinds.count(("opened", None)) == LINK_EVENTS
+            assert kinds.count(("clicked", "https://example.com/a")) == LINK_EVENTS
+            assert kinds.count(("clicked", "https://example.com/b")) == 1
+
+    _run(main())
+
+
 def test_forged_links_never_redirect(tmp_path: Path) -> None:
     async def main() -> None:
         async with _served(tmp_path) as (_ctx, base, events), ClientSession() as http:

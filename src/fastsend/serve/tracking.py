@@ -76,6 +76,13 @@ _PAGE_HEADERS = {
 _TOKEN = r"{token:[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+}"
 MAX_UA = 512
 _CACHE_SIZE = 4096
+# One link (a token: message, recipient, kind, URL) records at most LINK_EVENTS opens or
+# clicks in LINK_WINDOW seconds; more are answered (pixel, redirect) but not recorded.
+# Without it one client replaying one pixel wrote ~3,600 events a second (event log,
+# index, webhooks, rollups): a recipient could fill the server's disk with one link.
+LINK_EVENTS = 20
+LINK_WINDOW = 3600.0
+_LINKS_KEPT = 100_000  # links remembered (the least recently used go first)
 ONE_CLICK = "One-Click"
 
 
@@ -92,6 +99,24 @@ class _Tracking:
         self.legacy_since = float(ctx.spool.meta_once(LEGACY_SINCE, repr(time.time())))
         self.body_timeout = ctx.config.api.body_timeout  # the unsubscribe form's
         self._hosts: tuple[Any, dict[str, str | None]] = (None, {})  # host -> its tenant
+        self._links: OrderedDict[str, tuple[float, int]] = OrderedDict()  # token -> (start, n)
+        self.held = 0  # opens and clicks answered but not recorded (LINK_EVENTS)
+
+    def _record(self, request: web.Request) -> bool:
+        """Whether this open or click is recorded: LINK_EVENTS per link per LINK_WINDOW."""
+        token = request.match_info["token"]
+        now = time.monotonic()
+        links = self._links
+        start, n = links.pop(token, (now, 0))
+        if now - start >= LINK_WINDOW:
+            start, n = now, 0
+        links[token] = (start, n + 1)
+        if len(links) > _LINKS_KEPT:
+            links.popitem(last=False)
+        if n < LINK_EVENTS:
+            return True
+        self.held += 1
+        return False
 
     # -- helpers --------------------------------------------------------------
     def _check(self, request: web.Request, kind: str) -> tuple[str, ...]:
@@ -200,7 +225,9 @@ class _Tracking:
     # -- handlers -------------------------------------------------------------
     async def open(self, request: web.Request) -> web.Response:
         mid, rcpt = self._check(request, tr.OPEN)
-        if request.method == "GET":
+        if not self._record(request):
+            pass  # answered as always, not recorded again
+        elif request.method == "GET":
             self.ctx.emit(self._event("opened", mid, rcpt, request))
         else:
             self._head(self._event("opened", mid, rcpt, request))
@@ -214,12 +241,13 @@ class _Tracking:
         mid, rcpt, url = self._check(request, tr.CLICK)
         if not url.lower().startswith(("http://", "https://")) or not url.isprintable():
             raise _not_found()  # (a control character cannot go in a Location header)
-        ev = self._event("clicked", mid, rcpt, request)
-        ev["url"] = url
-        if request.method == "GET":
-            self.ctx.emit(ev)
-        else:
-            self._head(ev)
+        if self._record(request):
+            ev = self._event("clicked", mid, rcpt, request)
+            ev["url"] = url
+            if request.method == "GET":
+                self.ctx.emit(ev)
+            else:
+                self._head(ev)
         return web.Response(
             status=302,
             headers={"Location": url, "Referrer-Policy": "no-referrer", **_NO_STORE},
