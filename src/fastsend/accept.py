@@ -52,20 +52,27 @@ log = logging.getLogger("fastsend.accept")
 
 # Tests only (inert when unset): FASTSEND_TEST_FAULT=ingest-kill-after-commit:N
 # kills this process (SIGKILL) once the N-th batch a list job reads here is
-# committed, before its events are emitted.
+# committed, before its events are emitted; ingest-stop-after-commit:N stops it
+# there (SIGSTOP: the test breaks the spool meanwhile, then sends SIGCONT).
 _FAULT = os.environ.get("FASTSEND_TEST_FAULT", "")
+
+
+_fault_left: list[int] = []  # batches left before the fault, counted over the process
 
 
 def _fault_after_commit() -> Callable[[list[int]], None] | None:
     name, _, arg = _FAULT.partition(":")
-    if name != "ingest-kill-after-commit":
+    sig = {"ingest-kill-after-commit": signal.SIGKILL, "ingest-stop-after-commit": signal.SIGSTOP}
+    if name not in sig:
         return None
-    left = [int(arg or 1)]
+    if not _fault_left:
+        _fault_left.append(int(arg or 1))
+    left = _fault_left
 
     def hook(_ids: list[int]) -> None:
         left[0] -= 1
         if left[0] == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig[name])
 
     return hook
 
@@ -469,3 +476,50 @@ class Acceptor:
             else:
                 self.spool.renew()  # the hold, on a backend that leases it
             yield mark
+
+    def feed(
+        self,
+        job: IngestJob,
+        *,
+        on_bad: Callable[[recipients.BadRow], None] | None = None,
+        first: int = 0,
+    ) -> Iterator[IngestMark | BaseException]:
+        """:meth:`ingest`, carried on across outages of a shared spool (Redis
+        restarting, a network blip: ``Spool.outage_errors``) for a process that
+        delivers meanwhile (``send``, ``resume``). An outage is yielded as its
+        error: the caller waits until the spool answers again, then asks for
+        more, and reading goes on from the job's last committed row (a batch
+        and the job's position commit together, so a batch the outage cut off
+        is read again or, if it landed, its events are told: nothing twice).
+        A file that changed meanwhile stops it (AcceptError: ``resume`` tells
+        how many rows were never accepted). Each bad row is told once."""
+        outage = self.spool.outage_errors()
+        told: set[int] = set()
+
+        def bad(row: recipients.BadRow) -> None:
+            if row.line not in told and on_bad is not None:
+                told.add(row.line)
+                on_bad(row)
+
+        current: IngestJob | None = job
+        while current is not None:
+            try:
+                yield from self.ingest(current, on_bad=bad, first=first)
+                return
+            except outage as e:
+                yield e
+            first = 0
+            while True:  # where the job stands now that the spool answers
+                try:
+                    current = self.spool.get_ingest(job.id)
+                    break
+                except outage as e:
+                    yield e
+            if current is None or current.finished:
+                return
+            problem = source_problem(current)
+            if problem is not None:
+                raise AcceptError(
+                    f"{current.source.get('path')} is {problem}: {rows_left(current):,} row(s)"
+                    " not read"
+                )

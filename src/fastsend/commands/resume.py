@@ -132,10 +132,10 @@ def run(args: argparse.Namespace) -> int:
     pending = spool.pending()  # not counts(): that reads every row the spool ever held
     total = pending["queued"] + pending["deferred"]
 
-    def feeder() -> Iterator[None]:
+    def feeder() -> Iterator[BaseException | None]:
         for job in resumable:
-            for _mark in acceptor.ingest(job):
-                yield None
+            for m in acceptor.feed(job):  # an outage of the spool: the engine waits it out
+                yield m if isinstance(m, BaseException) else None
 
     summary = engine.run(
         cfg,

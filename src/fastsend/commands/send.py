@@ -108,22 +108,33 @@ def run(args: argparse.Namespace) -> int:
     events = EventLog(cfg.event_log_path)
     suppression = open_suppression(spool_url, cfg.spool_dir)
     acceptor = Acceptor(spool, events, suppression)
+    # Bad input, or a shared spool out of reach before the first chunk is in.
+    refused: tuple[type[BaseException], ...] = (
+        recipients.RecipientsError,
+        SpoolError,
+        *spool.outage_errors(),
+    )
     try:
         cid = acceptor.create_campaign(
             spec, name=args.name or os.path.basename(args.campaign), tenant=tenant
         )
         job = acceptor.start_ingest(cid, args.recipients)
-        feed = acceptor.ingest(job, on_bad=on_bad, first=FIRST_CHUNK)
+        feed = acceptor.feed(job, on_bad=on_bad, first=FIRST_CHUNK)
         # The first chunk before the engine starts (file errors surface here);
         # the rest is read as the windows have room (paced by dispatch).
         mark = next(feed)
-    except (recipients.RecipientsError, SpoolError) as e:
+        if isinstance(mark, BaseException):  # the spool is out of reach already
+            raise mark
+    except refused as e:
         events.close()
         return die(str(e))
     progress = [mark]
 
-    def feeder() -> Iterator[None]:
+    def feeder() -> Iterator[BaseException | None]:
         for m in feed:
+            if isinstance(m, BaseException):
+                yield m  # an outage of the spool: the engine waits it out
+                continue
             progress[0] = m
             yield None
 

@@ -63,6 +63,10 @@ FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
 _END = object()
 
 
+def _raise(e: BaseException) -> None:
+    raise e
+
+
 class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
     def __init__(
         self,
@@ -189,8 +193,18 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                     self.dispatch(any_room=True)
                 self.feed_room.clear()  # before the chunk: a claim after it counts
                 self.open_room.clear()
-                if next(feeder, _END) is _END:
+                got = next(feeder, _END)
+                if got is _END:
                     break
+                if isinstance(got, BaseException):
+                    # The feeder met the spool out of reach (Acceptor.feed): it
+                    # reads on once the outage is over.
+                    self.guard(_raise, got)
+                    while self.outage_since and not self.stopping:
+                        await asyncio.sleep(0.05)
+                    if self.stopping:
+                        break
+                    continue
                 self.wake.set()
                 await asyncio.sleep(0)
                 if self.pace_feed and not (self.draining or self.stopping):
