@@ -11,17 +11,21 @@ log, broken at points a test reaches reliably.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 from tests._engine_helpers import (
     _env,
     fastsend_cmd,
     received_counts,
+    run_fastsend,
     summary,
     write_campaign,
     write_recipients,
@@ -106,3 +110,91 @@ def test_a_redis_restart_while_send_reads_its_list_does_not_stop_the_list(
             spool.close()
     finally:
         redis.stop()
+
+
+@contextlib.contextmanager
+def _mounted(where: Path, *opts: str) -> Iterator[None]:
+    """A mount at ``where`` (``opts``: mount's arguments before the target) for
+    the test's length: a small tmpfs (a disk that fills), a read-only bind."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mount): CI runs as root")
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", *opts, str(where)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _resume_all(spool: str, sink: SinkProcess) -> subprocess.CompletedProcess[str]:
+    host, port = sink.addresses[0]
+    return run_fastsend(
+        "resume", "--spool", spool, "--route", f"*={host}:{port}", "--workers", "1",
+        "--json", "--no-progress", "--max-wait", "5", timeout=300,
+    )  # fmt: skip
+
+
+def test_a_full_disk_stops_send_plainly_and_resume_delivers_everything(tmp_path: Path) -> None:
+    """``send`` of 20,000 rows with its spool on a 2 MB tmpfs: the disk fills
+    (spool, write-ahead log, event log) while the list is read and delivered.
+    The run stops with a plain error naming the full spool (exit 75, or 1 when
+    only the list's reading stopped), not a traceback; once the tmpfs is made
+    larger, ``resume`` delivers every recipient (the sink's log): nothing
+    accepted was lost. Before: exit 1 with a traceback ending in
+    ``sqlite3.OperationalError: database or disk is full``."""
+    n = 20000
+    disk = tmp_path / "disk"
+    addrs = [f"user{i}@d{i % 7}.example.net" for i in range(n)]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    log = tmp_path / "sink.jsonl"
+    spool = str(disk / "spool")
+    with _mounted(disk, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):
+        with SinkProcess("--log", str(log)) as sink:
+            host, port = sink.addresses[0]
+            res = run_fastsend(
+                "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", spool,
+                "--route", f"*={host}:{port}", "--workers", "2", "--json",
+                "--no-progress", "--max-wait", "5", timeout=300,
+            )  # fmt: skip
+            tail = res.stderr.strip().splitlines()[-1]
+            assert res.returncode in (1, 75), res.stderr[-3000:]
+            assert "full" in tail and tail.startswith("fastsend: "), res.stderr[-3000:]
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+            again = _resume_all(spool, sink)
+        assert again.returncode == 0, again.stderr[-3000:]
+        got = received_counts(log)
+        assert set(got) == set(addrs), f"{len(set(addrs) - set(got))} recipient(s) lost"
+
+
+def test_a_read_only_spool_is_refused_plainly_and_still_viewable(tmp_path: Path) -> None:
+    """A spool directory on a read-only file system (a mount made read-only
+    after a disk error, a snapshot): ``send`` and ``resume`` refuse with one
+    line naming the read-only spool (exit 2), not a traceback, and ``fastsend
+    queue`` still shows it. Before: tracebacks (``unable to open database
+    file``) from all three."""
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, [f"u{i}@example.net" for i in range(10)])
+    spool = tmp_path / "spool"
+    ro = tmp_path / "ro"
+    with SinkProcess() as sink:
+        host, port = sink.addresses[0]
+        first = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
+            "--route", f"*={host}:{port}", "--json", "--no-progress",
+        )  # fmt: skip
+        assert first.returncode == 0, first.stderr[-3000:]
+        with _mounted(ro, "--bind", str(spool)):
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+            sent = run_fastsend(
+                "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(ro),
+                "--route", f"*={host}:{port}", "--json", "--no-progress",
+            )  # fmt: skip
+            resumed = _resume_all(str(ro), sink)
+            view = run_fastsend("queue", "--spool", str(ro))
+    for res in (sent, resumed):
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert "read-only" in res.stderr, res.stderr
+    assert view.returncode == 0, view.stderr[-3000:]
+    assert "delivered 10" in view.stdout, view.stdout

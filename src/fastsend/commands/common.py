@@ -213,3 +213,25 @@ def hold_supervisor(spool: Any, command: str) -> int:
         spool.close()
         return die(str(e), EX_TEMPFAIL)
     return 0
+
+
+def stopped_by_storage(e: BaseException, spool_url: str) -> int | None:
+    """When ``e`` (a run's error) is the spool's storage refusing a write (a
+    full disk, a read-only file system, an I/O error), say so plainly, with
+    what is kept and the command that continues, and return
+    :data:`EX_TEMPFAIL`; None for any other error (the caller re-raises it).
+    Nothing accepted is lost: every row was committed before it counted, and
+    what was in flight is queued again at the next start."""
+    from fastsend.spool import storage_problem
+
+    problem = storage_problem(e)
+    if problem is None:
+        return None
+    url = redact_url(spool_url)
+    return die(
+        f"the spool at {url!r} {problem} ({e}): stopped. Nothing accepted is lost"
+        " (mail in flight is queued again at the next start, and a list being read goes"
+        " on from its last committed row); make room, then run `fastsend resume"
+        f" --spool {url}` with this run's routes and options",
+        EX_TEMPFAIL,
+    )

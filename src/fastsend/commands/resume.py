@@ -16,6 +16,7 @@ same for a SQLite spool another live process supervises (``send``, ``serve``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from fastsend.commands.common import (
     print_summary,
     redact_url,
     stopped_by_signal,
+    stopped_by_storage,
 )
 
 if TYPE_CHECKING:
@@ -137,17 +139,25 @@ def run(args: argparse.Namespace) -> int:
             for m in acceptor.feed(job):  # an outage of the spool: the engine waits it out
                 yield m if isinstance(m, BaseException) else None
 
-    summary = engine.run(
-        cfg,
-        spool,
-        max_wait=args.max_wait,
-        total=total,
-        progress=not args.no_progress,
-        feeder=feeder() if resumable else None,
-        events=events,
-        # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
-        suppression=suppression if spool.shared() is not None else None,
-    )
+    try:
+        summary = engine.run(
+            cfg,
+            spool,
+            max_wait=args.max_wait,
+            total=total,
+            progress=not args.no_progress,
+            feeder=feeder() if resumable else None,
+            events=events,
+            # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
+            suppression=suppression if spool.shared() is not None else None,
+        )
+    except Exception as e:  # the spool's storage refused a write: said plainly
+        code = stopped_by_storage(e, spool_url)
+        if code is None:
+            raise
+        with contextlib.suppress(OSError):
+            events.close()
+        return code
     events.close()
     if suppression is not None:
         suppression.close()

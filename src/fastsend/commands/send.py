@@ -18,6 +18,7 @@ number when a SIGTERM (143) or SIGINT (130) stopped it (what is left and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from fastsend.commands.common import (
     print_summary,
     redact_url,
     stopped_by_signal,
+    stopped_by_storage,
 )
 
 # Everything run() opens is closed when it returns, and it leaves no thread:
@@ -138,23 +140,31 @@ def run(args: argparse.Namespace) -> int:
             progress[0] = m
             yield None
 
-    summary = engine.run(
-        cfg,
-        spool,
-        max_wait=args.max_wait,
-        total=job.total - mark.rejected,
-        progress=not args.no_progress,
-        campaign=cid,
-        # Always: after the last chunk the feed still marks the job done (a list of
-        # exactly one chunk would otherwise be left unfinished, for `resume`).
-        feeder=feeder(),
-        # The list's good rows: it is read as the windows have room, so the
-        # rows spooled so far are not the whole run.
-        total_fn=lambda: job.total - progress[0].rejected,
-        events=events,
-        # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
-        suppression=suppression if spool.shared() is not None else None,
-    )
+    try:
+        summary = engine.run(
+            cfg,
+            spool,
+            max_wait=args.max_wait,
+            total=job.total - mark.rejected,
+            progress=not args.no_progress,
+            campaign=cid,
+            # Always: after the last chunk the feed still marks the job done (a list of
+            # exactly one chunk would otherwise be left unfinished, for `resume`).
+            feeder=feeder(),
+            # The list's good rows: it is read as the windows have room, so the
+            # rows spooled so far are not the whole run.
+            total_fn=lambda: job.total - progress[0].rejected,
+            events=events,
+            # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
+            suppression=suppression if spool.shared() is not None else None,
+        )
+    except Exception as e:  # the spool's storage refused a write: said plainly
+        code = stopped_by_storage(e, spool_url)
+        if code is None:
+            raise
+        with contextlib.suppress(OSError):
+            events.close()
+        return code
     events.close()
     if suppression is not None:
         suppression.close()

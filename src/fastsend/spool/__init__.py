@@ -48,6 +48,7 @@ from fastsend.spool.base import (
     is_redis_url,
     parse_redis_url,
     spool_local_dir,
+    storage_problem,
 )
 
 __all__ = [
@@ -86,6 +87,7 @@ __all__ = [
     "open_spool",
     "parse_redis_url",
     "spool_local_dir",
+    "storage_problem",
 ]
 
 

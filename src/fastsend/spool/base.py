@@ -6,6 +6,7 @@ package (:mod:`fastsend.spool`) re-exports it and opens a backend by URL."""
 from __future__ import annotations
 
 import abc
+import errno
 import functools
 import os
 import socket
@@ -62,6 +63,31 @@ class SharedStore(msgspec.Struct, frozen=True):
 class SpoolError(Exception):
     """The spool cannot be opened, is not a fastsend spool, or a write did not
     become durable. Every backend raises this (or a subclass)."""
+
+
+# SQLite's primary result codes that mean the storage refused a write.
+_SQLITE_STORAGE = {8: "is read-only", 10: "cannot be written (I/O error)", 13: "is full",
+                   14: "cannot be opened or created"}  # fmt: skip
+_ERRNO_STORAGE = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its disk quota",
+                  errno.EROFS: "is read-only", errno.EACCES: "is not writable (permission denied)",
+                  errno.EIO: "cannot be written (I/O error)"}  # fmt: skip
+
+
+def storage_problem(e: BaseException | None) -> str | None:
+    """What is wrong with the storage under a local spool when ``e`` (or an
+    error it was raised from or while handling) is a full disk, a read-only
+    file system or directory, an I/O error: "is full", "is read-only", ...;
+    None for any other error."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "sqlite_errorcode", None)
+        if isinstance(code, int) and (code & 0xFF) in _SQLITE_STORAGE:
+            return _SQLITE_STORAGE[code & 0xFF]
+        if isinstance(e, OSError) and e.errno in _ERRNO_STORAGE:
+            return _ERRNO_STORAGE[e.errno]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class IngestBusy(SpoolError):

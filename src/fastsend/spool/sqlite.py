@@ -34,6 +34,7 @@ an API listener in the same process). Other processes may open read-only views
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import operator
@@ -75,11 +76,20 @@ from fastsend.spool.base import (
     id_runs,
     idem_part,
     idem_part_ids,
+    storage_problem,
 )
 from fastsend.sqlitedb import connect, transaction
 from fastsend.wire import blob_ref
 
 __all__ = ["SQLiteSpool", "SpoolError"]
+
+
+def _wal_pending(path: str) -> bool:
+    """The database at ``path`` has a write-ahead log with frames in it."""
+    try:
+        return os.path.getsize(path + "-wal") > 0
+    except OSError:
+        return False
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS campaigns (
@@ -438,6 +448,26 @@ class SQLiteSpool(Spool):
         self.path = os.path.join(directory, "spool.db")
         if readonly and not os.path.exists(self.path):
             raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
+        try:
+            self._open(readonly)
+        except (sqlite3.Error, OSError) as e:
+            problem = storage_problem(e)
+            with contextlib.suppress(OSError):
+                if os.statvfs(directory).f_flag & os.ST_RDONLY:
+                    problem = "is on a read-only file system"
+            if readonly and problem is not None and not _wal_pending(self.path):
+                # A read-only view of a spool on a read-only file system (a
+                # snapshot, a mount for inspection): nothing can write it, so
+                # it is read as immutable (no -shm to create).
+                self._open_immutable()
+                return
+            raise SpoolError(
+                f"the spool at {directory!r} {problem or 'cannot be opened'} ({e})"
+                if problem
+                else f"the spool at {directory!r} cannot be opened: {e}"
+            ) from e
+
+    def _open(self, readonly: bool) -> None:
         # NORMAL in WAL mode: a commit survives a crash of any process (kill -9)
         # but not a power loss. That is enough for claims and outcomes (a lost
         # outcome means a retry, never a loss); add_messages, which makes mail
@@ -461,6 +491,14 @@ class SQLiteSpool(Spool):
                 self._rows = RowWriter(self.db, self.path, _insert_sql)
             except ImportError:  # not this interpreter's SQLite: the reference
                 pass
+
+
+    def _open_immutable(self) -> None:
+        self.db = sqlite3.connect(
+            f"file:{self.path}?immutable=1", uri=True, isolation_level=None
+        )
+        self._of = _OF_RUNS if _runs_cover(self.db) is not None else _OF_INDEX
+        self._rows = PyRowWriter(self.db, self.path, _insert_sql)
 
     # -- campaigns -----------------------------------------------------------
 
