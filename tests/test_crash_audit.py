@@ -198,3 +198,58 @@ def test_a_read_only_spool_is_refused_plainly_and_still_viewable(tmp_path: Path)
         assert "read-only" in res.stderr, res.stderr
     assert view.returncode == 0, view.stderr[-3000:]
     assert "delivered 10" in view.stdout, view.stdout
+
+
+def test_a_redis_back_without_its_data_is_said_plainly(tmp_path: Path) -> None:
+    """``send`` on a Redis spool stops itself once its list's 3rd batch is
+    committed; Redis is killed and comes back empty (its AOF gone: a container
+    restarted without its volume). The send must not carry on as if the spool
+    merely "answers again": it says the spool came back without its data and
+    that its list's job is gone with it, and exits non-zero. Before: "the
+    spool answers again ... 0 claim(s)", then "0 recipient(s) were spooled,
+    12000 row(s) not yet; `fastsend resume` continues the list", and that
+    resume found nothing to do and exited 0."""
+    n = 12000
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    redis = Redis(rdir)
+    redis.start()
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, [f"user{i}@d{i % 5}.example.net" for i in range(n)])
+    url = f"redis://127.0.0.1:{redis.port}/0?prefix=rw&node=n1&dir={tmp_path / 'spool'}"
+    err = tmp_path / "send.err"
+    try:
+        with SinkProcess() as sink:
+            host, port = sink.addresses[0]
+            env = dict(_env(), FASTSEND_TEST_FAULT="ingest-stop-after-commit:3")
+            with open(err, "w") as ferr:
+                proc = subprocess.Popen(
+                    fastsend_cmd(
+                        "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", url,
+                        "--route", f"*={host}:{port}", "--workers", "2", "--json",
+                        "--no-progress", "--max-wait", "5",
+                    ),
+                    stdout=subprocess.PIPE, stderr=ferr, text=True, env=env,
+                )  # fmt: skip
+                try:
+                    _wait(lambda: _stopped(proc.pid) or proc.poll() is not None)
+                    assert proc.poll() is None, err.read_text()[-3000:]
+                    redis.kill()
+                    for f in rdir.rglob("*"):
+                        if f.is_file():
+                            f.unlink()
+                    os.kill(proc.pid, signal.SIGCONT)
+                    _wait(lambda: "out of reach" in err.read_text() or proc.poll() is not None)
+                    redis.start()
+                    proc.communicate(timeout=300)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+        stderr = err.read_text()
+        assert proc.returncode != 0, stderr[-3000:]
+        assert "came back without its data" in stderr, stderr[-3000:]
+        assert "ingest job 1 (it lost its data" in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+    finally:
+        redis.stop()

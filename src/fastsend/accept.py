@@ -44,7 +44,7 @@ from typing import Any
 from fastsend import recipients
 from fastsend.events import AcceptedRows, EventLog, accepted_dicts
 from fastsend.message import Campaign
-from fastsend.spool import IdemMark, IngestJob, IngestMark, Spool
+from fastsend.spool import IdemMark, IngestJob, IngestMark, Spool, SpoolError
 from fastsend.suppression import DEFAULT_TENANT, SuppressionList
 from fastsend.wire import MAX_RECORD, CampaignSpec, blob_ref, encoder
 
@@ -502,9 +502,12 @@ class Acceptor:
                 on_bad(row)
 
         current: IngestJob | None = job
+        read = job.accepted + job.rejected
         while current is not None:
             try:
-                yield from self.ingest(current, on_bad=bad, first=first)
+                for mark in self.ingest(current, on_bad=bad, first=first):
+                    read = mark.accepted + mark.rejected
+                    yield mark
                 return
             except outage as e:
                 yield e
@@ -515,7 +518,14 @@ class Acceptor:
                     break
                 except outage as e:
                     yield e
-            if current is None or current.finished:
+            if current is None:
+                raise SpoolError(
+                    f"the spool came back without this list's ingest job {job.id} (it lost"
+                    f" its data while out of reach): {read:,} of {job.total:,} rows of"
+                    f" {job.source.get('path')} had been read, and what they spooled is gone"
+                    " with it"
+                )
+            if current.finished:
                 return
             problem = source_problem(current)
             if problem is not None:

@@ -254,6 +254,17 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         while not self.stopping and time.monotonic() < end:  # outcomes still drain
             await asyncio.sleep(0.05)
         try:
+            if not self.spool.intact():
+                # Said loudly: "answers again" alone would tell an operator all is well.
+                print(
+                    "fastsend: error: the spool came back without its data (Redis restarted"
+                    " without persistence or its AOF, or another server at its address):"
+                    " every message it held, queued or in flight"
+                    f" ({self.inflight} in this node's windows), its campaigns and the lists"
+                    " being read are gone from it; only mail accepted from now on is kept",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.flush_results()
             known: set[int] = set()
             for slot in self.slots:

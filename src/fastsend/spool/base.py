@@ -456,6 +456,15 @@ class Spool(abc.ABC):
         it holds, waits and goes on. None for a local spool."""
         return ()
 
+    def intact(self) -> bool:
+        """The spool still holds what it held when this object opened it. False
+        when a shared spool's server came back without its data (a Redis
+        restarted with no persistence or without its AOF, another server at the
+        address): every row, campaign and list job it held is gone. Said once:
+        from then on the spool as it is now is the one expected. Always True
+        for a local spool."""
+        return True
+
     def clock_offset(self) -> float:
         """Seconds a shared spool's clock (Redis TIME) is ahead of this
         process's ``time.time()``; 0.0 for a local spool. Due times, retry
@@ -814,6 +823,9 @@ class SpoolProxy(Spool):
 
     def release_strays(self, known: Collection[int]) -> int:
         return self.inner.release_strays(known)
+
+    def intact(self) -> bool:
+        return self.inner.intact()
 
     def clock_offset(self) -> float:
         return self.inner.clock_offset()

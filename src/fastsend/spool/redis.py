@@ -210,6 +210,10 @@ class RedisSpool(Spool):
                 f" {_s(self.r.get(lay))}, this fastsend writes {_s(LAYOUT)}: drain it"
                 " with the fastsend that wrote it, or use another prefix"
             )
+        # P:epoch: a token made by the first process to open the spool; a spool
+        # that lost its data (Redis back without it) has none, or another's.
+        self.r.set(f"{self.k}:epoch", secrets.token_hex(8), nx=True)
+        self._epoch = self.r.get(f"{self.k}:epoch")
         reg = self.r.register_script
         self._claim = reg(_script("claim"))
         self._record = reg(_script("record"))
@@ -601,6 +605,18 @@ class RedisSpool(Spool):
     def outage_errors(self) -> tuple[type[BaseException], ...]:
         # BusyLoadingError (Redis reading its AOF after a restart) is a ConnectionError.
         return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+    def intact(self) -> bool:
+        epoch = f"{self.k}:epoch"
+        now = self.r.get(epoch)
+        if now == self._epoch:
+            return True
+        # Gone (or made anew by another process that opened the empty spool):
+        # the spool as it is now is the one expected from here on.
+        self.r.set(f"{self.k}:layout", LAYOUT, nx=True)
+        self.r.set(epoch, secrets.token_hex(8), nx=True)
+        self._epoch = self.r.get(epoch)
+        return False
 
     def clock_offset(self) -> float:
         t0 = time.time()
