@@ -26,6 +26,9 @@ HOLD_HORIZON = 10.0  # s of a rate's worth kept rate-held in a window (the rest 
 BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that follow
 
 
+def _raise(e: BaseException) -> None:
+    raise e
+
 class Dispatch(SupervisorState):
     first_slot = 0  # the slot a pass starts with turns, so no worker is always first
 
@@ -205,6 +208,9 @@ class Dispatch(SupervisorState):
             return
         try:
             version = self.suppression.version()
+        except self.outage_types as e:  # a shared spool out of reach: an outage, not a bug
+            self.guard(_raise, e)
+            return
         except Exception:  # an unreadable list must not stop delivery: say so
             self.hook_failed(self.suppression.version)
             return

@@ -160,6 +160,7 @@ class SupervisorState:
     draining: bool  # SIGTERM: no new claims, windows finish
     stopping: bool  # stop now: windows go back to queued
     outage_since: float  # monotonic start of a shared spool's outage (0: it answers)
+    outage_types: tuple[type[BaseException], ...]  # Spool.outage_errors()
     feeder: Iterator[object] | None
     feeding: bool
     pace_feed: bool  # the feeder reads as the windows have room (a local spool)

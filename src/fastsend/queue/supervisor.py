@@ -34,7 +34,7 @@ from typing import Any
 from fastsend import msgid, wire
 from fastsend.config import Config
 from fastsend.events import EventLog
-from fastsend.queue.dispatch import STATUS_TTL, Dispatch
+from fastsend.queue.dispatch import STATUS_TTL, Dispatch, _raise
 from fastsend.queue.lifecycle import CRASH_LOOP, WORKER_SILENCE, WorkerLifecycle
 from fastsend.queue.outcomes import HANDBACK_SPREAD, Outcomes
 from fastsend.queue.shaping import SupervisorShaping
@@ -61,10 +61,6 @@ DRAIN_OUTAGE = 10.0  # s: a drain with the spool out of reach this long stops no
 DRAIN_LIMIT = 30.0  # s: a drain still waiting on connections after this stops now
 FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
 _END = object()
-
-
-def _raise(e: BaseException) -> None:
-    raise e
 
 
 class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
