@@ -44,7 +44,15 @@ from typing import Any
 from fastsend import recipients
 from fastsend.events import AcceptedRows, EventLog, accepted_dicts
 from fastsend.message import Campaign
-from fastsend.spool import IdemMark, IngestJob, IngestMark, Spool, SpoolError
+from fastsend.spool import (
+    IdemMark,
+    IngestJob,
+    IngestMark,
+    Spool,
+    SpoolError,
+    SpoolStorageError,
+    storage_problem,
+)
 from fastsend.suppression import DEFAULT_TENANT, SuppressionList
 from fastsend.wire import MAX_RECORD, CampaignSpec, blob_ref, encoder
 
@@ -511,6 +519,11 @@ class Acceptor:
                 return
             except outage as e:
                 yield e
+            except OSError as e:  # the event log's disk full: the spool's outage too
+                problem = storage_problem(e) if outage else None
+                if problem is None:
+                    raise
+                yield SpoolStorageError(f"the event log's storage {problem} ({e})")
             first = 0
             while True:  # where the job stands now that the spool answers
                 try:

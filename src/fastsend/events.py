@@ -279,7 +279,11 @@ class EventLog:
             self._buf.clear()
             view = memoryview(data)
             while view:
-                n = os.write(self._fd, view)
+                try:
+                    n = os.write(self._fd, view)
+                except OSError:  # a full disk: the rest is written by the next flush
+                    self._buf.append(bytes(view))
+                    raise
                 view = view[n:]
 
     def reopen(self) -> None:

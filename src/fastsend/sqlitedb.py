@@ -90,7 +90,12 @@ def transaction(
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
+        try:
+            db.execute("COMMIT")
+        except BaseException:  # a full disk: the transaction may still be open
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
     finally:
         if before is not None:
             db.execute(f"PRAGMA synchronous={before}")

@@ -23,7 +23,16 @@ from fastsend.events import DeliveredRows, Rows, outcome_dict
 from fastsend.queue.state import SupervisorState, WorkerSlot
 from fastsend.retry import next_attempt
 from fastsend.ring import Ring
-from fastsend.spool import BOUNCED, DEFERRED, DELIVERED, EXPIRED, Claimed, Result
+from fastsend.spool import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    EXPIRED,
+    Claimed,
+    Result,
+    SpoolStorageError,
+    storage_problem,
+)
 from fastsend.suppression import SOURCE_DELIVERY
 
 HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up to this far
@@ -312,7 +321,13 @@ class Outcomes(SupervisorState):
                 self.events.emit_rows(buf)  # the file, then listeners (webhooks, index)
             except Exception:
                 self.hook_failed(self.events.emit_rows)
-        self.events.flush()
+        try:
+            self.events.flush()
+        except OSError as e:  # the event log's disk is the spool's: an outage too
+            problem = storage_problem(e)
+            if problem is None:
+                raise
+            raise SpoolStorageError(f"the event log's storage {problem} ({e})") from e
 
     def hook_failed(self, hook: Any) -> None:
         """Report a result hook or event listener that raised (once per hook)."""

@@ -250,6 +250,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         while not self.stopping and time.monotonic() < end:  # outcomes still drain
             await asyncio.sleep(0.05)
         try:
+            self.spool.probe()  # a full disk: a write, not only a read, must work again
             if not self.spool.intact():
                 # Said loudly: "answers again" alone would tell an operator all is well.
                 print(

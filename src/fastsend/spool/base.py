@@ -65,6 +65,13 @@ class SpoolError(Exception):
     become durable. Every backend raises this (or a subclass)."""
 
 
+class SpoolStorageError(SpoolError):
+    """A local spool's storage refused a write (a full disk, a read-only file
+    system, an I/O error): nothing of that write was kept. An outage of the
+    spool (``Spool.outage_errors``): the supervisor keeps what it holds and
+    tries again, so freeing space lets the run go on."""
+
+
 # SQLite's primary result codes that mean the storage refused a write.
 _SQLITE_STORAGE = {8: "is read-only", 10: "cannot be written (I/O error)", 13: "is full",
                    14: "cannot be opened or created"}  # fmt: skip
@@ -456,6 +463,11 @@ class Spool(abc.ABC):
         it holds, waits and goes on. None for a local spool."""
         return ()
 
+    def probe(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """A small write that fails as the next real one would while a local
+        spool's storage refuses writes (``SpoolStorageError``): the end of such
+        an outage is judged by it. A no-op by default."""
+
     def intact(self) -> bool:
         """The spool still holds what it held when this object opened it. False
         when a shared spool's server came back without its data (a Redis
@@ -823,6 +835,9 @@ class SpoolProxy(Spool):
 
     def release_strays(self, known: Collection[int]) -> int:
         return self.inner.release_strays(known)
+
+    def probe(self) -> None:
+        self.inner.probe()
 
     def intact(self) -> bool:
         return self.inner.intact()

@@ -72,16 +72,36 @@ from fastsend.spool.base import (
     Spool,
     SpoolBusy,
     SpoolError,
+    SpoolStorageError,
     holder_tag,
     id_runs,
     idem_part,
     idem_part_ids,
     storage_problem,
 )
-from fastsend.sqlitedb import connect, transaction
+from fastsend.sqlitedb import connect
+from fastsend.sqlitedb import transaction as _transaction
 from fastsend.wire import blob_ref
 
 __all__ = ["SQLiteSpool", "SpoolError"]
+
+
+@contextlib.contextmanager
+def transaction(
+    db: sqlite3.Connection, *, immediate: bool = True, synchronous: str = ""
+) -> Iterator[None]:
+    """:func:`fastsend.sqlitedb.transaction`; the storage refusing a write (a
+    full disk, a read-only file system, an I/O error) is a
+    :class:`SpoolStorageError` (the transaction rolled back): an outage of the
+    spool that the supervisor rides out (``outage_errors``)."""
+    try:
+        with _transaction(db, immediate=immediate, synchronous=synchronous):
+            yield
+    except sqlite3.Error as e:
+        problem = storage_problem(e)
+        if problem is None:
+            raise
+        raise SpoolStorageError(f"the spool's storage {problem} ({e})") from e
 
 
 def _wal_pending(path: str) -> bool:
@@ -492,6 +512,16 @@ class SQLiteSpool(Spool):
             except ImportError:  # not this interpreter's SQLite: the reference
                 pass
 
+
+    def outage_errors(self) -> tuple[type[BaseException], ...]:
+        # A full disk (or a read-only remount): kept and retried, not a crash.
+        return (SpoolStorageError,)
+
+    def probe(self) -> None:
+        with transaction(self.db):
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('probe', ?)", (repr(time.time()),)
+            )
 
     def _open_immutable(self) -> None:
         self.db = sqlite3.connect(
