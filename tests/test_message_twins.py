@@ -44,6 +44,17 @@ SPECS: dict[str, dict[str, Any]] = {
         "attachments": [{"filename": "x.bin", "data_b64": base64.b64encode(b"\x00" * 99).decode()}],
     },
     "base64": {"subject": "{{ a }}", "text": "{{ b }} {{ name }}", "transfer_encoding": "base64"},
+    "html-contexts": {  # each value HTML-escaped for where it stands (and one raw)
+        "subject": "{{ a }}",
+        "text": "{{ a }} {{ b }}",
+        "html": "<p title=\"{{ a }}\">{{ b }}</p><a href='{{ b }}'>{{ name | raw }}</a>"
+        "<img alt={{ name }} src={{ a }}><!-- {{ a }} --><a href=\"https://e.example/{{ b }}\">",
+    },
+    "html-base64": {
+        "subject": "s",
+        "html": "<a href=\"{{ a }}\">{{ b }}</a>",
+        "transfer_encoding": "base64",
+    },
     "long-lines": {  # whole static lines (pre-encoded once by the compiled twin)
         "subject": "{{ a }}",
         "text": "Hi {{ name }},\n" + ("static = line \t with é, " * 4 + "\n") * 3 + "{{ b }}\n",

@@ -123,8 +123,13 @@ def qp_encode_text(str text):
         free(out)
 
 
-cdef list _values(tuple names, tuple defaults, variables):
-    """The value of each placeholder (as splice() chooses it; KeyError if missing)."""
+cdef object _m_html_value = None
+
+
+cdef list _values(tuple names, tuple defaults, variables, tuple escapes=None):
+    """The value of each placeholder (as splice() chooses it; KeyError if
+    missing), HTML-escaped where ``escapes`` says (template.html_value)."""
+    global _m_html_value
     cdef Py_ssize_t k, m = len(names)
     cdef list vals = [None] * m
     cdef object v, d
@@ -140,6 +145,12 @@ cdef list _values(tuple names, tuple defaults, variables):
                 raise KeyError(names[k])
             v = d
         vals[k] = v
+    if escapes is not None:
+        if _m_html_value is None:
+            from fastsend.message.template import html_value as _m_html_value
+        for k in range(m):
+            if escapes[k] and type(vals[k]) is str:
+                vals[k] = _m_html_value(vals[k], escapes[k], names[k])
     return vals
 
 
@@ -185,10 +196,10 @@ cdef bytes qp_encode_bytes(bytes raw):
         free(out)
 
 
-def qp_template(tuple literals, tuple names, tuple defaults, variables):
+def qp_template(tuple literals, tuple names, tuple defaults, variables, tuple escapes=None):
     """Quoted-printable of the spliced template; b"" when it is empty (twin of
     the pure ``qp_template``)."""
-    return _qp_template(literals, names, defaults, variables)
+    return _qp_template(literals, names, defaults, variables, escapes)
 
 
 cdef class _QPPlan:
@@ -200,9 +211,10 @@ cdef class _QPPlan:
     cdef Py_ssize_t dyn, cap
 
 
-cdef _QPPlan _qp_plan(tuple literals, tuple names, tuple defaults, variables):
+cdef _QPPlan _qp_plan(tuple literals, tuple names, tuple defaults, variables,
+                      tuple escapes=None):
     cdef Py_ssize_t k, m = len(names), dyn = 0, stat = 0, nseg = 1, ln, h, t
-    cdef list vals = _values(names, defaults, variables)
+    cdef list vals = _values(names, defaults, variables, escapes)
     cdef object piece, entry
     for k in range(m):
         if not PyUnicode_Check(vals[k]):
@@ -309,7 +321,8 @@ cdef bytes _finish(PyObject* raw, Py_ssize_t o, Py_ssize_t extra, Py_ssize_t* sp
     return msg
 
 
-cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
+cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables,
+                        tuple escapes=None):
     """Quoted-printable of the spliced template; b"" when it is empty.
 
     Twin of ``qp_encode_text(splice(...)) if text else b""``, without the
@@ -318,7 +331,7 @@ cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables):
     whole lines inside long literals, whose encoding is made once and copied
     (see ``_QP_LINES``).
     """
-    cdef _QPPlan plan = _qp_plan(literals, names, defaults, variables)
+    cdef _QPPlan plan = _qp_plan(literals, names, defaults, variables, escapes)
     if plan.cap == 0:
         return b""
     # Encoded straight into the bytes returned (made with room to spare), cut
@@ -818,6 +831,7 @@ cdef class _FastTpl:
     cdef tuple lits, defs, mids
     cdef Py_ssize_t m
     cdef int idx[_FAST_PH]
+    cdef int esc[_FAST_PH]  # template.html_escapes' modes (0: none)
     cdef Py_ssize_t h[_FAST_PH + 1]
     cdef Py_ssize_t t[_FAST_PH + 1]
 
@@ -848,14 +862,19 @@ cdef class _Fast:
         self.names.append(name)
         return len(self.names) - 1
 
-    cdef _FastTpl tpl(self, tuple literals, tuple names, tuple defaults, bint qp):
+    cdef _FastTpl tpl(self, tuple literals, tuple names, tuple defaults, bint qp,
+                      tuple escapes=None):
         """None when the template cannot be written by the fast path."""
         cdef _FastTpl t = _FastTpl.__new__(_FastTpl)
         cdef Py_ssize_t k, m = len(names)
         cdef object entry
         if m > _FAST_PH or len(literals) != m + 1 or len(defaults) != m:
             return None
+        if escapes is not None and len(escapes) != m:
+            return None
         t.m = m
+        for k in range(m):
+            t.esc[k] = 0 if escapes is None else <int> escapes[k]
         for k in range(m):
             if type(names[k]) is not str:
                 return None
@@ -943,8 +962,9 @@ cdef _Fast _fast_layout(Assembly a):
     for x in a.segments:
         if type(x) is bytes:
             out.append(x)
-        elif type(x) is tuple and len(<tuple> x) == 3:
-            t = fp.tpl((<tuple> x)[0], (<tuple> x)[1], (<tuple> x)[2], True)
+        elif type(x) is tuple and len(<tuple> x) in (3, 4):
+            t = fp.tpl((<tuple> x)[0], (<tuple> x)[1], (<tuple> x)[2], True,
+                       (<tuple> x)[3] if len(<tuple> x) == 4 else None)
             if t is None:
                 return None
             out.append(t)
@@ -1087,6 +1107,59 @@ cdef int _json_flat(const unsigned char* s, Py_ssize_t n, _Fast fp, const char**
         return -1
 
 
+cdef bint _html_clean(const unsigned char* s, Py_ssize_t n, int mode) noexcept nogil:
+    """Whether template.html_value leaves these UTF-8 octets as they are
+    (``mode``: its bits 1 HTML, 2 unquoted, 4 URL start). A value with a
+    backslash is not clean either (made the usual way, as the JSON reader
+    leaves an escaped string)."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if mode & 4 and _url_scheme_unsafe(s, n):
+        return False
+    for i in range(n):
+        c = s[i]
+        if c == 38 or c == 60 or c == 62 or c == 34 or c == 39 or c == 92:
+            return False
+        if mode & 2 and not ((48 <= c <= 57) or (97 <= (c | 32) <= 122) or c == 45
+                             or c == 46 or c == 95 or c == 58 or c == 47):
+            return False
+    return True
+
+
+cdef bint _url_scheme_unsafe(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """Twin of template.url_scheme_unsafe: a URL (as a browser reads it:
+    leading C0 controls and spaces dropped, tabs and line ends anywhere
+    ignored) whose scheme is not http, https, mailto, tel or cid."""
+    cdef unsigned char b[7]
+    cdef Py_ssize_t i = 0, k = 0
+    cdef unsigned char c
+    while i < n and s[i] <= 32:
+        i += 1
+    if i >= n or not (97 <= (s[i] | 32) <= 122):
+        return False  # no scheme: a relative URL
+    while i < n:
+        c = s[i]
+        i += 1
+        if c == 9 or c == 10 or c == 13:
+            continue
+        if c == 58:  # ":"
+            break
+        if not ((48 <= c <= 57) or (97 <= (c | 32) <= 122) or c == 43 or c == 46 or c == 45):
+            return False  # "/", "?", "#" ... before any ":": relative
+        if k < 7:
+            b[k] = c | 32 if 65 <= c <= 90 else c
+        k += 1
+    else:
+        return False  # no ":"
+    if k == 4 and memcmp(b, b"http", 4) == 0:
+        return False
+    if k == 5 and memcmp(b, b"https", 5) == 0:
+        return False
+    if k == 6 and memcmp(b, b"mailto", 6) == 0:
+        return False
+    return not (k == 3 and (memcmp(b, b"tel", 3) == 0 or memcmp(b, b"cid", 3) == 0))
+
+
 cdef int _dict_values(dict d, _Fast fp, const char** vp, Py_ssize_t* vl) except -2:
     """The values of ``fp``'s names (from index 2) in ``d``: 0; -1 when one is
     not a str (or has no UTF-8)."""
@@ -1113,7 +1186,8 @@ cdef int _dict_values(dict d, _Fast fp, const char** vp, Py_ssize_t* vl) except 
 cdef inline Py_ssize_t _tpl_values(_FastTpl t, const char** vp, Py_ssize_t* vl,
                                    const char** pp, Py_ssize_t* pl) noexcept:
     """Each placeholder's value (as splice() chooses it) into ``pp``/``pl``;
-    the spliced text's length, or -1 when one is missing (KeyError)."""
+    the spliced text's length, or -1 when one is missing (KeyError) or its
+    HTML escaping would change it (``t.esc``: then made the usual way)."""
     cdef Py_ssize_t k, j, total = 0
     cdef object d
     for k in range(t.m):
@@ -1127,6 +1201,8 @@ cdef inline Py_ssize_t _tpl_values(_FastTpl t, const char** vp, Py_ssize_t* vl,
                 return -1
             pp[k] = PyBytes_AS_STRING(d)
             pl[k] = PyBytes_GET_SIZE(d)
+        if t.esc[k] and not _html_clean(<const unsigned char*> pp[k], pl[k], t.esc[k]):
+            return -1
         total += pl[k]
     for k in range(t.m + 1):
         total += PyBytes_GET_SIZE(t.lits[k])
@@ -1593,7 +1669,7 @@ cdef class Assembly:
                 cap += PyBytes_GET_SIZE(seg)
             elif type(seg) is tuple:
                 t = <tuple> seg
-                plan = _qp_plan(t[0], t[1], t[2], variables)
+                plan = _qp_plan(t[0], t[1], t[2], variables, t[3] if len(t) == 4 else None)
                 parts[k] = plan
                 cap += plan.cap
             else:
@@ -1677,7 +1753,8 @@ cdef class Assembly:
                 chunks.append(seg)
             elif type(seg) is tuple:
                 t = <tuple> seg
-                chunks.append(_qp_template(t[0], t[1], t[2], variables))
+                chunks.append(_qp_template(t[0], t[1], t[2], variables,
+                                           t[3] if len(t) == 4 else None))
             else:
                 chunks.append(seg(variables))
         body = b"".join(chunks)

@@ -701,6 +701,15 @@ cdef class ClientCore:
             reason = (
                 "the message needs SMTPUTF8 (non-ASCII address) and the server does not offer it"
             )
+        elif txn.eightbit and "8BITMIME" not in self.capabilities:
+            # RFC 6152 3: 8-bit data only to a server that offers it. (Raw
+            # MIME is re-encoded to 7 bit before signing when it can be:
+            # fastsend.message.rawmime; what is left must not be mangled.)
+            enhanced = "5.6.3"
+            reason = (
+                "the message has 8-bit content that cannot be re-encoded"
+                " and the server does not offer 8BITMIME"
+            )
         elif (
             self.size_limit and type(txn.data) is bytes and len(txn.data) > self.size_limit
         ):  # (a deferred message is checked when it is made: _made)

@@ -15,8 +15,11 @@ tenant's own keys, and the config's ``[dkim]`` entries for the tenant's domains
   out unsigned, and one with a stray CR with a signature no verifier
   accepts), a ``Date`` and a ``Message-ID`` put in front when it has none
   (RFC 5322 3.6 requires the first; Gmail refuses mail without the second),
-  its ``Bcc`` fields taken out (every recipient would read them), then a
-  DKIM-Signature header per entry; it is otherwise sent byte for byte.
+  its ``Bcc`` fields taken out (every recipient would read them), its 8-bit
+  parts and lines over 998 octets re-encoded to 7 bit before it is signed
+  (:mod:`fastsend.message.rawmime`: RFC 6376 5.3; what cannot be re-encoded
+  goes with BODY=8BITMIME, or is refused), then a DKIM-Signature header per
+  entry; it is otherwise sent byte for byte.
 
 Keys are loaded once per process (fastsend.message.keys caches them), by
 :meth:`ConfigDKIM.preload` in the supervisor before it forks the workers, so
@@ -34,6 +37,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from fastsend.config import Config
+from fastsend.message.rawmime import crlf_lines, prepare
 from fastsend.tenants import Tenants, ascii_domain
 
 if TYPE_CHECKING:
@@ -81,11 +85,24 @@ class ConfigDKIM:
         return s
 
     def sign_raw(self, data: bytes, tenant: str | None = None, message_id: str = "") -> bytes:
-        """``data`` ready to send: CRLF line ends, no Bcc, a Date and (with a
-        ``message_id``: ``<message_id@From domain>``) a Message-ID added
-        in front when it has none, and DKIM-Signature headers for (tenant, its
-        From domain) when there are keys."""
-        data = crlf_lines(data)
+        """What :meth:`prepare_raw` returns, without its ``eightbit``."""
+        return self.prepare_raw(data, tenant, message_id)[0]
+
+    def prepare_raw(
+        self, data: bytes, tenant: str | None = None, message_id: str = ""
+    ) -> tuple[bytes, bool]:
+        """``(data ready to send, eightbit)``: CRLF line ends, within the caps
+        and its 8-bit parts and long lines re-encoded to 7 bit
+        (fastsend.message.rawmime.prepare: RawMimeError when it cannot be sent
+        unbroken; ``eightbit`` when 8-bit octets are left, to send with
+        BODY=8BITMIME), no Bcc, a Date and (with a ``message_id``:
+        ``<message_id@From domain>``) a Message-ID added in front when it has
+        none, and DKIM-Signature headers for (tenant, its From domain) when
+        there are keys."""
+        data, eightbit = prepare(crlf_lines(data))
+        return self._ready(data, tenant, message_id), eightbit
+
+    def _ready(self, data: bytes, tenant: str | None, message_id: str) -> bytes:
         head, sep, body = data.partition(b"\r\n\r\n")
         if not sep:
             return data  # no blank line: not a header section to add to or sign
@@ -113,18 +130,7 @@ class ConfigDKIM:
         return b"".join(sigs) + data if sigs else data
 
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 _DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9.\-]*[a-z0-9])?")
-
-
-def crlf_lines(data: bytes) -> bytes:
-    """``data`` with every line end CRLF: a bare LF or a bare CR is a line end
-    (RFC 5322 2.3: CR and LF occur only together); unchanged when it already
-    is, which is one count of each."""
-    n = data.count(b"\r\n")
-    if data.count(b"\n") == n and data.count(b"\r") == n:
-        return data
-    return _LINE_END.sub(b"\r\n", data)
 
 
 def raw_from_domains(data: bytes) -> list[str]:

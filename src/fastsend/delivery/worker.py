@@ -337,6 +337,7 @@ class Worker:
         sender = None if r.verp_domain else r.return_path
         sender_utf8 = r.sender_utf8
         needs_smtputf8 = r.needs_smtputf8
+        by_values = r.address_variables  # a Reply-To/To from variables: per message
         loads = orjson.loads
         blobs = batch.blobs  # vars stored once for many rows (wire.blob_ref)
         if deferred and personal is not None:
@@ -368,7 +369,8 @@ class Worker:
                         [rcpt],
                         data,
                         it.id,
-                        sender_utf8 or (not rcpt.isascii() and needs_smtputf8(rcpt)),
+                        sender_utf8
+                        or ((not rcpt.isascii() or by_values) and needs_smtputf8(rcpt, values)),
                     )
                 )
             except RenderError as e:
@@ -397,12 +399,12 @@ class Worker:
         # A raw body is the same bytes for each of its recipients: they share SMTP
         # transactions (up to recipients_per_transaction RCPTs, as identical
         # campaign mail does), each recipient keeping its own outcome.
-        raws: dict[str, tuple[bytes, str]] = {}
+        raws: dict[str, tuple[bytes, str, bool]] = {}
         groups: dict[tuple[str, bool], Envelope] = {}
         per_txn = self.config.delivery.recipients_per_transaction
         compiled: dict[str, Any] = {}
 
-        def share(blob: str, data: bytes, mail_from: str, it: wire.Item) -> None:
+        def share(blob: str, data: bytes, mail_from: str, eightbit: bool, it: wire.Item) -> None:
             smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
             group = groups.get((blob, smtputf8))
             if group is not None and len(group.rcpts) < per_txn:
@@ -411,12 +413,13 @@ class Worker:
                 group.tag.append(it.id)
                 return
             groups[(blob, smtputf8)] = env = Envelope(
-                mail_from, [it.rcpt], data, tag=[it.id], smtputf8=smtputf8
+                mail_from, [it.rcpt], data, tag=[it.id], smtputf8=smtputf8, eightbit=eightbit
             )
             envelopes.append(env)
 
         for it in batch.items:
             mid = msgid.token(it.id, secret)
+            eightbit = False
             try:
                 blob = wire.blob_digest(it.vars) if batch.blobs else None
                 if blob in raws:
@@ -432,10 +435,12 @@ class Worker:
                             if d and not tenants.allows(tenant or "", d):
                                 raise ValueError(f"From domain {d} is not the tenant's")
                     # Shared by a blob's recipients: a Message-ID naming none of them.
-                    data = self.dkim.sign_raw(raw, tenant, mid + msgid.GROUP_SUFFIX if blob else mid)
+                    data, eightbit = self.dkim.prepare_raw(
+                        raw, tenant, mid + msgid.GROUP_SUFFIX if blob else mid
+                    )
                     if blob:
-                        raws[blob] = (data, mail_from)
-                        share(blob, data, mail_from, it)
+                        raws[blob] = (data, mail_from, eightbit)
+                        share(blob, data, mail_from, eightbit, it)
                         continue
                     smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
                 else:
@@ -457,7 +462,11 @@ class Worker:
                     TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"message: {e}", "local")])
                 )
                 continue
-            envelopes.append(Envelope(mail_from, [it.rcpt], data, tag=it.id, smtputf8=smtputf8))
+            envelopes.append(
+                Envelope(
+                    mail_from, [it.rcpt], data, tag=it.id, smtputf8=smtputf8, eightbit=eightbit
+                )
+            )
         if failures:
             self.add_results(failures, "", "")
         return envelopes

@@ -48,7 +48,7 @@ from fastsend.message.headers import (
     unstructured_header,
 )
 from fastsend.message.template import PURE as _TEMPLATE_PURE
-from fastsend.message.template import Template, splice
+from fastsend.message.template import Template, UnsafeValue, html_escapes, html_value, splice
 from fastsend.outcome import Envelope
 
 if TYPE_CHECKING:
@@ -105,14 +105,43 @@ def qp_template(
     names: tuple[str, ...],
     defaults: tuple[str | None, ...],
     variables: Mapping[str, str],
+    escapes: tuple[int, ...] | None = None,
 ) -> bytes:
     """Quoted-printable of a template spliced with ``variables`` (b"" when empty).
 
-    Same arguments and errors as :func:`fastsend.message.template.splice`; the
-    compiled twin encodes the pieces without building the spliced str.
+    Same arguments and errors as :func:`fastsend.message.template.splice`
+    (and UnsafeValue); ``escapes``: each value HTML-escaped by
+    :func:`~fastsend.message.template.html_value` with its mode (an HTML
+    part's). The compiled twin encodes the pieces without building the
+    spliced str.
     """
-    text = _splice_py(literals, names, defaults, variables)
+    if escapes is None:
+        text = _splice_py(literals, names, defaults, variables)
+    else:
+        text = _splice_escaped(literals, names, defaults, variables, escapes)
     return _qp_encode_text_py(text) if text else b""
+
+
+def _splice_escaped(
+    literals: tuple[str, ...],
+    names: tuple[str, ...],
+    defaults: tuple[str | None, ...],
+    variables: Mapping[str, str],
+    escapes: tuple[int, ...],
+) -> str:
+    parts = [literals[0]]
+    for i, name in enumerate(names):
+        v = variables.get(name)
+        if v is None or (not v and defaults[i] is not None):
+            d = defaults[i]
+            if d is None:
+                raise KeyError(name)
+            v = d
+        if escapes[i] and isinstance(v, str):
+            v = html_value(v, escapes[i], name)
+        parts.append(v)
+        parts.append(literals[i + 1])
+    return "".join(parts)
 
 
 def text_header(name: str, value: str) -> bytes:
@@ -314,7 +343,9 @@ class Assembly:
             if isinstance(seg, bytes):
                 chunks.append(seg)
             elif isinstance(seg, tuple):
-                chunks.append(_qp_template_py(seg[0], seg[1], seg[2], variables))
+                chunks.append(
+                    _qp_template_py(*seg[:3], variables, seg[3] if len(seg) == 4 else None)
+                )
             else:
                 chunks.append(seg(variables))
         body = b"".join(chunks)
@@ -480,11 +511,17 @@ class _Header:
 
 
 class _TextPart:
-    __slots__ = ("defaults", "encoding", "headers", "literals", "names", "template")
+    """A text/plain or text/html part. An HTML part's values are escaped for
+    where each placeholder stands (``escapes``: template.html_escapes; None
+    when none needs it), a text part's never."""
+
+    __slots__ = ("defaults", "encoding", "escapes", "headers", "literals", "names", "template")
 
     def __init__(self, subtype: str, source: str, encoding: str) -> None:
         self.template = t = Template(_normalize_text(source))
         self.literals, self.names, self.defaults = t.literals, t._names, t._defaults
+        esc = html_escapes(t) if subtype == "html" else ()
+        self.escapes: tuple[int, ...] | None = esc if any(esc) else None
         self.encoding = encoding
         self.headers = (
             f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
@@ -495,12 +532,20 @@ class _TextPart:
         """This part's text as an :class:`Assembly` segment."""
         if self.encoding == "base64":
             return self.body
+        if self.escapes is not None:
+            return (self.literals, self.names, self.defaults, self.escapes)
         return (self.literals, self.names, self.defaults)
 
     def body(self, variables: Mapping[str, str]) -> bytes:
         if self.encoding == "base64":
-            return base64_body(self.template.render(variables).encode("utf-8"))
-        return qp_template(self.literals, self.names, self.defaults, variables)
+            if self.escapes is None:
+                text = self.template.render(variables)
+            else:
+                text = _splice_escaped(
+                    self.literals, self.names, self.defaults, variables, self.escapes
+                )
+            return base64_body(text.encode("utf-8"))
+        return qp_template(self.literals, self.names, self.defaults, variables, self.escapes)
 
 
 def _new_boundary(tag: str) -> str:
@@ -576,6 +621,14 @@ class Renderer:
             if spec.get(key) and Template(spec[key]).is_static:
                 addrs.append(parse_mailbox(spec[key])[1])
         self._sender_utf8 = not all(a.rpartition("@")[0].isascii() for a in addrs)
+        # A Reply-To or To built from variables (other than the recipient's
+        # own address): a recipient's value may make its local part non-ASCII,
+        # and then that message needs SMTPUTF8 (needs_smtputf8 with the values).
+        self._addr_templates = tuple(
+            t
+            for key in ("reply_to", "to")
+            if spec.get(key) and (t := Template(spec[key])).names - {"email"}
+        )
         self._date_sec = -1
         self._date_line = b""
         # Static pieces of the body and the content headers, made once.
@@ -710,7 +763,7 @@ class Renderer:
             raise RenderError(f"{rcpt!r}: missing variable {exc.args[0]!r}") from None
         except TypeError:
             raise RenderError(f"{rcpt!r}: variable values must be strings") from None
-        except (HeaderError, verp.VerpError) as exc:
+        except (HeaderError, verp.VerpError, UnsafeValue) as exc:
             raise RenderError(f"{rcpt!r}: {exc}") from None
         if isinstance(got, bytes):  # not signed
             return got
@@ -737,7 +790,11 @@ class Renderer:
         arguments, ``False`` replaced by a fallback, make a
         :class:`DeferredMessage` (the message made when it is called; signed
         then, when the campaign has one Ed25519 signer: ``Assembly.signed``)."""
-        if self.tracker is not None or (self._plans and not (deferred and self._defer_signed)):
+        if (
+            self.tracker is not None
+            or self._addr_templates
+            or (self._plans and not (deferred and self._defer_signed))
+        ):
             return None
         a = self._assembly
         return (a.deferred if deferred else a.personal), self._date()  # type: ignore[return-value]
@@ -766,6 +823,27 @@ class Renderer:
         placeholders."""
         return self._sender_utf8
 
-    def needs_smtputf8(self, rcpt: str) -> bool:
-        """True when the recipient's local part is non-ASCII, or :attr:`sender_utf8` (RFC 6531)."""
-        return self._sender_utf8 or not rcpt.rpartition("@")[0].isascii()
+    @property
+    def address_variables(self) -> bool:
+        """True when a Reply-To or To is built from variables (other than
+        ``email``): :meth:`needs_smtputf8` then needs each message's values."""
+        return bool(self._addr_templates)
+
+    def needs_smtputf8(self, rcpt: str, variables: Mapping[str, str] | None = None) -> bool:
+        """True when the recipient's local part is non-ASCII, or
+        :attr:`sender_utf8`, or (given the message's ``variables``) a Reply-To
+        or To built from them has a non-ASCII local part (RFC 6531/6532)."""
+        if self._sender_utf8 or not rcpt.rpartition("@")[0].isascii():
+            return True
+        if not variables or not self._addr_templates:
+            return False
+        for t in self._addr_templates:
+            if all(type(v) is not str or v.isascii() for v in t.values_or_none(variables)):
+                continue  # (an ASCII value cannot make a non-ASCII local part)
+            try:
+                addr = parse_mailbox(t.render({**variables, "email": rcpt}))[1]
+            except (HeaderError, KeyError, TypeError):
+                continue  # no message to send: render() says why
+            if not addr.rpartition("@")[0].isascii():
+                return True
+        return False

@@ -76,7 +76,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastsend.message.errors import CampaignError
-from fastsend.message.template import Template
+from fastsend.message.template import Template, UnsafeValue, url_scheme_unsafe
 
 __all__ = [
     "CLICK",
@@ -407,5 +407,10 @@ class Tracker:
             if target.lower().startswith(("http://", "https://")) and "\n" not in target:
                 out[f"_fs.l{i}"] = html.escape(self.url(CLICK, message_id, rcpt, target))
             else:
+                if url_scheme_unsafe(target):  # a javascript: link from a variable
+                    raise UnsafeValue(
+                        f"a link starts with {url_scheme_unsafe(target)!r}:"
+                        " only http, https, mailto, tel, cid or relative URLs"
+                    )
                 out[f"_fs.l{i}"] = html.escape(target)
         return out

@@ -35,6 +35,8 @@ from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
 from fastsend.message.headers import HeaderError, parse_mailbox
+from fastsend.message.rawmime import RawMimeError
+from fastsend.message.rawmime import check as check_raw
 from fastsend.recipients import text_vars
 from fastsend.serve.api import (
     MAX_ID,
@@ -248,6 +250,10 @@ class MessagesHandler:
             raw = m.raw.encode("utf-8", "surrogateescape")
             if b"\n\n" not in raw and b"\r\n\r\n" not in raw:
                 raise bad(f"{where}.raw: no blank line between header and body", f"{where}.raw")
+            try:  # within the header caps, and relayable unbroken (long lines)
+                check_raw(raw)
+            except RawMimeError as e:
+                raise bad(f"{where}.raw: {e}", f"{where}.raw") from None
             for d in raw_from_domains(raw):  # the From the recipient sees (DKIM, DMARC)
                 check_from_domain(request, d, f"{where}.raw")
             # Read as it is sent (a bare CR is a line end), with Sender and Resent-*.

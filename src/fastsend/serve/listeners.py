@@ -101,6 +101,8 @@ from fastsend.config import Config
 from fastsend.config.serve import IntakeSettings, ListenerLimits, SubmissionSettings, listen_pairs
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
+from fastsend.message.rawmime import RawMimeError
+from fastsend.message.rawmime import check as check_raw
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
 from fastsend.serve.parsepool import ParsePool
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
@@ -508,6 +510,10 @@ class _Submission(_Policy):
         if not self.still_valid(conn):
             conn.close_after_reply = True
             return 535, "5.7.8", "Authentication credentials no longer valid"
+        try:  # within the header caps, and relayable unbroken (long lines)
+            check_raw(ev.data)
+        except RawMimeError as e:
+            return (552 if e.enhanced == "5.3.4" else 554), e.enhanced, f"Message refused: {e}"
         tenants = self.ctx.tenants
         if tenants is not None and tenants.configured:
             if header_nul(ev.data):

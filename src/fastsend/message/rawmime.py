@@ -1,0 +1,273 @@
+"""Raw MIME written by someone else (the HTTP API's ``raw``, SMTP submission),
+made fit to relay: :func:`prepare` (CRLF line ends already made).
+
+- **Caps** (:func:`check_head`): a header section over :data:`MAX_HEADER_OCTETS`
+  octets or :data:`MAX_HEADER_FIELDS` fields, or a header line over 998
+  octets (RFC 5322 2.1.1), is refused with :class:`RawMimeError` saying which.
+  Receivers cut or refuse such headers (Postfix keeps 102,400 octets of
+  header and drops the rest), and fastsend parses the header of every
+  message it signs.
+- **8-bit content and long lines.** A body part written ``8bit``/``binary``
+  (octets over 127, or NUL), or with a line over 998 octets, is re-encoded
+  *before* it is DKIM-signed, as RFC 6376 5.3 asks of signers: text/* as
+  quoted-printable, anything else base64, its Content-Transfer-Encoding
+  changed to say so (and a multipart's or message/rfc822's ``8bit`` to
+  ``7bit``). The message then travels as 7-bit to every server, with or
+  without 8BITMIME (RFC 6152), and no relay on the way converts it under
+  the signature. Only what needs it changes; a 7-bit message is untouched.
+- What cannot be re-encoded: a message that carries its own DKIM-Signature
+  (re-encoding would break it), 8-bit header text (RFC 6532), or a MIME
+  structure whose boundaries do not close. Its 8-bit content is sent as
+  it is with ``BODY=8BITMIME`` (:func:`prepare` says ``eightbit``); a server
+  without 8BITMIME gets none of it (the recipients fail 5.6.3, RFC 6152 3).
+  Its lines over 998 octets cannot be sent unbroken at all: refused
+  (:class:`RawMimeError`, at intake: a 400 from the API, a 554 from SMTP
+  submission).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+__all__ = ["MAX_HEADER_FIELDS", "MAX_HEADER_OCTETS", "RawMimeError", "check_head", "prepare"]
+
+#: The header section's size and field count a raw message may have.
+MAX_HEADER_OCTETS = 100_000
+MAX_HEADER_FIELDS = 1_000
+MAX_LINE = 998  # octets, without the CRLF (RFC 5322 2.1.1)
+
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+_EIGHT_BIT = re.compile(rb"[\x80-\xff\x00]")
+_CTE_LINE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:")
+
+
+class RawMimeError(ValueError):
+    """A raw message fastsend will not relay (the text says why; ``enhanced``:
+    the RFC 3463 code to refuse it with, 5.3.4 for the caps, 5.6.0 else)."""
+
+    def __init__(self, text: str, enhanced: str = "5.6.0") -> None:
+        super().__init__(text)
+        self.enhanced = enhanced
+
+
+def _line_no(data: bytes, pos: int) -> int:
+    return data.count(b"\n", 0, pos) + 1
+
+
+def check_head(head: bytes) -> None:
+    """RawMimeError for a header section (CRLF line ends, without the blank
+    line) over the caps, or with a line over 998 octets."""
+    if len(head) > MAX_HEADER_OCTETS:
+        raise RawMimeError(
+            f"the header section is {len(head):,} octets: at most {MAX_HEADER_OCTETS:,}",
+            "5.3.4",
+        )
+    fields = len(re.findall(rb"(?m)^[^ \t\r\n]", head))
+    if fields > MAX_HEADER_FIELDS:
+        raise RawMimeError(
+            f"the header section has {fields:,} fields: at most {MAX_HEADER_FIELDS:,}",
+            "5.3.4",
+        )
+    m = _LONG_LINE.search(head)
+    if m is not None:
+        line = _line_no(head, m.start())
+        raise RawMimeError(
+            f"header line {line} is over {MAX_LINE} octets (RFC 5322 2.1.1): fold it"
+        )
+
+
+def prepare(data: bytes) -> tuple[bytes, bool]:
+    """``(data ready to sign and relay, eightbit)`` for raw MIME ``data`` with
+    CRLF line ends (see the module text); ``eightbit``: it still has 8-bit
+    octets and needs ``BODY=8BITMIME``. RawMimeError when it cannot be sent
+    unbroken."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        head, body = data, b""
+    check_head(head + b"\r\n")
+    if body.isascii() and b"\x00" not in body and _LONG_LINE.search(body) is None:
+        return data, False
+    head8 = not head.isascii()
+    if not head8 and re.search(rb"(?im)^dkim-signature[ \t]*:", head) is None:
+        try:
+            new_head, new_body = _entity(head + b"\r\n", body, "text/plain")
+        except _Unconvertible:
+            pass
+        else:
+            if not new_body.endswith(b"\r\n"):
+                new_body += b"\r\n"
+            return _mime_labels(head, new_head, body) + b"\r\n" + new_body, False
+    m = _LONG_LINE.search(body)
+    if m is not None:
+        line = _line_no(data, len(head) + 4 + m.start())
+        why = (
+            "it carries its own DKIM-Signature" if not head8 else "its header has 8-bit text"
+        )
+        raise RawMimeError(
+            f"line {line} is over {MAX_LINE} octets (RFC 5322 2.1.1) and fastsend cannot"
+            f" re-encode the message ({why}, or its MIME structure does not parse):"
+            " encode that part quoted-printable or base64"
+        )
+    return data, True
+
+
+def check(data: bytes) -> None:
+    """RawMimeError when raw MIME ``data`` (any line ends) cannot be relayed
+    unbroken (what :func:`prepare` refuses): for the intake."""
+    prepare(crlf_lines(data))
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def crlf_lines(data: bytes) -> bytes:
+    """``data`` with every line end CRLF: a bare LF or a bare CR is a line end
+    (RFC 5322 2.3: CR and LF occur only together); unchanged when it already
+    is, which is one count of each."""
+    n = data.count(b"\r\n")
+    if data.count(b"\n") == n and data.count(b"\r") == n:
+        return data
+    return _LINE_END.sub(b"\r\n", data)
+
+
+def _mime_labels(old: bytes, head: bytes, body: bytes) -> bytes:
+    """A message re-encoded at its top (``head``: its new header lines) that
+    had no MIME-Version or Content-Type: both added (without them a reader
+    ignores the Content-Transfer-Encoding, RFC 2045 4), the charset UTF-8
+    when the 8-bit text is UTF-8, else unknown-8bit (RFC 1428)."""
+    if head == old + b"\r\n":
+        return head
+    names = {ln.split(b":", 1)[0].strip().lower() for ln in head.split(b"\r\n") if ln[:1] not in (b" ", b"\t")}
+    add = b""
+    if b"mime-version" not in names:
+        add += b"MIME-Version: 1.0\r\n"
+    if b"content-type" not in names:
+        try:
+            body.decode("utf-8")
+            charset = b"utf-8"
+        except UnicodeDecodeError:
+            charset = b"unknown-8bit"
+        add += b'Content-Type: text/plain; charset="' + charset + b'"\r\n'
+    return head + add
+
+
+class _Unconvertible(Exception):
+    pass
+
+
+def _needs(body: bytes) -> bool:
+    return not body.isascii() or b"\x00" in body or _LONG_LINE.search(body) is not None
+
+
+def _set_cte(head: bytes, cte: str) -> bytes:
+    """``head`` (its lines, each with CRLF) with its Content-Transfer-Encoding
+    field(s) replaced by one saying ``cte``."""
+    lines = head.split(b"\r\n")[:-1]
+    out: list[bytes] = []
+    skip = False
+    for ln in lines:
+        if ln[:1] in (b" ", b"\t") and skip:
+            continue
+        skip = _CTE_LINE.match(ln) is not None
+        if not skip:
+            out.append(ln)
+    out.append(b"Content-Transfer-Encoding: " + cte.encode("ascii"))
+    return b"".join(ln + b"\r\n" for ln in out)
+
+
+def _entity(head: bytes, body: bytes, default: str) -> tuple[bytes, bytes]:
+    """One MIME entity's header (lines with CRLF) and body, its content
+    re-encoded to 7 bit where it needs it; _Unconvertible when it cannot."""
+    if not _needs(body):
+        return head, body
+    if not head.isascii():
+        raise _Unconvertible
+    from email.parser import BytesHeaderParser  # here: only 8-bit or long-lined mail needs it
+    from email.policy import compat32
+
+    msg = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n")
+    ctype = msg.get_content_type() if msg.get("content-type") is not None else default
+    cte = str(msg.get("content-transfer-encoding", "7bit")).strip().lower()
+    main = ctype.partition("/")[0]
+    if main == "multipart":
+        boundary = msg.get_boundary()
+        if not boundary or cte not in ("7bit", "8bit", "binary"):
+            raise _Unconvertible
+        sub = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+        new = _multipart(body, boundary.encode("latin-1"), sub)
+        return (_set_cte(head, "7bit") if cte != "7bit" else head), new
+    if ctype == "message/rfc822":
+        if cte not in ("7bit", "8bit", "binary"):
+            raise _Unconvertible
+        ihead, sep, ibody = body.partition(b"\r\n\r\n")
+        if not sep:
+            raise _Unconvertible
+        check_head(ihead + b"\r\n")
+        nh, nb = _entity(ihead + b"\r\n", ibody, "text/plain")
+        return (_set_cte(head, "7bit") if cte != "7bit" else head), nh + b"\r\n" + nb
+    if cte == "base64":
+        if not body.isascii():
+            raise _Unconvertible
+        try:
+            raw = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", body), validate=False)
+        except (binascii.Error, ValueError):
+            raise _Unconvertible from None
+        return head, _b64(raw)
+    if cte == "quoted-printable":
+        raw = binascii.a2b_qp(body)
+        return head, binascii.b2a_qp(raw, istext=main == "text")
+    if main == "text":
+        return _set_cte(head, "quoted-printable"), binascii.b2a_qp(body, istext=True)
+    return _set_cte(head, "base64"), _b64(body)
+
+
+def _b64(raw: bytes) -> bytes:
+    """Base64 in lines of 76 (no line end after the last: in a multipart the
+    CRLF before the next delimiter is the delimiter's, RFC 2046 5.1.1)."""
+    enc = base64.b64encode(raw)
+    return b"\r\n".join(enc[i : i + 76] for i in range(0, len(enc), 76))
+
+
+def _multipart(body: bytes, boundary: bytes, default: str) -> bytes:
+    """A multipart body with each part re-encoded (_entity); its delimiter
+    lines kept as they are; a preamble or epilogue (text readers ignore, RFC
+    2046 5.1.1) that needs re-encoding is dropped."""
+    delim = b"--" + boundary
+    lines = body.split(b"\r\n")
+    cuts: list[int] = []  # indexes of the delimiter lines
+    close = -1
+    for i, ln in enumerate(lines):
+        if ln.startswith(delim):
+            rest = ln[len(delim) :]
+            if rest.startswith(b"--") and not rest[2:].strip(b" \t"):
+                close = i
+                break
+            if not rest.strip(b" \t"):
+                cuts.append(i)
+    if not cuts or close < 0:
+        raise _Unconvertible  # no parts, or never closed: not what it says
+    out: list[bytes] = []
+    pre = b"\r\n".join(lines[: cuts[0]])
+    if not _needs(pre):
+        out.extend(lines[: cuts[0]])
+    bounds = [*cuts, close]
+    for k, start in enumerate(bounds[:-1]):
+        out.append(lines[start])
+        part = b"\r\n".join(lines[start + 1 : bounds[k + 1]])
+        if part.startswith(b"\r\n") or not part:
+            phead, pbody = b"", part[2:]
+        else:
+            h, sep, pbody = part.partition(b"\r\n\r\n")
+            if not sep:
+                h, pbody = part, b""
+            phead = h + b"\r\n"
+            check_head(phead)
+        nh, nb = _entity(phead, pbody, default)
+        out.append(nh + b"\r\n" + nb if (nh or nb) else b"")
+    out.append(lines[close])
+    epi = lines[close + 1 :]
+    if not _needs(b"\r\n".join(epi)):
+        out.extend(epi)
+    return b"\r\n".join(out)
