@@ -203,8 +203,15 @@ Entry = (
     | Callable[[Mapping[str, str]], bytes]
 )
 #: A piece of a message body: bytes (static), ``(literals, names, defaults)``
-#: (quoted-printable text from a template: :func:`qp_template`), or a callable.
-Segment = bytes | UriTemplate | Callable[[Mapping[str, str]], bytes]
+#: (quoted-printable text from a template: :func:`qp_template`), the same with
+#: each placeholder's HTML escaping (``escapes``: an HTML part's,
+#: template.html_escapes), or a callable.
+Segment = (
+    bytes
+    | UriTemplate
+    | tuple[tuple[str, ...], tuple[str, ...], tuple[str | None, ...], tuple[int, ...]]
+    | Callable[[Mapping[str, str]], bytes]
+)
 
 
 def _entry(e: Entry, variables: Mapping[str, str]) -> bytes:

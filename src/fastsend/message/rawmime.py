@@ -102,9 +102,7 @@ def prepare(data: bytes) -> tuple[bytes, bool]:
     m = _LONG_LINE.search(body)
     if m is not None:
         line = _line_no(data, len(head) + 4 + m.start())
-        why = (
-            "it carries its own DKIM-Signature" if not head8 else "its header has 8-bit text"
-        )
+        why = "it carries its own DKIM-Signature" if not head8 else "its header has 8-bit text"
         raise RawMimeError(
             f"line {line} is over {MAX_LINE} octets (RFC 5322 2.1.1) and fastsend cannot"
             f" re-encode the message ({why}, or its MIME structure does not parse):"
@@ -139,7 +137,11 @@ def _mime_labels(old: bytes, head: bytes, body: bytes) -> bytes:
     when the 8-bit text is UTF-8, else unknown-8bit (RFC 1428)."""
     if head == old + b"\r\n":
         return head
-    names = {ln.split(b":", 1)[0].strip().lower() for ln in head.split(b"\r\n") if ln[:1] not in (b" ", b"\t")}
+    names = {
+        ln.split(b":", 1)[0].strip().lower()
+        for ln in head.split(b"\r\n")
+        if ln[:1] not in (b" ", b"\t")
+    }
     add = b""
     if b"mime-version" not in names:
         add += b"MIME-Version: 1.0\r\n"
@@ -215,12 +217,21 @@ def _entity(head: bytes, body: bytes, default: str) -> tuple[bytes, bytes]:
         except (binascii.Error, ValueError):
             raise _Unconvertible from None
         return head, _b64(raw)
-    if cte == "quoted-printable":
+    if cte == "quoted-printable":  # (not as it says: 8-bit octets or long lines)
         raw = binascii.a2b_qp(body)
-        return head, binascii.b2a_qp(raw, istext=main == "text")
+        if main == "text":
+            return head, _qp(raw)
+        return _set_cte(head, "base64"), _b64(raw)
     if main == "text":
-        return _set_cte(head, "quoted-printable"), binascii.b2a_qp(body, istext=True)
+        return _set_cte(head, "quoted-printable"), _qp(body)
     return _set_cte(head, "base64"), _b64(body)
+
+
+def _qp(text: bytes) -> bytes:
+    """Quoted-printable of ``text`` (CRLF line ends: hard breaks), its soft
+    breaks CRLF too (binascii takes the line end of the first line it sees,
+    so one is put at the end and taken off again)."""
+    return binascii.b2a_qp(text + b"\r\n", istext=True)[:-2]
 
 
 def _b64(raw: bytes) -> bytes:

@@ -221,8 +221,22 @@ ESC_URL = 4
 
 # Attributes whose value is a URL a mail client may follow or load.
 _URL_ATTRS = frozenset(
-    "href src action formaction background poster cite longdesc lowsrc dynsrc usemap"
-    " xlink:href data srcset".split()
+    [
+        "href",
+        "src",
+        "action",
+        "formaction",
+        "background",
+        "poster",
+        "cite",
+        "longdesc",
+        "lowsrc",
+        "dynsrc",
+        "usemap",
+        "xlink:href",
+        "data",
+        "srcset",
+    ]
 )
 _SAFE_SCHEMES = ("http", "https", "mailto", "tel", "cid")
 _SCHEME = re.compile(r"[\x00- ]*([A-Za-z][A-Za-z0-9+.\-]*):")
@@ -363,7 +377,7 @@ def html_value(value: str, mode: int, name: str = "") -> str:
         if _UNQUOTED_SAFE.fullmatch(value):
             return value
         return "".join(
-            ch if ch.isalnum() and ch.isascii() or ch in "-._:/" else f"&#x{ord(ch):X};"
+            ch if (ch.isalnum() and ch.isascii()) or ch in "-._:/" else f"&#x{ord(ch):X};"
             for ch in value
         )
     if _HTML_SPECIAL.search(value) is None:
