@@ -20,18 +20,23 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import shutil
 import smtplib
+import subprocess
+import tempfile
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tests._serve_helpers import Served
 
 from _message_helpers import use_impl
 from _smtp_helpers import RecordingHandler
-from conftest import free_port, wait_port
+from conftest import free_port, require_program, wait_port
 from fastsend import _accel
 from fastsend.message import Campaign, RenderError
 from test_message_audit import (  # the fixtures and helpers of session 13's audit
@@ -365,6 +370,13 @@ def test_prepare_keeps_7bit_mail_and_says_eightbit_when_it_cannot_convert() -> N
     assert prepare(signed8) == (signed8, True)  # its own signature: untouched
     head8 = b"From: a@b.example\r\nSubject: caf\xc3\xa9\r\n\r\nna\xc3\xafve\r\n"
     assert prepare(head8) == (head8, True)  # RFC 6532 header: 8BITMIME or nothing
+    head8_only = b"From: a@b.example\r\nSubject: caf\xc3\xa9\r\n\r\nplain\r\n"
+    assert prepare(head8_only) == (head8_only, True)  # (the body alone said 7-bit)
+    signed = (b"From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/signed;"
+              b' boundary=S; protocol="application/pgp-signature"\r\n\r\n--S\r\n'
+              b"Content-Type: text/plain\r\n\r\nna\xc3\xafve\r\n--S\r\n"
+              b"Content-Type: application/pgp-signature\r\n\r\nsig\r\n--S--\r\n")  # fmt: skip
+    assert prepare(signed) == (signed, True)  # PGP/S-MIME signs these bytes: untouched
     unclosed = (b"From: a@b.example\r\nContent-Type: multipart/mixed; boundary=Q\r\n\r\n"
                 b"--Q\r\n\r\nna\xc3\xafve\r\n")  # fmt: skip
     assert prepare(unclosed) == (unclosed, True)
@@ -430,3 +442,142 @@ def test_a_variable_utf8_reply_to_or_to_asks_for_smtputf8(
                 assert len(bad) == 1 and "5.6.7" in bad[0], events
         finally:
             ctl.stop()
+
+
+@pytest.mark.parametrize("offer", [True, False])
+def test_client_twins_8bitmime_or_5_6_3(
+    impl: str, run: Any, monkeypatch: pytest.MonkeyPatch, offer: bool
+) -> None:
+    """Both SMTP client twins: an 8-bit envelope goes with BODY=8BITMIME where
+    it is offered, and to a server without it nothing is sent: 5.6.3, the
+    7-bit envelope of the same connection delivered (RFC 6152 3)."""
+    from aiosmtpd.controller import Controller
+
+    from _smtp_helpers import client_class, link_class
+    from fastsend.outcome import Envelope
+    from fastsend.smtp import ConnectOptions, connect
+    from fastsend.smtp import transport as tr
+
+    monkeypatch.setattr(tr, "SMTPClient", client_class(impl))
+    monkeypatch.setattr(tr, "Link", link_class(impl))
+
+    class Handler(RecordingHandler):
+        async def handle_EHLO(self, server: Any, session: Any, envelope: Any,
+                              hostname: str, responses: list[str]) -> list[str]:  # fmt: skip
+            session.host_name = hostname
+            return [r for r in responses if offer or "8BITMIME" not in r]
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            self.messages.append({"data": envelope.original_content,
+                                  "mail_options": list(envelope.mail_options)})  # fmt: skip
+            return "250 2.0.0 Ok"
+
+    port = free_port()
+    handler = Handler()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    eight = "From: s@sender.example\r\nSubject: 8\r\n\r\nGrüße\r\n".encode()
+    seven = b"From: s@sender.example\r\nSubject: 7\r\n\r\nhello\r\n"
+
+    async def go() -> Any:
+        conn = await connect(ConnectOptions(host="127.0.0.1", port=port, tls="off"))
+        res = await conn.send([
+            Envelope("s@sender.example", ["a@example.net"], eight, tag=1, eightbit=True),
+            Envelope("s@sender.example", ["b@example.net"], seven, tag=2),
+        ])  # fmt: skip
+        await conn.quit()
+        return res
+
+    try:
+        results = run(go())
+    finally:
+        ctl.stop()
+    outs = {r.tag: r.outcomes[0] for r in results}
+    assert outs[2].kind == "delivered"
+    if offer:
+        assert outs[1].kind == "delivered"
+        body = [[o for o in m["mail_options"] if o.startswith("BODY")] for m in handler.messages]
+        assert body == [["BODY=8BITMIME"], []]
+    else:
+        assert (outs[1].kind, outs[1].enhanced) == ("failed", "5.6.3"), outs[1]
+        assert [m["data"] for m in handler.messages] == [seven]
+
+
+_ANY = st.text(st.characters(exclude_categories=("Cs", "Cc")), max_size=60)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(v=st.one_of(_ANY, st.text(st.sampled_from(list("<>\"'&= /`x\t\n:;#")), max_size=30)))
+def test_html_escaping_never_makes_markup(
+    impl: str, monkeypatch: pytest.MonkeyPatch, v: str
+) -> None:
+    """Whatever the value, an HTML reader finds the template's elements and
+    attributes only, each attribute value being the value itself (a link
+    whose value has an unsafe scheme: that recipient fails instead)."""
+    use_impl(monkeypatch, impl)
+    spec = {
+        "from": "n@example.com", "subject": "s", "text": "t",
+        "html": "<p class=\"{{ v }}\">{{ v }}</p><i title='{{ v }}' lang={{ v }}>"
+                "<a href=\"{{ v }}\">x</a><{{ v }}>",
+    }  # fmt: skip
+    r = Campaign.from_dict(spec).compile()
+    try:
+        data = r.render("r@example.org", {"v": v}, "m-1")
+    except RenderError as e:
+        assert "only http, https" in str(e)
+        return
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    html = msg.get_body(("html",)).get_content().replace("\r\n", "\n")  # type: ignore[union-attr]
+    tags = elements(html)
+    assert [t for t, _ in tags][:3] == ["p", "i", "a"], html
+    assert len(tags) == 3 or (len(tags) == 4 and tags[3][1] == []), html  # <{{ v }}>: no attribute
+    want = v
+    assert tags[0][1] == [("class", want)] and tags[2][1] == [("href", want)], html
+    assert tags[1][1] == [("title", want), ("lang", want or None)] or not v.strip(), html
+
+
+def test_postfix_smtp_sink_without_8bitmime_gets_7bit_or_nothing(tmp_path: Path) -> None:
+    """Postfix's smtp-sink told not to offer 8BITMIME (-8): re-encodable 8-bit
+    raw MIME arrives 7-bit and whole; the author-signed 8-bit one is not
+    sent (5.6.3). Before: both went 8-bit to a server that never said it
+    takes 8-bit data."""
+    exe = require_program("smtp-sink")
+    # smtp-sink writes as nobody: a directory it can reach (pytest's are 0700)
+    dump = Path(tempfile.mkdtemp(prefix="fastsend-sink8-"))
+    dump.chmod(0o777)
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "-4", "-8", "-u", "nobody", "-d", f"{dump}/%M%S.", f"127.0.0.1:{port}", "16"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    signed8 = ("From: app@sender.example\r\nDKIM-Signature: v=1; d=sender.example; b=x\r\n"
+               "Subject: own signature\r\n\r\nGrüße\r\n")  # fmt: skip
+    try:
+        wait_port("127.0.0.1", port)
+        (tmp_path / "serve").mkdir()
+        s = Served(tmp_path / "serve", f"127.0.0.1:{port}")
+        try:
+            for raw in (EIGHT_BIT, signed8):
+                st_, got = s.req("POST", "/v1/messages",
+                                 {"from": "app@sender.example", "to": ["x@example.net"],
+                                  "raw": raw}, tenant="acme")  # fmt: skip
+                assert st_ == 202, got
+            events = tmp_path / "serve" / "spool" / "events.jsonl"
+            deadline = time.monotonic() + 30
+            while not (events.exists() and events.read_text().count('"delivered"') == 1
+                       and '"5.6.3"' in events.read_text()):  # fmt: skip
+                assert time.monotonic() < deadline, events.read_text()[-2000:]
+                time.sleep(0.1)
+        finally:
+            s.stop()
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    files = list(dump.iterdir())
+    data = files[0].read_bytes() if files else b""
+    shutil.rmtree(dump, ignore_errors=True)
+    assert len(files) == 1, files
+    assert data.isascii() and b"Subject: 8bit" in data and b"own signature" not in data
+    msg = email.message_from_bytes(data, policy=email.policy.default)  # (smtp-sink writes LF)
+    assert any("Grüße aus Köln" in p.get_content() for p in msg.walk() if not p.is_multipart())

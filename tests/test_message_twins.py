@@ -48,7 +48,8 @@ SPECS: dict[str, dict[str, Any]] = {
         "subject": "{{ a }}",
         "text": "{{ a }} {{ b }}",
         "html": "<p title=\"{{ a }}\">{{ b }}</p><a href='{{ b }}'>{{ name | raw }}</a>"
-        "<img alt={{ name }} src={{ a }}><!-- {{ a }} --><a href=\"https://e.example/{{ b }}\">",
+        "<img alt={{ name }} src={{ a }}><!-- {{ a }} --><a href=\"https://e.example/{{ b }}\">"
+        "<b {{ a }}><{{ name }}>",
     },
     "html-base64": {
         "subject": "s",

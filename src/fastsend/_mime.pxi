@@ -1109,7 +1109,7 @@ cdef int _json_flat(const unsigned char* s, Py_ssize_t n, _Fast fp, const char**
 
 cdef bint _html_clean(const unsigned char* s, Py_ssize_t n, int mode) noexcept nogil:
     """Whether template.html_value leaves these UTF-8 octets as they are
-    (``mode``: its bits 1 HTML, 2 unquoted, 4 URL start). A value with a
+    (``mode``: its bits 1 HTML, 2 unquoted, 4 URL start, 8 a name). A value with a
     backslash is not clean either (made the usual way, as the JSON reader
     leaves an escaped string)."""
     cdef Py_ssize_t i
@@ -1121,7 +1121,7 @@ cdef bint _html_clean(const unsigned char* s, Py_ssize_t n, int mode) noexcept n
         if c == 38 or c == 60 or c == 62 or c == 34 or c == 39 or c == 92:
             return False
         if mode & 2 and not ((48 <= c <= 57) or (97 <= (c | 32) <= 122) or c == 45
-                             or c == 46 or c == 95 or c == 58 or c == 47):
+                             or c == 95 or (not mode & 8 and (c == 46 or c == 58 or c == 47))):
             return False
     return True
 

@@ -16,8 +16,10 @@ made fit to relay: :func:`prepare` (CRLF line ends already made).
   without 8BITMIME (RFC 6152), and no relay on the way converts it under
   the signature. Only what needs it changes; a 7-bit message is untouched.
 - What cannot be re-encoded: a message that carries its own DKIM-Signature
-  (re-encoding would break it), 8-bit header text (RFC 6532), or a MIME
-  structure whose boundaries do not close. Its 8-bit content is sent as
+  (re-encoding would break it), 8-bit header text (RFC 6532), 8-bit content
+  under multipart/signed or multipart/encrypted (RFC 1847: S/MIME, PGP/MIME
+  signatures cover the bytes), or a MIME structure whose boundaries do not
+  close. Its 8-bit content is sent as
   it is with ``BODY=8BITMIME`` (:func:`prepare` says ``eightbit``); a server
   without 8BITMIME gets none of it (the recipients fail 5.6.3, RFC 6152 3).
   Its lines over 998 octets cannot be sent unbroken at all: refused
@@ -87,9 +89,9 @@ def prepare(data: bytes) -> tuple[bytes, bool]:
     if not sep:
         head, body = data, b""
     check_head(head + b"\r\n")
+    head8 = not head.isascii()  # UTF-8 header text (RFC 6532): 8-bit whatever the body
     if body.isascii() and b"\x00" not in body and _LONG_LINE.search(body) is None:
-        return data, False
-    head8 = not head.isascii()
+        return data, head8
     if not head8 and re.search(rb"(?im)^dkim-signature[ \t]*:", head) is None:
         try:
             new_head, new_body = _entity(head + b"\r\n", body, "text/plain")
@@ -197,6 +199,8 @@ def _entity(head: bytes, body: bytes, default: str) -> tuple[bytes, bytes]:
         boundary = msg.get_boundary()
         if not boundary or cte not in ("7bit", "8bit", "binary"):
             raise _Unconvertible
+        if ctype in ("multipart/signed", "multipart/encrypted"):
+            raise _Unconvertible  # re-encoding a signed part breaks its signature (RFC 1847)
         sub = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
         new = _multipart(body, boundary.encode("latin-1"), sub)
         return (_set_cte(head, "7bit") if cte != "7bit" else head), new

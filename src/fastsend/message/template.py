@@ -19,8 +19,9 @@ Syntax (the whole of it, deliberately small):
 In an HTML part every other value is HTML-escaped for where it stands
 (:func:`html_escapes` finds that once per template, :func:`html_value`
 escapes): in text and quoted attribute values ``& < > " '`` become character
-references; an unquoted attribute value (or a placeholder standing for an
-attribute) has every character but letters, digits and ``-._:/`` escaped;
+references; an unquoted attribute value has every character but letters,
+digits and ``-._:/`` escaped (a placeholder standing for an attribute or a
+tag's name: all but letters, digits, ``-`` and ``_``);
 a value that starts a URL attribute (``href``, ``src``, ...) must be an
 ``http``, ``https``, ``mailto``, ``tel`` or ``cid`` URL or a relative one
 (``javascript:`` and the like fail that recipient, :class:`UnsafeValue`).
@@ -218,6 +219,7 @@ class Template:
 ESC_HTML = 1
 ESC_UNQUOTED = 2
 ESC_URL = 4
+ESC_NAME = 8  # a tag's or an attribute's name: everything but [A-Za-z0-9_-] escaped
 
 # Attributes whose value is a URL a mail client may follow or load.
 _URL_ATTRS = frozenset(
@@ -241,6 +243,7 @@ _URL_ATTRS = frozenset(
 _SAFE_SCHEMES = ("http", "https", "mailto", "tel", "cid")
 _SCHEME = re.compile(r"[\x00- ]*([A-Za-z][A-Za-z0-9+.\-]*):")
 _UNQUOTED_SAFE = re.compile(r"[A-Za-z0-9\-._:/]*")
+_NAME_SAFE = re.compile(r"[A-Za-z0-9_\-]*")
 _HTML_SPECIAL = re.compile(r"[&<>\"']")
 _HTML_REFS = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}
 _TAG_OPEN = re.compile(r"<([A-Za-z][A-Za-z0-9:\-]*)")
@@ -334,8 +337,10 @@ def html_escapes(template: Template) -> tuple[int, ...]:
             modes.append(0)
             continue
         mode = ESC_HTML
-        if state in ("before", "uq", "tag", "aname"):
+        if state in ("before", "uq"):
             mode |= ESC_UNQUOTED
+        elif state in ("tag", "aname") or (state == "text" and lit.endswith(("<", "</"))):
+            mode |= ESC_UNQUOTED | ESC_NAME  # an attribute's place, a tag's name: <{{ x }}
         if state in ("before", "uq", "dq", "sq") and attr in _URL_ATTRS and not value.strip():
             mode |= ESC_URL
         if state == "before":
@@ -374,10 +379,11 @@ def html_value(value: str, mode: int, name: str = "") -> str:
             " only http, https, mailto, tel, cid or relative URLs"
         )
     if mode & ESC_UNQUOTED:
-        if _UNQUOTED_SAFE.fullmatch(value):
+        safe = "-_" if mode & ESC_NAME else "-._:/"
+        if (_NAME_SAFE if mode & ESC_NAME else _UNQUOTED_SAFE).fullmatch(value):
             return value
         return "".join(
-            ch if (ch.isalnum() and ch.isascii()) or ch in "-._:/" else f"&#x{ord(ch):X};"
+            ch if (ch.isalnum() and ch.isascii()) or ch in safe else f"&#x{ord(ch):X};"
             for ch in value
         )
     if _HTML_SPECIAL.search(value) is None:
