@@ -380,6 +380,8 @@ def test_prepare_keeps_7bit_mail_and_says_eightbit_when_it_cannot_convert() -> N
     unclosed = (b"From: a@b.example\r\nContent-Type: multipart/mixed; boundary=Q\r\n\r\n"
                 b"--Q\r\n\r\nna\xc3\xafve\r\n")  # fmt: skip
     assert prepare(unclosed) == (unclosed, True)
+    with pytest.raises(RawMimeError, match="header line 2 has a NUL"):
+        prepare(b"From: a@b.example\r\nSubject: a\x00b\r\n\r\nbody\r\n")
     with pytest.raises(RawMimeError, match="fields"):
         prepare(b"From: a@b.example\r\n" + b"X: y\r\n" * MAX_HEADER_FIELDS + b"\r\nb\r\n")
     # a base64 part written in one long line is re-wrapped
@@ -581,3 +583,27 @@ def test_postfix_smtp_sink_without_8bitmime_gets_7bit_or_nothing(tmp_path: Path)
     assert data.isascii() and b"Subject: 8bit" in data and b"own signature" not in data
     msg = email.message_from_bytes(data, policy=email.policy.default)  # (smtp-sink writes LF)
     assert any("Grüße aus Köln" in p.get_content() for p in msg.walk() if not p.is_multipart())
+
+
+def test_tracked_link_from_a_variable_with_an_unsafe_scheme_fails_the_recipient(
+    tmp_path: Path,
+) -> None:
+    """With click tracking a link built from a variable is rewritten to a
+    tracking URL, or kept when it is not http(s): a ``javascript:`` value
+    kept that way fails that recipient as it does untracked; its name in
+    the text part and an http link are fine."""
+    key = tmp_path / "tracking.key"
+    key.write_bytes(b"k" * 32)
+    c = Campaign.from_dict({
+        "from": "News <news@example.com>", "subject": "Hi", "text": "{{ link }}",
+        "html": '<p>{{ name }}</p><a href="{{ link }}">go</a>',
+        "tracking": {"base_url": "https://t.example", "clicks": True, "opens": False,
+                     "secret_file": str(key)},
+    })  # fmt: skip
+    r = c.compile()
+    ok = r.render("r@example.org", {"name": "<b>", "link": "https://shop.example/"}, "m-1")
+    assert b"&lt;b&gt;" in ok and b"https://t.example/t/c/" in ok
+    for bad in ("javascript:alert(1)", " JaVa\tScRiPt:alert(1)", "vbscript:x"):
+        with pytest.raises(RenderError, match="only http, https"):
+            r.render("r@example.org", {"name": "n", "link": bad}, "m-2")
+    assert b"mailto:" in r.render("r@example.org", {"name": "n", "link": "mailto:a@b.example"}, "m")

@@ -2,8 +2,8 @@
 made fit to relay: :func:`prepare` (CRLF line ends already made).
 
 - **Caps** (:func:`check_head`): a header section over :data:`MAX_HEADER_OCTETS`
-  octets or :data:`MAX_HEADER_FIELDS` fields, or a header line over 998
-  octets (RFC 5322 2.1.1), is refused with :class:`RawMimeError` saying which.
+  octets or :data:`MAX_HEADER_FIELDS` fields, a header line over 998
+  octets (RFC 5322 2.1.1) or with a NUL, is refused with :class:`RawMimeError` saying which.
   Receivers cut or refuse such headers (Postfix keeps 102,400 octets of
   header and drops the rest), and fastsend parses the header of every
   message it signs.
@@ -72,6 +72,9 @@ def check_head(head: bytes) -> None:
             f"the header section has {fields:,} fields: at most {MAX_HEADER_FIELDS:,}",
             "5.3.4",
         )
+    nul = head.find(b"\x00")
+    if nul >= 0:  # (RFC 5322 2.2: no NUL in a header field; receivers refuse it)
+        raise RawMimeError(f"header line {_line_no(head, nul)} has a NUL octet")
     m = _LONG_LINE.search(head)
     if m is not None:
         line = _line_no(head, m.start())
