@@ -607,3 +607,49 @@ def test_tracked_link_from_a_variable_with_an_unsafe_scheme_fails_the_recipient(
         with pytest.raises(RenderError, match="only http, https"):
             r.render("r@example.org", {"name": "n", "link": bad}, "m-2")
     assert b"mailto:" in r.render("r@example.org", {"name": "n", "link": "mailto:a@b.example"}, "m")
+
+
+_LEAF = st.tuples(
+    st.sampled_from(["text/plain; charset=utf-8", "text/html; charset=utf-8",
+                     "application/octet-stream", "image/png"]),
+    st.sampled_from(["8bit", "7bit", "binary", None]),
+    st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=200).map(lambda t: t.encode("utf-8")),
+        st.integers(999, 3000).map(lambda n: b"w" * n),
+    ),
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(leaves=st.lists(_LEAF, min_size=1, max_size=4), nested=st.booleans())
+def test_raw_reencoding_keeps_every_part(leaves: list[Any], nested: bool) -> None:
+    """Whatever 8-bit or long-lined parts a raw message has, prepare() makes
+    it 7-bit with lines <= 998 octets, and Python's email reads every part
+    back to the same octets (line ends as CRLF)."""
+    from fastsend.message.rawmime import prepare
+
+    def clean(b: bytes) -> bytes:  # what a CRLF message can carry in a part
+        b = b.replace(b"\r", b"").replace(b"\n", b"\r\n")
+        return b.replace(b"--XB", b"--Xb").replace(b"--YB", b"--Yb")
+
+    parts = []
+    for ctype, cte, body in leaves:
+        head = f"Content-Type: {ctype}\r\n" + (f"Content-Transfer-Encoding: {cte}\r\n" if cte else "")
+        parts.append((head.encode(), clean(body)))
+    inner = b"".join(b"--YB\r\n" + h + b"\r\n" + b + b"\r\n" for h, b in parts) + b"--YB--\r\n"
+    if nested:
+        body = (b"--XB\r\nContent-Type: multipart/alternative; boundary=YB\r\n\r\n" + inner
+                + b"--XB\r\nContent-Type: text/plain\r\n\r\nend\r\n--XB--\r\n")  # fmt: skip
+        top = b"multipart/mixed; boundary=XB"
+    else:
+        body, top = inner, b"multipart/mixed; boundary=YB"
+    raw = (b"From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: " + top
+           + b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + body)  # fmt: skip
+    data, eight = prepare(raw)
+    assert not eight and data.isascii()
+    assert max(len(ln) for ln in data.split(b"\r\n")) <= 998
+    got = [p.get_payload(decode=True) for p in email.message_from_bytes(data).walk()
+           if not p.is_multipart()]  # fmt: skip
+    want = [b for _, b in parts] + ([b"end"] if nested else [])
+    assert got == want
