@@ -215,6 +215,27 @@ CASES = [
         ),
         ("blocked", False, False, True),
     ),
+    # Yahoo's [TS03] says retrying will not succeed: the IP is refused, not
+    # asked to slow down ([TS01]/[TS02] are the slow-downs).
+    (
+        (
+            421,
+            "4.7.1",
+            "[TS03] All messages from 192.0.2.1 will be permanently deferred; Retrying will NOT "
+            "succeed. See https://help.yahoo.com/kb/postmaster/SLN3436.html",
+            "MAIL",
+        ),
+        ("blocked", False, False, True),
+    ),
+    (
+        (
+            421,
+            "4.7.0",
+            "[TS01] Messages from 192.0.2.1 temporarily deferred due to user complaints - 4.16.55.1",
+            "MAIL",
+        ),
+        ("speeding", False, True, False),
+    ),
     # Decisions that held (kept so they stay held).
     (
         (
