@@ -84,6 +84,7 @@ def test_address_spans_are_the_pattern_matches(text: str) -> None:
 
 
 def _find_command_reference(text: str) -> str:
+    text = vendors._BLANKS_RE.sub(" ", text)  # a phrase wrapped across lines still names its command
     for pattern, name in vendors._COMMAND_PHRASES:
         if pattern.search(text):
             return name
