@@ -305,3 +305,12 @@ def test_blob_settings_are_validated() -> None:
                      ("blob_orphan_grace_s", 1), ("blob_retention_days", "7")):  # fmt: skip
         with pytest.raises(ConfigError, match=rf"\[spool\] {key}"):
             from_dict({"spool": {key: bad}})
+
+
+def test_drain_limits_are_validated() -> None:
+    cfg = from_dict({"delivery": {"drain_limit": 75, "drain_outage": 4}})
+    assert (cfg.delivery.drain_limit, cfg.delivery.drain_outage) == (75, 4)
+    assert from_dict({}).delivery.drain_limit == 30.0  # under systemd's TimeoutStopSec=90
+    for key, bad in (("drain_limit", 0), ("drain_outage", -1), ("drain_limit", 7200)):
+        with pytest.raises(ConfigError, match=rf"\[delivery\] {key}"):
+            from_dict({"delivery": {key: bad}})

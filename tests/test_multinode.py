@@ -73,7 +73,7 @@ class Hooks:
 
 class Node:
     def __init__(self, tmp: Path, name: str, ip: str, url: str, sink: tuple[str, int],
-                 *extra: str, hook: int = 0) -> None:  # fmt: skip
+                 *extra: str, hook: int = 0, delivery: str = "") -> None:  # fmt: skip
         self.name, self.ip = name, ip
         self.port = free_port()
         d = tmp / name
@@ -93,6 +93,7 @@ source = ["{ip}"]
 tls = "off"
 window = {WINDOW}
 batch_size = 50
+{delivery}
 [api]
 listen = "127.0.0.1:{self.port}"
 rate_limit = 100000

@@ -117,6 +117,13 @@ class DeliveryConfig(Section):
     # Check the suppression list again when mail is dispatched (one query per
     # claimed batch), not only when it is accepted. Off only to measure its cost.
     check_suppression: bool = True
+    # A SIGTERM drain waits at most drain_limit s for open connections to finish
+    # (a receiver that never answers would hold them for command_timeout), and at
+    # most drain_outage s with the spool out of reach; then it stops, and what is
+    # still in flight goes back to the queue. Keep drain_limit under the service
+    # manager's stop timeout (deploy/fastsend.service: TimeoutStopSec=90).
+    drain_limit: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    drain_outage: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
 
 
 class RetryConfig(Section):

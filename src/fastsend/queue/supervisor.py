@@ -12,9 +12,9 @@ docs/SCHEDULER.md for the algorithm):
   event log;
 - this module — set-up and the loop: dispatch, wait for a ring or the tick,
   apply outcomes, reap; the first SIGTERM drains (no new claims, windows
-  finish; at most DRAIN_LIMIT s, DRAIN_OUTAGE s with the spool out of reach),
-  a second SIGTERM or a SIGINT stops now, releasing the windows back to
-  queued.
+  finish; at most `[delivery] drain_limit` s (30), `drain_outage` s (10)
+  with the spool out of reach), a second SIGTERM or a SIGINT stops now,
+  releasing the windows back to queued.
 
 It never speaks SMTP and never renders a message.
 """
@@ -57,8 +57,6 @@ __all__ = [
 TICK = 0.02
 CLOCK_SKEW = 2.0  # s between this node's clock and a shared spool's that is said at start
 OUTAGE_PAUSE = 2.0  # s: the longest pause between tries while the spool is out of reach
-DRAIN_OUTAGE = 10.0  # s: a drain with the spool out of reach this long stops now
-DRAIN_LIMIT = 30.0  # s: a drain still waiting on connections after this stops now
 FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
 _END = object()
 
@@ -249,6 +247,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         end = time.monotonic() + self.outage_pause
         while not self.stopping and time.monotonic() < end:  # outcomes still drain
             await asyncio.sleep(0.05)
+        if self.stopping:  # stop now: no probe (a paused Redis holds it for its timeout)
+            return
         try:
             self.spool.probe()  # a full disk: a write, not only a read, must work again
             if not self.spool.intact():
@@ -347,7 +347,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                 if (
                     self.draining
                     and self.outage_since
-                    and time.monotonic() - self.outage_since >= DRAIN_OUTAGE
+                    and time.monotonic() - self.outage_since >= self.config.delivery.drain_outage
                 ):
                     # Nothing can be recorded: stop rather than drain for ever
                     # (systemctl stop would kill us). What this node holds stays
@@ -363,12 +363,13 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                     )
                     self.stopping = True
                     break
-                if self.drain_started and time.monotonic() - self.drain_started >= DRAIN_LIMIT:
+                drain_limit = self.config.delivery.drain_limit
+                if self.drain_started and time.monotonic() - self.drain_started >= drain_limit:
                     # A receiver that accepts and never answers holds a window
                     # for the command timeout (300 s): longer than a stop may
                     # take (systemd's TimeoutStopSec=90 ends in SIGKILL).
                     print(
-                        f"fastsend: still draining after {DRAIN_LIMIT:.0f} s: stopping now;"
+                        f"fastsend: still draining after {drain_limit:g} s: stopping now;"
                         f" {self.inflight} message(s) on connections that did not finish"
                         " go back to the queue",
                         file=sys.stderr,

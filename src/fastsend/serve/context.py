@@ -175,13 +175,20 @@ class ServeContext:
         event.setdefault("time", time.time())
         self.events.emit(event)
 
-    def close(self) -> None:
+    def close(self, release: bool = True) -> None:
+        """release=False: the spool is known to be out of reach: it is not
+        called again (a paused Redis holds each call for the client's timeout,
+        with retries); this node's claims and hold on its source IPs lapse
+        with their leases."""
         self.events.close()
         if self.rollups is not None:
             self.rollups.close()
         if self.dmarc is not None:
             self.dmarc.close()
         self.suppression.close()
+        if not release:
+            self.spool.abandon()
+            return
         if self.shared is not None:
             self.shared.stop()  # a clean exit gives this node's source IPs back
         self.spool.close()

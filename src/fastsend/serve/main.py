@@ -327,7 +327,8 @@ class Server:
             task.cancel()
         await webhooks.stop()
         try:
-            ctx.close()
+            cut_off = self.tick_outage or (sup is not None and sup.outage_since > 0)
+            ctx.close(release=not cut_off)
         except outage as e:  # the node's hold on its source IPs lapses by itself
             print(f"fastsend serve: the spool is out of reach at exit ({e.__class__.__name__}:"
                   f" {e})", file=sys.stderr, flush=True)  # fmt: skip
@@ -357,6 +358,8 @@ class Server:
         # each call for the client's timeout).
         mono = time.monotonic()
         if self.tick_outage and mono - self.tick_failed < TICK_OUTAGE:
+            return
+        if self.terms >= 2:  # stop now: what is left is flushed once, at exit
             return
         try:
             self._tick_steps()

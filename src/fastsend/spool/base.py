@@ -615,6 +615,13 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def abandon(self) -> None:
+        """Close without another call to a shared spool known to be out of
+        reach (a paused Redis would hold each for the client's timeout, with
+        retries): what this node holds is queued again when its lease lapses.
+        A local spool closes as usual."""
+        self.close()
+
     # -- bodies stored once (content-addressed blobs) --------------------------
     # A body sent to many recipients is stored once, by its SHA-256 (hex), and
     # each row's vars is a reference to it (fastsend.wire.blob_ref). Order on
@@ -1025,3 +1032,6 @@ class SpoolProxy(Spool):
 
     def close(self) -> None:
         self.inner.close()
+
+    def abandon(self) -> None:
+        self.inner.abandon()

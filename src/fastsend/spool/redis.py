@@ -1127,3 +1127,7 @@ class RedisSpool(Spool):
         except redis.RedisError:
             pass
         self.r.close()
+
+    def abandon(self) -> None:
+        self._stock.clear()
+        self.r.close()
