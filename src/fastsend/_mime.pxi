@@ -128,12 +128,15 @@ cdef object _m_html_value = None
 
 cdef list _values(tuple names, tuple defaults, variables, tuple escapes=None):
     """The value of each placeholder (as splice() chooses it; KeyError if
-    missing), HTML-escaped where ``escapes`` says (template.html_value)."""
+    missing), escaped where ``escapes`` says (template.html_value), in order
+    (a missing value after a refused one: the refusal, as the pure splice)."""
     global _m_html_value
     cdef Py_ssize_t k, m = len(names)
     cdef list vals = [None] * m
     cdef object v, d
     cdef bint isdict = type(variables) is dict
+    if escapes is not None and _m_html_value is None:
+        from fastsend.message.template import html_value as _m_html_value
     for k in range(m):
         if isdict:
             v = (<dict> variables).get(names[k])
@@ -144,13 +147,9 @@ cdef list _values(tuple names, tuple defaults, variables, tuple escapes=None):
             if d is None:
                 raise KeyError(names[k])
             v = d
+        if escapes is not None and escapes[k] and type(v) is str:
+            v = _m_html_value(v, escapes[k], names[k])
         vals[k] = v
-    if escapes is not None:
-        if _m_html_value is None:
-            from fastsend.message.template import html_value as _m_html_value
-        for k in range(m):
-            if escapes[k] and type(vals[k]) is str:
-                vals[k] = _m_html_value(vals[k], escapes[k], names[k])
     return vals
 
 
@@ -345,9 +344,20 @@ cdef bytes _qp_template(tuple literals, tuple names, tuple defaults, variables,
     return _cut(raw, n)
 
 
-def splice(tuple literals, tuple names, tuple defaults, variables):
+def splice(tuple literals, tuple names, tuple defaults, variables, tuple escapes=None):
     """Template splice (twin of fastsend.message.template.splice)."""
-    return _splice(literals, names, defaults, variables)
+    cdef list vals, parts
+    cdef Py_ssize_t k, m
+    if escapes is None:
+        return _splice(literals, names, defaults, variables)
+    vals = _values(names, defaults, variables, escapes)
+    m = len(vals)
+    parts = [None] * (2 * m + 1)
+    parts[0] = literals[0]
+    for k in range(m):
+        parts[2 * k + 1] = vals[k]
+        parts[2 * k + 2] = literals[k + 1]
+    return "".join(parts)
 
 
 cdef str _splice(tuple literals, tuple names, tuple defaults, variables):
@@ -1109,19 +1119,44 @@ cdef int _json_flat(const unsigned char* s, Py_ssize_t n, _Fast fp, const char**
 
 cdef bint _html_clean(const unsigned char* s, Py_ssize_t n, int mode) noexcept nogil:
     """Whether template.html_value leaves these UTF-8 octets as they are
-    (``mode``: its bits 1 HTML, 2 unquoted, 4 URL start, 8 a name). A value with a
-    backslash is not clean either (made the usual way, as the JSON reader
-    leaves an escaped string)."""
+    (``mode``: its bits 1 HTML, 2 unquoted, 4 URL start, 8 a name, 16 URL
+    path segment, 32 URL component, 64 JavaScript, 128 CSS, 256 CSS url()): False
+    when it might not (the value is then written the usual way). A value
+    with a backslash is not clean either (made the usual way, as the JSON
+    reader leaves an escaped string)."""
     cdef Py_ssize_t i
     cdef unsigned char c
+    cdef bint alnum
     if mode & 4 and _url_scheme_unsafe(s, n):
         return False
     for i in range(n):
         c = s[i]
-        if c == 38 or c == 60 or c == 62 or c == 34 or c == 39 or c == 92:
-            return False
-        if mode & 2 and not ((48 <= c <= 57) or (97 <= (c | 32) <= 122) or c == 45
-                             or c == 95 or (not mode & 8 and (c == 46 or c == 58 or c == 47))):
+        if c == 38 or c == 60 or c == 62 or c == 34 or c == 39 or c == 92 or c >= 128:
+            if c < 128 or mode & 0x1F0:
+                return False  # (non-ASCII: percent-encoded, escaped or checked by the pure twin)
+        alnum = (48 <= c <= 57) or (97 <= (c | 32) <= 122)
+        if mode & 64:  # JavaScript: [A-Za-z0-9_.]
+            if not (alnum or c == 95 or c == 46):
+                return False
+        elif mode & 128:  # CSS: [A-Za-z0-9 #%.,+-_/]
+            if not (alnum or c == 32 or c == 35 or c == 37 or c == 46 or c == 44 or c == 43
+                    or c == 45 or c == 95 or c == 47):
+                return False
+        elif mode & 32:  # URL component: [A-Za-z0-9-._~]
+            if not (alnum or c == 45 or c == 46 or c == 95 or c == 126):
+                return False
+        elif mode & 16:  # URL path segment: and + @ (not "." nor "..")
+            if not (alnum or c == 45 or c == 46 or c == 95 or c == 126 or c == 43 or c == 64):
+                return False
+            if n <= 2 and s[0] == 46 and s[n - 1] == 46:
+                return False
+        elif mode & 256:  # a whole URL in CSS url(): RFC 3986's but ' ( ) and %
+            if not (alnum or c == 45 or c == 46 or c == 95 or c == 126 or c == 58 or c == 47
+                    or c == 63 or c == 35 or c == 91 or c == 93 or c == 64 or c == 33
+                    or c == 36 or c == 42 or c == 43 or c == 44 or c == 59 or c == 61):
+                return False
+        if mode & 2 and not (alnum or c == 45 or c == 95
+                             or (not mode & 8 and (c == 46 or c == 58 or c == 47))):
             return False
     return True
 

@@ -48,7 +48,7 @@ from fastsend.message.headers import (
     unstructured_header,
 )
 from fastsend.message.template import PURE as _TEMPLATE_PURE
-from fastsend.message.template import Template, UnsafeValue, html_escapes, html_value, splice
+from fastsend.message.template import Template, UnsafeValue, html_escapes, splice
 from fastsend.outcome import Envelope
 
 if TYPE_CHECKING:
@@ -115,33 +115,8 @@ def qp_template(
     part's). The compiled twin encodes the pieces without building the
     spliced str.
     """
-    if escapes is None:
-        text = _splice_py(literals, names, defaults, variables)
-    else:
-        text = _splice_escaped(literals, names, defaults, variables, escapes)
+    text = _splice_py(literals, names, defaults, variables, escapes)
     return _qp_encode_text_py(text) if text else b""
-
-
-def _splice_escaped(
-    literals: tuple[str, ...],
-    names: tuple[str, ...],
-    defaults: tuple[str | None, ...],
-    variables: Mapping[str, str],
-    escapes: tuple[int, ...],
-) -> str:
-    parts = [literals[0]]
-    for i, name in enumerate(names):
-        v = variables.get(name)
-        if v is None or (not v and defaults[i] is not None):
-            d = defaults[i]
-            if d is None:
-                raise KeyError(name)
-            v = d
-        if escapes[i] and isinstance(v, str):
-            v = html_value(v, escapes[i], name)
-        parts.append(v)
-        parts.append(literals[i + 1])
-    return "".join(parts)
 
 
 def text_header(name: str, value: str) -> bytes:
@@ -545,12 +520,7 @@ class _TextPart:
 
     def body(self, variables: Mapping[str, str]) -> bytes:
         if self.encoding == "base64":
-            if self.escapes is None:
-                text = self.template.render(variables)
-            else:
-                text = _splice_escaped(
-                    self.literals, self.names, self.defaults, variables, self.escapes
-                )
+            text = self.template.render(variables, self.escapes)
             return base64_body(text.encode("utf-8"))
         return qp_template(self.literals, self.names, self.defaults, variables, self.escapes)
 

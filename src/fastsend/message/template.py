@@ -16,15 +16,35 @@ Syntax (the whole of it, deliberately small):
   part, the value is inserted as it is, not escaped (trusted HTML only: a
   value from a signup form must never be raw).
 
-In an HTML part every other value is HTML-escaped for where it stands
+In an HTML part every other value is escaped for where it stands
 (:func:`html_escapes` finds that once per template, :func:`html_value`
 escapes): in text and quoted attribute values ``& < > " '`` become character
 references; an unquoted attribute value has every character but letters,
 digits and ``-._:/`` escaped (a placeholder standing for an attribute or a
-tag's name: all but letters, digits, ``-`` and ``_``);
-a value that starts a URL attribute (``href``, ``src``, ...) must be an
-``http``, ``https``, ``mailto``, ``tel`` or ``cid`` URL or a relative one
-(``javascript:`` and the like fail that recipient, :class:`UnsafeValue`).
+tag's name: all but letters, digits, ``-`` and ``_``).
+
+- In a URL attribute (``href``, ``src``, ...): a value that starts the URL
+  is a whole URL, kept as it is, and must be an ``http``, ``https``,
+  ``mailto``, ``tel`` or ``cid`` URL or a relative one (``javascript:`` and
+  the like fail that recipient, :class:`UnsafeValue`); a value further in
+  is percent-encoded (UTF-8) for its part: in the host part, the query or
+  the fragment all but ``A-Z a-z 0-9 - . _ ~`` (one component: ``&``, ``=``,
+  ``#``, ``/`` cannot add a parameter or leave the host), in the path all
+  but those, ``+`` and ``@`` (one segment: ``/``, ``?``, ``#`` cannot
+  leave it; a value ``.`` or ``..`` there fails, :class:`UnsafeValue`).
+  A URL whose path comes from a value is given whole, as the value.
+- In ``<script>`` and ``on*`` attributes (JavaScript): every character but
+  ``A-Z a-z 0-9 _ .`` is written as ``\\uXXXX`` (placed in a string literal,
+  the value reads back as itself and can end neither the string nor the
+  script).
+- In ``<style>`` and ``style`` attributes (CSS): a value may hold letters,
+  digits, space and ``# % . , + - _ /`` only (a colour, a size, a font
+  name); anything else (``;``, ``:``, braces, parentheses, quotes,
+  backslash, ``*``) fails that recipient, :class:`UnsafeValue`. Inside
+  ``url(...)`` the URL rules apply, a whole URL percent-encoded where it
+  holds what could end the ``url()`` (space, quotes, parentheses,
+  backslash).
+
 Defaults are escaped like values. Text parts, the subject and other headers
 are never HTML-escaped (headers are checked for injection instead).
 
@@ -36,7 +56,7 @@ MIME layer encodes them for the part's transfer encoding.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from fastsend._accel import pick
 
@@ -47,6 +67,7 @@ __all__ = [
     "UnsafeValue",
     "html_escapes",
     "html_value",
+    "url_escapes",
 ]
 
 
@@ -79,10 +100,13 @@ def splice(
     names: tuple[str, ...],
     defaults: tuple[str | None, ...],
     variables: Mapping[str, str],
+    escapes: tuple[int, ...] | None = None,
 ) -> str:
     """``literals[0] value[0] literals[1] ... literals[n]`` (KeyError naming a missing one).
 
     A value that is missing, or empty while a default exists, takes the default.
+    ``escapes``: each (str) value escaped by :func:`html_value` with its mode
+    (an HTML part's, :func:`html_escapes`; UnsafeValue when one is refused).
     """
     parts = [literals[0]]
     for i, name in enumerate(names):
@@ -92,6 +116,8 @@ def splice(
             if d is None:
                 raise KeyError(name)
             v = d
+        if escapes is not None and escapes[i] and type(v) is str:
+            v = html_value(v, escapes[i], name)
         parts.append(v)
         parts.append(literals[i + 1])
     return "".join(parts)
@@ -191,21 +217,9 @@ class Template:
             out.append(p.default if (v is None or v == "") and p.default is not None else v)
         return out
 
-    def render(
-        self, variables: Mapping[str, str], escape: Callable[[str], str] | None = None
-    ) -> str:
-        """The template with values spliced in (``escape`` applied to each value)."""
-        if escape is None:
-            return splice(self.literals, self._names, self._defaults, variables)
-        vals = self.values(variables)
-        if escape is not None:
-            vals = [escape(v) for v in vals]
-        lits = self.literals
-        parts = [lits[0]]
-        for i, v in enumerate(vals):
-            parts.append(v)
-            parts.append(lits[i + 1])
-        return "".join(parts)
+    def render(self, variables: Mapping[str, str], escapes: tuple[int, ...] | None = None) -> str:
+        """The template with values spliced in (``escapes``: as :func:`splice`)."""
+        return splice(self.literals, self._names, self._defaults, variables, escapes)
 
     def __repr__(self) -> str:
         return f"Template({self.source!r})"
@@ -213,13 +227,18 @@ class Template:
 
 # -- HTML parts: each placeholder's escaping, found once per template ----------
 
-#: :func:`html_value` modes (bits): escape ``& < > " '``; escape everything
-#: but ``[A-Za-z0-9-._:/]`` (an unquoted attribute value, or an attribute's
-#: place); the value starts a URL attribute (its scheme is checked).
-ESC_HTML = 1
-ESC_UNQUOTED = 2
-ESC_URL = 4
+#: :func:`html_value` modes (bits). How a value is written: ESC_JS, ESC_CSS,
+#: ESC_URLPART, ESC_URLPATH or ESC_CSSURL (at most one), then ESC_UNQUOTED or
+#: ESC_HTML; ESC_URL checks its scheme first.
+ESC_HTML = 1  # escape ``& < > " '`` (text, quoted attribute values)
+ESC_UNQUOTED = 2  # escape all but ``[A-Za-z0-9-._:/]`` (an unquoted value, an attribute's place)
+ESC_URL = 4  # the value starts a URL (its scheme is checked)
 ESC_NAME = 8  # a tag's or an attribute's name: everything but [A-Za-z0-9_-] escaped
+ESC_URLPATH = 16  # in a URL's path: one segment, percent-encode all but [A-Za-z0-9-._~+@]
+ESC_URLPART = 32  # in a URL's host, query or fragment: percent-encode all but [A-Za-z0-9-._~]
+ESC_JS = 64  # JavaScript: all but [A-Za-z0-9_.] as \uXXXX
+ESC_CSS = 128  # CSS: only [A-Za-z0-9 #%.,+-_/] and non-ASCII letters, else UnsafeValue
+ESC_CSSURL = 256  # a whole URL in CSS url(): percent-encode space, quotes, ( ) \ and the like
 
 # Attributes whose value is a URL a mail client may follow or load.
 _URL_ATTRS = frozenset(
@@ -247,19 +266,74 @@ _NAME_SAFE = re.compile(r"[A-Za-z0-9_\-]*")
 _HTML_SPECIAL = re.compile(r"[&<>\"']")
 _HTML_REFS = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}
 _TAG_OPEN = re.compile(r"<([A-Za-z][A-Za-z0-9:\-]*)")
+_TAG_CLOSE = re.compile(r"</[A-Za-z]")
 _ATTR = re.compile(r"[^\s\"'>/=]+")
+# Elements whose content is JavaScript or CSS up to their end tag (no markup
+# inside). (Others, title, textarea, noscript ..., are read as markup: escaped
+# as text, whatever a client makes of them.)
+_RAW_TEXT = frozenset(["script", "style"])
+_AUTHORITY = re.compile(r"\s*(?:[A-Za-z][A-Za-z0-9+.\-]*:)?//[^/?#]*")
+_CSS_URL = re.compile(r"url\(\s*['\"]?", re.IGNORECASE)
+
+
+def url_escape(prefix: str) -> int:
+    """The mode of a value in a URL after ``prefix`` (the URL's text before
+    it, placeholders as ``x``): ESC_URL at its start, ESC_URLPART in its
+    host part, query or fragment, ESC_URLPATH in its path."""
+    if not prefix.strip():
+        return ESC_URL
+    if "?" in prefix or "#" in prefix or _AUTHORITY.fullmatch(prefix):
+        return ESC_URLPART
+    return ESC_URLPATH
+
+
+def url_escapes(template: Template) -> tuple[int, ...]:
+    """Each placeholder's :func:`html_value` mode in a ``template`` that is a
+    URL (a tracked link's target): :func:`url_escape` of where it stands, no
+    HTML escaping (0 for ``| raw`` and ``_fs.*``)."""
+    modes: list[int] = []
+    prefix = ""
+    for i, p in enumerate(template.placeholders):
+        prefix += template.literals[i]
+        modes.append(0 if p.raw or p.name.startswith("_fs.") else url_escape(prefix))
+        prefix += "x"
+    return tuple(modes)
+
+
+def _attr_url(attr: str, value: str) -> int:
+    """The URL mode of a value at the end of ``value`` in attribute ``attr``."""
+    if attr == "srcset":  # "url [descriptor], url [descriptor]"
+        cand = value.rsplit(",", 1)[-1].lstrip()
+        if cand and (" " in cand or "\t" in cand or "\n" in cand):
+            return ESC_URLPART  # in a descriptor
+        return url_escape(cand)
+    return url_escape(value)
+
+
+def _css_escape(css: str) -> int:
+    """The mode of a value at the end of ``css`` (the CSS before it)."""
+    opened = None
+    for m in _CSS_URL.finditer(css):
+        opened = m
+    if opened is not None and ")" not in css[opened.end() :]:
+        mode = url_escape(css[opened.end() :])
+        return ESC_URL | ESC_CSSURL if mode == ESC_URL else mode
+    return ESC_CSS
 
 
 def html_escapes(template: Template) -> tuple[int, ...]:
     """Each placeholder's :func:`html_value` mode, from where it stands in the
     HTML ``template`` (0: ``| raw``, or fastsend's own ``_fs.*`` values,
     already escaped). A small HTML tokenizer over the literals: text, tags,
-    attribute names, quoted and unquoted values, comments; ``<script>`` and
-    ``<style>`` contents are escaped as text (mail clients do not run them)."""
+    attribute names, quoted and unquoted values, comments, and the raw text
+    of ``<script>`` (JavaScript), ``<style>`` (CSS) and the like."""
     modes: list[int] = []
-    state = "text"  # text | tag | name | aname | before | dq | sq | uq | comment
+    state = "text"  # text | tag | name | aname | before | dq | sq | uq | comment | raw
+    tag = ""  # the current start tag's name (lower case), "" in an end tag
+    raw = ""  # in state "raw": the element whose end tag ends it
     attr = ""  # the current attribute's name (lower case)
-    value = ""  # its value so far (before a placeholder: "" = at the start)
+    value = ""  # its value so far (placeholders as "x")
+    content = ""  # a raw text element's content so far
     for i, lit in enumerate(template.literals):
         j, n = 0, len(lit)
         while j < n:
@@ -271,11 +345,24 @@ def html_escapes(template: Template) -> tuple[int, ...]:
                 if lit.startswith("<!--", k):
                     state, j = "comment", k + 4
                     continue
-                m = _TAG_OPEN.match(lit, k) or re.compile(r"</[A-Za-z]").match(lit, k)
+                m = _TAG_OPEN.match(lit, k)
+                if m is not None:
+                    tag = m.group(1).lower()
+                else:
+                    m = _TAG_CLOSE.match(lit, k)
+                    tag = ""
                 if m is None:
                     j = k + 1
                     continue
                 state, j = "tag", m.end()
+                continue
+            if state == "raw":
+                k = lit.lower().find("</" + raw, j)
+                if k < 0:
+                    content += lit[j:]
+                    break
+                state, content = "text", ""
+                j = k
                 continue
             if state == "comment":
                 k = lit.find("-->", j)
@@ -285,7 +372,8 @@ def html_escapes(template: Template) -> tuple[int, ...]:
                 continue
             if state == "tag":
                 if c == ">":
-                    state = "text"
+                    state = _after_tag(tag)
+                    raw, content = tag, ""
                 elif not c.isspace() and c != "/":
                     m = _ATTR.match(lit, j)
                     if m is not None:
@@ -297,7 +385,8 @@ def html_escapes(template: Template) -> tuple[int, ...]:
                 if c == "=":
                     state, value = "before", ""
                 elif c == ">":
-                    state = "text"
+                    state = _after_tag(tag)
+                    raw, content = tag, ""
                 elif not c.isspace():
                     state = "tag"
                     continue
@@ -309,7 +398,8 @@ def html_escapes(template: Template) -> tuple[int, ...]:
                 elif c == "'":
                     state = "sq"
                 elif c == ">":
-                    state = "text"
+                    state = _after_tag(tag)
+                    raw, content = tag, ""
                 elif not c.isspace():
                     state = "uq"
                     continue
@@ -326,7 +416,8 @@ def html_escapes(template: Template) -> tuple[int, ...]:
             if c.isspace():
                 state = "tag"
             elif c == ">":
-                state = "text"
+                state = _after_tag(tag)
+                raw, content = tag, ""
             else:
                 value += c
             j += 1
@@ -335,22 +426,44 @@ def html_escapes(template: Template) -> tuple[int, ...]:
         p = template.placeholders[i]
         if p.raw or p.name.startswith("_fs."):
             modes.append(0)
-            continue
-        mode = ESC_HTML
-        if state in ("before", "uq"):
-            mode |= ESC_UNQUOTED
-        elif state in ("tag", "aname") or (state == "text" and lit.endswith(("<", "</"))):
-            mode |= ESC_UNQUOTED | ESC_NAME  # an attribute's place, a tag's name: <{{ x }}
-        if state in ("before", "uq", "dq", "sq") and attr in _URL_ATTRS and not value.strip():
-            mode |= ESC_URL
+        else:
+            modes.append(_mode(state, lit, attr, value, raw, content))
         if state == "before":
             state = "uq"
         elif state == "aname":
             state = "tag"
         if state in ("uq", "dq", "sq"):
             value += "x"  # (what follows is no longer the value's start)
-        modes.append(mode)
+        elif state == "raw":
+            content += "x"
     return tuple(modes)
+
+
+def _after_tag(tag: str) -> str:
+    return "raw" if tag in _RAW_TEXT else "text"
+
+
+def _mode(state: str, lit: str, attr: str, value: str, raw: str, content: str) -> int:
+    """A placeholder's mode where the tokenizer stands (see html_escapes)."""
+    if state == "raw":
+        if raw == "script":
+            return ESC_JS
+        if raw == "style":
+            return _css_escape(content)
+        return ESC_HTML
+    mode = ESC_HTML
+    if state in ("before", "uq"):
+        mode |= ESC_UNQUOTED
+    elif state in ("tag", "aname") or (state == "text" and lit.endswith(("<", "</"))):
+        return mode | ESC_UNQUOTED | ESC_NAME  # an attribute's place, a tag's name: <{{ x }}
+    if state in ("before", "uq", "dq", "sq"):
+        if attr.startswith("on"):
+            mode |= ESC_JS
+        elif attr == "style":
+            mode |= _css_escape(value)
+        elif attr in _URL_ATTRS:
+            mode |= _attr_url(attr, value)
+    return mode
 
 
 def url_scheme_unsafe(url: str) -> str:
@@ -365,12 +478,54 @@ def url_scheme_unsafe(url: str) -> str:
 
 
 _TAB_NL = {9: None, 10: None, 13: None}
+_PART_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PATH_SAFE = _PART_SAFE | frozenset(b"+@")
+# A whole URL in CSS url(): what RFC 3986 allows in a URL but ' and ( ) (an
+# unquoted url() ends at space, quote or parenthesis), % kept before two hex digits.
+_CSSURL_SAFE = _PART_SAFE | frozenset(b":/?#[]@!$&*+,;=")
+_HEX = frozenset(b"0123456789ABCDEFabcdef")
+_CSS_SAFE = re.compile(r"[A-Za-z0-9 #%.,+\-_/]*")
+_CSS_CHARS = " #%.,+-_/"
+
+
+def percent_encode(value: str, safe: frozenset[int], keep_pct: bool = False) -> str:
+    """``value``'s UTF-8 with every octet not in ``safe`` as ``%HH`` (with
+    ``keep_pct``, a ``%`` followed by two hex digits is kept)."""
+    raw = value.encode("utf-8")
+    out: list[str] = []
+    n = len(raw)
+    for k, b in enumerate(raw):
+        if b in safe or (
+            keep_pct and b == 37 and k + 2 < n and raw[k + 1] in _HEX and raw[k + 2] in _HEX
+        ):
+            out.append(chr(b))
+        else:
+            out.append(f"%{b:02X}")
+    return "".join(out)
+
+
+def js_escape(value: str) -> str:
+    """``value`` with every character but ``A-Z a-z 0-9 _ .`` as ``\\uXXXX``
+    (UTF-16: a surrogate pair for one past U+FFFF)."""
+    out: list[str] = []
+    for ch in value:
+        if (ch.isascii() and ch.isalnum()) or ch in "_.":
+            out.append(ch)
+            continue
+        o = ord(ch)
+        if o > 0xFFFF:
+            o -= 0x10000
+            out.append(f"\\u{0xD800 + (o >> 10):04x}\\u{0xDC00 + (o & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{o:04x}")
+    return "".join(out)
 
 
 def html_value(value: str, mode: int, name: str = "") -> str:
     """``value`` escaped for an HTML part (``mode``: :func:`html_escapes`'s).
-    UnsafeValue for a value starting a URL attribute with a scheme other
-    than http, https, mailto, tel or cid."""
+    UnsafeValue for a value starting a URL with a scheme other than http,
+    https, mailto, tel or cid, and for a CSS value with more than a colour,
+    size or font name needs."""
     if not mode:
         return value
     if mode & ESC_URL and (scheme := url_scheme_unsafe(value)):
@@ -378,6 +533,24 @@ def html_value(value: str, mode: int, name: str = "") -> str:
             f"the value of {name or 'a variable'!r} starts a link with {scheme!r}:"
             " only http, https, mailto, tel, cid or relative URLs"
         )
+    if mode & ESC_JS:
+        value = js_escape(value)
+    elif mode & ESC_CSS:
+        if _CSS_SAFE.fullmatch(value) is None and not all(
+            ch.isalnum() or ch in _CSS_CHARS for ch in value
+        ):
+            raise UnsafeValue(
+                f"the value of {name or 'a variable'!r} is in CSS: only letters, digits,"
+                " space and # % . , + - _ / (a colour, a size, a font name)"
+            )
+    elif mode & ESC_URLPART:
+        value = percent_encode(value, _PART_SAFE)
+    elif mode & ESC_URLPATH:
+        if value in (".", ".."):  # (a dot segment: it would climb the path)
+            raise UnsafeValue(f"the value of {name or 'a variable'!r} is {value!r} in a URL's path")
+        value = percent_encode(value, _PATH_SAFE)
+    elif mode & ESC_CSSURL:
+        value = percent_encode(value, _CSSURL_SAFE, True)
     if mode & ESC_UNQUOTED:
         safe = "-_" if mode & ESC_NAME else "-._:/"
         if (_NAME_SAFE if mode & ESC_NAME else _UNQUOTED_SAFE).fullmatch(value):
@@ -386,6 +559,6 @@ def html_value(value: str, mode: int, name: str = "") -> str:
             ch if (ch.isalnum() and ch.isascii()) or ch in safe else f"&#x{ord(ch):X};"
             for ch in value
         )
-    if _HTML_SPECIAL.search(value) is None:
+    if not mode & ESC_HTML or _HTML_SPECIAL.search(value) is None:
         return value
     return _HTML_SPECIAL.sub(lambda m: _HTML_REFS[m.group(0)], value)

@@ -38,7 +38,9 @@ DESCRIPTION
     HTML rewriting happens when a campaign is compiled: every ``href`` of an
     ``<a>``/``<area>`` element becomes a placeholder ``{{ _fs.lN }}`` and the
     original URL a small template of its own (it may contain ``{{ }}``
-    placeholders); a 1x1 pixel ``<img src="{{ _fs.o }}">`` goes before
+    placeholders, their values percent-encoded for the part of the URL
+    they stand in, as in an untracked link: template.url_escapes); a 1x1
+    pixel ``<img src="{{ _fs.o }}">`` goes before
     ``</body>`` (or at the end). Per recipient only the signed URLs are
     computed and spliced. A link whose rendered URL is not http(s), or that
     carries ``data-fs-notrack``, keeps its original URL.
@@ -76,7 +78,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastsend.message.errors import CampaignError
-from fastsend.message.template import Template, UnsafeValue, url_scheme_unsafe
+from fastsend.message.template import Template, UnsafeValue, url_escapes, url_scheme_unsafe
 
 __all__ = [
     "CLICK",
@@ -317,6 +319,7 @@ class Tracker:
         self.clicks = clicks
         self.unsubscribe = unsubscribe
         self.links: list[Template] = []
+        self.link_escapes: list[tuple[int, ...]] = []  # each link's values: url_escapes
         self.has_pixel = False
 
     @classmethod
@@ -375,6 +378,7 @@ class Tracker:
             return tag  # mailto:, tel:, #anchors, relative links stay as they are
         n = len(self.links)
         self.links.append(template)
+        self.link_escapes.append(url_escapes(template))
         return f'{tag[: h.start()]}{h.group(1)}"{{{{ _fs.l{n} }}}}"{tag[h.end() :]}'
 
     # -- per recipient --------------------------------------------------------
@@ -403,7 +407,7 @@ class Tracker:
         if self.links:
             import html  # (imported by the compile that found the links: a lookup)
         for i, t in enumerate(self.links):
-            target = t.render(variables)
+            target = t.render(variables, self.link_escapes[i])  # values percent-encoded
             if target.lower().startswith(("http://", "https://")) and "\n" not in target:
                 out[f"_fs.l{i}"] = html.escape(self.url(CLICK, message_id, rcpt, target))
             else:
