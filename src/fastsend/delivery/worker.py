@@ -38,6 +38,7 @@ from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.routes import Router
 from fastsend.delivery.signing import ConfigDKIM, raw_from_domains
 from fastsend.message import Campaign, CampaignError, RenderError
+from fastsend.message.rawmime import utf8_header
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
@@ -406,6 +407,7 @@ class Worker:
 
         def share(blob: str, data: bytes, mail_from: str, eightbit: bool, it: wire.Item) -> None:
             smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
+            smtputf8 = smtputf8 or (eightbit and utf8_header(data))  # RFC 6532 header text
             group = groups.get((blob, smtputf8))
             if group is not None and len(group.rcpts) < per_txn:
                 group.rcpts.append(it.rcpt)
@@ -443,6 +445,7 @@ class Worker:
                         share(blob, data, mail_from, eightbit, it)
                         continue
                     smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
+                    smtputf8 = smtputf8 or (eightbit and utf8_header(data))  # (RFC 6532)
                 else:
                     if r is None:
                         spec = {**defaults, **{k: _literal(v) for k, v in msg.items()}}

@@ -25,6 +25,11 @@ made fit to relay: :func:`prepare` (CRLF line ends already made).
   Its lines over 998 octets cannot be sent unbroken at all: refused
   (:class:`RawMimeError`, at intake: a 400 from the API, a 554 from SMTP
   submission).
+- **UTF-8 header text** (RFC 6532, :func:`utf8_header`) makes the message an
+  internationalized one: it goes with ``SMTPUTF8`` (and BODY=8BITMIME) to a
+  server offering SMTPUTF8, and to one that does not it is not sent (the
+  recipients fail 5.6.7, RFC 6531 3.2), as for a non-ASCII address. It is
+  not rewritten into encoded-words: the bytes are the author's.
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ import base64
 import binascii
 import re
 
-__all__ = ["MAX_HEADER_FIELDS", "MAX_HEADER_OCTETS", "RawMimeError", "check_head", "prepare"]
+__all__ = [
+    "MAX_HEADER_FIELDS",
+    "MAX_HEADER_OCTETS",
+    "RawMimeError",
+    "check_head",
+    "prepare",
+    "utf8_header",
+]
 
 #: The header section's size and field count a raw message may have.
 MAX_HEADER_OCTETS = 100_000
@@ -114,6 +126,13 @@ def prepare(data: bytes) -> tuple[bytes, bool]:
             " encode that part quoted-printable or base64"
         )
     return data, True
+
+
+def utf8_header(data: bytes) -> bool:
+    """True when the header section of ``data`` (CRLF line ends) has 8-bit
+    text: UTF-8 header fields (RFC 6532), which only go to a server offering
+    SMTPUTF8, with the SMTPUTF8 parameter (RFC 6531 3.2, 3.4)."""
+    return not data.partition(b"\r\n\r\n")[0].isascii()
 
 
 def check(data: bytes) -> None:
