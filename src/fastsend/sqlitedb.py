@@ -88,7 +88,8 @@ def transaction(
         try:
             yield
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # (SQLite ends it itself on a full disk: SQLITE_FULL)
+                db.execute("ROLLBACK")
             raise
         try:
             db.execute("COMMIT")

@@ -60,6 +60,7 @@ from fastsend.analytics.store import ALL, IDX, NC, RollupStore
 from fastsend.config import Config
 from fastsend.config.analytics import AnalyticsSettings
 from fastsend.events import AcceptedRows, DeliveredRows, Rows
+from fastsend.spool.base import storage_problem
 
 log = logging.getLogger("fastsend.analytics")
 
@@ -331,14 +332,28 @@ class Rollups:
             self._flush(final)
         except Exception as e:
             self.failed += 1
-            if isinstance(e, OSError) or type(e).__module__.startswith("redis"):
-                if not self._outage:  # said once per outage, not a traceback a second
-                    log.warning("analytics: the rollup store is out of reach (%s: %s); counts"
-                                " are kept until it answers", type(e).__name__, e)  # fmt: skip
+            # A full disk, a read-only file system, an I/O error (SQLite's own
+            # codes too), an unreachable Redis: an outage of the store, said
+            # once when it starts and once when it ends, not a traceback a second.
+            problem = storage_problem(e)
+            if (
+                problem is not None
+                or isinstance(e, OSError)
+                or type(e).__module__.startswith("redis")
+            ):
+                if not self._outage:
+                    what = f"is out of reach ({type(e).__name__}: {e})"
+                    if problem is not None:
+                        what = f"{problem} ({e})"
+                    log.warning("analytics: the rollup store %s; counts are kept and written"
+                                " once it can be", what)  # fmt: skip
                 self._outage = True
             else:
                 log.exception("analytics: rollup flush failed (counts kept for the next one)")
         else:
+            if self._outage:
+                log.warning("analytics: the rollup store is written again (the counts kept"
+                            " meanwhile included)")  # fmt: skip
             self._outage = False
 
     def maybe_prune(self) -> None:

@@ -17,7 +17,9 @@ It never decides anything about delivery and is never read by the scheduler.
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -25,9 +27,13 @@ from typing import Any
 
 import orjson
 
+from fastsend.spool import storage_problem
 from fastsend.sqlitedb import connect, transaction
 
+log = logging.getLogger("fastsend.serve.eventindex")
+
 FLUSH_EVERY = 0.2
+MAX_PENDING = 100_000  # rows kept in memory while the storage refuses writes
 # Events a report names a message with (a DSN, a feedback report, a provider's
 # event): recorded once per message (see :func:`already_told`).
 ONCE_PER_MESSAGE = frozenset({"bounced", "complained", "unsubscribed"})
@@ -85,6 +91,7 @@ class EventIndex:
         self.pending: list[tuple[Any, ...]] = []
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
         self.last_flush = time.monotonic()
+        self.outage = False  # the last flush found the storage refusing writes
 
     # -- writing -------------------------------------------------------------
 
@@ -124,11 +131,30 @@ class EventIndex:
         rows, self.pending = self.pending, []
         meta, self.pending_meta = self.pending_meta, []
         db = self.db
-        with transaction(db, immediate=False):
-            if rows:
-                db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
-            if meta:
-                db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?,?)", meta)
+        try:
+            with transaction(db, immediate=False):
+                if rows:
+                    db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
+                if meta:
+                    db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?,?)", meta)
+        except sqlite3.Error as e:
+            problem = storage_problem(e)
+            if problem is None:
+                raise
+            # A full disk (a read-only file system, an I/O error): the rows wait
+            # for the next flush (the once-per-message checks and the export read
+            # this index), up to MAX_PENDING; said once, not a traceback a flush.
+            self.pending[:0] = rows[-MAX_PENDING:]
+            self.pending_meta[:0] = meta[-MAX_PENDING:]
+            if not self.outage:
+                log.warning("event index: %s %s (%s); its rows are kept (up to %d) and"
+                            " written once it can be", self.path, problem, e,
+                            MAX_PENDING)  # fmt: skip
+            self.outage = True
+            return
+        if self.outage:
+            log.warning("event index: %s is written again", self.path)
+            self.outage = False
 
     # -- reading -------------------------------------------------------------
 
@@ -150,7 +176,10 @@ class EventIndex:
         )
         want = set(ids)
         rows = self.db.execute(sql, (min(want), max(want), *events))
-        return {r[0] for r in rows if r[0] in want}
+        out = {r[0] for r in rows if r[0] in want}
+        if self.pending:  # the storage refused them (a full disk): still told
+            out.update(r[0] for r in self.pending if r[0] in want and r[2] in events)
+        return out
 
     def meta(self, mid: int) -> tuple[list[str], dict[str, Any]]:
         self.flush()
