@@ -3,8 +3,8 @@
 ``list`` prints each campaign's id, status, name, tenant and message counts
 per state. ``pause`` stops new claims of a campaign's messages (what is in
 flight finishes), ``resume`` makes a paused campaign active again (e.g. after
-a guardrail paused it: the reason is the ``campaign_paused`` event in the
-event log), ``cancel`` stops it for good (its pending messages stay in the
+a guardrail paused it: ``list`` prints why under the campaign, as the
+``campaign_paused`` event said), ``cancel`` stops it for good (its pending messages stay in the
 spool, never claimed again). A running ``send``/``serve`` sees the change at
 its next claim; after ``resume`` with no engine running, ``fastsend resume
 --spool DIR`` delivers the rest.
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
                     "name": c.name,
                     "tenant": c.tenant,
                     "status": c.status,
+                    **({"reason": c.reason} if c.reason else {}),
                     **{k: v for k, v in spool.counts(c.id).items() if v},
                 }
                 for c in spool.list_campaigns()
@@ -57,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
                     counts = "  ".join(
                         f"{k} {v}"
                         for k, v in r.items()
-                        if k not in ("id", "name", "tenant", "status")
+                        if k not in ("id", "name", "tenant", "status", "reason")
                     )
                     print(f"{r['id']:>6}  {r['status']:<9}  {str(r['name'])[:30]:<30}  {counts}")
+                    if r.get("reason"):
+                        print(f"        {r['status']}: {r['reason']}")
             return 0
         if args.id is None:
             return die(f"campaign {args.action}: give a campaign ID")

@@ -135,6 +135,7 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
         "name": info.name,
         "kind": info.spec.get("kind", "template"),
         "status": info.status,
+        "reason": info.reason,  # why it has that status ("" unless said: a guardrail)
         "created": info.created,
         "counts": counts,
         "total": total,

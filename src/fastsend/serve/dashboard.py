@@ -258,7 +258,7 @@ class Dashboard:
             done = sum(counts[s] for s in ("delivered", "bounced", "suppressed", "expired",
                                            "cancelled"))  # fmt: skip
             campaigns.append({
-                "id": c.id, "name": c.name, "status": c.status,
+                "id": c.id, "name": c.name, "status": c.status, "reason": c.reason,
                 "kind": c.spec.get("kind", "template"), "counts": counts, "total": total,
                 "progress": round(done / total, 4) if total else 0.0,
             })  # fmt: skip

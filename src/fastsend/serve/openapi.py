@@ -161,6 +161,8 @@ def _response_schemas() -> dict[str, Any]:
             "counts": _COUNTS,
             "total": _INT,
             "progress": {"type": "number", "minimum": 0, "maximum": 1},
+            # why it has its status ("" unless something said: a guardrail's pause)
+            "reason": _STR,
             # recipient lists still being accepted (an upload spooled in the background)
             "spooling": {
                 "type": "array",

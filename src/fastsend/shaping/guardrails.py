@@ -150,7 +150,8 @@ class Guardrails:
         info = self.spool.get_campaign(campaign)
         if info is None or info.status != "active":
             return False
-        self.spool.set_campaign_status(campaign, "paused")
+        # the reason on the campaign itself: it outlives the process (the event does not)
+        self.spool.set_campaign_status(campaign, "paused", f"guardrail: {why}")
         self.counts[campaign] = [0, 0, 0]  # a fresh sample after `campaign resume`
         self.pending.pop(campaign, None)
         self.spool.drop_counters([_name(campaign, i) for i in range(3)])

@@ -251,6 +251,10 @@ class CampaignInfo(msgspec.Struct):
     status: str  # active / paused / cancelled
     spec: dict[str, Any]
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    # why the status is what it is, when something said (a guardrail's pause:
+    # "guardrail: bounce rate 9.0% ..."); written with the status, so it
+    # outlives a restart; "" when the status was set without a reason
+    reason: str = ""
 
 
 class IngestMark(msgspec.Struct):
@@ -376,7 +380,9 @@ class Spool(abc.ABC):
         tenant (Redis): another tenant's specs are never read or decoded."""
 
     @abc.abstractmethod
-    def set_campaign_status(self, campaign_id: int, status: str) -> None: ...
+    def set_campaign_status(self, campaign_id: int, status: str, reason: str = "") -> None:
+        """The campaign's status and why (``CampaignInfo.reason``), written together:
+        a status set without a reason clears the one before."""
 
     @abc.abstractmethod
     def add_messages(
@@ -879,8 +885,8 @@ class SpoolProxy(Spool):
     ) -> list[CampaignInfo]:
         return self.inner.campaigns(tenant, after=after, limit=limit)
 
-    def set_campaign_status(self, campaign_id: int, status: str) -> None:
-        self.inner.set_campaign_status(campaign_id, status)
+    def set_campaign_status(self, campaign_id: int, status: str, reason: str = "") -> None:
+        self.inner.set_campaign_status(campaign_id, status, reason)
 
     def add_messages(
         self,

@@ -285,6 +285,7 @@ class RedisSpool(Spool):
             status=_s(h[b"status"]),
             spec=orjson.loads(h[b"spec"]),
             options=orjson.loads(h.get(b"options", b"{}")),
+            reason=_s(h.get(b"reason", b"")),
         )
 
     def get_campaign(self, campaign_id: int) -> CampaignInfo | None:
@@ -338,11 +339,11 @@ class RedisSpool(Spool):
         out = [self._campaign(cid, h) for cid, h in zip(ids, pipe.execute(), strict=True)]
         return [c for c in out if c is not None and (tenant is None or c.tenant == tenant)]
 
-    def set_campaign_status(self, campaign_id: int, status: str) -> None:
+    def set_campaign_status(self, campaign_id: int, status: str, reason: str = "") -> None:
         if status not in ("active", "paused", "cancelled"):
             raise ValueError(f"bad campaign status {status!r}")
         cid = str(int(campaign_id))
-        if not self._status(args=[self.k, cid, status]):
+        if not self._status(args=[self.k, cid, status, str(reason)]):
             return
         if status == "cancelled":
             # Not active any more, so no node claims it; pending mail becomes final

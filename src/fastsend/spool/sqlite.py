@@ -119,7 +119,8 @@ CREATE TABLE IF NOT EXISTS campaigns (
     created REAL NOT NULL,
     status TEXT NOT NULL DEFAULT 'active',
     spec BLOB NOT NULL,
-    options BLOB NOT NULL DEFAULT '{}'
+    options BLOB NOT NULL DEFAULT '{}',
+    reason TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,
@@ -256,6 +257,7 @@ def _idem_columns(db: sqlite3.Connection) -> None:
             (("lease", "REAL NOT NULL DEFAULT 0"), ("parts", "BLOB NOT NULL DEFAULT x''")),
         ),
         ("ingests", (("untold_first", _ZERO), ("untold_last", _ZERO))),
+        ("campaigns", (("reason", "TEXT NOT NULL DEFAULT ''"),)),
     ):
         have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
         for col, decl in cols:
@@ -568,19 +570,25 @@ class SQLiteSpool(Spool):
             status=row[4],
             spec=orjson.loads(row[5]),
             options=orjson.loads(row[6]),
+            reason=row[7],
         )
+
+    @functools.cached_property
+    def _camp_cols(self) -> str:
+        """The columns CampaignInfo is read from (a read-only view of a spool
+        made before campaigns had a reason reads '' for it)."""
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(campaigns)")}
+        reason = "reason" if "reason" in have else "''"
+        return f"id, name, tenant, created, status, spec, options, {reason}"
 
     def get_campaign(self, campaign_id: int) -> CampaignInfo | None:
         row = self.db.execute(
-            "SELECT id, name, tenant, created, status, spec, options FROM campaigns WHERE id=?",
-            (campaign_id,),
+            f"SELECT {self._camp_cols} FROM campaigns WHERE id=?", (campaign_id,)
         ).fetchone()
         return self._campaign(row) if row else None
 
     def list_campaigns(self) -> list[CampaignInfo]:
-        rows = self.db.execute(
-            "SELECT id, name, tenant, created, status, spec, options FROM campaigns ORDER BY id"
-        ).fetchall()
+        rows = self.db.execute(f"SELECT {self._camp_cols} FROM campaigns ORDER BY id").fetchall()
         return [self._campaign(r) for r in rows]
 
     def campaigns(
@@ -591,18 +599,19 @@ class SQLiteSpool(Spool):
             "WHERE id>?", [after])  # fmt: skip
         args.append(-1 if limit is None else max(0, int(limit)))
         rows = self.db.execute(
-            "SELECT id, name, tenant, created, status, spec, options FROM campaigns"
-            f" {where} ORDER BY id LIMIT ?",
-            args,
+            f"SELECT {self._camp_cols} FROM campaigns {where} ORDER BY id LIMIT ?", args
         ).fetchall()
         return [self._campaign(r) for r in rows]
 
-    def set_campaign_status(self, campaign_id: int, status: str) -> None:
+    def set_campaign_status(self, campaign_id: int, status: str, reason: str = "") -> None:
         if status not in ("active", "paused", "cancelled"):
             raise ValueError(f"bad campaign status {status!r}")
         db = self.db
         with transaction(db):
-            db.execute("UPDATE campaigns SET status=? WHERE id=?", (status, campaign_id))
+            db.execute(
+                "UPDATE campaigns SET status=?, reason=? WHERE id=?",
+                (status, str(reason), campaign_id),
+            )
             if status == "cancelled":
                 self._tallies.pop(campaign_id, None)  # pending rows end cancelled
                 # Pending mail becomes final; what is in flight finishes its attempt.

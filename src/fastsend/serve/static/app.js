@@ -192,6 +192,7 @@
       }
       row.name.textContent = c.name || '(unnamed)';
       row.status.textContent = c.status;
+      row.status.title = c.reason || ''; // why (a guardrail's pause)
       row.status.className = 'status-' + String(c.status).replace(/[^a-z]/g, '');
       row.progress.value = c.progress || 0;
       row.pct.textContent = ' ' + (100 * (c.progress || 0)).toFixed(1) + '%';
