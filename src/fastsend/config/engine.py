@@ -61,6 +61,11 @@ class SpoolSection(Section):
     blob_retention_days: Annotated[float, msgspec.Meta(gt=0, le=3650)] = 7.0
     blob_sweep_interval_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 600.0
     blob_orphan_grace_s: Annotated[float, msgspec.Meta(ge=60, le=30 * 86400)] = 3600.0
+    # Final messages (delivered, bounced, suppressed, expired, cancelled) are kept
+    # this long after their last change (GET /v1/messages/ID, late bounces and
+    # complaints matched to their message), then deleted by the supervisor (its
+    # campaign's counts stay); 0 keeps them for ever (the spool only grows).
+    final_retention_days: Annotated[float, msgspec.Meta(ge=0, le=36500)] = 30.0
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):

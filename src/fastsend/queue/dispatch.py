@@ -24,6 +24,11 @@ WITHDRAW_GAP = 0.25  # s at least between two checks of the windows (a list writ
 FEED_ROOM = 2000  # open room that asks the feeder for its next chunk (accept.CHUNK rows)
 HOLD_HORIZON = 10.0  # s of a rate's worth kept rate-held in a window (the rest requeued)
 BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that follow
+# Spool.prune_final: messages looked at per call, seconds of calls per tick, and
+# the pause between two such ticks while a sweep has more to do
+PRUNE_CHUNK = 2000
+PRUNE_BUDGET = 0.02
+PRUNE_AGAIN = 0.5
 
 
 def _raise(e: BaseException) -> None:
@@ -408,6 +413,27 @@ class Dispatch(SupervisorState):
             )
         except Exception:  # housekeeping must never stop delivery: say so
             self.hook_failed(self.spool.sweep_blobs)
+
+    def prune_final(self, mono: float) -> None:
+        """[spool] final_retention_days: delete final messages past it (Spool.prune_final),
+        at the first tick and then every blob_sweep_interval_s; a sweep with more
+        to do goes on PRUNE_BUDGET s at a time every PRUNE_AGAIN s (the loop is
+        never held long, a backlog of months goes in a few minutes)."""
+        sp = self.config.spool
+        if sp.final_retention_days <= 0 or mono < self.prune_next:
+            return
+        before = time.time() - sp.final_retention_days * 86400.0
+        more = True
+        try:
+            while more and time.monotonic() - mono < PRUNE_BUDGET:
+                _n, more = self.spool.prune_final(before, PRUNE_CHUNK)
+        except self.outage_types:
+            self.prune_next = mono + sp.blob_sweep_interval_s
+            raise  # an outage of the spool (guard)
+        except Exception:  # housekeeping must never stop delivery: say so
+            more = False
+            self.hook_failed(self.spool.prune_final)
+        self.prune_next = time.monotonic() + (PRUNE_AGAIN if more else sp.blob_sweep_interval_s)
 
     def fail(
         self, slot: WorkerSlot, items: list[Claimed], code: int, enhanced: str, text: str

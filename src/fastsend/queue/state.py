@@ -174,6 +174,7 @@ class SupervisorState:
     tenant_cache: dict[int, str]
     blob_cache: OrderedDict[str, bytes]  # bodies stored once (Spool.put_blob), LRU
     blob_swept: float  # monotonic time of the last Spool.sweep_blobs
+    prune_next: float  # monotonic time of the next Spool.prune_final (0: at the first tick)
     suppression_seen: int | None  # the list's version() at the last check of the windows
     withdraw_checked: float  # monotonic time of that check
     stopped_checked: float  # monotonic time windows were checked for stopped campaigns

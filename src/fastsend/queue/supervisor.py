@@ -110,6 +110,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.tenant_cache: dict[int, str] = {}
         self.blob_cache: OrderedDict[str, bytes] = OrderedDict()
         self.blob_swept = time.monotonic()
+        self.prune_next = 0.0
         # The suppression list is checked again at dispatch (an address suppressed
         # while its mail waited is not mailed) and learns hard delivery-time bounces.
         # "is None", not "or": a list defines __len__, and an empty one (a shared
@@ -339,6 +340,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                         self.withdraw_suppressed(now)
                     guard(self.withdraw_stopped, now)
                     guard(self.sweep_blobs, now)
+                    guard(self.prune_final, now)
                     last_reap = now
                 if self.on_tick:
                     self.on_tick(self)

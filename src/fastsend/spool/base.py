@@ -696,6 +696,23 @@ class Spool(abc.ABC):
                     return False
         return True
 
+    # -- retention of final messages ---------------------------------------------
+    # A message that is final (delivered, bounced, suppressed, expired, cancelled)
+    # is kept ``[spool] final_retention_days`` after its last change (GET
+    # /v1/messages/ID, late bounces and complaints found by their id), then
+    # deleted by the supervisor a chunk at a time. The counts of a campaign do
+    # not change: what was deleted is counted per campaign and state (SQLite:
+    # table ``pruned``; Redis counts by counters, never from rows). Ids are never
+    # handed out again (SQLite keeps the row with the largest id: its ids are
+    # the largest + 1). Nothing pending, in flight or changed since ``before``
+    # is touched, whatever its age (a paused campaign keeps its rows).
+
+    def prune_final(self, before: float, limit: int = 2000) -> tuple[int, bool]:
+        """Delete final messages last changed before ``before``, looking at about
+        ``limit`` messages (oldest first); (how many were deleted, whether more
+        may be due now: call again). This default keeps everything."""
+        return 0, False
+
     # -- idempotency keys (fastsend.serve.idempotency) ---------------------------
     # One record per (scope, key), scope being the tenant: reserved by the first
     # request (running, its holder's tag and lease), the parts its attempts
@@ -1023,6 +1040,9 @@ class SpoolProxy(Spool):
 
     def sweep_idem(self, now: float, limit: int = 1000) -> int:
         return self.inner.sweep_idem(now, limit)
+
+    def prune_final(self, before: float, limit: int = 2000) -> tuple[int, bool]:
+        return self.inner.prune_final(before, limit)
 
     def release_ingest(self, job_id: int) -> None:
         self.inner.release_ingest(job_id)

@@ -80,8 +80,11 @@ Without AOF (RDB snapshots or none) Redis holds accepted mail in memory only;
 ``durability`` says which case applies. Claims and outcomes are never waited
 for: a lost one means a retry, never a loss.
 
-Final messages stay (``message(id)`` answers for them, as in SQLite); purging
-old final messages is left to an operator's job.
+Final messages stay ``[spool] final_retention_days`` after their last change
+(``message(id)`` answers for them, as in SQLite), then the supervisors delete
+them a bucket at a time (:meth:`RedisSpool.prune_final`, ``spool/prune.lua``:
+``P:prune`` its cursor, ``P:prune:keep`` the buckets a sweep left messages in);
+the per-state counters, and so every count, stay as they were.
 """
 
 from __future__ import annotations
@@ -227,6 +230,8 @@ class RedisSpool(Spool):
         self._next_due = reg(_script("next_due"))
         self._ingest_lease = reg(_script("ingest_lease"))
         self._idem = reg(_script("idem"))
+        self._prune = reg(_script("prune"))
+        self._keep_from: int | None = -1  # prune_final: the kept buckets first
         self._tag = orjson.dumps(holder_tag())  # this process, as an ingest job's reader
         self._ingests: set[int] = set()  # ingest jobs this object holds
         self._ingests_renewed = 0.0
@@ -849,6 +854,28 @@ class RedisSpool(Spool):
                 except redis.WatchError:
                     continue
         return gone
+
+    # -- retention (see Spool.prune_final; spool/prune.lua) -----------------------
+
+    def prune_final(self, before: float, limit: int = 2000) -> tuple[int, bool]:
+        # A sweep: the buckets an earlier sweep left messages in (P:prune:keep,
+        # by this process's own cursor), then on from the shared P:prune 'next'
+        # bucket to the young ones. Each call is one script over about ``limit``
+        # messages (a bucket holds BUCKET), so Redis is never held long.
+        k, n = self.k, max(1, int(limit) // BUCKET)
+        if self._keep_from is not None:
+            got = [int(x) for x in self.r.zrangebyscore(
+                f"{k}:prune:keep", f"({self._keep_from}", "+inf", 0, n
+            )]  # fmt: skip
+            if got:
+                self._keep_from = got[-1]
+                d, _more = self._prune(args=[k, repr(float(before)), "keep", n, *got])
+                return int(d), True
+            self._keep_from = None
+        d, more = self._prune(args=[k, repr(float(before)), "next", n])
+        if not more:
+            self._keep_from = -1  # the next sweep starts again with the kept buckets
+        return int(d), bool(more)
 
     # -- idempotency keys (see Spool.idem_begin; spool/idem.lua) ----------------
 

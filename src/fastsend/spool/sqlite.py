@@ -53,6 +53,7 @@ from fastsend.spool.base import (
     CANCELLED,
     DEFERRED,
     DELIVERED,
+    FINAL_STATES,
     IDEM_RELEASED,
     INFLIGHT,
     INGEST_STATUSES,
@@ -188,6 +189,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
+CREATE TABLE IF NOT EXISTS pruned (
+    campaign INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (campaign, state)
+) WITHOUT ROWID;
 """
 
 SCHEMA_VERSION = "1"
@@ -467,6 +474,7 @@ class SQLiteSpool(Spool):
         # Campaigns created here: [rows spooled, of which suppressed, the
         # database's data_version at creation] (see tally()).
         self._tallies: dict[int, list[int]] = {}
+        self._prune_from = 0  # prune_final: the last id a sweep looked at
         self.path = os.path.join(directory, "spool.db")
         if readonly and not os.path.exists(self.path):
             raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
@@ -882,9 +890,69 @@ class SQLiteSpool(Spool):
                 f"SELECT m.state, COUNT(*) FROM {self._of}=? GROUP BY m.state", (campaign_id,)
             )
         out = dict.fromkeys(STATE_NAMES.values(), 0)
-        for state, n in rows:
-            out[STATE_NAMES.get(state, str(state))] = n
+        for state, n in chain(rows, self._pruned(campaign_id)):
+            name = STATE_NAMES.get(state, str(state))
+            out[name] = out.get(name, 0) + int(n)
         return out
+
+    def _pruned(self, campaign_id: int | None) -> list[tuple[int, int]]:
+        """(state, n) of the messages prune_final deleted (of one campaign, or all)."""
+        try:
+            if campaign_id is None:
+                return self.db.execute(
+                    "SELECT state, SUM(n) FROM pruned GROUP BY state"
+                ).fetchall()
+            return self.db.execute(
+                "SELECT state, n FROM pruned WHERE campaign=?", (campaign_id,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # a read-only view of a spool made before
+            return []
+
+    def prune_final(self, before: float, limit: int = 2000) -> tuple[int, bool]:
+        # Oldest first, by id (ids grow with time): from where the last call
+        # stopped (in memory: a new process starts again from the first row,
+        # past what was deleted already: only the rows kept are read again) to
+        # the first row spooled at ``before`` or later (the rows after it are
+        # too young). Each call is one transaction over a range of ids.
+        db = self.db
+        start = self._prune_from
+        final = ",".join(str(s) for s in sorted(FINAL_STATES))
+        with transaction(db):
+            end = db.execute(
+                "SELECT MAX(id) FROM (SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?)",
+                (start, max(1, int(limit))),
+            ).fetchone()[0]
+            if end is None:  # no row after start: a sweep is over
+                self._prune_from = 0
+                return 0, False
+            young = db.execute(
+                "SELECT MIN(id) FROM messages WHERE id > ? AND id <= ? AND created >= ?",
+                (start, end, before),
+            ).fetchone()[0]
+            over = young is not None
+            if over:
+                end = young - 1
+            # The row with the largest id stays: ids are the largest + 1.
+            top = db.execute("SELECT MAX(id) FROM messages").fetchone()[0]
+            end = min(end, top - 1)
+            n = 0
+            if end > start:
+                where = (
+                    f"id > ?1 AND id <= ?2 AND state IN ({final}) AND updated < ?3"
+                )
+                args = (start, end, before)
+                db.execute(
+                    "INSERT INTO pruned(campaign, state, n) SELECT campaign, state, COUNT(*)"
+                    f" FROM messages WHERE {where} GROUP BY campaign, state"
+                    " ON CONFLICT(campaign, state) DO UPDATE SET n = n + excluded.n",
+                    args,
+                )
+                n = int(db.execute(f"DELETE FROM messages WHERE {where}", args).rowcount)
+            if over or end >= top - 1:
+                self._prune_from = 0  # the next sweep starts again from the oldest
+                return n, False
+            self._prune_from = end
+            return n, True
 
     def pending(self) -> dict[str, int]:
         # The due index holds exactly these rows: read it, not the history.
@@ -1131,6 +1199,16 @@ class SQLiteSpool(Spool):
         for cid, state, n in rows:
             per = out.setdefault(int(cid), dict.fromkeys(STATE_NAMES.values(), 0))
             per[STATE_NAMES.get(state, str(state))] = int(n)
+        try:  # the messages prune_final deleted, counted as they were
+            pruned = self.db.execute("SELECT campaign, state, n FROM pruned").fetchall()
+        except sqlite3.OperationalError:  # a read-only view of a spool made before
+            pruned = []
+        for cid, state, n in pruned:
+            if ids is not None and int(cid) not in out:
+                continue
+            per = out.setdefault(int(cid), dict.fromkeys(STATE_NAMES.values(), 0))
+            name = STATE_NAMES.get(state, str(state))
+            per[name] = per.get(name, 0) + int(n)
         return out
 
     def pending_domains(

@@ -1,0 +1,63 @@
+-- ARGV: P, before, mode, n, [bucket, ...] -> {deleted, more}
+-- Spool.prune_final: delete the final messages (states 3-7) last changed
+-- before ``before`` (both fields of each; the per-state counters stay: counts
+-- never come from rows). mode 'next': up to n buckets from P:prune's 'next'
+-- on, oldest first, stopping at the bucket of a message spooled at ``before``
+-- or later (too young: the sweep ends there) or at the last id's bucket (looked
+-- at, never passed: more ids will come in it); a bucket left with messages goes to P:prune:keep, to
+-- be looked at again by mode 'keep' (the buckets given) at later sweeps.
+local before = tonumber(ARGV[2])
+local final = {['3'] = true, ['4'] = true, ['5'] = true, ['6'] = true, ['7'] = true}
+local sub, match = string.sub, string.match
+-- (deleted, kept, young) of one bucket
+local function prune_bucket(b)
+  local key = P..':m:'..b
+  local h = redis.call('HGETALL', key)
+  if #h == 0 then return 0, 0, false end
+  local rows = {}
+  for i = 1, #h, 2 do
+    if sub(h[i], -1) ~= 's' then rows[h[i]] = h[i + 1] end
+  end
+  local del, kept, young = {}, 0, false
+  for i = 1, #h, 2 do
+    local f = h[i]
+    if sub(f, -1) == 's' then
+      local id = sub(f, 1, -2)
+      local v = parse(h[i + 1])
+      local row = rows[id]
+      local created = row and tonumber(match(row, '^[^%z]*%z[^%z]*%z([^%z]*)')) or 0
+      if created >= before then young = true end
+      if final[v[1]] and tonumber(v[4]) < before and created < before then
+        del[#del + 1] = id
+        del[#del + 1] = f
+      else
+        kept = kept + 1
+      end
+    end
+  end
+  if #del > 0 then each_chunk('HDEL', key, del) end
+  return #del / 2, kept, young
+end
+local n = tonumber(ARGV[4])
+local deleted = 0
+if ARGV[3] == 'keep' then
+  for i = 5, #ARGV do
+    local d, kept = prune_bucket(ARGV[i])
+    deleted = deleted + d
+    if kept == 0 then redis.call('ZREM', P..':prune:keep', ARGV[i]) end
+  end
+  return {deleted, 1}
+end
+local nxt = tonumber(redis.call('HGET', P..':prune', 'next') or '0')
+local top = math.floor(tonumber(redis.call('GET', P..':seq:m') or '0') / B)
+local more = 1
+for _ = 1, n do
+  if nxt > top then more = 0; break end
+  local d, kept, young = prune_bucket(nxt)
+  deleted = deleted + d
+  if young or nxt == top then more = 0; break end  -- (more ids will come in the last)
+  if kept > 0 then redis.call('ZADD', P..':prune:keep', nxt, nxt) end
+  nxt = nxt + 1
+end
+redis.call('HSET', P..':prune', 'next', nxt)
+return {deleted, more}
