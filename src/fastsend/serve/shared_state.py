@@ -31,6 +31,11 @@ DESCRIPTION
                         its last write.
     ``P:evs:STEP:T``    event counts per minute (kept 6 h) and per hour (8 d)
                         by campaign, domain and source IP: /v1/stats?by=domain.
+    ``P:evx``           the same events by time (GET /v1/events): a stream whose
+                        entries each name a run of one ``P:ev:B`` list (bucket,
+                        start, count) holding events of one campaign and one
+                        type, with their first and last times; in the order
+                        the nodes recorded them; trimmed after ``events_days``.
 
 DELIBERATELY NOT HERE
     The queue (fastsend.spool.redis), rates (fastsend.shared_limits),
@@ -358,6 +363,29 @@ class RedisOutbox:
 
 # ---------------------------------------------------------------- event index
 EV_BUCKET = 128  # message ids per event list / meta hash (as the spool's buckets)
+RUN_MAX = 1000  # events per time-index entry (P:evx): a run of one list
+EVX_SLACK = 300.0  # s: an event is in the time index within this of its own time
+EVX_SEQ = 1024  # an export position: (entry ms, entry seq * EVX_SEQ + index in the run)
+# The events of a flush in runs: each run RPUSHed to its bucket's list and named
+# by one time-index entry (bucket, where it starts, how many, campaign, type,
+# first and last time), in one call: a run and its entry are never apart.
+# ARGV: P, ttl (s, 0: kept), trim (ms: entries before it go, 0: none), then per
+# run: bucket, campaign, type, tmin, tmax, n, and its n bodies.
+_APPEND = """
+local P, ttl = ARGV[1], tonumber(ARGV[2])
+local i = 4
+while i <= #ARGV do
+  local b, n = ARGV[i], tonumber(ARGV[i + 5])
+  local key = P..':ev:'..b
+  local len = redis.call('RPUSH', key, unpack(ARGV, i + 6, i + 5 + n))
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  redis.call('XADD', P..':evx', '*', 'b', b, 's', len - n, 'n', n, 'c', ARGV[i + 1],
+             'e', ARGV[i + 2], 't0', ARGV[i + 3], 't1', ARGV[i + 4])
+  i = i + 6 + n
+end
+if ARGV[3] ~= '0' then redis.call('XTRIM', P..':evx', 'MINID', '~', ARGV[3]) end
+return 1
+"""
 STAT_STEPS = ((60, 6 * 3600), (3600, 8 * 86400))  # (bucket s, kept s): minutes, hours
 _SEP = "\x1f"
 
@@ -376,7 +404,9 @@ class RedisEventIndex:
         self.r = r
         self.k = "{" + prefix + "}"
         self.ttl = ttl  # s a message's history is kept ([analytics] events_days; 0: for ever)
-        self.pending: list[tuple[int, bytes]] = []
+        # (id, "ID:json", campaign, type, time) in the order recorded
+        self.pending: list[tuple[int, bytes, int, str, float]] = []
+        self._append = r.register_script(_APPEND)
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
         self.counts: dict[tuple[int, str], int] = {}  # (minute, field) -> n
         self.last_flush = time.monotonic()
@@ -389,13 +419,16 @@ class RedisEventIndex:
             mid = e.get("id")
             if not isinstance(mid, int):
                 continue
-            add((mid, b"%d:%s" % (mid, dumps(e))))
             t = e.get("time")
-            minute = int(t if isinstance(t, (int, float)) else time.time()) // 60
+            t = float(t) if isinstance(t, (int, float)) else time.time()
+            cid = int(e.get("campaign") or 0)
+            kind = str(e.get("event", ""))
+            add((mid, b"%d:%s" % (mid, dumps(e)), cid, kind, t))
+            minute = int(t) // 60
             rcpt = e.get("rcpt")
             dom = rcpt.rpartition("@")[2].lower() if isinstance(rcpt, str) else ""
-            head = f"{_SEP}{int(e.get('campaign') or 0)}{_SEP}"
-            ev = _SEP + str(e.get("event", "")).replace(_SEP, " ")
+            head = f"{_SEP}{cid}{_SEP}"
+            ev = _SEP + kind.replace(_SEP, " ")
             for f in (
                 "d" + head + dom.replace(_SEP, " ") + ev,
                 "i" + head + str(e.get("source_ip") or "").replace(_SEP, " ") + ev,
@@ -420,15 +453,29 @@ class RedisEventIndex:
         counts, self.counts = self.counts, {}
         k = self.k
         pipe = self.r.pipeline(transaction=False)
-        lists: dict[int, list[bytes]] = {}
-        for mid, body in rows:
-            lists.setdefault(mid // EV_BUCKET, []).append(body)
-        for b, bodies in lists.items():
-            key = f"{k}:ev:{b}"
-            for i in range(0, len(bodies), 1000):
-                pipe.rpush(key, *bodies[i : i + 1000])
-            if self.ttl:
-                pipe.expire(key, self.ttl)
+        # Runs of consecutive events of one bucket, campaign and type (a batch of
+        # deliveries is one or a few), in the order recorded.
+        runs: list[list[Any]] = []
+        cur: list[Any] | None = None
+        for mid, body, cid, kind, t in rows:
+            b = mid // EV_BUCKET
+            if cur is None or cur[0] != b or cur[1] != cid or cur[2] != kind or len(
+                cur[5]
+            ) >= RUN_MAX:
+                cur = [b, cid, kind, t, t, []]
+                runs.append(cur)
+            elif t < cur[3]:
+                cur[3] = t
+            elif t > cur[4]:
+                cur[4] = t
+            cur[5].append(body)
+        trim = int((time.time() - self.ttl - EVX_SLACK) * 1000) if self.ttl else 0
+        args: list[Any] = []
+        for j, (b, cid, kind, t0, t1, bodies) in enumerate(runs):
+            args += [b, cid, kind, repr(t0), repr(t1), len(bodies), *bodies]
+            if len(args) >= 4 * RUN_MAX or j == len(runs) - 1:
+                self._append(args=[k, self.ttl, trim, *args], client=pipe)
+                args = []
         hashes: dict[int, dict[bytes, bytes]] = {}
         for mid, tags, md in meta:
             h = hashes.setdefault(mid // EV_BUCKET, {})
@@ -512,8 +559,120 @@ class RedisEventIndex:
                 out[g] = out.get(g, 0) + int(n)
         return [(g, e, n) for (g, e), n in out.items()]
 
+    # -- bulk export (GET /v1/events), as EventIndex's ---------------------------
+    # A position is (entry ms, entry seq * EVX_SEQ + index of the event in its
+    # run): in the order the nodes recorded the events (a flush's events are
+    # within a fraction of a second of each other), each event once.
+
+    def _walk(self, q: Any, after: tuple[float, int] | None) -> Iterator[tuple[int, int, dict[bytes, bytes], int]]:
+        """(ms, seq, fields, first index) of the time index's entries past ``after``
+        that may hold events of ``q`` (their campaign and type match, their times
+        meet [t0, t1)); entries are read EVX_SLACK s beyond the range's ends."""
+        key = f"{self.k}:evx"
+        if after is not None:
+            ms, rest = int(after[0]), int(after[1])
+            seq, k0 = divmod(rest, EVX_SEQ)
+            start, first = f"{ms}-{seq}", k0 + 1
+        else:
+            start, first = f"{max(0, int((q.t0 - EVX_SLACK) * 1000))}-0", 0
+        stop = int((q.t1 + EVX_SLACK) * 1000)
+        camps = None if q.campaigns is None else {b"%d" % c for c in q.campaigns}
+        kinds = None if q.kinds is None else {x.encode() for x in q.kinds}
+        while True:
+            page = self.r.xrange(key, start, f"{stop}-18446744073709551615", count=500)
+            if not page:
+                return
+            for raw_id, f in page:
+                ms_s, _, seq_s = _s(raw_id).partition("-")
+                ms, seq = int(ms_s), int(seq_s)
+                lo = first if f"{ms}-{seq}" == start else 0
+                if (
+                    (camps is None or f.get(b"c") in camps)
+                    and (kinds is None or f.get(b"e") in kinds)
+                    and float(f[b"t1"]) >= q.t0
+                    and float(f[b"t0"]) < q.t1
+                    and lo < int(f[b"n"])
+                ):
+                    yield ms, seq, f, lo
+            last = _s(page[-1][0])
+            ms_s, _, seq_s = last.partition("-")
+            start = f"{ms_s}-{int(seq_s) + 1}"
+            first = 0
+
+    def _bodies(self, f: dict[bytes, bytes], lo: int) -> list[bytes]:
+        """The run's event bodies from index ``lo`` (JSON, without the "ID:")."""
+        s0, n = int(f[b"s"]), int(f[b"n"])
+        raw = self.r.lrange(f"{self.k}:ev:{int(f[b'b'])}", s0 + lo, s0 + n - 1)
+        return [x.partition(b":")[2] for x in raw]
+
+    @staticmethod
+    def _fits(q: Any, f: dict[bytes, bytes], body: bytes) -> bool:
+        try:
+            e = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        t = e.get("time")
+        return (
+            isinstance(t, (int, float)) and q.t0 <= t < q.t1
+            and str(e.get("event", "")).encode() == f[b"e"]
+            and b"%d" % int(e.get("campaign") or 0) == f[b"c"]
+        )  # fmt: skip
+
+    def _inside(self, q: Any, f: dict[bytes, bytes]) -> bool:
+        """Every event of the run is inside [t0, t1) (counted without reading it)."""
+        return float(f[b"t0"]) >= q.t0 and float(f[b"t1"]) < q.t1
+
+    def export_end(self, q: Any) -> tuple[tuple[float, int] | None, bool]:
+        """As EventIndex.export_end: the position of the page's last event and
+        whether more follow; (None, False) when the page is everything left."""
+        self.flush()
+        if q.campaigns == [] or q.kinds == []:
+            return None, False
+        left = q.limit
+        end: tuple[float, int] | None = None
+        for ms, seq, f, lo in self._walk(q, q.after):
+            n = int(f[b"n"])
+            if self._inside(q, f):
+                idx = list(range(lo, n))
+            else:
+                idx = [lo + j for j, b in enumerate(self._bodies(f, lo)) if self._fits(q, f, b)]
+            if end is not None:
+                if idx:
+                    return end, True
+                continue
+            if len(idx) >= left:
+                end = (float(ms), seq * EVX_SEQ + idx[left - 1])
+                if len(idx) > left:
+                    return end, True
+                left = 0
+            else:
+                left -= len(idx)
+        return end, False
+
+    def export_chunk(
+        self, q: Any, after: tuple[float, int] | None, until: tuple[float, int] | None,
+        n: int = 1000,
+    ) -> tuple[list[bytes], tuple[float, int] | None]:  # fmt: skip
+        """As EventIndex.export_chunk: up to ``n`` bodies past ``after``, not past
+        ``until``, and the position of the last one."""
+        if q.campaigns == [] or q.kinds == []:
+            return [], None
+        out: list[bytes] = []
+        pos: tuple[float, int] | None = None
+        for ms, seq, f, lo in self._walk(q, after):
+            for j, body in enumerate(self._bodies(f, lo)):
+                here = (float(ms), seq * EVX_SEQ + lo + j)
+                if until is not None and here > until:
+                    return out, pos
+                if self._fits(q, f, body):
+                    out.append(body)
+                    pos = here
+                    if len(out) >= n:
+                        return out, pos
+        return out, pos
+
     def prune(self, before: float) -> int:
-        return 0  # keys expire on their own
+        return 0  # keys expire on their own (the time index is trimmed as it grows)
 
     def close(self) -> None:
         self.flush()
