@@ -142,6 +142,7 @@ _UNPEND = (
 )
 CHUNK = 2000  # ids per script call / pipeline for bulk work
 BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
+PRUNE_BUCKETS = 4  # buckets per prune_final call (one script)
 LAYOUT = b"2"  # P:layout: the message layout above
 AHEAD_TTL = 0.5  # s: a claim sent ahead and answered later than this is put back
 
@@ -862,7 +863,8 @@ class RedisSpool(Spool):
         # by this process's own cursor), then on from the shared P:prune 'next'
         # bucket to the young ones. Each call is one script over about ``limit``
         # messages (a bucket holds BUCKET), so Redis is never held long.
-        k, n = self.k, max(1, int(limit) // BUCKET)
+        # (at most PRUNE_BUCKETS buckets a call: ~2 ms of Redis, never held long)
+        k, n = self.k, max(1, min(PRUNE_BUCKETS, int(limit) // BUCKET))
         if self._keep_from is not None:
             got = [int(x) for x in self.r.zrangebyscore(
                 f"{k}:prune:keep", f"({self._keep_from}", "+inf", 0, n

@@ -1199,13 +1199,20 @@ class SQLiteSpool(Spool):
         for cid, state, n in rows:
             per = out.setdefault(int(cid), dict.fromkeys(STATE_NAMES.values(), 0))
             per[STATE_NAMES.get(state, str(state))] = int(n)
+        pruned: list[tuple[int, int, int]] = []
         try:  # the messages prune_final deleted, counted as they were
-            pruned = self.db.execute("SELECT campaign, state, n FROM pruned").fetchall()
+            if ids is None:
+                pruned = self.db.execute("SELECT campaign, state, n FROM pruned").fetchall()
+            for j in range(0, len(ids or ()), 500):
+                chunk = ids[j : j + 500]  # type: ignore[index]
+                pruned += self.db.execute(
+                    "SELECT campaign, state, n FROM pruned WHERE campaign IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
         except sqlite3.OperationalError:  # a read-only view of a spool made before
             pruned = []
         for cid, state, n in pruned:
-            if ids is not None and int(cid) not in out:
-                continue
             per = out.setdefault(int(cid), dict.fromkeys(STATE_NAMES.values(), 0))
             name = STATE_NAMES.get(state, str(state))
             per[name] = per.get(name, 0) + int(n)
