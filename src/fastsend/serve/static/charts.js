@@ -271,7 +271,7 @@
   async function refreshCampaign(id) {
     const c = await get('/v1/campaigns/' + encodeURIComponent(id));
     $('c-name').textContent = c.name + ' (#' + c.id + ')';
-    $('c-status').textContent = c.status;
+    $('c-status').textContent = c.reason ? c.status + ' (' + c.reason + ')' : c.status;
     $('c-progress').textContent = pct(c.progress);
     const st = $('c-states');
     st.replaceChildren(...Object.entries(c.counts).map(([k, v]) => {
