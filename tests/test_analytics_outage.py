@@ -79,3 +79,37 @@ def test_a_full_event_index_keeps_its_rows_and_says_so_once(
     assert len(index.for_message(150)) == 1
     assert "written again" in caplog.records[-1].getMessage()
     index.close()
+
+
+def test_alarms_on_a_full_rollup_store_are_said_once_then_told(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A complaint rate over the line while rollups.db cannot be written (here a
+    read-only file system's error; a full disk is the same path): the alarm
+    loop logged a traceback every evaluation (a minute in serve); now one line,
+    and the alarm is told once the store takes its state."""
+    from fastsend.analytics.alarms import Alarms
+    from fastsend.analytics.rollup import _node_rows
+    from fastsend.analytics.store import IDX, NC
+    from fastsend.config.analytics import AlarmSettings
+
+    store = SQLiteRollupStore(str(tmp_path))
+    now = time.time()
+    row = [0] * NC
+    row[IDX["delivered"]], row[IDX["complaints"]] = 1000, 9
+    counts = {(60, int(now) - int(now) % 60, ("acme", 1, "google", "127.0.0.2")): row}
+    _node_rows(counts, {})
+    store.add(counts, {}, {})
+    store.db.execute("PRAGMA query_only=1")  # as a read-only remount (SQLITE_READONLY)
+    events: list[dict] = []
+    alarms = Alarms(AlarmSettings(min_delivered=100), store, events.append)
+    caplog.set_level(logging.INFO, "fastsend")
+    for _ in range(5):
+        assert alarms.evaluate(["acme"], now) == []
+    said = [x for x in caplog.records if x.name.startswith("fastsend")]
+    assert len(said) == 1 and not said[0].exc_info and "read-only" in said[0].getMessage()
+    assert events == []
+    store.db.execute("PRAGMA query_only=0")
+    got = alarms.evaluate(["acme"], now)
+    assert {(e["event"], e.get("campaign")) for e in got} >= {("alarm", 1)}
+    assert "written again" in caplog.records[-1].getMessage()

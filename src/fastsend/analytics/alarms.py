@@ -33,6 +33,7 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,9 @@ import orjson
 from fastsend.analytics.query import rates
 from fastsend.analytics.store import IDX, RollupStore
 from fastsend.config.analytics import AlarmSettings
+from fastsend.spool.base import storage_problem
+
+log = logging.getLogger("fastsend.analytics")
 
 NODE = "*"
 SCOPE = "alarm"  # the rollup store's states of raised alarms: JSON [tenant, dim, value, kind]
@@ -56,6 +60,7 @@ class Alarms:
         self.store = store
         self.emit = emit
         self.raised: dict[tuple[Any, ...], str] = {}  # (tenant, dim, value, kind) -> level
+        self._outage = False  # the store refused the last change (a full disk)
 
     def _load(self) -> None:
         """What is raised, as the store keeps it (this node's and the others' changes)."""
@@ -75,11 +80,31 @@ class Alarms:
         return "warning" if rate >= warn else ""
 
     def evaluate(self, tenants: list[str], now: float | None = None) -> list[dict[str, Any]]:
+        """The alarms raised and cleared since the last evaluation (emitted). A store
+        that refuses writes (a full disk, a read-only file system) is said once, not
+        a traceback an evaluation: the changes are told once it takes them."""
+        out: list[dict[str, Any]] = []
+        try:
+            self._evaluate(tenants, now, out)
+        except Exception as e:
+            problem = storage_problem(e)
+            if problem is None:
+                raise
+            if not self._outage:
+                log.warning("analytics: alarms: the rollup store %s (%s); alarm changes are"
+                            " told once it can be written", problem, e)  # fmt: skip
+            self._outage = True
+            return out
+        if self._outage:
+            log.warning("analytics: alarms: the rollup store is written again")
+            self._outage = False
+        return out
+
+    def _evaluate(self, tenants: list[str], now: float | None, out: list[dict[str, Any]]) -> None:
         s = self.settings
         now = time.time() if now is None else now
         t1 = int(now) - int(now) % 60 + 60
         t0 = t1 - int(s.window_s) // 60 * 60
-        out = []
         self._load()
         for tenant in tenants:
             for dim in ("campaign", "provider"):
@@ -121,4 +146,3 @@ class Alarms:
                                   dim: value, "rate": r[kind]}  # fmt: skip
                         self.emit(ev)
                         out.append(ev)
-        return out
