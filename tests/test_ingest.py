@@ -204,15 +204,23 @@ def _csv_module_rows(path: Path, after: int) -> list[Any]:
         ei = header.index("email")
         names = header[:ei] + header[ei + 1 :]
         out: list[Any] = []
+        end = 1
+
+        def bad(start: int, line: int, why: str) -> recipients.BadRow:
+            if start < line:  # a record over several lines: its first line, its span
+                why += f" (one record over lines {start}-{line}: a quoted field holds line breaks)"
+            return recipients.BadRow(start, why)
+
         for rec in reader:
             line = reader.line_num
+            start, end = end + 1, line
             if line <= after:
                 continue
             if len(rec) != len(header):
                 if not rec or (len(rec) == 1 and not rec[0].strip()):
                     continue
                 why = f"expected {len(header)} columns, found {len(rec)}"
-                out.append(recipients.BadRow(line, why))
+                out.append(bad(start, line, why))
                 continue
             if len(header) == 1 and not rec[0].strip():
                 continue
@@ -220,7 +228,7 @@ def _csv_module_rows(path: Path, after: int) -> list[Any]:
             try:
                 addr, domain = normalize(email)
             except AddressError as e:
-                out.append(recipients.BadRow(line, str(e)))
+                out.append(bad(start, line, str(e)))
                 continue
             out.append((line, addr, domain, orjson.dumps(dict(zip(names, rec, strict=True)))))
         return out
@@ -812,3 +820,27 @@ def test_a_short_first_chunk_then_whole_chunks(spool_url: str, tmp_path: Path) -
     assert c["queued"] + c["inflight"] == 2500
     events.close()
     spool.close()
+
+
+def test_a_quote_never_closed_is_named_where_it_opens(tmp_path: Path) -> None:
+    """A stray quote opening a field makes the csv module read the rest of the
+    file into that field: one bad row that silently held every row after it,
+    reported at the file's last line as "expected 2 columns, found 1". Now it
+    is named on the line the quote opened, saying it was never closed; a bad
+    record over several lines whose quote did close is named by its first line
+    with its span; the rows before are read."""
+    from fastsend import recipients
+
+    p = tmp_path / "r.csv"
+    p.write_text('email,name\na@x.example,A\n"b@x.example,B\nc@x.example,C\nd@x.example,D\n')
+    got = list(recipients.read(str(p)))
+    assert got[0][:2] == (2, "a@x.example")
+    assert len(got) == 2 and isinstance(got[1], recipients.BadRow), got
+    assert got[1].line == 3, got[1]
+    assert "quote opened on this line is never closed" in got[1].error, got[1]
+    assert "the 2 line(s) after it" in got[1].error, got[1]
+    p.write_text('email,name\na@x.example,"two\nlines",extra\nb@x.example,B\n')
+    got = list(recipients.read(str(p)))
+    assert isinstance(got[0], recipients.BadRow) and got[0].line == 2, got
+    assert "one record over lines 2-3" in got[0].error, got[0]
+    assert got[1][:2] == (4, "b@x.example"), got

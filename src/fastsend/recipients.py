@@ -462,15 +462,22 @@ def _csv_batches(
     dumps = orjson.dumps
     encode = _encode
     checks = _breaks(names, refuse)
+    end = base  # the last line of the record before
+    spans: tuple[BadRow, int] | None = None  # a bad record over several lines, its end
     try:
         for rec in reader:
             line = base + reader.line_num
+            start, end = end + 1, line
             if line <= after:
                 continue
             got = _address_of(rec, line, width, ei, bad)
             if not isinstance(got, tuple):
                 if got is False:
                     last = line
+                    if start < line:  # named by its first line, and its span said
+                        bad[-1] = BadRow(start, f"{bad[-1].error} (one record over lines"
+                                         f" {start}-{line}: a quoted field holds line breaks)")  # fmt: skip
+                        spans = bad[-1], line
                 continue
             if checks and (name := _broken(rec, checks)) is not None:
                 bad.append(_break_row(line, name))
@@ -489,6 +496,14 @@ def _csv_batches(
                 limit = size
     except csv.Error as e:  # a field over csv.field_size_limit(), a NUL, ...
         raise RecipientsError(f"line {base + reader.line_num}: {e}") from None
+    if spans is not None and spans[1] == end and bad and bad[-1] is spans[0]:
+        # The file ended inside the quoted field: a quote that is never closed
+        # (the csv module reads the rest of the file into it). Say so, rather than
+        # one bad row that silently holds every row after it.
+        first = spans[0].line
+        bad[-1] = BadRow(first, f"a quote opened on this line is never closed: the"
+                         f" {end - first} line(s) after it, to the end of the file, were"
+                         " read into one field and not as rows")  # fmt: skip
     yield Batch(rows, lines, bad, last, True)
 
 
