@@ -500,9 +500,9 @@ def _csv_batches(
         # The file ended inside the quoted field: a quote that is never closed
         # (the csv module reads the rest of the file into it). Say so, rather than
         # one bad row that silently holds every row after it.
-        first = spans[0].line
-        bad[-1] = BadRow(first, f"a quote opened on this line is never closed: the"
-                         f" {end - first} line(s) after it, to the end of the file, were"
+        opened = spans[0].line
+        bad[-1] = BadRow(opened, f"a quote opened on this line is never closed: the"
+                         f" {end - opened} line(s) after it, to the end of the file, were"
                          " read into one field and not as rows")  # fmt: skip
     yield Batch(rows, lines, bad, last, True)
 
