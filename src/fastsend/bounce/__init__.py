@@ -9,13 +9,15 @@ This package never touches the spool or the suppression list: the engine
 feeds records to :mod:`fastsend.suppression` (see ``suppress_from``).
 
 The DSN/ARF reader (``parse``: the email package, vendor rules) is imported on
-first use: a delivery worker needs only ``classify_reply``.
+first use: a delivery worker needs only ``classify_reply``, serve's start-up
+only ``BounceRecord`` (``record``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fastsend.bounce.record import BounceRecord
 from fastsend.bounce.reply import (
     HARD_REASONS,
     Classification,
@@ -27,9 +29,9 @@ from fastsend.bounce.reply import (
 )
 
 if TYPE_CHECKING:
-    from fastsend.bounce.parse import BounceRecord, default_verp_decoder, parse_bounce
+    from fastsend.bounce.parse import default_verp_decoder, parse_bounce
 
-_LAZY = {"BounceRecord", "default_verp_decoder", "parse_bounce"}
+_LAZY = {"default_verp_decoder", "parse_bounce"}
 
 
 def __getattr__(name: str) -> Any:

@@ -29,11 +29,12 @@ import email
 import email.message
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from email.header import decode_header, make_header
 from typing import Any
 
 from fastsend.bounce import mime, vendors
+from fastsend.bounce.record import BounceRecord
 from fastsend.bounce.reply import RuleSet, default_rules
 
 VerpDecoder = Callable[[str], "str | None"]
@@ -53,35 +54,6 @@ _MBOX_SPLIT = re.compile(
     rb"|\n(?=From \S{1,200} +(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep"
     rb"|Oct|Nov|Dec) +\d{1,2} \d\d:\d\d:\d\d \d{4}\n[A-Za-z-]+:)"
 )
-
-
-@dataclass(slots=True)
-class BounceRecord:
-    """One recipient reported by a bounce or complaint message.
-
-    ``status`` is the enhanced status ("5.1.1") or None, ``reply_code`` the
-    SMTP reply code or None; ``reason``/``hard`` as in Classification;
-    ``feedback_type`` is set for complaints ("abuse", "opt-out", ...).
-    """
-
-    recipient: str
-    status: str | None
-    reply_code: int | None
-    diagnostic: str
-    reason: str
-    hard: bool
-    feedback_type: str | None = None
-    original_message_id: str | None = None
-    verp_id: str | None = None
-    action: str | None = None
-    remote_mta: str | None = None
-    original_recipient: str | None = None
-    command: str | None = None
-    rate_limited: bool = False
-    ip_blocked: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def default_verp_decoder(address: str) -> str | None:

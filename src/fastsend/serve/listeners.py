@@ -91,12 +91,11 @@ import secrets
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from fastsend import msgid
-from fastsend.bounce import BounceRecord, parse_bounce
 from fastsend.config import Config
 from fastsend.config.serve import IntakeSettings, ListenerLimits, SubmissionSettings, listen_pairs
 from fastsend.message import verp
@@ -130,6 +129,9 @@ from fastsend.suppression import (
     suppress_from,
 )
 from fastsend.tenants import ascii_domain
+
+if TYPE_CHECKING:
+    from fastsend.bounce import BounceRecord
 
 __all__ = [
     "IntakeConfig",
@@ -666,6 +668,8 @@ def process_report(
     ctx: Any, data: bytes, envelope_rcpts: list[str], verp_prefix: str = "b"
 ) -> list[dict[str, Any]]:
     """Parse one bounce/ARF message; emit its events, update suppression; return the events."""
+    from fastsend.bounce import parse_bounce  # the DSN/ARF reader: on first use (start-up time)
+
     got = _dmarc_report(ctx, data)
     if got is not None:
         return got
