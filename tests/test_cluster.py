@@ -5,6 +5,7 @@ and the shared installation secret."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -129,6 +130,7 @@ def test_transport_connections_are_split_among_the_live_nodes(
     more nodes than connections: 1 each (never 0: a node could send nothing)."""
     from fastsend import shared_limits as sl
 
+    monkeypatch.setattr(sl, "JOIN_GRACE", 0.0)  # test_only_nodes_with_mail_...: the grace
     prefix = "cs" + str(time.monotonic_ns())[-6:]
     lim = sl.SharedLimits(redis_server.url(prefix=prefix))
     a = sl.ConnectionShares(lim, "a", {"relay1": 5, "ses": 1})
@@ -155,3 +157,126 @@ def test_transport_connections_are_split_among_the_live_nodes(
     assert [sl.node_share(2, ["a", "b", "c"], n) for n in "abc"] == [1, 1, 1]
     assert [sl.node_share(7, ["x", "y", "z"], n) for n in "xyz"] == [3, 2, 2]
     lim.close()
+
+
+def test_a_node_name_is_held_by_one_live_process(redis_server: RedisServer) -> None:
+    """``Spool.hold_supervisor`` on Redis holds the node name (``P:name:NODE``):
+    another spool object of this process shares it; a live holder on another
+    host is refused with when its hold lapses, and taken once it did; a dead
+    holder on this host is taken at once; close() gives it back."""
+    import os
+    import socket
+    import subprocess
+
+    import orjson
+
+    from fastsend.spool import SpoolBusy, open_spool
+
+    url = redis_server.url(node="n7", lease="30")
+    a = open_spool(url)
+    a.hold_supervisor("fastsend serve")
+    r = _client(redis_server)
+    key = "{" + url.split("prefix=")[1].split("&")[0] + "}:name:n7"
+    assert orjson.loads(r.get(key))["pid"] == os.getpid()
+    b = open_spool(url)
+    b.hold_supervisor("fastsend resume")  # this very process: no conflict
+    b.close()
+    assert r.get(key) is not None  # b's close leaves a's hold (the same process's)
+    a.close()
+    assert r.get(key) is None
+    # A live holder elsewhere: refused, naming it and when its hold lapses.
+    r.set(key, orjson.dumps({"pid": 4242, "host": "mx9.elsewhere", "start": 1.0,
+                             "command": "fastsend serve"}), px=300)  # fmt: skip
+    c = open_spool(url)
+    with pytest.raises(SpoolBusy) as e:
+        c.hold_supervisor("fastsend send")
+    assert "node name 'n7'" in str(e.value) and "mx9.elsewhere" in str(e.value)
+    assert "lapses within" in str(e.value)
+    deadline = time.monotonic() + 10
+    while r.get(key) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    c.hold_supervisor("fastsend send")
+    c.close()
+    # A dead holder on this host (its pid gone): taken at once.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    r.set(key, orjson.dumps({"pid": dead.pid, "host": socket.gethostname(), "start": 1.0}))
+    d = open_spool(url)
+    d.hold_supervisor("fastsend send")
+    assert orjson.loads(r.get(key))["pid"] == os.getpid()
+    d.close()
+
+
+def test_only_nodes_with_mail_for_a_transport_share_its_connections(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three nodes configured alike with a relay of 6 connections and an SES
+    account (``fastsend.queue.shaping.SupervisorShaping`` on a real Redis spool):
+    only the nodes with mail routed through a transport in their windows take
+    part in its split (all join at start, the idle ones leave once they had no
+    mail for SHARE_LINGER s). One node sending alone gets all 6 (and counts
+    itself alone for the SES rate) while two others sit idle; a node whose mail for it
+    starts keeps to 1 connection until the others have seen it, then half;
+    a node whose mail for it is gone leaves its place (after SHARE_LINGER), and
+    the other takes the whole again. Before: every node configured with the
+    transport took a part from its start, so one node sending alone got 2 of 6
+    and a third of the account's rate."""
+    from fastsend import shared_limits as sl
+    from fastsend.config.loader import load
+    from fastsend.queue import shaping as qs
+    from fastsend.spool import open_spool
+
+    for k, v in (("RELAY1_USERNAME", "u"), ("RELAY1_PASSWORD", "p"), ("SES1_ACCESS_KEY_ID", "k"),
+                 ("SES1_SECRET_ACCESS_KEY", "s")):  # fmt: skip
+        monkeypatch.setenv("FASTSEND_" + k, v)
+    monkeypatch.setattr(qs, "SHARE_EVERY", 0.05)  # the start's wait for the others: 0.2 s
+    prefix = "dm" + str(time.monotonic_ns())[-6:]
+    nodes = {}
+    for name in ("a", "b", "c"):
+        cfg = tmp_path / f"{name}.toml"
+        url = redis_server.url(prefix=prefix, node=name, dir=str(tmp_path / name))
+        cfg.write_text(
+            f'[spool]\nurl = "{url}"\n'
+            '[transports.relay1]\nkind = "relay"\nhost = "127.0.0.1"\nport = 2525\n'
+            'max_connections = 6\n'
+            '[transports.ses1]\nkind = "ses"\nregion = "eu-west-1"\nmax_connections = 3\n'
+            '[routes]\n"*" = "relay1"\n"ses.example" = "ses1"\n'
+        )
+        spool = open_spool(url)
+        nodes[name] = (spool, qs.SupervisorShaping(load(str(cfg)), spool, lambda ev: None))
+    cid = nodes["a"][0].create_campaign({"from": "x@y.example"}, name="c1")
+    mail: dict[str, list[tuple[int, str]]] = {"a": [(cid, "x.example")], "b": [], "c": []}
+    for name, (_spool, sh) in nodes.items():
+        sh.demand = lambda name=name: mail[name]  # type: ignore[misc]
+
+    def tick() -> dict[str, dict[str, int]]:
+        for _spool, sh in nodes.values():
+            sh.tick(force=True)
+        for _spool, sh in nodes.values():  # each sees the others' places
+            sh.tick(force=True)
+        return {n: dict(sh.shares.shares) for n, (_s, sh) in nodes.items()}
+
+    got = tick()  # at start every node joins what its routes name, then keeps it a while
+    assert got["a"]["relay1"] == 2, got
+    monkeypatch.setattr(qs, "SHARE_LINGER", 0.0, raising=False)
+    got = tick()  # b and c have no mail: they leave
+    assert got["a"]["relay1"] == 6, got  # sending alone: every connection
+    assert nodes["a"][1].shares.nodes["ses1"] == 1
+    monkeypatch.setattr(qs, "SHARE_LINGER", 5.0, raising=False)
+    mail["b"] = [(cid, "x.example"), (cid, "ses.example")]  # b's windows take mail too
+    got = tick()
+    assert got["b"]["relay1"] == 1 and got["a"]["relay1"] == 3, got  # b waits for a to see it
+    monkeypatch.setattr(sl, "JOIN_GRACE", 0.0)
+    got = tick()
+    assert got["a"]["relay1"] == 3 and got["b"]["relay1"] == 3, got
+    assert got["b"]["ses1"] == 3 and nodes["b"][1].shares.nodes["ses1"] == 1, got
+    mail["b"] = []
+    got = tick()
+    assert got["b"]["relay1"] == 3  # it keeps its place between two batches
+    monkeypatch.setattr(qs, "SHARE_LINGER", 0.0, raising=False)
+    got = tick()
+    assert got["a"]["relay1"] == 6, got
+    for spool, sh in nodes.values():
+        sh.close()
+        spool.close()

@@ -735,3 +735,139 @@ def test_a_redis_password_is_never_printed_by_send_or_its_resume_hint(tmp_path: 
                               max_wait=300.0)  # fmt: skip
     hint = resume_command(args)
     assert secret not in hint and "redis://:****@127.0.0.1:" in hint, hint
+
+
+# -- session 15 (aud15d) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis-same-name", "redis-other-node"])
+def test_a_killed_nodes_window_counts_as_an_attempt_of_unknown_outcome(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A whole node killed (kill -9 of ``fastsend send``: supervisor and workers)
+    while its window is on slow connections. What it had claimed may have reached
+    the receiver; whoever takes it back (``resume`` on the SQLite spool; on Redis
+    the same node name restarted, or another node once the dead one's lease
+    lapsed) counts one attempt of unknown outcome per message: a deferred event
+    saying so, due again at once, and the delivery after it is the next attempt,
+    so no recipient got more copies than the attempts its message counts. Before:
+    the window went back to the queue with no attempt and no event (only a
+    killed worker's window was counted)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+    from tests._engine_helpers import fastsend_cmd
+
+    local = tmp_path / "spool"
+    first: Any = local
+    again: Any = local
+    if kind != "sqlite":
+        server = request.getfixturevalue("redis_server")
+        prefix = "dead" + os.urandom(3).hex()
+        first = server.url(prefix=prefix, node="a", lease="1", dir=str(local))
+        again = first if kind == "redis-same-name" else server.url(
+            prefix=prefix, node="b", lease="1", dir=str(local)
+        )
+    camp = write_campaign(tmp_path)
+    rcpts = [f"x{i}@d{i % 4}.example" for i in range(200)]
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log), "--latency-ms", "30") as sink:
+        args = ["--route", f"*={sink.host}:{sink.port}", "--workers", "1",
+                "--source-ip", "127.0.0.2", "--json", "--no-progress", "--max-wait", "5"]  # fmt: skip
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "--spool", str(first),
+                         *args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while len(received_counts(log)) < 30:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children())]
+            for pid in family:
+                os.kill(pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        before = len((local / "events.jsonl").read_text().splitlines())
+        res = subprocess.run(
+            fastsend_cmd("resume", "--spool", str(again), *args),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = summary(res)
+    got = received_counts(log)
+    assert set(got) == set(rcpts), len(got)
+    lines = (local / "events.jsonl").read_text().splitlines()[before:]
+    events = [json.loads(x) for x in lines]
+    outcomes = [e for e in events if e["event"] in ("delivered", "deferred", "bounced", "expired")]
+    unknown = [e for e in outcomes if e["event"] == "deferred" and "outcome unknown" in e["text"]]
+    assert unknown, res.stderr[-2000:]
+    assert all(e["next_attempt"] <= e["time"] + 1 for e in unknown), unknown[:3]
+    assert s["attempts"] == len(outcomes), (s, len(outcomes))
+    every = [json.loads(x) for x in (local / "events.jsonl").read_text().splitlines()]
+    delivered = {e["rcpt"]: e["attempt"] for e in every if e["event"] == "delivered"}
+    assert set(delivered) == set(rcpts)
+    # No recipient got more copies than the attempts its message counts.
+    over = {r: (n, delivered[r]) for r, n in got.items() if n > delivered[r]}
+    assert not over, over
+    for e in unknown:
+        assert delivered[e["rcpt"]] == e["attempt"] + 1, e
+
+
+def test_a_second_live_process_under_a_nodes_name_is_refused(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two processes started under one node name (the same ``node=`` in the spool
+    URL, a config copied to a second machine) would share one lease and one
+    in-flight set: the second one's start takes the first one's window back
+    while the first still sends it (duplicates), and each renews the other's
+    claims. A second live process with that name is refused (exit 75, naming the
+    holder) before it touches the queue; the first one's mail is delivered once
+    each. Before: the second one ran."""
+    import subprocess
+    import time
+
+    from tests._engine_helpers import fastsend_cmd
+
+    local = tmp_path / "spool"
+    server = request.getfixturevalue("redis_server")
+    url = server.url(node="mx1", dir=str(local))
+    camp = write_campaign(tmp_path)
+    rcpts = [f"y{i}@d{i % 4}.example" for i in range(40)]
+    cfg = tmp_path / "fastsend.toml"  # 10 a second: the first one runs ~4 s
+    cfg.write_text("[shaping.default]\nmessages_per_second = 10.0\nburst = 1\n")
+    lst = _list(tmp_path, rcpts)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        args = ["-c", str(cfg), "--route", f"*={sink.host}:{sink.port}", "--workers", "1",
+                "--source-ip", "127.0.0.2", "--json", "--no-progress", "--max-wait", "5"]  # fmt: skip
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "--spool", url, *args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while len(received_counts(log)) < 3:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            second = subprocess.run(
+                fastsend_cmd("resume", "--spool", url, *args),
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            _out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert second.returncode == 75, second.stderr[-2000:]
+    assert "node name 'mx1'" in second.stderr and f"pid {proc.pid}" in second.stderr, second.stderr
+    assert proc.returncode == 0, err[-2000:]
+    got = received_counts(log)
+    assert got == dict.fromkeys(rcpts, 1), {r: n for r, n in got.items() if n != 1}

@@ -118,8 +118,16 @@ def test_durable_across_reopen_and_recover_inflight(make_spool: Factory) -> None
     s2 = make_spool()  # a crash: no close, a new process opens the same spool
     assert s2.counts()["inflight"] == 30
     assert s2.recover() == 30
-    assert s2.counts()["queued"] == 100
-    assert len(s2.claim_due(now, 1000)) == 100
+    # Each may have been sent: one attempt of unknown outcome, due again at once.
+    c = s2.counts()
+    assert (c["queued"], c["deferred"], c["inflight"]) == (70, 30, 0), c
+    back = sorted(s2.taken_back(), key=lambda t: t.id)
+    assert len(back) == 30 and all(t.attempts == 1 and t.at <= now for t in back)
+    assert "outcome unknown" in back[0].text and s2.taken_back() == []
+    m = s2.message(back[0].id)
+    assert m is not None and (m["attempts"], m["last_code"]) == (1, 451), m
+    got = s2.claim_due(now, 1000)
+    assert len(got) == 100 and sorted(g.attempts for g in got) == [0] * 70 + [1] * 30
 
 
 def test_recover_scans_from_the_lowest_id_put_in_flight(tmp_path: Path) -> None:
@@ -137,7 +145,8 @@ def test_recover_scans_from_the_lowest_id_put_in_flight(tmp_path: Path) -> None:
     s.db.execute("DELETE FROM meta WHERE key='inflight_low'")  # as an older version left it
     assert len(s.claim_due(now, 5)) == 5
     s2 = SQLiteSpool(str(tmp_path))  # a crash, then the next start
-    assert s2.recover() == 5 and s2.counts()["queued"] == 10
+    assert s2.recover() == 5  # each an attempt of unknown outcome, due again at once
+    assert (s2.counts()["queued"], s2.counts()["deferred"]) == (5, 5)
 
     def bound() -> int:
         return int(s2.db.execute("SELECT value FROM meta WHERE key='inflight_low'").fetchone()[0])
@@ -150,7 +159,8 @@ def test_recover_scans_from_the_lowest_id_put_in_flight(tmp_path: Path) -> None:
     parked = s2.add_messages(cid, spool_rows(4, "p.example"), now)
     assert s2.counts()["inflight"] == 3 + 27 + 4
     s3 = SQLiteSpool(str(tmp_path))  # a crash again
-    assert s3.recover() == 34 and s3.counts()["queued"] == 34 and s3.counts()["inflight"] == 0
+    assert s3.recover() == 34 and s3.counts()["inflight"] == 0
+    assert s3.counts()["queued"] + s3.counts()["deferred"] == 34
     assert sorted(c.id for c in s3.claim_due(now, 100)) == old[40:] + new + parked
     s3.db.execute("UPDATE messages SET state=1 WHERE id=?", (old[0],))  # below the bound
     s4 = SQLiteSpool(str(tmp_path))

@@ -45,6 +45,8 @@ DELIBERATELY NOT
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Collection
 from typing import Any
 
 import redis
@@ -237,8 +239,9 @@ class LeasedBucket:
 
 
 # KEYS: one sorted set per transport (member: node, score: its lease deadline in
-# ms of Redis time); ARGV: node, lease (ms), and 1 to join or 0 to leave. Drops
-# the members whose lease lapsed, then -> the live members of each key.
+# ms of Redis time); ARGV: node, lease (ms), and per key 1 to join (or stay) or
+# 0 to leave. Drops the members whose lease lapsed, then -> the live members of
+# each key.
 _SHARES = """
 local tt = redis.call('TIME')
 local now = tonumber(tt[1]) * 1000 + math.floor(tonumber(tt[2]) / 1000)
@@ -246,7 +249,7 @@ local lease = tonumber(ARGV[2])
 local out = {}
 for i, k in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-  if ARGV[3] == '1' then
+  if string.sub(ARGV[3], i, i) == '1' then
     redis.call('ZADD', k, now + lease, ARGV[1])
     redis.call('PEXPIRE', k, 2 * lease)
   else
@@ -259,6 +262,7 @@ return out
 
 SHARE_LEASE = 30.0  # s a node's place in a transport's split lasts unrenewed
 SHARE_EVERY = 0.5  # s between renewals (fastsend.queue.shaping: a new share is known this soon)
+JOIN_GRACE = 4 * SHARE_EVERY  # s a node joining others keeps to 1 connection (they see it)
 
 
 def node_share(total: int, members: list[str], node: str) -> int:
@@ -280,14 +284,22 @@ class ConnectionShares:
     worker divides a provider account's rate read from the provider (SES's
     MaxSendRate: one quota for the account, whichever node sends).
 
-    A node renews its place in ``{prefix}:conns:NAME`` (a sorted set: node ->
-    lease deadline, Redis time) every :data:`SHARE_EVERY` s and takes its part
-    (:func:`node_share`) of the live members; a node that died drops out once
-    its lease (:data:`SHARE_LEASE` s) lapses and the others take its part, and
-    a node restarted with the same name takes its own place again. In a Redis
-    outage the last shares stay (:meth:`refresh` raises; the caller keeps
-    them). A node that joins while others send waits for them to have seen it
-    before it sends (:meth:`join`)."""
+    A node that has mail for a transport (``active`` in :meth:`refresh`: the
+    supervisor's windows, fastsend.queue.shaping) renews its place in
+    ``{prefix}:conns:NAME`` (a sorted set: node -> lease deadline, Redis time)
+    every :data:`SHARE_EVERY` s and takes its part (:func:`node_share`) of the
+    live members; one that has none leaves it, so a node merely configured
+    with the transport (idle, or sending elsewhere) takes no part of it. A
+    node that died drops out once its lease (:data:`SHARE_LEASE` s) lapses and
+    the others take its part, and a node restarted with the same name takes
+    its own place again. In a Redis outage the last shares stay
+    (:meth:`refresh` raises; the caller keeps them). A node that joins while
+    others send keeps to 1 connection for :data:`JOIN_GRACE` s, until they
+    have seen it and taken less; a transport it has not joined is 1 (its mail
+    just came: it joins at the next refresh). So the total can be exceeded by
+    1 per joining node (per worker lane) for about one renewal, as it is by
+    design when there are more nodes than connections (never 0: a node could
+    send nothing)."""
 
     def __init__(self, limits: SharedLimits, node: str, totals: dict[str, int]) -> None:
         self.r = limits.r
@@ -299,21 +311,36 @@ class ConnectionShares:
         self.shares: dict[str, int] = {}
         self.nodes: dict[str, int] = {}  # live nodes per transport, this one included
         self.others = 0  # the most other live nodes seen on one transport
+        self.joined: dict[str, float] = {}  # transport -> when this node joined it (monotonic)
         self._script = self.r.register_script(_SHARES)
 
-    def refresh(self, join: bool = True) -> bool:
-        """Renew this node's place, read the live members: True when a share (or
-        a transport's count of live nodes) changed."""
+    def refresh(self, active: Collection[str] | None = None, join: bool = True) -> bool:
+        """Renew this node's place in the transports it has mail for (``active``;
+        None: every one), leave the others, read the live members: True when a
+        share (or a transport's count of live nodes) changed."""
         lease_ms = int(SHARE_LEASE * 1000)
-        got = self._script(keys=self.keys, args=[self.node, lease_ms, "1" if join else "0"])
+        want = [join and (active is None or n in active) for n in self.names]
+        flags = "".join("1" if w else "0" for w in want)
+        got = self._script(keys=self.keys, args=[self.node, lease_ms, flags])
+        mono = time.monotonic()
         shares = {}
         nodes = {}
         others = 0
-        for name, members in zip(self.names, got, strict=True):
-            live = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-            others = max(others, len(set(live) - {self.node}))
-            shares[name] = node_share(self.totals[name], live, self.node)
-            nodes[name] = len(set(live) | {self.node})
+        for name, members, w in zip(self.names, got, want, strict=True):
+            live = {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+            rest = len(live - {self.node})
+            others = max(others, rest)
+            if not w:
+                self.joined.pop(name, None)
+                share = 1
+            else:
+                # Joined while others send: 1 until they have seen this node.
+                since = self.joined.setdefault(name, mono if rest else -math.inf)
+                share = node_share(self.totals[name], list(live), self.node)
+                if mono - since < JOIN_GRACE:
+                    share = 1
+            shares[name] = share
+            nodes[name] = len(live | {self.node})
         self.others = others
         changed = shares != self.shares or nodes != self.nodes
         self.shares, self.nodes = shares, nodes

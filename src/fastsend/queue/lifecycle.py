@@ -297,6 +297,7 @@ class WorkerLifecycle(SupervisorState):
                 s.alive = False
                 self.retire(s)
         if not self.outage_since:
+            self.guard(self.tell_taken_back)
             self.guard(self.flush_results)
 
     def signal_workers(self, sig: int) -> None:

@@ -28,6 +28,8 @@ from fastsend.spool import (
     DEFERRED,
     DELIVERED,
     EXPIRED,
+    UNKNOWN_CODE,
+    UNKNOWN_ENHANCED,
     Claimed,
     Result,
     SpoolStorageError,
@@ -194,6 +196,28 @@ class Outcomes(SupervisorState):
             n += 1
         self.stats.attempts += n
         slot.unwritten += n
+
+    def tell_taken_back(self) -> None:
+        """Messages taken back from a dead process's window (a node killed whole:
+        :meth:`Spool.taken_back`), each already recorded as an attempt of unknown
+        outcome (deferred, due again at once): counted in this run's attempts,
+        its deferred event told (event log, webhooks, index). Its result hooks
+        are not called: no receiver answered."""
+        got = self.spool.taken_back()
+        if not got:
+            return
+        self.stats.attempts += len(got)
+        self.stats.deferred += len(got)
+        if self.events.path is None and not self.events.listeners:
+            return
+        now = time.time()
+        for t in got:
+            c = Claimed(t.id, t.campaign, t.rcpt, "", b"", t.attempts - 1, 0.0)
+            r = wire.Res(t.id, wire.K_DEFERRED, UNKNOWN_CODE, UNKNOWN_ENHANCED, t.text, "", "",
+                         "node", "")  # fmt: skip
+            ev = outcome_dict(now, "deferred", c, r, failed=True)
+            ev["next_attempt"] = t.at if 0 < t.at < now else now  # due: at once
+            self.event_buf.append(ev)
 
     def _apply_other(
         self,

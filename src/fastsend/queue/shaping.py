@@ -59,7 +59,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastsend import wire
@@ -75,6 +75,7 @@ SHAPING_LOG = "shaping.jsonl"
 
 
 SHARE_EVERY = 0.5  # s between renewals of the transports' connection split
+SHARE_LINGER = 5.0  # s a node keeps its place in a transport's split after its last mail for it
 
 
 def _node_of(spool: Any) -> str:
@@ -311,24 +312,44 @@ class SupervisorShaping:
         self.shares: Any = None  # a fastsend.shared_limits.ConnectionShares
         self.shares_changed = False
         self.shares_at = 0.0
+        # () -> the (campaign, domain) of the mail in this node's windows (the
+        # supervisor sets it): the transports this node has mail for take part
+        # in their split, the others not (a node merely configured with one).
+        self.demand: Callable[[], Iterable[tuple[int, str]]] | None = None
+        self._chains: dict[tuple[int, str], tuple[str, ...]] = {}
+        self._wanted_at: dict[str, float] = {}  # transport -> last seen wanted (monotonic)
         self._start_shares(config)
 
     def _start_shares(self, config: Config) -> None:
-        """Join each transport's connection split (a shared spool with transports);
-        when other nodes already send through one, wait until they have seen
-        this node (their next renewal) so that together they stay within it."""
+        """Join the connection split of each transport a route names (a shared
+        spool with transports); when other nodes already send through one, wait
+        until they have seen this node (their next renewal) so that together
+        they stay within it. From then on this node keeps its place in a split
+        while it has mail for that transport (``tick``: its windows, then
+        :data:`SHARE_LINGER` s), and leaves it when it has none, so a node
+        merely configured with the transport (idle, or sending elsewhere) takes
+        no part of it. Joining again later while others send, it keeps to 1
+        connection until they have seen it (ConnectionShares, JOIN_GRACE)."""
         node = _node_of(self.spool)
         if self.limits is None or not config.transports or not node:
             return
+        import math
+
         from fastsend.shared_limits import ConnectionShares
 
         totals = {n: t.max_connections for n, t in config.transports.items()}
         shares = ConnectionShares(self.limits, node, totals)
+        mono = time.monotonic()
+        for route in config.routes.values():
+            for name in route.transports:
+                self._wanted_at[name] = mono
         try:
-            shares.refresh()
+            wanted = self.transports_wanted(mono)
+            shares.refresh(wanted)
             if shares.others:
                 time.sleep(4 * SHARE_EVERY)  # their renewals: every SHARE_EVERY s
-                shares.refresh()
+                shares.joined = dict.fromkeys(shares.joined, -math.inf)  # they saw it
+                shares.refresh(wanted)
         except Exception as e:  # Redis out of reach: each node's own limits until it is back
             print(f"fastsend: transport connection shares not read ({e.__class__.__name__}: {e});"
                   " trying again", file=sys.stderr, flush=True)  # fmt: skip
@@ -347,6 +368,7 @@ class SupervisorShaping:
         self.guardrails.settings = config.guardrails
         self.poolset = load_pools(config, time.time())
         self.gate.pool_of = self.pool_of
+        self._chains.clear()  # routes and pools may have changed
         if self.shares is not None and sorted(config.transports) == self.shares.names:
             self.shares.totals = {n: t.max_connections for n, t in config.transports.items()}
             self.shares_at = 0.0  # renewed (and the new totals split) at the next tick
@@ -425,8 +447,38 @@ class SupervisorShaping:
         mono = time.monotonic()
         if self.shares is not None and (force or mono - self.shares_at >= SHARE_EVERY):
             self.shares_at = mono  # a failure (an outage) keeps the last shares
-            if self.shares.refresh():
+            if self.shares.refresh(self.transports_wanted(mono)):
                 self.shares_changed = True
+
+    def transports_wanted(self, mono: float) -> set[str]:
+        """The transports named by the routes of the mail in this node's windows
+        now, or within the last :data:`SHARE_LINGER` s (between two batches a
+        node keeps its place)."""
+        if self.demand is not None:
+            chains = self._chains
+            if len(chains) > 100_000:
+                chains.clear()
+            wanted = self._wanted_at
+            for key in set(self.demand()):
+                chain = chains.get(key)
+                if chain is None:
+                    chain = chains[key] = self._chain(*key)
+                for name in chain:
+                    wanted[name] = mono
+        for name in [n for n, t in self._wanted_at.items() if mono - t > SHARE_LINGER]:
+            del self._wanted_at[name]  # no mail for it lately: its place goes to the others
+        return set(self._wanted_at)
+
+    def _chain(self, campaign: int, domain: str) -> tuple[str, ...]:
+        """The transports a campaign's mail to ``domain`` may go through, as the
+        worker's router finds them (campaign, tenant, pool, then domain routes)."""
+        info = self.spool.get_campaign(campaign)
+        if info is None:
+            return ()
+        names = (info.name, str((info.spec or {}).get("name", "")))
+        pool = self.poolset.pool_for(str((info.options or {}).get("pool", "")), info.tenant)
+        route = self.config.route_lookup(domain, (campaign, names, info.tenant), pool)
+        return tuple(route.transports) if route is not None else ()
 
     def close(self) -> None:
         self.tick(force=True)

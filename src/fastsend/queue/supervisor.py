@@ -141,6 +141,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.failed_hooks: set[str] = set()
         # Shaping that spans workers: dispatch rates, guardrails, pools, warm-up state.
         self.shaping = SupervisorShaping(config, spool, lambda ev: self.event_buf.append(ev))
+        # Which transports this node has mail for (their connection split).
+        self.shaping.demand = self.window_keys
         # The guardrails see every outcome too (apply() calls them first, and counts
         # deliveries per campaign per record); result_hooks are the others' (metrics).
         # Complaints arrive as events (ARF intake, webhooks of providers): they
@@ -284,6 +286,10 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.outage_pause = 0.0
         self.outage_error = None
 
+    def window_keys(self) -> set[tuple[int, str]]:
+        """(campaign, domain) of the mail in the workers' windows."""
+        return {(c.campaign, c.domain) for s in self.slots for c in s.inflight.values()}
+
     def on_signal(self, signum: int) -> None:
         self.stop_signal = self.stop_signal or signum
         if signum == signal.SIGTERM and not self.draining:
@@ -297,6 +303,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
     async def run(self) -> RunStats:
         loop = asyncio.get_running_loop()
         self.spool.recover()
+        self.tell_taken_back()  # a dead process's window: attempts of unknown outcome
         skew = self.spool.clock_offset()
         if abs(skew) >= CLOCK_SKEW:
             print(
@@ -312,7 +319,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         for slot in self.slots:
             self.spawn(slot)
         feed_task = loop.create_task(self._feed()) if self.feeder is not None else None
-        last_reap = 0.0
+        last_reap = last_told = 0.0
         guard = self.guard
         try:
             while True:
@@ -336,6 +343,9 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                             self.push_backlog(slot)
                     # a shared spool's lease on our claims (no-op: SQLite)
                     guard(self.spool.renew)
+                    if now - last_told >= 1.0 and not self.outage_since:
+                        guard(self.tell_taken_back)  # dead nodes' windows others reaped
+                        last_told = now
                     if not self.outage_since:
                         self.withdraw_suppressed(now)
                     guard(self.withdraw_stopped, now)

@@ -731,6 +731,7 @@ class SharedState:
         if now - self._renewed >= self.lease / 4:
             self._renewed = now
             self.cluster.renew()
+            self._spool.renew()  # its node name (also without workers: no supervisor)
         if now - self._published >= STATUS_EVERY:
             self._published = now
             st = self.status_source() if self.status_source is not None else {}

@@ -243,6 +243,31 @@ class Result(msgspec.Struct, gc=False):
     text: str = ""
 
 
+# The reply recorded for a message taken back from a process that died holding
+# it (its whole node: kill -9, a crash, a power loss): it may have been sent.
+UNKNOWN_CODE, UNKNOWN_ENHANCED = 451, "4.3.0"
+
+
+def unknown_text(node: str = "") -> str:
+    who = f"node {node}" if node else "the process sending it"
+    return f"local error: {who} stopped with this message in flight: outcome unknown, sent again"
+
+
+class TakenBack(msgspec.Struct, gc=False):
+    """A message taken back from a dead process's window (:meth:`Spool.recover`,
+    or on a shared spool a claim reaping a node whose lease lapsed), already
+    recorded as an attempt of unknown outcome: deferred, due again at once
+    (``at``), ``attempts`` counting it. The supervisor tells it as a deferred
+    event (:meth:`Spool.taken_back`)."""
+
+    id: int
+    campaign: int
+    rcpt: str
+    attempts: int
+    at: float
+    text: str
+
+
 class CampaignInfo(msgspec.Struct):
     id: int
     name: str
@@ -457,7 +482,16 @@ class Spool(abc.ABC):
 
     @abc.abstractmethod
     def recover(self) -> int:
-        """At start: every in-flight message back to queued. Returns how many."""
+        """At start: every in-flight message (a dead process's window) back to
+        pending, each counted as an attempt of unknown outcome (deferred, due
+        at once: it may have been sent; :meth:`taken_back` tells them). Returns
+        how many."""
+
+    def taken_back(self) -> list[TakenBack]:
+        """Messages taken back from dead processes' windows since the last call
+        (see :class:`TakenBack`), each returned once (by whichever node asks
+        first on a shared spool), for their deferred events."""
+        return []
 
     def renew(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Keep this process's claims its own: a shared backend (Redis) leases them
@@ -945,6 +979,9 @@ class SpoolProxy(Spool):
 
     def recover(self) -> int:
         return self.inner.recover()
+
+    def taken_back(self) -> list[TakenBack]:
+        return self.inner.taken_back()
 
     def renew(self) -> None:
         self.inner.renew()

@@ -131,12 +131,47 @@ local function put_back(ids, node, loose)
   flush_tally()
   return #rows
 end
+-- The window of a node that died holding it (its lease lapsed, or it restarted
+-- under its name): each message may have been sent, and is sent again (the
+-- duplicates bounded by the window). One attempt of unknown outcome each, as
+-- for a killed worker's window: deferred, due again at once, the
+-- reply saying so; a cancelled campaign's final. Each is listed in P:unk
+-- ("id|campaign|attempts|at|node") for a node to tell as a deferred event
+-- (RedisSpool.taken_back).
+local function take_back(ids, node)
+  local at = string.format('%.3f', clock_ms() / 1000)
+  local tail = '451|4.3.0|local error: node '..node..' stopped with this message in flight:'
+    ..' outcome unknown, sent again'
+  local rows, told = {}, {}
+  for id, f in pairs(states(ids)) do
+    if f[1] == '1' and f[6] == node then
+      local cid = f[5]
+      f[2] = tostring((tonumber(f[2]) or 0) + 1)
+      f[4], f[6], f[7] = at, '', tail
+      if is_cancelled(cid) then
+        f[1], f[3] = '7', '0'
+      else
+        f[1] = '2'  -- its due time (passed when it was claimed) kept: due at once
+        zadd_later(P..':due:'..cid, f[3], id)
+        told[#told + 1] = id..'|'..cid..'|'..f[2]..'|'..f[3]..'|'..node
+      end
+      rows[#rows + 1] = {id, f}
+      tally(cid, '1', f[1])
+    end
+  end
+  put_states(rows)
+  flush_zadd()
+  flush_tally()
+  if #told > 0 then
+    each_chunk('RPUSH', P..':unk', told)
+    redis.call('LTRIM', P..':unk', -1000000, -1)  -- told by no node for long: the oldest go
+  end
+  return #rows
+end
 local function requeue_node(node)
   local fl = P..':fl:'..node
-  local n = put_back(redis.call('SMEMBERS', fl), node, false)
+  local n = take_back(redis.call('SMEMBERS', fl), node)
   redis.call('DEL', fl)
-  -- Taken back from a node that did not finish: some may have been delivered
-  -- already and are sent again (the duplicates the issue bounds by the window).
   if n > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', n) end
   return n
 end

@@ -14,7 +14,10 @@ taken out of the URL; the rest goes to redis-py.
 - ``node`` (default ``HOST:PID:RANDOM``): this node's name. With a stable
   name a restarted node takes its own in-flight window back at once
   (:meth:`RedisSpool.recover`); with the default name it is taken back by any
-  node once its lease expires.
+  node once its lease expires. One live process per name: ``send``,
+  ``resume`` and ``serve`` hold it (``P:name:NODE``, :meth:`hold_supervisor`)
+  and a second one is refused; a holder that died on this host is taken over
+  at once, one on another host when its lease lapses.
 - ``lease`` (seconds, default 30): how long a node's claims stay its own
   without a renewal. The supervisor renews every tick (:meth:`renew`, rate
   limited to a few calls per lease), claims and outcomes renew too.
@@ -65,7 +68,9 @@ Atomicity: claims, outcomes, releases, recovery and cancellation are Lua
 scripts (``spool/*.lua``, package data, each loaded after ``spool/lib.lua``), so each is all-or-nothing and two nodes never claim the same message.
 A claim also requeues the windows of nodes whose lease expired (a node that
 died), so the surviving nodes deliver them: nothing is lost, and duplicates
-are bounded by the dead node's window. An outcome is applied whoever holds the
+are bounded by the dead node's window. Each message taken back counts one
+attempt of unknown outcome (deferred, due at once; ``P:unk`` lists them for
+their deferred events, :meth:`RedisSpool.taken_back`). An outcome is applied whoever holds the
 message now (as SQLite's ``record_results``): a late answer from a node whose
 lease expired still makes the message final, so it is not sent again.
 
@@ -124,13 +129,17 @@ from fastsend.spool.base import (
     Result,
     SharedStore,
     Spool,
+    SpoolBusy,
     SpoolError,
+    TakenBack,
+    describe_holder,
     holder_gone,
     holder_tag,
     id_runs,
     idem_part,
     idem_part_ids,
     parse_redis_url,
+    unknown_text,
 )
 from fastsend.wire import blob_ref
 
@@ -150,6 +159,42 @@ class RedisSpoolError(SpoolError):
     """The Redis spool cannot be used (bad URL, durability not reached)."""
 
 
+class NodeNameBusy(SpoolBusy):
+    """Another live process runs under this node name on this spool."""
+
+    def __init__(self, node: str, prefix: str, holder: dict[str, Any], left: float) -> None:
+        self.holder = holder
+        lapse = (
+            f" (if it is gone, its hold lapses within {max(left, 0.0):.0f} s)"
+            if holder.get("host") != socket.gethostname()
+            else ""
+        )
+        SpoolError.__init__(
+            self,
+            f"node name {node!r} is in use on this spool (prefix {prefix!r}) by"
+            f" {describe_holder(holder)} ({holder.get('command') or '?'}){lapse}: two"
+            " processes under one name would take each other's in-flight mail back and"
+            " send it twice; give each node its own name (node= in the spool URL), or"
+            " stop that one first",
+        )
+
+
+# KEYS: the name's key. ARGV: our tag, lease_ms, the tag we take it from ('' : none)
+# -> 1 held (set, renewed or taken over), else the holder's tag
+_HOLD_NAME = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] or (ARGV[3] ~= '' and cur == ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return cur
+"""
+_DROP_NAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 @functools.cache
 def _script(name: str) -> str:
     """The Lua script ``spool/NAME.lua`` (package data) after ``spool/lib.lua``."""
@@ -167,6 +212,12 @@ def _holder(tag: Any) -> dict[str, Any]:
 
 def _s(b: Any) -> str:
     return b.decode() if isinstance(b, bytes) else str(b)
+
+
+def _same_process(tag: dict[str, Any]) -> bool:
+    """``tag`` (holder_tag) names this very process (another spool object of it)."""
+    me = holder_tag()
+    return all(tag.get(k) == me[k] for k in ("pid", "host", "start"))
 
 
 def _buckets(ids: Iterable[int]) -> dict[int, list[int]]:
@@ -234,6 +285,11 @@ class RedisSpool(Spool):
         self._prune = reg(_script("prune"))
         self._keep_from: int | None = -1  # prune_final: the kept buckets first
         self._tag = orjson.dumps(holder_tag())  # this process, as an ingest job's reader
+        self._hold_name = reg(_HOLD_NAME)
+        self._drop_name = reg(_DROP_NAME)
+        self._name_tag: bytes | None = None  # hold_supervisor: this node name is ours
+        self._name_renewed = 0.0
+        self._name_lost = False
         self._ingests: set[int] = set()  # ingest jobs this object holds
         self._ingests_renewed = 0.0
         self._lease_ms = int(self.lease * 1000)
@@ -657,16 +713,91 @@ class RedisSpool(Spool):
                 args += [i, repr(float(at))]
             self._requeue(args=args)
 
+    def hold_supervisor(self, command: str) -> None:
+        """This process becomes the one running under this node name: the name's
+        key (``P:name:NODE``, this process's pid, host, start time and command)
+        set for a lease, renewed by :meth:`renew`, dropped by :meth:`close`.
+        :class:`NodeNameBusy` when another live process holds it; one on this
+        host that died is taken over at once, one on another host once its
+        lease lapses (a node cannot tell from here that it died)."""
+        if self._name_tag is not None:
+            return
+        tag = orjson.dumps({**orjson.loads(self._tag), "command": command})
+        key = f"{self.k}:name:{self.node}"
+        stale = ""
+        for _ in range(3):
+            got = self._hold_name(keys=[key], args=[tag, self._lease_ms, stale])
+            if got == 1:
+                self._name_tag = tag
+                self._name_renewed = time.monotonic()
+                return
+            holder = _holder(got)
+            if _same_process(holder):
+                return  # another spool object of this process holds (and renews) it
+            if holder_gone(holder):
+                stale = _s(got)  # died on this host: ours now
+                continue
+            raise NodeNameBusy(self.node, self.prefix, holder, self.r.pttl(key) / 1000)
+        raise NodeNameBusy(self.node, self.prefix, holder, self.r.pttl(key) / 1000)
+
+    def _renew_name(self) -> None:
+        """Keep this node name ours (every lease/4); said once if another process
+        took it while our lease had lapsed (a stall longer than the lease)."""
+        assert self._name_tag is not None
+        key = f"{self.k}:name:{self.node}"
+        got = self._hold_name(keys=[key], args=[self._name_tag, self._lease_ms, ""])
+        if got != 1 and not self._name_lost:
+            self._name_lost = True
+            holder = _holder(got)
+            print(
+                f"fastsend: error: node name {self.node!r} is now held by"
+                f" {describe_holder(holder)} (this process's hold lapsed): two processes"
+                " under one name take each other's in-flight mail; stop one of them",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif got == 1:
+            self._name_lost = False
+
     def recover(self) -> int:
         """This node's in-flight messages (a restart under the same ``node`` name)
-        and those of every node whose lease expired, back to queued."""
+        and those of every node whose lease expired, back to pending, each an
+        attempt of unknown outcome (``lib.lua`` ``take_back``). Holds the node
+        name first (:meth:`hold_supervisor`): another live process's window under
+        this name is not ours to take."""
+        self.hold_supervisor("fastsend")
         return int(self._recover(args=[self.k, self.node]))
+
+    def taken_back(self) -> list[TakenBack]:
+        """What claims and :meth:`recover` took back from dead nodes (``P:unk``,
+        written by ``lib.lua``'s ``take_back``), up to 1,000 at a call, each to
+        one node: one round trip when there is none."""
+        key = f"{self.k}:unk"
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lrange(key, 0, 999)
+        pipe.ltrim(key, 1000, -1)
+        got, _ = pipe.execute()
+        if not got:
+            return []
+        rows: dict[int, tuple[int, int, float, str]] = {}
+        for raw in got:
+            f = _s(raw).split("|", 4)
+            rows[int(f[0])] = (int(f[1]), int(f[2]), float(f[3]), f[4])
+        out = []
+        for i, data, _st in self._rows(sorted(rows)):
+            cid, att, at, node = rows[i]
+            rcpt = data.split(b"\0", 1)[0].decode()
+            out.append(TakenBack(i, cid, rcpt, att, at, unknown_text(node)))
+        return out
 
     def renew(self) -> None:
         """Extend this node's lease on its claims and this process's leases on the
         ingest jobs it reads (cheap: at most ~4 calls a lease)."""
         if self._ingests:
             self._renew_ingests()
+        if self._name_tag is not None and time.monotonic() - self._name_renewed >= self.lease / 4:
+            self._name_renewed = time.monotonic()
+            self._renew_name()
         if not self._holding:
             return
         mono = time.monotonic()
@@ -1154,6 +1285,9 @@ class RedisSpool(Spool):
                 self._aconn = None
             if self._holding:
                 self._leave(args=[self.k, self.node])
+            if self._name_tag is not None:
+                self._drop_name(keys=[f"{self.k}:name:{self.node}"], args=[self._name_tag])
+                self._name_tag = None
         except redis.RedisError:
             pass
         self.r.close()

@@ -61,6 +61,8 @@ from fastsend.spool.base import (
     QUEUED,
     STATE_NAMES,
     SUPPRESSED,
+    UNKNOWN_CODE,
+    UNKNOWN_ENHANCED,
     CampaignInfo,
     Claimed,
     IdemLost,
@@ -74,11 +76,13 @@ from fastsend.spool.base import (
     SpoolBusy,
     SpoolError,
     SpoolStorageError,
+    TakenBack,
     holder_tag,
     id_runs,
     idem_part,
     idem_part_ids,
     storage_problem,
+    unknown_text,
 )
 from fastsend.sqlitedb import connect
 from fastsend.sqlitedb import transaction as _transaction
@@ -471,6 +475,7 @@ class SQLiteSpool(Spool):
         self._parked: list[Claimed] = []  # spooled in flight for a waiting claim
         self._parked_cids: set[int] = set()  # their campaigns (or more): never fewer
         self._room: dict[int, tuple[int, float]] = {}  # claim key -> (room, monotonic time)
+        self._taken_back: list[TakenBack] = []  # recover(): for their deferred events
         # Campaigns created here: [rows spooled, of which suppressed, the
         # database's data_version at creation] (see tally()).
         self._tallies: dict[int, list[int]] = {}
@@ -859,20 +864,42 @@ class SQLiteSpool(Spool):
         # Only rows from the bound on can be in flight (see _lower_bound): an
         # id range, not a scan of the spool's whole history. A spool whose
         # bound was never written (made by an older version) is scanned whole.
+        # What is in flight now was claimed by a process that died holding it (one
+        # supervisor per spool: hold_supervisor): each may have been sent. One
+        # attempt of unknown outcome each, due again at once (its due time, passed
+        # when it was claimed, is kept; it never expires because of it);
+        # taken_back() tells them. A cancelled campaign's: final.
         self._parked, self._room = [], {}
         db = self.db
+        now = time.time()
+        text = unknown_text()
         with transaction(db):
             row = db.execute("SELECT value FROM meta WHERE key=?", (INFLIGHT_LOW,)).fetchone()
-            cur = db.execute(
-                "UPDATE messages SET state=? WHERE id >= ? AND state=?",
-                (QUEUED, int(row[0]) if row else 0, INFLIGHT),
-            )
+            low = int(row[0]) if row else 0
+            rows = db.execute(
+                "UPDATE messages SET state=CASE WHEN campaign IN (SELECT id FROM campaigns"
+                " WHERE status='cancelled') THEN ? ELSE ? END, attempts=attempts+1,"
+                " next_at=CASE WHEN campaign IN (SELECT id FROM campaigns"
+                " WHERE status='cancelled') THEN 0 ELSE next_at END, updated=?, last_code=?,"
+                " last_enhanced=?, last_text=? WHERE id >= ? AND state=?"
+                " RETURNING id, campaign, rcpt, attempts, next_at, state",
+                (CANCELLED, DEFERRED, now, UNKNOWN_CODE, UNKNOWN_ENHANCED, text, low, INFLIGHT),
+            ).fetchall()
             db.execute(  # nothing is in flight now: the next rows to be are newer
                 "INSERT OR REPLACE INTO meta(key, value)"
                 " SELECT ?, COALESCE(MAX(id), 0) + 1 FROM messages",
                 (INFLIGHT_LOW,),
             )
-        return int(cur.rowcount)
+        self._taken_back.extend(
+            TakenBack(int(i), int(c), r, int(a), float(at), text)
+            for i, c, r, a, at, st in sorted(rows)
+            if st == DEFERRED
+        )
+        return len(rows)
+
+    def taken_back(self) -> list[TakenBack]:
+        out, self._taken_back = self._taken_back, []
+        return out
 
     def _lower_bound(self, low: int) -> None:
         """In the transaction putting rows from id ``low`` on in flight: the bound
