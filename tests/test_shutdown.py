@@ -334,3 +334,45 @@ def test_a_second_sigterm_stops_serve_at_once_while_a_request_is_in_progress(
             slow.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_send_and_resume_stop_the_same_way_when_the_spools_storage_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``send`` and ``resume`` run their engine through one helper
+    (``commands.common.run_engine``): a run that ends in the spool's storage
+    refusing a write (a full disk) says so plainly with the command that goes
+    on, exit 75 (EX_TEMPFAIL), the event log and the suppression list closed
+    (the event log even when its own flush fails on that disk); any other
+    error propagates; a run that ends closes both and gives its summary."""
+    import errno
+
+    from fastsend.commands.common import run_engine
+    from fastsend.events import EventLog
+
+    class Closable:
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full() -> dict[str, int]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    events, supp = Closable(), Closable()
+    assert run_engine(full, str(tmp_path / "spool"), events, supp) == 75
+    err = capsys.readouterr().err
+    assert "is full" in err and "Nothing accepted is lost" in err, err
+    assert f"fastsend resume --spool {tmp_path / 'spool'}" in err, err
+    assert events.closed == supp.closed == 1
+
+    def broken() -> dict[str, int]:
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError):
+        run_engine(broken, "spool", EventLog(None), None)
+    log = EventLog(str(tmp_path / "events.jsonl"))
+    log.emit_rows([{"event": "x"}])
+    assert run_engine(lambda: {"delivered": 1}, "spool", log, None) == {"delivered": 1}
+    assert log._fd == -1 and (tmp_path / "events.jsonl").read_text().count("\n") == 1

@@ -8,8 +8,10 @@ imported anyway)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -235,3 +237,28 @@ def stopped_by_storage(e: BaseException, spool_url: str) -> int | None:
         f" --spool {url}` with this run's routes and options",
         EX_TEMPFAIL,
     )
+
+
+def run_engine(
+    run: Callable[[], dict[str, Any]], spool_url: str, events: Any, suppression: Any
+) -> dict[str, Any] | int:
+    """Run ``send``'s or ``resume``'s engine (``run``), then close its event log
+    and suppression list (None: none of its own). When the spool's storage
+    refused a write, the exit status (:func:`stopped_by_storage` says it
+    plainly) with both closed as far as they can be; any other error
+    propagates."""
+    try:
+        summary = run()
+    except Exception as e:  # the spool's storage refused a write: said plainly
+        code = stopped_by_storage(e, spool_url)
+        if code is None:
+            raise
+        for f in (events, suppression):
+            if f is not None:
+                with contextlib.suppress(Exception):  # on the same full disk, maybe
+                    f.close()
+        return code
+    events.close()
+    if suppression is not None:
+        suppression.close()
+    return summary

@@ -16,7 +16,6 @@ same for a SQLite spool another live process supervises (``send``, ``serve``,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -30,8 +29,8 @@ from fastsend.commands.common import (
     open_suppression,
     print_summary,
     redact_url,
+    run_engine,
     stopped_by_signal,
-    stopped_by_storage,
 )
 
 if TYPE_CHECKING:
@@ -139,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
             for m in acceptor.feed(job):  # an outage of the spool: the engine waits it out
                 yield m if isinstance(m, BaseException) else None
 
-    try:
-        summary = engine.run(
+    summary = run_engine(
+        lambda: engine.run(
             cfg,
             spool,
             max_wait=args.max_wait,
@@ -150,17 +149,13 @@ def run(args: argparse.Namespace) -> int:
             events=events,
             # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
             suppression=suppression if spool.shared() is not None else None,
-        )
-    except Exception as e:  # the spool's storage refused a write: said plainly
-        code = stopped_by_storage(e, spool_url)
-        if code is None:
-            raise
-        with contextlib.suppress(OSError):
-            events.close()
-        return code
-    events.close()
-    if suppression is not None:
-        suppression.close()
+        ),
+        spool_url,
+        events,
+        suppression,
+    )
+    if isinstance(summary, int):  # the spool's storage refused a write (said): 75
+        return summary
     summary["recovered_inflight"] = recovered
     summary["spool"] = redact_url(spool_url)  # no Redis password in the output
     summary["rows_never_accepted"] = lost

@@ -18,7 +18,6 @@ number when a SIGTERM (143) or SIGINT (130) stopped it (what is left and the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -31,8 +30,8 @@ from fastsend.commands.common import (
     open_suppression,
     print_summary,
     redact_url,
+    run_engine,
     stopped_by_signal,
-    stopped_by_storage,
 )
 
 # Everything run() opens is closed when it returns, and it leaves no thread:
@@ -140,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
             progress[0] = m
             yield None
 
-    try:
-        summary = engine.run(
+    summary = run_engine(
+        lambda: engine.run(
             cfg,
             spool,
             max_wait=args.max_wait,
@@ -157,17 +156,13 @@ def run(args: argparse.Namespace) -> int:
             events=events,
             # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
             suppression=suppression if spool.shared() is not None else None,
-        )
-    except Exception as e:  # the spool's storage refused a write: said plainly
-        code = stopped_by_storage(e, spool_url)
-        if code is None:
-            raise
-        with contextlib.suppress(OSError):
-            events.close()
-        return code
-    events.close()
-    if suppression is not None:
-        suppression.close()
+        ),
+        spool_url,
+        events,
+        suppression,
+    )
+    if isinstance(summary, int):  # the spool's storage refused a write (said): 75
+        return summary
     job_now = spool.get_ingest(job.id) or job
     code = 0
     if summary.get("feed_error") or (not job_now.finished and not summary.get("signal")):
