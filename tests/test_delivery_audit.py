@@ -591,10 +591,13 @@ def test_a_killed_workers_window_counts_as_an_attempt_of_unknown_outcome(
 
     spool = tmp_path / "spool"
     camp = write_campaign(tmp_path)
-    rcpts = [f"k{i}@d{i % 4}.example" for i in range(300)]
+    # slow-*: their replies come after 0.5 s, so some mail is surely in the window
+    # when the worker is killed, however late this test gets the CPU.
+    rcpts = [f"slow-k{i}@d{i % 4}.example" for i in range(4)]
+    rcpts += [f"k{i}@d{i % 4}.example" for i in range(296)]
     lst = _list(tmp_path, rcpts)
     log = tmp_path / "sink.jsonl"
-    with SinkProcess("--log", str(log), "--latency-ms", "30") as sink:
+    with SinkProcess("--log", str(log), "--latency-ms", "30", "--slow-ms", "500") as sink:
         proc = subprocess.Popen(
             fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim",
                          "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
@@ -773,10 +776,13 @@ def test_a_killed_nodes_window_counts_as_an_attempt_of_unknown_outcome(
             prefix=prefix, node="b", lease="1", dir=str(local)
         )
     camp = write_campaign(tmp_path)
-    rcpts = [f"x{i}@d{i % 4}.example" for i in range(200)]
+    # slow-*: their replies come after 0.5 s, so some mail is surely in flight when
+    # the node is killed, however late this test gets the CPU.
+    rcpts = [f"slow-x{i}@d{i % 4}.example" for i in range(4)]
+    rcpts += [f"x{i}@d{i % 4}.example" for i in range(196)]
     lst = _list(tmp_path, rcpts)
     log = tmp_path / "sink.jsonl"
-    with SinkProcess("--log", str(log), "--latency-ms", "30") as sink:
+    with SinkProcess("--log", str(log), "--latency-ms", "30", "--slow-ms", "500") as sink:
         args = ["--route", f"*={sink.host}:{sink.port}", "--workers", "1",
                 "--source-ip", "127.0.0.2", "--json", "--no-progress", "--max-wait", "5"]  # fmt: skip
         proc = subprocess.Popen(
@@ -832,6 +838,8 @@ def test_a_second_live_process_under_a_nodes_name_is_refused(
     claims. A second live process with that name is refused (exit 75, naming the
     holder) before it touches the queue; the first one's mail is delivered once
     each. Before: the second one ran."""
+    import os
+    import signal
     import subprocess
     import time
 
@@ -841,8 +849,8 @@ def test_a_second_live_process_under_a_nodes_name_is_refused(
     server = request.getfixturevalue("redis_server")
     url = server.url(node="mx1", dir=str(local))
     camp = write_campaign(tmp_path)
-    rcpts = [f"y{i}@d{i % 4}.example" for i in range(40)]
-    cfg = tmp_path / "fastsend.toml"  # 10 a second: the first one runs ~4 s
+    rcpts = [f"y{i}@d{i % 4}.example" for i in range(20)]
+    cfg = tmp_path / "fastsend.toml"  # 10 a second: the first one runs ~2 s
     cfg.write_text("[shaping.default]\nmessages_per_second = 10.0\nburst = 1\n")
     lst = _list(tmp_path, rcpts)
     log = tmp_path / "sink.jsonl"
@@ -858,10 +866,16 @@ def test_a_second_live_process_under_a_nodes_name_is_refused(
             while len(received_counts(log)) < 3:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
                 time.sleep(0.02)
-            second = subprocess.run(
-                fastsend_cmd("resume", "--spool", url, *args),
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+            # Held still (alive, its name held) while the second one starts, however
+            # long that takes on a busy machine.
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                second = subprocess.run(
+                    fastsend_cmd("resume", "--spool", url, *args),
+                    capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
             _out, err = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
