@@ -317,6 +317,8 @@ class SupervisorShaping:
         # in their split, the others not (a node merely configured with one).
         self.demand: Callable[[], Iterable[tuple[int, str]]] | None = None
         self._chains: dict[tuple[int, str], tuple[str, ...]] = {}
+        # campaign -> ((id, names, tenant), pool): what its routes are looked up by
+        self._named: dict[int, tuple[tuple[int, tuple[str, str], str], str]] = {}
         self._wanted_at: dict[str, float] = {}  # transport -> last seen wanted (monotonic)
         self._start_shares(config)
 
@@ -369,6 +371,7 @@ class SupervisorShaping:
         self.poolset = load_pools(config, time.time())
         self.gate.pool_of = self.pool_of
         self._chains.clear()  # routes and pools may have changed
+        self._named.clear()
         if self.shares is not None and sorted(config.transports) == self.shares.names:
             self.shares.totals = {n: t.max_connections for n, t in config.transports.items()}
             self.shares_at = 0.0  # renewed (and the new totals split) at the next tick
@@ -454,10 +457,11 @@ class SupervisorShaping:
         """The transports named by the routes of the mail in this node's windows
         now, or within the last :data:`SHARE_LINGER` s (between two batches a
         node keeps its place)."""
-        if self.demand is not None:
+        if self.demand is not None and any(r.transports for r in self.config.routes.values()):
             chains = self._chains
             if len(chains) > 100_000:
                 chains.clear()
+                self._named.clear()
             wanted = self._wanted_at
             for key in set(self.demand()):
                 chain = chains.get(key)
@@ -472,12 +476,15 @@ class SupervisorShaping:
     def _chain(self, campaign: int, domain: str) -> tuple[str, ...]:
         """The transports a campaign's mail to ``domain`` may go through, as the
         worker's router finds them (campaign, tenant, pool, then domain routes)."""
-        info = self.spool.get_campaign(campaign)
-        if info is None:
-            return ()
-        names = (info.name, str((info.spec or {}).get("name", "")))
-        pool = self.poolset.pool_for(str((info.options or {}).get("pool", "")), info.tenant)
-        route = self.config.route_lookup(domain, (campaign, names, info.tenant), pool)
+        named = self._named.get(campaign)
+        if named is None:  # once per campaign (a Redis round trip), not per domain
+            info = self.spool.get_campaign(campaign)
+            if info is None:
+                return ()
+            names = (info.name, str((info.spec or {}).get("name", "")))
+            pool = self.poolset.pool_for(str((info.options or {}).get("pool", "")), info.tenant)
+            named = self._named[campaign] = ((campaign, names, info.tenant), pool)
+        route = self.config.route_lookup(domain, *named)
         return tuple(route.transports) if route is not None else ()
 
     def close(self) -> None:
