@@ -282,3 +282,65 @@ def test_sighup_reload_rebuilds_dispatch_rates_guardrails_and_pools(tmp_path: Pa
     assert sup.shaping.gate.enabled and sup.shaping.gate.global_bucket is not None
     assert sup.shaping.guardrails.settings.bounce_rate == 0.2
     assert sup.shaping.poolset.default == "p2"
+
+
+def _peers(msgs: list[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in msgs:
+        for _r in m.recipients:
+            out[m.peer] = out.get(m.peer, 0) + 1
+    return out
+
+
+def test_a_pools_mail_leaves_only_from_its_addresses_with_two_workers(tmp_path: Path) -> None:
+    """Two workers own one address each; each tenant has a dedicated pool of one
+    of them. Every message of a tenant leaves from its own pool's address: a
+    worker owning none of a pool's addresses never sends its mail (it went out
+    from the other tenant's address before)."""
+    with SinkThread() as sink:
+        cfg = make_config(
+            tmp_path, sink, ["127.0.0.2", "127.0.0.3"],
+            workers={"count": 2},
+            delivery={"batch_size": 20},  # a claim is shared with the other worker
+            pools={
+                "default": "shared",
+                "tenants": {"acme": "acme"},
+                "acme": {"ips": [{"ip": "127.0.0.2"}]},
+                "shared": {"ips": [{"ip": "127.0.0.3"}]},
+            },
+        )  # fmt: skip
+        assert cfg.ips_for_worker(0) == ["127.0.0.2"] and cfg.ips_for_worker(1) == ["127.0.0.3"]
+        spool = SQLiteSpool(cfg.spool_dir)
+        spec = Campaign.from_dict(SPEC).to_dict()
+        cids = {t: spool.create_campaign(spec, name=t, tenant=t) for t in ("acme", "other")}
+        for start in range(0, 600, 50):  # interleaved: every claim holds both tenants' mail
+            for tenant, cid in cids.items():
+                rcpts = [f"{tenant}{i}@d{i % 13}.example" for i in range(start, start + 50)]
+                rows = [(r, r.rpartition("@")[2], b"") for r in rcpts]
+                spool.add_messages(cid, rows, time.time())
+        run_engine(cfg, spool)
+        for cid in cids.values():
+            assert spool.counts(cid)["delivered"] == 600
+        msgs = list(sink.messages)
+    acme = _peers([m for m in msgs if m.recipients[0].startswith("acme")])
+    other = _peers([m for m in msgs if m.recipients[0].startswith("other")])
+    assert acme == {"127.0.0.2": 600}, acme
+    assert other == {"127.0.0.3": 600}, other
+
+
+def test_pool_weights_hold_across_workers(tmp_path: Path) -> None:
+    """A pool of weights 3:1 whose two addresses belong to different workers
+    sends three quarters from the heavier one (it went out about half and half:
+    claims were split by the workers' rooms, not by the pool's weights)."""
+    with SinkThread() as sink:
+        cfg = make_config(
+            tmp_path, sink, ["127.0.0.2", "127.0.0.3"],
+            workers={"count": 2},
+            pools={"main": {"ips": [{"ip": "127.0.0.2", "weight": 3}, {"ip": "127.0.0.3"}]}},
+        )  # fmt: skip
+        spool, cid = spool_campaign(cfg, [f"w{i}@d{i % 17}.example" for i in range(1200)])
+        run_engine(cfg, spool)
+        assert spool.counts(cid)["delivered"] == 1200
+        peers = _peers(list(sink.messages))
+    # Both windows have room for all of it: the split is the weights' exactly.
+    assert peers == {"127.0.0.2": 900, "127.0.0.3": 300}, peers

@@ -16,6 +16,7 @@ from typing import Any
 from fastsend import wire
 from fastsend._accel import pick
 from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
+from fastsend.shaping.pools import PoolRoutes
 from fastsend.spool import SUPPRESSED, Claimed, Result
 
 STATUS_TTL = 0.5  # s a campaign's status is trusted before rate-held mail is checked again
@@ -23,6 +24,7 @@ WITHDRAW_EVERY = 1.0  # s between checks of the windows against a list with no v
 WITHDRAW_GAP = 0.25  # s at least between two checks of the windows (a list written often)
 FEED_ROOM = 2000  # open room that asks the feeder for its next chunk (accept.CHUNK rows)
 HOLD_HORIZON = 10.0  # s of a rate's worth kept rate-held in a window (the rest requeued)
+POOL_WAIT = 1.0  # s before mail of a pool whose workers had no room is claimed again
 BLOB_CACHE_BYTES = 64 << 20  # bodies stored once, kept for the batches that follow
 # Spool.prune_final: messages looked at per call, seconds of calls per tick, and
 # the pause between two such ticks while a sweep has more to do
@@ -52,13 +54,15 @@ class Dispatch(SupervisorState):
         order = self.slots[self.first_slot % n_slots :] + self.slots[: self.first_slot % n_slots]
         self.first_slot += 1
         given: dict[int, list[Claimed]] = {}  # slot index -> a share of another's claim
+        # slot index -> claims of a pool it owns, met after its turn in this pass
+        late: dict[int, list[Claimed]] = {}
+        routed = bool(self.pool_routes.shares)
         for pos, slot in enumerate(order):
             if not self.can_take(slot):
                 continue
-            groups: dict[tuple[int, str], list[Claimed]] = {}
-            window = slot.window
             room = slot.room
             claimed = given.pop(slot.index, [])
+            mine = not claimed
             # Claim once a quarter of the window is free, not per answered batch:
             # a claim of ~window/4 messages groups into batches of several
             # messages per site (100 sites: ~10 a batch, not ~2), and the claim's
@@ -67,7 +71,7 @@ class Dispatch(SupervisorState):
             # that comes back short (nothing more due) leaves its room open for
             # the rows the feeder spools next (they go straight to it).
             asked = bool(claimed)  # a share of another's claim counts as asking
-            least = 1 if any_room else (window // 4 or 1)
+            least = 1 if any_room else (slot.window // 4 or 1)
             if not claimed and (not nothing_due or self.pace_feed) and room >= least:
                 asked = True
                 claimed = self.spool.claim_next(now, room, slot.index)
@@ -76,42 +80,129 @@ class Dispatch(SupervisorState):
                     n = len(claimed)
                     claimed = self.screen(claimed, now)
                     slot.unwritten += n - len(claimed)
-                if 2 * size <= len(claimed) < room:
-                    # Less was due than this window takes (a short list, the start
-                    # of a long one while it is spooled, the tail): shared with the
-                    # workers after this one, so no core idles while one works.
-                    claimed = self.share(claimed, order[pos + 1 :], size, given)
-            group_claims(claimed, slot.inflight, groups)
-            if asked and self.pace_feed:  # the room this window still has open
-                self.note_room(slot, slot.room)
-            mine, held = groups, slot.held
-            try:
-                groups = self.gate(slot, groups)
-                if not groups:
-                    continue
-                records: list[bytes] = []
-                told: set[int] = set()  # campaigns these records introduce to the worker
-                for (campaign, domain), items in groups.items():
-                    if campaign not in slot.campaigns and campaign not in told:
-                        head, why = self.spec_records(campaign)
-                        if not head:  # it can never be rendered: final, not stuck in flight
-                            self.fail(slot, items, 554, "5.3.0", why)
-                            continue
-                        records.extend(head)
-                        told.add(campaign)
-                    for i in range(0, len(items), size):
-                        records.extend(
-                            self.batch_records(slot, campaign, domain, items[i : i + size])
-                        )
-            except BaseException:
-                # The spool failed under us (a shared one out of reach): nothing of
-                # these reached the worker, so they leave the window and go back
-                # to the queue (written with the next flush), never stranded in it.
-                self.unclaim(slot, [mine, held, groups])
-                raise
-            slot.campaigns |= told
-            slot.backlog.extend(records)
-            self.push_backlog(slot)
+            pooled = False  # claims of a routed pool: already spread by weight
+            if routed and claimed:
+                claimed, pooled = self.route_pools(
+                    slot, claimed, mine, order, pos, given, late, now
+                )
+            if 2 * size <= len(claimed) < room and not pooled:
+                # Less was due than this window takes (a short list, the start
+                # of a long one while it is spooled, the tail): shared with the
+                # workers after this one, so no core idles while one works.
+                claimed = self.share(claimed, order[pos + 1 :], size, given)
+            self.hand(slot, claimed, asked)
+        if late or given:
+            by_index = {s.index: s for s in self.slots}
+            for idx, items in (*late.items(), *given.items()):
+                s = by_index.get(idx)
+                if s is not None and self.can_take(s):
+                    self.hand(s, items, False)
+                else:  # cannot happen (room was checked): back to the queue, unattempted
+                    self.requeues.extend((c.id, now) for c in items)
+
+    @property
+    def pool_routes(self) -> PoolRoutes:
+        """Which workers own which pools (rebuilt when a reload made new pools)."""
+        ps = self.shaping.poolset
+        got = self.pool_routes_for
+        if got is None or got[0] is not ps:
+            pools = self.config.pools
+            routes = PoolRoutes(
+                ps, {s.index: s.ips for s in self.slots}, bool(pools and pools.pools)
+            )
+            got = self.pool_routes_for = (ps, routes)
+            self.campaign_pool.clear()
+        return got[1]
+
+    def hand(self, slot: WorkerSlot, claimed: list[Claimed], asked: bool) -> None:
+        """Put ``claimed`` in ``slot``'s window: rate gate, campaign spec once,
+        batch records onto its ring (or its backlog)."""
+        size = self.config.delivery.batch_size
+        groups: dict[tuple[int, str], list[Claimed]] = {}
+        group_claims(claimed, slot.inflight, groups)
+        if asked and self.pace_feed:  # the room this window still has open
+            self.note_room(slot, slot.room)
+        mine, held = groups, slot.held
+        try:
+            groups = self.gate(slot, groups)
+            if not groups:
+                return
+            records: list[bytes] = []
+            told: set[int] = set()  # campaigns these records introduce to the worker
+            for (campaign, domain), items in groups.items():
+                if campaign not in slot.campaigns and campaign not in told:
+                    head, why = self.spec_records(campaign)
+                    if not head:  # it can never be rendered: final, not stuck in flight
+                        self.fail(slot, items, 554, "5.3.0", why)
+                        continue
+                    records.extend(head)
+                    told.add(campaign)
+                for i in range(0, len(items), size):
+                    records.extend(self.batch_records(slot, campaign, domain, items[i : i + size]))
+        except BaseException:
+            # The spool failed under us (a shared one out of reach): nothing of
+            # these reached the worker, so they leave the window and go back
+            # to the queue (written with the next flush), never stranded in it.
+            self.unclaim(slot, [mine, held, groups])
+            raise
+        slot.campaigns |= told
+        slot.backlog.extend(records)
+        self.push_backlog(slot)
+
+    def route_pools(
+        self,
+        slot: WorkerSlot,
+        claimed: list[Claimed],
+        mine: bool,
+        order: list[WorkerSlot],
+        pos: int,
+        given: dict[int, list[Claimed]],
+        late: dict[int, list[Claimed]],
+        now: float,
+    ) -> tuple[list[Claimed], bool]:
+        """A worker sends only from its own source IPs: the claims of a pool's
+        campaigns go to the workers owning the pool's IPs, by the weights they
+        own (``shaping.pools.PoolRoutes``), each up to its room; what none has
+        room for goes back to the queue unattempted, due in POOL_WAIT s. Returns
+        what ``slot`` keeps. A share from another's claim (not ``mine``) was
+        routed already: only what ``slot`` does not own is moved."""
+        routes = self.pool_routes
+        pools = self.campaign_pool
+        room: dict[int, int] | None = None
+        later = {s.index for s in order[pos + 1 :]}
+        keep: list[Claimed] = []
+        back = 0
+        for c in claimed:
+            name = pools.get(c.campaign)
+            if name is None:
+                if len(pools) > 100_000:
+                    pools.clear()
+                name = pools[c.campaign] = self.shaping.pool_of(c.campaign)
+            if name not in routes.shares or (not mine and routes.owns(name, slot.index)):
+                keep.append(c)
+                continue
+            if room is None:
+                room = {
+                    s.index: s.room
+                    - self.spool.held(s.index)
+                    - len(given.get(s.index, ()))
+                    - len(late.get(s.index, ()))
+                    for s in self.slots
+                    if s is not slot and self.can_take(s)
+                }
+                room[slot.index] = max(slot.room, len(claimed))  # its claim fits it
+            idx = routes.pick(name, room)
+            if idx is None:
+                self.requeues.append((c.id, now + POOL_WAIT))
+                back += 1
+                continue
+            room[idx] -= 1
+            if idx == slot.index:
+                keep.append(c)
+            else:
+                (given if idx in later else late).setdefault(idx, []).append(c)
+        self.stats.handed_back += back
+        return keep, room is not None
 
     def unclaim(self, slot: WorkerSlot, parts: list[dict[tuple[int, str], list[Claimed]]]) -> None:
         """The claims of ``parts`` (a dispatch that failed before they were

@@ -24,6 +24,7 @@ from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.queue.shaping import SupervisorShaping
 from fastsend.ring import Ring
+from fastsend.shaping.pools import PoolRoutes
 from fastsend.spool import Claimed, Result, Spool
 from fastsend.suppression import SuppressionList
 
@@ -172,6 +173,8 @@ class SupervisorState:
     spec_cache: dict[int, dict[str, Any]]
     status_cache: dict[int, tuple[bool, float]]  # campaign -> (active, read at)
     tenant_cache: dict[int, str]
+    campaign_pool: dict[int, str]  # campaign -> its pool's name (Dispatch.route_pools)
+    pool_routes_for: tuple[object, PoolRoutes] | None  # (the poolset, its routes)
     blob_cache: OrderedDict[str, bytes]  # bodies stored once (Spool.put_blob), LRU
     blob_swept: float  # monotonic time of the last Spool.sweep_blobs
     prune_next: float  # monotonic time of the next Spool.prune_final (0: at the first tick)

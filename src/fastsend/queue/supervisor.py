@@ -39,6 +39,7 @@ from fastsend.queue.lifecycle import CRASH_LOOP, WORKER_SILENCE, WorkerLifecycle
 from fastsend.queue.outcomes import HANDBACK_SPREAD, Outcomes
 from fastsend.queue.shaping import SupervisorShaping
 from fastsend.queue.state import RING_BYTES, RunStats, Wake, WorkerSlot
+from fastsend.shaping.pools import PoolRoutes
 from fastsend.spool import Claimed, Result, Spool, spool_local_dir
 from fastsend.suppression import SuppressionList
 
@@ -108,6 +109,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.spec_cache: dict[int, dict[str, Any]] = {}
         self.status_cache: dict[int, tuple[bool, float]] = {}  # campaign -> (active, read at)
         self.tenant_cache: dict[int, str] = {}
+        self.campaign_pool: dict[int, str] = {}
+        self.pool_routes_for: tuple[object, PoolRoutes] | None = None
         self.blob_cache: OrderedDict[str, bytes] = OrderedDict()
         self.blob_swept = time.monotonic()
         self.prune_next = 0.0

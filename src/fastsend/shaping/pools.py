@@ -215,3 +215,61 @@ def load_pools(config: Config, now: float) -> PoolSet:
         pools["default"] = Pool("default", [PoolIP(ip) for ip in config.source_ips], schedule)
         default = "default"
     return PoolSet(pools, default or next(iter(pools)), dict(sec.tenants) if sec else {})
+
+
+class PoolRoutes:
+    """The supervisor's side of pools: which workers may send a pool's mail.
+
+    Each worker owns a slice of the source IPs (``Config.ips_for_worker``) and
+    sends only from its own, so a pool's mail must go to the workers owning
+    its IPs -- a campaign of a tenant's dedicated pool handed to a worker that
+    owns none of them went out from another pool's addresses -- and in
+    proportion to the weights they own there (a pool of 3:1 weights split over
+    two workers went out half and half). ``shares`` holds only the pools that
+    need it: not the implicit pool of ``[ips] source`` (no ``[pools]``), nor a
+    pool every worker owns an equal weight of (claims already go to every
+    worker evenly). :meth:`pick` is the smooth weighted round-robin of
+    :meth:`Pool.pick` over the workers with room."""
+
+    __slots__ = ("_current", "shares")
+
+    def __init__(self, poolset: PoolSet, worker_ips: dict[int, list[str]], explicit: bool) -> None:
+        self.shares: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._current: dict[str, dict[int, int]] = {}
+        if not explicit:
+            return
+        for name, pool in poolset.pools.items():
+            if not pool.ips:
+                continue
+            owned = {
+                i: sum(p.weight for p in pool.ips if p.ip in set(ips))
+                for i, ips in worker_ips.items()
+            }
+            if len(set(owned.values())) == 1 and next(iter(owned.values())) > 0:
+                continue  # every worker an equal share
+            self.shares[name] = tuple((i, w) for i, w in sorted(owned.items()) if w > 0)
+
+    def owns(self, pool: str, worker: int) -> bool:
+        """Whether ``worker`` has an address of ``pool`` (True for pools not routed)."""
+        shares = self.shares.get(pool)
+        return shares is None or any(i == worker for i, _w in shares)
+
+    def pick(self, pool: str, room: dict[int, int]) -> int | None:
+        """The worker the next message of ``pool`` goes to: weighted round-robin
+        over its owners with ``room`` left (None: none has)."""
+        cur = self._current.setdefault(pool, {})
+        total = 0
+        best = -1
+        best_v = 0
+        for i, w in self.shares[pool]:
+            if room.get(i, 0) <= 0:
+                continue
+            v = cur.get(i, 0) + w
+            cur[i] = v
+            total += w
+            if best < 0 or v > best_v:
+                best, best_v = i, v
+        if best < 0:
+            return None
+        cur[best] = best_v - total
+        return best
