@@ -344,3 +344,22 @@ def test_pool_weights_hold_across_workers(tmp_path: Path) -> None:
         peers = _peers(list(sink.messages))
     # Both windows have room for all of it: the split is the weights' exactly.
     assert peers == {"127.0.0.2": 900, "127.0.0.3": 300}, peers
+
+
+def test_workers_sending_from_one_address_share_its_site_limits(tmp_path: Path) -> None:
+    """No [ips] source: both workers send from the host's one address, so a
+    site's "2 connections" is 2 from the two together (each took the whole
+    limit: 4 connections, and the receiver, which takes 2 per client, refused
+    the others with 421)."""
+    with SinkThread(max_connections=2, latency_ms=20) as sink:
+        cfg = make_config(
+            tmp_path, sink, [],
+            workers={"count": 2},
+            delivery={"batch_size": 20, "pipeline": 4},  # a claim is shared: both workers send
+            shaping={"default": {"max_connections": 2, "aimd": False}},
+        )  # fmt: skip
+        spool, cid = spool_campaign(cfg, [f"c{i}@one.example" for i in range(400)])
+        run_engine(cfg, spool)
+        assert spool.counts(cid)["delivered"] == 400
+        refused = sink.sink.stats.faults.get("max-connections", 0)
+    assert refused == 0, refused

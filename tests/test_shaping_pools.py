@@ -132,3 +132,52 @@ def test_pool_choice_by_campaign_option_and_tenant() -> None:
     # A worker without any of a pool's IPs falls back to its own.
     sh = Shaper(cfg, ["127.0.0.2"], now=NOW)
     assert [i.ip for i in sh.pool("acme").ips] == ["127.0.0.2"]
+
+
+def test_workers_sending_from_one_address_share_its_limits() -> None:
+    """Workers that send from the same address (no [ips] source, or fewer
+    addresses than workers) each keep their own lanes: each applies its part
+    of a site's limits and of a warm-up cap, so together they keep the
+    address's (each applied the whole: 2 workers, twice the rate, connections
+    and warm-up cap from one IP)."""
+    from fastsend.shaping.lanes import ip_sharers
+
+    site = {"default": {"messages_per_second": 100, "burst": 10, "max_connections": 5}}
+    none = cfgmod.from_dict({"workers": {"count": 2}, "shaping": site})
+    assert ip_sharers(none, []) == (2, 0)
+    half = Shaper(none, [], now=NOW, index=1).site_limits("s", ("mx.one.example",), "one.example")
+    assert half.rates == ((50.0, 5),) and half.max_connections == 2
+    # Connections are shared out by place (the remainder to the first).
+    from fastsend.shaping.lanes import split_limits
+
+    whole = Shaper(cfgmod.from_dict({"shaping": site}), ["x"], now=NOW).site_limits(
+        "s", ("mx.one.example",), "one.example"
+    )
+    assert whole.max_connections == 5 and whole.rates == ((100.0, 10),)
+    assert [split_limits(whole, 2, i).max_connections for i in range(2)] == [3, 2]
+    assert [split_limits(whole, 3, i).max_connections for i in range(3)] == [2, 2, 1]
+    assert split_limits(whole, 8, 7).max_connections == 1  # at least one each
+    # One address, three workers: all share it; four addresses, two workers: none do.
+    one = cfgmod.from_dict({"workers": {"count": 3}, "ips": {"source": ["127.0.0.2"]}})
+    assert [ip_sharers(one, one.ips_for_worker(j), j) for j in range(3)] == [(3, 0), (3, 1), (3, 2)]
+    four = cfgmod.from_dict(
+        {"workers": {"count": 2}, "ips": {"source": [f"127.0.0.{i}" for i in range(2, 6)]}}
+    )
+    assert [ip_sharers(four, four.ips_for_worker(j), j) for j in range(2)] == [(1, 0), (1, 0)]
+    # A warming address shared by two workers: each may send half its cap.
+    start = (dt.date(1970, 1, 1) + dt.timedelta(days=utc_day(NOW))).isoformat()
+    warm = cfgmod.from_dict(
+        {
+            "workers": {"count": 2},
+            "pools": {
+                "warmup": {"schedule": [30]},
+                "main": {"ips": [{"ip": "127.0.0.2", "warmup_start": start}]},
+            },
+        }
+    )
+    taken = 0
+    for j in range(2):
+        sh = Shaper(warm, warm.ips_for_worker(j), now=NOW, index=j)
+        lim = sh.site_limits("s", ("gmail-smtp-in.l.google.com",), "gmail.com")
+        taken += sh.lane("127.0.0.2", "s", lim, sh.pool(""), NOW).take(0.0, 30)[0]
+    assert taken == 30

@@ -86,7 +86,7 @@ class Worker:
         self.directs: dict[int, tuple[Any, ...] | None] = {}
         self.sites: dict[tuple[str, str], SiteQueue] = {}
         self.sites_limit = SITES_MIN
-        self.shaper = Shaper(config, ips)
+        self.shaper = Shaper(config, ips, index=index)
         for ip in ips:
             if ip:
                 self.shaper.ehlo[ip] = names.name(ip)

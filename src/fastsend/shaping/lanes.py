@@ -23,6 +23,14 @@ DESCRIPTION
     restricted to the worker's IPs, one lane per (IP, site), and the
     warm-up counters (restored from and reported to the supervisor).
 
+    Workers that send from the same address (no ``[ips] source``: the host's
+    one address; fewer addresses than workers) each keep their own lanes, so
+    each takes its part of that address's limits (:func:`ip_sharers`,
+    :func:`split_limits`): the rates, connection rate and warm-up caps
+    divided among them, the connections shared out (at least one each).
+    Before, every worker applied the whole limit: two workers sent a
+    site's "100/s, 5 connections" at 200/s over 10 connections from one IP.
+
 DELIBERATELY NOT HERE
     No sockets, no sleeping, no clock reads (``now`` is passed in: monotonic
     seconds for buckets, plus unix seconds for warm-up days). Lanes are owned
@@ -45,6 +53,40 @@ from fastsend.throttle import Gcra
 
 FOREVER = 1e9
 UNBOUNDED = 1 << 62  # Lane.budget() of a lane with nothing to enforce
+
+
+def ip_sharers(config: Config, ips: list[str], index: int | None = None) -> tuple[int, int]:
+    """(how many workers send from ``ips``, the worker's own included; the
+    place of worker ``index`` among them): workers own disjoint slices of
+    ``[ips] source`` when there are at least as many addresses as workers,
+    else one each, shared; with none, all send from the host's address.
+    (1, 0) for addresses that are no worker's slice (a Shaper made in a test)."""
+    mine = ips or [""]
+    slices = [config.ips_for_worker(j) or [""] for j in range(max(1, config.worker_count))]
+    if mine not in slices:
+        return 1, 0
+    if index is None or not 0 <= index < len(slices) or slices[index] != mine:
+        index = slices.index(mine)
+    sharing = [j for j, theirs in enumerate(slices) if set(mine) & set(theirs)]
+    return len(sharing), sharing.index(index)
+
+
+def split_limits(lim: Limits, k: int, place: int) -> Limits:
+    """A site's limits for one of ``k`` workers sending from the same address
+    (``place``: its place among them): rates and connection rate divided,
+    bursts too (at least 1), connections shared out (the remainder to the
+    first places; at least one each, so a limit below ``k`` is ``k``)."""
+    if k <= 1:
+        return lim
+    import msgspec
+
+    conns = lim.max_connections // k + (1 if place < lim.max_connections % k else 0)
+    return msgspec.structs.replace(
+        lim,
+        max_connections=max(1, conns),
+        rates=tuple((r / k, max(1, b // k)) for r, b in lim.rates),
+        connection_rate=lim.connection_rate / k,
+    )
 
 
 @functools.lru_cache(maxsize=2048)
@@ -402,14 +444,19 @@ class Lane:
 class Shaper:
     """A worker's shaping registry: policy, pools, lanes, warm-up counters."""
 
-    def __init__(self, config: Config, ips: list[str], now: float | None = None) -> None:
+    def __init__(
+        self, config: Config, ips: list[str], now: float | None = None, index: int | None = None
+    ) -> None:
         self.config = config
         self.policy: Policy = load_policy(config)
         poolset: PoolSet = load_pools(config, time.time() if now is None else now)
         self.poolset = poolset
         self.worker_ips = ips or [""]
+        # workers sending from these addresses, and this one's place among them
+        self.sharers, self.place = ip_sharers(config, ips, index)
         self.pools: dict[str, Pool] = {}
         for name, p in poolset.pools.items():
+            p.split = self.sharers  # warm-up caps: this worker's part
             sub = p.restricted(self.worker_ips)
             self.pools[name] = sub if sub.ips else Pool(name, [], p.schedule)
         from fastsend.shaping.pools import PoolIP
@@ -437,7 +484,8 @@ class Shaper:
         key = (site_key, domain)
         lim = self.limits.get(key)
         if lim is None:
-            lim = self.limits[key] = self.policy.resolve(hosts, domain)
+            lim = self.policy.resolve(hosts, domain)
+            lim = self.limits[key] = split_limits(lim, self.sharers, self.place)
         return lim
 
     def lane(self, ip: str, site_key: str, limits: Limits, pool: Pool, now_unix: float) -> Lane:

@@ -109,13 +109,16 @@ class Pool:
     name: str
     ips: list[PoolIP]
     schedule: WarmupSchedule = field(default_factory=WarmupSchedule)
+    # workers sending from these addresses: each keeps its own count against
+    # its part of a warm-up cap (shaping.lanes.ip_sharers)
+    split: int = 1
     _current: dict[str, int] = field(default_factory=dict, repr=False)
     counters: dict[tuple[str, str], Warmup] = field(default_factory=dict, repr=False)
 
     def restricted(self, ips: list[str]) -> Pool:
         """This pool limited to ``ips`` (a worker's own addresses); shares counters."""
         mine = [p for p in self.ips if p.ip in ips]
-        sub = Pool(self.name, mine, self.schedule)
+        sub = Pool(self.name, mine, self.schedule, self.split)
         sub.counters = self.counters
         return sub
 
@@ -125,10 +128,16 @@ class Pool:
         day = utc_day(now)
         w = self.counters.get(key)
         if w is None or w.day != day:
-            w = self.counters[key] = Warmup(
-                ip.ip, provider, day, self.schedule.cap(ip.warmup_day(now))
-            )
+            w = self.counters[key] = Warmup(ip.ip, provider, day, self.cap(ip, now))
         return w
+
+    def cap(self, ip: PoolIP, now: float) -> int:
+        """Today's cap of ``ip`` per provider for this worker (its part when
+        ``split`` workers send from it)."""
+        cap = self.schedule.cap(ip.warmup_day(now))
+        if self.split > 1 and cap < UNCAPPED:
+            cap = max(1, cap // self.split)
+        return cap
 
     def set_offsets(self, offsets: dict[str, int], now: float) -> None:
         """Warm-up day offsets per IP; today's caps follow at once."""
@@ -139,7 +148,7 @@ class Pool:
         for (ip, _prov), w in self.counters.items():
             pip = by_ip.get(ip)
             if pip is not None and w.day == day:
-                w.cap = self.schedule.cap(pip.warmup_day(now))
+                w.cap = self.cap(pip, now)
 
     def pick(self, provider: str, now: float, eligible: Any = None) -> PoolIP | None:
         """Smooth weighted round-robin over the IPs that may send now."""
