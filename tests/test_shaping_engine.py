@@ -363,3 +363,75 @@ def test_workers_sending_from_one_address_share_its_site_limits(tmp_path: Path) 
         assert spool.counts(cid)["delivered"] == 400
         refused = sink.sink.stats.faults.get("max-connections", 0)
     assert refused == 0, refused
+
+
+def test_a_rested_workers_share_of_a_site_goes_to_the_other_worker(tmp_path: Path) -> None:
+    """Two workers, one address each: the site blocks 127.0.0.2, which is rested
+    for an hour. The rest of its worker's share of that site goes out from the
+    other worker's 127.0.0.3 at once (it was handed back due in an hour, and
+    half the site's mail waited while .3 idled)."""
+    block = (451, "4.7.1", "Client host blocked using zen.spamhaus.org")
+    with SinkThread(fault_text={"defer": block}) as sink:
+        cfg = make_config(
+            tmp_path, sink, ["127.0.0.2", "127.0.0.3"],
+            workers={"count": 2},
+            shaping={"default": {"messages_per_second": 300, "burst": 10, "aimd": False}},
+            delivery={"pipeline": 8, "batch_size": 20},
+        )  # fmt: skip
+        rcpts = ["defer1-blk@block.example"] + [f"u{i}@block.example" for i in range(800)]
+        spool, cid = spool_campaign(cfg, rcpts)
+        run_engine(cfg, spool)
+        assert spool.counts(cid)["delivered"] == 801, spool.counts(cid)
+        msgs = list(sink.messages)
+    rests = [e for e in shaping_events(cfg) if e["action"] == "rest"]
+    assert [e["source_ip"] for e in rests] == ["127.0.0.2"], rests
+    late = {m.peer for m in msgs if m.time > rests[0]["time"] + 0.3}
+    assert late == {"127.0.0.3"}
+
+
+def test_a_workers_capped_address_leaves_the_rest_to_another_workers(tmp_path: Path) -> None:
+    """Two workers, one address each, in one pool: 127.0.0.3 is on warm-up day 1
+    (30 a day per provider). Over its cap, its worker's share goes to the
+    other worker's warmed 127.0.0.2 the same day, and never back to the capped
+    worker (it waited, unattempted, for UTC midnight)."""
+    if 86400 - time.time() % 86400 < 30:  # the caps reset at UTC midnight
+        time.sleep(86400 - time.time() % 86400 + 1)
+    with SinkThread() as sink:
+        cfg = make_config(
+            tmp_path, sink, ["127.0.0.2", "127.0.0.3"],
+            workers={"count": 2},
+            delivery={"batch_size": 20},
+            pools={
+                "warmup": {"schedule": [30, 60]},
+                "main": {"ips": [{"ip": "127.0.0.2"}, {"ip": "127.0.0.3", "warmup_day": 1}]},
+            },
+        )  # fmt: skip
+        spool, cid = spool_campaign(cfg, [f"u{i}@d{i % 3}.example" for i in range(600)])
+        run_engine(cfg, spool)
+        assert spool.counts(cid)["delivered"] == 600, spool.counts(cid)
+        peers = _peers(list(sink.messages))
+    assert peers["127.0.0.3"] <= 30 and sum(peers.values()) == 600, peers
+
+
+def test_a_rested_address_shared_by_two_workers_is_not_tried_by_the_other(
+    tmp_path: Path,
+) -> None:
+    """No [ips] source: both workers send from the host's one address. When the
+    site blocks it and one worker rests it, the mail that worker hands back is
+    not given to the other worker (the same address, refused just the same):
+    it waits for the rest's end, queued and unattempted."""
+    block = (451, "4.7.1", "Client host blocked using zen.spamhaus.org")
+    with SinkThread(fault_text={"defer": block}) as sink:
+        cfg = make_config(
+            tmp_path, sink, [],
+            workers={"count": 2},
+            shaping={"default": {"messages_per_second": 300, "burst": 10, "aimd": False}},
+            delivery={"pipeline": 8, "batch_size": 20},
+        )  # fmt: skip
+        rcpts = ["defer1-blk@block.example"] + [f"u{i}@block.example" for i in range(800)]
+        spool, cid = spool_campaign(cfg, rcpts)
+        run_engine(cfg, spool)
+        counts = spool.counts(cid)
+    rests = [e for e in shaping_events(cfg) if e["action"] == "rest"]
+    assert len(rests) == 1, rests
+    assert counts["queued"] > 0 and counts["bounced"] == 0, counts

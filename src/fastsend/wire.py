@@ -181,12 +181,22 @@ class Handback(msgspec.Struct, array_like=True, tag=10):
     is shaped, resting or suspended, or the worker is draining), handed back
     unattempted. This is their outcome for this claim: the supervisor queues the
     k-th again at ``at + min(k * step, HANDBACK_SPREAD)`` (unix seconds), attempts
-    unchanged. One record per handed-back group, never per message."""
+    unchanged. One record per handed-back group, never per message.
+    ``elsewhere``: none of this worker's addresses may send to their site
+    before ``at``: another worker owning an address of their pool may send
+    them now (``Dispatch.route_pools``) -- ELSEWHERE_WORKER: this worker's own
+    warm-up caps; ELSEWHERE_IP: its addresses are resting or suspended there,
+    so workers sending from the same addresses may not either."""
 
     ids: list[int]
     at: float
     step: float
     text: str
+    elsewhere: int = 0
+
+
+ELSEWHERE_WORKER = 1  # Handback.elsewhere: over this worker's own warm-up caps
+ELSEWHERE_IP = 2  # Handback.elsewhere: its addresses rest (refused by the site)
 
 
 class IPRest(msgspec.Struct, array_like=True, tag=11):

@@ -69,10 +69,12 @@ from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
 from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
 from fastsend.shaping.policy import Limits
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
+from fastsend.wire import ELSEWHERE_IP, ELSEWHERE_WORKER
 
 Report = Callable[[list[TxnResult], str, str], None]  # results, source_ip, mx
 # envelopes, delay (s) before the first may be tried again, spacing (s), why
-Handback = Callable[[list[Envelope], float, float, str], None]
+# (and optionally ``elsewhere``: no address of this worker may send them before then)
+Handback = Callable[..., None]
 DRAIN_HORIZON = 2.0  # draining: keep what a site may send within this, hand back the rest
 TRIM_WAIT = 1.0  # a connection told to wait this long re-checks its site's ready queue
 # A connection whose full group was all delivered within GROUP_QUICK seconds,
@@ -195,6 +197,7 @@ class SiteQueue:
         keep = 0
         rate = 0.0
         resume = FOREVER
+        capped = True  # every lane is held by its warm-up cap (what is left today)
         for p in self.pool.ips:
             ln = self.lane(p.ip)
             n = ln.budget(now, self.horizon)
@@ -204,6 +207,8 @@ class SiteQueue:
             keep += n
             rate += ln.send_rate()
             resume = min(resume, self._resume(p.ip, now))
+            if capped and (ln.warm is None or n < ln.warm.left()):
+                capped = False
         if self.max_ready and self.max_ready < keep:
             keep, delay, why = self.max_ready, MAX_READY_DELAY, f"over max_ready ({self.max_ready})"
         else:
@@ -217,7 +222,19 @@ class SiteQueue:
         back = [pop() for _ in range(excess)]
         back.reverse()  # oldest first: it gets the earliest time
         step = 1.0 / rate if 0.0 < rate < float("inf") else 0.0
-        self.handback(back, delay, step, f"handed back: {why}")
+        if keep == 0 and self.horizon < resume < FOREVER:
+            # No address of this worker may send here before ``resume`` (rest,
+            # suspension, warm-up caps): another worker's may, now.
+            self.handback(back, delay, step, f"handed back: {why}", self._away(now))
+        elif capped and not self.max_ready:
+            # Over what this worker's warm-up caps leave today: not from here
+            # before UTC midnight; another worker's addresses may send it now.
+            midnight = 86400.0 - (time.time() % 86400.0) + 1.0
+            self.handback(
+                back, midnight, 0.0, "handed back: over today's warm-up caps", ELSEWHERE_WORKER
+            )
+        else:
+            self.handback(back, delay, step, f"handed back: {why}")
         return excess
 
     def lane(self, ip: str) -> Lane:
@@ -270,7 +287,11 @@ class SiteQueue:
                 batch = list(self.pending)
                 self.pending.clear()
                 self.handback(
-                    batch, resume, 0.0, "handed back: site resting, suspended or at warm-up caps"
+                    batch,
+                    resume,
+                    0.0,
+                    "handed back: site resting, suspended or at warm-up caps",
+                    self._away(now),  # another worker's addresses may send it now
                 )
                 return
         why = "no source IP may send to this site now"
@@ -285,6 +306,17 @@ class SiteQueue:
         batch = list(self.pending)
         self.pending.clear()
         self.report([TxnResult(e.tag, [out] * len(e.rcpts)) for e in batch], "", "")
+
+    def _away(self, now: float) -> int:
+        """Why none of this worker's addresses may send here (``now``:
+        monotonic): ELSEWHERE_IP when one rests or is suspended (the site
+        refuses the address: workers sending from it should not try either),
+        else ELSEWHERE_WORKER (this worker's own warm-up caps)."""
+        for p in self.pool.ips:
+            ln = self.lane(p.ip)
+            if ln.blocked_until > now:
+                return ELSEWHERE_IP
+        return ELSEWHERE_WORKER
 
     def _resume(self, ip: str, now: float) -> float:
         """Seconds until ``ip`` may send to this site again. A warm-up cap ends

@@ -569,18 +569,29 @@ class Worker:
         if back:
             self.handback(back, 0.0, 0.0, WITHDRAWN)
 
-    def handback(self, envelopes: list[Envelope], delay: float, step: float, why: str) -> None:
+    def handback(
+        self,
+        envelopes: list[Envelope],
+        delay: float,
+        step: float,
+        why: str,
+        elsewhere: int = 0,
+    ) -> None:
         """Give envelopes back to the supervisor unattempted (wire.Handback): their
-        site will not take them soon, and the window is better spent elsewhere."""
+        site will not take them soon, and the window is better spent elsewhere
+        (``elsewhere``: none of this worker's addresses may send them before
+        ``delay``; another worker's may: wire.ELSEWHERE_WORKER / _IP)."""
         ids: list[int] = []
         for e in envelopes:
             if isinstance(e.tag, list):
                 ids.extend(e.tag)
             elif isinstance(e.tag, int):
                 ids.append(e.tag)
-        self.handback_ids(ids, delay, step, why)
+        self.handback_ids(ids, delay, step, why, elsewhere)
 
-    def handback_ids(self, ids: list[int], delay: float, step: float, why: str) -> None:
+    def handback_ids(
+        self, ids: list[int], delay: float, step: float, why: str, elsewhere: int = 0
+    ) -> None:
         if not ids:
             return
         if self.router.failover:
@@ -590,7 +601,7 @@ class Worker:
             self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
             self.out = []
             self.out_n = 0
-        rec = wire.Handback(ids, time.time() + delay, step, why[:400])
+        rec = wire.Handback(ids, time.time() + delay, step, why[:400], elsewhere)
         self.pending_out.append(wire.encoder.encode(rec))
         self.flush()
         self.check_done()

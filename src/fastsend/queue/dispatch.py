@@ -56,7 +56,7 @@ class Dispatch(SupervisorState):
         given: dict[int, list[Claimed]] = {}  # slot index -> a share of another's claim
         # slot index -> claims of a pool it owns, met after its turn in this pass
         late: dict[int, list[Claimed]] = {}
-        routed = bool(self.pool_routes.shares)
+        routed = bool(self.pool_routes.shares) or bool(self.pool_avoid)
         for pos, slot in enumerate(order):
             if not self.can_take(slot):
                 continue
@@ -162,12 +162,17 @@ class Dispatch(SupervisorState):
     ) -> tuple[list[Claimed], bool]:
         """A worker sends only from its own source IPs: the claims of a pool's
         campaigns go to the workers owning the pool's IPs, by the weights they
-        own (``shaping.pools.PoolRoutes``), each up to its room; what none has
-        room for goes back to the queue unattempted, due in POOL_WAIT s. Returns
-        what ``slot`` keeps. A share from another's claim (not ``mine``) was
-        routed already: only what ``slot`` does not own is moved."""
+        own (``shaping.pools.PoolRoutes``), each up to its room, and never to a
+        worker none of whose addresses may send that (pool, domain) now
+        (``pool_avoid``: it handed such mail back, resting, suspended or at its
+        warm-up caps); what none can take goes back to the queue unattempted,
+        due in POOL_WAIT s (or when the first of them may send again). Returns
+        what ``slot`` keeps, and whether any claim was moved or weighed. A share
+        from another's claim (not ``mine``) was routed already: only what
+        ``slot`` may not send is moved."""
         routes = self.pool_routes
         pools = self.campaign_pool
+        avoid = self.pool_avoid
         room: dict[int, int] | None = None
         later = {s.index for s in order[pos + 1 :]}
         keep: list[Claimed] = []
@@ -175,10 +180,11 @@ class Dispatch(SupervisorState):
         for c in claimed:
             name = pools.get(c.campaign)
             if name is None:
-                if len(pools) > 100_000:
-                    pools.clear()
-                name = pools[c.campaign] = self.shaping.pool_of(c.campaign)
-            if name not in routes.shares or (not mine and routes.owns(name, slot.index)):
+                name = self.pool_name(c.campaign)
+            shares = routes.shares.get(name)
+            held = self.avoided((name, c.domain), now) if avoid else None
+            free = held is None or slot.index not in held  # this worker may send it
+            if free and (shares is None or (not mine and routes.owns(name, slot.index))):
                 keep.append(c)
                 continue
             if room is None:
@@ -191,9 +197,13 @@ class Dispatch(SupervisorState):
                     if s is not slot and self.can_take(s)
                 }
                 room[slot.index] = max(slot.room, len(claimed))  # its claim fits it
-            idx = routes.pick(name, room)
+            owners = shares or self.all_owners()
+            idx = routes.pick(name, room, owners, held)
             if idx is None:
-                self.requeues.append((c.id, now + POOL_WAIT))
+                due = now + POOL_WAIT
+                if held and all(i in held for i, _w in owners):
+                    due = min(held.values())  # none may send it before then
+                self.requeues.append((c.id, due))
                 back += 1
                 continue
             room[idx] -= 1
@@ -203,6 +213,41 @@ class Dispatch(SupervisorState):
                 (given if idx in later else late).setdefault(idx, []).append(c)
         self.stats.handed_back += back
         return keep, room is not None
+
+    def pool_name(self, campaign: int) -> str:
+        """The pool a campaign's mail goes from (cached)."""
+        pools = self.campaign_pool
+        name = pools.get(campaign)
+        if name is None:
+            if len(pools) > 100_000:
+                pools.clear()
+            name = pools[campaign] = self.shaping.pool_of(campaign)
+        return name
+
+    def all_owners(self) -> tuple[tuple[int, int], ...]:
+        """Every worker, of equal weight (a pool that is not routed)."""
+        return tuple((s.index, 1) for s in self.slots)
+
+    def avoided(self, key: tuple[str, str], now: float) -> dict[int, float] | None:
+        """The workers that may not send ``key``'s (pool, domain) mail now, with
+        until when (None: every worker may)."""
+        held = self.pool_avoid.get(key)
+        if held is None:
+            return None
+        for i in [i for i, until in held.items() if until <= now]:
+            del held[i]
+        if not held:
+            del self.pool_avoid[key]
+            return None
+        return held
+
+    def may_send_elsewhere(self, key: tuple[str, str], now: float) -> bool:
+        """Whether a live worker owning an address of the pool may send
+        ``key``'s (pool, domain) mail now."""
+        held = self.avoided(key, now) or {}
+        alive = {s.index for s in self.slots if s.alive}
+        owners = self.pool_routes.shares.get(key[0]) or self.all_owners()
+        return any(i in alive and i not in held for i, _w in owners)
 
     def unclaim(self, slot: WorkerSlot, parts: list[dict[tuple[int, str], list[Claimed]]]) -> None:
         """The claims of ``parts`` (a dispatch that failed before they were

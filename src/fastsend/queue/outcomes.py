@@ -275,11 +275,45 @@ class Outcomes(SupervisorState):
         inflight = slot.inflight
         out = self.requeues
         at, step = msg.at, msg.step
+        if msg.elsewhere and len(self.slots) > 1:
+            self.hand_elsewhere(slot, msg)
+            return
         k = 0
         for i in msg.ids:
             if inflight.pop(i, None) is None:
                 continue  # already released (duplicate answer after a restart)
             out.append((i, at + min(k * step, HANDBACK_SPREAD)))
+            k += 1
+        self.stats.handed_back += k
+
+    def hand_elsewhere(self, slot: WorkerSlot, msg: wire.Handback) -> None:
+        """Mail none of ``slot``'s addresses may send before ``msg.at`` (resting,
+        suspended or at warm-up caps for its site): that worker (a rest: every
+        worker sending from its addresses) gets no more of its (pool, domain) until then (``avoid``, read by
+        ``Dispatch.route_pools``), and it is queued again now when another
+        worker owning an address of its pool may take it, else at ``msg.at``
+        as before (it went back to the same worker, or waited for the rest's
+        end or UTC midnight while another worker's addresses idled)."""
+        now = time.time()
+        avoid = self.pool_avoid
+        away = [slot.index]
+        if msg.elsewhere == wire.ELSEWHERE_IP:  # and every worker sending from its addresses
+            mine = set(slot.ips or [""])
+            away = [s.index for s in self.slots if mine & set(s.ips or [""])]
+        if len(avoid) > 10_000:
+            for key in [k for k, v in avoid.items() if max(v.values()) <= now]:
+                del avoid[key]
+        out = self.requeues
+        k = 0
+        for i in msg.ids:
+            c = slot.inflight.pop(i, None)
+            if c is None:
+                continue  # already released (duplicate answer after a restart)
+            key = (self.pool_name(c.campaign), c.domain)
+            held = avoid.setdefault(key, {})
+            for w in away:
+                held[w] = max(held.get(w, 0.0), msg.at)
+            out.append((i, now if self.may_send_elsewhere(key, now) else msg.at))
             k += 1
         self.stats.handed_back += k
 

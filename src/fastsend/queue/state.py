@@ -175,6 +175,9 @@ class SupervisorState:
     tenant_cache: dict[int, str]
     campaign_pool: dict[int, str]  # campaign -> its pool's name (Dispatch.route_pools)
     pool_routes_for: tuple[object, PoolRoutes] | None  # (the poolset, its routes)
+    # (pool, domain) -> {worker index: until (unix)}: none of that worker's
+    # addresses may send that mail before then (wire.Handback.elsewhere)
+    pool_avoid: dict[tuple[str, str], dict[int, float]]
     blob_cache: OrderedDict[str, bytes]  # bodies stored once (Spool.put_blob), LRU
     blob_swept: float  # monotonic time of the last Spool.sweep_blobs
     prune_next: float  # monotonic time of the next Spool.prune_final (0: at the first tick)
@@ -203,6 +206,8 @@ class SupervisorState:
 
         # dispatch
         def tenant_of(self, campaign: int) -> str: ...
+        def pool_name(self, campaign: int) -> str: ...
+        def may_send_elsewhere(self, key: tuple[str, str], now: float) -> bool: ...
         def withdraw_addresses(self, gone: list[tuple[str, str, str, str, int | None]]) -> None: ...
 
         # outcomes

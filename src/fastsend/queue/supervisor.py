@@ -111,6 +111,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.tenant_cache: dict[int, str] = {}
         self.campaign_pool: dict[int, str] = {}
         self.pool_routes_for: tuple[object, PoolRoutes] | None = None
+        self.pool_avoid: dict[tuple[str, str], dict[int, float]] = {}
         self.blob_cache: OrderedDict[str, bytes] = OrderedDict()
         self.blob_swept = time.monotonic()
         self.prune_next = 0.0

@@ -263,15 +263,22 @@ class PoolRoutes:
         shares = self.shares.get(pool)
         return shares is None or any(i == worker for i, _w in shares)
 
-    def pick(self, pool: str, room: dict[int, int]) -> int | None:
+    def pick(
+        self,
+        pool: str,
+        room: dict[int, int],
+        owners: tuple[tuple[int, int], ...] | None = None,
+        skip: Any = None,
+    ) -> int | None:
         """The worker the next message of ``pool`` goes to: weighted round-robin
-        over its owners with ``room`` left (None: none has)."""
+        over its owners (``owners``: these (worker, weight) instead) with
+        ``room`` left and not in ``skip`` (None: none)."""
         cur = self._current.setdefault(pool, {})
         total = 0
         best = -1
         best_v = 0
-        for i, w in self.shares[pool]:
-            if room.get(i, 0) <= 0:
+        for i, w in self.shares[pool] if owners is None else owners:
+            if room.get(i, 0) <= 0 or (skip and i in skip):
                 continue
             v = cur.get(i, 0) + w
             cur[i] = v
