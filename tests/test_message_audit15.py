@@ -329,3 +329,41 @@ def test_raw_utf8_header_asks_for_smtputf8_or_fails_5_6_7(tmp_path: Path) -> Non
         finally:
             s.stop()
             ctl.stop()
+
+
+# -- Outlook conditional comments ---------------------------------------------------------
+
+MSO_HTML = (
+    "<!--[if mso]>\n"
+    '<v:roundrect xmlns:v="urn:schemas-microsoft-com:vml" href="https://shop.example/?q={{ q }}"'
+    ' style="height:40px"><center>{{ name }}</center></v:roundrect>\n'
+    "<v:image src={{ name }} />\n"
+    "<![endif]-->\n"
+    '<!--[if !mso]><!--><a href="https://shop.example/?q={{ q }}">{{ name }}</a><!--<![endif]-->\n'
+)
+
+
+@pytest.mark.parametrize("name", ["x onerror=alert(1)", '"><img src=x>', "Ann"])
+def test_values_in_outlook_conditional_comments_are_escaped_as_markup(
+    impl: str, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """``<!--[if mso]> ... <![endif]-->`` is a comment to a browser and markup
+    to Outlook (VML buttons, images): a value there is escaped as in markup
+    (unquoted attribute, URL component, link scheme). Before: escaped as
+    comment text (``x onerror=...`` added an attribute in Outlook, ``?q=``
+    took extra parameters, a ``javascript:`` href passed)."""
+    use_impl(monkeypatch, impl)
+    spec = {"from": "n@example.com", "subject": "s", "text": "t", "html": MSO_HTML}
+    q = "a&admin=1"
+    html, _ = _html_and_text(_render(spec, {"name": name, "q": q}))
+    mso = html.split("<!--[if mso]>", 1)[1].split("<![endif]-->", 1)[0]
+    tags = elements(mso)
+    assert [t for t, _ in tags] == ["v:roundrect", "center", "v:image"], mso
+    rr, img = dict(tags[0][1]), dict(tags[2][1])
+    assert parse_qs(urlsplit(rr["href"] or "").query) == {"q": [q]}, mso
+    assert img == {"src": name}, mso
+    link = _attrs(html.split("<!--[if !mso]><!-->", 1)[1], "a")[0]["href"] or ""
+    assert parse_qs(urlsplit(link).query) == {"q": [q]}, html
+    bad = {**spec, "html": '<!--[if mso]><v:roundrect href="{{ u }}"/><![endif]-->'}
+    with pytest.raises(RenderError, match="only http, https"):
+        _render(bad, {"u": "javascript:alert(1)"})

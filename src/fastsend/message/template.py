@@ -326,7 +326,10 @@ def html_escapes(template: Template) -> tuple[int, ...]:
     HTML ``template`` (0: ``| raw``, or fastsend's own ``_fs.*`` values,
     already escaped). A small HTML tokenizer over the literals: text, tags,
     attribute names, quoted and unquoted values, comments, and the raw text
-    of ``<script>`` (JavaScript), ``<style>`` (CSS) and the like."""
+    of ``<script>`` (JavaScript) and ``<style>`` (CSS). The content of an
+    Outlook conditional comment (``<!--[if mso]> ... <![endif]-->``) is
+    read as markup, as Outlook reads it (a browser ignores it: whatever
+    escaping markup takes is no less than a comment's)."""
     modes: list[int] = []
     state = "text"  # text | tag | name | aname | before | dq | sq | uq | comment | raw
     tag = ""  # the current start tag's name (lower case), "" in an end tag
@@ -343,6 +346,12 @@ def html_escapes(template: Template) -> tuple[int, ...]:
                 if k < 0:
                     break
                 if lit.startswith("<!--", k):
+                    if lit.startswith("<!--[if", k) and (e := lit.find("]>", k)) >= 0:
+                        j = e + 2  # Outlook's conditional comment: markup to Outlook
+                        continue
+                    if lit.startswith(("<!-->", "<!--->"), k):
+                        j = k + (5 if lit.startswith("<!-->", k) else 6)  # an empty comment
+                        continue
                     state, j = "comment", k + 4
                     continue
                 m = _TAG_OPEN.match(lit, k)
