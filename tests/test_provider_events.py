@@ -201,9 +201,62 @@ def test_mailgun_webhook_hmac(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     asyncio.run(main())
     evs = last_events(ctx, 3)
     assert evs[0]["event"] == "bounced" and evs[0]["hard"] and evs[0]["id"] == ids[1]
-    assert evs[1]["event"] == "bounced" and not evs[1]["hard"]
+    assert evs[1]["event"] == "provider" and evs[1]["severity"] == "temporary"
     assert evs[2]["event"] == "complained" and evs[2]["id"] == ids[3]
     assert state(ctx)[1] == ["u1@example.net", "u3@example.net"]
+    ctx.close()
+
+
+def test_mailgun_temporary_failure_is_no_bounce_and_hides_no_later_one(tmp_path: Path) -> None:
+    """Mailgun posts ``failed`` with severity ``temporary`` each time a receiver
+    defers a message it goes on retrying: that is no bounce (the message may
+    still be delivered). Before, it was recorded as the message's one "bounced"
+    event, so the ``failed``/``permanent`` Mailgun posts when it gives up was
+    taken for a repeat of it: not recorded, and the address never suppressed.
+    Now the temporary failure is a "provider" event (recorded, nothing
+    counted as a bounce) and the permanent one bounces and suppresses."""
+    signing_key = "key-mailgun-signing-0123456789"
+    kf = tmp_path / "mg.secret"
+    kf.write_text(f"signing_key = {signing_key}\n")
+    kf.chmod(0o600)
+    ctx, ids = make_ctx(tmp_path, {"mailgun_signing_key_file": str(kf)})
+    index = ctx.event_index()  # as serve's API sets it up: reports recorded once per message
+    ctx.events.listeners.append(index.listener)
+    ctx.acceptor.index = index
+    tok = msgid.token(ids[2], ctx.secret)
+    temp = {"event": "failed", "severity": "temporary", "recipient": "u2@example.net",
+            "reason": "generic", "delivery-status": {"code": 451, "message": "4.7.1 Greylisted, try again later"},
+            "user-variables": {"fastsend": tok}}  # fmt: skip
+    perm = {**temp, "severity": "permanent", "reason": "bounce",
+            "delivery-status": {"code": 550, "message": "5.1.1 The email account does not exist"}}  # fmt: skip
+
+    def post_body(event: dict[str, Any]) -> bytes:
+        ts, token = (
+            str(int(time.time())),
+            hashlib.sha256(str(time.monotonic_ns()).encode()).hexdigest(),
+        )
+        sig = hmac.new(signing_key.encode(), f"{ts}{token}".encode(), hashlib.sha256).hexdigest()
+        return json.dumps({"signature": {"timestamp": ts, "token": token, "signature": sig},
+                           "event-data": event}).encode()  # fmt: skip
+
+    async def main() -> None:
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+        try:
+            async with aiohttp.ClientSession() as s:
+                for ev in (temp, temp, perm):
+                    async with s.post(url + "/webhooks/mailgun", data=post_body(ev)) as r:
+                        assert r.status == 200, await r.text()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    evs = last_events(ctx, 3)
+    assert [e["event"] for e in evs] == ["provider", "provider", "bounced"], evs
+    assert evs[0]["provider_event"] == "failed" and evs[0]["severity"] == "temporary"
+    assert evs[2]["hard"] and evs[2]["id"] == ids[2] and not evs[2].get("repeated"), evs[2]
+    assert state(ctx)[1] == ["u2@example.net"]
     ctx.close()
 
 
@@ -424,9 +477,7 @@ def test_serve_round_trip_through_sendgrid(tmp_path: Path) -> None:
         assert sl.contains("gone@example.net", tenant="acme")
 
 
-def test_mailgun_event_on_a_redis_spool(
-    tmp_path: Path, redis_server: Any
-) -> None:
+def test_mailgun_event_on_a_redis_spool(tmp_path: Path, redis_server: Any) -> None:
     """On a shared (Redis) spool the message a signed event names is found too: the
     lookup read the SQLite spool's table directly (AttributeError, a 500, and the
     provider's retries for ever)."""
@@ -450,7 +501,10 @@ def test_mailgun_event_on_a_redis_spool(
         setup_provider_events(app, ctx)
         runner, url = await serve(app)
         try:
-            async with aiohttp.ClientSession() as s, s.post(url + "/webhooks/mailgun", data=body) as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(url + "/webhooks/mailgun", data=body) as r,
+            ):
                 assert r.status == 200, await r.text()
         finally:
             await runner.cleanup()

@@ -484,7 +484,16 @@ class ProviderEvents:
         headers = msg.get("headers") if isinstance(msg, dict) else {}
         qid = str((headers or {}).get("message-id", ""))[:200] if isinstance(headers, dict) else ""
         extra = {"provider_event": kind, "queue_id": qid}
-        if kind == "failed":
+        if kind == "failed" and ed.get("severity") == "temporary":
+            # A receiver deferred it and Mailgun retries (a post per attempt): no
+            # bounce yet. Recorded only: as the message's "bounced" it would be
+            # counted as one, and the permanent failure that may follow would be
+            # taken for its repeat (never recorded, the address never suppressed).
+            ds = ed.get("delivery-status") or {}
+            text = str(ds.get("message") or ds.get("description") or "")[:500]
+            extra.update(severity="temporary", text=text)
+            self.notice("mailgun", "provider", rcpt, tokens, extra)
+        elif kind == "failed":
             ds = ed.get("delivery-status") or {}
             code = int(ds.get("code") or 550) if str(ds.get("code", "")).isdigit() else 550
             text = str(ds.get("message") or ds.get("description") or ed.get("reason") or "")[:1000]
