@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -35,29 +36,36 @@ from aiohttp import ClientSession, web
 
 
 class Bucket:
-    """A provider's send rate. It starts nearly empty at the first request (not
-    full, a second's worth, nor filled while the sender starts): the first
-    concurrent requests are throttled whatever the machine's speed, so a test
-    always sees the limit reached (on a loaded machine the sender could stay
-    under the rate for a whole run)."""
+    """A provider's send rate (recipients per second, burst = a second's worth).
+    It starts nearly empty at the first request (not full, nor filled while the
+    sender starts), and the first ``throttle_first`` requests find it empty
+    whatever their size: a test always sees the limit reached, whatever the
+    machine's speed (on a loaded machine the sender could stay under the rate
+    for a whole run), without the rate bounding the whole run's length."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, throttle_first: int = 0) -> None:
         self.rate = rate
         self.tokens = min(rate, 4.0)
         self.t = 0.0  # set by the first request
+        self.throttle_first = throttle_first
+        self.lock = threading.Lock()  # the relay's handler runs in several threads
 
     def take(self, n: int) -> bool:
-        if not self.rate:
-            return True
-        now = time.monotonic()
-        if not self.t:
+        with self.lock:
+            if self.throttle_first > 0:
+                self.throttle_first -= 1
+                return False
+            if not self.rate:
+                return True
+            now = time.monotonic()
+            if not self.t:
+                self.t = now
+            self.tokens = min(self.rate, self.tokens + (now - self.t) * self.rate)
             self.t = now
-        self.tokens = min(self.rate, self.tokens + (now - self.t) * self.rate)
-        self.t = now
-        if self.tokens >= n:
-            self.tokens -= n
-            return True
-        return False
+            if self.tokens >= n:
+                self.tokens -= n
+                return True
+            return False
 
 
 class ThreadedApp:
@@ -97,8 +105,8 @@ class ThreadedApp:
 
 
 class Recorder:
-    def __init__(self, rate: float = 0.0) -> None:
-        self.bucket = Bucket(rate)
+    def __init__(self, rate: float = 0.0, throttle_first: int = 0) -> None:
+        self.bucket = Bucket(rate, throttle_first)
         self.accepted: list[Any] = []  # what each provider keeps of an accepted request
         self.recipients: Counter[str] = Counter()
         self.throttled = 0
@@ -106,6 +114,7 @@ class Recorder:
         self.unauthorized = 0
         self.requests = 0
         self.times: list[float] = []  # monotonic time of each accepted recipient (Mailgun, SES)
+        self.retry_after = "1"  # Mailgun's 429 says Retry-After ("": it says nothing)
 
 
 def sendgrid_app(key: str, rec: Recorder) -> web.Application:
@@ -138,13 +147,13 @@ def sendgrid_app(key: str, rec: Recorder) -> web.Application:
                 {"errors": [{"message": "too many recipients", "field": "personalizations"}]},
                 status=400,
             )
-        for i, r in enumerate(rcpts):
-            if r.startswith("reject"):
-                rec.rejected += 1
-                return web.json_response(
-                    {"errors": [{"message": "Does not contain a valid address.", "field": f"personalizations.{i}.to.0.email"}]},
-                    status=400,
-                )  # fmt: skip
+        bad = [
+            {"message": "Does not contain a valid address.", "field": f"personalizations.{i}.to.0.email"}
+            for i, r in enumerate(rcpts) if r.startswith("reject")
+        ]  # fmt: skip
+        if bad:  # the request refused whole, each refused personalization named
+            rec.rejected += 1
+            return web.json_response({"errors": bad}, status=400)
         if not rec.bucket.take(len(rcpts)):
             rec.throttled += 1
             return web.json_response(
@@ -161,7 +170,10 @@ def sendgrid_app(key: str, rec: Recorder) -> web.Application:
     return app
 
 
-def mailgun_app(key: str, rec: Recorder, domain: str) -> web.Application:
+def mailgun_app(key: str, rec: Recorder, domain: str, delay: float = 0.0) -> web.Application:
+    """Mailgun's messages.mime; with ``delay``, the answer to a message it took
+    comes that many seconds late (a slow provider: it has the message already)."""
+
     async def send(request: web.Request) -> web.Response:
         import base64
 
@@ -175,12 +187,13 @@ def mailgun_app(key: str, rec: Recorder, domain: str) -> web.Application:
             return web.json_response(
                 {"message": f"Domain not found: {request.match_info['domain']}"}, status=404
             )
-        form = await request.post()
-        to = str(form.get("to", ""))
-        message = form.get("message")
-        if not to or message is None:
+        form = multipart_form(request.headers.get("Content-Type", ""), await request.read())
+        if form is None:
+            return web.json_response({"message": "expected multipart/form-data"}, status=400)
+        to = form.get("to", b"").decode()
+        data = form.get("message")
+        if not to or data is None:
             return web.json_response({"message": "'to' parameter is missing"}, status=400)
-        data = message.file.read() if hasattr(message, "file") else str(message).encode()
         rcpts = [x.strip() for x in to.split(",") if x.strip()]
         for r in rcpts:
             if r.startswith("reject"):
@@ -194,17 +207,48 @@ def mailgun_app(key: str, rec: Recorder, domain: str) -> web.Application:
         if not rec.bucket.take(len(rcpts)):
             rec.throttled += 1
             return web.json_response(
-                {"message": "Too Many Requests"}, status=429, headers={"Retry-After": "1"}
+                {"message": "Too Many Requests"},
+                status=429,
+                headers={"Retry-After": rec.retry_after} if rec.retry_after else {},
             )
         mid = f"<{uuid.uuid4().hex}@{domain}>"
         rec.times.extend([time.monotonic()] * len(rcpts))
-        rec.accepted.append((rcpts, data, str(form.get("v:fastsend", ""))))
+        rec.accepted.append((rcpts, data, form.get("v:fastsend", b"").decode()))
         rec.recipients.update(rcpts)
+        if delay:
+            await asyncio.sleep(delay)
         return web.json_response({"id": mid, "message": "Queued. Thank you."})
 
     app = web.Application(client_max_size=30 * 1024 * 1024)
     app.router.add_post("/v3/{domain}/messages.mime", send)
     return app
+
+
+_BOUNDARY = re.compile(r'multipart/form-data\s*;\s*boundary="?([^";]+)"?', re.I)
+_NAME = re.compile(rb'^content-disposition:\s*form-data\s*;.*?\bname="([^"]*)"', re.I | re.M)
+
+
+def multipart_form(ctype: str, body: bytes) -> dict[str, bytes] | None:
+    """The fields of a multipart/form-data body (RFC 7578), by name; None when it
+    is not one. (aiohttp's request.post() reads each part's headers with the
+    email package: most of this stand-in's time, the run's bottleneck.)"""
+    m = _BOUNDARY.match(ctype)
+    if not m:
+        return None
+    delim = b"--" + m.group(1).encode()
+    chunks = body.split(delim)
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+        return None  # no closing delimiter
+    out: dict[str, bytes] = {}
+    for chunk in chunks[1:-1]:
+        if not chunk.startswith(b"\r\n") or not chunk.endswith(b"\r\n"):
+            return None
+        head, sep, value = chunk[2:-2].partition(b"\r\n\r\n")
+        name = _NAME.search(head)
+        if not sep or name is None:
+            return None
+        out[name.group(1).decode()] = value
+    return out
 
 
 def ses_proxy_app(upstream: str, rec: Recorder, max_send_rate: float = 0.0) -> web.Application:

@@ -119,19 +119,42 @@ def check_outcomes(
     return delivered
 
 
-def verify_all(raws: list[bytes], records: dict[bytes, bytes]) -> None:
-    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
-        return records.get(name, b"")
+_RECORDS: dict[bytes, bytes] = {}
 
-    for raw in raws:
-        assert dkim.verify(raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), dnsfunc=dnsfunc)
+
+def _verify_chunk(raws: list[bytes]) -> list[int]:
+    """The indexes of the messages in ``raws`` that dkimpy does not verify."""
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return _RECORDS.get(name, b"")
+
+    return [
+        i
+        for i, raw in enumerate(raws)
+        if not dkim.verify(raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), dnsfunc=dnsfunc)
+    ]
+
+
+def verify_all(raws: list[bytes], records: dict[bytes, bytes]) -> None:
+    """Every message verifies with dkimpy (in two forked processes: ~1 ms a
+    message, seconds for 5,000)."""
+    import multiprocessing
+
+    _RECORDS.clear()
+    _RECORDS.update(records)
+    chunks = [raws[i : i + 250] for i in range(0, len(raws), 250)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        bad = [(n, i) for n, got in enumerate(pool.map(_verify_chunk, chunks)) for i in got]
+    assert not bad, (
+        f"{len(bad)} of {len(raws)} do not verify, e.g. message {bad[0][0] * 250 + bad[0][1]}"
+    )
 
 
 @pytest.mark.slow
 def test_sendgrid_5000_messages(tmp_path: Path) -> None:
     camp, _records = dkim_campaign(tmp_path)
     rcpts, good = recipients(tmp_path)
-    rec = Recorder(rate=300)
+    rec = Recorder(rate=3000, throttle_first=8)
     with ThreadedApp(sendgrid_app("sg-secret-key", rec)) as app:
         cfg = (
             RETRY
@@ -160,7 +183,7 @@ def test_sendgrid_5000_messages(tmp_path: Path) -> None:
 def test_mailgun_5000_messages_dkim_valid(tmp_path: Path) -> None:
     camp, records = dkim_campaign(tmp_path)
     rcpts, good = recipients(tmp_path)
-    rec = Recorder(rate=300)
+    rec = Recorder(rate=3000, throttle_first=8)
     with ThreadedApp(mailgun_app("mg-secret-key", rec, "mg.sender.example.com")) as app:
         cfg = RETRY + (
             f'[transports.mg]\nkind = "mailgun"\nregion = "eu"\nendpoint = "{app.url}"\n'
@@ -176,15 +199,28 @@ def test_mailgun_5000_messages_dkim_valid(tmp_path: Path) -> None:
         assert msgid.parse(v.split()[0], secret) is not None
 
 
-@pytest.fixture()
-def moto_ses() -> Any:
+@pytest.fixture(scope="module")
+def moto_server() -> Any:
     """moto in server mode with IAM authentication on: every request after the
-    setup must carry a valid SigV4 signature of the key it issued."""
+    setup must carry a valid SigV4 signature of the key it issued. One server
+    for the module's tests (each reads only what was sent since it began)."""
+    import logging
+
     import boto3
     from moto import settings
     from moto.backends import get_backend
+    from moto.moto_server import werkzeug_app
     from moto.server import ThreadedMotoServer
 
+    # A log line per request (werkzeug's, to stderr) and a listing of moto's
+    # package directory per request under the dispatcher's lock were most of
+    # moto's time: quiet the one, list the directory once (same answer).
+    werkzeug_log = logging.getLogger("werkzeug")
+    level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)
+    modules = list(werkzeug_app.backends.list_of_moto_modules())
+    listing = werkzeug_app.backends.list_of_moto_modules
+    werkzeug_app.backends.list_of_moto_modules = lambda: modules  # type: ignore[assignment]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -220,6 +256,20 @@ def moto_ses() -> Any:
     finally:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = before
         server.stop()
+        werkzeug_app.backends.list_of_moto_modules = listing  # type: ignore[assignment]
+        werkzeug_log.setLevel(level)
+
+
+@pytest.fixture()
+def moto_ses(moto_server: Any) -> Any:
+    """The module's moto server; ``sent()`` is what SES sent since the test began."""
+    url, akid, secret_key, sent_all = moto_server
+    first = len(sent_all())
+
+    def sent() -> list[Any]:
+        return sent_all()[first:]
+
+    return url, akid, secret_key, sent
 
 
 @pytest.mark.slow
@@ -227,7 +277,7 @@ def test_ses_5000_messages_through_moto(tmp_path: Path, moto_ses: Any) -> None:
     url, akid, secret_key, sent = moto_ses
     camp, records = dkim_campaign(tmp_path)
     rcpts, good = recipients(tmp_path)
-    rec = Recorder(rate=150)
+    rec = Recorder(rate=3000, throttle_first=8)
     with ThreadedApp(ses_proxy_app(url, rec)) as proxy:
         cfg = RETRY + (
             f'[transports.ses-eu]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{proxy.url}"\n'
@@ -360,6 +410,93 @@ def test_mailgun_refusing_one_recipient_of_a_group_bounces_only_that_one(tmp_pat
     assert dict(rec.recipients) == {r: 1 for r in GROUP}
     bounced = [e for e in events(tmp_path) if e["event"] == "bounced"]
     assert [e["rcpt"] for e in bounced] == ["reject-1@example.net"]
+
+
+def test_a_slow_answer_after_the_provider_took_the_message_is_no_duplicate(
+    tmp_path: Path,
+) -> None:
+    """A provider that has the message but answers late (here 2.5 s, with the
+    transport's ``timeout`` 1 s): the answer is waited for (``answer_timeout``,
+    10 minutes by default, as SMTP waits for the reply to the final dot), so
+    each message is sent once. Before, ``timeout`` bounded the whole request:
+    the answer was given up on, the message deferred and sent again -- twice
+    or more to every recipient (HTTP APIs take no idempotency key)."""
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = ["a@example.net", "b@example.org", "c@example.com"]
+    rcpts = write_recipients(tmp_path, addrs)
+    rec = Recorder()
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=2.5)) as app:
+        # A retry a second after a deferral, expiry after 4 s (not to wait for ever).
+        cfg = "[retry]\nmin_backoff = 1\nmax_backoff = 1\nmax_age = 4\n" + (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\ntimeout = 1\n'
+            'domain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg, {"FASTSEND_MG_API_KEY": "mg-key"},
+                    "--no-dkim")  # fmt: skip
+    s = summary(proc)
+    assert dict(rec.recipients) == {a: 1 for a in addrs}, (rec.recipients, s)
+    assert s["delivered"] == 3 and s["deferrals"] == 0, (s, proc.stderr[-2000:])
+
+
+def test_sendgrid_refusing_recipients_of_a_batch_resends_the_rest_in_one_request(
+    tmp_path: Path,
+) -> None:
+    """Identical mail goes to SendGrid as one request with a personalization per
+    recipient. SendGrid refuses it whole, naming each personalization it does not
+    take (``personalizations.N.to.0.email``): those recipients bounce and the
+    others go again in one request. Before: one request per recipient, one after
+    the other (41 requests here; up to 1,000 in a row, outside the lane's rate)."""
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    group = [f"u{i}@example.net" for i in range(38)]
+    refused = ["reject-1@example.net", "reject-2@example.net"]
+    rcpts = write_recipients(
+        tmp_path, [*group[:10], refused[0], *group[10:30], refused[1], *group[30:]]
+    )
+    rec = Recorder()
+    with ThreadedApp(sendgrid_app("sg-key", rec)) as app:
+        cfg = f'[transports.sg]\nkind = "sendgrid"\nendpoint = "{app.url}"\n[routes]\n"*" = "sg"\n'
+        proc = send(tmp_path, camp, rcpts, cfg, {"FASTSEND_SG_API_KEY": "sg-key"},
+                    "--max-wait", "5", "--no-dkim", "--workers", "1")  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == 38 and s["bounced"] == 2, (s, proc.stderr[-2000:])
+    assert dict(rec.recipients) == {r: 1 for r in group}
+    assert rec.requests <= 4, f"{rec.requests} requests for one batch of 40"
+    bounced = {e["rcpt"]: e for e in events(tmp_path) if e["event"] == "bounced"}
+    assert sorted(bounced) == refused
+    assert all("Does not contain a valid address" in e["text"] for e in bounced.values())
+    delivered = [e for e in events(tmp_path) if e["event"] == "delivered"]
+    assert all(e["queue_id"] for e in delivered)
+
+
+def test_requests_throttled_together_slow_the_lane_once(tmp_path: Path) -> None:
+    """Eight requests in flight at once are all answered 429 (no Retry-After):
+    that is one signal, the lane slows down once (in-flight bound halved, a
+    0.5 s pause) and goes on. Before, each answer slowed it again: the pause
+    doubled eight times (0.5 s ... 60 s) and the bound fell to one request,
+    so one burst of throttles stopped the lane for a minute and handed its
+    mail back deferred."""
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = [f"t{i}@example.net" for i in range(60)]
+    rcpts = write_recipients(tmp_path, addrs)
+    rec = Recorder(throttle_first=8)
+    rec.retry_after = ""
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = RETRY + (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\nmax_connections = 8\n'
+            'domain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg, {"FASTSEND_MG_API_KEY": "mg-key"},
+                    "--max-wait", "10", "--no-dkim", "--workers", "1")  # fmt: skip
+    s = summary(proc)
+    assert rec.throttled == 8
+    assert dict(rec.recipients) == {a: 1 for a in addrs}
+    assert s["delivered"] == 60 and s["deferrals"] == 0, (s, proc.stderr[-2000:])
+    shaping = [orjson.loads(x) for x in (tmp_path / "spool" / "shaping.jsonl").read_bytes().splitlines()]
+    slowed = [e for e in shaping if e.get("action") == "provider throttled"]
+    assert [(e["pause"], e["limit"]) for e in slowed] == [(0.5, 4)], slowed
 
 
 def test_ses_refusing_one_recipient_of_a_group_bounces_only_that_one(
@@ -513,7 +650,7 @@ def test_ses_account_rate_holds_for_every_node_together(
     from tests.test_multinode_outage import _send_nodes
 
     url, akid, secret_key, _sent = moto_ses
-    rate, per_node, window = 8, 80, 5.0
+    rate, per_node, window = 8, 60, 5.0  # 15 s at the rate; two nodes each at it: 7.5 s
     rec = Recorder()
     with ThreadedApp(ses_proxy_app(url, rec, max_send_rate=rate)) as proxy:
         cfg = tmp_path / "fastsend.toml"

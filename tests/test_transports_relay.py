@@ -42,8 +42,8 @@ USER, PASSWORD = "relay-user", "relay-pass-123"
 
 
 class RelayHandler:
-    def __init__(self, rate: float = 0.0) -> None:
-        self.bucket = Bucket(rate)
+    def __init__(self, rate: float = 0.0, throttle_first: int = 0) -> None:
+        self.bucket = Bucket(rate, throttle_first)
         self.lock = threading.Lock()
         self.messages: list[tuple[list[str], bytes]] = []
         self.mechanisms: Counter[str] = Counter()
@@ -153,7 +153,7 @@ def test_relay_starttls_auth_5000_messages(
     ctx, ca = certs
     camp, records = dkim_campaign(tmp_path)
     rcpts, good = recipients(tmp_path)
-    handler = RelayHandler(rate=400)
+    handler = RelayHandler(rate=3000, throttle_first=30)
     with Relay(handler, ctx, implicit=False) as relay:
         proc = send(tmp_path, camp, rcpts, relay_config(relay.port, ca), ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -92,6 +92,7 @@ class TransportTable(Section):
     max_connections: PosInt = 4
     rate: NonNegFloat = 0.0
     timeout: PosFloat = 30.0
+    answer_timeout: PosFloat = 600.0
     max_recipients: NonNegInt = 0
     credentials_file: str = ""
 
@@ -126,7 +127,13 @@ class TransportSpec(msgspec.Struct):
     # limits, across all workers (divided among them)
     max_connections: int = 4  # relay: SMTP connections; http: requests in flight
     rate: float = 0.0  # messages (recipients) per second, 0 = unlimited (ses: its MaxSendRate)
+    # HTTP: connecting and sending a request. Once it is sent the provider may
+    # have the message (no provider API takes an idempotency key), so its
+    # answer is waited for up to answer_timeout (RFC 5321 4.5.3.2.6 waits 10
+    # minutes for the reply to the final dot for the same reason): giving up
+    # sooner and sending again is a duplicate.
     timeout: float = 30.0
+    answer_timeout: float = 600.0
     max_recipients: int = 0  # per request/transaction, 0 = the provider's limit
     secrets: dict[str, str] = msgspec.field(default_factory=dict)  # not in the repr
 
@@ -207,7 +214,7 @@ def build_spec(name: str, t: TransportTable, base_dir: str) -> TransportSpec:
         region=t.region, configuration_set=t.configuration_set, domain=t.domain,
         tls=t.tls or "starttls", auth_mechanism=t.auth_mechanism, ca_file=t.ca_file,
         max_connections=t.max_connections, rate=t.rate, timeout=t.timeout,
-        max_recipients=t.max_recipients,
+        answer_timeout=t.answer_timeout, max_recipients=t.max_recipients,
     )  # fmt: skip
     _check(spec, where, base_dir, explicit_tls=bool(t.tls))
     cf = t.credentials_file

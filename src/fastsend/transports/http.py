@@ -152,18 +152,41 @@ class HTTPTransport:
     async def setup(self, session: Any) -> None:
         """Called once before the first request (SES reads its send quota)."""
 
+    def client_timeout(self) -> Any:
+        """aiohttp's timeouts of a request: ``timeout`` to connect (and, with
+        the wait below, bounds the whole), ``answer_timeout`` for the answer
+        once the request is sent (aiohttp starts ``sock_read`` when the body
+        is written). A provider that has the message but answers slowly is
+        waited for, not sent the message again."""
+        import aiohttp
+
+        t, a = self.spec.timeout, self.spec.answer_timeout
+        return aiohttp.ClientTimeout(total=t + a, connect=t, sock_read=a)
+
     async def send(self, session: Any, envs: list[Envelope]) -> Answer:
         import aiohttp
 
+        # aiohttp >= 3.10 tells the two timeouts apart (both ServerTimeoutError before).
+        unanswered = getattr(aiohttp, "SocketTimeoutError", ())
+        unconnected = getattr(aiohttp, "ConnectionTimeoutError", ())
         try:
             return await self.request(session, envs)
+        except unconnected:
+            text = f"could not connect within {self.spec.timeout:g} s"
+            return answered(envs, deferred(self.label, text, 0, "", "connect"))
+        except unanswered:
+            # Sent, no answer: the provider may have the message. At least once,
+            # as after SMTP's final dot: deferred (a retry may be a duplicate).
+            text = (
+                f"no answer within {self.spec.answer_timeout:g} s after the request was"
+                " sent (the provider may have taken it)"
+            )
+            return answered(envs, deferred(self.label, text, 0, "", "http"))
         except (aiohttp.ClientError, OSError) as e:
             return answered(envs, deferred(self.label, f"connection failed: {e}", 0, "", "connect"))
         except TimeoutError:
-            return answered(
-                envs,
-                deferred(self.label, f"no answer within {self.spec.timeout:g} s", 0, "", "http"),
-            )
+            text = f"no answer within {self.spec.timeout + self.spec.answer_timeout:g} s"
+            return answered(envs, deferred(self.label, text, 0, "", "http"))
 
     async def request(self, session: Any, envs: list[Envelope]) -> Answer:
         raise NotImplementedError
@@ -242,6 +265,10 @@ class ProviderQueue:
         self.set_rate(transport.rate_hint)
         self.paused_until = 0.0
         self.backoff = MIN_PAUSE
+        # When the lane last slowed down for a throttle: the answers to requests
+        # sent before it are the same signal (they were in flight together),
+        # not one more each (a burst of 16 throttles paused the lane 60 s).
+        self.slowed_at = -math.inf
         self.nconn = 0  # requests in flight
         self.sending = 0
         self.closing = False
@@ -388,6 +415,7 @@ class ProviderQueue:
         self.pump()
 
     async def _request(self, envs: list[Envelope]) -> None:
+        started = time.monotonic()
         try:
             try:
                 ans = await self.transport.send(self.session(), envs)
@@ -409,7 +437,7 @@ class ProviderQueue:
             self.nconn -= 1
             self.sending -= 1
         if isinstance(ans, Throttled):
-            self._throttled(envs, ans)
+            self._throttled(envs, ans, started)
         else:
             self._succeeded(ans)
             for env in envs:
@@ -429,30 +457,39 @@ class ProviderQueue:
         if self.limit < self.limit_max:
             self.limit += 1
 
-    def _throttled(self, envs: list[Envelope], t: Throttled) -> None:
+    def _throttled(self, envs: list[Envelope], t: Throttled, started: float = math.inf) -> None:
         """Slow the lane; the envelopes wait at the head of the queue (no attempt),
-        or go back deferred when the wait is long or they were throttled often."""
+        or go back deferred when the wait is long or they were throttled often.
+        A request sent before the lane last slowed down (``started``) was in
+        flight with the one that slowed it: its throttle is the same signal,
+        so it waits with it (its Retry-After still holds) and slows nothing more."""
         now = time.monotonic()
         self.count("provider_throttled")
-        pause = t.retry_after or self.backoff
-        self.backoff = min(MAX_PAUSE, self.backoff * 2)
-        pause = min(pause, MAX_PAUSE * 10)
-        self.paused_until = max(self.paused_until, now + pause)
-        if self.bucket is not None:
-            new = max(self.bucket.rate / 2, self.rate_max / 64, 0.01)
-            if new < self.bucket.rate:
-                self.bucket.set_rate(new, now)
-            rate: float | None = self.bucket.rate
+        if started < self.slowed_at:
+            pause = min(t.retry_after, MAX_PAUSE * 10)
+            self.paused_until = max(self.paused_until, now + pause)
+            pause = self.paused_until - now
         else:
-            self.limit = max(1, self.limit // 2)
-            rate = None
-        self._event(
-            "provider throttled",
-            pause=round(pause, 3),
-            rate=rate,
-            limit=self.limit,
-            text=t.text[:200],
-        )
+            self.slowed_at = now
+            pause = t.retry_after or self.backoff
+            self.backoff = min(MAX_PAUSE, self.backoff * 2)
+            pause = min(pause, MAX_PAUSE * 10)
+            self.paused_until = max(self.paused_until, now + pause)
+            if self.bucket is not None:
+                new = max(self.bucket.rate / 2, self.rate_max / 64, 0.01)
+                if new < self.bucket.rate:
+                    self.bucket.set_rate(new, now)
+                rate: float | None = self.bucket.rate
+            else:
+                self.limit = max(1, self.limit // 2)
+                rate = None
+            self._event(
+                "provider throttled",
+                pause=round(pause, 3),
+                rate=rate,
+                limit=self.limit,
+                text=t.text[:200],
+            )
         keep: list[Envelope] = []
         give: list[Envelope] = []
         for e in envs:

@@ -71,14 +71,12 @@ class MailgunTransport(HTTPTransport):
         return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
     async def request(self, session: Any, envs: list[Envelope]) -> Answer:
-        import aiohttp
-
         env = envs[0]
         domain = self.spec.domain or env.mail_from.rpartition("@")[2]
         url = f"{self.base}/v3/{domain}/messages.mime"
         body, ctype = self.form(env)
         headers = {**self.headers_base, "Content-Type": ctype}
-        timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
+        timeout = self.client_timeout()
         async with session.post(url, data=body, headers=headers, timeout=timeout) as r:
             raw = await r.read()
             status = r.status

@@ -29,21 +29,25 @@ import base64
 import collections
 import email.header
 import email.utils
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import orjson
 
 from fastsend import msgid
-from fastsend.outcome import Envelope
+from fastsend.outcome import Envelope, Outcome, TxnResult
 from fastsend.transports.http import (
     Answer,
     HTTPTransport,
     Throttled,
     answered,
+    deferred,
     delivered,
     map_status,
+    rejected,
     retry_after,
 )
 
@@ -165,10 +169,8 @@ class SendGridTransport(HTTPTransport):
         return orjson.dumps(doc)
 
     async def _post(self, session: Any, body: bytes) -> tuple[int, bytes, str, float, str]:
-        import aiohttp
-
         headers = {"Authorization": self.auth, "Content-Type": "application/json"}
-        timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
+        timeout = self.client_timeout()
         async with session.post(self.url, data=body, headers=headers, timeout=timeout) as r:
             raw = await r.read()
             return (
@@ -190,17 +192,88 @@ class SendGridTransport(HTTPTransport):
                 ra = max(0.0, int(reset) - time.time())
             return Throttled(ra, text)
         if status == 400 and b"personalizations." in raw and sum(len(e.rcpts) for e in envs) > 1:
-            # SendGrid refuses the whole request for one personalization it
-            # does not take (a recipient): each is sent alone, so only the
-            # refused recipients bounce, not every recipient of the batch.
+            # SendGrid refuses the whole request for the personalizations it
+            # does not take (recipients), naming each ("personalizations.3.to.0.
+            # email"): those bounce and the others go again in one request (not
+            # one request each: up to 1,000 in a row, outside the lane's rate).
+            # Errors that name no personalization: each recipient alone.
+            refused = _refused(raw, sum(len(e.rcpts) for e in envs))
+            if refused:
+                return await self.without(session, envs, refused)
             return await self.one_by_one(session, envs)
         return answered(envs, map_status(self.label, status, text))
+
+    async def without(
+        self, session: Any, envs: list[Envelope], refused: dict[int, str]
+    ) -> list[TxnResult]:
+        """``envs`` answered: the recipients at the personalization indexes of
+        ``refused`` failed with its texts, the others sent again in one request
+        (which may refuse some of them in turn)."""
+        outcomes: list[list[Outcome | None]] = []
+        again: list[Envelope] = []
+        where: list[tuple[int, list[int]]] = []  # again[j]: (index in envs, kept positions)
+        i = 0
+        for n, env in enumerate(envs):
+            got: list[Outcome | None] = []
+            kept: list[int] = []
+            for k in range(len(env.rcpts)):
+                if i in refused:
+                    got.append(rejected(self.label, 400, refused[i]))
+                else:
+                    got.append(None)
+                    kept.append(k)
+                i += 1
+            outcomes.append(got)
+            if kept:
+                tag = [env.tag[k] for k in kept] if isinstance(env.tag, list) else env.tag
+                rcpts = [env.rcpts[k] for k in kept]
+                again.append(msgspec.structs.replace(env, rcpts=rcpts, tag=tag))
+                where.append((n, kept))
+        qids = [""] * len(envs)
+        if again:
+            ans = await self.send(session, again)
+            for j, (n, kept) in enumerate(where):
+                if isinstance(ans, Throttled):  # nothing sent: later, as any throttled request
+                    outs = [deferred(self.label, f"HTTP 429 throttled: {ans.text}")] * len(kept)
+                else:
+                    outs = list(ans[j].outcomes)
+                    outs += outs[-1:] * (len(kept) - len(outs))
+                    qids[n] = ans[j].queue_id
+                for k, o in zip(kept, outs, strict=False):
+                    outcomes[n][k] = o
+        return [
+            TxnResult(env.tag, [o for o in outcomes[n] if o is not None], qids[n])
+            for n, env in enumerate(envs)
+        ]
 
 
 def _pairs(env: Envelope) -> list[tuple[str, object]]:
     """(recipient, message id) of each of an envelope's recipients."""
     ids = env.tag if isinstance(env.tag, list) else [env.tag] * len(env.rcpts)
     return list(zip(env.rcpts, ids, strict=False))
+
+
+_PERSONALIZATION = re.compile(r"personalizations\.(\d+)\.")
+
+
+def _refused(raw: bytes, n: int) -> dict[int, str]:
+    """Personalization index -> SendGrid's text, when every error of a 400
+    names one of the ``n`` personalizations sent (else empty: the refusal is
+    about more than recipients)."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(errors, list) or not errors:
+        return {}
+    out: dict[int, str] = {}
+    for e in errors:
+        m = _PERSONALIZATION.match(str(e.get("field") or "")) if isinstance(e, dict) else None
+        if m is None or int(m.group(1)) >= n:
+            return {}
+        out[int(m.group(1))] = f"{e.get('message', '')} (field {e['field']})"
+    return out
 
 
 def _errors(raw: bytes) -> str:

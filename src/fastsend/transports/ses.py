@@ -80,11 +80,9 @@ class SESTransport(HTTPTransport):
     async def setup(self, session: Any) -> None:
         if self.spec.rate:
             return
-        import aiohttp
-
         url = self.base + "/v2/email/account"
         headers = self.signer.sign("GET", url, {}, b"")
-        timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
+        timeout = self.client_timeout()
         async with session.get(url, headers=headers, timeout=timeout) as r:
             if r.status != 200:
                 return
@@ -107,12 +105,10 @@ class SESTransport(HTTPTransport):
         return orjson.dumps(doc)
 
     async def request(self, session: Any, envs: list[Envelope]) -> Answer:
-        import aiohttp
-
         env = envs[0]
         body = self.body(env)
         headers = self.signer.sign("POST", self.url, {"Content-Type": "application/json"}, body)
-        timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
+        timeout = self.client_timeout()
         async with session.post(self.url, data=body, headers=headers, timeout=timeout) as r:
             raw = await r.read()
             status = r.status
