@@ -135,6 +135,54 @@ def test_sendgrid_event_webhook_ecdsa(tmp_path: Path) -> None:
     ctx.close()
 
 
+def test_sendgrid_dropped_for_its_own_lists_suppresses_for_that_reason(tmp_path: Path) -> None:
+    """SendGrid drops (never sends) mail to an address on its own lists and says
+    why: "Bounced Address" (it bounced hard before), "Invalid", "Unsubscribed
+    Address", "Spam Reporting Address". Each is a bounce of the message that
+    suppresses the address for its reason (hard bounce, unsubscribe,
+    complaint), so fastsend stops sending to it by any route. Before: a soft
+    bounce, nothing suppressed (an unsubscribed recipient went on getting the
+    tenant's mail through every other route). A drop about the message itself
+    ("Spam Content") suppresses nothing."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()  # fmt: skip
+    ctx, ids = make_ctx(tmp_path, {"sendgrid_public_key": pub})
+    tok = [msgid.token(i, ctx.secret) for i in ids]
+    reasons = ["Bounced Address", "Invalid", "Unsubscribed Address", "Spam Reporting Address",
+               "Spam Content (if spam checker app enabled)"]  # fmt: skip
+    events = [{"email": f"u{i}@example.net", "event": "dropped", "reason": r, "fastsend": tok[i],
+               "sg_message_id": f"sg{i}", "timestamp": int(time.time())}
+              for i, r in enumerate(reasons)]  # fmt: skip
+    body = json.dumps(events).encode()
+
+    async def main() -> None:
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+        ts = str(int(time.time()))
+        sig = base64.b64encode(key.sign(ts.encode() + body, ec.ECDSA(hashes.SHA256()))).decode()
+        headers = {"X-Twilio-Email-Event-Webhook-Signature": sig,
+                   "X-Twilio-Email-Event-Webhook-Timestamp": ts}  # fmt: skip
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(url + "/webhooks/sendgrid", data=body, headers=headers) as r,
+            ):
+                assert r.status == 200, await r.text()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    evs = {e["rcpt"]: e for e in last_events(ctx, 5)}
+    assert all(e["event"] == "bounced" for e in evs.values()), evs
+    assert [evs[f"u{i}@example.net"]["hard"] for i in range(5)] == [True, True, False, False, False]
+    entries = {e.address: e.reason for e in ctx.suppression.list(tenant="acme")}
+    assert entries == {"u0@example.net": "userunknown", "u1@example.net": "userunknown",
+                       "u2@example.net": "unsubscribe", "u3@example.net": "complaint"}, entries  # fmt: skip
+    ctx.close()
+
+
 # ---------------------------------------------------------------- Mailgun
 
 

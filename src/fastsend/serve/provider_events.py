@@ -183,9 +183,17 @@ class ProviderEvents:
         return None
 
     def apply(
-        self, provider: str, rec: BounceRecord, tokens: list[str], kind: str, extra: dict[str, Any]
+        self,
+        provider: str,
+        rec: BounceRecord,
+        tokens: list[str],
+        kind: str,
+        extra: dict[str, Any],
+        suppress_as: BounceRecord | None = None,
     ) -> dict[str, Any]:
-        """One provider event: emitted (and the address suppressed when it calls for it)."""
+        """One provider event: emitted (and the address suppressed when it calls
+        for it: ``rec``, or ``suppress_as`` when the reason to suppress is not
+        the event's own, e.g. mail dropped because the address unsubscribed)."""
         found = self.find(tokens, rec.recipient)
         if found is not None:
             mid, campaign, rcpt, tenant = found
@@ -206,7 +214,11 @@ class ProviderEvents:
         if found is not None and kind in ONCE_PER_MESSAGE:
             try:
                 entry = suppress_from(
-                    self.ctx.suppression, ev["rcpt"], rec, tenant=ev["tenant"], source=provider
+                    self.ctx.suppression,
+                    ev["rcpt"],
+                    suppress_as or rec,
+                    tenant=ev["tenant"],
+                    source=provider,
                 )
             except SuppressionError:
                 entry = None
@@ -439,7 +451,19 @@ class ProviderEvents:
         kind = str(it.get("event", ""))
         tokens = [str(it["fastsend"])] if it.get("fastsend") else []
         extra = {"provider_event": kind, "queue_id": str(it.get("sg_message_id", ""))[:200]}
-        if kind in ("bounce", "dropped"):
+        if kind == "dropped" and _DROPPED.get(str(it.get("reason", "")).strip().lower()):
+            # Not sent: the address is on one of SendGrid's own lists. The message
+            # bounced; the address is suppressed for the list's reason.
+            why = _DROPPED[str(it["reason"]).strip().lower()]
+            text = f"dropped by SendGrid: {it['reason']}"[:1000]
+            hard = why == "userunknown"
+            rec = BounceRecord(rcpt, "5.1.1" if hard else None, 550, text,
+                               "userunknown" if hard else "onhold", hard)  # fmt: skip
+            cause = None
+            if not hard:  # an unsubscribe or a spam report, made at SendGrid
+                cause = BounceRecord(rcpt, None, None, "", "feedback", False, why)
+            self.apply("sendgrid", rec, tokens, "bounced", extra, suppress_as=cause)
+        elif kind in ("bounce", "dropped"):
             text = str(it.get("reason", ""))[:1000]
             status = str(it.get("status", "")) or None
             m = re.match(r"\s*([245]\d\d)\b", text)
@@ -508,6 +532,17 @@ class ProviderEvents:
         else:
             self.notice("mailgun", "provider", rcpt, tokens, extra)
         return web.json_response({"events": 1})
+
+
+# SendGrid's "dropped" reasons that name one of its lists the address is on ->
+# why fastsend suppresses it (a hard bounce, or the feedback type).
+_DROPPED = {
+    "bounced address": "userunknown",  # it bounced hard before (SendGrid's bounce list)
+    "invalid": "userunknown",  # not a valid address
+    "unsubscribed address": "unsubscribe",
+    "unsubscribed group": "unsubscribe",
+    "spam reporting address": "abuse",  # the recipient reported spam before
+}
 
 
 def _unauthorized() -> web.Response:
