@@ -470,6 +470,40 @@ def test_sendgrid_refusing_recipients_of_a_batch_resends_the_rest_in_one_request
     assert all(e["queue_id"] for e in delivered)
 
 
+def test_a_request_left_unanswered_is_deferred_saying_it_may_have_been_taken() -> None:
+    """The other side of waiting for the answer: a request written whole whose
+    answer never comes within ``answer_timeout`` is deferred (at least once, as
+    after SMTP's final dot), and the text says the provider may have the
+    message; one that could not even connect says so (nothing was sent)."""
+    import asyncio
+
+    import aiohttp
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.outcome import DEFERRED, Envelope
+    from fastsend.transports.mailgun import MailgunTransport
+
+    rec = Recorder()
+    env = Envelope("a@sender.example.com", ["x@example.net"], b"Subject: s\r\n\r\nbody\r\n", 7)
+
+    async def main(endpoint: str) -> Any:
+        spec = TransportSpec(name="mg", kind="mailgun", endpoint=endpoint, region="us",
+                             domain="mg.sender.example.com", timeout=1.0, answer_timeout=0.5,
+                             secrets={"api_key": "mg-key"})  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            return await MailgunTransport(spec, b"").send(session, [env])
+
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=1.5)) as app:
+        ans = asyncio.run(main(app.url))
+    out = ans[0].outcomes[0]
+    assert out.kind == DEFERRED and "may have taken it" in out.text, out
+    assert dict(rec.recipients) == {"x@example.net": 1}  # it did
+    from tests.conftest import free_port
+
+    out = asyncio.run(main(f"http://127.0.0.1:{free_port()}"))[0].outcomes[0]
+    assert out.kind == DEFERRED and out.stage == "connect" and "may have" not in out.text, out
+
+
 def test_requests_throttled_together_slow_the_lane_once(tmp_path: Path) -> None:
     """Eight requests in flight at once are all answered 429 (no Retry-After):
     that is one signal, the lane slows down once (in-flight bound halved, a
@@ -494,7 +528,9 @@ def test_requests_throttled_together_slow_the_lane_once(tmp_path: Path) -> None:
     assert rec.throttled == 8
     assert dict(rec.recipients) == {a: 1 for a in addrs}
     assert s["delivered"] == 60 and s["deferrals"] == 0, (s, proc.stderr[-2000:])
-    shaping = [orjson.loads(x) for x in (tmp_path / "spool" / "shaping.jsonl").read_bytes().splitlines()]
+    shaping = [
+        orjson.loads(x) for x in (tmp_path / "spool" / "shaping.jsonl").read_bytes().splitlines()
+    ]
     slowed = [e for e in shaping if e.get("action") == "provider throttled"]
     assert [(e["pause"], e["limit"]) for e in slowed] == [(0.5, 4)], slowed
 
