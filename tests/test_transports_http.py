@@ -535,6 +535,32 @@ def test_requests_throttled_together_slow_the_lane_once(tmp_path: Path) -> None:
     assert [(e["pause"], e["limit"]) for e in slowed] == [(0.5, 4)], slowed
 
 
+def test_mailgun_refusing_one_of_a_large_group_costs_few_requests(tmp_path: Path) -> None:
+    """Mailgun refuses a request of 64 identical recipients whole for one bad
+    address, naming none: the recipients go again in halves, each half refused
+    whole split again, so about 2·log2(64) requests find the one refused
+    recipient, not 64 requests one after the other (up to 1,000 for Mailgun,
+    outside the lane's rate). The others are delivered once each."""
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    group = [f"g{i}@example.net" for i in range(63)]
+    rcpts = write_recipients(tmp_path, [*group[:40], "reject-9@example.net", *group[40:]])
+    rec = Recorder()
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\n'
+            'domain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg, {"FASTSEND_MG_API_KEY": "mg-key"},
+                    "--max-wait", "5", "--no-dkim", "--workers", "1")  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == 63 and s["bounced"] == 1, (s, proc.stderr[-2000:])
+    assert dict(rec.recipients) == {r: 1 for r in group}
+    assert rec.requests <= 14, f"{rec.requests} requests to find one refused recipient of 64"
+    bounced = [e["rcpt"] for e in events(tmp_path) if e["event"] == "bounced"]
+    assert bounced == ["reject-9@example.net"]
+
+
 def test_ses_refusing_one_recipient_of_a_group_bounces_only_that_one(
     tmp_path: Path, moto_ses: Any
 ) -> None:

@@ -13,7 +13,8 @@ delivered (queue_id = id); 429 -> throttled (Retry-After); 400
 ("Domain not found") and 5xx -> deferred. A 400 about the ``to`` parameter or
 naming one of the recipients of a request of several (identical mail grouped:
 Mailgun refuses it whole for one address, "to parameter is not a valid
-address") sends each recipient on its own, so only the refused one bounces.
+address") sends its recipients again in halves, split again while refused
+(HTTPTransport.bisect), so only the refused one bounces.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class MailgunTransport(HTTPTransport):
         if status == 429:
             return Throttled(ra, text)
         if status == 400 and len(env.rcpts) > 1 and _about_a_recipient(text, env.rcpts):
-            return await self.one_by_one(session, envs)
+            return await self.bisect(session, envs)
         return answered(envs, map_status(self.label, status, text))
 
 

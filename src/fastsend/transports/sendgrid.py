@@ -34,17 +34,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import orjson
 
 from fastsend import msgid
-from fastsend.outcome import Envelope, Outcome, TxnResult
+from fastsend.outcome import Envelope, TxnResult
 from fastsend.transports.http import (
     Answer,
     HTTPTransport,
     Throttled,
     answered,
-    deferred,
     delivered,
     map_status,
     rejected,
@@ -134,6 +132,8 @@ def mime_to_v3(data: bytes) -> dict[str, Any]:
 
 
 class SendGridTransport(HTTPTransport):
+    many_envelopes = True  # personalizations: several envelopes of one campaign a request
+
     def __init__(self, spec: Any, secret: bytes) -> None:
         super().__init__(spec, secret)
         self.url = (spec.endpoint or "https://api.sendgrid.com") + PATH
@@ -200,7 +200,7 @@ class SendGridTransport(HTTPTransport):
             refused = _refused(raw, sum(len(e.rcpts) for e in envs))
             if refused:
                 return await self.without(session, envs, refused)
-            return await self.one_by_one(session, envs)
+            return await self.bisect(session, envs)
         return answered(envs, map_status(self.label, status, text))
 
     async def without(
@@ -209,40 +209,15 @@ class SendGridTransport(HTTPTransport):
         """``envs`` answered: the recipients at the personalization indexes of
         ``refused`` failed with its texts, the others sent again in one request
         (which may refuse some of them in turn)."""
-        outcomes: list[list[Outcome | None]] = []
-        again: list[Envelope] = []
-        where: list[tuple[int, list[int]]] = []  # again[j]: (index in envs, kept positions)
-        i = 0
-        for n, env in enumerate(envs):
-            got: list[Outcome | None] = []
-            kept: list[int] = []
-            for k in range(len(env.rcpts)):
-                if i in refused:
-                    got.append(rejected(self.label, 400, refused[i]))
-                else:
-                    got.append(None)
-                    kept.append(k)
-                i += 1
-            outcomes.append(got)
-            if kept:
-                tag = [env.tag[k] for k in kept] if isinstance(env.tag, list) else env.tag
-                rcpts = [env.rcpts[k] for k in kept]
-                again.append(msgspec.structs.replace(env, rcpts=rcpts, tag=tag))
-                where.append((n, kept))
-        qids = [""] * len(envs)
-        if again:
-            ans = await self.send(session, again)
-            for j, (n, kept) in enumerate(where):
-                if isinstance(ans, Throttled):  # nothing sent: later, as any throttled request
-                    outs = [deferred(self.label, f"HTTP 429 throttled: {ans.text}")] * len(kept)
-                else:
-                    outs = list(ans[j].outcomes)
-                    outs += outs[-1:] * (len(kept) - len(outs))
-                    qids[n] = ans[j].queue_id
-                for k, o in zip(kept, outs, strict=False):
-                    outcomes[n][k] = o
+        units = [(n, k) for n, env in enumerate(envs) for k in range(len(env.rcpts))]
+        outs, qids = await self.subset(
+            session, envs, [u for i, u in enumerate(units) if i not in refused]
+        )
+        for i, u in enumerate(units):
+            if i in refused:
+                outs[u] = rejected(self.label, 400, refused[i])
         return [
-            TxnResult(env.tag, [o for o in outcomes[n] if o is not None], qids[n])
+            TxnResult(env.tag, [outs[(n, k)] for k in range(len(env.rcpts))], qids.get(n, ""))
             for n, env in enumerate(envs)
         ]
 

@@ -24,7 +24,8 @@ account's configuration, never a bounce of the recipient. A request of several
 recipients (identical mail grouped) refused with a MessageRejected /
 BadRequestException about an address, or with any InvalidParameterValue (its
 texts about a recipient often name no address: "Missing final '@domain'"), is
-sent again one recipient per request, so only the refused one bounces.
+sent again in halves (split again while refused), so only the refused one
+bounces.
 
 Its rate is shaping data: with no ``rate`` configured, the account's
 MaxSendRate (``GET /v2/email/account``) sets the lane's rate.
@@ -143,12 +144,13 @@ class SESTransport(HTTPTransport):
                 or any(r.lower() in low for r in env.rcpts)
             )
         ):
-            # Refused whole for one recipient: each alone, only it bounces. An
+            # Refused whole for one recipient: again in halves, down to that
+            # one alone, and only it bounces. An
             # InvalidParameterValue is about a field of the request, and SES's
             # texts about a recipient often name neither it nor "address"
             # ("Missing final '@domain'", "Domain starts with dot"). If it was
             # the message, every single request is refused too, each a
-            # bounce as before; a group's answers never suppress (one_by_one
+            # bounce as before; a group's answers never suppress (bisect
             # answers a group as one TxnResult, Worker.add_results).
-            return await self.one_by_one(session, envs)
+            return await self.bisect(session, envs)
         return answered(envs, map_status(self.label, status, what, account_trouble=ours))
