@@ -427,6 +427,48 @@ def test_ses_events_through_sns(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_ses_events_about_mail_sent_to_several_recipients_find_each_message(
+    tmp_path: Path,
+) -> None:
+    """Identical mail goes to SES as one SendEmail to several recipients: its
+    tag carries the first message's token, its Message-ID the group's. SES's
+    bounce or complaint names the recipient it is about: that recipient's
+    message of the same campaign is found (as a DSN about such a message is),
+    its event recorded and the address suppressed. Before: only the first
+    recipient matched the token; for the others the event named no message
+    and nothing was suppressed."""
+    from fastsend.serve.provider_events import ProviderEvents, ProviderEventSettings
+
+    ctx, ids = make_ctx(tmp_path, {"sns_topics": [TOPIC]})
+    pe = ProviderEvents(ctx, ProviderEventSettings.of(ctx.config))
+    group = msgid.group_token(ids[0], ctx.secret)
+    mail = {"messageId": "0102-group", "tags": {"fastsend": [msgid.token(ids[0], ctx.secret)]},
+            "commonHeaders": {"messageId": f"<{group}@sender.example.com>"},
+            "destination": [f"u{i}@example.net" for i in range(5)]}  # fmt: skip
+    bounce = {"eventType": "Bounce", "mail": mail, "bounce": {
+        "bounceType": "Permanent", "bounceSubType": "General",
+        "bouncedRecipients": [{"emailAddress": "u3@example.net", "action": "failed", "status": "5.1.1",
+                               "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]}}  # fmt: skip
+    complaint = {"eventType": "Complaint", "mail": mail, "complaint": {
+        "complainedRecipients": [{"emailAddress": "u2@example.net"}], "complaintFeedbackType": "abuse"}}  # fmt: skip
+    assert pe._ses_message(json.dumps(bounce)) == 1
+    assert pe._ses_message(json.dumps(complaint)) == 1
+    evs = last_events(ctx, 2)
+    assert (evs[0]["event"], evs[0]["id"], evs[0]["rcpt"]) == ("bounced", ids[3], "u3@example.net")
+    assert (evs[1]["event"], evs[1]["id"], evs[1]["rcpt"]) == (
+        "complained",
+        ids[2],
+        "u2@example.net",
+    )
+    assert state(ctx)[1] == ["u2@example.net", "u3@example.net"]
+    # A recipient the campaign never had is no one's: nothing suppressed.
+    stranger = json.dumps(bounce).replace("u3@example.net", "nobody@example.org")
+    assert pe._ses_message(stranger) == 1
+    assert last_events(ctx, 1)[0]["id"] is None
+    assert state(ctx)[1] == ["u2@example.net", "u3@example.net"]
+    ctx.close()
+
+
 def test_serve_round_trip_through_sendgrid(tmp_path: Path) -> None:
     """`fastsend serve`: an API message routed to SendGrid (local server) carries its
     signed id; SendGrid's signed bounce for it, posted to /webhooks/sendgrid, becomes

@@ -172,14 +172,27 @@ class ProviderEvents:
         return campaign, str(row[1]), tenant
 
     def find(self, tokens: list[str], rcpt: str) -> tuple[int, int, str, str] | None:
-        """(id, campaign, rcpt, tenant) of the message among ``tokens`` sent to ``rcpt``."""
+        """(id, campaign, rcpt, tenant) of the message among ``tokens`` sent to
+        ``rcpt``; else, when a token names a message shared by several
+        recipients (its first row: SES's tag, the group's Message-ID), the
+        message of the same campaign to ``rcpt`` (as for a DSN about it)."""
+        firsts: list[int] = []
         for tok in tokens:
             mid = msgid.parse(tok, self.ctx.secret)
             if mid is None:
+                mid = msgid.parse_group(tok, self.ctx.secret)
+                if mid is not None:
+                    firsts.append(mid)
                 continue
             got = self._owner(mid)
             if got is not None and (not rcpt or got[1].lower() == rcpt.lower()):
                 return mid, *got
+            firsts.append(mid)
+        for first in firsts if rcpt else []:
+            got = self._owner(first)
+            row = self.ctx.spool.sibling(got[0], rcpt, first) if got is not None else None
+            if got is not None and row is not None:
+                return int(row[0]), got[0], str(row[1]), got[2]
         return None
 
     def apply(
