@@ -273,6 +273,10 @@ def _enrich(records: list[_Raw], human: str) -> None:
     for i, a in mentions:
         first.setdefault(a, i)
     rcpts = {r.recipient.lower() for r in records}
+    # The recipients of one DSN often share their text (one diagnostic for
+    # all, or the same explanation found near each): each text is read once.
+    found: dict[str, tuple[int, str]] = {}
+    commands: dict[str, str] = {}
     for r in records:
         near = ""
         if section:
@@ -304,15 +308,24 @@ def _enrich(records: list[_Raw], human: str) -> None:
         elif len(records) == 1 and not r.diagnostic.strip() and section:
             r.diagnostic = section.strip()[: vendors.DIAG_CAP]
         text = r.diagnostic
-        r.reply_code = r.reply_code or vendors.find_reply_code(text)
-        detailed = vendors.find_status(text)
+        got = found.get(text)
+        if got is None:
+            got = found[text] = (vendors.find_reply_code(text), vendors.find_status(text))
+        r.reply_code = r.reply_code or got[0]
+        detailed = got[1]
         if detailed and (
             not r.status
             or (r.status.endswith(".0.0") and detailed[0] == r.status[0])
             or (r.status[2:] == "0.0" and detailed[0] == r.status[0])
         ):
             r.status = detailed
-        r.command = vendors.find_command(text) or vendors.find_command(near)
+        for t in (text, near):
+            command = commands.get(t)
+            if command is None:
+                command = commands[t] = vendors.find_command(t)
+            if command:
+                break
+        r.command = command
 
 
 def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw]:
@@ -733,14 +746,20 @@ def _parse_one(
 
     orig, verp = _original_ids(msg, parts, verp_decoder or default_verp_decoder)
     out = []
+    echoes: dict[tuple[str, str], bool] = {}
     for r in raws:
         if r.reason:
             reason, hard, rate, ipb = r.reason, False, False, False
         else:
             generic = not r.status or r.status[1:] == ".0.0"
-            if not r.command and generic and _echoes_recipient(r.diagnostic[:4096], r.recipient):
-                # Replies to RCPT TO name the address they refuse.
-                r.command = "RCPT"
+            if not r.command and generic:
+                key = (r.diagnostic[:4096], r.recipient)
+                echo = echoes.get(key)
+                if echo is None:
+                    echo = echoes[key] = _echoes_recipient(*key)
+                if echo:
+                    # Replies to RCPT TO name the address they refuse.
+                    r.command = "RCPT"
             c = rs.classify(
                 r.reply_code, r.status, r.diagnostic, command=r.command, action=r.action
             )
