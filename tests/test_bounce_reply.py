@@ -102,11 +102,21 @@ TABLE = [
         "speeding",
         False,
     ),
+    # Yahoo's [TSS04] answers MAIL FROM: filed by the stage (a refusal of
+    # the sender), a slow-down either way (test_bounce_unseen.py).
     (
         421,
         "4.7.0",
         "[TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
         "MAIL",
+        "rejected",
+        False,
+    ),
+    (
+        421,
+        "4.7.0",
+        "[TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
+        "RCPT",
         "blocked",
         False,
     ),

@@ -236,6 +236,101 @@ CASES = [
         ),
         ("speeding", False, True, False),
     ),
+    # Microsoft's throttles (4.7.500-699, "AS" codes): the IP is rate limited
+    # for its reputation; slowing down is the remedy, not an hour's rest.
+    (
+        (
+            451,
+            "4.7.500",
+            "Server busy. Please try again later from [192.0.2.1]. (S77714) "
+            "[AM4PEPF00027A5F.eurprd04.prod.outlook.com]",
+            "RCPT",
+        ),
+        ("badreputation", False, True, False),
+    ),
+    (
+        (
+            451,
+            "4.7.650",
+            "The mail server [192.0.2.1] has been temporarily rate limited due to IP "
+            "reputation. For e-mail delivery information, see https://aka.ms/postmaster (S775)",
+            "RCPT",
+        ),
+        ("badreputation", False, True, False),
+    ),
+    # Yahoo's [TSS04]: deferred for volume or complaints, retry later and
+    # slower; the IP's refusal is [TSS09]. At MAIL FROM it is filed by stage.
+    (
+        (
+            421,
+            "4.7.0",
+            "[TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or "
+            "user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes",
+            "MAIL",
+        ),
+        ("rejected", False, True, False),
+    ),
+    (
+        (
+            421,
+            "4.7.0",
+            "[TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or "
+            "user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes",
+            "CONN",
+        ),
+        ("blocked", False, True, False),
+    ),
+    (
+        (
+            553,
+            "5.7.2",
+            "[TSS09] All messages from 192.0.2.1 will be permanently deferred; Retrying will NOT "
+            "succeed. See https://postmaster.yahooinc.com/error-codes",
+            "MAIL",
+        ),
+        ("blocked", False, False, True),
+    ),
+    # A refused HELO name (Postfix smtpd_helo_restrictions, delayed to RCPT):
+    # the name must change; resting the IP changes nothing.
+    (
+        (
+            504,
+            "5.5.2",
+            "<localhost>: Helo command rejected: need fully-qualified hostname",
+            "RCPT",
+        ),
+        ("blocked", False, False, False),
+    ),
+    (
+        (450, "4.7.1", "<mta1>: Helo command rejected: Host not found", "RCPT"),
+        ("blocked", False, False, False),
+    ),
+    (
+        (501, "5.5.2", "<mta_1>: Helo command rejected: Invalid name", "RCPT"),
+        ("blocked", False, False, False),
+    ),
+    # ...unless the words are about a block list.
+    (
+        (
+            554,
+            "5.7.1",
+            "<mta1.x.test>: Helo command rejected: Client host [192.0.2.1] blocked using "
+            "zen.spamhaus.org",
+            "RCPT",
+        ),
+        ("blocked", False, False, True),
+    ),
+    # A TCP connection refused, as MTAs quote it in a DSN (no SMTP reply):
+    # no word from the site about the IP.
+    (
+        (0, "4.4.1", "connect to mx.x.test[192.0.2.1]:25: Connection refused", ""),
+        ("expired", False, False, False),
+    ),
+    (
+        (0, "4.4.1", "Deferred: Connection refused by mx.x.test.", ""),
+        ("blocked", False, False, False),
+    ),
+    ((554, "5.7.1", "Connection refused", "CONN"), ("blocked", False, False, True)),
     # Decisions that held (kept so they stay held).
     (
         (

@@ -23,7 +23,11 @@ The classification also says whether the reply is a "slow down" signal
 for the feedback loops of the delivery side. A temporary (4xx) refusal whose
 reason comes from its status code or refused stage alone (a generic 4.7.1, a
 421 at the greeting) is ``ip_blocked`` only when its words are about the IP:
-greylisting, a busy server and a policy check answer the same way.
+greylisting, a busy server and a policy check answer the same way. A rule
+may name its own signal: "ratelimit" is then the whole answer (a documented
+throttle such as Microsoft's 4.7.500 or Yahoo's [TSS04] slows down and never
+rests the IP), "none" drives neither (greylisting, a refused HELO name, a
+TCP connection refused before any reply).
 
 This module does no I/O except reading rule files, and never decides what to
 do about a reply (retry, suppress, rest an IP): callers do.
@@ -739,6 +743,11 @@ class RuleSet:
         soft = not hard and reason not in NOT_BOUNCES
         if signal == "none":
             return Classification(reason, hard, soft, permanent, False, False, rule_id)
+        if signal == "ratelimit":
+            # The rule names a throttle (Microsoft's 4.7.500-699 "server busy /
+            # rate limited due to IP reputation", Yahoo's [TSS04]): slowing
+            # down is the documented remedy; resting the IP is not asked for.
+            return Classification(reason, hard, soft, permanent, True, False, rule_id)
         rate = reason in RATE_REASONS or signal == "ratelimit"
         # A temporary refusal whose reason is only its status or stage (a
         # generic 4.7.1, a 421 at the greeting) says nothing about the IP:
