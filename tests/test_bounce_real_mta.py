@@ -3,11 +3,15 @@
 A "remote site" (aiosmtpd) refuses recipients by local part with the replies
 real servers give (unknown user, full mailbox, relay denied, a DNSBL hit,
 spam, Postfix's rate limit, a reply with no enhanced code, a refusal after
-the message). A private Postfix and an unpacked Exim each relay a test
-message there, give up at once (queue lifetime 0 / a retry rule with no
-times), and send their own DSN back to the same site, which keeps every
-message with a null sender. Each recipient of each DSN is then checked:
-found, reason, hard or soft, the refused command, and the two signals.
+the message). Other domains lead to a closed port, to hosts that refuse at
+the greeting (554, 421), to a site refusing every MAIL FROM and (Postfix) to
+a Postfix smtpd refusing the relay's HELO name. A private Postfix and an
+unpacked Exim each relay a test message there, give up at once (queue
+lifetime 0 / a retry rule with no times), and send their own DSN back to
+the same site, which keeps every message with a null sender. Each
+recipient of each DSN is then checked: found, reason, hard or soft, the
+refused command, and the two signals. The sites and the Postfix are shared
+by the module's tests.
 
 The limits Postfix's own smtpd enforces (anvil rate limits, the
 per-message recipient limit, the connection limits) are driven with a real
@@ -20,8 +24,10 @@ import contextlib
 import os
 import shutil
 import smtplib
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -90,16 +96,97 @@ class RemoteSite:
         return list(self.bounces)
 
 
-@pytest.fixture
-def remote() -> Iterator[tuple[RemoteSite, int]]:
-    site = RemoteSite()
-    port = free_port()
-    ctl = Controller(site, hostname="127.0.0.1", port=port)
-    ctl.start()
+class SenderRefusingSite:
+    """Refuses every MAIL FROM (a policy on the sender, not a recipient)."""
+
+    REPLY = "553 5.7.1 <{a}>: Sender address rejected: not owned by user"
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        return self.REPLY.format(a=address)
+
+
+class Greeter:
+    """A host that answers every connection with one fixed greeting line
+    (a refusal) and closes after the client's QUIT or a second."""
+
+    def __init__(self, line: str) -> None:
+        self.line = line.encode() + b"\r\n"
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(1.0)
+                with contextlib.suppress(OSError):
+                    conn.sendall(self.line)
+                    conn.recv(512)
+                    conn.sendall(b"221 2.0.0 Bye\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Sites:
+    """The remote site, plus hosts that refuse at the greeting or at MAIL
+    FROM, reached by domain (see ROUTED). ``mark``/``since``: the bounces
+    that arrived after a point (the sites are shared by the module's tests)."""
+
+    def __init__(self) -> None:
+        self.site = RemoteSite()
+        self.port = free_port()
+        self.ctl = Controller(self.site, hostname="127.0.0.1", port=self.port)
+        self.sender_port = free_port()
+        self.sender_ctl = Controller(
+            SenderRefusingSite(), hostname="127.0.0.1", port=self.sender_port
+        )
+        self.greet554 = Greeter("554 5.7.1 mx.greet.test ESMTP not accepting messages")
+        self.greet421 = Greeter(
+            "421 4.3.2 mx.busy.test Service not available, closing transmission channel"
+        )
+        self.closed = free_port()  # nothing listens there
+
+    def start(self) -> None:
+        self.ctl.start()
+        self.sender_ctl.start()
+
+    def stop(self) -> None:
+        self.ctl.stop()
+        self.sender_ctl.stop()
+        self.greet554.close()
+        self.greet421.close()
+
+    def routes(self) -> dict[str, int]:
+        return {
+            "refused.test": self.closed,
+            "greet.test": self.greet554.port,
+            "busy.test": self.greet421.port,
+            "sender.test": self.sender_port,
+        }
+
+    def send_and_collect(self, port: int, messages: list[list[str]]) -> list[bytes]:
+        start = len(self.site.bounces)
+        for i, rcpts in enumerate(messages):
+            _send(port, rcpts, f"m{start + i}")
+        return self.site.wait(start + len(messages))[start:]
+
+
+@pytest.fixture(scope="module")
+def sites() -> Iterator[Sites]:
+    s = Sites()
+    s.start()
     try:
-        yield site, port
+        yield s
     finally:
-        ctl.stop()
+        s.stop()
 
 
 def _send(port: int, rcpts: list[str], subject: str) -> None:
@@ -145,9 +232,18 @@ MESSAGES = [
 ROUTED = {
     "refused": ("expired", False, None, False, False),
     "helo": ("blocked", False, "RCPT", False, False),
+    "greet": ("blocked", False, "CONN", False, True),
+    "busy": ("blocked", False, "CONN", False, False),
+    "sender": ("rejected", False, "MAIL", False, False),
 }
-POSTFIX_MESSAGES = [["refused1@refused.test"], ["helo1@helo.test"]]
-EXIM_MESSAGES = [["refused1@refused.test"]]
+ROUTED_MESSAGES = [
+    ["refused1@refused.test"],
+    ["greet1@greet.test"],
+    ["busy1@busy.test"],
+    ["sender1@sender.test"],
+]
+POSTFIX_MESSAGES = [*ROUTED_MESSAGES, ["helo1@helo.test"]]
+EXIM_MESSAGES = ROUTED_MESSAGES
 
 
 def _check_bounces(
@@ -167,7 +263,7 @@ def _check_bounces(
         decision = (r.reason, r.hard, r.command, r.rate_limited, r.ip_blocked)
         if decision != expected[prefix]:
             wrong.append((addr, decision, r.diagnostic))
-    assert wrong == []
+    assert wrong == [], wrong
 
 
 # ---------------------------------------------------------------- Postfix
@@ -190,7 +286,7 @@ alias_maps =
 alias_database =
 smtpd_recipient_restrictions = permit_mynetworks, reject
 relayhost = [127.0.0.1]:{remote}
-transport_maps = inline:{{ refused.test=relay:[127.0.0.1]:{closed}, helo.test=heloclient:[127.0.0.1]:{helo} }}
+transport_maps = inline:{{ {routes}, helo.test=heloclient:[127.0.0.1]:{helo} }}
 maximal_queue_lifetime = 0
 bounce_queue_lifetime = 0
 smtp_tls_security_level = none
@@ -229,7 +325,7 @@ LISTENERS = ("relay", "msgrate", "rcptrate", "rcptlimit", "connrate", "helo")
 
 
 @contextlib.contextmanager
-def start_postfix(remote_port: int) -> Iterator[dict[str, int]]:
+def start_postfix(sites: Sites) -> Iterator[dict[str, int]]:
     if not (os.path.exists(MASTER) and shutil.which("postfix")):
         if IN_CI:
             pytest.fail("Postfix is required in CI (.ci/run installs it)")
@@ -243,9 +339,9 @@ def start_postfix(remote_port: int) -> Iterator[dict[str, int]]:
         (d / sub).chmod(0o755)
     shutil.chown(d / "data", "postfix")
     ports = {name: free_port() for name in LISTENERS}
-    closed = free_port()  # nothing listens there
+    routes = ", ".join(f"{dom}=relay:[127.0.0.1]:{p}" for dom, p in sites.routes().items())
     (d / "etc" / "main.cf").write_text(
-        MAIN_CF.format(d=d, remote=remote_port, closed=closed, helo=ports["helo"])
+        MAIN_CF.format(d=d, remote=sites.port, routes=routes, helo=ports["helo"])
     )
     (d / "etc" / "master.cf").write_text(MASTER_CF.format(**ports))
     env = {**os.environ, "MAIL_CONFIG": str(d / "etc")}
@@ -270,14 +366,17 @@ def start_postfix(remote_port: int) -> Iterator[dict[str, int]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_postfix_dsns_each_recipient_decided(remote: tuple[RemoteSite, int]) -> None:
-    site, remote_port = remote
-    with start_postfix(remote_port) as ports:
-        for i, rcpts in enumerate(MESSAGES + POSTFIX_MESSAGES):
-            _send(ports["relay"], rcpts, f"m{i}")
-        bounces = site.wait(len(MESSAGES + POSTFIX_MESSAGES))
-    assert len(bounces) == len(MESSAGES + POSTFIX_MESSAGES)
-    _check_bounces(bounces, {**EXPECTED, **ROUTED}, MESSAGES + POSTFIX_MESSAGES)
+@pytest.fixture(scope="module")
+def postfix(sites: Sites) -> Iterator[dict[str, int]]:
+    with start_postfix(sites) as ports:
+        yield ports
+
+
+def test_postfix_dsns_each_recipient_decided(sites: Sites, postfix: dict[str, int]) -> None:
+    messages = MESSAGES + POSTFIX_MESSAGES
+    bounces = sites.send_and_collect(postfix["relay"], messages)
+    assert len(bounces) == len(messages)
+    _check_bounces(bounces, {**EXPECTED, **ROUTED}, messages)
 
 
 def _replies(port: int, rcpts: list[str], messages: int) -> list[tuple[str, int, str]]:
@@ -302,28 +401,35 @@ def _classified(command: str, code: int, text: str) -> tuple[str, bool, bool, bo
     return c.reason, c.hard, c.rate_limited, c.ip_blocked
 
 
-def test_postfix_smtpd_limits_classified(remote: tuple[RemoteSite, int]) -> None:
+def test_postfix_smtpd_limits_classified(postfix: dict[str, int]) -> None:
     """Postfix's own limits, as a sending MTA meets them: rate limits slow
     down and never rest the IP; the recipients-per-message limit is neither."""
-    with start_postfix(remote[1]) as ports:
-        msg = [r for r in _replies(ports["msgrate"], ["x@r.test"], 3) if r[1] >= 400]
-        rcpt = [
-            r
-            for r in _replies(ports["rcptrate"], ["x@r.test", "y@r.test", "z@r.test"], 1)
-            if r[1] >= 400
-        ]
-        limit = [
-            r
-            for r in _replies(ports["rcptlimit"], ["x@r.test", "y@r.test", "z@r.test"], 1)
-            if r[1] >= 400
-        ]
-        conn = []
-        for _ in range(3):
-            try:
-                with smtplib.SMTP("127.0.0.1", ports["connrate"], timeout=10) as s:
-                    s.ehlo("client.test")
-            except smtplib.SMTPConnectError as e:
-                conn.append(("CONN", e.smtp_code, e.smtp_error.decode()))
+    ports = postfix
+    msg = [r for r in _replies(ports["msgrate"], ["x@r.test"], 3) if r[1] >= 400]
+    rcpt = [
+        r
+        for r in _replies(ports["rcptrate"], ["x@r.test", "y@r.test", "z@r.test"], 1)
+        if r[1] >= 400
+    ]
+    limit = [
+        r
+        for r in _replies(ports["rcptlimit"], ["x@r.test", "y@r.test", "z@r.test"], 1)
+        if r[1] >= 400
+    ]
+    conn = []
+    for _ in range(3):
+        try:
+            with smtplib.SMTP("127.0.0.1", ports["connrate"], timeout=10) as s:
+                s.ehlo("client.test")
+        except smtplib.SMTPConnectError as e:
+            conn.append(("CONN", e.smtp_code, e.smtp_error.decode()))
+    # The HELO check, delayed to RCPT as Postfix does by default: about the
+    # name the client gives, never its IP.
+    with smtplib.SMTP("127.0.0.1", ports["helo"], timeout=10) as s:
+        s.ehlo("badhelo")
+        s.mail("a@s.test")
+        code, text = s.rcpt("x@r.test")
+    helo = [("RCPT", code, text.decode())]
     assert msg and all("too much mail from" in t for _, _, t in msg)
     assert rcpt and all("too many recipients from" in t for _, _, t in rcpt)
     assert limit and all(c == 452 for _, c, _ in limit)
@@ -332,6 +438,8 @@ def test_postfix_smtpd_limits_classified(remote: tuple[RemoteSite, int]) -> None
     assert {_classified(*r) for r in rcpt} == {("speeding", False, True, False)}
     assert {_classified(*r) for r in limit} == {("toomanyconn", False, False, False)}
     assert {_classified(*r) for r in conn} == {("toomanyconn", False, True, False)}
+    assert helo[0][1] == 504 and "Helo command rejected" in helo[0][2]
+    assert {_classified(*r) for r in helo} == {("blocked", False, False, False)}
 
 
 # ---------------------------------------------------------------- Exim
@@ -353,13 +461,7 @@ begin acl
 acl_rcpt:
   accept
 begin routers
-refused:
-  driver = manualroute
-  domains = refused.test
-  route_list = * 127.0.0.1::{closed} byname
-  self = send
-  transport = remote_smtp
-remote:
+{routers}remote:
   driver = manualroute
   route_list = * 127.0.0.1::{remote} byname
   self = send
@@ -376,7 +478,7 @@ begin retry
 
 
 @contextlib.contextmanager
-def start_exim_relay(remote_port: int) -> Iterator[int]:
+def start_exim_relay(sites: Sites) -> Iterator[int]:
     """Exim relaying everything to the remote site. Exim re-executes itself
     to deliver (and to submit its bounces) as its own user, which cannot read
     the unpacked tree under root's home and for which the dynamic linker
@@ -403,7 +505,12 @@ def start_exim_relay(remote_port: int) -> Iterator[int]:
     subprocess.run(["chmod", "-R", "a+rX", str(d / "root")], check=True)
     port = free_port()
     conf = d / "exim.conf"
-    conf.write_text(EXIM_CONF.format(d=d, port=port, remote=remote_port, closed=free_port()))
+    routers = "".join(
+        f"{dom.split('.')[0]}:\n  driver = manualroute\n  domains = {dom}\n"
+        f"  route_list = * 127.0.0.1::{p} byname\n  self = send\n  transport = remote_smtp\n"
+        for dom, p in sites.routes().items()
+    )
+    conf.write_text(EXIM_CONF.format(d=d, port=port, remote=sites.port, routers=routers))
     conf.chmod(0o644)
     proc = subprocess.Popen(
         [str(wrap), "-C", str(conf), "-bdf", "-oX", str(port)],
@@ -431,15 +538,14 @@ def start_exim_relay(remote_port: int) -> Iterator[int]:
 # Exim gives up on a temporary refusal with "retry timeout exceeded": the
 # message expired, whatever the last reply said.
 EXIM_EXPECTED = {**EXPECTED, "rate": ("expired", False, "RCPT", True, False)}
+EXIM_ROUTED = {**ROUTED, "busy": ("expired", False, "CONN", False, False)}
 
 
-def test_exim_dsns_each_recipient_decided(remote: tuple[RemoteSite, int]) -> None:
+def test_exim_dsns_each_recipient_decided(sites: Sites) -> None:
     if os.geteuid() != 0:
         pytest.skip("Exim's daemon changes to its own user: needs root")
-    site, remote_port = remote
-    with start_exim_relay(remote_port) as port:
-        for i, rcpts in enumerate(MESSAGES + EXIM_MESSAGES):
-            _send(port, rcpts, f"m{i}")
-        bounces = site.wait(len(MESSAGES + EXIM_MESSAGES))
-    assert len(bounces) == len(MESSAGES + EXIM_MESSAGES)
-    _check_bounces(bounces, {**EXIM_EXPECTED, **ROUTED}, MESSAGES + EXIM_MESSAGES)
+    messages = MESSAGES + EXIM_MESSAGES
+    with start_exim_relay(sites) as port:
+        bounces = sites.send_and_collect(port, messages)
+    assert len(bounces) == len(messages)
+    _check_bounces(bounces, {**EXIM_EXPECTED, **EXIM_ROUTED}, messages)

@@ -753,7 +753,10 @@ class RuleSet:
         # generic 4.7.1, a 421 at the greeting) says nothing about the IP:
         # greylisting, a busy server and a policy check answer the same.
         # Only words about the IP make it a block then.
-        ipb = signal == "ipblock" or (reason in IPBLOCK_REASONS and not (bare and klass == "4"))
+        # (The reply's own code says whether it was temporary: Postfix files a
+        # 554 greeting under a 4.7.1 status, as it goes on to the next MX.)
+        temporary = 400 <= code < 500 if code else klass == "4"
+        ipb = signal == "ipblock" or (reason in IPBLOCK_REASONS and not (bare and temporary))
         if not rate:
             gated = tiers["<ratelimit>"]
             rate = gated is not None and _search_gated(gated, t, present)
