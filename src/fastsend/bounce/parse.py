@@ -319,10 +319,12 @@ def _enrich(records: list[_Raw], human: str) -> None:
             or (r.status[2:] == "0.0" and detailed[0] == r.status[0])
         ):
             r.status = detailed
+        command = ""
         for t in (text, near):
-            command = commands.get(t)
-            if command is None:
-                command = commands[t] = vendors.find_command(t)
+            got_command = commands.get(t)
+            if got_command is None:
+                got_command = commands[t] = vendors.find_command(t)
+            command = got_command
             if command:
                 break
         r.command = command
