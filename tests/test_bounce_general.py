@@ -530,3 +530,117 @@ def test_a_domain_refusing_mail_from_us_is_not_a_hard_notaccept(text: str) -> No
     c = classify_reply(550, "", text, command="RCPT")
     assert not c.hard, c
     assert classify_reply(556, "5.1.10", "Recipient address has null MX", command="RCPT").hard
+
+
+# ---------------------------------------------------------------- transcripts and final reports
+_SENDMAIL_GENERIC = """\
+From: Mail Delivery Subsystem <MAILER-DAEMON@mx.sender.example>
+To: <news@sender.example>
+Subject: Returned mail: see transcript for details
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="x9"
+
+--x9
+
+   ----- The following addresses had permanent fatal errors -----
+<vic@rcpt.example>
+    (reason: 554 5.0.0 Service unavailable)
+
+   ----- Transcript of session follows -----
+... while talking to mx.rcpt.example.:
+>>> DATA
+<<< {reply}
+554 5.0.0 Service unavailable
+
+--x9
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.example
+
+Final-Recipient: RFC822; vic@rcpt.example
+Action: failed
+Status: 5.0.0
+Remote-MTA: DNS; mx.rcpt.example
+Diagnostic-Code: SMTP; 554 5.0.0 Service unavailable
+
+--x9--
+"""
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason", "status"),
+    [
+        ("552 5.2.2 <vic@rcpt.example>... Mailbox full", "mailboxfull", "5.2.2"),
+        ("550 5.7.1 Message rejected: virus found (Eicar-Signature)", "virusdetected", "5.7.1"),
+        ("552 5.3.4 Message size exceeds fixed limit", "mesgtoobig", "5.3.4"),
+    ],
+)
+def test_a_generic_dsn_diagnostic_defers_to_the_quoted_transcript(
+    reply: str, reason: str, status: str
+) -> None:
+    # sendmail's DSN summarises the session as "554 5.0.0 Service
+    # unavailable"; the remote server's own refusal is the "<<<" line of the
+    # transcript beside the recipient (sendmail deliver.c / Courier layout).
+    (r,) = parse_bounce(_SENDMAIL_GENERIC.format(reply=reply).encode())
+    assert (r.recipient, r.reason, r.status, r.command) == (
+        "vic@rcpt.example",
+        reason,
+        status,
+        "DATA",
+    ), r
+
+
+_MDAEMON_LIKE = """\
+From: Mail Delivery System <MDaemon@mx.rcpt.example>
+To: news@sender.example
+Subject: Permanent Delivery Failure
+
+The attached message had PERMANENT fatal delivery errors!
+
+After one or more unsuccessful delivery attempts the attached message has
+been removed from the mail queue on this server.
+
+YOU DO NOT NEED TO RESEND YOUR MESSAGE TO THE OTHER RECIPIENTS.
+
+--- Session Transcript ---
+ 10:00:00: Attempting SMTP connection to [192.0.2.25 : 25]
+ 10:00:00: --> MAIL From:<news@sender.example>
+ 10:00:00: <-- 250 2.1.0 Ok
+ 10:00:00: --> RCPT To:<kim@rcpt.example>
+ 10:00:00: <-- 550 5.1.1 <kim@rcpt.example>: Recipient address rejected: User unknown
+--- End Transcript ---
+"""
+
+
+def test_a_report_calling_its_failure_permanent_is_final() -> None:
+    # "You do not need to resend" also ends final reports (about the other
+    # recipients): the report says the failure is permanent, so it is no
+    # delay warning, and the "-->" transcript says the refusal answered RCPT.
+    (r,) = parse_bounce(_MDAEMON_LIKE.encode())
+    assert (r.recipient, r.reason, r.hard, r.action, r.command) == (
+        "kim@rcpt.example",
+        "userunknown",
+        True,
+        "failed",
+        "RCPT",
+    ), r
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        (" 10:00:00: --> RCPT To:<a@b.example>\n 10:00:01: <-- 550 5.1.1 unknown", "RCPT"),
+        (" --> DATA\n <-- 354 go ahead\n --> .\n <-- 554 5.7.1 spam", "DATA"),
+        (
+            "SMTP error from remote server for RCPT TO command, host: mx.b.example"
+            " (192.0.2.1) reason: 550 5.1.1 unknown",
+            "RCPT",
+        ),
+        ("The following recipients were rejected at RCPT TO: 550 no such user", "RCPT"),
+        ("remote host replied to MAIL FROM: 553 sender rejected", "MAIL"),
+    ],
+)
+def test_transcript_shapes_name_the_refused_command(text: str, command: str) -> None:
+    from fastsend.bounce import vendors
+
+    assert vendors.find_command(text) == command

@@ -331,6 +331,47 @@ CASES = [
         ("blocked", False, False, False),
     ),
     ((554, "5.7.1", "Connection refused", "CONN"), ("blocked", False, False, True)),
+    # The server timed the client out (Postfix smtpd_timeout, Exim
+    # smtp_receive_timeout): the network or the pace, no block, no slow-down.
+    (
+        (421, "4.4.2", "mx.x.test Error: timeout exceeded", "DATA"),
+        ("networkerror", False, False, False),
+    ),
+    (
+        (421, "", "mx.x.test SMTP incoming data timeout - closing connection.", "DATA"),
+        ("networkerror", False, False, False),
+    ),
+    (
+        (421, "4.4.2", "Connection dropped due to timeout", "DATA"),
+        ("networkerror", False, False, False),
+    ),
+    # A directory-harvest guard refuses the session after earlier invalid
+    # recipients: nothing about this recipient's address.
+    (
+        (550, "5.7.1", "Too many invalid recipients", "RCPT"),
+        ("toomanyconn", False, False, False),
+    ),
+    # The recipient's own filter refuses this sender: the address receives
+    # other mail (AOL's documented wording among them): never hard.
+    (
+        (550, "", "Recipient rejected: This user does not accept mails from your address", "RCPT"),
+        ("filtered", False, False, False),
+    ),
+    (
+        (550, "5.7.1", "Recipient is only accepting mail from specific email addresses", "RCPT"),
+        ("filtered", False, False, False),
+    ),
+    # RFC 5322 conformance in the wordings servers use.
+    (
+        (550, "5.7.1", "Multiple From: headers in message are not allowed", "DATA"),
+        ("notcompliantrfc", False, False, False),
+    ),
+    (
+        (554, "5.6.0", "Message does not conform to RFC 5322", "DATA"),
+        ("notcompliantrfc", False, False, False),
+    ),
+    # Exim's deferral when a sender callout cannot finish: about our sender.
+    ((451, "", "Could not complete sender verify", "RCPT"), ("rejected", False, False, False)),
     # Decisions that held (kept so they stay held).
     (
         (

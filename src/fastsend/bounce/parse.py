@@ -307,6 +307,13 @@ def _enrich(records: list[_Raw], human: str) -> None:
                 r.diagnostic = section.strip()[: vendors.DIAG_CAP]
         elif len(records) == 1 and not r.diagnostic.strip() and section:
             r.diagnostic = section.strip()[: vendors.DIAG_CAP]
+        elif near and _generic_status(r.status, r.diagnostic):
+            # The DSN's own diagnostic is the reporting MTA's summary ("554
+            # 5.0.0 Service unavailable"); the session transcript quoted
+            # beside the recipient holds the remote server's own refusal.
+            quoted = _TRANSCRIPT_REPLY.search(near)
+            if quoted is not None:
+                r.diagnostic = quoted.group(1).strip() + "\n" + r.diagnostic
         text = r.diagnostic
         got = found.get(text)
         if got is None:
@@ -328,6 +335,19 @@ def _enrich(records: list[_Raw], human: str) -> None:
             if command:
                 break
         r.command = command
+
+
+# A refusal in a quoted session transcript: "<<< 552 5.2.2 ..." (sendmail,
+# Courier) or "<-- 550 ..." (MDaemon's session log), the server's line.
+_TRANSCRIPT_REPLY = re.compile(r"(?:^|\n)[^\n]{0,40}?(?:<<<|<--) ?([45]\d\d[ -][^\n]{0,500})")
+
+
+def _generic_status(status: str, diagnostic: str) -> bool:
+    """No status more specific than its class (X.0.0), in the DSN or its text."""
+    if status and not status.endswith(".0.0"):
+        return False
+    detailed = vendors.find_status(diagnostic[:2048])
+    return not detailed or detailed.endswith(".0.0")
 
 
 def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw]:
@@ -447,12 +467,25 @@ _DELAY_SUBJECT = re.compile(
 )
 
 
+# A report that calls its failure permanent is final, whatever else it says
+# ("YOU DO NOT NEED TO RESEND YOUR MESSAGE" also closes final reports that
+# list the recipients who did get it): sendmail's "had permanent fatal
+# errors", Exim's and qmail's "This is a permanent error", "I've given up",
+# "PERMANENT fatal delivery errors", "removed from the (mail) queue".
+_PERMANENT_TEXT = re.compile(
+    r"permanent(?:ly)? (?:fatal|error|failure|delivery (?:error|failure))"
+    r"|(?:have|i've|has) given up|removed from the (?:mail )?queue",
+    re.IGNORECASE,
+)
+
+
 def _is_delay_warning(msg: email.message.Message, body: str) -> bool:
     """The report says delivery is still being retried (not a final failure)."""
     if _DELAY_SUBJECT.match(_header(msg, "Subject")):
         return True
     # The report's own text comes before the returned message.
-    return _DELAY_TEXT.search(vendors.cut_original(body)[:20000]) is not None
+    own = vendors.cut_original(body)[:20000]
+    return _DELAY_TEXT.search(own) is not None and _PERMANENT_TEXT.search(own) is None
 
 
 _BOUNCE_SUBJECT = re.compile(

@@ -104,7 +104,9 @@ _COMMAND_PHRASES = (
     # Postfix smtp(8): the server's greeting was a refusal.
     (re.compile(r"refused to talk to me", re.I), "CONN"),
 )
-_SENT_RE = re.compile(r"(?:<<<|>>>) ?(rcpt to|mail from|data|ehlo|helo)\b", re.IGNORECASE)
+# A quoted session transcript: the client's command after ">>>"/"<<<"
+# (sendmail, Courier, iMail) or "-->" (MDaemon's session log).
+_SENT_RE = re.compile(r"(?:<<<|>>>|-->) ?(rcpt to|mail from|data|ehlo|helo)\b", re.IGNORECASE)
 # Where a free-text bounce starts listing the failed recipients: addresses
 # named after such a line are preferred over those in a summary before it
 # (Exchange 2003's "Your message To: ... did not reach the following
@@ -134,7 +136,8 @@ _COMMANDS = (
     (re.compile(r"\bstarttls\b", re.I), "STARTTLS"),
 )
 _COMMAND_CONTEXT = re.compile(
-    r"(?:in reply to|after|while talking to|did not like our|>>>|error from remote mail server|but|"
+    r"(?:in reply to|after|while talking to|did not like our|>>>|error from remote (?:mail )?server|"
+    r"but|(?:rejected|refused) (?:at|in|by)|replied to|"
     r"smtp command:?|smtp:(?=[a-z]))"
     r".{0,60}",
     re.IGNORECASE | re.DOTALL,
