@@ -331,6 +331,13 @@ CASES = [
         ("blocked", False, False, False),
     ),
     ((554, "5.7.1", "Connection refused", "CONN"), ("blocked", False, False, True)),
+    # No reply at all at connect time (the delivery side's own words for a
+    # socket error): the network, never a block of the IP.
+    ((0, "", "Connection refused", "CONN"), ("networkerror", False, False, False)),
+    (
+        (0, "", "[Errno 111] Connect call failed ('192.0.2.1', 25)", "connect"),
+        ("networkerror", False, False, False),
+    ),
     # The server timed the client out (Postfix smtpd_timeout, Exim
     # smtp_receive_timeout): the network or the pace, no block, no slow-down.
     (

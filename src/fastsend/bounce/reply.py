@@ -889,6 +889,10 @@ def classify_reply(
     stage = {"CONNECT": "CONN", "GREETING": "CONN", "HELO": "EHLO", "BDAT": "DATA"}.get(
         stage, stage
     )
+    if not code and not (enhanced or "").strip() and stage == "CONN":
+        # No reply at all (connection refused, unreachable, timed out): the
+        # network, not a refusal by the site (a block is the server's reply).
+        return Classification("networkerror", False, True, rule="no-reply")
     c = (rules or default_rules()).classify(code, enhanced, text, command=stage)
     if c.hard and (400 <= code < 500 or (enhanced or "").strip().startswith("4.")):
         # A 4xx reply is temporary: the sender retries, so nothing is known
