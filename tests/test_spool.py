@@ -594,6 +594,54 @@ def test_tally_of_a_campaign_only_while_this_object_spooled_all_it_has(tmp_path:
     s.close()
 
 
+def test_checkpoints_behind_the_writer_keep_tally_and_rows_and_end_with_close(
+    tmp_path: Path,
+) -> None:
+    """checkpoint_behind(): WAL checkpoints on a thread and connection of their
+    own while the spool is written; they are not another writer's commits (a
+    campaign's tally stands), the rows are all there, checkpoint_soon() ends
+    the thread by itself, close() leaves no WAL behind and a second run starts
+    a new thread."""
+    import threading
+
+    import fastsend.spool.sqlite as mod
+
+    s = SQLiteSpool(str(tmp_path))
+    cid = s.create_campaign({"from": "a@b.example"})
+    s.checkpoint_behind()
+    behind = s._behind
+    assert behind is not None and behind.thread.is_alive()
+    s.checkpoint_behind()  # already running: the same thread
+    assert s._behind is behind
+    now = time.time()
+    for _ in range(5):
+        s.add_messages(cid, spool_rows(400), now)
+        behind.wake.set()  # a pass now rather than in CHECKPOINT_EVERY s
+        time.sleep(0.01)
+    wal = str(tmp_path / "spool.db-wal")
+    look = sqlite3.connect(str(tmp_path / "spool.db"))
+    frames = look.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    look.close()
+    assert frames[1] == frames[2]  # every frame copied back already, or by this pass
+    assert s.tally(cid) == (2000, 0)  # the checkpoints changed no data_version
+    s.checkpoint_soon()
+    behind.thread.join(5)
+    assert not behind.thread.is_alive()
+    s.checkpoint_behind()  # the next run: a thread of its own
+    assert s._behind is not behind and s._behind is not None and s._behind.thread.is_alive()
+    s.close()
+    assert not os.path.exists(wal) and s._behind is None
+    assert not any(t.name == "spool-checkpoints" for t in threading.enumerate())
+    again = SQLiteSpool(str(tmp_path))
+    assert again.counts(cid)["queued"] == 2000
+    again.close()
+    ro = SQLiteSpool(str(tmp_path), readonly=True)
+    ro.checkpoint_behind()  # read-only: nothing to do
+    assert ro._behind is None
+    ro.close()
+    assert mod.CHECKPOINT_EVERY > 0
+
+
 def test_parked_rows_stale_room_paused_cancelled_closed_and_crashed(tmp_path: Path) -> None:
     import fastsend.spool.sqlite as mod
 

@@ -116,6 +116,7 @@ def run(
     # process). The command's modules were frozen at entry (cli.main).
     threshold = gc.get_threshold()
     gc.set_threshold(SUPERVISOR_GC_YOUNG, *threshold[1:])
+    spool.checkpoint_behind()  # the WAL copied back off the loop (SQLite spools)
     try:
         # The supervisor runs the standard asyncio loop: it forks workers from
         # inside its loop, and a child forked from a running uvloop loop cannot
@@ -124,6 +125,7 @@ def run(
         with asyncio.Runner() as runner:
             stats = runner.run(sup.run())
     finally:
+        spool.checkpoint_soon()  # its last pass beside the closing below
         gc.set_threshold(*threshold)
         if own_events:
             events.close()

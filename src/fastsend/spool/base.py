@@ -503,6 +503,15 @@ class Spool(abc.ABC):
         it holds, waits and goes on. None for a local spool."""
         return ()
 
+    def checkpoint_behind(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """While a run delivers: a local spool's housekeeping of its log (SQLite's
+        WAL checkpoints) in a thread of its own, off the supervisor's loop, until
+        :meth:`checkpoint_soon` or :meth:`close`. A no-op by default."""
+
+    def checkpoint_soon(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """The run is over: :meth:`checkpoint_behind`'s last pass now, while the
+        caller goes on (a spool closed next waits for it). A no-op by default."""
+
     def probe(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """A small write that fails as the next real one would while a local
         spool's storage refuses writes (``SpoolStorageError``): the end of such
@@ -902,6 +911,12 @@ class SpoolProxy(Spool):
 
     def probe(self) -> None:
         self.inner.probe()
+
+    def checkpoint_behind(self) -> None:
+        self.inner.checkpoint_behind()
+
+    def checkpoint_soon(self) -> None:
+        self.inner.checkpoint_soon()
 
     def intact(self) -> bool:
         return self.inner.intact()

@@ -40,6 +40,7 @@ import functools
 import operator
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from itertools import chain, repeat, starmap
@@ -212,6 +213,13 @@ ROOM_TTL = 1.0  # s a short claim's room takes rows spooled after it (see _take_
 # messages, so a short interval copied most pages twice or more (about 0.3 us
 # per message in the supervisor, bench/supervisor_stages.py).
 WAL_CHECKPOINT_PAGES = 10_000
+# While a run delivers (``checkpoint_behind``): a checkpoint this often in a
+# thread of its own, on a connection of its own (SQLite's PASSIVE: it never
+# waits for nor holds up the supervisor's writes), so the commit that passes
+# WAL_CHECKPOINT_PAGES does not stall the supervisor's loop copying ~40 MB and
+# syncing the file, and the run's end finds a short WAL instead of the run's
+# last ~40 MB to copy, sync and delete before the command can exit.
+CHECKPOINT_EVERY = 1.0
 
 
 # A campaign's rows: its id runs (campaign_rows, written with the rows), each a
@@ -407,6 +415,49 @@ class RowWriter:
         return last
 
 
+class _Checkpoints:
+    """WAL checkpoints behind the spool's writer (see CHECKPOINT_EVERY): a
+    daemon thread with its own connection (sqlite3 lets go of the GIL while it
+    copies and syncs), until :meth:`last` (one more pass at once, then it
+    ends by itself) or :meth:`stop` (waits for it)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.wake = threading.Event()
+        self.ending = False
+        self.thread = threading.Thread(target=self._run, name="spool-checkpoints", daemon=True)
+
+    @classmethod
+    def start(cls, path: str) -> _Checkpoints | None:
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:  # best effort: SQLite's own checkpoints remain
+            return None
+        self = cls(db)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self.wake.wait(CHECKPOINT_EVERY)
+                self.wake.clear()
+                with contextlib.suppress(sqlite3.Error):  # busy, full disk: the writer's concern
+                    self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                if self.ending:
+                    return
+        finally:
+            self.db.close()
+
+    def last(self) -> None:
+        self.ending = True
+        self.wake.set()
+
+    def stop(self) -> None:
+        self.last()
+        self.thread.join()
+
+
 PyRowWriter = RowWriter  # the reference (tests compare the twin with it)
 RowWriter = pick(PyRowWriter)  # type: ignore[misc]
 
@@ -480,6 +531,7 @@ class SQLiteSpool(Spool):
         # database's data_version at creation] (see tally()).
         self._tallies: dict[int, list[int]] = {}
         self._prune_from = 0  # prune_final: the last id a sweep looked at
+        self._behind: _Checkpoints | None = None  # checkpoint_behind's thread
         self.path = os.path.join(directory, "spool.db")
         if readonly and not os.path.exists(self.path):
             raise SpoolError(f"no spool at {directory!r} (missing {self.path})")
@@ -508,6 +560,7 @@ class SQLiteSpool(Spool):
         # outcome means a retry, never a loss); add_messages, which makes mail
         # "accepted", switches to FULL for its own transaction.
         self.db = connect(self.path, readonly=readonly, synchronous="NORMAL", schema=SCHEMA)
+        self._writable = not readonly
         if not readonly:
             self.db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
@@ -542,6 +595,7 @@ class SQLiteSpool(Spool):
         self.db = sqlite3.connect(
             f"file:{self.path}?immutable=1", uri=True, isolation_level=None
         )
+        self._writable = False
         self._of = _OF_RUNS if _runs_cover(self.db) is not None else _OF_INDEX
         self._rows = PyRowWriter(self.db, self.path, _insert_sql)
 
@@ -1497,7 +1551,23 @@ class SQLiteSpool(Spool):
         fd, _tag = _LOCKS.pop(path)
         os.close(fd)  # drops the lock (the file stays: unlinking it would race a waiter)
 
+    def checkpoint_behind(self) -> None:
+        if not self._writable:
+            return
+        if self._behind is not None:
+            if not self._behind.ending:
+                return  # already running
+            self._behind.stop()  # a run before this one's last pass
+        self._behind = _Checkpoints.start(self.path)
+
+    def checkpoint_soon(self) -> None:
+        if self._behind is not None:
+            self._behind.last()
+
     def close(self) -> None:
+        if self._behind is not None:  # its connection closed first: ours is the last
+            self._behind.stop()
+            self._behind = None
         if self._parked:  # spooled for a claim that never came: queued again
             self._unpark([c.id for c in self._parked])
             self._parked = []
