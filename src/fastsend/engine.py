@@ -105,6 +105,7 @@ def run(
         on_tick=bar,
         feeder=feeder,
         suppression=suppression,
+        checkpoints_behind=True,  # the WAL copied back off the loop (SQLite spools)
     )
     cpu0 = os.times()  # this process, and its reaped children (the workers)
     t0 = time.monotonic()
@@ -116,7 +117,6 @@ def run(
     # process). The command's modules were frozen at entry (cli.main).
     threshold = gc.get_threshold()
     gc.set_threshold(SUPERVISOR_GC_YOUNG, *threshold[1:])
-    spool.checkpoint_behind()  # the WAL copied back off the loop (SQLite spools)
     try:
         # The supervisor runs the standard asyncio loop: it forks workers from
         # inside its loop, and a child forked from a running uvloop loop cannot

@@ -74,7 +74,13 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         on_tick: Callable[[Supervisor], None] | None = None,
         feeder: Iterator[object] | None = None,
         suppression: SuppressionList | None = None,
+        checkpoints_behind: bool = False,
     ) -> None:
+        # checkpoints_behind: once the workers are forked, the spool's log
+        # housekeeping runs in a thread of its own (Spool.checkpoint_behind;
+        # the caller ends it: Spool.checkpoint_soon, close). Started after the
+        # fork: the workers are not forked from a process with that thread.
+        self.checkpoints_behind = checkpoints_behind
         # feeder: a generator that spools more mail (one chunk per step) while
         # delivery runs, so sending starts before a long list is fully imported.
         self.feeder = feeder
@@ -322,6 +328,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             loop.add_signal_handler(sig, self.on_signal, sig)
         for slot in self.slots:
             self.spawn(slot)
+        if self.checkpoints_behind:
+            self.spool.checkpoint_behind()
         feed_task = loop.create_task(self._feed()) if self.feeder is not None else None
         last_reap = last_told = 0.0
         guard = self.guard
