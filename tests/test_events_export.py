@@ -10,6 +10,7 @@ on a Redis spool (a real redis-server), where the export was a 501 (aud15r).
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import itertools
@@ -155,10 +156,18 @@ def test_export_refuses_bad_input_and_no_key(served: Served) -> None:
     for query, field in (("limit=0", "limit"), ("limit=100001", "limit"), ("limit=x", "limit"),
                          ("format=xml", "format"), ("from=yesterday", "from"),
                          ("from=-1h&to=-2h", "to"), ("cursor=%%%", "cursor"),
-                         ("cursor=bm90OmFjdXJzb3I", "cursor"), ("campaign=x", "campaign")):  # fmt: skip
+                         ("cursor=bm90OmFjdXJzb3I", "cursor"), ("campaign=x", "campaign"),
+                         ("cursor=aW5mOjE", "cursor"),  # inf:1
+                         ("cursor=NTo5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OQ", "cursor")):  # fmt: skip
         st, body, _ = _get(served, query)
         err = orjson.loads(body)["error"]
         assert st == 400 and err.get("field") == field, (query, err)
+    # Cursors this server never gave: nothing past them, or all of the range (a 500
+    # before: a row id over SQLite's integers, a position outside Redis stream ids).
+    for raw in (b"1e300:5", b"-5:3"):
+        cur = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        st, body, _ = _get(served, f"from=-1h&cursor={cur}")
+        assert st == 200 and (body == b"" or raw == b"-5:3"), (raw, st, body)
     st, _, _ = _get(served, "", tenant="")
     assert st == 401
     st, body = http("GET", served.base + "/v1/events?limit=1", key="fs_bogus_key")

@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import math
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -70,7 +71,7 @@ def decode_cursor(value: str) -> tuple[float, int]:
         pos = (float(t), int(r))
     except (ValueError, UnicodeDecodeError):
         raise bad("cursor: not a cursor this server gave", "cursor") from None
-    if pos[0] != pos[0] or pos[1] < 0:  # NaN
+    if not math.isfinite(pos[0]) or not 0 <= pos[1] < 1 << 63:  # NaN, inf, no row id
         raise bad("cursor: not a cursor this server gave", "cursor")
     return pos
 

@@ -366,6 +366,16 @@ EV_BUCKET = 128  # message ids per event list / meta hash (as the spool's bucket
 RUN_MAX = 1000  # events per time-index entry (P:evx): a run of one list
 EVX_SLACK = 300.0  # s: an event is in the time index within this of its own time
 EVX_SEQ = 1024  # an export position: (entry ms, entry seq * EVX_SEQ + index in the run)
+EVX_READ = 2000  # event bodies an export reads in one round trip (a batch of entries)
+# The runs of a batch of time-index entries, in one call. ARGV: P, then per run:
+# bucket, first, last (list indexes) -> one list of bodies per run.
+_READ = """
+local out = {}
+for i = 2, #ARGV, 3 do
+  out[#out + 1] = redis.call('LRANGE', ARGV[1]..':ev:'..ARGV[i], ARGV[i + 1], ARGV[i + 2])
+end
+return out
+"""
 # The events of a flush in runs: each run RPUSHed to its bucket's list and named
 # by one time-index entry (bucket, where it starts, how many, campaign, type,
 # first and last time), in one call: a run and its entry are never apart.
@@ -383,7 +393,14 @@ while i <= #ARGV do
              'e', ARGV[i + 2], 't0', ARGV[i + 3], 't1', ARGV[i + 4])
   i = i + 6 + n
 end
-if ARGV[3] ~= '0' then redis.call('XTRIM', P..':evx', 'MINID', '~', ARGV[3]) end
+if ARGV[3] ~= '0' then
+  local t = redis.pcall('XTRIM', P..':evx', 'MINID', '~', ARGV[3])
+  if type(t) == 'table' and t.err then  -- Redis before 6.2: no MINID; the oldest by hand
+    for _, e in ipairs(redis.call('XRANGE', P..':evx', '-', ARGV[3], 'COUNT', 200)) do
+      redis.call('XDEL', P..':evx', e[1])
+    end
+  end
+end
 return 1
 """
 STAT_STEPS = ((60, 6 * 3600), (3600, 8 * 86400))  # (bucket s, kept s): minutes, hours
@@ -407,6 +424,7 @@ class RedisEventIndex:
         # (id, "ID:json", campaign, type, time) in the order recorded
         self.pending: list[tuple[int, bytes, int, str, float]] = []
         self._append = r.register_script(_APPEND)
+        self._read = r.register_script(_READ)
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
         self.counts: dict[tuple[int, str], int] = {}  # (minute, field) -> n
         self.last_flush = time.monotonic()
@@ -564,14 +582,21 @@ class RedisEventIndex:
     # run): in the order the nodes recorded the events (a flush's events are
     # within a fraction of a second of each other), each event once.
 
-    def _walk(self, q: Any, after: tuple[float, int] | None) -> Iterator[tuple[int, int, dict[bytes, bytes], int]]:
-        """(ms, seq, fields, first index) of the time index's entries past ``after``
-        that may hold events of ``q`` (their campaign and type match, their times
-        meet [t0, t1)); entries are read EVX_SLACK s beyond the range's ends."""
+    def _walk(
+        self, q: Any, after: tuple[float, int] | None, read: Callable[[dict[bytes, bytes]], bool]
+    ) -> Iterator[tuple[int, int, dict[bytes, bytes], int, list[bytes] | None]]:
+        """(ms, seq, fields, first index, bodies) of the time index's entries past
+        ``after`` that may hold events of ``q`` (their campaign and type match, their
+        times meet [t0, t1)); entries are read EVX_SLACK s beyond the range's ends.
+        The bodies (from the first index on, JSON without the "ID:") of the entries
+        ``read`` asks for are fetched a few thousand at a time in one round trip;
+        None for the others."""
         key = f"{self.k}:evx"
         if after is not None:
             ms, rest = int(after[0]), int(after[1])
             seq, k0 = divmod(rest, EVX_SEQ)
+            if not (0 <= ms < 1 << 63 and 0 <= seq < 1 << 63):
+                return  # no entry is there (a cursor this server never gave)
             start, first = f"{ms}-{seq}", k0 + 1
         else:
             start, first = f"{max(0, int((q.t0 - EVX_SLACK) * 1000))}-0", 0
@@ -582,6 +607,7 @@ class RedisEventIndex:
             page = self.r.xrange(key, start, f"{stop}-18446744073709551615", count=500)
             if not page:
                 return
+            items: list[tuple[int, int, dict[bytes, bytes], int]] = []
             for raw_id, f in page:
                 ms_s, _, seq_s = _s(raw_id).partition("-")
                 ms, seq = int(ms_s), int(seq_s)
@@ -593,17 +619,30 @@ class RedisEventIndex:
                     and float(f[b"t0"]) < q.t1
                     and lo < int(f[b"n"])
                 ):
-                    yield ms, seq, f, lo
+                    items.append((ms, seq, f, lo))
+            j = 0
+            while j < len(items):  # a batch of entries, its bodies in one round trip
+                batch: list[tuple[int, int, dict[bytes, bytes], int]] = []
+                size = 0
+                while j < len(items) and (not batch or size < EVX_READ):
+                    batch.append(items[j])
+                    size += int(items[j][2][b"n"]) - items[j][3]
+                    j += 1
+                want = [it for it in batch if read(it[2])]
+                got: dict[tuple[int, int], list[bytes]] = {}
+                if want:
+                    args: list[Any] = [self.k]
+                    for _ms, _seq, f, lo in want:
+                        s0 = int(f[b"s"])
+                        args += [int(f[b"b"]), s0 + lo, s0 + int(f[b"n"]) - 1]
+                    for it, raw in zip(want, self._read(args=args), strict=True):
+                        got[(it[0], it[1])] = [x.partition(b":")[2] for x in raw]
+                for ms, seq, f, lo in batch:
+                    yield ms, seq, f, lo, got.get((ms, seq))
             last = _s(page[-1][0])
             ms_s, _, seq_s = last.partition("-")
             start = f"{ms_s}-{int(seq_s) + 1}"
             first = 0
-
-    def _bodies(self, f: dict[bytes, bytes], lo: int) -> list[bytes]:
-        """The run's event bodies from index ``lo`` (JSON, without the "ID:")."""
-        s0, n = int(f[b"s"]), int(f[b"n"])
-        raw = self.r.lrange(f"{self.k}:ev:{int(f[b'b'])}", s0 + lo, s0 + n - 1)
-        return [x.partition(b":")[2] for x in raw]
 
     @staticmethod
     def _fits(q: Any, f: dict[bytes, bytes], body: bytes) -> bool:
@@ -630,12 +669,12 @@ class RedisEventIndex:
             return None, False
         left = q.limit
         end: tuple[float, int] | None = None
-        for ms, seq, f, lo in self._walk(q, q.after):
+        for ms, seq, f, lo, bodies in self._walk(q, q.after, lambda f: not self._inside(q, f)):
             n = int(f[b"n"])
-            if self._inside(q, f):
+            if bodies is None:  # wholly inside the range: counted without reading it
                 idx = list(range(lo, n))
             else:
-                idx = [lo + j for j, b in enumerate(self._bodies(f, lo)) if self._fits(q, f, b)]
+                idx = [lo + j for j, b in enumerate(bodies) if self._fits(q, f, b)]
             if end is not None:
                 if idx:
                     return end, True
@@ -659,8 +698,8 @@ class RedisEventIndex:
             return [], None
         out: list[bytes] = []
         pos: tuple[float, int] | None = None
-        for ms, seq, f, lo in self._walk(q, after):
-            for j, body in enumerate(self._bodies(f, lo)):
+        for ms, seq, f, lo, bodies in self._walk(q, after, lambda f: True):
+            for j, body in enumerate(bodies or ()):
                 here = (float(ms), seq * EVX_SEQ + lo + j)
                 if until is not None and here > until:
                     return out, pos
