@@ -34,6 +34,7 @@ log = logging.getLogger("fastsend.serve.eventindex")
 
 FLUSH_EVERY = 0.2
 MAX_PENDING = 100_000  # rows kept in memory while the storage refuses writes
+OUTAGE_RETRY = 2.0  # s between two tries while it does
 # Events a report names a message with (a DSN, a feedback report, a provider's
 # event): recorded once per message (see :func:`already_told`).
 ONCE_PER_MESSAGE = frozenset({"bounced", "complained", "unsubscribed"})
@@ -92,6 +93,7 @@ class EventIndex:
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
         self.last_flush = time.monotonic()
         self.outage = False  # the last flush found the storage refusing writes
+        self.failed_at = 0.0  # monotonic time of that flush
 
     # -- writing -------------------------------------------------------------
 
@@ -125,9 +127,11 @@ class EventIndex:
             self.flush()
 
     def flush(self) -> None:
-        self.last_flush = time.monotonic()
+        now = self.last_flush = time.monotonic()
         if not self.pending and not self.pending_meta:
             return
+        if self.outage and now - self.failed_at < OUTAGE_RETRY:
+            return  # the storage refused the last try: not every 0.2 s (rows wait)
         rows, self.pending = self.pending, []
         meta, self.pending_meta = self.pending_meta, []
         db = self.db
@@ -151,6 +155,7 @@ class EventIndex:
                             " written once it can be", self.path, problem, e,
                             MAX_PENDING)  # fmt: skip
             self.outage = True
+            self.failed_at = time.monotonic()
             return
         if self.outage:
             log.warning("event index: %s is written again", self.path)
