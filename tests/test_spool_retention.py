@@ -215,3 +215,21 @@ def _events(spool: str) -> list[dict[str, Any]]:
 
     path = Path(spool_local_dir(spool)) / "events.jsonl"
     return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
+
+
+def test_a_campaign_cancelled_today_keeps_its_rows_from_today(make_spool: Factory) -> None:
+    """Cancelling is a change: rows spooled 40 days ago and cancelled now are kept
+    final_retention_days from now (they went at once: their last attempt was old)."""
+    s = make_spool()
+    old = time.time() - 40 * DAY
+    c = s.create_campaign({"from": "a@b.example"})
+    ids = s.add_messages(c, _rows(300), old)
+    s.add_messages(c, _rows(1, "new"), time.time())  # (the newest row)
+    s.set_campaign_status(c, "cancelled")
+    assert s.message(ids[0])["state"] == "cancelled"
+    assert s.message(ids[0])["updated"] > time.time() - 60
+    assert _sweep(s, time.time() - 30 * DAY) == 0
+    assert s.counts(c)["cancelled"] == 301
+    assert _sweep(s, time.time() + 1) >= 300  # 30 days later
+    assert s.counts(c)["cancelled"] == 301
+    s.close()

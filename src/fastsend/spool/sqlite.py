@@ -682,10 +682,12 @@ class SQLiteSpool(Spool):
             if status == "cancelled":
                 self._tallies.pop(campaign_id, None)  # pending rows end cancelled
                 # Pending mail becomes final; what is in flight finishes its attempt.
+                # (updated: a cancelled row is kept final_retention_days from now)
+                now = time.time()
                 db.executemany(
-                    "UPDATE messages SET state=?, next_at=0 WHERE id BETWEEN ? AND ?"
+                    "UPDATE messages SET state=?, next_at=0, updated=? WHERE id BETWEEN ? AND ?"
                     " AND campaign=? AND state IN (0, 2)",
-                    [(CANCELLED, a, b, campaign_id) for a, b in db.execute(
+                    [(CANCELLED, now, a, b, campaign_id) for a, b in db.execute(
                         "SELECT first, last FROM campaign_rows WHERE campaign=?", (campaign_id,)
                     ).fetchall()],
                 )  # fmt: skip
