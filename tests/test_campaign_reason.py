@@ -66,6 +66,9 @@ def test_campaign_list_prints_why_a_guardrail_paused_it(tmp_path: Path) -> None:
         run_fastsend("campaign", "list", "--spool", str(tmp_path / "spool"), "--json").stdout
     )
     assert listed[0]["reason"].startswith("guardrail: bounce rate 50.0%")
+    out = run_fastsend("queue", "--spool", str(tmp_path / "spool"))
+    assert "campaign 1 'spring' [paused]" in out.stdout, out.stdout
+    assert "paused: guardrail: bounce rate 50.0%" in out.stdout, out.stdout
 
 
 def test_a_spool_made_before_campaign_reasons_opens(tmp_path: Path) -> None:

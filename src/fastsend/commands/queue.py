@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     shape = spool.queue_shape(now)
     counts = spool.counts()
     campaigns = [
-        {"id": c.id, "name": c.name, "status": c.status, **spool.counts(c.id)}
+        {"id": c.id, "name": c.name, "status": c.status, "reason": c.reason,
+         **spool.counts(c.id)}
         for c in spool.list_campaigns()
     ]
     ingests = [
@@ -91,4 +92,6 @@ def run(args: argparse.Namespace) -> int:
                 if c[k]
             )
             print(f"campaign {c['id']} {c['name']!r} [{c['status']}]  {rest}")
+            if c["reason"]:
+                print(f"  {c['status']}: {c['reason']}")
     return 0
