@@ -36,7 +36,7 @@ from fastsend.delivery import ehlo, mx, routes
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.routes import Router
-from fastsend.delivery.signing import ConfigDKIM, raw_from_domains
+from fastsend.delivery.signing import ConfigDKIM, identity_domains
 from fastsend.message import Campaign, CampaignError, RenderError
 from fastsend.message.rawmime import utf8_header
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
@@ -433,9 +433,12 @@ class Worker:
                     raw = base64.b64decode(msg["raw"])
                     mail_from = msg.get("mail_from", "")
                     if tenants.configured:  # accepted before a config change took a domain away
-                        for d in [*raw_from_domains(raw), mail_from.rpartition("@")[2]]:
+                        # Read as sent (a bare CR ends a line), Sender and Resent-* too.
+                        seen = identity_domains(raw)[1]
+                        for name, d in [*seen, ("envelope from", mail_from.rpartition("@")[2])]:
                             if d and not tenants.allows(tenant or "", d):
-                                raise ValueError(f"From domain {d} is not the tenant's")
+                                raise ValueError(f"{name.capitalize()} domain {d} is not the"
+                                                 " tenant's")  # fmt: skip
                     # Shared by a blob's recipients: a Message-ID naming none of them.
                     data, eightbit = self.dkim.prepare_raw(
                         raw, tenant, mid + msgid.GROUP_SUFFIX if blob else mid

@@ -31,7 +31,6 @@ from aiohttp import web
 
 from fastsend.accept import AcceptError, check_campaign, header_variables
 from fastsend.address import AddressError, normalize
-from fastsend.delivery.signing import raw_from_domains
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
 from fastsend.message.headers import HeaderError, parse_mailbox
@@ -254,8 +253,6 @@ class MessagesHandler:
                 check_raw(raw)
             except RawMimeError as e:
                 raise bad(f"{where}.raw: {e}", f"{where}.raw") from None
-            for d in raw_from_domains(raw):  # the From the recipient sees (DKIM, DMARC)
-                check_from_domain(request, d, f"{where}.raw")
             # Read as it is sent (a bare CR is a line end), with Sender and Resent-*.
             if header_nul(raw):
                 raise bad(f"{where}.raw: NUL in the header section", f"{where}.raw")

@@ -13,43 +13,10 @@ domain must be one of the tenant's (``Tenants.allows``).
 
 from __future__ import annotations
 
-import email.utils
+from fastsend.delivery.signing import IDENTITY_FIELDS, crlf_lines, header_fields
+from fastsend.delivery.signing import identity_domains as sender_domains
 
-from fastsend.delivery.signing import crlf_lines
-
-IDENTITY_FIELDS = ("from", "sender", "resent-from", "resent-sender")
-
-
-def header_fields(raw: bytes) -> list[tuple[str, str]]:
-    """(lower-case name, unfolded value) of each field of ``raw``'s header section,
-    with the line ends it will be sent with."""
-    head = crlf_lines(raw).partition(b"\r\n\r\n")[0]
-    out: list[tuple[str, str]] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and out:
-            field, prev = out[-1]
-            out[-1] = (field, prev + " " + line.decode("utf-8", "replace"))
-        elif b":" in line:
-            name, _, value = line.partition(b":")
-            out.append((name.strip().lower().decode("latin-1"), value.decode("utf-8", "replace")))
-        else:
-            out.append(("", line.decode("utf-8", "replace")))
-    return out
-
-
-def sender_domains(raw: bytes) -> tuple[bool, list[tuple[str, str]]]:
-    """(whether it has a From field, [(field name, domain), ...] of every address in
-    its From, Sender, Resent-From and Resent-Sender fields). An address with no
-    domain gives "" (a domain no tenant has)."""
-    has_from = False
-    out: list[tuple[str, str]] = []
-    for name, value in header_fields(raw):
-        if name not in IDENTITY_FIELDS:
-            continue
-        has_from = has_from or name == "from"
-        for _, addr in email.utils.getaddresses([" ".join(value.split())]):
-            out.append((name, addr.rpartition("@")[2].lower().rstrip(".") if addr else ""))
-    return has_from, out
+__all__ = ["IDENTITY_FIELDS", "header_fields", "header_nul", "sender_domains"]
 
 
 def header_nul(raw: bytes) -> bool:

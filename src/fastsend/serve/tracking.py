@@ -47,7 +47,7 @@ import html
 import time
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -241,6 +241,9 @@ class _Tracking:
         mid, rcpt, url = self._check(request, tr.CLICK)
         if not url.lower().startswith(("http://", "https://")) or not url.isprintable():
             raise _not_found()  # (a control character cannot go in a Location header)
+        location = ascii_url(url)
+        if location is None:
+            raise _not_found()  # a host no browser could ask for
         if self._record(request):
             ev = self._event("clicked", mid, rcpt, request)
             ev["url"] = url
@@ -250,7 +253,7 @@ class _Tracking:
                 self._head(ev)
         return web.Response(
             status=302,
-            headers={"Location": url, "Referrer-Policy": "no-referrer", **_NO_STORE},
+            headers={"Location": location, "Referrer-Policy": "no-referrer", **_NO_STORE},
         )
 
     async def unsubscribe_page(self, request: web.Request) -> web.Response:
@@ -286,6 +289,47 @@ class _Tracking:
         if one_click:
             return web.Response(text="unsubscribed\n", headers=_NO_STORE)
         return _page("Unsubscribed", f"<p>{html.escape(rcpt)} will get no more mail from us.</p>")
+
+
+# What is percent-encoded (as UTF-8) in each part of a redirect's URL: every
+# non-ASCII character and those the WHATWG URL parser encodes in that part
+# (https://url.spec.whatwg.org/#percent-encoded-bytes), "%" never (an escape the
+# link already has stays as it is, and a stray "%" is left as browsers leave it).
+_KEEP = "".join(chr(c) for c in range(0x21, 0x7F))
+_SAFE_PATH = _KEEP.translate({ord(c): None for c in '"<>`{}'})
+_SAFE_QUERY = _KEEP.translate({ord(c): None for c in "\"<>'"})
+_SAFE_FRAGMENT = _KEEP.translate({ord(c): None for c in '"<>`'})
+
+
+def ascii_url(url: str) -> str | None:
+    """``url`` as a browser sends it: the host in IDNA A-labels, non-ASCII characters
+    and spaces in the path, query and fragment percent-encoded as UTF-8 (a Location
+    header is ASCII: RFC 9110 5.5, RFC 3986 3; raw UTF-8 there is read as Latin-1 by
+    some clients). None when the host is not a valid name."""
+    if url.isascii() and " " not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    userinfo, at, hostport = authority.rpartition("@")
+    host, port = hostport, ""
+    if not host.startswith("["):  # (an IPv6 literal is ASCII)
+        host, colon, port = hostport.partition(":")
+        port = colon + port
+    if not host.isascii():
+        from fastsend.message.headers import HeaderError, encode_domain
+
+        try:
+            host = encode_domain(host.rstrip(".")).lower() + ("." if host.endswith(".") else "")
+        except HeaderError:
+            return None
+    tail, hash_, fragment = tail.partition("#")
+    path, q, query = tail.partition("?")
+    return (
+        scheme + sep + quote(userinfo, _SAFE_PATH) + at + host + port
+        + quote(path, _SAFE_PATH) + q + quote(query, _SAFE_QUERY)
+        + hash_ + quote(fragment, _SAFE_FRAGMENT)
+    )  # fmt: skip
 
 
 def _html(title: str, body: str) -> str:
