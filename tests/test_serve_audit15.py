@@ -16,11 +16,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
+import orjson
 import pytest
 from tests._serve_helpers import Served, sink_message
 
@@ -132,3 +138,119 @@ def test_click_redirect_location_is_ascii(tmp_path: Path, sink: SinkThread) -> N
                        b"?q=na%C3%AFve&x=1%202&y=%C3%A9#caf%C3%A9"), loc  # fmt: skip
     finally:
         s.stop()
+
+
+# ------------------------------------------------- a spool that cannot write
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str) -> Iterator[None]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mount): CI runs as root")
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(where: Path) -> Path:
+    """A file taking every free byte of ``where``'s file system."""
+    filler = where / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
+
+
+TPL = {"from": "a@evil.example", "subject": "Hi {{ name }}", "text": "Dear {{ name }}"}
+
+
+def test_full_disk_campaign_is_507_with_retry_after_and_nothing_half_made(
+    tmp_path: Path,
+) -> None:
+    """POST /v1/campaigns while the spool's disk is full: 507 with Retry-After (it
+    was a 500), and no campaign is left behind (it was an empty campaign that the
+    tenant saw); with room again the same request is created whole."""
+    disk = tmp_path / "disk"
+    with _tmpfs(disk, "8m"):
+        s = Served(disk, "127.0.0.1:9", serve_args=("--no-workers",))
+        try:
+            body = {"name": "full", "template": TPL,
+                    "recipients": [{"email": f"r{i}@example.org", "name": "N" * 900}
+                                   for i in range(200)]}  # fmt: skip
+            filler = _fill(disk)
+            st, got = s.req("POST", "/v1/campaigns", body)
+            headers = _headers(s, "POST", "/v1/campaigns", body)
+            assert st == 507, got
+            assert "full" in got["error"]["message"], got
+            assert int(headers["retry-after"]) > 0, headers
+            st, listed = s.req("GET", "/v1/campaigns")
+            assert st == 200 and listed["campaigns"] == [], listed
+            filler.unlink()
+            st, got = s.req("POST", "/v1/campaigns", body)
+            assert st == 201 and got["accepted"] == 200, got
+            st, listed = s.req("GET", "/v1/campaigns")
+            assert [c["id"] for c in listed["campaigns"]] == [got["id"]], listed
+            st, view = s.req("GET", f"/v1/campaigns/{got['id']}")
+            assert view["total"] == 200 and view["status"] == "active", view
+        finally:
+            s.stop()
+
+
+def _headers(s: Served, method: str, path: str, body: object) -> dict[str, str]:
+    """The response headers of one more such request (lower-case names)."""
+
+    async def go() -> dict[str, str]:
+        async with (
+            aiohttp.ClientSession() as c,
+            c.request(method, s.base + path, data=orjson.dumps(body),
+                      headers={"Authorization": f"Bearer {s.keys['evil']}"}) as r,
+        ):  # fmt: skip
+            return {k.lower(): v for k, v in r.headers.items()}
+
+    return asyncio.run(go())
+
+
+def test_a_json_list_without_a_key_is_spooled_whole_or_not_at_all(tmp_path: Path) -> None:
+    """40,000 recipients in one JSON body, no Idempotency-Key, to a Redis spool that
+    runs out of memory half-way (maxmemory just above what the first 20,000 take):
+    either every row is spooled or none is (it was 20,000 queued and a 500: the
+    client, retrying, would send those twice)."""
+    import redis as redis_client
+    from tests._redis_helpers import start_redis
+
+    with start_redis() as server:
+        s = Served(tmp_path, "127.0.0.1:9", spool_url=server.url(),
+                   api="max_body_bytes = 33554432",
+                   serve_args=("--no-workers", "--allow-volatile"))  # fmt: skip
+        r = redis_client.Redis(port=server.port)
+        try:
+            def rows(tag: str, n: int) -> dict:
+                return {"recipients": [{"email": f"{tag}{i}@example.org", "name": "N" * 40}
+                                       for i in range(n)]}  # fmt: skip
+
+            st, c = s.req("POST", "/v1/campaigns", {"template": TPL, "paused": True})
+            assert st == 201, c
+            url = f"/v1/campaigns/{c['id']}/recipients"
+            before = int(r.info("memory")["used_memory"])
+            st, got = s.req("POST", url, rows("a", 5_000), timeout=60)
+            assert st == 202 and got["accepted"] == 5_000, got
+            # Room for 1.3 times what 20,000 rows (one transaction of old) take.
+            chunk = (int(r.info("memory")["used_memory"]) - before) * 4
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + chunk * 13 // 10)
+            st, got = s.req("POST", url, rows("b", 40_000), timeout=60)
+            r.config_set("maxmemory", 0)
+            st2, view = s.req("GET", f"/v1/campaigns/{c['id']}")
+            if st == 202:
+                assert got["accepted"] == 40_000 and view["total"] == 45_000, (got, view)
+            else:
+                assert view["total"] == 5_000, (st, view)  # nothing of the failed list
+                assert st in (503, 507), got
+        finally:
+            r.close()
+            s.stop()

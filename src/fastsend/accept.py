@@ -279,11 +279,14 @@ class Acceptor:
         tenant: str = DEFAULT_TENANT,
         options: dict[str, Any] | None = None,
         paused: bool = False,
+        status: str | None = None,
     ) -> int:
-        """Create a campaign from a spec :func:`check_campaign` returned."""
-        cid = self.spool.create_campaign(spec, name=name, tenant=tenant, options=options)
-        if paused:
-            self.spool.set_campaign_status(cid, "paused")
+        """Create a campaign from a spec :func:`check_campaign` returned, active,
+        ``paused`` or in ``status`` (``"staging"``: see fastsend.spool.STAGING)."""
+        status = status or ("paused" if paused else "active")
+        cid = self.spool.create_campaign(
+            spec, name=name, tenant=tenant, options=options, status=status
+        )
         self._tenants[cid] = tenant
         return cid
 

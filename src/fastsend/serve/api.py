@@ -39,6 +39,7 @@ from fastsend.config.tenants import norm_domain
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import ServeContext
 from fastsend.serve.eventindex import EventIndex
+from fastsend.spool import SpoolStorageError, storage_problem
 from fastsend.tenants import TenantDomainError, domain_of
 from fastsend.throttle import Gcra
 
@@ -77,6 +78,35 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.field = field
+
+
+STORAGE_RETRY_AFTER = 30  # s a client waits before trying again when the spool cannot write
+
+
+def unavailable(e: BaseException, outage: tuple[type[BaseException], ...] = ()
+                ) -> ApiError | None:  # fmt: skip
+    """The answer to a request the spool could not take: 507 (Insufficient Storage,
+    RFC 4918 11.5) when its disk is full or over quota, 503 when it is read-only, has
+    an I/O error or cannot be reached (``outage``: the spool's outage errors, e.g. a
+    Redis connection); None for any other error. Both are answered with Retry-After:
+    every write of the request rolled back (one transaction per part; a new campaign
+    stays unseen, fastsend.serve.api_campaigns), so the client sends it again."""
+    problem = storage_problem(e)
+    x: BaseException | None = e
+    for _ in range(8):  # Redis at maxmemory refuses writes (redis.exceptions: not imported)
+        if problem is not None or x is None:
+            break
+        if type(x).__name__ == "OutOfMemoryError":
+            problem = "is full (Redis maxmemory)"
+        x = x.__cause__ or x.__context__
+    if problem is None and not isinstance(e, SpoolStorageError) and not (
+        outage and isinstance(e, outage)
+    ):
+        return None
+    full = problem is not None and problem.startswith(("is full", "is over its disk quota"))
+    what = f"the server's spool {problem}" if problem else "the server's spool cannot be reached"
+    return ApiError(507 if full else 503, f"{what}: the request was not accepted; try again"
+                    f" in {STORAGE_RETRY_AFTER} s")  # fmt: skip
 
 
 def bad(message: str, field: str | None = None) -> ApiError:
@@ -444,7 +474,13 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             keep = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
             return error_response(ApiError(e.status, e.reason), keep or None)
         raise
-    except Exception:
+    except Exception as e:
+        spool = getattr(getattr(request.app.get(API_KEY), "ctx", None), "spool", None)
+        down = unavailable(e, spool.outage_errors() if spool is not None else ())
+        if down is not None:
+            log.warning("fastsend serve: %s %s answered %d: %s", request.method, request.path,
+                        down.status, e)  # fmt: skip
+            return error_response(down, {"Retry-After": str(STORAGE_RETRY_AFTER)})
         log.exception("fastsend serve: internal error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal error (logged on the server)"))
 

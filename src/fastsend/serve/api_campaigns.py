@@ -27,6 +27,7 @@ missing one).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -57,10 +58,21 @@ from fastsend.serve.api import (
     tenant_of,
     tenant_template,
 )
-from fastsend.serve.idempotency import accept_rows, fault, idempotent, json_digest, run_of
+from fastsend.serve.idempotency import (
+    TOKEN_OPTION,
+    accept_rows,
+    fault,
+    idempotent,
+    json_digest,
+    run_of,
+)
 from fastsend.serve.uploads import UPLOAD, Saved, UploadTooLarge, scan
+from fastsend.spool import ABANDONED, STAGING
+from fastsend.spool.base import holder_gone, holder_tag
 from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
 from fastsend.suppression import normalize as suppression_key
+
+log = logging.getLogger("fastsend.serve")
 
 CHUNK = 20_000
 # A JSON body larger than this is decoded and its rows checked in a thread: 800k
@@ -120,7 +132,7 @@ def _own_campaign(request: web.Request) -> Any:
     cid = int_param(request.match_info["id"], "id")
     missing = ApiError(404, f"no campaign {cid}")
     info = api.ctx.spool.get_campaign(cid)
-    if info is None:
+    if info is None or info.status in HIDDEN:
         raise missing
     require_tenant(request, info.tenant, missing)
     return info
@@ -179,8 +191,13 @@ async def _spool_rows(
             f" [api] max_campaign_recipients is {cap}", "recipients",
         )  # fmt: skip
     accepted = 0
-    for i in range(0, len(good), CHUNK):
-        accepted += len(accept_rows(request, cid, good[i : i + CHUNK]))
+    # Without an Idempotency-Key the rows are one transaction, however many: a
+    # failure (a full disk) or a crash half-way would leave part of the list queued
+    # and the client, told nothing, would send it all again. (300,000 rows hold the
+    # loop ~0.7 s.) Under a key each CHUNK is a part a retry continues from.
+    chunk = CHUNK if run is not None else max(1, len(good))
+    for i in range(0, len(good), chunk):
+        accepted += len(accept_rows(request, cid, good[i : i + chunk]))
         await asyncio.sleep(0)  # let other requests in between chunks
     if api.metrics is not None:
         api.metrics.accepted(accepted)
@@ -262,15 +279,70 @@ async def create_campaign(request: web.Request) -> web.Response:
     server_dkim(request, spec, camp.from_domain)
     tenant = tenant_of(request)
     run = run_of(request)
+    spool = api.ctx.spool
     # Retried under an Idempotency-Key: the campaign an earlier attempt created.
-    cid = run.campaign(api.ctx.spool, tenant) if run is not None else None
+    cid = run.campaign(spool, tenant) if run is not None else None
     if cid is None:
-        options: dict[str, Any] = {"api": True, **(run.tags() if run is not None else {})}
+        # Created "staging": never claimed nor shown to the tenant until every row
+        # is in, so a request that fails (a full disk: 507) or dies half-way leaves
+        # nothing half-made (abandoned here, or by sweep_staging after a crash).
+        options: dict[str, Any] = {"api": True, STAGING: holder_tag(),
+                                   **(run.tags() if run is not None else {})}  # fmt: skip
         cid = api.ctx.acceptor.create_campaign(
-            spec, name=body.name, tenant=tenant, options=options, paused=body.paused
+            spec, name=body.name, tenant=tenant, options=options, status=STAGING
         )
         fault("after-campaign")
-    return await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
+    try:
+        resp = await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
+        info = spool.get_campaign(cid)
+        if info is not None and info.status == STAGING:  # complete: now it is the tenant's
+            spool.set_campaign_status(cid, "paused" if body.paused else "active")
+            if not body.paused and api.ctx.supervisor is not None:
+                api.ctx.supervisor.wake.set()
+    except BaseException:
+        if run is None:  # (under a key the campaign waits for the retry to continue it)
+            _abandon(api, cid)
+        raise
+    return resp
+
+
+def _abandon(api: Any, cid: int) -> None:
+    """A staging campaign whose request failed: abandoned (its rows end cancelled,
+    never sent, the campaign never shown). On a storage that refuses even this, it
+    stays staging, as unseen and unsent, and :func:`sweep_staging` abandons it."""
+    try:
+        api.ctx.spool.set_campaign_status(cid, ABANDONED)
+    except Exception as e:
+        log.warning("campaign %s left staging after a failed request (%s): abandoned"
+                    " later", cid, e)  # fmt: skip
+
+
+STAGING_MAX_AGE = 3600.0  # s: a staging campaign older, made without a key, was abandoned
+
+
+def sweep_staging(spool: Any, key_ttl: float, now: float | None = None) -> int:
+    """Abandon staging campaigns whose request will not complete them: made without
+    an Idempotency-Key by a process that is gone (this host) or over an hour ago
+    (another node's); made under a key, once the key expired (until then a retry
+    continues it). Returns how many."""
+    now = time.time() if now is None else now
+    n = 0
+    for info in spool.campaigns(None):
+        if info.status != STAGING:
+            continue
+        age = now - info.created
+        tag = info.options.get(STAGING)
+        if TOKEN_OPTION in info.options:
+            dead = age > key_ttl
+        else:
+            dead = age > STAGING_MAX_AGE or (isinstance(tag, dict) and holder_gone(tag))
+        if dead:
+            spool.set_campaign_status(info.id, ABANDONED)
+            n += 1
+    return n
+
+
+HIDDEN = frozenset({STAGING, ABANDONED})  # not (or never) the tenant's campaigns
 
 
 async def add_recipients(request: web.Request) -> web.Response:
@@ -427,6 +499,7 @@ async def list_campaigns(request: web.Request) -> web.Response:
         {"id": c.id, "name": c.name, "status": c.status, "created": c.created,
          "kind": c.spec.get("kind", "template")}
         for c in page
+        if c.status not in HIDDEN
     ]  # fmt: skip
     return json_response({"campaigns": out, "next_cursor": page[-1].id if more and page else None})
 

@@ -382,6 +382,11 @@ class Server:
         if now - self.idem_swept > IDEM_SWEEP_EVERY:  # expired Idempotency-Keys (SQLite)
             self.idem_swept = now
             self.ctx.spool.sweep_idem(now)
+            # Campaigns whose creating request failed or died before all their rows
+            # were in (fastsend.serve.api_campaigns: "staging"): never sent, abandoned.
+            from fastsend.serve.api_campaigns import sweep_staging
+
+            sweep_staging(self.ctx.spool, self.api.settings.idempotency_ttl_s, now)
         if self.ctx.shared is not None:
             self.ctx.shared.tick()  # renew this node's hold on its source IPs
         mono = time.monotonic()

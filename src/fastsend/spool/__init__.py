@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 
 from fastsend.spool.base import (
+    ABANDONED,
     AGE_BUCKETS_MIN,
     BOUNCED,
+    CAMPAIGN_STATUSES,
     CANCELLED,
     DEFERRED,
     DELIVERED,
@@ -27,6 +29,7 @@ from fastsend.spool.base import (
     PENDING_STATES,
     QUEUED,
     REDIS_PARAMS,
+    STAGING,
     STATE_BY_NAME,
     STATE_NAMES,
     SUPPRESSED,
@@ -56,8 +59,10 @@ from fastsend.spool.base import (
 )
 
 __all__ = [
+    "ABANDONED",
     "AGE_BUCKETS_MIN",
     "BOUNCED",
+    "CAMPAIGN_STATUSES",
     "CANCELLED",
     "DEFERRED",
     "DELIVERED",
@@ -69,6 +74,7 @@ __all__ = [
     "PENDING_STATES",
     "QUEUED",
     "REDIS_PARAMS",
+    "STAGING",
     "STATE_BY_NAME",
     "STATE_NAMES",
     "SUPPRESSED",

@@ -321,6 +321,14 @@ class IngestJob(msgspec.Struct):
 
 
 INGEST_STATUSES = ("running", "done", "abandoned")
+# A campaign's status: "active" (its mail is claimed), "paused", "cancelled" (its
+# pending mail ends cancelled), "staging" (being created: not claimed, not shown to
+# its tenant until every row of the request creating it is in) and "abandoned"
+# (a staging campaign whose request failed or died: as cancelled, never shown).
+CAMPAIGN_STATUSES = ("active", "paused", "cancelled", "staging", "abandoned")
+STAGING = "staging"
+ABANDONED = "abandoned"
+ENDED = frozenset({"cancelled", ABANDONED})  # pending mail ends cancelled
 ORPHAN_GRACE = 3600.0  # s: a blob reference pending this long after its put is a dead accept's
 
 
@@ -387,7 +395,9 @@ class Spool(abc.ABC):
         name: str = "",
         tenant: str = "default",
         options: dict[str, Any] | None = None,
-    ) -> int: ...
+        status: str = "active",
+    ) -> int:
+        """A new campaign; ``status`` "active", "paused" or "staging" (written with it)."""
 
     @abc.abstractmethod
     def get_campaign(self, campaign_id: int) -> CampaignInfo | None: ...
@@ -937,8 +947,11 @@ class SpoolProxy(Spool):
         name: str = "",
         tenant: str = "default",
         options: dict[str, Any] | None = None,
+        status: str = "active",
     ) -> int:
-        return self.inner.create_campaign(spec, name=name, tenant=tenant, options=options)
+        return self.inner.create_campaign(
+            spec, name=name, tenant=tenant, options=options, status=status
+        )
 
     def get_campaign(self, campaign_id: int) -> CampaignInfo | None:
         return self.inner.get_campaign(campaign_id)

@@ -111,6 +111,9 @@ import redis
 
 from fastsend.spool.base import (
     AGE_BUCKETS_MIN,
+    CAMPAIGN_STATUSES,
+    ENDED,
+    STAGING,
     INGEST_STATUSES,
     ORPHAN_GRACE,
     PENDING_STATES,
@@ -314,7 +317,10 @@ class RedisSpool(Spool):
         name: str = "",
         tenant: str = "default",
         options: dict[str, Any] | None = None,
+        status: str = "active",
     ) -> int:
+        if status not in ("active", "paused", STAGING):
+            raise ValueError(f"bad status {status!r} for a new campaign")
         k = self.k
         cid = int(self.r.incr(f"{k}:seq:c"))
         pipe = self.r.pipeline(transaction=True)
@@ -324,14 +330,15 @@ class RedisSpool(Spool):
                 "name": name,
                 "tenant": tenant,
                 "created": repr(time.time()),
-                "status": "active",
+                "status": status,
                 "spec": orjson.dumps(spec),
                 "options": orjson.dumps(options or {}),
             },
         )
         pipe.zadd(f"{k}:camps", {cid: cid})
         pipe.zadd(self._tenant_key(tenant), {cid: cid})
-        pipe.sadd(f"{k}:active", cid)
+        if status == "active":
+            pipe.sadd(f"{k}:active", cid)
         pipe.execute()
         self._wait_durable()
         return cid
@@ -402,12 +409,12 @@ class RedisSpool(Spool):
         return [c for c in out if c is not None and (tenant is None or c.tenant == tenant)]
 
     def set_campaign_status(self, campaign_id: int, status: str, reason: str = "") -> None:
-        if status not in ("active", "paused", "cancelled"):
+        if status not in CAMPAIGN_STATUSES:
             raise ValueError(f"bad campaign status {status!r}")
         cid = str(int(campaign_id))
         if not self._status(args=[self.k, cid, status, str(reason)]):
             return
-        if status == "cancelled":
+        if status in ENDED:
             # Not active any more, so no node claims it; pending mail becomes final
             # in chunks (Redis is never blocked long). What is in flight finishes.
             # Interrupted, a second cancel finishes the job.

@@ -51,6 +51,9 @@ import orjson
 from fastsend._accel import pick
 from fastsend.spool.base import (
     AGE_BUCKETS_MIN,
+    CAMPAIGN_STATUSES,
+    ENDED,
+    STAGING,
     CANCELLED,
     DEFERRED,
     DELIVERED,
@@ -608,10 +611,14 @@ class SQLiteSpool(Spool):
         name: str = "",
         tenant: str = "default",
         options: dict[str, Any] | None = None,
+        status: str = "active",
     ) -> int:
+        if status not in ("active", "paused", STAGING):
+            raise ValueError(f"bad status {status!r} for a new campaign")
         cur = self.db.execute(
-            "INSERT INTO campaigns(name, tenant, created, spec, options) VALUES (?,?,?,?,?)",
-            (name, tenant, time.time(), orjson.dumps(spec), orjson.dumps(options or {})),
+            "INSERT INTO campaigns(name, tenant, created, spec, options, status)"
+            " VALUES (?,?,?,?,?,?)",
+            (name, tenant, time.time(), orjson.dumps(spec), orjson.dumps(options or {}), status),
         )
         assert cur.lastrowid is not None
         cid = int(cur.lastrowid)
@@ -671,7 +678,7 @@ class SQLiteSpool(Spool):
         return [self._campaign(r) for r in rows]
 
     def set_campaign_status(self, campaign_id: int, status: str, reason: str = "") -> None:
-        if status not in ("active", "paused", "cancelled"):
+        if status not in CAMPAIGN_STATUSES:
             raise ValueError(f"bad campaign status {status!r}")
         db = self.db
         with transaction(db):
@@ -679,7 +686,7 @@ class SQLiteSpool(Spool):
                 "UPDATE campaigns SET status=?, reason=? WHERE id=?",
                 (status, str(reason), campaign_id),
             )
-            if status == "cancelled":
+            if status in ENDED:
                 self._tallies.pop(campaign_id, None)  # pending rows end cancelled
                 # Pending mail becomes final; what is in flight finishes its attempt.
                 # (updated: a cancelled row is kept final_retention_days from now)
