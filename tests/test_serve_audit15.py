@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import errno
 import os
 import re
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ import aiohttp
 import orjson
 import pytest
 from tests._serve_helpers import Served, sink_message
+from tests.conftest import free_port
 
 from fastsend.sink import SinkThread
 
@@ -141,18 +144,6 @@ def test_click_redirect_location_is_ascii(tmp_path: Path, sink: SinkThread) -> N
 
 
 # ------------------------------------------------- a spool that cannot write
-@contextlib.contextmanager
-def _tmpfs(where: Path, size: str) -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (mount): CI runs as root")
-    where.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def _fill(where: Path) -> Path:
     """A file taking every free byte of ``where``'s file system."""
     filler = where / "filler"
@@ -169,36 +160,86 @@ def _fill(where: Path) -> Path:
 TPL = {"from": "a@evil.example", "subject": "Hi {{ name }}", "text": "Dear {{ name }}"}
 
 
+class Limited:
+    """A serve (no workers) with submission and intake, its spool on an 8 MB tmpfs
+    (``mounted``: False when not root, the full-disk test then skips)."""
+
+    def __init__(self, disk: Path, certs: tuple[str, str, ssl.SSLContext], mounted: bool):
+        self.disk, self.mounted, self.client = disk, mounted, certs[2]
+        self.sub, self.intake = free_port(), free_port()
+        extra = _submission(self.sub, certs) + f"""
+[intake]
+listen = "127.0.0.1:{self.intake}"
+verp_domain = "bounces.example"
+fbl_address = "fbl@bounces.example"
+{DRIP_LIMITS}
+"""
+        self.s = Served(disk, "127.0.0.1:9", extra, serve_args=("--no-workers",))
+
+
+@pytest.fixture(scope="module")
+def limited(
+    tmp_path_factory: pytest.TempPathFactory, certs: tuple[str, str, ssl.SSLContext]
+) -> Iterator[Limited]:
+    disk = tmp_path_factory.mktemp("audit15") / "disk"
+    disk.mkdir()
+    root = os.geteuid() == 0
+    if root:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        x = Limited(disk, certs, root)
+        try:
+            yield x
+        finally:
+            x.s.stop()
+    finally:
+        if root:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_full_disk_campaign_is_507_with_retry_after_and_nothing_half_made(
-    tmp_path: Path,
+    limited: Limited,
 ) -> None:
     """POST /v1/campaigns while the spool's disk is full: 507 with Retry-After (it
     was a 500), and no campaign is left behind (it was an empty campaign that the
-    tenant saw); with room again the same request is created whole."""
-    disk = tmp_path / "disk"
-    with _tmpfs(disk, "8m"):
-        s = Served(disk, "127.0.0.1:9", serve_args=("--no-workers",))
-        try:
-            body = {"name": "full", "template": TPL,
-                    "recipients": [{"email": f"r{i}@example.org", "name": "N" * 900}
-                                   for i in range(200)]}  # fmt: skip
-            filler = _fill(disk)
-            st, got = s.req("POST", "/v1/campaigns", body)
-            headers = _headers(s, "POST", "/v1/campaigns", body)
-            assert st == 507, got
-            assert "full" in got["error"]["message"], got
-            assert int(headers["retry-after"]) > 0, headers
-            st, listed = s.req("GET", "/v1/campaigns")
-            assert st == 200 and listed["campaigns"] == [], listed
-            filler.unlink()
-            st, got = s.req("POST", "/v1/campaigns", body)
-            assert st == 201 and got["accepted"] == 200, got
-            st, listed = s.req("GET", "/v1/campaigns")
-            assert [c["id"] for c in listed["campaigns"]] == [got["id"]], listed
-            st, view = s.req("GET", f"/v1/campaigns/{got['id']}")
-            assert view["total"] == 200 and view["status"] == "active", view
-        finally:
-            s.stop()
+    tenant saw); with room again the same request is created whole. SMTP
+    submission answers 452 4.3.1 (insufficient system storage; it was 451 4.3.0
+    and a traceback a message)."""
+    if not limited.mounted:
+        pytest.skip("needs root (mount): CI runs as root")
+    s, disk, port = limited.s, limited.disk, limited.sub
+    body = {"name": "full", "template": TPL,
+            "recipients": [{"email": f"r{i}@example.org", "name": "N" * 900}
+                           for i in range(200)]}  # fmt: skip
+    filler = _fill(disk)
+    st, got = s.req("POST", "/v1/campaigns", body)
+    headers = _headers(s, "POST", "/v1/campaigns", body)
+    assert st == 507, got
+    assert "full" in got["error"]["message"], got
+    assert int(headers["retry-after"]) > 0, headers
+    st, listed = s.req("GET", "/v1/campaigns")
+    assert st == 200 and listed["campaigns"] == [], listed
+    tls = _submission_session(s, port, limited.client)
+    assert _command(tls, b"MAIL FROM:<a@evil.example>").startswith(b"250")
+    assert _command(tls, b"RCPT TO:<r@example.org>").startswith(b"250")
+    assert _command(tls, b"DATA").startswith(b"354")
+    reply = _command(tls, b"From: <a@evil.example>\r\nSubject: full\r\n\r\n"
+                     + b"x" * 300_000 + b"\r\n.")  # fmt: skip
+    assert reply.startswith(b"452 4.3.1"), reply
+    filler.unlink()
+    assert _command(tls, b"MAIL FROM:<a@evil.example>").startswith(b"250")
+    assert _command(tls, b"RCPT TO:<r@example.org>").startswith(b"250")
+    assert _command(tls, b"DATA").startswith(b"354")
+    reply = _command(tls, b"From: <a@evil.example>\r\nSubject: room\r\n\r\nx\r\n.")
+    assert reply.startswith(b"250"), reply
+    tls.close()
+    st, got = s.req("POST", "/v1/campaigns", body)
+    assert st == 201 and got["accepted"] == 200, got
+    st, listed = s.req("GET", "/v1/campaigns")
+    assert got["id"] in [c["id"] for c in listed["campaigns"]], listed
+    assert [c["kind"] for c in listed["campaigns"]].count("template") == 1, listed
+    st, view = s.req("GET", f"/v1/campaigns/{got['id']}")
+    assert view["total"] == 200 and view["status"] == "active", view
 
 
 def _headers(s: Served, method: str, path: str, body: object) -> dict[str, str]:
@@ -245,7 +286,7 @@ def test_a_json_list_without_a_key_is_spooled_whole_or_not_at_all(tmp_path: Path
             r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + chunk * 13 // 10)
             st, got = s.req("POST", url, rows("b", 40_000), timeout=60)
             r.config_set("maxmemory", 0)
-            st2, view = s.req("GET", f"/v1/campaigns/{c['id']}")
+            _, view = s.req("GET", f"/v1/campaigns/{c['id']}")
             if st == 202:
                 assert got["accepted"] == 40_000 and view["total"] == 45_000, (got, view)
             else:
@@ -254,3 +295,95 @@ def test_a_json_list_without_a_key_is_spooled_whole_or_not_at_all(tmp_path: Path
         finally:
             r.close()
             s.stop()
+
+
+# ------------------------------------------------- a DATA phase dripped a byte at a time
+DRIP_LIMITS = "timeout = 5.0\ndata_timeout = 1.0\nmax_session = 120.0\n"
+
+
+def _reply(sock: socket.socket) -> bytes:
+    """One SMTP reply (all its lines)."""
+    got = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return got
+        got += chunk
+        lines = got.split(b"\r\n")
+        if len(lines) > 1 and len(lines[-2]) >= 4 and lines[-2][3:4] == b" ":
+            return got
+
+
+def _command(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    return _reply(sock)
+
+
+def _submission(port: int, certs: tuple[str, str, ssl.SSLContext]) -> str:
+    return f"""
+[submission]
+listen = "127.0.0.1:{port}"
+tls_cert = "{certs[0]}"
+tls_key = "{certs[1]}"
+{DRIP_LIMITS}
+"""
+
+
+def _submission_session(s: Served, port: int, client: ssl.SSLContext) -> ssl.SSLSocket:
+    """A submission session over STARTTLS, authenticated as evil (its API key)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert _reply(sock).startswith(b"220")
+    _command(sock, b"EHLO drip.example")
+    assert _command(sock, b"STARTTLS").startswith(b"220")
+    tls = client.wrap_socket(sock, server_hostname="127.0.0.1")
+    _command(tls, b"EHLO drip.example")
+    plain = base64.b64encode(b"\0evil\0" + s.keys["evil"].encode())
+    assert _command(tls, b"AUTH PLAIN " + plain).startswith(b"235")
+    return tls
+
+
+def _drip(sock: socket.socket, limit: float = 20.0) -> bytes:
+    """A byte of message content every 0.2 s (each well within data_timeout) until
+    the server answers or closes; what it said."""
+    sock.settimeout(0.2)
+    got = b""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and b"421" not in got:
+        try:
+            sock.sendall(b"x")
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_a_dripped_message_is_cut_not_held_to_max_session(limited: Limited) -> None:
+    """After DATA (submission: over STARTTLS, authenticated) a peer sends a byte every
+    0.2 s: each block is within data_timeout (1 s here), so only max_session (120 s)
+    ended it. Now the content must arrive at data_min_rate (500 bytes/s) after
+    data_timeout: 421 within seconds, on both listeners; nothing is accepted."""
+    s, sub, intake = limited.s, limited.sub, limited.intake
+    before = s.req("GET", "/v1/campaigns")[1]["campaigns"]
+    tls = _submission_session(s, sub, limited.client)
+    assert _command(tls, b"MAIL FROM:<a@evil.example>").startswith(b"250")
+    assert _command(tls, b"RCPT TO:<r@example.org>").startswith(b"250")
+    assert _command(tls, b"DATA").startswith(b"354")
+    got = _drip(tls)
+    tls.close()
+    assert b"421" in got, got
+    sock = socket.create_connection(("127.0.0.1", intake), timeout=10)
+    assert _reply(sock).startswith(b"220")
+    _command(sock, b"EHLO drip.example")
+    assert _command(sock, b"MAIL FROM:<>").startswith(b"250")
+    assert _command(sock, b"RCPT TO:<b-1-x@bounces.example>").startswith(b"250")
+    assert _command(sock, b"DATA").startswith(b"354")
+    got = _drip(sock)
+    sock.close()
+    assert b"421" in got, got
+    st, listed = s.req("GET", "/v1/campaigns")
+    assert st == 200 and listed["campaigns"] == before, listed  # nothing accepted

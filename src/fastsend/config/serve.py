@@ -103,7 +103,12 @@ class ListenerLimits(Section):
     """What one SMTP listener allows a peer (both [submission] and [intake])."""
 
     timeout: PosFloat = 300.0  # each complete command line (RFC 5321 4.5.3.2: 5 min)
-    data_timeout: PosFloat = 180.0  # between DATA/BDAT blocks (RFC 5321 4.5.3.2.6)
+    data_timeout: PosFloat = 180.0  # between DATA/BDAT blocks (RFC 5321 4.5.3.2.5: 3 min)
+    # A message's content (DATA, or a transaction's BDAT chunks) must arrive within
+    # data_timeout + its bytes / data_min_rate of its first block (Postfix 3.7's
+    # smtpd_min_data_rate): a byte dripped every few seconds is cut after ~3 min,
+    # not held to max_session. 0: no floor (only data_timeout between blocks).
+    data_min_rate: NonNegFloat = 500.0  # bytes a second
     max_session: PosFloat = 3600.0  # a whole connection, whatever it does
     max_connections: PosInt = 200  # open at once on this listener
     max_connections_per_ip: PosInt = 10

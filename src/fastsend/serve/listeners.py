@@ -12,7 +12,8 @@ CONFIG
     acme = "pbkdf2_sha256$600000$<salt b64>$<hash b64>"
 
     # Both tables also take (defaults shown): timeout = 300 (per command line),
-    # data_timeout = 180 (between DATA/BDAT blocks), max_session = 3600,
+    # data_timeout = 180 (between DATA/BDAT blocks), data_min_rate = 500 (bytes/s:
+    # a message's content arrives within data_timeout + bytes/rate), max_session = 3600,
     # max_connections = 200, max_connections_per_ip = 10, max_commands = 1000,
     # auth_failures_per_ip = 10, auth_failures_per_user = 5, auth_window = 900,
     # auth_backoff_max = 4.
@@ -46,7 +47,8 @@ DESCRIPTION
 
     Every connection is under a :class:`Guard`: global and per-IP connection
     caps (421 at the greeting), a timeout per command line and per DATA
-    block and a session cap (a slowloris peer is closed with 421), a cap on
+    block, a floor on the rate of a message's content (a byte dripped every few
+    seconds is cut after ~data_timeout) and a session cap (a slowloris peer is closed with 421), a cap on
     commands per connection, and back-pressure (a peer that does not read its
     replies is not read either). Each accepted message is spooled
     with ``ctx.inject`` into the tenant's transactional campaign, one row per
@@ -120,6 +122,7 @@ from fastsend.smtp.server import (
     _NeedData,
 )
 from fastsend.smtp.server_conn import ServerConnection
+from fastsend.spool import storage_problem
 from fastsend.suppression import (
     DEFAULT_TENANT,
     SOURCE_COMPLAINT,
@@ -292,7 +295,9 @@ class Guard:
                 for c in self.conns:
                     c.deadline += lag
             for c in list(self.conns):
-                if now - c.started > lim.max_session or (not c._waiting and now > c.deadline):
+                if now - c.started > lim.max_session or (
+                    not c._waiting and (now > c.deadline or now > c.content_deadline())
+                ):
                     self.timed_out += 1
                     c.time_out()
 
@@ -537,7 +542,13 @@ class _Submission(_Policy):
         rows = [(r, encode_domain(r.rpartition("@")[2]).lower(), vars_) for r in ev.recipients]
         try:
             ids = self.ctx.inject(self.ctx.tenant_campaign(tenant), rows)
-        except Exception:
+        except Exception as e:
+            problem = storage_problem(e)
+            if problem is not None:  # nothing kept; said once a message, no traceback
+                log.warning("submission: message not accepted: the spool %s", problem)
+                if problem in ("is full", "is over its disk quota"):  # RFC 5321 4.2.2, 3463
+                    return 452, "4.3.1", "Insufficient system storage, try again later"
+                return 451, "4.3.0", "Temporary failure (storage), try again later"
             log.exception("submission: spooling failed")
             return 451, "4.3.0", "Temporary failure, try again later"
         return 250, "2.0.0", f"Ok: queued as {ids[0]} ({len(ids)} recipient(s))"
@@ -782,6 +793,10 @@ class _Connection(ServerConnection):
         self.deadline = self.started + policy.limits.timeout
         self.replies = 0
         self._input_paused = False
+        # The message content now arriving (DATA, or a transaction's BDAT chunks):
+        # when its first block came and its bytes so far (ListenerLimits.data_min_rate).
+        self.content_started: float | None = None
+        self.content_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -809,7 +824,11 @@ class _Connection(ServerConnection):
         while start < n and self.transport is not None:
             mode = self.proto.mode
             if mode in (_DATA_MODE, _BDAT_MODE):  # a block of the message arrived
-                self.deadline = time.monotonic() + self.policy.limits.data_timeout
+                now = time.monotonic()
+                self.deadline = now + self.policy.limits.data_timeout
+                if self.content_started is None:
+                    self.content_started = now
+                self.content_bytes += n - start
             if mode in (_DATA_MODE, _BDAT_MODE) or self._waiting or self._tls_early is not None:
                 feed(data[start:] if start else data)
                 break
@@ -825,6 +844,16 @@ class _Connection(ServerConnection):
         if self._input_paused and self.transport is not None and not self._write_paused:
             self._input_paused = False
             self.transport.resume_reading()
+
+    def content_deadline(self) -> float:
+        """When the message content arriving must be complete: data_timeout after its
+        first block, plus a second for every data_min_rate bytes received (a peer
+        dripping a byte at a time is cut there, not at max_session; RFC 5321
+        4.5.3.2.5 gives 3 minutes a block, which such a peer never exceeds)."""
+        lim = self.policy.limits
+        if self.content_started is None or not lim.data_min_rate:
+            return float("inf")
+        return self.content_started + lim.data_timeout + self.content_bytes / lim.data_min_rate
 
     def time_out(self) -> None:
         """The watchdog's verdict: 421 and close (abort if the peer reads nothing)."""
@@ -856,6 +885,8 @@ class _Connection(ServerConnection):
             if isinstance(ev, _NeedData):
                 break
             t = type(ev)
+            if t is Message or t is MailFrom:  # the content is complete, or a new one begins
+                self.content_started, self.content_bytes = None, 0
             if t is RcptTo:
                 assert isinstance(ev, RcptTo)
                 bad = policy.rcpt(self, ev.address)
