@@ -256,45 +256,94 @@ def _headers(s: Served, method: str, path: str, body: object) -> dict[str, str]:
     return asyncio.run(go())
 
 
-def test_a_json_list_without_a_key_is_spooled_whole_or_not_at_all(tmp_path: Path) -> None:
+class OnRedis:
+    """A serve (no workers) on a Redis spool of its own, and a client to that Redis."""
+
+    def __init__(self, tmp: Path, port: int) -> None:
+        import redis as redis_client
+
+        self.s = Served(tmp, "127.0.0.1:9", spool_url=f"redis://127.0.0.1:{port}/0?prefix=a15",
+                        api="max_body_bytes = 33554432",
+                        serve_args=("--no-workers", "--allow-volatile"))  # fmt: skip
+        self.r = redis_client.Redis(port=port)
+        self.r.config_set("maxmemory-policy", "noeviction")
+
+    def used(self) -> int:
+        return int(self.r.info("memory")["used_memory"])
+
+
+@pytest.fixture(scope="module")
+def on_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnRedis]:
+    from tests._redis_helpers import start_redis
+
+    with start_redis() as server:
+        x = OnRedis(tmp_path_factory.mktemp("audit15r"), server.port)
+        try:
+            yield x
+        finally:
+            x.r.close()
+            x.s.stop()
+
+
+def test_a_json_list_without_a_key_is_spooled_whole_or_not_at_all(on_redis: OnRedis) -> None:
     """40,000 recipients in one JSON body, no Idempotency-Key, to a Redis spool that
     runs out of memory half-way (maxmemory just above what the first 20,000 take):
     either every row is spooled or none is (it was 20,000 queued and a 500: the
     client, retrying, would send those twice)."""
-    import redis as redis_client
-    from tests._redis_helpers import start_redis
+    s, r = on_redis.s, on_redis.r
 
-    with start_redis() as server:
-        s = Served(tmp_path, "127.0.0.1:9", spool_url=server.url(),
-                   api="max_body_bytes = 33554432",
-                   serve_args=("--no-workers", "--allow-volatile"))  # fmt: skip
-        r = redis_client.Redis(port=server.port)
-        try:
-            def rows(tag: str, n: int) -> dict:
-                return {"recipients": [{"email": f"{tag}{i}@example.org", "name": "N" * 40}
-                                       for i in range(n)]}  # fmt: skip
+    def rows(tag: str, n: int) -> dict:
+        return {"recipients": [{"email": f"{tag}{i}@example.org", "name": "N" * 40}
+                               for i in range(n)]}  # fmt: skip
 
-            st, c = s.req("POST", "/v1/campaigns", {"template": TPL, "paused": True})
-            assert st == 201, c
-            url = f"/v1/campaigns/{c['id']}/recipients"
-            before = int(r.info("memory")["used_memory"])
-            st, got = s.req("POST", url, rows("a", 5_000), timeout=60)
-            assert st == 202 and got["accepted"] == 5_000, got
-            # Room for 1.3 times what 20,000 rows (one transaction of old) take.
-            chunk = (int(r.info("memory")["used_memory"]) - before) * 4
-            r.config_set("maxmemory-policy", "noeviction")
-            r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + chunk * 13 // 10)
-            st, got = s.req("POST", url, rows("b", 40_000), timeout=60)
-            r.config_set("maxmemory", 0)
-            _, view = s.req("GET", f"/v1/campaigns/{c['id']}")
-            if st == 202:
-                assert got["accepted"] == 40_000 and view["total"] == 45_000, (got, view)
-            else:
-                assert view["total"] == 5_000, (st, view)  # nothing of the failed list
-                assert st in (503, 507), got
-        finally:
-            r.close()
-            s.stop()
+    st, c = s.req("POST", "/v1/campaigns", {"template": TPL, "paused": True})
+    assert st == 201, c
+    url = f"/v1/campaigns/{c['id']}/recipients"
+    before = on_redis.used()
+    st, got = s.req("POST", url, rows("a", 5_000), timeout=60)
+    assert st == 202 and got["accepted"] == 5_000, got
+    # Room for 1.3 times what 20,000 rows (one transaction of old) take.
+    chunk = (on_redis.used() - before) * 4
+    r.config_set("maxmemory", on_redis.used() + chunk * 13 // 10)
+    try:
+        st, got = s.req("POST", url, rows("b", 40_000), timeout=60)
+    finally:
+        r.config_set("maxmemory", 0)
+    _, view = s.req("GET", f"/v1/campaigns/{c['id']}")
+    if st == 202:
+        assert got["accepted"] == 40_000 and view["total"] == 45_000, (got, view)
+    else:
+        assert view["total"] == 5_000, (st, view)  # nothing of the failed list
+        assert st in (503, 507), got
+
+
+def test_a_batch_failing_after_its_first_transaction_says_what_was_accepted(
+    on_redis: OnRedis,
+) -> None:
+    """POST /v1/messages with a template message (its own campaign: one transaction)
+    and a 2 MB message (the transactional campaign: another), no key, Redis full
+    after the first: the first is spooled and stays; the answer is a 507 with
+    Retry-After naming it and its ids (it was a 500: a client resending the whole
+    batch sent the first twice)."""
+    s, r = on_redis.s, on_redis.r
+    batch = {"messages": [
+        {"template": TPL, "to": [f"t{i}@one.example" for i in range(3)],
+         "variables": {"name": "T"}},
+        {"from": "a@evil.example", "to": ["m1@two.example", "m2@two.example"],
+         "subject": "big", "text": "x" * (2 << 20)},
+    ]}  # fmt: skip
+    r.config_set("maxmemory", on_redis.used() + (256 << 10))
+    try:
+        st, got = s.req("POST", "/v1/messages", batch, timeout=60)
+    finally:
+        r.config_set("maxmemory", 0)
+    assert st == 507, got
+    assert got["accepted"] == 3 and len(got["messages"][0]["ids"]) == 3, got
+    assert got["messages"][1]["ids"] == [], got
+    assert "messages[0] had been accepted" in got["error"]["message"], got
+    for mid in got["messages"][0]["ids"]:
+        st, m = s.req("GET", f"/v1/messages/{mid}")
+        assert st == 200 and m["state"] == "queued", m
 
 
 # ------------------------------------------------- a DATA phase dripped a byte at a time
@@ -387,3 +436,44 @@ def test_a_dripped_message_is_cut_not_held_to_max_session(limited: Limited) -> N
     assert b"421" in got, got
     st, listed = s.req("GET", "/v1/campaigns")
     assert st == 200 and listed["campaigns"] == before, listed  # nothing accepted
+
+
+def test_a_campaign_whose_request_died_is_never_shown_nor_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve killed -9 right after POST /v1/campaigns created its campaign (no
+    Idempotency-Key: the client never learns its id and sends the request again):
+    it was an empty active campaign in the tenant's list; now it stays unseen and,
+    at the next start, is abandoned (its creator is gone); the retry is whole."""
+    from fastsend.spool import open_spool
+
+    monkeypatch.setenv("FASTSEND_TEST_FAULT", "idem-kill-after-campaign")  # (the first start)
+    s = Served(tmp_path, "127.0.0.1:9", serve_args=("--no-workers",))
+    monkeypatch.delenv("FASTSEND_TEST_FAULT")
+    try:
+        body = {"template": TPL, "recipients": [{"email": "a@example.org", "name": "A"}]}
+        with pytest.raises(aiohttp.ClientError):
+            s.req("POST", "/v1/campaigns", body)
+        assert s.proc.wait(20) == -9
+        s.start()
+        st, listed = s.req("GET", "/v1/campaigns")
+        assert st == 200 and listed["campaigns"] == [], listed
+        assert s.req("GET", "/v1/campaigns/1")[0] == 404
+        deadline = time.monotonic() + 10
+        while True:  # serve's first tick sweeps it
+            spool = open_spool(str(tmp_path / "spool"), readonly=True)
+            try:
+                info = spool.get_campaign(1)
+            finally:
+                spool.close()
+            assert info is not None
+            if info.status == "abandoned" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert info.status == "abandoned", info
+        st, got = s.req("POST", "/v1/campaigns", body)
+        assert st == 201 and got["accepted"] == 1, got
+        st, listed = s.req("GET", "/v1/campaigns")
+        assert [c["id"] for c in listed["campaigns"]] == [got["id"]], listed
+    finally:
+        s.stop()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from typing import Any
 
 import msgspec
@@ -39,6 +40,7 @@ from fastsend.message.rawmime import check as check_raw
 from fastsend.recipients import text_vars
 from fastsend.serve.api import (
     MAX_ID,
+    STORAGE_RETRY_AFTER,
     ApiError,
     api_of,
     bad,
@@ -55,10 +57,13 @@ from fastsend.serve.api import (
     server_dkim,
     tenant_of,
     tenant_template,
+    unavailable,
 )
-from fastsend.serve.idempotency import accept_rows, idempotent
+from fastsend.serve.idempotency import accept_rows, idempotent, run_of
 from fastsend.serve.senders import header_nul, sender_domains
 from fastsend.tenants import domain_of
+
+log = logging.getLogger("fastsend.serve")
 
 MAX_TAGS = 20
 MAX_TAG_LEN = 128
@@ -334,9 +339,14 @@ class MessagesHandler:
         for p in prepared:
             by_campaign.setdefault(p.campaign, []).append(p)
         metrics = api.metrics
-        for cid, group in by_campaign.items():
+        for n, (cid, group) in enumerate(by_campaign.items()):
             rows = [r for p in group for r in p.rows]
-            ids = accept_rows(request, cid, rows)  # recorded under an Idempotency-Key
+            try:
+                ids = accept_rows(request, cid, rows)  # recorded under an Idempotency-Key
+            except Exception as e:
+                if n == 0 or run_of(request) is not None:
+                    raise  # nothing of it spooled; or a retry under the key continues it
+                return _partly_accepted(request, e, prepared, prefix)
             k = 0
             for p in group:
                 p.ids = ids[k : k + len(p.rows)]
@@ -381,6 +391,30 @@ class MessagesHandler:
                 "events": api.index.for_message(mid),
             }
         )
+
+
+def _partly_accepted(
+    request: web.Request, e: Exception, prepared: list[Prepared], prefix: str
+) -> web.Response:
+    """A batch of several campaigns' messages (several spool transactions) whose later
+    part failed without an Idempotency-Key: the earlier parts are spooled and stay so
+    (nothing accepted is taken back). The error says which messages were accepted,
+    with their ids, so that the client sends only the others again."""
+    spool = api_of(request).ctx.spool
+    down = unavailable(e, spool.outage_errors())
+    if down is None:
+        log.error("fastsend serve: a batch failed after some of it was spooled", exc_info=e)
+        down = ApiError(500, "internal error (logged on the server)")
+    done = [i for i, p in enumerate(prepared) if p.ids]
+    names = ", ".join(f"{prefix}[{i}]" for i in done[:20]) + (" ..." if len(done) > 20 else "")
+    body = {
+        "error": {"status": down.status, "message": f"{down.message}; {names} had been accepted"
+                  " (ids in messages): send only the other messages again"},
+        "accepted": sum(len(p.ids) for p in prepared),
+        "messages": [{"ids": p.ids, "to": p.to} for p in prepared],
+    }  # fmt: skip
+    headers = {"Retry-After": str(STORAGE_RETRY_AFTER)} if down.status != 500 else None
+    return json_response(body, status=down.status, headers=headers)
 
 
 def add_routes(app: web.Application) -> None:
