@@ -211,14 +211,24 @@ def test_full_disk_campaign_is_507_with_retry_after_and_nothing_half_made(
     body = {"name": "full", "template": TPL,
             "recipients": [{"email": f"r{i}@example.org", "name": "N" * 900}
                            for i in range(200)]}  # fmt: skip
+    st, ready = s.req("POST", "/v1/campaigns", {"template": TPL, "paused": True})
+    assert st == 201, ready
     filler = _fill(disk)
+    # A CSV list (streamed to the spool's disk first): 507, its partial file gone.
+    csv = b"email,name\n" + b"".join(b"c%d@example.org,%s\n" % (i, b"N" * 900)
+                                      for i in range(2000))  # fmt: skip
+    st, got = s.req("POST", f"/v1/campaigns/{ready['id']}/recipients", raw=csv,
+                    headers={"Content-Type": "text/csv"})  # fmt: skip
+    assert st == 507, got
+    uploads = disk / "spool" / "uploads"
+    assert not uploads.exists() or os.listdir(uploads) == []
     st, got = s.req("POST", "/v1/campaigns", body)
     headers = _headers(s, "POST", "/v1/campaigns", body)
     assert st == 507, got
     assert "full" in got["error"]["message"], got
     assert int(headers["retry-after"]) > 0, headers
     st, listed = s.req("GET", "/v1/campaigns")
-    assert st == 200 and listed["campaigns"] == [], listed
+    assert st == 200 and [c["id"] for c in listed["campaigns"]] == [ready["id"]], listed
     tls = _submission_session(s, port, limited.client)
     assert _command(tls, b"MAIL FROM:<a@evil.example>").startswith(b"250")
     assert _command(tls, b"RCPT TO:<r@example.org>").startswith(b"250")
@@ -237,7 +247,7 @@ def test_full_disk_campaign_is_507_with_retry_after_and_nothing_half_made(
     assert st == 201 and got["accepted"] == 200, got
     st, listed = s.req("GET", "/v1/campaigns")
     assert got["id"] in [c["id"] for c in listed["campaigns"]], listed
-    assert [c["kind"] for c in listed["campaigns"]].count("template") == 1, listed
+    assert [c["kind"] for c in listed["campaigns"]].count("template") == 2, listed
     st, view = s.req("GET", f"/v1/campaigns/{got['id']}")
     assert view["total"] == 200 and view["status"] == "active", view
 

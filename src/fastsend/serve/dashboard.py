@@ -243,6 +243,8 @@ class Dashboard:
             return hit[1]
         spool = self.ctx.spool
         camps = spool.campaigns(tenant)
+        if tenant is not None:  # (being created, or abandoned by its request: not the tenant's)
+            camps = [c for c in camps if c.status not in ("staging", "abandoned")]
         ids = None if tenant is None else [c.id for c in camps]
         per = spool.counts_by_campaign(ids) if camps else {}
         domains = [

@@ -42,6 +42,11 @@ def _answers(ok: str, *codes: int, schema: dict[str, Any] | None = None) -> dict
         415: "the Content-Type is not one the route takes (JSON; a list: CSV, JSON lines)",
         422: "this Idempotency-Key was used for another request",
         429: "rate limit of the key exceeded",
+        503: "the spool cannot be written now (read-only, I/O error, unreachable): nothing"
+        " of the request was accepted; retry after Retry-After seconds",
+        507: "the spool's storage is full: nothing of the request was accepted (a batch of"
+        " several campaigns' messages: the error names those accepted, with their ids); retry"
+        " after Retry-After seconds",
     }
     for c in (401, 429, *codes):
         out[str(c)] = {"description": text[c], **_json(_ref("Error"))}
@@ -133,7 +138,7 @@ def _idempotent(op: dict[str, Any], ok: str) -> dict[str, Any]:
     """An operation that accepts mail: it takes an Idempotency-Key (fastsend.serve.idempotency)."""
     op["parameters"] = [*op.get("parameters", []), _IDEM_KEY]
     op["responses"][ok]["headers"] = _REPLAYED
-    for c in ("409", "422"):
+    for c in ("409", "422", "503", "507"):
         op["responses"].setdefault(c, _answers(ok, int(c))[c])
     return op
 
