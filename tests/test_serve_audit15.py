@@ -26,6 +26,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -487,3 +488,63 @@ def test_a_campaign_whose_request_died_is_never_shown_nor_sent(
         assert [c["id"] for c in listed["campaigns"]] == [got["id"]], listed
     finally:
         s.stop()
+
+
+# ------------------------------------------------- one link's events: configured, all nodes
+def test_link_event_cap_is_configured_and_counted_across_nodes(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """Two serving nodes on one Redis spool, [tracking] link_events_per_hour = 3: one
+    click link replayed 5 times on each records 3 clicks in all, every request is
+    still redirected; another link keeps its own count (the cap was 20 an hour on
+    each node, not configurable: N nodes behind a balancer recorded 20 x N)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from fastsend.config import from_dict
+    from fastsend.message import tracking as tr
+    from fastsend.serve.context import open_context
+    from fastsend.serve.tracking import setup_tracking
+
+    prefix = "lk" + os.urandom(4).hex()
+
+    async def main() -> None:
+        ctxs, servers, events = [], [], []
+        try:
+            for node in ("A", "B"):
+                cfg = from_dict({"spool": {"dir": str(tmp_path / node),
+                                           "url": redis_server.url(prefix=prefix, node=node)},
+                                 "tracking": {"link_events_per_hour": 3}})  # fmt: skip
+                ctx = open_context(cfg)
+                ctxs.append(ctx)
+                ctx.events.listeners.append(events.extend)
+                app = web.Application()
+                setup_tracking(app, ctx)
+                server = TestServer(app, host="127.0.0.1")
+                await server.start_server()
+                servers.append(server)
+            secret = ctxs[0].secret
+            assert secret == ctxs[1].secret  # the cluster's one secret
+            a = tr.sign(secret, tr.CLICK, "1", "ann@example.org", "https://example.com/a")
+            b = tr.sign(secret, tr.CLICK, "1", "ann@example.org", "https://example.com/b")
+            async with aiohttp.ClientSession() as http:
+                for server in servers:
+                    for _ in range(5):
+                        async with http.get(server.make_url(f"/t/c/{a}"),
+                                            allow_redirects=False) as r:  # fmt: skip
+                            assert r.status == 302
+                async with http.get(servers[1].make_url(f"/t/c/{b}"),
+                                    allow_redirects=False) as r:  # fmt: skip
+                    assert r.status == 302
+            for ctx in ctxs:
+                ctx.events.flush()
+            urls = [e.get("url") for e in events if e["event"] == "clicked"]
+            assert urls.count("https://example.com/a") == 3, urls
+            assert urls.count("https://example.com/b") == 1, urls
+        finally:
+            for server in servers:
+                await server.close()
+            for ctx in ctxs:
+                ctx.close()
+
+    asyncio.run(main())

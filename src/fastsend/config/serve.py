@@ -212,6 +212,10 @@ class TrackingSettings(Section):
 
     secret: str = ""  # "" = <spool>/secret.key (or the cluster's shared one)
     link_ttl_days: PosFloat | None = None  # tracking links expire after this
+    # Opens/clicks one link (one recipient's pixel or link) records an hour, across
+    # every node of a shared spool; more are answered (pixel, redirect), not
+    # recorded: a replayed link cannot fill the event log, index and webhooks. 0: all.
+    link_events_per_hour: NonNegInt = 20
 
     def __post_init__(self) -> None:
         # Links carry an HMAC of this: a short one is guessed offline from one link

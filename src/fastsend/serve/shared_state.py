@@ -799,6 +799,17 @@ class SharedState:
     def keys(self) -> RedisKeyStore:
         return RedisKeyStore(self.r, self.prefix)
 
+    def link_event(self, token: str, window: float, cap: int) -> bool:
+        """Whether one more open or click of this link (its token) is recorded: at
+        most ``cap`` in ``window`` seconds from its first, counted across every node
+        (one INCR; the key, a digest of the token, expires with the window)."""
+        k = "{" + self.prefix + "}:lk:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(k)
+        pipe.expire(k, max(1, int(window)), nx=True)
+        n = int(pipe.execute()[0])
+        return n <= cap
+
     def suppression(self) -> RedisSuppressionList:
         return RedisSuppressionList(self.r, self.prefix)
 

@@ -44,6 +44,7 @@ DELIBERATELY NOT HERE
 from __future__ import annotations
 
 import html
+import logging
 import time
 from collections import OrderedDict
 from typing import Any
@@ -58,6 +59,8 @@ from fastsend.serve.httpguard import body_deadline
 from fastsend.suppression import DEFAULT_TENANT, UNSUBSCRIBE, SuppressionError
 
 __all__ = ["setup_tracking"]
+
+log = logging.getLogger("fastsend.serve")
 
 # The smallest transparent GIF (43 octets).
 PIXEL_GIF = (
@@ -76,8 +79,9 @@ _PAGE_HEADERS = {
 _TOKEN = r"{token:[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+}"
 MAX_UA = 512
 _CACHE_SIZE = 4096
-# One link (a token: message, recipient, kind, URL) records at most LINK_EVENTS opens or
-# clicks in LINK_WINDOW seconds; more are answered (pixel, redirect) but not recorded.
+# One link (a token: message, recipient, kind, URL) records at most LINK_EVENTS
+# ([tracking] link_events_per_hour) opens or clicks in LINK_WINDOW seconds, across the
+# nodes of a shared spool; more are answered (pixel, redirect) but not recorded.
 # Without it one client replaying one pixel wrote ~3,600 events a second (event log,
 # index, webhooks, rollups): a recipient could fill the server's disk with one link.
 LINK_EVENTS = 20
@@ -101,9 +105,16 @@ class _Tracking:
         self._hosts: tuple[Any, dict[str, str | None]] = (None, {})  # host -> its tenant
         self._links: OrderedDict[str, tuple[float, int]] = OrderedDict()  # token -> (start, n)
         self.held = 0  # opens and clicks answered but not recorded (LINK_EVENTS)
+        self.cap: int = ctx.config.tracking.link_events_per_hour
+        self.shared = getattr(ctx, "shared", None)  # the nodes' count (a shared spool)
+        self._shared_down = 0.0  # when counting in Redis last failed (monotonic)
 
     def _record(self, request: web.Request) -> bool:
-        """Whether this open or click is recorded: LINK_EVENTS per link per LINK_WINDOW."""
+        """Whether this open or click is recorded: ``cap`` ([tracking]
+        link_events_per_hour) per link per LINK_WINDOW, counted here and, on a shared
+        spool, across the nodes (a node that counts them alone on a Redis outage)."""
+        if not self.cap:
+            return True
         token = request.match_info["token"]
         now = time.monotonic()
         links = self._links
@@ -113,10 +124,17 @@ class _Tracking:
         links[token] = (start, n + 1)
         if len(links) > _LINKS_KEPT:
             links.popitem(last=False)
-        if n < LINK_EVENTS:
-            return True
-        self.held += 1
-        return False
+        ok = n < self.cap
+        if ok and self.shared is not None and now - self._shared_down > 10.0:
+            try:
+                ok = self.shared.link_event(token, LINK_WINDOW, self.cap)
+            except Exception as e:  # Redis away a moment: this node's own count holds
+                self._shared_down = now
+                log.warning("tracking: the nodes' link counts are out of reach (%s);"
+                            " counting on this node alone for 10 s", e)  # fmt: skip
+        if not ok:
+            self.held += 1
+        return ok
 
     # -- helpers --------------------------------------------------------------
     def _check(self, request: web.Request, kind: str) -> tuple[str, ...]:
