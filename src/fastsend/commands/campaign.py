@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
         if info is None:
             return die(f"no campaign {args.id} in {args.spool!r}")
         new = STATUS[args.action]
-        if info.status == "cancelled" and new != "cancelled":
-            return die(f"campaign {args.id} is cancelled; it cannot be {new} again")
+        if info.status in ("cancelled", "abandoned") and new != "cancelled":
+            # (abandoned: its creating request failed; its mail already ended cancelled)
+            return die(f"campaign {args.id} is {info.status}; it cannot be {new} again")
         spool.set_campaign_status(args.id, new)
         out = {"id": args.id, "status": new, "was": info.status}
         print(

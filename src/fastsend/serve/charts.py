@@ -188,7 +188,7 @@ class Charts:
         spool = self.ctx.spool
         per: dict[str, list[int]] = {}
         for c in spool.list_campaigns():
-            if c.status == "cancelled":
+            if c.status in ("cancelled", "abandoned"):
                 continue
             n = spool.counts(c.id)
             acc = per.setdefault(c.tenant or "default", [0, 0])
