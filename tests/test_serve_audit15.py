@@ -148,13 +148,19 @@ def test_click_redirect_location_is_ascii(tmp_path: Path, sink: SinkThread) -> N
 def _fill(where: Path) -> Path:
     """A file taking every free byte of ``where``'s file system."""
     filler = where / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 16))
-                f.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC, e
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block = b"\0" * (1 << 16)
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                if len(block) == 1:
+                    break
+                block = block[: len(block) // 2]  # the last pages too
+    finally:
+        os.close(fd)
     return filler
 
 
