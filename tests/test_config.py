@@ -314,3 +314,11 @@ def test_drain_limits_are_validated() -> None:
     for key, bad in (("drain_limit", 0), ("drain_outage", -1), ("drain_limit", 7200)):
         with pytest.raises(ConfigError, match=rf"\[delivery\] {key}"):
             from_dict({"delivery": {key: bad}})
+
+
+def test_a_url_in_spool_dir_is_an_error_that_names_url() -> None:
+    """[spool] dir = "redis://..." made a local directory literally named 'redis:'
+    and a SQLite spool in it: the node silently shared nothing."""
+    with pytest.raises(ConfigError, match=r"\[spool\] dir is this node's local directory.*url ="):
+        from_dict({"spool": {"dir": "redis://127.0.0.1:6379/0"}})
+    assert from_dict({"spool": {"dir": "spool-a"}}).spool.dir == "spool-a"

@@ -68,6 +68,11 @@ class SpoolSection(Section):
     final_retention_days: Annotated[float, msgspec.Meta(ge=0, le=36500)] = 30.0
 
     def __post_init__(self) -> None:
+        if "://" in self.dir:  # it made a directory named 'redis:' and a local spool
+            raise ValueError(
+                f"dir is this node's local directory, not a URL ({self.dir!r}):"
+                " a shared Redis spool goes in url = \"redis://...\""
+            )
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"url must be redis://, rediss:// or unix://, not {self.url!r}")
 
