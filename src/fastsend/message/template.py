@@ -30,9 +30,9 @@ tag's name: all but letters, digits, ``-`` and ``_``).
   is percent-encoded (UTF-8) for its part: in the host part, the query or
   the fragment all but ``A-Z a-z 0-9 - . _ ~`` (one component: ``&``, ``=``,
   ``#``, ``/`` cannot add a parameter or leave the host), in the path all
-  but those, ``+`` and ``@`` (one segment: ``/``, ``?``, ``#`` cannot
-  leave it; a value ``.`` or ``..`` there fails, :class:`UnsafeValue`).
-  A URL whose path comes from a value is given whole, as the value.
+  but those, ``+``, ``@`` and ``/`` (``?`` and ``#`` cannot leave the path;
+  a value with a ``.`` or ``..`` segment fails, :class:`UnsafeValue`, and a
+  leading ``/`` is encoded, so it cannot make ``//``, another host).
 - In ``<script>`` and ``on*`` attributes (JavaScript): every character but
   ``A-Z a-z 0-9 _ .`` is written as ``\\uXXXX`` (placed in a string literal,
   the value reads back as itself and can end neither the string nor the
@@ -234,7 +234,7 @@ ESC_HTML = 1  # escape ``& < > " '`` (text, quoted attribute values)
 ESC_UNQUOTED = 2  # escape all but ``[A-Za-z0-9-._:/]`` (an unquoted value, an attribute's place)
 ESC_URL = 4  # the value starts a URL (its scheme is checked)
 ESC_NAME = 8  # a tag's or an attribute's name: everything but [A-Za-z0-9_-] escaped
-ESC_URLPATH = 16  # in a URL's path: one segment, percent-encode all but [A-Za-z0-9-._~+@]
+ESC_URLPATH = 16  # in a URL's path: percent-encode all but [A-Za-z0-9-._~+@/], no dot segment
 ESC_URLPART = 32  # in a URL's host, query or fragment: percent-encode all but [A-Za-z0-9-._~]
 ESC_JS = 64  # JavaScript: all but [A-Za-z0-9_.] as \uXXXX
 ESC_CSS = 128  # CSS: only [A-Za-z0-9 #%.,+-_/] and non-ASCII letters, else UnsafeValue
@@ -555,9 +555,18 @@ def html_value(value: str, mode: int, name: str = "") -> str:
     elif mode & ESC_URLPART:
         value = percent_encode(value, _PART_SAFE)
     elif mode & ESC_URLPATH:
-        if value in (".", ".."):  # (a dot segment: it would climb the path)
-            raise UnsafeValue(f"the value of {name or 'a variable'!r} is {value!r} in a URL's path")
-        value = percent_encode(value, _PATH_SAFE)
+        # Its '/' kept (a value like "images/logo.png" is a path, as Go's html/template
+        # keeps it); no "." or ".." segment (it would climb out of where it stands),
+        # and a leading '/' encoded (after a "/" it would make "//": another host).
+        segs = value.split("/")
+        if "." in segs or ".." in segs:
+            raise UnsafeValue(
+                f"the value of {name or 'a variable'!r} is {value!r} in a URL's path:"
+                " a '.' or '..' segment would climb out of it"
+            )
+        value = "/".join([percent_encode(s, _PATH_SAFE) for s in segs])
+        if value.startswith("/"):
+            value = "%2F" + value[1:]
     elif mode & ESC_CSSURL:
         value = percent_encode(value, _CSSURL_SAFE, True)
     if mode & ESC_UNQUOTED:
