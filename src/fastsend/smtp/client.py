@@ -275,7 +275,8 @@ class ClientCore:
         elif utf8 and "SMTPUTF8" not in self.capabilities:
             enhanced = "5.6.7"
             reason = (
-                "the message needs SMTPUTF8 (non-ASCII address) and the server does not offer it"
+                "the message needs SMTPUTF8 (a non-ASCII address or UTF-8 header text)"
+                " and the server does not offer it"
             )
         elif env.eightbit and "8BITMIME" not in self.capabilities:
             # RFC 6152 3: 8-bit data only to a server that offers it. (Raw
