@@ -107,6 +107,46 @@ def test_worker_judges_a_from_behind_a_bare_cr_and_the_sender(
         s.stop()
 
 
+def test_a_template_campaign_at_a_domain_taken_from_its_tenant_is_not_sent(
+    tmp_path: Path, sink: SinkThread
+) -> None:
+    """evil owned acme.example when it queued a template campaign From it (no
+    workers yet); then the operator gave acme.example to tenant acme. The worker
+    judges the campaign's From again, as it does each self-contained message:
+    its recipients fail 5.6.0 and nothing reaches the sink, while evil's
+    campaign at its own domain is delivered. Before: only self-contained
+    messages were judged again; the template campaign went out as acme."""
+    s = Served(tmp_path, f"{sink.host}:{sink.port}", BOTH, serve_args=("--no-workers",))
+    camps = {}
+    try:
+        for name, frm in (("taken", "ceo@acme.example"), ("own", "x@evil.example")):
+            st, out = s.req("POST", "/v1/campaigns", {
+                "template": {"from": frm, "subject": f"t15-{name} {{{{ n }}}}", "text": "hi"},
+                "recipients": [{"email": f"{name}{i}@example.org", "n": str(i)}
+                               for i in range(3)]})  # fmt: skip
+            assert st == 201, out
+            camps[name] = out["id"]
+    finally:
+        s.stop()
+    s.extra = SPLIT
+    s.serve_args = ()
+    s.write_config()
+    s.start()
+    try:
+        sink_message(sink, b"t15-own")
+        deadline = time.monotonic() + 20
+        while True:
+            st, c = s.req("GET", f"/v1/campaigns/{camps['taken']}")
+            assert st == 200, c
+            if c["counts"].get("bounced") == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert c["counts"].get("bounced") == 3 and not c["counts"].get("delivered"), c
+        assert not any(b"t15-taken" in x.data for x in sink.messages)
+    finally:
+        s.stop()
+
+
 # ------------------------------------------------- click redirects: Location in ASCII
 def test_click_redirect_location_is_ascii(tmp_path: Path, sink: SinkThread) -> None:
     """A link to an IDN host with an accented path, query and fragment (and a space,

@@ -84,6 +84,7 @@ class Worker:
         # campaign -> what its deferred batches are built with, when that is one
         # compiled call (see direct()); None when it is not
         self.directs: dict[int, tuple[Any, ...] | None] = {}
+        self.unowned: dict[int, str | None] = {}  # campaign -> why it may not go (not_owned)
         self.sites: dict[tuple[str, str], SiteQueue] = {}
         self.sites_limit = SITES_MIN
         self.shaper = Shaper(config, ips, index=index)
@@ -146,8 +147,10 @@ class Worker:
                 self.campaign_specs[msg.id] = msg.spec
                 self.renderers.pop(msg.id, None)
                 self.directs.pop(msg.id, None)
+                self.unowned.pop(msg.id, None)
             elif isinstance(msg, wire.CampaignInfo):
                 self.router.on_campaign(msg)
+                self.unowned.pop(msg.id, None)
             elif isinstance(msg, wire.CampaignShaping):
                 self.campaign_pools[msg.campaign] = msg.pool
             elif isinstance(msg, wire.WarmupCounts):
@@ -264,11 +267,40 @@ class Worker:
         self.directs[campaign_id] = d
         return d
 
+    def not_owned(self, campaign_id: int) -> str | None:
+        """Why a tenant's template campaign may not go out now: its From domain
+        is no longer the tenant's (the operator gave it to another tenant after
+        the campaign was accepted; a reload respawns workers with the new
+        [tenants]). None: it may. Self-contained messages are judged one by one
+        (:meth:`build_transactional`); mail with no tenant (``send`` without
+        ``--tenant``) is the operator's own."""
+        try:
+            return self.unowned[campaign_id]
+        except KeyError:
+            pass
+        spec = self.campaign_specs[campaign_id]
+        tenants = self.dkim.tenants
+        why = None
+        info = self.router.campaigns.get(campaign_id)  # (id, names, tenant): CampaignInfo
+        tenant = info[2] if info is not None else ""
+        if tenant and tenants.configured and spec.get("kind") != TRANSACTIONAL:
+            domain = str(spec.get("from", "")).rpartition("@")[2].strip("> ")
+            if domain and not tenants.allows(tenant, domain):
+                why = f"From domain {domain} is not the tenant's"
+        self.unowned[campaign_id] = why
+        return why
+
     def build(self, batch: wire.Batch, deferred: bool = False) -> list[Envelope]:
         """The batch's envelopes (a failed render answered at once). With
         ``deferred`` (the SMTP client's site queues), a personalised message
         on the direct path is a DeferredMessage (see :meth:`build_each`)."""
         secret = self.config.secret
+        if (why := self.not_owned(batch.campaign)) is not None:
+            self.add_results(
+                [TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"message: {why}", "local")])
+                 for it in batch.items], "", "",
+            )  # fmt: skip
+            return []
         if deferred and (d := self.direct(batch.campaign)) is not None:
             # The usual case: build_each's compiled call, nothing looked up per batch.
             return _build_direct(d, batch, secret)
