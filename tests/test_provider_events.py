@@ -229,7 +229,9 @@ def test_mailgun_webhook_hmac(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
                 for b in [
                     json.dumps({"event-data": failed}).encode(),  # unsigned
                     post_body(failed, key="wrong-key"),  # forged
-                    post_body(failed, ts=int(time.time()) - 7200),  # stale
+                    post_body(
+                        failed, ts=int(time.time()) - 9 * 3600
+                    ),  # past Mailgun's 8 h of retries
                     b"not json",
                 ]:
                     async with s.post(u, data=b) as r:
@@ -369,7 +371,7 @@ def test_ses_events_through_sns(tmp_path: Path) -> None:
         runner, url = await serve(app)
         u = url + "/webhooks/ses"
         base = {"SigningCertURL": sns_url + "/SimpleNotificationService-abc.pem", "TopicArn": TOPIC,
-                "Timestamp": "2026-12-04T12:00:00.000Z"}  # fmt: skip
+                "Timestamp": sns_time(time.time())}  # fmt: skip
         sub = sns_sign({**base, "Type": "SubscriptionConfirmation", "MessageId": "m-1", "Token": "tok-123",
                         "Message": "You have chosen to subscribe", "SubscribeURL": sns_url + "/confirm?Token=tok-123"},
                        signing_key)  # fmt: skip
@@ -647,7 +649,7 @@ def test_sns_urls_are_not_followed_through_redirects(tmp_path: Path) -> None:
         setup_provider_events(app, ctx)
         runner, url = await serve(app)
         base = {"SigningCertURL": sns_url + "/SimpleNotificationService-r.pem", "TopicArn": TOPIC,
-                "Timestamp": "2026-12-04T12:00:00.000Z"}  # fmt: skip
+                "Timestamp": sns_time(time.time())}  # fmt: skip
         bounce = {"notificationType": "Bounce", "bounce": {"bounceType": "Permanent",
                   "bouncedRecipients": [{"emailAddress": "u0@example.net", "status": "5.1.1"}]},
                   "mail": {"commonHeaders": {"messageId": f"<{tok}@sender.example.com>"}}}  # fmt: skip
@@ -674,3 +676,194 @@ def test_sns_urls_are_not_followed_through_redirects(tmp_path: Path) -> None:
         ctx.close()
 
     asyncio.run(main())
+
+
+# ------------------------------------------------- provider retries (session 16)
+
+
+def mailgun_post(signing_key: str, event: dict[str, Any], ts: float, token: str) -> bytes:
+    sig = hmac.new(signing_key.encode(), f"{int(ts)}{token}".encode(), hashlib.sha256).hexdigest()
+    return json.dumps({"signature": {"timestamp": str(int(ts)), "token": token, "signature": sig},
+                       "event-data": event}).encode()  # fmt: skip
+
+
+def sns_time(t: float) -> str:
+    return (
+        datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    )
+
+
+def test_a_post_whose_handling_failed_is_handled_when_the_provider_retries_it(
+    tmp_path: Path,
+) -> None:
+    """A signed post that serve could not handle (the spool's Redis refusing
+    commands) is answered 500; Mailgun and SNS post it again later, as it was
+    (the same token, the same MessageId). That retry is handled: the event
+    recorded, the address suppressed. Before, the token / MessageId had been
+    marked used before the post was handled: Mailgun's retry was refused as a
+    replay (401) and SNS's acknowledged as a duplicate without being handled,
+    so the bounce and the complaint were lost for good."""
+    import redis
+    from tests._redis_helpers import start_redis
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    https = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(https)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    sns_key, pem = sns_cert()
+    signing_key = "key-mailgun-signing-0123456789"
+    kf = tmp_path / "mg.secret"
+    kf.write_text(f"signing_key = {signing_key}\n")
+    kf.chmod(0o600)
+
+    async def cert(request: web.Request) -> web.Response:
+        return web.Response(body=pem, content_type="application/x-pem-file")
+
+    with start_redis() as server:
+        admin = redis.Redis(host="127.0.0.1", port=server.port)
+        admin.execute_command("ACL", "SETUSER", "admin", "on", ">pw", "+@all", "~*", "&*")
+        admin = redis.Redis(host="127.0.0.1", port=server.port, username="admin", password="pw")
+        cfg = from_dict({"spool": {"dir": str(tmp_path / "spool"), "url": server.url()},
+                         "provider_events": {"mailgun_signing_key_file": str(kf),
+                                             "sns_topics": [TOPIC], "sns_cert_hosts": [r"127\.0\.0\.1"],
+                                             "sns_ca_file": str(ca_file)}})  # fmt: skip
+        ctx = open_context(cfg)
+        cid = ctx.tenant_campaign("acme")
+        ids = ctx.inject(cid, [(f"u{i}@example.net", "example.net", b'{"raw": ""}')
+                               for i in range(2)])  # fmt: skip
+        complained = {"event": "complained", "recipient": "u0@example.net",
+                      "user-variables": {"fastsend": msgid.token(ids[0], ctx.secret)}}  # fmt: skip
+        mg = mailgun_post(signing_key, complained, time.time(), "k" * 50)
+        bounce = {"notificationType": "Bounce", "bounce": {"bounceType": "Permanent",
+                  "bouncedRecipients": [{"emailAddress": "u1@example.net", "action": "failed",
+                                         "status": "5.1.1", "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]},
+                  "mail": {"commonHeaders": {"messageId": f"<{msgid.token(ids[1], ctx.secret)}@x.example>"}}}  # fmt: skip
+
+        async def main() -> None:
+            sns = web.Application()
+            sns.router.add_get("/SimpleNotificationService-abc.pem", cert)
+            sns_runner, sns_url = await serve(sns, https)
+            note = sns_sign({"SigningCertURL": sns_url + "/SimpleNotificationService-abc.pem",
+                             "TopicArn": TOPIC, "Timestamp": sns_time(time.time()), "Type": "Notification",
+                             "MessageId": "m-retried", "Message": json.dumps(bounce)}, sns_key)  # fmt: skip
+            app = web.Application()
+            setup_provider_events(app, ctx)
+            runner, url = await serve(app)
+            try:
+                async with aiohttp.ClientSession() as s:
+                    admin.execute_command("ACL", "SETUSER", "default", "-@all")  # the spool refused
+                    try:
+                        async with s.post(url + "/webhooks/mailgun", data=mg) as r:
+                            assert r.status == 500, await r.text()
+                        async with s.post(url + "/webhooks/ses", data=json.dumps(note)) as r:
+                            assert r.status == 500, await r.text()
+                    finally:
+                        admin.execute_command("ACL", "SETUSER", "default", "+@all")
+                    async with s.post(url + "/webhooks/mailgun", data=mg) as r:  # the retries
+                        assert r.status == 200, await r.text()
+                    async with s.post(url + "/webhooks/ses", data=json.dumps(note)) as r:
+                        assert r.status == 200 and (await r.json()).get("events") == 1
+                    # Handled now: a replay of either is still refused / not handled again.
+                    async with s.post(url + "/webhooks/mailgun", data=mg) as r:
+                        assert r.status == 401
+                    async with s.post(url + "/webhooks/ses", data=json.dumps(note)) as r:
+                        assert (await r.json()).get("duplicate") is True
+            finally:
+                await runner.cleanup()
+                await sns_runner.cleanup()
+
+        try:
+            asyncio.run(main())
+            assert ctx.suppression.contains("u0@example.net", tenant="acme")
+            assert ctx.suppression.contains("u1@example.net", tenant="acme")
+            evs = [e for e in last_events(ctx, 10) if e.get("event") in ("complained", "bounced")]
+            assert [(e["event"], e["id"]) for e in evs] == [
+                ("complained", ids[0]),
+                ("bounced", ids[1]),
+            ]
+        finally:
+            ctx.close()
+
+
+def test_provider_retries_keep_their_first_timestamp_and_old_notifications_are_refused(
+    tmp_path: Path,
+) -> None:
+    """Mailgun resends a post it could not deliver (serve down, a 5xx) for 8
+    hours with its first signature block, timestamp included: a post signed 2
+    hours ago is taken (before: refused as older than max_age, 600 s, so every
+    retry failed and the event was lost), one signed 9 hours ago is not, and a
+    taken one replayed is refused. SNS retries for at most an hour: a genuine
+    notification published 2 days ago (a replayed capture) is refused and
+    changes nothing (before: its Timestamp was never looked at, and once its
+    MessageId was forgotten, 10 minutes later, it was handled again); one
+    published 30 minutes ago is taken."""
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    https = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(https)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    sns_key, pem = sns_cert()
+    signing_key = "key-mailgun-signing-0123456789"
+    kf = tmp_path / "mg.secret"
+    kf.write_text(f"signing_key = {signing_key}\n")
+    kf.chmod(0o600)
+    ctx, ids = make_ctx(tmp_path, {"mailgun_signing_key_file": str(kf), "sns_topics": [TOPIC],
+                                   "sns_cert_hosts": [r"127\.0\.0\.1"], "sns_ca_file": str(ca_file)})  # fmt: skip
+
+    def complaint(i: int) -> dict[str, Any]:
+        return {"event": "complained", "recipient": f"u{i}@example.net",
+                "user-variables": {"fastsend": msgid.token(ids[i], ctx.secret)}}  # fmt: skip
+
+    def bounce(i: int) -> str:
+        return json.dumps({"notificationType": "Bounce", "bounce": {"bounceType": "Permanent",
+            "bouncedRecipients": [{"emailAddress": f"u{i}@example.net", "action": "failed", "status": "5.1.1",
+                                   "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]},
+            "mail": {"commonHeaders": {"messageId": f"<{msgid.token(ids[i], ctx.secret)}@x.example>"}}})  # fmt: skip
+
+    async def cert(request: web.Request) -> web.Response:
+        return web.Response(body=pem, content_type="application/x-pem-file")
+
+    now = time.time()
+
+    async def main() -> None:
+        sns = web.Application()
+        sns.router.add_get("/SimpleNotificationService-abc.pem", cert)
+        sns_runner, sns_url = await serve(sns, https)
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+
+        def note(i: int, published: float) -> str:
+            return json.dumps(sns_sign({"SigningCertURL": sns_url + "/SimpleNotificationService-abc.pem",
+                                        "TopicArn": TOPIC, "Timestamp": sns_time(published),
+                                        "Type": "Notification", "MessageId": f"m-{i}",
+                                        "Message": bounce(i)}, sns_key))  # fmt: skip
+
+        try:
+            async with aiohttp.ClientSession() as s:
+                before = state(ctx)
+                late = mailgun_post(signing_key, complaint(1), now - 9 * 3600, "a" * 50)
+                async with s.post(url + "/webhooks/mailgun", data=late) as r:
+                    assert r.status == 401  # past Mailgun's retries: a replay
+                async with s.post(url + "/webhooks/ses", data=note(2, now - 2 * 86400)) as r:
+                    assert r.status == 401, await r.text()  # past SNS's retries
+                async with s.post(url + "/webhooks/ses", data=note(2, now + 3600)) as r:
+                    assert r.status == 401, await r.text()  # from the future
+                assert state(ctx) == before
+                retried = mailgun_post(signing_key, complaint(0), now - 2 * 3600, "b" * 50)
+                async with s.post(url + "/webhooks/mailgun", data=retried) as r:
+                    assert r.status == 200, await r.text()
+                async with s.post(url + "/webhooks/mailgun", data=retried) as r:
+                    assert r.status == 401  # handled once: a replay now
+                async with s.post(url + "/webhooks/ses", data=note(3, now - 1800)) as r:
+                    assert r.status == 200 and (await r.json())["events"] == 1
+        finally:
+            await runner.cleanup()
+            await sns_runner.cleanup()
+
+    asyncio.run(main())
+    assert state(ctx)[1] == ["u0@example.net", "u3@example.net"]
+    ctx.close()

@@ -21,7 +21,15 @@
   token is accepted once.
 
 A post without a valid signature, or with a timestamp older than ``max_age``
-(replays), is answered 401 and changes nothing. Verified events name messages
+(replays), is answered 401 and changes nothing. A provider that retries a post
+our answer did not take resends it as it was, with its first timestamp: Mailgun
+for 8 hours (``MAILGUN_RETRIES``), SNS for up to an hour (``SNS_RETRIES``, its
+HTTP/S delivery policy's hard limit); their posts are taken that much older
+than ``max_age`` (which stays the clocks' allowance), and their ids (Mailgun's
+token, the SNS MessageId) are remembered as long, so a replay within it is
+still refused. A post whose handling failed (the spool out of reach, say) is
+answered 500 and forgotten: the provider's retry of it is handled, not taken
+for a replay (before, the retry was refused and the event lost). Verified events name messages
 by the signed id tokens fastsend sent with them (SES: Message-ID; SendGrid:
 ``custom_args.fastsend``; Mailgun: ``v:fastsend``), so a post can only touch
 messages fastsend sent; each becomes an event ("bounced", "complained",
@@ -38,6 +46,7 @@ import collections
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import ssl
@@ -60,6 +69,12 @@ from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
 log = logging.getLogger("fastsend.serve.provider_events")
 
 MAX_BODY = 4 * 1024 * 1024
+# How long after its first post a provider resends one it could not deliver,
+# keeping the original timestamp: Mailgun retries "during 8 hours" (its
+# webhook-retries page: 5, 10, 15 min, 1, 2, 4 h), the signature block as it
+# was; SNS's HTTP/S delivery policy cannot retry for more than 3,600 s in all.
+MAILGUN_RETRIES = 8 * 3600.0
+SNS_RETRIES = 3600.0
 
 
 @dataclass
@@ -126,24 +141,40 @@ class ProviderEvents:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
         return body
 
-    def _once(self, key: str) -> bool:
-        """False when ``key`` was seen within max_age (a replayed post)."""
+    def _once(self, key: str, retries: float = 0.0) -> bool:
+        """False when ``key`` was seen within its window (a replayed post):
+        ``max_age`` and the provider's ``retries`` (how much older than
+        max_age its posts are taken, so as long as a replay could pass)."""
         now = time.time()
-        while self.seen and next(iter(self.seen.values())) < now - self.s.max_age:
-            self.seen.popitem(last=False)
-        if key in self.seen:
+        seen = self.seen
+        while seen:  # (kept in the order seen; a longer window ahead only keeps more)
+            first = next(iter(seen))
+            if seen[first] > now:
+                break
+            del seen[first]
+        if seen.get(key, 0.0) > now:
             return False
-        self.seen[key] = now
-        if len(self.seen) > 100_000:
-            self.seen.popitem(last=False)
+        seen[key] = now + self.s.max_age + retries
+        seen.move_to_end(key)
+        if len(seen) > 100_000:
+            seen.popitem(last=False)
         return True
 
-    def _fresh(self, ts: str) -> None:
+    def _forget(self, key: str) -> None:
+        """A post whose handling failed: its retry is no replay."""
+        self.seen.pop(key, None)
+
+    def _fresh(self, ts: str, retries: float = 0.0) -> None:
+        """``ts`` (Unix seconds) within max_age of now, or up to ``retries``
+        older still (a provider resending a post with its first timestamp)."""
         try:
             t = float(ts)
         except ValueError:
             raise _Unauthorized("bad timestamp") from None
-        if abs(time.time() - t) > self.s.max_age:
+        if not math.isfinite(t):
+            raise _Unauthorized("bad timestamp")
+        age = time.time() - t
+        if age > self.s.max_age + retries or -age > self.s.max_age:
             raise _Unauthorized("timestamp outside max_age")
 
     def _session(self) -> Any:
@@ -325,6 +356,7 @@ class ProviderEvents:
             if not isinstance(v, str):
                 raise _Unauthorized(f"bad {n}")
             parts.append(f"{n}\n{v}\n")
+        self._fresh(str(_sns_time(doc["Timestamp"])), SNS_RETRIES)
         algo = {"1": hashes.SHA1(), "2": hashes.SHA256()}.get(str(doc.get("SignatureVersion")))
         if algo is None:
             raise _Unauthorized("unknown SignatureVersion")
@@ -354,8 +386,19 @@ class ProviderEvents:
         topic = str(doc.get("TopicArn"))
         if topic not in self.s.sns_topics:
             return web.json_response({"error": "topic not allowed"}, status=403)
-        if not self._once("sns:" + str(doc.get("MessageId"))):
+        key = "sns:" + str(doc.get("MessageId"))
+        if not self._once(key, SNS_RETRIES):
             return web.json_response({"ok": True, "duplicate": True})
+        try:
+            answer = await self._sns(doc, topic)
+        except BaseException:
+            self._forget(key)  # SNS retries it: handled then, not taken for a replay
+            raise
+        if answer.status >= 300:
+            self._forget(key)
+        return answer
+
+    async def _sns(self, doc: dict[str, Any], topic: str) -> web.Response:
         typ = doc["Type"]
         if typ == "SubscriptionConfirmation":
             url = str(doc.get("SubscribeURL"))
@@ -441,11 +484,19 @@ class ProviderEvents:
             raw_sig = base64.b64decode(sig, validate=True)
             assert self.sendgrid_key is not None  # the route exists only with a key
             self.sendgrid_key.verify(raw_sig, ts.encode() + body, ec.ECDSA(hashes.SHA256()))
-            if not self._once("sg:" + hashlib.sha256(raw_sig).hexdigest()):
+            key = "sg:" + hashlib.sha256(raw_sig).hexdigest()
+            if not self._once(key):
                 raise _Unauthorized("replayed")
         except (_Unauthorized, InvalidSignature, ValueError) as e:
             log.warning("sendgrid webhook refused: %s", e.__class__.__name__)
             return _unauthorized()
+        try:
+            return self._sendgrid_events(body)
+        except BaseException:
+            self._forget(key)  # a retry of it is no replay
+            raise
+
+    def _sendgrid_events(self, body: bytes) -> web.Response:
         try:
             items = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -501,15 +552,23 @@ class ProviderEvents:
             doc = orjson.loads(body)
             sig = doc["signature"]
             ts, token, mac = str(sig["timestamp"]), str(sig["token"]), str(sig["signature"])
-            self._fresh(ts)
+            # Mailgun resends a post we did not answer 200 with its first signature block.
+            self._fresh(ts, MAILGUN_RETRIES)
             want = hmac.new(self.s.mailgun_key, (ts + token).encode(), hashlib.sha256).hexdigest()
             if not hmac.compare_digest(want, mac):
                 raise _Unauthorized("signature does not verify")
-            if not self._once("mg:" + token):
+            if not self._once("mg:" + token, MAILGUN_RETRIES):
                 raise _Unauthorized("replayed token")
         except (_Unauthorized, ValueError, KeyError, TypeError) as e:
             log.warning("mailgun webhook refused: %s", e.__class__.__name__)
             return _unauthorized()
+        try:
+            return self._mailgun_event(doc)
+        except BaseException:
+            self._forget("mg:" + token)  # Mailgun retries it: handled then, not a replay
+            raise
+
+    def _mailgun_event(self, doc: dict[str, Any]) -> web.Response:
         ed = doc.get("event-data")
         if not isinstance(ed, dict) or not isinstance(ed.get("recipient"), str):
             return web.json_response({"error": "no event-data"}, status=400)
@@ -556,6 +615,19 @@ _DROPPED = {
     "unsubscribed group": "unsubscribe",
     "spam reporting address": "abuse",  # the recipient reported spam before
 }
+
+
+def _sns_time(value: str) -> float:
+    """SNS's Timestamp (ISO 8601 UTC, "2026-12-06T09:30:01.123Z") in Unix seconds."""
+    import datetime
+
+    try:
+        t = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise _Unauthorized("bad Timestamp") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.UTC)
+    return t.timestamp()
 
 
 def _unauthorized() -> web.Response:
