@@ -115,6 +115,10 @@ class Recorder:
         self.requests = 0
         self.times: list[float] = []  # monotonic time of each accepted recipient (Mailgun, SES)
         self.retry_after = "1"  # Mailgun's 429 says Retry-After ("": it says nothing)
+        # Mailgun: unavailable (503 + Retry-After) for this many seconds from its first request.
+        self.unavailable = 0
+        self.down_until = 0.0
+        self.unavailable_answers = 0
 
 
 def sendgrid_app(key: str, rec: Recorder) -> web.Application:
@@ -178,6 +182,16 @@ def mailgun_app(key: str, rec: Recorder, domain: str, delay: float = 0.0) -> web
         import base64
 
         rec.requests += 1
+        if rec.unavailable:  # in maintenance from the first request on, for a while
+            now = time.monotonic()
+            rec.down_until = rec.down_until or now + rec.unavailable
+            if now < rec.down_until:
+                rec.unavailable_answers += 1
+                return web.json_response(
+                    {"message": "Service Unavailable"},
+                    status=503,
+                    headers={"Retry-After": str(rec.unavailable)},
+                )
         auth = request.headers.get("Authorization", "")
         ok = auth.startswith("Basic ") and base64.b64decode(auth[6:]) == f"api:{key}".encode()
         if not ok:

@@ -538,6 +538,38 @@ def test_requests_throttled_together_slow_the_lane_once(tmp_path: Path) -> None:
     assert max(e["pause"] for e in slowed) <= 1.0 and slowed[-1]["limit"] >= 2, slowed
 
 
+def test_a_provider_unavailable_with_retry_after_pauses_the_lane(tmp_path: Path) -> None:
+    """A provider in maintenance answers 503 with Retry-After (here for 2 s from
+    its first request): the lane pauses that long, as for a 429, and its mail
+    goes on afterwards, once each, with no attempt spent. Before, a 503 was a
+    deferral of each request's mail: the whole lane was sent at the provider
+    (every message answered 503, each an attempt) and retried on the retry
+    schedule, whatever the Retry-After said."""
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = [f"m{i}@example.net" for i in range(60)]
+    rcpts = write_recipients(tmp_path, addrs)
+    rec = Recorder()
+    rec.unavailable = 2
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = RETRY + (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\nmax_connections = 4\n'
+            'domain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg, {"FASTSEND_MG_API_KEY": "mg-key"},
+                    "--max-wait", "10", "--no-dkim", "--workers", "1")  # fmt: skip
+    s = summary(proc)
+    assert dict(rec.recipients) == {a: 1 for a in addrs}, (rec.recipients, s)
+    assert s["delivered"] == 60 and s["deferrals"] == 0, (s, proc.stderr[-2000:])
+    # Only the requests in flight when it first answered 503 (the lane's 4) met it.
+    assert 1 <= rec.unavailable_answers <= 4, rec.unavailable_answers
+    shaping = [
+        orjson.loads(x) for x in (tmp_path / "spool" / "shaping.jsonl").read_bytes().splitlines()
+    ]
+    paused = [e for e in shaping if e.get("action") == "provider unavailable"]
+    assert len(paused) == 1 and paused[0]["pause"] == 2.0, paused
+
+
 def test_mailgun_refusing_one_of_a_large_group_costs_few_requests(tmp_path: Path) -> None:
     """Mailgun refuses a request of 64 identical recipients whole for one bad
     address, naming none: the recipients go again in halves, each half refused

@@ -7,8 +7,9 @@ gives (:func:`map_status`):
 
 - 2xx: delivered, the provider's message id kept as the result's queue_id;
 - 429 and the providers' throttling errors (SES ``TooManyRequestsException``,
-  ``Throttling``/"Maximum sending rate exceeded"): :class:`Throttled` -- not an
-  attempt; the lane slows down (below);
+  ``Throttling``/"Maximum sending rate exceeded"), and 503 (the provider
+  overloaded or in maintenance, with or without Retry-After):
+  :class:`Throttled` -- not an attempt; the lane pauses and slows down (below);
 - 5xx, network errors, timeouts, and refusals that are about our account or
   credentials (401/403, SES ``SendingPausedException``...) or configuration
   (404: Mailgun's "Domain not found" for a sending domain it does not have):
@@ -65,10 +66,23 @@ _STATUS = {
 
 
 class Throttled(msgspec.Struct, frozen=True):
-    """The provider asked us to slow down; nothing was sent."""
+    """The provider asked us to slow down (429, its throttling errors) or is
+    unavailable for now (503: overloaded or in maintenance, RFC 9110 15.6.4);
+    nothing was sent."""
 
     retry_after: float  # seconds (0: not said)
     text: str
+    status: int = 429
+
+    @property
+    def what(self) -> str:
+        return "unavailable" if self.status == 503 else "throttled"
+
+
+# Answers that pause the lane as a whole (the provider, not the message): 429
+# and 503. A 503 answered each request of a lane deferred, an attempt each:
+# the whole queue sent at a provider in maintenance, whatever its Retry-After.
+PAUSE_STATUSES = (429, 503)
 
 
 Answer = list[TxnResult] | Throttled
@@ -242,7 +256,8 @@ class HTTPTransport:
             ans = await self.send(session, [e for _n, _ks, e in g])
             for j, (n, ks, _e) in enumerate(g):
                 if isinstance(ans, Throttled):  # nothing sent: later, as any throttled request
-                    got = [deferred(self.label, f"HTTP 429 throttled: {ans.text}")] * len(ks)
+                    text = f"HTTP {ans.status} {ans.what}: {ans.text}"
+                    got = [deferred(self.label, text)] * len(ks)
                 else:
                     got = list(ans[j].outcomes)
                     got += got[-1:] * (len(ks) - len(got))
@@ -520,7 +535,7 @@ class ProviderQueue:
                 self.limit = max(1, self.limit // 2)
                 rate = None
             self._event(
-                "provider throttled",
+                f"provider {t.what}",
                 pause=round(pause, 3),
                 rate=rate,
                 limit=self.limit,
@@ -538,7 +553,7 @@ class ProviderQueue:
             for e in give:
                 self.campaign_of.pop(_key(e), None)
                 self.throttles.pop(_key(e), None)
-            out = deferred(self.transport.label, f"throttled: {t.text}", 421, "4.7.0")
+            out = deferred(self.transport.label, f"{t.what}: {t.text}", 421, "4.7.0")
             self.report(answered(give, out), "", self.transport.label)
 
     def _event(self, action: str, **fields: Any) -> None:

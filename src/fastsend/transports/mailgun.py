@@ -8,7 +8,7 @@ echo it in ``user-variables``). DOMAIN is ``domain`` from the transport, else
 the envelope sender's domain. One request per envelope.
 
 Answers: 200 ``{"id": "<...>", "message": "Queued. Thank you."}`` ->
-delivered (queue_id = id); 429 -> throttled (Retry-After); 400
+delivered (queue_id = id); 429 and 503 -> throttled (Retry-After); 400
 ``{"message": ...}`` -> failed, classified; 401 ("Forbidden"), 403, 404
 ("Domain not found") and 5xx -> deferred. A 400 about the ``to`` parameter or
 naming one of the recipients of a request of several (identical mail grouped:
@@ -28,6 +28,7 @@ import orjson
 from fastsend import msgid
 from fastsend.outcome import Envelope
 from fastsend.transports.http import (
+    PAUSE_STATUSES,
     Answer,
     HTTPTransport,
     Throttled,
@@ -93,8 +94,8 @@ class MailgunTransport(HTTPTransport):
         if 200 <= status < 300:
             mid = str(doc.get("id", "")) if isinstance(doc, dict) else ""
             return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
-        if status == 429:
-            return Throttled(ra, text)
+        if status in PAUSE_STATUSES:
+            return Throttled(ra, text, status)
         if status == 400 and len(env.rcpts) > 1 and _about_a_recipient(text, env.rcpts):
             return await self.bisect(session, envs)
         return answered(envs, map_status(self.label, status, text))

@@ -17,7 +17,7 @@ personalization carries ``custom_args.fastsend`` = the message's id token,
 which the Event Webhook echoes (fastsend.serve.provider_events).
 
 Answers: 202 + ``X-Message-Id`` -> delivered (queue_id); 429 -> throttled
-(Retry-After, or X-RateLimit-Reset); 400 ``{"errors": [{"message", "field"}]}``
+(Retry-After, or X-RateLimit-Reset), 503 too (Retry-After); 400 ``{"errors": [{"message", "field"}]}``
 and 413 -> failed, classified; 401/403/404 and 5xx -> deferred. A 400 naming a
 personalization of a request of several recipients refuses the whole request
 for one of them: each is then sent on its own, and only the refused bounce.
@@ -39,6 +39,7 @@ import orjson
 from fastsend import msgid
 from fastsend.outcome import Envelope, TxnResult
 from fastsend.transports.http import (
+    PAUSE_STATUSES,
     Answer,
     HTTPTransport,
     Throttled,
@@ -187,10 +188,10 @@ class SendGridTransport(HTTPTransport):
         if 200 <= status < 300:
             return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
         text = _errors(raw)
-        if status == 429:
-            if not ra and reset.isdigit():
+        if status in PAUSE_STATUSES:
+            if not ra and reset.isdigit() and status == 429:
                 ra = max(0.0, int(reset) - time.time())
-            return Throttled(ra, text)
+            return Throttled(ra, text, status)
         if status == 400 and b"personalizations." in raw and sum(len(e.rcpts) for e in envs) > 1:
             # SendGrid refuses the whole request for the personalizations it
             # does not take (recipients), naming each ("personalizations.3.to.0.

@@ -14,7 +14,7 @@ MessageId becomes the result's queue_id.
 
 Errors (the ``x-amzn-ErrorType`` header, the body's ``message``):
 TooManyRequestsException / ThrottlingException / "Maximum sending rate
-exceeded" -> throttled; "Daily message quota exceeded" -> throttled for 10
+exceeded" and 503 ServiceUnavailable -> throttled; "Daily message quota exceeded" -> throttled for 10
 minutes (so deferred); MessageRejected / BadRequestException -> failed
 (classified); account trouble (SendingPausedException, AccountSuspended,
 MailFromDomainNotVerified, NotFound, signature or key errors), the sandbox's
@@ -129,6 +129,8 @@ class SESTransport(HTTPTransport):
         what = f"{etype}: {text}" if etype else text
         if "daily message quota" in text.lower():
             return Throttled(DAILY_QUOTA_PAUSE, what)
+        if status == 503:  # ServiceUnavailable: the service, not the message
+            return Throttled(retry_after(ra), what, 503)
         if status == 429 or etype in THROTTLING or "maximum sending rate" in text.lower():
             return Throttled(retry_after(ra), what)
         low = text.lower()
