@@ -769,3 +769,97 @@ def test_ses_account_rate_holds_for_every_node_together(
     most = max(bisect.bisect_left(times, t + window) - i for i, t in enumerate(times))
     allowed = rate + rate * window + 2 * rate
     assert most <= allowed, f"{most} accepted within {window:g} s; MaxSendRate allows {allowed}"
+
+
+def test_sendgrid_gets_the_from_fastsend_judged_and_header_text_without_line_breaks(
+    tmp_path: Path,
+) -> None:
+    """Raw MIME a tenant sends through `fastsend serve` to a SendGrid route (which
+    takes the message's parts, not its bytes):
+
+    - a From whose display name is an encoded word spelling another address
+      ("=?utf-8?q?=3Cceo=40bank.example=3E?= <news@tenant.example>") goes with
+      the address fastsend judged the tenant's (before: the header was decoded
+      whole, then parsed, and SendGrid sent From ceo@bank.example);
+    - an encoded word holding CR LF (Subject, any other header) reaches SendGrid
+      without the line break (before: "hi\\r\\nBcc: victim@..." as the subject);
+    - UTF-8 header text (RFC 6532) is sent (before: a local error each attempt,
+      retried until the message expired);
+    - a mail client's "Content-Disposition: inline" body is the content (before:
+      taken for an attachment, the request had no content: bounced)."""
+    import asyncio
+    import sys
+
+    import aiohttp
+    from tests.conftest import free_port, wait_port
+
+    rec = Recorder()
+    port = free_port()
+    spoof = (
+        "From: =?utf-8?q?=3Cceo=40bank.example=3E?= <news@tenant.example>\r\n"
+        "Subject: =?utf-8?q?hi=0D=0ABcc=3A_victim=40evil.example?=\r\n"
+        "X-Campaign: =?utf-8?b?YQ0KQmNjOiB2QGV2aWwuZXhhbXBsZQ==?=\r\n\r\nbody one\r\n"
+    )
+    utf8 = "From: Jörg <news@tenant.example>\r\nSubject: Grüße\r\n\r\nbody two\r\n"
+    inline = (
+        "From: news@tenant.example\r\nSubject: three\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\nContent-Disposition: inline\r\n\r\n"
+        "body three\r\n--b\r\nContent-Type: application/pdf\r\n"
+        'Content-Disposition: attachment; filename="a.pdf"\r\n\r\nxx\r\n--b--\r\n'
+    )
+    with ThreadedApp(sendgrid_app("sg-key", rec)) as sg:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            f'[spool]\ndir = "spool"\n[workers]\ncount = 1\n[api]\nlisten = "127.0.0.1:{port}"\n'
+            '[tenants.acme]\ndomains = ["tenant.example"]\n'
+            f'[transports.sg]\nkind = "sendgrid"\nendpoint = "{sg.url}"\n[routes]\n"*" = "sg"\n'
+        )
+        env = {**os.environ, "FASTSEND_SG_API_KEY": "sg-key"}
+        env.pop("FASTSEND_NO_EXTENSIONS", None)
+        api_key = subprocess.run(
+            [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme", "-c", str(cfg)],
+            check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
+        ).stdout.strip()  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "fastsend", "serve", "-c", str(cfg)],
+                                stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)  # fmt: skip
+        try:
+            wait_port("127.0.0.1", port, timeout=15)
+            base = f"http://127.0.0.1:{port}"
+
+            async def main() -> list[dict[str, Any]]:
+                auth = {"Authorization": f"Bearer {api_key}"}
+                ids = []
+                async with aiohttp.ClientSession() as s:
+                    for n, raw in enumerate((spoof, utf8, inline)):
+                        msg = {"from": "news@tenant.example", "to": f"r{n}@example.net", "raw": raw}
+                        async with s.post(base + "/v1/messages", json=msg, headers=auth) as r:
+                            assert r.status == 202, await r.text()
+                            ids.append((await r.json())["messages"][0]["ids"][0])
+                    got: list[dict[str, Any]] = []
+                    for _ in range(300):
+                        got = []
+                        for mid in ids:
+                            async with s.get(f"{base}/v1/messages/{mid}", headers=auth) as r:
+                                got.append(await r.json())
+                        if all(m["state"] in ("delivered", "bounced", "failed") for m in got):
+                            break
+                        await asyncio.sleep(0.05)
+                    return got
+
+            got = asyncio.run(main())
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert [m["state"] for m in got] == ["delivered"] * 3, got
+    by_rcpt = {b["personalizations"][0]["to"][0]["email"]: b for b in rec.accepted}
+    one, two, three = (by_rcpt[f"r{n}@example.net"] for n in range(3))
+    assert one["from"]["email"] == "news@tenant.example", one["from"]
+    for text in (one["subject"], *one.get("headers", {}).values()):
+        assert "\r" not in text and "\n" not in text, text
+    assert two["subject"] == "Grüße" and two["from"] == {
+        "email": "news@tenant.example",
+        "name": "Jörg",
+    }
+    assert three["content"] == [{"type": "text/plain", "value": "body three"}], three
+    assert [a["filename"] for a in three["attachments"]] == ["a.pdf"]

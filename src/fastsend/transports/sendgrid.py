@@ -73,17 +73,50 @@ RESERVED = frozenset(
 )
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _utf8(value: str) -> str:
+    """Text the compat32 parser read from 8-bit octets (RFC 6532 UTF-8 header
+    text, as surrogate escapes) as the characters they are: orjson refuses
+    surrogates (every such message failed with a local error, retried until
+    it expired)."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _header(value: str) -> str:
-    """A header's text: unfolded, RFC 2047 words decoded."""
-    value = value.replace("\r\n", "").replace("\n", "")
+    """A header's text: unfolded, RFC 2047 words decoded, and no control
+    character left (an encoded word may hold CR LF: "=?utf-8?q?a=0D=0ABcc:..."
+    must not become a line break in the header SendGrid writes)."""
+    value = _utf8(value).replace("\r\n", "").replace("\n", "")
     if "=?" in value:
-        value = str(email.header.make_header(email.header.decode_header(value)))
-    return value
+        try:
+            value = str(email.header.make_header(email.header.decode_header(value)))
+        except (ValueError, LookupError):  # a malformed word, an unknown charset: as written
+            pass
+    return _CONTROLS.sub(" ", value).strip()
 
 
 def _addr(value: str) -> dict[str, str]:
-    name, addr = email.utils.parseaddr(_header(value))
+    """The header's first address as written (the one fastsend judged the
+    tenant's, delivery.signing.identity_domains), then its display name
+    decoded. Decoding the whole header first let a display name's encoded
+    word ("=?utf-8?q?=3Cceo=40bank.example=3E?= <news@tenant.example>")
+    become the address SendGrid sent From."""
+    name, addr = email.utils.parseaddr(_utf8(value).replace("\r\n", "").replace("\n", ""))
+    name = _header(name) if name else ""
+    addr = _CONTROLS.sub("", addr)
     return {"email": addr, "name": name} if name else {"email": addr}
+
+
+def _raw(msg: Any, name: str) -> str | None:
+    """A header's value as written (compat32's ``get`` gives an 8-bit one as
+    an ``email.header.Header``, not text)."""
+    low = name.lower()
+    for k, v in msg.raw_items():
+        if k.lower() == low:
+            return str(v)
+    return None
 
 
 def mime_to_v3(data: bytes) -> dict[str, Any]:
@@ -91,12 +124,13 @@ def mime_to_v3(data: bytes) -> dict[str, Any]:
     The compat32 parser: the modern policy costs ~4 ms a message here."""
     msg = email.message_from_bytes(data)
     doc: dict[str, Any] = {
-        "from": _addr(msg.get("From", "")),
-        "subject": _header(msg.get("Subject", "")),
+        "from": _addr(_raw(msg, "From") or ""),
+        "subject": _header(_raw(msg, "Subject") or ""),
     }
-    if msg.get("Reply-To"):
-        doc["reply_to"] = _addr(msg["Reply-To"])
-    headers = {k: _header(v) for k, v in msg.items() if k.lower() not in RESERVED}
+    reply_to = _raw(msg, "Reply-To")
+    if reply_to:
+        doc["reply_to"] = _addr(reply_to)
+    headers = {k: _header(str(v)) for k, v in msg.raw_items() if k.lower() not in RESERVED}
     if headers:
         doc["headers"] = headers
     content: list[dict[str, str]] = []
@@ -108,7 +142,14 @@ def mime_to_v3(data: bytes) -> dict[str, Any]:
         disp = part.get_content_disposition()
         payload = part.get_payload(decode=True) or b""
         assert isinstance(payload, bytes)
-        if disp is None and ctype in ("text/plain", "text/html"):
+        filename = part.get_filename()
+        if (
+            (disp is None or (disp == "inline" and not filename))
+            and ctype in ("text/plain", "text/html")
+            and all(c["type"] != ctype for c in content)
+        ):
+            # The body (a mail client's "inline" text part too: it had none,
+            # and SendGrid refuses a request without content).
             charset = part.get_content_charset() or "us-ascii"
             try:
                 text = payload.decode(charset, "replace")
@@ -119,11 +160,12 @@ def mime_to_v3(data: bytes) -> dict[str, Any]:
         att = {
             "content": base64.b64encode(payload).decode(),
             "type": ctype,
-            "filename": part.get_filename() or "attachment",
+            "filename": _header(filename or "") or "attachment",
             "disposition": disp or "attachment",
         }
-        if part.get("Content-ID"):
-            att["content_id"] = str(part["Content-ID"]).strip("<>")
+        cid = _raw(part, "Content-ID")
+        if cid:
+            att["content_id"] = _header(cid).strip("<>")
         attachments.append(att)
     content.sort(key=lambda c: c["type"] != "text/plain")  # v3: text/plain first
     doc["content"] = content
