@@ -267,3 +267,123 @@ def test_a_url_with_its_secret_in_the_path_is_not_logged(
     assert "not accepted" in text and "127.0.0.1" in text, text
     for secret in ("PATHSECRET", "QUERYSECRET", "PASSWORDSECRET", "user"):
         assert secret not in text, text
+
+
+_KILLED_RUN = """
+import asyncio, os, signal, sys
+from fastsend.config import from_dict
+from fastsend.serve.context import open_context
+from fastsend.serve.webhooks import WebhookDispatcher
+
+spool, url, secret = sys.argv[1:4]
+
+
+async def main():
+    ctx = open_context(from_dict({"spool": {"dir": spool}, "webhooks": {
+        "urls": [url], "secret": secret, "retry_min": 0.02, "retry_max": 0.1,
+        "flush_interval": 0.01}}))
+    d = WebhookDispatcher(ctx)
+    await d.start()
+    for i in range(3):
+        ctx.emit({"event": "accepted", "id": i, "rcpt": f"r{i}@example.org"})
+    while d.outbox.pending() < 3:  # these three reached the outbox
+        await asyncio.sleep(0.01)
+    for i in range(3, 8):  # these reach the event log (serve's tick writes it), not the outbox
+        ctx.emit({"event": "delivered", "id": i, "rcpt": f"r{i}@example.org"})
+    ctx.events.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+asyncio.run(main())
+"""
+
+
+def test_events_a_killed_run_held_in_memory_are_sent_after_the_restart(tmp_path: Path) -> None:
+    """serve killed with kill -9 (SQLite spool): the events its dispatcher still held in
+    memory (up to flush_interval of them: 448 deliveries of 3,000 in a run against the
+    sink) were in the event log but never reached the outbox, so no webhook told them.
+    The outbox now keeps how far into the event log its events go; the next start sends
+    the rest from the log, once each, in order; a clean stop leaves nothing to resend."""
+    import sys
+
+    async def main() -> None:
+        rx = Receiver(SECRET)
+        url = await rx.start()
+        rx.status = 503  # the endpoint is down while the first run lives
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _KILLED_RUN, str(tmp_path / "spool"), url, SECRET)
+        assert await child.wait() == -9
+        logged = (tmp_path / "spool" / "events.jsonl").read_bytes().splitlines()
+        assert len(logged) == 8
+        rx.status = 200
+        ctx = _ctx(tmp_path, [url])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            await _until(lambda: len(rx.events) >= 8)
+            await _until(lambda: d.outbox is not None and d.outbox.pending() == 0)
+            assert [(e["event"], e["id"]) for e in rx.events] == [
+                *(("accepted", i) for i in range(3)), *(("delivered", i) for i in range(3, 8))]
+        finally:
+            await d.stop()
+            ctx.close()
+        # A clean stop and a start: nothing is sent twice, new events go on.
+        ctx = _ctx(tmp_path, [url])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            _emit(ctx, ["bounced"], start=8)
+            await _until(lambda: len(rx.events) >= 9)
+            await _until(lambda: d.outbox is not None and d.outbox.pending() == 0)
+            assert [e["id"] for e in rx.events] == list(range(9))
+        finally:
+            await d.stop()
+            ctx.close()
+            await rx.close()
+
+    asyncio.run(main())
+
+
+def test_a_full_outbox_keeps_the_events_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The outbox refusing writes (SQLITE_FULL, as a full disk gives it: made with
+    PRAGMA max_page_count) dropped the events of the failed write although it logged
+    "keep the events in memory and retry", and logged it every 0.2 s. Now they stay
+    buffered in order, and the outage is said once when it starts and once when it ends."""
+    import logging
+
+    caplog.set_level(logging.INFO, "fastsend.webhooks")
+
+    async def main() -> None:
+        rx = Receiver(SECRET)
+        url = await rx.start()
+        ctx = _ctx(tmp_path, [url])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            _emit(ctx, ["accepted"])
+            await _until(lambda: len(rx.events) == 1)
+            assert d.outbox is not None
+            db = d.outbox.db
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count={pages}")  # the disk is full
+            for i in range(1, 31):
+                ctx.emit({"event": "delivered", "id": i, "rcpt": f"r{i}@example.org",
+                          "text": "x" * 2000})  # fmt: skip
+            await _until(lambda: "failed" in caplog.text)
+            failed = len(rx.events)
+            await asyncio.sleep(0.3)  # more flushes try while it is full
+            db.execute("PRAGMA max_page_count=1073741823")  # space again
+            await _until(lambda: len(rx.events) == 31)
+            assert failed < 31
+            assert [e["id"] for e in rx.events] == list(range(31))
+            said = [r.getMessage() for r in caplog.records if r.name == "fastsend.webhooks"]
+            assert len(said) == 2, said
+            assert "kept" in said[0] and "written again" in said[1], said
+        finally:
+            await d.stop()
+            ctx.close()
+            await rx.close()
+
+    asyncio.run(main())

@@ -24,7 +24,7 @@ without one (made once per batch).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -302,3 +302,50 @@ class EventLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def mark_key(path: str) -> str:
+    """The name a listener keeps its :meth:`EventLog.mark` under: this host and the
+    log's real path (several nodes may share one store)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.path.realpath(path)}"
+
+
+def read_back(path: str, kept: str, mine: str, chunk: int = 5000) -> Iterator[list[dict[str, Any]]]:
+    """The events of the log at ``path`` past mark ``kept`` up to mark ``mine``
+    (:meth:`EventLog.mark` strings), in batches of up to ``chunk``: what a killed
+    process's listener had not made durable when it died. Nothing when the marks
+    name different files (the log was rotated) or ``kept`` is not before ``mine``.
+    A line cut short by the crash ends it; a line that is not a JSON object is
+    skipped."""
+    import orjson
+
+    dev, ino, end = [*mine.rsplit(":", 2), "", ""][:3]
+    kdev, kino, koff = [*kept.rsplit(":", 2), "", "", ""][:3]
+    if (kdev, kino) != (dev, ino) or not (koff.isdigit() and end.isdigit()):
+        return
+    start, stop = int(koff), int(end)
+    if start >= stop:
+        return
+    with open(path, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":  # not at a line's start: from the next one
+                f.readline()
+        batch: list[dict[str, Any]] = []
+        while f.tell() < stop:
+            line = f.readline()
+            if not line.endswith(b"\n"):
+                break  # a line cut short by the crash
+            try:
+                e = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(e, dict):
+                batch.append(e)
+                if len(batch) >= chunk:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch

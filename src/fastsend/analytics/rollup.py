@@ -59,7 +59,7 @@ from fastsend.analytics.machine import MachineRules, load_machine_rules
 from fastsend.analytics.store import ALL, IDX, NC, RollupStore
 from fastsend.config import Config
 from fastsend.config.analytics import AnalyticsSettings
-from fastsend.events import AcceptedRows, DeliveredRows, Rows
+from fastsend.events import AcceptedRows, DeliveredRows, Rows, mark_key, read_back
 from fastsend.spool.base import storage_problem
 
 log = logging.getLogger("fastsend.analytics")
@@ -376,59 +376,25 @@ class Rollups:
         to, and keep that point with every flush from now on. A process killed
         (kill -9, a power loss) loses the counts of its last second, which its event
         log has: they are counted here at the next start. Events counted."""
-        import os
-        import socket
-
         mine = events.mark() if events.path else None
         if mine is None:
             return 0
-        self.mark_key = f"{socket.gethostname()}:{os.path.realpath(events.path)}"
+        self.mark_key = mark_key(events.path)
         kept = self.store.states(MARK).get(self.mark_key, "")
-        dev, ino, end = mine.rsplit(":", 2)
         n = 0
-        kdev, kino, koff = [*kept.rsplit(":", 2), "", "", ""][:3]
-        # The same file (a rotated log starts again: nothing of it to catch up on).
-        if (kdev, kino) == (dev, ino) and koff.isdigit() and int(koff) < int(end):
-            n = self._replay(events.path, int(koff), int(end))
+        half = self.settings.remember_messages // 2
+        for batch in read_back(events.path, kept, mine):
+            remember: list[Any] | None = [] if half else None
+            count_events(batch, self.acc, self.special, remember, _PLAIN, _SPECIAL, NC,
+                         time.time())  # fmt: skip
+            if remember:
+                self._remember(remember, half)
+            n += len(batch)
+        if n:
             log.warning("analytics: counted %d event(s) of %s that the rollups missed"
                         " (the last run stopped without its last flush)", n, events.path)  # fmt: skip
         self.log = events
         self.flush()  # the counts and the new mark together
-        return n
-
-    def _replay(self, path: str, start: int, end: int) -> int:
-        import orjson
-
-        n = 0
-        half = self.settings.remember_messages // 2
-        with open(path, "rb") as f:
-            if start > 0:
-                f.seek(start - 1)
-                if f.read(1) != b"\n":  # not at a line's start: from the next one
-                    f.readline()
-            batch: list[dict[str, Any]] = []
-            while f.tell() < end:
-                line = f.readline()
-                if not line.endswith(b"\n"):
-                    break  # a line cut short by the crash
-                try:
-                    e = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(e, dict):
-                    batch.append(e)
-                if len(batch) >= 5000 or f.tell() >= end:
-                    remember: list[Any] | None = [] if half else None
-                    count_events(batch, self.acc, self.special, remember, _PLAIN, _SPECIAL,
-                                 NC, time.time())  # fmt: skip
-                    if remember:
-                        self._remember(remember, half)
-                    n += len(batch)
-                    batch = []
-            if batch:
-                count_events(batch, self.acc, self.special, None, _PLAIN, _SPECIAL, NC,
-                             time.time())  # fmt: skip
-                n += len(batch)
         return n
 
     def _flush(self, final: bool) -> None:

@@ -21,7 +21,14 @@ DESCRIPTION
     ``<spool dir>/webhooks.db`` (WAL, synchronous=FULL). One sender task per
     URL reads the outbox past that URL's cursor, POSTs up to ``batch_size``
     events, and advances the cursor only on a 2xx answer; rows every URL has
-    acknowledged are deleted. On a shared (Redis) spool the outbox is the
+    acknowledged are deleted. Each write also keeps how far into the event log
+    its events go (``EventLog.mark``, table ``marks``): a run killed with kill -9
+    (or a power loss) dies with up to ``flush_interval`` of events in memory that
+    its event log has, and the next start appends those from the log
+    (``_catch_up``, before any URL new to the outbox takes its place: they were
+    the old URLs'), once each and in order; a clean stop drops the mark. A
+    failed outbox write (a full disk) keeps the events buffered, in order, said
+    once per outage. On a shared (Redis) spool the outbox is the
     spool's, shared by every node, and the outcomes' events do not wait in
     memory: the supervisor appends them in the same Lua call that records the
     outcomes (``Spool.record_outcomes``), so a node killed with kill -9 loses
@@ -82,6 +89,7 @@ import aiohttp
 import orjson
 
 from fastsend.config.serve import WebhookSettings
+from fastsend.events import mark_key, read_back
 from fastsend.sqlitedb import connect, transaction
 
 __all__ = ["Outbox", "WebhookConfig", "WebhookDispatcher", "safe_url", "sign_payload"]
@@ -140,6 +148,10 @@ CREATE TABLE IF NOT EXISTS cursors (
     url TEXT PRIMARY KEY,
     last_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS marks (          -- how far into each event log the events go
+    log TEXT PRIMARY KEY,
+    mark TEXT NOT NULL
+);
 """
 
 
@@ -163,11 +175,22 @@ class Outbox:
             self.db.execute(f"DELETE FROM cursors WHERE url NOT IN ({marks})", urls)
         self.prune()
 
-    def append(self, bodies: list[bytes]) -> None:
-        """Durably add event bodies (JSON objects), in order, in one transaction."""
-        if bodies:
+    def append(self, bodies: list[bytes], marks: dict[str, str] | None = None) -> None:
+        """Durably add event bodies (JSON objects), in order, in one transaction, with
+        how far into the event log named by each key of ``marks`` they go."""
+        if bodies or marks:
             with transaction(self.db):
                 self.db.executemany("INSERT INTO events(body) VALUES (?)", [(b,) for b in bodies])
+                for k, v in (marks or {}).items():
+                    if v:
+                        self.db.execute("INSERT OR REPLACE INTO marks(log, mark) VALUES (?, ?)",
+                                        (k, v))  # fmt: skip
+                    else:  # a clean stop: nothing of that log is missing
+                        self.db.execute("DELETE FROM marks WHERE log=?", (k,))
+
+    def marks(self) -> dict[str, str]:
+        """{event log: mark}: how far into each event log the outbox holds its events."""
+        return {str(k): str(v) for k, v in self.db.execute("SELECT log, mark FROM marks")}
 
     def fetch(self, url: str, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` (id, body) rows past ``url``'s cursor, oldest first."""
@@ -239,6 +262,12 @@ class WebhookDispatcher:
         self.outbox: Outbox | None = None
         self.stats = {"posted": 0, "failed": 0, "events": 0}
         self._pending: list[bytes] = []
+        # How far into the event log the events buffered (and written) go: kept with
+        # them in the outbox, so the next start sends what a killed run had only in
+        # memory (``_catch_up``). An outbox without marks (the shared one) has none.
+        self._mark: str | None = None
+        self._mark_key = ""
+        self._mark_written: str | None = None
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -263,6 +292,9 @@ class WebhookDispatcher:
         self.outbox = (
             opener() if opener else Outbox(os.path.join(self.ctx.config.spool_dir, "webhooks.db"))
         )
+        # What a killed run had logged but not written to the outbox, then the URLs
+        # (a URL new to the outbox starts after those events: they were not its).
+        self._catch_up()
         self.outbox.set_urls(self.config.urls)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.timeout),
@@ -295,7 +327,12 @@ class WebhookDispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
-        self._flush()
+        try:
+            self._flush(final=True)
+        except (sqlite3.Error, OSError, _redis_error()) as e:
+            log.error("webhook outbox write failed at stop: %s; %d event(s) not written%s", e,
+                      len(self._pending), " (the next start sends them from the event log)"
+                      if self._mark_key else "")  # fmt: skip
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -318,34 +355,112 @@ class WebhookDispatcher:
             for e in events
             if (wanted is None or e.get("event") in wanted) and "event_id" not in e
         ]
-        if not bodies:
+        mark = self.ctx.events.mark() if self._mark_key else None
+        if not bodies and mark is None:
             return
         with self._lock:
             self._pending.extend(bodies)
+            if mark is not None and _later(mark, self._mark):
+                self._mark = mark
         if threading.get_ident() == self._loop_thread:
             self._flush_wake.set()
         elif self._loop is not None:
             self._loop.call_soon_threadsafe(self._flush_wake.set)
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
+        """Write the buffered events to the outbox (with the event log's mark); a
+        failed write keeps them buffered, in order, for the next one. ``final``: a
+        clean stop, after which nothing of the log is missing (the mark goes)."""
         with self._lock:
             bodies, self._pending = self._pending, []
-        if bodies and self.outbox is not None:
-            self.outbox.append(bodies)
+            mark = self._mark
+        if self.outbox is None:
+            return
+        marks: dict[str, str] | None = None
+        if self._mark_key and (final or (mark is not None and mark != self._mark_written)):
+            marks = {self._mark_key: "" if final else str(mark)}
+        if not bodies and not marks:
+            return
+        try:
+            if marks:
+                self.outbox.append(bodies, marks)
+            else:
+                self.outbox.append(bodies)
+        except BaseException:
+            with self._lock:
+                self._pending[:0] = bodies
+            raise
+        if marks:
+            self._mark_written = mark
+        if bodies:
             self.stats["events"] += len(bodies)
             for ev in self._send_wake.values():
                 ev.set()
 
+    def _catch_up(self) -> int:
+        """Append to the outbox the events the event log holds past the outbox's mark
+        for it: a run killed (kill -9, a power loss) before its buffer reached the
+        outbox logged them but never sent them. Events appended. Events older than
+        ``[webhooks] retention_days`` (past the retry window) are not."""
+        events = self.ctx.events
+        marks_of = getattr(self.outbox, "marks", None)
+        path = getattr(events, "path", None)
+        if marks_of is None or not path or self.outbox is None:
+            return 0
+        try:
+            events.flush()  # the file holds what the mark counts
+        except OSError as e:
+            log.error("webhooks: the event log cannot be written (%s): no catching up", e)
+            return 0
+        mine = events.mark()
+        if mine is None:
+            return 0
+        key = mark_key(path)
+        kept = marks_of().get(key, "")
+        bodies: list[bytes] = []
+        days = getattr(self.ctx.config.webhooks, "retention_days", 0) or 0
+        oldest = time.time() - days * 86400 if days else 0.0
+        if kept:
+            try:
+                for batch in read_back(path, kept, mine):
+                    for ev in batch:
+                        t = ev.get("time")
+                        if oldest and isinstance(t, int | float) and t < oldest:
+                            continue
+                        if self._wanted(ev) and "event_id" not in ev:
+                            bodies.append(orjson.dumps(ev))
+            except OSError as e:
+                log.error("webhooks: the event log cannot be read back (%s)", e)
+                bodies = []
+        self.outbox.append(bodies, {key: mine})
+        self._mark_key, self._mark, self._mark_written = key, mine, mine
+        if bodies:
+            self.stats["events"] += len(bodies)
+            log.warning("webhooks: %d event(s) of %s the last run logged but never put in the"
+                        " outbox (it stopped without writing them) are sent now", len(bodies),
+                        path)  # fmt: skip
+        return len(bodies)
+
     async def _flusher(self) -> None:
+        outage = False
         while True:
             await self._flush_wake.wait()
             await asyncio.sleep(self.config.flush_interval)  # gather a batch
             self._flush_wake.clear()
             try:
                 self._flush()
-            except (sqlite3.Error, _redis_error()) as e:  # keep the events in memory and retry
-                log.error("webhook outbox write failed: %s", e)
+            except (sqlite3.Error, OSError, _redis_error()) as e:
+                # The events stay buffered, in order; said once per outage, not per try.
+                if not outage:
+                    log.error("webhook outbox write failed: %s; the events are kept and"
+                              " written once it can be", e)  # fmt: skip
+                outage = True
                 self._flush_wake.set()
+            else:
+                if outage:
+                    log.warning("webhook outbox written again (the events kept meanwhile"
+                                " included)")  # fmt: skip
+                outage = False
 
     # -- outbox -> URLs ---------------------------------------------------------
     async def _sender(self, url: str) -> None:
@@ -424,6 +539,15 @@ def expired_until(
         if len(rows) < chunk:
             return cut
         after = rows[-1][0]
+
+
+def _later(mark: str, than: str | None) -> bool:
+    """Event log mark ``mark`` is past ``than`` (or names another file: a reopened log)."""
+    if than is None:
+        return True
+    ident, _, at = mark.rpartition(":")
+    ident2, _, at2 = than.rpartition(":")
+    return ident != ident2 or int(at) > int(at2)
 
 
 def _with_id(event_id: int, body: bytes) -> bytes:
