@@ -287,3 +287,44 @@ def test_a_listing_is_told_once_over_restarts_and_a_delisting_while_down(
     run()
     assert [e["event"] for e in events] == ["ip_listed", "ip_delisted"]
     store.close()
+
+
+def test_an_alarm_whose_mail_stopped_clears_and_a_new_incident_is_told(tmp_path: Path) -> None:
+    """A group judged only over enough mail was never judged again once its mail
+    stopped (the campaign ended, the night came): its alarm stayed raised for good, so
+    the next incident of the same provider or campaign (level == the stale one) was
+    never told. A raised alarm whose group has no mail in the window now clears, and
+    the next crossing is an alarm again."""
+    settings = AlarmSettings(min_delivered=100)
+    store = SQLiteRollupStore(str(tmp_path))
+    events: list[dict[str, Any]] = []
+    alarms = Alarms(settings, store, events.append)
+    now = time.time()
+    t = int(now) - int(now) % 60
+
+    def put(at: int, delivered: int, complaints: int) -> None:
+        row = [0] * NC
+        row[IDX["delivered"]], row[IDX["complaints"]] = delivered, complaints
+        counts = {(60, at, ("acme", 1, "google", "127.0.0.2")): row}
+        _node_rows(counts, {})
+        store.add(counts, {}, {})
+
+    put(t, 1000, 4)  # Monday: 0.4%
+    alarms.evaluate(["acme"], now)
+    told = {(e["event"], e.get("campaign"), e.get("provider")) for e in events}
+    assert told == {("alarm", 1, None), ("alarm", None, "google")}
+    events.clear()
+    later = now + 6 * 3600  # the mail stopped: nothing in the window
+    alarms.evaluate(["acme"], later)
+    told = {(e["event"], e.get("campaign"), e.get("provider")) for e in events}
+    assert told == {("alarm_cleared", 1, None), ("alarm_cleared", None, "google")}
+    assert all(e["rate"] is None for e in events)
+    events.clear()
+    alarms.evaluate(["acme"], later)
+    assert events == []  # told once
+    tl = int(later) - int(later) % 60
+    put(tl, 1000, 5)  # the next incident
+    alarms.evaluate(["acme"], later)
+    told = {(e["event"], e.get("campaign"), e.get("provider"), e.get("level")) for e in events}
+    assert told == {("alarm", 1, None, "critical"), ("alarm", None, "google", "critical")}
+    store.close()

@@ -21,7 +21,8 @@ DESCRIPTION
     ``{"event": "alarm", "kind": "complaint_rate" | "bounce_rate", "level":
     "warning" | "critical", "tenant", "campaign" | "provider", "rate", "line",
     "delivered", "window_s"}`` when a group crosses a line (once per group and
-    level, again only after it cleared: ``alarm_cleared``). Events reach the
+    level, again only after it cleared: ``alarm_cleared``; a group with no mail
+    in the window clears with ``rate`` null, so its next crossing is told). Events reach the
     webhooks like every other event. What is raised is kept in the rollup store
     (:meth:`RollupStore.states`, scope ``alarm``) and changed by compare-and-set:
     a restart neither raises an alarm again nor forgets to clear it, and of two
@@ -109,9 +110,14 @@ class Alarms:
         for tenant in tenants:
             for dim in ("campaign", "provider"):
                 rows = self.store.aggregate(60, t0, t1, tenant, {}, [dim], False)
+                measured: set[tuple[Any, ...]] = set()  # (value, kind) with mail in the window
                 for (value,), row in rows:
                     delivered = row[IDX["delivered"]]
                     ended = delivered + row[IDX["bounced"]] + row[IDX["expired"]]
+                    if delivered:
+                        measured.add((value, "complaint_rate"))
+                    if ended:
+                        measured.add((value, "bounce_rate"))
                     if ended < s.min_delivered:
                         continue
                     r = rates(row)
@@ -146,3 +152,22 @@ class Alarms:
                                   dim: value, "rate": r[kind]}  # fmt: skip
                         self.emit(ev)
                         out.append(ev)
+                self._clear_unmeasured(tenant, dim, measured, out)
+
+    def _clear_unmeasured(self, tenant: str, dim: str, measured: set[tuple[Any, ...]],
+                          out: list[dict[str, Any]]) -> None:  # fmt: skip
+        """A raised alarm whose group had no mail in the window (the campaign ended,
+        the provider gets nothing tonight) is judged on nothing: it clears (rate None),
+        so the group's next crossing is told again instead of matching a stale level."""
+        for key in [k for k in self.raised if k[0] == tenant and k[1] == dim]:
+            _t, _d, value, kind = key
+            if (value, kind) in measured:
+                continue
+            if not self.store.set_state(SCOPE, orjson.dumps(list(key)).decode(),
+                                        self.raised[key], ""):  # fmt: skip
+                continue  # another node told it first
+            del self.raised[key]
+            ev = {"event": "alarm_cleared", "kind": kind, "tenant": tenant, dim: value,
+                  "rate": None, "delivered": 0}  # fmt: skip
+            self.emit(ev)
+            out.append(ev)
