@@ -254,7 +254,11 @@ class Api:
         self.index = (
             ctx.event_index() if hasattr(ctx, "event_index") else EventIndex(ctx.config.spool_dir)
         )
-        ctx.events.listeners.append(self.index.listener)
+        attach = getattr(self.index, "attach", None)  # the SQLite index catches up on the log
+        if attach is not None:
+            attach(ctx.events, getattr(getattr(ctx.config, "analytics", None), "events_days", 0))
+        else:
+            ctx.events.listeners.append(self.index.listener)
         # An upload's reader that died between a batch's commit and its events:
         # the next one asks this index which events are missing (Acceptor.retell).
         if getattr(ctx, "acceptor", None) is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from fastsend.events import mark_key, read_back
 from fastsend.spool import storage_problem
 from fastsend.sqlitedb import connect, transaction
 
@@ -68,6 +69,10 @@ CREATE TABLE IF NOT EXISTS meta (
     tags BLOB NOT NULL,
     metadata BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS marks (          -- how far into each event log the rows go
+    log TEXT PRIMARY KEY,
+    mark TEXT NOT NULL
+);
 """
 
 
@@ -94,11 +99,60 @@ class EventIndex:
         self.last_flush = time.monotonic()
         self.outage = False  # the last flush found the storage refusing writes
         self.failed_at = 0.0  # monotonic time of that flush
+        # The event log (``attach``) and how far into it the rows seen go: written with
+        # them, so the next start indexes what a killed run (or the events of a stop's
+        # drain, told after the API closed) never wrote.
+        self.log: Any = None
+        self.mark_key = ""
+        self._mark: str | None = None
+        self._mark_written: str | None = None
+
+    def attach(self, events: Any, keep_days: float = 0.0) -> int:
+        """Listen to event log ``events``, first indexing what it holds past this
+        index's mark for it (events older than ``keep_days``, the index's retention,
+        excepted). Rows added."""
+        events.listeners.append(self.listener)
+        path = getattr(events, "path", None)
+        if not path:
+            return 0
+        try:
+            events.flush()  # the file holds what the mark counts
+        except OSError as e:
+            log.warning("event index: the event log cannot be written (%s): no catching up", e)
+            return 0
+        mine = events.mark()
+        if mine is None:
+            return 0
+        self.log, self.mark_key = events, mark_key(path)
+        kept = self.db.execute("SELECT mark FROM marks WHERE log=?", (self.mark_key,)).fetchone()
+        n = len(self.pending)
+        if kept is not None:
+            oldest = time.time() - keep_days * 86400 if keep_days else 0.0
+            try:
+                for batch in read_back(path, str(kept[0]), mine):
+                    if oldest:
+                        batch = [e for e in batch if not _older(e, oldest)]
+                    self._add(batch)
+            except OSError as e:
+                log.warning("event index: the event log cannot be read back (%s)", e)
+        n = len(self.pending) - n
+        self._mark = mine
+        self.flush()
+        if n:
+            log.warning("event index: indexed %d event(s) of %s the last run logged but never"
+                        " wrote here (it was killed, or they came after it closed)", n,
+                        path)  # fmt: skip
+        return n
 
     # -- writing -------------------------------------------------------------
 
     def listener(self, events: list[dict[str, Any]]) -> None:
         """The EventLog listener: buffer rows (cheap; no I/O here)."""
+        self._add(events)
+        if self.log is not None:
+            self._mark = self.log.mark()
+
+    def _add(self, events: list[dict[str, Any]]) -> None:
         dumps = orjson.dumps
         add = self.pending.append
         for e in events:
@@ -128,7 +182,8 @@ class EventIndex:
 
     def flush(self) -> None:
         now = self.last_flush = time.monotonic()
-        if not self.pending and not self.pending_meta:
+        mark = self._mark if self._mark != self._mark_written else None
+        if not self.pending and not self.pending_meta and mark is None:
             return
         if self.outage and now - self.failed_at < OUTAGE_RETRY:
             return  # the storage refused the last try: not every 0.2 s (rows wait)
@@ -141,6 +196,8 @@ class EventIndex:
                     db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
                 if meta:
                     db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?,?)", meta)
+                if mark is not None:
+                    db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", (self.mark_key, mark))
         except sqlite3.Error as e:
             problem = storage_problem(e)
             if problem is None:
@@ -157,6 +214,8 @@ class EventIndex:
             self.outage = True
             self.failed_at = time.monotonic()
             return
+        if mark is not None:
+            self._mark_written = mark
         if self.outage:
             log.warning("event index: %s is written again", self.path)
             self.outage = False
@@ -287,3 +346,10 @@ class EventIndex:
     def close(self) -> None:
         self.flush()
         self.db.close()
+        # Events after this (a stop's drain) are indexed by the next start (its mark).
+        self.log = None
+
+
+def _older(e: dict[str, Any], oldest: float) -> bool:
+    t = e.get("time")
+    return isinstance(t, int | float) and t < oldest
