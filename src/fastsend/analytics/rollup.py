@@ -16,9 +16,12 @@ DESCRIPTION
       them (asynchronous bounces from the intake do);
     - complaints, unsubscribes, opens and clicks carry no MX or source IP:
       they take those of the message's delivery, which the rollup remembers
-      for the last ``remember_messages`` deliveries (older: the provider from
-      the recipient's domain, the source IP ""; 0: none, where no engagement
-      event can arrive, as in a `send` run);
+      for the last ``remember_messages`` deliveries, and looks up the others
+      with ``delivery_of`` (serve's event index: mail sent before a restart or
+      by another node); unknown: the provider from the recipient's domain, the
+      source IP ""; 0: none, where no engagement event can arrive, as in a
+      `send` run). A bounce with no MX or source IP of its own (a DSN, a
+      provider's event after the delivery) is attributed the same way;
     - opens and clicks are judged human-likely or machine by
       :mod:`fastsend.analytics.machine`; a click waits ``burst_window_s``
       before it is judged, so "every link at once" sees the whole burst;
@@ -95,6 +98,8 @@ _UNIQUE = {1: IDX["opens_unique"], 2: IDX["opens_machine_unique"],
            3: IDX["clicks_unique"], 4: IDX["clicks_machine_unique"]}  # fmt: skip
 _MACHINE = {_OPEN: IDX["opens_machine"], _CLICK: IDX["clicks_machine"]}
 _DELIVERED, _ACCEPTED = IDX["delivered"], IDX["accepted"]
+_ENGAGED = frozenset((_OPEN, _CLICK, IDX["complaints"], IDX["unsubscribes"]))
+MAX_LOOKUP = 10_000  # deliveries looked up per flush
 
 
 
@@ -253,6 +258,12 @@ class Rollups:
         # serve prunes the store from its retention pass, in a thread (a DELETE of an
         # hour of minute rows is not for the event loop): fastsend.serve.retention.
         self.prune_elsewhere = False
+        # Where deliveries this process does not remember went ({id: (time, delivered
+        # event)}; serve's event index): an open, click, complaint or later bounce
+        # after a restart, or of mail another node sent, keeps its MX and source IP.
+        self.delivery_of: Callable[[list[int]], dict[int, tuple[float, dict[str, Any]]]] | None
+        self.delivery_of = None
+        self._lookup_failed = False
 
     @property
     def rules(self) -> MachineRules:
@@ -418,8 +429,10 @@ class Rollups:
                 else:
                     for i, v in enumerate(row):
                         have[i] += v
+            if self.delivery_of is not None and special:
+                self._look_up(special)
             for key, k, e in special:
-                if k in (_OPEN, _CLICK, IDX["complaints"], IDX["unsubscribes"]):
+                if _takes_delivery(key, k):
                     key = self._attributed(key, e)
                 if k == _CLICK:  # judged in _judge_clicks once its burst window passed
                     self._log_click(e)
@@ -479,6 +492,36 @@ class Rollups:
                 self._providers.clear()
             self._providers[pk] = prov
         return (tenant, cid, prov, str(ip))
+
+    def _look_up(self, special: list[tuple[tuple[Any, ...], int, dict[str, Any]]]) -> None:
+        """Remember, from ``delivery_of``, the deliveries of the flush's engagement,
+        complaint and later-bounce events that this process does not remember."""
+        half = self.settings.remember_messages // 2
+        if not half:
+            return
+        ids = {e["id"] for key, k, e in special if _takes_delivery(key, k)
+               and isinstance(e.get("id"), int) and self._delivery(e["id"]) is None}  # fmt: skip
+        if not ids:
+            return
+        assert self.delivery_of is not None
+        try:
+            found = self.delivery_of(sorted(ids)[:MAX_LOOKUP])
+        except Exception as e:  # attributed by recipient domain meanwhile
+            if not self._lookup_failed:
+                log.warning("analytics: deliveries cannot be looked up (%s: %s); opens, clicks"
+                            " and complaints of mail sent before this start are counted"
+                            " without their source IP meanwhile", type(e).__name__, e)  # fmt: skip
+            self._lookup_failed = True
+            return
+        self._lookup_failed = False
+        got: list[tuple[Any, Any, tuple[Any, ...]]] = []
+        for mid, (t, d) in found.items():
+            rcpt = d.get("rcpt")
+            dom = rcpt[rcpt.rfind("@") + 1 :] if isinstance(rcpt, str) else ""
+            got.append((mid, t, (0, d.get("campaign"), d.get("tenant"), d.get("mx") or "",
+                                 d.get("source_ip") or "", dom)))  # fmt: skip
+        if got:
+            self._remember(got, half)
 
     def _delivery(self, mid: Any) -> tuple[Any, ...] | None:
         """(delivered at, campaign, tenant, mx, source_ip, domain) of a remembered delivery."""
@@ -599,6 +642,13 @@ class Rollups:
         self.flush(final=True)
         self.maybe_prune()
         self.store.close()
+
+
+def _takes_delivery(key: tuple[Any, ...], k: int) -> bool:
+    """An event that takes its delivery's MX and source IP: opens, clicks, complaints,
+    unsubscribes, and a bounce reported after the delivery (a DSN, a provider's event:
+    no MX or source IP of its own)."""
+    return k in _ENGAGED or (k == _BOUNCED and not key[3] and not key[4])
 
 
 def _bump(mins: dict[Any, list[int]], minute: int, rk: Any, i: int) -> None:

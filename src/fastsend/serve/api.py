@@ -259,6 +259,10 @@ class Api:
             attach(ctx.events, getattr(getattr(ctx.config, "analytics", None), "events_days", 0))
         else:
             ctx.events.listeners.append(self.index.listener)
+        rollups = getattr(ctx, "rollups", None)
+        if rollups is not None and hasattr(self.index, "deliveries"):
+            # opens, clicks and complaints of mail this process did not send keep its IP
+            rollups.delivery_of = self.index.deliveries
         # An upload's reader that died between a batch's commit and its events:
         # the next one asks this index which events are missing (Acceptor.retell).
         if getattr(ctx, "acceptor", None) is not None:

@@ -245,6 +245,24 @@ class EventIndex:
             out.update(r[0] for r in self.pending if r[0] in want and r[2] in events)
         return out
 
+    def deliveries(self, ids: Collection[int]) -> dict[int, tuple[float, dict[str, Any]]]:
+        """{id: (time, event)} of the last "delivered" event of each of ``ids`` that has
+        one: where an open, a click or a complaint arriving after the rollups forgot
+        the delivery (a restart, another node, ``remember_messages``) was sent from."""
+        self.flush()
+        out: dict[int, tuple[float, dict[str, Any]]] = {}
+        want = sorted({int(i) for i in ids})
+        for k in range(0, len(want), 500):
+            part = want[k : k + 500]
+            rows = self.db.execute(
+                "SELECT msg, time, data FROM events WHERE event='delivered' AND msg IN"
+                f" ({','.join('?' * len(part))}) ORDER BY time, rowid",
+                part,
+            ).fetchall()
+            for mid, t, data in rows:
+                out[int(mid)] = (float(t), orjson.loads(data))
+        return out
+
     def meta(self, mid: int) -> tuple[list[str], dict[str, Any]]:
         self.flush()
         r = self.db.execute("SELECT tags, metadata FROM meta WHERE msg=?", (mid,)).fetchone()

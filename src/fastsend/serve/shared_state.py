@@ -540,6 +540,27 @@ class RedisEventIndex:
                     out.add(mid)
         return out
 
+    def deliveries(self, ids: Collection[int]) -> dict[int, tuple[float, dict[str, Any]]]:
+        """As :meth:`fastsend.serve.eventindex.EventIndex.deliveries`, from every node's
+        events (the node that delivered a message is seldom the one its open reaches)."""
+        self.flush()
+        want = {int(i) for i in ids}
+        pipe = self.r.pipeline(transaction=False)
+        for b in sorted({mid // EV_BUCKET for mid in want}):
+            pipe.lrange(f"{self.k}:ev:{b}", 0, -1)
+        out: dict[int, tuple[float, dict[str, Any]]] = {}
+        for raw in pipe.execute():
+            for entry in raw:
+                head, _, body = entry.partition(b":")
+                mid = int(head)
+                if mid in want and b'"delivered"' in body:
+                    e = orjson.loads(body)
+                    t = e.get("time")
+                    if (e.get("event") == "delivered" and isinstance(t, int | float)
+                            and (mid not in out or t >= out[mid][0])):  # fmt: skip
+                        out[mid] = (float(t), e)
+        return out
+
     def meta(self, mid: int) -> tuple[list[str], dict[str, Any]]:
         self.flush()
         mid = int(mid)
