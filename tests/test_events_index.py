@@ -15,7 +15,6 @@ and its export compared with its event log.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from tests._serve_helpers import Served
 
 from fastsend.events import EventLog
@@ -79,9 +79,16 @@ def _export(s: Served) -> list[dict[str, object]]:
     return [orjson.loads(x) for x in asyncio.run(go()).splitlines() if x]
 
 
-def test_events_of_a_stops_drain_are_indexed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_events_of_a_stops_drain_are_indexed(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = ""
+    if backend == "redis":
+        url = str(request.getfixturevalue("redis_server").url(node="n1", dir=str(tmp_path)))
     with SinkThread(latency_ms=10) as sink:
-        s = Served(tmp_path, f"{sink.host}:{sink.port}")
+        s = Served(tmp_path, f"{sink.host}:{sink.port}", spool_url=url,
+                   serve_args=("--allow-volatile",) if url else ())  # fmt: skip
         try:
             st, body = s.req("POST", "/v1/messages", {
                 "from": "a@example.com", "subject": "s", "text": "t",
@@ -99,4 +106,3 @@ def test_events_of_a_stops_drain_are_indexed(tmp_path: Path) -> None:
             assert want <= got, sorted(want - got)[:5]
         finally:
             s.stop()
-    assert os.path.exists(tmp_path / "spool" / "events.db")

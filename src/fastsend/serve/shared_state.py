@@ -428,6 +428,8 @@ class RedisEventIndex:
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
         self.counts: dict[tuple[int, str], int] = {}  # (minute, field) -> n
         self.last_flush = time.monotonic()
+        self.closed = False
+        self._said = False
 
     def listener(self, events: list[dict[str, Any]]) -> None:
         dumps = orjson.dumps
@@ -453,6 +455,16 @@ class RedisEventIndex:
             ):
                 key = (minute, f)
                 counts[key] = counts.get(key, 0) + 1
+        if self.closed:  # no tick flushes any more (a stop's drain)
+            try:
+                self.flush()
+            except Exception as e:  # (never fail the event log; said once)
+                if not self._said:
+                    import logging
+
+                    logging.getLogger("fastsend.serve.eventindex").warning(
+                        "event index: events after the API closed not written (%s)", e)
+                    self._said = True
 
     def add_meta(self, rows: Iterable[tuple[int, list[str], dict[str, Any]]]) -> None:
         dumps = orjson.dumps
@@ -735,7 +747,11 @@ class RedisEventIndex:
         return 0  # keys expire on their own (the time index is trimmed as it grows)
 
     def close(self) -> None:
+        """Flush. The API closes before serve's drain ends: the events of the drain
+        (the outcomes of the mail in flight at a SIGTERM) still come, and each batch
+        is written as it comes (they were left in memory, out of the index for good)."""
         self.flush()
+        self.closed = True
 
 
 # ---------------------------------------------------------------- the bundle
