@@ -271,6 +271,19 @@ if low ~= nil then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', low) end
 return 1
 """
 
+# KEYS: sequence, outbox zset, marks hash. ARGV: n, log, mark ("": forget), n bodies
+_WH_APPEND = """
+local n = tonumber(ARGV[1])
+local last = redis.call('INCRBY', KEYS[1], n)
+for i = 1, n do
+  local id = last - n + i
+  redis.call('ZADD', KEYS[2], id, string.format('%d', id) .. ':' .. ARGV[3 + i])
+end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[3], ARGV[2])
+else redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) end
+return last
+"""
+
 
 class RedisOutbox:
     """The webhook outbox shared by every node: one node at a time sends to a URL.
@@ -284,7 +297,9 @@ class RedisOutbox:
         self.k = "{" + prefix + "}"
         self.node = node
         self._ack = r.register_script(_ACK)
+        self._append_marked = r.register_script(_WH_APPEND)
         self.zkey, self.ckey = f"{self.k}:wh", f"{self.k}:wh:cur"
+        self.mkey = f"{self.k}:wh:marks"  # each node's event log: how far its events are in
 
     def set_urls(self, urls: list[str]) -> None:
         start = int(self.r.get(f"{self.k}:wh:seq") or 0)
@@ -292,12 +307,23 @@ class RedisOutbox:
             self.r.hsetnx(self.ckey, u, start)
         # URLs other nodes still configure stay (a rolling config change).
 
-    def append(self, bodies: list[bytes]) -> None:
+    def append(self, bodies: list[bytes], marks: dict[str, str] | None = None) -> None:
+        """As :meth:`fastsend.serve.webhooks.Outbox.append`: with ``marks``, the
+        bodies and how far into the node's event log they go in one script."""
+        if marks:
+            for log_key, mark in marks.items():
+                self._append_marked(keys=[f"{self.k}:wh:seq", self.zkey, self.mkey],
+                                    args=[len(bodies), log_key, mark, *bodies])  # fmt: skip
+                bodies = []
+            return
         if not bodies:
             return
         last = int(self.r.incrby(f"{self.k}:wh:seq", len(bodies)))
         first = last - len(bodies) + 1
         self.r.zadd(self.zkey, {b"%d:" % (first + i) + b: first + i for i, b in enumerate(bodies)})
+
+    def marks(self) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in self.r.hgetall(self.mkey).items()}
 
     def hold(self, url: str) -> bool:
         """This node sends to ``url`` (taken or renewed), or another node does."""

@@ -32,8 +32,10 @@ DESCRIPTION
     spool's, shared by every node, and the outcomes' events do not wait in
     memory: the supervisor appends them in the same Lua call that records the
     outcomes (``Spool.record_outcomes``), so a node killed with kill -9 loses
-    no event of an outcome it recorded (the others' buffer still applies to
-    events from the API and tracking). Anything else (connection refused, timeout,
+    no event of an outcome it recorded; the other events (the API's, tracking's,
+    the intake's) are buffered as above, and a node's mark is kept in the shared
+    outbox (``P:wh:marks``, per host and event log), so its next start appends
+    what its kill -9 left in memory. Anything else (connection refused, timeout,
     3xx/4xx/5xx) is retried after ``retry_min * 2**n`` seconds (capped at
     ``retry_max``, +-20 % jitter) for ``retention_days``: an endpoint that is
     down for a day loses nothing, and a restart resumes from the cursors. Past
