@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -34,9 +35,16 @@ import os, signal, sys, time
 from fastsend.events import EventLog
 from fastsend.serve.eventindex import EventIndex
 
-spool = sys.argv[1]
+spool, url = sys.argv[1:3]
 log = EventLog(os.path.join(spool, "events.jsonl"))
-ix = EventIndex(spool)
+if url:
+    from fastsend.spool import open_spool
+
+    from fastsend.serve.shared_state import SharedState
+
+    ix = SharedState(open_spool(url)).index()
+else:
+    ix = EventIndex(spool)
 ix.attach(log)
 t = time.time()
 log.emit_many([{"time": t, "event": "accepted", "id": i, "campaign": 1,
@@ -49,15 +57,27 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_a_killed_runs_unwritten_rows_are_indexed_at_the_next_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_killed_runs_unwritten_rows_are_indexed_at_the_next_start(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    rc = subprocess.run([sys.executable, "-c", _KILLED, str(spool)], check=False).returncode
+    url = ""
+    if backend == "redis":
+        url = str(request.getfixturevalue("redis_server").url(node="n1", dir=str(spool)))
+    rc = subprocess.run([sys.executable, "-c", _KILLED, str(spool), url], check=False).returncode
     assert rc == -signal.SIGKILL
     path = str(spool / "events.jsonl")
     for _start in range(2):  # the next start catches up; the one after adds nothing
         log = EventLog(path)
-        ix = EventIndex(str(spool))
+        if url:
+            from fastsend.serve.shared_state import SharedState
+            from fastsend.spool import open_spool
+
+            ix: Any = SharedState(open_spool(url)).index()
+        else:
+            ix = EventIndex(str(spool))
         ix.attach(log)
         for i in range(5):
             assert [e["event"] for e in ix.for_message(i)] == ["accepted", "delivered"], i

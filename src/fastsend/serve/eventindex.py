@@ -90,22 +90,34 @@ class ExportQuery:
     limit: int = 10000
 
 
-class EventIndex:
-    def __init__(self, spool_dir: str) -> None:
-        self.path = os.path.join(spool_dir, "events.db")
-        self.db = connect(self.path, synchronous="NORMAL", schema=_SCHEMA)
-        self.pending: list[tuple[Any, ...]] = []
-        self.pending_meta: list[tuple[int, bytes, bytes]] = []
-        self.last_flush = time.monotonic()
-        self.outage = False  # the last flush found the storage refusing writes
-        self.failed_at = 0.0  # monotonic time of that flush
-        # The event log (``attach``) and how far into it the rows seen go: written with
-        # them, so the next start indexes what a killed run (or the events of a stop's
-        # drain, told after the API closed) never wrote.
-        self.log: Any = None
-        self.mark_key = ""
-        self._mark: str | None = None
-        self._mark_written: str | None = None
+class CatchesUp:
+    """An index fed by an event log that keeps, with each write, how far into the log
+    its rows go (``EventLog.mark``), and indexes the rest at the next start: what a
+    killed run held in memory, and the events of a stop's drain (told after the API
+    closed the index). Both indexes (SQLite here, Redis in ``shared_state``) are one:
+    they buffer rows (``_add``), read their kept mark (``_kept_mark``) and write the
+    mark in ``_mark`` with their rows in ``flush``."""
+
+    pending: list[Any]
+    log: Any = None
+    mark_key = ""
+    _mark: str | None = None
+    _mark_written: str | None = None
+
+    def _add(self, events: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def _kept_mark(self) -> str | None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def listener(self, events: list[dict[str, Any]]) -> None:
+        """The EventLog listener: buffer rows (cheap; no I/O here)."""
+        self._add(events)
+        if self.log is not None:
+            self._mark = self.log.mark()
 
     def attach(self, events: Any, keep_days: float = 0.0) -> int:
         """Listen to event log ``events``, first indexing what it holds past this
@@ -124,12 +136,12 @@ class EventIndex:
         if mine is None:
             return 0
         self.log, self.mark_key = events, mark_key(path)
-        kept = self.db.execute("SELECT mark FROM marks WHERE log=?", (self.mark_key,)).fetchone()
+        kept = self._kept_mark()
         n = len(self.pending)
-        if kept is not None:
+        if kept:
             oldest = time.time() - keep_days * 86400 if keep_days else 0.0
             try:
-                for batch in read_back(path, str(kept[0]), mine):
+                for batch in read_back(path, kept, mine):
                     if oldest:
                         batch = [e for e in batch if not _older(e, oldest)]
                     self._add(batch)
@@ -144,13 +156,22 @@ class EventIndex:
                         path)  # fmt: skip
         return n
 
-    # -- writing -------------------------------------------------------------
 
-    def listener(self, events: list[dict[str, Any]]) -> None:
-        """The EventLog listener: buffer rows (cheap; no I/O here)."""
-        self._add(events)
-        if self.log is not None:
-            self._mark = self.log.mark()
+class EventIndex(CatchesUp):
+    def __init__(self, spool_dir: str) -> None:
+        self.path = os.path.join(spool_dir, "events.db")
+        self.db = connect(self.path, synchronous="NORMAL", schema=_SCHEMA)
+        self.pending: list[tuple[Any, ...]] = []
+        self.pending_meta: list[tuple[int, bytes, bytes]] = []
+        self.last_flush = time.monotonic()
+        self.outage = False  # the last flush found the storage refusing writes
+        self.failed_at = 0.0  # monotonic time of that flush
+
+    def _kept_mark(self) -> str | None:
+        kept = self.db.execute("SELECT mark FROM marks WHERE log=?", (self.mark_key,)).fetchone()
+        return None if kept is None else str(kept[0])
+
+    # -- writing -------------------------------------------------------------
 
     def _add(self, events: list[dict[str, Any]]) -> None:
         dumps = orjson.dumps

@@ -63,6 +63,7 @@ from fastsend.serve.auth import (
     ApiKey,
     check_key_tenant,
 )
+from fastsend.serve.eventindex import CatchesUp
 from fastsend.spool import SharedStore
 from fastsend.suppression import Entry, Suppressions
 
@@ -433,7 +434,7 @@ STAT_STEPS = ((60, 6 * 3600), (3600, 8 * 86400))  # (bucket s, kept s): minutes,
 _SEP = "\x1f"
 
 
-class RedisEventIndex:
+class RedisEventIndex(CatchesUp):
     """Per-message events for GET /v1/messages/{id} and the per-domain /
     per-IP counts of /v1/stats?by=..., readable on every node.
 
@@ -456,8 +457,26 @@ class RedisEventIndex:
         self.last_flush = time.monotonic()
         self.closed = False
         self._said = False
+        self.mkey = f"{self.k}:evmarks"  # each node's event log: how far its rows are in
+
+    def _kept_mark(self) -> str | None:
+        v = self.r.hget(self.mkey, self.mark_key)
+        return None if v is None else _s(v)
 
     def listener(self, events: list[dict[str, Any]]) -> None:
+        super().listener(events)
+        if self.closed:  # no tick flushes any more (a stop's drain)
+            try:
+                self.flush()
+            except Exception as e:  # (never fail the event log; said once)
+                if not self._said:
+                    import logging
+
+                    logging.getLogger("fastsend.serve.eventindex").warning(
+                        "event index: events after the API closed not written (%s)", e)
+                    self._said = True
+
+    def _add(self, events: list[dict[str, Any]]) -> None:
         dumps = orjson.dumps
         add = self.pending.append
         counts = self.counts
@@ -481,16 +500,6 @@ class RedisEventIndex:
             ):
                 key = (minute, f)
                 counts[key] = counts.get(key, 0) + 1
-        if self.closed:  # no tick flushes any more (a stop's drain)
-            try:
-                self.flush()
-            except Exception as e:  # (never fail the event log; said once)
-                if not self._said:
-                    import logging
-
-                    logging.getLogger("fastsend.serve.eventindex").warning(
-                        "event index: events after the API closed not written (%s)", e)
-                    self._said = True
 
     def add_meta(self, rows: Iterable[tuple[int, list[str], dict[str, Any]]]) -> None:
         dumps = orjson.dumps
@@ -502,7 +511,8 @@ class RedisEventIndex:
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()
-        if not self.pending and not self.pending_meta and not self.counts:
+        mark = self._mark if self._mark != self._mark_written else None
+        if not self.pending and not self.pending_meta and not self.counts and mark is None:
             return
         rows, self.pending = self.pending, []
         meta, self.pending_meta = self.pending_meta, []
@@ -551,7 +561,11 @@ class RedisEventIndex:
                 for f, n in h2.items():
                     pipe.hincrby(key, f, n)
                 pipe.expire(key, keep + step)
+        if mark is not None:  # last: rows written without it are indexed again, not lost
+            pipe.hset(self.mkey, self.mark_key, mark)
         pipe.execute()
+        if mark is not None:
+            self._mark_written = mark
 
     def for_message(self, mid: int) -> list[dict[str, Any]]:
         self.flush()
