@@ -399,3 +399,40 @@ def test_redis_store_gives_the_same_answers(tmp_path: Path, redis_server: Any) -
             answers.append(run_query(s, q))
     assert answers[0]["totals"]["counts"] == want
     assert answers[0] == answers[2] and answers[1] == answers[3]
+
+
+def test_a_human_click_counts_as_its_messages_unique_open(tmp_path: Path) -> None:
+    """Apple Mail's proxy fetches the pixel (a machine open) and the reader's own view
+    fetches nothing; images off fetch nothing either: such a reader's click was the
+    only human sign, and the click-to-open rate came out over 1 (3 clicks over 1 open
+    here: 300%). A human-likely click now counts as its message's unique human open
+    when none was counted (never twice, and not for a scanner's click)."""
+    store = SQLiteRollupStore(str(tmp_path))
+    r = make(store)
+    t0 = float(int(time.time()) // 3600 * 3600 - 7200)
+    evs: list[dict[str, Any]] = []
+    for i in range(1, 6):
+        rcpt = f"u{i}@gmail.com"
+        evs.append({"time": t0, "event": "delivered", "id": i, "campaign": 1, "rcpt": rcpt,
+                    "mx": "gmail-smtp-in.l.google.com", "source_ip": "127.0.0.2"})
+    eng = {"campaign": 1, "tenant": "acme"}
+    evs += [
+        {**eng, "id": 1, "time": t0 + 5, "event": "opened", "user_agent": MPP},  # Apple MPP
+        {**eng, "id": 1, "time": t0 + 900, "event": "clicked", "user_agent": HUMAN,
+         "url": "https://example.com/a"},  # the reader: a click, no human open
+        {**eng, "id": 2, "time": t0 + 900, "event": "clicked", "user_agent": HUMAN,
+         "url": "https://example.com/a"},  # images off
+        {**eng, "id": 3, "time": t0 + 600, "event": "opened", "user_agent": HUMAN},
+        {**eng, "id": 3, "time": t0 + 700, "event": "clicked", "user_agent": HUMAN,
+         "url": "https://example.com/a"},  # an open, then a click: one unique open
+        {**eng, "id": 4, "time": t0 + 1, "event": "clicked", "user_agent": HUMAN,
+         "url": "https://example.com/a"},  # a scanner, a second after delivery
+    ]
+    feed(r, evs)
+    q = StatsQuery("acme", int(t0) - 60, int(t0) + 3600, "total", [], {})
+    got = run_query(store, q)["totals"]
+    c = got["counts"]
+    assert (c["opens"], c["opens_unique"], c["opens_machine_unique"]) == (1, 3, 1)
+    assert (c["clicks_unique"], c["clicks_machine_unique"]) == (3, 1)
+    assert got["rates"]["click_to_open_rate"] == 1.0  # was 3.0
+    r.close()

@@ -24,7 +24,8 @@ DESCRIPTION
     - hard_bounce_rate = bounced_hard / (delivered + bounced + expired)
     - complaint_rate = complaints / delivered   (Gmail/Yahoo bulk-sender line:
                        0.003, aim under 0.001: :data:`LINES`)
-    - unique_open_rate = opens_unique / delivered (human-likely opens)
+    - unique_open_rate = opens_unique / delivered (human-likely opens; a message
+                       whose reader clicked counts as opened: its click proves it)
     - machine_open_rate = opens_machine_unique / delivered
     - click_rate (CTR) = clicks_unique / delivered (human-likely clicks)
     - click_to_open_rate = clicks_unique / opens_unique

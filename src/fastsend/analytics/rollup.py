@@ -26,7 +26,10 @@ DESCRIPTION
       :mod:`fastsend.analytics.machine`; a click waits ``burst_window_s``
       before it is judged, so "every link at once" sees the whole burst;
     - unique opens and clicks (per message, human and machine apart) are
-      decided by :meth:`RollupStore.first_seen`, durable across restarts.
+      decided by :meth:`RollupStore.first_seen`, durable across restarts; a
+      human-likely click is also the message's unique human open when none
+      was counted (``opens_unique``: a click proves the open no pixel told,
+      so the click-to-open rate stays at most 1).
 
     :meth:`flush` (about once a second: :meth:`maybe_flush` from the event
     path and from the server's tick) resolves each row's tenant (the
@@ -582,6 +585,11 @@ class Rollups:
             mid = e.get("id")
             if isinstance(mid, int):
                 firsts.append((rk, minute, _FIRST[(k, bool(machine))], mid))
+                if k == _CLICK and not machine:
+                    # A person who clicked opened the message, pixel or not (images
+                    # off; Apple Mail shows the image its proxy fetched, a machine
+                    # open): the message's unique human open, if none was counted.
+                    firsts.append((rk, minute, _FIRST[(_OPEN, False)], mid))
             if machine:
                 k = _MACHINE[k]
         _bump(mins, minute, rk, k)
