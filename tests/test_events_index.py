@@ -126,3 +126,36 @@ def test_events_of_a_stops_drain_are_indexed(
             assert want <= got, sorted(want - got)[:5]
         finally:
             s.stop()
+
+
+def test_a_long_run_of_another_process_is_indexed_only_up_to_a_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the log holds past the index's mark is mostly a kill's or a drain's tail; a
+    `fastsend send` run on the same spool between two serve runs can be millions of
+    events (200,000 took 6 s and 280 MB of a start, all in memory at once). A start
+    indexes a batch at a time and at most CATCH_UP_MAX events, then goes on from the
+    log's end."""
+    from fastsend.serve import eventindex
+
+    monkeypatch.setattr(eventindex, "CATCH_UP_MAX", 5000)
+    spool = tmp_path / "spool"
+    path = str(spool / "events.jsonl")
+    log = EventLog(path)
+    ix = EventIndex(str(spool))
+    ix.attach(log)  # serve ran: the mark is at the log's end
+    ix.close()
+    log.close()
+    log = EventLog(path)  # another process's run
+    for k in range(0, 12000, 1000):
+        log.emit_many([{"event": "accepted", "id": i, "campaign": 1, "rcpt": f"u{i}@example.org"}
+                       for i in range(k, k + 1000)])  # fmt: skip
+    log.close()
+    for n in (5000, 0):  # the start indexes up to the bound; the next one nothing more
+        log = EventLog(path)
+        ix = EventIndex(str(spool))
+        assert ix.attach(log) == n
+        assert [e["event"] for e in ix.for_message(0)] == ["accepted"]
+        assert ix.for_message(11999) == []
+        ix.close()
+        log.close()

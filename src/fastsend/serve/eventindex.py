@@ -34,6 +34,9 @@ from fastsend.sqlitedb import connect, transaction
 log = logging.getLogger("fastsend.serve.eventindex")
 
 FLUSH_EVERY = 0.2
+# Events a start indexes from the log past the index's mark, at most (a kill -9 leaves
+# a fraction of a second, a stop's drain its windows; ~3 s of a start at this size).
+CATCH_UP_MAX = 100_000
 MAX_PENDING = 100_000  # rows kept in memory while the storage refuses writes
 OUTAGE_RETRY = 2.0  # s between two tries while it does
 # Events a report names a message with (a DSN, a feedback report, a provider's
@@ -137,23 +140,32 @@ class CatchesUp:
             return 0
         self.log, self.mark_key = events, mark_key(path)
         kept = self._kept_mark()
-        n = len(self.pending)
+        n = 0
+        cut = False
         if kept:
             oldest = time.time() - keep_days * 86400 if keep_days else 0.0
             try:
                 for batch in read_back(path, kept, mine):
+                    if n >= CATCH_UP_MAX:
+                        cut = True
+                        break
                     if oldest:
                         batch = [e for e in batch if not _older(e, oldest)]
                     self._add(batch)
+                    n += len(batch)
+                    self.flush()  # a batch at a time: memory stays small
             except OSError as e:
                 log.warning("event index: the event log cannot be read back (%s)", e)
-        n = len(self.pending) - n
         self._mark = mine
         self.flush()
         if n:
             log.warning("event index: indexed %d event(s) of %s the last run logged but never"
                         " wrote here (it was killed, or they came after it closed)", n,
                         path)  # fmt: skip
+        if cut:
+            log.warning("event index: the rest of %s past them is not indexed (more than %d"
+                        " events: another process's run on this spool, `fastsend send`?)",
+                        path, CATCH_UP_MAX)  # fmt: skip
         return n
 
 

@@ -106,6 +106,7 @@ def _redis_error() -> type[Exception]:
     mod = sys.modules.get("redis.exceptions")
     return mod.RedisError if mod is not None else sqlite3.Error
 SIGNATURE_HEADER = "Fastsend-Signature"
+CATCH_UP_MAX = 100_000  # events a start appends from the event log, at most
 BATCH_HEADER = "Fastsend-Batch"
 
 
@@ -425,6 +426,11 @@ class WebhookDispatcher:
         if kept:
             try:
                 for batch in read_back(path, kept, mine):
+                    if len(bodies) >= CATCH_UP_MAX:
+                        log.warning("webhooks: more than %d events of %s past the outbox's mark"
+                                    " (another process's run on this spool?): the rest are not"
+                                    " sent", CATCH_UP_MAX, path)  # fmt: skip
+                        break
                     for ev in batch:
                         t = ev.get("time")
                         if oldest and isinstance(t, int | float) and t < oldest:
