@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from tests._engine_helpers import (
     received_counts,
     run_fastsend,
@@ -272,3 +273,78 @@ def test_mx_fallback_through_the_binary(tmp_path: Path, dns_server: DNSServer) -
         "bounced",
         "5.1.10",
     )
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_relay_without_tls_never_sends_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay with ``tls = "opportunistic"`` whose STARTTLS is missing (a
+    stripped EHLO; here aiosmtpd offering AUTH PLAIN LOGIN, no TLS, AUTH
+    required): the mail is deferred at "auth" with the reason and kept, the
+    password never sent; the same spool resumed with ``auth_in_clear = true``
+    (the operator's explicit choice) delivers it, authenticated. ``tls = "off"``
+    with PLAIN and without auth_in_clear is a config error naming the fix."""
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    from _smtp_helpers import aiosmtpd_server
+    from conftest import free_port
+
+    tried: list[tuple[str, bytes]] = []
+
+    def check(server: Any, session: Any, envelope: Any, mech: str, data: Any) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        tried.append((mech, data.login))
+        return AuthResult(success=data.login == b"u" and data.password == b"p", handled=False)
+
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, ["a@example.com", "b@example.com"])
+    spool = tmp_path / "spool"
+    port = free_port()
+
+    def relay(extra: str, tls: str = "opportunistic") -> str:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            "[retry]\nmin_backoff = 1.0\nmax_backoff = 1.0\njitter = 0.0\n"
+            f'[transports.relay1]\nkind = "relay"\nhost = "127.0.0.1"\nport = {port}\n'
+            f'tls = "{tls}"\n{extra}[routes]\n"*" = "relay1"\n'
+        )
+        return str(cfg)
+
+    monkeypatch.setenv("FASTSEND_RELAY1_USERNAME", "u")
+    monkeypatch.setenv("FASTSEND_RELAY1_PASSWORD", "p")
+    with aiosmtpd_server(
+        port, authenticator=check, auth_required=True, auth_require_tls=False
+    ) as (_ctl, handler):
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", relay(""), "--spool", str(spool),
+            "--json", "--no-dkim", "--no-progress", "--max-wait", "0",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s = summary(proc)
+        assert (s["delivered"], s["deferred"]) == (0, 2), s
+        assert tried == [] and handler.messages == []
+        deferred = [
+            e
+            for e in map(orjson.loads, (spool / "events.jsonl").read_bytes().splitlines())
+            if e["event"] == "deferred"
+        ]
+        assert len(deferred) == 2 and {e["stage"] for e in deferred} == {"auth"}, deferred
+        assert "clear text" in deferred[0]["text"] and "STARTTLS" in deferred[0]["text"]
+        bad = run_fastsend(
+            "resume", "-c", relay('auth_mechanism = "PLAIN"\n', "off"), "--spool", str(spool),
+            "--json", "--no-progress", "--max-wait", "0",
+        )  # fmt: skip
+        assert bad.returncode != 0 and "auth_in_clear" in bad.stderr, bad.stderr[-2000:]
+        assert tried == []
+        ok = run_fastsend(
+            "resume", "-c", relay("auth_in_clear = true\n"), "--spool", str(spool),
+            "--json", "--no-progress", "--max-wait", "5",  # (the retry is due in 1 s)
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr[-3000:]
+    assert summary(ok)["delivered"] == 2, summary(ok)
+    assert sorted(r for m in handler.messages for r in m["rcpts"]) == [
+        "a@example.com",
+        "b@example.com",
+    ]
+    assert tried and all(t == ("PLAIN", b"u") for t in tried), tried

@@ -283,7 +283,7 @@ def test_a_relays_max_connections_hold_for_every_node_together(
         cfg.write_text(
             "[retry]\nmin_backoff = 1.0\nmax_backoff = 1.0\njitter = 0.0\n"
             f'[transports.relay1]\nkind = "relay"\nhost = "{sink.host}"\nport = {sink.port}\n'
-            'tls = "off"\nauth_mechanism = "plain"\nmax_connections = 2\n[routes]\n"*" = "relay1"\n'
+            'tls = "off"\nauth_mechanism = "plain"\nauth_in_clear = true\nmax_connections = 2\n[routes]\n"*" = "relay1"\n'
         )
         env = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
         env |= {"FASTSEND_RELAY1_USERNAME": "u", "FASTSEND_RELAY1_PASSWORD": "p"}

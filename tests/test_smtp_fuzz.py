@@ -82,7 +82,7 @@ def client_in(state: str, cls: Any) -> tuple[Any, list[Envelope]]:
     if state == "starttls":
         c.send_starttls()
     elif state == "auth":
-        c.send_auth("user", "pw", "LOGIN")
+        c.send_auth("user", "pw", "LOGIN", in_clear=True)
     elif state in ("pipelined", "plain", "bdat"):
         envs = envelopes()
         c.send_envelopes(envs)

@@ -566,20 +566,39 @@ def test_capabilities_parsed() -> None:
 
 def test_auth_plain() -> None:
     c = ready(("AUTH PLAIN LOGIN",))
-    assert c.send_auth("user", "pw") == b"AUTH PLAIN AHVzZXIAcHc=\r\n"
+    assert c.send_auth("user", "pw", in_clear=True) == b"AUTH PLAIN AHVzZXIAcHc=\r\n"
     (ev,) = c.receive_data(b"235 2.7.0 Authentication successful\r\n")
     assert ev.command == "auth" and ev.ok and c.state == cl.READY
 
 
 def test_auth_login() -> None:
     c = ready(("AUTH LOGIN",))
-    assert c.send_auth("user", "pw") == b"AUTH LOGIN\r\n"
+    assert c.send_auth("user", "pw", in_clear=True) == b"AUTH LOGIN\r\n"
     assert c.receive_data(b"334 VXNlcm5hbWU6\r\n") == []
     assert c.data_to_send() == b"dXNlcg==\r\n"
     assert c.receive_data(b"334 UGFzc3dvcmQ6\r\n") == []
     assert c.data_to_send() == b"cHc=\r\n"
     (ev,) = c.receive_data(b"535 5.7.8 bad credentials\r\n")
     assert not ev.ok and ev.outcome("auth", "mx").kind == "deferred"
+
+
+def test_auth_password_never_in_clear_without_consent() -> None:
+    """Without TLS, PLAIN and LOGIN (the password on the wire) are refused
+    unless the caller allows clear text; CRAM-MD5 (RFC 2195) is chosen when
+    offered; inside TLS PLAIN is the first choice."""
+    c = ready(("AUTH PLAIN LOGIN",))
+    assert c.auth_mechanism() == "" and c.auth_mechanism("plain") == ""
+    assert c.auth_mechanism("LOGIN") == "" and c.auth_mechanism("", in_clear=True) == "PLAIN"
+    with pytest.raises(LocalProtocolError):
+        c.send_auth("user", "pw")
+    with pytest.raises(LocalProtocolError):
+        c.send_auth("user", "pw", "LOGIN")
+    assert c.data_to_send() == b"" and c.state == cl.READY
+    assert ready(("AUTH PLAIN CRAM-MD5",)).auth_mechanism() == "CRAM-MD5"
+    assert ready(("AUTH PLAIN",)).auth_mechanism("CRAM-MD5") == "CRAM-MD5"
+    t = ready(("AUTH LOGIN PLAIN CRAM-MD5",))
+    t.tls_active = True
+    assert t.auth_mechanism() == "PLAIN" and t.auth_mechanism("login") == "LOGIN"
 
 
 def test_starttls_flow_and_injection_refused() -> None:

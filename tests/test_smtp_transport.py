@@ -253,6 +253,7 @@ def test_aiosmtpd_auth(run: Run, mechanism: str) -> None:
                 auth=("user", "s3cret"),
                 auth_mechanism=mechanism,
                 timeouts=SHORT,
+                auth_in_clear=True,  # this aiosmtpd has no TLS
             )
             conn = await must_connect(good)
             (r,) = await conn.send(envs(1))
@@ -264,6 +265,7 @@ def test_aiosmtpd_auth(run: Run, mechanism: str) -> None:
                     auth=("user", "wrong"),
                     auth_mechanism=mechanism,
                     timeouts=SHORT,
+                    auth_in_clear=True,
                 )
             )
             return r, bad
@@ -474,3 +476,86 @@ def test_napping_connections_deliver_everything(
         assert [r.tag for r in results] == list(range(40))
         assert all(o.delivered for r in results for o in r.outcomes)
     assert nap.naps > 0 and nap.sending == 0
+
+
+class AuthProbe:
+    """A scripted relay that offers AUTH PLAIN LOGIN and records every line
+    it reads, to see whether a password crossed the wire. ``starttls``:
+    "" (not offered: stripped by a middlebox), "454" (offered, refused) or
+    "garbage" (offered, 220, then non-TLS bytes: the handshake fails and the
+    client's opportunistic fallback reconnects in clear)."""
+
+    def __init__(self, starttls: str = "") -> None:
+        self.starttls = starttls
+        self.lines: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> AuthProbe:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            w.write(b"220 probe ESMTP\r\n")
+            while line := await r.readline():
+                self.lines.append(line)
+                verb = line[:8].split(b" ")[0].strip().upper()
+                if verb == b"EHLO":
+                    tls = b"250-STARTTLS\r\n" if self.starttls else b""
+                    w.write(b"250-probe\r\n" + tls + b"250 AUTH PLAIN LOGIN\r\n")
+                elif verb == b"STARTTLS" and self.starttls == "454":
+                    w.write(b"454 4.7.0 TLS not available\r\n")
+                elif verb == b"STARTTLS":
+                    w.write(b"220 2.0.0 go ahead\r\n")
+                    await w.drain()
+                    w.write(b"this is no TLS server hello\r\n" * 4)
+                    await w.drain()
+                    break
+                elif verb == b"AUTH":
+                    w.write(b"235 2.7.0 ok\r\n")
+                elif verb == b"QUIT":
+                    w.write(b"221 bye\r\n")
+                    await w.drain()
+                    break
+                else:
+                    w.write(b"250 ok\r\n")
+                await w.drain()
+        w.close()
+
+
+@pytest.mark.parametrize("starttls", ["", "454", "garbage"], ids=["stripped", "454", "broken"])
+@pytest.mark.parametrize("mechanism", ["", "PLAIN", "LOGIN"])
+def test_auth_is_never_sent_in_clear_unless_allowed(
+    run: Run, starttls: str, mechanism: str
+) -> None:
+    """Opportunistic TLS that did not happen (STARTTLS stripped from EHLO,
+    refused 454, or a handshake that failed and fell back to clear text):
+    the password is not sent (Postfix's smtp_sasl_security_options =
+    noplaintext). The session ends deferred at "auth" with the reason; with
+    ``auth_in_clear`` (the operator's explicit choice) it authenticates."""
+
+    async def go() -> Any:
+        async with AuthProbe(starttls) as probe:
+            opts = dict(host="127.0.0.1", port=probe.port, auth=("user", "s3cret"),
+                        auth_mechanism=mechanism, timeouts=SHORT)  # fmt: skip
+            refused = await connect(ConnectOptions(**opts))  # type: ignore[arg-type]
+            seen = list(probe.lines)
+            probe.lines.clear()
+            allowed = await connect(ConnectOptions(**opts, auth_in_clear=True))  # type: ignore[arg-type]
+            if isinstance(allowed, SMTPConnection):
+                await allowed.quit()
+            return refused, seen, allowed, list(probe.lines)
+
+    refused, seen, allowed, seen_allowed = run(go())
+    assert isinstance(refused, Outcome) and refused.deferred and refused.stage == "auth", refused
+    assert "clear" in refused.text and "TLS" in refused.text, refused.text
+    assert not any(line.upper().startswith(b"AUTH") for line in seen), seen
+    assert not any(b"s3cret" in line or b"czNjcmV0" in line for line in seen), seen
+    assert isinstance(allowed, SMTPConnection), allowed
+    assert any(line.upper().startswith(b"AUTH") for line in seen_allowed), seen_allowed

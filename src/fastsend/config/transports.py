@@ -88,6 +88,7 @@ class TransportTable(Section):
     domain: str = ""
     tls: Literal["starttls", "implicit", "opportunistic", "off", ""] = ""
     auth_mechanism: str = ""
+    auth_in_clear: bool = False
     ca_file: str = ""
     max_connections: PosInt = 4
     rate: NonNegFloat = 0.0
@@ -123,6 +124,9 @@ class TransportSpec(msgspec.Struct):
     # relay
     tls: str = "starttls"  # starttls (required) | implicit | opportunistic | off
     auth_mechanism: str = ""  # "" = the best offered
+    # PLAIN/LOGIN (the password itself) in a session without TLS: refused
+    # unless the operator says so here (a closed network); CRAM-MD5 needs no TLS
+    auth_in_clear: bool = False
     ca_file: str = ""  # verify the relay against this CA bundle instead of the system's
     # limits, across all workers (divided among them)
     max_connections: int = 4  # relay: SMTP connections; http: requests in flight
@@ -213,6 +217,7 @@ def build_spec(name: str, t: TransportTable, base_dir: str) -> TransportSpec:
         name=name, kind=t.kind, host=t.host, port=t.port, endpoint=t.endpoint,
         region=t.region, configuration_set=t.configuration_set, domain=t.domain,
         tls=t.tls or "starttls", auth_mechanism=t.auth_mechanism, ca_file=t.ca_file,
+        auth_in_clear=t.auth_in_clear,
         max_connections=t.max_connections, rate=t.rate, timeout=t.timeout,
         answer_timeout=t.answer_timeout, max_recipients=t.max_recipients,
     )  # fmt: skip
@@ -236,6 +241,13 @@ def _check(spec: TransportSpec, where: str, base_dir: str, explicit_tls: bool) -
         spec.auth_mechanism = spec.auth_mechanism.upper()
         if spec.auth_mechanism not in ("", *AUTH_MECHANISMS):
             raise TransportError(f"{where} auth_mechanism must be one of {AUTH_MECHANISMS}")
+        clear = spec.tls == "off" and spec.auth_mechanism in ("PLAIN", "LOGIN")
+        if clear and not spec.auth_in_clear:
+            raise TransportError(
+                f'{where} tls = "off" with auth_mechanism = "{spec.auth_mechanism}" sends the'
+                ' password in clear text: use TLS (tls = "starttls" or "implicit"),'
+                ' auth_mechanism = "CRAM-MD5", or, on a network you trust, auth_in_clear = true'
+            )
         if spec.ca_file:
             spec.ca_file = os.path.join(base_dir, spec.ca_file)
     elif spec.kind == "ses":

@@ -763,18 +763,36 @@ class _Commands(_CoreAttrs):
         self.size_limit = 0
         self.state = GREETED
 
-    def send_auth(self, username: str, password: str, mechanism: str = "") -> bytes:
-        """AUTH with ``mechanism``, or the best offered: in clear text CRAM-MD5
-        (RFC 2195: the password never crosses the wire), else PLAIN (one round
-        trip), LOGIN, CRAM-MD5."""
-        self._check_idle("AUTH")
+    def auth_mechanism(self, mechanism: str = "", in_clear: bool = False) -> str:
+        """The AUTH mechanism to use: ``mechanism``, or the best offered (inside
+        TLS PLAIN, LOGIN, CRAM-MD5; in clear text CRAM-MD5 first: RFC 2195, the
+        password never crosses the wire). "" when none may be used: without
+        TLS, PLAIN and LOGIN would send the password in clear text, which only
+        ``in_clear`` (the operator's explicit choice) allows, as Postfix's
+        smtp_sasl_security_options = noplaintext refuses them by default."""
         offered = self.capabilities.get("AUTH", "").upper().split()
         mech = mechanism.upper()
+        safe = self.tls_active or in_clear
+        if mech:
+            return mech if safe or mech not in ("PLAIN", "LOGIN") else ""
+        if self.tls_active:
+            order: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
+        elif in_clear:
+            order = ("CRAM-MD5", "PLAIN", "LOGIN")
+        else:
+            order = ("CRAM-MD5",)
+        return next((m for m in order if m in offered), "PLAIN" if safe else "")
+
+    def send_auth(
+        self, username: str, password: str, mechanism: str = "", in_clear: bool = False
+    ) -> bytes:
+        """AUTH with ``mechanism``, or the best offered (:meth:`auth_mechanism`);
+        LocalProtocolError rather than a password in clear text without
+        ``in_clear``."""
+        self._check_idle("AUTH")
+        mech = self.auth_mechanism(mechanism, in_clear)
         if not mech:
-            order = ("PLAIN", "LOGIN", "CRAM-MD5")
-            if not self.tls_active:
-                order = ("CRAM-MD5", "PLAIN", "LOGIN")
-            mech = next((m for m in order if m in offered), "PLAIN")
+            raise LocalProtocolError("no TLS: the AUTH password would be sent in clear text")
         self._auth = []
         self._cram = None
         if mech == "PLAIN":

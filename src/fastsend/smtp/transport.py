@@ -101,6 +101,10 @@ class ConnectOptions(msgspec.Struct, frozen=True):
     auth_mechanism: str = ""  # PLAIN, LOGIN or CRAM-MD5; default: the best offered
     chunking: bool = True  # BDAT when the server offers CHUNKING + PIPELINING
     implicit_tls: bool = False  # TLS from the first byte (submissions, port 465, RFC 8314)
+    # AUTH PLAIN/LOGIN without TLS (the password in clear text): only when the
+    # operator says so; otherwise a session without TLS authenticates with
+    # CRAM-MD5 or not at all (deferred at "auth", nothing sent).
+    auth_in_clear: bool = False
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -528,7 +532,7 @@ async def connect(opts: ConnectOptions) -> SMTPConnection | Outcome:
     if isinstance(result, _TLSFailed):
         # Opportunistic: the server offered STARTTLS but the handshake failed;
         # like Postfix, try once more in plain text rather than not deliver.
-        result = await _connect(opts, "off")
+        result = await _connect(opts, "off", "the TLS handshake failed")
     assert not isinstance(result, _TLSFailed)
     return result
 
@@ -537,7 +541,10 @@ class _TLSFailed(Exception):
     pass
 
 
-async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outcome | _TLSFailed:
+async def _connect(
+    opts: ConnectOptions, tls: TLSMode, no_tls: str = "TLS is off"
+) -> SMTPConnection | Outcome | _TLSFailed:
+    """One attempt; ``no_tls`` says why a session ends up without TLS."""
     loop = asyncio.get_running_loop()
     mx = f"{opts.host}:{opts.port}"
     t = opts.timeouts
@@ -588,6 +595,7 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
         return reply.outcome(reply.command if reply.command != "lost" else "ehlo", mx)
     if tls != "off":
         if "STARTTLS" not in client.capabilities:
+            no_tls = "the server does not offer STARTTLS"
             if tls == "required":
                 await conn.quit()
                 text = "TLS required but the server does not offer STARTTLS"
@@ -604,6 +612,7 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
                 if tls == "required" or reply.code == 0 or client.state != READY:
                     await conn.quit()
                     return reply.outcome("starttls", mx)
+                no_tls = f"STARTTLS was refused ({reply.code})"
             else:
                 failed = await _start_tls(loop, conn, link, client, opts)
                 if failed:
@@ -616,7 +625,16 @@ async def _connect(opts: ConnectOptions, tls: TLSMode) -> SMTPConnection | Outco
                     await conn.quit()
                     return reply.outcome("ehlo", mx)
     if opts.auth is not None:
-        reply = await conn.command(client.send_auth(*opts.auth, opts.auth_mechanism))
+        mech = client.auth_mechanism(opts.auth_mechanism, opts.auth_in_clear)
+        if not mech:
+            await conn.quit()
+            offered = client.capabilities.get("AUTH", "").upper() or "none"
+            text = (
+                f"no TLS ({no_tls}): not sending the AUTH password in clear text"
+                f" (AUTH offered: {offered}; CRAM-MD5 would do, or allow it: auth_in_clear)"
+            )
+            return Outcome(DEFERRED, 0, "", text, "auth", mx)
+        reply = await conn.command(client.send_auth(*opts.auth, mech, opts.auth_in_clear))
         if not reply.ok:
             await conn.quit()
             return reply.outcome("auth", mx)

@@ -7,7 +7,10 @@ a :class:`~fastsend.delivery.pool.SiteQueue` that submits to one host.
   closed networks. ``ca_file`` replaces the system trust store.
 - AUTH: the mechanism configured, else the best offered (PLAIN or LOGIN
   inside TLS, CRAM-MD5 when in clear text), with the credentials of the
-  transport (environment or 0600 file, fastsend.config.transports).
+  transport (environment or 0600 file, fastsend.config.transports). A
+  session that ends up without TLS (``off``; ``opportunistic`` with
+  STARTTLS not offered, refused or failed) never sends the password (PLAIN,
+  LOGIN) unless ``auth_in_clear = true``: it is deferred at "auth" instead.
 - Limits: ``max_connections`` and ``rate`` (messages/s) are the relay's,
   across all workers: each worker's lanes (one per source IP) get their share.
   On a shared spool both span the nodes: the rate is one bucket in Redis
@@ -40,6 +43,7 @@ def connect_options(spec: TransportSpec) -> dict[str, Any]:
         "ssl_context": ctx,
         "server_hostname": spec.host,
         "auth_mechanism": spec.auth_mechanism,
+        "auth_in_clear": spec.auth_in_clear,
     }
     if spec.secrets.get("username"):
         opts["auth"] = (spec.secrets["username"], spec.secrets.get("password", ""))
