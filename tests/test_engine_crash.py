@@ -4,13 +4,16 @@ are bounded by the in-flight window."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import orjson
 import psutil
 from tests._engine_helpers import (
     fastsend_cmd,
@@ -179,3 +182,59 @@ def test_sigterm_drains_and_leaves_a_consistent_spool(tmp_path: Path) -> None:
     assert summary(res)["delivered"] == N
     got = received_counts(log)
     assert set(got) == set(addrs) and max(got.values()) == 1
+
+
+def test_outcomes_committed_by_a_killed_run_get_their_events_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of ``send`` right after a flush of outcomes is committed to the
+    spool, before their events are written (FASTSEND_TEST_FAULT): ``resume``
+    writes them (``"resumed": true``), so every delivered or bounced message
+    has its one event in the log (the operator's numbers, the webhooks and the
+    stats come from it). Before: those outcomes had none, ever (a kill -9
+    mid-delivery lost up to a flush of them: 1,871 of 40,000 in one run)."""
+    n = 1500
+    addrs = [
+        (f"permfail-{i}@d{i % 3}.example.net" if i % 50 == 7 else f"u{i}@d{i % 3}.example.net")
+        for i in range(n)
+    ]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    spool = tmp_path / "spool"
+    with SinkProcess() as sink:
+        host, port = sink.addresses[0]
+        common = ["--spool", str(spool), "--route", f"*={host}:{port}", "--workers", "1",
+                  "--json", "--no-progress", "--max-wait", "0"]  # fmt: skip
+        env = dict(os.environ, FASTSEND_TEST_FAULT="outcomes-kill-after-commit:1")
+        env.pop("FASTSEND_NO_EXTENSIONS", None)
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(rcpts), "--no-dkim", *common),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its worker, if it is still there
+        db = sqlite3.connect(spool / "spool.db")
+        recorded = dict(db.execute("SELECT id, state FROM messages WHERE state IN (3, 4)"))
+        db.close()
+        assert recorded, "the fault fired before any outcome was recorded"
+        res = run_fastsend("resume", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert summary(res)["delivered"] + len(recorded) >= n - n // 50
+    events = [orjson.loads(x) for x in (spool / "events.jsonl").read_bytes().splitlines()]
+    final: dict[int, list[dict[str, Any]]] = {}
+    for e in events:
+        if e["event"] in ("delivered", "bounced"):
+            final.setdefault(e["id"], []).append(e)
+    assert len(final) == n and all(len(es) == 1 for es in final.values())
+    retold = {i for i, es in final.items() if es[0].get("resumed")}
+    assert retold == set(recorded), (len(retold), len(recorded))
+    for i, state in recorded.items():
+        (e,) = final[i]
+        assert e["event"] == ("delivered" if state == 3 else "bounced"), e
+        assert e["rcpt"] == addrs[i - 1] and e["attempt"] == 1, e
+        if state == 4:
+            assert e["code"] == 550 and e["enhanced"] == "5.1.1" and e["hard"], e
+    assert "outcome(s) recorded by the last run" in res.stderr, res.stderr[-2000:]

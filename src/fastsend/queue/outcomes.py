@@ -8,6 +8,8 @@ event log. Result hooks (guardrails) see every outcome.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ import orjson
 
 from fastsend import wire
 from fastsend._accel import pick
+from fastsend.bounce import classify_reply
 from fastsend.config import RetryConfig
 from fastsend.events import DeliveredRows, Rows, outcome_dict
 from fastsend.queue.state import SupervisorState, WorkerSlot
@@ -33,9 +36,27 @@ from fastsend.spool import (
     Claimed,
     Result,
     SpoolStorageError,
+    Untold,
     storage_problem,
 )
 from fastsend.suppression import SOURCE_DELIVERY
+
+# Tests only (inert when unset): FASTSEND_TEST_FAULT=outcomes-kill-after-commit:N
+# kills this process (SIGKILL) once the N-th flush of outcomes is committed to
+# the spool, before their events are written.
+_FAULT = os.environ.get("FASTSEND_TEST_FAULT", "")
+_fault_left: list[int] = []
+
+
+def _fault_after_commit() -> None:
+    name, _, arg = _FAULT.partition(":")
+    if name != "outcomes-kill-after-commit":
+        return
+    if not _fault_left:
+        _fault_left.append(int(arg or 1))
+    _fault_left[0] -= 1
+    if _fault_left[0] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up to this far
 # The loop writes outcomes once this many wait, or once the first has waited this
@@ -196,6 +217,27 @@ class Outcomes(SupervisorState):
             n += 1
         self.stats.attempts += n
         slot.unwritten += n
+
+    def tell_untold(self) -> None:
+        """At start: outcomes the last process recorded and died before telling
+        (:meth:`Spool.untold`: killed between the commit and the event log's
+        write) get their events now, from their rows, marked ``"resumed":
+        true`` (a delivery's reply text, MX and source address are not kept in
+        its row). They were counted by the run that recorded them, not here."""
+        rows = self.spool.untold()
+        if not rows:
+            return
+        if self.events.path is not None or self.events.listeners:
+            evs = [e for e in map(untold_event, rows) if e is not None]
+            self.events.emit_rows(evs)  # the file, then listeners (webhooks, index)
+            self.events.flush()
+        self.spool.told()
+        print(
+            f"fastsend: emitted the events of {len(rows)} outcome(s) recorded by the last run,"
+            " which stopped before writing them",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def tell_taken_back(self) -> None:
         """Messages taken back from a dead process's window (a node killed whole:
@@ -364,6 +406,8 @@ class Outcomes(SupervisorState):
             first = self.spool.record_outcomes(
                 self.results, time.time(), [dumps(e) for e in marked]
             )
+            if _FAULT:
+                _fault_after_commit()
             if first is not None:
                 for i, e in enumerate(marked):
                     e["event_id"] = first + i
@@ -373,11 +417,13 @@ class Outcomes(SupervisorState):
         if self.requeues:
             self.spool.requeue(self.requeues, time.time())
             self.requeues = []
+        out = True  # every event of the outcomes recorded is written
         if self.event_buf:
             buf, self.event_buf = self.event_buf, []
             try:
                 self.events.emit_rows(buf)  # the file, then listeners (webhooks, index)
             except Exception:
+                out = False
                 self.hook_failed(self.events.emit_rows)
         try:
             self.events.flush()
@@ -386,6 +432,8 @@ class Outcomes(SupervisorState):
             if problem is None:
                 raise
             raise SpoolStorageError(f"the event log's storage {problem} ({e})") from e
+        if out:
+            self.spool.told()  # (a local spool noted them untold until now)
 
     def hook_failed(self, hook: Any) -> None:
         """Report a result hook or event listener that raised (once per hook)."""
@@ -526,3 +574,29 @@ def _dicts(buf: list[Any]) -> Iterator[dict[str, Any]]:
             yield from e.dicts()
         else:
             yield e
+
+
+def untold_event(u: Untold) -> dict[str, Any] | None:
+    """The event of an outcome recorded and never told (:meth:`Outcomes.tell_untold`),
+    from its row: what the row keeps, ``"resumed": true``; None for a row in
+    no outcome's state (cancelled since, or in flight again)."""
+    name = {DELIVERED: "delivered", DEFERRED: "deferred", BOUNCED: "bounced",
+            EXPIRED: "expired"}.get(u.state)  # fmt: skip
+    if name is None:
+        return None
+    ev: dict[str, Any] = {
+        "time": u.at, "event": name, "id": u.id, "campaign": u.campaign, "rcpt": u.rcpt,
+        "source_ip": "", "mx": "", "code": u.code, "enhanced": u.enhanced, "text": u.text,
+        "attempt": u.attempts,
+    }  # fmt: skip
+    if name != "delivered":
+        c = classify_reply(u.code, u.enhanced, u.text, command="")
+        ev.update(stage="", reason=c.reason, hard=bool(c.hard and name == "bounced"))
+        if name == "deferred":
+            ev["next_attempt"] = u.next_at
+        elif name == "expired":
+            ev["reason"], ev["last_reason"] = "expired", c.reason
+        else:
+            ev["suppressed"] = ev["hard"]
+    ev["resumed"] = True
+    return ev

@@ -313,6 +313,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
     async def run(self) -> RunStats:
         loop = asyncio.get_running_loop()
         self.spool.recover()
+        self.tell_untold()  # outcomes a killed run recorded without their events
         self.tell_taken_back()  # a dead process's window: attempts of unknown outcome
         skew = self.spool.clock_offset()
         if abs(skew) >= CLOCK_SKEW:

@@ -268,6 +268,24 @@ class TakenBack(msgspec.Struct, gc=False):
     text: str
 
 
+class Untold(msgspec.Struct, gc=False):
+    """A message whose outcome a process recorded (:meth:`Spool.record_outcomes`)
+    and may have died before telling (its event not written): as its row holds
+    it now, for :meth:`Spool.untold`. ``at``: when it was recorded; ``next_at``:
+    a deferral's next attempt."""
+
+    id: int
+    campaign: int
+    rcpt: str
+    state: int
+    attempts: int
+    next_at: float
+    code: int
+    enhanced: str
+    text: str
+    at: float
+
+
 class CampaignInfo(msgspec.Struct):
     id: int
     name: str
@@ -477,6 +495,20 @@ class Spool(abc.ABC):
         the events elsewhere, after the outcome)."""
         self.record_results(results, now)
         return None
+
+    def told(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """The events of every outcome :meth:`record_outcomes` recorded are out
+        (written to the event log): forget them. A local spool remembers the
+        ids of what it recorded in the same transaction, until this, so that
+        outcomes recorded by a process killed before their events were written
+        are told at the next start (:meth:`untold`). A no-op by default."""
+
+    def untold(self) -> list[Untold]:
+        """At start: the outcomes the last process recorded without telling
+        (:meth:`told` never came: it died in between), as their rows hold them
+        now; they stay untold until :meth:`told`. None by default (a shared
+        spool's outbox gets the events in the outcomes' own atomic step)."""
+        return []
 
     @abc.abstractmethod
     def release(self, ids: Iterable[int]) -> None:
@@ -998,6 +1030,12 @@ class SpoolProxy(Spool):
         self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
     ) -> int | None:
         return self.inner.record_outcomes(results, now, events)
+
+    def told(self) -> None:
+        self.inner.told()
+
+    def untold(self) -> list[Untold]:
+        return self.inner.untold()
 
     def release(self, ids: Iterable[int]) -> None:
         self.inner.release(ids)

@@ -42,7 +42,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, repeat, starmap
 from typing import Any
 
@@ -81,6 +81,7 @@ from fastsend.spool.base import (
     SpoolError,
     SpoolStorageError,
     TakenBack,
+    Untold,
     holder_tag,
     id_runs,
     idem_part,
@@ -208,6 +209,9 @@ CREATE TABLE IF NOT EXISTS pruned (
 SCHEMA_VERSION = "1"
 # meta: every row in flight has an id >= this (recover() scans from it)
 INFLIGHT_LOW = "inflight_low"
+# meta: the ids ("first-last,..." runs) of outcomes recorded whose events may not
+# be written yet (record_outcomes adds them in its transaction; told() clears)
+UNTOLD = "untold"
 ROWS_PER_STATEMENT = 256  # rows per multi-row statement (4-7 parameters each)
 ROOM_TTL = 1.0  # s a short claim's room takes rows spooled after it (see _take_parked)
 # The WAL is copied back into the database (checkpoint, in the commit that
@@ -527,6 +531,7 @@ class SQLiteSpool(Spool):
         self.directory = directory
         self._holds: set[str] = set()  # ingest lock files this object holds
         self._parked: list[Claimed] = []  # spooled in flight for a waiting claim
+        self._untold = False  # meta UNTOLD may name outcomes whose events are not out
         self._parked_cids: set[int] = set()  # their campaigns (or more): never fewer
         self._room: dict[int, tuple[int, float]] = {}  # claim key -> (room, monotonic time)
         self._taken_back: list[TakenBack] = []  # recover(): for their deferred events
@@ -862,6 +867,18 @@ class SQLiteSpool(Spool):
             )
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
+        self._record(results, now, False)
+
+    def record_outcomes(
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
+    ) -> int | None:
+        # The ids recorded are noted as untold in the same transaction: a
+        # process killed before their events are out leaves them to the next
+        # start (untold), instead of outcomes no event ever tells.
+        self._record(results, now, True)
+        return None
+
+    def _record(self, results: Iterable[Result], now: float, untold: bool) -> None:
         # In id order: outcomes arrive interleaved across domains and workers, and
         # rows visited in key order touch each B-tree page once (about a third
         # less CPU per outcome than in arrival order).
@@ -894,6 +911,44 @@ class SQLiteSpool(Spool):
                 " (SELECT id FROM campaigns WHERE status='cancelled')",
                 [(CANCELLED, r.id) for r in rest if r.state == DEFERRED],
             )
+            if untold and (runs or rest):
+                spans = [(r[4], r[5]) for r in runs]
+                spans += [(r.id, r.id) for r in rest]
+                text = ",".join([f"{a}-{b}" for a, b in spans])
+                db.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key)"
+                    " DO UPDATE SET value = value || ',' || excluded.value",
+                    (UNTOLD, text),
+                )
+                self._untold = True
+
+    def told(self) -> None:
+        if not self._untold:
+            return
+        with transaction(self.db):
+            self.db.execute("DELETE FROM meta WHERE key=?", (UNTOLD,))
+        self._untold = False
+
+    def untold(self) -> list[Untold]:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (UNTOLD,)).fetchone()
+        if not row or not row[0]:
+            return []
+        self._untold = True  # told() clears it once they are out
+        spans: set[tuple[int, int]] = set()
+        for part in str(row[0]).split(","):
+            first, _, last = part.partition("-")
+            with contextlib.suppress(ValueError):
+                spans.add((int(first), int(last or first)))
+        out: dict[int, Untold] = {}
+        for lo, hi in sorted(spans):
+            for r in self.db.execute(
+                "SELECT id, campaign, rcpt, state, attempts, next_at, last_code, last_enhanced,"
+                " last_text, updated FROM messages WHERE id BETWEEN ? AND ?",
+                (lo, hi),
+            ):
+                out[r[0]] = Untold(*r)
+        return [out[i] for i in sorted(out)]
+
 
     def release(self, ids: Iterable[int]) -> None:
         ids = list(ids)
