@@ -248,7 +248,9 @@ def test_replies_split_into_single_bytes_and_multiline(run: Run) -> None:
 
 def test_421_in_the_middle_of_a_pipelined_group(run: Run) -> None:
     """The server answers the third MAIL with 421 and closes: the first two
-    are delivered, the rest deferred with the 421 (code, text), not failed."""
+    are delivered, the rest deferred with the 421 (code, text), not failed,
+    at "mail" (the recipients of the MAIL refused were said to be at "rcpt",
+    whose replies never came)."""
 
     def mail(state: dict[str, int], line: bytes) -> bytes:
         if state["messages"] == 2:
@@ -263,6 +265,8 @@ def test_421_in_the_middle_of_a_pipelined_group(run: Run) -> None:
     ]
     assert kinds[:2] == [(0, "delivered", 250), (1, "delivered", 250)]
     assert all(k == "deferred" and c == 421 for _t, k, c in kinds[2:]), kinds
+    stages = {r.outcomes[0].stage for r in results if r.tag >= 2}
+    assert stages == {"mail"}, stages
     assert len(server.messages) == 2
 
 

@@ -1218,8 +1218,12 @@ cdef class ClientCore:
         self._queue.clear()
         for t in seen:
             txn = <_CoreTxn>t
-            stage = stage_of.get(txn, "mail")
-            out = _c_Outcome(_c_DEFERRED, code, enhanced, text, stage, self.mx)
+            # A transaction whose MAIL was refused (this 421, at once) is
+            # refused there: its recipients' replies were never coming.
+            out = txn.mail_fail
+            if out is None or out.code != code:  # (not a 5xx: those were kept open)
+                stage = stage_of.get(txn, "mail")
+                out = _c_Outcome(_c_DEFERRED, code, enhanced, text, stage, self.mx)
             outs = txn.outcomes
             for j in range(len(outs)):
                 if outs[j] is None:

@@ -702,8 +702,12 @@ class ClientCore:
         seen.extend(self._queue)
         self._queue.clear()
         for txn in seen:
-            stage = stage_of.get(id(txn), "mail")
-            out = Outcome(DEFERRED, code, enhanced, text, stage, self.mx)
+            # A transaction whose MAIL was refused (this 421, at once) is
+            # refused there: its recipients' replies were never coming.
+            out = txn.mail_fail
+            if out is None or out.code != code:  # (not a 5xx: those were kept open)
+                stage = stage_of.get(id(txn), "mail")
+                out = Outcome(DEFERRED, code, enhanced, text, stage, self.mx)
             outs = txn.outcomes
             for j in range(len(outs)):
                 if outs[j] is None:
