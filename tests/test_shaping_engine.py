@@ -77,6 +77,10 @@ def test_aimd_slows_down_on_deferrals_and_recovers(tmp_path: Path) -> None:
             ["127.0.0.2"],
             shaping={"aimd": {"hold": 0.2, "increase": 2000.0, "min_rate": 20.0}},
             delivery={"pipeline": 8, "max_connections": 1},
+            # all 600 to the worker at once (not the first 500 of a guardrail's
+            # sample: what follows them, sent at the cut rate, would be handed
+            # back due after the run's max_wait)
+            guardrails={"min_sample": 1000},
         )
         spool, cid = spool_campaign(cfg, [f"u{i}@half.example" for i in range(600)])
         seen: list[dict[str, Any]] = []
@@ -149,7 +153,9 @@ def test_campaign_max_rate_holds_at_dispatch(tmp_path: Path) -> None:
 
 
 def test_guardrail_pauses_campaign_and_resume_continues(tmp_path: Path) -> None:
-    rcpts = [f"permfail-{i}@g.example" if i % 3 == 0 else f"ok{i}@g.example" for i in range(30)]
+    # the bounces among the first sample of 20 (a resumed campaign's fresh
+    # sample would hold the rest and be paused again)
+    rcpts = [f"permfail-{i}@g.example" if i % 3 == 0 and i < 15 else f"ok{i}@g.example" for i in range(30)]
     rcpts += [f"late{i}@g.example" for i in range(170)]
     camp = write_campaign(tmp_path)
     rfile = write_recipients(tmp_path, rcpts)
@@ -185,9 +191,9 @@ def test_guardrail_pauses_campaign_and_resume_continues(tmp_path: Path) -> None:
         proc = run_fastsend("resume", *common)
         assert proc.returncode == 0, proc.stderr[-2000:]
     s = summary(proc)
-    assert (s["delivered"], s["bounced"], s["deferred"]) == (190, 10, 0)
+    assert (s["delivered"], s["bounced"], s["deferred"]) == (195, 5, 0)
     got = received_counts(log)
-    assert len(got) == 190 and max(got.values()) == 1
+    assert len(got) == 195 and max(got.values()) == 1
     r = run_fastsend("campaign", "cancel", "7", "--spool", str(spool))
     assert r.returncode == 2 and "no campaign 7" in r.stderr
 
@@ -254,6 +260,34 @@ def test_complaint_events_feed_the_complaint_guardrail(tmp_path: Path) -> None:
     assert spool.get_campaign(cid).status == "active"  # 1/20 = 5%: not over
     events.emit({"event": "complained", "campaign": cid, "rcpt": "y@example.net"})
     assert spool.get_campaign(cid).status == "paused"  # 2/20 = 10%
+
+
+def test_a_sample_completed_by_deliveries_is_judged(tmp_path: Path) -> None:
+    """Bounces counted before the sample was large enough, then deliveries that
+    complete it: the campaign is judged then (before, only a bounce judged, so a
+    list whose bounces came first was never paused)."""
+    cfg = cfgmod.from_dict({"guardrails": {"min_sample": 10, "bounce_rate": 0.05}})
+    cfg.spool_dir = str(tmp_path / "spool")
+    spool = SQLiteSpool(cfg.spool_dir)
+    cid = spool.create_campaign({"from": "a@sender.example.com"})
+    sup = Supervisor(cfg, spool, EventLog(None))
+    g = sup.shaping.guardrails
+    assert g.sampling(cid)
+
+    class Claim:
+        campaign = cid
+
+    class Res:
+        reason = "userunknown"
+
+    from fastsend.spool import BOUNCED
+
+    for _ in range(3):
+        g.on_result(Claim(), Res(), BOUNCED)
+    assert spool.get_campaign(cid).status == "active"  # 3 of 3: too small a sample
+    g.count_delivered(cid, 7)  # 3 of 10 bounced
+    assert spool.get_campaign(cid).status == "paused"
+    assert g.fresh == [cid] and g.sampling(cid)  # a fresh sample after a resume
 
 
 def test_sighup_reload_rebuilds_dispatch_rates_guardrails_and_pools(tmp_path: Path) -> None:
@@ -435,3 +469,42 @@ def test_a_rested_address_shared_by_two_workers_is_not_tried_by_the_other(
     rests = [e for e in shaping_events(cfg) if e["action"] == "rest"]
     assert len(rests) == 1, rests
     assert counts["queued"] > 0 and counts["bounced"] == 0, counts
+
+
+def test_a_guardrail_pause_stops_a_fast_campaign_near_its_sample(tmp_path: Path) -> None:
+    """A fast receiver answers a whole window before the supervisor has counted
+    the first outcomes: until a campaign has been judged once (``min_sample``
+    final outcomes), at most ``min_sample`` of its messages are out unanswered
+    across the workers, and the pause reaches the workers at once. Before, the
+    pause was decided at ~100 outcomes and all 4,000 of the window were tried
+    (3,200 delivered to a list a fifth of which bounced). A clean campaign sent
+    at the same time is judged and then sent whole."""
+    bad = [f"permfail-{i}@bad.example" if i % 5 == 0 else f"ok{i}@bad.example" for i in range(6000)]
+    camp = write_campaign(tmp_path)
+    rfile = write_recipients(tmp_path, bad)
+    conf = tmp_path / "fastsend.toml"
+    conf.write_text("[guardrails]\nmin_sample = 100\n")
+    spool = tmp_path / "spool"
+    log = tmp_path / "sink.jsonl"
+    from fastsend.sink import SinkProcess
+
+    with SinkProcess("--log", str(log)) as sink:
+        common = ["-c", str(conf), "--route", f"*={sink.host}:{sink.port}", "--spool", str(spool),
+                  "--source-ip", "127.0.0.2,127.0.0.3", "--workers", "2", "--json",
+                  "--no-progress", "--max-wait", "3", "--no-dkim"]  # fmt: skip
+        proc = run_fastsend("send", str(camp), "-r", str(rfile), *common)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        s = summary(proc)
+        good = write_recipients(tmp_path, [f"g{i}@good.example" for i in range(3000)], "g.csv")
+        proc2 = run_fastsend("send", str(camp), "-r", str(good), *common)
+        assert proc2.returncode == 0, proc2.stderr[-2000:]
+        s2 = summary(proc2)
+    events = [orjson.loads(x) for x in (spool / "events.jsonl").read_bytes().splitlines()]
+    paused = [e for e in events if e["event"] == "campaign_paused"]
+    assert len(paused) == 1 and paused[0]["campaign"] == 1, paused
+    # judged at about min_sample outcomes; what was out then may still be answered
+    assert s["attempts"] <= 300, s
+    assert s["delivered"] + s["bounced"] == s["attempts"] and s["deferred"] >= 5700, s
+    got = received_counts(log)
+    assert sum(1 for r in got if r.endswith("@bad.example")) == s["delivered"]
+    assert (s2["delivered"], s2["bounced"], s2["deferred"]) == (3000, 0, 0), s2

@@ -47,6 +47,8 @@ class Dispatch(SupervisorState):
             if not self.stopping:
                 self.drain_workers()
             return
+        if self.shaping.guardrails.fresh:
+            self.withdraw_paused()
         now = time.time()
         size = self.config.delivery.batch_size
         nothing_due = False
@@ -410,6 +412,18 @@ class Dispatch(SupervisorState):
                 slot.backlog.append(wire.encoder.encode(wire.Withdraw(ids)))
                 self.push_backlog(slot)
 
+    def withdraw_paused(self) -> None:
+        """Campaigns this process's guardrails paused just now: their unsent
+        mail in the windows is asked back at once (not at the next status read,
+        STATUS_TTL s later: a fast receiver takes thousands meanwhile)."""
+        g = self.shaping.guardrails
+        fresh, g.fresh = g.fresh, []
+        mono = time.monotonic()
+        for cid in fresh:
+            self.status_cache[cid] = (False, mono)
+        self.stopped_checked = 0.0
+        self.withdraw_stopped(mono)
+
     def withdraw_addresses(self, gone: list[tuple[str, str, str, str, int | None]]) -> None:
         """Hard bounces just written to the list (``to_suppress`` entries:
         tenant, address, ...): the workers are asked to hand back their other
@@ -600,6 +614,9 @@ class Dispatch(SupervisorState):
             for key, items in groups.items():
                 slot.held.setdefault(key, []).extend(items)
             groups, slot.held = slot.held, {}
+        guardrails = self.shaping.guardrails
+        if guardrails.settings.enabled and any(guardrails.sampling(k[0]) for k in groups):
+            groups = self.sample_cap(slot, groups)
         admit = self.shaping.gate.admit
         mono = time.monotonic()
         out: dict[tuple[int, str], list[Claimed]] = {}
@@ -607,12 +624,51 @@ class Dispatch(SupervisorState):
             n = admit(key[0], len(items), mono, key[1])
             if n:
                 out[key] = items if n == len(items) else items[:n]
-            if n < len(items):
-                slot.held[key] = items[n:]
+            if n < len(items):  # before what sample_cap held of it (claimed later)
+                prev = slot.held.get(key)
+                slot.held[key] = items[n:] + prev if prev else items[n:]
         if slot.held:
             self.trim_held(slot)
         if was_held and out and self.config.delivery.check_suppression:
             out = self.rescreen(slot, out)
+        return out
+
+    def sample_cap(
+        self, slot: WorkerSlot, groups: dict[tuple[int, str], list[Claimed]]
+    ) -> dict[tuple[int, str], list[Claimed]]:
+        """A campaign not judged yet by its guardrails (fewer than ``min_sample``
+        final outcomes) has at most ``min_sample`` messages out unanswered, over
+        every worker; the rest of ``groups`` waits in ``slot.held`` (inside the
+        window, released as outcomes come back). A fast receiver answers a whole
+        window before the supervisor counts the first outcomes: a list that
+        bounced was sent whole (4,000 of a window) before its pause. Deferrals and
+        hand-backs leave the count too, so a campaign nobody answers finally is
+        never stalled; once judged, it goes at full speed."""
+        g = self.shaping.guardrails
+        cap = g.settings.min_sample
+        out_n = {k[0]: 0 for k in groups if g.sampling(k[0])}
+        for s in self.slots:  # this slot's held mail is in ``groups`` (gate swapped it)
+            for c in s.inflight.values():
+                if c.campaign in out_n:
+                    out_n[c.campaign] += 1
+            for key, items in s.held.items():
+                if key[0] in out_n:
+                    out_n[key[0]] -= len(items)
+        for key, items in groups.items():  # in the window, not out yet
+            if key[0] in out_n:
+                out_n[key[0]] -= len(items)
+        out: dict[tuple[int, str], list[Claimed]] = {}
+        for key, items in groups.items():
+            cid = key[0]
+            if cid not in out_n:
+                out[key] = items
+                continue
+            n = max(0, min(cap - out_n[cid], len(items)))
+            if n:
+                out[key] = items if n == len(items) else items[:n]
+                out_n[cid] += n
+            if n < len(items):
+                slot.held.setdefault(key, []).extend(items[n:])
         return out
 
     def trim_held(self, slot: WorkerSlot) -> None:

@@ -22,6 +22,15 @@ DESCRIPTION
     again from zero, so ``fastsend campaign resume ID`` gives it a fresh
     sample before it is judged again.
 
+    Until a campaign has been judged (``min_sample`` final outcomes counted,
+    :meth:`sampling`), the supervisor keeps at most ``min_sample`` of its
+    messages out unanswered in the workers (``Dispatch.sample_cap``): a fast
+    receiver answers a whole window (4,000 messages) before the first outcomes
+    are counted, and a list that bounces would be sent whole before its pause.
+    A pause is told to the dispatcher at once (:attr:`fresh`), which asks the
+    workers for that campaign's unsent mail back without waiting for its
+    status to be read again.
+
 DELIBERATELY NOT HERE
     No reading of ARF or DSN messages (fastsend.bounce parses them) and no
     suppression (fastsend.suppression).
@@ -67,6 +76,8 @@ class Guardrails:
         # pause event says what the bounces were (unknown users, blocks, ...)
         self.reasons: dict[int, dict[str, int]] = {}
         self.paused: set[int] = set()
+        # campaigns paused since the dispatcher last looked (Dispatch.withdraw_paused)
+        self.fresh: list[int] = []
 
     def _get(self, campaign: int) -> list[int]:
         g = self.counts.get(campaign)
@@ -96,9 +107,23 @@ class Guardrails:
                 r[reason] = r.get(reason, 0) + 1
             self.check(claimed.campaign)
 
+    def sampling(self, campaign: int) -> bool:
+        """Whether ``campaign`` has yet to be judged: fewer than ``min_sample``
+        final outcomes counted (since start or its last pause)."""
+        s = self.settings
+        if not s.enabled:
+            return False
+        g = self.counts.get(campaign)
+        if g is None:
+            g = self._get(campaign)
+        return g[0] + g[1] < s.min_sample
+
     def count_delivered(self, campaign: int, n: int) -> None:
-        """``n`` deliveries of ``campaign`` (what on_result counts for each one)."""
+        """``n`` deliveries of ``campaign`` (what on_result counts for each one),
+        judged: the sample may reach ``min_sample`` with them (bounces counted
+        first in the same record were judged on a smaller sample)."""
         self._count(campaign, 0, n)
+        self.check(campaign)
 
     def record_complaint(self, campaign: int, n: int = 1) -> None:
         self._count(campaign, 2, n)
@@ -156,6 +181,7 @@ class Guardrails:
         self.pending.pop(campaign, None)
         self.spool.drop_counters([_name(campaign, i) for i in range(3)])
         self.paused.add(campaign)
+        self.fresh.append(campaign)
         self.emit(
             {
                 "time": self.clock(),
