@@ -49,6 +49,8 @@ class Dispatch(SupervisorState):
             return
         if self.shaping.guardrails.fresh:
             self.withdraw_paused()
+        if self.shaping.rests_to_share:
+            self.share_rests()
         now = time.time()
         size = self.config.delivery.batch_size
         nothing_due = False
@@ -423,6 +425,22 @@ class Dispatch(SupervisorState):
             self.status_cache[cid] = (False, mono)
         self.stopped_checked = 0.0
         self.withdraw_stopped(mono)
+
+    def share_rests(self) -> None:
+        """A worker rested (or suspended) a source address for a site on its
+        block reply: every other worker sending from that address rests it
+        there too (wire.IPRest for the site), at once. Before, the others sent
+        their share on to the site that had just refused the address, until
+        each met a block reply of its own."""
+        told, self.shaping.rests_to_share = self.shaping.rests_to_share, []
+        for origin, rec in told:
+            data = wire.encoder.encode(rec)
+            for slot in self.slots:
+                if slot.index == origin or not slot.alive or slot.inbox is None:
+                    continue
+                if rec.ip in (slot.ips or [""]):
+                    slot.backlog.append(data)
+                    self.push_backlog(slot)
 
     def withdraw_addresses(self, gone: list[tuple[str, str, str, str, int | None]]) -> None:
         """Hard bounces just written to the list (``to_suppress`` entries:

@@ -116,7 +116,7 @@ class Outcomes(SupervisorState):
             elif isinstance(msg, wire.Events):
                 self.event_buf.extend(msg.events)  # transport failover
             else:
-                self.shaping.on_record(msg)
+                self.shaping.on_record(msg, slot.index)
         if items:
             self.apply(slot, items)
             got = True

@@ -283,6 +283,12 @@ def _recent(key: str, today: int) -> bool:
     return day.isdigit() and int(day) >= today - 1
 
 
+# A rest told to the workers sharing an address (IPRest.reason starts with it),
+# for the site named in its providers as SITE_PREFIX + the site's key.
+SHARED_REST = "another worker's rest of this address: "
+SITE_PREFIX = "site:"
+
+
 class SupervisorShaping:
     """What the supervisor calls: gate, guardrails, pools, state, worker records."""
 
@@ -307,6 +313,12 @@ class SupervisorShaping:
         self.log: EventLog | None = None
         self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []  # e.g. dashboards
         self.ip_rests: list[wire.IPRest] = []  # blocklist rests, for (re)started workers
+        # A worker's rest or suspension of (source IP, site) on a block reply:
+        # each is told to the other workers sending from that address
+        # (``Dispatch.share_rests``: origin worker, record), and kept for
+        # workers started later until it ends ((ip, site) -> record).
+        self.rests_to_share: list[tuple[int, wire.IPRest]] = []
+        self.site_rests: dict[tuple[str, str], wire.IPRest] = {}
         self.warmup_offsets: dict[str, int] = {}  # engagement-aware warm-up, likewise
         # Each transport's max_connections split among the nodes (shared spool).
         self.shares: Any = None  # a fastsend.shared_limits.ConnectionShares
@@ -402,6 +414,7 @@ class SupervisorShaping:
     def spawn_records(self) -> list[bytes]:
         now = time.time()
         out = [wire.encoder.encode(r) for r in self.ip_rests if r.until > now]
+        out += [wire.encoder.encode(r) for r in self.site_rests.values() if r.until > now]
         if self.shares is not None and self.shares.shares:
             out.append(self.shares_record())
         if self.warmup_offsets:
@@ -410,19 +423,41 @@ class SupervisorShaping:
             return out
         return [wire.encoder.encode(wire.WarmupCounts(dict(self.state.warm))), *out]
 
-    def on_record(self, msg: Any) -> bool:
-        """A worker's shaping record; True when it was one."""
+    def on_record(self, msg: Any, origin: int = -1) -> bool:
+        """A worker's shaping record (from worker ``origin``); True when it was one."""
         if isinstance(msg, wire.ShapingEvents):
             if self.log is None:
                 self.log = EventLog(self.log_path)
             self.log.emit_many(msg.events)
             for fn in self.listeners:
                 fn(msg.events)
+            for ev in msg.events:
+                if ev.get("action") in ("rest", "suspend"):
+                    self.note_rest(ev, origin)
             return True
         if isinstance(msg, wire.WarmupCounts):
             self.state.merge(msg.counts)
             return True
         return False
+
+    def note_rest(self, ev: dict[str, Any], origin: int) -> None:
+        """A worker rested or suspended a (source IP, site) lane: the address is
+        refused there, from whichever worker it is sent. Told to the others
+        sharing the address (a rest they were told is not told again)."""
+        reason = str(ev.get("reason", ""))
+        site = str(ev.get("site", ""))
+        if reason.startswith(SHARED_REST) or not site:
+            return
+        now = time.time()
+        until = float(ev.get("time", now)) + float(ev.get("duration", 0.0) or 0.0)
+        if until <= now:
+            return
+        ip = str(ev.get("source_ip", ""))
+        rec = wire.IPRest(ip, [SITE_PREFIX + site], until, f"{SHARED_REST}{reason}")
+        if len(self.site_rests) > 10_000:
+            self.site_rests = {k: r for k, r in self.site_rests.items() if r.until > now}
+        self.site_rests[(ip, site)] = rec
+        self.rests_to_share.append((origin, rec))
 
     def shares_record(self) -> bytes:
         assert self.shares is not None

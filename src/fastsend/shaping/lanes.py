@@ -529,7 +529,9 @@ class Shaper:
             pool.set_offsets(offsets, now)
 
     def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
-        """Rest ``ip`` for ``providers`` ("*": all) until ``until`` (unix seconds)."""
+        """Rest ``ip`` for ``providers`` ("*": all; ``site:KEY``: that site,
+        another worker's rest of an address they share) until ``until`` (unix
+        seconds)."""
         now = time.time()
         keep = [r for r in self.ip_rests.get(ip, []) if r[1] > now]
         keep.append((frozenset(providers), until, reason))
@@ -540,8 +542,12 @@ class Shaper:
 
     def _apply_rests(self, ln: Lane, ip: str, provider: str, now_unix: float) -> None:
         for provs, until, reason in self.ip_rests.get(ip, ()):
-            if until > now_unix and ("*" in provs or provider in provs):
-                ln.block(time.monotonic(), until - now_unix, "rest", reason)
+            if until > now_unix and (
+                "*" in provs or provider in provs or "site:" + ln.site in provs
+            ):
+                mono = time.monotonic()
+                if mono + (until - now_unix) > ln.blocked_until + 1.0:  # not told again
+                    ln.block(mono, until - now_unix, "rest", reason)
 
     def restore(self, counts: dict[str, int]) -> None:
         self.restored.update(counts)
