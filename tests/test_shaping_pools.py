@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 import time
 from collections import Counter
 
@@ -181,3 +182,41 @@ def test_workers_sending_from_one_address_share_its_limits() -> None:
         lim = sh.site_limits("s", ("gmail-smtp-in.l.google.com",), "gmail.com")
         taken += sh.lane("127.0.0.2", "s", lim, sh.pool(""), NOW).take(0.0, 30)[0]
     assert taken == 30
+
+
+def test_send_chooses_the_campaigns_pool_and_rate(tmp_path: Path) -> None:
+    """`fastsend send --pool NAME --max-rate N`: the campaign's own pool (its
+    mail leaves only from that pool's address, not the default pool's) and its
+    dispatch rate, kept with the campaign (a `resume` keeps them). A pool the
+    config does not have is refused before anything is spooled."""
+    from _engine_helpers import run_fastsend, sink_log, summary, write_campaign, write_recipients
+    from fastsend.sink import SinkProcess
+    from fastsend.spool import open_spool
+
+    camp = write_campaign(tmp_path)
+    rfile = write_recipients(tmp_path, [f"u{i}@d{i % 5}.example" for i in range(60)])
+    conf = tmp_path / "fastsend.toml"
+    conf.write_text(
+        '[pools]\ndefault = "main"\n'
+        '[pools.main]\nips = [{ ip = "127.0.0.2" }]\n'
+        '[pools.promo]\nips = [{ ip = "127.0.0.3" }]\n'
+    )
+    spool = tmp_path / "spool"
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        common = ["-c", str(conf), "--route", f"*={sink.host}:{sink.port}", "--spool", str(spool),
+                  "--json", "--no-progress", "--no-dkim", "--max-wait", "2"]  # fmt: skip
+        bad = run_fastsend("send", str(camp), "-r", str(rfile), "--pool", "promos", *common)
+        assert bad.returncode == 2, bad.stderr
+        assert "pool 'promos'" in bad.stderr and "main, promo" in bad.stderr, bad.stderr
+        assert not spool.exists() or open_spool(str(spool)).list_campaigns() == []
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rfile), "--pool", "promo", "--max-rate", "500", *common
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert summary(proc)["delivered"] == 60
+    peers = {e["peer"] for e in sink_log(log)}
+    assert peers == {"127.0.0.3"}, peers
+    info = open_spool(str(spool)).get_campaign(1)
+    assert info is not None and info.options["pool"] == "promo"
+    assert info.options["max_rate"] == 500.0

@@ -18,9 +18,12 @@ number when a SIGTERM (143) or SIGINT (130) stopped it (what is left and the
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
 from collections.abc import Iterator
+from typing import Any
 
 from fastsend.commands.common import (
     add_engine_arguments,
@@ -57,7 +60,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="", help="campaign name (default: the file name)")
     # None: the default tenant (fastsend.suppression.DEFAULT_TENANT, not imported for --help)
     p.add_argument("--tenant", help="the campaign's tenant (its suppression list)")
+    p.add_argument(
+        "--pool",
+        help="the [pools] pool this campaign's mail leaves from (default: its tenant's, else"
+        " the default pool)",
+    )
+    p.add_argument(
+        "--max-rate",
+        type=float,
+        metavar="N",
+        help="this campaign's dispatch rate, messages a second (default: [shaping.dispatch])",
+    )
     add_engine_arguments(p)
+
+
+def campaign_options(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, Any], str]:
+    """The campaign's own options (``pool``, ``max_rate``: what the
+    supervisor's shaping reads), or why they cannot be (a pool the config
+    does not have would silently fall back to the default pool)."""
+    options: dict[str, Any] = {}
+    if args.pool is not None:
+        from fastsend.shaping.pools import load_pools
+
+        names = sorted(load_pools(cfg, time.time()).pools)
+        if args.pool not in names:
+            return {}, (
+                f"--pool: no pool {args.pool!r} in the config (its pools: {', '.join(names)})"
+            )
+        options["pool"] = args.pool
+    if args.max_rate is not None:
+        if not (args.max_rate > 0 and math.isfinite(args.max_rate)):
+            return {}, f"--max-rate: {args.max_rate:g} is not a rate (messages a second > 0)"
+        options["max_rate"] = args.max_rate
+    return options, ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         cfg, spool_url = engine_config(args)
     except ConfigError as e:
         return die(str(e))
+    options, why = campaign_options(args, cfg)
+    if why:
+        return die(why)
     try:
         camp = Campaign.load(args.campaign)
         spec = check_campaign(camp, require_dkim=not args.no_dkim)
@@ -117,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         cid = acceptor.create_campaign(
-            spec, name=args.name or os.path.basename(args.campaign), tenant=tenant
+            spec,
+            name=args.name or os.path.basename(args.campaign),
+            tenant=tenant,
+            options=options or None,
         )
         job = acceptor.start_ingest(cid, args.recipients)
         feed = acceptor.feed(job, on_bad=on_bad, first=FIRST_CHUNK)
