@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 import time
 from collections import Counter
+from pathlib import Path
 
 from fastsend import config as cfgmod
 from fastsend.outcome import DEFERRED, Outcome, TxnResult

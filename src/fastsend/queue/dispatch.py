@@ -661,30 +661,40 @@ class Dispatch(SupervisorState):
         window before the supervisor counts the first outcomes: a list that
         bounced was sent whole (4,000 of a window) before its pause. Deferrals and
         hand-backs leave the count too, so a campaign nobody answers finally is
-        never stalled; once judged, it goes at full speed."""
+        never stalled; once judged, it goes at full speed. The messages let out
+        are remembered per campaign (``Guardrails.out``: id -> its window), and
+        looked up in their windows only when the cap is near: the cost is the
+        campaign's own, never a scan of the windows."""
         g = self.shaping.guardrails
         cap = g.settings.min_sample
-        out_n = {k[0]: 0 for k in groups if g.sampling(k[0])}
-        for s in self.slots:  # this slot's held mail is in ``groups`` (gate swapped it)
-            for c in s.inflight.values():
-                if c.campaign in out_n:
-                    out_n[c.campaign] += 1
-            for key, items in s.held.items():
-                if key[0] in out_n:
-                    out_n[key[0]] -= len(items)
-        for key, items in groups.items():  # in the window, not out yet
-            if key[0] in out_n:
-                out_n[key[0]] -= len(items)
+        track = g.out
         out: dict[tuple[int, str], list[Claimed]] = {}
         for key, items in groups.items():
             cid = key[0]
-            if cid not in out_n:
+            if not g.sampling(cid):
+                if track:
+                    track.pop(cid, None)  # judged: free from here on
                 out[key] = items
                 continue
-            n = max(0, min(cap - out_n[cid], len(items)))
+            ids = track.get(cid)
+            if ids is None:
+                if len(track) >= 10_000:  # campaigns that ended before their sample
+                    g.forget_answered()
+                ids = track[cid] = {}
+            elif len(ids) + len(items) > cap:  # the answered ones leave the count
+                for i in [i for i, s in ids.items() if i not in s.inflight]:
+                    del ids[i]
+            n = 0
+            for c in items:
+                if c.id in ids:  # let out before and rate-held since: counted once
+                    n += 1
+                elif len(ids) < cap:
+                    ids[c.id] = slot
+                    n += 1
+                else:
+                    break
             if n:
                 out[key] = items if n == len(items) else items[:n]
-                out_n[cid] += n
             if n < len(items):
                 slot.held.setdefault(key, []).extend(items[n:])
         return out

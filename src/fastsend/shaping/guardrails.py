@@ -78,6 +78,9 @@ class Guardrails:
         self.paused: set[int] = set()
         # campaigns paused since the dispatcher last looked (Dispatch.withdraw_paused)
         self.fresh: list[int] = []
+        # campaign not judged yet -> its messages let out to the workers (id ->
+        # the window holding it: answered once it has left it), Dispatch.sample_cap
+        self.out: dict[int, dict[int, Any]] = {}
 
     def _get(self, campaign: int) -> list[int]:
         g = self.counts.get(campaign)
@@ -117,6 +120,15 @@ class Guardrails:
         if g is None:
             g = self._get(campaign)
         return g[0] + g[1] < s.min_sample
+
+    def forget_answered(self) -> None:
+        """Drop from :attr:`out` what was answered, and campaigns with nothing left."""
+        for cid in list(self.out):
+            ids = self.out[cid]
+            for i in [i for i, w in ids.items() if i not in w.inflight]:
+                del ids[i]
+            if not ids:
+                del self.out[cid]
 
     def count_delivered(self, campaign: int, n: int) -> None:
         """``n`` deliveries of ``campaign`` (what on_result counts for each one),
