@@ -645,7 +645,7 @@ class Dispatch(SupervisorState):
             if n < len(items):  # before what sample_cap held of it (claimed later)
                 prev = slot.held.get(key)
                 slot.held[key] = items[n:] + prev if prev else items[n:]
-        if slot.held:
+        if slot.held and self.shaping.gate.enabled:  # (no rate: nothing to trim)
             self.trim_held(slot)
         if was_held and out and self.config.delivery.check_suppression:
             out = self.rescreen(slot, out)
@@ -669,6 +669,7 @@ class Dispatch(SupervisorState):
         cap = g.settings.min_sample
         track = g.out
         out: dict[tuple[int, str], list[Claimed]] = {}
+        looked: set[int] = set()  # campaigns whose answered messages left the count
         for key, items in groups.items():
             cid = key[0]
             if not g.sampling(cid):
@@ -681,7 +682,8 @@ class Dispatch(SupervisorState):
                 if len(track) >= 10_000:  # campaigns that ended before their sample
                     g.forget_answered()
                 ids = track[cid] = {}
-            elif len(ids) + len(items) > cap:  # the answered ones leave the count
+            elif len(ids) + len(items) > cap and cid not in looked:  # once a call
+                looked.add(cid)
                 for i in [i for i, s in ids.items() if i not in s.inflight]:
                     del ids[i]
             n = 0
