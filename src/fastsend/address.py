@@ -1,7 +1,8 @@
 """Recipient address checks: is this something we can put in RCPT TO?
 
-Accepts ``local@domain`` where the domain is a DNS name (IDNA-encodable; a
-Unicode domain is converted to its A-label form) or an address literal, and the
+Accepts ``local@domain`` where the domain is a DNS name (a Unicode domain is
+converted to its A-label form by IDNA 2008 with UTS 46 mapping, as every other
+domain path does: :func:`idna_domain`) or an address literal, and the
 local part is a dot-atom or quoted string of printable characters (non-ASCII
 allowed: it needs SMTPUTF8 at delivery time). Rejects control characters,
 spaces outside quotes, angle brackets, empty parts, and the RFC 5321 length
@@ -106,8 +107,32 @@ def _domain_error(domain: str, a: str) -> str:
     return f"invalid domain in {a!r}"
 
 
+@functools.lru_cache(maxsize=4096)
+def idna_domain(domain: str) -> str:
+    """A domain name in lower-case A-labels, by IDNA 2008 (RFC 5891) with UTS 46
+    mapping, non-transitional: ``faß.de`` is ``xn--fa-hia.de`` (Python's own
+    ``"idna"`` codec is IDNA 2003 and makes it ``fass.de``, another domain with
+    another owner; ``ς`` is not ``σ``; a joiner is not dropped). The one
+    conversion of every domain path: recipients (RCPT TO, MX lookup, suppression
+    keys), header addresses, DKIM d=, tenants' domains. ASCII passes through
+    lower-cased. UnicodeError when the name is not a valid IDN (IDNA 2008
+    refuses what IDNA 2003 let through: symbols such as emoji, a misplaced
+    joiner, a label mixing directions)."""
+    if domain.isascii():
+        return domain.lower()
+    import idna  # only for non-ASCII names (its tables take ~10 ms to load)
+
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii").lower()
+    except UnicodeError:  # idna.IDNAError is one
+        raise
+    except Exception as exc:  # its codec's other refusals (ValueError ...)
+        raise UnicodeError(str(exc)) from None
+
+
 def _check_domain(domain: str) -> str:
-    d = domain.strip().rstrip(".").lower()
+    d = domain.strip().rstrip(".")
+    d = d.lower() if d.isascii() else d  # UTS 46 maps case itself (not as str.lower)
     if not d:
         raise AddressError("empty domain in {ADDR}")
     if d.startswith("[") and d.endswith("]"):
@@ -118,7 +143,7 @@ def _check_domain(domain: str) -> str:
             raise AddressError("invalid address literal in {ADDR}") from None
         return d
     try:
-        ascii_domain = d.encode("idna").decode("ascii") if not d.isascii() else d
+        ascii_domain = idna_domain(d)
     except UnicodeError:
         raise AddressError("domain of {ADDR} is not a valid internationalised name") from None
     if len(ascii_domain) > 255:

@@ -44,9 +44,11 @@ def host_name(name: str) -> str:
     if not n or n.startswith("["):
         return ""
     if not n.isascii():
+        import idna  # IDNA 2008 + UTS 46, as fastsend.address.idna_domain (a sibling layer)
+
         try:
-            n = n.encode("idna").decode("ascii")
-        except UnicodeError:
+            n = idna.encode(n, uts46=True).decode("ascii")
+        except Exception:  # idna.IDNAError and its codec's other refusals
             return ""
     return n.lower()
 

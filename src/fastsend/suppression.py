@@ -18,10 +18,13 @@ Checked twice: when mail is accepted, and again when the supervisor
 dispatches it (``entries_many``, one query per batch), so an address
 suppressed while its mail waits for a retry is not mailed.
 
-Addresses are normalised the usual way: the domain is lowercased (IDNA
-A-labels kept as given) and the local part is matched case-insensitively,
-so ``Kiji@Example.COM`` and ``kiji@example.com`` are the same entry; the
-first spelling stored is kept for display.
+Addresses are normalised the usual way: the domain is lowercased, a Unicode
+one converted to A-labels as recipients are (IDNA 2008 + UTS 46:
+``u@bücher.example`` is ``u@xn--bcher-kva.example``, the spool's spelling),
+and the local part is matched case-insensitively, so ``Kiji@Example.COM``
+and ``kiji@example.com`` are the same entry; the first spelling stored is kept
+for display. An entry an older version stored under a Unicode domain still
+suppresses (``_legacy_key``).
 
 ``suppress_from`` turns a bounce record or classification into an entry:
 hard bounces and complaints are suppressed, soft bounces are not (unless
@@ -45,7 +48,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from fastsend.address import ATEXT_CHARS, ascii_and_non_ascii
+from fastsend.address import ATEXT_CHARS, ascii_and_non_ascii, idna_domain
 
 DEFAULT_TENANT = "default"
 MANUAL = "manual"
@@ -113,7 +116,16 @@ def normalize(address: str) -> tuple[str, str]:
     if not a or len(a) > 320 or any(c.isspace() or ord(c) < 32 for c in a):
         raise SuppressionError(f"malformed address: {address!r}")
     local, sep, domain = a.rpartition("@")
-    domain = domain.rstrip(".").lower()
+    domain = domain.rstrip(".")
+    if domain.isascii():
+        domain = domain.lower()
+    else:
+        # the A-label form the spool holds (IDNA 2008 + UTS 46, as recipients are
+        # normalised): u@bücher.example is the entry of u@xn--bcher-kva.example
+        try:
+            domain = idna_domain(domain)
+        except UnicodeError:
+            raise SuppressionError(f"malformed address: {address!r}") from None
     if (
         not sep
         or not local
@@ -135,13 +147,31 @@ def _fast_key(address: str) -> str:
     message. Were such an address malformed, it cannot have been stored, so
     looking it up finds nothing, as normalize()'s error would."""
     if (
-        address.islower()
+        address.isascii()  # (a Unicode domain's key is its A-label form)
+        and address.islower()
         and address[0] not in "< \t"
         and address[-1] not in ". \t>"
         and not address.startswith("mailto:")
     ):
         return address
     return normalize(address)[0]
+
+
+def _legacy_key(key: str) -> str | None:
+    """The key fastsend before 2026-12 stored for this one when the address was
+    written with a Unicode domain (kept as written, lower-cased): such an entry
+    still suppresses, and is found and removed by either spelling. None for a
+    domain without A-labels."""
+    local, _, domain = key.rpartition("@")
+    if "xn--" not in domain:
+        return None
+    import idna
+
+    try:
+        u = idna.decode(domain)
+    except Exception:  # not a valid A-label: nothing was stored under another form
+        return None
+    return f"{local}@{u}" if u != domain else None
 
 
 def parse_duration(text: str) -> float:
@@ -305,7 +335,9 @@ class Suppressions:
     def remove(self, address: str, *, tenant: str = DEFAULT_TENANT) -> bool:
         """Remove one entry; True if it was there."""
         key, _ = normalize(address)
-        return self._delete(tenant, key)
+        old = _legacy_key(key)
+        gone = self._delete(tenant, key)
+        return (self._delete(tenant, old) or gone) if old else gone
 
     def purge_expired(self) -> int:
         """Delete expired entries of every tenant; returns how many."""
@@ -337,16 +369,21 @@ class Suppressions:
             by_key.setdefault(key, []).append(a)
         if not by_key:
             return {}
+        legacy = {old: k for k in by_key if "xn--" in k and (old := _legacy_key(k))}
         hit: dict[str, str] = {}
-        for key, reason in self._reasons(tenant, list(by_key), float(self._clock())).items():
-            for a in by_key[key]:
-                hit[a] = reason
+        keys = [*by_key, *legacy]
+        for key, reason in self._reasons(tenant, keys, float(self._clock())).items():
+            for a in by_key[legacy.get(key, key)]:
+                hit.setdefault(a, reason)
         return hit
 
     def get(self, address: str, *, tenant: str = DEFAULT_TENANT) -> Entry | None:
         """The entry for this address (even if expired), or None."""
         key, _ = normalize(address)
-        return self._get(tenant, key)
+        got = self._get(tenant, key)
+        if got is None and (old := _legacy_key(key)):
+            got = self._get(tenant, old)
+        return got
 
     def list(
         self, *, tenant: str | None = DEFAULT_TENANT, include_expired: bool = False

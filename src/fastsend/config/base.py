@@ -258,9 +258,11 @@ def validate_helo(text: str, where: str) -> str:
                              "an IPv4 one [ADDRESS] (RFC 5321 4.1.3)")  # fmt: skip
         return t
     if not t.isascii():
+        import idna  # IDNA 2008 + UTS 46, as fastsend.address.idna_domain (a higher layer)
+
         try:
-            t = t.encode("idna").decode("ascii")
-        except UnicodeError:
+            t = idna.encode(t, uts46=True).decode("ascii")
+        except Exception:  # idna.IDNAError and its codec's other refusals
             raise bad from None
     if not HELO.fullmatch(t):
         raise bad

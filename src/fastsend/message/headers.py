@@ -27,7 +27,7 @@ import functools
 import re
 
 from fastsend._accel import pick
-from fastsend.address import ATEXT_CHARS, ascii_and_non_ascii
+from fastsend.address import ATEXT_CHARS, ascii_and_non_ascii, idna_domain
 
 __all__ = [
     "HeaderError",
@@ -132,14 +132,9 @@ def encode_domain(domain: str) -> str:
             raise HeaderError(f"invalid domain {domain!r}")
         return domain
     try:
-        import idna
-
-        out = idna.encode(domain, uts46=True).decode("ascii")
-    except ImportError:  # pragma: no cover - idna is a dependency
-        out = domain.encode("idna").decode("ascii")
-    except Exception as exc:  # idna.IDNAError and friends
+        return idna_domain(domain)  # IDNA 2008 + UTS 46, as recipients' domains
+    except UnicodeError as exc:
         raise HeaderError(f"invalid internationalised domain {domain!r}: {exc}") from None
-    return out
 
 
 def split_address(addr: str) -> tuple[str, str]:
