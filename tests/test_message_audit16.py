@@ -7,6 +7,12 @@ and the loopback DNS server, over both twins.
   sent as ``u@fass.example`` (another domain, another owner), ``ς`` became
   ``σ`` and a joiner was dropped, while From, DKIM d= and tenants' domains
   used IDNA 2008 with UTS 46 (``xn--fa-hia.example``);
+- the envelope sender (a From or ``return_path`` at a Unicode domain, a
+  ``verp_domain``) went raw in MAIL FROM (``news@bücher.example``, 8-bit,
+  without SMTPUTF8), and a List-Unsubscribe URI with a Unicode host, mailto
+  domain or path went as raw UTF-8 in a header of a message that did not ask
+  for SMTPUTF8; a space in one (``?subject=Unsubscribe me``) failed every
+  message at render, retried for days as a local error;
 - suppression keys kept a Unicode domain as written, so ``suppress add
   u@bücher.example`` never matched the recipient the spool holds
   (``u@xn--bcher-kva.example``): the address was mailed.
@@ -14,11 +20,15 @@ and the loopback DNS server, over both twins.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import orjson
 import pytest
@@ -27,7 +37,7 @@ from _engine_helpers import summary
 from _smtp_helpers import RecordingHandler
 from fastsend import _accel
 from fastsend.testing.dnsserver import DNSServer
-from test_message_audit import receiver, wait_for
+from test_message_audit import receiver, send, wait_for
 
 __all__ = ["receiver"]  # (a fixture, used by name)
 
@@ -194,3 +204,68 @@ def test_a_suppressed_unicode_domain_address_is_not_mailed(
         assert sup.contains("ann@bücher.example") and sup.contains("ANN@xn--bcher-kva.example")
         assert not sup.contains("bo@bücher.example")
         assert not sup.contains("bo@xn--bcher-kva.example")
+
+
+@pytest.mark.parametrize("verp", [False, True])
+def test_envelope_sender_and_list_unsubscribe_of_a_unicode_domain_are_ascii(
+    impl: str, tmp_path: Path, receiver: tuple[int, RecordingHandler], verp: bool
+) -> None:
+    port, handler = receiver
+    camp = (
+        'from = "News <news@Bücher.example>"\nsubject = "Hi"\ntext = "Hello"\n'
+        + ('verp_domain = "bounces.bücher.example"\n' if verp else "")
+        + '[list_unsubscribe]\nmailto = "abmelden@bücher.example?subject=ü-{{ email }}"\n'
+        'url = "https://Bücher.example/abmelden/ö/{{ message_id }}?von=straße"\n'
+    )
+    proc = send(tmp_path, camp, "email\nr@example.net\n", port, impl, "--no-dkim")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (m,) = wait_for(handler, 1)
+    mail_from = m["mail_from"]
+    assert mail_from.isascii(), mail_from
+    if verp:
+        assert mail_from.startswith("b-") and mail_from.endswith("@bounces.xn--bcher-kva.example")
+    else:
+        assert mail_from == "news@xn--bcher-kva.example"
+    head = m["data"].partition(b"\r\n\r\n")[0]
+    assert head.isascii(), head
+    msg = email.message_from_bytes(m["data"], policy=email.policy.default)
+    uris = re.findall(r"<([^>]*)>", str(msg["List-Unsubscribe"]))
+    assert uris[0] == "mailto:abmelden@xn--bcher-kva.example?subject=%C3%BC-r@example.net"
+    url = urlsplit(uris[1])
+    assert (url.scheme, url.hostname, url.query) == (
+        "https",
+        "xn--bcher-kva.example",
+        "von=stra%C3%9Fe",
+    )
+    assert unquote(url.path).startswith("/abmelden/ö/")
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_a_unicode_unsubscribe_host_holding_a_placeholder_is_refused_before_sending(
+    tmp_path: Path,
+) -> None:
+    from fastsend.message import Campaign, CampaignError
+
+    with pytest.raises(CampaignError, match=r"list_unsubscribe\.url: .*A-labels"):
+        Campaign.from_dict({
+            "from": "n@sender.example", "subject": "s", "text": "t",
+            "list_unsubscribe": {"url": "https://{{ region }}.bücher.example/u/{{ message_id }}"},
+        })  # fmt: skip
+
+
+def test_a_space_in_a_list_unsubscribe_uri_is_encoded_not_a_failure_of_every_message(
+    impl: str, tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    port, handler = receiver
+    camp = (
+        'from = "n@sender.example"\nsubject = "s"\ntext = "t"\n[list_unsubscribe]\n'
+        'mailto = "stop@sender.example?subject=Unsubscribe me&body=<{{ email }}>"\n'
+    )
+    proc = send(tmp_path, camp, "email\nr@example.net\n", port, impl, "--no-dkim")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert summary(proc)["delivered"] == 1, (proc.stdout[-1500:], proc.stderr[-1500:])
+    (m,) = wait_for(handler, 1)
+    msg = email.message_from_bytes(m["data"], policy=email.policy.default)
+    assert str(msg["List-Unsubscribe"]) == (
+        "<mailto:stop@sender.example?subject=Unsubscribe%20me&body=%3Cr@example.net%3E>"
+    )

@@ -30,7 +30,7 @@ from typing import Any
 
 from fastsend.message.errors import CampaignError
 from fastsend.message.headers import HeaderError, encode_domain, parse_mailbox, split_address
-from fastsend.message.mime import Renderer
+from fastsend.message.mime import Renderer, ascii_uri_literals
 from fastsend.message.template import Template, TemplateError
 from fastsend.message.tracking import check_spec as check_tracking
 
@@ -487,6 +487,8 @@ def _parse_templates(spec: Mapping[str, Any]) -> dict[str, Template]:
     for key, src in sources.items():
         try:
             out[key] = Template(src)
-        except TemplateError as exc:
+            if key.startswith("list_unsubscribe."):
+                ascii_uri_literals(out[key].literals)  # (the header is ASCII)
+        except (TemplateError, HeaderError) as exc:
             raise CampaignError(f"{key}: {exc}") from None
     return out

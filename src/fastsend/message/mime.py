@@ -41,6 +41,7 @@ from fastsend.message.errors import RenderError
 from fastsend.message.headers import (
     HeaderError,
     check_header_value,
+    encode_domain,
     fold_tokens,
     mailbox_header,
     parse_mailbox,
@@ -147,6 +148,67 @@ def uri_header(name: str, uris: tuple[UriTemplate, ...], variables: Mapping[str,
         toks.append(f"<{uri}>,")
     toks[-1] = toks[-1][:-1]
     return fold_tokens(name, toks).encode("utf-8")
+
+
+# What a URI never holds raw (RFC 3986 2, RFC 6068 2): non-ASCII, space, control
+# characters, the "<" ">" that delimit it in the header. NUL is the placeholder mark.
+_URI_UNSAFE = re.compile(r"[^\x00!-;=?-~]+")
+
+
+def _pct_non_ascii(text: str) -> str:
+    return _URI_UNSAFE.sub(lambda m: quote(m.group(0), safe=""), text)
+
+
+def ascii_uri_literals(literals: tuple[str, ...]) -> tuple[str, ...]:
+    """A URI template's literal text (``literals``, placeholders between them)
+    in ASCII, as a header must carry it in a message that does not ask for
+    SMTPUTF8 (List-Unsubscribe): an internationalised host (``https://`` URL) or
+    mailto domain in A-labels, like every other domain of the message, and any
+    other non-ASCII character, a space (``?subject=Unsubscribe me``), a control
+    character, ``<`` or ``>`` percent-encoded in UTF-8 (RFC 3987 3.1, RFC 6068
+    2): such a URI failed every message at render ("bad URI", retried as a
+    local error). Values are percent-encoded where they are spliced. HeaderError when a
+    non-ASCII host or domain also holds a placeholder (it cannot be converted
+    label by label before the value is known: write it in A-labels)."""
+    if not any(_URI_UNSAFE.search(x) for x in literals):
+        return literals
+    if any("\0" in x for x in literals):
+        raise HeaderError("a URI holds a NUL")
+    joined = "\0".join(literals)  # NUL: where a value goes
+    scheme, colon, rest = joined.partition(":")
+    if not colon:
+        return tuple(_pct_non_ascii(joined).split("\0"))
+
+    def host(h: str) -> str:
+        if h.isascii():
+            if _URI_UNSAFE.search(h):
+                raise HeaderError(f"{h.replace(chr(0), '{{ }}')!r} is not a host name")
+            return h
+        if "\0" in h:
+            raise HeaderError(
+                f"{h.replace(chr(0), '{{ }}')!r}: a non-ASCII domain in a URI cannot hold a"
+                " placeholder; write it in A-labels (xn--...)"
+            )
+        return encode_domain(h)
+
+    if scheme.lower() == "mailto":
+        addr, q, query = rest.partition("?")
+        local, at, domain = addr.rpartition("@")
+        if at:
+            addr = _pct_non_ascii(local) + "@" + host(domain)
+        out = f"{scheme}:{_pct_non_ascii(addr)}{q}{_pct_non_ascii(query)}"
+    elif rest.startswith("//"):
+        m = re.match(r"//([^/?#]*)", rest)
+        assert m is not None
+        userinfo, at, hostport = m.group(1).rpartition("@")
+        name, colon2, port = hostport, "", ""
+        if not hostport.startswith("[") and ":" in hostport:
+            name, colon2, port = hostport.rpartition(":")
+        authority = _pct_non_ascii(userinfo) + at + host(name) + colon2 + port
+        out = f"{scheme}://{authority}{_pct_non_ascii(rest[m.end():])}"
+    else:
+        out = _pct_non_ascii(joined)
+    return tuple(out.split("\0"))
 
 
 def _value(variables: Mapping[str, str], name: str, default: str | None) -> str:
@@ -462,7 +524,9 @@ class _Header:
         self.lname = name.lower()
         self.kind = kind  # "text" | "mailbox" | "uris"
         self.templates = tuple(templates)
-        self.uris = tuple((t.literals, t._names, t._defaults) for t in self.templates)
+        self.uris = tuple(
+            (ascii_uri_literals(t.literals), t._names, t._defaults) for t in self.templates
+        ) if kind == "uris" else ()  # fmt: skip
         self.static: bytes | None = None
         if all(t.is_static for t in self.templates):
             self.static = self.encode({})
@@ -536,9 +600,15 @@ class Renderer:
         self.signers = tuple(signers)
         self.from_display, self.from_addr = parse_mailbox(spec["from"])
         _local, self.from_domain = split_address(self.from_addr)
-        self.verp_domain: str | None = spec.get("verp_domain")
+        # The envelope sender's domain in A-labels, as RCPT TO's and the headers'
+        # (MAIL FROM:<news@bücher.example> went out raw, with no SMTPUTF8).
+        verp_domain = spec.get("verp_domain")
+        self.verp_domain: str | None = (
+            encode_domain(verp_domain.strip().rstrip(".")).lower() if verp_domain else None
+        )
         self.verp_prefix: str = spec.get("verp_prefix", "b")
-        self.return_path: str = spec.get("return_path") or self.from_addr
+        rp_local, rp_domain = split_address(spec.get("return_path") or self.from_addr)
+        self.return_path: str = f"{rp_local}@{rp_domain}"
         self.tracker = tracking.Tracker.from_spec(spec.get("tracking"))
         headers = [
             _Header("From", "mailbox", [Template(spec["from"])]),
