@@ -310,11 +310,15 @@ class Acceptor:
         ingest: IngestMark | None = None,
         idem: IdemMark | None = None,
         committed: Callable[[list[int]], None] | None = None,
+        held: list[tuple[int, list[int], list[str], set[int], float]] | None = None,
     ) -> list[int]:
         """Spool ``rows`` durably (one transaction, with ``ingest``'s position, or
         recorded as a part of an Idempotency-Key's request: ``idem``); returns
         their ids in the order of ``rows``. ``committed`` (tests' fault points)
-        is called with the ids once they are durable, before their events."""
+        is called with the ids once they are durable, before their events.
+        ``held``: the events are not emitted but added there, (campaign, ids,
+        rcpts, suppressed indexes, time), for :meth:`emit_accepted` once the
+        rows are the tenant's (a campaign still staging may be abandoned)."""
         if not rows and ingest is None:
             return []
         now = time.time()
@@ -332,7 +336,10 @@ class Acceptor:
             self.spool.ref_blob(digest, [ids[i] for i in where])
         if committed is not None:
             committed(ids)
-        if ids:
+        if held is not None:
+            if ids:
+                held.append((campaign_id, ids, rcpts, gone, now))
+        elif ids:
             self.emit_accepted(campaign_id, ids, rcpts, gone, now)
         if self.wake is not None and len(gone) < len(ids):
             self.wake()

@@ -59,7 +59,9 @@ from fastsend.serve.api import (
     tenant_template,
 )
 from fastsend.serve.idempotency import (
+    HELD,
     TOKEN_OPTION,
+    Held,
     accept_rows,
     fault,
     idempotent,
@@ -293,10 +295,16 @@ async def create_campaign(request: web.Request) -> web.Response:
         )
         fault("after-campaign")
     try:
-        resp = await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
         info = spool.get_campaign(cid)
-        if info is not None and info.status == STAGING:  # complete: now it is the tenant's
+        # Its rows' events wait until it is the tenant's: a create that fails (and
+        # is never retried) tells nobody of mail it will never send.
+        held = Held() if info is not None and info.status == STAGING else None
+        if held is not None:
+            request[HELD] = held
+        resp = await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
+        if held is not None:  # complete: now it is the tenant's
             spool.set_campaign_status(cid, "paused" if body.paused else "active")
+            held.tell(api.ctx, api.index)
             if not body.paused and api.ctx.supervisor is not None:
                 api.ctx.supervisor.wake.set()
     except BaseException:
@@ -323,8 +331,9 @@ STAGING_MAX_AGE = 3600.0  # s: a staging campaign older, made without a key, was
 def sweep_staging(spool: Any, key_ttl: float, now: float | None = None) -> int:
     """Abandon staging campaigns whose request will not complete them: made without
     an Idempotency-Key by a process that is gone (this host) or over an hour ago
-    (another node's); made under a key, once the key expired (until then a retry
-    continues it). Returns how many."""
+    (another node's); made under a key, over an hour ago (a retry within the hour
+    continues it; a later one, the key still kept, creates the campaign anew: see
+    ``IdemRun.campaign``). Returns how many."""
     now = time.time() if now is None else now
     n = 0
     for info in spool.campaigns(None):
@@ -332,8 +341,8 @@ def sweep_staging(spool: Any, key_ttl: float, now: float | None = None) -> int:
             continue
         age = now - info.created
         tag = info.options.get(STAGING)
-        if TOKEN_OPTION in info.options:
-            dead = age > key_ttl
+        if TOKEN_OPTION in info.options:  # (a retry within the hour continues it;
+            dead = age > min(key_ttl, STAGING_MAX_AGE)  # a later one makes it anew)
         else:
             dead = age > STAGING_MAX_AGE or (isinstance(tag, dict) and holder_gone(tag))
         if dead:

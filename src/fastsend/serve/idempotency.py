@@ -74,7 +74,15 @@ from aiohttp import web
 from fastsend.serve.api import ApiError, Handler, api_of, bad, error_response, read_body, tenant_of
 from fastsend.serve.context import ServeContext
 from fastsend.serve.uploads import UPLOAD, Uploads
-from fastsend.spool import IDEM_RELEASED, IdemLost, IdemMark, IdemRecord, IngestJob, Spool
+from fastsend.spool import (
+    ABANDONED,
+    IDEM_RELEASED,
+    IdemLost,
+    IdemMark,
+    IdemRecord,
+    IngestJob,
+    Spool,
+)
 from fastsend.spool.base import holder_gone, holder_tag
 
 log = logging.getLogger("fastsend.serve")
@@ -150,6 +158,7 @@ class IdemRun:
         self.token = hashlib.sha256(f"{scope}\0{key}\0{created!r}".encode()).hexdigest()[:32]
         self.taken_over = False
         self.wrote = False  # created a campaign or list job: a failure keeps the key
+        self.void: set[int] = set()  # abandoned campaigns of earlier attempts
 
     def tags(self) -> dict[str, str]:
         """What a campaign (options) or list job (source) this request creates
@@ -157,31 +166,41 @@ class IdemRun:
         self.wrote = True
         return {TOKEN_OPTION: self.token}
 
-    def accept(self, ctx: ServeContext, campaign_id: int, rows: list[tuple[str, str, bytes]]
-               ) -> list[int]:  # fmt: skip
-        """:meth:`ServeContext.inject` as one part of the request."""
+    def accept(self, ctx: ServeContext, campaign_id: int, rows: list[tuple[str, str, bytes]],
+               held: Held | None = None) -> list[int]:  # fmt: skip
+        """:meth:`ServeContext.inject` as one part of the request (its events
+        kept in ``held`` while its campaign is staging)."""
         if not rows:
             return []
         n = self.next
         self.next += 1
-        if n < len(self.done):
-            _cid, ids = self.done[n]
+        live = self.live
+        if n < len(live):
+            _cid, ids = live[n]
             if len(ids) != len(rows):
                 raise ApiError(
                     409, f"{HEADER}: an earlier attempt of this request spooled its part {n}"
                     f" with {len(ids)} rows, this one has {len(rows)}; use a new key", HEADER,
                 )  # fmt: skip
             self.skipped += len(ids)
-            self._events_of(ctx, _cid, ids)
+            if held is not None:
+                held.earlier.append((_cid, ids))
+            else:
+                self._events_of(ctx, _cid, ids)
             return ids
-        mark = IdemMark(self.scope, self.key, self.holder, n)
+        # The record's parts, the void ones included, number the next.
+        part = len(self.done) + n - len(live)
+        mark = IdemMark(self.scope, self.key, self.holder, part)
         def hook(_ids: list[int]) -> None:
-            fault("after-commit", n)
+            fault("after-commit", part)
 
-        ids = ctx.acceptor.accept(campaign_id, rows, idem=mark, committed=hook if _FAULT else None)
+        ids = ctx.acceptor.accept(
+            campaign_id, rows, idem=mark, committed=hook if _FAULT else None,
+            held=held.rows if held is not None else None,
+        )  # fmt: skip
         if self.index is not None:
             self.index.flush()  # the part's events indexed now: what a retry checks
-        fault("after-part", n)
+        fault("after-part", part)
         return ids
 
     def _events_of(self, ctx: ServeContext, campaign_id: int, ids: list[int]) -> None:
@@ -193,6 +212,14 @@ class IdemRun:
             return
         ctx.acceptor.retell(campaign_id, ids, f"{HEADER}: an earlier attempt", self.index)
 
+    @property
+    def live(self) -> list[tuple[int, list[int]]]:
+        """The recorded parts a retry answers from: not those of a campaign that
+        was abandoned meanwhile (their rows were cancelled: spooled again)."""
+        if not self.void:
+            return self.done
+        return [p for p in self.done if p[0] not in self.void]
+
     def spooled(self, campaign_id: int) -> int:
         """Rows of ``campaign_id`` earlier attempts of this request spooled."""
         return sum(len(ids) for cid, ids in self.done if cid == campaign_id)
@@ -203,6 +230,9 @@ class IdemRun:
             return None
         for info in spool.campaigns(tenant):
             if info.options.get(TOKEN_OPTION) == self.token:
+                if info.status == ABANDONED:  # given up on (serve's sweep): made anew
+                    self.void.add(info.id)
+                    continue
                 self.resumed = True
                 return info.id
         return None
@@ -232,9 +262,37 @@ def accept_rows(request: web.Request, campaign_id: int, rows: list[tuple[str, st
     request's Idempotency-Key when it has one (see :class:`IdemRun`)."""
     ctx = api_of(request).ctx
     run = run_of(request)
+    held = request.get(HELD)
     if run is None:
+        if held is not None:
+            return ctx.acceptor.accept(campaign_id, rows, held=held.rows)
         return ctx.inject(campaign_id, rows)
-    return run.accept(ctx, campaign_id, rows)
+    return run.accept(ctx, campaign_id, rows, held)
+
+
+class Held:
+    """The "accepted" / "suppressed" events of a request's rows, held back while
+    their campaign is staging (it may yet be abandoned: its rows are then never
+    the tenant's, never sent) and emitted by :meth:`tell` once the campaign is
+    complete. Parts an earlier attempt spooled are told then too (never before:
+    they are staging rows as well)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, list[int], list[str], set[int], float]] = []
+        self.earlier: list[tuple[int, list[int]]] = []
+
+    def tell(self, ctx: ServeContext, index: Any) -> None:
+        acceptor = ctx.acceptor
+        for cid, ids in self.earlier:
+            acceptor.retell(cid, ids, f"{HEADER}: an earlier attempt", index)
+        for cid, ids, rcpts, gone, now in self.rows:
+            acceptor.emit_accepted(cid, ids, rcpts, gone, now)
+        self.rows, self.earlier = [], []
+        if index is not None:
+            index.flush()
+
+
+HELD: web.RequestKey[Held] = web.RequestKey("fastsend_held_events", Held)
 
 
 async def _keep(spool: Spool, scope: str, key: str, holder: bytes, lease: float) -> None:

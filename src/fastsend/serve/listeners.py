@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -92,6 +93,7 @@ import os
 import secrets
 import ssl
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -675,6 +677,40 @@ def find_original(
     return None
 
 
+def redacted_group(ctx: Any, rec: BounceRecord) -> tuple[int, int, str] | None:
+    """(first row, campaign, tenant) of the message shared by several recipients
+    that a report naming no recipient is about (its Message-ID is the group's,
+    verified), else None. RFC 6590 lets a feedback loop redact the recipient: the
+    complaint is still about the campaign, though it names no one to suppress."""
+    if rec.recipient or rec.verp_id:
+        return None
+    first = msgid.parse_group(_message_id_local(rec.original_message_id), ctx.secret)
+    if first is None:
+        return None
+    got = _owner(ctx, first)
+    return None if got is None else (first, got[0], got[2])
+
+
+_GROUPS_KEPT = 100_000  # groups remembered as complained about (a replay is not counted)
+
+
+def _group_told(ctx: Any, first: int) -> bool:
+    """Whether a redacted complaint about the group ``first`` was counted already;
+    remembers it if not. One per group: the reports cannot be told apart (the
+    recipient is gone), and anyone holding one could replay it to pause a campaign."""
+    seen = getattr(ctx, "group_complaints", None)
+    if seen is None:
+        seen = OrderedDict()
+        with contextlib.suppress(AttributeError):
+            ctx.group_complaints = seen
+    if first in seen:
+        return True
+    seen[first] = None
+    if len(seen) > _GROUPS_KEPT:
+        seen.popitem(last=False)
+    return False
+
+
 def process_report(
     ctx: Any, data: bytes, envelope_rcpts: list[str], verp_prefix: str = "b"
 ) -> list[dict[str, Any]]:
@@ -718,9 +754,15 @@ def apply_records(
         if rec.reason in ("delivered", "vacation"):
             continue
         found = find_original(ctx, rec, envelope_ids)
+        group = None
         if found is not None:
             mid, campaign, rcpt, tenant = found
             ev: dict[str, Any] = {"id": mid, "campaign": campaign, "rcpt": rcpt, "tenant": tenant}
+        elif rec.reason == "feedback" and (group := redacted_group(ctx, rec)) is not None:
+            # A redacted complaint about grouped mail: its campaign's (the guardrail,
+            # the rollups, the tenant's webhooks), no message's, no one suppressed.
+            ev = {"id": None, "campaign": group[1], "rcpt": "", "tenant": group[2],
+                  "group": group[0]}  # fmt: skip
         else:
             ev = {"id": None, "campaign": None, "rcpt": rec.recipient, "tenant": DEFAULT_TENANT}
         ev["time"] = now
@@ -728,7 +770,7 @@ def apply_records(
         # message, a tenant and a recipient we sent to; anything else is anyone's forgery
         # and changes no suppression list (it is still recorded as an event).
         suppress = found is not None
-        if found is None:
+        if found is None and group is None:
             ev["verified"] = False
         if rec.reason == "feedback":
             ftype = (rec.feedback_type or "abuse").lower()
@@ -760,6 +802,8 @@ def apply_records(
             if key in told or already_told(ctx, ev["id"], ev["event"]):
                 continue
             told.add(key)
+        elif group is not None and ev["event"] == "complained" and _group_told(ctx, group[0]):
+            continue
         entry = None
         if ev["rcpt"] and suppress:
             try:

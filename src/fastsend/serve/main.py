@@ -440,6 +440,9 @@ class Server:
         cfg.spool_url = ctx.config.spool_url
         cfg.spool_dir = ctx.config.spool_dir  # the spool cannot move under a running server
         ctx.config = cfg
+        from fastsend.serve.tracking import configure as tracking_configure
+
+        tracking_configure(cfg)  # links the respawned workers sign
         self.api.reconfigure(settings)
         for cap in self.caps:
             cap.configure(settings)

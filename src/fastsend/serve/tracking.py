@@ -101,13 +101,20 @@ class _Tracking:
         # Links of the HMAC format in mail sent before the upgrade expire
         # link_ttl_days after it: the upgrade's time is recorded once.
         self.legacy_since = float(ctx.spool.meta_once(LEGACY_SINCE, repr(time.time())))
-        self.body_timeout = ctx.config.api.body_timeout  # the unsubscribe form's
         self._hosts: tuple[Any, dict[str, str | None]] = (None, {})  # host -> its tenant
         self._links: OrderedDict[str, tuple[float, int]] = OrderedDict()  # token -> (start, n)
         self.held = 0  # opens and clicks answered but not recorded (LINK_EVENTS)
-        self.cap: int = ctx.config.tracking.link_events_per_hour
         self.shared = getattr(ctx, "shared", None)  # the nodes' count (a shared spool)
         self._shared_down = 0.0  # when counting in Redis last failed (monotonic)
+
+    # Read from the config in force at each request: a SIGHUP replaces ctx.config.
+    @property
+    def cap(self) -> int:
+        return int(self.ctx.config.tracking.link_events_per_hour)
+
+    @property
+    def body_timeout(self) -> float:  # the unsubscribe form's
+        return float(self.ctx.config.api.body_timeout)
 
     def _record(self, request: web.Request) -> bool:
         """Whether this open or click is recorded: ``cap`` ([tracking]
@@ -386,11 +393,18 @@ def _bad_request(why: str) -> web.HTTPBadRequest:
 def setup_tracking(app: web.Application, ctx: Any) -> None:
     """Add the /t/ (tracking) and /u/ (unsubscribe) routes to ``app``."""
     tr.set_process_secret(ctx.secret)
-    days = ctx.config.tracking.link_ttl_days
-    if days is not None:
-        tr.set_link_ttl(days * 86400.0)
+    configure(ctx.config)
     t = _Tracking(ctx)
     app.router.add_get("/t/o/" + _TOKEN + ".gif", t.open)  # GET and HEAD
     app.router.add_get("/t/c/" + _TOKEN, t.click)
     app.router.add_get("/u/" + _TOKEN, t.unsubscribe_page)
     app.router.add_post("/u/" + _TOKEN, t.unsubscribe)
+
+
+def configure(config: Any) -> None:
+    """What the config sets for links signed by this process and the workers it
+    forks from now on (``[tracking] link_ttl_days``): at start and on SIGHUP, before
+    the workers are started again. The per-request settings (link_events_per_hour)
+    are read from ``ctx.config`` at each request."""
+    days = config.tracking.link_ttl_days
+    tr.set_link_ttl(days * 86400.0 if days is not None else tr.LINK_TTL)
