@@ -8,7 +8,18 @@
   kept the value read at start;
 - a redacted complaint (RFC 6590: the reporter removed the recipient) about mail
   sent to several recipients in one transaction (its Message-ID names the group)
-  counted toward nothing: its campaign's complaint guardrail never saw it.
+  counted toward nothing: its campaign's complaint guardrail never saw it;
+- each new inline template of ``POST /v1/messages`` searched every campaign of
+  the tenant (decoding each) on the event loop: a batch of 1,000 new templates held
+  every tenant's requests for 8 s, then 18, 40, 60 s as the campaigns grew; serve's
+  staging sweep read every campaign of every tenant every 5 minutes;
+- a SIGHUP left the intake as it started (its VERP domain, feedback-loop address,
+  size and limits), though the API took the new ``[intake] verp_domain`` for
+  campaigns at once (their bounces were refused, 550: nobody suppressed), and left
+  submission's message size limit as it started;
+- a campaign's name, the tenant's text printed as it is by the operator's
+  ``fastsend campaign list``, took control characters: escape sequences reached the
+  operator's terminal and a line feed forged a line of the listing.
 """
 
 from __future__ import annotations
@@ -16,7 +27,9 @@ from __future__ import annotations
 import re
 import signal
 import smtplib
+import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -53,18 +66,38 @@ def _sweep(s: Served, ahead: float) -> int:
 
     spool = open_spool(str(s.tmp / "spool"))
     try:
-        return sweep_staging(spool, 86400.0, time.time() + ahead)
+        return sweep_staging(spool, 86400.0, time.time() + ahead)[0]
     finally:
         spool.close()
 
 
-@pytest.fixture
-def failing_after_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Served:
+@pytest.fixture(scope="module")
+def failing_after_part(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """A serve (no workers) whose keyed requests fail once their first part is spooled."""
-    monkeypatch.setenv("FASTSEND_TEST_FAULT", "idem-fail-after-part:0")
-    s = Served(tmp_path, "127.0.0.1:9", serve_args=("--no-workers",))
-    monkeypatch.delenv("FASTSEND_TEST_FAULT")
-    return s
+    with pytest.MonkeyPatch.context() as mp:  # (the server's environment only)
+        mp.setenv("FASTSEND_TEST_FAULT", "idem-fail-after-part:0")
+        s = Served(tmp_path_factory.mktemp("audit16k"), "127.0.0.1:9",
+                   serve_args=("--no-workers",))  # fmt: skip
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _staging(s: Served, tenant: str) -> object:
+    """The tenant's one campaign that is not yet its (staging or abandoned)."""
+    from fastsend.spool import open_spool
+
+    spool = open_spool(str(s.tmp / "spool"), readonly=True)
+    try:
+        (info,) = [c for c in spool.campaigns(tenant) if c.status in ("staging", "abandoned")]
+        return info
+    finally:
+        spool.close()
+
+
+BODY = {"template": TPL, "recipients": [{"email": f"r{i}@example.org", "name": "R"}
+                                        for i in range(3)]}  # fmt: skip
 
 
 def test_a_keyed_create_that_failed_tells_nothing_until_its_retry_completes_it(
@@ -74,22 +107,17 @@ def test_a_keyed_create_that_failed_tells_nothing_until_its_retry_completes_it(
     "accepted" event for its rows (it told 3, for a campaign nobody saw); the retry
     completes it and each row is told once."""
     s = failing_after_part
-    body = {"template": TPL, "recipients": [{"email": f"r{i}@example.org", "name": "R"}
-                                            for i in range(3)]}  # fmt: skip
     key = {"Idempotency-Key": "k-events"}
-    try:
-        st, got = s.req("POST", "/v1/campaigns", body, headers=key)
-        assert st == 500, got
-        assert _campaign(s, 1).status == "staging"  # type: ignore[attr-defined]
-        assert _events(s, "accepted") == []
-        st, got = s.req("POST", "/v1/campaigns", body, headers=key)
-        assert st == 201 and got["accepted"] == 3, got
-        told = sorted(e["rcpt"] for e in _events(s, "accepted"))
-        assert told == [f"r{i}@example.org" for i in range(3)], told
-        st, view = s.req("GET", f"/v1/campaigns/{got['id']}")
-        assert st == 200 and view["total"] == 3 and view["status"] == "active", view
-    finally:
-        s.stop()
+    st, got = s.req("POST", "/v1/campaigns", BODY, headers=key)
+    assert st == 500, got
+    assert _staging(s, "evil").status == "staging"  # type: ignore[attr-defined]
+    assert [e for e in _events(s, "accepted") if e["tenant"] == "evil"] == []
+    st, got = s.req("POST", "/v1/campaigns", BODY, headers=key)
+    assert st == 201 and got["accepted"] == 3, got
+    told = sorted(e["rcpt"] for e in _events(s, "accepted") if e["tenant"] == "evil")
+    assert told == [f"r{i}@example.org" for i in range(3)], told
+    st, view = s.req("GET", f"/v1/campaigns/{got['id']}")
+    assert st == 200 and view["total"] == 3 and view["status"] == "active", view
 
 
 def test_a_keyed_create_never_retried_is_abandoned_within_the_hour_and_a_late_retry_is_whole(
@@ -100,28 +128,23 @@ def test_a_keyed_create_never_retried_is_abandoned_within_the_hour_and_a_late_re
     that (same key, within its 24 h) makes the campaign whole again rather than
     answering from the abandoned rows."""
     s = failing_after_part
-    body = {"template": TPL, "recipients": [{"email": f"r{i}@example.org", "name": "R"}
-                                            for i in range(3)]}  # fmt: skip
     key = {"Idempotency-Key": "k-late"}
-    try:
-        st, got = s.req("POST", "/v1/campaigns", body, headers=key)
-        assert st == 500, got
-        assert _sweep(s, 60) == 0  # a retry soon continues it
-        assert _sweep(s, 3601) == 1
-        assert _campaign(s, 1).status == "abandoned"  # type: ignore[attr-defined]
-        st, got = s.req("POST", "/v1/campaigns", body, headers=key)
-        assert st == 201 and got["accepted"] == 3 and got["id"] != 1, got
-        st, view = s.req("GET", f"/v1/campaigns/{got['id']}")
-        assert st == 200 and view["total"] == 3 and view["counts"]["queued"] == 3, view
-        st, listed = s.req("GET", "/v1/campaigns")
-        assert [c["id"] for c in listed["campaigns"]] == [got["id"]], listed
-        assert _events(s, "accepted") and {e["campaign"] for e in _events(s, "accepted")} == {
-            got["id"]
-        }
-        st, again = s.req("POST", "/v1/campaigns", body, headers=key)  # replayed
-        assert st == 201 and again["id"] == got["id"], again
-    finally:
-        s.stop()
+    st, got = s.req("POST", "/v1/campaigns", BODY, headers=key, tenant="acme")
+    assert st == 500, got
+    assert _sweep(s, 60) == 0  # a retry soon continues it
+    assert _sweep(s, 3601) == 1
+    old = _staging(s, "acme")
+    assert old.status == "abandoned"  # type: ignore[attr-defined]
+    st, got = s.req("POST", "/v1/campaigns", BODY, headers=key, tenant="acme")
+    assert st == 201 and got["accepted"] == 3 and got["id"] != old.id, got  # type: ignore[attr-defined]
+    st, view = s.req("GET", f"/v1/campaigns/{got['id']}", tenant="acme")
+    assert st == 200 and view["total"] == 3 and view["counts"]["queued"] == 3, view
+    st, listed = s.req("GET", "/v1/campaigns", tenant="acme")
+    assert [c["id"] for c in listed["campaigns"]] == [got["id"]], listed
+    told = [e for e in _events(s, "accepted") if e["tenant"] == "acme"]
+    assert len(told) == 3 and {e["campaign"] for e in told} == {got["id"]}, told
+    st, again = s.req("POST", "/v1/campaigns", BODY, headers=key, tenant="acme")  # replayed
+    assert st == 201 and again["id"] == got["id"], again
 
 
 def _hup(s: Served, want: str = "configuration reloaded", timeout: float = 20.0) -> None:
@@ -285,3 +308,154 @@ def test_a_redacted_complaint_about_grouped_mail_counts_to_its_campaign(tmp_path
             assert st == 200 and supp["suppressions"] == [], supp
         finally:
             s.stop()
+
+
+class _Counting:
+    """Counts the campaigns a spool's ``campaigns()`` reads (the real spool's answer)."""
+
+    def __init__(self, spool: object) -> None:
+        self.inner = spool.campaigns  # type: ignore[attr-defined]
+        self.calls = self.rows = 0
+
+    def __call__(self, *args: object, **kw: object) -> list:
+        got = self.inner(*args, **kw)
+        self.calls += 1
+        self.rows += len(got)
+        return got
+
+
+def test_new_inline_templates_do_not_search_every_campaign(tmp_path: Path) -> None:
+    """Three batches of 100 messages, each with an inline template of its own (an
+    order number written into the text): the tenant's campaigns are read once, not
+    once per new template (300 searches of up to 300 campaigns); a template used
+    again, after a restart too, goes to the campaign it had."""
+    import asyncio
+
+    from tests.test_serve_api import serving
+
+    def batch(n: int) -> dict:
+        return {"messages": [{"template": {"from": "a@example.com", "subject": "Order",
+                                           "text": f"Your order {n}-{i}"},
+                              "to": [f"r{i}@example.org"]} for i in range(100)]}  # fmt: skip
+
+    async def main() -> None:
+        async with serving(str(tmp_path / "spool")) as c:
+            count = _Counting(c.ctx.spool)
+            c.ctx.spool.campaigns = count  # type: ignore[method-assign]
+            for n in range(3):
+                st, got = await c.req("POST", "/v1/messages", batch(n))
+                assert st == 202 and got["accepted"] == 100, got
+            first = got["messages"][0]["ids"][0]
+            assert count.calls <= 1, (count.calls, count.rows)
+            cid = c.ctx.spool.owner(first)[0]
+        async with serving(str(tmp_path / "spool")) as c:
+            st, again = await c.req("POST", "/v1/messages", batch(2))
+            assert st == 202, again
+            assert c.ctx.spool.owner(again["messages"][0]["ids"][0])[0] == cid
+            assert len({c.ctx.spool.owner(m["ids"][0])[0] for m in again["messages"]}) == 100
+
+    asyncio.run(main())
+
+
+def test_the_staging_sweep_reads_settled_campaigns_once(tmp_path: Path) -> None:
+    """serve's 5-minute staging sweep: campaigns long past staging are read once,
+    not at every sweep (it read every campaign of every tenant each time); a
+    staging campaign made later is still found and abandoned."""
+    from fastsend.accept import check_campaign
+    from fastsend.message import Campaign
+    from fastsend.serve.api_campaigns import sweep_staging
+    from fastsend.spool import open_spool
+
+    spool = open_spool(str(tmp_path / "spool"))
+    try:
+        spec = check_campaign(Campaign.from_dict(TPL))
+        for _ in range(50):
+            spool.create_campaign(spec, name="old", tenant="evil")
+        later = time.time() + 2 * 3600
+        count = _Counting(spool)
+        spool.campaigns = count  # type: ignore[method-assign]
+        n, after = sweep_staging(spool, 86400.0, later)
+        assert n == 0 and count.rows == 50
+        staged = spool.create_campaign(spec, name="staged", tenant="evil", status="staging",
+                                       options={"staging": {"host": "elsewhere", "pid": 1}})  # fmt: skip
+        n, after = sweep_staging(spool, 86400.0, later + 3601, after)
+        assert n == 1 and count.rows == 51, count.rows  # read: the new one only
+        assert spool.get_campaign(staged).status == "abandoned"  # type: ignore[union-attr]
+    finally:
+        spool.close()
+
+
+def test_a_sighup_reaches_the_intake_and_the_submission_size(
+    tmp_path: Path, certs: tuple[str, str, ssl.SSLContext]
+) -> None:
+    """[intake] verp_domain b1.example -> b2.example and [submission] max_size 100000
+    -> 5000 by a SIGHUP: the intake takes bounces at b2.example (550 before: the API
+    already let campaigns use it) and submission advertises and holds SIZE 5000."""
+    sub, intake = free_port(), free_port()
+
+    def extra(verp: str, size: int) -> str:
+        return (f'[submission]\nlisten = "127.0.0.1:{sub}"\ntls_cert = "{certs[0]}"\n'
+                f'tls_key = "{certs[1]}"\nmax_size = {size}\n'
+                f'[intake]\nlisten = "127.0.0.1:{intake}"\nverp_domain = "{verp}"\n'
+                f'fbl_address = "fbl@{verp}"\n')  # fmt: skip
+
+    def intake_takes(rcpt: str) -> int:
+        with smtplib.SMTP("127.0.0.1", intake, timeout=10) as c:
+            c.ehlo("mx.example.org")
+            c.mail("")
+            return c.rcpt(rcpt)[0]
+
+    def submission_size() -> tuple[int, int]:
+        with smtplib.SMTP("127.0.0.1", sub, timeout=10) as c:
+            c.starttls(context=certs[2])
+            c.ehlo("app.example")
+            c.login("evil", s.keys["evil"])
+            size = int(c.esmtp_features["size"])
+            msg = b"From: <a@evil.example>\r\nTo: <r@example.org>\r\nSubject: big\r\n\r\n"
+            try:
+                c.sendmail("a@evil.example", ["r@example.org"], msg + b"x" * 20_000 + b"\r\n")
+                code = 250
+            except smtplib.SMTPException as e:
+                code = getattr(e, "smtp_code", 0) or 554
+            return size, code
+
+    s = Served(tmp_path, "127.0.0.1:9", extra("b1.example", 100_000),
+               serve_args=("--no-workers",))  # fmt: skip
+    try:
+        assert intake_takes("b-1@b2.example") == 550
+        assert submission_size() == (100_000, 250)
+        s.extra = extra("b2.example", 5000)
+        s.write_config()
+        _hup(s)
+        assert intake_takes("b-1@b2.example") == 250
+        assert intake_takes("fbl@b2.example") == 250
+        assert submission_size()[0] == 5000
+        assert submission_size()[1] == 552
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("name", ["x\x1b]0;owned\x07", "x\x1b[2J", "x\n     9  active     forged",
+                                  "x\r", "x\x9b31m", "x\x7f", "x\u2028y", "txt.\u202eexe", "n" * 257])
+def test_a_campaign_name_with_control_characters_is_a_400_and_never_reaches_the_operator(
+    name: str, tmp_path: Path,
+) -> None:
+    """POST /v1/campaigns named with a terminal escape, CR, LF, a C1 control or DEL, or
+    over 256 characters: a 400 naming ``name``, no campaign (it was made, and
+    ``fastsend campaign list`` printed its name raw to the operator's terminal)."""
+    import asyncio
+
+    from tests.test_serve_api import serving
+
+    async def main() -> None:
+        async with serving(str(tmp_path / "spool")) as c:
+            st, got = await c.req("POST", "/v1/campaigns", {"name": name, "template": {
+                "from": "a@example.com", "subject": "s", "text": "t"}})  # fmt: skip
+            assert st == 400 and got["error"]["field"] == "name", got
+            st, listed = await c.req("GET", "/v1/campaigns")
+            assert listed["campaigns"] == [], listed
+            st, ok = await c.req("POST", "/v1/campaigns", {"name": "Spring sale – ünïcode", "template": {
+                "from": "a@example.com", "subject": "s", "text": "t"}})  # fmt: skip
+            assert st == 201, ok
+
+    asyncio.run(main())

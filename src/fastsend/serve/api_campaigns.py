@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any
 
@@ -249,11 +250,29 @@ def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
     return rows
 
 
+MAX_NAME = 256
+# C0 controls, DEL and C1 controls (ESC and CSI start terminal escape sequences),
+# the line and paragraph separators and the bidirectional overrides and isolates
+# (they reorder what is shown after them: a name could pass for another).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _check_name(name: str) -> None:
+    """A campaign's name is the tenant's text the operator reads (``fastsend campaign
+    list``, the dashboard, logs): no control character (an escape sequence would act
+    on the operator's terminal, a line feed forge a line), at most MAX_NAME."""
+    if len(name) > MAX_NAME:
+        raise bad(f"name: at most {MAX_NAME} characters", "name")
+    if _CONTROL.search(name):
+        raise bad("name: control characters (CR, LF, ESC, ...) are not allowed", "name")
+
+
 async def create_campaign(request: web.Request) -> web.Response:
     api = api_of(request)
     raw = await read_body(request)
     _count_first(raw, api.settings.max_campaign_recipients)
     body = await _off_loop(len(raw), decode_body, raw, CampaignIn)
+    _check_name(body.name)
     try:
         check_inline(body.template)  # before anything could be read: no server files
         camp = Campaign.from_dict(tenant_template(request, body.template))
@@ -294,6 +313,7 @@ async def create_campaign(request: web.Request) -> web.Response:
             spec, name=body.name, tenant=tenant, options=options, status=STAGING
         )
         fault("after-campaign")
+    WORKING.add(cid)  # (this node's sweep leaves it staging while the request runs)
     try:
         info = spool.get_campaign(cid)
         # Its rows' events wait until it is the tenant's: a create that fails (and
@@ -302,16 +322,29 @@ async def create_campaign(request: web.Request) -> web.Response:
         if held is not None:
             request[HELD] = held
         resp = await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
-        if held is not None:  # complete: now it is the tenant's
+        info = spool.get_campaign(cid)
+        if info is not None and info.status == ABANDONED and held is not None:
+            # Given up on while this request ran (another node's sweep: a retry
+            # continuing it over an hour after it began): never half sent.
+            _abandon(api, cid)  # (rows spooled since: cancelled too)
+            raise ApiError(409, f"campaign {cid} was abandoned while this request ran"
+                           " (its creation began over an hour ago); send it again")  # fmt: skip
+        if info is not None and info.status == STAGING:  # complete: now the tenant's
             spool.set_campaign_status(cid, "paused" if body.paused else "active")
-            held.tell(api.ctx, api.index)
+            if held is not None:
+                held.tell(api.ctx, api.index)
             if not body.paused and api.ctx.supervisor is not None:
                 api.ctx.supervisor.wake.set()
     except BaseException:
         if run is None:  # (under a key the campaign waits for the retry to continue it)
             _abandon(api, cid)
         raise
+    finally:
+        WORKING.discard(cid)
     return resp
+
+
+WORKING: set[int] = set()  # staging campaigns a request of this process is completing
 
 
 def _abandon(api: Any, cid: int) -> None:
@@ -325,30 +358,44 @@ def _abandon(api: Any, cid: int) -> None:
                     " later", cid, e)  # fmt: skip
 
 
-STAGING_MAX_AGE = 3600.0  # s: a staging campaign older, made without a key, was abandoned
+STAGING_MAX_AGE = 3600.0  # s: a staging campaign older than this is abandoned
+CLOCK_SLACK = 600.0  # s: nodes' clocks (a campaign's "created") may differ this much
 
 
-def sweep_staging(spool: Any, key_ttl: float, now: float | None = None) -> int:
+def sweep_staging(spool: Any, key_ttl: float, now: float | None = None, after: int = 0
+                  ) -> tuple[int, int]:  # fmt: skip
     """Abandon staging campaigns whose request will not complete them: made without
     an Idempotency-Key by a process that is gone (this host) or over an hour ago
     (another node's); made under a key, over an hour ago (a retry within the hour
     continues it; a later one, the key still kept, creates the campaign anew: see
-    ``IdemRun.campaign``). Returns how many."""
+    ``IdemRun.campaign``). Reads the campaigns after id ``after``. Returns how many
+    it abandoned and the ``after`` of the next sweep: the campaigns up to the first
+    that is still staging or young enough to be (every staging campaign is
+    abandoned within STAGING_MAX_AGE) are not read again (it read every campaign
+    of every tenant each time: a second of the loop per ~70,000)."""
     now = time.time() if now is None else now
     n = 0
-    for info in spool.campaigns(None):
-        if info.status != STAGING:
-            continue
+    settled = True  # every campaign read so far is final here
+    for info in spool.campaigns(None, after=after):
         age = now - info.created
-        tag = info.options.get(STAGING)
-        if TOKEN_OPTION in info.options:  # (a retry within the hour continues it;
-            dead = age > min(key_ttl, STAGING_MAX_AGE)  # a later one makes it anew)
-        else:
-            dead = age > STAGING_MAX_AGE or (isinstance(tag, dict) and holder_gone(tag))
-        if dead:
-            spool.set_campaign_status(info.id, ABANDONED)
-            n += 1
-    return n
+        if info.status == STAGING and info.id in WORKING:
+            settled = False  # a request of this process is completing it
+        elif info.status == STAGING:
+            tag = info.options.get(STAGING)
+            if TOKEN_OPTION in info.options:  # (a retry within the hour continues it;
+                dead = age > min(key_ttl, STAGING_MAX_AGE)  # a later one makes it anew)
+            else:
+                dead = age > STAGING_MAX_AGE or (isinstance(tag, dict) and holder_gone(tag))
+            if dead:
+                spool.set_campaign_status(info.id, ABANDONED)
+                n += 1
+            else:
+                settled = False
+        elif age <= STAGING_MAX_AGE + CLOCK_SLACK:
+            settled = False  # (another node's, still being written, may come before it)
+        if settled:
+            after = info.id
+    return n, after
 
 
 HIDDEN = frozenset({STAGING, ABANDONED})  # not (or never) the tenant's campaigns

@@ -21,9 +21,11 @@ per tenant), their variables being the vars.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import msgspec
@@ -129,11 +131,47 @@ class Prepared:
         self.meta: tuple[list[str], dict[str, Any]] | None = None
 
 
+TEMPLATES_KEPT = 100_000  # (tenant, template) -> campaign entries kept (least recent go)
+INDEX_PAGE = 1000  # campaigns read at a time when a tenant's templates are first looked up
+
+
 class MessagesHandler:
     def __init__(self) -> None:
-        # (tenant, sha256 of the template) -> campaign id
-        self.template_campaigns: dict[tuple[str, str], int] = {}
+        # (tenant, sha256 of the template) -> campaign id, the most recently used last
+        self.template_campaigns: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # Tenants whose template campaigns in the spool were read into it (once per
+        # tenant and process; a template first used after that gets its campaign
+        # made, not searched for: a search per new template read every campaign of
+        # the tenant, and a batch of 1,000 new ones held the loop for seconds).
+        self.indexed: set[str] = set()
+        self.index_locks: dict[str, asyncio.Lock] = {}
         self.in_headers: dict[int, frozenset[str]] = {}  # campaign id -> header variables
+        self.made = 0  # template campaigns made by this process
+
+    async def index_templates(self, spool: Any, tenant: str) -> None:
+        """Read the tenant's template campaigns (once per process), a page at a time
+        with the loop free between pages."""
+        if tenant in self.indexed:
+            return
+        lock = self.index_locks.setdefault(tenant, asyncio.Lock())
+        async with lock:
+            if tenant in self.indexed:
+                return
+            after = 0
+            while True:
+                page = spool.campaigns(tenant, after=after, limit=INDEX_PAGE)
+                for info in page:
+                    digest = info.options.get(TEMPLATE_OPTION)
+                    if isinstance(digest, str):  # the first campaign made for it
+                        self.template_campaigns.setdefault((tenant, digest), info.id)
+                if len(page) < INDEX_PAGE:
+                    break
+                after = page[-1].id
+                await asyncio.sleep(0)
+            while len(self.template_campaigns) > TEMPLATES_KEPT:
+                self.template_campaigns.popitem(last=False)
+            self.indexed.add(tenant)
+        self.index_locks.pop(tenant, None)
 
     def header_names(self, cid: int, camp: Campaign) -> frozenset[str]:
         """The variables campaign ``cid`` puts into headers (kept per campaign)."""
@@ -170,18 +208,20 @@ class MessagesHandler:
         check_link_host(request, spec, where)
         server_dkim(request, spec, camp.from_domain)
         digest = hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        cid = self.template_campaigns.get((tenant, digest))
+        known = self.template_campaigns
+        cid = known.get((tenant, digest))
         if cid is None:
-            for info in api.ctx.spool.campaigns(tenant):
-                if info.options.get(TEMPLATE_OPTION) == digest:
-                    cid = info.id
-                    break
-            else:
-                cid = api.ctx.acceptor.create_campaign(
-                    spec, name=f"api-template:{digest[:12]}", tenant=tenant,
-                    options={TEMPLATE_OPTION: digest},
-                )  # fmt: skip
-            self.template_campaigns[(tenant, digest)] = cid
+            # (post() read the tenant's campaigns first: index_templates)
+            cid = api.ctx.acceptor.create_campaign(
+                spec, name=f"api-template:{digest[:12]}", tenant=tenant,
+                options={TEMPLATE_OPTION: digest},
+            )  # fmt: skip
+            known[(tenant, digest)] = cid
+            self.made += 1
+            if len(known) > TEMPLATES_KEPT:
+                known.popitem(last=False)
+        else:
+            known.move_to_end((tenant, digest))
         return cid, camp
 
     def prepare(self, request: web.Request, m: MessageIn, where: str, budget: int) -> Prepared:
@@ -319,7 +359,11 @@ class MessagesHandler:
         limit = api.settings.max_batch
         if len(messages) > limit:
             raise ApiError(413, f"messages: {len(messages)} messages, [api] max_batch is {limit}")
+        inline = any(isinstance(m.template, dict) for m in messages)
+        if inline:
+            await self.index_templates(api.ctx.spool, tenant_of(request))
         budget = limit
+        made = self.made
         prepared: list[Prepared] = []
         spooled, cap = 0, api.settings.max_spooled_bytes
         for i, m in enumerate(messages):
@@ -334,6 +378,9 @@ class MessagesHandler:
                     f"{w}.to",
                 )  # fmt: skip
             prepared.append(p)
+            if inline and self.made != made:  # a new template's campaign was written:
+                made = self.made  # other requests get the loop in between
+                await asyncio.sleep(0)
         # Spool: one transaction per campaign (usually one for the whole request).
         by_campaign: dict[int, list[Prepared]] = {}
         for p in prepared:
@@ -353,6 +400,8 @@ class MessagesHandler:
                 k += len(p.rows)
             if metrics is not None:
                 metrics.accepted(len(rows))
+            if len(by_campaign) > 1:  # one transaction each: others' requests between
+                await asyncio.sleep(0)
         meta = [(mid, p.meta[0], p.meta[1]) for p in prepared if p.meta for mid in p.ids]
         if meta:
             api.index.add_meta(meta)

@@ -86,6 +86,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -394,15 +395,16 @@ class IntakeConfig:
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
-    def of(cls, t: IntakeSettings) -> IntakeConfig | None:
-        """From ``[intake]`` (checked when the config loaded); None without listen."""
+    def of(cls, t: IntakeSettings, *, tls: bool = True) -> IntakeConfig | None:
+        """From ``[intake]`` (checked when the config loaded); None without listen.
+        ``tls=False``: as SubmissionConfig.of."""
         if not t.listen:
             return None
         return cls(
             listen_pairs(t.listen),
             t.verp_domain,
             t.fbl_address,
-            _ssl_context(t.tls_cert, t.tls_key, "intake"),
+            _ssl_context(t.tls_cert, t.tls_key, "intake") if tls else None,
             t.hostname,
             t.max_size,
             t.verp_prefix,
@@ -432,6 +434,15 @@ class _Policy:
         )
         self.limits = cfg.limits
         self.guard = Guard(cfg.limits)
+
+    def take(self, cfg: SubmissionConfig | IntakeConfig) -> None:
+        """SIGHUP: the new limits, size and host name, for connections from now on
+        (each takes the server config when it opens; ``max_size`` was kept as at
+        start, though SIZE is what a SIGHUP's operator changes first)."""
+        self.limits = self.guard.limits = cfg.limits
+        self.server_config = dataclasses.replace(
+            self.server_config, hostname=cfg.hostname, max_message_size=cfg.max_size
+        )
 
     async def message_async(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
         return self.message(conn, ev)
@@ -503,7 +514,8 @@ class _Submission(_Policy):
         """SIGHUP: new [submission.users] (and sizes); listen and TLS stay as started."""
         cfg.listen, cfg.ssl = self.cfg.listen, self.cfg.ssl
         self.cfg = cfg
-        self.limits = self.guard.limits = self.throttle.limits = cfg.limits
+        self.take(cfg)
+        self.throttle.limits = cfg.limits
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
         try:
@@ -567,6 +579,15 @@ class _Intake(_Policy):
         )
         self.cfg = cfg
         self.pool = ParsePool(cfg.parse_max_bytes, cfg.parse_cpu_seconds)
+
+    def reload(self, cfg: IntakeConfig) -> None:
+        """SIGHUP: the new VERP domain and prefix, feedback-loop address, sizes and
+        limits (listen, TLS and the parse process stay as started). The API takes
+        ``[intake] verp_domain`` for campaigns at once: an intake still refusing it
+        would refuse every bounce of their mail (550), and no one would be suppressed."""
+        cfg.listen, cfg.ssl = self.cfg.listen, self.cfg.ssl
+        self.cfg = cfg
+        self.take(cfg)
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
         a = address.lower()
@@ -1050,10 +1071,14 @@ class Listeners(list[asyncio.AbstractServer]):
             self.intake.pool.close()
 
     def reload(self, config: Config) -> None:
-        """Take the new [submission] users and limits (the config loaded and checked)."""
+        """Take the new [submission] users and limits and the [intake] addresses and
+        limits (the config loaded and checked)."""
         sub = SubmissionConfig.of(config.submission, tls=False)
         if self.submission is not None and sub is not None:
             self.submission.reload(sub)
+        intake = IntakeConfig.of(config.intake, tls=False)
+        if self.intake is not None and intake is not None:
+            self.intake.reload(intake)
 
 
 async def start_listeners(ctx: Any) -> Listeners:

@@ -152,6 +152,7 @@ class Server:
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
         self.allow_volatile = False
         self.idem_swept = 0.0
+        self.staging_after = 0  # campaigns up to this id are past staging (sweep_staging)
         self.tick_outage = False  # the periodic flush found the spool out of reach
         self.tick_failed = 0.0  # monotonic time it last did
         self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
@@ -386,7 +387,9 @@ class Server:
             # were in (fastsend.serve.api_campaigns: "staging"): never sent, abandoned.
             from fastsend.serve.api_campaigns import sweep_staging
 
-            sweep_staging(self.ctx.spool, self.api.settings.idempotency_ttl_s, now)
+            _n, self.staging_after = sweep_staging(
+                self.ctx.spool, self.api.settings.idempotency_ttl_s, now, self.staging_after
+            )
         if self.ctx.shared is not None:
             self.ctx.shared.tick()  # renew this node's hold on its source IPs
         mono = time.monotonic()
