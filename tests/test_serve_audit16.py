@@ -77,6 +77,7 @@ def failing_after_part(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     with pytest.MonkeyPatch.context() as mp:  # (the server's environment only)
         mp.setenv("FASTSEND_TEST_FAULT", "idem-fail-after-part:0")
         s = Served(tmp_path_factory.mktemp("audit16k"), "127.0.0.1:9",
+                   '[dashboard]\nadmin_tenants = ["acme"]\n',
                    serve_args=("--no-workers",))  # fmt: skip
     try:
         yield s
@@ -104,18 +105,28 @@ def test_a_keyed_create_that_failed_tells_nothing_until_its_retry_completes_it(
     failing_after_part: Served,
 ) -> None:
     """A keyed POST /v1/campaigns failing after its first part (a 500): no
-    "accepted" event for its rows (it told 3, for a campaign nobody saw); the retry
-    completes it and each row is told once."""
+    "accepted" event for its rows (it told 3, for a campaign nobody saw) and none
+    counted in fastsend_api_accepted_total; the retry completes it and each row is
+    told and counted once."""
     s = failing_after_part
+
+    def counted() -> int:
+        st, text = s.req("GET", "/metrics", tenant="acme")
+        assert st == 200, text
+        return int(re.search(r"^fastsend_api_accepted_total (\d+)", text, re.M)[1])  # type: ignore[index]
+
+    before = counted()
     key = {"Idempotency-Key": "k-events"}
     st, got = s.req("POST", "/v1/campaigns", BODY, headers=key)
     assert st == 500, got
     assert _staging(s, "evil").status == "staging"  # type: ignore[attr-defined]
     assert [e for e in _events(s, "accepted") if e["tenant"] == "evil"] == []
+    assert counted() == before
     st, got = s.req("POST", "/v1/campaigns", BODY, headers=key)
     assert st == 201 and got["accepted"] == 3, got
     told = sorted(e["rcpt"] for e in _events(s, "accepted") if e["tenant"] == "evil")
     assert told == [f"r{i}@example.org" for i in range(3)], told
+    assert counted() == before + 3
     st, view = s.req("GET", f"/v1/campaigns/{got['id']}")
     assert st == 200 and view["total"] == 3 and view["status"] == "active", view
 

@@ -715,10 +715,11 @@ def redacted_group(ctx: Any, rec: BounceRecord) -> tuple[int, int, str] | None:
 _GROUPS_KEPT = 100_000  # groups remembered as complained about (a replay is not counted)
 
 
-def _group_told(ctx: Any, first: int) -> bool:
-    """Whether a redacted complaint about the group ``first`` was counted already;
-    remembers it if not. One per group: the reports cannot be told apart (the
-    recipient is gone), and anyone holding one could replay it to pause a campaign."""
+def _group_told(ctx: Any, first: tuple[int, str]) -> bool:
+    """Whether a redacted report (group's first row, event) was counted already;
+    remembers it if not. One per group and event: the reports cannot be told apart
+    (the recipient is gone), and anyone holding one could replay it to pause a
+    campaign (a complaint) or swell its figures."""
     seen = getattr(ctx, "group_complaints", None)
     if seen is None:
         seen = OrderedDict()
@@ -823,7 +824,7 @@ def apply_records(
             if key in told or already_told(ctx, ev["id"], ev["event"]):
                 continue
             told.add(key)
-        elif group is not None and ev["event"] == "complained" and _group_told(ctx, group[0]):
+        elif group is not None and _group_told(ctx, (group[0], ev["event"])):
             continue
         entry = None
         if ev["rcpt"] and suppress:
