@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import signal
 import smtplib
+import sqlite3
 import ssl
 import time
 from collections.abc import Iterator
@@ -119,8 +120,15 @@ def test_a_keyed_create_that_failed_tells_nothing_until_its_retry_completes_it(
     key = {"Idempotency-Key": "k-events"}
     st, got = s.req("POST", "/v1/campaigns", BODY, headers=key)
     assert st == 500, got
-    assert _staging(s, "evil").status == "staging"  # type: ignore[attr-defined]
+    staging = _staging(s, "evil")
+    assert staging.status == "staging"  # type: ignore[attr-defined]
     assert [e for e in _events(s, "accepted") if e["tenant"] == "evil"] == []
+    db = sqlite3.connect(s.tmp / "spool" / "spool.db")
+    (row,) = db.execute("SELECT min(id) FROM messages WHERE campaign=?",
+                        (staging.id,)).fetchone()  # type: ignore[attr-defined]  # fmt: skip
+    db.close()
+    st, seen = s.req("GET", f"/v1/messages/{row}")  # a row of a campaign never shown
+    assert st == 404 and seen["error"]["message"] == f"no message {row}", seen
     assert counted() == before
     st, got = s.req("POST", "/v1/campaigns", BODY, headers=key)
     assert st == 201 and got["accepted"] == 3, got

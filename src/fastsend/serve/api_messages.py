@@ -63,6 +63,7 @@ from fastsend.serve.api import (
 )
 from fastsend.serve.idempotency import accept_rows, idempotent, run_of
 from fastsend.serve.senders import header_nul, sender_domains
+from fastsend.spool import ABANDONED, STAGING
 from fastsend.tenants import domain_of
 
 log = logging.getLogger("fastsend.serve")
@@ -419,6 +420,10 @@ class MessagesHandler:
         if row is None:
             raise missing
         require_tenant(request, api.ctx.campaign_tenant(row["campaign"]), missing)
+        if row["state"] in ("queued", "cancelled", "suppressed"):  # (a staging campaign's)
+            info = api.ctx.spool.get_campaign(row["campaign"])
+            if info is None or info.status in (STAGING, ABANDONED):
+                raise missing  # a campaign still being made, or given up: never shown
         tags, metadata = api.index.meta(mid)
         return json_response(
             {
