@@ -379,6 +379,98 @@ CASES = [
     ),
     # Exim's deferral when a sender callout cannot finish: about our sender.
     ((451, "", "Could not complete sender verify", "RCPT"), ("rejected", False, False, False)),
+    # Gmail's permanent refusal for unsolicited mail from the IP "has been
+    # blocked": rest the IP (as a 421 4.7.28 the same words only slow down).
+    (
+        (
+            550,
+            "5.7.1",
+            "Our system has detected an unusual rate of unsolicited mail originating from "
+            "your IP address. To protect our users from spam, mail sent from your IP "
+            "address has been blocked.",
+            "RCPT",
+        ),
+        ("blocked", False, True, True),
+    ),
+    (
+        (
+            421,
+            "4.7.28",
+            "Our system has detected an unusual rate of unsolicited mail originating from "
+            "your IP address. To protect our users from spam, mail sent from your IP "
+            "address has been temporarily rate limited.",
+            "RCPT",
+        ),
+        ("speeding", False, True, False),
+    ),
+    # A cap on connections at once, at the greeting (Exchange's receive
+    # connector, KumoMTA's max_connections: 421 4.3.2): fewer connections.
+    (
+        (
+            421,
+            "4.3.2",
+            "The maximum number of concurrent server connections has exceeded a limit, "
+            "closing transmission channel",
+            "CONN",
+        ),
+        ("toomanyconn", False, True, False),
+    ),
+    (
+        (421, "", "Too many open connections from your host", "CONN"),
+        ("toomanyconn", False, True, False),
+    ),
+    (
+        (421, "4.7.0", "Maximum number of connections per IP reached", "CONN"),
+        ("toomanyconn", False, True, False),
+    ),
+    # A block list that lists something other than the sending IP (one
+    # recipient's own list, our sender address or domain, a link in the
+    # message): resting the IP would stop every recipient at the site.
+    (
+        (
+            550,
+            "5.7.1",
+            "<bob@x.test>: Recipient address rejected: Sender is on user's blacklist",
+            "RCPT",
+        ),
+        ("filtered", False, False, False),
+    ),
+    (
+        (550, "5.7.1", "Blocked by recipient's personal block list", "RCPT"),
+        ("filtered", False, False, False),
+    ),
+    (
+        (554, "5.7.1", "Your sender domain sender.test is blacklisted", "MAIL"),
+        ("rejected", False, False, False),
+    ),
+    (
+        (550, "5.7.1", "Sender address is on our blocklist", "MAIL"),
+        ("rejected", False, False, False),
+    ),
+    (
+        (554, "5.7.1", "Message contains a blacklisted URL", "DATA"),
+        ("spamdetected", False, False, False),
+    ),
+    (
+        (550, "", "Message rejected: URL in message body is listed on a black list", "DATA"),
+        ("spamdetected", False, False, False),
+    ),
+    # ... while a listed IP still rests it.
+    ((550, "", "Your IP 192.0.2.1 is blacklisted", "CONN"), ("blocked", False, False, True)),
+    (
+        (554, "", "192.0.2.1 is listed on the Block List bl.example", "CONN"),
+        ("blocked", False, False, True),
+    ),
+    # Wordings of documented refusals: an SPF policy (Zoho, Mail.ru), a
+    # missing reverse lookup.
+    (
+        (550, "5.7.1", "Email rejected per SPF policy", "MAIL"),
+        ("authfailure", False, False, False),
+    ),
+    (
+        (550, "", "Sender IP reverse lookup rejected", "CONN"),
+        ("requireptr", False, False, True),
+    ),
     # Decisions that held (kept so they stay held).
     (
         (
@@ -413,9 +505,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("reply", "want"), CASES, ids=[f"{c[0][0]}-{c[0][2][:40]}" for c in CASES]
-)
+@pytest.mark.parametrize(("reply", "want"), CASES, ids=[f"{c[0][0]}-{c[0][2][:40]}" for c in CASES])
 def test_documented_reply_decision(
     reply: tuple[int, str, str, str], want: tuple[str, bool, bool, bool]
 ) -> None:
