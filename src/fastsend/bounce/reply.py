@@ -851,6 +851,13 @@ def _fallback(code: int, enhanced: str, t: str, command: str, action: str) -> st
 
 _default: RuleSet | None = None
 
+# SMTP stages where a reply code of 0 (and no enhanced status) means no reply
+# was read, when the outcome says why (our own error: "connection lost: ...";
+# with no words at all there is nothing to go on: "undefined"). A code-0
+# outcome at STARTTLS/TLS or a local check carries words of its own that do
+# say what failed.
+_NO_REPLY_STAGES = frozenset({"CONN", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT"})
+
 
 def default_rules() -> RuleSet:
     """The shipped rules, loaded once."""
@@ -889,9 +896,16 @@ def classify_reply(
     stage = {"CONNECT": "CONN", "GREETING": "CONN", "HELO": "EHLO", "BDAT": "DATA"}.get(
         stage, stage
     )
-    if not code and not (enhanced or "").strip() and stage == "CONN":
-        # No reply at all (connection refused, unreachable, timed out): the
-        # network, not a refusal by the site (a block is the server's reply).
+    if (
+        not code
+        and not (enhanced or "").strip()
+        and (stage == "CONN" or (stage in _NO_REPLY_STAGES and (text or "").strip()))
+    ):
+        # No reply at all (connection refused, unreachable, timed out; or,
+        # later in the session, the connection reset, closed or timed out
+        # before the reply): the network, not a refusal by the site (a block
+        # is the server's reply). The words of our own error ("Connection
+        # reset by peer") are not the site's: they must not read as one.
         return Classification("networkerror", False, True, rule="no-reply")
     c = (rules or default_rules()).classify(code, enhanced, text, command=stage)
     if c.hard and (400 <= code < 500 or (enhanced or "").strip().startswith("4.")):
