@@ -471,6 +471,56 @@ CASES = [
         (550, "", "Sender IP reverse lookup rejected", "CONN"),
         ("requireptr", False, False, True),
     ),
+    # A 521 whose status names a mailbox or a policy is not "host does not
+    # accept mail" (RFC 7504's 521 5.3.2): the address is not dead.
+    (
+        (521, "5.2.1", "AOL will not accept delivery of this message.", "DATA"),
+        ("filtered", False, False, False),
+    ),
+    (
+        (521, "5.3.2", "mx.x.test does not accept mail", "CONN"),
+        ("notaccept", True, False, False),
+    ),
+    # Exchange's expiry NDR quotes the socket error the last attempts met:
+    # expired, not the site refusing the IP.
+    (
+        (550, "5.4.316", "Message expired, connection refused(Socket error code 10061)", ""),
+        ("expired", False, False, False),
+    ),
+    # Outlook.com's RP-001..003: a sending limit per hour and day.
+    (
+        (
+            421,
+            "",
+            "RP-001 (BAY004-MC1F33) Unfortunately, some messages from 192.0.2.1 weren't "
+            "sent. Please try again. We have limits for how many messages can be sent per "
+            "hour and per day.",
+            "MAIL",
+        ),
+        ("speeding", False, True, False),
+    ),
+    # pypolicyd-spf's refusal points at the SPF explanation page.
+    (
+        (
+            554,
+            "5.7.1",
+            "<bob@x.test>: Recipient address rejected: Please see "
+            "http://www.open-spf.org/Why?s=mfrom;id=a@sender.test;ip=192.0.2.1;r=x.test",
+            "RCPT",
+        ),
+        ("authfailure", False, False, False),
+    ),
+    # amavisd-new's virus refusal.
+    (
+        (554, "5.7.0", "Reject, id=12345-01 - INFECTED: Eicar-Signature", "DATA"),
+        ("virusdetected", False, False, False),
+    ),
+    # One full mailbox's "try again later" is not the site asking to slow down.
+    (
+        (450, "4.2.2", "Mailbox full, try again later", "RCPT"),
+        ("mailboxfull", False, False, False),
+    ),
+    ((550, "5.4.312", "DNS query failed", "RCPT"), ("networkerror", False, False, False)),
     # Decisions that held (kept so they stay held).
     (
         (

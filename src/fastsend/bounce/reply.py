@@ -54,6 +54,10 @@ NOT_BOUNCES = frozenset({"delivered", "feedback", "vacation"})
 # Reasons that, by themselves, mean "sending too fast" / "this IP is refused".
 RATE_REASONS = frozenset({"speeding", "toomanyconn"})
 IPBLOCK_REASONS = frozenset({"blocked", "badreputation", "requireptr"})
+# Reasons about one mailbox (or its domain), not about how we send to the site.
+MAILBOX_REASONS = frozenset(
+    {"userunknown", "hostunknown", "hasmoved", "mailboxfull", "suspend", "mesgtoobig"}
+)
 
 TIERS = ("provider", "strong", "weak")
 SIGNALS = ("ratelimit", "ipblock")
@@ -757,7 +761,11 @@ class RuleSet:
         # 554 greeting under a 4.7.1 status, as it goes on to the next MX.)
         temporary = 400 <= code < 500 if code else klass == "4"
         ipb = signal == "ipblock" or (reason in IPBLOCK_REASONS and not (bare and temporary))
-        if not rate:
+        if not rate and reason not in MAILBOX_REASONS:
+            # (A refusal about one mailbox, "Mailbox full, try again later",
+            # is not the site asking us to slow down: its "try again later"
+            # is the usual suffix of a 4xx. A rule naming a throttle still
+            # says so with its own signal.)
             gated = tiers["<ratelimit>"]
             rate = gated is not None and _search_gated(gated, t, present)
         if not ipb:
