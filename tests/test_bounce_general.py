@@ -644,3 +644,101 @@ def test_transcript_shapes_name_the_refused_command(text: str, command: str) -> 
     from fastsend.bounce import vendors
 
     assert vendors.find_command(text) == command
+
+
+# ---------------------------------------------------------------- session 16
+_SUN_MESSAGING_SERVER = """\
+From: Internet Mail Delivery <postmaster@x.test>
+To: bounce@sender.test
+Subject: Delivery Notification: Delivery has failed
+Content-Type: text/plain; charset=us-ascii
+
+This report relates to a message you sent with the following header fields:
+
+  Message-id: <20261206.news.4711@sender.test>
+  Date: Sun, 06 Dec 2026 08:00:00 +0000
+  From: news@sender.test
+  To: bob@x.test
+  Subject: News
+
+Your message cannot be delivered to the following recipients:
+
+  Recipient address: bob@x.test
+  Reason: Remote SMTP server has rejected address
+  Diagnostic code: smtp;550 5.2.2 <bob@x.test>: Mailbox full
+  Remote system: dns;mx.x.test (TCP|192.0.2.1|1234|192.0.2.9|25) (mx.x.test ESMTP)
+"""
+
+
+def test_a_quoted_message_id_is_not_a_recipient() -> None:
+    """A report listing the returned message's fields (Sun/Oracle Messaging
+    Server's "header fields" block, Exchange's and others' quoted headers)
+    names its Message-ID, shaped like an address: no record for it."""
+    recs = parse_bounce(_SUN_MESSAGING_SERVER.encode())
+    assert [(r.recipient, r.reason, r.hard) for r in recs] == [("bob@x.test", "mailboxfull", False)]
+
+
+_POSTFIX_PLAIN = """\
+From: MAILER-DAEMON@mx.sender.test (Mail Delivery System)
+To: bounce@sender.test
+Subject: Undelivered Mail Returned to Sender
+
+This is the mail system at host mx.sender.test.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients. It's attached below.
+
+                   The mail system
+
+<bob@x.test>: {}
+"""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "lost connection with mx.x.test[192.0.2.9] while sending RCPT TO",
+        "lost connection with mx.x.test[192.0.2.9] while receiving the initial\n    server greeting",
+    ],
+)
+def test_postfix_lost_connection_is_the_network(text: str) -> None:
+    """Postfix smtp(8)'s "lost connection with HOST while ..." (a plain-text
+    bounce, no DSN status to go on): no reply came, the network."""
+    (rec,) = parse_bounce(_POSTFIX_PLAIN.format(text).encode())
+    assert (rec.recipient, rec.reason, rec.hard, rec.ip_blocked) == (
+        "bob@x.test",
+        "networkerror",
+        False,
+        False,
+    )
+
+
+_EXIM_SENDER_LISTED = """\
+From: Mail Delivery System <Mailer-Daemon@mx.sender.test>
+To: bounce@sender.test
+Subject: Mail delivery failed: returning message to sender
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  bob@x.test
+    host mx.x.test [192.0.2.9]
+    SMTP error from remote mail server after MAIL FROM:<bounce@sender.test> SIZE=1234:
+    550 5.7.1 {}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Sender address is on the recipient's block list", "filtered"),
+        ("Your sender domain sender.test is blacklisted", "rejected"),
+    ],
+)
+def test_a_listed_sender_in_a_dsn_does_not_rest_the_ip(text: str, reason: str) -> None:
+    """The DSN names the remote host's IP; the refusal lists our sender (for
+    one recipient, or the site's list of sender domains), not our IP."""
+    (rec,) = parse_bounce(_EXIM_SENDER_LISTED.format(text).encode())
+    assert (rec.reason, rec.hard, rec.ip_blocked) == (reason, False, False)

@@ -521,6 +521,14 @@ CASES = [
         ("mailboxfull", False, False, False),
     ),
     ((550, "5.4.312", "DNS query failed", "RCPT"), ("networkerror", False, False, False)),
+    # aiosmtpd's (and Python smtpd's) reply to a message over its size
+    # limit: the message, not a full mailbox.
+    ((552, "", "Error: Too much mail data", "DATA"), ("mesgtoobig", False, False, False)),
+    # RFC 5321's 555: a MAIL/RCPT parameter we sent is not supported.
+    (
+        (555, "", "RCPT TO parameters not recognized or not implemented", "RCPT"),
+        ("syntaxerror", False, False, False),
+    ),
     # Decisions that held (kept so they stay held).
     (
         (

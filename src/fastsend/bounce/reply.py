@@ -841,7 +841,9 @@ def _fallback(code: int, enhanced: str, t: str, command: str, action: str) -> st
         return "systemerror"
     if action in ("delayed", "expired"):
         return "expired"
-    if 401 <= code <= 407 or 501 <= code <= 507:
+    if 401 <= code <= 407 or 501 <= code <= 507 or code == 555:
+        # (RFC 5321 4.2.3: 555 "MAIL FROM/RCPT TO parameters not recognized
+        # or not implemented": what we sent, as the 50x codes.)
         return "syntaxerror"
     if code == 451:
         # RFC 5321 4.2.3: "451 Requested action aborted: local error in processing".

@@ -90,7 +90,10 @@ _SENDER_CONTEXT = re.compile(
     r"(?:mail from:?\s*<?|envelope-from\s*<?|return-path:?\s*<?|sender:?\s*<?|from:\s*<?|\bfrom\s+<"
     # Exim's "(generated from ADDR)" and Sendmail's "(expanded from: <ADDR>)"
     # name the alias the failed address came from, not a recipient.
-    r"|generated from\s+<?|expanded from:?\s*<?)\s*$",
+    r"|generated from\s+<?|expanded from:?\s*<?"
+    # A Message-ID quoted in the report ("Message-id: <x@host>", a list of
+    # the returned message's fields) is an id shaped like an address.
+    r"|message-?id:?\s*<?|in-reply-to:\s*<?)\s*$",
     re.IGNORECASE,
 )
 # Phrases that say which command a reply answered wherever they appear
