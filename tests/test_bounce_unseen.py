@@ -529,6 +529,49 @@ CASES = [
         (555, "", "RCPT TO parameters not recognized or not implemented", "RCPT"),
         ("syntaxerror", False, False, False),
     ),
+    # A message blocked by a content policy or by the recipient's own
+    # rules: not the IP ("was blocked by" alone read as an IP block).
+    (
+        (550, "5.7.1", "Message was blocked by content policy", "DATA"),
+        ("policyviolation", False, False, False),
+    ),
+    (
+        (554, "5.7.1", "This message was blocked by the recipient's mail filter rules", "DATA"),
+        ("filtered", False, False, False),
+    ),
+    (
+        (550, "5.7.1", "The recipient has blocked your email address", "RCPT"),
+        ("filtered", False, False, False),
+    ),
+    (
+        (550, "", "Your IP was blocked by the administrator", "RCPT"),
+        ("blocked", False, False, True),
+    ),
+    # Gmail's documented refusal of a message without a valid From, and a
+    # missing Date (RFC 5322 3.6 requires both).
+    (
+        (
+            550,
+            "5.7.1",
+            "Messages missing a valid address in From: header, or having no From: header, "
+            "are not accepted.",
+            "DATA",
+        ),
+        ("notcompliantrfc", False, False, False),
+    ),
+    ((550, "5.7.1", "Missing Date header", "DATA"), ("notcompliantrfc", False, False, False)),
+    # A per-message recipient limit in Gmail's words (452 4.5.3): the rest go
+    # in another transaction; no slow-down.
+    (
+        (
+            452,
+            "4.5.3",
+            "Your message has too many recipients. For more information regarding "
+            "Google's sending limits, visit https://support.google.com/mail/?p=TooManyRecipientsError",
+            "RCPT",
+        ),
+        ("toomanyconn", False, False, False),
+    ),
     # Decisions that held (kept so they stay held).
     (
         (
