@@ -572,6 +572,17 @@ CASES = [
         ),
         ("toomanyconn", False, False, False),
     ),
+    # Yahoo: our MAIL FROM domain does not resolve (our DNS, not a pace).
+    (
+        (
+            451,
+            "",
+            "Message temporarily deferred due to unresolvable RFC.5321 from domain; "
+            "see https://postmaster.yahooinc.com/error-codes",
+            "MAIL",
+        ),
+        ("rejected", False, False, False),
+    ),
     # Decisions that held (kept so they stay held).
     (
         (
