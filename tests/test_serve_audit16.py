@@ -19,7 +19,10 @@
   submission's message size limit as it started;
 - a campaign's name, the tenant's text printed as it is by the operator's
   ``fastsend campaign list``, took control characters: escape sequences reached the
-  operator's terminal and a line feed forged a line of the listing.
+  operator's terminal and a line feed forged a line of the listing;
+- once a tenant cancelled its transactional campaign (or an inline template's),
+  every later message of POST /v1/messages (and SMTP submission) went into the
+  cancelled campaign: answered 202, never sent, never ended.
 """
 
 from __future__ import annotations
@@ -476,5 +479,41 @@ def test_a_campaign_name_with_control_characters_is_a_400_and_never_reaches_the_
             st, ok = await c.req("POST", "/v1/campaigns", {"name": "Spring sale – ünïcode", "template": {
                 "from": "a@example.com", "subject": "s", "text": "t"}})  # fmt: skip
             assert st == 201, ok
+
+    asyncio.run(main())
+
+
+def test_mail_after_its_campaign_was_cancelled_is_sent_not_black_holed(tmp_path: Path) -> None:
+    """The tenant cancels the campaign its plain messages go to (the transactional
+    one) and an inline template's: the next messages go to a new campaign, active
+    (they went into the cancelled one, queued forever behind a 202); a template
+    named by the id of a cancelled campaign is a 409."""
+    import asyncio
+
+    from tests.test_serve_api import serving
+
+    plain = {"from": "a@example.com", "to": ["p@example.org"], "subject": "s", "text": "t"}
+    tpl = {"template": {"from": "a@example.com", "subject": "Hi {{ n }}", "text": "t"},
+           "to": ["t@example.org"], "variables": {"n": "1"}}  # fmt: skip
+
+    async def main() -> None:
+        async with serving(str(tmp_path / "spool")) as c:
+            async def campaign_of(body: dict) -> int:
+                st, got = await c.req("POST", "/v1/messages", body)
+                assert st == 202, got
+                st, m = await c.req("GET", f"/v1/messages/{got['messages'][0]['ids'][0]}")
+                return int(m["campaign"])
+
+            for body in (plain, tpl):
+                first = await campaign_of(body)
+                st, view = await c.req("POST", f"/v1/campaigns/{first}/cancel")
+                assert st == 200 and view["status"] == "cancelled", view
+                then = await campaign_of(body)
+                assert then != first
+                st, view = await c.req("GET", f"/v1/campaigns/{then}")
+                assert view["status"] == "active" and view["counts"]["queued"] == 1, view
+                assert await campaign_of(body) == then  # kept while it takes mail
+            st, got = await c.req("POST", "/v1/messages", {**tpl, "template": first})
+            assert st == 409 and "cancelled" in got["error"]["message"], got
 
     asyncio.run(main())

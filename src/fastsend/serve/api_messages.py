@@ -61,6 +61,7 @@ from fastsend.serve.api import (
     tenant_template,
     unavailable,
 )
+from fastsend.serve.context import ENDED_CAMPAIGN
 from fastsend.serve.idempotency import accept_rows, idempotent, run_of
 from fastsend.serve.senders import header_nul, sender_domains
 from fastsend.spool import ABANDONED, STAGING
@@ -132,6 +133,9 @@ class Prepared:
         self.meta: tuple[list[str], dict[str, Any]] | None = None
 
 
+# Request keys: the campaigns this request found still taking mail.
+LIVE: web.RequestKey[set[int]] = web.RequestKey("fastsend_live_campaigns", set)
+LIVE_TRANSACTIONAL: web.RequestKey[bool] = web.RequestKey("fastsend_live_transactional", bool)
 TEMPLATES_KEPT = 100_000  # (tenant, template) -> campaign entries kept (least recent go)
 INDEX_PAGE = 1000  # campaigns read at a time when a tenant's templates are first looked up
 
@@ -189,9 +193,13 @@ class MessagesHandler:
         if isinstance(tpl, int):
             missing = bad(f"{where}: no template campaign {tpl}", where)
             info = api.ctx.spool.get_campaign(tpl) if 1 <= tpl <= MAX_ID else None
-            if info is None or info.spec.get("kind") == "transactional":
+            if info is None or info.spec.get("kind") == "transactional" or (
+                info.status in (STAGING, ABANDONED)
+            ):
                 raise missing
             require_tenant(request, info.tenant, missing)
+            if info.status == "cancelled":  # (its rows would never be sent)
+                raise ApiError(409, f"{where}: campaign {tpl} is cancelled", where)
             return tpl, Campaign.from_dict(info.spec)
         try:
             check_inline(tpl)  # before anything could be read: no server files
@@ -211,6 +219,12 @@ class MessagesHandler:
         digest = hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
         known = self.template_campaigns
         cid = known.get((tenant, digest))
+        live = request.setdefault(LIVE, set())  # checked in this request
+        if cid is not None and cid not in live:
+            info = api.ctx.spool.get_campaign(cid)
+            if info is None or info.status in ENDED_CAMPAIGN:  # cancelled since: a new one
+                del known[(tenant, digest)]
+                cid = None
         if cid is None:
             # (post() read the tenant's campaigns first: index_templates)
             cid = api.ctx.acceptor.create_campaign(
@@ -223,6 +237,7 @@ class MessagesHandler:
                 known.popitem(last=False)
         else:
             known.move_to_end((tenant, digest))
+        live.add(cid)
         return cid, camp
 
     def prepare(self, request: web.Request, m: MessageIn, where: str, budget: int) -> Prepared:
@@ -271,8 +286,10 @@ class MessagesHandler:
                 raise bad(f"{field}: CR, LF and NUL are not allowed in a header value", field)
             p.campaign = cid
             vars_ = orjson.dumps(m.variables)
-        else:
-            p.campaign = api_of(request).ctx.tenant_campaign(tenant_of(request))
+        else:  # (checked once a request: cancelled since, it is made anew)
+            fresh = LIVE_TRANSACTIONAL not in request
+            request[LIVE_TRANSACTIONAL] = True
+            p.campaign = api_of(request).ctx.tenant_campaign(tenant_of(request), fresh)
             vars_ = self.content(request, m, where)
         p.rows = [(a, d, vars_) for a, d, _ in p.rows]
         return p

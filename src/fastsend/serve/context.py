@@ -41,6 +41,9 @@ TRANSACTIONAL_SPEC: dict[str, Any] = {"kind": "transactional", "defaults": {}}
 TRANSACTIONAL_OPTION = "transactional_tenant"  # campaign option naming the tenant
 
 
+# A campaign in one of these takes no more mail (its rows would never be sent).
+ENDED_CAMPAIGN = frozenset({"cancelled", "abandoned"})
+
 class ServeContext:
     def __init__(
         self,
@@ -108,13 +111,23 @@ class ServeContext:
 
     # -- campaigns -----------------------------------------------------------
 
-    def tenant_campaign(self, tenant: str) -> int:
-        """The id of the tenant's transactional campaign (created on demand)."""
+    def tenant_campaign(self, tenant: str, fresh: bool = False) -> int:
+        """The id of the tenant's transactional campaign (created on demand).
+        ``fresh``: the one kept is checked first: cancelled since (by the tenant,
+        the operator or another node), a new one is made (mail accepted into a
+        cancelled campaign was never sent nor ended: a black hole behind a 202)."""
         cid = self._tenant_campaigns.get(tenant)
+        if cid is not None and fresh:
+            info = self.spool.get_campaign(cid)
+            if info is None or info.status in ENDED_CAMPAIGN:
+                del self._tenant_campaigns[tenant]
+                cid = None
         if cid is not None:
             return cid
         for info in self.spool.campaigns(tenant):
-            if info.options.get(TRANSACTIONAL_OPTION) == tenant and info.status != "cancelled":
+            if info.options.get(TRANSACTIONAL_OPTION) == tenant and (
+                info.status not in ENDED_CAMPAIGN
+            ):
                 cid = info.id
                 break
         else:

@@ -555,7 +555,7 @@ class _Submission(_Policy):
         )
         rows = [(r, encode_domain(r.rpartition("@")[2]).lower(), vars_) for r in ev.recipients]
         try:
-            ids = self.ctx.inject(self.ctx.tenant_campaign(tenant), rows)
+            ids = self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows)
         except Exception as e:
             problem = storage_problem(e)
             if problem is not None:  # nothing kept; said once a message, no traceback
