@@ -22,7 +22,11 @@
   operator's terminal and a line feed forged a line of the listing;
 - once a tenant cancelled its transactional campaign (or an inline template's),
   every later message of POST /v1/messages (and SMTP submission) went into the
-  cancelled campaign: answered 202, never sent, never ended.
+  cancelled campaign: answered 202, never sent, never ended;
+- the public listener (tracking and unsubscribe, the one SECURITY.md has published
+  through the balancer) ignored ``[proxy] trusted``: behind HAProxy's PROXY
+  protocol every click was a 400, and without it every recipient shared the
+  balancer's per-address connection cap.
 """
 
 from __future__ import annotations
@@ -517,3 +521,37 @@ def test_mail_after_its_campaign_was_cancelled_is_sent_not_black_holed(tmp_path:
             assert st == 409 and "cancelled" in got["error"]["message"], got
 
     asyncio.run(main())
+
+
+def test_the_public_listener_takes_the_proxy_protocol_from_the_balancer(tmp_path: Path) -> None:
+    """[api] public_listen with [proxy] trusted = the balancer (127.0.0.9): a click
+    arriving behind a PROXY v1 header is redirected (it was a 400: the header was
+    read as the request line); a direct connection from elsewhere still works."""
+    import socket
+
+    from fastsend.message import tracking as tr
+
+    pub = free_port()
+    s = Served(tmp_path, "127.0.0.1:9", f'[tracking]\nsecret = "{SECRET}"\n'
+               '[proxy]\ntrusted = ["127.0.0.9"]\n', api=f'public_listen = "127.0.0.1:{pub}"',
+               serve_args=("--no-workers",))  # fmt: skip
+    try:
+        tok = tr.sign(SECRET.encode(), tr.CLICK, "1", "r@example.org", "https://example.com/p",
+                      tenant="evil")  # fmt: skip
+        ask = f"GET /t/c/{tok} HTTP/1.1\r\nHost: t.example\r\nConnection: close\r\n\r\n"
+
+        def answer(source: str, head: str) -> bytes:
+            with socket.create_connection(("127.0.0.1", pub), timeout=10,
+                                          source_address=(source, 0)) as c:  # fmt: skip
+                c.sendall((head + ask).encode())
+                got = b""
+                while chunk := c.recv(65536):
+                    got += chunk
+            return got.partition(b"\r\n")[0]
+
+        assert answer("127.0.0.9", "PROXY TCP4 198.51.100.7 127.0.0.1 5555 443\r\n") == (
+            b"HTTP/1.1 302 Found"
+        )
+        assert answer("127.0.0.1", "") == b"HTTP/1.1 302 Found"
+    finally:
+        s.stop()

@@ -221,15 +221,19 @@ class Server:
             sup.result_hooks.append(metrics.on_result)
         # /metrics: on the admin listener, or for admin keys ([dashboard] admin_tenants).
         app.router.add_get("/metrics", admin_only(metrics.handler))
-        extra: list[tuple[str, web.Application]] = []
+        proxy = ProxySettings.of(cfg.proxy)
+        # (listen, app, PROXY settings): the public listener is the one published
+        # through the balancer (SECURITY.md), so it takes [proxy] as the API does;
+        # the admin listener is never published.
+        extra: list[tuple[str, web.Application, ProxySettings | None]] = []
         if settings.admin_listen:
             admin_app = web.Application()
             admin_app.router.add_get("/metrics", metrics.handler)
-            extra.append((settings.admin_listen, admin_app))
+            extra.append((settings.admin_listen, admin_app, None))
         if settings.public_listen:  # recipients reach tracking and unsubscribe there only
             public_app = web.Application()
             setup_tracking(public_app, ctx)
-            extra.append((settings.public_listen, public_app))
+            extra.append((settings.public_listen, public_app, proxy))
         else:
             setup_tracking(app, ctx)
         setup_dashboard(app, ctx)
@@ -240,7 +244,6 @@ class Server:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = settings.host_port
-        proxy = ProxySettings.of(cfg.proxy)
         # Each HTTP listener: header and body timeouts, connection caps (serve.httpguard).
         self.caps = [ConnectionCap(settings)]
         site = proxied_site(runner, host, port, proxy, reuse_address=True, backlog=1024,
@@ -253,14 +256,15 @@ class Server:
             ctx.close()
             return 2
         runners = [runner]
-        for listen, extra_app in extra:
+        for listen, extra_app, extra_proxy in extra:
             r = web.AppRunner(extra_app, access_log=None, handle_signals=False)
             await r.setup()
             runners.append(r)
             self.caps.append(ConnectionCap(settings))
             try:
                 h, p = split_listen(listen)
-                await proxied_site(r, h, p, None, reuse_address=True, cap=self.caps[-1]).start()
+                await proxied_site(r, h, p, extra_proxy, reuse_address=True,
+                                   cap=self.caps[-1]).start()  # fmt: skip
             except OSError as e:
                 print(f"fastsend serve: cannot listen on {listen}: {e}", file=sys.stderr)
                 for x in runners:
