@@ -867,3 +867,125 @@ def test_provider_retries_keep_their_first_timestamp_and_old_notifications_are_r
     asyncio.run(main())
     assert state(ctx)[1] == ["u0@example.net", "u3@example.net"]
     ctx.close()
+
+
+def test_ses_permanent_bounces_say_hard_without_a_diagnostic_and_not_spam_is_no_complaint(
+    tmp_path: Path,
+) -> None:
+    """SES's Permanent bounces of subtype NoEmail, Suppressed or General often carry
+    no diagnostic text (nothing for the classifier to read): SES's own verdict is a
+    hard bounce ("remove the recipient's address from your mailing list"), so the
+    address is suppressed (before: "onhold", soft, nothing suppressed, the address
+    mailed again by every campaign). A Permanent/General bounce whose text says it
+    was a block stays soft, as do Transient and Undetermined ones. A complaint
+    notification of feedback type "not-spam" (a correction, RFC 5965) or
+    "auth-failure" is no complaint, as at the intake: a "feedback" event, nothing
+    suppressed (before: a complaint, the address suppressed)."""
+    from fastsend.serve.provider_events import ProviderEvents, ProviderEventSettings
+
+    ctx, _ids = make_ctx(tmp_path, {"sns_topics": [TOPIC]})
+    pe = ProviderEvents(ctx, ProviderEventSettings.of(ctx.config))
+    cid = ctx.tenant_campaign("acme")
+    blocked = {"action": "failed", "status": "5.7.1",
+               "diagnosticCode": "smtp; 550 5.7.1 Service unavailable, client host blocked using Spamhaus"}  # fmt: skip
+    bounces = {
+        "noemail@example.net": ("Permanent", "NoEmail", {"action": "failed", "status": "5.0.0"}),
+        "general@example.net": ("Permanent", "General", {}),
+        "suppressed@example.net": ("Permanent", "Suppressed", {"action": "failed"}),
+        "blocked@example.net": ("Permanent", "General", blocked),
+        "transient@example.net": ("Transient", "General", {"action": "failed"}),
+        "undetermined@example.net": ("Undetermined", "Undetermined", {}),
+    }
+    for addr, (btype, sub, extra) in bounces.items():
+        mid = ctx.inject(cid, [(addr, "example.net", b'{"raw": ""}')])[0]
+        doc = {"notificationType": "Bounce",
+               "bounce": {"bounceType": btype, "bounceSubType": sub,
+                          "bouncedRecipients": [{"emailAddress": addr, **extra}]},
+               "mail": {"commonHeaders": {"messageId": f"<{msgid.token(mid, ctx.secret)}@x.example>"}}}  # fmt: skip
+        assert pe._ses_message(json.dumps(doc)) == 1
+    for ftype in ("not-spam", "auth-failure", "abuse"):
+        addr = f"{ftype}@example.net"
+        mid = ctx.inject(cid, [(addr, "example.net", b'{"raw": ""}')])[0]
+        doc = {"notificationType": "Complaint",
+               "complaint": {"complaintFeedbackType": ftype, "complainedRecipients": [{"emailAddress": addr}]},
+               "mail": {"commonHeaders": {"messageId": f"<{msgid.token(mid, ctx.secret)}@x.example>"}}}  # fmt: skip
+        assert pe._ses_message(json.dumps(doc)) == 1
+    evs = {e["rcpt"]: e for e in last_events(ctx, 40) if e["event"] != "accepted"}
+    assert [a for a, e in evs.items() if e["event"] == "bounced" and e["hard"]] == [
+        "noemail@example.net", "general@example.net", "suppressed@example.net"
+    ]  # fmt: skip
+    assert evs["not-spam@example.net"]["event"] == "feedback"
+    assert evs["auth-failure@example.net"]["event"] == "feedback"
+    assert evs["abuse@example.net"]["event"] == "complained"
+    assert state(ctx)[1] == ["abuse@example.net", "general@example.net",
+                             "noemail@example.net", "suppressed@example.net"]  # fmt: skip
+    ctx.close()
+
+
+def test_mailgun_mail_not_sent_for_its_own_lists_suppresses_for_that_reason(
+    tmp_path: Path,
+) -> None:
+    """Mailgun does not send to an address on its own suppression lists and posts
+    ``failed`` (permanent, delivery-status 605) with reason suppress-bounce,
+    suppress-unsubscribe or suppress-complaint. fastsend suppresses the address
+    for that reason (a hard bounce, an unsubscribe, a complaint), as for
+    SendGrid's "dropped"; before, each was a soft bounce that suppressed
+    nothing, so a recipient who had complained kept getting mail through every
+    other route."""
+    signing_key = "key-mailgun-signing-0123456789"
+    kf = tmp_path / "mg.secret"
+    kf.write_text(f"signing_key = {signing_key}\n")
+    kf.chmod(0o600)
+    ctx, ids = make_ctx(tmp_path, {"mailgun_signing_key_file": str(kf)})
+    texts = {"suppress-bounce": "Not delivering to previously bounced address",
+             "suppress-unsubscribe": "Not delivering to unsubscribed address",
+             "suppress-complaint": "Not delivering to a user who marked your messages as spam"}  # fmt: skip
+    posts = []
+    for n, (reason, text) in enumerate(texts.items()):
+        ev = {"event": "failed", "severity": "permanent", "reason": reason,
+              "recipient": f"u{n}@example.net",
+              "delivery-status": {"code": 605, "message": "", "description": text, "attempt-no": 1},
+              "user-variables": {"fastsend": msgid.token(ids[n], ctx.secret)}}  # fmt: skip
+        posts.append(mailgun_post(signing_key, ev, time.time(), f"{n}" * 50))
+
+    async def main() -> None:
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+        try:
+            async with aiohttp.ClientSession() as s:
+                for body in posts:
+                    async with s.post(url + "/webhooks/mailgun", data=body) as r:
+                        assert r.status == 200, await r.text()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    evs = last_events(ctx, 3)
+    assert [(e["event"], e["id"]) for e in evs] == [("bounced", i) for i in ids[:3]]
+    assert evs[0]["hard"] and not evs[1]["hard"] and not evs[2]["hard"]
+    got = {e.address: e.reason for e in ctx.suppression.list(tenant="acme")}
+    assert set(got) == {"u0@example.net", "u1@example.net", "u2@example.net"}, got
+    assert got["u1@example.net"] != got["u0@example.net"] != got["u2@example.net"], got
+    ctx.close()
+
+
+def test_ses_reject_event_bounces_the_message_it_did_not_send(tmp_path: Path) -> None:
+    """SES event publishing's "Reject": SES took the request (fastsend recorded the
+    message delivered) but found a virus and never sent it. Each recipient's
+    message now bounces for its content (nothing suppressed: the address is
+    fine); before, the event was ignored and the mail stood delivered."""
+    from fastsend.serve.provider_events import ProviderEvents, ProviderEventSettings
+
+    ctx, ids = make_ctx(tmp_path, {"sns_topics": [TOPIC]})
+    pe = ProviderEvents(ctx, ProviderEventSettings.of(ctx.config))
+    doc = {"eventType": "Reject", "reject": {"reason": "Bad content"},
+           "mail": {"messageId": "0102-x", "destination": ["u4@example.net"],
+                    "tags": {"fastsend": [msgid.token(ids[4], ctx.secret)]},
+                    "commonHeaders": {"messageId": f"<{msgid.token(ids[4], ctx.secret)}@x.example>"}}}  # fmt: skip
+    assert pe._ses_message(json.dumps(doc)) == 1
+    ev = last_events(ctx, 1)[0]
+    assert (ev["event"], ev["id"], ev["hard"]) == ("bounced", ids[4], False), ev
+    assert "Bad content" in ev["text"] and not ev["suppressed"]
+    assert state(ctx)[1] == []
+    ctx.close()

@@ -73,6 +73,11 @@ MAX_BODY = 4 * 1024 * 1024
 # keeping the original timestamp: Mailgun retries "during 8 hours" (its
 # webhook-retries page: 5, 10, 15 min, 1, 2, 4 h), the signature block as it
 # was; SNS's HTTP/S delivery policy cannot retry for more than 3,600 s in all.
+# SES Permanent bounce subtypes that say the address cannot receive (its docs:
+# "remove the recipient's email address from your mailing list").
+SES_NO_ADDRESS = frozenset({"NoEmail", "Suppressed", "OnAccountSuppressionList"})
+# Feedback reports that are no complaint (as serve.listeners.NOT_COMPLAINTS).
+NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})
 MAILGUN_RETRIES = 8 * 3600.0
 SNS_RETRIES = 3600.0
 
@@ -251,7 +256,7 @@ class ProviderEvents:
         if kind == "bounced":
             ev.update(reason=rec.reason, hard=rec.hard, status=rec.status, code=rec.reply_code,
                       text=rec.diagnostic[:500], source="async")  # fmt: skip
-        elif kind == "complained":
+        elif kind in ("complained", "feedback"):
             ev["feedback_type"] = rec.feedback_type
         entry = None
         # Only a message fastsend sent can change its tenant's suppression list.
@@ -281,7 +286,12 @@ class ProviderEvents:
     ) -> dict[str, Any]:
         """A provider event that is no bounce: ``complained`` (``feedback_type``,
         default "abuse"), ``unsubscribed`` or ``provider`` (recorded only)."""
-        if kind == "complained":
+        if kind == "complained" and feedback_type in NOT_COMPLAINTS:
+            # A DMARC failure report or a "not spam" correction (RFC 5965 3.1):
+            # no complaint, as at the intake (serve.listeners): recorded, nothing
+            # suppressed or counted.
+            kind = "feedback"
+        if kind in ("complained", "feedback"):
             rec = BounceRecord(rcpt, None, None, "", "feedback", False, feedback_type or "abuse")
         elif kind == "unsubscribed":
             rec = BounceRecord(rcpt, None, None, "", "feedback", False, "unsubscribe")
@@ -438,11 +448,18 @@ class ProviderEvents:
 
         records = parse_ses_json(text) or []
         tokens: list[str] = []
+        ses_type = ses_sub = ""
         try:
-            mail = orjson.loads(text).get("mail") or {}
+            doc = orjson.loads(text)
+            mail = doc.get("mail") or {}
             tags = mail.get("tags") or {}
             tokens += [str(t) for t in tags.get("fastsend", []) if isinstance(t, str)]
-        except (orjson.JSONDecodeError, AttributeError):
+            bounce = doc.get("bounce") or {}
+            ses_type = str(bounce.get("bounceType") or "")
+            ses_sub = str(bounce.get("bounceSubType") or "")
+            if str(doc.get("eventType") or "") == "Reject" and not records:
+                return self._ses_reject(doc, mail, tokens)
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
             pass
         for r in records:
             toks = (
@@ -457,15 +474,43 @@ class ProviderEvents:
                 code = int(m.group(1)) if m else 550
                 c = classify_reply(code, r.status, diag, command="")
                 permanent = r.action == "failed" and code >= 500
-                rec = BounceRecord(
-                    r.recipient, r.status or None, code, diag, c.reason, c.hard and permanent
-                )
+                reason, hard = c.reason, c.hard and permanent
+                if (
+                    ses_type == "Permanent"
+                    and not hard
+                    and (
+                        ses_sub in SES_NO_ADDRESS or (ses_sub == "General" and c.reason == "onhold")
+                    )
+                ):
+                    # SES's own verdict when the text says nothing more: a hard bounce
+                    # ("remove the recipient's address from your mailing list"). Its
+                    # NoEmail / Suppressed often carry no diagnostic at all.
+                    reason, hard = "userunknown", True
+                rec = BounceRecord(r.recipient, r.status or None, code, diag, reason, hard)
                 self.apply("ses", rec, toks, "bounced", extra)
             elif r.kind == "complaint":
                 self.notice("ses", "complained", r.recipient, toks, extra, r.feedback_type)
             else:
                 self.notice("ses", "provider", r.recipient, toks, extra)
         return len(records)
+
+    def _ses_reject(self, doc: dict[str, Any], mail: dict[str, Any], tokens: list[str]) -> int:
+        """SES took the request (our "delivered") but then refused to send the
+        message (event publishing's "Reject": a virus found): each recipient's
+        message bounced, for its content (not the address: nothing suppressed).
+        Before, no event at all: the mail stood delivered."""
+        why = str((doc.get("reject") or {}).get("reason") or "rejected")
+        common = mail.get("commonHeaders") or {}
+        mid = str(common.get("messageId") or "").strip().strip("<>").partition("@")[0]
+        toks = [*tokens, mid] if mid else tokens
+        n = 0
+        for rcpt in mail.get("destination") or []:
+            if isinstance(rcpt, str) and "@" in rcpt:
+                text = f"SES did not send it: {why}"
+                rec = BounceRecord(rcpt, "5.7.1", 550, text, "virusdetected", False)
+                self.apply("ses", rec, toks, "bounced", {"provider_event": "reject"})
+                n += 1
+        return n
 
     # -- SendGrid ----------------------------------------------------------------
 
@@ -589,6 +634,23 @@ class ProviderEvents:
             text = str(ds.get("message") or ds.get("description") or "")[:500]
             extra.update(severity="temporary", text=text)
             self.notice("mailgun", "provider", rcpt, tokens, extra)
+        elif kind == "failed" and str(ed.get("reason", "")) in _MAILGUN_LISTS:
+            # Not sent: the address is on one of Mailgun's own lists (it bounced,
+            # unsubscribed or complained before): the message bounced, and the
+            # address is suppressed for that list's reason, as for SendGrid's
+            # "dropped" (before: a soft "bounced" that suppressed nothing, so a
+            # complainer kept getting mail through every other route).
+            why = _MAILGUN_LISTS[str(ed["reason"])]
+            ds = ed.get("delivery-status") or {}
+            text = f"dropped by Mailgun ({ed['reason']}): " + str(
+                ds.get("description") or ds.get("message") or ""
+            )
+            hard = why == "userunknown"
+            rec = BounceRecord(rcpt, "5.1.1" if hard else None, 550, text[:1000],
+                               "userunknown" if hard else "onhold", hard)  # fmt: skip
+            cause = None if hard else BounceRecord(rcpt, None, None, "", "feedback", False, why)
+            self.apply("mailgun", rec, tokens, "bounced",
+                       {**extra, "severity": ed.get("severity")}, suppress_as=cause)  # fmt: skip
         elif kind == "failed":
             ds = ed.get("delivery-status") or {}
             code = int(ds.get("code") or 550) if str(ds.get("code", "")).isdigit() else 550
@@ -628,6 +690,15 @@ def _sns_time(value: str) -> float:
     if t.tzinfo is None:
         t = t.replace(tzinfo=datetime.UTC)
     return t.timestamp()
+
+
+# Mailgun's "failed" reasons for mail it did not send because the address is on
+# one of its suppression lists (delivery-status code 605) -> why fastsend suppresses it.
+_MAILGUN_LISTS = {
+    "suppress-bounce": "userunknown",  # "Not delivering to previously bounced address"
+    "suppress-unsubscribe": "unsubscribe",
+    "suppress-complaint": "abuse",  # the recipient marked earlier mail as spam
+}
 
 
 def _unauthorized() -> web.Response:
