@@ -863,3 +863,96 @@ def test_sendgrid_gets_the_from_fastsend_judged_and_header_text_without_line_bre
     }
     assert three["content"] == [{"type": "text/plain", "value": "body three"}], three
     assert [a["filename"] for a in three["attachments"]] == ["a.pdf"]
+
+
+def test_a_wrong_endpoint_defers_and_is_never_followed() -> None:
+    """An endpoint that is not the provider's API (http:// where the API
+    redirects to https, an old path, a gateway answering 405 to the method)
+    is our configuration, not the recipients': each message is deferred, the
+    redirect named and never followed (a POST followed as a GET, the API key
+    sent on). Before, aiohttp followed the 301 as a GET, the 405 it met was
+    taken for a rejection of the message, and every message sent through
+    the transport bounced."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.outcome import DEFERRED, Envelope
+    from fastsend.transports.mailgun import MailgunTransport
+    from fastsend.transports.sendgrid import SendGridTransport
+
+    seen: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        raise web.HTTPMovedPermanently("/elsewhere" + request.path)
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        return web.Response(status=405, text="Method Not Allowed")
+
+    app = web.Application()
+    app.router.add_post("/v3/{domain}/messages.mime", moved)
+    app.router.add_post("/v3/mail/send", elsewhere)  # a gateway refusing the method
+    app.router.add_route("*", "/elsewhere/{tail:.*}", elsewhere)
+    env = Envelope("a@sender.example.com", ["x@example.net"],
+                   b"From: a@sender.example.com\r\nSubject: s\r\n\r\nbody\r\n", 7)  # fmt: skip
+
+    async def main(url: str) -> list[Any]:
+        mg = TransportSpec(name="mg", kind="mailgun", endpoint=url, region="us",
+                           domain="mg.sender.example.com", secrets={"api_key": "mg-key"})  # fmt: skip
+        sg = TransportSpec(name="sg", kind="sendgrid", endpoint=url, secrets={"api_key": "sg-key"})
+        async with aiohttp.ClientSession() as session:
+            a = await MailgunTransport(mg, b"").send(session, [env])
+            b = await SendGridTransport(sg, b"").send(session, [env])
+        return [a[0].outcomes[0], b[0].outcomes[0]]  # type: ignore[index]
+
+    with ThreadedApp(app) as server:
+        outs = asyncio.run(main(server.url))
+    assert all(o.kind == DEFERRED for o in outs), outs
+    assert "redirect to /elsewhere/v3/mg.sender.example.com/messages.mime" in outs[0].text, outs
+    assert "HTTP 405" in outs[1].text, outs
+    assert seen == ["POST /v3/mg.sender.example.com/messages.mime", "POST /v3/mail/send"], seen
+
+
+def test_a_lane_paused_past_the_horizon_hands_its_mail_back(tmp_path: Path) -> None:
+    """A provider in maintenance for a while (503, Retry-After: 100): the lane
+    pauses, and the mail it holds goes back to the supervisor unattempted until
+    the pause ends, rather than waiting in the worker: the provider is asked
+    once, not again during the pause, and a run with nothing else to do ends
+    (--max-wait) with the mail still queued. Before, the mail waited in the
+    worker's lane (up to 10 minutes), and the run (or a SIGTERM drain) waited
+    for it."""
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = [f"p{i}@example.net" for i in range(20)]
+    rcpts = write_recipients(tmp_path, addrs)
+    rec = Recorder()
+    rec.unavailable = 100
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(
+            RETRY + f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\n'
+            'max_connections = 1\ndomain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        full = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
+        full["FASTSEND_MG_API_KEY"] = "mg-key"
+        proc = subprocess.run(
+            fastsend_cmd("send", str(camp), "-r", str(rcpts), "-c", str(cfg), "--spool",
+                         str(tmp_path / "spool"), "--json", "--no-progress", "--workers", "1",
+                         "--max-wait", "5", "--no-dkim"),
+            capture_output=True, text=True, timeout=60, env=full,
+        )  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == 0 and s["bounced"] == 0, (s, proc.stderr[-2000:])
+    assert rec.unavailable_answers == 1, rec.unavailable_answers  # asked once, then paused
+    assert not rec.recipients
+    q = subprocess.run(
+        fastsend_cmd("queue", "--spool", str(tmp_path / "spool"), "--json"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert q.returncode == 0, q.stderr
+    states = orjson.loads(q.stdout)["states"]
+    assert states["queued"] + states["deferred"] == 20 and states["deferred"] <= 1, states

@@ -131,15 +131,33 @@ def rejected(label: str, status: int, text: str) -> Outcome:
     )  # fmt: skip
 
 
+# 4xx that are about our request's form or the URL, never the message or a
+# recipient: 405 Method Not Allowed, 406, 410 Gone, 411, 414 URI Too Long,
+# 415 Unsupported Media Type, 426 Upgrade Required, 431 headers too large.
+REQUEST_TROUBLE = (405, 406, 410, 411, 414, 415, 426, 431)
+
+
 def map_status(label: str, status: int, text: str, *, account_trouble: bool = False) -> Outcome:
     """An HTTP error status (not 2xx, not throttling) as an Outcome. A 404 is
     the request's URL: our configuration (Mailgun's "Domain not found: D" for a
     sending domain it does not have, or the wrong region), never the message
-    or a recipient: deferred, and no address suppressed."""
-    if status >= 500 or status in (401, 403, 404, 407, 408, 409) or account_trouble:
+    or a recipient: deferred, and no address suppressed. So are a redirect
+    (never followed: the endpoint is not the API's; ``text`` is where it
+    points) and the statuses of :data:`REQUEST_TROUBLE` (before, a 405 from a
+    wrong endpoint bounced every message sent through it)."""
+    if 300 <= status < 400:
+        return deferred(label, f"HTTP {status} redirect to {text or '?'} (not followed:"
+                        " check the transport's endpoint and region)")  # fmt: skip
+    if (
+        status >= 500
+        or status in (401, 403, 404, 407, 408, 409, *REQUEST_TROUBLE)
+        or account_trouble
+    ):
         what = "provider error" if status >= 500 else "refused (account or credentials)"
         if status == 404:
             what = "not found (account or configuration)"
+        elif status in REQUEST_TROUBLE:
+            what = "refused the request (endpoint or configuration)"
         return deferred(label, f"HTTP {status} {what}: {text}")
     return rejected(label, status, text)
 
@@ -375,8 +393,25 @@ class ProviderQueue:
         self.pump()
 
     def trim(self) -> int:
-        """Keep what this lane may send within the horizon; hand back the rest."""
-        if self.handback is None or self.bucket is None or not self.pending:
+        """Keep what this lane may send within the horizon; hand back the rest.
+        A lane the provider paused past the horizon (a Retry-After, a 503 in
+        maintenance) hands back all it holds, unattempted, until the pause
+        ends: before, that mail waited in the worker (up to 10 minutes), and
+        a drain (SIGTERM) waited for it."""
+        if self.handback is None or not self.pending:
+            return 0
+        wait = self.paused_until - time.monotonic()
+        if wait > self.horizon:
+            back = list(self.pending)
+            self.pending.clear()
+            for e in back:
+                self.campaign_of.pop(_key(e), None)
+                self.throttles.pop(_key(e), None)
+            step = 1.0 / self.bucket.rate if self.bucket is not None else 0.0
+            self.handback(back, wait, step, f"handed back: {self.transport.label} "
+                          f"paused for {wait:.0f} s by the provider")  # fmt: skip
+            return len(back)
+        if self.bucket is None:
             return 0
         rate = self.bucket.rate
         keep = int(rate * self.horizon) + self.bucket.burst
@@ -555,6 +590,8 @@ class ProviderQueue:
                 self.throttles.pop(_key(e), None)
             out = deferred(self.transport.label, f"{t.what}: {t.text}", 421, "4.7.0")
             self.report(answered(give, out), "", self.transport.label)
+        if pause > self.horizon:
+            self.trim()  # the rest of the lane waits in the supervisor, not here
 
     def _event(self, action: str, **fields: Any) -> None:
         ev: dict[str, Any] = {

@@ -79,10 +79,15 @@ class MailgunTransport(HTTPTransport):
         body, ctype = self.form(env)
         headers = {**self.headers_base, "Content-Type": ctype}
         timeout = self.client_timeout()
-        async with session.post(url, data=body, headers=headers, timeout=timeout) as r:
+        async with session.post(
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        ) as r:
             raw = await r.read()
             status = r.status
             ra = retry_after(r.headers.get("Retry-After"))
+            location = r.headers.get("Location", "")
+        if 300 <= status < 400:
+            return answered(envs, map_status(self.label, status, location))
         text = raw[:300].decode("utf-8", "replace")
         doc: Any = None
         try:

@@ -214,8 +214,12 @@ class SendGridTransport(HTTPTransport):
     async def _post(self, session: Any, body: bytes) -> tuple[int, bytes, str, float, str]:
         headers = {"Authorization": self.auth, "Content-Type": "application/json"}
         timeout = self.client_timeout()
-        async with session.post(self.url, data=body, headers=headers, timeout=timeout) as r:
+        async with session.post(
+            self.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        ) as r:
             raw = await r.read()
+            if 300 <= r.status < 400:  # never followed: where it points is the text
+                raw = r.headers.get("Location", "").encode()
             return (
                 r.status,
                 raw,
@@ -229,6 +233,8 @@ class SendGridTransport(HTTPTransport):
         status, raw, mid, ra, reset = await self._post(session, body)
         if 200 <= status < 300:
             return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
+        if 300 <= status < 400:
+            return answered(envs, map_status(self.label, status, raw.decode("utf-8", "replace")))
         text = _errors(raw)
         if status in PAUSE_STATUSES:
             if not ra and reset.isdigit() and status == 429:

@@ -84,7 +84,7 @@ class SESTransport(HTTPTransport):
         url = self.base + "/v2/email/account"
         headers = self.signer.sign("GET", url, {}, b"")
         timeout = self.client_timeout()
-        async with session.get(url, headers=headers, timeout=timeout) as r:
+        async with session.get(url, headers=headers, timeout=timeout, allow_redirects=False) as r:
             if r.status != 200:
                 return
             doc = orjson.loads(await r.read())
@@ -110,11 +110,16 @@ class SESTransport(HTTPTransport):
         body = self.body(env)
         headers = self.signer.sign("POST", self.url, {"Content-Type": "application/json"}, body)
         timeout = self.client_timeout()
-        async with session.post(self.url, data=body, headers=headers, timeout=timeout) as r:
+        async with session.post(
+            self.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        ) as r:
             raw = await r.read()
             status = r.status
             etype = r.headers.get("x-amzn-ErrorType", "").split(":", 1)[0]
             ra = r.headers.get("Retry-After")
+            location = r.headers.get("Location", "")
+        if 300 <= status < 400:
+            return answered(envs, map_status(self.label, status, location))
         doc: dict[str, Any] = {}
         try:
             parsed = orjson.loads(raw) if raw else {}
