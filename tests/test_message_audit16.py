@@ -13,6 +13,8 @@ and the loopback DNS server, over both twins.
   domain or path went as raw UTF-8 in a header of a message that did not ask
   for SMTPUTF8; a space in one (``?subject=Unsubscribe me``) failed every
   message at render, retried for days as a local error;
+- a tenant's domains or a ``[dkim]`` domain written in Unicode in the
+  config were refused ("not a domain name") where a campaign's were taken;
 - suppression keys kept a Unicode domain as written, so ``suppress add
   u@bücher.example`` never matched the recipient the spool holds
   (``u@xn--bcher-kva.example``): the address was mailed.
@@ -37,7 +39,7 @@ from _engine_helpers import summary
 from _smtp_helpers import RecordingHandler
 from fastsend import _accel
 from fastsend.testing.dnsserver import DNSServer
-from test_message_audit import receiver, send, wait_for
+from test_message_audit import receiver, send, verdicts, wait_for
 
 __all__ = ["receiver"]  # (a fixture, used by name)
 
@@ -269,3 +271,36 @@ def test_a_space_in_a_list_unsubscribe_uri_is_encoded_not_a_failure_of_every_mes
     assert str(msg["List-Unsubscribe"]) == (
         "<mailto:stop@sender.example?subject=Unsubscribe%20me&body=%3Cr@example.net%3E>"
     )
+
+
+def test_config_dkim_and_tenant_domains_may_be_written_in_unicode(tmp_path: Path) -> None:
+    """``[[dkim]] domain = "Bücher.example."`` in the config signs mail From
+    bücher.example with d=xn--bcher-kva.example (dkimpy and OpenDKIM pass), as the
+    worker signs a tenant's raw message; a tenant's ``domains`` and keys in Unicode
+    are its A-label ones."""
+    from fastsend.config import from_dict
+    from fastsend.delivery.signing import ConfigDKIM
+    from fastsend.message.keys import generate, load_private_key, public_txt, write_key
+    from fastsend.tenants import Tenants
+
+    key = str(tmp_path / "ed.pem")
+    write_key(generate("ed25519"), tmp_path / "ed.pem")
+    records = {"ed._domainkey.xn--bcher-kva.example": public_txt(load_private_key(key))}
+    cfg = from_dict({"dkim": {"domain": "Bücher.example.", "selector": "ed", "key": key}})
+    raw = "From: News <news@bücher.example>\r\nTo: r@example.net\r\nSubject: Hi\r\n\r\nHello\r\n"
+    data = ConfigDKIM(cfg).sign_raw(raw.encode(), None, "m1")
+    assert b"d=xn--bcher-kva.example;" in data.replace(b"\r\n ", b"")
+    assert verdicts(tmp_path, data, records) == [(True, True)]
+
+    cfg = from_dict({"tenants": {"t": {
+        "domains": ["Bücher.example"],
+        "dkim": {"domain": "news.bücher.example", "selector": "s", "key": key},
+    }}})  # fmt: skip
+    tenants = Tenants.from_config(cfg)
+    assert tenants.by_name["t"].domains == ("xn--bcher-kva.example",)
+    assert tenants.allows("t", "news.bücher.example") and tenants.allows(
+        "t", "xn--bcher-kva.example"
+    )
+    assert [k["domain"] for k in tenants.dkim_for("t", "news.xn--bcher-kva.example")] == [
+        "news.xn--bcher-kva.example"
+    ]

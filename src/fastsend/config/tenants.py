@@ -15,7 +15,19 @@ _URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(?:/[!-~]*)?")
 
 
 def norm_domain(domain: str) -> str:
-    return domain.strip().lower().rstrip(".")
+    """Lower case, no trailing dot; a Unicode name in A-labels (IDNA 2008 + UTS 46,
+    as fastsend.address.idna_domain: a tenant's ``bücher.example`` is the From
+    domain ``xn--bcher-kva.example``); one that is not a valid IDN is left as it is
+    (then refused as "not a domain name")."""
+    d = domain.strip().rstrip(".")
+    if not d.isascii():
+        import idna
+
+        try:
+            return idna.encode(d, uts46=True).decode("ascii").lower()
+        except Exception:  # idna.IDNAError and its codec's other refusals
+            pass
+    return d.lower()
 
 
 def under(domain: str, parent: str) -> bool:
