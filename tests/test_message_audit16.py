@@ -14,7 +14,9 @@ and the loopback DNS server, over both twins.
   for SMTPUTF8; a space in one (``?subject=Unsubscribe me``) failed every
   message at render, retried for days as a local error;
 - a tenant's domains or a ``[dkim]`` domain written in Unicode in the
-  config were refused ("not a domain name") where a campaign's were taken;
+  config were refused ("not a domain name") where a campaign's were taken,
+  and ``fastsend dkim keygen --domain bücher.example`` refused it too
+  ("bad domain") where it should print the record at its A-label name;
 - suppression keys kept a Unicode domain as written, so ``suppress add
   u@bücher.example`` never matched the recipient the spool holds
   (``u@xn--bcher-kva.example``): the address was mailed.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import os
 import re
 import sqlite3
@@ -304,3 +307,24 @@ def test_config_dkim_and_tenant_domains_may_be_written_in_unicode(tmp_path: Path
     assert [k["domain"] for k in tenants.dkim_for("t", "news.xn--bcher-kva.example")] == [
         "news.xn--bcher-kva.example"
     ]
+
+
+def test_keygen_for_a_unicode_domain_prints_the_a_label_record_that_verifies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastsend.cli import main
+    from fastsend.message import Campaign
+
+    out = tmp_path / "k.pem"
+    argv = ["dkim", "keygen", "--domain", "Bücher.example", "--selector", "s1",
+            "--algorithm", "ed25519", "--out", str(out), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["name"] == "s1._domainkey.xn--bcher-kva.example"
+    spec = {"from": "a@bücher.example", "subject": "s", "text": "t",
+            "dkim": {"domain": "bücher.example", "selector": "s1", "key": str(out)}}  # fmt: skip
+    data = Campaign.from_dict(spec).compile().render("b@example.org", {}, "m")
+    assert verdicts(tmp_path, data, {rec["name"]: rec["value"]}) == [(True, True)]
+    for bad in ["faß..example", "[127.0.0.1]", "i\u2764.example"]:
+        assert main([*argv[:3], bad, *argv[4:-3], "--out", str(tmp_path / "x.pem")]) == 2
+        assert "bad domain" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from fastsend.address import AddressError, normalize
 from fastsend.message.keys import DkimKeyError, generate, public_txt, write_key
 
 __all__ = ["add_arguments", "run"]
@@ -41,8 +42,11 @@ def txt_zone_line(name: str, value: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    domain = args.domain.rstrip(".").lower()
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9.\-]*[a-z0-9])?", domain):
+    try:  # in A-labels (IDNA 2008 + UTS 46), as d= and the DNS name are written
+        domain = normalize(f"x@{args.domain}")[1]
+    except AddressError:
+        domain = ""
+    if not domain or domain.startswith("["):
         print(f"fastsend dkim keygen: bad domain {args.domain!r}", file=sys.stderr)
         return 2
     if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?", args.selector):
