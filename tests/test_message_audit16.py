@@ -17,6 +17,8 @@ and the loopback DNS server, over both twins.
   config were refused ("not a domain name") where a campaign's were taken,
   and ``fastsend dkim keygen --domain bücher.example`` refused it too
   ("bad domain") where it should print the record at its A-label name;
+- a campaign file or text_file/html_file saved with a UTF-8 byte-order mark
+  (Windows editors) was "not valid TOML", or put U+FEFF in front of the body;
 - suppression keys kept a Unicode domain as written, so ``suppress add
   u@bücher.example`` never matched the recipient the spool holds
   (``u@xn--bcher-kva.example``): the address was mailed.
@@ -328,3 +330,23 @@ def test_keygen_for_a_unicode_domain_prints_the_a_label_record_that_verifies(
     for bad in ["faß..example", "[127.0.0.1]", "i\u2764.example"]:
         assert main([*argv[:3], bad, *argv[4:-3], "--out", str(tmp_path / "x.pem")]) == 2
         assert "bad domain" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_not_campaign_text(tmp_path: Path) -> None:
+    from fastsend.message import Campaign
+
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "c.toml").write_bytes(
+        bom
+        + b'from = "n@sender.example"\nsubject = "s"\ntext_file = "t.txt"\nhtml_file = "h.html"\n'
+    )
+    (tmp_path / "t.txt").write_bytes(bom + "Grüße {{ email }}\n".encode())
+    (tmp_path / "h.html").write_bytes(bom + b"<!DOCTYPE html><p>{{ email }}</p>\n")
+    c = Campaign.load(tmp_path / "c.toml")
+    assert c.to_dict()["text"] == "Grüße {{ email }}\n"
+    assert c.to_dict()["html"].startswith("<!DOCTYPE html>")
+    msg = email.message_from_bytes(
+        c.compile().render("r@example.net", {}, "m"), policy=email.policy.default
+    )
+    assert msg.get_body(("plain",)).get_content() == "Grüße r@example.net\r\n"
+    assert msg.get_body(("html",)).get_content().startswith("<!DOCTYPE html><p>r@example.net</p>")

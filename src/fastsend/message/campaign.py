@@ -132,7 +132,8 @@ class Campaign:
         """Read a TOML campaign file (paths inside are relative to its folder)."""
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not text
+            data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
         except OSError as exc:
             raise CampaignError(f"cannot read campaign {p}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -318,7 +319,7 @@ def _list(v: Any) -> list[Any]:
 
 def _read_text(p: Path, what: str) -> str:
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
     except OSError as exc:
         raise CampaignError(f"{what}: cannot read {p}: {exc.strerror}") from None
     except UnicodeDecodeError:
