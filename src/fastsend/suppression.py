@@ -37,6 +37,7 @@ recipients is one indexed query per batch (``contains_many``).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 import sqlite3
@@ -165,13 +166,21 @@ def _legacy_key(key: str) -> str | None:
     local, _, domain = key.rpartition("@")
     if "xn--" not in domain:
         return None
+    u = _u_labels(domain)
+    return f"{local}@{u}" if u else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _u_labels(domain: str) -> str:
+    """``domain`` in U-labels ("" when that is itself, or not a valid A-label
+    name): cached, the dispatch check asks it for every such recipient."""
     import idna
 
     try:
         u = idna.decode(domain)
     except Exception:  # not a valid A-label: nothing was stored under another form
-        return None
-    return f"{local}@{u}" if u != domain else None
+        return ""
+    return u if u != domain else ""
 
 
 def parse_duration(text: str) -> float:
