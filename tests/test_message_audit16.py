@@ -19,6 +19,8 @@ and the loopback DNS server, over both twins.
   ("bad domain") where it should print the record at its A-label name;
 - a campaign file or text_file/html_file saved with a UTF-8 byte-order mark
   (Windows editors) was "not valid TOML", or put U+FEFF in front of the body;
+- the HTTP API's ``from`` at a Unicode domain went raw into a raw message's
+  MAIL FROM, which then asked for SMTPUTF8 (5.6.7 at a server without it);
 - suppression keys kept a Unicode domain as written, so ``suppress add
   u@bücher.example`` never matched the recipient the spool holds
   (``u@xn--bcher-kva.example``): the address was mailed.
@@ -39,6 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 import pytest
+from tests._serve_helpers import Served
 
 from _engine_helpers import summary
 from _smtp_helpers import RecordingHandler
@@ -350,3 +353,31 @@ def test_a_byte_order_mark_is_not_campaign_text(tmp_path: Path) -> None:
     )
     assert msg.get_body(("plain",)).get_content() == "Grüße r@example.net\r\n"
     assert msg.get_body(("html",)).get_content().startswith("<!DOCTYPE html><p>r@example.net</p>")
+
+
+def test_api_from_at_a_unicode_domain_is_an_ascii_envelope_sender(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    """POST /v1/messages with ``from`` at bücher.example (the tenant's domain): the
+    raw and the built message both go with MAIL FROM at xn--bcher-kva.example, to
+    a server without SMTPUTF8 (aiosmtpd's default)."""
+    port, handler = receiver
+    s = Served(
+        tmp_path, f"127.0.0.1:{port}", '[tenants.acme]\ndomains = ["xn--bcher-kva.example"]\n'
+    )
+    try:
+        raw = "From: App <app@xn--bcher-kva.example>\r\nTo: a@example.net\r\nSubject: raw\r\n\r\nHi\r\n"
+        for body in (
+            {"from": "app@bücher.example", "to": ["a@example.net"], "raw": raw},
+            {"from": "App <app@bücher.example>", "to": ["b@example.net"], "subject": "built",
+             "text": "Hi"},
+        ):  # fmt: skip
+            st, got = s.req("POST", "/v1/messages", body, tenant="acme")
+            assert st == 202, got
+        msgs = wait_for(handler, 2)
+    finally:
+        s.stop()
+    assert sorted((m["rcpts"][0], m["mail_from"]) for m in msgs) == [
+        ("a@example.net", "app@xn--bcher-kva.example"),
+        ("b@example.net", "app@xn--bcher-kva.example"),
+    ]

@@ -181,7 +181,9 @@ _MAILBOX = re.compile(r"\s*(?P<display>.*?)\s*<(?P<addr>[^<>]*)>\s*")
 def parse_mailbox(text: str) -> tuple[str, str]:
     """``"Name <a@b>"``, ``'"Name" <a@b>'`` or ``a@b`` -> ``(display, addr)``.
 
-    The address is checked (HeaderError when invalid).
+    The address is checked (HeaderError when invalid) and returned with its
+    domain in A-labels, as it goes in a header or an envelope (a From written
+    ``news@bücher.example`` made the API's raw messages' MAIL FROM 8-bit).
     """
     check_header_value(text, "mailbox")
     m = _MAILBOX.fullmatch(text)
@@ -194,8 +196,8 @@ def parse_mailbox(text: str) -> tuple[str, str]:
         display, addr = m.group("display"), m.group("addr").strip()
         if len(display) >= 2 and display[0] == '"' and display[-1] == '"':
             display = re.sub(r"\\(.)", r"\1", display[1:-1])
-    split_address(addr)
-    return display, addr
+    local, domain = split_address(addr)
+    return display, f"{local}@{domain}"
 
 
 # The readable twin, by name (tests run both; the compiled one is picked).
