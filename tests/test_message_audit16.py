@@ -14,7 +14,8 @@ and the loopback DNS server, over both twins.
   for SMTPUTF8; a space in one (``?subject=Unsubscribe me``) failed every
   message at render, retried for days as a local error;
 - a tenant's domains or a ``[dkim]`` domain written in Unicode in the
-  config were refused ("not a domain name") where a campaign's were taken,
+  config were refused ("not a domain name") where a campaign's were taken
+  (an ``[intake] verp_domain`` in Unicode never matched the bounces' A-labels),
   and ``fastsend dkim keygen --domain bücher.example`` refused it too
   ("bad domain") where it should print the record at its A-label name;
 - a campaign file or text_file/html_file saved with a UTF-8 byte-order mark
@@ -306,6 +307,12 @@ def test_config_dkim_and_tenant_domains_may_be_written_in_unicode(tmp_path: Path
     }}})  # fmt: skip
     tenants = Tenants.from_config(cfg)
     assert tenants.by_name["t"].domains == ("xn--bcher-kva.example",)
+    # the intake takes the bounces to the A-label VERP return paths campaigns now use
+    intake = from_dict({"intake": {"listen": "127.0.0.1:0", "verp_domain": "Bounces.Bücher.example.",
+                                   "fbl_address": "FBL@bücher.example"}}).intake  # fmt: skip
+    assert (intake.verp_domain, intake.fbl_address) == (
+        "bounces.xn--bcher-kva.example", "fbl@xn--bcher-kva.example"
+    )  # fmt: skip
     assert tenants.allows("t", "news.bücher.example") and tenants.allows(
         "t", "xn--bcher-kva.example"
     )

@@ -20,6 +20,7 @@ from fastsend.config.base import (
     check_listen,
     split_listen,
 )
+from fastsend.config.tenants import norm_domain
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -173,7 +174,11 @@ class IntakeSettings(ListenerLimits):
     parse_cpu_seconds: PosFloat = 2.0
 
     def __post_init__(self) -> None:
-        self.verp_domain = self.verp_domain.lower().rstrip(".")
+        # A-labels, as campaigns' VERP return paths and RCPT TO carry them
+        self.verp_domain = norm_domain(self.verp_domain)
+        if "@" in self.fbl_address:
+            local, _, domain = self.fbl_address.rpartition("@")
+            self.fbl_address = f"{local}@{norm_domain(domain)}"
         self.fbl_address = self.fbl_address.lower()
         if self.listen:
             _listens(self.listen)
