@@ -22,6 +22,8 @@ and the loopback DNS server, over both twins.
   (Windows editors) was "not valid TOML", or put U+FEFF in front of the body;
 - the HTTP API's ``from`` at a Unicode domain went raw into a raw message's
   MAIL FROM, which then asked for SMTPUTF8 (5.6.7 at a server without it);
+- a ``[routes]`` key written in Unicode never matched (recipients' domains are
+  A-labels): the mail went by MX instead of the configured route;
 - suppression keys kept a Unicode domain as written, so ``suppress add
   u@bücher.example`` never matched the recipient the spool holds
   (``u@xn--bcher-kva.example``): the address was mailed.
@@ -388,3 +390,23 @@ def test_api_from_at_a_unicode_domain_is_an_ascii_envelope_sender(
         ("a@example.net", "app@xn--bcher-kva.example"),
         ("b@example.net", "app@xn--bcher-kva.example"),
     ]
+
+
+def test_a_route_keyed_by_a_unicode_domain_applies(
+    impl: str, tmp_path: Path, dns_server: DNSServer, receiver: tuple[int, RecordingHandler]
+) -> None:
+    port, handler = receiver
+    dns_server.set_zones({})  # no MX anywhere: only the route delivers
+    (tmp_path / "c.toml").write_text('from = "n@sender.example"\nsubject = "s"\ntext = "t"\n')
+    (tmp_path / "r.csv").write_text("email\nu@news.bücher.example\n", encoding="utf-8")
+    (tmp_path / "fastsend.toml").write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\ntimeout = 2\n'
+        f'[routes]\n"Bücher.example" = "127.0.0.1:{port}"\n'
+    )
+    proc = _fastsend(
+        impl, "send", str(tmp_path / "c.toml"), "-r", str(tmp_path / "r.csv"),
+        "-c", str(tmp_path / "fastsend.toml"), "--spool", str(tmp_path / "spool"), "--json",
+        "--no-progress", "--no-dkim", "--workers", "1", "--max-wait", "2",
+    )  # fmt: skip
+    assert summary(proc)["delivered"] == 1, (proc.stdout[-1500:], proc.stderr[-1500:])
+    assert [m["rcpts"] for m in wait_for(handler, 1)] == [["u@news.xn--bcher-kva.example"]]

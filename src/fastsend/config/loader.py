@@ -49,7 +49,7 @@ from fastsend.config.shaping import (
     ShapingSection,
     shipped_shaping,
 )
-from fastsend.config.tenants import OPERATOR, DkimKey, TenantTable
+from fastsend.config.tenants import OPERATOR, DkimKey, TenantTable, norm_domain
 from fastsend.config.transports import (
     TransportSpec,
     TransportTable,
@@ -252,7 +252,8 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -
     cfg.helo = f.ips.helo
     cfg.transports = build_transports(f.transports, base_dir)
     for dom, target in f.routes.items():
-        key = dom if dom.split(":", 1)[0] in ("campaign", "tenant", "pool") else dom.lower()
+        # a domain in A-labels, as recipients' are (a Unicode key never matched)
+        key = dom if dom.split(":", 1)[0] in ("campaign", "tenant", "pool") else norm_domain(dom)
         cfg.routes[key] = cfg.route(target, f"[routes] {dom!r}")
     cfg.delivery, cfg.retry, cfg.dns = f.delivery, f.retry, f.dns
     if f.events.log:
