@@ -229,7 +229,9 @@ class PoolsSection(Section):
 
 class GuardrailSettings(Section):
     """[guardrails]: a campaign pauses when its bounce or complaint rate passes
-    these, once ``min_sample`` messages were delivered or bounced."""
+    these, once ``min_sample`` messages were delivered or bounced (bounces
+    reported later, DSNs and provider events, included). Until then at most
+    ``min_sample`` of its messages are out unanswered at a time."""
 
     bounce_rate: Share = 0.05
     complaint_rate: Share = 0.003

@@ -72,14 +72,24 @@ class Outcomes(SupervisorState):
         """The accepted and delivered events of a Rows batch hold no complaint."""
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
-        # Nearly every batch (accepted, delivered) has no complaint: looked for
-        # at C speed (dict.get mapped over the batch), each event visited in
-        # Python only when one is there.
-        if "complained" not in map(dict.get, events, repeat("event")):
+        # Nearly every batch (accepted, delivered) has no complaint nor a
+        # bounce: looked for at C speed (dict.get mapped over the batch), each
+        # event visited in Python only when one is there.
+        kinds = set(map(dict.get, events, repeat("event")))
+        if "complained" not in kinds and "bounced" not in kinds:
             return
+        guardrails = self.shaping.guardrails
         for ev in events:
-            if ev.get("event") == "complained" and isinstance(ev.get("campaign"), int):
-                self.shaping.guardrails.record_complaint(ev["campaign"])
+            kind = ev.get("event")
+            if not isinstance(ev.get("campaign"), int):
+                continue
+            if kind == "complained":
+                guardrails.record_complaint(ev["campaign"])
+            elif kind == "bounced" and ev.get("source") == "async":
+                # a DSN or a provider's bounce about mail the receiver took
+                # (counted delivered then); the supervisor's own are counted
+                # as they are decided (Guardrails.on_result)
+                guardrails.record_bounce(ev["campaign"], str(ev.get("reason") or "unknown"))
 
     def on_outbox(self, slot: WorkerSlot, ring: Ring) -> None:
         ring.clear_reader()

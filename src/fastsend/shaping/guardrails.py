@@ -18,7 +18,8 @@ DESCRIPTION
     ``spool.set_campaign_status(cid, "paused")`` and an event
     ``{"event": "campaign_paused", "campaign": cid, "reason": "..."}``.
     Complaints arrive from outside the delivery path (ARF reports, feedback
-    loops): :meth:`record_complaint`. A paused campaign's counters start
+    loops): :meth:`record_complaint`; so do bounces of mail a receiver or a
+    provider took (DSNs, provider events): :meth:`record_bounce`. A paused campaign's counters start
     again from zero, so ``fastsend campaign resume ID`` gives it a fresh
     sample before it is judged again.
 
@@ -135,6 +136,22 @@ class Guardrails:
         judged: the sample may reach ``min_sample`` with them (bounces counted
         first in the same record were judged on a smaller sample)."""
         self._count(campaign, 0, n)
+        self.check(campaign)
+
+    def record_bounce(self, campaign: int, reason: str) -> None:
+        """A bounce reported after the receiver took the message (a DSN, a
+        provider's bounce event): that message counted delivered when it was
+        sent, and counts bounced from now on. Before, only replies during the
+        SMTP session counted: a campaign sent through a provider (whose bounces
+        all come later) or to receivers that take mail and bounce it after was
+        never paused, whatever its bounce rate."""
+        g = self._get(campaign)
+        if g[0] > 0:  # (not when it was delivered before a pause's fresh sample)
+            self._count(campaign, 0, -1)
+        self._count(campaign, 1)
+        r = self.reasons.setdefault(campaign, {})
+        if reason in r or len(r) < 64:
+            r[reason] = r.get(reason, 0) + 1
         self.check(campaign)
 
     def record_complaint(self, campaign: int, n: int = 1) -> None:
