@@ -446,8 +446,8 @@ class SupervisorShaping:
         sharing the address (a rest they were told is not told again)."""
         reason = str(ev.get("reason", ""))
         site = str(ev.get("site", ""))
-        if reason.startswith(SHARED_REST) or not site:
-            return
+        if ev.get("ordered") or reason.startswith(SHARED_REST) or not site:
+            return  # (a rest the supervisor ordered reached every worker already)
         now = time.time()
         until = float(ev.get("time", now)) + float(ev.get("duration", 0.0) or 0.0)
         if until <= now:

@@ -379,14 +379,20 @@ class Lane:
             duration=rule.duration,
         )
 
-    def block(self, now: float, duration: float, action: str, reason: str) -> None:
+    def block(
+        self, now: float, duration: float, action: str, reason: str, ordered: bool = False
+    ) -> None:
+        """Rest or suspend this lane for ``duration`` s; ``ordered``: the
+        supervisor ordered it (a blocklist listing, another worker's rest of
+        the address), not this lane's own reply: the event says so and it is
+        not told to the other workers again."""
         until = now + duration
         if until <= self.blocked_until:
             return
         self.blocked_until = until
         self.blocked_reason = reason
         self._refresh()
-        self.emit(now, action, reason=reason, duration=duration)
+        self.emit(now, action, reason=reason, duration=duration, ordered=ordered or None)
 
     def _unblock(self, now: float) -> None:
         self.blocked_until = 0.0
@@ -547,7 +553,7 @@ class Shaper:
             ):
                 mono = time.monotonic()
                 if mono + (until - now_unix) > ln.blocked_until + 1.0:  # not told again
-                    ln.block(mono, until - now_unix, "rest", reason)
+                    ln.block(mono, until - now_unix, "rest", reason, ordered=True)
 
     def restore(self, counts: dict[str, int]) -> None:
         self.restored.update(counts)
