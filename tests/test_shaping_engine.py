@@ -262,6 +262,31 @@ def test_complaint_events_feed_the_complaint_guardrail(tmp_path: Path) -> None:
     assert spool.get_campaign(cid).status == "paused"  # 2/20 = 10%
 
 
+def test_bounces_reported_later_feed_the_bounce_guardrail(tmp_path: Path) -> None:
+    """A bounce about mail the receiver took (a DSN at the bounce intake, a
+    provider's bounce event: ``source: async``) moves that message from the
+    campaign's delivered to its bounced: over the threshold it is paused. A
+    campaign sent through a provider (every bounce comes later) was never
+    paused. The supervisor's own bounce events (no ``source``) are not counted
+    twice."""
+    cfg = cfgmod.from_dict({"guardrails": {"min_sample": 10, "bounce_rate": 0.05}})
+    cfg.spool_dir = str(tmp_path / "spool")
+    spool = SQLiteSpool(cfg.spool_dir)
+    cid = spool.create_campaign({"from": "a@sender.example.com"})
+    events = EventLog(None)
+    sup = Supervisor(cfg, spool, events)
+    g = sup.shaping.guardrails
+    g.counts[cid] = [20, 0, 0]  # 20 delivered so far
+    events.emit({"event": "bounced", "campaign": cid, "rcpt": "s@example.net", "code": 550})
+    assert g.counts[cid] == [20, 0, 0]  # decided in the session: counted by on_result
+    late = {"event": "bounced", "campaign": cid, "source": "async", "reason": "userunknown"}
+    events.emit({**late, "rcpt": "x@example.net"})
+    assert g.counts[cid] == [19, 1, 0] and spool.get_campaign(cid).status == "active"  # 5%
+    events.emit({**late, "rcpt": "y@example.net", "id": 7})
+    assert spool.get_campaign(cid).status == "paused"  # 2 of 20
+    assert "mostly userunknown" in (spool.get_campaign(cid).reason or "")
+
+
 def test_a_sample_completed_by_deliveries_is_judged(tmp_path: Path) -> None:
     """Bounces counted before the sample was large enough, then deliveries that
     complete it: the campaign is judged then (before, only a bounce judged, so a
@@ -541,3 +566,29 @@ def test_a_rest_reaches_every_worker_sending_from_the_address(tmp_path: Path) ->
     assert counts["queued"] > 600 and counts["bounced"] == 0, counts
     # the other worker's lane rested too, saying whose rest it follows
     assert len(rests) == 2 and "another worker" in rests[1]["reason"], rests
+    assert rests[1]["ordered"] is True and "ordered" not in rests[0], rests
+
+
+def test_only_a_lanes_own_rest_is_told_to_the_other_workers(tmp_path: Path) -> None:
+    """A rest the supervisor ordered (a blocklist listing reaches every worker
+    sending from the address; another worker's rest) is not told again; a
+    lane's own, on a block reply, is, once per (address, site), ending when it
+    ends; workers started later are told too."""
+    from fastsend import wire
+
+    cfg = cfgmod.from_dict({})
+    cfg.spool_dir = str(tmp_path / "spool")
+    sup = Supervisor(cfg, SQLiteSpool(cfg.spool_dir), EventLog(None))
+    sh = sup.shaping
+    now = time.time()
+    own = {"time": now, "event": "shaping", "action": "rest", "source_ip": "127.0.0.2",
+           "site": "mx:example.net", "provider": "", "reason": "ip blocked: 554 listed",
+           "duration": 3600.0}  # fmt: skip
+    sh.on_record(wire.ShapingEvents([{**own, "ordered": True}]), 0)
+    sh.on_record(wire.ShapingEvents([{**own, "action": "throttle"}]), 0)
+    assert sh.rests_to_share == []
+    sh.on_record(wire.ShapingEvents([own]), 1)
+    [(origin, rec)] = sh.rests_to_share
+    assert origin == 1 and rec.ip == "127.0.0.2" and rec.providers == ["site:mx:example.net"]
+    assert abs(rec.until - (now + 3600.0)) < 1e-6 and "ip blocked" in rec.reason
+    assert any(b"site:mx:example.net" in r for r in sh.spawn_records())

@@ -130,6 +130,10 @@ def test_pool_choice_by_campaign_option_and_tenant() -> None:
     assert ps.pool_for("", "someone") == "shared"
     assert ps.pool_for("", "acme") == "acme"
     assert ps.pool_for("shared", "acme") == "shared"
+    # acme's dedicated pool is acme's (and the operator's): another tenant
+    # naming it sends from its own pool
+    assert ps.pool_for("acme", "other") == "shared" and not ps.may_use("acme", "other")
+    assert ps.pool_for("acme", "default") == "acme" and ps.may_use("shared", "other")
     # A worker without any of a pool's IPs falls back to its own.
     sh = Shaper(cfg, ["127.0.0.2"], now=NOW)
     assert [i.ip for i in sh.pool("acme").ips] == ["127.0.0.2"]
@@ -197,7 +201,7 @@ def test_send_chooses_the_campaigns_pool_and_rate(tmp_path: Path) -> None:
     rfile = write_recipients(tmp_path, [f"u{i}@d{i % 5}.example" for i in range(60)])
     conf = tmp_path / "fastsend.toml"
     conf.write_text(
-        '[pools]\ndefault = "main"\n'
+        '[pools]\ndefault = "main"\ntenants = { acme = "promo" }\n'
         '[pools.main]\nips = [{ ip = "127.0.0.2" }]\n'
         '[pools.promo]\nips = [{ ip = "127.0.0.3" }]\n'
     )
@@ -206,6 +210,10 @@ def test_send_chooses_the_campaigns_pool_and_rate(tmp_path: Path) -> None:
     with SinkProcess("--log", str(log)) as sink:
         common = ["-c", str(conf), "--route", f"*={sink.host}:{sink.port}", "--spool", str(spool),
                   "--json", "--no-progress", "--no-dkim", "--max-wait", "2"]  # fmt: skip
+        theirs = run_fastsend(
+            "send", str(camp), "-r", str(rfile), "--pool", "promo", "--tenant", "bob", *common
+        )
+        assert theirs.returncode == 2 and "another tenant's" in theirs.stderr, theirs.stderr
         bad = run_fastsend("send", str(camp), "-r", str(rfile), "--pool", "promos", *common)
         assert bad.returncode == 2, bad.stderr
         assert "pool 'promos'" in bad.stderr and "main, promo" in bad.stderr, bad.stderr

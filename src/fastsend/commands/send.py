@@ -82,10 +82,17 @@ def campaign_options(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, Any]
     if args.pool is not None:
         from fastsend.shaping.pools import load_pools
 
-        names = sorted(load_pools(cfg, time.time()).pools)
+        pools = load_pools(cfg, time.time())
+        names = sorted(pools.pools)
         if args.pool not in names:
             return {}, (
                 f"--pool: no pool {args.pool!r} in the config (its pools: {', '.join(names)})"
+            )
+        tenant = "default" if args.tenant is None else args.tenant
+        if not pools.may_use(args.pool, tenant):
+            return {}, (
+                f"--pool: pool {args.pool!r} is another tenant's ([pools] tenants);"
+                f" tenant {tenant!r} may not send from it"
             )
         options["pool"] = args.pool
     if args.max_rate is not None:

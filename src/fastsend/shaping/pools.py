@@ -184,12 +184,23 @@ class PoolSet(msgspec.Struct):
     tenants: dict[str, str] = msgspec.field(default_factory=dict)
 
     def pool_for(self, name: str = "", tenant: str = "") -> str:
-        if name and name in self.pools:
+        """The pool a campaign of ``tenant`` naming pool ``name`` (or none) sends
+        from: ``name`` when it may (:meth:`may_use`), else the tenant's pool,
+        else the default."""
+        if name and name in self.pools and self.may_use(name, tenant):
             return name
         t = self.tenants.get(tenant)
         if t:
             return t
         return self.default
+
+    def may_use(self, name: str, tenant: str) -> bool:
+        """Whether a campaign of ``tenant`` may name pool ``name``: a pool that
+        ``[pools] tenants`` gives to some tenants is theirs (and the operator's:
+        the default tenant's); any other pool anyone's. A tenant never sends
+        from another tenant's dedicated addresses (their reputation)."""
+        owners = [t for t, p in self.tenants.items() if p == name]
+        return not owners or tenant in owners or tenant in ("", "default")
 
     def all_ips(self) -> list[str]:
         seen: dict[str, None] = {}
