@@ -454,7 +454,12 @@ def test_a_dead_workers_outbox_is_applied_before_its_window_is_released(tmp_path
     # window done; the next claim refills it).
     n, busy = 8000, 500
     with SinkThread(latency_ms=1) as sink:
-        cfg = make_config(tmp_path, sink, delivery={"pipeline": 16})
+        # the whole window out from the start (a campaign not yet judged by its
+        # guardrails has at most min_sample out: the worker had answered them
+        # all by the kill, and none was of unknown outcome)
+        cfg = make_config(
+            tmp_path, sink, delivery={"pipeline": 16}, guardrails={"min_sample": n}
+        )
         spool = SQLiteSpool(cfg.spool_dir)
         cid = new_campaign(spool)
         rcpts = [f"u{i}@dead.example" for i in range(n)]
