@@ -237,7 +237,9 @@ def test_a_raised_alarm_survives_a_restart(tmp_path: Path) -> None:
     _critical(store, 1, delivered=20000, complaints=0)  # diluted under the lines
     alarms.evaluate(["acme"])
     assert {(e["event"], e.get("campaign"), e.get("provider")) for e in after} == {
-        ("alarm_cleared", 1, None), ("alarm_cleared", None, "google")}
+        ("alarm_cleared", 1, None), ("alarm_cleared", None, "google"),
+        ("alarm_cleared", None, None)}  # the source IP's (node-wide)
+    assert [e["source_ip"] for e in after if "source_ip" in e] == ["127.0.0.2"]
     store.close()
 
 
@@ -311,13 +313,16 @@ def test_an_alarm_whose_mail_stopped_clears_and_a_new_incident_is_told(tmp_path:
 
     put(t, 1000, 4)  # Monday: 0.4%
     alarms.evaluate(["acme"], now)
-    told = {(e["event"], e.get("campaign"), e.get("provider")) for e in events}
-    assert told == {("alarm", 1, None), ("alarm", None, "google")}
+    told = {(e["event"], e.get("campaign"), e.get("provider") or e.get("source_ip"))
+            for e in events}  # fmt: skip
+    assert told == {("alarm", 1, None), ("alarm", None, "google"), ("alarm", None, "127.0.0.2")}
     events.clear()
     later = now + 6 * 3600  # the mail stopped: nothing in the window
     alarms.evaluate(["acme"], later)
-    told = {(e["event"], e.get("campaign"), e.get("provider")) for e in events}
-    assert told == {("alarm_cleared", 1, None), ("alarm_cleared", None, "google")}
+    told = {(e["event"], e.get("campaign"), e.get("provider") or e.get("source_ip"))
+            for e in events}  # fmt: skip
+    assert told == {("alarm_cleared", 1, None), ("alarm_cleared", None, "google"),
+                    ("alarm_cleared", None, "127.0.0.2")}  # fmt: skip
     assert all(e["rate"] is None for e in events)
     events.clear()
     alarms.evaluate(["acme"], later)
@@ -325,6 +330,35 @@ def test_an_alarm_whose_mail_stopped_clears_and_a_new_incident_is_told(tmp_path:
     tl = int(later) - int(later) % 60
     put(tl, 1000, 5)  # the next incident
     alarms.evaluate(["acme"], later)
-    told = {(e["event"], e.get("campaign"), e.get("provider"), e.get("level")) for e in events}
-    assert told == {("alarm", 1, None, "critical"), ("alarm", None, "google", "critical")}
+    told = {(e["event"], e.get("campaign"), e.get("provider") or e.get("source_ip"),
+             e.get("level")) for e in events}  # fmt: skip
+    assert told == {("alarm", 1, None, "critical"), ("alarm", None, "google", "critical"),
+                    ("alarm", None, "127.0.0.2", "critical")}  # fmt: skip
+    store.close()
+
+
+def test_a_source_ip_over_the_line_across_tenants_is_an_alarm(tmp_path: Path) -> None:
+    """Alarms were per tenant's campaign and provider only: a provider judges a source IP
+    on all the mail it sends, and three tenants each under the sample (150 delivered,
+    2 complaints each: 1.3%) made no alarm although the IP's rate was 1.3% over 450
+    mails. The node's source IPs are judged too ("tenant": "*"); mail of no IP of ours
+    (a relay or provider route) is not."""
+    store = SQLiteRollupStore(str(tmp_path))
+    events: list[dict[str, Any]] = []
+    alarms = Alarms(AlarmSettings(min_delivered=200), store, events.append)
+    now = time.time()
+    t = int(now) - int(now) % 60
+    counts = {}
+    for cid, tenant in ((1, "acme"), (2, "beta"), (3, "gamma")):
+        # per tenant: each campaign and provider under the sample
+        for c, prov, ip, n in ((cid, "google", "127.0.0.2", 150), (cid + 10, "other", "", 100)):
+            row = [0] * NC
+            row[IDX["delivered"]], row[IDX["complaints"]] = n, 2
+            counts[(60, t, (tenant, c, prov, ip))] = row
+    _node_rows(counts, {})
+    store.add(counts, {}, {})
+    alarms.evaluate(["acme", "beta", "gamma"], now)
+    assert [(e["event"], e["tenant"], e.get("source_ip"), e["kind"], e["level"])
+            for e in events] == [("alarm", "*", "127.0.0.2", "complaint_rate", "critical")]
+    assert events[0]["delivered"] == 450
     store.close()

@@ -17,9 +17,11 @@ DESCRIPTION
         bounce_rate_max = 0.05     # common industry guidance (and the guardrails' default)
 
     :meth:`Alarms.evaluate` (in serve, every minute) reads each tenant's
-    rollups per campaign and per provider over the window and emits
+    rollups per campaign and per provider, and the node's per source IP (all
+    tenants' mail: a provider judges the IP on all of it; ``"tenant": "*"``),
+    over the window and emits
     ``{"event": "alarm", "kind": "complaint_rate" | "bounce_rate", "level":
-    "warning" | "critical", "tenant", "campaign" | "provider", "rate", "line",
+    "warning" | "critical", "tenant", "campaign" | "provider" | "source_ip", "rate", "line",
     "delivered", "window_s"}`` when a group crosses a line (once per group and
     level, again only after it cleared: ``alarm_cleared``; a group with no mail
     in the window clears with ``rate`` null, so its next crossing is told). Events reach the
@@ -107,52 +109,56 @@ class Alarms:
         t1 = int(now) - int(now) % 60 + 60
         t0 = t1 - int(s.window_s) // 60 * 60
         self._load()
-        for tenant in tenants:
-            for dim in ("campaign", "provider"):
-                rows = self.store.aggregate(60, t0, t1, tenant, {}, [dim], False)
-                measured: set[tuple[Any, ...]] = set()  # (value, kind) with mail in the window
-                for (value,), row in rows:
-                    delivered = row[IDX["delivered"]]
-                    ended = delivered + row[IDX["bounced"]] + row[IDX["expired"]]
-                    if delivered:
-                        measured.add((value, "complaint_rate"))
-                    if ended:
-                        measured.add((value, "bounce_rate"))
-                    if ended < s.min_delivered:
+        # Each tenant's campaigns and providers, and the node's source IPs: a provider
+        # judges an IP on all the mail it sends, whichever tenants' it is.
+        judged = [(t, dim) for t in tenants if t != NODE for dim in ("campaign", "provider")]
+        for tenant, dim in [*judged, (NODE, "source_ip")]:
+            rows = self.store.aggregate(60, t0, t1, tenant, {}, [dim], False)
+            measured: set[tuple[Any, ...]] = set()  # (value, kind) with mail in the window
+            for (value,), row in rows:
+                if dim == "source_ip" and not value:
+                    continue  # no IP of ours (a relay or provider route)
+                delivered = row[IDX["delivered"]]
+                ended = delivered + row[IDX["bounced"]] + row[IDX["expired"]]
+                if delivered:
+                    measured.add((value, "complaint_rate"))
+                if ended:
+                    measured.add((value, "bounce_rate"))
+                if ended < s.min_delivered:
+                    continue
+                r = rates(row)
+                # Each rate is judged on the mail it is a rate of: complaints over
+                # delivered mail, bounces over mail that ended (a list that mostly
+                # bounces delivers little, and is the one to warn about).
+                for kind, warn, top, sample in (
+                    ("complaint_rate", s.complaint_rate_warn, s.complaint_rate_max,
+                     delivered),
+                    ("bounce_rate", s.bounce_rate_warn, s.bounce_rate_max, ended),
+                ):  # fmt: skip
+                    if sample < s.min_delivered:
                         continue
-                    r = rates(row)
-                    # Each rate is judged on the mail it is a rate of: complaints over
-                    # delivered mail, bounces over mail that ended (a list that mostly
-                    # bounces delivers little, and is the one to warn about).
-                    for kind, warn, top, sample in (
-                        ("complaint_rate", s.complaint_rate_warn, s.complaint_rate_max,
-                         delivered),
-                        ("bounce_rate", s.bounce_rate_warn, s.bounce_rate_max, ended),
-                    ):  # fmt: skip
-                        if sample < s.min_delivered:
-                            continue
-                        key = (tenant, dim, value, kind)
-                        level = self._level(r[kind], warn, top)
-                        was = self.raised.get(key, "")
-                        if level == was:
-                            continue
-                        if not self.store.set_state(SCOPE, orjson.dumps(key).decode(), was,
-                                                    level):  # fmt: skip
-                            continue  # another node told this change first
-                        if level:
-                            self.raised[key] = level
-                            ev = {"event": "alarm", "kind": kind, "level": level,
-                                  "tenant": tenant, dim: value, "rate": r[kind],
-                                  "line": top if level == "critical" else warn,
-                                  "delivered": row[IDX["delivered"]],
-                                  "window_s": int(s.window_s)}  # fmt: skip
-                        else:
-                            del self.raised[key]
-                            ev = {"event": "alarm_cleared", "kind": kind, "tenant": tenant,
-                                  dim: value, "rate": r[kind]}  # fmt: skip
-                        self.emit(ev)
-                        out.append(ev)
-                self._clear_unmeasured(tenant, dim, measured, out)
+                    key = (tenant, dim, value, kind)
+                    level = self._level(r[kind], warn, top)
+                    was = self.raised.get(key, "")
+                    if level == was:
+                        continue
+                    if not self.store.set_state(SCOPE, orjson.dumps(key).decode(), was,
+                                                level):  # fmt: skip
+                        continue  # another node told this change first
+                    if level:
+                        self.raised[key] = level
+                        ev = {"event": "alarm", "kind": kind, "level": level,
+                              "tenant": tenant, dim: value, "rate": r[kind],
+                              "line": top if level == "critical" else warn,
+                              "delivered": row[IDX["delivered"]],
+                              "window_s": int(s.window_s)}  # fmt: skip
+                    else:
+                        del self.raised[key]
+                        ev = {"event": "alarm_cleared", "kind": kind, "tenant": tenant,
+                              dim: value, "rate": r[kind]}  # fmt: skip
+                    self.emit(ev)
+                    out.append(ev)
+            self._clear_unmeasured(tenant, dim, measured, out)
 
     def _clear_unmeasured(self, tenant: str, dim: str, measured: set[tuple[Any, ...]],
                           out: list[dict[str, Any]]) -> None:  # fmt: skip
