@@ -430,6 +430,19 @@ if ARGV[3] ~= '0' then
 end
 return 1
 """
+# KEYS: a bucket's event list. ARGV: message ids. The "delivered" entries of those ids.
+_DELIVERED = """
+local want = {}
+for i = 1, #ARGV do want[ARGV[i] .. ':'] = true end
+local out = {}
+for _, e in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local c = string.find(e, ':', 1, true)
+  if c and want[string.sub(e, 1, c)] and string.find(e, '"event":"delivered"', 1, true) then
+    out[#out + 1] = e
+  end
+end
+return out
+"""
 STAT_STEPS = ((60, 6 * 3600), (3600, 8 * 86400))  # (bucket s, kept s): minutes, hours
 _SEP = "\x1f"
 
@@ -452,6 +465,7 @@ class RedisEventIndex(CatchesUp):
         self.pending: list[tuple[int, bytes, int, str, float]] = []
         self._append = r.register_script(_APPEND)
         self._read = r.register_script(_READ)
+        self._delivered = r.register_script(_DELIVERED)
         self.pending_meta: list[tuple[int, bytes, bytes]] = []
         self.counts: dict[tuple[int, str], int] = {}  # (minute, field) -> n
         self.last_flush = time.monotonic()
@@ -597,9 +611,13 @@ class RedisEventIndex(CatchesUp):
         events (the node that delivered a message is seldom the one its open reaches)."""
         self.flush()
         want = {int(i) for i in ids}
+        by_bucket: dict[int, list[int]] = {}
+        for mid in want:
+            by_bucket.setdefault(mid // EV_BUCKET, []).append(mid)
         pipe = self.r.pipeline(transaction=False)
-        for b in sorted({mid // EV_BUCKET for mid in want}):
-            pipe.lrange(f"{self.k}:ev:{b}", 0, -1)
+        for b, mids in sorted(by_bucket.items()):
+            # only the wanted messages' deliveries come back, not the bucket's list
+            self._delivered(keys=[f"{self.k}:ev:{b}"], args=mids, client=pipe)
         out: dict[int, tuple[float, dict[str, Any]]] = {}
         for raw in pipe.execute():
             for entry in raw:
