@@ -12,12 +12,14 @@ Redis back delivers every recipient.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -378,3 +380,88 @@ def test_send_and_resume_stop_the_same_way_when_the_spools_storage_refuses(
     log.emit_rows([{"event": "x"}])
     assert run_engine(lambda: {"delivered": 1}, "spool", log, None) == {"delivered": 1}
     assert log._fd == -1 and (tmp_path / "events.jsonl").read_text().count("\n") == 1
+
+
+class _NeverAnswersTheDot:
+    """An aiosmtpd handler that takes every message whole (recording its
+    recipients) and never answers the final dot: what was sent is past DATA
+    and its outcome unknown to the sender (a reply lost, a stalled receiver)."""
+
+    def __init__(self) -> None:
+        self.rcpts: list[str] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.rcpts.extend(envelope.rcpt_tos)
+        await asyncio.sleep(3600)
+        return "250 2.0.0 never said"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_stop_now_counts_an_attempt_for_mail_past_data(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``fastsend send`` stopped now (SIGINT) while its receiver holds messages
+    past DATA without answering the final dot: each of those messages may have
+    been delivered, so it counts one attempt of unknown outcome (attempts 1,
+    a deferred event saying so), as a killed worker's or node's window does;
+    ``resume`` then delivers every recipient (nothing lost). Before: the
+    windows went back as if never tried (attempts 0, no event)."""
+    from aiosmtpd.controller import Controller
+    from conftest import free_port
+
+    addrs = [f"u{i}@d{i % 4}.example" for i in range(40)]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    if backend == "redis":
+        spool = request.getfixturevalue("redis_server").url(dir=str(tmp_path / "local"))
+        events = tmp_path / "local" / "events.jsonl"
+    else:
+        spool = str(tmp_path / "spool")
+        events = tmp_path / "spool" / "events.jsonl"
+    handler = _NeverAnswersTheDot()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(rcpts), "--spool", spool, "--route",
+                         f"*=127.0.0.1:{ctl.port}", "--no-dkim", "--no-progress", "--workers",
+                         "1"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not handler.rcpts:  # a transaction is past DATA
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.05)
+            time.sleep(0.5)  # the other connections' transactions get there too
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 130, err[-3000:]
+    finally:
+        ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
+        ctl.stop()
+    past_data = set(handler.rcpts)
+    assert past_data, err[-3000:]
+    s = open_spool(spool)
+    try:
+        rows = {m["rcpt"]: m for i in range(1, len(addrs) + 1) if (m := s.message(i))}
+        assert set(rows) == set(addrs)
+        for rcpt in past_data:
+            assert rows[rcpt]["attempts"] == 1 and rows[rcpt]["state"] != "delivered", rows[rcpt]
+    finally:
+        s.close()
+    told = {
+        e["rcpt"]
+        for e in map(json.loads, events.read_text().splitlines())
+        if e.get("event") == "deferred" and "outcome unknown" in e.get("text", "")
+    }
+    assert past_data <= told, (past_data - told, err[-2000:])
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        r = run_fastsend("resume", "--spool", spool, "--route", f"*={sink.host}:{sink.port}",
+                         "--no-progress", "--workers", "1", "--max-wait", "5")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert set(received_counts(log)) == set(addrs)

@@ -293,12 +293,31 @@ class WorkerLifecycle(SupervisorState):
         self.signal_workers(signal.SIGKILL)
         for s in self.slots:
             if s.alive:
-                wait(s, 0)
+                _pid, status = wait(s, 0)
                 s.alive = False
-                self.retire(s)
+                self.retire(s, unknown=self.stopped_text(s, status))
         if not self.outage_since:
             self.guard(self.tell_taken_back)
             self.guard(self.flush_results)
+
+    def stopped_text(self, slot: WorkerSlot, status: int) -> str:
+        """The reason recorded for a worker's window when the worker ended
+        with ``status`` during the stop: a worker stopped now (our SIGTERM or
+        SIGKILL) or dead in the drain may have had messages past DATA whose
+        reply never came, so what it was handed counts one attempt of unknown
+        outcome (``retire``'s ``unknown``), as a killed worker's window does
+        while running; "" when it exited by itself (its window finished). Not
+        while the spool is out of reach: what the node holds then stays
+        claimed, and the next start (or another node, the lease lapsed)
+        counts it (``Spool.recover``)."""
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0 or self.outage_since:
+            return ""
+        why = "stopped now" if self.stopping else f"exited with status {code}"
+        return (
+            f"local error: worker {slot.index} {why} while this message was in its window:"
+            " outcome unknown, sent again"
+        )
 
     def signal_workers(self, sig: int) -> None:
         for s in self.slots:
@@ -313,12 +332,12 @@ class WorkerLifecycle(SupervisorState):
             if not slot.alive:
                 continue
             try:
-                pid, _status = wait(slot, os.WNOHANG)
+                pid, status = wait(slot, os.WNOHANG)
             except ChildProcessError:
-                pid = slot.pid
+                pid, status = slot.pid, 0
             if pid:
                 slot.alive = False
-                self.retire(slot)
+                self.retire(slot, unknown=self.stopped_text(slot, status))
             elif slot.outbox is not None:
                 self.drain_outbox(slot, slot.outbox)
         if not self.outage_since:
