@@ -280,3 +280,74 @@ def test_only_nodes_with_mail_for_a_transport_share_its_connections(
     for spool, sh in nodes.values():
         sh.close()
         spool.close()
+
+
+def test_a_node_name_held_in_another_pid_namespace_of_this_host_name_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    """Two nodes by one host name that count pids apart (containers sharing
+    the host's name: ``--network host``, Kubernetes' ``hostNetwork``; cloned
+    machines) given the same node name: the second is refused (exit 75,
+    naming the holder), not taken over because the holder's pid means
+    another process here; once the holder is gone its hold lapses and the
+    name is free. The holder is a real process in its own PID namespace
+    (``unshare``), the second the real ``fastsend resume``. Before: the pid
+    looked dead from here (pid 1 is another process), and two live processes
+    ran under one name, each taking the other's in-flight window back (sent
+    twice)."""
+    import os
+    import subprocess
+    import sys
+
+    import orjson
+
+    from fastsend.spool.base import holder_gone
+
+    url = redis_server.url(node="n1", lease="1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = (
+        "import sys, time, orjson\n"
+        "from fastsend.spool import open_spool\n"
+        "from fastsend.spool.base import holder_tag\n"
+        "s = open_spool(sys.argv[1])\n"
+        "s.hold_supervisor('fastsend serve')\n"
+        "print(orjson.dumps(holder_tag()).decode(), flush=True)\n"
+        "for _ in range(1200):  # renewed as a node's supervisor does, until killed\n"
+        "    s.renew()\n"
+        "    time.sleep(0.05)\n"
+    )
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c", code, url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        assert line, holder.stderr.read() if holder.stderr else ""
+        tag = orjson.loads(line)
+        assert tag["pid"] == 1  # pid 1 over there; here, another process
+        assert not holder_gone(tag)
+        r = subprocess.run(
+            [sys.executable, "-m", "fastsend", "resume", "--spool", url, "--no-progress",
+             "--max-wait", "0"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 75, (r.returncode, r.stderr[-2000:])
+        assert "node name 'n1' is in use" in r.stderr and "pid 1 on" in r.stderr, r.stderr
+        assert "another machine or container" in r.stderr and "lapses within" in r.stderr
+    finally:
+        holder.kill()  # unshare, and with it (--kill-child) the holder
+        holder.wait()
+    # The holder gone without a word: its hold lapses (lease 1 s), then the name is free.
+    r = _client(redis_server)
+    key = "{" + url.split("prefix=")[1].split("&")[0] + "}:name:n1"
+    deadline = time.monotonic() + 10
+    while r.get(key) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastsend", "resume", "--spool", url, "--no-progress",
+         "--max-wait", "0"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]

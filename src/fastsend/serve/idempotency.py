@@ -63,7 +63,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -83,7 +82,7 @@ from fastsend.spool import (
     IngestJob,
     Spool,
 )
-from fastsend.spool.base import holder_gone, holder_tag
+from fastsend.spool.base import holder_gone, holder_tag, same_pid_space
 
 log = logging.getLogger("fastsend.serve")
 
@@ -130,7 +129,7 @@ def _abandoned(rec: IdemRecord) -> bool:
         return True
     if not isinstance(tag, dict):
         return True
-    if tag.get("host") == socket.gethostname():
+    if same_pid_space(tag):
         return holder_gone(tag)  # a live process here is never taken over
     return rec.lease_left <= 0
 

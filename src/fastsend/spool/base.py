@@ -158,21 +158,54 @@ def _since(tag: dict[str, Any]) -> str:
 
 
 def holder_tag() -> dict[str, Any]:
-    """Who holds an ingest job: this process (pid, host, start time: a pid
-    reused by another process after a crash is not mistaken for the holder)."""
+    """Who holds an ingest job, a node name or a request: this process (pid,
+    host, start time: a pid reused by another process after a crash is not
+    mistaken for the holder; ``ns``: the kernel's boot and this process's PID
+    namespace, where that pid means this process)."""
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "start": _start_time(pid), "since": time.time()}
+    return {"pid": pid, "host": socket.gethostname(), "start": _start_time(pid),
+            "since": time.time(), "ns": pid_space()}  # fmt: skip
+
+
+@functools.cache
+def pid_space() -> str:
+    """Where this process's pids mean what they say: the running kernel's boot
+    id and this process's PID namespace. A host name alone does not tell:
+    containers sharing the host's name (``--network host``, Kubernetes'
+    ``hostNetwork``) each count pids of their own, and cloned machines share
+    their name; "" when /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def same_pid_space(tag: dict[str, Any]) -> bool:
+    """The holder ``tag`` ran where this process can see its pid: this host
+    (its name), the same boot and PID namespace (a tag of an older version,
+    without ``ns``: the host name alone)."""
+    if tag.get("host") != socket.gethostname():
+        return False
+    ns = tag.get("ns")
+    return ns is None or (ns != "" and ns == pid_space())
 
 
 def describe_holder(tag: dict[str, Any]) -> str:
-    return f"pid {tag.get('pid', '?')} on {tag.get('host', '?')}{_since(tag)}"
+    where = str(tag.get("host", "?"))
+    if tag.get("host") == socket.gethostname() and not same_pid_space(tag):
+        where += " (another machine or container by that name)"
+    return f"pid {tag.get('pid', '?')} on {where}{_since(tag)}"
 
 
 def holder_gone(tag: dict[str, Any]) -> bool:
-    """True when the holder ran on this host and is dead (its pid is gone or now
-    names a process started at another time): its lease need not be waited out.
-    A holder on another host is never judged from here (its lease expires)."""
-    if tag.get("host") != socket.gethostname():
+    """True when the holder ran here (:func:`same_pid_space`) and is dead (its
+    pid is gone or now names a process started at another time): its lease
+    need not be waited out. A holder elsewhere (another host, or a container
+    or machine by the same name) is never judged from here (its lease
+    expires)."""
+    if not same_pid_space(tag):
         return False
     try:
         pid = int(tag.get("pid", 0))

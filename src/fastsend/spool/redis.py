@@ -142,6 +142,7 @@ from fastsend.spool.base import (
     idem_part,
     idem_part_ids,
     parse_redis_url,
+    same_pid_space,
     unknown_text,
 )
 from fastsend.wire import blob_ref
@@ -169,7 +170,7 @@ class NodeNameBusy(SpoolBusy):
         self.holder = holder
         lapse = (
             f" (if it is gone, its hold lapses within {max(left, 0.0):.0f} s)"
-            if holder.get("host") != socket.gethostname()
+            if not same_pid_space(holder)
             else ""
         )
         SpoolError.__init__(
@@ -220,7 +221,7 @@ def _s(b: Any) -> str:
 def _same_process(tag: dict[str, Any]) -> bool:
     """``tag`` (holder_tag) names this very process (another spool object of it)."""
     me = holder_tag()
-    return all(tag.get(k) == me[k] for k in ("pid", "host", "start"))
+    return all(tag.get(k) == me[k] for k in ("pid", "host", "start", "ns"))
 
 
 def _buckets(ids: Iterable[int]) -> dict[int, list[int]]:
