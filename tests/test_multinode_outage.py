@@ -125,16 +125,76 @@ def test_nodes_survive_a_redis_restart_and_deliver_everything(tmp_path: Path) ->
     assert sum(v - 1 for v in got.values()) <= 2 * 300  # at most the windows in flight
 
 
-async def _inject(nodes: list[Node], key: str) -> int:
+def test_a_node_rides_out_a_redis_that_refuses_writes(tmp_path: Path) -> None:
+    """Redis answers but takes no writes for a while: a failover made it a
+    replica (READONLY), as Sentinel does to a master it demotes. The node
+    keeps what it holds and says the spool is out of reach, and once writes
+    are taken again it delivers every recipient and drains on SIGTERM (exit
+    0), no traceback. Before: the first refused write (a plain ResponseError)
+    ended the supervisor's run while serve went on answering the API: nothing
+    more was delivered, ever, and SIGTERM killed the process (no drain)."""
+    import redis as redis_py
+
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    redis = Redis(rdir)
+    redis.start()
+    log = tmp_path / "sink.jsonl"
+    url = f"redis://127.0.0.1:{redis.port}/0?prefix=ro&lease=4"
+    n = 900  # ~1.5 s at the nodes' campaign_rate (600/s)
+    node = None
+    r = redis_py.Redis(port=redis.port)
+    try:
+        with SinkProcess("--log", str(log), "--latency-ms", "5") as sink:
+            key = subprocess.run(
+                [sys.executable, "-m", "fastsend", "apikey", "create", "--tenant", "acme",
+                 "--spool", url],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()  # fmt: skip
+            node = Node(tmp_path, "n0", IPS[0], url, sink.addresses[0])
+            node.wait_ready()
+            cid = asyncio.run(_inject([node], key, n))
+            spool = open_spool(url)
+            deadline = time.monotonic() + 60
+            while spool.counts(cid)["delivered"] < n // 10:
+                assert time.monotonic() < deadline, spool.counts(cid)
+                time.sleep(0.01)
+            r.execute_command("REPLICAOF", "127.0.0.1", "1")
+            try:
+                deadline = time.monotonic() + 30
+                while "the spool is out of reach (ReadOnlyError" not in node.output():
+                    assert node.proc.poll() is None and time.monotonic() < deadline, node.output()[
+                        -3000:
+                    ]
+                    time.sleep(0.05)
+            finally:
+                r.execute_command("REPLICAOF", "NO", "ONE")
+            deadline = time.monotonic() + 60
+            while (c := spool.counts(cid))["delivered"] < n:
+                assert time.monotonic() < deadline, (c, node.output()[-3000:])
+                time.sleep(0.1)
+            spool.close()
+            node.proc.send_signal(signal.SIGTERM)
+            assert node.proc.wait(60) == 0, node.output()[-3000:]
+            out = node.output()
+            assert "the spool answers again" in out and "Traceback" not in out, out[-3000:]
+    finally:
+        if node is not None and node.proc.poll() is None:
+            node.proc.kill()
+        redis.stop()
+    assert set(received_counts(log)) == {r["email"] for r in _rows("m", n)}
+
+
+async def _inject(nodes: list[Node], key: str, n: int = N) -> int:
     conn = aiohttp.TCPConnector(local_addr=("127.0.0.9", 0), force_close=True)
     async with aiohttp.ClientSession(connector=conn) as s:
-        rows = _rows("m", N)
+        rows = _rows("m", n)
         first = await _req(s, "POST", nodes[0].base + "/v1/campaigns", key,
                            {"name": "main", "template": TPL, "recipients": rows[:1000]},
                            ok=201)  # fmt: skip
         cid = int(first["id"])
-        for i in range(1000, N, 1000):
-            await _req(s, "POST", f"{nodes[(i // 1000) % 2].base}/v1/campaigns/{cid}/recipients",
+        for i in range(1000, n, 1000):
+            await _req(s, "POST", f"{nodes[(i // 1000) % len(nodes)].base}/v1/campaigns/{cid}/recipients",
                        key, {"recipients": rows[i : i + 1000]}, ok=202)  # fmt: skip
         return cid
 

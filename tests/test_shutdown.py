@@ -407,6 +407,7 @@ def test_a_stop_now_counts_an_attempt_for_mail_past_data(
     ``resume`` then delivers every recipient (nothing lost). Before: the
     windows went back as if never tried (attempts 0, no event)."""
     from aiosmtpd.controller import Controller
+
     from conftest import free_port
 
     addrs = [f"u{i}@d{i % 4}.example" for i in range(40)]

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import psutil
+import pytest
 from tests._engine_helpers import (
     fastsend_cmd,
     received_counts,
@@ -22,7 +23,7 @@ from tests._engine_helpers import (
     summary,
     write_campaign,
 )
-from tests._redis_helpers import RedisServer
+from tests._redis_helpers import RedisServer, start_redis
 
 from fastsend.sink import SinkProcess
 from fastsend.spool import (
@@ -67,9 +68,12 @@ def test_a_dead_nodes_window_comes_back_after_its_lease(redis_server: RedisServe
         time.sleep(0.1)
         a.renew()
     assert b.claim_due(time.time(), 100) == [] and b.counts()["inflight"] == 50
-    # a dies (no more renewals): its window is claimable by b after the lease.
-    time.sleep(0.45)
-    again = b.claim_due(time.time(), 100)
+    # a dies (no more renewals): its window is claimable by b after the lease
+    # (b, alive, claims meanwhile: a Redis no node reached would be an outage).
+    deadline = time.monotonic() + 10
+    while not (again := b.claim_due(time.time(), 100)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert {c.id for c in again} == held
     # a's late answer still makes a message final (no resend after it).
     x = next(iter(held))
@@ -81,6 +85,72 @@ def test_a_dead_nodes_window_comes_back_after_its_lease(redis_server: RedisServe
     assert b.counts(cid)["queued"] == 19
     b.close()
     a.close()
+
+
+def test_leases_that_lapse_while_redis_refuses_writes_are_not_a_death() -> None:
+    """Redis answers but refuses writes for longer than the nodes' lease (a
+    failover that made it a replica: READONLY; too few replicas: NOREPLICAS):
+    every call of both nodes is an outage error (``outage_errors``: the
+    supervisor rides it out), not a plain ResponseError that ended the
+    supervisor's run. Once writes are taken again, the first node to claim
+    does not take the other's window back as a dead node's: no node could
+    renew, so each gets a lease from then (the other renews in it: nothing
+    moves, nothing is sent twice). A node that stays silent after that is
+    taken back when that lease lapses, and a node dead meanwhile is graced
+    once, not again. Before: the first claim took the other node's whole
+    window back (each message sent again)."""
+    import redis as redis_py
+
+    from fastsend.spool.redis import RedisRefusesWrites
+
+    with start_redis() as server:
+        url = server.url()
+        a = RedisSpool(url + "&node=a&lease=0.6")
+        b = RedisSpool(url + "&node=b&lease=0.6")
+        r = redis_py.Redis(port=server.port)
+        cid = a.create_campaign({"from": "a@b.example"})
+        now = time.time()
+        a.add_messages(cid, spool_rows(20), now)
+        held_a = {c.id for c in a.claim_due(now, 10)}
+        held_b = {c.id for c in b.claim_due(now, 10)}
+        assert len(held_a) == len(held_b) == 10
+        for refuse, undo in (
+            (("REPLICAOF", "127.0.0.1", "1"), ("REPLICAOF", "NO", "ONE")),
+            (("CONFIG", "SET", "min-replicas-to-write", "1"),
+             ("CONFIG", "SET", "min-replicas-to-write", "0")),
+        ):  # fmt: skip
+            r.execute_command(*refuse)
+            try:
+                t_end = time.monotonic() + 1.0  # > the lease
+                while time.monotonic() < t_end:
+                    for spool in (a, b):
+                        with pytest.raises(spool.outage_errors()) as e:
+                            spool.claim_due(time.time(), 5)
+                        assert isinstance(e.value, (redis_py.exceptions.ReadOnlyError,
+                                                    RedisRefusesWrites)), e.value  # fmt: skip
+                    time.sleep(0.1)
+            finally:
+                r.execute_command(*undo)
+            # a first: b's window stays b's, and b renews it in time.
+            assert a.claim_due(time.time(), 0) == []
+            assert a.stats().get("taken_over", 0) == 0
+            b.renew()
+            assert b.counts(cid)["inflight"] == 20 and a.stats().get("taken_over", 0) == 0
+            a.renew()
+        # b dies now: a, alive, takes its window back once b's lease lapses.
+        deadline = time.monotonic() + 10
+        while not (again := a.claim_due(time.time(), 100)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert {c.id for c in again} == held_b and a.stats()["taken_over"] == 10
+        # a dies too; c, started later and idle, is graced once for a, then takes it.
+        c = RedisSpool(url + "&node=c&lease=0.6")
+        time.sleep(1.0)  # nobody reaches Redis: a's lease lapses in that silence
+        assert c.claim_due(time.time(), 100) == []  # a graced one lease...
+        time.sleep(0.7)  # ...and silent through it: taken back, not graced again
+        assert len(c.claim_due(time.time(), 100)) == 20
+        for s in (a, b, c):
+            s.close()
 
 
 def test_outcomes_and_their_webhook_events_in_one_step(

@@ -1,3 +1,5 @@
--- ARGV: P, node
+-- ARGV: P, node, lease_ms
+local ms = clock_ms()
+beat(ms, tonumber(ARGV[3]), ARGV[2])
 local n = requeue_node(ARGV[2])
-return n + reap_dead(clock_ms())
+return n + reap_dead(ms)

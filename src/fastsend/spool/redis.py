@@ -163,6 +163,50 @@ class RedisSpoolError(SpoolError):
     """The Redis spool cannot be used (bad URL, durability not reached)."""
 
 
+class RedisRefusesWrites(redis.exceptions.ResponseError):
+    """Redis answers but refuses writes for now: its persistence fails (MISCONF:
+    the AOF or a snapshot cannot be written, its disk full), too few replicas
+    acknowledge (NOREPLICAS: ``min-replicas-to-write``), or a script runs long
+    (BUSY). An outage of the spool (:meth:`RedisSpool.outage_errors`), as are a
+    replica answering READONLY (a failover demoted this server) and
+    maxmemory's OOM: what waits is written once it takes writes again."""
+
+
+# Error replies that end once the server takes writes again, whatever the
+# command: raised as RedisRefusesWrites (redis-py raises a plain ResponseError,
+# which would end the supervisor's run like a bug).
+_REFUSALS = ("MISCONF", "NOREPLICAS", "BUSY")
+
+
+@functools.cache
+def _client_options() -> dict[str, Any]:
+    """redis-py client options: its hiredis reply parser (a dependency) with
+    :data:`_REFUSALS` raised as RedisRefusesWrites. Without hiredis, none:
+    redis-py refuses a subclass of its own parser, and the refusals stay
+    plain ResponseErrors."""
+    from redis.connection import DefaultParser
+    from redis.utils import HIREDIS_AVAILABLE
+
+    if not HIREDIS_AVAILABLE:
+        return {}
+    table = {**DefaultParser.EXCEPTION_CLASSES, **dict.fromkeys(_REFUSALS, RedisRefusesWrites)}
+    return {"parser_class": type("SpoolParser", (DefaultParser,), {"EXCEPTION_CLASSES": table})}
+
+
+# What an outage of a Redis spool is: out of reach (refused, reset, timed out,
+# LOADING its AOF after a restart: a ConnectionError), or answering but taking
+# no writes for a while.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    RedisRefusesWrites,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterDownError,  # and MASTERDOWN: a replica cut off from its master
+    redis.exceptions.TryAgainError,
+)
+
+
 class NodeNameBusy(SpoolBusy):
     """Another live process runs under this node name on this spool."""
 
@@ -257,7 +301,9 @@ class RedisSpool(Spool):
             raise RedisSpoolError(f"bad lease or replicas in spool URL {url!r}")
         self.k = "{" + self.prefix + "}"
         # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
-        self.r: Any = redis.Redis.from_url(redis_url, decode_responses=False)
+        self.r: Any = redis.Redis.from_url(
+            redis_url, decode_responses=False, **_client_options()
+        )
         try:
             self.r.ping()
         except redis.RedisError as e:
@@ -674,8 +720,12 @@ class RedisSpool(Spool):
         return first
 
     def outage_errors(self) -> tuple[type[BaseException], ...]:
-        # BusyLoadingError (Redis reading its AOF after a restart) is a ConnectionError.
-        return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        return OUTAGE_ERRORS
+
+    def probe(self) -> None:
+        """A small write: an outage where Redis answers but refuses writes
+        (READONLY, MISCONF, NOREPLICAS, OOM) ends when writes are taken again."""
+        self.r.set(f"{self.k}:probe", b"1", px=60_000)
 
     def intact(self) -> bool:
         epoch = f"{self.k}:epoch"
@@ -774,7 +824,7 @@ class RedisSpool(Spool):
         name first (:meth:`hold_supervisor`): another live process's window under
         this name is not ours to take."""
         self.hold_supervisor("fastsend")
-        return int(self._recover(args=[self.k, self.node]))
+        return int(self._recover(args=[self.k, self.node, self._lease_ms]))
 
     def taken_back(self) -> list[TakenBack]:
         """What claims and :meth:`recover` took back from dead nodes (``P:unk``,

@@ -1,3 +1,5 @@
 -- ARGV: P, node, lease_ms
-redis.call('ZADD', P..':nodes', clock_ms() + tonumber(ARGV[3]), ARGV[2])
+local ms = clock_ms()
+beat(ms, tonumber(ARGV[3]), ARGV[2])
+redis.call('ZADD', P..':nodes', ms + tonumber(ARGV[3]), ARGV[2])
 return 0
