@@ -69,10 +69,19 @@ def test_source_ip_registry(redis_server: RedisServer) -> None:
     b.renew()
     b.claim_ips(["127.0.0.4", "127.0.0.2"])
     assert a.renew() == ["127.0.0.2"]  # a, back, learns it lost one
-    # A clean exit gives the IPs back at once.
+    # A clean exit gives the IPs back at once: one a is configured with is a's
+    # again at its next renewal (before: "held by another node" for good, and
+    # free for any node to claim while a sent from it).
     b.release()
+    assert a.renew() == [] and a.holders()["127.0.0.2"] == "node-a"
     c = ClusterNode(r, prefix, "node-c", lease=0.6)
     c.claim_ips(["127.0.0.4"])
+    with pytest.raises(ClusterError, match=r"127\.0\.0\.2 \(node node-a\)"):
+        c.claim_ips(["127.0.0.2"])
+    # Redis lost the registry (restarted without its data): renewals write it again.
+    r.delete("{" + prefix + "}:ips")
+    assert a.renew() == [] and c.renew() == []
+    assert a.holders() == {"127.0.0.2": "node-a", "127.0.0.3": "node-a", "127.0.0.4": "node-c"}
 
 
 def test_shared_secret(redis_server: RedisServer) -> None:

@@ -175,7 +175,9 @@ redis.call('ZADD', KEYS[2], now + lease, node)
 return taken
 """
 
-# KEYS: ips hash, nodes zset. ARGV: node, lease_ms, ips... -> the IPs another node holds now
+# KEYS: ips hash, nodes zset. ARGV: node, lease_ms, ips... -> the IPs another live
+# node holds now. One no live node holds (released, its holder's lease lapsed, or
+# gone with Redis's data) is this node's again.
 _RENEW_IPS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -183,7 +185,14 @@ redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 local lost = {}
 for i = 3, #ARGV do
   local holder = redis.call('HGET', KEYS[1], ARGV[i])
-  if holder ~= ARGV[1] then lost[#lost + 1] = ARGV[i] end
+  if holder ~= ARGV[1] then
+    local dl = holder and redis.call('ZSCORE', KEYS[2], holder)
+    if dl and tonumber(dl) > now then
+      lost[#lost + 1] = ARGV[i]
+    else
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
+    end
+  end
 end
 return lost
 """
@@ -248,7 +257,9 @@ class ClusterNode:
         self.ips = list(ips)
 
     def renew(self) -> list[str]:
-        """Extend the lease; returns IPs another node holds now (our lease lapsed)."""
+        """Extend the lease; returns IPs another live node holds now (our lease
+        lapsed and it claimed them). One no live node holds any more (that
+        node released it or died, or Redis lost the registry) is ours again."""
         if not self.ips:
             return []
         lost = [
@@ -262,6 +273,9 @@ class ClusterNode:
                 "source IPs %s are now held by another node (this node's lease lapsed)",
                 ", ".join(lost),
             )
+        back = sorted(set(self.lost) - set(lost))
+        if back:
+            log.warning("source IPs %s are this node's again", ", ".join(back))
         self.lost = lost
         return lost
 
