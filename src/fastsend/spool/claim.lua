@@ -5,7 +5,7 @@
 -- due set); one SADD per 1000 and the counters per batch.
 local now, limit, node, lease = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local ms = clock_ms()
-beat(ms, lease, node)
+beat(ms, lease)
 redis.call('ZADD', P..':nodes', ms + lease, node)
 reap_dead(ms)
 local act = redis.call('SMEMBERS', P..':active')

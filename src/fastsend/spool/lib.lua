@@ -175,27 +175,32 @@ local function requeue_node(node)
   if n > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', n) end
   return n
 end
--- A sign of life from `node` (a claim, its outcomes, a renewal, a start), at
--- Redis time now_ms, its lease lease_ms. P:beat is the last one of any node.
--- When none came for half a lease or more, Redis was out of reach or refused
--- writes (a restart, a failover, the network, a full disk) or every node was
--- silent: the leases that lapsed meanwhile lapsed alike for the nodes that
--- are alive, which could not renew them, so each gets one lease from now
--- (P:graced, until its own next sign of life) to renew it before its window
--- is taken back as a dead node's, which would send every live node's window
--- twice. A node graced already is not again: a death costs one lease more.
-local function beat(now_ms, lease_ms, node)
+-- A sign of life (a claim, a renewal, a start) at Redis time now_ms, from a
+-- node of lease lease_ms. P:beat is about the last one of any node (written
+-- when older than lease/8: one GET most times). When none came for half a
+-- lease or more, Redis was out of reach or refused writes (a restart, a
+-- failover, the network, a full disk) or every node was silent: the leases
+-- that lapsed meanwhile lapsed alike for the nodes that are alive, which could
+-- not renew them, so each gets one lease from now to renew it in before its
+-- window is taken back as a dead node's (which would send every live node's
+-- window twice). P:graced keeps the deadline it was given: one still at that
+-- deadline (it never renewed) is not graced again. A node that died in such
+-- a silence costs one lease more.
+local function beat(now_ms, lease_ms)
   local last = tonumber(redis.call('GET', P..':beat') or '') or 0
+  if now_ms - last < lease_ms / 8 then return end
   redis.call('SET', P..':beat', string.format('%.0f', now_ms))
-  if now_ms - last >= lease_ms / 2 then
-    local lapsed = redis.call('ZRANGEBYSCORE', P..':nodes', '('..string.format('%.0f', last), now_ms)
-    for _, d in ipairs(lapsed) do
-      if d ~= node and redis.call('HSETNX', P..':graced', d, '1') == 1 then
-        redis.call('ZADD', P..':nodes', now_ms + lease_ms, d)
-      end
+  if now_ms - last < lease_ms / 2 then return end
+  local lapsed = redis.call('ZRANGEBYSCORE', P..':nodes', '('..string.format('%.0f', last), now_ms,
+    'WITHSCORES')
+  for i = 1, #lapsed, 2 do
+    local d, dl = lapsed[i], tonumber(lapsed[i + 1])
+    if tonumber(redis.call('HGET', P..':graced', d) or '') ~= dl then
+      local til = string.format('%.0f', now_ms + lease_ms)
+      redis.call('ZADD', P..':nodes', til, d)
+      redis.call('HSET', P..':graced', d, til)
     end
   end
-  redis.call('HDEL', P..':graced', node)
 end
 local function reap_dead(now_ms)
   local n = 0

@@ -6,11 +6,7 @@
 -- due set only for a retry (or a message no longer in flight); SREM and
 -- counters per batch.
 local now = ARGV[2]
-if ARGV[3] ~= '' then
-  local ms = clock_ms()
-  beat(ms, tonumber(ARGV[4]), ARGV[3])
-  redis.call('ZADD', P..':nodes', 'XX', ms + tonumber(ARGV[4]), ARGV[3])
-end
+if ARGV[3] ~= '' then redis.call('ZADD', P..':nodes', 'XX', clock_ms() + tonumber(ARGV[4]), ARGV[3]) end
 local byid, ids = {}, {}
 for _, row in ipairs(cjson.decode(ARGV[5])) do
   if byid[row[1]] == nil then  -- an id twice in one batch: its first outcome counts
