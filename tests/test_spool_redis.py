@@ -16,6 +16,7 @@ import orjson
 import psutil
 import pytest
 from tests._engine_helpers import (
+    _env,
     fastsend_cmd,
     received_counts,
     sink_log,
@@ -151,6 +152,54 @@ def test_leases_that_lapse_while_redis_refuses_writes_are_not_a_death() -> None:
         assert len(c.claim_due(time.time(), 100)) == 20
         for s in (a, b, c):
             s.close()
+
+
+def test_a_node_killed_on_this_host_is_taken_back_at_the_next_start(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """``fastsend send`` on Redis killed (kill -9) with its window in flight,
+    then nothing reaches Redis for longer than the lease (the lull the outage
+    grace reads as an outage), then a start on this host (``resume``:
+    ``Spool.recover``): the dead process ran here (its holder is kept in
+    ``P:holders``, its pid gone), so its window is taken back at once, each
+    message one attempt of unknown outcome, not graced one lease more; a live
+    holder's is not touched."""
+    import socket
+
+    url = redis_server.url(lease="1")
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(1024)
+    camp = write_campaign(tmp_path)
+    rows = "".join(f"u{i}@d{i % 3}.example,N{i}\n" for i in range(60))
+    (tmp_path / "r.csv").write_text("email,name\n" + rows)
+    proc = subprocess.Popen(
+        fastsend_cmd("send", str(camp), "-r", str(tmp_path / "r.csv"), "--spool", url,
+                     "--route", f"*=127.0.0.1:{mute.getsockname()[1]}", "--no-dkim",
+                     "--no-progress", "--workers", "1"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    spool = open_spool(url)
+    try:
+        deadline = time.monotonic() + 60
+        while spool.counts()["inflight"] < 60:  # the whole list on the mute connections
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(30)
+        time.sleep(1.5)  # > the lease, and nobody reaches Redis meanwhile
+        live = RedisSpool(url + "&node=live")
+        live.hold_supervisor("fastsend serve")  # a live holder here: never taken
+        assert spool.recover() == 60
+        c = spool.counts()
+        assert c["inflight"] == 0 and c["deferred"] == 60, c
+        assert {t.attempts for t in spool.taken_back()} == {1}
+        live.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        mute.close()
+        spool.close()
 
 
 def test_outcomes_and_their_webhook_events_in_one_step(

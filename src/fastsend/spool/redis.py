@@ -227,18 +227,23 @@ class NodeNameBusy(SpoolBusy):
         )
 
 
-# KEYS: the name's key. ARGV: our tag, lease_ms, the tag we take it from ('' : none)
-# -> 1 held (set, renewed or taken over), else the holder's tag
+# KEYS: the name's key, P:holders. ARGV: our tag, lease_ms, the tag we take it from
+# ('' : none), the node name -> 1 held (set, renewed or taken over), else the
+# holder's tag. P:holders keeps each node name's last holder past its lease
+# (RedisSpool.recover: a dead one on this host is known dead).
 _HOLD_NAME = """
 local cur = redis.call('GET', KEYS[1])
 if cur == false or cur == ARGV[1] or (ARGV[3] ~= '' and cur == ARGV[3]) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[4], ARGV[1])
   return 1
 end
 return cur
 """
+# KEYS: the name's key, P:holders. ARGV: our tag, the node name
 _DROP_NAME = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[2]) end
 return 0
 """
 
@@ -784,7 +789,8 @@ class RedisSpool(Spool):
         key = f"{self.k}:name:{self.node}"
         stale = ""
         for _ in range(3):
-            got = self._hold_name(keys=[key], args=[tag, self._lease_ms, stale])
+            got = self._hold_name(keys=[key, f"{self.k}:holders"],
+                                  args=[tag, self._lease_ms, stale, self.node])  # fmt: skip
             if got == 1:
                 self._name_tag = tag
                 self._name_renewed = time.monotonic()
@@ -803,7 +809,8 @@ class RedisSpool(Spool):
         took it while our lease had lapsed (a stall longer than the lease)."""
         assert self._name_tag is not None
         key = f"{self.k}:name:{self.node}"
-        got = self._hold_name(keys=[key], args=[self._name_tag, self._lease_ms, ""])
+        got = self._hold_name(keys=[key, f"{self.k}:holders"],
+                              args=[self._name_tag, self._lease_ms, "", self.node])  # fmt: skip
         if got != 1 and not self._name_lost:
             self._name_lost = True
             holder = _holder(got)
@@ -824,7 +831,18 @@ class RedisSpool(Spool):
         name first (:meth:`hold_supervisor`): another live process's window under
         this name is not ours to take."""
         self.hold_supervisor("fastsend")
-        return int(self._recover(args=[self.k, self.node, self._lease_ms]))
+        return int(self._recover(args=[self.k, self.node, self._lease_ms, *self._dead_here()]))
+
+    def _dead_here(self) -> list[bytes]:
+        """(node name, holder tag) of the other node names whose last holder
+        ran here and is dead (its pid gone: ``holder_gone``): their windows are
+        taken back at once, not after their lease (nor one more, when the spool
+        was silent since), unless another process holds the name by then."""
+        out: list[bytes] = []
+        for node, tag in self.r.hgetall(f"{self.k}:holders").items():
+            if _s(node) != self.node and (h := _holder(tag)) and holder_gone(h):
+                out += [node, tag]
+        return out
 
     def taken_back(self) -> list[TakenBack]:
         """What claims and :meth:`recover` took back from dead nodes (``P:unk``,
@@ -1344,7 +1362,8 @@ class RedisSpool(Spool):
             if self._holding:
                 self._leave(args=[self.k, self.node])
             if self._name_tag is not None:
-                self._drop_name(keys=[f"{self.k}:name:{self.node}"], args=[self._name_tag])
+                self._drop_name(keys=[f"{self.k}:name:{self.node}", f"{self.k}:holders"],
+                                args=[self._name_tag, self.node])  # fmt: skip
                 self._name_tag = None
         except redis.RedisError:
             pass
