@@ -28,3 +28,16 @@ def parse_redis_url(url: str) -> tuple[str, dict[str, str]]:
         else:
             rest.append((k, v))
     return urlunsplit(parts._replace(query=urlencode(rest))), ours
+
+
+def redact_url(url: str) -> str:
+    """A spool URL fit to print: a Redis password (``redis://:PW@host``,
+    ``redis://user:PW@host``) as ``****``; anything else as it is."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:****@{host}"))

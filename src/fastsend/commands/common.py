@@ -131,19 +131,10 @@ def print_summary(summary: dict[str, object], as_json: bool) -> None:
 
 
 def redact_url(url: str) -> str:
-    """A spool URL fit to print: a Redis password (``redis://:PW@host``,
-    ``redis://user:PW@host``) as ``****``; anything else as it is."""
-    from urllib.parse import urlsplit, urlunsplit
+    """A spool URL fit to print: a Redis password as ``****`` (fastsend.redisurl)."""
+    from fastsend.redisurl import redact_url as redact
 
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:****@{host}"))
+    return redact(url)
 
 
 def resume_command(args: argparse.Namespace) -> str:

@@ -109,6 +109,7 @@ from typing import Any
 import orjson
 import redis
 
+from fastsend.redisurl import redact_url
 from fastsend.spool.base import (
     AGE_BUCKETS_MIN,
     CAMPAIGN_STATUSES,
@@ -301,29 +302,36 @@ class RedisSpool(Spool):
             self.lease = float(p.get("lease") or 30.0)
             self.replicas = int(p.get("replicas") or 0)
         except ValueError:
-            raise RedisSpoolError(f"bad lease or replicas in spool URL {url!r}") from None
+            raise RedisSpoolError(f"bad lease or replicas in spool URL {redact_url(url)!r}") from None
         if self.lease <= 0 or self.replicas < 0:
-            raise RedisSpoolError(f"bad lease or replicas in spool URL {url!r}")
+            raise RedisSpoolError(f"bad lease or replicas in spool URL {redact_url(url)!r}")
         self.k = "{" + self.prefix + "}"
         # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
         self.r: Any = redis.Redis.from_url(
             redis_url, decode_responses=False, **_client_options()
         )
+        safe = redact_url(redis_url)
         try:
             self.r.ping()
         except redis.RedisError as e:
-            raise RedisSpoolError(f"cannot reach Redis at {redis_url!r}: {e}") from None
+            raise RedisSpoolError(f"cannot reach Redis at {safe!r}: {e}") from None
         lay = f"{self.k}:layout"
-        if not self.r.set(lay, LAYOUT, nx=True) and self.r.get(lay) != LAYOUT:
+        try:
+            if not self.r.set(lay, LAYOUT, nx=True) and self.r.get(lay) != LAYOUT:
+                raise RedisSpoolError(
+                    f"the spool under prefix {self.prefix!r} has message layout"
+                    f" {_s(self.r.get(lay))}, this fastsend writes {_s(LAYOUT)}: drain it"
+                    " with the fastsend that wrote it, or use another prefix"
+                )
+            # P:epoch: a token made by the first process to open the spool; a spool
+            # that lost its data (Redis back without it) has none, or another's.
+            self.r.set(f"{self.k}:epoch", secrets.token_hex(8), nx=True)
+            self._epoch = self.r.get(f"{self.k}:epoch")
+        except OUTAGE_ERRORS as e:  # a replica (READONLY), its disk full (MISCONF), ...
             raise RedisSpoolError(
-                f"the spool under prefix {self.prefix!r} has message layout"
-                f" {_s(self.r.get(lay))}, this fastsend writes {_s(LAYOUT)}: drain it"
-                " with the fastsend that wrote it, or use another prefix"
-            )
-        # P:epoch: a token made by the first process to open the spool; a spool
-        # that lost its data (Redis back without it) has none, or another's.
-        self.r.set(f"{self.k}:epoch", secrets.token_hex(8), nx=True)
-        self._epoch = self.r.get(f"{self.k}:epoch")
+                f"Redis at {safe!r} takes no writes now ({e.__class__.__name__}: {e});"
+                " point the spool URL at the primary, or try again once it takes writes"
+            ) from None
         reg = self.r.register_script
         self._claim = reg(_script("claim"))
         self._record = reg(_script("record"))
