@@ -466,3 +466,78 @@ def test_a_stop_now_counts_an_attempt_for_mail_past_data(
                          "--no-progress", "--workers", "1", "--max-wait", "5")  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
     assert set(received_counts(log)) == set(addrs)
+
+
+def test_a_reload_stops_a_worker_that_cannot_finish_its_window(tmp_path: Path) -> None:
+    """``fastsend serve`` (one worker) reloaded (SIGHUP) while a receiver holds
+    a message past DATA without answering: the worker being replaced finishes
+    its window for at most ``[delivery] drain_limit``, then stops (that
+    message one attempt of unknown outcome, sent again), and the new worker
+    delivers the mail that came meanwhile. Before: the slot took no mail until
+    the stuck transaction timed out (minutes): the node delivered nothing."""
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    spool = tmp_path / "spool"
+    key = run_fastsend("apikey", "create", "--tenant", "acme", "--spool", str(spool))
+    assert key.returncode == 0, key.stderr
+    handler = _NeverAnswersTheDot()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    port = free_port()
+    log = tmp_path / "sink.jsonl"
+    proc = None
+    try:
+        with SinkProcess("--log", str(log)) as sink:
+            cfg = tmp_path / "serve.toml"
+            cfg.write_text(
+                f'[spool]\ndir = "{spool}"\n[workers]\ncount = 1\n'
+                f'[routes]\n"stuck.example" = "127.0.0.1:{ctl.port}"\n'
+                f'"*" = "{sink.host}:{sink.port}"\n'
+                f'[delivery]\ntls = "off"\ndrain_limit = 2\n[api]\nlisten = "127.0.0.1:{port}"\n'
+            )
+            proc = subprocess.Popen(fastsend_cmd("serve", "-c", str(cfg)),
+                                    stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+            assert proc.stderr is not None
+            err = ""
+            while "ready in" not in err:
+                line = proc.stderr.readline()
+                assert line, err
+                err += line
+
+            async def post(rows: list[dict[str, str]]) -> None:
+                async with aiohttp.ClientSession() as s:
+                    await _req(s, "POST", f"http://127.0.0.1:{port}/v1/campaigns",
+                               key.stdout.strip(), {"name": "r", "template": TPL,
+                                                    "recipients": rows}, ok=201)  # fmt: skip
+
+            asyncio.run(post([{"email": "a@stuck.example", "name": "a"}]))
+            deadline = time.monotonic() + 60
+            while not handler.rcpts:
+                assert time.monotonic() < deadline and proc.poll() is None, err
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)
+            good = [{"email": f"u{i}@ok.example", "name": f"n{i}"} for i in range(30)]
+            asyncio.run(post(good))
+            deadline = time.monotonic() + 60
+            while len(received_counts(log)) < len(good):
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    "nothing delivered since the reload"
+                )
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            _out, rest = proc.communicate(timeout=120)
+            err += rest
+            assert proc.returncode == 0, err
+            assert "into the reload: stopping it now" in err, err
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
+        ctl.stop()
+    told = [
+        e for e in map(json.loads, (spool / "events.jsonl").read_text().splitlines())
+        if e.get("event") == "deferred" and e.get("rcpt") == "a@stuck.example"
+    ]  # fmt: skip
+    assert told and "outcome unknown" in told[0]["text"] and told[0]["attempt"] == 1, told

@@ -12,6 +12,7 @@ back to queued, and is forked again with fresh rings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -155,9 +156,10 @@ class WorkerLifecycle(SupervisorState):
                         f" in {CRASH_LOOP[1]:g} s (last status {code})"
                     )
             unknown = ""
-            if not why and not slot.retiring and not self.stopping and code != 0:
-                # Killed or crashed holding its window: what it had begun to send
-                # may have reached the receiver, and is sent again.
+            if not why and not self.stopping and code != 0:
+                # Killed or crashed holding its window (also one stopped or dead
+                # in a reload's drain): what it had begun to send may have
+                # reached the receiver, and is sent again.
                 unknown = (
                     f"local error: worker {slot.index} exited with status {code} while"
                     " this message was in its window: outcome unknown, sent again"
@@ -235,7 +237,26 @@ class WorkerLifecycle(SupervisorState):
             slot.drain_sent = True
             slot.backlog.append(wire.encoder.encode(wire.Drain()))
             self.push_backlog(slot)
+            # The slot takes no new mail while its worker finishes its window: a
+            # receiver that never answers would hold it (and, with one worker,
+            # all of the node's delivery) for the command timeout. As a drain
+            # does, it stops now after [delivery] drain_limit: what it was
+            # handed counts one attempt of unknown outcome (reap).
+            limit = time.monotonic() + self.config.delivery.drain_limit
+            pid = slot.pid
             while slot.retiring and not (self.draining or self.stopping):
+                if time.monotonic() >= limit and slot.alive and slot.pid == pid:
+                    print(
+                        f"fastsend: worker {slot.index} still finishing its window"
+                        f" {self.config.delivery.drain_limit:g} s into the reload: stopping"
+                        f" it now; {len(slot.inflight)} message(s) on connections that did"
+                        " not finish go back to the queue",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                    limit = float("inf")
                 await asyncio.sleep(0.02)
 
     def drain_workers(self) -> None:
