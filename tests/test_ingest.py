@@ -844,3 +844,39 @@ def test_a_quote_never_closed_is_named_where_it_opens(tmp_path: Path) -> None:
     assert isinstance(got[0], recipients.BadRow) and got[0].line == 2, got
     assert "one record over lines 2-3" in got[0].error, got[0]
     assert got[1][:2] == (4, "b@x.example"), got
+
+
+def test_a_field_over_the_csv_limit_is_said_plainly(tmp_path: Path) -> None:
+    """A quote never closed within the csv module's field limit (131,072
+    characters: the rest of a big list read into one field) stopped ``send``
+    with a Python traceback, and a single over-long field refused the whole
+    list. Now the first is a clear error naming the line the quote opened on,
+    before anything is spooled; the second is one bad row, the others read."""
+    from fastsend import recipients
+
+    p = tmp_path / "unclosed.csv"
+    with open(p, "w") as f:
+        f.write('email,name\na@x.example,A\nb@x.example,"Bob\n')
+        f.writelines(f"u{i}@x.example,N{i}\n" for i in range(8000))
+    camp = write_campaign(tmp_path)
+    spool = tmp_path / "spool"
+    res = run_fastsend("send", str(camp), "-r", str(p), "--route", "*=127.0.0.1:9",
+                       "--spool", str(spool), "--no-dkim", "--json", "--no-progress")  # fmt: skip
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "line 3: a quote opened on this line is not closed within 131,072" in res.stderr, (
+        res.stderr[-2000:]
+    )
+    assert open_spool(str(spool)).counts()["queued"] == 0
+    with pytest.raises(recipients.RecipientsError, match="line 3: a quote opened"):
+        list(recipients.read(str(p)))
+
+    long = tmp_path / "long.csv"
+    long.write_text(f'email,name\na@x.example,"A"\nb@x.example,{"x" * 140_000}\nc@x.example,C\n')
+    assert recipients.survey(str(long))[1] == 3
+    got = list(recipients.read(str(long)))
+    assert [g[1] for g in got if not isinstance(g, recipients.BadRow)] == [
+        "a@x.example",
+        "c@x.example",
+    ]
+    (bad,) = [g for g in got if isinstance(g, recipients.BadRow)]
+    assert bad.line == 3 and "a field longer than 131,072 characters" in bad.error, bad
