@@ -220,6 +220,12 @@ def test_outcomes_committed_by_a_killed_run_get_their_events_at_the_next_start(
         recorded = dict(db.execute("SELECT id, state FROM messages WHERE state IN (3, 4)"))
         db.close()
         assert recorded, "the fault fired before any outcome was recorded"
+        # And killed again, right after the next start took its window back
+        # (recover's commit) and before its deferred events (unknown outcome).
+        env["FASTSEND_TEST_FAULT"] = "kill-after-recover"
+        again = subprocess.run(fastsend_cmd("resume", *common), capture_output=True,
+                               text=True, env=env, timeout=120)  # fmt: skip
+        assert again.returncode == -signal.SIGKILL, again.stderr[-2000:]
         res = run_fastsend("resume", *common)
     assert res.returncode == 0, res.stderr[-3000:]
     assert summary(res)["delivered"] + len(recorded) >= n - n // 50
@@ -237,4 +243,14 @@ def test_outcomes_committed_by_a_killed_run_get_their_events_at_the_next_start(
         assert e["rcpt"] == addrs[i - 1] and e["attempt"] == 1, e
         if state == 4:
             assert e["code"] == 550 and e["enhanced"] == "5.1.1" and e["hard"], e
-    assert "outcome(s) recorded by the last run" in res.stderr, res.stderr[-2000:]
+    assert "outcome(s) recorded by the last run" in again.stderr, again.stderr[-2000:]
+    # Every attempt has its one event, the window taken back included.
+    told: dict[int, int] = {}
+    for e in events:
+        if e["event"] in ("delivered", "bounced", "deferred", "expired"):
+            told[e["id"]] = told.get(e["id"], 0) + 1
+    db = sqlite3.connect(spool / "spool.db")
+    attempts = dict(db.execute("SELECT id, attempts FROM messages"))
+    db.close()
+    assert any(a > 1 for a in attempts.values())  # a window was taken back
+    assert told == attempts, {i: (told.get(i), a) for i, a in attempts.items() if told.get(i) != a}

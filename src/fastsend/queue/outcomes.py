@@ -241,7 +241,7 @@ class Outcomes(SupervisorState):
             evs = [e for e in map(untold_event, rows) if e is not None]
             self.events.emit_rows(evs)  # the file, then listeners (webhooks, index)
             self.events.flush()
-        self.spool.told()
+        self.spool.told([u.id for u in rows])  # (not a window taken back already: its own)
         print(
             f"fastsend: emitted the events of {len(rows)} outcome(s) recorded by the last run,"
             " which stopped before writing them",

@@ -529,9 +529,9 @@ class Spool(abc.ABC):
         self.record_results(results, now)
         return None
 
-    def told(self) -> None:  # noqa: B027 (optional hook, not abstract)
+    def told(self, ids: Collection[int] | None = None) -> None:  # noqa: B027 (optional hook)
         """The events of every outcome :meth:`record_outcomes` recorded are out
-        (written to the event log): forget them. A local spool remembers the
+        (written to the event log): forget them (only ``ids`` when given). A local spool remembers the
         ids of what it recorded in the same transaction, until this, so that
         outcomes recorded by a process killed before their events were written
         are told at the next start (:meth:`untold`). A no-op by default."""
@@ -1064,8 +1064,8 @@ class SpoolProxy(Spool):
     ) -> int | None:
         return self.inner.record_outcomes(results, now, events)
 
-    def told(self) -> None:
-        self.inner.told()
+    def told(self, ids: Collection[int] | None = None) -> None:
+        self.inner.told(ids)
 
     def untold(self) -> list[Untold]:
         return self.inner.untold()

@@ -922,32 +922,42 @@ class SQLiteSpool(Spool):
                 )
                 self._untold = True
 
-    def told(self) -> None:
+    def told(self, ids: Collection[int] | None = None) -> None:
         if not self._untold:
             return
-        with transaction(self.db):
-            self.db.execute("DELETE FROM meta WHERE key=?", (UNTOLD,))
-        self._untold = False
+        db = self.db
+        with transaction(db):
+            if ids is None:
+                db.execute("DELETE FROM meta WHERE key=?", (UNTOLD,))
+                self._untold = False
+                return
+            left = sorted(self._untold_ids() - set(ids))
+            text = ",".join([f"{a}-{b}" for a, b in id_runs(left)])
+            db.execute("UPDATE meta SET value=? WHERE key=?", (text, UNTOLD))
 
-    def untold(self) -> list[Untold]:
+    def _untold_ids(self) -> set[int]:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (UNTOLD,)).fetchone()
-        if not row or not row[0]:
-            return []
-        self._untold = True  # told() clears it once they are out
-        spans: set[tuple[int, int]] = set()
-        for part in str(row[0]).split(","):
+        out: set[int] = set()
+        for part in str(row[0] if row else "").split(","):
             first, _, last = part.partition("-")
             with contextlib.suppress(ValueError):
-                spans.add((int(first), int(last or first)))
-        out: dict[int, Untold] = {}
-        for lo, hi in sorted(spans):
-            for r in self.db.execute(
+                out.update(range(int(first), int(last or first) + 1))
+        return out
+
+    def untold(self) -> list[Untold]:
+        mine = {t.id for t in self._taken_back}  # this process tells them (taken_back)
+        ids = sorted(self._untold_ids() - mine)
+        if not ids:
+            return []
+        self._untold = True  # told() forgets them once they are out
+        out: list[Untold] = []
+        for lo, hi in id_runs(ids):
+            out += starmap(Untold, self.db.execute(
                 "SELECT id, campaign, rcpt, state, attempts, next_at, last_code, last_enhanced,"
-                " last_text, updated FROM messages WHERE id BETWEEN ? AND ?",
+                " last_text, updated FROM messages WHERE id BETWEEN ? AND ? ORDER BY id",
                 (lo, hi),
-            ):
-                out[r[0]] = Untold(*r)
-        return [out[i] for i in sorted(out)]
+            ))  # fmt: skip
+        return out
 
 
     def release(self, ids: Iterable[int]) -> None:
@@ -1008,6 +1018,13 @@ class SQLiteSpool(Spool):
                 " SELECT ?, COALESCE(MAX(id), 0) + 1 FROM messages",
                 (INFLIGHT_LOW,),
             )
+            if rows:  # their deferred events are told after this: untold until then
+                db.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key)"
+                    " DO UPDATE SET value = value || ',' || excluded.value",
+                    (UNTOLD, ",".join([f"{r[0]}-{r[0]}" for r in rows if r[5] == DEFERRED])),
+                )
+                self._untold = True
         self._taken_back.extend(
             TakenBack(int(i), int(c), r, int(a), float(at), text)
             for i, c, r, a, at, st in sorted(rows)
