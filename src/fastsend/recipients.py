@@ -277,21 +277,15 @@ def _count_records(path: str) -> int:
             n = 0
             reader = csv.reader(f)
             end = 1  # the last line of the record before
-            while True:  # (again after an over-long line: read() says it is bad)
-                try:
-                    for rec in reader:
-                        end = 1 + reader.line_num
-                        if rec and not (len(rec) == 1 and not rec[0].strip()):
-                            n += 1
-                    return n
-                except csv.Error as e:
-                    line = 1 + reader.line_num
-                    if end + 1 < line or "field larger than field limit" not in str(e):
-                        # before any row is spooled: the file cannot be read
-                        where = csv_error(end + 1, line, e)
-                        raise RecipientsError(f"{path}: {where}") from None
-                    end = line
-                    n += 1
+            try:
+                for rec in reader:
+                    end = 1 + reader.line_num
+                    if rec and not (len(rec) == 1 and not rec[0].strip()):
+                        n += 1
+            except csv.Error as e:  # the file as a whole cannot be read: before any row
+                where = csv_error(end + 1, 1 + reader.line_num, e)
+                raise RecipientsError(f"{path}: {where}") from None
+            return n
         return sum(1 for text in _chain(first, f) if text.strip())
 
 
@@ -491,48 +485,38 @@ def _csv_batches(
     checks = _breaks(names, refuse)
     end = base  # the last line of the record before
     spans: tuple[BadRow, int] | None = None  # a bad record over several lines, its end
-    while True:  # (again after an over-long line)
-        try:
-            for rec in reader:
-                line = base + reader.line_num
-                start, end = end + 1, line
-                if line <= after:
-                    continue
-                got = _address_of(rec, line, width, ei, bad)
-                if not isinstance(got, tuple):
-                    if got is False:
-                        last = line
-                        if start < line:  # named by its first line, and its span said
-                            bad[-1] = BadRow(start, f"{bad[-1].error} (one record over lines"
-                                             f" {start}-{line}: a quoted field holds line breaks)")  # fmt: skip
-                            spans = bad[-1], line
-                    continue
-                if checks and (name := _broken(rec, checks)) is not None:
-                    bad.append(_break_row(line, name))
-                    last = line
-                    continue
-                addr, domain = got
-                if row_type is not None:  # the same bytes as the dict below, a third of the CPU
-                    rows.append((addr, domain, encode(row_type(*rec))))
-                else:
-                    rows.append((addr, domain, dumps(dict(zip(names, rec, strict=True)))))
-                lines.append(line)
-                last = line
-                if len(rows) >= limit:
-                    yield Batch(rows, lines, bad, line, False)
-                    rows, lines, bad = [], [], []
-                    limit = size
-            break
-        except csv.Error as e:  # a field over csv.field_size_limit(), a NUL, ...
+    try:
+        for rec in reader:
             line = base + reader.line_num
             start, end = end + 1, line
-            if start < line or "field larger than field limit" not in str(e):
-                # A quoted field that runs on, or a reader that cannot go on:
-                # what follows cannot be told apart from it.
-                raise RecipientsError(csv_error(start, line, e)) from None
-            if line > after:  # one over-long line: a bad row; the reader goes on
-                bad.append(BadRow(line, csv_error(start, line, e).partition(": ")[2]))
+            if line <= after:
+                continue
+            got = _address_of(rec, line, width, ei, bad)
+            if not isinstance(got, tuple):
+                if got is False:
+                    last = line
+                    if start < line:  # named by its first line, and its span said
+                        bad[-1] = BadRow(start, f"{bad[-1].error} (one record over lines"
+                                         f" {start}-{line}: a quoted field holds line breaks)")  # fmt: skip
+                        spans = bad[-1], line
+                continue
+            if checks and (name := _broken(rec, checks)) is not None:
+                bad.append(_break_row(line, name))
                 last = line
+                continue
+            addr, domain = got
+            if row_type is not None:  # the same bytes as the dict below, a third of the CPU
+                rows.append((addr, domain, encode(row_type(*rec))))
+            else:
+                rows.append((addr, domain, dumps(dict(zip(names, rec, strict=True)))))
+            lines.append(line)
+            last = line
+            if len(rows) >= limit:
+                yield Batch(rows, lines, bad, line, False)
+                rows, lines, bad = [], [], []
+                limit = size
+    except csv.Error as e:  # a field over csv.field_size_limit() (an unclosed quote?), ...
+        raise RecipientsError(csv_error(end + 1, base + reader.line_num, e)) from None
     if spans is not None and spans[1] == end and bad and bad[-1] is spans[0]:
         # The file ended inside the quoted field: a quote that is never closed
         # (the csv module reads the rest of the file into it). Say so, rather than
