@@ -742,3 +742,30 @@ def test_a_listed_sender_in_a_dsn_does_not_rest_the_ip(text: str, reason: str) -
     one recipient, or the site's list of sender domains), not our IP."""
     (rec,) = parse_bounce(_EXIM_SENDER_LISTED.format(text).encode())
     assert (rec.reason, rec.hard, rec.ip_blocked) == (reason, False, False)
+
+
+_SENDMAIL_PIPE = """\
+From: Mail Delivery Subsystem <MAILER-DAEMON@mx.x.test>
+To: bounce@sender.test
+Subject: Returned mail: see transcript for details
+
+The original message was received at Sun, 6 Dec 2026 08:00:00 GMT
+from mx.sender.test [192.0.2.1]
+
+   ----- The following addresses had permanent fatal errors -----
+"|/usr/local/bin/procmail"
+    (reason: Service unavailable)
+    (expanded from: <bob@x.test>)
+
+   ----- Transcript of session follows -----
+sh: /usr/local/bin/procmail: not found
+554 5.3.0 unknown mailer error 127
+"""
+
+
+def test_a_failed_pipe_is_reported_for_the_alias_we_sent_to() -> None:
+    """sendmail names the pipe an alias expanded to, and the alias "(expanded
+    from: <bob@x.test>)": with no address failing, the alias is the
+    recipient (it read as no record at all)."""
+    (rec,) = parse_bounce(_SENDMAIL_PIPE.encode())
+    assert (rec.recipient, rec.reason, rec.hard) == ("bob@x.test", "mailererror", False)

@@ -96,6 +96,8 @@ _SENDER_CONTEXT = re.compile(
     r"|message-?id:?\s*<?|in-reply-to:\s*<?)\s*$",
     re.IGNORECASE,
 )
+# The alias a failed delivery was expanded from (part of _SENDER_CONTEXT).
+_ALIAS_CONTEXT = re.compile(r"(?:generated from\s+<?|expanded from:?\s*<?)\s*$", re.IGNORECASE)
 # Phrases that say which command a reply answered wherever they appear
 # (qmail-remote's fixed texts and their clones).
 _COMMAND_PHRASES = (
@@ -294,17 +296,26 @@ def candidate_addresses(
     """(address, start, end) of each first mention of a plausible recipient."""
     seen: dict[str, tuple[str, int, int]] = {}
     senders: set[str] = set()
+    aliases: dict[str, tuple[str, int, int]] = {}
     for start, end, found in address_spans(section):
         addr = found.strip(".")
         key = addr.lower()
         before = section[max(0, start - 24) : start]
         if _SENDER_CONTEXT.search(before):
             senders.add(key)
+            if _ALIAS_CONTEXT.search(before):
+                aliases.setdefault(key, (addr, start, end))
             continue
         excluded = key in exclude if allow_system else _is_excluded(addr, exclude)
         if key not in seen and not excluded:
             seen[key] = (addr, start, end)
-    return [v for k, v in seen.items() if k not in senders]
+    out = [v for k, v in seen.items() if k not in senders]
+    if not out and aliases:
+        # The failed "address" was no address at all (a pipe or a file the
+        # alias expanded to: sendmail's '"|/usr/bin/procmail" (expanded
+        # from: <bob@x.test>)'): the alias is the recipient we sent to.
+        out = [v for k, v in aliases.items() if not _is_excluded(v[0], exclude)]
+    return out
 
 
 def find_in_text(
