@@ -170,6 +170,7 @@ def run_fastsend(
     dkim: bool = False,
     config: str = "",
     suppression_rows: int = 0,
+    cpus: str = "",
 ) -> dict:
     spool = os.path.join(tmp, f"spool-{tag}")
     if suppression_rows:
@@ -197,6 +198,8 @@ def run_fastsend(
         cmd.append("--no-dkim")
     if config:
         cmd += ["-c", config]
+    if cpus:  # taskset execs the command: the same process, its rusage
+        cmd = ["taskset", "-c", cpus, *cmd]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sampler = RSSSampler(proc.pid)
@@ -291,10 +294,12 @@ def suppression_run(
     return ok
 
 
-def openssl_floor(procs: int) -> float:
-    """RSA-2048 signatures per second of `openssl speed -multi PROCS rsa2048`."""
+def openssl_floor(procs: int, cpus: str = "") -> float:
+    """RSA-2048 signatures per second of `openssl speed -multi PROCS rsa2048`
+    (on the cores ``cpus`` names, with taskset, when given)."""
     out = subprocess.run(
-        ["openssl", "speed", "-seconds", "3", "-multi", str(procs), "rsa2048"],
+        [*(["taskset", "-c", cpus] if cpus else []),
+         "openssl", "speed", "-seconds", "3", "-multi", str(procs), "rsa2048"],
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
     for line in out.splitlines():
@@ -332,10 +337,29 @@ def sign_cpu_us(key_path: str, seconds: float = 1.0) -> tuple[float, float]:
     )
 
 
-def dkim_run(tmp: str, sink: SmtpSink, workers: int, n: int, size: int, repeat: int) -> bool:
+def dkim_run(
+    tmp: str, sink: SmtpSink, workers: int, n: int, size: int, repeat: int, pin: bool = False
+) -> bool:
     """``fastsend send`` signing rsa-sha256 (2048) against `openssl speed -multi
     N rsa2048`, the same send without DKIM interleaved (what DKIM adds beyond
-    the signature), and the arithmetic of what the goal can reach here."""
+    the signature), and the arithmetic of what the goal can reach here.
+
+    ``pin``: the floor "on the cores used", with the receiver off them: the last
+    core is smtp-sink's alone (sched_setaffinity), fastsend (supervisor and one
+    worker per remaining core) and `openssl speed -multi N` run on the others
+    (taskset), as a sender and a remote receiver would."""
+    cpus = ""
+    if pin:
+        ncpu = os.cpu_count() or 1
+        if ncpu < 2:
+            raise SystemExit("--dkim-pin needs two cores or more (one is the receiver's)")
+        workers = ncpu - 1
+        cpus = f"0-{workers - 1}" if workers > 1 else "0"
+        os.sched_setaffinity(sink.proc.pid, {ncpu - 1})
+        print(
+            f"pinned: fastsend send (supervisor + {workers} worker(s)) and the OpenSSL floor on"
+            f" core(s) {cpus}; smtp-sink alone on core {ncpu - 1}"
+        )
     key_path = os.path.join(tmp, "dkim.pem")
     subprocess.run(
         [sys.executable, "-m", "fastsend", "dkim", "keygen", "--domain", "sender.example.com",
@@ -349,7 +373,7 @@ def dkim_run(tmp: str, sink: SmtpSink, workers: int, n: int, size: int, repeat: 
         f.write(f'[dkim]\ndomain = "sender.example.com"\nselector = "b1"\nkey = "{key_path}"\n')
     # The floor before and after the runs, averaged: load on a shared machine
     # changes over a run, and both sides should see the same.
-    floor_before = openssl_floor(workers)
+    floor_before = openssl_floor(workers, cpus)
     sign_before = sign_cpu_us(key_path)
     ok = True
     runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
@@ -357,7 +381,7 @@ def dkim_run(tmp: str, sink: SmtpSink, workers: int, n: int, size: int, repeat: 
         for signed in (True, False) if rep % 2 == 0 else (False, True):
             before, sink_cpu0 = sink.messages(), sink.cpu_s()
             fs = run_fastsend(camp_dkim if signed else camp, rcpts, sink.port, tmp, workers,
-                              f"dkim{rep}-{signed}", dkim=signed)  # fmt: skip
+                              f"dkim{rep}-{signed}", dkim=signed, cpus=cpus)  # fmt: skip
             fs["sink_cpu_s"] = sink.cpu_s() - sink_cpu0
             got = sink.messages() - before
             if got != n or fs["delivered"] != n:
@@ -366,7 +390,7 @@ def dkim_run(tmp: str, sink: SmtpSink, workers: int, n: int, size: int, repeat: 
                       file=sys.stderr)  # fmt: skip
                 ok = False
             runs[signed].append(fs)
-    floor_after = openssl_floor(workers)
+    floor_after = openssl_floor(workers, cpus)
     base = (floor_before + floor_after) / 2
     sign_after = sign_cpu_us(key_path)
     sign_us = min(sign_before[0], sign_after[0])
@@ -413,23 +437,26 @@ def dkim_run(tmp: str, sink: SmtpSink, workers: int, n: int, size: int, repeat: 
         f" {med['supervisor'] - med0['supervisor']:+.1f}, smtp-sink {sink_us - sink0_us:+.1f})"
     )
     # What the ratio can reach when every core is busy: the floor's signatures
-    # per CPU-second against fastsend's (and the receiver's) CPU per message.
-    cap = sign_us / (fs_us + sink_us)
+    # per CPU-second against fastsend's (and, on shared cores, the receiver's)
+    # CPU per message. Pinned, the receiver has a core of its own.
+    recv, recv0 = (0.0, 0.0) if pin else (sink_us, sink0_us)
+    cap = sign_us / (fs_us + recv)
     alone = sign_us / fs_us
-    ceiling = sign_us / (sign_us + fs0_us + sink0_us)
+    ceiling = sign_us / (sign_us + fs0_us + recv0)
     need = sign_us / 0.95 - sign_us
+    where = "the receiver on a core of its own" if pin else "cores shared with the receiver"
     print(
-        f"  cap on {workers} cores shared with the receiver: signature / (all fastsend +"
-        f" smtp-sink) CPU per message = {sign_us:.0f} / {fs_us + sink_us:.0f} = {cap:.2f}x;"
-        f" fastsend alone (the receiver elsewhere): {sign_us:.0f} / {fs_us:.0f} = {alone:.2f}x"
+        f"  cap on {workers} core(s), {where}: signature / (all fastsend"
+        f"{'' if pin else ' + smtp-sink'}) CPU per message = {sign_us:.0f} /"
+        f" {fs_us + recv:.0f} = {cap:.2f}x; fastsend alone (the receiver elsewhere):"
+        f" {sign_us:.0f} / {fs_us:.0f} = {alone:.2f}x"
     )
     print(
         f"  the goal's ceiling here, even if DKIM cost only the signature: {sign_us:.0f} /"
-        f" ({sign_us:.0f} + {fs0_us:.1f} unsigned send + {sink0_us:.1f} receiver) ="
+        f" ({sign_us:.0f} + {fs0_us:.1f} unsigned send + {recv0:.1f} receiver) ="
         f" {ceiling:.2f}x; 0.95x needs everything but the signature <= {need:.1f} us/msg"
-        + ("" if ceiling >= 0.95 else
-           f": OUT OF REACH on {workers} cores shared with the receiver")
-    )  # fmt: skip
+        + ("" if ceiling >= 0.95 else f": OUT OF REACH on {workers} core(s), {where}")
+    )
     f_rate = median_range(rates)[0]
     print(
         f"ratio rate (DKIM, whole command / OpenSSL floor): {f_rate / base:.2f}x  (goal >= 0.95x;"
@@ -531,8 +558,14 @@ def main() -> int:
     )
     ap.add_argument("--only-suppression", action="store_true", help="only the --suppression runs")
     ap.add_argument("--only-dkim", action="store_true", help="only the --dkim run")
+    ap.add_argument(
+        "--dkim-pin",
+        action="store_true",
+        help="the --dkim run with smtp-sink alone on the last core, fastsend and the"
+        " OpenSSL floor on the others",
+    )
     args = ap.parse_args()
-    args.dkim = args.dkim or args.only_dkim
+    args.dkim = args.dkim or args.only_dkim or args.dkim_pin
     n = 20_000 if args.quick else args.messages
     workers = args.workers or (os.cpu_count() or 1)
     sessions = [int(x) for x in args.sessions.split(",")]
@@ -565,7 +598,8 @@ def main() -> int:
                 if args.only_suppression:
                     return 0 if ok else 1
             if args.only_dkim:
-                ok = dkim_run(tmp, sink, workers, min(n, 20_000), args.size, args.repeat)
+                ok = dkim_run(tmp, sink, workers, min(n, 20_000), args.size, args.repeat,
+                              args.dkim_pin)  # fmt: skip
                 return 0 if ok else 1
             startup_run(tmp, camp, sink, workers, args.repeat)
             probes = [host_probe()]
@@ -695,7 +729,8 @@ def main() -> int:
                 f" per adjacent pair {fmt_mr(pair_cpu, '.2f')}"
             )
             if args.dkim:
-                ok = dkim_run(tmp, sink, workers, min(n, 20_000), args.size, args.repeat) and ok
+                ok = dkim_run(tmp, sink, workers, min(n, 20_000), args.size, args.repeat,
+                              args.dkim_pin) and ok  # fmt: skip
             if args.million:
                 m = 1_000_000
                 camp2, rcpts2 = write_inputs(tmp, m, args.size)
