@@ -165,6 +165,16 @@ accepted_lines = pick(accepted_lines)
 delivered_lines = pick(delivered_lines)
 
 
+class Pending:
+    """Batches :meth:`EventLog.append_rows` put in the log, not yet told to its
+    listeners: runs of dicts and Rows, and where each ends in the log."""
+
+    __slots__ = ("ends", "segs")
+
+    def __init__(self, segs: list[Any], ends: list[int | None]) -> None:
+        self.segs, self.ends = segs, ends
+
+
 class EventLog:
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -204,6 +214,16 @@ class EventLog:
     def emit_rows(self, parts: list[Any]) -> None:
         """Event dicts and :class:`Rows` batches, in order: to the log, then to
         each listener (a Rows batch to its rows handler, else its dicts)."""
+        self.tell(self.append_rows(parts))
+
+    def append_rows(self, parts: list[Any]) -> Pending:
+        """The first half of :meth:`emit_rows`: ``parts`` into the log's buffer
+        (written by the next :meth:`flush`); :meth:`tell` then hands them to the
+        listeners. The supervisor writes the log between the two, before the
+        spool records the outcomes the events tell: a crash in between leaves
+        the events in the log and the messages in flight (sent again, one
+        attempt of unknown outcome: the log may tell a delivery twice, never
+        none of one the spool holds)."""
         segs: list[Any] = []  # runs of dicts, and Rows batches
         run: list[dict[str, Any]] = []
         for p in parts:
@@ -225,10 +245,15 @@ class EventLog:
                 add(data)
                 self.pos += len(data)
                 ends[i] = self.pos
+        return Pending(segs, ends)
+
+    def tell(self, pending: Pending) -> None:
+        """The second half of :meth:`emit_rows`: the batches :meth:`append_rows`
+        took, to each listener, in order."""
         outer = self.delivering
         for listener in self.listeners:
             on_rows = self.rows_listeners.get(listener)
-            for seg, end in zip(segs, ends, strict=True):
+            for seg, end in zip(pending.segs, pending.ends, strict=True):
                 self.delivering = end
                 try:
                     if not isinstance(seg, Rows):

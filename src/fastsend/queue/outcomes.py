@@ -427,23 +427,36 @@ class Outcomes(SupervisorState):
         if self.requeues:
             self.spool.requeue(self.requeues, time.time())
             self.requeues = []
+        # The event log is written before the listeners (webhooks, the event
+        # index, rollups) are told, which may take a while: a kill between the
+        # spool's commit and the log's write loses no event of a local spool
+        # (told at the next start: untold), and on a shared one the window is
+        # this encode and write alone. The listeners catch up from the log.
         out = True  # every event of the outcomes recorded is written
+        pending = None
         if self.event_buf:
             buf, self.event_buf = self.event_buf, []
             try:
-                self.events.emit_rows(buf)  # the file, then listeners (webhooks, index)
+                pending = self.events.append_rows(buf)
             except Exception:
                 out = False
-                self.hook_failed(self.events.emit_rows)
+                self.hook_failed(self.events.append_rows)
+        log_error: OSError | None = None
         try:
             self.events.flush()
-        except OSError as e:  # the event log's disk is the spool's: an outage too
-            problem = storage_problem(e)
-            if problem is None:
-                raise
-            raise SpoolStorageError(f"the event log's storage {problem} ({e})") from e
-        if out:
+        except OSError as err:  # the rest stays buffered for the next flush
+            log_error = err
+        if out and log_error is None:
             self.spool.told()  # (a local spool noted them untold until now)
+        if pending is not None:
+            self.events.tell(pending)
+        if log_error is not None:  # the event log's disk is the spool's: an outage too
+            problem = storage_problem(log_error)
+            if problem is None:
+                raise log_error
+            raise SpoolStorageError(
+                f"the event log's storage {problem} ({log_error})"
+            ) from log_error
 
     def hook_failed(self, hook: Any) -> None:
         """Report a result hook or event listener that raised (once per hook)."""
