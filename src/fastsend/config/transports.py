@@ -227,6 +227,24 @@ def build_spec(name: str, t: TransportTable, base_dir: str) -> TransportSpec:
     return spec
 
 
+SENDGRID_EU = "https://api.eu.sendgrid.com"
+_DOMAIN = re.compile(
+    r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}\.?"
+)
+
+
+def _loopback(host: str) -> bool:
+    """``host`` (an endpoint's) is this machine: localhost or a loopback address."""
+    if host.lower().rstrip(".") in ("localhost", "localhost.localdomain"):
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check(spec: TransportSpec, where: str, base_dir: str, explicit_tls: bool) -> None:
     if spec.kind == "relay":
         if not spec.host:
@@ -257,9 +275,27 @@ def _check(spec: TransportSpec, where: str, base_dir: str, explicit_tls: bool) -
         spec.region = spec.region or "us"
         if spec.region not in ("us", "eu"):
             raise TransportError(f"{where} region must be us or eu")
+        if spec.domain and not _DOMAIN.fullmatch(spec.domain):
+            raise TransportError(f"{where} domain {spec.domain!r} is not a domain name")
+    elif spec.kind == "sendgrid":
+        # EU regional subusers are served at their own host (it was ignored:
+        # the mail went to the global endpoint, which refuses their key).
+        if spec.region not in ("", "global", "eu"):
+            raise TransportError(f"{where} region must be global or eu")
+        if spec.region == "eu" and not spec.endpoint:
+            spec.endpoint = SENDGRID_EU
     if spec.endpoint and not re.fullmatch(r"https?://[^/\s]+", spec.endpoint.rstrip("/")):
         raise TransportError(f"{where} endpoint must be http(s)://HOST[:PORT]")
     spec.endpoint = spec.endpoint.rstrip("/")
+    if spec.endpoint.startswith("http://") and not spec.auth_in_clear:
+        host = spec.endpoint[7:].rpartition("@")[2]
+        host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+        if not _loopback(host):
+            raise TransportError(
+                f"{where} endpoint {spec.endpoint} is plain http: the API key would cross"
+                " the network in clear text; use https, or, on a network you trust,"
+                " auth_in_clear = true"
+            )
     if spec.max_connections < 1:
         raise TransportError(f"{where} max_connections must be at least 1")
     if not spec.timeout > 0:
@@ -301,6 +337,16 @@ def parse_route(
         spec = shorthand(item, base_dir)
         if spec is None:
             if len(items) == 1 and isinstance(value, str):
+                if ":" not in item and "." not in item:
+                    # A typo of a transport's name (or a name never defined)
+                    # became a static route to that "host", port 25: every
+                    # message deferred, check-config said ok.
+                    defined = ", ".join(sorted(names)) or "none"
+                    raise TransportError(
+                        f"{where}: {item!r} is no transport (defined: {defined}; else add"
+                        f" [transports.{item}]) and no HOST:PORT (a one-label host name"
+                        f" needs its port: '{item}:25')"
+                    )
                 return None  # HOST:PORT
             raise TransportError(f"{where}: {item!r} is no transport (define [transports.{item}])")
         names[item] = spec
