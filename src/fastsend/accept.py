@@ -43,7 +43,7 @@ from typing import Any
 
 from fastsend import recipients
 from fastsend.events import AcceptedRows, EventLog, accepted_dicts
-from fastsend.message import Campaign
+from fastsend.message import Campaign, CampaignError
 from fastsend.spool import (
     IdemMark,
     IngestJob,
@@ -169,6 +169,16 @@ def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, A
         )
     spec = camp.to_dict()
     _check_header_values(spec)
+    # Built once now (no keys): a campaign whose own headers can never be
+    # written (a header name over the line limit) is refused before anything is
+    # spooled, not failed for every recipient later.
+    from fastsend.message.headers import HeaderError
+    from fastsend.message.mime import Renderer
+
+    try:
+        Renderer(spec)
+    except (HeaderError, CampaignError) as e:
+        raise AcceptError(f"the campaign cannot be built: {e}") from None
     if spec.get("dkim"):
         # Each key is loaded (and checked) now: a bad one is refused before a
         # message is spooled, and workers forked after this share it (no load each).

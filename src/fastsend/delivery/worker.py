@@ -38,6 +38,7 @@ from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.routes import Router
 from fastsend.delivery.signing import ConfigDKIM, identity_domains
 from fastsend.message import Campaign, CampaignError, RenderError
+from fastsend.message.headers import HeaderError
 from fastsend.message.rawmime import utf8_header
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.ring import Ring
@@ -268,7 +269,8 @@ class Worker:
         return d
 
     def not_owned(self, campaign_id: int) -> str | None:
-        """Why a tenant's template campaign may not go out now: its From domain
+        """Why a template campaign may not go out now: it cannot be built (its
+        own headers cannot be written), or it is a tenant's whose From domain
         is no longer the tenant's (the operator gave it to another tenant after
         the campaign was accepted; a reload respawns workers with the new
         [tenants]). None: it may. Self-contained messages are judged one by one
@@ -287,6 +289,16 @@ class Worker:
             domain = str(spec.get("from", "")).rpartition("@")[2].strip("> ")
             if domain and not tenants.allows(tenant, domain):
                 why = f"From domain {domain} is not the tenant's"
+        if why is None and spec.get("kind") != TRANSACTIONAL:
+            # A campaign whose own headers can never be written (a header name
+            # over the line limit, spooled before accept checked it) fails its
+            # mail now; it was deferred as a local error every attempt until
+            # it expired. A key that cannot be loaded stays a local error (the
+            # operator can put it back).
+            try:
+                self.renderer(campaign_id)
+            except (CampaignError, HeaderError) as e:
+                why = f"the campaign cannot be built: {e}"
         self.unowned[campaign_id] = why
         return why
 
