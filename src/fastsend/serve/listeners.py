@@ -677,11 +677,17 @@ def find_original(
             if got is not None:
                 return row, *got
     local = _message_id_local(rec.original_message_id)
+    # The address the report names, and the one we sent to when the receiver's
+    # alias expanded it (a DSN's Original-Recipient beside its Final-Recipient:
+    # Postfix virtual aliases); before, such a hard bounce suppressed no one.
+    named = [a for a in (rec.recipient, getattr(rec, "original_recipient", None)) if a]
     mid = msgid.parse(local, ctx.secret)
     if mid is not None:
         got = _owner(ctx, mid)
         # A Message-ID is only a hint (other senders use digits too): the recipient must match.
-        if got is not None and (not rec.recipient or rec.recipient.lower() == got[1].lower()):
+        if got is not None and (
+            not rec.recipient or any(a.lower() == got[1].lower() for a in named)
+        ):
             return mid, *got
         return None
     first = msgid.parse_group(local, ctx.secret)
@@ -692,9 +698,10 @@ def find_original(
         got = _owner(ctx, first)
         if got is None:
             return None
-        row = ctx.spool.sibling(got[0], rec.recipient, first)
-        if row is not None:
-            return row[0], got[0], row[1], got[2]
+        for a in named:
+            row = ctx.spool.sibling(got[0], a, first)
+            if row is not None:
+                return row[0], got[0], row[1], got[2]
     return None
 
 
