@@ -65,3 +65,21 @@ def test_one_already_spooled_fails_its_mail_at_once_not_deferred_until_it_expire
     assert out["bounced"] == 2 and out["deferred"] == 0 and out["delivered"] == 0, out
     counts = open_spool(str(spool)).counts(cid)
     assert counts["bounced"] == 2, counts
+
+
+def test_a_list_refused_before_any_row_leaves_no_active_campaign(tmp_path: Path) -> None:
+    """``send`` whose list is refused when it is first read (a quote never
+    closed, the rest of the file one field) left an empty campaign "active" in
+    the spool, listed by ``fastsend queue`` for good: it is abandoned."""
+    camp = tmp_path / "campaign.toml"
+    camp.write_text('from = "news@example.com"\nsubject = "Hi"\ntext = "Hello"\n')
+    rcpts = tmp_path / "r.csv"
+    rcpts.write_text('email,name\na@example.net,"A\n' + "x" * 200_000 + "\n")
+    spool = tmp_path / "spool"
+    res = run_fastsend("send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
+                       "--route", "*=127.0.0.1:9", "--json")  # fmt: skip
+    assert res.returncode != 0 and "line 2" in res.stderr, res.stderr[-2000:]
+    s = open_spool(str(spool))
+    assert [c.status for c in s.list_campaigns()] in ([], ["abandoned"])
+    q = run_fastsend("queue", "--spool", str(spool))
+    assert "active" not in q.stdout, q.stdout

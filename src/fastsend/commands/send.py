@@ -18,6 +18,7 @@ number when a SIGTERM (143) or SIGINT (130) stopped it (what is left and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from fastsend.config import ConfigError
     from fastsend.events import EventLog
     from fastsend.message import Campaign, CampaignError
-    from fastsend.spool import SpoolError, open_spool
+    from fastsend.spool import ABANDONED, SpoolError, open_spool
     from fastsend.suppression import DEFAULT_TENANT
 
     tenant = DEFAULT_TENANT if args.tenant is None else args.tenant
@@ -160,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         SpoolError,
         *spool.outage_errors(),
     )
+    cid: int | None = None
     try:
         cid = acceptor.create_campaign(
             spec,
@@ -176,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
             raise mark
     except refused as e:
         events.close()
+        if cid is not None:  # a campaign with none of its list in: not left active, empty
+            with contextlib.suppress(Exception):
+                if not any(spool.counts(cid).values()):
+                    spool.set_campaign_status(cid, ABANDONED)
         return die(str(e))
     progress = [mark]
 
