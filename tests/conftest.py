@@ -25,6 +25,26 @@ from fastsend.testing.dnsserver import DNSServer
 
 IN_CI = bool(os.environ.get("CI") or os.environ.get("FASTSEND_CI"))
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_ROOT_BEFORE: set[str] = set()
+_ROOT_IGNORED = {".benchmarks", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache", "build"}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _ROOT_BEFORE.update(os.listdir(REPO_ROOT))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test that writes state into the checkout (a spool, a secret key, an event log
+    under the current directory) fails the run: such files were committed once by
+    mistake (a Redis URL taken for a local directory made ./redis:/...)."""
+    if hasattr(session.config, "workerinput"):
+        return  # pytest-xdist worker: the controller checks once
+    stray = sorted(set(os.listdir(REPO_ROOT)) - _ROOT_BEFORE - _ROOT_IGNORED)
+    if stray:
+        print(f"\nFAILED: the tests left new files in the checkout {REPO_ROOT}: {stray}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 def bounce_corpus() -> Path | None:
     """The labelled bounce corpus (read-only, beside the repo): ../shared/corpora/bounces,
