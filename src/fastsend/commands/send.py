@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-rate",
         type=float,
         metavar="N",
-        help="this campaign's dispatch rate, messages a second (default: [shaping.dispatch])",
+        help="caps this campaign's dispatch, messages a second (never above [shaping.dispatch]"
+        " campaign_rate)",
     )
     add_engine_arguments(p)
 

@@ -17,7 +17,7 @@ DESCRIPTION
         tenant_rate = 0              # default for every tenant
         tenants = { acme = 100 }     # per tenant
     and per campaign, its option ``max_rate`` (``create_campaign(...,
-    options={"max_rate": 50})``).
+    options={"max_rate": 50})``): a cap below ``campaign_rate``, never above.
 
     :meth:`DispatchGate.admit` answers how many of a (campaign) group may go
     now, consuming compiled GCRA buckets (burst: one second's worth); the
@@ -141,7 +141,10 @@ class DispatchGate:
             info = self.spool.get_campaign(campaign)
             tenant = info.tenant if info else "default"
             rate = float((info.options or {}).get("max_rate", 0) or 0) if info else 0.0
-            rate = rate or self.campaign_rate
+            # A campaign's max_rate caps it, never raises it past the operator's
+            # campaign_rate (a tenant sets it through the API).
+            rate = min(rate, self.campaign_rate) if rate and self.campaign_rate else (
+                rate or self.campaign_rate)  # fmt: skip
             out = []
             if (b := self._bucket(f"campaign:{campaign}", rate)) is not None:
                 out.append(b)

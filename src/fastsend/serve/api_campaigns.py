@@ -3,7 +3,10 @@
 - ``POST /v1/campaigns``: ``{"name", "template": {campaign fields}, "recipients":
   [{"email": ..., variables...}], "paused": false}``; the template is validated
   like a campaign file, every recipient row is checked (address, variables the
-  template needs); with ``"strict": true`` one bad row rejects the request.
+  template needs); with ``"strict": true`` one bad row rejects the request;
+  ``"pool"`` and ``"max_rate"`` are the campaign's own shaping (as ``fastsend
+  send --pool --max-rate``: a pool of the config this tenant may use, a rate
+  that only caps).
 - ``POST /v1/campaigns/{id}/recipients``: more recipients, as JSON
   (``{"recipients": [...]}``), CSV with a header row (``text/csv``) or JSON
   lines (``application/x-ndjson``), parsed by :mod:`fastsend.recipients`;
@@ -28,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import orjson
@@ -70,6 +74,7 @@ from fastsend.serve.idempotency import (
     run_of,
 )
 from fastsend.serve.uploads import UPLOAD, Saved, UploadTooLarge, scan
+from fastsend.shaping.pools import load_pools
 from fastsend.spool import ABANDONED, STAGING
 from fastsend.spool.base import holder_gone, holder_tag
 from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
@@ -99,6 +104,14 @@ class CampaignIn(msgspec.Struct, forbid_unknown_fields=True):
     recipients: list[dict[str, Any]] = []
     paused: bool = False
     strict: bool = False
+    pool: Annotated[str | None, msgspec.Meta(description=(
+        "the [pools] pool the campaign's mail leaves from (default: the tenant's pool,"
+        " else the default pool); a pool given to other tenants is refused"
+    ))] = None  # fmt: skip
+    max_rate: Annotated[float | None, msgspec.Meta(description=(
+        "caps the campaign's dispatch at this many messages a second (never above"
+        " the server's own campaign rate)"
+    ))] = None  # fmt: skip
 
 
 class RecipientsIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -141,6 +154,31 @@ def _own_campaign(request: web.Request) -> Any:
     return info
 
 
+def _options(api: Any, body: CampaignIn, tenant: str) -> dict[str, Any]:
+    """The campaign's own shaping options (``pool``, ``max_rate``: what the
+    supervisor's shaping reads, as ``fastsend send --pool --max-rate`` sets
+    them), or a 400 naming the field. A pool the config lacks would silently
+    fall back to the default pool, and another tenant's dedicated pool is its
+    reputation (``PoolSet.may_use``): both refused alike, naming only the pools
+    this tenant may use (never another tenant's)."""
+    options: dict[str, Any] = {}
+    if body.pool is not None:
+        pools = load_pools(api.ctx.config, time.time())
+        if body.pool not in pools.pools or not pools.may_use(body.pool, tenant):
+            usable = sorted(n for n in pools.pools if pools.may_use(n, tenant))
+            raise bad(
+                f"pool: no pool {body.pool[:64]!r} this tenant may send from"
+                f" (its pools: {', '.join(usable) or 'none'})",
+                "pool",
+            )
+        options["pool"] = body.pool
+    if body.max_rate is not None:
+        if not (body.max_rate > 0 and math.isfinite(body.max_rate)):
+            raise bad("max_rate: a rate is messages a second, > 0", "max_rate")
+        options["max_rate"] = body.max_rate
+    return options
+
+
 def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
     counts = api.ctx.spool.counts(info.id)
     total = sum(counts.values())
@@ -156,6 +194,9 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
         "total": total,
         "progress": round(done / total, 4) if total else 0.0,
     }
+    for opt in ("pool", "max_rate"):  # the campaign's own shaping, when it has one
+        if opt in (info.options or {}):
+            view[opt] = info.options[opt]
     spooling = api.ctx.uploads.progress(info.id)
     if spooling:  # lists still being accepted ("spooling: X of Y rows")
         view["spooling"] = spooling
@@ -299,6 +340,7 @@ async def create_campaign(request: web.Request) -> web.Response:
     check_link_host(request, spec, "template")
     server_dkim(request, spec, camp.from_domain)
     tenant = tenant_of(request)
+    shaping = _options(api, body, tenant)
     run = run_of(request)
     spool = api.ctx.spool
     # Retried under an Idempotency-Key: the campaign an earlier attempt created.
@@ -307,7 +349,7 @@ async def create_campaign(request: web.Request) -> web.Response:
         # Created "staging": never claimed nor shown to the tenant until every row
         # is in, so a request that fails (a full disk: 507) or dies half-way leaves
         # nothing half-made (abandoned here, or by sweep_staging after a crash).
-        options: dict[str, Any] = {"api": True, STAGING: holder_tag(),
+        options: dict[str, Any] = {"api": True, STAGING: holder_tag(), **shaping,
                                    **(run.tags() if run is not None else {})}  # fmt: skip
         cid = api.ctx.acceptor.create_campaign(
             spec, name=body.name, tenant=tenant, options=options, status=STAGING

@@ -168,6 +168,9 @@ def _response_schemas() -> dict[str, Any]:
             "progress": {"type": "number", "minimum": 0, "maximum": 1},
             # why it has its status ("" unless something said: a guardrail's pause)
             "reason": _STR,
+            # its own shaping, when it was created with one (CampaignIn pool, max_rate)
+            "pool": _STR,
+            "max_rate": _NUM,
             # recipient lists still being accepted (an upload spooled in the background)
             "spooling": {
                 "type": "array",
