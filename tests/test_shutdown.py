@@ -405,7 +405,9 @@ def test_a_stop_now_counts_an_attempt_for_mail_past_data(
     been delivered, so it counts one attempt of unknown outcome (attempts 1,
     a deferred event saying so), as a killed worker's or node's window does;
     ``resume`` then delivers every recipient (nothing lost). Before: the
-    windows went back as if never tried (attempts 0, no event)."""
+    windows went back as if never tried (attempts 0, no event); then the whole
+    window counted, also what had never been sent (the worker now tells which:
+    ``Worker.stop_now``)."""
     from aiosmtpd.controller import Controller
 
     from conftest import free_port
@@ -460,6 +462,13 @@ def test_a_stop_now_counts_an_attempt_for_mail_past_data(
         if e.get("event") == "deferred" and "outcome unknown" in e.get("text", "")
     }
     assert past_data <= told, (past_data - told, err[-2000:])
+    # What had not reached its end of data (queued behind the stuck message on
+    # its connection, or on the ready queue) was never sent: released without an
+    # attempt. Before, the worker's whole window counted one attempt each.
+    never_sent = set(addrs) - past_data
+    assert never_sent and not (never_sent & told), (never_sent & told, err[-2000:])
+    for rcpt in never_sent:
+        assert rows[rcpt]["attempts"] == 0 and rows[rcpt]["state"] == "queued", rows[rcpt]
     log = tmp_path / "sink.jsonl"
     with SinkProcess("--log", str(log)) as sink:
         r = run_fastsend("resume", "--spool", spool, "--route", f"*={sink.host}:{sink.port}",

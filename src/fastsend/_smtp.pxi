@@ -516,6 +516,32 @@ cdef class ClientCore:
     def busy(self):
         return self._active > 0 or len(self._queue) > 0
 
+    def unsent(self):
+        """The tags of the envelopes whose message was never written (see the
+        reference): none past its end of data (DATA's dot, BDAT LAST)."""
+        cdef Py_ssize_t k
+        cdef _CPend* e
+        cdef set past = set()
+        cdef list seen = []
+        cdef _CoreTxn txn
+        for k in range(self._pn):
+            e = &self._pq[(self._ph + k) & (self._pcap - 1)]
+            if e.txn == NULL:
+                continue
+            t = <object>e.txn
+            if e.kind == _K_DOT or e.kind == _K_BDAT:
+                past.add(id(t))
+            elif not seen or seen[len(seen) - 1] is not t:
+                seen.append(t)
+        out = []
+        for t in seen:
+            if id(t) not in past:
+                txn = <_CoreTxn>t
+                out.append(txn.tag)
+        for t in self._queue:  # a _CoreTxn, or an Envelope not read yet
+            out.append((<_CoreTxn>t).tag if type(t) is _CoreTxn else t.tag)
+        return out
+
     # ---------------------------------------------------------- pending queue
     def _push_cmd(self, str name not None):
         """A session command (``name``, e.g. "ehlo") now waits for its reply."""

@@ -18,11 +18,19 @@ and decoding is one C call per record, not per message.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import msgspec
 
 RING_BYTES = 32 << 20
+# The supervisor's "stop now" to a worker (a second SIGTERM, SIGINT, a reload's
+# drain_limit): the worker gives back what it never sent and exits
+# (delivery.worker.Worker.stop_now). Not SIGTERM, which a worker ignores: a
+# service manager stopping the whole process group (systemd's default
+# KillMode=control-group) sends SIGTERM to the workers too, and the stop must
+# stay the supervisor's drain.
+STOP_NOW = signal.SIGUSR1
 """Capacity of each supervisor <-> worker ring."""
 MAX_RECORD = RING_BYTES - 64
 """The largest record sent over a ring (a campaign spec must fit in one)."""

@@ -158,6 +158,9 @@ class SiteQueue:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
         self.sending = 0  # pipelined groups written and not yet answered
+        # Those groups' connections, each with its envelopes (Worker.stop_now
+        # asks them which were never written).
+        self.groups: dict[int, tuple[SMTPConnection, list[Envelope]]] = {}
         self.nconn = 0  # connection tasks running
         self.sessions = 0  # ... of which have an open session
         self.cap = 0  # the most connections to open before cap_until (0: no cap)
@@ -469,10 +472,12 @@ class SiteQueue:
                         if lane.aimd is not None:
                             lane.aimd.sent(start, len(batch))
                         self.sending += 1
+                        self.groups[id(conn)] = (conn, batch)
                         try:
                             results = await conn.send(batch)
                         finally:
                             self.sending -= 1
+                            self.groups.pop(id(conn), None)
                         took = time.monotonic() - start
                         if conn.ended:
                             # The server ended the session under this group:

@@ -65,6 +65,8 @@ NAP_LINKS = 8
 CLASSIFY_CACHE = 4096  # (code, enhanced, stage, text) -> (reason, hard) kept per worker
 _KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
 WITHDRAWN = "withdrawn after its claim: its address suppressed, or its campaign paused or cancelled"
+STOPPED = "stopped now before its message was written: never sent"
+STOPPED_EXIT = 128 + wire.STOP_NOW  # stop_now's status: as if the signal had ended it
 
 
 class Worker:
@@ -616,6 +618,56 @@ class Worker:
         if back:
             self.handback(back, 0.0, 0.0, WITHDRAWN)
 
+    def unsent_ids(self) -> list[int]:
+        """The ids of every message this worker holds whose message no server
+        was sent (its end of data never written): batches unread in the inbox
+        or waiting for their site, envelopes on ready queues, and those of
+        groups on connections still waiting for MAIL, RCPT or DATA replies
+        (``SMTPConnection.unsent``). What is past its end of data, or with a
+        provider's API (a request may have reached it), is not among them."""
+        ids: list[int] = []
+        decode = wire.to_worker_decoder.decode
+        while (rec := self.inbox.get()) is not None:
+            try:
+                msg = decode(rec)
+            except Exception:
+                continue
+            if isinstance(msg, wire.Batch):
+                ids += [it.id for it in msg.items]
+        for batch in self.resolving.values():
+            ids += [it.id for it in batch.items]
+        tags: list[Any] = []
+        for q in self.sites.values():
+            tags += [e.tag for e in q.pending]
+            for conn, _batch in getattr(q, "groups", {}).values():
+                tags += conn.unsent()
+        for t in tags:
+            if isinstance(t, list):
+                ids.extend(t)
+            elif isinstance(t, int):
+                ids.append(t)
+        return ids
+
+    def stop_now(self) -> None:
+        """``wire.STOP_NOW`` (the supervisor's stop now, a reload's drain_limit): give back
+        what was never sent (``unsent_ids``: released without an attempt),
+        then exit at once, status STOPPED_EXIT. What it had past its end of
+        data stays in the supervisor's window, each one attempt of unknown
+        outcome; before, the whole window was (a stop counted, and delayed by
+        the backoff, mail that had never left the ready queue)."""
+        ids = self.unsent_ids()
+        if self.out:  # outcomes decided and not yet told, first
+            self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
+            self.out = []
+        if ids:
+            self.pending_out.append(
+                wire.encoder.encode(wire.Handback(ids, time.time(), 0.0, STOPPED, 0))
+            )
+        for rec in self.pending_out:
+            if not self.outbox.put(rec):
+                break  # ring full: the rest counts as unknown (sent again)
+        os._exit(STOPPED_EXIT)
+
     def handback(
         self,
         envelopes: list[Envelope],
@@ -773,6 +825,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         transport.NAPPER.start(loop, NAP_S, NAP_LINKS)
         loop.add_reader(self.inbox.reader_fd, self.on_inbox)
+        loop.add_signal_handler(wire.STOP_NOW, self.stop_now)
         self.outbox.put(wire.encoder.encode(wire.Hello(os.getpid(), self.ips)))
         self.on_inbox()
         watcher = loop.create_task(self.watch_parent())
@@ -1032,7 +1085,12 @@ def run_worker(
     die_with_parent(parent or os.getppid())
     close_listeners()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # ... and SIGTERM: a service manager stopping the whole process group (systemd's
+    # default KillMode=control-group, kill -TERM -PGID) sends it to the workers as
+    # well, and each died at once mid-transaction: no drain, every message on a
+    # connection sent again. The supervisor drains them (wire.Drain) or stops
+    # them now (wire.STOP_NOW); a dead supervisor takes them along (pdeathsig).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         signal.set_wakeup_fd(-1)

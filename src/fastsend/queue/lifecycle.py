@@ -255,7 +255,7 @@ class WorkerLifecycle(SupervisorState):
                         flush=True,
                     )
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
+                        os.kill(pid, wire.STOP_NOW)
                     limit = float("inf")
                 await asyncio.sleep(0.02)
 
@@ -298,7 +298,7 @@ class WorkerLifecycle(SupervisorState):
         try:
             while any(s.alive for s in self.slots) and time.monotonic() < deadline:
                 if self.stopping:
-                    self.signal_workers(signal.SIGTERM)
+                    self.signal_workers(wire.STOP_NOW)
                 # Woken the moment a worker exits (its pidfd), else every 20 ms.
                 try:
                     await asyncio.wait_for(exited.wait(), 0.02)
@@ -323,9 +323,10 @@ class WorkerLifecycle(SupervisorState):
 
     def stopped_text(self, slot: WorkerSlot, status: int) -> str:
         """The reason recorded for a worker's window when the worker ended
-        with ``status`` during the stop: a worker stopped now (our SIGTERM or
-        SIGKILL) or dead in the drain may have had messages past DATA whose
-        reply never came, so what it was handed counts one attempt of unknown
+        with ``status`` during the stop: a worker stopped now (our
+        ``wire.STOP_NOW``, after it gave back what it never sent, or SIGKILL)
+        or dead in the drain may have had messages past DATA whose reply never
+        came, so what it was still handed counts one attempt of unknown
         outcome (``retire``'s ``unknown``), as a killed worker's window does
         while running; "" when it exited by itself (its window finished). Not
         while the spool is out of reach: what the node holds then stays

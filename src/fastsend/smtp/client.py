@@ -213,6 +213,26 @@ class ClientCore:
         """True while transactions are queued or in flight."""
         return self._active > 0 or bool(self._queue)
 
+    def unsent(self) -> list[object]:
+        """The tags of the envelopes whose message was never written: not
+        started, or waiting for the replies to MAIL, RCPT or DATA (no 354
+        yet). The server cannot have taken them (RFC 5321 4.1.1.4: a message
+        is the server's only after its end of data), so a stop may give them
+        back unattempted; one past its end of data (DATA's dot, BDAT LAST) is
+        not among them, answered or not."""
+        past: set[int] = set()
+        seen: list[_Txn] = []
+        for kind, txn, _i in self._pending:
+            if txn is None:
+                continue
+            if kind in (_DOT, _BDAT):
+                past.add(id(txn))
+            elif not seen or seen[-1] is not txn:
+                seen.append(txn)
+        out: list[object] = [t.env.tag for t in seen if id(t) not in past]
+        out.extend(t.env.tag for t in self._queue)
+        return out
+
     def _push_cmd(self, name: str) -> None:
         """A session command (``name``, e.g. "ehlo") now waits for its reply."""
         self._pending.append((_CMD, None, 0))

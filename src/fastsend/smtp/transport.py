@@ -458,6 +458,11 @@ class SMTPConnection:
         results, link.results = link.results, []
         return results
 
+    def unsent(self) -> list[object]:
+        """The tags of the envelopes of the group in flight whose message was
+        never written (``ClientCore.unsent``): a stop now gives them back."""
+        return self._client.unsent()  # type: ignore[no-any-return]
+
     async def quit(self) -> None:
         """Send QUIT, wait (briefly) for 221, close. Never raises."""
         async with self._lock:
