@@ -18,6 +18,7 @@ from fastsend.config.base import (
     NonNegFloat,
     NonNegInt,
     Path,
+    PosFloat,
     PosInt,
     Section,
     Share,
@@ -231,9 +232,12 @@ class GuardrailSettings(Section):
     """[guardrails]: a campaign pauses when its bounce or complaint rate passes
     these, once ``min_sample`` messages were delivered or bounced (bounces
     reported later, DSNs and provider events, included). Until then at most
-    ``min_sample`` of its messages are out unanswered at a time."""
+    ``min_sample`` of its messages are out unanswered at a time, a message out
+    longer than ``sample_wait`` s no longer counted (a receiver that never
+    answers would hold the campaign for its command timeouts)."""
 
     bounce_rate: Share = 0.05
     complaint_rate: Share = 0.003
     min_sample: PosInt = 500
+    sample_wait: PosFloat = 30.0
     enabled: bool = True

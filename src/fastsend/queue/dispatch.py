@@ -660,13 +660,18 @@ class Dispatch(SupervisorState):
         window, released as outcomes come back). A fast receiver answers a whole
         window before the supervisor counts the first outcomes: a list that
         bounced was sent whole (4,000 of a window) before its pause. Deferrals and
-        hand-backs leave the count too, so a campaign nobody answers finally is
-        never stalled; once judged, it goes at full speed. The messages let out
-        are remembered per campaign (``Guardrails.out``: id -> its window), and
-        looked up in their windows only when the cap is near: the cost is the
-        campaign's own, never a scan of the windows."""
+        hand-backs leave the count too, and so does a message out longer than
+        ``sample_wait`` s (a receiver that accepts and never answers held the
+        whole campaign, every other domain's mail too, for its command
+        timeouts: minutes), so a campaign nobody answers finally is never
+        stalled; once judged, it goes at full speed. The messages let out
+        are remembered per campaign (``Guardrails.out``: id -> its window and
+        when), and looked up in their windows only when the cap is near: the
+        cost is the campaign's own, never a scan of the windows."""
         g = self.shaping.guardrails
         cap = g.settings.min_sample
+        mono = time.monotonic()
+        stale = mono - g.settings.sample_wait
         track = g.out
         out: dict[tuple[int, str], list[Claimed]] = {}
         looked: set[int] = set()  # campaigns whose answered messages left the count
@@ -684,14 +689,14 @@ class Dispatch(SupervisorState):
                 ids = track[cid] = {}
             elif len(ids) + len(items) > cap and cid not in looked:  # once a call
                 looked.add(cid)
-                for i in [i for i, s in ids.items() if i not in s.inflight]:
+                for i in [i for i, (s, t) in ids.items() if i not in s.inflight or t < stale]:
                     del ids[i]
             n = 0
             for c in items:
                 if c.id in ids:  # let out before and rate-held since: counted once
                     n += 1
                 elif len(ids) < cap:
-                    ids[c.id] = slot
+                    ids[c.id] = (slot, mono)
                     n += 1
                 else:
                     break

@@ -80,8 +80,9 @@ class Guardrails:
         # campaigns paused since the dispatcher last looked (Dispatch.withdraw_paused)
         self.fresh: list[int] = []
         # campaign not judged yet -> its messages let out to the workers (id ->
-        # the window holding it: answered once it has left it), Dispatch.sample_cap
-        self.out: dict[int, dict[int, Any]] = {}
+        # (the window holding it: answered once it has left it, when it was let
+        # out: monotonic s)), Dispatch.sample_cap
+        self.out: dict[int, dict[int, tuple[Any, float]]] = {}
 
     def _get(self, campaign: int) -> list[int]:
         g = self.counts.get(campaign)
@@ -126,7 +127,7 @@ class Guardrails:
         """Drop from :attr:`out` what was answered, and campaigns with nothing left."""
         for cid in list(self.out):
             ids = self.out[cid]
-            for i in [i for i, w in ids.items() if i not in w.inflight]:
+            for i in [i for i, (w, _t) in ids.items() if i not in w.inflight]:
                 del ids[i]
             if not ids:
                 del self.out[cid]
