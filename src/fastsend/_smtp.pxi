@@ -755,7 +755,11 @@ cdef class ClientCore:
 
     cdef int _check_sender(self, object mail_from) except -1:
         self._from = mail_from
-        self._from_bad = type(mail_from) is not str or _address_kind(mail_from) < 0
+        # "": the null reverse-path (MAIL FROM:<>, RFC 5321 4.5.5: a notice), as the
+        # reference takes it; any other string must be an address
+        self._from_bad = type(mail_from) is not str or (
+            len(<str>mail_from) > 0 and _address_kind(mail_from) < 0
+        )
         self._from_utf8 = not self._from_bad and _address_kind(mail_from) == 1
         self._from_line = (
             b"" if self._from_bad else b"MAIL FROM:<" + (<str>mail_from).encode() + b">"

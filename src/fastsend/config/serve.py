@@ -151,6 +151,10 @@ class SubmissionSettings(ListenerLimits):
     max_size: PosInt = 16 * 1024 * 1024
     max_spooled_bytes: PosInt = 256 << 20  # message size x recipients, per message
     users: dict[str, str] = {}  # tenant = password hash (fastsend apikey hash-password)
+    # A message that bounces or expires gets its envelope sender a non-delivery
+    # notice (RFC 3464 DSN, fastsend.serve.dsn), as RFC 5321 6.1 has a server that
+    # said 250 do; false: events and webhooks only.
+    dsn: bool = True
 
     def __post_init__(self) -> None:
         if self.listen:

@@ -361,6 +361,7 @@ class SubmissionConfig:
     users: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     max_spooled_bytes: int = 256 << 20  # message size x recipients, per message
+    dsn: bool = True  # a failure is told to the envelope sender (fastsend.serve.dsn)
 
     @classmethod
     def of(cls, t: SubmissionSettings, *, tls: bool = True) -> SubmissionConfig | None:
@@ -378,6 +379,7 @@ class SubmissionConfig:
             dict(t.users),
             t,
             t.max_spooled_bytes,
+            t.dsn,
         )
 
 
@@ -550,9 +552,11 @@ class _Submission(_Policy):
         cap = self.cfg.max_spooled_bytes
         if len(ev.data) * 4 // 3 * len(ev.recipients) > cap:  # each row holds the message
             return 552, "5.3.4", "Message size x recipients exceeds the limit; send fewer"
-        vars_ = orjson.dumps(
-            {"raw": base64.b64encode(ev.data).decode("ascii"), "mail_from": ev.mail_from}
-        )
+        msg: dict[str, Any] = {"raw": base64.b64encode(ev.data).decode("ascii"),
+                               "mail_from": ev.mail_from}  # fmt: skip
+        if self.cfg.dsn:  # its failure is told to the envelope sender (serve.dsn)
+            msg["dsn"] = 1
+        vars_ = orjson.dumps(msg)
         rows = [(r, encode_domain(r.rpartition("@")[2]).lower(), vars_) for r in ev.recipients]
         try:
             ids = self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows)

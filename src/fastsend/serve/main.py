@@ -154,6 +154,7 @@ class Server:
         self.idem_swept = 0.0
         self.staging_after = 0  # campaigns up to this id are past staging (sweep_staging)
         self.tick_outage = False  # the periodic flush found the spool out of reach
+        self.notices: Any = None  # fastsend.serve.dsn.Notices, with [submission]
         self.tick_failed = 0.0  # monotonic time it last did
         self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
         self.caps: list[Any] = []  # fastsend.serve.httpguard.ConnectionCap per HTTP listener
@@ -219,6 +220,13 @@ class Server:
         self.api.metrics = metrics
         if sup is not None:
             sup.result_hooks.append(metrics.on_result)
+        if sup is not None and cfg.submission.listen and cfg.submission.dsn:
+            from fastsend.serve.dsn import Notices
+
+            # Submitted mail that bounces or expires: a notice to its sender.
+            named = cfg.submission.hostname if cfg.submission.hostname != "localhost" else ""
+            self.notices = Notices(ctx, cfg.helo or named)  # (else this host's FQDN)
+            sup.result_hooks.append(self.notices.on_result)
         # /metrics: on the admin listener, or for admin keys ([dashboard] admin_tenants).
         app.router.add_get("/metrics", admin_only(metrics.handler))
         proxy = ProxySettings.of(cfg.proxy)
@@ -327,6 +335,10 @@ class Server:
             except Exception:
                 log.exception("supervisor failed")
         ticker.cancel()
+        reachable = not (self.tick_outage or (sup is not None and sup.outage_since > 0))
+        if self.notices is not None and self.notices.pending and reachable:
+            with contextlib.suppress(Exception):  # the failures' last notices
+                self.notices.flush(settle=0.0)
         await ctx.uploads.stop()  # what is not spooled yet stays a job for the next start
         for task in reputation:
             task.cancel()
@@ -380,6 +392,8 @@ class Server:
             self.tick_outage = False
 
     def _tick_steps(self) -> None:
+        if self.notices is not None and self.notices.pending:
+            self.notices.flush()
         self.api.index.maybe_flush()
         self.ctx.events.flush()
         self.charts.tick()  # rollups flushed about once a second, queue gauges

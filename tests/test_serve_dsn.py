@@ -1,0 +1,149 @@
+"""Non-delivery notices (RFC 3464) for mail taken by SMTP submission: a message
+that bounces or expires is told to its envelope sender (fastsend.serve.dsn).
+
+Real parts: ``fastsend serve`` with its submission listener (STARTTLS, AUTH),
+aiosmtplib as the client, fastsend's sink as every receiver (``permfail-*``
+refused 550 5.1.1 at RCPT, ``tempfail-*`` 451), the notices read back with the
+stdlib's email parser and fastsend's own bounce parser (as a sender's
+software would take them)."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+from tests._serve_helpers import Served
+
+from conftest import free_port, wait_port
+from fastsend.bounce import parse_bounce
+from fastsend.serve.dsn import build, header_section, status_of
+from fastsend.sink import SinkThread
+
+MESSAGE = (
+    b"From: App <app@example.com>\r\nTo: x@example.org\r\nSubject: order 42\r\n"
+    b"Message-ID: <order42@example.com>\r\n\r\nHello\r\n"
+)
+
+
+def _serve(tmp: Path, certs: Any, sink: Any, retry: str = "") -> tuple[Served, int]:
+    cert, key, _client = certs
+    port = free_port()
+    extra = (
+        f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+        f"{retry}"
+    )
+    served = Served(tmp, f"{sink.host}:{sink.port}", extra=extra)
+    wait_port("127.0.0.1", port, timeout=20)
+    return served, port
+
+
+def _submit(port: int, key: str, tls: ssl.SSLContext, sender: str, rcpts: list[str]) -> None:
+    async def go() -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=tls)
+        await smtp.connect()
+        await smtp.login("acme", key)
+        await smtp.sendmail(sender, rcpts, MESSAGE)
+        await smtp.quit()
+
+    asyncio.run(go())
+
+
+def _notices(sink: Any, to: str, n: int, timeout: float = 30) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = [m for m in sink.sink.messages if to in m.recipients]
+        if len(got) >= n:
+            return got
+        assert time.monotonic() < deadline, [m.recipients for m in sink.sink.messages]
+        time.sleep(0.05)
+
+
+def test_a_bounce_is_told_to_the_sender(tmp_path: Path, certs: Any) -> None:
+    with SinkThread(keep_messages=True) as sink:
+        served, port = _serve(tmp_path, certs, sink)
+        try:
+            _submit(port, served.keys["acme"], certs[2], "app@example.com",
+                    ["permfail-1@example.org", "ann@example.org"])  # fmt: skip
+            (notice,) = _notices(sink, "app@example.com", 1)
+            time.sleep(1.0)  # (no second notice comes, nor one about the notice)
+            assert [m.recipients for m in sink.sink.messages if "app@example.com"
+                    in m.recipients] == [["app@example.com"]]  # fmt: skip
+        finally:
+            served.stop()
+    assert notice.mail_from == ""  # a null reverse-path: never answered in turn
+    msg = email.message_from_bytes(notice.data, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["Auto-Submitted"] == "auto-replied" and "MAILER-DAEMON@" in msg["From"]
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"
+    ]  # fmt: skip
+    status = notice.data.decode()
+    assert "Final-Recipient: rfc822; permfail-1@example.org" in status
+    assert "Action: failed" in status and "Status: 5.1.1" in status
+    assert "Diagnostic-Code: smtp; 550 5.1.1" in status
+    assert "Subject: order 42" in status and "Hello" not in status  # headers only
+    # what a sender's bounce processing makes of it
+    (b,) = parse_bounce(notice.data)
+    assert b.recipient == "permfail-1@example.org" and b.hard, b
+    # ann's copy was delivered, and no notice names her
+    assert b"ann@example.org" not in notice.data
+
+
+def test_an_expiry_is_told_to_the_sender(tmp_path: Path, certs: Any) -> None:
+    """A message retried past [retry] max_age: the notice says failed, 4.x.x."""
+    with SinkThread(keep_messages=True) as sink:
+        served, port = _serve(tmp_path, certs, sink, "[retry]\nmax_age = 1\n")
+        try:
+            _submit(port, served.keys["acme"], certs[2], "app@example.com",
+                    ["tempfail-1@example.org"])  # fmt: skip
+            (notice,) = _notices(sink, "app@example.com", 1)
+        finally:
+            served.stop()
+    text = notice.data.decode()
+    assert "Final-Recipient: rfc822; tempfail-1@example.org" in text
+    assert "Action: failed" in text and "Status: 4.3.0" in text
+    assert "retry time ran out" in text
+
+
+def test_the_notice_never_carries_a_remote_servers_lines() -> None:
+    """A reply text is the receiving server's: CR, LF and other controls are cut,
+    so it can start no header, field or MIME part of the notice."""
+    evil = "no such user\r\nContent-Type: text/html\r\n\r\n--x\x1b[31m"
+    data = build("mta.example", "a@example.com", "b@example.org", status_of(550, "", False),
+                 "550 " + evil.replace("\r", "").replace("\n", ""), "mx.example.org",
+                 0.0, 1.0, header_section(MESSAGE), False)  # fmt: skip
+    from fastsend.serve.dsn import _clean
+
+    assert "\n" not in _clean(evil) and "\x1b" not in _clean(evil)
+    assert b"\x1b" not in data
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert len(list(msg.iter_parts())) == 3
+    assert status_of(0, "", True) == "4.4.7" and status_of(550, "", False) == "5.0.0"
+    assert status_of(451, "4.7.1", True) == "4.7.1"
+    # a sender not in ASCII is named with RFC 6533's utf-8 type
+    d2 = build("mta.example", "a@example.com", "jörg@example.org", "5.1.1", "", "", 0.0, 1.0,
+               header_section(MESSAGE), False)  # fmt: skip
+    assert b"Final-Recipient: utf-8; j\\x{F6}rg@example.org" in d2
+
+
+def test_a_null_reverse_path_is_sent_as_mail_from_empty(impl: str) -> None:
+    """MAIL FROM:<> (a notice's sender): the compiled client refused "" as an
+    invalid sender (5.1.7, locally), the reference sent it: every notice bounced."""
+    from _smtp_helpers import client_class
+    from fastsend.outcome import Envelope
+
+    c = client_class(impl)("client.example", mx="mx.example:25")
+    c.receive_data(b"220 mx.example ESMTP\r\n")
+    c.send_ehlo()
+    c.receive_data(b"250-mx.example\r\n250 PIPELINING\r\n")
+    wire = c.send_envelopes([Envelope("", ["a@example.com"], b"hi\r\n", tag=1)])
+    assert wire.startswith(b"MAIL FROM:<>")
+    assert not c.events()
