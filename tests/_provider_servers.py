@@ -3,7 +3,8 @@
 They implement the documented requests, authentication and error answers:
 
 - SendGrid v3 ``POST /v3/mail/send``: ``Authorization: Bearer KEY`` (else 401
-  with an ``errors`` body), JSON with 1..1000 personalizations, 202 +
+  with an ``errors`` body), JSON with 1..1000 personalizations and content
+  (each value at least one character), 202 +
   ``X-Message-Id``; 400 ``{"errors": [{"message", "field"}]}`` for a bad
   recipient; 429 + Retry-After above the account's rate.
 - Mailgun ``POST /v3/DOMAIN/messages.mime``: basic auth ``api:KEY`` (else 401
@@ -144,6 +145,12 @@ def sendgrid_app(key: str, rec: Recorder) -> web.Application:
             if not body.get(k):
                 return web.json_response(
                     {"errors": [{"message": f"The {k} is required.", "field": k}]}, status=400
+                )
+        for i, c in enumerate(body["content"]):  # SendGrid: each a non-empty string
+            if not isinstance(c, dict) or not isinstance(c.get("value"), str) or not c["value"]:
+                msg = "The content value must be a string at least one character in length."
+                return web.json_response(
+                    {"errors": [{"message": msg, "field": f"content.{i}.value"}]}, status=400
                 )
         rcpts = [t["email"] for p in pers for t in p.get("to", [])]
         if len(rcpts) > 1000:

@@ -8,6 +8,7 @@ DKIM-valid (SES, Mailgun; SendGrid gets the same parts, see sendgrid.py)."""
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import json
@@ -956,3 +957,99 @@ def test_a_lane_paused_past_the_horizon_hands_its_mail_back(tmp_path: Path) -> N
     assert q.returncode == 0, q.stderr
     states = orjson.loads(q.stdout)["states"]
     assert states["queued"] + states["deferred"] == 20 and states["deferred"] <= 1, states
+
+
+def test_a_request_left_unanswered_does_not_fail_over_to_the_next_transport(
+    tmp_path: Path,
+) -> None:
+    """Route ``["mg", "sg"]``: Mailgun takes each message but answers after the
+    transport's ``answer_timeout``. Its outcome is unknown (Mailgun has the
+    message and sends it), so it is an attempt deferred, as SMTP's unanswered
+    final dot: never handed to SendGrid at once. Before, it failed over like a
+    refusal and every recipient got the message twice, once through each
+    provider, within the same second."""
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = ["a@example.net", "b@example.org"]
+    rcpts = write_recipients(tmp_path, addrs)
+    mg_rec, sg_rec = Recorder(), Recorder()
+    with (
+        ThreadedApp(mailgun_app("mg-key", mg_rec, "mg.sender.example.com", delay=2.0)) as mg,
+        ThreadedApp(sendgrid_app("sg-key", sg_rec)) as sg,
+    ):
+        # No retry within max_age: the one attempt's outcome stays unknown.
+        cfg = "[retry]\nmin_backoff = 30\nmax_backoff = 30\nmax_age = 2\n" + (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\nanswer_timeout = 0.5\n'
+            f'domain = "mg.sender.example.com"\n[transports.sg]\nkind = "sendgrid"\n'
+            f'endpoint = "{sg.url}"\n[routes]\n"*" = ["mg", "sg"]\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg,
+                    {"FASTSEND_MG_API_KEY": "mg-key", "FASTSEND_SG_API_KEY": "sg-key"},
+                    "--no-dkim")  # fmt: skip
+    s = summary(proc)
+    assert dict(mg_rec.recipients) == {a: 1 for a in addrs}, (mg_rec.recipients, s)
+    assert not sg_rec.recipients, f"sent again through SendGrid: {dict(sg_rec.recipients)}"
+    evs = events(tmp_path)
+    assert not [e for e in evs if e["event"] == "failover"]
+    # Deferred, and expired at once here (its retry would come past max_age).
+    ends = [e for e in evs if e["event"] in ("deferred", "expired")]
+    assert {e["rcpt"] for e in ends} == set(addrs), (s, proc.stderr[-2000:])
+    assert all("may have taken it" in e["text"] and e["stage"] == "data" for e in ends), ends
+
+
+def test_sendgrid_sends_mail_with_no_body_text_attachments_only_or_empty() -> None:
+    """SendGrid's v3 API refuses a request without content, or with an empty
+    content value ("The content value must be a string at least one character
+    in length", 400), while SMTP takes such a message: raw MIME of only an
+    attachment (a scanner's PDF), or an empty text body. Both are sent (a
+    one-space text part stands for the body that is not there), the
+    attachment with them. Before, each such message bounced, every recipient."""
+    import asyncio
+
+    import aiohttp
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.outcome import DELIVERED, Envelope
+    from fastsend.transports.sendgrid import SendGridTransport
+
+    pdf = base64_lines(b"%PDF-1.4 scanned page\n" * 20)
+    only_attachment = (
+        "From: scan@sender.example.com\r\nTo: a@example.net\r\nSubject: scan\r\n"
+        'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+        "--b1\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+        'Content-Disposition: attachment; filename="scan.pdf"\r\n\r\n'
+        f"{pdf}--b1--\r\n"
+    ).encode()
+    empty_text = (
+        b"From: scan@sender.example.com\r\nTo: b@example.net\r\nSubject: ping\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    )
+    rec = Recorder()
+
+    async def main(endpoint: str) -> Any:
+        spec = TransportSpec(name="sg", kind="sendgrid", endpoint=endpoint,
+                             secrets={"api_key": "sg-key"})  # fmt: skip
+        t = SendGridTransport(spec, b"")
+        async with aiohttp.ClientSession() as session:
+            return [
+                await t.send(session, [Envelope("scan@sender.example.com", [r], data, n)])
+                for n, (r, data) in enumerate(
+                    [("a@example.net", only_attachment), ("b@example.net", empty_text)]
+                )
+            ]
+
+    with ThreadedApp(sendgrid_app("sg-key", rec)) as app:
+        answers = asyncio.run(main(app.url))
+    outs = [a[0].outcomes[0] for a in answers]
+    assert all(o.kind == DELIVERED for o in outs), outs
+    assert dict(rec.recipients) == {"a@example.net": 1, "b@example.net": 1}
+    first = rec.accepted[0]
+    assert [a["filename"] for a in first["attachments"]] == ["scan.pdf"]
+    assert base64.b64decode(first["attachments"][0]["content"]).startswith(b"%PDF-1.4")
+
+
+def base64_lines(data: bytes) -> str:
+    import base64 as b64
+
+    enc = b64.b64encode(data).decode()
+    return "".join(enc[i : i + 76] + "\r\n" for i in range(0, len(enc), 76))

@@ -345,3 +345,99 @@ def test_cram_md5_answers_the_rfc_2195_example() -> None:
     assert c.data_to_send() == b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw\r\n"
     ev = c.receive_data(b"235 2.7.0 Authentication successful\r\n")
     assert ev[-1].code == 235 and c.state == "ready"
+
+
+class DropAfterDot:
+    """An MX that takes each message whole (DATA, the body, the final dot) and
+    then closes the connection without a reply: the receiver has the message,
+    the client never hears so (Postfix: "lost connection ... while sending end
+    of data -- message may be sent more than once")."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.received: Counter[str] = Counter()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+
+    def session(self, conn: Any) -> None:
+        f = conn.makefile("rb")
+        rcpts: list[str] = []
+        try:
+            conn.sendall(b"220 mx.dest.test ESMTP\r\n")
+            while line := f.readline():
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250 mx.dest.test\r\n")
+                elif verb == b"RCPT":
+                    rcpts.append(line.split(b"<", 1)[1].split(b">", 1)[0].decode())
+                    conn.sendall(b"250 ok\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    while (body := f.readline()) and body != b".\r\n":
+                        pass
+                    self.received.update(rcpts)
+                    return  # the whole message taken; no reply
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+        finally:
+            conn.close()
+
+    def __enter__(self) -> DropAfterDot:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def test_a_message_unanswered_after_its_final_dot_is_not_failed_over(
+    tmp_path: Path, certs: tuple[ssl.SSLContext, Path], dns_server: DNSServer
+) -> None:
+    """Route ``["smtp", "relay1"]``: the MX reads each whole message and drops
+    the connection before replying to the final dot. The outcome is unknown
+    (the MX may deliver it): an attempt deferred, not failed over to the relay
+    at once (the messages still waiting on that connection, never sent, do
+    fail over). Before, the message went through the relay as well, within
+    the second: its recipient got it twice."""
+    ctx, ca = certs
+    dns_server.set_zones(
+        {"dest.test": [("MX", "10 mx.dest.test.")], "mx.dest.test": [("A", "127.0.0.1")]}
+    )
+    camp, _ = dkim_campaign(tmp_path)
+    addrs = [f"u{i}@dest.test" for i in range(3)]
+    rcpts = write_recipients(tmp_path, addrs)
+    handler = RelayHandler()
+    with DropAfterDot() as mx, Relay(handler, ctx, implicit=False) as relay:
+        cfg = relay_config(relay.port, ca, retry=False).replace(
+            '"*" = "relay1"', '"dest.test" = ["smtp", "relay1"]'
+        )
+        cfg = "[retry]\nmin_backoff = 30\nmax_backoff = 30\nmax_age = 2\n" + cfg
+        cfg += f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {mx.port}\n'
+        cfg += "[delivery]\nallow_private_mx = true\n"
+        proc = send(tmp_path, camp, rcpts, cfg, ENV, "--no-dkim")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    taken = set(mx.received)  # the messages the MX read whole (the others: never sent)
+    relayed = Counter(r for rs, _ in handler.messages for r in rs)
+    assert taken, "the MX never read a message"
+    assert not taken & set(relayed), f"sent again through the relay: {sorted(taken & set(relayed))}"
+    assert all(n == 1 for n in relayed.values()) and taken | set(relayed) == set(addrs)
+    evs = events(tmp_path)
+    assert not [e for e in evs if e["event"] == "failover" and e["rcpt"] in taken]
+    ends = [e for e in evs if e["event"] in ("deferred", "expired") and e["rcpt"] in taken]
+    assert {e["rcpt"] for e in ends} == taken
+    assert all(e["stage"] == "data" and e["code"] == 0 for e in ends), ends

@@ -13,7 +13,9 @@ Failover: while an envelope has transports left in its chain, its outcome is
 looked at before it is reported. When the site defers it (any 4xx or
 connection trouble, also "held by shaping") or refuses it as an IP block
 (classify_reply: ip_blocked), the envelope goes to the next transport instead
-and a "failover" event per message records the switch (from, to, why).
+and a "failover" event per message records the switch (from, to, why). An
+unknown outcome (the message sent whole, no answer: :func:`unknown_outcome`)
+is reported deferred, never failed over (it would be sent twice).
 Anything else (delivered, a recipient's permanent failure) is reported. DNS
 failures of the first transport move on only when temporary.
 
@@ -62,9 +64,22 @@ def make_transport(spec: TransportSpec, secret: bytes) -> HTTPTransport:
     raise ValueError(f"{spec.kind} is not an HTTP transport")
 
 
+def unknown_outcome(o: Outcome) -> bool:
+    """No answer came once the message was (or may have been) sent whole: a
+    connection lost or timed out in the DATA phase of SMTP (the reply to the
+    final dot awaited), an HTTP request sent and left unanswered (stage
+    "data", no code). The receiver may have the message and deliver it."""
+    return o.kind == DEFERRED and o.code == 0 and o.stage == "data"
+
+
 def should_fail_over(o: Outcome) -> bool:
+    """An outcome that moves the envelope to the next transport of its chain
+    at once: a deferral or an IP block. Not an unknown outcome: the first
+    transport may have the message, and the next one would send it again
+    within the second (a certain duplicate); it is an attempt deferred, as
+    after SMTP's unanswered final dot, retried later from the chain's start."""
     if o.kind == DEFERRED:
-        return True
+        return not unknown_outcome(o)
     if o.kind == FAILED and o.code:
         from fastsend.bounce.reply import classify_reply
 

@@ -211,17 +211,27 @@ class HTTPTransport:
             return answered(envs, deferred(self.label, text, 0, "", "connect"))
         except unanswered:
             # Sent, no answer: the provider may have the message. At least once,
-            # as after SMTP's final dot: deferred (a retry may be a duplicate).
+            # as after SMTP's final dot: deferred (a retry may be a duplicate),
+            # stage "data" with no code, which is never failed over (see
+            # delivery.routes.unknown_outcome).
             text = (
                 f"no answer within {self.spec.answer_timeout:g} s after the request was"
                 " sent (the provider may have taken it)"
             )
-            return answered(envs, deferred(self.label, text, 0, "", "http"))
+            return answered(envs, deferred(self.label, text, 0, "", "data"))
+        except aiohttp.ServerDisconnectedError:
+            # The provider closed the connection where its answer was awaited:
+            # it may have read the whole request and taken the message.
+            text = "disconnected before answering (the provider may have taken it)"
+            return answered(envs, deferred(self.label, text, 0, "", "data"))
         except (aiohttp.ClientError, OSError) as e:
             return answered(envs, deferred(self.label, f"connection failed: {e}", 0, "", "connect"))
         except TimeoutError:
-            text = f"no answer within {self.spec.timeout + self.spec.answer_timeout:g} s"
-            return answered(envs, deferred(self.label, text, 0, "", "http"))
+            text = (
+                f"no answer within {self.spec.timeout + self.spec.answer_timeout:g} s"
+                " (the provider may have taken it)"
+            )
+            return answered(envs, deferred(self.label, text, 0, "", "data"))
 
     async def request(self, session: Any, envs: list[Envelope]) -> Answer:
         raise NotImplementedError

@@ -4,7 +4,8 @@ The v3 API takes a message's parts, not raw MIME: fastsend renders the
 message as for every transport, then hands SendGrid its parts -- From,
 Reply-To, Subject, the text and HTML bodies, attachments and the other
 headers (List-Unsubscribe, Feedback-ID, ...) -- so subject, bodies and
-headers are the same bytes of text whatever the transport; SendGrid builds the
+headers are the same bytes of text whatever the transport (a message with no
+body text, attachments only, gets a one-space text body: v3 requires one); SendGrid builds the
 MIME and DKIM-signs it with the domain's authenticated key (it refuses a
 DKIM-Signature header, which would not survive its re-encoding anyway).
 Routes that must carry fastsend's own signature use SendGrid's SMTP relay
@@ -168,7 +169,13 @@ def mime_to_v3(data: bytes) -> dict[str, Any]:
             att["content_id"] = _header(cid).strip("<>")
         attachments.append(att)
     content.sort(key=lambda c: c["type"] != "text/plain")  # v3: text/plain first
-    doc["content"] = content
+    # v3 refuses a request without content or with an empty value (400 "The
+    # content value must be a string at least one character in length"): a
+    # message of attachments only, or with an empty body, which SMTP takes, has
+    # one space for its body (before, it bounced, every recipient).
+    for c in content:
+        c["value"] = c["value"] or " "
+    doc["content"] = content or [{"type": "text/plain", "value": " "}]
     if attachments:
         doc["attachments"] = attachments
     return doc
