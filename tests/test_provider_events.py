@@ -107,7 +107,7 @@ def test_sendgrid_event_webhook_ecdsa(tmp_path: Path) -> None:
                     ({}, body),  # unsigned
                     (signed(body, other), body),  # forged: another key
                     (signed(body), body.replace(b"spamreport", b"delivered")),  # tampered
-                    (signed(body, ts=str(int(time.time()) - 3600)), body),  # stale
+                    (signed(body, ts=str(int(time.time()) - 25 * 3600)), body),  # stale
                     ({**signed(body), "X-Twilio-Email-Event-Webhook-Signature": "!!"}, body),
                 ]:
                     async with s.post(u, data=b, headers=headers) as r:
@@ -679,6 +679,61 @@ def test_sns_urls_are_not_followed_through_redirects(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------- provider retries (session 16)
+
+
+def test_sendgrid_retries_are_taken_for_a_day_and_their_events_handled_once(
+    tmp_path: Path,
+) -> None:
+    """SendGrid retries a post not answered 2xx for up to 24 hours after the
+    event. A retry carrying its first signature (timestamp 2 hours old) is
+    taken (before: 401 as older than max_age, 600 s: every retry refused, the
+    bounce lost for good); one 25 hours old is not. A retry SendGrid signed
+    anew (fresh timestamp, the same events) handles none of them again, by
+    their sg_event_id (before: the delivery and open were recorded twice)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()  # fmt: skip
+    ctx, ids = make_ctx(tmp_path, {"sendgrid_public_key": pub})
+    tok = [msgid.token(i, ctx.secret) for i in ids]
+    now = int(time.time())
+    events = [
+        {"email": "u0@example.net", "event": "bounce", "type": "bounce", "status": "5.1.1",
+         "reason": "550 5.1.1 no such user", "fastsend": tok[0], "sg_event_id": "ZXZ0LTA"},
+        {"email": "u1@example.net", "event": "delivered", "fastsend": tok[1], "sg_event_id": "ZXZ0LTE"},
+        {"email": "u1@example.net", "event": "open", "fastsend": tok[1], "sg_event_id": "ZXZ0LTI"},
+    ]  # fmt: skip
+    body = json.dumps(events).encode()
+
+    def signed(ts: int) -> dict[str, str]:
+        sig = key.sign(str(ts).encode() + body, ec.ECDSA(hashes.SHA256()))
+        return {"X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(sig).decode(),
+                "X-Twilio-Email-Event-Webhook-Timestamp": str(ts)}  # fmt: skip
+
+    async def main() -> list[tuple[int, Any]]:
+        app = web.Application()
+        setup_provider_events(app, ctx)
+        runner, url = await serve(app)
+        got = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for ts in (now - 25 * 3600, now - 2 * 3600, now):
+                    async with s.post(url + "/webhooks/sendgrid", data=body,
+                                      headers=signed(ts)) as r:  # fmt: skip
+                        got.append((r.status, await r.json() if r.status == 200 else None))
+        finally:
+            await runner.cleanup()
+        return got
+
+    before = state(ctx)[0]
+    got = asyncio.run(main())
+    assert got[0][0] == 401  # past SendGrid's day of retries
+    assert got[1] == (200, {"events": 3, "repeated": 0}), got
+    assert got[2] == (200, {"events": 0, "repeated": 3}), got
+    n, suppressed = state(ctx)
+    assert n - before == 3 and suppressed == ["u0@example.net"]
+    evs = last_events(ctx, 3)
+    assert [e["provider_event"] for e in evs] == ["bounce", "delivered", "open"]
+    ctx.close()
 
 
 def mailgun_post(signing_key: str, event: dict[str, Any], ts: float, token: str) -> bytes:

@@ -24,10 +24,12 @@ A post without a valid signature, or with a timestamp older than ``max_age``
 (replays), is answered 401 and changes nothing. A provider that retries a post
 our answer did not take resends it as it was, with its first timestamp: Mailgun
 for 8 hours (``MAILGUN_RETRIES``), SNS for up to an hour (``SNS_RETRIES``, its
-HTTP/S delivery policy's hard limit); their posts are taken that much older
-than ``max_age`` (which stays the clocks' allowance), and their ids (Mailgun's
-token, the SNS MessageId) are remembered as long, so a replay within it is
-still refused. A post whose handling failed (the spool out of reach, say) is
+HTTP/S delivery policy's hard limit), SendGrid for up to 24 hours
+(``SENDGRID_RETRIES``; signed anew or not, its docs do not say); their posts
+are taken that much older than ``max_age`` (which stays the clocks'
+allowance), and their ids (Mailgun's token, the SNS MessageId, SendGrid's
+signature and each event's ``sg_event_id``) are remembered as long, so a replay
+within it is still refused and a SendGrid event posted again is handled once. A post whose handling failed (the spool out of reach, say) is
 answered 500 and forgotten: the provider's retry of it is handled, not taken
 for a replay (before, the retry was refused and the event lost). Verified events name messages
 by the signed id tokens fastsend sent with them (SES: Message-ID; SendGrid:
@@ -80,6 +82,12 @@ SES_NO_ADDRESS = frozenset({"NoEmail", "Suppressed", "OnAccountSuppressionList"}
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})
 MAILGUN_RETRIES = 8 * 3600.0
 SNS_RETRIES = 3600.0
+# SendGrid retries a post not answered 2xx "at increasing intervals for up to 24
+# hours after the event occurs" (its Event Webhook troubleshooting page); its
+# docs do not say whether a retry is signed anew, so one keeping its first
+# timestamp is taken as long. Each event's sg_event_id is remembered as long:
+# SendGrid may post an event twice ("use sg_event_id" to deduplicate).
+SENDGRID_RETRIES = 24 * 3600.0
 
 
 @dataclass
@@ -525,12 +533,12 @@ class ProviderEvents:
         try:
             if not sig or not ts:
                 raise _Unauthorized("unsigned")
-            self._fresh(ts)
+            self._fresh(ts, SENDGRID_RETRIES)
             raw_sig = base64.b64decode(sig, validate=True)
             assert self.sendgrid_key is not None  # the route exists only with a key
             self.sendgrid_key.verify(raw_sig, ts.encode() + body, ec.ECDSA(hashes.SHA256()))
             key = "sg:" + hashlib.sha256(raw_sig).hexdigest()
-            if not self._once(key):
+            if not self._once(key, SENDGRID_RETRIES):
                 raise _Unauthorized("replayed")
         except (_Unauthorized, InvalidSignature, ValueError) as e:
             log.warning("sendgrid webhook refused: %s", e.__class__.__name__)
@@ -548,12 +556,23 @@ class ProviderEvents:
             return web.json_response({"error": "body is not JSON"}, status=400)
         if not isinstance(items, list):
             return web.json_response({"error": "expected a JSON array of events"}, status=400)
-        n = 0
+        n = repeated = 0
         for it in items:
-            if isinstance(it, dict) and isinstance(it.get("email"), str):
+            if not isinstance(it, dict) or not isinstance(it.get("email"), str):
+                continue
+            eid = it.get("sg_event_id")
+            once = "sge:" + eid[:200] if isinstance(eid, str) and eid else ""
+            if once and not self._once(once, SENDGRID_RETRIES):
+                repeated += 1  # posted before (a retry signed anew): handled then
+                continue
+            try:
                 self._sendgrid_event(it)
-                n += 1
-        return web.json_response({"events": n})
+            except BaseException:
+                if once:
+                    self._forget(once)  # the retry of the post handles it
+                raise
+            n += 1
+        return web.json_response({"events": n, "repeated": repeated})
 
     def _sendgrid_event(self, it: dict[str, Any]) -> None:
         rcpt = it["email"]
