@@ -25,6 +25,7 @@ The rate is a token bucket per server (recipients per second, burst = rate).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import re
 import threading
@@ -120,6 +121,7 @@ class Recorder:
         self.unavailable = 0
         self.down_until = 0.0
         self.unavailable_answers = 0
+        self.to_fields: list[int] = []  # Mailgun: the ``to`` fields of each request
 
 
 def sendgrid_app(key: str, rec: Recorder) -> web.Application:
@@ -211,11 +213,25 @@ def mailgun_app(key: str, rec: Recorder, domain: str, delay: float = 0.0) -> web
         form = multipart_form(request.headers.get("Content-Type", ""), await request.read())
         if form is None:
             return web.json_response({"message": "expected multipart/form-data"}, status=400)
-        to = form.get("to", b"").decode()
-        data = form.get("message")
+        to = [v.decode() for v in form.get("to", [])]
+        data = form.get("message", [None])[0]
         if not to or data is None:
             return web.json_response({"message": "'to' parameter is missing"}, status=400)
-        rcpts = [x.strip() for x in to.split(",") if x.strip()]
+        rec.to_fields.append(len(to))
+        options = sum(len(k) + len(v) for k, vs in form.items() if k[:2] in ("o:", "h:", "v:")
+                      for v in vs)  # fmt: skip
+        if options > 16 * 1024:
+            return web.json_response({"message": "Send options (parameters starting with o:,"
+                                      " h:, or v:) are limited to 16 kB total"}, status=400)  # fmt: skip
+        # Each value an RFC 5322 address-list (commas separate recipients).
+        rcpts = [a for _n, a in email.utils.getaddresses(to) if a]
+        if any(r.startswith("sandbox") for r in rcpts):  # an address not authorized
+            rec.rejected += 1
+            return web.json_response(
+                {"message": f"Domain {domain} is not allowed to send: Sandbox subdomains are for"
+                 " test purposes only. Please add your own domain or add the address to"
+                 " authorized recipients in Account Settings."}, status=400,
+            )  # fmt: skip
         for r in rcpts:
             if r.startswith("reject"):
                 rec.rejected += 1
@@ -234,7 +250,7 @@ def mailgun_app(key: str, rec: Recorder, domain: str, delay: float = 0.0) -> web
             )
         mid = f"<{uuid.uuid4().hex}@{domain}>"
         rec.times.extend([time.monotonic()] * len(rcpts))
-        rec.accepted.append((rcpts, data, form.get("v:fastsend", b"").decode()))
+        rec.accepted.append((rcpts, data, form.get("v:fastsend", [b""])[0].decode()))
         rec.recipients.update(rcpts)
         if delay:
             await asyncio.sleep(delay)
@@ -249,9 +265,9 @@ _BOUNDARY = re.compile(r'multipart/form-data\s*;\s*boundary="?([^";]+)"?', re.I)
 _NAME = re.compile(rb'^content-disposition:\s*form-data\s*;.*?\bname="([^"]*)"', re.I | re.M)
 
 
-def multipart_form(ctype: str, body: bytes) -> dict[str, bytes] | None:
-    """The fields of a multipart/form-data body (RFC 7578), by name; None when it
-    is not one. (aiohttp's request.post() reads each part's headers with the
+def multipart_form(ctype: str, body: bytes) -> dict[str, list[bytes]] | None:
+    """The fields of a multipart/form-data body (RFC 7578), by name (a name
+    given several times: each value, in order); None when it is not one. (aiohttp's request.post() reads each part's headers with the
     email package: most of this stand-in's time, the run's bottleneck.)"""
     m = _BOUNDARY.match(ctype)
     if not m:
@@ -260,7 +276,7 @@ def multipart_form(ctype: str, body: bytes) -> dict[str, bytes] | None:
     chunks = body.split(delim)
     if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
         return None  # no closing delimiter
-    out: dict[str, bytes] = {}
+    out: dict[str, list[bytes]] = {}
     for chunk in chunks[1:-1]:
         if not chunk.startswith(b"\r\n") or not chunk.endswith(b"\r\n"):
             return None
@@ -268,7 +284,7 @@ def multipart_form(ctype: str, body: bytes) -> dict[str, bytes] | None:
         name = _NAME.search(head)
         if not sep or name is None:
             return None
-        out[name.group(1).decode()] = value
+        out.setdefault(name.group(1).decode(), []).append(value)
     return out
 
 

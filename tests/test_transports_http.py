@@ -1053,3 +1053,274 @@ def base64_lines(data: bytes) -> str:
 
     enc = b64.b64encode(data).decode()
     return "".join(enc[i : i + 76] + "\r\n" for i in range(0, len(enc), 76))
+
+
+def test_mailgun_gets_each_recipient_of_a_group_in_its_own_to_field() -> None:
+    """Identical mail to several recipients is one Mailgun request: each
+    recipient its own ``to`` field (Mailgun takes the parameter several times),
+    so a quoted local part holding a comma or a space reaches Mailgun whole.
+    Before, one field joined them with commas and a reader splitting it on its
+    commas (this stand-in did) saw '"a' and 'b"@example.net'."""
+    import asyncio
+
+    import aiohttp
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.outcome import DELIVERED, Envelope
+    from fastsend.transports.mailgun import MailgunTransport
+
+    rcpts = ['"a,b"@example.net', '"john doe"@example.org', "c@example.com"]
+    env = Envelope("news@sender.example.com", rcpts, b"Subject: s\r\n\r\nbody\r\n", [1, 2, 3])
+    rec = Recorder()
+
+    async def main(endpoint: str) -> Any:
+        spec = TransportSpec(name="mg", kind="mailgun", endpoint=endpoint, region="us",
+                             domain="mg.sender.example.com", secrets={"api_key": "mg-key"})  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            return await MailgunTransport(spec, b"").send(session, [env])
+
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        ans = asyncio.run(main(app.url))
+    assert [o.kind for o in ans[0].outcomes] == [DELIVERED] * 3, ans
+    assert rec.to_fields == [3]
+    assert dict(rec.recipients) == {r: 1 for r in rcpts}
+
+
+def test_mailgun_refusing_our_sandbox_domain_defers_and_bounces_no_one() -> None:
+    """Mailgun's 400 "Domain D is not allowed to send: Sandbox subdomains are
+    for test purposes only ... add the address to authorized recipients" is
+    about our account, not the recipient: deferred, alone or in a group (not
+    split in halves), never a bounce. Before, each recipient bounced."""
+    import asyncio
+
+    import aiohttp
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.outcome import DEFERRED, Envelope
+    from fastsend.transports.mailgun import MailgunTransport
+
+    alone = Envelope(
+        "n@sender.example.com", ["sandbox-1@example.net"], b"Subject: s\r\n\r\nb\r\n", 1
+    )
+    group = Envelope("n@sender.example.com", ["a@example.net", "sandbox-2@example.net"],
+                     b"Subject: s\r\n\r\nb\r\n", [2, 3])  # fmt: skip
+    rec = Recorder()
+
+    async def main(endpoint: str) -> Any:
+        spec = TransportSpec(name="mg", kind="mailgun", endpoint=endpoint, region="us",
+                             domain="mg.sender.example.com", secrets={"api_key": "mg-key"})  # fmt: skip
+        t = MailgunTransport(spec, b"")
+        async with aiohttp.ClientSession() as session:
+            return [await t.send(session, [alone]), await t.send(session, [group])]
+
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        answers = asyncio.run(main(app.url))
+    outs = [o for a in answers for o in a[0].outcomes]
+    assert [o.kind for o in outs] == [DEFERRED] * 3, outs
+    assert all("authorized recipients" in o.text for o in outs)
+    assert rec.requests == 2 and not rec.recipients  # the group not split
+
+
+def test_a_provider_paused_for_long_hands_its_mail_to_the_routes_next_transport(
+    tmp_path: Path,
+) -> None:
+    """Route ``["mg", "sg"]``: Mailgun is in maintenance (503, Retry-After 600
+    s) from its first request on. Its lane pauses for ten minutes; the mail it
+    holds and the mail dispatched to it meanwhile goes on to SendGrid, never
+    attempted at Mailgun ("failover" events say why). Before, only the
+    requests in flight when the 503 came failed over: the rest was handed back
+    to wait out the pause (and then one request each ten minutes failed over),
+    so a backup transport barely served while the first one was down."""
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = [f"p{i}@example.net" for i in range(40)]
+    rcpts = write_recipients(tmp_path, addrs)
+    mg_rec, sg_rec = Recorder(), Recorder()
+    mg_rec.unavailable = 600
+    with (
+        ThreadedApp(mailgun_app("mg-key", mg_rec, "mg.sender.example.com")) as mg,
+        ThreadedApp(sendgrid_app("sg-key", sg_rec)) as sg,
+    ):
+        cfg = (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\nmax_connections = 2\n'
+            f'domain = "mg.sender.example.com"\n[transports.sg]\nkind = "sendgrid"\n'
+            f'endpoint = "{sg.url}"\n[routes]\n"*" = ["mg", "sg"]\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg,
+                    {"FASTSEND_MG_API_KEY": "mg-key", "FASTSEND_SG_API_KEY": "sg-key"},
+                    "--no-dkim", "--max-wait", "5")  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == len(addrs), (s, proc.stderr[-2000:])
+    assert dict(sg_rec.recipients) == {a: 1 for a in addrs}
+    assert not mg_rec.recipients and mg_rec.unavailable_answers <= 4, mg_rec.unavailable_answers
+    fo = [e for e in events(tmp_path) if e["event"] == "failover"]
+    assert {e["rcpt"] for e in fo} == set(addrs)
+    assert all(e["from"] == "mg" and e["to"] == "sg" for e in fo)
+
+
+def test_groups_larger_than_a_provider_request_are_cut_to_its_limit(
+    tmp_path: Path, moto_ses: Any
+) -> None:
+    """Identical mail grouped by ``recipients_per_transaction`` = 120 (an SMTP
+    setting) goes to SES (moto, which refuses over 50 destinations as SES does:
+    MessageRejected "Too many recipients.") in requests of at most 50. Before,
+    each group of over 50 was refused whole and all its recipients bounced.
+    (Mailgun's limit is 500 a request: its o:, h:, v: options may not pass 16
+    kB, and v:fastsend holds each recipient's id token.)"""
+    url, akid, secret_key, sent = moto_ses
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    addrs = [f"g{i}@example.net" for i in range(120)]
+    rcpts = write_recipients(tmp_path, addrs)
+    rec = Recorder()
+    with ThreadedApp(ses_proxy_app(url, rec)) as proxy:
+        cfg = "[delivery]\nrecipients_per_transaction = 120\n" + (
+            f'[transports.ses-eu]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{proxy.url}"\n'
+            '[routes]\n"*" = "ses-eu"\n'
+        )
+        env = {"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret_key}
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "5", "--no-dkim",
+                    "--workers", "1")  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == 120 and s["bounced"] == 0, (s, proc.stderr[-2000:])
+    assert dict(rec.recipients) == {a: 1 for a in addrs}
+    assert len(sent()) >= 3 and rec.rejected == 0
+
+
+def test_mailgun_requests_keep_their_options_under_16_kb() -> None:
+    """A group of 700 recipients is cut into Mailgun requests of at most 500,
+    whose v:fastsend (a token per recipient) stays under Mailgun's 16 kB of
+    o:, h: and v: options."""
+    from fastsend.config.transports import TransportSpec
+    from fastsend.outcome import Envelope
+    from fastsend.transports.mailgun import MailgunTransport
+
+    spec = TransportSpec(name="mg", kind="mailgun", region="us", domain="mg.example.com",
+                         secrets={"api_key": "k"})  # fmt: skip
+    t = MailgunTransport(spec, b"s" * 32)
+    ids = [10**17 + i for i in range(700)]
+    env = Envelope("a@example.com", [f"r{i}@example.net" for i in ids], b"x\r\n", ids)
+    parts = t.fit([env])
+    assert [len(p.rcpts) for p in parts] == [500, 200]
+    assert [p.tag for p in parts] == [ids[:500], ids[500:]]
+    for p in parts:
+        body, ctype = t.form(p)
+        from tests._provider_servers import multipart_form
+
+        form = multipart_form(ctype, body)
+        assert form is not None
+        assert sum(len(v) for v in form["v:fastsend"]) < 16 * 1024
+
+
+def test_a_provider_refusing_the_message_for_its_size_says_so() -> None:
+    """HTTP 413 (Content Too Large) or SES's "Message length is more than N
+    bytes" is the message's size: 5.3.4, reason mesgtoobig (it read as
+    "onhold", 5.0.0); a recipient's refusal is not taken for one."""
+    from fastsend.transports.http import map_status
+
+    for status, text in [(413, "Payload Too Large"),
+                         (400, "MessageRejected: Message length is more than 41943040 bytes long")]:  # fmt: skip
+        o = map_status("p", status, text)
+        assert (o.kind, o.enhanced) == ("failed", "5.3.4") and "mesgtoobig" in o.text, o
+    assert map_status("p", 400, "Illegal address").enhanced != "5.3.4"
+
+
+def test_a_tenants_headers_never_steer_the_provider(tmp_path: Path) -> None:
+    """A campaign's [headers] (a tenant's content) naming the providers'
+    control headers -- X-SES-CONFIGURATION-SET (SES: where bounces and
+    complaints go), X-SMTPAPI (SendGrid's relay: more recipients, tracking
+    off), X-Mailgun-Sending-Ip / X-Mailgun-Variables (another tenant's IP, the
+    ids webhooks echo) -- reaches neither Mailgun's MIME nor SendGrid's headers;
+    other headers do. Before, each went to the provider as written."""
+    camp = tmp_path / "c.toml"
+    camp.write_text(
+        'from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n'
+        "[headers]\n"
+        '"X-SES-CONFIGURATION-SET" = "no-events"\n'
+        '"X-SMTPAPI" = "{\\"to\\": [\\"victim@example.com\\"]}"\n'
+        '"X-Mailgun-Sending-Ip" = "192.0.2.77"\n'
+        '"x-mailgun-variables" = "{\\"fastsend\\": \\"1-forged\\"}"\n'
+        '"X-Campaign-Ref" = "spring"\n'
+    )
+    rcpts = write_recipients(tmp_path, ["a@example.net", "b@example.org"])
+    mg_rec, sg_rec = Recorder(), Recorder()
+    with (
+        ThreadedApp(mailgun_app("mg-key", mg_rec, "mg.sender.example.com")) as mg,
+        ThreadedApp(sendgrid_app("sg-key", sg_rec)) as sg,
+    ):
+        cfg = (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\n'
+            f'domain = "mg.sender.example.com"\n[transports.sg]\nkind = "sendgrid"\n'
+            f'endpoint = "{sg.url}"\n[routes]\n"example.net" = "mg"\n"example.org" = "sg"\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg,
+                    {"FASTSEND_MG_API_KEY": "mg-key", "FASTSEND_SG_API_KEY": "sg-key"},
+                    "--no-dkim", "--max-wait", "5")  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == 2, (s, proc.stderr[-2000:])
+    ((_r, mime, _v),) = mg_rec.accepted
+    head = mime.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"x-campaign-ref: spring" in head
+    assert b"x-ses-" not in head and b"x-smtpapi" not in head and b"x-mailgun-" not in head, head
+    (doc,) = sg_rec.accepted
+    names = {k.lower() for k in doc.get("headers", {})}
+    assert "x-campaign-ref" in names
+    assert not {n for n in names if n.startswith(("x-ses-", "x-smtpapi", "x-mailgun-"))}, names
+
+
+def test_grouped_mail_keeps_to_the_accounts_send_rate(tmp_path: Path, moto_ses: Any) -> None:
+    """SES counts recipients against MaxSendRate. Identical mail grouped 50 to
+    a message, at an account rate of 20 a second: each request carries at most
+    the lane's second's worth (20), so every recipient is sent, none refused
+    for the rate twice. Before, the lane charged a 50-recipient request as 20
+    and sent it (the burst, 20): SES (here its stand-in, refusing any request over the
+    second's recipients) throttled every one, until each group was given up
+    deferred."""
+    url, akid, secret_key, _sent = moto_ses
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    addrs = [f"r{i}@example.net" for i in range(60)]
+    rcpts = write_recipients(tmp_path, addrs)
+    rec = Recorder(rate=20)
+    with ThreadedApp(ses_proxy_app(url, rec, max_send_rate=20)) as proxy:
+        cfg = (
+            f'[transports.ses-eu]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{proxy.url}"\n'
+            '[routes]\n"*" = "ses-eu"\n'
+        )
+        env = {"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret_key}
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "5", "--no-dkim",
+                    "--workers", "1")  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == 60, (s, rec.throttled, proc.stderr[-2000:])
+    assert dict(rec.recipients) == {a: 1 for a in addrs}
+    assert rec.throttled <= 2, rec.throttled
+
+
+def test_sendgrid_keeps_the_recipients_display_name() -> None:
+    """SendGrid writes To from the personalization: the rendered To's display
+    name ("Ann Lée <ann@example.net>", an encoded word) goes there with the
+    address, so the recipient sees the To fastsend rendered. Before, only the
+    bare address."""
+    import asyncio
+
+    import aiohttp
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.outcome import Envelope
+    from fastsend.transports.sendgrid import SendGridTransport
+
+    data = (b"From: news@sender.example.com\r\nTo: =?utf-8?q?Ann_L=C3=A9e?= <Ann@Example.net>\r\n"
+            b"Subject: s\r\n\r\nbody\r\n")  # fmt: skip
+    rec = Recorder()
+
+    async def main(endpoint: str) -> Any:
+        spec = TransportSpec(name="sg", kind="sendgrid", endpoint=endpoint,
+                             secrets={"api_key": "sg-key"})  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            env = Envelope("news@sender.example.com", ["ann@example.net"], data, 1)
+            return await SendGridTransport(spec, b"").send(session, [env])
+
+    with ThreadedApp(sendgrid_app("sg-key", rec)) as app:
+        asyncio.run(main(app.url))
+    (doc,) = rec.accepted
+    assert doc["personalizations"][0]["to"] == [{"email": "ann@example.net", "name": "Ann Lée"}]

@@ -9,11 +9,17 @@ relay with its AUTH/TLS settings and limits; ses/sendgrid/mailgun: the
 worker's :class:`~fastsend.transports.http.ProviderQueue` of that transport
 -- and pushes the rendered envelopes there.
 
+The messages of such a route lose the providers' control headers
+(fastsend.transports.control: X-SES-*, X-SMTPAPI, X-Mailgun-*) before they
+are queued: a tenant's content must not steer a provider or relay.
+
 Failover: while an envelope has transports left in its chain, its outcome is
 looked at before it is reported. When the site defers it (any 4xx or
 connection trouble, also "held by shaping") or refuses it as an IP block
 (classify_reply: ip_blocked), the envelope goes to the next transport instead
-and a "failover" event per message records the switch (from, to, why). An
+and a "failover" event per message records the switch (from, to, why); so
+does the mail a provider's lane holds while the provider paused it past the
+ready horizon (:meth:`Router.move_on`: unattempted there). An
 unknown outcome (the message sent whole, no answer: :func:`unknown_outcome`)
 is reported deferred, never failed over (it would be sent twice).
 Anything else (delivered, a recipient's permanent failure) is reported. DNS
@@ -200,6 +206,8 @@ class Router:
                 horizon=self.config.delivery.ready_horizon,
                 count=w.count,
                 events=w.shaper.events,
+                move_on=self.move_on,
+                on_cut=self.on_cut,
             )
         return q
 
@@ -210,7 +218,7 @@ class Router:
         has a queue for them (a temporary DNS failure moves on). ``waiting``
         (the worker's ``resolving``) holds the batch while a queue is looked
         up: a withdrawal takes its messages out meanwhile."""
-        from fastsend.transports.http import _key
+        from fastsend.transports.http import ProviderQueue, _key
 
         w = self.w
         for i, name in enumerate(chain):
@@ -231,6 +239,9 @@ class Router:
             envelopes = w.build(batch)
             if not envelopes:
                 return
+            envelopes = [_without_control(e) for e in envelopes]
+            if isinstance(q, ProviderQueue):
+                envelopes = q.transport.fit(envelopes)  # at most a request's recipients
             rest = chain[i + 1 :]
             if rest:
                 for e in envelopes:
@@ -266,9 +277,47 @@ class Router:
             asyncio.get_running_loop().create_task(self._reroute(env, rest, campaign))
         return keep
 
+    def on_cut(self, whole: Envelope, pieces: list[Envelope]) -> None:
+        """A provider's lane cut ``whole`` into ``pieces`` (a request's share of
+        its rate): each piece keeps the route's next transports."""
+        from fastsend.transports.http import _key
+
+        ent = self.failover.pop(_key(whole), None)
+        if ent is not None:
+            for p in pieces:
+                self.failover[_key(p)] = (p, *ent[1:])
+
+    def move_on(self, envelopes: list[Envelope], why: str) -> list[Envelope]:
+        """Envelopes a provider's lane holds while it is paused past the ready
+        horizon (a 503 in maintenance, a Retry-After, SES's daily quota): those
+        whose route names a next transport go there now, unattempted here (a
+        "failover" event each, code 0: nothing was sent); the others are
+        returned, to be handed back until the pause ends."""
+        from fastsend.transports.http import _key
+
+        keep: list[Envelope] = []
+        now = time.time()
+        for env in envelopes:
+            ent = self.failover.pop(_key(env), None)
+            if ent is None:
+                keep.append(env)
+                continue
+            _env, rest, campaign, came_from = ent
+            ids = env.tag if isinstance(env.tag, list) else [env.tag] * len(env.rcpts)
+            for mid, rcpt in zip(ids, env.rcpts, strict=False):
+                self.events.append({
+                    "time": now, "event": "failover", "id": mid, "campaign": campaign,
+                    "rcpt": rcpt, "from": came_from, "to": rest[0], "mx": "", "source_ip": "",
+                    "code": 0, "enhanced": "", "text": why[:300],
+                })  # fmt: skip
+            self.w.count("failovers", len(env.rcpts))
+            self.w.busy += 1
+            asyncio.get_running_loop().create_task(self._reroute(env, rest, campaign))
+        return keep
+
     async def _reroute(self, env: Envelope, rest: tuple[str, ...], campaign: int) -> None:
         from fastsend import wire
-        from fastsend.transports.http import _key
+        from fastsend.transports.http import ProviderQueue, _key
 
         w = self.w
         try:
@@ -281,9 +330,11 @@ class Router:
                         continue
                     w.add_results([TxnResult(env.tag, [q] * len(env.rcpts))], "", q.mx or "")
                     return
+                envs = q.transport.fit([env]) if isinstance(q, ProviderQueue) else [env]
                 if rest[i + 1 :]:
-                    self.failover[_key(env)] = (env, rest[i + 1 :], campaign, name)
-                _push(q, [env], campaign)
+                    for e in envs:
+                        self.failover[_key(e)] = (e, rest[i + 1 :], campaign, name)
+                _push(q, envs, campaign)
                 return
         except Exception as e:  # a bug must not lose the envelope: defer it, loudly
             import traceback
@@ -307,6 +358,18 @@ class Router:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _without_control(env: Envelope) -> Envelope:
+    """``env`` without the providers' control headers in its message
+    (fastsend.transports.control: X-SES-*, X-SMTPAPI, X-Mailgun-*): a tenant's
+    content must not steer a provider or relay."""
+    from fastsend.transports import control
+
+    data = env.data
+    if isinstance(data, bytes) and (clean := control.strip(data)) is not data:
+        env.data = clean
+    return env
 
 
 def _push(q: Any, envelopes: list[Envelope], campaign: int) -> None:

@@ -7,6 +7,7 @@ transport; outcomes come back with the same kinds as SMTP's.
 - ``fastsend.delivery.routes`` -- in a worker: the queue for a batch, failover between transports
 - ``relay.py``   -- a relay's ConnectOptions (AUTH, TLS, implicit TLS) and limits
 - ``http.py``    -- provider answers -> Outcomes; ProviderQueue (in-flight bound, rate, throttling)
+- ``control.py`` -- the providers' control headers (X-SES-*, X-SMTPAPI, X-Mailgun-*), removed
 - ``sigv4.py``   -- AWS Signature Version 4
 - ``ses.py``, ``sendgrid.py``, ``mailgun.py`` -- the providers' requests and answers
 

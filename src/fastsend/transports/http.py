@@ -32,7 +32,9 @@ account's MaxSendRate, read once), and on throttling: a pause (Retry-After, or
 1 s doubling), the rate halved (or, with no rate, the in-flight bound), the
 throttled envelopes back at the head of the queue -- after ``MAX_THROTTLES``
 throttles of one envelope, or when the pause is longer than the ready horizon,
-they are answered deferred and the supervisor reschedules them. Successes
+they are answered deferred and the supervisor reschedules them (when the
+pause is past the horizon, the mail the lane holds goes on to its route's next
+transport at once, unattempted here, and only the rest goes back). Successes
 raise the rate again additively. Every change is a "shaping" event.
 
 It never raises for provider or network trouble, and logs no secret.
@@ -43,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -124,12 +127,19 @@ def rejected(label: str, status: int, text: str) -> Outcome:
     from fastsend.bounce.reply import classify_reply
 
     c = classify_reply(550, "", text, command="DATA")
+    if status == 413 or _TOO_BIG.search(text):
+        # HTTP's own "Content Too Large" (RFC 9110 15.5.14), SES's "Message
+        # length is more than N bytes": the message's size, whatever the words
+        # (they read as "onhold", 5.0.0).
+        c = msgspec.structs.replace(c, reason="mesgtoobig")
     enhanced = _STATUS.get(c.reason, "5.0.0")
     return Outcome(
         FAILED, 550, enhanced, f"{label} rejected (HTTP {status}, {c.reason}): {text}"[:400],
         "http", label,
     )  # fmt: skip
 
+
+_TOO_BIG = re.compile(r"message length is more than|too large|size exceeds", re.I)
 
 # 4xx that are about our request's form or the URL, never the message or a
 # recipient: 405 Method Not Allowed, 406, 410 Gone, 411, 414 URI Too Long,
@@ -174,6 +184,28 @@ class HTTPTransport:
         self.rate_hint = spec.rate  # messages/s across workers (0: unknown)
 
     many_envelopes = False  # one request carries one envelope (SES, Mailgun: one MIME)
+
+    def fit(self, envs: list[Envelope], limit: int = 0) -> list[Envelope]:
+        """``envs`` with each envelope of more recipients than a request may
+        carry (``max_rcpts``: SES's 50, Mailgun's 500, SendGrid's 1,000) cut
+        into envelopes of at most that many, in order. The engine groups
+        identical mail by ``recipients_per_transaction`` (an SMTP setting):
+        set above a provider's limit, every group was refused whole and
+        bounced (SES "Recipient count exceeds 50", Mailgun's 16 kB of v:
+        options, SendGrid's 1,000 personalizations). ``limit``: that many at
+        most instead."""
+        n = limit or self.max_rcpts
+        if not n or all(len(e.rcpts) <= n for e in envs):
+            return envs
+        out: list[Envelope] = []
+        for e in envs:
+            if len(e.rcpts) <= n or not isinstance(e.tag, list):
+                out.append(e)
+                continue
+            for i in range(0, len(e.rcpts), n):
+                out.append(msgspec.structs.replace(e, rcpts=e.rcpts[i : i + n],
+                                                   tag=e.tag[i : i + n]))  # fmt: skip
+        return out
 
     def take(
         self,
@@ -304,6 +336,9 @@ class ProviderSite(NamedTuple):
 
 Report = Callable[[list[TxnResult], str, str], None]
 Handback = Callable[[list[Envelope], float, float, str], None]
+# Envelopes of a lane paused past the horizon -> those it could not move on to
+# their route's next transport (delivery.routes.Router.move_on).
+MoveOn = Callable[[list[Envelope], str], list[Envelope]]
 
 
 class ProviderQueue:
@@ -322,8 +357,12 @@ class ProviderQueue:
         nodes: int = 1,
         count: Callable[..., None] | None = None,
         events: list[dict[str, Any]] | None = None,
+        move_on: MoveOn | None = None,
+        on_cut: Callable[[Envelope, list[Envelope]], None] | None = None,
     ) -> None:
         self.transport = transport
+        self.move_on = move_on
+        self.on_cut = on_cut  # an envelope cut in pieces (Router.on_cut: their failover)
         self.site = ProviderSite(f"provider:{transport.spec.name}")
         self.session = session
         self.report = report
@@ -417,9 +456,14 @@ class ProviderQueue:
             for e in back:
                 self.campaign_of.pop(_key(e), None)
                 self.throttles.pop(_key(e), None)
+            why = f"{self.transport.label} paused for {wait:.0f} s by the provider"
+            if self.move_on is not None:
+                # Mail whose route names another transport goes there now, not
+                # after the pause (a backup that served one request a pause).
+                back = self.move_on(back, why)
             step = 1.0 / self.bucket.rate if self.bucket is not None else 0.0
-            self.handback(back, wait, step, f"handed back: {self.transport.label} "
-                          f"paused for {wait:.0f} s by the provider")  # fmt: skip
+            if back:
+                self.handback(back, wait, step, f"handed back: {why}")
             return len(back)
         if self.bucket is None:
             return 0
@@ -468,6 +512,8 @@ class ProviderQueue:
             cap = self.transport.max_rcpts or 1 << 30
             if bucket is not None:
                 cap = min(cap, bucket.burst)
+            if len(self.pending[0].rcpts) > cap:
+                self._cut(cap)
             envs = self.transport.take(self.pending, cap, self._same)
             if bucket is not None:
                 n = min(sum(len(e.rcpts) for e in envs), bucket.burst)
@@ -480,6 +526,28 @@ class ProviderQueue:
             self.sending += 1
             self._spawn(self._request(envs))
         del loop
+
+    def _cut(self, cap: int) -> None:
+        """The head envelope (identical mail to several recipients) in pieces
+        of ``cap`` recipients, each its own request: a request's recipients
+        count against the rate one by one (SES's MaxSendRate is recipients a
+        second), and a group of 50 went out as one request of the burst's
+        worth (7 at 14/s over two workers: seven times the rate)."""
+        head = self.pending[0]
+        if not isinstance(head.tag, list) or cap < 1:
+            return
+        self.pending.popleft()
+        pieces = self.transport.fit([head], cap)
+        k = _key(head)
+        campaign = self.campaign_of.pop(k, 0)
+        throttled = self.throttles.pop(k, 0)
+        for p in pieces:
+            self.campaign_of[_key(p)] = campaign
+            if throttled:
+                self.throttles[_key(p)] = throttled
+        self.pending.extendleft(reversed(pieces))
+        if self.on_cut is not None:
+            self.on_cut(head, pieces)
 
     def _later(self, delay: float) -> None:
         if self.timer is None:

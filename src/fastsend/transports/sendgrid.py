@@ -209,9 +209,13 @@ class SendGridTransport(HTTPTransport):
 
     def _body(self, data: bytes, pairs: list[tuple[str, object]]) -> bytes:
         doc = mime_to_v3(data)
+        names = _to_names(data)
         pers: list[dict[str, Any]] = []
         for rcpt, mid in pairs:
-            p: dict[str, Any] = {"to": [{"email": rcpt}]}
+            to = {"email": rcpt}
+            if name := names.get(rcpt.lower()):
+                to["name"] = name
+            p: dict[str, Any] = {"to": [to]}
             if isinstance(mid, int) and self.secret:
                 p["custom_args"] = {"fastsend": msgid.token(mid, self.secret)}
             pers.append(p)
@@ -276,6 +280,24 @@ class SendGridTransport(HTTPTransport):
             TxnResult(env.tag, [outs[(n, k)] for k in range(len(env.rcpts))], qids.get(n, ""))
             for n, env in enumerate(envs)
         ]
+
+
+def _to_names(data: bytes) -> dict[str, str]:
+    """Lowercased address -> display name of the message's To header (SendGrid
+    writes To from the personalization: "Ann Lee <ann@...>" reached the
+    recipient as "ann@..." unless its name goes there too)."""
+    end = data.find(b"\r\n\r\n")
+    head = data[: end + 2] if end >= 0 else data
+    if b"to:" not in head.lower():
+        return {}
+    msg = email.message_from_bytes(head + b"\r\n")
+    values = [_utf8(str(v)).replace("\r\n", "").replace("\n", "")
+              for k, v in msg.raw_items() if k.lower() == "to"]  # fmt: skip
+    out: dict[str, str] = {}
+    for name, addr in email.utils.getaddresses(values):
+        if name and addr:
+            out.setdefault(addr.lower(), _header(name))
+    return out
 
 
 def _pairs(env: Envelope) -> list[tuple[str, object]]:
