@@ -138,6 +138,19 @@ def header_variables(spec: dict[str, Any]) -> frozenset[str]:
     return frozenset(names - {"email"})
 
 
+def row_checks(spec: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """What every row of a list for the campaign ``spec`` is checked for as the
+    list is read (:func:`fastsend.recipients.batches`): the variables its headers
+    take (no CR, LF or NUL in their values) and those it uses without a
+    default (a JSON line must give each a value). A row failing either would
+    only fail at render (550 5.6.0), after the list was taken as good."""
+    try:
+        need = frozenset(Campaign.from_dict(spec).variables)
+    except CampaignError:
+        need = frozenset()  # (a spooled campaign that no longer builds: its mail says why)
+    return header_variables(spec), need
+
+
 def _check_header_values(spec: dict[str, Any]) -> None:
     """A campaign whose own text would put CR, LF or NUL in a header is refused
     now: the renderer refuses it too, but only once the campaign is spooled,
@@ -480,12 +493,13 @@ class Acceptor:
         opened = _identity(path)
         committed = job.line
         accepted, rejected = job.accepted, job.rejected
-        # A row whose header-bound variable holds a line break is refused here,
-        # with its line, not spooled to bounce at render (550 5.6.0).
+        # A row whose header-bound variable holds a line break, or that gives no
+        # value for a variable without a default, is refused here, with its
+        # line, not spooled to bounce at render (550 5.6.0).
         info = self.spool.get_campaign(job.campaign)
-        refuse = header_variables(info.spec) if info is not None else frozenset()
+        refuse, need = row_checks(info.spec) if info is not None else (frozenset(), frozenset())
         for b in recipients.batches(
-            path, after=job.line, size=chunk, first=first, refuse=refuse
+            path, after=job.line, size=chunk, first=first, refuse=refuse, need=need
         ):
             if b.bad:
                 rejected += len(b.bad)

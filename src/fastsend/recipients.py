@@ -89,9 +89,12 @@ def _readline(path: str, f: io.TextIOWrapper) -> str:
         raise RecipientsError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
-def read(path: str) -> Iterator[Row | BadRow]:
-    """Yield good rows and BadRow entries, in file order."""
-    for b in batches(path, size=256):
+def read(
+    path: str, *, refuse: frozenset[str] = frozenset(), need: frozenset[str] = frozenset()
+) -> Iterator[Row | BadRow]:
+    """Yield good rows and BadRow entries, in file order (``refuse``, ``need``:
+    as :func:`batches` checks them)."""
+    for b in batches(path, size=256, refuse=refuse, need=need):
         good = list(zip(b.lines, b.rows, strict=True))
         j = 0
         for bad in b.bad:  # the bad rows where they were among the good ones
@@ -120,6 +123,7 @@ def batches(
     size: int = 2000,
     first: int = 0,
     refuse: frozenset[str] = frozenset(),
+    need: frozenset[str] = frozenset(),
 ) -> Iterator[Batch]:
     """The rows after line ``after`` (lines up to it are parsed as the format
     needs, not checked), ``size`` good rows a batch (the first: ``first``, if
@@ -128,7 +132,10 @@ def batches(
     (``Acceptor.ingest``). A row whose value of a variable in ``refuse`` (the
     campaign's header-bound ones) holds CR, LF or NUL is a bad row (only a
     quoted CSV field or a JSON string can hold one: the plain CSV path, one
-    line per row, never looks)."""
+    line per row, never looks). ``need``: the variables the campaign uses
+    without a default: a JSON line lacking one (or holding null) is a bad row,
+    refused as the list is read rather than spooled to bounce at render (550
+    5.6.0); a CSV's header must name them all (every row has every column)."""
     f = _open(path)
     with f:
         head = _readline(path, f)
@@ -137,7 +144,7 @@ def batches(
             return
         parse = _csv_batches if detect_format(path, head) == "csv" else _jsonl_batches
         try:
-            yield from parse(head, f, after, first or size, size, refuse)
+            yield from parse(head, f, after, first or size, size, refuse, need)
         except UnicodeDecodeError as e:  # survey() finds it first, unless the file changed
             raise RecipientsError(f"{path}: not UTF-8 text ({e.reason})") from None
 
@@ -428,6 +435,38 @@ def _break_row(line: int, name: str) -> BadRow:
     )
 
 
+def _swallowed(values: list[str], width: int, ei: int) -> int:
+    """How many lines inside the multi-line fields of a record (its email
+    popped) read on their own as rows of the list: ``width`` fields, an
+    address in column ``ei``. A quoted field may hold line breaks (an address
+    block, a paragraph), but one holding whole rows is a quote left open that
+    a later quote happened to close: its rows would be lost inside one field,
+    and the row that swallowed them would carry them in its variables."""
+    n = 0
+    for v in values:
+        if "\n" not in v and "\r" not in v:
+            continue
+        for text in v.splitlines():
+            if "," not in text and width > 1:
+                continue
+            try:
+                rec = next(csv.reader([text]), [])
+            except csv.Error:
+                continue
+            if len(rec) == width:
+                try:
+                    normalize(rec[ei])
+                except AddressError:
+                    continue
+                n += 1
+    return n
+
+
+def _lacking_row(line: int, names: set[str] | frozenset[str]) -> BadRow:
+    shown = ", ".join(repr(n[:64]) for n in sorted(names)[:10])
+    return BadRow(line, f"no value for the variable(s) {shown} (the template has no default)")
+
+
 def _csv_batches(
     first: str,
     f: io.TextIOWrapper,
@@ -435,6 +474,7 @@ def _csv_batches(
     limit: int,
     size: int,
     refuse: frozenset[str] = frozenset(),
+    need: frozenset[str] = frozenset(),
 ) -> Iterator[Batch]:
     """Batches of ``limit`` good rows, then of ``size``. Lines with no '"' (no
     quoted field can begin or continue there) are read by ``csv_plain_rows``;
@@ -448,6 +488,11 @@ def _csv_batches(
     if len(set(header)) != len(header):  # one name, two values: which one is meant?
         twice = next(h for i, h in enumerate(header) if h in header[:i])
         raise RecipientsError(f"line 1: CSV header names the column {twice[:64]!r} twice")
+    if lacking := need - set(header):
+        raise RecipientsError(
+            "recipient list lacks columns for variables without a default: "
+            + ", ".join(sorted(lacking))
+        )
     ei = header.index("email")
     names = header[:ei] + header[ei + 1 :]  # the variables, in column order
     width = len(header)
@@ -500,6 +545,13 @@ def _csv_batches(
                                          f" {start}-{line}: a quoted field holds line breaks)")  # fmt: skip
                         spans = bad[-1], line
                 continue
+            if start < line and (n := _swallowed(rec, width, ei)):
+                bad.append(BadRow(start, f"lines {start}-{line} were read as one record (a"
+                                  f" quoted field holds line breaks) and {n} of its lines read"
+                                  " as rows of their own: a quote left open, closed by a later"
+                                  " one? Refused, with the rows inside it"))  # fmt: skip
+                last = line
+                continue
             if checks and (name := _broken(rec, checks)) is not None:
                 bad.append(_break_row(line, name))
                 last = line
@@ -535,6 +587,7 @@ def _jsonl_batches(
     limit: int,
     size: int,
     refuse: frozenset[str] = frozenset(),
+    need: frozenset[str] = frozenset(),
 ) -> Iterator[Batch]:
     """Batches of ``limit`` good rows, then of ``size``."""
     rows: list[tuple[str, str, bytes]] = []
@@ -582,6 +635,9 @@ def _jsonl_batches(
             bad.append(BadRow(line, str(e)))
             continue
         values = {k: _text(v) for k, v in obj.items()}
+        if need and not need <= values.keys():
+            bad.append(_lacking_row(line, need - values.keys()))
+            continue
         if refuse:
             name = next(
                 (n for n in checked if any(c in values.get(n, "") for c in "\r\n\0")), None

@@ -107,7 +107,14 @@ def campaign_options(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, Any]
 def run(args: argparse.Namespace) -> int:
     # The engine and what it needs, imported once the command runs (not for --help).
     from fastsend import engine, recipients
-    from fastsend.accept import FIRST_CHUNK, AcceptError, Acceptor, check_campaign, rows_left
+    from fastsend.accept import (
+        FIRST_CHUNK,
+        AcceptError,
+        Acceptor,
+        check_campaign,
+        row_checks,
+        rows_left,
+    )
     from fastsend.config import ConfigError
     from fastsend.events import EventLog
     from fastsend.message import Campaign, CampaignError
@@ -142,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.strict:
-            bad = [r for r in recipients.read(args.recipients) if isinstance(r, recipients.BadRow)]
+            refuse, need = row_checks(spec)  # the rows the ingest would refuse
+            rows = recipients.read(args.recipients, refuse=refuse, need=need)
+            bad = [r for r in rows if isinstance(r, recipients.BadRow)]
             if bad:
                 for b in bad[:50]:
                     print(f"fastsend: {args.recipients}: {b}", file=sys.stderr)

@@ -20,7 +20,15 @@ loads a file and reports what is wrong, naming the key.
 
 from fastsend.config.base import HELO, ConfigError, validate_helo, validate_ip
 from fastsend.config.engine import DeliveryConfig, DNSConfig, RetryConfig, Route
-from fastsend.config.loader import SECTIONS, Config, ConfigFile, from_dict, load, load_config
+from fastsend.config.loader import (
+    SECTIONS,
+    Config,
+    ConfigFile,
+    from_dict,
+    load,
+    load_config,
+    route_key,
+)
 
 _HELO = HELO  # the name the CLI used
 
@@ -37,6 +45,7 @@ __all__ = [
     "from_dict",
     "load",
     "load_config",
+    "route_key",
     "validate_helo",
     "validate_ip",
 ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -20,6 +21,7 @@ from fastsend.config.base import (
     validate_helo,
     validate_ip,
 )
+from fastsend.config.tenants import norm_domain
 
 
 @dataclass
@@ -33,10 +35,33 @@ class Route:
 
     @classmethod
     def parse(cls, text: str, *, where: str) -> Route:
-        host, sep, port = text.strip().rpartition(":")
-        if not sep:
-            host, port = text.strip(), "25"
-        host = host.strip("[]")
+        """``HOST``, ``HOST:PORT``, ``[IPv6]`` or ``[IPv6]:PORT`` (port 25 when
+        none is given); a host name in A-labels. A bare IPv6 address is refused:
+        ``::1:2525`` could be either (and ``::1`` was read as host ``::``, port 1)."""
+        t = text.strip()
+        if t.startswith("["):
+            host, sep, rest = t[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ConfigError(f"{where}: route {text!r}: expected [ADDRESS] or [ADDRESS]:PORT")
+            port = rest[1:] if rest else "25"
+            try:
+                host = str(ipaddress.ip_address(host))
+            except ValueError:  # [mx.example]: a host name, as Postfix writes a relay
+                if ":" in host:
+                    raise ConfigError(
+                        f"{where}: route {text!r}: {host!r} is not an IP address"
+                    ) from None
+                host = norm_domain(host)
+        else:
+            host, sep, port = t.rpartition(":")
+            if not sep:
+                host, port = t, "25"
+            if ":" in host:
+                raise ConfigError(
+                    f"{where}: route {text!r}: an IPv6 address goes in brackets:"
+                    " [ADDRESS] or [ADDRESS]:PORT"
+                )
+            host = norm_domain(host) if not host.isascii() else host
         if not host:
             raise ConfigError(f"{where}: route {text!r} has no host")
         try:
@@ -48,7 +73,9 @@ class Route:
         return cls(host, p)
 
     def __str__(self) -> str:
-        return ", ".join(self.transports) if self.transports else f"{self.host}:{self.port}"
+        if self.transports:
+            return ", ".join(self.transports)
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 class SpoolSection(Section):

@@ -232,6 +232,16 @@ class Config(msgspec.Struct):
         return Route.parse(target, where=where)
 
 
+def route_key(key: str) -> str:
+    """A ``[routes]`` / ``--route`` key as :meth:`Config.route_for` looks it up:
+    ``campaign:``, ``tenant:`` and ``pool:`` keys as written, a domain in
+    lower-case A-labels without a trailing dot, as recipients' domains are (a
+    Unicode or ``example.org.`` key never matched: the mail went by MX)."""
+    if key.split(":", 1)[0] in ("campaign", "tenant", "pool"):
+        return key
+    return key if key.strip() == "*" else norm_domain(key)
+
+
 def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -> Config:
     """Decode and check every section of a parsed config file. ``files``: also
     check the TLS certificates and keys it names (False: a config shown in the
@@ -252,9 +262,7 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -
     cfg.helo = f.ips.helo
     cfg.transports = build_transports(f.transports, base_dir)
     for dom, target in f.routes.items():
-        # a domain in A-labels, as recipients' are (a Unicode key never matched)
-        key = dom if dom.split(":", 1)[0] in ("campaign", "tenant", "pool") else norm_domain(dom)
-        cfg.routes[key] = cfg.route(target, f"[routes] {dom!r}")
+        cfg.routes[route_key(dom)] = cfg.route(target, f"[routes] {dom!r}")
     cfg.delivery, cfg.retry, cfg.dns = f.delivery, f.retry, f.dns
     if f.events.log:
         cfg.event_log = os.path.join(base_dir, f.events.log)
@@ -490,7 +498,7 @@ def _check_routes_vs_shaping(cfg: Config) -> None:
     domain would be ignored, so say so."""
     for dom in cfg.shaping.domain:
         route = cfg.route_for(dom)
-        if route is not None and dom.lower().rstrip(".") != route.host.lower():
+        if route is not None and norm_domain(dom) != route.host.lower():
             cfg.warnings.append(
                 f'[shaping.domain."{dom}"] does not apply: mail to {dom} goes through'
                 f" the static route {route}, whose site takes the [shaping] default"

@@ -514,7 +514,7 @@ async def _upload(
     path = saved.path
     try:
         found = await asyncio.get_running_loop().run_in_executor(
-            None, scan, path, camp.check_columns, MAX_REPORTED
+            None, scan, path, camp, MAX_REPORTED
         )
         if found.bad and strict:
             first = found.bad[0]

@@ -42,7 +42,8 @@ from typing import Any
 from aiohttp import web
 
 from fastsend import recipients
-from fastsend.accept import Acceptor, source_problem
+from fastsend.accept import Acceptor, row_checks, source_problem
+from fastsend.message import Campaign
 from fastsend.spool import IngestBusy, IngestJob, IngestLost, IngestMark, Spool
 
 log = logging.getLogger("fastsend.serve")
@@ -80,13 +81,15 @@ class Saved:
 UPLOAD: web.RequestKey[Saved] = web.RequestKey("fastsend_upload", Saved)  # a request's list
 
 
-def scan(path: str, needed: Callable[[set[str]], None], keep: int) -> Scan:
-    """Check an uploaded list: its columns (``needed`` raises when the template
-    needs one it lacks) and every row; the first ``keep`` bad rows are kept.
-    Raises RecipientsError / UnicodeDecodeError for a file that cannot be read."""
-    needed(recipients.columns(path) | {"email"})
+def scan(path: str, camp: Campaign, keep: int) -> Scan:
+    """Check an uploaded list: its columns (CampaignError when the template
+    needs one it lacks) and every row as the ingest will (``row_checks``); the
+    first ``keep`` bad rows are kept. Raises RecipientsError /
+    UnicodeDecodeError for a file that cannot be read."""
+    camp.check_columns(recipients.columns(path) | {"email"})
+    refuse, need = row_checks(camp.to_dict())
     out = Scan()
-    for row in recipients.read(path):
+    for row in recipients.read(path, refuse=refuse, need=need):
         if isinstance(row, recipients.BadRow):
             out.rejected += 1
             if len(out.bad) < keep:

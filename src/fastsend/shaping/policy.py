@@ -44,6 +44,7 @@ import msgspec
 from fastsend.config import Config
 from fastsend.config.base import set_fields
 from fastsend.config.shaping import ShapingFile, shipped_shaping
+from fastsend.config.tenants import norm_domain
 
 AIMD_KEYS = {"decrease": 0.5, "increase": 5.0, "defer_share": 0.2, "hold": 1.0, "min_rate": 0.5}
 REST_KEYS = {"duration": 3600.0}
@@ -106,7 +107,7 @@ class Policy(msgspec.Struct):
                         best, best_len = p.name, len(s)
         if best:
             return best
-        d = domain.lower()
+        d = domain.lower().rstrip(".")
         for p in self.providers.values():
             if d in p.domains:
                 return p.name
@@ -164,13 +165,15 @@ class Policy(msgspec.Struct):
             doms = vals.pop("domains", None)
             if old is None:
                 old = self.providers[name] = Provider(name, (), frozenset(), {})
+            # Names in lower-case A-labels, as MX hosts and recipients' domains are
+            # (a Unicode key was only lower-cased: it never matched)
             if suffixes is not None:
-                old.mx_suffixes = tuple("." + s.lower().strip(".") for s in suffixes)
+                old.mx_suffixes = tuple("." + norm_domain(s.strip(".")) for s in suffixes)
             if doms is not None:
-                old.domains = frozenset(d.lower() for d in doms)
+                old.domains = frozenset(norm_domain(d) for d in doms)
             old.values.update(vals)
         for dom, dv in layer.domain.items():
-            self.domains.setdefault(dom.lower().rstrip("."), {}).update(set_fields(dv))
+            self.domains.setdefault(norm_domain(dom), {}).update(set_fields(dv))
         self.aimd.update(set_fields(layer.aimd))
         self.rest.update(set_fields(layer.rest))
         for r in layer.rule:

@@ -1,0 +1,318 @@
+"""Session 17's outside audit of messages, lists and addresses: each test on a
+defect it found, through the real ``fastsend send`` (and the HTTP API's list
+upload) against a real receiver (aiosmtpd).
+
+- a ``--route`` key on the command line, and the domain keys of ``[shaping]``
+  (``[shaping.domain."NAME"]``, a provider's ``domains`` and ``mx_suffixes``),
+  were only lower-cased, where ``[routes]`` keys are put in A-labels as
+  recipients' domains are: a Unicode key (or one with a trailing dot) never
+  matched, the mail went by MX, the limits were the defaults;
+- ``Route.parse("[::1]")`` said "bad port", and a bare ``::1`` was read as
+  host ``::`` port 1 (so was ``2001:db8::25``: host ``2001:db8:``, port 25);
+- a JSON-lines row giving no value (or null) for a variable the template uses
+  without a default was spooled, then bounced 550 5.6.0 at render: README says
+  such a variable is an error before anything is sent; ``--strict`` let it
+  through, and so did the API's ``?strict=1`` (and both let through a row
+  whose header-bound variable holds a line break, refused later at ingest);
+- a CSV field whose quote is left open and closed by a quote some lines
+  later swallowed the rows in between into one field, silently: the row that
+  opened it was sent with them in its variables, the others never.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _smtp_helpers import RecordingHandler
+from fastsend import recipients
+from fastsend.config import ConfigError, Route, from_dict
+from fastsend.shaping.policy import load_policy
+from test_message_audit import receiver
+from test_serve_api import Client, arun
+
+__all__ = ["receiver"]  # (a fixture, used by name)
+
+
+def _send(
+    tmp: Path, campaign: str, name: str, body: str, port: int, *extra: str, host: str = "127.0.0.1"
+) -> subprocess.CompletedProcess[str]:
+    (tmp / "c.toml").write_text(campaign)
+    (tmp / name).write_text(body, encoding="utf-8")
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return subprocess.run(
+        [sys.executable, "-m", "fastsend", "send", str(tmp / "c.toml"), "-r", str(tmp / name),
+         "--route", f"*={target}", "--spool", str(tmp / "spool"), "--json", "--no-progress",
+         "--workers", "1", "--max-wait", "3", "--no-dkim", *extra],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def _events(tmp: Path) -> list[dict[str, Any]]:
+    path = tmp / "spool" / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _rcpts(handler: RecordingHandler) -> list[str]:
+    return sorted(r for m in handler.messages for r in m["rcpts"])
+
+
+CAMPAIGN = 'from = "news@sender.example"\nsubject = "Hi {{ name }}"\ntext = "Hello {{ name }}\\n"\n'
+
+
+# ---------------------------------------------------------------- route and shaping keys
+
+
+def _args(*routes: str) -> argparse.Namespace:
+    return argparse.Namespace(
+        config=None, spool=None, route=list(routes), source_ip=None, workers=None, helo=None,
+        nameserver=[], retry=None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("key", ["bücher.example", "BÜCHER.example", "bücher.example.",
+                                 "Example.ORG."])  # fmt: skip
+def test_route_option_keys_are_a_labels_as_routes_keys_are(key: str) -> None:
+    """``--route 'bücher.example=HOST:PORT'`` routes u@bücher.example (held as
+    u@xn--bcher-kva.example) as the same key in ``[routes]`` does."""
+    from fastsend.commands.common import build_config
+
+    cfg = build_config(_args(f"{key}=127.0.0.1:2525"))
+    want = "example.org" if "ORG" in key else "xn--bcher-kva.example"
+    route = cfg.route_for(want)
+    assert route is not None and (route.host, route.port) == ("127.0.0.1", 2525), cfg.routes
+    assert cfg.route_for(f"sub.{want}") is route
+    cfg2 = from_dict({"routes": {key: "127.0.0.1:2525"}})
+    assert list(cfg2.routes) == list(cfg.routes)
+
+
+def test_shaping_domain_keys_are_a_labels() -> None:
+    """``[shaping.domain."bücher.example"]``, a provider's Unicode ``domains`` and
+    ``mx_suffixes`` apply to the domain and MX names as DNS and the spool hold
+    them (A-labels); before, only lower-cased, they never matched."""
+    cfg = from_dict({"shaping": {
+        "domain": {"Bücher.example.": {"max_connections": 3}},
+        "provider": {"umlaut": {"domains": ["Grüße.example"], "max_connections": 5},
+                     "mxhost": {"mx_suffixes": [".MX.straße.example"], "max_connections": 7}},
+    }})  # fmt: skip
+    p = load_policy(cfg)
+    assert p.resolve(("mx.other.example",), "xn--bcher-kva.example").max_connections == 3
+    assert p.resolve(("mx.other.example",), "news.xn--bcher-kva.example").max_connections == 3
+    got = p.resolve(("mx.other.example",), "xn--gre-6ka8l.example")
+    assert (got.provider, got.max_connections) == ("umlaut", 5)
+    got = p.resolve(("a.mx.xn--strae-oqa.example",), "any.example")
+    assert (got.provider, got.max_connections) == ("mxhost", 7)
+
+
+def test_routes_vs_shaping_warning_compares_a_labels() -> None:
+    """A ``[shaping.domain]`` entry for the route's own host, written in Unicode,
+    is the route's site: no "does not apply" warning."""
+    cfg = from_dict({"routes": {"bücher.example": "bücher.example:2525"},
+                     "shaping": {"domain": {"bücher.example": {"max_connections": 2}}}})  # fmt: skip
+    assert not [w for w in cfg.warnings if "does not apply" in w], cfg.warnings
+
+
+# ---------------------------------------------------------------- Route.parse
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [("[::1]", "::1", 25), ("[::1]:2525", "::1", 2525), ("[2001:db8::25]", "2001:db8::25", 25),
+     ("127.0.0.1", "127.0.0.1", 25), ("127.0.0.1:26", "127.0.0.1", 26),
+     ("[127.0.0.1]:26", "127.0.0.1", 26), ("[relay.example]:587", "relay.example", 587),
+     ("bücher.example:2525", "xn--bcher-kva.example", 2525)],
+)  # fmt: skip
+def test_route_parse_takes_bracketed_ipv6_with_or_without_port(
+    text: str, host: str, port: int
+) -> None:
+    r = Route.parse(text, where="--route")
+    assert (r.host, r.port) == (host, port)
+    assert Route.parse(str(r), where="x") == r  # what check-config shows reads back
+
+
+@pytest.mark.parametrize("text", ["::1", "2001:db8::25", "[::1", "[::1]x", "[::1]:", "[a:b]:25"])
+def test_route_parse_refuses_what_it_would_misread(text: str) -> None:
+    """A bare IPv6 address was split at its last colon (``::1``: host ``::``,
+    port 1): refused, naming the bracketed form."""
+    with pytest.raises(ConfigError):
+        Route.parse(text, where="--route")
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def receiver6() -> Iterator[tuple[int, RecordingHandler]]:
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    if not _has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    handler = RecordingHandler()
+    port = free_port()
+    ctl = Controller(handler, hostname="::1", port=port)
+    ctl.start()
+    try:
+        yield port, handler
+    finally:
+        ctl.stop()
+
+
+def test_route_to_a_bracketed_ipv6_address_delivers(
+    tmp_path: Path, receiver6: tuple[int, RecordingHandler]
+) -> None:
+    port, handler = receiver6
+    p = _send(tmp_path, CAMPAIGN, "r.csv", "email,name\nu@x.example,U\n", port, host="::1")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["delivered"] == 1
+    assert _rcpts(handler) == ["u@x.example"]
+
+
+# ---------------------------------------------------------------- JSON lines: missing variables
+
+
+JSONL = (
+    '{"email": "a@x.example", "name": "A"}\n'
+    '{"email": "b@x.example"}\n'  # no name
+    '{"email": "c@x.example", "name": null}\n'  # null is no value
+    '{"email": "d@x.example", "name": ""}\n'  # an empty value is a value
+)
+
+
+def test_jsonl_row_missing_a_variable_is_a_bad_row_not_a_bounce(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    port, handler = receiver
+    p = _send(tmp_path, CAMPAIGN, "r.jsonl", JSONL, port)
+    assert p.returncode == 1, p.stderr  # bad rows: reported, the good ones sent
+    assert "line 2:" in p.stderr and "line 3:" in p.stderr and "'name'" in p.stderr, p.stderr
+    s = json.loads(p.stdout)
+    assert (s["delivered"], s["bounced"], s["rejected_rows"]) == (2, 0, 2), s
+    assert _rcpts(handler) == ["a@x.example", "d@x.example"]
+    assert not [e for e in _events(tmp_path) if e["event"] == "bounced"]
+
+
+def test_jsonl_row_missing_a_variable_fails_strict_before_anything_is_sent(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    port, handler = receiver
+    p = _send(tmp_path, CAMPAIGN, "r.jsonl", JSONL, port, "--strict")
+    assert p.returncode == 1 and "nothing was sent (--strict)" in p.stderr, p.stderr
+    assert handler.messages == []
+
+
+def test_strict_refuses_a_header_variable_with_a_line_break(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    """The ingest refuses such a row (header injection): ``--strict`` must refuse
+    the list for it before anything is sent, not send the other rows."""
+    port, handler = receiver
+    p = _send(tmp_path, CAMPAIGN, "r.csv", 'email,name\na@x.example,A\nb@x.example,"B\nBcc: x"\n',
+              port, "--strict")  # fmt: skip
+    assert p.returncode == 1 and "nothing was sent (--strict)" in p.stderr, p.stderr
+    assert handler.messages == []
+
+
+def test_a_default_or_builtin_needs_no_value(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    port, handler = receiver
+    camp = ('from = "news@sender.example"\nsubject = "Hi {{ name | default(\\"you\\") }}"\n'
+            'text = "To {{ email }}\\n"\n')  # fmt: skip
+    p = _send(tmp_path, camp, "r.jsonl", '{"email": "a@x.example"}\n', port, "--strict")
+    assert p.returncode == 0, p.stderr
+    assert _rcpts(handler) == ["a@x.example"]
+
+
+def test_read_checks_need_per_row(tmp_path: Path) -> None:
+    f = tmp_path / "r.jsonl"
+    f.write_text(JSONL)
+    got = list(recipients.read(str(f), need=frozenset({"name"})))
+    assert [r.line for r in got if isinstance(r, recipients.BadRow)] == [2, 3]
+    assert [r[1] for r in got if not isinstance(r, recipients.BadRow)] == ["a@x.example",
+                                                                          "d@x.example"]  # fmt: skip
+
+
+def test_api_jsonl_upload_refuses_rows_missing_a_variable(tmp_path: Any) -> None:
+    async def t(c: Client) -> None:
+        st, body = await c.req("POST", "/v1/campaigns", {
+            "template": {"from": "a@example.com", "subject": "Hi {{ name }}", "text": "x"},
+            "recipients": [],
+        })  # fmt: skip
+        assert st == 201, body
+        cid = body["id"]
+        raw = JSONL.replace("x.example", "example.org").encode()
+        st, up = await c.req("POST", f"/v1/campaigns/{cid}/recipients?strict=1", raw=raw,
+                             headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+        assert st == 400 and up["error"]["field"] == "recipients[1]", up
+        assert sum(c.ctx.spool.counts(cid).values()) == 0
+        st, up = await c.req("POST", f"/v1/campaigns/{cid}/recipients", raw=raw,
+                             headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+        assert st == 202 and (up["accepted"], up["rejected"]) == (2, 2), up
+        assert sum(c.ctx.spool.counts(cid).values()) == 2
+
+    arun(tmp_path, t)
+
+
+# ---------------------------------------------------------------- CSV: a quote left open
+
+
+SWALLOWED = (
+    "email,name\n"
+    'a@x.example,"Alice\n'  # the quote is left open here ...
+    "b@x.example,Bob\n"
+    'c@x.example,Carol"\n'  # ... and a stray quote closes it
+    "d@x.example,Dan\n"
+    'e@x.example,"12 Main St\nSpringfield, IL"\n'  # a real multi-line value
+)
+
+
+def test_csv_rows_swallowed_by_a_quote_are_reported(tmp_path: Path) -> None:
+    f = tmp_path / "r.csv"
+    f.write_text(SWALLOWED)
+    got = list(recipients.read(str(f)))
+    bad = [r for r in got if isinstance(r, recipients.BadRow)]
+    assert len(bad) == 1 and bad[0].line == 2 and "lines 2-4" in bad[0].error, bad
+    assert [r[1] for r in got if not isinstance(r, recipients.BadRow)] == ["d@x.example",
+                                                                          "e@x.example"]  # fmt: skip
+
+
+def test_csv_quote_open_to_the_end_with_the_right_width_is_reported(tmp_path: Path) -> None:
+    """A quote never closed: the csv module reads to the end of the file into
+    one field; with the right number of columns that was a good row."""
+    f = tmp_path / "r.csv"
+    f.write_text('email,name\na@x.example,"Alice\nb@x.example,Bob\nc@x.example,Carol\n')
+    got = list(recipients.read(str(f)))
+    assert len(got) == 1 and isinstance(got[0], recipients.BadRow) and got[0].line == 2, got
+
+
+def test_send_reports_csv_rows_swallowed_by_a_quote(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    port, handler = receiver
+    camp = 'from = "news@sender.example"\nsubject = "Hi"\ntext = "Hello {{ name }}\\n"\n'
+    p = _send(tmp_path, camp, "r.csv", SWALLOWED, port)
+    assert p.returncode == 1 and "line 2: lines 2-4" in p.stderr, p.stderr
+    assert _rcpts(handler) == ["d@x.example", "e@x.example"]
+    for m in handler.messages:  # nobody got another row in their message
+        assert b"b@x.example" not in m["data"]
+    (tmp_path / "strict").mkdir()
+    p = _send(tmp_path / "strict", camp, "r.csv", SWALLOWED, port, "--strict")
+    assert p.returncode == 1 and "nothing was sent (--strict)" in p.stderr, p.stderr
