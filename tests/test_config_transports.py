@@ -39,7 +39,7 @@ def test_a_route_naming_an_undefined_transport_is_refused_not_sent_to_that_host(
                 "c.example": "127.0.0.1", "d.example": "[::1]:25", "*": "sg"}, sg)  # fmt: skip
     got = {k: str(v) for k, v in cfg.routes.items()}  # type: ignore[attr-defined]
     assert got == {"a.example": "mailhub:2525", "b.example": "relay.example.net:25",
-                   "c.example": "127.0.0.1:25", "d.example": "::1:25", "*": "sg"}  # fmt: skip
+                   "c.example": "127.0.0.1:25", "d.example": "[::1]:25", "*": "sg"}  # fmt: skip
     # The binary says it before anything is sent.
     f = tmp_path / "fastsend.toml"
     f.write_text('[routes]\n"*" = "sg2"\n[transports.sg]\nkind = "sendgrid"\n')

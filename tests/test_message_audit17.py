@@ -7,6 +7,8 @@ upload) against a real receiver (aiosmtpd).
   were only lower-cased, where ``[routes]`` keys are put in A-labels as
   recipients' domains are: a Unicode key (or one with a trailing dot) never
   matched, the mail went by MX, the limits were the defaults;
+- a domain key that can match nothing (``*.example.org``, ``.example.org``,
+  other MTAs' forms for subdomains) was taken silently;
 - ``Route.parse("[::1]")`` said "bad port", and a bare ``::1`` was read as
   host ``::`` port 1 (so was ``2001:db8::25``: host ``2001:db8:``, port 25);
 - a JSON-lines row giving no value (or null) for a variable the template uses
@@ -14,14 +16,23 @@ upload) against a real receiver (aiosmtpd).
   such a variable is an error before anything is sent; ``--strict`` let it
   through, and so did the API's ``?strict=1`` (and both let through a row
   whose header-bound variable holds a line break, refused later at ingest);
+  the API's JSON recipients the same when the value was null;
 - a CSV field whose quote is left open and closed by a quote some lines
   later swallowed the rows in between into one field, silently: the row that
-  opened it was sent with them in its variables, the others never.
+  opened it was sent with them in its variables, the others never;
+- two spools under one ``[tracking] secret`` gave their first messages the
+  same Message-ID (``<1-MAC@sender.example>``): a second campaign's message to
+  a recipient carried the id of the first one's (receivers drop such mail);
+- a campaign written with another template language's tags (``{% if vip %}``,
+  ``{# note #}``) was accepted and the tags sent as text to every recipient;
+- an attachment named ``=?utf-8?q?invoice?=.pdf`` was written as a quoted
+  filename, which mail clients decode (it showed as ``invoice.pdf``).
 """
 
 from __future__ import annotations
 
 import argparse
+import email
 import json
 import socket
 import subprocess
@@ -120,6 +131,30 @@ def test_routes_vs_shaping_warning_compares_a_labels() -> None:
     cfg = from_dict({"routes": {"bücher.example": "bücher.example:2525"},
                      "shaping": {"domain": {"bücher.example": {"max_connections": 2}}}})  # fmt: skip
     assert not [w for w in cfg.warnings if "does not apply" in w], cfg.warnings
+
+
+@pytest.mark.parametrize("key", ["*.example.org", ".example.org", "a@example.org", "exa mple.org"])
+def test_a_domain_key_that_matches_nothing_is_said(key: str) -> None:
+    """``*.example.org`` / ``.example.org`` (other MTAs' forms for subdomains) or a
+    key that is no domain were taken and matched no recipient: the mail went by
+    MX, the limits were the defaults, silently. A warning in the config (check-config
+    --strict fails), an error on the command line."""
+    from fastsend.commands.common import build_config
+
+    cfg = from_dict({"routes": {key: "127.0.0.1:2525"},
+                     "shaping": {"domain": {key: {"max_connections": 2}},
+                                 "provider": {"p": {"domains": [key]}}}})  # fmt: skip
+    said = [w for w in cfg.warnings if repr(key) in w]
+    assert [w.split(" ", 1)[0] for w in said] == ["[routes]", "[shaping]", "[shaping]"], said
+    with pytest.raises(ConfigError, match="matches no"):
+        build_config(_args(f"{key}=127.0.0.1:2525"))
+
+
+def test_domain_keys_that_match_say_nothing() -> None:
+    cfg = from_dict({"routes": {"example.org": "127.0.0.1:2525", "tenant:acme": "127.0.0.1:2527",
+                                "bücher.example": "[::1]"},
+                     "shaping": {"domain": {"gmail.com": {"max_connections": 2}}}})  # fmt: skip
+    assert cfg.warnings == []
 
 
 # ---------------------------------------------------------------- Route.parse
@@ -271,6 +306,24 @@ def test_api_jsonl_upload_refuses_rows_missing_a_variable(tmp_path: Any) -> None
     arun(tmp_path, t)
 
 
+def test_api_json_recipients_with_a_null_for_a_needed_variable_are_refused(tmp_path: Any) -> None:
+    """A JSON recipient giving null for a variable the template needs was
+    spooled (the key was there), then bounced 550 5.6.0 at render."""
+
+    async def t(c: Client) -> None:
+        st, body = await c.req("POST", "/v1/campaigns", {
+            "template": {"from": "a@example.com", "subject": "Hi {{ name }}", "text": "x"},
+            "recipients": [{"email": "a@example.org", "name": "A"},
+                           {"email": "b@example.org", "name": None},
+                           {"email": "c@example.org", "name": ""}],
+        })  # fmt: skip
+        assert st == 201, body
+        assert (body["accepted"], body["rejected"]) == (2, 1), body
+        assert [e["row"] for e in body["errors"]] == [2]
+
+    arun(tmp_path, t)
+
+
 # ---------------------------------------------------------------- CSV: a quote left open
 
 
@@ -316,3 +369,122 @@ def test_send_reports_csv_rows_swallowed_by_a_quote(
     (tmp_path / "strict").mkdir()
     p = _send(tmp_path / "strict", camp, "r.csv", SWALLOWED, port, "--strict")
     assert p.returncode == 1 and "nothing was sent (--strict)" in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------- Message-ID unique across spools
+
+
+def _message_ids(handler: RecordingHandler) -> dict[str, list[str]]:
+    got: dict[str, list[str]] = {}
+    for m in handler.messages:
+        mid = email.message_from_bytes(m["data"])["Message-ID"]
+        for r in m["rcpts"]:
+            got.setdefault(r, []).append(mid)
+    return got
+
+
+def test_message_ids_differ_between_spools_sharing_a_secret(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    """Two spools under one ``[tracking] secret`` (a fleet of nodes with their own
+    spools, a fresh spool per campaign) made the same Message-ID for their
+    first messages, ``<1-MAC@sender.example>``: the second campaign's message
+    to the same recipient carried the first one's id (RFC 5322 3.6.4: unique;
+    receivers drop a message whose id they hold). Each spool's ids now carry
+    its own label; one spool keeps its label from run to run."""
+    port, handler = receiver
+    (tmp_path / "f.toml").write_text('[tracking]\nsecret = "one secret for the whole fleet"\n')
+    rows = "email,name\na@x.example,A\nb@x.example,B\n"
+    for spool in ("one", "two", "one"):
+        d = tmp_path / spool
+        d.mkdir(exist_ok=True)
+        p = _send(d, CAMPAIGN, "r.csv", rows, port, "-c", str(tmp_path / "f.toml"),
+                  "--spool", str(tmp_path / f"spool-{spool}"))  # fmt: skip
+        assert p.returncode == 0, p.stderr
+    ids = _message_ids(handler)
+    assert sorted(ids) == ["a@x.example", "b@x.example"]
+    for rcpt, mids in ids.items():
+        assert len(mids) == 3 and len(set(mids)) == 3, (rcpt, mids)
+        rights = [m.strip("<>").partition("@")[2] for m in mids]
+        assert all(r.endswith(".sender.example") for r in rights), rights
+        assert rights[0] == rights[2] != rights[1]  # one label per spool
+
+
+# ---------------------------------------------------------------- another language's tags
+
+
+@pytest.mark.parametrize("text", [
+    "{% if vip %}Dear VIP{% endif %}", "Hi {{ name }}{%- for x in y -%}", "a {# note #} b",
+    "{% endif %}",
+])  # fmt: skip
+@pytest.mark.parametrize("part", ["text", "html", "subject"])
+def test_a_foreign_template_tag_is_refused_not_sent_as_text(part: str, text: str) -> None:
+    """``{% if vip %}`` (Jinja, Django, Twig ...) was taken as literal text: every
+    recipient got the tag itself. Refused when the campaign arrives, naming it."""
+    from fastsend.accept import AcceptError, check_campaign
+    from fastsend.message import Campaign
+
+    spec = {"from": "a@sender.example", "subject": "Hi", "text": "x", part: text}
+    with pytest.raises(AcceptError, match=r"\{[%#]") as e:
+        check_campaign(Campaign.from_dict(spec))
+    assert e.value.key == part
+
+
+@pytest.mark.parametrize("text", [
+    'a {{ "{%" }} if %} b', "100% {color: red}", "{#fff}", "50%} off", "<style>p{#x}</style>",
+])  # fmt: skip
+def test_text_that_only_looks_like_a_tag_stays_text(text: str) -> None:
+    from fastsend.accept import check_campaign
+    from fastsend.message import Campaign
+
+    check_campaign(Campaign.from_dict({"from": "a@sender.example", "subject": "Hi", "html": text}))
+
+
+def test_send_refuses_a_foreign_tag_before_anything_is_spooled(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    port, handler = receiver
+    camp = CAMPAIGN.replace("Hello {{ name }}", "{% if name %}Hello {{ name }}{% endif %}")
+    p = _send(tmp_path, camp, "r.csv", "email,name\na@x.example,A\n", port)
+    assert p.returncode == 2 and "'{% if name %}'" in p.stderr, p.stderr
+    assert not (tmp_path / "spool" / "spool.db").exists()
+    assert handler.messages == []
+
+
+def test_api_refuses_a_foreign_tag_in_a_template_but_sends_a_literal_message_as_written(
+    tmp_path: Any,
+) -> None:
+    """A template campaign with ``{% ... %}`` is a 400 naming the key; a message
+    whose text is sent as written (no template) keeps it as text."""
+
+    async def t(c: Client) -> None:
+        st, body = await c.req("POST", "/v1/campaigns", {
+            "template": {"from": "a@example.com", "subject": "Hi", "text": "{% if x %}y{% endif %}"},
+            "recipients": [{"email": "u@example.org"}],
+        })  # fmt: skip
+        assert st == 400 and body["error"]["field"] == "template.text", body
+        assert c.ctx.spool.list_campaigns() == []
+        st, body = await c.req("POST", "/v1/messages", {
+            "from": "a@example.com", "to": "u@example.org", "subject": "{% raw %}",
+            "text": "Jinja: {% if x %}y{% endif %}",
+        })  # fmt: skip
+        assert st == 202, body
+
+    arun(tmp_path, t)
+
+
+@pytest.mark.parametrize("name", ["=?utf-8?q?invoice?=.pdf", "a =?utf-8?b?eC5leGU=?= b.txt",
+                                  "report.pdf", "résumé.pdf"])  # fmt: skip
+def test_an_attachment_name_reads_back_as_given(name: str) -> None:
+    """A quoted filename holding an encoded word was written as it is, and
+    read back decoded (``=?utf-8?q?invoice?=.pdf`` as ``invoice.pdf``)."""
+    import base64
+    import email.policy
+
+    from fastsend.message import Campaign
+
+    spec = {"from": "a@sender.example", "subject": "s", "text": "t",
+            "attachments": [{"data_b64": base64.b64encode(b"%PDF").decode(), "filename": name}]}  # fmt: skip
+    data = Campaign.from_dict(spec).compile().render("u@x.example", {}, "1-abc")
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert [a.get_filename() for a in msg.iter_attachments()] == [name]

@@ -67,7 +67,7 @@ def test_ndjson_row_nested_too_deep_is_a_refused_row_not_a_500(served: Served) -
                                                    "recipients": []})  # fmt: skip
     assert st == 201, got
     deep = b'{"email": "deep@example.org", "n": ' + b"[" * 300 + b"]" * 300 + b"}\n"
-    rows = b'{"email": "one@example.org", "name": "One"}\n' + deep + b'{"email": "x@example.org"}\n'
+    rows = b'{"email": "one@example.org", "name": "One"}\n' + deep + b'{"email": "x@example.org", "name": "X"}\n'
     st, got = served.req("POST", f"/v1/campaigns/{got['id']}/recipients", raw=rows,
                          headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
     assert st == 202, got

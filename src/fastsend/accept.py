@@ -169,6 +169,16 @@ def _check_header_values(spec: dict[str, Any]) -> None:
         )  # fmt: skip
 
 
+def _check_foreign_tags(spec: dict[str, Any]) -> None:
+    """A campaign written for another template language (``{% if vip %}``) is
+    refused: its tags would be sent as text to every recipient."""
+    from fastsend.message.template import foreign_tag
+
+    for key, src in [*header_sources(spec), ("text", spec.get("text")), ("html", spec.get("html"))]:
+        if isinstance(src, str) and (why := foreign_tag(src)) is not None:
+            raise AcceptError(f"{key}: {why}", key)
+
+
 def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, Any]:
     """Validate a loaded campaign for spooling; returns its self-contained spec.
 
@@ -182,6 +192,7 @@ def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, A
         )
     spec = camp.to_dict()
     _check_header_values(spec)
+    _check_foreign_tags(spec)
     # Built once now (no keys): a campaign whose own headers can never be
     # written (a header name over the line limit) is refused before anything is
     # spooled, not failed for every recipient later.

@@ -109,6 +109,29 @@ def parse_group(text: str | None, secret: bytes) -> int | None:
     return parse(t[: -len(GROUP_SUFFIX)], secret)
 
 
+# The spool's meta key of its Message-ID label (Spool.meta_once).
+TAG_KEY = "msgid_tag"
+
+
+def new_tag() -> str:
+    """A Message-ID label for a new spool: 8 lower-case base32 characters (40
+    random bits; a DNS label, as the id's right side is a name under the From
+    domain). A token is a row id and its MAC, so two spools under one secret
+    (``[tracking] secret``, shared by a fleet of nodes each with its own
+    spool, or a fresh spool per campaign) made the same ``<1-MAC@domain>``
+    for their first messages: RFC 5322 3.6.4 wants it unique, and a receiver
+    that drops a message whose id it holds already (Gmail does) dropped the
+    second campaign's mail to the same recipient. The label set apart each
+    spool's ids; every node of a shared spool has the same one."""
+    n = int.from_bytes(secrets.token_bytes(5), "big")
+    return "".join(_B32[(n >> s) & 31] for s in range(35, -1, -5))
+
+
+def message_id_domain(tag: str, domain: str) -> str:
+    """The right side of a Message-ID: the From domain under this spool's label."""
+    return f"{tag}.{domain}" if tag and domain else domain
+
+
 def load_secret(config: Config) -> bytes:
     """``[tracking] secret`` from the config, else ``<spool>/secret.key`` (made once, 0600)."""
     if config.tracking.secret:

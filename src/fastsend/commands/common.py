@@ -61,7 +61,10 @@ def build_config(args: argparse.Namespace) -> Config:
         dom, sep, target = r.partition("=")
         if not sep or not dom:
             raise ConfigError(f"--route {r!r}: expected DOMAIN=HOST:PORT")
-        cfg.routes[cfgmod.route_key(dom.strip())] = cfg.route(target, f"--route {r!r}")
+        key = cfgmod.route_key(dom.strip())
+        if why := cfgmod.never_matches(key):
+            raise ConfigError(f"--route {r!r}: {why}")
+        cfg.routes[key] = cfg.route(target, f"--route {r!r}")
     if args.source_ip:
         cfg.source_ips = [
             cfgmod.validate_ip(ip, "--source-ip") for ip in args.source_ip.split(",") if ip.strip()

@@ -27,6 +27,7 @@ from fastsend.config.loader import (
     from_dict,
     load,
     load_config,
+    never_matches,
     route_key,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "from_dict",
     "load",
     "load_config",
+    "never_matches",
     "route_key",
     "validate_helo",
     "validate_ip",

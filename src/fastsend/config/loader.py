@@ -49,7 +49,7 @@ from fastsend.config.shaping import (
     ShapingSection,
     shipped_shaping,
 )
-from fastsend.config.tenants import OPERATOR, DkimKey, TenantTable, norm_domain
+from fastsend.config.tenants import DOMAIN, OPERATOR, DkimKey, TenantTable, norm_domain
 from fastsend.config.transports import (
     TransportSpec,
     TransportTable,
@@ -116,6 +116,9 @@ class Config(msgspec.Struct):
     # The installation secret (fastsend.msgid.load_secret), set by the supervisor
     # before it forks: message-id MACs, tracking links. Never from TOML, never logged.
     secret: bytes = b""
+    # This spool's Message-ID label (fastsend.msgid.new_tag, kept in the spool),
+    # set by the supervisor beside the secret: ids are <token@TAG.from-domain>.
+    msgid_tag: str = ""
     base_dir: str = "."  # the config file's directory: relative paths in it start here
     shaping: ShapingSection = _new(default_factory=ShapingSection)
     shaping_file: ShapingFile | None = None  # the file [shaping] file names, parsed
@@ -242,6 +245,23 @@ def route_key(key: str) -> str:
     return key if key.strip() == "*" else norm_domain(key)
 
 
+def never_matches(key: str, subdomains: bool = True) -> str:
+    """Why a domain key (``[routes]``, ``--route``, ``[shaping.domain]``, a
+    provider's ``domains``), as :func:`route_key` keeps it, can match no
+    recipient domain; "" when it can. ``*.example.org`` or ``.example.org``
+    (other MTAs' forms for subdomains) matched nothing, silently: a domain
+    key covers its subdomains already (``subdomains``; a provider's
+    ``domains`` are matched exactly)."""
+    if key == "*" or key.split(":", 1)[0] in ("campaign", "tenant", "pool"):
+        return ""
+    if DOMAIN.fullmatch(key):
+        return ""
+    if subdomains and key.lstrip("*.") and DOMAIN.fullmatch(key.lstrip("*.")):
+        return (f"{key!r} matches no domain: write {key.lstrip('*.')!r} (a domain key"
+                " covers its subdomains too)")  # fmt: skip
+    return f"{key!r} is not a domain name, so it matches no recipient"
+
+
 def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -> Config:
     """Decode and check every section of a parsed config file. ``files``: also
     check the TLS certificates and keys it names (False: a config shown in the
@@ -262,7 +282,9 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -
     cfg.helo = f.ips.helo
     cfg.transports = build_transports(f.transports, base_dir)
     for dom, target in f.routes.items():
-        cfg.routes[route_key(dom)] = cfg.route(target, f"[routes] {dom!r}")
+        cfg.routes[key := route_key(dom)] = cfg.route(target, f"[routes] {dom!r}")
+        if why := never_matches(key):
+            cfg.warnings.append(f"[routes] {why}")
     cfg.delivery, cfg.retry, cfg.dns = f.delivery, f.retry, f.dns
     if f.events.log:
         cfg.event_log = os.path.join(base_dir, f.events.log)
@@ -495,7 +517,17 @@ def _check_tls(cfg: Config) -> None:
 def _check_routes_vs_shaping(cfg: Config) -> None:
     """A static route carries all its domains to one site, whose limits are the
     default or ``[shaping.domain."ROUTE-HOST"]``: a domain entry for a routed
-    domain would be ignored, so say so."""
+    domain would be ignored, so say so; so is one that names no domain."""
+    for place, layer in (("[shaping]", cfg.shaping), (cfg.shaping.file, cfg.shaping_file)):
+        if layer is None:
+            continue
+        for dom in layer.domain:
+            if why := never_matches(norm_domain(dom)):
+                cfg.warnings.append(f"{place} domain: {why}")
+        for name, p in layer.provider.items():
+            for dom in p.domains or ():
+                if why := never_matches(norm_domain(dom), subdomains=False):
+                    cfg.warnings.append(f"{place} provider {name!r} domains: {why}")
     for dom in cfg.shaping.domain:
         route = cfg.route_for(dom)
         if route is not None and norm_domain(dom) != route.host.lower():

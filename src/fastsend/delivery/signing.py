@@ -36,6 +36,7 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from fastsend import msgid
 from fastsend.config import Config
 from fastsend.message.rawmime import crlf_lines, prepare
 from fastsend.tenants import Tenants, ascii_domain
@@ -120,7 +121,8 @@ class ConfigDKIM:
             stamp = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
             added.append(("date", f"Date: {stamp}\r\n".encode("ascii")))
         if "message-id" not in names and message_id and _DOMAIN.fullmatch(domain):
-            added.append(("message-id", f"Message-ID: <{message_id}@{domain}>\r\n".encode()))
+            right = msgid.message_id_domain(self.config.msgid_tag, domain)  # (unique per spool)
+            added.append(("message-id", f"Message-ID: <{message_id}@{right}>\r\n".encode()))
         if added:
             data = b"".join(ln for _, ln in added) + data
             headers = added + headers

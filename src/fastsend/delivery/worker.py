@@ -178,7 +178,7 @@ class Worker:
         if r is None:
             spec = self.campaign_specs[campaign_id]
             camp = Campaign.from_dict(spec)
-            r = self.renderers[campaign_id] = camp.compile()
+            r = self.renderers[campaign_id] = camp.compile(self.config.msgid_tag)
             # Only truly identical bytes share a transaction: no placeholder, no
             # signed link, no VERP (see Campaign.identical).
             self.shared[campaign_id] = camp.identical and r.tracker is None and not r.verp_domain
@@ -503,7 +503,7 @@ class Worker:
                             raise ValueError(f"From domain {from_domain} is not the tenant's")
                         if "dkim" not in spec and self.dkim.entries:
                             spec["dkim"] = self.dkim.for_domain(from_domain, tenant)
-                        r = Campaign.from_dict(spec).compile()
+                        r = Campaign.from_dict(spec).compile(self.config.msgid_tag)
                         if blob:
                             compiled[blob] = r
                     data = r.render(it.rcpt, {}, mid)

@@ -298,14 +298,15 @@ class Campaign:
     def tracking(self) -> dict[str, Any]:
         return dict(self._spec["tracking"])
 
-    def compile(self) -> Renderer:
-        """The renderer for this process: templates split, DKIM keys loaded."""
+    def compile(self, msgid_tag: str = "") -> Renderer:
+        """The renderer for this process: templates split, DKIM keys loaded;
+        ``msgid_tag``: the spool's Message-ID label (fastsend.msgid.new_tag)."""
         signers = []
         if self._spec["dkim"]:  # cryptography is imported only to sign
             from fastsend.message.dkim import Signer
 
             signers = [Signer.from_settings(x) for x in self._spec["dkim"]]
-        return Renderer(self._spec, signers)
+        return Renderer(self._spec, signers, msgid_tag)
 
 
 # -- helpers ----------------------------------------------------------------

@@ -489,9 +489,13 @@ def disposition(filename: str) -> str:
     (CRLF-terminated, no line past 78 characters): ``filename="..."`` when it
     is short printable ASCII, else RFC 2231: UTF-8 percent-encoded, in
     continuations (``filename*0*=utf-8''...; filename*1*=...``) when long (a
-    long name on one line would pass the 998-octet line limit)."""
+    long name on one line would pass the 998-octet line limit). A name holding
+    ``=?`` is encoded too: mail clients decode an encoded word in a quoted
+    filename (RFC 2047 says not to), so ``=?utf-8?q?invoice?=.pdf`` showed as
+    ``invoice.pdf``, as the Subject's lookalikes are encoded."""
     line = f'Content-Disposition: attachment; filename="{filename}"'
-    if len(line) <= 78 and _FNAME_PLAIN.fullmatch(filename) is not None:
+    plain = "=?" not in filename and _FNAME_PLAIN.fullmatch(filename) is not None
+    if len(line) <= 78 and plain:
         return line + "\r\n"
     enc = quote(filename, safe="")
     if len(enc) <= 40:
@@ -596,10 +600,14 @@ def _new_boundary(tag: str) -> str:
 class Renderer:
     """A compiled campaign: ``render(rcpt, variables, message_id) -> bytes``."""
 
-    def __init__(self, spec: Mapping[str, Any], signers: Sequence[Signer] = ()) -> None:
+    def __init__(
+        self, spec: Mapping[str, Any], signers: Sequence[Signer] = (), msgid_tag: str = ""
+    ) -> None:
         self.signers = tuple(signers)
         self.from_display, self.from_addr = parse_mailbox(spec["from"])
         _local, self.from_domain = split_address(self.from_addr)
+        # Message-ID: <token@TAG.from-domain>, unique across spools (msgid.new_tag)
+        self.mid_domain = msgid.message_id_domain(msgid_tag, self.from_domain)
         # The envelope sender's domain in A-labels, as RCPT TO's and the headers'
         # (MAIL FROM:<news@bücher.example> went out raw, with no SMTPUTF8).
         verp_domain = spec.get("verp_domain")
@@ -702,7 +710,7 @@ class Renderer:
             self._segments(),
             len(parts) == 1 and not self._mixed,
             self._to_custom,
-            self.from_domain,
+            self.mid_domain,
         )
         # The header layout is fixed, so each signer's plan is made once.
         names = [h.lname for h in self._head]
@@ -801,7 +809,7 @@ class Renderer:
                     vs.update(self.tracker.variables(rcpt, vs, message_id))  # type: ignore[union-attr]
                     to = b"" if self._to_custom else f"To: {local}@{domain}\r\n".encode()
                 mid = message_id if message_id_safe(message_id) else verp.encode_id(message_id)
-                mid_line = f"Message-ID: <{mid}@{self.from_domain}>\r\n".encode()
+                mid_line = f"Message-ID: <{mid}@{self.mid_domain}>\r\n".encode()
                 if sign:
                     got = (self._assembly.headers(vs, to, date, mid_line), self._assembly.body(vs))
                 else:

@@ -12,6 +12,9 @@ Syntax (the whole of it, deliberately small):
 - Names are letters, digits, ``_``, ``-`` and ``.``, starting with a letter or
   ``_``. Whitespace inside the braces is optional.
 - ``{{ "{{" }}`` writes a literal ``{{`` (any quoted string works that way).
+- Nothing else: a campaign holding a ``{% ... %}`` tag or a ``{# ... #}``
+  comment (another template language's) is refused as it arrives
+  (:func:`foreign_tag`), not sent as written.
 - ``{{ name | raw }}`` (also ``{{ name | default("x") | raw }}``): in an HTML
   part, the value is inserted as it is, not escaped (trusted HTML only: a
   value from a signup form must never be raw).
@@ -65,6 +68,7 @@ __all__ = [
     "Template",
     "TemplateError",
     "UnsafeValue",
+    "foreign_tag",
     "html_escapes",
     "html_value",
     "url_escapes",
@@ -88,6 +92,37 @@ _PLACEHOLDER = re.compile(
     r"(?P<raw>\s*\|\s*raw)?"
     r"|(?P<literal>" + _STR + r"))\s*\}\}"
 )
+
+
+# What another template language would make a tag or a comment of (Jinja,
+# Django, Twig, Nunjucks: ``{% if premium %}``, ``{#- note -#}``): this one has
+# none, so such text goes out as it is written, to every recipient.
+_FOREIGN_TAG = re.compile(r"\{%-?\s*[A-Za-z_][^%]*%\}|\{#.*?#\}", re.S)
+
+
+def foreign_tag(source: str) -> str | None:
+    """Why ``source`` is not meant as this template language: the first ``{%
+    ... %}`` tag or ``{# ... #}`` comment outside a placeholder, with its line;
+    None when it holds none. (Asked of a campaign as it arrives,
+    ``accept.check_campaign``: a campaign already spooled still builds.)"""
+    if "{%" not in source and "{#" not in source:
+        return None
+    pos = 0
+    for m in _PLACEHOLDER.finditer(source):  # a quoted "{%" in one is text
+        got = _FOREIGN_TAG.search(source, pos, m.start())
+        if got is not None:
+            break
+        pos = m.end()
+    else:
+        got = _FOREIGN_TAG.search(source, pos)
+    if got is None:
+        return None
+    line = source.count("\n", 0, got.start()) + 1
+    return (
+        f"line {line}: {got.group()[:40].splitlines()[0]!r}: a template has only {{{{ name }}}}"
+        ' placeholders (with | default("x") or | raw), no {% %} tags or {# #} comments'
+        ' ({{ "{%" }} writes the characters)'
+    )
 
 
 def _unquote(s: str) -> str:

@@ -223,6 +223,7 @@ class WorkerLifecycle(SupervisorState):
         config.workers = self.config.workers
         if not config.secret:  # as in __init__: Message-ID/VERP tokens must still verify
             config.secret = msgid.load_secret(config)
+        config.msgid_tag = config.msgid_tag or self.config.msgid_tag
         self.config = config
         self.shaping.reconfigure(config)  # dispatch rates, guardrails, pools
         for slot in self.slots:  # a slot respawned by reap() meanwhile gets them too

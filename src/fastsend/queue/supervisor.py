@@ -91,6 +91,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.feed_error: BaseException | None = None
         if not config.secret:
             config.secret = msgid.load_secret(config)  # workers inherit it at fork
+        if not config.msgid_tag:  # (so is the spool's Message-ID label)
+            config.msgid_tag = spool.meta_once(msgid.TAG_KEY, msgid.new_tag())
         self.config = config
         self.spool = spool
         self.events = events

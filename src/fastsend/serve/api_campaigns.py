@@ -269,7 +269,8 @@ def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
     for n, obj in enumerate(items, start=1):
         obj = dict(obj)
         email = obj.pop("email", None)
-        missing = needed - set(obj)
+        # a null is no value (text_vars): one the template needs is missing
+        missing = needed - {k for k, v in obj.items() if v is not None}
         if missing:
             rows.append(recipients.BadRow(n, f"missing variables: {', '.join(sorted(missing))}"))
             continue
