@@ -118,6 +118,18 @@ class ListenerLimits(Section):
     auth_failures_per_user: PosInt = 5
     auth_window: PosFloat = 900.0
     auth_backoff_max: PosFloat = 4.0  # seconds a failed AUTH waits for its answer, at most
+    # Message content held in memory by all of this listener's sessions at once
+    # (received, not yet spooled or parsed): the message that would take it over is
+    # answered 452 4.3.1 (a MAIL FROM whose SIZE= would, at once) and sent again
+    # later; at least max_size. Without it 200 sessions x max_size was the bound.
+    max_held_bytes: PosInt = 256 << 20
+
+    def _check_held(self, max_size: int) -> None:
+        if self.max_held_bytes < max_size:
+            raise ValueError(
+                f"max_held_bytes ({self.max_held_bytes}) is below max_size ({max_size}):"
+                " no message of the largest size could be taken"
+            )
 
 
 def _listens(v: str | list[str]) -> list[str]:
@@ -157,6 +169,7 @@ class SubmissionSettings(ListenerLimits):
     dsn: bool = True
 
     def __post_init__(self) -> None:
+        self._check_held(self.max_size)
         if self.listen:
             _listens(self.listen)
             if not (self.tls_cert and self.tls_key):
@@ -176,8 +189,10 @@ class IntakeSettings(ListenerLimits):
     verp_prefix: str = "b"
     parse_max_bytes: PosInt = 1 << 20  # of each report, parsed (fastsend.serve.parsepool)
     parse_cpu_seconds: PosFloat = 2.0
+    max_held_bytes: PosInt = 64 << 20  # (a report is parsed from its first parse_max_bytes)
 
     def __post_init__(self) -> None:
+        self._check_held(self.max_size)
         # A-labels, as campaigns' VERP return paths and RCPT TO carry them
         self.verp_domain = norm_domain(self.verp_domain)
         if "@" in self.fbl_address:

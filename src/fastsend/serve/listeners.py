@@ -260,6 +260,10 @@ class Guard:
         self.task: asyncio.Task[None] | None = None
         self.timed_out = 0
         self.refused = 0
+        # Message content the sessions hold in memory now (limits.max_held_bytes),
+        # and the messages answered 452 4.3.1 for want of room.
+        self.held = 0
+        self.dropped = 0
 
     def admit(self, conn: _Connection, ip: str) -> str | None:
         lim = self.limits
@@ -275,7 +279,13 @@ class Guard:
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None
 
+    def room(self, more: int) -> bool:
+        """Whether ``more`` bytes of message content may be held besides what is."""
+        return self.held + more <= self.limits.max_held_bytes
+
     def release(self, conn: _Connection) -> None:
+        self.held -= conn.held
+        conn.held = 0
         if conn in self.conns:
             self.conns.discard(conn)
             n = self.per_ip.get(conn.peer_ip, 0) - 1
@@ -874,6 +884,10 @@ class _Connection(ServerConnection):
         # when its first block came and its bytes so far (ListenerLimits.data_min_rate).
         self.content_started: float | None = None
         self.content_bytes = 0
+        # What of the guard's held bytes are this session's: received data stored
+        # (the protocol's buffer, BDAT chunks) and a message being answered.
+        self.held = 0
+        self.answering = 0  # bytes of the message whose answer is awaited
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -901,6 +915,8 @@ class _Connection(ServerConnection):
         while start < n and self.transport is not None:
             mode = self.proto.mode
             if mode in (_DATA_MODE, _BDAT_MODE):  # a block of the message arrived
+                if not self.policy.guard.room(n - start):
+                    self._no_room()
                 now = time.monotonic()
                 self.deadline = now + self.policy.limits.data_timeout
                 if self.content_started is None:
@@ -913,9 +929,27 @@ class _Connection(ServerConnection):
             end = n if nl < 0 else nl + 1
             feed(data[start:end])
             start = end
+        self._account()
         if self._waiting and self.transport is not None and len(self.proto._buf) > 65536:
             self._input_paused = True  # the peer runs ahead of an answer we owe it
             self.transport.pause_reading()
+
+    def _account(self) -> None:
+        """Bring the guard's count of held bytes up to date with this session's."""
+        now = self.proto.held_bytes() + self.answering if self.transport is not None else 0
+        self.policy.guard.held += now - self.held
+        self.held = now
+
+    def _no_room(self) -> None:
+        """The listener holds max_held_bytes of content: the message arriving here is
+        not kept (its stored part freed, the rest discarded as it comes) and its end
+        is answered 452 4.3.1, so that its sender tries again later."""
+        proto = self.proto
+        if proto._drop_reply or proto._bdat_failed:  # (already dropped)
+            return
+        self.policy.guard.dropped += 1
+        proto.drop_content(452, "4.3.1", "Insufficient system storage, try again later")
+        self._account()
 
     def _resume_input(self) -> None:
         if self._input_paused and self.transport is not None and not self._write_paused:
@@ -974,12 +1008,16 @@ class _Connection(ServerConnection):
             elif t is Message and policy.async_messages:
                 assert isinstance(ev, Message)
                 self._waiting = True
+                self.answering = len(ev.data)  # held until answered
                 self._task = asyncio.ensure_future(self._message(ev))
                 break
             elif t is Message:
                 assert isinstance(ev, Message)
                 code, enh, text = policy.message(self, ev)
                 proto.reply(421 if self.close_after_reply else code, enh, text)
+            elif isinstance(ev, MailFrom) and ev.size and not policy.guard.room(ev.size):
+                # RFC 1870 6.1: the declared size does not fit now; a later try may.
+                proto.reply(452, "4.3.1", "Insufficient system storage, try again later")
             elif t is StartTLS:
                 self._begin_tls()
                 return
@@ -990,6 +1028,7 @@ class _Connection(ServerConnection):
                 break
             elif t in (Hello, MailFrom) or (t is DataStart and ev.needs_reply):
                 proto.accept()
+        self._account()
         self._flush()
 
     async def _message(self, ev: Message) -> None:
@@ -998,6 +1037,8 @@ class _Connection(ServerConnection):
         except Exception:
             log.exception("message not processed")
             code, enh, text = 451, "4.3.0", "Temporary failure, try again later"
+        self.answering = 0
+        self._account()
         if self.transport is None:
             return
         self.proto.reply(code, enh, text)

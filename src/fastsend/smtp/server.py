@@ -242,6 +242,7 @@ class ServerProtocol:
         "_buf",
         "_data_overflow",
         "_data_seen",
+        "_drop_reply",
         "_errors",
         "_out",
         "_pending",
@@ -279,6 +280,7 @@ class ServerProtocol:
         self._rcpt_count = 0
         self._data_seen = 0
         self._data_overflow = False
+        self._drop_reply = b""
         self._bdat_chunks: list[bytes] = []
         self._bdat_left = 0
         self._bdat_last = False
@@ -306,6 +308,30 @@ class ServerProtocol:
         """Greet with a refusal instead (e.g. too many connections) and close."""
         self._out.append(self._format(code, enhanced, text))
         self.mode = _CLOSED
+
+    def drop_content(self, code: int, enhanced: str, text: str) -> None:
+        """The message content now arriving (DATA, or a transaction's BDAT chunks) is
+        not kept: what is stored of it is freed, the rest is read and discarded, and
+        its end is answered with this reply (a listener out of room for it: 452 4.3.1,
+        RFC 5321 4.2.2; the client sends it again later)."""
+        line = self._format(code, enhanced, text)
+        if self.mode == _DATA:
+            self._data_overflow = True
+            self._drop_reply = line
+            buf = self._buf
+            n = len(buf)
+            if n > 4:  # (the last 4 bytes may begin the end marker)
+                self._data_seen += n - 4
+                del buf[: n - 4]
+                self._scan = 0
+        elif self.mail_from is not None and (self.mode == _BDAT or self._bdat_chunks):
+            if not self._bdat_failed:
+                self._bdat_failed = line.decode("utf-8", "replace").rstrip("\r\n")
+            self._bdat_chunks = []
+
+    def held_bytes(self) -> int:
+        """Bytes of received data stored now (the buffer, a transaction's BDAT chunks)."""
+        return len(self._buf) + sum(len(c) for c in self._bdat_chunks)
 
     def receive_data(self, data: bytes) -> None:
         """Add received bytes. b"" (EOF) closes the session."""
@@ -500,6 +526,7 @@ class ServerProtocol:
                 self._scan = 0
                 self._data_seen = 0
                 self._data_overflow = False
+                self._drop_reply = b""
         elif t is Hello:
             if ok:
                 self.helo = ev.name  # type: ignore[union-attr]
@@ -821,8 +848,10 @@ class ServerProtocol:
         limit = self.config.max_message_size
         if idx < 0:
             n = len(buf)
-            if n > 4 and limit and self._data_seen + n > limit + limit // 8 + 1024:
-                # Far over SIZE: keep scanning for the end but stop storing.
+            if n > 4 and (
+                self._data_overflow or (limit and self._data_seen + n > limit + limit // 8 + 1024)
+            ):
+                # Far over SIZE (or dropped): keep scanning for the end but stop storing.
                 self._data_overflow = True
                 self._data_seen += n - 4
                 del buf[: n - 4]
@@ -837,6 +866,11 @@ class ServerProtocol:
         if b"\r\n." in body:
             body = body.replace(b"\r\n.", b"\r\n")  # dot-unstuffing (RFC 5321 4.5.2)
         body = body[2:]
+        if self._drop_reply:
+            self._reset_txn()
+            self._out.append(self._drop_reply)
+            self._drop_reply = b""
+            return None
         if self._data_overflow or (limit and len(body) > limit):
             self._reset_txn()
             self._out.append(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
