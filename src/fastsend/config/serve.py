@@ -34,6 +34,9 @@ class ApiSettings(Section):
     rate_limit: PosFloat = 100.0  # requests per second per key
     rate_burst: NonNegInt = 0  # 0: max(1, rate_limit)
     max_campaign_recipients: NonNegInt = 1_000_000  # per campaign (create + added lists)
+    # Campaigns a tenant makes through the API in any 24 hours (POST /v1/campaigns, each
+    # new inline template of POST /v1/messages); beyond: 429 with Retry-After. 0: no cap.
+    max_campaigns_per_day: NonNegInt = 1000
     # Spooled bytes of one request: each recipient's row carries its message, so a
     # body of B bytes to N recipients costs B x N (413 beyond this).
     max_spooled_bytes: NonNegInt = 256 << 20

@@ -37,7 +37,7 @@ from fastsend.config import Config
 from fastsend.config.serve import ApiSettings
 from fastsend.config.tenants import norm_domain
 from fastsend.serve.auth import KeyStore
-from fastsend.serve.context import ServeContext
+from fastsend.serve.context import CampaignQuotaExceeded, ServeContext
 from fastsend.serve.eventindex import EventIndex
 from fastsend.spool import SpoolStorageError, storage_problem
 from fastsend.tenants import TenantDomainError, domain_of
@@ -71,13 +71,18 @@ def admin_only(handler: Handler) -> Handler:
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, message, and the offending field if any."""
+    """An error answer: HTTP status, message, the offending field if any, and headers
+    to send with it (Retry-After)."""
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.headers = headers
 
 
 STORAGE_RETRY_AFTER = 30  # s a client waits before trying again when the spool cannot write
@@ -181,6 +186,21 @@ def check_values(obj: Any, path: str = "", depth: int = 0, field: str = "") -> N
     elif isinstance(obj, list | tuple):
         for i, v in enumerate(obj):
             check_values(v, f"{path}[{i}]", depth + 1, field)
+
+
+# A JSON body larger than this is decoded and checked in a thread: a 16 MiB batch of
+# small values takes a second or more of Python work, which must not hold the event
+# loop (every other tenant's requests, the tracking links, the listeners, and the
+# supervisor's dispatch: serve runs them all on one loop).
+OFF_LOOP_BYTES = 1 << 18
+YIELD_EVERY = 0.02  # s of a request's work on the loop before it lets others run
+
+
+async def off_loop(size: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, in a thread when the body it works on is large."""
+    if size > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def decode_body(body: bytes, typ: type[Any]) -> Any:
@@ -468,8 +488,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             request[TENANT] = tenant
             request[KEY_ID] = kid
         return await handler(request)
+    except CampaignQuotaExceeded as e:
+        return error_response(ApiError(429, str(e)), {"Retry-After": str(e.wait)})
     except ApiError as e:
-        resp = error_response(e)
+        resp = error_response(e, e.headers)
         if e.status == 408:
             resp.force_close()  # the rest of the body is not waited for
         return resp

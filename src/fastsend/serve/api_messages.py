@@ -25,6 +25,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -43,6 +44,7 @@ from fastsend.recipients import text_vars
 from fastsend.serve.api import (
     MAX_ID,
     STORAGE_RETRY_AFTER,
+    YIELD_EVERY,
     ApiError,
     api_of,
     bad,
@@ -54,6 +56,7 @@ from fastsend.serve.api import (
     header_break,
     int_param,
     json_response,
+    off_loop,
     read_body,
     require_tenant,
     server_dkim,
@@ -153,9 +156,10 @@ class MessagesHandler:
         self.in_headers: dict[int, frozenset[str]] = {}  # campaign id -> header variables
         self.made = 0  # template campaigns made by this process
 
-    async def index_templates(self, spool: Any, tenant: str) -> None:
+    async def index_templates(self, spool: Any, tenant: str, quota: Any = None) -> None:
         """Read the tenant's template campaigns (once per process), a page at a time
-        with the loop free between pages."""
+        with the loop free between pages; ``quota`` (api.CampaignQuota) takes the
+        creation times of its campaigns from the same pass."""
         if tenant in self.indexed:
             return
         lock = self.index_locks.setdefault(tenant, asyncio.Lock())
@@ -163,8 +167,10 @@ class MessagesHandler:
             if tenant in self.indexed:
                 return
             after = 0
+            created: list[float] = []
             while True:
                 page = spool.campaigns(tenant, after=after, limit=INDEX_PAGE)
+                created += [info.created for info in page]
                 for info in page:
                     digest = info.options.get(TEMPLATE_OPTION)
                     if isinstance(digest, str):  # the first campaign made for it
@@ -175,6 +181,8 @@ class MessagesHandler:
                 await asyncio.sleep(0)
             while len(self.template_campaigns) > TEMPLATES_KEPT:
                 self.template_campaigns.popitem(last=False)
+            if quota is not None:
+                quota.adopt(tenant, created, time.time())
             self.indexed.add(tenant)
         self.index_locks.pop(tenant, None)
 
@@ -226,7 +234,8 @@ class MessagesHandler:
                 del known[(tenant, digest)]
                 cid = None
         if cid is None:
-            # (post() read the tenant's campaigns first: index_templates)
+            # (post() read the tenant's campaigns first: index_templates, quota.seed)
+            api.ctx.quota.take(tenant, api.settings.max_campaigns_per_day, time.time(), where)
             cid = api.ctx.acceptor.create_campaign(
                 spec, name=f"api-template:{digest[:12]}", tenant=tenant,
                 options={TEMPLATE_OPTION: digest},
@@ -364,14 +373,14 @@ class MessagesHandler:
                 if n > limit:
                     raise ApiError(413, f"messages: {n} messages, [api] max_batch is {limit}")
             try:
-                batch = decode_body(body, BatchIn)
+                batch = await off_loop(len(body), decode_body, body, BatchIn)
                 messages, prefix = batch.messages, "messages"
             except ApiError as e:
                 if e.field is not None or "messages" not in e.message:
                     raise
-                messages, prefix = [decode_body(body, MessageIn)], ""
+                messages, prefix = [await off_loop(len(body), decode_body, body, MessageIn)], ""
         else:
-            messages, prefix = [decode_body(body, MessageIn)], ""
+            messages, prefix = [await off_loop(len(body), decode_body, body, MessageIn)], ""
         if not messages:
             raise bad("messages: at least one message is needed", "messages")
         limit = api.settings.max_batch
@@ -379,11 +388,13 @@ class MessagesHandler:
             raise ApiError(413, f"messages: {len(messages)} messages, [api] max_batch is {limit}")
         inline = any(isinstance(m.template, dict) for m in messages)
         if inline:
-            await self.index_templates(api.ctx.spool, tenant_of(request))
+            await self.index_templates(api.ctx.spool, tenant_of(request), api.ctx.quota)
+            await api.ctx.quota.seed(api.ctx.spool, tenant_of(request), time.time())  # (no read)
         budget = limit
         made = self.made
         prepared: list[Prepared] = []
         spooled, cap = 0, api.settings.max_spooled_bytes
+        ran = time.monotonic()
         for i, m in enumerate(messages):
             where = f"{prefix}[{i}]" if prefix else "$"
             p = self.prepare(request, m, where if prefix else "message", budget)
@@ -396,9 +407,12 @@ class MessagesHandler:
                     f"{w}.to",
                 )  # fmt: skip
             prepared.append(p)
-            if inline and self.made != made:  # a new template's campaign was written:
-                made = self.made  # other requests get the loop in between
+            if (inline and self.made != made) or time.monotonic() - ran > YIELD_EVERY:
+                # A new template's campaign was written, or a big batch's checks ran a
+                # while: other requests (and the supervisor) get the loop in between.
+                made = self.made
                 await asyncio.sleep(0)
+                ran = time.monotonic()
         # Spool: one transaction per campaign (usually one for the whole request).
         by_campaign: dict[int, list[Prepared]] = {}
         for p in prepared:

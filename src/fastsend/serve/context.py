@@ -23,6 +23,7 @@ It opens no sockets and knows nothing of HTTP or SMTP.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -43,6 +44,81 @@ TRANSACTIONAL_OPTION = "transactional_tenant"  # campaign option naming the tena
 
 # A campaign in one of these takes no more mail (its rows would never be sent).
 ENDED_CAMPAIGN = frozenset({"cancelled", "abandoned"})
+
+QUOTA_WINDOW = 86400.0  # s: [api] max_campaigns_per_day counts campaigns made this long ago
+QUOTA_PAGE = 1000  # campaigns read at a time when a tenant's count is first taken
+
+
+class CampaignQuotaExceeded(Exception):
+    """A tenant made ``[api] max_campaigns_per_day`` campaigns; ``wait``: seconds
+    until it may make another (Retry-After)."""
+
+    def __init__(self, message: str, wait: int) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+class CampaignQuota:
+    """Campaigns a tenant makes through the API (``POST /v1/campaigns``, each new
+    inline template of ``POST /v1/messages``, a transactional campaign made anew
+    after the tenant cancelled the last): at most ``[api] max_campaigns_per_day``
+    in any 24 hours, else 429 with Retry-After. Every campaign stays in the spool
+    (its spec, up to ``max_body_bytes``, and an entry in every listing), so without a
+    cap one tenant's loop of new templates grew the spool and the server's template
+    index without bound. Counted per process, from the tenant's campaigns in the
+    spool when it is first asked about (then this process's own), so on a shared
+    spool each node allows the cap (see docs/DEPLOY.md)."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, list[float]] = {}  # tenant -> creation times in the window
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    async def seed(self, spool: Any, tenant: str, now: float) -> None:
+        """Read the tenant's campaigns of the last 24 hours (once a process), a page
+        at a time with the loop free between pages."""
+        if tenant in self.made:
+            return
+        lock = self.locks.setdefault(tenant, asyncio.Lock())
+        async with lock:
+            if tenant in self.made:
+                return
+            times: list[float] = []
+            after = 0
+            while True:
+                page = spool.campaigns(tenant, after=after, limit=QUOTA_PAGE)
+                times += [c.created for c in page if c.created > now - QUOTA_WINDOW]
+                if len(page) < QUOTA_PAGE:
+                    break
+                after = page[-1].id
+                await asyncio.sleep(0)
+            times.sort()
+            self.made[tenant] = times
+        self.locks.pop(tenant, None)
+
+    def adopt(self, tenant: str, created: list[float], now: float) -> None:
+        """The tenant's campaigns' creation times, read by another pass over its
+        campaigns (``MessagesHandler.index_templates``): no second read."""
+        if tenant not in self.made:
+            self.made[tenant] = sorted(t for t in created if t > now - QUOTA_WINDOW)
+
+    def take(self, tenant: str, cap: int, now: float, what: str) -> None:
+        """Count one more campaign for ``tenant`` (after :meth:`seed`), or raise
+        :class:`CampaignQuotaExceeded` (the API answers 429)."""
+        if not cap:
+            return
+        times = self.made.setdefault(tenant, [])
+        cut = 0
+        while cut < len(times) and times[cut] <= now - QUOTA_WINDOW:
+            cut += 1
+        del times[:cut]
+        if len(times) >= cap:
+            wait = max(1, int(times[len(times) - cap] + QUOTA_WINDOW - now) + 1)
+            raise CampaignQuotaExceeded(
+                f"{what}: {len(times)} campaigns made in the last 24 hours; [api]"
+                f" max_campaigns_per_day is {cap} (try again in {wait} s)", wait,
+            )  # fmt: skip
+        times.append(now)
+
 
 class ServeContext:
     def __init__(
@@ -78,6 +154,7 @@ class ServeContext:
         # Recipient lists uploaded through the API, as durable ingest jobs.
         self.uploads = Uploads(self.acceptor, config.spool_dir)
         self._tenant_campaigns: dict[str, int] = {}
+        self.quota = CampaignQuota()  # [api] max_campaigns_per_day
         self._tenants: tuple[Config, Tenants] | None = None
 
     @property
@@ -117,6 +194,7 @@ class ServeContext:
         the operator or another node), a new one is made (mail accepted into a
         cancelled campaign was never sent nor ended: a black hole behind a 202)."""
         cid = self._tenant_campaigns.get(tenant)
+        search = cid is None  # (once a process: the kept one ended, no other is read)
         if cid is not None and fresh:
             info = self.spool.get_campaign(cid)
             if info is None or info.status in ENDED_CAMPAIGN:
@@ -124,13 +202,20 @@ class ServeContext:
                 cid = None
         if cid is not None:
             return cid
-        for info in self.spool.campaigns(tenant):
+        found = self.spool.campaigns(tenant) if search else []
+        if search:
+            self.quota.adopt(tenant, [info.created for info in found], time.time())
+        for info in found:
             if info.options.get(TRANSACTIONAL_OPTION) == tenant and (
                 info.status not in ENDED_CAMPAIGN
             ):
                 cid = info.id
                 break
         else:
+            # Made anew after a cancel: counted as any campaign the tenant makes (a
+            # cancel-and-send loop made one a request, and read them all each time).
+            self.quota.take(tenant, self.config.api.max_campaigns_per_day, time.time(),
+                            "transactional campaign")  # fmt: skip
             cid = self.acceptor.create_campaign(
                 {**TRANSACTIONAL_SPEC, "tenant": tenant},  # the worker signs by (tenant, domain)
                 name=f"transactional:{tenant}",

@@ -76,6 +76,7 @@ from fastsend.serve.uploads import UPLOAD, Uploads
 from fastsend.spool import (
     ABANDONED,
     IDEM_RELEASED,
+    STAGING,
     IdemLost,
     IdemMark,
     IdemRecord,
@@ -280,6 +281,10 @@ class Held:
         self.rows: list[tuple[int, list[int], list[str], set[int], float]] = []
         self.earlier: list[tuple[int, list[int]]] = []
 
+    def ids(self) -> list[tuple[int, list[int]]]:
+        """(campaign, ids) of every row whose events are held."""
+        return [*self.earlier, *((cid, ids) for cid, ids, _r, _g, _n in self.rows)]
+
     def tell(self, ctx: ServeContext, index: Any) -> None:
         acceptor = ctx.acceptor
         for cid, ids in self.earlier:
@@ -292,6 +297,85 @@ class Held:
 
 
 HELD: web.RequestKey[Held] = web.RequestKey("fastsend_held_events", Held)
+
+
+def _runs(ids: list[int]) -> list[list[int]]:
+    """[[first, last], ...] of sorted ``ids``: a list's rows, spooled in one go,
+    are a run of consecutive ids (one pair for 300,000 rows)."""
+    out: list[list[int]] = []
+    for i in sorted(ids):
+        if out and out[-1][1] + 1 == i:
+            out[-1][1] = i
+        elif not out or out[-1][1] != i:
+            out.append([i, i])
+    return out
+
+
+class HeldJournal:
+    """``<spool dir>/held.jsonl``: the rows whose held events (:class:`Held`) are
+    about to be told, written (fsynced) before their campaign leaves staging, and
+    marked told after. A kill -9 between the status change and the events lost
+    them for good without an Idempotency-Key (no retry to tell them): the next
+    start (:meth:`replay`) tells a noted campaign's rows that the event index
+    lacks, unless the campaign never left staging (abandoned: never the tenant's,
+    nothing to tell). One process per spool dir (SQLite's supervisor lock; a
+    Redis node's own dir)."""
+
+    NAME = "held.jsonl"
+
+    def __init__(self, spool_dir: str) -> None:
+        self.path = os.path.join(spool_dir, self.NAME)
+        self.seq = 0
+
+    def note(self, held: Held) -> int:
+        """Record ``held``'s rows durably; the number :meth:`told` takes."""
+        self.seq += 1
+        parts = [[cid, _runs(ids)] for cid, ids in held.ids()]
+        self._append({"n": self.seq, "parts": parts}, sync=True)
+        return self.seq
+
+    def told(self, n: int) -> None:
+        self._append({"told": n}, sync=False)  # lost: told again, the index filters it
+
+    def _append(self, rec: dict[str, Any], *, sync: bool) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, orjson.dumps(rec) + b"\n")
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def replay(self, ctx: ServeContext, index: Any) -> int:
+        """At start: tell what a killed process noted and did not tell (only what
+        ``index`` lacks); then start the journal afresh. Returns the rows told."""
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return 0
+        noted: dict[int, list[Any]] = {}
+        for line in lines:
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:  # a line cut by the kill: never fsynced
+                continue
+            if isinstance(rec, dict) and "told" in rec:
+                noted.pop(rec["told"], None)
+            elif isinstance(rec, dict) and "n" in rec:
+                noted[rec["n"]] = rec["parts"]
+        n = 0
+        for parts in noted.values():
+            for cid, runs in parts:
+                info = ctx.spool.get_campaign(cid)
+                if info is None or info.status in (STAGING, ABANDONED):
+                    continue  # never the tenant's: nothing to tell
+                ids = [i for a, b in runs for i in range(a, b + 1)]
+                n += ctx.acceptor.retell(cid, ids, "a campaign's creation", index)
+        if index is not None and n:
+            index.flush()
+        os.unlink(self.path)
+        return n
 
 
 async def _keep(spool: Spool, scope: str, key: str, holder: bytes, lease: float) -> None:

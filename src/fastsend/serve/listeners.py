@@ -16,7 +16,8 @@ CONFIG
     # a message's content arrives within data_timeout + bytes/rate), max_session = 3600,
     # max_connections = 200, max_connections_per_ip = 10, max_commands = 1000,
     # auth_failures_per_ip = 10, auth_failures_per_user = 5, auth_window = 900,
-    # auth_backoff_max = 4.
+    # auth_backoff_max = 4, max_held_bytes = 268435456 (intake: 67108864; message
+    # content all sessions hold at once, at least max_size).
 
     [intake]
     listen = "0.0.0.0:25"
@@ -73,7 +74,9 @@ DESCRIPTION
     type auth-failure or not-spam are recorded as "feedback" and suppress
     nothing. Delivery
     notices and auto-replies are dropped. Reports are always answered 250:
-    refusing a bounce only makes another bounce.
+    refusing a bounce only makes another bounce (only one arriving while the
+    sessions hold max_held_bytes gets 452 4.3.1: sent again later). Only a
+    report's first parse_max_bytes are kept (``ServerConfig.keep_bytes``).
 
 DELIBERATELY NOT HERE
     No relaying (intake never forwards), no sender-domain policy per tenant,
@@ -107,6 +110,7 @@ from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
 from fastsend.message.rawmime import RawMimeError
 from fastsend.message.rawmime import check as check_raw
+from fastsend.serve.context import CampaignQuotaExceeded
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
 from fastsend.serve.parsepool import ParsePool
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
@@ -570,6 +574,8 @@ class _Submission(_Policy):
         rows = [(r, encode_domain(r.rpartition("@")[2]).lower(), vars_) for r in ev.recipients]
         try:
             ids = self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows)
+        except CampaignQuotaExceeded as e:  # (a cancel-and-send loop), said without a trace
+            return 451, "4.7.0", f"{e}; try again later"
         except Exception as e:
             problem = storage_problem(e)
             if problem is not None:  # nothing kept; said once a message, no traceback
@@ -590,6 +596,9 @@ class _Intake(_Policy):
             "ESMTP fastsend intake",
             starttls=cfg.ssl is not None,
             reject_bare_newlines=False,  # never relayed, so no smuggling risk downstream
+            # Only a report's first parse_max_bytes are parsed (serve.parsepool): the
+            # rest of a bounce that returns a 10 MB message is read and dropped.
+            keep_bytes=cfg.parse_max_bytes,
         )
         self.cfg = cfg
         self.pool = ParsePool(cfg.parse_max_bytes, cfg.parse_cpu_seconds)
@@ -602,6 +611,8 @@ class _Intake(_Policy):
         cfg.listen, cfg.ssl = self.cfg.listen, self.cfg.ssl
         self.cfg = cfg
         self.take(cfg)
+        self.server_config = dataclasses.replace(self.server_config,
+                                                 keep_bytes=cfg.parse_max_bytes)  # fmt: skip
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
         a = address.lower()

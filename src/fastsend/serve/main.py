@@ -14,10 +14,11 @@ One process on the standard asyncio loop runs, side by side:
 
 Signals:
 
-- SIGTERM (or the first SIGINT): drain. The listeners stop accepting, HTTP
-  requests in progress finish (each answers only after its commit), the
-  supervisor claims nothing new and lets the workers finish their windows,
-  then the process exits 0. Whatever is still queued stays in the spool for
+- SIGTERM (or the first SIGINT): drain. The SMTP listeners stop accepting, the
+  supervisor claims nothing new and lets the workers finish their windows while
+  the HTTP listeners still serve (tracking, unsubscribe, and the API: what it
+  accepts is spooled for the next start), then they close, requests in progress
+  finishing (each answers only after its commit), and the process exits 0. Whatever is still queued stays in the spool for
   the next start. A drain stops now after 30 s (a receiver that never
   answers), or after 10 s with a shared spool out of reach. A second SIGTERM/SIGINT stops at once (windows go back to
   queued; HTTP requests still in progress, with or without --no-workers, are
@@ -309,12 +310,29 @@ class Server:
         )
         await self.stop_event.wait()
         outage = ctx.spool.outage_errors()
-        # Drain: stop accepting, finish requests in progress, then the supervisor.
+        # Drain. The SMTP listeners stop accepting at once (as Postfix's and KumoMTA's
+        # do: an SMTP client tries again later); their sessions in progress go on.
+        # The HTTP listeners serve on while the supervisor finishes its windows (up
+        # to [delivery] drain_limit): a recipient's click or RFC 8058 one-click
+        # unsubscribe is tried once by whoever sends it, and mail the API takes is
+        # spooled as ever (sent at the next start, or by another node of a shared
+        # spool). Before, every port closed first and refused them for the drain.
         t_drain = time.monotonic()
         for srv in listeners:
             srv.close()
-        # Requests in progress finish (up to aiohttp's 60 s, each listener's 10 s),
-        # unless a second signal says stop now: then they are cut off.
+        if sup is not None and sup_task is not None:
+            if not sup_task.done():
+                sup.on_signal(signal.SIGTERM if self.terms < 2 else signal.SIGINT)
+            try:
+                await sup_task
+            except Exception:
+                log.exception("supervisor failed")
+            loop = asyncio.get_running_loop()  # (its run took its signal handlers away)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.on_term, sig)
+        # Then the HTTP listeners close; requests in progress finish (up to aiohttp's
+        # 60 s, each SMTP listener's 10 s), unless a second signal says stop now: then
+        # they are cut off.
         closing = asyncio.create_task(self.close_listeners(runners, listeners))
         now = asyncio.create_task(self.stop_now.wait())
         await asyncio.wait((closing, now), return_when=asyncio.FIRST_COMPLETED)
@@ -327,13 +345,6 @@ class Server:
                 print("fastsend serve: stopping now: requests in progress are cut off",
                       file=sys.stderr, flush=True)  # fmt: skip
         listeners.shutdown()
-        if sup is not None and sup_task is not None:
-            if not sup_task.done():
-                sup.on_signal(signal.SIGTERM if self.terms < 2 else signal.SIGINT)
-            try:
-                await sup_task
-            except Exception:
-                log.exception("supervisor failed")
         ticker.cancel()
         reachable = not (self.tick_outage or (sup is not None and sup.outage_since > 0))
         if self.notices is not None and self.notices.pending and reachable:
@@ -427,6 +438,9 @@ class Server:
                 self.ctx.supervisor.on_signal(signal.SIGINT)
 
     def on_hup(self) -> None:
+        if self.stop_event.is_set():  # (a reload would respawn workers a stop is ending)
+            log.warning("SIGHUP: the server is stopping; ignored")
+            return
         if self.reloading is not None and not self.reloading.done():
             log.warning("SIGHUP: a reload is still in progress; ignored")
             return

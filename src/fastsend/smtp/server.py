@@ -110,6 +110,10 @@ class ServerConfig:
     auth_requires_tls: bool = True  # offer AUTH only once TLS is active
     auth_required: bool = False  # MAIL needs a successful AUTH first
     reject_bare_newlines: bool = True  # refuse DATA bodies with bare LF/CR
+    # 0: a message is kept whole. N: only its first N bytes are kept (the rest is read
+    # and dropped, SIZE still holds): a listener that reads no further (the intake
+    # parses a report's start) holds no more of it in memory.
+    keep_bytes: int = 0
 
 
 # ---------------------------------------------------------------- events
@@ -244,6 +248,8 @@ class ServerProtocol:
         "_data_seen",
         "_drop_reply",
         "_errors",
+        "_head",
+        "_kept",
         "_out",
         "_pending",
         "_rcpt_count",
@@ -281,6 +287,8 @@ class ServerProtocol:
         self._data_seen = 0
         self._data_overflow = False
         self._drop_reply = b""
+        self._head = bytearray()  # DATA: the kept start of a message cut at keep_bytes
+        self._kept = 0  # BDAT: bytes of the transaction's chunks kept
         self._bdat_chunks: list[bytes] = []
         self._bdat_left = 0
         self._bdat_last = False
@@ -318,6 +326,7 @@ class ServerProtocol:
         if self.mode == _DATA:
             self._data_overflow = True
             self._drop_reply = line
+            self._head = bytearray()
             buf = self._buf
             n = len(buf)
             if n > 4:  # (the last 4 bytes may begin the end marker)
@@ -331,7 +340,7 @@ class ServerProtocol:
 
     def held_bytes(self) -> int:
         """Bytes of received data stored now (the buffer, a transaction's BDAT chunks)."""
-        return len(self._buf) + sum(len(c) for c in self._bdat_chunks)
+        return len(self._buf) + len(self._head) + sum(len(c) for c in self._bdat_chunks)
 
     def receive_data(self, data: bytes) -> None:
         """Add received bytes. b"" (EOF) closes the session."""
@@ -527,6 +536,7 @@ class ServerProtocol:
                 self._data_seen = 0
                 self._data_overflow = False
                 self._drop_reply = b""
+                self._head = bytearray()
         elif t is Hello:
             if ok:
                 self.helo = ev.name  # type: ignore[union-attr]
@@ -548,6 +558,7 @@ class ServerProtocol:
         self._bdat_chunks = []
         self._bdat_failed = ""
         self._bdat_size = 0
+        self._kept = 0
 
     # ------------------------------------------------------------ commands
 
@@ -846,8 +857,19 @@ class ServerProtocol:
         buf = self._buf
         idx = buf.find(b"\r\n.\r\n", self._scan)
         limit = self.config.max_message_size
+        keep = self.config.keep_bytes
         if idx < 0:
             n = len(buf)
+            if keep and n > 4 and not self._data_overflow and len(self._head) + n > keep + 6:
+                # Past what is kept: the start stays (with DATA's CRLF), the rest goes;
+                # the last 4 bytes may begin the end marker.
+                room = keep + 2 - len(self._head)
+                if room > 0:
+                    self._head += buf[:room] if room < n - 4 else buf[: n - 4]
+                self._data_seen += n - 4
+                del buf[: n - 4]
+                self._scan = 0
+                n = 4
             if n > 4 and (
                 self._data_overflow or (limit and self._data_seen + n > limit + limit // 8 + 1024)
             ):
@@ -859,7 +881,12 @@ class ServerProtocol:
             else:
                 self._scan = max(0, n - 4)
             return NEED_DATA
-        body = bytes(buf[: idx + 2])  # starts with the CRLF kept from "DATA"
+        cut = bool(self._head) or bool(keep and idx > keep)
+        if cut:  # cut at keep_bytes: the start only
+            body = bytes(self._head or buf[: keep + 2])
+            self._head = bytearray()
+        else:
+            body = bytes(buf[: idx + 2])  # starts with the CRLF kept from "DATA"
         del buf[: idx + 5]
         self._scan = 0
         self.mode = _CMD
@@ -871,7 +898,8 @@ class ServerProtocol:
             self._out.append(self._drop_reply)
             self._drop_reply = b""
             return None
-        if self._data_overflow or (limit and len(body) > limit):
+        too_big = self._data_seen + idx - 2 > limit if cut else len(body) > limit
+        if self._data_overflow or (limit and too_big):
             self._reset_txn()
             self._out.append(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
             return None
@@ -888,8 +916,15 @@ class ServerProtocol:
         buf = self._buf
         take = min(self._bdat_left, len(buf))
         if take:
-            if not self._bdat_failed:
+            keep = self.config.keep_bytes
+            if self._bdat_failed:
+                pass
+            elif not keep:
                 self._bdat_chunks.append(bytes(buf[:take]))
+            elif self._kept < keep:  # (cut at keep_bytes: the start only)
+                part = bytes(buf[: min(take, keep - self._kept)])
+                self._bdat_chunks.append(part)
+                self._kept += len(part)
             del buf[:take]
             self._bdat_left -= take
         if self._bdat_left:
