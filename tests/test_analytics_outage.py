@@ -114,3 +114,69 @@ def test_alarms_on_a_full_rollup_store_are_said_once_then_told(
     got = alarms.evaluate(["acme"], now)
     assert {(e["event"], e.get("campaign")) for e in got} >= {("alarm", 1)}
     assert "written again" in caplog.records[-1].getMessage()
+
+
+def test_a_redis_rollup_store_refusing_writes_is_said_once_and_its_counts_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Rollups and alarms beside a Redis spool whose server refuses writes
+    (NOREPLICAS: ``min-replicas-to-write`` with its replica gone; MISCONF and
+    BUSY are the same path): a flush whose mark goes with its counts (MULTI/EXEC)
+    raised the spool client's RedisRefusesWrites, which the outage check did
+    not know (a redis-py subclass from fastsend's module), so serve logged a
+    traceback every flush (a second) and the alarm loop one a minute. Now: said
+    once, the counts kept and written once Redis takes writes again."""
+    from tests._redis_helpers import start_redis
+
+    from fastsend.analytics.alarms import Alarms
+    from fastsend.analytics.rollup import _node_rows
+    from fastsend.analytics.store import IDX, NC
+    from fastsend.analytics.store_redis import RedisRollupStore
+    from fastsend.config.analytics import AlarmSettings
+    from fastsend.spool import open_spool
+
+    class Log:  # an event log whose mark moves with every flush
+        path, n = "events.jsonl", 0
+
+        def mark(self) -> str:
+            self.n += 1
+            return f"1:2:{self.n}"
+
+    with start_redis() as server:
+        shared = open_spool(server.url()).shared()
+        assert shared is not None
+        store = RedisRollupStore(shared.client, shared.prefix)
+        r = Rollups(store, tenant_of=lambda cid: "acme", provider_of=policy_provider(None))
+        r.mark_key, r.log = "events.jsonl", Log()
+        now = time.time()
+        ev = {"time": now, "event": "accepted", "campaign": 1, "tenant": "acme"}
+        r.listener([{**ev, "id": 1, "rcpt": "a@example.org"}])
+        r.flush()
+        row = [0] * NC
+        row[IDX["delivered"]], row[IDX["complaints"]] = 1000, 9
+        counts = {(60, int(now) - int(now) % 60, ("acme", 1, "google", "127.0.0.2")): row}
+        _node_rows(counts, {})
+        store.add(counts, {}, {})
+        events: list[dict] = []
+        alarms = Alarms(AlarmSettings(min_delivered=100), store, events.append)
+        shared.client.config_set("min-replicas-to-write", 1)  # no replica: NOREPLICAS
+        caplog.set_level(logging.INFO, "fastsend")
+        for i in range(2, 12):
+            r.listener([{**ev, "id": i, "rcpt": f"u{i}@example.org"}])
+            r.flush()
+            assert alarms.evaluate(["acme"], now) == []
+        assert r.failed >= 10
+        mine = [x for x in caplog.records if x.name.startswith("fastsend.analytics")]
+        assert not [x for x in mine if x.exc_info], [x.getMessage() for x in mine][:3]
+        said = [x.getMessage() for x in mine]
+        assert len(said) == 2 and all("NOREPLICAS" in s or "replicas" in s for s in said), said
+        shared.client.config_set("min-replicas-to-write", 0)
+        r.flush()
+        assert {(e["event"], e.get("campaign")) for e in alarms.evaluate(["acme"], now)} >= {
+            ("alarm", 1)
+        }
+        said = [x.getMessage() for x in caplog.records if x.name.startswith("fastsend.analytics")]
+        assert sum("written again" in s for s in said) == 2, said
+        got = run_query(store, StatsQuery("acme", int(now) - 120, int(now) + 3600, "total", [], {}))
+        assert got["totals"]["counts"]["accepted"] == 11  # nothing counted meanwhile was lost
+        assert store.states("logmark") == {"events.jsonl": f"1:2:{r.log.n}"}

@@ -44,9 +44,8 @@ from typing import Any
 import orjson
 
 from fastsend.analytics.query import rates
-from fastsend.analytics.store import IDX, RollupStore
+from fastsend.analytics.store import IDX, RollupStore, store_outage
 from fastsend.config.analytics import AlarmSettings
-from fastsend.spool.base import storage_problem
 
 log = logging.getLogger("fastsend.analytics")
 
@@ -90,12 +89,12 @@ class Alarms:
         try:
             self._evaluate(tenants, now, out)
         except Exception as e:
-            problem = storage_problem(e)
-            if problem is None:
+            what = store_outage(e)
+            if what is None:
                 raise
             if not self._outage:
-                log.warning("analytics: alarms: the rollup store %s (%s); alarm changes are"
-                            " told once it can be written", problem, e)  # fmt: skip
+                log.warning("analytics: alarms: the rollup store %s; alarm changes are"
+                            " told once it can be written", what)  # fmt: skip
             self._outage = True
             return out
         if self._outage:

@@ -62,11 +62,10 @@ from typing import Any
 
 from fastsend._accel import pick
 from fastsend.analytics.machine import MachineRules, load_machine_rules
-from fastsend.analytics.store import ALL, IDX, NC, RollupStore
+from fastsend.analytics.store import ALL, IDX, NC, RollupStore, store_outage
 from fastsend.config import Config
 from fastsend.config.analytics import AnalyticsSettings
 from fastsend.events import AcceptedRows, DeliveredRows, Rows, mark_key, read_back
-from fastsend.spool.base import storage_problem
 
 log = logging.getLogger("fastsend.analytics")
 
@@ -347,18 +346,11 @@ class Rollups:
         except Exception as e:
             self.failed += 1
             # A full disk, a read-only file system, an I/O error (SQLite's own
-            # codes too), an unreachable Redis: an outage of the store, said
+            # codes too), a Redis out of reach or refusing writes: an outage of the store, said
             # once when it starts and once when it ends, not a traceback a second.
-            problem = storage_problem(e)
-            if (
-                problem is not None
-                or isinstance(e, OSError)
-                or type(e).__module__.startswith("redis")
-            ):
+            what = store_outage(e)
+            if what is not None:
                 if not self._outage:
-                    what = f"is out of reach ({type(e).__name__}: {e})"
-                    if problem is not None:
-                        what = f"{problem} ({e})"
                     log.warning("analytics: the rollup store %s; counts are kept and written"
                                 " once it can be", what)  # fmt: skip
                 self._outage = True

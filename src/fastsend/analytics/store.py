@@ -37,6 +37,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from fastsend.spool.base import storage_problem
 from fastsend.sqlitedb import connect, transaction
 
 COUNTERS: tuple[str, ...] = (
@@ -52,6 +53,27 @@ ALL = -1  # the campaign of all-campaigns rows (written beside each campaign's r
 GRANULARITIES = {"minute": 60, "hour": 3600, "day": 86400}
 # Default retention per granularity, in days ([analytics] minute_days, ...).
 RETENTION_DAYS = {60: 8, 3600: 120, 86400: 800}
+
+
+
+def store_outage(e: BaseException) -> str | None:
+    """What is wrong with a rollup store when ``e`` is an outage of it, for a line
+    said once ("is full", "is out of reach or refuses writes (...)"); None for
+    any other error (a bug: its traceback is worth logging). A full disk, a
+    read-only file system, an I/O error (SQLite's codes too), and any Redis
+    error: out of reach, or answering without taking writes (READONLY, MISCONF,
+    NOREPLICAS, OOM, BUSY; the spool client raises its own subclass of
+    redis-py's errors for some, so the class's whole lineage is looked at, not
+    its own module: ``redis`` is not imported here)."""
+    problem = storage_problem(e)
+    if problem is not None:
+        return f"{problem} ({e})"
+    if isinstance(e, OSError) or any(
+        c.__module__.partition(".")[0] == "redis" for c in type(e).__mro__
+    ):
+        return f"is out of reach or refuses writes ({type(e).__name__}: {e})"
+    return None
+
 
 # One rollup key: (tenant, campaign, provider, source_ip).
 Key = tuple[str, int, str, str]
