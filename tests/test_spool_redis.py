@@ -461,3 +461,56 @@ def test_kill_9_of_a_node_its_window_is_recovered_by_the_other(
     c = spool.counts()
     assert c["delivered"] == NODES_N and c["inflight"] == 0 and c["queued"] == 0
     spool.close()
+
+
+def test_two_nodes_given_one_local_directory_the_second_is_refused(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two nodes (two names) on one Redis spool started with the same local
+    directory (``dir=``, or ``[spool] dir``; two serve units copied on one host,
+    an NFS share): both appended to one ``events.jsonl``, and the rollups'
+    and the webhook outbox's marks into it (``host:path``) were one key each
+    wrote over the other's, so a restart counted and sent the other node's
+    events again, or skipped its own. The second is refused now, as a second
+    supervisor of a SQLite spool is (exit 75, naming the holder); a node with
+    its own directory starts."""
+    import socket
+
+    local = tmp_path / "local"
+    base = redis_server.url(lease="5")
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(1024)
+    camp = write_campaign(tmp_path)
+    (tmp_path / "r.csv").write_text("email,name\n" + "".join(f"u{i}@d.example,N\n" for i in range(5)))
+    route = ["--route", f"*=127.0.0.1:{mute.getsockname()[1]}", "--no-progress"]
+    proc = subprocess.Popen(
+        fastsend_cmd("send", str(camp), "-r", str(tmp_path / "r.csv"), "--no-dkim", "--spool",
+                     f"{base}&node=a&dir={local}", "--workers", "1", *route),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    spool = open_spool(base)
+    try:
+        deadline = time.monotonic() + 60
+        while spool.counts()["inflight"] < 5:  # a is running, its mail on the mute connections
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        again = subprocess.run(
+            fastsend_cmd("resume", "--spool", f"{base}&node=b&dir={local}", "--max-wait", "0",
+                         *route),
+            capture_output=True, text=True, env=_env(), timeout=60,
+        )  # fmt: skip
+        assert again.returncode == 75, again.stderr[-2000:]
+        assert f"pid {proc.pid} (fastsend send" in again.stderr, again.stderr
+        assert "its own" in again.stderr, again.stderr
+        own = subprocess.run(
+            fastsend_cmd("resume", "--spool", f"{base}&node=c&dir={tmp_path / 'c'}",
+                         "--max-wait", "0", *route),
+            capture_output=True, text=True, env=_env(), timeout=60,
+        )  # fmt: skip
+        assert own.returncode != 75, own.stderr[-2000:]
+    finally:
+        proc.kill()
+        proc.wait(30)
+        mute.close()
+        spool.close()

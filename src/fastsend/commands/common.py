@@ -197,14 +197,17 @@ def die(msg: str, code: int = 2) -> int:
 EX_TEMPFAIL = 75  # another live process holds what this one needs: try again later
 
 
-def hold_supervisor(spool: Any, command: str) -> int:
-    """Make this process the spool's one supervisor (``Spool.hold_supervisor``):
-    0, or the error printed, the spool closed and :data:`EX_TEMPFAIL` when a live
-    process supervises it (two would requeue each other's in-flight mail)."""
+def hold_supervisor(spool: Any, command: str, local_dir: str) -> int:
+    """Make this process the spool's one supervisor (``Spool.hold_supervisor``)
+    and, on a shared spool, its node's ``local_dir``'s one user
+    (``Spool.hold_local_dir``): 0, or the error printed, the spool closed and
+    :data:`EX_TEMPFAIL` when a live process supervises it (two would requeue
+    each other's in-flight mail) or runs a node with that directory."""
     from fastsend.spool import SpoolBusy
 
     try:
         spool.hold_supervisor(command)
+        spool.hold_local_dir(local_dir, command)
     except SpoolBusy as e:
         spool.close()
         return die(str(e), EX_TEMPFAIL)

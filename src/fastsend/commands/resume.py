@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except SpoolError as e:
         return die(str(e))
     # One supervisor per spool (SQLite): another one's in-flight mail is not ours to requeue.
-    busy = hold_supervisor(spool, "fastsend resume")
+    busy = hold_supervisor(spool, "fastsend resume", cfg.spool_dir)
     if busy:
         return busy
     # One reader per list: every unfinished job is held before anything else

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         spool = open_spool(spool_url)
     except (recipients.RecipientsError, SpoolError) as e:
         return die(str(e))
-    busy = hold_supervisor(spool, "fastsend send")  # before anything is spooled
+    busy = hold_supervisor(spool, "fastsend send", cfg.spool_dir)  # before anything is spooled
     if busy:
         return busy
     events = EventLog(cfg.event_log_path)

@@ -187,8 +187,9 @@ class Server:
         except SpoolError as e:
             print(f"fastsend serve: {e}", file=sys.stderr)
             return 2
-        try:  # one supervisor per SQLite spool (a no-op on Redis: one per node)
+        try:  # one supervisor per SQLite spool; on Redis one per node name and local dir
             ctx.spool.hold_supervisor("fastsend serve")
+            ctx.spool.hold_local_dir(cfg.spool_dir, "fastsend serve")
         except SpoolBusy as e:
             print(f"fastsend serve: {e}", file=sys.stderr)
             ctx.close()

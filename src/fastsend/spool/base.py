@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import fcntl
 import functools
 import os
 import socket
@@ -15,6 +16,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
+import orjson
 
 from fastsend.redisurl import REDIS_PARAMS, is_redis_url, parse_redis_url
 
@@ -150,6 +152,64 @@ class SpoolBusy(SpoolError):
             f"spool {where} is in use by pid {holder.get('pid', '?')} ({command})"
             f"{_since(holder)}; stop it first, or wait for it to finish"
         )
+
+
+class LocalDirBusy(SpoolBusy):
+    """Another live process runs a node of a shared spool with this local
+    directory: both would append to one event log and keep their marks into it
+    (rollups, webhook outbox) under one key."""
+
+    def __init__(self, where: str, holder: dict[str, Any]) -> None:
+        self.holder = holder
+        SpoolError.__init__(
+            self,
+            f"local directory {where} is in use by pid {holder.get('pid', '?')}"
+            f" ({holder.get('command') or '?'}){_since(holder)}: each node of a shared"
+            " spool needs its own (dir= in the spool URL, or [spool] dir); two would write"
+            " one event log and count and send each other's events again",
+        )
+
+
+SUPERVISOR_LOCK = "supervisor.lock"  # held by the one process supervising a directory
+# Lock files this process holds, by path: POSIX locks belong to the process, so
+# a second hold from the same process must be refused (or shared) here, and
+# only the holder may close the descriptor (closing any descriptor of the file
+# drops it).
+_LOCKS: dict[str, tuple[int, dict[str, Any]]] = {}
+
+
+def lock_file(path: str, tag: dict[str, Any]) -> dict[str, Any] | None:
+    """Lock ``path`` (made 0600 if missing) for this process, writing ``tag`` in it,
+    and note it in :data:`_LOCKS`: None, or the tag of the live process holding it
+    (the kernel drops the lock when its holder dies: a kill -9 leaves none behind).
+    The caller checks :data:`_LOCKS` first (this process may hold it already)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder: dict[str, Any] = {}
+        for _ in range(20):  # the holder writes its name just after locking
+            try:
+                holder = orjson.loads(os.pread(fd, 4096, 0) or b"{}")
+            except orjson.JSONDecodeError:
+                holder = {}
+            if holder:
+                break
+            time.sleep(0.005)
+        os.close(fd)
+        return holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, orjson.dumps(tag), 0)
+    _LOCKS[path] = (fd, tag)
+    return None
+
+
+def unlock_file(path: str) -> None:
+    """Drop a lock :func:`lock_file` took (the file stays: unlinking it would race
+    a waiter)."""
+    held = _LOCKS.pop(path, None)
+    if held is not None:
+        os.close(held[0])
 
 
 def _since(tag: dict[str, Any]) -> str:
@@ -736,6 +796,13 @@ class Spool(abc.ABC):
         drops when its holder dies. A shared spool (Redis) has a supervisor per
         node by design (leases keep their claims apart): a no-op."""
 
+    def hold_local_dir(self, directory: str, command: str) -> None:  # noqa: B027 (optional hook)
+        """A node of a shared spool: make its local ``directory`` (the event log and
+        the listeners' marks into it, suppression.db, secret.key, shaping state)
+        this process's alone until :meth:`close` or death; :class:`LocalDirBusy`
+        names the live holder. A local spool's directory is held by
+        :meth:`hold_supervisor` already: a no-op."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -1156,6 +1223,9 @@ class SpoolProxy(Spool):
 
     def hold_supervisor(self, command: str) -> None:
         self.inner.hold_supervisor(command)
+
+    def hold_local_dir(self, directory: str, command: str) -> None:
+        self.inner.hold_local_dir(directory, command)
 
     def idem_begin(
         self, scope: str, key: str, fingerprint: str, now: float, ttl: float, holder: bytes,

@@ -111,6 +111,7 @@ import redis
 
 from fastsend.redisurl import redact_url
 from fastsend.spool.base import (
+    _LOCKS,
     AGE_BUCKETS_MIN,
     CAMPAIGN_STATUSES,
     ENDED,
@@ -120,6 +121,7 @@ from fastsend.spool.base import (
     REDIS_PARAMS,
     STAGING,
     STATE_NAMES,
+    SUPERVISOR_LOCK,
     SUPPRESSED,
     CampaignInfo,
     Claimed,
@@ -130,6 +132,7 @@ from fastsend.spool.base import (
     IngestJob,
     IngestLost,
     IngestMark,
+    LocalDirBusy,
     Result,
     SharedStore,
     Spool,
@@ -142,9 +145,11 @@ from fastsend.spool.base import (
     id_runs,
     idem_part,
     idem_part_ids,
+    lock_file,
     parse_redis_url,
     same_pid_space,
     unknown_text,
+    unlock_file,
 )
 from fastsend.wire import blob_ref
 
@@ -353,6 +358,7 @@ class RedisSpool(Spool):
         self._name_tag: bytes | None = None  # hold_supervisor: this node name is ours
         self._name_renewed = 0.0
         self._name_lost = False
+        self._dir_lock = ""  # hold_local_dir: the lock file this object holds
         self._ingests: set[int] = set()  # ingest jobs this object holds
         self._ingests_renewed = 0.0
         self._lease_ms = int(self.lease * 1000)
@@ -811,6 +817,23 @@ class RedisSpool(Spool):
                 continue
             raise NodeNameBusy(self.node, self.prefix, holder, self.r.pttl(key) / 1000)
         raise NodeNameBusy(self.node, self.prefix, holder, self.r.pttl(key) / 1000)
+
+    def hold_local_dir(self, directory: str, command: str) -> None:
+        """``supervisor.lock`` in the node's local directory, locked as a SQLite
+        spool's directory is (the kernel drops it when its holder dies): two nodes
+        started with one directory (two units copied on a host, an NFS share)
+        would append to one event log and keep their marks into it under one key.
+        Held until :meth:`close`; a hold by another spool object of this process
+        is shared (POSIX locks are the process's)."""
+        real = os.path.realpath(directory)
+        os.makedirs(real, 0o700, exist_ok=True)
+        path = os.path.join(real, SUPERVISOR_LOCK)
+        if self._dir_lock == path or path in _LOCKS:
+            return
+        holder = lock_file(path, {**holder_tag(), "command": command, "node": self.node})
+        if holder is not None:
+            raise LocalDirBusy(directory, holder)
+        self._dir_lock = path
 
     def _renew_name(self) -> None:
         """Keep this node name ours (every lease/4); said once if another process
@@ -1375,8 +1398,15 @@ class RedisSpool(Spool):
                 self._name_tag = None
         except redis.RedisError:
             pass
+        self._drop_dir_lock()
         self.r.close()
+
+    def _drop_dir_lock(self) -> None:
+        if self._dir_lock:
+            unlock_file(self._dir_lock)
+            self._dir_lock = ""
 
     def abandon(self) -> None:
         self._stock.clear()
+        self._drop_dir_lock()
         self.r.close()

@@ -35,7 +35,6 @@ an API listener in the same process). Other processes may open read-only views
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import operator
 import os
@@ -50,6 +49,7 @@ import orjson
 
 from fastsend._accel import pick
 from fastsend.spool.base import (
+    _LOCKS,
     AGE_BUCKETS_MIN,
     CAMPAIGN_STATUSES,
     CANCELLED,
@@ -64,6 +64,7 @@ from fastsend.spool.base import (
     QUEUED,
     STAGING,
     STATE_NAMES,
+    SUPERVISOR_LOCK,
     SUPPRESSED,
     UNKNOWN_CODE,
     UNKNOWN_ENHANCED,
@@ -86,8 +87,10 @@ from fastsend.spool.base import (
     id_runs,
     idem_part,
     idem_part_ids,
+    lock_file,
     storage_problem,
     unknown_text,
+    unlock_file,
 )
 from fastsend.sqlitedb import connect
 from fastsend.sqlitedb import transaction as _transaction
@@ -517,15 +520,6 @@ def delivered_runs(
 
 py_delivered_runs = delivered_runs  # the reference (tests compare the twin with it)
 delivered_runs = pick(delivered_runs)
-SUPERVISOR_LOCK = "supervisor.lock"  # held by the one process supervising the spool
-
-
-# Ingest locks this process holds, by lock file: POSIX locks belong to the process,
-# so a second hold from the same process must be refused here, and only the
-# holder may close the descriptor (closing any descriptor of the file drops it).
-_LOCKS: dict[str, tuple[int, dict[str, Any]]] = {}
-
-
 class SQLiteSpool(Spool):
     def __init__(self, directory: str, *, readonly: bool = False) -> None:
         self.directory = directory
@@ -1601,26 +1595,10 @@ class SQLiteSpool(Spool):
         held = _LOCKS.get(path)
         if held is not None:  # another spool object of this process (POSIX locks are per process)
             return None if mine_ok else held[1]
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder: dict[str, Any] = {}
-            for _ in range(20):  # the holder writes its name just after locking
-                try:
-                    holder = orjson.loads(os.pread(fd, 4096, 0) or b"{}")
-                except orjson.JSONDecodeError:
-                    holder = {}
-                if holder:
-                    break
-                time.sleep(0.005)
-            os.close(fd)
-            return holder
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, orjson.dumps(tag), 0)
-        _LOCKS[path] = (fd, tag)
-        self._holds.add(path)
-        return None
+        holder = lock_file(path, tag)
+        if holder is None:
+            self._holds.add(path)
+        return holder
 
     def release_ingest(self, job_id: int) -> None:
         self._release_lock(self._ingest_lock_path(job_id))
@@ -1629,8 +1607,7 @@ class SQLiteSpool(Spool):
         if path not in self._holds:
             return
         self._holds.discard(path)
-        fd, _tag = _LOCKS.pop(path)
-        os.close(fd)  # drops the lock (the file stays: unlinking it would race a waiter)
+        unlock_file(path)
 
     def checkpoint_behind(self) -> None:
         if not self._writable:
