@@ -705,3 +705,35 @@ def test_a_crash_loop_counts_an_attempt_instead_of_releasing_for_ever(tmp_path: 
     delivered = {e["id"]: e["attempt"] for e in evs if e["event"] == "delivered"}
     assert all(delivered[i] == tries[i] + 1 for i in tries)  # each death counted an attempt
     assert_consistent(spool)
+
+
+def test_the_listeners_are_told_a_flush_when_the_spool_cannot_drop_its_untold_note(
+    tmp_path: Path,
+) -> None:
+    """A flush of outcomes whose event log write went through but whose
+    ``Spool.told`` failed (a Redis spool's is a call to Redis, which can be in an
+    outage right then): the listeners (webhooks, the event index, rollups) are
+    told the batch anyway, then the outage is raised for the supervisor's guard;
+    the note stays, so the next start tells them again at worst. Before, the
+    listeners missed the batch until the next start's catch-up."""
+    from fastsend.spool import SpoolProxy
+
+    class Outage(SpoolProxy):
+        def told(self, ids: Any = None) -> None:
+            raise ConnectionError("Redis is restarting")
+
+    with SinkThread() as sink:
+        cfg = make_config(tmp_path, sink)
+        spool = SQLiteSpool(cfg.spool_dir)
+        log = EventLog(cfg.event_log_path)
+        told: list[dict[str, Any]] = []
+        log.listeners.append(told.extend)
+        sup = Supervisor(cfg, Outage(spool), log, max_wait=5.0)
+        sup.event_buf = [{"time": time.time(), "event": "delivered", "id": 1, "campaign": 1,
+                          "rcpt": "a@b.example"}]  # fmt: skip
+        with pytest.raises(ConnectionError):
+            sup.flush_results()
+        assert [e["id"] for e in told] == [1]
+        assert [orjson.loads(x)["id"] for x in Path(cfg.event_log_path).read_bytes().splitlines()] == [1]
+        log.close()
+        spool.close()

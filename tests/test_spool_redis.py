@@ -26,6 +26,7 @@ from tests._engine_helpers import (
 )
 from tests._redis_helpers import RedisServer, start_redis
 
+from fastsend.cluster import ClusterError
 from fastsend.sink import SinkProcess
 from fastsend.spool import (
     DELIVERED,
@@ -512,5 +513,189 @@ def test_two_nodes_given_one_local_directory_the_second_is_refused(
     finally:
         proc.kill()
         proc.wait(30)
+        mute.close()
+        spool.close()
+
+
+def test_outcomes_recorded_and_never_told_are_kept_until_told(
+    redis_server: RedisServer,
+) -> None:
+    """A Redis spool notes the ids of the outcomes it records in the same script
+    call (``P:untold:NODE``) until ``told``: a process killed before its event
+    log has their events leaves them to the next start under its node name
+    (``untold``), or, when its window is taken back by another node, to that
+    node (``untold_of_dead``); each carries its webhook event's outbox id, so
+    the webhooks do not append it again. A later attempt's row is not told as
+    the recorded one."""
+    from fastsend.spool import BOUNCED, DEFERRED
+
+    url = redis_server.url(lease="0.3")
+    a = RedisSpool(url + "&node=a")
+    cid = a.create_campaign({"from": "a@b.example"})
+    now = time.time()
+    a.add_messages(cid, spool_rows(8), now)
+    got = a.claim_due(now, 5)
+    states = [DELIVERED, DELIVERED, DEFERRED, BOUNCED, DELIVERED]
+    res = [Result(c.id, st, 1, now + 60 if st == DEFERRED else 0, 250 if st == DELIVERED
+                  else 451 if st == DEFERRED else 550, "", "r") for c, st in zip(got, states, strict=True)]  # fmt: skip
+    first = a.record_outcomes(res, now, [b'{"n":1}', b'{"n":2}'], [got[0].id, got[3].id])
+    assert first is not None
+    # killed here: no told(); the next start under the name tells them
+    again = RedisSpool(url + "&node=a")
+    rows = {u.id: u for u in again.untold()}
+    assert set(rows) == {c.id for c in got}
+    assert [rows[c.id].state for c in got] == states
+    assert rows[got[0].id].event_id == first and rows[got[3].id].event_id == first + 1
+    assert rows[got[1].id].event_id == 0 and rows[got[3].id].code == 550
+    assert rows[got[2].id].next_at == pytest.approx(now + 60)
+    again.told([u.id for u in rows.values()])
+    assert again.untold() == []
+    # told after the log write (the normal path): nothing left
+    rest = a.claim_due(now, 2)
+    a.record_outcomes([Result(c.id, DELIVERED, 1, 0, 250, "", "ok") for c in rest], now)
+    a.told()
+    assert again.untold() == []
+    # node b records and dies (its lease lapses) with one message still in flight:
+    # the node whose claim takes its window back gets its untold outcomes too
+    b = RedisSpool(url + "&node=b")
+    mine = b.claim_due(now + 120, 2)  # the deferred one (due at now + 60) and the last
+    assert len(mine) == 2
+    b.record_outcomes([Result(mine[0].id, DELIVERED, 2, 0, 250, "", "ok")], now)
+    assert a.untold_of_dead() == []
+    dead: list[Any] = []
+    deadline = time.monotonic() + 10
+    while not dead:  # (a lull longer than half a lease graces a node one lease more)
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        a.claim_due(now + 120, 10)  # reaps b once its lease lapsed
+        dead = a.untold_of_dead()
+    (u,) = dead
+    assert (u.id, u.state, u.attempts) == (mine[0].id, DELIVERED, 2)
+    a.told([u.id])
+    assert a.untold_of_dead() == [] and again.untold() == []
+    for s in (a, again, b):
+        s.close()
+
+
+@pytest.mark.parametrize("node", ["a", "b"])
+def test_outcomes_a_killed_node_recorded_get_their_events_at_the_next_start(
+    redis_server: RedisServer, tmp_path: Path, node: str
+) -> None:
+    """kill -9 of ``send`` on a Redis spool right after a flush of outcomes is
+    committed, before their events are written (FASTSEND_TEST_FAULT): a
+    ``resume`` under the same node name, or under another one (which takes the
+    dead node's window back), writes them (``"resumed": true``), so every
+    delivered or bounced message has its one event in the log. Before: on
+    Redis those outcomes had none, ever (a local spool already told them)."""
+    n = 600
+    addrs = [
+        (f"permfail-{i}@d{i % 3}.example.net" if i % 50 == 7 else f"u{i}@d{i % 3}.example.net")
+        for i in range(n)
+    ]
+    camp = write_campaign(tmp_path)
+    (tmp_path / "r.csv").write_text("email,name\n" + "".join(f"{a},N\n" for a in addrs))
+    local = tmp_path / "local"
+    base = redis_server.url()
+    with SinkProcess() as sink:
+        host, port = sink.addresses[0]
+        common = ["--route", f"*={host}:{port}", "--workers", "1", "--json", "--no-progress",
+                  "--max-wait", "0"]  # fmt: skip
+        env = dict(_env(), FASTSEND_TEST_FAULT="outcomes-kill-after-commit:1")
+        proc = subprocess.run(
+            fastsend_cmd("send", str(camp), "-r", str(tmp_path / "r.csv"), "--no-dkim",
+                         "--spool", f"{base}&node=a&dir={local}", *common),
+            capture_output=True, text=True, env=env, timeout=120, start_new_session=True,
+        )  # fmt: skip
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        spool = open_spool(base)
+        c = spool.counts()
+        recorded = c["delivered"] + c["bounced"]
+        assert recorded, c
+        time.sleep(0.5)  # the killed send's worker gone (its ring closed)
+        res = subprocess.run(
+            fastsend_cmd("resume", "--spool", f"{base}&node={node}&dir={local}", *common),
+            capture_output=True, text=True, env=_env(), timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+    events = [orjson.loads(x) for x in (local / "events.jsonl").read_bytes().splitlines()]
+    final: dict[int, list[dict[str, Any]]] = {}
+    for e in events:
+        if e["event"] in ("delivered", "bounced"):
+            final.setdefault(e["id"], []).append(e)
+    assert len(final) == n and all(len(es) == 1 for es in final.values()), (
+        len(final), [es for es in final.values() if len(es) > 1][:2])  # fmt: skip
+    retold = [es[0] for es in final.values() if es[0].get("resumed")]
+    assert len(retold) == recorded, (len(retold), recorded)
+    for e in retold:
+        assert e["rcpt"] == addrs[e["id"] - 1] and e["attempt"] == 1, e
+        if e["event"] == "bounced":
+            assert e["code"] == 550 and e["enhanced"] == "5.1.1" and e["hard"], e
+    assert spool.counts()["delivered"] + spool.counts()["bounced"] == n
+    spool.close()
+    said = "the last run, which stopped" if node == "a" else "a node that stopped"
+    assert f"recorded by {said} before writing them" in res.stderr, res.stderr[-2000:]
+
+
+def test_send_and_resume_hold_their_source_ips_as_serve_does(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """``send`` and ``resume`` on a Redis spool held no source IP in the
+    cluster's registry (only ``serve`` did): one started with an IP a live
+    serve node sends from sent from it too (each node keeping that address's
+    per-site rates and warm-up cap: twice the limit). Now they claim theirs
+    (exit 75 naming the node holding one), renew them while they run and give
+    them back at the end; a ``resume`` after a kill -9 of ``send`` on this host
+    (each under its own default node name) is not kept waiting for the dead
+    one's lease."""
+    import socket
+
+    from fastsend.cluster import ClusterNode
+
+    base = redis_server.url()
+    spool = open_spool(base)
+    shared = spool.shared()
+    assert shared is not None
+    live = ClusterNode(shared.client, shared.prefix, "serve-x", lease=30)
+    live.claim_ips(["127.0.0.2"])
+    camp = write_campaign(tmp_path)
+    (tmp_path / "r.csv").write_text("email,name\n" + "".join(f"u{i}@d.example,N\n" for i in range(5)))
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(1024)
+    route = ["--route", f"*=127.0.0.1:{mute.getsockname()[1]}", "--no-progress", "--no-dkim",
+             "--workers", "1"]  # fmt: skip
+    send = fastsend_cmd("send", str(camp), "-r", str(tmp_path / "r.csv"), "--spool",
+                        f"{base}&dir={tmp_path / 'a'}", *route)  # fmt: skip
+    try:
+        r = subprocess.run([*send, "--source-ip", "127.0.0.2"], capture_output=True, text=True,
+                           env=_env(), timeout=60)  # fmt: skip
+        assert r.returncode == 75, r.stderr[-2000:]
+        assert "127.0.0.2 (node serve-x)" in r.stderr, r.stderr
+        assert spool.counts() == spool.counts() and not any(spool.counts().values())
+        proc = subprocess.Popen([*send, "--source-ip", "127.0.0.3"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+        deadline = time.monotonic() + 60
+        while spool.counts()["inflight"] < 5:  # sending from .3, held on the mute connections
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        holders = live.holders()
+        assert holders["127.0.0.2"] == "serve-x" and holders["127.0.0.3"] != "serve-x"
+        with pytest.raises(ClusterError, match=r"127\.0\.0\.3"):
+            ClusterNode(shared.client, shared.prefix, "serve-y", lease=30).claim_ips(["127.0.0.3"])
+        proc.kill()
+        proc.wait(30)
+        # resume under a new default name: the dead send's IP is not waited for
+        with SinkProcess() as sink:
+            host, port = sink.addresses[0]
+            res = subprocess.run(
+                fastsend_cmd("resume", "--spool", f"{base}&dir={tmp_path / 'a'}", "--source-ip",
+                             "127.0.0.3", "--route", f"*={host}:{port}", "--no-progress",
+                             "--json"),
+                capture_output=True, text=True, env=_env(), timeout=60,
+            )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert summary(res)["delivered"] == 5
+        assert "127.0.0.3" not in live.holders()  # given back at its end
+    finally:
         mute.close()
         spool.close()

@@ -228,13 +228,15 @@ class Outcomes(SupervisorState):
         self.stats.attempts += n
         slot.unwritten += n
 
-    def tell_untold(self) -> None:
+    def tell_untold(self, dead: bool = False) -> None:
         """At start: outcomes the last process recorded and died before telling
         (:meth:`Spool.untold`: killed between the commit and the event log's
         write) get their events now, from their rows, marked ``"resumed":
         true`` (a delivery's reply text, MX and source address are not kept in
-        its row). They were counted by the run that recorded them, not here."""
-        rows = self.spool.untold()
+        its row). They were counted by the run that recorded them, not here.
+        ``dead``: those of other nodes of a shared spool whose window was taken
+        back (:meth:`Spool.untold_of_dead`), while running."""
+        rows = self.spool.untold_of_dead() if dead else self.spool.untold()
         if not rows:
             return
         if self.events.path is not None or self.events.listeners:
@@ -243,8 +245,8 @@ class Outcomes(SupervisorState):
             self.events.flush()
         self.spool.told([u.id for u in rows])  # (not a window taken back already: its own)
         print(
-            f"fastsend: emitted the events of {len(rows)} outcome(s) recorded by the last run,"
-            " which stopped before writing them",
+            f"fastsend: emitted the events of {len(rows)} outcome(s) recorded by"
+            f" {'a node that' if dead else 'the last run, which'} stopped before writing them",
             file=sys.stderr,
             flush=True,
         )
@@ -254,7 +256,9 @@ class Outcomes(SupervisorState):
         :meth:`Spool.taken_back`), each already recorded as an attempt of unknown
         outcome (deferred, due again at once): counted in this run's attempts,
         its deferred event told (event log, webhooks, index). Its result hooks
-        are not called: no receiver answered."""
+        are not called: no receiver answered. Then what such a node had recorded
+        and not told (:meth:`tell_untold`)."""
+        self.tell_untold(dead=True)
         got = self.spool.taken_back()
         if not got:
             return
@@ -414,8 +418,9 @@ class Outcomes(SupervisorState):
             # listeners take them after the outcome.
             dumps = orjson.dumps
             first = self.spool.record_outcomes(
-                self.results, time.time(), [dumps(e) for e in marked]
-            )
+                self.results, time.time(), [dumps(e) for e in marked],
+                [i if isinstance(i := e.get("id"), int) else 0 for e in marked],
+            )  # fmt: skip
             if _FAULT:
                 _fault_after_commit()
             if first is not None:
@@ -446,10 +451,16 @@ class Outcomes(SupervisorState):
             self.events.flush()
         except OSError as err:  # the rest stays buffered for the next flush
             log_error = err
+        told_error: Exception | None = None
         if out and log_error is None:
-            self.spool.told()  # (a local spool noted them untold until now)
-        if pending is not None:
+            try:
+                self.spool.told()  # (noted untold until now)
+            except Exception as e:  # an outage (Redis): they stay noted, told again at worst
+                told_error = e
+        if pending is not None:  # the listeners are told whatever the spool said
             self.events.tell(pending)
+        if told_error is not None:
+            raise told_error
         if log_error is not None:  # the event log's disk is the spool's: an outage too
             problem = storage_problem(log_error)
             if problem is None:
@@ -622,4 +633,6 @@ def untold_event(u: Untold) -> dict[str, Any] | None:
         else:
             ev["suppressed"] = ev["hard"]
     ev["resumed"] = True
+    if u.event_id:  # in the webhook outbox already (a shared spool's, with the outcome)
+        ev["event_id"] = u.event_id
     return ev

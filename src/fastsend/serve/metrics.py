@@ -124,11 +124,12 @@ class TimedSpool(SpoolProxy):
             self._record.observe(time.perf_counter() - t)
 
     def record_outcomes(
-        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
-    ) -> int | None:
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = (),
+        event_ids: Sequence[int] = (),
+    ) -> int | None:  # fmt: skip
         t = time.perf_counter()
         try:
-            return self.inner.record_outcomes(results, now, events)
+            return self.inner.record_outcomes(results, now, events, event_ids)
         finally:
             self._record.observe(time.perf_counter() - t)
 

@@ -377,6 +377,9 @@ class Untold(msgspec.Struct, gc=False):
     enhanced: str
     text: str
     at: float
+    # its event's id in a shared spool's webhook outbox (written with the
+    # outcome), 0 when none: the webhooks do not append that event again
+    event_id: int = 0
 
 
 class CampaignInfo(msgspec.Struct):
@@ -578,29 +581,41 @@ class Spool(abc.ABC):
         carries it); a bounce's or deferral's reply is kept."""
 
     def record_outcomes(
-        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
-    ) -> int | None:
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = (),
+        event_ids: Sequence[int] = (),
+    ) -> int | None:  # fmt: skip
         """:meth:`record_results`, and ``events`` (JSON records) appended to the
         spool's shared event outbox (the webhook outbox of every node) in the
         same atomic step: an outcome is never durable without its events.
         Returns the first event's outbox id (the others follow in order), or
         None when this spool keeps no outbox (a local spool: the caller writes
-        the events elsewhere, after the outcome)."""
+        the events elsewhere, after the outcome). ``event_ids``: the message id
+        of each event (0: none), kept with the outcomes' untold note."""
         self.record_results(results, now)
         return None
 
     def told(self, ids: Collection[int] | None = None) -> None:  # noqa: B027 (optional hook)
         """The events of every outcome :meth:`record_outcomes` recorded are out
         (written to the event log): forget them (only ``ids`` when given). A local spool remembers the
-        ids of what it recorded in the same transaction, until this, so that
+        ids of what it recorded in the same transaction (a shared spool: in
+        the outcomes' own script call, per node), until this, so that
         outcomes recorded by a process killed before their events were written
-        are told at the next start (:meth:`untold`). A no-op by default."""
+        are told at the next start (:meth:`untold`; on a shared spool also by
+        the node that takes its window back, :meth:`untold_of_dead`). A no-op
+        by default."""
 
     def untold(self) -> list[Untold]:
-        """At start: the outcomes the last process recorded without telling
-        (:meth:`told` never came: it died in between), as their rows hold them
-        now; they stay untold until :meth:`told`. None by default (a shared
-        spool's outbox gets the events in the outcomes' own atomic step)."""
+        """At start: the outcomes the last process (a shared spool: under this
+        node name) recorded without telling (:meth:`told` never came: it died
+        in between), as their rows hold them now; they stay untold until
+        :meth:`told`. None by default."""
+        return []
+
+    def untold_of_dead(self) -> list[Untold]:
+        """While running: what other processes recorded and died before telling,
+        handed to this one when their window was taken back (a shared spool's
+        nodes); they stay untold until :meth:`told`. None by default (a local
+        spool has one supervisor: its next start tells them, :meth:`untold`)."""
         return []
 
     @abc.abstractmethod
@@ -1127,15 +1142,19 @@ class SpoolProxy(Spool):
         self.inner.record_results(results, now)
 
     def record_outcomes(
-        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
-    ) -> int | None:
-        return self.inner.record_outcomes(results, now, events)
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = (),
+        event_ids: Sequence[int] = (),
+    ) -> int | None:  # fmt: skip
+        return self.inner.record_outcomes(results, now, events, event_ids)
 
     def told(self, ids: Collection[int] | None = None) -> None:
         self.inner.told(ids)
 
     def untold(self) -> list[Untold]:
         return self.inner.untold()
+
+    def untold_of_dead(self) -> list[Untold]:
+        return self.inner.untold_of_dead()
 
     def release(self, ids: Iterable[int]) -> None:
         self.inner.release(ids)

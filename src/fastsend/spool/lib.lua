@@ -168,10 +168,21 @@ local function take_back(ids, node)
   end
   return #rows
 end
-local function requeue_node(node)
+-- The outcomes a node recorded and had not told yet (P:untold:NODE, record.lua)
+-- go to P:untold, for any node to tell (RedisSpool.untold_of_dead).
+local function orphan_untold(node)
+  local u = P..':untold:'..node
+  local v = redis.call('LRANGE', u, 0, -1)
+  if #v > 0 then each_chunk('RPUSH', P..':untold', v) end
+  redis.call('DEL', u)
+end
+-- (own: a start taking its own node name's window back; its untold list stays
+-- its own, for RedisSpool.untold)
+local function requeue_node(node, own)
   local fl = P..':fl:'..node
   local n = take_back(redis.call('SMEMBERS', fl), node)
   redis.call('DEL', fl)
+  if not own then orphan_untold(node) end
   if n > 0 then redis.call('HINCRBY', P..':stats', 'taken_over', n) end
   return n
 end

@@ -1,7 +1,12 @@
 -- ARGV: P, now, node, lease_ms, JSON [[id, state, attempts, next_at, code, enhanced, text], ...]
--- (every value a string: one argument, decoded by cjson in the script), then
--- event records (JSON) for the webhook outbox P:wh, appended in this same call
--- -> the outbox id of the first event (0: none)
+-- (every value a string: one argument, decoded by cjson in the script), the
+-- untold node ('': none) and note, then event records (JSON) for the webhook
+-- outbox P:wh, appended in this same call -> the outbox id of the first event
+-- (0: none)
+-- The note ("ID[-LAST]/ATTEMPTS,...|MSGID,..." : the ids recorded, and the
+-- message id of each event) goes to P:untold:NODE with "|FIRST" (the first
+-- event's outbox id) in this same call: the outcomes whose events the node has
+-- not written to its event log yet (RedisSpool.untold; told() drops them).
 -- Per bucket of ids one HMGET and one HSET (the owner is cleared there); the
 -- due set only for a retry (or a message no longer in flight); SREM and
 -- counters per batch.
@@ -52,13 +57,18 @@ end
 flush_zadd()
 for _, owner in ipairs(owners) do each_chunk('SREM', P..':fl:'..owner, gone[owner]) end
 flush_tally()
-local n = #ARGV - 5
-if n <= 0 then return 0 end
-local first = redis.call('INCRBY', P..':wh:seq', n) - n + 1
-local z = {}
-for i = 1, n do
-  z[#z + 1] = first + i - 1
-  z[#z + 1] = (first + i - 1)..':'..ARGV[5 + i]
+local n = #ARGV - 7
+local first = 0
+if n > 0 then
+  first = redis.call('INCRBY', P..':wh:seq', n) - n + 1
+  local z = {}
+  for i = 1, n do
+    z[#z + 1] = first + i - 1
+    z[#z + 1] = (first + i - 1)..':'..ARGV[7 + i]
+  end
+  each_chunk('ZADD', P..':wh', z)
 end
-each_chunk('ZADD', P..':wh', z)
+if ARGV[6] ~= '' and #ids > 0 then
+  redis.call('RPUSH', P..':untold:'..ARGV[6], ARGV[7]..'|'..first)
+end
 return first

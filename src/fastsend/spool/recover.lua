@@ -2,7 +2,7 @@
 -- process gone on this host: RedisSpool._dead_here), taken back whatever their
 -- lease while that dead process is still their last holder
 local ms = clock_ms()
-local n = requeue_node(ARGV[2])
+local n = requeue_node(ARGV[2], true)
 for i = 4, #ARGV, 2 do
   local d = ARGV[i]
   if redis.call('HGET', P..':holders', d) == ARGV[i + 1] then

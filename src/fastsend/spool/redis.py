@@ -41,7 +41,9 @@ no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
 ``P:wh`` the webhook outbox (a sorted set of ``ID:JSON`` by id, ids from
 ``P:wh:seq``): outcomes append their events to it in the same script
 (:meth:`RedisSpool.record_outcomes`), and ``fastsend.serve.shared_state.RedisOutbox``
-sends from it; ``P:meta`` facts about the spool (:meth:`meta_once`); ``P:b:HEX``,
+sends from it; ``P:untold:NODE`` what a node recorded whose events its event log
+may not have yet (noted in the same script, dropped by :meth:`RedisSpool.told`),
+``P:untold`` those of dead nodes for any node to tell; ``P:meta`` facts about the spool (:meth:`meta_once`); ``P:b:HEX``,
 ``P:bm:HEX``, ``P:br:HEX`` and ``P:blobs`` the bodies stored once
 (:meth:`put_blob`);
 ``P:idem:HEX`` an Idempotency-Key's record (HEX: SHA-256 of tenant NUL key;
@@ -139,6 +141,7 @@ from fastsend.spool.base import (
     SpoolBusy,
     SpoolError,
     TakenBack,
+    Untold,
     describe_holder,
     holder_gone,
     holder_tag,
@@ -279,6 +282,22 @@ def _same_process(tag: dict[str, Any]) -> bool:
     return all(tag.get(k) == me[k] for k in ("pid", "host", "start", "ns"))
 
 
+def _untold_note(chunk: Sequence[Result]) -> bytes:
+    """``ID[-LAST]/ATTEMPTS,...``: the ids of a chunk of outcomes in runs of
+    consecutive ids with one attempt count (deliveries of a batch: a few runs)."""
+    pairs = sorted([(r.id, r.attempts) for r in chunk])
+    out: list[bytes] = []
+    lo, prev, att = pairs[0][0], pairs[0][0], pairs[0][1]
+    for i, a in pairs[1:]:
+        if i == prev + 1 and a == att:
+            prev = i
+            continue
+        out.append(b"%d/%d" % (lo, att) if lo == prev else b"%d-%d/%d" % (lo, prev, att))
+        lo, prev, att = i, i, a
+    out.append(b"%d/%d" % (lo, att) if lo == prev else b"%d-%d/%d" % (lo, prev, att))
+    return b",".join(out)
+
+
 def _buckets(ids: Iterable[int]) -> dict[int, list[int]]:
     """Ids grouped by their bucket hash (``P:m:B``), in order."""
     out: dict[int, list[int]] = {}
@@ -351,6 +370,9 @@ class RedisSpool(Spool):
         self._ingest_lease = reg(_script("ingest_lease"))
         self._idem = reg(_script("idem"))
         self._prune = reg(_script("prune"))
+        self._untold_script = reg(_script("untold"))
+        self._untold_held = False  # P:untold:NODE may hold entries (told() drops them)
+        self._untold_read: list[bytes] = []  # the entries untold() handed out
         self._keep_from: int | None = -1  # prune_final: the kept buckets first
         self._tag = orjson.dumps(holder_tag())  # this process, as an ingest job's reader
         self._hold_name = reg(_HOLD_NAME)
@@ -710,33 +732,116 @@ class RedisSpool(Spool):
         return out
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
-        self.record_outcomes(results, now)
+        self._record_chunks(list(results), now, (), False, ())
 
     def record_outcomes(
-        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
-    ) -> int | None:
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = (),
+        event_ids: Sequence[int] = (),
+    ) -> int | None:  # fmt: skip
         """The events go with the first chunk of outcomes: a crash between two
         chunks can leave an event whose outcome is not recorded yet (its message
         is sent again: a duplicate, as for any in-flight message), never an
-        outcome without its event."""
-        batch = list(results)
+        outcome without its event. Each chunk's ids are noted untold
+        (``P:untold:NODE``) in its own script call, until :meth:`told`: a node
+        killed before its event log has their events leaves them to its next
+        start, or to the node that takes its window back."""
+        return self._record_chunks(list(results), now, events, True, event_ids)
+
+    def _record_chunks(
+        self, batch: list[Result], now: float, events: Sequence[bytes], untold: bool,
+        event_ids: Sequence[int],
+    ) -> int | None:  # fmt: skip
         head: list[Any] = [self.k, repr(float(now)), self.node if self._holding else "", self._lease_ms]
         # One JSON argument per chunk (cjson in the script), every value a string:
         # packing 7 arguments per message cost more than the script itself.
         dumps = orjson.dumps
         first: int | None = None
+        mids = b""
+        if untold and events:  # the message id of each event, in outbox order
+            mids = b",".join([b"%d" % i for i in event_ids])
         for j in range(0, max(len(batch), 1), CHUNK):
+            chunk = batch[j : j + CHUNK]
             blob = dumps(
                 [
                     (str(r.id), str(r.state), str(r.attempts), repr(float(r.next_at)),
                      str(r.code), r.enhanced.replace("|", " "), r.text)
-                    for r in batch[j : j + CHUNK]
+                    for r in chunk
                 ]
             )  # fmt: skip
-            got = self._record(args=[*head, blob, *(events if j == 0 else ())])
+            note = b""
+            if untold and chunk:
+                note = _untold_note(chunk) + b"|" + (mids if j == 0 else b"")
+                self._untold_held = True
+            got = self._record(args=[*head, blob, self.node if note else "", note,
+                                     *(events if j == 0 else ())])  # fmt: skip
             if j == 0 and events:
                 first = int(got)
         return first
+
+    def told(self, ids: Collection[int] | None = None) -> None:
+        """Forget what :meth:`record_outcomes` noted untold (its events are in the
+        event log now); with ``ids`` (after :meth:`untold` / :meth:`untold_of_dead`:
+        their events written), the entries those handed out."""
+        key = f"{self.k}:untold:{self.node}"
+        if ids is not None:
+            read, self._untold_read = self._untold_read, []
+            if read:
+                pipe = self.r.pipeline(transaction=True)
+                for entry in read:
+                    pipe.lrem(key, 1, entry)
+                pipe.execute()
+            return
+        if self._untold_held:
+            self.r.delete(key)
+            self._untold_held = False
+
+    def untold(self) -> list[Untold]:
+        """At start: the outcomes the last process under this node name recorded
+        and died before writing their events (its ``P:untold:NODE``), as their
+        rows hold them now. Holds the node name first (another live process's
+        are not ours to tell)."""
+        self.hold_supervisor("fastsend")
+        return self._untold_rows(self._untold_script(args=[self.k, self.node, "0"]))
+
+    def untold_of_dead(self) -> list[Untold]:
+        """What nodes whose window was taken back (dead: their lease lapsed, or
+        their process gone on this host) had recorded without telling: moved to
+        this node's own list first, so this node's death while telling them
+        leaves them to the next taker. One round trip when there is none."""
+        return self._untold_rows(self._untold_script(args=[self.k, self.node, "1"]))
+
+    def _untold_rows(self, entries: list[bytes]) -> list[Untold]:
+        """The rows of untold entries (``IDS|MSGIDS|FIRST``) whose attempt is still
+        the one recorded (a later attempt told its own outcome), each with the
+        outbox id of its event when the webhooks took one (so they do not
+        append it again)."""
+        if not entries:
+            return []
+        self._untold_read += entries
+        self._untold_held = True
+        want: dict[int, int] = {}
+        eids: dict[int, int] = {}
+        for entry in entries:
+            spans, mids, first = _s(entry).split("|")
+            for part in filter(None, spans.split(",")):
+                run, _, att = part.partition("/")
+                lo, _, hi = run.partition("-")
+                for i in range(int(lo), int(hi or lo) + 1):
+                    want[i] = int(att)
+            for k, mid in enumerate(filter(None, mids.split(","))):
+                if int(first) and int(mid) not in eids:
+                    eids[int(mid)] = int(first) + k
+        out: list[Untold] = []
+        for i, data, st in self._rows(sorted(want)):
+            # st: [state, attempts, next, updated, campaign, owner, code, enhanced, text]
+            if int(st[1] or 0) != want[i]:
+                continue
+            out.append(Untold(
+                i, int(st[4]), data.split(b"\0", 1)[0].decode(), int(st[0]), want[i],
+                float(st[2] or 0), int(st[6] or 0), _s(st[7]), _s(st[8]), float(st[3] or 0),
+                eids.get(i, 0),
+            ))  # fmt: skip
+        return out
 
     def outage_errors(self) -> tuple[type[BaseException], ...]:
         return OUTAGE_ERRORS

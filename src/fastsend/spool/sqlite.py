@@ -864,8 +864,9 @@ class SQLiteSpool(Spool):
         self._record(results, now, False)
 
     def record_outcomes(
-        self, results: Iterable[Result], now: float, events: Sequence[bytes] = ()
-    ) -> int | None:
+        self, results: Iterable[Result], now: float, events: Sequence[bytes] = (),
+        event_ids: Sequence[int] = (),
+    ) -> int | None:  # fmt: skip
         # The ids recorded are noted as untold in the same transaction: a
         # process killed before their events are out leaves them to the next
         # start (untold), instead of outcomes no event ever tells.
