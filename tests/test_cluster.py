@@ -360,3 +360,64 @@ def test_a_node_name_held_in_another_pid_namespace_of_this_host_name_is_refused(
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_source_ip_another_node_took_is_rested_until_it_is_ours_again(
+    redis_server: RedisServer,
+) -> None:
+    """A serve node stalled past its lease (a long GC pause, SIGSTOP, a VM
+    migration) while another node started with one of its IPs: at its next
+    renewal it found the IP held by a live node and only logged it, then went
+    on sending from it beside the other (two nodes on one address: each keeps
+    its own per-site rates and warm-up cap for it). Now it rests the IP for
+    every provider (``Supervisor.rest_ip``, the blocklist path), renewed while
+    the other holds it, and stops once the IP is its own again."""
+    from fastsend.serve.shared_state import SharedState
+    from fastsend.spool import open_spool
+
+    spool = open_spool(redis_server.url(node="a", lease="0.4"))
+    st = SharedState(spool)
+
+    class Cfg:
+        source_ips = ["127.0.0.2", "127.0.0.3"]
+
+    st.cluster.claim_ips(Cfg.source_ips)
+    rests: list[tuple[str, list[str], float, str]] = []
+    st.rest_ip = lambda ip, provs, until, why: rests.append((ip, provs, until, why))
+    st._renewed = 0.0
+    st.tick()
+    assert rests == []
+    time.sleep(0.6)  # a stalls past its lease; b starts with one of its IPs
+    b = ClusterNode(st.r, st.prefix, "b", lease=5)
+    b.claim_ips(["127.0.0.3"])
+    st._renewed = 0.0
+    st.tick()
+    ((ip, provs, until, why),) = rests
+    assert (ip, provs) == ("127.0.0.3", ["*"]) and "another live node" in why
+    assert time.time() < until <= time.time() + 0.4
+    st._renewed = 0.0
+    st.tick()  # still b's: rested again
+    assert [r[0] for r in rests] == ["127.0.0.3"] * 2
+    b.release()
+    st._renewed = 0.0
+    st.tick()  # ours again: no rest (the last one lapses within half a lease)
+    assert len(rests) == 2 and st.cluster.holders()["127.0.0.3"] == "a"
+    # A reload's IPs: one another live node holds is refused, nothing changed;
+    # one dropped is given back once the reload took effect.
+    b.claim_ips(["127.0.0.4"])
+    Cfg.source_ips = ["127.0.0.2", "127.0.0.4"]
+    with pytest.raises(ClusterError, match=r"127\.0\.0\.4 \(node b\)"):
+        st.reload(Cfg)
+    assert st.cluster.holders() == {"127.0.0.2": "a", "127.0.0.3": "a", "127.0.0.4": "b"}
+    Cfg.source_ips = ["127.0.0.2", "127.0.0.5"]
+    st.reload(Cfg)
+    assert st.cluster.holders() == {
+        "127.0.0.2": "a", "127.0.0.3": "a", "127.0.0.4": "b", "127.0.0.5": "a"
+    }  # fmt: skip
+    st.reloaded(Cfg)
+    assert st.cluster.holders() == {"127.0.0.2": "a", "127.0.0.4": "b", "127.0.0.5": "a"}
+    ClusterNode(st.r, st.prefix, "c", lease=5).claim_ips(["127.0.0.3"])
+    st._renewed = 0.0
+    st.tick()
+    assert len(rests) == 2  # .3 is not a's any more: nothing to rest
+    spool.close()

@@ -24,7 +24,8 @@ DESCRIPTION
 
       and refuses ``appendonly no`` unless the operator says
       ``--allow-volatile``;
-    - claims its source IPs in a registry (:class:`ClusterNode`): ``P:ips``
+    - claims its source IPs in a registry (:class:`ClusterNode`; ``send``
+      and ``resume`` on a shared spool too): ``P:ips``
       maps each IP to the node holding it, ``P:ipnodes`` each node to its
       lease deadline (ms, Redis server time). A node refuses to start with an
       IP another *live* node holds (two nodes sending from one IP would each
@@ -51,6 +52,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,15 +156,18 @@ def check_durability(d: Durability, *, allow_volatile: bool) -> None:
         )
 
 
-# KEYS: ips hash, nodes zset. ARGV: node, lease_ms, ips... -> {} or {ip, holder, ...}
+# KEYS: ips hash, nodes zset. ARGV: node, lease_ms, dead nodes ('|' between: known
+# dead, their lease notwithstanding), ips... -> {} or {ip, holder, ...}
 _CLAIM_IPS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local node, lease = ARGV[1], tonumber(ARGV[2])
+local dead = {}
+for d in string.gmatch(ARGV[3], '[^|]+') do dead[d] = true end
 local taken = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local holder = redis.call('HGET', KEYS[1], ARGV[i])
-  if holder and holder ~= node then
+  if holder and holder ~= node and not dead[holder] then
     local dl = redis.call('ZSCORE', KEYS[2], holder)
     if dl and tonumber(dl) > now then
       taken[#taken + 1] = ARGV[i]
@@ -170,7 +176,7 @@ for i = 3, #ARGV do
   end
 end
 if #taken > 0 then return taken end
-for i = 3, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], node) end
+for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], node) end
 redis.call('ZADD', KEYS[2], now + lease, node)
 return taken
 """
@@ -207,6 +213,15 @@ return 0
 """
 
 
+# KEYS: ips hash. ARGV: node, ips... (those the node holds given back; its lease stays)
+_DROP_IPS = """
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
+
+
 STATUS_STALE = 5.0  # s without a status: a node is not listed as live
 STATUS_FORGET = 3600.0  # s without a status: its record is dropped
 
@@ -223,6 +238,23 @@ for _, n in ipairs(old) do
 end
 return now
 """
+
+
+def dead_here(r: Any, prefix: str, node: str) -> list[str]:
+    """The other node names whose last process (``P:holders``: the spool's
+    node-name holds) ran on this host and is gone: their IPs are not waited
+    for (their lease may still run)."""
+    from fastsend.spool.base import holder_gone
+
+    out = []
+    for name, tag in r.hgetall("{" + prefix + "}:holders").items():
+        try:
+            h = orjson.loads(tag)
+        except orjson.JSONDecodeError:
+            continue
+        if _s(name) != node and isinstance(h, dict) and holder_gone(h):
+            out.append(_s(name))
+    return out
 
 
 class ClusterNode:
@@ -244,9 +276,14 @@ class ClusterNode:
     def _keys(self) -> list[str]:
         return [f"{self.k}:ips", f"{self.k}:ipnodes"]
 
-    def claim_ips(self, ips: list[str]) -> None:
-        """Hold ``ips`` for this node, or ClusterError naming the live node holding one."""
-        taken = self._claim(keys=self._keys, args=[self.node, int(self.lease * 1000), *ips])
+    def claim_ips(self, ips: list[str], dead: Iterable[str] = ()) -> None:
+        """Hold ``ips`` for this node, or ClusterError naming the live node holding one.
+        ``dead``: node names known dead whatever their lease (their last process
+        ran on this host and is gone: a kill -9 of ``send`` and the ``resume``
+        after it, each under its own default node name)."""
+        taken = self._claim(
+            keys=self._keys, args=[self.node, int(self.lease * 1000), "|".join(dead), *ips]
+        )
         if taken:
             pairs = [f"{_s(taken[i])} (node {_s(taken[i + 1])})" for i in range(0, len(taken), 2)]
             raise ClusterError(
@@ -255,6 +292,21 @@ class ClusterNode:
                 + "; each IP must belong to one node (per-site rates and warm-up are per IP)"
             )
         self.ips = list(ips)
+
+    def add_ips(self, ips: list[str]) -> None:
+        """A reload's source IPs held beside those this node holds (ClusterError
+        naming the live node holding one, and nothing changed)."""
+        both = list(dict.fromkeys([*self.ips, *ips]))
+        self.claim_ips(both)
+
+    def keep_ips(self, ips: list[str]) -> None:
+        """Give back at once the IPs this node holds and ``ips`` lacks (a reload
+        dropped them); its lease on the others stays."""
+        gone = [ip for ip in self.ips if ip not in ips]
+        if gone:
+            self.r.eval(_DROP_IPS, 1, self._keys[0], self.node, *gone)
+        self.ips = [ip for ip in self.ips if ip in ips]
+        self.lost = [ip for ip in self.lost if ip in self.ips]
 
     def renew(self) -> list[str]:
         """Extend the lease; returns IPs another live node holds now (our lease
@@ -277,6 +329,22 @@ class ClusterNode:
         if back:
             log.warning("source IPs %s are this node's again", ", ".join(back))
         self.lost = lost
+        return lost
+
+    def renew_and_rest(
+        self, rest_ip: Callable[[str, list[str], float, str], None] | None
+    ) -> list[str]:
+        """:meth:`renew`, and each IP another live node holds now (this node
+        stalled past its lease, and that one started with the IP) rested for every
+        provider (``Supervisor.rest_ip``) for half a lease, so again at each
+        renewal while it lasts: two nodes sending from one address would each keep
+        its per-site rates and warm-up cap (twice the limit). Once the IP is this
+        node's again, the last rest lapses within half a lease."""
+        lost = self.renew()
+        if lost and rest_ip is not None:
+            until = time.time() + self.lease / 2
+            for ip in lost:
+                rest_ip(ip, ["*"], until, "source IP held by another live node")
         return lost
 
     def release(self) -> None:

@@ -9,6 +9,7 @@ event log and a progress display, runs it on uvloop, and returns a summary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import sys
@@ -80,12 +81,17 @@ def run(
     total_fn: Callable[[], int] | None = None,
     events: EventLog | None = None,
     suppression: Any = None,
+    cluster: Any = None,
 ) -> dict[str, Any]:
     """Deliver until done. ``feeder`` spools more mail while delivery runs (see
     Supervisor); ``total_fn`` gives the progress line the count spooled so far.
     ``events``: the caller's event log (it stays open), else the config's.
     ``suppression``: the list dispatch screens against and hard bounces go to
-    (a shared spool's: every node's, in Redis); None: ``<spool>/suppression.db``."""
+    (a shared spool's: every node's, in Redis); None: ``<spool>/suppression.db``.
+    ``cluster``: this node's hold on its source IPs on a shared spool
+    (``fastsend.cluster.ClusterNode``, claimed by the caller): renewed while
+    it runs (an IP another live node took meanwhile is rested), given back at
+    the end."""
     own_events = events is None
     if events is None:
         events = EventLog(config.event_log_path)
@@ -102,7 +108,7 @@ def run(
         events,
         until_idle=True,
         max_wait=max_wait,
-        on_tick=bar,
+        on_tick=_ticks(bar, cluster),
         feeder=feeder,
         suppression=suppression,
         checkpoints_behind=True,  # the WAL copied back off the loop (SQLite spools)
@@ -135,6 +141,9 @@ def run(
             rollups.close()
         if bar:
             bar.done()
+        if cluster is not None:  # its IPs back at once (a kill leaves them to the lease)
+            with contextlib.suppress(Exception):
+                cluster.release()
     elapsed = time.monotonic() - t0
     cpu1 = os.times()
     counts = final_counts(spool, stats, campaign)
@@ -159,6 +168,25 @@ def run(
         ),
         "worker_cpu_s": [round(s.cpu_s, 3) for s in sup.slots],  # per worker slot
     }
+
+
+def _ticks(bar: Progress | None, cluster: Any) -> Callable[[Supervisor], None] | None:
+    """The supervisor's ``on_tick``: the progress line, and a shared spool's
+    hold on this node's source IPs renewed every lease/4 (an outage of Redis
+    waits, as the supervisor's other spool steps do)."""
+    if cluster is None:
+        return bar
+    renewed = [time.monotonic()]
+
+    def tick(sup: Supervisor) -> None:
+        if bar is not None:
+            bar(sup)
+        now = time.monotonic()
+        if now - renewed[0] >= cluster.lease / 4 and not sup.outage_since:
+            renewed[0] = now
+            sup.guard(cluster.renew_and_rest, sup.rest_ip)
+
+    return tick
 
 
 def final_counts(spool: Spool, stats: RunStats, campaign: int | None) -> dict[str, int]:

@@ -214,6 +214,28 @@ def hold_supervisor(spool: Any, command: str, local_dir: str) -> int:
     return 0
 
 
+def hold_source_ips(spool: Any, cfg: Any) -> Any:
+    """On a shared spool, this node's source IPs held in the cluster's registry
+    (``fastsend.cluster.ClusterNode``, as ``serve`` does) for ``engine.run``
+    to renew and give back: the node, or the error printed and
+    :data:`EX_TEMPFAIL` when another live node holds one (two nodes sending
+    from one address would each keep its per-site rates and warm-up cap: twice
+    the limit). None: a local spool, or no source IPs."""
+    shared = spool.shared()
+    if shared is None or not cfg.source_ips:
+        return None
+    from fastsend.cluster import ClusterError, ClusterNode, dead_here
+
+    node = ClusterNode(shared.client, shared.prefix, shared.node, shared.lease)
+    try:
+        node.claim_ips(list(cfg.source_ips), dead_here(shared.client, shared.prefix, shared.node))
+    except ClusterError as e:
+        return die(str(e), EX_TEMPFAIL)
+    except spool.outage_errors() as e:
+        return die(f"the spool is out of reach ({e.__class__.__name__}: {e})", EX_TEMPFAIL)
+    return node
+
+
 def stopped_by_storage(e: BaseException, spool_url: str) -> int | None:
     """When ``e`` (a run's error) is the spool's storage refusing a write (a
     full disk, a read-only file system, an I/O error), say so plainly, with

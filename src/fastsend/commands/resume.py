@@ -25,6 +25,7 @@ from fastsend.commands.common import (
     add_engine_arguments,
     die,
     engine_config,
+    hold_source_ips,
     hold_supervisor,
     open_suppression,
     print_summary,
@@ -95,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
             jobs.append(now)
         else:
             spool.release_ingest(job.id)
+    ips = hold_source_ips(spool, cfg)  # a shared spool: no other live node's IP
+    if isinstance(ips, int):
+        spool.close()
+        return ips
     events = EventLog(cfg.event_log_path)
     suppression = open_suppression(spool_url, cfg.spool_dir)
     acceptor = Acceptor(spool, events, suppression)
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
             events=events,
             # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
             suppression=suppression if spool.shared() is not None else None,
+            cluster=ips,
         ),
         spool_url,
         events,

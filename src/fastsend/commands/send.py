@@ -30,6 +30,7 @@ from fastsend.commands.common import (
     add_engine_arguments,
     die,
     engine_config,
+    hold_source_ips,
     hold_supervisor,
     open_suppression,
     print_summary,
@@ -162,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
     busy = hold_supervisor(spool, "fastsend send", cfg.spool_dir)  # before anything is spooled
     if busy:
         return busy
+    ips = hold_source_ips(spool, cfg)  # a shared spool: no other live node's IP
+    if isinstance(ips, int):
+        spool.close()
+        return ips
     events = EventLog(cfg.event_log_path)
     suppression = open_suppression(spool_url, cfg.spool_dir)
     acceptor = Acceptor(spool, events, suppression)
@@ -188,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
             raise mark
     except refused as e:
         events.close()
+        if ips is not None:
+            with contextlib.suppress(Exception):
+                ips.release()
         if cid is not None:  # a campaign with none of its list in: not left active, empty
             with contextlib.suppress(Exception):
                 if not any(spool.counts(cid).values()):
@@ -220,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             events=events,
             # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
             suppression=suppression if spool.shared() is not None else None,
+            cluster=ips,
         ),
         spool_url,
         events,

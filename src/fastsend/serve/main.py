@@ -217,6 +217,8 @@ class Server:
             else None
         )
         ctx.supervisor = metrics.sup = sup
+        if ctx.shared is not None and sup is not None:
+            ctx.shared.rest_ip = sup.rest_ip  # an IP another node took meanwhile
         app = make_app(ctx, settings)
         self.api = app[API_KEY]
         self.api.metrics = metrics
@@ -459,11 +461,21 @@ class Server:
         for w in cfg.warnings:  # as at start: a setting that cannot take effect is said
             print(f"fastsend serve: SIGHUP: warning: {w}", file=sys.stderr)
         ctx = self.ctx
+        if ctx.shared is not None:  # the new [ips] held before any worker uses them
+            from fastsend.cluster import ClusterError
+
+            try:
+                ctx.shared.reload(cfg)
+            except ClusterError as e:
+                print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
+                return
         try:
             if self.listeners is not None:
                 self.listeners.reload(cfg)
         except ValueError as e:
             print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
+            if ctx.shared is not None:
+                ctx.shared.reloaded(ctx.config)  # what it took for the new [ips] back
             return
         if settings.listen != self.api.settings.listen:
             log.warning("SIGHUP: [api] listen changed; it takes effect at the next start")
@@ -485,4 +497,6 @@ class Server:
         sup = ctx.supervisor
         if sup is not None:
             await sup.reload(cfg)
+        if ctx.shared is not None:  # the IPs it dropped: no worker uses them now
+            ctx.shared.reloaded(cfg)
         print("fastsend serve: configuration reloaded", file=sys.stderr, flush=True)

@@ -842,15 +842,19 @@ class SharedState:
         self._started = time.time()
         # () -> this node's status for the cluster view (the dashboard sets it)
         self.status_source: Callable[[], dict[str, Any]] | None = None
+        # Supervisor.rest_ip (serve sets it with workers): a source IP another
+        # live node took while this node's lease on it had lapsed is rested here
+        # until it is this node's again
+        self.rest_ip: Callable[[str, list[str], float, str], None] | None = None
 
     def start(self, config: Any, *, allow_volatile: bool) -> list[str]:
         """Before anything is accepted: durability stated (and checked), this node's
         source IPs claimed (the shared secret was taken by open_context). ClusterError when the node must not start. Returns lines for the operator."""
-        from fastsend.cluster import check_durability, read_durability
+        from fastsend.cluster import check_durability, dead_here, read_durability
 
         d = self.durability = read_durability(self.r)
         check_durability(d, allow_volatile=allow_volatile)
-        self.cluster.claim_ips(list(config.source_ips))
+        self.cluster.claim_ips(list(config.source_ips), dead_here(self.r, self.prefix, self.node))
         self._renewed = time.monotonic()
         return [
             f"node {self.node} on Redis {d.version} (prefix {self.prefix!r}); an acknowledged"
@@ -860,17 +864,28 @@ class SharedState:
 
     def tick(self) -> None:
         """Renew this node's hold on its IPs (every lease/4); publish its status
-        (``status_source()``, every ``STATUS_EVERY`` s) for every node's dashboard."""
+        (``status_source()``, every ``STATUS_EVERY`` s) for every node's dashboard.
+        An IP another live node holds now is rested while it lasts
+        (:meth:`ClusterNode.renew_and_rest`); before, it was only logged."""
         now = time.monotonic()
         if now - self._renewed >= self.lease / 4:
             self._renewed = now
-            self.cluster.renew()
+            self.cluster.renew_and_rest(self.rest_ip)
             self._spool.renew()  # its node name (also without workers: no supervisor)
         if now - self._published >= STATUS_EVERY:
             self._published = now
             st = self.status_source() if self.status_source is not None else {}
             self.cluster.publish({**st, "host": socket.gethostname(), "pid": os.getpid(),
                                   "started": self._started})  # fmt: skip
+
+    def reload(self, config: Any) -> None:
+        """A reload's source IPs (``[ips]``) held before any worker uses them
+        (ClusterError naming the live node holding one: the reload is refused);
+        :meth:`reloaded` gives back those it dropped once it took effect."""
+        self.cluster.add_ips(list(config.source_ips))
+
+    def reloaded(self, config: Any) -> None:
+        self.cluster.keep_ips(list(config.source_ips))
 
     def cluster_view(self) -> dict[str, Any]:
         """Every live node (ClusterNode.members) and the cluster's totals: the sum
