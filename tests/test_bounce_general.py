@@ -769,3 +769,82 @@ def test_a_failed_pipe_is_reported_for_the_alias_we_sent_to() -> None:
     recipient (it read as no record at all)."""
     (rec,) = parse_bounce(_SENDMAIL_PIPE.encode())
     assert (rec.recipient, rec.reason, rec.hard) == ("bob@x.test", "mailererror", False)
+
+
+_SENDMAIL_MULTILINE = """\
+From: Mail Delivery Subsystem <MAILER-DAEMON@mx.sender.example>
+To: <news@sender.example>
+Subject: Returned mail: see transcript for details
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="x9"
+
+--x9
+
+   ----- The following addresses had permanent fatal errors -----
+<vic@rcpt.example>
+    (reason: {first})
+
+   ----- Transcript of session follows -----
+... while talking to mx.rcpt.example.:
+>>> DATA
+{transcript}
+554 5.0.0 Service unavailable
+
+--x9
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.example
+
+Final-Recipient: RFC822; vic@rcpt.example
+Action: failed
+Status: {status}
+Remote-MTA: DNS; mx.rcpt.example
+Diagnostic-Code: SMTP; {first}
+
+--x9--
+"""
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason"),
+    [
+        (
+            [
+                "550-5.7.1 [192.0.2.1] Our system has detected that this message is",
+                "550-5.7.1 likely suspicious due to the very low reputation of the sending IP",
+                "550-5.7.1 address. To best protect our users from spam, the message has been",
+                "550 5.7.1 blocked. Please visit https://support.google.com/mail/answer/188131",
+            ],
+            "badreputation",
+        ),
+        (
+            [
+                "550-5.7.1 This message is not RFC 5322 compliant. There are multiple",
+                "550 5.7.1 Subject headers. To reduce the amount of spam sent to Gmail,",
+            ],
+            "notcompliantrfc",
+        ),
+    ],
+)
+def test_a_multiline_reply_cut_to_its_first_line_is_read_whole(
+    lines: list[str], reason: str
+) -> None:
+    # sendmail writes only the first line of a multi-line reply into
+    # Diagnostic-Code ("550-5.7.1 ... that this message is"); the words that
+    # say why are in the later lines, quoted whole ("<<< ") in the transcript.
+    raw = _SENDMAIL_MULTILINE.format(
+        first=lines[0],
+        transcript="\n".join("<<< " + line for line in lines),
+        status=lines[0][4:9],
+    )
+    (r,) = parse_bounce(raw.encode())
+    assert r.reason == reason, r
+    assert r.diagnostic.splitlines() == lines, r.diagnostic
+    # A one-line reply, or a first line whose continuation is not quoted, is
+    # left as it is.
+    (r,) = parse_bounce(
+        _SENDMAIL_MULTILINE.format(
+            first=lines[0], transcript="<<< 554 5.0.0 Service unavailable", status="5.7.1"
+        ).encode()
+    )
+    assert r.diagnostic == lines[0], r.diagnostic

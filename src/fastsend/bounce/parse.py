@@ -278,6 +278,8 @@ def _enrich(records: list[_Raw], human: str) -> None:
     found: dict[str, tuple[int, str]] = {}
     commands: dict[str, str] = {}
     for r in records:
+        if section:
+            r.diagnostic = _whole_reply(r.diagnostic, section)
         near = ""
         if section:
             own = r.recipient.lower()
@@ -335,6 +337,62 @@ def _enrich(records: list[_Raw], human: str) -> None:
             if command:
                 break
         r.command = command
+
+
+# The first line of a multi-line reply: "552-5.7.0 This message was blocked".
+_FIRST_OF_MANY = re.compile(r"([45]\d\d)-[^\n]*")
+_REPLY_LINES_CAP = 40
+
+
+def _whole_reply(diagnostic: str, section: str) -> str:
+    """The whole multi-line reply when ``diagnostic`` is only its first line.
+
+    Sendmail writes the first line of a multi-line reply into Diagnostic-Code
+    ("552-5.7.0 This message was blocked because its content presents a
+    potential") and the whole reply only in the session transcript it quotes
+    ("<<< 552-5.7.0 ...", one line each, "<<< 552 5.7.0 ..." last): the words
+    that say why are in the later lines. The transcript's lines that follow
+    the same first line, with the same reply code, up to the last line (code
+    and a space), are the reply; anything else leaves the diagnostic as it is.
+    One find and at most _REPLY_LINES_CAP lines read: linear in the text."""
+    first = diagnostic.strip()
+    m = _FIRST_OF_MANY.fullmatch(first)
+    if m is None:
+        return diagnostic
+    code = m.group(1)
+    at = section.find(first)
+    # (The line is often quoted twice: in the summary, "(reason: 552-5.7.0
+    # ...)", and in the transcript; a few tries, each a forward find.)
+    for _ in range(4):
+        if at < 0:
+            break
+        whole = _reply_from(section, at, first, code)
+        if whole:
+            return whole
+        at = section.find(first, at + len(first))
+    return diagnostic
+
+
+def _reply_from(section: str, at: int, first: str, code: str) -> str:
+    """The reply whose first line ``first`` is at ``at`` (see _whole_reply),
+    or "" when the lines after it are not its continuation."""
+    lines = [first]
+    pos = section.find("\n", at)
+    while pos >= 0 and len(lines) < _REPLY_LINES_CAP:
+        end = section.find("\n", pos + 1)
+        line = section[pos + 1 : end if end >= 0 else len(section)].strip()
+        # The transcript's own prefix ("<<< ", "<-- "), then the reply line.
+        for prefix in ("<<<", "<--"):
+            if line.startswith(prefix):
+                line = line[len(prefix) :].lstrip()
+                break
+        if not (line.startswith(code) and line[3:4] in ("-", " ")):
+            return ""  # not a continuation
+        lines.append(line)
+        if line[3] == " ":
+            return "\n".join(lines)[: vendors.DIAG_CAP]
+        pos = end
+    return ""
 
 
 # A refusal in a quoted session transcript: "<<< 552 5.2.2 ..." (sendmail,
