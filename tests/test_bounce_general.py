@@ -229,9 +229,19 @@ def test_plain_text_delay_warning_is_never_hard(raw: str) -> None:
             "RCPT",
             "failedstarttls",
         ),
+        # X.2.3 (RFC 3463 "Message length exceeds administrative limit") is
+        # exceedlimit, as the corpus labels every 5.2.3 size refusal; the
+        # same words under 5.3.4 are mesgtoobig.
         (
             552,
             "5.2.3",
+            "Your message exceeded Google's message size limits.",
+            "DATA",
+            "exceedlimit",
+        ),
+        (
+            552,
+            "5.3.4",
             "Your message exceeded Google's message size limits.",
             "DATA",
             "mesgtoobig",
@@ -317,6 +327,14 @@ def test_documented_and_localised_replies(
             " with either SPF or DKIM.",
             "DATA",
         ),
+        # RFC 3463 X.1.7 "Bad sender's mailbox address syntax" and X.1.8 "Bad
+        # sender's system address": whatever words follow ("invalid address",
+        # "unknown user"), it is our sender that was refused, at any stage.
+        (550, "5.1.7", "Invalid address", "RCPT"),
+        (550, "5.1.7", "Invalid address", "DATA"),
+        (550, "5.1.8", "Bad sender address: unknown user", "RCPT"),
+        (553, "5.1.8", "<news@sender.example>... Domain of sender address does not exist", ""),
+        (450, "4.1.8", "<news@sender.example>: unknown user", "RCPT"),
     ],
 )
 def test_a_refusal_of_our_sender_never_marks_the_recipient_hard(

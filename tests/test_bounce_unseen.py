@@ -614,6 +614,365 @@ CASES = [
         (552, "5.3.4", "Message size exceeds fixed limit", "DATA"),
         ("mesgtoobig", False, False, False),
     ),
+    # Barracuda's per-recipient policy verdict: blocked, but nothing says the
+    # IP is listed (a sender, content or recipient rule of the organisation):
+    # no IP rest; its reputation list names itself.
+    (
+        (
+            550,
+            "",
+            "permanent failure for one or more recipients (bob@x.test:blocked)",
+            "DATA",
+        ),
+        ("blocked", False, False, False),
+    ),
+    (
+        (
+            554,
+            "5.7.1",
+            "Service unavailable; Client host [192.0.2.1] blocked using b.barracudacentral.org",
+            "RCPT",
+        ),
+        ("blocked", False, False, True),
+    ),
+    (
+        (
+            550,
+            "",
+            "permanent failure for one or more recipients (bob@x.test:blocked)"
+            " Blocked - see http://www.barracudacentral.org/rbl?ip=192.0.2.1",
+            "DATA",
+        ),
+        ("blocked", False, False, True),
+    ),
+    # AOL's legacy codes (postmaster.info.aol.com/errors): RTR/RLY/DNS block
+    # the IP, HVU a domain in the content, CON:B1 says back off.
+    (
+        (554, "", "RTR:BB http://postmaster.info.aol.com/errors/554rtrbb.html", "CONN"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (554, "", "RLY:B1 http://postmaster.info.aol.com/errors/554rlyb1.html", "RCPT"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (554, "", "HVU:B1 http://postmaster.info.aol.com/errors/554hvub1.html", "DATA"),
+        ("spamdetected", False, False, False),
+    ),
+    (
+        (421, "", "CON:B1 http://postmaster.info.aol.com/errors/421conb1.html", "CONN"),
+        ("toomanyconn", False, True, False),
+    ),
+    # NetEase (mail.163.com/help/help_spam_16.htm).
+    (
+        (
+            421,
+            "",
+            "HL:ICC 192.0.2.1 connections exceeded http://mail.163.com/help",
+            "CONN",
+        ),
+        ("toomanyconn", False, True, False),
+    ),
+    (
+        (421, "", "HL:REP 192.0.2.1 http://mail.163.com/help/help_spam_16.htm", "CONN"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (
+            554,
+            "",
+            "DT:SPM 163 mx12,QMCowABHr2Y; http://mail.163.com/help/help_spam_16.htm?ip=192.0.2.1",
+            "DATA",
+        ),
+        ("spamdetected", False, False, False),
+    ),
+    (
+        (450, "", "MI:DMC 163 smtp3 too many mails in this connection", "MAIL"),
+        ("toomanyconn", False, True, False),
+    ),
+    # Replies from the MTAs Sisimai's reason tables collect, worded unlike
+    # the corpus: an address without an "e" in "unroutable", a domain that
+    # does not exist refused at RCPT, a dynamic-IP policy, qmail's rcpthosts.
+    ((550, "", "Unroutable address", "RCPT"), ("hostunknown", True, False, False)),
+    (
+        (
+            550,
+            "5.1.2",
+            "<bob@nx.test>: Recipient address rejected: Domain not found",
+            "RCPT",
+        ),
+        ("hostunknown", True, False, False),
+    ),
+    (
+        (550, "", "We do not accept mail from dynamic IPs", "CONN"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (
+            553,
+            "",
+            "sorry, that domain or user isn't in my list of allowed rcpthosts",
+            "RCPT",
+        ),
+        ("userunknown", True, False, False),
+    ),
+    (
+        (550, "", "Mail server at 192.0.2.1 is blocked", "MAIL"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (554, "", "Message was rejected for possible spam/virus content", "DATA"),
+        ("spamdetected", False, False, False),
+    ),
+    # Spectrum/Charter AUP#I/O codes, i.ua's error pages, Cloudflare Email Routing.
+    (
+        (554, "5.7.1", "AUP#I-1000 https://www.spectrum.net/support/internet/", "CONN"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (421, "4.7.0", "AUP#O1310 too many connections", "CONN"),
+        ("toomanyconn", False, True, False),
+    ),
+    ((452, "4.7.0", "AUP#I-1550", "RCPT"), ("speeding", False, True, False)),
+    (
+        (550, "", "AUP#I-1120 no reverse DNS", "CONN"),
+        ("requireptr", False, False, True),
+    ),
+    (
+        (550, "", "User not found. http://mail.i.ua/err/2/", "RCPT"),
+        ("userunknown", True, False, False),
+    ),
+    (
+        (550, "", "Mailbox is full. http://mail.i.ua/err/4/", "RCPT"),
+        ("mailboxfull", False, False, False),
+    ),
+    (
+        (554, "", "192.0.2.1 found on one or more DNSBLs, see https://x.test", "CONN"),
+        ("blocked", False, False, True),
+    ),
+    # GoDaddy's IB codes (help article 40685): a per-message recipient limit
+    # is no slow-down; an IP blocked for invalid recipients is rested.
+    (
+        (
+            452,
+            "",
+            "This message contains too many recipients. Reduce the number. IB605",
+            "RCPT",
+        ),
+        ("toomanyconn", False, False, False),
+    ),
+    (
+        (
+            554,
+            "",
+            "This IP has been temporarily blocked for attempting to mail too many invalid"
+            " recipients. IB112",
+            "RCPT",
+        ),
+        ("blocked", False, False, True),
+    ),
+    (
+        (550, "", "This IP has sent too many messages this hour. IB504", "RCPT"),
+        ("speeding", False, True, False),
+    ),
+    (
+        (
+            550,
+            "",
+            "jane@x.test Blank From: addresses are not allowed. Provide a valid From. IB501",
+            "DATA",
+        ),
+        ("notcompliantrfc", False, False, False),
+    ),
+    # Orange/La Poste codes: 401 and 517 are SPF and DMARC failures (not an IP
+    # block), 630 a policy of the receiving domain, 999 a refused service.
+    (
+        (
+            550,
+            "5.5.0",
+            "SPF: 192.0.2.1 is not allowed to send mail. LPN004_401",
+            "RCPT",
+        ),
+        ("authfailure", False, False, False),
+    ),
+    (
+        (554, "5.7.1", "Client host rejected LPN000_630", "RCPT"),
+        ("policyviolation", False, False, False),
+    ),
+    (
+        (
+            421,
+            "",
+            "mwinf5c77 ME Service refuse. Veuillez essayer plus tard. OFR_999 [999]",
+            "CONN",
+        ),
+        ("blocked", False, False, True),
+    ),
+    # Mimecast's documented replies.
+    (
+        (550, "", "SPF Sender Invalid - envelope rejected", "RCPT"),
+        ("authfailure", False, False, False),
+    ),
+    (
+        (553, "", "This route requires TLS version 1.2 or greater", "MAIL"),
+        ("failedstarttls", False, False, False),
+    ),
+    (
+        (451, "", "Account service is temporarily unavailable", "CONN"),
+        ("toomanyconn", False, True, False),
+    ),
+    (
+        (550, "", "Local CT IP Reputation - (Reject)", "RCPT"),
+        ("badreputation", False, False, True),
+    ),
+    # Microsoft's NDR tables: 5.7.511 bans the IP; the DANE/TLS codes are
+    # TLS failures; a replication failure is the server's own trouble.
+    (
+        (550, "5.7.511", "Access denied, banned sender", "MAIL"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (450, "4.7.323", "tlsa-invalid: The domain failed DANE validation.", "RCPT"),
+        ("failedstarttls", False, False, False),
+    ),
+    (
+        (
+            451,
+            "4.4.23",
+            "Message failed to be replicated: No healthy secondary server",
+            "DATA",
+        ),
+        ("systemerror", False, False, False),
+    ),
+    (
+        (550, "5.7.1", "Delivery not authorized", "RCPT"),
+        ("rejected", False, False, False),
+    ),
+    # QQ Mail's help pages, Yahoo's and iCloud's documented replies.
+    (
+        (
+            550,
+            "",
+            "Suspected spam ip, https://service.mail.qq.com/detail/122/66",
+            "CONN",
+        ),
+        ("blocked", False, False, True),
+    ),
+    (
+        (550, "", "Domain frequency limited", "MAIL"),
+        ("toomanyconn", False, True, False),
+    ),
+    (
+        (
+            550,
+            "",
+            "Mailbox not found. https://service.mail.qq.com/detail/122/169",
+            "DATA",
+        ),
+        ("userunknown", True, False, False),
+    ),
+    (
+        (554, "", "delivery error: dd bob@yahoo.example is no longer valid.", "DATA"),
+        ("suspend", False, False, False),
+    ),
+    (
+        (
+            421,
+            "",
+            "Max message per connection reached, closing transmission channel",
+            "MAIL",
+        ),
+        ("toomanyconn", False, False, False),
+    ),
+    (
+        (
+            554,
+            "5.7.1",
+            "[HME1] This message was blocked for failing both SPF and DKIM",
+            "DATA",
+        ),
+        ("authfailure", False, False, False),
+    ),
+    # Gmail's documented table: words that read as another reason elsewhere
+    # ("bulk email senders" is no spam verdict, "exceeded its quota" no full
+    # mailbox), a recipient domain's own allowlist rests no IP.
+    (
+        (
+            421,
+            "4.7.29",
+            "Gmail requires all bulk email senders to use TLS/SSL for SMTP",
+            "DATA",
+        ),
+        ("failedstarttls", False, False, False),
+    ),
+    (
+        (
+            421,
+            "4.7.28",
+            "Gmail has detected this message exceeded its quota for sending messages"
+            " with the same Message-ID:",
+            "DATA",
+        ),
+        ("policyviolation", False, False, False),
+    ),
+    (
+        (
+            421,
+            "4.7.0",
+            "IP not in whitelist for RCPT domain, closing connection.",
+            "RCPT",
+        ),
+        ("blocked", False, False, False),
+    ),
+    (
+        (
+            550,
+            "5.7.30",
+            "This mail has been blocked because DKIM does not pass.",
+            "DATA",
+        ),
+        ("authfailure", False, False, False),
+    ),
+    (
+        (
+            550,
+            "5.7.1",
+            "Messages missing a valid Message-ID: header are not accepted.",
+            "DATA",
+        ),
+        ("notcompliantrfc", False, False, False),
+    ),
+    (
+        (
+            552,
+            "5.3.4",
+            "Your message exceeded Google's message header size limits.",
+            "DATA",
+        ),
+        ("exceedlimit", False, False, False),
+    ),
+    # Facebook's response codes, Symantec Email Security.cloud (MessageLabs), Cox.
+    (
+        (550, "", "POL-P2 http://postmaster.facebook.com/response_codes#pol", "RCPT"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (550, "", "RCP-P1 http://postmaster.facebook.com/response_codes#rcp", "RCPT"),
+        ("userunknown", True, False, False),
+    ),
+    (
+        (553, "", "Sorry, your email address has been blocked", "MAIL"),
+        ("rejected", False, False, False),
+    ),
+    (
+        (451, "", "TLS/SSLv3 Connection required. (#4.7.1)", "RCPT"),
+        ("failedstarttls", False, False, False),
+    ),
+    ((550, "5.2.0", "Message Filtered", "DATA"), ("filtered", False, False, False)),
+    (
+        (421, "", "too many sessions from 192.0.2.1", "CONN"),
+        ("toomanyconn", False, True, False),
+    ),
 ]
 
 
