@@ -317,12 +317,41 @@ def _entry(rule: Rule) -> _Entry:
     )
 
 
+# A tier's entries with the index that skips, without looking at them, the
+# rules whose every pattern needs a word the text lacks: word -> positions of
+# the rules needing it, and the positions of the rules that need none.
+_Indexed = tuple[list[_Entry], dict[str, list[int]], list[int]]
+
+
+def _indexed(entries: list[_Entry]) -> _Indexed:
+    index: dict[str, list[int]] = {}
+    always: list[int] = []
+    for i, e in enumerate(entries):
+        gate = e[7][0] if e[7] is not None else None
+        if gate is None:
+            always.append(i)
+            continue
+        for word in gate:
+            index.setdefault(word, []).append(i)
+    return entries, index, always
+
+
 def _first_rule(
-    entries: list[_Entry], t: str, present: set[str], code: int, enhanced: str, command: str
+    tier: _Indexed, t: str, present: set[str], code: int, enhanced: str, command: str
 ) -> Rule | None:
-    """The first rule of ``entries`` that applies (as Rule.applies decides;
-    ``enhanced`` is empty or a whole status code, never a prefix)."""
-    for rule, codes, st, st_pre, nst, nst_pre, commands, match, not_match in entries:
+    """The first rule of the tier that applies (as Rule.applies decides;
+    ``enhanced`` is empty or a whole status code, never a prefix). Only the
+    rules a word of ``present`` can satisfy, and those needing no word, are
+    looked at (the rest cannot match: their gate is disjoint from it), in
+    file order."""
+    entries, index, always = tier
+    picked = set(always)
+    for word in present:
+        hit = index.get(word)
+        if hit is not None:
+            picked.update(hit)
+    for i in sorted(picked):
+        rule, codes, st, st_pre, nst, nst_pre, commands, match, not_match = entries[i]
         if codes and code not in codes:
             continue
         if (st or st_pre) and not (enhanced in st or enhanced.startswith(st_pre)):
@@ -794,9 +823,9 @@ class RuleSet:
         tiers = self._tiers
         entries: dict[int, _Entry] = {}
         for tier in TIERS:
-            tiers[tier] = [
-                entries.setdefault(id(r), _entry(r)) for r in self.rules if r.tier == tier
-            ]
+            tiers[tier] = _indexed(
+                [entries.setdefault(id(r), _entry(r)) for r in self.rules if r.tier == tier]
+            )
         words: set[str] = set()
         for e in entries.values():
             words |= _words_of(e[7]) | _words_of(e[8])
