@@ -220,14 +220,16 @@ def test_suppression_added_while_mail_waits_for_a_retry(tmp_path: Path) -> None:
     with SinkProcess("--log", str(log)) as sink:
         route = (sink.host, sink.port)
         proc = send_via(camp, rcpts, route, spool, "--no-dkim", "--workers", "1",
-                        "--retry", "1,1,600", "--max-wait", "0")  # fmt: skip
+                        "--retry", "4,4,600", "--max-wait", "0")  # fmt: skip
         s = summary(proc)
+        # retries 4 s later: after this run's end even on a loaded machine (with 1 s
+        # a slow exit took the retry and delivered defer1-x before it was suppressed)
         assert s["delivered"] == 0 and s["deferrals"] == 2, s
         p = run_fastsend("suppress", "add", "defer1-x@example.com", "--spool", str(spool))
         assert p.returncode == 0, p.stderr
         proc = run_fastsend(
             "resume", "--spool", str(spool), "--route", f"*={sink.host}:{sink.port}",
-            "--json", "--no-progress", "--workers", "1", "--max-wait", "5",
+            "--json", "--no-progress", "--workers", "1", "--max-wait", "10",
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert received_counts(log) == {"defer1-y@example.com": 1}

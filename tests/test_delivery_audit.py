@@ -214,12 +214,16 @@ def test_mail_waiting_in_a_worker_is_withdrawn_when_its_address_is_suppressed(
     if kind == "redis":
         spool = request.getfixturevalue("redis_server").url(node="n1", dir=str(local))
     cfg = tmp_path / "fastsend.toml"
-    cfg.write_text("[shaping.default]\nmessages_per_second = 2.0\nburst = 1\n")
+    # ready_horizon 30 s: all 30 messages (15 s at 2/s) wait on the worker's queue;
+    # the two suppressed ones are due 11 and 14 s after the first delivery, time for
+    # the CLI to start and the change to reach the worker on a loaded machine.
+    cfg.write_text("[shaping.default]\nmessages_per_second = 2.0\nburst = 1\n"
+                   "[delivery]\nready_horizon = 30.0\n")  # fmt: skip
     camp = write_campaign(tmp_path)
     rcpts = [f"w{i}@example.com" for i in range(30)]
     lst = _list(tmp_path, rcpts)
     log = tmp_path / "sink.jsonl"
-    gone = ["w15@example.com", "w28@example.com"]  # on the worker's queue; handed back
+    gone = ["w22@example.com", "w28@example.com"]  # on the worker's queue; handed back
     with SinkProcess("--log", str(log)) as sink:
         proc = subprocess.Popen(
             fastsend_cmd("send", str(camp), "-r", str(lst), "--no-dkim", "-c", str(cfg),
