@@ -57,6 +57,7 @@ SECTION_CASES: list[tuple[tuple[str, ...], dict[str, Any], str, Any]] = [
     (("delivery",), {}, "window", "big"),
     (("retry",), {}, "jitter", "x"),
     (("dns",), {}, "timeout", "x"),
+    (("tls",), {}, "policy_timeout", "x"),
     (("events",), {}, "log", 5),
     (("shaping",), {}, "defaults", "yes"),
     (("shaping", "default"), {}, "max_connections", "x"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastsend.config import ConfigError, load
+from fastsend.config import Config, ConfigError, load
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="the config file (same as FILE)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when there are warnings")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when it is fine")
+
+
+def tls_line(cfg: Config) -> str:
+    """What delivery by MX does about the recipient domains' TLS policies."""
+    t = cfg.tls
+    line = f"[tls] MTA-STS {t.mta_sts}"
+    if t.mta_sts == "on":
+        line += " (each recipient domain's policy honoured: enforce defers rather than send in clear)"
+    for want in ("off", "on"):
+        names = sorted(d for d, v in t.domains.items() if v == want and v != t.mta_sts)
+        if names:
+            line += f"; {want} for {', '.join(names)}"
+    routed = sorted(d for d, r in cfg.routes.items() if r.host and d != "*")
+    if "*" in cfg.routes and cfg.routes["*"].host:
+        line += "; no policy applies: every domain has a static route"
+    elif routed:
+        line += f"; static routes, no policy: {', '.join(routed[:5])}" + (", ..." if len(routed) > 5 else "")
+    return line + "; trust store: " + (t.ca_file or "the system's")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,4 +61,5 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         n = len(cfg.warnings)
         print(f"{path}: ok" + (f" ({n} warning{'s' if n != 1 else ''})" if n else ""))
+        print(tls_line(cfg))
     return 1 if args.strict and cfg.warnings else 0

@@ -1,5 +1,5 @@
 """The engine's own tables: [spool], [workers], [ips], [routes], [delivery],
-[retry], [dns], [events]."""
+[retry], [dns], [tls], [events]."""
 
 from __future__ import annotations
 
@@ -174,6 +174,27 @@ class DNSConfig(Section):
     nameservers: list[str] = []  # empty: the system's resolv.conf
     timeout: PosFloat = 5.0
     mx_port: Port = 25  # the SMTP port of MX hosts (25; tests point it at a sink's port)
+
+
+class TLSSection(Section):
+    """[tls]: the recipient domains' own TLS policies for delivery by MX
+    (fastsend.delivery.mtasts): MTA-STS (RFC 8461) and TLS-RPT counting."""
+
+    # Look up and honour each recipient domain's MTA-STS policy ("off": every
+    # domain gets [delivery]/[shaping] tls only). Static routes to a host are
+    # the operator's and never take a policy.
+    mta_sts: Literal["on", "off"] = "on"
+    # Per recipient domain (and its subdomains, as [routes] keys): "on" or "off",
+    # overriding mta_sts for that domain.
+    domains: dict[str, Literal["on", "off"]] = {}
+    # PEM trust store for the policy's HTTPS fetch and for the MX certificates
+    # checked under a policy ("": the system's; relative to the config file).
+    ca_file: str = ""
+    # One policy fetch (connect, TLS, answer) gives up after this many seconds;
+    # the domain's mail then goes by its cached policy, or as if it had none.
+    policy_timeout: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    # The HTTPS port of mta-sts.DOMAIN (443; tests point it at a local server).
+    policy_port: Port = 443
 
 
 class EventsSection(Section):

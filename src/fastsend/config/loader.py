@@ -30,6 +30,7 @@ from fastsend.config.engine import (
     RetryConfig,
     Route,
     SpoolSection,
+    TLSSection,
     WorkersSection,
 )
 from fastsend.config.serve import (
@@ -71,6 +72,7 @@ class ConfigFile(Section):
     delivery: DeliveryConfig = _new(default_factory=DeliveryConfig)
     retry: RetryConfig = _new(default_factory=RetryConfig)
     dns: DNSConfig = _new(default_factory=DNSConfig)
+    tls: TLSSection = _new(default_factory=TLSSection)
     events: EventsSection = _new(default_factory=EventsSection)
     shaping: ShapingSection = _new(default_factory=ShapingSection)
     pools: PoolsSection | None = None
@@ -112,6 +114,7 @@ class Config(msgspec.Struct):
     delivery: DeliveryConfig = _new(default_factory=DeliveryConfig)
     retry: RetryConfig = _new(default_factory=RetryConfig)
     dns: DNSConfig = _new(default_factory=DNSConfig)
+    tls: TLSSection = _new(default_factory=TLSSection)  # [tls] (ca_file made absolute)
     event_log: str = ""  # "" = DIR/events.jsonl of the spool
     # The installation secret (fastsend.msgid.load_secret), set by the supervisor
     # before it forks: message-id MACs, tracking links. Never from TOML, never logged.
@@ -200,6 +203,23 @@ class Config(msgspec.Struct):
             d = d.split(".", 1)[1]
         return self.routes.get("*")
 
+    def mta_sts_for(self, domain: str) -> bool:
+        """Whether mail to ``domain`` (lowercase A-labels) by MX honours its
+        MTA-STS policy: [tls] domains (the domain, then its parents), else
+        [tls] mta_sts. A static route to a host has no policy (the caller
+        checks :meth:`route_for` first)."""
+        d = domain
+        own = self.tls.domains
+        if own:
+            while True:
+                v = own.get(d)
+                if v is not None:
+                    return v == "on"
+                if "." not in d:
+                    break
+                d = d.split(".", 1)[1]
+        return self.tls.mta_sts == "on"
+
     def ips_for_worker(self, index: int) -> list[str]:
         """The source IPs owned by worker ``index`` (round-robin split of the pool)."""
         if not self.source_ips:
@@ -286,6 +306,11 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -
         if why := never_matches(key):
             cfg.warnings.append(f"[routes] {why}")
     cfg.delivery, cfg.retry, cfg.dns = f.delivery, f.retry, f.dns
+    cfg.tls = f.tls
+    if f.tls.ca_file:
+        cfg.tls.ca_file = os.path.join(base_dir, f.tls.ca_file)
+    # keys in A-labels, as recipients' domains are (a Unicode key never matched)
+    cfg.tls.domains = {norm_domain(d): v for d, v in f.tls.domains.items()}
     if f.events.log:
         cfg.event_log = os.path.join(base_dir, f.events.log)
     cfg.shaping = f.shaping
@@ -301,6 +326,7 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -
     _check(cfg)
     if files:
         _check_tls(cfg)
+        _check_ca(cfg)
     return cfg
 
 
@@ -478,6 +504,18 @@ def _check_rule_providers(cfg: Config) -> None:
                     f" the shaping tables (known: {', '.join(known) or 'none'}): the rule"
                     " never applies"
                 )
+
+
+def _check_ca(cfg: Config) -> None:
+    """[tls] ca_file: a readable PEM trust store (a typo would make every
+    policy fetch fail, and every enforced domain's mail wait)."""
+    ca = cfg.tls.ca_file
+    if not ca:
+        return
+    try:
+        ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"[tls] ca_file: {ca}: no usable PEM certificates ({e})") from None
 
 
 def _check_tls(cfg: Config) -> None:

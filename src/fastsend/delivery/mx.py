@@ -20,6 +20,12 @@ an :class:`~fastsend.outcome.Outcome` saying why there is none:
   (a hostile domain must not make the MTA connect to internal hosts; static
   routes are the operator's and stay allowed)
 
+A domain delivered by MX also gets its MTA-STS policy (delivery/mtasts.py,
+``[tls] mta_sts``): the TXT query goes beside the MX query, and a domain with
+a policy in force gets a site of its own (key ``...|sts:DOMAIN``, the policy
+in :attr:`Site.sts`, in enforce mode only its MX hosts that match the policy),
+while its connections share the MX set's shaping lanes (:attr:`Site.lanes`).
+
 It does not connect anywhere; delivery/pool.py does.
 
 dnspython is imported (and the resolver configured) on the first lookup, not at
@@ -41,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from fastsend.config import Config, Route
+from fastsend.delivery.mtasts import MTASTS, Policy
 from fastsend.outcome import DEFERRED, FAILED, Outcome
 
 if TYPE_CHECKING:
@@ -74,10 +81,20 @@ class Host(msgspec.Struct, frozen=True):
 
 
 class Site(msgspec.Struct, frozen=True):
-    """A set of receiving hosts, in preference order. ``key`` names the site."""
+    """A set of receiving hosts, in preference order. ``key`` names the site
+    (its ready queue); ``sts``: the recipient domain's MTA-STS policy in force
+    (enforce or testing), which its connections apply."""
 
     key: str
     hosts: tuple[Host, ...]
+    sts: Policy | None = None
+
+    @property
+    def lanes(self) -> str:
+        """The key of the site's shaping lanes: the MX set's, with or without a
+        policy (one domain's policy must not double the connections to its
+        provider)."""
+        return self.key.partition("|")[0]
 
 
 T = TypeVar("T")
@@ -101,6 +118,13 @@ class MXResolver:
         self._route_of: dict[str, Route | None] = {}
         # Lookups under way, by (kind, name): a second asker awaits the first's.
         self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        # MTA-STS policies (None: [tls] turns them off for every domain)
+        t = config.tls
+        self.sts: MTASTS | None = (
+            MTASTS(config, self._txt, self._policy_addresses)
+            if t.mta_sts == "on" or "on" in t.domains.values()
+            else None
+        )
 
     @property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -184,7 +208,18 @@ class MXResolver:
         return await self._shared("mx", domain, self._lookup_and_cache)
 
     async def _lookup_and_cache(self, domain: str) -> Site | Outcome:
-        result, ttl = await self._lookup(domain)
+        sts = self.sts
+        if sts is not None and self.config.mta_sts_for(domain):
+            # Beside the MX query, not after it: no policy costs no time.
+            (result, ttl), (policy, pttl) = await asyncio.gather(
+                self._lookup(domain), sts.policy(domain)
+            )
+            if isinstance(result, Site):
+                ttl = min(ttl, pttl)  # the TXT record is asked again when its answer ends
+                if policy is not None:
+                    result = self._with_policy(result, policy)
+        else:
+            result, ttl = await self._lookup(domain)
         now = time.monotonic()
         _put(self._cache, domain, (now + ttl, result), now)
         return result
@@ -219,6 +254,48 @@ class MXResolver:
         if isinstance(addrs, Outcome):
             return addrs
         return Site(key, tuple(Host(host, a, port) for a in addrs))
+
+    def _with_policy(self, site: Site, policy: Policy) -> Site | Outcome:
+        """``site`` under ``policy``: its own key; in enforce mode only the MX
+        hosts the policy names (none: deferred, never an unlisted MX)."""
+        hosts = site.hosts
+        if policy.mode == "enforce":
+            hosts = tuple(h for h in site.hosts if policy.matches(h.name))
+            if not hosts:
+                names = ", ".join(sorted({h.name for h in site.hosts}))
+                text = (
+                    f"MTA-STS policy of {policy.domain} (enforce): no MX host ({names})"
+                    f" matches its mx {', '.join(policy.mx)}"
+                )
+                assert self.sts is not None
+                self.sts.report(
+                    policy.domain, policy.mode, "validation-failure", text,
+                    mx=names, source_ip="", went=False,
+                )  # fmt: skip
+                return Outcome(DEFERRED, 451, "4.7.5", text, "sts")
+        return Site(f"{site.key}|sts:{policy.domain}", hosts, policy)
+
+    async def _txt(self, name: str) -> tuple[list[str] | None, float]:
+        """The TXT strings of ``name`` (None: no record) and their TTL; raises
+        on a DNS failure."""
+        import dns.resolver
+
+        try:
+            ans = await self.resolver.resolve(name, "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None, 3600.0  # a domain without a policy: asked again in an hour at most
+        ttl = float(ans.rrset.ttl) if ans.rrset is not None else 300.0
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in ans], ttl
+
+    async def _policy_addresses(self, name: str) -> list[str] | str:
+        """The addresses of a policy host (mta-sts.DOMAIN), held to the MX rule
+        (a domain's owner must not make this MTA fetch from its private network)."""
+        addrs = await self._addresses(name)
+        if isinstance(addrs, Outcome):
+            return addrs.text
+        refused: list[str] = []
+        ok = self._public(addrs, refused)
+        return ok if ok else _refused(name, refused).text
 
     @property
     def cache_entries(self) -> int:

@@ -51,6 +51,13 @@ resting or suspended for longer, so one slow site never fills the worker's
 window while mail to other sites waits. A site with nothing to enforce costs
 one check per pushed batch; draining, the horizon shrinks to DRAIN_HORIZON.
 
+A site under an MTA-STS policy (:attr:`Site.sts`, delivery/mtasts.py) opens
+each connection to a host its policy names with STARTTLS required and the
+certificate verified for the MX name (``[tls] ca_file``): in enforce mode a
+failure answers like any failed connection, deferred, never clear text; in
+testing mode the failure is reported and the connection made again as the
+site would without a policy. Each failure goes to ``sts_report`` (TLS-RPT).
+
 It does not decide retries or touch the spool: outcomes go to ``report``.
 """
 
@@ -64,6 +71,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastsend.config import Config
+from fastsend.delivery.mtasts import result_type, verify_context
 from fastsend.delivery.mx import Host, Site
 from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
 from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
@@ -123,8 +131,10 @@ class SiteQueue:
         handback: Handback | None = None,
         limits: Limits | None = None,
         connect_options: dict[str, Any] | None = None,
+        sts_report: Callable[..., None] | None = None,
     ) -> None:
         self.site = site
+        self.sts_report = sts_report
         self.transport = ""  # the relay transport's name (delivery.routes), else ""
         # A relay route (fastsend.transports.relay) brings its own limits and
         # ConnectOptions fields (AUTH, TLS mode, implicit TLS, CA).
@@ -146,7 +156,7 @@ class SiteQueue:
         hosts = tuple(h.name for h in site.hosts)
         if site.key.startswith("route:") and hosts:
             domain = hosts[0]
-        self.limits = limits or self.shaper.site_limits(site.key, hosts, domain)
+        self.limits = limits or self.shaper.site_limits(site.lanes, hosts, domain)
         self.candidates = _candidates(site.hosts)
         # Equal-preference addresses, taken in turn by new connections.
         self.turn = 0
@@ -241,7 +251,7 @@ class SiteQueue:
         return excess
 
     def lane(self, ip: str) -> Lane:
-        return self.shaper.lane(ip, self.site.key, self.limits, self.pool, time.time())
+        return self.shaper.lane(ip, self.site.lanes, self.limits, self.pool, time.time())
 
     def _scale(self) -> None:
         if self.closing or not self.pending:
@@ -364,8 +374,13 @@ class SiteQueue:
             )
             if self.connect_options:
                 kw.update(self.connect_options)
-            opts = ConnectOptions(**kw)
-            conn = await connect(opts)
+            sts = self.site.sts
+            if sts is not None and sts.matches(host.name):
+                conn = await self._connect_sts(kw, host, ip)
+            else:
+                if sts is not None:  # testing mode (enforce left only matching hosts)
+                    self._sts_failed(host, ip, "validation-failure", "the MX host is not in the policy")
+                conn = await connect(ConnectOptions(**kw))
             if not isinstance(conn, Outcome):
                 if self.down:
                     self.down.pop(host.address, None)
@@ -387,6 +402,41 @@ class SiteQueue:
                 break
         assert last is not None
         return last
+
+    async def _connect_sts(
+        self, kw: dict[str, Any], host: Host, ip: str
+    ) -> SMTPConnection | Outcome:
+        """A connection under the site's MTA-STS policy: STARTTLS required, the
+        certificate valid for the MX name. Enforce: a failure is the answer
+        (deferred). Testing: reported, then connected as without a policy."""
+        sts = self.site.sts
+        assert sts is not None
+        plain = dict(kw)
+        kw["tls"] = "required"
+        kw["ssl_context"] = verify_context(self.config.tls.ca_file)
+        kw["server_hostname"] = host.name
+        conn = await connect(ConnectOptions(**kw))
+        if not isinstance(conn, Outcome):
+            self.count("tls_policy_sessions")
+            return conn
+        if conn.stage not in ("starttls", "tls"):
+            return conn  # no answer, a refused greeting: not a TLS matter
+        self._sts_failed(host, ip, result_type(conn.text), conn.text)
+        if sts.mode == "testing":
+            return await connect(ConnectOptions(**plain))
+        text = f"MTA-STS policy of {sts.domain} (enforce): {conn.text}"
+        code = conn.code if 400 <= conn.code < 500 else 451  # never a bounce: RFC 8461 5.1
+        return Outcome(DEFERRED, code, "4.7.5", text[:500], conn.stage, conn.mx)
+
+    def _sts_failed(self, host: Host, ip: str, result: str, text: str) -> None:
+        sts = self.site.sts
+        assert sts is not None
+        self.count("tls_policy_failures")
+        if self.sts_report is not None:
+            self.sts_report(
+                sts.domain, sts.mode, result, text,
+                mx=host.name, source_ip=ip, went=sts.mode == "testing",
+            )  # fmt: skip
 
     async def _connection(self, lane: Lane) -> None:
         ip = lane.ip

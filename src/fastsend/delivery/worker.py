@@ -540,6 +540,7 @@ class Worker:
                 pool=pool,
                 domain=batch.domain,
                 handback=self.handback,
+                sts_report=self.resolver.sts.report if self.resolver.sts is not None else None,
                 **relay,
             )
             if self.draining:
@@ -576,7 +577,7 @@ class Worker:
         for key, q in list(self.sites.items()):
             if not (q.pending or q.nconn or q.sending):
                 del self.sites[key]
-        self.shaper.prune(time.monotonic(), {q.site.key for q in self.sites.values()})
+        self.shaper.prune(time.monotonic(), {q.site.lanes for q in self.sites.values()})
         self.sites_limit = max(SITES_MIN, 2 * len(self.sites))
 
     # -- outbox --------------------------------------------------------------
@@ -798,6 +799,9 @@ class Worker:
             )
         if self.router.events:
             self.pending_out.append(wire.encoder.encode(wire.Events(self.router.take_events())))
+        sts = self.resolver.sts
+        if sts is not None and sts.events:  # TLS-RPT results (delivery/mtasts.py)
+            self.pending_out.append(wire.encoder.encode(wire.Events(sts.take_events())))
         while self.pending_out:
             if not self.outbox.put(self.pending_out[0]):
                 # Ring full: the supervisor is behind; retry when it frees space.
@@ -858,7 +862,7 @@ class Worker:
             if counts != self.warm_sent:
                 self.warm_sent = counts
                 self.outbox.put(wire.encoder.encode(wire.WarmupCounts(counts)))
-        if self.shaper.events:
+        if self.shaper.events or (self.resolver.sts is not None and self.resolver.sts.events):
             self.flush()
 
     async def stats_loop(self) -> None:

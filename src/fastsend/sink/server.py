@@ -450,6 +450,7 @@ class Sink:
                             "size": len(ev.data),
                             "message_id": mid,
                             "queue_id": qid,
+                            "tls": conn.proto.tls_active,
                         }
                     )
                     + b"\n"

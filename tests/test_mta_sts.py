@@ -1,0 +1,413 @@
+"""MTA-STS (RFC 8461) and TLS-RPT counting for delivery by MX, end to end on
+loopback: the real DNS server serves the MX and ``_mta-sts`` TXT records, a
+real HTTPS server with a trustme certificate serves the policies, and real
+SMTP receivers (fastsend's sink) offer STARTTLS with a certificate for the MX
+name, with a certificate for another name, or no STARTTLS at all."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trustme
+from tests._engine_helpers import run_fastsend, summary, write_campaign, write_recipients
+from tests.conftest import free_port
+
+from fastsend.config import ConfigError, loader
+from fastsend.delivery.mtasts import (
+    MTASTS,
+    PolicyError,
+    mx_matches,
+    parse_policy,
+    parse_txt,
+    result_type,
+)
+from fastsend.delivery.mx import MXResolver, Site
+from fastsend.outcome import Outcome
+from fastsend.sink import SinkProcess
+from fastsend.testing.dnsserver import DNSServer
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_txt_record_needs_exactly_one_v_stsv1_with_an_id() -> None:
+    assert parse_txt(["v=STSv1; id=20240101T000000;"]) == "20240101T000000"
+    assert parse_txt(["v=spf1 -all", "v=STSv1;id=abc"]) == "abc"
+    assert parse_txt(["v=STSv1; id=a", "v=STSv1; id=b"]) is None  # two: no policy (3.1)
+    assert parse_txt(["v=STSv1;"]) is None  # no id
+    assert parse_txt(["v=STSv1; id=has-dash"]) is None  # id is 1*32 ALPHA / DIGIT
+    assert parse_txt(["v=STSv1; id=" + "a" * 33]) is None
+    assert parse_txt([]) is None
+
+
+def test_policy_parsing_and_checks() -> None:
+    p = parse_policy(
+        "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.net\r\nmx: *.Example.ORG.\r\n"
+        "max_age: 86400\r\nextension: ignored\r\n",
+        "example.net", "id1", 1000.0,
+    )  # fmt: skip
+    assert (p.mode, p.mx, p.max_age, p.expires) == (
+        "enforce", ("mx1.example.net", "*.example.org"), 86400, 87400.0,
+    )  # fmt: skip
+    assert parse_policy("version: STSv1\nmode: none\nmax_age: 0\n", "d", "i", 0).mx == ()
+    for bad in (
+        "mode: enforce\nmx: a.b\nmax_age: 1\n",  # no version
+        "version: STSv1\nmode: strict\nmx: a.b\nmax_age: 1\n",
+        "version: STSv1\nmode: enforce\nmax_age: 1\n",  # enforce without mx
+        "version: STSv1\nmode: testing\nmx: a.b\nmax_age: 31557601\n",  # over a year
+        "version: STSv1\nmode: testing\nmx: a.b\nmax_age: -1\n",
+        "version: STSv1\nmode: testing\nmx: bad host\nmax_age: 1\n",
+        "<html>not a policy</html>",
+    ):
+        with pytest.raises(PolicyError) as e:
+            parse_policy(bad, "d", "i", 0)
+        assert e.value.result == "sts-policy-invalid"
+
+
+def test_mx_patterns_wildcard_is_one_label() -> None:
+    pats = ("mail.example.com", "*.example.net")
+    assert mx_matches("MAIL.example.com.", pats)
+    assert mx_matches("mx1.example.net", pats)
+    assert not mx_matches("example.net", pats)
+    assert not mx_matches("a.b.example.net", pats)
+    assert not mx_matches("mail.example.com.evil.test", pats)
+    assert not mx_matches("xmail.example.com", pats)
+
+
+def test_result_types() -> None:
+    assert result_type("TLS required but the server does not offer STARTTLS") == (
+        "starttls-not-supported"
+    )
+    assert (
+        result_type(
+            "TLS handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed:"
+            " Hostname mismatch, certificate is not valid for 'mx.x.test'. (_ssl.c:1006)"
+        )
+        == "certificate-host-mismatch"
+    )
+    assert (
+        result_type(
+            "TLS handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed:"
+            " unable to get local issuer certificate (_ssl.c:1006)"
+        )
+        == "certificate-not-trusted"
+    )
+
+
+def test_config_tls_section(tmp_path: Path) -> None:
+    cfg = loader.from_dict({"tls": {"domains": {"Bücher.example": "off"}}}, base_dir=str(tmp_path))
+    assert cfg.tls.mta_sts == "on"  # on by default
+    assert not cfg.mta_sts_for("xn--bcher-kva.example")
+    assert not cfg.mta_sts_for("mx.xn--bcher-kva.example")  # subdomains too
+    assert cfg.mta_sts_for("other.example")
+    off = loader.from_dict({"tls": {"mta_sts": "off", "domains": {"a.test": "on"}}})
+    assert off.mta_sts_for("a.test") and not off.mta_sts_for("b.test")
+    with pytest.raises(ConfigError, match="mta_sts"):
+        loader.from_dict({"tls": {"mta_sts": "yes"}})
+    with pytest.raises(ConfigError, match="ca_file"):
+        loader.from_dict({"tls": {"ca_file": "missing.pem"}}, base_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------- servers
+
+
+class PolicyServer:
+    """HTTPS on 127.0.0.1 answering /.well-known/mta-sts.txt per Host header
+    from ``policies`` (a str body; an int: that HTTP status); counts requests."""
+
+    def __init__(self, cert: trustme.LeafCert) -> None:
+        self.policies: dict[str, str | int] = {}
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host = (self.headers.get("Host") or "").split(":")[0]
+                outer.requests.append(f"{host}{self.path}")
+                body = outer.policies.get(host, 404)
+                if self.path != "/.well-known/mta-sts.txt" or isinstance(body, int):
+                    self.send_response(body if isinstance(body, int) else 404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class World:
+    def __init__(self, tmp: Path, dns: DNSServer) -> None:
+        self.tmp = tmp
+        self.dns = dns
+        self.ca = trustme.CA()
+        self.ca_file = tmp / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        # the policy hosts of every test domain: one certificate, names listed
+        names = [f"mta-sts.{d}" for d in DOMAINS]
+        self.https = PolicyServer(self.ca.issue_cert(*names))
+
+    def pem(self, name: str, *hosts: str) -> tuple[str, str]:
+        cert = self.ca.issue_cert(*hosts)
+        c, k = self.tmp / f"{name}.crt", self.tmp / f"{name}.key"
+        c.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(k))
+        return str(c), str(k)
+
+    def config(self, mx_port: int, extra: str = "") -> Path:
+        cfg = self.tmp / "fastsend.toml"
+        cfg.write_text(
+            f'[dns]\nnameservers = ["127.0.0.1:{self.dns.port}"]\nmx_port = {mx_port}\ntimeout = 3\n'
+            '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
+            "[delivery]\nallow_private_mx = true\n"  # the test DNS puts everything on loopback
+            "[retry]\nmin_backoff = 600\n"
+            f'[tls]\nca_file = "{self.ca_file}"\npolicy_port = {self.https.port}\n'
+            "policy_timeout = 5\n" + extra
+        )
+        return cfg
+
+
+DOMAINS = [
+    "enforce-ok.test", "enforce-badcert.test", "testing-badcert.test", "enforce-notls.test",
+    "none-notls.test", "mismatch.test", "wildcard.test", "cached.test",
+]  # fmt: skip
+
+
+def policy(mode: str, *mx: str, max_age: int = 86400) -> str:
+    return (
+        f"version: STSv1\r\nmode: {mode}\r\n"
+        + "".join(f"mx: {m}\r\n" for m in mx)
+        + (f"max_age: {max_age}\r\n")
+    )
+
+
+@pytest.fixture
+def world(tmp_path: Path, dns_server: DNSServer) -> Iterator[World]:
+    w = World(tmp_path, dns_server)
+    try:
+        yield w
+    finally:
+        w.https.close()
+
+
+def _events(spool: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in (spool / "events.jsonl").read_bytes().splitlines()]
+
+
+def _received(log: Path) -> dict[str, bool]:
+    """recipient -> whether it came over TLS"""
+    out = {}
+    if log.exists():
+        for line in log.read_bytes().splitlines():
+            m = orjson.loads(line)
+            for r in m["recipients"]:
+                out[r] = m["tls"]
+    return out
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_enforce_testing_none_against_real_receivers(world: World) -> None:
+    """One send to eight domains: enforce delivers over verified TLS to a listed
+    MX and defers (4.7.5, nothing sent in clear) for a wrong-name certificate,
+    a receiver without STARTTLS or an MX the policy does not list; testing
+    delivers anyway and reports; none and no policy deliver as before. Every
+    failure is a tls_report event naming its policy domain and result type."""
+    port = free_port("127.0.0.1")
+    good = world.pem("good", "mx.ok.test", "*.wild.test")
+    bad = world.pem("bad", "wrong-name.test")
+    zones: dict[str, Any] = {
+        "mx.ok.test": [("A", "127.0.0.1")],
+        "mx1.wild.test": [("A", "127.0.0.1")],
+        "mx.bad.test": [("A", "127.0.0.3")],
+        "mx.plain.test": [("A", "127.0.0.4")],
+        "nopolicy.test": [("MX", "10 mx.plain.test.")],
+    }
+    mx_of = {
+        "enforce-ok.test": "mx.ok.test", "enforce-badcert.test": "mx.bad.test",
+        "testing-badcert.test": "mx.bad.test", "enforce-notls.test": "mx.plain.test",
+        "none-notls.test": "mx.plain.test", "mismatch.test": "mx.plain.test",
+        "wildcard.test": "mx1.wild.test",
+    }  # fmt: skip
+    pols = {
+        "enforce-ok.test": policy("enforce", "mx.ok.test"),
+        "enforce-badcert.test": policy("enforce", "mx.bad.test"),
+        "testing-badcert.test": policy("testing", "mx.bad.test"),
+        "enforce-notls.test": policy("enforce", "mx.plain.test"),
+        "none-notls.test": policy("none"),
+        "mismatch.test": policy("enforce", "mx.ok.test"),
+        "wildcard.test": policy("enforce", "*.wild.test"),
+    }
+    for d, mx in mx_of.items():
+        zones[d] = [("MX", f"10 {mx}.")]
+        zones[f"_mta-sts.{d}"] = [("TXT", "v=STSv1; id=1;")]
+        zones[f"mta-sts.{d}"] = [("A", "127.0.0.1")]
+        world.https.policies[f"mta-sts.{d}"] = pols[d]
+    world.dns.set_zones(zones)
+    rcpts = [f"u@{d}" for d in mx_of] + ["u@nopolicy.test"]
+    camp = write_campaign(world.tmp)
+    lst = write_recipients(world.tmp, rcpts)
+    spool = world.tmp / "spool"
+    logs = {ip: world.tmp / f"sink{ip}.jsonl" for ip in ("1", "3", "4")}
+    with (
+        SinkProcess("--log", str(logs["1"]), "--tls-cert", good[0], "--tls-key", good[1],
+                    listen=f"127.0.0.1:{port}"),
+        SinkProcess("--log", str(logs["3"]), "--tls-cert", bad[0], "--tls-key", bad[1],
+                    listen=f"127.0.0.3:{port}"),
+        SinkProcess("--log", str(logs["4"]), listen=f"127.0.0.4:{port}"),
+    ):  # fmt: skip
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(lst), "-c", str(world.config(port)),
+            "--spool", str(spool), "--json", "--no-dkim", "--no-progress", "--max-wait", "1",
+        )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    s = summary(proc)
+    ok = _received(logs["1"])
+    badcert = _received(logs["3"])
+    plain = _received(logs["4"])
+    assert ok == {"u@enforce-ok.test": True, "u@wildcard.test": True}
+    assert badcert == {"u@testing-badcert.test": True}  # testing: delivered anyway (unverified)
+    assert plain == {"u@none-notls.test": False, "u@nopolicy.test": False}
+    assert (s["delivered"], s["deferred"]) == (5, 3), s
+    ev = _events(spool)
+    deferred = {e["rcpt"]: e for e in ev if e["event"] == "deferred"}
+    assert set(deferred) == {"u@enforce-badcert.test", "u@enforce-notls.test", "u@mismatch.test"}
+    for e in deferred.values():
+        assert "MTA-STS policy of" in e["text"] and e["enhanced"] == "4.7.5", e
+    reports = {(e["policy_domain"], e["result"], e["delivered_anyway"])
+               for e in ev if e["event"] == "tls_report"}  # fmt: skip
+    assert ("enforce-badcert.test", "certificate-host-mismatch", False) in reports
+    assert ("testing-badcert.test", "certificate-host-mismatch", True) in reports
+    assert ("enforce-notls.test", "starttls-not-supported", False) in reports
+    assert ("mismatch.test", "validation-failure", False) in reports
+    assert not {r for r in reports if r[0] in ("enforce-ok.test", "none-notls.test")}
+    # one fetch per policy domain; no TXT -> no fetch
+    fetched = sorted(world.https.requests)
+    assert fetched == sorted(f"mta-sts.{d}/.well-known/mta-sts.txt" for d in mx_of)
+    assert (spool / "mta-sts" / "enforce-ok.test.json").exists()  # kept for the next run
+
+
+def test_cached_policy_survives_fetch_failure_and_missing_txt(world: World) -> None:
+    """The policy in force stays after its host fails (HTTP 500, new id) and
+    after its TXT record disappears, until max_age; another worker (a new
+    MTASTS on the same directory) reads it from the spool without fetching."""
+    world.dns.set_zones({
+        "_mta-sts.cached.test": [("TXT", "v=STSv1; id=1")],
+        "mta-sts.cached.test": [("A", "127.0.0.1")],
+        "cached.test": [("MX", "10 mx.cached.test.")],
+        "mx.cached.test": [("A", "127.0.0.1")],
+    })  # fmt: skip
+    world.https.policies["mta-sts.cached.test"] = policy("enforce", "mx.cached.test")
+    cfg = loader.load(str(world.config(25)))
+
+    async def go() -> None:
+        r = MXResolver(cfg)
+        assert r.sts is not None
+        p, _ttl = await r.sts.policy("cached.test")
+        assert p is not None and (p.id, p.mode) == ("1", "enforce")
+        site = await r.site_for("cached.test")
+        assert isinstance(site, Site) and site.sts == p and site.key.endswith("|sts:cached.test")
+        # new id, the policy host fails: the cached policy holds
+        world.https.policies["mta-sts.cached.test"] = 500
+        world.dns.set_zones({
+            "_mta-sts.cached.test": [("TXT", "v=STSv1; id=2")],
+            "mta-sts.cached.test": [("A", "127.0.0.1")],
+        })  # fmt: skip
+        r.sts.txt.clear()  # (the TXT answer's TTL passed)
+        p2, ttl2 = await r.sts.policy("cached.test")
+        assert p2 == p and ttl2 <= 300
+        fails = [e for e in r.sts.take_events() if e["event"] == "tls_report"]
+        assert [e["result"] for e in fails] == ["sts-policy-fetch-error"]
+        n = len(world.https.requests)
+        await r.sts.policy("cached.test")  # not fetched again before FETCH_RETRY
+        assert len(world.https.requests) == n
+        # TXT gone (an attacker stripping it): still in force
+        world.dns.set_zones({"mta-sts.cached.test": [("A", "127.0.0.1")]})
+        r.sts.txt.clear()
+        p3, _ = await r.sts.policy("cached.test")
+        assert p3 == p
+        # another worker / a restart: from the spool's directory, no fetch
+        other = MTASTS(cfg, r._txt, r._policy_addresses)
+        p4, _ = await other.policy("cached.test")
+        assert p4 == p and len(world.https.requests) == n
+
+    asyncio.run(go())
+
+
+def test_no_policy_costs_one_cached_txt_query(world: World) -> None:
+    world.dns.set_zones({"plain.test": [("MX", "10 mx.plain.test.", 5)],
+                         "mx.plain.test": [("A", "127.0.0.1")]})  # fmt: skip
+    cfg = loader.load(str(world.config(25)))
+
+    async def go() -> None:
+        r = MXResolver(cfg)
+        for _ in range(3):
+            site = await r.site_for("plain.test")
+            assert isinstance(site, Site) and site.sts is None
+        r._cache.clear()  # the MX answer ends: asked again
+        t0 = time.monotonic()
+        await r.site_for("plain.test")
+        assert time.monotonic() - t0 < 2.5
+
+    asyncio.run(go())
+    txt = [q for q in world.dns.resolver.queries if q[0] == "_mta-sts.plain.test"]
+    assert len(txt) == 1, txt  # its absence is cached, longer than the MX answer
+    assert not world.https.requests
+    off = loader.load(str(world.config(25, 'mta_sts = "off"\n')))
+    assert MXResolver(off).sts is None
+
+
+def test_enforce_with_no_matching_mx_is_deferred_not_sent(world: World) -> None:
+    world.dns.set_zones({
+        "mismatch.test": [("MX", "10 mx.other.test.")],
+        "mx.other.test": [("A", "127.0.0.1")],
+        "_mta-sts.mismatch.test": [("TXT", "v=STSv1; id=7")],
+        "mta-sts.mismatch.test": [("A", "127.0.0.1")],
+    })  # fmt: skip
+    world.https.policies["mta-sts.mismatch.test"] = policy("enforce", "mx.good.test")
+    cfg = loader.load(str(world.config(25)))
+    out = asyncio.run(MXResolver(cfg).site_for("mismatch.test"))
+    assert isinstance(out, Outcome) and out.deferred and out.enhanced == "4.7.5"
+    assert "mx.other.test" in out.text and "mx.good.test" in out.text
+
+
+def test_check_config_shows_the_tls_policy_setting(tmp_path: Path, capsys: Any) -> None:
+    from fastsend.cli import main
+
+    f = tmp_path / "fastsend.toml"
+    f.write_text('[tls]\ndomains = { "legacy.test" = "off" }\n[routes]\n"relay.test" = "127.0.0.1:25"\n')
+    assert main(["check-config", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "[tls] MTA-STS on" in out and "off for legacy.test" in out, out
+    assert "static routes, no policy: relay.test" in out, out
+    f.write_text('[tls]\nmta_sts = "off"\n')
+    assert main(["check-config", str(f)]) == 0
+    assert "[tls] MTA-STS off" in capsys.readouterr().out
