@@ -7,6 +7,7 @@ name, with a certificate for another name, or no STARTTLS at all."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.server
 import ssl
 import threading
@@ -22,6 +23,7 @@ from tests._engine_helpers import run_fastsend, summary, write_campaign, write_r
 from tests.conftest import free_port
 
 from fastsend.config import ConfigError, loader
+from fastsend.delivery import dane
 from fastsend.delivery.mtasts import (
     MTASTS,
     PolicyError,
@@ -33,6 +35,7 @@ from fastsend.delivery.mtasts import (
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.outcome import Outcome
 from fastsend.sink import SinkProcess
+from fastsend.smtp.transport import ConnectOptions, connect
 from fastsend.testing.dnsserver import DNSServer
 
 # ---------------------------------------------------------------- parsing
@@ -196,7 +199,7 @@ class World:
 
 DOMAINS = [
     "enforce-ok.test", "enforce-badcert.test", "testing-badcert.test", "enforce-notls.test",
-    "none-notls.test", "mismatch.test", "wildcard.test", "cached.test",
+    "none-notls.test", "mismatch.test", "wildcard.test", "cached.test", "dane-over-sts.test",
 ]  # fmt: skip
 
 
@@ -411,3 +414,160 @@ def test_check_config_shows_the_tls_policy_setting(tmp_path: Path, capsys: Any) 
     f.write_text('[tls]\nmta_sts = "off"\n')
     assert main(["check-config", str(f)]) == 0
     assert "[tls] MTA-STS off" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- DANE (RFC 7672)
+
+
+def _der(pem: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+
+
+def _spki_sha256(der: bytes) -> str:
+    return hashlib.sha256(dane._selected(der, 1)).hexdigest()
+
+
+def test_dane_check_ee_and_ta() -> None:
+    ca, other = trustme.CA(), trustme.CA()
+    leaf = _der(ca.issue_cert("mx.dane.test").cert_chain_pems[0].bytes())
+    root, stranger = _der(ca.cert_pem.bytes()), _der(other.cert_pem.bytes())
+    ee = (3, 1, 1, bytes.fromhex(_spki_sha256(leaf)))
+    ta = (2, 0, 1, hashlib.sha256(root).digest())
+    assert dane.check((ee,), "any.name", [leaf]) == ""  # DANE-EE: no name check (3.1.1)
+    assert dane.check((ta,), "mx.dane.test", [leaf, root]) == ""
+    assert "not valid for" in dane.check((ta,), "other.test", [leaf, root])
+    fake_ta = (2, 0, 1, hashlib.sha256(stranger).digest())
+    assert dane.check((fake_ta,), "mx.dane.test", [leaf, stranger])  # not its issuer
+    assert dane.check(((3, 1, 1, b"x" * 32),), "mx", [leaf]) == (
+        "the certificate matches no TLSA record"
+    )
+    assert dane.check((ee,), "mx", []) == "the server sent no certificate"
+    # PKIX usages (0, 1) and unknown selectors / matching types are unusable (3.1.3)
+    assert dane.usable([(0, 0, 1, b""), (1, 1, 1, b""), (3, 2, 1, b""), (3, 1, 3, b""), ee]) == (
+        ee,
+    )
+
+
+def test_peer_check_after_starttls_both_loops(tmp_path: Path, run: Any) -> None:
+    """The transport hands the server's chain (its own certificate first, then
+    what it sent) to ``peer_check``; a refusal ends the session deferred at
+    STARTTLS, nothing sent."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.dane.test")
+    crt, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    crt.write_bytes(cert.cert_chain_pems[0].bytes() + ca.cert_pem.bytes())
+    cert.private_key_pem.write_to_path(str(key))
+    seen: list[list[bytes]] = []
+
+    def ok(chain: list[bytes]) -> str:
+        seen.append(chain)
+        return ""
+
+    with SinkProcess("--tls-cert", str(crt), "--tls-key", str(key)) as sink:
+
+        async def go(check: Any) -> Any:
+            opts = ConnectOptions(
+                sink.host, sink.port, tls="required", ssl_context=dane.context(),
+                server_hostname="mx.dane.test", peer_check=check,
+            )  # fmt: skip
+            conn = await connect(opts)
+            if not isinstance(conn, Outcome):
+                await conn.quit()
+            return conn
+
+        assert not isinstance(run(go(ok)), Outcome)
+        assert seen[0] == [_der(cert.cert_chain_pems[0].bytes()), _der(ca.cert_pem.bytes())]
+        out = run(go(lambda chain: "no"))
+    assert isinstance(out, Outcome) and out.deferred and out.stage == "starttls"
+    assert "peer check failed: no" in out.text
+
+
+def test_dane_end_to_end_ee_ta_bad_insecure_and_over_mta_sts(world: World) -> None:
+    """[tls] dane = "on": authenticated TLSA records decide the certificate;
+    a mismatch defers (4.7.5, tlsa-invalid reported, nothing sent); records
+    under an unauthenticated MX answer are ignored; DANE wins over an MTA-STS
+    policy whose mx list would have deferred the mail."""
+    port = free_port("127.0.0.1")
+    cert = world.ca.issue_cert("mx1.dane.test", "mx2.dane.test", "mx3.dane.test", "mx4.dane.test")
+    crt, key = world.tmp / "dane.crt", world.tmp / "dane.key"
+    crt.write_bytes(cert.cert_chain_pems[0].bytes() + world.ca.cert_pem.bytes())
+    cert.private_key_pem.write_to_path(str(key))
+    leaf = _der(cert.cert_chain_pems[0].bytes())
+    ee = f"3 1 1 {_spki_sha256(leaf)}"
+    ta = f"2 0 1 {hashlib.sha256(_der(world.ca.cert_pem.bytes())).hexdigest()}"
+    bad = "3 1 1 " + "00" * 32
+    sec = ("SECURE", "")
+    zones: dict[str, Any] = {
+        "dane-ee.test": [("MX", "10 mx1.dane.test."), sec],
+        "dane-ta.test": [("MX", "10 mx2.dane.test."), sec],
+        "dane-bad.test": [("MX", "10 mx3.dane.test."), sec],
+        "insecure.test": [("MX", "10 mx3.dane.test.")],  # no AD: its TLSA is not looked at
+        "dane-over-sts.test": [("MX", "10 mx4.dane.test."), sec],
+        "_mta-sts.dane-over-sts.test": [("TXT", "v=STSv1; id=1")],
+        "mta-sts.dane-over-sts.test": [("A", "127.0.0.1")],
+        f"_{port}._tcp.mx1.dane.test": [("TLSA", ee), sec],
+        f"_{port}._tcp.mx2.dane.test": [("TLSA", ta), sec],
+        f"_{port}._tcp.mx3.dane.test": [("TLSA", bad), sec],
+        f"_{port}._tcp.mx4.dane.test": [("TLSA", ee), sec],
+    }
+    for i in range(1, 5):
+        zones[f"mx{i}.dane.test"] = [("A", "127.0.0.5")]
+    world.dns.set_zones(zones)
+    world.https.policies["mta-sts.dane-over-sts.test"] = policy("enforce", "elsewhere.test")
+    domains = ["dane-ee.test", "dane-ta.test", "dane-bad.test", "insecure.test",
+               "dane-over-sts.test"]  # fmt: skip
+    camp = write_campaign(world.tmp)
+    lst = write_recipients(world.tmp, [f"u@{d}" for d in domains])
+    spool = world.tmp / "spool"
+    log = world.tmp / "sink.jsonl"
+    cfg = world.config(port, 'dane = "on"\n')
+    with SinkProcess(
+        "--log", str(log), "--tls-cert", str(crt), "--tls-key", str(key),
+        listen=f"127.0.0.5:{port}",
+    ):  # fmt: skip
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(lst), "-c", str(cfg),
+            "--spool", str(spool), "--json", "--no-dkim", "--no-progress", "--max-wait", "1",
+        )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    assert "dane" not in proc.stderr  # a loopback resolver: no warning
+    got = _received(log)
+    assert got == {"u@dane-ee.test": True, "u@dane-ta.test": True, "u@insecure.test": True,
+                   "u@dane-over-sts.test": True}, got  # fmt: skip
+    ev = _events(spool)
+    deferred = [e for e in ev if e["event"] == "deferred"]
+    assert [e["rcpt"] for e in deferred] == ["u@dane-bad.test"]
+    assert deferred[0]["enhanced"] == "4.7.5" and "DANE (TLSA of mx3.dane.test)" in deferred[0]["text"]
+    reports = [(e["policy_type"], e["policy_domain"], e["result"]) for e in ev
+               if e["event"] == "tls_report"]  # fmt: skip
+    assert reports and set(reports) == {("tlsa", "dane-bad.test", "tlsa-invalid")}, reports
+
+
+def test_dane_on_warns_about_a_resolver_not_on_loopback() -> None:
+    cfg = loader.from_dict({"tls": {"dane": "on"}, "dns": {"nameservers": ["192.0.2.53"]}})
+    assert any("dane" in w for w in cfg.warnings)
+    assert not loader.from_dict({"tls": {"dane": "on"}, "dns": {"nameservers": ["127.0.0.1:53"]}}).warnings
+    assert any("dane" in w for w in loader.from_dict({"tls": {"dane": "on"}}).warnings)
+
+
+def test_policy_host_with_a_wrong_certificate_is_no_policy(world: World) -> None:
+    """The policy is believed only over HTTPS valid for mta-sts.DOMAIN: a host
+    whose certificate names others gives no policy (sts-webpki-invalid)."""
+    world.dns.set_zones({
+        "_mta-sts.uncovered.test": [("TXT", "v=STSv1; id=1")],
+        "mta-sts.uncovered.test": [("A", "127.0.0.1")],
+    })  # fmt: skip
+    world.https.policies["mta-sts.uncovered.test"] = policy("enforce", "mx.x.test")
+    cfg = loader.load(str(world.config(25)))
+
+    async def go() -> None:
+        r = MXResolver(cfg)
+        assert r.sts is not None
+        assert await r.sts.policy("uncovered.test") == (None, 300.0)
+        assert [e["result"] for e in r.sts.take_events()] == ["sts-webpki-invalid"]
+
+    asyncio.run(go())
+    assert not world.https.requests  # refused at the handshake, nothing asked

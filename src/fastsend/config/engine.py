@@ -195,6 +195,12 @@ class TLSSection(Section):
     policy_timeout: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
     # The HTTPS port of mta-sts.DOMAIN (443; tests point it at a local server).
     policy_port: Port = 443
+    # DANE (RFC 7672, fastsend.delivery.dane): the MX hosts' TLSA records, used
+    # only when the resolver says they are DNSSEC-authenticated (its AD bit).
+    # "on" only with a trusted local validating resolver in [dns] nameservers
+    # (unbound, Knot Resolver on 127.0.0.1), as Postfix's
+    # smtp_dns_support_level = dnssec: its AD bit is believed.
+    dane: Literal["on", "off"] = "off"
 
 
 class EventsSection(Section):

@@ -311,6 +311,12 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -
         cfg.tls.ca_file = os.path.join(base_dir, f.tls.ca_file)
     # keys in A-labels, as recipients' domains are (a Unicode key never matched)
     cfg.tls.domains = {norm_domain(d): v for d, v in f.tls.domains.items()}
+    if f.tls.dane == "on" and not all(_loopback(ns) for ns in f.dns.nameservers or ["?"]):
+        cfg.warnings.append(
+            '[tls] dane = "on" believes the AD bit of [dns] nameservers: list only a local'
+            " validating resolver there (127.0.0.1, ::1), not the system's resolv.conf"
+            " nor a remote one (a forged AD bit would choose the certificate)"
+        )
     if f.events.log:
         cfg.event_log = os.path.join(base_dir, f.events.log)
     cfg.shaping = f.shaping
@@ -504,6 +510,19 @@ def _check_rule_providers(cfg: Config) -> None:
                     f" the shaping tables (known: {', '.join(known) or 'none'}): the rule"
                     " never applies"
                 )
+
+
+def _loopback(ns: str) -> bool:
+    """Whether a [dns] nameservers entry (ADDR, ADDR:PORT, [V6]:PORT) is on loopback."""
+    import ipaddress
+
+    host = ns[1:].partition("]")[0] if ns.startswith("[") else (
+        ns.split(":")[0] if ns.count(":") == 1 else ns
+    )
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_ca(cfg: Config) -> None:

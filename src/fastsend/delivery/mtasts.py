@@ -376,11 +376,21 @@ class MTASTS:
         self.report(domain, "", result, text, mx="", source_ip="", went=True)
 
     def report(
-        self, domain: str, mode: str, result: str, text: str, *, mx: str, source_ip: str, went: bool
+        self,
+        domain: str,
+        mode: str,
+        result: str,
+        text: str,
+        *,
+        mx: str,
+        source_ip: str,
+        went: bool,
+        policy_type: str = "sts",
     ) -> None:
-        """One TLS-RPT failure (RFC 8460 result types) for the event log."""
+        """One TLS-RPT failure (RFC 8460 result types; policy type sts, or tlsa
+        for DANE) for the event log."""
         self.events.append({
-            "time": time.time(), "event": "tls_report", "policy_type": "sts",
+            "time": time.time(), "event": "tls_report", "policy_type": policy_type,
             "policy_domain": domain, "mode": mode, "result": result, "mx": mx,
             "source_ip": source_ip, "delivered_anyway": went, "text": text[:300],
         })  # fmt: skip

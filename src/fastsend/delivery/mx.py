@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from fastsend.config import Config, Route
+from fastsend.delivery import dane
 from fastsend.delivery.mtasts import MTASTS, Policy
 from fastsend.outcome import DEFERRED, FAILED, Outcome
 
@@ -78,6 +79,9 @@ class Host(msgspec.Struct, frozen=True):
     address: str  # IP to connect to
     port: int
     pref: int = 0  # the MX preference (0 for a route): equal ones share the load
+    # its usable TLSA records, DNSSEC-authenticated ([tls] dane): STARTTLS required,
+    # the certificate checked against them (delivery/dane.py)
+    tlsa: tuple[dane.Tlsa, ...] = ()
 
 
 class Site(msgspec.Struct, frozen=True):
@@ -88,6 +92,7 @@ class Site(msgspec.Struct, frozen=True):
     key: str
     hosts: tuple[Host, ...]
     sts: Policy | None = None
+    dane: str = ""  # the recipient domain whose MX hosts have TLSA records (DANE)
 
     @property
     def lanes(self) -> str:
@@ -120,10 +125,11 @@ class MXResolver:
         self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
         # MTA-STS policies (None: [tls] turns them off for every domain)
         t = config.tls
+        self.dane = t.dane == "on"
         self.sts: MTASTS | None = (
             MTASTS(config, self._txt, self._policy_addresses)
-            if t.mta_sts == "on" or "on" in t.domains.values()
-            else None
+            if t.mta_sts == "on" or "on" in t.domains.values() or t.dane == "on"
+            else None  # (with DANE alone: its reports only)
         )
 
     @property
@@ -154,6 +160,12 @@ class MXResolver:
             resolver.port = port
         resolver.lifetime = config.dns.timeout
         resolver.timeout = config.dns.timeout
+        if self.dane:
+            import dns.flags
+
+            # ask the (trusted, validating) resolver to say what it authenticated
+            resolver.use_edns(0, dns.flags.DO, 1232)
+            resolver.flags = dns.flags.RD | dns.flags.AD
         return resolver
 
     def cached(self, domain: str) -> Site | Outcome | None:
@@ -216,7 +228,8 @@ class MXResolver:
             )
             if isinstance(result, Site):
                 ttl = min(ttl, pttl)  # the TXT record is asked again when its answer ends
-                if policy is not None:
+                # DANE wins over MTA-STS (RFC 8461 2): TLSA records say more
+                if policy is not None and not any(h.tlsa for h in result.hosts):
                     result = self._with_policy(result, policy)
         else:
             result, ttl = await self._lookup(domain)
@@ -335,20 +348,51 @@ class MXResolver:
         hosts: list[Host] = []
         last_err: Outcome | None = None
         refused = []
+        import dns.flags
+
+        # DANE: only for an MX answer the (trusted) resolver authenticated
+        secure = self.dane and bool(ans.response.flags & dns.flags.AD)
         for pref, name in records:
             addrs = await self._addresses(name)
             if isinstance(addrs, Outcome):
                 last_err = addrs
                 continue
+            tlsa: tuple[dane.Tlsa, ...] = ()
+            if secure:
+                got = await self._shared("tlsa", name, self._tlsa)
+                if isinstance(got, Outcome):  # RFC 7672 2.2: not this host, maybe an attack
+                    last_err = got
+                    continue
+                tlsa = got
             ok = self._public(addrs, refused)
-            hosts.extend(Host(name, a, self.mx_port, pref) for a in ok)
+            hosts.extend(Host(name, a, self.mx_port, pref, tlsa) for a in ok)
         if not hosts and refused:
             return _refused(domain, refused), ttl
         if not hosts:
             assert last_err is not None
             return _defer(f"no address for any MX of {domain}: {last_err.text}"), _NEG_TTL
         key = "mx:" + ",".join(sorted({name for _, name in records}))
-        return Site(key, tuple(hosts)), ttl
+        if any(h.tlsa for h in hosts):
+            key += f"|dane:{domain}"  # its own queue, the MX set's lanes (Site.lanes)
+        return Site(key, tuple(hosts), dane=domain if "|dane:" in key else ""), ttl
+
+    async def _tlsa(self, name: str) -> tuple[dane.Tlsa, ...] | Outcome:
+        """The usable TLSA records of MX host ``name`` (``_PORT._tcp.NAME``) when
+        the answer is authenticated; () for none or an unauthenticated one; an
+        Outcome when the lookup failed (the host must not be used)."""
+        import dns.exception
+        import dns.flags
+        import dns.resolver
+
+        try:
+            ans = await self.resolver.resolve(f"_{self.mx_port}._tcp.{name}", "TLSA", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return ()
+        except dns.exception.DNSException as e:
+            return _defer(f"TLSA lookup for {name} failed: {e.__class__.__name__}")
+        if not ans.response.flags & dns.flags.AD:
+            return ()
+        return dane.usable([(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in ans])
 
     async def _addresses(self, name: str) -> list[str] | Outcome:
         # Literal IPs need no lookup.

@@ -65,12 +65,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from fastsend.config import Config
+from fastsend.delivery import dane
 from fastsend.delivery.mtasts import result_type, verify_context
 from fastsend.delivery.mx import Host, Site
 from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
@@ -375,7 +377,9 @@ class SiteQueue:
             if self.connect_options:
                 kw.update(self.connect_options)
             sts = self.site.sts
-            if sts is not None and sts.matches(host.name):
+            if host.tlsa:
+                conn = await self._connect_dane(kw, host, ip)
+            elif sts is not None and sts.matches(host.name):
                 conn = await self._connect_sts(kw, host, ip)
             else:
                 if sts is not None:  # testing mode (enforce left only matching hosts)
@@ -426,6 +430,33 @@ class SiteQueue:
             return await connect(ConnectOptions(**plain))
         text = f"MTA-STS policy of {sts.domain} (enforce): {conn.text}"
         code = conn.code if 400 <= conn.code < 500 else 451  # never a bounce: RFC 8461 5.1
+        return Outcome(DEFERRED, code, "4.7.5", text[:500], conn.stage, conn.mx)
+
+    async def _connect_dane(
+        self, kw: dict[str, Any], host: Host, ip: str
+    ) -> SMTPConnection | Outcome:
+        """A connection to an MX host with usable TLSA records (RFC 7672):
+        STARTTLS required, the certificate checked against them; a failure is
+        the answer (deferred 4.7.5), never clear text."""
+        kw["tls"] = "required"
+        kw["ssl_context"] = dane.context()
+        kw["server_hostname"] = host.name
+        kw["peer_check"] = functools.partial(dane.check, host.tlsa, host.name)
+        conn = await connect(ConnectOptions(**kw))
+        if not isinstance(conn, Outcome):
+            self.count("tls_dane_sessions")
+            return conn
+        if conn.stage not in ("starttls", "tls"):
+            return conn
+        result = "tlsa-invalid" if "peer check failed" in conn.text else result_type(conn.text)
+        self.count("tls_policy_failures")
+        if self.sts_report is not None:
+            self.sts_report(
+                self.site.dane, "", result, conn.text,
+                mx=host.name, source_ip=ip, went=False, policy_type="tlsa",
+            )  # fmt: skip
+        text = f"DANE (TLSA of {host.name}): {conn.text}"
+        code = conn.code if 400 <= conn.code < 500 else 451
         return Outcome(DEFERRED, code, "4.7.5", text[:500], conn.stage, conn.mx)
 
     def _sts_failed(self, host: Host, ip: str, result: str, text: str) -> None:

@@ -105,6 +105,10 @@ class ConnectOptions(msgspec.Struct, frozen=True):
     # operator says so; otherwise a session without TLS authenticates with
     # CRAM-MD5 or not at all (deferred at "auth", nothing sent).
     auth_in_clear: bool = False
+    # After the STARTTLS handshake: called with the server's certificates (DER,
+    # its own first, as it sent them); a non-empty answer says why the session
+    # must not go on (DANE's TLSA check, fastsend.delivery.dane).
+    peer_check: Callable[[list[bytes]], str] | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -668,5 +672,28 @@ async def _start_tls(
     if new is None:
         return "TLS handshake failed: transport closed"
     link.transport = new  # type: ignore[assignment]
+    if opts.peer_check is not None:
+        why = opts.peer_check(peer_chain(new.get_extra_info("ssl_object")))
+        if why:
+            return f"TLS peer check failed: {why}"
     client.tls_established()
     return ""
+
+
+def peer_chain(obj: object) -> list[bytes]:
+    """The certificates the server sent (DER, its own first), not verified:
+    the public ``get_unverified_chain`` from Python 3.13, the ``_ssl`` object's
+    before; at worst the server's own certificate alone."""
+    get = getattr(obj, "get_unverified_chain", None) or getattr(
+        getattr(obj, "_sslobj", None), "get_unverified_chain", None
+    )
+    if get is not None:
+        try:
+            return [
+                c if isinstance(c, bytes) else c.public_bytes(2)  # _ssl.ENCODING_DER
+                for c in (get() or [])
+            ]
+        except Exception:  # an interpreter without it: the leaf below
+            pass
+    der = obj.getpeercert(binary_form=True) if isinstance(obj, ssl.SSLObject) else None
+    return [der] if der else []

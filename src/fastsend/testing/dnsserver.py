@@ -17,7 +17,9 @@ a name with records but none of the asked type answers NOERROR with no answer
 (NODATA). A CNAME is followed within the zones, as a recursive resolver
 answers (the CNAME, then the target's records of the asked type); a name
 with a ``("SERVFAIL", "")`` record answers SERVFAIL (a broken zone). It does
-not do wildcards, DNSSEC or delegation.
+not do wildcards, DNSSEC or delegation; a name with a ``("SECURE", "")``
+record has its answers flagged authenticated (the AD bit), as a validating
+resolver flags a signed zone's (DANE tests).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
 
     def resolve(self, request: Any, handler: Any) -> Any:
         reply = request.reply()
+        reply.header.ad = 0  # (dnslib copies the query's AD bit) authenticated: SECURE names only
         qname = str(request.q.qname).rstrip(".").lower()
         qtype = QTYPE[request.q.qtype]
         self.queries.append((qname, qtype))
@@ -73,6 +76,8 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
             if any(rtype == "SERVFAIL" for rtype, _v, _t in records):
                 reply.header.rcode = RCODE.SERVFAIL
                 return reply
+            if name == qname and any(rtype == "SECURE" for rtype, _v, _t in records):
+                reply.header.ad = 1
             target = ""
             for rtype, value, ttl in records:
                 if rtype == qtype or (rtype == "CNAME" and qtype != "CNAME"):
