@@ -56,7 +56,10 @@ each connection to a host its policy names with STARTTLS required and the
 certificate verified for the MX name (``[tls] ca_file``): in enforce mode a
 failure answers like any failed connection, deferred, never clear text; in
 testing mode the failure is reported and the connection made again as the
-site would without a policy. Each failure goes to ``sts_report`` (TLS-RPT).
+site would without a policy. An MX host with DANE TLSA records
+(:attr:`Host.tlsa`, delivery/dane.py) is connected with STARTTLS required and
+its certificate checked against them instead; a failure defers. Each failure
+goes to ``sts_report`` (TLS-RPT).
 
 It does not decide retries or touch the spool: outcomes go to ``report``.
 """
