@@ -23,6 +23,7 @@ without one (made once per batch).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -167,12 +168,13 @@ delivered_lines = pick(delivered_lines)
 
 class Pending:
     """Batches :meth:`EventLog.append_rows` put in the log, not yet told to its
-    listeners: runs of dicts and Rows, and where each ends in the log."""
+    listeners: runs of dicts and Rows, where each ends in the log, and how many
+    bytes the log had been shifted by then (``EventLog.shifted``)."""
 
-    __slots__ = ("ends", "segs")
+    __slots__ = ("ends", "segs", "shifted")
 
-    def __init__(self, segs: list[Any], ends: list[int | None]) -> None:
-        self.segs, self.ends = segs, ends
+    def __init__(self, segs: list[Any], ends: list[int | None], shifted: int = 0) -> None:
+        self.segs, self.ends, self.shifted = segs, ends, shifted
 
 
 class EventLog:
@@ -191,6 +193,11 @@ class EventLog:
         # and, after a crash, count the rest from the file: ``mark``).
         self.pos = 0
         self.delivering: int | None = None
+        # Bytes the log's offsets moved back, in all, when the file was found
+        # truncated in place (logrotate's copytruncate: the same inode, emptied):
+        # ``pos`` then restarts from the file's real end, and batches taken before
+        # (``Pending``) are told with their ends moved back as much.
+        self.shifted = 0
         self._ident = ""  # "dev:inode" of the file written
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -245,15 +252,19 @@ class EventLog:
                 add(data)
                 self.pos += len(data)
                 ends[i] = self.pos
-        return Pending(segs, ends)
+        return Pending(segs, ends, self.shifted)
 
     def tell(self, pending: Pending) -> None:
         """The second half of :meth:`emit_rows`: the batches :meth:`append_rows`
         took, to each listener, in order."""
         outer = self.delivering
+        back = self.shifted - pending.shifted  # the file was truncated since: see flush
+        ends = pending.ends if not back else [
+            None if e is None else max(0, e - back) for e in pending.ends
+        ]  # fmt: skip
         for listener in self.listeners:
             on_rows = self.rows_listeners.get(listener)
-            for seg, end in zip(pending.segs, pending.ends, strict=True):
+            for seg, end in zip(pending.segs, ends, strict=True):
                 self.delivering = end
                 try:
                     if not isinstance(seg, Rows):
@@ -298,6 +309,21 @@ class EventLog:
             print(f"fastsend: event listener {name} failed (reported once):", file=sys.stderr)
             traceback.print_exc()
 
+    def catch_up_mark(self, who: str) -> str | None:
+        """Write what is buffered, then :meth:`mark`: how far a listener catching up
+        at start (:func:`read_back` from the mark it kept) reads, the file holding
+        all of it. None without a log file. A buffer that cannot be written (a full
+        disk) is said, naming ``who``: the catch-up reads what the file holds."""
+        if not self.path or self._fd < 0:
+            return None
+        try:
+            self.flush()
+        except OSError as e:
+            logging.getLogger("fastsend.events").warning(
+                "%s: the event log cannot be written (%s): catching up on what it holds", who, e
+            )
+        return self.mark()
+
     def flush(self) -> None:
         if self._buf and self._fd >= 0:
             data = b"".join(self._buf)
@@ -310,6 +336,14 @@ class EventLog:
                     self._buf.append(bytes(view))
                     raise
                 view = view[n:]
+            size = os.fstat(self._fd).st_size
+            if size < self.pos:
+                # Truncated in place since the last write (logrotate's copytruncate;
+                # O_APPEND wrote this batch at the new end): offsets restart from the
+                # file's real end, else every mark named a point past it and a
+                # restart's catch-up (read_back) found nothing to read.
+                self.shifted += self.pos - size
+                self.pos = size
 
     def reopen(self) -> None:
         """Write what is buffered, then go on in a file at ``path`` again (serve's
@@ -341,7 +375,8 @@ def read_back(path: str, kept: str, mine: str, chunk: int = 5000) -> Iterator[li
     """The events of the log at ``path`` past mark ``kept`` up to mark ``mine``
     (:meth:`EventLog.mark` strings), in batches of up to ``chunk``: what a killed
     process's listener had not made durable when it died. Nothing when the marks
-    name different files (the log was rotated) or ``kept`` is not before ``mine``.
+    name different files (the log was renamed away and a new one made) or ``kept``
+    is not before ``mine``.
     A line cut short by the crash ends it; a line that is not a JSON object is
     skipped."""
     import orjson
@@ -352,6 +387,8 @@ def read_back(path: str, kept: str, mine: str, chunk: int = 5000) -> Iterator[li
         return
     start, stop = int(koff), int(end)
     if start >= stop:
+        # (a mark past the end: events a killed run had buffered and never written,
+        # or a copytruncate while the writer was down, which wrote nothing since)
         return
     with open(path, "rb") as f:
         if start > 0:

@@ -382,7 +382,7 @@ class Rollups:
         to, and keep that point with every flush from now on. A process killed
         (kill -9, a power loss) loses the counts of its last second, which its event
         log has: they are counted here at the next start. Events counted."""
-        mine = events.mark() if events.path else None
+        mine = events.catch_up_mark("analytics") if events.path else None
         if mine is None:
             return 0
         self.mark_key = mark_key(events.path)

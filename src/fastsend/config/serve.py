@@ -72,6 +72,24 @@ class ApiSettings(Section):
         return split_listen(self.listen)
 
 
+# Every event the event log carries (its "event" field), what ``[webhooks] events``
+# may name: a name not here would subscribe to nothing, silently (a typo such as
+# "bounce" or "complaint"). tests/test_serve_webhooks.py checks that every event the
+# source writes is listed.
+EVENT_NAMES = frozenset({
+    # a message's life (the supervisor, the acceptor, the worker's routes)
+    "accepted", "suppressed", "delivered", "deferred", "bounced", "expired", "failover",
+    # what recipients and receivers tell later (tracking, the intake, provider webhooks)
+    "opened", "clicked", "unsubscribed", "complained", "feedback", "provider",
+    "provider_subscription",
+    # campaigns (the API, `fastsend campaign`, guardrails)
+    "campaign_paused", "campaign_active", "campaign_cancelled",
+    # the node's sending reputation (shaping, blocklists, feeds, warm-up, alarms, DMARC)
+    "shaping", "ip_listed", "ip_delisted", "reputation_feed", "reputation_feed_failed",
+    "warmup_adjusted", "alarm", "alarm_cleared", "dmarc_report", "dmarc_report_refused",
+})  # fmt: skip
+
+
 class WebhookSettings(Section):
     """[webhooks]: where events are POSTed (fastsend.serve.webhooks)."""
 
@@ -94,6 +112,12 @@ class WebhookSettings(Section):
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"urls: {u!r} is not an http(s) URL")
         self.urls = list(dict.fromkeys(self.urls))
+        unknown = [e for e in self.events or () if e not in EVENT_NAMES]
+        if unknown:
+            raise ValueError(
+                f"events: unknown event {', '.join(map(repr, unknown))} (the events are: "
+                f"{', '.join(sorted(EVENT_NAMES))})"
+            )
 
     def __repr__(self) -> str:  # never print the secret
         return f"WebhookSettings(urls={self.urls!r}, events={self.events!r})"

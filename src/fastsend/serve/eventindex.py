@@ -128,15 +128,8 @@ class CatchesUp:
         excepted). Rows added."""
         events.listeners.append(self.listener)
         path = getattr(events, "path", None)
-        if not path:
-            return 0
-        try:
-            events.flush()  # the file holds what the mark counts
-        except OSError as e:
-            log.warning("event index: the event log cannot be written (%s): no catching up", e)
-            return 0
-        mine = events.mark()
-        if mine is None:
+        mine = events.catch_up_mark("event index") if path else None
+        if not path or mine is None:
             return 0
         self.log, self.mark_key = events, mark_key(path)
         kept = self._kept_mark()

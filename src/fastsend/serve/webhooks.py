@@ -363,8 +363,8 @@ class WebhookDispatcher:
             return
         with self._lock:
             self._pending.extend(bodies)
-            if mark is not None and _later(mark, self._mark):
-                self._mark = mark
+            if mark is not None:  # listeners are told in the log's order: the latest
+                self._mark = mark  # (a smaller offset after a copytruncate, EventLog.flush)
         if threading.get_ident() == self._loop_thread:
             self._flush_wake.set()
         elif self._loop is not None:
@@ -410,12 +410,7 @@ class WebhookDispatcher:
         path = getattr(events, "path", None)
         if marks_of is None or not path or self.outbox is None:
             return 0
-        try:
-            events.flush()  # the file holds what the mark counts
-        except OSError as e:
-            log.error("webhooks: the event log cannot be written (%s): no catching up", e)
-            return 0
-        mine = events.mark()
+        mine = events.catch_up_mark("webhooks")
         if mine is None:
             return 0
         key = mark_key(path)
@@ -547,15 +542,6 @@ def expired_until(
         if len(rows) < chunk:
             return cut
         after = rows[-1][0]
-
-
-def _later(mark: str, than: str | None) -> bool:
-    """Event log mark ``mark`` is past ``than`` (or names another file: a reopened log)."""
-    if than is None:
-        return True
-    ident, _, at = mark.rpartition(":")
-    ident2, _, at2 = than.rpartition(":")
-    return ident != ident2 or int(at) > int(at2)
 
 
 def _with_id(event_id: int, body: bytes) -> bytes:
