@@ -209,12 +209,26 @@ ELSEWHERE_IP = 2  # Handback.elsewhere: its addresses rest (refused by the site)
 
 class IPRest(msgspec.Struct, array_like=True, tag=11):
     """Supervisor -> worker: rest a source IP for providers ("*": all) until ``until``
-    (unix seconds), e.g. while it is on a DNS blocklist (fastsend.analytics.dnsbl)."""
+    (unix seconds), e.g. while it is on a DNS blocklist (fastsend.analytics.dnsbl).
+    ``key`` names where it comes from ("dnsbl:ZONE", "snds"): a renewal replaces
+    the rest of the same key, :class:`IPLift` ends it early. ``recheck``: seconds
+    until that source looks again (a rest it may lift then); mail the rest holds
+    is handed back for at most that long, not until ``until``."""
 
     ip: str
     providers: list[str]
     until: float
     reason: str
+    key: str = ""
+    recheck: float = 0.0
+
+
+class IPLift(msgspec.Struct, array_like=True, tag=19):
+    """Supervisor -> worker: the rest of ``ip`` under ``key`` (:class:`IPRest`) ends
+    now (its blocklist delisted the address)."""
+
+    ip: str
+    key: str
 
 
 class WarmupAdjust(msgspec.Struct, array_like=True, tag=12):
@@ -267,6 +281,7 @@ ToWorker = (
     | CampaignShaping
     | WarmupCounts
     | IPRest
+    | IPLift
     | WarmupAdjust
     | CampaignInfo
     | Withdraw

@@ -17,9 +17,9 @@ DESCRIPTION
         bounce_rate_max = 0.05     # common industry guidance (and the guardrails' default)
 
     :meth:`Alarms.evaluate` (in serve, every minute) reads each tenant's
-    rollups per campaign and per provider, and the node's per source IP (all
-    tenants' mail: a provider judges the IP on all of it; ``"tenant": "*"``),
-    over the window and emits
+    rollups per campaign and per provider, and the node's per source IP and per
+    provider (all tenants' mail: a provider judges the IP, and the sender, on all
+    of it; ``"tenant": "*"``), over the window and emits
     ``{"event": "alarm", "kind": "complaint_rate" | "bounce_rate", "level":
     "warning" | "critical", "tenant", "campaign" | "provider" | "source_ip", "rate", "line",
     "delivered", "window_s"}`` when a group crosses a line (once per group and
@@ -108,15 +108,25 @@ class Alarms:
         t1 = int(now) - int(now) % 60 + 60
         t0 = t1 - int(s.window_s) // 60 * 60
         self._load()
-        # Each tenant's campaigns and providers, and the node's source IPs: a provider
-        # judges an IP on all the mail it sends, whichever tenants' it is.
+        # Each tenant's campaigns and providers, and the node's source IPs and
+        # providers: a provider judges an IP (and the sender's domains and IPs
+        # together) on all the mail it gets, whichever tenants' it is. Before, five
+        # tenants each under the sample at Gmail made no alarm at 1% complaints
+        # over the node's 750 deliveries there. A provider only one tenant sends to
+        # is that tenant's alarm already (not told twice).
         judged = [(t, dim) for t in tenants if t != NODE for dim in ("campaign", "provider")]
-        for tenant, dim in [*judged, (NODE, "source_ip")]:
+        senders: dict[Any, int] = {}  # provider -> tenants with mail to it in the window
+        for tenant, dim in [*judged, (NODE, "source_ip"), (NODE, "provider")]:
             rows = self.store.aggregate(60, t0, t1, tenant, {}, [dim], False)
             measured: set[tuple[Any, ...]] = set()  # (value, kind) with mail in the window
             for (value,), row in rows:
                 if dim == "source_ip" and not value:
                     continue  # no IP of ours (a relay or provider route)
+                if dim == "provider":
+                    if tenant != NODE:
+                        senders[value] = senders.get(value, 0) + 1
+                    elif senders.get(value, 0) < 2:
+                        continue
                 delivered = row[IDX["delivered"]]
                 ended = delivered + row[IDX["bounced"]] + row[IDX["expired"]]
                 if delivered:

@@ -27,8 +27,12 @@ DESCRIPTION
     :class:`Reputation` keeps the last result per (IP, zone). A new listing
     emits ``{"event": "ip_listed", "source_ip", "zone", "codes", "text",
     "providers"}`` (and ``ip_delisted`` when it clears) and calls ``rest(ip,
-    providers, until, reason)``: the supervisor rests the IP's lanes for those
-    providers ("*": every provider).
+    providers, until, reason, key, recheck)`` at every check while listed: the
+    supervisor rests the IP's lanes for those providers ("*": every provider)
+    under key ``dnsbl:ZONE``, renewed each time, and the mail the rest holds back
+    comes back after ``check_every`` at most. A check that finds the IP no longer
+    listed calls ``lift(ip, key)``: the rest ends then, not ``rest_hours`` later
+    (before, a delisted IP stayed rested, its mail held, for up to a day).
 
 DELIBERATELY NOT HERE
     No decision about which lists matter: the operator's config says so.
@@ -140,6 +144,11 @@ async def check(resolver: Any, ip: str, zone: str) -> Listing:
 DNSBL = "dnsbl"  # the rollup store's states: "IP ZONE" -> "1" while listed
 
 
+def rest_key(zone: str) -> str:
+    """The key of the rest a listing on ``zone`` orders (wire.IPRest.key)."""
+    return f"{DNSBL}:{zone}"
+
+
 class Reputation:
     """Last results per (IP, zone); emits events and rests IPs on a new listing."""
 
@@ -148,13 +157,16 @@ class Reputation:
         settings: ReputationSettings,
         resolver: Any,
         emit: Callable[[dict[str, Any]], None],
-        rest: Callable[[str, list[str], float, str], None] | None = None,
+        rest: Callable[..., None] | None = None,
         state: Any = None,
+        lift: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.resolver = resolver
         self.emit = emit
         self.rest = rest
+        self.lift = lift
+        self.rested: set[tuple[str, str]] = set()  # (IP, zone) this process rested
         self.results: dict[tuple[str, str], Listing] = {}
         # The rollup store (RollupStore.states, scope "dnsbl"): which (IP, zone) are
         # listed, kept over restarts, so a listing is told once and a delisting that
@@ -182,10 +194,18 @@ class Reputation:
                     self.emit({"event": "ip_listed", "source_ip": res.ip, "zone": res.zone,
                                "codes": res.codes, "text": res.text, "providers": provs})  # fmt: skip
                 if self.rest is not None and self.settings.rest_hours > 0:
-                    self.rest(
-                        res.ip, provs, until, f"listed on {res.zone} ({', '.join(res.codes)})"
-                    )
-            elif was and not res.error and self._moved(skey, "1", ""):
+                    self.rest(res.ip, provs, until,
+                              f"listed on {res.zone} ({', '.join(res.codes)})",
+                              rest_key(res.zone), self.settings.check_every)  # fmt: skip
+                    self.rested.add(key)
+                continue
+            if res.error:
+                continue
+            if key in self.rested:  # (whichever node tells the event: each lifts its own)
+                self.rested.discard(key)
+                if self.lift is not None:
+                    self.lift(res.ip, rest_key(res.zone))
+            if was and self._moved(skey, "1", ""):
                 self.emit({"event": "ip_delisted", "source_ip": res.ip, "zone": res.zone})
         return got
 

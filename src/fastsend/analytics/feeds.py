@@ -38,7 +38,8 @@ DESCRIPTION
     node's rollups (``postmaster_spam_rate:<domain>``, ``snds_filter:<ip>`` 0/1/2
     for green/yellow/red, ``snds_complaint_rate:<ip>``, ``snds_trap_hits:<ip>``)
     and an event (``reputation_feed``); an SNDS RED (or trap hits) rests the IP
-    for Outlook; :meth:`Feeds.verdict` ("good" / "hold" / "bad" per IP and
+    for Outlook (key ``snds``, renewed each import; lifted by an import that no
+    longer says so); :meth:`Feeds.verdict` ("good" / "hold" / "bad" per IP and
     provider) is what the warm-up consults.
 
 DELIBERATELY NOT HERE
@@ -67,6 +68,7 @@ TIMEOUT = 30.0
 POSTMASTER_METRICS = {"spam_rate": "SPAM_RATE", "auth_success_rate": "AUTH_SUCCESS_RATE",
                       "delivery_error_rate": "DELIVERY_ERROR_RATE"}  # fmt: skip
 SNDS_FILTER = {"GREEN": 0, "YELLOW": 1, "RED": 2}
+SNDS_REST = "snds"  # the key of the rest an SNDS RED orders (wire.IPRest.key)
 
 
 class FeedError(Exception):
@@ -265,11 +267,14 @@ class Feeds:
 
     def __init__(self, settings: FeedSettings, gauge: Callable[[str, str, float], None],
                  emit: Callable[[dict[str, Any]], None],
-                 rest: Callable[[str, list[str], float, str], None] | None = None) -> None:
+                 rest: Callable[..., None] | None = None,
+                 lift: Callable[[str, str], None] | None = None) -> None:
         self.settings = settings
         self.gauge = gauge  # (tenant, name, value)
         self.emit = emit
         self.rest = rest
+        self.lift = lift
+        self.rested: set[str] = set()  # IPs an SNDS import rested
         self.domains: dict[str, DomainReputation] = {}
         self.ips: dict[str, IpReputation] = {}
         self.errors: dict[str, str] = {}
@@ -336,7 +341,13 @@ class Feeds:
                        "trap_hits": r.trap_hits, "recipients": r.recipients})  # fmt: skip
             if (r.filter_result == "RED" or r.trap_hits) and self.rest is not None:
                 self.rest(r.ip, ["outlook"], until,
-                          f"SNDS {r.filter_result}, {r.trap_hits} trap hits")  # fmt: skip
+                          f"SNDS {r.filter_result}, {r.trap_hits} trap hits", SNDS_REST,
+                          self.settings.snds_every)  # fmt: skip
+                self.rested.add(r.ip)
+            elif r.ip in self.rested:
+                self.rested.discard(r.ip)
+                if self.lift is not None:
+                    self.lift(r.ip, SNDS_REST)
 
     async def loop(self) -> None:
         import aiohttp

@@ -159,7 +159,10 @@ class Worker:
             elif isinstance(msg, wire.WarmupCounts):
                 self.shaper.restore(msg.counts)
             elif isinstance(msg, wire.IPRest):
-                self.shaper.rest_ip(msg.ip, msg.providers, msg.until, msg.reason)
+                self.shaper.rest_ip(msg.ip, msg.providers, msg.until, msg.reason, msg.key,
+                                    msg.recheck)  # fmt: skip
+            elif isinstance(msg, wire.IPLift):
+                self.shaper.lift_ip(msg.ip, msg.key)
             elif isinstance(msg, wire.WarmupAdjust):
                 self.shaper.adjust_warmup(msg.offsets)
             elif isinstance(msg, wire.Withdraw):

@@ -66,11 +66,35 @@ def unwatch(fds: list[int]) -> None:
 
 
 class WorkerLifecycle(SupervisorState):
-    def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
+    def rest_ip(
+        self,
+        ip: str,
+        providers: list[str],
+        until: float,
+        reason: str,
+        key: str = "",
+        recheck: float = 0.0,
+    ) -> None:
         """Rest a source IP for providers ("*": all) until ``until`` (unix seconds) in the
-        worker that owns it (and any worker started later): a DNS blocklist listing."""
-        self.shaping.rest_ip(ip, providers, until, reason)
-        rec = wire.encoder.encode(wire.IPRest(ip, list(providers), until, reason))
+        worker that owns it (and any worker started later): a DNS blocklist listing.
+        ``key``, ``recheck``: see wire.IPRest (:meth:`lift_ip` ends it)."""
+        rest = wire.IPRest(ip, list(providers), until, reason, key, recheck)
+        self.shaping.rest_ip(rest)
+        self._to_ip_workers(ip, wire.encoder.encode(rest))
+
+    def lift_ip(self, ip: str, key: str) -> None:
+        """End the rest of ``ip`` under ``key`` early (its blocklist delisted it): its
+        workers send from it again at once, and mail they handed back for it may go
+        to them again (``pool_avoid``)."""
+        if not self.shaping.lift_ip(ip, key):
+            return
+        mine = [s.index for s in self.slots if ip in s.ips or not s.ips]
+        for held in self.pool_avoid.values():
+            for w in mine:
+                held.pop(w, None)
+        self._to_ip_workers(ip, wire.encoder.encode(wire.IPLift(ip, key)))
+
+    def _to_ip_workers(self, ip: str, rec: bytes) -> None:
         for slot in self.slots:
             if slot.alive and slot.inbox is not None and (ip in slot.ips or not slot.ips):
                 slot.backlog.append(rec)

@@ -408,11 +408,22 @@ class SupervisorShaping:
         pool = self.pool_of(campaign)
         return [wire.encoder.encode(wire.CampaignShaping(campaign, pool))]
 
-    def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
-        """Remember an IP rest (a blocklist listing) for workers started later."""
+    def rest_ip(self, rec: wire.IPRest) -> None:
+        """Remember an IP rest (a blocklist listing) for workers started later: it
+        replaces the IP's earlier rest under the same key (its renewal), and only
+        that one (before, any: a listing on a second list, or SNDS's, made a worker
+        restarted later forget the first)."""
         now = time.time()
-        self.ip_rests = [r for r in self.ip_rests if r.until > now and r.ip != ip]
-        self.ip_rests.append(wire.IPRest(ip, list(providers), until, reason))
+        self.ip_rests = [r for r in self.ip_rests
+                         if r.until > now and (r.ip, r.key) != (rec.ip, rec.key)]  # fmt: skip
+        self.ip_rests.append(rec)
+
+    def lift_ip(self, ip: str, key: str) -> bool:
+        """Forget ``ip``'s rest under ``key``; True when there was one."""
+        kept = [r for r in self.ip_rests if (r.ip, r.key) != (ip, key)]
+        gone = len(kept) < len(self.ip_rests)
+        self.ip_rests = kept
+        return gone
 
     def spawn_records(self) -> list[bytes]:
         now = time.time()

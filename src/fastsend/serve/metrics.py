@@ -276,6 +276,20 @@ class Metrics:
             self._hook_cache = (now, lines)
         return out + lines
 
+    def blocklist_lines(self) -> list[str]:
+        """Each source IP on each configured blocklist as its last check found it: what
+        an alert on a listing watches (the ``ip_listed`` event reaches only webhooks)."""
+        rep = getattr(self.ctx, "reputation", None)
+        if rep is None or not rep.results:
+            return []
+        out = ["# HELP fastsend_blocklist_listed 1 while the source IP is listed on the DNS"
+               " blocklist (its last check; a failed lookup keeps the one before).",
+               "# TYPE fastsend_blocklist_listed gauge"]  # fmt: skip
+        for (ip, zone), res in sorted(rep.results.items()):
+            labels = _labels({"source_ip": ip, "zone": zone})
+            out.append(f"fastsend_blocklist_listed{labels} {int(res.listed)}")
+        return out
+
     def render(self) -> str:
         out: list[str] = [
             "# HELP fastsend_up 1 while the server runs.",
@@ -330,6 +344,7 @@ class Metrics:
                 out.append(f"fastsend_supervisor_events_total{_labels({'kind': k})} {v}")
         out += self.spool_lines()
         out += self.webhook_lines()
+        out += self.blocklist_lines()
         shared = getattr(self.ctx, "shared", None)
         if shared is not None:
             stats = shared.spool_stats()

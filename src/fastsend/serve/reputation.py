@@ -43,7 +43,8 @@ def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
         ru = getattr(ctx, "rollups", None)  # its store keeps what is listed over restarts
         rep = Reputation(settings, make_resolver(ctx.config), ctx.emit,
                          sup.rest_ip if sup is not None else None,
-                         ru.store if ru is not None else None)  # fmt: skip
+                         ru.store if ru is not None else None,
+                         sup.lift_ip if sup is not None else None)  # fmt: skip
         charts.reputation = rep
         ctx.reputation = rep
         tasks.append(asyncio.create_task(rep.loop(lambda: node_ips(ctx.config)),
@@ -57,7 +58,8 @@ def start_reputation(ctx: Any, charts: Any) -> list[asyncio.Task[None]]:
             if rollups is not None:
                 rollups.gauge(tenant, name, value)
 
-        f = Feeds(feeds, gauge, ctx.emit, sup.rest_ip if sup is not None else None)
+        f = Feeds(feeds, gauge, ctx.emit, sup.rest_ip if sup is not None else None,
+                  sup.lift_ip if sup is not None else None)
         ctx.feeds = f
         tasks.append(asyncio.create_task(f.loop(), name="reputation-feeds"))
     policy = ctx.config.reputation.warmup

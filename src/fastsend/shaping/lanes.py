@@ -111,6 +111,7 @@ class Lane:
         "aimd_bucket",
         "all_buckets",
         "blocked_reason",
+        "blocked_recheck",
         "blocked_until",
         "buckets",
         "by_reason",
@@ -121,6 +122,8 @@ class Lane:
         "last_event",
         "limits",
         "max_connections",
+        "own_reason",
+        "own_until",
         "provider",
         "rest_duration",
         "rules",
@@ -161,6 +164,12 @@ class Lane:
         self.throttle_until = 0.0
         self.blocked_until = 0.0
         self.blocked_reason = ""
+        # While blocked by a rest its source may lift early (a blocklist's, looked
+        # at again every this many seconds; 0: none): mail is handed back for no
+        # longer, so a delisting sends it within one look, not at the rest's end.
+        self.blocked_recheck = 0.0
+        self.own_until = 0.0  # the end of this lane's own rests (replies), not ordered ones
+        self.own_reason = ""
         self.max_connections = limits.max_connections
         self.active = 0
         self.warm: Warmup | None = None
@@ -266,7 +275,8 @@ class Lane:
         """Seconds from ``now`` until this lane may carry mail again (0.0: now;
         FOREVER at its warm-up cap, which ends with the UTC day)."""
         if self.blocked_until and now < self.blocked_until:
-            return self.blocked_until - now
+            left = self.blocked_until - now
+            return min(left, self.blocked_recheck) if self.blocked_recheck else left
         if self.warm is not None and self.warm.left() <= 0:
             return FOREVER
         return 0.0
@@ -380,25 +390,53 @@ class Lane:
         )
 
     def block(
-        self, now: float, duration: float, action: str, reason: str, ordered: bool = False
+        self,
+        now: float,
+        duration: float,
+        action: str,
+        reason: str,
+        ordered: bool = False,
+        recheck: float = 0.0,
     ) -> None:
         """Rest or suspend this lane for ``duration`` s; ``ordered``: the
         supervisor ordered it (a blocklist listing, another worker's rest of
         the address), not this lane's own reply: the event says so and it is
-        not told to the other workers again."""
+        not told to the other workers again. ``recheck``: see ``blocked_recheck``."""
         until = now + duration
+        if not ordered and until > self.own_until:
+            self.own_until, self.own_reason = until, reason
         if until <= self.blocked_until:
             return
         self.blocked_until = until
         self.blocked_reason = reason
+        self.blocked_recheck = recheck
         self._refresh()
         self.emit(now, action, reason=reason, duration=duration, ordered=ordered or None)
 
-    def _unblock(self, now: float) -> None:
+    def lift(
+        self, now: float, until: float, reason: str, why: str, recheck: float = 0.0
+    ) -> None:
+        """An ordered rest ended early (``why``: its blocklist delisted the address):
+        blocked now only until ``until`` (monotonic; the other rests still ordered,
+        ``reason`` and ``recheck`` the longest's) or this lane's own rest, whichever
+        ends later."""
+        if until < self.own_until:
+            until, reason, recheck = self.own_until, self.own_reason, 0.0
+        if not self.blocked_until or until >= self.blocked_until:
+            return
+        if until <= now:
+            self._unblock(now, why)
+            return
+        self.blocked_until, self.blocked_reason, self.blocked_recheck = until, reason, recheck
+        self._refresh()
+        self.emit(now, "rest", reason=reason, duration=until - now, ordered=True, lifted=why)
+
+    def _unblock(self, now: float, why: str = "") -> None:
         self.blocked_until = 0.0
         self.blocked_reason = ""
+        self.blocked_recheck = 0.0
         self._refresh()
-        self.emit(now, "resume")
+        self.emit(now, "resume", reason=why or None)
 
     def _end_throttle(self, now: float) -> None:
         self.throttle_bucket = None
@@ -473,9 +511,10 @@ class Shaper:
         self.limits: dict[tuple[str, str], Limits] = {}
         self.events: list[dict[str, Any]] = []
         self.restored: dict[str, int] = {}  # "day|ip|provider" -> sent, from the supervisor
-        # ip -> [(providers, until unix, reason)]: rests ordered by the supervisor
-        # (a DNS blocklist listing); applied to the IP's lanes as they are used.
-        self.ip_rests: dict[str, list[tuple[frozenset[str], float, str]]] = {}
+        # ip -> [(providers, until unix, reason, key, recheck)]: rests ordered by the
+        # supervisor (a DNS blocklist listing: wire.IPRest); applied to the IP's lanes
+        # as they are used.
+        self.ip_rests: dict[str, list[tuple[frozenset[str], float, str, str, float]]] = {}
         self.warming = any(
             ip.warmup_start_day is not None for p in poolset.pools.values() for ip in p.ips
         )
@@ -507,7 +546,7 @@ class Shaper:
                 self.events,
             )
         if self.ip_rests:
-            self._apply_rests(ln, ip, limits.provider, now_unix)
+            self._apply_rests(ln, ip, now_unix)
         if self.warming:
             for p in pool.ips:
                 if p.ip == ip and p.warmup_start_day is not None:
@@ -534,26 +573,63 @@ class Shaper:
         for pool in (*self.pools.values(), *self.poolset.pools.values()):
             pool.set_offsets(offsets, now)
 
-    def rest_ip(self, ip: str, providers: list[str], until: float, reason: str) -> None:
+    def rest_ip(
+        self,
+        ip: str,
+        providers: list[str],
+        until: float,
+        reason: str,
+        key: str = "",
+        recheck: float = 0.0,
+    ) -> None:
         """Rest ``ip`` for ``providers`` ("*": all; ``site:KEY``: that site,
         another worker's rest of an address they share) until ``until`` (unix
-        seconds)."""
+        seconds); a rest under ``key`` replaces that key's earlier one (its
+        renewal), :meth:`lift_ip` ends it (wire.IPRest)."""
         now = time.time()
-        keep = [r for r in self.ip_rests.get(ip, []) if r[1] > now]
-        keep.append((frozenset(providers), until, reason))
+        keep = [r for r in self.ip_rests.get(ip, []) if r[1] > now and not (key and r[3] == key)]
+        keep.append((frozenset(providers), until, reason, key, recheck))
         self.ip_rests[ip] = keep
         for (lip, _site), ln in self.lanes.items():
             if lip == ip:
-                self._apply_rests(ln, ip, ln.provider, now)
+                self._apply_rests(ln, ip, now)
 
-    def _apply_rests(self, ln: Lane, ip: str, provider: str, now_unix: float) -> None:
-        for provs, until, reason in self.ip_rests.get(ip, ()):
-            if until > now_unix and (
-                "*" in provs or provider in provs or "site:" + ln.site in provs
-            ):
+    def lift_ip(self, ip: str, key: str) -> None:
+        """End ``ip``'s rest under ``key`` (wire.IPLift: delisted): its lanes carry
+        mail again at once, unless another rest still holds them (another
+        blocklist's, another worker's of the address, the lane's own)."""
+        rests = self.ip_rests.get(ip, [])
+        gone = [r for r in rests if r[3] == key]
+        if not gone:
+            return
+        now = time.time()
+        left = [r for r in rests if r[3] != key and r[1] > now]
+        if left:
+            self.ip_rests[ip] = left
+        else:
+            self.ip_rests.pop(ip, None)
+        mono = time.monotonic()
+        why = f"lifted: {gone[-1][2]} no more"
+        for (lip, _site), ln in self.lanes.items():
+            if lip != ip:
+                continue
+            until, reason, recheck = 0.0, "", 0.0
+            for provs, end, rsn, _k, rc in left:
+                if self._applies(ln, provs) and end > until:
+                    until, reason, recheck = end, rsn, rc
+            ln.lift(mono, mono + (until - now) if until else 0.0, reason, why, recheck)
+
+    @staticmethod
+    def _applies(ln: Lane, provs: frozenset[str]) -> bool:
+        return "*" in provs or ln.provider in provs or "site:" + ln.site in provs
+
+    def _apply_rests(self, ln: Lane, ip: str, now_unix: float) -> None:
+        for provs, until, reason, _key, recheck in self.ip_rests.get(ip, ()):
+            if until > now_unix and self._applies(ln, provs):
                 mono = time.monotonic()
                 if mono + (until - now_unix) > ln.blocked_until + 1.0:  # not told again
-                    ln.block(mono, until - now_unix, "rest", reason, ordered=True)
+                    ln.block(mono, until - now_unix, "rest", reason, ordered=True,
+                             recheck=recheck)  # fmt: skip
 
     def restore(self, counts: dict[str, int]) -> None:
         self.restored.update(counts)
