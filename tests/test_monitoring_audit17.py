@@ -147,7 +147,7 @@ def test_webhooks_and_rollups_catch_up_after_a_copytruncate_rotation(tmp_path: P
         ctx.rollups.flush()
         ctx.events.emit_many(_evs("delivered", range(500, 600)))
         ctx.events.flush()  # in the log only: kill -9 (nothing closed, no last flush)
-        for t in d._tasks:
+        for t in [*d._tasks, *d._senders.values()]:
             t.cancel()
         assert d._session is not None
         await d._session.close()
@@ -164,6 +164,46 @@ def test_webhooks_and_rollups_catch_up_after_a_copytruncate_rotation(tmp_path: P
             ctx2.close()
 
     asyncio.run(main())
+
+
+def test_a_mark_past_the_logs_end_after_a_kill_rereads_nothing(tmp_path: Path) -> None:
+    """A listener's mark may count events still in the log's buffer (told before the
+    tick writes them); killed then, the file ends before the mark. That is not a
+    truncation: the next start must not count the whole log again."""
+    from fastsend.analytics.attach import attach
+    from fastsend.analytics.query import make_query, run_query
+    from fastsend.config import from_dict
+    from fastsend.events import EventLog
+
+    class Spool:
+        directory = str(tmp_path)
+
+        def shared(self) -> None:
+            return None
+
+        def get_campaign(self, cid: int) -> Any:
+            return type("C", (), {"tenant": "acme"})()
+
+    cfg = from_dict({"spool": {"dir": str(tmp_path)}})
+    path = str(tmp_path / "events.jsonl")
+    now = time.time()
+
+    def delivered(store: Any) -> int:
+        q = make_query("acme", {"from": str(int(now) - 3600), "dims": ""}, now + 60)
+        return int(run_query(store, q)["totals"]["counts"]["delivered"])
+
+    log = EventLog(path)
+    r = attach(cfg, Spool(), log)
+    assert r is not None
+    log.emit_many(_evs("delivered", range(300)))
+    log.flush()
+    log.emit_many(_evs("delivered", range(300, 305)))  # buffered, not written
+    r.flush()  # counted, with a mark past the file's end: kill -9
+    log2 = EventLog(path)
+    r2 = attach(cfg, Spool(), log2)
+    assert r2 is not None and delivered(r2.store) == 305
+    r2.close()
+    log2.close()
 
 
 def test_outcomes_told_after_a_truncation_carry_marks_inside_the_file(tmp_path: Path) -> None:
@@ -185,3 +225,329 @@ def test_outcomes_told_after_a_truncation_carry_marks_inside_the_file(tmp_path: 
     assert marks and marks[-1] is not None and marks[-1].endswith(f":{size}")
     assert log.mark() is not None and log.mark().endswith(f":{size}")  # type: ignore[union-attr]
     log.close()
+
+
+def test_a_delisting_lifts_that_lists_rest_only(tmp_path: Path) -> None:
+    """A lane rested by two blocklists and by its own block reply: the first list's
+    delisting leaves the second's rest; the second's leaves the lane's own; an IP
+    rested by one list alone carries mail again at once."""
+    from fastsend import wire
+    from fastsend.config import from_dict
+    from fastsend.shaping.lanes import Shaper
+
+    cfg = from_dict({"ips": {"source": ["127.0.0.2", "127.0.0.3"]}})
+    sh = Shaper(cfg, ["127.0.0.2", "127.0.0.3"])
+    now = time.time()
+    lim = sh.site_limits("gmail", ("gmail-smtp-in.l.google.com",), "gmail.com")
+    pool = sh.pool("")
+    a = sh.lane("127.0.0.2", "gmail", lim, pool, now)
+    b = sh.lane("127.0.0.3", "gmail", lim, pool, now)
+
+    def order(rec: Any) -> None:  # as the worker decodes the supervisor's records
+        msg = wire.to_worker_decoder.decode(wire.encoder.encode(rec))
+        if isinstance(msg, wire.IPRest):
+            sh.rest_ip(msg.ip, msg.providers, msg.until, msg.reason, msg.key, msg.recheck)
+        else:
+            assert isinstance(msg, wire.IPLift)
+            sh.lift_ip(msg.ip, msg.key)
+
+    order(wire.IPRest("127.0.0.2", ["*"], now + 86400, "listed on zen", "dnsbl:zen", 3600))
+    order(wire.IPRest("127.0.0.2", ["google"], now + 7200, "listed on bb", "dnsbl:bb", 3600))
+    order(wire.IPRest("127.0.0.3", ["*"], now + 86400, "listed on zen", "dnsbl:zen", 3600))
+    mono = time.monotonic()
+    a.block(mono, 600.0, "rest", "ip blocked: 550 5.7.1 blocked")  # its own reply
+    assert not a.usable(mono) and not b.usable(mono)
+    assert 0 < a.resume_at(mono) <= 3600  # mail is handed back until the next check only
+    order(wire.IPLift("127.0.0.2", "dnsbl:zen"))
+    assert not a.usable(mono) and "bb" in a.blocked_reason
+    assert 7100 < a.blocked_until - mono < 7201  # (wall and monotonic clocks: a few us apart)
+    assert 0 < a.resume_at(mono) <= 3600  # (bb's rest is looked at again hourly too)
+    order(wire.IPLift("127.0.0.2", "dnsbl:bb"))
+    assert not a.usable(mono) and "550" in a.blocked_reason
+    assert 590 < a.blocked_until - mono <= 600
+    order(wire.IPLift("127.0.0.3", "dnsbl:zen"))
+    assert b.usable(time.monotonic())
+    assert [e["action"] for e in sh.events if e["source_ip"] == "127.0.0.3"][-1] == "resume"
+    # A lane made after the lift is not rested.
+    lim_y = sh.site_limits("yahoo", ("mta5.am0.yahoodns.net",), "yahoo.com")
+    assert sh.lane("127.0.0.3", "yahoo", lim_y, pool, now).usable(time.monotonic())
+
+
+def test_serve_sends_again_from_an_ip_once_its_blocklist_delists_it(
+    tmp_path: Path, dns_server: Any
+) -> None:
+    """serve rested a listed IP for rest_hours (24) and its mail waited all that
+    time: a delisting an hour later was told (ip_delisted) but nothing was lifted.
+    Now the delisting ends the rest and the held mail goes within a check."""
+    from tests._serve_helpers import Served, sink_message
+
+    from fastsend.sink import SinkThread
+
+    dns_server.set_zones({"2.0.0.127.bl.test": [("A", "127.0.0.2")]})
+    extra = f"""
+[ips]
+source = ["127.0.0.2"]
+[dns]
+nameservers = ["{dns_server.nameserver}"]
+timeout = 2
+[reputation]
+blocklists = ["bl.test"]
+check_every = 0.5
+rest_hours = 24
+"""
+    log = tmp_path / "spool" / "events.jsonl"
+
+    def events(name: str) -> list[dict[str, Any]]:
+        if not log.exists():
+            return []
+        whole = log.read_bytes().rpartition(b"\n")[0]
+        return [e for e in map(orjson.loads, whole.splitlines()) if e["event"] == name]
+
+    def wait(cond: Any, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    with SinkThread() as sink:
+        # (mail a rest holds is handed back for check_every, or the ready horizon)
+        s = Served(tmp_path, f"{sink.host}:{sink.port}", extra, delivery="ready_horizon = 1")
+        try:
+            wait(lambda: events("ip_listed"), "listed")
+            st, body = s.req("POST", "/v1/messages", {
+                "from": "a@example.com", "subject": "dnsbl-held", "text": "t",
+                "to": ["u1@example.org"]}, tenant="acme")  # fmt: skip
+            assert st == 202, body
+            shaping = tmp_path / "spool" / "shaping.jsonl"
+            wait(lambda: shaping.exists() and b"listed on bl.test" in shaping.read_bytes(),
+                 "the worker's rest")  # fmt: skip
+            assert not events("delivered")  # held by the rest
+            dns_server.set_zones({})
+            wait(lambda: events("ip_delisted"), "delisted")
+            sink_message(sink, b"dnsbl-held")
+            wait(lambda: events("delivered"), "the delivery's event")
+            assert events("delivered")[0]["source_ip"] == "127.0.0.2"
+        finally:
+            s.stop()
+
+
+def test_an_snds_import_no_longer_red_lifts_its_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SNDS RED rests the IP for Outlook a day, renewed by each import; an
+    import that says GREEN (no trap hits) now ends it."""
+    import aiohttp
+    import tests.test_feeds as tf
+
+    from fastsend.analytics.feeds import Feeds
+
+    rests: list[tuple[Any, ...]] = []
+    lifts: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        async with tf.provider_apis(0.001, False) as (base, _seen), aiohttp.ClientSession() as s:
+            f = Feeds(tf.settings(tmp_path, base), lambda *a: None, lambda e: None,
+                      lambda *a: rests.append(a), lambda *a: lifts.append(a))  # fmt: skip
+            await f.snds_once(s)
+            assert not lifts
+            green = tf.SNDS_CSV.replace("RED,1.4%", "GREEN,< 0.1%").replace(",3,out2", ",0,out2")
+            monkeypatch.setattr(tf, "SNDS_CSV", green)
+            await f.snds_once(s)
+            await f.snds_once(s)
+
+    asyncio.run(main())
+    assert [(r[0], r[1], r[4]) for r in rests] == [("127.0.0.3", ["outlook"], "snds")]
+    assert lifts == [("127.0.0.3", "snds")]
+
+
+def test_a_provider_over_the_line_across_tenants_is_an_alarm(tmp_path: Path) -> None:
+    """Each of three tenants sends Gmail 150 messages from its own IP with 2
+    complaints: every tenant's provider group and every IP is under the sample
+    (200), so nothing was raised, while Gmail saw 1.3% complaints over the node's
+    450. The node's mail per provider is judged too ("tenant": "*")."""
+    from fastsend.analytics.alarms import Alarms
+    from fastsend.analytics.rollup import _node_rows
+    from fastsend.analytics.store import IDX, NC, SQLiteRollupStore
+    from fastsend.config.analytics import AlarmSettings
+
+    store = SQLiteRollupStore(str(tmp_path))
+    events: list[dict[str, Any]] = []
+    alarms = Alarms(AlarmSettings(min_delivered=200), store, events.append)
+    now = time.time()
+    t = int(now) - int(now) % 60
+    counts = {}
+    for cid, tenant, ip in ((1, "acme", "127.0.0.2"), (2, "beta", "127.0.0.3"),
+                            (3, "gamma", "127.0.0.4")):  # fmt: skip
+        row = [0] * NC
+        row[IDX["delivered"]], row[IDX["complaints"]] = 150, 2
+        counts[(60, t, (tenant, cid, "google", ip))] = row
+    _node_rows(counts, {})
+    store.add(counts, {}, {})
+    alarms.evaluate(["acme", "beta", "gamma"], now)
+    assert [(e["event"], e["tenant"], e.get("provider"), e["kind"], e["level"])
+            for e in events] == [("alarm", "*", "google", "complaint_rate", "critical")]
+    assert events[0]["delivered"] == 450
+    alarms.evaluate(["acme", "beta", "gamma"], now)  # told once
+    assert len(events) == 1
+    store.close()
+
+
+class _Hook:
+    """A webhook receiver on loopback (its own thread): what was posted to it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.posts: list[tuple[str, bytes]] = []  # (Fastsend-Signature, body)
+        hook = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                hook.posts.append((self.headers.get("Fastsend-Signature", ""), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self, secret: str) -> list[dict[str, Any]]:
+        """The events of the posts signed with ``secret`` (others are not counted)."""
+        import hashlib
+        import hmac
+
+        out = []
+        for sig, body in list(self.posts):
+            parts = dict(kv.split("=", 1) for kv in sig.split(","))
+            want = hmac.new(secret.encode(), f"{parts['t']}.".encode() + body,
+                            hashlib.sha256).hexdigest()  # fmt: skip
+            if hmac.compare_digest(want, parts["v1"]):
+                out.extend(orjson.loads(body))
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_sighup_applies_new_webhook_urls_and_secret(tmp_path: Path) -> None:
+    """An operator rotating the webhook secret (or moving the endpoint) and sending
+    SIGHUP: serve said "configuration reloaded" and kept posting to the old URL
+    with the old secret until restarted, so the receiver refused every batch."""
+    import signal
+
+    from tests._serve_helpers import Served
+
+    old, new = _Hook(), _Hook()
+    s1, s2 = "old-secret-0123456789", "new-secret-9876543210"
+
+    def hooks(url: str, secret: str) -> str:
+        return (f'[webhooks]\nurls = ["{url}"]\nsecret = "{secret}"\nflush_interval = 0.05\n'
+                'events = ["accepted"]\n')  # fmt: skip
+
+    def post(subject: str) -> int:
+        st, body = s.req("POST", "/v1/messages", {"from": "a@example.com", "subject": subject,
+                                                   "text": "t", "to": ["u@example.org"]},
+                         tenant="acme")  # fmt: skip
+        assert st == 202, body
+        return int(body["messages"][0]["ids"][0])
+
+    def wait(cond: Any) -> None:
+        deadline = time.monotonic() + 15
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    s = Served(tmp_path, None, hooks(old.url, s1), serve_args=("--no-workers",))
+    try:
+        first = post("before")
+        wait(lambda: [e["id"] for e in old.events(s1)] == [first])
+        s.extra = hooks(new.url, s2)
+        s.write_config()
+        s.proc.send_signal(signal.SIGHUP)
+        s.wait_line("configuration reloaded")
+        second = post("after")
+        wait(lambda: [e["id"] for e in new.events(s2)] == [second])
+        assert [e["id"] for e in old.events(s1)] == [first]  # the old URL gets no more
+    finally:
+        s.stop()
+        old.close()
+        new.close()
+
+
+def test_metrics_show_each_source_ip_on_each_blocklist(tmp_path: Path, dns_server: Any) -> None:
+    """A listing was an event (webhooks) and a dashboard line, and nothing Prometheus
+    could alert on."""
+    from fastsend.analytics.dnsbl import Reputation, ReputationSettings, make_resolver
+    from fastsend.config import from_dict
+    from fastsend.serve.context import open_context
+    from fastsend.serve.metrics import Metrics
+
+    dns_server.set_zones({"2.0.0.127.bl.test": [("A", "127.0.0.2")]})
+    cfg = from_dict({"spool": {"dir": str(tmp_path / "spool")},
+                     "dns": {"nameservers": [dns_server.nameserver], "timeout": 2},
+                     "ips": {"source": ["127.0.0.2", "127.0.0.3"]},
+                     "reputation": {"blocklists": ["bl.test"]}})  # fmt: skip
+    ctx = open_context(cfg)
+    try:
+        ctx.reputation = Reputation(ReputationSettings.from_config(cfg), make_resolver(cfg),
+                                    ctx.emit)  # fmt: skip
+        asyncio.run(ctx.reputation.check_ips(["127.0.0.2", "127.0.0.3"]))
+        text = Metrics(ctx).render()
+        assert "# TYPE fastsend_blocklist_listed gauge" in text
+        assert 'fastsend_blocklist_listed{source_ip="127.0.0.2",zone="bl.test"} 1' in text
+        assert 'fastsend_blocklist_listed{source_ip="127.0.0.3",zone="bl.test"} 0' in text
+    finally:
+        ctx.close()
+
+
+def test_a_receivers_retry_after_is_kept(tmp_path: Path) -> None:
+    """A receiver answering 429 with Retry-After was tried again after retry_min (1 s
+    by default, doubling): it asked for a pause and got a stream of refused batches."""
+    from email.utils import formatdate
+
+    from aiohttp import web
+
+    from fastsend.config import from_dict
+    from fastsend.serve.context import open_context
+    from fastsend.serve.webhooks import WebhookDispatcher, retry_after
+    from fastsend.testing.http import app_on_loopback
+
+    assert retry_after("120") == 120.0 and retry_after("") == 0.0 and retry_after("soon") == 0.0
+    assert 55 < retry_after(formatdate(time.time() + 60, usegmt=True)) <= 61
+    seen: list[float] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        return web.Response(status=204)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        async with app_on_loopback(app) as base:
+            ctx = open_context(from_dict({
+                "spool": {"dir": str(tmp_path / "spool")},
+                "webhooks": {"urls": [f"{base}/hook"], "secret": "0123456789abcdefghij",
+                             "retry_min": 0.02, "flush_interval": 0.01}}))  # fmt: skip
+            d = WebhookDispatcher(ctx)
+            await d.start()
+            try:
+                ctx.emit({"event": "delivered", "id": 1, "rcpt": "r@example.org"})
+                deadline = time.monotonic() + 10
+                while len(seen) < 2:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+            finally:
+                await d.stop()
+                ctx.close()
+
+    asyncio.run(main())
+    assert seen[1] - seen[0] >= 0.95  # not before the second the receiver asked for

@@ -49,6 +49,7 @@ import orjson
 from aiohttp import web
 
 from fastsend.analytics.query import QueryError, parse_time
+from fastsend.config.serve import EVENT_NAMES
 from fastsend.serve.api import ApiError, admin_tenants, api_of, bad, tenant_of
 from fastsend.serve.eventindex import ExportQuery
 
@@ -126,8 +127,13 @@ def parse(request: web.Request, mine: list[int] | None, now: float) -> tuple[Exp
             raise bad("campaign: comma-separated campaign ids", "campaign") from None
         campaigns = sorted(want if mine is None else want & set(mine))
     kinds = _list(q, "type")
+    field = "type"
     if kinds is None:
-        kinds = _list(q, "event")
+        kinds, field = _list(q, "event"), "event"
+    unknown = [k for k in kinds or () if k not in EVENT_NAMES]
+    if unknown:  # (a typo such as "bounce" matched nothing: an empty export, said nowhere)
+        raise bad(f"{field}: unknown event {', '.join(map(repr, unknown))[:200]} (the events"
+                  f" are: {', '.join(sorted(EVENT_NAMES))})", field)  # fmt: skip
     raw_limit = q.get("limit", str(DEFAULT_LIMIT))
     if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise bad(f"limit: a whole number from 1 to {MAX_LIMIT}", "limit")

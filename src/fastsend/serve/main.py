@@ -159,6 +159,7 @@ class Server:
         self.tick_failed = 0.0  # monotonic time it last did
         self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
         self.caps: list[Any] = []  # fastsend.serve.httpguard.ConnectionCap per HTTP listener
+        self.webhooks: Any = None  # fastsend.serve.webhooks.WebhookDispatcher once started
 
     async def main(self) -> int:
         from aiohttp import web
@@ -283,7 +284,7 @@ class Server:
                     await x.cleanup()
                 ctx.close()
                 return 2
-        webhooks = WebhookDispatcher(ctx)
+        webhooks = self.webhooks = WebhookDispatcher(ctx)
         await webhooks.start()
         metrics.webhooks = webhooks
         listeners = self.listeners = await start_listeners(ctx)
@@ -450,6 +451,7 @@ class Server:
         self.reloading = asyncio.create_task(self.reload(), name="reload")
 
     async def reload(self) -> None:
+        from fastsend.serve.webhooks import WebhookConfig
         from fastsend.suppression import SuppressionList
 
         try:
@@ -494,6 +496,11 @@ class Server:
         self.api.reconfigure(settings)
         for cap in self.caps:
             cap.configure(settings)
+        if self.webhooks is not None:
+            await self.webhooks.reconfigure(WebhookConfig.of(cfg.webhooks))
+        if cfg.reputation != self.cfg.reputation:
+            log.warning("SIGHUP: [reputation] changed; it takes effect at the next start")
+        self.cfg = cfg
         sup = ctx.supervisor
         if sup is not None:
             await sup.reload(cfg)

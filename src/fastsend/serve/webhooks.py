@@ -37,7 +37,8 @@ DESCRIPTION
     outbox (``P:wh:marks``, per host and event log), so its next start appends
     what its kill -9 left in memory. Anything else (connection refused, timeout,
     3xx/4xx/5xx) is retried after ``retry_min * 2**n`` seconds (capped at
-    ``retry_max``, +-20 % jitter) for ``retention_days``: an endpoint that is
+    ``retry_max``, +-20 % jitter; longer when the answer's ``Retry-After`` asks,
+    up to ``retry_max``) for ``retention_days``: an endpoint that is
     down for a day loses nothing, and a restart resumes from the cursors. Past
     that window serve's retention pass (:mod:`fastsend.serve.retention`) drops
     the events a URL never took, says how many per URL and counts them
@@ -276,7 +277,8 @@ class WebhookDispatcher:
         self._loop_thread = 0
         self._flush_wake = asyncio.Event()
         self._send_wake: dict[str, asyncio.Event] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the flusher
+        self._senders: dict[str, asyncio.Task[None]] = {}  # one per URL
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
 
@@ -299,10 +301,7 @@ class WebhookDispatcher:
         # (a URL new to the outbox starts after those events: they were not its).
         self._catch_up()
         self.outbox.set_urls(self.config.urls)
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-            headers={"User-Agent": "fastsend-webhooks/1"},
-        )
+        self._session = aiohttp.ClientSession(headers={"User-Agent": "fastsend-webhooks/1"})
         self.ctx.events.listeners.append(self._on_events)
         sup = getattr(self.ctx, "supervisor", None)
         if getattr(self.outbox, "written_with_outcomes", False) and sup is not None:
@@ -311,8 +310,37 @@ class WebhookDispatcher:
             sup.outbox_filter = self._wanted
         self._tasks.append(asyncio.create_task(self._flusher()))
         for url in self.config.urls:
-            self._send_wake[url] = asyncio.Event()
-            self._tasks.append(asyncio.create_task(self._sender(url)))
+            self._start_sender(url)
+
+    def _start_sender(self, url: str) -> None:
+        self._send_wake[url] = asyncio.Event()
+        self._senders[url] = asyncio.create_task(self._sender(url), name="webhook sender")
+
+    async def reconfigure(self, config: WebhookConfig) -> None:
+        """SIGHUP: the new ``[webhooks]`` (URLs, secret, events, timeout, batch size,
+        retry delays) from now on, without a restart and without missing an event
+        (the listener stays): a URL no longer listed stops and its cursor goes, a new
+        one starts at the outbox's end, as at a start. Before, a reload kept the old
+        URLs and secret until the next start, and said nothing (a rotated secret:
+        every batch refused by the receiver meanwhile)."""
+        if self.outbox is None or not config.urls:
+            await self.stop()
+            self.config = config
+            await self.start()
+            return
+        gone = [u for u in self.config.urls if u not in config.urls]
+        self.config = config
+        for url in gone:
+            task = self._senders.pop(url, None)
+            self._send_wake.pop(url, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.outbox.set_urls(config.urls)
+        for url in config.urls:
+            if url not in self._senders:
+                self._start_sender(url)
 
     async def stop(self) -> None:
         """Stop listening, write what is buffered to the outbox, stop senders."""
@@ -324,12 +352,15 @@ class WebhookDispatcher:
         sup = getattr(self.ctx, "supervisor", None)
         if sup is not None and getattr(sup, "outbox_filter", None) == self._wanted:
             sup.outbox_filter = None
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._senders.values()]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        self._senders.clear()
+        self._send_wake.clear()
         try:
             self._flush(final=True)
         except (sqlite3.Error, OSError, _redis_error()) as e:
@@ -469,10 +500,10 @@ class WebhookDispatcher:
     async def _sender(self, url: str) -> None:
         wake = self._send_wake[url]
         failures = 0
-        c = self.config
         hold = getattr(self.outbox, "hold", None)  # shared outbox: one node sends per URL
         while True:
             assert self.outbox is not None
+            c = self.config  # (a reload may change it)
             if hold is not None and not hold(url):
                 await asyncio.sleep(1.0)  # another node sends to it; take over if it dies
                 continue
@@ -485,15 +516,22 @@ class WebhookDispatcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), 0.5)
                 continue
-            if await self._post(url, rows):
+            ok, asked = await self._post(url, rows)
+            if ok:
                 self.outbox.ack(url, rows[-1][0])
                 failures = 0
                 continue
             failures += 1
             delay = min(c.retry_max, c.retry_min * 2 ** min(failures - 1, 30))
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay *= random.uniform(0.8, 1.2)
+            # A receiver's Retry-After (429, 503) is kept, up to retry_max: before, a
+            # receiver asking for a minute was tried again at once, and again 2, 4,
+            # 8 ... s later, each refused.
+            await asyncio.sleep(max(delay, min(asked, c.retry_max)))
 
-    async def _post(self, url: str, rows: list[tuple[int, bytes]]) -> bool:
+    async def _post(self, url: str, rows: list[tuple[int, bytes]]) -> tuple[bool, float]:
+        """POST ``rows`` to ``url``: (accepted, the seconds a refusal's Retry-After
+        asks to wait, 0.0 without one)."""
         body = b"[" + b",".join(_with_id(i, b) for i, b in rows) + b"]"
         ts = int(time.time())
         headers = {
@@ -504,12 +542,14 @@ class WebhookDispatcher:
         assert self._session is not None
         try:
             async with self._session.post(
-                url, data=body, headers=headers, allow_redirects=False
+                url, data=body, headers=headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             ) as resp:
                 ok = 200 <= resp.status < 300
                 status: Any = resp.status
+                asked = 0.0 if ok else retry_after(resp.headers.get("Retry-After", ""))
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            ok, status = False, type(e).__name__
+            ok, status, asked = False, type(e).__name__, 0.0
         if ok:
             self.stats["posted"] += 1
         else:
@@ -517,7 +557,24 @@ class WebhookDispatcher:
             log.warning(
                 "webhook %s: batch %s not accepted (%s)", safe_url(url), headers[BATCH_HEADER], status
             )
-        return ok
+        return ok, asked
+
+
+def retry_after(value: str, now: float | None = None) -> float:
+    """Seconds a ``Retry-After`` header value asks for (RFC 9110 10.2.3: a number of
+    seconds or an HTTP date); 0.0 when absent or not understood."""
+    v = value.strip()
+    if not v:
+        return 0.0
+    if v.isascii() and v.isdigit():
+        return float(min(int(v), 86400 * 7))
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(v).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0.0
+    return max(0.0, when - (time.time() if now is None else now))
 
 
 def expired_until(
