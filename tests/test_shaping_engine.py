@@ -38,7 +38,8 @@ def make_config(tmp: Path, sink: SinkThread, ips: list[str], **tables: Any) -> c
         "workers": {"count": 1},
         "ips": {"source": ips, "helo": "out.example.com"},
         "routes": {"*": f"{sink.host}:{sink.port}"},
-        "retry": {"min_backoff": 0.05, "max_backoff": 0.2, "max_age": 60, "jitter": 0.1},
+        # max_age past the default rest (1 h): mail held that long expires (held_expired)
+        "retry": {"min_backoff": 0.05, "max_backoff": 0.2, "max_age": 7200, "jitter": 0.1},
         **tables,
     }
     return cfgmod.from_dict(raw, base_dir=str(tmp))

@@ -284,8 +284,10 @@ class Outcomes(SupervisorState):
         policy: RetryConfig,
         log_events: bool,
         retry_at: float | None = None,
+        expire: bool = False,
     ) -> None:
-        """A bounce, a deferral or an expiry (the attempt is counted by apply)."""
+        """A bounce, a deferral or an expiry (the attempt is counted by apply;
+        ``expire``: an expiry whatever the retry policy says, see held_expired)."""
         stats = self.stats
         if r.kind == wire.K_FAILED:
             state, name, at = BOUNCED, "bounced", 0.0
@@ -299,7 +301,7 @@ class Outcomes(SupervisorState):
             # An unknown outcome (retry_at) is due again at once and never expires
             # the message: no receiver answered; the next attempt's answer decides.
             nxt = retry_at if retry_at is not None else next_attempt(policy, attempts, now, c.created)
-            if nxt is None:
+            if nxt is None or expire:
                 state, name, at = EXPIRED, "expired", 0.0
                 stats.expired += 1
                 stats.final(c.campaign)[2] += 1
@@ -336,11 +338,32 @@ class Outcomes(SupervisorState):
             return
         k = 0
         for i in msg.ids:
-            if inflight.pop(i, None) is None:
+            c = inflight.pop(i, None)
+            if c is None:
                 continue  # already released (duplicate answer after a restart)
-            out.append((i, at + min(k * step, HANDBACK_SPREAD)))
+            due = at + min(k * step, HANDBACK_SPREAD)
+            if not self.held_expired(slot, c, due, msg.text):
+                out.append((i, due))
             k += 1
         self.stats.handed_back += k
+
+    def held_expired(self, slot: WorkerSlot, c: Claimed, due: float, why: str) -> bool:
+        """Mail given back unattempted (warm-up caps, rests, a suspension, a
+        rate) whose next try would come after its ``[retry] max_age``: expired
+        now (final, "expired", its last reply or 4.4.7 saying why), as a
+        deferral past it is. Before, only a deferral could expire a message:
+        held back day after day (a cold IP's warm-up cap, a long rest) it was
+        sent however late, a week-old message among today's. False (it is
+        queued again) otherwise."""
+        policy = self.config.retry
+        if due <= c.created + policy.max_age:
+            return False
+        text = f"not sent within [retry] max_age ({policy.max_age:g} s): {why}"[:400]
+        r = wire.Res(c.id, wire.K_DEFERRED, 0, "4.4.7", text, "", "", "queue", "expired")
+        log_events = self.events.path is not None or bool(self.events.listeners)
+        self._apply_other(c, r, c.attempts, time.time(), policy, log_events, expire=True)
+        slot.unwritten += 1  # (its outcome holds its place until written, as apply's do)
+        return True
 
     def hand_elsewhere(self, slot: WorkerSlot, msg: wire.Handback) -> None:
         """Mail none of ``slot``'s addresses may send before ``msg.at`` (resting,
@@ -369,7 +392,9 @@ class Outcomes(SupervisorState):
             held = avoid.setdefault(key, {})
             for w in away:
                 held[w] = max(held.get(w, 0.0), msg.at)
-            out.append((i, now if self.may_send_elsewhere(key, now) else msg.at))
+            due = now if self.may_send_elsewhere(key, now) else msg.at
+            if not self.held_expired(slot, c, due, msg.text):
+                out.append((i, due))
             k += 1
         self.stats.handed_back += k
 
