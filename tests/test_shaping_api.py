@@ -110,3 +110,43 @@ def test_max_rate_caps_and_never_raises_the_operators_campaign_rate(tmp_path: An
     free = DispatchGate(from_dict({}), spool, None)
     assert free.rate_of(fast) == 1000 and free.rate_of(plain) == 0
     spool.close()
+
+
+def test_a_guardrails_pause_is_the_operators_to_lift(tmp_path: Any) -> None:
+    """A tenant resuming the campaign the guardrails paused got a fresh sample each
+    time: min_sample more bounces a resume, without end. It may still cancel it,
+    and pause and resume its own pauses; an admin key resumes it."""
+
+    async def t(c: Client) -> None:
+        st, body = await c.req("POST", "/v1/campaigns", campaign())
+        assert st == 201
+        cid = body["id"]
+        why = "guardrail: bounce rate 31.0% (155 of 500) is over the 5.0% guardrail"
+        c.ctx.spool.set_campaign_status(cid, "paused", why)
+        st, body = await c.req("POST", f"/v1/campaigns/{cid}/resume")
+        assert st == 409 and "guardrails" in body["error"]["message"], body
+        assert c.ctx.spool.get_campaign(cid).status == "paused"  # type: ignore[union-attr]
+        st, body = await c.req("POST", f"/v1/campaigns/{cid}/resume", tenant="ops")
+        assert st == 404  # (another tenant's campaign: ops is not an admin here)
+        # its own pause it lifts itself
+        st, other = await c.req("POST", "/v1/campaigns", campaign())
+        oid = other["id"]
+        assert (await c.req("POST", f"/v1/campaigns/{oid}/pause"))[0] == 200
+        st, body = await c.req("POST", f"/v1/campaigns/{oid}/resume")
+        assert st == 200 and body["status"] == "active"
+        st, body = await c.req("POST", f"/v1/campaigns/{cid}/cancel")
+        assert st == 200 and body["status"] == "cancelled"
+
+    run(tmp_path, t)
+
+
+def test_an_admin_key_lifts_a_guardrails_pause(tmp_path: Any) -> None:
+    async def t(c: Client) -> None:
+        st, body = await c.req("POST", "/v1/campaigns", campaign(), tenant="ops")
+        assert st == 201
+        cid = body["id"]
+        c.ctx.spool.set_campaign_status(cid, "paused", "guardrail: bounce rate 9.0%")
+        st, body = await c.req("POST", f"/v1/campaigns/{cid}/resume", tenant="ops")
+        assert st == 200 and body["status"] == "active", body
+
+    run(tmp_path, t, dashboard={"admin_tenants": ["ops"]})

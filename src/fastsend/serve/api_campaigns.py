@@ -16,7 +16,8 @@
   (``"status": "spooling"``) and spooled on in the background; a serve killed
   meanwhile continues it at its next start.
 - ``GET /v1/campaigns`` and ``GET /v1/campaigns/{id}`` (counts per state and
-  progress), ``POST /v1/campaigns/{id}/pause|resume|cancel``.
+  progress), ``POST /v1/campaigns/{id}/pause|resume|cancel`` (a campaign the
+  guardrails paused is resumed by the operator only: an admin key, or the CLI).
 - ``GET /v1/stats``: the rollups by dimensions, filters, time range and
   granularity (:mod:`fastsend.serve.stats`); ``by=domain&window=1h`` keeps
   the older answer (events per domain and their rates, from the event index).
@@ -48,6 +49,7 @@ from fastsend.message.campaign import PathKeyError, check_inline
 from fastsend.serve.api import (
     API_KEY,
     ApiError,
+    admin_tenants,
     api_of,
     bad,
     check_envelope,
@@ -440,6 +442,7 @@ def sweep_staging(spool: Any, key_ttl: float, now: float | None = None, after: i
 
 
 HIDDEN = frozenset({STAGING, ABANDONED})  # not (or never) the tenant's campaigns
+GUARDRAIL = "guardrail:"  # the reason of a guardrails' pause (shaping.guardrails)
 
 
 async def add_recipients(request: web.Request) -> web.Response:
@@ -608,6 +611,19 @@ async def set_status(request: web.Request) -> web.Response:
     status = {"pause": "paused", "resume": "active", "cancel": "cancelled"}[action]
     if info.status == "cancelled" and status != "cancelled":
         raise ApiError(409, f"campaign {info.id} is cancelled; it cannot be resumed")
+    if (
+        status == "active"
+        and info.status == "paused"
+        and str(info.reason or "").startswith(GUARDRAIL)
+        and tenant_of(request) not in admin_tenants(api.ctx.config)
+    ):
+        # The guardrails protect the operator's addresses (their reputation, every
+        # tenant's mail): a tenant resuming its own campaign got a fresh sample
+        # each time, min_sample more bounces a resume, for ever.
+        raise ApiError(
+            409, f"campaign {info.id} was paused by the guardrails ({info.reason}); the"
+            " operator resumes it (fastsend campaign resume, or an admin key)",
+        )  # fmt: skip
     api.ctx.spool.set_campaign_status(info.id, status)
     api.ctx.emit(
         {"event": f"campaign_{status}", "campaign": info.id, "tenant": info.tenant,
