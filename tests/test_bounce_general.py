@@ -866,3 +866,48 @@ def test_a_multiline_reply_cut_to_its_first_line_is_read_whole(
         ).encode()
     )
     assert r.diagnostic == lines[0], r.diagnostic
+
+
+_SES_WRAPPED = """\
+From: MAILER-DAEMON@email-bounces.amazonses.com
+To: news@sender.example
+Subject: Delivery Status Notification (Failure)
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="s1"
+
+--s1
+Content-Type: text/plain
+
+An error occurred while trying to deliver the mail to the following recipients:
+vic@rcpt.example
+
+--s1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; a192-1.smtp-out.amazonses.com
+
+Final-Recipient: rfc822; vic@rcpt.example
+Action: failed
+Status: 5.0.0 (permanent failure)
+Diagnostic-Code: smtp; 5.1.0 - Unknown address error 550-'{inner}' (delivery attempts: 0)
+
+--s1--
+"""
+
+
+@pytest.mark.parametrize(
+    ("inner", "status", "hard"),
+    [
+        ("5.7.1 <0000-bounce@email-bounces.amazonses.example>... Access denied", "5.7.1", False),
+        ("5.1.1 <vic@rcpt.example>... User unknown", "5.1.1", True),
+    ],
+)
+def test_a_relays_summary_defers_to_the_reply_it_quotes(
+    inner: str, status: str, hard: bool
+) -> None:
+    # Amazon SES's older DSN wraps the remote reply in its own summary
+    # ("5.1.0 - Unknown address error 550-'...'"): the summary's 5.1.0 is
+    # its guess from the 550; the quoted reply's status says why. A refusal
+    # of our bounce address (5.7.1 Access denied) marks no recipient hard.
+    (r,) = parse_bounce(_SES_WRAPPED.format(inner=inner).encode())
+    assert (r.recipient, r.status, r.hard) == ("vic@rcpt.example", status, hard), r

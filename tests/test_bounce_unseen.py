@@ -973,6 +973,21 @@ CASES = [
         (421, "", "too many sessions from 192.0.2.1", "CONN"),
         ("toomanyconn", False, True, False),
     ),
+    # Zoho Mail: a 5.1.1 "restricted by policy" is no unknown user.
+    (
+        (552, "5.1.1", "<bob@zoho.example> Mailbox delivery restricted by policy error", "RCPT"),
+        ("policyviolation", False, False, False),
+    ),
+    ((452, "4.3.1", "Temporary System Error", "RCPT"), ("systemerror", False, False, False)),
+    # Exim's own texts for failures it decides itself.
+    (
+        (550, "", "all relevant MX records point to non-existent hosts", ""),
+        ("hostunknown", True, False, False),
+    ),
+    (
+        (550, "", "an MX or SRV record indicated no SMTP service", ""),
+        ("notaccept", True, False, False),
+    ),
 ]
 
 

@@ -230,8 +230,21 @@ def find_reply_code(text: str) -> int:
     return 0
 
 
+# A relay's summary wrapping the remote server's reply in quotes, as Amazon
+# SES writes it: "5.1.0 - Unknown address error 550-'5.7.1 <x>... Access
+# denied' (delivery attempts: 0)". The summary's status is the relay's
+# guess from the reply code; the quoted reply's own status says why.
+_WRAPPED_REPLY = re.compile(
+    r"\s*[45]\.\d{1,3}\.\d{1,3} - [^\n']{1,80}? [45]\d\d[ -]'([45]\.\d{1,3}\.\d{1,3})\b"
+)
+
+
 def find_status(text: str) -> str:
-    """The first enhanced status code (4.x.x/5.x.x) in ``text``, or ""."""
+    """The first enhanced status code (4.x.x/5.x.x) in ``text``, or "" (the
+    quoted reply's, when a relay's summary wraps it: _WRAPPED_REPLY)."""
+    wrapped = _WRAPPED_REPLY.match(text)
+    if wrapped is not None:
+        return wrapped.group(1)
     for m in ENHANCED_RE.finditer(text):
         if m.group(1) in "45":
             return m.group(0)
