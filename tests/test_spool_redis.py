@@ -699,3 +699,90 @@ def test_send_and_resume_hold_their_source_ips_as_serve_does(
     finally:
         mute.close()
         spool.close()
+
+
+class _Forwarder:
+    """A TCP forwarder on loopback standing for the one address a failover moves
+    (a virtual IP, HAProxy, a DNS name): new connections go to ``target``;
+    those already made stay where they went."""
+
+    def __init__(self, target: int) -> None:
+        import socket
+
+        self.target = target
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: Any, b: Any) -> None:
+        import socket
+
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                with __import__("contextlib").suppress(OSError):
+                    x.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_failover_behind_the_spools_address_ends_the_outage(tmp_path: Path) -> None:
+    """Redis fails over behind the one address the nodes use (Sentinel moving a
+    virtual IP, HAProxy checking for the primary): the old primary, demoted,
+    answers READONLY on the connections the node already had, and the node
+    rode out an outage that never ended (each probe on the same connection,
+    to the demoted server). Now a READONLY answer closes its connection: the
+    next call reaches the new primary through the address, and the spool
+    works on, its data there."""
+    import redis
+
+    quick = ("--repl-diskless-sync-delay", "0")  # (a replica's first sync at once, not in 5 s)
+    with start_redis(*quick) as a, start_redis(*quick) as b:
+        fwd = _Forwarder(a.port)
+        url = f"redis://127.0.0.1:{fwd.port}/0?prefix=fo&node=n1&dir={tmp_path}"
+        s = RedisSpool(url)
+        cid = s.create_campaign({"from": "a@b.example"})
+        s.add_messages(cid, spool_rows(5), time.time())
+        ra, rb = redis.Redis(port=a.port), redis.Redis(port=b.port)
+        rb.replicaof("127.0.0.1", a.port)  # b follows a, then takes over
+        deadline = time.monotonic() + 20
+        while rb.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        while rb.dbsize() < ra.dbsize():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        rb.replicaof("NO", "ONE")
+        fwd.target = b.port
+        ra.replicaof("127.0.0.1", b.port)
+        errors = []
+        for _ in range(5):
+            try:
+                s.probe()
+                break
+            except s.outage_errors() as e:
+                errors.append(type(e).__name__)
+        else:
+            raise AssertionError(f"the outage did not end: {errors}")
+        assert errors in ([], ["ReadOnlyError"]), errors
+        assert len(s.claim_due(time.time(), 10)) == 5  # the queue, on the new primary
+        assert rb.info("replication")["role"] == "master"
+        s.close()
+        fwd.sock.close()

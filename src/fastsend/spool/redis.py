@@ -188,18 +188,41 @@ _REFUSALS = ("MISCONF", "NOREPLICAS", "BUSY")
 
 
 @functools.cache
-def _client_options() -> dict[str, Any]:
-    """redis-py client options: its hiredis reply parser (a dependency) with
-    :data:`_REFUSALS` raised as RedisRefusesWrites. Without hiredis, none:
-    redis-py refuses a subclass of its own parser, and the refusals stay
-    plain ResponseErrors."""
+def _client_options(scheme: str = "redis") -> dict[str, Any]:
+    """redis-py client options for a URL of ``scheme``: its hiredis reply parser
+    (a dependency) with :data:`_REFUSALS` raised as RedisRefusesWrites (without
+    hiredis: redis-py refuses a subclass of its own parser, and the refusals
+    stay plain ResponseErrors), and a connection class that drops its
+    connection when the server answers READONLY (:func:`_failover_class`)."""
     from redis.connection import DefaultParser
     from redis.utils import HIREDIS_AVAILABLE
 
+    out: dict[str, Any] = {"connection_class": _failover_class(scheme)}
     if not HIREDIS_AVAILABLE:
-        return {}
+        return out
     table = {**DefaultParser.EXCEPTION_CLASSES, **dict.fromkeys(_REFUSALS, RedisRefusesWrites)}
-    return {"parser_class": type("SpoolParser", (DefaultParser,), {"EXCEPTION_CLASSES": table})}
+    out["parser_class"] = type("SpoolParser", (DefaultParser,), {"EXCEPTION_CLASSES": table})
+    return out
+
+
+def _failover_class(scheme: str) -> type[Any]:
+    """The redis-py connection class of ``scheme`` (``redis``, ``rediss``,
+    ``unix``), made to close its connection when an answer is READONLY: the
+    server it reached was demoted by a failover, and the address the URL names
+    (a virtual IP, a proxy, a DNS name) leads to the new primary only on a new
+    connection. Before, an established connection stayed on the demoted
+    server, and every node rode out an outage that never ended."""
+    base: type[Any] = {"rediss": redis.SSLConnection,
+                       "unix": redis.UnixDomainSocketConnection}.get(scheme, redis.Connection)  # fmt: skip
+
+    def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return base.read_response(self, *args, **kwargs)
+        except redis.exceptions.ReadOnlyError:
+            self.disconnect()  # the next command connects anew
+            raise
+
+    return type("Failover" + base.__name__, (base,), {"read_response": read_response})
 
 
 # What an outage of a Redis spool is: out of reach (refused, reset, timed out,
@@ -332,8 +355,9 @@ class RedisSpool(Spool):
         self.k = "{" + self.prefix + "}"
         # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
         self.r: Any = redis.Redis.from_url(
-            redis_url, decode_responses=False, **_client_options()
-        )
+            redis_url, decode_responses=False,
+            **_client_options(redis_url.partition(":")[0].lower()),
+        )  # fmt: skip
         safe = redact_url(redis_url)
         try:
             self.r.ping()
