@@ -1324,3 +1324,42 @@ def test_sendgrid_keeps_the_recipients_display_name() -> None:
         asyncio.run(main(app.url))
     (doc,) = rec.accepted
     assert doc["personalizations"][0]["to"] == [{"email": "ann@example.net", "name": "Ann Lée"}]
+
+
+def test_an_unanswered_quota_read_does_not_hold_the_ses_lane() -> None:
+    """SES's GetAccount (the account's MaxSendRate, read before the lane's
+    first send) left unanswered is given up after the transport's
+    ``timeout``: a read, nothing lost (the lane then goes without the quota).
+    Before, it was waited for as long as a sent message's answer
+    (answer_timeout, 10 minutes) and the lane sent nothing meanwhile."""
+    import asyncio
+    import socket
+
+    import aiohttp
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.transports.ses import SESTransport
+
+    silent = socket.socket()  # takes the connection (backlog), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    port = silent.getsockname()[1]
+
+    async def main() -> BaseException | None:
+        spec = TransportSpec(name="ses-q", kind="ses", region="us-east-1",
+                             endpoint=f"http://127.0.0.1:{port}", timeout=0.5,
+                             answer_timeout=600.0,
+                             secrets={"access_key_id": "AKIDQ", "secret_access_key": "s"})  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            try:
+                await asyncio.wait_for(SESTransport(spec, b"").setup(session), 20)
+            except BaseException as e:  # what ended the read is the point
+                return e
+        return None
+
+    try:
+        ended = asyncio.run(main())
+    finally:
+        silent.close()
+    # aiohttp's own timeout (the transport's), not the 20 s guard around it.
+    assert isinstance(ended, aiohttp.ClientError), repr(ended)

@@ -441,3 +441,39 @@ def test_a_message_unanswered_after_its_final_dot_is_not_failed_over(
     ends = [e for e in evs if e["event"] in ("deferred", "expired") and e["rcpt"] in taken]
     assert {e["rcpt"] for e in ends} == taken
     assert all(e["stage"] == "data" and e["code"] == 0 for e in ends), ends
+
+
+def test_a_group_partly_refused_fails_over_only_its_refused_recipients(
+    tmp_path: Path, certs: tuple[ssl.SSLContext, Path], dns_server: DNSServer
+) -> None:
+    """Identical mail to three recipients of one domain is one transaction:
+    the MX defers the first at RCPT (451) and takes the two others. Route
+    ``["smtp", "relay1"]``: only the deferred recipient goes on to the relay.
+    Before, the group's first outcome decided for all of it: the whole
+    envelope failed over and the two recipients the MX had taken got the
+    message again through the relay."""
+    ctx, ca = certs
+    dns_server.set_zones(
+        {"dest.test": [("MX", "10 mx.dest.test.")], "mx.dest.test": [("A", "127.0.0.1")]}
+    )
+    camp = tmp_path / "same.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "Same"\ntext = "Hello.\\n"\n')
+    addrs = ["tempfail-1@dest.test", "ok1@dest.test", "ok2@dest.test"]
+    rcpts = write_recipients(tmp_path, addrs)
+    handler = RelayHandler()
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink, Relay(handler, ctx, implicit=False) as relay:
+        _h, mx_port = sink.addresses[0]
+        cfg = relay_config(relay.port, ca).replace(
+            '"*" = "relay1"', '"dest.test" = ["smtp", "relay1"]'
+        )
+        cfg += f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {mx_port}\n'
+        cfg += "[delivery]\nallow_private_mx = true\n"
+        proc = send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "1", "--no-dkim")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(proc)["delivered"] == 3
+    relayed = Counter(r for rs, _ in handler.messages for r in rs)
+    assert dict(received_counts(log)) == {"ok1@dest.test": 1, "ok2@dest.test": 1}
+    assert dict(relayed) == {"tempfail-1@dest.test": 1}, relayed
+    fo = [e for e in events(tmp_path) if e["event"] == "failover"]
+    assert [e["rcpt"] for e in fo] == ["tempfail-1@dest.test"]

@@ -22,7 +22,8 @@ does the mail a provider's lane holds while the provider paused it past the
 ready horizon (:meth:`Router.move_on`: unattempted there). An
 unknown outcome (the message sent whole, no answer: :func:`unknown_outcome`)
 is reported deferred, never failed over (it would be sent twice).
-Anything else (delivered, a recipient's permanent failure) is reported. DNS
+Anything else (delivered, a recipient's permanent failure) is reported; a
+group answered per recipient moves on only its deferred or blocked ones. DNS
 failures of the first transport move on only when temporary.
 
 One aiohttp session per worker serves every HTTP transport (keep-alive; the
@@ -34,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from fastsend.config.transports import TransportSpec
 from fastsend.delivery.mx import Host, Site
@@ -258,11 +261,32 @@ class Router:
             t = tr.tag
             k = (t[0] if t else -1) if isinstance(t, list) else t
             ent = self.failover.pop(k, None) if isinstance(k, int) else None
-            if ent is None or not tr.outcomes or not should_fail_over(tr.outcomes[0]):
+            if ent is None or not tr.outcomes:
                 keep.append(tr)
                 continue
             env, rest, campaign, came_from = ent
-            o = tr.outcomes[0]
+            outs = tr.outcomes
+            if isinstance(t, list) and isinstance(env.tag, list) and len(t) == len(outs) > 1:
+                # A group (one transaction, several recipients) answered per
+                # recipient: only those deferred or blocked move on; the ones
+                # the site took or refused for good are reported. (The first
+                # outcome decided for all: recipients the MX had taken got the
+                # message again through the next transport.)
+                move = [k for k, o in enumerate(outs) if should_fail_over(o)]
+            else:
+                move = list(range(len(outs))) if should_fail_over(outs[0]) else []
+            if not move:
+                keep.append(tr)
+                continue
+            if len(move) < len(outs) and isinstance(t, list) and isinstance(env.tag, list):
+                stay = [k for k in range(len(outs)) if k not in set(move)]
+                keep.append(TxnResult([t[k] for k in stay], [outs[k] for k in stay], tr.queue_id))
+                rcpt_of = dict(zip(env.tag, env.rcpts, strict=False))
+                env = msgspec.structs.replace(
+                    env, rcpts=[rcpt_of[t[k]] for k in move], tag=[t[k] for k in move]
+                )
+                t = env.tag
+            o = outs[move[0]]
             now = time.time()
             ids = t if isinstance(t, list) else [t] * len(env.rcpts)
             for mid, rcpt in zip(ids, env.rcpts, strict=False):

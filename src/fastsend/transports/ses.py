@@ -28,7 +28,8 @@ sent again in halves (split again while refused), so only the refused one
 bounces.
 
 Its rate is shaping data: with no ``rate`` configured, the account's
-MaxSendRate (``GET /v2/email/account``) sets the lane's rate.
+MaxSendRate (``GET /v2/email/account``, bounded by ``timeout``: a read) sets
+the lane's rate.
 """
 
 from __future__ import annotations
@@ -81,9 +82,15 @@ class SESTransport(HTTPTransport):
     async def setup(self, session: Any) -> None:
         if self.spec.rate:
             return
+        import aiohttp
+
         url = self.base + "/v2/email/account"
         headers = self.signer.sign("GET", url, {}, b"")
-        timeout = self.client_timeout()
+        # A read, sent again at no cost: ``timeout`` bounds it whole (not
+        # answer_timeout, which waits for a sent message's answer: a quota
+        # read left unanswered held the lane, and all its mail, 10 minutes).
+        t = self.spec.timeout
+        timeout = aiohttp.ClientTimeout(total=2 * t, connect=t, sock_read=t)
         async with session.get(url, headers=headers, timeout=timeout, allow_redirects=False) as r:
             if r.status != 200:
                 return
