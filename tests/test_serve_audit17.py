@@ -31,8 +31,8 @@ class _Peer:
         self.r, self.w = reader, writer
 
     @classmethod
-    async def open(cls, port: int) -> _Peer:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
+    async def open(cls, port: int, source: str = "127.0.0.1") -> _Peer:
+        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
         peer = cls(r, w)
         assert (await peer.reply()).startswith(b"220")
         return peer
@@ -83,7 +83,7 @@ def test_intake_holds_at_most_max_held_bytes_of_content(tmp_path: Path) -> None:
     [intake] max_held_bytes: the message that would cross it is read and dropped,
     and its end answered 452 4.3.1 (its sender tries again later), as is a MAIL
     FROM whose SIZE= does not fit; once the others are done the same message is
-    taken."""
+    taken. One peer address holds at most a quarter of it (at least max_size)."""
     intake = {"listen": "127.0.0.1:0", "verp_domain": "bounces.example",
               "max_size": 300_000, "max_held_bytes": 700_000}  # fmt: skip
     ctx = _ctx(tmp_path, intake=intake)
@@ -95,8 +95,8 @@ def test_intake_holds_at_most_max_held_bytes_of_content(tmp_path: Path) -> None:
         port = int(servers[0].sockets[0].getsockname()[1])
         peers: list[_Peer] = []
         try:
-            for _ in range(2):  # 2 x 280 KB held, messages not ended
-                p = await _Peer.open(port)
+            for src in ("127.0.0.2", "127.0.0.3"):  # 2 x 280 KB held, messages not ended
+                p = await _Peer.open(port, src)
                 peers.append(p)
                 assert (await p.begin(rcpt)).startswith(b"354")
                 await p.content(280_000)
@@ -104,12 +104,18 @@ def test_intake_holds_at_most_max_held_bytes_of_content(tmp_path: Path) -> None:
                 if guard.held >= 2 * 270_000:
                     break
                 await asyncio.sleep(0.02)
-            late = await _Peer.open(port)
+            # A second message from .2 at once: over that address's share (300 KB).
+            again = await _Peer.open(port, "127.0.0.2")
+            assert (await again.begin(rcpt)).startswith(b"354")
+            await again.content(50_000)
+            assert (await again.end()).startswith(b"452 4.3.1")
+            await again.close()
+            late = await _Peer.open(port, "127.0.0.4")
             assert (await late.begin(rcpt)).startswith(b"354")
             await late.content(280_000)
             got = await late.end()
             assert got.startswith(b"452 4.3.1"), got
-            assert guard.held <= 700_000 and guard.dropped == 1
+            assert guard.held <= 700_000 and guard.dropped == 2
             # The session goes on; a declared size that does not fit is refused at once.
             assert (await late.cmd(b"RSET")).startswith(b"250")
             sized = await late.cmd(b"MAIL FROM:<> SIZE=250000")
@@ -145,7 +151,7 @@ def test_bdat_content_counts_against_max_held_bytes(tmp_path: Path) -> None:
         servers = await start_listeners(ctx)
         guard = servers.intake.guard  # type: ignore[union-attr]
         port = int(servers[0].sockets[0].getsockname()[1])
-        a, b = await _Peer.open(port), await _Peer.open(port)
+        a, b = await _Peer.open(port, "127.0.0.2"), await _Peer.open(port, "127.0.0.3")
         try:
             for p in (a, b):
                 assert (await p.cmd(b"EHLO peer.example")).startswith(b"250")

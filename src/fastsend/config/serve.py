@@ -150,7 +150,8 @@ class ListenerLimits(Section):
     # Message content held in memory by all of this listener's sessions at once
     # (received, not yet spooled or parsed): the message that would take it over is
     # answered 452 4.3.1 (a MAIL FROM whose SIZE= would, at once) and sent again
-    # later; at least max_size. Without it 200 sessions x max_size was the bound.
+    # later, as is one that takes a peer address past a quarter of it (at least
+    # max_size); at least max_size. Without it 200 sessions x max_size was the bound.
     max_held_bytes: PosInt = 256 << 20
 
     def _check_held(self, max_size: int) -> None:

@@ -267,6 +267,7 @@ class Guard:
         # Message content the sessions hold in memory now (limits.max_held_bytes),
         # and the messages answered 452 4.3.1 for want of room.
         self.held = 0
+        self.held_ip: dict[str, int] = {}  # ... of it, per peer address
         self.dropped = 0
 
     def admit(self, conn: _Connection, ip: str) -> str | None:
@@ -283,12 +284,28 @@ class Guard:
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None
 
-    def room(self, more: int) -> bool:
-        """Whether ``more`` bytes of message content may be held besides what is."""
-        return self.held + more <= self.limits.max_held_bytes
+    def room(self, ip: str, more: int) -> bool:
+        """Whether ``more`` bytes of message content may be held besides what is: within
+        max_held_bytes, and for one peer address within a quarter of it (at least
+        max_size), so that one peer's slow messages cannot take all of it."""
+        lim = self.limits
+        share = max(lim.max_held_bytes // 4, getattr(lim, "max_size", 0))
+        return (
+            self.held + more <= lim.max_held_bytes
+            and self.held_ip.get(ip, 0) + more <= share
+        )
+
+    def hold(self, ip: str, delta: int) -> None:
+        """``delta`` more (or fewer) bytes held by a session of ``ip``."""
+        self.held += delta
+        n = self.held_ip.get(ip, 0) + delta
+        if n > 0:
+            self.held_ip[ip] = n
+        else:
+            self.held_ip.pop(ip, None)
 
     def release(self, conn: _Connection) -> None:
-        self.held -= conn.held
+        self.hold(conn.peer_ip, -conn.held)
         conn.held = 0
         if conn in self.conns:
             self.conns.discard(conn)
@@ -926,7 +943,7 @@ class _Connection(ServerConnection):
         while start < n and self.transport is not None:
             mode = self.proto.mode
             if mode in (_DATA_MODE, _BDAT_MODE):  # a block of the message arrived
-                if not self.policy.guard.room(n - start):
+                if not self.policy.guard.room(self.peer_ip, n - start):
                     self._no_room()
                 now = time.monotonic()
                 self.deadline = now + self.policy.limits.data_timeout
@@ -948,8 +965,9 @@ class _Connection(ServerConnection):
     def _account(self) -> None:
         """Bring the guard's count of held bytes up to date with this session's."""
         now = self.proto.held_bytes() + self.answering if self.transport is not None else 0
-        self.policy.guard.held += now - self.held
-        self.held = now
+        if now != self.held:
+            self.policy.guard.hold(self.peer_ip, now - self.held)
+            self.held = now
 
     def _no_room(self) -> None:
         """The listener holds max_held_bytes of content: the message arriving here is
@@ -1026,7 +1044,9 @@ class _Connection(ServerConnection):
                 assert isinstance(ev, Message)
                 code, enh, text = policy.message(self, ev)
                 proto.reply(421 if self.close_after_reply else code, enh, text)
-            elif isinstance(ev, MailFrom) and ev.size and not policy.guard.room(ev.size):
+            elif isinstance(ev, MailFrom) and ev.size and not policy.guard.room(
+                self.peer_ip, ev.size
+            ):
                 # RFC 1870 6.1: the declared size does not fit now; a later try may.
                 proto.reply(452, "4.3.1", "Insufficient system storage, try again later")
             elif t is StartTLS:
