@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastsend.bounce import classify_reply
+from fastsend.bounce import classify_reply, parse_bounce
 
 # (code, enhanced, text, stage) -> (reason, hard, rate_limited, ip_blocked)
 CASES = [
@@ -988,6 +988,12 @@ CASES = [
         (550, "", "an MX or SRV record indicated no SMTP service", ""),
         ("notaccept", True, False, False),
     ),
+    # An address that "no longer accepts mail" is suspended (Sisimai's
+    # suspend: it may come back), not unknown.
+    (
+        (550, "5.1.1", "This address no longer accepts mail.", "RCPT"),
+        ("suspend", False, False, False),
+    ),
 ]
 
 
@@ -998,3 +1004,62 @@ def test_documented_reply_decision(
     code, enhanced, text, stage = reply
     c = classify_reply(code, enhanced, text, command=stage)
     assert (c.reason, c.hard, c.rate_limited, c.ip_blocked) == want, c.rule
+
+
+# The same reply reported later in a DSN (Postfix's layout: the reply in the
+# human part with the command it answered, and in Diagnostic-Code): the
+# intake must decide as the delivery side did when it got the reply itself.
+_POSTFIX_DSN = """\
+From: MAILER-DAEMON@mx.sender.example (Mail Delivery System)
+To: news@sender.example
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="b"
+
+--b
+Content-Type: text/plain
+
+This is the mail system at host mx.sender.example.
+
+<vic@rcpt.example>: {said} {reply}{in_reply}
+
+--b
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.example
+
+Final-Recipient: rfc822; vic@rcpt.example
+Action: {action}
+Status: {status}
+Remote-MTA: dns; mx.rcpt.example
+Diagnostic-Code: smtp; {reply}
+
+--b--
+"""
+_IN_REPLY = {"RCPT": "RCPT TO", "MAIL": "MAIL FROM", "DATA": "end of DATA", "EHLO": "EHLO"}
+# (Not the cases with no reply at all, code 0: our own connection errors.)
+_REPLIES = [c for c in CASES if c[0][0]]
+
+
+@pytest.mark.parametrize(
+    ("reply", "want"), _REPLIES, ids=[f"{c[0][0]}-{c[0][2][:40]}" for c in _REPLIES]
+)
+def test_a_dsn_of_the_reply_decides_as_the_delivery_side(
+    reply: tuple[int, str, str, str], want: tuple[str, bool, bool, bool]
+) -> None:
+    code, enhanced, text, stage = reply
+    sync = classify_reply(code, enhanced, text, command=stage)
+    said = (
+        "host mx.rcpt.example[192.0.2.9] refused to talk to me:"
+        if stage == "CONN"
+        else "host mx.rcpt.example[192.0.2.9] said:"
+    )
+    raw = _POSTFIX_DSN.format(
+        said=said,
+        reply=f"{code} {enhanced + ' ' if enhanced else ''}{text}",
+        in_reply=f" (in reply to {_IN_REPLY[stage]} command)" if stage in _IN_REPLY else "",
+        action="failed" if code >= 500 else "delayed",
+        status=enhanced or ("5.0.0" if code >= 500 else "4.0.0"),
+    )
+    (r,) = parse_bounce(raw.encode())
+    assert (r.reason, r.hard) == (sync.reason, sync.hard), (r, sync)
