@@ -709,7 +709,8 @@ class Dispatch(SupervisorState):
     def trim_held(self, slot: WorkerSlot) -> None:
         """Keep rate-held mail to what its rates let go within HOLD_HORIZON s; the
         rest goes back to the queue unattempted, due at the campaign's rate from
-        then on (``hold_next``). Held mail fills the window: a campaign or tenant
+        then on (``hold_next``), or expired when that is after its ``[retry]
+        max_age`` (``held_expired``). Held mail fills the window: a campaign or tenant
         under a low rate would otherwise hold every window, and mail of other
         campaigns and tenants accepted after it would wait until its last
         message was claimed (20,000 at 5/s: an hour)."""
@@ -740,8 +741,10 @@ class Dispatch(SupervisorState):
                 slot.held[k] = items[:mine]
                 for c in items[mine:]:
                     if inflight.pop(c.id, None) is not None:
-                        out.append((c.id, at))
-                        at += step
+                        # (due after its max_age at this rate: it expires now)
+                        if not self.held_expired(slot, c, at, f"held by a {rate:g}/s rate"):
+                            out.append((c.id, at))
+                            at += step
                         n += 1
             nxt[cid] = at
             self.stats.handed_back += n
