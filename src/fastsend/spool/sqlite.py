@@ -1130,20 +1130,22 @@ class SQLiteSpool(Spool):
         return None if row is None or row[0] is None else float(row[0])
 
     def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:
+        # Counted by SQLite (a row per domain and age bucket): a row per pending
+        # message through Python took ~0.45 s for 500,000 (serve's /metrics).
         edges = [m * 60.0 for m in AGE_BUCKETS_MIN]
+        bucket = ("CASE " + " ".join(f"WHEN ? - created < ? THEN {i}" for i in range(len(edges)))
+                  + f" ELSE {len(edges)} END")  # fmt: skip
+        params = [x for e in edges for x in (now, e)]
         shape: dict[str, list[int]] = {}
-        for domain, created in self.db.execute(
-            "SELECT domain, created FROM messages WHERE state IN (?, ?, ?)",
-            (QUEUED, INFLIGHT, DEFERRED),
+        for domain, i, n in self.db.execute(
+            f"SELECT domain, {bucket} AS b, COUNT(*) FROM messages WHERE state IN (?, ?, ?)"
+            " GROUP BY domain, b",
+            (*params, QUEUED, INFLIGHT, DEFERRED),
         ):
             buckets = shape.get(domain)
             if buckets is None:
                 buckets = shape[domain] = [0] * (len(edges) + 1)
-            age = now - created
-            i = 0
-            while i < len(edges) and age >= edges[i]:
-                i += 1
-            buckets[i] += 1
+            buckets[int(i)] += int(n)
         return sorted(shape.items(), key=lambda kv: -sum(kv[1]))
 
     def message(self, message_id: int) -> dict[str, Any] | None:
