@@ -300,6 +300,7 @@ def test_enforce_testing_none_against_real_receivers(world: World) -> None:
     assert badcert == {"u@testing-badcert.test": True}  # testing: delivered anyway (unverified)
     assert plain == {"u@none-notls.test": False, "u@nopolicy.test": False}
     assert (s["delivered"], s["deferred"]) == (5, 3), s
+    assert s["tls_policy_failures"] >= 4, s  # TLS-RPT counted in the run's summary too
     ev = _events(spool)
     deferred = {e["rcpt"]: e for e in ev if e["event"] == "deferred"}
     assert set(deferred) == {"u@enforce-badcert.test", "u@enforce-notls.test", "u@mismatch.test"}
@@ -571,3 +572,33 @@ def test_policy_host_with_a_wrong_certificate_is_no_policy(world: World) -> None
 
     asyncio.run(go())
     assert not world.https.requests  # refused at the handshake, nothing asked
+
+
+def test_tls_failures_by_policy_domain_in_metrics(tmp_path: Path) -> None:
+    """/metrics: fastsend_tls_policy_failures_total by policy type, policy domain
+    and result type, from the workers' tls_report events; label values bounded."""
+    from types import SimpleNamespace
+
+    from fastsend.queue import state
+    from fastsend.serve.metrics import Metrics
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    st = state.RunStats()
+    sts = {"event": "tls_report", "policy_type": "sts", "policy_domain": "a.test",
+           "result": "starttls-not-supported"}  # fmt: skip
+    st.count_tls(sts)
+    st.count_tls(sts)
+    st.count_tls({"event": "tls_report", "policy_type": "tlsa", "policy_domain": "b.test",
+                  "result": "tlsa-invalid"})  # fmt: skip
+    assert "tls_failures" not in st.as_dict()  # not a supervisor_events_total kind
+    m = Metrics(SimpleNamespace(spool=SQLiteSpool(str(tmp_path))), SimpleNamespace(slots=[], stats=st))
+    text = m.render()
+    assert "# TYPE fastsend_tls_policy_failures_total counter" in text
+    assert ('fastsend_tls_policy_failures_total{policy_type="sts",policy_domain="a.test",'
+            'result="starttls-not-supported"} 2') in text  # fmt: skip
+    assert ('fastsend_tls_policy_failures_total{policy_type="tlsa",policy_domain="b.test",'
+            'result="tlsa-invalid"} 1') in text  # fmt: skip
+    for i in range(state.TLS_KEYS + 10):
+        st.count_tls({**sts, "policy_domain": f"d{i}.test"})
+    assert len(st.tls_failures) <= state.TLS_KEYS + 1
+    assert st.tls_failures["sts\tother\tstarttls-not-supported"] >= 10

@@ -157,6 +157,8 @@ def run(
         "deferrals": stats.deferred,
         "worker_restarts": stats.worker_restarts,
         "requeued_from_dead_workers": stats.duplicates_possible,
+        # TLS-RPT: sessions and policy fetches that failed a domain's MTA-STS or DANE policy
+        "tls_policy_failures": sum(stats.tls_failures.values()),
         "feed_error": str(sup.feed_error) if sup.feed_error else None,
         # Stopped by SIGTERM/SIGINT (its number; 0: ran until done or --max-wait).
         "signal": sup.stop_signal,

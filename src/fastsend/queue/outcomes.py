@@ -124,7 +124,10 @@ class Outcomes(SupervisorState):
                 slot.counters = msg.counters
                 slot.counters_pid = msg.pid  # a restarted worker counts from 0 again
             elif isinstance(msg, wire.Events):
-                self.event_buf.extend(msg.events)  # transport failover
+                self.event_buf.extend(msg.events)  # transport failover, TLS-RPT
+                for e in msg.events:
+                    if e.get("event") == "tls_report":
+                        self.stats.count_tls(e)
             else:
                 self.shaping.on_record(msg, slot.index)
         if items:

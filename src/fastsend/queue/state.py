@@ -111,6 +111,9 @@ class Wake:
             self._waiter = None
 
 
+TLS_KEYS = 500  # distinct (policy type, domain, result) counted before "other"
+
+
 class RunStats(msgspec.Struct):
     started: float = msgspec.field(default_factory=time.monotonic)
     delivered: int = 0
@@ -126,6 +129,10 @@ class RunStats(msgspec.Struct):
     # run gave its messages (each message's once: it leaves the window with it).
     # Kept by a run that ends (engine.run), not by a long-lived serve.
     finals: dict[int, list[int]] | None = msgspec.field(default_factory=dict)
+    # TLS-RPT (RFC 8460; delivery/mtasts.py, dane.py): the workers' tls_report
+    # events counted by "policy type<TAB>policy domain<TAB>result type"; past
+    # TLS_KEYS distinct keys a new domain is counted as "other" (bounded labels).
+    tls_failures: dict[str, int] = msgspec.field(default_factory=dict)
 
     def final(self, campaign: int) -> list[int]:
         finals = self.finals
@@ -138,8 +145,19 @@ class RunStats(msgspec.Struct):
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            k: getattr(self, k) for k in self.__struct_fields__ if k not in ("started", "finals")
+            k: getattr(self, k)
+            for k in self.__struct_fields__
+            if k not in ("started", "finals", "tls_failures")
         }
+
+    def count_tls(self, event: dict[str, Any]) -> None:
+        """One ``tls_report`` event (a failed session or policy fetch)."""
+        t = self.tls_failures
+        ptype, result = str(event.get("policy_type", "")), str(event.get("result", ""))
+        key = f"{ptype}\t{event.get('policy_domain', '')}\t{result}"
+        if key not in t and len(t) >= TLS_KEYS:
+            key = f"{ptype}\tother\t{result}"
+        t[key] = t.get(key, 0) + 1
 
 
 class SupervisorState:

@@ -384,6 +384,14 @@ class Metrics:
             out.append("# TYPE fastsend_supervisor_events_total counter")
             for k, v in sorted(st.items()):
                 out.append(f"fastsend_supervisor_events_total{_labels({'kind': k})} {v}")
+            out += ["# HELP fastsend_tls_policy_failures_total TLS-RPT (RFC 8460): sessions and"
+                    " policy fetches that failed a recipient domain's MTA-STS (sts) or DANE"
+                    " (tlsa) policy, by policy domain and result type.",
+                    "# TYPE fastsend_tls_policy_failures_total counter"]  # fmt: skip
+            for key, n in sorted(sup.stats.tls_failures.items()):
+                ptype, dom, result = key.split("\t")
+                lab = _labels({"policy_type": ptype, "policy_domain": dom, "result": result})
+                out.append(f"fastsend_tls_policy_failures_total{lab} {n}")
         out += self.spool_lines()
         out += self.webhook_lines()
         out += self.blocklist_lines()
