@@ -127,7 +127,7 @@ class PolicyServer:
     from ``policies`` (a str body; an int: that HTTP status); counts requests."""
 
     def __init__(self, cert: trustme.LeafCert) -> None:
-        self.policies: dict[str, str | int] = {}
+        self.policies: dict[str, str | int | bytes] = {}
         self.requests: list[str] = []
         outer = self
 
@@ -136,6 +136,9 @@ class PolicyServer:
                 host = (self.headers.get("Host") or "").split(":")[0]
                 outer.requests.append(f"{host}{self.path}")
                 body = outer.policies.get(host, 404)
+                if isinstance(body, bytes):  # a raw answer, as a hostile host writes it
+                    self.wfile.write(body)
+                    return
                 if self.path != "/.well-known/mta-sts.txt" or isinstance(body, int):
                     self.send_response(body if isinstance(body, int) else 404)
                     self.send_header("Content-Length", "0")
@@ -602,3 +605,50 @@ def test_tls_failures_by_policy_domain_in_metrics(tmp_path: Path) -> None:
         st.count_tls({**sts, "policy_domain": f"d{i}.test"})
     assert len(st.tls_failures) <= state.TLS_KEYS + 1
     assert st.tls_failures["sts\tother\tstarttls-not-supported"] >= 10
+
+
+def test_hostile_policy_hosts_give_no_policy_and_no_local_error(world: World) -> None:
+    """What a policy host may answer instead of a policy: a redirect (never
+    followed, 3.3), HTML, headers without end, a body over 64 KiB, a broken
+    chunked body. Each is no policy (the domain's mail goes as without one),
+    reported, and never an exception out of the lookup (it was a local error
+    deferring the domain's mail, with a traceback, for the oversized headers)."""
+    good = policy("enforce", "mx.h.test")
+    answers: dict[str, bytes] = {
+        "redirect": b"HTTP/1.1 301 Moved\r\nLocation: https://evil.test/p\r\nContent-Length: 0\r\n\r\n",
+        "html": b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 5\r\n\r\n<html",
+        "headers": b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 70000 + b"\r\n\r\n",
+        "big": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + good.encode() + b"x" * 70000,
+        "chunked": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked"
+                   b"\r\n\r\nzz\r\n",
+        "length": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: -5\r\n\r\n",
+    }  # fmt: skip
+    zones: dict[str, Any] = {}
+    names = list(answers)
+    cert = world.ca.issue_cert(*(f"mta-sts.{n}.test" for n in names))
+    world.https.close()
+    world.https = PolicyServer(cert)
+    for n, raw in answers.items():
+        zones[f"_mta-sts.{n}.test"] = [("TXT", "v=STSv1; id=1")]
+        zones[f"mta-sts.{n}.test"] = [("A", "127.0.0.1")]
+        zones[f"{n}.test"] = [("MX", "10 mx.h.test.")]
+        world.https.policies[f"mta-sts.{n}.test"] = raw
+    zones["mx.h.test"] = [("A", "127.0.0.1")]
+    world.dns.set_zones(zones)
+    cfg = loader.load(str(world.config(25)))
+
+    async def go() -> dict[str, Any]:
+        r = MXResolver(cfg)
+        assert r.sts is not None
+        out = {}
+        for n in names:
+            site = await r.site_for(f"{n}.test")
+            assert isinstance(site, Site) and site.sts is None, (n, site)
+        for e in r.sts.take_events():
+            out[e["policy_domain"].split(".")[0]] = e["result"]
+        return out
+
+    got = asyncio.run(go())
+    assert set(got) == set(names), got
+    assert got["html"] == "sts-policy-invalid" and got["big"] == "sts-policy-invalid", got
+    assert got["redirect"] == "sts-policy-fetch-error", got

@@ -191,7 +191,13 @@ async def fetch(host: str, addrs: list[str], port: int, ctx: ssl.SSLContext) -> 
                 "Accept: text/plain\r\nConnection: close\r\n\r\n".encode("ascii")
             )
             return await _read_answer(reader, host)
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, ValueError) as e:
+        except (
+            OSError,
+            ssl.SSLError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,  # headers over MAX_HEADERS
+            ValueError,
+        ) as e:
             raise PolicyError("sts-policy-fetch-error", f"{host}: {e!r}") from None
         finally:
             writer.close()
@@ -364,6 +370,9 @@ class MTASTS:
             self._failed(
                 domain, "sts-policy-fetch-error", f"{host}: no answer in {self.timeout:g} s"
             )
+            return None
+        except Exception as e:  # whatever a hostile host makes of it: no policy, never a local error
+            self._failed(domain, "sts-policy-fetch-error", f"{host}: {e!r}"[:300])
             return None
         self.retry_at.pop(domain, None)
         self._write(p)
