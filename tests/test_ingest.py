@@ -216,13 +216,11 @@ def _csv_module_rows(path: Path, after: int) -> list[Any]:
             start, end = end + 1, line
             if line <= after:
                 continue
+            if not any(f.strip() for f in rec):  # a blank line, or a spreadsheet's ",,,"
+                continue
             if len(rec) != len(header):
-                if not rec or (len(rec) == 1 and not rec[0].strip()):
-                    continue
                 why = f"expected {len(header)} columns, found {len(rec)}"
                 out.append(bad(start, line, why))
-                continue
-            if len(header) == 1 and not rec[0].strip():
                 continue
             email = rec.pop(ei)
             try:

@@ -24,9 +24,15 @@ upload) against a real receiver (aiosmtpd).
   same Message-ID (``<1-MAC@sender.example>``): a second campaign's message to
   a recipient carried the id of the first one's (receivers drop such mail);
 - a campaign written with another template language's tags (``{% if vip %}``,
-  ``{# note #}``) was accepted and the tags sent as text to every recipient;
+  ``{# note #}``, Mailchimp's ``*|FNAME|*``) was accepted and the tags sent as text to every recipient;
 - an attachment named ``=?utf-8?q?invoice?=.pdf`` was written as a quoted
-  filename, which mail clients decode (it showed as ``invoice.pdf``).
+  filename, which mail clients decode (it showed as ``invoice.pdf``);
+- only a JSON-lines list's first row told its variables: a first row lacking
+  one, or no JSON object, refused the whole list instead of being one bad row;
+- a JSON line's ``19.90`` was sent as "19.9", ``1e3`` as "1000.0", a 23-digit
+  number as "1.2345678901234568e+22";
+- a spreadsheet's CSV ("email,name,," and empty rows ",,,") was refused whole
+  (the unnamed column "named twice"), its empty rows bad rows.
 """
 
 from __future__ import annotations
@@ -415,7 +421,7 @@ def test_message_ids_differ_between_spools_sharing_a_secret(
 
 @pytest.mark.parametrize("text", [
     "{% if vip %}Dear VIP{% endif %}", "Hi {{ name }}{%- for x in y -%}", "a {# note #} b",
-    "{% endif %}",
+    "{% endif %}", "Hi *|FNAME|*,", "*|UNSUB|*",
 ])  # fmt: skip
 @pytest.mark.parametrize("part", ["text", "html", "subject"])
 def test_a_foreign_template_tag_is_refused_not_sent_as_text(part: str, text: str) -> None:
@@ -425,13 +431,14 @@ def test_a_foreign_template_tag_is_refused_not_sent_as_text(part: str, text: str
     from fastsend.message import Campaign
 
     spec = {"from": "a@sender.example", "subject": "Hi", "text": "x", part: text}
-    with pytest.raises(AcceptError, match=r"\{[%#]") as e:
+    with pytest.raises(AcceptError, match=r"\{[%#]|\*\|") as e:
         check_campaign(Campaign.from_dict(spec))
     assert e.value.key == part
 
 
 @pytest.mark.parametrize("text", [
     'a {{ "{%" }} if %} b', "100% {color: red}", "{#fff}", "50%} off", "<style>p{#x}</style>",
+    "a *| b |* c", "x*|y",
 ])  # fmt: skip
 def test_text_that_only_looks_like_a_tag_stays_text(text: str) -> None:
     from fastsend.accept import check_campaign
@@ -488,3 +495,106 @@ def test_an_attachment_name_reads_back_as_given(name: str) -> None:
     data = Campaign.from_dict(spec).compile().render("u@x.example", {}, "1-abc")
     msg = email.message_from_bytes(data, policy=email.policy.default)
     assert [a.get_filename() for a in msg.iter_attachments()] == [name]
+
+
+@pytest.mark.parametrize("first", ['{"email": "a@x.example"}', "not json at all", "[1, 2]"])
+def test_a_bad_first_json_line_is_a_bad_row_not_a_refused_list(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler], first: str
+) -> None:
+    """Only the first JSON line told which variables a list gives: one lacking a
+    variable, or no JSON object at all, refused the whole list ("lacks columns")
+    where it is one bad row. A variable no row gives (a typo) is still refused
+    before anything is sent."""
+    port, handler = receiver
+    body = first + '\n{"email": "b@x.example", "name": "B"}\n'
+    p = _send(tmp_path, CAMPAIGN, "r.jsonl", body, port)
+    assert p.returncode == 1 and "line 1:" in p.stderr, p.stderr
+    assert _rcpts(handler) == ["b@x.example"]
+    typo = CAMPAIGN.replace("{{ name }}", "{{ nmae }}")
+    (tmp_path / "t").mkdir()
+    p = _send(tmp_path / "t", typo, "r.jsonl", body, port)
+    assert p.returncode == 2 and "nmae" in p.stderr, p.stderr
+    assert _rcpts(handler) == ["b@x.example"]
+
+
+def test_json_numbers_are_the_text_the_line_writes(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    """A JSON line's number with a fraction or exponent, or too large for 64 bits,
+    was read as a float: ``19.90`` became "19.9", ``1e3`` "1000.0", a 23-digit
+    account number "1.2345678901234568e+22"."""
+    port, handler = receiver
+    camp = ('from = "news@sender.example"\nsubject = "Order"\n'
+            'text = "price={{ price }} qty={{ qty }} acct={{ acct }} n={{ n }}\\n"\n')  # fmt: skip
+    row = '{"email": "a@x.example", "price": 19.90, "qty": 1e3, "acct": 12345678901234567890123, "n": 7}\n'
+    p = _send(tmp_path, camp, "r.jsonl", row, port)
+    assert p.returncode == 0, p.stderr
+    (m,) = handler.messages
+    body = email.message_from_bytes(m["data"]).get_payload(decode=True)
+    assert b"price=19.90 qty=1e3 acct=12345678901234567890123 n=7" in body, body
+
+
+def test_a_shared_spools_nodes_share_its_message_id_label(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler], redis_server: Any
+) -> None:
+    """Every node of a Redis spool writes the same label (the spool's, in Redis);
+    another spool under the same secret its own."""
+    port, handler = receiver
+    (tmp_path / "f.toml").write_text('[tracking]\nsecret = "one secret for the whole fleet"\n')
+    one, two = redis_server.url(), redis_server.url()
+    for i, url in enumerate((one, one, two)):
+        d = tmp_path / f"n{i}"
+        d.mkdir()
+        p = _send(d, CAMPAIGN, "r.csv", f"email,name\nu{i}@x.example,U\n", port, "-c",
+                  str(tmp_path / "f.toml"), "--spool", f"{url}&dir={d / 'local'}")  # fmt: skip
+        assert p.returncode == 0, p.stderr
+    ids = _message_ids(handler)
+    rights = [ids[f"u{i}@x.example"][0].strip("<>").partition("@")[2] for i in range(3)]
+    assert rights[0] == rights[1] != rights[2], rights
+
+
+# ---------------------------------------------------------------- a spreadsheet's CSV
+
+
+SHEET = (  # as Excel or Sheets exports a sheet whose columns and rows were once touched
+    "email,name,,\r\n"
+    "a@x.example,A,,\r\n"
+    "b@x.example,\"B, Jr.\",,\r\n"
+    ",,,\r\n"
+    " , ,,\r\n"
+    ",,,\r\n"
+)
+
+
+def test_a_spreadsheets_empty_columns_and_rows_are_no_columns_and_no_rows(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    """Two unnamed columns made the whole list "name the column '' twice" (refused);
+    empty rows written as ",,," were bad rows (exit 1; --strict refused the list)."""
+    port, handler = receiver
+    p = _send(tmp_path, CAMPAIGN, "r.csv", SHEET, port, "--strict")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert (s["delivered"], s["rejected_rows"], s["ingest"]["rows"]) == (2, 0, 2), s
+    assert _rcpts(handler) == ["a@x.example", "b@x.example"]
+    f = tmp_path / "r.csv"
+    got = list(recipients.read(str(f)))
+    assert [r[3] for r in got] == [b'{"name":"A"}', b'{"name":"B, Jr."}']  # no "" variable
+    assert recipients.survey(str(f))[1] == 2
+
+
+def test_the_twins_skip_a_row_of_empty_fields_alike() -> None:
+    from fastsend import _accel
+
+    pure, comp = recipients.py_csv_plain_rows, _accel.compiled("csv_plain_rows")
+    keys = [b'"a":', b'"b":']
+    chunk = ["u@x.example,1,2\n", ",,\n", " , ,\t\r\n", ",,,\n", ",x,\n", "v@x.example,,\n"]
+    outs = []
+    for fn in (pure, comp):
+        rows: list[Any] = []
+        lines: list[int] = []
+        bad: list[Any] = []
+        res = fn(chunk, 0, 1, 0, 3, 0, keys, 1000, 100, rows, lines, bad, 0)
+        outs.append((res, rows, lines, bad))
+    assert outs[0] == outs[1]
+    assert outs[0][2] == [2, 7] and [b.line for b in outs[0][3]] == [6], outs[0]

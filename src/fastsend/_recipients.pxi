@@ -159,6 +159,14 @@ cdef object _rc_plain_row(str text, Py_ssize_t tl, Py_ssize_t width, Py_ssize_t 
     return (full, ascii_domain, out)
 
 
+cdef bint _rc_blank(list rec):
+    """No field of ``rec`` holds more than white space (recipients._blank_record)."""
+    for f in rec:
+        if (<str>f).strip():
+            return False
+    return True
+
+
 def csv_plain_rows(list chunk, Py_ssize_t at, Py_ssize_t line, Py_ssize_t after,
                    Py_ssize_t width, Py_ssize_t ei, list keys, Py_ssize_t maxlen,
                    Py_ssize_t limit, list rows, list lines, list bad, Py_ssize_t last):
@@ -196,12 +204,12 @@ def csv_plain_rows(list chunk, Py_ssize_t at, Py_ssize_t line, Py_ssize_t after,
                 continue
         rec = text[:tl].split(",")
         if len(rec) != width:
-            if len(rec) == 1 and not (<str>rec[0]).strip():
+            if _rc_blank(rec):
                 continue
             bad.append(_rc_bad_row(line, f"expected {width} columns, found {len(rec)}"))
             last = line
             continue
-        if width == 1 and not (<str>rec[0]).strip():
+        if not (<str>rec[ei]).strip() and _rc_blank(rec):
             continue
         email = rec.pop(ei)
         try:

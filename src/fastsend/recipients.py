@@ -62,8 +62,15 @@ def detect_format(path: str, first: str) -> str:
     return "jsonl" if first.lstrip().startswith("{") else "csv"
 
 
+SAMPLE_ROWS = 1000  # JSON lines whose keys are a JSON-lines list's "columns"
+
+
 def columns(path: str) -> set[str]:
-    """The variable names a file provides (CSV header, or keys of the first JSON row)."""
+    """The variable names a file provides: a CSV's header; a JSON-lines list's
+    keys in its first :data:`SAMPLE_ROWS` rows (a variable none of them gives is
+    a template's typo, refused before anything is sent; a row lacking one is a
+    bad row, :func:`batches`). Only the first row was read: when it lacked a
+    variable, or was no JSON, the whole list was refused for one bad row."""
     with _open(path) as f:
         first = _readline(path, f)
         fmt = detect_format(path, first)
@@ -73,13 +80,20 @@ def columns(path: str) -> set[str]:
             except csv.Error as e:
                 raise RecipientsError(f"line 1: {e}") from None
             return {h.strip() for h in header}
-        while first and not first.strip():
-            first = _readline(path, f)
-        try:
-            obj = orjson.loads(first) if first.strip() else {}
-        except orjson.JSONDecodeError:
-            return set()
-        return set(obj) if isinstance(obj, dict) else set()
+        keys: set[str] = set()
+        n = 0
+        line = first
+        while line and n < SAMPLE_ROWS:
+            if line.strip():
+                n += 1
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict):
+                    keys.update(obj)
+            line = _readline(path, f)
+        return keys
 
 
 def _readline(path: str, f: io.TextIOWrapper) -> str:
@@ -159,7 +173,7 @@ BLOCK = 1 << 20  # bytes per read of survey()
 # Bytes that may begin a line holding only whitespace (what str.strip() removes):
 # ASCII whitespace, the separators U+001C-U+001F, and the lead bytes of the
 # UTF-8 forms of U+0085, U+00A0, U+1680, U+2000-U+205F and U+3000.
-_MAY_BE_BLANK = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3"
+_MAY_BE_BLANK = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3,"  # (",,,": a CSV's empty row)
 _MAY_BE_BLANK_AFTER_BREAK = re.compile(b"\n[" + re.escape(_MAY_BE_BLANK) + b"]")
 
 
@@ -258,7 +272,10 @@ class _LineCounter:
             )
         if buf[start] in _MAY_BE_BLANK or _MAY_BE_BLANK_AFTER_BREAK.search(buf, start, end):
             lines = self._text(buf, start, end).split("\n")[:-1]
-            self.rows += sum(1 for line in lines if line.strip())
+            if self.fmt == "csv":  # fields of white space only: no row (_blank_record)
+                self.rows += sum(1 for line in lines if line.replace(",", "").strip())
+            else:
+                self.rows += sum(1 for line in lines if line.strip())
         else:
             self.rows += n
         self.lines += n
@@ -287,7 +304,7 @@ def _count_records(path: str) -> int:
             try:
                 for rec in reader:
                     end = 1 + reader.line_num
-                    if rec and not (len(rec) == 1 and not rec[0].strip()):
+                    if not _blank_record(rec):
                         n += 1
             except csv.Error as e:  # the file as a whole cannot be read: before any row
                 where = csv_error(end + 1, 1 + reader.line_num, e)
@@ -387,19 +404,25 @@ def _address_of(
     rec: list[str], line: int, width: int, ei: int, bad: list[BadRow]
 ) -> tuple[str, str] | bool | None:
     """The (address, ascii domain) of a CSV record, its email field popped;
-    None: a blank line (no row); False: a bad row (appended to ``bad``)."""
+    None: a blank line (no row: every field empty or white space, as a
+    spreadsheet writes an empty row, ",,,"); False: a bad row (appended to ``bad``)."""
     if len(rec) != width:
-        if not rec or (len(rec) == 1 and not rec[0].strip()):
+        if _blank_record(rec):
             return None
         bad.append(BadRow(line, f"expected {width} columns, found {len(rec)}"))
         return False
-    if width == 1 and not rec[0].strip():
+    if not rec[ei].strip() and _blank_record(rec):
         return None
     try:
         return normalize(rec.pop(ei))
     except AddressError as e:
         bad.append(BadRow(line, str(e)))
         return False
+
+
+def _blank_record(rec: list[str]) -> bool:
+    """Whether a CSV record is no row: no field holds more than white space."""
+    return not any(f.strip() for f in rec)
 
 
 def vars_json(keys: list[bytes], values: list[str]) -> bytes:
@@ -485,8 +508,9 @@ def _csv_batches(
         raise RecipientsError(f"line 1: {e}") from None
     if "email" not in header:
         raise RecipientsError(f"CSV header has no 'email' column (columns: {', '.join(header)})")
-    if len(set(header)) != len(header):  # one name, two values: which one is meant?
-        twice = next(h for i, h in enumerate(header) if h in header[:i])
+    named = [h for h in header if h]  # (unnamed columns: a spreadsheet's empty ones)
+    if len(set(named)) != len(named):  # one name, two values: which one is meant?
+        twice = next(h for i, h in enumerate(named) if h in named[:i])
         raise RecipientsError(f"line 1: CSV header names the column {twice[:64]!r} twice")
     if lacking := need - set(header):
         raise RecipientsError(
@@ -496,7 +520,11 @@ def _csv_batches(
     ei = header.index("email")
     names = header[:ei] + header[ei + 1 :]  # the variables, in column order
     width = len(header)
-    row_type = _vars_struct(names)
+    # A column without a name (Excel and Sheets export "email,name,," for columns
+    # once touched) is no variable: its values are left out (two of them made
+    # the header "name the column '' twice", the list refused).
+    unnamed = "" in names
+    row_type = None if unnamed else _vars_struct(names)
     rows: list[tuple[str, str, bytes]] = []
     lines: list[int] = []
     bad: list[BadRow] = []
@@ -559,6 +587,9 @@ def _csv_batches(
             addr, domain = got
             if row_type is not None:  # the same bytes as the dict below, a third of the CPU
                 rows.append((addr, domain, encode(row_type(*rec))))
+            elif unnamed:
+                named_vars = {n: v for n, v in zip(names, rec, strict=True) if n}
+                rows.append((addr, domain, dumps(named_vars)))
             else:
                 rows.append((addr, domain, dumps(dict(zip(names, rec, strict=True)))))
             lines.append(line)
@@ -635,6 +666,8 @@ def _jsonl_batches(
             bad.append(BadRow(line, str(e)))
             continue
         values = {k: _text(v) for k, v in obj.items()}
+        if any(type(v) is float for v in obj.values()):
+            _as_written(text, obj, values)
         if need and not need <= values.keys():
             bad.append(_lacking_row(line, need - values.keys()))
             continue
@@ -711,6 +744,21 @@ def text_vars(obj: dict[str, Any]) -> dict[str, str]:
     the placeholder's default, or a missing variable -- never the text "null"
     in a message ("Hi null,")."""
     return {k: _text(v) for k, v in obj.items() if v is not None}
+
+
+def _as_written(text: str, obj: dict[str, Any], values: dict[str, str]) -> None:
+    """The numbers among a JSON line's values as the line writes them. orjson
+    reads a number with a fraction or an exponent, or an integer too large for
+    64 bits, as a float: ``19.90`` became "19.9", ``1e3`` "1000.0" and a 23-digit
+    account number "1.2345678901234568e+22". Read again, those only, keeping
+    each number's text (the rare row that has one)."""
+    try:
+        exact = json.loads(text, parse_float=str, parse_int=str)
+    except (ValueError, RecursionError):
+        return
+    for k, v in obj.items():
+        if type(v) is float and isinstance(exact.get(k), str):
+            values[k] = exact[k]
 
 
 def _text(v: object) -> str:

@@ -95,17 +95,21 @@ _PLACEHOLDER = re.compile(
 
 
 # What another template language would make a tag or a comment of (Jinja,
-# Django, Twig, Nunjucks: ``{% if premium %}``, ``{#- note -#}``): this one has
-# none, so such text goes out as it is written, to every recipient.
-_FOREIGN_TAG = re.compile(r"\{%-?\s*[A-Za-z_][^%]*%\}|\{#.*?#\}", re.S)
+# Django, Twig, Nunjucks: ``{% if premium %}``, ``{#- note -#}``; Mailchimp's
+# merge tags, ``*|FNAME|*``): this one has none, so such text goes out as it is
+# written, to every recipient.
+_FOREIGN_TAG = re.compile(
+    r"\{%-?\s*[A-Za-z_][^%]*%\}|\{#.*?#\}|\*\|[A-Za-z_][A-Za-z0-9_:\-]*\|\*", re.S
+)
 
 
 def foreign_tag(source: str) -> str | None:
     """Why ``source`` is not meant as this template language: the first ``{%
-    ... %}`` tag or ``{# ... #}`` comment outside a placeholder, with its line;
-    None when it holds none. (Asked of a campaign as it arrives,
-    ``accept.check_campaign``: a campaign already spooled still builds.)"""
-    if "{%" not in source and "{#" not in source:
+    ... %}`` tag, ``{# ... #}`` comment or ``*|MERGE|*`` tag outside a
+    placeholder, with its line; None when it holds none. (Asked of a campaign
+    as it arrives, ``accept.check_campaign``: a campaign already spooled still
+    builds.)"""
+    if "{%" not in source and "{#" not in source and "*|" not in source:
         return None
     pos = 0
     for m in _PLACEHOLDER.finditer(source):  # a quoted "{%" in one is text
@@ -120,8 +124,8 @@ def foreign_tag(source: str) -> str | None:
     line = source.count("\n", 0, got.start()) + 1
     return (
         f"line {line}: {got.group()[:40].splitlines()[0]!r}: a template has only {{{{ name }}}}"
-        ' placeholders (with | default("x") or | raw), no {% %} tags or {# #} comments'
-        ' ({{ "{%" }} writes the characters)'
+        ' placeholders (with | default("x") or | raw), no {% %} tags, {# #} comments or'
+        ' *|MERGE|* tags ({{ "{%" }} writes the characters)'
     )
 
 
