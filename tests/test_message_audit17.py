@@ -32,7 +32,11 @@ upload) against a real receiver (aiosmtpd).
 - a JSON line's ``19.90`` was sent as "19.9", ``1e3`` as "1000.0", a 23-digit
   number as "1.2345678901234568e+22";
 - a spreadsheet's CSV ("email,name,," and empty rows ",,,") was refused whole
-  (the unnamed column "named twice"), its empty rows bad rows.
+  (the unnamed column "named twice"), its empty rows bad rows;
+- a recipient at an address literal (``u@[192.0.2.1]``, which the list
+  accepts) was looked up as a name: NXDOMAIN, a hard bounce, suppressed;
+- a CSV whose address column is named as exports name it ("Email", "Email
+  Address") was refused: "no 'email' column".
 """
 
 from __future__ import annotations
@@ -598,3 +602,51 @@ def test_the_twins_skip_a_row_of_empty_fields_alike() -> None:
         outs.append((res, rows, lines, bad))
     assert outs[0] == outs[1]
     assert outs[0][2] == [2, 7] and [b.line for b in outs[0][3]] == [6], outs[0]
+
+
+# ---------------------------------------------------------------- address literals
+
+
+def _send_by_mx(tmp: Path, rows: str, port: int, allow_private: bool) -> subprocess.CompletedProcess[str]:
+    (tmp / "c.toml").write_text(CAMPAIGN)
+    (tmp / "r.csv").write_text(rows)
+    (tmp / "f.toml").write_text(
+        f"[dns]\nmx_port = {port}\ntimeout = 1\n"
+        f"[delivery]\nallow_private_mx = {'true' if allow_private else 'false'}\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "fastsend", "send", str(tmp / "c.toml"), "-r", str(tmp / "r.csv"),
+         "-c", str(tmp / "f.toml"), "--spool", str(tmp / "spool"), "--json", "--no-progress",
+         "--workers", "1", "--max-wait", "3", "--no-dkim"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_a_recipient_at_an_address_literal_goes_to_that_address(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler]
+) -> None:
+    """``u@[127.0.0.1]`` was looked up as the name "[127.0.0.1]": NXDOMAIN, a hard
+    bounce 5.1.2 that suppressed it. It goes to the address (RFC 5321 4.1.3), a
+    non-public one only with allow_private_mx, as an MX address."""
+    port, handler = receiver
+    p = _send_by_mx(tmp_path, "email,name\nu@[127.0.0.1],U\n", port, True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["delivered"] == 1, p.stdout
+    assert _rcpts(handler) == ["u@[127.0.0.1]"]
+    (tmp_path / "private").mkdir()
+    p = _send_by_mx(tmp_path / "private", "email,name\nv@[127.0.0.1],V\n", port, False)
+    bounced = [e for e in _events(tmp_path / "private") if e["event"] == "bounced"]
+    assert [e["enhanced"] for e in bounced] == ["5.4.4"], bounced
+    assert _rcpts(handler) == ["u@[127.0.0.1]"]
+
+
+@pytest.mark.parametrize("name", ["Email", "EMAIL", "E-mail", "Email Address"])
+def test_an_exports_address_column_is_the_email_column(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler], name: str
+) -> None:
+    """Exports name the address column "Email" (HubSpot, Excel), "Email Address"
+    (Mailchimp), "E-mail": the list was refused, "no 'email' column"."""
+    port, handler = receiver
+    p = _send(tmp_path, CAMPAIGN, "r.csv", f"{name},name\na@x.example,A\n", port)
+    assert p.returncode == 0, p.stderr
+    assert _rcpts(handler) == ["a@x.example"]

@@ -75,11 +75,7 @@ def columns(path: str) -> set[str]:
         first = _readline(path, f)
         fmt = detect_format(path, first)
         if fmt == "csv":
-            try:
-                header = next(csv.reader([first]), [])
-            except csv.Error as e:
-                raise RecipientsError(f"line 1: {e}") from None
-            return {h.strip() for h in header}
+            return set(_csv_names(first))
         keys: set[str] = set()
         n = 0
         line = first
@@ -94,6 +90,40 @@ def columns(path: str) -> set[str]:
                     keys.update(obj)
             line = _readline(path, f)
         return keys
+
+
+# What spreadsheets and other senders' exports name the address column
+# (Mailchimp "Email Address", HubSpot "Email", "E-mail"), any case.
+_EMAIL_HEADERS = frozenset({"email", "e-mail", "email address", "e-mail address"})
+
+
+def csv_header(fields: list[str]) -> list[str]:
+    """A CSV header's column names, stripped; without an ``email`` column, the
+    one column named as exports name it (``Email``, ``E-mail``, ``Email
+    Address``, any case) is the ``email`` column (the list was refused: "no
+    'email' column (columns: Email, ...)")."""
+    header = [h.strip() for h in fields]
+    if "email" not in header:
+        alike = [i for i, h in enumerate(header) if h.lower() in _EMAIL_HEADERS]
+        if len(alike) == 1:
+            header[alike[0]] = "email"
+    return header
+
+
+def _csv_names(first: str) -> list[str]:
+    """The column names of a CSV's header line ``first`` (:func:`csv_header`);
+    RecipientsError when it has no ``email`` column."""
+    try:
+        header = csv_header(next(csv.reader([first]), []))
+    except csv.Error as e:
+        raise RecipientsError(f"line 1: {e}") from None
+    if "email" not in header:
+        why = f"CSV header has no 'email' column (columns: {', '.join(header)})"
+        sep = next((c for c in ";\t|" if c in first and "email" in first.lower()), "")
+        if len(header) == 1 and sep:  # a European spreadsheet's ";", a TSV
+            why += f": its columns are separated by {sep!r}; a list's CSV separates them by ','"
+        raise RecipientsError(why)
+    return header
 
 
 def _readline(path: str, f: io.TextIOWrapper) -> str:
@@ -502,12 +532,7 @@ def _csv_batches(
     """Batches of ``limit`` good rows, then of ``size``. Lines with no '"' (no
     quoted field can begin or continue there) are read by ``csv_plain_rows``;
     from the first line holding one on, the csv module reads the rest."""
-    try:
-        header = [h.strip() for h in next(csv.reader([first]))]
-    except csv.Error as e:
-        raise RecipientsError(f"line 1: {e}") from None
-    if "email" not in header:
-        raise RecipientsError(f"CSV header has no 'email' column (columns: {', '.join(header)})")
+    header = _csv_names(first)
     named = [h for h in header if h]  # (unnamed columns: a spreadsheet's empty ones)
     if len(set(named)) != len(named):  # one name, two values: which one is meant?
         twice = next(h for i, h in enumerate(named) if h in named[:i])

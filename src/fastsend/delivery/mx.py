@@ -248,6 +248,22 @@ class MXResolver:
         fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
         return await asyncio.shield(fut)
 
+    def _literal(self, domain: str) -> Site | Outcome:
+        """The site of a recipient at an address literal, ``u@[192.0.2.1]`` or
+        ``u@[IPv6:2001:db8::1]``: that address, as any MX address is (not a
+        private one unless [delivery] allow_private_mx). It was looked up as a
+        name ("[192.0.2.1]": NXDOMAIN), a hard bounce that suppressed it."""
+        inner = domain[1:-1]
+        inner = inner[5:] if inner[:5].lower() == "ipv6:" else inner
+        try:
+            address = str(ipaddress.ip_address(inner))
+        except ValueError:
+            return _fail("5.1.2", f"{domain} is not an address literal")
+        refused: list[str] = []
+        if not self._public([address], refused):
+            return _refused(domain, refused)
+        return Site(f"literal:{address}", (Host(address, address, self.mx_port),))
+
     def _public(self, addrs: list[str], refused: list[str]) -> list[str]:
         """``addrs`` without loopback, private, link-local, ULA and other non-global
         addresses (appended to ``refused``), unless [delivery] allow_private_mx."""
@@ -315,6 +331,8 @@ class MXResolver:
         return len(self._cache) + len(self._addr_cache) + len(self._route_cache)
 
     async def _lookup(self, domain: str) -> tuple[Site | Outcome, float]:
+        if domain.startswith("["):  # an address literal (RFC 5321 4.1.3): no DNS
+            return self._literal(domain), _MAX_TTL
         import dns.exception
         import dns.resolver
 
