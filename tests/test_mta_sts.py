@@ -415,9 +415,11 @@ def test_check_config_shows_the_tls_policy_setting(tmp_path: Path, capsys: Any) 
     out = capsys.readouterr().out
     assert "[tls] MTA-STS on" in out and "off for legacy.test" in out, out
     assert "static routes, no policy: relay.test" in out, out
-    f.write_text('[tls]\nmta_sts = "off"\n')
+    assert "[tls] DANE off" in out
+    f.write_text('[tls]\nmta_sts = "off"\ndane = "on"\n[dns]\nnameservers = ["127.0.0.1:53"]\n')
     assert main(["check-config", str(f)]) == 0
-    assert "[tls] MTA-STS off" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[tls] MTA-STS off" in out and "DANE on" in out and "127.0.0.1:53" in out, out
 
 
 # ---------------------------------------------------------------- DANE (RFC 7672)

@@ -43,7 +43,13 @@ def tls_line(cfg: Config) -> str:
         line += "; no policy applies: every domain has a static route"
     elif routed:
         line += f"; static routes, no policy: {', '.join(routed[:5])}" + (", ..." if len(routed) > 5 else "")
-    return line + "; trust store: " + (t.ca_file or "the system's")
+    line += "; trust store: " + (t.ca_file or "the system's")
+    if t.dane == "on":
+        ns = ", ".join(cfg.dns.nameservers) or "the system's resolv.conf"
+        line += f"\n[tls] DANE on (TLSA records the resolver authenticates decide; resolver: {ns})"
+    else:
+        line += "\n[tls] DANE off"
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
