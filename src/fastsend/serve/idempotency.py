@@ -285,15 +285,18 @@ class Held:
         """(campaign, ids) of every row whose events are held."""
         return [*self.earlier, *((cid, ids) for cid, ids, _r, _g, _n in self.rows)]
 
-    def tell(self, ctx: ServeContext, index: Any) -> None:
+    async def tell(self, ctx: ServeContext, index: Any) -> None:
+        """Emit (and index) the held events, a part at a time, the loop free between."""
         acceptor = ctx.acceptor
         for cid, ids in self.earlier:
             acceptor.retell(cid, ids, f"{HEADER}: an earlier attempt", index)
+            await asyncio.sleep(0)
         for cid, ids, rcpts, gone, now in self.rows:
             acceptor.emit_accepted(cid, ids, rcpts, gone, now)
+            if index is not None:
+                index.flush()
+            await asyncio.sleep(0)
         self.rows, self.earlier = [], []
-        if index is not None:
-            index.flush()
 
 
 HELD: web.RequestKey[Held] = web.RequestKey("fastsend_held_events", Held)
@@ -312,14 +315,15 @@ def _runs(ids: list[int]) -> list[list[int]]:
 
 
 class HeldJournal:
-    """``<spool dir>/held.jsonl``: the rows whose held events (:class:`Held`) are
-    about to be told, written (fsynced) before their campaign leaves staging, and
-    marked told after. A kill -9 between the status change and the events lost
-    them for good without an Idempotency-Key (no retry to tell them): the next
-    start (:meth:`replay`) tells a noted campaign's rows that the event index
-    lacks, unless the campaign never left staging (abandoned: never the tenant's,
-    nothing to tell). One process per spool dir (SQLite's supervisor lock; a
-    Redis node's own dir)."""
+    """``<spool dir>/held.jsonl``: a new campaign complete (every row spooled, still
+    staging), with the status it takes and the ids of the rows whose held events
+    (:class:`Held`) are to be told, written (fsynced) before they are told and it
+    leaves staging, and marked done after. It is the creation's commit point: a
+    kill -9 after it, the next start (:meth:`replay`) gives the campaign its status
+    and tells the rows' events the index lacks (before: a kill between the status
+    change and the events lost them for good without an Idempotency-Key), unless
+    the campaign was abandoned meanwhile (never the tenant's: nothing to tell).
+    One process per spool dir (SQLite's supervisor lock; a Redis node's own dir)."""
 
     NAME = "held.jsonl"
 
@@ -327,11 +331,13 @@ class HeldJournal:
         self.path = os.path.join(spool_dir, self.NAME)
         self.seq = 0
 
-    def note(self, held: Held) -> int:
-        """Record ``held``'s rows durably; the number :meth:`told` takes."""
+    def note(self, held: Held, campaign: int, status: str) -> int:
+        """Record ``held``'s rows and ``campaign``'s coming ``status`` durably; the
+        number :meth:`told` takes."""
         self.seq += 1
         parts = [[cid, _runs(ids)] for cid, ids in held.ids()]
-        self._append({"n": self.seq, "parts": parts}, sync=True)
+        self._append({"n": self.seq, "campaign": campaign, "status": status,
+                      "parts": parts}, sync=True)  # fmt: skip
         return self.seq
 
     def told(self, n: int) -> None:
@@ -354,7 +360,7 @@ class HeldJournal:
                 lines = f.read().splitlines()
         except FileNotFoundError:
             return 0
-        noted: dict[int, list[Any]] = {}
+        noted: dict[int, dict[str, Any]] = {}
         for line in lines:
             try:
                 rec = orjson.loads(line)
@@ -363,10 +369,13 @@ class HeldJournal:
             if isinstance(rec, dict) and "told" in rec:
                 noted.pop(rec["told"], None)
             elif isinstance(rec, dict) and "n" in rec:
-                noted[rec["n"]] = rec["parts"]
+                noted[rec["n"]] = rec
         n = 0
-        for parts in noted.values():
-            for cid, runs in parts:
+        for rec in noted.values():
+            made = ctx.spool.get_campaign(rec["campaign"])
+            if made is not None and made.status == STAGING:  # complete: its status now
+                ctx.spool.set_campaign_status(made.id, rec["status"])
+            for cid, runs in rec["parts"]:
                 info = ctx.spool.get_campaign(cid)
                 if info is None or info.status in (STAGING, ABANDONED):
                     continue  # never the tenant's: nothing to tell
