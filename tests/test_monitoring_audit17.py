@@ -606,3 +606,48 @@ def test_a_scrape_reads_the_spools_figures_off_the_event_loop(
         assert 'fastsend_messages{state="queued"} 35' in text
     finally:
         ctx.close()
+
+
+def test_a_413_halves_the_batch_instead_of_holding_the_url(tmp_path: Path) -> None:
+    """A receiver whose body limit is under a batch answered 413 to it for ever (until
+    retention_days): every later event for the URL waited behind it."""
+    from aiohttp import web
+
+    from fastsend.config import from_dict
+    from fastsend.serve.context import open_context
+    from fastsend.serve.webhooks import WebhookDispatcher
+    from fastsend.testing.http import app_on_loopback
+
+    got: list[int] = []
+    sizes: list[int] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        batch = orjson.loads(await request.read())
+        if len(batch) > 2:  # the receiver's limit
+            return web.Response(status=413)
+        sizes.append(len(batch))
+        got.extend(e["id"] for e in batch)
+        return web.Response(status=204)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        async with app_on_loopback(app) as base:
+            ctx = open_context(from_dict({
+                "spool": {"dir": str(tmp_path / "spool")},
+                "webhooks": {"urls": [f"{base}/hook"], "secret": "0123456789abcdefghij",
+                             "batch_size": 8, "retry_min": 30, "flush_interval": 0.01}}))  # fmt: skip
+            d = WebhookDispatcher(ctx)
+            await d.start()
+            try:
+                ctx.events.emit_many(_evs("delivered", range(8)))
+                deadline = time.monotonic() + 10
+                while len(got) < 8:
+                    assert time.monotonic() < deadline, got
+                    await asyncio.sleep(0.02)
+            finally:
+                await d.stop()
+                ctx.close()
+
+    asyncio.run(main())
+    assert got == list(range(8)) and max(sizes) <= 2

@@ -38,7 +38,8 @@ DESCRIPTION
     what its kill -9 left in memory. Anything else (connection refused, timeout,
     3xx/4xx/5xx) is retried after ``retry_min * 2**n`` seconds (capped at
     ``retry_max``, +-20 % jitter; longer when the answer's ``Retry-After`` asks,
-    up to ``retry_max``) for ``retention_days``: an endpoint that is
+    up to ``retry_max``; a 413, the receiver's body limit, halves the URL's batch
+    at once instead) for ``retention_days``: an endpoint that is
     down for a day loses nothing, and a restart resumes from the cursors. Past
     that window serve's retention pass (:mod:`fastsend.serve.retention`) drops
     the events a URL never took, says how many per URL and counts them
@@ -501,13 +502,14 @@ class WebhookDispatcher:
         wake = self._send_wake[url]
         failures = 0
         hold = getattr(self.outbox, "hold", None)  # shared outbox: one node sends per URL
+        smaller = 0  # the batch size a 413 (body too large) left for this URL (0: none)
         while True:
             assert self.outbox is not None
             c = self.config  # (a reload may change it)
             if hold is not None and not hold(url):
                 await asyncio.sleep(1.0)  # another node sends to it; take over if it dies
                 continue
-            rows = self.outbox.fetch(url, c.batch_size)
+            rows = self.outbox.fetch(url, min(c.batch_size, smaller or c.batch_size))
             if not rows:
                 wake.clear()
                 if hold is None:
@@ -516,10 +518,16 @@ class WebhookDispatcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), 0.5)
                 continue
-            ok, asked = await self._post(url, rows)
+            ok, asked, status = await self._post(url, rows)
             if ok:
                 self.outbox.ack(url, rows[-1][0])
                 failures = 0
+                continue
+            if status == 413 and len(rows) > 1:
+                # The receiver's body limit: half the batch, at once (the same batch
+                # was refused again and again until retention_days, every event after
+                # it held back for the URL).
+                smaller = max(1, len(rows) // 2)
                 continue
             failures += 1
             delay = min(c.retry_max, c.retry_min * 2 ** min(failures - 1, 30))
@@ -529,9 +537,11 @@ class WebhookDispatcher:
             # 8 ... s later, each refused.
             await asyncio.sleep(max(delay, min(asked, c.retry_max)))
 
-    async def _post(self, url: str, rows: list[tuple[int, bytes]]) -> tuple[bool, float]:
+    async def _post(
+        self, url: str, rows: list[tuple[int, bytes]]
+    ) -> tuple[bool, float, int]:
         """POST ``rows`` to ``url``: (accepted, the seconds a refusal's Retry-After
-        asks to wait, 0.0 without one)."""
+        asks to wait, 0.0 without one, the HTTP status, 0 without an answer)."""
         body = b"[" + b",".join(_with_id(i, b) for i, b in rows) + b"]"
         ts = int(time.time())
         headers = {
@@ -557,7 +567,7 @@ class WebhookDispatcher:
             log.warning(
                 "webhook %s: batch %s not accepted (%s)", safe_url(url), headers[BATCH_HEADER], status
             )
-        return ok, asked
+        return ok, asked, status if isinstance(status, int) else 0
 
 
 def retry_after(value: str, now: float | None = None) -> float:
