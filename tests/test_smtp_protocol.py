@@ -539,6 +539,22 @@ def test_lost_after_the_dot_is_deferred_at_data() -> None:
     assert [(o.kind, o.stage) for o in r.outcomes] == [("deferred", "data")]
 
 
+def test_lost_after_a_pipelined_bdat_is_deferred_at_data_not_unstarted() -> None:
+    """With CHUNKING, MAIL, RCPT and BDAT LAST go out in one write: a connection lost
+    before any reply may have left the whole message with the server, so the outcome
+    is at "data" (unknown: an attempt, retried later), not at "mail" (never started:
+    sent again at once on another connection, a duplicate). Found by aud17v."""
+    c = ready(BDAT)
+    wire = c.send_envelopes([env("a@example.com", "b@example.com")])
+    assert b"BDAT 7 LAST" in wire
+    (r,) = c.connection_lost()
+    assert [(o.kind, o.code, o.stage) for o in r.outcomes] == [("deferred", 0, "data")] * 2
+    plain = ready()  # DATA: the body waits for 354, so nothing can have arrived
+    plain.send_envelopes([env("a@example.com")])
+    (r,) = plain.connection_lost()
+    assert [(o.kind, o.stage) for o in r.outcomes] == [("deferred", "mail")]
+
+
 def test_helo_fallback_and_no_capabilities() -> None:
     c = SMTPClient("client.example")
     c.receive_data(b"220 old server\r\n")

@@ -1241,6 +1241,8 @@ cdef class ClientCore:
             if t not in stage_of:
                 stage_of[t] = _C_STAGE[e.kind]
                 seen.append(t)
+            elif e.kind == _K_BDAT:
+                stage_of[t] = "data"  # the body went out pipelined (the reference's note)
         self._pclear()
         self._cmd_names.clear()
         for t in self._queue:  # (an envelope not read yet: its transaction now)

@@ -714,9 +714,16 @@ class ClientCore:
         seen: list[_Txn] = []
         stage_of: dict[int, str] = {}
         for kind, txn, _i in self._pending:
-            if txn is not None and id(txn) not in stage_of:
+            if txn is None:
+                continue
+            if id(txn) not in stage_of:
                 stage_of[id(txn)] = _STAGE[kind]
                 seen.append(txn)
+            elif kind == _BDAT:
+                # Its body went out pipelined behind MAIL and RCPT (CHUNKING): the
+                # server may hold the whole message, so its fate is unknown, as after
+                # a dot; never "unstarted", which would send it again at once.
+                stage_of[id(txn)] = "data"
         self._pending.clear()
         self._cmd_names.clear()
         seen.extend(self._queue)
