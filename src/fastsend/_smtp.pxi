@@ -1241,7 +1241,7 @@ cdef class ClientCore:
             if t not in stage_of:
                 stage_of[t] = _C_STAGE[e.kind]
                 seen.append(t)
-            elif e.kind == _K_BDAT:
+            elif e.kind == _K_BDAT and code == 0:
                 stage_of[t] = "data"  # the body went out pipelined (the reference's note)
         self._pclear()
         self._cmd_names.clear()

@@ -719,10 +719,11 @@ class ClientCore:
             if id(txn) not in stage_of:
                 stage_of[id(txn)] = _STAGE[kind]
                 seen.append(txn)
-            elif kind == _BDAT:
-                # Its body went out pipelined behind MAIL and RCPT (CHUNKING): the
-                # server may hold the whole message, so its fate is unknown, as after
-                # a dot; never "unstarted", which would send it again at once.
+            elif kind == _BDAT and code == 0:
+                # Its body went out pipelined behind MAIL and RCPT (CHUNKING) and no
+                # reply came: the server may hold the whole message, so its fate is
+                # unknown, as after a dot; never "unstarted", which would send it again
+                # at once. (A 421 that ends the session refused it: unstarted.)
                 stage_of[id(txn)] = "data"
         self._pending.clear()
         self._cmd_names.clear()
