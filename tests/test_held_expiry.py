@@ -87,7 +87,11 @@ def test_mail_a_campaign_rate_would_send_after_its_max_age_expires(tmp_path: Pat
     counts = spool.counts(cid)
     # 10 went at once (the rate's burst), 100 (10 s of it) stayed held, 90 expired
     assert counts["expired"] == 90 and sup.stats.expired == 90, counts
-    assert counts["expired"] + counts["delivered"] + counts["queued"] == 200, counts
+    # the burst is delivered, or (a worker slow to start on a loaded machine, then the
+    # stop) back in the queue, deferred: nothing else is lost
+    assert counts["expired"] + counts["delivered"] + counts["queued"] + counts["deferred"] == 200, (
+        counts
+    )
     expired = [e for e in logged(cfg) if e["event"] == "expired"]
     assert len(expired) == 90 and all("10/s rate" in e["text"] for e in expired), expired[0]
     rows = spool.db.execute("SELECT attempts FROM messages WHERE state = 6").fetchall()
