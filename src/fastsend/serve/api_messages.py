@@ -64,7 +64,7 @@ from fastsend.serve.api import (
     tenant_template,
     unavailable,
 )
-from fastsend.serve.context import ENDED_CAMPAIGN
+from fastsend.serve.context import ENDED_CAMPAIGN, campaign_pages
 from fastsend.serve.idempotency import accept_rows, idempotent, run_of
 from fastsend.serve.senders import header_nul, sender_domains
 from fastsend.spool import ABANDONED, STAGING
@@ -166,19 +166,13 @@ class MessagesHandler:
         async with lock:
             if tenant in self.indexed:
                 return
-            after = 0
             created: list[float] = []
-            while True:
-                page = spool.campaigns(tenant, after=after, limit=INDEX_PAGE)
+            async for page in campaign_pages(spool, tenant, INDEX_PAGE):
                 created += [info.created for info in page]
                 for info in page:
                     digest = info.options.get(TEMPLATE_OPTION)
                     if isinstance(digest, str):  # the first campaign made for it
                         self.template_campaigns.setdefault((tenant, digest), info.id)
-                if len(page) < INDEX_PAGE:
-                    break
-                after = page[-1].id
-                await asyncio.sleep(0)
             while len(self.template_campaigns) > TEMPLATES_KEPT:
                 self.template_campaigns.popitem(last=False)
             if quota is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastsend import msgid
@@ -58,6 +59,19 @@ class CampaignQuotaExceeded(Exception):
         self.wait = wait
 
 
+async def campaign_pages(spool: Any, tenant: str, size: int) -> AsyncIterator[list[Any]]:
+    """A tenant's campaigns (``Spool.campaigns``), ``size`` at a time, the loop
+    free between pages."""
+    after = 0
+    while True:
+        page = spool.campaigns(tenant, after=after, limit=size)
+        yield page
+        if len(page) < size:
+            return
+        after = page[-1].id
+        await asyncio.sleep(0)
+
+
 class CampaignQuota:
     """Campaigns a tenant makes through the API (``POST /v1/campaigns``, each new
     inline template of ``POST /v1/messages``, a transactional campaign made anew
@@ -83,14 +97,8 @@ class CampaignQuota:
             if tenant in self.made:
                 return
             times: list[float] = []
-            after = 0
-            while True:
-                page = spool.campaigns(tenant, after=after, limit=QUOTA_PAGE)
+            async for page in campaign_pages(spool, tenant, QUOTA_PAGE):
                 times += [c.created for c in page if c.created > now - QUOTA_WINDOW]
-                if len(page) < QUOTA_PAGE:
-                    break
-                after = page[-1].id
-                await asyncio.sleep(0)
             times.sort()
             self.made[tenant] = times
         self.locks.pop(tenant, None)
