@@ -45,7 +45,8 @@ DESCRIPTION
     listener that bumps in-memory counters (a few dict operations per event,
     as :mod:`fastsend.serve.metrics` does), so a poll costs no scan of the
     event index; they start empty at each server start. Counts by state come
-    from the spool with one grouped query per tenant, cached for at least
+    from the spool with one grouped query per tenant, made in a thread (never
+    on the event loop: :meth:`Spool.reader`), cached for at least
     ``SPOOL_TTL`` seconds (longer when the query is slow on a big spool).
 
 DELIBERATELY NOT HERE
@@ -57,6 +58,7 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -180,6 +182,8 @@ class Dashboard:
         self.ctx = ctx
         self.live: dict[str, _Live] = {}
         self._spool_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._spool_reads: dict[str, asyncio.Task[dict[str, Any]]] = {}  # one per key at once
+        self._stale = 0  # campaign events seen: a read that saw one begin is not cached
         self._ttl = SPOOL_TTL
         self.totals = [0, 0, 0]  # outcomes of this node since it started
         if getattr(ctx, "shared", None) is not None:
@@ -217,6 +221,7 @@ class Dashboard:
             if isinstance(name, str) and name.startswith("campaign_"):
                 self._spool_cache.pop(tenant, None)  # paused, resumed, ...: show it at once
                 self._spool_cache.pop(ALL, None)
+                self._stale += 1
             k = _KIND.get(name)  # type: ignore[arg-type]
             if k is not None:
                 t = e.get("time")
@@ -234,14 +239,37 @@ class Dashboard:
 
     # -- spool queries (cached) -------------------------------------------------
 
-    def _spool_view(self, tenant: str | None) -> dict[str, Any]:
-        """Counts by state, queue depth and campaigns of a tenant (None: all)."""
+    async def _spool_view(self, tenant: str | None) -> dict[str, Any]:
+        """Counts by state, queue depth and campaigns of a tenant (None: all), as
+        made last if younger than the TTL, else made again in a thread: they read
+        every pending row (pending per domain), on the loop a poll held serve
+        0.86 s on a Redis spool at 200,000 pending (0.12 s on SQLite). Polls at
+        once share one read."""
         key = ALL if tenant is None else tenant
-        now = time.monotonic()
         hit = self._spool_cache.get(key)
-        if hit is not None and now - hit[0] < self._ttl:
+        if hit is not None and time.monotonic() - hit[0] < self._ttl:
             return hit[1]
-        spool = self.ctx.spool
+        task = self._spool_reads.get(key)
+        if task is None or task.done():
+            task = self._spool_reads[key] = asyncio.create_task(self._refresh_view(key, tenant))
+        return await asyncio.shield(task)
+
+    async def _refresh_view(self, key: str, tenant: str | None) -> dict[str, Any]:
+        stale = self._stale
+        start = time.monotonic()
+        view = await asyncio.to_thread(self._read_view, tenant)
+        took = time.monotonic() - start
+        self._ttl = max(SPOOL_TTL, 5 * took)  # a slow spool is asked less often
+        if stale == self._stale:  # (not if a campaign changed during the read)
+            self._spool_cache[key] = (time.monotonic(), view)
+        return view
+
+    def _read_view(self, tenant: str | None) -> dict[str, Any]:
+        """:meth:`_spool_view`'s read (a thread's), through :meth:`Spool.reader`."""
+        with self.ctx.spool.reader() as spool:
+            return self._make_view(spool, tenant)
+
+    def _make_view(self, spool: Any, tenant: str | None) -> dict[str, Any]:
         camps = spool.campaigns(tenant)
         if tenant is not None:  # (being created, or abandoned by its request: not the tenant's)
             camps = [c for c in camps if c.status not in ("staging", "abandoned")]
@@ -270,9 +298,6 @@ class Dashboard:
             "campaigns": campaigns[:MAX_ROWS],
             "pending_by_domain": domains,
         }
-        took = time.monotonic() - now
-        self._ttl = max(SPOOL_TTL, 5 * took)  # a slow spool is asked less often
-        self._spool_cache[key] = (time.monotonic(), view)
         return view
 
     def node_status(self) -> dict[str, Any]:
@@ -310,7 +335,7 @@ class Dashboard:
         tenant = tenant_of(request)
         now = time.time()
         lv = self.live.get(tenant) or _Live()
-        view = self._spool_view(tenant)
+        view = await self._spool_view(tenant)
         out = {
             "tenant": tenant,
             "admin": tenant in self.admins(),
@@ -341,7 +366,7 @@ class Dashboard:
                 "connections_failed": int(c.get("connections_failed", 0)),
                 "ready_queue": int(c.get("ready_queue", 0)),
             })  # fmt: skip
-        view = self._spool_view(None)
+        view = await self._spool_view(None)
         lv = self.live.get(ALL) or _Live()
         return json_response(
             {

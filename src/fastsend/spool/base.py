@@ -6,6 +6,7 @@ package (:mod:`fastsend.spool`) re-exports it and opens a backend by URL."""
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import fcntl
 import functools
@@ -702,6 +703,14 @@ class Spool(abc.ABC):
         way code outside ``fastsend.spool`` learns that a spool is shared."""
         return None
 
+    def reader(self) -> contextlib.AbstractContextManager[Spool]:
+        """A view of this spool that another thread may read while this object
+        goes on being used where it is (``with spool.reader() as view:
+        view.queue_shape(now)``; read calls only): serve's /metrics and dashboard
+        count the pending mail in a thread, off the event loop that carries the
+        supervisor's dispatch and every request."""
+        raise NotImplementedError(f"{type(self).__name__} gives no reader for other threads")
+
     def stats(self) -> dict[str, int]:
         """Spool-wide counters of a shared spool (``taken_over``: in-flight
         messages put back after their node's lease expired, each a possible
@@ -1083,6 +1092,9 @@ class SpoolProxy(Spool):
 
     def shared(self) -> SharedStore | None:
         return self.inner.shared()
+
+    def reader(self) -> contextlib.AbstractContextManager[Spool]:
+        return self.inner.reader()
 
     def stats(self) -> dict[str, int]:
         return self.inner.stats()

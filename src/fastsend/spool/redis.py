@@ -97,6 +97,7 @@ the per-state counters, and so every count, stay as they were.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import os
@@ -104,7 +105,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -1503,6 +1504,13 @@ class RedisSpool(Spool):
                 # Our lease lapsed (a stall longer than it) and another process holds the job.
                 self._ingests.discard(jid)
                 print(f"fastsend: lost the lease on ingest job {jid}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Spool]:
+        # This very object: redis-py takes a connection from the client's pool for
+        # each command (a pipeline for one call), so another thread's reads never
+        # share a connection with this thread's calls; the read calls keep no state.
+        yield self
 
     def close(self) -> None:
         try:

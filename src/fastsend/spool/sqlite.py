@@ -1625,6 +1625,16 @@ class SQLiteSpool(Spool):
         if self._behind is not None:
             self._behind.last()
 
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Spool]:
+        # A read-only connection of the view's own: a sqlite3 connection is one
+        # thread's, and WAL lets the view read without holding the writer up.
+        view = SQLiteSpool(self.directory, readonly=True)
+        try:
+            yield view
+        finally:
+            view.close()
+
     def close(self) -> None:
         if self._behind is not None:  # its connection closed first: ours is the last
             self._behind.stop()
