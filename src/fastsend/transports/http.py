@@ -236,6 +236,11 @@ class HTTPTransport:
         # aiohttp >= 3.10 tells the two timeouts apart (both ServerTimeoutError before).
         unanswered = getattr(aiohttp, "SocketTimeoutError", ())
         unconnected = getattr(aiohttp, "ConnectionTimeoutError", ())
+        # No connection, or (3.10+) a write to a connection found closed.
+        reset = getattr(aiohttp, "ClientConnectionResetError", None)
+        unsent: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,) + (
+            (reset,) if reset is not None else ()
+        )
         try:
             return await self.request(session, envs)
         except unconnected:
@@ -255,6 +260,21 @@ class HTTPTransport:
             # The provider closed the connection where its answer was awaited:
             # it may have read the whole request and taken the message.
             text = "disconnected before answering (the provider may have taken it)"
+            return answered(envs, deferred(self.label, text, 0, "", "data"))
+        except unsent as e:
+            # No connection (refused, DNS, TLS), or the request could not be
+            # written (a keep-alive connection found closed): nothing was sent.
+            return answered(envs, deferred(self.label, f"connection failed: {e}", 0, "", "connect"))
+        except (
+            aiohttp.ClientOSError,
+            aiohttp.ClientPayloadError,
+            aiohttp.ClientResponseError,
+        ) as e:
+            # Broken where the answer was awaited or read (an RST from the
+            # provider's load balancer, a 200 whose body was cut short, an
+            # answer that is not HTTP): the request went whole, so the provider
+            # may have the message. Unknown, as above: never failed over.
+            text = f"connection broken before a whole answer ({e}; the provider may have taken it)"
             return answered(envs, deferred(self.label, text, 0, "", "data"))
         except (aiohttp.ClientError, OSError) as e:
             return answered(envs, deferred(self.label, f"connection failed: {e}", 0, "", "connect"))
