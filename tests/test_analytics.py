@@ -436,3 +436,56 @@ def test_a_human_click_counts_as_its_messages_unique_open(tmp_path: Path) -> Non
     assert (c["clicks_unique"], c["clicks_machine_unique"]) == (3, 1)
     assert got["rates"]["click_to_open_rate"] == 1.0  # was 3.0
     r.close()
+
+
+# Browsers and mail apps people click from (a click rule's false positive hides a
+# real reader from the human counts): phones whose model ends in "bot" (Cubot)
+# included; and what bots and link scanners send, each in the form its vendor
+# documents it.
+PEOPLE = (
+    "Mozilla/5.0 (Linux; Android 10; CUBOT X30) AppleWebKit/537.36 (KHTML, like Gecko)"
+    " Chrome/120.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 9; Cubot KingKong) AppleWebKit/537.36 (KHTML, like Gecko)"
+    " Chrome/99.0.4844.88 Mobile Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 11; CUBOT) AppleWebKit/537.36 (KHTML, like Gecko)"
+    " Chrome/108.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 13; SM-S911B) AppleWebKit/537.36 (KHTML, like Gecko)"
+    " Chrome/119.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like"
+    " Gecko) Version/17.1 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
+    " Chrome/120.0.0.0 Safari/537.36 Edg/120.0.0.0",
+    "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
+    " Chrome/118.0.0.0 YaBrowser/23.11.0.0 Safari/537.36",
+    "Mozilla/5.0 (compatible; MSIE 10.0; Windows NT 6.1; Trident/6.0)",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like"
+    " Gecko) Mobile/15E148 [FBAN/FBIOS;FBAV/437.0.0.31.110]",
+)
+BOTS = (
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+    "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
+    "Slackbot 1.0 (+https://api.slack.com/robots)",
+    "TelegramBot (like TwitterBot)",
+    "Mozilla/5.0 (compatible;PetalBot;+https://webmaster.petalsearch.com/site/petalbot)",
+    "Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)",
+    "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like"
+    " Gecko) Chrome/120.0.6099.71 Mobile Safari/537.36 (compatible; Googlebot/2.1;"
+    " +http://www.google.com/bot.html)",
+    "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; GPTBot/1.0;"
+    " +https://openai.com/gptbot)",
+    "Mozilla/5.0 (compatible; SemrushBot/7~bl; +http://www.semrush.com/bot.html)",
+    "Discordbot/2.0", "Twitterbot/1.0", "LinkedInBot/1.0", "MJ12bot/v1.4.8",
+)
+
+
+def test_click_scanner_agents_are_bots_not_phones_named_like_one() -> None:
+    """A click from a Cubot phone counted as a scanner's: the rule's ``bot\\b``
+    matched any word ending in "bot" (found by an audit)."""
+    m = load_machine_rules()
+    for ua in PEOPLE:
+        assert m.classify("click", ua, since_delivery=3600.0) == "", ua
+        assert m.classify("open", ua, since_delivery=3600.0) == "", ua
+    for ua in BOTS:
+        assert m.classify("click", ua, since_delivery=3600.0) == "scanner-agent", ua
