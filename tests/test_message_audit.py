@@ -393,6 +393,38 @@ def test_one_click_url_must_identify_the_recipient(
     assert Campaign.from_dict(c.to_dict()).to_dict() == c.to_dict()
 
 
+def test_one_click_with_only_a_mailto_is_refused_where_it_is_written(tmp_path: Path) -> None:
+    """RFC 8058 one-click is a POST to an https URI: ``one_click = true`` beside a
+    mailto: alone was silently sent without List-Unsubscribe-Post (found by an
+    audit). A campaign file or a tenant's template saying so is refused, naming
+    the fix; one spooled before in that form (then the default) still loads."""
+    from fastsend.message.campaign import CampaignError, check_inline
+
+    base = {"from": "News <news@sender.example>", "subject": "s", "text": "t"}
+    mailto = {"mailto": "unsub@sender.example", "one_click": True}
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        'from = "news@sender.example"\nsubject = "s"\ntext = "t"\n[list_unsubscribe]\n'
+        'mailto = "unsub@sender.example"\none_click = true\n'
+    )
+    with pytest.raises(CampaignError, match="one_click = true needs an https:// url"):
+        Campaign.load(toml)
+    with pytest.raises(CampaignError, match="needs an https:// url"):
+        check_inline({**base, "list_unsubscribe": mailto})
+    # fine: with a URL, with the tracking unsubscribe, or without one_click
+    check_inline({**base, "list_unsubscribe": {**mailto, "url": "https://s.example/u/{{ x }}"}})
+    check_inline({**base, "list_unsubscribe": mailto,
+                  "tracking": {"unsubscribe": True, "base_url": "https://t.example"}})  # fmt: skip
+    c = Campaign.from_dict({**base, "list_unsubscribe": {"mailto": "unsub@sender.example"}})
+    assert c.to_dict()["list_unsubscribe"]["one_click"] is False  # what it does, written
+    m = email.message_from_bytes(c.compile().render("r@example.net", {}, "1-abcdefghij"))
+    assert m["List-Unsubscribe"] == "<mailto:unsub@sender.example>"
+    assert m["List-Unsubscribe-Post"] is None
+    old = Campaign.from_dict({**base, "list_unsubscribe": mailto})  # a spooled one: loads
+    m = email.message_from_bytes(old.compile().render("r@example.net", {}, "1-abcdefghij"))
+    assert m["List-Unsubscribe-Post"] is None
+
+
 def test_one_click_headers_are_signed_whatever_the_header_list(
     impl: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     keys: tuple[Path, dict[str, str]],

@@ -34,7 +34,7 @@ from fastsend.message.mime import Renderer, ascii_uri_literals
 from fastsend.message.template import Template, TemplateError
 from fastsend.message.tracking import check_spec as check_tracking
 
-__all__ = ["BUILTIN_VARIABLES", "Campaign", "PathKeyError", "check_inline"]
+__all__ = ["BUILTIN_VARIABLES", "Campaign", "PathKeyError", "check_inline", "check_one_click"]
 
 BUILTIN_VARIABLES = frozenset({"email", "message_id"})
 # Also built in when [tracking] signs unsubscribe links; otherwise a column like any other.
@@ -101,6 +101,7 @@ def check_inline(d: Any) -> None:
         raise PathKeyError(
             key, "DKIM keys are the server's: they are chosen by tenant and From domain"
         )
+    check_one_click(d)
     tracking = d.get("tracking")
     if isinstance(tracking, Mapping) and "tenant" in tracking:
         raise PathKeyError("tracking.tenant", "set by the server (the key's tenant)")
@@ -108,6 +109,31 @@ def check_inline(d: Any) -> None:
         raise PathKeyError(
             "tracking.secret_file", "file paths are not accepted here; the server signs links"
         )
+
+
+def check_one_click(d: Any) -> None:
+    """Refuse ``list_unsubscribe.one_click = true`` without an https URL to POST to
+    (its ``url``, or the signed one of ``[tracking] unsubscribe`` on a base_url):
+    RFC 8058 one-click is a POST to an HTTPS URI of List-Unsubscribe, so a
+    mailto: alone cannot be one; it was silently sent without
+    List-Unsubscribe-Post. Called on what users write (a campaign file, a
+    tenant's template), not in :meth:`Campaign.from_dict`: a campaign spooled
+    before, whose normal form says one_click = true beside a mailto: alone
+    (then the default), must still load."""
+    if not isinstance(d, Mapping):
+        return
+    u = d.get("list_unsubscribe")
+    if not isinstance(u, Mapping) or u.get("one_click") is not True or u.get("url"):
+        return
+    t = d.get("tracking")
+    if isinstance(t, Mapping) and t.get("unsubscribe") and t.get("base_url"):
+        return
+    raise CampaignError(
+        "list_unsubscribe.one_click = true needs an https:// url to POST to (RFC 8058):"
+        " a mailto: alone cannot be one-click; add url = \"https://...\" (with a"
+        " placeholder identifying the recipient), or [tracking] unsubscribe = true with"
+        " a base_url, or drop one_click"
+    )
 
 
 def _str(d: Mapping[str, Any], key: str, where: str = "") -> str | None:
@@ -138,6 +164,10 @@ class Campaign:
             raise CampaignError(f"cannot read campaign {p}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise CampaignError(f"{p}: not valid TOML: {exc}") from None
+        try:
+            check_one_click(data)
+        except CampaignError as exc:
+            raise CampaignError(f"{p}: {exc}") from None
         return cls.from_dict(data, base_dir=p.parent)
 
     @classmethod
@@ -462,6 +492,9 @@ def _one_click(spec: dict[str, Any], templates: Mapping[str, Template]) -> None:
     oc = unsub.get("one_click")
     t = spec["tracking"]
     url = templates.get("list_unsubscribe.url")
+    if url is None and not (t.get("unsubscribe") and t.get("base_url")):
+        unsub["one_click"] = False if oc is None else oc  # (a mailto: alone: no POST)
+        return
     if url is None or (t.get("unsubscribe") and t.get("base_url")) or not url.is_static:
         unsub["one_click"] = True if oc is None else oc
         return
