@@ -49,6 +49,7 @@ def test_a_route_naming_an_undefined_transport_is_refused_not_sent_to_that_host(
 
 def test_a_plain_http_endpoint_off_this_machine_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAILGUN_API_KEY", "key-x")
+    monkeypatch.setenv("MAILGUN_DOMAIN", "mg.example.com")
     for host in ("api.mailgun.example", "10.0.0.5:8080", "[2001:db8::1]:80"):
         t = {"mg": {"kind": "mailgun", "endpoint": f"http://{host}"}}
         with pytest.raises(ConfigError, match="in clear text"):
@@ -73,3 +74,24 @@ def test_sendgrid_eu_region_and_mailgun_domain(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ConfigError, match="is not a domain name"):
         _cfg({"*": "mg"}, {"mg": {"kind": "mailgun", "domain": "bad domain"}})
     _cfg({"*": "mg"}, {"mg": {"kind": "mailgun", "domain": "mg.example.com"}})
+
+
+def test_a_mailgun_transport_without_its_domain_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mailgun sends as the domain in its URL; without ``domain`` the envelope
+    sender's was taken, a VERP or bounce domain Mailgun does not know, and every
+    message was deferred ("Domain not found"; found by an audit). Now the config
+    says what to set; MAILGUN_DOMAIN gives it to a shorthand route."""
+    monkeypatch.setenv("MAILGUN_API_KEY", "key-x")
+    monkeypatch.delenv("MAILGUN_DOMAIN", raising=False)
+    with pytest.raises(ConfigError, match='needs domain = "mg'):
+        _cfg({"*": "mg"}, {"mg": {"kind": "mailgun", "region": "eu"}})
+    with pytest.raises(ConfigError, match="MAILGUN_DOMAIN"):
+        from_dict({"routes": {"*": "mailgun:eu"}})
+    monkeypatch.setenv("MAILGUN_DOMAIN", "mg.example.org")
+    assert from_dict({"routes": {"*": "mailgun:eu"}}).transports["mailgun:eu"].domain == (  # type: ignore[attr-defined]
+        "mg.example.org"
+    )
+    cfg = _cfg({"*": "mg"}, {"mg": {"kind": "mailgun", "domain": "mg.example.com"}})
+    assert cfg.transports["mg"].domain == "mg.example.com"  # type: ignore[attr-defined]

@@ -295,6 +295,7 @@ def test_credentials_never_from_the_config_file_and_only_from_private_files(
     }
     assert from_dict(r465).transports["r"].tls == "implicit"
     monkeypatch.setenv("MAILGUN_API_KEY", "k")
+    monkeypatch.setenv("MAILGUN_DOMAIN", "mg.example.com")
     c = from_dict({
         "routes": {"*": "127.0.0.1:2525", "campaign:7": "mailgun:eu", "tenant:acme": "r",
                    "pool:p": ["smtp", "r"]},

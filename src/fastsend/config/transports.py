@@ -17,7 +17,8 @@ A route value names one transport or several in failover order::
 
 Kinds: ``smtp`` (direct MX), ``relay`` (SMTP submission with AUTH), ``ses``
 (SES v2 SendEmail, raw MIME), ``sendgrid`` (v3 mail/send), ``mailgun``
-(messages.mime). Shorthand arguments: ``ses:REGION``, ``mailgun:us|eu``.
+(messages.mime). Shorthand arguments: ``ses:REGION``, ``mailgun:us|eu`` (its
+sending domain from MAILGUN_DOMAIN).
 
 Credentials never come from the TOML file (keys such as ``password`` or
 ``api_key`` there are errors), never from a campaign, and are never logged
@@ -120,7 +121,7 @@ class TransportSpec(msgspec.Struct):
     endpoint: str = ""
     region: str = ""  # ses: AWS region; mailgun: "us" or "eu"
     configuration_set: str = ""  # ses
-    domain: str = ""  # mailgun: the sending domain ("" = the envelope sender's)
+    domain: str = ""  # mailgun: the sending domain (required: else MAILGUN_DOMAIN)
     # relay
     tls: str = "starttls"  # starttls (required) | implicit | opportunistic | off
     auth_mechanism: str = ""  # "" = the best offered
@@ -275,7 +276,17 @@ def _check(spec: TransportSpec, where: str, base_dir: str, explicit_tls: bool) -
         spec.region = spec.region or "us"
         if spec.region not in ("us", "eu"):
             raise TransportError(f"{where} region must be us or eu")
-        if spec.domain and not _DOMAIN.fullmatch(spec.domain):
+        # Mailgun sends as the domain in its URL (/v3/DOMAIN/messages.mime), one
+        # added and verified in the account: no other domain stands for it. The
+        # envelope sender's, taken before, is a VERP or bounce domain Mailgun
+        # does not know ("Domain not found"): every message was deferred.
+        spec.domain = spec.domain or os.environ.get("MAILGUN_DOMAIN", "")
+        if not spec.domain:
+            raise TransportError(
+                f'{where} a mailgun transport needs domain = "mg.example.com" (the sending'
+                " domain as added in Mailgun; or MAILGUN_DOMAIN in the environment)"
+            )
+        if not _DOMAIN.fullmatch(spec.domain):
             raise TransportError(f"{where} domain {spec.domain!r} is not a domain name")
     elif spec.kind == "sendgrid":
         # EU regional subusers are served at their own host (it was ignored:

@@ -4,8 +4,9 @@ Endpoint ``https://api.mailgun.net`` (region us) or ``https://api.eu.mailgun.net
 (eu) unless configured; HTTP basic auth ``api:KEY``; a multipart form with
 ``to`` (each of the envelope's recipients, one field each), ``message`` (the MIME, as a file) and
 ``v:fastsend`` (the recipients' message id tokens, in order: the webhooks
-echo it in ``user-variables``). DOMAIN is ``domain`` from the transport, else
-the envelope sender's domain. One request per envelope.
+echo it in ``user-variables``). DOMAIN is ``domain`` from the transport (the
+config requires it: the envelope sender's, a VERP or bounce domain, is no
+Mailgun domain). One request per envelope.
 
 Answers: 200 ``{"id": "<...>", "message": "Queued. Thank you."}`` ->
 delivered (queue_id = id); 429 and 503 -> throttled (Retry-After); 400
@@ -86,8 +87,7 @@ class MailgunTransport(HTTPTransport):
 
     async def request(self, session: Any, envs: list[Envelope]) -> Answer:
         env = envs[0]
-        domain = self.spec.domain or env.mail_from.rpartition("@")[2]
-        url = f"{self.base}/v3/{domain}/messages.mime"
+        url = f"{self.base}/v3/{self.spec.domain}/messages.mime"
         body, ctype = self.form(env)
         headers = {**self.headers_base, "Content-Type": ctype}
         timeout = self.client_timeout()
