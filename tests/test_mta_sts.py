@@ -654,3 +654,59 @@ def test_hostile_policy_hosts_give_no_policy_and_no_local_error(world: World) ->
     assert set(got) == set(names), got
     assert got["html"] == "sts-policy-invalid" and got["big"] == "sts-policy-invalid", got
     assert got["redirect"] == "sts-policy-fetch-error", got
+
+
+def test_dane_ta_name_checks_and_anchor_key_not_sent() -> None:
+    """RFC 7672 3.1.2 / 3.2.2: a DANE-TA(2) match always checks the server
+    certificate's name -- also when the server's own certificate is the anchor
+    (it passed for any name) -- against the TLSA base domain or the next-hop
+    domain (a certificate for the recipient domain only was refused); and a
+    full public key record (2 1 0) needs no anchor certificate in the chain (it
+    was "matches no TLSA record")."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    ca = trustme.CA()
+    leaf = _der(ca.issue_cert("mx.host.test").cert_chain_pems[0].bytes())
+    root = _der(ca.cert_pem.bytes())
+    leaf_is_ta = (2, 0, 1, hashlib.sha256(leaf).digest())
+    assert dane.check((leaf_is_ta,), ("mx.host.test", "dom.test"), [leaf]) == ""
+    assert "not valid for" in dane.check((leaf_is_ta,), ("other.test", "dom.test"), [leaf])
+    # a certificate naming the next-hop domain (the recipient domain), not the MX host
+    for_domain = _der(ca.issue_cert("dom.test").cert_chain_pems[0].bytes())
+    ta = (2, 0, 1, hashlib.sha256(root).digest())
+    assert dane.check((ta,), ("mx.host.test", "dom.test"), [for_domain, root]) == ""
+    assert "not valid for" in dane.check((ta,), ("mx.host.test", "else.test"), [for_domain, root])
+    # 2 1 0: the anchor's whole public key; the server sends only its own certificate
+    from cryptography import x509
+
+    spki = x509.load_der_x509_certificate(root).public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
+    assert dane.check(((2, 1, 0, spki),), ("mx.host.test", ""), [leaf]) == ""
+    other = x509.load_der_x509_certificate(_der(trustme.CA().cert_pem.bytes())).public_key()
+    stranger = other.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    assert dane.check(((2, 1, 0, stranger),), ("mx.host.test", ""), [leaf]) != ""
+    assert "not valid for" in dane.check(((2, 1, 0, spki),), ("wrong.test", ""), [leaf])
+
+
+def test_dane_for_a_domain_without_mx_uses_its_own_tlsa(world: World) -> None:
+    """RFC 7672 2.2.2: a domain with no MX (an authenticated NODATA) is its own
+    MX host, and its TLSA records are at _25._tcp.DOMAIN: the site gets them
+    (it was delivered with no DANE check at all, in clear when the host had no
+    STARTTLS)."""
+    world.dns.set_zones({
+        "implicit.test": [("A", "127.0.0.5"), ("SECURE", "")],
+        "_25._tcp.implicit.test": [("TLSA", "3 1 1 " + "ab" * 32), ("SECURE", "")],
+        "insecure-implicit.test": [("A", "127.0.0.5")],
+        "_25._tcp.insecure-implicit.test": [("TLSA", "3 1 1 " + "ab" * 32)],
+    })  # fmt: skip
+    cfg = loader.load(str(world.config(25, 'dane = "on"\nmta_sts = "off"\n')))
+
+    async def go() -> tuple[Any, Any]:
+        r = MXResolver(cfg)
+        return await r.site_for("implicit.test"), await r.site_for("insecure-implicit.test")
+
+    site, plain = asyncio.run(go())
+    assert isinstance(site, Site) and site.dane == "implicit.test", site
+    assert site.hosts[0].tlsa == ((3, 1, 1, b"\xab" * 32),) and "|dane:implicit.test" in site.key
+    assert isinstance(plain, Site) and not plain.dane and not plain.hosts[0].tlsa

@@ -77,11 +77,15 @@ def matches(der: bytes, rec: Tlsa) -> bool:
     return got == data
 
 
-def check(records: tuple[Tlsa, ...], name: str, chain: list[bytes]) -> str:
+def check(records: tuple[Tlsa, ...], names: str | tuple[str, ...], chain: list[bytes]) -> str:
     """"" when the server's ``chain`` (DER, its own certificate first)
-    satisfies one of ``records`` for MX host ``name``, else why not."""
+    satisfies one of ``records``, else why not. ``names``: the reference
+    identifiers a DANE-TA(2) match needs the server certificate to carry (RFC
+    7672 3.2.2: the TLSA base domain -- the MX host name, or the recipient
+    domain itself for an implicit MX -- and the next-hop domain)."""
     if not chain:
         return "the server sent no certificate"
+    refs = (names,) if isinstance(names, str) else names
     leaf = chain[0]
     for rec in records:
         if rec[0] == 3 and matches(leaf, rec):
@@ -92,39 +96,79 @@ def check(records: tuple[Tlsa, ...], name: str, chain: list[bytes]) -> str:
             continue
         for i, der in enumerate(chain):
             if matches(der, rec):
-                bad = _chains(chain[: i + 1], name)
-                if not bad:
-                    return ""
-                why = f"the certificate does not chain to its TLSA trust anchor for {name}: {bad}"
+                bad = _chains(chain[: i + 1], refs)
+            elif rec[1:3] == (1, 0):  # a full public key: the anchor need not be sent (3.1.2)
+                bad = _chains(chain[: i + 1], refs, anchor_key=rec[3])
+                if bad == _NOT_SIGNED:
+                    continue
+            else:
+                continue
+            if not bad:
+                return ""
+            why = f"the certificate does not chain to its TLSA trust anchor: {bad}"
     return why
 
 
-def _chains(chain: list[bytes], name: str) -> str:
-    """"" when ``chain[0]`` is valid now, for ``name``, and each certificate
-    of ``chain`` is signed by the next, up to ``chain[-1]`` (the trust anchor
-    a TLSA record named, itself not checked: RFC 7672 3.1.2). Checked by
-    hand with cryptography's primitives: a web PKI verifier refuses what
-    MTAs' certificates often are (critical SANs, no key usage)."""
+_NOT_SIGNED = "not issued by the TLSA trust anchor's key"
+
+
+def _chains(chain: list[bytes], names: tuple[str, ...], anchor_key: bytes = b"") -> str:
+    """"" when ``chain[0]`` is valid now and names one of ``names``, and each
+    certificate of ``chain`` is signed by the next, up to ``chain[-1]`` -- the
+    trust anchor a TLSA record named, itself neither dated nor named (RFC 7672
+    3.1.2) -- or, with ``anchor_key`` (a record's full public key), up to a
+    ``chain[-1]`` that this key signed. The server's own certificate is always
+    name-checked, also when it is the anchor (DANE-TA never skips the names;
+    only DANE-EE does). Checked by hand with cryptography's primitives: a web
+    PKI verifier refuses what MTAs' certificates often are (critical SANs, no
+    key usage)."""
     import datetime
 
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
 
     try:
         certs = [x509.load_der_x509_certificate(d) for d in chain]
         now = datetime.datetime.now(datetime.UTC)
-        for c in certs[:-1]:
+        dated = certs if anchor_key else certs[:-1]
+        for c in dated:
             if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
                 return f"{c.subject.rfc4514_string()[:80]} is not valid now"
+        if anchor_key:
+            try:
+                _signed_by(certs[-1], serialization.load_der_public_key(anchor_key))
+            except (InvalidSignature, ValueError, TypeError):
+                return _NOT_SIGNED
         for c, issuer in itertools.pairwise(certs):
             c.verify_directly_issued_by(issuer)
     except InvalidSignature:
         return "a signature in the chain does not verify"
     except (ValueError, TypeError) as e:
         return str(e)[:200]
-    if len(certs) > 1 and not _names(certs[0], name):
-        return f"the certificate is not valid for {name}"
+    if not any(_names(certs[0], n) for n in names if n):
+        return f"the certificate is not valid for {' or '.join(n for n in names if n)}"
     return ""
+
+
+def _signed_by(cert: object, key: object) -> None:
+    """Raise unless ``key`` (a trust anchor's public key) signed ``cert``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+
+    assert isinstance(cert, x509.Certificate)
+    sig, tbs, algo = cert.signature, cert.tbs_certificate_bytes, cert.signature_hash_algorithm
+    if isinstance(key, rsa.RSAPublicKey) and algo is not None:
+        pad = cert.signature_algorithm_parameters
+        if not isinstance(pad, padding.PSS | padding.PKCS1v15):
+            raise TypeError("an RSA signature without its padding")
+        key.verify(sig, tbs, pad, algo)
+    elif isinstance(key, ec.EllipticCurvePublicKey) and algo is not None:
+        key.verify(sig, tbs, ec.ECDSA(algo))
+    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        key.verify(sig, tbs)
+    else:
+        raise TypeError("an anchor key of a kind that signs no certificate")
 
 
 def _names(cert: object, name: str) -> bool:

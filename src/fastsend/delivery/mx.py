@@ -340,7 +340,7 @@ class MXResolver:
             ans = await self.resolver.resolve(domain, "MX", search=False)
         except dns.resolver.NXDOMAIN:
             return _fail("5.1.2", f"domain {domain} does not exist (NXDOMAIN)"), _NEG_TTL
-        except dns.resolver.NoAnswer:
+        except dns.resolver.NoAnswer as e:
             # RFC 5321 5.1: no MX -> the domain itself is the implicit MX.
             addrs = await self._addresses(domain)
             if isinstance(addrs, Outcome):
@@ -349,7 +349,17 @@ class MXResolver:
             addrs = self._public(addrs, refused)
             if not addrs:
                 return _refused(domain, refused), _NEG_TTL
-            return Site(f"mx:{domain}", tuple(Host(domain, a, self.mx_port) for a in addrs)), 300.0
+            own: tuple[dane.Tlsa, ...] = ()
+            if self.dane and self._authenticated(e.response()):
+                # RFC 7672 2.2.2: an authenticated denial of MX records makes the
+                # domain its own MX host, its TLSA records at _25._tcp.DOMAIN
+                got = await self._shared("tlsa", domain, self._tlsa)
+                if isinstance(got, Outcome):  # 2.2: a failed lookup, maybe an attack
+                    return got, _NEG_TTL
+                own = got
+            key = f"mx:{domain}" + (f"|dane:{domain}" if own else "")
+            implicit = tuple(Host(domain, a, self.mx_port, 0, own) for a in addrs)
+            return Site(key, implicit, dane=domain if own else ""), 300.0
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
             return _defer(f"MX lookup for {domain} failed: {e.__class__.__name__}"), _NEG_TTL
         except dns.exception.DNSException as e:
@@ -366,10 +376,8 @@ class MXResolver:
         hosts: list[Host] = []
         last_err: Outcome | None = None
         refused = []
-        import dns.flags
-
         # DANE: only for an MX answer the (trusted) resolver authenticated
-        secure = self.dane and bool(ans.response.flags & dns.flags.AD)
+        secure = self.dane and self._authenticated(ans.response)
         for pref, name in records:
             addrs = await self._addresses(name)
             if isinstance(addrs, Outcome):
@@ -394,6 +402,13 @@ class MXResolver:
             key += f"|dane:{domain}"  # its own queue, the MX set's lanes (Site.lanes)
         return Site(key, tuple(hosts), dane=domain if "|dane:" in key else ""), ttl
 
+    @staticmethod
+    def _authenticated(response: Any) -> bool:
+        """Whether the (trusted, validating) resolver flagged ``response`` AD."""
+        import dns.flags
+
+        return response is not None and bool(response.flags & dns.flags.AD)
+
     async def _tlsa(self, name: str) -> tuple[dane.Tlsa, ...] | Outcome:
         """The usable TLSA records of MX host ``name`` (``_PORT._tcp.NAME``) when
         the answer is authenticated; () for none or an unauthenticated one; an
@@ -408,7 +423,7 @@ class MXResolver:
             return ()
         except dns.exception.DNSException as e:
             return _defer(f"TLSA lookup for {name} failed: {e.__class__.__name__}")
-        if not ans.response.flags & dns.flags.AD:
+        if not self._authenticated(ans.response):
             return ()
         return dane.usable([(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in ans])
 

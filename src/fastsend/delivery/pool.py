@@ -444,7 +444,9 @@ class SiteQueue:
         kw["tls"] = "required"
         kw["ssl_context"] = dane.context()
         kw["server_hostname"] = host.name
-        kw["peer_check"] = functools.partial(dane.check, host.tlsa, host.name)
+        # DANE-TA's reference identifiers (RFC 7672 3.2.2): the TLSA base domain
+        # (the MX host, the domain itself when it is its implicit MX), the next hop
+        kw["peer_check"] = functools.partial(dane.check, host.tlsa, (host.name, self.site.dane))
         conn = await connect(ConnectOptions(**kw))
         if not isinstance(conn, Outcome):
             self.count("tls_dane_sessions")
