@@ -700,7 +700,7 @@ def test_dane_for_a_domain_without_mx_uses_its_own_tlsa(world: World) -> None:
         "insecure-implicit.test": [("A", "127.0.0.5")],
         "_25._tcp.insecure-implicit.test": [("TLSA", "3 1 1 " + "ab" * 32)],
     })  # fmt: skip
-    cfg = loader.load(str(world.config(25, 'dane = "on"\nmta_sts = "off"\n')))
+    cfg = _own_spool(world, 'dane = "on"\nmta_sts = "off"\n')
 
     async def go() -> tuple[Any, Any]:
         r = MXResolver(cfg)
@@ -710,3 +710,116 @@ def test_dane_for_a_domain_without_mx_uses_its_own_tlsa(world: World) -> None:
     assert isinstance(site, Site) and site.dane == "implicit.test", site
     assert site.hosts[0].tlsa == ((3, 1, 1, b"\xab" * 32),) and "|dane:implicit.test" in site.key
     assert isinstance(plain, Site) and not plain.dane and not plain.hosts[0].tlsa
+
+
+def _own_spool(world: World, extra: str = "") -> Any:
+    """The config, its spool (and so its mta-sts directory) in the test's tmp."""
+    return loader.load(str(world.config(25, extra + '[spool]\ndir = "spool"\n')))
+
+
+def _sts_zone(world: World, domain: str, pid: str = "1") -> None:
+    world.dns.set_zones({
+        f"_mta-sts.{domain}": [("TXT", f"v=STSv1; id={pid}")],
+        f"mta-sts.{domain}": [("A", "127.0.0.1")],
+        domain: [("MX", f"10 mx.{domain}.")],
+        f"mx.{domain}": [("A", "127.0.0.1")],
+    })  # fmt: skip
+
+
+def test_first_fetch_is_one_per_node_not_one_per_worker(world: World) -> None:
+    """Workers of one node (an MTASTS each, on the same spool directory) that
+    need a new domain's policy at the same moment fetch it once: the others
+    wait for the fetching one's lock without blocking their loop, then read
+    what it wrote (each fetched it before). A failed fetch is shared too: no
+    other worker asks again before FETCH_RETRY."""
+    _sts_zone(world, "cached.test")
+    world.https.policies["mta-sts.cached.test"] = policy("enforce", "mx.cached.test")
+    cfg = _own_spool(world)
+
+    async def go(n: int) -> list[Any]:
+        rs = [MXResolver(cfg) for _ in range(n)]
+        ticks = 0
+
+        async def ticker() -> None:  # the loop keeps running while they wait
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        t = asyncio.ensure_future(ticker())
+        got = await asyncio.gather(*(r.sts.policy("cached.test") for r in rs if r.sts))
+        t.cancel()
+        assert ticks > 0
+        return [p for p, _ttl in got]
+
+    got = asyncio.run(go(4))
+    assert all(p is not None and p.mode == "enforce" for p in got), got
+    assert len(world.https.requests) == 1, world.https.requests
+    # a failing host, a new id: one request for the node, later workers don't ask
+    world.https.policies["mta-sts.cached.test"] = 500
+    _sts_zone(world, "cached.test", pid="2")
+    got = asyncio.run(go(3))
+    assert all(p is not None and p.id == "1" for p in got), got  # the cached one holds
+    assert len(world.https.requests) == 2, world.https.requests
+    asyncio.run(go(1))  # a worker started later (or a restart) within FETCH_RETRY
+    assert len(world.https.requests) == 2, world.https.requests
+
+
+def test_policy_is_refreshed_before_it_expires_and_a_failed_refresh_keeps_it(
+    world: World,
+) -> None:
+    """RFC 8461 3.3: a cached policy is fetched again before its max_age ends
+    (it was used until it expired, then fetched with the mail waiting, and
+    lost when the host was down at that moment), in the background: the
+    domain's mail goes on under the cached policy meanwhile; a failed refresh
+    keeps the policy in force."""
+    import msgspec
+
+    from fastsend.delivery.mtasts import refresh_at
+
+    _sts_zone(world, "cached.test")
+    world.https.policies["mta-sts.cached.test"] = policy("enforce", "mx.cached.test", max_age=1000)
+    cfg = _own_spool(world)
+
+    async def go() -> None:
+        r = MXResolver(cfg)
+        sts = r.sts
+        assert sts is not None
+        p, _ = await sts.policy("cached.test")
+        assert p is not None and refresh_at(p) == p.fetched + 500
+        assert len(world.https.requests) == 1
+        # 600 s later (past the refresh point, before the end): same id, new content
+        sts.policies["cached.test"] = old = msgspec.structs.replace(p, fetched=p.fetched - 600)
+        sts._write(old)
+        world.https.policies["mta-sts.cached.test"] = policy("enforce", "mx.cached.test", "mx2.cached.test", max_age=1000)  # fmt: skip
+        sts.txt.clear()
+        now, ttl = await sts.policy("cached.test")
+        assert now == old and ttl <= 300  # not waited for: the cached one answers
+        for _ in range(100):
+            if not sts._refreshing:
+                break
+            await asyncio.sleep(0.02)
+        assert len(world.https.requests) == 2
+        fresh, _ = await sts.policy("cached.test")
+        assert fresh is not None and fresh.mx == ("mx.cached.test", "mx2.cached.test")
+        assert fresh.fetched > p.fetched - 1
+        # another worker reads the refreshed one from the directory
+        other = MTASTS(cfg, r._txt, r._policy_addresses)
+        assert (await other.policy("cached.test"))[0] == fresh
+        # the host down at the next refresh: the cached policy stays in force
+        world.https.policies["mta-sts.cached.test"] = 503
+        sts.policies["cached.test"] = aged = msgspec.structs.replace(fresh, fetched=fresh.fetched - 900)
+        sts._write(aged)
+        sts.txt.clear()
+        got, _ = await sts.policy("cached.test")
+        await asyncio.sleep(0)
+        for _ in range(100):
+            if not sts._refreshing:
+                break
+            await asyncio.sleep(0.02)
+        assert got == aged and len(world.https.requests) == 3
+        assert (await sts.policy("cached.test"))[0] == aged
+        assert len(world.https.requests) == 3  # not again before FETCH_RETRY
+        assert [e["result"] for e in sts.take_events()] == ["sts-policy-fetch-error"]
+
+    asyncio.run(go())

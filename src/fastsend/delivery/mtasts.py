@@ -17,11 +17,21 @@ Discovery, per domain delivered by MX (``[tls] mta_sts``, on by default):
 3. The policy is kept for its ``max_age`` in memory and in
    ``SPOOL/mta-sts/DOMAIN.json`` (written whole, then renamed): the other
    workers, a restart and the next ``send`` read it there rather than fetch
-   again. A cached policy stays in force until it expires even when the TXT
-   record disappears or DNS fails (an attacker who strips the record must not
-   turn the policy off, RFC 8461 5.1); a failed fetch keeps the cached policy
-   and is tried again after ``FETCH_RETRY``; with none cached the domain's
-   mail goes as if it had no policy (5.1, "deliver as if no policy").
+   again. One fetch per domain per node: the fetching worker holds
+   ``DOMAIN.lock`` (``flock``, never blocking: the others poll it
+   asynchronously, then read what it wrote; it dies with a killed worker), and
+   a failed fetch leaves ``DOMAIN.fail`` (its id), so no worker asks again
+   before ``FETCH_RETRY``. A cached policy stays in force until it expires
+   even when the TXT record disappears or DNS fails (an attacker who strips
+   the record must not turn the policy off, RFC 8461 5.1); a failed fetch
+   keeps the cached policy and is tried again after ``FETCH_RETRY``; with none
+   cached the domain's mail goes as if it had no policy (5.1, "deliver as if
+   no policy").
+4. Refresh (RFC 8461 3.3, 10.2): a cached policy is fetched again before its
+   ``max_age`` ends -- once ``REFRESH_FRACTION`` of it (at most
+   ``REFRESH_MAX``) has passed -- in the background while the cached one
+   stays in force (the domain's mail never waits for it), and at once when the
+   TXT id changes; a failed refresh keeps the cached policy until it expires.
 
 Applying it (:func:`apply`, then ``delivery/pool.py``):
 
@@ -42,6 +52,8 @@ anyway) and the workers' counters ``tls_policy_sessions`` /
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
 import os
 import re
@@ -57,7 +69,12 @@ MAX_POLICY = (
 )  # bytes of a policy body (RFC 8461 3.2 names none; Postfix's resolver: 64 KiB)
 MAX_HEADERS = 16 * 1024
 MAX_AGE_MAX = 31557600  # 3.2: max_age is at most a year
-FETCH_RETRY = 300.0  # a failed fetch is not tried again for this long (per domain, per worker)
+FETCH_RETRY = 300.0  # a failed fetch is not tried again for this long (per domain, per node)
+# A cached policy is fetched again once this share of its max_age has passed
+# (at most REFRESH_MAX seconds): well before it ends, so a host down for a
+# while or a missed id change never leaves the domain without its policy.
+REFRESH_FRACTION, REFRESH_MAX = 0.5, 86400.0
+LOCK_POLL = 0.05  # seconds between looks at another worker's fetch lock
 TXT_MIN_TTL, TXT_MAX_TTL = 30.0, 3600.0  # how long a TXT answer (or its absence) stands
 MODES = ("enforce", "testing", "none")
 CACHE_MAX = 20000  # domains remembered per worker (memory flat)
@@ -91,6 +108,11 @@ class Policy(msgspec.Struct, frozen=True):
 
     def matches(self, host: str) -> bool:
         return mx_matches(host, self.mx)
+
+
+def refresh_at(p: Policy) -> float:
+    """When ``p`` is due to be fetched again (Unix time): well before it ends."""
+    return p.fetched + min(p.max_age * REFRESH_FRACTION, REFRESH_MAX)
 
 
 def mx_matches(host: str, patterns: tuple[str, ...]) -> bool:
@@ -275,6 +297,7 @@ class MTASTS:
         self.retry_at: dict[str, float] = {}  # domain -> monotonic time of the next fetch
         self.events: list[dict[str, Any]] = []  # TLS-RPT results for the event log
         self.fetches = 0
+        self._refreshing: dict[str, asyncio.Task[Policy | None]] = {}  # background refreshes
 
     async def policy(self, domain: str) -> tuple[Policy | None, float]:
         """The policy in force for ``domain`` (None: none, or mode none) and the
@@ -300,14 +323,81 @@ class MTASTS:
             if disk is not None and disk.id == pid:
                 cached = self._keep(disk)
             elif time.monotonic() >= self.retry_at.get(domain, 0.0):
-                got = await self._fetch(domain, pid)
+                got = await self._fetch_shared(domain, pid, cached)
                 if got is not None:
                     cached = got
                 else:
                     ttl = min(ttl, FETCH_RETRY)
+        elif cached is not None and now >= refresh_at(cached):
+            disk = self._read(domain, now)  # refreshed by another worker already?
+            if disk is not None and disk.id == cached.id and disk.fetched > cached.fetched:
+                cached = self._keep(disk)
+            elif time.monotonic() >= self.retry_at.get(domain, 0.0):
+                self._refresh(domain, pid or cached.id, cached)
+            # the site is asked again by the time the refresh is due once more
+            ttl = min(ttl, FETCH_RETRY)
         if cached is None or cached.mode == "none":
             return None, ttl
         return cached, min(ttl, max(1.0, cached.expires - now))
+
+    def _refresh(self, domain: str, pid: str, cached: Policy) -> None:
+        """Fetch ``domain``'s policy again in the background; the cached one
+        stays in force meanwhile, and after a failure (RFC 8461 3.3)."""
+        if domain in self._refreshing or len(self._refreshing) >= CACHE_MAX:
+            return
+        task = asyncio.ensure_future(self._fetch_shared(domain, pid, cached))
+        self._refreshing[domain] = task
+        task.add_done_callback(lambda _t: self._refreshing.pop(domain, None))
+
+    async def _fetch_shared(self, domain: str, pid: str, older: Policy | None) -> Policy | None:
+        """The policy fetched by this worker or, when another worker of the node
+        is fetching it (``DOMAIN.lock`` held), what that one got: one fetch per
+        domain per node. The lock is polled, never waited on (the loop runs);
+        a fetch failed anywhere on the node within ``FETCH_RETRY`` for this id
+        is not tried again. ``older``: the policy this one replaces."""
+        path = self._file(domain)
+        if path is None:
+            return await self._fetch(domain, pid)
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            fd = os.open(path[:-5] + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return await self._fetch(domain, pid)  # no shared directory: fetch alone
+        try:
+            try:
+                async with asyncio.timeout(self.timeout + 1.0):
+                    while True:
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            await asyncio.sleep(LOCK_POLL)
+            except TimeoutError:  # the holder is stuck: its policy, or none for now
+                return None
+            now = time.time()
+            disk = self._read(domain, now)
+            if disk is not None and disk.id == pid and (older is None or disk.fetched > older.fetched):
+                return self._keep(disk)  # fetched by another worker while this one waited
+            failed_at = self._failed_at(domain, pid)
+            if now - failed_at < FETCH_RETRY:
+                self._retry_after(domain, FETCH_RETRY - (now - failed_at))
+                return None
+            return await self._fetch(domain, pid)
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _failed_at(self, domain: str, pid: str) -> float:
+        """When a worker of this node last failed to fetch policy ``pid`` (0: never)."""
+        path = self._file(domain)
+        try:
+            assert path is not None
+            with open(path[:-5] + ".fail", "rb") as f:
+                got = f.read(64).decode("ascii", "replace").split()
+            return float(got[1]) if len(got) == 2 and got[0] == pid else 0.0
+        except (OSError, ValueError):
+            return 0.0
 
     def _cached(self, domain: str, now: float) -> Policy | None:
         p = self.policies.get(domain)
@@ -364,24 +454,38 @@ class MTASTS:
                 text = await fetch(host, addrs, self.port, verify_context(self.ca_file))
             p = parse_policy(text, domain, pid, time.time())
         except PolicyError as e:
-            self._failed(domain, e.result, str(e))
+            self._failed(domain, pid, e.result, str(e))
             return None
         except TimeoutError:
             self._failed(
-                domain, "sts-policy-fetch-error", f"{host}: no answer in {self.timeout:g} s"
+                domain, pid, "sts-policy-fetch-error", f"{host}: no answer in {self.timeout:g} s"
             )
             return None
         except Exception as e:  # whatever a hostile host makes of it: no policy, never a local error
-            self._failed(domain, "sts-policy-fetch-error", f"{host}: {e!r}"[:300])
+            self._failed(domain, pid, "sts-policy-fetch-error", f"{host}: {e!r}"[:300])
             return None
         self.retry_at.pop(domain, None)
         self._write(p)
+        path = self._file(domain)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path[:-5] + ".fail")
         return self._keep(p)
 
-    def _failed(self, domain: str, result: str, text: str) -> None:
+    def _retry_after(self, domain: str, seconds: float) -> None:
         if len(self.retry_at) >= CACHE_MAX:
             self.retry_at.clear()
-        self.retry_at[domain] = time.monotonic() + FETCH_RETRY
+        self.retry_at[domain] = time.monotonic() + seconds
+
+    def _failed(self, domain: str, pid: str, result: str, text: str) -> None:
+        self._retry_after(domain, FETCH_RETRY)
+        path = self._file(domain)
+        if path is not None:  # the node's other workers wait as long (_fetch_shared)
+            with contextlib.suppress(OSError):
+                tmp = f"{path[:-5]}.fail.{os.getpid()}.tmp"
+                with open(tmp, "w", encoding="ascii") as f:
+                    f.write(f"{pid} {time.time():.3f}")
+                os.replace(tmp, path[:-5] + ".fail")
         self.report(domain, "", result, text, mx="", source_ip="", went=True)
 
     def report(
