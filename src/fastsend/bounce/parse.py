@@ -215,8 +215,28 @@ def _typed_value(v: str) -> tuple[str, str]:
     return "", v.strip()
 
 
+# RFC 6533 section 3: a "utf-8" address in a message/global-delivery-status
+# writes each character it cannot (or does not) send raw as "\x{HEXPOINT}"
+# (utf-8-addr-xtext, utf-8-addr-unitext): "j\x{F6}rg@example.org".
+_EMBEDDED_UNICODE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def _unicode_char(m: re.Match[str]) -> str:
+    point = int(m.group(1), 16)
+    # Not a character (a surrogate or beyond U+10FFFF): left as written.
+    return chr(point) if point <= 0x10FFFF and not 0xD800 <= point <= 0xDFFF else m.group(0)
+
+
 def _address(v: str) -> str:
-    v = _typed_value(v)[1].strip()
+    kind, v = _typed_value(v)
+    v = v.strip()
+    if kind == "utf-8":
+        v = _EMBEDDED_UNICODE.sub(_unicode_char, v) if "\\x{" in v else v
+        whole = v.strip("<> ")
+        if "@" in whole and not any(c.isspace() for c in whole):
+            # One address, as written (ADDR_RE's domain is ASCII: a Unicode
+            # domain, or an escape left as written, would be cut).
+            return whole
     m = vendors.ADDR_RE.search(v)
     return m.group(1) if m else v.strip("<> ")
 
