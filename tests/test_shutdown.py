@@ -550,3 +550,136 @@ def test_a_reload_stops_a_worker_that_cannot_finish_its_window(tmp_path: Path) -
         if e.get("event") == "deferred" and e.get("rcpt") == "a@stuck.example"
     ]  # fmt: skip
     assert told and "outcome unknown" in told[0]["text"] and told[0]["attempt"] == 1, told
+
+
+class _HoldsTheDot:
+    """An aiosmtpd handler that takes every message whole and answers its final
+    dot only once ``release`` is called (from another thread): a slow
+    transaction on the wire; it counts the transactions held at once."""
+
+    def __init__(self) -> None:
+        self.rcpts: list[str] = []
+        self.open = self.peak = 0
+        self.gate: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.gate is None:
+            self.gate, self.loop = asyncio.Event(), asyncio.get_running_loop()
+        self.rcpts.extend(envelope.rcpt_tos)
+        self.open += 1
+        self.peak = max(self.peak, self.open)
+        try:
+            await self.gate.wait()
+        finally:
+            self.open -= 1
+        return "250 2.0.0 taken"
+
+    def release(self) -> None:
+        gate, loop = self.gate, self.loop
+        assert gate is not None and loop is not None
+        loop.call_soon_threadsafe(gate.set)
+
+
+def test_a_reload_keeps_delivering_while_the_old_worker_finishes(tmp_path: Path) -> None:
+    """``fastsend serve`` (one worker, one connection per site) reloaded
+    (SIGHUP) while a receiver holds a message past DATA: mail keeps going out
+    at once (a new worker on the new config takes the slot, as Postfix's and
+    PowerMTA's reloads keep delivering) while the old worker still holds that
+    transaction; the new worker opens no second connection to the slow site
+    beside the old one's (max_connections = 1), and sends its mail there once
+    the old worker is done. Every message arrives once, none is lost. Before:
+    the slot took no mail until the old worker finished or was stopped after
+    ``[delivery] drain_limit`` (here 60 s): nothing arrived meanwhile."""
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    spool = tmp_path / "spool"
+    key = run_fastsend("apikey", "create", "--tenant", "acme", "--spool", str(spool))
+    assert key.returncode == 0, key.stderr
+    handler = _HoldsTheDot()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    port = free_port()
+    log = tmp_path / "sink.jsonl"
+    proc = None
+    try:
+        with SinkProcess("--log", str(log)) as sink:
+            cfg = tmp_path / "serve.toml"
+            cfg.write_text(
+                f'[spool]\ndir = "{spool}"\n[workers]\ncount = 1\n'
+                f'[routes]\n"slow.example" = "127.0.0.1:{ctl.port}"\n'
+                f'"*" = "{sink.host}:{sink.port}"\n'
+                '[delivery]\ntls = "off"\ndrain_limit = 60\nmax_connections = 1\n'
+                f'[api]\nlisten = "127.0.0.1:{port}"\n'
+            )
+            proc = subprocess.Popen(fastsend_cmd("serve", "-c", str(cfg)),
+                                    stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+            assert proc.stderr is not None
+            err = ""
+            while "ready in" not in err:
+                line = proc.stderr.readline()
+                assert line, err
+                err += line
+
+            async def post(rows: list[dict[str, str]]) -> None:
+                async with aiohttp.ClientSession() as s:
+                    await _req(s, "POST", f"http://127.0.0.1:{port}/v1/campaigns",
+                               key.stdout.strip(), {"name": "r", "template": TPL,
+                                                    "recipients": rows}, ok=201)  # fmt: skip
+
+            asyncio.run(post([{"email": "a@slow.example", "name": "a"}]))
+            deadline = time.monotonic() + 60
+            while not handler.rcpts:
+                assert time.monotonic() < deadline and proc.poll() is None, err
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)
+            while "configuration reloaded" not in err:
+                line = proc.stderr.readline()
+                assert line, err
+                err += line
+            good = [{"email": f"u{i}@ok.example", "name": f"n{i}"} for i in range(30)]
+            asyncio.run(post([*good, {"email": "b@slow.example", "name": "b"}]))
+            deadline = time.monotonic() + 40  # (< drain_limit: the old worker still runs)
+            while len(received_counts(log)) < len(good):
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    "nothing delivered since the reload while the old worker held a transaction",
+                    _rest(proc),
+                )
+                time.sleep(0.1)
+            # The old worker's transaction is still on the wire, and the slow site
+            # got no second connection beside it.
+            assert handler.open == 1 and handler.rcpts == ["a@slow.example"], handler.rcpts
+            time.sleep(1.0)  # (a second connection would have opened by now)
+            assert handler.peak == 1 and handler.rcpts == ["a@slow.example"], handler.rcpts
+            handler.release()
+            deadline = time.monotonic() + 60
+            while "b@slow.example" not in handler.rcpts:
+                assert time.monotonic() < deadline and proc.poll() is None, handler.rcpts
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            _out, rest = proc.communicate(timeout=120)
+            err += rest
+            assert proc.returncode == 0, err
+            assert "stopping it now" not in err, err
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
+        ctl.stop()
+    assert handler.peak == 1
+    assert sorted(handler.rcpts) == ["a@slow.example", "b@slow.example"]
+    assert received_counts(log) == {g["email"]: 1 for g in good}
+    events = list(map(json.loads, (spool / "events.jsonl").read_text().splitlines()))
+    delivered = [e["rcpt"] for e in events if e.get("event") == "delivered"]
+    assert sorted(delivered) == sorted([*(g["email"] for g in good), "a@slow.example",
+                                        "b@slow.example"])  # fmt: skip
+    assert not [e for e in events if "outcome unknown" in str(e.get("text", ""))]
+
+
+def _rest(proc: subprocess.Popen[str]) -> str:
+    """What the process wrote to stderr so far (stopped first: for a message)."""
+    proc.kill()
+    _out, err = proc.communicate(timeout=30)
+    return str(err)[-3000:]

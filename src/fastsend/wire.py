@@ -274,6 +274,25 @@ class TransportShares(msgspec.Struct, array_like=True, tag=18):
     nodes: dict[str, int] = {}
 
 
+class Retire(msgspec.Struct, array_like=True, tag=20):
+    """Supervisor -> worker: a reload replaces you. Hand back (wire.Handback,
+    unattempted, due now) everything no connection has taken yet, open no new
+    connection, finish the transactions on the wire and exit; answer with
+    :class:`Conns` (and again as they close), so that the worker started in
+    your place at once on the new config keeps within each (source IP, site)
+    connection limit together with you."""
+
+
+class Conns(msgspec.Struct, array_like=True, tag=21):
+    """Connections a retiring worker still holds, as (source IP, site's lane
+    key, count): worker -> supervisor (wire.Retire's answer and its updates),
+    then supervisor -> the worker that took its place (the sum over the
+    retiring workers of its slot; empty once they exited), which opens only
+    ``max_connections`` less these on each lane."""
+
+    held: list[tuple[str, str, int]]
+
+
 ToWorker = (
     CampaignSpec
     | Batch
@@ -286,8 +305,10 @@ ToWorker = (
     | CampaignInfo
     | Withdraw
     | TransportShares
+    | Retire
+    | Conns
 )
-FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events
+FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events | Conns
 
 encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -280,7 +280,21 @@ class SiteQueue:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         if not self.nconn:
+            if self._borrowed_only():
+                # A reload's retiring worker holds the connections this site
+                # allows (wire.Conns): its mail waits for them to close, as it
+                # would for one of our own; not handed back, not deferred.
+                asyncio.get_running_loop().call_later(TRIM_WAIT, self._scale)
+                return
             self._hold()
+
+    def _borrowed_only(self) -> bool:
+        """Whether a retiring worker's connections alone keep every source IP
+        of the pool from connecting to this site now."""
+        if not self.shaper.borrowed:
+            return False
+        now = time.monotonic()
+        return any(self.lane(p.ip).waits_for_borrowed(now) for p in self.pool.ips)
 
     def _next_lane(self) -> Lane | None:
         now = time.monotonic()

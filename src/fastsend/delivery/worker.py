@@ -65,6 +65,7 @@ NAP_LINKS = 8
 CLASSIFY_CACHE = 4096  # (code, enhanced, stage, text) -> (reason, hard) kept per worker
 _KIND = {DELIVERED: wire.K_DELIVERED, FAILED: wire.K_FAILED}
 WITHDRAWN = "withdrawn after its claim: its address suppressed, or its campaign paused or cancelled"
+RETIRED = "handed back by a worker a reload replaced: the new worker sends it"
 STOPPED = "stopped now before its message was written: never sent"
 STOPPED_EXIT = 128 + wire.STOP_NOW  # stop_now's status: as if the signal had ended it
 
@@ -101,6 +102,8 @@ class Worker:
         self.flush_handle: asyncio.TimerHandle | None = None
         self.pending_out: list[bytes] = []
         self.draining = False
+        self.retiring = False  # wire.Retire: a reload's new worker sends in our place
+        self.conns_told: list[tuple[str, str, int]] | None = None  # last wire.Conns sent
         self.busy = 0  # batches being resolved/rendered
         # Envelopes placed during one read of the inbox, per site queue, pushed
         # together at its end (place_batch, push_placed).
@@ -175,6 +178,13 @@ class Worker:
                     q.horizon = DRAIN_HORIZON
                     q.trim()
                 self.check_done()
+            elif isinstance(msg, wire.Retire):
+                self.retire()
+            elif isinstance(msg, wire.Conns):
+                self.shaper.lend(msg.held)
+                for q in list(self.sites.values()):  # a lane freed: its mail may go now
+                    if q.pending and isinstance(q, SiteQueue):
+                        q._scale()
 
     def renderer(self, campaign_id: int) -> Any:
         r = self.renderers.get(campaign_id)
@@ -622,6 +632,45 @@ class Worker:
         if back:
             self.handback(back, 0.0, 0.0, WITHDRAWN)
 
+    def retire(self) -> None:
+        """wire.Retire (a reload started a worker in this one's place): every
+        message no connection has taken yet goes back now, unattempted and due
+        at once, for that worker to send; what is on a connection finishes
+        here, and the connections held are reported (:meth:`report_conns`) so
+        that the two stay within each (source IP, site) limit together."""
+        self.draining = True
+        self.retiring = True
+        ids: list[int] = []
+        for batch in self.resolving.values():  # still waiting for DNS or a route's queue
+            ids += [it.id for it in batch.items]
+            batch.items = []
+        back: list[Envelope] = []
+        for q in self.sites.values():
+            q.horizon = 0.0
+            if q.pending:
+                back += q.pending
+                q.pending.clear()
+        self.handback_ids(ids, 0.0, 0.0, RETIRED)
+        if back:
+            self.handback(back, 0.0, 0.0, RETIRED)
+        self.report_conns()
+        self.check_done()
+
+    def report_conns(self) -> None:
+        """wire.Conns: the connections this retiring worker holds per lane (sent
+        when they change, with the stats every second)."""
+        held = sorted(
+            (ip, site, ln.active) for (ip, site), ln in self.shaper.lanes.items() if ln.active
+        )
+        if held != self.conns_told:
+            self.conns_told = held
+            if self.out:  # in order: the outcomes before it first
+                self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
+                self.out = []
+                self.out_n = 0
+            self.pending_out.append(wire.encoder.encode(wire.Conns(held)))
+            self.flush()
+
     def unsent_ids(self) -> list[int]:
         """The ids of every message this worker holds whose message no server
         was sent (its end of data never written): batches unread in the inbox
@@ -860,6 +909,8 @@ class Worker:
         c["lanes"] = float(len(self.shaper.lanes))
         c["dns_cache_entries"] = float(self.resolver.cache_entries)
         self.outbox.put(wire.encoder.encode(wire.Stats(os.getpid(), c)))
+        if self.retiring:
+            self.report_conns()
         if self.shaper.warming:
             counts = self.shaper.warm_counts()
             if counts != self.warm_sent:

@@ -1,7 +1,8 @@
 """Worker lifecycle: fork the uvloop workers with their two rings, feed records
 to a ring as it has room, watch for exits and silence, restart (or, in a crash
-loop, answer the window as deferred), replace workers one at a time on reload,
-and stop them (Drain and wait, or terminate).
+loop, answer the window as deferred), replace workers on reload without a gap
+(the new one starts while the old one finishes its transactions), and stop them
+(Drain and wait, or terminate).
 
 Before forking worker i the supervisor creates two rings (``inbox`` supervisor ->
 worker, ``outbox`` worker -> supervisor); each worker owns a slice of the
@@ -26,6 +27,7 @@ from fastsend.ring import Ring
 
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
 CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
+RETIRE_ANSWER = 5.0  # s for a worker told wire.Retire to say which connections it holds
 
 
 def wait(slot: WorkerSlot, options: int) -> tuple[int, int]:
@@ -121,6 +123,9 @@ class WorkerLifecycle(SupervisorState):
         slot.backlog.clear()
         slot.drain_sent = False
         slot.backlog.extend(self.shaping.spawn_records())
+        lent = self.lent(slot.index)
+        if lent:  # before any batch: what the workers it replaces hold (a reload)
+            slot.backlog.append(wire.encoder.encode(wire.Conns(lent)))
         parent = os.getpid()  # the child dies with us (PR_SET_PDEATHSIG), checked from here
         pid = os.fork()
         if pid == 0:  # child
@@ -141,8 +146,11 @@ class WorkerLifecycle(SupervisorState):
         loop = asyncio.get_running_loop()
         outbox = slot.outbox
         loop.add_reader(outbox.reader_fd, self.on_outbox, slot, outbox)
+        self.push_backlog(slot)  # (left waiting, the slot would take no mail: can_take)
 
     def reap(self) -> None:
+        if self.retired:
+            self.reap_retired()
         for slot in self.slots:
             if not slot.alive:
                 continue
@@ -189,11 +197,6 @@ class WorkerLifecycle(SupervisorState):
                     " this message was in its window: outcome unknown, sent again"
                 )
             self.retire(slot, why, unknown)
-            if slot.retiring:  # replaced by reload(): a fresh worker on the new config
-                slot.retiring = False
-                if not (self.draining or self.stopping):
-                    self.spawn(slot)
-                continue
             if not (self.draining and code == 0) and not self.stopping:
                 print(
                     f"fastsend: worker {slot.index} (pid {slot.pid}) exited with status {code};"
@@ -240,49 +243,166 @@ class WorkerLifecycle(SupervisorState):
         slot.inbox = slot.outbox = None
 
     async def reload(self, config: Config) -> None:
-        """Swap in a new config (routes, shaping, ...) and replace the workers one at
-        a time: each is sent Drain, finishes its window and exits, and is forked
-        again on the new config; the others keep delivering meanwhile. The
-        worker count and the spool do not change here (they need a restart)."""
+        """Swap in a new config (routes, shaping, ...) and replace the workers
+        without a gap in delivery, as Postfix's and PowerMTA's reloads do: each
+        worker is told to retire (wire.Retire: it hands back, unattempted and due
+        now, what no connection has taken, and finishes the transactions on the
+        wire), and the moment it has said which connections it still holds
+        (wire.Conns) a new worker on the new config takes its slot, its ready
+        mail and new claims, opening per (source IP, site) only what the limit
+        leaves beside those. The old one's outcomes apply as any; it exits when
+        its connections are done, or is stopped after ``[delivery]
+        drain_limit`` (what it was still handed past its end of data one attempt
+        of unknown outcome). Before, the slot took no mail until the old worker
+        had finished: a receiver that never answered held a one-worker node's
+        delivery for drain_limit. The worker count and the spool do not change
+        here (they need a restart)."""
         config.workers = self.config.workers
         if not config.secret:  # as in __init__: Message-ID/VERP tokens must still verify
             config.secret = msgid.load_secret(config)
         config.msgid_tag = config.msgid_tag or self.config.msgid_tag
         self.config = config
         self.shaping.reconfigure(config)  # dispatch rates, guardrails, pools
-        for slot in self.slots:  # a slot respawned by reap() meanwhile gets them too
-            slot.ips = config.ips_for_worker(slot.index)
-            slot.window = config.window_for(slot.index)  # claims from here on
         for slot in self.slots:
             if self.draining or self.stopping:
                 return
-            if not slot.alive or slot.inbox is None:
+            old = self.detach(slot) if slot.alive and slot.inbox is not None else None
+            # A slot respawned by reap() meanwhile gets them too.
+            slot.ips = config.ips_for_worker(slot.index)
+            slot.window = config.window_for(slot.index)  # claims from here on
+            if old is None:
                 continue
-            slot.retiring = True
-            slot.drain_sent = True
-            slot.backlog.append(wire.encoder.encode(wire.Drain()))
-            self.push_backlog(slot)
-            # The slot takes no new mail while its worker finishes its window: a
-            # receiver that never answers would hold it (and, with one worker,
-            # all of the node's delivery) for the command timeout. As a drain
-            # does, it stops now after [delivery] drain_limit: what it was
-            # handed counts one attempt of unknown outcome (reap).
-            limit = time.monotonic() + self.config.delivery.drain_limit
-            pid = slot.pid
-            while slot.retiring and not (self.draining or self.stopping):
-                if time.monotonic() >= limit and slot.alive and slot.pid == pid:
+            # Its answer comes within a loop turn; a worker whose loop does not
+            # answer (stuck) keeps its slot until it exits or is stopped, as before.
+            pid, limit = old.pid, time.monotonic() + RETIRE_ANSWER
+            while old.conns is None and old.alive and not (self.draining or self.stopping):
+                if time.monotonic() >= limit:
                     print(
-                        f"fastsend: worker {slot.index} still finishing its window"
-                        f" {self.config.delivery.drain_limit:g} s into the reload: stopping"
-                        f" it now; {len(slot.inflight)} message(s) on connections that did"
-                        " not finish go back to the queue",
+                        f"fastsend: worker {old.index} (pid {pid}) did not answer the reload"
+                        f" within {RETIRE_ANSWER:g} s: its slot waits for it to end",
                         file=sys.stderr,
                         flush=True,
                     )
+                    while old.alive and not (self.draining or self.stopping):
+                        await asyncio.sleep(0.02)
+                    break
+                await asyncio.sleep(0.01)
+            if not (self.draining or self.stopping):
+                self.spawn(slot)
+
+    async def retirements(self) -> None:
+        """Until the workers a reload replaced have exited (or a stop began)."""
+        while any(s.alive for s in self.retired) and not self.stopping:
+            await asyncio.sleep(0.05)
+
+    def detach(self, slot: WorkerSlot) -> WorkerSlot:
+        """Move ``slot``'s running worker (its process, rings, window) to a
+        retiring slot in :attr:`retired` and tell it wire.Retire; ``slot`` is
+        left empty for the worker that replaces it. Its rate-held mail, which
+        it was never sent, goes back to the queue for the new one."""
+        loop = asyncio.get_running_loop()
+        old = WorkerSlot(
+            slot.index,
+            list(slot.ips),
+            pid=slot.pid,
+            inbox=slot.inbox,
+            outbox=slot.outbox,
+            inflight=slot.inflight,
+            campaigns=slot.campaigns,
+            backlog=slot.backlog,
+            alive=True,
+            counters=slot.counters,
+            counters_pid=slot.counters_pid,
+            retiring=True,
+            last_seen=slot.last_seen,
+            drain_sent=True,
+            unwritten=slot.unwritten,
+            window=slot.window,
+            withdrawn=slot.withdrawn,
+            stop_at=time.monotonic() + self.config.delivery.drain_limit,
+        )
+        held = [c.id for items in slot.held.values() for c in items]
+        for i in held:
+            old.inflight.pop(i, None)
+        assert old.outbox is not None and old.inbox is not None
+        loop.remove_reader(old.outbox.reader_fd)
+        loop.add_reader(old.outbox.reader_fd, self.on_outbox, old, old.outbox)
+        if loop.remove_reader(old.inbox.writer_fd):  # its backlog waits for ring space
+            loop.add_reader(old.inbox.writer_fd, self.on_inbox_space, old, old.inbox)
+        slot.pid, slot.inbox, slot.outbox, slot.alive = 0, None, None, False
+        slot.inflight, slot.campaigns, slot.backlog = {}, set(), []
+        slot.held, slot.unwritten, slot.withdrawn = {}, 0, set()
+        slot.drain_sent = False
+        self.retired.append(old)
+        if held:
+            self.guard(self.spool.release, held)
+        old.backlog.append(wire.encoder.encode(wire.Retire()))
+        self.push_backlog(old)
+        return old
+
+    def lent(self, index: int) -> list[tuple[str, str, int]]:
+        """The connections the retiring workers of slot ``index`` hold, summed
+        per (source IP, site)."""
+        total: dict[tuple[str, str], int] = {}
+        for old in self.retired:
+            if old.index == index and old.alive:
+                for ip, site, n in old.conns or ():
+                    total[(ip, site)] = total.get((ip, site), 0) + n
+        return [(ip, site, n) for (ip, site), n in sorted(total.items())]
+
+    def lend(self, index: int) -> None:
+        """Tell slot ``index``'s worker what its retiring predecessors hold now."""
+        slot = self.slots[index]
+        if slot.alive and slot.inbox is not None:
+            slot.backlog.append(wire.encoder.encode(wire.Conns(self.lent(index))))
+            self.push_backlog(slot)
+
+    def on_conns(self, slot: WorkerSlot, msg: wire.Conns) -> None:
+        """wire.Conns from a retiring worker: its connections, for its slot's new worker."""
+        if slot.retiring:
+            slot.conns = msg.held
+            self.lend(slot.index)
+
+    def reap_retired(self) -> None:
+        """The retiring workers: an exit ends one (what it still held goes back,
+        as any worker's), one past ``[delivery] drain_limit`` is stopped now."""
+        now = time.monotonic()
+        for old in list(self.retired):
+            try:
+                pid, status = wait(old, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = old.pid, 0
+            if pid == 0:
+                if old.stop_at and now >= old.stop_at:
+                    print(
+                        f"fastsend: worker {old.index} (pid {old.pid}) still finishing its"
+                        f" window {self.config.delivery.drain_limit:g} s into the reload:"
+                        f" stopping it now; {len(old.inflight)} message(s) on connections"
+                        " that did not finish go back to the queue",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    old.stop_at = 0.0
+                    old.last_seen = now  # from here, WORKER_SILENCE to exit, else SIGKILL
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, wire.STOP_NOW)
-                    limit = float("inf")
-                await asyncio.sleep(0.02)
+                        os.kill(old.pid, wire.STOP_NOW)
+                elif now - old.last_seen > WORKER_SILENCE:
+                    old.last_seen = now
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(old.pid, signal.SIGKILL)
+                continue
+            old.alive = False
+            code = os.waitstatus_to_exitcode(status)
+            unknown = ""
+            if code != 0 and not self.stopping:
+                unknown = (
+                    f"local error: worker {old.index} exited with status {code} while"
+                    " this message was in its window: outcome unknown, sent again"
+                )
+            self.retire(old, "", unknown)
+            self.retired.remove(old)
+            self.slots[old.index].cpu_s += old.cpu_s
+            self.lend(old.index)
 
     def drain_workers(self) -> None:
         """SIGTERM: tell each worker at once, so it hands back the mail of sites
@@ -319,9 +439,12 @@ class WorkerLifecycle(SupervisorState):
                 self.push_backlog(slot)
         deadline = time.monotonic() + (2.0 if self.stopping else 60.0)
         exited = asyncio.Event()
-        pidfds = watch_exits([s.pid for s in self.slots if s.alive], exited.set)
+        pidfds = watch_exits([s.pid for s in (*self.slots, *self.retired) if s.alive], exited.set)
         try:
-            while any(s.alive for s in self.slots) and time.monotonic() < deadline:
+            while (
+                any(s.alive for s in (*self.slots, *self.retired))
+                and time.monotonic() < deadline
+            ):
                 if self.stopping:
                     self.signal_workers(wire.STOP_NOW)
                 # Woken the moment a worker exits (its pidfd), else every 20 ms.
@@ -337,11 +460,12 @@ class WorkerLifecycle(SupervisorState):
         finally:
             unwatch(pidfds)
         self.signal_workers(signal.SIGKILL)
-        for s in self.slots:
+        for s in (*self.slots, *self.retired):
             if s.alive:
                 _pid, status = wait(s, 0)
                 s.alive = False
                 self.retire(s, unknown=self.stopped_text(s, status))
+        self.retired.clear()
         if not self.outage_since:
             self.guard(self.tell_taken_back)
             self.guard(self.flush_results)
@@ -367,7 +491,7 @@ class WorkerLifecycle(SupervisorState):
         )
 
     def signal_workers(self, sig: int) -> None:
-        for s in self.slots:
+        for s in (*self.slots, *self.retired):
             if s.alive:
                 try:
                     os.kill(s.pid, sig)
@@ -375,7 +499,7 @@ class WorkerLifecycle(SupervisorState):
                     pass
 
     def reap_final(self) -> None:
-        for slot in self.slots:
+        for slot in (*self.slots, *self.retired):
             if not slot.alive:
                 continue
             try:

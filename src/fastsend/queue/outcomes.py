@@ -123,6 +123,8 @@ class Outcomes(SupervisorState):
             elif isinstance(msg, wire.Stats):
                 slot.counters = msg.counters
                 slot.counters_pid = msg.pid  # a restarted worker counts from 0 again
+            elif isinstance(msg, wire.Conns):
+                self.on_conns(slot, msg)
             elif isinstance(msg, wire.Events):
                 self.event_buf.extend(msg.events)  # transport failover, TLS-RPT
                 for e in msg.events:
@@ -417,7 +419,9 @@ class Outcomes(SupervisorState):
             now = time.monotonic()
             if not self.results_since:
                 self.results_since = now
-            if now - self.results_since < FLUSH_AGE and any(s.inflight for s in self.slots):
+            if now - self.results_since < FLUSH_AGE and any(
+                s.inflight for s in (*self.slots, *self.retired)
+            ):
                 return
         self.flush_results()
 
@@ -455,7 +459,7 @@ class Outcomes(SupervisorState):
                 for i, e in enumerate(marked):
                     e["event_id"] = first + i
             self.results = []
-        for slot in self.slots:
+        for slot in (*self.slots, *self.retired):
             slot.unwritten = 0
         if self.requeues:
             self.spool.requeue(self.requeues, time.time())

@@ -47,7 +47,12 @@ class WorkerSlot(msgspec.Struct):
     alive: bool = False
     counters: dict[str, float] = msgspec.field(default_factory=dict)  # last wire.Stats
     counters_pid: int = 0  # the worker process that sent them
-    retiring: bool = False  # draining for a reload: respawn on exit, feed nothing
+    # Replaced by a reload (in ``retired``): finishing what is on its connections,
+    # fed nothing, not restarted; its slot runs a new worker meanwhile.
+    retiring: bool = False
+    # What a retiring worker last said it holds (wire.Conns; None: not yet).
+    conns: list[tuple[str, str, int]] | None = None
+    stop_at: float = 0.0  # monotonic: a retiring worker still running then is stopped
     held: dict[tuple[int, str], list[Claimed]] = msgspec.field(default_factory=dict)  # rate-held
     last_seen: float = 0.0  # monotonic time of the worker's last record
     crashes: list[float] = msgspec.field(default_factory=list)  # monotonic times of abnormal exits
@@ -172,6 +177,9 @@ class SupervisorState:
     suppression: SuppressionList
     own_suppression: bool
     slots: list[WorkerSlot]
+    # Workers a reload replaced, finishing their transactions while their slots'
+    # new workers send (WorkerLifecycle.reload); their outcomes apply as any.
+    retired: list[WorkerSlot]
     stats: RunStats
     wake: Wake  # the loop's wake-up (set by outcomes, the feeder, serve's injections)
     feed_room: asyncio.Event  # claims came back short: the feeder may read on
@@ -218,6 +226,7 @@ class SupervisorState:
         # lifecycle
         def push_backlog(self, slot: WorkerSlot) -> None: ...
         def drain_workers(self) -> None: ...
+        def on_conns(self, slot: WorkerSlot, msg: wire.Conns) -> None: ...
 
         # supervisor
         def guard(self, step: Callable[..., Any], *args: Any) -> Any: ...

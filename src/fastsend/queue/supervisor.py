@@ -104,6 +104,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             WorkerSlot(i, config.ips_for_worker(i), window=config.window_for(i))
             for i in range(config.worker_count)
         ]
+        self.retired: list[WorkerSlot] = []
         self.results: list[Result] = []
         self.results_since = 0.0
         self.requeues: list[tuple[int, float]] = []  # handed back: (id, next_at)
@@ -165,7 +166,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
 
     @property
     def inflight(self) -> int:
-        return sum(len(s.inflight) for s in self.slots)
+        return sum(len(s.inflight) for s in (*self.slots, *self.retired))
 
     def idle_done(self) -> bool:
         if self.inflight or self.results or self.requeues or self.feeding:
@@ -279,7 +280,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                 )
             self.flush_results()
             known: set[int] = set()
-            for slot in self.slots:
+            for slot in (*self.slots, *self.retired):
                 known.update(slot.inflight)
             known.update(r.id for r in self.results)
             known.update(i for i, _at in self.requeues)
@@ -300,7 +301,11 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
 
     def window_keys(self) -> set[tuple[int, str]]:
         """(campaign, domain) of the mail in the workers' windows."""
-        return {(c.campaign, c.domain) for s in self.slots for c in s.inflight.values()}
+        return {
+            (c.campaign, c.domain)
+            for s in (*self.slots, *self.retired)
+            for c in s.inflight.values()
+        }
 
     def on_signal(self, signum: int) -> None:
         self.stop_signal = self.stop_signal or signum
@@ -347,7 +352,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                 guard(self.dispatch)
                 await self.wake.wait(TICK)
                 self.wake.clear()
-                for slot in self.slots:  # cheap safety net: a get() on an empty ring
+                for slot in (*self.slots, *self.retired):  # safety net: get() on an empty ring
                     if slot.outbox is not None:
                         self.drain_outbox(slot, slot.outbox)
                 guard(self.flush_due)

@@ -24,9 +24,11 @@ Signals:
   queued; HTTP requests still in progress, with or without --no-workers, are
   cut off).
 - SIGHUP: re-read the config file; routes, shaping, API limits, tenants,
-  ``[submission.users]`` and the suppression list take effect, workers are replaced one at a time by
-  drain + respawn (no delivery connection is cut mid-transaction), HTTP
-  connections stay open. The new config's warnings are printed; a config with
+  ``[submission.users]`` and the suppression list take effect, workers are replaced
+  without a gap in delivery: a new worker on the new config starts at once while
+  the old one finishes the transactions on its connections (none is cut
+  mid-transaction; within ``[delivery] drain_limit``), the two together within
+  each (source IP, site) connection limit; HTTP connections stay open. The new config's warnings are printed; a config with
   an error is reported and ignored (the running one stays).
 
 It prints one line to stderr when ready (with the startup time) and logs no
@@ -504,6 +506,8 @@ class Server:
         sup = ctx.supervisor
         if sup is not None:
             await sup.reload(cfg)
-        if ctx.shared is not None:  # the IPs it dropped: no worker uses them now
+        if ctx.shared is not None:  # the IPs it dropped: given back once no worker uses them
+            if sup is not None:
+                await sup.retirements()
             ctx.shared.reloaded(cfg)
         print("fastsend serve: configuration reloaded", file=sys.stderr, flush=True)

@@ -113,6 +113,7 @@ class Lane:
         "blocked_reason",
         "blocked_recheck",
         "blocked_until",
+        "borrowed",
         "buckets",
         "by_reason",
         "conn_bucket",
@@ -172,6 +173,9 @@ class Lane:
         self.own_reason = ""
         self.max_connections = limits.max_connections
         self.active = 0
+        # Connections a retiring worker of this slot still holds on this lane (a
+        # reload's overlap: wire.Conns): counted against max_connections.
+        self.borrowed = 0
         self.warm: Warmup | None = None
         self.triggers: dict[str, Trigger] = {}
         self.last_event = -math.inf
@@ -208,7 +212,18 @@ class Lane:
         limit = self.max_connections
         if self.throttle_conns and now < self.throttle_until:
             limit = min(limit, self.throttle_conns)
-        return self.active < limit
+        return self.active + self.borrowed < limit
+
+    def waits_for_borrowed(self, now: float) -> bool:
+        """Whether only a retiring worker's connections (``borrowed``) keep this
+        lane from opening one now: its mail waits for them, it is not held."""
+        if not self.borrowed or not self.usable(now):
+            return False
+        self.borrowed, b = 0, self.borrowed
+        try:
+            return self.can_connect(now)
+        finally:
+            self.borrowed = b
 
     def connect_wait(self, now: float) -> float:
         """Seconds before a new connection may open (0.0: now, consumed)."""
@@ -518,6 +533,16 @@ class Shaper:
         self.warming = any(
             ip.warmup_start_day is not None for p in poolset.pools.values() for ip in p.ips
         )
+        # (ip, site key) -> connections the retiring workers of this slot still
+        # hold there (a reload: wire.Conns); none the rest of the time.
+        self.borrowed: dict[tuple[str, str], int] = {}
+
+    def lend(self, held: list[tuple[str, str, int]]) -> None:
+        """wire.Conns: the connections the workers this one replaces still hold,
+        per (source IP, site): each lane opens only what its limit leaves."""
+        self.borrowed = {(ip, site): n for ip, site, n in held if n > 0}
+        for key, ln in self.lanes.items():
+            ln.borrowed = self.borrowed.get(key, 0)
 
     def pool(self, name: str) -> Pool:
         p = self.pools.get(name or self.poolset.default)
@@ -545,6 +570,8 @@ class Shaper:
                 self.policy.rest["duration"],
                 self.events,
             )
+            if self.borrowed:
+                ln.borrowed = self.borrowed.get((ip, site_key), 0)
         if self.ip_rests:
             self._apply_rests(ln, ip, now_unix)
         if self.warming:
