@@ -68,6 +68,20 @@ class Progress:
 
 SUPERVISOR_GC_YOUNG = 50_000
 
+# engine.run's ``rollups`` when the caller attached none: the run attaches its own.
+OWN_ROLLUPS: Any = object()
+
+
+def attach_rollups(config: Config, spool: Spool, events: EventLog) -> Any:
+    """The rollups (``fastsend top``, ``/v1/stats``) on ``events``, for a caller that
+    emits events before :func:`run` (``send`` accepts the list's first chunk first):
+    attached after those events, they would miss them, and the next start would
+    count them as a killed run's (said as one). ``None`` when analytics is off."""
+    from fastsend.analytics.attach import attach  # issue 14: rollups beside the spool
+
+    # No tracking or intake runs in this process: nothing to attribute engagement to.
+    return attach(config, spool, events, engagement=False)
+
 
 def run(
     config: Config,
@@ -82,6 +96,7 @@ def run(
     events: EventLog | None = None,
     suppression: Any = None,
     cluster: Any = None,
+    rollups: Any = OWN_ROLLUPS,
 ) -> dict[str, Any]:
     """Deliver until done. ``feeder`` spools more mail while delivery runs (see
     Supervisor); ``total_fn`` gives the progress line the count spooled so far.
@@ -91,14 +106,14 @@ def run(
     ``cluster``: this node's hold on its source IPs on a shared spool
     (``fastsend.cluster.ClusterNode``, claimed by the caller): renewed while
     it runs (an IP another live node took meanwhile is rested), given back at
-    the end."""
+    the end. ``rollups``: what the caller attached to ``events`` with
+    :func:`attach_rollups` before its first event (closed here); by default the
+    run attaches its own."""
     own_events = events is None
     if events is None:
         events = EventLog(config.event_log_path)
-    from fastsend.analytics.attach import attach  # issue 14: rollups beside the spool
-
-    # No tracking or intake runs in this process: nothing to attribute engagement to.
-    rollups = attach(config, spool, events, engagement=False)
+    if rollups is OWN_ROLLUPS:
+        rollups = attach_rollups(config, spool, events)
     bar = Progress(total) if progress else None
     if bar is not None and total_fn is not None:
         bar.total_fn = total_fn

@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{args.selector}.{domain}.pem")
     try:
         key = generate(args.algorithm, args.bits)
+        # A key under a directory not made yet (--out keys/s1.example.com.pem, as the
+        # example campaign names them): made, for this user only (the umask).
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_key(key, out, overwrite=args.force)
     except DkimKeyError as exc:
         print(f"fastsend dkim keygen: {exc}", file=sys.stderr)

@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         spool.close()
         return ips
     events = EventLog(cfg.event_log_path)
+    # Before the first chunk's accepted events: the rollups count them as they happen.
+    rollups = engine.attach_rollups(cfg, spool, events)
     suppression = open_suppression(spool_url, cfg.spool_dir)
     acceptor = Acceptor(spool, events, suppression)
     # Bad input, or a shared spool out of reach before the first chunk is in.
@@ -193,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
             raise mark
     except refused as e:
         events.close()
+        if rollups is not None:
+            rollups.close()
         if ips is not None:
             with contextlib.suppress(Exception):
                 ips.release()
@@ -229,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
             suppression=suppression if spool.shared() is not None else None,
             cluster=ips,
+            rollups=rollups,
         ),
         spool_url,
         events,

@@ -451,7 +451,12 @@ def _dkim(x: Any, base: Path) -> dict[str, Any]:
             raise CampaignError("[dkim] headers must include From (RFC 6376)")
         out["headers"] = [s.lower() for s in hs]
     if not Path(out["key"]).is_file():
-        raise CampaignError(f"[dkim] key file not found: {out['key']}")
+        # What to do about it, not only what is wrong: the command that makes the key.
+        raise CampaignError(
+            f"[dkim] key file not found: {out['key']} (make one with `fastsend dkim keygen"
+            f" --domain {domain} --selector {out['selector']} --out {out['key']}` and publish"
+            " the record it prints)"
+        )
     return out
 
 
