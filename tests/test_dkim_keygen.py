@@ -73,7 +73,12 @@ def test_keygen_bad_input(tmp_path: Path, extra: list[str]) -> None:
     assert not (tmp_path / "k.pem").exists()
 
 
-def test_example_campaign_loads_and_renders(tmp_path: Path) -> None:
+def test_example_campaign_loads_and_renders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its tracking links are signed (by send and serve: the spool's secret; here a file's).
+    (tmp_path / "secret.key").write_text("k" * 64)
+    monkeypatch.setenv("FASTSEND_TRACKING_SECRET_FILE", str(tmp_path / "secret.key"))
     for f in ("campaign.toml", "campaign.html"):
         shutil.copy(ROOT / "examples" / f, tmp_path / f)
     (tmp_path / "keys").mkdir()

@@ -179,6 +179,24 @@ def _check_foreign_tags(spec: dict[str, Any]) -> None:
             raise AcceptError(f"{key}: {why}", key)
 
 
+def _check_tracking_base(spec: dict[str, Any]) -> None:
+    """Opens or clicks asked for with no ``base_url`` to put the links on: refused, not
+    sent untracked. The renderer makes no pixel and rewrites no link without one (a
+    campaign stored so is still sent as it always was), and the example campaign asked
+    for both without one: every open and click of such a campaign was lost, silently.
+    (Unsubscribe links without an https base are refused by the spec's own check; a
+    tenant's ``tracking_base_url`` is filled in before this, by the API.)"""
+    t = spec.get("tracking")
+    if isinstance(t, dict) and (t.get("opens") or t.get("clicks")) and not t.get("base_url"):
+        asked = " and ".join(k for k in ("opens", "clicks") if t.get(k))
+        raise AcceptError(
+            f"[tracking] {asked} need base_url: the http(s) address where fastsend serve"
+            " answers tracking links (its [api] public_listen, or its API listener, behind"
+            " your proxy); e.g. base_url = \"https://t.example.com\"",
+            "tracking.base_url",
+        )
+
+
 def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, Any]:
     """Validate a loaded campaign for spooling; returns its self-contained spec.
 
@@ -193,6 +211,7 @@ def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, A
     spec = camp.to_dict()
     _check_header_values(spec)
     _check_foreign_tags(spec)
+    _check_tracking_base(spec)
     # Built once now (no keys): a campaign whose own headers can never be
     # written (a header name over the line limit) is refused before anything is
     # spooled, not failed for every recipient later.

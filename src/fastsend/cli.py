@@ -120,6 +120,30 @@ def main(argv: Sequence[str] | None = None, *, entry: bool = False) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `fastsend queue --json | head`: the reader of our output left. Said by no
+        # traceback, as a Unix tool killed by SIGPIPE says nothing; a pipe broken
+        # elsewhere (a socket) is an error as before.
+        if not _stdout_gone():
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the exit's own flush: nowhere
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # as the shell shows a process SIGPIPE ended
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket no one reads any more (poll: POLLERR on a
+    pipe whose read end is closed, POLLHUP on a socket shut down)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):  # closed, or no file descriptor
+        return True
 
 
 def _import(name: str, entry: bool) -> Any:

@@ -599,14 +599,21 @@ def cell_unguard(value: str) -> str:
     return value[1:] if value[:1] == "'" and _FORMULA.match(value, 1) else value
 
 
+# The address column of a list: ours (export_csv), and as other tools' exports name it
+# (Mailchimp "Email Address", HubSpot "Email", "E-mail"), any case: the names `fastsend
+# send` takes (recipients._EMAIL_HEADERS), so an unsubscribe export imports as it is.
+_ADDRESS_HEADERS = frozenset({"address", "email", "e-mail", "email address", "e-mail address"})
+
+
 def _read_rows(
     text: str, reason: str, source: str
 ) -> Iterator[tuple[int, str, str, str, float | None]]:
     lines = text.splitlines()
     first = next((ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
     header = [h.strip().lower() for h in next(csv.reader([first]))] if first else []
-    if "address" in header or "email" in header:
-        col = header.index("address") if "address" in header else header.index("email")
+    named = [i for i, h in enumerate(header) if h in _ADDRESS_HEADERS]
+    if named:
+        col = header.index("address") if "address" in header else named[0]
         reader = csv.reader(io.StringIO(text))
         seen_header = False
         for lineno, row in enumerate(reader, 1):

@@ -3,6 +3,7 @@
     fastsend apikey create --tenant NAME [--note TEXT] -c fastsend.toml
     fastsend apikey list [--tenant NAME] [--json] -c fastsend.toml
     fastsend apikey revoke KEY_ID -c fastsend.toml
+    fastsend apikey hash-password --tenant NAME      # a [submission.users] line
 
 ``create`` prints the new key once on stdout (only its SHA-256 is stored, in
 ``<spool>/apikeys.db``); nothing else ever prints a key. A running server
@@ -36,6 +37,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--json", action="store_true", help="JSON lines")
     r = sub.add_parser("revoke", parents=[common], help="revoke a key by its id")
     r.add_argument("key_id", help="the id shown by list (the 8 characters after fs_)")
+    h = sub.add_parser(
+        "hash-password",
+        help="hash an SMTP submission password for [submission.users] (asked for, or one"
+        " line on stdin)",
+    )
+    h.add_argument(
+        "--tenant", help='print the whole line for [submission.users]: TENANT = "HASH"'
+    )
+
+
+# A submission password is a shared secret typed into mail clients and apps: one this
+# short falls to an online guesser within the AUTH failure limits' patience.
+MIN_PASSWORD = 8
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    """``hash-password``: the value [submission.users] keeps for a password (PBKDF2;
+    the password itself is never stored, printed or taken as an argument, where
+    ``ps`` and the shell's history would show it)."""
+    import getpass
+
+    from fastsend.serve.listeners import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("fastsend apikey: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD:
+        print(f"fastsend apikey: a password needs at least {MIN_PASSWORD} characters",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    value = hash_password(password)
+    print(f'{args.tenant} = "{value}"' if args.tenant else value)
+    return 0
 
 
 def _spool_dir(args: argparse.Namespace) -> str:
@@ -60,6 +98,8 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "hash-password":  # no store: a value for the config file
+        return _hash_password(args)
     try:
         store = _store(args)
     except ConfigError as e:

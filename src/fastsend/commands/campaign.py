@@ -25,7 +25,11 @@ STATUS = {"pause": "paused", "resume": "active", "cancel": "cancelled"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["list", "pause", "resume", "cancel"])
+    p.add_argument(
+        "action",
+        choices=["list", "pause", "resume", "cancel"],
+        help="list every campaign, or pause / resume / cancel campaign ID",
+    )
     p.add_argument("id", nargs="?", type=int, help="campaign id (not for list)")
     p.add_argument(
         "--spool", default="./spool", help="spool directory or redis:// URL (default ./spool)"

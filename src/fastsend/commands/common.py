@@ -140,6 +140,21 @@ def redact_url(url: str) -> str:
     return redact(url)
 
 
+def sign_links_as_serve(cfg: Any) -> None:
+    """Tracking links (opens, clicks, unsubscribe) of what ``send`` and ``resume``
+    deliver are signed with the installation secret (``[tracking] secret``, else
+    ``<spool>/secret.key``), as ``fastsend serve`` signs its own and checks every
+    link with: set for this process and the workers it forks. Without it a campaign
+    with tracking was refused by ``send`` ("tracking needs a secret") unless it
+    named a secret file of its own, whose links serve then could not verify."""
+    from fastsend import msgid
+    from fastsend.message.tracking import set_process_secret
+
+    if not cfg.secret:
+        cfg.secret = msgid.load_secret(cfg)  # the supervisor's own (it keeps a set one)
+    set_process_secret(cfg.secret)
+
+
 def resume_command(args: argparse.Namespace) -> str:
     """The ``fastsend resume`` command line that continues this run: the same
     config, spool and engine options (routes, source IPs... are not kept in the

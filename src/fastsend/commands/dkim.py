@@ -28,7 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k = sub.add_parser("keygen", help="write a new DKIM key and print its DNS TXT record")
     k.add_argument("--domain", required=True, help="signing domain (d=)")
     k.add_argument("--selector", required=True, help="selector (s=)")
-    k.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    k.add_argument(
+        "--algorithm",
+        choices=["rsa", "ed25519"],
+        default="rsa",
+        help="rsa (rsa-sha256, every verifier) or ed25519 (RFC 8463: dual-sign it with an"
+        " RSA key, as not every receiver checks it); default rsa",
+    )
     k.add_argument("--bits", type=int, default=2048, help="RSA key size, 1024-4096 (default 2048)")
     k.add_argument("--out", help="key file (default SELECTOR.DOMAIN.pem)")
     k.add_argument("--force", action="store_true", help="overwrite an existing key file")

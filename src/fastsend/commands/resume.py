@@ -31,6 +31,7 @@ from fastsend.commands.common import (
     print_summary,
     redact_url,
     run_engine,
+    sign_links_as_serve,
     stopped_by_signal,
 )
 
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     busy = hold_supervisor(spool, "fastsend resume", cfg.spool_dir)
     if busy:
         return busy
+    sign_links_as_serve(cfg)  # a campaign with tracking links: signed as send signed them
     # One reader per list: every unfinished job is held before anything else
     # (a live `send`, `serve` or `resume` reading one makes this one stop here,
     # before it touches the queue).

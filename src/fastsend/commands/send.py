@@ -36,6 +36,7 @@ from fastsend.commands.common import (
     print_summary,
     redact_url,
     run_engine,
+    sign_links_as_serve,
     stopped_by_signal,
 )
 
@@ -133,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         return die(why)
     try:
         camp = Campaign.load(args.campaign)
+        if (camp.to_dict().get("tracking") or {}).get("base_url"):
+            sign_links_as_serve(cfg)  # before its links are built, here and in the workers
         spec = check_campaign(camp, require_dkim=not args.no_dkim)
         camp.check_columns(recipients.columns(args.recipients) | {"email"})
     except FileNotFoundError:

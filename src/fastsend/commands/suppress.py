@@ -43,22 +43,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant (default: default)")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = sub.add_parser("add", parents=[common], help="suppress addresses")
-    a.add_argument("addresses", nargs="+", metavar="ADDR")
+    a.add_argument("addresses", nargs="+", metavar="ADDR", help="addresses to suppress")
     a.add_argument("--reason", default=MANUAL, help="reason (default: manual)")
     a.add_argument("--expires", help="expire after a duration such as 30d, 12h, 90m")
     a.add_argument("--source", default=SOURCE_MANUAL, help="source (default: manual)")
     r = sub.add_parser("remove", parents=[common], help="stop suppressing addresses")
-    r.add_argument("addresses", nargs="+", metavar="ADDR")
+    r.add_argument("addresses", nargs="+", metavar="ADDR", help="addresses to send to again")
     ls = sub.add_parser("list", parents=[common], help="list suppressed addresses")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
-    ls.add_argument("--all-tenants", action="store_true")
-    ls.add_argument("--include-expired", action="store_true")
+    ls.add_argument("--all-tenants", action="store_true", help="every tenant's entries")
+    ls.add_argument(
+        "--include-expired", action="store_true", help="also entries whose --expires passed"
+    )
     i = sub.add_parser("import", parents=[common], help="import CSV or one address per line")
     i.add_argument("file", help="file to import ('-' for stdin)")
     i.add_argument("--reason", default=MANUAL, help="reason for lines without one")
     i.add_argument("--expires", help="expiry for imported entries, such as 30d")
     e = sub.add_parser("export", parents=[common], help="export as CSV to stdout")
-    e.add_argument("--all-tenants", action="store_true")
+    e.add_argument("--all-tenants", action="store_true", help="every tenant's entries")
 
 
 def _iso(t: float) -> str:
@@ -90,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
         except redis.RedisError as e:
             return _fail(f"Redis: {e}")
     spool = Path(args.spool)
+    if args.action in ("add", "import") and not spool.exists():
+        # The people a new user brings along (unsubscribes, complaints) go in before the
+        # first campaign is sent, which would make the spool: made here for them.
+        spool.mkdir(parents=True)
     if not spool.is_dir():
-        return _fail(f"{spool}: not a directory")
+        return _fail(f"{spool}: not a directory (no spool yet: `fastsend send` or `serve` makes one)")
     try:
         with SuppressionList(spool / DB_NAME) as s:
             return _dispatch(s, args)

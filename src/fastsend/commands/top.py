@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import select
 import shutil
 import sys
@@ -58,6 +59,16 @@ def _pct(v: float | None) -> str:
 
 def _n(v: int) -> str:
     return f"{v:,}"
+
+
+# SGR sequences (bold, colours) of a frame, for output that is no terminal.
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _styled(out: Any) -> bool:
+    """Whether ``--once`` writes bold and colour: to a terminal, unless NO_COLOR is set
+    (https://no-color.org). A frame piped to a file, ``grep`` or a mail is plain text."""
+    return bool(out.isatty()) and not os.environ.get("NO_COLOR")
 
 
 def spark(values: list[int], width: int) -> str:
@@ -203,7 +214,12 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.once:
         size = shutil.get_terminal_size((120, 60))
-        out.write("\n".join(top.frame(time.time(), size.columns, 1000)) + "\n")
+        lines = top.frame(time.time(), size.columns, 1000)
+        lines[0] = lines[0].replace("   (q quits)", "")  # one frame: no key is read
+        text = "\n".join(lines) + "\n"
+        if not _styled(out):  # a pipe, a file, NO_COLOR: no escape sequences in it
+            text = _ESCAPES.sub("", text)
+        out.write(text)
         return 0
     tty = sys.stdin.isatty()
     old: Any = None
