@@ -1,44 +1,54 @@
 -- ARGV: P, now, limit, node, lease_ms -> flat {id, state, data, ...} (state as
 -- stored after the claim: "1|node|campaign|attempts|...")
--- Per bucket of ids (lib.lua) one HMGET and one HSET; per campaign one
--- ZRANGEBYSCORE and one ZREMRANGEBYRANK (the claimed ids are a prefix of its
--- due set); one SADD per 1000 and the counters per batch.
+-- Per bucket of ids (lib.lua) one HMGET and one HSET; per active campaign one
+-- ZCOUNT, per campaign claimed from one ZRANGEBYSCORE and one ZREMRANGEBYRANK
+-- (the claimed ids are a prefix of its due set); one SADD per 1000 and the
+-- counters per batch.
 local now, limit, node, lease = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local ms = clock_ms()
 beat(ms, lease)
 redis.call('ZADD', P..':nodes', ms + lease, node)
 reap_dead(ms)
-local act = redis.call('SMEMBERS', P..':active')
+-- The room shared between the active campaigns with mail due (lib.lua
+-- fair_shares: as spool/fair.py); what is taken of each is a prefix of its due
+-- set (its oldest due first).
+local cands, name = {}, {}
+for _, cid in ipairs(redis.call('SMEMBERS', P..':active')) do
+  local n = redis.call('ZCOUNT', P..':due:'..cid, '-inf', now)
+  if n > 0 then
+    local c = tonumber(cid)
+    name[c] = cid
+    cands[#cands + 1] = {c, '', 0, 1, math.min(n, limit)}
+  end
+end
+local shares = {}
+if #cands == 1 then  -- one campaign (the common case): nothing to share
+  shares[1] = {cands[1][1], limit}
+elseif #cands > 1 then
+  local fs, ranks = {}, {}
+  for i, c in ipairs(cands) do fs[i] = name[c[1]] end
+  for j = 1, #fs, 1000 do  -- (unpack takes a few thousand at most)
+    local r = redis.call('HMGET', P..':fair', unpack(fs, j, math.min(j + 999, #fs)))
+    for i = 1, #r do ranks[j + i - 1] = r[i] end
+  end
+  for i, c in ipairs(cands) do
+    -- "priority|weight|tenant" (RedisSpool.create_campaign); none: a tenant of its own
+    local p, w, t = string.match(ranks[i] or '', '^(%-?%d+)|(%d+)|(.*)$')
+    c[2] = t or ('#'..fs[i])
+    c[3] = tonumber(p) or 0
+    c[4] = math.max(tonumber(w) or 1, 1)
+  end
+  shares = fair_shares(cands, limit, redis.call('INCR', P..':fair:turn') - 1)
+end
 local ids, taken, cidof = {}, {}, {}
-if #act == 1 then  -- one campaign (the common case): its due set's prefix as it is
-  local cid = act[1]
-  local r = redis.call('ZRANGEBYSCORE', P..':due:'..cid, '-inf', now, 'LIMIT', 0, limit)
+for _, s in ipairs(shares) do
+  local cid = name[s[1]]
+  local r = redis.call('ZRANGEBYSCORE', P..':due:'..cid, '-inf', now, 'LIMIT', 0, s[2])
   for i = 1, #r do
-    ids[i] = r[i]
+    ids[#ids + 1] = r[i]
     cidof[r[i]] = cid
   end
   if #r > 0 then taken[cid] = #r end
-  act = {}
-end
-local cand = {}
-for _, cid in ipairs(act) do
-  local r = redis.call('ZRANGEBYSCORE', P..':due:'..cid, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
-  for i = 1, #r, 2 do cand[#cand + 1] = {tonumber(r[i + 1]), r[i], cid, i} end
-end
-if #act > 1 then
-  -- Several campaigns: a total order that keeps each campaign's rank order (ties included), so
-  -- what is taken of each campaign is a prefix of its due set.
-  table.sort(cand, function(a, b)
-    if a[1] ~= b[1] then return a[1] < b[1] end
-    if a[3] ~= b[3] then return a[3] < b[3] end
-    return a[4] < b[4]
-  end)
-end
-for i = 1, math.min(limit, #cand) do
-  local id, cid = cand[i][2], cand[i][3]
-  ids[#ids + 1] = id
-  cidof[id] = cid
-  taken[cid] = (taken[cid] or 0) + 1
 end
 for cid, n in pairs(taken) do
   redis.call('ZREMRANGEBYRANK', P..':due:'..cid, 0, n - 1)

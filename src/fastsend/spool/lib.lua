@@ -223,3 +223,82 @@ local function reap_dead(now_ms)
   end
   return n
 end
+-- How a claim shares its room between campaigns: spool/fair.py's fill() and
+-- fair_shares(), the same arithmetic (tests/test_spool_fairness.py holds them
+-- equal). fill(): water-filling of limit by weights w, none above its a[i];
+-- the odd ones one each from the live member turn % live.
+local function fill(limit, w, a, turn)
+  local give, live, left = {}, {}, limit
+  for i = 1, #a do
+    give[i] = 0
+    if a[i] > 0 then live[#live + 1] = i end
+  end
+  local function still()
+    local nl = {}
+    for _, i in ipairs(live) do
+      if give[i] < a[i] then nl[#nl + 1] = i end
+    end
+    return nl
+  end
+  while left > 0 and #live > 0 do
+    local total, moved = 0, 0
+    for _, i in ipairs(live) do total = total + w[i] end
+    for _, i in ipairs(live) do
+      local q = math.min(math.floor(left * w[i] / total), a[i] - give[i])
+      give[i] = give[i] + q
+      moved = moved + q
+    end
+    left = left - moved
+    live = still()
+    if moved == 0 then
+      local k = #live
+      local m = math.min(k, left)
+      for j = 0, m - 1 do
+        local i = live[(turn + j) % k + 1]
+        give[i] = give[i] + 1
+      end
+      left = left - m
+      live = still()
+    end
+  end
+  return give
+end
+-- cands: {{cid (number), tenant, priority, weight, due (<= limit)}, ...} ->
+-- {{cid, n}, ...}: the tenants alike, then a tenant's highest priority first,
+-- then by weight (see spool/fair.py)
+local function fair_shares(cands, limit, turn)
+  table.sort(cands, function(x, y) return x[1] < y[1] end)
+  local by, order = {}, {}
+  for _, c in ipairs(cands) do
+    local t = by[c[2]]
+    if t == nil then t = {}; by[c[2]] = t; order[#order + 1] = t end
+    t[#t + 1] = c
+  end
+  local ones, due = {}, {}
+  for j, t in ipairs(order) do
+    ones[j], due[j] = 1, 0
+    for _, c in ipairs(t) do due[j] = due[j] + c[5] end
+  end
+  local got = fill(limit, ones, due, turn)
+  local out = {}
+  for j, camps in ipairs(order) do
+    local room, prios, seen = got[j], {}, {}
+    for _, c in ipairs(camps) do
+      if not seen[c[3]] then seen[c[3]] = true; prios[#prios + 1] = c[3] end
+    end
+    table.sort(prios, function(x, y) return x > y end)
+    for _, p in ipairs(prios) do
+      if room <= 0 then break end
+      local tier, w, a = {}, {}, {}
+      for _, c in ipairs(camps) do
+        if c[3] == p then tier[#tier + 1] = c; w[#w + 1] = c[4]; a[#a + 1] = c[5] end
+      end
+      local give = fill(room, w, a, turn)
+      for i, c in ipairs(tier) do
+        if give[i] > 0 then out[#out + 1] = {c[1], give[i]} end
+        room = room - give[i]
+      end
+    end
+  end
+  return out
+end

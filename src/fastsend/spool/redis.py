@@ -155,6 +155,7 @@ from fastsend.spool.base import (
     unknown_text,
     unlock_file,
 )
+from fastsend.spool.fair import rank
 from fastsend.wire import blob_ref
 
 OUR_PARAMS = REDIS_PARAMS
@@ -279,6 +280,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[2]) end
 return 0
 """
+
+
+def _fair_field(tenant: str, spec: Mapping[str, Any], options: Mapping[str, Any]) -> str:
+    """A campaign's ``P:fair`` field: "priority|weight|tenant" (claim.lua)."""
+    priority, weight = rank(spec, options)
+    return f"{priority}|{weight}|{tenant}"
 
 
 @functools.cache
@@ -420,6 +427,7 @@ class RedisSpool(Spool):
         self._ahead: collections.deque[tuple[int, float, int]] = collections.deque()  # key, sent, want
         self._stock: dict[int, list[Claimed]] = {}
         self._tenants_indexed = False
+        self._fair_indexed = False  # P:fair covers every campaign (_index_fair)
 
     # -- campaigns -----------------------------------------------------------
 
@@ -450,6 +458,7 @@ class RedisSpool(Spool):
         )
         pipe.zadd(f"{k}:camps", {cid: cid})
         pipe.zadd(self._tenant_key(tenant), {cid: cid})
+        pipe.hset(f"{k}:fair", str(cid), _fair_field(tenant, spec, options or {}))
         if status == "active":
             pipe.sadd(f"{k}:active", cid)
         pipe.execute()
@@ -480,6 +489,28 @@ class RedisSpool(Spool):
             pipe.hgetall(f"{self.k}:c:{cid}")
         out = [self._campaign(cid, h) for cid, h in zip(ids, pipe.execute(), strict=True)]
         return [c for c in out if c is not None]
+
+    def _index_fair(self) -> None:
+        """Once per spool: each campaign's tenant, priority and weight for the
+        claim (``P:fair``, claim.lua) of a spool made before them."""
+        k, r = self.k, self.r
+        if r.exists(f"{k}:fair-ok"):
+            return
+        ids = [int(x) for x in r.zrange(f"{k}:camps", 0, -1)]
+        for j in range(0, len(ids), CHUNK):
+            part = ids[j : j + CHUNK]
+            pipe = r.pipeline(transaction=False)
+            for cid in part:
+                pipe.hmget(f"{k}:c:{cid}", "tenant", "spec", "options")
+            got = pipe.execute()
+            pipe = r.pipeline(transaction=False)
+            for cid, (tenant, spec, options) in zip(part, got, strict=True):
+                if tenant is not None:
+                    field = _fair_field(_s(tenant), orjson.loads(spec or b"{}"),
+                                        orjson.loads(options or b"{}"))  # fmt: skip
+                    pipe.hsetnx(f"{k}:fair", str(cid), field)
+            pipe.execute()
+        r.set(f"{k}:fair-ok", 1)
 
     def _tenant_key(self, tenant: str) -> str:
         """The sorted set of a tenant's campaign ids (scored by id)."""
@@ -670,6 +701,9 @@ class RedisSpool(Spool):
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
         if limit <= 0:
             return []
+        if not self._fair_indexed:
+            self._index_fair()
+            self._fair_indexed = True
         flat = self._claim(args=[self.k, repr(float(now)), int(limit), self.node, self._lease_ms])
         self._holding = True
         self._renewed = time.monotonic()
@@ -684,6 +718,9 @@ class RedisSpool(Spool):
         answered claims and its claim on the way together stay within
         ``limit``. A claim answered more than :data:`AHEAD_TTL` s after it was
         sent is put back (a campaign paused meanwhile stops within that)."""
+        if not self._fair_indexed:
+            self._index_fair()
+            self._fair_indexed = True
         got = self._collect(key)
         out = self._stock.pop(key, [])
         if len(out) > limit:

@@ -92,6 +92,7 @@ from fastsend.spool.base import (
     unknown_text,
     unlock_file,
 )
+from fastsend.spool.fair import fair_shares, rank
 from fastsend.sqlitedb import connect
 from fastsend.sqlitedb import transaction as _transaction
 from fastsend.wire import blob_ref
@@ -150,7 +151,7 @@ CREATE TABLE IF NOT EXISTS messages (
     last_enhanced TEXT NOT NULL DEFAULT '',
     last_text TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS messages_due ON messages(next_at) WHERE state IN (0, 2);
+CREATE INDEX IF NOT EXISTS messages_pending ON messages(campaign, next_at) WHERE state IN (0, 2);
 CREATE TABLE IF NOT EXISTS campaign_rows (
     campaign INTEGER NOT NULL,
     first INTEGER NOT NULL,
@@ -239,6 +240,34 @@ _OF_RUNS = (
     " AND m.campaign = r.campaign WHERE r.campaign"
 )
 _OF_INDEX = "messages m WHERE m.campaign"  # a read-only view of a spool made before runs
+# The campaigns with pending rows, read off the pending index (campaign,
+# next_at) one seek each (a skip-scan written out), however many rows each
+# holds; a claim takes the active ones with a row due by ?1 (and their tenant)
+# and shares its room between them (spool/fair.py).
+_PENDING_CAMPAIGNS = (
+    "WITH RECURSIVE c(id) AS ("
+    " SELECT (SELECT campaign FROM messages WHERE state IN (0, 2) ORDER BY campaign LIMIT 1)"
+    " UNION ALL SELECT (SELECT campaign FROM messages WHERE state IN (0, 2) AND campaign > c.id"
+    " ORDER BY campaign LIMIT 1) FROM c WHERE c.id IS NOT NULL)"
+    " SELECT {cols} FROM c JOIN campaigns k ON k.id = c.id AND k.status = 'active'"
+)
+_DUE_CAMPAIGNS = _PENDING_CAMPAIGNS.format(cols="k.id, k.tenant") + (
+    " WHERE EXISTS (SELECT 1 FROM messages WHERE campaign = c.id AND state IN (0, 2)"
+    " AND next_at <= ?1)"
+)
+_NEXT_DUE = _PENDING_CAMPAIGNS.format(
+    cols="MIN((SELECT MIN(next_at) FROM messages WHERE campaign = c.id AND state IN (0, 2)))"
+)
+# A campaign's due rows (at most ?3), counted off the index; and claimed,
+# oldest due first.
+_COUNT_DUE = (
+    "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE campaign = ?1 AND state IN (0, 2)"
+    " AND next_at <= ?2 LIMIT ?3)"
+)
+_CLAIM_OF = (
+    "SELECT id, campaign, rcpt, domain, vars, attempts, created FROM messages"
+    " WHERE campaign = ?1 AND state IN (0, 2) AND next_at <= ?2 ORDER BY next_at LIMIT ?3"
+)
 # Runs of consecutive ids of one campaign, for the rows after ?1 (ids are
 # handed out in order, so a run never holds another campaign's row).
 _RUNS_OF_ROWS = (
@@ -275,6 +304,16 @@ def _campaign_runs(db: sqlite3.Connection) -> None:
             done = db.execute("SELECT MAX(last) FROM campaign_rows").fetchone()[0] or 0
             db.execute(_RUNS_OF_ROWS, (done,))
         db.execute("DROP INDEX IF EXISTS messages_campaign")
+
+
+def _pending_index(db: sqlite3.Connection) -> None:
+    """The pending rows are indexed by (campaign, next_at) (the claim shares its
+    room between campaigns: spool/fair.py); a spool made before indexed them by
+    next_at alone (``messages_due``): dropped once its replacement is built."""
+    old = "SELECT 1 FROM sqlite_master WHERE type='index' AND name='messages_due'"
+    if db.execute(old).fetchone() is not None:
+        with transaction(db):
+            db.execute("DROP INDEX IF EXISTS messages_due")
 
 
 def _idem_columns(db: sqlite3.Connection) -> None:
@@ -528,6 +567,8 @@ class SQLiteSpool(Spool):
         self._untold = False  # meta UNTOLD may name outcomes whose events are not out
         self._parked_cids: set[int] = set()  # their campaigns (or more): never fewer
         self._room: dict[int, tuple[int, float]] = {}  # claim key -> (room, monotonic time)
+        self._ranks: dict[int, tuple[str, int, int]] = {}  # campaign -> (tenant, priority, weight)
+        self._turn = 0  # claims shared between campaigns so far (spool/fair.py)
         self._taken_back: list[TakenBack] = []  # recover(): for their deferred events
         # Campaigns created here: [rows spooled, of which suppressed, the
         # database's data_version at creation] (see tally()).
@@ -574,6 +615,7 @@ class SQLiteSpool(Spool):
         if not readonly:
             _idem_columns(self.db)
             _campaign_runs(self.db)
+            _pending_index(self.db)
         self._of = _OF_RUNS if not readonly or _runs_cover(self.db) is not None else _OF_INDEX
         self._rows: RowWriter | PyRowWriter = PyRowWriter(self.db, self.path, _insert_sql)
         if not readonly and RowWriter is not PyRowWriter:
@@ -785,10 +827,8 @@ class SQLiteSpool(Spool):
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
         if limit <= 0:
             return []
-        out: list[Claimed] = self._take_parked(limit) if self._parked else []
-        if len(out) < limit:
-            out += self._claim_rows(now, limit - len(out))
-        return out
+        parked = self._parked_by_campaign() if self._parked else {}
+        return self._claim_rows(now, limit, parked)
 
     def claim_next(self, now: float, limit: int, key: int = 0) -> list[Claimed]:
         out = self.claim_due(now, limit)
@@ -797,42 +837,92 @@ class SQLiteSpool(Spool):
         self._room[key] = (max(0, limit - len(out)), time.monotonic())
         return out
 
-    def _claim_rows(self, now: float, limit: int) -> list[Claimed]:
-        # SELECT the due rows, then mark them in flight by runs of consecutive ids
-        # (a list spooled together is one run), in one transaction: cheaper than
-        # UPDATE ... RETURNING, which buffers and re-reads every row it returns.
+    def _claim_rows(
+        self, now: float, limit: int, parked: dict[int, list[Claimed]]
+    ) -> list[Claimed]:
+        # The room is shared between the active campaigns with mail due
+        # (spool/fair.py: tenants alike, then priority, then weight), each
+        # campaign's oldest due first, its parked rows before its rows in the
+        # queue. The due rows are SELECTed, then marked in flight by runs of
+        # consecutive ids (a list spooled together is one run), in one
+        # transaction: cheaper than UPDATE ... RETURNING, which buffers and
+        # re-reads every row it returns.
         db = self.db
+        took: dict[int, int] = {}  # campaign -> parked rows handed out
+        rows: list[Any] = []
         with transaction(db):
-            rows = db.execute(
-                "SELECT id, campaign, rcpt, domain, vars, attempts, created FROM messages"
-                " WHERE state IN (0, 2) AND next_at <= ?"
-                " AND campaign NOT IN (SELECT id FROM campaigns WHERE status != 'active')"
-                " ORDER BY next_at LIMIT ?",
-                (now, limit),
-            ).fetchall()
+            cids = {cid for cid, _tenant in db.execute(_DUE_CAMPAIGNS, (now,))}
+            cids.update(parked)
+            if len(cids) == 1:  # (the common case: one campaign, nothing to share)
+                shares = dict.fromkeys(cids, limit)
+            elif cids:
+                cands = []
+                for cid in sorted(cids):
+                    tenant, priority, weight = self._rank(cid)
+                    n = len(parked.get(cid, ()))
+                    if n < limit:
+                        n += db.execute(_COUNT_DUE, (cid, now, limit - n)).fetchone()[0]
+                    cands.append((cid, tenant, priority, weight, min(n, limit)))
+                shares = fair_shares(cands, limit, self._turn)
+                self._turn += 1
+            else:
+                shares = {}
+            for cid, n in shares.items():
+                mine = len(parked.get(cid, ()))
+                if mine:
+                    took[cid] = min(mine, n)
+                    n -= took[cid]
+                if n > 0:
+                    rows += db.execute(_CLAIM_OF, (cid, now, n)).fetchall()
             if rows:
                 runs = id_runs(sorted([r[0] for r in rows]))
                 db.executemany("UPDATE messages SET state=1 WHERE id BETWEEN ? AND ?", runs)
                 self._lower_bound(runs[0][0])
-        return list(starmap(Claimed, rows))
+        out: list[Claimed] = []
+        if parked:
+            left: list[Claimed] = []
+            for cid, items in parked.items():
+                k = took.get(cid, 0)
+                out += items[:k]
+                left += items[k:]
+            self._parked = left
+            if not left:
+                self._parked_cids.clear()
+        out += starmap(Claimed, rows)
+        return out
+
+    def _rank(self, campaign_id: int) -> tuple[str, int, int]:
+        """(tenant, priority, weight) of a campaign (spool/fair.py), read once."""
+        got = self._ranks.get(campaign_id)
+        if got is None:
+            row = self.db.execute(
+                "SELECT tenant, spec, options FROM campaigns WHERE id=?", (campaign_id,)
+            ).fetchone()
+            tenant, spec, options = row if row else ("", b"{}", b"{}")
+            got = self._ranks[campaign_id] = (
+                str(tenant), *rank(orjson.loads(spec), orjson.loads(options))
+            )
+        return got
 
     # -- rows parked for a waiting claim ----------------------------------------
     # A claim that came back short (nothing more was due) has room; rows spooled
     # within ROOM_TTL after it, of an active campaign, are inserted already in
     # flight and kept here (up to that room), and the next claims hand them out
-    # first: no index entry written and removed, no SELECT of rows just written,
-    # no UPDATE to mark them. They are in flight in the database from their
-    # commit, so a crash turns them back to queued at the next start (recover)
-    # like any claimed row; close() puts those never handed out back.
+    # (each campaign's before its rows in the queue, within its share): no index
+    # entry written and removed, no SELECT of rows just written, no UPDATE to
+    # mark them. They are in flight in the database from their commit, so a
+    # crash turns them back to queued at the next start (recover) like any
+    # claimed row; close() puts those never handed out back.
 
     def _open_room(self) -> int:
         mono = time.monotonic()
         return sum(n for n, at in self._room.values() if n > 0 and mono - at < ROOM_TTL)
 
-    def _take_parked(self, limit: int) -> list[Claimed]:
+    def _parked_by_campaign(self) -> dict[int, list[Claimed]]:
+        """The parked rows by campaign, in the order they were parked; those of
+        a campaign paused or cancelled since (here or by another process): back
+        to the queue (cancelled: final), never handed out."""
         parked = self._parked
-        # Of a campaign paused or cancelled since (here or by another process):
-        # back to the queue (cancelled: final), never handed out.
         stopped = {
             r[0]
             for r in self.db.execute(
@@ -843,9 +933,14 @@ class SQLiteSpool(Spool):
         if stopped:
             self._unpark([c.id for c in parked if c.campaign in stopped])
             parked = self._parked = [c for c in parked if c.campaign not in stopped]
-        out, self._parked = parked[:limit], parked[limit:]
-        if not self._parked:
-            self._parked_cids.clear()
+            if not parked:
+                self._parked_cids.clear()
+        out: dict[int, list[Claimed]] = {}
+        for c in parked:
+            items = out.get(c.campaign)
+            if items is None:
+                items = out[c.campaign] = []
+            items.append(c)
         return out
 
     def _unpark(self, ids: list[int]) -> None:
@@ -1123,10 +1218,7 @@ class SQLiteSpool(Spool):
     def next_due(self) -> float | None:
         if self._parked:  # due now: the next claim hands them out
             return self._parked[0].created
-        row = self.db.execute(
-            "SELECT MIN(next_at) FROM messages WHERE state IN (0, 2)"
-            " AND campaign NOT IN (SELECT id FROM campaigns WHERE status != 'active')"
-        ).fetchone()
+        row = self.db.execute(_NEXT_DUE).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:

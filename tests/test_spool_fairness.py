@@ -1,0 +1,276 @@
+"""Fairness of the claim between campaigns and tenants, in both spools alike.
+
+An audit: tenant A spooled a 20,000-message campaign, tenant B then 3 messages;
+the claim took due mail oldest first across every campaign, so B's 3 went out
+at positions 17,693-17,695 of 20,003. A claim now shares its room between the
+campaigns with mail due (spool/fair.py): the tenants alike, then a tenant's
+highest priority first, then by weight, each campaign's oldest due first.
+Every test runs on the SQLite spool and on a real redis-server (the
+``make_spool`` fixture) and asserts the same numbers, so both spools keep the
+same semantics; the Lua arithmetic (lib.lua) is also held equal to the Python
+one (spool/fair.py) on random inputs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastsend.spool import DEFERRED, Result, Spool
+from fastsend.spool.fair import check_rank, fair_shares, fill, rank
+
+SPEC = {"from": "News <news@sender.example.com>", "subject": "Hi", "text": "Hi\n"}
+TRANSACTIONAL = {"kind": "transactional", "defaults": {}}
+
+
+def spool_rows(spool: Spool, cid: int, n: int, at: float, tag: str = "") -> list[int]:
+    ids: list[int] = []
+    for j in range(0, n, 5000):  # (as an ingest spools a list: in parts)
+        rows = [(f"u{i}{tag}@d{cid}.example", f"d{cid}.example", b"{}")
+                for i in range(j, min(n, j + 5000))]  # fmt: skip
+        ids += spool.add_messages(cid, rows, at + j / 1e6)
+    return ids
+
+
+def per_campaign(claimed: list[Any]) -> dict[int, int]:
+    return dict(Counter(c.campaign for c in claimed))
+
+
+def test_a_small_tenant_goes_in_the_first_claim_after_a_big_campaign(
+    make_spool: Callable[[], Spool],
+) -> None:
+    spool = make_spool()
+    now = time.time() - 10
+    a = spool.create_campaign(SPEC, name="big", tenant="A")
+    ids_a = spool_rows(spool, a, 20_000, now)
+    b = spool.create_campaign(SPEC, name="small", tenant="B")
+    spool_rows(spool, b, 3, now + 1)  # spooled after every one of A's
+    first = spool.claim_due(time.time(), 500)
+    assert per_campaign(first) == {a: 497, b: 3}
+    # within a campaign: oldest due first, as before (of A's first part; Redis
+    # orders the ids of one due time as strings)
+    assert {c.id for c in first if c.campaign == a} <= set(ids_a[:5000])
+    # the rest is A's alone
+    assert per_campaign(spool.claim_due(time.time(), 500)) == {a: 500}
+    spool.close()
+
+
+def test_two_tenants_with_equal_big_campaigns_interleave(
+    make_spool: Callable[[], Spool],
+) -> None:
+    spool = make_spool()
+    now = time.time() - 10
+    a = spool.create_campaign(SPEC, tenant="A")
+    b = spool.create_campaign(SPEC, tenant="B")
+    spool_rows(spool, a, 2_000, now)
+    spool_rows(spool, b, 2_000, now + 5)  # later: oldest first would take none of B's
+    for _ in range(4):
+        assert per_campaign(spool.claim_due(time.time(), 100)) == {a: 50, b: 50}
+    # An odd room: the odd message goes round (the spool counts the shared claims)
+    got = [per_campaign(spool.claim_due(time.time(), 101)) for _ in range(4)]
+    assert [g[a] + g[b] for g in got] == [101] * 4
+    assert sum(g[a] for g in got) == sum(g[b] for g in got) == 202
+    spool.close()
+
+
+def test_a_tenant_with_many_campaigns_gets_one_tenants_share(
+    make_spool: Callable[[], Spool],
+) -> None:
+    spool = make_spool()
+    now = time.time() - 10
+    mine = [spool.create_campaign(SPEC, tenant="A") for _ in range(4)]
+    for cid in mine:
+        spool_rows(spool, cid, 300, now)
+    b = spool.create_campaign(SPEC, tenant="B")
+    spool_rows(spool, b, 300, now)
+    got = per_campaign(spool.claim_due(time.time(), 200))
+    assert got[b] == 100  # half the room: B is one tenant, as A is
+    assert sorted(got[c] for c in mine) == [25, 25, 25, 25]
+    spool.close()
+
+
+def test_a_retry_due_of_a_small_campaign_is_not_starved(
+    make_spool: Callable[[], Spool],
+) -> None:
+    spool = make_spool()
+    now = time.time() - 100
+    small = spool.create_campaign(SPEC, tenant="A", name="small")
+    (sid,) = spool_rows(spool, small, 1, now)
+    assert [c.id for c in spool.claim_due(now, 10)] == [sid]
+    spool.record_results(
+        [Result(sid, DEFERRED, 1, now + 50, 451, "4.7.1", "try later")], now
+    )
+    big = spool.create_campaign(SPEC, tenant="A", name="big")
+    spool_rows(spool, big, 5_000, now + 1)  # queued before the retry is due
+    first = spool.claim_due(time.time(), 200)
+    assert sid in {c.id for c in first}  # one tenant, two campaigns: shared
+    assert [c.attempts for c in first if c.id == sid] == [1]
+    assert per_campaign(first) == {small: 1, big: 199}
+    spool.close()
+
+
+def test_priority_orders_a_tenants_own_campaigns_not_other_tenants(
+    make_spool: Callable[[], Spool],
+) -> None:
+    spool = make_spool()
+    now = time.time() - 10
+    bulk = spool.create_campaign(SPEC, tenant="A", name="bulk")
+    spool_rows(spool, bulk, 1_000, now)
+    tx = spool.create_campaign(TRANSACTIONAL, tenant="A", name="transactional:A")
+    spool_rows(spool, tx, 30, now + 1)
+    other = spool.create_campaign(SPEC, tenant="B", name="bulk B")
+    spool_rows(spool, other, 1_000, now + 2)
+    # A's half goes to its transactional mail first (priority 1 by default), the
+    # rest of A's half to its bulk; B's half is B's whatever A marks urgent.
+    assert per_campaign(spool.claim_due(time.time(), 100)) == {tx: 30, bulk: 20, other: 50}
+    urgent = spool.create_campaign(SPEC, tenant="A", options={"priority": 100})
+    spool_rows(spool, urgent, 1_000, now + 3)
+    assert per_campaign(spool.claim_due(time.time(), 100)) == {urgent: 50, other: 50}
+    spool.close()
+
+
+def test_weight_shares_a_tenants_campaigns_of_one_priority(
+    make_spool: Callable[[], Spool],
+) -> None:
+    spool = make_spool()
+    now = time.time() - 10
+    heavy = spool.create_campaign(SPEC, tenant="A", options={"weight": 3})
+    light = spool.create_campaign(SPEC, tenant="A")
+    spool_rows(spool, heavy, 1_000, now + 1)
+    spool_rows(spool, light, 1_000, now)
+    assert per_campaign(spool.claim_due(time.time(), 200)) == {heavy: 150, light: 50}
+    # what one campaign cannot use goes to the others
+    few = spool.create_campaign(SPEC, tenant="A", options={"weight": 1000})
+    spool_rows(spool, few, 7, now)
+    assert per_campaign(spool.claim_due(time.time(), 207)) == {few: 7, heavy: 150, light: 50}
+    spool.close()
+
+
+def test_paused_and_not_yet_due_campaigns_take_no_share(
+    make_spool: Callable[[], Spool],
+) -> None:
+    spool = make_spool()
+    now = time.time() - 10
+    a = spool.create_campaign(SPEC, tenant="A")
+    b = spool.create_campaign(SPEC, tenant="B")
+    c = spool.create_campaign(SPEC, tenant="C")
+    spool_rows(spool, a, 300, now)
+    spool_rows(spool, b, 300, now)
+    spool_rows(spool, c, 300, time.time() + 3600)  # due in an hour
+    spool.set_campaign_status(b, "paused")
+    assert per_campaign(spool.claim_due(time.time(), 100)) == {a: 100}
+    spool.set_campaign_status(b, "active")
+    assert per_campaign(spool.claim_due(time.time(), 100)) == {a: 50, b: 50}
+    spool.set_campaign_status(a, "cancelled")
+    assert per_campaign(spool.claim_due(time.time(), 100)) == {b: 100}
+    assert spool.next_due() is not None
+    spool.close()
+
+
+def test_a_spool_opened_again_keeps_sharing(make_spool: Callable[[], Spool]) -> None:
+    """The ranks are the spool's, not the process's: a restart (or another
+    node) shares the same way."""
+    spool = make_spool()
+    now = time.time() - 10
+    a = spool.create_campaign(SPEC, tenant="A", options={"weight": 2})
+    b = spool.create_campaign(SPEC, tenant="A")
+    spool_rows(spool, a, 500, now)
+    spool_rows(spool, b, 500, now)
+    spool.close()
+    spool = make_spool()
+    assert spool.recover() == 0
+    assert per_campaign(spool.claim_due(time.time(), 90)) == {a: 60, b: 30}
+    spool.close()
+
+
+def test_parked_rows_take_their_campaigns_share(tmp_path: Path) -> None:
+    """SQLite's parked rows (spooled in flight for a claim that came back short)
+    count as their campaign's due mail: they do not push another tenant's
+    mail out of the next claim."""
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    spool = SQLiteSpool(str(tmp_path))
+    a = spool.create_campaign(SPEC, tenant="A")
+    b = spool.create_campaign(SPEC, tenant="B")
+    assert spool.claim_next(time.time(), 200) == []  # short: its room is open
+    parked = spool_rows(spool, a, 300, time.time())  # 200 of them parked
+    queued_b = spool_rows(spool, b, 10, time.time())
+    first = spool.claim_next(time.time(), 100)
+    assert per_campaign(first) == {a: 90, b: 10}
+    assert {c.id for c in first if c.campaign == a} == set(parked[:90])  # parked first
+    assert {c.id for c in first if c.campaign == b} == set(queued_b)
+    got = spool.claim_next(time.time(), 1000)
+    assert sorted(c.id for c in got) == parked[90:]  # nothing lost, nothing twice
+    spool.close()
+
+
+def test_fill_and_fair_shares() -> None:
+    assert fill(10, [1, 1], [3, 100], 0) == [3, 7]
+    assert fill(3, [1, 1, 1, 1], [5, 5, 5, 5], 0) == [1, 1, 1, 0]
+    assert fill(3, [1, 1, 1, 1], [5, 5, 5, 5], 1) == [0, 1, 1, 1]
+    assert fill(0, [1], [5], 0) == [0]
+    assert fill(5, [1, 1], [0, 0], 0) == [0, 0]
+    assert fair_shares([(2, "b", 0, 1, 9), (1, "a", 0, 1, 9)], 10, 0) == {1: 5, 2: 5}
+    assert rank({"kind": "transactional"}, {}) == (1, 1)
+    assert rank({}, {"priority": 5, "weight": 0}) == (5, 1)
+    assert rank({}, {"priority": "x", "weight": 10**9}) == (0, 1000)
+    assert check_rank(1, 2) is None
+    assert check_rank(True) is not None and check_rank(weight=0) is not None
+
+
+def test_lua_shares_are_the_python_shares(redis_server: Any) -> None:
+    """lib.lua's fair_shares is spool/fair.py's, on random inputs."""
+    import redis
+
+    from fastsend.spool.redis import _script
+
+    r = redis.Redis(port=redis_server.port)
+    lua = _script("next_due").split("-- ARGV: P, node")[0] + (
+        "local cands, k = {}, 4\n"
+        "for i = 1, tonumber(ARGV[2]) do\n"
+        "  cands[i] = {tonumber(ARGV[k]), ARGV[k+1], tonumber(ARGV[k+2]),"
+        " tonumber(ARGV[k+3]), tonumber(ARGV[k+4])}\n"
+        "  k = k + 5\n"
+        "end\n"
+        "local out = {}\n"
+        "for _, s in ipairs(fair_shares(cands, tonumber(ARGV[3]), tonumber(ARGV[4 + 5 * #cands]))) do\n"
+        "  out[#out + 1] = s[1]; out[#out + 1] = s[2]\n"
+        "end\n"
+        "return out\n"
+    )
+    script = r.register_script(lua)
+    rnd = random.Random(18)
+    for _ in range(300):
+        n = rnd.randint(1, 9)
+        limit = rnd.choice([1, 2, 3, 7, 100, 101, 999])
+        cands = [
+            (cid, rnd.choice("ABC"), rnd.choice([0, 0, 1, -2]), rnd.choice([1, 1, 2, 5, 1000]),
+             min(limit, rnd.choice([0, 1, 3, 50, 10_000])))
+            for cid in rnd.sample(range(1, 60), n)
+        ]  # fmt: skip
+        turn = rnd.randint(0, 50)
+        args: list[Any] = ["p", len(cands), limit]
+        for c in cands:
+            args += list(c)
+        args.append(turn)
+        flat = script(args=args)
+        got = {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        assert got == fair_shares(cands, limit, turn), (cands, limit, turn)
+        assert sum(got.values()) == min(limit, sum(c[4] for c in cands))
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (1, 2, 3)])
+def test_fill_never_gives_more_than_asked(weights: tuple[int, ...]) -> None:
+    rnd = random.Random(sum(weights))
+    for _ in range(200):
+        avail = [rnd.randint(0, 20) for _ in weights]
+        limit = rnd.randint(0, 70)
+        give = fill(limit, list(weights), avail, rnd.randint(0, 9))
+        assert all(0 <= g <= a for g, a in zip(give, avail, strict=True))
+        assert sum(give) == min(limit, sum(avail))
