@@ -150,3 +150,24 @@ def test_an_admin_key_lifts_a_guardrails_pause(tmp_path: Any) -> None:
         assert st == 200 and body["status"] == "active", body
 
     run(tmp_path, t, dashboard={"admin_tenants": ["ops"]})
+
+
+def test_campaign_priority_and_weight_are_kept_checked_and_shown(tmp_path: Any) -> None:
+    """``priority`` and ``weight`` (spool/fair.py: how the claims share their
+    room between a tenant's campaigns) as ``fastsend send --priority --weight``."""
+
+    async def t(c: Client) -> None:
+        st, body = await c.req("POST", "/v1/campaigns", campaign(priority=5, weight=3))
+        assert st == 201, body
+        info = c.ctx.spool.get_campaign(body["id"])
+        assert info is not None
+        assert info.options["priority"] == 5 and info.options["weight"] == 3
+        st, view = await c.req("GET", f"/v1/campaigns/{body['id']}")
+        assert st == 200 and view["priority"] == 5 and view["weight"] == 3
+        made = len(list(c.ctx.spool.campaigns(None)))
+        for field, v in (("priority", 101), ("priority", 1.5), ("weight", 0), ("weight", True)):
+            st, body = await c.req("POST", "/v1/campaigns", campaign(**{field: v}))
+            assert st == 400 and body["error"]["field"] == field, body
+        assert len(list(c.ctx.spool.campaigns(None))) == made  # nothing was made
+
+    run(tmp_path, t)

@@ -274,3 +274,98 @@ def test_fill_never_gives_more_than_asked(weights: tuple[int, ...]) -> None:
         give = fill(limit, list(weights), avail, rnd.randint(0, 9))
         assert all(0 <= g <= a for g, a in zip(give, avail, strict=True))
         assert sum(give) == min(limit, sum(avail))
+
+
+def test_through_the_engine_a_small_tenants_mail_is_not_held_behind_a_big_one(
+    make_spool: Callable[[], Spool], tmp_path: Path
+) -> None:
+    """The audit's case through the real supervisor, worker and sink: tenant B's
+    3 messages, spooled after A's 3,000 (one site for both), are delivered
+    within the first claims, not after A's whole campaign."""
+    import asyncio
+
+    from fastsend import config as cfgmod
+    from fastsend.events import EventLog
+    from fastsend.queue.supervisor import Supervisor
+    from fastsend.sink import SinkThread
+
+    with SinkThread() as sink:
+        raw: dict[str, Any] = {
+            "spool": {"dir": "spool"},
+            "workers": {"count": 1},
+            "ips": {"source": ["127.0.0.2"], "helo": "out.example.com"},
+            "routes": {d: f"{sink.host}:{sink.port}" for d in ("a.example", "b.example")},
+            "delivery": {"window": 100, "batch_size": 20, "pipeline": 10},
+        }
+        cfg = cfgmod.from_dict(raw, base_dir=str(tmp_path))
+        spool = make_spool()
+        now = time.time() - 10
+        a = spool.create_campaign(SPEC, name="big", tenant="A")
+        spool.add_messages(a, [(f"a{i}@a.example", "a.example", b"{}") for i in range(3000)], now)
+        b = spool.create_campaign(SPEC, name="small", tenant="B")
+        spool.add_messages(b, [(f"b{i}@b.example", "b.example", b"{}") for i in range(3)], now + 1)
+        events = EventLog(cfg.event_log_path)
+        sup = Supervisor(cfg, spool, events, until_idle=True, max_wait=60.0)
+        try:
+            with asyncio.Runner() as r:
+                r.run(asyncio.wait_for(sup.run(), 60))
+        finally:
+            events.close()
+        rcpts = [rcpt for m in sink.messages for rcpt in m.recipients]
+    assert len(rcpts) == 3003 and len(set(rcpts)) == 3003
+    where = [i for i, x in enumerate(rcpts) if x.endswith("@b.example")]
+    assert len(where) == 3 and max(where) < 300, where  # oldest first: ~3,000
+
+
+def test_send_sets_the_campaigns_priority_and_weight(tmp_path: Path) -> None:
+    """`fastsend send --priority N --weight N`: kept with the campaign; out of
+    range refused before anything is spooled."""
+    from _engine_helpers import run_fastsend, summary, write_campaign, write_recipients
+    from fastsend.sink import SinkProcess
+    from fastsend.spool import open_spool
+
+    camp = write_campaign(tmp_path)
+    rfile = write_recipients(tmp_path, [f"u{i}@d{i % 3}.example" for i in range(20)])
+    spool = tmp_path / "spool"
+    with SinkProcess() as sink:
+        common = ["--route", f"*={sink.host}:{sink.port}", "--spool", str(spool),
+                  "--json", "--no-progress", "--no-dkim", "--max-wait", "2"]  # fmt: skip
+        for flag, v in (("--priority", "101"), ("--weight", "0")):
+            bad = run_fastsend("send", str(camp), "-r", str(rfile), flag, v, *common)
+            assert bad.returncode == 2 and f"{flag}" in bad.stderr, bad.stderr
+            assert not spool.exists() or open_spool(str(spool)).list_campaigns() == []
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rfile), "--priority", "3", "--weight", "7", *common
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert summary(proc)["delivered"] == 20
+    info = open_spool(str(spool)).get_campaign(1)
+    assert info is not None and (info.options["priority"], info.options["weight"]) == (3, 7)
+
+
+def test_a_spool_made_before_gets_the_pending_index(tmp_path: Path) -> None:
+    """A spool whose pending rows were indexed by next_at alone (messages_due)
+    is given the (campaign, next_at) index at its first writable open, the old
+    one dropped, and claims fairly from then on."""
+    import sqlite3
+
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    spool = SQLiteSpool(str(tmp_path))
+    now = time.time() - 10
+    a = spool.create_campaign(SPEC, tenant="A")
+    b = spool.create_campaign(SPEC, tenant="B")
+    spool_rows(spool, a, 300, now)
+    spool_rows(spool, b, 300, now + 1)
+    spool.close()
+    db = sqlite3.connect(tmp_path / "spool.db")
+    db.executescript(
+        "DROP INDEX messages_pending;"
+        " CREATE INDEX messages_due ON messages(next_at) WHERE state IN (0, 2);"
+    )
+    db.close()
+    spool = SQLiteSpool(str(tmp_path))
+    names = {r[0] for r in spool.db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "messages_pending" in names and "messages_due" not in names
+    assert per_campaign(spool.claim_due(time.time(), 100)) == {a: 50, b: 50}
+    spool.close()

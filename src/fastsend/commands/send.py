@@ -75,14 +75,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="caps this campaign's dispatch, messages a second (never above [shaping.dispatch]"
         " campaign_rate)",
     )
+    p.add_argument(
+        "--priority",
+        type=int,
+        metavar="N",
+        help="this campaign's mail is claimed before its tenant's campaigns of a lower"
+        " priority (-100..100; default 0, transactional mail 1); other tenants keep their share",
+    )
+    p.add_argument(
+        "--weight",
+        type=int,
+        metavar="N",
+        help="its share of the claims among its tenant's campaigns of the same priority"
+        " (1..1000, default 1)",
+    )
     add_engine_arguments(p)
 
 
 def campaign_options(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, Any], str]:
     """The campaign's own options (``pool``, ``max_rate``: what the
-    supervisor's shaping reads), or why they cannot be (a pool the config
-    does not have would silently fall back to the default pool)."""
+    supervisor's shaping reads; ``priority``, ``weight``: how the spool's
+    claims share their room, spool/fair.py), or why they cannot be (a pool
+    the config does not have would silently fall back to the default pool)."""
+    from fastsend.spool.fair import check_rank
+
     options: dict[str, Any] = {}
+    wrong = check_rank(args.priority, args.weight)
+    if wrong:
+        return {}, f"--{wrong}"
+    for opt in ("priority", "weight"):
+        if getattr(args, opt) is not None:
+            options[opt] = getattr(args, opt)
     if args.pool is not None:
         from fastsend.shaping.pools import load_pools
 

@@ -82,6 +82,7 @@ from fastsend.serve.uploads import UPLOAD, Saved, UploadTooLarge, scan
 from fastsend.shaping.pools import load_pools
 from fastsend.spool import ABANDONED, STAGING
 from fastsend.spool.base import holder_gone, holder_tag
+from fastsend.spool.fair import PRIORITY, WEIGHT, check_rank
 from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
 from fastsend.suppression import normalize as suppression_key
 
@@ -105,6 +106,15 @@ class CampaignIn(msgspec.Struct, forbid_unknown_fields=True):
     max_rate: Annotated[float | None, msgspec.Meta(description=(
         "caps the campaign's dispatch at this many messages a second (never above"
         " the server's own campaign rate)"
+    ))] = None  # fmt: skip
+    priority: Annotated[int | None, msgspec.Meta(description=(
+        "-100..100: the spool's claims take this tenant's campaigns of a higher priority"
+        " first (default 0; the tenant's transactional mail, POST /v1/messages, is 1);"
+        " other tenants keep their share whatever the priority"
+    ))] = None  # fmt: skip
+    weight: Annotated[int | None, msgspec.Meta(description=(
+        "1..1000: the campaign's share of the claims among the tenant's campaigns of"
+        " the same priority (default 1)"
     ))] = None  # fmt: skip
 
 
@@ -170,6 +180,12 @@ def _options(api: Any, body: CampaignIn, tenant: str) -> dict[str, Any]:
         if not (body.max_rate > 0 and math.isfinite(body.max_rate)):
             raise bad("max_rate: a rate is messages a second, > 0", "max_rate")
         options["max_rate"] = body.max_rate
+    wrong = check_rank(body.priority, body.weight)
+    if wrong:
+        raise bad(wrong, wrong.partition(":")[0])
+    for opt in (PRIORITY, WEIGHT):
+        if getattr(body, opt) is not None:
+            options[opt] = getattr(body, opt)
     return options
 
 
@@ -188,7 +204,7 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
         "total": total,
         "progress": round(done / total, 4) if total else 0.0,
     }
-    for opt in ("pool", "max_rate"):  # the campaign's own shaping, when it has one
+    for opt in ("pool", "max_rate", PRIORITY, WEIGHT):  # its own shaping, when it has one
         if opt in (info.options or {}):
             view[opt] = info.options[opt]
     spooling = api.ctx.uploads.progress(info.id)

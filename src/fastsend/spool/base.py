@@ -557,7 +557,10 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
         """Take up to ``limit`` due messages (queued/deferred, next_at <= now) of
-        active campaigns, oldest due first, and mark them in flight."""
+        active campaigns and mark them in flight: ``limit`` shared between the
+        campaigns with mail due as :mod:`fastsend.spool.fair` says (tenants
+        alike, then a tenant's priority, then weight), each campaign's oldest
+        due first."""
 
     def claim_next(self, now: float, limit: int, key: int = 0) -> list[Claimed]:
         """:meth:`claim_due` for a dispatcher that claims over and over, one

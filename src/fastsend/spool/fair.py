@@ -75,6 +75,12 @@ def fill(limit: int, weights: Sequence[int], avail: Sequence[int], turn: int) ->
     give = [0] * len(avail)
     left = limit
     live = [i for i, a in enumerate(avail) if a > 0]
+    if len(live) > left and len({weights[i] for i in live}) == 1:
+        # fewer than one each, alike: every floor would be 0
+        k = len(live)
+        for j in range(left):
+            give[live[(turn + j) % k]] += 1
+        return give
     while left > 0 and live:
         total = sum(weights[i] for i in live)
         moved = 0
@@ -106,6 +112,10 @@ def fair_shares(
     got = fill(limit, [1] * len(members), [sum(c[4] for c in m) for m in members], turn)
     out: dict[int, int] = {}
     for camps, room in zip(members, got, strict=True):
+        if len(camps) == 1:  # (its share is at most what it has due)
+            if room:
+                out[camps[0][0]] = room
+            continue
         for prio in sorted({c[2] for c in camps}, reverse=True):
             if room <= 0:
                 break

@@ -249,25 +249,36 @@ _PENDING_CAMPAIGNS = (
     " SELECT (SELECT campaign FROM messages WHERE state IN (0, 2) ORDER BY campaign LIMIT 1)"
     " UNION ALL SELECT (SELECT campaign FROM messages WHERE state IN (0, 2) AND campaign > c.id"
     " ORDER BY campaign LIMIT 1) FROM c WHERE c.id IS NOT NULL)"
-    " SELECT {cols} FROM c JOIN campaigns k ON k.id = c.id AND k.status = 'active'"
+    " SELECT {cols} FROM c LEFT JOIN campaigns k ON k.id = c.id WHERE c.id IS NOT NULL"
+    " AND (k.status = 'active' OR k.id IS NULL)"  # (rows of a campaign gone: claimed, bounced)
 )
-_DUE_CAMPAIGNS = _PENDING_CAMPAIGNS.format(cols="k.id, k.tenant") + (
-    " WHERE EXISTS (SELECT 1 FROM messages WHERE campaign = c.id AND state IN (0, 2)"
+_DUE_CAMPAIGNS = _PENDING_CAMPAIGNS.format(cols="c.id, k.tenant") + (
+    " AND EXISTS (SELECT 1 FROM messages WHERE campaign = c.id AND state IN (0, 2)"
     " AND next_at <= ?1)"
 )
 _NEXT_DUE = _PENDING_CAMPAIGNS.format(
     cols="MIN((SELECT MIN(next_at) FROM messages WHERE campaign = c.id AND state IN (0, 2)))"
 )
-# A campaign's due rows (at most ?3), counted off the index; and claimed,
-# oldest due first.
-_COUNT_DUE = (
-    "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE campaign = ?1 AND state IN (0, 2)"
-    " AND next_at <= ?2 LIMIT ?3)"
+# With several: each one's due rows too, counted off the index (at most ?2).
+_DUE_COUNTS = _PENDING_CAMPAIGNS.format(
+    cols="c.id, k.tenant, (SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE campaign = c.id"
+    " AND state IN (0, 2) AND next_at <= ?1 LIMIT ?2))"
 )
+# A campaign's due rows, oldest due first (at most its share), its campaign
+# still active; several campaigns' in one statement (UNION ALL of these).
 _CLAIM_OF = (
-    "SELECT id, campaign, rcpt, domain, vars, attempts, created FROM messages"
-    " WHERE campaign = ?1 AND state IN (0, 2) AND next_at <= ?2 ORDER BY next_at LIMIT ?3"
+    "SELECT * FROM (SELECT id, campaign, rcpt, domain, vars, attempts, created FROM messages"
+    " WHERE campaign = ? AND state IN (0, 2) AND next_at <= ?"
+    " AND NOT EXISTS (SELECT 1 FROM campaigns WHERE id = ? AND status != 'active')"
+    " ORDER BY next_at LIMIT ?)"
 )
+CLAIM_TERMS = 64  # campaigns per claiming statement (by powers of 2: a few texts, cached)
+
+
+@functools.cache
+def _claim_of(n: int) -> str:
+    """The SELECT of ``n`` campaigns' shares (each: campaign, now, campaign, share)."""
+    return " UNION ALL ".join([_CLAIM_OF] * n)
 # Runs of consecutive ids of one campaign, for the rows after ?1 (ids are
 # handed out in order, so a run never holds another campaign's row).
 _RUNS_OF_ROWS = (
@@ -569,6 +580,7 @@ class SQLiteSpool(Spool):
         self._room: dict[int, tuple[int, float]] = {}  # claim key -> (room, monotonic time)
         self._ranks: dict[int, tuple[str, int, int]] = {}  # campaign -> (tenant, priority, weight)
         self._turn = 0  # claims shared between campaigns so far (spool/fair.py)
+        self._shared = False  # the last claim was shared between campaigns
         self._taken_back: list[TakenBack] = []  # recover(): for their deferred events
         # Campaigns created here: [rows spooled, of which suppressed, the
         # database's data_version at creation] (see tally()).
@@ -843,52 +855,71 @@ class SQLiteSpool(Spool):
         # The room is shared between the active campaigns with mail due
         # (spool/fair.py: tenants alike, then priority, then weight), each
         # campaign's oldest due first, its parked rows before its rows in the
-        # queue. The due rows are SELECTed, then marked in flight by runs of
-        # consecutive ids (a list spooled together is one run), in one
-        # transaction: cheaper than UPDATE ... RETURNING, which buffers and
-        # re-reads every row it returns.
+        # queue. The shares are read first (one writer: this object); then the
+        # due rows are SELECTed (their campaign still active) and marked in
+        # flight by runs of consecutive ids (a list spooled together is one
+        # run), in one transaction: cheaper than UPDATE ... RETURNING, which
+        # buffers and re-reads every row it returns. Parked rows enough: no
+        # transaction.
         db = self.db
-        took: dict[int, int] = {}  # campaign -> parked rows handed out
-        rows: list[Any] = []
-        with transaction(db):
+        due: dict[int, int] | None = None  # campaign -> due rows (at most limit)
+        if self._shared:  # the last claim was shared: counted at once
+            due = {cid: n for cid, _t, n in db.execute(_DUE_COUNTS, (now, limit)) if n}
+            cids = set(due)
+        else:
             cids = {cid for cid, _tenant in db.execute(_DUE_CAMPAIGNS, (now,))}
-            cids.update(parked)
-            if len(cids) == 1:  # (the common case: one campaign, nothing to share)
-                shares = dict.fromkeys(cids, limit)
-            elif cids:
-                cands = []
-                for cid in sorted(cids):
-                    tenant, priority, weight = self._rank(cid)
-                    n = len(parked.get(cid, ()))
-                    if n < limit:
-                        n += db.execute(_COUNT_DUE, (cid, now, limit - n)).fetchone()[0]
-                    cands.append((cid, tenant, priority, weight, min(n, limit)))
-                shares = fair_shares(cands, limit, self._turn)
-                self._turn += 1
-            else:
-                shares = {}
-            for cid, n in shares.items():
-                mine = len(parked.get(cid, ()))
-                if mine:
-                    took[cid] = min(mine, n)
-                    n -= took[cid]
-                if n > 0:
-                    rows += db.execute(_CLAIM_OF, (cid, now, n)).fetchall()
-            if rows:
-                runs = id_runs(sorted([r[0] for r in rows]))
-                db.executemany("UPDATE messages SET state=1 WHERE id BETWEEN ? AND ?", runs)
-                self._lower_bound(runs[0][0])
+        cids.update(parked)
+        self._shared = len(cids) > 1
+        if len(cids) == 1:  # (the common case: one campaign, nothing to share)
+            shares = dict.fromkeys(cids, limit)
+        elif cids:
+            if due is None:
+                due = {cid: n for cid, _t, n in db.execute(_DUE_COUNTS, (now, limit)) if n}
+            for cid in parked:
+                due.setdefault(cid, 0)
+            cands = []
+            for cid, n in due.items():
+                tenant, priority, weight = self._rank(cid)
+                n += len(parked.get(cid, ()))
+                cands.append((cid, tenant, priority, weight, min(n, limit)))
+            shares = fair_shares(cands, limit, self._turn)
+            self._turn += 1
+        else:
+            return []
         out: list[Claimed] = []
+        want: list[tuple[int, int]] = []  # (campaign, rows from the queue)
         if parked:
             left: list[Claimed] = []
             for cid, items in parked.items():
-                k = took.get(cid, 0)
-                out += items[:k]
-                left += items[k:]
+                k = min(len(items), shares.get(cid, 0))
+                if k:
+                    out += items[:k]
+                    left += items[k:]
+                else:
+                    left += items
             self._parked = left
             if not left:
                 self._parked_cids.clear()
-        out += starmap(Claimed, rows)
+        for cid, n in shares.items():
+            n -= len(parked[cid]) if cid in parked else 0
+            if n > 0:
+                want.append((cid, n))
+        if want:
+            rows: list[Any] = []
+            with transaction(db):
+                at = 0
+                while at < len(want):
+                    k = min(CLAIM_TERMS, 1 << (len(want) - at).bit_length() - 1)
+                    args: list[Any] = []
+                    for cid, n in want[at : at + k]:
+                        args += (cid, now, cid, n)
+                    rows += db.execute(_claim_of(k), args).fetchall()
+                    at += k
+                if rows:
+                    runs = id_runs(sorted([r[0] for r in rows]))
+                    db.executemany("UPDATE messages SET state=1 WHERE id BETWEEN ? AND ?", runs)
+                    self._lower_bound(runs[0][0])
+            out += starmap(Claimed, rows)
         return out
 
     def _rank(self, campaign_id: int) -> tuple[str, int, int]:
@@ -935,6 +966,9 @@ class SQLiteSpool(Spool):
             parked = self._parked = [c for c in parked if c.campaign not in stopped]
             if not parked:
                 self._parked_cids.clear()
+                return {}
+        if len(self._parked_cids) == 1:  # (one campaign's: no row looked at)
+            return {parked[0].campaign: parked}
         out: dict[int, list[Claimed]] = {}
         for c in parked:
             items = out.get(c.campaign)
