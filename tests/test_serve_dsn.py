@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 from tests._serve_helpers import Served
 
 from conftest import free_port, wait_port
 from fastsend.bounce import parse_bounce
-from fastsend.serve.dsn import build, header_section, status_of
+from fastsend.serve.dsn import Failure, build, header_section, status_of
 from fastsend.sink import SinkThread
 
 MESSAGE = (
@@ -113,13 +114,73 @@ def test_an_expiry_is_told_to_the_sender(tmp_path: Path, certs: Any) -> None:
     assert "retry time ran out" in text
 
 
+def test_one_notice_names_every_recipient_the_message_failed_for(
+    tmp_path: Path, certs: Any
+) -> None:
+    """RFC 3464: one notice a message, a group of per-recipient fields for each
+    recipient it failed for. Before, a message refused for two of its three
+    recipients (at two domains) gave its sender two notices (found by an audit)."""
+    with SinkThread(keep_messages=True) as sink:
+        served, port = _serve(tmp_path, certs, sink)
+        try:
+            _submit(port, served.keys["acme"], certs[2], "app@example.com",
+                    ["permfail-1@example.org", "ann@example.org", "permfail-2@example.net"])  # fmt: skip
+            (notice,) = _notices(sink, "app@example.com", 1)
+            time.sleep(1.5)  # (no second notice comes)
+            assert len([m for m in sink.sink.messages if "app@example.com" in m.recipients]) == 1
+        finally:
+            served.stop()
+    text = notice.data.decode()
+    assert text.count("Final-Recipient:") == 2 and text.count("Action: failed") == 2
+    assert "Final-Recipient: rfc822; permfail-1@example.org" in text
+    assert "Final-Recipient: rfc822; permfail-2@example.net" in text
+    assert "2 of its recipients" in text and b"ann@example.org" not in notice.data
+    msg = email.message_from_bytes(notice.data, policy=email.policy.default)
+    status = next(p for p in msg.iter_parts() if p.get_content_type() == "message/delivery-status")
+    # the per-message group, then one group per recipient (RFC 3464 2.1)
+    groups = [g for g in status.get_payload()]
+    assert len(groups) == 3 and "Reporting-MTA" in str(groups[0]), groups
+    got = sorted(b.recipient for b in parse_bounce(notice.data))
+    assert got == ["permfail-1@example.org", "permfail-2@example.net"], got
+
+
+def test_a_kill_between_the_failure_and_its_notice_loses_no_notice(
+    tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of serve right after a bounce is committed, before its notice is
+    spooled: the notice was lost for good (the failure was in the spool and the
+    event log, its sender never told). Now the failure is journalled before its
+    commit and the next start tells it; once told, it is not told again."""
+    with SinkThread(keep_messages=True) as sink:
+        monkeypatch.setenv("FASTSEND_TEST_FAULT", "outcomes-kill-after-commit:1")
+        served, port = _serve(tmp_path, certs, sink)
+        monkeypatch.delenv("FASTSEND_TEST_FAULT")
+        try:
+            _submit(port, served.keys["acme"], certs[2], "app@example.com",
+                    ["permfail-1@example.org", "permfail-2@example.org"])  # fmt: skip
+            assert served.proc.wait(20) == -9
+            assert not [m for m in sink.sink.messages if "app@example.com" in m.recipients]
+            served.start()
+            wait_port("127.0.0.1", port, timeout=20)
+            (notice,) = _notices(sink, "app@example.com", 1)
+            served.stop()
+            served.start()  # told once: the journal is done with it
+            time.sleep(2.0)
+            assert len([m for m in sink.sink.messages if "app@example.com" in m.recipients]) == 1
+        finally:
+            served.stop()
+    text = notice.data.decode()
+    assert "Final-Recipient: rfc822; permfail-1@example.org" in text
+    assert "Final-Recipient: rfc822; permfail-2@example.org" in text
+
+
 def test_the_notice_never_carries_a_remote_servers_lines() -> None:
     """A reply text is the receiving server's: CR, LF and other controls are cut,
     so it can start no header, field or MIME part of the notice."""
     evil = "no such user\r\nContent-Type: text/html\r\n\r\n--x\x1b[31m"
-    data = build("mta.example", "a@example.com", "b@example.org", status_of(550, "", False),
-                 "550 " + evil.replace("\r", "").replace("\n", ""), "mx.example.org",
-                 0.0, 1.0, header_section(MESSAGE), False)  # fmt: skip
+    f = Failure("b@example.org", status_of(550, "", False),
+                "550 " + evil.replace("\r", "").replace("\n", ""), "mx.example.org", False, 1.0)
+    data = build("mta.example", "a@example.com", [f], 0.0, 1.0, header_section(MESSAGE))
     from fastsend.serve.dsn import _clean
 
     assert "\n" not in _clean(evil) and "\x1b" not in _clean(evil)
@@ -129,8 +190,8 @@ def test_the_notice_never_carries_a_remote_servers_lines() -> None:
     assert status_of(0, "", True) == "4.4.7" and status_of(550, "", False) == "5.0.0"
     assert status_of(451, "4.7.1", True) == "4.7.1"
     # a sender not in ASCII is named with RFC 6533's utf-8 type
-    d2 = build("mta.example", "a@example.com", "jörg@example.org", "5.1.1", "", "", 0.0, 1.0,
-               header_section(MESSAGE), False)  # fmt: skip
+    f2 = Failure("jörg@example.org", "5.1.1", "", "", False, 1.0)
+    d2 = build("mta.example", "a@example.com", [f2], 0.0, 1.0, header_section(MESSAGE))
     assert b"Final-Recipient: utf-8; j\\x{F6}rg@example.org" in d2
 
 

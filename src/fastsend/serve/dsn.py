@@ -19,9 +19,28 @@ suppression) with a null reverse-path (``MAIL FROM:<>``: a notice about a
 notice is never sent, RFC 5321 4.5.5). Reply texts come from remote servers:
 every field is cut to printable ASCII on one line, never a header.
 
-DELIBERATELY NOT HERE: delay notices (``NOTIFY=DELAY``); a kill -9 in the
-moment between a failure's commit and its notice's spooling loses that notice
-(the failure itself is in the spool and the event log).
+One notice a message, not one a recipient (RFC 3464 2: a DSN holds a group of
+per-recipient fields for each recipient it reports on): the rows of one
+submitted message share their vars (the raw message and its sender, or the
+reference to its blob), so failures are kept by (campaign, vars) and a group
+is told once no failure joined it for :data:`SETTLE` s (at most
+:data:`GATHER_MAX` s after its first): the recipients refused in one
+transaction, or at several domains within seconds, are one notice; a
+recipient that fails days later (an expiry) gets one of its own, as Postfix
+does.
+
+Crash safety: a failure is written to ``SPOOL/dsn.journal`` (a line, one
+``write``) when the hook sees it, before the outcome's commit; a line names
+the failures whose notice is spooled. At start the failures the journal holds
+without such a line are taken again, each whose row is final-failed (its
+outcome was committed) told as if just seen: a kill -9 between the
+failure's commit and its notice's spooling no longer loses the notice. The
+window left is the reverse one (killed between the notice's spooling and its
+journal line): that notice is sent twice, at least once as every outcome is.
+A node of a shared spool killed and never started again takes its untold
+notices with it (the journal is in its local directory).
+
+DELIBERATELY NOT HERE: delay notices (``NOTIFY=DELAY``).
 """
 
 from __future__ import annotations
@@ -33,22 +52,27 @@ import os
 import re
 import socket
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from fastsend.spool import BOUNCED, EXPIRED
+from fastsend.spool import BOUNCED, EXPIRED, Claimed
 from fastsend.wire import blob_digest
 
 log = logging.getLogger("fastsend.serve")
 
-SETTLE = 0.2  # s a failure waits before its notice (its outcome is committed by then)
+SETTLE = 1.0  # s a group waits for no more failures (its outcomes are committed by then)
+GATHER_MAX = 10.0  # s after a group's first failure it is told whatever still comes
 FLAG = "dsn"  # the vars key submission sets: notify the envelope sender of a failure
 HEADERS_MAX = 32 * 1024  # of the original's header section, returned
 TEXT_MAX = 900  # of a diagnostic (a line stays under 998 octets)
 KEPT_MAX = 10_000  # failures waiting for a flush (a storm beyond this is not noticed)
+RCPTS_MAX = 1000  # recipients one notice names (the rest: another notice)
+JOURNAL = "dsn.journal"
+JOURNAL_COMPACT = 1 << 20  # bytes: rewritten with only what is still untold
 _UNSAFE = re.compile(r"[^\x20-\x7e]+")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_FAILED_STATES = {"bounced": BOUNCED, "expired": EXPIRED}
 
 
 def _clean(text: str, limit: int = TEXT_MAX) -> str:
@@ -79,51 +103,62 @@ def header_section(raw: bytes) -> bytes:
     return b"\r\n".join(line.rstrip(b"\r") for line in lines) + b"\r\n"
 
 
+class Failure(NamedTuple):
+    """One recipient's final failure, as its notice reports it."""
+
+    rcpt: str
+    status: str  # RFC 3463 (status_of)
+    diagnostic: str  # the reply, "550 5.1.1 no such user" ("" : none)
+    remote: str  # the MX that answered ("" : none)
+    expired: bool  # retried past max_age (else refused)
+    when: float  # the last attempt
+
+
 def build(
-    reporting: str,
-    sender: str,
-    rcpt: str,
-    status: str,
-    diagnostic: str,
-    remote: str,
-    arrival: float,
-    now: float,
+    reporting: str, sender: str, failures: list[Failure], arrival: float, now: float,
     original: bytes,
-    expired: bool,
-) -> bytes:
-    """An RFC 3464 notice to ``sender`` that the message for ``rcpt`` failed."""
+) -> bytes:  # fmt: skip
+    """An RFC 3464 notice to ``sender`` that its message failed for each of
+    ``failures``' recipients: one per-recipient group each."""
     boundary = f"=_fastsend_{base64.b32encode(os.urandom(10)).decode().lower()}"
     host = _clean(reporting, 255) or "localhost"
-    diagnostic = _clean(diagnostic)
     date = email.utils.formatdate(now, localtime=False)
-    if expired:
+    n = len(failures)
+    lines = []
+    groups = []
+    for f in failures:
+        diagnostic = _clean(f.diagnostic)
+        remote = _clean(f.remote, 255)
+        said = f"{remote} said: {diagnostic}" if remote and diagnostic else diagnostic
+        why = "retry time ran out" if f.expired else "refused"
+        lines.append(f"<{_clean(f.rcpt, 512)}>: {why}: {said or f.status}\r\n")
+        when = email.utils.formatdate(f.when, localtime=False)
+        fields = [f"Final-Recipient: {_address(f.rcpt)}", "Action: failed", f"Status: {f.status}"]
+        if remote:
+            fields.append(f"Remote-MTA: dns; {remote}")
+        if diagnostic:
+            fields.append(f"Diagnostic-Code: smtp; {diagnostic}")
+        if f.expired:
+            fields.append(f"Will-Retry-Until: {when}")  # (passed: no more retries)
+        fields.append(f"Last-Attempt-Date: {when}")
+        groups.append("\r\n".join(fields) + "\r\n")
+    expired = [f for f in failures if f.expired]
+    if len(expired) == n:
         why = "it could not be delivered before its retry time ran out"
-    else:
+    elif not expired:
         why = "the receiving server refused it"
-    said = f"{_clean(remote, 255)} said: {diagnostic}" if remote and diagnostic else diagnostic
+    else:
+        why = "the receiving servers refused it or its retry time ran out"
+    whom = "one of its recipients" if n == 1 else f"{n} of its recipients"
     human = (
         f"This is the mail system at host {host}.\r\n\r\n"
-        f"Your message could not be delivered to one of its recipients:"
-        f" {why}. It will not be tried again.\r\n\r\n"
-        f"<{_clean(rcpt, 512)}>: {said or status}\r\n"
+        f"Your message could not be delivered to {whom}:"
+        f" {why}. It will not be tried again.\r\n\r\n" + "".join(lines)
     )
-    per_rcpt = [
-        f"Final-Recipient: {_address(rcpt)}",
-        "Action: failed",
-        f"Status: {status}",
-    ]
-    if remote:
-        per_rcpt.append(f"Remote-MTA: dns; {_clean(remote, 255)}")
-    if diagnostic:
-        per_rcpt.append(f"Diagnostic-Code: smtp; {diagnostic}")
-    if expired:
-        per_rcpt.append(f"Will-Retry-Until: {date}")  # (passed: no more retries)
-    per_rcpt.append(f"Last-Attempt-Date: {date}")
     status_part = (
         f"Reporting-MTA: dns; {host}\r\n"
         f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}\r\n\r\n"
-        + "\r\n".join(per_rcpt)
-        + "\r\n"
+        + "\r\n".join(groups)  # (a blank line between recipients' groups, RFC 3464 2.1)
     )
     head = (
         f"From: Mail Delivery System <MAILER-DAEMON@{host}>\r\n"
@@ -163,16 +198,153 @@ def status_of(code: int, enhanced: str, expired: bool) -> str:
     return "5.0.0" if 500 <= code < 600 else "4.0.0" if 400 <= code < 500 else "5.0.0"
 
 
+def failure_of(rcpt: str, code: int, enhanced: str, text: str, mx: str, expired: bool,
+               when: float) -> Failure:  # fmt: skip
+    """A recipient's :class:`Failure` from the reply its last attempt got."""
+    text = _clean(text)
+    diagnostic = ""
+    if code:
+        diagnostic = _clean(f"{code} {enhanced} {text}" if enhanced else f"{code} {text}")
+    elif text:
+        diagnostic = text
+    remote = mx.rpartition("]")[0].partition("[")[0] or mx.partition(":")[0]
+    return Failure(rcpt, status_of(code, enhanced, expired), diagnostic, remote, expired, when)
+
+
+class _Group:
+    """The failures of one message (its rows share their vars) waiting for a notice."""
+
+    __slots__ = ("claimed", "failures", "first", "ids", "last")
+
+    def __init__(self, claimed: Any, now: float) -> None:
+        self.claimed = claimed  # (one of them: campaign, vars and arrival are the message's)
+        self.failures: list[Failure] = []
+        self.ids: list[int] = []
+        self.first = self.last = now
+
+
 class Notices:
     """The failures waiting for a notice; see the module's docstring."""
 
-    def __init__(self, ctx: Any, reporting: str = "") -> None:
+    def __init__(self, ctx: Any, reporting: str = "", journal: str | None = None) -> None:
         self.ctx = ctx
         self.reporting = reporting or socket.getfqdn()
-        self.pending: list[tuple[Any, Any, int, float]] = []
+        self.pending: dict[tuple[int, bytes], _Group] = {}
+        self.kept = 0  # failures in pending
         self.kinds: dict[int, bool] = {}  # campaign -> whether it is transactional
         self.sent = 0
         self.dropped = 0
+        if journal is None:
+            journal = os.path.join(ctx.config.spool_dir, JOURNAL)
+        self.journal_path = journal
+        self._fd = -1
+        self._size = 0
+        self._rewrite = True  # the journal may be rewritten with only what waits
+        if journal:
+            self._reopen()
+
+    # -- the journal ------------------------------------------------------------
+
+    def _reopen(self) -> None:
+        """Take again what the journal holds untold (a killed run's), then keep
+        appending to it."""
+        path = self.journal_path
+        untold: dict[int, dict[str, Any]] = {}
+        try:
+            with open(path, "rb") as f:
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break  # (cut short by the kill: its failure was not committed)
+                    try:
+                        rec = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if not isinstance(rec, dict):
+                        continue
+                    done = rec.get("done")
+                    if isinstance(done, list):
+                        for i in done:
+                            untold.pop(i, None)
+                    elif isinstance(rec.get("id"), int):
+                        untold[rec["id"]] = rec
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("non-delivery notices: %s cannot be read (%s)", path, e)
+        taken = 0
+        reached = True
+        for rec in untold.values():
+            try:
+                taken += self._retake(rec)
+            except self.ctx.spool.outage_errors() as e:  # kept in the journal: the next start
+                log.error("non-delivery notices: the spool is out of reach (%s): %d failure(s)"
+                          " the last run left untold wait for the next start", e, len(untold))  # fmt: skip
+                reached = False
+                break
+            except Exception:  # one bad line must not stop the others (nor serve)
+                log.exception("non-delivery notice for message %s not taken again", rec["id"])
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._size = os.fstat(self._fd).st_size
+        except OSError as e:
+            log.error("non-delivery notices: %s cannot be written (%s): a kill between a"
+                      " failure and its notice loses the notice", path, e)  # fmt: skip
+            self._fd = -1
+            return
+        self._rewrite = reached  # (else what was not taken again stays for the next start)
+        if reached:
+            self._compact()  # (the taken ones only: what was told is forgotten)
+        if taken:
+            log.warning("non-delivery notices: %d failure(s) the last run recorded without"
+                        " spooling their notice are told now", taken)  # fmt: skip
+
+    def _retake(self, rec: dict[str, Any]) -> int:
+        """A journal's untold failure, kept again when its row says it failed."""
+        m = self.ctx.spool.message(rec["id"])
+        state = _FAILED_STATES.get(m.get("state", "")) if m is not None else None
+        if m is None or state is None:
+            return 0  # (its outcome was never committed: it is tried again, told then)
+        vars_ = orjson.dumps(m["vars"])
+        claimed = Claimed(m["id"], m["campaign"], m["rcpt"], m.get("domain", ""), vars_,
+                          int(m.get("attempts", 0)), float(m.get("created", 0.0)))  # fmt: skip
+        f = Failure(*rec["f"])
+        self._keep(claimed, f, float(rec.get("at", f.when)), write=False)
+        return 1
+
+    def _write(self, data: bytes) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.write(self._fd, data)
+            self._size += len(data)
+        except OSError as e:  # (a full disk): the notice is still sent, not crash-safe
+            log.error("non-delivery notices: %s cannot be written (%s)", self.journal_path, e)
+
+    def _compact(self) -> None:
+        """The journal rewritten with only the failures still waiting (empty when
+        none is): it holds what a kill would leave untold, not the history."""
+        if self._fd < 0:
+            return
+        keep = b"".join(
+            orjson.dumps({"id": i, "f": list(f), "at": g.first}) + b"\n"
+            for g in self.pending.values()
+            for i, f in zip(g.ids, g.failures, strict=True)
+        )
+        tmp = self.journal_path + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, keep)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.journal_path)
+            os.close(self._fd)
+            self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+            self._size = len(keep)
+        except OSError as e:
+            log.error("non-delivery notices: %s cannot be rewritten (%s)", self.journal_path, e)
+
+    # -- failures in --------------------------------------------------------------
 
     def _transactional(self, campaign: int) -> bool:
         known = self.kinds.get(campaign)
@@ -185,18 +357,37 @@ class Notices:
         return known
 
     def on_result(self, claimed: Any, res: Any, state: int) -> None:
-        """A result hook (the supervisor's loop): a final failure of a
-        transactional campaign's message is kept for the next flush."""
+        """A result hook (the supervisor's loop, before the outcome's commit): a
+        final failure of a transactional campaign's message is journalled and
+        kept for a flush."""
         if state != BOUNCED and state != EXPIRED:
             return
         if b'"' + FLAG.encode() + b'"' not in claimed.vars and blob_digest(claimed.vars) is None:
             return  # (not submitted over SMTP: it has no flag, and no body blob)
         if not self._transactional(claimed.campaign):
             return
-        if len(self.pending) >= KEPT_MAX:
+        if self.kept >= KEPT_MAX:
             self.dropped += 1
             return
-        self.pending.append((claimed, res, state, time.time()))
+        now = time.time()
+        f = failure_of(claimed.rcpt, int(getattr(res, "code", 0) or 0),
+                       str(getattr(res, "enhanced", "") or ""), str(getattr(res, "text", "") or ""),
+                       str(getattr(res, "mx", "") or ""), state == EXPIRED, now)  # fmt: skip
+        self._keep(claimed, f, now, write=True)
+
+    def _keep(self, claimed: Any, f: Failure, now: float, write: bool) -> None:
+        key = (claimed.campaign, claimed.vars)
+        g = self.pending.get(key)
+        if g is None:
+            g = self.pending[key] = _Group(claimed, now)
+        g.failures.append(f)
+        g.ids.append(claimed.id)
+        g.last = max(g.last, now)
+        self.kept += 1
+        if write:
+            self._write(orjson.dumps({"id": claimed.id, "f": list(f), "at": now}) + b"\n")
+
+    # -- notices out --------------------------------------------------------------
 
     def _vars(self, claimed: Any) -> dict[str, Any] | None:
         raw = claimed.vars
@@ -209,29 +400,41 @@ class Notices:
         return out if isinstance(out, dict) else None
 
     def flush(self, settle: float = SETTLE) -> int:
-        """Spool a notice for each failure kept at least ``settle`` s (the
-        supervisor commits outcomes within 50 ms) whose message asked for one;
-        returns how many were spooled."""
-        cut = time.time() - settle
-        pending = [p for p in self.pending if p[3] <= cut]
-        if not pending:
+        """Spool a notice for each message whose last failure was kept at least
+        ``settle`` s ago (or its first :data:`GATHER_MAX` s ago; the supervisor
+        commits outcomes within 50 ms) and which asked for one; returns how many
+        were spooled."""
+        now = time.time()
+        ready = [k for k, g in self.pending.items()
+                 if g.last <= now - settle or g.first <= now - GATHER_MAX]  # fmt: skip
+        if not ready:
             return 0
-        self.pending = [p for p in self.pending if p[3] > cut]
         n = 0
+        told: list[int] = []
         outage = self.ctx.spool.outage_errors()
-        for k, (claimed, res, state, when) in enumerate(pending):
-            try:
-                n += self._notice(claimed, res, state, when)
-            except outage:  # kept for the next flush (serve's tick says it once)
-                self.pending[:0] = pending[k:]
-                self.sent += n
-                raise
-            except Exception:  # a notice must never stop the others (nor the loop)
-                log.exception("non-delivery notice for message %s not sent", claimed.id)
-        self.sent += n
+        try:
+            for key in ready:
+                g = self.pending[key]
+                try:
+                    n += self._notice(g)
+                except outage:  # kept for the next flush (serve's tick says it once)
+                    raise
+                except Exception:  # a notice must never stop the others (nor the loop)
+                    log.exception("non-delivery notice for message %s not sent", g.claimed.id)
+                del self.pending[key]
+                self.kept -= len(g.ids)
+                told += g.ids
+        finally:
+            self.sent += n
+            if told:
+                if self._rewrite and (not self.pending or self._size > JOURNAL_COMPACT):
+                    self._compact()  # (nothing waits: the journal is emptied)
+                else:
+                    self._write(orjson.dumps({"done": told}) + b"\n")
         return n
 
-    def _notice(self, claimed: Any, res: Any, state: int, when: float) -> int:
+    def _notice(self, g: _Group) -> int:
+        claimed = g.claimed
         v = self._vars(claimed)
         if v is None or not v.get(FLAG):
             return 0
@@ -241,29 +444,20 @@ class Notices:
             return 0  # a null reverse-path (a notice itself): never answered
         if not isinstance(raw, str):
             return 0
-        expired = state == EXPIRED
-        code = int(getattr(res, "code", 0) or 0)
-        text = _clean(str(getattr(res, "text", "") or ""))
-        enhanced = str(getattr(res, "enhanced", "") or "")
-        diagnostic = ""
-        if code:
-            diagnostic = _clean(f"{code} {enhanced} {text}" if enhanced else f"{code} {text}")
-        elif text:
-            diagnostic = text
-        remote = str(getattr(res, "mx", "") or "")
-        remote = remote.rpartition("]")[0].partition("[")[0] or remote.partition(":")[0]
-        data = build(
-            self.reporting, sender, claimed.rcpt, status_of(code, enhanced, expired),
-            diagnostic, remote, claimed.created, when,
-            header_section(base64.b64decode(raw)), expired,
-        )  # fmt: skip
         from fastsend.address import AddressError, normalize
 
         try:
             addr, domain = normalize(sender)
         except AddressError:
             return 0
-        row = orjson.dumps({"raw": base64.b64encode(data).decode("ascii"), "mail_from": ""})
+        original = header_section(base64.b64decode(raw))
         tenant = self.ctx.campaign_tenant(claimed.campaign)
-        self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), [(addr, domain, row)])
-        return 1
+        failures = sorted(g.failures, key=lambda f: f.when)
+        rows = []
+        for i in range(0, len(failures), RCPTS_MAX):
+            part = failures[i : i + RCPTS_MAX]
+            data = build(self.reporting, sender, part, claimed.created, part[-1].when, original)
+            row = orjson.dumps({"raw": base64.b64encode(data).decode("ascii"), "mail_from": ""})
+            rows.append((addr, domain, row))
+        self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows)
+        return len(rows)
