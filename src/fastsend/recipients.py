@@ -75,7 +75,7 @@ def columns(path: str) -> set[str]:
         first = _readline(path, f)
         fmt = detect_format(path, first)
         if fmt == "csv":
-            return set(_csv_names(first))
+            return set(_csv_names(first, csv_separator(first)))
         keys: set[str] = set()
         n = 0
         line = first
@@ -110,18 +110,45 @@ def csv_header(fields: list[str]) -> list[str]:
     return header
 
 
-def _csv_names(first: str) -> list[str]:
-    """The column names of a CSV's header line ``first`` (:func:`csv_header`);
-    RecipientsError when it has no ``email`` column."""
+# The separators a list's CSV may use besides ",": a spreadsheet in a locale
+# whose decimal mark is a comma (German, French, Spanish, ... Excel) saves
+# "CSV" with ";"; a TSV export uses tab.
+SEPARATORS = (";", "\t")
+
+
+def csv_separator(first: str) -> str:
+    """The separator of a CSV whose header line is ``first``: "," unless the
+    header read with "," has no ``email`` column (:func:`csv_header`) and read
+    with ";" or tab it has one (and more than one column). A list refused
+    before ("its columns are separated by ';'") is read as it was written."""
     try:
         header = csv_header(next(csv.reader([first]), []))
+        if "email" in header:
+            return ","
+        for sep in SEPARATORS:
+            if sep in first:
+                other = csv_header(next(csv.reader([first], delimiter=sep), []))
+                if "email" in other and len(other) > 1:
+                    return sep
+    except csv.Error:
+        pass
+    return ","
+
+
+def _csv_names(first: str, sep: str = ",") -> list[str]:
+    """The column names of a CSV's header line ``first`` (:func:`csv_header`),
+    its columns separated by ``sep``; RecipientsError when it has no ``email``
+    column."""
+    try:
+        header = csv_header(next(csv.reader([first], delimiter=sep), []))
     except csv.Error as e:
         raise RecipientsError(f"line 1: {e}") from None
     if "email" not in header:
         why = f"CSV header has no 'email' column (columns: {', '.join(header)})"
-        sep = next((c for c in ";\t|" if c in first and "email" in first.lower()), "")
-        if len(header) == 1 and sep:  # a European spreadsheet's ";", a TSV
-            why += f": its columns are separated by {sep!r}; a list's CSV separates them by ','"
+        other = next((c for c in "|" if c in first and "email" in first.lower()), "")
+        if len(header) == 1 and other:
+            why += f": its columns are separated by {other!r}; a list's CSV separates them by"
+            why += " ',' (or ';' or tab)"
         raise RecipientsError(why)
     return header
 
@@ -203,7 +230,7 @@ BLOCK = 1 << 20  # bytes per read of survey()
 # Bytes that may begin a line holding only whitespace (what str.strip() removes):
 # ASCII whitespace, the separators U+001C-U+001F, and the lead bytes of the
 # UTF-8 forms of U+0085, U+00A0, U+1680, U+2000-U+205F and U+3000.
-_MAY_BE_BLANK = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3,"  # (",,,": a CSV's empty row)
+_MAY_BE_BLANK = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3,;"  # (",,,": a CSV's empty row)
 _MAY_BE_BLANK_AFTER_BREAK = re.compile(b"\n[" + re.escape(_MAY_BE_BLANK) + b"]")
 
 
@@ -245,6 +272,7 @@ class _LineCounter:
         self.rows = 0
         self.lines = 0  # line breaks counted (for the line of a decoding error)
         self.quoted = False  # a CSV with a quoted field: counted by the csv module
+        self.sep = b","  # a CSV's separator (csv_separator)
 
     def feed(self, data: bytes) -> None:
         if b"\r" in data or self.carry.endswith(b"\r"):  # CR or CRLF line ends
@@ -287,6 +315,8 @@ class _LineCounter:
             self.fmt = detect_format(self.path, first)
             if self.fmt != "csv" and first.strip():  # a CSV's first line is its header
                 self.rows += 1
+            if self.fmt == "csv":
+                self.sep = csv_separator(first).encode()
             self.lines += 1
             start = cut
             if start == end:
@@ -298,12 +328,13 @@ class _LineCounter:
             self.quoted = (
                 buf[start] == 0x22
                 or buf.find(b'\n"', start, end) >= 0
-                or buf.find(b',"', start, end) >= 0
+                or buf.find(self.sep + b'"', start, end) >= 0
             )
         if buf[start] in _MAY_BE_BLANK or _MAY_BE_BLANK_AFTER_BREAK.search(buf, start, end):
             lines = self._text(buf, start, end).split("\n")[:-1]
             if self.fmt == "csv":  # fields of white space only: no row (_blank_record)
-                self.rows += sum(1 for line in lines if line.replace(",", "").strip())
+                sep = self.sep.decode()
+                self.rows += sum(1 for line in lines if line.replace(sep, "").strip())
             else:
                 self.rows += sum(1 for line in lines if line.strip())
         else:
@@ -329,7 +360,7 @@ def _count_records(path: str) -> int:
             return 0
         if detect_format(path, first) == "csv":
             n = 0
-            reader = csv.reader(f)
+            reader = csv.reader(f, delimiter=csv_separator(first))
             end = 1  # the last line of the record before
             try:
                 for rec in reader:
@@ -488,7 +519,7 @@ def _break_row(line: int, name: str) -> BadRow:
     )
 
 
-def _swallowed(values: list[str], width: int, ei: int) -> int:
+def _swallowed(values: list[str], width: int, ei: int, sep: str = ",") -> int:
     """How many lines inside the multi-line fields of a record (its email
     popped) read on their own as rows of the list: ``width`` fields, an
     address in column ``ei``. A quoted field may hold line breaks (an address
@@ -500,10 +531,10 @@ def _swallowed(values: list[str], width: int, ei: int) -> int:
         if "\n" not in v and "\r" not in v:
             continue
         for text in v.splitlines():
-            if "," not in text and width > 1:
+            if sep not in text and width > 1:
                 continue
             try:
-                rec = next(csv.reader([text]), [])
+                rec = next(csv.reader([text], delimiter=sep), [])
             except csv.Error:
                 continue
             if len(rec) == width:
@@ -531,8 +562,10 @@ def _csv_batches(
 ) -> Iterator[Batch]:
     """Batches of ``limit`` good rows, then of ``size``. Lines with no '"' (no
     quoted field can begin or continue there) are read by ``csv_plain_rows``;
-    from the first line holding one on, the csv module reads the rest."""
-    header = _csv_names(first)
+    from the first line holding one on, the csv module reads the rest (all of
+    a list whose separator is not ",": :func:`csv_separator`)."""
+    sep = csv_separator(first)
+    header = _csv_names(first, sep)
     named = [h for h in header if h]  # (unnamed columns: a spreadsheet's empty ones)
     if len(set(named)) != len(named):  # one name, two values: which one is meant?
         twice = next(h for i, h in enumerate(named) if h in named[:i])
@@ -556,7 +589,7 @@ def _csv_batches(
     last = after
     line = 1  # the lines read so far (the header)
     rest: Iterator[str] = f
-    if row_type is not None:  # names the JSON of a row's vars can be written with
+    if row_type is not None and sep == ",":  # names a row's vars' JSON can be written with
         keys = [_encode(name) + b":" for name in names]
         maxlen = csv.field_size_limit()
         while chunk := f.readlines(CHUNK_CHARS):
@@ -576,7 +609,7 @@ def _csv_batches(
         else:
             yield Batch(rows, lines, bad, last, True)
             return
-    reader = csv.reader(rest)
+    reader = csv.reader(rest, delimiter=sep)
     base = line  # reader.line_num counts the lines after it
     dumps = orjson.dumps
     encode = _encode
@@ -598,7 +631,7 @@ def _csv_batches(
                                          f" {start}-{line}: a quoted field holds line breaks)")  # fmt: skip
                         spans = bad[-1], line
                 continue
-            if start < line and (n := _swallowed(rec, width, ei)):
+            if start < line and (n := _swallowed(rec, width, ei, sep)):
                 bad.append(BadRow(start, f"lines {start}-{line} were read as one record (a"
                                   f" quoted field holds line breaks) and {n} of its lines read"
                                   " as rows of their own: a quote left open, closed by a later"

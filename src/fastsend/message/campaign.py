@@ -364,6 +364,9 @@ def _check_addr(addr: str, what: str) -> None:
         raise CampaignError(f"{what}: {exc}") from None
 
 
+_B64_SPACE = re.compile(r"[ \t\r\n]+")
+
+
 def _attachment(a: Any, base: Path) -> dict[str, str]:
     if isinstance(a, str):
         a = {"path": a}
@@ -374,6 +377,11 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
         raise CampaignError(f"unknown attachment keys: {', '.join(sorted(bad))}")
     if "data_b64" in a:
         data_b64 = a["data_b64"]
+        if isinstance(data_b64, str):
+            # Base64 as MIME writes it (RFC 2045 6.8: lines of 76; `base64`,
+            # Python's encodebytes, PHP's chunk_split) was refused as "not valid
+            # base64": the line breaks and spaces go, the characters are checked.
+            data_b64 = _B64_SPACE.sub("", data_b64)
         try:
             base64.b64decode(data_b64, validate=True)
         except (ValueError, TypeError):
