@@ -822,6 +822,11 @@ class Worker:
                 # No reply at all (refused, unreachable, timed out): the
                 # network, not a block (a block is the server's reply).
                 got = ("networkerror", False)
+            elif o.text.startswith("local error"):
+                # Our own failure (a bug, deferred loudly), as 4.3.0 reads at
+                # any other stage: at "connect" the rules read it as a
+                # server's block ("blocked": an IP block, which rests IPs).
+                got = ("systemerror", False)
             else:
                 got = self._classify(o)
             if len(self.classified) >= CLASSIFY_CACHE:
