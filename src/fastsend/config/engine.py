@@ -133,7 +133,7 @@ class DeliveryConfig(Section):
     # IPs, at least WINDOW_MIN).
     window: NonNegInt = 0
     max_connections: PosInt = 16  # per (source IP, site)
-    max_messages_per_connection: NonNegInt = 1000
+    max_messages_per_connection: NonNegInt = 1000  # 0: no limit
     recipients_per_transaction: PosInt = 50  # for identical (non-personalised) messages
     # messages per pipelined group on one connection (a connection whose groups
     # are all delivered quickly takes up to 4x: delivery/pool.py, GROUP_GROW)

@@ -16,7 +16,11 @@ another name is left (so a preferred MX whose addresses are all down still
 leaves its backup MX tried); an address that did not answer is tried after the
 others for DOWN_FOR seconds. When every host fails, the envelopes it would
 have carried are answered with that failure (deferred or failed), so nothing
-waits forever on a dead site.
+waits forever on a dead site; when none even took a TCP connection or greeted
+(and no other session of the site is open), the site is unreachable: all its
+waiting envelopes are answered at once, and what is pushed for it in the next
+DEAD_FOR seconds too, without a connection (Postfix's dead destination), so
+its mail does not sit in the window a connect timeout per group.
 
 A connection that cannot be opened while others of its site are open or
 opening (a 421 "too many concurrent connections" greeting, a listen backlog
@@ -108,6 +112,17 @@ DOWN_FOR = 60.0
 # A connection refused while others of the site work caps the site's
 # connections at those that work for this long (then it probes again).
 CAP_FOR = 60.0
+# A site none of whose addresses took a TCP connection or greeted on it, with
+# no session of its own open, is unreachable: its mail is answered with that failure for this
+# long (at most [retry] min_backoff) without a new connection (Postfix's dead
+# destination, KumoMTA's failed ready queue).
+DEAD_FOR = 60.0
+_NO_SESSION = frozenset(("connect", "greeting"))  # (with no reply: code 0)
+# ... or whose session cannot be used whatever the mail: TLS that is required
+# and failed (an MTA-STS or DANE policy, a relay's), AUTH refused (a relay's
+# credentials: a login tried again per group could lock the account).
+_NO_USE = frozenset(("starttls", "tls", "auth"))
+NO_LIMIT = 1 << 62  # messages per connection when the limit is 0
 # Outcomes of a session's end that say the server neither took nor refused
 # the envelope: its MAIL/RCPT unanswered (code 0: the connection dropped) or
 # answered by a 421 that ends a session at its per-session cap ("too many
@@ -180,6 +195,11 @@ class SiteQueue:
         self.sessions = 0  # ... of which have an open session
         self.cap = 0  # the most connections to open before cap_until (0: no cap)
         self.cap_until = 0.0
+        # Unreachable until (monotonic; 0: it is not), and the answer meanwhile;
+        # each source IP whose last connection found the site unusable, until when.
+        self.dead_until = 0.0
+        self.dead: Outcome | None = None
+        self.unreached: dict[str, float] = {}
         d = config.delivery
         t = d.command_timeout
         self.timeouts = Timeouts(
@@ -199,6 +219,14 @@ class SiteQueue:
         return self.nconn
 
     def push(self, envelopes: list[Envelope]) -> None:
+        if self.dead_until:
+            if time.monotonic() < self.dead_until and self.dead is not None:
+                # Unreachable a moment ago: answered now, not held in the window
+                # for another connect timeout (see _unreachable).
+                out = self.dead
+                self.report([TxnResult(e.tag, [out] * len(e.rcpts)) for e in envelopes], "", out.mx)
+                return
+            self.dead_until, self.dead = 0.0, None
         self.pending.extend(envelopes)
         if self.handback is not None:
             self.trim()
@@ -367,7 +395,12 @@ class SiteQueue:
         pop = self.pending.popleft
         return [pop() for _ in range(n)]
 
-    async def _open(self, lane: Lane) -> SMTPConnection | Outcome:
+    async def _open(
+        self, lane: Lane, failed: list[Outcome] | None = None
+    ) -> SMTPConnection | Outcome:
+        """A new session from ``lane``'s address: the site's hosts in turn (see
+        MX_ADDRESSES), or the last failure; ``failed`` gets each failed
+        attempt's outcome."""
         ip = lane.ip
         last: Outcome | None = None
         hosts = self.candidates
@@ -387,7 +420,10 @@ class SiteQueue:
                 source_ip=ip or None,
                 helo_name=self.shaper.ehlo.get(ip) or self.helo,
                 tls=self.limits.tls,  # validated by the policy
-                max_messages=self.limits.max_messages_per_connection,
+                # [delivery] max_messages_per_connection = 0: no limit (as Postfix's
+                # smtp_connection_reuse_count_limit); it was every connection's
+                # ValueError, so each message was deferred until it expired.
+                max_messages=self.limits.max_messages_per_connection or NO_LIMIT,
                 timeouts=self.timeouts,
                 server_hostname=host.name,
             )
@@ -400,7 +436,9 @@ class SiteQueue:
                 conn = await self._connect_sts(kw, host, ip)
             else:
                 if sts is not None:  # testing mode (enforce left only matching hosts)
-                    self._sts_failed(host, ip, "validation-failure", "the MX host is not in the policy")
+                    self._sts_failed(
+                        host, ip, "validation-failure", "the MX host is not in the policy"
+                    )
                 conn = await connect(ConnectOptions(**kw))
             if not isinstance(conn, Outcome):
                 if self.down:
@@ -416,6 +454,8 @@ class SiteQueue:
             self.count("connections_failed")
             if conn.stage == "connect":  # no TCP session: others first for a while
                 self.down[host.address] = time.monotonic() + DOWN_FOR
+            if failed is not None:
+                failed.append(conn)
             if conn.code:
                 lane.reply(conn, time.monotonic())
             last = conn
@@ -509,18 +549,29 @@ class SiteQueue:
                     continue
                 if not lane.usable(time.monotonic()):
                     break
+                tried: list[Outcome] = []
                 try:
-                    conn = await self._open(lane)
+                    conn = await self._open(lane, tried)
                 except Exception as e:  # a local bug: answer like a failed connect
                     conn = _local_error(e, "connect")
                 if isinstance(conn, Outcome):
+                    unusable = bool(tried) and tried[-1] is conn and all(map(_unusable, tried))
+                    now = time.monotonic()
+                    if unusable:
+                        self.unreached[ip] = now + DEAD_FOR
                     if self.nconn > 1:
                         # Others are open or opening: this one is over what the
                         # site takes. Leave the mail to them; open no more for now.
                         self.cap = max(1, self.sessions)
-                        self.cap_until = time.monotonic() + CAP_FOR
+                        self.cap_until = now + CAP_FOR
                         self.count("connections_over_site_cap")
                         break
+                    other = False  # another source IP may still reach the site
+                    if unusable:
+                        if all(self.unreached.get(p.ip, 0.0) > now for p in self.pool.ips):
+                            self._unreachable(conn, ip)
+                            continue
+                        other = True
                     failed = self._take()
                     if failed:
                         self.report(
@@ -528,8 +579,12 @@ class SiteQueue:
                             ip,
                             conn.mx,
                         )
+                    if other:
+                        break  # the next connection picks its source IP again
                     continue
                 mx = conn.mx
+                if self.unreached:
+                    self.unreached.pop(ip, None)
                 progress = False  # this connection delivered something
                 self.sessions += 1
                 try:
@@ -600,9 +655,7 @@ class SiteQueue:
                         elif took > 2 * GROUP_QUICK:
                             group = pipeline
                         if lane.aimd is not None or lane.rules:
-                            results = lane.observe(
-                                results, time.monotonic(), conn.delivered_one
-                            )
+                            results = lane.observe(results, time.monotonic(), conn.delivered_one)
                         batch = []
                         self.report(results, ip, mx)
                 finally:
@@ -629,6 +682,30 @@ class SiteQueue:
             if self.pending and not self.closing:
                 self._scale()
 
+    def _unreachable(self, conn: Outcome, ip: str) -> None:
+        """No address of the site took a TCP connection (refused, timed out,
+        unroutable) or greeted on it (closed, or silent for the greeting
+        timeout), or its required TLS or AUTH failed (``_unusable``), from
+        any of the pool's source IPs lately, and no other connection of it is
+        open: every envelope
+        waiting for it is answered with that failure now, and so is what is
+        pushed for the next DEAD_FOR seconds (at most ``[retry] min_backoff``:
+        none sooner than mail deferred now would come back). Before, each
+        failed connection answered one group: a site whose MX dropped SYNs
+        held the rest of its mail in the worker's window for a connect
+        timeout per group (1,000 envelopes, 30 s: 8 minutes), and the
+        window, filling with it, held back the mail of every other site."""
+        waiting = list(self.pending)
+        self.pending.clear()
+        if waiting:
+            self.report([TxnResult(e.tag, [conn] * len(e.rcpts)) for e in waiting], ip, conn.mx)
+        hold = min(DEAD_FOR, self.config.retry.min_backoff)
+        if hold > 0:
+            self.dead_until = time.monotonic() + hold
+            text = f"{conn.text} (site unreachable: delivery to it suspended for {hold:g} s)"
+            self.dead = Outcome(DEFERRED, 0, conn.enhanced, text[:500], conn.stage, conn.mx)
+        self.count("sites_unreachable")
+
     def _put_back(self, results: list[TxnResult], batch: list[Envelope]) -> list[TxnResult]:
         """Of a group whose session ended under it, put the envelopes the server
         neither took nor refused back at the front of the ready queue; returns
@@ -647,9 +724,7 @@ class SiteQueue:
             self.count("requeued_after_session_end", len(back))
         return keep
 
-    def _split_over_limit(
-        self, results: list[TxnResult], batch: list[Envelope]
-    ) -> list[TxnResult]:
+    def _split_over_limit(self, results: list[TxnResult], batch: list[Envelope]) -> list[TxnResult]:
         """Recipients a transaction's RCPTs were refused with 452 "too many
         recipients" (RFC 5321 4.5.3.1.10: the server's recipient limit) after
         others were taken go in a new transaction at the front of the ready
@@ -740,6 +815,12 @@ def _unstarted(o: Outcome) -> bool:
         and o.stage in _UNSTARTED_STAGES
         and (o.code == 0 or (o.code == 421 and _PER_SESSION.search(o.text) is not None))
     )
+
+
+def _unusable(o: Outcome) -> bool:
+    """A failed connection that says the site cannot be used now: no TCP
+    session or no greeting (no reply at all), or TLS or AUTH failed."""
+    return (o.stage in _NO_SESSION and not o.code) or o.stage in _NO_USE
 
 
 def _over_limit(o: Outcome) -> bool:

@@ -172,7 +172,7 @@ class Router:
     async def queue_for(self, name: str, batch: wire.Batch) -> Any:
         """The queue of transport ``name`` for the batch, or an Outcome (no site)."""
         from fastsend.transports import relay
-        from fastsend.transports.http import ProviderQueue
+        from fastsend.transports.http import DEAD_FOR, ProviderQueue
 
         w = self.w
         if name == "smtp":
@@ -211,6 +211,7 @@ class Router:
                 events=w.shaper.events,
                 move_on=self.move_on,
                 on_cut=self.on_cut,
+                dead_for=min(DEAD_FOR, self.config.retry.min_backoff),
             )
         return q
 

@@ -57,6 +57,10 @@ from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, Txn
 from fastsend.throttle import Gcra
 
 MAX_THROTTLES = 8  # throttles of one envelope before it is answered deferred
+# A provider no request could connect to, none in flight: its lane answers what
+# it holds, and what is pushed for this long (at most [retry] min_backoff), with
+# that failure, without a request (as delivery.pool.DEAD_FOR for a site).
+DEAD_FOR = 60.0
 MIN_PAUSE = 0.5
 MAX_PAUSE = 60.0
 # Reasons of fastsend.bounce.reply -> the RFC 3463 status a bounce carries.
@@ -361,6 +365,14 @@ Handback = Callable[[list[Envelope], float, float, str], None]
 MoveOn = Callable[[list[Envelope], str], list[Envelope]]
 
 
+def _unconnected(ans: list[TxnResult]) -> bool:
+    """Every recipient of a request's answer deferred at "connect" with no
+    code: it could not connect (HTTPTransport.send), nothing was sent."""
+    return bool(ans) and all(
+        o.kind == DEFERRED and o.stage == "connect" and not o.code for r in ans for o in r.outcomes
+    )
+
+
 class ProviderQueue:
     """The ready queue and lane of one HTTP transport in a worker."""
 
@@ -379,6 +391,7 @@ class ProviderQueue:
         events: list[dict[str, Any]] | None = None,
         move_on: MoveOn | None = None,
         on_cut: Callable[[Envelope, list[Envelope]], None] | None = None,
+        dead_for: float = DEAD_FOR,
     ) -> None:
         self.transport = transport
         self.move_on = move_on
@@ -413,6 +426,13 @@ class ProviderQueue:
         self.ready = False
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
+        # A request could not connect: no new one until those in flight are
+        # answered (one that gets through clears it; the last one failing too
+        # makes the provider unreachable: _unreachable).
+        self.failing = False
+        self.dead_for = dead_for
+        self.dead_until = 0.0  # monotonic; 0: reachable
+        self.dead: Outcome | None = None
 
     @property
     def active(self) -> int:
@@ -454,6 +474,11 @@ class ProviderQueue:
     # -- queue ----------------------------------------------------------------
 
     def push(self, envelopes: list[Envelope], campaign: int = 0) -> None:
+        if self.dead_until:
+            if time.monotonic() < self.dead_until and self.dead is not None:
+                self.report(answered(envelopes, self.dead), "", self.transport.label)
+                return
+            self.dead_until, self.dead = 0.0, None
         for e in envelopes:
             self.campaign_of[_key(e)] = campaign
         self.pending.extend(envelopes)
@@ -524,7 +549,7 @@ class ProviderQueue:
                 self._spawn(self._setup())
             return
         now = time.monotonic()
-        while self.pending and self.nconn < self.limit:
+        while self.pending and self.nconn < self.limit and not self.failing:
             if now < self.paused_until:
                 self._later(self.paused_until - now)
                 return
@@ -621,15 +646,42 @@ class ProviderQueue:
             self.nconn -= 1
             self.sending -= 1
         if isinstance(ans, Throttled):
+            self.failing = False
             self._throttled(envs, ans, started)
         else:
+            self.failing = unconnected = _unconnected(ans)
             self._succeeded(ans)
             for env in envs:
                 self.campaign_of.pop(_key(env), None)
                 self.throttles.pop(_key(env), None)
             self.count("provider_requests")
             self.report(ans, "", self.transport.label)
+            if unconnected and not self.nconn:
+                self._unreachable(ans[0].outcomes[0])
         self.pump()
+
+    def _unreachable(self, out: Outcome) -> None:
+        """No request could connect to the provider (its endpoint refused or
+        dropped the connection attempts, DNS failed) and none is in flight:
+        what the lane holds is answered with that failure now (a route's next
+        transport takes it: delivery.routes), and so is what is pushed in the
+        next ``dead_for`` seconds, without a request. Before, each request
+        waited out its connect timeout and answered its own envelopes (one
+        each for SES and Mailgun): a lane of a thousand waited a hundred
+        connect timeouts in the worker's window."""
+        self.failing = False
+        waiting = list(self.pending)
+        self.pending.clear()
+        for e in waiting:
+            self.campaign_of.pop(_key(e), None)
+            self.throttles.pop(_key(e), None)
+        if waiting:
+            self.report(answered(waiting, out), "", self.transport.label)
+        if self.dead_for > 0:
+            self.dead_until = time.monotonic() + self.dead_for
+            text = f"{out.text} (unreachable: requests suspended for {self.dead_for:g} s)"
+            self.dead = Outcome(DEFERRED, 0, out.enhanced, text[:400], out.stage, out.mx)
+        self.count("providers_unreachable")
 
     def _succeeded(self, results: list[TxnResult]) -> None:
         if not any(o.kind == DELIVERED for r in results for o in r.outcomes[:1]):
