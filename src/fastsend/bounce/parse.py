@@ -35,7 +35,7 @@ from typing import Any
 
 from fastsend.bounce import mime, vendors
 from fastsend.bounce.record import BounceRecord
-from fastsend.bounce.reply import RuleSet, default_rules
+from fastsend.bounce.reply import RuleSet, default_rules, ses_verdict
 
 VerpDecoder = Callable[[str], "str | None"]
 
@@ -255,6 +255,7 @@ class _Raw:
     feedback_type: str = ""
     diag_type: str = ""
     reason: str = ""
+    ses: tuple[str, str] = ("", "")  # an SES notification's (bounceType, bounceSubType)
 
 
 def _from_dsn(text: str, human: str) -> list[_Raw]:
@@ -486,6 +487,7 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
                 remote_mta=_typed_value(s.remote_mta)[1],
                 feedback_type=s.feedback_type,
                 reason="feedback" if s.kind == "complaint" else "",
+                ses=(s.bounce_type, s.bounce_sub_type),
             )
             for s in ses
         ]
@@ -877,6 +879,8 @@ def _parse_one(
                 r.reply_code, r.status, r.diagnostic, command=r.command, action=r.action
             )
             reason, hard, rate, ipb = c.reason, c.hard, c.rate_limited, c.ip_blocked
+            if r.ses[0]:
+                reason, hard = ses_verdict(*r.ses, c, hard)
             if r.diag_type.startswith("x-unix") and reason != "mailboxfull":
                 # A local delivery program failed: the mailer, not the address.
                 reason, hard = "mailererror", False

@@ -439,6 +439,11 @@ class SESRecord:
     kind: str  # "bounce", "complaint", "delivery"
     message_id: str
     remote_mta: str
+    # SES's own verdict on a bounce: bounceType (Permanent, Transient,
+    # Undetermined) and bounceSubType (General, NoEmail, Suppressed,
+    # MailboxFull, ...); see reply.ses_verdict.
+    bounce_type: str = ""
+    bounce_sub_type: str = ""
 
 
 def _load_json(text: str) -> Any:
@@ -491,6 +496,8 @@ def parse_ses_json(text: str) -> list[SESRecord] | None:
                         "bounce",
                         msgid,
                         mta,
+                        str(b.get("bounceType") or ""),
+                        str(b.get("bounceSubType") or ""),
                     )
                 )
     elif kind == "complaint" and isinstance(doc.get("complaint"), dict):

@@ -61,7 +61,7 @@ from aiohttp import web
 
 from fastsend import msgid
 from fastsend.bounce import BounceRecord
-from fastsend.bounce.reply import classify_reply
+from fastsend.bounce.reply import classify_reply, ses_verdict
 from fastsend.config import Config
 from fastsend.config.serve import DEFAULT_SNS_HOSTS
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
@@ -75,9 +75,6 @@ MAX_BODY = 4 * 1024 * 1024
 # keeping the original timestamp: Mailgun retries "during 8 hours" (its
 # webhook-retries page: 5, 10, 15 min, 1, 2, 4 h), the signature block as it
 # was; SNS's HTTP/S delivery policy cannot retry for more than 3,600 s in all.
-# SES Permanent bounce subtypes that say the address cannot receive (its docs:
-# "remove the recipient's email address from your mailing list").
-SES_NO_ADDRESS = frozenset({"NoEmail", "Suppressed", "OnAccountSuppressionList"})
 # Feedback reports that are no complaint (as serve.listeners.NOT_COMPLAINTS).
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})
 MAILGUN_RETRIES = 8 * 3600.0
@@ -482,18 +479,10 @@ class ProviderEvents:
                 code = int(m.group(1)) if m else 550
                 c = classify_reply(code, r.status, diag, command="")
                 permanent = r.action == "failed" and code >= 500
-                reason, hard = c.reason, c.hard and permanent
-                if (
-                    ses_type == "Permanent"
-                    and not hard
-                    and (
-                        ses_sub in SES_NO_ADDRESS or (ses_sub == "General" and c.reason == "onhold")
-                    )
-                ):
-                    # SES's own verdict when the text says nothing more: a hard bounce
-                    # ("remove the recipient's address from your mailing list"). Its
-                    # NoEmail / Suppressed often carry no diagnostic at all.
-                    reason, hard = "userunknown", True
+                # SES's own verdict where the text says nothing more (its NoEmail /
+                # Suppressed often carry no diagnostic at all): as the bounce
+                # intake reads a mailed notification (bounce.reply.ses_verdict).
+                reason, hard = ses_verdict(ses_type, ses_sub, c, c.hard and permanent)
                 rec = BounceRecord(r.recipient, r.status or None, code, diag, reason, hard)
                 self.apply("ses", rec, toks, "bounced", extra)
             elif r.kind == "complaint":
