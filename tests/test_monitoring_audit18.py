@@ -4,6 +4,7 @@ event loop, marks of cloned hosts, and stray files written by tests."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -98,3 +99,92 @@ def test_scrapes_and_dashboard_polls_read_the_spool_off_the_event_loop(
     assert view["queue_depth"] == 35 and view["states"]["queued"] == 35
     assert view["pending_by_domain"][0] == {"domain": "d0.example", "pending": 15}
     assert [c["id"] for c in view["campaigns"]] == [cid]
+
+
+# ------------------------------------------- marks of cloned hosts on a shared store
+def test_cloned_hosts_with_one_name_and_path_keep_their_own_rollup_marks(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Each listener catching up after a kill -9 (rollups, event index, webhooks) keeps
+    its mark in the shared store under a key that was this host's name and the log's
+    path: two cloned machines (one image: one host name, one path) overwrote each
+    other's, and a restart read the other's mark: node A's 200 uncounted deliveries
+    were never counted (a mark naming another file reads nothing; on a block-level
+    clone, where the inode is the same too, it counts the wrong span). The key is a
+    random id kept beside the log now, made at its first use. Here the clone is the
+    same path used by two installs in turn (this test's one host name)."""
+    from tests.test_analytics_catchup import _count, _delivered, _Spool
+
+    from fastsend.analytics.attach import attach
+    from fastsend.config import from_dict
+    from fastsend.events import EventLog
+    from fastsend.spool import open_spool
+
+    url = redis_server.url(node="n1", dir=str(tmp_path))
+    shared = open_spool(url).shared()
+    local = tmp_path / "local"  # both machines' local dir: one path
+    now = time.time()
+
+    def start() -> tuple[Any, Any]:
+        local.mkdir(exist_ok=True)
+        cfg = from_dict({"spool": {"dir": str(local)}})
+        log = EventLog(str(local / "events.jsonl"))
+        r = attach(cfg, _Spool(local, shared), log)
+        assert r is not None
+        return log, r
+
+    log, r = start()  # machine A
+    log.emit_many(_delivered(300, 0, now))
+    r.flush()
+    log.emit_many(_delivered(200, 300, now))  # in its log only: then kill -9
+    log.flush()
+    local.rename(tmp_path / "disk-a")
+
+    log, r = start()  # machine B, cloned from A's image before its first start
+    log.emit_many(_delivered(100, 1000, now))
+    r.flush()  # its mark written: it is the last writer
+    log.emit_many(_delivered(50, 1100, now))  # kill -9
+    log.flush()
+    local.rename(tmp_path / "disk-b")
+
+    (tmp_path / "disk-a").rename(local)  # machine A starts again
+    log, r = start()
+    assert _count(r.store, now) == 300 + 200 + 100  # A's own 200 caught up
+    log.close()
+    r.close()
+    local.rename(tmp_path / "disk-a")
+    (tmp_path / "disk-b").rename(local)  # and machine B
+    log, r = start()
+    assert _count(r.store, now) == 300 + 200 + 100 + 50
+    log.close()
+    r.close()
+
+
+def test_a_node_id_is_kept_and_a_copy_on_another_machine_makes_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastsend import events
+
+    machine = tmp_path / "machine-id"
+    machine.write_text("aaaa1111\n")
+    monkeypatch.setattr(events, "MACHINE_ID_FILES", (str(machine),))
+    d = tmp_path / "local"
+    d.mkdir()
+    first = events.node_id(str(d))
+    assert first and events.node_id(str(d)) == first  # kept
+    assert (d / events.NODE_ID_FILE).stat().st_mode & 0o777 == 0o600
+    assert events.mark_key(str(d / "events.jsonl")) == f"node-{first}:{d / 'events.jsonl'}"
+    machine.write_text("bbbb2222\n")  # the directory copied to another machine
+    other = events.node_id(str(d))
+    assert other and other != first and events.node_id(str(d)) == other
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # (root writes anyway)
+            import socket
+
+            assert events.node_id(str(ro)) == ""
+            assert events.mark_key(str(ro / "e.jsonl")) == f"{socket.gethostname()}:{ro}/e.jsonl"
+    finally:
+        ro.chmod(0o700)

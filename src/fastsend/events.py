@@ -23,6 +23,7 @@ without one (made once per batch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -363,12 +364,80 @@ class EventLog:
             self._fd = -1
 
 
-def mark_key(path: str) -> str:
-    """The name a listener keeps its :meth:`EventLog.mark` under: this host and the
-    log's real path (several nodes may share one store)."""
-    import socket
+NODE_ID_FILE = ".fastsend-node-id"
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
-    return f"{socket.gethostname()}:{os.path.realpath(path)}"
+
+def _machine_id() -> str:
+    """This machine's id (systemd's /etc/machine-id), "" where there is none."""
+    for path in MACHINE_ID_FILES:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                v = f.read().strip()
+        except OSError:
+            continue
+        if v.isalnum():
+            return v
+    return ""
+
+
+def node_id(directory: str) -> str:
+    """A random id of the installation whose files are in ``directory``, kept there
+    in ``NODE_ID_FILE`` (made at first use, with this machine's id: a directory
+    copied to another machine, whose machine id differs, gets an id of its own
+    there; a machine id shared by clones, or none, leaves it to the copy's own
+    first start). "" when the directory takes no file."""
+    import secrets
+
+    path = os.path.join(directory, NODE_ID_FILE)
+    machine = _machine_id()
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            have, _, made_on = f.read().strip().partition(" ")
+        if have.isalnum() and (not machine or not made_on or made_on == machine):
+            return have
+        replace = True  # a copy from another machine: not that machine's id
+    except FileNotFoundError:
+        replace = False
+    except OSError:
+        return ""
+    new = secrets.token_hex(8)
+    tmp = f"{path}.{os.getpid()}.{new}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "w", encoding="ascii") as f:
+            f.write(f"{new} {machine}\n")
+        if replace:
+            os.replace(tmp, path)
+            return new
+        try:
+            os.link(tmp, path)  # (never over one another process made meanwhile)
+        except FileExistsError:
+            with open(path, encoding="ascii", errors="replace") as f:
+                return f.read().split(" ", 1)[0].strip()
+        return new
+    except OSError:
+        return ""
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def mark_key(path: str) -> str:
+    """The name a listener keeps its :meth:`EventLog.mark` under: the log's
+    installation (:func:`node_id` of its directory) and real path, as several
+    nodes may share one store. Before, this host's name and the path: cloned
+    machines (one image: one host name, one path) shared the key, each overwrote
+    the other's mark, and a restart after a kill -9 caught up from the other's
+    (tests/test_monitoring_audit18.py). A directory that takes no file: the host
+    name, as before."""
+    real = os.path.realpath(path)
+    ident = node_id(os.path.dirname(real))
+    if not ident:
+        import socket
+
+        return f"{socket.gethostname()}:{real}"
+    return f"node-{ident}:{real}"
 
 
 def read_back(path: str, kept: str, mine: str, chunk: int = 5000) -> Iterator[list[dict[str, Any]]]:
