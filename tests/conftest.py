@@ -26,30 +26,71 @@ from fastsend.testing.dnsserver import DNSServer
 IN_CI = bool(os.environ.get("CI") or os.environ.get("FASTSEND_CI"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_ROOT_BEFORE: set[str] = set()
-_ROOT_IGNORED = {".benchmarks", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache", "build"}
+# Tool caches a run makes in the checkout (pytest's, hypothesis's, bytecode).
+_TREE_SKIPPED = {".git", "__pycache__", ".benchmarks", ".pytest_cache", ".hypothesis",
+                 ".mypy_cache", ".ruff_cache", "build"}  # fmt: skip
+_TREES_BEFORE: dict[Path, dict[str, tuple[int, int]]] = {}
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file (mtime, size) and directory (0, 0) under ``root``, caches aside."""
+    out: dict[str, tuple[int, int]] = {}
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in _TREE_SKIPPED and not x.endswith(".egg-info")]
+        rel = os.path.relpath(d, root)
+        if rel != ".":
+            out[rel + os.sep] = (0, 0)
+        for f in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(d, f))
+                out[os.path.normpath(os.path.join(rel, f))] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _tracked(root: Path) -> set[str]:
+    """The files git tracks under ``root`` (none outside a git checkout)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        r = subprocess.run(["git", "-C", str(root), "ls-files", "-z"], capture_output=True,
+                           timeout=30)  # fmt: skip
+        if r.returncode == 0:
+            return {os.path.normpath(p) for p in r.stdout.decode().split("\0") if p}
+    return set()
+
+
+def _watched() -> set[Path]:
+    """The checkout, and ``./spool`` (a default Config's spool: its event log, lock,
+    secret) when the current directory is elsewhere (not all of it: /tmp, say,
+    changes under other programs)."""
+    cwd = Path.cwd().resolve()
+    return {REPO_ROOT} if cwd == REPO_ROOT else {REPO_ROOT, cwd / "spool"}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    _ROOT_BEFORE.update(os.listdir(REPO_ROOT))
+    if hasattr(session.config, "workerinput"):
+        return  # pytest-xdist worker: the controller watches
+    for root in _watched():
+        _TREES_BEFORE[root] = _tree(root)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """A test that writes state into the checkout (a spool, a secret key, an event log
-    under the current directory) fails the run: such files were committed once by
-    mistake (a Redis URL taken for a local directory made ./redis:/...)."""
+    """A test that writes into the checkout or the current directory (a spool, a
+    secret key, an event log, a supervisor lock: a default Config's ``./spool``)
+    fails the run, new or changed files alike, in ignored paths too (``./spool/``
+    is ignored by git, so nothing is committed by mistake, but a test writing
+    there shares state with every other such test and with a developer's own
+    spool). Such files were committed once by mistake (a Redis URL taken for a
+    local directory made ./redis:/...). Tests use ``tmp_path``."""
     if hasattr(session.config, "workerinput"):
         return  # pytest-xdist worker: the controller checks once
-    stray = sorted(set(os.listdir(REPO_ROOT)) - _ROOT_BEFORE - _ROOT_IGNORED)
-    if stray and (REPO_ROOT / ".git").exists():
-        # What git ignores (./spool/, a Config's default spool dir) cannot be
-        # committed by mistake; only the rest fails the run.
-        ignored = subprocess.run(["git", "-C", str(REPO_ROOT), "check-ignore", *stray],
-                                 capture_output=True, text=True).stdout.split()  # fmt: skip
-        stray = [s for s in stray if s not in ignored]
-    if stray:
-        print(f"\nFAILED: the tests left new files in the checkout {REPO_ROOT}: {stray}")
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    for root, before in _TREES_BEFORE.items():
+        after = _tree(root)
+        tracked = _tracked(root)  # (edited by hand during the run, perhaps: git shows them)
+        new = sorted(p for p in after if p not in before)
+        changed = sorted(p for p in after
+                         if p in before and after[p] != before[p] and p not in tracked)  # fmt: skip
+        if new or changed:
+            print(f"\nFAILED: the tests left files in {root}: new {new[:20]}, changed {changed[:20]}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def bounce_corpus() -> Path | None:

@@ -292,7 +292,7 @@ def test_only_nodes_with_mail_for_a_transport_share_its_connections(
 
 
 def test_a_node_name_held_in_another_pid_namespace_of_this_host_name_is_refused(
-    redis_server: RedisServer,
+    redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """Two nodes by one host name that count pids apart (containers sharing
     the host's name: ``--network host``, Kubernetes' ``hostNetwork``; cloned
@@ -312,7 +312,7 @@ def test_a_node_name_held_in_another_pid_namespace_of_this_host_name_is_refused(
 
     from fastsend.spool.base import holder_gone
 
-    url = redis_server.url(node="n1", lease="1")
+    url = redis_server.url(node="n1", lease="1", dir=str(tmp_path))  # (not ./spool)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     code = (
         "import sys, time, orjson\n"

@@ -190,6 +190,7 @@ class World:
     def config(self, mx_port: int, extra: str = "") -> Path:
         cfg = self.tmp / "fastsend.toml"
         cfg.write_text(
+            f'[spool]\ndir = "{self.tmp / "spool"}"\n'  # (not ./spool: the policy cache is there)
             f'[dns]\nnameservers = ["127.0.0.1:{self.dns.port}"]\nmx_port = {mx_port}\ntimeout = 3\n'
             '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
             "[delivery]\nallow_private_mx = true\n"  # the test DNS puts everything on loopback

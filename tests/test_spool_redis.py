@@ -167,7 +167,7 @@ def test_a_node_killed_on_this_host_is_taken_back_at_the_next_start(
     holder's is not touched."""
     import socket
 
-    url = redis_server.url(lease="1")
+    url = redis_server.url(lease="1", dir=str(tmp_path / "local"))  # (not ./spool)
     mute = socket.socket()
     mute.bind(("127.0.0.1", 0))
     mute.listen(1024)
