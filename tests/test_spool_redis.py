@@ -421,43 +421,61 @@ def test_kill_9_of_a_node_its_window_is_recovered_by_the_other(
     addrs = _spool_campaign(tmp_path, url)
     log = tmp_path / "sink.jsonl"
     spool = open_spool(url)
+    assert isinstance(spool, RedisSpool)
+    fl = f"{spool.k}:fl:"
     with SinkProcess("--log", str(log), "--latency-ms", "2") as sink:
+        # A alone until it is well under way, then frozen (SIGSTOP: the supervisor and
+        # its worker, looked for then) while it holds a window, which is read (a call A
+        # sent just before may still land); B is started and killing A waits until B
+        # claims too. Before, both started at once and A was frozen once 1,000 were
+        # delivered: a node here sends 5,000 a second, so on a loaded machine A could
+        # start after B had claimed them all (A never held a window: "no progress"
+        # after 60 s), and A's worker, looked for before it was forked, was never
+        # frozen (it went on sending while A was read).
         a = _start_node(tmp_path, url, "A", "127.0.0.2", sink.addresses[0])
-        b = _start_node(tmp_path, url, "B", "127.0.0.3", sink.addresses[0])
+        sup = psutil.Process(a.pid)
         deadline = time.monotonic() + 60
-        assert isinstance(spool, RedisSpool)
-        # Kill A while it holds a window (on a loaded machine B may briefly hold all):
-        # freeze A and its worker (SIGSTOP) when it holds one, read the window (a
-        # call A sent just before may still land), then kill.
-        procs = [psutil.Process(a.pid)]
-        procs += procs[0].children()
         held = 0
         while not held:
-            assert time.monotonic() < deadline, "no progress"
-            if spool.counts()["delivered"] >= 1000 and spool.r.scard(f"{spool.k}:fl:A"):
+            assert time.monotonic() < deadline and a.poll() is None, "A made no progress"
+            if spool.counts()["delivered"] >= 500 and spool.r.scard(fl + "A"):
+                procs = [sup, *sup.children()]
                 for p in procs:
                     p.suspend()
                 time.sleep(0.05)
-                held = int(spool.r.scard(f"{spool.k}:fl:A"))  # A's window at its death
+                held = int(spool.r.scard(fl + "A"))  # A's window at its death
                 if not held:
                     for p in procs:
                         p.resume()
             time.sleep(0.002)
+        b = _start_node(tmp_path, url, "B", "127.0.0.3", sink.addresses[0])
+        while not spool.r.scard(fl + "B") and not spool.stats().get("taken_over"):
+            assert time.monotonic() < deadline and b.poll() is None, "B made no progress"
+            time.sleep(0.01)
         workers = procs[1:]
+        assert workers, "A's worker was not found"
         os.kill(a.pid, signal.SIGKILL)
         assert spool.counts()["delivered"] < NODES_N, "finished before the kill"
         assert 0 < held <= NODE_WINDOW
-        a.communicate(timeout=30)
+        # (its worker first: a worker alive would hold A's output pipes open)
         _gone, alive = psutil.wait_procs(workers, timeout=10)
+        states = [(w.pid, w.status()) for w in alive]
         for w in alive:  # ours: the killed node's orphaned worker
             w.kill()
-        assert not alive, "a worker outlived its supervisor"
+        assert not alive, f"a worker outlived its supervisor: {states}"
+        a.communicate(timeout=30)
         sb = _finish(b)
     got = received_counts(log)
     assert set(got) == set(addrs), "a recipient was lost"
     dups = sum(c - 1 for c in got.values())
-    assert dups <= held, f"{dups} duplicates exceed the dead node's window ({held})"
-    print(f"dead node's window {held}, duplicates {dups}")
+    # Each duplicate is a message put back from a node's window after its lease
+    # lapsed, as Redis counts them (fastsend_redelivered_total): the dead node's
+    # window, and on a loaded machine also any window of a node whose supervisor
+    # was starved past its lease and grace (3 s here). The window read at A's
+    # death missed those, and a call of A's landing after the read.
+    taken = spool.stats().get("taken_over", 0)
+    assert dups <= taken, f"{dups} duplicates exceed the messages put back ({taken})"
+    print(f"dead node's window {held}, put back {taken}, duplicates {dups}")
     assert sb["delivered"] == NODES_N and sb["deferred"] == 0
     c = spool.counts()
     assert c["delivered"] == NODES_N and c["inflight"] == 0 and c["queued"] == 0
