@@ -49,6 +49,22 @@ class Redis:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_port("127.0.0.1", self.port)
+        # Listening is not answering: it loads its AOF first (LOADING), which took
+        # long enough on a loaded machine for the test's own open_spool to fail.
+        import redis
+
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.BusyLoadingError:
+                    assert time.monotonic() < deadline, "Redis still loading after 30 s"
+                    time.sleep(0.02)
+        finally:
+            client.close()
 
     def kill(self) -> None:
         assert self.proc is not None
