@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 
@@ -83,8 +84,6 @@ def test_scrapes_and_dashboard_polls_read_the_spool_off_the_event_loop(
         req = make_mocked_request("GET", "/v1/dashboard")
         req[TENANT] = "t1"
         snap = await d.snapshot(req)
-        import orjson
-
         return bytes(resp.body).decode(), orjson.loads(snap.body)  # type: ignore[arg-type]
 
     try:
@@ -188,3 +187,54 @@ def test_a_node_id_is_kept_and_a_copy_on_another_machine_makes_its_own(
             assert events.mark_key(str(ro / "e.jsonl")) == f"{socket.gethostname()}:{ro}/e.jsonl"
     finally:
         ro.chmod(0o700)
+
+
+# ------------------------------------------- /metrics while the spool cannot be read
+def test_metrics_answer_while_redis_is_out_of_reach(tmp_path: Path) -> None:
+    """/metrics read the spool's figures (and the redelivered count) from Redis at each
+    scrape: with Redis out of reach the scrape failed (an exception, a 500), so
+    Prometheus saw the node itself down (``up`` 0) just when it is the one to tell
+    of the outage; the dashboard's poll failed the same way. Both answer now with
+    the figures read last, /metrics with ``fastsend_spool_up 0``."""
+    from aiohttp.test_utils import make_mocked_request
+    from tests._redis_helpers import start_redis
+
+    from fastsend.config import from_dict
+    from fastsend.serve.api import TENANT
+    from fastsend.serve.context import open_context
+    from fastsend.serve.dashboard import Dashboard
+    from fastsend.serve.metrics import Metrics
+
+    with start_redis() as server:
+        url = server.url(node="n1", dir=str(tmp_path / "spool"))
+        ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "spool"), "url": url}}))
+        spool = ctx.spool
+        cid = spool.create_campaign({"from": "a@example.com", "subject": "s", "text": "t"},
+                                    status="paused")  # fmt: skip
+        spool.add_messages(cid, [(f"u{i}@d.example", "d.example", b"{}") for i in range(7)],
+                           time.time())  # fmt: skip
+        m = Metrics(ctx)
+        d = Dashboard(ctx)
+
+        async def scrape() -> tuple[int, str, dict[str, Any]]:
+            resp = await m.handler(make_mocked_request("GET", "/metrics"))
+            req = make_mocked_request("GET", "/v1/dashboard")
+            req[TENANT] = "default"
+            snap = await d.snapshot(req)
+            text = bytes(resp.body).decode()  # type: ignore[arg-type]
+            return resp.status, text, orjson.loads(snap.body)  # type: ignore[arg-type]
+
+        try:
+            st, text, view = asyncio.run(scrape())
+            assert st == 200 and "fastsend_queue_depth 7" in text and view["queue_depth"] == 7
+            assert "fastsend_spool_up 1" in text and "fastsend_redelivered_total 0" in text
+            server.proc.kill()
+            server.proc.wait(10)
+            m._spool_cache = (0.0, m._spool_cache[1])  # (the figures are old: read again)
+            d._spool_cache = {k: (0.0, v) for k, (_t, v) in d._spool_cache.items()}
+            st, text, view = asyncio.run(scrape())
+            assert st == 200, text
+            assert "fastsend_up 1" in text and "fastsend_spool_up 0" in text
+            assert "fastsend_queue_depth 7" in text and view["queue_depth"] == 7  # the last read
+        finally:
+            ctx.close(release=False)

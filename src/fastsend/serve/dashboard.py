@@ -252,7 +252,12 @@ class Dashboard:
         task = self._spool_reads.get(key)
         if task is None or task.done():
             task = self._spool_reads[key] = asyncio.create_task(self._refresh_view(key, tenant))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except Exception as e:  # Redis out of reach, a disk error: the last view, if any
+            if hit is not None:
+                return hit[1]
+            raise ApiError(503, "the spool cannot be read now; try again shortly") from e
 
     async def _refresh_view(self, key: str, tenant: str | None) -> dict[str, Any]:
         stale = self._stale

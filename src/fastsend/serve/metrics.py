@@ -28,6 +28,7 @@ without saving code (the format is ~20 lines).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
@@ -45,6 +46,8 @@ from fastsend.spool import (
     Spool,
     SpoolProxy,
 )
+
+log = logging.getLogger("fastsend.serve.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format
 MAX_DOMAINS = 200
@@ -182,6 +185,9 @@ class Metrics:
         self.accepted_total = 0
         self.spool_write: dict[str, Histogram] = {}
         self._spool_cache: tuple[float, list[str]] = (0.0, [])
+        self.spool_up = True  # the last read of the spool's figures worked
+        self.redelivered: int | None = None  # fastsend_redelivered_total (a shared spool)
+        self._stats_read: asyncio.Task[dict[str, int]] | None = None
         self._spool_refresh: asyncio.Task[None] | None = None
         self._hook_cache: tuple[float, list[str]] = (0.0, [])
         self.webhooks: Any = None  # serve's WebhookDispatcher, once started
@@ -217,14 +223,8 @@ class Metrics:
 
     def spool_lines(self) -> list[str]:
         """The spool's figures, as :meth:`refresh_spool` made them last (the handler
-        refreshes them first); made here, on the caller's thread, without it."""
-        now = time.monotonic()
-        at, lines = self._spool_cache
-        if lines and (now - at < SPOOL_TTL or self._spool_refresh is not None):
-            return lines
-        lines = spool_figures(self.ctx.spool)
-        self._spool_cache = (now, lines)
-        return lines
+        refreshes them first)."""
+        return self._spool_cache[1]
 
     async def refresh_spool(self) -> None:
         """Make the spool's figures again when older than SPOOL_TTL, in a thread
@@ -237,7 +237,19 @@ class Metrics:
         await asyncio.shield(self._spool_refresh)
 
     async def _refresh_spool(self) -> None:
-        lines = await asyncio.to_thread(_read_figures, self.ctx.spool)
+        """A spool that cannot be read (Redis out of reach, a disk error) leaves the
+        figures read last, and ``fastsend_spool_up`` 0: the scrape still answers
+        (it failed: Prometheus saw the node down, not its spool)."""
+        try:
+            lines = await asyncio.to_thread(_read_figures, self.ctx.spool)
+        except Exception as e:
+            if self.spool_up:
+                log.warning("metrics: the spool's figures cannot be read (%s: %s): the last"
+                            " ones are shown", e.__class__.__name__, e)  # fmt: skip
+            self.spool_up = False
+            self._spool_cache = (time.monotonic(), self._spool_cache[1])
+            return
+        self.spool_up = True
         self._spool_cache = (time.monotonic(), lines)
     def worker_counter(self, slot: Any, name: str, value: float) -> float:
         """``value`` of a worker's counter plus what the slot's earlier processes
@@ -384,22 +396,41 @@ class Metrics:
                 ptype, dom, result = key.split("\t")
                 lab = _labels({"policy_type": ptype, "policy_domain": dom, "result": result})
                 out.append(f"fastsend_tls_policy_failures_total{lab} {n}")
+        out += ["# HELP fastsend_spool_up 1 if the spool's figures were read at the last try"
+                " (0: the spool is out of reach, the figures shown are older).",
+                "# TYPE fastsend_spool_up gauge",
+                f"fastsend_spool_up {int(self.spool_up)}"]  # fmt: skip
         out += self.spool_lines()
         out += self.webhook_lines()
         out += self.blocklist_lines()
-        shared = getattr(self.ctx, "shared", None)
-        if shared is not None:
-            stats = shared.spool_stats()
+        if self.redelivered is not None:
             out += [
                 "# HELP fastsend_redelivered_total In-flight messages of a node that died (or"
                 " restarted) put back in the shared queue: each may be sent twice.",
                 "# TYPE fastsend_redelivered_total counter",
-                f"fastsend_redelivered_total {stats.get('taken_over', 0)}",
+                f"fastsend_redelivered_total {self.redelivered}",
             ]
         return "\n".join(out) + "\n"
 
+    async def refresh_redelivered(self) -> None:
+        """On a shared spool, the messages put back from dead nodes' windows (one
+        small read, in a thread: the loop never waits for Redis); the count read
+        last while Redis is out of reach."""
+        shared = getattr(self.ctx, "shared", None)
+        if shared is None:
+            return
+        if self._stats_read is None or self._stats_read.done():  # scrapes at once share one
+            self._stats_read = asyncio.create_task(asyncio.to_thread(shared.spool_stats))
+        try:
+            stats = await asyncio.shield(self._stats_read)
+        except Exception:  # (said by refresh_spool; fastsend_spool_up 0)
+            self.spool_up = False
+            return
+        self.redelivered = int(stats.get("taken_over", 0))
+
     async def handler(self, request: web.Request) -> web.Response:
         await self.refresh_spool()
+        await self.refresh_redelivered()
         # The version parameter names the format (Prometheus 3 refuses a scrape whose
         # Content-Type does not name a format it knows).
         return web.Response(
