@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Any
@@ -372,6 +373,10 @@ class Dashboard:
                 "ready_queue": int(c.get("ready_queue", 0)),
             })  # fmt: skip
         view = await self._spool_view(None)
+        cluster = None
+        if shared is not None:  # (a Redis read: in a thread; none while Redis is out)
+            with contextlib.suppress(Exception):
+                cluster = await asyncio.to_thread(shared.cluster_view)
         lv = self.live.get(ALL) or _Live()
         return json_response(
             {
@@ -381,7 +386,7 @@ class Dashboard:
                 "states": view["states"],
                 "queue_depth": view["queue_depth"],
                 "source_ips": lv.table(now, 1, "source_ip"),
-                "cluster": shared.cluster_view() if shared is not None else None,
+                "cluster": cluster,
             },
             headers={"Cache-Control": "no-store"},
         )
