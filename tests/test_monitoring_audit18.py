@@ -238,3 +238,38 @@ def test_metrics_answer_while_redis_is_out_of_reach(tmp_path: Path) -> None:
             assert "fastsend_queue_depth 7" in text and view["queue_depth"] == 7  # the last read
         finally:
             ctx.close(release=False)
+
+
+def test_the_event_index_catches_up_from_its_mark_of_before_the_node_id(tmp_path: Path) -> None:
+    """A stop's drain writes its events after serve's event index closed, and the next
+    start indexes them from the index's mark (tests/test_events_index.py). An index
+    upgraded from the host:path key to the node-id key found no mark at its first
+    start, and the drain of the stop before the upgrade stayed out of it (GET
+    /v1/messages/{id} without the deliveries). The local index reads its mark under
+    the old key then (a local store: no clone shares it)."""
+    import socket
+
+    from fastsend.events import EventLog, mark_key
+    from fastsend.serve.eventindex import EventIndex
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    path = str(spool / "events.jsonl")
+    log = EventLog(path)
+    log.emit_many([{"time": time.time(), "event": "accepted", "id": i, "campaign": 1,
+                    "rcpt": f"u{i}@d.example"} for i in range(3)])  # fmt: skip
+    log.flush()
+    mark = log.mark()
+    log.emit_many([{"time": time.time(), "event": "delivered", "id": i, "campaign": 1,
+                    "rcpt": f"u{i}@d.example"} for i in range(3)])  # the drain  # fmt: skip
+    log.close()
+    ix = EventIndex(str(spool))  # as the last version left it: its mark under host:path
+    ix.db.execute("INSERT INTO marks VALUES (?, ?)",
+                  (f"{socket.gethostname()}:{os.path.realpath(path)}", mark))  # fmt: skip
+    ix.db.commit()
+    log = EventLog(path)
+    assert ix.attach(log) == 3
+    assert [e["event"] for e in ix.for_message(1)] == ["delivered"]
+    assert ix._kept_mark() == log.mark() and ix.mark_key == mark_key(path)
+    log.close()
+    ix.close()

@@ -433,11 +433,15 @@ def mark_key(path: str) -> str:
     name, as before."""
     real = os.path.realpath(path)
     ident = node_id(os.path.dirname(real))
-    if not ident:
-        import socket
+    return f"node-{ident}:{real}" if ident else legacy_mark_key(path)
 
-        return f"{socket.gethostname()}:{real}"
-    return f"node-{ident}:{real}"
+
+def legacy_mark_key(path: str) -> str:
+    """The key of marks kept before :func:`mark_key` named the node's id: this host's
+    name and the log's real path (a local store's mark of an upgraded install)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.path.realpath(path)}"
 
 
 def read_back(path: str, kept: str, mine: str, chunk: int = 5000) -> Iterator[list[dict[str, Any]]]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from fastsend.events import mark_key, read_back
+from fastsend.events import legacy_mark_key, mark_key, read_back
 from fastsend.spool import storage_problem
 from fastsend.sqlitedb import connect, transaction
 
@@ -173,7 +173,14 @@ class EventIndex(CatchesUp):
         self.failed_at = 0.0  # monotonic time of that flush
 
     def _kept_mark(self) -> str | None:
-        kept = self.db.execute("SELECT mark FROM marks WHERE log=?", (self.mark_key,)).fetchone()
+        get = self.db.execute
+        kept = get("SELECT mark FROM marks WHERE log=?", (self.mark_key,)).fetchone()
+        if kept is None and self.log is not None:
+            # Kept by a version before the node's id (events.legacy_mark_key): its last
+            # stop's drain, written after the index closed, is indexed from it. (This
+            # store is the node's own: no cloned host shares the old key here.)
+            legacy = legacy_mark_key(self.log.path)
+            kept = get("SELECT mark FROM marks WHERE log=?", (legacy,)).fetchone()
         return None if kept is None else str(kept[0])
 
     # -- writing -------------------------------------------------------------
