@@ -173,6 +173,8 @@ def test_metrics_parse_as_prometheus_text_with_counters_that_never_go_back(
         assert fams[name].type == "gauge", (name, fams[name].type)
     counters = {n: f for n, f in fams.items() if f.type == "counter"}
     assert "fastsend_worker_connections_opened" in counters, sorted(fams)
+    # every family says what it counts (the workers' and the supervisor's had no HELP)
+    assert not [n for n, f in fams.items() if not f.documentation], sorted(fams)
     for name, fam in counters.items():
         for s in fam.samples:
             assert s.name.endswith(("_total", "_created")), (name, s.name)

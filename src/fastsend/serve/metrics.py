@@ -56,6 +56,25 @@ SPOOL_TTL = 5.0
 WORKER_GAUGES = frozenset(
     {"connections_open", "ready_queue", "site_queues", "lanes", "dns_cache_entries"}
 )
+# HELP of what workers report (any other name gets a plain one).
+WORKER_HELP = {
+    "connections_open": "SMTP connections open now.",
+    "ready_queue": "Messages ready to send, waiting for a connection.",
+    "site_queues": "Destination sites with a ready queue.",
+    "lanes": "Shaping lanes (source IP, site) in use.",
+    "dns_cache_entries": "MX/A answers cached.",
+    "connections_opened": "SMTP connections opened.",
+    "connections_failed": "SMTP connections that could not be opened (refused, timed out, greeting"
+                          " refused).",
+    "connections_over_site_cap": "Connections not opened: the site's connection cap was reached.",
+    "failovers": "Messages passed to a route's next transport.",
+    "handed_back": "Messages handed back unattempted (site shaped, resting or draining).",
+    "recipients_over_limit": "Recipients moved to another transaction (the server's limit).",
+    "requeued_after_session_end": "Messages queued again when their connection ended first.",
+    "tls_policy_sessions": "Sessions under an MTA-STS or DANE policy.",
+    "tls_policy_failures": "Sessions or policy fetches that failed an MTA-STS or DANE policy.",
+    "tls_dane_sessions": "Sessions authenticated by DANE.",
+}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -151,7 +170,8 @@ def spool_figures(spool: Any) -> list[str]:
     for _dom, buckets in spool.queue_shape(time.time()):
         for i, c in enumerate(buckets):
             totals[i] += c
-    lines += ["# HELP fastsend_queue_age Pending messages by age (minutes, upper bound).",
+    lines += ["# HELP fastsend_queue_age Pending messages by age, each in the first bucket whose"
+              " bound (minutes) its age is under, as qshape: not cumulative.",
               "# TYPE fastsend_queue_age gauge"]  # fmt: skip
     for le, c in zip((*AGE_BUCKETS_MIN, "+Inf"), totals, strict=True):
         lines.append(f"fastsend_queue_age{_labels({'le_minutes': str(le)})} {c}")
@@ -276,6 +296,8 @@ class Metrics:
             safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
             gauge = name in WORKER_GAUGES
             metric = f"fastsend_worker_{safe}" if gauge else f"fastsend_worker_{safe}_total"
+            what = WORKER_HELP.get(name) or f"What the workers report as {safe}."
+            out.append(f"# HELP {metric} {what}")
             out.append(f"# TYPE {metric} {'gauge' if gauge else 'counter'}")
             for s in slots:
                 if name not in s.counters:
@@ -385,7 +407,11 @@ class Metrics:
                 out.append(f"fastsend_worker_inflight{w} {len(s.inflight)}")
             out += self.worker_lines(sup.slots)
             st = sup.stats.as_dict()
-            out.append("# TYPE fastsend_supervisor_events_total counter")
+            out += ["# HELP fastsend_supervisor_events_total What this run's supervisor counted,"
+                    " by kind: outcomes (delivered, deferred attempts, bounced, ...), attempts,"
+                    " worker restarts, messages possibly sent twice (a dead worker's window),"
+                    " handed back.",
+                    "# TYPE fastsend_supervisor_events_total counter"]  # fmt: skip
             for k, v in sorted(st.items()):
                 out.append(f"fastsend_supervisor_events_total{_labels({'kind': k})} {v}")
             out += ["# HELP fastsend_tls_policy_failures_total TLS-RPT (RFC 8460): sessions and"
