@@ -714,8 +714,9 @@ def test_dane_for_a_domain_without_mx_uses_its_own_tlsa(world: World) -> None:
 
 
 def _own_spool(world: World, extra: str = "") -> Any:
-    """The config, its spool (and so its mta-sts directory) in the test's tmp."""
-    return loader.load(str(world.config(25, extra + '[spool]\ndir = "spool"\n')))
+    """The config, its spool (and so its mta-sts directory) in the test's tmp (as every
+    World.config's now)."""
+    return loader.load(str(world.config(25, extra)))
 
 
 def _sts_zone(world: World, domain: str, pid: str = "1") -> None:
