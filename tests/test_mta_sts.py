@@ -825,3 +825,48 @@ def test_policy_is_refreshed_before_it_expires_and_a_failed_refresh_keeps_it(
         assert [e["result"] for e in sts.take_events()] == ["sts-policy-fetch-error"]
 
     asyncio.run(go())
+
+
+def test_dane_with_only_unusable_tlsa_records_still_requires_tls(world: World) -> None:
+    """RFC 7672 2.2 / 3.1.3: an authenticated TLSA RRset whose records are all
+    unusable (PKIX-TA/PKIX-EE usages) still proves the host speaks TLS:
+    STARTTLS required, any certificate ("mandatory unauthenticated TLS", as
+    Postfix's encrypt level). It was treated as no TLSA at all: a receiver
+    without STARTTLS (or an attacker stripping it) got the mail in clear."""
+    assert dane.usable([(0, 0, 1, b"x"), (1, 1, 1, b"y")]) == (dane.UNUSABLE,)
+    assert dane.usable([]) == ()
+    assert dane.check((dane.UNUSABLE,), ("mx.any.test", "any.test"), [b"not even DER"]) == ""
+    port = free_port("127.0.0.1")
+    cert = world.ca.issue_cert("some-other-name.test")
+    crt, key = world.tmp / "o.crt", world.tmp / "o.key"
+    crt.write_bytes(cert.cert_chain_pems[0].bytes())
+    cert.private_key_pem.write_to_path(str(key))
+    sec = ("SECURE", "")
+    pkix = ("TLSA", "0 0 1 " + "cd" * 32)
+    world.dns.set_zones({
+        "pkix-plain.test": [("MX", "10 mx6.dane.test."), sec],
+        "pkix-tls.test": [("MX", "10 mx7.dane.test."), sec],
+        "mx6.dane.test": [("A", "127.0.0.6")],
+        "mx7.dane.test": [("A", "127.0.0.7")],
+        f"_{port}._tcp.mx6.dane.test": [pkix, sec],
+        f"_{port}._tcp.mx7.dane.test": [pkix, sec],
+    })  # fmt: skip
+    camp = write_campaign(world.tmp)
+    lst = write_recipients(world.tmp, ["u@pkix-plain.test", "u@pkix-tls.test"])
+    spool = world.tmp / "spool"
+    plain_log, tls_log = world.tmp / "plain.jsonl", world.tmp / "tls.jsonl"
+    with (
+        SinkProcess("--log", str(plain_log), listen=f"127.0.0.6:{port}"),
+        SinkProcess("--log", str(tls_log), "--tls-cert", str(crt), "--tls-key", str(key),
+                    listen=f"127.0.0.7:{port}"),
+    ):  # fmt: skip
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(lst), "-c", str(world.config(port, 'dane = "on"\n')),
+            "--spool", str(spool), "--json", "--no-dkim", "--no-progress", "--max-wait", "1",
+        )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    assert _received(plain_log) == {}  # never in clear
+    assert _received(tls_log) == {"u@pkix-tls.test": True}
+    deferred = [e for e in _events(spool) if e["event"] == "deferred"]
+    assert [e["rcpt"] for e in deferred] == ["u@pkix-plain.test"], deferred
+    assert deferred[0]["enhanced"] == "4.7.5"

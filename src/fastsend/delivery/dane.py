@@ -31,13 +31,21 @@ import ssl
 
 Tlsa = tuple[int, int, int, bytes]  # usage, selector, matching type, data
 USABLE_USAGES = (2, 3)
+# An authenticated TLSA RRset none of whose records is usable (PKIX usages,
+# unknown selectors or matching types): STARTTLS is still required, with any
+# certificate ("mandatory unauthenticated TLS", RFC 7672 2.2 and 3.1.3; as
+# Postfix's "encrypt" level): the records prove the host speaks TLS, so a
+# stripped STARTTLS is a downgrade, never a reason to send in clear.
+UNUSABLE: Tlsa = (255, 255, 255, b"")
 
 
 def usable(records: list[Tlsa]) -> tuple[Tlsa, ...]:
-    """The records a client may use (RFC 7672 3.1.3, RFC 6698 2.1)."""
-    return tuple(
+    """The records a client may use (RFC 7672 3.1.3, RFC 6698 2.1); (UNUSABLE,)
+    when there are records but none of them is."""
+    ok = tuple(
         r for r in records if r[0] in USABLE_USAGES and r[1] in (0, 1) and r[2] in (0, 1, 2)
     )
+    return ok if ok or not records else (UNUSABLE,)
 
 
 @functools.cache
@@ -83,6 +91,8 @@ def check(records: tuple[Tlsa, ...], names: str | tuple[str, ...], chain: list[b
     identifiers a DANE-TA(2) match needs the server certificate to carry (RFC
     7672 3.2.2: the TLSA base domain -- the MX host name, or the recipient
     domain itself for an implicit MX -- and the next-hop domain)."""
+    if records and all(r == UNUSABLE for r in records):
+        return ""  # TLS it is; no record says which certificate
     if not chain:
         return "the server sent no certificate"
     refs = (names,) if isinstance(names, str) else names
