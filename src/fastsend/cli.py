@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fastsend.commands.check_domain",
         "check a sending domain's MX, SPF, DKIM, DMARC and PTR records",
     ),
+    "tls-report": (
+        "fastsend.commands.tls_report",
+        "TLS-RPT (RFC 8460): show or send the daily TLS reports to the recipient domains",
+    ),
     "check-ip": (
         "fastsend.commands.check_ip",
         "check source IPs against DNS blocklists ([reputation] blocklists)",

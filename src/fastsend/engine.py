@@ -114,6 +114,9 @@ def run(
         events = EventLog(config.event_log_path)
     if rollups is OWN_ROLLUPS:
         rollups = attach_rollups(config, spool, events)
+    from fastsend.analytics import tlsrpt
+
+    tls_counts = tlsrpt.attach(config, events)  # the TLS sessions, for RFC 8460 reports
     bar = Progress(total) if progress else None
     if bar is not None and total_fn is not None:
         bar.total_fn = total_fn
@@ -154,6 +157,8 @@ def run(
             events.flush()
         if rollups is not None:
             rollups.close()
+        if tls_counts is not None:
+            tls_counts.detach(events)
         if bar:
             bar.done()
         if cluster is not None:  # its IPs back at once (a kill leaves them to the lease)

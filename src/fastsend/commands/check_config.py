@@ -49,6 +49,10 @@ def tls_line(cfg: Config) -> str:
         line += f"\n[tls] DANE on (TLSA records the resolver authenticates decide; resolver: {ns})"
     else:
         line += "\n[tls] DANE off"
+    if t.reports == "on":
+        line += f"\n[tls] TLS-RPT reports on: sent daily from {t.report_from}"
+    else:
+        line += "\n[tls] TLS-RPT reports off (`fastsend tls-report send` sends them on demand)"
     return line
 
 

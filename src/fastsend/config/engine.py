@@ -201,6 +201,21 @@ class TLSSection(Section):
     # (unbound, Knot Resolver on 127.0.0.1), as Postfix's
     # smtp_dns_support_level = dnssec: its AD bit is believed.
     dane: Literal["on", "off"] = "off"
+    # TLS-RPT aggregate reports (RFC 8460, fastsend.analytics.tlsrpt): "on":
+    # serve sends each UTC day's report to every policy domain that asks for one
+    # (its _smtp._tls TXT record) a few minutes after midnight; `fastsend
+    # tls-report send` does it on demand either way. The sessions are counted
+    # whenever MTA-STS or DANE is on.
+    reports: Literal["on", "off"] = "off"
+    # The reports' From address (its domain is the report's submitter; DKIM-signed
+    # by [dkim] when it has a key for that domain). Needed to send any report.
+    report_from: str = ""
+    # The report's organization-name ("" = the submitter domain) and contact-info
+    # ("" = report_from).
+    report_organization: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    report_contact: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    # The port of the https rua destinations (0 = the URI's; tests point it at a local server).
+    report_post_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class EventsSection(Section):

@@ -311,6 +311,8 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -
         cfg.tls.ca_file = os.path.join(base_dir, f.tls.ca_file)
     # keys in A-labels, as recipients' domains are (a Unicode key never matched)
     cfg.tls.domains = {norm_domain(d): v for d, v in f.tls.domains.items()}
+    if f.tls.report_from or f.tls.reports == "on":
+        _check_report_from(f.tls.report_from)
     if f.tls.dane == "on" and not all(_loopback(ns) for ns in f.dns.nameservers or ["?"]):
         cfg.warnings.append(
             '[tls] dane = "on" believes the AD bit of [dns] nameservers: list only a local'
@@ -535,6 +537,22 @@ def _check_ca(cfg: Config) -> None:
         ssl.create_default_context(cafile=ca)
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"[tls] ca_file: {ca}: no usable PEM certificates ({e})") from None
+
+
+def _check_report_from(addr: str) -> None:
+    """[tls] report_from: one plain address (it goes into a From header: no
+    display name, no line break), needed when reports are on."""
+    if not addr:
+        raise ConfigError(
+            '[tls] reports = "on" needs report_from, the address TLS-RPT reports come from'
+            ' (e.g. report_from = "tls-reports@example.com")'
+        )
+    local, at, domain = addr.rpartition("@")
+    if (
+        not at or not local or "." not in domain or not addr.isascii()
+        or any(c.isspace() or c in '<>,;:"()[]\\' for c in addr)
+    ):  # fmt: skip
+        raise ConfigError(f"[tls] report_from: {addr[:100]!r} is not a plain address (user@domain)")
 
 
 def _check_tls(cfg: Config) -> None:

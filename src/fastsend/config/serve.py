@@ -87,8 +87,9 @@ EVENT_NAMES = frozenset({
     # the node's sending reputation (shaping, blocklists, feeds, warm-up, alarms, DMARC)
     "shaping", "ip_listed", "ip_delisted", "reputation_feed", "reputation_feed_failed",
     "warmup_adjusted", "alarm", "alarm_cleared", "dmarc_report", "dmarc_report_refused",
-    # TLS (MTA-STS / DANE failures counted per policy domain, RFC 8460)
-    "tls_report",
+    # TLS (MTA-STS / DANE failures counted per policy domain, RFC 8460; the
+    # successful sessions per policy, a worker's sum a minute: TLS-RPT's counts)
+    "tls_report", "tls_sessions",
 })  # fmt: skip
 
 

@@ -75,6 +75,7 @@ FETCH_RETRY = 300.0  # a failed fetch is not tried again for this long (per doma
 # while or a missed id change never leaves the domain without its policy.
 REFRESH_FRACTION, REFRESH_MAX = 0.5, 86400.0
 LOCK_POLL = 0.05  # seconds between looks at another worker's fetch lock
+SESSIONS_EVERY = 60.0  # s between a worker's tls_sessions events (TLS-RPT successes)
 TXT_MIN_TTL, TXT_MAX_TTL = 30.0, 3600.0  # how long a TXT answer (or its absence) stands
 MODES = ("enforce", "testing", "none")
 CACHE_MAX = 20000  # domains remembered per worker (memory flat)
@@ -108,6 +109,14 @@ class Policy(msgspec.Struct, frozen=True):
 
     def matches(self, host: str) -> bool:
         return mx_matches(host, self.mx)
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        """The policy as TLS-RPT's ``policy-string`` (RFC 8460 4.4: its lines)."""
+        return (
+            "version: STSv1", f"mode: {self.mode}", *(f"mx: {m}" for m in self.mx),
+            f"max_age: {self.max_age}",
+        )  # fmt: skip
 
 
 def refresh_at(p: Policy) -> float:
@@ -298,6 +307,10 @@ class MTASTS:
         self.events: list[dict[str, Any]] = []  # TLS-RPT results for the event log
         self.fetches = 0
         self._refreshing: dict[str, asyncio.Task[Policy | None]] = {}  # background refreshes
+        # TLS-RPT successes: (policy type, domain, policy-string, mx-host) -> sessions,
+        # sent as tls_sessions events every SESSIONS_EVERY s and when the worker ends
+        self.sessions: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], int] = {}
+        self.sessions_sent = time.monotonic()
 
     async def policy(self, domain: str) -> tuple[Policy | None, float]:
         """The policy in force for ``domain`` (None: none, or mode none) and the
@@ -357,12 +370,12 @@ class MTASTS:
         is not tried again. ``older``: the policy this one replaces."""
         path = self._file(domain)
         if path is None:
-            return await self._fetch(domain, pid)
+            return await self._fetch(domain, pid, older)
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             fd = os.open(path[:-5] + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
-            return await self._fetch(domain, pid)  # no shared directory: fetch alone
+            return await self._fetch(domain, pid, older)  # no shared directory: fetch alone
         try:
             try:
                 async with asyncio.timeout(self.timeout + 1.0):
@@ -382,7 +395,7 @@ class MTASTS:
             if now - failed_at < FETCH_RETRY:
                 self._retry_after(domain, FETCH_RETRY - (now - failed_at))
                 return None
-            return await self._fetch(domain, pid)
+            return await self._fetch(domain, pid, older)
         finally:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -443,7 +456,7 @@ class MTASTS:
         except OSError:
             pass  # memory still has it; the next worker fetches it again
 
-    async def _fetch(self, domain: str, pid: str) -> Policy | None:
+    async def _fetch(self, domain: str, pid: str, older: Policy | None = None) -> Policy | None:
         host = f"mta-sts.{domain}"
         self.fetches += 1
         try:
@@ -454,15 +467,16 @@ class MTASTS:
                 text = await fetch(host, addrs, self.port, verify_context(self.ca_file))
             p = parse_policy(text, domain, pid, time.time())
         except PolicyError as e:
-            self._failed(domain, pid, e.result, str(e))
+            self._failed(domain, pid, e.result, str(e), older)
             return None
         except TimeoutError:
             self._failed(
-                domain, pid, "sts-policy-fetch-error", f"{host}: no answer in {self.timeout:g} s"
-            )
+                domain, pid, "sts-policy-fetch-error",
+                f"{host}: no answer in {self.timeout:g} s", older,
+            )  # fmt: skip
             return None
         except Exception as e:  # whatever a hostile host makes of it: no policy, never a local error
-            self._failed(domain, pid, "sts-policy-fetch-error", f"{host}: {e!r}"[:300])
+            self._failed(domain, pid, "sts-policy-fetch-error", f"{host}: {e!r}"[:300], older)
             return None
         self.retry_at.pop(domain, None)
         self._write(p)
@@ -477,16 +491,25 @@ class MTASTS:
             self.retry_at.clear()
         self.retry_at[domain] = time.monotonic() + seconds
 
-    def _failed(self, domain: str, pid: str, result: str, text: str) -> None:
+    def _failed(
+        self, domain: str, pid: str, result: str, text: str, older: Policy | None = None
+    ) -> None:
         self._retry_after(domain, FETCH_RETRY)
         path = self._file(domain)
         if path is not None:  # the node's other workers wait as long (_fetch_shared)
             with contextlib.suppress(OSError):
                 tmp = f"{path[:-5]}.fail.{os.getpid()}.tmp"
-                with open(tmp, "w", encoding="ascii") as f:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w", encoding="ascii") as f:
                     f.write(f"{pid} {time.time():.3f}")
                 os.replace(tmp, path[:-5] + ".fail")
-        self.report(domain, "", result, text, mx="", source_ip="", went=True)
+        # RFC 8460 4.3.1: no valid policy to be had is "no-policy-found"; with
+        # one cached, the failure is that policy's (which stays in force)
+        self.report(
+            domain, older.mode if older else "", result, text, mx="", source_ip="", went=True,
+            policy_type="sts" if older else "no-policy-found",
+            policy=older.lines if older else (), mx_host=older.mx if older else (),
+        )  # fmt: skip
 
     def report(
         self,
@@ -499,17 +522,51 @@ class MTASTS:
         source_ip: str,
         went: bool,
         policy_type: str = "sts",
+        policy: tuple[str, ...] = (),
+        mx_host: tuple[str, ...] = (),
+        receiving_ip: str = "",
     ) -> None:
-        """One TLS-RPT failure (RFC 8460 result types; policy type sts, or tlsa
-        for DANE) for the event log."""
+        """One TLS-RPT session result (RFC 8460 result types; policy type sts,
+        tlsa for DANE, no-policy-found): a failure is a ``tls_report`` event for
+        the event log; a success (``result`` "") is counted, and the counts go
+        as ``tls_sessions`` events (:meth:`take_events`). ``policy``: its
+        policy-string; ``mx_host``: its mx patterns (sts) or MX host (tlsa)."""
+        if not result:
+            key = (policy_type, domain, policy, mx_host)
+            if key in self.sessions or len(self.sessions) < CACHE_MAX:
+                self.sessions[key] = self.sessions.get(key, 0) + 1
+            return
         self.events.append({
             "time": time.time(), "event": "tls_report", "policy_type": policy_type,
             "policy_domain": domain, "mode": mode, "result": result, "mx": mx,
-            "source_ip": source_ip, "delivered_anyway": went, "text": text[:300],
+            "source_ip": source_ip, "receiving_ip": receiving_ip, "delivered_anyway": went,
+            "text": text[:300], "policy": list(policy), "mx_host": list(mx_host),
         })  # fmt: skip
+
+    def has_events(self) -> bool:
+        """Whether :meth:`take_events` has something to send now."""
+        return bool(self.events) or bool(
+            self.sessions and time.monotonic() - self.sessions_sent >= SESSIONS_EVERY
+        )
+
+    def end(self) -> None:
+        """The worker ends: its session counts go with its last events."""
+        self.sessions_sent = float("-inf")
 
     def take_events(self) -> list[dict[str, Any]]:
         ev, self.events = self.events, []
+        mono = time.monotonic()
+        if self.sessions and mono - self.sessions_sent >= SESSIONS_EVERY:
+            now = time.time()
+            for (ptype, domain, policy, mx_host), n in self.sessions.items():
+                ev.append({
+                    "time": now, "event": "tls_sessions", "policy_type": ptype,
+                    "policy_domain": domain, "policy": list(policy), "mx_host": list(mx_host),
+                    "count": n,
+                })  # fmt: skip
+            self.sessions = {}
+            if self.sessions_sent != float("-inf"):
+                self.sessions_sent = mono
         return ev
 
 

@@ -299,7 +299,7 @@ class MXResolver:
                 assert self.sts is not None
                 self.sts.report(
                     policy.domain, policy.mode, "validation-failure", text,
-                    mx=names, source_ip="", went=False,
+                    mx=names, source_ip="", went=False, policy=policy.lines, mx_host=policy.mx,
                 )  # fmt: skip
                 return Outcome(DEFERRED, 451, "4.7.5", text, "sts")
         return Site(f"{site.key}|sts:{policy.domain}", hosts, policy)

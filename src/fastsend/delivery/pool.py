@@ -479,6 +479,11 @@ class SiteQueue:
         conn = await connect(ConnectOptions(**kw))
         if not isinstance(conn, Outcome):
             self.count("tls_policy_sessions")
+            if self.sts_report is not None:  # a success, counted for TLS-RPT
+                self.sts_report(
+                    sts.domain, sts.mode, "", "", mx=host.name, source_ip=ip, went=True,
+                    policy=sts.lines, mx_host=sts.mx,
+                )  # fmt: skip
             return conn
         if conn.stage not in ("starttls", "tls"):
             return conn  # no answer, a refused greeting: not a TLS matter
@@ -502,8 +507,14 @@ class SiteQueue:
         # (the MX host, the domain itself when it is its implicit MX), the next hop
         kw["peer_check"] = functools.partial(dane.check, host.tlsa, (host.name, self.site.dane))
         conn = await connect(ConnectOptions(**kw))
+        records = tuple(f"{u} {s} {m} {d.hex()}" for u, s, m, d in host.tlsa if d)
         if not isinstance(conn, Outcome):
             self.count("tls_dane_sessions")
+            if self.sts_report is not None:  # a success, counted for TLS-RPT
+                self.sts_report(
+                    self.site.dane, "", "", "", mx=host.name, source_ip=ip, went=True,
+                    policy_type="tlsa", policy=records, mx_host=(host.name,),
+                )  # fmt: skip
             return conn
         if conn.stage not in ("starttls", "tls"):
             return conn
@@ -513,6 +524,7 @@ class SiteQueue:
             self.sts_report(
                 self.site.dane, "", result, conn.text,
                 mx=host.name, source_ip=ip, went=False, policy_type="tlsa",
+                policy=records, mx_host=(host.name,), receiving_ip=host.address,
             )  # fmt: skip
         text = f"DANE (TLSA of {host.name}): {conn.text}"
         code = conn.code if 400 <= conn.code < 500 else 451
@@ -526,6 +538,7 @@ class SiteQueue:
             self.sts_report(
                 sts.domain, sts.mode, result, text,
                 mx=host.name, source_ip=ip, went=sts.mode == "testing",
+                policy=sts.lines, mx_host=sts.mx, receiving_ip=host.address,
             )  # fmt: skip
 
     async def _connection(self, lane: Lane) -> None:

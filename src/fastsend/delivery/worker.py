@@ -26,6 +26,7 @@ import signal
 import time
 from typing import Any
 
+import msgspec
 import orjson
 
 from fastsend import msgid, wire
@@ -249,6 +250,10 @@ class Worker:
                     [TxnResult(it.id, [site]) for it in batch.items], "", site.mx or ""
                 )
                 return
+            if (site.sts is not None or site.dane) and self.campaign_specs.get(
+                batch.campaign, {}
+            ).get(REPORT_MAIL):
+                site = _without_policy(site)
             envelopes = self.build(batch, deferred=True)
             if envelopes:
                 q = self.site_queue(site, batch)
@@ -857,7 +862,7 @@ class Worker:
         if self.router.events:
             self.pending_out.append(wire.encoder.encode(wire.Events(self.router.take_events())))
         sts = self.resolver.sts
-        if sts is not None and sts.events:  # TLS-RPT results (delivery/mtasts.py)
+        if sts is not None and sts.has_events():  # TLS-RPT results (delivery/mtasts.py)
             self.pending_out.append(wire.encoder.encode(wire.Events(sts.take_events())))
         while self.pending_out:
             if not self.outbox.put(self.pending_out[0]):
@@ -895,6 +900,8 @@ class Worker:
         for q in self.sites.values():
             await q.close()
         await self.router.close()
+        if self.resolver.sts is not None:
+            self.resolver.sts.end()  # its TLS-RPT session counts go with the last events
         self.flush()
         while self.pending_out:  # let the supervisor take the last outcomes
             await asyncio.sleep(0.01)
@@ -921,7 +928,7 @@ class Worker:
             if counts != self.warm_sent:
                 self.warm_sent = counts
                 self.outbox.put(wire.encoder.encode(wire.WarmupCounts(counts)))
-        if self.shaper.events or (self.resolver.sts is not None and self.resolver.sts.events):
+        if self.shaper.events or (self.resolver.sts is not None and self.resolver.sts.has_events()):
             self.flush()
 
     async def stats_loop(self) -> None:
@@ -1176,3 +1183,14 @@ def run_worker(
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(Worker(index, config, ips, inbox, outbox).main())
     return 0
+
+
+# A campaign spec key: its mail is TLS-RPT reports (analytics/tlsrpt.py), which RFC
+# 8460 5.3 has delivered "despite any TLS-related failures": the MX hosts of the
+# domain's site, without its MTA-STS or DANE requirements (opportunistic TLS).
+REPORT_MAIL = "tls_report_mail"
+
+
+def _without_policy(site: Site) -> Site:
+    hosts = tuple(msgspec.structs.replace(h, tlsa=()) if h.tlsa else h for h in site.hosts)
+    return Site(site.lanes, hosts)

@@ -149,6 +149,7 @@ class ServeContext:
         self.secret = secret  # HMAC key for tracking links
         # fastsend.analytics.rollup.Rollups (issue 14), None when disabled
         self.rollups = rollups
+        self.tlsrpt: Any = None  # fastsend.analytics.tlsrpt.Store: TLS-RPT session counts
         # fastsend.analytics.dnsbl.Reputation, with [reputation] blocklists
         self.reputation = reputation
         # fastsend.serve.shared_state.SharedState on a shared (Redis) spool: keys,
@@ -289,6 +290,8 @@ class ServeContext:
         self.events.close()
         if self.rollups is not None:
             self.rollups.close()
+        if self.tlsrpt is not None:
+            self.tlsrpt.detach(self.events)
         if self.dmarc is not None:
             self.dmarc.close()
         self.suppression.close()
@@ -328,6 +331,9 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
     from fastsend.analytics.attach import attach  # issue 14: rollups of every event
 
     ctx.rollups = attach(config, spool, events, ctx.campaign_tenant)
+    from fastsend.analytics import tlsrpt
+
+    ctx.tlsrpt = tlsrpt.attach(config, events)  # the day's TLS sessions, for RFC 8460 reports
     if ctx.rollups is not None:
         from fastsend.analytics.dmarc import DmarcStore
 

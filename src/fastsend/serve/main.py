@@ -54,6 +54,9 @@ from fastsend.serve import lograte
 log = logging.getLogger("fastsend.serve")
 IDEM_SWEEP_EVERY = 300.0  # s between sweeps of expired Idempotency-Keys
 TICK_OUTAGE = 2.0  # s between periodic flushes while the spool is out of reach
+# [tls] reports: due reports looked for this often, from this long after UTC midnight
+# (the day's last sessions counted; RFC 8460 4.1 asks for daily reports)
+TLS_REPORTS_EVERY, TLS_REPORTS_AFTER = 600.0, 300.0
 ADOPT_EVERY = 5.0  # s between looks for upload jobs whose reader died (Uploads.adopt)
 
 
@@ -158,6 +161,11 @@ class Server:
         self.staging_after = 0  # campaigns up to this id are past staging (sweep_staging)
         self.tick_outage = False  # the periodic flush found the spool out of reach
         self.notices: Any = None  # fastsend.serve.dsn.Notices, with [submission]
+        # TLS-RPT ([tls] reports = "on"): fastsend.analytics.tlsrpt.Sender, its next
+        # look (Unix time) and the run under way
+        self.tls_reports: Any = None
+        self.tls_reports_at = 0.0
+        self.tls_reporting: asyncio.Task[None] | None = None
         self.tick_failed = 0.0  # monotonic time it last did
         self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
         self.caps: list[Any] = []  # fastsend.serve.httpguard.ConnectionCap per HTTP listener
@@ -234,6 +242,14 @@ class Server:
             named = cfg.submission.hostname if cfg.submission.hostname != "localhost" else ""
             self.notices = Notices(ctx, cfg.helo or named)  # (else this host's FQDN)
             sup.result_hooks.append(self.notices.on_result)
+        if sup is not None and cfg.tls.reports == "on" and ctx.tlsrpt is not None:
+            from fastsend.analytics.tlsrpt import Sender, reports_campaign
+            from fastsend.delivery.mx import MXResolver
+
+            def spool_reports(rows: list[tuple[str, str, bytes]]) -> None:
+                ctx.inject(reports_campaign(ctx.acceptor, ctx.spool), rows)
+
+            self.tls_reports = Sender(cfg, ctx.tlsrpt, MXResolver(cfg), spool_reports)
         # /metrics: on the admin listener, or for admin keys ([dashboard] admin_tenants).
         app.router.add_get("/metrics", admin_only(metrics.handler))
         proxy = ProxySettings.of(cfg.proxy)
@@ -427,10 +443,28 @@ class Server:
             )
         if self.ctx.shared is not None:
             self.ctx.shared.tick()  # renew this node's hold on its source IPs
+        if self.tls_reports is not None and now >= self.tls_reports_at:
+            self.tls_reports_at = now + TLS_REPORTS_EVERY
+            if now % 86400 >= TLS_REPORTS_AFTER and (
+                self.tls_reporting is None or self.tls_reporting.done()
+            ):
+                self.tls_reporting = asyncio.ensure_future(self._tls_reports(now))
         mono = time.monotonic()
         if mono - self.adopted > ADOPT_EVERY:  # upload jobs whose reader died (any node)
             self.adopted = mono
             self.ctx.uploads.adopt()
+
+    async def _tls_reports(self, now: float) -> None:
+        """Yesterday's (and any earlier day's unsent) TLS-RPT reports, off the tick."""
+        from fastsend.analytics.tlsrpt import day_of
+
+        try:
+            for o in await self.tls_reports.run(day_of(now)):
+                log.info("TLS-RPT report %s %s: posted %s, mailed %s%s", o["day"], o["domain"],
+                         o["posted"] or "-", o["mailed"] or "-",
+                         f" ({'; '.join(o['failed'])})" if o["failed"] else "")  # fmt: skip
+        except Exception:
+            log.exception("TLS-RPT reports not sent (tried again in %.0f s)", TLS_REPORTS_EVERY)
 
     def on_term(self, signum: int) -> None:
         self.terms += 1

@@ -1,0 +1,508 @@
+"""TLS-RPT aggregate reports (RFC 8460): telling a recipient domain, once a
+day, how this MTA's TLS sessions under its policies went.
+
+Counting. The workers report every session to an MX under a policy
+(``delivery/mtasts.py`` ``MTASTS.report``): each failure as a ``tls_report``
+event (result type, MX host and address, source IP, the policy), the
+successes summed per policy as a ``tls_sessions`` event about once a minute
+and when the worker ends. :class:`Store` listens to the event log (send,
+resume, serve: :func:`attach`) and adds them up per UTC day, policy domain
+and policy in ``SPOOL/tlsrpt.db`` (a node's own: on a shared Redis spool each
+node reports its own sessions under its own report-id). Policy types: ``sts``
+(MTA-STS; the policy's lines and mx patterns), ``tlsa`` (DANE; the TLSA
+records, the MX host), ``no-policy-found`` (a domain whose MTA-STS policy
+could not be fetched and none was cached). Sessions to domains without any
+policy are not counted (their connections are shared by every domain of an MX
+set: no per-domain session to count).
+
+Sending (``fastsend tls-report send``, or ``[tls] reports = "on"`` in serve,
+a few minutes after each UTC midnight): for each finished day and policy
+domain not yet reported, the domain's ``_smtp._tls`` TXT record
+(``v=TLSRPTv1; rua=...``) names where: each ``https:`` URI gets the gzipped
+JSON by POST (``Content-Type: application/tlsrpt+gzip``; the host's
+addresses held to ``[delivery] allow_private_mx`` like an MX's, no
+redirects), each ``mailto:`` a message in RFC 8460 5.3's format (multipart/
+report; report-type="tlsrpt", the ``TLS-Report-Domain`` and
+``TLS-Report-Submitter`` fields, the report as an ``application/tlsrpt+gzip``
+attachment named ``submitter!domain!begin!end!id.json.gz``), spooled into the
+operator's ``tls-reports`` campaign and delivered by fastsend itself (DKIM
+signed by ``[dkim]`` when it has a key for the From domain). A domain whose
+every destination failed is tried again at the next run; one reported, or with
+no record, is marked done (never reported twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import email.utils
+import gzip
+import os
+import secrets
+import sqlite3
+import ssl
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import orjson
+
+from fastsend.config.tenants import OPERATOR
+from fastsend.events import Rows
+from fastsend.sqlitedb import connect, transaction
+
+DB_NAME = "tlsrpt.db"
+KEEP_DAYS = 8  # days of counts kept (reports are sent for yesterday; a week to catch up)
+POST_TIMEOUT = 30.0  # s for one HTTPS POST
+MAX_DETAILS = 1000  # failure-details per policy in one report (the biggest counts)
+MAX_RUA = 5  # destinations per domain (a record listing more is cut)
+MEDIA_TYPE = "application/tlsrpt+gzip"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions(
+  day TEXT NOT NULL, domain TEXT NOT NULL, ptype TEXT NOT NULL,
+  policy TEXT NOT NULL, mx_host TEXT NOT NULL,
+  ok INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY(day, domain, ptype, policy, mx_host)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failures(
+  day TEXT NOT NULL, domain TEXT NOT NULL, ptype TEXT NOT NULL,
+  policy TEXT NOT NULL, mx_host TEXT NOT NULL, result TEXT NOT NULL,
+  sending_ip TEXT NOT NULL, mx TEXT NOT NULL, mx_ip TEXT NOT NULL,
+  reason TEXT NOT NULL DEFAULT '', n INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY(day, domain, ptype, policy, mx_host, result, sending_ip, mx, mx_ip))
+  WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sent(
+  day TEXT NOT NULL, domain TEXT NOT NULL, at REAL NOT NULL, how TEXT NOT NULL,
+  PRIMARY KEY(day, domain)) WITHOUT ROWID;
+"""
+
+
+def day_of(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d")
+
+
+def day_range(day: str) -> tuple[float, float]:
+    """The first and the last second of UTC ``day`` (Unix time)."""
+    d = datetime.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=datetime.UTC)
+    start = d.timestamp()
+    return start, start + 86399
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Store:
+    """A node's TLS session counts per (day, policy domain, policy)."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, DB_NAME)
+        self.db = connect(self.path, synchronous="NORMAL", schema=_SCHEMA)
+        self.pruned = ""
+
+    def close(self) -> None:
+        self.db.close()
+
+    def detach(self, events: Any) -> None:
+        """Stop listening to ``events`` (after its last flush) and close."""
+        if self.listener in events.listeners:
+            events.listeners.remove(self.listener)
+        events.rows_listeners.pop(self.listener, None)
+        self.close()
+
+    # -- counting (an event log listener) --------------------------------------
+
+    def rows(self, rows: Rows) -> None:
+        """Deliveries (the event log's row batches) carry no TLS-RPT result."""
+
+    def listener(self, batch: list[dict[str, Any]]) -> None:
+        tls = [e for e in batch if e.get("event") in ("tls_report", "tls_sessions")]
+        if tls:
+            self.add(tls)
+
+    def add(self, events: Iterable[dict[str, Any]]) -> None:
+        with transaction(self.db):
+            for e in events:
+                day = day_of(float(e.get("time") or time.time()))
+                key = (
+                    day,
+                    str(e.get("policy_domain", ""))[:255].lower(),
+                    str(e.get("policy_type", "") or "sts"),
+                    orjson.dumps(list(e.get("policy") or [])).decode(),
+                    orjson.dumps(list(e.get("mx_host") or [])).decode(),
+                )
+                if not key[1]:
+                    continue
+                if e.get("event") == "tls_sessions":
+                    n = int(e.get("count") or 0)
+                    self.db.execute(
+                        "INSERT INTO sessions VALUES(?,?,?,?,?,?,0) ON CONFLICT DO UPDATE"
+                        " SET ok = ok + excluded.ok", (*key, n),
+                    )  # fmt: skip
+                    continue
+                self.db.execute(
+                    "INSERT INTO sessions VALUES(?,?,?,?,?,0,1) ON CONFLICT DO UPDATE"
+                    " SET failed = failed + 1", key,
+                )  # fmt: skip
+                self.db.execute(
+                    "INSERT INTO failures VALUES(?,?,?,?,?,?,?,?,?,?,1) ON CONFLICT DO UPDATE"
+                    " SET n = n + 1",
+                    (*key, str(e.get("result", ""))[:64], str(e.get("source_ip", ""))[:64],
+                     str(e.get("mx", ""))[:255], str(e.get("receiving_ip", ""))[:64],
+                     str(e.get("text", ""))[:300]),
+                )  # fmt: skip
+            today = day_of(time.time())
+            if self.pruned != today:  # counts older than KEEP_DAYS go
+                self.pruned = today
+                old = day_of(time.time() - KEEP_DAYS * 86400)
+                for table in ("sessions", "failures", "sent"):
+                    self.db.execute(f"DELETE FROM {table} WHERE day < ?", (old,))
+
+    # -- reporting -------------------------------------------------------------
+
+    def due(self, before: str) -> list[tuple[str, str]]:
+        """(day, policy domain) with counts, of days before ``before``, not reported."""
+        return list(
+            self.db.execute(
+                "SELECT DISTINCT s.day, s.domain FROM sessions s LEFT JOIN sent t"
+                " ON t.day = s.day AND t.domain = s.domain"
+                " WHERE s.day < ? AND t.day IS NULL ORDER BY s.day, s.domain",
+                (before,),
+            )
+        )
+
+    def mark_sent(self, day: str, domain: str, how: str) -> None:
+        with transaction(self.db):
+            self.db.execute(
+                "INSERT OR REPLACE INTO sent VALUES(?,?,?,?)", (day, domain, time.time(), how)
+            )
+
+    def was_sent(self, day: str, domain: str) -> bool:
+        return (
+            self.db.execute("SELECT 1 FROM sent WHERE day = ? AND domain = ?", (day, domain)).fetchone()
+            is not None
+        )
+
+    def report(
+        self, day: str, domain: str, *, organization: str, contact: str, report_id: str
+    ) -> dict[str, Any]:
+        """The RFC 8460 4.4 JSON report of ``domain``'s sessions on ``day``."""
+        start, end = day_range(day)
+        policies = []
+        for ptype, policy, mx_host, ok, failed in self.db.execute(
+            "SELECT ptype, policy, mx_host, ok, failed FROM sessions WHERE day = ? AND domain = ?"
+            " ORDER BY ptype, policy, mx_host",
+            (day, domain),
+        ).fetchall():
+            pol: dict[str, Any] = {"policy-type": ptype}
+            strings = orjson.loads(policy)
+            if strings:
+                pol["policy-string"] = strings
+            pol["policy-domain"] = domain
+            hosts = orjson.loads(mx_host)
+            if hosts:
+                pol["mx-host"] = hosts
+            details = []
+            for result, sip, mx, mip, reason, n in self.db.execute(
+                "SELECT result, sending_ip, mx, mx_ip, reason, n FROM failures WHERE day = ?"
+                " AND domain = ? AND ptype = ? AND policy = ? AND mx_host = ?"
+                " ORDER BY n DESC LIMIT ?",
+                (day, domain, ptype, policy, mx_host, MAX_DETAILS),
+            ):
+                d: dict[str, Any] = {"result-type": result}
+                if sip:
+                    d["sending-mta-ip"] = sip
+                if mx:
+                    d["receiving-mx-hostname"] = mx
+                if mip:
+                    d["receiving-ip"] = mip
+                d["failed-session-count"] = n
+                if reason:
+                    d["failure-reason-code"] = reason
+                details.append(d)
+            entry: dict[str, Any] = {
+                "policy": pol,
+                "summary": {
+                    "total-successful-session-count": ok,
+                    "total-failure-session-count": failed,
+                },
+            }
+            if details:
+                entry["failure-details"] = details
+            policies.append(entry)
+        return {
+            "organization-name": organization,
+            "date-range": {"start-datetime": _iso(start), "end-datetime": _iso(end)},
+            "contact-info": contact,
+            "report-id": report_id,
+            "policies": policies,
+        }
+
+
+def attach(config: Any, events: Any) -> Store | None:
+    """The node's store listening to ``events`` (send, resume, serve), when
+    any TLS policy is looked at; None when neither MTA-STS nor DANE is on."""
+    t = config.tls
+    if t.mta_sts != "on" and "on" not in t.domains.values() and t.dane != "on":
+        return None
+    try:
+        store = Store(config.spool_dir)
+    except (OSError, sqlite3.Error):
+        return None  # counting is best effort: delivery never waits on it
+    events.listen(store.listener, rows=store.rows)
+    return store
+
+
+# -- the domain's record ---------------------------------------------------------
+
+
+def parse_txt(texts: list[str]) -> list[str]:
+    """The ``rua`` URIs of a domain's ``_smtp._tls`` TXT strings (RFC 8460
+    3): exactly one record starting ``v=TLSRPTv1``, its ``rua`` a comma
+    separated list of ``mailto:`` and ``https:`` URIs (others ignored)."""
+    recs = [t for t in texts if t.startswith("v=TLSRPTv1")]
+    if len(recs) != 1:
+        return []
+    fields: dict[str, str] = {}
+    for part in recs[0].split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep:
+            fields.setdefault(k.strip().lower(), v.strip())
+    if fields.get("v") != "TLSRPTv1":
+        return []
+    out = []
+    for uri in fields.get("rua", "").split(","):
+        uri = uri.strip()
+        low = uri.lower()
+        https = low.startswith("https://") and bool(urllib.parse.urlsplit(uri).hostname)
+        if https or (low.startswith("mailto:") and "@" in uri):
+            out.append(uri)
+    return out[:MAX_RUA]
+
+
+def mailto_address(uri: str) -> str:
+    """The address of a ``mailto:`` URI (its query, if any, dropped)."""
+    return urllib.parse.unquote(uri[7:].partition("?")[0]).strip()
+
+
+# -- the message (RFC 8460 5.3) ---------------------------------------------------
+
+
+def filename(submitter: str, domain: str, start: float, end: float, unique: str) -> str:
+    """RFC 8460 5.3: ``submitter!policy-domain!begin!end!unique-id.json.gz``."""
+    return f"{submitter}!{domain}!{int(start)}!{int(end)}!{unique}.json.gz"
+
+
+def message(
+    report: dict[str, Any],
+    gz: bytes,
+    *,
+    domain: str,
+    submitter: str,
+    sender: str,
+    to: list[str],
+    unique: str,
+    now: float,
+) -> bytes:
+    """The report message: multipart/report; report-type="tlsrpt", a short
+    text part and the gzipped JSON (base64, ``application/tlsrpt+gzip``)."""
+    start = datetime.datetime.strptime(
+        report["date-range"]["start-datetime"], "%Y-%m-%dT%H:%M:%SZ"
+    ).replace(tzinfo=datetime.UTC).timestamp()
+    end = start + 86399
+    rid = report["report-id"]
+    boundary = "tlsrpt-" + secrets.token_hex(12)
+    name = filename(submitter, domain, start, end, unique)
+    b64 = base64.encodebytes(gz).replace(b"\n", b"\r\n")
+    ok = sum(p["summary"]["total-successful-session-count"] for p in report["policies"])
+    bad = sum(p["summary"]["total-failure-session-count"] for p in report["policies"])
+    text = (
+        f"This is an aggregate TLS report (RFC 8460) from {submitter} for {domain},\r\n"
+        f"{report['date-range']['start-datetime']} to {report['date-range']['end-datetime']}:"
+        f" {ok} successful and {bad} failed session(s).\r\n"
+    )
+    head = (
+        f"From: {sender}\r\n"
+        f"To: {', '.join(to)}\r\n"
+        f"Subject: Report Domain: {domain} Submitter: {submitter} Report-ID: <{rid}>\r\n"
+        f"Date: {email.utils.formatdate(now, usegmt=True)}\r\n"
+        f"Message-ID: <{unique}.{int(now)}@{submitter}>\r\n"
+        f"TLS-Report-Domain: {domain}\r\n"
+        f"TLS-Report-Submitter: {submitter}\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type="tlsrpt";\r\n boundary="{boundary}"\r\n'
+        "\r\n"
+    )
+    body = (
+        f"--{boundary}\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n"
+        "Content-Transfer-Encoding: 7bit\r\n\r\n"
+        f"{text}\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Type: {MEDIA_TYPE}\r\n"
+        "Content-Transfer-Encoding: base64\r\n"
+        f'Content-Disposition: attachment;\r\n filename="{name}"\r\n\r\n'
+    )
+    return head.encode("ascii") + body.encode("ascii") + b64 + f"\r\n--{boundary}--\r\n".encode()
+
+
+# -- HTTPS POST --------------------------------------------------------------------
+
+AddrLookup = Callable[[str], Awaitable[list[str] | str]]
+
+
+async def post(uri: str, gz: bytes, addresses: AddrLookup, ctx: ssl.SSLContext, port: int = 0) -> str:
+    """POST the gzipped report to ``uri``; "" when a 2xx answered, else why not.
+    ``addresses``: the host's addresses, held to the MX rule (a domain's record
+    must not make this MTA post into its own network). ``port``: instead of the
+    URI's (tests)."""
+    u = urllib.parse.urlsplit(uri)
+    host = u.hostname or ""
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    try:
+        async with asyncio.timeout(POST_TIMEOUT):
+            addrs = await addresses(host)
+            if isinstance(addrs, str):
+                return addrs
+            last = "no address"
+            for addr in addrs[:3]:
+                try:
+                    reader, writer = await asyncio.open_connection(
+                        addr, port or u.port or 443, ssl=ctx, server_hostname=host, limit=16384
+                    )
+                except (OSError, ssl.SSLError) as e:
+                    last = f"{addr}: {e}"
+                    continue
+                try:
+                    writer.write(
+                        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: fastsend\r\n"
+                        f"Content-Type: {MEDIA_TYPE}\r\nContent-Length: {len(gz)}\r\n"
+                        "Connection: close\r\n\r\n".encode("ascii") + gz
+                    )
+                    status = (await reader.readline()).decode("latin-1").split(" ", 2)
+                finally:
+                    writer.close()
+                if len(status) >= 2 and status[0].startswith("HTTP/1.") and status[1][:1] == "2":
+                    return ""
+                return f"HTTP {' '.join(status[1:]).strip()[:100] or 'no answer'}"
+            return last
+    except TimeoutError:
+        return f"no answer in {POST_TIMEOUT:g} s"
+    except (OSError, ssl.SSLError, ValueError) as e:
+        return f"{e.__class__.__name__}: {e}"[:200]
+
+
+REPORTS_CAMPAIGN = "tls-reports"
+
+
+def reports_campaign(acceptor: Any, spool: Any) -> int:
+    """The operator's campaign for TLS-RPT report mail (made on first use; a
+    new one when the kept one was cancelled)."""
+    for info in spool.campaigns(OPERATOR):
+        if info.name == REPORTS_CAMPAIGN and info.status not in ("cancelled", "abandoned"):
+            return int(info.id)
+    # its mail goes despite the rua domain's own TLS policy failing (RFC 8460 5.3)
+    # the operator's own mail: its From domain need be no tenant's ([tenants]);
+    # signed by [dkim]
+    spec = {"kind": "transactional", "defaults": {}, "tenant": OPERATOR, "tls_report_mail": True}
+    return int(acceptor.create_campaign(spec, name=REPORTS_CAMPAIGN, options={"tls_reports": True}))
+
+
+# -- one run ---------------------------------------------------------------------
+
+
+class Sender:
+    """Sends the due reports of a :class:`Store`: the TXT and address lookups of
+    a :class:`~fastsend.delivery.mx.MXResolver`, mail handed to ``spool_mail``
+    (rows for the operator's tls-reports campaign)."""
+
+    def __init__(
+        self,
+        config: Any,
+        store: Store,
+        resolver: Any,
+        spool_mail: Callable[[list[tuple[str, str, bytes]]], None],
+    ) -> None:
+        t = config.tls
+        self.store = store
+        self.resolver = resolver
+        self.spool_mail = spool_mail
+        self.sender = t.report_from
+        self.submitter = self.sender.rpartition("@")[2].lower()
+        self.organization = t.report_organization or self.submitter
+        self.contact = t.report_contact or self.sender
+        self.ca_file = t.ca_file
+        self.post_port = t.report_post_port
+
+    async def rua(self, domain: str) -> list[str] | str:
+        """The domain's destinations; a str: the lookup failed (try again later)."""
+        try:
+            texts, _ttl = await self.resolver._txt(f"_smtp._tls.{domain}")
+        except Exception as e:
+            return f"TXT lookup failed: {e.__class__.__name__}"
+        return parse_txt(texts or [])
+
+    async def run(self, before: str, only_day: str = "") -> list[dict[str, Any]]:
+        """Send every due report of days before ``before`` (or of ``only_day``,
+        even if sent before); one summary dict per (day, domain)."""
+        from fastsend.delivery.mtasts import verify_context
+
+        ctx = verify_context(self.ca_file)
+        out = []
+        if only_day:
+            due = [
+                (d, dom) for d, dom in self.store.db.execute(
+                    "SELECT DISTINCT day, domain FROM sessions WHERE day = ? ORDER BY domain",
+                    (only_day,),
+                )
+            ]  # fmt: skip
+        else:
+            due = self.store.due(before)
+        now = time.time()
+        for day, domain in due:
+            info: dict[str, Any] = {"day": day, "domain": domain, "posted": [], "mailed": [],
+                                    "failed": []}  # fmt: skip
+            out.append(info)
+            rua = await self.rua(domain)
+            if isinstance(rua, str):
+                info["failed"].append(rua)
+                continue
+            if not rua:
+                info["failed"].append("no TLSRPTv1 record")
+                self.store.mark_sent(day, domain, "no record")
+                continue
+            unique = secrets.token_hex(8)
+            rid = f"{day}T00:00:00Z_{domain}_{unique}@{self.submitter}"
+            report = self.store.report(
+                day, domain, organization=self.organization, contact=self.contact, report_id=rid
+            )
+            info["report"] = report
+            gz = gzip.compress(orjson.dumps(report), mtime=0)
+            mails = [mailto_address(u) for u in rua if u.lower().startswith("mailto:")]
+            for uri in rua:
+                if not uri.lower().startswith("https://"):
+                    continue
+                why = await post(uri, gz, self.resolver._policy_addresses, ctx, self.post_port)
+                (info["failed"] if why else info["posted"]).append(f"{uri} {why}".strip())
+            if mails:
+                data = message(
+                    report, gz, domain=domain, submitter=self.submitter, sender=self.sender,
+                    to=mails, unique=unique, now=now,
+                )  # fmt: skip
+                rows = []
+                for addr in mails:
+                    local, _, dom = addr.rpartition("@")
+                    row = orjson.dumps(
+                        {"raw": base64.b64encode(data).decode("ascii"), "mail_from": self.sender}
+                    )
+                    rows.append((f"{local}@{dom.lower()}", dom.lower(), row))
+                try:
+                    self.spool_mail(rows)
+                    info["mailed"] = mails
+                except Exception as e:
+                    info["failed"].append(f"mail not spooled: {e}")
+            if info["posted"] or info["mailed"]:
+                self.store.mark_sent(day, domain, " ".join(info["posted"] + info["mailed"])[:500])
+        return out

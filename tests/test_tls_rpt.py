@@ -1,0 +1,324 @@
+"""TLS-RPT aggregate reports (RFC 8460), end to end on loopback: a real `fastsend
+send` under MTA-STS policies (the loopback DNS server, a trustme HTTPS policy
+host, fastsend's sink with and without a valid certificate) counts its
+sessions; `fastsend tls-report send` finds each policy domain's
+``_smtp._tls`` record, POSTs the gzipped JSON to a real HTTPS receiver and
+spools the report mail, which `fastsend resume` delivers to a real SMTP sink.
+Every report is checked against RFC 8460 4.4's fields."""
+
+from __future__ import annotations
+
+import datetime
+import email
+import email.policy
+import gzip
+import http.server
+import re
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from tests._engine_helpers import run_fastsend, write_campaign, write_recipients
+from tests.conftest import free_port
+from tests.test_mta_sts import World, policy
+
+from fastsend.analytics.tlsrpt import Store, day_of, filename, message, parse_txt
+from fastsend.config import ConfigError, loader
+from fastsend.sink import SinkProcess
+from fastsend.testing.dnsserver import DNSServer
+
+RESULT_TYPES = {
+    "starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+    "certificate-not-trusted", "validation-failure", "tlsa-invalid", "dnssec-invalid",
+    "dane-required", "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid",
+}  # fmt: skip
+_DATETIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def check_report(doc: dict[str, Any]) -> None:
+    """RFC 8460 4.4 (the JSON schema's required fields and types)."""
+    assert isinstance(doc["organization-name"], str) and doc["organization-name"]
+    dr = doc["date-range"]
+    assert _DATETIME.fullmatch(dr["start-datetime"]) and _DATETIME.fullmatch(dr["end-datetime"])
+    assert dr["start-datetime"] < dr["end-datetime"]
+    assert isinstance(doc["contact-info"], str) and doc["contact-info"]
+    assert isinstance(doc["report-id"], str) and doc["report-id"]
+    assert isinstance(doc["policies"], list) and doc["policies"]
+    for p in doc["policies"]:
+        pol = p["policy"]
+        assert pol["policy-type"] in ("sts", "tlsa", "no-policy-found")
+        assert isinstance(pol["policy-domain"], str) and pol["policy-domain"]
+        if pol["policy-type"] != "no-policy-found":
+            assert pol["policy-string"] and all(isinstance(x, str) for x in pol["policy-string"])
+        for x in pol.get("mx-host", []):
+            assert isinstance(x, str)
+        s = p["summary"]
+        ok, bad = s["total-successful-session-count"], s["total-failure-session-count"]
+        assert isinstance(ok, int) and isinstance(bad, int) and ok >= 0 and bad >= 0
+        details = p.get("failure-details", [])
+        assert sum(d["failed-session-count"] for d in details) <= bad
+        for d in details:
+            assert d["result-type"] in RESULT_TYPES, d
+            assert isinstance(d["failed-session-count"], int) and d["failed-session-count"] > 0
+            for k in ("sending-mta-ip", "receiving-mx-hostname", "receiving-ip",
+                      "failure-reason-code", "additional-information"):  # fmt: skip
+                assert isinstance(d.get(k, ""), str)
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_rua_record_parsing() -> None:
+    assert parse_txt(["v=TLSRPTv1; rua=mailto:a@b.test,https://r.test/x"]) == [
+        "mailto:a@b.test", "https://r.test/x",
+    ]  # fmt: skip
+    assert parse_txt(["v=spf1 -all", "v=TLSRPTv1;rua=mailto:a@b.test"]) == ["mailto:a@b.test"]
+    assert parse_txt(["v=TLSRPTv1; rua=mailto:a@b.test", "v=TLSRPTv1; rua=mailto:c@d.test"]) == []
+    assert parse_txt(["v=TLSRPTv1; rua=http://plain.test/x, ftp://x, mailto:nobody"]) == []
+    assert parse_txt(["v=TLSRPTv2; rua=mailto:a@b.test"]) == []
+    assert parse_txt([]) == []
+
+
+def test_store_counts_and_the_report_document(tmp_path: Path) -> None:
+    """Failures and session counts of sts, tlsa and no-policy-found policies
+    give one policy entry each, its summary and failure details, per UTC day;
+    a day is due once it is over, and not again once sent."""
+    st = Store(str(tmp_path))
+    d0 = datetime.datetime.now(datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    t = (d0 - datetime.timedelta(days=3)).timestamp() + 12 * 3600  # counts kept KEEP_DAYS
+    day1, day2, day3 = (day_of(t + i * 86400) for i in range(3))
+    sts = {"policy_type": "sts", "policy_domain": "a.test", "mx_host": ["*.a.test"],
+           "policy": ["version: STSv1", "mode: enforce", "mx: *.a.test", "max_age: 86400"]}
+    tlsa = {"policy_type": "tlsa", "policy_domain": "a.test", "mx_host": ["mx.a.test"],
+            "policy": ["3 1 1 ab"]}  # fmt: skip
+    st.listener([
+        {"event": "tls_sessions", "time": t, "count": 40, **sts},
+        {"event": "tls_sessions", "time": t + 60, "count": 2, **sts},
+        {"event": "tls_report", "time": t, "result": "certificate-expired", "source_ip": "192.0.2.1",
+         "mx": "mx1.a.test", "receiving_ip": "198.51.100.7", "text": "certificate has expired", **sts},
+        {"event": "tls_report", "time": t, "result": "certificate-expired", "source_ip": "192.0.2.1",
+         "mx": "mx1.a.test", "receiving_ip": "198.51.100.7", "text": "certificate has expired", **sts},
+        {"event": "tls_sessions", "time": t, "count": 5, **tlsa},
+        {"event": "tls_report", "time": t, "result": "tlsa-invalid", "source_ip": "192.0.2.2",
+         "mx": "mx.a.test", "receiving_ip": "198.51.100.8", "text": "no match", **tlsa},
+        {"event": "tls_report", "time": t, "result": "sts-policy-fetch-error",
+         "policy_type": "no-policy-found", "policy_domain": "b.test", "text": "HTTP 500"},
+        {"event": "delivered", "time": t, "rcpt": "x@a.test"},  # not TLS-RPT's
+        {"event": "tls_sessions", "time": t + 86400, "count": 1, **sts},  # the next day
+    ])  # fmt: skip
+    assert st.due(day1) == []
+    assert st.due(day2) == [(day1, "a.test"), (day1, "b.test")]
+    doc = st.report(day1, "a.test", organization="Org", contact="c@o.test", report_id="r1")
+    check_report(doc)
+    assert doc["date-range"] == {"start-datetime": f"{day1}T00:00:00Z",
+                                 "end-datetime": f"{day1}T23:59:59Z"}  # fmt: skip
+    by = {p["policy"]["policy-type"]: p for p in doc["policies"]}
+    assert by["sts"]["summary"] == {"total-successful-session-count": 42,
+                                    "total-failure-session-count": 2}  # fmt: skip
+    assert by["sts"]["policy"]["policy-string"][1] == "mode: enforce"
+    assert by["sts"]["policy"]["mx-host"] == ["*.a.test"]
+    assert by["sts"]["failure-details"] == [{
+        "result-type": "certificate-expired", "sending-mta-ip": "192.0.2.1",
+        "receiving-mx-hostname": "mx1.a.test", "receiving-ip": "198.51.100.7",
+        "failed-session-count": 2, "failure-reason-code": "certificate has expired",
+    }]  # fmt: skip
+    assert by["tlsa"]["summary"]["total-successful-session-count"] == 5
+    assert by["tlsa"]["failure-details"][0]["result-type"] == "tlsa-invalid"
+    nopol = st.report(day1, "b.test", organization="O", contact="c", report_id="r2")
+    check_report(nopol)
+    assert nopol["policies"][0]["policy"] == {"policy-type": "no-policy-found",
+                                              "policy-domain": "b.test"}  # fmt: skip
+    st.mark_sent(day1, "a.test", "https://r.test")
+    assert st.due(day3) == [(day1, "b.test"), (day2, "a.test")]
+    st.close()
+
+
+def test_report_message_format_rfc8460_5_3() -> None:
+    report = {"organization-name": "O", "date-range": {"start-datetime": "2026-03-01T00:00:00Z",
+              "end-datetime": "2026-03-01T23:59:59Z"}, "contact-info": "c@s.test",
+              "report-id": "rid-1", "policies": [{"policy": {"policy-type": "sts",
+              "policy-domain": "d.test"}, "summary": {"total-successful-session-count": 3,
+              "total-failure-session-count": 1}}]}  # fmt: skip
+    gz = gzip.compress(orjson.dumps(report))
+    raw = message(report, gz, domain="d.test", submitter="s.test", sender="tls@s.test",
+                  to=["rua@d.test"], unique="u1", now=time.time())  # fmt: skip
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    m = email.message_from_bytes(raw, policy=email.policy.default)
+    assert m["TLS-Report-Domain"] == "d.test" and m["TLS-Report-Submitter"] == "s.test"
+    assert m["Subject"] == "Report Domain: d.test Submitter: s.test Report-ID: <rid-1>"
+    assert m.get_content_type() == "multipart/report"
+    assert m.get_param("report-type") == "tlsrpt"
+    parts = list(m.iter_parts())
+    assert parts[0].get_content_type() == "text/plain"
+    att = parts[1]
+    assert att.get_content_type() == "application/tlsrpt+gzip"
+    start = int(datetime.datetime(2026, 3, 1, tzinfo=datetime.UTC).timestamp())
+    assert att.get_filename() == f"s.test!d.test!{start}!{start + 86399}!u1.json.gz"
+    assert att.get_filename() == filename("s.test", "d.test", start, start + 86399, "u1")
+    assert orjson.loads(gzip.decompress(att.get_content())) == report
+
+
+def test_report_config(tmp_path: Path) -> None:
+    cfg = loader.from_dict({"tls": {"reports": "on", "report_from": "tls@s.test"}})
+    assert cfg.tls.reports == "on" and cfg.tls.report_from == "tls@s.test"
+    with pytest.raises(ConfigError, match="report_from"):
+        loader.from_dict({"tls": {"reports": "on"}})
+    for bad in ("no-at", "Name <a@b.test>", "a@b.test\r\nBcc: x@y.test", "a@localhost"):
+        with pytest.raises(ConfigError, match="report_from"):
+            loader.from_dict({"tls": {"report_from": bad}})
+    with pytest.raises(ConfigError, match="reports"):
+        loader.from_dict({"tls": {"reports": "yes"}})
+
+
+# ---------------------------------------------------------------- end to end
+
+
+class ReportReceiver:
+    """HTTPS on 127.0.0.1 taking POSTed reports (trustme certificate)."""
+
+    def __init__(self, cert: Any) -> None:
+        self.posts: list[tuple[str, dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n)
+                outer.posts.append((self.path, dict(self.headers.items()), body))
+                self.send_response(201)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def world(tmp_path: Path, dns_server: DNSServer) -> Iterator[World]:
+    w = World(tmp_path, dns_server)
+    try:
+        yield w
+    finally:
+        w.https.close()
+
+
+def test_reports_from_a_real_send_posted_and_mailed(world: World) -> None:
+    port = free_port("127.0.0.1")
+    good = world.pem("good", "mx.ok.test")
+    bad = world.pem("bad", "wrong-name.test")
+    receiver = ReportReceiver(world.ca.issue_cert("rpt.reports.test"))
+    # the report mail's own domain enforces MTA-STS and its MX offers no STARTTLS:
+    # the report goes anyway (RFC 8460 5.3: despite any TLS-related failures)
+    rua = "v=TLSRPTv1; rua=mailto:tlsrpt@enforce-notls.test,https://rpt.reports.test/v1/tlsrpt"
+    world.dns.set_zones({
+        "enforce-ok.test": [("MX", "10 mx.ok.test.")],
+        "enforce-badcert.test": [("MX", "10 mx.bad.test.")],
+        "mx.ok.test": [("A", "127.0.0.1")],
+        "mx.bad.test": [("A", "127.0.0.3")],
+        "_mta-sts.enforce-ok.test": [("TXT", "v=STSv1; id=1")],
+        "_mta-sts.enforce-badcert.test": [("TXT", "v=STSv1; id=1")],
+        "mta-sts.enforce-ok.test": [("A", "127.0.0.1")],
+        "mta-sts.enforce-badcert.test": [("A", "127.0.0.1")],
+        "_smtp._tls.enforce-ok.test": [("TXT", rua)],
+        "_smtp._tls.enforce-badcert.test": [("TXT", "v=TLSRPTv1; rua=https://rpt.reports.test/b")],
+        "rpt.reports.test": [("A", "127.0.0.1")],
+        "enforce-notls.test": [("MX", "10 mx.reports.test.")],
+        "_mta-sts.enforce-notls.test": [("TXT", "v=STSv1; id=1")],
+        "mta-sts.enforce-notls.test": [("A", "127.0.0.1")],
+        "mx.reports.test": [("A", "127.0.0.6")],
+    })  # fmt: skip
+    world.https.policies["mta-sts.enforce-ok.test"] = policy("enforce", "mx.ok.test")
+    world.https.policies["mta-sts.enforce-badcert.test"] = policy("enforce", "mx.bad.test")
+    world.https.policies["mta-sts.enforce-notls.test"] = policy("enforce", "mx.reports.test")
+    cfg = world.config(
+        port, f'report_from = "tls-reports@sender.test"\nreport_post_port = {receiver.port}\n'
+        'report_organization = "Sender Org"\n'
+        # tenants configured: the report mail is the operator's, its From no tenant's
+        '[tenants.acme]\ndomains = ["acme.test"]\n',
+    )  # fmt: skip
+    spool = world.tmp / "spool"
+    saved = world.tmp / "saved"
+    saved.mkdir()
+    camp = write_campaign(world.tmp)
+    lst = write_recipients(world.tmp, ["u@enforce-ok.test", "v@enforce-ok.test", "u@enforce-badcert.test"])
+    common = ("-c", str(cfg), "--spool", str(spool))
+    try:
+        with (
+            SinkProcess("--tls-cert", good[0], "--tls-key", good[1], listen=f"127.0.0.1:{port}"),
+            SinkProcess("--tls-cert", bad[0], "--tls-key", bad[1], listen=f"127.0.0.3:{port}"),
+            SinkProcess("--save", str(saved), listen=f"127.0.0.6:{port}"),
+        ):
+            proc = run_fastsend("send", str(camp), "-r", str(lst), *common, "--json", "--no-dkim",
+                                "--no-progress", "--max-wait", "1")  # fmt: skip
+            assert proc.returncode in (0, 1), proc.stderr[-3000:]
+            today = day_of(time.time())
+            st = Store(str(spool))
+            counted = st.report(today, "enforce-ok.test", organization="o", contact="c", report_id="x")
+            bad_counted = st.report(today, "enforce-badcert.test", organization="o", contact="c",
+                                    report_id="y")  # fmt: skip
+            st.close()
+            ok_sum = counted["policies"][0]["summary"]
+            assert ok_sum["total-successful-session-count"] >= 1, counted
+            assert ok_sum["total-failure-session-count"] == 0, counted
+            assert bad_counted["policies"][0]["summary"]["total-failure-session-count"] >= 1
+            detail = bad_counted["policies"][0]["failure-details"][0]
+            assert detail["result-type"] == "certificate-host-mismatch", detail
+            assert detail["receiving-mx-hostname"] == "mx.bad.test", detail
+            assert detail["receiving-ip"] == "127.0.0.3" and detail["sending-mta-ip"] == "127.0.0.2"
+            # nothing due before the day is over; --day sends that day's
+            rep = run_fastsend("tls-report", "send", *common, "--json")
+            assert rep.returncode == 0, rep.stderr
+            assert orjson.loads(rep.stdout)["reports"] == []
+            rep = run_fastsend("tls-report", "send", *common, "--day", today, "--json")
+            assert rep.returncode == 0, rep.stderr + rep.stdout
+            out = orjson.loads(rep.stdout)
+            assert out["mail_spooled"] == 1, out
+            res = run_fastsend("resume", *common, "--no-progress", "--max-wait", "1", "--json")
+            assert res.returncode in (0, 1), res.stderr[-3000:]
+    finally:
+        receiver.close()
+    # HTTPS: one POST per domain, gzipped JSON of its own policy domain
+    assert sorted(p[0] for p in receiver.posts) == ["/b", "/v1/tlsrpt"], receiver.posts
+    for path, headers, body in receiver.posts:
+        assert headers["Content-Type"] == "application/tlsrpt+gzip"
+        doc = orjson.loads(gzip.decompress(body))
+        check_report(doc)
+        want = "enforce-ok.test" if path == "/v1/tlsrpt" else "enforce-badcert.test"
+        assert {p["policy"]["policy-domain"] for p in doc["policies"]} == {want}
+        assert doc["organization-name"] == "Sender Org"
+        assert doc["contact-info"] == "tls-reports@sender.test"
+    # mail: delivered by fastsend's own queue to the rua's MX
+    files = list(saved.iterdir())
+    assert len(files) == 1, files
+    m = email.message_from_bytes(files[0].read_bytes(), policy=email.policy.default)
+    assert m["TLS-Report-Domain"] == "enforce-ok.test"
+    assert m["TLS-Report-Submitter"] == "sender.test"
+    assert m["To"] == "tlsrpt@enforce-notls.test" and m["From"] == "tls-reports@sender.test"
+    assert m.get_content_type() == "multipart/report" and m.get_param("report-type") == "tlsrpt"
+    att = next(p for p in m.iter_parts() if p.get_content_type() == "application/tlsrpt+gzip")
+    assert (att.get_filename() or "").startswith("sender.test!enforce-ok.test!")
+    doc = orjson.loads(gzip.decompress(att.get_content()))
+    check_report(doc)
+    assert doc["policies"][0]["policy"]["policy-string"][1] == "mode: enforce"
+    assert doc["policies"][0]["summary"]["total-successful-session-count"] >= 1
+    # sent: not again
+    rep = run_fastsend("tls-report", "send", *common, "--json")
+    assert orjson.loads(rep.stdout)["reports"] == []
