@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import email.utils
 import gzip
 import os
 import secrets
@@ -308,6 +307,8 @@ def message(
 ) -> bytes:
     """The report message: multipart/report; report-type="tlsrpt", a short
     text part and the gzipped JSON (base64, ``application/tlsrpt+gzip``)."""
+    import email.utils  # (not on a plain send's path: only a report needs it)
+
     start = datetime.datetime.strptime(
         report["date-range"]["start-datetime"], "%Y-%m-%dT%H:%M:%SZ"
     ).replace(tzinfo=datetime.UTC).timestamp()
