@@ -32,14 +32,17 @@ MESSAGE = (
 )
 
 
-def _serve(tmp: Path, certs: Any, sink: Any, retry: str = "") -> tuple[Served, int]:
+def _serve(
+    tmp: Path, certs: Any, sink: Any, retry: str = "", spool_url: str = ""
+) -> tuple[Served, int]:
     cert, key, _client = certs
     port = free_port()
     extra = (
         f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
         f"{retry}"
     )
-    served = Served(tmp, f"{sink.host}:{sink.port}", extra=extra)
+    served = Served(tmp, f"{sink.host}:{sink.port}", extra=extra, spool_url=spool_url,
+                    serve_args=("--allow-volatile",) if spool_url else ())  # fmt: skip
     wait_port("127.0.0.1", port, timeout=20)
     return served, port
 
@@ -144,16 +147,20 @@ def test_one_notice_names_every_recipient_the_message_failed_for(
     assert got == ["permfail-1@example.org", "permfail-2@example.net"], got
 
 
+@pytest.mark.parametrize("spool", ["sqlite", "redis"])
 def test_a_kill_between_the_failure_and_its_notice_loses_no_notice(
-    tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch, spool: str,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
     """kill -9 of serve right after a bounce is committed, before its notice is
     spooled: the notice was lost for good (the failure was in the spool and the
     event log, its sender never told). Now the failure is journalled before its
-    commit and the next start tells it; once told, it is not told again."""
+    commit and the next start tells it; once told, it is not told again. On a
+    shared (Redis) spool as on SQLite: the journal is in the node's local dir."""
+    url = request.getfixturevalue("redis_server").url() if spool == "redis" else ""
     with SinkThread(keep_messages=True) as sink:
         monkeypatch.setenv("FASTSEND_TEST_FAULT", "outcomes-kill-after-commit:1")
-        served, port = _serve(tmp_path, certs, sink)
+        served, port = _serve(tmp_path, certs, sink, spool_url=url)
         monkeypatch.delenv("FASTSEND_TEST_FAULT")
         try:
             _submit(port, served.keys["acme"], certs[2], "app@example.com",
