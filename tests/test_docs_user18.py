@@ -455,3 +455,75 @@ def test_output_into_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
         os.close(write)
     assert r.returncode == 141, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_send_on_a_shared_spool_signs_as_its_serve_nodes(tmp_path: Path, redis_server: Any) -> None:
+    """README: spool once on Redis, run a serve node per machine. `fastsend send` on
+    that spool signed VERP return paths (and Message-IDs, tracking links) with its
+    local directory's secret.key, while every serve node signs and checks with the
+    cluster's shared secret: the intake matched none of the bounces of what send
+    sent (a hard bounce suppressed no one), nor a click or unsubscribe."""
+    from fastsend import msgid
+    from fastsend.cluster import ClusterNode
+    from fastsend.spool import open_spool
+
+    url = redis_server.url(node="n1", dir=str(tmp_path / "local"))
+    (tmp_path / "c.toml").write_text(CAMPAIGN + 'verp_domain = "bounces.example.com"\n')
+    (tmp_path / "list.csv").write_text("email,first_name\na@example.org,A\n")
+    with SinkThread() as sink:
+        r = fastsend(
+            "send", "c.toml", "-r", "list.csv", "--no-dkim", "--no-progress",
+            "--route", f"*=127.0.0.1:{sink.port}", "--spool", url, cwd=tmp_path,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        mail_from = sink.messages[0].mail_from
+    local, _, domain = mail_from.partition("@")
+    assert domain == "bounces.example.com" and local.startswith("b-"), mail_from
+    spool = open_spool(url)
+    try:
+        shared = spool.shared()
+        assert shared is not None
+        secret = ClusterNode(shared.client, shared.prefix, "any").shared_secret()
+    finally:
+        spool.close()
+    assert msgid.parse(local[2:], secret) is not None
+
+
+def test_spool_commands_take_the_config_as_serve_does(tmp_path: Path) -> None:
+    """An operator runs `fastsend serve -c /etc/fastsend/fastsend.toml`; `queue`,
+    `campaign` and `suppress` refused -c ("unrecognized arguments") and read ./spool
+    (or demanded --spool) instead of the config's [spool]."""
+    (tmp_path / "f.toml").write_text('[spool]\ndir = "var/spool"\n')
+    (tmp_path / "campaign.toml").write_text(CAMPAIGN)
+    (tmp_path / "list.csv").write_text("email,first_name\na@example.org,A\n")
+    with SinkThread() as sink:
+        r = fastsend(
+            "send", "campaign.toml", "-r", "list.csv", "--no-dkim", "--no-progress",
+            "--route", f"*=127.0.0.1:{sink.port}", "-c", "f.toml", cwd=tmp_path,
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = fastsend("suppress", "add", "x@example.org", "-c", "f.toml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    listed = fastsend("suppress", "list", "--spool", "var/spool", cwd=tmp_path)
+    assert listed.stdout.startswith("x@example.org"), listed
+    r = fastsend("campaign", "list", "--json", "-c", "f.toml", cwd=tmp_path)
+    assert r.returncode == 0 and '"delivered":1' in r.stdout, r
+    r = fastsend("queue", "--json", "-c", "f.toml", cwd=tmp_path)
+    assert r.returncode == 0 and '"delivered":1' in r.stdout, r
+    assert not (tmp_path / "spool").exists()
+    r = fastsend("suppress", "list", cwd=tmp_path)
+    assert r.returncode == 2 and "-c CONFIG" in r.stderr
+
+
+def test_a_password_in_clear_in_submission_users_is_a_config_error(tmp_path: Path) -> None:
+    """`acme = "s3cret"` in [submission.users] passed check-config; every AUTH of acme
+    then failed (535) with nothing saying why, the password sitting in the file."""
+    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "c.key").write_text("x")
+    base = '[submission]\nlisten = "127.0.0.1:2587"\ntls_cert = "c.pem"\ntls_key = "c.key"\n'
+    (tmp_path / "f.toml").write_text(base + '[submission.users]\nacme = "s3cret"\n')
+    r = fastsend("check-config", "f.toml", cwd=tmp_path)
+    assert r.returncode == 2, r
+    assert "'acme' is not a password hash" in r.stderr
+    assert "fastsend apikey hash-password --tenant acme" in r.stderr
+    assert "s3cret" not in r.stderr + r.stdout

@@ -18,7 +18,8 @@ import argparse
 
 import orjson
 
-from fastsend.commands.common import die
+from fastsend.commands.common import add_spool_arguments, die, spool_arg
+from fastsend.config import ConfigError
 from fastsend.spool import SpoolError, open_spool
 
 STATUS = {"pause": "paused", "resume": "active", "cancel": "cancelled"}
@@ -31,16 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="list every campaign, or pause / resume / cancel campaign ID",
     )
     p.add_argument("id", nargs="?", type=int, help="campaign id (not for list)")
-    p.add_argument(
-        "--spool", default="./spool", help="spool directory or redis:// URL (default ./spool)"
-    )
+    add_spool_arguments(p)
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        args.spool = spool_arg(args)
         spool = open_spool(args.spool, readonly=args.action == "list", must_exist=True)
-    except SpoolError as e:
+    except (SpoolError, ConfigError) as e:
         return die(str(e))
     try:
         if args.action == "list":

@@ -140,19 +140,58 @@ def redact_url(url: str) -> str:
     return redact(url)
 
 
-def sign_links_as_serve(cfg: Any) -> None:
-    """Tracking links (opens, clicks, unsubscribe) of what ``send`` and ``resume``
-    deliver are signed with the installation secret (``[tracking] secret``, else
-    ``<spool>/secret.key``), as ``fastsend serve`` signs its own and checks every
-    link with: set for this process and the workers it forks. Without it a campaign
-    with tracking was refused by ``send`` ("tracking needs a secret") unless it
-    named a secret file of its own, whose links serve then could not verify."""
+def sign_links_as_serve(cfg: Any, spool: Any = None) -> None:
+    """The installation secret, as ``fastsend serve`` on the same spool has it, for
+    this process and the workers it forks: ``[tracking] secret``, else the shared
+    spool's (``ClusterNode.shared_secret``: every node's), else ``<spool>/secret.key``.
+    It signs the tracking links (opens, clicks, unsubscribe), VERP return paths and
+    Message-IDs of what ``send`` and ``resume`` deliver, which serve checks (a link
+    clicked, an unsubscribe, an asynchronous bounce or complaint matched to its
+    message). Without it ``send`` refused a campaign with tracking ("tracking needs a
+    secret"), and on a Redis spool signed with its local directory's secret, which no
+    serve node knows: the bounces of what it sent were never matched. ``spool``: the
+    opened spool (None: before it is, for checking a campaign: a local secret)."""
     from fastsend import msgid
     from fastsend.message.tracking import set_process_secret
 
-    if not cfg.secret:
+    shared = spool.shared() if spool is not None else None
+    if shared is not None and not cfg.tracking.secret:
+        from fastsend.cluster import ClusterNode
+
+        node = ClusterNode(shared.client, shared.prefix, shared.node, shared.lease)
+        cfg.secret = node.shared_secret()
+    elif not cfg.secret:
         cfg.secret = msgid.load_secret(cfg)  # the supervisor's own (it keeps a set one)
     set_process_secret(cfg.secret)
+
+
+def add_spool_arguments(p: argparse.ArgumentParser, *, default: str | None = "./spool") -> None:
+    """``--spool`` and ``-c``: the commands that only read or change a spool (queue,
+    campaign, suppress) find it as the others do, in the config's ``[spool]``: an
+    operator of ``fastsend serve -c /etc/fastsend/fastsend.toml`` names the same file."""
+    p.add_argument(
+        "--spool",
+        help="spool directory or redis:// URL (default: the config's, else"
+        + (f" {default})" if default else " required)"),
+    )
+    p.add_argument("-c", "--config", help="config file (TOML): its [spool]")
+    p.set_defaults(spool_default=default)
+
+
+def spool_arg(args: argparse.Namespace) -> str:
+    """The spool :func:`add_spool_arguments` names: ``--spool``, else the config's
+    (``[spool] url``, else its dir), else the default; ConfigError when neither is
+    given and there is no default, or the config is wrong."""
+    from fastsend.config import ConfigError, load
+
+    if args.spool:
+        return str(args.spool)
+    if args.config:
+        cfg = load(args.config)
+        return cfg.spool_url or cfg.spool_dir
+    if args.spool_default is None:
+        raise ConfigError("give --spool DIR (or URL) or -c CONFIG")
+    return str(args.spool_default)
 
 
 def resume_command(args: argparse.Namespace) -> str:

@@ -13,22 +13,21 @@ import time
 
 import orjson
 
-from fastsend.commands.common import die
+from fastsend.commands.common import add_spool_arguments, die, spool_arg
+from fastsend.config import ConfigError
 from fastsend.spool import AGE_BUCKETS_MIN, SpoolError, open_spool
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--spool", default="./spool", help="spool directory or redis:// URL (default ./spool)"
-    )
+    add_spool_arguments(p)
     p.add_argument("--top", type=int, default=20, help="domains to show (default 20)")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        spool = open_spool(args.spool, readonly=True)
-    except SpoolError as e:
+        spool = open_spool(spool_arg(args), readonly=True)
+    except (SpoolError, ConfigError) as e:
         return die(str(e))
     now = time.time()
     shape = spool.queue_shape(now)

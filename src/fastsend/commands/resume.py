@@ -81,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
     busy = hold_supervisor(spool, "fastsend resume", cfg.spool_dir)
     if busy:
         return busy
-    sign_links_as_serve(cfg)  # a campaign with tracking links: signed as send signed them
+    try:
+        sign_links_as_serve(cfg, spool)  # serve's secret: its links, VERP and ids verify
+    except spool.outage_errors() as e:
+        spool.close()
+        return die(f"the spool is out of reach ({e.__class__.__name__}: {e})", EX_TEMPFAIL)
     # One reader per list: every unfinished job is held before anything else
     # (a live `send`, `serve` or `resume` reading one makes this one stop here,
     # before it touches the queue).

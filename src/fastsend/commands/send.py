@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from fastsend.commands.common import (
+    EX_TEMPFAIL,
     add_engine_arguments,
     die,
     engine_config,
@@ -193,6 +194,11 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(ips, int):
         spool.close()
         return ips
+    try:
+        sign_links_as_serve(cfg, spool)  # serve's secret: its links, VERP and ids verify
+    except spool.outage_errors() as e:
+        spool.close()
+        return die(f"the spool is out of reach ({e.__class__.__name__}: {e})", EX_TEMPFAIL)
     events = EventLog(cfg.event_log_path)
     # Before the first chunk's accepted events: the rollups count them as they happen.
     rollups = engine.attach_rollups(cfg, spool, events)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from fastsend.commands.common import add_spool_arguments, spool_arg
 from fastsend.suppression import (
     DEFAULT_TENANT,
     MANUAL,
@@ -36,10 +37,8 @@ DB_NAME = "suppression.db"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--spool", required=True,
-        help="spool directory, or a Redis spool URL (redis://...: the list every node shares)",
-    )  # fmt: skip
+    # a directory, or a Redis spool URL (redis://...: the list every node shares)
+    add_spool_arguments(common, default=None)
     common.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant (default: default)")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = sub.add_parser("add", parents=[common], help="suppress addresses")
@@ -73,8 +72,13 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastsend.config import ConfigError
     from fastsend.spool import SpoolError, is_redis_url
 
+    try:
+        args.spool = spool_arg(args)
+    except ConfigError as e:
+        return _fail(str(e))
     if is_redis_url(str(args.spool)):
         import redis
 

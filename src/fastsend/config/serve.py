@@ -182,6 +182,10 @@ def listen_pairs(v: str | list[str]) -> list[tuple[str, int]]:
     return out
 
 
+# What fastsend.serve.listeners.hash_password writes: pbkdf2_sha256$ITERATIONS$SALT$HASH.
+_PASSWORD_HASH = re.compile(r"pbkdf2_sha256\$[1-9][0-9]{3,8}\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]{43}=")
+
+
 class SubmissionSettings(ListenerLimits):
     """[submission]: SMTP submission with AUTH (tenants' passwords in [submission.users])."""
 
@@ -205,6 +209,15 @@ class SubmissionSettings(ListenerLimits):
             _listens(self.listen)
             if not (self.tls_cert and self.tls_key):
                 raise ValueError("needs tls_cert and tls_key (AUTH only under TLS)")
+        for user, stored in self.users.items():
+            # A password written as it is (or a hash cut short) never matched: that
+            # user's AUTH failed for ever, said by nothing but 535, and the password
+            # sat in the config file in clear.
+            if not _PASSWORD_HASH.fullmatch(stored):
+                raise ValueError(
+                    f"users: {user!r} is not a password hash: put the line `fastsend apikey"
+                    f" hash-password --tenant {user}` prints here (never the password itself)"
+                )
 
 
 class IntakeSettings(ListenerLimits):

@@ -44,7 +44,7 @@ __all__ = ["BUDGET_S", "EhloNames", "choose", "names_for", "prepare"]
 
 BUDGET_S = 3.0  # every startup lookup together; past it, sending starts with what is known
 SHOWN = 8  # warnings printed one by one; the rest are counted
-FIX = "set the pool address's ehlo (or [ips] helo) to the IP's PTR name"
+FIX = "set the pool address's ehlo (or [ips] helo; send and resume: --helo) to the IP's PTR name"
 
 
 @dataclass
@@ -192,7 +192,7 @@ def choose(
     elif not ips:
         problems.append(f"EHLO: no [ips] helo and this host's name {host!r} is not fully "
                         "qualified: saying the connection's own address as a literal; set "
-                        "[ips] helo to the sending IP's PTR name")  # fmt: skip
+                        "[ips] helo (send and resume: --helo) to the sending IP's PTR name")  # fmt: skip
     out.warnings = problems
     return out
 
