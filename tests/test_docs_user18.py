@@ -527,3 +527,27 @@ def test_a_password_in_clear_in_submission_users_is_a_config_error(tmp_path: Pat
     assert "'acme' is not a password hash" in r.stderr
     assert "fastsend apikey hash-password --tenant acme" in r.stderr
     assert "s3cret" not in r.stderr + r.stdout
+
+
+def test_a_source_ip_this_machine_lacks_is_an_error_not_a_silent_deferral(
+    tmp_path: Path,
+) -> None:
+    """README's `fastsend send ... --source-ip 203.0.113.10,203.0.113.11` on a machine
+    without those addresses deferred every message ("Cannot assign requested address",
+    in the event log only), exit 0, and went on deferring until expiry."""
+    from fastsend.config import from_dict
+    from fastsend.delivery.ehlo import foreign_ips
+
+    (tmp_path / "campaign.toml").write_text(CAMPAIGN)
+    (tmp_path / "list.csv").write_text("email,first_name\na@example.org,A\n")
+    r = fastsend(
+        "send", "campaign.toml", "-r", "list.csv", "--no-dkim", "--no-progress",
+        "--route", "*=127.0.0.1:9", "--source-ip", "127.0.0.2,192.0.2.10",
+        "--spool", "spool", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 2, r
+    assert "192.0.2.10" in r.stderr and "not an address of this machine" in r.stderr
+    assert "127.0.0.2" not in r.stderr
+    assert not (tmp_path / "spool" / "spool.db").exists()  # nothing was spooled
+    pools = from_dict({"pools": {"main": {"ips": ["127.0.0.3", "198.51.100.7"]}}})
+    assert [ip for ip, _ in foreign_ips(pools)] == ["198.51.100.7"]

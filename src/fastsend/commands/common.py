@@ -140,7 +140,7 @@ def redact_url(url: str) -> str:
     return redact(url)
 
 
-def sign_links_as_serve(cfg: Any, spool: Any = None) -> None:
+def sign_links_as_serve(cfg: Any, spool: Any = None, *, links: bool = True) -> None:
     """The installation secret, as ``fastsend serve`` on the same spool has it, for
     this process and the workers it forks: ``[tracking] secret``, else the shared
     spool's (``ClusterNode.shared_secret``: every node's), else ``<spool>/secret.key``.
@@ -150,9 +150,10 @@ def sign_links_as_serve(cfg: Any, spool: Any = None) -> None:
     message). Without it ``send`` refused a campaign with tracking ("tracking needs a
     secret"), and on a Redis spool signed with its local directory's secret, which no
     serve node knows: the bounces of what it sent were never matched. ``spool``: the
-    opened spool (None: before it is, for checking a campaign: a local secret)."""
+    opened spool (None: before it is, for checking a campaign: a local secret).
+    ``links``: a campaign of this run may have tracking links (else the tracking
+    module is not imported: a plain send's start stays as lean as it was)."""
     from fastsend import msgid
-    from fastsend.message.tracking import set_process_secret
 
     shared = spool.shared() if spool is not None else None
     if shared is not None and not cfg.tracking.secret:
@@ -162,7 +163,10 @@ def sign_links_as_serve(cfg: Any, spool: Any = None) -> None:
         cfg.secret = node.shared_secret()
     elif not cfg.secret:
         cfg.secret = msgid.load_secret(cfg)  # the supervisor's own (it keeps a set one)
-    set_process_secret(cfg.secret)
+    if links:
+        from fastsend.message.tracking import set_process_secret
+
+        set_process_secret(cfg.secret)
 
 
 def add_spool_arguments(p: argparse.ArgumentParser, *, default: str | None = "./spool") -> None:
@@ -192,6 +196,15 @@ def spool_arg(args: argparse.Namespace) -> str:
     if args.spool_default is None:
         raise ConfigError("give --spool DIR (or URL) or -c CONFIG")
     return str(args.spool_default)
+
+
+def foreign_source_ips(cfg: Any) -> int | None:
+    """2 (said) when a source IP of ``cfg`` is no address of this machine, before
+    anything is spooled or claimed (:func:`fastsend.delivery.ehlo.foreign_ips`)."""
+    from fastsend.delivery.ehlo import foreign_ips_error
+
+    why = foreign_ips_error(cfg)
+    return None if why is None else die(why)
 
 
 def resume_command(args: argparse.Namespace) -> str:

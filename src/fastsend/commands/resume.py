@@ -25,6 +25,7 @@ from fastsend.commands.common import (
     add_engine_arguments,
     die,
     engine_config,
+    foreign_source_ips,
     hold_source_ips,
     hold_supervisor,
     open_suppression,
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         cfg, spool_url = engine_config(args)
     except ConfigError as e:
         return die(str(e))
+    if (foreign := foreign_source_ips(cfg)) is not None:
+        return foreign
     try:
         spool = open_spool(spool_url, must_exist=True)
     except SpoolError as e:

@@ -31,6 +31,7 @@ from fastsend.commands.common import (
     add_engine_arguments,
     die,
     engine_config,
+    foreign_source_ips,
     hold_source_ips,
     hold_supervisor,
     open_suppression,
@@ -156,9 +157,12 @@ def run(args: argparse.Namespace) -> int:
     options, why = campaign_options(args, cfg)
     if why:
         return die(why)
+    if (foreign := foreign_source_ips(cfg)) is not None:
+        return foreign
     try:
         camp = Campaign.load(args.campaign)
-        if (camp.to_dict().get("tracking") or {}).get("base_url"):
+        tracked = bool((camp.to_dict().get("tracking") or {}).get("base_url"))
+        if tracked:
             sign_links_as_serve(cfg)  # before its links are built, here and in the workers
         spec = check_campaign(camp, require_dkim=not args.no_dkim)
         camp.check_columns(recipients.columns(args.recipients) | {"email"})
@@ -195,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         spool.close()
         return ips
     try:
-        sign_links_as_serve(cfg, spool)  # serve's secret: its links, VERP and ids verify
+        sign_links_as_serve(cfg, spool, links=tracked)  # serve's: links, VERP, ids verify
     except spool.outage_errors() as e:
         spool.close()
         return die(f"the spool is out of reach ({e.__class__.__name__}: {e})", EX_TEMPFAIL)

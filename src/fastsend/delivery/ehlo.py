@@ -44,7 +44,7 @@ __all__ = ["BUDGET_S", "EhloNames", "choose", "names_for", "prepare"]
 
 BUDGET_S = 3.0  # every startup lookup together; past it, sending starts with what is known
 SHOWN = 8  # warnings printed one by one; the rest are counted
-FIX = "set the pool address's ehlo (or [ips] helo; send and resume: --helo) to the IP's PTR name"
+FIX = "set the pool address's ehlo (or [ips] helo, or --helo) to the IP's PTR name"
 
 
 @dataclass
@@ -65,6 +65,38 @@ def _node_ips(config: Config) -> list[str]:
         for p in config.pools.pools.values():
             ips.extend(e.ip for e in p.ips if e.ip not in ips)
     return ips
+
+
+def foreign_ips(config: Config) -> list[tuple[str, str]]:
+    """The node's source IPs ([ips] source, [pools]) no interface of this machine has,
+    each with why a socket cannot be bound to it. Mail from one is deferred at every
+    attempt ("Cannot assign requested address") until it expires, so `send`,
+    `resume` and `serve` refuse to start with one (a mistyped --source-ip, a config
+    copied from another node) instead of deferring everything without a word."""
+    import socket
+
+    out = []
+    for ip in _node_ips(config):
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((ip, 0))
+        except OSError as e:
+            out.append((ip, e.strerror or str(e)))
+        finally:
+            s.close()
+    return out
+
+
+def foreign_ips_error(config: Config) -> str | None:
+    """:func:`foreign_ips` said as an error with what to do, or None."""
+    bad = foreign_ips(config)
+    if not bad:
+        return None
+    said = ", ".join(f"{ip} ({why})" for ip, why in bad)
+    return (
+        f"source IP {said} is not an address of this machine: add it to an interface,"
+        " or leave it out of --source-ip, [ips] source and [pools]"
+    )
 
 
 def _said(name: str) -> str:
@@ -192,7 +224,7 @@ def choose(
     elif not ips:
         problems.append(f"EHLO: no [ips] helo and this host's name {host!r} is not fully "
                         "qualified: saying the connection's own address as a literal; set "
-                        "[ips] helo (send and resume: --helo) to the sending IP's PTR name")  # fmt: skip
+                        "[ips] helo (or --helo) to the sending IP's PTR name")  # fmt: skip
     out.warnings = problems
     return out
 

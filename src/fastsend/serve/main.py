@@ -97,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"fastsend serve: spool {cfg.spool_dir}: {e}", file=sys.stderr)
         return 2
+    if not args.no_workers:  # an ingest-only node sends from no address
+        from fastsend.delivery.ehlo import foreign_ips_error
+
+        if (why := foreign_ips_error(cfg)) is not None:
+            print(f"fastsend serve: {why}", file=sys.stderr)
+            return 2
     raise_nofile(cfg)
     server = Server(args.config, cfg, workers=not args.no_workers, t0=t0)
     server.allow_volatile = bool(getattr(args, "allow_volatile", False))
