@@ -273,3 +273,14 @@ def test_the_event_index_catches_up_from_its_mark_of_before_the_node_id(tmp_path
     assert ix._kept_mark() == log.mark() and ix.mark_key == mark_key(path)
     log.close()
     ix.close()
+
+
+def test_every_event_is_described_in_the_event_log_document() -> None:
+    """The event log had no description of its fields nor a word on what may change
+    (a consumer of events.jsonl, a webhook or an export had the source to go by)."""
+    from fastsend.config.serve import EVENT_NAMES
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "EVENTS.md").read_text()
+    assert "## Compatibility" in doc
+    missing = sorted(n for n in EVENT_NAMES if f"`{n}`" not in doc)
+    assert not missing, f"docs/EVENTS.md does not describe {missing}"
