@@ -37,6 +37,15 @@ class ApiSettings(Section):
     # Campaigns a tenant makes through the API in any 24 hours (POST /v1/campaigns, each
     # new inline template of POST /v1/messages); beyond: 429 with Retry-After. 0: no cap.
     max_campaigns_per_day: NonNegInt = 1000
+    # What each tenant may submit (fastsend.serve.tenantcaps), a message per
+    # recipient: the daily quota counts every way in (campaign lists too), the rate
+    # POST /v1/messages and SMTP submission; [tenants.NAME]
+    # daily_messages / message_rate / message_burst set one tenant's. 0: no cap.
+    # Beyond: 429 with Retry-After (SMTP: 451 4.7.1), nothing of it spooled. On a
+    # shared spool counted across the nodes.
+    tenant_daily_messages: NonNegInt = 0  # per UTC day
+    tenant_message_rate: NonNegFloat = 0.0  # per second, sustained
+    tenant_message_burst: NonNegInt = 0  # at once (0: max(1, rate)); a bigger request: 429
     # Spooled bytes of one request: each recipient's row carries its message, so a
     # body of B bytes to N recipients costs B x N (413 beyond this).
     max_spooled_bytes: NonNegInt = 256 << 20

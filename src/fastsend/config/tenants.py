@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any, Literal
 
-from fastsend.config.base import Section
+from fastsend.config.base import NonNegFloat, NonNegInt, Section
 
 OPERATOR = "default"  # fastsend.suppression.DEFAULT_TENANT: CLI campaigns
 DOMAIN = re.compile(r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}")
@@ -76,6 +76,11 @@ class TenantTable(Section):
     domains: list[str]
     dkim: DkimKey | list[DkimKey] = []
     tracking_base_url: str = ""
+    # This tenant's caps on what it submits (unset: [api] tenant_daily_messages,
+    # tenant_message_rate, tenant_message_burst; 0: none). fastsend.serve.tenantcaps.
+    daily_messages: NonNegInt | None = None
+    message_rate: NonNegFloat | None = None
+    message_burst: NonNegInt | None = None
 
     def __post_init__(self) -> None:
         if not self.domains:

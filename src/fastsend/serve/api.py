@@ -39,6 +39,7 @@ from fastsend.config.tenants import norm_domain
 from fastsend.serve.auth import KeyStore
 from fastsend.serve.context import CampaignQuotaExceeded, ServeContext
 from fastsend.serve.eventindex import EventIndex
+from fastsend.serve.tenantcaps import SharedKeyRate, TenantCapExceeded
 from fastsend.spool import SpoolStorageError, storage_problem
 from fastsend.tenants import TenantDomainError, domain_of
 from fastsend.throttle import Gcra
@@ -287,7 +288,7 @@ class Api:
         # the next one asks this index which events are missing (Acceptor.retell).
         if getattr(ctx, "acceptor", None) is not None:
             ctx.acceptor.index = self.index
-        self.limits: dict[str, Gcra] = {}
+        self.limits: dict[str, Gcra | SharedKeyRate] = {}
         self.metrics: Any = None  # fastsend.serve.metrics.Metrics, when serving
 
     def reconfigure(self, settings: ApiSettings) -> None:
@@ -295,11 +296,18 @@ class Api:
         self.limits.clear()
         self.keys.forget_cache()
 
-    def limiter(self, kid: str) -> Gcra:
+    def limiter(self, kid: str) -> Gcra | SharedKeyRate:
+        """The key's request rate (``[api] rate_limit``): on a shared spool one
+        bucket for every node (before, each node allowed the rate: N nodes N times)."""
         g = self.limits.get(kid)
         if g is None:
             s = self.settings
-            g = self.limits[kid] = Gcra(s.rate_limit, s.rate_burst or max(1, int(s.rate_limit)))
+            burst = s.rate_burst or max(1, int(s.rate_limit))
+            shared = self.ctx.spool.shared_limits()
+            if shared is not None:
+                g = self.limits[kid] = SharedKeyRate(shared, kid, s.rate_limit, burst)
+            else:
+                g = self.limits[kid] = Gcra(s.rate_limit, burst)
         return g
 
     def close(self) -> None:
@@ -490,6 +498,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     except CampaignQuotaExceeded as e:
         return error_response(ApiError(429, str(e)), {"Retry-After": str(e.wait)})
+    except TenantCapExceeded as e:  # (a request over the burst: waiting does not help)
+        return error_response(ApiError(429, str(e)), {"Retry-After": str(e.wait)} if e.wait else {})
     except ApiError as e:
         resp = error_response(e, e.headers)
         if e.status == 408:

@@ -244,6 +244,10 @@ async def _spool_rows(
             413, f"recipients: the campaign would have {have + len(good)} recipients;"
             f" [api] max_campaign_recipients is {cap}", "recipients",
         )  # fmt: skip
+    # The tenant's daily quota ([api] tenant_daily_messages): what an earlier attempt
+    # of this request spooled was counted then. 429, nothing spooled.
+    count = len(good) - (run.spooled(cid) if run is not None else 0)
+    taken = api.ctx.caps.take(tenant_of(request), count, rate=False)
     accepted = 0
     # Rows added to a campaign without an Idempotency-Key are one transaction,
     # however many: a failure (a full disk) or a crash half-way would leave part of
@@ -253,9 +257,13 @@ async def _spool_rows(
     # the request fails or dies): its 300,000 rows in one transaction held serve's
     # one loop, the supervisor's dispatch with it, 0.7-2.6 s.
     chunk = CHUNK if run is not None or HELD in request else max(1, len(good))
-    for i in range(0, len(good), chunk):
-        accepted += len(accept_rows(request, cid, good[i : i + chunk]))
-        await asyncio.sleep(0)  # let other requests in between chunks
+    try:
+        for i in range(0, len(good), chunk):
+            accepted += len(accept_rows(request, cid, good[i : i + chunk]))
+            await asyncio.sleep(0)  # let other requests in between chunks
+    except BaseException:
+        api.ctx.caps.refund(taken, count - accepted)  # (what was spooled stays counted)
+        raise
     if api.metrics is not None:
         api.metrics.accepted(accepted)
     out: dict[str, Any] = {
@@ -593,7 +601,17 @@ async def _upload(
         return json_response(out, status=202)
     if api.metrics is not None:
         uploads.on_spooled = api.metrics.accepted
-    job, mark = uploads.accept(cid, path, tags=run.tags() if run is not None else None)
+    # The tenant's daily quota: the whole list counted now (429, nothing spooled).
+    try:
+        taken = api.ctx.caps.take(tenant_of(request), found.good, rate=False)
+    except BaseException:
+        uploads.discard(path)
+        raise
+    try:
+        job, mark = uploads.accept(cid, path, tags=run.tags() if run is not None else None)
+    except BaseException:
+        api.ctx.caps.refund(taken)
+        raise
     fault("after-job")
     out["job"] = job.id
     out["rows"] = job.total

@@ -407,6 +407,9 @@ class MessagesHandler:
                 made = self.made
                 await asyncio.sleep(0)
                 ran = time.monotonic()
+        # The tenant's daily quota and submission rate (429, nothing spooled).
+        total = sum(len(p.rows) for p in prepared)
+        taken = api.ctx.caps.take(tenant_of(request), total)
         # Spool: one transaction per campaign (usually one for the whole request).
         by_campaign: dict[int, list[Prepared]] = {}
         for p in prepared:
@@ -417,9 +420,11 @@ class MessagesHandler:
             try:
                 ids = accept_rows(request, cid, rows)  # recorded under an Idempotency-Key
             except Exception as e:
+                api.ctx.caps.refund(taken, total)  # (what was spooled stays counted)
                 if n == 0 or run_of(request) is not None:
                     raise  # nothing of it spooled; or a retry under the key continues it
                 return _partly_accepted(request, e, prepared, prefix)
+            total -= len(rows)
             k = 0
             for p in group:
                 p.ids = ids[k : k + len(p.rows)]

@@ -24,6 +24,7 @@ It opens no sockets and knows nothing of HTTP or SMTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from fastsend.accept import Acceptor
 from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.queue.supervisor import Supervisor
+from fastsend.serve.tenantcaps import TenantCaps
 from fastsend.serve.uploads import Uploads
 from fastsend.spool import Spool, open_spool
 from fastsend.suppression import SuppressionList
@@ -72,6 +74,28 @@ async def campaign_pages(spool: Any, tenant: str, size: int) -> AsyncIterator[li
         await asyncio.sleep(0)
 
 
+# KEYS[1]: a tenant's campaign creations (sorted set: member -> time); ARGV: now,
+# window, cap, member, then (time, member) pairs that seed a key that does not
+# exist yet (the spool's campaigns, as the node read them). -> {1, 0} counted, or
+# {0, time of the creation whose leaving the window makes room}.
+_QUOTA_LUA = """
+local now, window, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 5, #ARGV - 1, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= cap then
+  local at = redis.call('ZRANGE', KEYS[1], n - cap, n - cap, 'WITHSCORES')
+  return {0, at[2]}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.floor(window) + 60)
+return {1, 0}
+"""
+ALONE_FOR = 10.0  # s a node counts on its own after the shared count failed
+
+
 class CampaignQuota:
     """Campaigns a tenant makes through the API (``POST /v1/campaigns``, each new
     inline template of ``POST /v1/messages``, a transactional campaign made anew
@@ -80,12 +104,19 @@ class CampaignQuota:
     (its spec, up to ``max_body_bytes``, and an entry in every listing), so without a
     cap one tenant's loop of new templates grew the spool and the server's template
     index without bound. Counted per process, from the tenant's campaigns in the
-    spool when it is first asked about (then this process's own), so on a shared
-    spool each node allows the cap (see docs/DEPLOY.md)."""
+    spool when it is first asked about (then this process's own); on a shared
+    spool the count is the nodes' (a sorted set per tenant, ``{P}:cq:TENANT``,
+    checked and added to in one Lua call, seeded once from the spool): before,
+    each node allowed the cap, N nodes N times it. With Redis out of reach a node
+    counts alone for a while."""
 
-    def __init__(self) -> None:
+    def __init__(self, spool_of: Any = None) -> None:
         self.made: dict[str, list[float]] = {}  # tenant -> creation times in the window
         self.locks: dict[str, asyncio.Lock] = {}
+        self.spool_of = spool_of  # () -> the spool (shared: the nodes' count)
+        self.seeded: set[str] = set()  # tenants whose times went to the shared count
+        self._alone = -ALONE_FOR  # monotonic: the last shared count that failed
+        self._script: tuple[Any, Any] | None = None  # (client, registered script)
 
     async def seed(self, spool: Any, tenant: str, now: float) -> None:
         """Read the tenant's campaigns of the last 24 hours (once a process), a page
@@ -119,6 +150,9 @@ class CampaignQuota:
         while cut < len(times) and times[cut] <= now - QUOTA_WINDOW:
             cut += 1
         del times[:cut]
+        if self._shared_take(tenant, cap, now, what, times):
+            times.append(now)
+            return
         if len(times) >= cap:
             wait = max(1, int(times[len(times) - cap] + QUOTA_WINDOW - now) + 1)
             raise CampaignQuotaExceeded(
@@ -126,6 +160,44 @@ class CampaignQuota:
                 f" max_campaigns_per_day is {cap} (try again in {wait} s)", wait,
             )  # fmt: skip
         times.append(now)
+
+    def _shared_take(
+        self, tenant: str, cap: int, now: float, what: str, times: list[float]
+    ) -> bool:
+        """On a shared spool: count one more campaign in the nodes' count (True),
+        or raise :class:`CampaignQuotaExceeded`; False: no shared count (a local
+        spool, or Redis out of reach: the caller counts on this node)."""
+        spool = self.spool_of() if self.spool_of is not None else None
+        store = spool.shared() if spool is not None else None
+        if store is None or time.monotonic() - self._alone <= ALONE_FOR:
+            return False
+        try:
+            if self._script is None or self._script[0] is not store.client:
+                self._script = (store.client, store.client.register_script(_QUOTA_LUA))
+            seeds: list[object] = []
+            if tenant not in self.seeded:  # what this node read from the spool
+                for t in times:
+                    seeds += [repr(t), f"s:{t!r}"]
+            member = f"{store.node}:{time.time_ns()}:{os.getpid()}"
+            ok, at = self._script[1](
+                keys=[store.key("cq", tenant)],
+                args=[repr(now), repr(QUOTA_WINDOW), cap, member, *seeds],
+            )
+            self.seeded.add(tenant)
+        except Exception as e:
+            self._alone = time.monotonic()
+            logging.getLogger("fastsend.serve").warning(
+                "campaign quota: the nodes' count is out of reach (%s); counting on this"
+                " node alone for %g s", e, ALONE_FOR,
+            )  # fmt: skip
+            return False
+        if int(ok):
+            return True
+        wait = max(1, int(float(at) + QUOTA_WINDOW - now) + 1)
+        raise CampaignQuotaExceeded(
+            f"{what}: {cap} campaigns made in the last 24 hours across the nodes; [api]"
+            f" max_campaigns_per_day is {cap} (try again in {wait} s)", wait,
+        )  # fmt: skip
 
 
 class ServeContext:
@@ -163,7 +235,9 @@ class ServeContext:
         # Recipient lists uploaded through the API, as durable ingest jobs.
         self.uploads = Uploads(self.acceptor, config.spool_dir)
         self._tenant_campaigns: dict[str, int] = {}
-        self.quota = CampaignQuota()  # [api] max_campaigns_per_day
+        self.quota = CampaignQuota(lambda: self.spool)  # [api] max_campaigns_per_day
+        # [api] tenant_daily_messages / tenant_message_rate (and [tenants.NAME]'s)
+        self.caps = TenantCaps(self)
         self._tenants: tuple[Config, Tenants] | None = None
 
     @property

@@ -115,6 +115,7 @@ from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
 from fastsend.serve.parsepool import ParsePool
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
 from fastsend.serve.senders import header_nul, sender_domains
+from fastsend.serve.tenantcaps import TenantCapExceeded
 from fastsend.smtp.server import _BDAT as _BDAT_MODE
 from fastsend.smtp.server import _DATA as _DATA_MODE
 from fastsend.smtp.server import (
@@ -154,6 +155,7 @@ __all__ = [
 
 log = logging.getLogger("fastsend.listeners")
 MAX_AUTH_FAILURES = 3
+SHARED_ALONE = 10.0  # s a node counts AUTH failures alone after a shared count failed
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
 PBKDF2_ITERATIONS = 600_000  # PBKDF2-HMAC-SHA256, OWASP 2023
 _DUMMY: list[str] = []
@@ -344,11 +346,43 @@ class AuthThrottle:
     """Failed AUTH attempts per peer IP and per user name, over a sliding window: past
     the limit AUTH is refused (454) without checking anything, and every failure is
     answered after a back-off that doubles with the failures (0.25 s up to
-    auth_backoff_max)."""
+    auth_backoff_max). On a shared spool (``shared``: its SharedStore) the failures
+    are also counted for every node (a counter per IP and per user name, ``{P}:af:``
+    a digest, expiring ``auth_window`` after its first failure): a password guessed
+    through a balancer got N x the attempts from N nodes. Redis out of reach: this
+    node's own count holds for a while."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, shared: Any = None) -> None:
         self.limits = limits
         self.fails: dict[str, list[float]] = {}
+        self.shared = shared
+        self._alone = -SHARED_ALONE  # monotonic: the last shared count that failed
+
+    def _keys(self, ip: str, user: str) -> list[str]:
+        sh = self.shared
+        return [
+            sh.key("af", hashlib.sha256(k.encode()).hexdigest()[:32])
+            for k in ("ip:" + ip, "user:" + user)
+        ]
+
+    def _shared_up(self) -> bool:
+        return self.shared is not None and time.monotonic() - self._alone > SHARED_ALONE
+
+    def _shared_down(self, e: Exception) -> None:
+        self._alone = time.monotonic()
+        log.warning("submission: the nodes' AUTH failure counts are out of reach (%s);"
+                    " counting on this node alone for %g s", e, SHARED_ALONE)  # fmt: skip
+
+    def _shared_counts(self, ip: str, user: str) -> tuple[int, int]:
+        if not self._shared_up():
+            return 0, 0
+        try:
+            got = self.shared.client.mget(self._keys(ip, user))
+        except Exception as e:
+            self._shared_down(e)
+            return 0, 0
+        a, b = (int(v) if v is not None else 0 for v in got)
+        return a, b
 
     def _recent(self, key: str, now: float) -> int:
         times = self.fails.get(key)
@@ -363,10 +397,13 @@ class AuthThrottle:
 
     def blocked(self, ip: str, user: str, now: float) -> bool:
         lim = self.limits
-        return (
+        if (
             self._recent("ip:" + ip, now) >= lim.auth_failures_per_ip
             or self._recent("user:" + user, now) >= lim.auth_failures_per_user
-        )
+        ):
+            return True
+        by_ip, by_user = self._shared_counts(ip, user)
+        return by_ip >= lim.auth_failures_per_ip or by_user >= lim.auth_failures_per_user
 
     def failed(self, ip: str, user: str, now: float) -> float:
         """Record a failure; the back-off (seconds) before answering it."""
@@ -375,10 +412,25 @@ class AuthThrottle:
         for key in ("ip:" + ip, "user:" + user):
             self.fails.setdefault(key, []).append(now)
         n = max(self._recent("ip:" + ip, now), self._recent("user:" + user, now))
+        if self._shared_up():
+            try:
+                pipe = self.shared.client.pipeline(transaction=True)
+                for k in self._keys(ip, user):
+                    pipe.incr(k)
+                    pipe.expire(k, max(1, int(self.limits.auth_window)), nx=True)
+                got = pipe.execute()
+                n = max(n, int(got[0]), int(got[2]))
+            except Exception as e:
+                self._shared_down(e)
         return min(self.limits.auth_backoff_max, 0.25 * 2 ** min(n - 1, 16))
 
     def succeeded(self, user: str) -> None:
         self.fails.pop("user:" + user, None)
+        if self._shared_up():
+            try:
+                self.shared.client.delete(self._keys("", user)[1])
+            except Exception as e:
+                self._shared_down(e)
 
 
 @dataclass
@@ -502,7 +554,8 @@ class _Submission(_Policy):
             auth_required=True,
         )
         self.cfg = cfg
-        self.throttle = AuthThrottle(cfg.limits)
+        spool = getattr(ctx, "spool", None)  # (shared: AUTH failures counted by all nodes)
+        self.throttle = AuthThrottle(cfg.limits, spool.shared() if spool is not None else None)
         self.upgrades = PasswordUpgrades(os.path.join(ctx.config.spool_dir, "passwords.json"))
         self._keys: Any = None
         try:
@@ -555,6 +608,10 @@ class _Submission(_Policy):
             encode_domain(address.rpartition("@")[2])
         except HeaderError:
             return 553, "5.1.3", "Bad recipient domain"
+        if conn.tenant is not None:  # a quota used up: said before the body is sent
+            over = self.ctx.caps.exhausted(conn.tenant)
+            if over is not None:
+                return 451, "4.7.1", str(over)
         return None
 
     def message(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
@@ -589,11 +646,20 @@ class _Submission(_Policy):
             msg["dsn"] = 1
         vars_ = orjson.dumps(msg)
         rows = [(r, encode_domain(r.rpartition("@")[2]).lower(), vars_) for r in ev.recipients]
+        try:  # the tenant's daily quota and submission rate: a message per recipient
+            taken = self.ctx.caps.take(tenant, len(rows))
+        except TenantCapExceeded as e:
+            return 451, "4.7.1", str(e)
+        except Exception:  # (the spool's counters out of reach: as a spool error below)
+            log.warning("submission: the tenant's caps could not be counted", exc_info=True)
+            return 451, "4.3.0", "Temporary failure (storage), try again later"
         try:
             ids = self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows)
         except CampaignQuotaExceeded as e:  # (a cancel-and-send loop), said without a trace
+            self.ctx.caps.refund(taken)
             return 451, "4.7.0", f"{e}; try again later"
         except Exception as e:
+            self.ctx.caps.refund(taken)
             problem = storage_problem(e)
             if problem is not None:  # nothing kept; said once a message, no traceback
                 log.warning("submission: message not accepted: the spool %s", problem)

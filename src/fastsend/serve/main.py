@@ -447,6 +447,7 @@ class Server:
             _n, self.staging_after = sweep_staging(
                 self.ctx.spool, self.api.settings.idempotency_ttl_s, now, self.staging_after
             )
+            self.ctx.caps.sweep(now)  # the daily quotas' counters of past days
         if self.ctx.shared is not None:
             self.ctx.shared.tick()  # renew this node's hold on its source IPs
         if self.tls_reports is not None and now >= self.tls_reports_at:

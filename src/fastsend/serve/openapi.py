@@ -41,7 +41,10 @@ def _answers(ok: str, *codes: int, schema: dict[str, Any] | None = None) -> dict
         413: "body or batch too large",
         415: "the Content-Type is not one the route takes (JSON; a list: CSV, JSON lines)",
         422: "this Idempotency-Key was used for another request",
-        429: "rate limit of the key exceeded",
+        429: "a cap exceeded: the key's request rate ([api] rate_limit), the tenant's"
+        " campaigns a day (max_campaigns_per_day), messages a day (tenant_daily_messages) or"
+        " message rate (tenant_message_rate); nothing of the request was accepted; retry"
+        " after Retry-After seconds (none: a request over the tenant's burst, send less)",
         503: "the spool cannot be written now (read-only, I/O error, unreachable): nothing"
         " of the request was accepted; retry after Retry-After seconds",
         507: "the spool's storage is full: nothing of the request was accepted (a batch of"
