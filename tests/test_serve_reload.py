@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from tests._serve_helpers import Served
 
 RULE = '[[shaping.rule]]\nname = "typo"\naction = "rest"\nmatch = "x"\nprovider = "gogle"\n'
@@ -41,3 +42,73 @@ def test_sighup_prints_warnings_and_refuses_a_config_with_errors(tmp_path: Path)
         assert s.req("GET", "/v1/campaigns")[0] == 200  # still serving, on the old config
     finally:
         assert s.stop() == 0
+
+
+def test_sighup_reads_a_renewed_tls_certificate_for_new_submission_sessions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The submission listener's certificate is renewed at the same paths (certbot's
+    deploy hook: ``systemctl reload fastsend``): after SIGHUP a new STARTTLS session
+    is served the new certificate. Before, the one read at start was served until a
+    restart: once it expired every client's TLS failed. A changed listen address is
+    a warning (the next start), not silently ignored."""
+    import asyncio
+    import contextlib
+    import ssl
+
+    import aiosmtplib
+    import trustme
+
+    from conftest import free_port
+    from fastsend.config import from_dict
+    from fastsend.serve.context import open_context
+    from fastsend.serve.listeners import start_listeners
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def issue() -> ssl.SSLContext:
+        ca = trustme.CA()
+        c = ca.issue_cert("localhost", "127.0.0.1")
+        c.cert_chain_pems[0].write_to_path(str(cert))
+        c.private_key_pem.write_to_path(str(key))
+        client = ssl.create_default_context()
+        ca.configure_trust(client)
+        return client
+
+    old_ca = issue()
+    tables = {"spool": {"dir": str(tmp_path / "spool")},
+              "submission": {"listen": f"127.0.0.1:{free_port()}", "tls_cert": str(cert),
+                             "tls_key": str(key)}}  # fmt: skip
+    ctx = open_context(from_dict(tables))
+
+    async def starttls(port: int, trust: ssl.SSLContext) -> bool:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, tls_context=trust,
+                               start_tls=True, timeout=10)  # fmt: skip
+        try:
+            await smtp.connect()
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError):
+            return False
+        with contextlib.suppress(Exception):
+            await smtp.quit()
+        return True
+
+    async def main() -> None:
+        servers = await start_listeners(ctx)
+        port = int(servers[0].sockets[0].getsockname()[1])
+        try:
+            assert await starttls(port, old_ca)
+            new_ca = issue()  # renewed at the same paths
+            moved = {**tables, "submission": {**tables["submission"],
+                                              "listen": f"127.0.0.1:{free_port()}"}}  # fmt: skip
+            servers.reload(from_dict(moved))
+            assert await starttls(port, new_ca)  # the new certificate, same listener
+            assert not await starttls(port, old_ca)
+        finally:
+            for server in servers:
+                server.close()
+                await server.wait_closed()
+            servers.shutdown()
+
+    asyncio.run(main())
+    ctx.close()
+    assert "[submission] listen changed; it takes effect at the next start" in caplog.text

@@ -597,8 +597,11 @@ class _Submission(_Policy):
         return self.cfg.users.get(conn.tenant) == stored
 
     def reload(self, cfg: SubmissionConfig) -> None:
-        """SIGHUP: new [submission.users] (and sizes); listen and TLS stay as started."""
-        cfg.listen, cfg.ssl = self.cfg.listen, self.cfg.ssl
+        """SIGHUP: new [submission.users] (and sizes), and the TLS certificate and key
+        read again for new sessions (a renewed certificate at the same paths: before,
+        the one of the start was served until it expired); listen stays as started."""
+        cfg.listen = self.cfg.listen
+        self.ssl = cfg.ssl = cfg.ssl or self.cfg.ssl
         self.cfg = cfg
         self.take(cfg)
         self.throttle.limits = cfg.limits
@@ -690,8 +693,12 @@ class _Intake(_Policy):
         """SIGHUP: the new VERP domain and prefix, feedback-loop address, sizes and
         limits (listen, TLS and the parse process stay as started). The API takes
         ``[intake] verp_domain`` for campaigns at once: an intake still refusing it
-        would refuse every bounce of their mail (550), and no one would be suppressed."""
-        cfg.listen, cfg.ssl = self.cfg.listen, self.cfg.ssl
+        would refuse every bounce of their mail (550), and no one would be suppressed.
+        Its TLS certificate is read again for new sessions, when it started with one."""
+        cfg.listen = self.cfg.listen
+        if self.cfg.ssl is None:  # (STARTTLS is offered or not as started)
+            cfg.ssl = None
+        self.ssl = cfg.ssl = cfg.ssl or self.cfg.ssl
         self.cfg = cfg
         self.take(cfg)
         self.server_config = dataclasses.replace(self.server_config,
@@ -1221,12 +1228,24 @@ class Listeners(list[asyncio.AbstractServer]):
             self.intake.pool.close()
 
     def reload(self, config: Config) -> None:
-        """Take the new [submission] users and limits and the [intake] addresses and
-        limits (the config loaded and checked)."""
-        sub = SubmissionConfig.of(config.submission, tls=False)
+        """Take the new [submission] users and limits, the [intake] addresses and
+        limits, and both TLS certificates read again (the config loaded and
+        checked; a certificate that cannot be read is a ValueError: nothing taken).
+        A listener added, removed or moved is a warning: the next start."""
+        try:
+            sub = SubmissionConfig.of(config.submission)
+            intake = IntakeConfig.of(config.intake)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"TLS certificate or key: {e}") from None
+        for name, old, new in (("submission", self.submission, sub),
+                               ("intake", self.intake, intake)):  # fmt: skip
+            if (old is None) != (new is None) or (
+                old is not None and new is not None and old.cfg.listen != new.listen
+            ):
+                log.warning("SIGHUP: [%s] listen changed; it takes effect at the next start",
+                            name)  # fmt: skip
         if self.submission is not None and sub is not None:
             self.submission.reload(sub)
-        intake = IntakeConfig.of(config.intake, tls=False)
         if self.intake is not None and intake is not None:
             self.intake.reload(intake)
 

@@ -24,7 +24,8 @@ Signals:
   queued; HTTP requests still in progress, with or without --no-workers, are
   cut off).
 - SIGHUP: re-read the config file; routes, shaping, API limits, tenants,
-  ``[submission.users]`` and the suppression list take effect, workers are replaced
+  ``[submission.users]``, the listeners' TLS certificates (a renewal at the same
+  paths) and the suppression list take effect, workers are replaced
   without a gap in delivery: a new worker on the new config starts at once while
   the old one finishes the transactions on its connections (none is cut
   mid-transaction; within ``[delivery] drain_limit``), the two together within
@@ -530,6 +531,10 @@ class Server:
             ctx.suppression = SuppressionList(os.path.join(ctx.config.spool_dir, "suppression.db"))
             old_supp.close()
         ctx.events.reopen()  # the event log moved away (logrotate without copytruncate)
+        if (cfg.spool_url, cfg.spool_dir) != (ctx.config.spool_url, ctx.config.spool_dir):
+            log.warning("SIGHUP: [spool] changed; it takes effect at the next start")
+        if cfg.workers != ctx.config.workers:
+            log.warning("SIGHUP: [workers] count changed; it takes effect at the next start")
         cfg.spool_url = ctx.config.spool_url
         cfg.spool_dir = ctx.config.spool_dir  # the spool cannot move under a running server
         ctx.config = cfg
