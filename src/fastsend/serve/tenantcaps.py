@@ -75,6 +75,9 @@ class TenantCaps:
         self.ctx = ctx
         self.rates: dict[str, Gcra] = {}  # tenant -> this process's bucket
         self.rate_spec: dict[str, tuple[float, int]] = {}
+        # tq:TENANT:DAY -> the count as this process last wrote it (a local spool has
+        # no other writer: RCPT's look reads no table)
+        self.used: dict[str, int] = {}
         self._alone_since = 0.0  # monotonic: the last shared count that failed
 
     def caps(self, tenant: str) -> tuple[int, float, int]:
@@ -110,12 +113,23 @@ class TenantCaps:
         now = time.time() if now is None else now
         key = f"{PREFIX}{tenant}:{utc_day(now)}"
         try:
-            used = self.ctx.spool.counters(key).get(key, 0)
+            used = self._used(key)
         except Exception:
             return None  # (take() says it, if it must)
         if used < daily:
             return None
         return self._over_daily(daily, used, now)
+
+    def _used(self, key: str) -> int:
+        """A daily count: on a shared spool the nodes' (one HINCRBY of 0: an exact
+        read), else this process's last write (once read from the spool)."""
+        spool = self.ctx.spool
+        if spool.shared() is not None:
+            return int(spool.add_counters({key: 0})[key])
+        got = self.used.get(key)
+        if got is None:
+            got = self.used[key] = int(spool.counters(key).get(key, 0))
+        return got
 
     @staticmethod
     def _over_daily(daily: int, used: int, now: float) -> TenantCapExceeded:
@@ -149,8 +163,9 @@ class TenantCaps:
             key = f"{PREFIX}{tenant}:{utc_day(now)}"
             spool = self.ctx.spool
             total = int(spool.add_counters({key: n})[key])
+            self.used[key] = total
             if total > daily:
-                spool.add_counters({key: -n})
+                self.used[key] = int(spool.add_counters({key: -n})[key])
                 raise self._over_daily(daily, total - n, now)
             taken = Taken(key, n)
         if rate:
@@ -191,7 +206,7 @@ class TenantCaps:
             return
         taken.n -= k
         try:
-            self.ctx.spool.add_counters({taken.key: -k})
+            self.used[taken.key] = int(self.ctx.spool.add_counters({taken.key: -k})[taken.key])
         except Exception as e:  # counted and not sent: the tenant's loss, said
             log.warning("tenant caps: %d message(s) not given back to %s: %s", k, taken.key, e)
 
@@ -201,6 +216,7 @@ class TenantCaps:
         keep = {utc_day(now), utc_day(now - DAY)}
         spool = self.ctx.spool
         old = [k for k in spool.counters(PREFIX) if k.rpartition(":")[2] not in keep]
+        self.used = {k: v for k, v in self.used.items() if k.rpartition(":")[2] in keep}
         if old:
             spool.drop_counters(old)
         return len(old)
