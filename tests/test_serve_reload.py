@@ -112,3 +112,27 @@ def test_sighup_reads_a_renewed_tls_certificate_for_new_submission_sessions(
     asyncio.run(main())
     ctx.close()
     assert "[submission] listen changed; it takes effect at the next start" in caplog.text
+
+
+def test_a_dkim_key_rotated_at_the_same_path_is_read_again(tmp_path: Path) -> None:
+    """A DKIM key replaced at its path (a rotation under the same selector, then
+    SIGHUP): the next load, as a reload's new workers' (delivery.worker.prepare,
+    Signer.from_settings), gives the new key, in place or by rename. Before, the
+    first key read was cached for the life of the process: a reloaded serve kept
+    signing with the old key until a restart (its DNS record already replaced:
+    every signature failed)."""
+    import os
+
+    from fastsend.message.keys import generate, load_private_key, public_p, write_key
+
+    path = tmp_path / "s1.pem"
+    first, second, third = (generate("ed25519") for _ in range(3))
+    write_key(first, path)
+    assert public_p(load_private_key(str(path))) == public_p(first)
+    assert load_private_key(str(path)) is load_private_key(str(path))  # still cached
+    write_key(second, path, overwrite=True)  # in place
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1_000_000))
+    assert public_p(load_private_key(str(path))) == public_p(second)
+    write_key(third, tmp_path / "new.pem")
+    os.replace(tmp_path / "new.pem", path)  # by rename
+    assert public_p(load_private_key(str(path))) == public_p(third)

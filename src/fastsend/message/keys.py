@@ -2,7 +2,7 @@
 
 Keys are loaded with ``cryptography`` (OpenSSL): RSA of 1024-4096 bits or
 Ed25519. The algorithm is inferred from the key. Loaded keys are cached per
-path for the life of the process. Nothing here ever logs or formats private
+path while the file does not change. Nothing here ever logs or formats private
 key material; errors name the path only.
 """
 
@@ -45,9 +45,20 @@ def parse_private_key(pem: bytes, where: str = "key") -> PrivateKey:
     raise DkimKeyError(f"{where}: unsupported key type {type(key).__name__} (need RSA or Ed25519)")
 
 
-@functools.lru_cache(maxsize=64)
 def load_private_key(path: str) -> PrivateKey:
-    """The private key at ``path`` (cached for the process)."""
+    """The private key at ``path``, cached for the process while the file is the
+    same (its inode, size and modification time): a key replaced at the same path
+    (a rotation) is read again, so a SIGHUP's new workers sign with it; before, the
+    one first read was used until a restart."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DkimKeyError(f"cannot read DKIM key {path}: {exc.strerror}") from None
+    return _load_private_key(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_private_key(path: str, _ino: int, _size: int, _mtime_ns: int) -> PrivateKey:
     try:
         pem = Path(path).read_bytes()
     except OSError as exc:
