@@ -608,6 +608,58 @@ def test_mailgun_event_on_a_redis_spool(tmp_path: Path, redis_server: Any) -> No
         ctx.close()
 
 
+def test_a_provider_post_replayed_to_another_node_is_refused(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Two nodes on one Redis spool behind a balancer: a signed Mailgun post taken by
+    node A and replayed to node B within max_age is refused (401) and changes
+    nothing. Before, each node remembered the tokens it saw: B took the replay
+    (every captured post counted once per node: complaints, bounces twice)."""
+    signing_key = "key-mailgun-signing-0123456789"
+    kf = tmp_path / "mg.secret"
+    kf.write_text(f"signing_key = {signing_key}\n")
+    kf.chmod(0o600)
+    url = redis_server.url()
+    prefix = url.rpartition("prefix=")[2]
+    ctxs = [
+        open_context(from_dict({"spool": {"dir": str(tmp_path / n), "url": redis_server.url(
+            prefix=prefix, node=n)}, "provider_events": {"mailgun_signing_key_file": str(kf)}}))
+        for n in ("A", "B")
+    ]  # fmt: skip
+    cid = ctxs[0].tenant_campaign("acme")
+    ids = ctxs[0].inject(cid, [("u0@example.net", "example.net", b'{"raw": ""}')])
+    ts, token = str(int(time.time())), "q" * 50
+    sig = hmac.new(signing_key.encode(), f"{ts}{token}".encode(), hashlib.sha256).hexdigest()
+    body = json.dumps({"signature": {"timestamp": ts, "token": token, "signature": sig},
+                       "event-data": {"event": "complained", "recipient": "u0@example.net",
+                                      "user-variables": {"fastsend": msgid.token(ids[0],
+                                                                                 ctxs[0].secret)}}})  # fmt: skip
+    statuses: list[int] = []
+
+    async def main() -> None:
+        runners = []
+        try:
+            for ctx in ctxs:
+                app = web.Application()
+                setup_provider_events(app, ctx)
+                runner, base = await serve(app)
+                runners.append((runner, base))
+            async with aiohttp.ClientSession() as s:
+                for _runner, base in runners:
+                    async with s.post(base + "/webhooks/mailgun", data=body) as r:
+                        statuses.append(r.status)
+        finally:
+            for runner, _base in runners:
+                await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+        assert statuses == [200, 401], statuses
+    finally:
+        for ctx in ctxs:
+            ctx.close()
+
+
 def test_sns_urls_are_not_followed_through_redirects(tmp_path: Path) -> None:
     """The SigningCertURL and SubscribeURL of an SNS post are fetched only from the
     allowed hosts: a redirect from one (an open redirect on an allowed host, say) to a

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -154,7 +155,9 @@ class ProviderEvents:
     def _once(self, key: str, retries: float = 0.0) -> bool:
         """False when ``key`` was seen within its window (a replayed post):
         ``max_age`` and the provider's ``retries`` (how much older than
-        max_age its posts are taken, so as long as a replay could pass)."""
+        max_age its posts are taken, so as long as a replay could pass). On a
+        shared spool seen by any node (``SET NX`` with that expiry): before,
+        a post replayed to another node behind the balancer was taken again."""
         now = time.time()
         seen = self.seen
         while seen:  # (kept in the order seen; a longer window ahead only keeps more)
@@ -164,15 +167,32 @@ class ProviderEvents:
             del seen[first]
         if seen.get(key, 0.0) > now:
             return False
-        seen[key] = now + self.s.max_age + retries
+        window = self.s.max_age + retries
+        store = self.ctx.spool.shared()
+        if store is not None:
+            try:
+                if not store.client.set(self._shared_key(store, key), b"1", nx=True,
+                                        px=max(1, int(window * 1000))):  # fmt: skip
+                    return False
+            except Exception as e:  # Redis away a moment: this node's own memory holds
+                log.warning("provider events: the nodes' replay check is out of reach: %s", e)
+        seen[key] = now + window
         seen.move_to_end(key)
         if len(seen) > 100_000:
             seen.popitem(last=False)
         return True
 
+    @staticmethod
+    def _shared_key(store: Any, key: str) -> str:
+        return store.key("pev", hashlib.sha256(key.encode()).hexdigest()[:32])
+
     def _forget(self, key: str) -> None:
         """A post whose handling failed: its retry is no replay."""
         self.seen.pop(key, None)
+        store = self.ctx.spool.shared()
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.client.delete(self._shared_key(store, key))
 
     def _fresh(self, ts: str, retries: float = 0.0) -> None:
         """``ts`` (Unix seconds) within max_age of now, or up to ``retries``
