@@ -136,3 +136,21 @@ def test_a_dkim_key_rotated_at_the_same_path_is_read_again(tmp_path: Path) -> No
     write_key(third, tmp_path / "new.pem")
     os.replace(tmp_path / "new.pem", path)  # by rename
     assert public_p(load_private_key(str(path))) == public_p(third)
+
+
+def test_sighup_says_which_changes_wait_for_the_next_start(tmp_path: Path) -> None:
+    """A changed [workers] count or [events] log path cannot take effect on SIGHUP:
+    it is said (a warning naming the section), not silently ignored while serve
+    answers "configuration reloaded"."""
+    s = Served(tmp_path, None, serve_args=("--no-workers",))
+    try:
+        s.extra = f'[events]\nlog = "{tmp_path}/elsewhere.jsonl"\n'
+        s.write_config()
+        text = s.cfg.read_text()
+        assert "[workers]\ncount = 1\n" in text
+        s.cfg.write_text(text.replace("[workers]\ncount = 1\n", "[workers]\ncount = 3\n"))
+        out = hup(s, "configuration reloaded")
+        assert "SIGHUP: [workers] count changed; it takes effect at the next start" in out, out
+        assert "SIGHUP: [events] log changed; it takes effect at the next start" in out, out
+    finally:
+        assert s.stop() == 0

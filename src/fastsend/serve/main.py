@@ -535,6 +535,8 @@ class Server:
             log.warning("SIGHUP: [spool] changed; it takes effect at the next start")
         if cfg.workers != ctx.config.workers:
             log.warning("SIGHUP: [workers] count changed; it takes effect at the next start")
+        if cfg.event_log != ctx.config.event_log:  # (reopened below at its old path)
+            log.warning("SIGHUP: [events] log changed; it takes effect at the next start")
         cfg.spool_url = ctx.config.spool_url
         cfg.spool_dir = ctx.config.spool_dir  # the spool cannot move under a running server
         ctx.config = cfg
