@@ -163,6 +163,27 @@ def test_a_tenants_daily_quota_holds_for_the_api_and_submission(
     asyncio.run(main())
 
 
+def test_a_replayed_request_is_not_counted_again(tmp_path: Path) -> None:
+    """A request retried under its Idempotency-Key gets its first answer back and
+    counts nothing more against the daily quota (3 here): the retry of a 2-message
+    request leaves room for 1, and only then is the quota used up."""
+
+    async def main() -> None:
+        async with node(_tables(tmp_path, {"tenant_daily_messages": 3})) as n:
+            body = {"from": "a@acme.example", "to": ["a@example.org", "b@example.org"],
+                    "subject": "s", "text": "t"}  # fmt: skip
+            h = {"Authorization": f"Bearer {n.key('acme')}", "Idempotency-Key": "k-1"}
+            for _ in range(3):
+                async with n.session.post(f"{n.base}/v1/messages", json=body, headers=h) as r:
+                    assert r.status == 202, await r.text()
+            st, got, _h = await n.send("acme", ["c@example.org"])
+            assert st == 202, got
+            st, got, _h = await n.send("acme", ["d@example.org"])
+            assert st == 429, got
+
+    asyncio.run(main())
+
+
 def test_a_tenants_campaign_lists_count_against_its_daily_quota(tmp_path: Path) -> None:
     """The daily quota counts what a tenant spools in every way: a campaign's
     recipients (inline, JSON, CSV upload) too, not only submissions (else a tenant

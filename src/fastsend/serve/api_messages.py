@@ -407,24 +407,29 @@ class MessagesHandler:
                 made = self.made
                 await asyncio.sleep(0)
                 ran = time.monotonic()
-        # The tenant's daily quota and submission rate (429, nothing spooled).
-        total = sum(len(p.rows) for p in prepared)
-        taken = api.ctx.caps.take(tenant_of(request), total)
         # Spool: one transaction per campaign (usually one for the whole request).
         by_campaign: dict[int, list[Prepared]] = {}
         for p in prepared:
             by_campaign.setdefault(p.campaign, []).append(p)
+        # The tenant's daily quota and submission rate (429, nothing spooled); what an
+        # earlier attempt under this Idempotency-Key spooled was counted then.
+        total = sum(len(p.rows) for p in prepared)
+        run = run_of(request)
+        if run is not None:
+            total -= sum(run.spooled(cid) for cid in by_campaign)
+        taken = api.ctx.caps.take(tenant_of(request), total)
         metrics = api.metrics
+        done = 0  # rows of this request spooled (or found spooled by an earlier attempt)
         for n, (cid, group) in enumerate(by_campaign.items()):
             rows = [r for p in group for r in p.rows]
             try:
                 ids = accept_rows(request, cid, rows)  # recorded under an Idempotency-Key
             except Exception as e:
-                api.ctx.caps.refund(taken, total)  # (what was spooled stays counted)
-                if n == 0 or run_of(request) is not None:
+                api.ctx.caps.refund(taken, total - done)  # (what was spooled stays counted)
+                if n == 0 or run is not None:
                     raise  # nothing of it spooled; or a retry under the key continues it
                 return _partly_accepted(request, e, prepared, prefix)
-            total -= len(rows)
+            done += len(rows)
             k = 0
             for p in group:
                 p.ids = ids[k : k + len(p.rows)]
