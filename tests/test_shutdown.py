@@ -581,7 +581,10 @@ class _HoldsTheDot:
         loop.call_soon_threadsafe(gate.set)
 
 
-def test_a_reload_keeps_delivering_while_the_old_worker_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_reload_keeps_delivering_while_the_old_worker_finishes(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """``fastsend serve`` (one worker, one connection per site) reloaded
     (SIGHUP) while a receiver holds a message past DATA: mail keeps going out
     at once (a new worker on the new config takes the slot, as Postfix's and
@@ -595,8 +598,13 @@ def test_a_reload_keeps_delivering_while_the_old_worker_finishes(tmp_path: Path)
 
     from conftest import free_port
 
-    spool = tmp_path / "spool"
-    key = run_fastsend("apikey", "create", "--tenant", "acme", "--spool", str(spool))
+    if backend == "redis":
+        url = request.getfixturevalue("redis_server").url(dir=str(tmp_path / "local"))
+        spool, spool_table = tmp_path / "local", f'[spool]\nurl = "{url}"\n'
+    else:
+        url = str(tmp_path / "spool")
+        spool, spool_table = tmp_path / "spool", f'[spool]\ndir = "{url}"\n'
+    key = run_fastsend("apikey", "create", "--tenant", "acme", "--spool", url)
     assert key.returncode == 0, key.stderr
     handler = _HoldsTheDot()
     ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
@@ -608,13 +616,14 @@ def test_a_reload_keeps_delivering_while_the_old_worker_finishes(tmp_path: Path)
         with SinkProcess("--log", str(log)) as sink:
             cfg = tmp_path / "serve.toml"
             cfg.write_text(
-                f'[spool]\ndir = "{spool}"\n[workers]\ncount = 1\n'
+                f'{spool_table}[workers]\ncount = 1\n'
                 f'[routes]\n"slow.example" = "127.0.0.1:{ctl.port}"\n'
                 f'"*" = "{sink.host}:{sink.port}"\n'
                 '[delivery]\ntls = "off"\ndrain_limit = 60\nmax_connections = 1\n'
                 f'[api]\nlisten = "127.0.0.1:{port}"\n'
             )
-            proc = subprocess.Popen(fastsend_cmd("serve", "-c", str(cfg)),
+            volatile = ("--allow-volatile",) if backend == "redis" else ()  # (the test's Redis)
+            proc = subprocess.Popen(fastsend_cmd("serve", "-c", str(cfg), *volatile),
                                     stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
             assert proc.stderr is not None
             err = ""

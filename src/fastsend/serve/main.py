@@ -162,6 +162,7 @@ class Server:
         self.stop_now = asyncio.Event()  # a second SIGTERM/SIGINT: no more waiting
         self.terms = 0
         self.reloading: asyncio.Task[None] | None = None
+        self.giving_back: asyncio.Task[None] | None = None  # (held: a task is weakly kept)
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
         self.allow_volatile = False
         self.idem_swept = 0.0
@@ -555,7 +556,21 @@ class Server:
         if sup is not None:
             await sup.reload(cfg)
         if ctx.shared is not None:  # the IPs it dropped: given back once no worker uses them
-            if sup is not None:
-                await sup.retirements()
-            ctx.shared.reloaded(cfg)
+            if sup is not None and sup.retired:
+                # In the background: the reload is done (and said) while an old worker
+                # finishes its transactions (up to drain_limit); another may follow.
+                self.giving_back = asyncio.create_task(self.give_back(sup), name="give-back")
+            else:
+                ctx.shared.reloaded(cfg)
         print("fastsend serve: configuration reloaded", file=sys.stderr, flush=True)
+
+    async def give_back(self, sup: Any) -> None:
+        """The source IPs a reload dropped go back to the cluster once the workers
+        it replaced, which may still send from them, have exited (the config in
+        force then: a later reload's IPs are kept)."""
+        await sup.retirements()
+        if self.ctx.shared is not None and not self.stop_event.is_set():
+            try:
+                self.ctx.shared.reloaded(self.ctx.config)
+            except Exception as e:  # kept until the lease lapses: said, not fatal
+                log.warning("SIGHUP: the source IPs the reload dropped were not given back: %s", e)
