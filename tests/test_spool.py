@@ -498,6 +498,29 @@ def test_redis_spool_indexes_tenants_of_an_older_spool(redis_server: Any, tmp_pa
     assert [c.id for c in again.campaigns()] == [a, b]
 
 
+def test_redis_spool_indexes_fair_shares_of_an_older_spool(redis_server: Any, tmp_path: Path) -> None:
+    """A spool made before the claim's P:fair index: the next open fills it, so a
+    tenant's small campaign still gets its share of the first claim (without
+    it, every campaign counts as a tenant of its own: a tenant with 3 campaigns
+    took 3 shares)."""
+    url = redis_server.url(node="n1", dir=str(tmp_path))
+    s: Any = open_spool(url)
+    now = time.time()
+    big = [s.create_campaign({}, tenant="t1") for _ in range(3)]
+    small = s.create_campaign({}, tenant="t2")
+    for cid in big:
+        s.add_messages(cid, [(f"r{i}@a.example", "a.example", b"[]") for i in range(100)], now - 5)
+    s.add_messages(small, [(f"s{i}@b.example", "b.example", b"[]") for i in range(100)], now - 5)
+    r, k = s.r, s.k
+    r.delete(f"{k}:fair", f"{k}:fair-ok")  # as a spool made before the index
+    got = open_spool(url).claim_due(now, 40)
+    per: dict[int, int] = {}
+    for c in got:
+        per[c.campaign] = per.get(c.campaign, 0) + 1
+    assert per[small] == 20 and sum(per[c] for c in big) == 20
+    assert r.hget(f"{k}:fair", str(small)) is not None
+
+
 def test_blobs_stored_once_kept_while_needed_then_swept(make_spool: Factory) -> None:
     import hashlib
 

@@ -105,7 +105,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -490,50 +490,51 @@ class RedisSpool(Spool):
         out = [self._campaign(cid, h) for cid, h in zip(ids, pipe.execute(), strict=True)]
         return [c for c in out if c is not None]
 
-    def _index_fair(self) -> None:
-        """Once per spool: each campaign's tenant, priority and weight for the
-        claim (``P:fair``, claim.lua) of a spool made before them."""
+    def _backfill(
+        self, done: str, fields: tuple[str, ...], add: Callable[[Any, int, list[Any]], None]
+    ) -> None:
+        """Once per spool: an index over every campaign of a spool made before
+        it. ``add(pipe, cid, values)`` queues the writes for one campaign from
+        its hash's ``fields``; ``P:done`` marks the index complete."""
         k, r = self.k, self.r
-        if r.exists(f"{k}:fair-ok"):
+        if r.exists(f"{k}:{done}"):
             return
         ids = [int(x) for x in r.zrange(f"{k}:camps", 0, -1)]
         for j in range(0, len(ids), CHUNK):
             part = ids[j : j + CHUNK]
             pipe = r.pipeline(transaction=False)
             for cid in part:
-                pipe.hmget(f"{k}:c:{cid}", "tenant", "spec", "options")
+                pipe.hmget(f"{k}:c:{cid}", *fields)
             got = pipe.execute()
             pipe = r.pipeline(transaction=False)
-            for cid, (tenant, spec, options) in zip(part, got, strict=True):
-                if tenant is not None:
-                    field = _fair_field(_s(tenant), orjson.loads(spec or b"{}"),
-                                        orjson.loads(options or b"{}"))  # fmt: skip
-                    pipe.hsetnx(f"{k}:fair", str(cid), field)
+            for cid, values in zip(part, got, strict=True):
+                if values[0] is not None:  # the first field: the tenant, always set
+                    add(pipe, cid, values)
             pipe.execute()
-        r.set(f"{k}:fair-ok", 1)
+        r.set(f"{k}:{done}", 1)
+
+    def _index_fair(self) -> None:
+        """Each campaign's tenant, priority and weight for the claim (``P:fair``,
+        claim.lua) of a spool made before them."""
+
+        def add(pipe: Any, cid: int, values: list[Any]) -> None:
+            tenant, spec, options = values
+            field = _fair_field(_s(tenant), orjson.loads(spec or b"{}"), orjson.loads(options or b"{}"))
+            pipe.hsetnx(f"{self.k}:fair", str(cid), field)
+
+        self._backfill("fair-ok", ("tenant", "spec", "options"), add)
 
     def _tenant_key(self, tenant: str) -> str:
         """The sorted set of a tenant's campaign ids (scored by id)."""
         return f"{self.k}:tc:{tenant}"
 
     def _index_tenants(self) -> None:
-        """Once per spool: the per-tenant sets of a spool made before them."""
-        k, r = self.k, self.r
-        if r.exists(f"{k}:tc-ok"):
-            return
-        ids = [int(x) for x in r.zrange(f"{k}:camps", 0, -1)]
-        for j in range(0, len(ids), CHUNK):
-            part = ids[j : j + CHUNK]
-            pipe = r.pipeline(transaction=False)
-            for cid in part:
-                pipe.hget(f"{k}:c:{cid}", "tenant")
-            tenants = pipe.execute()
-            pipe = r.pipeline(transaction=False)
-            for cid, t in zip(part, tenants, strict=True):
-                if t is not None:
-                    pipe.zadd(self._tenant_key(_s(t)), {cid: cid})
-            pipe.execute()
-        r.set(f"{k}:tc-ok", 1)
+        """The per-tenant sets of a spool made before them."""
+        self._backfill(
+            "tc-ok",
+            ("tenant",),
+            lambda pipe, cid, values: pipe.zadd(self._tenant_key(_s(values[0])), {cid: cid}),
+        )
 
     def campaigns(
         self, tenant: str | None = None, *, after: int = 0, limit: int | None = None
