@@ -108,10 +108,56 @@ def bounce_corpus() -> Path | None:
     return None
 
 
+def _port_span() -> tuple[int, int]:
+    """Where ``free_port`` hands out ports: below the kernel's ephemeral range
+    (net.ipv4.ip_local_port_range), one slice per pytest-xdist worker."""
+    lo, hi = 32768, 60999
+    with contextlib.suppress(OSError, ValueError):
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    start, end = (10000, lo) if lo - 10000 >= 4000 else (hi + 1, 65536)
+    if end - start < 4000:
+        return 0, 0  # no room outside the ephemeral range: the kernel's choice
+    workers = 8
+    size = (end - start) // workers
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    k = int(worker) % workers if worker.isdigit() else 0
+    return start + k * size, start + (k + 1) * size
+
+
+# One cursor per process (sys.modules holds it: tests import this module both as
+# ``conftest`` and ``tests.conftest``, two module objects).
+_PORTS: dict[str, int] = sys.modules.setdefault("_fastsend_test_ports", {})  # type: ignore[arg-type]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, for a server a test starts next.
+
+    Not the kernel's ``bind(0)`` choice: that port comes from the ephemeral
+    range, the pool every other ``bind(addr, 0)`` draws from (another xdist
+    worker's free_port, an outgoing connection bound to its source IP as
+    fastsend's are), so between this call and the server's bind it may be
+    taken: the server fails with EADDRINUSE, or ``wait_port`` finds another
+    test's server there. The kernel never hands out ports below that range;
+    each xdist worker has its own slice, walked in turn from a random start,
+    so no two callers in one run get the same port."""
+    lo, hi = _port_span()
+    if not lo:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
+    key = f"{lo}-{hi}"
+    if key not in _PORTS:
+        _PORTS[key] = lo + int.from_bytes(os.urandom(2), "big") % (hi - lo)
+    for _ in range(hi - lo):
+        port = _PORTS[key]
+        _PORTS[key] = port + 1 if port + 1 < hi else lo
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use (a listener, a socket in TIME_WAIT): the next
+        return port
+    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
