@@ -107,8 +107,15 @@ def main(argv: Sequence[str] | None = None, *, entry: bool = False) -> int:
     # First pass: find the subcommand without its options, then let its module
     # add them (lazy import keeps `fastsend --help` fast). The table of every
     # subcommand is built only for help, --version or a wrong name.
-    if not argv or argv[0] not in COMMANDS:
-        build_parser().parse_args(argv or ["--help"])
+    if not argv:
+        # No command is a usage error, as argparse makes any other one: the usage
+        # and the commands on stderr, exit 2 (a script that forgot its command
+        # must not pass as done).
+        parser = build_parser()
+        parser.print_help(sys.stderr)
+        parser.exit(2, "fastsend: error: a command is required\n")
+    if argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)
         return 2
     name = argv[0]
     module = _import(COMMANDS[name][0], entry)

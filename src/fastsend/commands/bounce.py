@@ -7,8 +7,11 @@ original_message_id, verp_id, remote_mta, rate_limited, ip_blocked.
 files that take precedence over the shipped ones. Records of recipients that
 were delivered are left out unless ``--include-delivered``.
 
-An unreadable file is reported on stderr and the others are still processed;
-the exit status is then 1. A bad rule file stops before any work (status 2).
+An unreadable file, or one that is not a bounce (no failure report or
+complaint found in it: an auto-reply, ordinary mail), is reported on stderr
+("FILE: not a bounce") and the others are still processed; the exit status is
+then 1. A report of delivered recipients only prints nothing but a note on
+stderr (status 0). A bad rule file stops before any work (status 2).
 """
 
 from __future__ import annotations
@@ -57,10 +60,29 @@ def run(args: argparse.Namespace) -> int:
             print(f"fastsend bounce: {name}: cannot read: {e.strerror or e}", file=sys.stderr)
             rc = 1
             continue
-        for rec in parse_bounce(raw, rules=rules):
+        records = parse_bounce(raw, rules=rules)
+        if not records:
+            # Said, not left as an empty output a script cannot tell from a
+            # bounce whose lines were lost: an auto-reply, a newsletter, a
+            # message with no failure report in it.
+            print(
+                f"fastsend bounce: {name}: not a bounce (no delivery failure or complaint in it)",
+                file=sys.stderr,
+            )
+            rc = 1
+            continue
+        shown = 0
+        for rec in records:
             if rec.reason == "delivered" and not args.include_delivered:
                 continue
             d = {"file": name, **rec.to_dict()}
             out.write(orjson.dumps(d) + b"\n")
+            shown += 1
+        if not shown:
+            print(
+                f"fastsend bounce: {name}: a delivery report of delivered recipients only"
+                " (--include-delivered shows them)",
+                file=sys.stderr,
+            )
     out.flush()
     return rc

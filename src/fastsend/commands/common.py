@@ -37,6 +37,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=300.0,
         help="return when nothing is due within this many seconds (default 300)",
     )
+    p.add_argument(
+        "--fail-deferred",
+        action="store_true",
+        help="exit 75 (try again later) when any recipient is still deferred at the end"
+        " (default: 0, the mail stays queued for `resume`)",
+    )
     p.add_argument("--helo", help="EHLO name")
     p.add_argument("--nameserver", action="append", default=[], help="DNS server HOST:PORT")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -233,6 +239,8 @@ def resume_command(args: argparse.Namespace) -> str:
         cmd += ["--nameserver", ns]
     if args.max_wait != 300.0:
         cmd += ["--max-wait", f"{args.max_wait:g}"]
+    if getattr(args, "fail_deferred", False):
+        cmd.append("--fail-deferred")
     return shlex.join(cmd)
 
 
@@ -254,6 +262,24 @@ def stopped_by_signal(summary: dict[str, Any], args: argparse.Namespace, rows_le
         file=sys.stderr,
     )
     return 128 + signum
+
+
+def still_deferred(summary: dict[str, Any], args: argparse.Namespace) -> int:
+    """``--fail-deferred``: when mail is still deferred (queued for a retry) as the
+    run returns, say so and return 75 (EX_TEMPFAIL: a job runner retries, and
+    ``fastsend resume`` carries on); 0 otherwise, and always without the flag (the
+    mail stays queued, no failure). A run a signal stopped is said by
+    :func:`stopped_by_signal`."""
+    queued = int(summary.get("deferred", 0))
+    if not getattr(args, "fail_deferred", False) or not queued or summary.get("signal"):
+        return 0
+    print(
+        f"fastsend: {queued:,} recipient(s) still deferred, none due within --max-wait;"
+        f" they stay queued (--fail-deferred: exit {EX_TEMPFAIL}); continue with:"
+        f" {resume_command(args)}",
+        file=sys.stderr,
+    )
+    return EX_TEMPFAIL
 
 
 def die(msg: str, code: int = 2) -> int:

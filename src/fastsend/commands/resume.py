@@ -33,6 +33,7 @@ from fastsend.commands.common import (
     redact_url,
     run_engine,
     sign_links_as_serve,
+    still_deferred,
     stopped_by_signal,
 )
 
@@ -198,4 +199,4 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return still_deferred(summary, args)

@@ -10,7 +10,8 @@ chunks while the engine already delivers, until every recipient is final or
 deferred past --max-wait. Killed in the middle, ``fastsend resume`` continues
 the ingest where its last committed chunk ended.
 Exit status: 0 when all went as far as it can, 1 when bad rows were skipped or
-the list could not be read to its end, 2 on unusable input, 128 + the signal's
+the list could not be read to its end, 75 with --fail-deferred when mail is still
+deferred at the end, 2 on unusable input, 128 + the signal's
 number when a SIGTERM (143) or SIGINT (130) stopped it (what is left and the
 ``fastsend resume`` command that continues are printed).
 """
@@ -39,6 +40,7 @@ from fastsend.commands.common import (
     redact_url,
     run_engine,
     sign_links_as_serve,
+    still_deferred,
     stopped_by_signal,
 )
 
@@ -296,4 +298,5 @@ def run(args: argparse.Namespace) -> int:
     stopped = stopped_by_signal(summary, args, rows_left(job_now))
     if bad:
         print(f"fastsend: {len(bad)} bad recipient row(s) were skipped", file=sys.stderr)
-    return stopped or (1 if bad else code)
+    # Mail still deferred outranks bad rows (said above): what is left is for resume.
+    return stopped or still_deferred(summary, args) or (1 if bad else code)
