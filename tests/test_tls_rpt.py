@@ -322,3 +322,62 @@ def test_reports_from_a_real_send_posted_and_mailed(world: World) -> None:
     # sent: not again
     rep = run_fastsend("tls-report", "send", *common, "--json")
     assert orjson.loads(rep.stdout)["reports"] == []
+
+
+def test_sessions_without_a_policy_counted_for_domains_asking_for_reports(world: World) -> None:
+    """RFC 8460 4.4: a domain that publishes a TLS-RPT record but no policy gets
+    its sessions reported as no-policy-found: TLS negotiated is a success, an
+    MX offering no STARTTLS a starttls-not-supported failure (the mail still
+    goes, as without a policy); a domain without the record is not counted.
+    They were not counted at all: such a domain got no report."""
+    port = free_port("127.0.0.1")
+    good = world.pem("good", "mx.ok.test")
+    rua = "v=TLSRPTv1; rua=https://rpt.reports.test/v1"
+    world.dns.set_zones({
+        "np-tls.test": [("MX", "10 mx.ok.test.")],
+        "np-also.test": [("MX", "10 mx.ok.test.")],
+        "np-plain.test": [("MX", "10 mx.plain.test.")],
+        "np-none.test": [("MX", "10 mx.ok.test.")],
+        "mx.ok.test": [("A", "127.0.0.1")],
+        "mx.plain.test": [("A", "127.0.0.6")],
+        "_smtp._tls.np-tls.test": [("TXT", rua)],
+        "_smtp._tls.np-also.test": [("TXT", rua)],
+        "_smtp._tls.np-plain.test": [("TXT", rua)],
+    })  # fmt: skip
+    cfg = world.config(port, 'report_from = "tls-reports@sender.test"\n')
+    spool = world.tmp / "spool"
+    camp = write_campaign(world.tmp)
+    rcpts = ["a@np-tls.test", "b@NP-TLS.test", "c@np-also.test", "d@np-plain.test",
+             "e@np-none.test"]  # fmt: skip
+    lst = write_recipients(world.tmp, rcpts)
+    with (
+        SinkProcess("--tls-cert", good[0], "--tls-key", good[1], listen=f"127.0.0.1:{port}"),
+        SinkProcess(listen=f"127.0.0.6:{port}"),
+    ):
+        proc = run_fastsend("send", str(camp), "-r", str(lst), "-c", str(cfg), "--spool",
+                            str(spool), "--json", "--no-dkim", "--no-progress", "--max-wait", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert orjson.loads(proc.stdout)["delivered"] == len(rcpts)
+    today = day_of(time.time())
+    st = Store(str(spool))
+    try:
+        assert st.due("9999-12-31") == [(today, d) for d in
+                                        ("np-also.test", "np-plain.test", "np-tls.test")]  # fmt: skip
+        docs = {d: st.report(today, d, organization="o", contact="c", report_id="r")
+                for d in ("np-tls.test", "np-also.test", "np-plain.test")}  # fmt: skip
+    finally:
+        st.close()
+    for doc in docs.values():
+        check_report(doc)
+        assert [p["policy"]["policy-type"] for p in doc["policies"]] == ["no-policy-found"]
+    ok = docs["np-tls.test"]["policies"][0]
+    # both recipients went on one session at most per connection: >= 1, never a failure
+    assert ok["summary"]["total-successful-session-count"] >= 1, ok
+    assert ok["summary"]["total-failure-session-count"] == 0, ok
+    assert docs["np-also.test"]["policies"][0]["summary"]["total-successful-session-count"] >= 1
+    plain = docs["np-plain.test"]["policies"][0]
+    assert plain["summary"]["total-successful-session-count"] == 0, plain
+    assert plain["summary"]["total-failure-session-count"] >= 1, plain
+    d = plain["failure-details"][0]
+    assert d["result-type"] == "starttls-not-supported", d
+    assert d["receiving-mx-hostname"] == "mx.plain.test" and d["receiving-ip"] == "127.0.0.6", d

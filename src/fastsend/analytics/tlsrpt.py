@@ -11,9 +11,11 @@ and policy in ``SPOOL/tlsrpt.db`` (a node's own: on a shared Redis spool each
 node reports its own sessions under its own report-id). Policy types: ``sts``
 (MTA-STS; the policy's lines and mx patterns), ``tlsa`` (DANE; the TLSA
 records, the MX host), ``no-policy-found`` (a domain whose MTA-STS policy
-could not be fetched and none was cached). Sessions to domains without any
-policy are not counted (their connections are shared by every domain of an MX
-set: no per-domain session to count).
+could not be fetched and none was cached, or a domain without any policy that
+publishes a ``_smtp._tls`` record: with ``[tls] report_from`` set, the
+resolver asks for that record beside the MX query, and each session to an MX
+set without a policy counts once for each such domain it carries mail for,
+TLS negotiated or not: ``SiteQueue._no_policy_sessions``).
 
 Sending (``fastsend tls-report send``, or ``[tls] reports = "on"`` in serve,
 a few minutes after each UTC midnight): for each finished day and policy

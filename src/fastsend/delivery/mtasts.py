@@ -157,6 +157,14 @@ def parse_txt(texts: list[str]) -> str | None:
     return pid if _ID.fullmatch(pid) else None
 
 
+def has_tlsrpt(texts: list[str]) -> bool:
+    """Whether a domain's ``_smtp._tls`` TXT strings are one TLS-RPT record
+    (RFC 8460 3: exactly one starting ``v=TLSRPTv1``, with a ``rua``); where
+    its reports go is read when they are sent (``analytics/tlsrpt.py``)."""
+    recs = [t for t in texts if t.startswith("v=TLSRPTv1")]
+    return len(recs) == 1 and "rua=" in recs[0].replace(" ", "").lower()
+
+
 def parse_policy(text: str, domain: str, pid: str, now: float) -> Policy:
     """The policy body (RFC 8461 3.2: ``key: value`` lines, CRLF or LF; unknown
     keys ignored), checked: version STSv1, a known mode, max_age 0..a year,

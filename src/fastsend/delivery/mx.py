@@ -48,7 +48,7 @@ import msgspec
 
 from fastsend.config import Config, Route
 from fastsend.delivery import dane
-from fastsend.delivery.mtasts import MTASTS, Policy
+from fastsend.delivery.mtasts import MTASTS, Policy, has_tlsrpt
 from fastsend.outcome import DEFERRED, FAILED, Outcome
 
 if TYPE_CHECKING:
@@ -131,6 +131,12 @@ class MXResolver:
             if t.mta_sts == "on" or "on" in t.domains.values() or t.dane == "on"
             else None  # (with DANE alone: its reports only)
         )
+        # TLS-RPT's no-policy-found sessions (RFC 8460 4.4): a domain delivered
+        # without a policy whose `_smtp._tls` record asks for reports has its
+        # sessions counted; asked beside the MX query, only when sessions are
+        # counted and reports can be sent ([tls] report_from)
+        self.count_no_policy = self.sts is not None and bool(t.report_from)
+        self._tlsrpt: dict[str, tuple[float, bool]] = {}
 
     @property
     def resolver(self) -> dns.asyncresolver.Resolver:
@@ -221,6 +227,12 @@ class MXResolver:
 
     async def _lookup_and_cache(self, domain: str) -> Site | Outcome:
         sts = self.sts
+        # (a task beside the MX query, like the policy's)
+        rpt = (
+            asyncio.ensure_future(self._tlsrpt_lookup(domain))
+            if self.count_no_policy and domain[:1] != "["
+            else None
+        )
         if sts is not None and self.config.mta_sts_for(domain):
             # Beside the MX query, not after it: no policy costs no time.
             (result, ttl), (policy, pttl) = await asyncio.gather(
@@ -233,9 +245,27 @@ class MXResolver:
                     result = self._with_policy(result, policy)
         else:
             result, ttl = await self._lookup(domain)
+        if rpt is not None:
+            await rpt
         now = time.monotonic()
         _put(self._cache, domain, (now + ttl, result), now)
         return result
+
+    async def _tlsrpt_lookup(self, domain: str) -> None:
+        """Whether ``domain`` publishes a TLS-RPT record (``reports_tls``); a
+        failed lookup counts as none (its sessions go uncounted for a while)."""
+        try:
+            texts, ttl = await self._txt(f"_smtp._tls.{domain}")
+        except Exception:
+            texts, ttl = None, _NEG_TTL
+        now = time.monotonic()
+        _put(self._tlsrpt, domain, (now + max(_MIN_TTL, ttl), has_tlsrpt(texts or [])), now)
+
+    def reports_tls(self, domain: str) -> bool:
+        """Whether ``domain`` (lower case) asked for TLS-RPT reports when its
+        MX was last looked up: its sessions without a policy are counted."""
+        hit = self._tlsrpt.get(domain)
+        return hit is not None and hit[1]
 
     async def _shared(self, kind: str, name: str, lookup: Callable[[str], Awaitable[T]]) -> T:
         """``lookup(name)``, or the result of the same lookup already under way."""

@@ -152,9 +152,14 @@ class SiteQueue:
         limits: Limits | None = None,
         connect_options: dict[str, Any] | None = None,
         sts_report: Callable[..., None] | None = None,
+        reports_tls: Callable[[str], bool] | None = None,
     ) -> None:
         self.site = site
         self.sts_report = sts_report
+        # TLS-RPT no-policy-found (RFC 8460 4.4): whether a recipient domain
+        # asked for reports; each session to an MX site without a policy counts
+        # once for each such domain it carries mail for (_no_policy_sessions)
+        self.reports_tls = reports_tls if sts_report is not None else None
         self.transport = ""  # the relay transport's name (delivery.routes), else ""
         # A relay route (fastsend.transports.relay) brings its own limits and
         # ConnectOptions fields (AUTH, TLS mode, implicit TLS, CA).
@@ -530,6 +535,37 @@ class SiteQueue:
         code = conn.code if 400 <= conn.code < 500 else 451
         return Outcome(DEFERRED, code, "4.7.5", text[:500], conn.stage, conn.mx)
 
+    def _no_policy_sessions(
+        self, conn: SMTPConnection, batch: list[Envelope], counted: set[str], ip: str
+    ) -> None:
+        """TLS-RPT no-policy-found: this session counts once for each recipient
+        domain of ``batch`` not yet ``counted`` on it that asked for reports
+        (``_smtp._tls``): a success when TLS was negotiated, else
+        starttls-not-supported (not offered) or validation-failure (the
+        handshake failed: the mail went in clear, as without a policy)."""
+        assert self.reports_tls is not None and self.sts_report is not None
+        for e in batch:
+            if not e.rcpts:
+                continue
+            domain = e.rcpts[0].rpartition("@")[2].lower()
+            if domain in counted:
+                continue
+            counted.add(domain)
+            if not self.reports_tls(domain):
+                continue
+            name, _, rest = conn.mx.partition("[")
+            address = rest.partition("]")[0]
+            if conn.tls_active:
+                result, text = "", ""
+            elif "STARTTLS" in conn.capabilities:
+                result, text = "validation-failure", "the TLS handshake failed: sent in clear"
+            else:
+                result, text = "starttls-not-supported", "the server does not offer STARTTLS"
+            self.sts_report(
+                domain, "", result, text, mx=name if address else "", source_ip=ip, went=True,
+                policy_type="no-policy-found", receiving_ip=address,
+            )  # fmt: skip
+
     def _sts_failed(self, host: Host, ip: str, result: str, text: str) -> None:
         sts = self.site.sts
         assert sts is not None
@@ -598,6 +634,13 @@ class SiteQueue:
                 mx = conn.mx
                 if self.unreached:
                     self.unreached.pop(ip, None)
+                counted: set[str] | None = (
+                    set()
+                    if self.reports_tls is not None and self.site.sts is None
+                    and not self.site.dane and self.site.key.startswith("mx:")
+                    and self.limits.tls != "off"
+                    else None
+                )  # fmt: skip
                 progress = False  # this connection delivered something
                 self.sessions += 1
                 try:
@@ -636,6 +679,8 @@ class SiteQueue:
                         batch = self._take(want, group)
                         if not batch:
                             continue
+                        if counted is not None:
+                            self._no_policy_sessions(conn, batch, counted, ip)
                         start = time.monotonic()
                         if lane.aimd is not None:
                             lane.aimd.sent(start, len(batch))

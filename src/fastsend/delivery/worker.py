@@ -559,6 +559,7 @@ class Worker:
                 domain=batch.domain,
                 handback=self.handback,
                 sts_report=self.resolver.sts.report if self.resolver.sts is not None else None,
+                reports_tls=self.resolver.reports_tls if self.resolver.count_no_policy else None,
                 **relay,
             )
             if self.draining:
