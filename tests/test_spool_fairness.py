@@ -79,6 +79,31 @@ def test_two_tenants_with_equal_big_campaigns_interleave(
     spool.close()
 
 
+def test_more_tenants_than_room_all_get_mail_within_a_round(
+    make_spool: Callable[[], Spool],
+) -> None:
+    """More tenants with mail due than a claim's room: each claim gives one
+    each to ``room`` of them, and the next claim goes on from where it
+    stopped. It started one tenant further on instead, so with 30 tenants and
+    claims of 10 the last tenant's first message waited for the 21st claim
+    (2,000 tenants, claims of 500: ~1,500 claims, 750,000 other messages)."""
+    spool = make_spool()
+    now = time.time() - 10
+    camps = [spool.create_campaign(SPEC, tenant=f"T{i}") for i in range(30)]
+    for cid in camps:
+        spool_rows(spool, cid, 40, now)
+    seen: Counter[int] = Counter()
+    for _ in range(3):
+        got = per_campaign(spool.claim_due(time.time(), 10))
+        assert sorted(got.values()) == [1] * 10 and not set(got) & set(seen)
+        seen.update(got)
+    assert set(seen) == set(camps)  # a round: every tenant once
+    for _ in range(3):
+        seen.update(per_campaign(spool.claim_due(time.time(), 10)))
+    assert set(seen.values()) == {2}
+    spool.close()
+
+
 def test_a_tenant_with_many_campaigns_gets_one_tenants_share(
     make_spool: Callable[[], Spool],
 ) -> None:
@@ -213,7 +238,9 @@ def test_parked_rows_take_their_campaigns_share(tmp_path: Path) -> None:
 def test_fill_and_fair_shares() -> None:
     assert fill(10, [1, 1], [3, 100], 0) == [3, 7]
     assert fill(3, [1, 1, 1, 1], [5, 5, 5, 5], 0) == [1, 1, 1, 0]
-    assert fill(3, [1, 1, 1, 1], [5, 5, 5, 5], 1) == [0, 1, 1, 1]
+    # the next claim (turn 1) goes on after the last one's 3: members 3, 0, 1
+    assert fill(3, [1, 1, 1, 1], [5, 5, 5, 5], 1) == [1, 1, 0, 1]
+    assert fill(3, [1, 1, 1, 1], [5, 5, 5, 5], 2) == [1, 0, 1, 1]
     assert fill(0, [1], [5], 0) == [0]
     assert fill(5, [1, 1], [0, 0], 0) == [0, 0]
     assert fair_shares([(2, "b", 0, 1, 9), (1, "a", 0, 1, 9)], 10, 0) == {1: 5, 2: 5}

@@ -21,10 +21,13 @@ cannot take another tenant's share by marking its mail urgent.
 Shares are whole messages by water-filling: each open member gets
 ``floor(left * weight / total weight)`` capped at what it has due, again with
 what the capped ones left, until the room or the mail runs out; when the floors
-are all 0 (fewer messages left than members), one each, starting at member
-``turn % members``: ``turn`` counts the claims that were shared (the spool's own
-counter: in memory for SQLite, ``P:fair:turn`` on Redis), so the odd messages go
-round instead of always to the same campaign.
+are all 0 (fewer messages left than members), one each to ``left`` members,
+starting at member ``turn * left % members``: ``turn`` counts the claims that
+were shared (the spool's own counter: in memory for SQLite, ``P:fair:turn`` on
+Redis), so the odd messages go round instead of always to the same campaign, and
+each claim starts where the last one stopped (it started one member further on:
+with 2,000 tenants due and claims of 500, the last tenant's first message waited
+~1,500 claims; now 4).
 """
 
 from __future__ import annotations
@@ -71,15 +74,16 @@ def check_rank(priority: Any = None, weight: Any = None) -> str | None:
 
 def fill(limit: int, weights: Sequence[int], avail: Sequence[int], turn: int) -> list[int]:
     """Split ``limit`` between members by ``weights``, none above its ``avail``
-    (water-filling; the odd ones from member ``turn % open``; see the module)."""
+    (water-filling; the odd ones from member ``turn * odd % open``; see the module)."""
     give = [0] * len(avail)
     left = limit
     live = [i for i, a in enumerate(avail) if a > 0]
     if len(live) > left and len({weights[i] for i in live}) == 1:
         # fewer than one each, alike: every floor would be 0
         k = len(live)
+        start = turn * left % k
         for j in range(left):
-            give[live[(turn + j) % k]] += 1
+            give[live[(start + j) % k]] += 1
         return give
     while left > 0 and live:
         total = sum(weights[i] for i in live)
@@ -92,10 +96,11 @@ def fill(limit: int, weights: Sequence[int], avail: Sequence[int], turn: int) ->
         live = [i for i in live if give[i] < avail[i]]
         if moved == 0:
             k = len(live)
-            start = turn % k
-            for j in range(min(k, left)):
+            m = min(k, left)  # (= left: a floor is 0 only while left < k)
+            start = turn * m % k
+            for j in range(m):
                 give[live[(start + j) % k]] += 1
-            left -= min(k, left)
+            left -= m
             live = [i for i in live if give[i] < avail[i]]
     return give
 

@@ -226,7 +226,7 @@ end
 -- How a claim shares its room between campaigns: spool/fair.py's fill() and
 -- fair_shares(), the same arithmetic (tests/test_spool_fairness.py holds them
 -- equal). fill(): water-filling of limit by weights w, none above its a[i];
--- the odd ones one each from the live member turn % live.
+-- the odd ones (m) one each from the live member turn * m % live.
 local function fill(limit, w, a, turn)
   local give, live, left = {}, {}, limit
   for i = 1, #a do
@@ -253,8 +253,9 @@ local function fill(limit, w, a, turn)
     if moved == 0 then
       local k = #live
       local m = math.min(k, left)
+      local start = (turn * m) % k
       for j = 0, m - 1 do
-        local i = live[(turn + j) % k + 1]
+        local i = live[(start + j) % k + 1]
         give[i] = give[i] + 1
       end
       left = left - m
