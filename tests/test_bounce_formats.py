@@ -201,6 +201,10 @@ def test_exchange_2003_ndr() -> None:
     [
         ("User bob (bob@example.org) not listed in Domino Directory", "userunknown", True),
         ("Mailbox full or quota exceeded", "mailboxfull", False),
+        # The router's other fixed texts: a mail rule or a restriction on the
+        # person document refused the mail; a name matching several entries.
+        ("Cannot route mail to user (bob@example.org)", "filtered", False),
+        ("Several matches found in Domino Directory for bob", "systemerror", False),
     ],
 )
 def test_lotus_domino_delivery_failure(because: str, reason: str, hard: bool) -> None:
@@ -210,6 +214,62 @@ def test_lotus_domino_delivery_failure(because: str, reason: str, hard: bool) ->
     )
     raw = _plain("Postmaster@example.org", f"DELIVERY FAILURE: {because}", body)
     assert _one(raw) == ("bob@example.org", reason, hard)
+
+
+# A Domino server installed in another language writes its router's texts in
+# that language (the Notes/Domino language packs): "not listed in Domino
+# Directory" in German, French, Spanish and Japanese, the French one often in
+# ISO-8859-1. Each is the same dead address as the English text.
+_DOMINO_LOCAL = {
+    "de": (
+        "Ihre Nachricht",
+        "wurde nicht zugestellt an:",
+        "weil:",
+        "Benutzer bob (bob@example.org) ist nicht im Domino-Verzeichnis aufgeführt",
+    ),
+    "de-nab": (
+        "Ihre Nachricht",
+        "wurde nicht zugestellt an:",
+        "weil:",
+        "Benutzer bob (bob@example.org) nicht im öffentlichen Namens- und Adressbuch",
+    ),
+    "fr": (
+        "Votre message",
+        "n'a pas été remis à :",
+        "pour la raison suivante :",
+        "Utilisateur bob (bob@example.org) non répertorié dans l'annuaire Domino",
+    ),
+    "es": (
+        "Su mensaje",
+        "no se ha entregado a:",
+        "porque:",
+        "El usuario bob (bob@example.org) no se encuentra en el Directorio de Domino",
+    ),
+    "ja": (
+        "メッセージ",
+        "次の宛先に配信されませんでした:",
+        "理由:",
+        "ユーザー bob (bob@example.org) は Domino ディレクトリには見つかりません",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("lang", "charset"),
+    [(lang, "utf-8") for lang in sorted(_DOMINO_LOCAL)]
+    + [(lang, "iso-8859-1") for lang in ("de", "de-nab", "es", "fr")],
+)
+def test_lotus_domino_in_the_servers_language(lang: str, charset: str) -> None:
+    msg, not_to, because_word, because = _DOMINO_LOCAL[lang]
+    body = f"{msg}\n\n  Subject: News\n\n{not_to}\n\n  bob@example.org\n\n{because_word}\n\n  {because}\n"
+    payload = body.encode(charset)
+    raw = (
+        "From: Postmaster@example.org\nTo: news@sender.test\nSubject: DELIVERY FAILURE\n"
+        f"MIME-Version: 1.0\nContent-Type: text/plain; charset={charset}\n"
+        "Content-Transfer-Encoding: 8bit\n\n"
+    ).encode() + payload
+    assert _one(raw) == ("bob@example.org", "userunknown", True)
+    assert classify_reply(0, "", because, command="").reason == "userunknown"
 
 
 _QMAIL = (

@@ -408,6 +408,46 @@ def test_reply_code_and_status_subject_decide_when_no_phrase_does(
 
 
 @pytest.mark.parametrize(
+    ("code", "status", "text", "reason"),
+    [
+        # RFC 3463 X.1.2 "Bad destination system address" as a temporary
+        # refusal: Postfix's reject_unknown_recipient_domain when DNS fails
+        # for now (unknown_address_reject_code 450), and a bare 4.1.2.
+        (
+            450,
+            "4.1.2",
+            "<bob@example.org>: Recipient address rejected: Domain not found",
+            "hostunknown",
+        ),
+        (450, "4.1.2", "Domain not found", "hostunknown"),
+        (451, "4.1.2", "Something odd happened", "hostunknown"),
+        # X.1.1 "Bad destination mailbox address", temporary (a directory
+        # lookup that failed for now, a bare 4.1.1).
+        (450, "4.1.1", "Something odd happened", "userunknown"),
+    ],
+)
+def test_a_temporary_bad_destination_status_names_its_reason(
+    code: int, status: str, text: str, reason: str
+) -> None:
+    # A 4xx is retried: never hard on the wire, and never "onhold" (no
+    # evidence) when the status itself says what was wrong.
+    c = classify_reply(code, status, text, command="RCPT")
+    assert (c.reason, c.hard) == (reason, False), c
+    # A DSN giving up on that last reply (Action: failed) reports the same reason.
+    raw = (
+        "From: MAILER-DAEMON@mx.example.net\nTo: news@sender.test\n"
+        "Subject: Undelivered Mail Returned to Sender\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\n\n'
+        "--b\nContent-Type: text/plain\n\nDelivery failed.\n\n"
+        "--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example.net\n\n"
+        f"Final-Recipient: rfc822; bob@example.org\nAction: delayed\nStatus: {status}\n"
+        f"Diagnostic-Code: smtp; {code} {status} {text}\n--b--\n"
+    ).encode()
+    (r,) = parse_bounce(raw)
+    assert (r.recipient, r.reason, r.hard) == ("bob@example.org", reason, False)
+
+
+@pytest.mark.parametrize(
     ("code", "status", "text", "command", "reason"),
     [
         # Comcast postmaster, mail delivery error codes: ES = dynamic IP space, BL = blocklists.
