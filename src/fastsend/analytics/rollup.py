@@ -65,7 +65,14 @@ from fastsend.analytics.machine import MachineRules, load_machine_rules
 from fastsend.analytics.store import ALL, IDX, NC, RollupStore, store_outage
 from fastsend.config import Config
 from fastsend.config.analytics import AnalyticsSettings
-from fastsend.events import AcceptedRows, DeliveredRows, Rows, mark_key, read_back
+from fastsend.events import (
+    AcceptedRows,
+    DeliveredRows,
+    Rows,
+    legacy_mark_key,
+    mark_key,
+    read_back,
+)
 
 log = logging.getLogger("fastsend.analytics")
 
@@ -386,7 +393,15 @@ class Rollups:
         if mine is None:
             return 0
         self.mark_key = mark_key(events.path)
-        kept = self.store.states(MARK).get(self.mark_key, "")
+        states = self.store.states(MARK)
+        kept = states.get(self.mark_key, "")
+        legacy = legacy_mark_key(events.path)
+        old = states.get(legacy, "") if legacy != self.mark_key else ""
+        if not kept and old:
+            # Kept by a version before the node's id (events.legacy_mark_key): a kill
+            # -9 just before the upgrade left its last second under that key; before,
+            # the first start after it found no mark and never counted it.
+            kept = old
         n = 0
         half = self.settings.remember_messages // 2
         for batch in read_back(events.path, kept, mine):
@@ -401,6 +416,8 @@ class Rollups:
                         " (the last run stopped without its last flush)", n, events.path)  # fmt: skip
         self.log = events
         self.flush()  # the counts and the new mark together
+        if old:  # read once: the new key holds the mark from now on
+            self.store.add({}, {}, {}, {legacy: ""})
         return n
 
     def _flush(self, final: bool) -> None:

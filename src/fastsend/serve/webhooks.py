@@ -93,7 +93,7 @@ import aiohttp
 import orjson
 
 from fastsend.config.serve import WebhookSettings
-from fastsend.events import mark_key, read_back
+from fastsend.events import legacy_mark_key, mark_key, read_back
 from fastsend.sqlitedb import connect, transaction
 
 __all__ = ["Outbox", "WebhookConfig", "WebhookDispatcher", "safe_url", "sign_payload"]
@@ -446,7 +446,15 @@ class WebhookDispatcher:
         if mine is None:
             return 0
         key = mark_key(path)
-        kept = marks_of().get(key, "")
+        marks = marks_of()
+        kept = marks.get(key, "")
+        legacy = legacy_mark_key(path)
+        old = marks.get(legacy, "") if legacy != key else ""
+        if not kept and old:
+            # Kept by a version before the node's id (events.legacy_mark_key): a kill
+            # -9 just before the upgrade left its last events under that key; before,
+            # the first start after it found no mark and never sent them.
+            kept = old
         bodies: list[bytes] = []
         days = getattr(self.ctx.config.webhooks, "retention_days", 0) or 0
         oldest = time.time() - days * 86400 if days else 0.0
@@ -467,7 +475,9 @@ class WebhookDispatcher:
             except OSError as e:
                 log.error("webhooks: the event log cannot be read back (%s)", e)
                 bodies = []
-        self.outbox.append(bodies, {key: mine})
+        # (the old key forgotten with it: a clean stop deletes the new one, and the
+        # start after must not read the old mark again)
+        self.outbox.append(bodies, {key: mine, legacy: ""} if old else {key: mine})
         self._mark_key, self._mark, self._mark_written = key, mine, mine
         if bodies:
             self.stats["events"] += len(bodies)
