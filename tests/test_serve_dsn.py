@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import orjson
 import pytest
 from tests._serve_helpers import Served
 
@@ -215,3 +216,52 @@ def test_a_null_reverse_path_is_sent_as_mail_from_empty(impl: str) -> None:
     wire = c.send_envelopes([Envelope("", ["a@example.com"], b"hi\r\n", tag=1)])
     assert wire.startswith(b"MAIL FROM:<>")
     assert not c.events()
+
+
+def _notices_spooled(tmp: Path, to: str) -> int:
+    """Notices to ``to`` the spool took (their "accepted" events, in the log)."""
+    n = 0
+    for line in (tmp / "spool" / "events.jsonl").read_bytes().splitlines():
+        e = orjson.loads(line)
+        n += e.get("event") == "accepted" and e.get("rcpt") == to
+    return n
+
+
+def _journal_settled(tmp: Path, timeout: float = 30) -> None:
+    """Wait until the notice journal holds nothing untold (emptied once told)."""
+    path = tmp / "spool" / "dsn.journal"
+    deadline = time.monotonic() + timeout
+    while not path.exists() or path.stat().st_size:
+        assert time.monotonic() < deadline, path.read_bytes()[-500:]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("spool", ["sqlite", "redis"])
+def test_a_kill_between_a_notice_and_its_journal_line_sends_it_once(
+    tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch, spool: str,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    """kill -9 of serve once a notice is spooled, before the journal names it told:
+    the next start took the failure again and spooled a second notice (the sender
+    got two for one failure). Now each notice has an id (its message's rows and
+    their attempt), recorded with the notice in the spool's transaction and
+    checked before spooling: the notice taken again is not spooled again."""
+    url = request.getfixturevalue("redis_server").url() if spool == "redis" else ""
+    with SinkThread(keep_messages=True) as sink:
+        monkeypatch.setenv("FASTSEND_TEST_FAULT", "dsn-kill-after-notice:1")
+        served, port = _serve(tmp_path, certs, sink, spool_url=url)
+        monkeypatch.delenv("FASTSEND_TEST_FAULT")
+        try:
+            _submit(port, served.keys["acme"], certs[2], "app@example.com",
+                    ["permfail-1@example.org", "permfail-2@example.org"])  # fmt: skip
+            assert served.proc.wait(20) == -9
+            assert _notices_spooled(tmp_path, "app@example.com") == 1
+            served.start()
+            _journal_settled(tmp_path)  # the failures taken again and told
+            assert _notices_spooled(tmp_path, "app@example.com") == 1
+            (notice,) = _notices(sink, "app@example.com", 1)
+        finally:
+            served.stop()
+    text = notice.data.decode()
+    assert "Final-Recipient: rfc822; permfail-1@example.org" in text
+    assert "Final-Recipient: rfc822; permfail-2@example.org" in text

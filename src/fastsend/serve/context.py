@@ -37,7 +37,7 @@ from fastsend.events import EventLog
 from fastsend.queue.supervisor import Supervisor
 from fastsend.serve.tenantcaps import TenantCaps
 from fastsend.serve.uploads import Uploads
-from fastsend.spool import Spool, open_spool
+from fastsend.spool import IdemMark, Spool, open_spool
 from fastsend.suppression import SuppressionList
 from fastsend.tenants import Tenants
 
@@ -314,10 +314,13 @@ class ServeContext:
 
     # -- messages ------------------------------------------------------------
 
-    def inject(self, campaign_id: int, rows: list[tuple[str, str, bytes]]) -> list[int]:
-        """Spool rows durably (:meth:`fastsend.accept.Acceptor.accept`); returns
-        their ids in the order of ``rows``."""
-        return self.acceptor.accept(campaign_id, rows)
+    def inject(
+        self, campaign_id: int, rows: list[tuple[str, str, bytes]], idem: IdemMark | None = None
+    ) -> list[int]:
+        """Spool rows durably (:meth:`fastsend.accept.Acceptor.accept`; ``idem``:
+        recorded under an idempotency key with them); returns their ids in the
+        order of ``rows``."""
+        return self.acceptor.accept(campaign_id, rows, idem=idem)
 
     # -- per-node files, or shared in Redis ----------------------------------
 

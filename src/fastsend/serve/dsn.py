@@ -35,8 +35,12 @@ the failures whose notice is spooled. At start the failures the journal holds
 without such a line are taken again, each whose row is final-failed (its
 outcome was committed) told as if just seen: a kill -9 between the
 failure's commit and its notice's spooling no longer loses the notice. The
-window left is the reverse one (killed between the notice's spooling and its
-journal line): that notice is sent twice, at least once as every outcome is.
+reverse window (killed between the notice's spooling and its journal line)
+sent that notice twice: each notice now has an id made of its message's rows
+and their attempt (:func:`notice_key`), reserved in the spool as an
+Idempotency-Key of its own scope (:data:`SCOPE`) and recorded in the
+transaction that spools the notice (``IdemMark``, as the API's keys): a
+notice taken again whose id has a spooled part is not spooled again.
 A node of a shared spool killed and never started again takes its untold
 notices with it (the journal is in its local directory).
 
@@ -47,16 +51,19 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import hashlib
 import logging
 import os
 import re
+import signal
 import socket
 import time
 from typing import Any, NamedTuple
 
 import orjson
 
-from fastsend.spool import BOUNCED, EXPIRED, Claimed
+from fastsend.spool import BOUNCED, EXPIRED, Claimed, IdemMark
+from fastsend.spool.base import holder_tag
 from fastsend.wire import blob_digest
 
 log = logging.getLogger("fastsend.serve")
@@ -70,9 +77,12 @@ KEPT_MAX = 10_000  # failures waiting for a flush (a storm beyond this is not no
 RCPTS_MAX = 1000  # recipients one notice names (the rest: another notice)
 JOURNAL = "dsn.journal"
 JOURNAL_COMPACT = 1 << 20  # bytes: rewritten with only what is still untold
+SCOPE = "dsn:notices"  # the notices' Idempotency-Keys (no tenant is named so: a colon)
+ONCE_TTL = 7 * 86400.0  # s a notice's id is kept: a journal is taken again at the next start
 _UNSAFE = re.compile(r"[^\x20-\x7e]+")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _FAILED_STATES = {"bounced": BOUNCED, "expired": EXPIRED}
+_FAULT = bool(os.environ.get("FASTSEND_TEST_FAULT"))
 
 
 def _clean(text: str, limit: int = TEXT_MAX) -> str:
@@ -211,15 +221,41 @@ def failure_of(rcpt: str, code: int, enhanced: str, text: str, mx: str, expired:
     return Failure(rcpt, status_of(code, enhanced, expired), diagnostic, remote, expired, when)
 
 
+def notice_key(campaign: int, ids: list[int], attempts: list[int]) -> str:
+    """The id of the notice telling the failures of rows ``ids`` (one message's)
+    at their ``attempts``: the same whenever the same failures are told again (a
+    journal taken again after a kill), another for a row failing anew (retried
+    by the operator)."""
+    rows = ",".join(f"{i}.{n}" for i, n in sorted(zip(ids, attempts, strict=True)))
+    return hashlib.sha256(f"{campaign}:{rows}".encode()).hexdigest()[:40]
+
+
+_fault_left: list[int] = []
+
+
+def _fault_after_notice() -> None:
+    """Tests only (inert when unset): ``FASTSEND_TEST_FAULT=dsn-kill-after-notice:N``
+    kills this process once the N-th notice is spooled, before its journal line."""
+    name, _, arg = os.environ.get("FASTSEND_TEST_FAULT", "").partition(":")
+    if name != "dsn-kill-after-notice":
+        return
+    if not _fault_left:
+        _fault_left.append(int(arg or 1))
+    _fault_left[0] -= 1
+    if _fault_left[0] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _Group:
     """The failures of one message (its rows share their vars) waiting for a notice."""
 
-    __slots__ = ("claimed", "failures", "first", "ids", "last")
+    __slots__ = ("attempts", "claimed", "failures", "first", "ids", "last")
 
     def __init__(self, claimed: Any, now: float) -> None:
         self.claimed = claimed  # (one of them: campaign, vars and arrival are the message's)
         self.failures: list[Failure] = []
         self.ids: list[int] = []
+        self.attempts: list[int] = []  # each row's attempt that failed (the notice's id)
         self.first = self.last = now
 
 
@@ -308,7 +344,9 @@ class Notices:
         claimed = Claimed(m["id"], m["campaign"], m["rcpt"], m.get("domain", ""), vars_,
                           int(m.get("attempts", 0)), float(m.get("created", 0.0)))  # fmt: skip
         f = Failure(*rec["f"])
-        self._keep(claimed, f, float(rec.get("at", f.when)), write=False)
+        n = rec.get("n")  # (a journal of before the notices' ids: the row's count)
+        attempt = n if isinstance(n, int) else int(m.get("attempts", 0))
+        self._keep(claimed, f, float(rec.get("at", f.when)), attempt, write=False)
         return 1
 
     def _write(self, data: bytes) -> None:
@@ -326,9 +364,9 @@ class Notices:
         if self._fd < 0:
             return
         keep = b"".join(
-            orjson.dumps({"id": i, "f": list(f), "at": g.first}) + b"\n"
+            orjson.dumps({"id": i, "f": list(f), "at": g.first, "n": n}) + b"\n"
             for g in self.pending.values()
-            for i, f in zip(g.ids, g.failures, strict=True)
+            for i, f, n in zip(g.ids, g.failures, g.attempts, strict=True)
         )
         tmp = self.journal_path + ".tmp"
         try:
@@ -373,19 +411,23 @@ class Notices:
         f = failure_of(claimed.rcpt, int(getattr(res, "code", 0) or 0),
                        str(getattr(res, "enhanced", "") or ""), str(getattr(res, "text", "") or ""),
                        str(getattr(res, "mx", "") or ""), state == EXPIRED, now)  # fmt: skip
-        self._keep(claimed, f, now, write=True)
+        self._keep(claimed, f, now, int(claimed.attempts) + 1, write=True)
 
-    def _keep(self, claimed: Any, f: Failure, now: float, write: bool) -> None:
+    def _keep(self, claimed: Any, f: Failure, now: float, attempt: int, write: bool) -> None:
         key = (claimed.campaign, claimed.vars)
         g = self.pending.get(key)
         if g is None:
             g = self.pending[key] = _Group(claimed, now)
+        elif claimed.id in g.ids:
+            return  # (told again: an outcome recorded twice is one failure, one notice)
         g.failures.append(f)
         g.ids.append(claimed.id)
+        g.attempts.append(attempt)
         g.last = max(g.last, now)
         self.kept += 1
         if write:
-            self._write(orjson.dumps({"id": claimed.id, "f": list(f), "at": now}) + b"\n")
+            line = {"id": claimed.id, "f": list(f), "at": now, "n": attempt}
+            self._write(orjson.dumps(line) + b"\n")
 
     # -- notices out --------------------------------------------------------------
 
@@ -417,6 +459,8 @@ class Notices:
                 g = self.pending[key]
                 try:
                     n += self._notice(g)
+                    if _FAULT:
+                        _fault_after_notice()
                 except outage:  # kept for the next flush (serve's tick says it once)
                     raise
                 except Exception:  # a notice must never stop the others (nor the loop)
@@ -450,6 +494,9 @@ class Notices:
             addr, domain = normalize(sender)
         except AddressError:
             return 0
+        mark = self._reserve(notice_key(claimed.campaign, g.ids, g.attempts))
+        if mark is None:
+            return 0  # spooled before (a kill came before its journal line)
         original = header_section(base64.b64decode(raw))
         tenant = self.ctx.campaign_tenant(claimed.campaign)
         failures = sorted(g.failures, key=lambda f: f.when)
@@ -459,5 +506,24 @@ class Notices:
             data = build(self.reporting, sender, part, claimed.created, part[-1].when, original)
             row = orjson.dumps({"raw": base64.b64encode(data).decode("ascii"), "mail_from": ""})
             rows.append((addr, domain, row))
-        self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows)
+        self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows, idem=mark)
+        self.ctx.spool.idem_finish(SCOPE, mark.key, mark.holder, 250, b"")
         return len(rows)
+
+    def _reserve(self, key: str) -> IdemMark | None:
+        """The notice id ``key`` reserved for this process (its rows are spooled
+        with the returned mark, recorded with them in one transaction), or None
+        when a notice of that id was spooled already. A reservation of a process
+        that died before spooling is taken over (the mark's part check lets one
+        spool only, whoever else tries)."""
+        spool = self.ctx.spool
+        now = time.time()
+        holder = orjson.dumps(holder_tag())
+        rec = spool.idem_begin(SCOPE, key, "", now, ONCE_TTL, holder)
+        if rec is not None and rec.holder != holder:
+            if rec.parts or not rec.running:
+                return None
+            rec = spool.idem_begin(SCOPE, key, "", now, ONCE_TTL, holder, stale=rec.holder)
+            if rec is not None and (rec.holder != holder or rec.parts):
+                return None
+        return IdemMark(SCOPE, key, holder, 0)
