@@ -64,9 +64,10 @@ class Served:
 
     def __init__(
         self, tmp: Path, route: str | None, extra: str = "", delivery: str = "", umask: int = -1,
-        api: str = "", spool_url: str = "", serve_args: tuple[str, ...] = (),
+        api: str = "", spool_url: str = "", serve_args: tuple[str, ...] = (), routes: str = "",
     ) -> None:  # fmt: skip
         self.tmp = tmp
+        self.routes = routes  # more lines of [routes]
         self.port = free_port()
         self.cfg = tmp / "fastsend.toml"
         self.route = route
@@ -101,6 +102,7 @@ dir = "spool"
 count = 1
 [routes]
 {f'"*" = "{self.route}"' if self.route else ""}
+{self.routes}
 [delivery]
 tls = "off"
 idle_timeout = 1.0

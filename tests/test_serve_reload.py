@@ -4,12 +4,17 @@ the key while the running config stays in force."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests._serve_helpers import Served
+from tests.test_multinode import TPL
+
+from fastsend.sink import SinkThread
 
 RULE = '[[shaping.rule]]\nname = "typo"\naction = "rest"\nmatch = "x"\nprovider = "gogle"\n'
 
@@ -154,3 +159,65 @@ def test_sighup_says_which_changes_wait_for_the_next_start(tmp_path: Path) -> No
         assert "SIGHUP: [events] log changed; it takes effect at the next start" in out, out
     finally:
         assert s.stop() == 0
+
+
+def _shaping(s: Served, action: str, site: str = "") -> list[dict[str, Any]]:
+    path = s.tmp / "spool" / "shaping.jsonl"
+    if not path.exists():
+        return []
+    evs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [e for e in evs if e.get("action") == action and site in e.get("site", "")]
+
+
+def test_a_reload_gives_no_site_a_second_burst_and_keeps_its_aimd_cut(tmp_path: Path) -> None:
+    """A SIGHUP's new worker starts each (source IP, site) where the old one
+    left it (wire.Lanes): a site whose burst was spent gets no second one
+    (rl.example: 4 an hour, burst 4, all 4 sent before the reload: none of the
+    4 posted after it goes), and a site slowed down by its deferrals stays
+    slowed down, raised from the cut (slow.example: its configured 40/s cut
+    by a 451, then successes after the reload raise it from the cut rate: an
+    aimd_increase below 40). Before, the new worker had full buckets and the
+    configured rate: 4 more to rl.example at once, slow.example at 40/s."""
+    # (A static route's site takes the limits of its host's name: two addresses.)
+    with SinkThread(listen=[("127.0.0.2", 0)]) as limited, \
+            SinkThread(listen=[("127.0.0.3", 0)]) as other:  # fmt: skip
+        s = Served(tmp_path, f"{other.host}:{other.port}",
+                   routes=f'"rl.example" = "{limited.host}:{limited.port}"',
+                   extra='[shaping.domain."127.0.0.2"]\nmessages_per_hour = 4\nburst = 4\n'
+                         '[shaping.domain."127.0.0.3"]\nmessages_per_second = 40\n')  # fmt: skip
+        try:
+            rows = [{"email": f"u{i}@rl.example", "name": "x"} for i in range(4)]
+            rows.append({"email": "tempfail-a@slow.example", "name": "x"})
+            st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+            assert st == 201, out
+            deadline = time.monotonic() + 60
+            while len(limited.messages) < 4 or not _shaping(s, "aimd_decrease", "127.0.0.3"):
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.05)
+            cut = _shaping(s, "aimd_decrease", "127.0.0.3")[-1]["rate"]
+            assert cut < 40
+            hup(s, "configuration reloaded")
+            rows = [{"email": f"v{i}@rl.example", "name": "x"} for i in range(4)]
+            rows += [{"email": f"w{i}@slow.example", "name": "x"} for i in range(3)]
+            st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+            assert st == 201, out
+            deadline = time.monotonic() + 60
+            while len([m for m in other.messages if "@slow.example" in m.recipients[0]]) < 3:
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.05)
+            # The new worker raised slow.example's rate from the old worker's cut.
+            while not _shaping(s, "aimd_increase", "127.0.0.3"):
+                assert time.monotonic() < deadline and s.proc.poll() is None, (
+                    "slow.example's AIMD cut was reset by the reload",
+                    _shaping(s, "aimd_decrease"),
+                )
+                time.sleep(0.05)
+            assert cut < _shaping(s, "aimd_increase", "127.0.0.3")[0]["rate"] < 40
+            # rl.example's mail was in the same claim as slow.example's, which went:
+            # the burst spent before the reload holds it (a second would have sent it).
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                assert len(limited.messages) == 4, [m.recipients for m in limited.messages]
+                time.sleep(0.1)
+        finally:
+            s.stop()

@@ -248,3 +248,38 @@ def test_observe_told_every_result_is_one_delivery_reads_none() -> None:
         assert [(e["action"], e.get("rate")) for e in a.events] == [
             (e["action"], e.get("rate")) for e in b.events
         ]
+
+
+def test_a_reloads_new_lane_starts_where_the_old_one_left() -> None:
+    """Lane.state -> Lane.inherit (a reload's wire.Lanes): the new worker's lane
+    has the old one's spent burst (no second one; at a changed rate the same
+    messages drain at the new rate), its AIMD cut and its rule throttle."""
+    raw = {"shaping": {"domain": {"x.example": {"messages_per_minute": 60, "burst": 10}}}}
+    host = "gmail-smtp-in.l.google.com"
+    old = lane_for(host, raw)
+    assert old.take(100.0, 10) == (10, 0.0)  # the burst, spent
+    text = "Our system has detected an unusual rate of unsolicited mail"
+    for t in (100.1, 100.2):
+        old.observe(results(defer(text, 421, "4.7.28")), t)
+    assert old.throttle_bucket is not None and old.aimd is not None and old.aimd.rate < 1.0
+    st = old.state(100.5)
+    assert st is not None and old.take(100.5, 1)[0] == 0
+    new = lane_for(host, raw)
+    assert new.take(100.5, 1)[0] == 1  # a fresh lane: a second burst (before)
+    new = lane_for(host, raw)
+    new.inherit(st, 100.5)
+    for t in (100.5, 105.0, 109.0):  # what the old lane answers, the new one answers
+        assert new.take(t, 1) == old.take(t, 1)
+    assert new.aimd is not None and new.aimd.rate == old.aimd.rate
+    assert new.throttle_until == old.throttle_until and new.throttle_conns == old.throttle_conns
+    # The burst's debt at twice the rate: the 10 messages drain in 5 s, not 10
+    # (a message every 0.5 s, not every 1 s).
+    faster = {"shaping": {"domain": {"x.example": {"messages_per_minute": 120, "burst": 10}}}}
+    ln = lane_for("mx.x.example", faster)
+    was = lane_for("mx.x.example", raw)
+    was.take(0.0, 10)
+    ln.inherit(was.state(0.0) or pytest.fail("no state"), 0.0)
+    b = ln.buckets[0]
+    assert (b.available(0.4), b.available(0.51), b.available(4.9), b.available(5.0)) == (0, 1, 9, 10)
+    # An idle lane hands over nothing.
+    assert lane_for("mx.x.example", raw).state(0.0) is None

@@ -51,7 +51,8 @@ MEMORY ORDERING
 DELIBERATELY NOT
     No sleeping, no clock reads, no asyncio: callers decide how to wait. No
     thread safety. No shared-memory buckets. No persistence: a restarted
-    worker starts with full buckets (at most one extra burst).
+    worker starts with full buckets (at most one extra burst); a reload's new
+    worker starts from the old one's (fastsend.shaping.lanes.spent).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ and decoding is one C call per record, not per message.
 
 from __future__ import annotations
 
+import math
 import signal
 from typing import Any
 
@@ -293,6 +294,43 @@ class Conns(msgspec.Struct, array_like=True, tag=21):
     held: list[tuple[str, str, int]]
 
 
+class LaneState(msgspec.Struct, array_like=True):
+    """What one (source IP, site) lane of a retiring worker has used and
+    learned (:meth:`fastsend.shaping.lanes.Lane.state`), for the worker that
+    takes its place: monotonic seconds (one clock for every process of the
+    host). ``buckets``: (rate, burst, debt in seconds at ``at``) per message
+    bucket; ``conn``: the connection bucket's debt; the AIMD controller's
+    rate (inf: not cut), its peak, last cut and its bucket's debt; a rule
+    throttle's end, connections, rate and debt; the automation rules'
+    recent matches (rule name -> times)."""
+
+    ip: str
+    site: str
+    at: float
+    buckets: list[tuple[float, int, float]]
+    conn: float = 0.0
+    aimd_rate: float = math.inf
+    aimd_peak: float = 0.0
+    aimd_last_cut: float = -math.inf
+    aimd_debt: float = 0.0
+    throttle_until: float = 0.0
+    throttle_conns: int = 0
+    throttle_rate: float = 0.0
+    throttle_debt: float = 0.0
+    triggers: dict[str, list[float]] = {}
+
+
+class Lanes(msgspec.Struct, array_like=True, tag=22):
+    """A retiring worker's lanes (wire.Retire's answer, before :class:`Conns`),
+    then supervisor -> the worker started in its place, before any batch: it
+    starts each of those lanes where the old one was (its buckets as spent,
+    an AIMD cut, a throttle), so a reload neither gives a site a second burst
+    nor sends a site slowed down by its 421s at full speed again. Before, the
+    new worker started with full buckets and the configured rates."""
+
+    lanes: list[LaneState]
+
+
 ToWorker = (
     CampaignSpec
     | Batch
@@ -307,8 +345,11 @@ ToWorker = (
     | TransportShares
     | Retire
     | Conns
+    | Lanes
 )
-FromWorker = Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events | Conns
+FromWorker = (
+    Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events | Conns | Lanes
+)
 
 encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -181,6 +181,8 @@ class Worker:
                 self.check_done()
             elif isinstance(msg, wire.Retire):
                 self.retire()
+            elif isinstance(msg, wire.Lanes):
+                self.shaper.inherit(msg.lanes)
             elif isinstance(msg, wire.Conns):
                 self.shaper.lend(msg.held)
                 for q in list(self.sites.values()):  # a lane freed: its mail may go now
@@ -659,6 +661,11 @@ class Worker:
         self.handback_ids(ids, 0.0, 0.0, RETIRED)
         if back:
             self.handback(back, 0.0, 0.0, RETIRED)
+        # What each lane has spent and learned, for the new worker (before the
+        # wire.Conns that lets it start): no second burst, no AIMD cut undone.
+        states = self.shaper.lane_states(time.monotonic())
+        if states:
+            self.pending_out.append(wire.encoder.encode(wire.Lanes(states)))
         self.report_conns()
         self.check_done()
 

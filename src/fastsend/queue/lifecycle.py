@@ -126,6 +126,9 @@ class WorkerLifecycle(SupervisorState):
         lent = self.lent(slot.index)
         if lent:  # before any batch: what the workers it replaces hold (a reload)
             slot.backlog.append(wire.encoder.encode(wire.Conns(lent)))
+        lanes = self.inherited(slot.index)
+        if lanes:  # and where they left each lane: its buckets, an AIMD cut
+            slot.backlog.append(wire.encoder.encode(wire.Lanes(lanes)))
         parent = os.getpid()  # the child dies with us (PR_SET_PDEATHSIG), checked from here
         pid = os.fork()
         if pid == 0:  # child
@@ -349,6 +352,15 @@ class WorkerLifecycle(SupervisorState):
                 for ip, site, n in old.conns or ():
                     total[(ip, site)] = total.get((ip, site), 0) + n
         return [(ip, site, n) for (ip, site), n in sorted(total.items())]
+
+    def inherited(self, index: int) -> list[wire.LaneState]:
+        """The lanes the retiring workers of slot ``index`` left (wire.Lanes),
+        the latest one's where two reloads' workers both had a lane."""
+        out: dict[tuple[str, str], wire.LaneState] = {}
+        for old in self.retired:
+            if old.index == index:
+                out.update(((st.ip, st.site), st) for st in old.lanes)
+        return list(out.values())
 
     def lend(self, index: int) -> None:
         """Tell slot ``index``'s worker what its retiring predecessors hold now."""

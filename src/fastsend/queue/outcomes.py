@@ -125,6 +125,9 @@ class Outcomes(SupervisorState):
                 slot.counters_pid = msg.pid  # a restarted worker counts from 0 again
             elif isinstance(msg, wire.Conns):
                 self.on_conns(slot, msg)
+            elif isinstance(msg, wire.Lanes):
+                if slot.retiring:
+                    slot.lanes = msg.lanes
             elif isinstance(msg, wire.Events):
                 self.event_buf.extend(msg.events)  # transport failover, TLS-RPT
                 for e in msg.events:

@@ -52,6 +52,8 @@ class WorkerSlot(msgspec.Struct):
     retiring: bool = False
     # What a retiring worker last said it holds (wire.Conns; None: not yet).
     conns: list[tuple[str, str, int]] | None = None
+    # Its lanes as it retired (wire.Lanes), for the worker started in its place.
+    lanes: list[wire.LaneState] = msgspec.field(default_factory=list)
     stop_at: float = 0.0  # monotonic: a retiring worker still running then is stopped
     held: dict[tuple[int, str], list[Claimed]] = msgspec.field(default_factory=dict)  # rate-held
     last_seen: float = 0.0  # monotonic time of the worker's last record

@@ -44,6 +44,7 @@ import math
 import time
 from typing import Any
 
+from fastsend import wire
 from fastsend.config import Config
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult, all_delivered
 from fastsend.shaping.feedback import DECREASED, LIFTED, Aimd, Rule, Trigger, rules_for
@@ -87,6 +88,40 @@ def split_limits(lim: Limits, k: int, place: int) -> Limits:
         rates=tuple((r / k, max(1, b // k)) for r, b in lim.rates),
         connection_rate=lim.connection_rate / k,
     )
+
+
+def debt(b: Gcra, now: float) -> float:
+    """Seconds until bucket ``b`` is full again at ``now`` (0.0: full): the
+    events in it are that many intervals (GCRA's ``tat - now``; a request for
+    the whole burst waits exactly that)."""
+    return b.peek(now, b.burst)
+
+
+def spent(rate: float, burst: int, was: float, owed: float, at: float) -> Gcra:
+    """A bucket of ``rate`` and ``burst`` that holds at ``at`` the events a
+    bucket of rate ``was`` held with a debt of ``owed`` seconds then (a
+    reload's retiring worker's: :meth:`Lane.inherit`): the same events, at
+    most a burst, draining at the new rate from then on. Exact to the
+    nanosecond at the same rate (an acquire of whole events dated back by
+    the fraction), scaled by ``Gcra.set_rate`` at another."""
+    b = Gcra(was, burst)
+    owed = min(owed, burst / was)
+    n = math.ceil(owed * was - 1e-9)
+    if n > 0:
+        n = min(n, burst)
+        b.acquire(at - max(0.0, n / was - owed), n)
+    if rate != was:
+        b.set_rate(rate, at)
+    return b
+
+
+def _closest(rate: float, burst: int, old: list[tuple[float, int, float]]) -> tuple[float, float]:
+    """(rate, debt) of the old bucket whose window (burst / rate) is nearest
+    this one's: the same limit (per second, minute, hour) across a reload
+    that changed the numbers."""
+    window = burst / rate
+    r, _b, d = min(old, key=lambda o: abs(math.log((o[1] / o[0]) / window)))
+    return r, d
 
 
 @functools.lru_cache(maxsize=2048)
@@ -499,6 +534,67 @@ class Lane:
         """The current AIMD rate (inf: not limited by AIMD)."""
         return math.inf if self.aimd is None else self.aimd.rate
 
+    # -- a reload's hand-over ------------------------------------------------------
+
+    def state(self, now: float) -> wire.LaneState | None:
+        """What this lane has spent and learned, for the worker a reload starts
+        in this one's place (:meth:`inherit`); None when a fresh lane would
+        decide the same (full buckets, no cut, no throttle, no rule history)."""
+        st = wire.LaneState(self.ip, self.site, now,
+                            [(b.rate, b.burst, debt(b, now)) for b in self.buckets])  # fmt: skip
+        busy = any(d > 0 for _r, _b, d in st.buckets)
+        if self.conn_bucket is not None:
+            st.conn = debt(self.conn_bucket, now)
+            busy = busy or st.conn > 0
+        a = self.aimd
+        if a is not None and a.rate < a.ceiling:
+            st.aimd_rate, st.aimd_peak, st.aimd_last_cut = a.rate, a.peak, a.last_cut
+            if self.aimd_bucket is not None:
+                st.aimd_debt = debt(self.aimd_bucket, now)
+            busy = True
+        if self.throttle_until > now:
+            st.throttle_until, st.throttle_conns = self.throttle_until, self.throttle_conns
+            if self.throttle_bucket is not None:
+                st.throttle_rate = self.throttle_bucket.rate
+                st.throttle_debt = debt(self.throttle_bucket, now)
+            busy = True
+        if self.triggers:
+            st.triggers = {k: list(t.times) for k, t in self.triggers.items() if t.times}
+            busy = busy or bool(st.triggers)
+        return st if busy else None
+
+    def inherit(self, st: wire.LaneState, now: float) -> None:
+        """Start where a reload's retiring worker left this lane (:meth:`state`
+        at ``st.at``): its buckets as spent (each matched to the bucket of the
+        same window, scaled to a changed rate: no second burst), its AIMD cut
+        (under the new ceiling; the increase goes on from there), a throttle
+        still running, the rules' recent matches. Before, a reload gave every
+        site a fresh burst and its configured rate back, a site slowed down
+        for its 421s included."""
+        at = st.at
+        if st.buckets:
+            old = st.buckets
+            self.buckets = [spent(r, b, *_closest(r, b, old), at) for r, b in self.limits.rates]
+        if self.conn_bucket is not None and st.conn > 0:
+            cb = self.conn_bucket
+            self.conn_bucket = spent(cb.rate, cb.burst, cb.rate, st.conn, at)
+        a = self.aimd
+        if a is not None and st.aimd_rate < a.ceiling:
+            a.rate, a.peak, a.last_cut = st.aimd_rate, st.aimd_peak, st.aimd_last_cut
+            burst = max(1, int(a.rate * 0.1))
+            self.aimd_bucket = spent(a.rate, burst, a.rate, st.aimd_debt, at)
+        if st.throttle_until > now:
+            self.throttle_until, self.throttle_conns = st.throttle_until, st.throttle_conns
+            if st.throttle_rate > 0:
+                r = st.throttle_rate
+                self.throttle_bucket = spent(r, 1, r, st.throttle_debt, at)
+        for rule in self.rules:
+            times = st.triggers.get(rule.name)
+            if times:
+                t = self.triggers[rule.name] = Trigger(rule)
+                t.times.extend(times)
+        self._refresh()
+
 
 class Shaper:
     """A worker's shaping registry: policy, pools, lanes, warm-up counters."""
@@ -536,6 +632,27 @@ class Shaper:
         # (ip, site key) -> connections the retiring workers of this slot still
         # hold there (a reload: wire.Conns); none the rest of the time.
         self.borrowed: dict[tuple[str, str], int] = {}
+        # (ip, site key) -> the lane a reload's retiring worker left (wire.Lanes),
+        # applied when this worker makes that lane.
+        self.inherited: dict[tuple[str, str], wire.LaneState] = {}
+
+    def inherit(self, states: list[wire.LaneState]) -> None:
+        """wire.Lanes: the lanes of the worker this one replaces (a reload), each
+        started where it was (Lane.inherit) when it is made here."""
+        now = time.monotonic()
+        for st in states:
+            ln = self.lanes.get((st.ip, st.site))
+            if ln is not None:
+                ln.inherit(st, now)
+            else:
+                self.inherited[(st.ip, st.site)] = st
+
+    def lane_states(self, now: float) -> list[wire.LaneState]:
+        """Every lane's state a fresh one would not have (Lane.state), and what
+        this worker inherited and has not used yet: for a reload's next worker."""
+        out = [st for ln in self.lanes.values() if (st := ln.state(now)) is not None]
+        out += [st for key, st in self.inherited.items() if key not in self.lanes]
+        return out
 
     def lend(self, held: list[tuple[str, str, int]]) -> None:
         """wire.Conns: the connections the workers this one replaces still hold,
@@ -572,6 +689,10 @@ class Shaper:
             )
             if self.borrowed:
                 ln.borrowed = self.borrowed.get((ip, site_key), 0)
+            if self.inherited:
+                st = self.inherited.pop((ip, site_key), None)
+                if st is not None:
+                    ln.inherit(st, time.monotonic())
         if self.ip_rests:
             self._apply_rests(ln, ip, now_unix)
         if self.warming:
