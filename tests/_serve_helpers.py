@@ -31,7 +31,7 @@ def http(
     *,
     raw: bytes | None = None,
     headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
+    timeout: float = 60.0,
 ) -> tuple[int, Any]:
     async def go() -> tuple[int, Any]:
         h = dict(headers or {})
@@ -119,7 +119,7 @@ listen = "127.0.0.1:{self.port}"
         """What the server printed so far (serve.log), line by line."""
         return self.server.lines
 
-    def wait_line(self, text: str, timeout: float = 20.0) -> None:
+    def wait_line(self, text: str, timeout: float = 60.0) -> None:
         self.server.wait_line(text, timeout)
 
     @property
@@ -134,7 +134,7 @@ listen = "127.0.0.1:{self.port}"
         return self.server.stop()
 
 
-def sink_message(sink: SinkThread, marker: bytes, timeout: float = 20.0) -> bytes:
+def sink_message(sink: SinkThread, marker: bytes, timeout: float = 60.0) -> bytes:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for m in list(sink.messages):

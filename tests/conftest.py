@@ -160,7 +160,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+def wait_port(host: str, port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -190,7 +190,7 @@ class ServeProcess:
                 stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=cfg.parent, umask=umask,
             )  # fmt: skip
         try:
-            wait_port("127.0.0.1", port, timeout=20)
+            wait_port("127.0.0.1", port, timeout=60)
         except TimeoutError:
             self.stop()
             raise TimeoutError(f"serve did not listen: {self.log.read_text(errors='replace')}") from None
@@ -200,7 +200,7 @@ class ServeProcess:
         """What it printed so far, line by line."""
         return self.log.read_text(errors="replace").splitlines(keepends=True)
 
-    def wait_line(self, text: str, timeout: float = 20.0) -> None:
+    def wait_line(self, text: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not any(text in ln for ln in self.lines):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -89,7 +89,7 @@ class RemoteSite:
                     return reply
         return "250 2.0.0 Ok"
 
-    def wait(self, n: int, timeout: float = 30.0) -> list[bytes]:
+    def wait(self, n: int, timeout: float = 60.0) -> list[bytes]:
         deadline = time.monotonic() + timeout
         while len(self.bounces) < n and time.monotonic() < deadline:
             time.sleep(0.05)

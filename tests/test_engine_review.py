@@ -368,13 +368,22 @@ def test_sigterm_then_sigint_stops_now_and_a_restart_resumes(tmp_path: Path) -> 
     """Real signals to the supervisor's process: SIGTERM starts a drain, SIGINT
     during the drain stops now. Nothing is left in flight, every message the
     spool calls delivered reached the sink, and a restart delivers the rest
-    with duplicates bounded by the window."""
+    with duplicates bounded by the window.
+
+    The worker is frozen (SIGSTOP) from before the SIGTERM until the SIGINT
+    is taken, so the drain is still going when it lands: the test used to send
+    SIGINT once 8 more were delivered, and a supervisor stalled for ~1 s (a
+    loaded CI) read the whole rest of the drain at once, sent SIGINT and ended
+    the finished drain in that same pass, before the signal was handled."""
     n, window = 400, 100
     with SinkThread(latency_ms=20) as sink:
         cfg = make_config(
             tmp_path,
             sink,
             delivery={"window": window, "batch_size": 20, "pipeline": 4, "max_connections": 2},
+            # (the stop-now defers what it held: older than make_config's 1 s
+            # max_age, as a loaded CI makes it, that mail expired instead)
+            retry={"max_age": 3600.0},
         )
         spool = SQLiteSpool(cfg.spool_dir)
         cid = new_campaign(spool)
@@ -383,16 +392,28 @@ def test_sigterm_then_sigint_stops_now_and_a_restart_resumes(tmp_path: Path) -> 
         sent: dict[str, int] = {}
 
         def on_tick(sup: Supervisor) -> None:
-            if "term" not in sent and sup.stats.delivered >= 20:
-                sent["term"] = sup.stats.delivered
-                os.kill(os.getpid(), signal.SIGTERM)
-            elif "int" not in sent and sup.draining and sup.stats.delivered >= sent["term"] + 8:
+            worker = sup.slots[0].pid
+            if sup.stopping:  # SIGINT taken: the worker may take its stop-now
+                if sent.pop("frozen", 0):
+                    os.kill(worker, signal.SIGCONT)
+            elif "frozen" not in sent and "term" not in sent and sup.stats.delivered >= 20:
+                os.kill(worker, signal.SIGSTOP)
+                sent["frozen"] = worker
+            elif "term" not in sent and "frozen" in sent:
+                # A pass after the freeze: what the worker wrote before it is read.
+                if sup.inflight:  # it holds mail: the drain cannot end without it
+                    sent["term"] = sup.stats.delivered
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:  # it had finished its window: let it take more, freeze again
+                    os.kill(sent.pop("frozen"), signal.SIGCONT)
+            elif "term" in sent and "int" not in sent and sup.draining:
+                assert sup.inflight, "the drain ended with the worker frozen"
                 sent["int"] = 1
                 os.kill(os.getpid(), signal.SIGINT)
 
         sup = supervisor(cfg, spool, on_tick=on_tick)
         run(sup)
-        assert sup.stopping and "int" in sent
+        assert sup.stopping and "int" in sent and "frozen" not in sent
         assert_consistent(spool)
         counts = spool.counts(cid)
         assert 0 < counts["delivered"] < n

@@ -38,7 +38,7 @@ def _report_on(day_start: int, rid: str) -> Any:
     return parse_report(xml)
 
 
-def _until(cond: Any, what: str, timeout: float = 30.0) -> None:
+def _until(cond: Any, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

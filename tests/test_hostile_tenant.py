@@ -409,7 +409,7 @@ def test_4_sighup_reloads_submission_users(served: Served) -> None:
                           + "[intake]" + text.split("[intake]")[1])  # fmt: skip
     n = sum("configuration reloaded" in ln for ln in served.lines)
     served.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while sum("configuration reloaded" in ln for ln in served.lines) <= n:
         assert time.monotonic() < deadline, "".join(served.lines)
         time.sleep(0.05)
@@ -458,7 +458,7 @@ def test_9_mx_on_internal_addresses_is_refused(
             assert st == 202, out
             ids.append(out["messages"][0]["ids"][0])
         want = "delivered" if allow else "bounced"
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         for mid in ids[: 2 if allow else 3]:
             while True:
                 st, m = s.req("GET", f"/v1/messages/{mid}")
@@ -567,7 +567,7 @@ def test_5_forged_reports_and_tenants_cannot_touch_recipients_decisions(served: 
     secret = (served.tmp / "spool" / "secret.key").read_bytes().strip()
     token = msgid.token(unhappy_id, secret)
     _intake(served, "fbl@bounces.example", ARF.format(rcpt="unhappy@example.org", mid=token))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while ("acme", "unhappy@example.org", "complaint") not in _all_suppressions(served):
         assert time.monotonic() < deadline, _all_suppressions(served)
         time.sleep(0.05)
@@ -704,7 +704,7 @@ def test_6_hostile_dmarc_report_is_read_off_the_loop(served: Served) -> None:
                                       hostile)  # fmt: skip
     assert worst < 2.0, f"the API stalled for {worst:.1f}s behind a DMARC report"
     _intake(served, "rua@bounces.example", _dmarc_mail("honest.example", 3).decode())
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not any(e.get("org") == "honest.example" for e in _events_named(served, "dmarc_report")):
         assert time.monotonic() < deadline, _events_named(served, "dmarc_report")
         time.sleep(0.05)
@@ -1025,7 +1025,7 @@ def test_8_links_of_the_older_format_keep_working_for_their_natural_life(
     st, _ = served.req("POST", f"/u/{unsub}", raw=b"List-Unsubscribe=One-Click", tenant=None,
                        headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
     assert st == 200
-    deadline = time.monotonic() + 10  # the event log is written by serve's tick
+    deadline = time.monotonic() + 60  # the event log is written by serve's tick
     while not (clicks := [e for e in _events_named(served, "clicked") if e.get("url") == url]):
         assert time.monotonic() < deadline, "no clicked event"
         time.sleep(0.05)

@@ -116,7 +116,7 @@ class Postfix:
         p = self.dir / "maillog"
         return p.read_text(errors="replace") if p.exists() else ""
 
-    def sent(self, want: int, timeout: float = 20.0) -> list[str]:
+    def sent(self, want: int, timeout: float = 60.0) -> list[str]:
         """The recipients the discard transport took ("status=sent"), once
         there are ``want`` of them (Postfix's queue manager is asynchronous)."""
         deadline = time.monotonic() + timeout

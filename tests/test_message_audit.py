@@ -86,7 +86,7 @@ def verdicts(tmp: Path, data: bytes, records: dict[str, str]) -> list[tuple[bool
 
 
 def wait_for(
-    handler: RecordingHandler, n: int, timeout: float = 30.0, rcpts: bool = False
+    handler: RecordingHandler, n: int, timeout: float = 90.0, rcpts: bool = False
 ) -> list[dict[str, Any]]:
     """The messages received, once ``n`` have (``rcpts``: for ``n`` recipients)."""
 

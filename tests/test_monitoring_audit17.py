@@ -310,7 +310,7 @@ rest_hours = 24
         return [e for e in map(orjson.loads, whole.splitlines()) if e["event"] == name]
 
     def wait(cond: Any, what: str) -> None:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while not cond():
             assert time.monotonic() < deadline, what
             time.sleep(0.05)
@@ -464,7 +464,7 @@ def test_a_sighup_applies_new_webhook_urls_and_secret(tmp_path: Path) -> None:
         return int(body["messages"][0]["ids"][0])
 
     def wait(cond: Any) -> None:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while not cond():
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -547,7 +547,7 @@ def test_a_receivers_retry_after_is_kept(tmp_path: Path) -> None:
             await d.start()
             try:
                 ctx.emit({"event": "delivered", "id": 1, "rcpt": "r@example.org"})
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 60
                 while len(seen) < 2:
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.02)
@@ -641,7 +641,7 @@ def test_a_413_halves_the_batch_instead_of_holding_the_url(tmp_path: Path) -> No
             await d.start()
             try:
                 ctx.events.emit_many(_evs("delivered", range(8)))
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 60
                 while len(got) < 8:
                     assert time.monotonic() < deadline, got
                     await asyncio.sleep(0.02)

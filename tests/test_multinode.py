@@ -301,7 +301,7 @@ backend api
 
 async def _cluster(s: aiohttp.ClientSession, base: str, key: str, n: int) -> dict[str, Any]:
     """GET /v1/dashboard/workers' cluster view once it lists n live nodes."""
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while True:
         view = (await _req(s, "GET", base + "/v1/dashboard/workers", key))["cluster"]
         if view["count"] == n or time.monotonic() > deadline:

@@ -439,7 +439,7 @@ def test_a_client_cannot_write_a_line_of_the_log(served: Audited) -> None:
             sock.sendall(f"GET /v1/x{sep}{forged} HTTP/1.1\r\nHost: x\r\n"
                          "Connection: close\r\n\r\n".encode())  # fmt: skip
             assert sock.recv(100).startswith(b"HTTP/1.1 401")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while sum("FORGED" in ln for ln in served.lines[before:]) < 3:
         assert time.monotonic() < deadline, "".join(served.lines[before:])
         time.sleep(0.05)

@@ -114,7 +114,7 @@ async def new_message(s: Served, rcpt: str) -> int:
     return int(out["messages"][0]["ids"][0])
 
 
-async def events_of(s: Served, mid: int, name: str, timeout: float = 5.0) -> list[Any]:
+async def events_of(s: Served, mid: int, name: str, timeout: float = 30.0) -> list[Any]:
     deadline = time.monotonic() + timeout
     while True:
         m = await api(s, "GET", f"/v1/messages/{mid}")

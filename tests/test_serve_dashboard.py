@@ -82,7 +82,7 @@ async def req(
         return r.status, data, dict(r.headers)
 
 
-async def until(what: str, fn: Any, timeout: float = 15.0) -> Any:
+async def until(what: str, fn: Any, timeout: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         got = await fn()
@@ -210,7 +210,7 @@ async def text_of(b: Browser, selector: str) -> str:
     return str(await b.js(f"(document.querySelector({sel}) || {{}}).textContent || ''"))
 
 
-async def dom_until(b: Browser, selector: str, want: str, timeout: float = 15.0) -> None:
+async def dom_until(b: Browser, selector: str, want: str, timeout: float = 60.0) -> None:
     async def check() -> Any:
         return (await text_of(b, selector)) == want
 

@@ -59,7 +59,7 @@ def _submit(port: int, key: str, tls: ssl.SSLContext, sender: str, rcpts: list[s
     asyncio.run(go())
 
 
-def _notices(sink: Any, to: str, n: int, timeout: float = 30) -> list[Any]:
+def _notices(sink: Any, to: str, n: int, timeout: float = 60) -> list[Any]:
     deadline = time.monotonic() + timeout
     while True:
         got = [m for m in sink.sink.messages if to in m.recipients]

@@ -94,7 +94,7 @@ class Served:
         for line in self.proc.stderr:
             self.lines.append(line)
 
-    def wait_line(self, text: str, timeout: float = 20.0) -> None:
+    def wait_line(self, text: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not any(text in ln for ln in self.lines):
             if time.monotonic() > deadline:
@@ -111,7 +111,7 @@ class Served:
     def get(self, path: str) -> tuple[int, Any]:
         return http("GET", self.base + path, None, self.key)
 
-    def wait_state(self, mid: int, state: str, timeout: float = 20.0) -> dict[str, Any]:
+    def wait_state(self, mid: int, state: str, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             st, m = self.get(f"/v1/messages/{mid}")
@@ -252,7 +252,7 @@ def test_kill_9_of_serve_frees_its_port_and_ends_its_workers(tmp_path: Path) -> 
 
     s = Served(tmp_path, f"127.0.0.1:{free_port()}")
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         kids: list[psutil.Process] = []
         while not kids:
             kids = psutil.Process(s.proc.pid).children(recursive=True)

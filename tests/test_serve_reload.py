@@ -19,7 +19,7 @@ from fastsend.sink import SinkThread
 RULE = '[[shaping.rule]]\nname = "typo"\naction = "rest"\nmatch = "x"\nprovider = "gogle"\n'
 
 
-def hup(s: Served, want: str, timeout: float = 20.0) -> str:
+def hup(s: Served, want: str, timeout: float = 60.0) -> str:
     n = len(s.lines)
     s.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + timeout

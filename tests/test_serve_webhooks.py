@@ -80,7 +80,7 @@ def _ctx(tmp_path: Path, urls: list[str], **extra: Any) -> ServeContext:
     return open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}, "webhooks": hooks}))
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+async def _until(cond: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

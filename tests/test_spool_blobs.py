@@ -163,7 +163,7 @@ def test_kill_between_blob_and_rows_leaves_no_row_without_its_body(
     # Delivered: a retention after, the dead accepts' body is reclaimed.
     spool = open_spool(url or str(tmp_path / "spool"))
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while spool.counts()["delivered"] < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert spool.sweep_blobs(time.time() + 367 * 86400, 86400) == 1  # after the one above

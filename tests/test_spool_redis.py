@@ -72,7 +72,7 @@ def test_a_dead_nodes_window_comes_back_after_its_lease(redis_server: RedisServe
     assert b.claim_due(time.time(), 100) == [] and b.counts()["inflight"] == 50
     # a dies (no more renewals): its window is claimable by b after the lease
     # (b, alive, claims meanwhile: a Redis no node reached would be an outage).
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not (again := b.claim_due(time.time(), 100)):
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -140,7 +140,7 @@ def test_leases_that_lapse_while_redis_refuses_writes_are_not_a_death() -> None:
             assert b.counts(cid)["inflight"] == 20 and a.stats().get("taken_over", 0) == 0
             a.renew()
         # b dies now: a, alive, takes its window back once b's lease lapses.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not (again := a.claim_due(time.time(), 100)):
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -293,7 +293,7 @@ def test_claim_ahead_answers_at_the_next_call_within_the_window(
     # stops within it): the claim sent instead finds the campaign paused.
     s.release([c.id for c in got])
     assert s.claim_next(now, 100, 0) == []
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while s.counts(cid)["queued"]:  # Redis ran it (the answer is not read yet)
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -581,7 +581,7 @@ def test_outcomes_recorded_and_never_told_are_kept_until_told(
     b.record_outcomes([Result(mine[0].id, DELIVERED, 2, 0, 250, "", "ok")], now)
     assert a.untold_of_dead() == []
     dead: list[Any] = []
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not dead:  # (a lull longer than half a lease graces a node one lease more)
         assert time.monotonic() < deadline
         time.sleep(0.1)
@@ -780,7 +780,7 @@ def test_a_failover_behind_the_spools_address_ends_the_outage(tmp_path: Path) ->
         s.add_messages(cid, spool_rows(5), time.time())
         ra, rb = redis.Redis(port=a.port), redis.Redis(port=b.port)
         rb.replicaof("127.0.0.1", a.port)  # b follows a, then takes over
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while rb.info("replication").get("master_link_status") != "up":
             assert time.monotonic() < deadline
             time.sleep(0.05)

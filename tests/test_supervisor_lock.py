@@ -36,7 +36,7 @@ def counts(spool: Path) -> dict[str, int]:
         view.close()
 
 
-def wait_inflight(spool: Path, timeout: float = 30.0) -> dict[str, int]:
+def wait_inflight(spool: Path, timeout: float = 60.0) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while True:
         c = counts(spool)

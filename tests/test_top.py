@@ -49,7 +49,7 @@ def test_top_in_tmux(tmp_path: Path) -> None:
             ["tmux", *sock, "capture-pane", "-p", "-t", session], check=True,
             capture_output=True, text=True).stdout  # fmt: skip
 
-        def wait(want: str, timeout: float = 20.0) -> str:
+        def wait(want: str, timeout: float = 60.0) -> str:
             deadline = time.monotonic() + timeout
             while True:
                 screen = cap()
