@@ -107,9 +107,13 @@ def test_message_parts_kept_as_text() -> None:
     assert dsn.get_content_type() == "message/delivery-status"
     text = dsn.get_payload(decode=True).decode()
     assert "Final-Recipient: rfc822; a@example.org" in text
-    assert m.get_payload()[0].get_payload()[0].get_payload(decode=True).decode(
-        "latin-1"
-    ).startswith("Caf\xe9")
+    assert (
+        m.get_payload()[0]
+        .get_payload()[0]
+        .get_payload(decode=True)
+        .decode("latin-1")
+        .startswith("Caf\xe9")
+    )
 
 
 def test_boundary_lookalikes_are_linear() -> None:
@@ -125,3 +129,51 @@ def test_boundary_lookalikes_are_linear() -> None:
     assert time.process_time() - t0 < 5.0
     assert len(m.get_payload()) == 1
     assert m.get_payload()[0].get_payload().count("\n") == 200_000 - 1
+
+
+# Apache James (JavaMail) writes a multipart part's parameter on the next line
+# without the blank a fold needs. The standard parser ends the head there and
+# loses the boundary; the reader takes the line as the field's parameter.
+LOST_FOLD = b"""From: postmaster@example.org
+Subject: Re: News
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="----=_Part_0_1.2"
+
+------=_Part_0_1.2
+Content-Type: multipart/alternative;
+boundary="----=_Part_1_3.4"
+
+------=_Part_1_3.4
+Content-Type: text/plain; charset=us-ascii
+
+Error: Invalid user address
+------=_Part_1_3.4--
+
+------=_Part_0_1.2--
+"""
+
+
+def test_a_parameter_whose_fold_lost_its_blank_is_the_fields() -> None:
+    m = mime.message_from_bytes(LOST_FOLD)
+    (alt,) = m.get_payload()
+    assert alt.get_boundary() == "----=_Part_1_3.4"
+    (text,) = alt.get_payload()
+    assert text.get_content_type() == "text/plain"
+    assert text.get_payload() == "Error: Invalid user address"
+    # Only after a field ending in ";": any other line without a colon still
+    # starts the body, as the standard parser reads it.
+    raw = b"Subject: x\nContent-Type: text/plain\ncharset=us-ascii\n\nbody\n"
+    ours = mime.message_from_bytes(raw)
+    theirs = email.message_from_bytes(raw, policy=policy.compat32)
+    assert _shape(ours) == _shape(theirs)
+
+
+def test_lost_folds_are_bounded() -> None:
+    # Each taken line copies the field's value: a head of endless "x=y;"
+    # lines must not cost quadratic time; past a few they are the body.
+    raw = b"Subject: x\nContent-Type: text/plain;\n" + b"a=b;\n" * 200_000 + b"\nend\n"
+    t0 = time.process_time()
+    m = mime.message_from_bytes(raw)
+    assert time.process_time() - t0 < 5.0
+    assert m["Content-Type"].count("a=b;") == 8
+    assert m.get_payload().startswith("a=b;\n")

@@ -994,6 +994,99 @@ CASES = [
         (550, "5.1.1", "This address no longer accepts mail.", "RCPT"),
         ("suspend", False, False, False),
     ),
+    # A relay's report that it could not connect, under RFC 3463 X.4.x
+    # ("network and routing"): Exchange Online's 4.4.316 "Connection
+    # refused" and 4.4.0 quoting a "Connection dropped due to SocketError".
+    # Nothing the site said about our IP: no rest for it, no slow-down.
+    (
+        (451, "4.4.316", "Connection refused", "RCPT"),
+        ("networkerror", False, False, False),
+    ),
+    (
+        (
+            451,
+            "4.4.0",
+            'Primary target IP address responded with: "421 4.4.2 Connection dropped due to'
+            ' SocketError."',
+            "RCPT",
+        ),
+        ("networkerror", False, False, False),
+    ),
+    (
+        (550, "5.4.316", "Message expired, connection refused", ""),
+        ("expired", False, False, False),
+    ),
+    # Gmail's per-transaction recipient limit (support.google.com/a/answer/
+    # 3726730): the rest go in another transaction, nothing about pace.
+    (
+        (
+            452,
+            "4.5.3",
+            "Domain policy size per transaction exceeded, please try this recipient in a"
+            " separate transaction.",
+            "RCPT",
+        ),
+        ("toomanyconn", False, False, False),
+    ),
+    # RFC 3463 X.5.3 "Too many recipients" in words no rule knows.
+    ((452, "4.5.3", "Try the rest later", "RCPT"), ("toomanyconn", False, False, False)),
+    # sendmail's relay check when our IP's reverse lookup fails (proto.m4):
+    # "relaying" in words, the PTR record in fact.
+    (
+        (
+            550,
+            "5.7.1",
+            "<bob@example.org>... Relaying denied. IP name lookup failed [192.0.2.1]",
+            "RCPT",
+        ),
+        ("requireptr", False, False, True),
+    ),
+    # qmail-smtpd's badmailfrom (and spamcontrol's wording): our sender.
+    (
+        (553, "", "sorry, your envelope sender has been denied (#5.7.1)", "MAIL"),
+        ("rejected", False, False, False),
+    ),
+    (
+        (553, "", "sorry, your envelope sender has been denied (#5.7.1)", "RCPT"),
+        ("rejected", False, False, False),
+    ),
+    # A link in the body to a listed domain (SURBL/URIBL style): the
+    # content, not the sending IP.
+    (
+        (554, "5.7.1", "Message blocked: contains a link to a blacklisted domain", "DATA"),
+        ("spamdetected", False, False, False),
+    ),
+    # Outlook.com / Exchange Online: our envelope sender's domain found in
+    # Spamhaus (its domain list): the domain, not the IP, is the cause.
+    (
+        (
+            550,
+            "5.7.1",
+            "Service unavailable, MailFrom domain is listed in Spamhaus. To request removal from"
+            " this list see https://www.spamhaus.org/query/lookup/ (S8002)",
+            "MAIL",
+        ),
+        ("spamdetected", False, False, False),
+    ),
+    # Exchange Online NDRs (learn.microsoft.com, "Email non-delivery reports
+    # and SMTP errors in Exchange Online"): 5.7.508, the recipient domain's IP
+    # allow list lacks our IP; 5.7.133-136, a group or mailbox taking mail
+    # only from authenticated (internal) senders: about our sender.
+    (
+        (550, "5.7.508", "Access denied, [192.0.2.1] is not in the allowed list", "RCPT"),
+        ("blocked", False, False, True),
+    ),
+    (
+        (
+            550,
+            "5.7.133",
+            "RESOLVER.RST.SenderNotAuthenticatedForGroup; authentication required; Delivery"
+            " restriction check failed because the sender was not authenticated when sending"
+            " to this group",
+            "RCPT",
+        ),
+        ("rejected", False, False, False),
+    ),
 ]
 
 

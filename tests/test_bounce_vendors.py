@@ -329,3 +329,60 @@ Content-Type: text/plain
     )
     (r,) = parse_bounce(raw)
     assert (r.recipient, r.reason, r.hard) == ("hana@example.org", "vacation", False)
+
+
+# Apache James's notification to the sender (its mailets' AbstractNotify
+# layout): the error, then "Message details:" summarising the returned
+# message's envelope and headers; its multipart/alternative part's boundary
+# parameter written on the next line without the fold's blank.
+JAMES = b"""From: postmaster@gw.example.org
+To: sender@example.com
+Subject: Re:News
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="----=_Part_0_11.22"
+
+------=_Part_0_11.22
+Content-Type: multipart/alternative;
+boundary="----=_Part_1_33.44"
+
+------=_Part_1_33.44
+Content-Type: text/plain; charset=us-ascii
+Content-Transfer-Encoding: 7bit
+
+Error: Invalid user address
+
+Error message below:
+550 - Requested action not taken: mailbox full
+
+Message details:
+  Subject: News
+  Sent date: Thu Jan 01 10:00:00 GMT 2026
+  MAIL FROM: sender@example.com
+  RCPT TO: frank@gw.example.org
+  From: sender@example.com
+  Size (in bytes): 1024
+  Number of lines: 20
+
+------=_Part_1_33.44--
+
+------=_Part_0_11.22--
+"""
+
+
+def test_james_notification_reads_its_error_not_the_envelope_summary() -> None:
+    (r,) = parse_bounce(JAMES)
+    assert (r.recipient, r.reason, r.hard, r.reply_code) == (
+        "frank@gw.example.org",
+        "mailboxfull",
+        False,
+        550,
+    ), r
+    # The reply is the error section: no MIME boundary lines, no "MAIL FROM"
+    # of the summary (a refusal at MAIL FROM would be about our sender).
+    assert r.diagnostic.startswith("Error: Invalid user address"), r.diagnostic
+    assert "boundary" not in r.diagnostic and "MAIL FROM" not in r.diagnostic
+    # An unknown user there, with nothing saying which command was refused:
+    # a filter's verdict (filtered), not "onhold" for want of evidence.
+    unknown = JAMES.replace(b"mailbox full", b"no such user here")
+    (r,) = parse_bounce(unknown)
+    assert (r.recipient, r.reason, r.hard) == ("frank@gw.example.org", "filtered", False), r

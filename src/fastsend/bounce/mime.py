@@ -15,7 +15,7 @@ What it keeps from the standard parser (so every caller can use the usual
 * header lines are what RFC 5322 section 2.2 allows (printable ASCII name,
   colon); folded lines stay in the value as received; a leading ``From ``
   line is the mbox envelope; the first line that is not a header starts the
-  body;
+  body (but see below);
 * a multipart is split on lines that are exactly ``--boundary`` (optionally
   ``--`` and blanks after it, RFC 2046 section 5.1.1); the line break before
   a delimiter belongs to the delimiter; a missing close delimiter ends the
@@ -25,7 +25,13 @@ What it keeps from the standard parser (so every caller can use the usual
   ``email.message_from_bytes`` does, so ``get_payload(decode=True)`` gives
   back the original bytes.
 
-It differs on purpose in one way: message/* parts (an attached original, a
+It differs on purpose in two ways. A line ``name=value`` (no colon) right
+after a field whose value ends in ``;`` is that field's next parameter, its
+fold's leading blank lost (Apache James / JavaMail write
+``Content-Type: multipart/alternative;`` then ``boundary="..."`` at the line
+start): the standard parser starts the body there and loses the boundary,
+so the whole part tree, and the reply in it, read as one text (at most
+eight such lines a head). And message/* parts (an attached original, a
 delivery-status or feedback report) keep their body as text and are not
 parsed further; the bounce parser reads them as text, and parses an attached
 message only when it needs its headers.
@@ -50,6 +56,12 @@ _MAX_DEPTH = 20
 _FIELD = re.compile(r"([!-9;-~]*):[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)(?:\n|\Z)")
 
 
+# A MIME parameter line ("boundary=...", "charset=...") on its own line
+# without the blank that would make it a continuation.
+_LOST_FOLD = re.compile(r"[A-Za-z][A-Za-z0-9*_.-]{0,60}=[^\n:]*(?:\n|\Z)").match
+_MAX_LOST_FOLDS = 8
+
+
 def _split_head(text: str, pos: int) -> tuple[list[tuple[str, str]], str | None, int]:
     """(headers, unixfrom, body start) of the entity starting at ``pos``.
 
@@ -62,6 +74,7 @@ def _split_head(text: str, pos: int) -> tuple[list[tuple[str, str]], str | None,
     headers: list[tuple[str, str]] = []
     unixfrom = None
     first = True
+    lost = 0
     n = len(text)
     match = _FIELD.match
     while pos < n:
@@ -78,7 +91,23 @@ def _split_head(text: str, pos: int) -> tuple[list[tuple[str, str]], str | None,
             continue
         m = match(text, pos)
         if m is None:
-            break  # no separator: the body starts here
+            p = _LOST_FOLD(text, pos)
+            if (
+                p is None
+                or lost >= _MAX_LOST_FOLDS
+                or not headers
+                or not headers[-1][1].rstrip().endswith(";")
+            ):
+                break  # no separator: the body starts here
+            # A parameter of the field before, its fold's blank lost
+            # ("Content-Type: multipart/alternative;\nboundary=..."), as
+            # some Java mailers write it: still that field's. (A few per
+            # head: the value is copied each time.)
+            lost += 1
+            name, value = headers[-1]
+            headers[-1] = (name, value + "\n " + p.group(0).rstrip("\n"))
+            pos = p.end()
+            continue
         first = False
         name = m.group(1)
         if name:

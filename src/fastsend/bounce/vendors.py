@@ -77,6 +77,11 @@ _CUT_RE = re.compile(
 # and for lower-cased ASCII text (case-sensitive: faster, same matches).
 _CUT_NL = re.compile("\n" + _CUT_RE.pattern[1:], re.IGNORECASE)
 _CUT_NL_LOWER = case_sensitive(_CUT_NL)
+# A report's own summary of the returned message, after the reply (Apache
+# James: "Message details:" then "Subject:", "MAIL FROM:", "RCPT TO:" ...).
+_SUMMARY_RE = re.compile(
+    r"^[ \t]*(?:original )?message details:?[ \t]*$", re.IGNORECASE | re.MULTILINE
+)
 _HEADER_LINE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,40}: \S")
 # A returned header block: a line starting with a common header field, then two header-like lines
 # (a field with a value, or a continuation), each line tried once per start.
@@ -385,6 +390,12 @@ def find_in_text(
             diag = section[end:] if start >= 0 else section
             if len(diag.strip()) < 20 or (not find_reply_code(diag) and find_reply_code(section)):
                 diag = section
+                summary = _SUMMARY_RE.search(diag)
+                if summary and find_reply_code(diag[: summary.start()]):
+                    # The report's summary of the returned message ("Message
+                    # details: Subject ... MAIL FROM: ... RCPT TO: ...", Apache
+                    # James) names its envelope, not the command refused.
+                    diag = diag[: summary.start()]
         else:
             # Up to the next mention of any other recipient.
             stop = len(section)
