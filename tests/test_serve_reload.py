@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests._serve_helpers import Served
+from tests._serve_helpers import Served, http
 from tests.test_multinode import TPL
 
 from fastsend.sink import SinkThread
@@ -221,3 +221,47 @@ def test_a_reload_gives_no_site_a_second_burst_and_keeps_its_aimd_cut(tmp_path: 
                 time.sleep(0.1)
         finally:
             s.stop()
+
+
+def _metric(s: Served, name: str) -> float:
+    st, body = http("GET", s.base + "/metrics", key=s.keys["acme"])
+    assert st == 200, body
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines()
+               if ln.startswith(name + "{") or ln.startswith(name + " "))  # fmt: skip
+
+
+def test_worker_counters_in_metrics_keep_what_a_reloaded_worker_counted(tmp_path: Path) -> None:
+    """/metrics' worker counters are totals over the slot's workers: after a
+    SIGHUP they go on from what the replaced worker counted (its work before
+    the reload and during the overlap included), never back. Before, a slot's
+    counters were its current worker's: a scrape after the reload showed what
+    the new worker had done, and what the old one did since the last scrape
+    was lost (connections_opened_total: 1, not 2)."""
+    with SinkThread() as sink:
+        _reload_keeps_counters(tmp_path, sink)
+
+
+def _reload_keeps_counters(tmp_path: Path, sink: SinkThread) -> None:
+    s = Served(tmp_path, f"{sink.host}:{sink.port}", '[dashboard]\nadmin_tenants = ["acme"]\n')
+    try:
+        opened = "fastsend_worker_connections_opened_total"
+        st, out = s.req("POST", "/v1/campaigns",
+                        {"template": TPL, "recipients": [{"email": "a@x.example", "name": "x"}]})
+        assert st == 201, out
+        deadline = time.monotonic() + 60
+        while not sink.messages:
+            assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+            time.sleep(0.05)
+        hup(s, "configuration reloaded")
+        st, out = s.req("POST", "/v1/campaigns",
+                        {"template": TPL, "recipients": [{"email": "b@x.example", "name": "x"}]})
+        assert st == 201, out
+        seen = [_metric(s, opened)]  # the new worker opens its own connection
+        while seen[-1] < 2:
+            assert time.monotonic() < deadline and s.proc.poll() is None, seen
+            time.sleep(0.2)
+            seen.append(_metric(s, opened))
+        assert seen == sorted(seen), seen  # never backwards
+        assert len(sink.messages) == 2
+    finally:
+        s.stop()

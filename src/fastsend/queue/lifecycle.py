@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from fastsend import msgid, wire
 from fastsend.config import Config
@@ -65,6 +65,12 @@ def unwatch(fds: list[int]) -> None:
     for fd in fds:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+def fold(into: dict[str, float], counters: dict[str, float]) -> None:
+    """Add ``counters`` to ``into``, name by name."""
+    for k, v in counters.items():
+        into[k] = into.get(k, 0.0) + v
 
 
 class WorkerLifecycle(SupervisorState):
@@ -200,6 +206,8 @@ class WorkerLifecycle(SupervisorState):
                     " this message was in its window: outcome unknown, sent again"
                 )
             self.retire(slot, why, unknown)
+            fold(slot.counters_done, slot.counters)  # (its last wire.Stats read by retire)
+            slot.counters, slot.counters_pid = {}, 0
             if not (self.draining and code == 0) and not self.stopping:
                 print(
                     f"fastsend: worker {slot.index} (pid {slot.pid}) exited with status {code};"
@@ -333,6 +341,7 @@ class WorkerLifecycle(SupervisorState):
         if loop.remove_reader(old.inbox.writer_fd):  # its backlog waits for ring space
             loop.add_reader(old.inbox.writer_fd, self.on_inbox_space, old, old.inbox)
         slot.pid, slot.inbox, slot.outbox, slot.alive = 0, None, None, False
+        slot.counters, slot.counters_pid = {}, 0  # (the old one's go on in ``old``)
         slot.inflight, slot.campaigns, slot.backlog = {}, set(), []
         slot.held, slot.unwritten, slot.withdrawn = {}, 0, set()
         slot.drain_sent = False
@@ -361,6 +370,20 @@ class WorkerLifecycle(SupervisorState):
             if old.index == index:
                 out.update(((st.ip, st.site), st) for st in old.lanes)
         return list(out.values())
+
+    def worker_counters(self, index: int, gauges: Collection[str] = ()) -> dict[str, float]:
+        """Slot ``index``'s counters (wire.Stats) over every worker it ran: what
+        its exited workers counted (``counters_done``), its worker's and those
+        of its workers a reload is retiring, so a total never goes backwards
+        and includes the old worker's work during and after a reload's overlap
+        (before, /metrics showed only the slot's current worker: what the old
+        one sent after the last scrape, and during the overlap, was lost).
+        ``gauges``: names that are figures of the moment, summed over the
+        running workers only."""
+        out = {k: v for k, v in self.slots[index].counters_done.items() if k not in gauges}
+        for s in (self.slots[index], *(o for o in self.retired if o.index == index)):
+            fold(out, s.counters)
+        return out
 
     def lend(self, index: int) -> None:
         """Tell slot ``index``'s worker what its retiring predecessors hold now."""
@@ -414,6 +437,7 @@ class WorkerLifecycle(SupervisorState):
             self.retire(old, "", unknown)
             self.retired.remove(old)
             self.slots[old.index].cpu_s += old.cpu_s
+            fold(self.slots[old.index].counters_done, old.counters)
             self.lend(old.index)
 
     def drain_workers(self) -> None:

@@ -47,6 +47,9 @@ class WorkerSlot(msgspec.Struct):
     alive: bool = False
     counters: dict[str, float] = msgspec.field(default_factory=dict)  # last wire.Stats
     counters_pid: int = 0  # the worker process that sent them
+    # What this slot's earlier workers counted (a restart's, a reload's
+    # retired one's, at their exit): its counters' totals go on from there.
+    counters_done: dict[str, float] = msgspec.field(default_factory=dict)
     # Replaced by a reload (in ``retired``): finishing what is on its connections,
     # fed nothing, not restarted; its slot runs a new worker meanwhile.
     retiring: bool = False

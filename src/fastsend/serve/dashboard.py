@@ -363,7 +363,8 @@ class Dashboard:
         now = time.time()
         rows = []
         for s in sup.slots if sup is not None else []:
-            c = s.counters
+            # (a reload's retiring worker's counted in: totals do not drop)
+            c = sup.worker_counters(s.index, ("connections_open", "ready_queue")) if sup else {}
             rows.append({
                 "index": s.index, "pid": s.pid, "alive": s.alive, "restarts": s.restarts,
                 "ips": list(s.ips), "inflight": len(s.inflight),

@@ -6,9 +6,10 @@ Sources, none costing more than a counter increment per message:
   outcome by state, destination domain, source IP and reply code (domains
   beyond ``MAX_DOMAINS`` distinct ones are counted as ``other``, so label
   cardinality stays bounded);
-- workers: ``sup.slots[i].counters`` (connections opened/failed, ... and
+- workers: ``sup.worker_counters(i)`` (connections opened/failed, ... and
   DKIM signing time when the worker reports it), shipped by each worker over
-  its result ring about once a second, plus restarts and liveness;
+  its result ring about once a second, summed over the slot's workers (a
+  restart's earlier ones, a reload's retiring one), plus restarts and liveness;
 - the spool: messages per state and the queue's age buckets (cached for
   ``SPOOL_TTL`` seconds: they are queries, not counters; made in a thread through
   :meth:`Spool.reader`, never on the event loop: they read every pending row,
@@ -211,11 +212,6 @@ class Metrics:
         self._spool_refresh: asyncio.Task[None] | None = None
         self._hook_cache: tuple[float, list[str]] = (0.0, [])
         self.webhooks: Any = None  # serve's WebhookDispatcher, once started
-        # Worker counters as scraped last, and what restarted workers had counted:
-        # a worker's counters start again at 0 when it is restarted.
-        self._worker_last: dict[tuple[int, str], float] = {}
-        self._worker_base: dict[tuple[int, str], float] = {}
-        self._worker_pid: dict[int, int] = {}
         ctx.spool = TimedSpool(ctx.spool, self.spool_write)
 
     # -- hooks (hot path: a few dict increments) -------------------------------
@@ -271,41 +267,25 @@ class Metrics:
             return
         self.spool_up = True
         self._spool_cache = (time.monotonic(), lines)
-    def worker_counter(self, slot: Any, name: str, value: float) -> float:
-        """``value`` of a worker's counter plus what the slot's earlier processes
-        counted, so the series never goes backwards while serve runs (what a killed
-        worker counted after its last report is lost, never counted twice)."""
-        index = slot.index
-        pid = getattr(slot, "counters_pid", 0)
-        if self._worker_pid.get(index, pid) != pid:  # a new process reports
-            for (i, n), v in list(self._worker_last.items()):
-                if i == index:
-                    self._worker_base[i, n] = self._worker_base.get((i, n), 0.0) + v
-                    del self._worker_last[i, n]
-        self._worker_pid[index] = pid
-        key = (index, name)
-        self._worker_last[key] = value
-        return self._worker_base.get(key, 0.0) + value
-
-    def worker_lines(self, slots: Sequence[Any]) -> list[str]:
+    def worker_lines(self, sup: Any) -> list[str]:
         """The counters workers report (wire.Stats): counters as ``..._total``, the
-        figures of the moment (``WORKER_GAUGES``) as gauges; one family each."""
+        figures of the moment (``WORKER_GAUGES``) as gauges; one family each.
+        Per slot, over every worker it ran (``worker_counters``: a restart's
+        earlier ones, a reload's retiring one), so a series never goes backwards
+        while serve runs (what a killed worker counted after its last report is
+        lost, never counted twice)."""
+        totals = [(s.index, sup.worker_counters(s.index, WORKER_GAUGES)) for s in sup.slots]
         out: list[str] = []
-        names = sorted({n for s in slots for n in s.counters})
-        for name in names:
+        for name in sorted({n for _i, c in totals for n in c}):
             safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
             gauge = name in WORKER_GAUGES
             metric = f"fastsend_worker_{safe}" if gauge else f"fastsend_worker_{safe}_total"
             what = WORKER_HELP.get(name) or f"What the workers report as {safe}."
             out.append(f"# HELP {metric} {what}")
             out.append(f"# TYPE {metric} {'gauge' if gauge else 'counter'}")
-            for s in slots:
-                if name not in s.counters:
-                    continue
-                v = s.counters[name]
-                if not gauge:
-                    v = self.worker_counter(s, name, v)
-                out.append(f"{metric}{_labels({'worker': str(s.index)})} {v:g}")
+            for index, c in totals:
+                if name in c:
+                    out.append(f"{metric}{_labels({'worker': str(index)})} {c[name]:g}")
         return out
 
     def webhook_lines(self) -> list[str]:
@@ -400,12 +380,14 @@ class Metrics:
             for s in sup.slots:
                 w = _labels({"worker": str(s.index)})
                 out.append(f"fastsend_worker_restarts_total{w} {s.restarts}")
-            out += ["# HELP fastsend_worker_inflight Messages the worker holds.",
+            out += ["# HELP fastsend_worker_inflight Messages the worker holds (and, in a"
+                    " reload, the worker it replaces).",
                     "# TYPE fastsend_worker_inflight gauge"]  # fmt: skip
             for s in sup.slots:
                 w = _labels({"worker": str(s.index)})
-                out.append(f"fastsend_worker_inflight{w} {len(s.inflight)}")
-            out += self.worker_lines(sup.slots)
+                n = len(s.inflight) + sum(len(o.inflight) for o in sup.retired if o.index == s.index)
+                out.append(f"fastsend_worker_inflight{w} {n}")
+            out += self.worker_lines(sup)
             st = sup.stats.as_dict()
             out += ["# HELP fastsend_supervisor_events_total What this run's supervisor counted,"
                     " by kind: outcomes (delivered, deferred attempts, bounced, ...), attempts,"
