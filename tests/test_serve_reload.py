@@ -265,3 +265,59 @@ def _reload_keeps_counters(tmp_path: Path, sink: SinkThread) -> None:
         assert len(sink.messages) == 2
     finally:
         s.stop()
+
+
+def test_a_sighup_checks_the_source_ips_again(tmp_path: Path) -> None:
+    """A SIGHUP's [ips] source is checked as at start: an address the new
+    config dropped is used no more, one that is no address of this machine
+    (192.0.2.77) is said in a warning and rested (no mail is attempted from
+    it: its mail goes from the pool's other address, or, with none, waits
+    unattempted). Before, the reload took it silently and the worker tried it:
+    each attempt from it deferred ("Cannot assign requested address")."""
+    with SinkThread() as sink:
+        s = Served(tmp_path, f"{sink.host}:{sink.port}", '[ips]\nsource = ["127.0.0.2"]\n')
+        try:
+            _reload_checks_ips(s, sink)
+        finally:
+            s.stop()
+
+
+def _reload_checks_ips(s: Served, sink: SinkThread) -> None:
+    def send(n: int, tag: str) -> list[str]:
+        rows = [{"email": f"{tag}{i}@x.example", "name": "x"} for i in range(n)]
+        st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+        assert st == 201, out
+        deadline = time.monotonic() + 60
+        while len(got := [m for m in sink.messages if m.recipients[0].startswith(tag)]) < n:
+            assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+            time.sleep(0.05)
+        return sorted({m.peer for m in got})
+
+    assert send(2, "a") == ["127.0.0.2"]
+    s.extra = '[ips]\nsource = ["127.0.0.3", "192.0.2.77"]\n'
+    s.write_config()
+    out = hup(s, "configuration reloaded")
+    assert "SIGHUP: source IP 192.0.2.77 is not an address of this machine" in out, out
+    assert send(8, "b") == ["127.0.0.3"]
+    # Its only address not on this machine: the mail waits, unattempted (before:
+    # an attempt deferred, "Cannot assign requested address", then the backoff).
+    s.extra = '[ips]\nsource = ["192.0.2.77"]\n'
+    s.write_config()
+    hup(s, "configuration reloaded")
+    st, out = s.req("POST", "/v1/messages", {"from": "a@example.com", "subject": "s",
+                                             "text": "t", "to": ["c@x.example"]})  # fmt: skip
+    assert st == 202, out
+    mid = out["messages"][0]["ids"][0]
+    deadline = time.monotonic() + 60
+    while True:  # until it was tried, or handed back for later (the rest)
+        st, msg = s.req("GET", f"/v1/messages/{mid}")
+        assert st == 200, msg
+        if msg["attempts"] or (msg["next_attempt"] or 0) > msg["created"] + 5:
+            break
+        assert time.monotonic() < deadline and s.proc.poll() is None, msg
+        time.sleep(0.1)
+    assert msg["attempts"] == 0 and msg["state"] == "queued", msg
+    events = (s.tmp / "spool" / "events.jsonl").read_text()
+    assert "192.0.2.77" not in "".join(
+        ln for ln in events.splitlines() if '"deferred"' in ln
+    ), "mail was attempted from an address of no interface"

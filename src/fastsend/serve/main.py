@@ -29,8 +29,12 @@ Signals:
   without a gap in delivery: a new worker on the new config starts at once while
   the old one finishes the transactions on its connections (none is cut
   mid-transaction; within ``[delivery] drain_limit``), the two together within
-  each (source IP, site) connection limit; HTTP connections stay open. The new config's warnings are printed; a config with
-  an error is reported and ignored (the running one stays).
+  each (source IP, site) connection limit, the new one starting each (source IP, site)
+  where the old one left it (its rate buckets as spent, an AIMD cut, a rule's
+  throttle); HTTP connections stay open. The new config's warnings are printed; a config with
+  an error is reported and ignored (the running one stays). Its source IPs are
+  checked as at start: one that is no address of this machine is said and rested
+  (no mail attempted from it) until it is (also checked every 30 s while serving).
 
 It prints one line to stderr when ready (with the startup time) and logs no
 API keys, message bodies or secrets.
@@ -55,6 +59,14 @@ from fastsend.serve import lograte
 log = logging.getLogger("fastsend.serve")
 IDEM_SWEEP_EVERY = 300.0  # s between sweeps of expired Idempotency-Keys
 TICK_OUTAGE = 2.0  # s between periodic flushes while the spool is out of reach
+# A source IP of the config that is no address of this machine (taken off its
+# interface, or a SIGHUP's config naming one): rested for every provider under
+# this key (wire.IPRest), so no mail is attempted from it (each attempt would be
+# deferred: "Cannot assign requested address"); looked at again every
+# FOREIGN_CHECK s and at each SIGHUP, and lifted once it is back.
+FOREIGN_KEY = "host"
+FOREIGN_CHECK = 30.0
+FOREIGN_REST = 86400.0  # renewed when half of it is gone
 # [tls] reports: due reports looked for this often, from this long after UTC midnight
 # (the day's last sessions counted; RFC 8460 4.1 asks for daily reports)
 TLS_REPORTS_EVERY, TLS_REPORTS_AFTER = 600.0, 300.0
@@ -163,6 +175,7 @@ class Server:
         self.terms = 0
         self.reloading: asyncio.Task[None] | None = None
         self.giving_back: asyncio.Task[None] | None = None  # (held: a task is weakly kept)
+        self.foreign: dict[str, float] = {}  # source IP -> end of its rest (check_source_ips)
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
         self.allow_volatile = False
         self.idem_swept = 0.0
@@ -323,6 +336,9 @@ class Server:
             loop.add_signal_handler(sig, self.on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self.on_hup)
         ticker = asyncio.create_task(self.tick(), name="tick")
+        ips_check = (asyncio.create_task(every(FOREIGN_CHECK, self.check_source_ips,
+                     "source IP check", log, wait_first=True), name="source-ips")
+                     if sup is not None else None)  # fmt: skip
         ctx.uploads.on_spooled = metrics.accepted
         ctx.uploads.resume()  # lists a killed serve was still spooling
         from fastsend.serve.reputation import start_reputation
@@ -376,6 +392,8 @@ class Server:
                       file=sys.stderr, flush=True)  # fmt: skip
         listeners.shutdown()
         ticker.cancel()
+        if ips_check is not None:
+            ips_check.cancel()
         reachable = not (self.tick_outage or (sup is not None and sup.outage_since > 0))
         if self.notices is not None and self.notices.pending and reachable:
             with contextlib.suppress(Exception):  # the failures' last notices
@@ -554,6 +572,7 @@ class Server:
         self.cfg = cfg
         sup = ctx.supervisor
         if sup is not None:
+            self.check_source_ips(cfg, "SIGHUP: ")  # (its new workers start with the rests)
             await sup.reload(cfg)
         if ctx.shared is not None:  # the IPs it dropped: given back once no worker uses them
             if sup is not None and sup.retired:
@@ -563,6 +582,40 @@ class Server:
             else:
                 ctx.shared.reloaded(cfg)
         print("fastsend serve: configuration reloaded", file=sys.stderr, flush=True)
+
+    def check_source_ips(self, cfg: Config | None = None, said: str = "") -> None:
+        """Rest every source IP of the config that is no address of this machine
+        (``foreign_ips``: it cannot be bound) for every provider, and say so once:
+        its mail goes from the other addresses of its pool, or waits, unattempted;
+        lift the rest of one that is back (or no longer configured). At each SIGHUP
+        (before its new workers start) and every FOREIGN_CHECK s. Before, only the
+        start checked: an address taken off the host, or named by a SIGHUP's
+        config, was used, each attempt deferred, without a word."""
+        from fastsend.delivery.ehlo import foreign_ips
+
+        sup = self.ctx.supervisor
+        if sup is None:
+            return
+        cfg = cfg or self.ctx.config
+        bad = dict(foreign_ips(cfg))
+        now = time.time()
+        for ip, why in bad.items():
+            until = self.foreign.get(ip, 0.0)
+            if until - now > FOREIGN_REST / 2:
+                continue
+            if not until:
+                log.warning("%ssource IP %s is not an address of this machine (%s): no mail"
+                            " goes from it until it is (looked at again every %.0f s)",
+                            said, ip, why, FOREIGN_CHECK)  # fmt: skip
+            self.foreign[ip] = now + FOREIGN_REST
+            sup.rest_ip(ip, ["*"], now + FOREIGN_REST,
+                        f"source IP {ip} is not an address of this machine ({why})",
+                        FOREIGN_KEY, FOREIGN_CHECK)  # fmt: skip
+        for ip in [ip for ip in self.foreign if ip not in bad]:
+            del self.foreign[ip]
+            sup.lift_ip(ip, FOREIGN_KEY)
+            log.warning("%ssource IP %s is an address of this machine again: mail goes from it",
+                        said, ip)  # fmt: skip
 
     async def give_back(self, sup: Any) -> None:
         """The source IPs a reload dropped go back to the cluster once the workers
