@@ -4,6 +4,7 @@ the key while the running config stays in force."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -321,3 +322,88 @@ def _reload_checks_ips(s: Served, sink: SinkThread) -> None:
     assert "192.0.2.77" not in "".join(
         ln for ln in events.splitlines() if '"deferred"' in ln
     ), "mail was attempted from an address of no interface"
+
+
+class _HeldAPI:
+    """A SendGrid v3 stand-in (POST /v3/mail/send) that answers a request for a
+    ``hold*`` recipient only once ``release`` is called: a request in flight
+    across the reload; it counts the requests in flight at once."""
+
+    def __init__(self) -> None:
+        self.rcpts: list[str] = []
+        self.open = self.peak = 0
+        self.gate: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        async def send(request: web.Request) -> web.Response:
+            if self.gate is None:
+                self.gate, self.loop = asyncio.Event(), asyncio.get_running_loop()
+            body = await request.json()
+            rcpts = [t["email"] for p in body["personalizations"] for t in p["to"]]
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+            try:
+                self.rcpts += rcpts
+                if any(r.startswith("hold") for r in rcpts):
+                    await self.gate.wait()
+            finally:
+                self.open -= 1
+            return web.Response(status=202, headers={"X-Message-Id": "m" + rcpts[0]})
+
+        app = web.Application()
+        app.router.add_post("/v3/mail/send", send)
+        return app
+
+    def release(self) -> None:
+        gate, loop = self.gate, self.loop
+        assert gate is not None and loop is not None
+        loop.call_soon_threadsafe(gate.set)
+
+
+def test_a_reload_keeps_a_providers_request_cap_with_the_old_workers_requests(
+    tmp_path: Path,
+) -> None:
+    """An HTTP provider transport (SendGrid, ``max_connections = 1``: one request
+    in flight) with a request held across a SIGHUP: the new worker sends its
+    mail only once the old worker's request is answered (wire.Conns names the
+    provider's requests too), never two requests at once. Before, the
+    provider's cap was not lent: the new worker sent beside the old one's."""
+    from tests._provider_servers import ThreadedApp
+
+    api = _HeldAPI()
+    cred = tmp_path / "sg.secret"
+    cred.write_text("api_key=sg-key\n")
+    cred.chmod(0o600)
+    with ThreadedApp(api.app()) as app:
+        s = Served(tmp_path, "sg", f'[transports.sg]\nkind = "sendgrid"\nendpoint = "{app.url}"\n'
+                                   f'max_connections = 1\ncredentials_file = "{cred}"\n')  # fmt: skip
+        try:
+
+            def post(rcpt: str) -> None:
+                st, out = s.req("POST", "/v1/messages", {"from": "a@example.com",
+                                "subject": "s", "text": "t", "to": [rcpt]})  # fmt: skip
+                assert st == 202, out
+
+            post("hold@x.example")
+            deadline = time.monotonic() + 60
+            while not api.rcpts:
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.05)
+            hup(s, "configuration reloaded")
+            post("next@x.example")
+            # The new worker has the message (its request would go at once): it
+            # waits for the old worker's request, the only one the cap allows.
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                assert api.peak == 1 and api.rcpts == ["hold@x.example"], api.rcpts
+                time.sleep(0.05)
+            api.release()
+            while "next@x.example" not in api.rcpts:
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.05)
+            assert api.peak == 1
+        finally:
+            s.stop()

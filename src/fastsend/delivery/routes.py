@@ -213,6 +213,8 @@ class Router:
                 on_cut=self.on_cut,
                 dead_for=min(DEAD_FOR, self.config.retry.min_backoff),
             )
+            # A reload's retiring worker's requests still in flight there (wire.Conns).
+            q.borrowed = w.shaper.borrowed.get(key, 0)
         return q
 
     async def dispatch(

@@ -185,9 +185,14 @@ class Worker:
                 self.shaper.inherit(msg.lanes)
             elif isinstance(msg, wire.Conns):
                 self.shaper.lend(msg.held)
-                for q in list(self.sites.values()):  # a lane freed: its mail may go now
-                    if q.pending and isinstance(q, SiteQueue):
-                        q._scale()
+                for (_pool, key), q in list(self.sites.items()):  # freed: its mail may go now
+                    if isinstance(q, SiteQueue):
+                        if q.pending:
+                            q._scale()
+                    elif hasattr(q, "borrowed"):  # a provider's (transports.http)
+                        q.borrowed = self.shaper.borrowed.get(("", key), 0)
+                        if q.pending and q.ready:
+                            q.pump()
 
     def renderer(self, campaign_id: int) -> Any:
         r = self.renderers.get(campaign_id)
@@ -675,6 +680,10 @@ class Worker:
         held = sorted(
             (ip, site, ln.active) for (ip, site), ln in self.shaper.lanes.items() if ln.active
         )
+        # A provider's requests in flight, as ("", its site key): its cap is the
+        # transport's, not a lane's (transports.http.ProviderQueue.borrowed).
+        held += sorted(("", key, q.active) for (pool, key), q in self.sites.items()
+                       if not pool and key.startswith("provider:") and q.active)  # fmt: skip
         if held != self.conns_told:
             self.conns_told = held
             if self.out:  # in order: the outcomes before it first

@@ -27,7 +27,8 @@ gives (:func:`map_status`):
 :class:`ProviderQueue` is the ready queue of one HTTP transport in a worker
 (it stands where a :class:`~fastsend.delivery.pool.SiteQueue` stands, with the
 same attributes the worker reads): at most ``max_connections / workers``
-requests in flight, a GCRA bucket when the transport has a rate (SES: its
+requests in flight (in a reload's overlap, the retiring worker's counted in:
+``borrowed``), a GCRA bucket when the transport has a rate (SES: its
 account's MaxSendRate, read once), and on throttling: a pause (Retry-After, or
 1 s doubling), the rate halved (or, with no rate, the in-flight bound), the
 throttled envelopes back at the head of the queue -- after ``MAX_THROTTLES``
@@ -421,6 +422,10 @@ class ProviderQueue:
         # not one more each (a burst of 16 throttles paused the lane 60 s).
         self.slowed_at = -math.inf
         self.nconn = 0  # requests in flight
+        # Requests a reload's retiring worker of this slot still has in flight
+        # here (wire.Conns): counted against the cap with ours, as a lane's
+        # borrowed connections are.
+        self.borrowed = 0
         self.sending = 0
         self.closing = False
         self.ready = False
@@ -549,7 +554,7 @@ class ProviderQueue:
                 self._spawn(self._setup())
             return
         now = time.monotonic()
-        while self.pending and self.nconn < self.limit and not self.failing:
+        while self.pending and self.nconn + self.borrowed < self.limit and not self.failing:
             if now < self.paused_until:
                 self._later(self.paused_until - now)
                 return
