@@ -407,3 +407,79 @@ def test_a_reload_keeps_a_providers_request_cap_with_the_old_workers_requests(
             assert api.peak == 1
         finally:
             s.stop()
+
+
+class _BlocksAfterTheDot:
+    """An aiosmtpd handler: the first message's final dot is answered only once
+    ``release`` is called, then with a block reply naming the client's address
+    (a DNSBL listing: the classifier's ip_blocked); later ones are taken."""
+
+    def __init__(self) -> None:
+        self.rcpts: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.gate is None:
+            self.gate, self.loop = asyncio.Event(), asyncio.get_running_loop()
+        first = not self.rcpts
+        self.rcpts.extend(envelope.rcpt_tos)
+        if first:
+            await self.gate.wait()
+            return ("554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using"
+                    " zen.spamhaus.org")  # fmt: skip
+        return "250 2.0.0 taken"
+
+    def release(self) -> None:
+        gate, loop = self.gate, self.loop
+        assert gate is not None and loop is not None
+        loop.call_soon_threadsafe(gate.set)
+
+
+def test_a_rest_the_retiring_worker_meets_reaches_its_slots_new_worker(tmp_path: Path) -> None:
+    """A block reply to the old worker's last transaction, after a SIGHUP,
+    rests the address for that site in the new worker too (it sends from the
+    same addresses): the mail waiting for the site is handed back, not sent to
+    the site that just refused the address. Before, rests were shared with the
+    other workers of an address but the origin's slot was skipped, and the new
+    worker has the old one's slot: it sent there at once."""
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    handler = _BlocksAfterTheDot()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        s = Served(tmp_path, f"127.0.0.1:{ctl.port}", delivery="max_connections = 1")
+        try:
+
+            def post(rcpt: str) -> int:
+                st, out = s.req("POST", "/v1/messages", {"from": "a@example.com",
+                                "subject": "s", "text": "t", "to": [rcpt]})  # fmt: skip
+                assert st == 202, out
+                return int(out["messages"][0]["ids"][0])
+
+            post("first@x.example")
+            deadline = time.monotonic() + 60
+            while not handler.rcpts:
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.05)
+            hup(s, "configuration reloaded")
+            mid = post("next@x.example")  # waits: the old worker holds the one connection
+            handler.release()
+            while True:  # until sent (to the site that refused us), or handed back
+                st, msg = s.req("GET", f"/v1/messages/{mid}")
+                assert st == 200, msg
+                if "next@x.example" in handler.rcpts or msg["attempts"] or \
+                        (msg["next_attempt"] or 0) > msg["created"] + 60:  # fmt: skip
+                    break
+                assert time.monotonic() < deadline and s.proc.poll() is None, msg
+                time.sleep(0.1)
+            assert handler.rcpts == ["first@x.example"], handler.rcpts
+            assert msg["attempts"] == 0, msg
+        finally:
+            s.stop()
+    finally:
+        ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
+        ctl.stop()

@@ -396,6 +396,8 @@ class WorkerLifecycle(SupervisorState):
         """wire.Conns from a retiring worker: its connections, for its slot's new worker."""
         if slot.retiring:
             slot.conns = msg.held
+            if self.shaping.rests_to_share:  # a rest it met first: before a lane frees
+                self.share_rests()
             self.lend(slot.index)
 
     def reap_retired(self) -> None:

@@ -134,7 +134,10 @@ class Outcomes(SupervisorState):
                     if e.get("event") == "tls_report":
                         self.stats.count_tls(e)
             else:
-                self.shaping.on_record(msg, slot.index)
+                # A reload's retiring worker is not its slot's worker: a rest it
+                # meets is told to the slot's new one too (share_rests skips the
+                # origin), which sends from the same addresses.
+                self.shaping.on_record(msg, -1 if slot.retiring else slot.index)
         if items:
             self.apply(slot, items)
             got = True
