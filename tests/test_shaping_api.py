@@ -112,6 +112,38 @@ def test_max_rate_caps_and_never_raises_the_operators_campaign_rate(tmp_path: An
     spool.close()
 
 
+def test_a_reloads_dispatch_gate_starts_where_the_old_one_left(tmp_path: Any) -> None:
+    """SIGHUP makes a new DispatchGate (SupervisorShaping.reconfigure): its
+    campaign, tenant and global buckets start as the old gate's were spent
+    (DispatchGate.carry), so a reload releases no second burst. Before, they
+    started full: each reload let a campaign at 5/s send 5 more at once."""
+    import time
+
+    from fastsend.spool import open_spool
+
+    raw = {"shaping": {"dispatch": {"campaign_rate": 5, "tenant_rate": 8, "global_rate": 20}}}
+    spool = open_spool(str(tmp_path / "spool"))
+    camp = spool.create_campaign({"kind": "t"}, tenant="acme")
+    other = spool.create_campaign({"kind": "t"}, tenant="acme")
+    gate = DispatchGate(from_dict(raw), spool, None)
+    now = time.monotonic()
+    assert gate.admit(camp, 10, now) == 5  # the campaign's burst, spent
+    assert gate.admit(other, 10, now) == 3  # the tenant's 8, spent
+    fresh = DispatchGate(from_dict(raw), spool, None)
+    assert fresh.admit(camp, 10, now) == 5  # (before: a second burst)
+    new = DispatchGate(from_dict(raw), spool, None)
+    new.carry(gate)
+    assert new.admit(camp, 10, now) == 0 and new.admit(other, 10, now) == 0
+    # A raised rate (and burst) keeps the 5 spent: 5 of its 10 now, drained in
+    # 0.5 s at 10/s.
+    raw["shaping"]["dispatch"] = {"campaign_rate": 10}
+    faster = DispatchGate(from_dict(raw), spool, None)
+    faster.carry(gate)
+    b = faster._buckets(camp)[0]
+    assert b.available(now + 0.01) == 5 and b.available(now + 0.51) == 10
+    spool.close()
+
+
 def test_a_guardrails_pause_is_the_operators_to_lift(tmp_path: Any) -> None:
     """A tenant resuming the campaign the guardrails paused got a fresh sample each
     time: min_sample more bounces a resume, without end. It may still cancel it,

@@ -66,6 +66,7 @@ from fastsend import wire
 from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.shaping.guardrails import Guardrails
+from fastsend.shaping.lanes import debt, spent
 from fastsend.spool import Spool
 from fastsend.throttle import Gcra
 
@@ -102,9 +103,14 @@ class DispatchGate:
         self.campaign_rate = raw.campaign_rate
         self.tenant_rate = raw.tenant_rate
         self.tenant_rates = dict(raw.tenants)
+        # name -> (rate, debt s, at): what the gate a SIGHUP replaced had spent
+        # (carry), taken by the bucket of that name when it is made here.
+        self.carried: dict[str, tuple[float, float, float]] = {}
+        self.global_rate = raw.global_rate
         self.global_bucket = self._bucket("global", raw.global_rate)
         # campaign -> its buckets (campaign's own, tenant's); tenant -> bucket
         self.campaigns: dict[int, tuple[Any, ...]] = {}
+        self.own: dict[int, Any] = {}  # campaign -> its own bucket (in campaigns too)
         self.tenants: dict[str, Any] = {}
         # A transport's rate (a relay's, a provider account's) is one limit for
         # every node on a shared spool: each node's workers keep their share of
@@ -132,6 +138,9 @@ class DispatchGate:
         if rate <= 0:
             return None
         if self.limits is None:
+            was = self.carried.pop(name, None)
+            if was is not None:
+                return spent(rate, max(1, round(rate)), *was)
             return _bucket(rate)
         return self.limits.leased("dispatch:" + name, rate, max(1, round(rate)))
 
@@ -148,6 +157,7 @@ class DispatchGate:
             out = []
             if (b := self._bucket(f"campaign:{campaign}", rate)) is not None:
                 out.append(b)
+                self.own[campaign] = b
             if tenant not in self.tenants:
                 self.tenants[tenant] = self._bucket(
                     f"tenant:{tenant}", self.tenant_rates.get(tenant, self.tenant_rate)
@@ -160,6 +170,23 @@ class DispatchGate:
             if out:
                 self.enabled = True
         return bs
+
+    def carry(self, old: DispatchGate) -> None:
+        """Start each rate where the gate this one replaces (a SIGHUP) left it:
+        the global, each tenant's and each campaign's bucket as spent (scaled to
+        a changed rate), so a reload releases no second burst. Before, the new
+        gate's buckets started full. (Shared limits live in Redis: unchanged.)"""
+        if self.limits is not None or old.limits is not None:
+            return
+        at = time.monotonic()
+        named = [("global", old.global_bucket)]
+        named += [(f"tenant:{t}", b) for t, b in old.tenants.items()]
+        named += [(f"campaign:{c}", b) for c, b in old.own.items()]
+        for name, b in named:
+            if b is not None and (owed := debt(b, at)) > 0:
+                self.carried[name] = (float(b.rate), owed, at)
+        if "global" in self.carried and self.global_bucket is not None:
+            self.global_bucket = self._bucket("global", self.global_rate)
 
     def transport_bucket(self, campaign: int, domain: str) -> Any:
         """The shared bucket of the transport the (campaign, domain)'s route
@@ -381,7 +408,8 @@ class SupervisorShaping:
         from fastsend.shaping.pools import load_pools
 
         self.config = config
-        self.gate = DispatchGate(config, self.spool, self.limits)
+        old, self.gate = self.gate, DispatchGate(config, self.spool, self.limits)
+        self.gate.carry(old)  # no second burst of the dispatch rates
         self.guardrails.settings = config.guardrails
         self.poolset = load_pools(config, time.time())
         self.gate.pool_of = self.pool_of
