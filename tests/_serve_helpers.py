@@ -65,9 +65,11 @@ class Served:
     def __init__(
         self, tmp: Path, route: str | None, extra: str = "", delivery: str = "", umask: int = -1,
         api: str = "", spool_url: str = "", serve_args: tuple[str, ...] = (), routes: str = "",
+        workers: int = 1,
     ) -> None:  # fmt: skip
         self.tmp = tmp
         self.routes = routes  # more lines of [routes]
+        self.workers = workers
         self.port = free_port()
         self.cfg = tmp / "fastsend.toml"
         self.route = route
@@ -99,7 +101,7 @@ class Served:
 dir = "spool"
 {f'url = "{self.spool_url}"' if self.spool_url else ""}
 [workers]
-count = 1
+count = {self.workers}
 [routes]
 {f'"*" = "{self.route}"' if self.route else ""}
 {self.routes}

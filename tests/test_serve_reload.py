@@ -483,3 +483,86 @@ def test_a_rest_the_retiring_worker_meets_reaches_its_slots_new_worker(tmp_path:
     finally:
         ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
         ctl.stop()
+
+
+class _HoldsPerAddress:
+    """An aiosmtpd handler that holds every message's final dot until
+    ``release`` (then 250), counting the transactions held at once per client
+    address."""
+
+    def __init__(self) -> None:
+        self.rcpts: list[str] = []
+        self.open: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.gate: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.gate is None:
+            self.gate, self.loop = asyncio.Event(), asyncio.get_running_loop()
+        ip = session.peer[0]
+        self.rcpts.extend(envelope.rcpt_tos)
+        self.open[ip] = self.open.get(ip, 0) + 1
+        self.peak[ip] = max(self.peak.get(ip, 0), self.open[ip])
+        try:
+            await self.gate.wait()
+        finally:
+            self.open[ip] -= 1
+        return "250 2.0.0 taken"
+
+    def release(self) -> None:
+        gate, loop = self.gate, self.loop
+        assert gate is not None and loop is not None
+        loop.call_soon_threadsafe(gate.set)
+
+
+def test_a_reload_that_moves_an_address_to_another_worker_lends_its_connections(
+    tmp_path: Path,
+) -> None:
+    """Two workers, one address each; a SIGHUP's [ips] in another order moves
+    each address to the other worker (as adding an address to [ips] moves
+    others: the split is round-robin). The new worker sending from 127.0.0.2
+    counts the connection the old worker of the other slot still holds from
+    it (max_connections = 1): no second connection from that address to the
+    site while the old one's transaction is on the wire. Before, a new worker
+    was told only its own slot's predecessor's connections."""
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    handler = _HoldsPerAddress()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        s = Served(tmp_path, f"127.0.0.1:{ctl.port}", '[ips]\nsource = ["127.0.0.2", "127.0.0.3"]\n',
+                   delivery="max_connections = 1\nbatch_size = 1", workers=2)  # fmt: skip
+        try:
+
+            def post(rcpts: list[str]) -> None:
+                rows = [{"email": r, "name": "x"} for r in rcpts]
+                st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+                assert st == 201, out
+
+            post([f"a{i}@x{i}.example" for i in range(4)])
+            deadline = time.monotonic() + 60
+            while sorted(handler.open) != ["127.0.0.2", "127.0.0.3"]:  # both hold one
+                assert time.monotonic() < deadline and s.proc.poll() is None, handler.open
+                time.sleep(0.05)
+            s.extra = '[ips]\nsource = ["127.0.0.3", "127.0.0.2"]\n'
+            s.write_config()
+            hup(s, "configuration reloaded")
+            post([f"b{i}@x{i}.example" for i in range(6)])
+            end = time.monotonic() + 2.0  # (a second connection would open at once)
+            while time.monotonic() < end:
+                assert max(handler.peak.values()) == 1, handler.peak
+                time.sleep(0.05)
+            handler.release()
+            while len(handler.rcpts) < 10:
+                assert time.monotonic() < deadline and s.proc.poll() is None, handler.rcpts
+                time.sleep(0.05)
+            assert max(handler.peak.values()) == 1, handler.peak
+        finally:
+            s.stop()
+    finally:
+        ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
+        ctl.stop()

@@ -129,7 +129,7 @@ class WorkerLifecycle(SupervisorState):
         slot.backlog.clear()
         slot.drain_sent = False
         slot.backlog.extend(self.shaping.spawn_records())
-        lent = self.lent(slot.index)
+        lent = slot.told_conns = self.lent(slot.index)
         if lent:  # before any batch: what the workers it replaces hold (a reload)
             slot.backlog.append(wire.encoder.encode(wire.Conns(lent)))
         lanes = self.inherited(slot.index)
@@ -274,32 +274,47 @@ class WorkerLifecycle(SupervisorState):
         config.msgid_tag = config.msgid_tag or self.config.msgid_tag
         self.config = config
         self.shaping.reconfigure(config)  # dispatch rates, guardrails, pools
+        olds: list[WorkerSlot] = []
         for slot in self.slots:
             if self.draining or self.stopping:
                 return
-            old = self.detach(slot) if slot.alive and slot.inbox is not None else None
+            if slot.alive and slot.inbox is not None:
+                olds.append(self.detach(slot))
             # A slot respawned by reap() meanwhile gets them too.
             slot.ips = config.ips_for_worker(slot.index)
             slot.window = config.window_for(slot.index)  # claims from here on
-            if old is None:
+        # Their answers come within a loop turn: every one is in before a new
+        # worker starts, so each starts knowing the connections and lanes of its
+        # addresses wherever they were (an address added to [ips] moves others
+        # between workers: the round-robin split; before, each new worker knew
+        # only its own slot's predecessor). A worker whose loop does not answer
+        # (stuck) keeps its slot until it exits or is stopped, as before.
+        limit = time.monotonic() + RETIRE_ANSWER
+        waiting = list(olds)
+        while waiting and not (self.draining or self.stopping):
+            waiting = [o for o in waiting if o.conns is None and o.alive]
+            if not waiting or time.monotonic() >= limit:
+                break
+            await asyncio.sleep(0.01)
+        for old in olds:
+            if self.draining or self.stopping:
+                return
+            if old in waiting:
                 continue
-            # Its answer comes within a loop turn; a worker whose loop does not
-            # answer (stuck) keeps its slot until it exits or is stopped, as before.
-            pid, limit = old.pid, time.monotonic() + RETIRE_ANSWER
-            while old.conns is None and old.alive and not (self.draining or self.stopping):
-                if time.monotonic() >= limit:
-                    print(
-                        f"fastsend: worker {old.index} (pid {pid}) did not answer the reload"
-                        f" within {RETIRE_ANSWER:g} s: its slot waits for it to end",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    while old.alive and not (self.draining or self.stopping):
-                        await asyncio.sleep(0.02)
-                    break
-                await asyncio.sleep(0.01)
-            if not (self.draining or self.stopping):
-                self.spawn(slot)
+            self.spawn(self.slots[old.index])
+        for old in waiting:
+            print(
+                f"fastsend: worker {old.index} (pid {old.pid}) did not answer the reload"
+                f" within {RETIRE_ANSWER:g} s: its slot waits for it to end",
+                file=sys.stderr,
+                flush=True,
+            )
+        for old in waiting:
+            while old.alive and not (self.draining or self.stopping):
+                await asyncio.sleep(0.02)
+            if self.draining or self.stopping:
+                return
+            self.spawn(self.slots[old.index])
 
     async def retirements(self) -> None:
         """Until the workers a reload replaced have exited (or a stop began)."""
@@ -352,23 +367,39 @@ class WorkerLifecycle(SupervisorState):
         self.push_backlog(old)
         return old
 
+    def _takes_over(self, index: int, old: WorkerSlot, ip: str) -> bool:
+        """Whether slot ``index``'s new worker takes over what retiring worker
+        ``old`` held from source address ``ip``: the address is the new
+        worker's alone now (wherever it was before: a reload may move an
+        address to another worker), or it is shared (fewer addresses than
+        workers, or the host's: "") and ``old`` had this slot (each sharer
+        keeps its own part of the address's limits)."""
+        if not ip:
+            return old.index == index
+        owners = [s.index for s in self.slots if ip in s.ips]
+        if owners == [index]:
+            return True
+        return index in owners and (old.index == index or old.index not in owners)
+
     def lent(self, index: int) -> list[tuple[str, str, int]]:
-        """The connections the retiring workers of slot ``index`` hold, summed
-        per (source IP, site)."""
+        """The connections the retiring workers hold that slot ``index``'s new
+        worker takes over (:meth:`_takes_over`), summed per (source IP, site)."""
         total: dict[tuple[str, str], int] = {}
         for old in self.retired:
-            if old.index == index and old.alive:
+            if old.alive:
                 for ip, site, n in old.conns or ():
-                    total[(ip, site)] = total.get((ip, site), 0) + n
+                    if self._takes_over(index, old, ip):
+                        total[(ip, site)] = total.get((ip, site), 0) + n
         return [(ip, site, n) for (ip, site), n in sorted(total.items())]
 
     def inherited(self, index: int) -> list[wire.LaneState]:
-        """The lanes the retiring workers of slot ``index`` left (wire.Lanes),
-        the latest one's where two reloads' workers both had a lane."""
+        """The lanes the retiring workers left (wire.Lanes) that slot ``index``'s
+        new worker takes over (:meth:`_takes_over`), the latest one's where two
+        reloads' workers both had a lane."""
         out: dict[tuple[str, str], wire.LaneState] = {}
         for old in self.retired:
-            if old.index == index:
-                out.update(((st.ip, st.site), st) for st in old.lanes)
+            out.update(((st.ip, st.site), st) for st in old.lanes
+                       if self._takes_over(index, old, st.ip))  # fmt: skip
         return list(out.values())
 
     def worker_counters(self, index: int, gauges: Collection[str] = ()) -> dict[str, float]:
@@ -385,12 +416,16 @@ class WorkerLifecycle(SupervisorState):
             fold(out, s.counters)
         return out
 
-    def lend(self, index: int) -> None:
-        """Tell slot ``index``'s worker what its retiring predecessors hold now."""
-        slot = self.slots[index]
-        if slot.alive and slot.inbox is not None:
-            slot.backlog.append(wire.encoder.encode(wire.Conns(self.lent(index))))
-            self.push_backlog(slot)
+    def lend(self) -> None:
+        """Tell each worker what the retiring workers hold now on its addresses
+        (when it changed)."""
+        for slot in self.slots:
+            if slot.alive and slot.inbox is not None:
+                held = self.lent(slot.index)
+                if held != slot.told_conns:
+                    slot.told_conns = held
+                    slot.backlog.append(wire.encoder.encode(wire.Conns(held)))
+                    self.push_backlog(slot)
 
     def on_conns(self, slot: WorkerSlot, msg: wire.Conns) -> None:
         """wire.Conns from a retiring worker: its connections, for its slot's new worker."""
@@ -398,7 +433,7 @@ class WorkerLifecycle(SupervisorState):
             slot.conns = msg.held
             if self.shaping.rests_to_share:  # a rest it met first: before a lane frees
                 self.share_rests()
-            self.lend(slot.index)
+            self.lend()
 
     def reap_retired(self) -> None:
         """The retiring workers: an exit ends one (what it still held goes back,
@@ -440,7 +475,7 @@ class WorkerLifecycle(SupervisorState):
             self.retired.remove(old)
             self.slots[old.index].cpu_s += old.cpu_s
             fold(self.slots[old.index].counters_done, old.counters)
-            self.lend(old.index)
+            self.lend()
 
     def drain_workers(self) -> None:
         """SIGTERM: tell each worker at once, so it hands back the mail of sites

@@ -55,6 +55,8 @@ class WorkerSlot(msgspec.Struct):
     retiring: bool = False
     # What a retiring worker last said it holds (wire.Conns; None: not yet).
     conns: list[tuple[str, str, int]] | None = None
+    # What it was last told the retiring workers hold on its addresses (wire.Conns).
+    told_conns: list[tuple[str, str, int]] = msgspec.field(default_factory=list)
     # Its lanes as it retired (wire.Lanes), for the worker started in its place.
     lanes: list[wire.LaneState] = msgspec.field(default_factory=list)
     stop_at: float = 0.0  # monotonic: a retiring worker still running then is stopped
