@@ -566,3 +566,55 @@ def test_a_reload_that_moves_an_address_to_another_worker_lends_its_connections(
     finally:
         ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
         ctl.stop()
+
+
+class _SlowsDownAfterTheDot(_BlocksAfterTheDot):
+    """As _BlocksAfterTheDot, the held first message answered "slow down" (451)."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        return "451 4.7.1 Rate limited, slow down" if reply.startswith("554") else reply
+
+
+def test_a_slow_down_the_retiring_worker_meets_slows_its_successor(tmp_path: Path) -> None:
+    """The reply to the old worker's last transaction, after a SIGHUP, is a
+    "slow down" (451): the AIMD cut it makes there reaches the new worker
+    (wire.Lanes again, with the old one's stats), whose deliveries then raise
+    the rate from the cut (an aimd_increase below the configured 40/s). Before,
+    the new worker had the lane as it was at the reload: at full speed."""
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    handler = _SlowsDownAfterTheDot()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        s = Served(tmp_path, f"127.0.0.1:{ctl.port}", delivery="max_connections = 1",
+                   extra='[shaping.domain."127.0.0.1"]\nmessages_per_second = 40\n')  # fmt: skip
+        try:
+
+            def post(rcpts: list[str]) -> None:
+                rows = [{"email": r, "name": "x"} for r in rcpts]
+                st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+                assert st == 201, out
+
+            post(["first@x.example"])
+            deadline = time.monotonic() + 60
+            while not handler.rcpts:
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.05)
+            hup(s, "configuration reloaded")
+            post([f"n{i}@x.example" for i in range(3)])  # (wait: the one connection is held)
+            handler.release()
+            while len(handler.rcpts) < 4 or not _shaping(s, "aimd_increase"):
+                assert time.monotonic() < deadline and s.proc.poll() is None, (
+                    handler.rcpts, _shaping(s, "aimd_decrease"))  # fmt: skip
+                time.sleep(0.05)
+            cut = _shaping(s, "aimd_decrease")[0]["rate"]
+            assert cut <= _shaping(s, "aimd_increase")[0]["rate"] < 40
+        finally:
+            s.stop()
+    finally:
+        ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
+        ctl.stop()

@@ -105,6 +105,7 @@ class Worker:
         self.draining = False
         self.retiring = False  # wire.Retire: a reload's new worker sends in our place
         self.conns_told: list[tuple[str, str, int]] | None = None  # last wire.Conns sent
+        self.lanes_told: dict[tuple[str, str], tuple[float, float]] = {}  # report_lanes
         self.busy = 0  # batches being resolved/rendered
         # Envelopes placed during one read of the inbox, per site queue, pushed
         # together at its end (place_batch, push_placed).
@@ -669,9 +670,26 @@ class Worker:
         # What each lane has spent and learned, for the new worker (before the
         # wire.Conns that lets it start): no second burst, no AIMD cut undone.
         states = self.shaper.lane_states(time.monotonic())
+        self.lanes_told = {(st.ip, st.site): _slowed(st) for st in states}
         if states:
             self.pending_out.append(wire.encoder.encode(wire.Lanes(states)))
         self.report_conns()
+
+    def report_lanes(self) -> None:
+        """While retiring: the lanes the replies to its last transactions slowed
+        down since it answered wire.Retire (an AIMD cut, a throttle), for the
+        new worker (with the stats every second, and at its exit)."""
+        now = time.monotonic()
+        told = self.lanes_told
+        changed = []
+        for key, ln in self.shaper.lanes.items():
+            st = ln.state(now)
+            if st is not None and told.get(key) != (was := _slowed(st)):
+                told[key] = was
+                changed.append(st)
+        if changed:
+            self.pending_out.append(wire.encoder.encode(wire.Lanes(changed)))
+            self.flush()
         self.check_done()
 
     def report_conns(self) -> None:
@@ -939,6 +957,7 @@ class Worker:
         c["dns_cache_entries"] = float(self.resolver.cache_entries)
         self.outbox.put(wire.encoder.encode(wire.Stats(os.getpid(), c)))
         if self.retiring:
+            self.report_lanes()
             self.report_conns()
         if self.shaper.warming:
             counts = self.shaper.warm_counts()
@@ -958,6 +977,11 @@ class Worker:
             await asyncio.sleep(0.5)
             if os.getppid() != self.parent:
                 os._exit(3)  # the supervisor died: it will requeue on restart
+
+
+def _slowed(st: wire.LaneState) -> tuple[float, float]:
+    """What of a lane's state a later wire.Lanes tells again (Worker.report_lanes)."""
+    return st.aimd_rate, st.throttle_until
 
 
 def collect_delivered(

@@ -427,6 +427,24 @@ class WorkerLifecycle(SupervisorState):
                     slot.backlog.append(wire.encoder.encode(wire.Conns(held)))
                     self.push_backlog(slot)
 
+    def on_lanes(self, slot: WorkerSlot, msg: wire.Lanes) -> None:
+        """wire.Lanes from a retiring worker: with its answer to wire.Retire (kept
+        for the workers that take over, :meth:`inherited`), or later, the lanes
+        its last replies slowed down: told at once to the new workers sending
+        from those addresses."""
+        if slot.conns is None:
+            slot.lanes = list(msg.lanes)
+            return
+        now = {(st.ip, st.site): st for st in slot.lanes}
+        now.update(((st.ip, st.site), st) for st in msg.lanes)
+        slot.lanes = list(now.values())
+        for new in self.slots:
+            if new.alive and new.inbox is not None:
+                mine = [st for st in msg.lanes if self._takes_over(new.index, slot, st.ip)]
+                if mine:
+                    new.backlog.append(wire.encoder.encode(wire.Lanes(mine)))
+                    self.push_backlog(new)
+
     def on_conns(self, slot: WorkerSlot, msg: wire.Conns) -> None:
         """wire.Conns from a retiring worker: its connections, for its slot's new worker."""
         if slot.retiring:

@@ -127,7 +127,7 @@ class Outcomes(SupervisorState):
                 self.on_conns(slot, msg)
             elif isinstance(msg, wire.Lanes):
                 if slot.retiring:
-                    slot.lanes = msg.lanes
+                    self.on_lanes(slot, msg)
             elif isinstance(msg, wire.Events):
                 self.event_buf.extend(msg.events)  # transport failover, TLS-RPT
                 for e in msg.events:

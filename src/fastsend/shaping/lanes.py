@@ -563,14 +563,19 @@ class Lane:
             busy = busy or bool(st.triggers)
         return st if busy else None
 
-    def inherit(self, st: wire.LaneState, now: float) -> None:
+    def inherit(self, st: wire.LaneState, now: float, fresh: bool = True) -> None:
         """Start where a reload's retiring worker left this lane (:meth:`state`
         at ``st.at``): its buckets as spent (each matched to the bucket of the
         same window, scaled to a changed rate: no second burst), its AIMD cut
         (under the new ceiling; the increase goes on from there), a throttle
         still running, the rules' recent matches. Before, a reload gave every
         site a fresh burst and its configured rate back, a site slowed down
-        for its 421s included."""
+        for its 421s included. Not ``fresh`` (this lane has been sending: the
+        retiring worker's replies that came after it started): only a lower
+        AIMD rate and a later throttle are taken."""
+        if not fresh:
+            self._slow_as(st, now)
+            return
         at = st.at
         if st.buckets:
             old = st.buckets
@@ -593,6 +598,25 @@ class Lane:
             if times:
                 t = self.triggers[rule.name] = Trigger(rule)
                 t.times.extend(times)
+        self._refresh()
+
+    def _slow_as(self, st: wire.LaneState, now: float) -> None:
+        """:meth:`inherit` into a lane in use: as slow as the retiring worker's."""
+        a = self.aimd
+        if a is not None and st.aimd_rate < a.rate:
+            a.rate, a.last_cut = st.aimd_rate, max(a.last_cut, st.aimd_last_cut)
+            a.peak = a.peak or st.aimd_peak
+            b = self.aimd_bucket
+            if b is None:
+                b = self.aimd_bucket = Gcra(a.rate, max(1, int(a.rate * 0.1)))
+                b.acquire(now, b.burst)  # as feed_aimd: a cut starts empty
+            else:
+                b.set_rate(a.rate, now)
+        if st.throttle_until > max(now, self.throttle_until):
+            self.throttle_until, self.throttle_conns = st.throttle_until, st.throttle_conns
+            if st.throttle_rate > 0 and self.throttle_bucket is None:
+                self.throttle_bucket = Gcra(st.throttle_rate, 1)
+                self.throttle_bucket.acquire(now)
         self._refresh()
 
 
@@ -638,12 +662,13 @@ class Shaper:
 
     def inherit(self, states: list[wire.LaneState]) -> None:
         """wire.Lanes: the lanes of the worker this one replaces (a reload), each
-        started where it was (Lane.inherit) when it is made here."""
+        started where it was (Lane.inherit) when it is made here; a later
+        word of a lane made already slows it as the old one was slowed."""
         now = time.monotonic()
         for st in states:
             ln = self.lanes.get((st.ip, st.site))
-            if ln is not None:
-                ln.inherit(st, now)
+            if ln is not None:  # (a later word: what replies the old one got since)
+                ln.inherit(st, now, fresh=False)
             else:
                 self.inherited[(st.ip, st.site)] = st
 
