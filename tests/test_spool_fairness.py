@@ -177,6 +177,70 @@ def test_weight_shares_a_tenants_campaigns_of_one_priority(
     spool.close()
 
 
+def test_the_operator_weights_a_tenants_share(make_spool: Callable[[], Spool]) -> None:
+    """``[tenants.NAME] weight``: a tenant of weight 3 gets 3 times the share of
+    a tenant of 1 (what it cannot use goes to the others); a tenant's own
+    campaign options move only its own campaigns."""
+    spool = make_spool()
+    now = time.time() - 10
+    paying = spool.create_campaign(SPEC, tenant="A")
+    free = spool.create_campaign(SPEC, tenant="B")
+    spool_rows(spool, paying, 2_000, now + 1)
+    spool_rows(spool, free, 2_000, now)
+    spool.set_tenant_weights({"A": 3, "C": 5})
+    assert per_campaign(spool.claim_due(time.time(), 400)) == {paying: 300, free: 100}
+    # B's weight-1000, priority-100 campaign still shares B's quarter only
+    urgent = spool.create_campaign(SPEC, tenant="B", options={"weight": 1000, "priority": 100})
+    spool_rows(spool, urgent, 40, now)
+    assert per_campaign(spool.claim_due(time.time(), 400)) == {paying: 300, urgent: 40, free: 60}
+    spool.set_tenant_weights({})  # (a reload without weights: alike again)
+    assert per_campaign(spool.claim_due(time.time(), 400)) == {paying: 200, free: 200}
+    spool.close()
+
+
+def test_tenant_weights_come_from_the_config(make_spool: Callable[[], Spool], tmp_path: Path) -> None:
+    """The supervisor gives the spool ``[tenants.NAME] weight`` (and again at a
+    reload); check-config refuses a weight out of 1..1000 and says the shares."""
+    from _engine_helpers import run_fastsend
+    from fastsend import config as cfgmod
+    from fastsend.events import EventLog
+    from fastsend.queue.supervisor import Supervisor
+
+    def tenants(w: Any) -> dict[str, Any]:
+        return {"A": {"domains": ["a.example"], "weight": w}, "B": {"domains": ["b.example"]}}
+
+    raw: dict[str, Any] = {"spool": {"dir": "spool"}, "tenants": tenants(3)}
+    cfg = cfgmod.from_dict(raw, base_dir=str(tmp_path))
+    assert cfg.tenant_weights == {"A": 3}
+    spool = make_spool()
+    now = time.time() - 10
+    a = spool.create_campaign(SPEC, tenant="A")
+    b = spool.create_campaign(SPEC, tenant="B")
+    spool_rows(spool, a, 500, now)
+    spool_rows(spool, b, 500, now)
+    events = EventLog(cfg.event_log_path)
+    try:
+        Supervisor(cfg, spool, events, until_idle=True)
+        assert per_campaign(spool.claim_due(time.time(), 100)) == {a: 75, b: 25}
+    finally:
+        events.close()
+        spool.close()
+    for bad in (0, 1001, "3"):
+        with pytest.raises(cfgmod.ConfigError, match="weight"):
+            cfgmod.from_dict({**raw, "tenants": tenants(bad)}, base_dir=str(tmp_path))
+    toml = tmp_path / "f.toml"
+    toml.write_text(
+        '[tenants.A]\ndomains = ["a.example"]\nweight = 3\n'
+        '[tenants.B]\ndomains = ["b.example"]\n'
+    )
+    ok = run_fastsend("check-config", str(toml))
+    assert ok.returncode == 0, ok.stderr
+    assert "claim weights: A 3; the other 1 tenant(s) and the operator 1" in ok.stdout
+    toml.write_text('[tenants.A]\ndomains = ["a.example"]\nweight = 0\n')
+    bad_run = run_fastsend("check-config", str(toml))
+    assert bad_run.returncode == 2 and "weight" in bad_run.stderr, bad_run.stderr
+
+
 def test_paused_and_not_yet_due_campaigns_take_no_share(
     make_spool: Callable[[], Spool],
 ) -> None:
@@ -265,8 +329,11 @@ def test_lua_shares_are_the_python_shares(redis_server: Any) -> None:
         " tonumber(ARGV[k+3]), tonumber(ARGV[k+4])}\n"
         "  k = k + 5\n"
         "end\n"
+        "local tw = {}\n"
+        "for j = 5 + 5 * #cands, #ARGV - 1, 2 do tw[ARGV[j]] = tonumber(ARGV[j + 1]) end\n"
         "local out = {}\n"
-        "for _, s in ipairs(fair_shares(cands, tonumber(ARGV[3]), tonumber(ARGV[4 + 5 * #cands]))) do\n"
+        "for _, s in ipairs(fair_shares(cands, tonumber(ARGV[3]), tonumber(ARGV[4 + 5 * #cands]),"
+        " tw)) do\n"
         "  out[#out + 1] = s[1]; out[#out + 1] = s[2]\n"
         "end\n"
         "return out\n"
@@ -282,13 +349,16 @@ def test_lua_shares_are_the_python_shares(redis_server: Any) -> None:
             for cid in rnd.sample(range(1, 60), n)
         ]  # fmt: skip
         turn = rnd.randint(0, 50)
+        tw = rnd.choice([{}, {"A": 3}, {"B": 2, "C": 1000}])  # the operator's tenant weights
         args: list[Any] = ["p", len(cands), limit]
         for c in cands:
             args += list(c)
         args.append(turn)
+        for t, w in tw.items():
+            args += [t, w]
         flat = script(args=args)
         got = {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        assert got == fair_shares(cands, limit, turn), (cands, limit, turn)
+        assert got == fair_shares(cands, limit, turn, tw), (cands, limit, turn, tw)
         assert sum(got.values()) == min(limit, sum(c[4] for c in cands))
 
 

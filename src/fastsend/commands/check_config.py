@@ -56,6 +56,18 @@ def tls_line(cfg: Config) -> str:
     return line
 
 
+def tenants_line(cfg: Config) -> str:
+    """How the tenants share the delivery claims, when some are weighted."""
+    tw = cfg.tenant_weights
+    shares = ", ".join(f"{n} {w}" for n, w in sorted(tw.items()))
+    rest = len(cfg.tenant_names) - len(tw)
+    return (
+        f"[tenants] claim weights: {shares}"
+        + (f"; the other {rest} tenant(s) and the operator 1" if rest else "; the operator 1")
+        + " (a tenant with mail due gets its weight's part of each claim)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     path = args.config or args.file
     if not path:
@@ -72,4 +84,6 @@ def run(args: argparse.Namespace) -> int:
         n = len(cfg.warnings)
         print(f"{path}: ok" + (f" ({n} warning{'s' if n != 1 else ''})" if n else ""))
         print(tls_line(cfg))
+        if cfg.tenant_weights:
+            print(tenants_line(cfg))
     return 1 if args.strict and cfg.warnings else 0

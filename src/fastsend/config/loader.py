@@ -165,6 +165,12 @@ class Config(msgspec.Struct):
     def tenant_names(self) -> frozenset[str]:
         return frozenset(self.tenants or ())
 
+    @property
+    def tenant_weights(self) -> dict[str, int]:
+        """``[tenants.NAME] weight`` of the tenants whose share of the claims is
+        not 1 (Spool.set_tenant_weights)."""
+        return {n: t.weight for n, t in (self.tenants or {}).items() if t.weight != 1}
+
     def path(self, p: str) -> str:
         """A path from the config file, relative to its directory ("" stays "")."""
         return os.path.join(self.base_dir, p) if p else ""

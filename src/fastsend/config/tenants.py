@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from fastsend.config.base import NonNegFloat, NonNegInt, Section
 
@@ -69,6 +71,9 @@ class DkimKey(Section):
         return out
 
 
+TenantWeight = Annotated[int, msgspec.Meta(ge=1, le=1000)]  # (spool/fair.py WEIGHT_RANGE)
+
+
 class TenantTable(Section):
     """[tenants.NAME]: the From domains a tenant may send as, its DKIM keys
     (under those domains) and its tracking links' base URL."""
@@ -81,6 +86,10 @@ class TenantTable(Section):
     daily_messages: NonNegInt | None = None
     message_rate: NonNegFloat | None = None
     message_burst: NonNegInt | None = None
+    # Its share of the delivery claims among the tenants with mail due (1: an
+    # equal one; 3: three times a tenant of 1's), as spool/fair.py's campaign
+    # weights (same range). The operator's alone: no API call sets it.
+    weight: TenantWeight = 1
 
     def __post_init__(self) -> None:
         if not self.domains:

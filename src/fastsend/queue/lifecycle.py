@@ -273,6 +273,7 @@ class WorkerLifecycle(SupervisorState):
             config.secret = msgid.load_secret(config)
         config.msgid_tag = config.msgid_tag or self.config.msgid_tag
         self.config = config
+        self.spool.set_tenant_weights(config.tenant_weights)  # the tenants' claim shares
         self.shaping.reconfigure(config)  # dispatch rates, guardrails, pools
         olds: list[WorkerSlot] = []
         for slot in self.slots:

@@ -95,6 +95,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             config.msgid_tag = spool.meta_once(msgid.TAG_KEY, msgid.new_tag())
         self.config = config
         self.spool = spool
+        spool.set_tenant_weights(config.tenant_weights)  # (and at each reload)
         self.events = events
         self.until_idle = until_idle
         self.max_wait = max_wait

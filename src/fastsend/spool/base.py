@@ -13,6 +13,7 @@ import functools
 import os
 import socket
 import time
+import types
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -501,6 +502,20 @@ def idem_part_ids(part: Any) -> tuple[int, list[int]]:
 
 class Spool(abc.ABC):
     """Durable storage of campaigns and messages. Every write is durable on return."""
+
+    # The operator's weight of a tenant among tenants in the claims (spool/fair.py),
+    # those other than 1: set_tenant_weights replaces it whole.
+    tenant_weights: Mapping[str, int] = types.MappingProxyType({})
+
+    def set_tenant_weights(self, weights: Mapping[str, int]) -> None:
+        """The weight of each tenant among tenants for the claims from now on
+        (``[tenants.NAME] weight``, absent: 1; :func:`fastsend.spool.fair.fair_shares`):
+        the config of the process that claims (the supervisor sets it at start
+        and at each reload), never a campaign's own options, so a tenant cannot
+        raise its own share. The nodes of a shared spool run one config."""
+        self.tenant_weights = types.MappingProxyType(
+            {str(t): int(w) for t, w in weights.items() if int(w) != 1}
+        )
 
     @abc.abstractmethod
     def create_campaign(

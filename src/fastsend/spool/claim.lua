@@ -1,4 +1,5 @@
--- ARGV: P, now, limit, node, lease_ms -> flat {id, state, data, ...} (state as
+-- ARGV: P, now, limit, node, lease_ms, then tenant, weight, ... (the operator's
+-- tenant weights other than 1) -> flat {id, state, data, ...} (state as
 -- stored after the claim: "1|node|campaign|attempts|...")
 -- Per bucket of ids (lib.lua) one HMGET and one HSET; per active campaign one
 -- ZCOUNT, per campaign claimed from one ZRANGEBYSCORE and one ZREMRANGEBYRANK
@@ -38,7 +39,12 @@ elseif #cands > 1 then
     c[3] = tonumber(p) or 0
     c[4] = math.max(tonumber(w) or 1, 1)
   end
-  shares = fair_shares(cands, limit, redis.call('INCR', P..':fair:turn') - 1)
+  local tw = nil
+  for j = 6, #ARGV - 1, 2 do
+    tw = tw or {}
+    tw[ARGV[j]] = math.max(tonumber(ARGV[j + 1]) or 1, 1)
+  end
+  shares = fair_shares(cands, limit, redis.call('INCR', P..':fair:turn') - 1, tw)
 end
 local ids, taken, cidof = {}, {}, {}
 for _, s in ipairs(shares) do

@@ -8,7 +8,9 @@ KumoMTA per ``campaign:tenant@domain``) so a large queue never starves a small
 one. Both spools (SQLite: ``spool/sqlite.py``; Redis: ``claim.lua`` with
 ``fair_shares`` in ``lib.lua``, the same arithmetic) share the room alike:
 
-1. the tenants with due mail share it equally;
+1. the tenants with due mail share it equally, or by the weight the operator
+   gives a tenant (``[tenants.NAME] weight``, default 1: a paying tenant's 3
+   takes 3 times the share of a tenant of 1; :meth:`Spool.set_tenant_weights`);
 2. a tenant's share goes to its campaigns of the highest ``priority`` first
    (campaign option, default 0; a transactional campaign, the mail of
    ``POST /v1/messages`` and SMTP submission, 1), then to the next;
@@ -16,7 +18,8 @@ one. Both spools (SQLite: ``spool/sqlite.py``; Redis: ``claim.lua`` with
 4. within a campaign, the oldest due first (as before).
 
 Priority and weight order a tenant's own campaigns only: a tenant (untrusted)
-cannot take another tenant's share by marking its mail urgent.
+cannot take another tenant's share by marking its mail urgent; its share among
+tenants is the operator's config alone.
 
 Shares are whole messages by water-filling: each open member gets
 ``floor(left * weight / total weight)`` capped at what it has due, again with
@@ -106,15 +109,21 @@ def fill(limit: int, weights: Sequence[int], avail: Sequence[int], turn: int) ->
 
 
 def fair_shares(
-    cands: Sequence[tuple[int, str, int, int, int]], limit: int, turn: int
+    cands: Sequence[tuple[int, str, int, int, int]],
+    limit: int,
+    turn: int,
+    tenant_weights: Mapping[str, int] | None = None,
 ) -> dict[int, int]:
     """{campaign: messages to claim} for ``cands`` = (campaign, tenant, priority,
-    weight, due messages (at most ``limit``)); only campaigns given something."""
+    weight, due messages (at most ``limit``)); only campaigns given something.
+    ``tenant_weights``: the operator's weight of a tenant (absent: 1)."""
     tenants: dict[str, list[tuple[int, str, int, int, int]]] = {}
     for c in sorted(cands):  # tenants in the order of their lowest campaign id
         tenants.setdefault(c[1], []).append(c)
+    tw = tenant_weights or {}
+    weights = [tw.get(t, 1) for t in tenants] if tw else [1] * len(tenants)
     members = list(tenants.values())
-    got = fill(limit, [1] * len(members), [sum(c[4] for c in m) for m in members], turn)
+    got = fill(limit, weights, [sum(c[4] for c in m) for m in members], turn)
     out: dict[int, int] = {}
     for camps, room in zip(members, got, strict=True):
         if len(camps) == 1:  # (its share is at most what it has due)

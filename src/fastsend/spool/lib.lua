@@ -265,9 +265,10 @@ local function fill(limit, w, a, turn)
   return give
 end
 -- cands: {{cid (number), tenant, priority, weight, due (<= limit)}, ...} ->
--- {{cid, n}, ...}: the tenants alike, then a tenant's highest priority first,
--- then by weight (see spool/fair.py)
-local function fair_shares(cands, limit, turn)
+-- {{cid, n}, ...}: the tenants alike (or by tw[tenant], the operator's tenant
+-- weights; nil: all 1), then a tenant's highest priority first, then by
+-- weight (see spool/fair.py)
+local function fair_shares(cands, limit, turn, tw)
   table.sort(cands, function(x, y) return x[1] < y[1] end)
   local by, order = {}, {}
   for _, c in ipairs(cands) do
@@ -275,12 +276,12 @@ local function fair_shares(cands, limit, turn)
     if t == nil then t = {}; by[c[2]] = t; order[#order + 1] = t end
     t[#t + 1] = c
   end
-  local ones, due = {}, {}
+  local tws, due = {}, {}
   for j, t in ipairs(order) do
-    ones[j], due[j] = 1, 0
+    tws[j], due[j] = (tw and tw[t[1][2]]) or 1, 0
     for _, c in ipairs(t) do due[j] = due[j] + c[5] end
   end
-  local got = fill(limit, ones, due, turn)
+  local got = fill(limit, tws, due, turn)
   local out = {}
   for j, camps in ipairs(order) do
     local room, prios, seen = got[j], {}, {}

@@ -417,6 +417,7 @@ class RedisSpool(Spool):
         self._ingests_renewed = 0.0
         self._lease_ms = int(self.lease * 1000)
         self._renewed = 0.0
+        self._tw_args: list[str | int] = []  # claim.lua's tenant weights (set_tenant_weights)
         self._holding = False  # claimed anything: this node keeps a lease
         self._waitaof: bool | None = None  # decided at the first add_messages
         self.durability = "unknown"
@@ -705,7 +706,9 @@ class RedisSpool(Spool):
         if not self._fair_indexed:
             self._index_fair()
             self._fair_indexed = True
-        flat = self._claim(args=[self.k, repr(float(now)), int(limit), self.node, self._lease_ms])
+        flat = self._claim(
+            args=[self.k, repr(float(now)), int(limit), self.node, self._lease_ms, *self._tw_args]
+        )
         self._holding = True
         self._renewed = time.monotonic()
         return self._claimed(flat)
@@ -733,12 +736,17 @@ class RedisSpool(Spool):
             conn = self._ahead_conn()
             conn.send_command(
                 "EVALSHA", self._claim.sha, 0,
-                self.k, repr(float(now)), want, self.node, self._lease_ms,
+                self.k, repr(float(now)), want, self.node, self._lease_ms, *self._tw_args,
             )  # fmt: skip
             self._ahead.append((key, time.monotonic(), want))
             self._holding = True
             self._renewed = time.monotonic()
         return out
+
+    def set_tenant_weights(self, weights: Mapping[str, int]) -> None:
+        super().set_tenant_weights(weights)
+        # claim.lua's ARGV after the first five: tenant, weight, ...
+        self._tw_args = [x for t, w in sorted(self.tenant_weights.items()) for x in (t, w)]
 
     def held(self, key: int = 0) -> int:
         return len(self._stock.get(key, ())) + sum(w for k, _t, w in self._ahead if k == key)

@@ -882,7 +882,7 @@ class SQLiteSpool(Spool):
                 tenant, priority, weight = self._rank(cid)
                 n += len(parked.get(cid, ()))
                 cands.append((cid, tenant, priority, weight, min(n, limit)))
-            shares = fair_shares(cands, limit, self._turn)
+            shares = fair_shares(cands, limit, self._turn, self.tenant_weights)
             self._turn += 1
         else:
             return []
