@@ -92,10 +92,17 @@ local function each_chunk(cmd, key, list)
 end
 -- Sorted-set adds collected per key, then one ZADD per key and 500 members.
 local zadd_t = {}
-local function zadd_later(key, score, id)
+-- A due set's score of id, due at `at`: less 10 us per digit it has fewer than
+-- 20, so ids due at one time come out by number, not as strings ("10" before
+-- "9"; redis.py due_score).
+local function due_score(at, id)
+  return string.format('%.17g', tonumber(at) - (20 - #id) * 1e-5)
+end
+-- (every caller adds to a due set)
+local function zadd_later(key, at, id)
   local t = zadd_t[key]
   if t == nil then t = {}; zadd_t[key] = t end
-  t[#t + 1] = score
+  t[#t + 1] = due_score(at, id)
   t[#t + 1] = id
 end
 local function flush_zadd()

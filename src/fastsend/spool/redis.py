@@ -166,6 +166,16 @@ _UNPEND = (
 )
 CHUNK = 2000  # ids per script call / pipeline for bulk work
 BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
+# A due set's ties (ids due at one time) come out as strings ("10" before "9"):
+# an id's score is its due time less DUE_STEP per digit it has fewer than 20
+# (lib.lua due_score), so ids due at one time go by length, then as strings:
+# by number. Due at most 0.2 ms early; times closer than 10 us may swap.
+DUE_STEP = 1e-5
+
+
+def due_score(at: float, digits: int) -> float:
+    """The due-set score of an id of ``digits`` digits due at ``at`` (lib.lua due_score)."""
+    return at - (20 - digits) * DUE_STEP
 PRUNE_BUCKETS = 4  # buckets per prune_final call (one script)
 LAYOUT = b"2"  # P:layout: the message layout above
 AHEAD_TTL = 0.5  # s: a claim sent ahead and answered later than this is put back
@@ -630,7 +640,12 @@ class RedisSpool(Spool):
         for bkt, f in fields.items():
             pipe.hset(f"{k}:m:{bkt}", mapping=f)  # type: ignore[arg-type]
         for j in range(0, len(due), CHUNK):
-            pipe.zadd(f"{k}:due:{cid}", dict.fromkeys(due[j : j + CHUNK], float(now)))
+            part = due[j : j + CHUNK]  # (ascending)
+            lo, hi = len(str(part[0])), len(str(part[-1]))
+            if lo == hi:  # (nearly always: one score for the part)
+                pipe.zadd(f"{k}:due:{cid}", dict.fromkeys(part, due_score(float(now), lo)))
+            else:
+                pipe.zadd(f"{k}:due:{cid}", {i: due_score(float(now), len(str(i))) for i in part})
         for state_s, n in ((st, len(ids) - n_sup), (str(SUPPRESSED), n_sup)):
             if n:
                 pipe.hincrby(f"{k}:n:{cid}", state_s, n)
