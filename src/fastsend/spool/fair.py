@@ -118,17 +118,30 @@ def fair_shares(
     weight, due messages (at most ``limit``)); only campaigns given something.
     ``tenant_weights``: the operator's weight of a tenant (absent: 1)."""
     tenants: dict[str, list[tuple[int, str, int, int, int]]] = {}
+    sums: dict[str, int] = {}  # tenant -> its campaigns' due
     for c in sorted(cands):  # tenants in the order of their lowest campaign id
-        tenants.setdefault(c[1], []).append(c)
+        t = c[1]
+        camps = tenants.get(t)
+        if camps is None:
+            tenants[t] = [c]
+            sums[t] = c[4]
+        else:
+            camps.append(c)
+            sums[t] += c[4]
     tw = tenant_weights or {}
     weights = [tw.get(t, 1) for t in tenants] if tw else [1] * len(tenants)
-    members = list(tenants.values())
-    got = fill(limit, weights, [sum(c[4] for c in m) for m in members], turn)
+    got = fill(limit, weights, list(sums.values()), turn)
     out: dict[int, int] = {}
-    for camps, room in zip(members, got, strict=True):
+    for camps, room in zip(tenants.values(), got, strict=True):
+        if not room:
+            continue
         if len(camps) == 1:  # (its share is at most what it has due)
-            if room:
-                out[camps[0][0]] = room
+            out[camps[0][0]] = room
+            continue
+        if room == 1:  # (many tenants due: what fill gives one message, cheaper)
+            top = max(c[2] for c in camps if c[4] > 0)
+            live = [c for c in camps if c[2] == top and c[4] > 0]
+            out[live[turn % len(live)][0]] = 1
             continue
         for prio in sorted({c[2] for c in camps}, reverse=True):
             if room <= 0:

@@ -291,21 +291,33 @@ local function fair_shares(cands, limit, turn, tw)
   local got = fill(limit, tws, due, turn)
   local out = {}
   for j, camps in ipairs(order) do
-    local room, prios, seen = got[j], {}, {}
-    for _, c in ipairs(camps) do
-      if not seen[c[3]] then seen[c[3]] = true; prios[#prios + 1] = c[3] end
-    end
-    table.sort(prios, function(x, y) return x > y end)
-    for _, p in ipairs(prios) do
-      if room <= 0 then break end
-      local tier, w, a = {}, {}, {}
+    local room = got[j]
+    if room == 1 and #camps > 1 then  -- (what fill gives one message, cheaper: fair.py)
+      local top, live = nil, {}
       for _, c in ipairs(camps) do
-        if c[3] == p then tier[#tier + 1] = c; w[#w + 1] = c[4]; a[#a + 1] = c[5] end
+        if c[5] > 0 and (top == nil or c[3] > top) then top = c[3] end
       end
-      local give = fill(room, w, a, turn)
-      for i, c in ipairs(tier) do
-        if give[i] > 0 then out[#out + 1] = {c[1], give[i]} end
-        room = room - give[i]
+      for _, c in ipairs(camps) do
+        if c[5] > 0 and c[3] == top then live[#live + 1] = c end
+      end
+      out[#out + 1] = {live[turn % #live + 1][1], 1}
+    elseif room > 0 then
+      local prios, seen = {}, {}
+      for _, c in ipairs(camps) do
+        if not seen[c[3]] then seen[c[3]] = true; prios[#prios + 1] = c[3] end
+      end
+      table.sort(prios, function(x, y) return x > y end)
+      for _, p in ipairs(prios) do
+        if room <= 0 then break end
+        local tier, w, a = {}, {}, {}
+        for _, c in ipairs(camps) do
+          if c[3] == p then tier[#tier + 1] = c; w[#w + 1] = c[4]; a[#a + 1] = c[5] end
+        end
+        local give = fill(room, w, a, turn)
+        for i, c in ipairs(tier) do
+          if give[i] > 0 then out[#out + 1] = {c[1], give[i]} end
+          room = room - give[i]
+        end
       end
     end
   end

@@ -35,7 +35,8 @@ reads and writes it). The ids of one batch are consecutive, so a claim or an
 outcome of a whole batch is one HMGET and one HSET per bucket, not per message
 (bench/multinode.py counts well under one Redis command per message). ``P:layout``
 is the layout's version (a spool of another layout is refused). ``P:due:CID`` a sorted set per campaign of its pending
-(queued/deferred) ids scored by next attempt time; ``P:n:CID`` and ``P:n``
+(queued/deferred) ids scored by next attempt time (less 10 us per digit
+an id has fewer than 20, :func:`due_score`: ties come out by number); ``P:n:CID`` and ``P:n``
 counters per state; ``P:nodes`` node -> lease deadline (ms, Redis server time:
 no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
 ``P:wh`` the webhook outbox (a sorted set of ``ID:JSON`` by id, ids from
