@@ -64,7 +64,7 @@ def _send(s: Served, tenant: str, to: list[str]) -> tuple[int, list[int]]:
 
 
 def _until_final(s: Served, ids: list[int]) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     want = set(ids)
     while time.monotonic() < deadline:
         final = {e["id"] for e in _log(s) if e["event"] in ("delivered", "bounced")}
@@ -99,10 +99,15 @@ def test_export_pages_filters_and_tenants(served: Served) -> None:
     cid, ids = _send(served, "evil", [f"u{i}@x.test" for i in range(24)] + ["permfail-1@x.test"])
     other, other_ids = _send(served, "acme", ["a1@x.test", "a2@x.test"])
     _until_final(served, ids + other_ids)
-    time.sleep(0.5)  # the index flushes every 0.2 s
     log = [e for e in _log(served) if e.get("campaign") == cid and e["time"] >= t0]
     want = sorted((e["time"], e["event"], e["id"]) for e in log)
     assert len(want) >= 50  # accepted + delivered/bounced for each of 25
+    # The index (which the export reads) flushes every 0.2 s: until it has them all
+    # (a fixed 0.5 s was too short for a loaded CI).
+    deadline = time.monotonic() + 60
+    while len(_ndjson(_get(served, f"from={int(t0)}&campaign={cid}&limit=1000")[1])) < len(want):
+        assert time.monotonic() < deadline, "the index did not get the log's events"
+        time.sleep(0.1)
 
     # Paged with a cursor: every event once, in time order, no page over the limit.
     got: list[dict[str, Any]] = []

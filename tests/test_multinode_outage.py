@@ -112,6 +112,13 @@ def test_nodes_survive_a_redis_restart_and_deliver_everything(tmp_path: Path) ->
             spool.close()
             redis.kill()
             time.sleep(3.0)
+            # Each node met the outage (a node stalled through those 3 s on a loaded
+            # CI has not yet: it would then never say so, nor that it answers again).
+            deadline = time.monotonic() + 60
+            while not all("the spool is out of reach" in n.output() for n in nodes):
+                assert time.monotonic() < deadline, [n.output()[-2000:] for n in nodes]
+                assert all(n.proc.poll() is None for n in nodes), [n.output() for n in nodes]
+                time.sleep(0.05)
             assert all(n.proc.poll() is None for n in nodes), [n.output() for n in nodes]
             redis.start()
             spool = open_spool(url)

@@ -189,11 +189,15 @@ def test_metrics_parse_as_prometheus_text_with_counters_that_never_go_back(
         time.sleep(0.1)
     send(served, 3, "m2-")
     wait_delivered(served, 9)
-    time.sleep(1.5)  # the new worker's counters arrive about once a second
-    _, fams = scrape(served)
-    after = {s.labels["worker"]: s.value
-             for s in fams["fastsend_worker_connections_opened"].samples}  # fmt: skip
-    assert after["0"] > before["0"], (before, after)
+    deadline = time.monotonic() + 60
+    while True:  # the new worker's counters arrive about once a second
+        _, fams = scrape(served)
+        after = {s.labels["worker"]: s.value
+                 for s in fams["fastsend_worker_connections_opened"].samples}  # fmt: skip
+        if after.get("0", 0) > before["0"]:
+            break
+        assert time.monotonic() < deadline, (before, after)
+        time.sleep(0.2)
     # The webhook receiver is down: the refused batches and the backlog are there to
     # alert on (the log's warnings are rate-limited), the URL without its secret path.
     batches = {s.labels["result"]: s.value for s in fams["fastsend_webhook_batches"].samples}

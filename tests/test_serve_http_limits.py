@@ -95,8 +95,9 @@ def test_slowloris_and_idle_connections_are_closed(served: Served) -> None:
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(b"GET /v1/campaigns HTTP/1.1\r\nHost: x\r\n")
         # Before the fix both stayed open for an hour (aiohttp's keepalive_timeout).
-        assert closed_within(slow, 8.0, trickle=b"X-A: b\r\n")[0]
-        assert closed_within(idle, 3.0)[0]
+        # (bounds far over header_timeout: only "never closed" reaches them on a loaded CI)
+        assert closed_within(slow, 30.0, trickle=b"X-A: b\r\n")[0]
+        assert closed_within(idle, 30.0)[0]
         idle.close()
         slow.close()
     st, got = served.req("GET", "/v1/campaigns")
@@ -109,7 +110,7 @@ def test_a_body_that_stops_arriving_is_a_408(served: Served) -> None:
         s = socket.create_connection(("127.0.0.1", served.port))
         s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key
                   + b"\r\nContent-Type: application/json\r\n" + head)  # fmt: skip
-        closed, answer = closed_within(s, 15.0)
+        closed, answer = closed_within(s, 30.0)
         s.close()
         assert closed, answer
         assert status_of(answer) == 408, answer
@@ -120,7 +121,7 @@ def test_connections_beyond_the_cap_per_address_get_a_503(served: Served) -> Non
     for port in ports(served):
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
         extra = socket.create_connection(("127.0.0.1", port))
-        closed, answer = closed_within(extra, 5.0)
+        closed, answer = closed_within(extra, 30.0)
         extra.close()
         assert closed
         assert status_of(answer) == 503, answer
@@ -177,7 +178,7 @@ def test_a_request_aiohttp_cannot_parse_gets_a_json_error(served: Served) -> Non
     for port in ports(served):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"GET /v1/campaigns HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 20000 + b"\r\n\r\n")
-        closed, answer = closed_within(s, 5.0)
+        closed, answer = closed_within(s, 30.0)
         s.close()
         assert closed and status_of(answer) == 400, answer
         assert json_of(answer)["error"]["status"] == 400  # type: ignore[index]
