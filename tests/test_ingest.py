@@ -727,12 +727,16 @@ def test_a_lease_of_another_host_is_waited_out(redis_server: Any, tmp_path: Path
     prefix = url.split("prefix=")[1].split("&")[0]
     r = redis.Redis(host="127.0.0.1", port=redis_server.port)
     tag = {"pid": 4242, "host": "other-host.invalid", "start": 1.0, "since": time.time()}
-    r.set(f"{{{prefix}}}:ing:{job.id}:lease", orjson.dumps(tag), px=3000)
+    # A lease of 60 s, cut to 0.5 s once it was respected: it was 3 s, and a resume
+    # that took longer to start (a loaded CI) found it lapsed and read the list (rc 0).
+    lease = f"{{{prefix}}}:ing:{job.id}:lease"
+    r.set(lease, orjson.dumps(tag), px=60_000)
     log = tmp_path / "sink.jsonl"
     with SinkProcess("--log", str(log)) as sink:
         busy = resume(url, sink)
-        assert busy.returncode == 75
+        assert busy.returncode == 75, busy.stderr[-2000:]
         assert "being read by pid 4242 on other-host.invalid" in busy.stderr
+        assert r.pexpire(lease, 500)  # that host died: its lease is no longer renewed
         deadline = time.monotonic() + 60
         while r.exists(f"{{{prefix}}}:ing:{job.id}:lease") and time.monotonic() < deadline:
             time.sleep(0.1)

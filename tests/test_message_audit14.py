@@ -302,7 +302,7 @@ def test_raw_mime_over_the_caps_is_refused_at_intake(
                          "raw": raw.decode("latin-1")}, tenant="acme")  # fmt: skip
         assert st == 400, got
         assert want in str(got), got
-        wait_port("127.0.0.1", sub, timeout=20)
+        wait_port("127.0.0.1", sub, timeout=60)
         got_code, text = _smtp_submit(sub, tls, raw)
         assert got_code == code and want.encode() in text, (got_code, text)
         # and a good message on the same session still goes (nothing else broke)

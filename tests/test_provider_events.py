@@ -502,7 +502,7 @@ def test_serve_round_trip_through_sendgrid(tmp_path: Path) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "fastsend", "serve", "-c", str(cfg)],
                                 stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)  # fmt: skip
         try:
-            wait_port("127.0.0.1", port, timeout=15)
+            wait_port("127.0.0.1", port, timeout=60)
             base = f"http://127.0.0.1:{port}"
 
             async def main() -> None:

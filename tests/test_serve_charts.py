@@ -240,7 +240,7 @@ def test_charts_campaign_and_ip_pages_in_chromium(served: Served) -> None:
             await b.goto(s.base + "/dashboard")
             await log_in(b, key)
             await dom_until(b, "#who", "tenant acme")
-            await dom_until(b, "#t-delivered", "9", timeout=20)
+            await dom_until(b, "#t-delivered", "9", timeout=60)
             await dom_until(b, "#t-bounced", "1")
             assert await text_of(b, "#t-delivery_rate") == "90.00%"
             assert int(await b.js("document.getElementById('ch-throughput').dataset.points")) > 0
@@ -264,7 +264,7 @@ def test_charts_campaign_and_ip_pages_in_chromium(served: Served) -> None:
             await b.goto(f"{s.base}/dashboard/campaign/{cid}")
             await dom_until(b, "#c-name", f"spring (#{cid})")
             await dom_until(b, "#c-status", "active")
-            await dom_until(b, "#t-delivered", "4", timeout=20)
+            await dom_until(b, "#t-delivered", "4", timeout=60)
             camp_png = await screenshot(b, "campaign", s.tmp)
 
             # The IP page: warm-up progress, rests, blocklists.

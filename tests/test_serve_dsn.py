@@ -44,7 +44,7 @@ def _serve(
     )
     served = Served(tmp, f"{sink.host}:{sink.port}", extra=extra, spool_url=spool_url,
                     serve_args=("--allow-volatile",) if spool_url else ())  # fmt: skip
-    wait_port("127.0.0.1", port, timeout=20)
+    wait_port("127.0.0.1", port, timeout=60)
     return served, port
 
 
@@ -169,7 +169,7 @@ def test_a_kill_between_the_failure_and_its_notice_loses_no_notice(
             assert served.proc.wait(20) == -9
             assert not [m for m in sink.sink.messages if "app@example.com" in m.recipients]
             served.start()
-            wait_port("127.0.0.1", port, timeout=20)
+            wait_port("127.0.0.1", port, timeout=60)
             (notice,) = _notices(sink, "app@example.com", 1)
             served.stop()
             served.start()  # told once: the journal is done with it

@@ -343,7 +343,7 @@ flush_interval = 0.05
         served = Served(tmp_path, f"{sink.host}:{sink.port}", extra=extra)
         api_key = served.keys["acme"]
         try:
-            wait_port("127.0.0.1", sub_port, timeout=20)
+            wait_port("127.0.0.1", sub_port, timeout=60)
 
             async def submit() -> None:
                 smtp = aiosmtplib.SMTP(

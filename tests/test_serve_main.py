@@ -86,7 +86,7 @@ class Served:
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        wait_port("127.0.0.1", self.port, timeout=15)
+        wait_port("127.0.0.1", self.port, timeout=60)
         self.ready_after = time.monotonic() - self.t0
 
     def _read(self) -> None:
@@ -153,7 +153,7 @@ def test_end_to_end_metrics_reload_and_drain(served: tuple[Served, SinkThread]) 
     st, body = s.post({**MSG, "to": ["one@example.org", "two@example.net"]})
     assert st == 202, body
     ids = body["messages"][0]["ids"]
-    msgs = sink.wait_messages(2, timeout=20)
+    msgs = sink.wait_messages(2, timeout=60)
     m = s.wait_state(ids[0], "delivered")
     assert [e["event"] for e in m["events"]] == ["accepted", "delivered"]
     assert m["last_reply"]["code"] == 250
@@ -178,7 +178,7 @@ def test_end_to_end_metrics_reload_and_drain(served: tuple[Served, SinkThread]) 
         s.wait_line("configuration reloaded")
         st, body = s.post({**MSG, "to": "three@example.org"})
         assert st == 202
-        sink2.wait_messages(1, timeout=20)
+        sink2.wait_messages(1, timeout=60)
         s.wait_state(body["messages"][0]["ids"][0], "delivered")
     assert not any("restarting" in ln for ln in s.lines)
 

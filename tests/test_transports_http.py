@@ -825,7 +825,7 @@ def test_sendgrid_gets_the_from_fastsend_judged_and_header_text_without_line_bre
         proc = subprocess.Popen([sys.executable, "-m", "fastsend", "serve", "-c", str(cfg)],
                                 stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)  # fmt: skip
         try:
-            wait_port("127.0.0.1", port, timeout=15)
+            wait_port("127.0.0.1", port, timeout=60)
             base = f"http://127.0.0.1:{port}"
 
             async def main() -> list[dict[str, Any]]:
