@@ -265,3 +265,51 @@ def test_a_kill_between_a_notice_and_its_journal_line_sends_it_once(
     text = notice.data.decode()
     assert "Final-Recipient: rfc822; permfail-1@example.org" in text
     assert "Final-Recipient: rfc822; permfail-2@example.org" in text
+
+
+def test_notices_a_start_could_not_take_are_told_once_the_spool_answers(
+    tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that finds the shared spool out of reach cannot take again the
+    failures a killed run left untold in its journal: they waited for the next
+    start (a node that never restarts never told them) and the journal, no longer
+    rewritten, grew with every failure after. Now a flush takes them again once
+    the spool answers (every OWED_EVERY s) and the journal is rewritten then.
+    Real parts: serve killed after its bounces' commit, a redis-server of this
+    test's own killed and started again on its data, the journal taken in this
+    process (serve's tick calls the same flush)."""
+    from tests.test_multinode_outage import Redis
+
+    from fastsend.config import load
+    from fastsend.serve import dsn
+    from fastsend.serve.context import open_context
+
+    redis = Redis(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    redis.start()
+    url = f"redis://127.0.0.1:{redis.port}/0?prefix=dsn&node=n1"
+    try:
+        with SinkThread(keep_messages=True) as sink:
+            monkeypatch.setenv("FASTSEND_TEST_FAULT", "outcomes-kill-after-commit:1")
+            served, port = _serve(tmp_path, certs, sink, spool_url=url)
+            monkeypatch.delenv("FASTSEND_TEST_FAULT")
+            _submit(port, served.keys["acme"], certs[2], "app@example.com",
+                    ["permfail-1@example.org", "permfail-2@example.org"])  # fmt: skip
+            assert served.proc.wait(20) == -9
+        journal = tmp_path / "spool" / "dsn.journal"
+        assert journal.read_bytes().count(b"\n") == 2  # two failures, untold
+        ctx = open_context(load(str(served.cfg)))
+        try:
+            redis.kill()  # out of reach as the notices start
+            notices = dsn.Notices(ctx, "mx.example.com")
+            assert notices.owed and not notices.pending
+            assert journal.read_bytes().count(b"\n") == 2  # kept for later
+            redis.start()
+            monkeypatch.setattr(dsn, "OWED_EVERY", 0.0)
+            assert notices.flush(settle=0.0) == 1  # one notice, both recipients
+            assert not notices.owed and journal.read_bytes() == b""
+            assert _notices_spooled(tmp_path, "app@example.com") == 1
+        finally:
+            ctx.close()
+    finally:
+        redis.stop()

@@ -41,8 +41,13 @@ and their attempt (:func:`notice_key`), reserved in the spool as an
 Idempotency-Key of its own scope (:data:`SCOPE`) and recorded in the
 transaction that spools the notice (``IdemMark``, as the API's keys): a
 notice taken again whose id has a spooled part is not spooled again.
-A node of a shared spool killed and never started again takes its untold
-notices with it (the journal is in its local directory).
+What the journal holds and this process does not (the spool was out of reach
+at start, or a storm went past :data:`KEPT_MAX`) is taken again by a flush
+every :data:`OWED_EVERY` s, and the journal is rewritten once nothing is owed:
+before, it waited for the next start, and the journal of a node that did not
+restart grew with every failure. A node of a shared spool killed and never
+started again takes its untold notices with it (the journal is in its local
+directory).
 
 DELIBERATELY NOT HERE: delay notices (``NOTIFY=DELAY``).
 """
@@ -62,7 +67,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from fastsend.spool import BOUNCED, EXPIRED, Claimed, IdemMark
+from fastsend.spool import BOUNCED, EXPIRED, Claimed, IdemMark, storage_problem
 from fastsend.spool.base import holder_tag
 from fastsend.wire import blob_digest
 
@@ -73,7 +78,9 @@ GATHER_MAX = 10.0  # s after a group's first failure it is told whatever still c
 FLAG = "dsn"  # the vars key submission sets: notify the envelope sender of a failure
 HEADERS_MAX = 32 * 1024  # of the original's header section, returned
 TEXT_MAX = 900  # of a diagnostic (a line stays under 998 octets)
-KEPT_MAX = 10_000  # failures waiting for a flush (a storm beyond this is not noticed)
+KEPT_MAX = 10_000  # failures kept for a flush (beyond: in the journal, taken again later)
+OWED_EVERY = 30.0  # s between tries to take again what the journal holds untold
+OWED_WAIT = 3600.0  # s a journalled failure whose row is not failed (yet) is waited for
 RCPTS_MAX = 1000  # recipients one notice names (the rest: another notice)
 JOURNAL = "dsn.journal"
 JOURNAL_COMPACT = 1 << 20  # bytes: rewritten with only what is still untold
@@ -275,7 +282,11 @@ class Notices:
         self.journal_path = journal
         self._fd = -1
         self._size = 0
-        self._rewrite = True  # the journal may be rewritten with only what waits
+        # The journal holds failures not kept here: taken again by a flush (every
+        # OWED_EVERY s), and until then never rewritten (it would lose them).
+        self._owed = False
+        self._owed_tried = 0.0
+        self._full = False  # the last notice found the event log's disk full (said once)
         if journal:
             self._reopen()
 
@@ -284,6 +295,19 @@ class Notices:
     def _reopen(self) -> None:
         """Take again what the journal holds untold (a killed run's), then keep
         appending to it."""
+        path = self.journal_path
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._size = os.fstat(self._fd).st_size
+        except OSError as e:
+            log.error("non-delivery notices: %s cannot be written (%s): a kill between a"
+                      " failure and its notice loses the notice", path, e)  # fmt: skip
+            self._fd = -1
+        self._owed = True
+        self._take_owed(start=True)
+
+    def _untold(self) -> dict[int, dict[str, Any]]:
+        """The journal's failures that no line names told, by message id."""
         path = self.journal_path
         untold: dict[int, dict[str, Any]] = {}
         try:
@@ -307,39 +331,66 @@ class Notices:
             pass
         except OSError as e:
             log.error("non-delivery notices: %s cannot be read (%s)", path, e)
+        return untold
+
+    def _take_owed(self, start: bool) -> None:
+        """Keep again the failures the journal holds untold and this process does
+        not (``start``: a killed run's; later: those the spool was out of reach
+        for at start, or beyond :data:`KEPT_MAX`), then rewrite the journal with
+        only what waits once nothing more is owed. Before, what the start could
+        not take (the spool out of reach) waited for the next start, and the
+        journal was never rewritten meanwhile: a node that did not restart never
+        told those notices, and its journal grew with every failure."""
+        self._owed_tried = time.monotonic()
+        untold = self._untold()
+        have = {i for g in self.pending.values() for i in g.ids}
         taken = 0
-        reached = True
+        owed = False
+        now = time.time()
         for rec in untold.values():
+            if rec["id"] in have:
+                continue
+            if self.kept >= KEPT_MAX:
+                owed = True  # (the next pass, once these are told)
+                break
             try:
-                taken += self._retake(rec)
-            except self.ctx.spool.outage_errors() as e:  # kept in the journal: the next start
+                got = self._retake(rec)
+            except self.ctx.spool.outage_errors() as e:  # kept in the journal: the next pass
                 log.error("non-delivery notices: the spool is out of reach (%s): %d failure(s)"
-                          " the last run left untold wait for the next start", e, len(untold))  # fmt: skip
-                reached = False
+                          " left untold wait (tried again every %.0f s)", e, len(untold),
+                          OWED_EVERY)  # fmt: skip
+                owed = True
                 break
             except Exception:  # one bad line must not stop the others (nor serve)
                 log.exception("non-delivery notice for message %s not taken again", rec["id"])
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._size = os.fstat(self._fd).st_size
-        except OSError as e:
-            log.error("non-delivery notices: %s cannot be written (%s): a kill between a"
-                      " failure and its notice loses the notice", path, e)  # fmt: skip
-            self._fd = -1
-            return
-        self._rewrite = reached  # (else what was not taken again stays for the next start)
-        if reached:
+                continue
+            if got > 0:
+                taken += 1
+            elif got < 0 and not start and float(rec.get("at", 0) or 0) > now - OWED_WAIT:
+                owed = True  # (this run's: its outcome's commit may still come)
+        self._owed = owed
+        if not owed:
             self._compact()  # (the taken ones only: what was told is forgotten)
         if taken:
-            log.warning("non-delivery notices: %d failure(s) the last run recorded without"
-                        " spooling their notice are told now", taken)  # fmt: skip
+            log.warning("non-delivery notices: %d failure(s) %s without spooling their"
+                        " notice are told now", taken,
+                        "the last run recorded" if start else "the journal held")  # fmt: skip
+
+    @property
+    def owed(self) -> bool:
+        """The journal holds failures not kept here (a flush takes them again)."""
+        return self._owed
 
     def _retake(self, rec: dict[str, Any]) -> int:
-        """A journal's untold failure, kept again when its row says it failed."""
+        """A journal's untold failure, kept again when its row says it failed: 1;
+        0 when its row is gone; -1 when its row is not failed (the outcome was
+        never committed: it is tried again, told then; or not yet)."""
         m = self.ctx.spool.message(rec["id"])
-        state = _FAILED_STATES.get(m.get("state", "")) if m is not None else None
-        if m is None or state is None:
-            return 0  # (its outcome was never committed: it is tried again, told then)
+        if m is None:
+            return 0
+        state = _FAILED_STATES.get(m.get("state", ""))
+        if state is None:
+            return -1
         vars_ = orjson.dumps(m["vars"])
         claimed = Claimed(m["id"], m["campaign"], m["rcpt"], m.get("domain", ""), vars_,
                           int(m.get("attempts", 0)), float(m.get("created", 0.0)))  # fmt: skip
@@ -404,14 +455,22 @@ class Notices:
             return  # (not submitted over SMTP: it has no flag, and no body blob)
         if not self._transactional(claimed.campaign):
             return
-        if self.kept >= KEPT_MAX:
-            self.dropped += 1
-            return
         now = time.time()
         f = failure_of(claimed.rcpt, int(getattr(res, "code", 0) or 0),
                        str(getattr(res, "enhanced", "") or ""), str(getattr(res, "text", "") or ""),
                        str(getattr(res, "mx", "") or ""), state == EXPIRED, now)  # fmt: skip
-        self._keep(claimed, f, now, int(claimed.attempts) + 1, write=True)
+        attempt = int(claimed.attempts) + 1
+        if self.kept >= KEPT_MAX and self._fd >= 0:
+            # A storm: journalled only, taken again once those kept are told.
+            self.dropped += 1
+            self._owed = True
+            line = {"id": claimed.id, "f": list(f), "at": now, "n": attempt}
+            self._write(orjson.dumps(line) + b"\n")
+            return
+        if self.kept >= KEPT_MAX:  # (no journal: not noticed)
+            self.dropped += 1
+            return
+        self._keep(claimed, f, now, attempt, write=True)
 
     def _keep(self, claimed: Any, f: Failure, now: float, attempt: int, write: bool) -> None:
         key = (claimed.campaign, claimed.vars)
@@ -446,6 +505,8 @@ class Notices:
         ``settle`` s ago (or its first :data:`GATHER_MAX` s ago; the supervisor
         commits outcomes within 50 ms) and which asked for one; returns how many
         were spooled."""
+        if self._owed and time.monotonic() - self._owed_tried >= OWED_EVERY:
+            self._take_owed(start=False)
         now = time.time()
         ready = [k for k, g in self.pending.items()
                  if g.last <= now - settle or g.first <= now - GATHER_MAX]  # fmt: skip
@@ -463,15 +524,27 @@ class Notices:
                         _fault_after_notice()
                 except outage:  # kept for the next flush (serve's tick says it once)
                     raise
+                except OSError as e:
+                    if storage_problem(e) is None:
+                        log.exception("non-delivery notice for message %s not sent",
+                                      g.claimed.id)  # fmt: skip
+                    else:  # the event log's disk is full (nothing spooled): kept
+                        if not self._full:
+                            log.error("non-delivery notices: the event log cannot be written"
+                                      " (%s): %d notice(s) wait", e, len(self.pending))  # fmt: skip
+                        self._full = True
+                        break
                 except Exception:  # a notice must never stop the others (nor the loop)
                     log.exception("non-delivery notice for message %s not sent", g.claimed.id)
+                else:
+                    self._full = False
                 del self.pending[key]
                 self.kept -= len(g.ids)
                 told += g.ids
         finally:
             self.sent += n
             if told:
-                if self._rewrite and (not self.pending or self._size > JOURNAL_COMPACT):
+                if not self._owed and (not self.pending or self._size > JOURNAL_COMPACT):
                     self._compact()  # (nothing waits: the journal is emptied)
                 else:
                     self._write(orjson.dumps({"done": told}) + b"\n")
