@@ -55,6 +55,7 @@ from typing import Any
 
 import orjson
 
+from fastsend.events import legacy_mark_key
 from fastsend.serve.auth import (
     _KEY_RE,
     CACHE_TTL,
@@ -326,6 +327,10 @@ class RedisOutbox:
     def marks(self) -> dict[str, str]:
         return {_s(k): _s(v) for k, v in self.r.hgetall(self.mkey).items()}
 
+    def renew_every(self) -> float:
+        """Seconds between renewals of a :meth:`hold` while its sender waits."""
+        return WEBHOOK_LOCK / 3
+
     def hold(self, url: str) -> bool:
         """This node sends to ``url`` (taken or renewed), or another node does."""
         key = f"{self.k}:wh:lock:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
@@ -475,6 +480,11 @@ class RedisEventIndex(CatchesUp):
 
     def _kept_mark(self) -> str | None:
         v = self.r.hget(self.mkey, self.mark_key)
+        if v is None and self.log is not None and self.log.path:
+            # Kept by a version before the node's id (events.legacy_mark_key): a
+            # kill -9 just before the upgrade, or its stop's drain, is indexed from
+            # it (as the SQLite index does). Read while the new key has no mark.
+            v = self.r.hget(self.mkey, legacy_mark_key(self.log.path))
         return None if v is None else _s(v)
 
     def listener(self, events: list[dict[str, Any]]) -> None:

@@ -46,7 +46,11 @@ DESCRIPTION
     (``fastsend_webhook_events_expired_total``): an endpoint gone for good no
     longer grows the outbox for ever (0 days: keep them for ever). Delivery is
     at least once, in order per URL: a batch whose 2xx was lost is sent again,
-    so receivers deduplicate by ``event_id``.
+    so receivers deduplicate by ``event_id``. On a shared outbox one node at a
+    time sends to a URL (a lease, renewed while it POSTs and while it waits
+    before a retry: the URL's backoff and Retry-After hold whichever node sends).
+    An outbox out of reach (Redis restarting, a full disk) is said once per URL
+    and tried again every ``OUTBOX_RETRY`` s.
 
     Each event in the array is the event-log record (``event``, ``time``,
     ``id`` = message id, ``rcpt``, ...) plus ``event_id``, the outbox sequence
@@ -107,6 +111,7 @@ def _redis_error() -> type[Exception]:
     here costs every serve start ~0.1 s."""
     mod = sys.modules.get("redis.exceptions")
     return mod.RedisError if mod is not None else sqlite3.Error
+OUTBOX_RETRY = 1.0  # s between a sender's tries of an outbox out of reach
 SIGNATURE_HEADER = "Fastsend-Signature"
 CATCH_UP_MAX = 100_000  # events a start appends from the event log, at most
 BATCH_HEADER = "Fastsend-Batch"
@@ -513,39 +518,78 @@ class WebhookDispatcher:
         failures = 0
         hold = getattr(self.outbox, "hold", None)  # shared outbox: one node sends per URL
         smaller = 0  # the batch size a 413 (body too large) left for this URL (0: none)
+        outage = False
         while True:
-            assert self.outbox is not None
-            c = self.config  # (a reload may change it)
-            if hold is not None and not hold(url):
-                await asyncio.sleep(1.0)  # another node sends to it; take over if it dies
-                continue
-            rows = self.outbox.fetch(url, min(c.batch_size, smaller or c.batch_size))
-            if not rows:
-                wake.clear()
-                if hold is None:
-                    await wake.wait()
-                else:  # other nodes append too: look again soon (and renew the hold)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), 0.5)
-                continue
-            ok, asked, status = await self._post(url, rows)
-            if ok:
-                self.outbox.ack(url, rows[-1][0])
-                failures = 0
-                continue
-            if status == 413 and len(rows) > 1:
-                # The receiver's body limit: half the batch, at once (the same batch
-                # was refused again and again until retention_days, every event after
-                # it held back for the URL).
-                smaller = max(1, len(rows) // 2)
-                continue
-            failures += 1
-            delay = min(c.retry_max, c.retry_min * 2 ** min(failures - 1, 30))
-            delay *= random.uniform(0.8, 1.2)
-            # A receiver's Retry-After (429, 503) is kept, up to retry_max: before, a
-            # receiver asking for a minute was tried again at once, and again 2, 4,
-            # 8 ... s later, each refused.
-            await asyncio.sleep(max(delay, min(asked, c.retry_max)))
+            try:
+                assert self.outbox is not None
+                c = self.config  # (a reload may change it)
+                if hold is not None and not hold(url):
+                    await asyncio.sleep(1.0)  # another node sends to it; take over if it dies
+                    continue
+                rows = self.outbox.fetch(url, min(c.batch_size, smaller or c.batch_size))
+                if outage:
+                    log.warning("webhook %s: the outbox answers again", safe_url(url))
+                    outage = False
+                if not rows:
+                    wake.clear()
+                    if hold is None:
+                        await wake.wait()
+                    else:  # other nodes append too: look again soon (and renew the hold)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), 0.5)
+                    continue
+                ok, asked, status = await self._held(url, hold, self._post(url, rows))
+                if ok:
+                    self.outbox.ack(url, rows[-1][0])
+                    failures = 0
+                    continue
+                if status == 413 and len(rows) > 1:
+                    # The receiver's body limit: half the batch, at once (the same batch
+                    # was refused again and again until retention_days, every event after
+                    # it held back for the URL).
+                    smaller = max(1, len(rows) // 2)
+                    continue
+                failures += 1
+                delay = min(c.retry_max, c.retry_min * 2 ** min(failures - 1, 30))
+                delay *= random.uniform(0.8, 1.2)
+                # A receiver's Retry-After (429, 503) is kept, up to retry_max: before, a
+                # receiver asking for a minute was tried again at once, and again 2, 4,
+                # 8 ... s later, each refused.
+                await self._held(url, hold, asyncio.sleep(max(delay, min(asked, c.retry_max))))
+            except (sqlite3.Error, OSError, _redis_error()) as e:
+                # The outbox out of reach (Redis restarting, a locked or full disk):
+                # said once, tried again. Before, the error ended this URL's sender
+                # for good: no event reached the URL again until serve restarted.
+                if not outage:
+                    log.error("webhook %s: the outbox cannot be read (%s: %s); trying again"
+                              " every %.0f s", safe_url(url), e.__class__.__name__, e,
+                              OUTBOX_RETRY)  # fmt: skip
+                outage = True
+                await asyncio.sleep(OUTBOX_RETRY)
+
+    async def _held(self, url: str, hold: Callable[[str], bool] | None, work: Any) -> Any:
+        """Await ``work`` (a POST, the wait before the next one) while keeping this
+        node's hold on ``url`` (a shared outbox: renewed every third of its lease).
+        Before, the hold was renewed only between POSTs: during a wait longer than
+        its lease (10 s: a receiver down, backing off to retry_max, or asking for a
+        minute by Retry-After) another node took the URL and POSTed at once with a
+        backoff of its own, so a receiver down for an hour was tried every few
+        seconds by the nodes in turn; a POST slower than the lease was sent by two
+        nodes at once."""
+        if hold is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        every = getattr(self.outbox, "renew_every", lambda: 3.0)()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=every)
+                if done:
+                    return task.result()
+                if not hold(url):  # (taken over: this node's lease lapsed meanwhile)
+                    log.warning("webhook %s: another node took it over", safe_url(url))
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def _post(
         self, url: str, rows: list[tuple[int, bytes]]
