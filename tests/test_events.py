@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import orjson
 import pytest
 
 from fastsend import _accel, events, wire
@@ -85,8 +86,9 @@ def test_emit_rows_writes_and_tells_as_emit_many(tmp_path: Path) -> None:
     d2.results += results[20:]
     a = AcceptedRows(1_700_000_002.5, 3, "acme", [7, 8], ["a@b.example", "c@d.example"])
     other = {"time": 1.0, "event": "deferred", "id": 99, "text": "4.0.0 later"}
-    parts: list[Any] = [d1, other, dict(other, id=100), DeliveredRows(2.0), d2, a]
-    flat = [*d1.dicts(), other, dict(other, id=100), *d2.dicts(), *a.dicts()]
+    other2 = dict(other, id=100)
+    parts: list[Any] = [d1, other, other2, DeliveredRows(2.0), d2, a]
+    flat = [*d1.dicts(), other, other2, *d2.dicts(), *a.dicts()]
 
     logs = []
     for name, emit in (("rows", "emit_rows"), ("dicts", "emit_many")):
@@ -102,6 +104,7 @@ def test_emit_rows_writes_and_tells_as_emit_many(tmp_path: Path) -> None:
         if emit == "emit_rows":
             assert batches == [d1, d2, a]  # the empty batch is not told
     assert logs[0] == logs[1] and logs[0].count(b"\n") == len(flat)
+    assert {orjson.loads(line)["schema"] for line in logs[0].splitlines()} == {1}
     assert os.path.getsize(tmp_path / "rows.jsonl") > 0
 
 

@@ -7,7 +7,9 @@
 # hold, with no dict per event: the parts every line of a batch shares are
 # encoded once (msgspec), and per row an integer is formatted in C and a plain
 # string (ASCII, no quote, backslash or control character: an address, an IP,
-# a reply) copied as it is; any other value is msgspec's to encode.
+# a reply) copied as it is; any other value is msgspec's to encode. Each line
+# ends with the schema version (events.SCHEMA_FIELD, events.SCHEMA: a test
+# holds the twins to the references).
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_GET_LENGTH
@@ -203,7 +205,7 @@ def accepted_lines(now, campaign, tenant, list ids, list rcpts):
         _out_value(o, ids[i])
         _out_bytes(o, mid)
         _out_value(o, rcpts[i])
-        _out_raw(o, b"}\n", 2)
+        _out_raw(o, b',"schema":1}\n', 13)
     return _out_take(o)
 
 
@@ -266,5 +268,5 @@ def delivered_lines(now, list claims, list results):
                 _out_value(o, qid)
             q_n = o.len - q_at
             last_r = r
-        _out_raw(o, b"}\n", 2)
+        _out_raw(o, b',"schema":1}\n', 13)
     return _out_take(o)

@@ -374,6 +374,11 @@ class Acceptor:
         rows are the tenant's (a campaign still staging may be abandoned)."""
         if not rows and ingest is None:
             return []
+        if self.events.failing and ingest is None:
+            # The event log could not be written (its disk full): nothing is spooled
+            # until it can (OSError: the request is refused whole, as when the
+            # spool's own disk is full), else mail would be taken without its record.
+            self.events.flush()
         now = time.time()
         tenant = self.tenant(campaign_id)
         rcpts = [r[0] for r in rows]
@@ -393,7 +398,19 @@ class Acceptor:
             if ids:
                 held.append((campaign_id, ids, rcpts, gone, now))
         elif ids:
-            self.emit_accepted(campaign_id, ids, rcpts, gone, now)
+            try:
+                self.emit_accepted(campaign_id, ids, rcpts, gone, now)
+            except OSError as e:
+                # The rows are spooled: their events wait in the log's buffer for the
+                # next flush that can write. Before, the error reached the caller, and
+                # the API answered 507 "not accepted" (SMTP submission 452) for mail it
+                # had taken: the client's retry spooled it again. A list's ingest (its
+                # ids noted untold) still stops here: its next read tells them again.
+                if ingest is not None or storage_problem(e) is None:
+                    raise
+                log.error("the event log cannot be written (%s): the events of %d row(s)"
+                          " just spooled wait in memory; no more mail is taken until it"
+                          " can be", e, len(ids))  # fmt: skip
         if self.wake is not None and len(gone) < len(ids):
             self.wake()
         return ids

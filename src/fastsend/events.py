@@ -37,6 +37,24 @@ _encode_lines = msgspec.json.Encoder().encode_lines
 
 Listener = Callable[[list[dict[str, Any]]], None]
 
+# Every event carries the version of the log's schema (docs/EVENTS.md): its
+# field ``SCHEMA_FIELD`` is ``SCHEMA``. The number moves only with a change a
+# consumer must know of (a field renamed, removed or given another meaning);
+# fields added keep it. A line without the field was written before it was
+# (version 1: read_back gives it the field, as the events written now).
+SCHEMA_FIELD = "schema"
+SCHEMA = 1
+FIRST_SCHEMA = 1  # the version of a line that has no schema field
+
+
+def stamped(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``events`` with the schema version (see :data:`SCHEMA`) in each (set in
+    place where missing), as they go to the log, the webhooks and the index."""
+    for e in events:
+        if SCHEMA_FIELD not in e:
+            e[SCHEMA_FIELD] = SCHEMA
+    return events
+
 
 class Rows:
     """Events of one kind in columns (see the module docstring): their dicts,
@@ -113,7 +131,7 @@ def accepted_dicts(
 ) -> list[dict[str, Any]]:
     return [
         {"time": now, "event": "accepted", "id": mid, "campaign": campaign, "tenant": tenant,
-         "rcpt": rcpt}
+         "rcpt": rcpt, SCHEMA_FIELD: SCHEMA}
         for mid, rcpt in zip(ids, rcpts, strict=True)
     ]  # fmt: skip
 
@@ -142,6 +160,7 @@ def outcome_dict(now: float, name: str, c: Any, r: Any, failed: bool = False) ->
         ev["hard"] = r.hard
     if r.queue_id:
         ev["queue_id"] = r.queue_id
+    ev[SCHEMA_FIELD] = SCHEMA
     return ev
 
 
@@ -200,6 +219,9 @@ class EventLog:
         # (``Pending``) are told with their ends moved back as much.
         self.shifted = 0
         self._ident = ""  # "dev:inode" of the file written
+        # The last flush could not write (a full disk): what it held waits in _buf.
+        # The intake refuses new mail until a flush writes again (Acceptor.accept).
+        self.failing = False
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -242,6 +264,8 @@ class EventLog:
                 if len(p):
                     segs.append(p)
             else:
+                if SCHEMA_FIELD not in p:
+                    p[SCHEMA_FIELD] = SCHEMA
                 run.append(p)
         if run:
             segs.append(run)
@@ -279,6 +303,7 @@ class EventLog:
         self.delivering = outer
 
     def emit_many(self, events: list[dict[str, Any]]) -> None:
+        stamped(events)
         if self._fd >= 0 and events:
             data = _encode_lines(events)  # newline-terminated lines
             self._buf.append(data)
@@ -335,8 +360,10 @@ class EventLog:
                     n = os.write(self._fd, view)
                 except OSError:  # a full disk: the rest is written by the next flush
                     self._buf.append(bytes(view))
+                    self.failing = True
                     raise
                 view = view[n:]
+            self.failing = False
             size = os.fstat(self._fd).st_size
             if size < self.pos:
                 # Truncated in place since the last write (logrotate's copytruncate;
@@ -444,32 +471,75 @@ def legacy_mark_key(path: str) -> str:
     return f"{socket.gethostname()}:{os.path.realpath(path)}"
 
 
+def rotated(path: str, dev: str, ino: str) -> str | None:
+    """The file beside the log at ``path`` whose device and inode are ``dev``,
+    ``ino`` (a mark's): the log renamed by a rotation (``events.jsonl.1``,
+    ``events.jsonl-20261206``: logrotate's names begin with the log's), or None."""
+    d, base = os.path.split(os.path.abspath(path))
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return None
+    for name in names:
+        if name == base or not name.startswith(base):
+            continue
+        full = os.path.join(d, name)
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        if str(st.st_dev) == dev and str(st.st_ino) == ino:
+            return full
+    return None
+
+
 def read_back(path: str, kept: str, mine: str, chunk: int = 5000) -> Iterator[list[dict[str, Any]]]:
     """The events of the log at ``path`` past mark ``kept`` up to mark ``mine``
     (:meth:`EventLog.mark` strings), in batches of up to ``chunk``: what a killed
-    process's listener had not made durable when it died. Nothing when the marks
-    name different files (the log was renamed away and a new one made) or ``kept``
-    is not before ``mine``.
+    process's listener had not made durable when it died. When the marks name
+    different files, the file ``kept`` names renamed beside the log (a rotation:
+    :func:`rotated`) is read from the mark to its end, then the log from its
+    start; when there is no such file, nothing (the log was replaced otherwise:
+    copied to another disk, its events counted already). Nothing either when
+    ``kept`` is not before ``mine``.
     A line cut short by the crash ends it; a line that is not a JSON object is
-    skipped."""
-    import orjson
-
+    skipped; a line of before the schema field gets it (:data:`FIRST_SCHEMA`)."""
     dev, ino, end = [*mine.rsplit(":", 2), "", ""][:3]
     kdev, kino, koff = [*kept.rsplit(":", 2), "", "", ""][:3]
-    if (kdev, kino) != (dev, ino) or not (koff.isdigit() and end.isdigit()):
+    if not (koff.isdigit() and end.isdigit()):
+        return
+    if (kdev, kino) != (dev, ino):
+        # Renamed by a rotation since the mark (logrotate's ``create``, then serve's
+        # reopen at SIGHUP; or a node killed, rotated, then started): its rest, then
+        # the new log. Before, nothing: the listeners' last events were lost.
+        old = rotated(path, kdev, kino)
+        if old is None:
+            return
+        yield from _read_span(old, int(koff), None, chunk)
+        yield from _read_span(path, 0, int(end), chunk)
         return
     start, stop = int(koff), int(end)
     if start >= stop:
         # (a mark past the end: events a killed run had buffered and never written,
         # or a copytruncate while the writer was down, which wrote nothing since)
         return
+    yield from _read_span(path, start, stop, chunk)
+
+
+def _read_span(
+    path: str, start: int, stop: int | None, chunk: int
+) -> Iterator[list[dict[str, Any]]]:
+    """The events of the file at ``path`` from offset ``start`` (from the next line
+    when it is not at a line's start) up to ``stop`` (None: its end), in batches."""
+    import orjson
+
     with open(path, "rb") as f:
         if start > 0:
             f.seek(start - 1)
             if f.read(1) != b"\n":  # not at a line's start: from the next one
                 f.readline()
         batch: list[dict[str, Any]] = []
-        while f.tell() < stop:
+        while stop is None or f.tell() < stop:
             line = f.readline()
             if not line.endswith(b"\n"):
                 break  # a line cut short by the crash
@@ -478,6 +548,8 @@ def read_back(path: str, kept: str, mine: str, chunk: int = 5000) -> Iterator[li
             except orjson.JSONDecodeError:
                 continue
             if isinstance(e, dict):
+                if SCHEMA_FIELD not in e:
+                    e[SCHEMA_FIELD] = FIRST_SCHEMA
                 batch.append(e)
                 if len(batch) >= chunk:
                     yield batch

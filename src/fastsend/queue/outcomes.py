@@ -22,7 +22,7 @@ from fastsend import wire
 from fastsend._accel import pick
 from fastsend.bounce import classify_reply
 from fastsend.config import RetryConfig
-from fastsend.events import DeliveredRows, Rows, outcome_dict
+from fastsend.events import DeliveredRows, Rows, outcome_dict, stamped
 from fastsend.queue.state import SupervisorState, WorkerSlot
 from fastsend.retry import next_attempt
 from fastsend.ring import Ring
@@ -448,7 +448,7 @@ class Outcomes(SupervisorState):
         keep = self.outbox_filter
         if keep is not None:  # the filter sees dicts
             self.event_buf = list(_dicts(self.event_buf))
-        marked = [e for e in self.event_buf if keep(e)] if keep is not None else []
+        marked = stamped([e for e in self.event_buf if keep(e)]) if keep is not None else []
         if self.results or marked:
             # On a shared spool the events the webhooks want go into the outbox in
             # the same atomic step as the outcomes (an event_id marks them: the

@@ -450,11 +450,34 @@ class Server:
             log.warning("periodic flush: the spool answers again")
             self.tick_outage = False
 
+    def _flush_events(self) -> None:
+        """The event log written (what the API, tracking and the intake emitted).
+        Its disk full: said once, the events kept for the next tick (the intake
+        takes no more mail meanwhile: Acceptor.accept), and the tick's other steps
+        run. Before, a traceback every 0.2 s, and every step after this one
+        (rollups, the node's hold on its source IPs, ...) was skipped for as long."""
+        events = self.ctx.events
+        was = events.failing
+        try:
+            events.flush()
+        except OSError as e:
+            from fastsend.spool import storage_problem
+
+            problem = storage_problem(e)
+            if problem is None:
+                raise
+            if not was:
+                log.error("the event log %s (%s): its events are kept in memory and no"
+                          " more mail is taken until it can be written", problem, e)  # fmt: skip
+            return
+        if was:
+            log.warning("the event log is written again (the events kept meanwhile included)")
+
     def _tick_steps(self) -> None:
-        if self.notices is not None and self.notices.pending:
+        if self.notices is not None and (self.notices.pending or self.notices.owed):
             self.notices.flush()
         self.api.index.maybe_flush()
-        self.ctx.events.flush()
+        self._flush_events()
         self.charts.tick()  # rollups flushed about once a second, queue gauges
         now = time.time()
         if now - self.idem_swept > IDEM_SWEEP_EVERY:  # expired Idempotency-Keys (SQLite)
