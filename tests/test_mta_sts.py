@@ -31,6 +31,7 @@ from fastsend.delivery.mtasts import (
     parse_policy,
     parse_txt,
     result_type,
+    session_result,
 )
 from fastsend.delivery.mx import MXResolver, Site
 from fastsend.outcome import Outcome
@@ -102,6 +103,14 @@ def test_result_types() -> None:
             " unable to get local issuer certificate (_ssl.c:1006)"
         )
         == "certificate-not-trusted"
+    )
+    # STARTTLS offered, then refused by a reply: not supported (it was a
+    # validation-failure, as if a certificate had been looked at)
+    assert session_result("starttls", 454, "4.7.0 TLS not available due to temporary reason") == (
+        "starttls-not-supported"
+    )
+    assert session_result("starttls", 0, "TLS handshake failed: certificate has expired") == (
+        "certificate-expired"
     )
 
 
@@ -870,3 +879,94 @@ def test_dane_with_only_unusable_tlsa_records_still_requires_tls(world: World) -
     deferred = [e for e in _events(spool) if e["event"] == "deferred"]
     assert [e["rcpt"] for e in deferred] == ["u@pkix-plain.test"], deferred
     assert deferred[0]["enhanced"] == "4.7.5"
+
+
+def test_dane_mx_host_that_is_a_cname_uses_the_tlsa_of_its_secure_target(world: World) -> None:
+    """RFC 7672 2.2.2 (RFC 7671 7): an MX host name that is an alias has its
+    TLSA records looked for at the CNAME target when the whole chain is
+    authenticated, then at the original name; with an unauthenticated chain at
+    the original name only. The target's records were never looked at: a
+    provider publishing TLSA at its own host names (MX names of its customers
+    being CNAMEs to them) got no DANE at all."""
+    sec = ("SECURE", "")
+    aa, bb = "3 1 1 " + "aa" * 32, "3 1 1 " + "bb" * 32
+    world.dns.set_zones({
+        "cn-secure.test": [("MX", "10 mx.alias.test."), sec],
+        "mx.alias.test": [("CNAME", "host.target.test."), sec],
+        "host.target.test": [("A", "127.0.0.5"), sec],
+        "_25._tcp.host.target.test": [("TLSA", aa), sec],
+        "_25._tcp.mx.alias.test": [("TLSA", bb), sec],
+        # the chain's target is not signed: its records are not to be trusted
+        "cn-insecure.test": [("MX", "10 mx.alias2.test."), sec],
+        "mx.alias2.test": [("CNAME", "host.unsigned.test."), sec],
+        "host.unsigned.test": [("A", "127.0.0.5")],
+        "_25._tcp.host.unsigned.test": [("TLSA", aa), sec],
+        "_25._tcp.mx.alias2.test": [("TLSA", bb), sec],
+        # a secure chain, no records at the target: the original name's
+        "cn-fallback.test": [("MX", "10 mx.alias3.test."), sec],
+        "mx.alias3.test": [("CNAME", "host.bare.test."), sec],
+        "host.bare.test": [("A", "127.0.0.5"), sec],
+        "_25._tcp.mx.alias3.test": [("TLSA", bb), sec],
+        # no MX, the domain itself an alias (2.2.3): its target's records
+        "cn-implicit.test": [("CNAME", "host.target.test."), sec],
+    })  # fmt: skip
+    cfg = _own_spool(world, 'dane = "on"\nmta_sts = "off"\n')
+
+    async def go() -> list[Any]:
+        r = MXResolver(cfg)
+        return [await r.site_for(d) for d in
+                ("cn-secure.test", "cn-insecure.test", "cn-fallback.test", "cn-implicit.test")]  # fmt: skip
+
+    secure, insecure, fallback, implicit = asyncio.run(go())
+    for site in (secure, insecure, fallback, implicit):
+        assert isinstance(site, Site) and site.dane, site
+    a, b = ((3, 1, 1, b"\xaa" * 32),), ((3, 1, 1, b"\xbb" * 32),)
+    assert (secure.hosts[0].tlsa, secure.hosts[0].tlsa_name) == (a, "host.target.test")
+    assert (insecure.hosts[0].tlsa, insecure.hosts[0].tlsa_name) == (b, "")
+    assert (fallback.hosts[0].tlsa, fallback.hosts[0].tlsa_name) == (b, "")
+    assert (implicit.hosts[0].tlsa, implicit.hosts[0].tlsa_name) == (a, "host.target.test")
+
+
+def test_dane_ta_through_a_cname_checks_the_target_name_end_to_end(world: World) -> None:
+    """A DANE-TA record at the CNAME target of the MX host: the server's
+    certificate names only the target (the provider's host), which is a
+    reference identifier (the TLSA base domain, RFC 7672 3.2.2): delivered
+    over TLS and counted as a tlsa session; a certificate naming neither is
+    deferred 4.7.5."""
+    port = free_port("127.0.0.1")
+    cert = world.ca.issue_cert("host.target.test")
+    crt, key = world.tmp / "t.crt", world.tmp / "t.key"
+    crt.write_bytes(cert.cert_chain_pems[0].bytes() + world.ca.cert_pem.bytes())
+    cert.private_key_pem.write_to_path(str(key))
+    ta = f"2 0 1 {hashlib.sha256(_der(world.ca.cert_pem.bytes())).hexdigest()}"
+    sec = ("SECURE", "")
+    world.dns.set_zones({
+        "cn-ta.test": [("MX", "10 mx.alias.test."), sec],
+        "mx.alias.test": [("CNAME", "host.target.test."), sec],
+        "host.target.test": [("A", "127.0.0.5"), sec],
+        f"_{port}._tcp.host.target.test": [("TLSA", ta), sec],
+        "cn-other.test": [("MX", "10 mx.other.test."), sec],
+        "mx.other.test": [("CNAME", "host.other.test."), sec],
+        "host.other.test": [("A", "127.0.0.5"), sec],
+        f"_{port}._tcp.host.other.test": [("TLSA", ta), sec],  # the cert names no such host
+    })  # fmt: skip
+    camp = write_campaign(world.tmp)
+    lst = write_recipients(world.tmp, ["u@cn-ta.test", "v@cn-other.test"])
+    spool = world.tmp / "spool"
+    log = world.tmp / "sink.jsonl"
+    cfg = world.config(port, 'dane = "on"\nmta_sts = "off"\n')
+    with SinkProcess(
+        "--log", str(log), "--tls-cert", str(crt), "--tls-key", str(key),
+        listen=f"127.0.0.5:{port}",
+    ):  # fmt: skip
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(lst), "-c", str(cfg),
+            "--spool", str(spool), "--json", "--no-dkim", "--no-progress", "--max-wait", "1",
+        )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    assert _received(log) == {"u@cn-ta.test": True}
+    ev = _events(spool)
+    deferred = [e for e in ev if e["event"] == "deferred"]
+    assert [(e["rcpt"], e["enhanced"]) for e in deferred] == [("v@cn-other.test", "4.7.5")], deferred
+    sessions = [e for e in ev if e["event"] == "tls_sessions"]
+    assert {(e["policy_type"], e["policy_domain"]) for e in sessions} == {("tlsa", "cn-ta.test")}

@@ -7,7 +7,10 @@ must then be a trusted local validating resolver, as Postfix's
 ``smtp_dns_support_level = dnssec`` asks) is asked for the AD bit, and a
 domain's MX answer that carries it (authenticated) has each MX host's TLSA
 RRset ``_PORT._tcp.MX`` looked up; only an authenticated answer counts
-(:class:`~fastsend.delivery.mx.MXResolver`). A host with usable records
+(:class:`~fastsend.delivery.mx.MXResolver`). An MX host name that is an alias
+whose CNAME chain is authenticated has its records looked for at the chain's
+target first, then at the MX name (RFC 7672 2.2.2; the target is then the TLSA
+base domain: SNI and a reference identifier). A host with usable records
 (usage DANE-TA(2) or DANE-EE(3), selector 0 or 1, matching type 0, 1 or 2;
 PKIX usages 0 and 1 are unusable for SMTP, 3.1.3) is connected with STARTTLS
 required and its certificate checked by :func:`check` after the handshake:

@@ -578,6 +578,16 @@ class MTASTS:
         return ev
 
 
+def session_result(stage: str, code: int, text: str) -> str:
+    """The RFC 8460 result type of a failed session under a policy: a reply
+    refusing STARTTLS (454, 502 ...: it was offered, then not given) is
+    starttls-not-supported as much as one not offering it; else by the
+    transport's explanation (:func:`result_type`)."""
+    if stage == "starttls" and code:
+        return "starttls-not-supported"
+    return result_type(text)
+
+
 def result_type(text: str) -> str:
     """The RFC 8460 result type of a failed session under a policy, from the
     transport's explanation."""

@@ -82,6 +82,10 @@ class Host(msgspec.Struct, frozen=True):
     # its usable TLSA records, DNSSEC-authenticated ([tls] dane): STARTTLS required,
     # the certificate checked against them (delivery/dane.py)
     tlsa: tuple[dane.Tlsa, ...] = ()
+    # where ``tlsa`` was found when not at ``name`` (RFC 7672 2.2.2: the MX name
+    # is an alias, its CNAME chain authenticated, the records at its target):
+    # the TLSA base domain, sent as SNI and a DANE-TA reference identifier
+    tlsa_name: str = ""
 
 
 class Site(msgspec.Struct, frozen=True):
@@ -117,6 +121,9 @@ class MXResolver:
         self.allow_private = config.delivery.allow_private_mx
         self._cache: dict[str, tuple[float, Site | Outcome]] = {}
         self._addr_cache: dict[str, tuple[float, list[str]]] = {}
+        # [tls] dane: a host name -> (its CNAME-expanded name, whether its address
+        # answer was authenticated), from its last address lookup (_host_tlsa)
+        self._canonical: dict[str, tuple[str, bool]] = {}
         self._route_cache: dict[tuple[str, int], tuple[float, Site]] = {}
         # domain as a batch names it -> its static route (or None): the routes
         # are the config's, fixed for the process; looked up per batch.
@@ -247,6 +254,10 @@ class MXResolver:
             result, ttl = await self._lookup(domain)
         if rpt is not None:
             await rpt
+            if isinstance(result, Site) and (result.sts is not None or result.dane):
+                # a domain under a policy is never no-policy-found (its report
+                # mail goes without the policy, RFC 8460 5.3: not a session of it)
+                self._tlsrpt.pop(domain, None)
         now = time.monotonic()
         _put(self._cache, domain, (now + ttl, result), now)
         return result
@@ -380,15 +391,17 @@ class MXResolver:
             if not addrs:
                 return _refused(domain, refused), _NEG_TTL
             own: tuple[dane.Tlsa, ...] = ()
+            base = ""
             if self.dane and self._authenticated(e.response()):
                 # RFC 7672 2.2.2: an authenticated denial of MX records makes the
                 # domain its own MX host, its TLSA records at _25._tcp.DOMAIN
-                got = await self._shared("tlsa", domain, self._tlsa)
+                # (or at its CNAME target, 2.2.3)
+                got = await self._host_tlsa(domain)
                 if isinstance(got, Outcome):  # 2.2: a failed lookup, maybe an attack
                     return got, _NEG_TTL
-                own = got
+                own, base = got
             key = f"mx:{domain}" + (f"|dane:{domain}" if own else "")
-            implicit = tuple(Host(domain, a, self.mx_port, 0, own) for a in addrs)
+            implicit = tuple(Host(domain, a, self.mx_port, 0, own, base) for a in addrs)
             return Site(key, implicit, dane=domain if own else ""), 300.0
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
             return _defer(f"MX lookup for {domain} failed: {e.__class__.__name__}"), _NEG_TTL
@@ -414,14 +427,15 @@ class MXResolver:
                 last_err = addrs
                 continue
             tlsa: tuple[dane.Tlsa, ...] = ()
+            base = ""
             if secure:
-                got = await self._shared("tlsa", name, self._tlsa)
+                got = await self._host_tlsa(name)
                 if isinstance(got, Outcome):  # RFC 7672 2.2: not this host, maybe an attack
                     last_err = got
                     continue
-                tlsa = got
+                tlsa, base = got
             ok = self._public(addrs, refused)
-            hosts.extend(Host(name, a, self.mx_port, pref, tlsa) for a in ok)
+            hosts.extend(Host(name, a, self.mx_port, pref, tlsa, base) for a in ok)
         if not hosts and refused:
             return _refused(domain, refused), ttl
         if not hosts:
@@ -438,6 +452,21 @@ class MXResolver:
         import dns.flags
 
         return response is not None and bool(response.flags & dns.flags.AD)
+
+    async def _host_tlsa(self, name: str) -> tuple[tuple[dane.Tlsa, ...], str] | Outcome:
+        """The usable TLSA records of host ``name`` and their base domain when
+        it is not ``name`` (RFC 7672 2.2.2, RFC 7671 7): a host name that is an
+        alias whose CNAME chain the resolver authenticated (its address answer
+        AD) has its records looked for at the fully expanded name first, then,
+        none there, at ``name``; an unauthenticated chain, at ``name`` only (its
+        target is anyone's to name)."""
+        canonical, secure = self._canonical.get(name, (name, False))
+        if secure and canonical != name:
+            got = await self._shared("tlsa", canonical, self._tlsa)
+            if isinstance(got, Outcome) or got:
+                return got if isinstance(got, Outcome) else (got, canonical)
+        got = await self._shared("tlsa", name, self._tlsa)
+        return got if isinstance(got, Outcome) else (got, "")
 
     async def _tlsa(self, name: str) -> tuple[dane.Tlsa, ...] | Outcome:
         """The usable TLSA records of MX host ``name`` (``_PORT._tcp.NAME``) when
@@ -487,6 +516,11 @@ class MXResolver:
             addrs.extend(r.address for r in ans)
             if ans.rrset is not None:
                 ttl = min(ttl, float(ans.rrset.ttl))
+            if self.dane and addrs:  # (DANE's TLSA base domain: _host_tlsa)
+                if len(self._canonical) >= CACHE_MAX:
+                    self._canonical.clear()
+                canonical = str(ans.canonical_name).rstrip(".").lower()
+                self._canonical[name] = (canonical, self._authenticated(ans.response))
             if addrs:
                 break  # IPv4 is enough for IPv4 source addresses
         if not addrs:

@@ -80,7 +80,7 @@ from typing import Any
 
 from fastsend.config import Config
 from fastsend.delivery import dane
-from fastsend.delivery.mtasts import result_type, verify_context
+from fastsend.delivery.mtasts import session_result, verify_context
 from fastsend.delivery.mx import Host, Site
 from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
 from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
@@ -492,7 +492,7 @@ class SiteQueue:
             return conn
         if conn.stage not in ("starttls", "tls"):
             return conn  # no answer, a refused greeting: not a TLS matter
-        self._sts_failed(host, ip, result_type(conn.text), conn.text)
+        self._sts_failed(host, ip, session_result(conn.stage, conn.code, conn.text), conn.text)
         if sts.mode == "testing":
             return await connect(ConnectOptions(**plain))
         text = f"MTA-STS policy of {sts.domain} (enforce): {conn.text}"
@@ -507,10 +507,14 @@ class SiteQueue:
         the answer (deferred 4.7.5), never clear text."""
         kw["tls"] = "required"
         kw["ssl_context"] = dane.context()
-        kw["server_hostname"] = host.name
+        # SNI: the TLSA base domain (RFC 7672 8.1): the MX host's CNAME target
+        # when its records were found there (Host.tlsa_name)
+        kw["server_hostname"] = host.tlsa_name or host.name
         # DANE-TA's reference identifiers (RFC 7672 3.2.2): the TLSA base domain
-        # (the MX host, the domain itself when it is its implicit MX), the next hop
-        kw["peer_check"] = functools.partial(dane.check, host.tlsa, (host.name, self.site.dane))
+        # (the MX host or its CNAME target, the domain itself when it is its
+        # implicit MX), the MX host name, the next hop
+        names = tuple(n for n in (host.tlsa_name, host.name, self.site.dane) if n)
+        kw["peer_check"] = functools.partial(dane.check, host.tlsa, names)
         conn = await connect(ConnectOptions(**kw))
         records = tuple(f"{u} {s} {m} {d.hex()}" for u, s, m, d in host.tlsa if d)
         if not isinstance(conn, Outcome):
@@ -523,7 +527,11 @@ class SiteQueue:
             return conn
         if conn.stage not in ("starttls", "tls"):
             return conn
-        result = "tlsa-invalid" if "peer check failed" in conn.text else result_type(conn.text)
+        result = (
+            "tlsa-invalid"
+            if "peer check failed" in conn.text
+            else session_result(conn.stage, conn.code, conn.text)
+        )
         self.count("tls_policy_failures")
         if self.sts_report is not None:
             self.sts_report(
@@ -544,9 +552,10 @@ class SiteQueue:
         starttls-not-supported (not offered) or validation-failure (the
         handshake failed: the mail went in clear, as without a policy)."""
         assert self.reports_tls is not None and self.sts_report is not None
+        reports_from = self.config.tls.report_from
         for e in batch:
-            if not e.rcpts:
-                continue
+            if not e.rcpts or e.mail_from == reports_from:
+                continue  # (a TLS-RPT report's own session is not reported, RFC 8460 5.3)
             domain = e.rcpts[0].rpartition("@")[2].lower()
             if domain in counted:
                 continue

@@ -19,7 +19,8 @@ answers (the CNAME, then the target's records of the asked type); a name
 with a ``("SERVFAIL", "")`` record answers SERVFAIL (a broken zone). It does
 not do wildcards, DNSSEC or delegation; a name with a ``("SECURE", "")``
 record has its answers flagged authenticated (the AD bit), as a validating
-resolver flags a signed zone's (DANE tests).
+resolver flags a signed zone's (DANE tests); an answer through a CNAME chain
+only when every name of the chain has one.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
         with self.lock:
             zones = self.zones
         name = qname
+        secure = True  # every name of the chain so far is SECURE
         for _hop in range(8):  # a CNAME chain, followed as a recursive resolver would
             records = zones.get(name)
             if records is None:
@@ -76,8 +78,8 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
             if any(rtype == "SERVFAIL" for rtype, _v, _t in records):
                 reply.header.rcode = RCODE.SERVFAIL
                 return reply
-            if name == qname and any(rtype == "SECURE" for rtype, _v, _t in records):
-                reply.header.ad = 1
+            secure = secure and any(rtype == "SECURE" for rtype, _v, _t in records)
+            reply.header.ad = int(secure)
             target = ""
             for rtype, value, ttl in records:
                 if rtype == qtype or (rtype == "CNAME" and qtype != "CNAME"):
