@@ -13,11 +13,12 @@ import email
 import email.policy
 import gzip
 import http.server
+import os
 import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from tests._engine_helpers import run_fastsend, write_campaign, write_recipients
 from tests.conftest import free_port
 from tests.test_mta_sts import World, policy
 
-from fastsend.analytics.tlsrpt import Store, day_of, filename, message, parse_txt
+from fastsend.analytics.tlsrpt import (
+    RedisStore,
+    Store,
+    day_of,
+    filename,
+    message,
+    open_store,
+    parse_txt,
+)
 from fastsend.config import ConfigError, loader
 from fastsend.sink import SinkProcess
 from fastsend.testing.dnsserver import DNSServer
@@ -82,13 +91,42 @@ def test_rua_record_parsing() -> None:
     assert parse_txt(["v=TLSRPTv1; rua=http://plain.test/x, ftp://x, mailto:nobody"]) == []
     assert parse_txt(["v=TLSRPTv2; rua=mailto:a@b.test"]) == []
     assert parse_txt([]) == []
+    # the record is the domain owner's to write: no header (nor a second
+    # recipient) smuggled into the report mail through an escaped mailto
+    hostile = ("v=TLSRPTv1; rua=mailto:x%0D%0ABcc:%20v@o.test@evil.test,mailto:a%20b@evil.test,"
+               "mailto:ok@evil.test")  # fmt: skip
+    assert parse_txt([hostile]) == ["mailto:ok@evil.test"]
 
 
-def test_store_counts_and_the_report_document(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    """A spool's TLS-RPT store per call: the node's tlsrpt.db (SQLite), or a
+    Redis spool's (each call a node of the same spool: ``node`` names it)."""
+    from fastsend.spool import open_spool
+
+    spools: list[Any] = []
+    if request.param == "sqlite":
+        yield lambda node: Store(str(tmp_path))
+        return
+    server = request.getfixturevalue("redis_server")
+    prefix = "t" + os.urandom(4).hex()
+
+    def make(node: str) -> Any:
+        d = tmp_path / node
+        d.mkdir(exist_ok=True)
+        spools.append(open_spool(server.url(node=node, dir=str(d), prefix=prefix)))
+        return open_store(None, spools[-1])
+
+    yield make
+    for sp in spools:
+        sp.close()
+
+
+def test_store_counts_and_the_report_document(make_store: Callable[[str], Any]) -> None:
     """Failures and session counts of sts, tlsa and no-policy-found policies
     give one policy entry each, its summary and failure details, per UTC day;
     a day is due once it is over, and not again once sent."""
-    st = Store(str(tmp_path))
+    st = make_store("n1")
     d0 = datetime.datetime.now(datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     t = (d0 - datetime.timedelta(days=3)).timestamp() + 12 * 3600  # counts kept KEEP_DAYS
     day1, day2, day3 = (day_of(t + i * 86400) for i in range(3))
@@ -136,6 +174,41 @@ def test_store_counts_and_the_report_document(tmp_path: Path) -> None:
     st.mark_sent(day1, "a.test", "https://r.test")
     assert st.due(day3) == [(day1, "b.test"), (day2, "a.test")]
     st.close()
+
+
+@pytest.mark.parametrize("make_store", ["redis"], indirect=True)
+def test_a_shared_spool_counts_every_node_in_one_report(make_store: Callable[[str], Any]) -> None:
+    """Redis: each node's sessions go into the spool's one count (a domain got
+    one report per node per day, each with that node's share only); one
+    sender at a time (the report lease), and what one sent is not due for
+    the other."""
+    a, b = make_store("n1"), make_store("n2")
+    assert isinstance(a, RedisStore) and isinstance(b, RedisStore)
+    t = time.time() - 86400
+    day = day_of(t)
+    sts = {"policy_type": "sts", "policy_domain": "a.test", "mx_host": ["mx.a.test"],
+           "policy": ["version: STSv1", "mode: enforce", "mx: mx.a.test", "max_age: 86400"]}
+    fail = {"event": "tls_report", "time": t, "result": "certificate-expired",
+            "source_ip": "192.0.2.1", "mx": "mx.a.test", "receiving_ip": "198.51.100.7",
+            "text": "certificate has expired", **sts}  # fmt: skip
+    a.listener([{"event": "tls_sessions", "time": t, "count": 40, **sts}, fail])
+    b.listener([{"event": "tls_sessions", "time": t, "count": 2, **sts}, fail,
+                {**fail, "source_ip": "192.0.2.2"}])  # fmt: skip
+    assert a.due(day_of(time.time())) == b.due(day_of(time.time())) == [(day, "a.test")]
+    doc = b.report(day, "a.test", organization="O", contact="c@o.test", report_id="r")
+    check_report(doc)
+    [p] = doc["policies"]
+    assert p["summary"] == {"total-successful-session-count": 42, "total-failure-session-count": 3}
+    assert [(d["sending-mta-ip"], d["failed-session-count"]) for d in p["failure-details"]] == [
+        ("192.0.2.1", 2), ("192.0.2.2", 1)]  # fmt: skip
+    with a.sending() as mine:
+        assert mine
+        with b.sending() as theirs:
+            assert not theirs
+        a.mark_sent(day, "a.test", "https://r.test")
+    assert b.due(day_of(time.time())) == [] and b.was_sent(day, "a.test")
+    with b.sending() as mine:
+        assert mine  # released
 
 
 def test_report_message_format_rfc8460_5_3() -> None:
@@ -244,6 +317,8 @@ def test_reports_from_a_real_send_posted_and_mailed(world: World) -> None:
         "_mta-sts.enforce-notls.test": [("TXT", "v=STSv1; id=1")],
         "mta-sts.enforce-notls.test": [("A", "127.0.0.1")],
         "mx.reports.test": [("A", "127.0.0.6")],
+        # the report mail's own session is not one to report (RFC 8460 5.3)
+        "_smtp._tls.enforce-notls.test": [("TXT", "v=TLSRPTv1; rua=mailto:x@enforce-notls.test")],
     })  # fmt: skip
     world.https.policies["mta-sts.enforce-ok.test"] = policy("enforce", "mx.ok.test")
     world.https.policies["mta-sts.enforce-badcert.test"] = policy("enforce", "mx.bad.test")
@@ -287,12 +362,17 @@ def test_reports_from_a_real_send_posted_and_mailed(world: World) -> None:
             rep = run_fastsend("tls-report", "send", *common, "--json")
             assert rep.returncode == 0, rep.stderr
             assert orjson.loads(rep.stdout)["reports"] == []
-            rep = run_fastsend("tls-report", "send", *common, "--day", today, "--json")
+            # the report mail is delivered by the command itself (no serve runs):
+            # it was only spooled, and nothing delivered it
+            rep = run_fastsend("tls-report", "send", *common, "--day", today, "--json",
+                               "--max-wait", "2")  # fmt: skip
             assert rep.returncode == 0, rep.stderr + rep.stdout
             out = orjson.loads(rep.stdout)
             assert out["mail_spooled"] == 1, out
-            res = run_fastsend("resume", *common, "--no-progress", "--max-wait", "1", "--json")
-            assert res.returncode in (0, 1), res.stderr[-3000:]
+            assert out["mail"] == {"delivered": 1, "deferred": 0, "bounced": 0}, out
+            st = Store(str(spool))
+            assert st.domains(today) == ["enforce-badcert.test", "enforce-ok.test"]
+            st.close()
     finally:
         receiver.close()
     # HTTPS: one POST per domain, gzipped JSON of its own policy domain
@@ -381,3 +461,83 @@ def test_sessions_without_a_policy_counted_for_domains_asking_for_reports(world:
     d = plain["failure-details"][0]
     assert d["result-type"] == "starttls-not-supported", d
     assert d["receiving-mx-hostname"] == "mx.plain.test" and d["receiving-ip"] == "127.0.0.6", d
+
+
+def test_report_mail_left_to_the_live_supervisor_or_said_deferred(world: World) -> None:
+    """`tls-report send` with a live process supervising the spool leaves the
+    report mail to it and names it (exit 0); with none, it delivers the mail
+    itself, and mail it could not deliver by --max-wait is said to be deferred
+    (exit 75, still queued): before, it only spooled the mail and exited 0
+    whether or not anything would ever deliver it."""
+    from fastsend.spool import open_spool
+
+    rua = "v=TLSRPTv1; rua=mailto:tlsrpt@rua.test"
+    world.dns.set_zones({
+        "_smtp._tls.a.test": [("TXT", rua)],
+        "rua.test": [("MX", "10 mx.rua.test.")],
+        "mx.rua.test": [("A", "127.0.0.7")],  # nothing listens there: deferred
+    })  # fmt: skip
+    cfg = world.config(free_port("127.0.0.7"), 'report_from = "tls-reports@sender.test"\n')
+    spool = world.tmp / "spool"
+    sp = open_spool(str(spool))
+    sp.close()
+    day = day_of(time.time() - 86400)
+    t = time.time() - 86400
+    st = Store(str(spool))
+    st.listener([{"event": "tls_sessions", "time": t, "count": 3, "policy_type": "sts",
+                  "policy_domain": "a.test", "policy": ["version: STSv1"], "mx_host": []}])  # fmt: skip
+    st.close()
+    common = ("-c", str(cfg), "--spool", str(spool))
+    holder = open_spool(str(spool))
+    try:
+        holder.hold_supervisor("fastsend serve")
+        rep = run_fastsend("tls-report", "send", *common, "--day", day)
+        assert rep.returncode == 0, rep.stderr + rep.stdout
+        assert "1 report message(s) spooled" in rep.stdout, rep.stdout
+        assert f"the running fastsend serve (pid {os.getpid()}) delivers them" in rep.stdout
+    finally:
+        holder.close()
+    rep = run_fastsend("tls-report", "send", *common, "--day", day, "--json", "--max-wait", "1")
+    assert rep.returncode == 75, rep.stderr + rep.stdout
+    # (the message the "live" one was left, and the one --day spooled again)
+    assert orjson.loads(rep.stdout)["mail"] == {"delivered": 0, "deferred": 2, "bounced": 0}
+    assert "still deferred" in rep.stderr
+
+
+def test_tls_report_send_on_a_redis_spool_sends_every_nodes_counts_once(
+    world: World, redis_server: Any
+) -> None:
+    """`tls-report send` on a shared spool reads the spool's counts (every
+    node's, in Redis): one POST with the sum, then nothing due for any node."""
+    from fastsend.spool import open_spool
+
+    receiver = ReportReceiver(world.ca.issue_cert("rpt.reports.test"))
+    world.dns.set_zones({
+        "_smtp._tls.a.test": [("TXT", "v=TLSRPTv1; rua=https://rpt.reports.test/r")],
+        "rpt.reports.test": [("A", "127.0.0.1")],
+    })  # fmt: skip
+    prefix = "t" + os.urandom(4).hex()
+    t = time.time() - 86400
+    sts = {"policy_type": "sts", "policy_domain": "a.test", "mx_host": ["mx.a.test"],
+           "policy": ["version: STSv1", "mode: enforce", "mx: mx.a.test", "max_age: 86400"]}
+    urls = {}
+    for node, n in (("n1", 5), ("n2", 7)):
+        d = world.tmp / node
+        d.mkdir()
+        urls[node] = redis_server.url(node=node, dir=str(d), prefix=prefix)
+        sp = open_spool(urls[node])
+        open_store(None, sp).listener([{"event": "tls_sessions", "time": t, "count": n, **sts}])
+        sp.close()
+    cfg = world.config(25, f'report_from = "tls-reports@sender.test"\nreport_post_port = {receiver.port}\n')
+    try:
+        rep = run_fastsend("tls-report", "send", "-c", str(cfg), "--spool", urls["n2"], "--json")
+        assert rep.returncode == 0, rep.stderr + rep.stdout
+        assert [o["domain"] for o in orjson.loads(rep.stdout)["reports"]] == ["a.test"]
+        rep = run_fastsend("tls-report", "send", "-c", str(cfg), "--spool", urls["n1"], "--json")
+        assert rep.returncode == 0 and orjson.loads(rep.stdout)["reports"] == [], rep.stdout
+    finally:
+        receiver.close()
+    [(_path, _headers, body)] = receiver.posts
+    doc = orjson.loads(gzip.decompress(body))
+    check_report(doc)
+    assert doc["policies"][0]["summary"]["total-successful-session-count"] == 12

@@ -116,7 +116,7 @@ def run(
         rollups = attach_rollups(config, spool, events)
     from fastsend.analytics import tlsrpt
 
-    tls_counts = tlsrpt.attach(config, events)  # the TLS sessions, for RFC 8460 reports
+    tls_counts = tlsrpt.attach(config, events, spool)  # the TLS sessions, for RFC 8460 reports
     bar = Progress(total) if progress else None
     if bar is not None and total_fn is not None:
         bar.total_fn = total_fn

@@ -7,8 +7,9 @@ event (result type, MX host and address, source IP, the policy), the
 successes summed per policy as a ``tls_sessions`` event about once a minute
 and when the worker ends. :class:`Store` listens to the event log (send,
 resume, serve: :func:`attach`) and adds them up per UTC day, policy domain
-and policy in ``SPOOL/tlsrpt.db`` (a node's own: on a shared Redis spool each
-node reports its own sessions under its own report-id). Policy types: ``sts``
+and policy in ``SPOOL/tlsrpt.db``; on a shared Redis spool in Redis
+(:class:`RedisStore`: every node's sessions in one count, so a domain gets one
+report a day, not one per node). Policy types: ``sts``
 (MTA-STS; the policy's lines and mx patterns), ``tlsa`` (DANE; the TLSA
 records, the MX host), ``no-policy-found`` (a domain whose MTA-STS policy
 could not be fetched and none was cached, or a domain without any policy that
@@ -30,14 +31,19 @@ attachment named ``submitter!domain!begin!end!id.json.gz``), spooled into the
 operator's ``tls-reports`` campaign and delivered by fastsend itself (DKIM
 signed by ``[dkim]`` when it has a key for the From domain). A domain whose
 every destination failed is tried again at the next run; one reported, or with
-no record, is marked done (never reported twice).
+no record, is marked done (never reported twice). One sender at a time per
+spool (:meth:`Store.sending`: a file lock; Redis: a lease every node's sender
+asks for), so two processes (serve and ``tls-report send``, or two nodes)
+never send a day's report twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
+import fcntl
 import gzip
 import os
 import secrets
@@ -45,11 +51,12 @@ import sqlite3
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
 
+from fastsend.address import AddressError, normalize
 from fastsend.config.tenants import OPERATOR
 from fastsend.events import Rows
 from fastsend.sqlitedb import connect, transaction
@@ -174,6 +181,29 @@ class Store:
             )
         )
 
+    def domains(self, day: str) -> list[str]:
+        """The policy domains with counts on ``day``."""
+        return [d for (d,) in self.db.execute(
+            "SELECT DISTINCT domain FROM sessions WHERE day = ? ORDER BY domain", (day,))]  # fmt: skip
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[bool]:
+        """Whether this process may send now (True) or another one of this spool
+        is sending (False): a lock file, released by the kernel if it dies."""
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def renew(self) -> None:
+        """Keep :meth:`sending`'s hold for another report (a file lock: held)."""
+
     def mark_sent(self, day: str, domain: str, how: str) -> None:
         with transaction(self.db):
             self.db.execute(
@@ -197,59 +227,222 @@ class Store:
             " ORDER BY ptype, policy, mx_host",
             (day, domain),
         ).fetchall():
-            pol: dict[str, Any] = {"policy-type": ptype}
-            strings = orjson.loads(policy)
-            if strings:
-                pol["policy-string"] = strings
-            pol["policy-domain"] = domain
-            hosts = orjson.loads(mx_host)
-            if hosts:
-                pol["mx-host"] = hosts
-            details = []
-            for result, sip, mx, mip, reason, n in self.db.execute(
+            details = self.db.execute(
                 "SELECT result, sending_ip, mx, mx_ip, reason, n FROM failures WHERE day = ?"
                 " AND domain = ? AND ptype = ? AND policy = ? AND mx_host = ?"
                 " ORDER BY n DESC LIMIT ?",
                 (day, domain, ptype, policy, mx_host, MAX_DETAILS),
-            ):
-                d: dict[str, Any] = {"result-type": result}
-                if sip:
-                    d["sending-mta-ip"] = sip
-                if mx:
-                    d["receiving-mx-hostname"] = mx
-                if mip:
-                    d["receiving-ip"] = mip
-                d["failed-session-count"] = n
-                if reason:
-                    d["failure-reason-code"] = reason
-                details.append(d)
-            entry: dict[str, Any] = {
-                "policy": pol,
-                "summary": {
-                    "total-successful-session-count": ok,
-                    "total-failure-session-count": failed,
-                },
-            }
-            if details:
-                entry["failure-details"] = details
-            policies.append(entry)
-        return {
-            "organization-name": organization,
-            "date-range": {"start-datetime": _iso(start), "end-datetime": _iso(end)},
-            "contact-info": contact,
-            "report-id": report_id,
-            "policies": policies,
-        }
+            ).fetchall()
+            policies.append(_entry(domain, ptype, orjson.loads(policy), orjson.loads(mx_host),
+                                   ok, failed, details))  # fmt: skip
+        return _document(organization, contact, report_id, start, end, policies)
 
 
-def attach(config: Any, events: Any) -> Store | None:
-    """The node's store listening to ``events`` (send, resume, serve), when
+_SEP = "\x1f"
+SEND_LEASE = 900.0  # s a sender holds a shared spool's report lease (renewed per report)
+
+
+class RedisStore(Store):
+    """The counts of every node of a shared (Redis) spool, in its namespace:
+    per UTC day the set of policy domains (``tlsrpt:d:DAY``), and per domain a
+    hash of session counts (``tlsrpt:s:DAY:DOMAIN``, fields ``ok``/``failed``
+    + the policy) and one of failure details (``tlsrpt:f:DAY:DOMAIN``), each
+    expiring after ``KEEP_DAYS``; what was sent in ``tlsrpt:sent:DAY``. One
+    sender at a time: the ``tlsrpt:lock`` lease (:meth:`sending`)."""
+
+    def __init__(self, shared: Any) -> None:  # (no local file: Store.__init__ not called)
+        self.r = shared.client
+        self.key = shared.key
+        self.path = ""
+        self.pruned = ""
+        self._token = ""  # this process's hold on the report lease (sending)
+
+    def close(self) -> None:
+        pass  # the spool's client: the spool closes it
+
+    def add(self, events: Iterable[dict[str, Any]]) -> None:
+        keep = int(KEEP_DAYS * 86400)
+        pipe = self.r.pipeline(transaction=False)
+        touched: set[tuple[str, str]] = set()
+        for e in events:
+            day = day_of(float(e.get("time") or time.time()))
+            domain = str(e.get("policy_domain", ""))[:255].lower()
+            if not domain:
+                continue
+            policy = orjson.dumps([
+                str(e.get("policy_type", "") or "sts"), list(e.get("policy") or []),
+                list(e.get("mx_host") or []),
+            ]).decode()  # fmt: skip
+            skey = self.key("tlsrpt", "s", day, domain)
+            if e.get("event") == "tls_sessions":
+                pipe.hincrby(skey, f"ok{_SEP}{policy}", int(e.get("count") or 0))
+            else:
+                pipe.hincrby(skey, f"failed{_SEP}{policy}", 1)
+                detail = orjson.dumps([
+                    policy, str(e.get("result", ""))[:64], str(e.get("source_ip", ""))[:64],
+                    str(e.get("mx", ""))[:255], str(e.get("receiving_ip", ""))[:64],
+                    str(e.get("text", ""))[:300],
+                ]).decode()  # fmt: skip
+                pipe.hincrby(self.key("tlsrpt", "f", day, domain), detail, 1)
+                touched.add((day, domain))
+            if (day, "") not in touched:
+                touched.add((day, ""))
+                pipe.sadd(self.key("tlsrpt", "d", day), domain)
+                pipe.expire(self.key("tlsrpt", "d", day), keep)
+                pipe.sadd(self.key("tlsrpt", "days"), day)
+            else:
+                pipe.sadd(self.key("tlsrpt", "d", day), domain)
+            pipe.expire(skey, keep)
+        for day, domain in touched:
+            if domain:
+                pipe.expire(self.key("tlsrpt", "f", day, domain), keep)
+        if touched:
+            today = day_of(time.time())
+            if self.pruned != today:  # days older than KEEP_DAYS leave the index
+                self.pruned = today
+                old = day_of(time.time() - KEEP_DAYS * 86400)
+                days = [_str(d) for d in self.r.smembers(self.key("tlsrpt", "days"))]
+                gone = [d for d in days if d < old]
+                if gone:
+                    pipe.srem(self.key("tlsrpt", "days"), *gone)
+            pipe.execute()
+
+    def _days(self) -> list[str]:
+        return sorted(_str(d) for d in self.r.smembers(self.key("tlsrpt", "days")))
+
+    def domains(self, day: str) -> list[str]:
+        return sorted(_str(d) for d in self.r.smembers(self.key("tlsrpt", "d", day)))
+
+    def due(self, before: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for day in self._days():
+            if day >= before:
+                continue
+            sent = {_str(d) for d in self.r.hkeys(self.key("tlsrpt", "sent", day))}
+            out.extend((day, d) for d in self.domains(day) if d not in sent)
+        return out
+
+    def mark_sent(self, day: str, domain: str, how: str) -> None:
+        key = self.key("tlsrpt", "sent", day)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(key, domain, f"{time.time():.0f} {how}")
+        pipe.expire(key, int(KEEP_DAYS * 86400))
+        pipe.execute()
+
+    def was_sent(self, day: str, domain: str) -> bool:
+        return bool(self.r.hexists(self.key("tlsrpt", "sent", day), domain))
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[bool]:
+        """Whether this process may send now: the spool's report lease (every
+        node asks; a sender that dies frees it when it lapses)."""
+        key = self.key("tlsrpt", "lock")
+        token = secrets.token_hex(8)
+        if not self.r.set(key, token, nx=True, px=int(SEND_LEASE * 1000)):
+            yield False
+            return
+        self._token = token
+        try:
+            yield True
+        finally:
+            self._token = ""
+            if _str(self.r.get(key) or b"") == token:
+                self.r.delete(key)
+
+    def renew(self) -> None:
+        key = self.key("tlsrpt", "lock")
+        if self._token and _str(self.r.get(key) or b"") == self._token:
+            self.r.pexpire(key, int(SEND_LEASE * 1000))
+
+    def report(
+        self, day: str, domain: str, *, organization: str, contact: str, report_id: str
+    ) -> dict[str, Any]:
+        start, end = day_range(day)
+        counts: dict[str, list[int]] = {}
+        for field, n in self.r.hgetall(self.key("tlsrpt", "s", day, domain)).items():
+            kind, _, policy = _str(field).partition(_SEP)
+            c = counts.setdefault(policy, [0, 0])
+            c[0 if kind == "ok" else 1] += int(n)
+        details: dict[str, list[tuple[str, str, str, str, str, int]]] = {}
+        for field, n in self.r.hgetall(self.key("tlsrpt", "f", day, domain)).items():
+            policy, result, sip, mx, mip, reason = orjson.loads(field)
+            details.setdefault(policy, []).append((result, sip, mx, mip, reason, int(n)))
+        policies = []
+        for policy in sorted(counts):
+            ptype, strings, hosts = orjson.loads(policy)
+            rows = sorted(details.get(policy, []), key=lambda x: -x[5])[:MAX_DETAILS]
+            ok, failed = counts[policy]
+            policies.append(_entry(domain, ptype, strings, hosts, ok, failed, rows))
+        return _document(organization, contact, report_id, start, end, policies)
+
+
+def _str(b: Any) -> str:
+    return b.decode() if isinstance(b, bytes) else str(b)
+
+
+def _entry(
+    domain: str, ptype: str, strings: list[str], hosts: list[str], ok: int, failed: int,
+    details: Iterable[tuple[str, str, str, str, str, int]],
+) -> dict[str, Any]:
+    """One policy's entry of a report (RFC 8460 4.4): its policy, summary and
+    failure details ((result, sending IP, MX, MX IP, reason, sessions), the
+    biggest first)."""
+    pol: dict[str, Any] = {"policy-type": ptype}
+    if strings:
+        pol["policy-string"] = strings
+    pol["policy-domain"] = domain
+    if hosts:
+        pol["mx-host"] = hosts
+    out = []
+    for result, sip, mx, mip, reason, n in details:
+        d: dict[str, Any] = {"result-type": result}
+        if sip:
+            d["sending-mta-ip"] = sip
+        if mx:
+            d["receiving-mx-hostname"] = mx
+        if mip:
+            d["receiving-ip"] = mip
+        d["failed-session-count"] = n
+        if reason:
+            d["failure-reason-code"] = reason
+        out.append(d)
+    entry: dict[str, Any] = {
+        "policy": pol,
+        "summary": {"total-successful-session-count": ok, "total-failure-session-count": failed},
+    }
+    if out:
+        entry["failure-details"] = out
+    return entry
+
+
+def _document(
+    organization: str, contact: str, report_id: str, start: float, end: float,
+    policies: list[dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "organization-name": organization,
+        "date-range": {"start-datetime": _iso(start), "end-datetime": _iso(end)},
+        "contact-info": contact,
+        "report-id": report_id,
+        "policies": policies,
+    }
+
+
+def open_store(config: Any, spool: Any = None) -> Store:
+    """The spool's counts: in Redis for a shared spool (every node's), else the
+    node's ``tlsrpt.db``."""
+    shared = spool.shared() if spool is not None else None
+    return RedisStore(shared) if shared is not None else Store(config.spool_dir)
+
+
+def attach(config: Any, events: Any, spool: Any = None) -> Store | None:
+    """The spool's store listening to ``events`` (send, resume, serve), when
     any TLS policy is looked at; None when neither MTA-STS nor DANE is on."""
     t = config.tls
     if t.mta_sts != "on" and "on" not in t.domains.values() and t.dane != "on":
         return None
     try:
-        store = Store(config.spool_dir)
+        store = open_store(config, spool)
     except (OSError, sqlite3.Error):
         return None  # counting is best effort: delivery never waits on it
     events.listen(store.listener, rows=store.rows)
@@ -278,9 +471,20 @@ def parse_txt(texts: list[str]) -> list[str]:
         uri = uri.strip()
         low = uri.lower()
         https = low.startswith("https://") and bool(urllib.parse.urlsplit(uri).hostname)
-        if https or (low.startswith("mailto:") and "@" in uri):
+        if https or (low.startswith("mailto:") and _plain(mailto_address(uri))):
             out.append(uri)
     return out[:MAX_RUA]
+
+
+def _plain(address: str) -> bool:
+    """Whether a ``mailto:`` address is one deliverable address: the domain's
+    record is anyone's to write, and the address goes into the report's To
+    header and envelope (a %0D%0A in it was a header of the attacker's)."""
+    try:
+        normalize(address)
+    except AddressError:
+        return False
+    return True
 
 
 def mailto_address(uri: str) -> str:
@@ -416,6 +620,11 @@ def reports_campaign(acceptor: Any, spool: Any) -> int:
 # -- one run ---------------------------------------------------------------------
 
 
+class SendingElsewhere(Exception):
+    """Another process of the spool (a node of a shared one) holds the report
+    lease: it sends them (:meth:`Store.sending`)."""
+
+
 class Sender:
     """Sends the due reports of a :class:`Store`: the TXT and address lookups of
     a :class:`~fastsend.delivery.mx.MXResolver`, mail handed to ``spool_mail``
@@ -453,18 +662,22 @@ class Sender:
         from fastsend.delivery.mtasts import verify_context
 
         ctx = verify_context(self.ca_file)
+        with self.store.sending() as mine:
+            if not mine:
+                raise SendingElsewhere("another process (or node) is sending this spool's reports")
+            return await self._run(before, only_day, ctx)
+
+    async def _run(self, before: str, only_day: str, ctx: ssl.SSLContext) -> list[dict[str, Any]]:
         out = []
         if only_day:
-            due = [
-                (d, dom) for d, dom in self.store.db.execute(
-                    "SELECT DISTINCT day, domain FROM sessions WHERE day = ? ORDER BY domain",
-                    (only_day,),
-                )
-            ]  # fmt: skip
+            due = [(only_day, d) for d in self.store.domains(only_day)]
         else:
             due = self.store.due(before)
         now = time.time()
         for day, domain in due:
+            if not only_day and self.store.was_sent(day, domain):
+                continue  # (sent by another process since due() was read)
+            self.store.renew()
             info: dict[str, Any] = {"day": day, "domain": domain, "posted": [], "mailed": [],
                                     "failed": []}  # fmt: skip
             out.append(info)

@@ -7,10 +7,16 @@
 yesterday, UTC) from the node's counts (``SPOOL/tlsrpt.db``), sending
 nothing. ``send`` sends every finished day's reports not sent yet (``--day``:
 that day's, again) to each domain's ``_smtp._tls`` destinations: HTTPS POSTs
-at once, mail spooled into the ``tls-reports`` campaign of the spool, which
-the running ``fastsend serve`` delivers (or ``fastsend resume --spool DIR``).
+at once, mail spooled into the ``tls-reports`` campaign of the spool. The
+command then delivers that mail itself (the spool's engine, as ``resume``:
+whatever else is due in the spool goes too), for up to ``--max-wait``
+seconds -- unless a live ``fastsend serve`` (or ``send``, ``resume``)
+supervises the spool: that one delivers it, and the command says so (it
+only spooled it before, and a spool nobody ran kept the reports forever).
 ``[tls] reports = "on"`` makes serve do this itself every day. Exit status 0,
-1 when a report could go nowhere, 2 on bad arguments or config.
+1 when a report could go nowhere (or its mail bounced), 75 when report mail is
+still deferred at the end (it stays queued: the next serve or resume retries
+it), 2 on bad arguments or config.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from fastsend.commands.common import die
+from fastsend.commands.common import EX_TEMPFAIL, die, redact_url
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,14 +37,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spool", help="spool directory (default ./spool or the config's)")
     p.add_argument("--day", help="the UTC day YYYY-MM-DD (show: default yesterday; send: again)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=120.0,
+        help="send: how long to keep trying to deliver the report mail when no fastsend"
+        " process runs the spool (seconds, default 120)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import orjson
 
-    from fastsend.analytics.tlsrpt import REPORTS_CAMPAIGN, Sender, Store, day_of, reports_campaign
+    from fastsend.analytics.tlsrpt import (
+        REPORTS_CAMPAIGN,
+        Sender,
+        SendingElsewhere,
+        Store,
+        day_of,
+        open_store,
+        reports_campaign,
+    )
     from fastsend.config import Config, ConfigError, load
     from fastsend.delivery.mx import MXResolver
+    from fastsend.spool import SpoolError, is_redis_url, open_spool, spool_local_dir
 
     try:
         cfg = load(args.config) if args.config else Config()
@@ -52,12 +74,20 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             return die(f"--day {args.day!r}: expected YYYY-MM-DD")
     today = day_of(time.time())
-    store = Store(cfg.spool_dir)
+    spool_url = cfg.spool_url or cfg.spool_dir
+    if not cfg.spool_url:
+        cfg.spool_dir = spool_local_dir(cfg.spool_dir)
+    opened: list[Any] = []  # the spool, then its event log and acceptor
+    if is_redis_url(spool_url):  # every node's counts, in the shared spool
+        try:
+            opened.append(open_spool(spool_url, must_exist=True))
+        except SpoolError as e:
+            return die(str(e))
+    store: Store = open_store(cfg, opened[0] if opened else None)
     try:
         if args.action == "show":
             day = args.day or day_of(time.time() - 86400)
-            domains = [d for (d,) in store.db.execute(
-                "SELECT DISTINCT domain FROM sessions WHERE day = ? ORDER BY domain", (day,))]  # fmt: skip
+            domains = store.domains(day)
             org = cfg.tls.report_organization or cfg.tls.report_from.rpartition("@")[2]
             docs = [
                 store.report(day, d, organization=org, contact=cfg.tls.report_contact
@@ -69,42 +99,105 @@ def run(args: argparse.Namespace) -> int:
         if not cfg.tls.report_from:
             return die('[tls] report_from is needed to send reports (e.g. "tls-reports@example.com")')
         spooled: list[int] = []
-        opened: list[Any] = []
+        campaign: list[int] = []
 
         def spool_mail(rows: list[tuple[str, str, bytes]]) -> None:
-            if not opened:
+            if len(opened) < 3:
                 from fastsend.accept import Acceptor
                 from fastsend.events import EventLog
-                from fastsend.spool import open_spool
 
-                spool = open_spool(cfg.spool_url or cfg.spool_dir)
+                if not opened:
+                    opened.append(open_spool(spool_url))
                 events = EventLog(cfg.event_log_path)
-                opened.extend([spool, events, Acceptor(spool, events, None)])
+                opened.extend([events, Acceptor(opened[0], events, None)])
             spool, _events, acceptor = opened
-            spooled.extend(acceptor.accept(reports_campaign(acceptor, spool), rows))
+            cid = reports_campaign(acceptor, spool)
+            campaign[:] = [cid]
+            spooled.extend(acceptor.accept(cid, rows))
 
         sender = Sender(cfg, store, MXResolver(cfg), spool_mail)
+        delivery: dict[str, Any] = {}
         try:
             out = asyncio.run(sender.run(today, only_day=args.day or ""))
-        finally:
-            if opened:
-                opened[1].close()
-                opened[0].close()
+            if spooled:
+                delivery = _deliver(cfg, spool_url, opened[0], opened[1], campaign[0], args.max_wait)
+        except SendingElsewhere as e:
+            print(f"fastsend: {e}; try again later", file=sys.stderr)
+            return EX_TEMPFAIL
     finally:
         store.close()
+        if len(opened) > 1:
+            opened[1].close()
+        if opened:
+            opened[0].close()
     nowhere = [o for o in out if not o["posted"] and not o["mailed"] and o["failed"]
                != ["no TLSRPTv1 record"]]  # fmt: skip
+    if isinstance(delivery.get("exit"), int):
+        return int(delivery["exit"])  # the spool's storage refused a write (said)
+    mail = {k: delivery[k] for k in ("delivered", "deferred", "bounced", "by") if k in delivery}
     if args.json:
-        sys.stdout.write(orjson.dumps({"reports": out, "mail_spooled": len(spooled)}).decode() + "\n")
+        doc = {"reports": out, "mail_spooled": len(spooled), "mail": mail}
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
     else:
         for o in out:
             done = ", ".join(o["posted"] + [f"mailto:{m}" for m in o["mailed"]]) or "not sent"
             why = f" ({'; '.join(o['failed'])})" if o["failed"] else ""
             print(f"{o['day']} {o['domain']}: {done}{why}")
         if spooled:
-            print(f"{len(spooled)} report message(s) spooled in campaign {REPORTS_CAMPAIGN!r}:"
-                  " fastsend serve delivers them, or run fastsend resume --spool "
-                  f"{cfg.spool_url or cfg.spool_dir}")  # fmt: skip
+            print(f"{len(spooled)} report message(s) spooled in campaign {REPORTS_CAMPAIGN!r}: "
+                  + (f"{mail['by']} delivers them" if "by" in mail else
+                     f"{mail.get('delivered', 0)} delivered, {mail.get('deferred', 0)} deferred,"
+                     f" {mail.get('bounced', 0)} bounced"))  # fmt: skip
         if not out:
             print("no report due")
-    return 1 if nowhere else 0
+    if mail.get("deferred"):
+        print(f"fastsend: {mail['deferred']} report message(s) still deferred: they stay in the"
+              f" spool ({redact_url(spool_url)}), for fastsend serve or resume to retry",
+              file=sys.stderr)  # fmt: skip
+    if nowhere or mail.get("bounced"):
+        return 1
+    return EX_TEMPFAIL if mail.get("deferred") else 0
+
+
+def _deliver(
+    cfg: Any, spool_url: str, spool: Any, events: Any, campaign: int, max_wait: float
+) -> dict[str, Any]:
+    """Deliver the report mail just spooled: by this process's engine (as
+    ``resume``) for up to ``max_wait`` s, unless a live process supervises
+    the spool (``by``: that one delivers it). Its counts: delivered, deferred
+    (still queued), bounced; ``exit``: the spool's storage refused a write."""
+    from fastsend import engine
+    from fastsend.commands.common import hold_source_ips, open_suppression, run_engine
+    from fastsend.spool import SpoolBusy
+
+    try:
+        spool.hold_supervisor("fastsend tls-report")
+        spool.hold_local_dir(cfg.spool_dir, "fastsend tls-report")
+    except SpoolBusy as e:
+        h = getattr(e, "holder", {})
+        return {"by": f"the running {h.get('command') or 'fastsend'} (pid {h.get('pid', '?')})"}
+    spool.recover()  # a dead supervisor's in-flight mail, as resume does
+    ips = hold_source_ips(spool, cfg)  # a shared spool: this node's addresses
+    if isinstance(ips, int):
+        return {"exit": ips}
+    suppression = open_suppression(spool_url, cfg.spool_dir)
+    summary = run_engine(
+        lambda: engine.run(
+            cfg, spool, max_wait=max_wait, progress=False, campaign=campaign, events=events,
+            suppression=suppression if spool.shared() is not None else None, cluster=ips,
+        ),
+        spool_url, _Kept(events), suppression,
+    )  # fmt: skip
+    if isinstance(summary, int):
+        return {"exit": summary}
+    return {k: int(summary.get(k) or 0) for k in ("delivered", "deferred", "bounced")}
+
+
+class _Kept:
+    """The event log for :func:`run_engine`, which closes it: the caller does."""
+
+    def __init__(self, events: Any) -> None:
+        self.events = events
+
+    def close(self) -> None:
+        self.events.flush()

@@ -410,7 +410,7 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
     ctx.rollups = attach(config, spool, events, ctx.campaign_tenant)
     from fastsend.analytics import tlsrpt
 
-    ctx.tlsrpt = tlsrpt.attach(config, events)  # the day's TLS sessions, for RFC 8460 reports
+    ctx.tlsrpt = tlsrpt.attach(config, events, spool)  # the day's TLS sessions, for RFC 8460 reports
     if ctx.rollups is not None:
         from fastsend.analytics.dmarc import DmarcStore
 

@@ -506,13 +506,15 @@ class Server:
 
     async def _tls_reports(self, now: float) -> None:
         """Yesterday's (and any earlier day's unsent) TLS-RPT reports, off the tick."""
-        from fastsend.analytics.tlsrpt import day_of
+        from fastsend.analytics.tlsrpt import SendingElsewhere, day_of
 
         try:
             for o in await self.tls_reports.run(day_of(now)):
                 log.info("TLS-RPT report %s %s: posted %s, mailed %s%s", o["day"], o["domain"],
                          o["posted"] or "-", o["mailed"] or "-",
                          f" ({'; '.join(o['failed'])})" if o["failed"] else "")  # fmt: skip
+        except SendingElsewhere as e:  # (a shared spool: another node sends them)
+            log.info("TLS-RPT reports: %s", e)
         except Exception:
             log.exception("TLS-RPT reports not sent (tried again in %.0f s)", TLS_REPORTS_EVERY)
 
