@@ -380,6 +380,81 @@ def test_the_spool_claims_the_shares_of_the_true_counts(tmp_path: Path) -> None:
         spool.close()
 
 
+def _scans(spool: Spool) -> Callable[[], int]:
+    """How many times the spool has read its campaigns' due mail since."""
+    n = [0]
+    if hasattr(spool, "_claim"):  # Redis: claim.lua runs
+        run = spool._claim
+
+        def counted(*a: Any, **kw: Any) -> Any:
+            n[0] += 1
+            return run(*a, **kw)
+
+        spool._claim = counted  # type: ignore[attr-defined]
+    else:  # SQLite: the statements reading each campaign's pending rows
+        spool.db.set_trace_callback(  # type: ignore[attr-defined]
+            lambda sql: n.__setitem__(0, n[0] + ("WITH RECURSIVE" in sql))
+        )
+    return lambda: n[0]
+
+
+def test_an_idle_claim_does_not_read_every_campaign_each_tick(
+    make_spool: Callable[[], Spool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that finds nothing due is taken as said for a moment: an idle
+    supervisor claims every tick (20 ms), and each claim read every campaign's
+    pending mail (2,000 campaigns holding retries: ~80 ms a second of the
+    supervisor's CPU on SQLite, ~400-600 ms a second of Redis's one thread per
+    node). What this process spools, defers or sets makes the next claim read
+    again: that mail is claimed at once."""
+    import fastsend.spool.redis as redis_spool
+    import fastsend.spool.sqlite as sqlite_spool
+
+    monkeypatch.setattr(sqlite_spool, "DUE_REUSE", 3600.0)  # (whatever the load)
+    monkeypatch.setattr(redis_spool, "QUIET_REUSE", 3600.0)
+    spool = make_spool()
+    camps = [spool.create_campaign(SPEC, tenant=f"T{i}") for i in range(30)]
+    for cid in camps:
+        spool_rows(spool, cid, 3, time.time() + 3600)
+    scans = _scans(spool)
+    now = time.time()
+    for _ in range(10):
+        assert spool.claim_due(now, 100) == []
+    assert scans() == 1
+    ids = spool_rows(spool, camps[0], 2, now - 1, tag="x")  # spooled here: at once
+    got = spool.claim_due(now, 100)
+    assert sorted(c.id for c in got) == ids
+    assert spool.claim_due(now, 100) == []
+    spool.record_results(
+        [Result(ids[0], DEFERRED, 1, now - 1, 451, "4.7.1", "later"),
+         Result(ids[1], DELIVERED, 1, 0.0, 250, "2.0.0", "ok")], now,
+    )  # fmt: skip
+    assert [c.id for c in spool.claim_due(now, 100)] == [ids[0]]  # a retry due: at once
+    spool.set_campaign_status(camps[1], "paused")
+    assert spool.claim_due(now, 100) == []
+    spool.close()
+
+
+def test_mail_another_process_spools_is_claimed_soon_after_an_idle_claim(
+    make_spool: Callable[[], Spool],
+) -> None:
+    """What another process (SQLite) or node (Redis) spools after an idle claim
+    here is claimed within a moment (DUE_REUSE / QUIET_REUSE, 0.1 s)."""
+    spool, other = make_spool(), make_spool()
+    cid = spool.create_campaign(SPEC)
+    spool_rows(spool, cid, 3, time.time() + 3600)
+    assert spool.claim_due(time.time(), 100) == []
+    ids = spool_rows(other, cid, 4, time.time() - 1, tag="o")
+    got: list[Any] = []
+    deadline = time.monotonic() + 30
+    while not got and time.monotonic() < deadline:
+        got = spool.claim_due(time.time(), 100)
+        time.sleep(0.01)
+    assert sorted(c.id for c in got) == ids
+    other.close()
+    spool.close()
+
+
 def test_lua_shares_are_the_python_shares(redis_server: Any) -> None:
     """lib.lua's fair_shares is spool/fair.py's, on random inputs."""
     import redis
