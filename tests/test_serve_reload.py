@@ -618,3 +618,61 @@ def test_a_slow_down_the_retiring_worker_meets_slows_its_successor(tmp_path: Pat
     finally:
         ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
         ctl.stop()
+
+
+class _HoldsTheFirst(_BlocksAfterTheDot):
+    """As _BlocksAfterTheDot, the held first message answered 250."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        return "250 2.0.0 taken" if reply.startswith("554") else reply
+
+
+def test_a_reload_keeps_the_warm_up_cap_with_the_old_workers_last_sends(tmp_path: Path) -> None:
+    """An address on warm-up (3 a day here): the old worker has sent one (its
+    transaction still on the wire) when a SIGHUP comes; the new worker sends
+    only 2 more today. The old worker tells its warm-up counts with its answer
+    to wire.Retire; before, with its next second's stats, after the new worker
+    had started from totals without them: 3 more went (4 in the day)."""
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    handler = _HoldsTheFirst()
+    ctl = Controller(handler, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        s = Served(tmp_path, f"127.0.0.1:{ctl.port}",
+                   '[pools]\ndefault = "main"\n[pools.warmup]\nschedule = [3, 6]\n'
+                   '[pools.main]\nips = [{ ip = "127.0.0.2", warmup_day = 1 }]\n',
+                   delivery="max_connections = 1")  # fmt: skip
+        try:
+
+            def post(rcpts: list[str]) -> list[int]:
+                st, out = s.req("POST", "/v1/messages", {"from": "a@example.com",
+                                "subject": "s", "text": "t", "to": rcpts})  # fmt: skip
+                assert st == 202, out
+                return [i for m in out["messages"] for i in m["ids"]]
+
+            post(["first@x.example"])
+            deadline = time.monotonic() + 60
+            while not handler.rcpts:
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.01)
+            hup(s, "configuration reloaded")
+            ids = post([f"n{i}@x.example" for i in range(3)])
+            handler.release()
+            # Until each of the 3 is sent or handed back for the cap (the next day).
+            while True:
+                msgs = [s.req("GET", f"/v1/messages/{i}")[1] for i in ids]
+                if all(m["state"] == "delivered" or (m["next_attempt"] or 0) > m["created"] + 60
+                       for m in msgs):  # fmt: skip
+                    break
+                assert time.monotonic() < deadline and s.proc.poll() is None, msgs
+                time.sleep(0.1)
+            assert len(handler.rcpts) == 3, handler.rcpts
+        finally:
+            s.stop()
+    finally:
+        ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
+        ctl.stop()

@@ -667,6 +667,12 @@ class Worker:
         self.handback_ids(ids, 0.0, 0.0, RETIRED)
         if back:
             self.handback(back, 0.0, 0.0, RETIRED)
+        # Its warm-up counts now, not with the next second's stats: the new worker
+        # starts from the totals (spawn_records), this one's last sends included.
+        counts = self.shaper.warm_counts() if self.shaper.warming else {}
+        if counts and counts != self.warm_sent:
+            self.warm_sent = counts
+            self.pending_out.append(wire.encoder.encode(wire.WarmupCounts(counts)))
         # What each lane has spent and learned, for the new worker (before the
         # wire.Conns that lets it start): no second burst, no AIMD cut undone.
         states = self.shaper.lane_states(time.monotonic())
