@@ -106,6 +106,7 @@ class Worker:
         self.retiring = False  # wire.Retire: a reload's new worker sends in our place
         self.conns_told: list[tuple[str, str, int]] | None = None  # last wire.Conns sent
         self.lanes_told: dict[tuple[str, str], tuple[float, float]] = {}  # report_lanes
+        self.lanes_busy: list[tuple[str, str]] = []  # (ip, site) with a connection at Retire
         self.busy = 0  # batches being resolved/rendered
         # Envelopes placed during one read of the inbox, per site queue, pushed
         # together at its end (place_batch, push_placed).
@@ -679,7 +680,10 @@ class Worker:
         self.lanes_told = {(st.ip, st.site): _slowed(st) for st in states}
         if states:
             self.pending_out.append(wire.encoder.encode(wire.Lanes(states)))
+        # Only lanes with a transaction on the wire can hear more (report_lanes).
+        self.lanes_busy = [key for key, ln in self.shaper.lanes.items() if ln.active]
         self.report_conns()
+        self.check_done()
 
     def report_lanes(self) -> None:
         """While retiring: the lanes the replies to its last transactions slowed
@@ -688,15 +692,15 @@ class Worker:
         now = time.monotonic()
         told = self.lanes_told
         changed = []
-        for key, ln in self.shaper.lanes.items():
-            st = ln.state(now)
+        for key in self.lanes_busy:
+            ln = self.shaper.lanes.get(key)
+            st = ln.state(now) if ln is not None else None
             if st is not None and told.get(key) != (was := _slowed(st)):
                 told[key] = was
                 changed.append(st)
         if changed:
             self.pending_out.append(wire.encoder.encode(wire.Lanes(changed)))
             self.flush()
-        self.check_done()
 
     def report_conns(self) -> None:
         """wire.Conns: the connections this retiring worker holds per lane (sent
