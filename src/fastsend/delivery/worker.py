@@ -714,10 +714,9 @@ class Worker:
                        if not pool and key.startswith("provider:") and q.active)  # fmt: skip
         if held != self.conns_told:
             self.conns_told = held
-            if self.out:  # in order: the outcomes before it first
-                self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
-                self.out = []
-                self.out_n = 0
+            # In order: the outcomes and the shaping events before it (a rest its
+            # last reply made reaches the new worker before the lane it frees).
+            self.flush()
             self.pending_out.append(wire.encoder.encode(wire.Conns(held)))
             self.flush()
 
