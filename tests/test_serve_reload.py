@@ -676,3 +676,70 @@ def test_a_reload_keeps_the_warm_up_cap_with_the_old_workers_last_sends(tmp_path
     finally:
         ctl.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(ctl.loop)])
         ctl.stop()
+
+
+class _ThrottlingAPI(_HeldAPI):
+    """A SendGrid v3 stand-in whose first request is answered 429 with
+    Retry-After: 300 (the account over its rate), the others 202."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        async def send(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.requests += 1
+            if self.requests == 1:
+                return web.json_response({"errors": [{"message": "too many requests"}]},
+                                         status=429, headers={"Retry-After": "300"})  # fmt: skip
+            self.rcpts += [t["email"] for p in body["personalizations"] for t in p["to"]]
+            return web.Response(status=202, headers={"X-Message-Id": "m"})
+
+        app = web.Application()
+        app.router.add_post("/v3/mail/send", send)
+        return app
+
+
+def test_a_reload_keeps_a_providers_retry_after(tmp_path: Path) -> None:
+    """A provider transport answered 429 with Retry-After: 300: its queue waits.
+    After a SIGHUP the new worker takes over that pause (wire.Lanes providers):
+    mail for the provider waits too, handed back, no request sent. Before,
+    the new worker's queue was fresh and sent at once, into the pause."""
+    from tests._provider_servers import ThreadedApp
+
+    api = _ThrottlingAPI()
+    cred = tmp_path / "sg.secret"
+    cred.write_text("api_key=sg-key\n")
+    cred.chmod(0o600)
+    with ThreadedApp(api.app()) as app:
+        s = Served(tmp_path, "sg", f'[transports.sg]\nkind = "sendgrid"\nendpoint = "{app.url}"\n'
+                                   f'credentials_file = "{cred}"\n')  # fmt: skip
+        try:
+
+            def post(rcpt: str) -> int:
+                st, out = s.req("POST", "/v1/messages", {"from": "a@example.com",
+                                "subject": "s", "text": "t", "to": [rcpt]})  # fmt: skip
+                assert st == 202, out
+                return int(out["messages"][0]["ids"][0])
+
+            def waits(mid: int) -> bool:
+                st, msg = s.req("GET", f"/v1/messages/{mid}")
+                assert st == 200, msg
+                return bool((msg["next_attempt"] or 0) > msg["created"] + 60)
+
+            first = post("a@x.example")
+            deadline = time.monotonic() + 60
+            while not waits(first):  # throttled: handed back for the pause
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.05)
+            hup(s, "configuration reloaded")
+            mid = post("b@x.example")
+            while not (api.requests > 1 or waits(mid)):
+                assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+                time.sleep(0.05)
+            assert api.requests == 1 and not api.rcpts, api.rcpts
+        finally:
+            s.stop()

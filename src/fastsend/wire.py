@@ -329,6 +329,9 @@ class Lanes(msgspec.Struct, array_like=True, tag=22):
     new worker started with full buckets and the configured rates."""
 
     lanes: list[LaneState]
+    # A provider transport's queue (transports.http.ProviderQueue.state): its site
+    # key -> (paused until, monotonic; its rate, 0: none; its request cap; backoff).
+    providers: dict[str, tuple[float, float, int, float]] = {}
 
 
 ToWorker = (

@@ -112,6 +112,30 @@ class Router:
         # nodes on a shared spool: wire.TransportShares); absent: all of it.
         self.conns: dict[str, int] = {}
         self.nodes: dict[str, int] = {}  # transport -> live nodes sending through it
+        # provider site key -> a reload's retiring worker's queue (wire.Lanes
+        # providers), taken over when this worker makes that queue.
+        self.inherited: dict[str, tuple[float, float, int, float]] = {}
+
+    def inherit(self, providers: dict[str, tuple[float, float, int, float]]) -> None:
+        """wire.Lanes' providers: each queue made already takes it over now, the
+        others when they are made."""
+        for key, st in providers.items():
+            q = self.w.sites.get(("", key))
+            if q is not None and hasattr(q, "take_over"):
+                q.take_over(st)
+            else:
+                self.inherited[key] = st
+
+    def states(self, now: float) -> dict[str, tuple[float, float, int, float]]:
+        """Each provider queue's state a reload's new worker takes over (and
+        what this one inherited and has not used)."""
+        out = dict(self.inherited)
+        for (pool, key), q in self.w.sites.items():
+            if not pool and key.startswith("provider:") and hasattr(q, "state"):
+                st = q.state(now)
+                if st is not None:
+                    out[key] = st
+        return out
 
     def set_conns(self, conns: dict[str, int], nodes: dict[str, int]) -> None:
         """A new share of each transport's connections for this node (and the
@@ -215,6 +239,8 @@ class Router:
             )
             # A reload's retiring worker's requests still in flight there (wire.Conns).
             q.borrowed = w.shaper.borrowed.get(key, 0)
+            if (st := self.inherited.pop(key[1], None)) is not None:
+                q.take_over(st)  # and where it left the queue (wire.Lanes)
         return q
 
     async def dispatch(

@@ -107,6 +107,7 @@ class Worker:
         self.conns_told: list[tuple[str, str, int]] | None = None  # last wire.Conns sent
         self.lanes_told: dict[tuple[str, str], tuple[float, float]] = {}  # report_lanes
         self.lanes_busy: list[tuple[str, str]] = []  # (ip, site) with a connection at Retire
+        self.providers_told: dict[str, tuple[float, float, int, float]] = {}  # report_lanes
         self.busy = 0  # batches being resolved/rendered
         # Envelopes placed during one read of the inbox, per site queue, pushed
         # together at its end (place_batch, push_placed).
@@ -185,6 +186,8 @@ class Worker:
                 self.retire()
             elif isinstance(msg, wire.Lanes):
                 self.shaper.inherit(msg.lanes)
+                if msg.providers:
+                    self.router.inherit(msg.providers)
             elif isinstance(msg, wire.Conns):
                 self.shaper.lend(msg.held)
                 for (_pool, key), q in list(self.sites.items()):  # freed: its mail may go now
@@ -676,10 +679,12 @@ class Worker:
             self.pending_out.append(wire.encoder.encode(wire.WarmupCounts(counts)))
         # What each lane has spent and learned, for the new worker (before the
         # wire.Conns that lets it start): no second burst, no AIMD cut undone.
-        states = self.shaper.lane_states(time.monotonic())
+        now = time.monotonic()
+        states = self.shaper.lane_states(now)
         self.lanes_told = {(st.ip, st.site): _slowed(st) for st in states}
-        if states:
-            self.pending_out.append(wire.encoder.encode(wire.Lanes(states)))
+        providers = self.providers_told = self.router.states(now)
+        if states or providers:
+            self.pending_out.append(wire.encoder.encode(wire.Lanes(states, providers)))
         # Only lanes with a transaction on the wire can hear more (report_lanes).
         self.lanes_busy = [key for key, ln in self.shaper.lanes.items() if ln.active]
         self.report_conns()
@@ -698,8 +703,11 @@ class Worker:
             if st is not None and told.get(key) != (was := _slowed(st)):
                 told[key] = was
                 changed.append(st)
-        if changed:
-            self.pending_out.append(wire.encoder.encode(wire.Lanes(changed)))
+        providers = {k: v for k, v in self.router.states(now).items()
+                     if self.providers_told.get(k) != v}  # fmt: skip
+        self.providers_told.update(providers)
+        if changed or providers:
+            self.pending_out.append(wire.encoder.encode(wire.Lanes(changed, providers)))
             self.flush()
 
     def report_conns(self) -> None:

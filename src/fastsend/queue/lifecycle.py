@@ -133,8 +133,10 @@ class WorkerLifecycle(SupervisorState):
         if lent:  # before any batch: what the workers it replaces hold (a reload)
             slot.backlog.append(wire.encoder.encode(wire.Conns(lent)))
         lanes = self.inherited(slot.index)
-        if lanes:  # and where they left each lane: its buckets, an AIMD cut
-            slot.backlog.append(wire.encoder.encode(wire.Lanes(lanes)))
+        providers = {k: v for o in self.retired if o.index == slot.index
+                     for k, v in o.providers.items()}  # fmt: skip
+        if lanes or providers:  # and where they left each lane: its buckets, an AIMD cut
+            slot.backlog.append(wire.encoder.encode(wire.Lanes(lanes, providers)))
         parent = os.getpid()  # the child dies with us (PR_SET_PDEATHSIG), checked from here
         pid = os.fork()
         if pid == 0:  # child
@@ -434,16 +436,18 @@ class WorkerLifecycle(SupervisorState):
         its last replies slowed down: told at once to the new workers sending
         from those addresses."""
         if slot.conns is None:
-            slot.lanes = list(msg.lanes)
+            slot.lanes, slot.providers = list(msg.lanes), dict(msg.providers)
             return
         now = {(st.ip, st.site): st for st in slot.lanes}
         now.update(((st.ip, st.site), st) for st in msg.lanes)
         slot.lanes = list(now.values())
+        slot.providers.update(msg.providers)
         for new in self.slots:
             if new.alive and new.inbox is not None:
                 mine = [st for st in msg.lanes if self._takes_over(new.index, slot, st.ip)]
-                if mine:
-                    new.backlog.append(wire.encoder.encode(wire.Lanes(mine)))
+                providers = msg.providers if new.index == slot.index else {}
+                if mine or providers:
+                    new.backlog.append(wire.encoder.encode(wire.Lanes(mine, providers)))
                     self.push_backlog(new)
 
     def on_conns(self, slot: WorkerSlot, msg: wire.Conns) -> None:

@@ -443,6 +443,30 @@ class ProviderQueue:
     def active(self) -> int:
         return self.nconn
 
+    def state(self, now: float) -> tuple[float, float, int, float] | None:
+        """What a reload's new worker takes over (:meth:`take_over`): a pause
+        the provider asked for, a rate or request cap it made us lower, the
+        backoff; None when a fresh queue would decide the same."""
+        rate = self.bucket.rate if self.bucket is not None else 0.0
+        if self.paused_until <= now and rate >= self.rate_max and self.limit >= self.limit_max:
+            return None
+        return self.paused_until, rate, self.limit, self.backoff
+
+    def take_over(self, st: tuple[float, float, int, float]) -> None:
+        """A reload's retiring worker's queue of this transport (:meth:`state`):
+        its pause, and its lowered rate and cap (never above this one's). Before,
+        the new worker sent at once, at the full rate, into the provider's
+        Retry-After."""
+        paused, rate, limit, backoff = st
+        now = time.monotonic()
+        self.paused_until = max(self.paused_until, paused)
+        self.backoff = max(self.backoff, backoff)
+        if self.bucket is not None and 0 < rate < self.bucket.rate:
+            self.bucket.set_rate(rate, now)
+        self.limit = max(1, min(self.limit, limit))
+        if self.ready and self.pending:
+            self.pump()
+
     def set_conns(self, total: int) -> None:
         """This node's share of the transport's max_connections changed (other
         nodes came or went): this worker's part of it. Requests over it finish."""
