@@ -1050,6 +1050,28 @@ CASES = [
         (553, "", "sorry, your envelope sender has been denied (#5.7.1)", "RCPT"),
         ("rejected", False, False, False),
     ),
+    # NTT docomo (docomo.ne.jp) answers after the end of DATA: "550 Unknown
+    # user ADDR" when the recipient's reception filter refuses our sender
+    # (an address that does not exist is refused at RCPT), "552 Too much
+    # mail data ADDR" when the mailbox is full (documented by senders to
+    # docomo, e.g. note.com/sendmagic "SMTP応答コードについて【ドコモ編】").
+    (
+        (550, "", "Unknown user taro@docomo.ne.jp", "DATA"),
+        ("rejected", False, False, False),
+    ),
+    (
+        (552, "", "Too much mail data taro@docomo.ne.jp", "DATA"),
+        ("mailboxfull", False, False, False),
+    ),
+    # The same words from another host keep their usual reading.
+    ((552, "", "Error: Too much mail data", "DATA"), ("mesgtoobig", False, False, False)),
+    ((550, "", "Unknown user taro@example.org", "RCPT"), ("userunknown", True, False, False)),
+    # Mail.ru's limit on mail to one mailbox (help.mail.ru, postmaster
+    # errors): a pace to slow down to, written as one word.
+    (
+        (451, "", "Ratelimit exceeded for mailbox bob@mail.example. Try again later.", "RCPT"),
+        ("speeding", False, True, False),
+    ),
     # A link in the body to a listed domain (SURBL/URIBL style): the
     # content, not the sending IP.
     (
