@@ -45,6 +45,7 @@ def link_class(impl: str) -> Any:
 class FaultServer:
     close_after: int = -1  # drop the connection at the MAIL after this many messages
     stall_at: str = ""  # stop answering this command ("EHLO", "MAIL", ".", ...)
+    slow_mail: float = 0.0  # seconds before answering a MAIL after the first message
     messages: list[bytes] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
@@ -87,6 +88,8 @@ class FaultServer:
             elif verb == "MAIL":
                 if len(self.messages) == self.close_after:
                     return  # close (FIN) with the rest of the batch unanswered
+                if self.slow_mail and self.messages:
+                    await asyncio.sleep(self.slow_mail)
                 w.write(b"250 2.1.0 Ok\r\n")
             elif verb in ("RCPT", "RSET", "NOOP"):
                 w.write(b"250 2.1.5 Ok\r\n")

@@ -213,6 +213,30 @@ def test_timeouts(run: Run, stall: str, stage: str) -> None:
     assert out.deferred and out.stage == stage and "timeout" in out.text
 
 
+def test_a_reused_connections_reply_clock_starts_at_the_write() -> None:
+    """The reply timer of a connection reused after a pause counted from its last
+    read, not from the new command: idle 1.2 s in the pool, then a MAIL answered
+    in 1.2 s timed out against a 2 s limit (deferred "timeout: no reply to mail").
+    The clock starts at the write now."""
+    t = Timeouts(connect=5, greeting=5, ehlo=5, mail=2, rcpt=2, data=2, data_end=2)
+
+    async def go() -> Any:
+        server = await FaultServer(slow_mail=1.2).start()
+        try:
+            conn = await must_connect(ConnectOptions(host="127.0.0.1", port=server.port, timeouts=t))
+            (first,) = await conn.send(envs(1))
+            await asyncio.sleep(1.2)  # idle in the pool, the last reply's timer still armed
+            (second,) = await conn.send(envs(1))
+            return first.outcomes[0], second.outcomes[0], conn.usable
+        finally:
+            await server.stop()
+
+    first, second, usable = asyncio.run(go())
+    assert first.delivered
+    assert second.delivered, second
+    assert usable
+
+
 def test_connect_refused_and_idle_close(run: Run) -> None:
     async def go() -> Any:
         refused = await connect(ConnectOptions(host="127.0.0.1", port=free_port(), timeouts=SHORT))
@@ -405,6 +429,11 @@ def test_exim_pipelining_with_refusals(
     got = sorted(r for _sender, rs in exim_server.received() for r in rs)
     assert got == sorted(["a@example.com", "b@example.com", "c@example.com", "d@example.com"] * 3)
     assert exim_server.protocol_errors() == [], exim_server.protocol_errors()[:5]
+    # Each taken message's queue_id is Exim's own id (its log's), not its reply's text
+    # ("OK id=1tAbCd-000XyZ-AB", after "1234 byte chunk, total 1234" with BDAT).
+    logged = [ln.split()[2] for ln in exim_server.mainlog().splitlines() if " <= " in ln]
+    taken = [r.queue_id for r in results if any(o.kind == "delivered" for o in r.outcomes)]
+    assert len(taken) == 9 and sorted(taken) == sorted(logged), (taken, logged)
 
 
 def napper_class(impl: str) -> Any:

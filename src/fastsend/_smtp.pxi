@@ -206,6 +206,35 @@ def dot_stuff(bytes data not None, bytes tail not None = b""):
     return _dot_stuff(data, tail)
 
 
+cpdef str queue_id(str text):
+    """Compiled twin of fastsend.smtp.replies.queue_id: the receiver's id of a
+    message it took, from its 2xx reply's text (the whole text when no known
+    format names one)."""
+    cdef Py_ssize_t k = text.find("queued as ")
+    if k >= 0:
+        return _qid_token(text, k + 10)
+    k = text.find("id=")
+    if k >= 0 and (k == 0 or text[k - 1] in " \n(["):
+        return _qid_token(text, k + 3)
+    k = text.find(" - gsmtp")
+    if k > 0:
+        words = text[:k].split()
+        return words[len(words) - 1] if words else text
+    k = text.find(" Message accepted for delivery")
+    if k > 0:
+        return _qid_token(text, 0)
+    return text
+
+
+cdef str _qid_token(str text, Py_ssize_t start):
+    cdef Py_ssize_t end = start, n = len(text)
+    while end < n and text[end] not in " \n\t":
+        end += 1
+    while end > start and text[end - 1] in ")],;.":
+        end -= 1
+    return text[start:end] if end > start else text
+
+
 cdef Py_ssize_t _dots(const char* p, Py_ssize_t n) noexcept nogil:
     """The dots to double in ``p``: at the start, or after CR or LF."""
     cdef Py_ssize_t i = 0, extra = 0
@@ -1164,9 +1193,7 @@ cdef class ClientCore:
                 outs[j] = out
         qid = ""
         if code < 300 and txn.accepted:
-            text = out.text
-            k = text.find("queued as ")
-            qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+            qid = queue_id(out.text)
             if len(outs) == 1 and outs[0] is out:
                 self.delivered_one += 1
         return self._finish(txn, qid)
@@ -1189,9 +1216,7 @@ cdef class ClientCore:
             out = self._outcome(reply, "data")
             qid = ""
             if code < 300:
-                text = out.text
-                k = text.find("queued as ")
-                qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+                qid = queue_id(out.text)
             self._dot_reply = reply
             self._dot_out = out
             self._dot_qid = qid
@@ -1355,6 +1380,7 @@ cdef class Link:
     cdef public Py_ssize_t want
     cdef public object batch_waiter, cmd_waiter, early, timer
     cdef public double last, tick
+    cdef public bint idle  # every reply answered: the next write starts the clock
     cdef public str lost_reason
     cdef ClientCore _core  # the client when it is the compiled core (else None)
     cdef object _time  # loop.time
@@ -1375,6 +1401,7 @@ cdef class Link:
         self.cmd_waiter = None
         self.early = None
         self.last = loop.time()
+        self.idle = False
         self.timer = None
         self.tick = min(t.mail, t.rcpt, t.data, t.data_end)
         self.lost_reason = ""
@@ -1424,6 +1451,8 @@ cdef class Link:
             finally:
                 if core is not None:
                     _list_reset(events)  # (the core's own list, kept)
+            if (core._pn == 0) if core is not None else not self.client.expecting:
+                self.idle = True
 
     def connection_lost(self, exc):
         if not self.lost_reason:
@@ -1488,8 +1517,9 @@ cdef class Link:
         """Write commands; starts the reply clock when we were idle."""
         cdef double now = self._time()
         cdef double deadline
-        if self.timer is None:
+        if self.timer is None or self.idle:
             self.last = now
+            self.idle = False
         deadline = self.last + self.timeouts.for_stage(self.client.expecting or "ehlo")
         if self.timer is None or self.timer.when() > deadline:
             if self.timer is not None:

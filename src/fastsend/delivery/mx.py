@@ -12,6 +12,8 @@ that serve the domain, so every domain hosted by one provider shares a site — 
 an :class:`~fastsend.outcome.Outcome` saying why there is none:
 
 - null MX (RFC 7505, "0 .")     -> failed 5.1.10
+- MX records naming IP addresses, not hosts (RFC 5321 5.1) -> skipped; none
+  left: failed 5.4.4 (never connected to)
 - NXDOMAIN                      -> failed 5.1.2 (host unknown)
 - no MX: the domain's own A/AAAA is the implicit MX; none either -> failed 5.1.2
 - timeout / SERVFAIL            -> deferred 4.4.3
@@ -46,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from fastsend.config import Config, Route
+from fastsend.config import Config, Route, parse_nameserver
 from fastsend.delivery import dane
 from fastsend.delivery.mtasts import MTASTS, Policy, has_tlsrpt
 from fastsend.outcome import DEFERRED, FAILED, Outcome
@@ -156,21 +158,16 @@ class MXResolver:
         import dns.asyncresolver
 
         config = self.config
+        import dns.nameserver
+
         resolver = dns.asyncresolver.Resolver(configure=not config.dns.nameservers)
         if config.dns.nameservers:
-            addrs, port = [], 53
-            for ns in config.dns.nameservers:
-                if ns.startswith("["):  # [v6]:port
-                    host, _, rest = ns[1:].partition("]")
-                    port = int(rest[1:]) if rest.startswith(":") else port
-                elif ns.count(":") == 1:  # v4:port
-                    host, p = ns.split(":")
-                    port = int(p)
-                else:
-                    host = ns
-                addrs.append(host)
-            resolver.nameservers = addrs
-            resolver.port = port
+            # Each asked on its own port (one port for all took the last one named:
+            # "127.0.0.1:5353" beside "10.0.0.1" asked 10.0.0.1 on 5353 too).
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(*parse_nameserver(ns))
+                for ns in config.dns.nameservers
+            ]
         resolver.lifetime = config.dns.timeout
         resolver.timeout = config.dns.timeout
         if self.dane:
@@ -416,6 +413,23 @@ class MXResolver:
                 _fail("5.1.10", f"domain {domain} does not accept mail (null MX, RFC 7505)"),
                 ttl,
             )
+        # RFC 5321 5.1, RFC 1035 3.3.9: an MX names a host. One that reads as an
+        # address ("10 192.0.2.1.") is the domain's misconfiguration, never
+        # connected to (as Postfix: "numeric domain name in resource data of MX
+        # record"); the domain's other MX records still serve.
+        numeric = [name for _, name in records if _is_ip(name)]
+        if numeric:
+            records = [r for r in records if not _is_ip(r[1])]
+            if not records:
+                shown = ", ".join(numeric[:4])
+                return (
+                    _fail(
+                        "5.4.4",
+                        f"MX of {domain} names an IP address ({shown}), not a host name"
+                        " (RFC 5321 5.1): a misconfigured domain, not used",
+                    ),
+                    ttl,
+                )
         hosts: list[Host] = []
         last_err: Outcome | None = None
         refused = []

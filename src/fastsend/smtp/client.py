@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from fastsend._accel import pick
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.smtp.errors import LocalProtocolError, RemoteProtocolError
-from fastsend.smtp.replies import Reply, ReplyParser, dot_stuff
+from fastsend.smtp.replies import Reply, ReplyParser, dot_stuff, queue_id
 
 # Client states.
 GREETING = "greeting"  # waiting for the server's 220
@@ -643,9 +643,7 @@ class ClientCore:
                 outs[j] = out
         qid = ""
         if code < 300 and txn.accepted:
-            text = out.text
-            k = text.find("queued as ")
-            qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+            qid = queue_id(out.text)
             if len(outs) == 1 and outs[0] is out:
                 self.delivered_one += 1
         self._finish(txn, qid)
@@ -667,9 +665,7 @@ class ClientCore:
             out = self._outcome(reply, "data")
             qid = ""
             if code < 300:
-                text = out.text
-                k = text.find("queued as ")
-                qid = text[k + 10 :].split(" ", 1)[0] if k >= 0 else text
+                qid = queue_id(out.text)
             self._dot_reply = reply
             self._dot_result = (out, qid)
         if len(outs) == 1:  # one recipient, accepted (else no body was sent): the usual case

@@ -131,8 +131,47 @@ def dot_stuff(data: bytes, tail: bytes = b"") -> bytes:
     return body + b".\r\n" + tail
 
 
+def queue_id(text: str) -> str:
+    """The receiving server's own id of a message it took, from the text of its
+    2xx reply to the end of data (the delivery record's and event's
+    ``queue_id``: what its operator greps its logs for), in the formats MTAs
+    document: Postfix (and most) ``Ok: queued as 4F1ABC123``, Exim ``OK
+    id=1tAbCd-000XyZ-AB`` (after a BDAT's ``1234 byte chunk, total 1234``
+    line too), Gmail ``OK 1700000000 a640c23a62f3a-a9e5...si.123 - gsmtp``,
+    Sendmail ``x8GJ3kVl012345 Message accepted for delivery``. Any other: the
+    whole text (which may hold it), as before."""
+    k = text.find("queued as ")
+    if k >= 0:
+        return _token(text, k + 10)
+    k = text.find("id=")
+    if k >= 0 and (k == 0 or text[k - 1] in " \n(["):
+        return _token(text, k + 3)
+    k = text.find(" - gsmtp")
+    if k > 0:
+        words = text[:k].split()
+        return words[-1] if words else text
+    k = text.find(" Message accepted for delivery")
+    if k > 0:
+        return _token(text, 0)
+    return text
+
+
+def _token(text: str, start: int) -> str:
+    """The word of ``text`` from ``start`` to the next space or line end, less a
+    closing ``)``, ``]``, ``,``, ``;`` or ``.`` (an id is never empty: else ``text``)."""
+    end = start
+    n = len(text)
+    while end < n and text[end] not in " \n\t":
+        end += 1
+    while end > start and text[end - 1] in ")],;.":
+        end -= 1
+    return text[start:end] if end > start else text
+
+
 # The readable references stay reachable for the tests (``impl`` fixture).
 PyReplyParser = ReplyParser
 py_dot_stuff = dot_stuff
+py_queue_id = queue_id
 ReplyParser = pick(PyReplyParser)  # type: ignore[misc]
 dot_stuff = pick(py_dot_stuff)
+queue_id = pick(py_queue_id)

@@ -224,6 +224,11 @@ class Link(asyncio.Protocol):
         # the greeting inside create_connection, before command() can wait.
         self.early: CommandDone | None = None
         self.last = loop.time()  # last progress (a read, or a write from idle)
+        # Every reply answered (a read left nothing waited for): the next write
+        # starts the reply clock, even with the timer of the last one still armed
+        # (a reused connection's reply timer counted from its last read, its idle
+        # time in the pool included: a premature timeout).
+        self.idle = False
         self.timer: asyncio.TimerHandle | None = None
         self.tick = min(t.mail, t.rcpt, t.data, t.data_end)
         self.lost_reason = ""
@@ -248,6 +253,8 @@ class Link(asyncio.Protocol):
         self.last = self.loop.time()
         if events:
             self.dispatch(events)
+            if not client.expecting:  # (a session's last reply ends in an event)
+                self.idle = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost_reason:
@@ -300,8 +307,9 @@ class Link(asyncio.Protocol):
     def write(self, wire: bytes) -> None:
         """Write commands; starts the reply clock when we were idle."""
         now = self.loop.time()
-        if self.timer is None:
+        if self.timer is None or self.idle:
             self.last = now
+            self.idle = False
         deadline = self.last + self.timeouts.for_stage(self.client.expecting or "ehlo")
         if self.timer is None or self.timer.when() > deadline:
             if self.timer is not None:
