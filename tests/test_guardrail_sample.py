@@ -73,3 +73,49 @@ def test_a_sample_stuck_at_a_mute_receiver_does_not_hold_the_campaign(tmp_path: 
         assert rows[r]["state"] == "queued" and rows[r]["attempts"] == 0, rows[r]
     events = [json.loads(x) for x in (spool / "events.jsonl").read_text().splitlines()]
     assert not [e for e in events if e.get("rcpt") in stuck and e["event"] != "accepted"]
+
+
+def test_a_list_that_starts_at_a_mute_receiver_is_not_let_out_a_sample_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """The first 200 rows at a receiver that never answers, min_sample 5: each
+    sample_wait (2 s) let 5 more of them out, so the other domain's mail waited 40
+    rounds (80 s; at the defaults, 10,000 rows of a dead domain held the rest for
+    10 minutes). A domain whose sample went unanswered past sample_wait is slow:
+    its mail leaves the count, and the rest goes after one sample_wait."""
+    mute = socket.socket()  # completes TCP handshakes, never says a word
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(512)
+    stuck = [f"s{i}@stuck.example" for i in range(200)]
+    ok = [f"u{i}@ok.example" for i in range(20)]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, stuck + ok)
+    conf = tmp_path / "fastsend.toml"
+    conf.write_text("[guardrails]\nmin_sample = 5\nsample_wait = 2.0\n")
+    log = tmp_path / "sink.jsonl"
+    try:
+        with SinkProcess("--log", str(log)) as sink:
+            proc = subprocess.Popen(
+                fastsend_cmd("send", str(camp), "-r", str(rcpts), "-c", str(conf), "--spool",
+                             str(tmp_path / "spool"), "--route",
+                             f"stuck.example=127.0.0.1:{mute.getsockname()[1]}",
+                             "--route", f"*={sink.host}:{sink.port}", "--workers", "1",
+                             "--no-dkim", "--no-progress"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 60  # (before: 80 s at the least)
+                while len(received_counts(log)) < len(ok) if log.exists() else True:
+                    assert proc.poll() is None and time.monotonic() < deadline, (
+                        "the campaign's other mail waited for its dead domain, a sample at a time"
+                    )
+                    time.sleep(0.1)
+                proc.send_signal(signal.SIGINT)
+                _out, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        mute.close()
+    assert proc.returncode == 130, err[-3000:]
+    assert set(received_counts(log)) == set(ok)

@@ -664,9 +664,14 @@ class Dispatch(SupervisorState):
         ``sample_wait`` s (a receiver that accepts and never answers held the
         whole campaign, every other domain's mail too, for its command
         timeouts: minutes), so a campaign nobody answers finally is never
-        stalled; once judged, it goes at full speed. The messages let out
-        are remembered per campaign (``Guardrails.out``: id -> its window and
-        when), and looked up in their windows only when the cap is near: the
+        stalled; once judged, it goes at full speed. The domain of such a
+        message is slow (``Guardrails.slow``, while one is still unanswered):
+        its further mail goes out of the count, as without guardrails. Else a
+        list whose first 10,000 rows are at a dead receiver let 500 more of
+        them out each sample_wait, 20 rounds of 30 s, before any other
+        domain's mail. The messages let out
+        are remembered per campaign (``Guardrails.out``: id -> its window,
+        when and its domain), and looked up in their windows only when the cap is near: the
         cost is the campaign's own, never a scan of the windows."""
         g = self.shaping.guardrails
         cap = g.settings.min_sample
@@ -679,7 +684,7 @@ class Dispatch(SupervisorState):
             cid = key[0]
             if not g.sampling(cid):
                 if track:
-                    track.pop(cid, None)  # judged: free from here on
+                    g.forget(cid)  # judged: free from here on
                 out[key] = items
                 continue
             ids = track.get(cid)
@@ -689,14 +694,32 @@ class Dispatch(SupervisorState):
                 ids = track[cid] = {}
             elif len(ids) + len(items) > cap and cid not in looked:  # once a call
                 looked.add(cid)
-                for i in [i for i, (s, t) in ids.items() if i not in s.inflight or t < stale]:
-                    del ids[i]
+                late = g.late.get(cid) or {}
+                for i, (s, t, dom) in list(ids.items()):
+                    if i not in s.inflight:
+                        del ids[i]
+                    elif t < stale:
+                        del ids[i]
+                        late[i] = (s, dom)
+                for i in [i for i, (s, _d) in late.items() if i not in s.inflight]:
+                    del late[i]
+                if late:
+                    g.late[cid] = late
+                    g.slow[cid] = {dom for _s, dom in late.values()}
+                else:
+                    g.late.pop(cid, None)
+                    g.slow.pop(cid, None)
+            slow = g.slow.get(cid)
+            if slow and key[1] in slow:  # a receiver that never answered: not sampled
+                out[key] = items
+                continue
             n = 0
+            dom = key[1]
             for c in items:
                 if c.id in ids:  # let out before and rate-held since: counted once
                     n += 1
                 elif len(ids) < cap:
-                    ids[c.id] = (slot, mono)
+                    ids[c.id] = (slot, mono, dom)
                     n += 1
                 else:
                     break

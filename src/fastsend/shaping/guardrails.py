@@ -81,8 +81,13 @@ class Guardrails:
         self.fresh: list[int] = []
         # campaign not judged yet -> its messages let out to the workers (id ->
         # (the window holding it: answered once it has left it, when it was let
-        # out: monotonic s)), Dispatch.sample_cap
-        self.out: dict[int, dict[int, tuple[Any, float]]] = {}
+        # out: monotonic s, its domain)), Dispatch.sample_cap
+        self.out: dict[int, dict[int, tuple[Any, float, str]]] = {}
+        # ... of those, the ones out longer than sample_wait and still unanswered
+        # (id -> (window, domain)), and their domains: a receiver that never
+        # answers, whose further mail of the campaign takes no room in the sample
+        self.late: dict[int, dict[int, tuple[Any, str]]] = {}
+        self.slow: dict[int, set[str]] = {}
 
     def _get(self, campaign: int) -> list[int]:
         g = self.counts.get(campaign)
@@ -124,13 +129,27 @@ class Guardrails:
         return g[0] + g[1] < s.min_sample
 
     def forget_answered(self) -> None:
-        """Drop from :attr:`out` what was answered, and campaigns with nothing left."""
+        """Drop from :attr:`out` and :attr:`late` what was answered, and campaigns
+        with nothing left."""
         for cid in list(self.out):
             ids = self.out[cid]
-            for i in [i for i, (w, _t) in ids.items() if i not in w.inflight]:
+            for i in [i for i, (w, _t, _d) in ids.items() if i not in w.inflight]:
                 del ids[i]
             if not ids:
                 del self.out[cid]
+        for cid in list(self.late):
+            late = self.late[cid]
+            for i in [i for i, (w, _d) in late.items() if i not in w.inflight]:
+                del late[i]
+            if not late:
+                del self.late[cid]
+                self.slow.pop(cid, None)
+
+    def forget(self, campaign: int) -> None:
+        """``campaign`` was judged: what its sample tracked is needed no more."""
+        self.out.pop(campaign, None)
+        self.late.pop(campaign, None)
+        self.slow.pop(campaign, None)
 
     def count_delivered(self, campaign: int, n: int) -> None:
         """``n`` deliveries of ``campaign`` (what on_result counts for each one),
