@@ -207,17 +207,18 @@ def test_a_node_killed_on_this_host_is_taken_back_at_the_next_start(
 def test_a_spool_redis_cannot_take_is_a_clear_error_without_its_password() -> None:
     """``fastsend resume`` on a Redis it cannot use: out of reach, or a
     replica that refuses writes (READONLY: the URL names a replica, or a
-    failover is under way). Each is one line naming the problem, exit 2, the
-    URL's password as ****. Before: the password was printed in full (stderr,
-    the journal), and a replica gave a traceback."""
+    failover is under way). Each is one line naming the problem, exit 2 (75 for
+    a Redis that does not answer: try again later), the URL's password as ****.
+    Before: the password was printed in full (stderr, the journal), and a
+    replica gave a traceback."""
     from conftest import free_port
 
     closed = free_port()
-    for url in (f"redis://:s3cretPW@127.0.0.1:{closed}/0?prefix=p",
-                f"redis://u:s3cretPW@127.0.0.1:{closed}/0?prefix=p&lease=x"):  # fmt: skip
+    for url, code in ((f"redis://:s3cretPW@127.0.0.1:{closed}/0?prefix=p", 75),
+                      (f"redis://u:s3cretPW@127.0.0.1:{closed}/0?prefix=p&lease=x", 2)):  # fmt: skip
         r = subprocess.run(fastsend_cmd("resume", "--spool", url, "--no-progress"),
                            capture_output=True, text=True, env=_env(), timeout=60)  # fmt: skip
-        assert r.returncode == 2, r.stderr
+        assert r.returncode == code, r.stderr
         assert "s3cretPW" not in r.stderr and ":****@127.0.0.1" in r.stderr, r.stderr
     with start_redis() as server:
         import redis as redis_py

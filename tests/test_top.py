@@ -98,3 +98,25 @@ def test_top_once_and_errors(tmp_path: Path) -> None:
                           str(tmp_path / "nothing"), "--once"], capture_output=True, text=True,
                          env=env)  # fmt: skip
     assert bad.returncode == 2 and "no rollups yet" in bad.stderr
+
+
+def test_top_to_a_file_or_pipe_writes_plain_frames(tmp_path: Path) -> None:
+    """`fastsend top > top.log` (or `| tee`) wrote the full-screen view's screen and
+    cursor sequences into the file, a frame a second, for ever. Output that is no
+    terminal now gets plain frames, one per --interval, as `top -b`."""
+    spool = tmp_path / "spool"
+    emit(spool, 0, 20, time.time() - 60)
+    proc = subprocess.Popen([sys.executable, "-m", "fastsend", "top", "--spool", str(spool),
+                             "--interval", "0.2"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        got = b""
+        assert proc.stdout is not None
+        while got.count(b"fastsend top") < 2:  # two frames
+            chunk = proc.stdout.read1(65536)
+            assert chunk, proc.stderr.read() if proc.stderr else b""
+            got += chunk
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert b"\x1b" not in got and b"delivered 18" in got and b"(q quits)" not in got

@@ -3,7 +3,6 @@ wrapper (:func:`make_lookup`) and the organizational domain (Public Suffix List)
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import dns.resolver
 import dns.reversename
 
 from fastsend.authcheck.spf import DnsTempError
+from fastsend.config.base import parse_nameserver  # (re-exported: check-domain, check-ip)
 
 try:  # the Public Suffix List, bundled by the package (works offline)
     from publicsuffixlist import PublicSuffixList as _PSLClass
@@ -121,25 +121,6 @@ class _Lookup:
             return self.query(name, rtype)
         except DnsTempError:
             return []
-
-
-def parse_nameserver(ns: str) -> tuple[str, int]:
-    """``ADDR``, ``V4:PORT`` or ``[V6]:PORT`` as (address, port); ValueError otherwise."""
-    host, port = ns.strip(), "53"
-    if host.startswith("["):
-        host, sep, rest = host[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{ns!r} is not ADDR, ADDR:PORT or [IPv6]:PORT")
-        port = rest[1:] or port
-    elif host.count(":") == 1:
-        host, port = host.split(":")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{ns!r}: {host!r} is not an IP address") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{ns!r}: bad port {port!r}")
-    return host, int(port)
 
 
 def make_lookup(

@@ -1,7 +1,7 @@
 """``fastsend campaign list|pause|resume|cancel [ID] --spool DIR``: campaign status.
 
 ``list`` prints each campaign's id, status, name, tenant and message counts
-per state. ``pause`` stops new claims of a campaign's messages (what is in
+per state (``list ID``: that campaign's only). ``pause`` stops new claims of a campaign's messages (what is in
 flight finishes), ``resume`` makes a paused campaign active again (e.g. after
 a guardrail paused it: ``list`` prints why under the campaign, as the
 ``campaign_paused`` event said), ``cancel`` stops it for good (its pending messages stay in the
@@ -29,9 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "action",
         choices=["list", "pause", "resume", "cancel"],
-        help="list every campaign, or pause / resume / cancel campaign ID",
+        help="list every campaign (or campaign ID), or pause / resume / cancel campaign ID",
     )
-    p.add_argument("id", nargs="?", type=int, help="campaign id (not for list)")
+    p.add_argument("id", nargs="?", type=int, help="campaign id (list: only that one)")
     add_spool_arguments(p)
     p.add_argument("--json", action="store_true", help="print as JSON")
 
@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         args.spool = spool_arg(args)
         spool = open_spool(args.spool, readonly=args.action == "list", must_exist=True)
-    except (SpoolError, ConfigError) as e:
+    except SpoolError as e:
+        return die(str(e), e.exit_status)
+    except ConfigError as e:
         return die(str(e))
     try:
         if args.action == "list":
@@ -54,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
                     **{k: v for k, v in spool.counts(c.id).items() if v},
                 }
                 for c in spool.list_campaigns()
+                if args.id is None or c.id == args.id
             ]
+            if args.id is not None and not rows:  # (an ID was silently ignored)
+                return die(f"no campaign {args.id} in {args.spool!r}")
             if args.json:
                 print(orjson.dumps(rows).decode())
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -85,13 +86,24 @@ def build_config(args: argparse.Namespace) -> Config:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     if args.nameserver:
+        for ns in args.nameserver:
+            try:
+                cfgmod.parse_nameserver(ns)
+            except ValueError as exc:
+                raise ConfigError(f"--nameserver {exc}") from None
         cfg.dns.nameservers = list(args.nameserver)
     if args.retry:
         try:
             lo, hi, age = (float(x) for x in args.retry.split(","))
         except ValueError:
             raise ConfigError("--retry expects MIN,MAX,MAXAGE seconds") from None
+        if not all(0 <= v < math.inf for v in (lo, hi, age)) or lo > hi:
+            raise ConfigError(
+                f"--retry {args.retry}: seconds >= 0, the first retry no later than the cap"
+            )
         cfg.retry.min_backoff, cfg.retry.max_backoff, cfg.retry.max_age = lo, hi, age
+    if not 0 <= args.max_wait < math.inf:  # (-5 and nan were taken)
+        raise ConfigError(f"--max-wait {args.max_wait:g}: seconds >= 0")
     return cfg
 
 

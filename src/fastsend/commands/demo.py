@@ -52,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.ips <= 250:
         print("fastsend demo: --ips must be 1..250", file=sys.stderr)
         return 2
+    # (0 or -5 recipients ran a demo of nothing and exited 1; --workers -1 and
+    # --size -1 were taken as the defaults)
+    for flag, value, low in (("--recipients", args.recipients, 1), ("--workers", args.workers, 0),
+                             ("--size", args.size, 0)):  # fmt: skip
+        if value < low:
+            print(f"fastsend demo: {flag} must be at least {low}", file=sys.stderr)
+            return 2
     tmp = tempfile.mkdtemp(prefix="fastsend-demo-")
     camp_path = os.path.join(tmp, "campaign.toml")
     # The bulk of the body is the template's, as in a real campaign; each row

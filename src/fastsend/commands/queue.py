@@ -27,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         spool = open_spool(spool_arg(args), readonly=True)
-    except (SpoolError, ConfigError) as e:
+    except SpoolError as e:
+        return die(str(e), e.exit_status)
+    except ConfigError as e:
         return die(str(e))
     now = time.time()
     shape = spool.queue_shape(now)

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         spool = open_spool(spool_url, must_exist=True)
     except SpoolError as e:
-        return die(str(e))
+        return die(str(e), e.exit_status)
     # One supervisor per spool (SQLite): another one's in-flight mail is not ours to requeue.
     busy = hold_supervisor(spool, "fastsend resume", cfg.spool_dir)
     if busy:

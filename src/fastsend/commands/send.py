@@ -171,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         return die(f"campaign file {args.campaign!r} not found")
     except (CampaignError, AcceptError) as e:
-        return die(f"{args.campaign}: {e}")
+        msg = str(e)  # (one that names the file already: not twice, "c.toml: c.toml: ...")
+        named = msg.startswith(f"{args.campaign}:") or f"campaign {args.campaign}:" in msg
+        return die(msg if named else f"{args.campaign}: {msg}")
     except recipients.RecipientsError as e:
         return die(str(e))
 
@@ -191,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
                     print(f"fastsend: {args.recipients}: {b}", file=sys.stderr)
                 return die(f"{len(bad)} bad recipient row(s); nothing was sent (--strict)", 1)
         spool = open_spool(spool_url)
-    except (recipients.RecipientsError, SpoolError) as e:
+    except SpoolError as e:
+        return die(str(e), e.exit_status)  # (a Redis that does not answer: 75)
+    except recipients.RecipientsError as e:
         return die(str(e))
     busy = hold_supervisor(spool, "fastsend send", cfg.spool_dir)  # before anything is spooled
     if busy:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from fastsend.commands.common import add_spool_arguments, spool_arg
+from fastsend.commands.common import EX_TEMPFAIL, add_spool_arguments, spool_arg
 from fastsend.suppression import (
     DEFAULT_TENANT,
     MANUAL,
@@ -66,9 +66,9 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int = 2) -> int:
     print(f"fastsend suppress: {msg}", file=sys.stderr)
-    return 2
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
             shared = RedisSuppressionList(store.client, store.prefix)
             return _dispatch(shared, args)  # type: ignore[arg-type]
         except SpoolError as e:
-            return _fail(str(e))
+            return _fail(str(e), e.exit_status)
         except SuppressionError as e:
             return _fail(str(e))
-        except redis.RedisError as e:
-            return _fail(f"Redis: {e}")
+        except redis.RedisError as e:  # (down for now: try again later)
+            return _fail(f"Redis: {e}", EX_TEMPFAIL)
     spool = Path(args.spool)
     if args.action in ("add", "import") and not spool.exists():
         # The people a new user brings along (unsubscribes, complaints) go in before the

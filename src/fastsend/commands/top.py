@@ -19,7 +19,8 @@ DESCRIPTION
       terminal's height).
 
     Node-wide by default (every tenant); ``--tenant NAME`` narrows to one.
-    ``q`` (or Ctrl-C) quits; ``--once`` prints one frame and exits (scripts).
+    ``q`` (or Ctrl-C) quits; ``--once`` prints one frame and exits (scripts);
+    output that is no terminal gets plain frames, one per ``--interval``.
     It reads the rollup store and the spool read-only: safe beside a running
     ``send`` or ``serve``.
 """
@@ -208,19 +209,34 @@ def run(args: argparse.Namespace) -> int:
         return die(str(e))
     except FileNotFoundError as e:
         return die(f"no rollups yet at {e} (run send or serve first)")
-    except Exception as e:  # a spool that cannot be opened
-        return die(f"cannot open the spool: {e}")
+    except Exception as e:  # a spool that cannot be opened (a Redis that does not answer: 75)
+        return die(f"cannot open the spool: {e}", getattr(e, "exit_status", 2))
     top = Top(store, spool, args.tenant, args.minutes)
     out = sys.stdout
-    if args.once:
-        size = shutil.get_terminal_size((120, 60))
-        lines = top.frame(time.time(), size.columns, 1000)
-        lines[0] = lines[0].replace("   (q quits)", "")  # one frame: no key is read
-        text = "\n".join(lines) + "\n"
-        if not _styled(out):  # a pipe, a file, NO_COLOR: no escape sequences in it
-            text = _ESCAPES.sub("", text)
-        out.write(text)
-        return 0
+    if args.once or not out.isatty():
+        # One frame (--once), or output that is no terminal (a file, a pipe, a
+        # log): frames as text, one per --interval, as `top -b` (the full-screen
+        # view wrote its screen and cursor sequences into the file).
+        try:
+            while True:
+                size = shutil.get_terminal_size((120, 60))
+                lines = top.frame(time.time(), size.columns, 1000)
+                lines[0] = lines[0].replace("   (q quits)", "")  # no key is read
+                text = "\n".join(lines) + "\n"
+                if not _styled(out):  # a pipe, a file, NO_COLOR: no escape sequences
+                    text = _ESCAPES.sub("", text)
+                out.write(text)
+                if args.once:
+                    return 0
+                out.write("\n")
+                out.flush()
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            store.close()
+            if spool is not None:
+                spool.close()
     tty = sys.stdin.isatty()
     old: Any = None
     if tty:

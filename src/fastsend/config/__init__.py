@@ -18,7 +18,7 @@ A value layer: it imports no area; the areas read their typed section from a
 loads a file and reports what is wrong, naming the key.
 """
 
-from fastsend.config.base import HELO, ConfigError, validate_helo, validate_ip
+from fastsend.config.base import HELO, ConfigError, parse_nameserver, validate_helo, validate_ip
 from fastsend.config.engine import DeliveryConfig, DNSConfig, RetryConfig, Route
 from fastsend.config.loader import (
     SECTIONS,
@@ -47,6 +47,7 @@ __all__ = [
     "load",
     "load_config",
     "never_matches",
+    "parse_nameserver",
     "route_key",
     "validate_helo",
     "validate_ip",

@@ -275,6 +275,25 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def parse_nameserver(ns: str) -> tuple[str, int]:
+    """``ADDR``, ``V4:PORT`` or ``[V6]:PORT`` as (address, port); ValueError otherwise."""
+    host, port = ns.strip(), "53"
+    if host.startswith("["):
+        host, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{ns!r} is not ADDR, ADDR:PORT or [IPv6]:PORT")
+        port = rest[1:] or port
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{ns!r}: {host!r} is not an IP address") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{ns!r}: bad port {port!r}")
+    return host, int(port)
+
+
 def check_listen(v: str, key: str) -> None:
     """ValueError unless ``v`` is ``HOST:PORT``."""
     host, sep, port = v.rpartition(":")

@@ -18,6 +18,7 @@ from fastsend.config.base import (
     PosInt,
     Section,
     Share,
+    parse_nameserver,
     validate_helo,
     validate_ip,
 )
@@ -139,9 +140,12 @@ class DeliveryConfig(Section):
     # are all delivered quickly takes up to 4x: delivery/pool.py, GROUP_GROW)
     pipeline: PosInt = 64
     tls: Literal["opportunistic", "required", "off"] = "opportunistic"
-    idle_timeout: NonNegFloat = 5.0
-    connect_timeout: NonNegFloat = 30.0
-    command_timeout: NonNegFloat = 300.0
+    idle_timeout: NonNegFloat = 5.0  # 0: QUIT as soon as nothing is waiting
+    # Never 0 (refused when the config loads): as "no cap" it would hold a connection
+    # on a receiver that never answers for ever; as a limit it timed every attempt
+    # out at once (all mail deferred).
+    connect_timeout: PosFloat = 30.0
+    command_timeout: PosFloat = 300.0
     # Per site, in a worker: envelopes held ready (0: no bound but the window),
     # and the seconds of a shaped site's rate worth holding; the rest goes back
     # to the supervisor (queued again, no attempt counted) so that one slow site
@@ -171,9 +175,18 @@ class RetryConfig(Section):
 
 
 class DNSConfig(Section):
-    nameservers: list[str] = []  # empty: the system's resolv.conf
+    nameservers: list[str] = []  # empty: the system's resolv.conf; ADDR, ADDR:PORT, [V6]:PORT
     timeout: PosFloat = 5.0
     mx_port: Port = 25  # the SMTP port of MX hosts (25; tests point it at a sink's port)
+
+    def __post_init__(self) -> None:
+        # Checked here, not at the first lookup: a name ("ns1.example") or a typo
+        # was taken, and every message was then deferred "local error: ValueError".
+        for ns in self.nameservers:
+            try:
+                parse_nameserver(ns)
+            except ValueError as exc:
+                raise ValueError(f"nameservers: {exc}") from None
 
 
 class TLSSection(Section):

@@ -23,6 +23,7 @@ from fastsend.config.base import (
 from fastsend.config.tenants import norm_domain
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+NO_CAP = 1 << 62  # what a cap of 0 (none) compares as
 
 
 class ApiSettings(Section):
@@ -33,7 +34,7 @@ class ApiSettings(Section):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 << 20
     rate_limit: PosFloat = 100.0  # requests per second per key
     rate_burst: NonNegInt = 0  # 0: max(1, rate_limit)
-    max_campaign_recipients: NonNegInt = 1_000_000  # per campaign (create + added lists)
+    max_campaign_recipients: NonNegInt = 1_000_000  # per campaign (create + added lists); 0: no cap
     # Campaigns a tenant makes through the API in any 24 hours (POST /v1/campaigns, each
     # new inline template of POST /v1/messages); beyond: 429 with Retry-After. 0: no cap.
     max_campaigns_per_day: NonNegInt = 1000
@@ -47,7 +48,7 @@ class ApiSettings(Section):
     tenant_message_rate: NonNegFloat = 0.0  # per second, sustained
     tenant_message_burst: NonNegInt = 0  # at once (0: max(1, rate)); a bigger request: 429
     # Spooled bytes of one request: each recipient's row carries its message, so a
-    # body of B bytes to N recipients costs B x N (413 beyond this).
+    # body of B bytes to N recipients costs B x N (413 beyond this; 0: no cap).
     max_spooled_bytes: NonNegInt = 256 << 20
     # How long an Idempotency-Key's answer is kept (a retry with the key within it
     # gets the first answer again); swept afterwards. At least a minute.
@@ -79,6 +80,18 @@ class ApiSettings(Section):
     @property
     def host_port(self) -> tuple[str, int]:
         return split_listen(self.listen)
+
+    # A cap of 0 is no cap, as every other cap's (max_campaigns_per_day, the tenant
+    # quotas): it refused every campaign and every message instead.
+    @property
+    def recipient_cap(self) -> int:
+        """``max_campaign_recipients``, 0 (no cap) as a count never reached."""
+        return self.max_campaign_recipients or NO_CAP
+
+    @property
+    def spooled_bytes_cap(self) -> int:
+        """``max_spooled_bytes``, 0 (no cap) as a size never reached."""
+        return self.max_spooled_bytes or NO_CAP
 
 
 # Every event the event log carries (its "event" field), what ``[webhooks] events``

@@ -234,7 +234,7 @@ async def _spool_rows(
             f"recipients[{first.line - 1}]",
         )
     good = [(r[1], r[2], r[3]) for r in rows if not isinstance(r, recipients.BadRow)]
-    cap = api.settings.max_campaign_recipients
+    cap = api.settings.recipient_cap
     have = sum(api.ctx.spool.counts(cid).values()) if ok_status == 202 else 0
     run = run_of(request)
     if run is not None:  # rows an earlier attempt of this very request spooled
@@ -333,7 +333,7 @@ def _check_name(name: str) -> None:
 async def create_campaign(request: web.Request) -> web.Response:
     api = api_of(request)
     raw = await read_body(request)
-    _count_first(raw, api.settings.max_campaign_recipients)
+    _count_first(raw, api.settings.recipient_cap)
     body = await off_loop(len(raw), decode_body, raw, CampaignIn)
     _check_name(body.name)
     try:
@@ -347,7 +347,7 @@ async def create_campaign(request: web.Request) -> web.Response:
         raise bad(f"{field}: {e}" if e.key else f"template: {e}", field) from None
     except CampaignError as e:
         raise bad(f"template: {e}", "template") from None
-    cap = api.settings.max_campaign_recipients
+    cap = api.settings.recipient_cap
     if len(body.recipients) > cap:  # before a campaign exists
         raise ApiError(
             413, f"recipients: {len(body.recipients)} recipients; [api] max_campaign_recipients"
@@ -491,7 +491,7 @@ async def add_recipients(request: web.Request) -> web.Response:
         return await _upload(request, info.id, camp, strict, LIST_TYPES[ctype])
     check_json_type(request, "a list: text/csv or application/x-ndjson")
     body = await read_body(request)
-    _count_first(body, api_of(request).settings.max_campaign_recipients)
+    _count_first(body, api_of(request).settings.recipient_cap)
     rows = await off_loop(len(body), _decoded_rows, body, camp)
     return await _spool_rows(request, info.id, rows, strict, camp)
 
@@ -560,7 +560,7 @@ async def _upload(
         run = run_of(request)
         # Retried under an Idempotency-Key: the job an earlier attempt started.
         job = run.ingest_job(api.ctx.spool) if run is not None else None
-        cap = api.settings.max_campaign_recipients
+        cap = api.settings.recipient_cap
         have = sum(api.ctx.spool.counts(cid).values())
         if job is None and have + found.good > cap:
             raise ApiError(

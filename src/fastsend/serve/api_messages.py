@@ -387,7 +387,7 @@ class MessagesHandler:
         budget = limit
         made = self.made
         prepared: list[Prepared] = []
-        spooled, cap = 0, api.settings.max_spooled_bytes
+        spooled, cap = 0, api.settings.spooled_bytes_cap
         ran = time.monotonic()
         for i, m in enumerate(messages):
             where = f"{prefix}[{i}]" if prefix else "$"

@@ -218,7 +218,7 @@ class Server:
             ctx = self.ctx = open_context(cfg)
         except SpoolError as e:
             print(f"fastsend serve: {e}", file=sys.stderr)
-            return 2
+            return e.exit_status  # (a Redis that does not answer: 75)
         try:  # one supervisor per SQLite spool; on Redis one per node name and local dir
             ctx.spool.hold_supervisor("fastsend serve")
             ctx.spool.hold_local_dir(cfg.spool_dir, "fastsend serve")

@@ -66,7 +66,11 @@ class SharedStore(msgspec.Struct, frozen=True):
 
 class SpoolError(Exception):
     """The spool cannot be opened, is not a fastsend spool, or a write did not
-    become durable. Every backend raises this (or a subclass)."""
+    become durable. Every backend raises this (or a subclass). ``exit_status``:
+    what a command that stops on it exits with (README: 2, nothing was done;
+    75, try again later)."""
+
+    exit_status = 2
 
 
 class SpoolStorageError(SpoolError):
@@ -74,6 +78,8 @@ class SpoolStorageError(SpoolError):
     system, an I/O error): nothing of that write was kept. An outage of the
     spool (``Spool.outage_errors``): the supervisor keeps what it holds and
     tries again, so freeing space lets the run go on."""
+
+    exit_status = 75
 
 
 # SQLite's primary result codes that mean the storage refused a write.

@@ -192,6 +192,13 @@ class RedisSpoolError(SpoolError):
     """The Redis spool cannot be used (bad URL, durability not reached)."""
 
 
+class RedisUnreachable(RedisSpoolError):
+    """Redis does not answer (refused, timed out, down for now): a command stops
+    with 75, try again later, not 2 as for a wrong URL (a job runner retries)."""
+
+    exit_status = 75
+
+
 class RedisRefusesWrites(redis.exceptions.ResponseError):
     """Redis answers but refuses writes for now: its persistence fails (MISCONF:
     the AOF or a snapshot cannot be written, its disk full), too few replicas
@@ -388,7 +395,7 @@ class RedisSpool(Spool):
         try:
             self.r.ping()
         except redis.RedisError as e:
-            raise RedisSpoolError(f"cannot reach Redis at {safe!r}: {e}") from None
+            raise RedisUnreachable(f"cannot reach Redis at {safe!r}: {e}") from None
         lay = f"{self.k}:layout"
         try:
             if not self.r.set(lay, LAYOUT, nx=True) and self.r.get(lay) != LAYOUT:
