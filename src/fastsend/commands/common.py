@@ -102,8 +102,9 @@ def build_config(args: argparse.Namespace) -> Config:
                 f"--retry {args.retry}: seconds >= 0, the first retry no later than the cap"
             )
         cfg.retry.min_backoff, cfg.retry.max_backoff, cfg.retry.max_age = lo, hi, age
-    if not 0 <= args.max_wait < math.inf:  # (-5 and nan were taken)
-        raise ConfigError(f"--max-wait {args.max_wait:g}: seconds >= 0")
+    max_wait = getattr(args, "max_wait", 0.0)  # (a caller's own Namespace may lack it)
+    if not 0 <= max_wait < math.inf:  # (-5 and nan were taken)
+        raise ConfigError(f"--max-wait {max_wait:g}: seconds >= 0")
     return cfg
 
 
