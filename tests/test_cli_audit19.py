@@ -286,3 +286,39 @@ def test_a_campaign_file_error_names_the_file_once(tmp_path: Path) -> None:
     for camp in (str(bad), str(tmp_path / "nofile.toml")):
         r = fastsend("send", camp, "-r", str(rcpts), "--spool", str(tmp_path / "s"), "--no-dkim")
         assert r.returncode == 2 and r.stderr.count(camp.encode()) == 1, r.stderr
+
+
+def test_send_takes_a_tenant_and_a_name_only_as_the_api_does(tmp_path: Path) -> None:
+    """`send --tenant ''` (or "a b") made a campaign of a tenant no API key,
+    suppression list or `suppress --tenant` can name, and `--name` with a line feed
+    or an escape sequence forged lines of `fastsend campaign list` on the operator's
+    terminal; the API refuses both. So does `send` now (exit 2, nothing spooled)."""
+    from tests._engine_helpers import write_campaign, write_recipients
+
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, ["a@example.net"])
+    spool = tmp_path / "s"
+    base = ("send", str(camp), "-r", str(rcpts), "--spool", str(spool), "--no-dkim")
+    for flag, value in (("--tenant", ""), ("--tenant", "a b"), ("--tenant", "-x"),
+                        ("--name", "fine\nforged line"), ("--name", "x\x1b[2Jy"),
+                        ("--name", "n" * 300)):  # fmt: skip
+        r = fastsend(*base, flag, value)
+        assert r.returncode == 2 and flag.encode() in r.stderr, (flag, value, r.stderr)
+    assert not spool.exists()
+
+
+def test_a_list_on_stdin_is_refused_saying_why(tmp_path: Path) -> None:
+    """`send -r -` said "recipient file '-' not found": the list must be a file (its
+    position is durable for `resume`), and the error now says so (exit 2)."""
+    from tests._engine_helpers import write_campaign
+
+    camp = write_campaign(tmp_path)
+    r = fastsend("send", str(camp), "-r", "-", "--spool", str(tmp_path / "s"), "--no-dkim",
+                 stdin=b"email\na@example.net\n")  # fmt: skip
+    assert r.returncode == 2 and b"not stdin" in r.stderr and b"not found" not in r.stderr
+
+
+def test_queue_top_must_be_a_count(tmp_path: Path) -> None:
+    """`fastsend queue --top -1` printed the queue with no domain and said nothing."""
+    r = fastsend("queue", "--spool", str(tmp_path / "none"), "--top", "-1")
+    assert r.returncode == 2 and b"--top" in r.stderr

@@ -98,6 +98,25 @@ _third = operator.itemgetter(2)  # a row's vars
 
 Row = tuple[str, str, bytes]  # (rcpt, ascii domain, vars as JSON)
 
+MAX_NAME = 256  # a campaign name's characters
+# C0 controls, DEL and C1 controls (ESC and CSI start terminal escape sequences),
+# the line and paragraph separators and the bidirectional overrides and isolates
+# (they reorder what is shown after them: a name could pass for another).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot be a campaign's name ("" when it can), for every way in
+    (``POST /v1/campaigns``, ``fastsend send --name``): it is text the operator
+    reads (``fastsend campaign list``, the dashboard, logs), so no control character
+    (an escape sequence would act on the operator's terminal, a line feed forge a
+    line), at most MAX_NAME characters."""
+    if len(name) > MAX_NAME:
+        return f"at most {MAX_NAME} characters"
+    if _CONTROL.search(name):
+        return "control characters (CR, LF, ESC, ...) are not allowed"
+    return ""
+
 
 class AcceptError(ValueError):
     """The campaign or list cannot be accepted; the message says why (``key``: the

@@ -48,6 +48,11 @@ def _open(path: str) -> io.TextIOWrapper:
     try:
         return open(path, encoding="utf-8-sig", newline="")
     except FileNotFoundError:
+        if path == "-":  # (was "recipient file '-' not found")
+            raise RecipientsError(
+                "a recipient list is read from a file, not stdin ('-'): its position is"
+                " kept in the spool for `fastsend resume`; save it to a file first"
+            ) from None
         raise RecipientsError(f"recipient file {path!r} not found") from None
     except OSError as e:
         raise RecipientsError(f"cannot read recipient file {path!r}: {e.strerror}") from None

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.top < 0:  # (-1 showed no domain, said nothing)
+        return die(f"--top {args.top}: a count of domains, 0 or more")
     try:
         spool = open_spool(spool_arg(args), readonly=True)
     except SpoolError as e:

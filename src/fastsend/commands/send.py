@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         AcceptError,
         Acceptor,
         check_campaign,
+        name_problem,
         row_checks,
         rows_left,
     )
@@ -151,6 +152,19 @@ def run(args: argparse.Namespace) -> int:
     from fastsend.suppression import DEFAULT_TENANT
 
     tenant = DEFAULT_TENANT if args.tenant is None else args.tenant
+    # As the API and `apikey create` take them (`--tenant ''` or "a b" made a campaign
+    # no key or suppression list could name; a line feed in --name forged a line of
+    # `fastsend campaign list`)
+    if args.tenant is not None:
+        from fastsend.serve.auth import AuthError, check_tenant
+
+        try:
+            check_tenant(tenant)
+        except AuthError as e:
+            return die(f"--tenant: {e}")
+    name = args.name or os.path.basename(args.campaign)
+    if why := name_problem(name):
+        return die(f"--name {name!r}: {why}" if args.name else f"{args.campaign}: its name: {why}")
 
     try:
         cfg, spool_url = engine_config(args)
@@ -224,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cid = acceptor.create_campaign(
             spec,
-            name=args.name or os.path.basename(args.campaign),
+            name=name,
             tenant=tenant,
             options=options or None,
         )

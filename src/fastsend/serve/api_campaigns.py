@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from typing import Annotated, Any
 
@@ -42,7 +41,7 @@ import orjson
 from aiohttp import web
 
 from fastsend import recipients
-from fastsend.accept import AcceptError, check_campaign, header_variables
+from fastsend.accept import AcceptError, check_campaign, header_variables, name_problem
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
@@ -313,21 +312,11 @@ def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
     return rows
 
 
-MAX_NAME = 256
-# C0 controls, DEL and C1 controls (ESC and CSI start terminal escape sequences),
-# the line and paragraph separators and the bidirectional overrides and isolates
-# (they reorder what is shown after them: a name could pass for another).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
 def _check_name(name: str) -> None:
-    """A campaign's name is the tenant's text the operator reads (``fastsend campaign
-    list``, the dashboard, logs): no control character (an escape sequence would act
-    on the operator's terminal, a line feed forge a line), at most MAX_NAME."""
-    if len(name) > MAX_NAME:
-        raise bad(f"name: at most {MAX_NAME} characters", "name")
-    if _CONTROL.search(name):
-        raise bad("name: control characters (CR, LF, ESC, ...) are not allowed", "name")
+    """A campaign's name is the tenant's text the operator reads
+    (:func:`fastsend.accept.name_problem`)."""
+    if why := name_problem(name):
+        raise bad(f"name: {why}", "name")
 
 
 async def create_campaign(request: web.Request) -> web.Response:
