@@ -322,6 +322,11 @@ def _reload_checks_ips(s: Served, sink: SinkThread) -> None:
     assert "192.0.2.77" not in "".join(
         ln for ln in events.splitlines() if '"deferred"' in ln
     ), "mail was attempted from an address of no interface"
+    # Dropped from [ips]: its rest ends without a word (it is not "back").
+    s.extra = '[ips]\nsource = ["127.0.0.3"]\n'
+    s.write_config()
+    out = hup(s, "configuration reloaded")
+    assert "192.0.2.77" not in out, out
 
 
 class _HeldAPI:

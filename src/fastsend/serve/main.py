@@ -636,11 +636,13 @@ class Server:
             sup.rest_ip(ip, ["*"], now + FOREIGN_REST,
                         f"source IP {ip} is not an address of this machine ({why})",
                         FOREIGN_KEY, FOREIGN_CHECK)  # fmt: skip
+        configured = set(cfg.source_ips)
         for ip in [ip for ip in self.foreign if ip not in bad]:
             del self.foreign[ip]
             sup.lift_ip(ip, FOREIGN_KEY)
-            log.warning("%ssource IP %s is an address of this machine again: mail goes from it",
-                        said, ip)  # fmt: skip
+            if ip in configured:  # (else the config no longer names it: nothing to say)
+                log.warning("%ssource IP %s is an address of this machine again: mail goes"
+                            " from it", said, ip)  # fmt: skip
 
     async def give_back(self, sup: Any) -> None:
         """The source IPs a reload dropped go back to the cluster once the workers
