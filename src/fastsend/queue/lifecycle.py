@@ -370,7 +370,18 @@ class WorkerLifecycle(SupervisorState):
         self.push_backlog(old)
         return old
 
-    def _takes_over(self, index: int, old: WorkerSlot, ip: str) -> bool:
+    def _owners(self) -> dict[str, list[int]]:
+        """Source address -> the slots sending from it now (for :meth:`_takes_over`,
+        made once per pass: not once per connection and slot)."""
+        owners: dict[str, list[int]] = {}
+        for s in self.slots:
+            for ip in s.ips:
+                owners.setdefault(ip, []).append(s.index)
+        return owners
+
+    def _takes_over(
+        self, index: int, old: WorkerSlot, ip: str, owners: dict[str, list[int]]
+    ) -> bool:
         """Whether slot ``index``'s new worker takes over what retiring worker
         ``old`` held from source address ``ip``: the address is the new
         worker's alone now (wherever it was before: a reload may move an
@@ -379,19 +390,22 @@ class WorkerLifecycle(SupervisorState):
         keeps its own part of the address's limits)."""
         if not ip:
             return old.index == index
-        owners = [s.index for s in self.slots if ip in s.ips]
-        if owners == [index]:
+        mine = owners.get(ip, ())
+        if len(mine) == 1 and mine[0] == index:
             return True
-        return index in owners and (old.index == index or old.index not in owners)
+        return index in mine and (old.index == index or old.index not in mine)
 
-    def lent(self, index: int) -> list[tuple[str, str, int]]:
+    def lent(
+        self, index: int, owners: dict[str, list[int]] | None = None
+    ) -> list[tuple[str, str, int]]:
         """The connections the retiring workers hold that slot ``index``'s new
         worker takes over (:meth:`_takes_over`), summed per (source IP, site)."""
+        owners = self._owners() if owners is None else owners
         total: dict[tuple[str, str], int] = {}
         for old in self.retired:
             if old.alive:
                 for ip, site, n in old.conns or ():
-                    if self._takes_over(index, old, ip):
+                    if self._takes_over(index, old, ip, owners):
                         total[(ip, site)] = total.get((ip, site), 0) + n
         return [(ip, site, n) for (ip, site), n in sorted(total.items())]
 
@@ -400,9 +414,10 @@ class WorkerLifecycle(SupervisorState):
         new worker takes over (:meth:`_takes_over`), the latest one's where two
         reloads' workers both had a lane."""
         out: dict[tuple[str, str], wire.LaneState] = {}
+        owners = self._owners()
         for old in self.retired:
             out.update(((st.ip, st.site), st) for st in old.lanes
-                       if self._takes_over(index, old, st.ip))  # fmt: skip
+                       if self._takes_over(index, old, st.ip, owners))  # fmt: skip
         return list(out.values())
 
     def worker_counters(self, index: int, gauges: Collection[str] = ()) -> dict[str, float]:
@@ -422,9 +437,10 @@ class WorkerLifecycle(SupervisorState):
     def lend(self) -> None:
         """Tell each worker what the retiring workers hold now on its addresses
         (when it changed)."""
+        owners = self._owners()
         for slot in self.slots:
             if slot.alive and slot.inbox is not None:
-                held = self.lent(slot.index)
+                held = self.lent(slot.index, owners)
                 if held != slot.told_conns:
                     slot.told_conns = held
                     slot.backlog.append(wire.encoder.encode(wire.Conns(held)))
@@ -442,9 +458,11 @@ class WorkerLifecycle(SupervisorState):
         now.update(((st.ip, st.site), st) for st in msg.lanes)
         slot.lanes = list(now.values())
         slot.providers.update(msg.providers)
+        owners = self._owners()
         for new in self.slots:
             if new.alive and new.inbox is not None:
-                mine = [st for st in msg.lanes if self._takes_over(new.index, slot, st.ip)]
+                mine = [st for st in msg.lanes
+                        if self._takes_over(new.index, slot, st.ip, owners)]  # fmt: skip
                 providers = msg.providers if new.index == slot.index else {}
                 if mine or providers:
                     new.backlog.append(wire.encoder.encode(wire.Lanes(mine, providers)))
