@@ -124,9 +124,9 @@ def _port_span() -> tuple[int, int]:
     return start + k * size, start + (k + 1) * size
 
 
-# One cursor per process (sys.modules holds it: tests import this module both as
-# ``conftest`` and ``tests.conftest``, two module objects).
-_PORTS: dict[str, int] = sys.modules.setdefault("_fastsend_test_ports", {})  # type: ignore[arg-type]
+# The ports this process handed out (sys.modules holds them: tests import this
+# module both as ``conftest`` and ``tests.conftest``, two module objects).
+_GIVEN: dict[int, None] = sys.modules.setdefault("_fastsend_test_ports", {})  # type: ignore[arg-type]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,24 +138,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     fastsend's are), so between this call and the server's bind it may be
     taken: the server fails with EADDRINUSE, or ``wait_port`` finds another
     test's server there. The kernel never hands out ports below that range;
-    each xdist worker has its own slice, walked in turn from a random start,
-    so no two callers in one run get the same port."""
+    each xdist worker has its own slice, so no two workers of one run get the
+    same port, and a port at random in it (not the next one: two test runs on
+    one machine walking a slice in step gave a serve's API port to another's
+    SMTP listener), never one this process gave in its last 1,000."""
     lo, hi = _port_span()
     if not lo:
         with socket.socket() as s:
             s.bind((host, 0))
             return int(s.getsockname()[1])
-    key = f"{lo}-{hi}"
-    if key not in _PORTS:
-        _PORTS[key] = lo + int.from_bytes(os.urandom(2), "big") % (hi - lo)
-    for _ in range(hi - lo):
-        port = _PORTS[key]
-        _PORTS[key] = port + 1 if port + 1 < hi else lo
+    for _ in range(4 * (hi - lo)):
+        port = lo + int.from_bytes(os.urandom(4), "big") % (hi - lo)
+        if port in _GIVEN:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
-                continue  # in use (a listener, a socket in TIME_WAIT): the next
+                continue  # in use (a listener, a socket in TIME_WAIT): another
+        _GIVEN[port] = None
+        if len(_GIVEN) > 1000:
+            del _GIVEN[next(iter(_GIVEN))]
         return port
     raise RuntimeError(f"no free port in {lo}-{hi}")
 
