@@ -1066,6 +1066,80 @@ CASES = [
     # The same words from another host keep their usual reading.
     ((552, "", "Error: Too much mail data", "DATA"), ("mesgtoobig", False, False, False)),
     ((550, "", "Unknown user taro@example.org", "RCPT"), ("userunknown", True, False, False)),
+    # Postfix's DNS lookup that failed for now (the resolver's TRY_AGAIN:
+    # "Host not found, try again"), reported in a delay notice: the network,
+    # not a domain that takes no mail.
+    (
+        (
+            0,
+            "4.4.3",
+            "Host or domain name not found. Name service error for name=example.org type=MX:"
+            " Host not found, try again",
+            "",
+        ),
+        ("networkerror", False, False, False),
+    ),
+    # ... while a name that does not exist is the domain's.
+    (
+        (
+            0,
+            "5.4.4",
+            "Host or domain name not found. Name service error for name=example.org type=A:"
+            " Host not found",
+            "",
+        ),
+        ("hostunknown", True, False, False),
+    ),
+    # Exchange's own NDR codes (learn.microsoft.com, "Delivery status
+    # notifications in Exchange Server"): a group's delivery restrictions
+    # refuse our sender; a submission quota is our sender's pace, not the
+    # recipient's mailbox (its 5.2.2 says "mailbox" only by number).
+    (
+        (550, "5.7.1", "RESOLVER.RST.NotAuthorized; not authorized ##", ""),
+        ("rejected", False, False, False),
+    ),
+    (
+        (
+            550,
+            "5.7.1",
+            "RESOLVER.RST.DLNeedsSenderRestrictions; Delivery restriction check failed as"
+            " sender not in allowed list ##",
+            "",
+        ),
+        ("rejected", False, False, False),
+    ),
+    (
+        (
+            550,
+            "5.2.2",
+            "STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process"
+            " message due to a permanent exception with message Cannot submit message.",
+            "",
+        ),
+        ("speeding", False, True, False),
+    ),
+    # A gateway's recipient verification (Barracuda, Mimecast, an Exim
+    # callout) asked the server behind it: the address is not there.
+    (
+        (550, "", "Recipient verification failed (bob@example.org)", "RCPT"),
+        ("userunknown", True, False, False),
+    ),
+    (
+        (553, "5.7.1", "Message rejected: recipient address verification failed", "RCPT"),
+        ("userunknown", True, False, False),
+    ),
+    # ... which our sender's verification is not.
+    ((550, "", "Sender verification failed", "RCPT"), ("rejected", False, False, False)),
+    # sendmail finding itself in the destination's MX list: a
+    # misconfigured mail system, not a dead address.
+    (
+        (0, "5.0.0", "MX list for example.org. points back to mx.example.net", ""),
+        ("systemerror", False, False, False),
+    ),
+    (
+        (554, "5.3.5", "config error: mail loops back to me (MX problem?)", ""),
+        ("systemerror", False, False, False),
+    ),
     # Mail.ru's limit on mail to one mailbox (help.mail.ru, postmaster
     # errors): a pace to slow down to, written as one word.
     (
