@@ -322,3 +322,17 @@ def test_queue_top_must_be_a_count(tmp_path: Path) -> None:
     """`fastsend queue --top -1` printed the queue with no domain and said nothing."""
     r = fastsend("queue", "--spool", str(tmp_path / "none"), "--top", "-1")
     assert r.returncode == 2 and b"--top" in r.stderr
+
+
+def test_suppress_and_apikey_take_names_as_the_api_does(tmp_path: Path) -> None:
+    """`suppress add --tenant "a b"` filed entries under a tenant no key can name, and
+    `apikey create --note` with a line feed forged a line of `apikey list`: both
+    refused now (exit 2), as send and the API refuse them."""
+    spool = tmp_path / "spool"
+    r = fastsend("suppress", "add", "--spool", str(spool), "--tenant", "a b", "x@example.org")
+    assert r.returncode == 2 and b"--tenant" in r.stderr, r.stderr
+    r = fastsend("suppress", "add", "--spool", str(spool), "--tenant", "acme", "x@example.org")
+    assert r.returncode == 0, r.stderr
+    r = fastsend("apikey", "create", "--spool", str(spool), "--tenant", "acme",
+                 "--note", "ops\nforged\tline")  # fmt: skip
+    assert r.returncode == 2 and b"--note" in r.stderr and r.stdout == b"", r.stderr

@@ -107,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.action == "create":
+            from fastsend.accept import name_problem
+
+            if why := name_problem(args.note):  # (a line feed forged a line of `list`)
+                print(f"fastsend apikey: --note: {why}", file=sys.stderr)
+                return 2
             key, rec = store.create(args.tenant, args.note)
             print(key)
             print(

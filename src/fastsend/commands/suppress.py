@@ -79,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
         args.spool = spool_arg(args)
     except ConfigError as e:
         return _fail(str(e))
+    if args.tenant != DEFAULT_TENANT:  # as the API keys name them ("a b" was taken)
+        from fastsend.serve.auth import AuthError, check_tenant
+
+        try:
+            check_tenant(args.tenant)
+        except AuthError as e:
+            return _fail(f"--tenant: {e}")
     if is_redis_url(str(args.spool)):
         import redis
 
