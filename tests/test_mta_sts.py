@@ -430,6 +430,15 @@ def test_check_config_shows_the_tls_policy_setting(tmp_path: Path, capsys: Any) 
     assert main(["check-config", str(f)]) == 0
     out = capsys.readouterr().out
     assert "[tls] MTA-STS off" in out and "DANE on" in out and "127.0.0.1:53" in out, out
+    assert "without a policy" not in out
+    # report_from set: sessions of domains without a policy that ask for reports count
+    f.write_text('[tls]\nreport_from = "tls@sender.test"\n')
+    assert main(["check-config", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "sessions to domains without a policy counted too" in out, out
+    f.write_text('[tls]\nmta_sts = "off"\nreport_from = "tls@sender.test"\n')
+    assert main(["check-config", str(f)]) == 0
+    assert "no session is counted" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- DANE (RFC 7672)

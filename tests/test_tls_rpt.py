@@ -246,6 +246,12 @@ def test_report_config(tmp_path: Path) -> None:
             loader.from_dict({"tls": {"report_from": bad}})
     with pytest.raises(ConfigError, match="reports"):
         loader.from_dict({"tls": {"reports": "yes"}})
+    # RFC 8460 3: the report mail is DKIM-signed by its domain: unsigned is said
+    unsigned = loader.from_dict({"tls": {"report_from": "tls@S.test"}})
+    assert any("no [dkim] key for s.test" in w for w in unsigned.warnings), unsigned.warnings
+    signed = loader.from_dict({"tls": {"report_from": "tls@s.test"},
+                               "dkim": {"domain": "s.test", "selector": "s", "key": "k.pem"}})  # fmt: skip
+    assert not any("report_from" in w for w in signed.warnings), signed.warnings
 
 
 # ---------------------------------------------------------------- end to end
@@ -541,3 +547,14 @@ def test_tls_report_send_on_a_redis_spool_sends_every_nodes_counts_once(
     doc = orjson.loads(gzip.decompress(body))
     check_report(doc)
     assert doc["policies"][0]["summary"]["total-successful-session-count"] == 12
+
+
+def test_tls_report_on_a_spool_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    """A mistyped --spool made a new empty directory and answered "no report
+    due" (exit 0): a cron job would never send a report, silently."""
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text('[tls]\nreport_from = "tls@sender.test"\n')
+    for action in ("send", "show"):
+        rep = run_fastsend("tls-report", action, "-c", str(cfg), "--spool", str(tmp_path / "typo"))
+        assert rep.returncode == 2, (action, rep.stdout, rep.stderr)
+        assert "error" in rep.stderr and not (tmp_path / "typo").exists(), rep.stderr

@@ -53,6 +53,14 @@ def tls_line(cfg: Config) -> str:
         line += f"\n[tls] TLS-RPT reports on: sent daily from {t.report_from}"
     else:
         line += "\n[tls] TLS-RPT reports off (`fastsend tls-report send` sends them on demand)"
+    counting = t.mta_sts == "on" or "on" in t.domains.values() or t.dane == "on"
+    if counting and t.report_from:
+        line += (
+            "; sessions to domains without a policy counted too when they publish a"
+            " _smtp._tls record (one more TXT lookup per domain, beside its MX)"
+        )
+    elif not counting:
+        line += "; no session is counted (MTA-STS and DANE both off)"
     return line
 
 

@@ -16,7 +16,7 @@ only spooled it before, and a spool nobody ran kept the reports forever).
 ``[tls] reports = "on"`` makes serve do this itself every day. Exit status 0,
 1 when a report could go nowhere (or its mail bounced), 75 when report mail is
 still deferred at the end (it stays queued: the next serve or resume retries
-it), 2 on bad arguments or config.
+it), 2 on bad arguments or config, or a spool that does not exist.
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.spool_url:
         cfg.spool_dir = spool_local_dir(cfg.spool_dir)
     opened: list[Any] = []  # the spool, then its event log and acceptor
-    if is_redis_url(spool_url):  # every node's counts, in the shared spool
-        try:
-            opened.append(open_spool(spool_url, must_exist=True))
-        except SpoolError as e:
-            return die(str(e))
-    store: Store = open_store(cfg, opened[0] if opened else None)
+    try:  # (a mistyped --spool was a new empty directory: "no report due", exit 0)
+        opened.append(open_spool(spool_url, must_exist=True))
+    except SpoolError as e:
+        return die(str(e))
+    # a shared spool: every node's counts, in it; else the node's tlsrpt.db
+    store: Store = open_store(cfg, opened[0] if is_redis_url(spool_url) else None)
     try:
         if args.action == "show":
             day = args.day or day_of(time.time() - 86400)
@@ -106,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
                 from fastsend.accept import Acceptor
                 from fastsend.events import EventLog
 
-                if not opened:
-                    opened.append(open_spool(spool_url))
                 events = EventLog(cfg.event_log_path)
                 opened.extend([events, Acceptor(opened[0], events, None)])
             spool, _events, acceptor = opened

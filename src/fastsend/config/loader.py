@@ -417,6 +417,15 @@ def _check(cfg: Config) -> None:
                     " (tenants' mail is signed only with keys of their own domains), so it"
                     " signs only the operator's (CLI) mail"
                 )
+    # RFC 8460 3: report mail is DKIM-signed by the reporting domain ([dkim], the
+    # operator's keys, sign the tls-reports campaign); receivers may drop it unsigned
+    rdomain = norm_domain(cfg.tls.report_from.rpartition("@")[2]) if cfg.tls.report_from else ""
+    if rdomain and not any(k.domain == rdomain for k in cfg.dkim):
+        cfg.warnings.append(
+            f"[tls] report_from {cfg.tls.report_from}: no [dkim] key for {rdomain}, so the"
+            " TLS-RPT report mail goes unsigned (RFC 8460 asks for its domain's DKIM"
+            " signature; receivers may discard it): add a [[dkim]] key of that domain"
+        )
     for sec, users in (("submission.users", cfg.submission.users),
                        ("dashboard", {n: "" for n in cfg.dashboard.admin_tenants})):  # fmt: skip
         for t in users:
