@@ -15,7 +15,14 @@ arrives:
    is woken. A body shared by several rows (a message to many recipients) is
    stored once, before the rows, as a content-addressed blob
    (``Spool.put_blob``) that the rows reference (``wire.blob_ref``);
-4. :meth:`Acceptor.start_ingest` / :meth:`Acceptor.ingest`: a recipient list is
+4. ``accept(dedup=True)`` (a campaign's list and the API's chunks of its
+   recipients, unless the campaign keeps duplicates: ``keep_duplicates`` in its
+   options) spools no address the campaign has already, nor one twice in a batch
+   (:meth:`Acceptor.unseen`: a compiled table of 8-byte fingerprints per campaign,
+   rebuilt from the spool by a process that did not write it -- ``resume`` after a
+   kill -9 --; on a spool several nodes write, the campaign's fingerprints recorded
+   in the spool with its rows), and counts what it left out (``duplicates``);
+5. :meth:`Acceptor.start_ingest` / :meth:`Acceptor.ingest`: a recipient list is
    a durable job in the spool (its source's path, size, mtime and SHA-256,
    its row count, and the last committed source line, written in the same
    transaction as each batch), so a crash in the middle of a list resumes
@@ -38,13 +45,17 @@ import os
 import re
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
+
+import msgspec
 
 from fastsend import recipients
 from fastsend.events import AcceptedRows, EventLog, accepted_dicts
 from fastsend.message import Campaign, CampaignError
 from fastsend.spool import (
+    FpsChanged,
     IdemMark,
     IngestJob,
     IngestMark,
@@ -95,6 +106,12 @@ FIRST_CHUNK = 256
 BLOB_SHARED = 1024
 BLOB_ALONE = 64 << 10
 _third = operator.itemgetter(2)  # a row's vars
+# Campaigns whose address tables (Acceptor.unseen) a process keeps; the one used
+# least recently is dropped, and rebuilt from the spool if its rows come again.
+DEDUP_TABLES = 8
+# The campaign option that keeps a list's duplicate addresses (send
+# --keep-duplicates, the API's "keep_duplicates": true): each row is sent.
+KEEP_DUPLICATES = "keep_duplicates"
 
 Row = tuple[str, str, bytes]  # (rcpt, ascii domain, vars as JSON)
 
@@ -312,8 +329,19 @@ def _check_unchanged(path: str, opened: tuple[int, int, int, int], line: int) ->
 
 
 def rows_left(job: IngestJob) -> int:
-    """Rows of a job's list not read yet (neither accepted nor rejected)."""
-    return max(0, job.total - job.accepted - job.rejected)
+    """Rows of a job's list not read yet (neither accepted, rejected nor a duplicate)."""
+    return max(0, job.total - job.accepted - job.rejected - job.duplicates)
+
+
+def _without(rows: list[Row], drop: list[int]) -> list[Row]:
+    """``rows`` without the indexes ``drop`` (ascending)."""
+    out: list[Row] = []
+    at = 0
+    for i in drop:
+        out += rows[at:i]
+        at = i + 1
+    out += rows[at:]
+    return out
 
 
 # -- the acceptor -----------------------------------------------------------------
@@ -340,6 +368,10 @@ class Acceptor:
         # any: what :meth:`retell` asks which rows' events are already out.
         self.index: Any = None
         self._tenants: dict[int, str] = {}
+        # campaign -> the fingerprints of its spooled addresses (a spool one process
+        # writes; see unseen), the most recently used last
+        self._seen: OrderedDict[int, recipients.FpSet] = OrderedDict()
+        self._records_fps: bool | None = None  # the spool keeps fingerprints itself
 
     # -- campaigns -------------------------------------------------------------
 
@@ -383,6 +415,7 @@ class Acceptor:
         idem: IdemMark | None = None,
         committed: Callable[[list[int]], None] | None = None,
         held: list[tuple[int, list[int], list[str], set[int], float]] | None = None,
+        dedup: bool = False,
     ) -> list[int]:
         """Spool ``rows`` durably (one transaction, with ``ingest``'s position, or
         recorded as a part of an Idempotency-Key's request: ``idem``); returns
@@ -390,7 +423,12 @@ class Acceptor:
         is called with the ids once they are durable, before their events.
         ``held``: the events are not emitted but added there, (campaign, ids,
         rcpts, suppressed indexes, time), for :meth:`emit_accepted` once the
-        rows are the tenant's (a campaign still staging may be abandoned)."""
+        rows are the tenant's (a campaign still staging may be abandoned).
+        ``dedup``: a row whose address the campaign has (or an earlier row of
+        ``rows``) is left out (:meth:`unseen`): the ids are then those of the
+        rows spooled, in order, fewer than ``rows``; ``ingest``'s counts are
+        taken as counting every row, its ``accepted`` lowered and its
+        ``duplicates`` raised by those left out."""
         if not rows and ingest is None:
             return []
         if self.events.failing and ingest is None:
@@ -398,6 +436,71 @@ class Acceptor:
             # until it can (OSError: the request is refused whole, as when the
             # spool's own disk is full), else mail would be taken without its record.
             self.events.flush()
+        if not dedup or not rows:
+            return self._accept(campaign_id, rows, ingest, idem, committed, held, None)
+        for attempt in range(1, 11):
+            table = None
+            try:
+                todo, fps, table = self.unseen(campaign_id, rows)
+                mark = ingest
+                if mark is not None and len(todo) < len(rows):
+                    d = len(rows) - len(todo)
+                    mark = msgspec.structs.replace(
+                        mark, accepted=mark.accepted - d, duplicates=mark.duplicates + d
+                    )
+                return self._accept(campaign_id, todo, mark, idem, committed, held, fps)
+            except FpsChanged:  # another node spooled to the campaign meanwhile: again
+                if attempt == 10:
+                    raise
+            except BaseException:
+                if table is not None:  # (what it noted may not be spooled: rebuilt)
+                    self._seen.pop(campaign_id, None)
+                raise
+        raise AssertionError("unreachable")
+
+    def unseen(
+        self, campaign_id: int, rows: list[Row]
+    ) -> tuple[list[Row], list[int] | None, recipients.FpSet | None]:
+        """The rows of ``rows`` whose address the campaign has not (nor an earlier
+        row of them), in order; the fingerprints to record with them (a spool
+        several nodes write: :meth:`Spool.recorded_fps`), and the table that
+        noted them (a spool this process alone writes: the campaign's table,
+        rebuilt from :meth:`Spool.spooled_rcpts` the first time, which the
+        caller drops if the rows are not spooled)."""
+        if self._records_fps is None:
+            self._records_fps = self.spool.recorded_fps(campaign_id, []) is not None
+        if not self._records_fps:
+            table = self._seen.get(campaign_id)
+            if table is None:
+                table = recipients.FpSet()
+                for chunk in self.spool.spooled_rcpts(campaign_id):
+                    table.add_all(chunk)
+                self._seen[campaign_id] = table
+                while len(self._seen) > DEDUP_TABLES:
+                    self._seen.popitem(last=False)
+            else:
+                self._seen.move_to_end(campaign_id)
+            dups = table.add_rows(rows)
+            return (_without(rows, dups) if dups else rows), None, table
+        fps: list[int] = []
+        dups = recipients.FpSet().add_rows(rows, fps)
+        todo = _without(rows, dups) if dups else rows
+        known = self.spool.recorded_fps(campaign_id, fps) or []
+        if any(known):
+            todo = [r for r, k in zip(todo, known, strict=True) if not k]
+            fps = [f for f, k in zip(fps, known, strict=True) if not k]
+        return todo, fps, None
+
+    def _accept(
+        self,
+        campaign_id: int,
+        rows: list[Row],
+        ingest: IngestMark | None,
+        idem: IdemMark | None,
+        committed: Callable[[list[int]], None] | None,
+        held: list[tuple[int, list[int], list[str], set[int], float]] | None,
+        fps: list[int] | None,
+    ) -> list[int]:
         now = time.time()
         tenant = self.tenant(campaign_id)
         rcpts = [r[0] for r in rows]
@@ -407,7 +510,7 @@ class Acceptor:
         gone = {i for i, r in enumerate(rcpts) if r in hits} if hits else set()
         stored, blobs = self._store_blobs(rows, now)
         ids = self.spool.add_messages(
-            campaign_id, stored, now, suppressed=gone, ingest=ingest, idem=idem
+            campaign_id, stored, now, suppressed=gone, ingest=ingest, idem=idem, fps=fps
         )
         for digest, where in blobs.items():
             self.spool.ref_blob(digest, [ids[i] for i in where])
@@ -558,12 +661,13 @@ class Acceptor:
         # opened before it is accepted (rows read from a changed file never are).
         opened = _identity(path)
         committed = job.line
-        accepted, rejected = job.accepted, job.rejected
+        accepted, rejected, duplicates = job.accepted, job.rejected, job.duplicates
         # A row whose header-bound variable holds a line break, or that gives no
         # value for a variable without a default, is refused here, with its
         # line, not spooled to bounce at render (550 5.6.0).
         info = self.spool.get_campaign(job.campaign)
         refuse, need = row_checks(info.spec) if info is not None else (frozenset(), frozenset())
+        dedup = info is None or not (info.options or {}).get(KEEP_DUPLICATES)
         for b in recipients.batches(
             path, after=job.line, size=chunk, first=first, refuse=refuse, need=need
         ):
@@ -573,9 +677,11 @@ class Acceptor:
                     for row in b.bad:
                         on_bad(row)
             _check_unchanged(path, opened, committed)
-            accepted += len(b.rows)
-            mark = IngestMark(job.id, b.line, accepted, rejected)
-            self.accept(job.campaign, b.rows, ingest=mark, committed=hook)
+            mark = IngestMark(job.id, b.line, accepted + len(b.rows), rejected, duplicates)
+            ids = self.accept(job.campaign, b.rows, ingest=mark, committed=hook, dedup=dedup)
+            duplicates += len(b.rows) - len(ids)  # (as accept wrote them with the rows)
+            accepted += len(ids)
+            mark = IngestMark(job.id, b.line, accepted, rejected, duplicates)
             self.spool.told_ingest(job.id)  # the batch's events are out (accept flushed them)
             committed = b.line
             if b.last:
@@ -610,11 +716,11 @@ class Acceptor:
                 on_bad(row)
 
         current: IngestJob | None = job
-        read = job.accepted + job.rejected
+        read = job.accepted + job.rejected + job.duplicates
         while current is not None:
             try:
                 for mark in self.ingest(current, on_bad=bad, first=first):
-                    read = mark.accepted + mark.rejected
+                    read = mark.accepted + mark.rejected + mark.duplicates
                     yield mark
                 return
             except outage as e:

@@ -47,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
             "campaign": j.campaign,
             "path": j.source.get("path", ""),
             "origin": j.source.get("origin", "file"),
-            "read": j.accepted + j.rejected,
+            "read": j.accepted + j.rejected + j.duplicates,
             "rows": j.total,
             "accepted": j.accepted,
             "rejected": j.rejected,
+            "duplicates": j.duplicates,
         }
         for j in spool.list_ingests(unfinished=True)
     ]

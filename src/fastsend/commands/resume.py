@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             resumable.append(job)
             print(
                 f"fastsend: resuming the ingest of {path} (campaign {job.campaign}):"
-                f" {job.accepted + job.rejected:,} of {job.total:,} rows were read",
+                f" {job.accepted + job.rejected + job.duplicates:,} of {job.total:,} rows"
+                " were read",
                 file=sys.stderr,
             )
             continue
@@ -176,6 +177,12 @@ def run(args: argparse.Namespace) -> int:
     summary["spool"] = redact_url(spool_url)  # no Redis password in the output
     summary["rows_never_accepted"] = lost
     summary["rows_abandoned"] = abandoned
+    # Rows of the lists it read on that named an address their campaign had: left out.
+    dups = 0
+    for j in resumable:
+        ended = spool.get_ingest(j.id)
+        dups += (ended.duplicates - j.duplicates) if ended is not None else 0
+    summary["duplicates"] = dups
     unfinished = [
         j for j in spool.list_ingests(unfinished=True) if j.id in {r.id for r in resumable}
     ]

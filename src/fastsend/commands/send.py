@@ -93,6 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="its share of the claims among its tenant's campaigns of the same priority"
         " (1..1000, default 1)",
     )
+    p.add_argument(
+        "--keep-duplicates",
+        action="store_true",
+        help="send a row whose address an earlier row has (default: each address once;"
+        " the domain's case and surrounding spaces do not make another address)",
+    )
     add_engine_arguments(p)
 
 
@@ -104,6 +110,8 @@ def campaign_options(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, Any]
     from fastsend.spool.fair import check_rank
 
     options: dict[str, Any] = {}
+    if args.keep_duplicates:  # (fastsend.accept.KEEP_DUPLICATES; not imported for --help)
+        options["keep_duplicates"] = True
     wrong = check_rank(args.priority, args.weight)
     if wrong:
         return {}, f"--{wrong}"
@@ -276,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
             cfg,
             spool,
             max_wait=args.max_wait,
-            total=job.total - mark.rejected,
+            total=job.total - mark.rejected - mark.duplicates,
             progress=not args.no_progress,
             campaign=cid,
             # Always: after the last chunk the feed still marks the job done (a list of
@@ -284,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
             feeder=feeder(),
             # The list's good rows: it is read as the windows have room, so the
             # rows spooled so far are not the whole run.
-            total_fn=lambda: job.total - progress[0].rejected,
+            total_fn=lambda: job.total - progress[0].rejected - progress[0].duplicates,
             events=events,
             # A shared spool's list (Redis: every node's) for dispatch and hard bounces.
             suppression=suppression if spool.shared() is not None else None,
@@ -310,10 +318,18 @@ def run(args: argparse.Namespace) -> int:
         code = 1
     summary["spool"] = redact_url(spool_url)  # no Redis password in the output
     summary["rejected_rows"] = len(bad)
+    # Rows left out: an address an earlier row of the list has (--keep-duplicates sends them).
+    summary["duplicates"] = job_now.duplicates
     summary["ingest"] = {"job": job.id, "rows": job.total, "left": rows_left(job_now)}
     print_summary(summary, args.json)
     spool.close()
     stopped = stopped_by_signal(summary, args, rows_left(job_now))
+    if job_now.duplicates:
+        print(
+            f"fastsend: {job_now.duplicates:,} row(s) named an address an earlier row has:"
+            " sent once (--keep-duplicates sends each)",
+            file=sys.stderr,
+        )
     if bad:
         print(f"fastsend: {len(bad)} bad recipient row(s) were skipped", file=sys.stderr)
     # Mail still deferred outranks bad rows (said above): what is left is for resume.

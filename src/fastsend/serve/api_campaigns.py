@@ -41,7 +41,13 @@ import orjson
 from aiohttp import web
 
 from fastsend import recipients
-from fastsend.accept import AcceptError, check_campaign, header_variables, name_problem
+from fastsend.accept import (
+    KEEP_DUPLICATES,
+    AcceptError,
+    check_campaign,
+    header_variables,
+    name_problem,
+)
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
@@ -115,6 +121,11 @@ class CampaignIn(msgspec.Struct, forbid_unknown_fields=True):
         "1..1000: the campaign's share of the claims among the tenant's campaigns of"
         " the same priority (default 1)"
     ))] = None  # fmt: skip
+    keep_duplicates: Annotated[bool, msgspec.Meta(description=(
+        "true: a recipient whose address the campaign has already (this request or an"
+        " earlier one, any list or chunk) is sent again; default: each address once"
+        " (the domain's case and surrounding spaces make no other address)"
+    ))] = False  # fmt: skip
 
 
 class RecipientsIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -185,6 +196,8 @@ def _options(api: Any, body: CampaignIn, tenant: str) -> dict[str, Any]:
     for opt in (PRIORITY, WEIGHT):
         if getattr(body, opt) is not None:
             options[opt] = getattr(body, opt)
+    if body.keep_duplicates:
+        options[KEEP_DUPLICATES] = True
     return options
 
 
@@ -203,7 +216,7 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
         "total": total,
         "progress": round(done / total, 4) if total else 0.0,
     }
-    for opt in ("pool", "max_rate", PRIORITY, WEIGHT):  # its own shaping, when it has one
+    for opt in ("pool", "max_rate", PRIORITY, WEIGHT, KEEP_DUPLICATES):  # its own, if set
         if opt in (info.options or {}):
             view[opt] = info.options[opt]
     spooling = api.ctx.uploads.progress(info.id)
@@ -219,10 +232,13 @@ async def _spool_rows(
     strict: bool,
     camp: Campaign,
     ok_status: int = 202,
+    dedup: bool = True,
 ) -> web.Response:
     """rows: recipient rows or BadRow; spool the good ones (or none when strict).
 
     ``ok_status``: 201 for a new campaign, which exists even when no row was good.
+    ``dedup``: a row whose address the campaign has (an earlier row too) is left
+    out, counted in the answer's ``duplicates`` (the campaign's keep_duplicates).
     """
     api = api_of(request)
     badrows = [r for r in rows if isinstance(r, recipients.BadRow)]
@@ -258,7 +274,7 @@ async def _spool_rows(
     chunk = CHUNK if run is not None or HELD in request else max(1, len(good))
     try:
         for i in range(0, len(good), chunk):
-            accepted += len(accept_rows(request, cid, good[i : i + chunk]))
+            accepted += len(accept_rows(request, cid, good[i : i + chunk], dedup=dedup))
             await asyncio.sleep(0)  # let other requests in between chunks
     except BaseException:
         api.ctx.caps.refund(taken, count - accepted)  # (what was spooled stays counted)
@@ -269,6 +285,7 @@ async def _spool_rows(
         "id": cid,
         "accepted": accepted,
         "rejected": len(badrows),
+        "duplicates": len(good) - accepted,
         "errors": [{"row": b.line, "error": b.error} for b in badrows[:MAX_REPORTED]],
     }
     if badrows and not accepted and ok_status == 202:  # a 400 with the error object
@@ -376,7 +393,10 @@ async def create_campaign(request: web.Request) -> web.Response:
         held = Held() if info is not None and info.status == STAGING else None
         if held is not None:
             request[HELD] = held
-        resp = await _spool_rows(request, cid, rows, body.strict, camp, ok_status=201)
+        resp = await _spool_rows(
+            request, cid, rows, body.strict, camp, ok_status=201,
+            dedup=not (info is not None and (info.options or {}).get(KEEP_DUPLICATES)),
+        )  # fmt: skip
         info = spool.get_campaign(cid)
         if info is not None and info.status == ABANDONED and held is not None:
             # Given up on while this request ran (another node's sweep: a retry
@@ -482,7 +502,8 @@ async def add_recipients(request: web.Request) -> web.Response:
     body = await read_body(request)
     _count_first(body, api_of(request).settings.recipient_cap)
     rows = await off_loop(len(body), _decoded_rows, body, camp)
-    return await _spool_rows(request, info.id, rows, strict, camp)
+    dedup = not (info.options or {}).get(KEEP_DUPLICATES)
+    return await _spool_rows(request, info.id, rows, strict, camp, dedup=dedup)
 
 
 LIST_TYPES = {
@@ -570,6 +591,7 @@ async def _upload(
         "id": cid,
         "accepted": 0,
         "rejected": found.rejected,
+        "duplicates": 0,
         "errors": [{"row": b.line, "error": b.error} for b in found.bad],
     }
     if job is not None:  # this copy is not needed: the job reads the first one
@@ -577,7 +599,7 @@ async def _upload(
         if run is not None:
             run.skipped = job.accepted
         uploads.take_over(job)  # continued here if its reader died
-        out.update(job=job.id, rows=job.total, accepted=job.accepted)
+        out.update(job=job.id, rows=job.total, accepted=job.accepted, duplicates=job.duplicates)
         out["status"] = "spooled" if job.finished else "spooling"
         return json_response(out, status=202)
     if not found.good:  # nothing to spool: no job
@@ -605,6 +627,7 @@ async def _upload(
     out["job"] = job.id
     out["rows"] = job.total
     out["accepted"] = mark.accepted
+    out["duplicates"] = mark.duplicates  # (so far, for a list spooled on in the background)
     out["status"] = "spooling" if job.id in uploads.tasks else "spooled"
     return json_response(out, status=202)
 

@@ -315,12 +315,14 @@ class ServeContext:
     # -- messages ------------------------------------------------------------
 
     def inject(
-        self, campaign_id: int, rows: list[tuple[str, str, bytes]], idem: IdemMark | None = None
+        self, campaign_id: int, rows: list[tuple[str, str, bytes]], idem: IdemMark | None = None,
+        dedup: bool = False,
     ) -> list[int]:
         """Spool rows durably (:meth:`fastsend.accept.Acceptor.accept`; ``idem``:
         recorded under an idempotency key with them); returns their ids in the
-        order of ``rows``."""
-        return self.acceptor.accept(campaign_id, rows, idem=idem)
+        order of ``rows`` (``dedup``: of the rows whose address the campaign did
+        not have)."""
+        return self.acceptor.accept(campaign_id, rows, idem=idem, dedup=dedup)
 
     # -- per-node files, or shared in Redis ----------------------------------
 

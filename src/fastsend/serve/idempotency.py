@@ -167,9 +167,11 @@ class IdemRun:
         return {TOKEN_OPTION: self.token}
 
     def accept(self, ctx: ServeContext, campaign_id: int, rows: list[tuple[str, str, bytes]],
-               held: Held | None = None) -> list[int]:  # fmt: skip
+               held: Held | None = None, dedup: bool = False) -> list[int]:  # fmt: skip
         """:meth:`ServeContext.inject` as one part of the request (its events
-        kept in ``held`` while its campaign is staging)."""
+        kept in ``held`` while its campaign is staging). ``dedup``: rows whose
+        address the campaign has are left out, so a part may hold fewer ids
+        than rows."""
         if not rows:
             return []
         n = self.next
@@ -177,7 +179,7 @@ class IdemRun:
         live = self.live
         if n < len(live):
             _cid, ids = live[n]
-            if len(ids) != len(rows):
+            if len(ids) > len(rows) or (len(ids) < len(rows) and not dedup):
                 raise ApiError(
                     409, f"{HEADER}: an earlier attempt of this request spooled its part {n}"
                     f" with {len(ids)} rows, this one has {len(rows)}; use a new key", HEADER,
@@ -196,7 +198,7 @@ class IdemRun:
 
         ids = ctx.acceptor.accept(
             campaign_id, rows, idem=mark, committed=hook if _FAULT else None,
-            held=held.rows if held is not None else None,
+            held=held.rows if held is not None else None, dedup=dedup,
         )  # fmt: skip
         if self.index is not None:
             self.index.flush()  # the part's events indexed now: what a retry checks
@@ -256,18 +258,19 @@ def run_of(request: web.Request) -> IdemRun | None:
     return request.get(RUN)
 
 
-def accept_rows(request: web.Request, campaign_id: int, rows: list[tuple[str, str, bytes]]
-                ) -> list[int]:  # fmt: skip
+def accept_rows(request: web.Request, campaign_id: int, rows: list[tuple[str, str, bytes]],
+                dedup: bool = False) -> list[int]:  # fmt: skip
     """Spool rows for a route that accepts mail: ``ctx.inject``, recorded under the
-    request's Idempotency-Key when it has one (see :class:`IdemRun`)."""
+    request's Idempotency-Key when it has one (see :class:`IdemRun`). ``dedup``:
+    rows whose address the campaign has are left out (``Acceptor.accept``)."""
     ctx = api_of(request).ctx
     run = run_of(request)
     held = request.get(HELD)
     if run is None:
         if held is not None:
-            return ctx.acceptor.accept(campaign_id, rows, held=held.rows)
-        return ctx.inject(campaign_id, rows)
-    return run.accept(ctx, campaign_id, rows, held)
+            return ctx.acceptor.accept(campaign_id, rows, held=held.rows, dedup=dedup)
+        return ctx.inject(campaign_id, rows, dedup=dedup)
+    return run.accept(ctx, campaign_id, rows, held, dedup=dedup)
 
 
 class Held:

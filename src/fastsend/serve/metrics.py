@@ -133,12 +133,13 @@ class TimedSpool(SpoolProxy):
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
         idem: IdemMark | None = None,
+        fps: Sequence[int] | None = None,
     ) -> list[int]:
         t = time.perf_counter()
         try:
             return self.inner.add_messages(
                 campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest,
-                idem=idem,
+                idem=idem, fps=fps,
             )  # fmt: skip
         finally:
             self._add.observe(time.perf_counter() - t)

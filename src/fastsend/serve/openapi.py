@@ -174,16 +174,19 @@ def _response_schemas() -> dict[str, Any]:
             # its own shaping, when it was created with one (CampaignIn pool, max_rate)
             "pool": _STR,
             "max_rate": _NUM,
+            # true when created so: an address already in the campaign is sent again
+            "keep_duplicates": {"type": "boolean"},
             # recipient lists still being accepted (an upload spooled in the background)
             "spooling": {
                 "type": "array",
                 "items": _obj(
-                    ["job", "rows", "read", "accepted", "rejected", "text"],
+                    ["job", "rows", "read", "accepted", "rejected", "duplicates", "text"],
                     job=_INT,
                     rows=_INT,
                     read=_INT,
                     accepted=_INT,
                     rejected=_INT,
+                    duplicates=_INT,
                     text=_STR,
                 ),
             },
@@ -228,10 +231,12 @@ def _response_schemas() -> dict[str, Any]:
             next_cursor=nullable("integer"),
         ),
         "RecipientsAccepted": _obj(
-            ["id", "accepted", "rejected", "errors"],
+            ["id", "accepted", "rejected", "duplicates", "errors"],
             id=_INT,
             accepted=_INT,
             rejected=_INT,
+            # rows left out: the campaign had their address (unless keep_duplicates)
+            duplicates=_INT,
             errors={"type": "array", "items": _obj(["row", "error"], row=_INT, error=_STR)},
             # a CSV / JSON-lines upload: its ingest job, its rows, and whether the rest
             # is still being spooled in the background (GET the campaign for progress)

@@ -42,7 +42,7 @@ from typing import Any
 from aiohttp import web
 
 from fastsend import recipients
-from fastsend.accept import Acceptor, row_checks, source_problem
+from fastsend.accept import Acceptor, row_checks, rows_left, source_problem
 from fastsend.message import Campaign
 from fastsend.spool import IngestBusy, IngestJob, IngestLost, IngestMark, Spool
 
@@ -175,16 +175,18 @@ class Uploads:
         ``tags``: written into the job's source (an Idempotency-Key's token)."""
         job = self.acceptor.start_ingest(campaign_id, path, origin="api", tags=tags)  # durable
         if job.total <= SYNC_ROWS:
-            mark = IngestMark(job.id, 0, 0, 0)
+            mark = IngestMark(job.id, 0, 0, 0, 0)
             for mark in self.acceptor.ingest(job, chunk=SYNC_ROWS, on_bad=on_bad):
                 self._spooled(mark, job)
                 job.accepted, job.rejected = mark.accepted, mark.rejected
+                job.duplicates = mark.duplicates
             self.discard(path)
             return job, mark
         feed = self.acceptor.ingest(job, chunk=CHUNK, on_bad=on_bad)
         mark = next(feed)
         self._spooled(mark, job)
         job.accepted, job.rejected = mark.accepted, mark.rejected
+        job.duplicates = mark.duplicates
         self._start(job, feed)
         return job, mark
 
@@ -202,6 +204,7 @@ class Uploads:
             for mark in feed:  # one transaction per step
                 self._spooled(mark, job)
                 job.accepted, job.rejected = mark.accepted, mark.rejected
+                job.duplicates = mark.duplicates
                 await asyncio.sleep(0)  # requests (and the supervisor) between chunks
         except asyncio.CancelledError:
             raise  # stopping: the job stays unfinished, the next start continues it
@@ -271,12 +274,12 @@ class Uploads:
                 log.error(
                     "uploaded list %s of campaign %s is %s: %d row(s) were never accepted",
                     path, fresh.campaign, problem,
-                    max(0, fresh.total - fresh.accepted - fresh.rejected),
+                    rows_left(fresh),
                 )  # fmt: skip
             return False
         log.warning(
             "continuing the uploaded list of campaign %s (ingest job %s): %d of %d rows read",
-            fresh.campaign, fresh.id, fresh.accepted + fresh.rejected, fresh.total,
+            fresh.campaign, fresh.id, fresh.total - rows_left(fresh), fresh.total,
         )  # fmt: skip
         self._start(fresh, self.acceptor.ingest(fresh, chunk=CHUNK))
         return True
@@ -315,10 +318,12 @@ class Uploads:
             {
                 "job": j.id,
                 "rows": j.total,
-                "read": j.accepted + j.rejected,
+                "read": j.accepted + j.rejected + j.duplicates,
                 "accepted": j.accepted,
                 "rejected": j.rejected,
-                "text": f"spooling: {j.accepted + j.rejected:,} of {j.total:,} rows",
+                "duplicates": j.duplicates,
+                "text": f"spooling: {j.accepted + j.rejected + j.duplicates:,} of"
+                f" {j.total:,} rows",
             }
             for j in self.spool.list_ingests(unfinished=True)
             if j.campaign == campaign_id

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import types
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -133,6 +133,12 @@ class IngestLost(SpoolError):
             f"ingest job {job_id}: this process's lease on it lapsed{now}; no rows were"
             " added (the job goes on from its last committed row: `fastsend resume`)"
         )
+
+
+class FpsChanged(SpoolError):
+    """Another node recorded one of the fingerprints a write was to record
+    (``add_messages(fps=)``) since the caller asked (:meth:`Spool.recorded_fps`):
+    nothing was written; the caller asks again and leaves out what is recorded."""
 
 
 class IdemLost(SpoolError):
@@ -413,6 +419,9 @@ class IngestMark(msgspec.Struct):
     line: int  # source line of the last row this batch read (0: none yet)
     accepted: int  # rows spooled by the job so far, this batch included
     rejected: int  # bad rows skipped so far
+    # rows skipped so far because the campaign had their address already (a list
+    # naming one twice: fastsend.accept); not "rejected": nothing was wrong with them
+    duplicates: int = 0
 
 
 class IngestJob(msgspec.Struct):
@@ -436,6 +445,7 @@ class IngestJob(msgspec.Struct):
     # "suppressed" events may not have been emitted: set in the batch's
     # transaction, cleared (told_ingest) once they are flushed; (0, 0) if none.
     untold: tuple[int, int] = (0, 0)
+    duplicates: int = 0  # rows skipped: an address the campaign had (IngestMark)
 
     @property
     def finished(self) -> bool:
@@ -566,6 +576,7 @@ class Spool(abc.ABC):
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
         idem: IdemMark | None = None,
+        fps: Sequence[int] | None = None,
     ) -> list[int]:
         """Spool (rcpt, domain, vars) rows in one transaction; durable when it
         returns their ids (in the order of ``rows``). Rows whose index is in
@@ -573,7 +584,26 @@ class Spool(abc.ABC):
         ``ingest``: the list-ingest job's new position, committed atomically
         with the rows. ``idem``: the rows are a part of a request made under an
         Idempotency-Key, recorded in the key's record atomically with the rows
-        (:class:`IdemMark`; :class:`IdemLost` when the key is not the caller's)."""
+        (:class:`IdemMark`; :class:`IdemLost` when the key is not the caller's).
+        ``fps``: the fingerprints of the rows' addresses, for a spool that
+        records them (:meth:`recorded_fps`), atomically with the rows: when one
+        was recorded since the caller asked, nothing is written
+        (:class:`FpsChanged`: ask again)."""
+
+    # -- duplicate recipients (fastsend.accept) ------------------------------
+
+    def spooled_rcpts(self, campaign_id: int) -> Iterator[list[str]]:
+        """The addresses spooled for a campaign, a chunk at a time: what a
+        process that alone writes this spool rebuilds its table of the
+        campaign's addresses from (a list's duplicates are not spooled)."""
+        raise NotImplementedError
+
+    def recorded_fps(self, campaign_id: int, fps: Sequence[int]) -> list[bool] | None:
+        """For a spool several nodes write (Redis): whether each fingerprint of
+        ``fps`` (fastsend.recipients.fingerprint) was recorded with a row of the
+        campaign (``add_messages(fps=)``); None: this spool records none (one
+        process writes it: :meth:`spooled_rcpts` gives that process all)."""
+        return None
 
     @abc.abstractmethod
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
@@ -1160,10 +1190,18 @@ class SpoolProxy(Spool):
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
         idem: IdemMark | None = None,
+        fps: Sequence[int] | None = None,
     ) -> list[int]:
         return self.inner.add_messages(
-            campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest, idem=idem
-        )
+            campaign_id, rows, now, state=state, suppressed=suppressed, ingest=ingest, idem=idem,
+            fps=fps,
+        )  # fmt: skip
+
+    def spooled_rcpts(self, campaign_id: int) -> Iterator[list[str]]:
+        return self.inner.spooled_rcpts(campaign_id)
+
+    def recorded_fps(self, campaign_id: int, fps: Sequence[int]) -> list[bool] | None:
+        return self.inner.recorded_fps(campaign_id, fps)
 
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
         return self.inner.claim_due(now, limit)

@@ -129,6 +129,7 @@ from fastsend.spool.base import (
     SUPPRESSED,
     CampaignInfo,
     Claimed,
+    FpsChanged,
     IdemLost,
     IdemMark,
     IdemRecord,
@@ -609,6 +610,7 @@ class RedisSpool(Spool):
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
         idem: IdemMark | None = None,
+        fps: Sequence[int] | None = None,
     ) -> list[int]:
         rows = list(rows)
         self._due_gen += 1  # (mail due: a claim that found none is stale)
@@ -616,6 +618,8 @@ class RedisSpool(Spool):
             return []
         k = self.k
         cid = int(campaign_id)
+        fkey = f"{k}:fp:{cid}"
+        members = [f.to_bytes(8, "big") for f in fps] if fps else []
         ids: list[int] = []
         if rows:
             last = int(self.r.incrby(f"{k}:seq:m", len(rows)))
@@ -628,18 +632,23 @@ class RedisSpool(Spool):
         pipe = self.r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing
         lease = f"{k}:ing:{int(ingest.job)}:lease" if ingest is not None else ""
         ikey = f"{k}:idem:{self._idem_key(idem.scope, idem.key)}" if idem is not None else ""
-        if lease or ikey:
+        if lease or ikey or members:
             # A list's rows only while this process holds the job: the lease is
             # WATCHed, so a takeover or expiry before EXEC aborts the transaction.
             # Rows under an Idempotency-Key only while the caller holds the key:
-            # its record is WATCHed (a takeover rewrites its holder).
-            pipe.watch(*[x for x in (lease, ikey) if x])
+            # its record is WATCHed (a takeover rewrites its holder). Rows whose
+            # addresses' fingerprints go into the campaign's set only while no
+            # other node adds to it: two nodes spooling one address at once.
+            pipe.watch(*[x for x in (lease, ikey, fkey if members else "") if x])
             if lease and pipe.get(lease) != self._tag:
                 pipe.reset()
                 raise self._ingest_lost(int(ingest.job))  # type: ignore[union-attr]
             if idem is not None and not self._idem_ours(pipe, ikey, idem):
                 pipe.reset()
                 raise IdemLost(idem.scope, idem.key)
+            if members and any(pipe.smismember(fkey, members)):
+                pipe.reset()
+                raise FpsChanged(f"campaign {cid}: an address was spooled meanwhile")
             pipe.multi()
         due: list[int] = []
         n_sup = 0
@@ -671,6 +680,8 @@ class RedisSpool(Spool):
             if n:
                 pipe.hincrby(f"{k}:n:{cid}", state_s, n)
                 pipe.hincrby(f"{k}:n", state_s, n)
+        for j in range(0, len(members), CHUNK):
+            pipe.sadd(fkey, *members[j : j + CHUNK])
         if idem is not None:
             pipe.hset(ikey, f"p{idem.part}", orjson.dumps(idem_part(cid, ids)))
         if ingest is not None:
@@ -680,6 +691,7 @@ class RedisSpool(Spool):
                     "line": ingest.line,
                     "accepted": ingest.accepted,
                     "rejected": ingest.rejected,
+                    "duplicates": ingest.duplicates,
                     # its rows' events are untold until told_ingest
                     "untold": b"%d %d" % ((ids[0], ids[-1]) if ids else (0, 0)),
                 },
@@ -689,11 +701,26 @@ class RedisSpool(Spool):
         except redis.WatchError:
             if idem is not None and not self._idem_ours(self.r, ikey, idem):
                 raise IdemLost(idem.scope, idem.key) from None
+            if ingest is not None and self.r.get(lease) != self._tag:
+                raise self._ingest_lost(int(ingest.job)) from None
+            if members:  # (the set changed: another node spooled to the campaign)
+                raise FpsChanged(f"campaign {cid}: an address was spooled meanwhile") from None
             raise self._ingest_lost(int(ingest.job)) from None  # type: ignore[union-attr]
         finally:
             pipe.reset()
         self._wait_durable()
         return ids
+
+    def recorded_fps(self, campaign_id: int, fps: Sequence[int]) -> list[bool] | None:
+        # The campaign's set P:fp:CID (8-byte members), written with its rows.
+        if not fps:
+            return []
+        members = [f.to_bytes(8, "big") for f in fps]
+        key = f"{self.k}:fp:{int(campaign_id)}"
+        out: list[bool] = []
+        for j in range(0, len(members), CHUNK):
+            out += map(bool, self.r.smismember(key, members[j : j + CHUNK]))
+        return out
 
     @staticmethod
     def _idem_ours(r: Any, ikey: str, idem: IdemMark) -> bool:
@@ -1540,6 +1567,7 @@ class RedisSpool(Spool):
             status=_s(h[b"status"]),
             created=float(h[b"created"]),
             untold=tuple(map(int, h.get(b"untold", b"0 0").split())),  # type: ignore[arg-type]
+            duplicates=int(h.get(b"duplicates", 0)),
         )
 
     def get_ingest(self, job_id: int) -> IngestJob | None:

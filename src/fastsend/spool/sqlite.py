@@ -188,7 +188,8 @@ CREATE TABLE IF NOT EXISTS ingests (
     status TEXT NOT NULL DEFAULT 'running',
     created REAL NOT NULL,
     untold_first INTEGER NOT NULL DEFAULT 0,
-    untold_last INTEGER NOT NULL DEFAULT 0
+    untold_last INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant TEXT NOT NULL,
@@ -358,13 +359,13 @@ def _pending_index(db: sqlite3.Connection) -> None:
 
 def _idem_columns(db: sqlite3.Connection) -> None:
     """A spool made before idempotency records had a lease and parts, or before
-    ingest jobs kept their untold batch: add them."""
+    ingest jobs kept their untold batch and their duplicates: add them."""
     for table, cols in (
         (
             "idempotency",
             (("lease", "REAL NOT NULL DEFAULT 0"), ("parts", "BLOB NOT NULL DEFAULT x''")),
         ),
-        ("ingests", (("untold_first", _ZERO), ("untold_last", _ZERO))),
+        ("ingests", (("untold_first", _ZERO), ("untold_last", _ZERO), ("duplicates", _ZERO))),
         ("campaigns", (("reason", "TEXT NOT NULL DEFAULT ''"),)),
     ):
         have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
@@ -799,6 +800,7 @@ class SQLiteSpool(Spool):
         suppressed: Collection[int] = (),
         ingest: IngestMark | None = None,
         idem: IdemMark | None = None,
+        fps: Sequence[int] | None = None,  # (one process writes this spool: none recorded)
     ) -> list[int]:
         rows = list(rows)
         if not rows and ingest is None:
@@ -846,9 +848,10 @@ class SQLiteSpool(Spool):
             if ingest is not None:  # its rows' events are untold until told_ingest
                 db.execute(
                     "UPDATE ingests SET line=?, accepted=?, rejected=?, untold_first=?,"
-                    " untold_last=? WHERE id=?",
+                    " untold_last=?, duplicates=? WHERE id=?",
                     (ingest.line, ingest.accepted, ingest.rejected,
-                     first if rows else 0, first + len(rows) - 1 if rows else 0, ingest.job),
+                     first if rows else 0, first + len(rows) - 1 if rows else 0,
+                     ingest.duplicates, ingest.job),
                 )  # fmt: skip
         t = self._tallies.get(campaign_id)
         if t is not None:
@@ -1687,9 +1690,13 @@ class SQLiteSpool(Spool):
 
     _INGEST_COLS = (
         "id, campaign, source, total, line, accepted, rejected, status, created,"
-        " untold_first, untold_last"
+        " untold_first, untold_last, duplicates"
     )
-    _INGEST_COLS_OLD = "id, campaign, source, total, line, accepted, rejected, status, created, 0, 0"
+    _INGEST_COLS_OLD = (  # (before their duplicates; before their untold batch too)
+        "id, campaign, source, total, line, accepted, rejected, status, created,"
+        " untold_first, untold_last, 0",
+        "id, campaign, source, total, line, accepted, rejected, status, created, 0, 0, 0",
+    )
 
     @staticmethod
     def _ingest(row: tuple[Any, ...]) -> IngestJob:
@@ -1704,6 +1711,7 @@ class SQLiteSpool(Spool):
             status=str(row[7]),
             created=float(row[8]),
             untold=(int(row[9]), int(row[10])),
+            duplicates=int(row[11]),
         )
 
     def create_ingest(self, campaign_id: int, source: dict[str, Any], total: int) -> int:
@@ -1729,7 +1737,7 @@ class SQLiteSpool(Spool):
         return job_id
 
     def _ingests(self, where: str, args: tuple[Any, ...] = ()) -> list[IngestJob]:
-        for cols in (self._INGEST_COLS, self._INGEST_COLS_OLD):
+        for cols in (self._INGEST_COLS, *self._INGEST_COLS_OLD):
             try:
                 rows = self.db.execute(f"SELECT {cols} FROM ingests{where}", args).fetchall()
             except sqlite3.OperationalError:
@@ -1738,6 +1746,22 @@ class SQLiteSpool(Spool):
                 continue
             return [self._ingest(r) for r in rows]
         return []
+
+    def spooled_rcpts(self, campaign_id: int) -> Iterator[list[str]]:
+        # A campaign's rows are its id runs (campaign_rows): read a range at a time.
+        runs = self.db.execute(
+            "SELECT first, last FROM campaign_rows WHERE campaign=? ORDER BY first",
+            (int(campaign_id),),
+        ).fetchall()
+        step = 20_000
+        for first, last in runs:
+            for lo in range(int(first), int(last) + 1, step):
+                got = self.db.execute(
+                    "SELECT rcpt FROM messages WHERE id BETWEEN ? AND ?",
+                    (lo, min(int(last), lo + step - 1)),
+                ).fetchall()
+                if got:
+                    yield [r[0] for r in got]
 
     def get_ingest(self, job_id: int) -> IngestJob | None:
         jobs = self._ingests(" WHERE id=?", (job_id,))
