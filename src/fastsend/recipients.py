@@ -91,21 +91,60 @@ def columns(path: str) -> set[str]:
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     obj = None
-                if isinstance(obj, dict):
-                    keys.update(obj)
+                if isinstance(obj, dict) and not isinstance(got := json_row(obj), str):
+                    keys.add("email")
+                    keys.update(got[1])
             line = _readline(path, f)
         return keys
 
 
 # What spreadsheets and other senders' exports name the address column
 # (Mailchimp "Email Address", HubSpot "Email", "E-mail"), any case.
-_EMAIL_HEADERS = frozenset({"email", "e-mail", "email address", "e-mail address"})
+# "To": as the API's messages name it.
+_EMAIL_HEADERS = frozenset({"email", "e-mail", "email address", "e-mail address", "to"})
+
+
+# The nested objects a JSON row may hold its variables in, as the API's messages
+# do ("variables"): {"email": "a@x", "vars": {"name": "A"}} is {"email": "a@x", "name": "A"}.
+NESTED_VARS = ("variables", "vars", "data")
+
+
+def json_row(obj: dict[str, Any]) -> tuple[object, dict[str, Any]] | str:
+    """(the address as given, the variables) of a JSON-lines row or an API
+    recipient, or why it is a bad row. The address is its ``email`` key, else
+    the one key named as a CSV's address column may be (``Email``, ``E-mail``,
+    ``Email Address``, any case) or ``to`` (the API's messages); its
+    variables are its other keys, with those of a nested ``variables``,
+    ``vars`` or ``data`` object (a name given twice is a bad row); a null is no
+    value. Only ``email`` was taken: a list exported with "Email" or "to" was
+    refused row by row ("missing or non-text email")."""
+    row = {k: v for k, v in obj.items() if v is not None}
+    if "email" in row:
+        email = row.pop("email")
+    else:
+        alike = [k for k in row if k.strip().lower() in _EMAIL_HEADERS]
+        if len(alike) > 1:
+            return f"no 'email' key and {len(alike)} keys that may be the address: " + ", ".join(
+                repr(k[:32]) for k in alike
+            )
+        email = row.pop(alike[0]) if alike else None
+    for key in NESTED_VARS:
+        nested = row.get(key)
+        if isinstance(nested, dict):
+            del row[key]
+            for k, v in nested.items():
+                if v is None:
+                    continue
+                if k in row or k == "email":
+                    return f"variable {k[:64]!r} is given twice (in {key!r} and beside it)"
+                row[k] = v
+    return email, row
 
 
 def csv_header(fields: list[str]) -> list[str]:
     """A CSV header's column names, stripped; without an ``email`` column, the
     one column named as exports name it (``Email``, ``E-mail``, ``Email
-    Address``, any case) is the ``email`` column (the list was refused: "no
+    Address``, ``To``, any case) is the ``email`` column (the list was refused: "no
     'email' column (columns: Email, ...)")."""
     header = [h.strip() for h in fields]
     if "email" not in header:
@@ -801,8 +840,11 @@ def _jsonl_batches(
         if ends > keys and (twice := _key_twice(text)) is not None:
             bad.append(BadRow(line, f"invalid JSON: the key {twice[:64]!r} appears twice"))
             continue
-        obj = {k: v for k, v in obj.items() if v is not None}  # a null is no value (text_vars)
-        email = obj.pop("email", None)
+        got = json_row(obj)  # a null is no value (text_vars); "Email", "to", nested "vars"
+        if isinstance(got, str):
+            bad.append(BadRow(line, got))
+            continue
+        email, obj = got
         if not isinstance(email, str):
             bad.append(BadRow(line, "missing or non-text email"))
             continue
@@ -902,6 +944,11 @@ def _as_written(text: str, obj: dict[str, Any], values: dict[str, str]) -> None:
         exact = json.loads(text, parse_float=str, parse_int=str)
     except (ValueError, RecursionError):
         return
+    if not isinstance(exact, dict):
+        return
+    for key in NESTED_VARS:  # (a nested object's variables: json_row)
+        if isinstance(exact.get(key), dict):
+            exact = {**exact, **exact[key]}
     for k, v in obj.items():
         if type(v) is float and isinstance(exact.get(k), str):
             values[k] = exact[k]

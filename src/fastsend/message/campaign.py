@@ -31,6 +31,7 @@ from typing import Any
 from fastsend.message.errors import CampaignError
 from fastsend.message.headers import HeaderError, encode_domain, parse_mailbox, split_address
 from fastsend.message.mime import Renderer, ascii_uri_literals
+from fastsend.message.template import PLAIN_NAME as _PLAIN_NAME
 from fastsend.message.template import Template, TemplateError
 from fastsend.message.tracking import check_spec as check_tracking
 
@@ -300,12 +301,20 @@ class Campaign:
 
     def check_columns(self, columns: Iterable[str]) -> None:
         """CampaignError naming each needed variable that is not a column."""
-        missing = self.variables - set(columns)
+        have = set(columns)
+        missing = self.variables - have
         if missing:
+            shown = sorted(have - {"email"})
+            cols = ", ".join(repr(c[:64]) for c in shown[:20]) + (", ..." if shown[20:] else "")
+            odd = next((c for c in shown if not _PLAIN_NAME.fullmatch(c)), None)
             raise CampaignError(
                 "recipient list lacks columns for variables without a default: "
                 + ", ".join(sorted(missing))
-            )
+                + f" (its columns: {cols or 'none but email'}"
+                + (f'; a column such as {odd[:64]!r} is written {{{{ row["{odd[:64]}"] }}}}'
+                   if odd else "")
+                + ")"
+            )  # fmt: skip
 
     @property
     def dkim(self) -> list[dict[str, Any]]:

@@ -11,6 +11,9 @@ Syntax (the whole of it, deliberately small):
   is missing or empty.
 - Names are letters, digits, ``_``, ``-`` and ``.``, starting with a letter or
   ``_``. Whitespace inside the braces is optional.
+- ``{{ row["First Name"] }}`` (or single quotes; ``| default`` and ``| raw``
+  as above): the column named so, whatever its name holds (a spreadsheet's
+  header: spaces, ``/``, accents, ...), as the list writes it.
 - ``{{ "{{" }}`` writes a literal ``{{`` (any quoted string works that way).
 - Nothing else: a campaign holding a ``{% ... %}`` tag or a ``{# ... #}``
   comment (another template language's) is refused as it arrives
@@ -86,8 +89,9 @@ class UnsafeValue(ValueError):
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_.\-]*"
 _STR = r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'"
+PLAIN_NAME = re.compile(_NAME)  # what {{ name }} takes; any other column is {{ row["..."] }}
 _PLACEHOLDER = re.compile(
-    r"\{\{\s*(?:(?P<name>" + _NAME + r")"
+    r"\{\{\s*(?:(?:(?P<name>" + _NAME + r")|row\s*\[\s*(?P<key>" + _STR + r")\s*\])"
     r"(?:\s*\|\s*default\s*\(\s*(?P<default>" + _STR + r")\s*\))?"
     r"(?P<raw>\s*\|\s*raw)?"
     r"|(?P<literal>" + _STR + r"))\s*\}\}"
@@ -127,6 +131,19 @@ def foreign_tag(source: str) -> str | None:
         ' placeholders (with | default("x") or | raw), no {% %} tags, {# #} comments or'
         ' *|MERGE|* tags ({{ "{%" }} writes the characters)'
     )
+
+
+_WORDS = re.compile(r"\{\{\s*([^{}|\"']*?)\s*(?:\||\}\})")
+
+
+def _hint(snippet: str) -> str:
+    """What a placeholder naming a column that is no plain name (``{{ First Name
+    }}``, ``{{ Zip/Postal }}``) is written as instead."""
+    m = _WORDS.match(snippet)
+    if m is None or not m.group(1) or re.fullmatch(_NAME, m.group(1)):
+        return ""
+    name = m.group(1).replace("\\", "\\\\").replace('"', '\\"')
+    return f' (a column whose name is no plain name is written {{{{ row["{name}"] }}}})'
 
 
 def _unquote(s: str) -> str:
@@ -201,10 +218,10 @@ class Template:
                 buf += source[pos:]
                 break
             m = _PLACEHOLDER.match(source, start)
-            if m is None:
+            if m is None or m.group("key") in ('""', "''"):
                 line = source.count("\n", 0, start) + 1
                 snippet = source[start : start + 40].split("\n")[0]
-                raise TemplateError(f"bad placeholder on line {line}: {snippet!r}")
+                raise TemplateError(f"bad placeholder on line {line}: {snippet!r}{_hint(snippet)}")
             buf += source[pos:start]
             if m.group("literal") is not None:
                 buf += _unquote(m.group("literal"))
@@ -212,9 +229,10 @@ class Template:
                 literals.append(buf)
                 buf = ""
                 d = m.group("default")
+                key = m.group("key")
                 phs.append(
                     Placeholder(
-                        m.group("name"),
+                        m.group("name") if key is None else _unquote(key),
                         None if d is None else _unquote(d),
                         m.group("raw") is not None,
                     )

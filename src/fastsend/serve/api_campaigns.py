@@ -303,9 +303,12 @@ def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
     rows: list[Any] = []
     needed = camp.variables - {"email", "message_id"}
     in_headers = header_variables(camp.to_dict())
-    for n, obj in enumerate(items, start=1):
-        obj = dict(obj)
-        email = obj.pop("email", None)
+    for n, item in enumerate(items, start=1):
+        got = recipients.json_row(item)  # as a JSON-lines list's row: "Email", "to", "vars"
+        if isinstance(got, str):
+            rows.append(recipients.BadRow(n, got))
+            continue
+        email, obj = got
         # a null is no value (text_vars): one the template needs is missing
         missing = needed - {k for k, v in obj.items() if v is not None}
         if missing:

@@ -167,6 +167,10 @@ _UNPEND = (
     " if v < 0 then redis.call('HSET', KEYS[1], 'pending', 0) end return v"
 )
 CHUNK = 2000  # ids per script call / pipeline for bulk work
+# A campaign's set of its addresses' fingerprints (P:fp:CID, its duplicates) expires
+# this long after its last rows: [spool] final_retention_days' default, when the
+# rows themselves are pruned.
+FP_TTL = 30 * 86400
 BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
 # A due set's ties (ids due at one time) come out as strings ("10" before "9"):
 # an id's score is its due time less DUE_STEP per digit it has fewer than 20
@@ -682,6 +686,8 @@ class RedisSpool(Spool):
                 pipe.hincrby(f"{k}:n", state_s, n)
         for j in range(0, len(members), CHUNK):
             pipe.sadd(fkey, *members[j : j + CHUNK])
+        if members:  # (kept while the campaign takes rows; never left behind for good)
+            pipe.expire(fkey, FP_TTL)
         if idem is not None:
             pipe.hset(ikey, f"p{idem.part}", orjson.dumps(idem_part(cid, ids)))
         if ingest is not None:
