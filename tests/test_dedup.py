@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiosmtplib
 import orjson
 import pytest
 from tests._engine_helpers import (
@@ -31,6 +33,7 @@ from fastsend.events import EventLog
 from fastsend.message import Campaign
 from fastsend.serve.app import make_app
 from fastsend.serve.context import open_context
+from fastsend.serve.listeners import hash_password, start_listeners
 from fastsend.sink import SinkProcess
 from fastsend.spool import open_spool
 from fastsend.testing.http import app_on_loopback
@@ -290,5 +293,73 @@ def test_two_nodes_of_a_redis_spool_share_what_a_campaign_has(
                 assert st == 202, up
                 assert (up["accepted"], up["duplicates"]) == (new, len(wanted) - new), up
             assert sum(one.ctx.spool.counts(cid).values()) == 47
+
+    asyncio.run(main())
+
+
+def test_one_message_to_a_mailbox_twice_is_one_copy(tmp_path: Path) -> None:
+    """POST /v1/messages naming one recipient twice (the domain in another case,
+    spaces around it) spools it once, as an MTA's duplicate filter does."""
+
+    async def t(c: Client) -> None:
+        msg = {"from": "News <news@example.com>", "subject": "Hi", "text": "Hello",
+               "to": ["a@example.org", "a@EXAMPLE.org", " a@example.org ", "A@example.org"]}
+        st, body = await c.req("POST", "/v1/messages", msg)  # fmt: skip
+        assert st == 202 and body["accepted"] == 2, body
+        assert body["messages"][0]["to"] == ["a@example.org", "A@example.org"]
+
+    _api(tmp_path, str(tmp_path / "spool"), t)
+
+
+def test_submission_naming_a_recipient_twice_sends_one_copy(
+    tmp_path: Path, certs: tuple[str, str, ssl.SSLContext]
+) -> None:
+    cert, key, client_tls = certs
+    users = {"acme": hash_password("s3cret pass", iterations=1000)}
+    sub = {"listen": "127.0.0.1:0", "tls_cert": cert, "tls_key": key, "users": users}
+    ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}, "submission": sub}))
+    events: list[dict[str, Any]] = []
+    ctx.events.listeners.append(events.extend)
+    message = b"From: App <app@example.com>\r\nTo: ann@example.org\r\nSubject: hi\r\n\r\nHello\r\n"
+
+    async def main() -> None:
+        servers = await start_listeners(ctx)
+        try:
+            port = int(servers[0].sockets[0].getsockname()[1])
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
+                                   tls_context=client_tls)  # fmt: skip
+            await smtp.connect()
+            await smtp.login("acme", "s3cret pass")
+            errors, reply = await smtp.sendmail(
+                "app@example.com", ["ann@example.org", "ann@EXAMPLE.ORG", "bob@example.org"],
+                message,
+            )  # fmt: skip
+            assert errors == {} and "(2 recipient(s))" in reply, reply
+            await smtp.quit()
+        finally:
+            for s in servers:
+                s.close()
+                await s.wait_closed()
+
+    asyncio.run(main())
+    got = [e["rcpt"] for e in events if e["event"] == "accepted"]
+    ctx.close()
+    assert got == ["ann@example.org", "bob@example.org"]
+
+
+def test_an_uploads_duplicates_do_not_count_against_the_campaigns_cap(tmp_path: Path) -> None:
+    """A list of 4 rows, 3 addresses, into a campaign capped at 3 recipients: spooled
+    (it was refused 413, "the campaign would have 4 recipients")."""
+
+    async def main() -> None:
+        async with serving(str(tmp_path / "spool"), max_campaign_recipients=3) as c:
+            st, body = await c.req("POST", "/v1/campaigns", {"template": TPL})
+            assert st == 201, body
+            st, up = await c.req(
+                "POST", f"/v1/campaigns/{body['id']}/recipients",
+                raw=b"email,name\na@x.example,A\na@X.EXAMPLE,A\nb@x.example,B\nc@x.example,C\n",
+                headers={"Content-Type": "text/csv"},
+            )  # fmt: skip
+            assert st == 202 and (up["accepted"], up["duplicates"]) == (3, 1), up
 
     asyncio.run(main())

@@ -254,14 +254,16 @@ async def _spool_rows(
     run = run_of(request)
     if run is not None:  # rows an earlier attempt of this very request spooled
         have -= run.spooled(cid)
-    if have + len(good) > cap:
+    # (a row naming an earlier row's address is no recipient more)
+    rows_in = len({r[0] for r in good}) if dedup else len(good)
+    if have + rows_in > cap:
         raise ApiError(
-            413, f"recipients: the campaign would have {have + len(good)} recipients;"
+            413, f"recipients: the campaign would have {have + rows_in} recipients;"
             f" [api] max_campaign_recipients is {cap}", "recipients",
         )  # fmt: skip
     # The tenant's daily quota ([api] tenant_daily_messages): what an earlier attempt
     # of this request spooled was counted then. 429, nothing spooled.
-    count = len(good) - (run.spooled(cid) if run is not None else 0)
+    count = rows_in - (run.spooled(cid) if run is not None else 0)
     taken = api.ctx.caps.take(tenant_of(request), count, rate=False)
     accepted = 0
     # Rows added to a campaign without an Idempotency-Key are one transaction,
@@ -500,7 +502,8 @@ async def add_recipients(request: web.Request) -> web.Response:
     strict = request.query.get("strict", "") in ("1", "true", "yes")
     ctype = request.content_type
     if ctype in LIST_TYPES:
-        return await _upload(request, info.id, camp, strict, LIST_TYPES[ctype])
+        dedup = not (info.options or {}).get(KEEP_DUPLICATES)
+        return await _upload(request, info.id, camp, strict, LIST_TYPES[ctype], dedup)
     check_json_type(request, "a list: text/csv or application/x-ndjson")
     body = await read_body(request)
     _count_first(body, api_of(request).settings.recipient_cap)
@@ -550,7 +553,7 @@ async def _list_digest(request: web.Request) -> str:
 
 
 async def _upload(
-    request: web.Request, cid: int, camp: Campaign, strict: bool, suffix: str
+    request: web.Request, cid: int, camp: Campaign, strict: bool, suffix: str, dedup: bool = True
 ) -> web.Response:
     """A CSV / JSON-lines list: saved durably, checked, then accepted as an
     ingest job (fastsend.serve.uploads); answered when it is spooled, or, for a
@@ -562,7 +565,7 @@ async def _upload(
     path = saved.path
     try:
         found = await asyncio.get_running_loop().run_in_executor(
-            None, scan, path, camp, MAX_REPORTED
+            None, scan, path, camp, MAX_REPORTED, dedup
         )
         if found.bad and strict:
             first = found.bad[0]

@@ -252,11 +252,15 @@ class MessagesHandler:
             raise ApiError(
                 413, f"{where}.to: more recipients than [api] max_batch allows", f"{where}.to"
             )
+        seen: set[str] = set()
         for j, a in enumerate(to):
             try:
                 addr, domain = normalize(a)
             except AddressError as e:
                 raise bad(f"{where}.to[{j}]: {e}", f"{where}.to[{j}]") from None
+            if addr in seen:  # one message, one copy a mailbox (as Postfix's duplicate filter)
+                continue
+            seen.add(addr)
             p.to.append(addr)
             p.rows.append((addr, domain, b""))
         if len(m.tags) > MAX_TAGS or any(len(t) > MAX_TAG_LEN for t in m.tags):

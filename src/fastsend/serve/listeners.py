@@ -648,7 +648,16 @@ class _Submission(_Policy):
         if self.cfg.dsn:  # its failure is told to the envelope sender (serve.dsn)
             msg["dsn"] = 1
         vars_ = orjson.dumps(msg)
-        rows = [(r, encode_domain(r.rpartition("@")[2]).lower(), vars_) for r in ev.recipients]
+        # One copy of the message a mailbox: RCPT TO given twice (or with the domain in
+        # another case) is one recipient, as Postfix's duplicate filter makes it.
+        rows: list[tuple[str, str, bytes]] = []
+        seen: set[str] = set()
+        for r in ev.recipients:
+            local, _, dom = r.rpartition("@")
+            domain = encode_domain(dom).lower()
+            if (key := f"{local}@{domain}") not in seen:
+                seen.add(key)
+                rows.append((r, domain, vars_))
         try:  # the tenant's daily quota and submission rate: a message per recipient
             taken = self.ctx.caps.take(tenant, len(rows))
         except TenantCapExceeded as e:

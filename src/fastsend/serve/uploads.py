@@ -63,9 +63,10 @@ class UploadTooLarge(ValueError):
 class Scan:
     """What checking an uploaded list found (before anything is spooled)."""
 
-    good: int = 0
+    good: int = 0  # rows to spool: a duplicate of an earlier row of the list is not one
     bad: list[recipients.BadRow] = field(default_factory=list)
     rejected: int = 0
+    duplicates: int = 0
 
 
 @dataclass
@@ -81,19 +82,24 @@ class Saved:
 UPLOAD: web.RequestKey[Saved] = web.RequestKey("fastsend_upload", Saved)  # a request's list
 
 
-def scan(path: str, camp: Campaign, keep: int) -> Scan:
+def scan(path: str, camp: Campaign, keep: int, dedup: bool = False) -> Scan:
     """Check an uploaded list: its columns (CampaignError when the template
     needs one it lacks) and every row as the ingest will (``row_checks``); the
-    first ``keep`` bad rows are kept. Raises RecipientsError /
+    first ``keep`` bad rows are kept. ``dedup``: a row whose address an earlier
+    row has is counted a duplicate, not a good row (the campaign's cap and the
+    tenant's quota count what is spooled). Raises RecipientsError /
     UnicodeDecodeError for a file that cannot be read."""
     camp.check_columns(recipients.columns(path) | {"email"})
     refuse, need = row_checks(camp.to_dict())
     out = Scan()
+    seen = recipients.FpSet() if dedup else None
     for row in recipients.read(path, refuse=refuse, need=need):
         if isinstance(row, recipients.BadRow):
             out.rejected += 1
             if len(out.bad) < keep:
                 out.bad.append(row)
+        elif seen is not None and seen.add_rows([(row[1], row[2], row[3])]):
+            out.duplicates += 1
         else:
             out.good += 1
     return out
