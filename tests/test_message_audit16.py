@@ -96,6 +96,7 @@ def _send_mx(
     return _fastsend(
         impl, "send", str(tmp / "c.toml"), "-r", str(tmp / "r.csv"), "-c", str(tmp / "fastsend.toml"),
         "--spool", str(tmp / "spool"), "--json", "--no-progress", "--no-dkim", "--workers", "1",
+        "--keep-duplicates",  # (each spelling of an address is a row of its own here)
         "--max-wait", "2",
     )  # fmt: skip
 

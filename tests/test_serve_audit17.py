@@ -569,9 +569,9 @@ def test_a_new_campaigns_rows_and_events_go_in_parts_before_it_is_claimable(
             spooled: list[int] = []
             real_accept = api_campaigns.accept_rows
 
-            def accept(request: Any, cid: int, part: list[Any]) -> list[int]:
+            def accept(request: Any, cid: int, part: list[Any], **kw: Any) -> list[int]:
                 spooled.append(ticks)
-                return real_accept(request, cid, part)
+                return real_accept(request, cid, part, **kw)
 
             told: list[tuple[int, str]] = []
             real_emit = c.ctx.acceptor.emit_accepted
