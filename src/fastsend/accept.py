@@ -53,6 +53,7 @@ import msgspec
 
 from fastsend import recipients
 from fastsend.events import AcceptedRows, EventLog, accepted_dicts
+from fastsend.faults import FAULT, countdown
 from fastsend.message import Campaign, CampaignError
 from fastsend.spool import (
     FpsChanged,
@@ -69,31 +70,12 @@ from fastsend.wire import MAX_RECORD, CampaignSpec, blob_ref, encoder
 
 log = logging.getLogger("fastsend.accept")
 
-# Tests only (inert when unset): FASTSEND_TEST_FAULT=ingest-kill-after-commit:N
-# kills this process (SIGKILL) once the N-th batch a list job reads here is
-# committed, before its events are emitted; ingest-stop-after-commit:N stops it
-# there (SIGSTOP: the test breaks the spool meanwhile, then sends SIGCONT).
-_FAULT = os.environ.get("FASTSEND_TEST_FAULT", "")
 
+def _fault_after_commit(_ids: list[int]) -> None:
+    countdown(
+        {"ingest-kill-after-commit": signal.SIGKILL, "ingest-stop-after-commit": signal.SIGSTOP}
+    )
 
-_fault_left: list[int] = []  # batches left before the fault, counted over the process
-
-
-def _fault_after_commit() -> Callable[[list[int]], None] | None:
-    name, _, arg = _FAULT.partition(":")
-    sig = {"ingest-kill-after-commit": signal.SIGKILL, "ingest-stop-after-commit": signal.SIGSTOP}
-    if name not in sig:
-        return None
-    if not _fault_left:
-        _fault_left.append(int(arg or 1))
-    left = _fault_left
-
-    def hook(_ids: list[int]) -> None:
-        left[0] -= 1
-        if left[0] == 0:
-            os.kill(os.getpid(), sig[name])
-
-    return hook
 
 CHUNK = 2000  # rows per spool transaction of a list ingest
 # Rows of the first transaction of `send`'s list: delivery starts after it (the
@@ -664,7 +646,11 @@ class Acceptor:
             first, last = job.untold
             self.retell(job.campaign, range(first, last + 1), f"list ingest job {job.id}")
             self.spool.told_ingest(job.id)
-        hook = _fault_after_commit() if _FAULT else None
+        # Tests only: ingest-kill-after-commit:N kills this process (SIGKILL) once
+        # the N-th batch read here is committed, before its events are emitted;
+        # ingest-stop-after-commit:N stops it there (SIGSTOP: the test breaks the
+        # spool meanwhile, then sends SIGCONT).
+        hook = _fault_after_commit if FAULT else None
         path = str(job.source["path"])
         # Read as delivery makes room (send's feeder is paced), so the file may be
         # rewritten meanwhile: each batch is checked against the file as it was

@@ -8,7 +8,6 @@ event log. Result hooks (guardrails) see every outcome.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -23,6 +22,7 @@ from fastsend._accel import pick
 from fastsend.bounce import classify_reply
 from fastsend.config import RetryConfig
 from fastsend.events import DeliveredRows, Rows, outcome_dict, stamped
+from fastsend.faults import FAULT, countdown
 from fastsend.queue.state import SupervisorState, WorkerSlot
 from fastsend.retry import next_attempt
 from fastsend.ring import Ring
@@ -40,23 +40,6 @@ from fastsend.spool import (
     storage_problem,
 )
 from fastsend.suppression import SOURCE_DELIVERY
-
-# Tests only (inert when unset): FASTSEND_TEST_FAULT=outcomes-kill-after-commit:N
-# kills this process (SIGKILL) once the N-th flush of outcomes is committed to
-# the spool, before their events are written.
-_FAULT = os.environ.get("FASTSEND_TEST_FAULT", "")
-_fault_left: list[int] = []
-
-
-def _fault_after_commit() -> None:
-    name, _, arg = _FAULT.partition(":")
-    if name != "outcomes-kill-after-commit":
-        return
-    if not _fault_left:
-        _fault_left.append(int(arg or 1))
-    _fault_left[0] -= 1
-    if _fault_left[0] == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up to this far
 # The loop writes outcomes once this many wait, or once the first has waited this
@@ -459,8 +442,8 @@ class Outcomes(SupervisorState):
                 self.results, time.time(), [dumps(e) for e in marked],
                 [i if isinstance(i := e.get("id"), int) else 0 for e in marked],
             )  # fmt: skip
-            if _FAULT:
-                _fault_after_commit()
+            if FAULT:  # tests: outcomes-kill-after-commit:N, before their events
+                countdown({"outcomes-kill-after-commit": signal.SIGKILL})
             if first is not None:
                 for i, e in enumerate(marked):
                     e["event_id"] = first + i

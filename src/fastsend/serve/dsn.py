@@ -67,6 +67,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from fastsend.faults import FAULT, countdown
 from fastsend.spool import BOUNCED, EXPIRED, Claimed, IdemMark, storage_problem
 from fastsend.spool.base import holder_tag
 from fastsend.wire import blob_digest
@@ -89,7 +90,6 @@ ONCE_TTL = 7 * 86400.0  # s a notice's id is kept: a journal is taken again at t
 _UNSAFE = re.compile(r"[^\x20-\x7e]+")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _FAILED_STATES = {"bounced": BOUNCED, "expired": EXPIRED}
-_FAULT = bool(os.environ.get("FASTSEND_TEST_FAULT"))
 
 
 def _clean(text: str, limit: int = TEXT_MAX) -> str:
@@ -235,22 +235,6 @@ def notice_key(campaign: int, ids: list[int], attempts: list[int]) -> str:
     by the operator)."""
     rows = ",".join(f"{i}.{n}" for i, n in sorted(zip(ids, attempts, strict=True)))
     return hashlib.sha256(f"{campaign}:{rows}".encode()).hexdigest()[:40]
-
-
-_fault_left: list[int] = []
-
-
-def _fault_after_notice() -> None:
-    """Tests only (inert when unset): ``FASTSEND_TEST_FAULT=dsn-kill-after-notice:N``
-    kills this process once the N-th notice is spooled, before its journal line."""
-    name, _, arg = os.environ.get("FASTSEND_TEST_FAULT", "").partition(":")
-    if name != "dsn-kill-after-notice":
-        return
-    if not _fault_left:
-        _fault_left.append(int(arg or 1))
-    _fault_left[0] -= 1
-    if _fault_left[0] == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Group:
@@ -520,8 +504,8 @@ class Notices:
                 g = self.pending[key]
                 try:
                     n += self._notice(g)
-                    if _FAULT:
-                        _fault_after_notice()
+                    if FAULT:  # tests: dsn-kill-after-notice:N, before its journal line
+                        countdown({"dsn-kill-after-notice": signal.SIGKILL})
                 except outage:  # kept for the next flush (serve's tick says it once)
                     raise
                 except OSError as e:
