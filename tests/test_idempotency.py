@@ -343,18 +343,20 @@ def test_parts_commit_with_their_rows_and_only_for_the_holder(make_spool: Any) -
 
 def test_redis_lease_lapses_on_its_own(redis_server: Any, tmp_path: Path) -> None:
     """On Redis the holder's lease is a key with an expiry (Redis's clock): a
-    holder that stops renewing is seen as lapsed, one that renews never is."""
+    holder that stops renewing is seen as lapsed, one that renews never is.
+    (A lease of 3 s renewed every 0.5 s: a stall of the test up to 2.5 s, a
+    loaded CI's, still renews in time; a lease of 1 s failed on a 0.5 s stall.)"""
     sp = open_spool(redis_server.url(node="n1", dir=str(tmp_path)))
     try:
         now = time.time()
-        assert sp.idem_begin("t", "k", "fp", now, 600, b"h", lease=1) is None
-        for _ in range(3):
+        assert sp.idem_begin("t", "k", "fp", now, 600, b"h", lease=3) is None
+        for _ in range(8):  # 4 s in all: past the first lease
             time.sleep(0.5)
-            assert sp.idem_renew("t", "k", b"h", 1)
-        rec = sp.idem_begin("t", "k", "fp", now, 600, b"x", lease=1)
+            assert sp.idem_renew("t", "k", b"h", 3)
+        rec = sp.idem_begin("t", "k", "fp", now, 600, b"x", lease=3)
         assert rec is not None and rec.lease_left > 0.3
-        time.sleep(1.2)
-        rec = sp.idem_begin("t", "k", "fp", now, 600, b"x", lease=1)
+        time.sleep(3.2)
+        rec = sp.idem_begin("t", "k", "fp", now, 600, b"x", lease=3)
         assert rec is not None and rec.lease_left == 0 and rec.holder == b"h"
     finally:
         sp.close()

@@ -108,8 +108,10 @@ def test_leases_that_lapse_while_redis_refuses_writes_are_not_a_death() -> None:
 
     with start_redis() as server:
         url = server.url()
-        a = RedisSpool(url + "&node=a&lease=0.6")
-        b = RedisSpool(url + "&node=b&lease=0.6")
+        # A lease of 2 s: b renews in time after a stall of the test up to
+        # ~2 s (a loaded CI's; 0.6 s failed on a 0.6 s stall).
+        a = RedisSpool(url + "&node=a&lease=2")
+        b = RedisSpool(url + "&node=b&lease=2")
         r = redis_py.Redis(port=server.port)
         cid = a.create_campaign({"from": "a@b.example"})
         now = time.time()
@@ -124,7 +126,7 @@ def test_leases_that_lapse_while_redis_refuses_writes_are_not_a_death() -> None:
         ):  # fmt: skip
             r.execute_command(*refuse)
             try:
-                t_end = time.monotonic() + 1.0  # > the lease
+                t_end = time.monotonic() + 2.4  # > the lease
                 while time.monotonic() < t_end:
                     for spool in (a, b):
                         with pytest.raises(spool.outage_errors()) as e:
@@ -147,10 +149,10 @@ def test_leases_that_lapse_while_redis_refuses_writes_are_not_a_death() -> None:
             time.sleep(0.05)
         assert {c.id for c in again} == held_b and a.stats()["taken_over"] == 10
         # a dies too; c, started later and idle, is graced once for a, then takes it.
-        c = RedisSpool(url + "&node=c&lease=0.6")
-        time.sleep(1.0)  # nobody reaches Redis: a's lease lapses in that silence
+        c = RedisSpool(url + "&node=c&lease=2")
+        time.sleep(2.4)  # nobody reaches Redis: a's lease lapses in that silence
         assert c.claim_due(time.time(), 100) == []  # a graced one lease...
-        time.sleep(0.7)  # ...and silent through it: taken back, not graced again
+        time.sleep(2.1)  # ...and silent through it: taken back, not graced again
         assert len(c.claim_due(time.time(), 100)) == 20
         for s in (a, b, c):
             s.close()
