@@ -2,7 +2,9 @@
 
 Accepts ``local@domain`` where the domain is a DNS name (a Unicode domain is
 converted to its A-label form by IDNA 2008 with UTS 46 mapping, as every other
-domain path does: :func:`idna_domain`) or an address literal, and the
+domain path does: :func:`idna_domain`; its top-level domain not numeric, so
+``u@1.2.3.4`` is refused) or an address literal (``u@[192.0.2.1]``,
+``u@[IPv6:2001:db8::1]``: delivered to that address, as an MX's), and the
 local part is a dot-atom or quoted string of printable characters (non-ASCII
 allowed: it needs SMTPUTF8 at delivery time). Rejects control characters,
 spaces outside quotes, angle brackets, empty parts, and the RFC 5321 length
@@ -136,12 +138,7 @@ def _check_domain(domain: str) -> str:
     if not d:
         raise AddressError("empty domain in {ADDR}")
     if d.startswith("[") and d.endswith("]"):
-        lit = d[1:-1]
-        try:
-            ipaddress.ip_address(lit.removeprefix("ipv6:"))
-        except ValueError:
-            raise AddressError("invalid address literal in {ADDR}") from None
-        return d
+        return _literal(d[1:-1])
     try:
         ascii_domain = idna_domain(d)
     except UnicodeError:
@@ -151,7 +148,50 @@ def _check_domain(domain: str) -> str:
     labels = ascii_domain.split(".")
     if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
         raise AddressError("invalid domain in {ADDR}")
+    if not labels[-1][0].isalpha():
+        # RFC 3696 2 / RFC 1123 2.1: a top-level domain is never numeric, so a
+        # dotted quad is an IP address, not a name: u@1.2.3.4 was accepted,
+        # looked up as a name and bounced 5.1.2 (a hard bounce that suppressed
+        # it); RFC 5321 4.1.3 writes an address as a literal in brackets.
+        try:
+            ip = ipaddress.IPv4Address(ascii_domain)
+        except ValueError:
+            raise AddressError(
+                "top-level domain of {ADDR} starts with a digit (not a name)"
+            ) from None
+        raise AddressError(
+            f"domain of {{ADDR}} is an IP address, not a name (an address literal is written in brackets: [{ip}])"
+        )
     return ascii_domain
+
+
+def literal(domain: str) -> str:
+    """An address literal's domain (``[192.0.2.1]``, ``[IPv6:2001:DB8:0::1]``)
+    in the one form recipients are spooled in; AddressError when it is none.
+    The suppression list keys such a recipient by it (it refused literals: an
+    unsubscribe or hard bounce of ``u@[192.0.2.1]`` was dropped, the mail went on)."""
+    d = domain.strip().lower()
+    if not (d.startswith("[") and d.endswith("]")):
+        raise AddressError(f"{domain!r} is not an address literal")
+    try:
+        return _literal(d[1:-1])
+    except AddressError as e:
+        raise AddressError(str(e).replace("{ADDR}", repr(domain))) from None
+
+
+def _literal(lit: str) -> str:
+    """An address literal's domain in one form, ``[192.0.2.1]`` or
+    ``[ipv6:2001:db8::1]`` (RFC 5321 4.1.3: an IPv6 address only after the
+    ``IPv6:`` tag, an IPv4 one without; the address compressed, so that one
+    literal written two ways is one recipient and one suppression key)."""
+    try:
+        if lit.startswith("ipv6:"):
+            return f"[ipv6:{ipaddress.IPv6Address(lit[5:])}]"
+        return f"[{ipaddress.IPv4Address(lit)}]"
+    except ValueError:
+        pass
+    hint = " (an IPv6 literal is written [IPv6:2001:db8::1])" if ":" in lit else ""
+    raise AddressError("invalid address literal in {ADDR}" + hint)
 
 
 py_normalize = normalize  # the reference (tests compare the compiled twin with it)

@@ -49,7 +49,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-from fastsend.address import ATEXT_CHARS, ascii_and_non_ascii, idna_domain
+from fastsend.address import ATEXT_CHARS, AddressError, ascii_and_non_ascii, idna_domain
+from fastsend.address import literal as address_literal
 
 DEFAULT_TENANT = "default"
 MANUAL = "manual"
@@ -118,7 +119,14 @@ def normalize(address: str) -> tuple[str, str]:
         raise SuppressionError(f"malformed address: {address!r}")
     local, sep, domain = a.rpartition("@")
     domain = domain.rstrip(".")
-    if domain.isascii():
+    literal = domain.startswith("[")
+    if literal:
+        # an address literal, u@[192.0.2.1]: recipients may be one (address.literal)
+        try:
+            domain = address_literal(domain)
+        except AddressError:
+            raise SuppressionError(f"malformed address: {address!r}") from None
+    elif domain.isascii():
         domain = domain.lower()
     else:
         # the A-label form the spool holds (IDNA 2008 + UTS 46, as recipients are
@@ -135,7 +143,7 @@ def normalize(address: str) -> tuple[str, str]:
         or local.startswith(".")
         or local.endswith(".")
         or ".." in local
-        or not _DOMAIN_RE.match(domain)
+        or not (literal or _DOMAIN_RE.match(domain))
     ):
         raise SuppressionError(f"malformed address: {address!r}")
     display = f"{local}@{domain}"
