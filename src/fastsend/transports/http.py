@@ -152,14 +152,33 @@ _TOO_BIG = re.compile(r"message length is more than|too large|size exceeds", re.
 REQUEST_TROUBLE = (405, 406, 410, 411, 414, 415, 426, 431)
 
 
-def map_status(label: str, status: int, text: str, *, account_trouble: bool = False) -> Outcome:
+def map_status(
+    label: str,
+    status: int,
+    text: str,
+    *,
+    account_trouble: bool = False,
+    credentials: bool = False,
+) -> Outcome:
     """An HTTP error status (not 2xx, not throttling) as an Outcome. A 404 is
     the request's URL: our configuration (Mailgun's "Domain not found: D" for a
     sending domain it does not have, or the wrong region), never the message
     or a recipient: deferred, and no address suppressed. So are a redirect
     (never followed: the endpoint is not the API's; ``text`` is where it
     points) and the statuses of :data:`REQUEST_TROUBLE` (before, a 405 from a
-    wrong endpoint bounced every message sent through it)."""
+    wrong endpoint bounced every message sent through it).
+
+    A 401 (the API key wrong, expired or revoked) and what a provider says
+    about the whole account or its credentials (``credentials``: SES's
+    signature and key errors, a paused or suspended account) are deferred at
+    stage "auth", as a relay's refused AUTH: the transport, not the message,
+    and :class:`ProviderQueue` stops sending through it for a while
+    (:meth:`ProviderQueue._refused`). A 403 alone is not: SendGrid's "from
+    address does not match a verified Sender Identity" and an IAM policy's
+    condition on the From refuse one sender's mail, not the others'."""
+    if status == 401 or credentials:
+        what = "refused our credentials" if status in (401, 403) else "refused (account)"
+        return deferred(label, f"HTTP {status} {what}: {text}", stage="auth")
     if 300 <= status < 400:
         return deferred(label, f"HTTP {status} redirect to {text or '?'} (not followed:"
                         " check the transport's endpoint and region)")  # fmt: skip
@@ -372,6 +391,12 @@ def _unconnected(ans: list[TxnResult]) -> bool:
     return bool(ans) and all(
         o.kind == DEFERRED and o.stage == "connect" and not o.code for r in ans for o in r.outcomes
     )
+
+
+def _refused_us(ans: list[TxnResult]) -> bool:
+    """Every recipient of a request's answer deferred at "auth": the provider
+    refused our credentials or account (:func:`map_status`)."""
+    return bool(ans) and all(o.kind == DEFERRED and o.stage == "auth" for r in ans for o in r.outcomes)
 
 
 class ProviderQueue:
@@ -687,9 +712,32 @@ class ProviderQueue:
             self.report(ans, "", self.transport.label)
             if unconnected and not self.nconn:
                 self._unreachable(ans[0].outcomes[0])
+            elif _refused_us(ans):
+                self._refused(ans[0].outcomes[0])
         self.pump()
 
-    def _unreachable(self, out: Outcome) -> None:
+    def _refused(self, out: Outcome) -> None:
+        """The provider refused our credentials or the account as a whole (a
+        401: the API key wrong or revoked; SES's signature errors, a paused
+        account): every request would be refused alike, so the lane sends
+        none for ``dead_for`` seconds -- what it holds and what is pushed
+        meanwhile is answered deferred with that reason, without a request
+        (a route's next transport takes it, delivery.routes) -- and says so in
+        a "shaping" event. Then one request tries again. Before, each message
+        was its own request answered 401, an attempt each, at every retry
+        until the key was fixed (a relay's refused AUTH suspends its site
+        the same way, delivery.pool)."""
+        if time.monotonic() >= self.dead_until:
+            self._event("provider refused credentials", pause=self.dead_for, text=out.text[:200])
+        self._unreachable(out, "refused: requests suspended", "providers_refused")
+
+
+    def _unreachable(
+        self,
+        out: Outcome,
+        why: str = "unreachable: requests suspended",
+        counter: str = "providers_unreachable",
+    ) -> None:
         """No request could connect to the provider (its endpoint refused or
         dropped the connection attempts, DNS failed) and none is in flight:
         what the lane holds is answered with that failure now (a route's next
@@ -708,9 +756,9 @@ class ProviderQueue:
             self.report(answered(waiting, out), "", self.transport.label)
         if self.dead_for > 0:
             self.dead_until = time.monotonic() + self.dead_for
-            text = f"{out.text} (unreachable: requests suspended for {self.dead_for:g} s)"
+            text = f"{out.text} ({why} for {self.dead_for:g} s)"
             self.dead = Outcome(DEFERRED, 0, out.enhanced, text[:400], out.stage, out.mx)
-        self.count("providers_unreachable")
+        self.count(counter)
 
     def _succeeded(self, results: list[TxnResult]) -> None:
         if not any(o.kind == DELIVERED for r in results for o in r.outcomes[:1]):

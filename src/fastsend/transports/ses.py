@@ -20,7 +20,10 @@ minutes (so deferred); MessageRejected / BadRequestException -> failed
 MailFromDomainNotVerified, NotFound, signature or key errors), the sandbox's
 or an unverified sender's MessageRejected "Email address is not verified"
 (moto: "Did not have authority to send from email") and 5xx -> deferred: our
-account's configuration, never a bounce of the recipient. A request of several
+account's configuration, never a bounce of the recipient; those about the
+whole account or our key (CREDENTIALS: a bad signature or key, a paused or
+suspended account) suspend the transport's requests for a while
+(http.ProviderQueue._refused). A request of several
 recipients (identical mail grouped) refused with a MessageRejected /
 BadRequestException about an address, or with any InvalidParameterValue (its
 texts about a recipient often name no address: "Missing final '@domain'"), is
@@ -55,11 +58,19 @@ from fastsend.transports.sigv4 import Signer
 
 PATH = "/v2/email/outbound-emails"
 THROTTLING = ("TooManyRequestsException", "ThrottlingException", "Throttling")
+# About the whole account or our credentials: every request would be refused
+# alike, so the transport stops sending for a while (http.ProviderQueue._refused).
+CREDENTIALS = (
+    "SendingPausedException", "AccountSuspendedException", "UnrecognizedClientException",
+    "InvalidSignatureException", "SignatureDoesNotMatch", "IncompleteSignature",
+    "ExpiredTokenException", "ExpiredToken", "InvalidClientTokenId",
+    "MissingAuthenticationToken",
+)  # fmt: skip
+# About our configuration, perhaps one identity's (an unverified MAIL FROM
+# domain, an IAM policy's condition on the From): deferred, the others go on.
 ACCOUNT = (
-    "SendingPausedException", "AccountSuspendedException", "MailFromDomainNotVerifiedException",
-    "NotFoundException", "LimitExceededException", "UnrecognizedClientException",
-    "InvalidSignatureException", "SignatureDoesNotMatch", "AccessDeniedException",
-    "IncompleteSignature", "ExpiredTokenException", "InvalidClientTokenId",
+    *CREDENTIALS, "MailFromDomainNotVerifiedException", "NotFoundException", "LimitExceededException",
+    "AccessDeniedException",
 )  # fmt: skip
 # MessageRejected texts about our identities (the sandbox, an unverified From),
 # not the recipient: deferred like the ACCOUNT errors.
@@ -167,4 +178,9 @@ class SESTransport(HTTPTransport):
             # bounce as before; a group's answers never suppress (bisect
             # answers a group as one TxnResult, Worker.add_results).
             return await self.bisect(session, envs)
-        return answered(envs, map_status(self.label, status, what, account_trouble=ours))
+        return answered(
+            envs,
+            map_status(
+                self.label, status, what, account_trouble=ours, credentials=etype in CREDENTIALS
+            ),
+        )
