@@ -8,6 +8,7 @@ Every report is checked against RFC 8460 4.4's fields."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email
 import email.policy
@@ -15,6 +16,7 @@ import gzip
 import http.server
 import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -558,3 +560,100 @@ def test_tls_report_on_a_spool_that_does_not_exist_is_an_error(tmp_path: Path) -
         rep = run_fastsend("tls-report", action, "-c", str(cfg), "--spool", str(tmp_path / "typo"))
         assert rep.returncode == 2, (action, rep.stdout, rep.stderr)
         assert "error" in rep.stderr and not (tmp_path / "typo").exists(), rep.stderr
+
+
+class HangingHTTPS:
+    """A report destination that takes connections and never answers (not even
+    the TLS handshake) until ``release``; counts how many it holds at once."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.most = 0
+        self.released = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self.released:
+                    conn.close()
+                    continue
+                self.held.append(conn)
+                self.most = max(self.most, len(self.held))
+
+    def release(self) -> None:
+        with self.lock:
+            self.released = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # (wakes the accept; a close alone doesn't)
+        self.sock.close()
+        with self.lock:
+            for c in self.held:
+                c.close()
+            self.held.clear()
+
+
+def test_hanging_report_destinations_do_not_hold_back_other_domains(world: World) -> None:
+    """Five domains whose rua URIs never answer, one whose does: the good
+    domain's report is POSTed (and the others' POSTs are all in flight at once)
+    while the hanging ones still hang -- sent one after another, the good one
+    waited up to POST_TIMEOUT per hanging domain before it (150 s)."""
+    import asyncio
+
+    from fastsend.analytics import tlsrpt
+    from fastsend.delivery.mx import MXResolver
+
+    assert tlsrpt.POST_CONCURRENCY > 5 and tlsrpt.SEND_CONCURRENCY > 5
+    receiver = ReportReceiver(world.ca.issue_cert("rpt.good.test"))
+    hang = HangingHTTPS()
+    zones: dict[str, list[tuple[str, str]]] = {"rpt.good.test": [("A", "127.0.0.1")],
+                                                "rpt.hang.test": [("A", "127.0.0.1")]}  # fmt: skip
+    bad = [f"hang{i}.test" for i in range(5)]
+    for d in bad:
+        zones[f"_smtp._tls.{d}"] = [("TXT", f"v=TLSRPTv1; rua=https://rpt.hang.test:{hang.port}/{d}")]
+    zones["_smtp._tls.ok.test"] = [("TXT", f"v=TLSRPTv1; rua=https://rpt.good.test:{receiver.port}/g")]
+    world.dns.set_zones(zones)
+    cfg = loader.load(str(world.config(free_port("127.0.0.1"), 'report_from = "tls@sender.test"\n')))
+    spool = world.tmp / "spool"
+    spool.mkdir(exist_ok=True)
+    t = time.time() - 86400
+    result: list[Any] = []
+
+    def run() -> None:  # (the store's SQLite connection is this thread's)
+        st = Store(str(spool))
+        # the hanging domains come first in the due order
+        st.listener([{"event": "tls_report", "time": t, "result": "sts-policy-fetch-error",
+                      "policy_type": "no-policy-found", "policy_domain": d, "text": "HTTP 500"}
+                     for d in [*bad, "ok.test"]])  # fmt: skip
+        sender = tlsrpt.Sender(cfg, st, MXResolver(cfg), lambda rows: None)
+        result.append(asyncio.run(sender.run(day_of(time.time()))))
+        st.close()
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20  # far below one POST_TIMEOUT (30 s): a hang's only
+        while time.monotonic() < deadline and not (receiver.posts and hang.most >= 5):
+            time.sleep(0.05)
+        assert receiver.posts, f"the good domain waited behind hanging ones (held {hang.most})"
+        assert hang.most == 5, hang.most  # one per hanging domain, all at once
+    finally:
+        hang.release()
+        runner.join(60)
+        receiver.close()
+    assert not runner.is_alive()
+    by = {o["domain"]: o for o in result[0]}
+    assert by["ok.test"]["posted"] == [f"https://rpt.good.test:{receiver.port}/g"]
+    for d in bad:
+        assert by[d]["posted"] == [] and len(by[d]["failed"]) == 1, by[d]
+    # sent once anything took it: the hanging domains are due again, the good one not
+    st = Store(str(spool))
+    assert [d for _day, d in st.due(day_of(time.time()))] == bad
+    st.close()

@@ -63,7 +63,9 @@ from fastsend.sqlitedb import connect, transaction
 
 DB_NAME = "tlsrpt.db"
 KEEP_DAYS = 8  # days of counts kept (reports are sent for yesterday; a week to catch up)
-POST_TIMEOUT = 30.0  # s for one HTTPS POST
+POST_TIMEOUT = 30.0  # s for one HTTPS POST (its address lookup included)
+SEND_CONCURRENCY = 16  # domains whose reports are sent at once
+POST_CONCURRENCY = 16  # HTTPS POSTs in flight at once (over every domain)
 MAX_DETAILS = 1000  # failure-details per policy in one report (the biggest counts)
 MAX_RUA = 5  # destinations per domain (a record listing more is cut)
 MEDIA_TYPE = "application/tlsrpt+gzip"
@@ -668,27 +670,51 @@ class Sender:
             return await self._run(before, only_day, ctx)
 
     async def _run(self, before: str, only_day: str, ctx: ssl.SSLContext) -> list[dict[str, Any]]:
-        out = []
         if only_day:
             due = [(only_day, d) for d in self.store.domains(only_day)]
         else:
             due = self.store.due(before)
         now = time.time()
+        # Domains (and each domain's HTTPS destinations) go concurrently, at most
+        # SEND_CONCURRENCY domains and POST_CONCURRENCY POSTs at once: a record
+        # whose rua hangs costs its own domain POST_TIMEOUT, not every later one.
+        domains = asyncio.Semaphore(SEND_CONCURRENCY)
+        posts = asyncio.Semaphore(POST_CONCURRENCY)
+        out: list[dict[str, Any]] = []
+        jobs = []
         for day, domain in due:
-            if not only_day and self.store.was_sent(day, domain):
-                continue  # (sent by another process since due() was read)
-            self.store.renew()
             info: dict[str, Any] = {"day": day, "domain": domain, "posted": [], "mailed": [],
                                     "failed": []}  # fmt: skip
             out.append(info)
+            jobs.append(self._one(info, only_day, now, ctx, domains, posts))
+        await asyncio.gather(*jobs)
+        # (a domain sent by another process since due() was read: not ours to list)
+        return [info for info in out if not info.get("skipped")]
+
+    async def _one(
+        self,
+        info: dict[str, Any],
+        only_day: str,
+        now: float,
+        ctx: ssl.SSLContext,
+        domains: asyncio.Semaphore,
+        posts: asyncio.Semaphore,
+    ) -> None:
+        """Send one (day, domain)'s report; what happened goes in ``info``."""
+        day, domain = info["day"], info["domain"]
+        async with domains:
+            if not only_day and self.store.was_sent(day, domain):
+                info["skipped"] = True  # (sent by another process since due() was read)
+                return
+            self.store.renew()
             rua = await self.rua(domain)
             if isinstance(rua, str):
                 info["failed"].append(rua)
-                continue
+                return
             if not rua:
                 info["failed"].append("no TLSRPTv1 record")
                 self.store.mark_sent(day, domain, "no record")
-                continue
+                return
             unique = secrets.token_hex(8)
             rid = f"{day}T00:00:00Z_{domain}_{unique}@{self.submitter}"
             report = self.store.report(
@@ -697,12 +723,7 @@ class Sender:
             info["report"] = report
             gz = gzip.compress(orjson.dumps(report), mtime=0)
             mails = [mailto_address(u) for u in rua if u.lower().startswith("mailto:")]
-            for uri in rua:
-                if not uri.lower().startswith("https://"):
-                    continue
-                why = await post(uri, gz, self.resolver._policy_addresses, ctx, self.post_port)
-                (info["failed"] if why else info["posted"]).append(f"{uri} {why}".strip())
-            if mails:
+            if mails:  # spooled first: a hanging POST never holds the mail back
                 data = message(
                     report, gz, domain=domain, submitter=self.submitter, sender=self.sender,
                     to=mails, unique=unique, now=now,
@@ -719,6 +740,13 @@ class Sender:
                     info["mailed"] = mails
                 except Exception as e:
                     info["failed"].append(f"mail not spooled: {e}")
+
+            async def one_post(uri: str) -> str:
+                async with posts:
+                    return await post(uri, gz, self.resolver._policy_addresses, ctx, self.post_port)
+
+            https = [u for u in rua if u.lower().startswith("https://")]
+            for uri, why in zip(https, await asyncio.gather(*map(one_post, https)), strict=True):
+                (info["failed"] if why else info["posted"]).append(f"{uri} {why}".strip())
             if info["posted"] or info["mailed"]:
                 self.store.mark_sent(day, domain, " ".join(info["posted"] + info["mailed"])[:500])
-        return out
