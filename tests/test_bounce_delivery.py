@@ -30,8 +30,8 @@ class DroppingServer:
     connection (SO_LINGER 0: an RST, as a crashed or overloaded server's
     kernel sends) or, with ``reset=False``, closes it with no reply."""
 
-    def __init__(self, at: str, reset: bool = True) -> None:
-        self.at, self.reset = at.encode(), reset
+    def __init__(self, at: str, reset: bool = True, reply: str = "") -> None:
+        self.at, self.reset, self.reply = at.encode(), reset, reply.encode()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", free_port()))
@@ -53,6 +53,7 @@ class DroppingServer:
     def _session(self, conn: socket.socket) -> None:
         conn.settimeout(10)
         buf = b""
+        refused = False  # MAIL FROM was refused: RCPT and DATA get 503 until RSET
         try:
             conn.sendall(b"220 mx.drop.test ESMTP\r\n")
             while True:
@@ -63,6 +64,15 @@ class DroppingServer:
                 while b"\r\n" in buf:
                     line, buf = buf.split(b"\r\n", 1)
                     verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+                    if verb == self.at and self.reply:
+                        conn.sendall(self.reply + b"\r\n")  # a refusal, and the session goes on
+                        refused = True
+                        continue
+                    if refused and verb in (b"RCPT", b"DATA"):
+                        conn.sendall(b"503 5.5.1 Error: need MAIL command\r\n")
+                        continue
+                    if verb == b"RSET":
+                        refused = False
                     if verb == self.at:
                         if self.reset:
                             conn.setsockopt(
@@ -123,3 +133,35 @@ def test_connection_dropped_mid_session_is_a_network_deferral(
     for ev in evs:
         # Nothing was refused: no reason naming a block or our sender, nothing hard.
         assert (ev["reason"], ev["hard"]) == ("networkerror", False), ev
+
+
+# Refusals of MAIL FROM whose words say an address or a domain does not
+# exist: Exim's failed sender verification (its last line), RFC 7504's 556
+# for a domain that takes no mail (at MAIL FROM: the sender's), a server
+# whose sender-domain check names no sender. They are about our envelope
+# sender; none may be read as a recipient that can never receive (hard: the
+# recipients were suppressed, none of whom the server had been told of).
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "550 Unrouteable address",
+        "556 Domain does not accept mail",
+        "550 Domain does not exist: bounce.example.org",
+    ],
+)
+def test_refused_mail_from_never_suppresses_recipients(tmp_path: Path, reply: str) -> None:
+    srv = DroppingServer("MAIL", reply=reply)
+    try:
+        camp = write_campaign(tmp_path)
+        rcpts = write_recipients(tmp_path, ["bob@example.com", "carol@example.com"])
+        spool = tmp_path / "spool"
+        proc = send_via(camp, rcpts, ("127.0.0.1", srv.port), spool, "--no-dkim",
+                        "--workers", "1", "--max-wait", "0")  # fmt: skip
+    finally:
+        srv.close()
+    s = summary(proc)
+    assert s["bounced"] == 2, (s, proc.stderr[-2000:])
+    evs = [e for e in _events(spool) if e["event"] == "bounced"]
+    assert len(evs) == 2, _events(spool)
+    for ev in evs:
+        assert (ev["reason"], ev["hard"], ev["suppressed"]) == ("rejected", False, False), ev

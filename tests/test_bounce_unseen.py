@@ -19,6 +19,16 @@ from fastsend.bounce import classify_reply, parse_bounce
 
 # (code, enhanced, text, stage) -> (reason, hard, rate_limited, ip_blocked)
 CASES = [
+    # A refused MAIL FROM whose words say an address or domain does not exist
+    # is about our sender (RFC 5321 3.3; RFC 7504 3: a 556 at MAIL FROM names
+    # the sender's domain; Exim's failed sender verification ends
+    # "Unrouteable address"): rejected, never a recipient's hard bounce.
+    ((550, "", "Unrouteable address", "MAIL"), ("rejected", False, False, False)),
+    ((556, "", "Domain does not accept mail", "MAIL"), ("rejected", False, False, False)),
+    (
+        (553, "", "Domain does not exist: bounce.example.org", "MAIL"),
+        ("rejected", False, False, False),
+    ),
     # Postfix anvil(8) limits: the client sends too fast; not a block.
     (
         (450, "4.7.1", "Error: too much mail from 192.0.2.1", "MAIL"),

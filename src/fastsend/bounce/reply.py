@@ -58,6 +58,12 @@ IPBLOCK_REASONS = frozenset({"blocked", "badreputation", "requireptr"})
 MAILBOX_REASONS = frozenset(
     {"userunknown", "hostunknown", "hasmoved", "mailboxfull", "suspend", "mesgtoobig"}
 )
+# Reasons that say an address or its domain cannot receive. Said in reply to
+# MAIL FROM they are about our envelope sender (RFC 5321 3.3: that reply
+# judges the reverse-path; RFC 7504 3: a 556 there names the sender's domain;
+# Exim's failed sender verification ends "Unrouteable address"): the sender
+# was refused ("rejected"), and nothing is known of any recipient.
+SENDER_STAGE_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
 
 TIERS = ("provider", "strong", "weak")
 SIGNALS = ("ratelimit", "ipblock")
@@ -802,6 +808,12 @@ class RuleSet:
         tiers = self._tiers or self._build_tiers()
         present = tiers["<scan>"].present(t)
         reason, rule_id, signal = self._reason(code, enhanced, t, present, command, action)
+        if command == "MAIL" and reason in SENDER_STAGE_REASONS:
+            # Whatever the words ("Domain does not exist", "Unrouteable
+            # address", "Invalid domain"), a refused MAIL FROM is about our
+            # sender: as hard, it would suppress every recipient of the
+            # transaction, none of whom the server had been told of.
+            reason = "rejected"
         klass = enhanced[:1] if enhanced else (str(code)[0] if code else "")
         # The reason came from the status code or the refused stage alone:
         # no words in the reply say what was refused.
