@@ -64,8 +64,10 @@ def test_fingerprint_and_table_twins_agree() -> None:
         t.add_all(words[:100])
         fps: list[int] = []
         dups = [t.add_rows(rows[i : i + 700], fps) for i in range(0, len(rows), 700)]
-        got.append((dups, fps, len(t)))
+        probe = [recipients.py_fingerprint(w) for w in (*words[:5], "not@seen.example")]
+        got.append((dups, fps, len(t), t.has_fps([*probe, 0])))
     assert got[0] == got[1]
+    assert got[0][3][-2:] == [False, False]  # (looking records nothing)
     assert got[0][2] == len(set(words[:100]) | {r[0] for r in rows})
 
 

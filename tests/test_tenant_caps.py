@@ -364,3 +364,55 @@ def test_auth_failures_are_counted_across_the_nodes_of_a_shared_spool(
             assert await login(a, "x") == 454
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_addresses_a_campaign_already_has_do_not_count_against_the_daily_quota(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A list sent again with a few new rows spools only the new ones (the campaign
+    keeps one message per address): the daily quota counts those, not the rows it
+    left out. Quota 5, a campaign of 3: adding [the 3 again + 1 new] is 202 (1
+    accepted, 4 used, was 429: the 3 were counted again), the same again is 202 with
+    nothing accepted nor counted, a CSV upload of the 4 known + 1 new takes the
+    last unit; then one new address is over the quota (429), on both spools."""
+    tables = _tables(tmp_path, {"tenant_daily_messages": 5})
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        tables["spool"]["url"] = server.url(node="n1", dir=str(tmp_path / "spool"))
+
+    async def main() -> None:
+        async with node(tables) as n:
+            rows = [{"email": f"r{i}@example.org", "name": "R"} for i in range(3)]
+            st, got, _h = await n.req("POST", "/v1/campaigns",
+                                      {"name": "c", "template": TPL, "recipients": rows})
+            assert st == 201 and got["accepted"] == 3, got
+            cid = got["id"]
+            # the same addresses (one in another domain case) and one new
+            again = [*rows[:2], {"email": "r2@EXAMPLE.org", "name": "R"},
+                     {"email": "n1@example.org", "name": "N"}]  # fmt: skip
+            for want in (1, 0):
+                st, got, _h = await n.req("POST", f"/v1/campaigns/{cid}/recipients",
+                                          {"recipients": again})  # fmt: skip
+                assert st == 202, got
+                assert (got["accepted"], got["duplicates"]) == (want, 4 - want), got
+                assert list(n.ctx.spool.counters("tq:").values()) == [4], got
+            h = {"Authorization": f"Bearer {n.key('acme')}", "Content-Type": "text/csv"}
+            csv = b"email,name\n" + b"".join(
+                f"{a},X\n".encode() for a in
+                ("r0@example.org", "r1@example.org", "r2@example.org", "n1@example.org",
+                 "n2@example.org")
+            )  # fmt: skip
+            async with n.session.post(f"{n.base}/v1/campaigns/{cid}/recipients",
+                                      data=csv, headers=h) as r:  # fmt: skip
+                got = orjson.loads(await r.read())
+                assert r.status == 202, got
+            assert got["accepted"] == 1 and got["duplicates"] == 4, got
+            assert list(n.ctx.spool.counters("tq:").values()) == [5]
+            st, got, _h = await n.req("POST", f"/v1/campaigns/{cid}/recipients",
+                                      {"recipients": [*rows, {"email": "n3@example.org", "name": "N"}]})
+            assert st == 429 and "daily message quota" in got["error"]["message"], got
+            assert n.ctx.spool.counts(cid)["queued"] == 5
+            assert list(n.ctx.spool.counters("tq:").values()) == [5]
+
+    asyncio.run(main())

@@ -370,6 +370,18 @@ cdef class FpSet:
         for f in fps:
             self._add(<uint64_t>f if f else 1)
 
+    def has_fps(self, list fps):
+        cdef list out = []
+        cdef uint64_t f
+        cdef Py_ssize_t j
+        for x in fps:
+            f = <uint64_t>x if x else 1
+            j = <Py_ssize_t>(f & <uint64_t>(self.cap - 1))
+            while self.slots[j] and self.slots[j] != f:
+                j = (j + 1) & (self.cap - 1)
+            out.append(self.slots[j] == f)
+        return out
+
     def add_rows(self, list rows, list fps=None):
         cdef Py_ssize_t i, n = len(rows)
         cdef uint64_t* got = <uint64_t*>malloc(max(n, 1) * sizeof(uint64_t))

@@ -462,6 +462,25 @@ class Acceptor:
             fps = [f for f, k in zip(fps, known, strict=True) if not k]
         return todo, fps, None
 
+    def fresh(self, campaign_id: int, rows: list[Row]) -> int:
+        """How many of ``rows`` :meth:`accept` with ``dedup`` would spool now: those
+        whose address neither the campaign has nor an earlier row of them. A look
+        that records nothing (a tenant's quota counts these before they are
+        spooled, not the rows a list repeats); another request may spool some of
+        them meanwhile, so what is spooled can be fewer, never more."""
+        fps: list[int] = []
+        recipients.FpSet().add_rows(rows, fps)  # (each address once, in order)
+        return len(fps) - self.known(campaign_id, fps)
+
+    def known(self, campaign_id: int, fps: list[int]) -> int:
+        """How many of the fingerprints ``fps`` the campaign's spooled rows have."""
+        if not fps:
+            return 0
+        table = self._table(campaign_id)
+        if table is not None:
+            return sum(table.has_fps(fps))
+        return sum(self.spool.recorded_fps(campaign_id, fps) or [])
+
     def _table(self, campaign_id: int, more: int = 0) -> recipients.FpSet | None:
         """The campaign's table of addresses (built from the spool if this process
         has none), with room for ``more``; None for a spool that records them."""

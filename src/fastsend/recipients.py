@@ -600,6 +600,12 @@ class FpSet:
         """Record fingerprints as they are (a shared spool's own)."""
         self._fps.update(fps)
 
+    def has_fps(self, fps: list[int]) -> list[bool]:
+        """Whether each fingerprint of ``fps`` is recorded (nothing is recorded: a
+        look before a list is counted against a quota)."""
+        seen = self._fps
+        return [(f or 1) in seen for f in fps]
+
     def add_rows(self, rows: list[tuple[str, str, bytes]], fps: list[int] | None = None) -> list[int]:
         """Record each row's address; returns the indexes of the rows whose
         address was already recorded (by an earlier row of ``rows`` too), in

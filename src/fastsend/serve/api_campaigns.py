@@ -252,19 +252,27 @@ async def _spool_rows(
     cap = api.settings.recipient_cap
     have = sum(api.ctx.spool.counts(cid).values()) if ok_status == 202 else 0
     run = run_of(request)
-    if run is not None:  # rows an earlier attempt of this very request spooled
-        have -= run.spooled(cid)
-    # (a row naming an earlier row's address is no recipient more)
-    rows_in = len({r[0] for r in good}) if dedup else len(good)
-    if have + rows_in > cap:
+    earlier = run.spooled(cid) if run is not None else 0  # (counted by that attempt)
+    if dedup:
+        # The rows to spool: a row naming an address the campaign has (rows an
+        # earlier attempt of this very request spooled too) or an earlier row's is
+        # no recipient more, nor a message against the quota (a list sent again
+        # with 1 new row of 5,000 was counted 5,000: 429 near the quota).
+        count = api.ctx.acceptor.fresh(cid, good)
+    else:
+        have -= earlier
+        count = len(good) - earlier
+    if have + count > cap:
         raise ApiError(
-            413, f"recipients: the campaign would have {have + rows_in} recipients;"
+            413, f"recipients: the campaign would have {have + count} recipients;"
             f" [api] max_campaign_recipients is {cap}", "recipients",
         )  # fmt: skip
-    # The tenant's daily quota ([api] tenant_daily_messages): what an earlier attempt
-    # of this request spooled was counted then. 429, nothing spooled.
-    count = rows_in - (run.spooled(cid) if run is not None else 0)
+    # The tenant's daily quota ([api] tenant_daily_messages). 429, nothing spooled.
     taken = api.ctx.caps.take(tenant_of(request), count, rate=False)
+    # what is counted and not spooled is given back (left out as another request
+    # spooled the address meanwhile; or the spool failed): ``accepted`` less the
+    # rows of an earlier attempt, answered from its record
+    skipped = run.skipped if run is not None else 0
     accepted = 0
     # Rows added to a campaign without an Idempotency-Key are one transaction,
     # however many: a failure (a full disk) or a crash half-way would leave part of
@@ -278,9 +286,9 @@ async def _spool_rows(
         for i in range(0, len(good), chunk):
             accepted += len(accept_rows(request, cid, good[i : i + chunk], dedup=dedup))
             await asyncio.sleep(0)  # let other requests in between chunks
-    except BaseException:
-        api.ctx.caps.refund(taken, count - accepted)  # (what was spooled stays counted)
-        raise
+    finally:
+        spooled = accepted - ((run.skipped - skipped) if run is not None else 0)
+        api.ctx.caps.refund(taken, count - spooled)  # (what was spooled stays counted)
     if api.metrics is not None:
         api.metrics.accepted(accepted)
     out: dict[str, Any] = {
@@ -552,6 +560,19 @@ async def _list_digest(request: web.Request) -> str:
     return await json_digest(request)
 
 
+async def _known(acceptor: Any, cid: int, fps: Any) -> int:
+    """How many of an upload's fingerprints ``fps`` (an array, or None: none
+    collected) campaign ``cid`` has, looked up a part at a time, the loop free
+    between parts."""
+    if not fps:
+        return 0
+    n = 0
+    for i in range(0, len(fps), CHUNK):
+        n += acceptor.known(cid, fps[i : i + CHUNK].tolist())
+        await asyncio.sleep(0)
+    return n
+
+
 async def _upload(
     request: web.Request, cid: int, camp: Campaign, strict: bool, suffix: str, dedup: bool = True
 ) -> web.Response:
@@ -564,9 +585,14 @@ async def _upload(
     saved.taken = True  # removed below on every error, else the job's
     path = saved.path
     try:
+        have = sum(api.ctx.spool.counts(cid).values())
         found = await asyncio.get_running_loop().run_in_executor(
-            None, scan, path, camp, MAX_REPORTED, dedup
+            None, scan, path, camp, MAX_REPORTED, dedup, have > 0
         )
+        # rows naming an address the campaign has are not spooled: neither a
+        # recipient more nor a message against the quota (were: a list sent again
+        # with 1 new row was counted whole)
+        fresh = found.good - await _known(api.ctx.acceptor, cid, found.fps)
         if found.bad and strict:
             first = found.bad[0]
             raise bad(
@@ -577,10 +603,9 @@ async def _upload(
         # Retried under an Idempotency-Key: the job an earlier attempt started.
         job = run.ingest_job(api.ctx.spool) if run is not None else None
         cap = api.settings.recipient_cap
-        have = sum(api.ctx.spool.counts(cid).values())
-        if job is None and have + found.good > cap:
+        if job is None and have + fresh > cap:
             raise ApiError(
-                413, f"recipients: the campaign would have {have + found.good} recipients;"
+                413, f"recipients: the campaign would have {have + fresh} recipients;"
                 f" [api] max_campaign_recipients is {cap}", "recipients",
             )  # fmt: skip
     except (recipients.RecipientsError, CampaignError) as e:
@@ -620,7 +645,7 @@ async def _upload(
         uploads.on_spooled = api.metrics.accepted
     # The tenant's daily quota: the whole list counted now (429, nothing spooled).
     try:
-        taken = api.ctx.caps.take(tenant_of(request), found.good, rate=False)
+        taken = api.ctx.caps.take(tenant_of(request), fresh, rate=False)
     except BaseException:
         uploads.discard(path)
         raise
@@ -629,6 +654,8 @@ async def _upload(
     except BaseException:
         api.ctx.caps.refund(taken)
         raise
+    if job.id not in uploads.tasks:  # all spooled: what another request spooled first back
+        api.ctx.caps.refund(taken, fresh - mark.accepted)
     fault("after-job")
     out["job"] = job.id
     out["rows"] = job.total

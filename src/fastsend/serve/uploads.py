@@ -35,6 +35,7 @@ import logging
 import os
 import tempfile
 import time
+from array import array
 from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,9 @@ class Scan:
     bad: list[recipients.BadRow] = field(default_factory=list)
     rejected: int = 0
     duplicates: int = 0
+    # the good rows' address fingerprints (``scan(collect=True)``: a campaign that
+    # has rows already, to learn which it has: 8 bytes a row)
+    fps: array[int] | None = None
 
 
 @dataclass
@@ -82,26 +86,34 @@ class Saved:
 UPLOAD: web.RequestKey[Saved] = web.RequestKey("fastsend_upload", Saved)  # a request's list
 
 
-def scan(path: str, camp: Campaign, keep: int, dedup: bool = False) -> Scan:
+def scan(path: str, camp: Campaign, keep: int, dedup: bool = False,
+         collect: bool = False) -> Scan:  # fmt: skip
     """Check an uploaded list: its columns (CampaignError when the template
     needs one it lacks) and every row as the ingest will (``row_checks``); the
     first ``keep`` bad rows are kept. ``dedup``: a row whose address an earlier
     row has is counted a duplicate, not a good row (the campaign's cap and the
-    tenant's quota count what is spooled). Raises RecipientsError /
+    tenant's quota count what is spooled); ``collect`` (with ``dedup``): the good
+    rows' fingerprints are kept in ``fps``, for the caller to leave out those the
+    campaign has (:meth:`fastsend.accept.Acceptor.fresh`). Raises RecipientsError /
     UnicodeDecodeError for a file that cannot be read."""
     camp.check_columns(recipients.columns(path) | {"email"})
     refuse, need = row_checks(camp.to_dict())
     out = Scan()
     seen = recipients.FpSet() if dedup else None
+    fps: list[int] | None = [] if dedup and collect else None
+    if fps is not None:
+        out.fps = array("Q")
     for row in recipients.read(path, refuse=refuse, need=need):
         if isinstance(row, recipients.BadRow):
             out.rejected += 1
             if len(out.bad) < keep:
                 out.bad.append(row)
-        elif seen is not None and seen.add_rows([(row[1], row[2], row[3])]):
+        elif seen is not None and seen.add_rows([(row[1], row[2], row[3])], fps):
             out.duplicates += 1
         else:
             out.good += 1
+            if fps is not None and out.fps is not None:
+                out.fps.append(fps.pop())
     return out
 
 
