@@ -209,8 +209,8 @@ def test_a_node_killed_on_this_host_is_taken_back_at_the_next_start(
 def test_a_spool_redis_cannot_take_is_a_clear_error_without_its_password() -> None:
     """``fastsend resume`` on a Redis it cannot use: out of reach, or a
     replica that refuses writes (READONLY: the URL names a replica, or a
-    failover is under way). Each is one line naming the problem, exit 2 (75 for
-    a Redis that does not answer: try again later), the URL's password as ****.
+    failover is under way). Each is one line naming the problem, exit 75 (try
+    again later; 2 for a bad URL), the URL's password as ****.
     Before: the password was printed in full (stderr, the journal), and a
     replica gave a traceback."""
     from conftest import free_port
@@ -225,10 +225,12 @@ def test_a_spool_redis_cannot_take_is_a_clear_error_without_its_password() -> No
     with start_redis() as server:
         import redis as redis_py
 
+        url = server.url()
+        RedisSpool(url).close()  # (resume wants a spool that exists)
         redis_py.Redis(port=server.port).execute_command("REPLICAOF", "127.0.0.1", "1")
-        r = subprocess.run(fastsend_cmd("resume", "--spool", server.url(), "--no-progress"),
+        r = subprocess.run(fastsend_cmd("resume", "--spool", url, "--no-progress"),
                            capture_output=True, text=True, env=_env(), timeout=60)  # fmt: skip
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 75, r.stderr  # (a failover under way: try again later)
     assert "takes no writes now (ReadOnlyError" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
 

@@ -16,7 +16,8 @@ only spooled it before, and a spool nobody ran kept the reports forever).
 ``[tls] reports = "on"`` makes serve do this itself every day. Exit status 0,
 1 when a report could go nowhere (or its mail bounced), 75 when report mail is
 still deferred at the end (it stays queued: the next serve or resume retries
-it), 2 on bad arguments or config, or a spool that does not exist.
+it) or a Redis spool is out of reach or takes no writes (try again later), 2
+on bad arguments or config, or a spool that does not exist.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     opened: list[Any] = []  # the spool, then its event log and acceptor
     try:  # (a mistyped --spool was a new empty directory: "no report due", exit 0)
         opened.append(open_spool(spool_url, must_exist=True))
-    except SpoolError as e:
-        return die(str(e))
+    except SpoolError as e:  # (a Redis out of reach or taking no writes: 75, try later)
+        return die(str(e), e.exit_status)
     # a shared spool: every node's counts, in it; else the node's tlsrpt.db
     store: Store = open_store(cfg, opened[0] if is_redis_url(spool_url) else None)
     try:
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         except SendingElsewhere as e:
             print(f"fastsend: {e}; try again later", file=sys.stderr)
             return EX_TEMPFAIL
+    except opened[0].outage_errors() as e:  # Redis lost mid-way: said, not a traceback
+        return die(f"the spool ({redact_url(spool_url)}) stopped answering: {e}", EX_TEMPFAIL)
     finally:
         store.close()
         if len(opened) > 1:

@@ -115,12 +115,13 @@ def open_spool(url_or_dir: str, *, readonly: bool = False, must_exist: bool = Fa
     """Open the spool named by a directory path (SQLite), ``sqlite:PATH``, or a
     ``redis://`` / ``rediss://`` / ``unix://`` URL (the shared multi-node spool,
     :mod:`fastsend.spool.redis`). ``readonly``: a view for tools that only look
-    (SQLite opens the file read-only; Redis has no such mode). ``must_exist``:
-    SpoolError instead of creating an empty spool (implied by ``readonly``)."""
+    (SQLite opens the file read-only; Redis is written nothing at the open, so a
+    replica serves it). ``must_exist``: SpoolError instead of creating an empty
+    spool (implied by ``readonly``; on Redis: no spool under the URL's prefix)."""
     if is_redis_url(url_or_dir):
         from fastsend.spool.redis import RedisSpool
 
-        return RedisSpool(url_or_dir)
+        return RedisSpool(url_or_dir, must_exist=must_exist or readonly, readonly=readonly)
     from fastsend.spool.sqlite import SQLiteSpool
 
     path = url_or_dir.removeprefix("sqlite:")

@@ -172,6 +172,17 @@ CHUNK = 2000  # ids per script call / pipeline for bulk work
 # rows themselves are pruned.
 FP_TTL = 30 * 86400
 BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
+# The client's socket options unless the URL sets them (?socket_timeout=...): a
+# Redis that stops answering (paused, a host gone with its connections, a
+# partition dropping packets) is an outage after this long, not a node stuck
+# in a read for good (redis-py before 6 waits forever by default).
+SOCKET_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 5.0, "socket_connect_timeout": 5.0, "socket_keepalive": True,
+}  # fmt: skip
+# The oldest Redis the spool runs on: SMISMEMBER (a campaign's duplicate
+# addresses, recorded_fps) came in 6.2; before, the first upload failed with
+# "unknown command" after the node had started.
+MIN_VERSION = (6, 2)
 # A due set's ties (ids due at one time) come out as strings ("10" before "9"):
 # an id's score is its due time less DUE_STEP per digit it has fewer than 20
 # (lib.lua due_score), so ids due at one time go by length, then as strings:
@@ -200,6 +211,15 @@ class RedisSpoolError(SpoolError):
 class RedisUnreachable(RedisSpoolError):
     """Redis does not answer (refused, timed out, down for now): a command stops
     with 75, try again later, not 2 as for a wrong URL (a job runner retries)."""
+
+    exit_status = 75
+
+
+class RedisTakesNoWrites(RedisSpoolError):
+    """Redis answers but takes no writes now (a replica answering READONLY while a
+    failover is under way, MISCONF with its disk full, OOM): 75 as for a Redis
+    that does not answer, so a job runner tries again once it takes writes (it
+    was 2, the status of a wrong URL, and such a command was not retried)."""
 
     exit_status = 75
 
@@ -374,8 +394,21 @@ def _state(raw: bytes) -> list[bytes]:
     return [s, a, n, u, c, o, lc, le, lt]
 
 
+def _server_version(r: Any) -> tuple[int, ...]:
+    """The server's ``redis_version`` (Valkey and KeyDB report the Redis version
+    they match), () when INFO is refused (an ACL user without it) or unclear."""
+    try:
+        raw = r.info("server").get("redis_version", "")
+    except redis.exceptions.ResponseError:
+        return ()
+    try:
+        return tuple(int(x) for x in str(raw).split(".")[:3])
+    except ValueError:
+        return ()
+
+
 class RedisSpool(Spool):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, must_exist: bool = False, readonly: bool = False) -> None:
         redis_url, p = parse_redis_url(url)
         self.url = url
         self.prefix = p.get("prefix") or "fastsend"
@@ -393,17 +426,31 @@ class RedisSpool(Spool):
         self.k = "{" + self.prefix + "}"
         # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
         self.r: Any = redis.Redis.from_url(
-            redis_url, decode_responses=False,
+            redis_url, decode_responses=False, **SOCKET_OPTIONS,
             **_client_options(redis_url.partition(":")[0].lower()),
         )  # fmt: skip
         safe = redact_url(redis_url)
         try:
             self.r.ping()
+            version = _server_version(self.r)
         except redis.RedisError as e:
             raise RedisUnreachable(f"cannot reach Redis at {safe!r}: {e}") from None
+        if version and version < MIN_VERSION:
+            raise RedisSpoolError(
+                f"Redis at {safe!r} is version {'.'.join(map(str, version))}: the spool"
+                f" needs Redis >= {'.'.join(map(str, MIN_VERSION))} (SMISMEMBER, for a"
+                " campaign's duplicate addresses); upgrade Redis (or Valkey)"
+            )
         lay = f"{self.k}:layout"
         try:
-            if not self.r.set(lay, LAYOUT, nx=True) and self.r.get(lay) != LAYOUT:
+            if must_exist and self.r.get(lay) is None:
+                raise RedisSpoolError(
+                    f"no spool under prefix {self.prefix!r} at {safe!r} (a mistyped prefix"
+                    " or database, or a Redis that came back without its data)"
+                )
+            # (a view, readonly, writes nothing here: `queue`, `campaign list` and
+            # `top` work against a replica)
+            if (readonly or not self.r.set(lay, LAYOUT, nx=True)) and self.r.get(lay) != LAYOUT:
                 raise RedisSpoolError(
                     f"the spool under prefix {self.prefix!r} has message layout"
                     f" {_s(self.r.get(lay))}, this fastsend writes {_s(LAYOUT)}: drain it"
@@ -411,10 +458,11 @@ class RedisSpool(Spool):
                 )
             # P:epoch: a token made by the first process to open the spool; a spool
             # that lost its data (Redis back without it) has none, or another's.
-            self.r.set(f"{self.k}:epoch", secrets.token_hex(8), nx=True)
+            if not readonly:
+                self.r.set(f"{self.k}:epoch", secrets.token_hex(8), nx=True)
             self._epoch = self.r.get(f"{self.k}:epoch")
         except OUTAGE_ERRORS as e:  # a replica (READONLY), its disk full (MISCONF), ...
-            raise RedisSpoolError(
+            raise RedisTakesNoWrites(
                 f"Redis at {safe!r} takes no writes now ({e.__class__.__name__}: {e});"
                 " point the spool URL at the primary, or try again once it takes writes"
             ) from None
