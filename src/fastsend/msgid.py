@@ -23,6 +23,7 @@ import os
 import secrets
 from typing import Any
 
+from fastsend import durable
 from fastsend._accel import pick
 from fastsend.config import Config
 
@@ -159,5 +160,8 @@ def load_secret(config: Config) -> bytes:
         pass
     finally:
         os.unlink(tmp)
+    # Its name durable before anything is signed with it: a power loss had lost the
+    # file, and every link, VERP address and unsubscribe URL signed with it failed.
+    durable.fsync_dir(config.spool_dir)
     with open(path, "rb") as f:
         return f.read().strip()

@@ -437,6 +437,11 @@ class Outcomes(SupervisorState):
             # the same atomic step as the outcomes (an event_id marks them: the
             # dispatcher does not append them again); elsewhere the event log's
             # listeners take them after the outcome.
+            for hook in self.before_commit:  # (a journal's lines, durable first)
+                try:
+                    hook()
+                except Exception:
+                    self.hook_failed(hook)
             dumps = orjson.dumps
             first = self.spool.record_outcomes(
                 self.results, time.time(), [dumps(e) for e in marked],

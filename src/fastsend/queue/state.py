@@ -228,6 +228,7 @@ class SupervisorState:
     outbox_filter: Callable[[dict[str, Any]], bool] | None
     to_suppress: list[tuple[str, str, str, str, int | None]]
     result_hooks: list[Callable[[Claimed, wire.Res, int], None]]
+    before_commit: list[Callable[[], None]]
     failed_hooks: set[str]
 
     if TYPE_CHECKING:

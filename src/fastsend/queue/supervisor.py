@@ -152,6 +152,9 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.feed_room = asyncio.Event()  # set by dispatch: the windows have room
         self.open_room: dict[int, int] = {}  # slot -> room its last claim left open
         self.result_hooks: list[Callable[[Claimed, wire.Res, int], None]] = []
+        # Called before each commit of outcomes: what a result hook wrote must be
+        # durable before the outcomes that made it are (serve's DSN journal).
+        self.before_commit: list[Callable[[], None]] = []
         self.failed_hooks: set[str] = set()
         # Shaping that spans workers: dispatch rates, guardrails, pools, warm-up state.
         self.shaping = SupervisorShaping(config, spool, lambda ev: self.event_buf.append(ev))

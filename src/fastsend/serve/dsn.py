@@ -30,7 +30,8 @@ recipient that fails days later (an expiry) gets one of its own, as Postfix
 does.
 
 Crash safety: a failure is written to ``SPOOL/dsn.journal`` (a line, one
-``write``) when the hook sees it, before the outcome's commit; a line names
+``write``) when the hook sees it, and made durable (:meth:`Notices.sync`, a
+``before_commit`` hook: one fdatasync) before the outcome's commit; a line names
 the failures whose notice is spooled. At start the failures the journal holds
 without such a line are taken again, each whose row is final-failed (its
 outcome was committed) told as if just seen: a kill -9 between the
@@ -67,6 +68,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from fastsend import durable
 from fastsend.faults import FAULT, countdown
 from fastsend.spool import BOUNCED, EXPIRED, Claimed, IdemMark, storage_problem
 from fastsend.spool.base import holder_tag
@@ -266,6 +268,7 @@ class Notices:
         self.journal_path = journal
         self._fd = -1
         self._size = 0
+        self._unsynced = False  # lines written since the last sync()
         # The journal holds failures not kept here: taken again by a flush (every
         # OWED_EVERY s), and until then never rewritten (it would lose them).
         self._owed = False
@@ -281,7 +284,7 @@ class Notices:
         appending to it."""
         path = self.journal_path
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._fd = durable.open_append(path)  # (a new journal's name made durable)
             self._size = os.fstat(self._fd).st_size
         except OSError as e:
             log.error("non-delivery notices: %s cannot be written (%s): a kill between a"
@@ -390,8 +393,24 @@ class Notices:
         try:
             os.write(self._fd, data)
             self._size += len(data)
+            self._unsynced = True
         except OSError as e:  # (a full disk): the notice is still sent, not crash-safe
             log.error("non-delivery notices: %s cannot be written (%s)", self.journal_path, e)
+
+    def sync(self) -> None:
+        """A :attr:`Supervisor.before_commit` hook: the failures written since the
+        last call made durable before the outcomes that made them are committed.
+        Before, a line was only written: a power loss (or a kernel crash) after
+        the outcome's commit reached the disk could leave a bounced row whose
+        journal line never did, and its notice was never sent. One fsync per
+        commit of outcomes that had a failure to note, none otherwise."""
+        if not self._unsynced or self._fd < 0:
+            return
+        self._unsynced = False
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:  # the notices are still sent, not power-loss safe
+            log.error("non-delivery notices: %s cannot be synced (%s)", self.journal_path, e)
 
     def _compact(self) -> None:
         """The journal rewritten with only the failures still waiting (empty when
@@ -403,19 +422,21 @@ class Notices:
             for g in self.pending.values()
             for i, f, n in zip(g.ids, g.failures, g.attempts, strict=True)
         )
-        tmp = self.journal_path + ".tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, keep)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.journal_path)
-            os.close(self._fd)
-            self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
-            self._size = len(keep)
+            # Durably (fsynced, renamed, the directory fsynced): a power loss after
+            # the rename had left an empty journal, the waiting failures' lines lost.
+            durable.replace(keep, self.journal_path)
         except OSError as e:
             log.error("non-delivery notices: %s cannot be rewritten (%s)", self.journal_path, e)
+        try:  # (renamed, even if its directory's sync failed: append to the new one)
+            if os.stat(self.journal_path).st_ino != os.fstat(self._fd).st_ino:
+                fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+                os.close(self._fd)
+                self._fd = fd
+                self._size = len(keep)
+                self._unsynced = False
+        except OSError as e:
+            log.error("non-delivery notices: %s cannot be reopened (%s)", self.journal_path, e)
 
     # -- failures in --------------------------------------------------------------
 

@@ -70,6 +70,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from fastsend import durable
 from fastsend.serve.api import ApiError, Handler, api_of, bad, error_response, read_body, tenant_of
 from fastsend.serve.context import ServeContext
 from fastsend.serve.uploads import UPLOAD, Uploads
@@ -347,7 +348,10 @@ class HeldJournal:
         self._append({"told": n}, sync=False)  # lost: told again, the index filters it
 
     def _append(self, rec: dict[str, Any], *, sync: bool) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # (a new journal's name made durable too: a power loss after the fsynced
+        # note of the journal's first line had lost the file, and the campaign
+        # answered 201 stayed staging until the sweep abandoned it, never sent)
+        fd = durable.open_append(self.path)
         try:
             os.write(fd, orjson.dumps(rec) + b"\n")
             if sync:

@@ -1,0 +1,66 @@
+"""Files that must outlive a power loss, not only a kill -9.
+
+A ``write`` is in the kernel's page cache: a killed process loses nothing, a
+power loss (or a kernel crash) loses what was not fsynced. A new file's name
+is in its directory, which is a file of its own: fsyncing the new file does
+not make its name durable, fsyncing the directory does (fsync(2), "Calling
+fsync() does not necessarily ensure that the entry in the directory containing
+the file has also reached disk"); the same holds for ``rename``/``link``. The
+journals that promise something after an answer (``serve/dsn.py``'s
+``dsn.journal``, ``serve/idempotency.py``'s ``held.jsonl``) and the installation
+secret (``msgid.load_secret``) go through these.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def fsync_dir(path: str) -> None:
+    """Make the names in directory ``path`` durable (a file created, renamed,
+    linked or removed in it)."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_append(path: str, mode: int = 0o600) -> int:
+    """``path`` opened to append (created if missing, its name then made durable
+    before it is written); the fd."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode)
+    try:
+        fsync_dir(os.path.dirname(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def replace(data: bytes, path: str, mode: int = 0o600) -> None:
+    """``path``'s content replaced by ``data`` at once, durably: written to a
+    temporary file, fsynced, renamed over ``path``, the directory fsynced (a
+    power loss leaves the old content or the new, never an empty file)."""
+    tmp = f"{path}.tmp"  # (one writer per file: a leftover is overwritten)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(os.path.dirname(path))
