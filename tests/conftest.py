@@ -176,12 +176,16 @@ def wait_port(host: str, port: int, timeout: float = 30.0) -> None:
 
 class ServeProcess:
     """A real ``fastsend serve [ARGS] -c CFG`` process, run from the config's folder
-    (output to ``serve.log`` there), returned once its API port ``port`` listens.
-    The one way tests start a server (tests/_serve_helpers.Served builds on it)."""
+    (output to ``serve.log`` there), returned once its API port ``port`` listens
+    and it said "ready in" (or exited): it listens on the API before its SMTP
+    listeners, webhooks and supervisor are up, and a test that went on at the
+    port met them not yet there on a loaded machine (``ready=False``: the port
+    only). The one way tests start a server (tests/_serve_helpers.Served builds
+    on it)."""
 
     def __init__(
         self, cfg: Path, port: int, *args: str, env: dict[str, str] | None = None,
-        umask: int = -1,
+        umask: int = -1, ready: bool = True,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -194,9 +198,17 @@ class ServeProcess:
             )  # fmt: skip
         try:
             wait_port("127.0.0.1", port, timeout=60)
+            if ready:  # (an exit is the caller's to judge: some tests expect one)
+                deadline = time.monotonic() + 120
+                while not any("ready in" in ln for ln in self.lines):
+                    if self.proc.poll() is not None:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError
+                    time.sleep(0.02)
         except TimeoutError:
             self.stop()
-            raise TimeoutError(f"serve did not listen: {self.log.read_text(errors='replace')}") from None
+            raise TimeoutError(f"serve did not start: {self.log.read_text(errors='replace')}") from None
 
     @property
     def lines(self) -> list[str]:

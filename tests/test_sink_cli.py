@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import smtplib
 import subprocess
@@ -106,10 +107,23 @@ def test_fault_text_and_max_connections() -> None:
 
 
 def test_progress_lines() -> None:
+    """A progress line a second on stderr with --progress (no TTY). Read until it
+    comes (it was a fixed 2.5 s: a loaded CI's sink had printed none yet)."""
+    import select
+
     with SinkProcess("--progress") as p:
-        time.sleep(2.5)
+        assert p.proc is not None and p.proc.stderr is not None
+        fd = p.proc.stderr.fileno()
+        got = b""
+        deadline = time.monotonic() + 60
+        while b"sink: 0 msgs" not in got:
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([fd], [], [], left)[0], got
+            chunk = os.read(fd, 65536)
+            assert chunk, got  # (the sink exited)
+            got += chunk
         p.stop()
-    assert "sink: 0 msgs" in p.stderr
+    assert p.returncode == 0 and "rcpts" in got.decode()
 
 
 @pytest.mark.parametrize(
@@ -190,3 +204,45 @@ def test_workers_stop_at_the_total_count() -> None:
         rc = p.wait(timeout=20)
     assert rc == 0
     assert json.loads(p.stdout.strip().splitlines()[-1])["messages"] == 5
+
+
+def _frozen(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP: state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+@pytest.mark.parametrize(("fault", "workers"), [("sink-stop-after-listen", "1"),
+                                                ("sink-stop-after-fork", "2")])  # fmt: skip
+def test_a_sigterm_once_the_port_answers_gets_the_summary(fault: str, workers: str) -> None:
+    """A script that waits for the sink's port (not its "ready" line) and then
+    sends SIGTERM: the sink listened before it handled SIGTERM (with --workers,
+    the parent before its handler, its workers listening), and a signal in that
+    window killed it without a summary (status -15; a loaded CI met it). The sink
+    is frozen (SIGSTOP, FASTSEND_TEST_FAULT) right after it listens / forks, the
+    SIGTERM sent, then it goes on: the signal is handled, the summary printed."""
+    from conftest import free_port, wait_port
+
+    port = free_port()
+    env = {**os.environ, "FASTSEND_TEST_FAULT": fault}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastsend", "sink", "--listen", f"127.0.0.1:{port}",
+         "--workers", workers, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _frozen(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        wait_port("127.0.0.1", port)  # it listens (the kernel answers for it)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, (proc.returncode, err)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["messages"] == 0, out

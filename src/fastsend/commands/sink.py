@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from fastsend.faults import FAULT, countdown
 from fastsend.sink.server import Sink, SinkConfig, SinkStats, parse_fault_text
 
 
@@ -215,14 +216,19 @@ def _progress_line(st: SinkStats, last: int, interval: float) -> str:
 
 async def _main(config: SinkConfig, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     sink = Sink(config)
+    loop = asyncio.get_running_loop()
+    # Before it listens: a SIGTERM sent once the port answers (a script waiting
+    # for the port, not for "ready") had killed it without its summary.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, sink.stop)
     try:
         await sink.start()
     except OSError as e:
         print(f"fastsend sink: cannot listen: {e}", file=err)
         return 1
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, sink.stop)
+    finally:
+        if FAULT:  # tests: sink-stop-after-listen (frozen with its port open)
+            countdown({"sink-stop-after-listen": signal.SIGSTOP})
     if not args.quiet:
         for host, port in sink.addresses:
             shown = f"[{host}]" if ":" in host else host
@@ -311,6 +317,9 @@ def _bind_reuseport(listen: list[tuple[str, int]]) -> list[socket.socket]:
     return socks
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_main(config: SinkConfig, wfd: int) -> int:
     """One worker process: a Sink on its own uvloop loop, reporting its counters
     as JSON lines on ``wfd`` (a first line once it listens, then every 0.1 s,
@@ -323,10 +332,13 @@ def _worker_main(config: SinkConfig, wfd: int) -> int:
 
     async def main() -> int:
         sink = Sink(config)
-        await sink.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, sink.stop)
+        # Held since the fork (the parent's handler, inherited, would have swallowed
+        # them): a stop sent meanwhile comes now, to the loop's handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        await sink.start()
         report(sink, False)
 
         async def ticker() -> None:
@@ -387,34 +399,44 @@ def _run_workers(config: SinkConfig, args: argparse.Namespace, out: TextIO, err:
     config.reuse_port = True
     out.flush()
     err.flush()
-    pids: dict[int, int] = {}  # read fd -> pid
-    for _ in range(args.workers):
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                os.close(rfd)
-                for fd in pids:
-                    os.close(fd)
-                for s in holders:
-                    s.close()
-                code = _worker_main(config, wfd)
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        os.close(wfd)
-        pids[rfd] = pid
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop
         stop = True
 
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Before the forks: a SIGTERM once the port answered (the workers listen
+    # before "ready") had killed this process without a summary, its workers left
+    # running. Held while forking: a worker inherits the mask, not a handler of
+    # use to it, and takes them once its loop handles them (_worker_main).
+    old = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    pids: dict[int, int] = {}  # read fd -> pid
+    try:
+        for _ in range(args.workers):
+            rfd, wfd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    os.close(rfd)
+                    for fd in pids:
+                        os.close(fd)
+                    for s in holders:
+                        s.close()
+                    code = _worker_main(config, wfd)
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)
+            os.close(wfd)
+            pids[rfd] = pid
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if FAULT:  # tests: sink-stop-after-fork (frozen, its workers listening)
+        countdown({"sink-stop-after-fork": signal.SIGSTOP})
     latest: dict[int, dict[str, Any]] = {}
     pending = {fd: b"" for fd in pids}
     started = time.monotonic()

@@ -53,6 +53,7 @@ import time
 from typing import Any
 
 from fastsend.config import Config, ConfigError, load
+from fastsend.faults import FAULT, countdown
 from fastsend.periodic import every
 from fastsend.serve import lograte
 
@@ -263,6 +264,7 @@ class Server:
             named = cfg.submission.hostname if cfg.submission.hostname != "localhost" else ""
             self.notices = Notices(ctx, cfg.helo or named)  # (else this host's FQDN)
             sup.result_hooks.append(self.notices.on_result)
+            sup.before_commit.append(self.notices.sync)  # (power loss: its lines first)
         if sup is not None and cfg.tls.reports == "on" and ctx.tlsrpt is not None:
             from fastsend.analytics.tlsrpt import Sender, reports_campaign
             from fastsend.delivery.mx import MXResolver
@@ -300,8 +302,17 @@ class Server:
         self.caps = [ConnectionCap(settings)]
         site = proxied_site(runner, host, port, proxy, reuse_address=True, backlog=1024,
                             cap=self.caps[0])  # fmt: skip
+        # SIGTERM/SIGINT handled before the API listens: a stop sent once its port
+        # answered (a script, systemd, a test waiting for the port) had killed it
+        # with the default action before "ready", no drain, its workers orphaned.
+        # One sent before "ready" is a stop as any other once it is up.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_term, sig)
         try:
             await site.start()
+            if FAULT:  # tests: serve-stop-after-listen (frozen, its API port open)
+                countdown({"serve-stop-after-listen": signal.SIGSTOP})
         except OSError as e:
             print(f"fastsend serve: cannot listen on {settings.listen}: {e}", file=sys.stderr)
             await runner.cleanup()
@@ -331,8 +342,7 @@ class Server:
         if sup is not None:
             sup_task = asyncio.create_task(sup.run(), name="supervisor")
             await asyncio.sleep(0)  # run() installs its signal handlers; ours replace them
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # (again: run() put its own)
             loop.add_signal_handler(sig, self.on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self.on_hup)
         ticker = asyncio.create_task(self.tick(), name="tick")

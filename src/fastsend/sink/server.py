@@ -255,6 +255,7 @@ class Sink:
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[_SinkConnection] = set()
         self._done: asyncio.Event | None = None
+        self._stopping = False  # stop() was called (before start() too: a signal then)
         self._defer_counts: dict[str, int] = {}
         self._rng = random.Random(c.seed)
         self._replies = {**DEFAULT_FAULT_REPLIES, **c.fault_text}
@@ -326,9 +327,13 @@ class Sink:
         except BaseException:
             await self.aclose()
             raise
+        if self._stopping:  # (a signal came while it started: stopped at once)
+            self.stop()
 
     def stop(self) -> None:
-        """Stop accepting and close every connection (callable from the loop only)."""
+        """Stop accepting and close every connection (callable from the loop only;
+        before :meth:`start` too: it then stops as soon as it has started)."""
+        self._stopping = True
         for server in self._servers:
             server.close()
         for conn in list(self._conns):
