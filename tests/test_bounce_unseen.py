@@ -29,6 +29,41 @@ CASES = [
         (553, "", "Domain does not exist: bounce.example.org", "MAIL"),
         ("rejected", False, False, False),
     ),
+    # Refused at RCPT (Postfix delays its sender checks to RCPT TO), the words
+    # naming our sender, its domain or the return path as what is unknown: a
+    # refusal of the sender, not of this recipient (it was userunknown, hard).
+    (
+        (550, "5.1.0", "Sender address <bounce@bounce.example.org> not found", "RCPT"),
+        ("rejected", False, False, False),
+    ),
+    (
+        (550, "", "The sender domain bounce.example.org does not exist", "RCPT"),
+        ("rejected", False, False, False),
+    ),
+    ((550, "", "Return path domain does not exist", "RCPT"), ("rejected", False, False, False)),
+    ((550, "", "Unknown sender domain", "RCPT"), ("rejected", False, False, False)),
+    # Google Workspace's "Send mail as" misconfiguration and Exchange's sender
+    # filter agent: our sender's address or setup, not the recipient's.
+    (
+        (
+            550,
+            "",
+            "You're sending this from a different address or alias using the "
+            "'Send mail as' feature. The settings for your 'Send mail as' account "
+            "are misconfigured or out of date.",
+            "",
+        ),
+        ("rejected", False, False, False),
+    ),
+    (
+        (
+            554,
+            "5.1.0",
+            "Sender denied as sender's email address is on SenderFilterConfig list",
+            "RCPT",
+        ),
+        ("rejected", False, False, False),
+    ),
     # Postfix anvil(8) limits: the client sends too fast; not a block.
     (
         (450, "4.7.1", "Error: too much mail from 192.0.2.1", "MAIL"),
