@@ -465,6 +465,24 @@ def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw
     return out
 
 
+# Complaint loops older than ARF (RFC 5965), still met: a note with the
+# reported message attached (multipart/mixed), "complaint about message from
+# <IP>" -- Hotmail's JMRP (From staff@hotmail.com; the attached message names
+# the complaining user in X-HmXmrOriginalRecipient) and Amazon SES forwarding
+# complaints (complaints@email-abuse.amazonses.com) in the same shape.
+_LEGACY_COMPLAINT = re.compile(r"\s*complaint about message from ", re.IGNORECASE)
+
+
+def _legacy_complaint(parts: _Parts, msg: email.message.Message) -> list[_Raw]:
+    """The complaint of a pre-ARF feedback loop message (see _LEGACY_COMPLAINT)."""
+    for ret in parts.returned:
+        head = mime.message_from_string(ret.lstrip("\n").split("\n\n", 1)[0] + "\n\n")
+        named = vendors.ADDR_RE.findall(_header(head, "X-HmXmrOriginalRecipient"))
+        if named:
+            return [_Raw(recipient=named[0], feedback_type="abuse", reason="feedback")]
+    return _from_arf("", parts, msg)
+
+
 def _exclusions(msg: email.message.Message) -> set[str]:
     ex: set[str] = set()
     for name in ("From", "To", "Reply-To", "Return-Path", "Sender"):
@@ -498,6 +516,15 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
     hinted = []
     for v in msg.get_all("X-Failed-Recipients") or []:
         hinted += vendors.ADDR_RE.findall(str(v))
+    if not hinted and not _is_bounce_like(msg) and not _from_list_manager(msg):
+        said = vendors.cut_original(body)[:20000]
+        if not (vendors.find_status(said) or vendors.find_reply_code(said)):
+            # From a person (no mail system's address, no report's subject or
+            # type) and quoting no SMTP reply: an auto-responder this reader
+            # does not know ("Request received", a ticket system, a vacation
+            # notice under the user's own subject), or a person's reply. The
+            # addresses its text names (colleagues to write to) did not bounce.
+            return []
     found = vendors.find_in_text(body, _exclusions(msg), hinted or None)
     if not found:
         # Nothing named in the text: the recipients of the returned message
@@ -606,6 +633,23 @@ def _is_bounce_like(msg: email.message.Message) -> bool:
     return bool(_BOUNCE_SUBJECT.search(_header(msg, "Subject")))
 
 
+# Mailing-list managers' notices (a post refused: "You are not a member of
+# this list", fml's loop alerts): the list's own headers (RFC 2369 List-*,
+# RFC 2919 List-Id, ezmlm's Mailing-List, fml's X-MLServer / X-ML-Name) or
+# its administrative address (owner-LIST, LIST-owner/-admin/-request, RFC 2142).
+_LIST_HEADERS = ("List-Id", "List-Help", "List-Subscribe", "List-Owner", "Mailing-List",
+                 "X-MLServer", "X-ML-Name")  # fmt: skip
+_LIST_ADMIN = re.compile(r"^(?:owner-.+|.+-(?:owner|admin|request))$", re.IGNORECASE)
+
+
+def _from_list_manager(msg: email.message.Message) -> bool:
+    """A notice from mailing-list software (its headers or its admin address)."""
+    if any(msg.get(h) for h in _LIST_HEADERS):
+        return True
+    sender = vendors.ADDR_RE.findall(_header(msg, "From"))
+    return bool(sender) and _LIST_ADMIN.match(sender[0].split("@", 1)[0]) is not None
+
+
 def _returned_recipients(parts: _Parts) -> list[str]:
     """To/Cc addresses of the returned message (attached or quoted after the text)."""
     sources = list(parts.returned)
@@ -673,7 +717,7 @@ def _is_forward(msg: email.message.Message, parts: _Parts) -> bool:
 # (de, fr, es, it, pt, nl, pl, sv, ru, ja, zh); older clients "Out of Office:"
 # ("AutoReply:"); IONOS/GMX/web.de name the German feature "Abwesenheitsnotiz".
 _AUTO_SUBJECT = re.compile(
-    r"\s*(?:auto(?:matic)?[ -]?reply|out of (?:the )?office|auto:|automatische antwort"
+    r"\s*(?:auto(?:matic)?[ -]?(?:reply|response)|out of (?:the )?office|auto:|automatische antwort"
     r"|abwesenheitsnotiz|r[ée]ponse automatique|respuesta autom[áa]tica|risposta automatica"
     r"|resposta autom[áa]tica|automatisch antwoord|automatyczna odpowied[źz]"
     r"|automatiskt svar|автоматический ответ|自動応答|自動返信|自动回复|自動回覆)",
@@ -696,6 +740,9 @@ def _is_autoreply(msg: email.message.Message, human: str = "") -> bool:
     if _AUTO_SUBJECT.match(_header(msg, "Subject")):
         return True
     if msg.get("X-Autoreply") or msg.get("X-Autorespond"):
+        return True
+    if _header(msg, "X-Apple-Action").strip().lower() == "vacation":
+        # iCloud Mail's vacation replies (its subject is the user's own).
         return True
     if _header(msg, "Precedence").lower() == "auto_reply":
         return True
@@ -817,6 +864,8 @@ def _parse_one(
     raws: list[_Raw] = []
     if parts.arf:
         raws = _from_arf(parts.arf[0], parts, msg)
+    if not raws and parts.returned and _LEGACY_COMPLAINT.match(_header(msg, "Subject")):
+        raws = _legacy_complaint(parts, msg)
     if not raws and parts.dsn:
         for d in parts.dsn:
             raws += _from_dsn(d, human)
