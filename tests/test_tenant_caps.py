@@ -416,3 +416,42 @@ def test_addresses_a_campaign_already_has_do_not_count_against_the_daily_quota(
             assert list(n.ctx.spool.counters("tq:").values()) == [5]
 
     asyncio.run(main())
+
+
+def test_the_campaign_cap_counts_lists_still_being_spooled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[api] max_campaign_recipients = 12: an uploaded list of 10 is a job whose
+    first rows are spooled before the answer and the rest after (here: never, as if
+    its reader were slow or another node's); a second list of 10, or 3 more rows as
+    JSON, would take the campaign over the cap and are 413 (were 202: only spooled
+    rows were counted, and two lists of 25,000 under a cap of 30,000 gave 50,000);
+    2 more rows fit."""
+    from fastsend.serve import uploads
+
+    monkeypatch.setattr(uploads, "SYNC_ROWS", 4)
+    monkeypatch.setattr(uploads, "CHUNK", 2)
+    monkeypatch.setattr(uploads.Uploads, "_start", lambda self, job, feed: None)
+
+    async def main() -> None:
+        async with node(_tables(tmp_path, {"max_campaign_recipients": 12})) as n:
+            st, got, _h = await n.req("POST", "/v1/campaigns", {"name": "c", "template": TPL})
+            assert st == 201, got
+            cid = got["id"]
+            h = {"Authorization": f"Bearer {n.key('acme')}", "Content-Type": "text/csv"}
+            for i, want in enumerate((202, 413)):
+                csv = "email,name\n" + "".join(f"l{i}r{j}@example.org,X\n" for j in range(10))
+                async with n.session.post(f"{n.base}/v1/campaigns/{cid}/recipients",
+                                          data=csv.encode(), headers=h) as r:  # fmt: skip
+                    got = orjson.loads(await r.read())
+                    assert r.status == want, got
+            assert "max_campaign_recipients" in got["error"]["message"], got
+            rows = [{"email": f"j{i}@example.org", "name": "J"} for i in range(3)]
+            st, got, _h = await n.req("POST", f"/v1/campaigns/{cid}/recipients",
+                                      {"recipients": rows})  # fmt: skip
+            assert st == 413 and "would have 13" in got["error"]["message"], got
+            st, got, _h = await n.req("POST", f"/v1/campaigns/{cid}/recipients",
+                                      {"recipients": rows[:2]})  # fmt: skip
+            assert st == 202 and got["accepted"] == 2, got
+
+    asyncio.run(main())

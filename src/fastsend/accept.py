@@ -462,15 +462,16 @@ class Acceptor:
             fps = [f for f, k in zip(fps, known, strict=True) if not k]
         return todo, fps, None
 
-    def fresh(self, campaign_id: int, rows: list[Row]) -> int:
+    def fresh(self, campaign_id: int, rows: list[Row], look: bool = True) -> int:
         """How many of ``rows`` :meth:`accept` with ``dedup`` would spool now: those
         whose address neither the campaign has nor an earlier row of them. A look
         that records nothing (a tenant's quota counts these before they are
         spooled, not the rows a list repeats); another request may spool some of
-        them meanwhile, so what is spooled can be fewer, never more."""
+        them meanwhile, so what is spooled can be fewer, never more. ``look=False``:
+        the campaign has no rows (a new one): its addresses are not looked up."""
         fps: list[int] = []
         recipients.FpSet().add_rows(rows, fps)  # (each address once, in order)
-        return len(fps) - self.known(campaign_id, fps)
+        return len(fps) - (self.known(campaign_id, fps) if look else 0)
 
     def known(self, campaign_id: int, fps: list[int]) -> int:
         """How many of the fingerprints ``fps`` the campaign's spooled rows have."""

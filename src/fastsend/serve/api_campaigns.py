@@ -47,6 +47,7 @@ from fastsend.accept import (
     check_campaign,
     header_variables,
     name_problem,
+    rows_left,
 )
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
@@ -225,6 +226,17 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
     return view
 
 
+def _recipients_of(api: Any, cid: int) -> int:
+    """The campaign's rows, and those of its uploaded lists still being spooled
+    (in the background, by any node): what ``max_campaign_recipients`` counts.
+    Without the latter, a second list added while the first was spooling passed
+    the cap (cap 30,000: two lists of 25,000 spooled 50,000)."""
+    pending = sum(
+        rows_left(j) for j in api.ctx.spool.list_ingests(unfinished=True) if j.campaign == cid
+    )
+    return sum(api.ctx.spool.counts(cid).values()) + pending
+
+
 async def _spool_rows(
     request: web.Request,
     cid: int,
@@ -250,7 +262,7 @@ async def _spool_rows(
         )
     good = [(r[1], r[2], r[3]) for r in rows if not isinstance(r, recipients.BadRow)]
     cap = api.settings.recipient_cap
-    have = sum(api.ctx.spool.counts(cid).values()) if ok_status == 202 else 0
+    have = _recipients_of(api, cid) if ok_status == 202 else 0
     run = run_of(request)
     earlier = run.spooled(cid) if run is not None else 0  # (counted by that attempt)
     if dedup:
@@ -258,7 +270,7 @@ async def _spool_rows(
         # earlier attempt of this very request spooled too) or an earlier row's is
         # no recipient more, nor a message against the quota (a list sent again
         # with 1 new row of 5,000 was counted 5,000: 429 near the quota).
-        count = api.ctx.acceptor.fresh(cid, good)
+        count = api.ctx.acceptor.fresh(cid, good, look=bool(have or earlier))
     else:
         have -= earlier
         count = len(good) - earlier
@@ -585,9 +597,9 @@ async def _upload(
     saved.taken = True  # removed below on every error, else the job's
     path = saved.path
     try:
-        have = sum(api.ctx.spool.counts(cid).values())
+        had = sum(api.ctx.spool.counts(cid).values())  # (its rows looked up if any)
         found = await asyncio.get_running_loop().run_in_executor(
-            None, scan, path, camp, MAX_REPORTED, dedup, have > 0
+            None, scan, path, camp, MAX_REPORTED, dedup, had > 0
         )
         # rows naming an address the campaign has are not spooled: neither a
         # recipient more nor a message against the quota (were: a list sent again
@@ -603,6 +615,7 @@ async def _upload(
         # Retried under an Idempotency-Key: the job an earlier attempt started.
         job = run.ingest_job(api.ctx.spool) if run is not None else None
         cap = api.settings.recipient_cap
+        have = _recipients_of(api, cid)  # (now: other requests spooled)
         if job is None and have + fresh > cap:
             raise ApiError(
                 413, f"recipients: the campaign would have {have + fresh} recipients;"
