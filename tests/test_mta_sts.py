@@ -539,7 +539,7 @@ def test_dane_end_to_end_ee_ta_bad_insecure_and_over_mta_sts(world: World) -> No
         f"_{port}._tcp.mx4.dane.test": [("TLSA", ee), sec],
     }
     for i in range(1, 5):
-        zones[f"mx{i}.dane.test"] = [("A", "127.0.0.5")]
+        zones[f"mx{i}.dane.test"] = [("A", "127.0.0.5"), sec]  # (a signed zone: its A too)
     world.dns.set_zones(zones)
     world.https.policies["mta-sts.dane-over-sts.test"] = policy("enforce", "elsewhere.test")
     domains = ["dane-ee.test", "dane-ta.test", "dane-bad.test", "insecure.test",
@@ -864,8 +864,8 @@ def test_dane_with_only_unusable_tlsa_records_still_requires_tls(world: World) -
     world.dns.set_zones({
         "pkix-plain.test": [("MX", "10 mx6.dane.test."), sec],
         "pkix-tls.test": [("MX", "10 mx7.dane.test."), sec],
-        "mx6.dane.test": [("A", "127.0.0.6")],
-        "mx7.dane.test": [("A", "127.0.0.7")],
+        "mx6.dane.test": [("A", "127.0.0.6"), sec],
+        "mx7.dane.test": [("A", "127.0.0.7"), sec],
         f"_{port}._tcp.mx6.dane.test": [pkix, sec],
         f"_{port}._tcp.mx7.dane.test": [pkix, sec],
     })  # fmt: skip
@@ -934,6 +934,50 @@ def test_dane_mx_host_that_is_a_cname_uses_the_tlsa_of_its_secure_target(world: 
     assert (insecure.hosts[0].tlsa, insecure.hosts[0].tlsa_name) == (b, "")
     assert (fallback.hosts[0].tlsa, fallback.hosts[0].tlsa_name) == (b, "")
     assert (implicit.hosts[0].tlsa, implicit.hosts[0].tlsa_name) == (a, "host.target.test")
+
+
+def test_dane_mx_host_with_unauthenticated_addresses_has_no_tlsa_lookup(world: World) -> None:
+    """RFC 7672 2.2.2: an MX host whose address records are not authenticated
+    (a signed domain's MX in an unsigned provider zone) does not do DANE: its
+    TLSA records are not asked for. They were: a TLSA record there was
+    enforced (an insecure host's record forged or stale made every message
+    defer 4.7.5), and such a zone's nameserver failing the TLSA query
+    (SERVFAIL, common for unsigned zones) deferred all of the domain's mail.
+    An alias whose own CNAME is authenticated still has TLSA at its name."""
+    sec = ("SECURE", "")
+    world.dns.set_zones({
+        "signed-a.test": [("MX", "10 mx.unsigned-a.test."), sec],
+        "mx.unsigned-a.test": [("A", "127.0.0.5")],
+        "_25._tcp.mx.unsigned-a.test": [("SERVFAIL", "")],
+        "signed-b.test": [("MX", "10 mx.unsigned-b.test."), sec],
+        "mx.unsigned-b.test": [("A", "127.0.0.5")],
+        "_25._tcp.mx.unsigned-b.test": [("TLSA", "3 1 1 " + "cd" * 32), sec],
+        # a signed alias to an unsigned target: TLSA at the alias (its first link)
+        "signed-c.test": [("MX", "10 mx.alias-c.test."), sec],
+        "mx.alias-c.test": [("CNAME", "host.unsigned-c.test."), sec],
+        "host.unsigned-c.test": [("A", "127.0.0.5")],
+        "_25._tcp.mx.alias-c.test": [("TLSA", "3 1 1 " + "ef" * 32), sec],
+        # an unsigned alias: nothing asked either
+        "signed-d.test": [("MX", "10 mx.alias-d.test."), sec],
+        "mx.alias-d.test": [("CNAME", "host.unsigned-c.test.")],
+        "_25._tcp.mx.alias-d.test": [("SERVFAIL", "")],
+    })  # fmt: skip
+    cfg = _own_spool(world, 'dane = "on"\nmta_sts = "off"\n')
+
+    async def go() -> list[Any]:
+        r = MXResolver(cfg)
+        return [await r.site_for(d) for d in ("signed-a.test", "signed-b.test", "signed-c.test",
+                                               "signed-d.test")]  # fmt: skip
+
+    world.dns.resolver.queries.clear()
+    a, b, c, d = asyncio.run(go())
+    for site in (a, b, d):
+        assert isinstance(site, Site) and not site.dane, site
+        assert site.hosts and not site.hosts[0].tlsa and "|dane:" not in site.key, site
+    asked = {q for q, t in world.dns.resolver.queries if t == "TLSA"}
+    assert asked == {"_25._tcp.mx.alias-c.test"}, asked
+    assert isinstance(c, Site) and c.dane == "signed-c.test", c
+    assert (c.hosts[0].tlsa, c.hosts[0].tlsa_name) == (((3, 1, 1, b"\xef" * 32),), "")
 
 
 def test_dane_ta_through_a_cname_checks_the_target_name_end_to_end(world: World) -> None:

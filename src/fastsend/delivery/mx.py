@@ -472,15 +472,35 @@ class MXResolver:
         it is not ``name`` (RFC 7672 2.2.2, RFC 7671 7): a host name that is an
         alias whose CNAME chain the resolver authenticated (its address answer
         AD) has its records looked for at the fully expanded name first, then,
-        none there, at ``name``; an unauthenticated chain, at ``name`` only (its
-        target is anyone's to name)."""
+        none there, at ``name``; an unauthenticated chain whose first CNAME is
+        authenticated, at ``name`` only (its target is anyone's to name). A
+        host whose address records are not authenticated (nor its first CNAME)
+        does not do DANE: no TLSA lookup at all (2.2.2; an unsigned zone's
+        servers that fail TLSA queries must not hold its mail back)."""
+        if name not in self._canonical:  # (emptied, CACHE_MAX, since its address lookup)
+            await self._shared("a", name, self._address_lookup)
         canonical, secure = self._canonical.get(name, (name, False))
         if secure and canonical != name:
             got = await self._shared("tlsa", canonical, self._tlsa)
             if isinstance(got, Outcome) or got:
                 return got if isinstance(got, Outcome) else (got, canonical)
+        elif not secure and (
+            canonical == name or not await self._shared("cname", name, self._cname_secure)
+        ):
+            return (), ""
         got = await self._shared("tlsa", name, self._tlsa)
         return got if isinstance(got, Outcome) else (got, "")
+
+    async def _cname_secure(self, name: str) -> bool:
+        """Whether alias ``name``'s own CNAME record is authenticated (asked by
+        type: the answer is not chased into the target's unsigned zone)."""
+        import dns.exception
+
+        try:
+            ans = await self.resolver.resolve(name, "CNAME", search=False)
+        except dns.exception.DNSException:
+            return False
+        return self._authenticated(ans.response)
 
     async def _tlsa(self, name: str) -> tuple[dane.Tlsa, ...] | Outcome:
         """The usable TLSA records of MX host ``name`` (``_PORT._tcp.NAME``) when
