@@ -748,3 +748,49 @@ def test_a_reload_keeps_a_providers_retry_after(tmp_path: Path) -> None:
             assert api.requests == 1 and not api.rcpts, api.rcpts
         finally:
             s.stop()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP): /proc's state letter."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")
+
+
+def test_a_sighup_during_a_reload_is_read_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator saves the config, SIGHUPs, saves again and SIGHUPs while the
+    first reload is still replacing workers: the second edit takes effect (the
+    file is read again once the first reload is done). It was ignored with a
+    warning: the first version stayed in force until yet another SIGHUP. The
+    server is frozen (SIGSTOP, a fault point) right after the first reload read
+    the file, so the second SIGHUP surely lands during it."""
+    monkeypatch.setenv("FASTSEND_TEST_FAULT", "serve-reload-read:1")
+    s = Served(tmp_path, None)
+    try:
+        n = len(s.lines)
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not _stopped(s.proc.pid):
+            assert time.monotonic() < deadline and s.proc.poll() is None, "".join(s.lines)
+            time.sleep(0.02)
+        s.extra = RULE  # the second edit: its warning says it was read
+        s.write_config()
+        s.proc.send_signal(signal.SIGHUP)
+        s.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while True:
+            out = "".join(s.lines[n:])
+            if out.count("configuration reloaded") >= 2 or "ignored" in out:
+                break
+            assert time.monotonic() < deadline and s.proc.poll() is None, out
+            time.sleep(0.05)
+        assert "ignored" not in out, out
+        assert "SIGHUP: a reload is in progress; the config is read again after it" in out, out
+        assert "provider 'gogle' is not a provider" in out.rpartition("configuration reloaded")[0]
+        assert out.count("configuration reloaded") == 2, out
+        # one more SIGHUP later: a reload of its own, as ever
+        out = hup(s, "configuration reloaded")
+        assert "read again" not in out, out
+    finally:
+        assert s.stop() == 0

@@ -35,6 +35,8 @@ Signals:
   an error is reported and ignored (the running one stays). Its source IPs are
   checked as at start: one that is no address of this machine is said and rested
   (no mail attempted from it) until it is (also checked every 30 s while serving).
+  A SIGHUP during a reload is queued: the file is read again once it is done
+  (the operator's last edit wins).
 
 It prints one line to stderr when ready (with the startup time) and logs no
 API keys, message bodies or secrets.
@@ -175,6 +177,7 @@ class Server:
         self.stop_now = asyncio.Event()  # a second SIGTERM/SIGINT: no more waiting
         self.terms = 0
         self.reloading: asyncio.Task[None] | None = None
+        self.hup_again = False  # a SIGHUP came during a reload: the file is read again after it
         self.giving_back: asyncio.Task[None] | None = None  # (held: a task is weakly kept)
         self.foreign: dict[str, float] = {}  # source IP -> end of its rest (check_source_ips)
         self.listeners: Any = None  # fastsend.serve.listeners.Listeners once started
@@ -544,9 +547,24 @@ class Server:
             log.warning("SIGHUP: the server is stopping; ignored")
             return
         if self.reloading is not None and not self.reloading.done():
-            log.warning("SIGHUP: a reload is still in progress; ignored")
+            # The operator's last config must win: read again once this one is done
+            # (ignored, an edit saved between two quick reloads stayed unread).
+            if not self.hup_again:
+                log.warning("SIGHUP: a reload is in progress; the config is read again after it")
+            self.hup_again = True
             return
-        self.reloading = asyncio.create_task(self.reload(), name="reload")
+        self.reloading = asyncio.create_task(self.reloads(), name="reload")
+
+    async def reloads(self) -> None:
+        """:meth:`reload`, then again while SIGHUPs came during it (several: once)."""
+        while True:
+            self.hup_again = False
+            try:
+                await self.reload()
+            except Exception:  # (a queued reload must still run)
+                log.exception("SIGHUP: reload failed")
+            if not self.hup_again or self.stop_event.is_set():
+                return
 
     async def reload(self) -> None:
         from fastsend.serve.webhooks import WebhookConfig
@@ -558,6 +576,7 @@ class Server:
         except ConfigError as e:
             print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
             return
+        countdown({"serve-reload-read": signal.SIGSTOP})  # (tests: a SIGHUP during a reload)
         for w in cfg.warnings:  # as at start: a setting that cannot take effect is said
             print(f"fastsend serve: SIGHUP: warning: {w}", file=sys.stderr)
         ctx = self.ctx
