@@ -340,6 +340,47 @@ def test_dispatch_check_per_tenant_in_batches(
     spool.close()
 
 
+def test_dispatch_check_of_the_global_list_stops_queued_mail_of_every_tenant(
+    make_spool: Callable[[], Any], tmp_path: Path
+) -> None:
+    """Mail already spooled for two tenants and the operator: an address put on
+    the global list after it was queued ends suppressed for each of them (event
+    with the campaign's tenant), never delivered (SQLite and Redis spools, a
+    real sink, forked workers)."""
+    import asyncio
+
+    from fastsend.config import from_dict as cfg_from_dict
+    from fastsend.events import EventLog
+    from fastsend.queue.supervisor import Supervisor
+    from fastsend.sink import SinkThread
+    from fastsend.suppression import GLOBAL_TENANT
+
+    spool = make_spool()
+    spec = {"from": "News <news@sender.example.com>", "subject": "Hi", "text": "x\n"}
+    rcpts = ["trap@example.com", "fine@example.com"]
+    for tenant in ("acme", "zed", "default"):
+        cid = spool.create_campaign(spec, name=tenant, tenant=tenant)
+        spool.add_messages(cid, [(r, "example.com", b"{}") for r in rcpts], time.time())
+    local = tmp_path / "local"
+    local.mkdir(exist_ok=True)
+    sl = SuppressionList(local / "suppression.db")
+    sl.add("Trap@Example.com", "spamtrap", tenant=GLOBAL_TENANT)
+    with SinkThread() as sink:
+        cfg = cfg_from_dict({"spool": {"dir": str(local)}, "workers": {"count": 1},
+                             "routes": {"*": f"{sink.host}:{sink.port}"}})  # fmt: skip
+        sup = Supervisor(cfg, spool, EventLog(str(local / "events.jsonl")), max_wait=1,
+                         suppression=sl)  # fmt: skip
+        asyncio.run(sup.run())
+        got = sorted(r for m in sink.messages for r in m.recipients)
+    assert got == ["fine@example.com"] * 3, got
+    evs = [e for e in _events(local) if e["event"] == "suppressed"]
+    assert sorted((e["rcpt"], e["reason"], e["tenant"]) for e in evs) == [
+        ("trap@example.com", "spamtrap", t) for t in ("acme", "default", "zed")
+    ]
+    sl.close()
+    spool.close()
+
+
 class _EndOfDataHandler:
     """aiosmtpd handler refusing at end of data by the recipient's local part."""
 

@@ -158,3 +158,44 @@ def test_suppression_endpoints(tmp_path: Any) -> None:
         assert [e["address"] for e in r["suppressions"]] == ["Y@example.org"]
 
     arun(tmp_path, t)
+
+
+def test_the_global_suppression_list_through_the_api(tmp_path: Any) -> None:
+    """``?scope=global`` (an admin key): the operator's global list, which
+    suppresses for every tenant -- at injection as at dispatch. A tenant's key
+    may neither read nor write it (403), and a tenant's own list still shows
+    only its entries; the operator may lift a global unsubscribe."""
+
+    async def t(c: Client) -> None:
+        c.ctx.config.dashboard.admin_tenants = ["ops"]
+        st, r = await c.req("POST", "/v1/suppressions?scope=global",
+                            {"addresses": ["legal@example.org"], "reason": "unsubscribe"})  # fmt: skip
+        assert st == 403 and r["error"]["field"] == "scope", r
+        st, r = await c.req("GET", "/v1/suppressions?scope=global")
+        assert st == 403
+        st, r = await c.req("DELETE", "/v1/suppressions/legal@example.org?scope=global")
+        assert st == 403
+        st, r = await c.req("GET", "/v1/suppressions?scope=everyone", tenant="ops")
+        assert st == 400 and r["error"]["field"] == "scope"
+        st, r = await c.req("POST", "/v1/suppressions?scope=global", tenant="ops",
+                            body={"addresses": ["legal@example.org"], "reason": "unsubscribe"})  # fmt: skip
+        assert st == 201 and r["added"] == 1, r
+        st, r = await c.req("GET", "/v1/suppressions?scope=global", tenant="ops")
+        assert [e["address"] for e in r["suppressions"]] == ["legal@example.org"]
+        for tenant in ("acme", "other"):
+            st, r = await c.req("GET", "/v1/suppressions", tenant=tenant)
+            assert r["suppressions"] == []
+            st, body = await c.req("POST", "/v1/messages", {**MSG, "to": "Legal@Example.org"},
+                                   tenant=tenant)  # fmt: skip
+            assert st == 202, body
+            st, m = await c.req("GET", f"/v1/messages/{body['messages'][0]['ids'][0]}",
+                                tenant=tenant)  # fmt: skip
+            assert m["state"] == "suppressed", (tenant, m)
+        st, r = await c.req("DELETE", "/v1/suppressions/legal@example.org?scope=global",
+                            tenant="ops")  # fmt: skip
+        assert st == 200, r
+        st, body = await c.req("POST", "/v1/messages", {**MSG, "to": "legal@example.org"})
+        st, m = await c.req("GET", f"/v1/messages/{body['messages'][0]['ids'][0]}")
+        assert m["state"] == "queued", m
+
+    arun(tmp_path, t)

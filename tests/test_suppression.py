@@ -12,6 +12,7 @@ import pytest
 
 from fastsend.bounce import classify_reply
 from fastsend.suppression import (
+    GLOBAL_TENANT,
     SuppressionError,
     SuppressionList,
     Suppressions,
@@ -77,6 +78,30 @@ def test_tenants_are_separate(sl: Suppressions) -> None:
     assert sl.contains("a@example.com", tenant="t1")
     assert not sl.contains("a@example.com")
     assert [e.address for e in sl.list(tenant=None)] == ["a@example.com"]
+
+
+def test_the_global_list_suppresses_for_every_tenant(sl: Suppressions) -> None:
+    """The operator's global list (tenant "*") holds for every tenant, the
+    operator's own campaigns too; a tenant's own entry is its reason first;
+    removed from the global list, the address is mailed again (where no tenant
+    list has it). There was no such list: an address every tenant must stop
+    mailing (a legal request, a spam trap) had to be added for each tenant,
+    and a tenant configured later mailed it."""
+    assert GLOBAL_TENANT == "*"
+    sl.add("Trap@Example.com", "spamtrap", tenant=GLOBAL_TENANT)
+    sl.add("both@example.com", "unsubscribe", tenant="t1")
+    sl.add("both@example.com", "manual", tenant=GLOBAL_TENANT)
+    for tenant in ("t1", "t2", "default", "new-tenant"):
+        assert sl.contains("trap@example.com", tenant=tenant), tenant
+        assert sl.reasons_many(["trap@EXAMPLE.com", "x@example.com"], tenant=tenant) == {
+            "trap@EXAMPLE.com": "spamtrap"
+        }
+    assert sl.reasons_many(["both@example.com"], tenant="t1") == {"both@example.com": "unsubscribe"}
+    assert sl.reasons_many(["both@example.com"], tenant="t2") == {"both@example.com": "manual"}
+    assert [e.address for e in sl.list(tenant=GLOBAL_TENANT)] == ["both@example.com",
+                                                                 "Trap@example.com"]  # fmt: skip
+    assert sl.remove("trap@example.com", tenant=GLOBAL_TENANT)
+    assert not sl.contains("trap@example.com", tenant="t2")
 
 
 def test_contains_many(sl: Suppressions) -> None:
@@ -255,6 +280,25 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     f.write_text(exported)
     p = _cli("import", str(f), "--spool", str(other))
     assert p.returncode == 0 and "imported 2" in p.stdout
+
+
+def test_cli_global_list(tmp_path: Path) -> None:
+    """``--global``: the list every tenant's mail is checked against."""
+    spool = str(tmp_path)
+    p = _cli("add", "legal@example.com", "--global", "--reason", "legal", "--spool", spool)
+    assert p.returncode == 0 and "for every tenant (the global list)" in p.stdout, p.stderr
+    p = _cli("list", "--global", "--spool", spool)
+    assert p.stdout.startswith("legal@example.com\t*\tlegal\t"), p.stdout
+    assert _cli("list", "--spool", spool).stdout == ""  # (the operator's own list: empty)
+    with SuppressionList(tmp_path / "suppression.db") as s:
+        assert s.contains("legal@example.com", tenant="acme")
+    p = _cli("add", "x@example.com", "--global", "--tenant", "acme", "--spool", spool)
+    assert p.returncode == 2 and "one or the other" in p.stderr
+    p = _cli("add", "x@example.com", "--tenant", "*", "--spool", spool)
+    assert p.returncode == 2 and "--tenant" in p.stderr  # (not a tenant's name)
+    assert _cli("remove", "legal@example.com", "--global", "--spool", spool).returncode == 0
+    with SuppressionList(tmp_path / "suppression.db") as s:
+        assert not s.contains("legal@example.com", tenant="acme")
 
 
 def test_cli_bad_input(tmp_path: Path) -> None:

@@ -1,5 +1,9 @@
 """The suppression list: addresses fastsend must not send to, per tenant.
 
+The operator's global list (tenant ``*``, :data:`GLOBAL_TENANT`: no tenant's
+name) suppresses for every tenant (``fastsend suppress add --global``): a
+legal removal request, a spam trap, a role address no tenant may mail.
+
 A SQLite file of its own (WAL mode; the engine passes
 ``<spool dir>/suppression.db``) holding one entry per (tenant, address) with
 a reason ("userunknown", "hostunknown", ... for hard bounces, "complaint",
@@ -53,6 +57,9 @@ from fastsend.address import ATEXT_CHARS, AddressError, ascii_and_non_ascii, idn
 from fastsend.address import literal as address_literal
 
 DEFAULT_TENANT = "default"
+# Entries under this tenant suppress for every tenant (not a valid tenant name:
+# fastsend.serve.auth.check_tenant).
+GLOBAL_TENANT = "*"
 MANUAL = "manual"
 COMPLAINT = "complaint"
 UNSUBSCRIBE = "unsubscribe"
@@ -374,9 +381,11 @@ class Suppressions:
     def reasons_many(
         self, addresses: Iterable[str], *, tenant: str = DEFAULT_TENANT
     ) -> dict[str, str]:
-        """``{address as given: reason}`` for those of ``addresses`` suppressed now."""
-        if not self._any(tenant):
-            return {}  # the tenant's list is empty: one probe, not one lookup per address
+        """``{address as given: reason}`` for those of ``addresses`` suppressed
+        now, for ``tenant`` or for every tenant (the global list)."""
+        scopes = [t for t in dict.fromkeys((tenant, GLOBAL_TENANT)) if self._any(t)]
+        if not scopes:
+            return {}  # the lists are empty: one probe each, not one lookup per address
         by_key: dict[str, list[str]] = {}
         for a in addresses:
             try:
@@ -389,9 +398,11 @@ class Suppressions:
         legacy = {old: k for k in by_key if "xn--" in k and (old := _legacy_key(k))}
         hit: dict[str, str] = {}
         keys = [*by_key, *legacy]
-        for key, reason in self._reasons(tenant, keys, float(self._clock())).items():
-            for a in by_key[legacy.get(key, key)]:
-                hit.setdefault(a, reason)
+        now = float(self._clock())
+        for scope in scopes:
+            for key, reason in self._reasons(scope, keys, now).items():
+                for a in by_key[legacy.get(key, key)]:
+                    hit.setdefault(a, reason)
         return hit
 
     def get(self, address: str, *, tenant: str = DEFAULT_TENANT) -> Entry | None:

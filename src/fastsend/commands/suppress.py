@@ -7,6 +7,9 @@
     fastsend suppress import FILE [--reason R] [--expires 30d] [--tenant T] --spool DIR
     fastsend suppress export [--tenant T] [--all-tenants] --spool DIR
 
+``--global`` (each action): the operator's global list, which suppresses for
+every tenant (``fastsend.suppression.GLOBAL_TENANT``).
+
 The list lives in ``<spool>/suppression.db``. Bad input (a malformed
 address, a bad duration, an unreadable file) is reported on stderr with exit
 status 2 and changes nothing.
@@ -24,6 +27,7 @@ import orjson
 from fastsend.commands.common import EX_TEMPFAIL, add_spool_arguments, spool_arg
 from fastsend.suppression import (
     DEFAULT_TENANT,
+    GLOBAL_TENANT,
     MANUAL,
     SOURCE_IMPORT,
     SOURCE_MANUAL,
@@ -40,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # a directory, or a Redis spool URL (redis://...: the list every node shares)
     add_spool_arguments(common, default=None)
     common.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant (default: default)")
+    common.add_argument(
+        "--global", dest="global_", action="store_true",
+        help="the global list: suppressed for every tenant",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = sub.add_parser("add", parents=[common], help="suppress addresses")
     a.add_argument("addresses", nargs="+", metavar="ADDR", help="addresses to suppress")
@@ -79,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
         args.spool = spool_arg(args)
     except ConfigError as e:
         return _fail(str(e))
-    if args.tenant != DEFAULT_TENANT:  # as the API keys name them ("a b" was taken)
+    if args.global_:
+        if args.tenant != DEFAULT_TENANT:
+            return _fail("--global and --tenant: one or the other")
+        args.tenant = GLOBAL_TENANT
+    elif args.tenant != DEFAULT_TENANT:  # as the API keys name them ("a b" was taken)
         from fastsend.serve.auth import AuthError, check_tenant
 
         try:
@@ -118,12 +130,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _dispatch(s: SuppressionList, args: argparse.Namespace) -> int:
     tenant = args.tenant
+    whose = "every tenant (the global list)" if tenant == GLOBAL_TENANT else f"tenant {tenant}"
     if args.action == "add":
         exp = parse_duration(args.expires) if args.expires else None
         entries = s.add_many(
             args.addresses, args.reason, tenant=tenant, source=args.source, expires_in=exp
         )
-        print(f"suppressed {len(entries)} address(es) for tenant {tenant}")
+        print(f"suppressed {len(entries)} address(es) for {whose}")
         return 0
     if args.action == "remove":
         missing = [a for a in args.addresses if not s.remove(a, tenant=tenant)]
@@ -160,7 +173,7 @@ def _dispatch(s: SuppressionList, args: argparse.Namespace) -> int:
             n = s.import_file(
                 args.file, tenant=tenant, reason=args.reason, expires_in=exp, source=SOURCE_IMPORT
             )
-        print(f"imported {n} address(es) for tenant {tenant}")
+        print(f"imported {n} address(es) for {whose}")
         return 0
     if args.action == "export":
         sys.stdout.write(s.export_csv(tenant=None if args.all_tenants else tenant))

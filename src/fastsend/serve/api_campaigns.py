@@ -22,7 +22,8 @@
   granularity (:mod:`fastsend.serve.stats`); ``by=domain&window=1h`` keeps
   the older answer (events per domain and their rates, from the event index).
 - ``GET/POST /v1/suppressions``, ``DELETE /v1/suppressions/{address}``: the
-  tenant's suppression list.
+  tenant's suppression list; ``?scope=global`` (an admin key): the operator's
+  global list, which suppresses for every tenant.
 
 All of it is scoped to the key's tenant (another tenant's campaign is a 404, as a
 missing one).
@@ -89,7 +90,13 @@ from fastsend.shaping.pools import load_pools
 from fastsend.spool import ABANDONED, STAGING
 from fastsend.spool.base import holder_gone, holder_tag
 from fastsend.spool.fair import PRIORITY, WEIGHT, check_rank
-from fastsend.suppression import COMPLAINT, MANUAL, UNSUBSCRIBE, SuppressionError
+from fastsend.suppression import (
+    COMPLAINT,
+    GLOBAL_TENANT,
+    MANUAL,
+    UNSUBSCRIBE,
+    SuppressionError,
+)
 from fastsend.suppression import normalize as suppression_key
 
 log = logging.getLogger("fastsend.serve")
@@ -759,11 +766,25 @@ async def stats(request: web.Request) -> web.Response:
     return json_response({"window": w, "window_s": seconds, "by": by, "groups": groups})
 
 
+def suppression_scope(request: web.Request) -> str:
+    """Whose list a suppression request is about: the key's tenant's, or with
+    ``?scope=global`` the global list (every tenant's mail is checked against
+    it), an admin key's only ([dashboard] admin_tenants)."""
+    scope = request.query.get("scope", "tenant")
+    if scope == "tenant":
+        return tenant_of(request)
+    if scope != "global":
+        raise bad("scope: 'tenant' or 'global'", "scope")
+    if tenant_of(request) not in admin_tenants(api_of(request).ctx.config):
+        raise ApiError(403, "scope: the global list is the operator's (an admin key)", "scope")
+    return GLOBAL_TENANT
+
+
 async def list_suppressions(request: web.Request) -> web.Response:
     api = api_of(request)
     limit = int_param(request.query.get("limit", "1000"), "limit")
     out = []
-    for i, e in enumerate(api.ctx.suppression.list(tenant=tenant_of(request))):
+    for i, e in enumerate(api.ctx.suppression.list(tenant=suppression_scope(request))):
         if i >= limit:
             break
         d = e.to_dict()
@@ -785,7 +806,7 @@ async def add_suppressions(request: web.Request) -> web.Response:
             suppression_key(a)
         except SuppressionError as e:
             raise bad(f"addresses[{i}]: {e}", f"addresses[{i}]") from None
-    tenant = tenant_of(request)
+    tenant = suppression_scope(request)
     # A complaint or unsubscribe is the recipient's decision: the tenant cannot
     # overwrite it with a weaker reason or an expiry (which would shorten it).
     supp = api.ctx.suppression
@@ -814,9 +835,10 @@ def _recipients_decision(entry: Any) -> bool:
 async def remove_suppression(request: web.Request) -> web.Response:
     api = api_of(request)
     addr = request.match_info["address"]
+    tenant = suppression_scope(request)
     try:
-        entry = api.ctx.suppression.get(addr, tenant=tenant_of(request))
-        if _recipients_decision(entry):
+        entry = api.ctx.suppression.get(addr, tenant=tenant)
+        if tenant != GLOBAL_TENANT and _recipients_decision(entry):  # (the operator's: may)
             assert entry is not None
             raise ApiError(
                 403,
@@ -824,7 +846,7 @@ async def remove_suppression(request: web.Request) -> web.Response:
                 " can remove it",
                 "address",
             )
-        gone = api.ctx.suppression.remove(addr, tenant=tenant_of(request))
+        gone = api.ctx.suppression.remove(addr, tenant=tenant)
     except SuppressionError as e:
         raise bad(f"address: {e}", "address") from None
     if not gone:
