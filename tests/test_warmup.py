@@ -21,7 +21,7 @@ from fastsend.analytics.warmup import (
     decide,
 )
 from fastsend.config import from_dict
-from fastsend.shaping.pools import DEFAULT_SCHEDULE, Pool, PoolIP, utc_day
+from fastsend.shaping.pools import DEFAULT_SCHEDULE, UNCAPPED, Pool, PoolIP, utc_day
 
 
 def test_decision_table() -> None:
@@ -104,3 +104,32 @@ def test_over_the_cap_overflows_to_warmed_ips() -> None:
         if p.warmup_start_day is not None:
             pool.warmup(p, "google", now).sent += 1
     assert picks["127.0.0.2"] == cap and picks["127.0.0.3"] == cap * 3
+
+
+def test_warmup_day_goes_on_across_restarts_and_reloads(tmp_path: Path) -> None:
+    """``warmup_day = 1`` read on day D: a restart (or a SIGHUP: the pools are
+    loaded again) on day D + 2 is day 3 of the schedule, not day 1 again -- it
+    was: an IP said to be on day 1 stayed at day 1's cap through every restart
+    and reload. Changing N anchors anew; a ``warmup_start`` date is as ever."""
+    from fastsend.shaping.pools import load_pools
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    tables = {"spool": {"dir": str(spool)},
+              "pools": {"warmup": {"schedule": [2, 4, 8, 16]},
+                        "main": {"ips": [{"ip": "127.0.0.2", "warmup_day": 1},
+                                         {"ip": "127.0.0.3", "warmup_day": 2}]}}}  # fmt: skip
+    d0 = (int(time.time()) // 86400) * 86400 + 3600.0
+
+    def caps(now: float) -> dict[str, int]:
+        pool = load_pools(from_dict(tables), now).pools["main"]
+        return {p.ip: pool.cap(p, now) for p in pool.ips}
+
+    assert caps(d0) == {"127.0.0.2": 2, "127.0.0.3": 4}
+    assert caps(d0 + 80_000) == {"127.0.0.2": 2, "127.0.0.3": 4}  # the same UTC day
+    assert caps(d0 + 2 * 86400) == {"127.0.0.2": 8, "127.0.0.3": 16}  # two days on
+    assert caps(d0 + 9 * 86400)["127.0.0.2"] == UNCAPPED  # past the schedule: warm
+    # the operator says "today is day 2" for .2: from today
+    tables["pools"]["main"]["ips"][0]["warmup_day"] = 2  # type: ignore[index]
+    assert caps(d0 + 9 * 86400)["127.0.0.2"] == 4
+    assert caps(d0 + 10 * 86400)["127.0.0.2"] == 8

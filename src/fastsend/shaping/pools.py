@@ -30,7 +30,8 @@ DESCRIPTION
     cannot send is taken by the others, in proportion to their weights.
 
     Warm-up: an IP with ``warmup_start`` (a date, or ``warmup_day = N`` for
-    "today is day N") may send at most ``schedule[day-1]`` messages per UTC
+    "today is day N", the day it was first read: tomorrow is N + 1, across
+    restarts and reloads) may send at most ``schedule[day-1]`` messages per UTC
     day to each provider; after the schedule it is warm (no cap). The day may
     run ahead of or behind the calendar (``PoolIP.day_offset``, set from the
     engagement-aware warm-up). Mail over a cold IP's cap overflows: ``pick``
@@ -42,13 +43,17 @@ DESCRIPTION
 
 DELIBERATELY NOT HERE
     No sockets and no clocks read here: ``now`` (unix seconds; the UTC day is
-    ``now // 86400``) is passed in, so tests drive days. No persistence: the
-    supervisor writes the state file.
+    ``now // 86400``) is passed in, so tests drive days. No persistence but
+    the first day of ``warmup_day = N`` addresses (``warmup_anchors``): the
+    supervisor writes the counters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +218,56 @@ class PoolSet(msgspec.Struct):
         return {ip.ip: ip.ehlo for p in self.pools.values() for ip in p.ips if ip.ehlo}
 
 
+ANCHORS = "warmup-anchors.json"  # in the spool directory: warmup_day's first days
+
+
+def warmup_anchors(config: Config, now: float) -> dict[str, tuple[int, int]]:
+    """``{ip: (N, UTC day of its warm-up day 1)}`` for the ``warmup_day = N``
+    addresses of ``[pools]``: day 1 is N - 1 days before the day N was first
+    read for that address, kept in ``SPOOL/warmup-anchors.json``, so a restart
+    or a SIGHUP on a later day goes on from there (it was N again: an IP said
+    to be on day 1 stayed at day 1's cap through every reload). A changed N
+    anchors anew (the operator's "today is day N"). Without a spool directory
+    (yet): today's reading, not kept."""
+    want: dict[str, int] = {}
+    for table in (config.pools.pools if config.pools is not None else {}).values():
+        for e in table.ips:
+            if e.warmup_start is None and e.warmup_day is not None:
+                want[e.ip] = int(e.warmup_day)
+    if not want:
+        return {}
+    path = os.path.join(config.spool_dir, ANCHORS) if config.spool_dir else ""
+    kept: dict[str, Any] = {}
+    if path:
+        with contextlib.suppress(OSError, ValueError):
+            with open(path, "rb") as f:
+                got = json.loads(f.read())
+            kept = got if isinstance(got, dict) else {}
+    today = utc_day(now)
+    out: dict[str, tuple[int, int]] = {}
+    for ip, n in want.items():
+        old = kept.get(ip)
+        if (isinstance(old, list) and len(old) == 2 and old[0] == n
+                and all(isinstance(x, int) for x in old)):  # fmt: skip
+            out[ip] = (n, int(old[1]))
+        else:
+            out[ip] = (n, today - n + 1)
+    changed = any(kept.get(ip) != list(v) for ip, v in out.items())
+    if changed and path and os.path.isdir(config.spool_dir):
+        doc = {**kept, **{ip: list(v) for ip, v in out.items()}}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:  # (every process of the node reads it; a write is whole or not at all)
+            with open(tmp, "w") as f:
+                f.write(json.dumps(doc, sort_keys=True))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return out
+
+
 def load_pools(config: Config, now: float) -> PoolSet:
     """The pools of ``[pools]`` (typed and checked when the config loaded);
     with none, one pool "default" of ``[ips] source``."""
@@ -220,6 +275,7 @@ def load_pools(config: Config, now: float) -> PoolSet:
     schedule = WarmupSchedule(tuple(sec.warmup.schedule)) if sec and sec.warmup.schedule else (
         WarmupSchedule())  # fmt: skip
     pools: dict[str, Pool] = {}
+    anchors = warmup_anchors(config, now)
     for name, table in (sec.pools if sec is not None else {}).items():
         ips: list[PoolIP] = []
         for e in table.ips:
@@ -227,7 +283,7 @@ def load_pools(config: Config, now: float) -> PoolSet:
             if e.warmup_start is not None:
                 start = (e.warmup_start - dt.date(1970, 1, 1)).days
             elif e.warmup_day is not None:
-                start = utc_day(now) - e.warmup_day + 1
+                start = anchors.get(e.ip, (0, 0))[1]
             ips.append(PoolIP(e.ip, e.weight, e.ehlo, start))
         pools[name] = Pool(name, ips, schedule)
     default = sec.default if sec is not None else ""
