@@ -17,7 +17,14 @@ from typing import Any
 
 import orjson
 
-from _engine_helpers import received_counts, run_fastsend, summary, write_campaign, write_recipients
+from _engine_helpers import (
+    received_counts,
+    run_fastsend,
+    sink_log,
+    summary,
+    write_campaign,
+    write_recipients,
+)
 from fastsend import config as cfgmod
 from fastsend.events import EventLog
 from fastsend.message import Campaign
@@ -598,3 +605,89 @@ def test_only_a_lanes_own_rest_is_told_to_the_other_workers(tmp_path: Path) -> N
     assert origin == 1 and rec.ip == "127.0.0.2" and rec.providers == ["site:mx:example.net"]
     assert abs(rec.until - (now + 3600.0)) < 1e-6 and "ip blocked" in rec.reason
     assert any(b"site:mx:example.net" in r for r in sh.spawn_records())
+
+
+def test_a_providers_mx_sets_share_its_connection_cap(tmp_path: Path, dns_server: Any) -> None:
+    """Each Microsoft 365 domain has an MX host of its own, and Google's domains
+    come in several MX sets: one provider all the same. With Outlook and Google
+    capped at one connection per source IP, receivers that refuse a second
+    concurrent connection (421, the sink's --max-connections) get every message
+    over one connection at a time. Lanes were per MX set: four connections to
+    "one" Outlook, 120 of 160 messages deferred 421."""
+    from conftest import free_port
+    from fastsend.sink import SinkProcess
+
+    port = free_port()
+    zones: dict[str, Any] = {}
+    ms = [f"m{i}.example" for i in range(4)]
+    for d in ms:
+        host = d.replace(".", "-") + ".mail.protection.outlook.com"
+        zones[d], zones[host] = [("MX", f"0 {host}.")], [("A", "127.0.0.1")]
+    zones["g1.example"] = [("MX", "1 smtp.google.com.")]
+    zones["g2.example"] = [("MX", "1 aspmx.l.google.com."), ("MX", "5 alt1.aspmx.l.google.com.")]
+    for host in ("smtp.google.com", "aspmx.l.google.com", "alt1.aspmx.l.google.com"):
+        zones[host] = [("A", "127.0.0.3")]
+    dns_server.set_zones(zones)
+    rcpts = [f"u{j}@{d}" for d in [*ms, "g1.example", "g2.example"] for j in range(30)]
+    camp = write_campaign(tmp_path)
+    lst = write_recipients(tmp_path, rcpts)
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+        '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
+        '[delivery]\nallow_private_mx = true\ntls = "off"\nidle_timeout = 30\n'
+        '[shaping.provider.outlook]\nmax_connections = 1\ntls = "off"\n'
+        '[shaping.provider.google]\nmax_connections = 1\ntls = "off"\n'
+    )
+    log = tmp_path / "sink.jsonl"
+    with (
+        SinkProcess("--max-connections", "1", "--log", str(log), listen=f"127.0.0.1:{port}"),
+        SinkProcess("--max-connections", "1", "--log", str(log), listen=f"127.0.0.3:{port}"),
+    ):
+        proc = run_fastsend("send", str(camp), "-r", str(lst), "-c", str(cfg),
+                            "--spool", str(tmp_path / "spool"), "--json", "--no-dkim",
+                            "--no-progress", "--max-wait", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [orjson.loads(x) for x in (tmp_path / "spool" / "events.jsonl").read_bytes().splitlines()]
+    refused = [e for e in events if e["event"] == "deferred"]
+    assert not refused, refused[:3]
+    assert summary(proc)["delivered"] == len(rcpts)
+    assert received_counts(log) == {r: 1 for r in rcpts}
+
+
+def test_sites_sharing_a_providers_connection_take_turns(tmp_path: Path, dns_server: Any) -> None:
+    """Two Microsoft 365 domains, one connection to Outlook allowed, ten messages
+    a connection: the small domain's mail goes on the second connection, not
+    after the big one's 200 (the busy site gives its provider's connection to
+    the sites waiting for it before taking it again)."""
+    from conftest import free_port
+    from fastsend.sink import SinkProcess
+
+    port = free_port()
+    zones: dict[str, Any] = {}
+    for d in ("big.example", "small.example"):
+        host = d.replace(".", "-") + ".mail.protection.outlook.com"
+        zones[d], zones[host] = [("MX", f"0 {host}.")], [("A", "127.0.0.1")]
+    dns_server.set_zones(zones)
+    big = [f"b{j}@big.example" for j in range(200)]
+    small = [f"s{j}@small.example" for j in range(5)]
+    camp = write_campaign(tmp_path)
+    lst = write_recipients(tmp_path, big[:20] + small + big[20:])
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+        '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
+        '[delivery]\nallow_private_mx = true\ntls = "off"\n'
+        '[shaping.provider.outlook]\nmax_connections = 1\nmax_messages_per_connection = 10\n'
+        'tls = "off"\n'
+    )
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--max-connections", "1", "--log", str(log), listen=f"127.0.0.1:{port}"):
+        proc = run_fastsend("send", str(camp), "-r", str(lst), "-c", str(cfg),
+                            "--spool", str(tmp_path / "spool"), "--json", "--no-dkim",
+                            "--no-progress", "--max-wait", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    order = [r for rec in sink_log(log) for r in rec["recipients"]]
+    assert sorted(order) == sorted(big + small)
+    last_small = max(order.index(r) for r in small)
+    assert last_small < 100, (last_small, order[:40])

@@ -26,6 +26,8 @@ def policy(raw: dict | None = None, tmp: Path | None = None):  # type: ignore[no
         ("mta5.am0.yahoodns.net", "yahoo"),
         ("example-com.mail.protection.outlook.com", "outlook"),
         ("hotmail-com.olc.protection.outlook.com", "outlook"),
+        ("contoso-com.l-v1.mx.microsoft", "outlook"),  # Exchange Online, DNSSEC (2024-)
+        ("mx.microsoft.example", ""),
         ("mx01.mail.icloud.com", "icloud"),
         ("mx1.comcast.net", "comcast"),
         ("mx00.emig.gmx.net", "gmx"),

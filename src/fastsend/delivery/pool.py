@@ -181,7 +181,9 @@ class SiteQueue:
         hosts = tuple(h.name for h in site.hosts)
         if site.key.startswith("route:") and hosts:
             domain = hosts[0]
-        self.limits = limits or self.shaper.site_limits(site.lanes, hosts, domain)
+        # Its lanes: its provider's, shared by every MX set of it (Shaper.lane_key)
+        self.lanes_key = self.shaper.lane_key(site.lanes, hosts, domain)
+        self.limits = limits or self.shaper.site_limits(self.lanes_key, hosts, domain)
         self.candidates = _candidates(site.hosts)
         # Equal-preference addresses, taken in turn by new connections.
         self.turn = 0
@@ -289,7 +291,7 @@ class SiteQueue:
         return excess
 
     def lane(self, ip: str) -> Lane:
-        return self.shaper.lane(ip, self.site.lanes, self.limits, self.pool, time.time())
+        return self.shaper.lane(ip, self.lanes_key, self.limits, self.pool, time.time())
 
     def _scale(self) -> None:
         if self.closing or not self.pending:
@@ -313,6 +315,8 @@ class SiteQueue:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         if not self.nconn:
+            if self._waits_for_lane():
+                return  # (Lane.waiters: called again when one of its connections closes)
             if self._borrowed_only():
                 # A reload's retiring worker holds the connections this site
                 # allows (wire.Conns): its mail waits for them to close, as it
@@ -320,6 +324,25 @@ class SiteQueue:
                 asyncio.get_running_loop().call_later(TRIM_WAIT, self._scale)
                 return
             self._hold()
+
+    def _waits_for_lane(self) -> bool:
+        """Whether a source IP's lane may carry mail but has all the connections
+        it allows open, for other sites sharing it (a provider's lanes,
+        Shaper.lane_key): this site's mail waits for one of them to close
+        (its retry in the lane's ``waiters``; idle ones are told to close,
+        ``wakers``), it is not held back nor deferred."""
+        now = time.monotonic()
+        full = []
+        for p in self.pool.ips:
+            ln = self.lane(p.ip)
+            if ln.active and ln.usable(now) and not ln.can_connect(now):
+                full.append(ln)
+        for ln in full:
+            if self._scale not in ln.waiters:
+                ln.waiters.append(self._scale)
+            for wake in ln.wakers:
+                wake.set()
+        return bool(full)
 
     def _borrowed_only(self) -> bool:
         """Whether a retiring worker's connections alone keep every source IP
@@ -662,9 +685,10 @@ class SiteQueue:
                             over = True
                             break
                         if not self.pending:
-                            if self.closing:
-                                break
+                            if self.closing or lane.waiters:
+                                break  # (other sites of its provider wait for the lane)
                             self.wakeup.clear()
+                            lane.wakers.add(self.wakeup)
                             try:
                                 await asyncio.wait_for(
                                     self.wakeup.wait(), self.config.delivery.idle_timeout
@@ -672,6 +696,8 @@ class SiteQueue:
                             except TimeoutError:
                                 break
                             if not self.pending:
+                                if lane.waiters:
+                                    break
                                 continue
                         want = min(group, len(self.pending), conn.remaining)
                         if not lane.free:
@@ -727,12 +753,15 @@ class SiteQueue:
                         self.report(results, ip, mx)
                 finally:
                     self.sessions -= 1
-                    if conn.usable:
+                    if not conn.ended:
+                        # (at max_messages too: QUIT, as Postfix; an abort's RST
+                        # reached a receiver counting connections after the next
+                        # connection did: 421 "too many connections")
                         await conn.quit()
                     else:
                         conn.close()
-                if not self.pending or over:
-                    break
+                if not self.pending or over or lane.waiters:
+                    break  # (waiters: other sites' turn on the lane first, see finally)
         except Exception as e:
             # A local bug must not strand the mail this connection holds (nor
             # leave the worker unable to drain): defer it, loudly.
@@ -746,7 +775,17 @@ class SiteQueue:
             if not over:
                 lane.active -= 1
             self.nconn -= 1
-            if self.pending and not self.closing:
+            if lane.waiters:
+                # Other sites of its provider wait for a connection of the lane:
+                # theirs first, this site's after them (turns, not the busiest
+                # site keeping the provider's connections until it has no mail).
+                waiting, lane.waiters = lane.waiters, []
+                if self.pending and not self.closing:
+                    waiting.append(self._scale)
+                loop = asyncio.get_running_loop()
+                for retry in waiting:
+                    loop.call_soon(retry)
+            elif self.pending and not self.closing:
                 self._scale()
 
     def _unreachable(self, conn: Outcome, ip: str) -> None:

@@ -608,7 +608,9 @@ class Worker:
         for key, q in list(self.sites.items()):
             if not (q.pending or q.nconn or q.sending):
                 del self.sites[key]
-        self.shaper.prune(time.monotonic(), {q.site.lanes for q in self.sites.values()})
+        # (an HTTP transport's ProviderQueue has no lanes: getattr)
+        keep = {getattr(q, "lanes_key", "") for q in self.sites.values()}
+        self.shaper.prune(time.monotonic(), keep - {""})
         self.sites_limit = max(SITES_MIN, 2 * len(self.sites))
 
     # -- outbox --------------------------------------------------------------

@@ -42,6 +42,8 @@ from __future__ import annotations
 import functools
 import math
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from fastsend import wire
@@ -53,6 +55,7 @@ from fastsend.shaping.pools import Pool, PoolSet, Warmup, load_pools
 from fastsend.throttle import Gcra
 
 FOREVER = 1e9
+PROVIDER_LANES = "mx-provider:"  # a provider's lanes, over all its MX sets (Shaper.lane_key)
 UNBOUNDED = 1 << 62  # Lane.budget() of a lane with nothing to enforce
 
 
@@ -168,6 +171,8 @@ class Lane:
         "throttle_conns",
         "throttle_until",
         "triggers",
+        "waiters",
+        "wakers",
         "warm",
     )
 
@@ -214,6 +219,11 @@ class Lane:
         self.warm: Warmup | None = None
         self.triggers: dict[str, Trigger] = {}
         self.last_event = -math.inf
+        # A provider's shared lane (Shaper.lane_key): the sites waiting for one of
+        # its connections to close (their retry callbacks, delivery.pool), and
+        # the wake-up events of the sites whose idle connections hold it.
+        self.waiters: list[Callable[[], None]] = []
+        self.wakers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresh()
 
     def _refresh(self) -> None:
@@ -691,6 +701,22 @@ class Shaper:
         if p is None or not p.ips:
             return self.fallback
         return p
+
+    def lane_key(self, site_key: str, hosts: tuple[str, ...], domain: str) -> str:
+        """The key of a site's lanes: its provider's (``mx-provider:NAME``) when its
+        MX hosts match a provider's ``mx_suffixes`` and no ``[shaping.domain]``
+        entry gives the domain limits of its own, else the MX set's
+        (``site_key``). Each Microsoft 365 domain has an MX host of its own and
+        Google's come in several MX sets: keyed by MX set, a provider's
+        connection cap, rates, AIMD cuts and throttles held per domain (four
+        hosted domains: four connections from one IP to an Outlook capped at
+        one, three of them refused 421)."""
+        if not site_key.startswith("mx:"):
+            return site_key  # (a static route, an address literal: its own)
+        name = self.policy.provider_by_mx(hosts)
+        if not name or self.policy.domain_values(domain):
+            return site_key
+        return PROVIDER_LANES + name
 
     def site_limits(self, site_key: str, hosts: tuple[str, ...], domain: str) -> Limits:
         key = (site_key, domain)

@@ -98,13 +98,7 @@ class Policy(msgspec.Struct):
 
     def provider_for(self, hosts: tuple[str, ...] | list[str], domain: str = "") -> str:
         """The provider whose MX suffix matches a host (longest wins), else by domain."""
-        best, best_len = "", 0
-        for h in hosts:
-            name = "." + h.lower().rstrip(".")
-            for p in self.providers.values():
-                for s in p.mx_suffixes:
-                    if len(s) > best_len and name.endswith(s):
-                        best, best_len = p.name, len(s)
+        best = self.provider_by_mx(hosts)
         if best:
             return best
         d = domain.lower().rstrip(".")
@@ -112,6 +106,21 @@ class Policy(msgspec.Struct):
             if d in p.domains:
                 return p.name
         return ""
+
+    def provider_by_mx(self, hosts: tuple[str, ...] | list[str]) -> str:
+        """The provider whose MX suffix matches a host (longest wins), or ""."""
+        best, best_len = "", 0
+        for h in hosts:
+            name = "." + h.lower().rstrip(".")
+            for p in self.providers.values():
+                for s in p.mx_suffixes:
+                    if len(s) > best_len and name.endswith(s):
+                        best, best_len = p.name, len(s)
+        return best
+
+    def domain_values(self, domain: str) -> dict[str, Any]:
+        """The ``[shaping.domain]`` values of ``domain`` (or its parent's), {} for none."""
+        return self._domain_values(domain)
 
     def _domain_values(self, domain: str) -> dict[str, Any]:
         d = domain.lower().rstrip(".")
