@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fastsend import _accel, recipients
 from fastsend.address import AddressError, normalize, py_normalize
 from fastsend.config import ConfigError, RetryConfig, from_dict
-from fastsend.retry import next_attempt
+from fastsend.retry import next_attempt, retry_hint
 
 
 @pytest.mark.parametrize(
@@ -206,6 +206,60 @@ def test_retry_backoff_doubles_caps_and_expires() -> None:
     pj = RetryConfig(min_backoff=100, max_backoff=1000, max_age=1e9, jitter=0.2)
     delays = {next_attempt(pj, 1, 0.0, 0.0) for _ in range(50)}
     assert all(d is not None and 80 <= d <= 120 for d in delays) and len(delays) > 1
+
+
+@pytest.mark.parametrize(
+    ("text", "wait"),
+    [
+        ("451 4.7.1 Greylisting in action, please come back in 00:05:00", 300.0),  # milter-greylist
+        ("450 4.7.1 Greylisted for 300 seconds", 300.0),
+        ("451 4.3.2 Please try again in 30 minutes", 1800.0),
+        ("421 4.7.0 retry after 900 seconds", 900.0),
+        ("451 4.7.1 Too many messages, wait 60s", 60.0),
+        ("421 4.7.0 Try again in 2 hours", 7200.0),
+        ("421 4.7.0 Try again later, closing connection.", 0.0),  # (Gmail: no wait named)
+        ("421 4.7.0 too many connections (try 2 times)", 0.0),
+        ("452 4.2.2 Mailbox full, 500ms", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_retry_hints_in_deferral_texts(text: str, wait: float) -> None:
+    assert retry_hint(text) == wait
+
+
+def test_a_deferral_naming_a_wait_is_not_retried_before_it(tmp_path: Path) -> None:
+    """A receiver's "try again in 2 hours" (a real sink's 451): the message's next
+    attempt is not before it, whatever the schedule says (min_backoff 1 s here);
+    a plain 451 keeps the schedule. A wait is held to max_backoff (a text must
+    not hold mail for days), and never brings a retry forward."""
+    from tests._engine_helpers import run_fastsend, write_campaign, write_recipients
+
+    from fastsend.sink import SinkProcess
+
+    p = RetryConfig(min_backoff=300, max_backoff=4000, max_age=5 * 86400, jitter=0)
+    assert next_attempt(p, 1, 1000.0, 1000.0, hint=1800.0) == 2800.0
+    assert next_attempt(p, 1, 1000.0, 1000.0, hint=60.0) == 1300.0  # (never earlier)
+    assert next_attempt(p, 1, 1000.0, 1000.0, hint=10 * 86400.0) == 5000.0  # max_backoff
+    camp = write_campaign(tmp_path)
+    lst = write_recipients(tmp_path, ["tempfail-a@x.example", "defer1-b@x.example"])
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text("[retry]\nmin_backoff = 1\nmax_backoff = 10800\njitter = 0\n")
+    from tests.conftest import free_port
+
+    port = free_port()
+    with SinkProcess("--fault-text", 'tempfail="451 4.7.1 Greylisted, please try again in 2 hours"',
+                     listen=f"127.0.0.1:{port}"):  # fmt: skip
+        proc = run_fastsend("send", str(camp), "-r", str(lst), "-c", str(cfg), "--route",
+                            f"*=127.0.0.1:{port}", "--spool", str(tmp_path / "spool"), "--json",
+                            "--no-dkim", "--no-progress", "--max-wait", "0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evs = [orjson.loads(x) for x in (tmp_path / "spool" / "events.jsonl").read_bytes().splitlines()]
+    first = {e["rcpt"]: e for e in evs if e["event"] == "deferred" and e["attempt"] == 1}
+    hinted = first["tempfail-a@x.example"]
+    assert "try again in 2 hours" in hinted["text"], hinted
+    assert hinted["next_attempt"] - hinted["time"] >= 7200 - 1, hinted
+    plain = first["defer1-b@x.example"]
+    assert plain["next_attempt"] - plain["time"] < 60, plain
 
 
 def test_event_log_isolates_a_raising_listener(tmp_path: Path) -> None:

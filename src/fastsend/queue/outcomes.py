@@ -24,7 +24,7 @@ from fastsend.config import RetryConfig
 from fastsend.events import DeliveredRows, Rows, outcome_dict, stamped
 from fastsend.faults import FAULT, countdown
 from fastsend.queue.state import SupervisorState, WorkerSlot
-from fastsend.retry import next_attempt
+from fastsend.retry import next_attempt, retry_hint
 from fastsend.ring import Ring
 from fastsend.spool import (
     BOUNCED,
@@ -294,7 +294,9 @@ class Outcomes(SupervisorState):
         else:
             # An unknown outcome (retry_at) is due again at once and never expires
             # the message: no receiver answered; the next attempt's answer decides.
-            nxt = retry_at if retry_at is not None else next_attempt(policy, attempts, now, c.created)
+            nxt = retry_at if retry_at is not None else next_attempt(
+                policy, attempts, now, c.created, retry_hint(r.text)  # (a wait the reply names)
+            )
             if nxt is None or expire:
                 state, name, at = EXPIRED, "expired", 0.0
                 stats.expired += 1
