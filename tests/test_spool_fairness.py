@@ -342,17 +342,31 @@ def test_fill_and_fair_shares() -> None:
     assert check_rank(True) is not None and check_rank(weight=0) is not None
 
 
-def test_the_spool_claims_the_shares_of_the_true_counts(tmp_path: Path) -> None:
-    """SQLite counts each campaign's due rows only up to about twice a fair
-    share (counting every campaign's up to the claim's room cost O(room) each
-    claim), and keeps what it counted from one claim to the next: the shares
-    must still be fair_shares of the true counts, claim after claim, whatever
-    the room, the weights, the priorities and the counts."""
+@pytest.fixture(params=["sqlite", "redis"])
+def new_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Spool]:
+    """A new empty spool on each call: SQLite, then Redis (one node)."""
+    from fastsend.spool import open_spool
     from fastsend.spool.sqlite import SQLiteSpool
 
+    made = iter(range(1 << 30))
+    if request.param == "sqlite":
+        return lambda: SQLiteSpool(str(tmp_path / f"s{next(made)}"))
+    server = request.getfixturevalue("redis_server")
+    return lambda: open_spool(server.url(node="n1", dir=str(tmp_path)))
+
+
+def test_the_spool_claims_the_shares_of_the_true_counts(new_spool: Callable[[], Spool]) -> None:
+    """SQLite counts each campaign's due rows only up to about twice a fair
+    share (counting every campaign's up to the claim's room cost O(room) each
+    claim), and keeps what it counted from one claim to the next; Redis counts
+    none ahead (claim.lua: the campaigns due come from its index, each read for
+    one more than its share, the shares made again with the counts of those
+    that had no more): the shares must still be fair_shares of the true counts,
+    claim after claim, whatever the room, the weights, the priorities and the
+    counts."""
     rnd = random.Random(19)
     for run in range(6):
-        spool = SQLiteSpool(str(tmp_path / f"s{run}"))
+        spool = new_spool()
         now = time.time() - 10
         left: dict[int, int] = {}
         ranks: dict[int, tuple[str, int, int]] = {}

@@ -73,7 +73,7 @@ class Durability:
     appendfsync: str  # always / everysec / no / unknown
     rdb: bool  # RDB snapshots configured ("save" not empty)
     waitaof: bool  # Redis >= 7.2: the spool waits for the fsync itself
-    level: str  # power-loss / redis-crash / none
+    level: str  # power-loss / redis-crash / none / unknown (CONFIG and INFO refused)
     survives: str  # one sentence for the operator
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,8 +96,18 @@ def read_durability(r: Any) -> Durability:
     def s(x: Any) -> str:
         return x.decode() if isinstance(x, bytes) else str(x)
 
-    server = r.info("server")
-    version = s(server.get("redis_version", "0"))
+    def info(section: str) -> dict[str, Any] | None:
+        # None: refused (an ACL user without INFO, e.g. -@dangerous; serve did
+        # not start for such a user, a traceback)
+        try:
+            return dict(r.info(section))
+        except Exception as e:
+            if "permission" in str(e).lower() or "unknown command" in str(e).lower():
+                return None
+            raise
+
+    server = info("server") or {}
+    version = s(server.get("redis_version", "unknown"))
     waitaof = _version_tuple(version) >= (7, 2)
     appendonly: bool | None
     try:
@@ -108,10 +118,17 @@ def read_durability(r: Any) -> Durability:
         fsync = conf.get("appendfsync", "unknown")
         rdb = bool(conf.get("save", "").strip())
     except Exception:  # CONFIG renamed or refused: what INFO says
-        pers = r.info("persistence")
-        appendonly = bool(int(pers.get("aof_enabled", 0)))
+        pers = info("persistence")
+        appendonly = None if pers is None else bool(int(pers.get("aof_enabled", 0)))
         fsync = "unknown"
         rdb = True
+    if appendonly is None:
+        level = "unknown"
+        survives = (
+            "what this Redis's persistence makes it survive, which this user may not"
+            " read (CONFIG and INFO refused): run it with appendonly yes"
+        )
+        return Durability(version, appendonly, fsync, rdb, waitaof, level, survives)
     if not appendonly:
         level = "none"
         survives = (

@@ -19,15 +19,15 @@ def is_redis_url(url_or_dir: str) -> bool:
 def parse_redis_url(url: str) -> tuple[str, dict[str, str]]:
     """Split a Redis spool URL into the redis-py URL and our parameters
     (:data:`REDIS_PARAMS`)."""
-    parts = urlsplit(url)
+    base, _, query = url.partition("?")  # (not urlunsplit: it made unix:///x unix:/x)
     ours: dict[str, str] = {}
     rest: list[tuple[str, str]] = []
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+    for k, v in parse_qsl(query, keep_blank_values=True):
         if k in REDIS_PARAMS:
             ours[k] = v
         else:
             rest.append((k, v))
-    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+    return base + ("?" + urlencode(rest) if rest else ""), ours
 
 
 def redact_url(url: str) -> str:

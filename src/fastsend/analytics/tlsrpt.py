@@ -45,8 +45,10 @@ import contextlib
 import datetime
 import fcntl
 import gzip
+import logging
 import os
 import secrets
+import socket
 import sqlite3
 import ssl
 import time
@@ -60,6 +62,8 @@ from fastsend.address import AddressError, normalize
 from fastsend.config.tenants import OPERATOR
 from fastsend.events import Rows
 from fastsend.sqlitedb import connect, transaction
+
+log = logging.getLogger("fastsend.tlsrpt")
 
 DB_NAME = "tlsrpt.db"
 KEEP_DAYS = 8  # days of counts kept (reports are sent for yesterday; a week to catch up)
@@ -309,6 +313,74 @@ class RedisStore(Store):
                     pipe.srem(self.key("tlsrpt", "days"), *gone)
             pipe.execute()
 
+    def carry(self, directory: str) -> int:
+        """Add the counts of a node's local ``tlsrpt.db`` in ``directory`` (a
+        node of before the counts went to Redis kept them there, and the first
+        report after the upgrade left them out) to the shared ones, once: the
+        days kept and not reported from that node, in one MULTI/EXEC with a
+        mark naming the file (a second node or start finds it: nothing added
+        twice), then the file is renamed ``tlsrpt.db.carried``. How many
+        (day, domain) it carried."""
+        from redis.exceptions import WatchError  # (a shared spool: redis-py is in use)
+
+        path = os.path.join(directory, DB_NAME)
+        if not os.path.exists(path):
+            return 0
+        st = os.stat(path)
+        mark = self.key("tlsrpt", "carried", f"{socket.gethostname()}:{os.path.realpath(path)}:"
+                        f"{st.st_dev}:{st.st_ino}")  # fmt: skip
+        old = day_of(time.time() - KEEP_DAYS * 86400)
+        db = connect(path, synchronous="NORMAL", schema=_SCHEMA)
+        try:
+            sent = set(db.execute("SELECT day, domain FROM sent"))
+            sessions = [r for r in db.execute(
+                "SELECT day, domain, ptype, policy, mx_host, ok, failed FROM sessions"
+                " WHERE day >= ?", (old,)) if (r[0], r[1]) not in sent]  # fmt: skip
+            failures = [r for r in db.execute(
+                "SELECT day, domain, ptype, policy, mx_host, result, sending_ip, mx, mx_ip,"
+                " reason, n FROM failures WHERE day >= ?", (old,))
+                if (r[0], r[1]) not in sent]  # fmt: skip
+        finally:
+            db.close()
+        keep = int(KEEP_DAYS * 86400)
+        done: set[tuple[str, str]] = set()
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.watch(mark)
+            if pipe.exists(mark):
+                pipe.reset()
+                self._carried(path)
+                return 0
+            pipe.multi()
+            pipe.set(mark, b"1", ex=keep + 86400)
+            for day, domain, ptype, policy, hosts, ok, failed in sessions:
+                key = orjson.dumps([ptype, orjson.loads(policy), orjson.loads(hosts)]).decode()
+                skey = self.key("tlsrpt", "s", day, domain)
+                for kind, n in (("ok", ok), ("failed", failed)):
+                    if n:
+                        pipe.hincrby(skey, f"{kind}{_SEP}{key}", int(n))
+                pipe.expire(skey, keep)
+                done.add((day, domain))
+            for day, domain, ptype, policy, hosts, *detail, n in failures:
+                key = orjson.dumps([ptype, orjson.loads(policy), orjson.loads(hosts)]).decode()
+                fkey = self.key("tlsrpt", "f", day, domain)
+                pipe.hincrby(fkey, orjson.dumps([key, *detail]).decode(), int(n))
+                pipe.expire(fkey, keep)
+            for day, domain in done:
+                pipe.sadd(self.key("tlsrpt", "d", day), domain)
+                pipe.expire(self.key("tlsrpt", "d", day), keep)
+                pipe.sadd(self.key("tlsrpt", "days"), day)
+            try:
+                pipe.execute()
+            except WatchError:
+                return 0  # (another process of this node carried it meanwhile)
+        self._carried(path)
+        return len(done)
+
+    @staticmethod
+    def _carried(path: str) -> None:
+        with contextlib.suppress(OSError):  # (the mark in Redis stops a second carry)
+            os.replace(path, path + ".carried")
+
     def _days(self) -> list[str]:
         return sorted(_str(d) for d in self.r.smembers(self.key("tlsrpt", "days")))
 
@@ -382,6 +454,7 @@ def _str(b: Any) -> str:
     return b.decode() if isinstance(b, bytes) else str(b)
 
 
+
 def _entry(
     domain: str, ptype: str, strings: list[str], hosts: list[str], ok: int, failed: int,
     details: Iterable[tuple[str, str, str, str, str, int]],
@@ -432,9 +505,20 @@ def _document(
 
 def open_store(config: Any, spool: Any = None) -> Store:
     """The spool's counts: in Redis for a shared spool (every node's), else the
-    node's ``tlsrpt.db``."""
+    node's ``tlsrpt.db``. A node's own ``tlsrpt.db`` beside a shared spool (its
+    counts of before they went to Redis, session 19) is carried into it once."""
     shared = spool.shared() if spool is not None else None
-    return RedisStore(shared) if shared is not None else Store(config.spool_dir)
+    if shared is None:
+        return Store(config.spool_dir)
+    store = RedisStore(shared)
+    local = getattr(config, "spool_dir", "")
+    try:
+        if local:
+            store.carry(local)
+    except Exception as e:  # (Redis out of reach, a damaged file: the next start tries again)
+        log.warning("the TLS-RPT counts of %s are not carried into Redis yet: %s",
+                    os.path.join(local, DB_NAME), e)  # fmt: skip
+    return store
 
 
 def attach(config: Any, events: Any, spool: Any = None) -> Store | None:

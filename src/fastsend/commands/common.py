@@ -317,7 +317,28 @@ def hold_supervisor(spool: Any, command: str, local_dir: str) -> int:
     except SpoolBusy as e:
         spool.close()
         return die(str(e), EX_TEMPFAIL)
+    warn_volatile(spool)
     return 0
+
+
+def warn_volatile(spool: Any) -> None:
+    """On a shared spool whose Redis keeps what it is given in memory only
+    (appendonly no), say so once at start: ``serve`` refuses it without
+    ``--allow-volatile``, and ``send``/``resume`` spooled into it without a word
+    (a Redis restart lost the list). The command goes on (a test bed's Redis)."""
+    shared = spool.shared()
+    if shared is None:
+        return
+    from fastsend.cluster import read_durability
+
+    try:
+        d = read_durability(shared.client)
+    except spool.outage_errors():
+        return  # (said by the first step that needs it)
+    if d.level == "none":
+        print(f"fastsend: warning: an acknowledged message survives {d.survives}: a Redis"
+              " restart loses the spool; set appendonly yes (deploy/redis.conf)",
+              file=sys.stderr)  # fmt: skip
 
 
 def hold_source_ips(spool: Any, cfg: Any) -> Any:

@@ -1,8 +1,10 @@
 -- ARGV: P, now, limit, node, lease_ms, then tenant, weight, ... (the operator's
 -- tenant weights other than 1) -> flat {id, state, data, ...} (state as
 -- stored after the claim: "1|node|campaign|attempts|...")
--- Per bucket of ids (lib.lua) one HMGET and one HSET; per active campaign one
--- ZCOUNT, per campaign claimed from one ZRANGEBYSCORE and one ZREMRANGEBYRANK
+-- The campaigns with mail due come from the index P:dueidx (lib.lua), not from
+-- every active campaign's due set (2,000 active campaigns cost a ZCOUNT each,
+-- every claim, due or not). Per bucket of ids (lib.lua) one HMGET and one
+-- HSET; per campaign given a share one ZRANGEBYSCORE and one ZREMRANGEBYRANK
 -- (the claimed ids are a prefix of its due set); one SADD per 1000 and the
 -- counters per batch.
 local now, limit, node, lease = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
@@ -12,20 +14,30 @@ redis.call('ZADD', P..':nodes', ms + lease, node)
 reap_dead(ms)
 -- The room shared between the active campaigns with mail due (lib.lua
 -- fair_shares: as spool/fair.py); what is taken of each is a prefix of its due
--- set (its oldest due first).
-local cands, name = {}, {}
-for _, cid in ipairs(redis.call('SMEMBERS', P..':active')) do
-  local n = redis.call('ZCOUNT', P..':due:'..cid, '-inf', now)
-  if n > 0 then
-    local c = tonumber(cid)
-    name[c] = cid
-    cands[#cands + 1] = {c, '', 0, 1, math.min(n, limit)}
+-- set (its oldest due first). A campaign's due mail is not counted ahead: each
+-- takes part as having `limit` until read; its share is read with one more
+-- (LIMIT share + 1): more than its share, it has at least that much and no
+-- step of the water-filling met its count, so the shares are those of the true
+-- counts; else what it has is its count and the shares are made again with it
+-- (as SQLite's _shares).
+local cands, name, off = {}, {}, {}
+local idx = redis.call('ZRANGEBYSCORE', P..':dueidx', '-inf', now)
+for j = 1, #idx, 1000 do  -- (only active campaigns: the others leave the index)
+  local part = {unpack(idx, j, math.min(j + 999, #idx))}
+  local on = redis.call('SMISMEMBER', P..':active', unpack(part))
+  for i = 1, #part do
+    if on[i] == 1 then
+      local c = tonumber(part[i])
+      name[c] = part[i]
+      cands[#cands + 1] = {c, '', 0, 1, limit}
+    else
+      off[#off + 1] = part[i]
+    end
   end
 end
-local shares = {}
-if #cands == 1 then  -- one campaign (the common case): nothing to share
-  shares[1] = {cands[1][1], limit}
-elseif #cands > 1 then
+if #off > 0 then each_chunk('ZREM', P..':dueidx', off) end
+local turn, tw = 0, nil
+if #cands > 1 then
   local fs, ranks = {}, {}
   for i, c in ipairs(cands) do fs[i] = name[c[1]] end
   for j = 1, #fs, 1000 do  -- (unpack takes a few thousand at most)
@@ -39,25 +51,62 @@ elseif #cands > 1 then
     c[3] = tonumber(p) or 0
     c[4] = math.max(tonumber(w) or 1, 1)
   end
-  local tw = nil
   for j = 6, #ARGV - 1, 2 do
     tw = tw or {}
     tw[ARGV[j]] = math.max(tonumber(ARGV[j + 1]) or 1, 1)
   end
-  shares = fair_shares(cands, limit, redis.call('INCR', P..':fair:turn') - 1, tw)
+  turn = redis.call('INCR', P..':fair:turn') - 1
 end
-local ids, taken, cidof = {}, {}, {}
-for _, s in ipairs(shares) do
-  local cid = name[s[1]]
-  local r = redis.call('ZRANGEBYSCORE', P..':due:'..cid, '-inf', now, 'LIMIT', 0, s[2])
-  for i = 1, #r do
+local read, known = {}, {}  -- campaign -> its due ids read; its count
+local shares
+while true do
+  local live = {}
+  for _, c in ipairs(cands) do
+    c[5] = known[c[1]] or limit
+    if c[5] > 0 then live[#live + 1] = c end
+  end
+  if #live == 1 then  -- one campaign (the common case): nothing to share
+    shares = {{live[1][1], live[1][5]}}
+  elseif #live > 1 then
+    shares = fair_shares(live, limit, turn, tw)
+  else
+    shares = {}
+  end
+  local again = false
+  for _, s in ipairs(shares) do
+    local c, n = s[1], s[2]
+    if known[c] == nil then
+      local r = read[c]
+      if r == nil or #r <= n then
+        r = redis.call('ZRANGEBYSCORE', P..':due:'..name[c], '-inf', now,
+          'LIMIT', 0, math.min(n + 1, limit))
+        read[c] = r
+      end
+      if #r <= n and #r < limit then  -- all it has: counted, shares again
+        known[c] = #r
+        again = true
+      end
+    end
+  end
+  if not again then break end
+end
+-- Its index score stays while it has mail due (below its new head: as the
+-- index needs); all its due mail taken, it goes to its later head, or out.
+local ids, cidof, took = {}, {}, {}
+for _, s in ipairs(shares) do  -- (in the shares' order, each campaign's oldest due first)
+  local c = s[1]
+  local r, cid = read[c], name[c]
+  local n = math.min(s[2], #r)
+  took[c] = true
+  for i = 1, n do
     ids[#ids + 1] = r[i]
     cidof[r[i]] = cid
   end
-  if #r > 0 then taken[cid] = #r end
+  if n > 0 then redis.call('ZREMRANGEBYRANK', P..':due:'..cid, 0, n - 1) end
+  if #r <= n then index_head(cid) end
 end
-for cid, n in pairs(taken) do
-  redis.call('ZREMRANGEBYRANK', P..':due:'..cid, 0, n - 1)
+for c, r in pairs(read) do
+  if #r == 0 and not took[c] then index_head(name[c]) end  -- (a score below its head)
 end
 local out, held = {}, {}
 local sub, find = string.sub, string.find

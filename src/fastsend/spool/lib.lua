@@ -105,9 +105,59 @@ local function zadd_later(key, at, id)
   t[#t + 1] = due_score(at, id)
   t[#t + 1] = id
 end
+-- P:dueidx: the active campaigns with mail in their due set, each scored at
+-- most its due set's head (the claim reads only those due now, not every
+-- active campaign's set: claim.lua). Whatever adds to a due set lowers its
+-- campaign's score (ZADD LT); the claim sets it to the new head, or removes it,
+-- for the campaigns it takes from, and removes campaigns not active; a
+-- campaign set active is added at its head (status.lua). A score lower than the
+-- head only costs a look; a missing one would hold mail, so sweep_index()
+-- adds every active campaign's head every SWEEP_MS (sweep.lua: at the open of a
+-- spool made before the index, then from each node's renew(); mail a node of
+-- an older fastsend spools meanwhile waits at most that long).
 local function flush_zadd()
-  for key, t in pairs(zadd_t) do each_chunk('ZADD', key, t) end
+  local heads = {}
+  for key, t in pairs(zadd_t) do
+    each_chunk('ZADD', key, t)
+    local low = tonumber(t[1])
+    for i = 3, #t, 2 do
+      local v = tonumber(t[i])
+      if v < low then low = v end
+    end
+    heads[#heads + 1] = string.format('%.17g', low)
+    heads[#heads + 1] = string.sub(key, #P + 6)  -- (P..':due:'..cid)
+  end
+  if #heads > 0 then
+    for i = 1, #heads, 1000 do
+      redis.call('ZADD', P..':dueidx', 'LT', unpack(heads, i, math.min(i + 999, #heads)))
+    end
+  end
   zadd_t = {}
+end
+-- the campaign's index entry at its due set's head (none: out of the index)
+local function index_head(cid)
+  local h = redis.call('ZRANGE', P..':due:'..cid, 0, 0, 'WITHSCORES')
+  if h[2] then
+    redis.call('ZADD', P..':dueidx', h[2], cid)
+  else
+    redis.call('ZREM', P..':dueidx', cid)
+  end
+end
+local SWEEP_MS = 30000
+local function sweep_index()
+  if not redis.call('SET', P..':dueidx:swept', '1', 'NX', 'PX', SWEEP_MS) then return 0 end
+  local heads = {}
+  for _, cid in ipairs(redis.call('SMEMBERS', P..':active')) do
+    local h = redis.call('ZRANGE', P..':due:'..cid, 0, 0, 'WITHSCORES')
+    if h[2] then
+      heads[#heads + 1] = h[2]
+      heads[#heads + 1] = cid
+    end
+  end
+  for i = 1, #heads, 1000 do
+    redis.call('ZADD', P..':dueidx', 'LT', unpack(heads, i, math.min(i + 999, #heads)))
+  end
+  return 1
 end
 -- Pending messages handed back from a node: back to queued (or deferred, when
 -- attempted before), due at their next attempt time; a cancelled campaign's
@@ -276,9 +326,12 @@ end
 -- weights; nil: all 1), then a tenant's highest priority first, then by
 -- weight (see spool/fair.py)
 local function fair_shares(cands, limit, turn, tw)
-  table.sort(cands, function(x, y) return x[1] < y[1] end)
+  local ids, of = {}, {}  -- (by campaign id: a sort of numbers, no Lua comparator)
+  for i, c in ipairs(cands) do ids[i] = c[1]; of[c[1]] = c end
+  table.sort(ids)
   local by, order = {}, {}
-  for _, c in ipairs(cands) do
+  for _, id in ipairs(ids) do
+    local c = of[id]
     local t = by[c[2]]
     if t == nil then t = {}; by[c[2]] = t; order[#order + 1] = t end
     t[#t + 1] = c

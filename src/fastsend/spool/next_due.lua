@@ -1,14 +1,11 @@
 -- ARGV: P, node -> earliest due time of an active campaign's pending message, or
 -- the earliest lease deadline of another node holding messages in flight (they
 -- come back when it expires), as a string; nil when neither.
+-- (the index P:dueidx: lib.lua; a score in it is at most its campaign's head,
+-- so the answer is never later than the mail: at worst a claim finds nothing)
 local best = nil
-for _, cid in ipairs(redis.call('SMEMBERS', P..':active')) do
-  local r = redis.call('ZRANGE', P..':due:'..cid, 0, 0, 'WITHSCORES')
-  if r[2] then
-    local s = tonumber(r[2])
-    if best == nil or s < best then best = s end
-  end
-end
+local r = redis.call('ZRANGE', P..':dueidx', 0, 0, 'WITHSCORES')
+if r[2] then best = tonumber(r[2]) end
 local nodes = redis.call('ZRANGE', P..':nodes', 0, -1, 'WITHSCORES')
 for i = 1, #nodes, 2 do
   if nodes[i] ~= ARGV[2] and redis.call('SCARD', P..':fl:'..nodes[i]) > 0 then

@@ -6,7 +6,13 @@
 -- or later (too young: the sweep ends there) or at the last id's bucket (looked
 -- at, never passed: more ids will come in it); a bucket left with messages goes to P:prune:keep, to
 -- be looked at again by mode 'keep' (the buckets given) at later sweeps.
+-- A campaign's fingerprints of its addresses (P:fp:CID, its duplicates: as
+-- SQLite reads them from its rows) go with its last row: P:pruned counts the
+-- rows pruned per campaign; once they are all its rows (its counters' sum),
+-- the set is deleted (it had a fixed 30 days: a campaign taking chunks after
+-- a month took its old addresses again, and a set outlived rows kept longer).
 local before = tonumber(ARGV[2])
+local pruned = {}
 local final = {['3'] = true, ['4'] = true, ['5'] = true, ['6'] = true, ['7'] = true}
 local sub, match = string.sub, string.match
 -- (deleted, kept, young) of one bucket
@@ -30,6 +36,7 @@ local function prune_bucket(b)
       if final[v[1]] and tonumber(v[4]) < before and created < before then
         del[#del + 1] = id
         del[#del + 1] = f
+        pruned[v[5]] = (pruned[v[5]] or 0) + 1
       else
         kept = kept + 1
       end
@@ -37,6 +44,14 @@ local function prune_bucket(b)
   end
   if #del > 0 then each_chunk('HDEL', key, del) end
   return #del / 2, kept, young
+end
+local function forget_fps()
+  for cid, d in pairs(pruned) do
+    local gone = redis.call('HINCRBY', P..':pruned', cid, d)
+    local rows = 0
+    for _, v in ipairs(redis.call('HVALS', P..':n:'..cid)) do rows = rows + tonumber(v) end
+    if gone >= rows then redis.call('DEL', P..':fp:'..cid) end
+  end
 end
 local n = tonumber(ARGV[4])
 local deleted = 0
@@ -46,6 +61,7 @@ if ARGV[3] == 'keep' then
     deleted = deleted + d
     if kept == 0 then redis.call('ZREM', P..':prune:keep', ARGV[i]) end
   end
+  forget_fps()
   return {deleted, 1}
 end
 local nxt = tonumber(redis.call('HGET', P..':prune', 'next') or '0')
@@ -60,4 +76,5 @@ for _ = 1, n do
   nxt = nxt + 1
 end
 redis.call('HSET', P..':prune', 'next', nxt)
+forget_fps()
 return {deleted, more}

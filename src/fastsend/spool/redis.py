@@ -36,7 +36,10 @@ outcome of a whole batch is one HMGET and one HSET per bucket, not per message
 (bench/multinode.py counts well under one Redis command per message). ``P:layout``
 is the layout's version (a spool of another layout is refused). ``P:due:CID`` a sorted set per campaign of its pending
 (queued/deferred) ids scored by next attempt time (less 10 us per digit
-an id has fewer than 20, :func:`due_score`: ties come out by number); ``P:n:CID`` and ``P:n``
+an id has fewer than 20, :func:`due_score`: ties come out by number);
+``P:dueidx`` the active campaigns with mail in their due set, each scored at
+most its set's head (``lib.lua``: a claim reads only the campaigns due now;
+swept from ``P:active`` every 30 s, ``P:dueidx:swept``); ``P:n:CID`` and ``P:n``
 counters per state; ``P:nodes`` node -> lease deadline (ms, Redis server time:
 no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
 ``P:wh`` the webhook outbox (a sorted set of ``ID:JSON`` by id, ids from
@@ -167,18 +170,16 @@ _UNPEND = (
     " if v < 0 then redis.call('HSET', KEYS[1], 'pending', 0) end return v"
 )
 CHUNK = 2000  # ids per script call / pipeline for bulk work
-# A campaign's set of its addresses' fingerprints (P:fp:CID, its duplicates) expires
-# this long after its last rows: [spool] final_retention_days' default, when the
-# rows themselves are pruned.
-FP_TTL = 30 * 86400
 BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
-# The client's socket options unless the URL sets them (?socket_timeout=...): a
+# The client's socket options unless the URL sets them (?socket_timeout=...; a
+# unix:// socket takes the timeout alone): a
 # Redis that stops answering (paused, a host gone with its connections, a
 # partition dropping packets) is an outage after this long, not a node stuck
 # in a read for good (redis-py before 6 waits forever by default).
 SOCKET_OPTIONS: dict[str, Any] = {
     "socket_timeout": 5.0, "socket_connect_timeout": 5.0, "socket_keepalive": True,
 }  # fmt: skip
+SWEEP_MS = 30_000  # lib.lua SWEEP_MS: the index of campaigns with mail due is swept this often
 # The oldest Redis the spool runs on: SMISMEMBER (a campaign's duplicate
 # addresses, recorded_fps) came in 6.2; before, the first upload failed with
 # "unknown command" after the node had started.
@@ -198,10 +199,11 @@ LAYOUT = b"2"  # P:layout: the message layout above
 AHEAD_TTL = 0.5  # s: a claim sent ahead and answered later than this is put back
 # s: after a claim that found nothing due, this node's next claims within this
 # time answer "nothing" without running claim.lua (unless it spooled or handed
-# back mail, or set a status, meanwhile): the script reads every active
-# campaign's due set (2,000 campaigns: ~4 ms of Redis's one thread), and an
-# idle supervisor claims every tick (20 ms). Mail another node spools, or that
-# comes due by the clock, waits at most this long.
+# back mail, or set a status, meanwhile): an idle supervisor claims every tick
+# (20 ms), and each claim is a script call (before the index of campaigns with
+# mail due, it read every active campaign's due set: 2,000 campaigns ~4 ms of
+# Redis's one thread). Mail another node spools, or that comes due by the
+# clock, waits at most this long.
 QUIET_REUSE = 0.1
 
 class RedisSpoolError(SpoolError):
@@ -425,9 +427,10 @@ class RedisSpool(Spool):
             raise RedisSpoolError(f"bad lease or replicas in spool URL {redact_url(url)!r}")
         self.k = "{" + self.prefix + "}"
         # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
+        scheme = redis_url.partition(":")[0].lower()
         self.r: Any = redis.Redis.from_url(
-            redis_url, decode_responses=False, **SOCKET_OPTIONS,
-            **_client_options(redis_url.partition(":")[0].lower()),
+            redis_url, decode_responses=False, **_client_options(scheme),
+            **(SOCKET_OPTIONS if scheme != "unix" else {"socket_timeout": SOCKET_OPTIONS["socket_timeout"]}),
         )  # fmt: skip
         safe = redact_url(redis_url)
         try:
@@ -458,8 +461,10 @@ class RedisSpool(Spool):
                 )
             # P:epoch: a token made by the first process to open the spool; a spool
             # that lost its data (Redis back without it) has none, or another's.
-            if not readonly:
-                self.r.set(f"{self.k}:epoch", secrets.token_hex(8), nx=True)
+            if not readonly and self.r.set(f"{self.k}:epoch", secrets.token_hex(8), nx=True):
+                # a new spool: its index of campaigns with mail due (lib.lua) is
+                # whole from the start, swept first in SWEEP_MS like any other
+                self.r.set(f"{self.k}:dueidx:swept", b"1", px=SWEEP_MS)
             self._epoch = self.r.get(f"{self.k}:epoch")
         except OUTAGE_ERRORS as e:  # a replica (READONLY), its disk full (MISCONF), ...
             raise RedisTakesNoWrites(
@@ -481,6 +486,13 @@ class RedisSpool(Spool):
         self._idem = reg(_script("idem"))
         self._prune = reg(_script("prune"))
         self._untold_script = reg(_script("untold"))
+        self._sweep = reg(_script("sweep"))
+        self._swept = time.monotonic()
+        if not readonly:  # a spool made before the index: made whole now (lib.lua)
+            try:
+                self._sweep(args=[self.k])
+            except OUTAGE_ERRORS as e:
+                raise RedisTakesNoWrites(f"Redis at {safe!r} takes no writes now: {e}") from None
         self._untold_held = False  # P:untold:NODE may hold entries (told() drops them)
         self._untold_read: list[bytes] = []  # the entries untold() handed out
         self._keep_from: int | None = -1  # prune_final: the kept buckets first
@@ -728,14 +740,16 @@ class RedisSpool(Spool):
                 pipe.zadd(f"{k}:due:{cid}", dict.fromkeys(part, due_score(float(now), lo)))
             else:
                 pipe.zadd(f"{k}:due:{cid}", {i: due_score(float(now), len(str(i))) for i in part})
+        if due:  # the index of campaigns with mail due (lib.lua): at most its head
+            pipe.zadd(f"{k}:dueidx", {cid: due_score(float(now), len(str(due[0])))}, lt=True)
         for state_s, n in ((st, len(ids) - n_sup), (str(SUPPRESSED), n_sup)):
             if n:
                 pipe.hincrby(f"{k}:n:{cid}", state_s, n)
                 pipe.hincrby(f"{k}:n", state_s, n)
         for j in range(0, len(members), CHUNK):
             pipe.sadd(fkey, *members[j : j + CHUNK])
-        if members:  # (kept while the campaign takes rows; never left behind for good)
-            pipe.expire(fkey, FP_TTL)
+        if members:  # (kept while the campaign has rows: prune.lua deletes it with the last)
+            pipe.persist(fkey)
         if idem is not None:
             pipe.hset(ikey, f"p{idem.part}", orjson.dumps(idem_part(cid, ids)))
         if ingest is not None:
@@ -794,28 +808,50 @@ class RedisSpool(Spool):
 
     def _wait_durable(self) -> None:
         """Block until the last writes are as durable as Redis is configured to make them."""
+        wait_ms = self._wait_ms()
         if self._waitaof is None:
-            info = self.r.info("persistence")
-            aof = bool(int(info.get("aof_enabled", 0)))
-            self._waitaof = aof
-            self.durability = "aof" if aof else "memory (no AOF)"
+            try:
+                info = self.r.info("persistence")
+            except redis.exceptions.NoPermissionError:
+                # an ACL user without INFO (-@dangerous): WAITAOF says (before, every
+                # write of such a user failed after it was made: nothing accepted)
+                self._waitaof = True
+                self.durability = "unknown (INFO refused to this user)"
+            else:
+                aof = bool(int(info.get("aof_enabled", 0)))
+                self._waitaof = aof
+                self.durability = "aof" if aof else "memory (no AOF)"
         if self._waitaof:
             try:
-                local, reps = self.r.execute_command("WAITAOF", 1, self.replicas, 10_000)
+                local, reps = self.r.execute_command("WAITAOF", 1, self.replicas, wait_ms)
             except redis.ResponseError as e:
-                if "unknown command" not in str(e).lower():
+                text = str(e).lower()
+                if not (isinstance(e, redis.exceptions.NoPermissionError)
+                        or "unknown command" in text or "appendonly is disabled" in text):  # fmt: skip
                     raise
                 # Redis < 7.2: with appendfsync always the reply already meant fsynced.
                 self._waitaof = False
-                self.durability = "aof (fsync per appendfsync; no WAITAOF before Redis 7.2)"
+                if "appendonly is disabled" in text:
+                    self.durability = "memory (no AOF)"
+                elif not self.durability.startswith("unknown"):
+                    self.durability = "aof (fsync per appendfsync; no WAITAOF before Redis 7.2)"
             else:
                 if int(local) < 1 or int(reps) < self.replicas:
-                    raise RedisSpoolError("the write was not fsynced within 10 s (WAITAOF)")
+                    raise RedisSpoolError(
+                        f"the write was not fsynced within {wait_ms / 1000:g} s (WAITAOF)"
+                    )
                 return
         if self.replicas:
-            got = int(self.r.execute_command("WAIT", self.replicas, 10_000))
+            got = int(self.r.execute_command("WAIT", self.replicas, wait_ms))
             if got < self.replicas:
                 raise RedisSpoolError(f"only {got} of {self.replicas} replicas acknowledged")
+
+    def _wait_ms(self) -> int:
+        """How long WAITAOF / WAIT may wait: 10 s, and 1 s less than the client's
+        socket timeout (a wait longer than it ended as a timeout of the
+        connection, an outage, after Redis had the write)."""
+        t = self.r.connection_pool.connection_kwargs.get("socket_timeout")
+        return int(max(0.5, min(10.0, float(t) - 1.0 if t else 10.0)) * 1000)
 
     def claim_due(self, now: float, limit: int) -> list[Claimed]:
         if limit <= 0 or self._is_quiet(now):
@@ -1220,6 +1256,10 @@ class RedisSpool(Spool):
         ingest jobs it reads (cheap: at most ~4 calls a lease)."""
         if self._ingests:
             self._renew_ingests()
+        if time.monotonic() - self._swept >= SWEEP_MS / 1000:
+            self._swept = time.monotonic()  # (the first node to ask in SWEEP_MS sweeps)
+            if self._sweep(args=[self.k]):
+                self._due_gen += 1  # (mail it found may be due: claim again)
         if self._name_tag is not None and time.monotonic() - self._name_renewed >= self.lease / 4:
             self._name_renewed = time.monotonic()
             self._renew_name()
