@@ -7,6 +7,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import ServeProcess, free_port
 
 
@@ -48,3 +50,133 @@ def test_a_sigterm_once_the_api_port_answers_drains_and_exits_0(tmp_path: Path) 
         s.stop()
     out = "".join(s.lines)
     assert "draining" in out and "ready in" in out, out
+
+
+def test_a_spool_locked_by_another_process_is_try_again_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool whose database another process holds locked past the lock wait
+    (another command's long transaction, a sqlite3 shell left in BEGIN) made
+    every command exit 2, "a usage or config error", with "cannot be opened:
+    database is locked"; it is "not now, try again later": 75 (README), said so."""
+    import sqlite3
+
+    from fastsend import sqlitedb
+    from fastsend.spool import SpoolError
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    SQLiteSpool(str(tmp_path / "spool")).close()
+    monkeypatch.setattr(sqlitedb, "TIMEOUT", 0.2)  # (30 s in earnest)
+    other = sqlite3.connect(tmp_path / "spool" / "spool.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE meta SET value=value")
+        with pytest.raises(SpoolError) as e:
+            SQLiteSpool(str(tmp_path / "spool"))
+        assert e.value.exit_status == 75, e.value
+        assert "locked by another process" in str(e.value) and "try again" in str(e.value)
+        other.execute("ROLLBACK")
+        SQLiteSpool(str(tmp_path / "spool")).close()  # (free again: it opens)
+    finally:
+        other.close()
+
+
+def test_a_noted_campaign_neither_completed_nor_abandoned_is_completed_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /v1/campaigns (no Idempotency-Key): every row in, the campaign's note
+    written (held.jsonl: the creation's commit point), then the spool refused to
+    make it active and refused to abandon it too (Redis at maxmemory). The answer
+    was an error (507), the campaign stayed staging, and the next start's replay
+    of the note made it active: mail sent that the client was told was refused
+    (and sent twice with its retry). Now a note that stands is a creation
+    complete: the answer is 201 and serve's tick makes the campaign active once
+    the spool takes writes again, without a restart; sent once."""
+    import threading
+
+    import redis as redis_lib
+    from tests._serve_helpers import Served
+    from tests.test_multinode_outage import Redis
+
+    from fastsend.sink import SinkThread
+
+    server = Redis(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    server.start()
+    admin = redis_lib.Redis(port=server.port, socket_timeout=10)
+    url = f"redis://127.0.0.1:{server.port}/0?prefix=noted&node=n1"
+    tpl = {"from": "a@evil.example", "subject": "Hi {{ name }}", "text": "Dear {{ name }}"}
+    rows = [{"email": f"r{i}@example.org", "name": f"R{i}"} for i in range(5)]
+    try:
+        with SinkThread(keep_messages=True) as sink:
+            monkeypatch.setenv("FASTSEND_TEST_FAULT", "idem-stop-after-note")
+            s = Served(tmp_path, f"127.0.0.1:{sink.port}", spool_url=url,
+                       serve_args=("--allow-volatile",))  # fmt: skip
+            monkeypatch.delenv("FASTSEND_TEST_FAULT")
+            try:
+                got: list[tuple[int, object]] = []
+                t = threading.Thread(target=lambda: got.append(s.req(
+                    "POST", "/v1/campaigns", {"name": "n", "template": tpl, "recipients": rows})))
+                t.start()
+                deadline = time.monotonic() + 60
+                while not _frozen(s.proc.pid):  # noted, before it leaves staging
+                    assert s.proc.poll() is None and time.monotonic() < deadline, s.lines
+                    time.sleep(0.02)
+                admin.config_set("maxmemory-policy", "noeviction")
+                admin.config_set("maxmemory", 1)  # every write refused (OOM)
+                s.proc.send_signal(signal.SIGCONT)
+                t.join(60)
+                assert got, "no answer"
+                st, body = got[0]
+                assert st == 201, (st, body)
+                admin.config_set("maxmemory", 0)
+                deadline = time.monotonic() + 60
+                while len(sink.messages) < 5:
+                    assert time.monotonic() < deadline, (len(sink.messages), "".join(s.lines))
+                    time.sleep(0.05)
+                st, listed = s.req("GET", "/v1/campaigns")
+                assert [c["status"] for c in listed["campaigns"]] == ["active"], listed
+                assert s.stop() == 0
+                s.start()  # the note was told: nothing made anew at the start
+                st, listed = s.req("GET", "/v1/campaigns")
+                assert [c["status"] for c in listed["campaigns"]] == ["active"], listed
+            finally:
+                s.stop()
+        assert sorted(r for m in sink.messages for r in m.recipients) == sorted(
+            r["email"] for r in rows)
+    finally:
+        admin.close()
+        server.stop()
+
+
+def test_a_campaigns_status_change_is_committed_for_a_power_loss(tmp_path: Path) -> None:
+    """A cancel (API, CLI), a pause, a new campaign made active are answered done:
+    their commit ran at synchronous=NORMAL (WAL: on disk at the next checkpoint
+    or FULL commit), so a power loss right after a 200 to a cancel could undo it
+    and the campaign was sent on. Each status change now commits at FULL (the
+    statements SQLite ran, traced: the level is FULL when its COMMIT runs)."""
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    spool = SQLiteSpool(str(tmp_path / "spool"))
+    try:
+        cid = spool.create_campaign({"from": "a@example.com", "subject": "s", "text": "t"})
+        ran: list[str] = []
+        levels: list[int] = []
+        db = spool.db
+
+        def trace(sql: str) -> None:
+            ran.append(sql)
+
+        db.set_trace_callback(trace)
+        for status in ("paused", "active", "cancelled"):
+            ran.clear()
+            spool.set_campaign_status(cid, status)
+            update = next(i for i, q in enumerate(ran) if q.startswith("UPDATE campaigns"))
+            commit = next(i for i, q in enumerate(ran) if q == "COMMIT" and i > update)
+            sets = [q for q in ran[:commit] if q.upper().startswith("PRAGMA SYNCHRONOUS=")]
+            levels.append(2 if sets and sets[-1].upper().endswith(("FULL", "=2")) else 1)
+        assert levels == [2, 2, 2], ran
+        db.set_trace_callback(None)
+        assert int(db.execute("PRAGMA synchronous").fetchone()[0]) == 1  # NORMAL again
+    finally:
+        spool.close()

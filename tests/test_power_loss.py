@@ -206,3 +206,31 @@ def test_the_installation_secret_survives_a_power_loss(tmp_path: Path,
     pl = PowerLoss(spool_dir, monkeypatch)
     key = load_secret(Config(spool_dir=str(spool_dir)))
     assert pl.view(spool_dir / "secret.key") == key
+
+
+def test_a_new_spools_directory_and_its_first_upload_survive_a_power_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool directory a first command makes (``fastsend send --spool new``,
+    serve's ``[spool] dir``) and the uploads directory the first uploaded list is
+    saved in were made with ``os.makedirs``, their names never fsynced in their
+    parents: a power loss lost the directory, with the mail accepted into it and
+    the list answered 202. Now each directory made is fsynced into its parent."""
+    import asyncio
+    from typing import cast
+
+    from fastsend.serve.uploads import Uploads
+
+    pl = PowerLoss(tmp_path, monkeypatch)
+    spool = SQLiteSpool(str(tmp_path / "new" / "spool"))
+    spool.close()
+    assert pl.view(tmp_path / "new") is not None, "the new spool's parent was lost"
+    assert pl.view(tmp_path / "new" / "spool") is not None, "the new spool was lost"
+
+    async def body() -> Any:
+        yield b"email\na@example.org\n"
+
+    up = Uploads(cast(Any, None), str(tmp_path / "new" / "spool"))
+    saved = asyncio.run(up.save(body(), ".csv", 1 << 20))
+    assert pl.view(tmp_path / "new" / "spool" / "uploads") is not None, "uploads/ was lost"
+    assert pl.view(saved.path) == b"email\na@example.org\n"

@@ -7,8 +7,9 @@ not make its name durable, fsyncing the directory does (fsync(2), "Calling
 fsync() does not necessarily ensure that the entry in the directory containing
 the file has also reached disk"); the same holds for ``rename``/``link``. The
 journals that promise something after an answer (``serve/dsn.py``'s
-``dsn.journal``, ``serve/idempotency.py``'s ``held.jsonl``) and the installation
-secret (``msgid.load_secret``) go through these.
+``dsn.journal``, ``serve/idempotency.py``'s ``held.jsonl``), the installation
+secret (``msgid.load_secret``) and the directories a spool's files are made in
+(``sqlitedb.connect``, uploads, serve's spool directory) go through these.
 """
 
 from __future__ import annotations
@@ -24,6 +25,25 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def makedirs(path: str, mode: int = 0o777) -> None:
+    """``os.makedirs(path, mode, exist_ok=True)``, each directory it creates made
+    durable in its parent (a spool directory made by its first command: the
+    mail accepted into it lost with its name at a power loss)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        makedirs(parent)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if os.path.isdir(path):
+            return
+        raise
+    fsync_dir(parent)
 
 
 def open_append(path: str, mode: int = 0o600) -> int:

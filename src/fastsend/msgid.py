@@ -145,7 +145,7 @@ def load_secret(config: Config) -> bytes:
             return data
     except FileNotFoundError:
         pass
-    os.makedirs(config.spool_dir, exist_ok=True)
+    durable.makedirs(config.spool_dir)
     key = secrets.token_hex(32).encode()
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -32,6 +32,8 @@ import os
 import sqlite3
 from collections.abc import Iterator
 
+from fastsend import durable
+
 __all__ = ["TIMEOUT", "connect", "transaction"]
 
 TIMEOUT = 30.0  # seconds waiting for another process's lock
@@ -53,7 +55,7 @@ def connect(
         return sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=TIMEOUT
         )
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    durable.makedirs(os.path.dirname(os.path.abspath(path)))  # (a new spool: its name durable)
     db = sqlite3.connect(
         path, isolation_level=None, timeout=TIMEOUT, check_same_thread=not threads
     )

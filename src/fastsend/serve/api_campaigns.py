@@ -418,6 +418,7 @@ async def create_campaign(request: web.Request) -> web.Response:
         )
         fault("after-campaign")
     WORKING.add(cid)  # (this node's sweep leaves it staging while the request runs)
+    committed = False  # noted, then neither completed nor abandoned: finish_noted's
     try:
         info = spool.get_campaign(cid)
         # Its rows' events wait until it is the tenant's: a create that fails (and
@@ -441,38 +442,78 @@ async def create_campaign(request: web.Request) -> web.Response:
             if held is not None:
                 # Noted (fsynced) first, the campaign's commit point: a kill from here
                 # on, the next start makes it `status` and tells what the index lacks.
-                noted = request.app[HELD_JOURNAL].note(held, cid, status)
-                fault("after-note")
-                # Told while still staging (nothing claimed before its "accepted"), a
-                # part at a time with the loop free between parts (300,000 rows'
-                # events and their index held it 3 s).
-                await held.tell(api.ctx, api.index)
-            spool.set_campaign_status(cid, status)
-            if held is not None:
-                request.app[HELD_JOURNAL].told(noted)
+                journal = request.app[HELD_JOURNAL]
+                noted = journal.note(held, cid, status)
+                try:
+                    fault("after-note")
+                    # Told while still staging (nothing claimed before its "accepted"),
+                    # a part at a time with the loop free between parts (300,000 rows'
+                    # events and their index held it 3 s).
+                    await held.tell(api.ctx, api.index)
+                    spool.set_campaign_status(cid, status)
+                except BaseException as e:
+                    if run is None and _abandon(api, cid):
+                        raise  # (abandoned: the note is void, its replay skips it)
+                    # Neither complete nor abandoned (the spool refused both, or a key's
+                    # retry is to continue it): the note stands, so it is complete, as
+                    # the next start would make it; before, the answer was an error
+                    # (507/503) and the next start sent it anyway, twice with the
+                    # client's retry. serve's tick finishes it (finish_noted).
+                    journal.finish_later(noted)
+                    committed = True
+                    log.error("campaign %s: its rows are in but it could not be made %s"
+                              " (%s); done once the spool takes it", cid, status, e)  # fmt: skip
+                    if not isinstance(e, Exception):
+                        raise
+                    return resp
+                journal.told(noted)
+            else:
+                spool.set_campaign_status(cid, status)
             if not body.paused and api.ctx.supervisor is not None:
                 api.ctx.supervisor.wake.set()
     except BaseException:
-        if run is None:  # (under a key the campaign waits for the retry to continue it)
+        if run is None and not committed:  # (under a key the retry continues it)
             _abandon(api, cid)
         raise
     finally:
-        WORKING.discard(cid)
+        if not committed:  # (else WORKING until finish_noted has made it `status`)
+            WORKING.discard(cid)
     return resp
 
 
 WORKING: set[int] = set()  # staging campaigns a request of this process is completing
 
 
-def _abandon(api: Any, cid: int) -> None:
+def _abandon(api: Any, cid: int) -> bool:
     """A staging campaign whose request failed: abandoned (its rows end cancelled,
     never sent, the campaign never shown). On a storage that refuses even this, it
-    stays staging, as unseen and unsent, and :func:`sweep_staging` abandons it."""
+    stays staging, as unseen and unsent, and :func:`sweep_staging` abandons it
+    (unless it was noted: see create_campaign). Whether it is abandoned now."""
     try:
         api.ctx.spool.set_campaign_status(cid, ABANDONED)
     except Exception as e:
         log.warning("campaign %s left staging after a failed request (%s): abandoned"
                     " later", cid, e)  # fmt: skip
+        return False
+    return True
+
+
+def finish_noted(app: web.Application) -> int:
+    """serve's tick: the campaigns whose creation was noted and that their request
+    could neither complete nor abandon made their status now (their events told);
+    how many. Raises the spool's outage errors (tried again at the next tick)."""
+    journal = app.get(HELD_JOURNAL)
+    if journal is None or not journal.unfinished:
+        return 0
+    api = app[API_KEY]
+    done = journal.complete(api.ctx, api.index)
+    for cid in done:
+        WORKING.discard(cid)
+        log.warning("campaign %s is complete now (its creation's request had failed to"
+                    " make it so)", cid)  # fmt: skip
+    if done and api.ctx.supervisor is not None:
+        api.ctx.supervisor.wake.set()
+    return len(done)
 
 
 STAGING_MAX_AGE = 3600.0  # s: a staging campaign older than this is abandoned

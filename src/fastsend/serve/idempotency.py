@@ -51,12 +51,15 @@ it is committed, before its events), ``idem-fail-after-part:N`` (an exception
 there: a 500), ``idem-fail-after-campaign`` / ``idem-fail-after-job`` (an
 exception once a new campaign / an upload's list job is written),
 ``idem-kill-before-answer`` (kill -9 after the handler, before its answer is
-stored), ``idem-slow-before-answer:S`` (wait S seconds there).
+stored), ``idem-slow-before-answer:S`` (wait S seconds there),
+``idem-stop-after-note`` (SIGSTOP once a new campaign's note is written: the test
+changes the world, then SIGCONT).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -110,6 +113,8 @@ def fault(point: str, n: int = 0) -> float:
         os.kill(os.getpid(), signal.SIGKILL)
     if name == f"idem-fail-{point}" and (not arg or int(arg) == n):
         raise RuntimeError(f"test fault {_FAULT}")
+    if name == f"idem-stop-{point}" and (not arg or int(arg) == n):
+        os.kill(os.getpid(), signal.SIGSTOP)  # (frozen until the test's SIGCONT)
     if name == f"idem-slow-{point}":
         return float(arg)
     return 0.0
@@ -334,18 +339,48 @@ class HeldJournal:
     def __init__(self, spool_dir: str) -> None:
         self.path = os.path.join(spool_dir, self.NAME)
         self.seq = 0
+        self.noted: dict[int, dict[str, Any]] = {}  # notes not yet told, by number
+        # Notes whose request could neither complete nor abandon their campaign
+        # (the spool refused both): :meth:`complete` finishes them.
+        self.unfinished: dict[int, dict[str, Any]] = {}
 
     def note(self, held: Held, campaign: int, status: str) -> int:
         """Record ``held``'s rows and ``campaign``'s coming ``status`` durably; the
         number :meth:`told` takes."""
         self.seq += 1
         parts = [[cid, _runs(ids)] for cid, ids in held.ids()]
-        self._append({"n": self.seq, "campaign": campaign, "status": status,
-                      "parts": parts}, sync=True)  # fmt: skip
+        rec = {"n": self.seq, "campaign": campaign, "status": status, "parts": parts}
+        self._append(rec, sync=True)
+        self.noted[self.seq] = rec
         return self.seq
 
     def told(self, n: int) -> None:
-        self._append({"told": n}, sync=False)  # lost: told again, the index filters it
+        self.noted.pop(n, None)
+        self.unfinished.pop(n, None)
+        try:
+            self._append({"told": n}, sync=False)  # lost: told again, the index filters it
+        except OSError as e:  # (a full disk): the campaign is complete all the same
+            log.warning("%s: %s cannot be written (%s): its events may be told again at"
+                        " the next start", HEADER, self.path, e)  # fmt: skip
+
+    def finish_later(self, n: int) -> None:
+        """Note ``n`` stands (the creation's commit point) though its request could
+        neither complete its campaign nor abandon it: :meth:`complete` (serve's
+        tick) finishes it, as the next start would."""
+        rec = self.noted.get(n)
+        if rec is not None:
+            self.unfinished[n] = rec
+
+    def complete(self, ctx: ServeContext, index: Any) -> list[int]:
+        """Finish the notes :meth:`finish_later` left (their campaign's status, the
+        events the index lacks); returns their campaigns. Raises the spool's outage
+        errors (tried again at the next call)."""
+        done: list[int] = []
+        for n, rec in list(self.unfinished.items()):
+            self._finish(ctx, index, rec)
+            self.told(n)
+            done.append(int(rec["campaign"]))
+        return done
 
     def _append(self, rec: dict[str, Any], *, sync: bool) -> None:
         # (a new journal's name made durable too: a power loss after the fsynced
@@ -353,11 +388,36 @@ class HeldJournal:
         # answered 201 stayed staging until the sweep abandoned it, never sent)
         fd = durable.open_append(self.path)
         try:
-            os.write(fd, orjson.dumps(rec) + b"\n")
-            if sync:
-                os.fsync(fd)
+            end = os.fstat(fd).st_size
+            try:
+                os.write(fd, orjson.dumps(rec) + b"\n")
+                if sync:
+                    os.fsync(fd)
+            except OSError:
+                # Nothing of a failed note may stay: a line written but not synced
+                # would still be replayed (a campaign its request gave up on made
+                # active), a line cut short (a full disk) would swallow the next.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _finish(ctx: ServeContext, index: Any, rec: dict[str, Any]) -> int:
+        """A note's campaign given its status if still staging, and its rows'
+        events the index lacks told; the rows told."""
+        made = ctx.spool.get_campaign(rec["campaign"])
+        if made is not None and made.status == STAGING:  # complete: its status now
+            ctx.spool.set_campaign_status(made.id, rec["status"])
+        n = 0
+        for cid, runs in rec["parts"]:
+            info = ctx.spool.get_campaign(cid)
+            if info is None or info.status in (STAGING, ABANDONED):
+                continue  # never the tenant's: nothing to tell
+            ids = [i for a, b in runs for i in range(a, b + 1)]
+            n += ctx.acceptor.retell(cid, ids, "a campaign's creation", index)
+        return n
 
     def replay(self, ctx: ServeContext, index: Any) -> int:
         """At start: tell what a killed process noted and did not tell (only what
@@ -379,15 +439,7 @@ class HeldJournal:
                 noted[rec["n"]] = rec
         n = 0
         for rec in noted.values():
-            made = ctx.spool.get_campaign(rec["campaign"])
-            if made is not None and made.status == STAGING:  # complete: its status now
-                ctx.spool.set_campaign_status(made.id, rec["status"])
-            for cid, runs in rec["parts"]:
-                info = ctx.spool.get_campaign(cid)
-                if info is None or info.status in (STAGING, ABANDONED):
-                    continue  # never the tenant's: nothing to tell
-                ids = [i for a, b in runs for i in range(a, b + 1)]
-                n += ctx.acceptor.retell(cid, ids, "a campaign's creation", index)
+            n += self._finish(ctx, index, rec)
         if index is not None and n:
             index.flush()
         os.unlink(self.path)

@@ -54,6 +54,7 @@ import sys
 import time
 from typing import Any
 
+from fastsend import durable
 from fastsend.config import Config, ConfigError, load
 from fastsend.faults import FAULT, countdown
 from fastsend.periodic import every
@@ -133,7 +134,7 @@ def secure_spool(spool_dir: str) -> None:
     secrets, logs), whatever umask created them: tenants' mail and the installation
     secret are for the server's user only. (Files created from now on get 0600 from
     the umask that ``fastsend.cli`` sets.)"""
-    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    durable.makedirs(spool_dir, mode=0o700)
     os.chmod(spool_dir, 0o700)
     with os.scandir(spool_dir) as it:
         for e in it:
@@ -195,6 +196,7 @@ class Server:
         self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
         self.caps: list[Any] = []  # fastsend.serve.httpguard.ConnectionCap per HTTP listener
         self.webhooks: Any = None  # fastsend.serve.webhooks.WebhookDispatcher once started
+        self.app: Any = None  # the aiohttp application (the API's), once made
 
     async def main(self) -> int:
         from aiohttp import web
@@ -255,7 +257,7 @@ class Server:
         ctx.supervisor = metrics.sup = sup
         if ctx.shared is not None and sup is not None:
             ctx.shared.rest_ip = sup.rest_ip  # an IP another node took meanwhile
-        app = make_app(ctx, settings)
+        app = self.app = make_app(ctx, settings)
         self.api = app[API_KEY]
         self.api.metrics = metrics
         if sup is not None:
@@ -489,6 +491,10 @@ class Server:
     def _tick_steps(self) -> None:
         if self.notices is not None and (self.notices.pending or self.notices.owed):
             self.notices.flush()
+        if self.app is not None:  # new campaigns noted whose request could not finish them
+            from fastsend.serve.api_campaigns import finish_noted
+
+            finish_noted(self.app)
         self.api.index.maybe_flush()
         self._flush_events()
         self.charts.tick()  # rollups flushed about once a second, queue gauges

@@ -42,7 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
-from fastsend import recipients
+from fastsend import durable, recipients
 from fastsend.accept import Acceptor, row_checks, rows_left, source_problem
 from fastsend.message import Campaign
 from fastsend.spool import IngestBusy, IngestJob, IngestLost, IngestMark, Spool
@@ -117,14 +117,6 @@ def scan(path: str, camp: Campaign, keep: int, dedup: bool = False,
     return out
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Uploads:
     """The uploaded lists of one serving process (see the module docstring)."""
 
@@ -145,7 +137,7 @@ class Uploads:
         """Stream a request body to a new file in the uploads directory, durably;
         returns its path and SHA-256. UploadTooLarge past ``limit`` bytes (nothing
         kept)."""
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        durable.makedirs(self.dir, mode=0o700)  # (its name too: the first upload)
         fd, path = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=self.dir)
         digest = hashlib.sha256()
         try:
@@ -159,7 +151,7 @@ class Uploads:
                     digest.update(block)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(self.dir)  # the name too, before a job refers to it
+            durable.fsync_dir(self.dir)  # the name too, before a job refers to it
         except BaseException:
             self.discard(path)
             raise

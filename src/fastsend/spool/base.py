@@ -73,6 +73,13 @@ class SpoolError(Exception):
     exit_status = 2
 
 
+class SpoolLocked(SpoolError):
+    """A local spool another process holds locked past the lock wait (a long
+    transaction of another command, a stuck sqlite3 shell): try again later."""
+
+    exit_status = 75
+
+
 class SpoolStorageError(SpoolError):
     """A local spool's storage refused a write (a full disk, a read-only file
     system, an I/O error): nothing of that write was kept. An outage of the

@@ -49,6 +49,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from fastsend import sqlitedb
 from fastsend._accel import pick
 from fastsend.spool.base import (
     _LOCKS,
@@ -82,6 +83,7 @@ from fastsend.spool.base import (
     Spool,
     SpoolBusy,
     SpoolError,
+    SpoolLocked,
     SpoolStorageError,
     TakenBack,
     Untold,
@@ -638,6 +640,14 @@ class SQLiteSpool(Spool):
                 # it is read as immutable (no -shm to create).
                 self._open_immutable()
                 return
+            code = getattr(e, "sqlite_errorcode", 0) or 0
+            if problem is None and code & 0xFF in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+                # Another process holds its write lock past the lock wait: not
+                # now, try again (75); it was exit 2, "a usage or config error".
+                raise SpoolLocked(
+                    f"the spool at {directory!r} is locked by another process"
+                    f" (waited {sqlitedb.TIMEOUT:.0f} s: {e}); try again later"
+                ) from e
             raise SpoolError(
                 f"the spool at {directory!r} {problem or 'cannot be opened'} ({e})"
                 if problem
@@ -655,7 +665,7 @@ class SQLiteSpool(Spool):
             self.db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
             )
-        self.db.execute("PRAGMA busy_timeout=30000")
+        self.db.execute(f"PRAGMA busy_timeout={int(sqlitedb.TIMEOUT * 1000)}")
         self.db.execute("PRAGMA cache_size=-16384")
         if not readonly:
             self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
@@ -770,7 +780,10 @@ class SQLiteSpool(Spool):
             raise ValueError(f"bad campaign status {status!r}")
         self._due_gen += 1  # (a campaign resumed: its mail is due)
         db = self.db
-        with transaction(db):
+        # FULL: answered done (an API or CLI cancel, pause, a new campaign made
+        # active), so on disk first; at NORMAL a power loss could undo a cancel
+        # and send what the operator had stopped. (Rare: one fsync each.)
+        with transaction(db, synchronous="FULL"):
             db.execute(
                 "UPDATE campaigns SET status=?, reason=? WHERE id=?",
                 (status, str(reason), campaign_id),
