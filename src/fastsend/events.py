@@ -222,6 +222,12 @@ class EventLog:
         # The last flush could not write (a full disk): what it held waits in _buf.
         # The intake refuses new mail until a flush writes again (Acceptor.accept).
         self.failing = False
+        # Events that may be lost (opens, clicks: emit_optional) taken into _buf while
+        # the log is failing, and those dropped over its caps (counted for /metrics).
+        self.optional_held = 0
+        self.optional_bytes = 0
+        self.dropped = 0
+        self.dropping = False
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -240,6 +246,30 @@ class EventLog:
 
     def emit(self, event: dict[str, Any]) -> None:
         self.emit_many([event])
+
+    def emit_optional(self, event: dict[str, Any], max_events: int, max_bytes: int) -> bool:
+        """:meth:`emit` an event the server can do without (an open, a click): while the
+        log cannot be written (``failing``: a full disk), at most ``max_events`` of them
+        and ``max_bytes`` of their lines wait in memory for the next write; past either
+        cap the event is dropped (``dropped`` counts it: not in the log, nor told to the
+        listeners, whose own stores are on that disk too) and False returned. Before, a
+        recipients' flood of opens grew the buffer (and the index's and outbox's rows)
+        without bound for as long as the disk stayed full."""
+        if self.failing and (self.optional_held >= max_events or self.optional_bytes >= max_bytes):
+            if not self.dropping:  # said once per outage
+                self.dropping = True
+                logging.getLogger("fastsend.events").warning(
+                    "the event log cannot be written and %d opens/clicks (%d bytes) wait for"
+                    " it: more are dropped (counted) until it can", self.optional_held,
+                    self.optional_bytes)  # fmt: skip
+            self.dropped += 1
+            return False
+        before = self.pos
+        self.emit_many([event])
+        if self.failing:
+            self.optional_held += 1
+            self.optional_bytes += self.pos - before
+        return True
 
     def emit_rows(self, parts: list[Any]) -> None:
         """Event dicts and :class:`Rows` batches, in order: to the log, then to
@@ -364,6 +394,8 @@ class EventLog:
                     raise
                 view = view[n:]
             self.failing = False
+            self.optional_held = self.optional_bytes = 0
+            self.dropping = False
             size = os.fstat(self._fd).st_size
             if size < self.pos:
                 # Truncated in place since the last write (logrotate's copytruncate;

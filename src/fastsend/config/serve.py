@@ -306,6 +306,11 @@ class TrackingSettings(Section):
     # every node of a shared spool; more are answered (pixel, redirect), not
     # recorded: a replayed link cannot fill the event log, index and webhooks. 0: all.
     link_events_per_hour: NonNegInt = 20
+    # Opens/clicks kept in memory while the event log cannot be written (a full
+    # disk), by count and by the bytes of their lines; more are dropped, counted
+    # (/metrics fastsend_tracking_events_dropped_total): the endpoint never waits.
+    held_events: PosInt = 100_000
+    held_bytes: PosInt = 32 << 20
 
     def __post_init__(self) -> None:
         # Links carry an HMAC of this: a short one is guessed offline from one link

@@ -231,6 +231,9 @@ class ServeContext:
         self.dmarc = dmarc
         # fastsend.analytics.feeds.Feeds, with [reputation.feeds]
         self.feeds = feeds
+        # Opens and clicks answered but not recorded, one link over [tracking]
+        # link_events_per_hour (serve.tracking sets it; /metrics reads it).
+        self.tracking_unrecorded = 0
         self.acceptor = Acceptor(spool, events, suppression, wake=self._wake)
         # Recipient lists uploaded through the API, as durable ingest jobs.
         self.uploads = Uploads(self.acceptor, config.spool_dir)
@@ -360,6 +363,14 @@ class ServeContext:
         """One event to the log and its listeners (index, webhooks)."""
         event.setdefault("time", time.time())
         self.events.emit(event)
+
+    def emit_optional(self, event: dict[str, Any]) -> bool:
+        """An open or click: :meth:`emit`, unless the event log cannot be written and
+        ``[tracking] held_events`` / ``held_bytes`` of them already wait for it (then
+        dropped and counted: ``EventLog.emit_optional``)."""
+        event.setdefault("time", time.time())
+        t = self.config.tracking
+        return self.events.emit_optional(event, t.held_events, t.held_bytes)
 
     def close(self, release: bool = True) -> None:
         """release=False: the spool is known to be out of reach: it is not

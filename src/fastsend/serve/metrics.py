@@ -410,6 +410,17 @@ class Metrics:
                 "# TYPE fastsend_spool_up gauge",
                 f"fastsend_spool_up {int(self.spool_up)}"]  # fmt: skip
         out += self.spool_lines()
+        out += [
+            "# HELP fastsend_tracking_events_unrecorded_total Opens and clicks answered but"
+            " not recorded: their link already recorded [tracking] link_events_per_hour.",
+            "# TYPE fastsend_tracking_events_unrecorded_total counter",
+            f"fastsend_tracking_events_unrecorded_total {getattr(self.ctx, 'tracking_unrecorded', 0)}",
+            "# HELP fastsend_tracking_events_dropped_total Opens and clicks answered but"
+            " dropped: the event log could not be written and [tracking] held_events or"
+            " held_bytes of them already waited in memory.",
+            "# TYPE fastsend_tracking_events_dropped_total counter",
+            f"fastsend_tracking_events_dropped_total {self.ctx.events.dropped}",
+        ]
         out += self.webhook_lines()
         out += self.blocklist_lines()
         if self.redelivered is not None:

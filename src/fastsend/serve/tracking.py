@@ -141,6 +141,7 @@ class _Tracking:
                             " counting on this node alone for 10 s", e)  # fmt: skip
         if not ok:
             self.held += 1
+            self.ctx.tracking_unrecorded = self.held
         return ok
 
     # -- helpers --------------------------------------------------------------
@@ -253,7 +254,7 @@ class _Tracking:
         if not self._record(request):
             pass  # answered as always, not recorded again
         elif request.method == "GET":
-            self.ctx.emit(self._event("opened", mid, rcpt, request))
+            self.ctx.emit_optional(self._event("opened", mid, rcpt, request))
         else:
             self._head(self._event("opened", mid, rcpt, request))
         return web.Response(
@@ -273,7 +274,7 @@ class _Tracking:
             ev = self._event("clicked", mid, rcpt, request)
             ev["url"] = url
             if request.method == "GET":
-                self.ctx.emit(ev)
+                self.ctx.emit_optional(ev)
             else:
                 self._head(ev)
         return web.Response(
