@@ -419,7 +419,8 @@ class Metrics:
             " dropped: the event log could not be written and [tracking] held_events or"
             " held_bytes of them already waited in memory.",
             "# TYPE fastsend_tracking_events_dropped_total counter",
-            f"fastsend_tracking_events_dropped_total {self.ctx.events.dropped}",
+            "fastsend_tracking_events_dropped_total"
+            f" {getattr(getattr(self.ctx, 'events', None), 'dropped', 0)}",
         ]
         out += self.webhook_lines()
         out += self.blocklist_lines()
