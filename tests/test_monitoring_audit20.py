@@ -109,3 +109,32 @@ def test_held_bytes_cap_the_opens_kept_for_a_failing_log() -> None:
     finally:
         log._buf.clear()
         log.close()
+
+
+def test_security_scanners_fetching_the_pixel_are_machine_opens() -> None:
+    """Security gateways fetch a message's images (its pixel) as they fetch its links,
+    from HTTP libraries, headless browsers or under their vendor's name: those opens
+    counted as human-likely (only clicks had the scanner rule), so a campaign to
+    scanned mailboxes showed near-100% opens. Mail clients and the mailbox
+    providers' image proxies (fetching when the reader opens) stay human-likely."""
+    from fastsend.analytics.machine import load_machine_rules
+
+    m = load_machine_rules()
+    for ua in ("python-requests/2.31.0", "curl/8.1.2", "Go-http-client/1.1", "okhttp/4.9.2",
+               "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"
+               " HeadlessChrome/120.0.0.0 Safari/537.36",
+               "Barracuda Sentinel (EE)", "Mozilla/5.0 (compatible; Proofpoint URL Defense)",
+               "Mimecast-Scanner/1.0", "Java/1.8.0_281", "Wget/1.21.4",
+               "Mozilla/5.0 (compatible; SomeBot/1.0; +https://bot.example/)"):  # fmt: skip
+        assert m.classify("open", ua) == "scanner-agent", ua
+    for ua in (
+        "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+        "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html",
+        "Mozilla/4.0 (compatible; ms-office; MSOffice 16)",  # Outlook for Windows
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15"
+        " (KHTML, like Gecko) Mobile/15E148",
+        "Mozilla/5.0 (Linux; Android 10; CUBOT X30) AppleWebKit/537.36 (KHTML, like Gecko)"
+        " Chrome/120.0 Mobile Safari/537.36",
+    ):
+        assert m.classify("open", ua) == "", ua
+    assert m.classify("open", "Mozilla/5.0") == "apple-mpp"  # (the earlier rule names it)
