@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +141,189 @@ def test_security_scanners_fetching_the_pixel_are_machine_opens() -> None:
     ):
         assert m.classify("open", ua) == "", ua
     assert m.classify("open", "Mozilla/5.0") == "apple-mpp"  # (the earlier rule names it)
+
+
+# ---------------------------------------------------------------- per-tenant webhooks
+TENANT_SECRETS = {"acme": "acme-hook-secret-0123456789", "evil": "evil-hook-secret-9876543210"}
+OPERATOR_SECRET = "operator-hook-secret-000000"
+
+
+def test_a_tenants_webhook_gets_its_own_events_only_signed_with_its_secret(
+    tmp_path: Path,
+) -> None:
+    """``[tenants.NAME] webhook_urls`` (new: every URL got every tenant's events, signed
+    with the operator's one secret, so a tenant's receiver would have read the other
+    tenants' recipients and could forge the operator's batches): each tenant's URL
+    gets the events of its campaigns (the campaign's owner decides, not a field of
+    the event), and an open of a message no longer in the spool by the tenant it
+    names; node events (blocklists) and other tenants' never; signed with that
+    tenant's secret. The operator's URL still gets everything."""
+    from tests.test_serve_webhooks import Receiver
+
+    from fastsend.serve.webhooks import WebhookDispatcher
+
+    async def main() -> None:
+        rx = {n: Receiver(s) for n, s in (*TENANT_SECRETS.items(), ("op", OPERATOR_SECRET))}
+        urls = {n: await r.start() for n, r in rx.items()}
+        cfg = from_dict({
+            "spool": {"dir": str(tmp_path / "spool")},
+            "webhooks": {"urls": [urls["op"]], "secret": OPERATOR_SECRET, "batch_size": 4,
+                         "retry_min": 0.02, "retry_max": 0.1, "flush_interval": 0.01},
+            "tenants": {n: {"domains": [f"{n}.example"], "webhook_urls": [urls[n]],
+                            "webhook_secret": s} for n, s in TENANT_SECRETS.items()},
+        })  # fmt: skip
+        ctx = open_context(cfg)
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            camp = {n: ctx.tenant_campaign(n) for n in ("acme", "evil")}
+            for i in range(12):  # interleaved: every batch holds both tenants' events
+                n = ("acme", "evil")[i % 2]
+                ctx.emit({"event": "accepted", "id": i, "campaign": camp[n], "tenant": n,
+                          "rcpt": f"{n}{i}@example.org"})  # fmt: skip
+                ctx.emit({"event": "delivered", "id": i, "campaign": camp[n],
+                          "rcpt": f"{n}{i}@example.org", "code": 250})  # fmt: skip
+            ctx.emit({"event": "ip_listed", "source_ip": "127.0.0.2", "zone": "bl.example"})
+            ctx.emit({"event": "opened", "id": 999, "campaign": None, "tenant": "evil",
+                      "rcpt": "gone@example.org"})  # fmt: skip
+            ctx.emit({"event": "clicked", "id": 5, "campaign": camp["evil"], "tenant": "acme",
+                      "rcpt": "evil5@example.org"})  # fmt: skip  (the campaign's owner wins)
+            await _until(lambda: len(rx["op"].events) == 27 and len(rx["evil"].events) == 14
+                         and len(rx["acme"].events) == 12)  # fmt: skip
+            await asyncio.sleep(0.2)  # (nothing more arrives)
+            for n in ("acme", "evil"):
+                got = rx[n].events
+                assert all(e["rcpt"].startswith(n) or e["rcpt"] == "gone@example.org"
+                           for e in got), got  # fmt: skip
+                assert rx[n].bad_signatures == 0
+                ids = [e["event_id"] for e in got]
+                assert ids == sorted(set(ids))
+            assert [e["rcpt"] for e in rx["evil"].events][-2:] == [
+                "gone@example.org", "evil5@example.org"]
+            assert "ip_listed" in [e["event"] for e in rx["op"].events]
+            assert rx["op"].bad_signatures == 0
+            # A tenant's receiver cannot check the operator's batches, nor another's.
+            wrong = Receiver(TENANT_SECRETS["acme"])
+            assert wrong.secret != rx["op"].secret != rx["evil"].secret
+            assert d.outbox is not None
+            await _until(lambda: d.outbox is not None and d.outbox.pending() == 0)
+        finally:
+            await d.stop()
+            ctx.close()
+            for r in rx.values():
+                await r.close()
+
+    asyncio.run(main())
+
+
+def test_tenant_webhook_settings_are_checked_at_load(tmp_path: Path) -> None:
+    """A tenant URL with no or a short secret, a secret shared with the operator or
+    another tenant (the one receiver could forge the other's), a URL that is also the
+    operator's or another tenant's, a URL that is not http(s): refused at load; the
+    secret is never in the config's repr; a secret file is read like [webhooks]'."""
+    from fastsend.config import ConfigError, load
+
+    def cfg(hooks: str, tenants: str) -> Path:
+        p = tmp_path / "fastsend.toml"
+        p.write_text(f'[spool]\ndir = "spool"\n{hooks}\n{tenants}')
+        return p
+
+    op = '[webhooks]\nurls = ["https://ops.example/h"]\nsecret = "operator-secret-0123456789"\n'
+
+    def tenant(name: str, urls: str, secret: str = "") -> str:
+        line = f'webhook_secret = "{secret}"\n' if secret else ""
+        return f'[tenants.{name}]\ndomains = ["{name}.example"]\nwebhook_urls = {urls}\n{line}'
+
+    good = tenant("acme", '["https://acme.example/h"]', "acme-secret-0123456789")
+    loaded = load(str(cfg(op, good)))
+    assert loaded.tenants is not None
+    assert "acme-secret" not in repr(loaded.tenants["acme"])
+    for bad, why in (
+        (tenant("acme", '["https://acme.example/h"]'), "16+ characters"),
+        (tenant("acme", '["https://acme.example/h"]', "short"), "16+ characters"),
+        (tenant("acme", '["https://acme.example/h"]', "operator-secret-0123456789"),
+         "another receiver's"),
+        (good + tenant("beta", '["https://b.example/h"]', "acme-secret-0123456789"),
+         "another receiver's"),
+        (tenant("acme", '["https://ops.example/h"]', "acme-secret-0123456789"),
+         "also [webhooks] urls's"),
+        (good + tenant("beta", '["https://acme.example/h"]', "beta-secret-0123456789"),
+         "also [tenants.acme] webhook_urls's"),
+        (tenant("acme", '["ftp://acme.example/h"]', "acme-secret-0123456789"),
+         "not an http(s) URL"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load(str(cfg(op, bad)))
+    secret = tmp_path / "acme.key"
+    secret.write_text("acme-file-secret-0123456789\n")
+    got = load(str(cfg(op, tenant("acme", '["https://acme.example/h"]')
+                       + 'webhook_secret_file = "acme.key"\n')))  # fmt: skip
+    assert got.tenants is not None
+    assert got.tenants["acme"].webhook_secret == "acme-file-secret-0123456789"
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def test_serve_posts_each_tenants_events_to_its_own_url_and_a_sighup_rotates_it(
+    tmp_path: Path,
+) -> None:
+    """``fastsend serve`` with [tenants.acme] and [tenants.evil] webhook_urls: mail
+    each tenant posts through the API reaches its own receiver only, signed with its
+    secret; a SIGHUP with acme's secret rotated signs acme's next batch with the new one."""
+    import signal
+
+    from tests._serve_helpers import Served
+    from tests.test_monitoring_audit17 import _Hook
+
+    hooks = {"acme": _Hook(), "evil": _Hook()}
+    secrets = {"acme": "acme-secret-0123456789", "evil": "evil-secret-0123456789"}
+
+    def extra(acme_secret: str) -> str:
+        out = '[webhooks]\nflush_interval = 0.05\nevents = ["accepted"]\n'
+        for n in ("acme", "evil"):
+            sec = acme_secret if n == "acme" else secrets[n]
+            out += (f'[tenants.{n}]\ndomains = ["{n}.example"]\n'
+                    f'webhook_urls = ["{hooks[n].url}"]\nwebhook_secret = "{sec}"\n')  # fmt: skip
+        return out
+
+    def post(tenant: str, rcpt: str) -> int:
+        st, body = s.req("POST", "/v1/messages", {"from": f"a@{tenant}.example", "subject": "s",
+                                                   "text": "t", "to": [rcpt]},
+                         tenant=tenant)  # fmt: skip
+        assert st == 202, body
+        return int(body["messages"][0]["ids"][0])
+
+    def wait(cond: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    s = Served(tmp_path, None, extra(secrets["acme"]), serve_args=("--no-workers",))
+    try:
+        a1 = post("acme", "x@example.org")
+        e1 = post("evil", "y@example.org")
+        a2 = post("acme", "z@example.org")
+        wait(lambda: len(hooks["acme"].events(secrets["acme"])) == 2
+             and len(hooks["evil"].events(secrets["evil"])) == 1)  # fmt: skip
+        assert [e["id"] for e in hooks["acme"].events(secrets["acme"])] == [a1, a2]
+        assert [e["id"] for e in hooks["evil"].events(secrets["evil"])] == [e1]
+        assert hooks["acme"].events(secrets["evil"]) == []  # never signed with another's
+        rotated = "acme-rotated-9876543210"
+        s.extra = extra(rotated)
+        s.write_config()
+        s.proc.send_signal(signal.SIGHUP)
+        s.wait_line("configuration reloaded")
+        a3 = post("acme", "w@example.org")
+        wait(lambda: [e["id"] for e in hooks["acme"].events(rotated)] == [a3])
+        assert [e["id"] for e in hooks["evil"].events(secrets["evil"])] == [e1]
+    finally:
+        s.stop()
+        for h in hooks.values():
+            h.close()

@@ -474,6 +474,31 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"[webhooks] secret_file {w.secret_file!r}: {e}") from None
     if w.url_list and len(w.secret) < 16:
         raise ConfigError("[webhooks] needs a secret (or secret_file) of 16+ characters")
+    hooked = dict.fromkeys(w.url_list, "[webhooks] urls")
+    tables = tenants or {}
+    for name, tt in tables.items():
+        if tt.webhook_secret_file:
+            tt.webhook_secret_file = cfg.path(tt.webhook_secret_file)
+            try:
+                with open(tt.webhook_secret_file, "rb") as kf:
+                    tt.webhook_secret = kf.read().strip().decode()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"[tenants.{name}] webhook_secret_file"
+                                  f" {tt.webhook_secret_file!r}: {e}") from None  # fmt: skip
+        if tt.webhook_urls and len(tt.webhook_secret) < 16:
+            raise ConfigError(f"[tenants.{name}] webhook_urls need a webhook_secret (or"
+                              " webhook_secret_file) of 16+ characters: the tenant's own")  # fmt: skip
+        others = {w.secret} | {o.webhook_secret for n, o in tables.items()
+                               if n != name and o.webhook_urls}  # fmt: skip
+        if tt.webhook_urls and tt.webhook_secret in others:
+            raise ConfigError(f"[tenants.{name}] webhook_secret is another receiver's: each"
+                              " tenant's receiver checks signatures with a secret of its own")  # fmt: skip
+        for u in tt.webhook_urls:
+            # One URL, one receiver: its cursor and its events are one tenant's, or all.
+            other = hooked.setdefault(u, f"[tenants.{name}] webhook_urls")
+            if other != f"[tenants.{name}] webhook_urls":
+                raise ConfigError(f"[tenants.{name}] webhook_urls: {u!r} is also {other}'s"
+                                  " (a URL gets one tenant's events, or the operator's all)")  # fmt: skip
     pe = cfg.provider_events
     if pe.sns_ca_file:
         pe.sns_ca_file = cfg.path(pe.sns_ca_file)

@@ -90,6 +90,16 @@ class TenantTable(Section):
     # equal one; 3: three times a tenant of 1's), as spool/fair.py's campaign
     # weights (same range). The operator's alone: no API call sets it.
     weight: TenantWeight = 1
+    # Webhooks of its own, set by the operator (no tenant can make the server post
+    # anywhere): each URL gets this tenant's events only, signed with the tenant's
+    # own secret (16+ characters, or webhook_secret_file), with [webhooks]' events
+    # filter, batch size, timeout and retries (fastsend.serve.webhooks).
+    webhook_urls: list[str] = []
+    webhook_secret: str = ""
+    webhook_secret_file: str = ""
+
+    def __repr__(self) -> str:  # never print the webhook secret
+        return f"TenantTable(domains={self.domains!r}, webhook_urls={self.webhook_urls!r})"
 
     def __post_init__(self) -> None:
         if not self.domains:
@@ -105,6 +115,10 @@ class TenantTable(Section):
                 raise ValueError(f"dkim domain {e.domain!r} is not under the tenant's domains")
         if self.tracking_base_url and not _URL.fullmatch(self.tracking_base_url):
             raise ValueError("tracking_base_url must be an http(s) URL")
+        for u in self.webhook_urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"webhook_urls: {u!r} is not an http(s) URL")
+        self.webhook_urls = list(dict.fromkeys(self.webhook_urls))
 
     @property
     def keys(self) -> list[DkimKey]:

@@ -626,7 +626,7 @@ class Server:
         for cap in self.caps:
             cap.configure(settings)
         if self.webhooks is not None:
-            await self.webhooks.reconfigure(WebhookConfig.of(cfg.webhooks))
+            await self.webhooks.reconfigure(WebhookConfig.of(cfg.webhooks, cfg.tenants))
         if cfg.reputation != self.cfg.reputation:
             log.warning("SIGHUP: [reputation] changed; it takes effect at the next start")
         self.cfg = cfg

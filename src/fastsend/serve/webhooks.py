@@ -69,9 +69,17 @@ SIGNATURE (the scheme Stripe uses)
 
     ``Fastsend-Batch: <first event_id>-<last event_id>`` names the batch.
 
+TENANTS' URLS
+    ``[tenants.NAME] webhook_urls`` (the operator's config: no tenant can make the
+    server post anywhere) share the outbox and the sending above, each with its
+    cursor; its sender POSTs only the events of its tenant (``_tenant_of``: the
+    campaign's owner, else the tenant an event names; the node's own events, as
+    ``ip_listed``, never) and moves the cursor past the others without a POST;
+    signed with that tenant's ``webhook_secret``. Its ``fastsend_webhook_pending``
+    counts every event past its cursor, the other tenants' included.
+
 DELIBERATELY NOT HERE
-    No per-tenant endpoints (one list of URLs, the operator's: no tenant can make
-    the server post anywhere), no dead-letter store (an expired event is in the
+    No endpoints a tenant sets through the API, no dead-letter store (an expired event is in the
     event log and GET /v1/events), no redirects followed, no secrets in logs (a URL is logged as
     its scheme, host and port and a digest of it: paths hold secrets too).
 """
@@ -133,12 +141,25 @@ class WebhookConfig:
     retry_min: float = 1.0
     retry_max: float = 300.0
     flush_interval: float = 0.2
+    # [tenants.NAME] webhook_urls: such a URL -> its tenant (it gets that tenant's
+    # events only) and -> the tenant's own secret.
+    owners: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, t: WebhookSettings) -> WebhookConfig:
-        """From ``[webhooks]`` (typed and checked, secret_file read, when the config loaded)."""
+    def of(cls, t: WebhookSettings, tenants: dict[str, Any] | None = None) -> WebhookConfig:
+        """From ``[webhooks]`` and the tenants' ``webhook_urls`` (typed and checked,
+        secret files read, a URL one receiver's, when the config loaded)."""
+        owners: dict[str, str] = {}
+        secrets: dict[str, bytes] = {}
+        for name, table in (tenants or {}).items():
+            for u in table.webhook_urls:
+                owners[u] = name
+                secrets[u] = table.webhook_secret.encode()
         return cls(
-            urls=t.url_list,
+            urls=t.url_list + [u for u in owners if u not in t.url_list],
+            owners=owners,
+            secrets=secrets,
             secret=t.secret.encode(),
             batch_size=t.batch_size,
             events=frozenset(t.events) if t.events is not None else None,
@@ -268,7 +289,10 @@ class WebhookDispatcher:
 
     def __init__(self, ctx: Any, config: WebhookConfig | None = None) -> None:
         self.ctx = ctx
-        self.config = config if config is not None else WebhookConfig.of(ctx.config.webhooks)
+        self.config = (
+            config if config is not None
+            else WebhookConfig.of(ctx.config.webhooks, getattr(ctx.config, "tenants", None))
+        )  # fmt: skip
         self.outbox: Outbox | None = None
         self.stats = {"posted": 0, "failed": 0, "events": 0}
         self._pending: list[bytes] = []
@@ -530,6 +554,16 @@ class WebhookDispatcher:
                 if outage:
                     log.warning("webhook %s: the outbox answers again", safe_url(url))
                     outage = False
+                owner = c.owners.get(url)
+                if rows and owner is not None:  # a tenant's URL: its own events only
+                    mine = [r for r in rows if self._tenant_of(r[1]) == owner]
+                    if not mine:
+                        self.outbox.ack(url, rows[-1][0])  # (none of them its tenant's)
+                        continue
+                    last = rows[-1][0]
+                    rows = mine
+                else:
+                    last = rows[-1][0] if rows else 0
                 if not rows:
                     wake.clear()
                     if hold is None:
@@ -540,7 +574,7 @@ class WebhookDispatcher:
                     continue
                 ok, asked, status = await self._held(url, hold, self._post(url, rows))
                 if ok:
-                    self.outbox.ack(url, rows[-1][0])
+                    self.outbox.ack(url, last)
                     failures = 0
                     continue
                 if status == 413 and len(rows) > 1:
@@ -566,6 +600,26 @@ class WebhookDispatcher:
                               OUTBOX_RETRY)  # fmt: skip
                 outage = True
                 await asyncio.sleep(OUTBOX_RETRY)
+
+    def _tenant_of(self, body: bytes) -> str | None:
+        """The tenant an outbox event is about: its campaign's owner, else the tenant
+        it names (an open of a message no longer in the spool); None for the node's
+        own events (blocklists, feeds, ...): only the operator's URLs get those."""
+        try:
+            ev = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(ev, dict):
+            return None
+        campaign = ev.get("campaign")
+        owner_of = getattr(self.ctx, "campaign_tenant", None)
+        if isinstance(campaign, int) and owner_of is not None:
+            try:
+                return str(owner_of(campaign))
+            except KeyError:
+                pass  # (the campaign is gone: the tenant the event names)
+        tenant = ev.get("tenant")
+        return tenant if isinstance(tenant, str) else None
 
     async def _held(self, url: str, hold: Callable[[str], bool] | None, work: Any) -> Any:
         """Await ``work`` (a POST, the wait before the next one) while keeping this
@@ -600,7 +654,8 @@ class WebhookDispatcher:
         ts = int(time.time())
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign_payload(self.config.secret, body, ts),
+            SIGNATURE_HEADER: sign_payload(self.config.secrets.get(url, self.config.secret),
+                                           body, ts),
             BATCH_HEADER: f"{rows[0][0]}-{rows[-1][0]}",
         }
         assert self._session is not None
