@@ -1363,3 +1363,37 @@ def test_an_unanswered_quota_read_does_not_hold_the_ses_lane() -> None:
         silent.close()
     # aiohttp's own timeout (the transport's), not the 20 s guard around it.
     assert isinstance(ended, aiohttp.ClientError), repr(ended)
+
+
+def test_max_recipients_above_the_providers_limit_is_cut_to_it(
+    tmp_path: Path, moto_ses: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_recipients = 120`` on an SES transport (SES takes 50 destinations
+    a request): requests still carry at most 50, and the config says it cut
+    the setting. Before, each group of identical mail over 50 was one request
+    SES refused whole ("Too many recipients"), and every recipient bounced."""
+    from fastsend.config import from_dict
+
+    url, akid, secret_key, _sent = moto_ses
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    addrs = [f"g{i}@example.net" for i in range(120)]
+    rcpts = write_recipients(tmp_path, addrs)
+    rec = Recorder()
+    with ThreadedApp(ses_proxy_app(url, rec)) as proxy:
+        cfg = "[delivery]\nrecipients_per_transaction = 120\n" + (
+            f'[transports.ses-eu]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{proxy.url}"\n'
+            'max_recipients = 120\n[routes]\n"*" = "ses-eu"\n'
+        )
+        env = {"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret_key}
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "5", "--no-dkim",
+                    "--workers", "1")  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == 120 and s["bounced"] == 0, (s, proc.stderr[-2000:])
+    assert dict(rec.recipients) == {a: 1 for a in addrs}
+    monkeypatch.setenv("FASTSEND_S_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("FASTSEND_S_SECRET_ACCESS_KEY", "b")
+    c = from_dict({"transports": {"s": {"kind": "ses", "region": "eu-west-1",
+                                        "max_recipients": 120}}})  # fmt: skip
+    assert c.transports["s"].recipients_limit() == 50
+    assert any("max_recipients" in w and "50" in w for w in c.warnings), c.warnings

@@ -307,6 +307,12 @@ def from_dict(raw: dict[str, Any], *, base_dir: str = ".", files: bool = True) -
     cfg.source_ips = list(f.ips.source)
     cfg.helo = f.ips.helo
     cfg.transports = build_transports(f.transports, base_dir)
+    for name, spec in cfg.transports.items():
+        if spec.max_recipients > spec.recipients_limit():
+            cfg.warnings.append(
+                f"[transports.{name}] max_recipients = {spec.max_recipients} is over what"
+                f" {spec.kind} takes in one request: {spec.recipients_limit()} are sent"
+            )
     for dom, target in f.routes.items():
         cfg.routes[key := route_key(dom)] = cfg.route(target, f"[routes] {dom!r}")
         if why := never_matches(key):

@@ -68,6 +68,9 @@ SECRETS: dict[str, dict[str, str]] = {
     "mailgun": {"api_key": "MAILGUN_API_KEY"},
 }
 OPTIONAL_SECRETS = {"session_token"}
+# The most recipients a provider takes in one request (SES SendEmail: 50
+# destinations; SendGrid: 1,000 personalizations; Mailgun: 1,000 ``to``).
+PROVIDER_RECIPIENTS = {"ses": 50, "sendgrid": 1000, "mailgun": 1000}
 FORBIDDEN = re.compile(r"pass|secret|api_key|apikey|token|access_key", re.I)
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
@@ -158,8 +161,13 @@ class TransportSpec(msgspec.Struct):
         return self.kind if self.name == self.kind else f"{self.kind}:{self.name}"
 
     def recipients_limit(self) -> int:
-        default = {"ses": 50, "sendgrid": 1000, "mailgun": 1000, "relay": 0}.get(self.kind, 0)
-        return self.max_recipients or default
+        """Recipients a request or transaction carries: ``max_recipients``, at
+        most the provider's own limit (a request over it is refused whole:
+        SES "Too many recipients", and each of its recipients bounced)."""
+        most = PROVIDER_RECIPIENTS.get(self.kind, 0)
+        if not self.max_recipients:
+            return most
+        return min(self.max_recipients, most) if most else self.max_recipients
 
 
 def env_name(name: str, fld: str) -> str:
