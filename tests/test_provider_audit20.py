@@ -5,8 +5,10 @@ answers mean for the mail behind them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 from tests._engine_helpers import summary, write_recipients
 from tests._provider_servers import Recorder, ThreadedApp, mailgun_app, sendgrid_app
 from tests.test_transports_http import events, send
@@ -76,3 +78,96 @@ def test_a_refused_api_key_sends_the_mail_on_through_the_routes_next_transport(
     assert s["delivered"] == len(addrs), (s, proc.stderr[-2000:])
     assert dict(sg_rec.recipients) == {a: 1 for a in addrs}
     assert 1 <= mg_rec.unauthorized <= 2, mg_rec.unauthorized
+
+
+class _EchoingRelay:
+    """A scripted relay that repeats a command it does not take in its reply
+    (Sendmail built without SASL: ``500 5.5.1 Command unrecognized: "..."``),
+    and, with ``auth``, offers AUTH PLAIN LOGIN and refuses the credentials
+    repeating what it was sent. Records every line it reads."""
+
+    def __init__(self, auth: bool) -> None:
+        self.auth = auth
+        self.lines: list[bytes] = []
+        self.port = 0
+        self._server: Any = None
+
+    async def __aenter__(self) -> _EchoingRelay:
+        import asyncio
+
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+    async def _serve(self, r: Any, w: Any) -> None:
+        import asyncio
+        import contextlib
+
+        login = 0  # AUTH LOGIN's prompts answered so far
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            w.write(b"220 relay ESMTP\r\n")
+            while line := await r.readline():
+                self.lines.append(line)
+                said = line.strip()
+                verb = said.split(b" ")[0].upper()
+                if login == 1:
+                    login = 2
+                    w.write(b"334 UGFzc3dvcmQ6\r\n")
+                elif verb == b"EHLO":
+                    w.write(b"250-relay\r\n250 AUTH PLAIN LOGIN\r\n" if self.auth else b"250 relay\r\n")
+                elif verb == b"AUTH" and self.auth and said.upper() == b"AUTH LOGIN":
+                    login = 1
+                    w.write(b"334 VXNlcm5hbWU6\r\n")
+                elif verb == b"AUTH" and not self.auth:
+                    w.write(b'500 5.5.1 Command unrecognized: "' + said + b'"\r\n')
+                elif verb == b"QUIT":
+                    w.write(b"221 bye\r\n")
+                    await w.drain()
+                    break
+                elif self.auth and verb not in (b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP"):
+                    w.write(b"535 5.7.8 Authentication failed: " + said + b"\r\n")
+                else:
+                    w.write(b"250 ok\r\n")
+                await w.drain()
+        w.close()
+
+
+@pytest.mark.parametrize("auth,mechanism", [(False, ""), (True, "PLAIN"), (True, "LOGIN")])
+def test_a_relays_reply_never_carries_our_credentials_into_the_outcome(
+    auth: bool, mechanism: str
+) -> None:
+    """A relay that repeats what it was sent in its refusal (Sendmail without
+    SASL answers AUTH with ``500 5.5.1 Command unrecognized: "AUTH PLAIN
+    <base64 of the user and password>"``) put the password, base64, into the
+    deferral's text: the event log, webhooks, /v1/events. Now a relay that
+    offers no AUTH is not sent the credentials at all (deferred, saying so),
+    and an AUTH refusal's text has what we sent blanked out."""
+    import asyncio
+    import base64
+
+    from fastsend.outcome import Outcome
+    from fastsend.smtp.transport import ConnectOptions, SMTPConnection, connect
+
+    secret = "relay-pass-123"
+    forms = [secret, base64.b64encode(secret.encode()).decode(),
+             base64.b64encode(b"\0relay-user\0" + secret.encode()).decode()]  # fmt: skip
+
+    async def go() -> tuple[Any, list[bytes]]:
+        async with _EchoingRelay(auth) as relay:
+            got = await connect(ConnectOptions(
+                host="127.0.0.1", port=relay.port, tls="off", auth=("relay-user", secret),
+                auth_mechanism=mechanism, auth_in_clear=True,
+            ))  # fmt: skip
+            if isinstance(got, SMTPConnection):
+                await got.quit()
+            return got, list(relay.lines)
+
+    out, lines = asyncio.run(go())
+    assert isinstance(out, Outcome) and out.deferred and out.stage == "auth", out
+    assert not any(f in out.text for f in forms), out.text
+    if not auth:
+        assert "AUTH" in out.text and "offer" in out.text, out.text
+        assert not any(x.upper().startswith(b"AUTH") for x in lines), lines

@@ -642,6 +642,14 @@ async def _connect(
                     await conn.quit()
                     return reply.outcome("ehlo", mx)
     if opts.auth is not None:
+        if "AUTH" not in client.capabilities:
+            # Not offered (this session, after STARTTLS if any): the credentials
+            # are not sent. Sent anyway, a server without AUTH (Sendmail built
+            # without SASL) repeated "AUTH PLAIN <base64 user and password>"
+            # in its 500, and that reply went into the deferral's text.
+            await conn.quit()
+            text = "the relay offers no AUTH in this session: credentials not sent"
+            return Outcome(DEFERRED, 0, "", text, "auth", mx)
         mech = client.auth_mechanism(opts.auth_mechanism, opts.auth_in_clear)
         if not mech:
             await conn.quit()
@@ -654,8 +662,30 @@ async def _connect(
         reply = await conn.command(client.send_auth(*opts.auth, mech, opts.auth_in_clear))
         if not reply.ok:
             await conn.quit()
-            return reply.outcome("auth", mx)
+            return _without_credentials(reply.outcome("auth", mx), opts.auth)
     return conn
+
+
+def _without_credentials(out: Outcome, auth: tuple[str, str]) -> Outcome:
+    """``out`` (a refused AUTH) with every form of the password that AUTH
+    sends (as is, base64 alone for LOGIN, base64 with the user for PLAIN)
+    blanked out of its text: a server may repeat what it was sent in its
+    refusal, and the text goes to the event log and webhooks."""
+    import base64
+
+    user, password = auth
+    if not password:
+        return out
+    text = out.text
+    for form in (
+        base64.b64encode(b"\0%s\0%s" % (user.encode(), password.encode())).decode(),
+        base64.b64encode(password.encode()).decode(),
+        password,
+    ):
+        text = text.replace(form, "[credentials]")
+    if text == out.text:
+        return out
+    return msgspec.structs.replace(out, text=text)
 
 
 async def _start_tls(
