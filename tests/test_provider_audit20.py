@@ -4,6 +4,7 @@ answers mean for the mail behind them."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,168 @@ def test_a_relays_reply_never_carries_our_credentials_into_the_outcome(
     if not auth:
         assert "AUTH" in out.text and "offer" in out.text, out.text
         assert not any(x.upper().startswith(b"AUTH") for x in lines), lines
+
+
+EXIM_RELAY = """\
+primary_hostname = relay.test
+spool_directory = {dir}/spool
+log_file_path = {dir}/log/%slog
+pid_file_path = {dir}/exim.pid
+daemon_smtp_ports = {port}
+local_interfaces = 127.0.0.1
+chunking_advertise_hosts = {chunking}
+pipelining_advertise_hosts = *
+tls_advertise_hosts = *
+tls_certificate = {dir}/cert.pem
+tls_privatekey = {dir}/key.pem
+auth_advertise_hosts = *
+host_lookup =
+rfc1413_hosts =
+queue_only = true
+keep_environment =
+log_selector = +received_recipients +smtp_protocol_error +smtp_syntax_error
+acl_smtp_rcpt = acl_rcpt
+begin acl
+acl_rcpt:
+  deny local_parts = ^permfail-.*
+       message = 5.1.1 User unknown
+  accept authenticated = *
+  deny message = 5.7.1 Relay access denied
+begin routers
+blackhole:
+  driver = redirect
+  data = :blackhole:
+begin authenticators
+plain:
+  driver = plaintext
+  public_name = PLAIN
+  server_prompts = :
+  server_condition = ${{if and {{{{eq{{$auth2}}{{relay-user}}}}{{eq{{$auth3}}{{relay-pass-123}}}}}}}}
+  server_advertise_condition = ${{if def:tls_in_cipher}}
+login:
+  driver = plaintext
+  public_name = LOGIN
+  server_prompts = Username:: : Password::
+  server_condition = ${{if and {{{{eq{{$auth1}}{{relay-user}}}}{{eq{{$auth2}}{{relay-pass-123}}}}}}}}
+  server_advertise_condition = ${{if def:tls_in_cipher}}
+"""
+
+
+@pytest.mark.parametrize("chunking", [True, False])
+def test_exim_as_the_relay_starttls_auth_pipelining_and_chunking(
+    tmp_path: Path, chunking: bool
+) -> None:
+    """Exim as the relay: STARTTLS (verified against the operator's CA file),
+    AUTH offered only inside TLS, PIPELINING with and without CHUNKING, relaying
+    only for an authenticated client, a refused recipient at RCPT. Every other
+    message arrives once, none is refused as unauthenticated, and Exim logs
+    no protocol or synchronisation error."""
+    import contextlib
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    import trustme
+    from tests.conftest import IN_CI, exim_root, free_port, wait_port
+    from tests.test_transports_relay import ENV, relay_config
+
+    root = exim_root()
+    if root is None:
+        if IN_CI:
+            pytest.fail("Exim is required in CI (scripts/test runs scripts/fetch-exim)")
+        pytest.skip("Exim not unpacked (run scripts/fetch-exim)")
+    d = Path(tempfile.mkdtemp(prefix="fastsend-exim-relay-"))
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for sub in ("spool", "log"):
+        (d / sub).mkdir()
+    for p in (d, d / "spool", d / "log"):
+        p.chmod(0o777)
+    for p in (d / "cert.pem", d / "key.pem"):
+        p.chmod(0o644)
+    port = free_port()
+    conf = d / "exim.conf"
+    conf.write_text(EXIM_RELAY.format(dir=d, port=port, chunking="*" if chunking else ""))
+    env = dict(os.environ)
+    libs = [str(root / "usr/lib/x86_64-linux-gnu"), str(root / "lib/x86_64-linux-gnu")]
+    env["LD_LIBRARY_PATH"] = ":".join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    proc = subprocess.Popen(
+        [str(root / "usr/sbin/exim4"), "-C", str(conf), "-bdf", "-oX", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    good = [f"x{i}@example.{('net', 'org')[i % 2]}" for i in range(120)]
+    addrs = [*good[:60], "permfail-1@example.net", *good[60:]]
+    rcpts = write_recipients(tmp_path, addrs)
+    try:
+        wait_port("127.0.0.1", port)
+        cfg = relay_config(port, tmp_path / "ca.pem", retry=False)
+        run = send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "1", "--no-dkim",
+                   "--workers", "1")  # fmt: skip
+        log = (d / "log" / "mainlog").read_text(errors="replace")
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(d, ignore_errors=True)
+    s = summary(run)
+    assert (s["delivered"], s["bounced"]) == (len(good), 1), (s, run.stderr[-2000:], log[-3000:])
+    got = Counter(
+        r for line in log.splitlines() if " <= " in line and " for " in line
+        for r in line.rpartition(" for ")[2].split()
+    )  # fmt: skip
+    assert got == Counter(good), log[-3000:]
+    received = [ln for ln in log.splitlines() if " <= " in ln]
+    assert all(" P=esmtpsa " in ln and " A=" in ln for ln in received), received[:3]
+    assert ("K" in {f for ln in received for f in ln.split()}) == chunking, received[:3]
+    assert "protocol error" not in log and "synchronization error" not in log, log[-3000:]
+    bounced = next(e for e in events(tmp_path) if e["event"] == "bounced")
+    assert bounced["rcpt"] == "permfail-1@example.net" and bounced["code"] == 550
+
+
+@pytest.mark.parametrize(
+    "url,allowed",
+    [
+        ("https://sns.us-east-1.amazonaws.com/SimpleNotificationService-9c6465fa7f.pem", True),
+        ("https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-0a1b2c.pem", True),
+        ("https://sns.us-gov-west-1.amazonaws.com/SimpleNotificationService-0a1b2c.pem", True),
+        # An S3 bucket named "sns", virtual-hosted on a dash-region endpoint: anyone's.
+        ("https://sns.s3-ap-southeast-2.amazonaws.com/SimpleNotificationService-x.pem", False),
+        ("https://sns.s3.amazonaws.com/SimpleNotificationService-x.pem", False),
+        ("https://sns.s3-accelerate.amazonaws.com/SimpleNotificationService-x.pem", False),
+        ("https://sns.us-east-1.amazonaws.com/uploads/mine.pem", False),
+        ("http://sns.us-east-1.amazonaws.com/SimpleNotificationService-9c6465fa7f.pem", False),
+    ],
+)
+def test_sns_signing_certificates_come_only_from_snss_own_hosts(url: str, allowed: bool) -> None:
+    """The default allow-list of SigningCertURL hosts (``sns\\.[a-z0-9-]+\\.
+    amazonaws\\.com``) let in S3 endpoints: a bucket named "sns" on
+    ``sns.s3-ap-southeast-2.amazonaws.com`` serves its owner's certificate
+    over a valid TLS chain, and a post signed with its key was taken as SNS's
+    (forged bounces and complaints suppressing addresses). Only SNS's regional
+    hosts are allowed by default, and only its certificate file names."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastsend.serve import provider_events as pev
+
+    asked: list[str] = []
+
+    class Session:  # records what would be fetched; the test has no network
+        def get(self, u: str, **kw: Any) -> Any:
+            asked.append(u)
+            raise OSError("no network here")
+
+    ctx = SimpleNamespace(config=SimpleNamespace(api=SimpleNamespace(body_timeout=10.0)))
+    pe = pev.ProviderEvents(ctx, pev.ProviderEventSettings(sns_topics=("arn:aws:sns:x:1:t",)))
+    pe.session = Session()
+    with pytest.raises(pev._Unauthorized):
+        asyncio.run(pe._cert_key(url))
+    assert bool(asked) is allowed, asked

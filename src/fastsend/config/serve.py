@@ -322,7 +322,11 @@ class TrackingSettings(Section):
         return f"TrackingSettings(link_ttl_days={self.link_ttl_days!r})"
 
 
-DEFAULT_SNS_HOSTS = (r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?",)
+# SNS's regional hosts (sns.us-east-1.amazonaws.com, sns.cn-north-1.amazonaws.com.cn,
+# sns.us-gov-west-1...): a region's name, not any label. "sns\.[a-z0-9-]+\." let
+# in S3's endpoints, where a bucket named "sns" is anyone's:
+# https://sns.s3-ap-southeast-2.amazonaws.com/ serves its owner's certificate.
+DEFAULT_SNS_HOSTS = (r"sns\.[a-z]{2}(-[a-z]+)+-\d{1,2}\.amazonaws\.com(\.cn)?",)
 
 
 class ProviderEventSettings(Section):

@@ -335,12 +335,16 @@ class ProviderEvents:
         return u.scheme == "https" and any(re.fullmatch(p, host) for p in self.s.sns_cert_hosts)
 
     async def _cert_key(self, url: str) -> Any:
+        from urllib.parse import urlsplit
+
         from cryptography import x509
 
         key = self.certs.get(url)
         if key is not None:
             return key
-        if not self._allowed_url(url) or not url.endswith(".pem"):
+        if not self._allowed_url(url) or not _SNS_CERT_PATH.fullmatch(urlsplit(url).path):
+            # SNS's own file names only ("/SimpleNotificationService-<id>.pem"):
+            # an allowed host serving other files is not SNS's certificate.
             raise _Unauthorized("SigningCertURL not allowed")
         try:
             # Not through a redirect: only the allowed hosts are asked (sns_cert_hosts).
@@ -695,6 +699,10 @@ class ProviderEvents:
             self.notice("mailgun", "provider", rcpt, tokens, extra)
         return web.json_response({"events": 1})
 
+
+# The path of SNS's signing certificates ("/SimpleNotificationService-
+# 01d088a6f77103d0fe307c0069e40ed6.pem").
+_SNS_CERT_PATH = re.compile(r"/SimpleNotificationService-[A-Za-z0-9]+\.pem")
 
 # SendGrid's "dropped" reasons that name one of its lists the address is on ->
 # why fastsend suppresses it (a hard bounce, or the feedback type).
