@@ -507,6 +507,7 @@ class Lane:
     def feed_aimd(self, now: float, delivered: int, deferred: int, slow: bool) -> None:
         a = self.aimd
         assert a is not None
+        before = a.rate
         what = a.observe(now, delivered, deferred, slow)
         if what == 0:
             return
@@ -524,7 +525,10 @@ class Lane:
         self._refresh()
         if what in (DECREASED, LIFTED) or now - self.last_event >= 1.0:
             name = {DECREASED: "aimd_decrease", LIFTED: "aimd_restore"}.get(what, "aimd_increase")
+            # previous_rate: the rate this report changed (absent: unlimited), so a
+            # log reader sees each cut as a step ("262 -> 131"), not only its result
             self.emit(now, name, rate=None if math.isinf(a.rate) else round(a.rate, 3),
+                      previous_rate=None if math.isinf(before) else round(before, 3),
                       delivered=delivered, deferred=deferred)  # fmt: skip
 
     def emit(self, now: float, action: str, **fields: Any) -> None:
