@@ -44,6 +44,20 @@ SPECS: dict[str, dict[str, Any]] = {
         "attachments": [{"filename": "x.bin", "data_b64": base64.b64encode(b"\x00" * 99).decode()}],
     },
     "base64": {"subject": "{{ a }}", "text": "{{ b }} {{ name }}", "transfer_encoding": "base64"},
+    "inline-image": {  # alternative(text, related(html, image)) in mixed; the text from the HTML
+        "subject": "{{ a }}",
+        "html": "<p>{{ b }}</p><img src=\"cid:logo\" alt=\"{{ name }}\">",
+        "attachments": [
+            {"filename": "logo.png", "data_b64": base64.b64encode(b"\x89PNG" * 9).decode(), "cid": "logo"},
+            {"filename": "x.bin", "data_b64": base64.b64encode(b"\x00" * 9).decode()},
+        ],
+    },
+    "inline-image-html-only": {
+        "subject": "s",
+        "html": "<img src=\"cid:logo\">{{ b }}",
+        "text_from_html": False,
+        "attachments": [{"filename": "l.gif", "data_b64": base64.b64encode(b"GIF89a").decode(), "cid": "logo"}],
+    },
     "html-contexts": {  # each value HTML-escaped for where it stands (and one raw)
         "subject": "{{ a }}",
         "text": "{{ a }} {{ b }}",

@@ -192,7 +192,7 @@ def _check_foreign_tags(spec: dict[str, Any]) -> None:
     refused: its tags would be sent as text to every recipient."""
     from fastsend.message.template import foreign_tag
 
-    for key, src in [*header_sources(spec), ("text", spec.get("text")), ("html", spec.get("html"))]:
+    for key, src in [*header_sources(spec), ("html", spec.get("html")), ("text", spec.get("text"))]:
         if isinstance(src, str) and (why := foreign_tag(src)) is not None:
             raise AcceptError(f"{key}: {why}", key)
 

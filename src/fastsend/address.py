@@ -165,6 +165,12 @@ def _check_domain(domain: str) -> str:
     return ascii_domain
 
 
+def quoted_local(local: str) -> bool:
+    """Is ``local`` a quoted-string local part as :func:`normalize` takes one
+    (``"john doe"``; RFC 5321 4.1.2, printable characters, ``\\`` pairs)?"""
+    return len(local.encode()) <= 64 and _QUOTED.match(local) is not None
+
+
 def literal(domain: str) -> str:
     """An address literal's domain (``[192.0.2.1]``, ``[IPv6:2001:DB8:0::1]``)
     in the one form recipients are spooled in; AddressError when it is none.

@@ -53,7 +53,13 @@ from typing import Any, Protocol
 
 import msgspec
 
-from fastsend.address import ATEXT_CHARS, AddressError, ascii_and_non_ascii, idna_domain
+from fastsend.address import (
+    ATEXT_CHARS,
+    AddressError,
+    ascii_and_non_ascii,
+    idna_domain,
+    quoted_local,
+)
 from fastsend.address import literal as address_literal
 
 DEFAULT_TENANT = "default"
@@ -122,9 +128,13 @@ def normalize(address: str) -> tuple[str, str]:
         a = a[1:-1].strip()
     if a.lower().startswith("mailto:"):
         a = a[7:]
-    if not a or len(a) > 320 or any(c.isspace() or ord(c) < 32 for c in a):
-        raise SuppressionError(f"malformed address: {address!r}")
     local, sep, domain = a.rpartition("@")
+    # A quoted local part ("john doe"@example.com) is a recipient as the list and the
+    # API accept it (address.quoted_local): its unsubscribe had been refused (400)
+    # and its hard bounce not kept. Its spaces are inside the quotes.
+    quoted = local.startswith('"') and quoted_local(local)
+    if not a or len(a) > 320 or any(c.isspace() or ord(c) < 32 for c in (domain if quoted else a)):
+        raise SuppressionError(f"malformed address: {address!r}")
     domain = domain.rstrip(".")
     literal = domain.startswith("[")
     if literal:
@@ -146,10 +156,8 @@ def normalize(address: str) -> tuple[str, str]:
         not sep
         or not local
         or len(local) > 64
-        or not _LOCAL_RE.match(local)
-        or local.startswith(".")
-        or local.endswith(".")
-        or ".." in local
+        or not (quoted or _LOCAL_RE.match(local))
+        or (not quoted and (local.startswith(".") or local.endswith(".") or ".." in local))
         or not (literal or _DOMAIN_RE.match(domain))
     ):
         raise SuppressionError(f"malformed address: {address!r}")

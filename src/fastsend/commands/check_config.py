@@ -6,7 +6,8 @@ and report what is wrong (as ``postfix check`` does for main.cf).
 Every section is decoded into its typed struct (fastsend.config) and the
 checks that span sections run, including those of the sections only
 ``serve`` uses ([api], [webhooks], [submission], [intake], ...), so a typo
-is found before anything starts. Errors name the file and the full key path
+is found before anything starts; every [dkim] key (the config's and the
+tenants') is loaded: one that cannot be read or is no key is an error. Errors name the file and the full key path
 (``fastsend.toml: [submission] unknown key "listn"``) and exit 2; settings
 that load but cannot take effect are warnings (exit 0, or 1 with
 ``--strict``). Nothing is opened but the config and the files it names
@@ -85,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = load(path)
     except ConfigError as e:
         print(f"fastsend check-config: error: {e}", file=sys.stderr)
+        return 2
+    from fastsend.delivery.signing import ConfigDKIM
+
+    keys = ConfigDKIM(cfg).problems()  # a key that cannot sign defers all its mail
+    for p in keys:
+        print(f"fastsend check-config: error: {path}: {p}", file=sys.stderr)
+    if keys:
         return 2
     for w in cfg.warnings:
         print(f"fastsend check-config: warning: {path}: {w}", file=sys.stderr)

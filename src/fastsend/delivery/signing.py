@@ -57,19 +57,35 @@ class ConfigDKIM:
         t = self.tenants
         return bool(t.global_dkim) or any(x.dkim for x in t.by_name.values())
 
-    def preload(self) -> None:
-        """Load every configured key now (before fork: the workers share them).
-        A key that cannot be loaded is left to fail where it is used, as before."""
+    def problems(self) -> list[str]:
+        """Load every configured key now (before fork: the workers share them);
+        what is wrong with those that cannot be loaded, one line each naming its
+        table, domain and selector (check-config's errors; a warning at start:
+        the mail such a key signs is deferred, 4.3.5, until it can be read)."""
         if not self.entries:
-            return
+            return []
         from fastsend.message.keys import DkimKeyError, load_private_key
 
         t = self.tenants
-        for e in [*t.global_dkim, *(e for x in t.by_name.values() for e in x.dkim)]:
-            try:
-                load_private_key(e["key"])
-            except DkimKeyError:
-                pass
+        out: list[str] = []
+        for where, entries in [("[dkim]", t.global_dkim),
+                               *((f"[tenants.{n}.dkim]", x.dkim) for n, x in t.by_name.items())]:  # fmt: skip
+            for e in entries:
+                try:
+                    load_private_key(e["key"])
+                except DkimKeyError as exc:
+                    out.append(f"{where} {e['domain']} selector {e['selector']}: {exc}")
+        return out
+
+    def preload(self) -> None:
+        """:meth:`problems`, each said on stderr as a warning."""
+        import sys
+
+        for p in self.problems():
+            print(
+                f"fastsend: warning: {p}: the mail it signs is deferred until it can be read",
+                file=sys.stderr,
+            )
 
     def for_domain(self, domain: str, tenant: str | None = None) -> list[dict[str, Any]]:
         return self.tenants.dkim_for(tenant, domain)

@@ -23,6 +23,7 @@ import functools
 import gc
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -39,6 +40,7 @@ from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.routes import Router
 from fastsend.delivery.signing import ConfigDKIM, identity_domains
 from fastsend.message import Campaign, CampaignError, RenderError
+from fastsend.message.errors import KeyUnavailable
 from fastsend.message.headers import HeaderError
 from fastsend.message.rawmime import utf8_header
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
@@ -329,6 +331,8 @@ class Worker:
             # operator can put it back).
             try:
                 self.renderer(campaign_id)
+            except KeyUnavailable:
+                raise  # the operator's to put back: deferred (build), never failed
             except (CampaignError, HeaderError) as e:
                 why = f"the campaign cannot be built: {e}"
         self.unowned[campaign_id] = why
@@ -339,7 +343,12 @@ class Worker:
         ``deferred`` (the SMTP client's site queues), a personalised message
         on the direct path is a DeferredMessage (see :meth:`build_each`)."""
         secret = self.config.secret
-        if (why := self.not_owned(batch.campaign)) is not None:
+        try:
+            why = self.not_owned(batch.campaign)
+        except KeyUnavailable as e:
+            self.add_results([TxnResult(it.id, [_key_unavailable(e)]) for it in batch.items], "", "")
+            return []
+        if why is not None:
             self.add_results(
                 [TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"message: {why}", "local")])
                  for it in batch.items], "", "",
@@ -539,6 +548,9 @@ class Worker:
                     data = r.render(it.rcpt, {}, mid)
                     mail_from = r.envelope_from(mid)
                     smtputf8 = r.needs_smtputf8(it.rcpt)
+            except KeyUnavailable as e:
+                failures.append(TxnResult(it.id, [_key_unavailable(e)]))
+                continue
             except (RenderError, CampaignError, ValueError, KeyError, TypeError) as e:
                 failures.append(
                     TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"message: {e}", "local")])
@@ -1186,6 +1198,26 @@ def close_listeners() -> int:
             os.close(fd)
             n += 1
     return n
+
+
+_KEYS_TOLD: set[str] = set()  # the key problems this worker has said on stderr
+
+
+def _key_unavailable(e: Exception) -> Outcome:
+    """A DKIM key the config names that cannot be used: deferred, 451 4.3.5
+    (RFC 3463: system incorrectly configured), until the operator puts it
+    back (it had failed the mail 550 5.6.0: a key moved away during a
+    rotation bounced every message of its domain). What is wrong, with the
+    key's path, goes to the operator's log (once per problem), not into the
+    outcome a tenant reads in its events."""
+    why = str(e)
+    if why not in _KEYS_TOLD and len(_KEYS_TOLD) < 1000:
+        _KEYS_TOLD.add(why)
+        print(f"fastsend: error: DKIM: {why}: its mail is deferred", file=sys.stderr, flush=True)
+    return Outcome(
+        "deferred", 451, "4.3.5",
+        "local configuration: a DKIM key this message is signed with cannot be used", "local",
+    )  # fmt: skip
 
 
 def prepare(config: Config) -> None:

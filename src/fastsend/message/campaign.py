@@ -28,8 +28,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fastsend.message.errors import CampaignError
+from fastsend.message.errors import CampaignError, DkimKeyMissing
 from fastsend.message.headers import HeaderError, encode_domain, parse_mailbox, split_address
+from fastsend.message.htmltext import html_to_text
 from fastsend.message.mime import Renderer, ascii_uri_literals
 from fastsend.message.template import PLAIN_NAME as _PLAIN_NAME
 from fastsend.message.template import Template, TemplateError
@@ -44,7 +45,7 @@ _TOP_KEYS = {
     "name", "description", "from", "reply_to", "to", "subject", "text", "html",
     "text_file", "html_file", "transfer_encoding", "attachments", "headers", "dkim",
     "list_unsubscribe", "feedback_id", "return_path", "verp_domain", "verp_prefix",
-    "tracking",
+    "tracking", "text_from_html",
 }  # fmt: skip
 _RESERVED = {
     "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "mime-version",
@@ -199,11 +200,23 @@ class Campaign:
                 spec[part] = inline
         if "text" not in spec and "html" not in spec:
             raise CampaignError("campaign has neither text nor html")
+        derive = d.get("text_from_html", True)
+        if not isinstance(derive, bool):
+            raise CampaignError("text_from_html must be true or false")
+        if not derive:
+            spec["text_from_html"] = False  # (kept: the spooled spec must not derive one)
+        elif "text" not in spec:
+            _derive_text(spec)
         te = _str(d, "transfer_encoding") or "quoted-printable"
         if te not in ("quoted-printable", "base64"):
             raise CampaignError("transfer_encoding must be 'quoted-printable' or 'base64'")
         spec["transfer_encoding"] = te
         spec["attachments"] = [_attachment(a, base) for a in _list(d.get("attachments"))]
+        cids = [a["cid"] for a in spec["attachments"] if "cid" in a]
+        if cids and "html" not in spec:
+            raise CampaignError("an attachment with a cid (an inline image) needs an html part")
+        if len(set(cids)) < len(cids):
+            raise CampaignError("two attachments have one cid")
         spec["headers"] = _headers(d.get("headers"))
         spec["dkim"] = [_dkim(x, base) for x in _list(d.get("dkim"))]
         spec["list_unsubscribe"] = _unsub(d.get("list_unsubscribe"))
@@ -381,7 +394,7 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
         a = {"path": a}
     if not isinstance(a, Mapping):
         raise CampaignError("each attachment must be a path or a table with 'path'")
-    bad = set(a) - {"path", "filename", "content_type", "data_b64"}
+    bad = set(a) - {"path", "filename", "content_type", "data_b64", "cid"}
     if bad:
         raise CampaignError(f"unknown attachment keys: {', '.join(sorted(bad))}")
     if "data_b64" in a:
@@ -416,7 +429,21 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
     ctype = a.get("content_type") or mimetypes.guess_type(fname)[0] or "application/octet-stream"
     if len(ctype) > 255 or not re.fullmatch(r"[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+", ctype):
         raise CampaignError(f"bad attachment content_type {ctype!r}")
-    return {"filename": fname, "content_type": ctype, "data_b64": data_b64}
+    out = {"filename": fname, "content_type": ctype, "data_b64": data_b64}
+    cid = a.get("cid")
+    if cid is not None:
+        # an inline image, <img src="cid:NAME">: Content-ID <NAME> (RFC 2392; no
+        # "%", so the cid: URL is the id as written, nor <>, space or controls)
+        if not isinstance(cid, str) or not _CID.fullmatch(cid):
+            raise CampaignError(
+                f"bad attachment cid {str(cid)[:80]!r}: 1-200 letters, digits and"
+                " !#$&'*+-./=?^_`{|}~@ (written in the HTML as src=\"cid:NAME\")"
+            )
+        out["cid"] = cid
+    return out
+
+
+_CID = re.compile(r"[A-Za-z0-9!#$&'*+\-./=?^_`{|}~@]{1,200}")
 
 
 def _headers(h: Any) -> dict[str, str]:
@@ -469,7 +496,7 @@ def _dkim(x: Any, base: Path) -> dict[str, Any]:
         out["headers"] = [s.lower() for s in hs]
     if not Path(out["key"]).is_file():
         # What to do about it, not only what is wrong: the command that makes the key.
-        raise CampaignError(
+        raise DkimKeyMissing(
             f"[dkim] key file not found: {out['key']} (make one with `fastsend dkim keygen"
             f" --domain {domain} --selector {out['selector']} --out {out['key']}` and publish"
             " the record it prints)"
@@ -528,6 +555,22 @@ def _one_click(spec: dict[str, Any], templates: Mapping[str, Template]) -> None:
             " one_click = false"
         )
     unsub["one_click"] = False
+
+
+def _derive_text(spec: dict[str, Any]) -> None:
+    """An HTML-only campaign gets a text part said from its HTML (htmltext):
+    a message with only an HTML part is scored as spam (SpamAssassin's
+    MIME_HTML_ONLY) and unreadable to a text-only reader. Kept in the spec,
+    so the spooled campaign is sent as it was accepted. Nothing when the HTML
+    says nothing in text (an image alone) or is no template (its own error
+    comes from _parse_templates)."""
+    try:
+        Template(spec["html"])
+    except TemplateError:
+        return
+    text = html_to_text(spec["html"])
+    if text.strip():
+        spec["text"] = text
 
 
 def _parse_templates(spec: Mapping[str, Any]) -> dict[str, Template]:

@@ -1,4 +1,4 @@
-"""The two errors of the message area.
+"""The errors of the message area.
 
 :class:`CampaignError` is the campaign author's fault (bad file, bad template,
 missing columns): raised before sending starts, the campaign does not run.
@@ -9,7 +9,7 @@ on.
 
 from __future__ import annotations
 
-__all__ = ["CampaignError", "RenderError"]
+__all__ = ["CampaignError", "DkimKeyMissing", "KeyUnavailable", "RenderError"]
 
 
 class CampaignError(ValueError):
@@ -18,3 +18,15 @@ class CampaignError(ValueError):
 
 class RenderError(ValueError):
     """One recipient's message cannot be built; the campaign goes on."""
+
+
+class KeyUnavailable(ValueError):
+    """A DKIM key the configuration names cannot be used (no such file, not
+    readable, not a key): the operator's to put right, so the mail it signs is
+    deferred (a local error), never failed: a key moved away during a rotation
+    had bounced every message of the domain (550 5.6.0)."""
+
+
+class DkimKeyMissing(CampaignError, KeyUnavailable):
+    """A campaign's (or the config's) [dkim] key file is not there: refused at
+    accept as the campaign's error; met when the mail is built, deferred."""

@@ -16,12 +16,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from fastsend.message.errors import KeyUnavailable
+
 __all__ = ["DkimKeyError", "PrivateKey", "generate", "load_private_key", "public_txt", "write_key"]
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
-class DkimKeyError(ValueError):
+class DkimKeyError(KeyUnavailable):
     """A key file that cannot be used for DKIM."""
 
 

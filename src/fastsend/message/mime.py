@@ -484,7 +484,7 @@ def base64_body(data: bytes) -> bytes:
 _FNAME_PLAIN = re.compile(r'[ !#-\[\]-~]*')  # printable ASCII but " and \\
 
 
-def disposition(filename: str) -> str:
+def disposition(filename: str, kind: str = "attachment") -> str:
     """The ``Content-Disposition`` line of an attachment named ``filename``
     (CRLF-terminated, no line past 78 characters): ``filename="..."`` when it
     is short printable ASCII, else RFC 2231: UTF-8 percent-encoded, in
@@ -492,14 +492,15 @@ def disposition(filename: str) -> str:
     long name on one line would pass the 998-octet line limit). A name holding
     ``=?`` is encoded too: mail clients decode an encoded word in a quoted
     filename (RFC 2047 says not to), so ``=?utf-8?q?invoice?=.pdf`` showed as
-    ``invoice.pdf``, as the Subject's lookalikes are encoded."""
-    line = f'Content-Disposition: attachment; filename="{filename}"'
+    ``invoice.pdf``, as the Subject's lookalikes are encoded. ``kind``:
+    ``inline`` for an inline image (shown where the HTML names its cid)."""
+    line = f'Content-Disposition: {kind}; filename="{filename}"'
     plain = "=?" not in filename and _FNAME_PLAIN.fullmatch(filename) is not None
     if len(line) <= 78 and plain:
         return line + "\r\n"
     enc = quote(filename, safe="")
     if len(enc) <= 40:
-        return f"Content-Disposition: attachment;\r\n filename*=utf-8''{enc}\r\n"
+        return f"Content-Disposition: {kind};\r\n filename*=utf-8''{enc}\r\n"
     parts: list[str] = []
     i = 0
     while i < len(enc):  # pieces of <= 45 characters, never splitting a %XX
@@ -510,7 +511,7 @@ def disposition(filename: str) -> str:
         parts.append(enc[i:j])
         i = j
     lines = [f" filename*{i}*={'utf-8' + chr(39) * 2 if i == 0 else ''}{p}" for i, p in enumerate(parts)]
-    return "Content-Disposition: attachment;\r\n" + ";\r\n".join(lines) + "\r\n"
+    return f"Content-Disposition: {kind};\r\n" + ";\r\n".join(lines) + "\r\n"
 
 
 def _normalize_text(text: str) -> str:
@@ -565,9 +566,12 @@ class _TextPart:
     where each placeholder stands (``escapes``: template.html_escapes; None
     when none needs it), a text part's never."""
 
-    __slots__ = ("defaults", "encoding", "escapes", "headers", "literals", "names", "template")
+    __slots__ = (
+        "defaults", "encoding", "escapes", "headers", "literals", "names", "subtype", "template",
+    )  # fmt: skip
 
     def __init__(self, subtype: str, source: str, encoding: str) -> None:
+        self.subtype = subtype
         self.template = t = Template(_normalize_text(source))
         self.literals, self.names, self.defaults = t.literals, t._names, t._defaults
         esc = html_escapes(t) if subtype == "html" else ()
@@ -666,8 +670,22 @@ class Renderer:
         self._parts = parts
         self._alt = _new_boundary("a") if len(parts) > 1 else ""
         attachments = spec.get("attachments") or []
+        # An attachment with a cid is an inline image: with the HTML part in a
+        # multipart/related (RFC 2387), where its <img src="cid:NAME"> finds it
+        # (RFC 2392); alternative(text, related(html, images)), as mail
+        # clients write it. (A campaign has html when it has one: Campaign.)
+        inline = [a for a in attachments if a.get("cid")] if spec.get("html") is not None else []
+        attachments = [a for a in attachments if not any(a is b for b in inline)]
+        self._related = _new_boundary("r") if inline else ""
         self._mixed = _new_boundary("m") if attachments else ""
         self._attachments = b"".join(self._attachment_part(a) for a in attachments)
+        rel = self._related.encode("ascii")
+        self._inline_close = (
+            b"".join(self._attachment_part(a, rel) for a in inline) + CRLF + b"--" + rel + b"--" + CRLF
+        )
+        self._related_head = (
+            b'Content-Type: multipart/related; boundary="' + rel + b'"; type="text/html"' + CRLF
+        )
         # A non-ASCII local part in an address the message always carries (From,
         # the return path, a Reply-To or To without placeholders) is UTF-8 in
         # its header: every message needs SMTPUTF8 (RFC 6531/6532).
@@ -688,13 +706,13 @@ class Renderer:
         self._date_line = b""
         # Static pieces of the body and the content headers, made once.
         alt = self._alt.encode("ascii")
-        self._alt_pre = [b"--" + alt + CRLF + p.headers + CRLF for p in parts]
+        self._alt_pre = [b"--" + alt + CRLF + self._member_head(p) + CRLF for p in parts]
         self._alt_close = b"--" + alt + b"--" + CRLF
         mixed = self._mixed.encode("ascii")
         if len(parts) > 1:
             inner_head = b'Content-Type: multipart/alternative; boundary="' + alt + b'"' + CRLF
         else:
-            inner_head = parts[0].headers
+            inner_head = self._member_head(parts[0])
         self._mixed_open = b"--" + mixed + CRLF + inner_head + CRLF
         self._mixed_close = self._attachments + CRLF + b"--" + mixed + b"--" + CRLF
         content = (
@@ -708,7 +726,7 @@ class Renderer:
             tuple(h.entry() for h in self._tail),
             tuple(self._content),
             self._segments(),
-            len(parts) == 1 and not self._mixed,
+            len(parts) == 1 and not self._mixed and not self._related,
             self._to_custom,
             self.mid_domain,
         )
@@ -740,14 +758,39 @@ class Renderer:
         self._defer_signed = ms is not None and self._plans[0][0].algorithm == "ed25519-sha256"
 
     # -- compile-time helpers -------------------------------------------------
-    def _attachment_part(self, a: Mapping[str, Any]) -> bytes:
-        head = (
-            f"--{self._mixed}\r\n"
-            f"Content-Type: {a['content_type']}\r\n"
-            f"{disposition(a['filename'])}"
-            "Content-Transfer-Encoding: base64\r\n\r\n"
-        ).encode("ascii")
+    def _attachment_part(self, a: Mapping[str, Any], related: bytes = b"") -> bytes:
+        """An attachment's part, or with ``related`` (its boundary) an inline
+        image's: ``Content-ID: <cid>``, disposition inline."""
+        if related:
+            head = (
+                f"--{related.decode('ascii')}\r\n"
+                f"Content-Type: {a['content_type']}\r\n"
+                f"Content-ID: <{a['cid']}>\r\n"
+                f"{disposition(a['filename'], 'inline')}"
+                "Content-Transfer-Encoding: base64\r\n\r\n"
+            ).encode("ascii")
+        else:
+            head = (
+                f"--{self._mixed}\r\n"
+                f"Content-Type: {a['content_type']}\r\n"
+                f"{disposition(a['filename'])}"
+                "Content-Transfer-Encoding: base64\r\n\r\n"
+            ).encode("ascii")
         return head + base64_body(base64.b64decode(a["data_b64"]))
+
+    def _member_head(self, part: _TextPart) -> bytes:
+        """The content header of a body part's place: the HTML part's
+        multipart/related when it has inline images."""
+        if self._related and part.subtype == "html":
+            return self._related_head
+        return part.headers
+
+    def _member(self, part: _TextPart, seg: Segment) -> list[Segment]:
+        """The chunks of a body part's place (after its content header)."""
+        if self._related and part.subtype == "html":
+            rel = self._related.encode("ascii")
+            return [b"--" + rel + CRLF + part.headers + CRLF, seg, CRLF, self._inline_close]
+        return [seg]
 
     # -- per recipient --------------------------------------------------------
     def _date(self) -> bytes:
@@ -765,15 +808,15 @@ class Renderer:
         """The body of the whole message as :class:`Assembly` segments (its
         content headers are ``self._content``)."""
         parts = self._parts
-        segs = [p.segment() for p in parts]
+        members = [self._member(p, p.segment()) for p in parts]
         if len(parts) == 1:
             if not self._mixed:
-                return (segs[0],)
-            chunks = [self._mixed_open, segs[0], CRLF, self._mixed_close]
+                return tuple(members[0])
+            chunks = [self._mixed_open, *members[0], CRLF, self._mixed_close]
         else:
             chunks = [self._mixed_open] if self._mixed else []
-            for seg, pre in zip(segs, self._alt_pre, strict=True):
-                chunks += [pre, seg, CRLF]
+            for member, pre in zip(members, self._alt_pre, strict=True):
+                chunks += [pre, *member, CRLF]
             chunks.append(self._alt_close)
             if self._mixed:
                 chunks += [CRLF, self._mixed_close]

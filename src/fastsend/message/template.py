@@ -74,6 +74,7 @@ __all__ = [
     "foreign_tag",
     "html_escapes",
     "html_value",
+    "placeholder_spans",
     "url_escapes",
 ]
 
@@ -197,6 +198,21 @@ class Placeholder:
 
     def __repr__(self) -> str:
         return f"Placeholder({self.name!r}, {self.default!r}, raw={self.raw})"
+
+
+def placeholder_spans(source: str) -> list[tuple[int, int]]:
+    """(start, end) of each placeholder of ``source``, as :class:`Template`
+    reads them (a ``{{`` that starts none is left out: Template refuses it)."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    while (start := source.find("{{", pos)) >= 0:
+        m = _PLACEHOLDER.match(source, start)
+        if m is None:
+            pos = start + 2
+            continue
+        spans.append((start, m.end()))
+        pos = m.end()
+    return spans
 
 
 class Template:
