@@ -9,7 +9,8 @@ it found, failing before its fix.
   address (RFC 5321 4.1.3);
 - an IPv6 literal without its ``IPv6:`` tag (``u@[::1]``) and an IPv4 address
   with it were accepted; one literal written two ways (``[IPv6:2001:DB8:0::1]``,
-  ``[ipv6:2001:db8::1]``) was two recipients;
+  ``[ipv6:2001:db8::1]``) was two recipients; a recipient at an IPv6 literal
+  failed to render ("invalid domain", 550): it goes to that address;
 - the suppression list refused address literals and quoted local parts: a
   recipient ``u@[192.0.2.1]`` or ``"john doe"@example.com`` who unsubscribed
   or hard-bounced was not suppressed (``add_entries`` skips what it cannot
@@ -88,6 +89,27 @@ def test_a_malformed_address_literal_is_refused(addr: str) -> None:
     for normalize in _twins():
         with pytest.raises(AddressError, match="address literal"):
             normalize(addr)
+
+
+def test_a_recipient_at_an_ipv6_literal_is_delivered_there(tmp_path: Path) -> None:
+    """``u@[IPv6:::1]`` (held as ``u@[ipv6:::1]``) failed at render, 550 "invalid
+    domain '[ipv6:::1]'" (the header check knew the tag in capitals only): it is
+    sent to that address, as an MX's (non-public: allow_private_mx)."""
+    from _smtp_helpers import aiosmtpd_server
+
+    port = free_port()  # (a port of this worker's slice; bound on ::1 here)
+    with aiosmtpd_server(port, host="::1") as (_ctl, handler):
+        (tmp_path / "c.toml").write_text(CAMPAIGN + 'to = "{{ name }} <{{ email }}>"\n')
+        (tmp_path / "r.csv").write_text("email,name\nu@[IPv6:0:0::1],U\n")
+        (tmp_path / "f.toml").write_text(
+            f"[dns]\nmx_port = {port}\ntimeout = 1\n[delivery]\nallow_private_mx = true\n"
+        )
+        p = _run(tmp_path, "send", "c.toml", "-r", "r.csv", "-c", "f.toml", "--spool", "sp", "--json",
+                 "--no-progress", "--workers", "1", "--max-wait", "3", "--no-dkim")  # fmt: skip
+        assert json.loads(p.stdout)["delivered"] == 1, (p.stdout, p.stderr, _log(tmp_path))
+        (m,) = handler.messages
+        assert m["rcpts"] == ["u@[ipv6:::1]"]
+        assert b"\r\nTo: U <u@[ipv6:::1]>\r\n" in m["data"]
 
 
 def test_send_refuses_a_dotted_quad_recipient_and_sends_the_rest(

@@ -30,7 +30,6 @@ from typing import Any
 
 from fastsend.message.errors import CampaignError, DkimKeyMissing
 from fastsend.message.headers import HeaderError, encode_domain, parse_mailbox, split_address
-from fastsend.message.htmltext import html_to_text
 from fastsend.message.mime import Renderer, ascii_uri_literals
 from fastsend.message.template import PLAIN_NAME as _PLAIN_NAME
 from fastsend.message.template import Template, TemplateError
@@ -568,6 +567,8 @@ def _derive_text(spec: dict[str, Any]) -> None:
         Template(spec["html"])
     except TemplateError:
         return
+    from fastsend.message.htmltext import html_to_text  # (here: html.entities, only for it)
+
     text = html_to_text(spec["html"])
     if text.strip():
         spec["text"] = text

@@ -60,7 +60,9 @@ _U_DOT_ATOM = re.compile(rf"{_U_ATEXT}+(?:\.{_U_ATEXT}+)*")
 _ASCII_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*\.?"
 )
-_ADDR_LITERAL = re.compile(r"\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\]")
+# (the tag in any case: a recipient's literal is held as "[ipv6:...]", address.literal,
+# and its To line and RCPT TO had failed "invalid domain", 550 for every such recipient)
+_ADDR_LITERAL = re.compile(r"\[[0-9A-Fa-f:.]+\]|\[[Ii][Pp][Vv]6:[0-9A-Fa-f:.]+\]")
 
 
 def check_header_value(value: str, what: str = "header value") -> str:
