@@ -337,3 +337,148 @@ def test_sns_signing_certificates_come_only_from_snss_own_hosts(url: str, allowe
     with pytest.raises(pev._Unauthorized):
         asyncio.run(pe._cert_key(url))
     assert bool(asked) is allowed, asked
+
+
+def _counting_mailgun(state: dict[str, int]) -> Any:
+    """Mailgun's messages.mime that counts the requests it holds at once."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.Response:
+        state["now"] += 1
+        state["max"] = max(state["max"], state["now"])
+        try:
+            await request.read()
+            await asyncio.sleep(0.005)
+            state["n"] += 1
+            return web.json_response({"id": f"<{state['n']}@mg>", "message": "Queued. Thank you."})
+        finally:
+            state["now"] -= 1
+
+    app = web.Application(client_max_size=30 * 1024 * 1024)
+    app.router.add_post("/v3/{domain}/messages.mime", handle)
+    return app
+
+
+@pytest.mark.parametrize("conns,workers", [(1, 2), (3, 2)])
+def test_max_connections_holds_across_workers(tmp_path: Path, conns: int, workers: int) -> None:
+    """``max_connections`` is the transport's requests in flight across all
+    workers (examples/fastsend.toml). Each worker took ``ceil(total /
+    workers)``: 1 over 2 workers was 2 requests at once, 3 over 2 was 4. Now
+    the parts add up to the total, and with fewer requests than workers they
+    share places (transports.slots): both workers send, never more at once."""
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = [f"m{i}@example.{('net', 'org', 'com')[i % 3]}" for i in range(400)]
+    rcpts = write_recipients(tmp_path, addrs)
+    state = {"now": 0, "max": 0, "n": 0}
+    with ThreadedApp(_counting_mailgun(state)) as app:
+        cfg = (
+            "[delivery]\nbatch_size = 20\n"  # claims shared by both workers
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\n'
+            f'max_connections = {conns}\ndomain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg, {"FASTSEND_MG_API_KEY": "k"},
+                    "--max-wait", "5", "--no-dkim", "--workers", str(workers))  # fmt: skip
+    s = summary(proc)
+    assert s["delivered"] == len(addrs) and state["n"] == len(addrs), (s, proc.stderr[-2000:])
+    assert 1 <= state["max"] <= conns, state
+
+
+@pytest.mark.parametrize("conns", [1, 3])
+def test_a_relays_max_connections_holds_across_workers_and_source_ips(
+    tmp_path: Path, conns: int
+) -> None:
+    """A relay's ``max_connections`` is its sessions across all workers
+    (examples/fastsend.toml). Each (worker, source IP) lane took at least one:
+    two workers with two addresses each held 4 sessions with a relay set to 1
+    (and to 3). Now each session holds one of the node's places
+    (transports.slots) and the mail still all goes, once."""
+    import ssl
+
+    import trustme
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP
+    from tests.test_transports_relay import ENV, Relay, RelayHandler, authenticator, relay_config
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("relay.test", "127.0.0.1")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = [f"s{i}@example.{('net', 'org', 'com')[i % 3]}" for i in range(300)]
+    rcpts = write_recipients(tmp_path, addrs)
+    state = {"max": 0}
+    open_: set[int] = set()  # sessions (STARTTLS calls connection_made again)
+
+    class Counting(SMTP):  # type: ignore[misc]
+        def connection_made(self, transport: Any) -> None:
+            open_.add(id(self))
+            state["max"] = max(state["max"], len(open_))
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            open_.discard(id(self))
+            super().connection_lost(exc)
+
+    class CountingController(Controller):  # type: ignore[misc]
+        def factory(self) -> SMTP:
+            return Counting(self.handler, **self.SMTP_kwargs)
+
+    handler = RelayHandler()
+    relay = Relay(handler, ctx, implicit=False)
+    relay.controller = CountingController(
+        handler, hostname="127.0.0.1", port=relay.port, authenticator=authenticator(handler),
+        auth_required=True, decode_data=False, tls_context=ctx, require_starttls=True,
+        auth_require_tls=True,
+    )  # fmt: skip
+    with relay:
+        ips = '[ips]\nsource = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]\n'
+        cfg = "[delivery]\nbatch_size = 20\n" + ips + relay_config(
+            relay.port, ca_path, retry=False
+        ).replace("max_connections = 8", f"max_connections = {conns}")
+        proc = send(tmp_path, camp, rcpts, cfg, ENV, "--max-wait", "5", "--no-dkim",
+                    "--workers", "2")  # fmt: skip
+    s = summary(proc)
+    got = Counter(r for rs, _ in handler.messages for r in rs)
+    assert s["delivered"] == len(addrs) and got == Counter(addrs), (s, proc.stderr[-2000:])
+    assert 1 <= state["max"] <= conns, state
+
+
+def test_slots_hold_across_processes_and_a_killed_holder_frees_its_place(tmp_path: Path) -> None:
+    """transports.slots: a place held by one worker process is refused to
+    another; the holder sees that one waiting; a holder killed (-9) frees its
+    place without any cleanup of its own (the kernel drops its locks)."""
+    import os
+    import signal
+
+    from fastsend.transports.slots import Slots
+
+    path = str(tmp_path / "transport-slots" / "relay1")
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # worker 0: takes the only place, then answers "is another waiting?"
+        try:
+            mine = Slots(path, 0, 1)
+            os.write(from_child, b"1" if mine.acquire() == 0 else b"0")
+            while os.read(to_child, 1) == b"?":
+                os.write(from_child, b"y" if mine.others_waiting(2) else b"n")
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(to_parent, 1) == b"1"
+        me = Slots(path, 1, 1)  # worker 1
+        assert os.write(from_parent, b"?") and os.read(to_parent, 1) == b"n"
+        assert me.acquire() is None and me.wanting
+        assert os.write(from_parent, b"?") and os.read(to_parent, 1) == b"y"
+        me.unwant()
+        assert os.write(from_parent, b"?") and os.read(to_parent, 1) == b"n"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert me.acquire() == 0  # freed by the kernel at the holder's death

@@ -76,7 +76,7 @@ import functools
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastsend.config import Config
 from fastsend.delivery import dane
@@ -87,6 +87,9 @@ from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
 from fastsend.shaping.policy import Limits
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
 from fastsend.wire import ELSEWHERE_IP, ELSEWHERE_WORKER
+
+if TYPE_CHECKING:
+    from fastsend.transports.slots import Slots
 
 Report = Callable[[list[TxnResult], str, str], None]  # results, source_ip, mx
 # envelopes, delay (s) before the first may be tried again, spacing (s), why
@@ -112,6 +115,11 @@ DOWN_FOR = 60.0
 # A connection refused while others of the site work caps the site's
 # connections at those that work for this long (then it probes again).
 CAP_FOR = 60.0
+# A relay's connections shared by the node's workers (transports.slots): how
+# often a worker with none tries for a place again, and how long one that left
+# its place to a waiting worker leaves it.
+SLOT_WAIT = 0.05
+SLOT_YIELD = 0.25
 # A site none of whose addresses took a TCP connection or greeted on it, with
 # no session of its own open, is unreachable: its mail is answered with that failure for this
 # long (at most [retry] min_backoff) without a new connection (Postfix's dead
@@ -202,6 +210,14 @@ class SiteQueue:
         self.sessions = 0  # ... of which have an open session
         self.cap = 0  # the most connections to open before cap_until (0: no cap)
         self.cap_until = 0.0
+        # A relay's connections shared with the node's other workers (its
+        # max_connections is theirs together: transports.slots, set by
+        # delivery.routes): each connection task holds a place; ``workers``
+        # of them; until when this one leaves a freed place to a waiting one.
+        self.slots: Slots | None = None
+        self.slot_workers = 1
+        self.yield_until = 0.0
+        self.slot_timer: asyncio.TimerHandle | None = None
         # Unreachable until (monotonic; 0: it is not), and the answer meanwhile;
         # each source IP whose last connection found the site unusable, until when.
         self.dead_until = 0.0
@@ -294,6 +310,8 @@ class SiteQueue:
         return self.shaper.lane(ip, self.lanes_key, self.limits, self.pool, time.time())
 
     def _scale(self) -> None:
+        if self.slots is not None and self.slots.wanting:
+            self.slots.unwant()  # marked again below if it still finds no place
         if self.closing or not self.pending:
             return
         d = self.config.delivery
@@ -305,16 +323,28 @@ class SiteQueue:
                 self.cap = 0
         # One more connection per `pipeline` envelopes waiting, up to the limit.
         want = min(limit, max(1, -(-len(self.pending) // d.pipeline)))
+        no_place = False
         while self.active < want:
+            place = -1
+            if self.slots is not None:
+                got = self._place()
+                if got is None:
+                    no_place = True
+                    break
+                place = got
             lane = self._next_lane()
             if lane is None:
+                if place >= 0 and self.slots is not None:
+                    self.slots.release(place)
                 break
             lane.active += 1  # counted at once, so the next pick sees it
             self.nconn += 1
-            task = asyncio.get_running_loop().create_task(self._connection(lane))
+            task = asyncio.get_running_loop().create_task(self._connection(lane, place))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         if not self.nconn:
+            if no_place:
+                return  # the node's other workers hold the relay's connections
             if self._waits_for_lane():
                 return  # (Lane.waiters: called again when one of its connections closes)
             if self._borrowed_only():
@@ -324,6 +354,23 @@ class SiteQueue:
                 asyncio.get_running_loop().call_later(TRIM_WAIT, self._scale)
                 return
             self._hold()
+
+    def _place(self) -> int | None:
+        """A place among the relay's connections on this node (``slots``), or
+        None and a new try shortly (another worker gets it first when it
+        waits and this one just freed one)."""
+        assert self.slots is not None
+        now = time.monotonic()
+        got = self.slots.acquire(not self.nconn) if now >= self.yield_until else None
+        if got is None and self.slot_timer is None:
+
+            def again() -> None:
+                self.slot_timer = None
+                self._scale()
+
+            wait = max(SLOT_WAIT, self.yield_until - now)
+            self.slot_timer = asyncio.get_running_loop().call_later(wait, again)
+        return got
 
     def _waits_for_lane(self) -> bool:
         """Whether a source IP's lane may carry mail but has all the connections
@@ -609,7 +656,7 @@ class SiteQueue:
                 policy=sts.lines, mx_host=sts.mx, receiving_ip=host.address,
             )  # fmt: skip
 
-    async def _connection(self, lane: Lane) -> None:
+    async def _connection(self, lane: Lane, place: int = -1) -> None:
         ip = lane.ip
         pipeline = self.config.delivery.pipeline
         # Messages this connection takes per group: `pipeline`, or up to
@@ -622,6 +669,7 @@ class SiteQueue:
         top = pipeline * GROUP_GROW
         batch: list[Envelope] = []  # taken from pending and not yet reported
         over = False  # left because the lane's connections were cut below its open ones
+        leave = False  # left to give its place to another worker (slots)
         try:
             while self.pending and not self.closing:
                 wait = lane.connect_wait(time.monotonic())
@@ -677,6 +725,18 @@ class SiteQueue:
                 self.sessions += 1
                 try:
                     while conn.usable:
+                        if (
+                            place >= 0
+                            and self.slots is not None
+                            and progress
+                            and self.slots.others_waiting(self.slot_workers)
+                        ):
+                            # Another worker waits for one of the relay's
+                            # connections: this one ends between transactions
+                            # and leaves it its place.
+                            leave = True
+                            self.yield_until = time.monotonic() + SLOT_YIELD
+                            break
                         if lane.active > lane.max_connections:
                             # Its share of a relay's connections was cut (another
                             # node joined: wire.TransportShares): this one ends
@@ -760,7 +820,7 @@ class SiteQueue:
                         await conn.quit()
                     else:
                         conn.close()
-                if not self.pending or over or lane.waiters:
+                if not self.pending or over or leave or lane.waiters:
                     break  # (waiters: other sites' turn on the lane first, see finally)
         except Exception as e:
             # A local bug must not strand the mail this connection holds (nor
@@ -774,6 +834,8 @@ class SiteQueue:
         finally:
             if not over:
                 lane.active -= 1
+            if place >= 0 and self.slots is not None:
+                self.slots.release(place)
             self.nconn -= 1
             if lane.waiters:
                 # Other sites of its provider wait for a connection of the lane:

@@ -33,6 +33,9 @@ in-flight bound is per transport, in its queue).
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from fastsend import wire
     from fastsend.config import Config
     from fastsend.transports.http import HTTPTransport
+    from fastsend.transports.slots import Slots
 
 
 def prepare(config: Config) -> None:
@@ -115,6 +119,30 @@ class Router:
         # provider site key -> a reload's retiring worker's queue (wire.Lanes
         # providers), taken over when this worker makes that queue.
         self.inherited: dict[str, tuple[float, float, int, float]] = {}
+        # Transport name -> its places shared with the node's other workers
+        # (transports.slots): one per transport in this process (its record
+        # locks are the process's: two open files of it would share them).
+        self.slots: dict[str, Slots | None] = {}
+
+    def slots_of(self, name: str) -> Slots | None:
+        """The places of transport ``name`` shared with the node's other
+        workers (None when its file cannot be made: each worker's part
+        alone bounds it then, as before, and a warning says so)."""
+        if name in self.slots:
+            return self.slots[name]
+        from fastsend.transports.slots import Slots
+
+        path = os.path.join(
+            self.config.spool_dir, "transport-slots", re.sub(r"[^\w.-]", "_", name)
+        )
+        got: Slots | None = None
+        try:
+            got = Slots(path, getattr(self.w, "index", 0), 0)
+        except OSError as e:
+            print(f"fastsend: warning: {path}: {e.strerror}: transport {name}'s"
+                  " max_connections is not shared among the workers", file=sys.stderr)  # fmt: skip
+        self.slots[name] = got
+        return got
 
     def inherit(self, providers: dict[str, tuple[float, float, int, float]]) -> None:
         """wire.Lanes' providers: each queue made already takes it over now, the
@@ -157,6 +185,8 @@ class Router:
             if spec is None or name not in self.conns:
                 continue
             q.limits = self._relay_limits(spec, self.conns[name])
+            if q.slots is not None:
+                q.slots.total = max(1, self.conns[name])
             for (_ip, site_key), lane in w.shaper.lanes.items():
                 if site_key == q.site.key:
                     lane.max_connections = q.limits.max_connections
@@ -218,6 +248,14 @@ class Router:
                 connect_options=relay.connect_options(spec),
             )
             q.transport = name  # set_conns finds it by this
+            if q.slots is None:
+                # The relay's max_connections is the node's workers' together
+                # (each lane's share is at least 1: 16 workers had 16 sessions
+                # with a relay that takes 4): each connection holds a place.
+                q.slots = self.slots_of(name)
+                q.slot_workers = self.config.worker_count
+            if q.slots is not None:
+                q.slots.total = max(1, self.conns.get(name) or spec.max_connections)
             return q
         key = ("", f"provider:{name}")
         q = w.sites.get(key)
@@ -236,6 +274,8 @@ class Router:
                 move_on=self.move_on,
                 on_cut=self.on_cut,
                 dead_for=min(DEAD_FOR, self.config.retry.min_backoff),
+                index=getattr(w, "index", 0),
+                slots=self.slots_of(name),
             )
             # A reload's retiring worker's requests still in flight there (wire.Conns).
             q.borrowed = w.shaper.borrowed.get(key, 0)

@@ -26,9 +26,10 @@ gives (:func:`map_status`):
 
 :class:`ProviderQueue` is the ready queue of one HTTP transport in a worker
 (it stands where a :class:`~fastsend.delivery.pool.SiteQueue` stands, with the
-same attributes the worker reads): at most ``max_connections / workers``
-requests in flight (in a reload's overlap, the retiring worker's counted in:
-``borrowed``), a GCRA bucket when the transport has a rate (SES: its
+same attributes the worker reads): at most its part of ``max_connections``
+requests in flight (the parts add up to it; with fewer than the workers, one
+at a time while it holds one of the places they share: transports.slots; in a
+reload's overlap, the retiring worker's counted in: ``borrowed``), a GCRA bucket when the transport has a rate (SES: its
 account's MaxSendRate, read once), and on throttling: a pause (Retry-After, or
 1 s doubling), the rate halved (or, with no rate, the in-flight bound), the
 throttled envelopes back at the head of the queue -- after ``MAX_THROTTLES``
@@ -49,7 +50,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -57,12 +58,20 @@ from fastsend.config.transports import TransportSpec
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.throttle import Gcra
 
+if TYPE_CHECKING:
+    from fastsend.transports.slots import Slots
+
 MAX_THROTTLES = 8  # throttles of one envelope before it is answered deferred
 # A provider no request could connect to, none in flight: its lane answers what
 # it holds, and what is pushed for this long (at most [retry] min_backoff), with
 # that failure, without a request (as delivery.pool.DEAD_FOR for a site).
 DEAD_FOR = 60.0
 MIN_PAUSE = 0.5
+# Fewer requests in flight allowed than workers (transports.slots): how often a
+# worker waiting for a place tries again, and how long one that freed a place
+# while another waited leaves it to that one.
+SLOT_POLL = 0.005
+SLOT_YIELD = 0.05
 MAX_PAUSE = 60.0
 # Reasons of fastsend.bounce.reply -> the RFC 3463 status a bounce carries.
 _STATUS = {
@@ -418,6 +427,8 @@ class ProviderQueue:
         move_on: MoveOn | None = None,
         on_cut: Callable[[Envelope, list[Envelope]], None] | None = None,
         dead_for: float = DEAD_FOR,
+        index: int = 0,
+        slots: Slots | None = None,
     ) -> None:
         self.transport = transport
         self.move_on = move_on
@@ -433,7 +444,15 @@ class ProviderQueue:
         self.pending: collections.deque[Envelope] = collections.deque()
         self.campaign_of: dict[int, int] = {}  # first tag id -> campaign (batching)
         self.throttles: dict[int, int] = {}
-        self.limit_max = max(1, math.ceil((conns or transport.spec.max_connections) / self.workers))
+        # This worker's part of the transport's requests in flight (``_share``),
+        # and the places shared with the other workers when there are fewer
+        # requests than workers (transports.slots; the worker's one for this
+        # transport: delivery.routes).
+        self.index = index
+        self.slots = slots
+        self.yield_until = 0.0  # monotonic: another worker waits for the place freed
+        self.limit_max = 1
+        self._share(conns or transport.spec.max_connections)
         self.limit = self.limit_max
         self.bucket: Gcra | None = None
         self.rate_max = 0.0
@@ -492,10 +511,29 @@ class ProviderQueue:
         if self.ready and self.pending:
             self.pump()
 
+    def _share(self, total: int) -> None:
+        """This worker's part of ``total`` requests in flight (the node's):
+        ``total // workers``, the remainder to the first workers, so that the
+        parts add up to the total (each worker took ``ceil(total / workers)``:
+        max_connections = 3 over 2 workers was 4 in flight, 1 over 2 was 2).
+        With fewer than one each, every worker may hold one, and only while it
+        holds one of the ``total`` places it shares with the others
+        (:class:`~fastsend.transports.slots.Slots`)."""
+        total = max(1, total)
+        w = self.workers
+        if total >= w or self.slots is None:
+            self.limit_max = max(1, total // w + (1 if self.index % w < total % w else 0))
+            if self.slots is not None:
+                self.slots.total = 0  # what is held is released as its request ends
+            return
+        self.limit_max = 1
+        self.slots.total = total
+
     def set_conns(self, total: int) -> None:
         """This node's share of the transport's max_connections changed (other
         nodes came or went): this worker's part of it. Requests over it finish."""
-        new = max(1, math.ceil(total / self.workers))
+        self._share(total)
+        new = self.limit_max
         full = self.limit >= self.limit_max
         self.limit_max = new
         self.limit = new if full else min(self.limit, new)
@@ -595,6 +633,8 @@ class ProviderQueue:
         )
 
     def pump(self) -> None:
+        if self.slots is not None and self.slots.wanting:
+            self.slots.unwant()  # marked again below if it still finds no place
         if self.closing:
             return
         loop = asyncio.get_running_loop()
@@ -613,17 +653,31 @@ class ProviderQueue:
                 cap = min(cap, bucket.burst)
             if len(self.pending[0].rcpts) > cap:
                 self._cut(cap)
+            place = -1
+            slots = self.slots
+            if slots is not None and slots.total:
+                # Fewer requests than workers: one of the places they share.
+                if now < self.yield_until:
+                    self._later(self.yield_until - now)
+                    return
+                got = slots.acquire()
+                if got is None:
+                    self._later(SLOT_POLL)
+                    return
+                place = got
             envs = self.transport.take(self.pending, cap, self._same)
             if bucket is not None:
                 n = min(sum(len(e.rcpts) for e in envs), bucket.burst)
                 wait = bucket.acquire(now, n)
                 if wait > 0:
                     self.pending.extendleft(reversed(envs))
+                    if place >= 0 and slots is not None:
+                        slots.release(place)
                     self._later(wait)
                     return
             self.nconn += 1
             self.sending += 1
-            self._spawn(self._request(envs))
+            self._spawn(self._request(envs, place))
         del loop
 
     def _cut(self, cap: int) -> None:
@@ -677,7 +731,7 @@ class ProviderQueue:
         self.ready = True
         self.pump()
 
-    async def _request(self, envs: list[Envelope]) -> None:
+    async def _request(self, envs: list[Envelope], place: int = -1) -> None:
         started = time.monotonic()
         try:
             try:
@@ -699,6 +753,12 @@ class ProviderQueue:
         finally:
             self.nconn -= 1
             self.sending -= 1
+            if place >= 0 and self.slots is not None:
+                self.slots.release(place)
+                if self.slots.others_waiting(self.workers):
+                    # Another worker waits for a place: it goes first (this one
+                    # would take it again at once, below, and that one never).
+                    self.yield_until = time.monotonic() + SLOT_YIELD
         if isinstance(ans, Throttled):
             self.failing = False
             self._throttled(envs, ans, started)

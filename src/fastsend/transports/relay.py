@@ -12,7 +12,9 @@ a :class:`~fastsend.delivery.pool.SiteQueue` that submits to one host.
   STARTTLS not offered, refused or failed) never sends the password (PLAIN,
   LOGIN) unless ``auth_in_clear = true``: it is deferred at "auth" instead.
 - Limits: ``max_connections`` and ``rate`` (messages/s) are the relay's,
-  across all workers: each worker's lanes (one per source IP) get their share.
+  across all workers: each worker's lanes (one per source IP) get their share,
+  at least one each, and every session holds one of the node's places
+  (fastsend.transports.slots), so that together they never pass the total.
   On a shared spool both span the nodes: the rate is one bucket in Redis
   (fastsend.queue.shaping), the connections are split among the live nodes
   (fastsend.shared_limits.ConnectionShares), each node's part of them here.
