@@ -190,9 +190,28 @@ class Browser:
         await self.send("Network.enable")
 
     async def goto(self, url: str) -> None:
+        """Navigate and wait for the new document to have loaded. Not only for a
+        loadEventFired after navigating: a late one of the page being left (the
+        about:blank a target opens with) set it early once, and a train's test
+        then looked for the dashboard's elements in an empty page. The page left
+        is marked; the wait ends in a loaded document without the mark."""
+        await self.js("window.__fastsendLeft = true")
         self.loaded.clear()
         await self.send("Page.navigate", url=url)
         await asyncio.wait_for(self.loaded.wait(), 15)
+
+        async def arrived() -> bool:
+            try:
+                return bool(await self.js(
+                    "!window.__fastsendLeft && document.readyState === 'complete'"))  # fmt: skip
+            except RuntimeError:  # between documents: no context to evaluate in
+                return False
+
+        deadline = time.monotonic() + 15
+        while not await arrived():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url}: not loaded in 15 s")
+            await asyncio.sleep(0.05)
 
     async def js(self, expr: str) -> Any:
         r = await self.send("Runtime.evaluate", expression=expr, returnByValue=True,
