@@ -11,9 +11,18 @@ became failed recipients, and the message it answers got a "bounced" event
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
 import pytest
 
+from fastsend import msgid
 from fastsend.bounce import parse_bounce
+from fastsend.config import from_dict
+from fastsend.serve.context import open_context
+from fastsend.serve.listeners import start_listeners
 
 OOO_BODY = """Hello,
 
@@ -146,4 +155,111 @@ def test_a_pre_arf_complaint_without_the_header_names_the_returned_recipient() -
     recs = parse_bounce(raw.encode())
     assert [(r.recipient, r.reason, r.feedback_type) for r in recs] == [
         ("list-alias@hotmail.example", "feedback", "abuse")
+    ]
+
+
+def test_an_auto_reply_to_the_verp_address_is_no_bounce_at_the_intake(tmp_path: Path) -> None:
+    """Through the intake: responders answer the Return-Path (RFC 3834), our
+    VERP address, which names the message. Their notes are no bounce of it
+    (an unknown responder gave the delivered message a "bounced" event, which
+    the bounce-rate guardrail counts), nor is a DMARC aggregate report."""
+    intake = {"listen": "127.0.0.1:0", "verp_domain": "bounces.example.com"}
+    ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}, "intake": intake}))
+    events: list[dict[str, Any]] = []
+    ctx.events.listeners.append(events.extend)
+    cid = ctx.tenant_campaign("shop")
+    (mid,) = ctx.inject(cid, [("john.doe@example.com", "example.com", b"{}")])
+    del events[:]
+    to = f"b-{msgid.token(mid, ctx.secret)}@bounces.example.com"
+    notes = [
+        _message("Auto Response: Our December newsletter"),
+        _message("Request received: Our December newsletter"),
+        _message("Away until the 14th", "X-Apple-Action: VACATION\n"),
+        DMARC_AGGREGATE.encode(),
+    ]
+
+    async def main() -> None:
+        servers = await start_listeners(ctx)
+        try:
+            port = int(servers[0].sockets[0].getsockname()[1])
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+            await smtp.connect()
+            for raw in notes:
+                errors, _reply = await smtp.sendmail("", [to], raw)
+                assert errors == {}
+            await smtp.quit()
+        finally:
+            for s in servers:
+                s.close()
+                await s.wait_closed()
+
+    try:
+        asyncio.run(main())
+        assert [e for e in events if e.get("event") == "bounced"] == []
+        assert not ctx.suppression.contains("john.doe@example.com", tenant="shop")
+    finally:
+        ctx.close()
+
+
+DMARC_AGGREGATE = """From: noreply-dmarc-support@google.com
+To: dmarc@sender.example.org
+Subject: Report domain: sender.example.org Submitter: google.com Report-ID: 1234567890
+Date: Thu, 29 Apr 2021 23:34:45 +0000
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="D"
+
+--D
+Content-Type: text/plain; charset=us-ascii
+
+This is an aggregate report from google.com.
+
+Contact dmarc-noreply@google.com with any questions.
+
+--D
+Content-Type: application/zip; name="google.com!sender.example.org!1!2.zip"
+Content-Transfer-Encoding: base64
+
+UEsDBBQAAAAIAA==
+--D--
+"""
+
+
+def test_a_dmarc_aggregate_report_is_no_bounce() -> None:
+    """RFC 7489 aggregate reports (the XML zipped, a note naming the reporter's
+    contact) were read as a failure of that contact address."""
+    assert parse_bounce(DMARC_AGGREGATE.encode()) == []
+
+
+def test_a_mail_systems_notice_under_an_unknown_subject_is_still_read() -> None:
+    """A gateway's notice naming itself in From ("MMSC NDR Administrator",
+    sysadmin@) under a subject no rule knows, quoting no SMTP reply: a report."""
+    raw = (
+        b"From: MMSC NDR Administrator <sysadmin@m01.mms.example>\n"
+        b"To: news@sender.example.org\n"
+        b"Subject: Message not sent\n\n"
+        b"Message could not be delivered to mobile.\n"
+        b"Error: No valid recipients for this MM\n\n"
+        b"Original Message:\n"
+        b"To: 5551234567@mms.example\n"
+    )
+    assert [r.recipient for r in parse_bounce(raw)] == ["5551234567@mms.example"]
+
+
+def test_a_notice_naming_the_command_it_followed_is_read_at_that_stage() -> None:
+    """A notice saying "rejected recipient <a> (Error following RCPT command)
+    ... [550 User unknown]": the refusal answered RCPT TO,
+    so it is the address that is unknown (with no stage, "user unknown" reads as
+    a content filter's verdict: filtered, soft)."""
+    raw = (
+        b"From: mailer@mta.example.com\n"
+        b"To: news@sender.example.org\n"
+        b"Subject: There was an error sending your mail\n\n"
+        b"We had trouble delivering your message. Full details follow:\n\n"
+        b"1 error(s):\n\n"
+        b"SMTP Server <mta2.example.jp> rejected recipient <kijitora@example.jp> "
+        b"(Error following RCPT command). It responded as follows: [550 User unknown]\n"
+    )
+    recs = parse_bounce(raw)
+    assert [(r.recipient, r.command, r.reason, r.hard) for r in recs] == [
+        ("kijitora@example.jp", "RCPT", "userunknown", True)
     ]

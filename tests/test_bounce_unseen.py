@@ -42,6 +42,16 @@ CASES = [
     ),
     ((550, "", "Return path domain does not exist", "RCPT"), ("rejected", False, False, False)),
     ((550, "", "Unknown sender domain", "RCPT"), ("rejected", False, False, False)),
+    # A sending limit named by its period, whatever status wraps it (a 5.1.1
+    # made it userunknown, hard: each recipient of the hour suppressed).
+    (
+        (550, "5.1.1", "You have sent too many messages this hour, please try again later", "RCPT"),
+        ("speeding", False, True, False),
+    ),
+    (
+        (550, "5.1.1", "Too many mails per day from this sender", "RCPT"),
+        ("speeding", False, True, False),
+    ),
     # Google Workspace's "Send mail as" misconfiguration and Exchange's sender
     # filter agent: our sender's address or setup, not the recipient's.
     (

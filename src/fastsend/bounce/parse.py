@@ -516,7 +516,12 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
     hinted = []
     for v in msg.get_all("X-Failed-Recipients") or []:
         hinted += vendors.ADDR_RE.findall(str(v))
-    if not hinted and not _is_bounce_like(msg) and not _from_list_manager(msg):
+    if (
+        not hinted
+        and not _is_bounce_like(msg)
+        and not _SYSTEM_SENDER.search(_header(msg, "From"))
+        and not _from_list_manager(msg)
+    ):
         said = vendors.cut_original(body)[:20000]
         if not (vendors.find_status(said) or vendors.find_reply_code(said)):
             # From a person (no mail system's address, no report's subject or
@@ -633,6 +638,14 @@ def _is_bounce_like(msg: email.message.Message) -> bool:
     return bool(_BOUNCE_SUBJECT.search(_header(msg, "Subject")))
 
 
+# A mail system's own name in the From header, beyond is_system_address's
+# local parts: "MMSC NDR Administrator <sysadmin@...>", "post_master@",
+# "Mail Delivery Subsystem <...>" under any address.
+_SYSTEM_SENDER = re.compile(
+    r"mailer[- ]?daemon|post_?master|mail delivery|delivery (?:subsystem|system|status)"
+    r"|\bndr\b|administrator|sysadmin|\bdaemon\b",
+    re.IGNORECASE,
+)
 # Mailing-list managers' notices (a post refused: "You are not a member of
 # this list", fml's loop alerts): the list's own headers (RFC 2369 List-*,
 # RFC 2919 List-Id, ezmlm's Mailing-List, fml's X-MLServer / X-ML-Name) or

@@ -113,6 +113,10 @@ _COMMAND_PHRASES = (
     (re.compile(r"but greeting failed", re.I), "CONN"),
     # Postfix smtp(8): the server's greeting was a refusal.
     (re.compile(r"refused to talk to me", re.I), "CONN"),
+    # "SMTP Server <mx> rejected recipient <a> (Error following RCPT command)."
+    (re.compile(r"error following rcpt", re.I), "RCPT"),
+    (re.compile(r"error following mail", re.I), "MAIL"),
+    (re.compile(r"error following data", re.I), "DATA"),
 )
 # A quoted session transcript: the client's command after ">>>"/"<<<"
 # (sendmail, Courier, iMail) or "-->" (MDaemon's session log).
