@@ -715,8 +715,13 @@ async def _upload(
     except BaseException:
         api.ctx.caps.refund(taken)
         raise
-    if job.id not in uploads.tasks:  # all spooled: what another request spooled first back
+    # What another request spooled first (the job leaves it out) is given back: now
+    # if all is spooled, else when the job ends
+    if job.id not in uploads.tasks:
         api.ctx.caps.refund(taken, fresh - mark.accepted)
+    elif taken is not None:
+        caps = api.ctx.caps
+        uploads.settled[job.id] = lambda done: caps.refund(taken, fresh - done.accepted)
     fault("after-job")
     out["job"] = job.id
     out["rows"] = job.total

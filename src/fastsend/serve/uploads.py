@@ -128,6 +128,10 @@ class Uploads:
         self.failed: dict[int, float] = {}  # job id -> monotonic time its spooling failed here
         self.reported: set[int] = set()  # jobs whose file was found gone or changed (said)
         self.busy: set[int] = set()  # jobs of ours another live process read (said)
+        # job id -> called with the job once this process has spooled all of it (the
+        # tenant's quota gives back what the job left out: a request counts its
+        # rows before they are spooled)
+        self.settled: dict[int, Callable[[IngestJob], None]] = {}
 
     @property
     def spool(self) -> Spool:
@@ -225,8 +229,12 @@ class Uploads:
             self.failed[job.id] = time.monotonic()
         else:
             self.discard(path)
+            settled = self.settled.pop(job.id, None)
+            if settled is not None:
+                settled(job)
         finally:
             self.tasks.pop(job.id, None)
+            self.settled.pop(job.id, None)
 
     def resume(self) -> list[IngestJob]:
         """At start: continue every unfinished upload job whose reader died
