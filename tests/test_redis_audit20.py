@@ -413,3 +413,29 @@ def test_send_and_resume_say_when_redis_keeps_the_spool_in_memory_only(
         r = _run("resume", "--spool", url, "--no-progress", "--max-wait", "0")
         assert r.returncode == 0, r.stderr
         assert "restart loses the spool" not in r.stderr, r.stderr
+
+
+def test_a_claim_over_many_campaigns_moves_their_counts_in_one_hash(tmp_path: Path) -> None:
+    """A claim over 200 campaigns made 400 HINCRBYs (each campaign's queued and
+    in-flight counter): its moves now go into one hash (P:nd, a HMGET and a
+    HSET per 500 fields), and each campaign's counts are still exact."""
+    with start_redis() as srv:
+        r = redis_py.Redis(port=srv.port)
+        s = RedisSpool(srv.url(node="n1", dir=str(tmp_path)))
+        now = time.time()
+        camps = [s.create_campaign(SPEC, tenant=f"t{i}") for i in range(200)]
+        for cid in camps:
+            s.add_messages(cid, [(f"a@d{cid}.example", f"d{cid}.example", b"{}"),
+                                 (f"b@d{cid}.example", f"d{cid}.example", b"{}")], now - 1)  # fmt: skip
+        before = _calls(r, "hincrby")
+        got = s.claim_due(now, 200)
+        assert len(got) == 200 and len({c.campaign for c in got}) == 200
+        assert _calls(r, "hincrby") - before <= 4  # (the totals, P:n, per state)
+        per = s.counts_by_campaign(camps)
+        assert all(c["queued"] == 1 and c["inflight"] == 1 for c in per.values()), per
+        s.record_results([Result(c.id, DEFERRED, 1, now + 60, 451, "4.7.1", "later")
+                          for c in got[:50]], now)  # fmt: skip
+        c0 = s.counts(got[0].campaign)
+        assert (c0["queued"], c0["inflight"], c0["deferred"]) == (1, 0, 1), c0
+        assert s.counts()["inflight"] == 150 and s.counts()["deferred"] == 50
+        s.close()

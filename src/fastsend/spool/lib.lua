@@ -60,7 +60,11 @@ local function clock_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 -- Counter moves of a batch, summed: tally(cid, old, new) per message, then
--- flush_tally() writes one HINCRBY per (campaign, state) touched (not per message).
+-- flush_tally() writes them to P:nd (fields "CID|state": one HMGET and one
+-- HSET per 500, not one HINCRBY per campaign and state: a claim over 2,000
+-- campaigns touched 1,000) and the totals to P:n. A campaign's counts are
+-- its P:n:CID (what was spooled, add_messages) plus its P:nd moves, which sum
+-- to 0 (RedisSpool.counts).
 local tally_t = {}
 local function tally(cid, old, new)
   if old == new then return end
@@ -70,14 +74,25 @@ local function tally(cid, old, new)
   t[new] = (t[new] or 0) + 1
 end
 local function flush_tally()
-  local all = {}
+  local all, fs, ds = {}, {}, {}
   for cid, t in pairs(tally_t) do
     for st, d in pairs(t) do
       if d ~= 0 then
-        redis.call('HINCRBY', P..':n:'..cid, st, d)
+        fs[#fs + 1] = cid..'|'..st
+        ds[#ds + 1] = d
         all[st] = (all[st] or 0) + d
       end
     end
+  end
+  for i = 1, #fs, 500 do
+    local j = math.min(i + 499, #fs)
+    local cur = redis.call('HMGET', P..':nd', unpack(fs, i, j))
+    local hs = {}
+    for k = i, j do
+      hs[#hs + 1] = fs[k]
+      hs[#hs + 1] = string.format('%d', (tonumber(cur[k - i + 1]) or 0) + ds[k])
+    end
+    redis.call('HSET', P..':nd', unpack(hs))
   end
   for st, d in pairs(all) do
     if d ~= 0 then redis.call('HINCRBY', P..':n', st, d) end

@@ -40,7 +40,8 @@ an id has fewer than 20, :func:`due_score`: ties come out by number);
 ``P:dueidx`` the active campaigns with mail in their due set, each scored at
 most its set's head (``lib.lua``: a claim reads only the campaigns due now;
 swept from ``P:active`` every 30 s, ``P:dueidx:swept``); ``P:n:CID`` and ``P:n``
-counters per state; ``P:nodes`` node -> lease deadline (ms, Redis server time:
+counters per state (a campaign's moves between states in ``P:nd``, fields
+``CID|state``, added to its ``P:n:CID``: lib.lua flush_tally); ``P:nodes`` node -> lease deadline (ms, Redis server time:
 no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
 ``P:wh`` the webhook outbox (a sorted set of ``ID:JSON`` by id, ids from
 ``P:wh:seq``): outcomes append their events to it in the same script
@@ -1272,9 +1273,10 @@ class RedisSpool(Spool):
         self._renew(args=[self.k, self.node, self._lease_ms])
 
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
-        key = f"{self.k}:n" if campaign_id is None else f"{self.k}:n:{int(campaign_id)}"
+        if campaign_id is not None:
+            return self.counts_by_campaign([campaign_id])[int(campaign_id)]
         out = dict.fromkeys(STATE_NAMES.values(), 0)
-        for state, n in self.r.hgetall(key).items():
+        for state, n in self.r.hgetall(f"{self.k}:n").items():
             out[STATE_NAMES.get(int(state), _s(state))] = int(n)
         return out
 
@@ -1599,14 +1601,23 @@ class RedisSpool(Spool):
             ids = [int(x) for x in self.r.zrange(f"{k}:camps", 0, -1)]
         else:
             ids = [int(c) for c in campaign_ids]
+        # what was spooled (P:n:CID) plus the moves between states (P:nd "CID|state",
+        # lib.lua flush_tally)
+        states = sorted(STATE_NAMES)
         pipe = self.r.pipeline(transaction=False)
         for cid in ids:
             pipe.hgetall(f"{k}:n:{cid}")
+            pipe.hmget(f"{k}:nd", [f"{cid}|{s}" for s in states])
+        got = pipe.execute()
         out: dict[int, dict[str, int]] = {}
-        for cid, h in zip(ids, pipe.execute(), strict=True):
+        for j, cid in enumerate(ids):
             per = out[cid] = dict.fromkeys(STATE_NAMES.values(), 0)
-            for state, n in h.items():
-                per[STATE_NAMES.get(int(state), _s(state))] = int(n)
+            for state, n in got[2 * j].items():
+                name = STATE_NAMES.get(int(state), _s(state))
+                per[name] = per.get(name, 0) + int(n)
+            for state, n in zip(states, got[2 * j + 1], strict=True):
+                if n is not None:
+                    per[STATE_NAMES[state]] += int(n)
         return out
 
     def pending_domains(
