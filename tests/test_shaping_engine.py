@@ -704,3 +704,26 @@ def test_sites_sharing_a_providers_connection_take_turns(tmp_path: Path, dns_ser
     assert sorted(order) == sorted(big + small)
     last_small = max(order.index(r) for r in small)
     assert last_small < 100, (last_small, order[:40])
+
+
+def test_a_providers_lanes_keep_one_limits_entry_for_all_its_domains() -> None:
+    """Sites of one provider's lanes (thousands of Microsoft 365 domains, each its
+    own MX host) share one resolved Limits: the worker's cache had an entry per
+    domain, kept as long as the provider's lanes lived (a long serve: without
+    bound); a domain with limits of its own keeps its own lanes and entry."""
+    from fastsend.delivery.mx import Host, Site
+    from fastsend.delivery.pool import SiteQueue
+    from fastsend.shaping.lanes import Shaper
+
+    cfg = cfgmod.from_dict({"shaping": {"domain": {"own.example": {"max_connections": 2}}}})
+    sh = Shaper(cfg, ["127.0.0.2"])
+    queues = []
+    for d in [f"d{i}.example" for i in range(50)] + ["own.example"]:
+        host = d.replace(".", "-") + ".mail.protection.outlook.com"
+        site = Site("mx:" + host, (Host(host, "192.0.2.1", 25),))
+        queues.append(SiteQueue(site, ["127.0.0.2"], cfg, lambda *a: None, "out.example",
+                                shaper=sh, domain=d))  # fmt: skip
+    assert {q.lanes_key for q in queues[:50]} == {"mx-provider:outlook"}
+    assert queues[50].lanes_key == "mx:own-example.mail.protection.outlook.com"
+    assert queues[50].limits.max_connections == 2
+    assert len(sh.limits) == 2, list(sh.limits)

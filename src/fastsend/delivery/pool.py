@@ -191,7 +191,12 @@ class SiteQueue:
             domain = hosts[0]
         # Its lanes: its provider's, shared by every MX set of it (Shaper.lane_key)
         self.lanes_key = self.shaper.lane_key(site.lanes, hosts, domain)
-        self.limits = limits or self.shaper.site_limits(self.lanes_key, hosts, domain)
+        # A provider's lanes have its limits whatever the domain (lane_key: none
+        # of its own): one cache entry, not one per domain while the lanes live
+        shared = self.lanes_key != site.lanes
+        self.limits = limits or self.shaper.site_limits(
+            self.lanes_key, hosts, "" if shared else domain
+        )
         self.candidates = _candidates(site.hosts)
         # Equal-preference addresses, taken in turn by new connections.
         self.turn = 0
