@@ -327,3 +327,56 @@ def test_serve_posts_each_tenants_events_to_its_own_url_and_a_sighup_rotates_it(
         s.stop()
         for h in hooks.values():
             h.close()
+
+
+def test_a_tenant_url_stepping_past_other_tenants_events_gives_the_loop_up(
+    tmp_path: Path,
+) -> None:
+    """A tenant's URL whose outbox holds a long run of other tenants' events steps its
+    cursor past them a batch at a time without a POST: with no await between those
+    batches, serve's one loop (API, tracking, supervisor) waited for the whole run.
+    Each batch skipped now gives the loop up (another task runs between two)."""
+    from fastsend.serve.webhooks import WebhookDispatcher
+
+    async def main() -> None:
+        cfg = from_dict({
+            "spool": {"dir": str(tmp_path / "spool")},
+            "webhooks": {"batch_size": 5, "flush_interval": 0.01, "retry_min": 0.02},
+            "tenants": {"acme": {"domains": ["acme.example"],
+                                 "webhook_urls": ["http://127.0.0.1:9/hook"],
+                                 "webhook_secret": TENANT_SECRETS["acme"]},
+                        "evil": {"domains": ["evil.example"]}},
+        })  # fmt: skip
+        ctx = open_context(cfg)
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        turns = 0
+        seen: list[int] = []  # the other task's turns at each batch skipped
+
+        async def other() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        try:
+            assert d.outbox is not None
+            ack = d.outbox.ack
+
+            def counted(url: str, last: int) -> None:
+                seen.append(turns)
+                ack(url, last)
+
+            d.outbox.ack = counted  # type: ignore[method-assign]
+            camp = ctx.tenant_campaign("evil")
+            for i in range(200):
+                ctx.emit({"event": "accepted", "id": i, "campaign": camp, "rcpt": f"e{i}@x.org"})
+            ticker = asyncio.create_task(other())
+            await _until(lambda: len(seen) >= 30)
+            ticker.cancel()
+            assert len(set(seen)) >= len(seen) - 2, seen  # the other task ran between them
+        finally:
+            await d.stop()
+            ctx.close()
+
+    asyncio.run(main())

@@ -557,8 +557,9 @@ class WebhookDispatcher:
                 owner = c.owners.get(url)
                 if rows and owner is not None:  # a tenant's URL: its own events only
                     mine = [r for r in rows if self._tenant_of(r[1]) == owner]
-                    if not mine:
-                        self.outbox.ack(url, rows[-1][0])  # (none of them its tenant's)
+                    if not mine:  # none of them its tenant's: past them, the loop
+                        self.outbox.ack(url, rows[-1][0])  # given up between batches
+                        await asyncio.sleep(0)
                         continue
                     last = rows[-1][0]
                     rows = mine
