@@ -180,3 +180,57 @@ def test_a_campaigns_status_change_is_committed_for_a_power_loss(tmp_path: Path)
         assert int(db.execute("PRAGMA synchronous").fetchone()[0]) == 1  # NORMAL again
     finally:
         spool.close()
+
+
+def _damaged_spool(spool_dir: Path) -> None:
+    """A spool whose database opens (its first pages whole) but whose messages'
+    pages are garbage: SQLite reports SQLITE_CORRUPT once they are read."""
+    from fastsend.spool.sqlite import SQLiteSpool
+
+    spool = SQLiteSpool(str(spool_dir))
+    cid = spool.create_campaign({"from": "a@example.com", "subject": "s", "text": "t"})
+    rows = [(f"u{i}@example.org", "example.org", b'{"pad": "' + b"x" * 200 + b'"}')
+            for i in range(3000)]  # fmt: skip
+    spool.add_messages(cid, rows, 1.0)
+    spool.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = int(spool.db.execute("PRAGMA page_size").fetchone()[0])
+    leaves = [n for (n,) in spool.db.execute(
+        "SELECT pageno FROM dbstat WHERE name='messages' AND pagetype='leaf'")]  # fmt: skip
+    spool.close()
+    with open(spool_dir / "spool.db", "r+b") as f:
+        for n in leaves[len(leaves) // 4 : len(leaves) // 2]:  # (rows in the middle)
+            f.seek((n - 1) * size)
+            f.write(b"\xa5" * size)
+
+
+def test_a_supervisor_that_fails_stops_serve_with_the_cause(tmp_path: Path) -> None:
+    """serve's supervisor died at its start (recovering a spool whose database is
+    damaged: SQLITE_CORRUPT) and serve went on: "ready", the API taking mail that
+    nothing would deliver, a traceback from the dashboard's sampler every 15 s and
+    "supervisor failed" only at a stop. Now the supervisor's end stops serve at
+    once, the cause said in one line with what to do, exit status 1."""
+    port = free_port()
+    cfg = _config(tmp_path, port)
+    _damaged_spool(tmp_path / "spool")
+    s = ServeProcess(cfg, port, ready=False)
+    try:
+        rc = s.proc.wait(60)
+    finally:
+        s.stop()
+    out = "".join(s.lines)
+    assert rc == 1, out
+    assert "the supervisor stopped (a database of the spool is damaged" in out, out
+    assert ".recover" in out and "Traceback" not in out, out
+
+
+def test_a_damaged_spool_is_said_in_one_line_by_the_views(tmp_path: Path) -> None:
+    """``fastsend queue`` on a spool whose database is damaged printed a Python
+    traceback (sqlite3.DatabaseError), exit 1; now one line saying what to do."""
+    import subprocess
+    import sys
+
+    _damaged_spool(tmp_path / "spool")
+    r = subprocess.run([sys.executable, "-m", "fastsend", "queue", "--spool",
+                        str(tmp_path / "spool")], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1, r
+    assert "Traceback" not in r.stderr and "damaged" in r.stderr and ".recover" in r.stderr, r

@@ -131,6 +131,14 @@ def main(argv: Sequence[str] | None = None, *, entry: bool = False) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a damaged database: one line that says what to do
+        from fastsend.sqlitedb import corrupt_database
+
+        why = corrupt_database(e)
+        if why is None:
+            raise
+        print(f"fastsend {name}: {why}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # `fastsend queue --json | head`: the reader of our output left. Said by no
         # traceback, as a Unix tool killed by SIGPIPE says nothing; a pipe broken

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 
 from fastsend import durable
 
-__all__ = ["TIMEOUT", "connect", "transaction"]
+__all__ = ["TIMEOUT", "connect", "corrupt_database", "transaction"]
 
 TIMEOUT = 30.0  # seconds waiting for another process's lock
 _LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -65,6 +65,28 @@ def connect(
     if schema:
         db.executescript(schema)
     return db
+
+
+# SQLite's primary result codes of a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB.
+_CORRUPT = (11, 26)
+
+
+def corrupt_database(e: BaseException | None) -> str | None:
+    """What to tell an operator when ``e`` (or an error it was raised from or while
+    handling) is SQLite finding a database file damaged; None otherwise. A
+    traceback had been all they got (``fastsend queue``, serve's supervisor)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF in _CORRUPT:
+            return (
+                f"a database of the spool is damaged ({e}): stop every fastsend process"
+                " using it, keep a copy of the spool directory, then restore a backup"
+                " or recover the file (sqlite3 FILE.db .recover | sqlite3 NEW.db)"
+            )
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _level(synchronous: str) -> str:

@@ -59,6 +59,7 @@ from fastsend.config import Config, ConfigError, load
 from fastsend.faults import FAULT, countdown
 from fastsend.periodic import every
 from fastsend.serve import lograte
+from fastsend.sqlitedb import corrupt_database
 
 log = logging.getLogger("fastsend.serve")
 IDEM_SWEEP_EVERY = 300.0  # s between sweeps of expired Idempotency-Keys
@@ -197,6 +198,7 @@ class Server:
         self.caps: list[Any] = []  # fastsend.serve.httpguard.ConnectionCap per HTTP listener
         self.webhooks: Any = None  # fastsend.serve.webhooks.WebhookDispatcher once started
         self.app: Any = None  # the aiohttp application (the API's), once made
+        self.sup_failed: BaseException | None = None  # why the supervisor ended unasked
 
     async def main(self) -> int:
         from aiohttp import web
@@ -346,6 +348,7 @@ class Server:
         sup_task: asyncio.Task[Any] | None = None
         if sup is not None:
             sup_task = asyncio.create_task(sup.run(), name="supervisor")
+            sup_task.add_done_callback(self._supervisor_ended)
             await asyncio.sleep(0)  # run() installs its signal handlers; ours replace them
         for sig in (signal.SIGTERM, signal.SIGINT):  # (again: run() put its own)
             loop.add_signal_handler(sig, self.on_term, sig)
@@ -386,8 +389,11 @@ class Server:
                 sup.on_signal(signal.SIGTERM if self.terms < 2 else signal.SIGINT)
             try:
                 await sup_task
-            except Exception:
-                log.exception("supervisor failed")
+            except Exception as e:
+                if self.sup_failed is None:
+                    log.exception("supervisor failed")
+                elif corrupt_database(e) is None:  # (a damaged database: said at its end)
+                    log.error("supervisor failed", exc_info=e)
             loop = asyncio.get_running_loop()  # (its run took its signal handlers away)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_term, sig)
@@ -428,7 +434,24 @@ class Server:
             file=sys.stderr,
             flush=True,
         )
-        return 0
+        return 1 if self.sup_failed is not None else 0
+
+    def _supervisor_ended(self, task: asyncio.Task[Any]) -> None:
+        """The supervisor's task ended. Before a stop it only ends by failing (an
+        error no outage handling covers: a corrupt spool database at its start's
+        recovery, a bug): serve then went on taking mail over the API and SMTP
+        that nothing delivered, said by no line until a stop ("supervisor
+        failed"), while the dashboard's sampler logged a traceback every 15 s. It
+        now stops serve, the cause said at once, exit status 1."""
+        if task.cancelled() or self.stop_event.is_set():
+            return
+        e = task.exception()
+        self.sup_failed = e if e is not None else RuntimeError("its run ended")
+        why = corrupt_database(self.sup_failed)
+        with contextlib.suppress(OSError):
+            print(f"fastsend serve: the supervisor stopped ({why or self.sup_failed}): no"
+                  " mail would be delivered; stopping", file=sys.stderr, flush=True)  # fmt: skip
+        self.stop_event.set()
 
     async def close_listeners(self, runners: list[Any], listeners: Any) -> None:
         for r in runners:
