@@ -131,14 +131,6 @@ def main(argv: Sequence[str] | None = None, *, entry: bool = False) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # a damaged database: one line that says what to do
-        from fastsend.sqlitedb import corrupt_database
-
-        why = corrupt_database(e)
-        if why is None:
-            raise
-        print(f"fastsend {name}: {why}", file=sys.stderr)
-        return 1
     except BrokenPipeError:
         # `fastsend queue --json | head`: the reader of our output left. Said by no
         # traceback, as a Unix tool killed by SIGPIPE says nothing; a pipe broken
@@ -149,6 +141,16 @@ def main(argv: Sequence[str] | None = None, *, entry: bool = False) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 128 + 13  # as the shell shows a process SIGPIPE ended
+    except Exception as e:  # a damaged database: one line that says what to do
+        # (after BrokenPipeError: an Exception handler first took the closed pipe
+        # of `fastsend dkim keygen | head` and re-raised it as a traceback)
+        from fastsend.sqlitedb import corrupt_database
+
+        why = corrupt_database(e)
+        if why is None:
+            raise
+        print(f"fastsend {name}: {why}", file=sys.stderr)
+        return 1
 
 
 def _stdout_gone() -> bool:
