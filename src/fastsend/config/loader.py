@@ -473,11 +473,7 @@ def _check(cfg: Config) -> None:
     w = cfg.webhooks
     if w.secret_file:
         w.secret_file = cfg.path(w.secret_file)
-        try:
-            with open(w.secret_file, "rb") as fh:
-                w.secret = fh.read().strip().decode()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"[webhooks] secret_file {w.secret_file!r}: {e}") from None
+        w.secret = _read_secret(w.secret_file, "[webhooks] secret_file")
     if w.url_list and len(w.secret) < 16:
         raise ConfigError("[webhooks] needs a secret (or secret_file) of 16+ characters")
     hooked = dict.fromkeys(w.url_list, "[webhooks] urls")
@@ -485,12 +481,9 @@ def _check(cfg: Config) -> None:
     for name, tt in tables.items():
         if tt.webhook_secret_file:
             tt.webhook_secret_file = cfg.path(tt.webhook_secret_file)
-            try:
-                with open(tt.webhook_secret_file, "rb") as kf:
-                    tt.webhook_secret = kf.read().strip().decode()
-            except (OSError, UnicodeDecodeError) as e:
-                raise ConfigError(f"[tenants.{name}] webhook_secret_file"
-                                  f" {tt.webhook_secret_file!r}: {e}") from None  # fmt: skip
+            tt.webhook_secret = _read_secret(
+                tt.webhook_secret_file, f"[tenants.{name}] webhook_secret_file"
+            )
         if tt.webhook_urls and len(tt.webhook_secret) < 16:
             raise ConfigError(f"[tenants.{name}] webhook_urls need a webhook_secret (or"
                               " webhook_secret_file) of 16+ characters: the tenant's own")  # fmt: skip
@@ -534,6 +527,15 @@ def _check(cfg: Config) -> None:
     for sec, s in (("submission", cfg.submission), ("intake", cfg.intake)):
         if not s.listen and _changed(s):
             cfg.warnings.append(f"[{sec}] has settings but no listen address: no listener starts")
+
+
+def _read_secret(path: str, where: str) -> str:
+    """A secret kept in a file of its own (its surrounding whitespace dropped)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().strip().decode()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where} {path!r}: {e}") from None
 
 
 def _changed(s: msgspec.Struct) -> bool:
