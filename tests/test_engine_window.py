@@ -237,3 +237,45 @@ def test_a_window_never_holds_more_than_its_size_while_a_list_is_read(
     assert got == sorted(rcpts)
     assert spool.counts(cid)["delivered"] == n
     spool.close()
+
+
+def test_a_reload_hands_on_what_a_reaped_worker_left(tmp_path: Path) -> None:
+    """A reload's new worker starts where the worker it replaces left its lanes
+    and provider queues (wire.Lanes), even when that worker, idle, answered
+    wire.Retire and exited, and the supervisor's reap took it out of its
+    retired list before the reload looked again: on a loaded host the new
+    worker started with fresh provider queues and sent into a provider's 429
+    pause (a CI failure of test_serve_reload's retry-after test)."""
+    from fastsend import wire
+    from fastsend.queue.state import WorkerSlot
+    from fastsend.ring import Ring
+
+    cfg = make_config(tmp_path)
+    sup = Supervisor(cfg, SQLiteSpool(cfg.spool_dir), EventLog(None))
+    try:
+        pause = (time.monotonic() + 300, 0.0, 0, 300.0)
+        lane = wire.LaneState("", "x.example", time.monotonic(), [(10.0, 5, 2.0)])
+
+        def detach(slot: WorkerSlot) -> WorkerSlot:
+            # It answered (conns), exited and was reaped: no longer in sup.retired.
+            return WorkerSlot(slot.index, list(slot.ips), conns=[], lanes=[lane],
+                              providers={"sg": pause})  # fmt: skip
+
+        started: list[tuple[int, wire.Lanes | None]] = []
+
+        def spawn(slot: WorkerSlot, olds: Any = ()) -> None:
+            started.append((slot.index, sup.bequest(slot.index, olds)))
+
+        for slot in sup.slots:
+            slot.alive, slot.inbox = True, Ring(4096)
+        sup.detach = detach  # type: ignore[method-assign]
+        sup.spawn = spawn  # type: ignore[method-assign]
+        asyncio.run(sup.reload(make_config(tmp_path)))
+        assert [i for i, _ in started] == [0, 1]
+        for index, left in started:
+            assert left is not None, index
+            assert left.providers == {"sg": pause}
+            assert [(st.site, st.buckets) for st in left.lanes] == [("x.example", [(10.0, 5, 2.0)])]
+    finally:
+        sup.spool.close()
+        sup.suppression.close()

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from fastsend import msgid, wire
 from fastsend.config import Config
@@ -117,7 +117,10 @@ class WorkerLifecycle(SupervisorState):
                 slot.backlog.append(rec)
                 self.push_backlog(slot)
 
-    def spawn(self, slot: WorkerSlot) -> None:
+    def spawn(self, slot: WorkerSlot, olds: Sequence[WorkerSlot] = ()) -> None:
+        """Start slot ``slot``'s worker. ``olds``: the workers a reload retired
+        for it (and its sister slots): where they left their lanes and provider
+        queues (:meth:`bequest`), even those already exited and reaped."""
         from fastsend.delivery.worker import prepare, run_worker
 
         prepare(self.config)  # imports and keys the workers share (done once, cached)
@@ -132,11 +135,9 @@ class WorkerLifecycle(SupervisorState):
         lent = slot.told_conns = self.lent(slot.index)
         if lent:  # before any batch: what the workers it replaces hold (a reload)
             slot.backlog.append(wire.encoder.encode(wire.Conns(lent)))
-        lanes = self.inherited(slot.index)
-        providers = {k: v for o in self.retired if o.index == slot.index
-                     for k, v in o.providers.items()}  # fmt: skip
-        if lanes or providers:  # and where they left each lane: its buckets, an AIMD cut
-            slot.backlog.append(wire.encoder.encode(wire.Lanes(lanes, providers)))
+        bequest = self.bequest(slot.index, olds)
+        if bequest is not None:  # and where they left each lane: its buckets, an AIMD cut
+            slot.backlog.append(wire.encoder.encode(bequest))
         parent = os.getpid()  # the child dies with us (PR_SET_PDEATHSIG), checked from here
         pid = os.fork()
         if pid == 0:  # child
@@ -304,7 +305,7 @@ class WorkerLifecycle(SupervisorState):
                 return
             if old in waiting:
                 continue
-            self.spawn(self.slots[old.index])
+            self.spawn(self.slots[old.index], olds)
         for old in waiting:
             print(
                 f"fastsend: worker {old.index} (pid {old.pid}) did not answer the reload"
@@ -317,7 +318,7 @@ class WorkerLifecycle(SupervisorState):
                 await asyncio.sleep(0.02)
             if self.draining or self.stopping:
                 return
-            self.spawn(self.slots[old.index])
+            self.spawn(self.slots[old.index], olds)
 
     async def retirements(self) -> None:
         """Until the workers a reload replaced have exited (or a stop began)."""
@@ -409,16 +410,29 @@ class WorkerLifecycle(SupervisorState):
                         total[(ip, site)] = total.get((ip, site), 0) + n
         return [(ip, site, n) for (ip, site), n in sorted(total.items())]
 
-    def inherited(self, index: int) -> list[wire.LaneState]:
-        """The lanes the retiring workers left (wire.Lanes) that slot ``index``'s
-        new worker takes over (:meth:`_takes_over`), the latest one's where two
-        reloads' workers both had a lane."""
+    def bequest(self, index: int, olds: Sequence[WorkerSlot] = ()) -> wire.Lanes | None:
+        """What the retiring workers left (wire.Lanes) that slot ``index``'s new
+        worker takes over: the lanes of its addresses (:meth:`_takes_over`), the
+        latest one's where two reloads' workers both had a lane, and its slot's
+        provider queues (a Retry-After pause). ``olds``: the workers the reload
+        starting it retired, counted even once reaped: an idle worker answers
+        wire.Retire and exits at once, and the reap every 0.1 s could take it
+        out of :attr:`retired` before the reload's next look (a loaded host):
+        its new worker then started with fresh provider queues and sent into a
+        provider's 429 pause (seen in CI: test_serve_reload)."""
+        held = {id(o) for o in self.retired}
+        sources = [*self.retired, *(o for o in olds if id(o) not in held)]
         out: dict[tuple[str, str], wire.LaneState] = {}
+        providers: dict[str, tuple[float, float, int, float]] = {}
         owners = self._owners()
-        for old in self.retired:
+        for old in sources:
             out.update(((st.ip, st.site), st) for st in old.lanes
                        if self._takes_over(index, old, st.ip, owners))  # fmt: skip
-        return list(out.values())
+            if old.index == index:
+                providers.update(old.providers)
+        if not out and not providers:
+            return None
+        return wire.Lanes(list(out.values()), providers)
 
     def worker_counters(self, index: int, gauges: Collection[str] = ()) -> dict[str, float]:
         """Slot ``index``'s counters (wire.Stats) over every worker it ran: what
