@@ -42,6 +42,7 @@ from fastsend.config.serve import (
     SubmissionSettings,
     TrackingSettings,
     WebhookSettings,
+    check_events,
 )
 from fastsend.config.shaping import (
     GuardrailSettings,
@@ -484,6 +485,10 @@ def _check(cfg: Config) -> None:
             tt.webhook_secret = _read_secret(
                 tt.webhook_secret_file, f"[tenants.{name}] webhook_secret_file"
             )
+        try:
+            check_events(f"[tenants.{name}] webhook_events", tt.webhook_events)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if tt.webhook_urls and len(tt.webhook_secret) < 16:
             raise ConfigError(f"[tenants.{name}] webhook_urls need a webhook_secret (or"
                               " webhook_secret_file) of 16+ characters: the tenant's own")  # fmt: skip

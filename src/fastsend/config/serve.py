@@ -115,6 +115,16 @@ EVENT_NAMES = frozenset({
 })  # fmt: skip
 
 
+def check_events(key: str, names: list[str] | None) -> None:
+    """ValueError naming ``key`` when ``names`` holds an event the log never carries."""
+    unknown = [e for e in names or () if e not in EVENT_NAMES]
+    if unknown:
+        raise ValueError(
+            f"{key}: unknown event {', '.join(map(repr, unknown))} (the events are: "
+            f"{', '.join(sorted(EVENT_NAMES))})"
+        )
+
+
 class WebhookSettings(Section):
     """[webhooks]: where events are POSTed (fastsend.serve.webhooks)."""
 
@@ -137,12 +147,7 @@ class WebhookSettings(Section):
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"urls: {u!r} is not an http(s) URL")
         self.urls = list(dict.fromkeys(self.urls))
-        unknown = [e for e in self.events or () if e not in EVENT_NAMES]
-        if unknown:
-            raise ValueError(
-                f"events: unknown event {', '.join(map(repr, unknown))} (the events are: "
-                f"{', '.join(sorted(EVENT_NAMES))})"
-            )
+        check_events("events", self.events)
 
     def __repr__(self) -> str:  # never print the secret
         return f"WebhookSettings(urls={self.urls!r}, events={self.events!r})"

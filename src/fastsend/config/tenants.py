@@ -92,11 +92,13 @@ class TenantTable(Section):
     weight: TenantWeight = 1
     # Webhooks of its own, set by the operator (no tenant can make the server post
     # anywhere): each URL gets this tenant's events only, signed with the tenant's
-    # own secret (16+ characters, or webhook_secret_file), with [webhooks]' events
-    # filter, batch size, timeout and retries (fastsend.serve.webhooks).
+    # own secret (16+ characters, or webhook_secret_file), with [webhooks]' batch
+    # size, timeout and retries (fastsend.serve.webhooks). ``webhook_events``: the
+    # event types they get (unset: [webhooks] events; names checked at load).
     webhook_urls: list[str] = []
     webhook_secret: str = ""
     webhook_secret_file: str = ""
+    webhook_events: list[str] | None = None
 
     def __repr__(self) -> str:  # never print the webhook secret
         return f"TenantTable(domains={self.domains!r}, webhook_urls={self.webhook_urls!r})"

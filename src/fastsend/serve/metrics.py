@@ -212,6 +212,7 @@ class Metrics:
         self._stats_read: asyncio.Task[dict[str, int]] | None = None
         self._spool_refresh: asyncio.Task[None] | None = None
         self._hook_cache: tuple[float, list[str]] = (0.0, [])
+        self._hook_refresh: asyncio.Task[dict[str, int]] | None = None
         self.webhooks: Any = None  # serve's WebhookDispatcher, once started
         ctx.spool = TimedSpool(ctx.spool, self.spool_write)
 
@@ -309,21 +310,27 @@ class Metrics:
                "# TYPE fastsend_webhook_events_expired_total counter",
                "fastsend_webhook_events_expired_total"
                f" {getattr(self.ctx, 'webhook_expired', 0)}"]  # fmt: skip
-        now = time.monotonic()
-        at, lines = self._hook_cache
-        if now - at >= SPOOL_TTL or not lines:
-            lines = ["# HELP fastsend_webhook_pending Events not yet accepted by the receiver"
-                     " (the URL as scheme://host:port and a digest: paths hold secrets).",
-                     "# TYPE fastsend_webhook_pending gauge"]  # fmt: skip
-            outbox = hooks.outbox
-            for url in hooks.config.urls if outbox is not None else ():
-                try:
-                    n = outbox.pending(url)
-                except Exception:  # (a scrape never fails for the outbox's sake)
-                    continue
-                lines.append(f"fastsend_webhook_pending{_labels({'url': safe_url(url)})} {n}")
-            self._hook_cache = (now, lines)
-        return out + lines
+        return out + self._hook_cache[1]
+
+    async def refresh_webhooks(self) -> None:
+        """Each URL's backlog (``WebhookDispatcher.pending``: what that URL will be
+        sent, a tenant's URL its tenant's events only), made again when older than
+        SPOOL_TTL; scrapes at once share one."""
+        hooks = self.webhooks
+        if hooks is None or not getattr(hooks, "enabled", False):
+            return
+        if time.monotonic() - self._hook_cache[0] < SPOOL_TTL and self._hook_cache[1]:
+            return
+        if self._hook_refresh is None or self._hook_refresh.done():
+            self._hook_refresh = asyncio.create_task(hooks.pending())
+        counts = await asyncio.shield(self._hook_refresh)
+        lines = ["# HELP fastsend_webhook_pending Events not yet accepted by the receiver"
+                 " that it will be sent (the URL as scheme://host:port and a digest: paths"
+                 " hold secrets).",
+                 "# TYPE fastsend_webhook_pending gauge"]  # fmt: skip
+        for url, n in counts.items():
+            lines.append(f"fastsend_webhook_pending{_labels({'url': safe_url(url)})} {n}")
+        self._hook_cache = (time.monotonic(), lines)
 
     def blocklist_lines(self) -> list[str]:
         """Each source IP on each configured blocklist as its last check found it: what
@@ -452,6 +459,7 @@ class Metrics:
     async def handler(self, request: web.Request) -> web.Response:
         await self.refresh_spool()
         await self.refresh_redelivered()
+        await self.refresh_webhooks()
         # The version parameter names the format (Prometheus 3 refuses a scrape whose
         # Content-Type does not name a format it knows).
         return web.Response(

@@ -75,8 +75,11 @@ TENANTS' URLS
     cursor; its sender POSTs only the events of its tenant (``_tenant_of``: the
     campaign's owner, else the tenant an event names; the node's own events, as
     ``ip_listed``, never) and moves the cursor past the others without a POST;
-    signed with that tenant's ``webhook_secret``. Its ``fastsend_webhook_pending``
-    counts every event past its cursor, the other tenants' included.
+    signed with that tenant's ``webhook_secret``, of the event types its
+    ``webhook_events`` names (unset: ``[webhooks] events``; the outbox keeps what any
+    URL gets, each URL's sender skips the rest). ``fastsend_webhook_pending`` counts
+    what a URL will be sent (``WebhookDispatcher.pending``: a filtered URL's rows
+    read once each, counts kept per run of rows).
 
 DELIBERATELY NOT HERE
     No endpoints a tenant sets through the API, no dead-letter store (an expired event is in the
@@ -123,6 +126,7 @@ OUTBOX_RETRY = 1.0  # s between a sender's tries of an outbox out of reach
 SIGNATURE_HEADER = "Fastsend-Signature"
 CATCH_UP_MAX = 100_000  # events a start appends from the event log, at most
 BATCH_HEADER = "Fastsend-Batch"
+BACKLOG_RUN = 1000  # outbox rows /metrics reads at a time for a URL's backlog
 
 
 def sign_payload(secret: bytes, body: bytes, timestamp: int) -> str:
@@ -145,6 +149,10 @@ class WebhookConfig:
     # events only) and -> the tenant's own secret.
     owners: dict[str, str] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
+    # The event types a URL gets, where they are not ``events`` (what the outbox
+    # keeps: then every URL's, together): [webhooks] events for the operator's
+    # URLs, a tenant's ``webhook_events`` for its own.
+    url_events: dict[str, frozenset[str] | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, t: WebhookSettings, tenants: dict[str, Any] | None = None) -> WebhookConfig:
@@ -152,17 +160,25 @@ class WebhookConfig:
         secret files read, a URL one receiver's, when the config loaded)."""
         owners: dict[str, str] = {}
         secrets: dict[str, bytes] = {}
+        ops = frozenset(t.events) if t.events is not None else None
+        url_events: dict[str, frozenset[str] | None] = dict.fromkeys(t.url_list, ops)
         for name, table in (tenants or {}).items():
+            mine = getattr(table, "webhook_events", None)
             for u in table.webhook_urls:
                 owners[u] = name
                 secrets[u] = table.webhook_secret.encode()
+                url_events[u] = frozenset(mine) if mine is not None else ops
+        union: frozenset[str] | None = frozenset()
+        for ev in url_events.values():
+            union = None if ev is None or union is None else union | ev
         return cls(
             urls=t.url_list + [u for u in owners if u not in t.url_list],
             owners=owners,
             secrets=secrets,
+            url_events={u: e for u, e in url_events.items() if e != union},
             secret=t.secret.encode(),
             batch_size=t.batch_size,
-            events=frozenset(t.events) if t.events is not None else None,
+            events=union if url_events else ops,
             timeout=t.timeout,
             retry_min=t.retry_min,
             retry_max=t.retry_max,
@@ -311,6 +327,7 @@ class WebhookDispatcher:
         self._senders: dict[str, asyncio.Task[None]] = {}  # one per URL
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
+        self._backlogs: dict[str, _Backlog] = {}  # pending(): what a URL's rows held
 
     @property
     def enabled(self) -> bool:
@@ -554,10 +571,9 @@ class WebhookDispatcher:
                 if outage:
                     log.warning("webhook %s: the outbox answers again", safe_url(url))
                     outage = False
-                owner = c.owners.get(url)
-                if rows and owner is not None:  # a tenant's URL: its own events only
-                    mine = [r for r in rows if self._tenant_of(r[1]) == owner]
-                    if not mine:  # none of them its tenant's: past them, the loop
+                if rows and self._filtered(url):  # a tenant's URL, a URL's own event types
+                    mine = self._for_url(url, rows)
+                    if not mine:  # none of them for it: past them, the loop
                         self.outbox.ack(url, rows[-1][0])  # given up between batches
                         await asyncio.sleep(0)
                         continue
@@ -602,25 +618,119 @@ class WebhookDispatcher:
                 outage = True
                 await asyncio.sleep(OUTBOX_RETRY)
 
-    def _tenant_of(self, body: bytes) -> str | None:
+    def _filtered(self, url: str) -> bool:
+        """``url`` gets less than the whole outbox: a tenant's, or event types of its own."""
+        return url in self.config.owners or url in self.config.url_events
+
+    def _for_url(
+        self, url: str, rows: list[tuple[int, bytes]], owners: dict[int, str | None] | None = None
+    ) -> list[tuple[int, bytes]]:
+        """The ``rows`` sent to ``url``: of the event types it gets, and on a tenant's
+        URL of that tenant only. ``owners``: campaign -> tenant, filled as read (a
+        campaign gone from the spool is looked up once, not once per event)."""
+        c = self.config
+        owner = c.owners.get(url)
+        types = c.url_events.get(url, c.events)
+        if owner is None and types is None:
+            return rows
+        known = {} if owners is None else owners
+        out = []
+        for r in rows:
+            try:
+                ev = orjson.loads(r[1])
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(ev, dict):
+                continue
+            if types is not None and ev.get("event") not in types:
+                continue
+            if owner is not None and self._tenant_of(ev, known) != owner:
+                continue
+            out.append(r)
+        return out
+
+    def _tenant_of(self, ev: dict[str, Any], known: dict[int, str | None]) -> str | None:
         """The tenant an outbox event is about: its campaign's owner, else the tenant
         it names (an open of a message no longer in the spool); None for the node's
         own events (blocklists, feeds, ...): only the operator's URLs get those."""
-        try:
-            ev = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(ev, dict):
-            return None
         campaign = ev.get("campaign")
         owner_of = getattr(self.ctx, "campaign_tenant", None)
         if isinstance(campaign, int) and owner_of is not None:
-            try:
-                return str(owner_of(campaign))
-            except KeyError:
-                pass  # (the campaign is gone: the tenant the event names)
+            if campaign not in known:
+                try:
+                    known[campaign] = str(owner_of(campaign))
+                except KeyError:
+                    known[campaign] = None  # (the campaign is gone: the tenant the event names)
+            if known[campaign] is not None:
+                return known[campaign]
         tenant = ev.get("tenant")
         return tenant if isinstance(tenant, str) else None
+
+    async def pending(self) -> dict[str, int]:
+        """{URL: events past its cursor that it will be sent} (/metrics'
+        ``fastsend_webhook_pending``). A URL that gets less than the whole outbox (a
+        tenant's, event types of its own) has its rows read: once each, their counts
+        kept per run of ``BACKLOG_RUN`` rows (``_Backlog``), the loop given up between
+        runs. Before, such a URL's figure was every row past its cursor: a tenant's
+        receiver down showed the other tenants' traffic as its backlog."""
+        out: dict[str, int] = {}
+        outbox = self.outbox
+        for url in list(self.config.urls):
+            if outbox is None:
+                break
+            try:
+                if not self._filtered(url):
+                    out[url] = outbox.pending(url)
+                else:
+                    out[url] = await self._backlog(outbox, url)
+            except Exception:  # (a scrape never fails for the outbox's sake)
+                self._backlogs.pop(url, None)
+                continue
+        for url in [u for u in self._backlogs if u not in self.config.urls]:
+            del self._backlogs[url]
+        return out
+
+    async def _backlog(self, outbox: Any, url: str) -> int:
+        """The rows past ``url``'s cursor that it will be sent, read past what was read
+        before. Rows leave the outbox at its start only (acknowledged, expired), are
+        appended at its end; a row that arrives below the end read (two nodes' appends
+        racing on a shared outbox) shows as more rows past the cursor than were read,
+        and they are read again from the cursor."""
+        key = (self.config.owners.get(url), self.config.url_events.get(url, self.config.events))
+        st = self._backlogs.get(url)
+        if st is None or st.key != key:  # (a reload changed what it gets)
+            st = self._backlogs[url] = _Backlog(key)
+        total = outbox.pending(url)
+        first = outbox.fetch(url, 1)
+        if not first:
+            st.runs.clear()
+            return 0
+        start = first[0][0] - 1  # the cursor, or the row before the first left
+        while st.runs and st.runs[0][1] <= start:
+            st.runs.pop(0)
+        owners: dict[int, str | None] = {}
+        if st.runs and st.runs[0][0] <= start:  # the cursor inside the first run: read again
+            end = st.runs[0][1]
+            rows = [r for r in outbox.fetch_all(start, BACKLOG_RUN) if r[0] <= end]
+            st.runs[0] = (start + 1, end, len(rows), len(self._for_url(url, rows, owners)))
+        after = st.runs[-1][1] if st.runs else start
+        for again in (False, True):
+            if again:
+                if sum(r[2] for r in st.runs) >= total:
+                    break
+                st.runs.clear()  # (rows arrived below the end read)
+                after = start
+            while True:
+                rows = outbox.fetch_all(after, BACKLOG_RUN)
+                if not rows:
+                    break
+                st.runs.append((rows[0][0], rows[-1][0], len(rows),
+                                len(self._for_url(url, rows, owners))))  # fmt: skip
+                after = rows[-1][0]
+                await asyncio.sleep(0)
+                if len(rows) < BACKLOG_RUN:
+                    break
+        return sum(r[3] for r in st.runs)
 
     async def _held(self, url: str, hold: Callable[[str], bool] | None, work: Any) -> Any:
         """Await ``work`` (a POST, the wait before the next one) while keeping this
@@ -678,6 +788,15 @@ class WebhookDispatcher:
                 "webhook %s: batch %s not accepted (%s)", safe_url(url), headers[BATCH_HEADER], status
             )
         return ok, asked, status if isinstance(status, int) else 0
+
+
+@dataclass
+class _Backlog:
+    """What :meth:`WebhookDispatcher.pending` read of a URL's rows: runs of rows, in id
+    order, as (first id, last id, rows, rows the URL gets), and what the URL got then."""
+
+    key: tuple[str | None, frozenset[str] | None]
+    runs: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 def retry_after(value: str, now: float | None = None) -> float:
