@@ -127,7 +127,7 @@ end
 -- for the campaigns it takes from, and removes campaigns not active; a
 -- campaign set active is added at its head (status.lua). A score lower than the
 -- head only costs a look; a missing one would hold mail, so sweep_index()
--- adds every active campaign's head every SWEEP_MS (sweep.lua: at the open of a
+-- adds every active campaign's head every SWEEP_MS, in steps (sweep.lua: at the open of a
 -- spool made before the index, then from each node's renew(); mail a node of
 -- an older fastsend spools meanwhile waits at most that long).
 local function flush_zadd()
@@ -159,10 +159,20 @@ local function index_head(cid)
   end
 end
 local SWEEP_MS = 30000
-local function sweep_index()
-  if not redis.call('SET', P..':dueidx:swept', '1', 'NX', 'PX', SWEEP_MS) then return 0 end
+-- One step of the sweep: about n active campaigns (SSCAN COUNT n from the
+-- cursor P:dueidx:cursor, which every node's step moves on: a sweep started by
+-- one node is ended by any), so 100,000 active campaigns are 100 short scripts,
+-- not one that held Redis ~1 s. A new sweep starts once per SWEEP_MS after
+-- the last one ended. -> 0 none due, 1 a step made (more to come), 2 swept.
+local function sweep_index(n)
+  local cursor = redis.call('GET', P..':dueidx:cursor')
+  if not cursor then
+    if not redis.call('SET', P..':dueidx:swept', '1', 'NX', 'PX', SWEEP_MS) then return 0 end
+    cursor = '0'
+  end
+  local got = redis.call('SSCAN', P..':active', cursor, 'COUNT', n)
   local heads = {}
-  for _, cid in ipairs(redis.call('SMEMBERS', P..':active')) do
+  for _, cid in ipairs(got[2]) do
     local h = redis.call('ZRANGE', P..':due:'..cid, 0, 0, 'WITHSCORES')
     if h[2] then
       heads[#heads + 1] = h[2]
@@ -172,7 +182,13 @@ local function sweep_index()
   for i = 1, #heads, 1000 do
     redis.call('ZADD', P..':dueidx', 'LT', unpack(heads, i, math.min(i + 999, #heads)))
   end
-  return 1
+  if got[1] ~= '0' then
+    redis.call('SET', P..':dueidx:cursor', got[1])
+    return 1
+  end
+  redis.call('DEL', P..':dueidx:cursor')
+  redis.call('SET', P..':dueidx:swept', '1', 'PX', SWEEP_MS)
+  return 2
 end
 -- Pending messages handed back from a node: back to queued (or deferred, when
 -- attempted before), due at their next attempt time; a cancelled campaign's

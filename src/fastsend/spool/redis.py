@@ -39,7 +39,8 @@ is the layout's version (a spool of another layout is refused). ``P:due:CID`` a 
 an id has fewer than 20, :func:`due_score`: ties come out by number);
 ``P:dueidx`` the active campaigns with mail in their due set, each scored at
 most its set's head (``lib.lua``: a claim reads only the campaigns due now;
-swept from ``P:active`` every 30 s, ``P:dueidx:swept``); ``P:n:CID`` and ``P:n``
+swept from ``P:active`` every 30 s, ``P:dueidx:swept``, in steps of
+``SWEEP_STEP`` campaigns from the cursor ``P:dueidx:cursor``); ``P:n:CID`` and ``P:n``
 counters per state (a campaign's moves between states in ``P:nd``, fields
 ``CID|state``, added to its ``P:n:CID``: lib.lua flush_tally); ``P:nodes`` node -> lease deadline (ms, Redis server time:
 no clock skew between nodes); ``P:fl:NODE`` the ids a node holds in flight;
@@ -108,11 +109,13 @@ import hashlib
 import os
 import secrets
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import redis
@@ -181,6 +184,9 @@ SOCKET_OPTIONS: dict[str, Any] = {
     "socket_timeout": 5.0, "socket_connect_timeout": 5.0, "socket_keepalive": True,
 }  # fmt: skip
 SWEEP_MS = 30_000  # lib.lua SWEEP_MS: the index of campaigns with mail due is swept this often
+# Active campaigns a step of that sweep looks at (one script call, ~1-3 ms of
+# Redis): a renew() makes one step while a sweep is under way.
+SWEEP_STEP = 1000
 # The oldest Redis the spool runs on: SMISMEMBER (a campaign's duplicate
 # addresses, recorded_fps) came in 6.2; before, the first upload failed with
 # "unknown command" after the node had started.
@@ -397,6 +403,42 @@ def _state(raw: bytes) -> list[bytes]:
     return [s, a, n, u, c, o, lc, le, lt]
 
 
+# The files a ``rediss://`` URL may name for redis-py (its query arguments).
+_TLS_FILES = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
+# TLS failures that are a cut connection (a restart mid-handshake), not a setting.
+_TLS_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError, ssl.SSLWantReadError,
+            ssl.SSLWantWriteError)  # fmt: skip
+
+
+def _tls_setting_fault(redis_url: str, e: BaseException | None) -> str | None:
+    """What is wrong in a ``rediss://`` URL's TLS settings, or None when the
+    failure may pass: a file it names missing or unreadable, the server's
+    certificate refused (another CA, a host name or IP address it does not
+    name, expired), or a TLS refusal (the server wants a client certificate,
+    no common protocol). Trying again cannot mend these: a command exits 2
+    (was 75, as for a Redis down for now, and a job runner retried for ever)."""
+    query = redis_url.partition("?")[2]
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        if k in _TLS_FILES and v and not os.access(v, os.R_OK):
+            why = "not found" if not os.path.exists(v) else "not readable"
+            return f"{k} {v!r} in the spool URL: {why}"
+    while e is not None:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return (
+                f"the server's TLS certificate is refused ({e.verify_message}): give the"
+                " CA that signed it (ssl_ca_certs= in the URL), and a host in the URL that"
+                " the certificate names"
+            )
+        if isinstance(e, ssl.SSLError) and not isinstance(e, _TLS_CUT):
+            return (
+                f"TLS with the server fails ({e.reason or e}): check the URL's ssl_ settings"
+                " (a client certificate, ssl_certfile/ssl_keyfile, if the server asks for"
+                " one) and that the port speaks TLS"
+            )
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _server_version(r: Any) -> tuple[int, ...]:
     """The server's ``redis_version`` (Valkey and KeyDB report the Redis version
     they match), () when INFO is refused (an ACL user without it) or unclear."""
@@ -438,6 +480,9 @@ class RedisSpool(Spool):
             self.r.ping()
             version = _server_version(self.r)
         except redis.RedisError as e:
+            fault = _tls_setting_fault(redis_url, e) if scheme == "rediss" else None
+            if fault is not None:
+                raise RedisSpoolError(f"cannot use Redis at {safe!r}: {fault}") from None
             raise RedisUnreachable(f"cannot reach Redis at {safe!r}: {e}") from None
         if version and version < MIN_VERSION:
             raise RedisSpoolError(
@@ -489,9 +534,12 @@ class RedisSpool(Spool):
         self._untold_script = reg(_script("untold"))
         self._sweep = reg(_script("sweep"))
         self._swept = time.monotonic()
+        self._sweeping = False  # a sweep of the index under way (renew() steps on)
+        self._due_gen = 0  # changes here that may make mail due (_is_quiet)
         if not readonly:  # a spool made before the index: made whole now (lib.lua)
             try:
-                self._sweep(args=[self.k])
+                while self._sweep_step():
+                    pass
             except OUTAGE_ERRORS as e:
                 raise RedisTakesNoWrites(f"Redis at {safe!r} takes no writes now: {e}") from None
         self._untold_held = False  # P:untold:NODE may hold entries (told() drops them)
@@ -518,7 +566,6 @@ class RedisSpool(Spool):
         self._aconn: Any = None
         # key, sent (monotonic), want, self._due_gen when sent
         self._ahead: collections.deque[tuple[int, float, int, int]] = collections.deque()
-        self._due_gen = 0  # changes here that may make mail due (_is_quiet)
         # (change count, now, monotonic time) of a claim that found nothing due
         self._quiet: tuple[int, float, float] | None = None
         self._stock: dict[int, list[Claimed]] = {}
@@ -1257,10 +1304,9 @@ class RedisSpool(Spool):
         ingest jobs it reads (cheap: at most ~4 calls a lease)."""
         if self._ingests:
             self._renew_ingests()
-        if time.monotonic() - self._swept >= SWEEP_MS / 1000:
+        if self._sweeping or time.monotonic() - self._swept >= SWEEP_MS / 1000:
             self._swept = time.monotonic()  # (the first node to ask in SWEEP_MS sweeps)
-            if self._sweep(args=[self.k]):
-                self._due_gen += 1  # (mail it found may be due: claim again)
+            self._sweep_step()
         if self._name_tag is not None and time.monotonic() - self._name_renewed >= self.lease / 4:
             self._name_renewed = time.monotonic()
             self._renew_name()
@@ -1271,6 +1317,17 @@ class RedisSpool(Spool):
             return
         self._renewed = mono
         self._renew(args=[self.k, self.node, self._lease_ms])
+
+    def _sweep_step(self) -> bool:
+        """One step of the index's sweep (sweep.lua: SWEEP_STEP campaigns, on
+        from where any node's last step left it): True while more are to come.
+        Before, one script looked at every active campaign: 100,000 held Redis
+        (every node's claims and accepts) about a second."""
+        got = int(self._sweep(args=[self.k, SWEEP_STEP]))
+        if got:
+            self._due_gen += 1  # (mail it found may be due: claim again)
+        self._sweeping = got == 1
+        return self._sweeping
 
     def counts(self, campaign_id: int | None = None) -> dict[str, int]:
         if campaign_id is not None:
