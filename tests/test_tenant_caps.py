@@ -506,3 +506,99 @@ def test_a_list_spooled_in_the_background_gives_back_what_it_left_out(
             assert list(n.ctx.spool.counters("tq:").values()) == [10]
 
     asyncio.run(main())
+
+
+async def _post_csv(n: Node, cid: int, addrs: list[str]) -> tuple[int, Any]:
+    h = {"Authorization": f"Bearer {n.key('acme')}", "Content-Type": "text/csv"}
+    csv = "email,name\n" + "".join(f"{a},X\n" for a in addrs)
+    async with n.session.post(f"{n.base}/v1/campaigns/{cid}/recipients",
+                              data=csv.encode(), headers=h) as r:  # fmt: skip
+        return r.status, orjson.loads(await r.read())
+
+
+async def _settled(n: Node) -> None:
+    """Until every upload job of the node's process has ended."""
+    for _ in range(500):
+        if not n.ctx.uploads.tasks:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"upload jobs still running: {sorted(n.ctx.uploads.tasks)}")
+
+
+def test_two_lists_spooling_at_once_count_their_shared_addresses_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daily quota of 12 and [api] max_campaign_recipients = 12: a list of 10 is
+    spooling in the background (2 rows spooled before its answer), and a second list
+    of 10 naming 8 of its addresses and 2 new ones comes: 12 recipients in all, so it
+    is 202 (was 429 and 413: the 8 shared addresses counted once per list, 20 of 12).
+    Both jobs then spool, either first for the shared ones: the campaign has 12 rows
+    and the quota counts 12, as many as were spooled. A third list of one new address
+    is then over both (413: the cap is checked first)."""
+    start, held = _hold_uploads(monkeypatch)
+
+    async def main() -> None:
+        tables = _tables(tmp_path, {"tenant_daily_messages": 12, "max_campaign_recipients": 12})
+        async with node(tables) as n:
+            st, got, _h = await n.req("POST", "/v1/campaigns", {"name": "c", "template": TPL})
+            assert st == 201, got
+            cid = got["id"]
+            first = [f"a{j}@example.org" for j in range(10)]
+            st, got = await _post_csv(n, cid, first)
+            assert st == 202 and got["status"] == "spooling", got
+            st, got = await _post_csv(n, cid, [*first[2:], "b0@example.org", "b1@example.org"])
+            assert st == 202 and got["status"] == "spooling", got
+            assert sum(n.ctx.spool.counters("tq:").values()) <= 12
+            while held:
+                start(*held.pop())
+            await _settled(n)
+            assert n.ctx.spool.counts(cid)["queued"] == 12
+            assert list(n.ctx.spool.counters("tq:").values()) == [12]
+            st, got = await _post_csv(n, cid, ["c0@example.org"])
+            assert st == 413 and "would have 13" in got["error"]["message"], got
+
+    asyncio.run(main())
+
+
+def test_a_list_whose_spooling_failed_and_was_taken_over_gives_back_what_it_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daily quota counted a list of 10 when it came; its background spooling
+    then failed (a spool error after one more chunk) and was taken over later (as a
+    serve's tick does for a job whose reader failed or died: another process, another
+    node), meanwhile 3 of its addresses were added as JSON. When the job ends, what it
+    left out is given back by whoever ended it: 10 counted for 10 spooled (was 13:
+    only the process that took the list could give back, and it had forgotten)."""
+    from fastsend.serve import uploads as up
+
+    start, held = _hold_uploads(monkeypatch)
+
+    async def main() -> None:
+        async with node(_tables(tmp_path, {"tenant_daily_messages": 20})) as n:
+            st, got, _h = await n.req("POST", "/v1/campaigns", {"name": "c", "template": TPL})
+            assert st == 201, got
+            cid = got["id"]
+            st, got = await _post_csv(n, cid, [f"a{j}@example.org" for j in range(10)])
+            assert st == 202 and got["status"] == "spooling", got
+            self, job, feed = held.pop()
+
+            def failing() -> Any:
+                yield next(feed)
+                raise OSError("disk I/O error")
+
+            start(self, job, failing())
+            await _settled(n)
+            assert n.ctx.uploads.failed, "the job's spooling did not fail"
+            assert n.ctx.spool.counts(cid)["queued"] == 4
+            rows = [{"email": f"a{j}@example.org", "name": "J"} for j in (5, 6, 7)]
+            st, got, _h = await n.req("POST", f"/v1/campaigns/{cid}/recipients",
+                                      {"recipients": rows})  # fmt: skip
+            assert st == 202 and got["accepted"] == 3, got
+            monkeypatch.setattr(up, "RETRY_FAILED", 0.0)
+            assert [j.id for j in n.ctx.uploads.adopt()] == [job.id]
+            start(*held.pop())
+            await _settled(n)
+            assert n.ctx.spool.counts(cid)["queued"] == 10
+            assert list(n.ctx.spool.counters("tq:").values()) == [10]
+
+    asyncio.run(main())

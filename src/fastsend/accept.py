@@ -462,16 +462,25 @@ class Acceptor:
             fps = [f for f, k in zip(fps, known, strict=True) if not k]
         return todo, fps, None
 
-    def fresh(self, campaign_id: int, rows: list[Row], look: bool = True) -> int:
+    def fresh(
+        self,
+        campaign_id: int,
+        rows: list[Row],
+        look: bool = True,
+        drop: Callable[[list[int]], list[int]] | None = None,
+    ) -> int:
         """How many of ``rows`` :meth:`accept` with ``dedup`` would spool now: those
         whose address neither the campaign has nor an earlier row of them. A look
         that records nothing (a tenant's quota counts these before they are
         spooled, not the rows a list repeats); another request may spool some of
         them meanwhile, so what is spooled can be fewer, never more. ``look=False``:
-        the campaign has no rows (a new one): its addresses are not looked up."""
+        the campaign has no rows (a new one): its addresses are not looked up.
+        ``drop``: the fingerprints less those counted elsewhere (a list of the
+        campaign still being spooled), left out first."""
         fps: list[int] = []
         recipients.FpSet().add_rows(rows, fps)  # (each address once, in order)
-        return len(fps) - (self.known(campaign_id, fps) if look else 0)
+        rest = drop(fps) if drop is not None else fps
+        return len(rest) - (self.known(campaign_id, rest) if look else 0)
 
     def known(self, campaign_id: int, fps: list[int]) -> int:
         """How many of the fingerprints ``fps`` the campaign's spooled rows have."""

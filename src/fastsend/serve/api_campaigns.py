@@ -32,6 +32,7 @@ missing one).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -48,7 +49,6 @@ from fastsend.accept import (
     check_campaign,
     header_variables,
     name_problem,
-    rows_left,
 )
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
@@ -238,8 +238,9 @@ def _recipients_of(api: Any, cid: int) -> int:
     (in the background, by any node): what ``max_campaign_recipients`` counts.
     Without the latter, a second list added while the first was spooling passed
     the cap (cap 30,000: two lists of 25,000 spooled 50,000)."""
+    uploads = api.ctx.uploads
     pending = sum(
-        rows_left(j) for j in api.ctx.spool.list_ingests(unfinished=True) if j.campaign == cid
+        uploads.left(j) for j in api.ctx.spool.list_ingests(unfinished=True) if j.campaign == cid
     )
     return sum(api.ctx.spool.counts(cid).values()) + pending
 
@@ -277,7 +278,13 @@ async def _spool_rows(
         # earlier attempt of this very request spooled too) or an earlier row's is
         # no recipient more, nor a message against the quota (a list sent again
         # with 1 new row of 5,000 was counted 5,000: 429 near the quota).
-        count = api.ctx.acceptor.fresh(cid, good, look=bool(have or earlier))
+        # An address a list of the campaign still spooling names is that list's:
+        # counted once (were twice: 413/429 below the caps); spooled here first,
+        # ``settle`` counts it and the list's job gives it back.
+        count = api.ctx.acceptor.fresh(
+            cid, good, look=bool(have or earlier),
+            drop=functools.partial(api.ctx.uploads.not_pending, cid),
+        )  # fmt: skip
     else:
         have -= earlier
         count = len(good) - earlier
@@ -307,7 +314,7 @@ async def _spool_rows(
             await asyncio.sleep(0)  # let other requests in between chunks
     finally:
         spooled = accepted - ((run.skipped - skipped) if run is not None else 0)
-        api.ctx.caps.refund(taken, count - spooled)  # (what was spooled stays counted)
+        api.ctx.caps.settle(taken, spooled)  # (what was spooled stays counted)
     if api.metrics is not None:
         api.metrics.accepted(accepted)
     out: dict[str, Any] = {
@@ -620,15 +627,18 @@ async def _list_digest(request: web.Request) -> str:
     return await json_digest(request)
 
 
-async def _known(acceptor: Any, cid: int, fps: Any) -> int:
+async def _known(api: Any, cid: int, fps: Any, look: bool) -> int:
     """How many of an upload's fingerprints ``fps`` (an array, or None: none
-    collected) campaign ``cid`` has, looked up a part at a time, the loop free
-    between parts."""
+    collected) campaign ``cid`` has, or a list of it still spooling names
+    (``look``: the campaign's rows are looked up too), a part at a time, the loop
+    free between parts."""
     if not fps:
         return 0
     n = 0
     for i in range(0, len(fps), CHUNK):
-        n += acceptor.known(cid, fps[i : i + CHUNK].tolist())
+        part = fps[i : i + CHUNK].tolist()
+        rest = api.ctx.uploads.not_pending(cid, part)
+        n += len(part) - len(rest) + (api.ctx.acceptor.known(cid, rest) if look else 0)
         await asyncio.sleep(0)
     return n
 
@@ -647,12 +657,13 @@ async def _upload(
     try:
         had = sum(api.ctx.spool.counts(cid).values())  # (its rows looked up if any)
         found = await asyncio.get_running_loop().run_in_executor(
-            None, scan, path, camp, MAX_REPORTED, dedup, had > 0
+            None, scan, path, camp, MAX_REPORTED, dedup, dedup
         )
         # rows naming an address the campaign has are not spooled: neither a
         # recipient more nor a message against the quota (were: a list sent again
-        # with 1 new row was counted whole)
-        fresh = found.good - await _known(api.ctx.acceptor, cid, found.fps)
+        # with 1 new row was counted whole); nor one a list still spooling names
+        # (that list counted it: two lists sharing addresses counted them twice)
+        fresh = found.good - await _known(api, cid, found.fps, had > 0)
         if found.bad and strict:
             first = found.bad[0]
             raise bad(
@@ -710,18 +721,21 @@ async def _upload(
     except BaseException:
         uploads.discard(path)
         raise
+    # The job carries what was counted: whoever ends it (this process, or another
+    # after a failure, another node after a takeover) makes the count what it
+    # spooled (TenantCaps.settle_job: what another request spooled first is given
+    # back, what it spooled first of another list's is counted)
+    tags = {**(run.tags() if run is not None else {}), **api.ctx.caps.job_tags(taken)}
     try:
-        job, mark = uploads.accept(cid, path, tags=run.tags() if run is not None else None)
+        job = uploads.start(cid, path, tags=tags)
     except BaseException:
         api.ctx.caps.refund(taken)
         raise
-    # What another request spooled first (the job leaves it out) is given back: now
-    # if all is spooled, else when the job ends
-    if job.id not in uploads.tasks:
-        api.ctx.caps.refund(taken, fresh - mark.accepted)
-    elif taken is not None:
-        caps = api.ctx.caps
-        uploads.settled[job.id] = lambda done: caps.refund(taken, fresh - done.accepted)
+    table = recipients.FpSet()
+    if found.fps is not None:
+        table.reserve(len(found.fps))
+        table.add_fps(found.fps.tolist())
+    mark = uploads.accept(job, fps=(table, fresh))
     fault("after-job")
     out["job"] = job.id
     out["rows"] = job.total

@@ -241,6 +241,8 @@ class ServeContext:
         self.quota = CampaignQuota(lambda: self.spool)  # [api] max_campaigns_per_day
         # [api] tenant_daily_messages / tenant_message_rate (and [tenants.NAME]'s)
         self.caps = TenantCaps(self)
+        # an uploaded list's job ended here: its quota count becomes what it spooled
+        self.uploads.on_done = self.caps.settle_job
         self._tenants: tuple[Config, Tenants] | None = None
 
     @property

@@ -17,7 +17,12 @@
   refused as such, not told to wait.
 
 A refusal takes nothing: what the quota counted is given back. What is counted
-and then not spooled (the spool failed) is given back too (:meth:`refund`).
+and then not spooled (the spool failed) is given back too (:meth:`refund`). An
+uploaded list spooled in the background carries what it counted in its ingest
+job (:meth:`job_tags`): whoever ends the job (this process, another after a
+failure, another node that took it over) makes the count what the job spooled
+(:meth:`settle_job`); a request whose addresses a list still spooling names counts
+them once, as that list's, and :meth:`settle` charges those it spools first.
 With Redis out of reach the node counts on its own for a while (a warning),
 as the tracking links' counts do: mail is not refused for an outage of the
 counters.
@@ -38,6 +43,9 @@ log = logging.getLogger("fastsend.serve")
 
 DAY = 86400
 PREFIX = "tq:"  # the spool counters of the daily quotas: tq:TENANT:YYYYMMDD
+# an ingest job's source fields: the quota counter its list was counted against, and
+# how many (TenantCaps.job_tags / settle_job)
+QUOTA_KEY, QUOTA_N = "quota", "quota_n"
 ALONE_FOR = 10.0  # s a node counts on its own after a shared count failed
 
 
@@ -149,9 +157,11 @@ class TenantCaps:
         daily, rate_, burst = self.caps(tenant)
         rate_ = rate_ if rate else 0.0
         rate = rate_ > 0
-        if n <= 0 or not (daily or rate):
+        if not (daily or rate):
             return None
         now = time.time() if now is None else now
+        if n <= 0:  # nothing to count; a quota's Taken all the same, for a settle
+            return Taken(f"{PREFIX}{tenant}:{utc_day(now)}", 0) if daily else None
         if rate and n > burst:
             raise TenantCapExceeded(
                 f"{n} messages in one request or message exceed the tenant's burst of"
@@ -209,6 +219,44 @@ class TenantCaps:
             self.used[taken.key] = int(self.ctx.spool.add_counters({taken.key: -k})[taken.key])
         except Exception as e:  # counted and not sent: the tenant's loss, said
             log.warning("tenant caps: %d message(s) not given back to %s: %s", k, taken.key, e)
+
+    def settle(self, taken: Taken | None, spooled: int) -> None:
+        """Make what ``taken`` counts ``spooled``, what was spooled: the rest given
+        back, or the messages spooled beyond it counted (addresses a list still
+        spooling had counted as its own, spooled first by this request: that
+        list's job gives them back when it ends)."""
+        if taken is None:
+            return
+        extra = spooled - taken.n
+        if extra <= 0:
+            self.refund(taken, -extra)
+            return
+        taken.n += extra
+        try:
+            self.used[taken.key] = int(self.ctx.spool.add_counters({taken.key: extra})[taken.key])
+        except Exception as e:  # spooled and not counted: said
+            log.warning("tenant caps: %d message(s) not counted to %s: %s", extra, taken.key, e)
+
+    @staticmethod
+    def job_tags(taken: Taken | None) -> dict[str, str]:
+        """The fields an ingest job's source carries for :meth:`settle_job`: the
+        counter and what was counted for its list."""
+        if taken is None:
+            return {}
+        return {QUOTA_KEY: taken.key, QUOTA_N: str(taken.n)}
+
+    def settle_job(self, job: Any) -> None:
+        """An uploaded list's job (an ``IngestJob``) has ended: its quota count
+        becomes the rows it spooled, whichever process or node ended it (the one
+        that took the list may have failed or died meanwhile)."""
+        key, n = job.source.get(QUOTA_KEY), job.source.get(QUOTA_N)
+        if not isinstance(key, str) or not key.startswith(PREFIX):
+            return
+        try:
+            counted = int(n)
+        except (TypeError, ValueError):
+            return
+        self.settle(Taken(key, counted), int(job.accepted))
 
     def sweep(self, now: float | None = None) -> int:
         """Drop the counters of days before yesterday (serve's tick, hourly)."""

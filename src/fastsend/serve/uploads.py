@@ -128,10 +128,13 @@ class Uploads:
         self.failed: dict[int, float] = {}  # job id -> monotonic time its spooling failed here
         self.reported: set[int] = set()  # jobs whose file was found gone or changed (said)
         self.busy: set[int] = set()  # jobs of ours another live process read (said)
-        # job id -> called with the job once this process has spooled all of it (the
-        # tenant's quota gives back what the job left out: a request counts its
-        # rows before they are spooled)
-        self.settled: dict[int, Callable[[IngestJob], None]] = {}
+        # called with each job this process spooled to its end, whoever started it
+        # (serve: the tenant's quota counts what the job spooled, TenantCaps.settle_job)
+        self.on_done: Callable[[IngestJob], None] | None = None
+        # job id -> (campaign, its list's address fingerprints, the addresses it was
+        # counted for): the lists this process spools in the background, so that a
+        # request naming their addresses counts them once (:meth:`not_pending`)
+        self.pending: dict[int, tuple[int, recipients.FpSet, int]] = {}
 
     @property
     def spool(self) -> Spool:
@@ -175,19 +178,23 @@ class Uploads:
             os.path.realpath(path)
         ) == os.path.realpath(self.dir)
 
+    def start(self, campaign_id: int, path: str, tags: dict[str, str] | None = None) -> IngestJob:
+        """Make the checked upload at ``path`` a durable ingest job (:meth:`accept`
+        spools it). ``tags``: written into the job's source (an Idempotency-Key's
+        token, what the tenant's quota counted for it)."""
+        return self.acceptor.start_ingest(campaign_id, path, origin="api", tags=tags)
+
     def accept(
         self,
-        campaign_id: int,
-        path: str,
+        job: IngestJob,
         on_bad: Callable[[recipients.BadRow], None] | None = None,
-        *,
-        tags: dict[str, str] | None = None,
-    ) -> tuple[IngestJob, IngestMark]:
-        """Make the checked upload at ``path`` an ingest job and spool it: all of
-        it when it has at most SYNC_ROWS rows (the mark is then the job's last),
-        else its first chunk, the rest in the background (:meth:`running`).
-        ``tags``: written into the job's source (an Idempotency-Key's token)."""
-        job = self.acceptor.start_ingest(campaign_id, path, origin="api", tags=tags)  # durable
+        fps: tuple[recipients.FpSet, int] | None = None,
+    ) -> IngestMark:
+        """Spool the job of :meth:`start`: all of it when it has at most SYNC_ROWS
+        rows (the mark is then the job's last), else its first chunk, the rest in
+        the background (:meth:`running`). ``fps``: its list's address fingerprints
+        and how many of them it was counted for, kept while it spools on."""
+        path = str(job.source["path"])
         if job.total <= SYNC_ROWS:
             mark = IngestMark(job.id, 0, 0, 0, 0)
             for mark in self.acceptor.ingest(job, chunk=SYNC_ROWS, on_bad=on_bad):
@@ -195,14 +202,41 @@ class Uploads:
                 job.accepted, job.rejected = mark.accepted, mark.rejected
                 job.duplicates = mark.duplicates
             self.discard(path)
-            return job, mark
+            self._done(job)
+            return mark
         feed = self.acceptor.ingest(job, chunk=CHUNK, on_bad=on_bad)
         mark = next(feed)
         self._spooled(mark, job)
         job.accepted, job.rejected = mark.accepted, mark.rejected
         job.duplicates = mark.duplicates
+        if fps is not None:
+            self.pending[job.id] = (job.campaign, *fps)
         self._start(job, feed)
-        return job, mark
+        return mark
+
+    def _done(self, job: IngestJob) -> None:
+        if self.on_done is not None:
+            try:
+                self.on_done(job)
+            except Exception:
+                log.exception("ending ingest job %s", job.id)
+
+    def not_pending(self, campaign_id: int, fps: list[int]) -> list[int]:
+        """``fps`` less the fingerprints a list of the campaign this process still
+        spools names (that list counted them; the spool may not have them yet)."""
+        for cid, table, _n in self.pending.values():
+            if cid == campaign_id and fps:
+                fps = [fp for fp, has in zip(fps, table.has_fps(fps), strict=True) if not has]
+        return fps
+
+    def left(self, job: IngestJob) -> int:
+        """How many more recipients an unfinished job may spool: the addresses it
+        was counted for less those spooled, when this process spools it; else the
+        rows it has not read (another process's, or node's)."""
+        held = self.pending.get(job.id)
+        if held is None:
+            return rows_left(job)
+        return max(0, held[2] - job.accepted)
 
     def _spooled(self, mark: IngestMark, before: IngestJob) -> None:
         if self.on_spooled is not None and mark.accepted > before.accepted:
@@ -229,12 +263,10 @@ class Uploads:
             self.failed[job.id] = time.monotonic()
         else:
             self.discard(path)
-            settled = self.settled.pop(job.id, None)
-            if settled is not None:
-                settled(job)
+            self._done(job)
         finally:
             self.tasks.pop(job.id, None)
-            self.settled.pop(job.id, None)
+            self.pending.pop(job.id, None)
 
     def resume(self) -> list[IngestJob]:
         """At start: continue every unfinished upload job whose reader died
