@@ -665,9 +665,10 @@ def _parse_rule(d: Any, where: str, known: dict[str, Rule]) -> Rule:
         raise RuleError(f"{where}: 'signal' must be one of {RULE_SIGNALS}, got {signal!r}")
     codes = d.get("codes", [])
     if not isinstance(codes, list) or not all(
-        isinstance(c, int) and 200 <= c <= 599 for c in codes
+        isinstance(c, int) and (c == 0 or 200 <= c <= 599) for c in codes
     ):
-        raise RuleError(f"{where}: 'codes' must be a list of reply codes (200-599)")
+        # (0: the text names no reply code, as in a report's own sentence.)
+        raise RuleError(f"{where}: 'codes' must be a list of reply codes (200-599, or 0: none)")
     status = _status_list(d, "status", where)
     commands = d.get("commands")
     if commands is not None and (

@@ -340,6 +340,22 @@ def candidate_addresses(
     return out
 
 
+_LEAD_MAX = 200
+
+
+def _lead_start(text: str, pos: int) -> int:
+    """Where a recipient's own words begin: the start of the line naming it
+    at ``pos`` when words precede it there ("Unable to deliver message to
+    <a@x>", "Delivery to a@x failed:"), else ``pos`` itself (an address
+    opening its line, maybe after "<" or a quote, says nothing before it).
+    Only the _LEAD_MAX characters before ``pos`` are looked at (a lead-in is
+    a short phrase; and the work per recipient stays bounded)."""
+    start = text.rfind("\n", max(0, pos - _LEAD_MAX), pos) + 1
+    if (start == 0 and pos > _LEAD_MAX) or text[start:pos].strip(' \t<"') == "":
+        return pos
+    return start
+
+
 def find_in_text(
     text: str, exclude: set[str], hinted: list[str] | None = None, *, allow_system: bool = False
 ) -> list[TextFinding]:
@@ -389,9 +405,14 @@ def find_in_text(
     mentions = [
         (start, low) for start, _, addr in address_spans(section) if (low := addr.lower()) in names
     ]
+    prev_shared = -1  # where the last recipient sharing the explanation ended
     for addr, start, end in found:
         if start < 0 or len(found) == 1:
-            diag = section[end:] if start >= 0 else section
+            if start < 0:
+                diag = section
+            else:
+                lead = _lead_start(section, start)
+                diag = section[lead:] if lead < start else section[end:]
             if len(diag.strip()) < 20 or (not find_reply_code(diag) and find_reply_code(section)):
                 diag = section
                 summary = _SUMMARY_RE.search(diag)
@@ -401,18 +422,31 @@ def find_in_text(
                     # James) names its envelope, not the command refused.
                     diag = diag[: summary.start()]
         else:
-            # Up to the next mention of any other recipient.
+            # Up to the next mention of any other recipient (or the start of
+            # its line, when words before it on that line are its own).
             stop = len(section)
             own = addr.lower()
             k = bisect.bisect_left(mentions, (end, ""))
             while k < len(mentions):
                 if mentions[k][1] != own:
-                    stop = mentions[k][0]
+                    stop = max(end, _lead_start(section, mentions[k][0]))
                     break
                 k += 1
             # Bounded: only the first DIAG_CAP characters are ever read.
+            lead = _lead_start(section, start)
             diag = section[end : min(stop, end + 2 * DIAG_CAP)]
-            if len(diag.strip()) < 10:
+            in_list = lead == start and len(diag.strip()) < 10
+            if not in_list and lead == start and 0 <= prev_shared <= start:
+                # The last of a list of recipients sharing one explanation
+                # given before the list (MailMarshal's "Could not be delivered
+                # because of ... The following recipients were affected:"):
+                # what follows it is the report's trailer, not its reply.
+                in_list = not find_reply_code(diag) and not find_status(diag)
+            prev_shared = end if in_list else -1
+            if lead < start:
+                # Words before it on its line are about it.
+                diag = section[lead : min(stop, lead + 2 * DIAG_CAP)]
+            if in_list:
                 # The explanation all recipients share: read it once.
                 if shared is None:
                     text = section[:DIAG_CAP].strip()
