@@ -729,7 +729,7 @@ def test_ses_max_send_rate_shapes_the_lane_and_campaign_routes(tmp_path: Path) -
         orjson.loads(x) for x in (tmp_path / "spool" / "shaping.jsonl").read_bytes().splitlines()
     ]
     rates = [e["rate"] for e in shaping if e.get("action") == "rate from provider quota"]
-    assert rates and all(r == 20.0 for r in rates)  # 40/s across 2 workers
+    assert rates and all(r == 40.0 for r in rates)  # 40/s: one bucket the 2 workers share
     assert all(
         e["queue_id"].startswith("0102-") for e in events(tmp_path) if e["event"] == "delivered"
     )

@@ -33,6 +33,8 @@ in-flight bound is per transport, in its queue).
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import os
 import re
 import sys
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     from fastsend import wire
     from fastsend.config import Config
     from fastsend.transports.http import HTTPTransport
-    from fastsend.transports.slots import Slots
+    from fastsend.transports.slots import SharedGcra, Slots
 
 
 def prepare(config: Config) -> None:
@@ -123,6 +125,8 @@ class Router:
         # (transports.slots): one per transport in this process (its record
         # locks are the process's: two open files of it would share them).
         self.slots: dict[str, Slots | None] = {}
+        # Transport name -> the bucket of its rate the node's workers share.
+        self.rates: dict[str, SharedGcra | None] = {}
 
     def slots_of(self, name: str) -> Slots | None:
         """The places of transport ``name`` shared with the node's other
@@ -143,6 +147,31 @@ class Router:
                   " max_connections is not shared among the workers", file=sys.stderr)  # fmt: skip
         self.slots[name] = got
         return got
+
+    def rate_of(self, name: str, rate: float, burst: int) -> SharedGcra | None:
+        """The bucket of transport ``name``'s ``rate`` (messages/s on this
+        node) the node's workers share (transports.slots.SharedGcra), set to
+        ``rate`` and ``burst`` for this worker; None when its file cannot be
+        made (each worker then keeps its part of the rate, as before, and a
+        warning says so)."""
+        if name in self.rates:
+            got = self.rates[name]
+            if got is not None and (got.rate != rate or got.burst != burst):
+                got.set_rate(rate, burst=burst)
+            return got
+        from fastsend.transports.slots import SharedGcra
+
+        path = os.path.join(
+            self.config.spool_dir, "transport-rates", re.sub(r"[^\w.-]", "_", name)
+        )
+        made: SharedGcra | None = None
+        try:
+            made = SharedGcra(path, rate, burst)
+        except OSError as e:
+            print(f"fastsend: warning: {path}: {e.strerror}: transport {name}'s"
+                  " rate is split among the workers", file=sys.stderr)  # fmt: skip
+        self.rates[name] = made
+        return made
 
     def inherit(self, providers: dict[str, tuple[float, float, int, float]]) -> None:
         """wire.Lanes' providers: each queue made already takes it over now, the
@@ -194,10 +223,16 @@ class Router:
     def _relay_limits(self, spec: TransportSpec, total: int | None) -> Any:
         from fastsend.transports import relay
 
+        shared = spec.rate > 0 and self._relay_rate(spec) is not None
         return relay.limits(
             spec, self.config.worker_count, len(self.w.ips) or 1,
-            self.config.delivery.max_messages_per_connection, total,
+            self.config.delivery.max_messages_per_connection, total, shared,
         )  # fmt: skip
+
+    def _relay_rate(self, spec: TransportSpec) -> SharedGcra | None:
+        """The relay's rate as one bucket of the node's workers (burst: a
+        second's worth, at least 1)."""
+        return self.rate_of(spec.name, spec.rate, max(1, math.ceil(spec.rate)))
 
     def on_campaign(self, rec: wire.CampaignInfo) -> None:
         spec = self.w.campaign_specs.get(rec.id) or {}
@@ -248,6 +283,10 @@ class Router:
                 connect_options=relay.connect_options(spec),
             )
             q.transport = name  # set_conns finds it by this
+            if spec.rate > 0 and q.lanes_key not in w.shaper.shared:
+                bucket = self._relay_rate(spec)
+                if bucket is not None:
+                    w.shaper.share_rate(q.lanes_key, bucket)
             if q.slots is None:
                 # The relay's max_connections is the node's workers' together
                 # (each lane's share is at least 1: 16 workers had 16 sessions
@@ -276,6 +315,7 @@ class Router:
                 dead_for=min(DEAD_FOR, self.config.retry.min_backoff),
                 index=getattr(w, "index", 0),
                 slots=self.slots_of(name),
+                shared_rate=functools.partial(self.rate_of, name),
             )
             # A reload's retiring worker's requests still in flight there (wire.Conns).
             q.borrowed = w.shaper.borrowed.get(key, 0)

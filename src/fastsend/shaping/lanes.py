@@ -166,6 +166,7 @@ class Lane:
         "provider",
         "rest_duration",
         "rules",
+        "shared",
         "site",
         "throttle_bucket",
         "throttle_conns",
@@ -193,6 +194,9 @@ class Lane:
         self.events = events
         self.rest_duration = rest_duration
         self.buckets = [Gcra(r, b) for r, b in limits.rates]
+        # A bucket shared with the node's other workers (a relay's rate:
+        # transports.slots.SharedGcra, Shaper.share_rate), or None.
+        self.shared: Any = None
         self.conn_bucket = (
             Gcra(limits.connection_rate, max(1, round(limits.connection_rate * 60)))
             if limits.connection_rate > 0
@@ -227,14 +231,16 @@ class Lane:
         self._refresh()
 
     def _refresh(self) -> None:
-        bs = list(self.buckets)
+        # The shared bucket first: take() acquires it before the lane's own.
+        bs = [] if self.shared is None else [self.shared]
+        bs += self.buckets
         if self.aimd_bucket is not None:
             bs.append(self.aimd_bucket)
         if self.throttle_bucket is not None:
             bs.append(self.throttle_bucket)
         self.all_buckets = bs
         self.free = (
-            not self.buckets
+            not bs
             and self.aimd_bucket is None
             and self.throttle_bucket is None
             and self.warm is None
@@ -303,7 +309,10 @@ class Lane:
                     wait = w
             return 0, wait
         for b in bs:
-            b.acquire(now, n)
+            if b.acquire(now, n) > 0.0:
+                # Only a shared bucket (first: nothing else is spent yet) can
+                # refuse after available(): another worker took it meanwhile.
+                return 0, max(0.001, b.peek(now, n))
         if self.warm is not None:
             self.warm.sent += n
         return n, 0.0
@@ -673,6 +682,9 @@ class Shaper:
         # (ip, site key) -> the lane a reload's retiring worker left (wire.Lanes),
         # applied when this worker makes that lane.
         self.inherited: dict[tuple[str, str], wire.LaneState] = {}
+        # site key -> a rate bucket its lanes share with the node's other
+        # workers (a relay's rate: share_rate).
+        self.shared: dict[str, Any] = {}
 
     def inherit(self, states: list[wire.LaneState]) -> None:
         """wire.Lanes: the lanes of the worker this one replaces (a reload), each
@@ -730,6 +742,15 @@ class Shaper:
             lim = self.limits[key] = split_limits(lim, self.sharers, self.place)
         return lim
 
+    def share_rate(self, site_key: str, bucket: Any) -> None:
+        """Every lane of ``site_key`` (a relay's) also spends ``bucket``, one
+        the node's workers share (transports.slots.SharedGcra)."""
+        self.shared[site_key] = bucket
+        for (_ip, key), ln in self.lanes.items():
+            if key == site_key and ln.shared is not bucket:
+                ln.shared = bucket
+                ln._refresh()
+
     def lane(self, ip: str, site_key: str, limits: Limits, pool: Pool, now_unix: float) -> Lane:
         ln = self.lanes.get((ip, site_key))
         if ln is None:
@@ -742,6 +763,9 @@ class Shaper:
                 self.policy.rest["duration"],
                 self.events,
             )
+            if self.shared and (shared := self.shared.get(site_key)) is not None:
+                ln.shared = shared
+                ln._refresh()
             if self.borrowed:
                 ln.borrowed = self.borrowed.get((ip, site_key), 0)
             if self.inherited:

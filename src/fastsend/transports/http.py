@@ -30,7 +30,8 @@ same attributes the worker reads): at most its part of ``max_connections``
 requests in flight (the parts add up to it; with fewer than the workers, one
 at a time while it holds one of the places they share: transports.slots; in a
 reload's overlap, the retiring worker's counted in: ``borrowed``), a GCRA bucket when the transport has a rate (SES: its
-account's MaxSendRate, read once), and on throttling: a pause (Retry-After, or
+account's MaxSendRate, read once), one for the node's workers together
+(transports.slots.SharedGcra), and on throttling: a pause (Retry-After, or
 1 s doubling), the rate halved (or, with no rate, the in-flight bound), the
 throttled envelopes back at the head of the queue -- after ``MAX_THROTTLES``
 throttles of one envelope, or when the pause is longer than the ready horizon,
@@ -59,7 +60,7 @@ from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, Txn
 from fastsend.throttle import Gcra
 
 if TYPE_CHECKING:
-    from fastsend.transports.slots import Slots
+    from fastsend.transports.slots import SharedGcra, Slots
 
 MAX_THROTTLES = 8  # throttles of one envelope before it is answered deferred
 # A provider no request could connect to, none in flight: its lane answers what
@@ -429,6 +430,7 @@ class ProviderQueue:
         dead_for: float = DEAD_FOR,
         index: int = 0,
         slots: Slots | None = None,
+        shared_rate: Callable[[float, int], SharedGcra | None] | None = None,
     ) -> None:
         self.transport = transport
         self.move_on = move_on
@@ -454,7 +456,11 @@ class ProviderQueue:
         self.limit_max = 1
         self._share(conns or transport.spec.max_connections)
         self.limit = self.limit_max
-        self.bucket: Gcra | None = None
+        # The transport's rate as one bucket the node's workers share (its
+        # rate and burst for this worker -> the bucket, or None: each worker
+        # then keeps its part): transports.slots.SharedGcra.
+        self.shared_rate = shared_rate
+        self.bucket: Gcra | SharedGcra | None = None
         self.rate_max = 0.0
         self.nodes = max(1, nodes)  # nodes sending through this transport (shared spool)
         self.quota = 0.0  # the account's rate read from the provider (0: none read)
@@ -551,13 +557,22 @@ class ProviderQueue:
             self.set_rate(self.quota / n)
 
     def set_rate(self, rate_all: float) -> None:
-        """The transport's rate across workers (0: none); this worker's share."""
+        """The transport's rate across workers (0: none): one bucket the
+        node's workers share (``shared_rate``), so a worker sending alone may
+        use all of it (each kept ``rate / workers``: a campaign one worker
+        held went at half the rate with two); else this worker's share."""
         if rate_all > 0:
-            self.rate_max = rate_all / self.workers
             # A second's worth: a request carries at most that many recipients
             # (pump's cap), so the rate holds over any second, not only on
             # average (a burst of max_rcpts, 1000 for Mailgun, let a rate of 20
             # send 1000 messages at once).
+            shared = None
+            if self.shared_rate is not None:
+                shared = self.shared_rate(rate_all, max(1, math.ceil(rate_all)))
+            if shared is not None:
+                self.rate_max, self.bucket = rate_all, shared
+                return
+            self.rate_max = rate_all / self.workers
             burst = max(1, math.ceil(self.rate_max))
             self.bucket = Gcra(self.rate_max, burst)
         else:

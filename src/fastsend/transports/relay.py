@@ -12,9 +12,11 @@ a :class:`~fastsend.delivery.pool.SiteQueue` that submits to one host.
   STARTTLS not offered, refused or failed) never sends the password (PLAIN,
   LOGIN) unless ``auth_in_clear = true``: it is deferred at "auth" instead.
 - Limits: ``max_connections`` and ``rate`` (messages/s) are the relay's,
-  across all workers: each worker's lanes (one per source IP) get their share,
-  at least one each, and every session holds one of the node's places
-  (fastsend.transports.slots), so that together they never pass the total.
+  across all workers: every session holds one of the node's places and every
+  message spends from one bucket of the rate that the node's workers share
+  (fastsend.transports.slots), so that together they never pass the total
+  and one worker alone may use all of it (a lane's burst is the node's:
+  at most ``ceil(rate)`` at once, 1 for a rate under 1/s).
   On a shared spool both span the nodes: the rate is one bucket in Redis
   (fastsend.queue.shaping), the connections are split among the live nodes
   (fastsend.shared_limits.ConnectionShares), each node's part of them here.
@@ -53,16 +55,24 @@ def connect_options(spec: TransportSpec) -> dict[str, Any]:
 
 
 def limits(
-    spec: TransportSpec, workers: int, ips: int, per_connection: int, total: int | None = None
+    spec: TransportSpec,
+    workers: int,
+    ips: int,
+    per_connection: int,
+    total: int | None = None,
+    shared_rate: bool = False,
 ) -> Limits:
     """This worker's share of the relay's limits, per lane (source IP).
     ``total``: this node's connections to the relay when several nodes share
-    its ``max_connections`` (wire.TransportShares), else the whole of it."""
+    its ``max_connections`` (wire.TransportShares), else the whole of it.
+    ``shared_rate``: the lanes also spend one bucket of the relay's rate that
+    every worker of the node shares (transports.slots.SharedGcra): each lane
+    may then take all of it (its AIMD ceiling); else each takes its part."""
     share = max(1, workers) * max(1, ips)
     conns = max(1, math.ceil((total or spec.max_connections) / share))
     rates: tuple[tuple[float, int], ...] = ()
     if spec.rate > 0:
-        r = spec.rate / share
+        r = spec.rate if shared_rate else spec.rate / share
         rates = ((r, max(1, math.ceil(r))),)
     tls = {"starttls": "required", "implicit": "required"}.get(spec.tls, spec.tls)
     return Limits(conns, per_connection, rates, 0.0, tls, True, "")

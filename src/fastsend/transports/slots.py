@@ -14,12 +14,24 @@ places until its last request ends). A place is taken without waiting
 another waits lets it go first (:meth:`Slots.others_waiting`): without that,
 the worker that freed a place took it again in the same callback and the
 others never got one.
+
+A transport's ``rate`` is the node's too: :class:`SharedGcra` is one GCRA
+bucket whose state (its theoretical arrival time, CLOCK_MONOTONIC
+nanoseconds: one clock for every process of the machine) is 8 bytes of a file
+in ``SPOOL/transport-rates/`` each worker maps, read and written under a
+record lock. Before, each worker (and each of its source IPs, for a relay)
+had ``rate / workers`` of its own: a campaign one worker held alone went at
+half the rate with two workers, and each lane's burst of at least one let a
+small rate (0.5/s over 2 workers x 2 addresses) send four at once.
 """
 
 from __future__ import annotations
 
 import fcntl
+import math
+import mmap
 import os
+import struct
 
 WANT = 1 << 20  # offset of the workers' "waiting" bytes (index i at WANT + i)
 
@@ -87,3 +99,118 @@ class Slots:
             os.close(self.fd)  # (drops every lock this process holds on it)
             self.fd = -1
             self.held.clear()
+
+
+_TAT = struct.Struct("=qq")  # theoretical arrival time (ns), boot mark
+_STALE_NS = 86_400 * 10**9  # a TAT this far ahead is not this boot's: forgotten
+
+
+def _boot_mark() -> int:
+    """This boot's mark (Linux: the kernel's boot_id; else 0): a TAT written
+    under another boot is on another CLOCK_MONOTONIC and is forgotten."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return int(f.read(64).strip().replace(b"-", b"")[:15], 16)
+    except (OSError, ValueError):
+        return 0
+
+
+class SharedGcra:
+    """A GCRA bucket of ``rate`` events a second and ``burst`` at once shared
+    by every process that opens ``path``: the methods of
+    :class:`fastsend.throttle.Gcra` (same integer-nanosecond arithmetic) on a
+    theoretical arrival time kept in the file. Each process has its own rate
+    (a provider's throttle halves one worker's): an event costs its interval
+    of the one timeline, so together they never pass the highest rate any of
+    them has, plus one burst. ``now`` is ``time.monotonic()`` (system-wide)."""
+
+    __slots__ = ("_burst", "_interval", "_mark", "_rate", "_tau", "fd", "map")
+
+    def __init__(self, path: str, rate: float, burst: int) -> None:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(self.fd).st_size < _TAT.size:
+                os.ftruncate(self.fd, _TAT.size)  # (zeros: a full bucket; same size: no change)
+            self.map = mmap.mmap(self.fd, _TAT.size)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self._mark = _boot_mark()
+        self._burst = max(1, int(burst))
+        self._rate = 0.0
+        self._interval = self._tau = 0
+        self.set_rate(rate)
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @property
+    def burst(self) -> int:
+        return self._burst
+
+    def set_rate(
+        self, rate_per_s: float, now: float | None = None, *, burst: int | None = None
+    ) -> None:
+        """This process's rate (and burst): the events already counted stay
+        counted, whoever counted them."""
+        if not 0.0 < rate_per_s <= 1e9:
+            raise ValueError(f"rate must be in (0, 1e9] per second, not {rate_per_s!r}")
+        if burst is not None:
+            self._burst = max(1, int(burst))
+        self._rate = float(rate_per_s)
+        self._interval = max(1, math.floor(1e9 / self._rate + 0.5))
+        self._tau = self._burst * self._interval
+
+    def _locked(self, now: float, n: int, take: bool) -> tuple[int, int]:
+        """(wait ns for ``n`` events at ``now``, 0 or less when they conform;
+        the debt ns), consuming them when ``take`` and they conform."""
+        t = math.floor(now * 1e9 + 0.5)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, _TAT.size, 0)
+        try:
+            tat, mark = _TAT.unpack_from(self.map, 0)
+            if mark != self._mark or tat - t > _STALE_NS:
+                tat = 0
+            base = tat if tat > t else t
+            new = base + n * self._interval
+            wait = new - self._tau - t
+            if take and wait <= 0:
+                _TAT.pack_into(self.map, 0, new, self._mark)
+            return wait, base - t
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, _TAT.size, 0)
+
+    def _check(self, n: int) -> None:
+        if not isinstance(n, int) or n < 1 or n > self._burst:
+            raise ValueError(f"n must be in 1..burst={self._burst}, not {n}")
+
+    def acquire(self, now: float, n: int = 1) -> float:
+        """0.0 if ``n`` events conform at ``now`` (consumed, for every process);
+        else seconds to wait."""
+        self._check(n)
+        wait, _debt = self._locked(now, n, True)
+        return 0.0 if wait <= 0 else wait / 1e9
+
+    def peek(self, now: float, n: int = 1) -> float:
+        self._check(n)
+        wait, _debt = self._locked(now, n, False)
+        return 0.0 if wait <= 0 else wait / 1e9
+
+    def available(self, now: float) -> int:
+        """How many events would conform at ``now`` (0..burst)."""
+        _wait, debt = self._locked(now, 1, False)
+        return 0 if debt >= self._tau else (self._tau - debt) // self._interval
+
+    def idle(self, now: float) -> bool:
+        _wait, debt = self._locked(now, 1, False)
+        return debt <= 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self) -> str:
+        return f"SharedGcra(rate_per_s={self._rate!r}, burst={self._burst})"
