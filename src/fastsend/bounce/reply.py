@@ -65,6 +65,10 @@ MAILBOX_REASONS = frozenset(
 # was refused ("rejected"), and nothing is known of any recipient.
 SENDER_STAGE_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
 
+# Stages of a session before any transaction (classify_reply's names): a
+# refusal there is about the client or the site, no recipient is named yet.
+SESSION_STAGES = frozenset({"CONN", "EHLO", "STARTTLS", "TLS", "AUTH"})
+
 TIERS = ("provider", "strong", "weak")
 SIGNALS = ("ratelimit", "ipblock")
 # A rule's own signal: one of SIGNALS (the reply drives that feedback loop,
@@ -814,6 +818,13 @@ class RuleSet:
             # address", "Invalid domain"), a refused MAIL FROM is about our
             # sender: as hard, it would suppress every recipient of the
             # transaction, none of whom the server had been told of.
+            reason = "rejected"
+        elif command in SESSION_STAGES and reason in MAILBOX_REASONS:
+            # Nor can a refusal before MAIL ("550 5.1.1" to EHLO, a 552 greeting)
+            # be about one mailbox, none named yet: the site refused the
+            # session (the client, its name or address), never a hard bounce
+            # (it suppressed every recipient of the batch). (A host saying it
+            # takes no mail at all, RFC 7504's 521, stays notaccept.)
             reason = "rejected"
         klass = enhanced[:1] if enhanced else (str(code)[0] if code else "")
         # The reason came from the status code or the refused stage alone:

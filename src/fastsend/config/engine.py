@@ -146,6 +146,10 @@ class DeliveryConfig(Section):
     # out at once (all mail deferred).
     connect_timeout: PosFloat = 30.0
     command_timeout: PosFloat = 300.0
+    # An MX host's greeting is waited for this long (at most command_timeout)
+    # while another host of the site is left to try; the last one tried gets
+    # command_timeout (Postfix: smtp_connect_timeout, smtp_helo_timeout).
+    next_mx_after: PosFloat = 30.0
     # Per site, in a worker: envelopes held ready (0: no bound but the window),
     # and the seconds of a shaped site's rate worth holding; the rest goes back
     # to the supervisor (queued again, no attempt counted) so that one slow site

@@ -73,10 +73,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import random
 import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from fastsend.config import Config
 from fastsend.delivery import dane
@@ -112,6 +115,11 @@ MAX_READY_DELAY = 1.0  # delay for envelopes over max_ready at a site with no ra
 MX_ADDRESSES = 5
 MX_PER_NAME = 2
 DOWN_FOR = 60.0
+# A host that refused a source IP at its greeting (554, 421: not a signal
+# about the provider, Lane.provider_signal) is tried after the site's other
+# hosts from that address for this long; only when every host it tried
+# refuses does the lane (the IP for the whole site) take the refusal.
+REFUSED_FOR = 3600.0
 # A connection refused while others of the site work caps the site's
 # connections at those that work for this long (then it probes again).
 CAP_FOR = 60.0
@@ -198,11 +206,16 @@ class SiteQueue:
             self.lanes_key, hosts, "" if shared else domain
         )
         self.candidates = _candidates(site.hosts)
-        # Equal-preference addresses, taken in turn by new connections.
-        self.turn = 0
+        # Equal-preference addresses, taken in turn by new connections, from a
+        # random one (RFC 5321 5.1: every worker, every node must not start on
+        # the same host).
+        self.turn = random.randrange(1 << 16)
         prefs = [h.pref for h in site.hosts]
         self.spread = len(prefs) > len(set(prefs))
         self.down: dict[str, float] = {}  # address -> until when it is tried last
+        # (source IP, address) -> until when that host, which refused the address
+        # at its greeting, is tried after the site's others from it (REFUSED_FOR)
+        self.refused: dict[tuple[str, str], float] = {}
         self.pending: collections.deque[Envelope] = collections.deque()
         self.wakeup = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -240,6 +253,13 @@ class SiteQueue:
             data=min(t, 120.0),
             data_block=min(t, 180.0),
             data_end=max(t, 600.0) if t >= 300 else t,
+        )
+        # A host with another of the site left to try waits at most
+        # next_mx_after for its greeting (Postfix's smtp_connect_timeout +
+        # smtp_helo_timeout): one that never greets held its mail the whole
+        # command_timeout (300 s) before the backup MX was tried.
+        self.first_timeouts = msgspec.structs.replace(
+            self.timeouts, greeting=min(t, d.next_mx_after)
         )
 
     @property
@@ -487,13 +507,12 @@ class SiteQueue:
         if self.spread:
             self.turn += 1
             hosts = _candidates(_rotate(self.site.hosts, self.turn))
-        if self.down:
-            now = time.monotonic()
-            for a in [a for a, until in self.down.items() if until <= now]:
-                del self.down[a]
-            up = [h for h in hosts if h.address not in self.down]
-            hosts = up + [h for h in hosts if h.address in self.down]
-        for host in hosts:
+        if self.down or self.refused:
+            hosts = self._order(hosts, ip)
+        # Refusals at the greeting held back from the lane while another host
+        # may take the mail (one host's word about this address, not the site's)
+        refusals: list[Outcome] = []
+        for n, host in enumerate(hosts):
             kw: dict[str, Any] = dict(
                 host=host.address,
                 port=host.port,
@@ -504,7 +523,7 @@ class SiteQueue:
                 # smtp_connection_reuse_count_limit); it was every connection's
                 # ValueError, so each message was deferred until it expired.
                 max_messages=self.limits.max_messages_per_connection or NO_LIMIT,
-                timeouts=self.timeouts,
+                timeouts=self.timeouts if n == len(hosts) - 1 else self.first_timeouts,
                 server_hostname=host.name,
             )
             if self.connect_options:
@@ -532,17 +551,64 @@ class SiteQueue:
                 )
                 return conn
             self.count("connections_failed")
-            if conn.stage == "connect":  # no TCP session: others first for a while
-                self.down[host.address] = time.monotonic() + DOWN_FOR
+            now = time.monotonic()
+            if conn.stage == "connect" or (conn.stage == "greeting" and not conn.code):
+                # No TCP session, or no greeting in time: others first for a while
+                self.down[host.address] = now + DOWN_FOR
             if failed is not None:
                 failed.append(conn)
-            if conn.code:
-                lane.reply(conn, time.monotonic())
             last = conn
-            if conn.failed:  # a 5xx greeting is an answer, not a dead host
+            if conn.code:
+                if (
+                    conn.stage == "greeting"
+                    and n < len(hosts) - 1
+                    and not lane.provider_signal(conn)
+                ):
+                    self._refused(lane, host, conn, now)
+                    refusals.append(conn)
+                    continue
+                lane.reply(conn, now)
+            if conn.failed:  # a 5xx to EHLO/HELO is an answer, not a dead host
                 break
+        # No host took the mail: what they said is now about the site (read
+        # until one rests the lane)
+        for o in refusals:
+            now = time.monotonic()
+            if lane.blocked_until > now:
+                break
+            lane.reply(o, now)
         assert last is not None
         return last
+
+    def _order(self, hosts: list[Host], ip: str) -> list[Host]:
+        """``hosts`` with those that did not answer lately (``down``) or
+        refused ``ip`` at their greeting (``refused``) after the others."""
+        now = time.monotonic()
+        for a in [a for a, until in self.down.items() if until <= now]:
+            del self.down[a]
+        for k in [k for k, until in self.refused.items() if until <= now]:
+            del self.refused[k]
+        later = [h for h in hosts if h.address in self.down or (ip, h.address) in self.refused]
+        if not later:
+            return hosts
+        return [h for h in hosts if h not in later] + later
+
+    def _refused(self, lane: Lane, host: Host, o: Outcome, now: float) -> None:
+        """``host`` refused ``lane``'s address at its greeting, another host of
+        the site is left: that host is tried after the others from it for
+        REFUSED_FOR (a shaping event says so, once), the lane is not rested."""
+        key = (lane.ip, host.address)
+        if self.refused.get(key, 0.0) <= now:
+            if len(self.refused) >= 4096:
+                self.refused.clear()
+            lane.emit(
+                now,
+                "host_refused",
+                mx=f"{host.name}[{host.address}]:{host.port}",
+                reason=f"{o.code} {o.enhanced} {o.text}".replace("  ", " ")[:300],
+                duration=REFUSED_FOR,
+            )
+        self.refused[key] = now + REFUSED_FOR
 
     async def _connect_sts(
         self, kw: dict[str, Any], host: Host, ip: str

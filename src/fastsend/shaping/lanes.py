@@ -437,6 +437,16 @@ class Lane:
             self.block(now, self.rest_duration, "rest", f"ip blocked: {line}")
         return "slow" if rate_limited else answer
 
+    def provider_signal(self, o: Outcome) -> bool:
+        """Whether a refusal before any transaction (the greeting) speaks for
+        every host of the site: one of the lane's rules names it (a provider's
+        documented throttle or block, Yahoo's [TS04] at the greeting) or it asks
+        to slow down. Any other says what one host does with this address: the
+        site's next MX host is tried first (delivery.pool)."""
+        line = f"{o.code} {o.enhanced} {o.text}"
+        rate_limited, _ip_blocked, reason = _classify(o.code, o.enhanced, o.text, o.stage)
+        return rate_limited or any(r.matches(o.code, line, reason) for r in self.rules)
+
     def fire(self, rule: Rule, now: float, line: str) -> None:
         if rule.action in ("suspend", "rest"):
             self.block(now, rule.duration, rule.action, f"rule {rule.name}: {line}")
