@@ -772,10 +772,14 @@ def test_6_command_cap_per_connection(served: Served) -> None:
 def test_6_two_thousand_idle_connections_do_not_stop_the_api(served: Served) -> None:
     """2,000 idle connections to submission (max_connections = 100, timeout 2 s):
     every one is answered (220, or 421 over the cap), never more than 100 sessions
-    are open at once, and the API answers all along. Open sessions are counted
-    from each greeting to its timeout's 421: on a loaded host opening 2,000
-    connections outlasts the 2 s timeout, and sessions that timed out free their
-    slots for later ones (more than 100 greeted in all is then right)."""
+    are open at once, and the API answers all along. On a loaded host opening
+    2,000 connections outlasts the 2 s timeout, and sessions that timed out free
+    their slots for later ones (more than 100 greeted in all is then right).
+    Sessions surely open at once on the server are counted from each greeting
+    read to 2 s (the idle timeout) after its connect began: the server cannot
+    have ended it sooner, and the client reading late (a loaded host) only
+    shortens that span. Counted up to the 421 read instead, a loaded client's
+    late reads made 276 look open at once with the cap holding."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -784,18 +788,19 @@ def test_6_two_thousand_idle_connections_do_not_stop_the_api(served: Served) -> 
     port = listen_port(served, "submission")
 
     async def go() -> tuple[int, int, int, int, float]:
-        async def one(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        writers: list[asyncio.StreamWriter] = []
+
+        async def one(i: int) -> tuple[bytes, float, float] | None:
+            """A connection's first line; when it came, and the soonest the server
+            can have ended the session (its idle timeout after the connect began)."""
+            began = time.monotonic()  # before the server can have taken it
             try:
-                return await asyncio.open_connection(
+                r, w = await asyncio.open_connection(
                     "127.0.0.1", port, local_addr=(f"127.0.1.{1 + i % 200}", 0)
                 )
             except OSError:
                 return None
-
-        conns = [c for c in await asyncio.gather(*(one(i) for i in range(2000))) if c]
-
-        async def session(r: asyncio.StreamReader) -> tuple[bytes, float, float]:
-            """The first line, when it came, and when the session ended (its 421)."""
+            writers.append(w)
             try:
                 first = await asyncio.wait_for(r.readline(), 15)
             except (TimeoutError, OSError):
@@ -807,14 +812,14 @@ def test_6_two_thousand_idle_connections_do_not_stop_the_api(served: Served) -> 
                 await asyncio.wait_for(r.read(), 30)
             except (TimeoutError, OSError):
                 pass
-            return first, got, time.monotonic()
+            return first, got, max(got, began + 2.0)
 
-        reading = asyncio.gather(*(session(r) for r, _ in conns))
+        reading = asyncio.gather(*(one(i) for i in range(2000)))
         worst = await _api_latency_while(served, reading, served.keys["acme"])
-        results = reading.result()
+        results = [x for x in reading.result() if x is not None]
         greeted = [(a, b) for line, a, b in results if line.startswith(b"220")]
         refused = sum(line.startswith(b"421") for line, _a, _b in results)
-        # sessions open at once, as the client saw them (+1 at a greeting, -1 at an end;
+        # sessions surely open at once (+1 at a greeting, -1 at the soonest end;
         # an end before a greeting at the same instant)
         steps = sorted([(a, 1) for a, _b in greeted] + [(b, -1) for _a, b in greeted],
                        key=lambda x: (x[0], x[1]))  # fmt: skip
@@ -822,19 +827,16 @@ def test_6_two_thousand_idle_connections_do_not_stop_the_api(served: Served) -> 
         for _t, d in steps:
             now += d
             most = max(most, now)
-        for _r, w in conns:
+        for w in writers:
             w.close()
-        return len(conns), len(greeted), refused, most, worst
+        return len(results), len(greeted), refused, most, worst
 
     opened, greeted, refused, most, worst = asyncio.run(go())
     assert opened >= 1900, opened
     assert greeted + refused == opened, (opened, greeted, refused)  # each one answered
     assert refused >= 1000, (greeted, refused)
-    # max_connections = 100; more may show as open: the client reads one socket's close
-    # after another's greeting that the server sent once the first was released, and on a
-    # loaded machine the client's loop reads those closes late (138 seen under load).
-    # Without the cap about 1,900 would be open at once.
-    assert most <= 200, (most, greeted, refused, worst)
+    # max_connections = 100. Without the cap every greeting comes at once: ~1,900 open.
+    assert most <= 100, (most, greeted, refused, worst)
 
 
 def test_6_auth_throttling_and_equal_cost_for_unknown_users(served: Served) -> None:
