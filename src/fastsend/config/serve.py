@@ -139,6 +139,9 @@ class WebhookSettings(Section):
     flush_interval: PosFloat = 0.2
     # Events no URL took within this many days are dropped (logged, counted); 0: never.
     retention_days: NonNegFloat = 7.0
+    # A URL of ``urls`` that gets event types of its own (a URL not named: ``events``):
+    # [webhooks.url_events] "https://ops.example/alerts" = ["ip_listed", "alarm"]
+    url_events: dict[str, list[str]] = {}
 
     def __post_init__(self) -> None:
         if isinstance(self.urls, str):
@@ -148,6 +151,10 @@ class WebhookSettings(Section):
                 raise ValueError(f"urls: {u!r} is not an http(s) URL")
         self.urls = list(dict.fromkeys(self.urls))
         check_events("events", self.events)
+        for u, names in self.url_events.items():
+            if u not in self.urls:
+                raise ValueError(f"url_events: {u!r} is not one of urls")
+            check_events(f"url_events {u!r}", names)
 
     def __repr__(self) -> str:  # never print the secret
         return f"WebhookSettings(urls={self.urls!r}, events={self.events!r})"

@@ -34,9 +34,11 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastsend.periodic import every
@@ -84,7 +86,8 @@ def prune_once(ctx: Any, now: float | None = None) -> dict[str, int]:
 
             outbox = ctx.webhook_outbox()
             try:
-                lost = outbox.expire(now - w.retention_days * DAY)
+                with contextlib.ExitStack() as stack:
+                    lost = outbox.expire(now - w.retention_days * DAY, _sent_count(ctx, stack))
             finally:
                 outbox.close()
             for url, n in sorted(lost.items()):
@@ -96,6 +99,38 @@ def prune_once(ctx: Any, now: float | None = None) -> dict[str, int]:
             done["webhooks"] = sum(lost.values())
             ctx.webhook_expired = getattr(ctx, "webhook_expired", 0) + done["webhooks"]
     return done
+
+
+def _sent_count(
+    ctx: Any, stack: contextlib.ExitStack
+) -> Callable[[str], Callable[[list[tuple[int, bytes]]], int] | None]:
+    """For the outbox's expiry: how many of a run of rows each URL would have been
+    sent (a tenant's URL its tenant's events of its types; others every row). Before,
+    a tenant's URL down past retention_days was said to lose every event of the
+    window, the other tenants' too (and counted so in
+    ``fastsend_webhook_events_expired_total``). Campaigns' owners are read through a
+    reader of this thread's own (opened on the first, closed with ``stack``)."""
+    from fastsend.serve.webhooks import WebhookConfig, rows_for
+    from fastsend.suppression import DEFAULT_TENANT
+
+    config = WebhookConfig.of(ctx.config.webhooks, getattr(ctx.config, "tenants", None))
+    known: dict[int, str | None] = {}
+    views: list[Any] = []
+
+    def owner_of(campaign: int) -> str:
+        if not views:
+            views.append(stack.enter_context(ctx.spool.reader()))
+        info = views[0].get_campaign(campaign)
+        if info is None:
+            raise KeyError(campaign)
+        return str(info.tenant or DEFAULT_TENANT)
+
+    def sent(url: str) -> Callable[[list[tuple[int, bytes]]], int] | None:
+        if not config.filtered(url):
+            return None
+        return lambda rows: len(rows_for(config, url, rows, owner_of, known))
+
+    return sent
 
 
 def start_retention(ctx: Any) -> asyncio.Task[None]:

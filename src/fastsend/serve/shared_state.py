@@ -367,17 +367,21 @@ class RedisOutbox:
             out.append((int(i), body))
         return out
 
-    def expire(self, before: float) -> dict[str, int]:
+    def expire(self, before: float, sent: Any = None) -> dict[str, int]:
         """As :meth:`fastsend.serve.webhooks.Outbox.expire`, on the shared outbox (also
         what a URL no node sends to any more held back)."""
-        from fastsend.serve.webhooks import expired_until
+        from fastsend.serve.webhooks import count_until, expired_until
 
         cut = expired_until(self.fetch_all, before)
         if cut is None:
             return {}
         lost = {}
         for u, c in self.r.hgetall(self.ckey).items():
-            n = int(self.r.zcount(self.zkey, f"({int(c)}", cut))
+            count = sent(_s(u)) if sent is not None else None
+            if count is None:
+                n = int(self.r.zcount(self.zkey, f"({int(c)}", cut))
+            else:
+                n = count_until(self.fetch_all, int(c), cut, count)
             if n:
                 lost[_s(u)] = n
         self.r.zremrangebyscore(self.zkey, "-inf", cut)

@@ -9,6 +9,8 @@ CONFIG
     secret = "whsec-..."            # or secret_file = "/etc/fastsend/webhook.key"
     batch_size = 100                # events per POST (a JSON array)
     events = ["bounced", "complained"]   # optional filter; default: every event
+    [webhooks.url_events]           # a URL's own event types (unset: events)
+    "https://ops.example.com/alerts" = ["ip_listed", "alarm", "alarm_cleared"]
     timeout = 10                    # seconds per POST
     retry_min = 1                   # first retry delay, doubling (with jitter) ...
     retry_max = 300                 # ... up to this many seconds between attempts
@@ -72,7 +74,7 @@ SIGNATURE (the scheme Stripe uses)
 TENANTS' URLS
     ``[tenants.NAME] webhook_urls`` (the operator's config: no tenant can make the
     server post anywhere) share the outbox and the sending above, each with its
-    cursor; its sender POSTs only the events of its tenant (``_tenant_of``: the
+    cursor; its sender POSTs only the events of its tenant (``tenant_of``: the
     campaign's owner, else the tenant an event names; the node's own events, as
     ``ip_listed``, never) and moves the cursor past the others without a POST;
     signed with that tenant's ``webhook_secret``, of the event types its
@@ -116,6 +118,11 @@ __all__ = ["Outbox", "WebhookConfig", "WebhookDispatcher", "safe_url", "sign_pay
 log = logging.getLogger("fastsend.webhooks")
 
 
+# How an outbox counts the rows a URL would be sent (Outbox.expire): per URL, a
+# function of a run of rows, or None (every row).
+SentCount = Callable[[str], Callable[[list[tuple[int, bytes]]], int] | None]
+
+
 def _redis_error() -> type[Exception]:
     """redis-py's RedisError, once something loaded redis-py (a Redis outbox);
     else no Redis call was made: sqlite3.Error stands in. Importing redis-py
@@ -154,6 +161,10 @@ class WebhookConfig:
     # URLs, a tenant's ``webhook_events`` for its own.
     url_events: dict[str, frozenset[str] | None] = field(default_factory=dict)
 
+    def filtered(self, url: str) -> bool:
+        """``url`` gets less than the whole outbox: a tenant's, or event types of its own."""
+        return url in self.owners or url in self.url_events
+
     @classmethod
     def of(cls, t: WebhookSettings, tenants: dict[str, Any] | None = None) -> WebhookConfig:
         """From ``[webhooks]`` and the tenants' ``webhook_urls`` (typed and checked,
@@ -161,7 +172,10 @@ class WebhookConfig:
         owners: dict[str, str] = {}
         secrets: dict[str, bytes] = {}
         ops = frozenset(t.events) if t.events is not None else None
-        url_events: dict[str, frozenset[str] | None] = dict.fromkeys(t.url_list, ops)
+        own = getattr(t, "url_events", {})
+        url_events: dict[str, frozenset[str] | None] = {
+            u: frozenset(own[u]) if u in own else ops for u in t.url_list
+        }
         for name, table in (tenants or {}).items():
             mine = getattr(table, "webhook_events", None)
             for u in table.webhook_urls:
@@ -262,20 +276,24 @@ class Outbox:
             " AND EXISTS (SELECT 1 FROM cursors)"
         )
 
-    def expire(self, before: float) -> dict[str, int]:
+    def expire(self, before: float, sent: SentCount | None = None) -> dict[str, int]:
         """Drop events older than ``before`` that some URL never acknowledged (``[webhooks]
-        retention_days``: past the retry window): {url: events it will never get}."""
+        retention_days``: past the retry window): {url: events it will never get}.
+        ``sent(url)``: how to count the rows that URL would have been sent (a tenant's
+        URL, its own event types: :func:`rows_for`), None: every row."""
         cut = expired_until(self.fetch_all, before)
         if cut is None:
             return {}
         with transaction(self.db):
-            lost = {
-                str(u): int(n)
-                for u, n in self.db.execute(
-                    "SELECT url, (SELECT COUNT(*) FROM events WHERE id > last_id AND id <= ?)"
-                    " FROM cursors", (cut,)
-                )
-            }
+            lost = {}
+            for u, last in self.db.execute("SELECT url, last_id FROM cursors").fetchall():
+                count = sent(str(u)) if sent is not None else None
+                if count is None:
+                    lost[str(u)] = int(self.db.execute(
+                        "SELECT COUNT(*) FROM events WHERE id > ? AND id <= ?", (last, cut)
+                    ).fetchone()[0])  # fmt: skip
+                else:
+                    lost[str(u)] = count_until(self.fetch_all, int(last), cut, count)
             self.db.execute("DELETE FROM events WHERE id <= ?", (cut,))
         return {u: n for u, n in lost.items() if n}
 
@@ -436,6 +454,11 @@ class WebhookDispatcher:
             for e in events
             if (wanted is None or e.get("event") in wanted) and "event_id" not in e
         ]
+        if len(bodies) < len(events):
+            # Written by this node's supervisor with its outcomes (a shared outbox):
+            # counted as those the flusher writes (fastsend_webhook_events_total left
+            # them out, most of a Redis node's events).
+            self.stats["events"] += sum(1 for e in events if "event_id" in e)
         mark = self.ctx.events.mark() if self._mark_key else None
         if not bodies and mark is None:
             return
@@ -620,51 +643,15 @@ class WebhookDispatcher:
 
     def _filtered(self, url: str) -> bool:
         """``url`` gets less than the whole outbox: a tenant's, or event types of its own."""
-        return url in self.config.owners or url in self.config.url_events
+        return self.config.filtered(url)
 
     def _for_url(
         self, url: str, rows: list[tuple[int, bytes]], owners: dict[int, str | None] | None = None
     ) -> list[tuple[int, bytes]]:
-        """The ``rows`` sent to ``url``: of the event types it gets, and on a tenant's
-        URL of that tenant only. ``owners``: campaign -> tenant, filled as read (a
-        campaign gone from the spool is looked up once, not once per event)."""
-        c = self.config
-        owner = c.owners.get(url)
-        types = c.url_events.get(url, c.events)
-        if owner is None and types is None:
-            return rows
-        known = {} if owners is None else owners
-        out = []
-        for r in rows:
-            try:
-                ev = orjson.loads(r[1])
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(ev, dict):
-                continue
-            if types is not None and ev.get("event") not in types:
-                continue
-            if owner is not None and self._tenant_of(ev, known) != owner:
-                continue
-            out.append(r)
-        return out
-
-    def _tenant_of(self, ev: dict[str, Any], known: dict[int, str | None]) -> str | None:
-        """The tenant an outbox event is about: its campaign's owner, else the tenant
-        it names (an open of a message no longer in the spool); None for the node's
-        own events (blocklists, feeds, ...): only the operator's URLs get those."""
-        campaign = ev.get("campaign")
+        """The ``rows`` sent to ``url`` (:func:`rows_for`, campaigns' owners from the
+        spool through the context)."""
         owner_of = getattr(self.ctx, "campaign_tenant", None)
-        if isinstance(campaign, int) and owner_of is not None:
-            if campaign not in known:
-                try:
-                    known[campaign] = str(owner_of(campaign))
-                except KeyError:
-                    known[campaign] = None  # (the campaign is gone: the tenant the event names)
-            if known[campaign] is not None:
-                return known[campaign]
-        tenant = ev.get("tenant")
-        return tenant if isinstance(tenant, str) else None
+        return rows_for(self.config, url, rows, owner_of, {} if owners is None else owners)
 
     async def pending(self) -> dict[str, int]:
         """{URL: events past its cursor that it will be sent} (/metrics'
@@ -790,6 +777,58 @@ class WebhookDispatcher:
         return ok, asked, status if isinstance(status, int) else 0
 
 
+def rows_for(
+    config: WebhookConfig,
+    url: str,
+    rows: list[tuple[int, bytes]],
+    owner_of: Callable[[int], str] | None,
+    known: dict[int, str | None],
+) -> list[tuple[int, bytes]]:
+    """The outbox ``rows`` that ``url`` is sent: of the event types it gets, and on a
+    tenant's URL of that tenant only (:func:`tenant_of`). ``known``: campaign ->
+    tenant, filled as read (a campaign gone from the spool is looked up once, not
+    once per event)."""
+    owner = config.owners.get(url)
+    types = config.url_events.get(url, config.events)
+    if owner is None and types is None:
+        return rows
+    out = []
+    for r in rows:
+        try:
+            ev = orjson.loads(r[1])
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(ev, dict):
+            continue
+        if types is not None and ev.get("event") not in types:
+            continue
+        if owner is not None and tenant_of(ev, owner_of, known) != owner:
+            continue
+        out.append(r)
+    return out
+
+
+def tenant_of(
+    ev: dict[str, Any], owner_of: Callable[[int], str] | None, known: dict[int, str | None]
+) -> str | None:
+    """The tenant an outbox event is about: its campaign's owner (``owner_of``, KeyError
+    for a campaign not in the spool), else the tenant it names (an open of a message no
+    longer in the spool); None for the node's own events (blocklists, feeds, ...): only
+    the operator's URLs get those."""
+    campaign = ev.get("campaign")
+    if isinstance(campaign, int) and owner_of is not None:
+        if campaign not in known:
+            try:
+                known[campaign] = str(owner_of(campaign))
+            except KeyError:
+                known[campaign] = None  # (the campaign is gone: the tenant the event names)
+        got = known[campaign]
+        if got is not None:
+            return got
+    tenant = ev.get("tenant")
+    return tenant if isinstance(tenant, str) else None
+
+
 @dataclass
 class _Backlog:
     """What :meth:`WebhookDispatcher.pending` read of a URL's rows: runs of rows, in id
@@ -838,6 +877,25 @@ def expired_until(
         if len(rows) < chunk:
             return cut
         after = rows[-1][0]
+
+
+def count_until(
+    fetch: Callable[[int, int], list[tuple[int, bytes]]],
+    after: int,
+    cut: int,
+    count: Callable[[list[tuple[int, bytes]]], int],
+    chunk: int = 1000,
+) -> int:
+    """``count`` summed over the rows with an id in (``after``, ``cut``], read in id
+    order by ``fetch(after_id, limit)`` ``chunk`` at a time."""
+    n = 0
+    while after < cut:
+        rows = [r for r in fetch(after, chunk) if r[0] <= cut]
+        if not rows:
+            break
+        n += count(rows)
+        after = rows[-1][0]
+    return n
 
 
 def _with_id(event_id: int, body: bytes) -> bytes:
