@@ -113,6 +113,13 @@ _COMMAND_PHRASES = (
     (re.compile(r"but greeting failed", re.I), "CONN"),
     # Postfix smtp(8): the server's greeting was a refusal.
     (re.compile(r"refused to talk to me", re.I), "CONN"),
+    # Gmail's older notices end the quoted reply with its client's state when
+    # refused ("550 550 5.1.1 <a>... User Unknown (state 14)."): 13 after
+    # EHLO, 14 at RCPT, 15/17/18 at DATA (the states' stages as Sisimai's
+    # Lhost::Google collects them from Gmail's help forum answers).
+    (re.compile(r"\(state 14\)", re.I), "RCPT"),
+    (re.compile(r"\(state 1[578]\)", re.I), "DATA"),
+    (re.compile(r"\(state 13\)", re.I), "EHLO"),
     # "SMTP Server <mx> rejected recipient <a> (Error following RCPT command)."
     (re.compile(r"error following rcpt", re.I), "RCPT"),
     (re.compile(r"error following mail", re.I), "MAIL"),
@@ -356,6 +363,59 @@ def _lead_start(text: str, pos: int) -> int:
     return start
 
 
+# The lines of a quoted session that lead up to the reply naming a recipient:
+# the command sent (">>> DATA", "Sent <<< RCPT TO:") and where ("... while
+# talking to mx.example.net.:").
+_SESSION_LEAD = re.compile(r"[ \t]*(?:>>>|sent <<<|\.\.\. while talking to|while talking to)", re.I)
+
+
+def _block_start(text: str, pos: int) -> int:
+    """Where the words about the mention at ``pos`` begin: its line's lead-in
+    (_lead_start), and the quoted session lines just above it (at most four,
+    each at most _LEAD_MAX characters back)."""
+    start = _lead_start(text, pos)
+    line = text.rfind("\n", max(0, start - _LEAD_MAX), start) + 1 if start == pos else start
+    for _ in range(4):
+        if line == 0:
+            break
+        prev = text.rfind("\n", max(0, line - 1 - _LEAD_MAX), line - 1) + 1
+        if not _SESSION_LEAD.match(text, prev, line):
+            break
+        start = line = prev
+    return start
+
+
+def _later_mentions(
+    section: str,
+    mentions: list[tuple[int, str]],
+    next_other: list[int],
+    own: list[int],
+    after: int,
+) -> str:
+    """The text after each later mention of a recipient, past ``after`` (up
+    to the next other recipient's line), joined: a report that names each
+    recipient again in a part of its own (Office 365's "Diagnostic information
+    for administrators: ADDR / Remote Server returned '550 5.1.10 ...'", a
+    summary then a transcript) says there what the server replied. At most
+    DIAG_CAP characters in all."""
+    out: list[str] = []
+    size = 0
+    for i in own:
+        pos = mentions[i][0]
+        if pos < after:
+            continue
+        j = next_other[i]
+        stop = _block_start(section, mentions[j][0]) if j < len(mentions) else len(section)
+        begin = max(after, _block_start(section, pos))
+        piece = section[begin : min(max(begin, stop), begin + DIAG_CAP - size)]
+        out.append(piece)
+        size += len(piece)
+        after = max(stop, begin)
+        if size >= DIAG_CAP:
+            break
+    return "\n" + "\n".join(out) if out else ""
+
+
 def find_in_text(
     text: str, exclude: set[str], hinted: list[str] | None = None, *, allow_system: bool = False
 ) -> list[TextFinding]:
@@ -391,13 +451,15 @@ def find_in_text(
             ]
         if not found:
             found = candidate_addresses(section, exclude, allow_system=allow_system)
-            # MTAs list failed recipients at the start of a line (Postfix and
-            # qmail "<rcpt>: ...", Exim's indented address, Sendmail
-            # "<rcpt>... "); an address inside a sentence of the preamble
-            # (a help desk, a postmaster) is not one when such lines exist.
-            listed = [f for f in found if _starts_line(section, f[1])]
-            if listed and len(listed) < len(found):
-                found = listed
+        # MTAs list failed recipients at the start of a line (Postfix and
+        # qmail "<rcpt>: ...", Exim's indented address, Sendmail "<rcpt>...
+        # "); an address inside a sentence (a help desk, a postmaster: "For
+        # further assistance, please contact <support@...>", also after the
+        # report's "could not be delivered to one or more destinations") is
+        # not one when such lines exist.
+        listed = [f for f in found if _starts_line(section, f[1])]
+        if listed and len(listed) < len(found):
+            found = listed
     out: list[TextFinding] = []
     shared: TextFinding | None = None
     # Every mention of a recipient in text order, found in one pass.
@@ -405,6 +467,15 @@ def find_in_text(
     mentions = [
         (start, low) for start, _, addr in address_spans(section) if (low := addr.lower()) in names
     ]
+    # For each mention: the index of the next mention of another recipient
+    # (len(mentions) if none), and each recipient's mentions, in one pass each.
+    next_other = [len(mentions)] * len(mentions)
+    for i in range(len(mentions) - 2, -1, -1):
+        same = mentions[i + 1][1] == mentions[i][1]
+        next_other[i] = next_other[i + 1] if same else i + 1
+    mentioned: dict[str, list[int]] = {}
+    for i, (_, low) in enumerate(mentions):
+        mentioned.setdefault(low, []).append(i)
     prev_shared = -1  # where the last recipient sharing the explanation ended
     for addr, start, end in found:
         if start < 0 or len(found) == 1:
@@ -446,6 +517,8 @@ def find_in_text(
             if lead < start:
                 # Words before it on its line are about it.
                 diag = section[lead : min(stop, lead + 2 * DIAG_CAP)]
+            if not in_list:
+                diag += _later_mentions(section, mentions, next_other, mentioned.get(own, []), stop)
             if in_list:
                 # The explanation all recipients share: read it once.
                 if shared is None:
