@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from tests._engine_helpers import summary, write_recipients
 from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
-from tests.test_transports_http import send
+from tests.test_transports_http import events, send
 
 # Two workers, one address each; the campaign's pool has worker 0's only: all
 # its mail goes through that one worker (delivery by the pool's owners).
@@ -133,3 +133,173 @@ def test_a_relays_small_rate_holds_across_workers_and_addresses(tmp_path: Path) 
     got = Counter(r for rs, _ in handler.messages for r in rs)
     assert s["delivered"] == len(addrs) and got == Counter(addrs), (s, proc.stderr[-2000:])
     assert _most_within(times, 0.5) <= 2, sorted(t - min(times) for t in times)
+
+
+# AWS's SignatureDoesNotMatch text (SigV4: the canonical request and the string
+# to sign it expected, echoing our headers: the session token among them).
+def _aws_signature_text(host: str, token: str) -> str:
+    return (
+        "The request signature we calculated does not match the signature you provided. Check"
+        " your AWS Secret Access Key and signing method. Consult the service documentation for"
+        " details.\n\nThe Canonical String for this request should have been\n'POST\n"
+        f"/v2/email/outbound-emails\n\ncontent-type:application/json\nhost:{host}\n"
+        f"x-amz-date:20261206T232800Z\nx-amz-security-token:{token}\n\n"
+        "content-type;host;x-amz-date;x-amz-security-token\n"
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'\n\n"
+        "The String-to-Sign should have been\n'AWS4-HMAC-SHA256\n20261206T232800Z\n"
+        "20261206/eu-west-1/ses/aws4_request\n"
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef'\n"
+    )
+
+
+def test_a_providers_echo_of_our_credentials_never_reaches_events_or_logs(
+    tmp_path: Path,
+) -> None:
+    """What a provider's error quotes of our request stays out of every event,
+    the shaping log and stderr: SES's SignatureDoesNotMatch (the canonical
+    request it expected, with X-Amz-Security-Token's session token), and an
+    intermediary's 403 page quoting our ``Authorization: Basic`` header
+    (Mailgun: base64 of ``api:KEY``, 160 characters into the page). Before,
+    the session token was kept out only because the outcome's text is cut at
+    400 characters (it came ~450 in) and the Basic credentials were kept
+    whole; now both are redacted by their form, and the key verbatim."""
+    import base64
+
+    from aiohttp import web
+
+    token = "IQoJb3JpZ2luX2VjEjSessionTokenForTest0123456789abcdefghijABCDEFGHIJ" * 3
+    mg_key = "key-0123456789abcdef0123456789abcdef"
+
+    async def ses(request: web.Request) -> web.Response:
+        assert request.headers.get("X-Amz-Security-Token") == token
+        return web.json_response(
+            {"message": _aws_signature_text(request.host, token)}, status=403,
+            headers={"x-amzn-ErrorType": "SignatureDoesNotMatch:http://internal.amazon.com/coral/"},
+        )  # fmt: skip
+
+    async def mailgun(request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        page = (
+            "<html><body><h1>403 Forbidden</h1><p>Request blocked by policy.</p>"
+            f"<pre>POST {request.path}\nAuthorization: {auth}\n</pre></body></html>"
+        )
+        return web.Response(status=403, text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/v2/email/outbound-emails", ses)
+    app.router.add_post("/v3/{domain}/messages.mime", mailgun)
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    rcpts = write_recipients(tmp_path, ["a@ses.example", "b@mg.example"])
+    with ThreadedApp(app) as srv:
+        cfg = (
+            "[retry]\nmax_age = 1\n"
+            f'[transports.s]\nkind = "ses"\nregion = "eu-west-1"\nendpoint = "{srv.url}"\n'
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{srv.url}"\n'
+            'domain = "mg.sender.example.com"\n'
+            '[routes]\n"ses.example" = "s"\n"mg.example" = "mg"\n'
+        )
+        env = {"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "sEcReTkEy0123456789",
+               "AWS_SESSION_TOKEN": token, "FASTSEND_MG_API_KEY": mg_key}  # fmt: skip
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "3", "--no-dkim")
+    evs = events(tmp_path)
+    deferred = [e for e in evs if e["event"] in ("deferred", "expired", "bounced")]
+    assert {e["rcpt"] for e in deferred} == {"a@ses.example", "b@mg.example"}, (evs, proc.stderr)
+    basic = base64.b64encode(f"api:{mg_key}".encode()).decode()
+    seen = [(tmp_path / "spool" / "events.jsonl").read_text(), proc.stdout, proc.stderr]
+    shaping = tmp_path / "spool" / "shaping.jsonl"
+    if shaping.exists():
+        seen.append(shaping.read_text())
+    for text in seen:
+        for secret in (token[:16], token[-16:], basic[:16], basic[-16:], mg_key, "sEcReTkEy"):
+            assert secret not in text, (secret, text[-3000:])
+        assert "x-amz-date:" not in text  # none of the canonical request it quoted
+    ses_text = next(e["text"] for e in deferred if e["rcpt"] == "a@ses.example")
+    assert "SignatureDoesNotMatch" in ses_text and "does not match the signature" in ses_text
+    mg_text = next(e["text"] for e in deferred if e["rcpt"] == "b@mg.example")
+    assert "403" in mg_text and "Authorization: Basic [redacted]" in mg_text, mg_text
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_mailgun_event_about_a_group_of_500_costs_one_lookup_not_500(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Mailgun's event about one recipient of a group (identical mail, one
+    request of up to 500 recipients) carries the whole group's v:fastsend:
+    500 message tokens. Each was looked up in the spool one after the other
+    until the recipient's (500 lookups for the last one; 500 more, sibling
+    searches, for a recipient none of them names). Now one lookup for them
+    all (Spool.owners), and one sibling search per campaign; the message
+    found is the same, on SQLite and on Redis."""
+    from fastsend import msgid
+    from fastsend.config import from_dict
+    from fastsend.serve.context import open_context
+    from fastsend.serve.provider_events import ProviderEvents, ProviderEventSettings
+
+    spool: dict[str, Any] = {"dir": str(tmp_path / "spool")}
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        spool["url"] = server.url()
+    ctx = open_context(from_dict({"spool": spool}))
+    try:
+        cid = ctx.tenant_campaign("acme")
+        rows = [(f"g{i}@example.net", "example.net", b'{"raw": ""}') for i in range(500)]
+        ids = ctx.inject(cid, rows)
+        tokens = [msgid.token(i, ctx.secret) for i in ids]
+        calls: Counter[str] = Counter()
+        inner = ctx.spool
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                calls[name] += 1
+                return getattr(inner, name)
+
+        ctx.spool = Counting()
+        pe = ProviderEvents(ctx, ProviderEventSettings())
+        assert pe.find(tokens, "G499@example.net") == (ids[499], cid, "g499@example.net", "acme")
+        assert calls["owner"] + calls["owners"] <= 1 and calls["sibling"] == 0, calls
+        calls.clear()
+        assert pe.find(tokens, "nobody@example.net") is None
+        assert calls["owner"] + calls["owners"] <= 1 and calls["sibling"] <= 1, calls
+        calls.clear()
+        assert pe.find(tokens[7:8], "g7@example.net") == (ids[7], cid, "g7@example.net", "acme")
+    finally:
+        ctx.spool = inner
+        ctx.close()
+
+
+@pytest.mark.parametrize("kind", ["ses", "sendgrid", "mailgun"])
+def test_a_2xx_without_a_message_id_is_not_taken_for_a_delivery(tmp_path: Path, kind: str) -> None:
+    """An endpoint that answers any POST 200 (a wrong ``endpoint``: a web
+    server, a proxy's page, a health check) is not the provider's API: every
+    answer of SES, SendGrid and Mailgun to a send carries the message's id.
+    Before, each message was "delivered" (and its recipients' mail lost);
+    now deferred, unknown whether taken (never failed over), the text naming
+    the endpoint to check, and no delivered event."""
+    from aiohttp import web
+
+    posts: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        await request.read()
+        posts.append(request.path)
+        return web.Response(status=200, text="<html><body>OK</body></html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    rcpts = write_recipients(tmp_path, ["a@example.net", "b@example.org"])
+    extra = {"ses": 'region = "eu-west-1"\nrate = 10\n', "sendgrid": "",
+             "mailgun": 'domain = "mg.sender.example.com"\n'}[kind]  # fmt: skip
+    env = {"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "s3cr3t-key-value",
+           "FASTSEND_P_API_KEY": "p-key-value"}  # fmt: skip
+    with ThreadedApp(app) as srv:
+        cfg = f'[transports.p]\nkind = "{kind}"\nendpoint = "{srv.url}"\n{extra}[routes]\n"*" = "p"\n'
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "2", "--no-dkim")
+    assert posts, proc.stderr[-2000:]
+    evs = events(tmp_path)
+    assert not [e for e in evs if e["event"] == "delivered"], evs
+    deferred = [e for e in evs if e["event"] == "deferred"]
+    assert {e["rcpt"] for e in deferred} == {"a@example.net", "b@example.org"}, evs
+    assert all("without a message id" in e["text"] and "endpoint" in e["text"] for e in deferred)

@@ -221,40 +221,61 @@ class ProviderEvents:
 
     # -- messages named by tokens ------------------------------------------------
 
-    def _owner(self, mid: int) -> tuple[int, str, str] | None:
-        row = self.ctx.spool.owner(mid)  # (either spool: no SQL of the SQLite one here)
-        if row is None:
-            return None
-        campaign = int(row[0])
-        try:
-            tenant = self.ctx.campaign_tenant(campaign)
-        except KeyError:
-            tenant = DEFAULT_TENANT
-        return campaign, str(row[1]), tenant
-
     def find(self, tokens: list[str], rcpt: str) -> tuple[int, int, str, str] | None:
         """(id, campaign, rcpt, tenant) of the message among ``tokens`` sent to
         ``rcpt``; else, when a token names a message shared by several
         recipients (its first row: SES's tag, the group's Message-ID), the
-        message of the same campaign to ``rcpt`` (as for a DSN about it)."""
+        message of the same campaign to ``rcpt`` (as for a DSN about it).
+        The messages the tokens name are looked up at once (Spool.owners),
+        and a campaign's message to ``rcpt`` once per campaign: a Mailgun
+        event names each message of its group (500 tokens), and cost 500
+        lookups one after the other (1,000 with a recipient not among them)."""
+        secret = self.ctx.secret
         firsts: list[int] = []
+        singles: list[int] = []
         for tok in tokens:
-            mid = msgid.parse(tok, self.ctx.secret)
+            mid = msgid.parse(tok, secret)
             if mid is None:
-                mid = msgid.parse_group(tok, self.ctx.secret)
+                mid = msgid.parse_group(tok, secret)
                 if mid is not None:
                     firsts.append(mid)
                 continue
-            got = self._owner(mid)
-            if got is not None and (not rcpt or got[1].lower() == rcpt.lower()):
-                return mid, *got
+            singles.append(mid)
             firsts.append(mid)
+        if not firsts:
+            return None
+        spool = self.ctx.spool
+        if len(firsts) == 1:
+            got = spool.owner(firsts[0])
+            rows = {firsts[0]: got} if got is not None else {}
+        else:
+            rows = spool.owners(firsts)
+        tenants: dict[int, str] = {}
+        want = rcpt.lower()
+        for mid in singles:
+            row = rows.get(mid)
+            if row is not None and (not rcpt or row[1].lower() == want):
+                return mid, row[0], row[1], self._tenant(row[0], tenants)
+        asked: set[int] = set()
         for first in firsts if rcpt else []:
-            got = self._owner(first)
-            row = self.ctx.spool.sibling(got[0], rcpt, first) if got is not None else None
-            if got is not None and row is not None:
-                return int(row[0]), got[0], str(row[1]), got[2]
+            row = rows.get(first)
+            if row is None or row[0] in asked:
+                continue
+            asked.add(row[0])
+            got = spool.sibling(row[0], rcpt, first)
+            if got is not None:
+                return int(got[0]), row[0], str(got[1]), self._tenant(row[0], tenants)
         return None
+
+    def _tenant(self, campaign: int, seen: dict[int, str]) -> str:
+        t = seen.get(campaign)
+        if t is None:
+            try:
+                t = self.ctx.campaign_tenant(campaign)
+            except KeyError:
+                t = DEFAULT_TENANT
+            seen[campaign] = t
+        return t
 
     def apply(
         self,

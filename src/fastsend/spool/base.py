@@ -813,6 +813,16 @@ class Spool(abc.ABC):
         """(campaign id, recipient) of a message, or None: the cheap lookup that
         tracking, bounce and FBL processing make per event."""
 
+    def owners(self, message_ids: Collection[int]) -> dict[int, tuple[int, str]]:
+        """:meth:`owner` of each of ``message_ids`` that exists, in one query
+        (one round trip on Redis): a provider's event about a message sent to
+        a group (Mailgun's names the group's 500 messages) asked one each."""
+        out: dict[int, tuple[int, str]] = {}
+        for i in message_ids:
+            if (got := self.owner(i)) is not None:
+                out[i] = got
+        return out
+
     @abc.abstractmethod
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         """(id, recipient) of the campaign's message to ``rcpt`` (case-insensitive)
@@ -1272,6 +1282,9 @@ class SpoolProxy(Spool):
 
     def owner(self, message_id: int) -> tuple[int, str] | None:
         return self.inner.owner(message_id)
+
+    def owners(self, message_ids: Collection[int]) -> dict[int, tuple[int, str]]:
+        return self.inner.owners(message_ids)
 
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         return self.inner.sibling(campaign_id, rcpt, near_id)

@@ -1628,6 +1628,10 @@ class RedisSpool(Spool):
         _i, data, st = rows[0]
         return int(st[4]), _s(data.split(b"\0", 1)[0])
 
+    def owners(self, message_ids: Collection[int]) -> dict[int, tuple[int, str]]:
+        rows = self._rows(sorted({int(i) for i in message_ids}))
+        return {i: (int(st[4]), _s(data.split(b"\0", 1)[0])) for i, data, st in rows}
+
     SIBLING_SPAN = 8192  # ids searched each side of near_id (no index by recipient)
 
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:

@@ -1624,6 +1624,18 @@ class SQLiteSpool(Spool):
         ).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
 
+    def owners(self, message_ids: Collection[int]) -> dict[int, tuple[int, str]]:
+        ids = sorted({int(i) for i in message_ids})
+        out: dict[int, tuple[int, str]] = {}
+        for j in range(0, len(ids), 500):
+            chunk = ids[j : j + 500]
+            marks = ",".join("?" * len(chunk))
+            for i, c, r in self.db.execute(
+                f"SELECT id, campaign, rcpt FROM messages WHERE id IN ({marks})", chunk
+            ):
+                out[int(i)] = (int(c), str(r))
+        return out
+
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         row = self.db.execute(
             f"SELECT m.id, m.rcpt FROM {self._of}=? AND m.rcpt=? COLLATE NOCASE"

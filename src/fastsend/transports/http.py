@@ -127,6 +127,22 @@ def delivered(envs: list[Envelope], label: str, queue_id: str, text: str) -> lis
     return [TxnResult(e.tag, [out] * len(e.rcpts), queue_id) for e in envs]
 
 
+def not_the_api(envs: list[Envelope], label: str, status: int, raw: bytes) -> list[TxnResult]:
+    """A 2xx without the message id every answer of the provider's API to a
+    send carries (SES's MessageId, Mailgun's id, SendGrid's X-Message-Id): not
+    the API answering (a wrong ``endpoint``: a web server, a proxy's page, a
+    health check taking any POST). Before, delivered: every message of the
+    route "delivered" and never sent. The request went whole, so it is an
+    unknown outcome (stage "data", no code: retried later, never failed over:
+    delivery.routes.unknown_outcome), and the text says what to check."""
+    head = raw[:80].decode("utf-8", "replace").replace("\r", " ").replace("\n", " ").strip()
+    text = (
+        f"HTTP {status} without a message id: not the provider's API answering (check the"
+        f" transport's endpoint){': ' + head if head else ''}"
+    )
+    return answered(envs, deferred(label, text, 0, "", "data"))
+
+
 def answered(envs: list[Envelope], out: Outcome) -> list[TxnResult]:
     return [TxnResult(e.tag, [out] * len(e.rcpts)) for e in envs]
 
@@ -155,6 +171,44 @@ def rejected(label: str, status: int, text: str) -> Outcome:
 
 
 _TOO_BIG = re.compile(r"message length is more than|too large|size exceeds", re.I)
+
+# What an error text may echo of our request, never kept (events, webhooks,
+# logs): SigV4's SignatureDoesNotMatch (SES, API Gateway's
+# InvalidSignatureException) quotes the canonical request it expected -- our
+# headers, the X-Amz-Security-Token's session token among them -- and the
+# string to sign; an intermediary's error page may quote our Authorization
+# header. Before, only the 400-character cut of an outcome's text kept the
+# session token out (it came ~450 characters in).
+_ECHOED = re.compile(
+    r"\s*'?\s*The (?:Canonical String|String-to-Sign) for this request should have been.*",
+    re.I | re.S,
+)
+_CREDENTIAL_FORMS = re.compile(
+    r"(x-amz-security-token\s*[:=]\s*|\b(?:X-Amz-)?(?:Signature|Credential)\s*=\s*)"
+    r"[^\s'\"&<>,;]+"
+    r"|(\b(?:Bearer|Basic)\s+)[\w\-.~+/]{12,}=*",
+    re.I,
+)
+# The providers' key forms: SendGrid's "SG.<id>.<secret>", Mailgun's "key-<hex>".
+_KEY_FORMS = re.compile(r"\bSG\.[\w-]{8,}\.[\w-]{8,}|\bkey-[0-9a-f]{32}\b")
+REDACTED = "[redacted]"
+
+
+def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """``text`` (a provider's or the network's words) without what it echoes
+    of our credentials: the canonical request and string to sign of a SigV4
+    refusal (cut, with a note), an X-Amz-Security-Token, an Authorization
+    header's value, a Bearer/Basic token, a SigV4 Signature=/Credential=, a
+    SendGrid or Mailgun key, and each of ``secrets`` verbatim."""
+    if not text:
+        return text
+    out = _ECHOED.sub(" (the request it expected, echoing our headers, left out)", text)
+    out = _CREDENTIAL_FORMS.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, out)
+    out = _KEY_FORMS.sub(REDACTED, out)
+    for secret in secrets:
+        if secret in out:
+            out = out.replace(secret, REDACTED)
+    return out
 
 # 4xx that are about our request's form or the URL, never the message or a
 # recipient: 405 Method Not Allowed, 406, 410 Gone, 411, 414 URI Too Long,
@@ -216,6 +270,8 @@ class HTTPTransport:
         self.secret = secret  # the installation secret: message-id tokens for webhooks
         self.max_rcpts = spec.recipients_limit()
         self.rate_hint = spec.rate  # messages/s across workers (0: unknown)
+        # The credentials' values, kept out of every text an answer carries (scrub).
+        self.secrets = tuple(v for v in spec.secrets.values() if len(v) >= 6)
 
     many_envelopes = False  # one request carries one envelope (SES, Mailgun: one MIME)
 
@@ -265,6 +321,29 @@ class HTTPTransport:
         return aiohttp.ClientTimeout(total=t + a, connect=t, sock_read=a)
 
     async def send(self, session: Any, envs: list[Envelope]) -> Answer:
+        """One request's answer, its texts without what they echo of our
+        credentials (:func:`scrub`): they reach events, webhooks and logs."""
+        ans = await self._send(session, envs)
+        if isinstance(ans, Throttled):
+            text = scrub(ans.text, self.secrets)
+            return ans if text is ans.text else msgspec.structs.replace(ans, text=text)
+        done: dict[int, Outcome] = {}
+        for tr in ans:
+            outs = tr.outcomes
+            for i, o in enumerate(outs):
+                if o.kind == DELIVERED:
+                    continue
+                clean = done.get(id(o))
+                if clean is None:
+                    text = scrub(o.text, self.secrets)
+                    clean = done[id(o)] = (
+                        o if text == o.text else msgspec.structs.replace(o, text=text[:400])
+                    )
+                if clean is not o:
+                    outs[i] = clean
+        return ans
+
+    async def _send(self, session: Any, envs: list[Envelope]) -> Answer:
         import aiohttp
 
         # aiohttp >= 3.10 tells the two timeouts apart (both ServerTimeoutError before).

@@ -39,6 +39,7 @@ from fastsend.transports.http import (
     answered,
     delivered,
     map_status,
+    not_the_api,
     retry_after,
 )
 
@@ -109,7 +110,9 @@ class MailgunTransport(HTTPTransport):
         if isinstance(doc, dict) and doc.get("message"):
             text = str(doc["message"])
         if 200 <= status < 300:
-            mid = str(doc.get("id", "")) if isinstance(doc, dict) else ""
+            mid = str(doc.get("id") or "") if isinstance(doc, dict) else ""
+            if not mid:
+                return not_the_api(envs, self.label, status, raw)
             return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
         if status in PAUSE_STATUSES:
             return Throttled(ra, text, status)

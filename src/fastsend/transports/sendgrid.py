@@ -47,6 +47,7 @@ from fastsend.transports.http import (
     answered,
     delivered,
     map_status,
+    not_the_api,
     rejected,
     retry_after,
 )
@@ -243,6 +244,8 @@ class SendGridTransport(HTTPTransport):
         body = self.body(envs)
         status, raw, mid, ra, reset = await self._post(session, body)
         if 200 <= status < 300:
+            if not mid:
+                return not_the_api(envs, self.label, status, raw)
             return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
         if 300 <= status < 400:
             return answered(envs, map_status(self.label, status, raw.decode("utf-8", "replace")))

@@ -52,7 +52,9 @@ from fastsend.transports.http import (
     answered,
     delivered,
     map_status,
+    not_the_api,
     retry_after,
+    scrub,
 )
 from fastsend.transports.sigv4 import Signer
 
@@ -145,10 +147,14 @@ class SESTransport(HTTPTransport):
         except orjson.JSONDecodeError:
             pass
         if 200 <= status < 300:
-            mid = str(doc.get("MessageId", ""))
+            mid = str(doc.get("MessageId") or "")
+            if not mid:
+                return not_the_api(envs, self.label, status, raw)
             return delivered(envs, self.label, mid, f"{self.label} accepted as {mid}")
         etype = etype or str(doc.get("__type", "") or doc.get("Code", "")).rsplit("#", 1)[-1]
-        text = str(doc.get("message") or doc.get("Message") or raw[:300].decode("utf-8", "replace"))
+        # (scrubbed here, before any cut: a secret cut in two is no longer found whole)
+        text = str(doc.get("message") or doc.get("Message") or raw[:2000].decode("utf-8", "replace"))
+        text = scrub(text, self.secrets)[:300]
         what = f"{etype}: {text}" if etype else text
         if "daily message quota" in text.lower():
             return Throttled(DAILY_QUOTA_PAUSE, what)
