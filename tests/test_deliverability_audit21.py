@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import socketserver
 import threading
+import time as real_time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,9 +78,11 @@ def deliver(
     tmp: str,
     delivery: dict[str, Any] | None = None,
     max_messages: int = 0,
+    refresh: Site | None = None,
 ) -> tuple[list[TxnResult], pool.SiteQueue]:
     """``n`` messages to ``site`` from 127.0.0.1, one connection at a time:
-    every result reported, and the site queue (its lanes, its shaper)."""
+    every result reported, and the site queue (its lanes, its shaper);
+    ``refresh``: the site's next DNS answer, given before the mail."""
     d = {"pipeline": 2, "max_connections": 1, **(delivery or {})}
     if max_messages:
         d["max_messages_per_connection"] = max_messages
@@ -101,6 +105,8 @@ def deliver(
 
         q = pool.SiteQueue(site, ["127.0.0.1"], cfg, report, "localhost", handback=handback)
         holder.append(q)
+        if refresh is not None:
+            q.site = refresh  # (as Worker.site_queue does)
         body = b"Subject: x\r\n\r\nhi\r\n"
         q.push([Envelope("s@example.org", [f"r{i}@x.example"], body, tag=i) for i in range(n)])
         await asyncio.wait_for(done.wait(), 60)  # only a hang reaches it
@@ -144,6 +150,10 @@ def test_a_refusing_preferred_mx_leaves_the_mail_to_the_backup(
     assert len(backup.messages) == 6
     assert q.lane("127.0.0.1").blocked_until == 0.0
     assert seen[0] == 1  # three sessions, the refusing host tried by the first only
+    # one event; a 4xx (busy for now) keeps the host last for 5 minutes, a 5xx an hour
+    refused = [e for e in q.shaper.events if e["action"] == "host_refused"]
+    assert [e["duration"] for e in refused] == [300.0 if greeting[:1] == b"4" else 3600.0]
+    assert refused[0]["mx"].startswith("mx1.example.test[127.0.0.9]")
 
 
 def test_every_mx_refusing_still_rests_the_ip_for_the_site(run: Run, tmp_path: Any) -> None:
@@ -275,3 +285,121 @@ def test_a_mailbox_reason_before_mail_is_the_sites_refusal(
     c = classify_reply(code, enhanced, text, command=stage)
     assert (c.reason, c.hard) == ("rejected", False)
     assert classify_reply(code, enhanced, text, command="rcpt").reason != "rejected"
+
+
+class _Clock:
+    """``time`` for delivery.pool with a wall clock the test moves (monotonic real)."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def time(self) -> float:
+        return self.t
+
+    def monotonic(self) -> float:
+        return real_time.monotonic()
+
+
+def test_a_session_across_utc_midnight_counts_against_the_new_days_cap(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warming address (caps 6 then 4 a day per provider) keeps one session
+    open across UTC midnight: what it sends after midnight counts against the
+    new day's cap, 4 in all that day, the rest handed back. Before, the
+    session kept counting on yesterday's counter (3 left), then today's
+    started at zero: 7 sent on a day capped at 4."""
+    midnight = (real_time.time() // 86400 + 1) * 86400
+    clock = _Clock(midnight - 60)
+    monkeypatch.setattr(pool, "time", clock)
+    start = dt.datetime.fromtimestamp(midnight - 60, dt.UTC).date().isoformat()
+    port = free_port()
+    cfg = loader.from_dict(
+        {
+            "workers": {"count": 1},
+            "delivery": {"pipeline": 1, "max_connections": 1, "idle_timeout": 30},
+            "pools": {
+                "warmup": {"schedule": [6, 4]},
+                "main": {"ips": [{"ip": "127.0.0.1", "warmup_start": start}]},
+            },
+        },
+        base_dir=str(tmp_path),
+        files=False,
+    )
+    site = Site("route:127.0.0.1", (Host("127.0.0.1", "127.0.0.1", port),))
+    day2: list[str] = []
+    results: list[TxnResult] = []
+
+    async def go() -> None:
+        want = [6]
+        done = asyncio.Event()
+
+        def note(rs: list[TxnResult], kind: str) -> None:
+            for r in rs:
+                results.append(r)
+                if clock.t >= midnight:
+                    day2.append(kind)
+            if sum(1 for r in results if r.outcomes) == 3 and clock.t < midnight:
+                clock.t = midnight + 60  # three sent: the session goes on past midnight
+            if len(results) >= want[0]:
+                done.set()
+
+        def report(rs: list[TxnResult], ip: str, mx: str) -> None:
+            note(rs, rs[0].outcomes[0].kind)
+
+        def handback(envs: list[Envelope], *_a: Any) -> None:
+            note([TxnResult(e.tag, []) for e in envs], "back")
+
+        q = pool.SiteQueue(site, ["127.0.0.1"], cfg, report, "localhost", handback=handback)
+        body = b"Subject: x\r\n\r\nhi\r\n"
+        envs = [Envelope("s@example.org", [f"r{i}@x.example"], body, tag=i) for i in range(10)]
+        q.push(envs[:6])
+        await asyncio.wait_for(done.wait(), 60)  # only a hang reaches it
+        done.clear()
+        want[0] = 10
+        q.push(envs[6:])
+        await asyncio.wait_for(done.wait(), 60)
+        await q.close()
+
+    with aiosmtpd_server(port) as (_c, handler):
+        asyncio.run(go())
+    assert (day2.count("delivered"), day2.count("back")) == (4, 3), day2
+    assert len(handler.messages) == 7
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<localhost>: Helo command rejected: need fully-qualified hostname",
+        "Syntactically invalid EHLO argument(s)",
+        "bad helo",
+    ],
+)
+def test_a_refused_helo_name_at_ehlo_rests_no_ip(text: str) -> None:
+    """A HELO name refused at EHLO itself (Postfix's helo restrictions without
+    smtpd_delay_reject, Exim's "Syntactically invalid EHLO argument(s)") is
+    the name's matter: no rest of the address (the rule for refusals at
+    connect read it as an IP block: an hour's rest for the site); a block
+    list named in the same words still is one."""
+    from fastsend.bounce.reply import classify_reply
+
+    c = classify_reply(550, "", text, command="ehlo")
+    assert (c.reason, c.ip_blocked) == ("blocked", False)
+    listed = classify_reply(550, "", f"{text}; your IP is blacklisted", command="ehlo")
+    assert listed.ip_blocked
+
+
+def test_a_refreshed_dns_answer_is_followed(run: Run, tmp_path: Any) -> None:
+    """The worker hands a site queue its MX set's refreshed DNS answer
+    (Worker.site_queue: ``q.site = site``; here the MX host moved from
+    127.0.0.9, nothing listening, to 127.0.0.1): new connections go to the
+    new address. Before, the queue kept the addresses it was made with for
+    as long as it lived (a serve's whole life): every connection failed."""
+    port = free_port()
+    old = Site("mx:mx.example.test", (Host("mx.example.test", "127.0.0.9", port, 10),))
+    new = Site("mx:mx.example.test", (Host("mx.example.test", "127.0.0.1", port, 10),))
+    with aiosmtpd_server(port) as (_c, handler):
+        results, _q = deliver(run, old, 3, str(tmp_path), refresh=new)
+    assert sorted((r.tag, r.outcomes[0].kind) for r in results) == [
+        (i, "delivered") for i in range(3)
+    ]
+    assert len(handler.messages) == 3

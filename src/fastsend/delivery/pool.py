@@ -88,6 +88,7 @@ from fastsend.delivery.mx import Host, Site
 from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
 from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
 from fastsend.shaping.policy import Limits
+from fastsend.shaping.pools import utc_day
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
 from fastsend.wire import ELSEWHERE_IP, ELSEWHERE_WORKER
 
@@ -117,9 +118,11 @@ MX_PER_NAME = 2
 DOWN_FOR = 60.0
 # A host that refused a source IP at its greeting (554, 421: not a signal
 # about the provider, Lane.provider_signal) is tried after the site's other
-# hosts from that address for this long; only when every host it tried
-# refuses does the lane (the IP for the whole site) take the refusal.
+# hosts from that address for this long (BUSY_FOR after a 4xx: busy, or
+# under maintenance, for now); only when every host it tried refuses does the
+# lane (the IP for the whole site) take the refusal.
 REFUSED_FOR = 3600.0
+BUSY_FOR = 300.0
 # A connection refused while others of the site work caps the site's
 # connections at those that work for this long (then it probes again).
 CAP_FOR = 60.0
@@ -205,13 +208,10 @@ class SiteQueue:
         self.limits = limits or self.shaper.site_limits(
             self.lanes_key, hosts, "" if shared else domain
         )
-        self.candidates = _candidates(site.hosts)
         # Equal-preference addresses, taken in turn by new connections, from a
         # random one (RFC 5321 5.1: every worker, every node must not start on
         # the same host).
         self.turn = random.randrange(1 << 16)
-        prefs = [h.pref for h in site.hosts]
-        self.spread = len(prefs) > len(set(prefs))
         self.down: dict[str, float] = {}  # address -> until when it is tried last
         # (source IP, address) -> until when that host, which refused the address
         # at its greeting, is tried after the site's others from it (REFUSED_FOR)
@@ -261,6 +261,20 @@ class SiteQueue:
         self.first_timeouts = msgspec.structs.replace(
             self.timeouts, greeting=min(t, d.next_mx_after)
         )
+
+    @property
+    def site(self) -> Site:
+        return self._site
+
+    @site.setter
+    def site(self, site: Site) -> None:
+        """The site's hosts, and the addresses new connections try (also a
+        refreshed DNS answer, Worker.site_queue: the queue kept trying the
+        addresses it was made with while it lived, a serve's whole life)."""
+        self._site = site
+        self.candidates = _candidates(site.hosts)
+        prefs = [h.pref for h in site.hosts]
+        self.spread = len(prefs) > len(set(prefs))
 
     @property
     def active(self) -> int:
@@ -596,8 +610,10 @@ class SiteQueue:
     def _refused(self, lane: Lane, host: Host, o: Outcome, now: float) -> None:
         """``host`` refused ``lane``'s address at its greeting, another host of
         the site is left: that host is tried after the others from it for
-        REFUSED_FOR (a shaping event says so, once), the lane is not rested."""
+        REFUSED_FOR (BUSY_FOR after a 4xx; a shaping event says so, once),
+        the lane is not rested."""
         key = (lane.ip, host.address)
+        hold = BUSY_FOR if o.code < 500 else REFUSED_FOR
         if self.refused.get(key, 0.0) <= now:
             if len(self.refused) >= 4096:
                 self.refused.clear()
@@ -606,9 +622,9 @@ class SiteQueue:
                 "host_refused",
                 mx=f"{host.name}[{host.address}]:{host.port}",
                 reason=f"{o.code} {o.enhanced} {o.text}".replace("  ", " ")[:300],
-                duration=REFUSED_FOR,
+                duration=hold,
             )
-        self.refused[key] = now + REFUSED_FOR
+        self.refused[key] = now + hold
 
     async def _connect_sts(
         self, kw: dict[str, Any], host: Host, ip: str
@@ -832,6 +848,12 @@ class SiteQueue:
                                 continue
                         want = min(group, len(self.pending), conn.remaining)
                         if not lane.free:
+                            w = lane.warm
+                            if w is not None and w.day != utc_day(time.time()):
+                                # A session across UTC midnight: today's warm-up
+                                # counter, not yesterday's (its mail went over
+                                # the new day's cap by what yesterday had left)
+                                self.lane(ip)
                             want, wait = lane.take(time.monotonic(), want)
                             if not want:
                                 if wait >= TRIM_WAIT:
