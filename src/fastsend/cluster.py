@@ -75,6 +75,7 @@ class Durability:
     waitaof: bool  # Redis >= 7.2: the spool waits for the fsync itself
     level: str  # power-loss / redis-crash / none / unknown (CONFIG and INFO refused)
     survives: str  # one sentence for the operator
+    evicts: str = ""  # maxmemory-policy when Redis deletes keys at maxmemory ("": it never does)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -108,6 +109,7 @@ def read_durability(r: Any) -> Durability:
 
     server = info("server") or {}
     version = s(server.get("redis_version", "unknown"))
+    evicts = _evicts(r, info)
     waitaof = _version_tuple(version) >= (7, 2)
     appendonly: bool | None
     try:
@@ -128,7 +130,7 @@ def read_durability(r: Any) -> Durability:
             "what this Redis's persistence makes it survive, which this user may not"
             " read (CONFIG and INFO refused): run it with appendonly yes"
         )
-        return Durability(version, appendonly, fsync, rdb, waitaof, level, survives)
+        return Durability(version, appendonly, fsync, rdb, waitaof, level, survives, evicts)
     if not appendonly:
         level = "none"
         survives = (
@@ -159,11 +161,44 @@ def read_durability(r: Any) -> Durability:
     else:
         level = "redis-crash"
         survives = "a crash of redis-server (AOF on; its fsync policy could not be read)"
-    return Durability(version, appendonly, fsync, rdb, waitaof, level, survives)
+    return Durability(version, appendonly, fsync, rdb, waitaof, level, survives, evicts)
+
+
+def _evicts(r: Any, info: Callable[[str], dict[str, Any] | None]) -> str:
+    """The maxmemory-policy when this Redis deletes keys to stay under maxmemory
+    (any policy but noeviction, with a maxmemory set): queued messages, a
+    campaign, a node's lease deleted without a word; "" when it refuses writes
+    instead (OOM: the spool's outage, nothing lost) or cannot be read."""
+    try:
+        got = {str(k.decode() if isinstance(k, bytes) else k): v
+               for k, v in r.config_get("maxmemory*").items()}  # fmt: skip
+        policy, limit = got.get("maxmemory-policy"), got.get("maxmemory")
+    except Exception:  # CONFIG renamed or refused: what INFO says
+        mem = info("memory") or {}
+        policy, limit = mem.get("maxmemory_policy"), mem.get("maxmemory")
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    try:
+        limited = int(limit or 0) > 0
+    except (TypeError, ValueError):
+        limited = False
+    return str(policy) if limited and policy and policy != "noeviction" else ""
+
+
+def evicts_text(policy: str) -> str:
+    return (
+        f"Redis deletes keys at maxmemory (maxmemory-policy {policy}): queued mail, a"
+        " campaign or a node's lease could be dropped without a word. Set"
+        " maxmemory-policy noeviction (deploy/redis.conf: at maxmemory writes are refused,"
+        " answered 507, and what is accepted stays)"
+    )
 
 
 def check_durability(d: Durability, *, allow_volatile: bool) -> None:
-    """Refuse a Redis that keeps accepted mail in memory only, unless allowed."""
+    """Refuse a Redis that keeps accepted mail in memory only, or deletes keys
+    at maxmemory (an eviction policy: mail gone without a bounce), unless allowed."""
+    if d.evicts and not allow_volatile:
+        raise ClusterError(evicts_text(d.evicts) + ", or start with --allow-volatile to accept that")
     if d.level == "none" and not allow_volatile:
         raise ClusterError(
             "Redis has appendonly no: an acknowledged message would survive "

@@ -63,7 +63,7 @@ def build_config(args: argparse.Namespace) -> Config:
     for w in cfg.warnings:
         print(f"fastsend: warning: {w}", file=sys.stderr)
     if args.spool:
-        cfg.spool_dir = args.spool
+        cfg.spool_dir = _spool_flag(args.spool)
     for r in args.route:
         dom, sep, target = r.partition("=")
         if not sep or not dom:
@@ -201,6 +201,17 @@ def add_spool_arguments(p: argparse.ArgumentParser, *, default: str | None = "./
     p.set_defaults(spool_default=default)
 
 
+def _spool_flag(spool: str) -> str:
+    """``--spool``'s value; ConfigError for a URL of a scheme no spool has
+    (``redis+sentinel://``: it was taken for a directory of that name)."""
+    from fastsend.config import ConfigError
+    from fastsend.redisurl import foreign_url
+
+    if (foreign := foreign_url(spool)) is not None:
+        raise ConfigError(f"--spool: {foreign}")
+    return spool
+
+
 def spool_arg(args: argparse.Namespace) -> str:
     """The spool :func:`add_spool_arguments` names: ``--spool``, else the config's
     (``[spool] url``, else its dir), else the default; ConfigError when neither is
@@ -208,7 +219,7 @@ def spool_arg(args: argparse.Namespace) -> str:
     from fastsend.config import ConfigError, load
 
     if args.spool:
-        return str(args.spool)
+        return _spool_flag(str(args.spool))
     if args.config:
         cfg = load(args.config)
         return cfg.spool_url or cfg.spool_dir
@@ -339,6 +350,10 @@ def warn_volatile(spool: Any) -> None:
         print(f"fastsend: warning: an acknowledged message survives {d.survives}: a Redis"
               " restart loses the spool; set appendonly yes (deploy/redis.conf)",
               file=sys.stderr)  # fmt: skip
+    if d.evicts:
+        from fastsend.cluster import evicts_text
+
+        print(f"fastsend: warning: {evicts_text(d.evicts)}", file=sys.stderr)
 
 
 def hold_source_ips(spool: Any, cfg: Any) -> Any:

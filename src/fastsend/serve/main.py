@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-volatile",
         action="store_true",
         help="on a shared Redis spool, start even with appendonly no (accepted mail is then"
-        " in memory only; see docs/DEPLOY.md)",
+        " in memory only) or a maxmemory-policy that evicts keys (see docs/DEPLOY.md)",
     )
 
 

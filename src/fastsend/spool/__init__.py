@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from fastsend.redisurl import foreign_url
 from fastsend.spool.base import (
     ABANDONED,
     AGE_BUCKETS_MIN,
@@ -120,6 +121,8 @@ def open_spool(url_or_dir: str, *, readonly: bool = False, must_exist: bool = Fa
     (SQLite opens the file read-only; Redis is written nothing at the open, so a
     replica serves it). ``must_exist``: SpoolError instead of creating an empty
     spool (implied by ``readonly``; on Redis: no spool under the URL's prefix)."""
+    if (foreign := foreign_url(url_or_dir)) is not None:
+        raise SpoolError(foreign)
     if is_redis_url(url_or_dir):
         from fastsend.spool.redis import RedisSpool
 

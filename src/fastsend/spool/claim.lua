@@ -4,9 +4,10 @@
 -- The campaigns with mail due come from the index P:dueidx (lib.lua), not from
 -- every active campaign's due set (2,000 active campaigns cost a ZCOUNT each,
 -- every claim, due or not). Per bucket of ids (lib.lua) one HMGET and one
--- HSET; per campaign given a share one ZRANGEBYSCORE and one ZREMRANGEBYRANK
--- (the claimed ids are a prefix of its due set); one SADD per 1000 and the
--- counters per batch.
+-- HSET; per campaign given a share one ZRANGEBYSCORE (its head past its due
+-- mail with it) and one ZREMRANGEBYRANK (the claimed ids are a prefix of its
+-- due set); the index's new scores in one ZADD and one ZREM, one SADD per
+-- 1000 and the counters per batch (was ~4 calls per campaign given mail).
 local now, limit, node, lease = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local ms = clock_ms()
 beat(ms, lease)
@@ -57,7 +58,23 @@ if #cands > 1 then
   end
   turn = redis.call('INCR', P..':fair:turn') - 1
 end
-local read, known = {}, {}  -- campaign -> its due ids read; its count
+-- A campaign's due set read from its head, due or not (m entries): its due ids,
+-- and the score after them: the set's head once they are taken (false: none
+-- after them; nil: all m due, what follows unknown). The index's new score
+-- comes with the read (was a ZRANGE of the head per campaign taken from).
+local nowf = tonumber(now)
+local function read_due(cid, m)
+  local got = redis.call('ZRANGEBYSCORE', P..':due:'..cid, '-inf', '+inf', 'WITHSCORES',
+    'LIMIT', 0, m)
+  local r = {}
+  for i = 1, #got, 2 do
+    if tonumber(got[i + 1]) > nowf then return r, got[i + 1] end
+    r[#r + 1] = got[i]
+  end
+  if #got < 2 * m then return r, false end
+  return r, nil
+end
+local read, known, after = {}, {}, {}  -- campaign -> its due ids read; its count; read_due's after
 local shares
 while true do
   local live = {}
@@ -78,8 +95,7 @@ while true do
     if known[c] == nil then
       local r = read[c]
       if r == nil or #r <= n then
-        r = redis.call('ZRANGEBYSCORE', P..':due:'..name[c], '-inf', now,
-          'LIMIT', 0, math.min(n + 1, limit))
+        r, after[c] = read_due(name[c], math.min(n + 1, limit))
         read[c] = r
       end
       if #r <= n and #r < limit then  -- all it has: counted, shares again
@@ -91,8 +107,21 @@ while true do
   if not again then break end
 end
 -- Its index score stays while it has mail due (below its new head: as the
--- index needs); all its due mail taken, it goes to its later head, or out.
+-- index needs); all its due mail taken, it goes to its later head, or out
+-- (one ZADD and one ZREM for all: the heads came with the reads).
 local ids, cidof, took = {}, {}, {}
+local rescore, gone = {}, {}
+local function to_head(c)
+  local h = after[c]
+  if h then
+    rescore[#rescore + 1] = h
+    rescore[#rescore + 1] = name[c]
+  elseif h == false then
+    gone[#gone + 1] = name[c]
+  else
+    index_head(name[c])  -- (all it read was due: its head past them unknown)
+  end
+end
 for _, s in ipairs(shares) do  -- (in the shares' order, each campaign's oldest due first)
   local c = s[1]
   local r, cid = read[c], name[c]
@@ -103,11 +132,15 @@ for _, s in ipairs(shares) do  -- (in the shares' order, each campaign's oldest 
     cidof[r[i]] = cid
   end
   if n > 0 then redis.call('ZREMRANGEBYRANK', P..':due:'..cid, 0, n - 1) end
-  if #r <= n then index_head(cid) end
+  if #r <= n then to_head(c) end
 end
 for c, r in pairs(read) do
-  if #r == 0 and not took[c] then index_head(name[c]) end  -- (a score below its head)
+  if #r == 0 and not took[c] then to_head(c) end  -- (a score below its head)
 end
+for i = 1, #rescore, 1000 do
+  redis.call('ZADD', P..':dueidx', unpack(rescore, i, math.min(i + 999, #rescore)))
+end
+if #gone > 0 then each_chunk('ZREM', P..':dueidx', gone) end
 local out, held = {}, {}
 local sub, find = string.sub, string.find
 local head = '1|'..node

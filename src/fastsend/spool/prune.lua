@@ -10,7 +10,8 @@
 -- SQLite reads them from its rows) go with its last row: P:pruned counts the
 -- rows pruned per campaign; once they are all its rows (its counters' sum),
 -- the set is deleted (it had a fixed 30 days: a campaign taking chunks after
--- a month took its old addresses again, and a set outlived rows kept longer).
+-- a month took its old addresses again, and a set outlived rows kept longer);
+-- mode 'fps' finds the sets whose rows another version's prune deleted.
 local before = tonumber(ARGV[2])
 local pruned = {}
 local final = {['3'] = true, ['4'] = true, ['5'] = true, ['6'] = true, ['7'] = true}
@@ -50,11 +51,63 @@ local function forget_fps()
     local gone = redis.call('HINCRBY', P..':pruned', cid, d)
     local rows = 0
     for _, v in ipairs(redis.call('HVALS', P..':n:'..cid)) do rows = rows + tonumber(v) end
-    if gone >= rows then redis.call('DEL', P..':fp:'..cid) end
+    if gone >= rows then
+      redis.call('DEL', P..':fp:'..cid)
+      redis.call('ZREM', P..':fplast', cid)
+    end
   end
 end
 local n = tonumber(ARGV[4])
 local deleted = 0
+-- mode 'fps': the sets whose campaign's rows went without P:pruned counting them
+-- (a node of an older fastsend pruned some or all: its prune.lua keeps no
+-- count and deletes no set, so the set was kept for ever). P:fplast holds each
+-- campaign with a set, scored by its last id (add_messages, ZADD GT); one whose
+-- last id is below the cursor's bucket had every row looked at by some node's
+-- prune: deleted, or left in a kept bucket. Its set goes when it has no
+-- pending or in-flight message (its counters) and no row in a kept bucket (up
+-- to 32 looked at; more: looked at again the next sweep). n campaigns a call,
+-- from P:fplast:at on -> {deleted sets, more}
+if ARGV[3] == 'fps' then
+  local nxt = tonumber(redis.call('HGET', P..':prune', 'next') or '0')
+  local at = redis.call('GET', P..':fplast:at')
+  local got = redis.call('ZRANGEBYSCORE', P..':fplast', at and ('('..at) or '-inf',
+    '('..(nxt * B), 'WITHSCORES', 'LIMIT', 0, n)
+  if #got == 0 then
+    redis.call('DEL', P..':fplast:at')
+    return {0, 0}
+  end
+  local dropped = 0
+  for i = 1, #got, 2 do
+    local cid, lb = got[i], math.floor(tonumber(got[i + 1]) / B)
+    local left = redis.call('EXISTS', P..':fp:'..cid) == 1
+    if left then
+      local live = redis.call('HMGET', P..':n:'..cid, '0', '1', '2')
+      local moved = redis.call('HMGET', P..':nd', cid..'|0', cid..'|1', cid..'|2')
+      local pending = 0
+      for j = 1, 3 do pending = pending + (tonumber(live[j]) or 0) + (tonumber(moved[j]) or 0) end
+      left = pending > 0
+      if not left then
+        local kept = redis.call('ZRANGEBYSCORE', P..':prune:keep', '-inf', lb, 'LIMIT', 0, 33)
+        left = #kept > 32
+        for _, b in ipairs(kept) do
+          if left then break end
+          local h = redis.call('HGETALL', P..':m:'..b)
+          for j = 1, #h, 2 do
+            if sub(h[j], -1) == 's' and parse(h[j + 1])[5] == cid then left = true; break end
+          end
+        end
+      end
+      if not left then
+        redis.call('DEL', P..':fp:'..cid)
+        dropped = dropped + 1
+      end
+    end
+    if not left then redis.call('ZREM', P..':fplast', cid) end
+  end
+  redis.call('SET', P..':fplast:at', got[#got])
+  return {dropped, 1}
+end
 if ARGV[3] == 'keep' then
   for i = 5, #ARGV do
     local d, kept = prune_bucket(ARGV[i])

@@ -96,7 +96,9 @@ for: a lost one means a retry, never a loss.
 Final messages stay ``[spool] final_retention_days`` after their last change
 (``message(id)`` answers for them, as in SQLite), then the supervisors delete
 them a bucket at a time (:meth:`RedisSpool.prune_final`, ``spool/prune.lua``:
-``P:prune`` its cursor, ``P:prune:keep`` the buckets a sweep left messages in);
+``P:prune`` its cursor, ``P:prune:keep`` the buckets a sweep left messages in;
+``P:fp:CID`` a campaign's duplicate set, ``P:fplast`` campaign -> its last id:
+the sets whose rows are gone, found at a sweep's end);
 the per-state counters, and so every count, stay as they were.
 """
 
@@ -202,6 +204,7 @@ def due_score(at: float, digits: int) -> float:
     """The due-set score of an id of ``digits`` digits due at ``at`` (lib.lua due_score)."""
     return at - (20 - digits) * DUE_STEP
 PRUNE_BUCKETS = 4  # buckets per prune_final call (one script)
+PRUNE_FPS = 100  # campaigns' duplicate sets looked at per prune_final call (prune.lua 'fps')
 LAYOUT = b"2"  # P:layout: the message layout above
 AHEAD_TTL = 0.5  # s: a claim sent ahead and answered later than this is put back
 # s: after a claim that found nothing due, this node's next claims within this
@@ -439,6 +442,24 @@ def _tls_setting_fault(redis_url: str, e: BaseException | None) -> str | None:
     return None
 
 
+CLUSTER_REFUSED = (
+    "a Redis Cluster node: the spool runs on one primary, not a cluster (its keys"
+    " would be answered MOVED whenever their slot is on, or moves to, another node);"
+    " give it a standalone primary (with replicas; for failover, an address that"
+    " follows the primary: a virtual IP Sentinel or keepalived moves, HAProxy"
+    " checking role:master)"
+)
+
+
+def _cluster_node(r: Any) -> bool:
+    """The server runs in cluster mode (INFO cluster; an ACL user without INFO:
+    the spool's first key then answers MOVED, refused as such)."""
+    try:
+        return str(r.info("cluster").get("cluster_enabled", 0)) == "1"
+    except redis.exceptions.ResponseError:
+        return False
+
+
 def _server_version(r: Any) -> tuple[int, ...]:
     """The server's ``redis_version`` (Valkey and KeyDB report the Redis version
     they match), () when INFO is refused (an ACL user without it) or unclear."""
@@ -484,6 +505,8 @@ class RedisSpool(Spool):
             if fault is not None:
                 raise RedisSpoolError(f"cannot use Redis at {safe!r}: {fault}") from None
             raise RedisUnreachable(f"cannot reach Redis at {safe!r}: {e}") from None
+        if _cluster_node(self.r):
+            raise RedisSpoolError(f"Redis at {safe!r}: {CLUSTER_REFUSED}")
         if version and version < MIN_VERSION:
             raise RedisSpoolError(
                 f"Redis at {safe!r} is version {'.'.join(map(str, version))}: the spool"
@@ -512,6 +535,8 @@ class RedisSpool(Spool):
                 # whole from the start, swept first in SWEEP_MS like any other
                 self.r.set(f"{self.k}:dueidx:swept", b"1", px=SWEEP_MS)
             self._epoch = self.r.get(f"{self.k}:epoch")
+        except (redis.exceptions.MovedError, redis.exceptions.AskError):
+            raise RedisSpoolError(f"Redis at {safe!r}: {CLUSTER_REFUSED}") from None
         except OUTAGE_ERRORS as e:  # a replica (READONLY), its disk full (MISCONF), ...
             raise RedisTakesNoWrites(
                 f"Redis at {safe!r} takes no writes now ({e.__class__.__name__}: {e});"
@@ -798,6 +823,7 @@ class RedisSpool(Spool):
             pipe.sadd(fkey, *members[j : j + CHUNK])
         if members:  # (kept while the campaign has rows: prune.lua deletes it with the last)
             pipe.persist(fkey)
+            pipe.zadd(f"{k}:fplast", {str(cid): ids[-1] if ids else 0}, gt=True)
         if idem is not None:
             pipe.hset(ikey, f"p{idem.part}", orjson.dumps(idem_part(cid, ids)))
         if ingest is not None:
@@ -1531,7 +1557,11 @@ class RedisSpool(Spool):
             self._keep_from = None
         d, more = self._prune(args=[k, repr(float(before)), "next", n])
         if not more:
-            self._keep_from = -1  # the next sweep starts again with the kept buckets
+            # the sweep's end: the duplicate sets whose rows are gone though
+            # P:pruned did not count them (prune.lua 'fps'), a step a call
+            _sets, more = self._prune(args=[k, repr(float(before)), "fps", PRUNE_FPS])
+            if not more:
+                self._keep_from = -1  # the next sweep starts again with the kept buckets
         return int(d), bool(more)
 
     # -- idempotency keys (see Spool.idem_begin; spool/idem.lua) ----------------
