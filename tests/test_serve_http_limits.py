@@ -184,6 +184,36 @@ def test_a_request_aiohttp_cannot_parse_gets_a_json_error(served: Served) -> Non
         assert json_of(answer)["error"]["status"] == 400  # type: ignore[index]
 
 
+def test_a_malformed_request_never_repeats_its_api_key(served: Served) -> None:
+    """A request aiohttp cannot parse (bare LF line ends, a folded header, a control
+    character) that carries an API key: the 400 names the reason, and neither it nor
+    serve's log holds the key (both quoted the request's bytes: aiohttp's traceback
+    put the key in the operator's log, its message in the answer)."""
+    key = served.keys["acme"]
+    auth = f"Authorization: Bearer {key}".encode()
+    for port in ports(served):
+        for raw in (
+            b"GET /v1/campaigns HTTP/1.1\nHost: x\n" + auth + b"\n\n",
+            b"GET /v1/campaigns HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\nX-A: a\r\n b\r\n\r\n",
+            b"GET /v1/campaigns HTTP/1.1\r\n" + auth + b"\r\nX-\x01: a\r\n\r\n",
+        ):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(raw)
+            closed, answer = closed_within(s, 30.0)
+            s.close()
+            assert closed and status_of(answer) == 400, answer
+            message = json_of(answer)["error"]["message"]  # type: ignore[index]
+            assert key.encode() not in answer and "Authorization" not in message, answer
+    secret = key.rpartition("_")[2]
+    deadline = time.monotonic() + 10
+    # (the last answer's line; or, after many such requests, the note that lines
+    # like it are held back)
+    while not any("API: 400 Invalid header token" in x or "held back" in x for x in served.lines):
+        assert time.monotonic() < deadline, served.lines[-20:]
+        time.sleep(0.05)
+    assert not [x for x in served.lines if secret in x]
+
+
 def test_a_body_of_countless_tiny_messages_is_a_413_before_it_is_decoded(served: Served) -> None:
     before = len(campaigns_of(served))
     many = b'{"messages":[' + b",".join([b'{"to":"a@b.cc"}'] * 300_000) + b"]}"

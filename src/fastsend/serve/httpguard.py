@@ -33,15 +33,19 @@ DELIBERATELY NOT HERE
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["ConnectionCap", "body_deadline"]
+__all__ = ["ConnectionCap", "body_deadline", "parse_reason"]
+
+log = logging.getLogger("fastsend.serve")
 
 LINGER = 2.0  # s (aiohttp's default: 10)
 
@@ -146,9 +150,29 @@ class _Capped(asyncio.Protocol):
             inner.connection_lost(exc)
 
 
+def parse_reason(message: str) -> str:
+    """What aiohttp's parser says of a request it cannot parse, without the bytes it
+    quotes (the request's lines: an ``Authorization`` header's API key, a cookie)."""
+    said: list[str] = []
+    for line in message.splitlines():
+        line = line.strip()
+        cut = min((i for i in (line.find("b'"), line.find('b"')) if i >= 0), default=-1)
+        if cut >= 0:
+            said.append(line[:cut])
+            break
+        if line and line != "^":
+            said.append(line)
+    return " ".join(p.strip().rstrip(":").strip() for p in said if p.strip().rstrip(":")) or (
+        "malformed request"
+    )
+
+
 class _JsonErrors(RequestHandler):
     """aiohttp's connection handler, answering a request it cannot parse with a JSON
-    error (as every route does) instead of a text/plain page."""
+    error (as every route does) instead of a text/plain page. aiohttp's own answer
+    and its log (a traceback) quote the bytes it could not parse: a malformed
+    request's API key went into serve's log and back in the answer (to whoever
+    shares a balancer's connection); here one line names the reason and the peer."""
 
     __slots__ = ()
 
@@ -156,7 +180,17 @@ class _JsonErrors(RequestHandler):
         self, request: Any, status: int = 500, exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:  # fmt: skip
-        super().handle_error(request, status, exc, message)  # logs; raises if answered
+        if isinstance(exc, HttpProcessingError) and status < 500:  # the peer's bytes
+            message = parse_reason(message or "")
+            # (TLS or other protocols at an HTTP port, as aiohttp: not worth a warning)
+            quiet = isinstance(exc, BadHttpMethod) and self._request_count == 1
+            (log.debug if quiet else log.warning)(
+                "API: %d %s from %s", status, message, request.remote
+            )
+            if request.writer.output_size > 0:  # (as aiohttp: nothing more to answer)
+                raise ConnectionError("an answer was sent already")
+        else:
+            super().handle_error(request, status, exc, message)  # logs; raises if answered
         text = HTTPStatus(status).phrase if status >= 500 or not message else message
         resp = web.Response(
             status=status, content_type="application/json",
