@@ -60,7 +60,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from fastsend import msgid
+from fastsend import msgid, safejson
 from fastsend.bounce import BounceRecord
 from fastsend.bounce.reply import classify_reply, ses_verdict
 from fastsend.config import Config
@@ -147,7 +147,7 @@ class ProviderEvents:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_BODY, actual_size=request.content_length
             )
-        body = await body_deadline(request.content.read(MAX_BODY + 1), self.body_timeout)
+        body = await body_deadline(_read(request.content, MAX_BODY + 1), self.body_timeout)
         if len(body) > MAX_BODY:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
         return body
@@ -372,7 +372,7 @@ class ProviderEvents:
             async with self._session().get(url, timeout=_timeout(10), allow_redirects=False) as r:
                 if r.status != 200:
                     raise _Unauthorized("certificate not fetched")
-                pem = await r.content.read(64 * 1024)
+                pem = await _read(r.content, 64 * 1024)
             cert = x509.load_pem_x509_certificate(pem)
         except _Unauthorized:
             raise
@@ -433,7 +433,7 @@ class ProviderEvents:
     async def ses(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         try:
-            doc = orjson.loads(body)
+            doc = safejson.loads(body)  # (read before any signature is checked)
             if not isinstance(doc, dict):
                 raise ValueError
         except ValueError:
@@ -500,7 +500,7 @@ class ProviderEvents:
         tokens: list[str] = []
         ses_type = ses_sub = ""
         try:
-            doc = orjson.loads(text)
+            doc = safejson.loads(text)
             mail = doc.get("mail") or {}
             tags = mail.get("tags") or {}
             tokens += [str(t) for t in tags.get("fastsend", []) if isinstance(t, str)]
@@ -585,7 +585,7 @@ class ProviderEvents:
 
     def _sendgrid_events(self, body: bytes) -> web.Response:
         try:
-            items = orjson.loads(body)
+            items = safejson.loads(body)
         except orjson.JSONDecodeError:
             return web.json_response({"error": "body is not JSON"}, status=400)
         if not isinstance(items, list):
@@ -647,7 +647,7 @@ class ProviderEvents:
     async def mailgun(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         try:
-            doc = orjson.loads(body)
+            doc = safejson.loads(body)  # (read before any signature is checked)
             sig = doc["signature"]
             ts, token, mac = str(sig["timestamp"]), str(sig["token"]), str(sig["signature"])
             # Mailgun resends a post we did not answer 200 with its first signature block.
@@ -760,6 +760,21 @@ _MAILGUN_LISTS = {
 
 def _unauthorized() -> web.Response:
     return web.json_response({"error": "missing or invalid signature"}, status=401)
+
+
+async def _read(stream: Any, limit: int) -> bytes:
+    """A body whole, up to ``limit`` bytes (an aiohttp ``StreamReader``).
+    ``read(n)`` answers with what has arrived: a signed post over ~64 KB was cut
+    short, its JSON broken, and refused 401."""
+    parts: list[bytes] = []
+    n = 0
+    while n < limit:
+        block = await stream.read(limit - n)
+        if not block:
+            break
+        parts.append(block)
+        n += len(block)
+    return b"".join(parts)
 
 
 def _timeout(seconds: float) -> Any:
