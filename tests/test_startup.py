@@ -82,10 +82,10 @@ def test_set_pdeathsig_sets_the_signal_a_worker_gets_when_its_parent_dies(impl: 
     import os
     import signal
 
+    from fastsend import procs
     from fastsend._accel import compiled
-    from fastsend.delivery import worker
 
-    fn = compiled("set_pdeathsig") if impl == "c" else worker._py_set_pdeathsig
+    fn = compiled("set_pdeathsig") if impl == "c" else procs._py_set_pdeathsig
     libc = ctypes.CDLL(None)
     pid = os.fork()
     if pid == 0:  # child: report through the exit status only

@@ -21,7 +21,7 @@ twin elsewhere in the package, chosen by ``fastsend._accel.pick``):
 - _outcomes.pxi    deliveries applied: Results, counts, events (fastsend.queue.outcomes)
 - _spooldb.pxi     spooled rows bound and stepped on the spool's own SQLite handle
                    (fastsend.spool.sqlite.RowWriter)
-- _proc.pxi        a worker's death with its parent, prctl without ctypes (fastsend.delivery.worker)
+- _proc.pxi        a child's death with its parent, prctl without ctypes (fastsend.procs)
 - _worker.pxi      a worker's loops over the client's results: deliveries to wire.Res
                    (fastsend.delivery.worker), a group's tally (fastsend.outcome)
 

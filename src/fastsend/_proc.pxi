@@ -1,4 +1,4 @@
-# _proc.pxi: compiled twin of fastsend.delivery.worker.set_pdeathsig (the pure
+# _proc.pxi: compiled twin of fastsend.procs.set_pdeathsig (the pure
 # version there is the reference: libc's prctl through ctypes). Called
 # directly here, so a worker's start needs no ctypes: importing it cost the
 # supervisor of every `fastsend send` ~1.5 ms of CPU.

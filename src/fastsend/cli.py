@@ -189,7 +189,13 @@ def run_process() -> NoReturn:
     then exit. A command whose module sets ``EXIT_AT_ONCE`` (it has closed all it
     opened, no thread of its own is left: ``send``, ``resume``) exits without the
     interpreter's teardown of every module and object (~25 ms of CPU and wall
-    per command), once stdout and stderr are flushed."""
+    per command), once stdout and stderr are flushed. A command started by
+    another fastsend process that asked for it (``procs.PARENT_ENV``: ``fastsend
+    demo``'s sink) dies with that process."""
+    if "FASTSEND_DIE_WITH_PARENT" in os.environ:  # procs.PARENT_ENV (import it only then)
+        from fastsend.procs import die_with_parent_from_env
+
+        die_with_parent_from_env()
     code = main(entry=True)
     name = sys.argv[1] if len(sys.argv) > 1 else ""
     module = sys.modules.get(COMMANDS[name][0]) if name in COMMANDS else None

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     )
     import psutil
 
-    with SinkProcess("--json") as sink:  # counting only: the sink's fast path
+    # counting only: the sink's fast path; a kill -9 of the demo takes it along
+    with SinkProcess("--json", die_with_parent=True) as sink:
         host, port = sink.addresses[0]
         assert sink.proc is not None
         sink_ps = psutil.Process(sink.proc.pid)

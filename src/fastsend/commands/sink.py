@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import orjson
 
 from fastsend.faults import FAULT, countdown
+from fastsend.procs import die_with_parent
 from fastsend.sink.server import Sink, SinkConfig, SinkStats, parse_fault_text
 
 
@@ -412,6 +413,7 @@ def _run_workers(config: SinkConfig, args: argparse.Namespace, out: TextIO, err:
     old = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     pids: dict[int, int] = {}  # read fd -> pid
+    parent = os.getpid()
     try:
         for _ in range(args.workers):
             rfd, wfd = os.pipe()
@@ -419,6 +421,9 @@ def _run_workers(config: SinkConfig, args: argparse.Namespace, out: TextIO, err:
             if pid == 0:  # the worker
                 code = 1
                 try:
+                    # A kill -9 of this process had left its workers running, the
+                    # port still bound and answering: they die with it.
+                    die_with_parent(parent)
                     os.close(rfd)
                     for fd in pids:
                         os.close(fd)

@@ -44,6 +44,7 @@ from fastsend.message.errors import KeyUnavailable
 from fastsend.message.headers import HeaderError
 from fastsend.message.rawmime import utf8_header
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
+from fastsend.procs import _prctl, _py_set_pdeathsig, die_with_parent, set_pdeathsig
 from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
 from fastsend.smtp import transport
@@ -1131,44 +1132,6 @@ def _literal(v: Any) -> Any:
     if isinstance(v, list):
         return [_literal(x) for x in v]
     return v
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-@functools.cache
-def _prctl() -> Any:
-    """libc's ``prctl`` (None where there is none), looked up once in the
-    supervisor (``prepare``): ``ctypes.util.find_library`` would run
-    ``ldconfig -p`` in every worker, ~10 ms of CPU each."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # the process's own libc
-    except (OSError, AttributeError):
-        return None
-
-
-def set_pdeathsig(sig: int) -> bool:
-    """Have the kernel send ``sig`` to this process when its parent dies
-    (``prctl(PR_SET_PDEATHSIG)``): True when it is set. The compiled twin
-    (``_proc.pxi``) calls prctl without ctypes."""
-    prctl = _prctl()
-    return prctl is not None and prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
-
-
-_py_set_pdeathsig = set_pdeathsig
-set_pdeathsig = pick(set_pdeathsig)
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (``prctl
-    PR_SET_PDEATHSIG``), so a kill -9 of the supervisor leaves no worker behind;
-    if the parent is already gone (it died before the prctl), exit now.
-    watch_parent() is the fallback where prctl is not available."""
-    set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(3)
 
 
 def close_listeners() -> int:

@@ -41,6 +41,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from fastsend.procs import die_with_parent
+
 log = logging.getLogger("fastsend.serve.parsepool")
 
 MAX_BYTES = 1 << 20
@@ -72,7 +74,10 @@ def _cap_cpu(cpu_seconds: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (limit, hard))
 
 
-def _child_init() -> None:
+def _child_init(parent: int) -> None:
+    # A kill -9 of serve had left this child (and multiprocessing's resource
+    # tracker, held by it) waiting forever on a queue nobody writes.
+    die_with_parent(parent)
     os.nice(5)  # behind the API and the delivery workers when cores are scarce
 
 
@@ -90,6 +95,7 @@ class ParsePool:
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_child_init,
+                initargs=(os.getpid(),),
             )
         return self._pool
 

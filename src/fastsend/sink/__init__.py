@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastsend.procs import PARENT_ENV
 from fastsend.sink.server import (
     FAULT_KINDS,
     ReceivedMessage,
@@ -182,16 +183,24 @@ class SinkProcess:
     ``listen`` (default: a free port on 127.0.0.1) and returns from
     ``__enter__`` once the sink prints that it listens. ``stop()`` (or leaving
     the ``with`` block) sends SIGTERM and collects ``returncode``, ``stdout``
-    (listening lines and the summary) and ``stderr``.
+    (listening lines and the summary) and ``stderr``. With ``die_with_parent``
+    the sink (and its workers) are killed when this process dies, even by a
+    kill -9 (``fastsend demo``); start it from the main thread then (the kernel
+    signals the child when the thread that started it ends: fastsend.procs).
     """
 
     def __init__(
-        self, *args: str, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None
+        self,
+        *args: str,
+        listen: str = "127.0.0.1:0",
+        env: dict[str, str] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         if "--quiet" in args or "-q" in args:
             raise ValueError("SinkProcess reads the listening line: do not pass --quiet")
         self.args = [sys.executable, "-m", "fastsend", "sink", "--listen", listen, *args]
         self.env = env
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
         self.addresses: list[tuple[str, int]] = []
         self.returncode: int | None = None
@@ -209,6 +218,8 @@ class SinkProcess:
 
     def start(self, timeout: float = 20.0) -> SinkProcess:
         env = dict(os.environ if self.env is None else self.env)
+        if self.die_with_parent:
+            env[PARENT_ENV] = str(os.getpid())
         self.proc = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
