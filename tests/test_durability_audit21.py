@@ -1,5 +1,7 @@
 """Durability and crash-safety audit, session 21: no process fastsend starts
-outlives the one that started it (a kill -9 of the parent)."""
+outlives the one that started it (a kill -9 of the parent); signals at each
+phase (SIGHUP while serve starts, to a worker, to a foreground send); clients
+that leave mid-request."""
 
 from __future__ import annotations
 
@@ -11,9 +13,22 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import psutil
+from tests._engine_helpers import (
+    _env as engine_env,
+)
+from tests._engine_helpers import (
+    fastsend_cmd,
+    received_counts,
+    write_campaign,
+    write_recipients,
+)
+from tests._serve_helpers import Served, sink_message
 
-from fastsend.sink import SinkProcess
+from conftest import ServeProcess, free_port
+from fastsend.sink import SinkProcess, SinkThread
+from fastsend.spool import open_spool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,3 +142,151 @@ def test_serves_report_parser_child_dies_with_a_killed_serve() -> None:
         if starter.poll() is None:
             starter.kill()
             starter.wait()
+
+
+def _frozen(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP: state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def test_a_sighup_while_serve_starts_is_a_reload_once_it_is_ready(
+    tmp_path: Path,
+) -> None:
+    """serve handled SIGHUP only once started (listeners, webhooks, workers
+    forked): one sent before (``systemctl reload`` or logrotate's postrotate
+    during a start or a Restart=) killed it with the default action, its workers
+    with it mid-transaction. serve is frozen right after its API listens
+    (FASTSEND_TEST_FAULT), SIGHUP sent, then it goes on: it reaches ready, reads
+    the config again and keeps running; SIGTERM still drains it (exit 0)."""
+    port = free_port()
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[spool]\ndir = "spool"\n[workers]\ncount = 1\n'
+        f'[delivery]\ntls = "off"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    s = ServeProcess(cfg, port, env={"FASTSEND_TEST_FAULT": "serve-stop-after-listen"},
+                     ready=False)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _frozen(s.proc.pid):
+            assert s.proc.poll() is None and time.monotonic() < deadline, s.lines
+            time.sleep(0.02)
+        s.proc.send_signal(signal.SIGHUP)
+        s.proc.send_signal(signal.SIGCONT)
+        s.wait_line("configuration reloaded")
+        assert s.proc.poll() is None, "".join(s.lines)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) == 0, "".join(s.lines)
+    finally:
+        s.stop()
+
+
+def test_a_worker_leaves_sighup_to_its_supervisor(tmp_path: Path) -> None:
+    """A SIGHUP reaching serve's worker (a terminal's hangup to a foreground
+    serve's process group, ``kill -HUP -PGID``) killed it mid-transaction ("worker
+    0 exited with status -1; restarting it": what it was sending is sent again).
+    A worker ignores it, as it does SIGTERM: reloads are the supervisor's. The
+    message posted after it is delivered by the same worker."""
+    with SinkThread() as sink:
+        s = Served(tmp_path, f"{sink.host}:{sink.port}")
+        try:
+            (worker,) = psutil.Process(s.proc.pid).children()
+            worker.send_signal(signal.SIGHUP)
+            raw = "From: <x@evil.example>\r\nTo: <r@example.org>\r\nSubject: hup-1\r\n\r\nbody\r\n"
+            st, out = s.req("POST", "/v1/messages",
+                            {"from": "x@evil.example", "to": "r@example.org", "raw": raw})  # fmt: skip
+            assert st == 202, out
+            sink_message(sink, b"hup-1")
+            log = "".join(s.lines)
+            assert "exited with status" not in log, log
+            assert worker.is_running()
+        finally:
+            s.stop()
+
+
+def test_a_hangup_stops_a_foreground_send_as_sigterm_does(tmp_path: Path) -> None:
+    """``fastsend send`` in a terminal that closes (an ssh session dropped: SIGHUP
+    to the foreground process group) died at once, its workers too, mid-
+    transaction (exit -1, no summary, every message on a connection an attempt
+    of unknown outcome, sent again by resume). A hangup now stops it as SIGTERM
+    does: the workers drain, exit 129 with the resume command, nothing in flight
+    or of unknown outcome, the spool agreeing with what the receiver got."""
+    addrs = [f"u{i}@d{i % 3}.example" for i in range(300)]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    spool = tmp_path / "spool"
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log), "--latency-ms", "150") as sink:
+        proc = subprocess.Popen(
+            fastsend_cmd("send", str(camp), "-r", str(rcpts), "--spool", str(spool), "--route",
+                         f"*={sink.host}:{sink.port}", "--workers", "2", "--no-dkim",
+                         "--no-progress"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=engine_env(),
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not log.exists() or len(received_counts(log)) < 10:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGHUP)
+            _out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 129, err[-3000:]
+    assert "stopped by SIGHUP" in err and "fastsend resume --spool" in err, err[-3000:]
+    events = [orjson.loads(x) for x in (spool / "events.jsonl").read_bytes().splitlines()]
+    assert not [e for e in events if "outcome unknown" in e.get("text", "")]
+    sp = open_spool(str(spool))
+    try:
+        counts = sp.counts()
+        rows = [m for i in range(1, len(addrs) + 1) if (m := sp.message(i))]
+    finally:
+        sp.close()
+    assert counts.get("inflight", 0) == 0, counts
+    got = received_counts(log)
+    assert {m["rcpt"] for m in rows if m["state"] == "delivered"} == set(got)
+
+
+def _left_mid_body(port: int, key: str, path: str, ctype: str) -> bytes:
+    """A request whose client leaves once the server has taken it (its ``100
+    Continue`` answered: the handler reads the body) with 10 of its 1,000 bytes
+    sent; what the server had answered."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    got = sock.recv(4096)
+    sock.sendall(b'{"to": "ab')
+    sock.close()
+    return got
+
+
+def test_a_client_leaving_mid_body_is_no_internal_error(tmp_path: Path) -> None:
+    """Each API client that left in the middle of its request body (a timeout, a
+    crash, a balancer's reset) was logged as "internal error on POST ..." with a
+    traceback: one per dropped request, a log any client could flood and an
+    operator reads as a server bug. Now nothing is logged; a list being uploaded
+    leaves no file; the API goes on answering."""
+    s = Served(tmp_path, "127.0.0.1:9", serve_args=("--no-workers",))
+    try:
+        tpl = {"from": "a@evil.example", "subject": "s", "text": "t"}
+        st, camp = s.req("POST", "/v1/campaigns", {"template": tpl, "paused": True})
+        assert st == 201, camp
+        paths = [("/v1/messages", "application/json"),
+                 (f"/v1/campaigns/{camp['id']}/recipients", "text/csv")]  # fmt: skip
+        for path, ctype in paths * 3:
+            got = _left_mid_body(s.port, s.keys["evil"], path, ctype)
+            assert got.startswith(b"HTTP/1.1 100"), got
+        for _ in range(2):
+            st, _listed = s.req("GET", "/v1/campaigns")
+            assert st == 200
+        log = "".join(s.lines)
+        assert "internal error" not in log and "Traceback" not in log, log
+        uploads = tmp_path / "spool" / "uploads"
+        assert not uploads.exists() or os.listdir(uploads) == []
+    finally:
+        s.stop()

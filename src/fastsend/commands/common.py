@@ -269,9 +269,9 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def stopped_by_signal(summary: dict[str, Any], args: argparse.Namespace, rows_left: int) -> int:
-    """After a run a SIGTERM/SIGINT ended (``summary["signal"]``): say what is
+    """After a run a SIGTERM/SIGHUP/SIGINT ended (``summary["signal"]``): say what is
     left and the command that continues, and return the exit status a shell
-    gives a process that signal ended (128 + its number: 143, 130). 0 when no
+    gives a process that signal ended (128 + its number: 143, 129, 130). 0 when no
     signal stopped the run."""
     import signal
 

@@ -12,7 +12,8 @@ the ingest where its last committed chunk ended.
 Exit status: 0 when all went as far as it can, 1 when bad rows were skipped or
 the list could not be read to its end, 75 with --fail-deferred when mail is still
 deferred at the end, 2 on unusable input, 128 + the signal's
-number when a SIGTERM (143) or SIGINT (130) stopped it (what is left and the
+number when a SIGTERM (143), SIGHUP (129: drained as for SIGTERM) or SIGINT
+(130) stopped it (what is left and the
 ``fastsend resume`` command that continues are printed).
 """
 

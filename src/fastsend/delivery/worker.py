@@ -1216,6 +1216,10 @@ def run_worker(
     # connection sent again. The supervisor drains them (wire.Drain) or stops
     # them now (wire.STOP_NOW); a dead supervisor takes them along (pdeathsig).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # ... and SIGHUP: serve's reload (the supervisor's to handle: it replaces the
+    # workers once they have finished), a terminal's hangup to its whole process
+    # group (a foreground `fastsend send`); a worker died of it mid-transaction.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         signal.set_wakeup_fd(-1)

@@ -313,7 +313,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
 
     def on_signal(self, signum: int) -> None:
         self.stop_signal = self.stop_signal or signum
-        if signum == signal.SIGTERM and not self.draining:
+        if signum in (signal.SIGTERM, signal.SIGHUP) and not self.draining:
             self.draining = True
             self.drain_started = time.monotonic()
         else:
@@ -340,7 +340,12 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                 file=sys.stderr,
                 flush=True,
             )
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too for send/resume (until_idle; serve reloads on it): a terminal
+        # closed under a foreground `fastsend send` (an ssh session dropped) had
+        # killed it at once, its workers with it mid-transaction (every message on
+        # a connection sent again at resume); now a drain as for SIGTERM, exit 129.
+        hup = (signal.SIGHUP,) if self.until_idle else ()
+        for sig in (signal.SIGTERM, signal.SIGINT, *hup):
             loop.add_signal_handler(sig, self.on_signal, sig)
         for slot in self.slots:
             self.spawn(slot)
@@ -422,7 +427,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         finally:
             if feed_task is not None and not feed_task.done():
                 feed_task.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, *hup):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
             self.guard(self.shaping.close)

@@ -515,6 +515,13 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             return error_response(ApiError(e.status, e.reason), keep or None)
         raise
     except Exception as e:
+        if isinstance(e, ConnectionError) and _client_left(request):
+            # The client went away mid-request (its body cut off): nothing wrong
+            # here, and the answer reaches nobody. (It was logged as an internal
+            # error with a traceback, one per dropped request: a log any client
+            # could flood.) A body streamed to a file is removed by its reader.
+            log.debug("API: %s %s: the client left mid-request", request.method, request.path)
+            return error_response(ApiError(400, "the client closed the connection"))
         spool = getattr(getattr(request.app.get(API_KEY), "ctx", None), "spool", None)
         down = unavailable(e, spool.outage_errors() if spool is not None else ())
         if down is not None:
@@ -523,6 +530,13 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             return error_response(down, {"Retry-After": str(STORAGE_RETRY_AFTER)})
         log.exception("fastsend serve: internal error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal error (logged on the server)"))
+
+
+def _client_left(request: web.Request) -> bool:
+    """Whether the request's connection is gone (the client closed it): a
+    ConnectionError then is the client's leaving, not a spool's or a peer's."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 # What a JSON body may be labelled: JSON, nothing (aiohttp reads a missing

@@ -93,8 +93,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+# SIGHUPs that came before serve's loop handled them (while it started: config,
+# spool, listeners, workers). The default action had killed serve (a `systemctl
+# reload` or logrotate's postrotate during a start or a restart): its workers died
+# with it mid-transaction. Each is now a reload once serve is ready.
+_early_hups: list[int] = []
+
+
+def _early_hup(signum: int, frame: object) -> None:
+    _early_hups.append(signum)
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
+    signal.signal(signal.SIGHUP, _early_hup)  # (before the file is read: it may change)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     lograte.install(logging.getLogger().handlers)  # repeated lines held back
     try:
@@ -353,6 +365,10 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):  # (again: run() put its own)
             loop.add_signal_handler(sig, self.on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self.on_hup)
+        if _early_hups:  # a reload asked for while serve started (the file read again)
+            log.warning("SIGHUP during the start: the config is read again")
+            _early_hups.clear()
+            self.on_hup()
         ticker = asyncio.create_task(self.tick(), name="tick")
         ips_check = (asyncio.create_task(every(FOREIGN_CHECK, self.check_source_ips,
                      "source IP check", log, wait_first=True), name="source-ips")
