@@ -5,6 +5,7 @@ that leave mid-request."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -290,3 +291,68 @@ def test_a_client_leaving_mid_body_is_no_internal_error(tmp_path: Path) -> None:
         assert not uploads.exists() or os.listdir(uploads) == []
     finally:
         s.stop()
+
+
+# ------------------------------------------------- a disk that is full from the start
+def _fill(where: Path) -> Path:
+    """A file taking every free byte of ``where``'s file system."""
+    filler = where / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block = b"\0" * (1 << 16)
+        while block:
+            try:
+                os.write(fd, block)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                block = block[: len(block) // 2]  # the last pages too
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _fastsend(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastsend", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env=_env())  # fmt: skip
+
+
+def test_a_new_spool_on_a_full_disk_is_try_again_later_and_made_once_there_is_room(
+    tmp_path: Path,
+) -> None:
+    """The first start of serve with its spool on a full disk (a 1 MB tmpfs
+    filled) exited 2, "a usage or config error"; `apikey create` ended in a
+    traceback; and the empty spool.db the cut creation left made `fastsend queue`
+    a traceback ("no such table: messages"). Now: 75 (try again later) with one
+    line saying the disk is full, `queue` says there is no spool (2), and once
+    there is room the same serve starts and takes mail."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        port = free_port()
+        cfg = disk / "fastsend.toml"
+        cfg.write_text(
+            f'[spool]\ndir = "spool"\n[workers]\ncount = 1\n'
+            f'[delivery]\ntls = "off"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+        )
+        filler = _fill(disk)
+        serve = _fastsend("serve", "-c", str(cfg), cwd=disk)
+        key = _fastsend("apikey", "create", "--tenant", "t", "-c", str(cfg), cwd=disk)
+        for res in (serve, key):
+            assert res.returncode == 75, res.stderr
+            assert "is full" in res.stderr and "Traceback" not in res.stderr, res.stderr
+        view = _fastsend("queue", "--spool", str(disk / "spool"), cwd=disk)
+        assert view.returncode == 2, view.stderr
+        assert "no spool at" in view.stderr and "Traceback" not in view.stderr, view.stderr
+        filler.unlink()
+        s = ServeProcess(cfg, port)
+        try:
+            assert s.proc.poll() is None, "".join(s.lines)
+            key = _fastsend("apikey", "create", "--tenant", "t", "-c", str(cfg), cwd=disk)
+            assert key.returncode == 0, key.stderr
+            view = _fastsend("queue", "--spool", str(disk / "spool"), cwd=disk)
+            assert view.returncode == 0, view.stderr
+        finally:
+            s.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -144,13 +144,21 @@ def main(argv: Sequence[str] | None = None, *, entry: bool = False) -> int:
     except Exception as e:  # a damaged database: one line that says what to do
         # (after BrokenPipeError: an Exception handler first took the closed pipe
         # of `fastsend dkim keygen | head` and re-raised it as a traceback)
+        from fastsend.spool.base import TEMPORARY_STORAGE, storage_problem
         from fastsend.sqlitedb import corrupt_database
 
         why = corrupt_database(e)
-        if why is None:
+        if why is not None:
+            print(f"fastsend {name}: {why}", file=sys.stderr)
+            return 1
+        # A file it writes on a full disk or read-only file system (the API key
+        # store of `apikey create`, a suppression list, a DKIM key): one line, not a
+        # traceback; a full disk is "try again later" (75), else the operator's (2).
+        problem = storage_problem(e)
+        if problem is None or "permission" in problem:  # (EACCES: maybe a read; as before)
             raise
-        print(f"fastsend {name}: {why}", file=sys.stderr)
-        return 1
+        print(f"fastsend {name}: the disk {problem}: {e}", file=sys.stderr)
+        return 75 if problem in TEMPORARY_STORAGE else 2
 
 
 def _stdout_gone() -> bool:

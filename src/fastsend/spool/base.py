@@ -97,6 +97,12 @@ _ERRNO_STORAGE = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its disk quota
                   errno.EIO: "cannot be written (I/O error)"}  # fmt: skip
 
 
+# What storage_problem says of a storage that may take writes again by itself
+# (room freed): not now, try again later (exit 75), where a read-only or
+# unwritable one is the operator's to change (exit 2).
+TEMPORARY_STORAGE = frozenset({"is full", "is over its disk quota"})
+
+
 def storage_problem(e: BaseException | None) -> str | None:
     """What is wrong with the storage under a local spool when ``e`` (or an
     error it was raised from or while handling) is a full disk, a read-only

@@ -69,6 +69,7 @@ from fastsend.spool.base import (
     STATE_NAMES,
     SUPERVISOR_LOCK,
     SUPPRESSED,
+    TEMPORARY_STORAGE,
     UNKNOWN_CODE,
     UNKNOWN_ENHANCED,
     CampaignInfo,
@@ -120,6 +121,14 @@ def transaction(
         if problem is None:
             raise
         raise SpoolStorageError(f"the spool's storage {problem} ({e})") from e
+
+
+def _has_schema(db: sqlite3.Connection) -> bool:
+    """Whether the database holds a spool (its messages table)."""
+    row = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+    ).fetchone()
+    return row is not None
 
 
 def _wal_pending(path: str) -> bool:
@@ -648,11 +657,26 @@ class SQLiteSpool(Spool):
                     f"the spool at {directory!r} is locked by another process"
                     f" (waited {sqlitedb.TIMEOUT:.0f} s: {e}); try again later"
                 ) from e
+            if problem in TEMPORARY_STORAGE:
+                # A full disk is not a usage error: try again once there is room
+                # (75; it was 2, and serve under Restart=on-failure is restarted
+                # either way, but a script or a job runner reads the status).
+                raise SpoolStorageError(
+                    f"the spool at {directory!r} {problem} ({e}); try again once there is room"
+                ) from e
             raise SpoolError(
                 f"the spool at {directory!r} {problem or 'cannot be opened'} ({e})"
                 if problem
                 else f"the spool at {directory!r} cannot be opened: {e}"
             ) from e
+        if readonly and not _has_schema(self.db):
+            # A spool whose creation a full disk cut short (serve, send) holds an
+            # empty spool.db: a view of it ended in a traceback ("no such table").
+            self.db.close()
+            raise SpoolError(
+                f"no spool at {directory!r} ({self.path} holds none: its creation did"
+                " not finish; a command that writes the spool makes it)"
+            )
 
     def _open(self, readonly: bool) -> None:
         # NORMAL in WAL mode: a commit survives a crash of any process (kill -9)
