@@ -59,12 +59,19 @@ def _all_gone(procs: list[psutil.Process], timeout: float = 30.0) -> list[psutil
     return left
 
 
-def _refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False
+def _refused(port: int, timeout: float = 30.0) -> bool:
+    """Whether connections to ``port`` are refused, waiting up to ``timeout`` for it:
+    a killed process's socket outlives its main thread (shown a zombie) until its
+    last thread has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def test_sink_workers_die_with_a_killed_parent_and_free_the_port() -> None:
@@ -356,3 +363,97 @@ def test_a_new_spool_on_a_full_disk_is_try_again_later_and_made_once_there_is_ro
             s.stop()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_spool_opened_on_a_full_disk_is_try_again_later_and_goes_on_after(
+    tmp_path: Path,
+) -> None:
+    """A spool a clean stop left (no -shm file) on a disk since filled: SQLite
+    cannot size the -shm file (SQLITE_IOERR_SHMSIZE), which read "cannot be
+    written (I/O error)", exit 2 "usage or config error", for `resume` and `serve`
+    alike. It is the full disk: 75 (try again later); `queue` still shows it, and
+    with room again `resume` carries on."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        spool = str(disk / "spool")
+        camp = write_campaign(tmp_path)
+        rcpts = write_recipients(tmp_path, [f"u{i}@example.net" for i in range(10)])
+        route = ["--route", "*=127.0.0.1:9", "--max-wait", "1"]  # (nothing listens: deferred)
+        first = _fastsend("send", str(camp), "-r", str(rcpts), "--spool", spool, "--no-dkim",
+                          *route, cwd=tmp_path)  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        assert not os.path.exists(os.path.join(spool, "spool.db-shm"))
+        filler = _fill(disk)
+        full = _fastsend("resume", "--spool", spool, *route, cwd=tmp_path)
+        assert full.returncode == 75, full.stderr
+        assert "is full" in full.stderr and "Traceback" not in full.stderr, full.stderr
+        view = _fastsend("queue", "--spool", spool, cwd=tmp_path)
+        assert view.returncode == 0, view.stderr
+        filler.unlink()
+        again = _fastsend("resume", "--spool", spool, *route, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_demo_stopped_by_ctrl_c_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
+    """``fastsend demo`` stopped by Ctrl-C while it sends exited 1 (its engine's 130
+    read as a failed demo), its work directory removed under the ``resume`` command
+    send had just printed for it. Now 130 as every command (README), saying the
+    directory is gone (``--keep`` keeps it); its sink is gone too."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastsend", "demo", "--recipients", "200000", "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        demo = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        # Sending: its sink and its worker (a fork of the demo's own process) are up.
+        while len(demo.children()) < 2 or not any(
+            "sink" in " ".join(c.cmdline()) for c in demo.children()
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.05)
+        kids = demo.children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "removed (--keep keeps it)" in err, err[-3000:]
+    assert _all_gone(kids) == []
+
+
+def test_a_send_started_under_nohup_rides_out_the_hangup(tmp_path: Path) -> None:
+    """``nohup fastsend send``: started ignoring SIGHUP so as to outlive its
+    terminal; the hangup is no stop then: the send goes on to its end (exit 0,
+    every recipient delivered)."""
+    addrs = [f"u{i}@d{i % 3}.example" for i in range(300)]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log), "--latency-ms", "20") as sink:
+        proc = subprocess.Popen(
+            ["nohup", *fastsend_cmd("send", str(camp), "-r", str(rcpts), "--spool",
+             str(tmp_path / "spool"), "--route", f"*={sink.host}:{sink.port}", "--workers", "2",
+             "--no-dkim", "--no-progress")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=engine_env(),
+            start_new_session=True, cwd=tmp_path,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not log.exists() or len(received_counts(log)) < 10:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGHUP)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "delivered 300" in out, out
+    assert set(received_counts(log)) == set(addrs)

@@ -153,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+    if rc >= 128:  # stopped by a signal: its status (it was 1), as every command's
+        if not args.keep:  # (send named a resume command for the spool just removed)
+            print(f"fastsend demo: stopped; {tmp} removed (--keep keeps it)", file=sys.stderr)
+        return rc
     engine_ok = rc == 0 and received >= summary.get("delivered", 0) > 0
     return 0 if engine_ok else 1
 

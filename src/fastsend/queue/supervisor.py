@@ -344,7 +344,12 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         # closed under a foreground `fastsend send` (an ssh session dropped) had
         # killed it at once, its workers with it mid-transaction (every message on
         # a connection sent again at resume); now a drain as for SIGTERM, exit 129.
-        hup = (signal.SIGHUP,) if self.until_idle else ()
+        # Not when started ignoring it (nohup: the run is to outlive its terminal).
+        hup = (
+            (signal.SIGHUP,)
+            if self.until_idle and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+            else ()
+        )
         for sig in (signal.SIGTERM, signal.SIGINT, *hup):
             loop.add_signal_handler(sig, self.on_signal, sig)
         for slot in self.slots:

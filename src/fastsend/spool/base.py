@@ -92,6 +92,9 @@ class SpoolStorageError(SpoolError):
 # SQLite's primary result codes that mean the storage refused a write.
 _SQLITE_STORAGE = {8: "is read-only", 10: "cannot be written (I/O error)", 13: "is full",
                    14: "cannot be opened or created"}  # fmt: skip
+# The -shm file of a WAL database could not be made its size: its disk is full
+# (it read "cannot be written (I/O error)", exit 2, opening a spool on a full disk).
+_SQLITE_IOERR_SHMSIZE = 4874
 _ERRNO_STORAGE = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its disk quota",
                   errno.EROFS: "is read-only", errno.EACCES: "is not writable (permission denied)",
                   errno.EIO: "cannot be written (I/O error)"}  # fmt: skip
@@ -112,6 +115,8 @@ def storage_problem(e: BaseException | None) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         code = getattr(e, "sqlite_errorcode", None)
+        if code == _SQLITE_IOERR_SHMSIZE:
+            return "is full"
         if isinstance(code, int) and (code & 0xFF) in _SQLITE_STORAGE:
             return _SQLITE_STORAGE[code & 0xFF]
         if isinstance(e, OSError) and e.errno in _ERRNO_STORAGE:
