@@ -213,6 +213,14 @@ def test_a_worker_leaves_sighup_to_its_supervisor(tmp_path: Path) -> None:
             s.stop()
 
 
+# Runs a command with SIGHUP's default action, as in a terminal: a test runner
+# started under nohup (a CI job, a landing gate) passes SIGHUP on ignored, and a
+# send started ignoring it rightly rides a hangup out.
+SIGHUP_DEFAULT = [sys.executable, "-c", "import os, signal, sys;"
+                  " signal.signal(signal.SIGHUP, signal.SIG_DFL);"
+                  " os.execv(sys.argv[1], sys.argv[1:])"]  # fmt: skip
+
+
 def test_a_hangup_stops_a_foreground_send_as_sigterm_does(tmp_path: Path) -> None:
     """``fastsend send`` in a terminal that closes (an ssh session dropped: SIGHUP
     to the foreground process group) died at once, its workers too, mid-
@@ -227,9 +235,9 @@ def test_a_hangup_stops_a_foreground_send_as_sigterm_does(tmp_path: Path) -> Non
     log = tmp_path / "sink.jsonl"
     with SinkProcess("--log", str(log), "--latency-ms", "150") as sink:
         proc = subprocess.Popen(
-            fastsend_cmd("send", str(camp), "-r", str(rcpts), "--spool", str(spool), "--route",
-                         f"*={sink.host}:{sink.port}", "--workers", "2", "--no-dkim",
-                         "--no-progress"),
+            [*SIGHUP_DEFAULT, *fastsend_cmd("send", str(camp), "-r", str(rcpts), "--spool",
+             str(spool), "--route", f"*={sink.host}:{sink.port}", "--workers", "2", "--no-dkim",
+             "--no-progress")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=engine_env(),
             start_new_session=True,
         )  # fmt: skip
