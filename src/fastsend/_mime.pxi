@@ -25,6 +25,7 @@ cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key)
     PyObject* PyErr_Occurred()
     void PyErr_Clear()
+    const Py_ssize_t PY_SSIZE_T_MAX
 
 
 cdef char* _QP_HEX = b"0123456789ABCDEF"
@@ -1390,11 +1391,14 @@ cdef class Assembly:
     cdef readonly bint end_crlf, to_custom
     cdef readonly str from_domain
     cdef readonly MessageSigner signer
+    cdef readonly Py_ssize_t guard  # see the pure Assembly
     cdef _Fast fast  # the fast path's layout (None: none), made at the first message
     cdef bint fast_made
 
     def __init__(self, tuple head, tuple tail, tuple content, tuple body, bint end_crlf,
-                 bint to_custom=False, str from_domain="", MessageSigner signer=None):
+                 bint to_custom=False, str from_domain="", MessageSigner signer=None,
+                 Py_ssize_t guard=PY_SSIZE_T_MAX):
+        self.guard = guard
         self.head = head
         self.tail = tail
         self.content = content
@@ -1850,6 +1854,13 @@ cdef class DeferredMessage:
         global _json_loads
         vs = self.variables
         cdef bint own = False
+        if self.assembly.guard != PY_SSIZE_T_MAX and (
+                type(vs) is not bytes or PyBytes_GET_SIZE(vs) > self.assembly.guard):
+            # Maybe over the size limit (a dict: not measured here): made, or
+            # refused (MessageTooBig), by the fallback, Renderer.render.
+            if spare != NULL:
+                spare[0] = 0
+            return self.fallback(self.rcpt, self.variables, self.message_id)
         try:
             if type(vs) is bytes:  # the recipient's JSON, decoded now (in cache)
                 if PyBytes_GET_SIZE(vs) and (self.assembly.signer is None

@@ -50,6 +50,7 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import msgspec
+import orjson
 
 from fastsend import recipients
 from fastsend.events import AcceptedRows, EventLog, accepted_dicts
@@ -169,6 +170,53 @@ def row_checks(spec: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
     return header_variables(spec), need
 
 
+def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | None] | None:
+    """What each recipient row of the campaign ``spec`` is checked with for
+    [delivery] max_message_size as it is accepted: ``sizer(vars_json)`` says
+    why the row's message would be over ``max_size`` (naming the variable
+    whose value weighs most: its octets x the template's uses of it), else
+    None. The renderer's own estimate (``Renderer.too_big``: what the message
+    holds at the least), so a row passed here is refused at render only when
+    escaping grows it past the limit. A row short enough for the renderer's
+    guard is never decoded. None: no limit, or a spec that no longer builds."""
+    if not max_size:
+        return None
+    from fastsend.message.headers import HeaderError
+    from fastsend.message.mime import Renderer
+
+    try:
+        r = Renderer(spec, max_size=max_size)
+    except (HeaderError, CampaignError, ValueError):
+        return None
+    guard, too_big = r.guard, r.too_big
+    loads = orjson.loads
+
+    def sizer(vars_json: bytes) -> str | None:
+        if len(vars_json) <= guard:
+            return None
+        try:
+            values = loads(vars_json) if vars_json else {}
+        except orjson.JSONDecodeError:
+            return None
+        why = too_big(values) if isinstance(values, dict) else None
+        return None if why is None else f"{why} ([delivery] max_message_size)"
+
+    return sizer
+
+
+def _size_rows(b: recipients.Batch, sizer: Callable[[bytes], str | None]) -> None:
+    """Move the rows of ``b`` whose message would be over the size limit to
+    its bad rows (refused with their line, the others spooled)."""
+    keep = [i for i, row in enumerate(b.rows) if sizer(row[2]) is None]
+    if len(keep) == len(b.rows):
+        return
+    for i in sorted(set(range(len(b.rows))) - set(keep)):
+        b.bad.append(recipients.BadRow(b.lines[i], str(sizer(b.rows[i][2]))))
+    b.bad.sort(key=lambda row: row.line)
+    b.rows[:] = [b.rows[i] for i in keep]
+    b.lines[:] = [b.lines[i] for i in keep]
+
+
 def _check_header_values(spec: dict[str, Any]) -> None:
     """A campaign whose own text would put CR, LF or NUL in a header is refused
     now: the renderer refuses it too, but only once the campaign is spooled,
@@ -215,12 +263,16 @@ def _check_tracking_base(spec: dict[str, Any]) -> None:
         )
 
 
-def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, Any]:
+def check_campaign(
+    camp: Campaign, *, require_dkim: bool = False, max_size: int = 0
+) -> dict[str, Any]:
     """Validate a loaded campaign for spooling; returns its self-contained spec.
 
     ``require_dkim``: a DKIM key must be configured for the From domain. The
     spec crosses a worker's ring as one record, so a spec too large for it is
-    refused here, once, instead of failing per recipient later."""
+    refused here, once, instead of failing per recipient later; so is one whose
+    own content (attachments, text) makes every message over ``max_size``
+    ([delivery] max_message_size, 0: no limit)."""
     if require_dkim and not camp.dkim_for(camp.from_domain):
         raise AcceptError(
             f"no DKIM key configured for the From domain {camp.from_domain!r};"
@@ -237,9 +289,11 @@ def check_campaign(camp: Campaign, *, require_dkim: bool = False) -> dict[str, A
     from fastsend.message.mime import Renderer
 
     try:
-        Renderer(spec)
+        r = Renderer(spec, max_size=max_size)
     except (HeaderError, CampaignError) as e:
         raise AcceptError(f"the campaign cannot be built: {e}") from None
+    if (why := r.too_big({})) is not None:
+        raise AcceptError(f"{why} ([delivery] max_message_size) with no variable in it yet")
     if spec.get("dkim"):
         # Each key is loaded (and checked) now: a bad one is refused before a
         # message is spooled, and workers forked after this share it (no load each).
@@ -341,8 +395,12 @@ class Acceptor:
         events: EventLog,
         suppression: SuppressionList | None,
         wake: Callable[[], None] | None = None,
+        max_size: int = 0,
     ) -> None:
         self.spool = spool
+        # [delivery] max_message_size: a list row whose message would be larger is
+        # refused as the list is read (row_sizer), with its line
+        self.max_size = max_size
         self.events = events
         self.suppression = suppression
         self.wake = wake
@@ -692,12 +750,15 @@ class Acceptor:
         # line, not spooled to bounce at render (550 5.6.0).
         info = self.spool.get_campaign(job.campaign)
         refuse, need = row_checks(info.spec) if info is not None else (frozenset(), frozenset())
+        sizer = row_sizer(info.spec, self.max_size) if info is not None else None
         dedup = info is None or not (info.options or {}).get(KEEP_DUPLICATES)
         if dedup:  # the table sized for the list at once (grown row by row: 1.5x the CPU)
             self._table(job.campaign, rows_left(job))
         for b in recipients.batches(
             path, after=job.line, size=chunk, first=first, refuse=refuse, need=need
         ):
+            if sizer is not None and b.rows:
+                _size_rows(b, sizer)
             if b.bad:
                 rejected += len(b.bad)
                 if on_bad is not None:

@@ -65,6 +65,22 @@ def tls_line(cfg: Config) -> str:
     return line
 
 
+def size_line(cfg: Config) -> str:
+    """The largest message taken and sent ([delivery] max_message_size)."""
+    limit = cfg.delivery.max_message_size
+    if not limit:
+        return "[delivery] max_message_size 0: no limit (a message is refused only by the receiver's SIZE)"
+    line = (
+        f"[delivery] max_message_size {limit:,} octets ({limit / (1 << 20):.1f} MiB): a row or"
+        " message that would be larger is refused when accepted, one found larger as it is"
+        " made fails 552 5.3.4"
+    )
+    sub = cfg.submission
+    if sub.listen and sub.max_size > limit:
+        line += f"; [submission] offers SIZE {limit:,} (its max_size {sub.max_size:,} is larger)"
+    return line
+
+
 def tenants_line(cfg: Config) -> str:
     """How the tenants share the delivery claims, when some are weighted."""
     tw = cfg.tenant_weights
@@ -100,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         n = len(cfg.warnings)
         print(f"{path}: ok" + (f" ({n} warning{'s' if n != 1 else ''})" if n else ""))
         print(tls_line(cfg))
+        print(size_line(cfg))
         if cfg.tenant_weights:
             print(tenants_line(cfg))
     return 1 if args.strict and cfg.warnings else 0

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         return ips
     events = EventLog(cfg.event_log_path)
     suppression = open_suppression(spool_url, cfg.spool_dir)
-    acceptor = Acceptor(spool, events, suppression)
+    acceptor = Acceptor(spool, events, suppression, max_size=cfg.delivery.max_message_size)
     resumable: list[IngestJob] = []
     lost = 0  # rows of lists that cannot be read any more
     abandoned = 0

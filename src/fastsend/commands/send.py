@@ -189,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
         tracked = bool((camp.to_dict().get("tracking") or {}).get("base_url"))
         if tracked:
             sign_links_as_serve(cfg)  # before its links are built, here and in the workers
-        spec = check_campaign(camp, require_dkim=not args.no_dkim)
+        spec = check_campaign(
+            camp, require_dkim=not args.no_dkim, max_size=cfg.delivery.max_message_size
+        )
         camp.check_columns(recipients.columns(args.recipients) | {"email"})
     except FileNotFoundError:
         return die(f"campaign file {args.campaign!r} not found")
@@ -236,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     # Before the first chunk's accepted events: the rollups count them as they happen.
     rollups = engine.attach_rollups(cfg, spool, events)
     suppression = open_suppression(spool_url, cfg.spool_dir)
-    acceptor = Acceptor(spool, events, suppression)
+    acceptor = Acceptor(spool, events, suppression, max_size=cfg.delivery.max_message_size)
     # Bad input, or a shared spool out of reach before the first chunk is in.
     refused: tuple[type[BaseException], ...] = (
         recipients.RecipientsError,

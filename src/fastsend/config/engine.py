@@ -136,6 +136,12 @@ class DeliveryConfig(Section):
     max_connections: PosInt = 16  # per (source IP, site)
     max_messages_per_connection: NonNegInt = 1000  # 0: no limit
     recipients_per_transaction: PosInt = 50  # for identical (non-personalised) messages
+    # Octets of one message at most, as sent (headers, body, attachments, DKIM):
+    # a list row or API message whose values would make one larger is refused
+    # when it is accepted (naming the variable), and a message found larger as
+    # it is made fails 552 5.3.4, never sent for the receiver's SIZE to refuse
+    # (Postfix's message_size_limit; Gmail takes 25 MB). 0: no limit.
+    max_message_size: NonNegInt = 25 << 20
     # messages per pipelined group on one connection (a connection whose groups
     # are all delivered quickly takes up to 4x: delivery/pool.py, GROUP_GROW)
     pipeline: PosInt = 64

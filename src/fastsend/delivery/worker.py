@@ -39,7 +39,7 @@ from fastsend.delivery.mx import MXResolver, Site
 from fastsend.delivery.pool import DRAIN_HORIZON, SiteQueue
 from fastsend.delivery.routes import Router
 from fastsend.delivery.signing import ConfigDKIM, identity_domains
-from fastsend.message import Campaign, CampaignError, RenderError
+from fastsend.message import Campaign, CampaignError, MessageTooBig, RenderError
 from fastsend.message.errors import KeyUnavailable
 from fastsend.message.headers import HeaderError
 from fastsend.message.rawmime import utf8_header
@@ -207,7 +207,9 @@ class Worker:
         if r is None:
             spec = self.campaign_specs[campaign_id]
             camp = Campaign.from_dict(spec)
-            r = self.renderers[campaign_id] = camp.compile(self.config.msgid_tag)
+            r = self.renderers[campaign_id] = camp.compile(
+                self.config.msgid_tag, self.config.delivery.max_message_size
+            )
             # Only truly identical bytes share a transaction: no placeholder, no
             # signed link, no VERP (see Campaign.identical).
             self.shared[campaign_id] = camp.identical and r.tracker is None and not r.verp_domain
@@ -426,6 +428,7 @@ class Worker:
         needs_smtputf8 = r.needs_smtputf8
         by_values = r.address_variables  # a Reply-To/To from variables: per message
         loads = orjson.loads
+        guard = r.guard
         blobs = batch.blobs  # vars stored once for many rows (wire.blob_ref)
         if deferred and personal is not None:
             # The usual case: one compiled loop (with VERP each message's sender
@@ -443,7 +446,7 @@ class Worker:
                 if blobs and (d := wire.blob_digest(vs)):
                     vs = blobs[d]
                 values = loads(vs) if vs else {}
-                if personal is None:
+                if personal is None or len(vs) > guard:  # (over guard: render measures it)
                     data = render(rcpt, values, mid)
                 else:
                     try:
@@ -529,6 +532,12 @@ class Worker:
                     data, eightbit = self.dkim.prepare_raw(
                         raw, tenant, mid + msgid.GROUP_SUFFIX if blob else mid
                     )
+                    limit = self.config.delivery.max_message_size
+                    if limit and len(data) > limit:  # (re-encoded, signed: as sent)
+                        raise MessageTooBig(
+                            f"the message is {len(data):,} octets, over the {limit:,}-octet"
+                            " limit"
+                        )
                     if blob:
                         raws[blob] = (data, mail_from, eightbit)
                         share(blob, data, mail_from, eightbit, it)
@@ -543,7 +552,9 @@ class Worker:
                             raise ValueError(f"From domain {from_domain} is not the tenant's")
                         if "dkim" not in spec and self.dkim.entries:
                             spec["dkim"] = self.dkim.for_domain(from_domain, tenant)
-                        r = Campaign.from_dict(spec).compile(self.config.msgid_tag)
+                        r = Campaign.from_dict(spec).compile(
+                            self.config.msgid_tag, self.config.delivery.max_message_size
+                        )
                         if blob:
                             compiled[blob] = r
                     data = r.render(it.rcpt, {}, mid)
@@ -551,6 +562,11 @@ class Worker:
                     smtputf8 = r.needs_smtputf8(it.rcpt)
             except KeyUnavailable as e:
                 failures.append(TxnResult(it.id, [_key_unavailable(e)]))
+                continue
+            except MessageTooBig as e:
+                failures.append(
+                    TxnResult(it.id, [Outcome(FAILED, 552, "5.3.4", f"message: {e}", "local")])
+                )
                 continue
             except (RenderError, CampaignError, ValueError, KeyError, TypeError) as e:
                 failures.append(
@@ -1107,7 +1123,10 @@ def _build_direct(d: tuple[Any, ...], batch: wire.Batch, secret: bytes) -> list[
 
 
 def _render_failure(e: RenderError) -> Outcome:
-    """A message that cannot be rendered: failed, 550 5.6.0, why."""
+    """A message that cannot be rendered: failed, 550 5.6.0, why (one over
+    [delivery] max_message_size: 552 5.3.4, RFC 3463's message too big)."""
+    if isinstance(e, MessageTooBig):
+        return Outcome(FAILED, 552, "5.3.4", f"render: {e}", "local")
     return Outcome(FAILED, 550, "5.6.0", f"render: {e}", "local")
 
 

@@ -15,7 +15,7 @@ tracking-link rewriting live elsewhere.
 from __future__ import annotations
 
 from fastsend.message.campaign import Campaign
-from fastsend.message.errors import CampaignError, RenderError
+from fastsend.message.errors import CampaignError, MessageTooBig, RenderError
 from fastsend.message.mime import Renderer
 
-__all__ = ["Campaign", "CampaignError", "RenderError", "Renderer"]
+__all__ = ["Campaign", "CampaignError", "MessageTooBig", "RenderError", "Renderer"]

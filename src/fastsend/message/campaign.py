@@ -349,15 +349,17 @@ class Campaign:
     def tracking(self) -> dict[str, Any]:
         return dict(self._spec["tracking"])
 
-    def compile(self, msgid_tag: str = "") -> Renderer:
+    def compile(self, msgid_tag: str = "", max_size: int = 0) -> Renderer:
         """The renderer for this process: templates split, DKIM keys loaded;
-        ``msgid_tag``: the spool's Message-ID label (fastsend.msgid.new_tag)."""
+        ``msgid_tag``: the spool's Message-ID label (fastsend.msgid.new_tag);
+        ``max_size``: octets of a message at most ([delivery] max_message_size,
+        0: no limit)."""
         signers = []
         if self._spec["dkim"]:  # cryptography is imported only to sign
             from fastsend.message.dkim import Signer
 
             signers = [Signer.from_settings(x) for x in self._spec["dkim"]]
-        return Renderer(self._spec, signers, msgid_tag)
+        return Renderer(self._spec, signers, msgid_tag, max_size)
 
 
 # -- helpers ----------------------------------------------------------------

@@ -9,7 +9,7 @@ on.
 
 from __future__ import annotations
 
-__all__ = ["CampaignError", "DkimKeyMissing", "KeyUnavailable", "RenderError"]
+__all__ = ["CampaignError", "DkimKeyMissing", "KeyUnavailable", "MessageTooBig", "RenderError"]
 
 
 class CampaignError(ValueError):
@@ -18,6 +18,13 @@ class CampaignError(ValueError):
 
 class RenderError(ValueError):
     """One recipient's message cannot be built; the campaign goes on."""
+
+
+class MessageTooBig(RenderError):
+    """One recipient's message would be over the size limit ([delivery]
+    max_message_size): failed 552 5.3.4 (RFC 3463: message too big for the
+    system), never deferred (it will not shrink), never sent for the
+    receiver's SIZE to refuse."""
 
 
 class KeyUnavailable(ValueError):

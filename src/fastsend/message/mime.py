@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ import orjson
 from fastsend import msgid, wire
 from fastsend._accel import pick
 from fastsend.message import tracking, verp
-from fastsend.message.errors import RenderError
+from fastsend.message.errors import MessageTooBig, RenderError
 from fastsend.message.headers import (
     HeaderError,
     check_header_value,
@@ -71,6 +72,20 @@ _NEWLINES = re.compile(r"\r\n?")
 _ID_SAFE = re.compile(r"[A-Za-z0-9_\-]{1,200}")
 _URL_SAFE = re.compile(r"[A-Za-z0-9_.\-~@]*")
 _splice_py = _TEMPLATE_PURE["splice"]
+
+# The most octets one character of a recipient's value becomes in a message:
+# HTML-escaped (&quot;: 6), \u-escaped in a script (a 4-octet character as
+# \ud83d\ude00: 12), percent-encoded (%F0%9F%98%80: 12), quoted-printable or
+# RFC 2047 encoded (12 and the encoded-word's frame), with soft line breaks.
+GROWTH = 16
+SYSTEM_VALUE = 8192  # octets a value fastsend makes can take (email, signed links)
+SLACK = 16384  # To, Date, Message-ID, MIME-Version, folding
+SIGNATURE = 4096  # a DKIM-Signature line (a 4096-bit key's signature folded)
+
+
+def _system_name(name: str) -> bool:
+    """A variable fastsend fills, not the recipient's row (bounded in size)."""
+    return name in ("email", "message_id", "unsubscribe_url") or name.startswith("_fs.")
 
 
 def qp_encode_text(text: str) -> bytes:
@@ -290,11 +305,16 @@ class Assembly:
         to_custom: bool = False,
         from_domain: str = "",
         signer: MessageSigner | None = None,
+        guard: int = sys.maxsize,
     ) -> None:
         self.head, self.tail, self.content = head, tail, content
         self.segments, self.end_crlf = body, end_crlf
         self.to_custom, self.from_domain = to_custom, from_domain
         self.signer = signer
+        # A recipient's variables (their JSON) longer than this might make a
+        # message over the size limit: a DeferredMessage leaves such a one to
+        # its fallback (Renderer.render, which measures it) (Renderer.guard).
+        self.guard = guard
 
     def personal(
         self, variables: Mapping[str, str], rcpt: str, message_id: str, date: bytes, sign: bool
@@ -436,15 +456,28 @@ class DeferredMessage:
 
     def __call__(self) -> object:
         vs = self.variables
+        a = self.assembly
+        if (len(vs) if type(vs) is bytes else _values_size(vs)) > a.guard:
+            # Maybe over the size limit: made (or refused, MessageTooBig) by
+            # the fallback, Renderer.render, which measures it first.
+            return self.fallback(self.rcpt, self.variables, self.message_id)
         try:
             if type(vs) is bytes:  # the recipient's JSON, decoded now (in cache)
                 vs = orjson.loads(vs) if vs else {}
-            a = self.assembly
             if a.signer is not None:
                 return a.signed(vs, self.rcpt, self.message_id, self.date)
             return a.personal(vs, self.rcpt, self.message_id, self.date, False)
         except Exception:
             return self.fallback(self.rcpt, self.variables, self.message_id)
+
+
+def _values_size(variables: Mapping[str, str]) -> int:
+    """The characters of a recipient's values (what :attr:`Renderer.guard`
+    bounds); a value that is no string counts as no bound (rendering says why)."""
+    try:
+        return sum(map(len, variables.values()))
+    except TypeError:
+        return sys.maxsize
 
 
 def message_id_safe(message_id: str) -> bool:
@@ -605,9 +638,14 @@ class Renderer:
     """A compiled campaign: ``render(rcpt, variables, message_id) -> bytes``."""
 
     def __init__(
-        self, spec: Mapping[str, Any], signers: Sequence[Signer] = (), msgid_tag: str = ""
+        self,
+        spec: Mapping[str, Any],
+        signers: Sequence[Signer] = (),
+        msgid_tag: str = "",
+        max_size: int = 0,
     ) -> None:
         self.signers = tuple(signers)
+        self.max_size = max_size  # octets of a whole message (0: no limit): MessageTooBig
         self.from_display, self.from_addr = parse_mailbox(spec["from"])
         _local, self.from_domain = split_address(self.from_addr)
         # Message-ID: <token@TAG.from-domain>, unique across spools (msgid.new_tag)
@@ -738,14 +776,81 @@ class Renderer:
         names += [h.lname for h in self._tail]
         names += [ln[: ln.index(b":")].decode("ascii").lower() for ln in self._content]
         self._plans = [(s, s.plan(names)) for s in self.signers]
+        self._size_plan()
         self._assemble()
+
+    def _size_plan(self) -> None:
+        """What :meth:`too_big` and :attr:`guard` need, found once: the octets
+        every message holds whatever its values (static header and body bytes,
+        the body templates' literal text), how often the body uses each of the
+        recipient's variables, and the guard: the most characters a
+        recipient's values (or their JSON) may have for its message to stay
+        under ``max_size`` for sure, however they are escaped (:data:`GROWTH`
+        octets a character at most) -- longer ones are measured (:meth:`render`).
+        A template that names a variable 2,000 times with a 100 KB value made a
+        208 MB message (a worker's peak 431 MB), refused only by the receiver."""
+        head, tail, content, segments = self._layout[:4]
+        fixed = sum(len(e) for e in (*head, *tail, *content, *segments) if isinstance(e, bytes))
+        templates = [t for h in (*self._head, *self._tail) for t in h.templates]
+        body = [p.template for p in self._parts]
+        if self.tracker is not None:
+            templates += self.tracker.links
+        templates += body
+        literal = sum(len(x.encode("utf-8")) for t in body for x in t.literals)
+        uses: dict[str, int] = {}
+        for t in body:
+            for n in t._names:
+                if not _system_name(n):
+                    uses[n] = uses.get(n, 0) + 1
+        self._body_uses = uses
+        self._static_min = fixed + literal
+        if not self.max_size:
+            self.guard = sys.maxsize
+            return
+        names = [n for t in templates for n in t._names]
+        system = sum(1 for n in names if _system_name(n))
+        upper = (
+            fixed
+            + 4 * sum(len(x.encode("utf-8")) for t in templates for x in t.literals)
+            + SYSTEM_VALUE * system
+            + SLACK
+            + SIGNATURE * len(self.signers)
+        )
+        room = self.max_size - upper
+        self.guard = room // (GROWTH * max(len(names) - system, 1)) if room >= 0 else -1
+
+    def too_big(self, variables: Mapping[str, str]) -> str | None:
+        """Why the message these variables make would be over ``max_size``,
+        told from what it holds at the least (each body use of a value puts
+        at least its UTF-8 octets in; escaping and encoding only add), or
+        None. The same estimate refuses such a row when it is accepted
+        (:func:`fastsend.accept.row_size_refusal`)."""
+        if not self.max_size:
+            return None
+        total = self._static_min
+        worst, worst_size = "", 0
+        for name, n in self._body_uses.items():
+            v = variables.get(name)
+            if type(v) is not str:
+                continue
+            size = n * (len(v) if v.isascii() else len(v.encode("utf-8", "surrogatepass")))
+            total += size
+            if size > worst_size:
+                worst, worst_size = name, size
+        if total <= self.max_size:
+            return None
+        why = f"the message would be at least {total:,} octets, over the {self.max_size:,}-octet limit"
+        if worst:
+            n = self._body_uses[worst]
+            why += f" ({{{{ {worst} }}}}: {worst_size // n:,} octets x {n:,} use{'s' if n > 1 else ''})"
+        return why
 
     def _assemble(self) -> None:
         """The :class:`Assembly` of the layout, with the ``MessageSigner`` of
         the one signer (several signers: signed in :meth:`render`, one by one)."""
         ms = self._plans[0][0].message_signer(self._plans[0][1]) if len(self._plans) == 1 else None
         self._signer = ms
-        self._assembly = Assembly(*self._layout, ms)
+        self._assembly = Assembly(*self._layout, ms, self.guard)
         # Signed messages are made when sent (for_batch(deferred=True)) when
         # their signature is cheap next to the rest of the send: Ed25519
         # (~15 us; measured, bench/end_to_end.py, 2 workers: workers -4 to -6
@@ -834,7 +939,25 @@ class Renderer:
     def render(
         self, rcpt: str, variables: Mapping[str, str], message_id: str, *, shared: bool = False
     ) -> bytes:
-        """The complete message for one recipient (RenderError if it cannot be built)."""
+        """The complete message for one recipient (RenderError if it cannot be
+        built; MessageTooBig, one, when it would be over ``max_size``: told
+        before it is made when its values alone say so, else once made --
+        only values longer than :attr:`guard` can make one too big)."""
+        if _values_size(variables) > self.guard:
+            if (why := self.too_big(variables)) is not None:
+                raise MessageTooBig(f"{rcpt!r}: {why}")
+            data = self._render(rcpt, variables, message_id, shared)
+            if len(data) > self.max_size:
+                raise MessageTooBig(
+                    f"{rcpt!r}: the message is {len(data):,} octets, over the"
+                    f" {self.max_size:,}-octet limit"
+                )
+            return data
+        return self._render(rcpt, variables, message_id, shared)
+
+    def _render(
+        self, rcpt: str, variables: Mapping[str, str], message_id: str, shared: bool
+    ) -> bytes:
         now = int(time.time())
         date = self._date_line if now == self._date_sec else self._date()
         sign = bool(self._plans)

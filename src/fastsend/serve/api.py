@@ -324,6 +324,11 @@ def api_of(request: web.Request) -> Api:
     return request.app[API_KEY]
 
 
+def max_message_size(request: web.Request) -> int:
+    """[delivery] max_message_size (0: no limit): what a message accepted may weigh."""
+    return api_of(request).ctx.config.delivery.max_message_size
+
+
 def tenant_of(request: web.Request) -> str:
     return request[TENANT]
 

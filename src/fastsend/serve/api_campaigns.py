@@ -49,6 +49,7 @@ from fastsend.accept import (
     check_campaign,
     header_variables,
     name_problem,
+    row_sizer,
 )
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
@@ -67,6 +68,7 @@ from fastsend.serve.api import (
     header_break,
     int_param,
     json_response,
+    max_message_size,
     off_loop,
     read_body,
     require_tenant,
@@ -331,14 +333,17 @@ async def _spool_rows(
     return json_response(out, status=ok_status)
 
 
-def _decoded_rows(body: bytes, camp: Campaign) -> list[Any]:
-    return _json_rows(decode_body(body, RecipientsIn).recipients, camp)
+def _decoded_rows(body: bytes, camp: Campaign, max_size: int = 0) -> list[Any]:
+    return _json_rows(decode_body(body, RecipientsIn).recipients, camp, max_size)
 
 
-def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
+def _json_rows(items: list[dict[str, Any]], camp: Campaign, max_size: int = 0) -> list[Any]:
+    """The rows of a JSON recipients list (BadRow for a refused one; ``max_size``:
+    [delivery] max_message_size, a row whose message would be larger is one)."""
     rows: list[Any] = []
     needed = camp.variables - {"email", "message_id"}
     in_headers = header_variables(camp.to_dict())
+    sizer = row_sizer(camp.to_dict(), max_size)
     for n, item in enumerate(items, start=1):
         got = recipients.json_row(item)  # as a JSON-lines list's row: "Email", "to", "vars"
         if isinstance(got, str):
@@ -364,7 +369,11 @@ def _json_rows(items: list[dict[str, Any]], camp: Campaign) -> list[Any]:
         except AddressError as e:
             rows.append(recipients.BadRow(n, str(e)))
             continue
-        rows.append((n, addr, domain, orjson.dumps(recipients.text_vars(obj))))
+        vars_ = orjson.dumps(recipients.text_vars(obj))
+        if sizer is not None and (why := sizer(vars_)) is not None:
+            rows.append(recipients.BadRow(n, why))
+            continue
+        rows.append((n, addr, domain, vars_))
     return rows
 
 
@@ -384,7 +393,7 @@ async def create_campaign(request: web.Request) -> web.Response:
     try:
         check_inline(body.template)  # before anything could be read: no server files
         camp = Campaign.from_dict(tenant_template(request, body.template))
-        spec = check_campaign(camp)
+        spec = check_campaign(camp, max_size=max_message_size(request))
     except PathKeyError as e:
         raise bad(f"template.{e}", f"template.{e.key}") from None
     except AcceptError as e:
@@ -398,7 +407,7 @@ async def create_campaign(request: web.Request) -> web.Response:
             413, f"recipients: {len(body.recipients)} recipients; [api] max_campaign_recipients"
             f" is {cap}", "recipients",
         )  # fmt: skip
-    rows = await off_loop(len(raw), _json_rows, body.recipients, camp)
+    rows = await off_loop(len(raw), _json_rows, body.recipients, camp, max_message_size(request))
     if body.strict and any(isinstance(r, recipients.BadRow) for r in rows):
         first = next(r for r in rows if isinstance(r, recipients.BadRow))
         raise bad(f"recipients[{first.line - 1}]: {first.error}", f"recipients[{first.line - 1}]")
@@ -582,7 +591,7 @@ async def add_recipients(request: web.Request) -> web.Response:
     check_json_type(request, "a list: text/csv or application/x-ndjson")
     body = await read_body(request)
     _count_first(body, api_of(request).settings.recipient_cap)
-    rows = await off_loop(len(body), _decoded_rows, body, camp)
+    rows = await off_loop(len(body), _decoded_rows, body, camp, max_message_size(request))
     dedup = not (info.options or {}).get(KEEP_DUPLICATES)
     return await _spool_rows(request, info.id, rows, strict, camp, dedup=dedup)
 

@@ -33,7 +33,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from fastsend.accept import AcceptError, check_campaign, header_variables
+from fastsend.accept import AcceptError, check_campaign, header_variables, row_sizer
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
@@ -56,6 +56,7 @@ from fastsend.serve.api import (
     header_break,
     int_param,
     json_response,
+    max_message_size,
     off_loop,
     read_body,
     require_tenant,
@@ -154,6 +155,8 @@ class MessagesHandler:
         self.indexed: set[str] = set()
         self.index_locks: dict[str, asyncio.Lock] = {}
         self.in_headers: dict[int, frozenset[str]] = {}  # campaign id -> header variables
+        # (campaign id, [delivery] max_message_size) -> its row_sizer
+        self.sizers: dict[tuple[int, int], Any] = {}
         self.made = 0  # template campaigns made by this process
 
     async def index_templates(self, spool: Any, tenant: str, quota: Any = None) -> None:
@@ -189,6 +192,18 @@ class MessagesHandler:
             got = self.in_headers[cid] = header_variables(camp.to_dict())
         return got
 
+    def size_refusal(self, cid: int, camp: Campaign, limit: int, vars_: bytes) -> str | None:
+        """Why a message of template campaign ``cid`` with the variables
+        ``vars_`` would be over ``limit`` octets (accept.row_sizer, kept per
+        campaign), or None."""
+        key = (cid, limit)
+        sizer = self.sizers.get(key, False)
+        if sizer is False:
+            if len(self.sizers) > 4096:
+                self.sizers.clear()
+            sizer = self.sizers[key] = row_sizer(camp.to_dict(), limit)
+        return None if sizer is None else sizer(vars_)  # type: ignore[no-any-return]
+
     def template_campaign(self, request: web.Request, tpl: int | dict[str, Any], where: str) -> Any:
         api = api_of(request)
         tenant = tenant_of(request)
@@ -206,7 +221,7 @@ class MessagesHandler:
         try:
             check_inline(tpl)  # before anything could be read: no server files
             camp = Campaign.from_dict(tenant_template(request, tpl))
-            spec = check_campaign(camp)
+            spec = check_campaign(camp, max_size=max_message_size(request))
         except PathKeyError as e:
             raise bad(f"{where}.{e}", f"{where}.{e.key}") from None
         except CampaignError as e:
@@ -293,6 +308,9 @@ class MessagesHandler:
                 raise bad(f"{field}: CR, LF and NUL are not allowed in a header value", field)
             p.campaign = cid
             vars_ = orjson.dumps(m.variables)
+            why = self.size_refusal(cid, camp, max_message_size(request), vars_)
+            if why is not None:
+                raise ApiError(422, f"{where}.variables: {why}", f"{where}.variables")
         else:  # (checked once a request: cancelled since, it is made anew)
             fresh = LIVE_TRANSACTIONAL not in request
             request[LIVE_TRANSACTIONAL] = True
@@ -317,6 +335,12 @@ class MessagesHandler:
             if m.headers:
                 raise bad(f"{where}.headers: not allowed with raw", f"{where}.headers")
             raw = m.raw.encode("utf-8", "surrogateescape")
+            limit = max_message_size(request)
+            if limit and len(raw) > limit:
+                raise ApiError(
+                    422, f"{where}.raw: the message is {len(raw):,} octets, over the"
+                    f" {limit:,}-octet limit ([delivery] max_message_size)", f"{where}.raw",
+                )  # fmt: skip
             if b"\n\n" not in raw and b"\r\n\r\n" not in raw:
                 raise bad(f"{where}.raw: no blank line between header and body", f"{where}.raw")
             try:  # within the header caps, and relayable unbroken (long lines)
@@ -356,6 +380,14 @@ class MessagesHandler:
             if "header" in str(e):
                 raise bad(f"{where}.headers: {e}", f"{where}.headers") from None
             raise _campaign_error(e, where) from None
+        limit = max_message_size(request)
+        weight = sum(len(spec.get(k, "").encode("utf-8", "surrogatepass")) for k in ("text", "html"))
+        if limit and weight > limit:  # (what its parts hold at the least; the worker measures)
+            field = f"{where}.{'html' if 'html' in spec else 'text'}"
+            raise ApiError(
+                422, f"{field}: the message would be at least {weight:,} octets, over the"
+                f" {limit:,}-octet limit ([delivery] max_message_size)", field,
+            )  # fmt: skip
         return orjson.dumps(spec)
 
     async def post(self, request: web.Request) -> web.Response:

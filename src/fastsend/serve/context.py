@@ -234,7 +234,10 @@ class ServeContext:
         # Opens and clicks answered but not recorded, one link over [tracking]
         # link_events_per_hour (serve.tracking sets it; /metrics reads it).
         self.tracking_unrecorded = 0
-        self.acceptor = Acceptor(spool, events, suppression, wake=self._wake)
+        self.acceptor = Acceptor(
+            spool, events, suppression, wake=self._wake,
+            max_size=config.delivery.max_message_size,
+        )  # fmt: skip
         # Recipient lists uploaded through the API, as durable ingest jobs.
         self.uploads = Uploads(self.acceptor, config.spool_dir)
         self._tenant_campaigns: dict[str, int] = {}

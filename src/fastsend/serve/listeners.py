@@ -447,10 +447,14 @@ class SubmissionConfig:
     dsn: bool = True  # a failure is told to the envelope sender (fastsend.serve.dsn)
 
     @classmethod
-    def of(cls, t: SubmissionSettings, *, tls: bool = True) -> SubmissionConfig | None:
+    def of(
+        cls, t: SubmissionSettings, *, tls: bool = True, limit: int = 0
+    ) -> SubmissionConfig | None:
         """From ``[submission]`` (checked when the config loaded); None without listen.
         ``tls=False`` does not load the TLS files (SIGHUP keeps the running
-        listener's and takes only the users and limits)."""
+        listener's and takes only the users and limits). ``limit``: [delivery]
+        max_message_size (0: none), the SIZE offered when it is the smaller: a
+        larger message is refused 552 in the session, not bounced after its 250."""
         if not t.listen:
             return None
         ctx = _ssl_context(t.tls_cert, t.tls_key, "submission") if tls else None
@@ -458,7 +462,7 @@ class SubmissionConfig:
             listen_pairs(t.listen),
             ctx,  # type: ignore[arg-type]
             t.hostname,
-            t.max_size,
+            min(t.max_size, limit) if limit else t.max_size,
             dict(t.users),
             t,
             t.max_spooled_bytes,
@@ -1242,7 +1246,9 @@ class Listeners(list[asyncio.AbstractServer]):
         checked; a certificate that cannot be read is a ValueError: nothing taken).
         A listener added, removed or moved is a warning: the next start."""
         try:
-            sub = SubmissionConfig.of(config.submission)
+            sub = SubmissionConfig.of(
+                config.submission, limit=config.delivery.max_message_size
+            )
             intake = IntakeConfig.of(config.intake)
         except (OSError, ssl.SSLError) as e:
             raise ValueError(f"TLS certificate or key: {e}") from None
@@ -1264,7 +1270,7 @@ async def start_listeners(ctx: Any) -> Listeners:
     cfg = ctx.config
     servers = Listeners()
     try:
-        sub = SubmissionConfig.of(cfg.submission)
+        sub = SubmissionConfig.of(cfg.submission, limit=cfg.delivery.max_message_size)
         if sub is not None:
             servers.submission = _Submission(ctx, sub)
             servers += await _serve(servers.submission, sub.listen, ProxySettings.of(cfg.proxy))

@@ -1,0 +1,248 @@
+"""Session 21's outside audit of messages: each test on a defect it found,
+failing before its fix.
+
+- A template that explodes in size was accepted and built whole: 2,000 uses of
+  ``{{ v }}`` with a 100 KB value made a 208 MB message (a worker's peak 431
+  MB), refused only by the receiver's SIZE. ``[delivery] max_message_size``
+  (25 MiB by default; check-config shows it): a row whose values would make a
+  larger message is refused when accepted (its line and the variable named: a
+  list's bad row, the API's 422); the renderer refuses one before building it
+  when its values say so (what the message holds at the least), and one that
+  escaping grows past the limit once made: failed 552 5.3.4, never sent; the
+  compiled and pure renderers byte-identical below the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from _message_helpers import use_impl
+from _smtp_helpers import RecordingHandler
+from fastsend import _accel
+from fastsend.config import from_dict
+from fastsend.message import Campaign, MessageTooBig
+from fastsend.message import mime as mime_mod
+from fastsend.serve.app import make_app
+from fastsend.serve.context import open_context
+from fastsend.testing.http import app_on_loopback
+from test_message_audit import receiver
+from test_serve_api import Client
+
+__all__ = ["receiver"]  # (a fixture, used by name)
+
+IMPLS = ["py", "c"] if _accel.HAVE_EXTENSIONS else ["py"]
+RCPT = "u@example.org"
+
+
+def _renderer(spec: dict[str, Any], max_size: int) -> Any:
+    return Campaign.from_dict({"from": "news@example.com", "subject": "s", **spec}).compile(
+        "", max_size
+    )
+
+
+@pytest.fixture
+def fixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Boundaries and Date the same in every renderer (to compare their bytes)."""
+    monkeypatch.setattr(mime_mod, "_new_boundary", lambda tag: f"=_fs{tag}_fixed")
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
+
+
+# ---------------------------------------------------------------- the renderer
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_template_that_explodes_is_refused_before_it_is_built(
+    monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    """2,000 uses of one 20 KB value (a 40 MB message, over a 25 MiB limit):
+    MessageTooBig naming the variable, and nothing near the message's size
+    allocated (it had been built whole: 40 MB)."""
+    use_impl(monkeypatch, impl)
+    r = _renderer({"text": "row {{ v }}\n" * 2000}, 25 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(MessageTooBig) as e:
+            r.render(RCPT, {"v": "x" * 20_000}, "01ABC")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "{{ v }}: 20,000 octets x 2,000 uses" in str(e.value), e.value
+    assert "26,214,400-octet limit" in str(e.value)
+    assert peak < 2 << 20, peak
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_escaping_past_the_limit_is_refused_once_made(
+    monkeypatch: pytest.MonkeyPatch, impl: str, fixed: None
+) -> None:
+    """Values whose octets fit but whose HTML escaping (``"`` -> ``&quot;``)
+    does not: refused with the message's real size; just under, the message
+    is the same bytes as with no limit, by render and by the deferred path."""
+    use_impl(monkeypatch, impl)
+    spec = {"html": '<p title="{{ w }}">{{ w }}</p>', "text": "t {{ w }}"}
+    limit = 200_000
+    r, free = _renderer(spec, limit), _renderer(spec, 0)
+    over = {"w": '"' * 20_000}  # 60 KB of values, ~260 KB once escaped and encoded
+    with pytest.raises(MessageTooBig, match=r"the message is [\d,]+ octets, over the 200,000"):
+        r.render(RCPT, over, "01ABC")
+    under = {"w": '"' * 12_000}
+    want = free.render(RCPT, under, "01ABC")
+    assert 100_000 < len(want) <= limit
+    assert r.render(RCPT, under, "01ABC") == want
+    # The deferred path (the worker's usual one) leaves a long row to render, which measures it.
+    def fallback(rcpt: str, vs: Any, mid: str) -> Any:
+        try:
+            return r.render(rcpt, orjson.loads(vs) if isinstance(vs, bytes) else vs, mid)
+        except MessageTooBig as e:
+            return e
+
+    date = r.date_line()
+    for vs, ok in ((under, True), (over, False)):
+        made = r.assembly.deferred(orjson.dumps(vs), RCPT, "01ABC", date, fallback)()
+        assert (made == want) if ok else isinstance(made, MessageTooBig), (ok, type(made))
+    small = {"w": "plain"}
+    made = r.assembly.deferred(orjson.dumps(small), RCPT, "01ABC", date, fallback)()
+    assert made == free.render(RCPT, small, "01ABC")
+
+
+def test_the_guard_grows_with_the_limit_and_shrinks_with_the_uses() -> None:
+    """A usual campaign's rows are never measured (its guard is far above any
+    row); one naming a variable 2,000 times measures rows of a few KB."""
+    assert _renderer({"text": "Hi {{ name }}"}, 25 << 20).guard > 1 << 20
+    assert _renderer({"text": "{{ v }}" * 2000}, 25 << 20).guard < 2000
+    assert _renderer({"text": "{{ v }}" * 2000}, 0).guard == sys.maxsize
+
+
+# ---------------------------------------------------------------- accept
+
+
+CAMPAIGN = 'from = "news@sender.example"\nsubject = "Hi {{ name }}"\n'
+
+
+def _send(tmp: Path, port: int, campaign: str, rows: str, limit: int, impl: str) -> Any:
+    env = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
+    if impl == "py":
+        env["FASTSEND_NO_EXTENSIONS"] = "1"
+    (tmp / "c.toml").write_text(campaign)
+    (tmp / "r.csv").write_text(rows)
+    (tmp / "f.toml").write_text(f"[delivery]\nmax_message_size = {limit}\n")
+    return subprocess.run(
+        [sys.executable, "-m", "fastsend", "send", str(tmp / "c.toml"), "-r", str(tmp / "r.csv"),
+         "-c", str(tmp / "f.toml"), "--route", f"*=127.0.0.1:{port}", "--spool",
+         str(tmp / "spool"), "--json", "--no-progress", "--workers", "1", "--max-wait", "5",
+         "--no-dkim"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_send_refuses_a_row_too_big_and_bounces_one_escaping_grows(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler], impl: str
+) -> None:
+    """A 100 KB limit: the row whose value x uses is over it is a bad row (its
+    line, the variable), the rest spooled; the row that only its escaping puts
+    over fails 552 5.3.4 at render, never sent; the small one is delivered."""
+    port, handler = receiver
+    body = 'html = """' + '<p title="{{ big }}">{{ name }}</p>\n' * 20 + '"""\n'
+    rows = (
+        "email,name,big\n"
+        "ok@x.example,Ann,small\n"
+        f"huge@x.example,Bob,{'a' * 6000}\n"  # 20 x 6,000 octets: 120 KB at least
+        f'quoted@x.example,Cy,"{chr(34) * 2 * 3000}"\n'  # 20 x 3,000 quotes: 60 KB, 360 escaped
+    )
+    p = _send(tmp_path, port, CAMPAIGN + body, rows, 100_000, impl)
+    out = json.loads(p.stdout)
+    assert out["delivered"] == 1 and out["rejected_rows"] == 1, (p.stdout, p.stderr)
+    assert "line 3" in p.stderr and "{{ big }}: 6,000 octets x 20 uses" in p.stderr, p.stderr
+    assert "max_message_size" in p.stderr
+    assert [m["rcpts"] for m in handler.messages] == [["ok@x.example"]]
+    events = [json.loads(x) for x in (tmp_path / "spool" / "events.jsonl").read_text().splitlines()]
+    (bounce,) = [e for e in events if e.get("rcpt") == "quoted@x.example" and e["event"] == "bounced"]
+    assert (bounce["code"], bounce["enhanced"]) == (552, "5.3.4"), bounce
+    assert "over the 100,000-octet limit" in bounce["text"], bounce
+
+
+def test_check_config_shows_the_limit(tmp_path: Path) -> None:
+    (tmp_path / "f.toml").write_text("[delivery]\nmax_message_size = 10485760\n")
+    p = subprocess.run([sys.executable, "-m", "fastsend", "check-config", str(tmp_path / "f.toml")],
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "[delivery] max_message_size 10,485,760 octets (10.0 MiB)" in p.stdout, p.stdout
+    (tmp_path / "g.toml").write_text("")
+    p = subprocess.run([sys.executable, "-m", "fastsend", "check-config", str(tmp_path / "g.toml")],
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert "max_message_size 26,214,400 octets (25.0 MiB)" in p.stdout, p.stdout
+
+
+def test_submission_offers_the_smaller_size(tmp_path: Path) -> None:
+    """A message over the limit is refused by SIZE in the session (552), not
+    taken with a 250 and bounced."""
+    from _serve_helpers import make_certs
+    from fastsend.serve.listeners import SubmissionConfig
+
+    cert, key, _ctx = make_certs(tmp_path)
+    sub_cfg = {"listen": "127.0.0.1:0", "tls_cert": cert, "tls_key": key}
+    cfg = from_dict({"submission": sub_cfg, "delivery": {"max_message_size": 1 << 20}})
+    sub = SubmissionConfig.of(cfg.submission, tls=False, limit=cfg.delivery.max_message_size)
+    assert sub is not None and sub.max_size == 1 << 20
+
+
+# ---------------------------------------------------------------- the API
+
+
+@asynccontextmanager
+async def _serving(tmp: str, limit: int) -> AsyncIterator[Client]:
+    cfg = from_dict({"spool": {"dir": tmp}, "api": {"listen": "127.0.0.1:0"},
+                     "delivery": {"max_message_size": limit}})  # fmt: skip
+    ctx = open_context(cfg)
+    app = make_app(ctx, cfg.api)
+    try:
+        async with app_on_loopback(app) as base, aiohttp.ClientSession() as session:
+            yield Client(session, base, ctx)
+    finally:
+        ctx.close()
+
+
+def _arun(tmp: Path, limit: int, fn: Callable[[Client], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with _serving(str(tmp / "spool"), limit) as c:
+            await fn(c)
+
+    asyncio.run(main())
+
+
+def test_api_refuses_messages_over_the_limit_naming_the_field(tmp_path: Path) -> None:
+    tpl = {"from": "a@example.com", "subject": "Hi", "text": "{{ v }}\n" * 500}
+
+    async def go(c: Client) -> None:
+        msg = {"to": "t@example.org", "template": tpl, "variables": {"v": "x" * 200}}
+        st, body = await c.req("POST", "/v1/messages", msg)
+        assert st == 422, (st, body)
+        assert body["error"]["field"] == "message.variables", body
+        assert "{{ v }}: 200 octets x 500 uses" in body["error"]["message"], body
+        st, body = await c.req("POST", "/v1/messages", {**msg, "variables": {"v": "x" * 20}})
+        assert st == 202, (st, body)
+        raw = "From: a@example.com\r\nSubject: r\r\n\r\n" + ("b" * 70 + "\r\n") * 1000
+        st, body = await c.req("POST", "/v1/messages", {"from": "a@example.com",
+                                                        "to": "r@example.org", "raw": raw})  # fmt: skip
+        assert st == 422 and body["error"]["field"] == "message.raw", (st, body)
+        st, body = await c.req("POST", "/v1/messages", {"from": "a@example.com", "to": "r@example.org",
+                                                        "subject": "s", "text": "x" * 60_000})  # fmt: skip
+        assert st == 422 and body["error"]["field"] == "message.text", (st, body)
+        assert c.ctx.spool.counts()["queued"] == 1
+
+    _arun(tmp_path, 50_000, go)
