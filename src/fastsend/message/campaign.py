@@ -428,8 +428,11 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
     import mimetypes  # here: only attachments need it
 
     ctype = a.get("content_type") or mimetypes.guess_type(fname)[0] or "application/octet-stream"
-    if len(ctype) > 255 or not re.fullmatch(r"[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+", ctype):
-        raise CampaignError(f"bad attachment content_type {ctype!r}")
+    if not isinstance(ctype, str) or len(ctype) > 255 or not _CTYPE.fullmatch(ctype):
+        raise CampaignError(
+            f"bad attachment content_type {str(ctype)[:80]!r}: type/subtype, then any"
+            ' parameters as ; name=value or ; name="value" (RFC 2045 5.1)'
+        )
     out = {"filename": fname, "content_type": ctype, "data_b64": data_b64}
     cid = a.get("cid")
     if cid is not None:
@@ -444,6 +447,12 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
     return out
 
 
+# RFC 2045 5.1: type "/" subtype *(";" attribute "=" value), value a token or a
+# quoted-string (printable ASCII, no backslash): "text/csv; charset=utf-8" is one.
+_TOKEN = r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+"
+_CTYPE = re.compile(
+    rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[ !#-\[\]-~]*"))*'
+)
 _CID = re.compile(r"[A-Za-z0-9!#$&'*+\-./=?^_`{|}~@]{1,200}")
 
 

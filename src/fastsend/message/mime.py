@@ -69,6 +69,7 @@ CRLF = b"\r\n"
 _QP_SAFE_LINE = re.compile(rb"[!-<>-~ \t]{0,75}")
 _QP_TOKENS = [bytes([b]) if (33 <= b <= 126 and b != 61) else b"=%02X" % b for b in range(256)]
 _NEWLINES = re.compile(r"\r\n?")
+_NEWLINES_B = re.compile(rb"\r\n|\r|\n")
 _ID_SAFE = re.compile(r"[A-Za-z0-9_\-]{1,200}")
 _URL_SAFE = re.compile(r"[A-Za-z0-9_.\-~@]*")
 _splice_py = _TEMPLATE_PURE["splice"]
@@ -547,6 +548,25 @@ def disposition(filename: str, kind: str = "attachment") -> str:
     return f"Content-Disposition: {kind};\r\n" + ";\r\n".join(lines) + "\r\n"
 
 
+# Content types whose body is never base64 or quoted-printable (RFC 2045 6.4,
+# RFC 2046 5.2.1-5.2.3).
+_UNENCODED = re.compile(r"(?i)(?:multipart/|message/(?:rfc822|partial|external-body)\b)")
+
+
+def _seven_bit(data: bytes, boundary: bytes) -> bytes | None:
+    """``data`` with CRLF line ends (and a last one) when it is 7-bit text fit to
+    send as it is (no NUL, lines of at most 998 octets, no line starting with
+    the enclosing ``boundary``), else None."""
+    if not data.isascii() or b"\0" in data:
+        return None
+    text = _NEWLINES_B.sub(b"\r\n", data)
+    if not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    if any(len(ln) > 998 or ln.startswith(b"--" + boundary) for ln in text.split(b"\r\n")):
+        return None
+    return text
+
+
 def _normalize_text(text: str) -> str:
     text = _NEWLINES.sub("\n", text)
     return text if text.endswith("\n") else text + "\n"
@@ -866,6 +886,7 @@ class Renderer:
     def _attachment_part(self, a: Mapping[str, Any], related: bytes = b"") -> bytes:
         """An attachment's part, or with ``related`` (its boundary) an inline
         image's: ``Content-ID: <cid>``, disposition inline."""
+        data = base64.b64decode(a["data_b64"])
         if related:
             head = (
                 f"--{related.decode('ascii')}\r\n"
@@ -875,13 +896,25 @@ class Renderer:
                 "Content-Transfer-Encoding: base64\r\n\r\n"
             ).encode("ascii")
         else:
+            ctype = a["content_type"]
+            if _UNENCODED.match(ctype):
+                # A message/rfc822 (a .eml file) or multipart body may not be base64
+                # (RFC 2045 6.4, RFC 2046 5.2.1): sent 7bit as written when it is
+                # 7-bit text, else as the octets it is (application/octet-stream).
+                text = _seven_bit(data, self._mixed.encode("ascii"))
+                if text is not None:
+                    return (
+                        f"--{self._mixed}\r\nContent-Type: {ctype}\r\n"
+                        f"{disposition(a['filename'])}Content-Transfer-Encoding: 7bit\r\n\r\n"
+                    ).encode("ascii") + text
+                ctype = "application/octet-stream"
             head = (
                 f"--{self._mixed}\r\n"
-                f"Content-Type: {a['content_type']}\r\n"
+                f"Content-Type: {ctype}\r\n"
                 f"{disposition(a['filename'])}"
                 "Content-Transfer-Encoding: base64\r\n\r\n"
             ).encode("ascii")
-        return head + base64_body(base64.b64decode(a["data_b64"]))
+        return head + base64_body(data)
 
     def _member_head(self, part: _TextPart) -> bytes:
         """The content header of a body part's place: the HTML part's
