@@ -42,14 +42,13 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from fastsend import recipients
+from fastsend import accept, recipients
 from fastsend.accept import (
     KEEP_DUPLICATES,
     AcceptError,
     check_campaign,
     header_variables,
     name_problem,
-    row_sizer,
 )
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
@@ -343,7 +342,7 @@ def _json_rows(items: list[dict[str, Any]], camp: Campaign, max_size: int = 0) -
     rows: list[Any] = []
     needed = camp.variables - {"email", "message_id"}
     in_headers = header_variables(camp.to_dict())
-    sizer = row_sizer(camp.to_dict(), max_size)
+    sizer = accept.row_sizer(camp.to_dict(), max_size)
     for n, item in enumerate(items, start=1):
         got = recipients.json_row(item)  # as a JSON-lines list's row: "Email", "to", "vars"
         if isinstance(got, str):
