@@ -304,3 +304,25 @@ def test_an_attached_message_is_not_base64(tmp_path: Path) -> None:
     (part,) = list(email.message_from_bytes(data, policy=email.policy.default).iter_attachments())
     assert part.get_content_type() == "application/octet-stream"
     assert part.get_content() == eml.replace(b"hello", "héllo".encode())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_default_counts_where_its_value_is_missing(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    """``{{ v | default("...") }}`` x 100 with a 5 KB default: a row without ``v``
+    made a 500 KB message past a 100 KB limit, sent unmeasured (its values were
+    short: under the guard); refused when accepted and at render, a row giving a
+    short ``v`` is fine, and the campaign itself is not refused for its defaults."""
+    from fastsend.accept import check_campaign, row_sizer
+
+    use_impl(monkeypatch, impl)
+    spec = {"text": ('{{ v | default("' + "d" * 5000 + '") }}\n') * 100}
+    r = _renderer(spec, 100_000)
+    with pytest.raises(MessageTooBig, match=r"\{\{ v \}\}: 500,000 octets"):
+        r.render(RCPT, {}, "01ABC")
+    assert len(r.render(RCPT, {"v": "short"}, "01ABC")) < 10_000
+    full = {"from": "news@example.com", "subject": "s", **spec}
+    sizer = row_sizer(Campaign.from_dict(full).to_dict(), 100_000)
+    assert sizer is not None
+    assert "{{ v }}: 500,000 octets" in str(sizer(b"{}"))
+    assert sizer(b'{"v":"short"}') is None
+    check_campaign(Campaign.from_dict(full), max_size=100_000)

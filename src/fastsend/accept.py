@@ -292,7 +292,7 @@ def check_campaign(
         r = Renderer(spec, max_size=max_size)
     except (HeaderError, CampaignError) as e:
         raise AcceptError(f"the campaign cannot be built: {e}") from None
-    if (why := r.too_big({})) is not None:
+    if (why := r.too_big({}, defaults=False)) is not None:
         raise AcceptError(f"{why} ([delivery] max_message_size) with no variable in it yet")
     if spec.get("dkim"):
         # Each key is loaded (and checked) now: a bad one is refused before a

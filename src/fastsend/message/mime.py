@@ -818,11 +818,14 @@ class Renderer:
         templates += body
         literal = sum(len(x.encode("utf-8")) for t in body for x in t.literals)
         uses: dict[str, int] = {}
+        defaults: dict[str, int] = {}  # octets of the defaults a missing value leaves
         for t in body:
-            for n in t._names:
+            for n, d in zip(t._names, t._defaults, strict=True):
                 if not _system_name(n):
                     uses[n] = uses.get(n, 0) + 1
-        self._body_uses = uses
+                    if d:
+                        defaults[n] = defaults.get(n, 0) + len(d.encode("utf-8", "surrogatepass"))
+        self._body_uses, self._body_defaults = uses, defaults
         self._static_min = fixed + literal
         if not self.max_size:
             self.guard = sys.maxsize
@@ -833,36 +836,43 @@ class Renderer:
             fixed
             + 4 * sum(len(x.encode("utf-8")) for t in templates for x in t.literals)
             + SYSTEM_VALUE * system
+            + GROWTH * sum(len(d) for t in templates for d in t._defaults if d)
             + SLACK
             + SIGNATURE * len(self.signers)
         )
         room = self.max_size - upper
         self.guard = room // (GROWTH * max(len(names) - system, 1)) if room >= 0 else -1
 
-    def too_big(self, variables: Mapping[str, str]) -> str | None:
+    def too_big(self, variables: Mapping[str, str], defaults: bool = True) -> str | None:
         """Why the message these variables make would be over ``max_size``,
         told from what it holds at the least (each body use of a value puts
-        at least its UTF-8 octets in; escaping and encoding only add), or
-        None. The same estimate refuses such a row when it is accepted
-        (:func:`fastsend.accept.row_size_refusal`)."""
+        at least its UTF-8 octets in, a missing or empty one its default;
+        escaping and encoding only add), or None. The same estimate refuses
+        such a row when it is accepted (:func:`fastsend.accept.row_sizer`);
+        ``defaults=False``: what any row's message holds (the campaign's own)."""
         if not self.max_size:
             return None
         total = self._static_min
-        worst, worst_size = "", 0
+        worst, worst_size, worst_uses = "", 0, 1
         for name, n in self._body_uses.items():
             v = variables.get(name)
-            if type(v) is not str:
+            if type(v) is str and v:
+                size = n * (len(v) if v.isascii() else len(v.encode("utf-8", "surrogatepass")))
+            elif defaults and (v is None or v == ""):
+                size, n = self._body_defaults.get(name, 0), 1  # (the defaults' octets, summed)
+            else:
                 continue
-            size = n * (len(v) if v.isascii() else len(v.encode("utf-8", "surrogatepass")))
             total += size
             if size > worst_size:
-                worst, worst_size = name, size
+                worst, worst_size, worst_uses = name, size, n
         if total <= self.max_size:
             return None
         why = f"the message would be at least {total:,} octets, over the {self.max_size:,}-octet limit"
-        if worst:
-            n = self._body_uses[worst]
-            why += f" ({{{{ {worst} }}}}: {worst_size // n:,} octets x {n:,} use{'s' if n > 1 else ''})"
+        if worst and worst_uses > 1:
+            n = worst_uses
+            why += f" ({{{{ {worst} }}}}: {worst_size // n:,} octets x {n:,} uses)"
+        elif worst:
+            why += f" ({{{{ {worst} }}}}: {worst_size:,} octets)"
         return why
 
     def _assemble(self) -> None:
