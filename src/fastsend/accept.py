@@ -292,8 +292,6 @@ def check_campaign(
         r = Renderer(spec, max_size=max_size)
     except (HeaderError, CampaignError) as e:
         raise AcceptError(f"the campaign cannot be built: {e}") from None
-    if (why := r.too_big({}, defaults=False)) is not None:
-        raise AcceptError(f"{why} ([delivery] max_message_size) with no variable in it yet")
     if spec.get("dkim"):
         # Each key is loaded (and checked) now: a bad one is refused before a
         # message is spooled, and workers forked after this share it (no load each).
@@ -309,6 +307,9 @@ def check_campaign(
         raise AcceptError(
             f"the campaign is {size} bytes with its files inlined; at most {MAX_RECORD} bytes"
         )
+    # (after the ring's: a campaign too large for it is refused as that, whatever the limit)
+    if (why := r.too_big({}, defaults=False)) is not None:
+        raise AcceptError(f"{why} ([delivery] max_message_size) with no variable in it yet")
     return spec
 
 

@@ -665,7 +665,7 @@ async def _upload(
     try:
         had = sum(api.ctx.spool.counts(cid).values())  # (its rows looked up if any)
         found = await asyncio.get_running_loop().run_in_executor(
-            None, scan, path, camp, MAX_REPORTED, dedup, dedup
+            None, scan, path, camp, MAX_REPORTED, dedup, dedup, max_message_size(request)
         )
         # rows naming an address the campaign has are not spooled: neither a
         # recipient more nor a message against the quota (were: a list sent again

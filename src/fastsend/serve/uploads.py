@@ -43,7 +43,7 @@ from typing import Any
 from aiohttp import web
 
 from fastsend import durable, recipients
-from fastsend.accept import Acceptor, row_checks, rows_left, source_problem
+from fastsend.accept import Acceptor, row_checks, row_sizer, rows_left, source_problem
 from fastsend.message import Campaign
 from fastsend.spool import IngestBusy, IngestJob, IngestLost, IngestMark, Spool
 
@@ -87,7 +87,7 @@ UPLOAD: web.RequestKey[Saved] = web.RequestKey("fastsend_upload", Saved)  # a re
 
 
 def scan(path: str, camp: Campaign, keep: int, dedup: bool = False,
-         collect: bool = False) -> Scan:  # fmt: skip
+         collect: bool = False, max_size: int = 0) -> Scan:  # fmt: skip
     """Check an uploaded list: its columns (CampaignError when the template
     needs one it lacks) and every row as the ingest will (``row_checks``); the
     first ``keep`` bad rows are kept. ``dedup``: a row whose address an earlier
@@ -95,15 +95,23 @@ def scan(path: str, camp: Campaign, keep: int, dedup: bool = False,
     tenant's quota count what is spooled); ``collect`` (with ``dedup``): the good
     rows' fingerprints are kept in ``fps``, for the caller to leave out those the
     campaign has (:meth:`fastsend.accept.Acceptor.fresh`). Raises RecipientsError /
-    UnicodeDecodeError for a file that cannot be read."""
+    UnicodeDecodeError for a file that cannot be read. ``max_size``: [delivery]
+    max_message_size, a row whose message would be larger is a bad row, as the
+    ingest refuses it (accept.row_sizer; it had been counted good and reported so,
+    then left out by the job)."""
     camp.check_columns(recipients.columns(path) | {"email"})
     refuse, need = row_checks(camp.to_dict())
+    sizer = row_sizer(camp.to_dict(), max_size)
     out = Scan()
     seen = recipients.FpSet() if dedup else None
     fps: list[int] | None = [] if dedup and collect else None
     if fps is not None:
         out.fps = array("Q")
     for row in recipients.read(path, refuse=refuse, need=need):
+        if sizer is not None and not isinstance(row, recipients.BadRow):
+            why = sizer(row[3])
+            if why is not None:
+                row = recipients.BadRow(row[0], why)
         if isinstance(row, recipients.BadRow):
             out.rejected += 1
             if len(out.bad) < keep:
