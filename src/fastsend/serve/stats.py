@@ -29,7 +29,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -43,8 +43,39 @@ NODE = "*"  # the tenant name of node-wide gauges (not a valid tenant name)
 
 # -- the answer, as structs (the OpenAPI document is built from them) --------------
 
+# What each counter counts (the OpenAPI document's descriptions). Opens and clicks are
+# split by the machine rules (fastsend.analytics.machine): ``opens`` + ``opens_machine``
+# are the log's ``opened`` events, plus the HEAD requests (a link checker's: counted as
+# machine, never an event); a message's first of each kind is its ``_unique``.
+COUNTER_TEXT = {
+    "accepted": "recipients spooled (accepted events)",
+    "delivered": "messages the receiving server (or provider) took (delivered events)",
+    "deferred": "delivery attempts that failed for now, one per attempt (deferred events)",
+    "bounced": "messages that failed for good: a refusal, a later DSN or a provider's"
+               " report (bounced events)",
+    "bounced_hard": "bounced, classed hard (the address is bad: suppressed)",
+    "bounced_soft": "bounced, classed soft (the address may work later)",
+    "expired": "messages that ran out of retries ([retry] max_age; expired events)",
+    "suppressed": "recipients not sent to: on the suppression list (suppressed events)",
+    "complaints": "spam complaints (complained events)",
+    "unsubscribes": "unsubscribes (unsubscribed events)",
+    "opens": "human-likely pixel loads: opened events no machine rule matched",
+    "opens_unique": "messages with a human-likely open (or a human-likely click)",
+    "opens_machine": "pixel loads by software (Apple Mail Privacy Protection, scanners,"
+                     " HEAD requests: these are not events); with opens, every load",
+    "opens_machine_unique": "messages with a machine open",
+    "clicks": "human-likely clicks: clicked events no machine rule matched",
+    "clicks_unique": "messages with a human-likely click",
+    "clicks_machine": "clicks by software (link scanners, every link at once, HEAD"
+                      " requests: these are not events); with clicks, every click",
+    "clicks_machine_unique": "messages with a machine click",
+}  # fmt: skip
+
 Counts = msgspec.defstruct(
-    "StatsCounts", [(c, int, 0) for c in COUNTERS], kw_only=True, forbid_unknown_fields=True
+    "StatsCounts",
+    [(c, Annotated[int, msgspec.Meta(description=COUNTER_TEXT[c])], 0) for c in COUNTERS],
+    kw_only=True,
+    forbid_unknown_fields=True,
 )
 
 
