@@ -303,3 +303,47 @@ def test_a_2xx_without_a_message_id_is_not_taken_for_a_delivery(tmp_path: Path, 
     deferred = [e for e in evs if e["event"] == "deferred"]
     assert {e["rcpt"] for e in deferred} == {"a@example.net", "b@example.org"}, evs
     assert all("without a message id" in e["text"] and "endpoint" in e["text"] for e in deferred)
+
+
+@pytest.mark.parametrize("trouble", ["down", "refuses our AUTH"])
+def test_a_relay_in_trouble_fails_over_to_the_routes_second_relay(
+    tmp_path: Path, trouble: str
+) -> None:
+    """Route ``["relay1", "relay2"]``: relay1 not listening, or refusing our
+    credentials (535): every message goes through relay2, once, with a
+    "failover" event from relay1 to relay2 each; relay1 takes none."""
+    import ssl
+
+    import trustme
+    from tests.conftest import free_port
+    from tests.test_transports_relay import ENV, PASSWORD, USER, Relay, RelayHandler
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("relay.test", "127.0.0.1")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    camp = tmp_path / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s {{ name }}"\ntext = "t"\n')
+    addrs = [f"r{i}@example.{('net', 'org')[i % 2]}" for i in range(40)]
+    rcpts = write_recipients(tmp_path, addrs)
+    env = {**ENV, "FASTSEND_RELAY2_USERNAME": USER, "FASTSEND_RELAY2_PASSWORD": PASSWORD}
+    first, second = RelayHandler(), RelayHandler()
+    with Relay(second, ctx, implicit=False) as r2, Relay(first, ctx, implicit=False) as r1:
+        port1 = free_port() if trouble == "down" else r1.port
+        if trouble != "down":
+            env["FASTSEND_RELAY1_PASSWORD"] = "not-the-password"
+        cfg = "[retry]\nmin_backoff = 1\nmax_backoff = 2\n"
+        for name, port in (("relay1", port1), ("relay2", r2.port)):
+            cfg += (f'[transports.{name}]\nkind = "relay"\nhost = "127.0.0.1"\nport = {port}\n'
+                    f'ca_file = "{ca_path}"\nmax_connections = 4\n')  # fmt: skip
+        cfg += '[routes]\n"*" = ["relay1", "relay2"]\n'
+        proc = send(tmp_path, camp, rcpts, cfg, env, "--max-wait", "5", "--no-dkim")
+    s = summary(proc)
+    got = Counter(r for rs, _ in second.messages for r in rs)
+    assert s["delivered"] == len(addrs) and got == Counter(addrs), (s, proc.stderr[-2000:])
+    assert not first.messages
+    fo = [e for e in events(tmp_path) if e["event"] == "failover"]
+    assert {e["rcpt"] for e in fo} == set(addrs)
+    assert all(e["from"] == "relay1" and e["to"] == "relay2" for e in fo), fo[:3]
