@@ -134,6 +134,44 @@ def test_a_recipient_has_at_most_max_variables(tmp_path: Path) -> None:
     assert [b.line for b in bad] == [2] and "1,001 variables" in bad[0].error, bad
 
 
+def test_the_apis_recipients_and_messages_have_at_most_max_variables(tmp_path: Path) -> None:
+    """Over the API as in a list: a campaign's recipient of 1,001 variables is a bad
+    row (1,000: spooled), a template message of 1,001 variables a 400 naming the
+    field (was 202: 400,000 variables, 5.5 MB of JSON a message, were taken)."""
+    cfg = from_dict({"spool": {"dir": str(tmp_path / "spool")},
+                     "api": {"listen": "127.0.0.1:0"}})  # fmt: skip
+    ctx = open_context(cfg)
+    h = {"Authorization": f"Bearer {ctx.key_store().create('acme')[0]}"}
+    tpl = {"from": "a@acme.example", "subject": "Hi", "text": "Dear {{ v0 }}"}
+    cap = recipients.MAX_VARIABLES
+
+    def row(who: str, n: int) -> dict[str, str]:
+        return {"email": f"{who}@example.org", **{f"v{i}": "x" for i in range(n)}}
+
+    async def main() -> None:
+        async with app_on_loopback(make_app(ctx, cfg.api)) as base, aiohttp.ClientSession() as s:
+            body = {"name": "c", "template": tpl, "recipients": [row("a", cap), row("b", cap + 1)]}
+            async with s.post(f"{base}/v1/campaigns", json=body, headers=h) as r:
+                got = await r.json()
+                assert r.status == 201, got
+            assert got["accepted"] == 1 and [e["row"] for e in got["errors"]] == [2], got
+            assert "1,001 variables" in got["errors"][0]["error"], got
+            for n, want in ((cap + 1, 400), (cap, 202)):
+                msg = {"template": tpl, "to": ["m@example.org"],
+                       "variables": {f"v{i}": "x" for i in range(n)}}  # fmt: skip
+                async with s.post(f"{base}/v1/messages", json=msg, headers=h) as r:
+                    got = await r.json()
+                    assert r.status == want, got
+                if want == 400:
+                    assert got["error"]["field"] == "message.variables", got
+                    assert "1,001 variables" in got["error"]["message"], got
+
+    try:
+        asyncio.run(main())
+    finally:
+        ctx.close()
+
+
 SIGNING_KEY = "key-mailgun-signing-0123456789"
 
 

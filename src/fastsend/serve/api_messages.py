@@ -40,7 +40,7 @@ from fastsend.message.campaign import PathKeyError, check_inline
 from fastsend.message.headers import HeaderError, parse_mailbox
 from fastsend.message.rawmime import RawMimeError
 from fastsend.message.rawmime import check as check_raw
-from fastsend.recipients import text_vars
+from fastsend.recipients import MAX_VARIABLES, text_vars
 from fastsend.serve.api import (
     MAX_ID,
     STORAGE_RETRY_AFTER,
@@ -296,6 +296,9 @@ class MessagesHandler:
                     raise bad(f"{where}.{name}: not allowed with template", f"{where}.{name}")
             if m.headers:
                 raise bad(f"{where}.headers: not allowed with template", f"{where}.headers")
+            if len(m.variables) > MAX_VARIABLES:  # (as a list's recipient)
+                raise bad(f"{where}.variables: {len(m.variables):,} variables; a message has"
+                          f" at most {MAX_VARIABLES:,}", f"{where}.variables")  # fmt: skip
             cid, camp = self.template_campaign(request, m.template, f"{where}.template")
             m.variables = text_vars(m.variables)  # 30 -> "30"; a null is no value
             try:
