@@ -142,6 +142,22 @@ def _spool(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[st
     return {"dir": str(tmp_path / "spool"), "url": url}
 
 
+def _acme_bounces_evil_all(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """Two tenants' URLs, both dead: acme's takes its bounces only, evil's everything."""
+    return from_dict({
+        "spool": _spool(kind, tmp_path, request),
+        "webhooks": {"flush_interval": 0.01, "retry_min": 600, "retry_max": 600},
+        "tenants": {
+            "acme": {"domains": ["acme.example"], "webhook_urls": [DEAD],
+                     "webhook_secret": TENANT_SECRETS["acme"],
+                     "webhook_events": ["bounced"]},
+            "evil": {"domains": ["evil.example"],
+                     "webhook_urls": ["http://127.0.0.1:9/evil"],
+                     "webhook_secret": TENANT_SECRETS["evil"]},
+        },
+    })  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_a_tenant_urls_pending_counts_only_the_events_it_will_get(
     tmp_path: Path, kind: str, request: pytest.FixtureRequest
@@ -156,18 +172,7 @@ def test_a_tenant_urls_pending_counts_only_the_events_it_will_get(
     from fastsend.serve.webhooks import WebhookDispatcher, safe_url
 
     async def main() -> None:
-        cfg = from_dict({
-            "spool": _spool(kind, tmp_path, request),
-            "webhooks": {"flush_interval": 0.01, "retry_min": 600, "retry_max": 600},
-            "tenants": {
-                "acme": {"domains": ["acme.example"], "webhook_urls": [DEAD],
-                         "webhook_secret": TENANT_SECRETS["acme"],
-                         "webhook_events": ["bounced"]},
-                "evil": {"domains": ["evil.example"],
-                         "webhook_urls": ["http://127.0.0.1:9/evil"],
-                         "webhook_secret": TENANT_SECRETS["evil"]},
-            },
-        })  # fmt: skip
+        cfg = _acme_bounces_evil_all(kind, tmp_path, request)
         ctx = open_context(cfg)
         m = Metrics(ctx)
         d = WebhookDispatcher(ctx)
@@ -214,18 +219,7 @@ def test_a_tenant_urls_expired_events_count_only_the_events_it_would_get(
     from fastsend.serve.webhooks import WebhookDispatcher
 
     async def main() -> None:
-        cfg = from_dict({
-            "spool": _spool(kind, tmp_path, request),
-            "webhooks": {"flush_interval": 0.01, "retry_min": 600, "retry_max": 600},
-            "tenants": {
-                "acme": {"domains": ["acme.example"], "webhook_urls": [DEAD],
-                         "webhook_secret": TENANT_SECRETS["acme"],
-                         "webhook_events": ["bounced"]},
-                "evil": {"domains": ["evil.example"],
-                         "webhook_urls": ["http://127.0.0.1:9/evil"],
-                         "webhook_secret": TENANT_SECRETS["evil"]},
-            },
-        })  # fmt: skip
+        cfg = _acme_bounces_evil_all(kind, tmp_path, request)
         ctx = open_context(cfg)
         d = WebhookDispatcher(ctx)
         await d.start()

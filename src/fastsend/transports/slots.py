@@ -33,6 +33,8 @@ import mmap
 import os
 import struct
 
+from fastsend.throttle import _interval_ns
+
 WANT = 1 << 20  # offset of the workers' "waiting" bytes (index i at WANT + i)
 
 
@@ -155,12 +157,10 @@ class SharedGcra:
     ) -> None:
         """This process's rate (and burst): the events already counted stay
         counted, whoever counted them."""
-        if not 0.0 < rate_per_s <= 1e9:
-            raise ValueError(f"rate must be in (0, 1e9] per second, not {rate_per_s!r}")
         if burst is not None:
             self._burst = max(1, int(burst))
+        self._interval = _interval_ns(float(rate_per_s), self._burst)  # (Gcra's checks)
         self._rate = float(rate_per_s)
-        self._interval = max(1, math.floor(1e9 / self._rate + 0.5))
         self._tau = self._burst * self._interval
 
     def _locked(self, now: float, n: int, take: bool) -> tuple[int, int]:
