@@ -8,7 +8,8 @@ Answers are cached by their TTL (floored at 5 s, capped at 1 h; failures are
 cached for 30 s). Lookups of one name already under way are shared: the
 batches of a domain not yet cached (a campaign's first seconds), or many
 domains of one provider naming the same MX host, ask the DNS once. The result is a :class:`Site` — the sorted set of MX host names
-that serve the domain, so every domain hosted by one provider shares a site — or
+that serve the domain (and their preference order), so every domain hosted by one
+provider shares a site — or
 an :class:`~fastsend.outcome.Outcome` saying why there is none:
 
 - null MX (RFC 7505, "0 .")     -> failed 5.1.10
@@ -455,7 +456,7 @@ class MXResolver:
         if not hosts:
             assert last_err is not None
             return _defer(f"no address for any MX of {domain}: {last_err.text}"), _NEG_TTL
-        key = "mx:" + ",".join(sorted({name for _, name in records}))
+        key = "mx:" + ",".join(sorted({name for _, name in records})) + _order(records)
         if any(h.tlsa for h in hosts):
             key += f"|dane:{domain}"  # its own queue, the MX set's lanes (Site.lanes)
         return Site(key, tuple(hosts), dane=domain if "|dane:" in key else ""), ttl
@@ -561,6 +562,26 @@ class MXResolver:
             return _fail("5.1.2", f"host {name} has no address" + (" (NXDOMAIN)" if nx else ""))
         _put(self._addr_cache, name, (now + max(_MIN_TTL, ttl), addrs), now)
         return addrs
+
+
+def _order(records: list[tuple[int, str]]) -> str:
+    """The preference order of an MX set of more than one preference, as a key
+    suffix (``|pref:A;B,C``: A first, then B and C, equal): two domains naming
+    the same hosts in other orders need queues of their own, each trying its
+    own preferred host first (RFC 5321 5.1), while their connections share the
+    MX set's lanes (:attr:`Site.lanes`, the key before the first ``|``). Keyed
+    by the sorted names only, the first domain's order was every domain's: a
+    domain whose preferred host was the other's backup had all its mail sent
+    to its backup."""
+    tiers: dict[int, set[str]] = {}
+    seen: set[str] = set()
+    for pref, name in records:  # (sorted by preference)
+        if name not in seen:
+            seen.add(name)
+            tiers.setdefault(pref, set()).add(name)
+    if len(tiers) < 2:
+        return ""
+    return "|pref:" + ";".join(",".join(sorted(t)) for t in tiers.values())
 
 
 def _put(
