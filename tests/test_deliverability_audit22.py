@@ -60,3 +60,60 @@ def test_domains_with_one_mx_set_in_swapped_preferences_each_go_to_their_preferr
     ]
     mx = {e["rcpt"]: e.get("mx", "") for e in events if e["event"] == "delivered"}
     assert all(v.startswith("mxb.hosting.test") for k, v in mx.items() if k.endswith("@b.test"))
+
+
+def test_a_shared_rate_counts_the_workers_drawing_on_it(tmp_path: Path) -> None:
+    """transports.slots.SharedGcra.share: two workers taking from a relay's
+    10/s bucket each get about half: each may plan on 5/s; once the other
+    stops drawing (its record ages out, as a worker that exited), the one
+    left has the whole rate again."""
+    from fastsend.transports.slots import SharedGcra
+
+    path = str(tmp_path / "transport-rates" / "relay1")
+    w0, w1 = SharedGcra(path, 10.0, 10), SharedGcra(path, 10.0, 10)
+    assert w0.share(1000.0) == 10.0  # alone
+    t = 1000.0
+    while t < 1003.0:
+        for b in (w0, w1):
+            if b.acquire(t) > 0.0:
+                b.peek(t)
+        t += 0.05
+    assert w0.share(t) == w1.share(t) == 5.0
+    assert w0.share(t + 30.0) == 10.0
+    w0.close()
+    w1.close()
+
+
+def test_a_worker_plans_its_ready_queue_on_its_part_of_a_shared_rate(tmp_path: Path) -> None:
+    """A relay's ``rate`` (10/s) is one bucket for the node's workers; this
+    worker sends from two addresses and another worker draws on the bucket
+    too. Its ready queue keeps what it may send within the horizon (10 s):
+    its part, 5/s, plus the bucket's tokens, about 60 envelopes; the rest
+    goes back to the supervisor. Before, every (worker, address) lane planned
+    on the whole rate: 2 lanes x (10 + 100) kept 220, four times its part,
+    the mail waiting in the worker's window while the others' grew."""
+    import time
+
+    from fastsend.config import loader
+    from fastsend.delivery import pool
+    from fastsend.delivery.mx import Host, Site
+    from fastsend.outcome import Envelope
+    from fastsend.transports.slots import SharedGcra
+
+    cfg = loader.from_dict({"delivery": {"ready_horizon": 10}}, base_dir=str(tmp_path), files=False)
+    path = str(tmp_path / "transport-rates" / "relay1")
+    mine, other = SharedGcra(path, 10.0, 10), SharedGcra(path, 10.0, 10)
+    back: list[Envelope] = []
+    site = Site("route:relay.test:2525", (Host("relay.test", "127.0.0.1", 2525),))
+    q = pool.SiteQueue(
+        site, ["127.0.0.2", "127.0.0.3"], cfg, lambda *_a: None, "localhost",
+        handback=lambda envs, *_a: back.extend(envs),
+    )  # fmt: skip
+    q.shaper.share_rate(q.lanes_key, mine)
+    assert other.acquire(time.monotonic()) == 0.0  # the other worker draws on it
+    q.pending.extend(Envelope("s@example.org", [f"r{i}@x.example"], b"x", tag=i) for i in range(1000))
+    q.trim()
+    kept = len(q.pending)
+    assert 50 <= kept <= 60 and kept + len(back) == 1000, kept
+    mine.close()
+    other.close()

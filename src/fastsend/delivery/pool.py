@@ -306,17 +306,27 @@ class SiteQueue:
         rate = 0.0
         resume = FOREVER
         capped = True  # every lane is held by its warm-up cap (what is left today)
+        # A bucket the lanes share with each other and the node's other workers
+        # (a relay's rate, transports.slots.SharedGcra): counted once, at this
+        # worker's part of its rate, not once per source IP at the whole rate.
+        shared = self.lane(self.pool.ips[0].ip).shared if self.pool.ips else None
         for p in self.pool.ips:
             ln = self.lane(p.ip)
-            n = ln.budget(now, self.horizon)
+            n = ln.budget(now, self.horizon, shared is None)
             if n >= UNBOUNDED:
                 keep = UNBOUNDED
-                break
-            keep += n
-            rate += ln.send_rate()
+                if shared is None:
+                    break
+            else:
+                keep += n
+                rate += ln.send_rate(now, shared is None)
             resume = min(resume, self._resume(p.ip, now))
             if capped and (ln.warm is None or n < ln.warm.left()):
                 capped = False
+        if shared is not None:
+            part = shared.share(now)
+            keep = min(keep, max(0, shared.available(now)) + int(part * self.horizon))
+            rate = min(rate, part) if rate > 0.0 else part
         if self.max_ready and self.max_ready < keep:
             keep, delay, why = self.max_ready, MAX_READY_DELAY, f"over max_ready ({self.max_ready})"
         else:

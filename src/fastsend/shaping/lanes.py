@@ -317,12 +317,16 @@ class Lane:
             self.warm.sent += n
         return n, 0.0
 
-    def budget(self, now: float, horizon: float) -> int:
+    def budget(self, now: float, horizon: float, shared: bool = True) -> int:
         """How many messages this lane may send within ``horizon`` seconds from
         ``now`` (an estimate for the worker's ready queue, consuming nothing):
         UNBOUNDED with nothing to enforce, 0 while resting or suspended beyond
         the horizon or at its warm-up cap, else the tightest bucket's tokens
-        now plus what its rate adds over the horizon."""
+        now plus what its rate adds over the horizon -- a bucket the node's
+        workers share (:attr:`shared`), this worker's part of its rate
+        (``SharedGcra.share``: each worker planned on the whole rate); not
+        counted at all without ``shared`` (the caller counts it once for all
+        the lanes that spend it)."""
         if self.free:
             return UNBOUNDED
         if self.blocked_until and now < self.blocked_until:
@@ -333,12 +337,23 @@ class Lane:
         if self.warm is not None:
             n = max(0, self.warm.left())
         for b in self.all_buckets:
-            n = min(n, max(0, b.available(now)) + int(b.rate * horizon))
+            if b is self.shared and not shared:
+                continue
+            rate = b.share(now) if b is self.shared else b.rate
+            n = min(n, max(0, b.available(now)) + int(rate * horizon))
         return n
 
-    def send_rate(self) -> float:
-        """Messages per second this lane's tightest bucket allows (inf: none)."""
-        return min((b.rate for b in self.all_buckets), default=math.inf)
+    def send_rate(self, now: float = 0.0, shared: bool = True) -> float:
+        """Messages per second this lane's tightest bucket allows (inf: none);
+        a shared bucket's (``shared``), this worker's part of it at ``now``."""
+        rate = math.inf
+        for b in self.all_buckets:
+            if b is self.shared:
+                if shared:
+                    rate = min(rate, b.share(now))
+            elif b.rate < rate:
+                rate = b.rate
+        return rate
 
     def resume_at(self, now: float) -> float:
         """Seconds from ``now`` until this lane may carry mail again (0.0: now;

@@ -698,8 +698,11 @@ class ProviderQueue:
             return len(back)
         if self.bucket is None:
             return 0
-        rate = self.bucket.rate
-        keep = int(rate * self.horizon) + self.bucket.burst
+        # A bucket the node's workers share: this worker's part of its rate
+        # (each planned on the whole rate: n workers kept n horizons' worth)
+        b = self.bucket
+        rate = b.rate if isinstance(b, Gcra) else b.share(time.monotonic())
+        keep = int(rate * self.horizon) + b.burst
         excess = 0
         n = 0
         for i, e in enumerate(self.pending):

@@ -22,7 +22,10 @@ in ``SPOOL/transport-rates/`` each worker maps, read and written under a
 record lock. Before, each worker (and each of its source IPs, for a relay)
 had ``rate / workers`` of its own: a campaign one worker held alone went at
 half the rate with two workers, and each lane's burst of at least one let a
-small rate (0.5/s over 2 workers x 2 addresses) send four at once.
+small rate (0.5/s over 2 workers x 2 addresses) send four at once. After the
+TAT the file keeps a record per process drawing on the bucket lately: a
+worker plans its ready queue on its part of the rate (:meth:`SharedGcra.share`),
+not on the whole of it while the others draw too.
 """
 
 from __future__ import annotations
@@ -105,6 +108,12 @@ class Slots:
 
 _TAT = struct.Struct("=qq")  # theoretical arrival time (ns), boot mark
 _STALE_NS = 86_400 * 10**9  # a TAT this far ahead is not this boot's: forgotten
+# After the TAT, one record per process drawing on the bucket lately (its token,
+# when it last took or waited, ns): how many share the rate (SharedGcra.share).
+_USER = struct.Struct("=qq")
+_USERS = 64
+_SIZE = _TAT.size + _USERS * _USER.size
+_ACTIVE_NS = 2 * 10**9  # a process that drew on it within this (or 8 events' time) shares it
 
 
 def _boot_mark() -> int:
@@ -126,19 +135,21 @@ class SharedGcra:
     of the one timeline, so together they never pass the highest rate any of
     them has, plus one burst. ``now`` is ``time.monotonic()`` (system-wide)."""
 
-    __slots__ = ("_burst", "_interval", "_mark", "_rate", "_tau", "fd", "map")
+    __slots__ = ("_burst", "_interval", "_mark", "_rate", "_slot", "_tau", "_token", "fd", "map")
 
     def __init__(self, path: str, rate: float, burst: int) -> None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(self.fd).st_size < _TAT.size:
-                os.ftruncate(self.fd, _TAT.size)  # (zeros: a full bucket; same size: no change)
-            self.map = mmap.mmap(self.fd, _TAT.size)
+            if os.fstat(self.fd).st_size < _SIZE:
+                os.ftruncate(self.fd, _SIZE)  # (zeros: a full bucket, no users; kept: no change)
+            self.map = mmap.mmap(self.fd, _SIZE)
         except OSError:
             os.close(self.fd)
             raise
         self._mark = _boot_mark()
+        self._token = int.from_bytes(os.urandom(8), "little") >> 1 or 1
+        self._slot = -1
         self._burst = max(1, int(burst))
         self._rate = 0.0
         self._interval = self._tau = 0
@@ -163,9 +174,10 @@ class SharedGcra:
         self._rate = float(rate_per_s)
         self._tau = self._burst * self._interval
 
-    def _locked(self, now: float, n: int, take: bool) -> tuple[int, int]:
+    def _locked(self, now: float, n: int, take: bool, user: bool = False) -> tuple[int, int]:
         """(wait ns for ``n`` events at ``now``, 0 or less when they conform;
-        the debt ns), consuming them when ``take`` and they conform."""
+        the debt ns), consuming them when ``take`` and they conform; ``user``:
+        this process draws on the bucket now (it takes or waits to)."""
         t = math.floor(now * 1e9 + 0.5)
         fcntl.lockf(self.fd, fcntl.LOCK_EX, _TAT.size, 0)
         try:
@@ -177,9 +189,51 @@ class SharedGcra:
             wait = new - self._tau - t
             if take and wait <= 0:
                 _TAT.pack_into(self.map, 0, new, self._mark)
+            if user:
+                self._note(t)
             return wait, base - t
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, _TAT.size, 0)
+
+    def _active(self, t: int, last: int) -> bool:
+        return 0 <= t - last <= max(_ACTIVE_NS, 8 * self._interval)
+
+    def _note(self, t: int) -> None:
+        """Mark this process a user of the bucket at ``t`` (under the lock): its
+        own record, else the first free or stale one (a worker that exited)."""
+        m, off = self.map, _TAT.size
+        if self._slot >= 0 and _USER.unpack_from(m, off + self._slot * _USER.size)[0] == self._token:
+            _USER.pack_into(m, off + self._slot * _USER.size, self._token, t)
+            return
+        free = -1
+        for i in range(_USERS):
+            token, last = _USER.unpack_from(m, off + i * _USER.size)
+            if token == self._token:
+                free = i
+                break
+            if free < 0 and (token == 0 or not self._active(t, last)):
+                free = i
+        if free >= 0:  # (none: more users than records, who then count as one)
+            self._slot = free
+            _USER.pack_into(m, off + free * _USER.size, self._token, t)
+
+    def share(self, now: float) -> float:
+        """This process's part of the rate while the others drawing on the
+        bucket lately keep drawing (itself counted): what a worker may plan
+        its ready queue on. Each worker planning on the whole rate kept in
+        its queue what all of them together could send in the time."""
+        t = math.floor(now * 1e9 + 0.5)
+        m, off = self.map, _TAT.size
+        users = 1
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, _TAT.size, 0)
+        try:
+            for i in range(_USERS):
+                token, last = _USER.unpack_from(m, off + i * _USER.size)
+                if token and token != self._token and self._active(t, last):
+                    users += 1
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, _TAT.size, 0)
+        return self._rate / users
 
     def _check(self, n: int) -> None:
         if not isinstance(n, int) or n < 1 or n > self._burst:
@@ -189,12 +243,14 @@ class SharedGcra:
         """0.0 if ``n`` events conform at ``now`` (consumed, for every process);
         else seconds to wait."""
         self._check(n)
-        wait, _debt = self._locked(now, n, True)
+        wait, _debt = self._locked(now, n, True, True)
         return 0.0 if wait <= 0 else wait / 1e9
 
     def peek(self, now: float, n: int = 1) -> float:
+        """Seconds until ``n`` events conform (0.0: now), consuming nothing: a
+        worker that asks this is waiting to draw on the bucket (a user)."""
         self._check(n)
-        wait, _debt = self._locked(now, n, False)
+        wait, _debt = self._locked(now, n, False, True)
         return 0.0 if wait <= 0 else wait / 1e9
 
     def available(self, now: float) -> int:
