@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-from tests._engine_helpers import run_fastsend, summary, write_campaign, write_recipients
+from tests._engine_helpers import (
+    run_fastsend,
+    sink_log,
+    summary,
+    write_campaign,
+    write_recipients,
+)
 
 from _smtp_helpers import aiosmtpd_server
 from conftest import free_port
@@ -117,3 +123,42 @@ def test_a_worker_plans_its_ready_queue_on_its_part_of_a_shared_rate(tmp_path: P
     assert 50 <= kept <= 60 and kept + len(back) == 1000, kept
     mine.close()
     other.close()
+
+
+def test_warmup_counts_of_an_address_two_workers_share_add_up(tmp_path: Path) -> None:
+    """One warming address (day 1: 6 messages a provider), two workers sending
+    from it (each may send its half, 3). The day's count the spool keeps is
+    what both sent: a restart the same day with one worker, which may send
+    the whole cap, sends no more than what is left. Before, each worker
+    reported its count under the address's one key and the supervisor kept
+    the highest (3 for 3 + 3 sent): the one worker sent 3 more, 9 on a day
+    capped at 6."""
+    import datetime as dt
+
+    from fastsend.sink import SinkProcess
+
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    camp = write_campaign(tmp_path)
+    pools = (
+        '[pools]\ndefault = "main"\n[pools.warmup]\nschedule = [6]\n'
+        f'[pools.main]\nips = [{{ ip = "127.0.0.2", warmup_start = "{today}" }}]\n'
+    )
+    spool = tmp_path / "spool"
+    log = tmp_path / "sink.jsonl"
+    delivered: list[int] = []
+    with SinkProcess("--log", str(log)) as sink:
+        for run, workers in enumerate((2, 1)):
+            cfg = tmp_path / f"fastsend{run}.toml"
+            cfg.write_text(f"[workers]\ncount = {workers}\n" + pools)
+            rcpts = write_recipients(
+                tmp_path, [f"r{run}u{i}@d{i % 5}.example" for i in range(10)], f"r{run}.csv"
+            )
+            proc = run_fastsend(
+                "send", str(camp), "-r", str(rcpts), "-c", str(cfg), "--spool", str(spool),
+                "--route", f"*={sink.host}:{sink.port}", "--json", "--no-progress",
+                "--no-dkim", "--max-wait", "1",
+            )  # fmt: skip
+            assert proc.returncode in (0, 75), proc.stderr[-3000:]
+            delivered.append(summary(proc)["delivered"])
+    assert sum(delivered) == 6, delivered  # (the day's cap, whatever the first run left)
+    assert len(sink_log(log)) == 6

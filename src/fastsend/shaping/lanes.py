@@ -693,7 +693,8 @@ class Shaper:
         self.lanes: dict[tuple[str, str], Lane] = {}
         self.limits: dict[tuple[str, str], Limits] = {}
         self.events: list[dict[str, Any]] = []
-        self.restored: dict[str, int] = {}  # "day|ip|provider" -> sent, from the supervisor
+        # "day|ip|provider" -> {"|PLACE/SHARERS" or "": sent}, from the supervisor
+        self.restored: dict[str, dict[str, int]] = {}
         # ip -> [(providers, until unix, reason, key, recheck)]: rests ordered by the
         # supervisor (a DNS blocklist listing: wire.IPRest); applied to the IP's lanes
         # as they are used.
@@ -803,9 +804,8 @@ class Shaper:
             for p in pool.ips:
                 if p.ip == ip and p.warmup_start_day is not None:
                     w = pool.warmup(p, limits.provider, now_unix)
-                    k = f"{w.day}|{ip}|{w.provider}"
-                    if k in self.restored:
-                        w.sent = max(w.sent, self.restored.pop(k))
+                    if self.restored:
+                        self._restore(w)
                     if ln.warm is not w:
                         ln.warm = w
                         ln._refresh()
@@ -884,14 +884,43 @@ class Shaper:
                              recheck=recheck)  # fmt: skip
 
     def restore(self, counts: dict[str, int]) -> None:
-        self.restored.update(counts)
+        for k, v in counts.items():
+            day, ip, rest = k.split("|", 2) if k.count("|") >= 2 else (k, "", "")
+            provider, sep, part = rest.partition("|")
+            self.restored.setdefault(f"{day}|{ip}|{provider}", {})[sep + part] = v
+
+    def _part(self) -> str:
+        """The warm-up counter key's suffix of this worker's part of an address
+        it shares with others (``|PLACE/SHARERS``), "" when it has it alone."""
+        return f"|{self.place}/{self.sharers}" if self.sharers > 1 else ""
+
+    def _restore(self, w: Warmup) -> None:
+        """Take the spool's count for ``w`` (``DAY|IP|PROVIDER``), restored at
+        start or sent by the supervisor: this worker's own part's when the
+        address was shared the same way, else what all of them sent, divided
+        among today's sharers (a restart with another number of workers)."""
+        parts = self.restored.pop(f"{w.day}|{w.ip}|{w.provider}", None)
+        if not parts:
+            return
+        own = parts.get(self._part())
+        if own is None:
+            own = -(-sum(parts.values()) // self.sharers)
+        w.sent = max(w.sent, own)
 
     def warm_counts(self) -> dict[str, int]:
+        """Today's warm-up counts (``DAY|IP|PROVIDER`` -> sent), each key with
+        this worker's part (:meth:`_part`) when workers share the address:
+        each counts against its own part of the cap, and the supervisor keeps
+        the highest count a key was given (a reload's two workers of one slot
+        report the same part). One key for all of them had the supervisor keep
+        the busiest worker's count as the address's: 3 + 3 sent stored as 3,
+        and a restart with one worker sent 3 more over the day's cap."""
         out: dict[str, int] = {}
+        part = self._part()
         for p in self.pools.values():
             for w in p.counters.values():
                 if w.sent:
-                    out[f"{w.day}|{w.ip}|{w.provider}"] = w.sent
+                    out[f"{w.day}|{w.ip}|{w.provider}{part}"] = w.sent
         return out
 
     def take_events(self) -> list[dict[str, Any]]:
