@@ -162,3 +162,56 @@ def test_warmup_counts_of_an_address_two_workers_share_add_up(tmp_path: Path) ->
             delivered.append(summary(proc)["delivered"])
     assert sum(delivered) == 6, delivered  # (the day's cap, whatever the first run left)
     assert len(sink_log(log)) == 6
+
+
+def test_ipv6_source_addresses_reach_dual_stack_and_ipv6_only_mx_hosts(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """A pool sending over IPv6 (``::1``) to a domain whose MX host has both A
+    and AAAA records (Gmail's, Outlook's: most) and to one with AAAA only;
+    then a pool of both families over two workers, with IPv4-only, IPv6-only
+    and dual-stack MX hosts. Every message is delivered, each connection
+    from a source address of the host's family. Before, the MX host's A
+    record was enough and AAAA was never asked: from ``::1`` every
+    connection failed "Address family for hostname not supported" and the
+    dual-stack domain's mail expired."""
+    port = free_port()
+    dns_server.set_zones(
+        {
+            "dual.test": [("MX", "10 mx.dual.test.")],
+            "mx.dual.test": [("A", "127.0.0.1"), ("AAAA", "::1")],
+            "six.test": [("MX", "10 mx.six.test.")],
+            "mx.six.test": [("AAAA", "::1")],
+            "four.test": [("MX", "10 mx.four.test.")],
+            "mx.four.test": [("A", "127.0.0.1")],
+        }
+    )
+    camp = write_campaign(tmp_path)
+    runs = [(["::1"], 1, ("dual", "six")), (["127.0.0.2", "::1"], 2, ("dual", "six", "four"))]
+    for n, (sources, workers, domains) in enumerate(runs):
+        addrs = [f"r{n}u{i}@{d}.test" for i in range(3) for d in domains]
+        rcpts = write_recipients(tmp_path, addrs, f"r{n}.csv")
+        cfg = tmp_path / f"fastsend{n}.toml"
+        cfg.write_text(
+            f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+            f"[ips]\nsource = {orjson.dumps(sources).decode()}\nhelo = \"mta.sender.example.com\"\n"
+            f"[workers]\ncount = {workers}\n[delivery]\nallow_private_mx = true\n"
+            "[retry]\nmax_age = 3\nmin_backoff = 1\n"
+        )
+        with (
+            aiosmtpd_server(port, host="127.0.0.1") as (_c4, at4),
+            aiosmtpd_server(port, host="::1") as (_c6, at6),
+        ):
+            proc = run_fastsend(
+                "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+                "--spool", str(tmp_path / f"spool{n}"), "--json", "--no-dkim", "--no-progress",
+                "--max-wait", "5",
+            )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s = summary(proc)
+        assert s["delivered"] == len(addrs), (s, proc.stderr[-2000:])
+        got = sorted(r for h in (at4, at6) for m in h.messages for r in m["rcpts"])
+        assert got == sorted(addrs)
+        assert not any(a.endswith("@six.test") for m in at4.messages for a in m["rcpts"])
+        assert {m["peer"][0] for m in at6.messages} <= {"::1"}
+        assert {m["peer"][0] for m in at4.messages} <= {"127.0.0.2"}

@@ -122,6 +122,10 @@ class MXResolver:
         # A domain's MX is anyone's to set: by default it may not point mail at this
         # machine or its private network (static routes are the operator's and may).
         self.allow_private = config.delivery.allow_private_mx
+        # An IPv6 source address: MX hosts' AAAA records are asked beside their A
+        # (an IPv4 answer was enough, and an IPv6-only pool could reach no host
+        # that had both: each connection "Address family not supported")
+        self.ipv6 = any(":" in ip for ip in config.source_ips)
         self._cache: dict[str, tuple[float, Site | Outcome]] = {}
         self._addr_cache: dict[str, tuple[float, list[str]]] = {}
         # [tls] dane: a host name -> (its CNAME-expanded name, whether its address
@@ -556,7 +560,7 @@ class MXResolver:
                     self._canonical.clear()
                 canonical = str(ans.canonical_name).rstrip(".").lower()
                 self._canonical[name] = (canonical, self._authenticated(ans.response))
-            if addrs:
+            if addrs and not self.ipv6:
                 break  # IPv4 is enough for IPv4 source addresses
         if not addrs:
             return _fail("5.1.2", f"host {name} has no address" + (" (NXDOMAIN)" if nx else ""))

@@ -116,6 +116,10 @@ MAX_READY_DELAY = 1.0  # delay for envelopes over max_ready at a site with no ra
 MX_ADDRESSES = 5
 MX_PER_NAME = 2
 DOWN_FOR = 60.0
+# Mail whose site no source address of the worker can reach (its MX hosts of
+# the other address family only), handed back to another worker, else held
+# this long before it comes back
+FAMILY_WAIT = 300.0
 # A host that refused a source IP at its greeting (554, 421: not a signal
 # about the provider, Lane.provider_signal) is tried after the site's other
 # hosts from that address for this long (BUSY_FOR after a 4xx: busy, or
@@ -275,6 +279,14 @@ class SiteQueue:
         self.candidates = _candidates(site.hosts)
         prefs = [h.pref for h in site.hosts]
         self.spread = len(prefs) > len(set(prefs))
+        # A source address reaches only hosts of its family (False: IPv4, True:
+        # IPv6): None when every host is of it, else those that are (an IPv6
+        # source address has mx.MXResolver ask AAAA beside A: hosts of both)
+        fams = {":" in h.address for h in site.hosts}
+        self.families: dict[bool, tuple[Host, ...] | None] = {
+            v6: None if fams <= {v6} else tuple(h for h in site.hosts if (":" in h.address) == v6)
+            for v6 in (False, True)
+        }
 
     @property
     def active(self) -> int:
@@ -289,6 +301,15 @@ class SiteQueue:
                 self.report([TxnResult(e.tag, [out] * len(e.rcpts)) for e in envelopes], "", out.mx)
                 return
             self.dead_until, self.dead = 0.0, None
+        if self.handback is not None and self._no_family():
+            # No MX host of any of this worker's addresses' families (IPv6-only
+            # hosts, IPv4 source addresses): another worker's may reach them now
+            # (the supervisor's Outcomes.hand_elsewhere), else it waits, unattempted
+            # (and expires at [retry] max_age): every try here fails to connect.
+            family = "IPv6" if any(":" in h.address for h in self.site.hosts) else "IPv4"
+            why = f"handed back: the site's MX hosts have {family} addresses only"
+            self.handback(envelopes, FAMILY_WAIT, 0.0, why, ELSEWHERE_WORKER)
+            return
         self.pending.extend(envelopes)
         if self.handback is not None:
             self.trim()
@@ -491,6 +512,14 @@ class SiteQueue:
         self.pending.clear()
         self.report([TxnResult(e.tag, [out] * len(e.rcpts)) for e in batch], "", "")
 
+    def _no_family(self) -> bool:
+        """Whether no source address of this worker (in the campaign's pool)
+        can reach any of the site's hosts (an address family of its own)."""
+        fams = self.families
+        if fams[False] is None and fams[True] is None:
+            return False  # (hosts of one family, no IPv6 source: the usual case)
+        return all(p.ip and fams[":" in p.ip] == () for p in self.pool.ips)
+
     def _away(self, now: float) -> int:
         """Why none of this worker's addresses may send here (``now``:
         monotonic): ELSEWHERE_IP when one rests or is suspended (the site
@@ -528,7 +557,17 @@ class SiteQueue:
         ip = lane.ip
         last: Outcome | None = None
         hosts = self.candidates
-        if self.spread:
+        mine = self.families[":" in ip] if ip else None
+        if mine is not None:  # hosts of both families, or none of the source's
+            if not mine:
+                family = "IPv6" if ":" in ip else "IPv4"
+                text = f"no {family} address for any MX host (source address {ip})"
+                return Outcome(DEFERRED, 0, "4.4.1", text, "connect")
+            if self.spread:
+                self.turn += 1
+                mine = _rotate(mine, self.turn)
+            hosts = _candidates(mine)
+        elif self.spread:
             self.turn += 1
             hosts = _candidates(_rotate(self.site.hosts, self.turn))
         if self.down or self.refused:
