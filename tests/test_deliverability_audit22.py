@@ -4,6 +4,7 @@ seen from outside, as a PowerMTA/KumoMTA operator would check them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 from tests._engine_helpers import (
@@ -215,3 +216,46 @@ def test_ipv6_source_addresses_reach_dual_stack_and_ipv6_only_mx_hosts(
         assert not any(a.endswith("@six.test") for m in at4.messages for a in m["rcpts"])
         assert {m["peer"][0] for m in at6.messages} <= {"::1"}
         assert {m["peer"][0] for m in at4.messages} <= {"127.0.0.2"}
+
+
+def test_a_domains_own_shaping_holds_when_another_domain_shares_its_mx_host(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """fast.test and slow.test are hosted on one MX host; the operator gives
+    slow.test its own limits (``[shaping.domain."slow.test"]``: one message a
+    connection). fast.test's mail comes first. Each slow.test message goes
+    in a session of its own, fast.test's share sessions. Before, both domains
+    had one site queue keyed by the MX set, made with the first domain's
+    limits: slow.test's entry was ignored (or, slow.test first, imposed on
+    fast.test)."""
+    port = free_port()
+    dns_server.set_zones(
+        {
+            "fast.test": [("MX", "10 mx.hosting.test.")],
+            "slow.test": [("MX", "10 mx.hosting.test.")],
+            "mx.hosting.test": [("A", "127.0.0.1")],
+        }
+    )
+    camp = write_campaign(tmp_path)
+    addrs = [f"f{i}@fast.test" for i in range(6)] + [f"s{i}@slow.test" for i in range(6)]
+    rcpts = write_recipients(tmp_path, addrs)
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+        '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
+        "[delivery]\nallow_private_mx = true\nmax_connections = 1\n"
+        '[shaping.domain."slow.test"]\nmax_messages_per_connection = 1\n'
+    )
+    with aiosmtpd_server(port) as (_c, handler):
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+            "--spool", str(tmp_path / "spool"), "--json", "--no-dkim", "--no-progress",
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(proc)["delivered"] == len(addrs)
+    sessions: dict[Any, list[str]] = {}
+    for m in handler.messages:
+        sessions.setdefault(m["peer"], []).extend(m["rcpts"])
+    slow = [rs for rs in sessions.values() if any(r.endswith("@slow.test") for r in rs)]
+    assert all(len(rs) == 1 for rs in slow), sessions
+    assert len(slow) == 6

@@ -724,6 +724,6 @@ def test_a_providers_lanes_keep_one_limits_entry_for_all_its_domains() -> None:
         queues.append(SiteQueue(site, ["127.0.0.2"], cfg, lambda *a: None, "out.example",
                                 shaper=sh, domain=d))  # fmt: skip
     assert {q.lanes_key for q in queues[:50]} == {"mx-provider:outlook"}
-    assert queues[50].lanes_key == "mx:own-example.mail.protection.outlook.com"
+    assert queues[50].lanes_key == "mx:own-example.mail.protection.outlook.com|domain:own.example"
     assert queues[50].limits.max_connections == 2
     assert len(sh.limits) == 2, list(sh.limits)

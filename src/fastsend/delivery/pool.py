@@ -86,7 +86,7 @@ from fastsend.delivery import dane
 from fastsend.delivery.mtasts import session_result, verify_context
 from fastsend.delivery.mx import Host, Site
 from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
-from fastsend.shaping.lanes import FOREVER, UNBOUNDED, Lane, Shaper
+from fastsend.shaping.lanes import FOREVER, PROVIDER_LANES, UNBOUNDED, Lane, Shaper
 from fastsend.shaping.policy import Limits
 from fastsend.shaping.pools import utc_day
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
@@ -208,7 +208,7 @@ class SiteQueue:
         self.lanes_key = self.shaper.lane_key(site.lanes, hosts, domain)
         # A provider's lanes have its limits whatever the domain (lane_key: none
         # of its own): one cache entry, not one per domain while the lanes live
-        shared = self.lanes_key != site.lanes
+        shared = self.lanes_key.startswith(PROVIDER_LANES)
         self.limits = limits or self.shaper.site_limits(
             self.lanes_key, hosts, "" if shared else domain
         )

@@ -584,11 +584,13 @@ class Worker:
 
     def site_queue(self, site: Site, batch: wire.Batch, **relay: Any) -> SiteQueue:
         pool = self.campaign_pools.get(batch.campaign, "")
-        q = self.sites.get((pool, site.key))
+        # (a domain with a [shaping.domain] entry: a queue of its own)
+        key = self.shaper.domain_entry(site.key, batch.domain)
+        q = self.sites.get((pool, key))
         if q is None:
             if len(self.sites) >= self.sites_limit:
                 self.prune()
-            q = self.sites[(pool, site.key)] = SiteQueue(
+            q = self.sites[(pool, key)] = SiteQueue(
                 site,
                 self.ips,
                 self.config,

@@ -755,10 +755,27 @@ class Shaper:
         one, three of them refused 421)."""
         if not site_key.startswith("mx:"):
             return site_key  # (a static route, an address literal: its own)
+        entry = self.domain_entry(site_key, domain)
+        if entry != site_key:
+            return entry
         name = self.policy.provider_by_mx(hosts)
-        if not name or self.policy.domain_values(domain):
+        if not name:
             return site_key
         return PROVIDER_LANES + name
+
+    def domain_entry(self, site_key: str, domain: str) -> str:
+        """``site_key`` of an MX site, made the domain's own
+        (``...|domain:ENTRY``) when a ``[shaping.domain]`` entry applies to
+        ``domain``: its queue and lanes (as KumoMTA's ``mx_rollup = false``).
+        Keyed by the MX set alone, every domain of the set had one queue and
+        lanes made with the limits of whichever domain came first: a domain's
+        own entry was ignored when another's mail came first, and imposed on
+        the others when its own did."""
+        if self.policy.domains and site_key.startswith("mx:"):
+            entry = self.policy.domain_entry(domain)
+            if entry:
+                return f"{site_key}|domain:{entry}"
+        return site_key
 
     def site_limits(self, site_key: str, hosts: tuple[str, ...], domain: str) -> Limits:
         key = (site_key, domain)

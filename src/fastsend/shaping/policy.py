@@ -13,8 +13,9 @@ DESCRIPTION
         max_connections = 10
         [provider.google]              # sites whose MX names end in a suffix
         mx_suffixes = [".google.com"]; domains = ["gmail.com"]; tls = "required"
-        [domain."example.org"]         # one recipient domain (and subdomains)
-        messages_per_minute = 60
+        [domain."example.org"]         # one recipient domain (and subdomains):
+        messages_per_minute = 60       # a queue and lanes of its own, even when
+                                       # other domains share its MX hosts
         [aimd] / [rest] / [[rule]]     # feedback settings (fastsend.shaping.feedback)
 
     :meth:`Policy.resolve` turns (MX host names, recipient domain) into one
@@ -123,13 +124,18 @@ class Policy(msgspec.Struct):
         return self._domain_values(domain)
 
     def _domain_values(self, domain: str) -> dict[str, Any]:
+        entry = self.domain_entry(domain)
+        return self.domains[entry] if entry else {}
+
+    def domain_entry(self, domain: str) -> str:
+        """The ``[shaping.domain]`` entry that applies to ``domain`` (its own or
+        its nearest parent's name), "" for none."""
         d = domain.lower().rstrip(".")
         while d:
-            v = self.domains.get(d)
-            if v is not None:
-                return v
+            if d in self.domains:
+                return d
             d = d.partition(".")[2]
-        return {}
+        return ""
 
     def resolve(self, hosts: tuple[str, ...] | list[str], domain: str = "") -> Limits:
         """Effective limits for a site (its MX host names) reached for ``domain``."""
