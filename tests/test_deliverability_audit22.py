@@ -259,3 +259,57 @@ def test_a_domains_own_shaping_holds_when_another_domain_shares_its_mx_host(
     slow = [rs for rs in sessions.values() if any(r.endswith("@slow.test") for r in rs)]
     assert all(len(rs) == 1 for rs in slow), sessions
     assert len(slow) == 6
+
+
+def test_a_pools_weights_share_a_busy_sites_mail_within_a_worker(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """A pool of two addresses weighted 3:1, both of one worker, sending 400
+    messages to one busy site (each message answered after 10 ms; three
+    connections an address): the heavier address sends about three times
+    as many (each address's part of the site's connections: its weight over the
+    heaviest's). Before, each address opened as many connections as its lane
+    allowed and they took the site's mail in turn: 200 and 200."""
+    import asyncio
+
+    from _smtp_helpers import RecordingHandler
+
+    class Slow(RecordingHandler):
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            await asyncio.sleep(0.01)
+            return await super().handle_DATA(server, session, envelope)
+
+    port = free_port()
+    dns_server.set_zones(
+        {"busy.test": [("MX", "10 mx.busy.test.")], "mx.busy.test": [("A", "127.0.0.1")]}
+    )
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, [f"u{i}@busy.test" for i in range(400)])
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+        '[workers]\ncount = 1\n[ips]\nhelo = "mta.sender.example.com"\n'
+        "[delivery]\nallow_private_mx = true\nmax_connections = 3\n"
+        '[pools]\ndefault = "main"\n[pools.main]\n'
+        'ips = [{ ip = "127.0.0.2", weight = 3 }, { ip = "127.0.0.3", weight = 1 }]\n'
+    )
+    handler = Slow()
+    from aiosmtpd.controller import Controller
+
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+            "--spool", str(tmp_path / "spool"), "--json", "--no-dkim", "--no-progress",
+        )  # fmt: skip
+    finally:
+        ctl.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(proc)["delivered"] == 400
+    by_ip: dict[str, int] = {}
+    for m in handler.messages:
+        by_ip[m["peer"][0]] = by_ip.get(m["peer"][0], 0) + len(m["rcpts"])
+    # (three connections to one: about 3:1 once all are open; 5:1 seen, the
+    # lighter address's one connection opening last)
+    assert 2.0 <= by_ip["127.0.0.2"] / by_ip["127.0.0.3"] <= 8.0, by_ip

@@ -198,6 +198,15 @@ class SiteQueue:
         self.count: Callable[..., None] = count or (lambda name, n=1.0: None)
         self.shaper = shaper if shaper is not None else Shaper(config, self.ips)
         self.pool = self.shaper.pool(pool)
+        # A pool of unequal weights: each address's share of the site's
+        # connections from this worker (its weight over the heaviest's, of its
+        # lane's max_connections, at least one). Every address may open as many
+        # as the lane allows and a busy site's mail went out through them in
+        # equal parts: weights 3:1 sent 1,000 and 1,000 (the supervisor splits
+        # mail by weight only between workers).
+        weights = {p.ip: p.weight for p in self.pool.ips}
+        self.weights = weights if len(set(weights.values())) > 1 else None
+        self.top_weight = max(weights.values(), default=1)
         # A static route (a relay, a sink) carries every domain: it gets the
         # default limits (and any [shaping.domain."ROUTE-HOST"]), never the
         # provider of whichever domain happened to come first.
@@ -475,6 +484,10 @@ class SiteQueue:
 
         def eligible(ip: str) -> bool:
             ln = lanes[ip] = self.lane(ip)
+            if self.weights is not None and ln.active >= max(
+                1, round(ln.max_connections * self.weights[ip] / self.top_weight)
+            ):
+                return False  # (its weight's share of the connections)
             return ln.can_connect(now)
 
         p = self.pool.pick(self.limits.provider, time.time(), eligible)

@@ -28,6 +28,11 @@ DESCRIPTION
     the site's provider and not refused by ``eligible`` (resting, suspended,
     at its connection limit: the caller knows). The share of an IP that
     cannot send is taken by the others, in proportion to their weights.
+    Weights also set each IP's part of a site's connections from its worker
+    (``delivery.pool.SiteQueue``: its weight over the heaviest's, of the
+    lane's ``max_connections``), so a busy site's mail is shared by weight
+    too, not in equal parts; between workers the supervisor splits the mail
+    by the weights each owns (:class:`PoolRoutes`).
 
     Warm-up: an IP with ``warmup_start`` (a date, or ``warmup_day = N`` for
     "today is day N", the day it was first read: tomorrow is N + 1, across
