@@ -313,3 +313,40 @@ def test_a_pools_weights_share_a_busy_sites_mail_within_a_worker(
     # (three connections to one: about 3:1 once all are open; 5:1 seen, the
     # lighter address's one connection opening last)
     assert 2.0 <= by_ip["127.0.0.2"] / by_ip["127.0.0.3"] <= 8.0, by_ip
+
+
+def test_a_lighter_address_takes_every_connection_while_the_heavier_rests(
+    tmp_path: Path,
+) -> None:
+    """Weights 3:1 and three connections an address: the lighter address may
+    open one connection to a site while the heavier sends, all three while
+    the heavier rests there (its weight is the heaviest left)."""
+    import time
+
+    from fastsend.config import loader
+    from fastsend.delivery import pool
+    from fastsend.delivery.mx import Host, Site
+
+    cfg = loader.from_dict(
+        {
+            "delivery": {"max_connections": 3},
+            "pools": {
+                "default": "main",
+                "main": {"ips": [{"ip": "127.0.0.2", "weight": 3}, {"ip": "127.0.0.3"}]},
+            },
+        },
+        base_dir=str(tmp_path),
+        files=False,
+    )
+    site = Site("mx:mx.busy.test", (Host("mx.busy.test", "192.0.2.1", 25),))
+
+    def opened(rest_heavy: bool) -> dict[str, int]:
+        q = pool.SiteQueue(site, ["127.0.0.2", "127.0.0.3"], cfg, lambda *_a: None, "localhost")
+        if rest_heavy:
+            q.lane("127.0.0.2").block(time.monotonic(), 3600.0, "rest", "test")
+        while (ln := q._next_lane()) is not None:
+            ln.active += 1  # (as _scale counts a connection it starts)
+        return {ip: q.lane(ip).active for ip in ("127.0.0.2", "127.0.0.3")}
+
+    assert opened(False) == {"127.0.0.2": 3, "127.0.0.3": 1}
+    assert opened(True) == {"127.0.0.2": 0, "127.0.0.3": 3}

@@ -199,14 +199,14 @@ class SiteQueue:
         self.shaper = shaper if shaper is not None else Shaper(config, self.ips)
         self.pool = self.shaper.pool(pool)
         # A pool of unequal weights: each address's share of the site's
-        # connections from this worker (its weight over the heaviest's, of its
-        # lane's max_connections, at least one). Every address may open as many
+        # connections from this worker (its weight over the heaviest's of those
+        # that may send now -- not resting, suspended or at a warm-up cap -- of
+        # its lane's max_connections, at least one). Every address may open as many
         # as the lane allows and a busy site's mail went out through them in
         # equal parts: weights 3:1 sent 1,000 and 1,000 (the supervisor splits
         # mail by weight only between workers).
         weights = {p.ip: p.weight for p in self.pool.ips}
         self.weights = weights if len(set(weights.values())) > 1 else None
-        self.top_weight = max(weights.values(), default=1)
         # A static route (a relay, a sink) carries every domain: it gets the
         # default limits (and any [shaping.domain."ROUTE-HOST"]), never the
         # provider of whichever domain happened to come first.
@@ -481,11 +481,16 @@ class SiteQueue:
     def _next_lane(self) -> Lane | None:
         now = time.monotonic()
         lanes: dict[str, Lane] = {}
+        weights = self.weights
+        top = 0
+        if weights is not None:  # the heaviest of the addresses that may send now
+            top = max((weights[p.ip] for p in self.pool.ips if self.lane(p.ip).usable(now)),
+                      default=0)  # fmt: skip
 
         def eligible(ip: str) -> bool:
             ln = lanes[ip] = self.lane(ip)
-            if self.weights is not None and ln.active >= max(
-                1, round(ln.max_connections * self.weights[ip] / self.top_weight)
+            if weights is not None and ln.active >= max(
+                1, round(ln.max_connections * weights[ip] / max(1, top))
             ):
                 return False  # (its weight's share of the connections)
             return ln.can_connect(now)
