@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from tests._engine_helpers import (
     run_fastsend,
     sink_log,
@@ -350,3 +351,36 @@ def test_a_lighter_address_takes_every_connection_while_the_heavier_rests(
 
     assert opened(False) == {"127.0.0.2": 3, "127.0.0.3": 1}
     assert opened(True) == {"127.0.0.2": 0, "127.0.0.3": 3}
+
+
+def test_a_rules_throttle_is_the_addresses_when_workers_share_it() -> None:
+    """Two workers sending from one address (one [ips] source, two workers):
+    Gmail's "unusual rate" twice throttles the address to 10 messages a
+    minute (shaping.toml's gmail-unusual-rate). Each worker's lane that
+    meets it takes its part: 5 + 5 a minute from the address. Before, each
+    took the whole 10: 20 a minute from an address Gmail had asked to slow
+    down."""
+    import time
+
+    from fastsend.config import loader
+    from fastsend.outcome import DEFERRED, Outcome
+    from fastsend.shaping.lanes import Shaper
+
+    cfg = loader.from_dict({"workers": {"count": 2}, "ips": {"source": ["127.0.0.2"]}})
+    hosts = ("gmail-smtp-in.l.google.com",)
+    text = (
+        "[127.0.0.2      15] Our system has detected an unusual rate of\n"
+        "unsolicited mail originating from your IP address. - gsmtp"
+    )
+    rates = []
+    for index in range(2):
+        sh = Shaper(cfg, cfg.ips_for_worker(index), index=index)
+        key = sh.lane_key("mx:gmail-smtp-in.l.google.com", hosts, "gmail.com")
+        lim = sh.site_limits(key, hosts, "")
+        ln = sh.lane("127.0.0.2", key, lim, sh.pool(""), time.time())
+        now = time.monotonic()
+        for _ in range(2):
+            ln.reply(Outcome(DEFERRED, 421, "4.7.28", text, "rcpt"), now)
+        assert ln.throttle_bucket is not None
+        rates.append(ln.throttle_bucket.rate * 60)
+    assert sum(rates) == pytest.approx(10.0), rates

@@ -163,6 +163,7 @@ class Lane:
         "max_connections",
         "own_reason",
         "own_until",
+        "part",
         "provider",
         "rest_duration",
         "rules",
@@ -216,6 +217,9 @@ class Lane:
         self.own_until = 0.0  # the end of this lane's own rests (replies), not ordered ones
         self.own_reason = ""
         self.max_connections = limits.max_connections
+        # (workers sending from this address, this one's place among them): a
+        # rule's throttle is the address's, each worker takes its part (Shaper.lane)
+        self.part = (1, 0)
         self.active = 0
         # Connections a retiring worker of this slot still holds on this lane (a
         # reload's overlap: wire.Conns): counted against max_connections.
@@ -466,13 +470,18 @@ class Lane:
         if rule.action in ("suspend", "rest"):
             self.block(now, rule.duration, rule.action, f"rule {rule.name}: {line}")
             return
-        # throttle
+        # throttle: the address's limits, this worker's part of them when workers
+        # share the address (as split_limits; each sent at the whole throttled
+        # rate: Gmail's "unusual rate" throttle of 10/min was 20/min from an
+        # address two workers share, the default with no [ips] source)
+        k, place = self.part
         self.throttle_until = now + rule.duration
         if rule.rate > 0:
-            self.throttle_bucket = Gcra(rule.rate, 1)
+            self.throttle_bucket = Gcra(rule.rate / k, 1)
             self.throttle_bucket.acquire(now)  # start empty: no burst on entry
         if rule.max_connections:
-            self.throttle_conns = rule.max_connections
+            mc = rule.max_connections
+            self.throttle_conns = max(1, mc // k + (1 if place < mc % k else 0))
         self._refresh()
         self.emit(
             now,
@@ -806,6 +815,7 @@ class Shaper:
                 self.policy.rest["duration"],
                 self.events,
             )
+            ln.part = (self.sharers, self.place)
             if self.shared and (shared := self.shared.get(site_key)) is not None:
                 ln.shared = shared
                 ln._refresh()
