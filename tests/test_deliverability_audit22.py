@@ -384,3 +384,66 @@ def test_a_rules_throttle_is_the_addresses_when_workers_share_it() -> None:
         assert ln.throttle_bucket is not None
         rates.append(ln.throttle_bucket.rate * 60)
     assert sum(rates) == pytest.approx(10.0), rates
+
+
+def test_a_rules_throttle_reaches_every_worker_sending_from_the_address(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """Two workers sending from one address; the site answers one RCPT with a
+    reply an operator's rule throttles on (one match: 6,000 a minute for 10
+    minutes). The worker that met it throttles the address, and the other
+    worker is told at once (an ``ordered`` throttle event for the address
+    and site): before, it sent on at full speed until it met the reply
+    itself; every message is still delivered."""
+    from _smtp_helpers import RecordingHandler
+
+    class Once(RecordingHandler):
+        said = False
+
+        async def handle_RCPT(
+            self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+        ) -> str:
+            if not Once.said:
+                Once.said = True
+                return "451 4.7.1 please slow down now"
+            return await super().handle_RCPT(server, session, envelope, address, options)
+
+    port = free_port()
+    # twenty domains hosted on one MX host: batches for both workers
+    zones: dict[str, Any] = {f"d{i}.test": [("MX", "10 mx.busy.test.")] for i in range(20)}
+    dns_server.set_zones({**zones, "mx.busy.test": [("A", "127.0.0.1")]})
+    camp = write_campaign(tmp_path)
+    # (and one the site defers to the end, 4 s: the run outlasts the telling;
+    # windows of 20: both workers carry the site's mail)
+    addrs = [f"u{i}@d{i % 20}.test" for i in range(200)] + ["later0@d1.test"]
+    rcpts = write_recipients(tmp_path, addrs)
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+        '[workers]\ncount = 2\n[ips]\nsource = ["127.0.0.2"]\nhelo = "mta.sender.example.com"\n'
+        "[delivery]\nallow_private_mx = true\nwindow = 20\n[retry]\nmin_backoff = 1\nmax_age = 4\n"
+        '[[shaping.rule]]\nname = "slow-now"\nmatch = "please slow down now"\n'
+        'action = "throttle"\nmessages_per_minute = 6000\nduration = 600.0\n'
+    )
+    from aiosmtpd.controller import Controller
+
+    handler = Once()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+            "--spool", str(tmp_path / "spool"), "--json", "--no-dkim", "--no-progress",
+        )  # fmt: skip
+    finally:
+        ctl.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(proc)["delivered"] == 200
+    shaping = [
+        orjson.loads(x) for x in (tmp_path / "spool" / "shaping.jsonl").read_bytes().splitlines()
+    ]
+    throttles = [e for e in shaping if e["action"] == "throttle"]
+    assert [bool(e.get("ordered")) for e in throttles] == [False, True], throttles
+    assert {(e["source_ip"], e["site"], e["rule"]) for e in throttles} == {
+        ("127.0.0.2", "mx:mx.busy.test", "slow-now")
+    }

@@ -124,6 +124,11 @@ class Outcomes(SupervisorState):
         if items:
             self.apply(slot, items)
             got = True
+        if self.shaping.rests_to_share:
+            # A rest or a rule's throttle of an address other workers send from
+            # too: told now, not at the next dispatch (none may come before the
+            # run ends, or for a while in a quiet serve)
+            self.share_rests()
         if seen:
             slot.last_seen = time.monotonic()
         if got:

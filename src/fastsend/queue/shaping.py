@@ -66,7 +66,7 @@ from fastsend import wire
 from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.shaping.guardrails import Guardrails
-from fastsend.shaping.lanes import debt, spent
+from fastsend.shaping.lanes import THROTTLE_KEY, debt, spent
 from fastsend.spool import Spool
 from fastsend.throttle import Gcra
 
@@ -474,7 +474,7 @@ class SupervisorShaping:
             for fn in self.listeners:
                 fn(msg.events)
             for ev in msg.events:
-                if ev.get("action") in ("rest", "suspend"):
+                if ev.get("action") in ("rest", "suspend", "throttle"):
                     self.note_rest(ev, origin)
             return True
         if isinstance(msg, wire.WarmupCounts):
@@ -484,8 +484,10 @@ class SupervisorShaping:
 
     def note_rest(self, ev: dict[str, Any], origin: int) -> None:
         """A worker rested or suspended a (source IP, site) lane: the address is
-        refused there, from whichever worker it is sent. Told to the others
-        sharing the address (a rest they were told is not told again)."""
+        refused there, from whichever worker it is sent; or a rule throttled
+        it (under THROTTLE_KEY: each worker takes its part of the throttle).
+        Told to the others sharing the address (a rest they were told is not
+        told again)."""
         reason = str(ev.get("reason", ""))
         site = str(ev.get("site", ""))
         if ev.get("ordered") or reason.startswith(SHARED_REST) or not site:
@@ -495,10 +497,15 @@ class SupervisorShaping:
         if until <= now:
             return
         ip = str(ev.get("source_ip", ""))
-        rec = wire.IPRest(ip, [SITE_PREFIX + site], until, f"{SHARED_REST}{reason}")
+        key = ""
+        if ev.get("action") == "throttle":  # (a rule's: applied as a throttle, not a rest)
+            if not ev.get("rule"):
+                return  # (no rule to apply it by)
+            key = f"{THROTTLE_KEY}{ev['rule']}|{site}"
+        rec = wire.IPRest(ip, [SITE_PREFIX + site], until, f"{SHARED_REST}{reason}", key)
         if len(self.site_rests) > 10_000:
             self.site_rests = {k: r for k, r in self.site_rests.items() if r.until > now}
-        self.site_rests[(ip, site)] = rec
+        self.site_rests[(ip, key or site)] = rec
         self.rests_to_share.append((origin, rec))
 
     def shares_record(self) -> bytes:

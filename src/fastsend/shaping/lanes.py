@@ -55,7 +55,9 @@ from fastsend.shaping.pools import Pool, PoolSet, Warmup, load_pools
 from fastsend.throttle import Gcra
 
 FOREVER = 1e9
-PROVIDER_LANES = "mx-provider:"  # a provider's lanes, over all its MX sets (Shaper.lane_key)
+PROVIDER_LANES = "mx-provider:"
+# wire.IPRest's key of another worker's throttle of an address: THROTTLE_KEY + RULE|SITE
+THROTTLE_KEY = "throttle:"  # a provider's lanes, over all its MX sets (Shaper.lane_key)
 UNBOUNDED = 1 << 62  # Lane.budget() of a lane with nothing to enforce
 
 
@@ -470,12 +472,21 @@ class Lane:
         if rule.action in ("suspend", "rest"):
             self.block(now, rule.duration, rule.action, f"rule {rule.name}: {line}")
             return
-        # throttle: the address's limits, this worker's part of them when workers
-        # share the address (as split_limits; each sent at the whole throttled
-        # rate: Gmail's "unusual rate" throttle of 10/min was 20/min from an
-        # address two workers share, the default with no [ips] source)
+        self.throttle(rule, now, rule.duration, f"rule {rule.name}: {line}")
+
+    def throttle(
+        self, rule: Rule, now: float, duration: float, reason: str, ordered: bool = False
+    ) -> None:
+        """Throttle this lane by ``rule`` for ``duration`` s: the address's
+        limits, this worker's part of them when workers share the address (as
+        split_limits; each sent at the whole throttled rate: Gmail's "unusual
+        rate" throttle of 10/min was 20/min from an address two workers share,
+        the default with no [ips] source). ``ordered``: another worker's
+        throttle of the address, told by the supervisor (wire.IPRest under
+        THROTTLE_KEY): the others sent on at full speed until each met the
+        rule's replies itself."""
         k, place = self.part
-        self.throttle_until = now + rule.duration
+        self.throttle_until = now + duration
         if rule.rate > 0:
             self.throttle_bucket = Gcra(rule.rate / k, 1)
             self.throttle_bucket.acquire(now)  # start empty: no burst on entry
@@ -486,10 +497,12 @@ class Lane:
         self.emit(
             now,
             "throttle",
-            reason=f"rule {rule.name}: {line}",
+            reason=reason,
+            rule=rule.name,
             rate=rule.rate or None,
             max_connections=rule.max_connections or None,
-            duration=rule.duration,
+            duration=duration,
+            ordered=ordered or None,
         )
 
     def block(
@@ -893,8 +906,8 @@ class Shaper:
             if lip != ip:
                 continue
             until, reason, recheck = 0.0, "", 0.0
-            for provs, end, rsn, _k, rc in left:
-                if self._applies(ln, provs) and end > until:
+            for provs, end, rsn, k, rc in left:
+                if self._applies(ln, provs) and end > until and not k.startswith(THROTTLE_KEY):
                     until, reason, recheck = end, rsn, rc
             ln.lift(mono, mono + (until - now) if until else 0.0, reason, why, recheck)
 
@@ -903,9 +916,15 @@ class Shaper:
         return "*" in provs or ln.provider in provs or "site:" + ln.site in provs
 
     def _apply_rests(self, ln: Lane, ip: str, now_unix: float) -> None:
-        for provs, until, reason, _key, recheck in self.ip_rests.get(ip, ()):
+        for provs, until, reason, key, recheck in self.ip_rests.get(ip, ()):
             if until > now_unix and self._applies(ln, provs):
                 mono = time.monotonic()
+                if key.startswith(THROTTLE_KEY):  # another worker's throttle of the address
+                    name = key[len(THROTTLE_KEY) :].partition("|")[0]
+                    rule = next((r for r in ln.rules if r.name == name), None)
+                    if rule is not None and mono + (until - now_unix) > ln.throttle_until + 1.0:
+                        ln.throttle(rule, mono, until - now_unix, reason, ordered=True)
+                    continue
                 if mono + (until - now_unix) > ln.blocked_until + 1.0:  # not told again
                     ln.block(mono, until - now_unix, "rest", reason, ordered=True,
                              recheck=recheck)  # fmt: skip
