@@ -115,11 +115,17 @@ _COMMAND_PHRASES = (
     (re.compile(r"refused to talk to me", re.I), "CONN"),
     # Gmail's older notices end the quoted reply with its client's state when
     # refused ("550 550 5.1.1 <a>... User Unknown (state 14)."): 13 after
-    # EHLO, 14 at RCPT, 15/17/18 at DATA (the states' stages as Sisimai's
-    # Lhost::Google collects them from Gmail's help forum answers).
+    # EHLO, 14 at RCPT, 15/17/18 at DATA, 6 and 9 at STARTTLS ("500 Remote
+    # server does not support TLS (state 6)", "454 TLS missing certificate
+    # ... (state 9)"), 8 and 12 at AUTH with a relay Gmail was told to use
+    # ("535 SMTP AUTH failed with the remote server. (state 8)") (the states'
+    # stages as Sisimai's Lhost::Google collects them from Gmail's help forum
+    # answers).
     (re.compile(r"\(state 14\)", re.I), "RCPT"),
     (re.compile(r"\(state 1[578]\)", re.I), "DATA"),
     (re.compile(r"\(state 13\)", re.I), "EHLO"),
+    (re.compile(r"\(state [69]\)", re.I), "STARTTLS"),
+    (re.compile(r"\(state (?:8|12)\)", re.I), "AUTH"),
     # "SMTP Server <mx> rejected recipient <a> (Error following RCPT command)."
     (re.compile(r"error following rcpt", re.I), "RCPT"),
     (re.compile(r"error following mail", re.I), "MAIL"),
