@@ -157,6 +157,8 @@ log = logging.getLogger("fastsend.listeners")
 MAX_AUTH_FAILURES = 3
 SHARED_ALONE = 10.0  # s a node counts AUTH failures alone after a shared count failed
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
+# RFC 3464 2.3.3 actions of a report that is no final failure of the recipient.
+NOT_FINAL_ACTIONS = frozenset({"delayed", "delivered", "relayed", "expanded"})
 PBKDF2_ITERATIONS = 600_000  # PBKDF2-HMAC-SHA256, OWASP 2023
 _DUMMY: list[str] = []
 
@@ -908,7 +910,13 @@ def apply_records(
     now = time.time()
     told: set[tuple[int, str]] = set()
     for rec in records:
-        if rec.reason in ("delivered", "vacation"):
+        if rec.reason in ("delivered", "vacation") or rec.action in NOT_FINAL_ACTIONS:
+            # A delay warning (RFC 3464 Action "delayed": the reporting MTA still
+            # retries) or a report of mail handed on is no bounce: as "bounced" it
+            # was counted by the bounce-rate guardrail for mail that may yet be
+            # delivered, and the final report that follows was then dropped as a
+            # repeat of the message's "bounced" event (its hard bounce never
+            # suppressed the address).
             continue
         found = find_original(ctx, rec, envelope_ids)
         group = None
