@@ -530,7 +530,7 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
             # notice under the user's own subject), or a person's reply. The
             # addresses its text names (colleagues to write to) did not bounce.
             return []
-    found = vendors.find_in_text(body, _exclusions(msg), hinted or None)
+    found = vendors.find_in_text(body, _exclusions(msg) | _returned_senders(parts), hinted or None)
     if not found:
         # Nothing named in the text: the recipients of the returned message
         # (when the text names them, their explanation is found there).
@@ -569,13 +569,30 @@ _DELAY_TEXT = re.compile(
     r"you do not need to re-?send (?:your|the) message|this is a warning (?:message )?only"
     r"|has not yet been delivered to one or more of its\s+recipients"
     r"|this is only a temporary failure report|could not send message for past"
-    r"|delivery attempts will continue",
+    r"|delivery attempts will continue"
+    # Gmail's "There was a temporary problem delivering your message to X.
+    # Gmail will retry for 47 more hours. You'll be notified if the delivery
+    # fails permanently." (and its older "Message will be retried for 2 more
+    # day(s)"); Exchange's "Delivery will continue to be attempted" and
+    # Exchange Online's "The server will keep trying to deliver this message
+    # for the next 1 days ... You'll be notified if the message can't be
+    # delivered by that time."
+    r"|will (?:retry|be retried) for \d+ more (?:hours?|days?|day\(s\))"
+    r"|you'll be notified if the (?:delivery fails permanently|message can't be delivered)"
+    r"|delivery will continue to be attempted|will keep trying to deliver (?:this|the|your) message",
     re.IGNORECASE,
 )
 _DELAY_SUBJECT = re.compile(
     r"\s*(?:warning: message \S+ delayed|delayed mail \(still being retried\)"
     r"|warning: could not send message for past)",
     re.IGNORECASE,
+)
+# Subjects of delay notices whose text may quote the temporary reply: Gmail's
+# and Zoho's "(Mail) Delivery Status Notification (Delay)", Exchange's
+# "Delivery delayed: <subject>". A permanent reply in the text still makes
+# the report final.
+_DELAY_SUBJECT_UNLESS_5XX = re.compile(
+    r"\s*(?:(?:mail )?delivery status notification \(delay\)|delivery delayed:)", re.IGNORECASE
 )
 
 
@@ -591,13 +608,22 @@ _PERMANENT_TEXT = re.compile(
 )
 
 
+# A permanent SMTP reply quoted in a report ("550 5.1.1 ...", "554 ...").
+_PERMANENT_REPLY = re.compile(r"(?<![\d.])5[0-5]\d[ -](?=\S)")
+
+
 def _is_delay_warning(msg: email.message.Message, body: str) -> bool:
     """The report says delivery is still being retried (not a final failure)."""
-    if _DELAY_SUBJECT.match(_header(msg, "Subject")):
+    subject = _header(msg, "Subject")
+    if _DELAY_SUBJECT.match(subject):
         return True
     # The report's own text comes before the returned message.
     own = vendors.cut_original(body)[:20000]
-    return _DELAY_TEXT.search(own) is not None and _PERMANENT_TEXT.search(own) is None
+    if _PERMANENT_TEXT.search(own) is not None:
+        return False
+    if _DELAY_SUBJECT_UNLESS_5XX.match(subject):
+        return not vendors.find_status(own).startswith("5") and not _PERMANENT_REPLY.search(own)
+    return _DELAY_TEXT.search(own) is not None
 
 
 _BOUNCE_SUBJECT = re.compile(
@@ -663,19 +689,57 @@ def _from_list_manager(msg: email.message.Message) -> bool:
     return bool(sender) and _LIST_ADMIN.match(sender[0].split("@", 1)[0]) is not None
 
 
+_FIELD_LINE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,76}:[ \t]")
+
+
+def _returned_head(src: str) -> str:
+    """The header block of a returned message: from its first field line
+    (past the separator a report puts before it, "------ Original message
+    ------", at most a few lines) to the first blank line."""
+    lines = src.lstrip("\n").split("\n")
+    for i, line in enumerate(lines[:5]):
+        if _FIELD_LINE.match(line):
+            head = []
+            for ln in lines[i:]:
+                if not ln.strip():
+                    break
+                head.append(ln)
+            return "\n".join(head)
+    return ""
+
+
 def _returned_recipients(parts: _Parts) -> list[str]:
     """To/Cc addresses of the returned message (attached or quoted after the text)."""
     sources = list(parts.returned)
     sources += [t[len(vendors.cut_original(t)) :] for t in parts.texts]
     for src in sources:
-        head = src.lstrip("\n").split("\n\n", 1)[0]
-        m = mime.message_from_string(head + "\n\n")
+        m = mime.message_from_string(_returned_head(src) + "\n\n")
         rcpts = []
         for name in ("To", "Cc"):
             rcpts += vendors.ADDR_RE.findall(_header(m, name))
         if rcpts:
             return list(dict.fromkeys(rcpts))
     return []
+
+
+def _returned_senders(parts: _Parts) -> set[str]:
+    """The returned message's author (From, Sender, Return-Path), lower-cased,
+    unless also among its recipients: a report naming it in its own words
+    ("Sent by news@x", a field list a reader does not know) names no failed
+    recipient (the message went from that address, not to it)."""
+    sources = list(parts.returned)
+    sources += [t[len(vendors.cut_original(t)) :] for t in parts.texts]
+    for src in sources:
+        m = mime.message_from_string(_returned_head(src) + "\n\n")
+        authors: set[str] = set()
+        for name in ("From", "Sender", "Return-Path"):
+            authors.update(a.lower() for a in vendors.ADDR_RE.findall(_header(m, name)))
+        if authors:
+            rcpts: set[str] = set()
+            for name in ("To", "Cc"):
+                rcpts.update(a.lower() for a in vendors.ADDR_RE.findall(_header(m, name)))
+            return authors - rcpts
+    return set()
 
 
 def _unquote(text: str) -> str | None:

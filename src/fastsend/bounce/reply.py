@@ -862,6 +862,12 @@ class RuleSet:
         if not ipb:
             gated = tiers["<ipblock>"]
             ipb = gated is not None and _search_gated(gated, t, present)
+            if ipb and reason == "rejected" and not _NAMES_THE_CLIENT.search(t):
+                # A block list of addresses ("Your email address has been
+                # blacklisted", "sending to/from an address that has been
+                # blacklisted"): our sender is refused, from any IP. Resting
+                # this IP for the site held every other sender's mail there.
+                ipb = False
         return Classification(reason, hard, soft, permanent, rate, ipb, rule_id)
 
     def _bare_rules(self) -> frozenset[str]:
@@ -992,6 +998,16 @@ def ses_verdict(bounce_type: str, sub_type: str, c: Classification, hard: bool) 
 
 
 _default: RuleSet | None = None
+
+# Words that make a listing the sending client's (its IP, host or network, a
+# DNS block list or a reputation service), not an address's.
+# (Not an IP address alone: a DSN's "host mx[192.0.2.1] said:" is the
+# receiver's. Spamhaus's DBL lists domains.)
+_NAMES_THE_CLIENT = re.compile(
+    r"\bip\b|client|your (?:host|server|network|mta|provider)"
+    r"|dnsbl|\brbl\b|spamhaus(?! dbl)(?!\.org/dbl)|spamcop|barracuda|sorbs|blocked using|reputation"
+)
+
 
 # SMTP stages where a reply code of 0 (and no enhanced status) means no reply
 # was read, when the outcome says why (our own error: "connection lost: ...";

@@ -98,7 +98,19 @@ _SENDER_CONTEXT = re.compile(
     r"|generated from\s+<?|expanded from:?\s*<?"
     # A Message-ID quoted in the report ("Message-id: <x@host>", a list of
     # the returned message's fields) is an id shaped like an address.
-    r"|message-?id:?\s*<?|in-reply-to:\s*<?)\s*$",
+    r"|message-?id:?\s*<?|in-reply-to:\s*<?"
+    # Microsoft 365's NDR lists the returned message's "Original Message
+    # Details": "Sender Address: ..." (and its translations) beside the
+    # recipient's; the sender is no failed recipient.
+    r"|sender address:?\s*<?|absenderadresse:?\s*<?|exp(?:é|e)diteur\s*:?\s*<?"
+    r"|remitente:?\s*<?|remetente:?\s*<?|mittente:?\s*<?|afzender(?:adres)?:?\s*<?"
+    # Other labels a report gives the returned message's author ("Originator:"
+    # in X.400-style reports, "Sender (MAIL FROM):", "Reply-To:") and "From:"
+    # as the languages of the reports write it (Von, De, Van, Od, 差出人, 送信者,
+    # 发件人, 寄件者).
+    r"|originator:?\s*<?|reply-to:?\s*<?|(?:from|return) address:?\s*<?|author:?\s*<?"
+    r"|submitted by:?\s*<?|sender \(mail from\):?\s*<?"
+    r"|\b(?:von|de|van|od)\s?:\s*<?|(?:差出人|送信者|发件人|發件人|寄件者)(?:アドレス)?\s*[:：]?\s*<?)\s*$",
     re.IGNORECASE,
 )
 # The alias a failed delivery was expanded from (part of _SENDER_CONTEXT).
