@@ -530,7 +530,14 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
             # notice under the user's own subject), or a person's reply. The
             # addresses its text names (colleagues to write to) did not bounce.
             return []
-    found = vendors.find_in_text(body, _exclusions(msg) | _returned_senders(parts), hinted or None)
+    exclude = _exclusions(msg)
+    found = vendors.find_in_text(body, exclude, hinted or None)
+    if len(found) > 1 and not hinted:
+        # Several named: the returned message's author among them (a report's
+        # "Sent by news@x", a field list no label here knows) is no recipient.
+        authors = _returned_senders(parts)
+        if authors & {f.recipient.lower() for f in found}:
+            found = vendors.find_in_text(body, exclude | authors, None)
     if not found:
         # Nothing named in the text: the recipients of the returned message
         # (when the text names them, their explanation is found there).
@@ -569,19 +576,24 @@ _DELAY_TEXT = re.compile(
     r"you do not need to re-?send (?:your|the) message|this is a warning (?:message )?only"
     r"|has not yet been delivered to one or more of its\s+recipients"
     r"|this is only a temporary failure report|could not send message for past"
-    r"|delivery attempts will continue"
-    # Gmail's "There was a temporary problem delivering your message to X.
-    # Gmail will retry for 47 more hours. You'll be notified if the delivery
-    # fails permanently." (and its older "Message will be retried for 2 more
-    # day(s)"); Exchange's "Delivery will continue to be attempted" and
-    # Exchange Online's "The server will keep trying to deliver this message
-    # for the next 1 days ... You'll be notified if the message can't be
-    # delivered by that time."
-    r"|will (?:retry|be retried) for \d+ more (?:hours?|days?|day\(s\))"
+    r"|delivery attempts will continue",
+    re.IGNORECASE,
+)
+# Gmail's "There was a temporary problem delivering your message to X. Gmail
+# will retry for 47 more hours. You'll be notified if the delivery fails
+# permanently." (and its older "Message will be retried for 2 more day(s)");
+# Exchange's "Delivery will continue to be attempted" and Exchange Online's
+# "The server will keep trying to deliver this message for the next 1 days ...
+# You'll be notified if the message can't be delivered by that time." Searched
+# only when one of _DELAY_WORDS is in the text (a scan of the whole text per
+# report for each alternative cost ~1% of the reader's time).
+_DELAY_TEXT_MORE = re.compile(
+    r"will (?:retry|be retried) for \d+ more (?:hours?|days?|day\(s\))"
     r"|you'll be notified if the (?:delivery fails permanently|message can't be delivered)"
     r"|delivery will continue to be attempted|will keep trying to deliver (?:this|the|your) message",
     re.IGNORECASE,
 )
+_DELAY_WORDS = ("retr", "notified", "attempted", "keep trying")
 _DELAY_SUBJECT = re.compile(
     r"\s*(?:warning: message \S+ delayed|delayed mail \(still being retried\)"
     r"|warning: could not send message for past)",
@@ -623,7 +635,10 @@ def _is_delay_warning(msg: email.message.Message, body: str) -> bool:
         return False
     if _DELAY_SUBJECT_UNLESS_5XX.match(subject):
         return not vendors.find_status(own).startswith("5") and not _PERMANENT_REPLY.search(own)
-    return _DELAY_TEXT.search(own) is not None
+    if _DELAY_TEXT.search(own) is not None:
+        return True
+    low = own.lower()
+    return any(w in low for w in _DELAY_WORDS) and _DELAY_TEXT_MORE.search(own) is not None
 
 
 _BOUNCE_SUBJECT = re.compile(
@@ -722,6 +737,12 @@ def _returned_recipients(parts: _Parts) -> list[str]:
     return []
 
 
+# A returned message's author and recipient fields, with their folded lines.
+_AUTHOR_FIELDS = re.compile(
+    r"^(from|sender|return-path|to|cc)[ \t]*:(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+)
+
+
 def _returned_senders(parts: _Parts) -> set[str]:
     """The returned message's author (From, Sender, Return-Path), lower-cased,
     unless also among its recipients: a report naming it in its own words
@@ -730,14 +751,12 @@ def _returned_senders(parts: _Parts) -> set[str]:
     sources = list(parts.returned)
     sources += [t[len(vendors.cut_original(t)) :] for t in parts.texts]
     for src in sources:
-        m = mime.message_from_string(_returned_head(src) + "\n\n")
         authors: set[str] = set()
-        for name in ("From", "Sender", "Return-Path"):
-            authors.update(a.lower() for a in vendors.ADDR_RE.findall(_header(m, name)))
+        rcpts: set[str] = set()
+        for m in _AUTHOR_FIELDS.finditer(_returned_head(src)):
+            found = {a.lower() for a in vendors.ADDR_RE.findall(m.group(2))}
+            (rcpts if m.group(1).lower() in ("to", "cc") else authors).update(found)
         if authors:
-            rcpts: set[str] = set()
-            for name in ("To", "Cc"):
-                rcpts.update(a.lower() for a in vendors.ADDR_RE.findall(_header(m, name)))
             return authors - rcpts
     return set()
 

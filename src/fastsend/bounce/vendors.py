@@ -113,6 +113,25 @@ _SENDER_CONTEXT = re.compile(
     r"|\b(?:von|de|van|od)\s?:\s*<?|(?:差出人|送信者|发件人|發件人|寄件者)(?:アドレス)?\s*[:：]?\s*<?)\s*$",
     re.IGNORECASE,
 )
+# What _SENDER_CONTEXT's alternatives can end with (a label's last word or its
+# colon): a mention whose preceding text ends otherwise is no sender's, and the
+# regular expression (some thirty alternatives tried at each position) is not
+# run for it. A filter only: the expression decides.
+_CONTEXT_TAILS = (
+    "from", "path", "sender", "id", "address", "adresse", "diteur", "ente", "zender", "adres",
+    "originator", "to", "author", "by", "差出人", "送信者", "发件人", "發件人", "寄件者", "アドレス",
+    ":", "：", ")",
+)  # fmt: skip
+
+
+def _sender_context(before: str) -> bool:
+    """The text before an address labels it as the sender (or an id, an alias)."""
+    tail = before.rstrip(" \t\r\n<")
+    if not tail.lower().endswith(_CONTEXT_TAILS):
+        return False
+    return _SENDER_CONTEXT.search(before) is not None
+
+
 # The alias a failed delivery was expanded from (part of _SENDER_CONTEXT).
 _ALIAS_CONTEXT = re.compile(r"(?:generated from\s+<?|expanded from:?\s*<?)\s*$", re.IGNORECASE)
 # Phrases that say which command a reply answered wherever they appear
@@ -348,7 +367,7 @@ def candidate_addresses(
         addr = found.strip(".")
         key = addr.lower()
         before = section[max(0, start - 24) : start]
-        if _SENDER_CONTEXT.search(before):
+        if _sender_context(before):
             senders.add(key)
             if _ALIAS_CONTEXT.search(before):
                 aliases.setdefault(key, (addr, start, end))
