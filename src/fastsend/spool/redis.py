@@ -432,6 +432,8 @@ def _tls_setting_fault(redis_url: str, e: BaseException | None) -> str | None:
                 " CA that signed it (ssl_ca_certs= in the URL), and a host in the URL that"
                 " the certificate names"
             )
+        if isinstance(e, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(e.reason or ""):
+            return CLIENT_CERT_WANTED
         if isinstance(e, ssl.SSLError) and not isinstance(e, _TLS_CUT):
             return (
                 f"TLS with the server fails ({e.reason or e}): check the URL's ssl_ settings"
@@ -439,6 +441,65 @@ def _tls_setting_fault(redis_url: str, e: BaseException | None) -> str | None:
                 " one) and that the port speaks TLS"
             )
         e = e.__cause__ or e.__context__
+    return None
+
+
+CLIENT_CERT_WANTED = (
+    "the server wants a TLS client certificate (tls-auth-clients): give it in the URL"
+    " as ssl_certfile= and ssl_keyfile="
+)
+# How long each probe of :func:`_tls_probe_fault` waits for an answer.
+_PROBE_TIMEOUT = 2.0
+
+
+def _tls_probe_fault(r: Any, redis_url: str) -> str | None:
+    """After a ``rediss://`` failure that reads as a cut or a timeout (not a
+    setting by itself), what one look at the server shows to be a setting, or
+    None. A port that speaks plain RESP (``redis://``'s port) never answers a
+    ClientHello (a 5 s timeout, 75) but answers a plain ``PING`` (asked first:
+    answered at once, and a TLS port closes on it). A TLS 1.3 server wanting a
+    client certificate the URL does not give completes the handshake and closes
+    at the first command (an EOF, read as a restart: 75, and a job runner
+    retried for ever); its alert ``certificate required`` comes only to a
+    client that reads first. Each probe is bounded by ``_PROBE_TIMEOUT``; a
+    Redis that is down refuses them at once (75 as before)."""
+    query = dict(parse_qsl(redis_url.partition("?")[2], keep_blank_values=True))
+    try:
+        conn = r.connection_pool.make_connection()
+        host, port = conn.host, int(conn.port)
+    except Exception:  # a probe only: the first error stands
+        return None
+    try:
+        plain = socket.create_connection((host, port), _PROBE_TIMEOUT)
+    except OSError:
+        return None  # down
+    try:
+        plain.settimeout(_PROBE_TIMEOUT)
+        plain.sendall(b"PING\r\n")
+        got = plain.recv(64)
+    except OSError:
+        got = b""  # a TLS port resetting on a plain PING
+    finally:
+        plain.close()
+    if got[:1] in (b"+", b"-"):  # a RESP answer (+PONG, -NOAUTH ...): no TLS on this port
+        return (
+            f"port {port} answers in plain text, not TLS: use redis:// for it, or the"
+            " port the server serves TLS on (tls-port)"
+        )
+    if query.get("ssl_certfile"):
+        return None
+    try:
+        sock = conn._connect()  # redis-py's own TLS settings: TCP + handshake
+        try:
+            sock.settimeout(_PROBE_TIMEOUT)
+            sock.recv(1)
+        finally:
+            sock.close()
+    except ssl.SSLError as e:
+        if "CERTIFICATE_REQUIRED" in str(e.reason or ""):
+            return CLIENT_CERT_WANTED
+    except Exception:  # down, reset, timed out: not a setting
+        pass
     return None
 
 
@@ -501,7 +562,9 @@ class RedisSpool(Spool):
             self.r.ping()
             version = _server_version(self.r)
         except redis.RedisError as e:
-            fault = _tls_setting_fault(redis_url, e) if scheme == "rediss" else None
+            fault = None
+            if scheme == "rediss":
+                fault = _tls_setting_fault(redis_url, e) or _tls_probe_fault(self.r, redis_url)
             if fault is not None:
                 raise RedisSpoolError(f"cannot use Redis at {safe!r}: {fault}") from None
             raise RedisUnreachable(f"cannot reach Redis at {safe!r}: {e}") from None
