@@ -168,7 +168,8 @@ def test_a_tenants_webhook_gets_its_own_events_only_signed_with_its_secret(
         cfg = from_dict({
             "spool": {"dir": str(tmp_path / "spool")},
             "webhooks": {"urls": [urls["op"]], "secret": OPERATOR_SECRET, "batch_size": 4,
-                         "retry_min": 0.02, "retry_max": 0.1, "flush_interval": 0.01},
+                         "retry_min": 0.02, "retry_max": 0.1, "flush_interval": 0.01,
+                         "allow_private": ["127.0.0.0/8"]},
             "tenants": {n: {"domains": [f"{n}.example"], "webhook_urls": [urls[n]],
                             "webhook_secret": s} for n, s in TENANT_SECRETS.items()},
         })  # fmt: skip
@@ -285,7 +286,8 @@ def test_serve_posts_each_tenants_events_to_its_own_url_and_a_sighup_rotates_it(
     secrets = {"acme": "acme-secret-0123456789", "evil": "evil-secret-0123456789"}
 
     def extra(acme_secret: str) -> str:
-        out = '[webhooks]\nflush_interval = 0.05\nevents = ["accepted"]\n'
+        out = ('[webhooks]\nflush_interval = 0.05\nevents = ["accepted"]\n'
+               'allow_private = ["127.0.0.0/8"]\n')
         for n in ("acme", "evil"):
             sec = acme_secret if n == "acme" else secrets[n]
             out += (f'[tenants.{n}]\ndomains = ["{n}.example"]\n'
@@ -341,7 +343,8 @@ def test_a_tenant_url_stepping_past_other_tenants_events_gives_the_loop_up(
     async def main() -> None:
         cfg = from_dict({
             "spool": {"dir": str(tmp_path / "spool")},
-            "webhooks": {"batch_size": 5, "flush_interval": 0.01, "retry_min": 0.02},
+            "webhooks": {"batch_size": 5, "flush_interval": 0.01, "retry_min": 0.02,
+                         "allow_private": ["127.0.0.0/8"]},
             "tenants": {"acme": {"domains": ["acme.example"],
                                  "webhook_urls": ["http://127.0.0.1:9/hook"],
                                  "webhook_secret": TENANT_SECRETS["acme"]},

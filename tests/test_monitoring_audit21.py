@@ -67,7 +67,8 @@ def test_each_tenant_chooses_the_events_its_webhook_urls_get(tmp_path: Path) -> 
             "spool": {"dir": str(tmp_path / "spool")},
             "webhooks": {"urls": [urls["op"]], "secret": OPERATOR_SECRET, "batch_size": 5,
                          "events": ["delivered", "bounced"], "retry_min": 0.02,
-                         "retry_max": 0.1, "flush_interval": 0.01},
+                         "retry_max": 0.1, "flush_interval": 0.01,
+                         "allow_private": ["127.0.0.0/8"]},
             "tenants": {
                 "acme": {"domains": ["acme.example"], "webhook_urls": [urls["acme"]],
                          "webhook_secret": TENANT_SECRETS["acme"],
@@ -146,7 +147,8 @@ def _acme_bounces_evil_all(kind: str, tmp_path: Path, request: pytest.FixtureReq
     """Two tenants' URLs, both dead: acme's takes its bounces only, evil's everything."""
     return from_dict({
         "spool": _spool(kind, tmp_path, request),
-        "webhooks": {"flush_interval": 0.01, "retry_min": 600, "retry_max": 600},
+        "webhooks": {"flush_interval": 0.01, "retry_min": 600, "retry_max": 600,
+                     "allow_private": ["127.0.0.0/8"]},
         "tenants": {
             "acme": {"domains": ["acme.example"], "webhook_urls": [DEAD],
                      "webhook_secret": TENANT_SECRETS["acme"],
@@ -302,7 +304,8 @@ def test_a_scrape_does_not_wait_for_a_long_backlog_count(
     async def main() -> None:
         cfg = from_dict({
             "spool": {"dir": str(tmp_path / "spool")},
-            "webhooks": {"flush_interval": 0.01, "retry_min": 600, "retry_max": 600},
+            "webhooks": {"flush_interval": 0.01, "retry_min": 600, "retry_max": 600,
+                         "allow_private": ["127.0.0.0/8"]},
             "tenants": {"acme": {"domains": ["acme.example"], "webhook_urls": [DEAD],
                                  "webhook_secret": TENANT_SECRETS["acme"]},
                         "evil": {"domains": ["evil.example"]}},

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from fastsend import netguard
 from fastsend.config.analytics import AnalyticsSettings, ReputationSection
 from fastsend.config.base import ConfigError, Section, decode, read_toml, where
 from fastsend.config.engine import (
@@ -498,6 +499,9 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"[tenants.{name}] webhook_secret is another receiver's: each"
                               " tenant's receiver checks signatures with a secret of its own")  # fmt: skip
         for u in tt.webhook_urls:
+            bad = tenant_url_problem(u, netguard.networks(w.allow_private))
+            if bad:
+                raise ConfigError(f"[tenants.{name}] webhook_urls: {bad}")
             # One URL, one receiver: its cursor and its events are one tenant's, or all.
             other = hooked.setdefault(u, f"[tenants.{name}] webhook_urls")
             if other != f"[tenants.{name}] webhook_urls":
@@ -565,6 +569,25 @@ def _check_rule_providers(cfg: Config) -> None:
                     f" the shaping tables (known: {', '.join(known) or 'none'}): the rule"
                     " never applies"
                 )
+
+
+def tenant_url_problem(url: str, allow: netguard.Networks) -> str:
+    """Why a tenant's ``url`` must not be requested ("" when it may be): its host
+    an address (in any spelling) that is not public and not in ``allow``
+    (``[webhooks] allow_private``). A name is checked on the addresses each
+    connection goes to (fastsend.serve.webhooks), not here: its answer can change."""
+    import urllib.parse
+
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:
+        return f"{url!r} is not a URL"
+    if not host:
+        return f"{url!r} has no host"
+    ip = netguard.literal(host)
+    if ip is not None and netguard.refused(ip, allow):
+        return f"{url!r} is {ip}, " + netguard.describe("[webhooks] allow_private")
+    return ""
 
 
 def _loopback(ns: str) -> bool:

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import msgspec
 
+from fastsend import netguard
 from fastsend.config.base import (
     NonNegFloat,
     NonNegInt,
@@ -142,10 +143,20 @@ class WebhookSettings(Section):
     # A URL of ``urls`` that gets event types of its own (a URL not named: ``events``):
     # [webhooks.url_events] "https://ops.example/alerts" = ["ip_listed", "alarm"]
     url_events: dict[str, list[str]] = {}
+    # Networks a tenant's webhook_urls may reach although not public (fastsend.netguard:
+    # loopback, RFC 1918, ULA, link-local, CGNAT, ... are refused by default, when the
+    # config loads and again on the address each connection goes to), e.g. a receiver
+    # inside the operator's network: allow_private = ["10.20.0.0/16"]. The operator's
+    # own ``urls`` are its trusted config and not held to it.
+    allow_private: list[str] = []
 
     def __post_init__(self) -> None:
         if isinstance(self.urls, str):
             self.urls = [self.urls]
+        try:
+            netguard.networks(self.allow_private)
+        except ValueError as e:
+            raise ValueError(f"allow_private: {e}") from None
         for u in self.urls:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"urls: {u!r} is not an http(s) URL")

@@ -83,6 +83,15 @@ TENANTS' URLS
     what a URL will be sent (``WebhookDispatcher.pending``: a filtered URL's rows
     read once each, counts kept per run of rows).
 
+    A tenant's URL may not reach inside the operator's network (fastsend.netguard):
+    an address host that is not public is refused when the config loads, and each
+    connection to a tenant's URL is opened on an address checked first
+    (:meth:`WebhookDispatcher._tenant_socket`, the socket factory of the tenants'
+    session): a name whose DNS answer is, or turns into, loopback/private/link-local
+    (rebinding) fails as a refused connection, said in the log and retried.
+    ``[webhooks] allow_private`` names networks allowed all the same. The operator's
+    ``[webhooks] urls`` are its trusted config: a session of their own, unchecked.
+
 DELIBERATELY NOT HERE
     No endpoints a tenant sets through the API, no dead-letter store (an expired event is in the
     event log and GET /v1/events), no redirects followed, no secrets in logs (a URL is logged as
@@ -93,11 +102,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
 import os
 import random
+import socket
 import sqlite3
 import sys
 import threading
@@ -109,6 +120,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from fastsend import netguard
 from fastsend.config.serve import WebhookSettings
 from fastsend.events import legacy_mark_key, mark_key, read_back
 from fastsend.sqlitedb import connect, transaction
@@ -136,6 +148,10 @@ BATCH_HEADER = "Fastsend-Batch"
 BACKLOG_RUN = 1000  # outbox rows /metrics reads at a time for a URL's backlog
 
 
+class RefusedAddress(OSError):
+    """A tenant's webhook connection to an address it may not reach (fastsend.netguard)."""
+
+
 def sign_payload(secret: bytes, body: bytes, timestamp: int) -> str:
     """The ``Fastsend-Signature`` header value for ``body`` sent at ``timestamp``."""
     mac = hmac.new(secret, str(timestamp).encode("ascii") + b"." + body, hashlib.sha256)
@@ -160,6 +176,8 @@ class WebhookConfig:
     # keeps: then every URL's, together): [webhooks] events for the operator's
     # URLs, a tenant's ``webhook_events`` for its own.
     url_events: dict[str, frozenset[str] | None] = field(default_factory=dict)
+    # [webhooks] allow_private: the non-public networks tenants' URLs may reach.
+    allow: netguard.Networks = ()
 
     def filtered(self, url: str) -> bool:
         """``url`` gets less than the whole outbox: a tenant's, or event types of its own."""
@@ -197,6 +215,7 @@ class WebhookConfig:
             retry_min=t.retry_min,
             retry_max=t.retry_max,
             flush_interval=t.flush_interval,
+            allow=netguard.networks(getattr(t, "allow_private", [])),
         )
 
 
@@ -344,6 +363,9 @@ class WebhookDispatcher:
         self._tasks: list[asyncio.Task[None]] = []  # the flusher
         self._senders: dict[str, asyncio.Task[None]] = {}  # one per URL
         self._session: aiohttp.ClientSession | None = None
+        # Tenants' URLs go through a session of their own whose every socket is
+        # checked on the address it connects to (:meth:`_tenant_socket`).
+        self._tenant_session: aiohttp.ClientSession | None = None
         self._stopping = False
         self._backlogs: dict[str, _Backlog] = {}  # pending(): what a URL's rows held
 
@@ -367,6 +389,10 @@ class WebhookDispatcher:
         self._catch_up()
         self.outbox.set_urls(self.config.urls)
         self._session = aiohttp.ClientSession(headers={"User-Agent": "fastsend-webhooks/1"})
+        self._tenant_session = aiohttp.ClientSession(
+            headers={"User-Agent": "fastsend-webhooks/1"},
+            connector=aiohttp.TCPConnector(socket_factory=self._tenant_socket),
+        )
         self.ctx.events.listeners.append(self._on_events)
         sup = getattr(self.ctx, "supervisor", None)
         if getattr(self.outbox, "written_with_outcomes", False) and sup is not None:
@@ -376,6 +402,18 @@ class WebhookDispatcher:
         self._tasks.append(asyncio.create_task(self._flusher()))
         for url in self.config.urls:
             self._start_sender(url)
+
+    def _tenant_socket(self, addr_info: Any) -> socket.socket:
+        """The socket of a connection to a tenant's URL, once its address (the one it
+        will connect to: no later DNS answer can change it) is public or in ``[webhooks]
+        allow_private``; else :class:`RefusedAddress`, the POST failing as a refused
+        connection does (retried, said in the log)."""
+        family, type_, proto, _, sockaddr = addr_info
+        if netguard.refused(str(sockaddr[0]), self.config.allow):
+            raise RefusedAddress(
+                errno.EACCES, f"{sockaddr[0]} is " + netguard.describe("[webhooks] allow_private")
+            )
+        return socket.socket(family=family, type=type_, proto=proto)
 
     def _start_sender(self, url: str) -> None:
         self._send_wake[url] = asyncio.Event()
@@ -432,9 +470,10 @@ class WebhookDispatcher:
             log.error("webhook outbox write failed at stop: %s; %d event(s) not written%s", e,
                       len(self._pending), " (the next start sends them from the event log)"
                       if self._mark_key else "")  # fmt: skip
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._tenant_session):
+            if session is not None:
+                await session.close()
+        self._session = self._tenant_session = None
         self.outbox.close()
         self.outbox = None
 
@@ -756,15 +795,19 @@ class WebhookDispatcher:
                                            body, ts),
             BATCH_HEADER: f"{rows[0][0]}-{rows[-1][0]}",
         }
-        assert self._session is not None
+        session = self._tenant_session if url in self.config.owners else self._session
+        assert session is not None
         try:
-            async with self._session.post(
+            async with session.post(
                 url, data=body, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             ) as resp:
                 ok = 200 <= resp.status < 300
                 status: Any = resp.status
                 asked = 0.0 if ok else retry_after(resp.headers.get("Retry-After", ""))
+        except aiohttp.ClientConnectorError as e:
+            ok, asked = False, 0.0
+            status = str(e.os_error) if isinstance(e.os_error, RefusedAddress) else type(e).__name__
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             ok, status, asked = False, type(e).__name__, 0.0
         if ok:
