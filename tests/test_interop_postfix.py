@@ -13,6 +13,8 @@ One master runs several smtpd listeners, each with its own overrides:
 - "small": message_size_limit 3000 (SIZE 3000);
 - "tls": STARTTLS with a certificate for postfix.test from a CA only the
   test knows;
+- "oldtls": STARTTLS as an older MX has it: TLS 1.2 at most, CBC ciphers
+  with SHA-1 MACs only (ECDHE-ECDSA-AES128-SHA, ...-AES256-SHA);
 - "rate": 5 messages per client per minute (anvil), then 421 4.7.0 "too
   many messages from" and the session ends.
 
@@ -84,6 +86,7 @@ MASTER_CF = """\
 127.0.0.1:{lockstep} inet n - n - - smtpd -o smtpd_discard_ehlo_keywords=pipelining,chunking
 127.0.0.1:{small} inet n - n - - smtpd -o message_size_limit=3000
 127.0.0.1:{tls} inet n - n - - smtpd -o smtpd_tls_security_level=may
+127.0.0.1:{oldtls} inet n - n - - smtpd -o smtpd_tls_security_level=may -o smtpd_tls_protocols=!SSLv2,!SSLv3,!TLSv1.3 -o smtpd_tls_ciphers=medium -o tls_medium_cipherlist=ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA -o smtpd_tls_loglevel=1
 127.0.0.1:{rate} inet n - n - - smtpd -o smtpd_client_message_rate_limit=5 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0 -o smtpd_soft_error_limit=100
 cleanup unix n - n - 0 cleanup
 qmgr unix n - n 300 1 qmgr
@@ -103,7 +106,7 @@ tlsmgr unix - - n 1000? 1 tlsmgr
 postlog unix-dgram n - n - 1 postlogd
 """
 
-LISTENERS = ("full", "data", "lockstep", "small", "tls", "rate")
+LISTENERS = ("full", "data", "lockstep", "small", "tls", "oldtls", "rate")
 
 
 @dataclass
@@ -325,6 +328,31 @@ def test_postfix_smtpd_starttls_opportunistic_and_required(run: Run, postfix: Po
     assert second[0].outcomes[0].delivered
     assert postfix.sent(2)
     assert "starttls=1 mail=1" in postfix.log()
+
+
+def test_postfix_smtpd_older_tls_setup_is_still_encrypted(run: Run, postfix: Postfix) -> None:
+    """An MX whose STARTTLS speaks TLS 1.2 with CBC-SHA1 ciphers only (many
+    older MTAs and appliances; RSA key exchange and TLS 1.0 alike):
+    opportunistic TLS encrypts, as Postfix's "medium" ciphers do (RFC 7435).
+    Python's default client list (TLS 1.2+, ECDHE/DHE only, no SHA-1 MAC,
+    security level 2) had no cipher in common with it: the handshake failed
+    and every message went in clear on the retry."""
+
+    async def go() -> Any:
+        conn = await must_connect(ConnectOptions(host="127.0.0.1", port=postfix.ports["oldtls"]))
+        tls_obj = conn._link.transport.get_extra_info("ssl_object")  # type: ignore[union-attr]
+        cipher = (tls_obj.cipher()[0], tls_obj.version()) if tls_obj is not None else None
+        tls = conn.tls_active
+        results = await conn.send([envelope(0, ["oldtls0@x.test"])])
+        await conn.quit()
+        return tls, cipher, results
+
+    tls, cipher, results = run(go())
+    assert tls, "the session fell back to clear text"
+    assert cipher is not None and cipher[0].endswith("-SHA") and cipher[1] == "TLSv1.2", cipher
+    assert results[0].outcomes[0].delivered
+    assert "oldtls0@x.test" in postfix.sent(1)
+    assert re.search(r"TLS connection established from \S+: TLSv1\.2 with cipher \S+-SHA ", postfix.log())
 
 
 def test_postfix_message_rate_limit_defers_the_rest_of_the_group(

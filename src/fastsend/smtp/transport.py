@@ -141,7 +141,22 @@ def _default_context(mode: TLSMode) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    # Whatever TLS the server speaks, as Postfix's opportunistic "medium"
+    # ciphers do (RFC 7435: the alternative is clear text, and an unverified
+    # session has nothing a stricter handshake would protect): Python's own
+    # list (TLS 1.2+, ECDHE/DHE only, no SHA-1 MAC, security level 2) failed
+    # with MX hosts offering RSA key exchange, CBC-SHA suites or TLS 1.0, and
+    # every message to them went in clear after the retry.
+    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    ctx.set_ciphers(OPPORTUNISTIC_CIPHERS)
     return ctx
+
+
+# The opportunistic context's ciphers: OpenSSL's default list (strongest
+# first: TLS 1.3 and ECDHE-AEAD are still what a current server gets), with
+# the security level lowered so that SHA-1 and TLS 1.0/1.1 handshakes work;
+# never unauthenticated or null ciphers, nor PSK/SRP (no shared secret here).
+OPPORTUNISTIC_CIPHERS = "DEFAULT:!aNULL:!eNULL:!PSK:!SRP:@SECLEVEL=0"
 
 
 class Napper:
