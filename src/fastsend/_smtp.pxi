@@ -1371,6 +1371,13 @@ cdef class Napper:
             usleep(us)
 
 
+cdef Py_ssize_t _c_unsent(object transport) except -1:
+    # transport.unsent (imported at the first check: it imports this module);
+    # once per timer check, not per write.
+    from fastsend.smtp.transport import unsent
+    return unsent(transport)
+
+
 cdef class Link:
     """Compiled twin of fastsend.smtp.transport.Link (an asyncio protocol)."""
 
@@ -1379,7 +1386,8 @@ cdef class Link:
     cdef public list results
     cdef public Py_ssize_t want
     cdef public object batch_waiter, cmd_waiter, early, timer
-    cdef public double last, tick
+    cdef public double last, tick, moved
+    cdef public Py_ssize_t unsent  # (as the reference's: the data block timeout)
     cdef public bint idle  # every reply answered: the next write starts the clock
     cdef public str lost_reason
     cdef ClientCore _core  # the client when it is the compiled core (else None)
@@ -1404,6 +1412,8 @@ cdef class Link:
         self.idle = False
         self.timer = None
         self.tick = min(t.mail, t.rcpt, t.data, t.data_end)
+        self.unsent = 0
+        self.moved = 0.0
         self.lost_reason = ""
         self.napper = napper
         self._cnap = napper if type(napper) is Napper else None
@@ -1532,12 +1542,28 @@ cdef class Link:
         self.timer = self.loop.call_later(delay, self.check_timeout)
 
     def check_timeout(self):
+        """The reference's (transport.Link.check_timeout), the same steps."""
         self.timer = None
         stage = self.client.expecting
         if not stage or self.client.state == _C_CLOSED:
             return  # idle: nothing is waited for
+        cdef double now = self._time()
+        cdef Py_ssize_t left = _c_unsent(self._transport)
+        if left:
+            if left != self.unsent:
+                self.unsent = left
+                self.moved = now
+            block = self.timeouts.data_block
+            if now - self.moved >= block:
+                self.fail(f"timeout: the server took none of our data for {block:g} s")
+            else:
+                self.arm(min(block - (now - self.moved), self.tick / 4))
+            return
+        if self.unsent:
+            self.unsent = 0
+            self.last = max(self.last, now)
         limit = self.timeouts.for_stage(stage)
-        waited = self._time() - self.last
+        waited = now - self.last
         if waited >= limit:
             self.fail(f"timeout: no reply to {stage} after {limit:g} s")
         else:

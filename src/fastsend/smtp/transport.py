@@ -22,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import os
 import socket
 import ssl
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Literal
@@ -58,8 +60,11 @@ class Timeouts(msgspec.Struct, frozen=True):
     mail: float = 300.0  # 4.5.3.2.2 MAIL: 5 minutes
     rcpt: float = 300.0  # 4.5.3.2.3 RCPT: 5 minutes
     data: float = 120.0  # 4.5.3.2.4 DATA initiation: 2 minutes
-    # 4.5.3.2.5 data block, 3 minutes: kept for completeness; asyncio shows no
-    # per-block write progress, so the wait after the body uses data_end.
+    # 4.5.3.2.5 data block, 3 minutes: while bytes we wrote are not all taken
+    # (our buffer or the kernel's: :func:`unsent`), each check needs the server
+    # to have taken some within it; the wait for the reply starts once it has
+    # all (a slow but steady reader was cut at data_end from the 354, one that
+    # stopped reading mid-body was waited for the whole data_end).
     data_block: float = 180.0
     data_end: float = 600.0  # 4.5.3.2.6 DATA termination: 10 minutes
     quit: float = 10.0  # the 221 to QUIT (we close anyway)
@@ -246,6 +251,10 @@ class Link(asyncio.Protocol):
         self.idle = False
         self.timer: asyncio.TimerHandle | None = None
         self.tick = min(t.mail, t.rcpt, t.data, t.data_end)
+        # Bytes written and not yet taken by the server at the last check, and
+        # when that count last changed (the data block timeout's clock).
+        self.unsent = 0
+        self.moved = 0.0
         self.lost_reason = ""
         self.napper = napper  # the process's Napper, told of every read
 
@@ -341,8 +350,25 @@ class Link(asyncio.Protocol):
         stage = self.client.expecting
         if not stage or self.client.state == CLOSED:
             return  # idle: nothing is waited for
+        now = self.loop.time()
+        left = unsent(self.transport)
+        if left:
+            # The server is still taking what we wrote (a big message on a slow
+            # path, a tarpit reading slowly): RFC 5321 4.5.3.2.5's data block
+            # timeout, from the last time it took some; no reply is due yet.
+            if left != self.unsent:
+                self.unsent, self.moved = left, now
+            block = self.timeouts.data_block
+            if now - self.moved >= block:
+                self.fail(f"timeout: the server took none of our data for {block:g} s")
+            else:
+                self.arm(min(block - (now - self.moved), self.tick / 4))
+            return
+        if self.unsent:  # all taken since the last check: the reply is due from now
+            self.unsent = 0
+            self.last = max(self.last, now)
         limit = self.timeouts.for_stage(stage)
-        waited = self.loop.time() - self.last
+        waited = now - self.last
         if waited >= limit:
             self.fail(f"timeout: no reply to {stage} after {limit:g} s")
         else:
@@ -350,6 +376,29 @@ class Link(asyncio.Protocol):
             # timer work); checking at least every `tick` bounds how late a
             # shorter stage's timeout (DATA's 2 min after RCPT's 5) is seen.
             self.arm(min(limit - waited, self.tick))
+
+
+def unsent(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes written to ``transport`` that the peer has not taken yet: those
+    in asyncio's buffer and, on Linux, those in the socket's send queue
+    (unacknowledged: TIOCOUTQ), where the kernel keeps up to megabytes of a
+    message while the server reads it. Called once per timer check, not per
+    write."""
+    if transport is None:
+        return 0
+    try:
+        n = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    except Exception:  # a closing transport
+        return 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _TIOCOUTQ:
+        with contextlib.suppress(OSError, ValueError):
+            n += int.from_bytes(fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"), sys.byteorder)
+    return int(n)
+
+
+# ioctl(TIOCOUTQ == SIOCOUTQ): a TCP socket's unacknowledged bytes (Linux).
+_TIOCOUTQ = getattr(termios, "TIOCOUTQ", 0) if sys.platform.startswith("linux") else 0
 
 
 # The reference stays reachable for the tests; the picked twin is the one used.
