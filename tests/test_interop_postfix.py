@@ -263,6 +263,49 @@ def test_postfix_smtpd_transactions_with_refusals_at_rcpt(
     assert [e for e in postfix.errors() if "127.0.0.1" in e] == []
 
 
+def test_postfix_smtpd_takes_quoted_local_parts_with_spaces(
+    run: Run, postfix: Postfix, loop_kind: str, client_twin: str
+) -> None:
+    """A recipient and a sender whose local part is a quoted string with a
+    space (RFC 5321 4.1.2 Quoted-string: ``"john doe"@x.test``, which every
+    accept path takes) go to the server as written and are delivered. The
+    client refused them as "invalid recipient address": 5.1.3 without an
+    attempt, classified as an unknown user, and the address suppressed. A
+    space anywhere else (or a control character) is still refused locally."""
+    n = f"{loop_kind}-{client_twin}"
+    quoted = f'"john doe {n}"@x.test'
+    bad = [f"john doe{n}@x.test", f'"john{n}" @x.test', f'"j{n}"@x .test', f'"a\rb{n}"@x.test']
+
+    async def go() -> Any:
+        conn = await must_connect(
+            ConnectOptions(host="127.0.0.1", port=postfix.ports["full"], tls="off")
+        )
+        results = await conn.send(
+            [
+                envelope(0, [quoted, *bad]),
+                Envelope(
+                    '"the sender"@sender.test',
+                    [f"plain{n}@x.test"],
+                    b"Subject: s\r\n\r\nx\r\n",
+                    tag=1,
+                ),
+            ]
+        )
+        await conn.quit()
+        return results
+
+    results = run(go())
+    results.sort(key=lambda r: r.tag)
+    first, second = results[0].outcomes, results[1].outcomes
+    assert first[0].delivered, first[0]
+    assert [(o.kind, o.enhanced, o.stage) for o in first[1:]] == [("failed", "5.1.3", "local")] * 4
+    assert second[0].delivered, second[0]
+    sent = postfix.sent(2)
+    assert quoted in sent and f"plain{n}@x.test" in sent
+    assert 'from=<"the sender"@sender.test>' in postfix.log()
+    assert not any(b.split("@")[0].strip('"') in postfix.log() for b in bad[:2])
+
+
 def test_postfix_smtpd_size_limit(run: Run, postfix: Postfix) -> None:
     """SIZE 3000: a larger message is failed 5.3.4 without being sent (RFC
     1870), the others on the same connection are delivered."""

@@ -404,17 +404,24 @@ cdef int _client_types() except -1:
 
 
 cdef int _address_kind(object s):
-    """-1: not an acceptable address (not a str, empty, a C0 control, space, DEL,
-    "<" or ">": client.py's _BAD_ADDRESS); 1: non-ASCII; 0: ASCII."""
+    """-1: not an acceptable address (not a str, empty, a C0 control, DEL, "<"
+    or ">", a space outside a quoted local part: client.py's _bad_address);
+    1: non-ASCII; 0: ASCII."""
     cdef Py_UCS4 c
     cdef int wide = 0
+    cdef Py_ssize_t i = 0, space = -1
     if not isinstance(s, str) or not s:
         return -1
     for c in <str>s:
-        if c <= 0x20 or c == 0x7f or c == 60 or c == 62:
+        if c < 0x20 or c == 0x7f or c == 60 or c == 62:
             return -1
-        if c > 0x7f:
+        if c == 0x20:
+            space = i
+        elif c > 0x7f:
             wide = 1
+        i += 1
+    if space >= 0 and ((<str>s)[0] != '"' or (<str>s).rfind('"@') < space):
+        return -1
     return wide
 
 
