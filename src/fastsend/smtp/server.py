@@ -198,7 +198,10 @@ _CMD, _DISCARD_LINE, _DATA, _BDAT, _AUTH, _TLS_WAIT, _CLOSED = range(7)
 _BAD_CMD_CHARS: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _PATH: Final = re.compile(r"(?i)(FROM|TO):[ ]?<([^<>]*)>(?: +(.*))?$")
 _PARAM_KEY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*$")
-_ADDR_BAD: Final = re.compile(r"[\s\"()<>,;\\\[\]]")  # unquoted forms only, no spaces
+_ADDR_BAD: Final = re.compile(r"[\s\"()<>,;\\\[\]]")  # (a quoted local part: _QUOTED_LOCAL)
+# A quoted local part (RFC 5321 4.1.2 Quoted-string: qtextSMTP and quoted pairs;
+# RFC 6531 adds UTF-8), taken as Postfix takes it: "john doe"@example.com.
+_QUOTED_LOCAL: Final = re.compile(r'"(?:[ !#-\[\]-~\x80-\U0010ffff]|\\[ -~])*"@')
 _MAX_PATH: Final = 256  # RFC 5321 4.5.3.1.3
 
 _R_MAIL_OK: Final = b"250 2.1.0 Ok\r\n"
@@ -692,9 +695,13 @@ class ServerProtocol:
                 return True
             self._error(501, "5.1.3", "Bad recipient address syntax")
             return False
-        bad = len(address) > _MAX_PATH or _ADDR_BAD.search(address) is not None
+        plain = address
+        if address[0] == '"':  # a quoted local part: the domain is held to the rules below
+            m = _QUOTED_LOCAL.match(address)
+            plain = "q" + address[m.end() - 1 :] if m is not None and m.end() > 3 else "\0"
+        bad = len(address) > _MAX_PATH or _ADDR_BAD.search(plain) is not None
         if not bad:
-            local, at, domain = address.rpartition("@")
+            local, at, domain = plain.rpartition("@")
             if at:
                 bad = not local or not domain or "@" in domain
             else:
