@@ -91,14 +91,15 @@ def test_escaping_past_the_limit_is_refused_once_made(
     monkeypatch: pytest.MonkeyPatch, impl: str, fixed: None
 ) -> None:
     """Values whose octets fit but whose HTML escaping (``"`` -> ``&quot;``)
-    does not: refused with the message's real size; just under, the message
-    is the same bytes as with no limit, by render and by the deferred path."""
+    does not: refused (before it is made since session 22: the least size
+    counts escaping, test_message_audit22); just under, the message is the
+    same bytes as with no limit, by render and by the deferred path."""
     use_impl(monkeypatch, impl)
     spec = {"html": '<p title="{{ w }}">{{ w }}</p>', "text": "t {{ w }}"}
     limit = 200_000
     r, free = _renderer(spec, limit), _renderer(spec, 0)
     over = {"w": '"' * 20_000}  # 60 KB of values, ~260 KB once escaped and encoded
-    with pytest.raises(MessageTooBig, match=r"the message is [\d,]+ octets, over the 200,000"):
+    with pytest.raises(MessageTooBig, match=r"at least 260,[\d,]+ octets, over the 200,000.*escaped"):
         r.render(RCPT, over, "01ABC")
     under = {"w": '"' * 12_000}
     want = free.render(RCPT, under, "01ABC")
@@ -155,8 +156,10 @@ def test_send_refuses_a_row_too_big_and_bounces_one_escaping_grows(
     tmp_path: Path, receiver: tuple[int, RecordingHandler], impl: str
 ) -> None:
     """A 100 KB limit: the row whose value x uses is over it is a bad row (its
-    line, the variable), the rest spooled; the row that only its escaping puts
-    over fails 552 5.3.4 at render, never sent; the small one is delivered."""
+    line, the variable), the rest spooled; so is (since session 22) the row
+    that only its escaping puts over; one that only quoted-printable's line
+    ends put over (spaces before line breaks) fails 552 5.3.4 at render, never
+    sent; the small one is delivered."""
     port, handler = receiver
     body = 'html = """' + '<p title="{{ big }}">{{ name }}</p>\n' * 20 + '"""\n'
     rows = (
@@ -164,15 +167,17 @@ def test_send_refuses_a_row_too_big_and_bounces_one_escaping_grows(
         "ok@x.example,Ann,small\n"
         f"huge@x.example,Bob,{'a' * 6000}\n"  # 20 x 6,000 octets: 120 KB at least
         f'quoted@x.example,Cy,"{chr(34) * 2 * 3000}"\n'  # 20 x 3,000 quotes: 60 KB, 360 escaped
+        f'spaced@x.example,Di,"{" " + chr(10)}{(" " + chr(10)) * 1199}"\n'  # 48 KB, 120 written
     )
     p = _send(tmp_path, port, CAMPAIGN + body, rows, 100_000, impl)
     out = json.loads(p.stdout)
-    assert out["delivered"] == 1 and out["rejected_rows"] == 1, (p.stdout, p.stderr)
+    assert out["delivered"] == 1 and out["rejected_rows"] == 2, (p.stdout, p.stderr)
     assert "line 3" in p.stderr and "{{ big }}: 6,000 octets x 20 uses" in p.stderr, p.stderr
+    assert "line 4" in p.stderr and "{{ big }}: 3,000 octets x 20 uses, 360,000 escaped" in p.stderr
     assert "max_message_size" in p.stderr
     assert [m["rcpts"] for m in handler.messages] == [["ok@x.example"]]
     events = [json.loads(x) for x in (tmp_path / "spool" / "events.jsonl").read_text().splitlines()]
-    (bounce,) = [e for e in events if e.get("rcpt") == "quoted@x.example" and e["event"] == "bounced"]
+    (bounce,) = [e for e in events if e.get("rcpt") == "spaced@x.example" and e["event"] == "bounced"]
     assert (bounce["code"], bounce["enhanced"]) == (552, "5.3.4"), bounce
     assert "over the 100,000-octet limit" in bounce["text"], bounce
 

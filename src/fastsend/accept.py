@@ -172,15 +172,17 @@ def row_checks(spec: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
 
 def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | None] | None:
     """What each recipient row of the campaign ``spec`` is checked with for
-    [delivery] max_message_size as it is accepted: ``sizer(vars_json)`` says
-    why the row's message would be over ``max_size`` (naming the variable
-    whose value weighs most: its octets x the template's uses of it), else
-    None. The renderer's own estimate (``Renderer.too_big``: what the message
-    holds at the least), so a row passed here is refused at render only when
-    escaping grows it past the limit. A row short enough for the renderer's
-    guard is never decoded. None: no limit, or a spec that no longer builds."""
-    if not max_size:
-        return None
+    what its values make of the message as it is accepted: ``sizer(vars_json)``
+    says why the row's message would be over ``max_size`` ([delivery]
+    max_message_size; naming the variable whose value weighs most: its octets x
+    the template's uses of it, and what escaping makes of them), or why a
+    header built from its values (Reply-To, To, List-Unsubscribe) cannot be
+    written (a word over 998 octets, not a mailbox), else None. The renderer's
+    own checks (``Renderer.too_big``: what the message holds at the least;
+    ``Renderer.header_problem``), so a row passed here fails at render only
+    when its message is a few percent from the limit. A row short enough for
+    the renderer's guard is never decoded unless such a header takes its
+    values. None: nothing to check, or a spec that no longer builds."""
     from fastsend.message.headers import HeaderError
     from fastsend.message.mime import Renderer
 
@@ -188,17 +190,26 @@ def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | No
         r = Renderer(spec, max_size=max_size)
     except (HeaderError, CampaignError, ValueError):
         return None
+    headers = r.header_problem if r.row_headers else None
+    if not max_size and headers is None:
+        return None
     guard, too_big = r.guard, r.too_big
     loads = orjson.loads
 
     def sizer(vars_json: bytes) -> str | None:
-        if len(vars_json) <= guard:
+        if headers is None and len(vars_json) <= guard:
             return None
         try:
             values = loads(vars_json) if vars_json else {}
         except orjson.JSONDecodeError:
             return None
-        why = too_big(values) if isinstance(values, dict) else None
+        if not isinstance(values, dict):
+            return None
+        if headers is not None and (why := headers(values)) is not None:
+            return why
+        if len(vars_json) <= guard:
+            return None
+        why = too_big(values)
         return None if why is None else f"{why} ([delivery] max_message_size)"
 
     return sizer

@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         check_campaign,
         name_problem,
         row_checks,
+        row_sizer,
         rows_left,
     )
     from fastsend.config import ConfigError
@@ -210,9 +211,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.strict:
-            refuse, need = row_checks(spec)  # the rows the ingest would refuse
-            rows = recipients.read(args.recipients, refuse=refuse, need=need)
-            bad = [r for r in rows if isinstance(r, recipients.BadRow)]
+            # The rows the ingest would refuse: also those whose message would be
+            # too big or whose Reply-To/To could not be written (they had been
+            # skipped with the rest sent, --strict or not).
+            refuse, need = row_checks(spec)
+            sizer = row_sizer(spec, cfg.delivery.max_message_size)
+            bad = []
+            for r in recipients.read(args.recipients, refuse=refuse, need=need):
+                if sizer is not None and not isinstance(r, recipients.BadRow):
+                    too_big = sizer(r[3])
+                    r = r if too_big is None else recipients.BadRow(r[0], too_big)
+                if isinstance(r, recipients.BadRow):
+                    bad.append(r)
             if bad:
                 for b in bad[:50]:
                     print(f"fastsend: {args.recipients}: {b}", file=sys.stderr)

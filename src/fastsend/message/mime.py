@@ -24,10 +24,12 @@ It deliberately does not do inline images (multipart/related) or S/MIME.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -49,8 +51,20 @@ from fastsend.message.headers import (
     split_address,
     unstructured_header,
 )
+from fastsend.message.template import (
+    ESC_CSSURL,
+    ESC_JS,
+    ESC_UNQUOTED,
+    ESC_URL,
+    ESC_URLPART,
+    ESC_URLPATH,
+    Template,
+    UnsafeValue,
+    html_escapes,
+    html_value,
+    splice,
+)
 from fastsend.message.template import PURE as _TEMPLATE_PURE
-from fastsend.message.template import Template, UnsafeValue, html_escapes, splice
 from fastsend.outcome import Envelope
 
 if TYPE_CHECKING:
@@ -74,14 +88,78 @@ _ID_SAFE = re.compile(r"[A-Za-z0-9_\-]{1,200}")
 _URL_SAFE = re.compile(r"[A-Za-z0-9_.\-~@]*")
 _splice_py = _TEMPLATE_PURE["splice"]
 
-# The most octets one character of a recipient's value becomes in a message:
-# HTML-escaped (&quot;: 6), \u-escaped in a script (a 4-octet character as
-# \ud83d\ude00: 12), percent-encoded (%F0%9F%98%80: 12), quoted-printable or
-# RFC 2047 encoded (12 and the encoded-word's frame), with soft line breaks.
+# The most octets one character of a recipient's value becomes in a header
+# (RFC 2047 encoded: 12 and the encoded-word's frame, folded); in a body part
+# it depends on where the value stands (_growth), in a tracked link's token 16
+# (percent-encoded, then base64) and the part's soft line breaks.
 GROWTH = 16
+TRACKED_GROWTH = 18
 SYSTEM_VALUE = 8192  # octets a value fastsend makes can take (email, signed links)
 SLACK = 16384  # To, Date, Message-ID, MIME-Version, folding
 SIGNATURE = 4096  # a DKIM-Signature line (a 4096-bit key's signature folded)
+
+
+def _growth(mode: int, encoding: str) -> int:
+    """The most octets one character of a value becomes in a body part where
+    it stands with escape ``mode`` (``template.html_escapes``'s; 0: a text part
+    or a raw value), the part encoded: HTML-escaped (``&quot;``: 6), a 4-octet
+    UTF-8 character quoted-printable, \\u-escaped (``\\ud83d\\ude00``) or
+    percent-encoded: 12; in an unquoted attribute each ``%`` or ``\\`` of those
+    is escaped again (``&#x25;F0``: 32 a character, ``&#x5C;ud83d``: 22). Then
+    the soft line breaks of quoted-printable (3 octets in 76), or base64's 4/3
+    and a CRLF every 76. (A flat 16 had let an unquoted ``href=...?q={{ v }}``
+    row of emoji make a message 1.7x the limit unmeasured.)"""
+    if mode & ESC_UNQUOTED and mode & (ESC_URLPART | ESC_URLPATH | ESC_CSSURL):
+        pre = 32
+    elif mode & ESC_UNQUOTED and mode & ESC_JS:
+        pre = 22
+    else:
+        pre = 12
+    if encoding == "base64":
+        return (pre * 11 + 7) // 8
+    return (pre * 19 + 17) // 18
+
+
+# The octets quoted-printable writes as they are (the rest: =HH, 3 octets).
+_QP_LITERAL = bytes(b for b in range(33, 127) if b != 61) + b" \t\r\n"
+
+
+@functools.lru_cache(maxsize=16384)
+def _char_octets(ch: str, mode: int, encoding: str) -> int:
+    """The fewest octets one character of a value becomes (see :func:`least_octets`),
+    times 3 in a base64 part (its octets before base64: exact in thirds)."""
+    e = ch
+    if mode:
+        try:  # (between two letters every escape leaves as they are: no edge of a value)
+            e = html_value("a" + ch + "a", mode & ~ESC_URL)[1:-1]
+        except UnsafeValue:
+            pass  # (the render refuses the value: counted as written)
+        if ch == "%" and mode & ESC_CSSURL:
+            e = ch  # (a %HH kept as it is)
+    b = e.encode("utf-8", "surrogatepass")
+    if encoding == "base64":
+        return 3 * len(b)
+    return len(b) + 2 * len(b.translate(None, _QP_LITERAL))
+
+
+def least_octets(value: str, mode: int, encoding: str) -> int:
+    """The fewest octets ``value`` becomes in a body part where it stands with
+    escape ``mode`` (as :func:`_growth`), the part ``encoding``: each
+    character escaped as the renderer escapes it (``template.html_value``:
+    every escape is a character's, or an octet's, but for a URL path's
+    leading ``/`` and a CSS URL's kept ``%HH``, counted at their least) and
+    counted as its transfer encoding writes it, soft line breaks and CRLFs
+    left out; one call per distinct character, so a value that escapes to
+    many times its size is never made escaped."""
+    if not mode:
+        b = value.encode("utf-8", "surrogatepass")
+        if encoding == "base64":
+            return len(b) * 4 // 3
+        return len(b) + 2 * len(b.translate(None, _QP_LITERAL))
+    total = 0
+    for ch, k in Counter(value).items():
+        total += k * _char_octets(ch, mode, encoding)
+    return total * 4 // 9 if encoding == "base64" else total
 
 
 def _system_name(name: str) -> bool:
@@ -802,78 +880,139 @@ class Renderer:
     def _size_plan(self) -> None:
         """What :meth:`too_big` and :attr:`guard` need, found once: the octets
         every message holds whatever its values (static header and body bytes,
-        the body templates' literal text), how often the body uses each of the
-        recipient's variables, and the guard: the most characters a
-        recipient's values (or their JSON) may have for its message to stay
-        under ``max_size`` for sure, however they are escaped (:data:`GROWTH`
-        octets a character at most) -- longer ones are measured (:meth:`render`).
+        the body templates' literal text), where the body uses each of the
+        recipient's variables (its escape and the part's encoding, how often),
+        and the guard: the most characters a recipient's values (or their JSON)
+        may have for its message to stay under ``max_size`` for sure, however
+        they are escaped (:func:`_growth` octets a character where each stands;
+        :data:`GROWTH` in a header) -- longer ones are measured (:meth:`render`).
         A template that names a variable 2,000 times with a 100 KB value made a
         208 MB message (a worker's peak 431 MB), refused only by the receiver."""
         head, tail, content, segments = self._layout[:4]
         fixed = sum(len(e) for e in (*head, *tail, *content, *segments) if isinstance(e, bytes))
-        templates = [t for h in (*self._head, *self._tail) for t in h.templates]
-        body = [p.template for p in self._parts]
+        # (template, each placeholder's growth) of every template a value goes into
+        grown: list[tuple[Template, list[int]]] = [
+            (t, [GROWTH] * len(t._names)) for h in (*self._head, *self._tail) for t in h.templates
+        ]
         if self.tracker is not None:
-            templates += self.tracker.links
-        templates += body
-        literal = sum(len(x.encode("utf-8")) for t in body for x in t.literals)
-        uses: dict[str, int] = {}
-        defaults: dict[str, int] = {}  # octets of the defaults a missing value leaves
-        for t in body:
-            for n, d in zip(t._names, t._defaults, strict=True):
+            grown += [(t, [TRACKED_GROWTH] * len(t._names)) for t in self.tracker.links]
+        uses: dict[str, dict[tuple[int, str], int]] = {}
+        defaults: dict[str, int] = {}  # the fewest octets of the defaults a missing value leaves
+        for p in self._parts:
+            t = p.template
+            modes = p.escapes or (0,) * len(t._names)
+            grown.append((t, [_growth(m, p.encoding) for m in modes]))
+            for n, d, m in zip(t._names, t._defaults, modes, strict=True):
                 if not _system_name(n):
-                    uses[n] = uses.get(n, 0) + 1
+                    where = uses.setdefault(n, {})
+                    where[m, p.encoding] = where.get((m, p.encoding), 0) + 1
                     if d:
-                        defaults[n] = defaults.get(n, 0) + len(d.encode("utf-8", "surrogatepass"))
+                        defaults[n] = defaults.get(n, 0) + least_octets(d, m, p.encoding)
         self._body_uses, self._body_defaults = uses, defaults
+        literal = sum(len(x.encode("utf-8")) for p in self._parts for x in p.template.literals)
         self._static_min = fixed + literal
         if not self.max_size:
             self.guard = sys.maxsize
             return
-        names = [n for t in templates for n in t._names]
-        system = sum(1 for n in names if _system_name(n))
         upper = (
             fixed
-            + 4 * sum(len(x.encode("utf-8")) for t in templates for x in t.literals)
-            + SYSTEM_VALUE * system
-            + GROWTH * sum(len(d) for t in templates for d in t._defaults if d)
+            + 4 * sum(len(x.encode("utf-8")) for t, _g in grown for x in t.literals)
             + SLACK
             + SIGNATURE * len(self.signers)
         )
+        growth = 0  # octets a character of the values may become, summed over their uses
+        for t, gs in grown:
+            for n, d, g in zip(t._names, t._defaults, gs, strict=True):
+                if _system_name(n):
+                    upper += SYSTEM_VALUE
+                    continue
+                growth += g
+                if d:
+                    upper += g * len(d)
         room = self.max_size - upper
-        self.guard = room // (GROWTH * max(len(names) - system, 1)) if room >= 0 else -1
+        self.guard = room // max(growth, 1) if room >= 0 else -1
 
     def too_big(self, variables: Mapping[str, str], defaults: bool = True) -> str | None:
         """Why the message these variables make would be over ``max_size``,
-        told from what it holds at the least (each body use of a value puts
-        at least its UTF-8 octets in, a missing or empty one its default;
-        escaping and encoding only add), or None. The same estimate refuses
-        such a row when it is accepted (:func:`fastsend.accept.row_sizer`);
+        told from what it holds at the least (each body use of a value puts in
+        at least the octets :func:`least_octets` counts: escaped for where it
+        stands and encoded for its part; a missing or empty one its default;
+        soft line breaks and headers only add), or None. The same estimate
+        refuses such a row when it is accepted (:func:`fastsend.accept.row_sizer`),
+        and a message :meth:`render` builds is at most a few percent over it;
         ``defaults=False``: what any row's message holds (the campaign's own)."""
         if not self.max_size:
             return None
         total = self._static_min
-        worst, worst_size, worst_uses = "", 0, 1
-        for name, n in self._body_uses.items():
+        worst, worst_size, worst_uses, worst_raw = "", 0, 1, 0
+        for name, where in self._body_uses.items():
             v = variables.get(name)
             if type(v) is str and v:
-                size = n * (len(v) if v.isascii() else len(v.encode("utf-8", "surrogatepass")))
+                raw = len(v) if v.isascii() else len(v.encode("utf-8", "surrogatepass"))
+                n = sum(where.values())
+                # The value's octets first (cheap): escaping is counted only when
+                # the message could still fit without it.
+                size = (
+                    n * raw
+                    if total + n * raw > self.max_size
+                    else sum(k * least_octets(v, m, enc) for (m, enc), k in where.items())
+                )
             elif defaults and (v is None or v == ""):
                 size, n = self._body_defaults.get(name, 0), 1  # (the defaults' octets, summed)
+                raw = size
             else:
                 continue
             total += size
             if size > worst_size:
-                worst, worst_size, worst_uses = name, size, n
+                worst, worst_size, worst_uses, worst_raw = name, size, n, raw
         if total <= self.max_size:
             return None
         why = f"the message would be at least {total:,} octets, over the {self.max_size:,}-octet limit"
-        if worst and worst_uses > 1:
+        if worst:
             n = worst_uses
-            why += f" ({{{{ {worst} }}}}: {worst_size // n:,} octets x {n:,} uses)"
-        elif worst:
-            why += f" ({{{{ {worst} }}}}: {worst_size:,} octets)"
+            why += f" ({{{{ {worst} }}}}: {worst_raw:,} octets" + (f" x {n:,} uses" if n > 1 else "")
+            if worst_size > worst_raw * n:
+                why += f", {worst_size:,} escaped and encoded"
+            why += ")"
         return why
+
+    @property
+    def row_headers(self) -> bool:
+        """Whether a recipient's values can make a header impossible to write
+        (:meth:`header_problem` asks): a Reply-To, To or List-Unsubscribe built
+        from them (a subject or another text header always can be: RFC 2047)."""
+        return any(
+            h.static is None and h.kind != "text" and h.templates[0].names - {"email"}
+            for h in (*self._head, *self._tail)
+        )
+
+    def header_problem(self, variables: Mapping[str, str]) -> str | None:
+        """Why the Reply-To, To or List-Unsubscribe header these values make
+        cannot be written (not a mailbox, an address's part too long, a word
+        over 998 octets that no folding can break: RFC 5322 2.1.1), naming
+        the variables it takes, or None. Asked of each row as it is accepted
+        (:func:`fastsend.accept.row_sizer`): such a row had been spooled and
+        failed at render (5.6.0). A value missing is not its concern."""
+        for h in (*self._head, *self._tail):
+            if h.static is not None or h.kind == "text":
+                continue
+            names = sorted({n for t in h.templates for n in t.names} - {"email"})
+            if not names:
+                continue
+            if "email" not in variables:  # (a row's values: its address stands apart)
+                variables = {**variables, "email": "recipient@example.com"}
+            try:
+                h.encode(variables)
+            except KeyError:
+                continue
+            except (HeaderError, RenderError, UnsafeValue, ValueError) as e:
+                why = str(e)
+                if len(why) > 300:  # (it quotes the value: 1 MB of it is not a reason)
+                    why = why[:300] + "..."
+                if h.name not in why:
+                    why = f"{h.name}: {why}"
+                return f"{why} ({', '.join('{{ ' + n + ' }}' for n in names)})"
+        return None
 
     def _assemble(self) -> None:
         """The :class:`Assembly` of the layout, with the ``MessageSigner`` of
