@@ -159,10 +159,53 @@ def test_assembly_envelopes_are_what_the_deferred_loop_makes(
     assert got[0].data() == deferred(items[0].vars, RCPTS[0], "500", date, fallback)()
 
 
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_envelopes_made_now_hand_over_what_they_would_make(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    """Assembly.envelopes with ``now`` (an rsa-sha256 campaign's batches):
+    each DeferredMessage is made as the envelope is, handed over once at its
+    first call (then made again if asked), the same message either way and
+    from either twin, and one that cannot be made then (its fallback's
+    Outcome) is left to be made when sent."""
+    import dkim as dkimpy
+
+    from fastsend.message.keys import load_private_key, public_txt
+
+    use_impl(monkeypatch, impl)
+    key = tmp_path / "rsa.pem"
+    write_key(generate("rsa", 1024), key)
+    dk = {"domain": "sender.example.com", "selector": "s1", "key": str(key)}
+    r = Campaign.from_dict({**SPEC, "dkim": dk}).compile()
+    assert r.made_ahead
+    txt = public_txt(load_private_key(str(key)))
+    deferred, date = r.for_batch(deferred=True)  # type: ignore[misc]
+    items = [wire.Item(500 + i, rcpt, orjson.dumps(_values(i)), 1) for i, rcpt in enumerate(RCPTS)]
+    items.append(wire.Item(600, "eve@d3.example.net", b'{"name": "x"}', 2))  # missing values
+
+    def fallback(rcpt: str, variables: object, mid: str) -> object:
+        return "why"
+
+    sig = re.compile(rb"^DKIM-Signature: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*", re.M)
+    got = r.assembly.envelopes(items, {}, SECRET, date, fallback, "b@s.example", False,
+                               lambda _r: False, True)  # fmt: skip
+    assert [e.data.made for e in got] == [True] * len(RCPTS) + [False]
+    for e, it in zip(got, items, strict=True):
+        if it.id == 600:
+            assert e.data() == "why"
+            continue
+        first = e.data()
+        assert type(first) is bytes and not e.data.made
+        again = e.data()  # (made again: the first was handed over)
+        want = deferred(it.vars, it.rcpt, msgid.token(it.id, SECRET), date, fallback)()
+        assert sig.sub(b"", first) == sig.sub(b"", again) == sig.sub(b"", want)
+        assert dkimpy.verify(first, dnsfunc=lambda _n, timeout=5: txt.encode())
+
+
 def test_for_batch_is_not_used_for_tracked_or_signed_mail(tmp_path: Path) -> None:
     """Not for tracked mail; for signed mail only deferred (a DeferredMessage
-    signs as it makes the message), with one signature, Ed25519 (an rsa-sha256
-    signature is made as the batch is built)."""
+    signs as it makes the message), with one signature (Ed25519 made when
+    sent; an rsa-sha256 signature made as the batch is built, made_ahead)."""
     secret = tmp_path / "tracking.key"
     secret.write_text("a tracking secret of enough length 0123")
     tracking = {"base_url": "https://t.example.com", "opens": True, "secret_file": str(secret)}
@@ -175,12 +218,15 @@ def test_for_batch_is_not_used_for_tracked_or_signed_mail(tmp_path: Path) -> Non
     signed = Campaign.from_dict({**SPEC, "dkim": dk})
     assert signed.compile().for_batch() is None
     assert signed.compile().for_batch(deferred=True) is not None
+    assert not signed.compile().made_ahead
     twice = Campaign.from_dict({**SPEC, "dkim": [dk, {**dk, "selector": "s2"}]})
     assert twice.compile().for_batch(deferred=True) is None
     rsa_key = tmp_path / "rsa.pem"
     write_key(generate("rsa", 1024), rsa_key)
     rsa_signed = Campaign.from_dict({**SPEC, "dkim": {**dk, "key": str(rsa_key)}})
-    assert rsa_signed.compile().for_batch(deferred=True) is None
+    assert rsa_signed.compile().for_batch() is None
+    assert rsa_signed.compile().for_batch(deferred=True) is not None
+    assert rsa_signed.compile().made_ahead
     assert Campaign.from_dict(SPEC).compile().for_batch() is not None
 
 
@@ -220,11 +266,13 @@ def _items(bad_vars: bytes) -> list[wire.Item]:
 
 
 def _worker_to_sink(
-    tmp_path: Path, spec: dict, bad_vars: bytes
+    tmp_path: Path, spec: dict, bad_vars: bytes, made: list[bool] | None = None
 ) -> tuple[list, dict[int, wire.Res], Worker, int]:
     """A worker sending campaign ``spec`` to :func:`_items` through a real
     sink that saves what it gets in ``tmp_path/saved``: the envelopes it
-    built, the outcomes by id, the worker, the sink's port."""
+    built, the outcomes by id, the worker, the sink's port. ``made`` gets,
+    per envelope, whether its message was made as it was built (bytes, or a
+    DeferredMessage made ahead)."""
     with SinkProcess("--save", str(tmp_path / "saved")) as sink:
         config = _config(tmp_path, sink.addresses[0][1])
         inbox, outbox = Ring(1 << 20), Ring(1 << 20)
@@ -238,6 +286,8 @@ def _worker_to_sink(
 
         def build(batch: wire.Batch, deferred: bool = False) -> list:
             built.extend(envs := real_build(batch, deferred))
+            if made is not None:
+                made.extend(type(e.data) is bytes or e.data.made for e in envs)
             return envs
 
         w.build = build  # type: ignore[method-assign]
@@ -355,17 +405,17 @@ def test_a_push_that_fails_defers_every_recipient_it_held(
 
 
 def _signed_worker_run(
-    tmp_path: Path, alg: str
+    tmp_path: Path, alg: str, made: list[bool] | None = None
 ) -> tuple[list, dict[int, wire.Res], list[bytes], dict[str, str], Worker]:
     """A worker sending SPEC signed with one ``alg`` key to a real sink (which
     saves what it gets): RCPTS plus one recipient whose values cannot be
     rendered (id 99). The envelopes built, the outcomes by id, the messages
-    saved, the selector's TXT record, the worker."""
+    saved, the selector's TXT record, the worker (``made``: see _worker_to_sink)."""
     key = tmp_path / f"{alg}.pem"
     write_key(generate(alg, 2048), key)
     dk = {"domain": "sender.example.com", "selector": "s1", "key": str(key)}
     spec = Campaign.from_dict({**SPEC, "dkim": dk}).to_dict()
-    built, results, w, _ = _worker_to_sink(tmp_path, spec, orjson.dumps({"name": "x"}))
+    built, results, w, _ = _worker_to_sink(tmp_path, spec, orjson.dumps({"name": "x"}), made)
     saved = [p.read_bytes() for p in sorted((tmp_path / "saved").iterdir())]
     from fastsend.message.keys import load_private_key, public_txt
 
@@ -378,11 +428,13 @@ def _signed_worker_run(
 def test_deferred_signed_messages_verify_at_a_real_sink(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str, alg: str
 ) -> None:
-    """Mail with one Ed25519 signature waits on the site queues as
-    DeferredMessages too: each is made and signed by the SMTP client as its
-    transaction starts (rsa-sha256: signed as the batch is built, as before);
-    what the sink saved verifies with dkimpy and OpenDKIM, and is what render()
-    makes; one that cannot be rendered is answered 550 5.6.0, nothing sent."""
+    """Mail with one DKIM signature waits on the site queues as
+    DeferredMessages too, made by the one compiled loop (Assembly.envelopes):
+    Ed25519 made and signed by the SMTP client as its transaction starts,
+    rsa-sha256 made and signed as the batch is built (back to back, not in
+    the client's reply path), not by a render() per message; what the sink
+    saved verifies with dkimpy and OpenDKIM, and is what render() makes; one
+    that cannot be rendered is answered 550 5.6.0, nothing sent."""
     import dkim as dkimpy
 
     from _message_helpers import opendkim_verify
@@ -390,11 +442,12 @@ def test_deferred_signed_messages_verify_at_a_real_sink(
 
     exe = require_program("opendkim")
     use_impl(monkeypatch, impl)
-    built, results, saved, txt, w = _signed_worker_run(tmp_path, alg)
-    if alg == "ed25519":
-        assert len(built) == 5 and all(type(e.data) is not bytes for e in built)
-    else:  # the bad one answered as the batch is built
-        assert len(built) == 4 and all(type(e.data) is bytes for e in built)
+    made: list[bool] = []
+    built, results, saved, txt, w = _signed_worker_run(tmp_path, alg, made)
+    assert len(built) == 5 and all(type(e.data) is not bytes for e in built)
+    # rsa: each made ahead but the one that cannot be (made, and failed, when sent)
+    want_made = [alg == "rsa" and e.tag != 99 for e in built]
+    assert made == want_made
     assert sorted(results) == [10, 11, 12, 13, 99]
     bad = results.pop(99)
     assert (bad.kind, bad.code, bad.enhanced, bad.stage) == (wire.K_FAILED, 550, "5.6.0", "local")
@@ -427,10 +480,11 @@ def test_a_signed_message_that_cannot_be_signed_is_deferred_not_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alg: str
 ) -> None:
     """A signature that fails (a fault put into the pure signer: libsodium or
-    libcrypto refusing) loses nothing: made when sent (Ed25519), that message
+    libcrypto refusing) loses nothing: made when sent (Ed25519) or failing as
+    the batch is built (rsa-sha256: then tried again when sent), that message
     is answered 451 4.3.0 local error -- deferred, so the supervisor retries
-    it -- with nothing sent for it and the others delivered; made as the batch
-    is built (rsa-sha256), the batch is deferred (451 4.3.0), nothing sent."""
+    it -- with nothing sent for it and the others delivered (an rsa-sha256
+    one deferred its whole batch, the others too)."""
     from fastsend.message import dkim as dkim_mod
 
     use_impl(monkeypatch, "py")
@@ -452,17 +506,12 @@ def test_a_signed_message_that_cannot_be_signed_is_deferred_not_lost(
         monkeypatch.setattr(dkim_mod, "ed25519_sign_lines", failing(dkim_mod.ed25519_sign_lines))
     _built, results, saved, _txt, _w = _signed_worker_run(tmp_path, alg)
     assert sorted(results) == [10, 11, 12, 13, 99]
-    deferred = [10] if alg == "ed25519" else [10, 11, 12, 13, 99]
-    for i in deferred:
-        res = results.pop(i)
-        assert (res.kind, res.code, res.enhanced) == (wire.K_DEFERRED, 451, "4.3.0")
-        assert res.text == "local error: RuntimeError"
-    if alg == "ed25519":
-        assert results.pop(99).code == 550
-        assert all(res.kind == wire.K_DELIVERED for res in results.values())
-        assert len(saved) == len(RCPTS) - 1
-    else:
-        assert not results and not saved
+    res = results.pop(10)
+    assert (res.kind, res.code, res.enhanced) == (wire.K_DEFERRED, 451, "4.3.0")
+    assert res.text == "local error: RuntimeError"
+    assert results.pop(99).code == 550
+    assert all(res.kind == wire.K_DELIVERED for res in results.values())
+    assert len(saved) == len(RCPTS) - 1
 
 
 def _txn_results() -> list:

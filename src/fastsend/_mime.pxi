@@ -1433,13 +1433,14 @@ cdef class Assembly:
         return d
 
     def envelopes(self, items, blobs, secret, bytes date, fallback, sender,
-                  bint sender_utf8, needs_smtputf8):
+                  bint sender_utf8, needs_smtputf8, bint now=False):
         """Twin of the pure ``Assembly.envelopes``: per item an Envelope from
         ``sender`` (a str, or ``sender(token)``: VERP) whose data is this
         assembly's DeferredMessage, the Message-ID token and the
         DeferredMessage made here, no Python call per message but the
         Envelope's (and ``needs_smtputf8`` for a non-ASCII recipient, and a
-        VERP sender's)."""
+        VERP sender's). With ``now``, each message is made here too, with
+        the client's room past its end (``DeferredMessage.made``)."""
         global _m_Envelope, _m_blob_digest
         if _m_Envelope is None:
             from fastsend.outcome import Envelope as _m_Envelope
@@ -1468,6 +1469,8 @@ cdef class Assembly:
             d.message_id = _token(rid, secret)
             d.date = date
             d.fallback = fallback
+            if now:
+                d._make_now()
             if not one:
                 mail_from = sender(d.message_id)
             utf8 = sender_utf8 or (not PyUnicode_IS_ASCII(rcpt) and needs_smtputf8(rcpt))
@@ -1813,6 +1816,13 @@ cdef class Assembly:
         return self._whole(self._headers(variables, to, date, message_id), variables, None)
 
 
+# A message the client core makes (a DeferredMessage, _smtp.pxi's _made) keeps
+# this many octets free past its end: DATA's end and the next transaction's
+# commands (MAIL, RCPT, DATA: a few hundred octets) are written there when its
+# 354 comes (_dot_end), so the message is not copied into a second object.
+DEF _C_TAIL_ROOM = 512
+
+
 cdef enum:
     _WHOLE = 0  # Assembly._personal: the message
     _PARTS = 1  # its header lines and body (to sign)
@@ -1841,17 +1851,50 @@ cdef class DeferredMessage:
     cdef object variables, fallback
     cdef str rcpt, message_id
     cdef bytes date
+    cdef bytes premade  # made ahead (_make_now), handed over at the first call
+    cdef Py_ssize_t premade_room  # the octets free past its end
 
     def __call__(self):
         return self.make()
 
+    @property
+    def made(self):
+        """True when the message was made ahead (``Assembly.envelopes(...,
+        now=True)``) and not yet handed over."""
+        return self.premade is not None
+
     cdef object make(self):
         return self._make(0, NULL)
 
+    cdef int _make_now(self) except -1:
+        """Make the message now, with the SMTP client's room past its end
+        (_C_TAIL_ROOM), to be handed over when it is sent: an rsa-sha256
+        signature made as the batch is built, back to back, but still by the
+        compiled loop and written in place at the end of DATA (_dot_end). One
+        that cannot be made now (an Outcome, an error) is made, and its
+        failure told, when it is sent, as any DeferredMessage."""
+        cdef Py_ssize_t room = 0
+        try:
+            made = self._make(_C_TAIL_ROOM, &room)
+        except Exception:
+            return 0
+        if type(made) is bytes:
+            self.premade = <bytes> made
+            self.premade_room = room
+        return 0
+
     cdef object _make(self, Py_ssize_t extra, Py_ssize_t* spare):
         """``make()``; with ``extra``, a message made by the assembly keeps that
-        many octets free past its end and ``spare[0]`` says so (Assembly._whole)."""
+        many octets free past its end and ``spare[0]`` says so (Assembly._whole).
+        A message made ahead is handed over (this object keeps no reference:
+        the client may write in its room) with the room it has."""
         global _json_loads
+        cdef bytes made = self.premade
+        if made is not None:
+            self.premade = None
+            if spare != NULL:
+                spare[0] = self.premade_room
+            return made
         vs = self.variables
         cdef bint own = False
         if self.assembly.guard != PY_SSIZE_T_MAX and (

@@ -286,11 +286,8 @@ cdef bytes _dot_stuff(bytes data, bytes tail):
     return result
 
 
-# A message the client core makes (a DeferredMessage, _made) keeps this many
-# octets free past its end: DATA's end and the next transaction's commands
-# (MAIL, RCPT, DATA: a few hundred octets) are written there when its 354
-# comes (_dot_end), so the message is not copied into a second object.
-DEF _C_TAIL_ROOM = 512
+# (_C_TAIL_ROOM, the room a message the client core makes keeps past its end:
+# _mime.pxi, where a DeferredMessage made ahead keeps it too)
 
 
 cdef bytes _dot_end(_CoreTxn txn, bytes tail):

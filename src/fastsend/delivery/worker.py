@@ -1107,19 +1107,20 @@ collect_delivered = pick(collect_delivered)
 def _direct_args(r: Any) -> tuple[Any, ...]:
     """The arguments of a personalised campaign's deferred build (renderer
     ``r``, direct path): ``(envelopes, fallback, sender, sender_utf8,
-    needs_smtputf8, date)``; the sender is the return path, or with VERP
-    ``envelope_from``, which makes each message's."""
+    needs_smtputf8, date, now)``; the sender is the return path, or with VERP
+    ``envelope_from``, which makes each message's; ``now``: each message made
+    as the batch is built (an rsa-sha256 signature, ``Renderer.made_ahead``)."""
     fallback = functools.partial(_render_or_failure, r.render)
     sender = None if r.verp_domain else r.return_path
     return (r.assembly.envelopes, fallback, sender or r.envelope_from, r.sender_utf8,
-            r.needs_smtputf8, r.date_line)  # fmt: skip
+            r.needs_smtputf8, r.date_line, r.made_ahead)  # fmt: skip
 
 
 def _build_direct(d: tuple[Any, ...], batch: wire.Batch, secret: bytes) -> list[Envelope]:
     """A deferred batch built by the one compiled call ``d`` (see _direct_args)."""
-    make, fallback, sender, sender_utf8, needs, date = d
+    make, fallback, sender, sender_utf8, needs, date, now = d
     made: list[Envelope] = make(
-        batch.items, batch.blobs, secret, date(), fallback, sender, sender_utf8, needs
+        batch.items, batch.blobs, secret, date(), fallback, sender, sender_utf8, needs, now
     )
     return made
 

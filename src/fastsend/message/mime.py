@@ -443,6 +443,7 @@ class Assembly:
         sender: str | Callable[[str], str],
         sender_utf8: bool,
         needs_smtputf8: Callable[[str], bool],
+        now: bool = False,
     ) -> list[Envelope]:
         """``Worker.build_each``'s deferred loop: per ``wire.Item``, an
         :class:`~fastsend.outcome.Envelope` from ``sender`` (a str: every
@@ -451,8 +452,11 @@ class Assembly:
         ``deferred(vars, rcpt, msgid.token(id, secret), date, fallback)`` (the
         vars of ``blobs`` when the item's refer to one, ``wire.blob_digest``);
         SMTPUTF8 when ``sender_utf8``, or for a non-ASCII recipient when
-        ``needs_smtputf8(rcpt)``. The compiled twin makes them without a
-        Python call per message (but the Envelope's)."""
+        ``needs_smtputf8(rcpt)``. With ``now``, each message is made here too
+        (:meth:`DeferredMessage.make_now`: an rsa-sha256 signature made as
+        the batch is built, not in the client's reply path). The compiled
+        twin makes them without a Python call per message (but the
+        Envelope's)."""
         token = msgid.token
         out: list[Envelope] = []
         one = type(sender) is str
@@ -463,6 +467,8 @@ class Assembly:
             if blobs and (d := wire.blob_digest(vs)):
                 vs = blobs[d]
             data = DeferredMessage(self, vs, rcpt, mid, date, fallback)  # type: ignore[arg-type]
+            if now:
+                data.make_now()
             mail_from = sender if one else sender(mid)  # type: ignore[operator]
             utf8 = sender_utf8 or (not rcpt.isascii() and needs_smtputf8(rcpt))
             out.append(Envelope(mail_from, [rcpt], data, it.id, utf8))  # type: ignore[arg-type]
@@ -519,7 +525,7 @@ class DeferredMessage:
     waiting message holds one bytes object, not a dict of strings.
     The compiled twin (``_mime.pxi``) is what the compiled Assembly makes."""
 
-    __slots__ = ("assembly", "date", "fallback", "message_id", "rcpt", "variables")
+    __slots__ = ("assembly", "date", "fallback", "message_id", "premade", "rcpt", "variables")
 
     def __init__(
         self,
@@ -532,8 +538,32 @@ class DeferredMessage:
     ) -> None:
         self.assembly, self.variables, self.rcpt = assembly, variables, rcpt
         self.message_id, self.date, self.fallback = message_id, date, fallback
+        self.premade: bytes | None = None
+
+    @property
+    def made(self) -> bool:
+        """True when the message was made ahead (:meth:`make_now`) and not yet
+        handed over."""
+        return self.premade is not None
+
+    def make_now(self) -> None:
+        """Make the message now, to be handed over at the first call (an
+        rsa-sha256 signature made as the batch is built, back to back; the
+        compiled twin keeps the SMTP client's room past its end). One that
+        cannot be made now (an Outcome, an error) is made, and its failure
+        told, when it is sent, as any DeferredMessage."""
+        try:
+            made = self()
+        except Exception:
+            return
+        if type(made) is bytes:
+            self.premade = made
 
     def __call__(self) -> object:
+        made = self.premade
+        if made is not None:
+            self.premade = None  # (handed over: the client owns it)
+            return made
         vs = self.variables
         a = self.assembly
         if (len(vs) if type(vs) is bytes else _values_size(vs)) > a.guard:
@@ -1024,12 +1054,15 @@ class Renderer:
         # their signature is cheap next to the rest of the send: Ed25519
         # (~15 us; measured, bench/end_to_end.py, 2 workers: workers -4 to -6
         # us/msg, the receiver +2). An rsa-sha256 signature (~260 us at 2048
-        # bits) is made when the batch is built, back to back: made in the
-        # SMTP client's reply path, it spaced each connection's next write a
-        # quarter of a millisecond after its reply, the workers gained nothing
-        # measurable and a receiver on the same cores woke once per message
-        # (smtp-sink +7 us/msg).
+        # bits) is made when the batch is built, back to back (made_ahead):
+        # made in the SMTP client's reply path, it spaced each connection's
+        # next write a quarter of a millisecond after its reply, the workers
+        # gained nothing measurable and a receiver on the same cores woke
+        # once per message (smtp-sink +7 us/msg). Made ahead, such a message
+        # is still a DeferredMessage of the one compiled loop
+        # (Assembly.envelopes with ``now``), not a render() per message.
         self._defer_signed = ms is not None and self._plans[0][0].algorithm == "ed25519-sha256"
+        self.made_ahead = ms is not None and not self._defer_signed
 
     # -- compile-time helpers -------------------------------------------------
     def _attachment_part(self, a: Mapping[str, Any], related: bytes = b"") -> bytes:
@@ -1192,11 +1225,13 @@ class Renderer:
         With ``deferred``, ``Assembly.deferred`` in its place: the same
         arguments, ``False`` replaced by a fallback, make a
         :class:`DeferredMessage` (the message made when it is called; signed
-        then, when the campaign has one Ed25519 signer: ``Assembly.signed``)."""
+        then, when the campaign has one DKIM signer: ``Assembly.signed``; an
+        rsa-sha256 one is to be made as the batch is built, :attr:`made_ahead`,
+        ``Assembly.envelopes``' ``now``)."""
         if (
             self.tracker is not None
             or self._addr_templates
-            or (self._plans and not (deferred and self._defer_signed))
+            or (self._plans and not (deferred and self._signer is not None))
         ):
             return None
         a = self._assembly
