@@ -44,7 +44,12 @@ DESCRIPTION
     Rates, tables and recent events come from an :class:`~fastsend.events.EventLog`
     listener that bumps in-memory counters (a few dict operations per event,
     as :mod:`fastsend.serve.metrics` does), so a poll costs no scan of the
-    event index; they start empty at each server start. Counts by state come
+    event index; they start empty at each server start. On a shared (Redis)
+    spool each node also adds what it counted to Redis once a second (with its
+    status; never a call per message) and a poll answers with every node's
+    counts (``live_scope: "cluster"``): a balancer sends each poll to any node,
+    which delivered only part of the tenant's mail. Redis out of reach: the
+    answering node's own (``live_scope: "node"``). Counts by state come
     from the spool with one grouped query per tenant, made in a thread (never
     on the event loop: :meth:`Spool.reader`), cached for at least
     ``SPOOL_TTL`` seconds (longer when the query is slow on a big spool).
@@ -63,8 +68,10 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from fastsend.serve.api import ApiError, api_of, json_response, tenant_of
@@ -83,6 +90,9 @@ RECENT = 40  # recent events kept per tenant
 MAX_TEXT = 300  # characters of a reply text in a recent event
 SPOOL_TTL = 1.0
 RATE_S = 10  # seconds a node's published rates average over
+LIVE_TTL = 0.5  # s a tenant's cluster-wide live counts read from Redis are reused
+LIVE_KEEP_S = (TABLE_MIN + 2) * 60  # s a minute's counts stay in Redis (its last write)
+RECENT_KEEP_S = 86400  # s a tenant's recent events stay in Redis after the last one
 ALL = "*"  # the all-tenant aggregate (not a valid tenant name: fastsend.serve.auth)
 OUTCOMES = ("delivered", "deferred", "bounced")
 _KIND = {name: i for i, name in enumerate(OUTCOMES)}
@@ -111,7 +121,9 @@ _FILES = {
 }
 
 
-def _bump(table: dict[str, list[int]], key: str, k: int) -> None:
+def _bump(table: dict[str, list[int]], key: str, k: int, n: int = 1) -> str:
+    """Count ``n`` outcomes of kind ``k`` under ``key`` (``(other)`` once the table
+    holds ``MAX_KEYS``); returns the key counted under."""
     row = table.get(key)
     if row is None:
         if len(table) >= MAX_KEYS:
@@ -119,7 +131,33 @@ def _bump(table: dict[str, list[int]], key: str, k: int) -> None:
             row = table.get(key)
         if row is None:
             row = table[key] = [0, 0, 0]
-    row[k] += 1
+    row[k] += n
+    return key
+
+
+def _series(counts: Callable[[int], Any], now: float) -> dict[str, Any]:
+    """Per-second outcomes over the last ``SERIES_S`` s; ``counts(second)`` is
+    that second's three counts (or None)."""
+    end = int(now)
+    start = end - SERIES_S + 1
+    cols: list[list[int]] = [[], [], []]
+    for s in range(start, end + 1):
+        row = counts(s) or (0, 0, 0)
+        for k in range(3):
+            cols[k].append(row[k])
+    return {"start": start, "step": 1, **dict(zip(OUTCOMES, cols, strict=True))}
+
+
+def _table(minutes: Iterable[dict[str, list[int]]], label: str) -> list[dict[str, Any]]:
+    """The per-minute tables summed: the ``MAX_ROWS`` keys with most outcomes."""
+    acc: dict[str, list[int]] = {}
+    for table in minutes:
+        for key, row in table.items():
+            a = acc.setdefault(key, [0, 0, 0])
+            for k in range(3):
+                a[k] += row[k]
+    rows = sorted(acc.items(), key=lambda kv: (-sum(kv[1]), kv[0]))[:MAX_ROWS]
+    return [{label: key, **dict(zip(OUTCOMES, row, strict=True))} for key, row in rows]
 
 
 class _Live:
@@ -136,12 +174,14 @@ class _Live:
         self.min_at = [-1] * TABLE_MIN
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
 
-    def outcome(self, t: float, k: int, domain: str, ip: str) -> None:
+    def outcome(self, t: float, k: int, domain: str, ip: str) -> tuple[str, str] | None:
+        """Count one outcome; the (domain, IP) keys it was counted under, None if
+        older than the ring."""
         s = int(t)
         i = s % SERIES_S
         if self.sec_at[i] != s:
             if self.sec_at[i] > s:
-                return  # older than the ring
+                return None  # older than the ring
             self.secs[i] = [0, 0, 0]
             self.sec_at[i] = s
         self.secs[i][k] += 1
@@ -151,31 +191,107 @@ class _Live:
             self.mins[j] = ({}, {})
             self.min_at[j] = m
         doms, ips = self.mins[j]
-        _bump(doms, domain, k)
-        _bump(ips, ip or "(default)", k)
+        return _bump(doms, domain, k), _bump(ips, ip or "(default)", k)
 
     def series(self, now: float) -> dict[str, Any]:
-        end = int(now)
-        start = end - SERIES_S + 1
-        cols: list[list[int]] = [[], [], []]
-        for s in range(start, end + 1):
+        def counts(s: int) -> list[int] | None:
             i = s % SERIES_S
-            row = self.secs[i] if self.sec_at[i] == s else (0, 0, 0)
-            for k in range(3):
-                cols[k].append(row[k])
-        return {"start": start, "step": 1, **dict(zip(OUTCOMES, cols, strict=True))}
+            return self.secs[i] if self.sec_at[i] == s else None
+
+        return _series(counts, now)
 
     def table(self, now: float, which: int, label: str) -> list[dict[str, Any]]:
         m_now = int(now) // 60
-        acc: dict[str, list[int]] = {}
-        for j in range(TABLE_MIN):
-            if self.min_at[j] > m_now - TABLE_MIN:
-                for key, row in self.mins[j][which].items():
-                    a = acc.setdefault(key, [0, 0, 0])
+        return _table((self.mins[j][which] for j in range(TABLE_MIN)
+                       if self.min_at[j] > m_now - TABLE_MIN), label)  # fmt: skip
+
+
+class _Unsent:
+    """What this node counted for one tenant (or ``ALL``) since it last published
+    to a shared spool's Redis (:meth:`Dashboard.publish_live`): outcomes per
+    second and per minute by domain and source IP (keyed as the node's own
+    rings keyed them: at most ``MAX_KEYS`` a minute), recent events."""
+
+    __slots__ = ("mins", "recent", "secs")
+
+    def __init__(self) -> None:
+        self.secs: dict[int, list[int]] = {}
+        self.mins: dict[int, tuple[dict[str, list[int]], dict[str, list[int]]]] = {}
+        self.recent: list[dict[str, Any]] = []
+
+    def outcome(self, t: float, k: int, keys: tuple[str, str]) -> None:
+        s = int(t)
+        row = self.secs.get(s)
+        if row is None:
+            row = self.secs[s] = [0, 0, 0]
+        row[k] += 1
+        m = self.mins.get(s // 60)
+        if m is None:
+            m = self.mins[s // 60] = ({}, {})
+        for table, key in zip(m, keys, strict=True):
+            r = table.get(key)
+            if r is None:
+                r = table[key] = [0, 0, 0]
+            r[k] += 1
+
+    def prune(self, now: float) -> None:
+        """Forget what no answer shows any more (a long Redis outage: bounded)."""
+        s_old, m_old = int(now) - SERIES_S, int(now) // 60 - TABLE_MIN
+        for s in [s for s in self.secs if s <= s_old]:
+            del self.secs[s]
+        for m in [m for m in self.mins if m <= m_old]:
+            del self.mins[m]
+        del self.recent[:-RECENT]
+
+    def fields(self) -> dict[int, dict[str, int]]:
+        """Minute -> the Redis hash fields to add to (:func:`_decode_live`)."""
+        out: dict[int, dict[str, int]] = {}
+        for s, row in self.secs.items():
+            f = out.setdefault(s // 60, {})
+            for k in range(3):
+                if row[k]:
+                    f[f"{k}:s:{s}"] = row[k]
+        for m, (doms, ips) in self.mins.items():
+            f = out.setdefault(m, {})
+            for which, table in (("d", doms), ("i", ips)):
+                for key, row in table.items():
                     for k in range(3):
-                        a[k] += row[k]
-        rows = sorted(acc.items(), key=lambda kv: (-sum(kv[1]), kv[0]))[:MAX_ROWS]
-        return [{label: key, **dict(zip(OUTCOMES, row, strict=True))} for key, row in rows]
+                        if row[k]:
+                            f[f"{k}:{which}:{key}"] = row[k]
+        return out
+
+
+def _decode_live(
+    hashes: list[dict[bytes, bytes]], recent: list[bytes], now: float
+) -> dict[str, Any]:
+    """The cluster's live view of one tenant from its minute hashes in Redis (the
+    fields :meth:`_Unsent.fields` names, every node's added up) and its recent
+    events (every node's, newest first)."""
+    secs: dict[int, list[int]] = {}
+    doms: dict[str, list[int]] = {}
+    ips: dict[str, list[int]] = {}
+    for h in hashes:
+        for raw, v in h.items():
+            name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            k_s, which, key = name.split(":", 2)
+            k, n = int(k_s), int(v)
+            if which == "s":
+                secs.setdefault(int(key), [0, 0, 0])[k] += n
+            else:
+                _bump(doms if which == "d" else ips, key, k, n)
+    events = []
+    for raw in recent:
+        with contextlib.suppress(ValueError):
+            e = orjson.loads(raw)
+            if isinstance(e, dict):
+                events.append(e)
+    events.sort(key=lambda e: -e["time"] if isinstance(e.get("time"), float | int) else 0.0)
+    return {
+        "series": _series(secs.get, now),
+        "domains": _table([doms], "domain"),
+        "source_ips": _table([ips], "source_ip"),
+        "events": events[:RECENT],
+    }
 
 
 class Dashboard:
@@ -187,8 +303,15 @@ class Dashboard:
         self._stale = 0  # campaign events seen: a read that saw one begin is not cached
         self._ttl = SPOOL_TTL
         self.totals = [0, 0, 0]  # outcomes of this node since it started
-        if getattr(ctx, "shared", None) is not None:
-            ctx.shared.status_source = self.node_status
+        self.shared = getattr(ctx, "shared", None)
+        # A shared spool: what this node counted, published once a second (with its
+        # status) for every node's answer; what the nodes published, read per poll
+        self._unsent: dict[str, _Unsent] = {}
+        self._live_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._live_reads: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        if self.shared is not None:
+            self.shared.status_source = self.node_status
+            self.shared.live_source = self.publish_live
         self.files = {path: (load(name), ctype) for path, (name, ctype) in _FILES.items()}
 
     # -- the event listener (every event this process emits) -------------------
@@ -230,13 +353,77 @@ class Dashboard:
                 rcpt = e.get("rcpt")
                 domain = rcpt.rpartition("@")[2].lower() if isinstance(rcpt, str) else ""
                 ip = str(e.get("source_ip") or "")
-                mine.outcome(t, k, domain, ip)
-                every.outcome(t, k, domain, ip)
+                keys = mine.outcome(t, k, domain, ip)
+                keys_all = every.outcome(t, k, domain, ip)
                 self.totals[k] += 1
+                if self.shared is not None:
+                    if keys is not None:
+                        self._unsent_of(tenant).outcome(t, k, keys)
+                    if keys_all is not None:
+                        self._unsent_of(ALL).outcome(t, k, keys_all)
             rec = {f: e[f] for f in _RECENT_FIELDS if e.get(f) is not None}
             if isinstance(rec.get("text"), str):
                 rec["text"] = rec["text"][:MAX_TEXT]
             mine.recent.append(rec)
+            if self.shared is not None:
+                self._unsent_of(tenant).recent.append(rec)
+
+    def _unsent_of(self, tenant: str) -> _Unsent:
+        u = self._unsent.get(tenant)
+        if u is None:
+            u = self._unsent[tenant] = _Unsent()
+        elif len(u.recent) > 2 * RECENT:
+            del u.recent[:-RECENT]
+        return u
+
+    # -- the cluster's live view (a shared spool) ---------------------------------
+
+    def publish_live(self) -> None:
+        """What this node counted since it last did, added to Redis for every node's
+        answer (``SharedState.tick``, about once a second with the node's status:
+        one MULTI/EXEC, never a call per message). Redis out of reach: kept for the
+        next tick (the outage error goes to the tick), bounded by what an answer
+        shows (:meth:`_Unsent.prune`)."""
+        if not self._unsent or self.shared is None:
+            return
+        now = time.time()
+        minutes: dict[str, dict[int, dict[str, int]]] = {}
+        recent: dict[str, list[bytes]] = {}
+        for tenant, u in self._unsent.items():
+            u.prune(now)
+            minutes[tenant] = u.fields()
+            recent[tenant] = [orjson.dumps(r) for r in u.recent]
+        self.shared.live_add(minutes, recent, LIVE_KEEP_S, RECENT_KEEP_S, RECENT)
+        self._unsent.clear()
+
+    async def _cluster_live(self, tenant: str, now: float) -> dict[str, Any] | None:
+        """A tenant's series, tables and recent events as every node counted them
+        (None: not on a shared spool, or Redis out of reach: this node's own).
+        Read in a thread, shared by polls at once, kept ``LIVE_TTL`` s."""
+        if self.shared is None:
+            return None
+        hit = self._live_cache.get(tenant)
+        if hit is not None and time.monotonic() - hit[0] < LIVE_TTL:
+            return hit[1]
+        task = self._live_reads.get(tenant)
+        if task is None or task.done():
+            task = self._live_reads[tenant] = asyncio.create_task(
+                self._read_live(tenant, now), name="dashboard live read"
+            )
+        try:
+            return await asyncio.shield(task)
+        except Exception as e:  # Redis out of reach: this node's own view, said so
+            log.debug("dashboard: the cluster's live counts cannot be read: %s", e)
+            return None
+
+    async def _read_live(self, tenant: str, now: float) -> dict[str, Any]:
+        m_now = int(now) // 60
+        minutes = list(range(m_now - TABLE_MIN + 1, m_now + 1))
+        assert self.shared is not None
+        hashes, recent = await asyncio.to_thread(self.shared.live_read, tenant, minutes, RECENT)
+        view = _decode_live(hashes, recent, now)
+        self._live_cache[tenant] = (time.monotonic(), view)
+        return view
 
     # -- spool queries (cached) -------------------------------------------------
 
@@ -340,18 +527,28 @@ class Dashboard:
     async def snapshot(self, request: web.Request) -> web.Response:
         tenant = tenant_of(request)
         now = time.time()
-        lv = self.live.get(tenant) or _Live()
         view = await self._spool_view(tenant)
+        live = await self._cluster_live(tenant, now)
+        scope = "node" if live is None else "cluster"
+        if live is None:
+            lv = self.live.get(tenant) or _Live()
+            live = {
+                "series": lv.series(now),
+                "domains": lv.table(now, 0, "domain"),
+                "source_ips": lv.table(now, 1, "source_ip"),
+                "events": list(reversed(lv.recent)),
+            }
         out = {
             "tenant": tenant,
             "admin": tenant in self.admins(),
             "time": now,
             **view,
-            "series": lv.series(now),
+            "series": live["series"],
             "window_min": TABLE_MIN,
-            "domains": lv.table(now, 0, "domain"),
-            "source_ips": lv.table(now, 1, "source_ip"),
-            "events": list(reversed(lv.recent)),
+            "domains": live["domains"],
+            "source_ips": live["source_ips"],
+            "events": live["events"],
+            "live_scope": scope,
         }
         return json_response(out, headers={"Cache-Control": "no-store"})
 
@@ -378,7 +575,9 @@ class Dashboard:
         if shared is not None:  # (a Redis read: in a thread; none while Redis is out)
             with contextlib.suppress(Exception):
                 cluster = await asyncio.to_thread(shared.cluster_view)
-        lv = self.live.get(ALL) or _Live()
+        live = await self._cluster_live(ALL, now)
+        if live is None:
+            live = {"source_ips": (self.live.get(ALL) or _Live()).table(now, 1, "source_ip")}
         return json_response(
             {
                 "time": now,
@@ -386,7 +585,7 @@ class Dashboard:
                 "supervisor": sup.stats.as_dict() if sup is not None else None,
                 "states": view["states"],
                 "queue_depth": view["queue_depth"],
-                "source_ips": lv.table(now, 1, "source_ip"),
+                "source_ips": live["source_ips"],
                 "cluster": cluster,
             },
             headers={"Cache-Control": "no-store"},

@@ -31,6 +31,12 @@ DESCRIPTION
                         its last write.
     ``P:evs:STEP:T``    event counts per minute (kept 6 h) and per hour (8 d)
                         by campaign, domain and source IP: /v1/stats?by=domain.
+    ``P:dash:TENANT:M`` the dashboard's outcomes of minute M of the tenant's
+                        messages (and ``*``: all), per second and by domain and
+                        source IP, every node's added up (each adds what it
+                        counted once a second); kept 17 min. ``P:dash:TENANT:r``
+                        its newest recent events (40): any node's dashboard
+                        answers for the cluster.
     ``P:evx``           the same events by time (GET /v1/events): a stream whose
                         entries each name a run of one ``P:ev:B`` list (bucket,
                         start, count) holding events of one campaign and one
@@ -856,6 +862,8 @@ class SharedState:
         self._started = time.time()
         # () -> this node's status for the cluster view (the dashboard sets it)
         self.status_source: Callable[[], dict[str, Any]] | None = None
+        # () -> None: the dashboard's counts since the last tick added to Redis
+        self.live_source: Callable[[], None] | None = None
         # Supervisor.rest_ip (serve sets it with workers): a source IP another
         # live node took while this node's lease on it had lapsed is rested here
         # until it is this node's again
@@ -888,6 +896,8 @@ class SharedState:
             self._spool.renew()  # its node name (also without workers: no supervisor)
         if now - self._published >= STATUS_EVERY:
             self._published = now
+            if self.live_source is not None:
+                self.live_source()
             st = self.status_source() if self.status_source is not None else {}
             self.cluster.publish({**st, "host": socket.gethostname(), "pid": os.getpid(),
                                   "started": self._started})  # fmt: skip
@@ -912,6 +922,51 @@ class SharedState:
                     if isinstance(v, int | float):
                         acc[name] = round(acc.get(name, 0) + v, 3)
         return {"nodes": nodes, "count": len(nodes), **sums}
+
+    def _live_key(self, tenant: str) -> str:
+        return "{" + self.prefix + "}:dash:" + tenant
+
+    def live_add(
+        self,
+        minutes: dict[str, dict[int, dict[str, int]]],
+        recent: dict[str, list[bytes]],
+        keep_s: int,
+        recent_keep_s: int,
+        recent_n: int,
+    ) -> None:
+        """Add a node's dashboard counts (tenant -> minute -> field -> n) to the
+        cluster's, ``P:dash:TENANT:MINUTE`` hashes each kept ``keep_s`` after its
+        last write, and its recent events (oldest first) to ``P:dash:TENANT:r``,
+        the newest ``recent_n`` kept: one MULTI/EXEC, all or nothing."""
+        pipe = self.r.pipeline(transaction=True)
+        for tenant, by_min in minutes.items():
+            base = self._live_key(tenant)
+            for m, fields in by_min.items():
+                if fields:
+                    k = f"{base}:{m}"
+                    for f, n in fields.items():
+                        pipe.hincrby(k, f, n)
+                    pipe.expire(k, keep_s)
+        for tenant, rows in recent.items():
+            if rows:
+                k = self._live_key(tenant) + ":r"
+                pipe.lpush(k, *rows)
+                pipe.ltrim(k, 0, recent_n - 1)
+                pipe.expire(k, recent_keep_s)
+        pipe.execute()
+
+    def live_read(
+        self, tenant: str, minutes: list[int], recent_n: int
+    ) -> tuple[list[dict[bytes, bytes]], list[bytes]]:
+        """A tenant's dashboard counts of these minutes (every node's, added up) and
+        its newest ``recent_n`` recent events: one round trip (a thread's)."""
+        base = self._live_key(tenant)
+        pipe = self.r.pipeline(transaction=False)
+        for m in minutes:
+            pipe.hgetall(f"{base}:{m}")
+        pipe.lrange(base + ":r", 0, recent_n - 1)
+        *hashes, recent = pipe.execute()
+        return hashes, recent
 
     def stop(self) -> None:
         self.cluster.release()
