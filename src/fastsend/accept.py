@@ -99,6 +99,7 @@ KEEP_DUPLICATES = "keep_duplicates"
 Row = tuple[str, str, bytes]  # (rcpt, ascii domain, vars as JSON)
 
 MAX_NAME = 256  # a campaign name's characters
+TENANTS_KEPT = 100_000  # campaigns whose tenant is remembered (then read again)
 # C0 controls, DEL and C1 controls (ESC and CSI start terminal escape sequences),
 # the line and paragraph separators and the bidirectional overrides and isolates
 # (they reorder what is shown after them: a name could pass for another).
@@ -453,6 +454,8 @@ class Acceptor:
             info = self.spool.get_campaign(campaign_id)
             if info is None:
                 raise KeyError(campaign_id)
+            if len(self._tenants) >= TENANTS_KEPT:  # (serve makes campaigns for months)
+                self._tenants.clear()
             t = self._tenants[campaign_id] = info.tenant or DEFAULT_TENANT
         return t
 

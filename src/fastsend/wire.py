@@ -294,6 +294,14 @@ class Conns(msgspec.Struct, array_like=True, tag=21):
     held: list[tuple[str, str, int]]
 
 
+class Forget(msgspec.Struct, array_like=True, tag=23):
+    """Supervisor -> worker: campaigns with nothing in this worker's window for a
+    while (``Dispatch.forget_idle``): drop what was kept for them (spec, compiled
+    template, names, pool). A later batch of one comes after its spec again."""
+
+    campaigns: list[int]
+
+
 class LaneState(msgspec.Struct, array_like=True):
     """What one (source IP, site) lane of a retiring worker has used and
     learned (:meth:`fastsend.shaping.lanes.Lane.state`), for the worker that
@@ -349,6 +357,7 @@ ToWorker = (
     | Retire
     | Conns
     | Lanes
+    | Forget
 )
 FromWorker = (
     Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events | Conns | Lanes

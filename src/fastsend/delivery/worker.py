@@ -139,6 +139,15 @@ class Worker:
             self.busy -= 1
             self.check_done()
 
+    def forget(self, campaigns: list[int]) -> None:
+        """wire.Forget: what was kept per campaign, for campaigns the supervisor
+        has had nothing of in this window for a while (a long-running serve made
+        thousands: each one's spec and compiled template were kept for good)."""
+        for c in campaigns:
+            for d in (self.campaign_specs, self.renderers, self.shared, self.directs,
+                      self.unowned, self.campaign_pools, self.router.campaigns):  # fmt: skip
+                d.pop(c, None)
+
     def _read_inbox(self) -> None:
         get = self.inbox.get
         decode = wire.to_worker_decoder.decode
@@ -164,6 +173,8 @@ class Worker:
             elif isinstance(msg, wire.CampaignInfo):
                 self.router.on_campaign(msg)
                 self.unowned.pop(msg.id, None)
+            elif isinstance(msg, wire.Forget):
+                self.forget(msg.campaigns)
             elif isinstance(msg, wire.CampaignShaping):
                 self.campaign_pools[msg.campaign] = msg.pool
             elif isinstance(msg, wire.WarmupCounts):

@@ -218,6 +218,8 @@ class SupervisorState:
     suppression_seen: int | None  # the list's version() at the last check of the windows
     withdraw_checked: float  # monotonic time of that check
     stopped_checked: float  # monotonic time windows were checked for stopped campaigns
+    forget_next: float  # monotonic time of the next Dispatch.forget_idle
+    idle_before: set[int]  # campaigns known and out of every window at the last one
     # outcomes, written to the spool and the event log once per tick
     results: list[Result]
     results_since: float  # monotonic time the oldest unwritten outcome was seen (0: none)

@@ -34,7 +34,7 @@ from typing import Any
 from fastsend import msgid, wire
 from fastsend.config import Config
 from fastsend.events import EventLog
-from fastsend.queue.dispatch import STATUS_TTL, Dispatch, _raise
+from fastsend.queue.dispatch import FORGET_EVERY, STATUS_TTL, Dispatch, _raise
 from fastsend.queue.lifecycle import CRASH_LOOP, WORKER_SILENCE, WorkerLifecycle
 from fastsend.queue.outcomes import HANDBACK_SPREAD, Outcomes
 from fastsend.queue.shaping import SupervisorShaping
@@ -137,6 +137,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.own_suppression = suppression is None
         self.withdraw_checked = 0.0
         self.stopped_checked = 0.0  # monotonic time windows were checked for stopped campaigns
+        self.forget_next = time.monotonic() + FORGET_EVERY
+        self.idle_before: set[int] = set()
         try:
             self.suppression_seen = self.suppression.version()
         except Exception:  # checked again at the first tick (withdraw_suppressed)
@@ -389,6 +391,9 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
                     guard(self.withdraw_stopped, now)
                     guard(self.sweep_blobs, now)
                     guard(self.prune_final, now)
+                    if now >= self.forget_next:
+                        self.forget_next = now + FORGET_EVERY
+                        guard(self.forget_idle)
                     last_reap = now
                 if self.on_tick:
                     self.on_tick(self)
