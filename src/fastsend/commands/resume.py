@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastsend.commands.common import (
     EX_TEMPFAIL,
@@ -61,6 +61,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " remaining rows",
     )
     add_engine_arguments(p)
+
+
+def settle_quota(spool: Any, job: IngestJob | None) -> None:
+    """An uploaded list (serve's API) this command ended: the tenant's daily quota
+    counts what it spooled, not the rows it never did (``tenantcaps.settle_ended_job``).
+    A failure is said, not fatal: the mail is what matters here."""
+    if job is None:
+        return
+    from fastsend.serve.tenantcaps import settle_ended_job
+
+    try:
+        settle_ended_job(spool, job)
+    except Exception as e:
+        print(f"fastsend: warning: the daily quota count of ingest job {job.id} was not"
+              f" settled: {e}", file=sys.stderr)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         left = rows_left(job)
         if args.abandon_rest:
             spool.finish_ingest(job.id, "abandoned")
+            settle_quota(spool, spool.get_ingest(job.id))
             abandoned += left
             print(
                 f"fastsend: {path} is {problem}: abandoned its {left:,} row(s) never accepted"
@@ -182,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     for j in resumable:
         ended = spool.get_ingest(j.id)
         dups += (ended.duplicates - j.duplicates) if ended is not None else 0
+        if ended is not None and ended.finished:
+            settle_quota(spool, ended)
     summary["duplicates"] = dups
     unfinished = [
         j for j in spool.list_ingests(unfinished=True) if j.id in {r.id for r in resumable}

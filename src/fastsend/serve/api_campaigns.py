@@ -743,7 +743,7 @@ async def _upload(
     if found.fps is not None:
         table.reserve(len(found.fps))
         table.add_fps(found.fps.tolist())
-    mark = uploads.accept(job, fps=(table, fresh))
+    mark = uploads.accept(job, fps=(table, fresh), raw_fps=found.fps)
     fault("after-job")
     out["job"] = job.id
     out["rows"] = job.total

@@ -49,6 +49,33 @@ QUOTA_KEY, QUOTA_N = "quota", "quota_n"
 ALONE_FOR = 10.0  # s a node counts on its own after a shared count failed
 
 
+def job_quota(job: Any) -> tuple[str, int] | None:
+    """The quota counter an ingest job's list was counted against and how many
+    (:meth:`TenantCaps.job_tags`), or None (a ``fastsend send`` list, no quota)."""
+    key, n = job.source.get(QUOTA_KEY), job.source.get(QUOTA_N)
+    if not isinstance(key, str) or not key.startswith(PREFIX):
+        return None
+    try:
+        return key, int(n)
+    except (TypeError, ValueError):
+        return None
+
+
+def settle_ended_job(spool: Any, job: Any) -> int:
+    """An uploaded list's job ended outside serve (``fastsend resume`` spooled its
+    rest, or ``--abandon-rest`` closed it): its quota count made what it spooled
+    (``job.accepted``), as :meth:`TenantCaps.settle_job` does in serve; returns
+    the change (negative: given back). Before, the rows a job never spooled
+    stayed counted for the day."""
+    q = job_quota(job)
+    if q is None:
+        return 0
+    delta = int(job.accepted) - q[1]
+    if delta:
+        spool.add_counters({q[0]: delta})
+    return delta
+
+
 class TenantCapExceeded(Exception):
     """A tenant is over a cap; ``wait``: seconds until it may try again (Retry-After),
     0 when waiting does not help (a request over the burst)."""
@@ -249,14 +276,9 @@ class TenantCaps:
         """An uploaded list's job (an ``IngestJob``) has ended: its quota count
         becomes the rows it spooled, whichever process or node ended it (the one
         that took the list may have failed or died meanwhile)."""
-        key, n = job.source.get(QUOTA_KEY), job.source.get(QUOTA_N)
-        if not isinstance(key, str) or not key.startswith(PREFIX):
-            return
-        try:
-            counted = int(n)
-        except (TypeError, ValueError):
-            return
-        self.settle(Taken(key, counted), int(job.accepted))
+        q = job_quota(job)
+        if q is not None:
+            self.settle(Taken(*q), int(job.accepted))
 
     def sweep(self, now: float | None = None) -> int:
         """Drop the counters of days before yesterday (serve's tick, hourly)."""

@@ -45,6 +45,7 @@ from aiohttp import web
 from fastsend import durable, recipients
 from fastsend.accept import Acceptor, row_checks, row_sizer, rows_left, source_problem
 from fastsend.message import Campaign
+from fastsend.serve.tenantcaps import job_quota
 from fastsend.spool import IngestBusy, IngestJob, IngestLost, IngestMark, Spool
 
 log = logging.getLogger("fastsend.serve")
@@ -54,6 +55,13 @@ SYNC_ROWS = 20_000  # at most this many rows: spooled before the answer, one tra
 CHUNK = 2_000  # rows per transaction in the background (a loop turn each)
 ORPHAN_AGE = 3600.0  # s: an upload file no job names (its request died before the job)
 RETRY_FAILED = 60.0  # s before a job whose spooling failed here is tried again
+# A shared spool: a list spooled in the background has its address fingerprints in
+# Redis (``{P}:upfp:JOB``, 8 bytes each) while it spools, so that another node's
+# request counts an address of it once (Uploads.not_pending); kept at most this
+# long (a job ends sooner: deleted then), and the unfinished jobs read again at most
+# every JOBS_TTL s
+SHARED_FPS_TTL = 86400
+JOBS_TTL = 1.0
 
 
 class UploadTooLarge(ValueError):
@@ -143,6 +151,12 @@ class Uploads:
         # counted for): the lists this process spools in the background, so that a
         # request naming their addresses counts them once (:meth:`not_pending`)
         self.pending: dict[int, tuple[int, recipients.FpSet, int]] = {}
+        # a shared spool: other nodes' (and processes') lists still spooling, by job
+        # id: their fingerprints as they published them (None: none published),
+        # and the unfinished jobs as read last (when, monotonic s)
+        self.shared = acceptor.spool.shared()
+        self.remote: dict[int, recipients.FpSet | None] = {}
+        self._jobs: tuple[float, list[IngestJob]] = (-JOBS_TTL, [])
 
     @property
     def spool(self) -> Spool:
@@ -197,12 +211,22 @@ class Uploads:
         job: IngestJob,
         on_bad: Callable[[recipients.BadRow], None] | None = None,
         fps: tuple[recipients.FpSet, int] | None = None,
+        raw_fps: array[int] | None = None,
     ) -> IngestMark:
         """Spool the job of :meth:`start`: all of it when it has at most SYNC_ROWS
         rows (the mark is then the job's last), else its first chunk, the rest in
         the background (:meth:`running`). ``fps``: its list's address fingerprints
-        and how many of them it was counted for, kept while it spools on."""
+        and how many of them it was counted for, kept while it spools on;
+        ``raw_fps`` the same fingerprints, published for the other nodes on a
+        shared spool while it spools on."""
         path = str(job.source["path"])
+        if job.total > SYNC_ROWS and raw_fps is not None and self.shared is not None:
+            try:
+                self.shared.client.set(self._fps_key(job.id), raw_fps.tobytes(),
+                                       ex=SHARED_FPS_TTL)  # fmt: skip
+            except Exception as e:  # the other nodes may count its addresses twice: said
+                log.warning("uploaded list %s: its addresses not shared with the other"
+                            " nodes (%s)", path, e)  # fmt: skip
         if job.total <= SYNC_ROWS:
             mark = IngestMark(job.id, 0, 0, 0, 0)
             for mark in self.acceptor.ingest(job, chunk=SYNC_ROWS, on_bad=on_bad):
@@ -222,7 +246,16 @@ class Uploads:
         self._start(job, feed)
         return mark
 
+    def _fps_key(self, job_id: int) -> str:
+        assert self.shared is not None
+        return "{" + self.shared.prefix + "}:upfp:" + str(job_id)
+
     def _done(self, job: IngestJob) -> None:
+        if self.shared is not None and job.total > SYNC_ROWS:
+            try:
+                self.shared.client.delete(self._fps_key(job.id))
+            except Exception:  # (it expires)
+                pass
         if self.on_done is not None:
             try:
                 self.on_done(job)
@@ -235,15 +268,63 @@ class Uploads:
         for cid, table, _n in self.pending.values():
             if cid == campaign_id and fps:
                 fps = [fp for fp, has in zip(fps, table.has_fps(fps), strict=True) if not has]
+        if self.shared is not None and fps:  # and another node's (or process's)
+            for t in self._remote_tables(campaign_id):
+                fps = [fp for fp, has in zip(fps, t.has_fps(fps), strict=True) if not has]
+                if not fps:
+                    break
         return fps
+
+    def _remote_tables(self, campaign_id: int) -> list[recipients.FpSet]:
+        """The fingerprint sets of the campaign's lists another node (or process)
+        spools now, as they published them (:meth:`accept`); read once per job.
+        Before, a node counted an address of such a list again: the tenant's
+        quota and the campaign's cap were over-counted until that list ended (a
+        false 429/413 near them). Redis out of reach: none (counted again, as
+        before)."""
+        now = time.monotonic()
+        at, jobs = self._jobs
+        try:
+            if now - at >= JOBS_TTL:
+                jobs = [j for j in self.spool.list_ingests(unfinished=True)
+                        if j.source.get("origin") == "api" and j.total > SYNC_ROWS]  # fmt: skip
+                self._jobs = (now, jobs)
+                live = {j.id for j in jobs}
+                for gone in [i for i in self.remote if i not in live]:
+                    del self.remote[gone]
+            out = []
+            for j in jobs:
+                if j.campaign != campaign_id or j.id in self.pending:
+                    continue
+                if j.id not in self.remote:
+                    assert self.shared is not None
+                    raw = self.shared.client.get(self._fps_key(j.id))
+                    table = None
+                    if raw:
+                        table = recipients.FpSet()
+                        got = array("Q")
+                        got.frombytes(raw[: len(raw) - len(raw) % 8])
+                        table.reserve(len(got))
+                        table.add_fps(got.tolist())
+                    self.remote[j.id] = table
+                t = self.remote[j.id]
+                if t is not None:
+                    out.append(t)
+            return out
+        except Exception as e:
+            log.debug("uploads: other nodes' pending lists not read: %s", e)
+            return []
 
     def left(self, job: IngestJob) -> int:
         """How many more recipients an unfinished job may spool: the addresses it
         was counted for less those spooled, when this process spools it; else the
-        rows it has not read (another process's, or node's)."""
+        rows it has not read (another process's, or node's), at most what its
+        request counted less those spooled."""
         held = self.pending.get(job.id)
-        if held is None:
-            return rows_left(job)
+        if held is None:  # (its request counted its addresses: no more than that)
+            q = job_quota(job)
+            left = rows_left(job)
+            return left if q is None else max(0, min(left, q[1] - job.accepted))
         return max(0, held[2] - job.accepted)
 
     def _spooled(self, mark: IngestMark, before: IngestJob) -> None:
