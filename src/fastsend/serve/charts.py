@@ -30,11 +30,14 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from fastsend.serve.api import ApiError, json_response, tenant_of
@@ -45,6 +48,13 @@ from fastsend.spool import AGE_BUCKETS_MIN
 log = logging.getLogger("fastsend.serve.charts")
 
 GAUGE_EVERY = 15.0
+# A shared spool: each node's IP state (publish_ips) looked at every IP_STATE_CHECK
+# s, written when changed and at least every IP_STATE_EVERY s; older than
+# IP_STATE_STALE s it is a dead node's (ignored); at most IP_STATE_RESTS rests an IP
+IP_STATE_CHECK = 1.0
+IP_STATE_EVERY = 30.0
+IP_STATE_STALE = 120.0
+IP_STATE_RESTS = 100
 NODE = "*"
 MAX_RESTS = 500
 _PAGES = {"campaign": "campaign.html", "ip": "ip.html"}
@@ -57,7 +67,14 @@ class Charts:
         self.script = load("charts.js")
         self.rests: dict[str, dict[str, dict[str, Any]]] = {}  # ip -> site -> rest
         self.last_gauges = 0.0
+        self.sampling: asyncio.Future[None] | None = None  # the queue gauges being read
         self.reputation: Any = None  # fastsend.analytics.dnsbl state, when configured
+        self.ips_sent: dict[str, bytes] = {}  # (publish_ips) what was published last
+        self.ips_refreshed = 0.0
+        # (publish_ips) source IP -> (its pool's name, its warm-up), read every
+        # IP_STATE_EVERY s
+        self.ips_pools: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
+        self.ips_published = 0.0
 
     # -- pages -------------------------------------------------------------------
 
@@ -97,17 +114,27 @@ class Charts:
         tenant = tenant_of(request)
         pool, pip, allowed = self._pool_of(ip, tenant)
         source_ips = set(getattr(self.ctx.config, "source_ips", []) or [])
-        if pool is None and ip not in source_ips:
-            raise ApiError(404, "ip: not one of this node's source IPs")
+        now = time.time()
+        held: dict[str, Any] | None = None  # another node's, as it published it
+        shared = getattr(self.ctx, "shared", None)
+        if ip not in source_ips and shared is not None:
+            with contextlib.suppress(Exception):  # (Redis out of reach: this node's view)
+                raw = await asyncio.to_thread(shared.ip_state_get, ip)
+                got = orjson.loads(raw) if raw else None
+                if isinstance(got, dict) and now - float(got.get("at", 0)) <= IP_STATE_STALE:
+                    held = got
+        if pool is None and ip not in source_ips and held is None:
+            raise ApiError(404, "ip: not a source IP of this node (nor of a live node)")
         if not allowed:
             raise ApiError(403, "ip: not in your pool (admin tenants see every IP)")
-        now = time.time()
         warm: dict[str, Any] = {"warming": False, "day": 0, "days": 0, "cap": None}
         if pool is not None and pip is not None:
             day = pip.warmup_day(now)
             days = len(pool.schedule.caps)
             warm = {"warming": 0 < day <= days, "day": day, "days": days,
                     "cap": pool.schedule.cap(day) if 0 < day <= days else None}  # fmt: skip
+        elif held is not None:
+            warm = held.get("warmup") or warm
         providers = []
         rollups = getattr(self.ctx, "rollups", None)
         if rollups is not None:
@@ -120,16 +147,67 @@ class Charts:
             for (prov,), row in sorted(rows):
                 sent = row[IDX["delivered"]] + row[IDX["bounced"]] + row[IDX["deferred"]]
                 providers.append({"provider": prov, "sent_today": sent})
-        rests = [
+        if held is not None:  # rests and blocklist checks: the node holding the IP's
+            rests = [r for r in held.get("rests") or [] if float(r.get("until", 0)) > now]
+            blocklists = held.get("blocklists") or []
+        else:
+            rests, blocklists = self._rests(ip, now), self._blocklists(ip)
+        name = pool.name if pool is not None else held.get("pool") if held is not None else None
+        return json_response(
+            {"ip": ip, "pool": name, "warmup": warm,
+             "providers": providers, "rests": rests, "blocklists": blocklists, "time": now,
+             "node": held.get("node") if held is not None else None},
+            headers={"Cache-Control": "no-store"},
+        )  # fmt: skip
+
+    def _rests(self, ip: str, now: float) -> list[dict[str, Any]]:
+        return [
             {"site": site, **r} for site, r in sorted(self.rests.get(ip, {}).items())
             if r["until"] > now
         ]  # fmt: skip
-        blocklists = self.reputation.status(ip) if self.reputation is not None else []
-        return json_response(
-            {"ip": ip, "pool": pool.name if pool is not None else None, "warmup": warm,
-             "providers": providers, "rests": rests, "blocklists": blocklists, "time": now},
-            headers={"Cache-Control": "no-store"},
-        )  # fmt: skip
+
+    def _blocklists(self, ip: str) -> list[dict[str, Any]]:
+        return self.reputation.status(ip) if self.reputation is not None else []
+
+    def publish_ips(self, now: float) -> None:
+        """A shared spool: what only this node knows of its source IPs (the sites
+        resting each, its blocklist checks, its pool and warm-up day), published
+        for the IP page of every node (``SharedState.ip_state_put``): a balancer
+        sends the page's poll to any node, and before, a node answered 404 for
+        another node's IP. Written when it changed, else every ``IP_STATE_EVERY``
+        s (its ``at`` tells a live holder's from a dead one's)."""
+        shared = getattr(self.ctx, "shared", None)
+        if shared is None:
+            return
+        node = getattr(shared, "node", "")
+        out: dict[str, bytes] = {}
+        own = [ip for ip in getattr(self.ctx.config, "source_ips", []) or [] if ip]
+        every = now - self.ips_refreshed >= IP_STATE_EVERY
+        if every or self.ips_pools.keys() != set(own):  # (pools read again: a reload)
+            from fastsend.shaping.pools import load_pools
+
+            pools = load_pools(self.ctx.config, now)
+            self.ips_pools = dict.fromkeys(own, (None, None))
+            for pool in pools.pools.values():
+                for p in pool.ips:
+                    if p.ip in self.ips_pools:
+                        day, days = p.warmup_day(now), len(pool.schedule.caps)
+                        self.ips_pools[p.ip] = (pool.name, {
+                            "warming": 0 < day <= days, "day": day, "days": days,
+                            "cap": pool.schedule.cap(day) if 0 < day <= days else None})  # fmt: skip
+        for ip in own:
+            name, warm = self.ips_pools[ip]
+            body = {"node": node, "pool": name, "warmup": warm,
+                    "rests": self._rests(ip, now)[:IP_STATE_RESTS],
+                    "blocklists": self._blocklists(ip)}  # fmt: skip
+            key = orjson.dumps(body)
+            if every or self.ips_sent.get(ip) != key:
+                self.ips_sent[ip] = key
+                out[ip] = orjson.dumps({**body, "at": now})
+        if every:
+            self.ips_refreshed = now
+        if out:
+            shared.ip_state_put(out)
 
     async def dmarc(self, request: web.Request) -> web.Response:
         """DMARC aggregate reports: where mail claiming the node's domains came from.
@@ -170,22 +248,46 @@ class Charts:
                 self.rests.get(ip, {}).pop(site, None)
 
     def tick(self) -> None:
+        now = time.time()
+        if now - self.ips_published >= IP_STATE_CHECK:
+            self.ips_published = now
+            self.publish_ips(now)
         rollups = getattr(self.ctx, "rollups", None)
         if rollups is None:
             return
         rollups.maybe_flush()
-        now = time.time()
-        if now - self.last_gauges >= GAUGE_EVERY:
+        if now - self.last_gauges >= GAUGE_EVERY and (
+            self.sampling is None or self.sampling.done()
+        ):
             self.last_gauges = now
-            try:
-                self.sample_gauges(rollups, now)
-            except self.ctx.spool.outage_errors():
-                raise  # serve's tick says once that the spool is out of reach
-            except Exception:
-                log.exception("queue gauges not sampled")
+            self.sampling = asyncio.ensure_future(self.sample_gauges(rollups, now))
 
-    def sample_gauges(self, rollups: Any, now: float) -> None:
-        spool = self.ctx.spool
+    async def sample_gauges(self, rollups: Any, now: float) -> None:
+        """The queue gauges read in a thread (:meth:`read_gauges`, through
+        ``Spool.reader``), given to the rollups on the loop. On the loop, the
+        read held serve (its supervisor's dispatch, every request) 1.3 s every
+        ``GAUGE_EVERY`` s at 100,000 pending on Redis, on every node: it reads
+        every pending row. The spool out of reach: said by serve's tick."""
+        try:
+            gauges = await asyncio.to_thread(self._read_in_thread, now)
+        except self.ctx.spool.outage_errors() as e:
+            log.debug("queue gauges not sampled: %s", e)
+            return
+        except Exception:
+            log.exception("queue gauges not sampled")
+            return
+        for tenant, name, value in gauges:
+            rollups.gauge(tenant, name, value, now)
+
+    def _read_in_thread(self, now: float) -> list[tuple[str, str, float]]:
+        with self.ctx.spool.reader() as spool:
+            return self.read_gauges(spool, now)
+
+    def read_gauges(self, spool: Any, now: float) -> list[tuple[str, str, float]]:
+        """(tenant, gauge, value) of the queue now: per tenant its pending and
+        deferred messages, node-wide (``*``) the same and the oldest pending
+        message's age bucket."""
+        out: list[tuple[str, str, float]] = []
         per: dict[str, list[int]] = {}
         for c in spool.list_campaigns():
             if c.status in ("cancelled", "abandoned"):
@@ -196,22 +298,18 @@ class Charts:
             acc[1] += n.get("deferred", 0)
         node = [0, 0]
         for tenant, (depth, deferred) in per.items():
-            rollups.gauge(tenant, "queue_depth", depth, now)
-            rollups.gauge(tenant, "queue_deferred", deferred, now)
+            out += [(tenant, "queue_depth", depth), (tenant, "queue_deferred", deferred)]
             node[0] += depth
             node[1] += deferred
-        rollups.gauge(NODE, "queue_depth", node[0], now)
-        rollups.gauge(NODE, "queue_deferred", node[1], now)
+        out += [(NODE, "queue_depth", node[0]), (NODE, "queue_deferred", node[1])]
         oldest = 0
         for _dom, buckets in spool.queue_shape(now):
             for i, n in enumerate(buckets):
                 if n and i + 1 > oldest:
                     oldest = i + 1
-        if oldest:
-            bounds = (0, *AGE_BUCKETS_MIN, AGE_BUCKETS_MIN[-1] * 2)
-            rollups.gauge(NODE, "queue_oldest_min", bounds[oldest], now)
-        else:
-            rollups.gauge(NODE, "queue_oldest_min", 0, now)
+        bounds = (0, *AGE_BUCKETS_MIN, AGE_BUCKETS_MIN[-1] * 2)
+        out.append((NODE, "queue_oldest_min", bounds[oldest] if oldest else 0))
+        return out
 
 
 def setup_charts(app: web.Application, ctx: Any) -> Charts:

@@ -226,7 +226,8 @@ class _Unsent:
             row = self.secs[s] = [0, 0, 0]
         row[k] += 1
         m = self.mins.get(s // 60)
-        if m is None:
+        if m is None:  # a new minute: what no answer shows any more goes (an outage)
+            self.prune(t)
             m = self.mins[s // 60] = ({}, {})
         for table, key in zip(m, keys, strict=True):
             r = table.get(key)

@@ -37,6 +37,8 @@ DESCRIPTION
                         counted once a second); kept 17 min. ``P:dash:TENANT:r``
                         its newest recent events (40): any node's dashboard
                         answers for the cluster.
+    ``P:ipstate``       source IP -> its node's rests, blocklist checks, pool and
+                        warm-up day: the IP page on any node.
     ``P:evx``           the same events by time (GET /v1/events): a stream whose
                         entries each name a run of one ``P:ev:B`` list (bucket,
                         start, count) holding events of one campaign and one
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import socket
@@ -73,6 +76,8 @@ from fastsend.serve.auth import (
 from fastsend.serve.eventindex import CatchesUp
 from fastsend.spool import SharedStore
 from fastsend.suppression import Entry, Suppressions
+
+log = logging.getLogger("fastsend.serve")
 
 EVENT_TTL = 30 * 86400  # s a message's event history stays readable in Redis
 WEBHOOK_LOCK = 10.0  # s a node's lease on sending to one webhook URL
@@ -864,6 +869,7 @@ class SharedState:
         self.status_source: Callable[[], dict[str, Any]] | None = None
         # () -> None: the dashboard's counts since the last tick added to Redis
         self.live_source: Callable[[], None] | None = None
+        self._live_failed = False
         # Supervisor.rest_ip (serve sets it with workers): a source IP another
         # live node took while this node's lease on it had lapsed is rested here
         # until it is this node's again
@@ -897,7 +903,15 @@ class SharedState:
         if now - self._published >= STATUS_EVERY:
             self._published = now
             if self.live_source is not None:
-                self.live_source()
+                try:  # (its counts wait for the next tick; the status goes on)
+                    self.live_source()
+                    self._live_failed = False
+                except Exception as e:
+                    if not self._live_failed:  # once per run of failures
+                        log.warning("dashboard: this node's counts not published to"
+                                    " Redis (%s: %s); tried again each second",
+                                    e.__class__.__name__, e)  # fmt: skip
+                    self._live_failed = True
             st = self.status_source() if self.status_source is not None else {}
             self.cluster.publish({**st, "host": socket.gethostname(), "pid": os.getpid(),
                                   "started": self._started})  # fmt: skip
@@ -967,6 +981,19 @@ class SharedState:
         pipe.lrange(base + ":r", 0, recent_n - 1)
         *hashes, recent = pipe.execute()
         return hashes, recent
+
+    def ip_state_put(self, states: dict[str, bytes]) -> None:
+        """Source IP -> what its node alone knows of it (``Charts.publish_ips``),
+        in the hash ``P:ipstate``, kept a day after its last write."""
+        k = "{" + self.prefix + "}:ipstate"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(k, mapping=states)
+        pipe.expire(k, 86400)
+        pipe.execute()
+
+    def ip_state_get(self, ip: str) -> bytes | None:
+        raw = self.r.hget("{" + self.prefix + "}:ipstate", ip)
+        return raw if isinstance(raw, bytes | None) else str(raw).encode()
 
     def stop(self) -> None:
         self.cluster.release()
