@@ -62,6 +62,7 @@ RETRY_FAILED = 60.0  # s before a job whose spooling failed here is tried again
 # every JOBS_TTL s
 SHARED_FPS_TTL = 86400
 JOBS_TTL = 1.0
+_UNREAD = object()
 
 
 class UploadTooLarge(ValueError):
@@ -154,13 +155,20 @@ class Uploads:
         # a shared spool: other nodes' (and processes') lists still spooling, by job
         # id: their fingerprints as they published them (None: none published),
         # and the unfinished jobs as read last (when, monotonic s)
-        self.shared = acceptor.spool.shared()
+        self._shared: Any = _UNREAD  # (read at first use: the spool's SharedStore or None)
         self.remote: dict[int, recipients.FpSet | None] = {}
         self._jobs: tuple[float, list[IngestJob]] = (-JOBS_TTL, [])
 
     @property
     def spool(self) -> Spool:
         return self.acceptor.spool
+
+    @property
+    def shared(self) -> Any:
+        """The spool's shared store (``Spool.shared()``: Redis), None for a local spool."""
+        if self._shared is _UNREAD:
+            self._shared = self.spool.shared()
+        return self._shared
 
     async def save(self, body: AsyncIterable[bytes], suffix: str, limit: int) -> Saved:
         """Stream a request body to a new file in the uploads directory, durably;
