@@ -832,7 +832,9 @@ class Acceptor:
                 problem = storage_problem(e) if outage else None
                 if problem is None:
                     raise
-                yield SpoolStorageError(f"the event log's storage {problem} ({e})")
+                refused = SpoolStorageError(f"the event log's storage {problem} ({e})")
+                refused.__cause__ = e  # (storage_problem reads it: `send` says what to run)
+                yield refused
             first = 0
             while True:  # where the job stands now that the spool answers
                 try:

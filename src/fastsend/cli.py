@@ -144,8 +144,16 @@ def main(argv: Sequence[str] | None = None, *, entry: bool = False) -> int:
     except Exception as e:  # a damaged database: one line that says what to do
         # (after BrokenPipeError: an Exception handler first took the closed pipe
         # of `fastsend dkim keygen | head` and re-raised it as a traceback)
+        import errno
+
+        from fastsend.procs import leave_hung_up_terminal
         from fastsend.spool.base import TEMPORARY_STORAGE, storage_problem
         from fastsend.sqlitedb import corrupt_database
+
+        # A write to a terminal that was hung up (EIO): no disk's fault; ended by
+        # the hangup, as the shell says of a process SIGHUP ended.
+        if isinstance(e, OSError) and e.errno == errno.EIO and leave_hung_up_terminal():
+            return 128 + 1
 
         why = corrupt_database(e)
         if why is not None:

@@ -54,16 +54,25 @@ class Progress:
         width = 24
         frac = min(1.0, done / self.total) if self.total else 1.0
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        self.stream.write(
+        self._write(
             f"\r[{bar}] {frac * 100:5.1f}%  {rate:8.0f} msg/s  delivered {s.delivered}"
             f"  deferred {s.deferred}  bounced {s.bounced}  expired {s.expired}  ETA {eta} "
         )
-        self.stream.flush()
 
     def done(self) -> None:
         if self.enabled:
-            self.stream.write("\n")
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        """Show ``text``; a terminal that went away (hung up: EIO) ends the display,
+        not the run: the supervisor called this from its loop, and the OSError
+        ended a hangup's drain with mail on the wire (attempts of unknown
+        outcome, sent again by resume)."""
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except OSError:
+            self.enabled = False
 
 
 SUPERVISOR_GC_YOUNG = 50_000

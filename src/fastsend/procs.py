@@ -13,13 +13,19 @@ sets it itself at start from the parent's pid in :data:`PARENT_ENV`.
 The kernel's "parent" is the *thread* that forked: a child started from a
 thread that ends before the process gets the signal then. fastsend forks and
 spawns from its main thread.
+
+And a process whose terminal went away (:func:`leave_hung_up_terminal`): what
+it still says goes where it can be read, not into an EIO.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import signal
+import sys
 from typing import Any
 
 from fastsend._accel import pick
@@ -74,3 +80,44 @@ def die_with_parent_from_env() -> None:
     value = os.environ.pop(PARENT_ENV, "")
     if value.isdigit():
         die_with_parent(int(value))
+
+
+def hung_up_terminal(fd: int) -> bool:
+    """Whether ``fd`` is a terminal that was hung up (the ssh session dropped,
+    the window closed): the kernel answers its every write, and ``tcgetattr``,
+    with EIO. A file, a pipe or a live terminal: False."""
+    import termios  # (here: a command that never asks imports nothing for it)
+
+    try:
+        termios.tcgetattr(fd)
+    except termios.error as e:
+        return bool(e.args and e.args[0] == errno.EIO)
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def leave_hung_up_terminal() -> bool:
+    """Point stdout and stderr that are a hung-up terminal at /dev/null, so that
+    what a command says after a hangup goes to whichever of them still reaches
+    someone (a ``2>log`` file) and the rest is dropped, as it would have been
+    read by no one: before, the first write to the dead terminal (the summary)
+    raised EIO, said as "the disk cannot be written" (exit 2, or 1 with a
+    traceback) in place of the resume command and 129. True when one was."""
+    gone = False
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not hung_up_terminal(fd):
+            continue
+        gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()  # what was buffered for the dead terminal: now dropped
+    return gone

@@ -17,7 +17,9 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
@@ -47,7 +49,7 @@ Row = tuple[int, str, str, bytes]
 
 def _open(path: str) -> io.TextIOWrapper:
     try:
-        return open(path, encoding="utf-8-sig", newline="")
+        f = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - returned open
     except FileNotFoundError:
         if path == "-":  # (was "recipient file '-' not found")
             raise RecipientsError(
@@ -57,6 +59,17 @@ def _open(path: str) -> io.TextIOWrapper:
         raise RecipientsError(f"recipient file {path!r} not found") from None
     except OSError as e:
         raise RecipientsError(f"cannot read recipient file {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        # A pipe (`-r /dev/stdin`, `-r <(query)`: /dev/fd/N) is read once: the
+        # columns took its first lines, the rows found nothing left, and `send`
+        # ended "delivered 0", exit 0, the whole list dropped without a word.
+        f.close()
+        raise RecipientsError(
+            f"recipient list {path!r} is not a regular file (a pipe or device): it is"
+            " read more than once and its position is kept in the spool for `fastsend"
+            " resume`; save it to a file first"
+        )
+    return f
 
 
 def detect_format(path: str, first: str) -> str:

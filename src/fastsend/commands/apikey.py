@@ -13,6 +13,7 @@ picks up revocations on SIGHUP (or at once for keys it has not seen yet).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -94,7 +95,13 @@ def _store(args: argparse.Namespace) -> Any:
         shared = shared_store(url)
         assert shared is not None
         return RedisKeyStore(shared.client, shared.prefix)
-    return KeyStore.for_spool(_spool_dir(args))
+    where = _spool_dir(args)
+    if args.action != "create" and not os.path.isdir(where):
+        # `list`/`revoke` made the directory and an empty key store (a mistyped
+        # --spool answered "no keys", exit 0, and left a spool-like directory);
+        # `create` still makes it: keys may come before the first `serve`.
+        raise ConfigError(f"{where}: not a directory (no spool there: `create` or `serve` makes one)")
+    return KeyStore.for_spool(where)
 
 
 def run(args: argparse.Namespace) -> int:

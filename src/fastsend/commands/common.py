@@ -139,6 +139,9 @@ def open_suppression(spool_url: str, local_dir: str) -> Any:
 
 
 def print_summary(summary: dict[str, object], as_json: bool) -> None:
+    from fastsend.procs import leave_hung_up_terminal
+
+    leave_hung_up_terminal()  # a hangup stopped the run: say it where it can be read
     if as_json:
         import orjson
 

@@ -43,6 +43,7 @@ from fastsend.commands.common import (
     sign_links_as_serve,
     still_deferred,
     stopped_by_signal,
+    stopped_by_storage,
 )
 
 # Everything run() opens is closed when it returns, and it leaves no thread:
@@ -271,17 +272,30 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(mark, BaseException):  # the spool is out of reach already
             raise mark
     except refused as e:
-        events.close()
+        with contextlib.suppress(OSError):  # (its buffer on the same full disk, maybe)
+            events.close()
         if rollups is not None:
             rollups.close()
         if ips is not None:
             with contextlib.suppress(Exception):
                 ips.release()
+        kept = False
         if cid is not None:  # a campaign with none of its list in: not left active, empty
             with contextlib.suppress(Exception):
                 if not any(spool.counts(cid).values()):
                     spool.set_campaign_status(cid, ABANDONED)
-        return die(str(e))
+                else:
+                    kept = True
+        # The first chunk's rows committed, then the event log's disk full (a
+        # Redis spool's local dir): a traceback's one line, exit 75, no `resume`
+        # command, so a job runner ran `send` again, a second campaign of the
+        # same list. Said as any storage refusal (the rows and the list's place
+        # are kept; resume tells their events and goes on).
+        code = stopped_by_storage(e, spool_url) if kept else None
+        if code is not None:
+            return code
+        temporary = isinstance(e, spool.outage_errors()) or getattr(e, "exit_status", 2) == EX_TEMPFAIL
+        return die(str(e), EX_TEMPFAIL if temporary else 2)
     progress = [mark]
 
     def feeder() -> Iterator[BaseException | None]:

@@ -176,6 +176,16 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"no such file: {path}")
+    # Files it writes: said before it listens, as a usage error (was "cannot
+    # listen: [Errno 2] ...", exit 1, a log path with no directory read as a port).
+    if args.log is not None:
+        where = os.path.dirname(os.path.abspath(args.log))
+        if os.path.isdir(args.log):
+            raise ValueError(f"--log {args.log}: is a directory (give a file)")
+        if not os.path.isdir(where):
+            raise ValueError(f"--log {args.log}: no directory {where}")
+    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise ValueError(f"--save {args.save}: not a directory")
     return SinkConfig(
         listen=listen,
         hostname=args.hostname,

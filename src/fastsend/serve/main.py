@@ -58,6 +58,7 @@ from fastsend import durable
 from fastsend.config import Config, ConfigError, load
 from fastsend.faults import FAULT, countdown
 from fastsend.periodic import every
+from fastsend.procs import leave_hung_up_terminal
 from fastsend.serve import lograte
 from fastsend.sqlitedb import corrupt_database
 
@@ -588,6 +589,11 @@ class Server:
                 self.ctx.supervisor.on_signal(signal.SIGINT)
 
     def on_hup(self) -> None:
+        # A terminal hangup (serve in the foreground of an ssh session that
+        # dropped) is a SIGHUP too: serve reloads and goes on, but its stderr is
+        # the dead terminal, and the stop's last line raised EIO (a traceback,
+        # exit 1 after a clean drain). What it says from now on goes nowhere.
+        leave_hung_up_terminal()
         if self.stop_event.is_set():  # (a reload would respawn workers a stop is ending)
             log.warning("SIGHUP: the server is stopping; ignored")
             return

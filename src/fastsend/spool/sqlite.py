@@ -225,6 +225,37 @@ CREATE TABLE IF NOT EXISTS pruned (
 """
 
 SCHEMA_VERSION = "1"
+
+
+class SpoolTooNew(SpoolError):
+    """The spool was made by a newer fastsend (``meta.schema`` above
+    ``SCHEMA_VERSION``): a usage error (exit 2), never opened. Before, an older
+    fastsend (a downgrade, a second host with an older package) opened it
+    without a word and wrote rows in its own layout into the newer one's
+    tables (a view read it as if it knew its meaning)."""
+
+
+def _refuse_newer(db: sqlite3.Connection, path: str) -> None:
+    """Raise :class:`SpoolTooNew` (the database closed) when ``db``'s spool schema
+    is not one this fastsend knows: a number above ``SCHEMA_VERSION``, or no
+    number. A database without the meta table yet (being made) passes."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    except sqlite3.OperationalError:  # no meta table: a spool not made yet
+        return
+    if row is None:
+        return
+    try:
+        newer = int(row[0]) > int(SCHEMA_VERSION)
+    except (TypeError, ValueError):
+        newer = True
+    if newer:
+        db.close()
+        raise SpoolTooNew(
+            f"the spool in {path} was made by a newer fastsend (spool schema {row[0]!s};"
+            f" this fastsend reads {SCHEMA_VERSION}): run the fastsend that made it (or a"
+            " newer one); this one would write its own layout into it"
+        )
 # meta: every row in flight has an id >= this (recover() scans from it)
 INFLIGHT_LOW = "inflight_low"
 # meta: the ids ("first-last,..." runs) of outcomes recorded whose events may not
@@ -683,9 +714,11 @@ class SQLiteSpool(Spool):
         # but not a power loss. That is enough for claims and outcomes (a lost
         # outcome means a retry, never a loss); add_messages, which makes mail
         # "accepted", switches to FULL for its own transaction.
-        self.db = connect(self.path, readonly=readonly, synchronous="NORMAL", schema=SCHEMA)
+        self.db = connect(self.path, readonly=readonly, synchronous="NORMAL")
         self._writable = not readonly
+        _refuse_newer(self.db, self.path)  # before our schema touches a newer one's
         if not readonly:
+            self.db.executescript(SCHEMA)
             self.db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
             )
@@ -721,6 +754,7 @@ class SQLiteSpool(Spool):
             f"file:{self.path}?immutable=1", uri=True, isolation_level=None
         )
         self._writable = False
+        _refuse_newer(self.db, self.path)
         self._of = _OF_RUNS if _runs_cover(self.db) is not None else _OF_INDEX
         self._rows = PyRowWriter(self.db, self.path, _insert_sql)
 
