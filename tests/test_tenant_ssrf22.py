@@ -225,3 +225,116 @@ def test_a_tenant_url_answering_a_redirect_is_not_followed(tmp_path: Path) -> No
             await inside.close()
 
     asyncio.run(main())
+
+
+def test_a_reload_that_narrows_allow_private_drops_kept_alive_connections(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP taking a network out of ``[webhooks] allow_private`` (new: the tenant's
+    kept-alive connection, checked against the old list, went on carrying its POSTs
+    for as long as it was reused, every few seconds: for ever): the next POST
+    connects anew and is refused."""
+    import dataclasses
+
+    from tests.test_serve_webhooks import Receiver
+
+    from fastsend.serve.webhooks import WebhookDispatcher
+
+    async def main() -> None:
+        rx = Receiver(TENANT_SECRET)
+        url = await rx.start()
+        ctx = _webhook_ctx(tmp_path, [url], allow_private=["127.0.0.0/8"])
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            camp = ctx.tenant_campaign("acme")
+            ctx.emit({"event": "bounced", "id": 1, "campaign": camp, "rcpt": "a@example.org"})
+            await _until(lambda: len(rx.events) == 1)
+            await d.reconfigure(dataclasses.replace(d.config, allow=()))
+            failed = d.stats["failed"]
+            ctx.emit({"event": "bounced", "id": 2, "campaign": camp, "rcpt": "b@example.org"})
+            await _until(lambda: d.stats["failed"] >= failed + 2 or len(rx.events) > 1)
+            assert len(rx.events) == 1 and rx.attempts == 1
+        finally:
+            await d.stop()
+            ctx.close()
+            await rx.close()
+
+    asyncio.run(main())
+
+
+def test_a_templates_header_section_has_raw_mimes_caps(tmp_path: Path) -> None:
+    """A template message's header fields held to the caps SMTP submission and the
+    API's ``raw`` already had (1,000 fields, 100,000 octets; new: POST /v1/messages
+    with 20,000 ``headers``, one 900 KB header or a 200 KB subject was 202 and each
+    message went out with a 1.2-1.5 MB header section, which Postfix cuts at 102,400
+    octets and Gmail refuses): 400 naming ``headers``, for messages and campaigns;
+    1,000 small headers still go."""
+    from tests.test_tenant_caps import node
+
+    def msg(**kw: Any) -> dict[str, Any]:
+        return {"from": "a@acme.example", "to": ["x@example.org"], "subject": "s", "text": "t",
+                **kw}
+
+    async def main() -> None:
+        tables = {"spool": {"dir": str(tmp_path / "spool")},
+                  "tenants": {"acme": {"domains": ["acme.example"]}}}  # fmt: skip
+        async with node(tables) as n:
+            for bad in (msg(headers={f"X-H{i}": "v" for i in range(1001)}),
+                        msg(headers={"X-Big": "v" * 900_000}),
+                        msg(headers={f"X-H{i}": "w " * 150 for i in range(500)}),
+                        msg(subject="s" * 200_000)):  # fmt: skip
+                st, body, _h = await n.req("POST", "/v1/messages", bad)
+                assert st == 400 and "headers" in body["error"]["message"], (st, body)
+                assert "at most" in body["error"]["message"]
+            camp = {"name": "c", "template": msg(headers={"X-Big": "v" * 200_000}),
+                    "recipients": [{"email": "r@example.org"}]}  # fmt: skip
+            del camp["template"]["to"]
+            st, body, _h = await n.req("POST", "/v1/campaigns", camp)
+            assert st == 400 and "headers" in body["error"]["message"], (st, body)
+            st, body, _h = await n.req("POST", "/v1/messages",
+                                       msg(headers={f"X-H{i}": "v" * 50 for i in range(1000)}))
+            assert st == 202, body
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_an_mx_whose_ipv6_address_carries_an_inside_ipv4_one_is_refused(
+    dns_server: Any, allow: bool
+) -> None:
+    """An MX (or a recipient's address literal) whose IPv6 address carries an inside
+    IPv4 one: NAT64 ``64:ff9b::7f00:1`` (on an IPv6-only host with NAT64, 127.0.0.1
+    or 169.254.169.254 as seen from the gateway), 6to4 ``2002:7f00:1::``, the
+    deprecated site-local ``fec0::/10`` and IPv4-compatible ``::127.0.0.1`` (new:
+    Python's ``is_global`` takes them all for public, so a tenant's recipient domain
+    could aim delivery, and the MTA-STS and TLS-RPT fetches held to the same rule,
+    at them): refused 5.4.4 as a loopback MX is; with ``allow_private_mx`` allowed.
+    A public address in the same forms is a site."""
+    from fastsend.config import loader
+    from fastsend.delivery.mx import MXResolver, Site
+    from fastsend.outcome import Outcome
+
+    inside = {"nat64.test": "64:ff9b::a9fe:a9fe", "sixtofour.test": "2002:7f00:1::1",
+              "sitelocal.test": "fec0::1", "compat.test": "::7f00:1"}
+    zones: dict[str, list[tuple[str, str]]] = {"public.test": [("AAAA", "64:ff9b::808:808")]}
+    for dom, addr in inside.items():
+        zones[dom] = [("MX", f"10 mx.{dom}.")]
+        zones[f"mx.{dom}"] = [("AAAA", addr)]
+    dns_server.set_zones(zones)
+    cfg = loader.from_dict(
+        {"dns": {"nameservers": [dns_server.nameserver]},
+         "delivery": {"allow_private_mx": allow}}, base_dir=".", files=False,
+    )  # fmt: skip
+
+    async def main() -> None:
+        r = MXResolver(cfg)
+        for dom in [*inside, "[IPv6:64:ff9b::7f00:1]"]:
+            got = await r.site_for(dom)
+            if allow:
+                assert isinstance(got, Site), (dom, got)
+            else:
+                assert isinstance(got, Outcome) and got.enhanced == "5.4.4", (dom, got)
+        assert isinstance(await r.site_for("public.test"), Site)
+
+    asyncio.run(main())

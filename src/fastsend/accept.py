@@ -275,6 +275,34 @@ def _check_tracking_base(spec: dict[str, Any]) -> None:
         )
 
 
+def check_header_section(spec: dict[str, Any]) -> None:
+    """The header fields a campaign writes held to raw MIME's caps
+    (fastsend.message.rawmime: MAX_HEADER_FIELDS fields, MAX_HEADER_OCTETS octets),
+    which SMTP submission and the API's ``raw`` already refused: receivers cut or
+    refuse a larger header section (Postfix keeps 102,400 octets and drops the rest,
+    Gmail answers 552 5.3.4), so a template with 20,000 ``headers`` or a 900 KB one
+    was accepted, and each message sent with a 1.2-1.5 MB header section. Counted
+    on the template's own text: a variable's value adds to it per recipient."""
+    from fastsend.message.rawmime import MAX_HEADER_FIELDS, MAX_HEADER_OCTETS
+
+    fields = len(spec.get("headers") or {})
+    if fields > MAX_HEADER_FIELDS:
+        raise AcceptError(
+            f"headers: {fields:,} header fields, at most {MAX_HEADER_FIELDS:,} (receivers cut"
+            " or refuse a larger header section)", "headers",
+        )  # fmt: skip
+    octets = 0
+    for key, value in [("from", spec.get("from")), *header_sources(spec)]:
+        if isinstance(value, str):
+            octets += len(key.rpartition(".")[2]) + 2 + len(value.encode("utf-8", "surrogatepass"))
+    if octets > MAX_HEADER_OCTETS:
+        raise AcceptError(
+            f"headers: the header fields it writes (subject, addresses, headers) are {octets:,}"
+            f" octets, at most {MAX_HEADER_OCTETS:,} (receivers cut or refuse a larger header"
+            " section)", "headers",
+        )  # fmt: skip
+
+
 def check_campaign(
     camp: Campaign, *, require_dkim: bool = False, max_size: int = 0
 ) -> dict[str, Any]:
@@ -294,6 +322,7 @@ def check_campaign(
     _check_header_values(spec)
     _check_foreign_tags(spec)
     _check_tracking_base(spec)
+    check_header_section(spec)
     # Built once now (no keys): a campaign whose own headers can never be
     # written (a header name over the line limit) is refused before anything is
     # spooled, not failed for every recipient later.

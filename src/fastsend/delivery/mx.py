@@ -19,7 +19,8 @@ an :class:`~fastsend.outcome.Outcome` saying why there is none:
 - no MX: the domain's own A/AAAA is the implicit MX; none either -> failed 5.1.2
 - timeout / SERVFAIL            -> deferred 4.4.3
 - MX (or implicit MX) addresses all loopback, private, link-local, ULA or
-  otherwise not global -> failed 5.4.4, unless ``[delivery] allow_private_mx``
+  otherwise not global (fastsend.netguard: NAT64/6to4 by their IPv4) -> failed 5.4.4,
+  unless ``[delivery] allow_private_mx``
   (a hostile domain must not make the MTA connect to internal hosts; static
   routes are the operator's and stay allowed)
 
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from fastsend import netguard
 from fastsend.config import Config, Route, parse_nameserver
 from fastsend.delivery import dane
 from fastsend.delivery.mtasts import MTASTS, Policy, has_tlsrpt
@@ -612,13 +614,10 @@ def _is_ip(name: str) -> bool:
 
 
 def _is_global(text: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    """A public address (fastsend.netguard.public: IPv4-mapped, NAT64 and 6to4 by the
+    IPv4 address they carry; site-local and IPv4-compatible never). Python's
+    ``is_global`` alone took ``64:ff9b::7f00:1`` and ``2002:7f00:1::`` for public."""
+    return netguard.public(text)
 
 
 def _refused(domain: str, addrs: list[str]) -> Outcome:

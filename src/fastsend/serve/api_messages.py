@@ -33,7 +33,13 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from fastsend.accept import AcceptError, check_campaign, header_variables, row_sizer
+from fastsend.accept import (
+    AcceptError,
+    check_campaign,
+    check_header_section,
+    header_variables,
+    row_sizer,
+)
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
@@ -383,6 +389,10 @@ class MessagesHandler:
             if "header" in str(e):
                 raise bad(f"{where}.headers: {e}", f"{where}.headers") from None
             raise _campaign_error(e, where) from None
+        try:
+            check_header_section(spec)
+        except AcceptError as e:
+            raise bad(f"{where}.{e}", f"{where}.headers") from None
         limit = max_message_size(request)
         weight = sum(len(spec.get(k, "").encode("utf-8", "surrogatepass")) for k in ("text", "html"))
         if limit and weight > limit:  # (what its parts hold at the least; the worker measures)

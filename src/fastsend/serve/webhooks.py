@@ -389,10 +389,7 @@ class WebhookDispatcher:
         self._catch_up()
         self.outbox.set_urls(self.config.urls)
         self._session = aiohttp.ClientSession(headers={"User-Agent": "fastsend-webhooks/1"})
-        self._tenant_session = aiohttp.ClientSession(
-            headers={"User-Agent": "fastsend-webhooks/1"},
-            connector=aiohttp.TCPConnector(socket_factory=self._tenant_socket),
-        )
+        self._tenant_session = self._new_tenant_session()
         self.ctx.events.listeners.append(self._on_events)
         sup = getattr(self.ctx, "supervisor", None)
         if getattr(self.outbox, "written_with_outcomes", False) and sup is not None:
@@ -402,6 +399,12 @@ class WebhookDispatcher:
         self._tasks.append(asyncio.create_task(self._flusher()))
         for url in self.config.urls:
             self._start_sender(url)
+
+    def _new_tenant_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            headers={"User-Agent": "fastsend-webhooks/1"},
+            connector=aiohttp.TCPConnector(socket_factory=self._tenant_socket),
+        )
 
     def _tenant_socket(self, addr_info: Any) -> socket.socket:
         """The socket of a connection to a tenant's URL, once its address (the one it
@@ -432,7 +435,14 @@ class WebhookDispatcher:
             await self.start()
             return
         gone = [u for u in self.config.urls if u not in config.urls]
+        narrowed = any(n not in config.allow for n in self.config.allow)
         self.config = config
+        if narrowed and self._tenant_session is not None:
+            # Its kept-alive connections were checked against the old allow_private
+            # (a receiver posted to every few seconds keeps one for ever): a new
+            # session, whose connections are checked anew.
+            old, self._tenant_session = self._tenant_session, self._new_tenant_session()
+            await old.close()
         for url in gone:
             task = self._senders.pop(url, None)
             self._send_wake.pop(url, None)
