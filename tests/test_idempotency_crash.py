@@ -367,9 +367,9 @@ def test_a_holder_elsewhere_is_judged_by_its_lease(spool_url: str, tmp_path: Pat
 
 def test_a_slow_request_renews_its_own_lease(spool_url: str, tmp_path: Path) -> None:
     s = Served(tmp_path, NOWHERE, spool_url=spool_url, serve_args=VOLATILE,
-               api="idempotency_lease_s = 1")  # fmt: skip
+               api="idempotency_lease_s = 3")  # fmt: skip
     s.stop()
-    s.env = {FAULT: "idem-slow-before-answer:5"}  # 5 s between the rows and the stored answer
+    s.env = {FAULT: "idem-slow-before-answer:9"}  # 9 s between the rows and the stored answer
     s.start()
     sp = open_spool(s.spool_url or str(s.tmp / "spool"))
     try:
@@ -377,14 +377,15 @@ def test_a_slow_request_renews_its_own_lease(spool_url: str, tmp_path: Path) -> 
         t = threading.Thread(target=lambda: out.update(r=call(s, "/v1/messages", MSG,
                                                               key="slow")))  # fmt: skip
         t.start()
-        # Its row is spooled (it holds the key: its hold came first), then 1.5 s
-        # more: well past the 1 s lease, renewed, so not lapsed. (A fixed 2.5 s
-        # from the start: a loaded serve could reach the key after the probe.)
+        # Its row is spooled (it holds the key: its hold came first), then 4.5 s
+        # more: well past the 3 s lease, renewed, so not lapsed. (A fixed 2.5 s
+        # from the start: a loaded serve could reach the key after the probe. A 1 s
+        # lease: a loaded serve's renewal came late and it lapsed, a train's failure.)
         deadline = time.monotonic() + 60
         while not sum(sp.counts().values()):
             assert time.monotonic() < deadline and t.is_alive(), out
             time.sleep(0.02)
-        time.sleep(1.5)
+        time.sleep(4.5)
         rec = sp.idem_begin("acme", "slow", _fp(MSG), time.time(), 3600, b"probe", lease=1)
         assert rec is not None and rec.running and rec.lease_left > 0, rec
         st, e, _ = call(s, "/v1/messages", MSG, key="slow")
