@@ -37,15 +37,16 @@ import pytest
 
 from _message_helpers import use_impl
 from _smtp_helpers import RecordingHandler
+from conftest import free_port, wait_port
 from fastsend import _accel
 from fastsend.accept import row_sizer
 from fastsend.message import Campaign, MessageTooBig, RenderError
 from fastsend.message import mime as mime_mod
-from test_message_audit import receiver
+from test_message_audit import DOMAIN, Served, header_values, keys, receiver, verdicts, wait_for
 from test_message_audit21 import _arun
 from test_serve_api import Client
 
-__all__ = ["receiver"]  # (a fixture, used by name)
+__all__ = ["keys", "receiver"]  # (fixtures, used by name)
 
 IMPLS = ["py", "c"] if _accel.HAVE_EXTENSIONS else ["py"]
 RCPT = "u@example.org"
@@ -225,6 +226,16 @@ def test_the_api_refuses_such_a_row_with_its_field(tmp_path: Path) -> None:
                                                                          {"email": "b@example.org", "name": "B"}]})  # fmt: skip
         assert st == 201 and body["accepted"] == 1 and body["rejected"] == 1, body
         assert "{{ name }}" in body["errors"][0]["error"], body
+        # a message of its own (no template): its From and Reply-To alike
+        own = {"from": "a@example.com", "to": "t@example.org", "subject": "s", "text": "t"}
+        for key, name, value in (("reply_to", "Reply-To", "N" * 1000 + " <r@example.com>"),
+                                 ("from", "From", "N" * 1000 + " <a@example.com>")):  # fmt: skip
+            st, body = await c.req("POST", "/v1/messages", {**own, key: value})
+            assert st == 400 and body["error"]["field"] == f"message.{key}", (st, body)
+            assert f"{name} header has a word too long" in body["error"]["message"], body
+        st, body = await c.req("POST", "/v1/messages", {**own, "reply_to": "Ann <r@example.com>"})
+        assert st == 202, body
+        assert c.ctx.spool.counts()["queued"] == 3
 
     _arun(tmp_path, 0, go)
 
@@ -268,3 +279,79 @@ def test_send_refuses_such_rows_with_their_lines_and_strict_sends_nothing(
     out = json.loads(p.stdout)
     assert out["delivered"] == 1 and out["rejected_rows"] == 2, (p.stdout, p.stderr)
     assert [m["rcpts"] for m in handler.messages] == [["ok@x.example"]]
+
+
+# ---------------------------------------------------------------- raw MIME
+
+
+def test_raw_mime_all_header_or_with_a_return_path_is_made_ready(
+    tmp_path: Path, keys: tuple[Path, dict[str, str]], receiver: tuple[int, RecordingHandler],
+    certs: Any,
+) -> None:  # fmt: skip
+    """A message submitted by SMTP that is all header section (no blank line:
+    RFC 5322 3.5 makes the body optional) went out as it came: its Bcc to
+    every recipient, no Date, no Message-ID, unsigned. A tenant's Return-Path
+    (API or SMTP) went out too (RFC 5321 4.4: an originating system SHOULD
+    NOT send one). Each made ready as any raw message is: no Bcc, no
+    Return-Path, dated, identified and signed (dkimpy and OpenDKIM verify)."""
+    import smtplib
+
+    keydir, records = keys
+    port, handler = receiver
+    cert, key, tls = certs
+    sub = free_port()
+    extra = f"""
+[submission]
+listen = "127.0.0.1:{sub}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+[tenants.acme]
+domains = ["{DOMAIN}"]
+[[tenants.acme.dkim]]
+domain = "{DOMAIN}"
+selector = "ed1"
+key = "{keydir / "ed1.pem"}"
+"""
+    smtp = {
+        "h@example.net": (b"From: app@sender.example\r\nTo: t@example.net\r\n"
+                          b"Bcc: hidden@example.org\r\nSubject: all header\r\n"),
+        "s@example.net": (b"Return-Path: <bounce@elsewhere.example>\r\nFrom: app@sender.example\r\n"
+                          b"Subject: rp\r\n\r\nbody\r\n"),
+    }  # fmt: skip
+    api = {"a@example.net": smtp["s@example.net"].decode()}
+    s = Served(tmp_path, f"127.0.0.1:{port}", extra)
+    try:
+        for rcpt, raw in api.items():
+            st, got = s.req("POST", "/v1/messages",
+                            {"from": "app@sender.example", "to": [rcpt], "raw": raw},
+                            tenant="acme")  # fmt: skip
+            assert st == 202, got
+        wait_port("127.0.0.1", sub, timeout=60)
+        for rcpt, data in smtp.items():
+            with smtplib.SMTP("127.0.0.1", sub, timeout=60) as c:
+                c.starttls(context=tls)
+                c.login("acme", s.keys["acme"])
+                c.sendmail("app@sender.example", [rcpt], data)
+        msgs = wait_for(handler, 3, rcpts=True)
+    finally:
+        s.stop()
+    by_rcpt = {r: m["data"] for m in msgs for r in m["rcpts"]}
+    assert sorted(by_rcpt) == sorted([*smtp, *api])
+    for rcpt, data in by_rcpt.items():
+        assert b"hidden@" not in data and b"elsewhere.example" not in data, (rcpt, data)
+        assert len(header_values(data, b"Date")) == 1, data
+        assert len(header_values(data, b"Message-ID")) == 1, data
+        assert verdicts(tmp_path, data, records) == [(True, True)], (rcpt, data)
+    assert header_values(by_rcpt["h@example.net"], b"Subject") == [b"all header"]
+
+
+@pytest.mark.parametrize("name", ["Delivered-To", "x-original-to", "Envelope-To"])
+def test_trace_fields_a_delivering_system_writes_are_refused(name: str) -> None:
+    """A campaign's (or an API message's) ``Delivered-To: <the recipient>``
+    made Postfix's local delivery bounce it as a mail loop (5.4.6); the
+    trace fields receivers write are refused like their verdicts."""
+    from fastsend.message import CampaignError
+
+    with pytest.raises(CampaignError, match=f"header {name!r} is set by receivers"):
+        _campaign({"text": "t", "headers": {name: RCPT}})
+    _campaign({"text": "t", "headers": {"X-Delivered-To-Team": "ops"}})  # (a name like it is fine)

@@ -191,14 +191,15 @@ def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | No
         r = Renderer(spec, max_size=max_size)
     except (HeaderError, CampaignError, ValueError):
         return None
-    headers = r.header_problem if r.row_headers else None
-    if not max_size and headers is None:
+    names = r.row_headers
+    if not max_size and not names:
         return None
-    guard, too_big = r.guard, r.too_big
+    guard, too_big, header_problem = r.guard, r.too_big, r.header_problem
     loads = orjson.loads
+    said: dict[tuple[object, ...], str | None] = {}  # header values -> header_problem's answer
 
     def sizer(vars_json: bytes) -> str | None:
-        if headers is None and len(vars_json) <= guard:
+        if not names and len(vars_json) <= guard:
             return None
         try:
             values = loads(vars_json) if vars_json else {}
@@ -206,8 +207,20 @@ def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | No
             return None
         if not isinstance(values, dict):
             return None
-        if headers is not None and (why := headers(values)) is not None:
-            return why
+        if names:
+            # Lists repeat them (a few account managers' names): asked once each.
+            key = tuple(values.get(n) for n in names)
+            try:
+                if key in said:
+                    why = said[key]
+                else:
+                    if len(said) >= 4096:
+                        said.clear()
+                    why = said[key] = header_problem(values)
+            except TypeError:  # (a value no string: the renderer says why)
+                why = header_problem(values)
+            if why is not None:
+                return why
         if len(vars_json) <= guard:
             return None
         why = too_big(values)

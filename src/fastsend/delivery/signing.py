@@ -122,12 +122,20 @@ class ConfigDKIM:
     def _ready(self, data: bytes, tenant: str | None, message_id: str) -> bytes:
         head, sep, body = data.partition(b"\r\n\r\n")
         if not sep:
-            return data  # no blank line: not a header section to add to or sign
+            # No blank line: a message that is all header section (RFC 5322 3.5:
+            # the body is optional), as rawmime.prepare reads it; given its empty
+            # body. (Returned as it came, its Bcc went to every recipient, and it
+            # went with no Date, no Message-ID and unsigned.)
+            head = data[:-2] if data.endswith(b"\r\n") else data
+            data = head + b"\r\n\r\n"
         headers = _header_lines(head + b"\r\n")
-        if any(n == "bcc" for n, _ in headers):
+        if any(n in _TAKEN_OUT for n, _ in headers):
             # Blind copies are blind (RFC 5322 3.6.3): every recipient would
-            # read the Bcc field. Taken out, as Postfix's cleanup does.
-            headers = [(n, ln) for n, ln in headers if n != "bcc"]
+            # read the Bcc field. A Return-Path is the final delivery's to write
+            # from the envelope (RFC 5321 4.4: a message-originating system
+            # SHOULD NOT send one; a tenant's would show readers an address
+            # bounces never go to). Both taken out, as Postfix's cleanup does.
+            headers = [(n, ln) for n, ln in headers if n not in _TAKEN_OUT]
             data = b"".join(ln for _, ln in headers) + b"\r\n" + body
         domains = _from_domains(headers)
         domain = ascii_domain(domains[0]) if len(domains) == 1 else ""
@@ -149,6 +157,7 @@ class ConfigDKIM:
 
 
 _DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9.\-]*[a-z0-9])?")
+_TAKEN_OUT = frozenset({"bcc", "return-path"})  # fields a raw message loses (see _ready)
 
 
 # The fields a reader sees as a message's author or sender (RFC 5322 3.6.2, 3.6.6;

@@ -53,10 +53,14 @@ _RESERVED = {
     "sender",
 }  # fmt: skip
 # Verdicts a receiver writes (RFC 8601, RFC 8617, RFC 7208): a sender's own
-# would claim checks that were never made.
+# would claim checks that were never made; and the trace fields the delivering
+# system writes (RFC 9228 Delivered-To, Postfix's X-Original-To, Exim's
+# Envelope-To): a Delivered-To naming the recipient makes Postfix's local
+# delivery bounce the message as a mail loop (5.4.6).
 _VERDICTS = {
     "authentication-results", "arc-seal", "arc-message-signature",
     "arc-authentication-results", "received-spf",
+    "delivered-to", "x-original-to", "envelope-to",
 }  # fmt: skip
 _RESERVED |= _VERDICTS
 _HEADER_NAME = re.compile(r"[!-9;-~]+")

@@ -1007,14 +1007,19 @@ class Renderer:
         return why
 
     @property
-    def row_headers(self) -> bool:
-        """Whether a recipient's values can make a header impossible to write
-        (:meth:`header_problem` asks): a Reply-To, To or List-Unsubscribe built
-        from them (a subject or another text header always can be: RFC 2047)."""
-        return any(
-            h.static is None and h.kind != "text" and h.templates[0].names - {"email"}
+    def row_headers(self) -> tuple[str, ...]:
+        """The variables a recipient's values can make a header impossible to
+        write with (:meth:`header_problem` asks): those of a Reply-To, To or
+        List-Unsubscribe built from them (a subject or another text header
+        always can be written: RFC 2047); () when there are none."""
+        names = {
+            n
             for h in (*self._head, *self._tail)
-        )
+            if h.static is None and h.kind != "text"
+            for t in h.templates
+            for n in t.names
+        }
+        return tuple(sorted(names - {"email"}))
 
     def header_problem(self, variables: Mapping[str, str]) -> str | None:
         """Why the Reply-To, To or List-Unsubscribe header these values make
@@ -1033,7 +1038,7 @@ class Renderer:
                 variables = {**variables, "email": "recipient@example.com"}
             try:
                 h.encode(variables)
-            except KeyError:
+            except (KeyError, TypeError):  # (a value missing or no string: not this check's)
                 continue
             except (HeaderError, RenderError, UnsafeValue, ValueError) as e:
                 why = str(e)

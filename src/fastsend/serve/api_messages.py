@@ -43,7 +43,7 @@ from fastsend.accept import (
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import PathKeyError, check_inline
-from fastsend.message.headers import HeaderError, parse_mailbox
+from fastsend.message.headers import HeaderError, mailbox_header, parse_mailbox
 from fastsend.message.rawmime import RawMimeError
 from fastsend.message.rawmime import check as check_raw
 from fastsend.recipients import MAX_VARIABLES, text_vars
@@ -393,6 +393,12 @@ class MessagesHandler:
             check_header_section(spec)
         except AcceptError as e:
             raise bad(f"{where}.{e}", f"{where}.headers") from None
+        for key, name in (("from", "From"), ("reply_to", "Reply-To")):
+            if key in spec:  # written as the worker will (a word over 998 octets: 5.6.0 there)
+                try:
+                    mailbox_header(name, *parse_mailbox(spec[key]))
+                except HeaderError as e:
+                    raise bad(f"{where}.{key}: {e}", f"{where}.{key}") from None
         limit = max_message_size(request)
         weight = sum(len(spec.get(k, "").encode("utf-8", "surrogatepass")) for k in ("text", "html"))
         if limit and weight > limit:  # (what its parts hold at the least; the worker measures)
