@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -283,3 +284,44 @@ def test_a_reloads_new_lane_starts_where_the_old_one_left() -> None:
     assert (b.available(0.4), b.available(0.51), b.available(4.9), b.available(5.0)) == (0, 1, 9, 10)
     # An idle lane hands over nothing.
     assert lane_for("mx.x.example", raw).state(0.0) is None
+
+
+def test_aimd_increase_events_are_coalesced_and_every_cut_is_told() -> None:
+    """A site slowed down by deferrals climbs back with nearly every report:
+    before, an aimd_increase event a second a lane (112 in 50 s for two
+    addresses), the log and the webhooks flooded. Now the first increase of a
+    climb is told at once, then one each time the rate has grown by a quarter
+    (or 30 s on), with the reports it stands for summed; every cut and the
+    restore are still told, and the events chain: each one's previous_rate is
+    the rate the one before it told, the last one's rate is the lane's."""
+    ln = lane_for("mx.example.org", {"shaping": {"default": {"messages_per_second": 100}}})
+    assert ln.aimd is not None
+    cuts = 0
+    t = 0.0
+    for _ in range(3):  # three cuts, each followed by a climb back
+        t += 2.0
+        before = ln.aimd.rate
+        ln.feed_aimd(t, 2, 8, False)
+        assert ln.aimd.rate < before
+        cuts += 1
+        reports = 0
+        while ln.aimd.rate < ln.aimd.ceiling and reports < 100_000:
+            t += 0.1
+            ln.feed_aimd(t, 2, 0, False)  # 20 msg/s delivered, every report a step up
+            reports += 1
+        assert reports > 200  # many increases happened ...
+    aimd = [e for e in ln.events if e["action"].startswith("aimd_")]
+    actions = [e["action"] for e in aimd]
+    assert actions.count("aimd_decrease") == cuts
+    assert actions.count("aimd_restore") == 3
+    ups = [e for e in aimd if e["action"] == "aimd_increase"]
+    # ... a handful told (from 50 to 100 by quarters: 3 steps, + one per 30 s)
+    assert 3 <= len(ups) <= 3 * 12, [(e["previous_rate"], e["rate"]) for e in ups]
+    for prev, ev in itertools.pairwise(aimd):
+        if ev["action"] != "aimd_decrease":
+            assert ev["previous_rate"] == prev["rate"], (prev, ev)
+    assert sum(e.get("reports", 1) for e in ups) + 3 > 3 * 200  # (restores' reports apart)
+    assert aimd[-1]["rate"] == 100.0
+    # The first increase after a cut is told at once (a log reader sees the climb begin).
+    first = actions.index("aimd_increase")
+    assert actions[first - 1] == "aimd_decrease" and "reports" not in aimd[first]

@@ -49,10 +49,15 @@ from typing import Any
 from fastsend import wire
 from fastsend.config import Config
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult, all_delivered
-from fastsend.shaping.feedback import DECREASED, LIFTED, Aimd, Rule, Trigger, rules_for
+from fastsend.shaping.feedback import DECREASED, INCREASED, LIFTED, Aimd, Rule, Trigger, rules_for
 from fastsend.shaping.policy import Limits, Policy, load_policy
 from fastsend.shaping.pools import Pool, PoolSet, Warmup, load_pools
 from fastsend.throttle import Gcra
+
+# aimd_increase events (Lane.feed_aimd): after the first of a climb, one when the
+# rate has grown by this factor since the last one told, or this many seconds on
+AIMD_STEP = 1.25
+AIMD_QUIET = 30.0
 
 FOREVER = 1e9
 PROVIDER_LANES = "mx-provider:"
@@ -149,6 +154,10 @@ class Lane:
         "active",
         "aimd",
         "aimd_bucket",
+        "aimd_climb",
+        "aimd_quiet",
+        "aimd_said",
+        "aimd_said_at",
         "all_buckets",
         "blocked_reason",
         "blocked_recheck",
@@ -207,6 +216,13 @@ class Lane:
         )
         self.aimd = Aimd(limits.message_rate, aimd) if limits.aimd else None
         self.aimd_bucket: Gcra | None = None
+        # What the aimd events last said (the rate, when: monotonic), whether the
+        # climb since the last cut was reported, and the increases not reported
+        # since [count, delivered, deferred]: see feed_aimd
+        self.aimd_said = math.inf
+        self.aimd_said_at = -math.inf
+        self.aimd_climb = True
+        self.aimd_quiet = [0, 0, 0]
         self.throttle_bucket: Gcra | None = None
         self.throttle_conns = 0
         self.throttle_until = 0.0
@@ -579,13 +595,35 @@ class Lane:
             else:
                 b.set_rate(a.rate, now)
         self._refresh()
-        if what in (DECREASED, LIFTED) or now - self.last_event >= 1.0:
-            name = {DECREASED: "aimd_decrease", LIFTED: "aimd_restore"}.get(what, "aimd_increase")
-            # previous_rate: the rate this report changed (absent: unlimited), so a
-            # log reader sees each cut as a step ("262 -> 131"), not only its result
-            self.emit(now, name, rate=None if math.isinf(a.rate) else round(a.rate, 3),
-                      previous_rate=None if math.isinf(before) else round(before, 3),
-                      delivered=delivered, deferred=deferred)  # fmt: skip
+        q = self.aimd_quiet
+        if what == DECREASED:
+            q[:] = [1, delivered, deferred]
+            prev = before
+        else:
+            # Increases come with nearly every report (one a second a lane: 112
+            # events in 50 s for two addresses); the first of a climb is told at
+            # once, then one when the rate is AIMD_STEP times what was last told
+            # (or AIMD_QUIET s on), the reports between summed into it. Cuts and
+            # restores are always told.
+            q[0] += 1
+            q[1] += delivered
+            q[2] += deferred
+            if what == INCREASED and self.aimd_climb and now - self.aimd_said_at < AIMD_QUIET and (
+                a.rate < self.aimd_said * AIMD_STEP or now - self.aimd_said_at < 1.0
+            ):
+                return
+            prev = self.aimd_said if self.aimd_climb else before
+        name = {DECREASED: "aimd_decrease", LIFTED: "aimd_restore"}.get(what, "aimd_increase")
+        # previous_rate: the rate the last aimd event told (absent: unlimited), so
+        # a log reader sees each change as a step ("262 -> 131"), not only its
+        # result; delivered, deferred: the report's counts, summed over the
+        # ``reports`` an increase event stands for
+        self.emit(now, name, rate=None if math.isinf(a.rate) else round(a.rate, 3),
+                  previous_rate=None if math.isinf(prev) else round(prev, 3),
+                  delivered=q[1], deferred=q[2], reports=q[0] if q[0] > 1 else None)  # fmt: skip
+        self.aimd_said, self.aimd_said_at = a.rate, now
+        self.aimd_climb = what == INCREASED
+        self.aimd_quiet = [0, 0, 0]
 
     def emit(self, now: float, action: str, **fields: Any) -> None:
         self.last_event = now
@@ -656,6 +694,7 @@ class Lane:
         a = self.aimd
         if a is not None and st.aimd_rate < a.ceiling:
             a.rate, a.peak, a.last_cut = st.aimd_rate, st.aimd_peak, st.aimd_last_cut
+            self.aimd_said, self.aimd_climb = a.rate, False  # its climb told afresh
             burst = max(1, int(a.rate * 0.1))
             self.aimd_bucket = spent(a.rate, burst, a.rate, st.aimd_debt, at)
         if st.throttle_until > now:
@@ -676,6 +715,7 @@ class Lane:
         if a is not None and st.aimd_rate < a.rate:
             a.rate, a.last_cut = st.aimd_rate, max(a.last_cut, st.aimd_last_cut)
             a.peak = a.peak or st.aimd_peak
+            self.aimd_said, self.aimd_climb = a.rate, False
             b = self.aimd_bucket
             if b is None:
                 b = self.aimd_bucket = Gcra(a.rate, max(1, int(a.rate * 0.1)))
