@@ -5,7 +5,10 @@ message as for every transport, then hands SendGrid its parts -- From,
 Reply-To, Subject, the text and HTML bodies, attachments and the other
 headers (List-Unsubscribe, Feedback-ID, ...) -- so subject, bodies and
 headers are the same bytes of text whatever the transport (a message with no
-body text, attachments only, gets a one-space text body: v3 requires one); SendGrid builds the
+body text, attachments only, gets a one-space text body, and one with no
+subject a one-space subject: v3 requires both; an attached message is one
+message/rfc822 attachment; custom header values go as encoded in the
+message); SendGrid builds the
 MIME and DKIM-signs it with the domain's authenticated key (it refuses a
 DKIM-Signature header, which would not survive its re-encoding anyway).
 Routes that must carry fastsend's own signature use SendGrid's SMTP relay
@@ -28,11 +31,13 @@ from __future__ import annotations
 
 import base64
 import collections
+import email.generator
 import email.header
 import email.utils
+import io
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -99,6 +104,35 @@ def _header(value: str) -> str:
     return _CONTROLS.sub(" ", value).strip()
 
 
+def _custom(value: str) -> str:
+    """A custom header's value for v3's ``headers`` as the message carries it:
+    unfolded, RFC 2047 words kept encoded, no control character. SendGrid
+    writes these values into the header section as given ("you must ensure
+    these are properly encoded if they contain unicode characters"): decoded,
+    a "Comments: =?utf-8?q?caf=C3=A9?=" went as raw 8-bit text, not the
+    header fastsend rendered. UTF-8 header text (RFC 6532) is encoded here."""
+    value = _utf8(value).replace("\r\n", "").replace("\n", "")
+    value = _CONTROLS.sub(" ", value).strip()
+    if not value.isascii():
+        enc = email.header.Header(value, "utf-8").encode(linesep="\n")
+        value = " ".join(w.strip() for w in enc.split("\n"))
+    return value
+
+
+def _addrs(value: str) -> list[dict[str, str]]:
+    """Every address of an address-list header (Reply-To may name several),
+    each as :func:`_addr` reads one."""
+    text = _utf8(value).replace("\r\n", "").replace("\n", "")
+    out = []
+    for name, addr in email.utils.getaddresses([text]):
+        addr = _CONTROLS.sub("", addr)
+        if not addr:
+            continue
+        name = _header(name) if name else ""
+        out.append({"email": addr, "name": name} if name else {"email": addr})
+    return out
+
+
 def _addr(value: str) -> dict[str, str]:
     """The header's first address as written (the one fastsend judged the
     tenant's, delivery.signing.identity_domains), then its display name
@@ -127,24 +161,46 @@ def mime_to_v3(data: bytes) -> dict[str, Any]:
     msg = email.message_from_bytes(data)
     doc: dict[str, Any] = {
         "from": _addr(_raw(msg, "From") or ""),
-        "subject": _header(_raw(msg, "Subject") or ""),
+        # v3 refuses a request without a subject or with an empty one (400 "The
+        # subject is required"), and a message may have none (RFC 5322 3.6:
+        # optional; raw MIME through the API or SMTP submission): one space
+        # stands for it, as for an empty body below (before, every recipient
+        # of such a message bounced).
+        "subject": _header(_raw(msg, "Subject") or "") or " ",
     }
     reply_to = _raw(msg, "Reply-To")
     if reply_to:
-        doc["reply_to"] = _addr(reply_to)
-    headers = {k: _header(str(v)) for k, v in msg.raw_items() if k.lower() not in RESERVED}
+        # Several addresses (RFC 5322 3.6.2: an address-list) go in
+        # reply_to_list: before, replies reached only the first.
+        many = _addrs(reply_to)
+        if len(many) > 1:
+            doc["reply_to_list"] = many
+        else:
+            doc["reply_to"] = _addr(reply_to)
+    headers = {k: _custom(str(v)) for k, v in msg.raw_items() if k.lower() not in RESERVED}
     if headers:
         doc["headers"] = headers
     content: list[dict[str, str]] = []
     attachments: list[dict[str, str]] = []
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
+    for part in _leaves(msg):
         ctype = part.get_content_type()
         disp = part.get_content_disposition()
+        filename = part.get_filename()
+        if part.get_content_maintype() == "message":
+            # An attached message (a forward, a bounce's original) is one
+            # attachment, its bytes as they are: walk() went into it, its text
+            # became this message's body and its other parts anonymous
+            # attachments, its headers lost.
+            attachments.append({
+                "content": base64.b64encode(_inner(part)).decode(),
+                "type": ctype,
+                "filename": _header(filename or "") or (
+                    "forwarded-message.eml" if ctype == "message/rfc822" else "attachment"),
+                "disposition": "attachment",
+            })  # fmt: skip
+            continue
         payload = part.get_payload(decode=True) or b""
         assert isinstance(payload, bytes)
-        filename = part.get_filename()
         if (
             (disp is None or (disp == "inline" and not filename))
             and ctype in ("text/plain", "text/html")
@@ -283,6 +339,30 @@ class SendGridTransport(HTTPTransport):
             TxnResult(env.tag, [outs[(n, k)] for k in range(len(env.rcpts))], qids.get(n, ""))
             for n, env in enumerate(envs)
         ]
+
+
+def _leaves(msg: Any) -> Iterator[Any]:
+    """The parts of ``msg`` that are not multipart, in order, an attached
+    message (message/rfc822, message/global, ...) counted as one part, not
+    gone into as ``Message.walk`` does."""
+    if msg.get_content_maintype() == "multipart" and msg.is_multipart():
+        for sub in msg.get_payload():
+            yield from _leaves(sub)
+    else:
+        yield msg
+
+
+def _inner(part: Any) -> bytes:
+    """An attached message's octets (compat32 parsed them into Message objects:
+    written back as read, CRLF line ends)."""
+    body = part.get_payload()
+    if not isinstance(body, list):  # encoded, or not parsed as a message
+        raw = part.get_payload(decode=True)
+        return raw if isinstance(raw, bytes) else str(body).encode("utf-8", "surrogateescape")
+    buf = io.BytesIO()
+    for sub in body:
+        email.generator.BytesGenerator(buf, mangle_from_=False).flatten(sub, linesep="\r\n")
+    return buf.getvalue()
 
 
 def _to_names(data: bytes) -> dict[str, str]:
