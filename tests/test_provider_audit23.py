@@ -1,6 +1,7 @@
 """Providers and relays, session 23's audit: what SendGrid's v3 API is handed
 of a message fastsend rendered (transports.sendgrid.mime_to_v3), checked at
-the local stand-in that follows its documented request rules."""
+the local stand-in that follows its documented request rules; the providers'
+own suppression lists read into fastsend's (`fastsend suppress sync`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import asyncio
 import base64
 import email
 import email.header
+import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
+from tests._engine_helpers import fastsend_cmd
 from tests._provider_servers import Recorder, ThreadedApp, sendgrid_app
 
 from fastsend.outcome import DELIVERED, Envelope, TxnResult
@@ -94,7 +99,7 @@ def test_sendgrid_keeps_an_attached_message_whole() -> None:
     attached = email.message_from_bytes(base64.b64decode(att["content"]))
     assert attached["Subject"] == "the original"
     assert attached["Message-ID"] == "<orig-1@example.org>"
-    parts = [p.get_payload() for p in attached.walk() if not p.is_multipart()]
+    parts = [str(p.get_payload()) for p in attached.walk() if not p.is_multipart()]
     assert [p.strip() for p in parts] == ["INNER TEXT", "<p>INNER HTML</p>"]
 
 
@@ -129,3 +134,240 @@ def test_sendgrid_custom_headers_go_encoded_and_reply_to_whole() -> None:
     assert h["Comments"] == "=?utf-8?q?caf=C3=A9?="
     assert text(h["X-Note"]) == "Grüße aus Köln"
     assert h["X-Trick"] == "=?utf-8?q?a=0D=0ABcc=3A_victim=40evil.example?="
+
+
+def test_sendgrid_shows_a_related_image_where_the_html_names_it() -> None:
+    """An image of a multipart/related HTML body with a Content-ID and no
+    Content-Disposition (as most mail writers make one): "inline" with its
+    content_id, which v3 uses only with "inline". Before, "attachment": the
+    HTML's cid: image broken, the logo a separate attachment."""
+    raw = (
+        b"From: news@sender.example.com\r\nTo: r0@example.net\r\nSubject: logo\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/related; boundary=r\r\n\r\n"
+        b'--r\r\nContent-Type: text/html\r\n\r\n<img src="cid:logo@sender">\r\n'
+        b"--r\r\nContent-Type: image/png\r\nContent-ID: <logo@sender>\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n"
+        b"--r\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        b"JVBERi0=\r\n--r--\r\n"
+    )
+    answers, rec = _send_sendgrid([raw])
+    assert answers[0].outcomes[0].kind == DELIVERED, answers
+    (doc,) = rec.accepted
+    logo, pdf = doc["attachments"]
+    assert logo["disposition"] == "inline" and logo["content_id"] == "logo@sender", logo
+    assert pdf["disposition"] == "attachment" and "content_id" not in pdf, pdf
+
+
+# -- fastsend suppress sync: the providers' own suppression lists -------------
+
+
+def _suppress(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if k != "FASTSEND_NO_EXTENSIONS"}
+    full.update(env or {})
+    return subprocess.run(fastsend_cmd("suppress", *args), capture_output=True, text=True,
+                          timeout=120, env=full)  # fmt: skip
+
+
+def _listed(spool: Path, tenant: str = "default") -> dict[str, tuple[str, str]]:
+    from fastsend.suppression import SuppressionList
+
+    with SuppressionList(spool / "suppression.db") as s:
+        return {e.address: (e.reason, e.source) for e in s.list(tenant=tenant)}
+
+
+def _sendgrid_lists(key: str, lists: dict[str, list[dict[str, Any]]], asked: list[str]) -> Any:
+    """SendGrid's suppression endpoints (Bearer key, limit <= 500, offset pages)."""
+    from aiohttp import web
+
+    async def get(request: web.Request) -> web.Response:
+        asked.append(request.path_qs)
+        if request.headers.get("Authorization") != f"Bearer {key}":
+            msg = "The provided authorization grant is invalid, expired, or revoked"
+            return web.json_response({"errors": [{"message": msg, "field": None}]}, status=401)
+        limit, offset = int(request.query.get("limit", 500)), int(request.query.get("offset", 0))
+        if limit > 500:
+            return web.json_response({"errors": [{"message": "limit too large"}]}, status=400)
+        items = lists.get(request.match_info["name"], [])
+        return web.json_response(items[offset : offset + limit])
+
+    app = web.Application()
+    app.router.add_get("/v3/suppression/{name}", get)
+    return app
+
+
+def test_suppress_sync_reads_sendgrid_lists_whole(tmp_path: Path) -> None:
+    """`fastsend suppress sync sendgrid`: every page of SendGrid's bounces,
+    invalid emails, spam reports and global unsubscribes, each with fastsend's
+    reason (a bounce's text classified); run again, nothing new; a key the
+    provider refuses: exit 75, the key in no output, nothing written.
+    Before, there was no way to take them: an address SendGrid had on its
+    bounce list was mailed again through every other route."""
+    bounces = [{"email": f"gone{i}@example.net", "reason": "550 5.1.1 The email account that you"
+                " tried to reach does not exist", "status": "5.1.1", "created": 1700000000}
+               for i in range(1203)]  # fmt: skip
+    lists = {
+        "bounces": bounces,
+        "invalid_emails": [
+            {
+                "email": "bad@example.org",
+                "reason": "Mail domain mentioned in email address is unknown",
+                "created": 1700000000,
+            }
+        ],
+        "spam_reports": [{"email": "angry@example.com", "ip": "10.0.0.1", "created": 1}],
+        "unsubscribes": [
+            {"email": "bye@example.com", "created": 1},
+            {"email": "gone0@example.net", "created": 1},
+        ],
+        "blocks": [{"email": "soft@example.com", "reason": "451 try later", "created": 1}],
+    }
+    asked: list[str] = []
+    spool = tmp_path / "spool"
+    with ThreadedApp(_sendgrid_lists("SG.abcdefgh.ijklmnop", lists, asked)) as app:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(f'[spool]\ndir = "{spool}"\n[transports.sg]\nkind = "sendgrid"\n'
+                       f'endpoint = "{app.url}"\n')  # fmt: skip
+        env = {"FASTSEND_SG_API_KEY": "SG.abcdefgh.ijklmnop"}
+        p = _suppress("sync", "sg", "-c", str(cfg), env=env)
+        assert p.returncode == 0, p.stderr
+        got = _listed(spool)
+        assert len(got) == 1203 + 3, len(got)
+        assert got["gone7@example.net"] == ("userunknown", "sync-sg")
+        assert got["gone0@example.net"][0] == "unsubscribe"  # the person's own word first
+        assert got["angry@example.com"][0] == "complaint"
+        assert got["bye@example.com"][0] == "unsubscribe"
+        assert got["bad@example.org"][0] == "userunknown"
+        assert "soft@example.com" not in got  # blocks are temporary: not read
+        assert any("offset=1000" in a for a in asked)  # the third page of bounces
+        assert "1206" in p.stdout, p.stdout
+        again = _suppress("sync", "sg", "-c", str(cfg), env=env)
+        assert again.returncode == 0 and " 0 " in again.stdout, again.stdout
+        other = tmp_path / "other"
+        bad = _suppress("sync", "sg", "-c", str(cfg), "--spool", str(other),
+                        env={"FASTSEND_SG_API_KEY": "SG.wrongkey.zzzzzzzzzz"})  # fmt: skip
+    assert bad.returncode == 75, (bad.returncode, bad.stderr)
+    assert "401" in bad.stderr and "wrongkey" not in bad.stderr + bad.stdout
+    assert not (other / "suppression.db").exists() or not _listed(other)
+
+
+def test_suppress_sync_reads_mailgun_pages_and_keeps_the_key_home(tmp_path: Path) -> None:
+    """Mailgun's bounces, complaints and unsubscribes of the transport's domain,
+    page after page (``paging.next``), into a tenant's list; a next page
+    pointing at another host is not asked (the Basic key would go there):
+    exit 75 and nothing written."""
+    import base64
+
+    from aiohttp import web
+
+    asked: list[str] = []
+    state = {"evil_next": ""}
+
+    async def get(request: web.Request) -> web.Response:
+        asked.append(request.path_qs)
+        auth = request.headers.get("Authorization", "")
+        if auth != "Basic " + base64.b64encode(b"api:key-" + b"0" * 32).decode():
+            return web.Response(status=401, text="Forbidden")
+        if request.match_info["domain"] != "mg.example.com":
+            return web.json_response({"message": "Domain not found"}, status=404)
+        name = request.match_info["name"]
+        page = int(request.query.get("page", 0))
+        per = {"bounces": 2, "complaints": 1, "unsubscribes": 1}[name]
+        items: list[dict[str, Any]] = []
+        if page < per:
+            if name == "bounces":
+                items = [{"address": f"b{page}@example.net", "code": "550",
+                          "error": "5.1.1 No such user", "created_at": "Fri, 21 Oct 2011"}]  # fmt: skip
+            elif name == "complaints":
+                items = [{"address": "c@example.net", "created_at": "Fri, 21 Oct 2011"}]
+            else:
+                items = [{"address": "u@example.net", "tags": ["*"], "created_at": "x"}]
+        base = f"http://127.0.0.1:{request.url.port}"
+        nxt = f"{base}{request.path}?page={page + 1}&limit=1000"
+        if state["evil_next"] and name == "bounces":
+            nxt = state["evil_next"]
+        return web.json_response({"items": items, "paging": {"next": nxt, "first": "", "last": ""}})
+
+    app_ = web.Application()
+    app_.router.add_get("/v3/{domain}/{name}", get)
+    spool = tmp_path / "spool"
+    with ThreadedApp(app_) as app:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(f'[spool]\ndir = "{spool}"\n[transports.mg]\nkind = "mailgun"\n'
+                       f'endpoint = "{app.url}"\ndomain = "mg.example.com"\n')  # fmt: skip
+        env = {"FASTSEND_MG_API_KEY": "key-" + "0" * 32}
+        p = _suppress("sync", "mg", "-c", str(cfg), "--tenant", "acme", env=env)
+        assert p.returncode == 0, p.stderr
+        got = _listed(spool, "acme")
+        assert got == {
+            "b0@example.net": ("userunknown", "sync-mg"),
+            "b1@example.net": ("userunknown", "sync-mg"),
+            "c@example.net": ("complaint", "sync-mg"),
+            "u@example.net": ("unsubscribe", "sync-mg"),
+        }, got
+        assert not _listed(spool)  # the default tenant's list untouched
+        state["evil_next"] = "http://127.0.0.2:9/v3/mg.example.com/bounces?page=1"
+        n = len(asked)
+        other = tmp_path / "other"
+        bad = _suppress("sync", "mg", "-c", str(cfg), "--spool", str(other), env=env)
+    assert bad.returncode == 75, (bad.returncode, bad.stderr)
+    assert "elsewhere" in bad.stderr and "key-" not in bad.stderr
+    assert len(asked) == n + 1  # the first page only; nothing asked of the other host
+    assert not (other / "suppression.db").exists() or not _listed(other)
+
+
+def test_suppress_sync_reads_the_ses_account_list_signed(tmp_path: Path) -> None:
+    """SES v2 ListSuppressedDestinations (GET /v2/email/suppression/addresses,
+    PageSize and NextToken in the SigV4-signed query, checked with botocore's
+    signer): BOUNCE -> a hard bounce, COMPLAINT -> a complaint, into the
+    global list with --global."""
+    from aiohttp import web
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    pages = {
+        "": ([{"EmailAddress": "hard@example.net", "Reason": "BOUNCE", "LastUpdateTime": 1}], "t2"),
+        "t2": (
+            [{"EmailAddress": "spam@example.net", "Reason": "COMPLAINT", "LastUpdateTime": 1}],
+            "",
+        ),
+    }
+    refused: list[str] = []
+
+    async def get(request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        req = AWSRequest("GET", str(request.url), headers={
+            "X-Amz-Date": request.headers.get("X-Amz-Date", "")})  # fmt: skip
+        req.headers["host"] = request.headers["Host"]
+        signer = SigV4Auth(Credentials("AKIDSYNC", "sync/SECRET+1"), "ses", "eu-west-1")
+        req.context["timestamp"] = request.headers.get("X-Amz-Date", "")
+        sig = signer.signature(signer.string_to_sign(req, signer.canonical_request(req)), req)
+        if not auth.endswith(f"Signature={sig}"):
+            refused.append(request.path_qs)
+            return web.json_response({"message": "The request signature we calculated does"
+                                      " not match"}, status=403,
+                                     headers={"x-amzn-ErrorType": "SignatureDoesNotMatch"})  # fmt: skip
+        if request.query.get("PageSize") != "1000":
+            return web.json_response({"message": "bad PageSize"}, status=400)
+        items, nxt = pages[request.query.get("NextToken", "")]
+        doc: dict[str, Any] = {"SuppressedDestinationSummaries": items}
+        if nxt:
+            doc["NextToken"] = nxt
+        return web.json_response(doc)
+
+    app_ = web.Application()
+    app_.router.add_get("/v2/email/suppression/addresses", get)
+    spool = tmp_path / "spool"
+    with ThreadedApp(app_) as app:
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(f'[spool]\ndir = "{spool}"\n[transports.ses1]\nkind = "ses"\n'
+                       f'region = "eu-west-1"\nendpoint = "{app.url}"\n')  # fmt: skip
+        env = {"FASTSEND_SES1_ACCESS_KEY_ID": "AKIDSYNC",
+               "FASTSEND_SES1_SECRET_ACCESS_KEY": "sync/SECRET+1"}  # fmt: skip
+        p = _suppress("sync", "ses1", "-c", str(cfg), "--global", env=env)
+    assert p.returncode == 0, (p.stderr, refused)
+    assert not refused
+    assert _listed(spool, "*") == {
+        "hard@example.net": ("hardbounce", "sync-ses1"),
+        "spam@example.net": ("complaint", "sync-ses1"),
+    }

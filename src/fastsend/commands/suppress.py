@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -68,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--expires", help="expiry for imported entries, such as 30d")
     e = sub.add_parser("export", parents=[common], help="export as CSV to stdout")
     e.add_argument("--all-tenants", action="store_true", help="every tenant's entries")
+    y = sub.add_parser(
+        "sync", parents=[common],
+        help="add the addresses on a provider's own suppression lists (SES, SendGrid, Mailgun)",
+    )  # fmt: skip
+    y.add_argument(
+        "transport", metavar="TRANSPORT",
+        help="a [transports] name of the config (-c), or ses:REGION, sendgrid, mailgun[:REGION]",
+    )  # fmt: skip
+    y.add_argument("--dry-run", action="store_true", help="say what would be added; add nothing")
 
 
 def _iso(t: float) -> str:
@@ -115,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         except redis.RedisError as e:  # (down for now: try again later)
             return _fail(f"Redis: {e}", EX_TEMPFAIL)
     spool = Path(args.spool)
-    if args.action in ("add", "import") and not spool.exists():
+    if args.action in ("add", "import", "sync") and not spool.exists():
         # The people a new user brings along (unsubscribes, complaints) go in before the
         # first campaign is sent, which would make the spool: made here for them.
         spool.mkdir(parents=True)
@@ -178,4 +188,56 @@ def _dispatch(s: SuppressionList, args: argparse.Namespace) -> int:
     if args.action == "export":
         sys.stdout.write(s.export_csv(tenant=None if args.all_tenants else tenant))
         return 0
+    if args.action == "sync":
+        return _sync(s, args, whose)
     return _fail(f"unknown action {args.action!r}")
+
+
+def _sync(s: SuppressionList, args: argparse.Namespace, whose: str) -> int:
+    """``suppress sync TRANSPORT``: the provider's lists read whole
+    (fastsend.transports.suppressions), then the addresses not yet suppressed
+    for the tenant added in one transaction (source ``sync-NAME``). A provider
+    that cannot be read: exit 75 (EX_TEMPFAIL), nothing added."""
+    import asyncio
+    import os
+
+    from fastsend.config import ConfigError, load
+    from fastsend.config.transports import shorthand
+    from fastsend.transports.suppressions import SyncError, fetch
+
+    spec = None
+    try:
+        if args.config:
+            spec = load(args.config).transports.get(args.transport)
+        if spec is None:
+            base = os.path.dirname(os.path.abspath(args.config)) if args.config else os.getcwd()
+            spec = shorthand(args.transport, base)
+    except ConfigError as e:
+        return _fail(str(e))
+    if spec is None:
+        return _fail(
+            f"{args.transport}: no such transport (a [transports] name of -c CONFIG, or"
+            " ses:REGION, sendgrid, mailgun[:REGION])"
+        )
+
+    async def read() -> Any:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            return await fetch(spec, session)
+
+    try:
+        listed = asyncio.run(read())
+    except SyncError as e:
+        return _fail(f"sync: {e}", EX_TEMPFAIL)
+    have = s.contains_many(listed.reasons, tenant=args.tenant)
+    new = [(a, r) for a, r in listed.reasons.items() if a not in have]
+    counts = ", ".join(f"{k} {n}" for k, n in sorted(listed.counts.items())) or "none"
+    if not args.dry_run and new:
+        s.add_entries((args.tenant, a, r, f"sync-{spec.name}", None) for a, r in new)
+    verb = "would add" if args.dry_run else "added"
+    print(
+        f"{spec.label}: {len(listed.reasons)} address(es) listed ({counts}); {verb} {len(new)} "
+        f"for {whose}, {len(listed.reasons) - len(new)} already suppressed"
+    )
+    return 0

@@ -215,13 +215,18 @@ def mime_to_v3(data: bytes) -> dict[str, Any]:
                 text = payload.decode("utf-8", "replace")
             content.append({"type": ctype, "value": text})
             continue
+        cid = _raw(part, "Content-ID")
         att = {
             "content": base64.b64encode(payload).decode(),
             "type": ctype,
             "filename": _header(filename or "") or "attachment",
-            "disposition": disp or "attachment",
+            # A part with a Content-ID and no disposition (an image of a
+            # multipart/related HTML body, as most mail writers make it) is
+            # shown where the HTML's cid: names it: v3 uses content_id only
+            # with "inline" (as "attachment", the image came apart from the
+            # HTML: a broken image and an attachment).
+            "disposition": disp or ("inline" if cid else "attachment"),
         }
-        cid = _raw(part, "Content-ID")
         if cid:
             att["content_id"] = _header(cid).strip("<>")
         attachments.append(att)
