@@ -11,16 +11,13 @@ log, broken at points a test reaches reliably.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pytest
 from tests._engine_helpers import (
     _env,
     fastsend_cmd,
@@ -30,6 +27,7 @@ from tests._engine_helpers import (
     write_campaign,
     write_recipients,
 )
+from tests._mounts import mounted
 from tests.test_multinode_outage import Redis
 
 from fastsend.sink import SinkProcess
@@ -112,20 +110,6 @@ def test_a_redis_restart_while_send_reads_its_list_does_not_stop_the_list(
         redis.stop()
 
 
-@contextlib.contextmanager
-def _mounted(where: Path, *opts: str) -> Iterator[None]:
-    """A mount at ``where`` (``opts``: mount's arguments before the target) for
-    the test's length: a small tmpfs (a disk that fills), a read-only bind."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (mount): CI runs as root")
-    where.mkdir(exist_ok=True)
-    subprocess.run(["mount", *opts, str(where)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def _resume_all(spool: str, sink: SinkProcess) -> subprocess.CompletedProcess[str]:
     host, port = sink.addresses[0]
     return run_fastsend(
@@ -152,7 +136,7 @@ def test_a_full_disk_is_ridden_out_and_nothing_accepted_is_lost(tmp_path: Path) 
     log = tmp_path / "sink.jsonl"
     err = tmp_path / "send.err"
     spool = str(disk / "spool")
-    with _mounted(disk, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):
+    with mounted(disk, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):
         with SinkProcess("--log", str(log)) as sink, open(err, "w") as ferr:
             host, port = sink.addresses[0]
             proc = subprocess.Popen(
@@ -197,8 +181,7 @@ def test_a_read_only_spool_is_refused_plainly_and_still_viewable(tmp_path: Path)
             "--route", f"*={host}:{port}", "--json", "--no-progress",
         )  # fmt: skip
         assert first.returncode == 0, first.stderr[-3000:]
-        with _mounted(ro, "--bind", str(spool)):
-            subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        with mounted(ro, "--bind", str(spool), read_only=True):
             sent = run_fastsend(
                 "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(ro),
                 "--route", f"*={host}:{port}", "--json", "--no-progress",

@@ -12,7 +12,15 @@ DESCRIPTION
     block the writer), the file's own ``synchronous`` level (its durability:
     FULL for what must survive a power cut, NORMAL for what a crash may only
     repeat) and its schema script. Read-only opens (``mode=ro``) change nothing
-    on disk and need the file to exist.
+    on disk and work where nothing can be written: a WAL file needs its -shm
+    index, which a read-only mount, a directory the user cannot write (or a
+    0444 file there) does not let SQLite make, so such a file with no log left
+    to replay is read as immutable; a file not made yet, when a schema is
+    given, reads as an empty store (``suppress list``, ``apikey list``,
+    ``tls-report show`` on a read-only spool: they failed "unable to open
+    database file"). A writable open that the storage refuses says so:
+    :class:`ReadOnlyDatabase` names the file and why (read-only file system,
+    not writable by this user).
 
     :func:`transaction` is one explicit transaction: ``BEGIN IMMEDIATE`` (the
     write lock taken at once, so two writers never deadlock upgrading) or a
@@ -29,12 +37,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import sqlite3
 from collections.abc import Iterator
 
 from fastsend import durable
 
-__all__ = ["TIMEOUT", "connect", "corrupt_database", "transaction"]
+__all__ = [
+    "TIMEOUT",
+    "ReadOnlyDatabase",
+    "connect",
+    "corrupt_database",
+    "transaction",
+    "unwritable",
+]
 
 TIMEOUT = 30.0  # seconds waiting for another process's lock
 _LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -52,19 +68,104 @@ def connect(
     ``threads``: the connection may be used from other threads (the caller
     serialises its use, e.g. with a lock)."""
     if readonly:
-        return sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=TIMEOUT
+        return _connect_readonly(path, schema, threads)
+    try:
+        durable.makedirs(os.path.dirname(os.path.abspath(path)))  # (a new spool: its name durable)
+        db = sqlite3.connect(
+            path, isolation_level=None, timeout=TIMEOUT, check_same_thread=not threads
         )
-    durable.makedirs(os.path.dirname(os.path.abspath(path)))  # (a new spool: its name durable)
-    db = sqlite3.connect(
-        path, isolation_level=None, timeout=TIMEOUT, check_same_thread=not threads
-    )
-    db.execute("PRAGMA journal_mode=WAL")
-    if synchronous:
-        db.execute(f"PRAGMA synchronous={_level(synchronous)}")
-    if schema:
-        db.executescript(schema)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            if synchronous:
+                db.execute(f"PRAGMA synchronous={_level(synchronous)}")
+            if schema:
+                db.executescript(schema)
+        except BaseException:
+            db.close()
+            raise
+    except (sqlite3.Error, OSError) as e:
+        why = unwritable(path)
+        if why is None:
+            raise
+        raise ReadOnlyDatabase(f"{path} {why}") from e
     return db
+
+
+class ReadOnlyDatabase(sqlite3.OperationalError):
+    """A database to write whose storage takes no writes (a read-only file
+    system, a directory or file this user may not write): the message names
+    the file and why. SQLite's own words were "unable to open database file"
+    or "attempt to write a readonly database", naming nothing."""
+
+    sqlite_errorcode = 8  # SQLITE_READONLY (what spool.base.storage_problem reads)
+    sqlite_errorname = "SQLITE_READONLY"
+
+
+def unwritable(path: str) -> str | None:
+    """Why the SQLite file ``path`` (with its -wal and -shm beside it) cannot
+    be written: "is on a read-only file system", "is not writable by this
+    user"; None when nothing says so."""
+    where = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)  # (a directory to make: its nearest parent)
+    try:
+        if os.statvfs(where).f_flag & os.ST_RDONLY:
+            return "is on a read-only file system"
+    except OSError:
+        return None
+    if not os.access(where, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.W_OK)
+    ):
+        return "is not writable by this user"
+    return None
+
+
+def _uri(path: str) -> str:
+    # (as a URI: a directory named "a?b" or "50%" was read as a query or an escape)
+    return pathlib.Path(os.path.abspath(path)).as_uri()
+
+
+def _connect_readonly(path: str, schema: str, threads: bool) -> sqlite3.Connection:
+    """``path`` opened read-only (see the module docstring)."""
+    if schema and not os.path.exists(path):
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=not threads)
+        db.executescript(schema)  # (nothing made yet: an empty store)
+        return db
+    db = sqlite3.connect(
+        f"{_uri(path)}?mode=ro", uri=True, isolation_level=None, timeout=TIMEOUT,
+        check_same_thread=not threads,
+    )  # fmt: skip
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # (WAL: its index now)
+        return db
+    except sqlite3.OperationalError as e:
+        db.close()
+        if not os.path.exists(path):
+            raise
+        if _wal_frames(path):  # (immutable would read the file without its log: stale)
+            why = unwritable(path)
+            if why is None:
+                raise
+            raise ReadOnlyDatabase(
+                f"{path} {why} and its write-ahead log holds changes not yet in it,"
+                " which cannot be read there: copy the directory somewhere writable"
+                " and look at the copy"
+            ) from e
+    # A WAL file whose -shm cannot be made here and with no log to replay: what
+    # the file holds is all there is (no process can be writing where no one can
+    # write), so it is read as immutable (no locks, no -shm).
+    return sqlite3.connect(
+        f"{_uri(path)}?immutable=1", uri=True, isolation_level=None,
+        check_same_thread=not threads,
+    )  # fmt: skip
+
+
+def _wal_frames(path: str) -> bool:
+    """The database at ``path`` has a write-ahead log with frames in it."""
+    try:
+        return os.path.getsize(path + "-wal") > 0
+    except OSError:
+        return False
 
 
 # SQLite's primary result codes of a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB.

@@ -61,6 +61,7 @@ from fastsend.address import (
     quoted_local,
 )
 from fastsend.address import literal as address_literal
+from fastsend.sqlitedb import connect
 
 DEFAULT_TENANT = "default"
 # Entries under this tenant suppress for every tenant (not a valid tenant name:
@@ -502,17 +503,24 @@ class SuppressionList(Suppressions):
     thread. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
+    def __init__(
+        self, path: str | Path, *, clock: Any = time.time, readonly: bool = False
+    ) -> None:
+        """``readonly``: a view that writes nothing (``suppress list``/``export``:
+        they work on a read-only spool, and a list not made yet is empty)."""
         self.path = Path(path)
         self._clock = clock
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # An acknowledged suppression must survive a crash or power cut.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            # An acknowledged suppression must survive a crash or power cut: FULL.
+            self._db = connect(str(self.path), readonly=readonly, synchronous="FULL",
+                               schema=_SCHEMA)  # fmt: skip
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(suppression)")}
-            if "message" not in cols:  # a list written before entries named their message
+            if "message" not in cols and readonly:  # (an older list, as below: a view of it)
+                self._db.execute(
+                    f"CREATE TEMP VIEW suppression AS SELECT {_COLUMNS[:-9]}, key,"
+                    " NULL AS message FROM main.suppression"
+                )
+            elif "message" not in cols:  # a list written before entries named their message
                 self._db.execute("ALTER TABLE suppression ADD COLUMN message INTEGER")
         except sqlite3.DatabaseError as e:
             raise SuppressionError(f"{self.path}: cannot open suppression list: {e}") from None

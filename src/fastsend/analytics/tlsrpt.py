@@ -111,9 +111,10 @@ def _iso(t: float) -> str:
 class Store:
     """A node's TLS session counts per (day, policy domain, policy)."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *, readonly: bool = False) -> None:
+        """``readonly``: a view that writes nothing (``tls-report show``)."""
         self.path = os.path.join(directory, DB_NAME)
-        self.db = connect(self.path, synchronous="NORMAL", schema=_SCHEMA)
+        self.db = connect(self.path, synchronous="NORMAL", schema=_SCHEMA, readonly=readonly)
         self.pruned = ""
 
     def close(self) -> None:
@@ -503,17 +504,18 @@ def _document(
     }
 
 
-def open_store(config: Any, spool: Any = None) -> Store:
+def open_store(config: Any, spool: Any = None, *, readonly: bool = False) -> Store:
     """The spool's counts: in Redis for a shared spool (every node's), else the
     node's ``tlsrpt.db``. A node's own ``tlsrpt.db`` beside a shared spool (its
-    counts of before they went to Redis, session 19) is carried into it once."""
+    counts of before they went to Redis, session 19) is carried into it once
+    (not by a ``readonly`` view, which writes nothing)."""
     shared = spool.shared() if spool is not None else None
     if shared is None:
-        return Store(config.spool_dir)
+        return Store(config.spool_dir, readonly=readonly)
     store = RedisStore(shared)
     local = getattr(config, "spool_dir", "")
     try:
-        if local:
+        if local and not readonly:
             store.carry(local)
     except Exception as e:  # (Redis out of reach, a damaged file: the next start tries again)
         log.warning("the TLS-RPT counts of %s are not carried into Redis yet: %s",

@@ -23,6 +23,7 @@ import orjson
 from fastsend.config import ConfigError, load
 from fastsend.serve.auth import AuthError, KeyStore
 from fastsend.spool import is_redis_url
+from fastsend.sqlitedb import ReadOnlyDatabase
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,7 +102,8 @@ def _store(args: argparse.Namespace) -> Any:
         # --spool answered "no keys", exit 0, and left a spool-like directory);
         # `create` still makes it: keys may come before the first `serve`.
         raise ConfigError(f"{where}: not a directory (no spool there: `create` or `serve` makes one)")
-    return KeyStore.for_spool(where)
+    # list: a view (it works on a read-only spool and makes no store where there is none)
+    return KeyStore.for_spool(where, readonly=args.action == "list")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         return _hash_password(args)
     try:
         store = _store(args)
-    except ConfigError as e:
+    except (ConfigError, ReadOnlyDatabase) as e:  # (a read-only spool: create, revoke)
         print(f"fastsend apikey: {e}", file=sys.stderr)
         return 2
     try:

@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     if not spool.is_dir():
         return _fail(f"{spool}: not a directory (no spool yet: `fastsend send` or `serve` makes one)")
     try:
-        with SuppressionList(spool / DB_NAME) as s:
+        # list, export: a view (it works on a read-only spool, and writes nothing)
+        with SuppressionList(spool / DB_NAME, readonly=args.action in ("list", "export")) as s:
             return _dispatch(s, args)
     except SuppressionError as e:
         return _fail(str(e))

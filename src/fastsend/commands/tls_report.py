@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -80,11 +81,17 @@ def run(args: argparse.Namespace) -> int:
         cfg.spool_dir = spool_local_dir(cfg.spool_dir)
     opened: list[Any] = []  # the spool, then its event log and acceptor
     try:  # (a mistyped --spool was a new empty directory: "no report due", exit 0)
-        opened.append(open_spool(spool_url, must_exist=True))
+        # (show: a view, which works on a read-only spool or a Redis replica)
+        opened.append(open_spool(spool_url, must_exist=True, readonly=args.action == "show"))
     except SpoolError as e:  # (a Redis out of reach or taking no writes: 75, try later)
         return die(str(e), e.exit_status)
     # a shared spool: every node's counts, in it; else the node's tlsrpt.db
-    store: Store = open_store(cfg, opened[0] if is_redis_url(spool_url) else None)
+    try:
+        store: Store = open_store(cfg, opened[0] if is_redis_url(spool_url) else None,
+                                  readonly=args.action == "show")  # fmt: skip
+    except sqlite3.Error as e:  # (send on a read-only spool: said, nothing written)
+        opened[0].close()
+        return die(f"cannot open the TLS-RPT counts: {e}")
     try:
         if args.action == "show":
             day = args.day or day_of(time.time() - 86400)

@@ -88,19 +88,22 @@ def _hash(key: str) -> bytes:
 class KeyStore:
     """``apikeys.db``: one row per key (hash only). One object per thread."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        """``readonly``: a view that writes nothing (``apikey list``: it works on a
+        read-only spool, and makes no key store where there is none)."""
         self.path = path
-        self.db = connect(path, schema=_SCHEMA)
-        try:
-            os.chmod(path, 0o600)
-        except OSError:
-            pass
+        self.db = connect(path, schema=_SCHEMA, readonly=readonly)
+        if not readonly:
+            try:
+                os.chmod(path, 0o600)
+            except OSError:
+                pass
         # id -> (hash, tenant, revoked, monotonic time read)
         self._cache: dict[str, tuple[bytes, str, float | None, float]] = {}
 
     @classmethod
-    def for_spool(cls, spool_dir: str) -> KeyStore:
-        return cls(os.path.join(spool_dir, "apikeys.db"))
+    def for_spool(cls, spool_dir: str, *, readonly: bool = False) -> KeyStore:
+        return cls(os.path.join(spool_dir, "apikeys.db"), readonly=readonly)
 
     def create(self, tenant: str, note: str = "") -> tuple[str, ApiKey]:
         """A new key for ``tenant``: returns (the key, shown once; its record)."""
