@@ -102,8 +102,9 @@ TABLE = [
         "speeding",
         False,
     ),
-    # Yahoo's [TSS04] answers MAIL FROM: filed by the stage (a refusal of
-    # the sender), a slow-down either way (test_bounce_unseen.py).
+    # Yahoo's [TSS04] answers MAIL FROM: about what the sender sent (volume,
+    # complaints), also at RCPT or when the stage is not known; a slow-down
+    # either way (test_bounce_unseen.py, test_bounce_unseen23.py).
     (
         421,
         "4.7.0",
@@ -117,7 +118,7 @@ TABLE = [
         "4.7.0",
         "[TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
         "RCPT",
-        "blocked",
+        "rejected",
         False,
     ),
     (

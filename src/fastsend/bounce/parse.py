@@ -429,25 +429,59 @@ def _generic_status(status: str, diagnostic: str) -> bool:
     return not detailed or detailed.endswith(".0.0")
 
 
+# A feedback loop's stand-in for the address it removed (RFC 6590 lets a
+# loop redact the complaining recipient; loops write "redacted@example.net",
+# "xxxxxxx@example.com", "*****@...", "[REDACTED]@..."): a local part (or a
+# domain's first label) that is such a word or only mask characters names no
+# one. Recorded as the complainer, it was no address we sent to: the intake,
+# which checks a Message-ID's recipient against the report's, then dropped the
+# complaint (and a returned To naming no one can never be suppressed).
+_REDACTED_PART = re.compile(
+    r"\W*(?:redacted|removed|hidden|masked|anonymi[sz]ed|anonymous|withheld|undisclosed"
+    r"(?:[-_.]recipients?)?|hashed|(?:[x*#?][-._]?){3,})\W*",
+    re.IGNORECASE,
+)
+
+
+def _redacted(address: str, placeholders: frozenset[str] = frozenset()) -> bool:
+    """Whether ``address`` is a feedback loop's stand-in for a removed one."""
+    local, _, domain = address.rpartition("@")
+    if not local or local.lower() in placeholders:
+        return True
+    return bool(
+        _REDACTED_PART.fullmatch(local) or _REDACTED_PART.fullmatch(domain.split(".", 1)[0])
+    )
+
+
 def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw]:
     fields: dict[str, list[str]] = {}
     for block in _field_blocks(text):
         for k, v in block.items():
             fields.setdefault(k, []).extend(v)
     ftype = (fields.get("feedback-type", ["abuse"])[0].split() or ["abuse"])[0].lower()
-    rcpts = [_address(v) for v in fields.get("original-rcpt-to", [])]
-    rcpts += [_address(v) for v in fields.get("removal-recipient", [])]
+    # A report's own Redacted-Address field names the stand-in it used.
+    placeholders = frozenset(
+        v.strip().strip("<>").split("@", 1)[0].lower()
+        for v in fields.get("redacted-address", [])
+        if v.strip().strip("<>").split("@", 1)[0]
+    )
+
+    def named(found: list[str]) -> list[str]:
+        return [a for a in found if a and not _redacted(a, placeholders)]
+
+    rcpts = named([_address(v) for v in fields.get("original-rcpt-to", [])])
+    rcpts += named([_address(v) for v in fields.get("removal-recipient", [])])
     if not rcpts:
         for ret in parts.returned:
             m = mime.message_from_string(ret)
             to = _header(m, "To")
             if to:
-                rcpts += [a for a in vendors.ADDR_RE.findall(to)][:1]
+                rcpts += named(vendors.ADDR_RE.findall(to))[:1]
                 break
     if not rcpts:
         # Some reporters put the complaining address only in the report text.
         for t in parts.texts:
-            rcpts += vendors.ADDR_RE.findall(vendors.cut_original(t))[:1]
+            rcpts += named(vendors.ADDR_RE.findall(vendors.cut_original(t)))[:1]
             if rcpts:
                 break
     if not rcpts:
@@ -477,7 +511,11 @@ def _legacy_complaint(parts: _Parts, msg: email.message.Message) -> list[_Raw]:
     """The complaint of a pre-ARF feedback loop message (see _LEGACY_COMPLAINT)."""
     for ret in parts.returned:
         head = mime.message_from_string(ret.lstrip("\n").split("\n\n", 1)[0] + "\n\n")
-        named = vendors.ADDR_RE.findall(_header(head, "X-HmXmrOriginalRecipient"))
+        named = [
+            a
+            for a in vendors.ADDR_RE.findall(_header(head, "X-HmXmrOriginalRecipient"))
+            if not _redacted(a)
+        ]
         if named:
             return [_Raw(recipient=named[0], feedback_type="abuse", reason="feedback")]
     return _from_arf("", parts, msg)
