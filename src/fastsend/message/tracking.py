@@ -42,8 +42,11 @@ DESCRIPTION
     they stand in, as in an untracked link: template.url_escapes); a 1x1
     pixel ``<img src="{{ _fs.o }}">`` goes before
     ``</body>`` (or at the end). Per recipient only the signed URLs are
-    computed and spliced. A link whose rendered URL is not http(s), or that
-    carries ``data-fs-notrack``, keeps its original URL.
+    computed and spliced. A link whose rendered URL is not http(s), that
+    carries ``data-fs-notrack``, or whose tracked URL would be longer than
+    ``MAX_LINK`` (no request line could carry it), keeps its original URL. The
+    link is the tag's attribute named ``href`` (quoted or not; spaces at its ends
+    stripped, as browsers do), never ``data-href`` or words inside another value.
 
     Tracking is on when the table has a ``base_url`` and at least one of
     ``opens``, ``clicks``, ``unsubscribe``; without base_url the table is
@@ -99,13 +102,23 @@ __all__ = [
 OPEN, CLICK, UNSUBSCRIBE = "o", "c", "u"
 _FIELDS = {OPEN: 2, CLICK: 3, UNSUBSCRIBE: 2}
 MAC_LEN = 16  # octets of HMAC-SHA256 kept: 128 bits
-MAX_TOKEN = 4096  # longer tokens are refused before any decoding
+# Longer tokens are refused before any decoding. A click link's request line
+# ("GET <base path>/t/c/<token> HTTP/1.1") must fit the 8,190 octets aiohttp (and a
+# proxy's usual 8 KB buffer) take: a link whose token would be longer is left as it is
+# (untracked, working) rather than sent dead (issue: a 3,000-octet URL was a 404).
+MAX_TOKEN = 7900
+MAX_LINK = 8000  # the longest tracked click URL (base URL included) put in a message
 SECRET_ENV = "FASTSEND_TRACKING_SECRET_FILE"
 TRACKING_KEYS = {"opens", "clicks", "unsubscribe", "base_url", "secret_file", "tenant"}
 
-# A start tag of <a> or <area>, and an href attribute inside one (quoted values only).
+# A start tag of <a> or <area>, and one attribute inside it (HTML's tokenizer, in
+# short: a name, then "=" and a double-quoted, single-quoted or unquoted value). The
+# attributes are read one after the other so that "href" is the attribute of that
+# name, not the end of another's name ("data-href") or words inside a value.
 _LINK_TAG = re.compile(r"<(?:a|area)\b[^<>]*>", re.IGNORECASE)
-_HREF = re.compile(r"""(\bhref\s*=\s*)(?:"([^"]*)"|'([^']*)')""", re.IGNORECASE)
+_ATTRIBUTE = re.compile(r"""([^\s"'<>/=]+)(\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'<>=`]+)))?""")
+_BETWEEN = re.compile(r"[\s/]*")
+_HTML_SPACE = "\t\n\f\r "  # stripped from both ends of a URL attribute (HTML's rule)
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
 _PIXEL = (
     '<img src="{{ _fs.o }}" width="1" height="1" alt="" '
@@ -305,6 +318,26 @@ def check_spec(t: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _attributes(tag: str) -> tuple[set[str], re.Match[str] | None]:
+    """The attribute names (lower case) of a start ``tag`` and its first ``href``
+    attribute's match (groups: 1 name, 2 "=" and the value, 3/4/5 the double-quoted,
+    single-quoted or unquoted value), or None when it has no href with a value. A
+    repeated attribute is ignored after its first, as HTML does."""
+    names: set[str] = set()
+    href = None
+    pos = 5 if tag[1:5].lower() == "area" else 2  # after "<area" or "<a" (_LINK_TAG)
+    while True:
+        a = _ATTRIBUTE.match(tag, _BETWEEN.match(tag, pos).end())  # type: ignore[union-attr]
+        if a is None:
+            break
+        name = a.group(1).lower()
+        if name == "href" and name not in names and a.group(2) is not None:
+            href = a
+        names.add(name)
+        pos = a.end()
+    return names, href
+
+
 class Tracker:
     """Per-campaign tracking state: the secret, base URL and compiled link templates."""
 
@@ -357,29 +390,30 @@ class Tracker:
 
     def _rewrite_tag(self, m: re.Match[str]) -> str:
         tag = m.group(0)
-        if "data-fs-notrack" in tag.lower():
+        names, h = _attributes(tag)
+        if h is None or "data-fs-notrack" in names:
             return tag
-        h = _HREF.search(tag)
-        if h is None:
-            return tag
-        url = h.group(2) if h.group(2) is not None else h.group(3)
+        quoted = h.group(3) if h.group(3) is not None else h.group(4)
+        raw = quoted if quoted is not None else h.group(5)
+        url = raw.strip(_HTML_SPACE)
         if "{{ _fs." in url:
             return tag
         import html  # here: ~2.5 ms to import (html.entities), needed only for links
 
-        try:
-            template = Template(html.unescape(url))
+        try:  # (entities first, then the ends: "&#32;https://..." is stripped too)
+            template = Template(html.unescape(url).strip(_HTML_SPACE))
         except ValueError:
             return tag
         if "unsubscribe_url" in template.names:
             return tag  # already a signed fastsend link
-        lit = template.literals[0].lstrip().lower()
+        lit = template.literals[0].lower()
         if template.is_static and not lit.startswith(("http://", "https://")):
             return tag  # mailto:, tel:, #anchors, relative links stay as they are
         n = len(self.links)
         self.links.append(template)
         self.link_escapes.append(url_escapes(template))
-        return f'{tag[: h.start()]}{h.group(1)}"{{{{ _fs.l{n} }}}}"{tag[h.end() :]}'
+        start, end = h.span(2)  # '="..."' after the name: an unquoted value gets quotes
+        return f'{tag[:start]}="{{{{ _fs.l{n} }}}}"{tag[end:]}'
 
     # -- per recipient --------------------------------------------------------
     def url(self, kind: str, *fields: str) -> str:
@@ -409,7 +443,9 @@ class Tracker:
         for i, t in enumerate(self.links):
             target = t.render(variables, self.link_escapes[i])  # values percent-encoded
             if target.lower().startswith(("http://", "https://")) and "\n" not in target:
-                out[f"_fs.l{i}"] = html.escape(self.url(CLICK, message_id, rcpt, target))
+                link = self.url(CLICK, message_id, rcpt, target)
+                # A link too long to be asked for stays as it is: it works, uncounted.
+                out[f"_fs.l{i}"] = html.escape(link if len(link) <= MAX_LINK else target)
             else:
                 if url_scheme_unsafe(target):  # a javascript: link from a variable
                     raise UnsafeValue(

@@ -325,6 +325,7 @@ _KEEP = "".join(chr(c) for c in range(0x21, 0x7F))
 _SAFE_PATH = _KEEP.translate({ord(c): None for c in '"<>`{}'})
 _SAFE_QUERY = _KEEP.translate({ord(c): None for c in "\"<>'"})
 _SAFE_FRAGMENT = _KEEP.translate({ord(c): None for c in '"<>`'})
+_UNSAFE_ASCII = frozenset(" \"<>`{}'")  # an ASCII URL without these is sent as it is
 
 
 def ascii_url(url: str) -> str | None:
@@ -332,7 +333,7 @@ def ascii_url(url: str) -> str | None:
     and spaces in the path, query and fragment percent-encoded as UTF-8 (a Location
     header is ASCII: RFC 9110 5.5, RFC 3986 3; raw UTF-8 there is read as Latin-1 by
     some clients). None when the host is not a valid name."""
-    if url.isascii() and " " not in url:
+    if url.isascii() and not _UNSAFE_ASCII.intersection(url):
         return url
     scheme, sep, rest = url.partition("://")
     cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))

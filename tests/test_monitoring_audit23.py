@@ -1,0 +1,157 @@
+"""Monitoring and tracking, audited from outside (session 23).
+
+Real parts only: campaigns rendered by the message module, the tracking
+endpoints served by aiohttp on loopback (tests/test_serve_tracking.py's
+``_served``), an aiohttp client following the links as a mail reader would.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from html.parser import HTMLParser
+from pathlib import Path
+
+from aiohttp import ClientSession
+
+from fastsend.message import Campaign
+from fastsend.serve.tracking import ascii_url
+from test_serve_tracking import SECRET, _run, _served
+
+
+def _render(tmp_path: Path, base: str, body: str, variables: dict[str, str] | None = None) -> str:
+    """The HTML part of one message of a campaign tracking clicks at ``base``."""
+    key = tmp_path / "tracking.key"
+    key.write_bytes(SECRET)
+    camp = Campaign.from_dict(
+        {
+            "from": "News <news@example.com>",
+            "subject": "Hi",
+            "html": f"<html><body>{body}</body></html>",
+            "tracking": {"base_url": base, "clicks": True, "secret_file": str(key)},
+        }
+    )
+    data = camp.compile().render("ann@example.org", variables or {}, "5")
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    part = msg.get_body(("html",))
+    assert part is not None
+    text = part.get_content()
+    assert isinstance(text, str)
+    return text
+
+
+def _hrefs(text: str) -> list[str]:
+    """Each <a>'s href as a browser reads it (Python's HTML parser: the first
+    attribute named href, entities decoded, spaces at the ends stripped)."""
+    out: list[str] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if tag == "a":
+                out.append(next(v for k, v in attrs if k == "href" and v).strip())
+
+    Links().feed(text)
+    return out
+
+
+async def _follow(http: ClientSession, base: str, link: str) -> tuple[int, str | None]:
+    """(status, Location) of one tracked link, asked for on the test server."""
+    assert link.startswith(base + "/t/c/"), link
+    async with http.get(link, allow_redirects=False) as resp:
+        return resp.status, resp.headers.get("Location")
+
+
+def test_a_long_link_is_tracked_or_left_working(tmp_path: Path) -> None:
+    """A 3,000-octet URL (a marketing tool's UTM-laden link, or a query of non-ASCII
+    words percent-encoded) made a token over MAX_TOKEN (4,096): the mail carried a
+    tracked link the endpoint answered 404, a dead link for every recipient. Now links
+    up to ~5,500 octets are tracked and redirect; a link too long for any request line
+    stays as it is (it works, uncounted), never a dead one."""
+    long_q = "utm=" + "a1b2c3d4" * 500  # 4,004 octets
+    huge_q = "data=" + "z" * 9000  # no tracked link could carry it
+    cjk = "&q=" + "%E5%80%A4" * 200  # 1,800 octets of percent-encoded UTF-8
+
+    async def main() -> None:
+        async with _served(tmp_path) as (_ctx, base, events), ClientSession() as http:
+            body = (
+                f'<a href="https://shop.example/p?{long_q}">a</a>'
+                f'<a href="https://shop.example/p?{huge_q}">b</a>'
+                f'<a href="https://shop.example/s?x=1{cjk}{cjk}">c</a>'
+            )
+            a, b, c = _hrefs(_render(tmp_path, base, body))
+            assert await _follow(http, base, a) == (302, f"https://shop.example/p?{long_q}")
+            assert b == f"https://shop.example/p?{huge_q}"  # untracked, but a working link
+            assert await _follow(http, base, c) == (302, f"https://shop.example/s?x=1{cjk}{cjk}")
+            clicked = [e["url"] for e in events if e["event"] == "clicked"]
+            assert clicked == [f"https://shop.example/p?{long_q}",
+                               f"https://shop.example/s?x=1{cjk}{cjk}"]  # fmt: skip
+
+    _run(main())
+
+
+def test_the_link_tracked_is_the_attribute_named_href(tmp_path: Path) -> None:
+    """The rewriting searched the tag for the first "href=" anywhere: a ``data-href``
+    (or ``xlink:href``, or "href=" inside a title) before the real href was rewritten
+    instead, so the link the reader follows went untracked and the data attribute
+    changed. An unquoted href (valid HTML) and one padded with spaces (browsers strip
+    them) were left untracked. Now the attribute named href is the one tracked, and
+    the rest of the tag is left as written."""
+    body = (
+        '<a data-href="https://data.example/x" href="https://example.com/one">1</a>'
+        '<a title="see href=\'https://title.example/\'" href="https://example.com/two">2</a>'
+        "<a href=https://example.com/three class=c>3</a>"
+        '<a href="\n  https://example.com/four?a=1&amp;b=2  ">4</a>'
+        '<a HREF="https://example.com/five" href="https://dup.example/">5</a>'
+        '<a/href="https://example.com/six">6</a>'
+        "<a data-fs-notrack href='https://example.com/seven'>7</a>"
+        '<a title="data-fs-notrack" href="https://example.com/eight">8</a>'
+    )
+
+    async def main() -> None:
+        async with _served(tmp_path) as (_ctx, base, _events), ClientSession() as http:
+            out = _render(tmp_path, base, body)
+            assert 'data-href="https://data.example/x"' in out
+            assert "title=\"see href='https://title.example/'\"" in out
+            assert "class=c>" in out
+            got = []
+            for link in _hrefs(out):
+                if link.startswith(base):
+                    status, location = await _follow(http, base, link)
+                    assert status == 302
+                    got.append(location)
+                else:
+                    got.append("untracked " + link)
+            assert got == [
+                "https://example.com/one",
+                "https://example.com/two",
+                "https://example.com/three",
+                "https://example.com/four?a=1&b=2",
+                "https://example.com/five",
+                "https://example.com/six",
+                "untracked https://example.com/seven",
+                "https://example.com/eight",
+            ]
+
+    _run(main())
+
+
+def test_a_redirect_encodes_what_a_browser_would(tmp_path: Path) -> None:
+    """An ASCII URL with quotes or angle brackets in its query (an author's unescaped
+    search link) was sent in Location as written, though every other URL is sent as
+    a browser asks for it (WHATWG percent-encode sets): now the same for these."""
+    assert ascii_url('https://example.com/q?x="y"<z>') == "https://example.com/q?x=%22y%22%3Cz%3E"
+    assert ascii_url("https://example.com/a{b}?c=d'e#f`g") == (
+        "https://example.com/a%7Bb%7D?c=d%27e#f%60g"
+    )
+    plain = "https://example.com/a/b?c=d&e=%20f#g"
+    assert ascii_url(plain) == plain
+
+    async def main() -> None:
+        async with _served(tmp_path) as (_ctx, base, _events), ClientSession() as http:
+            body = '<a href="https://example.com/q?x=&quot;y&quot;&lt;z&gt;">q</a>'
+            (link,) = _hrefs(_render(tmp_path, base, body))
+            want = "https://example.com/q?x=%22y%22%3Cz%3E"
+            assert await _follow(http, base, link) == (302, want)
+
+    _run(main())
