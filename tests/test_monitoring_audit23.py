@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 from aiohttp import ClientSession
 
 from fastsend.message import Campaign
+from fastsend.message import tracking as tr
 from fastsend.serve.tracking import ascii_url
-from test_serve_tracking import SECRET, _run, _served
+from test_serve_tracking import SECRET, _message, _run, _served
 
 
 def _render(tmp_path: Path, base: str, body: str, variables: dict[str, str] | None = None) -> str:
@@ -153,5 +155,134 @@ def test_a_redirect_encodes_what_a_browser_would(tmp_path: Path) -> None:
             (link,) = _hrefs(_render(tmp_path, base, body))
             want = "https://example.com/q?x=%22y%22%3Cz%3E"
             assert await _follow(http, base, link) == (302, want)
+
+    _run(main())
+
+
+APPLE_MPP = "Mozilla/5.0"
+GMAIL_PROXY = (
+    "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+)
+BROWSER = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
+
+
+def test_opens_and_clicks_say_whether_the_request_was_softwares(tmp_path: Path) -> None:
+    """An opened/clicked event (the event log, /v1/events, every webhook) carried the
+    User-Agent only: a webhook receiver could not tell Apple Mail Privacy Protection's
+    prefetch or a link scanner from a reader without rules of its own, and counted
+    them as opens and clicks. Each now says which machine rule the request alone
+    matches (the rules /v1/stats uses, the operator's first), "" for a person's
+    client and for Gmail's image proxy (it fetches when the reader opens)."""
+
+    async def main() -> None:
+        async with _served(tmp_path) as (ctx, base, events), ClientSession() as http:
+            mid = _message(ctx)
+            del events[:]
+            o = tr.sign(SECRET, tr.OPEN, str(mid), "ann@example.org", tenant="acme")
+            for ua in (APPLE_MPP, GMAIL_PROXY, BROWSER, "", "Barracuda Sentinel (EE)"):
+                async with http.get(f"{base}/t/o/{o}.gif", headers={"User-Agent": ua}) as r:
+                    assert r.status == 200
+            url = "https://example.com/a"
+            c = tr.sign(SECRET, tr.CLICK, str(mid), "ann@example.org", url, tenant="acme")
+            for ua in ("python-requests/2.31.0", BROWSER):
+                async with http.get(f"{base}/t/c/{c}", headers={"User-Agent": ua},
+                                    allow_redirects=False) as r:  # fmt: skip
+                    assert r.status == 302
+            got = [(e["event"], e["machine"]) for e in events]
+            assert got == [
+                ("opened", "apple-mpp"),
+                ("opened", ""),
+                ("opened", ""),
+                ("opened", "no-user-agent"),
+                ("opened", "scanner-agent"),
+                ("clicked", "scanner-agent"),
+                ("clicked", ""),
+            ]
+
+    _run(main())
+
+
+def test_a_one_click_post_with_no_form_type_unsubscribes(tmp_path: Path) -> None:
+    """RFC 8058's one-click POST carries the body "List-Unsubscribe=One-Click"; one
+    sent with no Content-Type or text/plain (a hand-made client, a proxy that drops
+    the header) was answered 400 and the address stayed on the list. The body is
+    now read as a form whatever its type; anything else is still refused."""
+
+    async def main() -> None:
+        async with _served(tmp_path) as (ctx, base, events), ClientSession() as http:
+            cases = [({"Content-Type": ""}, b"List-Unsubscribe=One-Click", 200),
+                     ({"Content-Type": "text/plain"}, b"List-Unsubscribe=One-Click\r\n", 200),
+                     ({"Content-Type": "text/plain"}, b"", 400),
+                     ({"Content-Type": "text/plain"}, b"List-Unsubscribe=Yes", 400)]  # fmt: skip
+            for i, (headers, body, want) in enumerate(cases):
+                mid = _message(ctx)
+                rcpt = f"u{i}@example.org"
+                u = tr.sign(SECRET, tr.UNSUBSCRIBE, str(mid), rcpt, tenant="acme")
+                async with http.post(f"{base}/u/{u}", data=body, headers=headers) as r:
+                    assert r.status == want, (headers, body)
+                assert ctx.suppression.contains(rcpt, tenant="acme") is (want == 200)
+            assert [e["rcpt"] for e in events if e["event"] == "unsubscribed"] == [
+                "u0@example.org", "u1@example.org"]  # fmt: skip
+
+    _run(main())
+
+
+TEXT = """Hi {{ name }},
+See https://example.com/a?x=1&y=2. Or (https://example.com/wiki/Foo_(bar)), or
+<https://example.com/angle>, "https://example.com/q?u={{ v }}"!
+Personal: https://example.com/p/{{ v }}/end
+Unsubscribe: {{ unsubscribe_url }}
+Mail: mailto:x@example.com ftp://example.com/x
+"""
+
+
+def test_text_links_tracks_the_text_parts_links(tmp_path: Path) -> None:
+    """Clicks were counted in the HTML part only: a reader of the text part (a
+    text-only client, a watch, a screen reader's choice) clicked links no one
+    counted. ``[tracking] text_links = true`` tracks the text part's http(s) URLs
+    as a client linkifies them (the sentence's punctuation and enclosing brackets
+    stay outside, a URL's own balanced parentheses inside; values percent-encoded
+    as in a link), each redirecting to its own target; the unsubscribe URL and
+    other schemes are left alone. Without it the text part is as written."""
+    key = tmp_path / "tracking.key"
+    key.write_bytes(SECRET)
+
+    def text_of(base: str, **extra: bool) -> str:
+        camp = Campaign.from_dict({
+            "from": "a@example.com", "subject": "s", "text": TEXT, "html": "<p>x</p>",
+            "tracking": {"base_url": base, "clicks": True, "unsubscribe": True,
+                         "secret_file": str(key), **extra},
+        })  # fmt: skip
+        data = camp.compile().render("ann@example.org", {"v": "ü x", "name": "A"}, "5")
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)
+        part = msg.get_body(("plain",))
+        assert part is not None
+        text = part.get_content()
+        assert isinstance(text, str)
+        return text
+
+    async def main() -> None:
+        async with _served(tmp_path) as (_ctx, base, events), ClientSession() as http:
+            https = base.replace("http://", "https://")  # (unsubscribe links need https)
+            plain = text_of(https)
+            assert "See https://example.com/a?x=1&y=2. Or" in plain
+            text = text_of(https, text_links=True)
+            links = re.findall(re.escape(https) + r"/t/c/[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+", text)
+            got = [await _follow(http, base, base + u[len(https) :]) for u in links]
+            assert got == [
+                (302, "https://example.com/a?x=1&y=2"),
+                (302, "https://example.com/wiki/Foo_(bar)"),
+                (302, "https://example.com/angle"),
+                (302, "https://example.com/q?u=%C3%BC%20x"),
+                (302, "https://example.com/p/%C3%BC%20x/end"),
+            ]
+            assert re.search(r"/t/c/\S+\. Or \(https://", text)  # the period stays out
+            assert re.search(
+                r"Or \(https://[^\s()]+\), or\r?\n<https://\S+>, \"https://\S+\"!", text
+            )
+            assert re.search(re.escape("Unsubscribe: " + https) + "/u/", text)
+            assert "mailto:x@example.com ftp://example.com/x" in text
+            assert [e["event"] for e in events] == ["clicked"] * 5
 
     _run(main())

@@ -827,7 +827,10 @@ class Renderer:
         encoding = spec.get("transfer_encoding", "quoted-printable")
         parts = []
         if spec.get("text") is not None:
-            parts.append(_TextPart("plain", spec["text"], encoding))
+            source = spec["text"]
+            if self.tracker is not None:
+                source = self.tracker.compile_text(source)
+            parts.append(_TextPart("plain", source, encoding))
         if spec.get("html") is not None:
             source = spec["html"]
             if self.tracker is not None:
@@ -925,7 +928,8 @@ class Renderer:
             (t, [GROWTH] * len(t._names)) for h in (*self._head, *self._tail) for t in h.templates
         ]
         if self.tracker is not None:
-            grown += [(t, [TRACKED_GROWTH] * len(t._names)) for t in self.tracker.links]
+            links = (*self.tracker.links, *self.tracker.text_links)
+            grown += [(t, [TRACKED_GROWTH] * len(t._names)) for t in links]
         uses: dict[str, dict[tuple[int, str], int]] = {}
         defaults: dict[str, int] = {}  # the fewest octets of the defaults a missing value leaves
         for p in self._parts:

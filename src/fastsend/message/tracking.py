@@ -48,6 +48,12 @@ DESCRIPTION
     link is the tag's attribute named ``href`` (quoted or not; spaces at its ends
     stripped, as browsers do), never ``data-href`` or words inside another value.
 
+    With ``text_links = true`` (and ``clicks``) the text part's http(s) URLs are
+    tracked too, found as mail clients linkify them (up to white space, ``<``,
+    ``>`` or ``"``; trailing punctuation and an unbalanced ``)`` are the
+    sentence's), each a ``{{ _fs.tN }}`` placeholder whose value is not
+    HTML-escaped; ``{{ unsubscribe_url }}`` and other schemes stay as written.
+
     Tracking is on when the table has a ``base_url`` and at least one of
     ``opens``, ``clicks``, ``unsubscribe``; without base_url the table is
     only stored. With ``unsubscribe`` the List-Unsubscribe header carries the
@@ -109,7 +115,9 @@ MAC_LEN = 16  # octets of HMAC-SHA256 kept: 128 bits
 MAX_TOKEN = 7900
 MAX_LINK = 8000  # the longest tracked click URL (base URL included) put in a message
 SECRET_ENV = "FASTSEND_TRACKING_SECRET_FILE"
-TRACKING_KEYS = {"opens", "clicks", "unsubscribe", "base_url", "secret_file", "tenant"}
+TRACKING_KEYS = {
+    "opens", "clicks", "text_links", "unsubscribe", "base_url", "secret_file", "tenant",
+}  # fmt: skip
 
 # A start tag of <a> or <area>, and one attribute inside it (HTML's tokenizer, in
 # short: a name, then "=" and a double-quoted, single-quoted or unquoted value). The
@@ -120,6 +128,10 @@ _ATTRIBUTE = re.compile(r"""([^\s"'<>/=]+)(\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'
 _BETWEEN = re.compile(r"[\s/]*")
 _HTML_SPACE = "\t\n\f\r "  # stripped from both ends of a URL attribute (HTML's rule)
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
+# A URL in a text part, as mail clients linkify one: http(s):// up to white space or
+# <>" (placeholders inside it kept whole); trailing punctuation is the sentence's.
+_TEXT_URL = re.compile(r"""https?://(?:[^\s<>"{}]|\{\{[^{}]*\}\})+""", re.IGNORECASE)
+_TRAILING = ".,;:!?'"
 _PIXEL = (
     '<img src="{{ _fs.o }}" width="1" height="1" alt="" '
     'style="display:block;border:0;width:1px;height:1px" />'
@@ -304,7 +316,7 @@ def check_spec(t: Mapping[str, Any]) -> dict[str, Any]:
     if bad:
         raise CampaignError(f"unknown [tracking] keys: {', '.join(sorted(bad))}")
     out = dict(t)
-    for k in ("opens", "clicks", "unsubscribe"):
+    for k in ("opens", "clicks", "text_links", "unsubscribe"):
         if k in out and not isinstance(out[k], bool):
             raise CampaignError(f"tracking.{k} must be true or false")
     for k in ("base_url", "secret_file", "tenant"):
@@ -353,7 +365,10 @@ class Tracker:
         self.unsubscribe = unsubscribe
         self.links: list[Template] = []
         self.link_escapes: list[tuple[int, ...]] = []  # each link's values: url_escapes
+        self.text_links: list[Template] = []  # the text part's ([tracking] text_links)
+        self.text_escapes: list[tuple[int, ...]] = []
         self.has_pixel = False
+        self.track_text = False  # the text part's links too ([tracking] text_links)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> Tracker | None:
@@ -373,7 +388,9 @@ class Tracker:
                     f" or ${SECRET_ENV}"
                 )
             secret = load_secret(env)
-        return cls(secret, t["base_url"], opens, clicks, unsub, str(t.get("tenant", "")))
+        tracker = cls(secret, t["base_url"], opens, clicks, unsub, str(t.get("tenant", "")))
+        tracker.track_text = clicks and bool(t.get("text_links"))
+        return tracker
 
     # -- compile time ---------------------------------------------------------
     def compile_html(self, source: str) -> str:
@@ -387,6 +404,32 @@ class Tracker:
             at = ends[-1].start() if ends else len(out)
             out = out[:at] + _PIXEL + out[at:]
         return out
+
+    def compile_text(self, source: str) -> str:
+        """A text part's ``source`` with its http(s) URLs turned into placeholders
+        (``[tracking] text_links``: a reader clicks them as the HTML part's links)."""
+        if not self.track_text:
+            return source
+        return _TEXT_URL.sub(self._rewrite_text_url, source)
+
+    def _rewrite_text_url(self, m: re.Match[str]) -> str:
+        url = m.group(0)
+        end = len(url)
+        while url[end - 1] in _TRAILING or (  # "(see https://x.example/a).": the
+            url[end - 1] == ")" and url.count("(", 0, end) < url.count(")", 0, end)
+        ):  # sentence's, not the URL's (a URL's own balanced parentheses stay)
+            end -= 1
+        url, rest = url[:end], url[end:]
+        if "{{ _fs." in url or "unsubscribe_url" in url:
+            return m.group(0)
+        try:
+            template = Template(url)
+        except ValueError:
+            return m.group(0)
+        n = len(self.text_links)
+        self.text_links.append(template)
+        self.text_escapes.append(url_escapes(template))
+        return f"{{{{ _fs.t{n} }}}}{rest}"
 
     def _rewrite_tag(self, m: re.Match[str]) -> str:
         tag = m.group(0)
@@ -453,4 +496,10 @@ class Tracker:
                         " only http, https, mailto, tel, cid or relative URLs"
                     )
                 out[f"_fs.l{i}"] = html.escape(target)
+        for i, t in enumerate(self.text_links):  # (plain text: nothing escaped)
+            target = t.render(variables, self.text_escapes[i])
+            link = target
+            if target.isprintable() and " " not in target:
+                link = self.url(CLICK, message_id, rcpt, target)
+            out[f"_fs.t{i}"] = link if len(link) <= MAX_LINK else target
         return out

@@ -10,7 +10,8 @@ DESCRIPTION
     ``GET /u/<token>``        a small page with a confirm button (no change:
                               link scanners and prefetchers issue GETs).
     ``POST /u/<token>``       unsubscribes: RFC 8058 one-click (body
-                              ``List-Unsubscribe=One-Click``) or the page's
+                              ``List-Unsubscribe=One-Click``, read as a form
+                              whatever its Content-Type) or the page's
                               form; the address is added to the tenant's
                               suppression list (reason "unsubscribe") and
                               "unsubscribed" is recorded.
@@ -36,8 +37,10 @@ DESCRIPTION
     verify here.
 
 DELIBERATELY NOT HERE
-    No bot or mail-privacy-proxy filtering here (the rollups judge machine opens
-    and clicks from the events: fastsend.analytics.machine), no IP addresses in
+    No bot or mail-privacy-proxy filtering here: every GET is an event, marked
+    ``machine`` with the machine rule its User-Agent alone matches ("" if none),
+    and the rollups judge machine opens and clicks from the events
+    (fastsend.analytics.machine, with the time since delivery), no IP addresses in
     events, no per-link statistics (they are computed from the event stream).
 """
 
@@ -48,7 +51,7 @@ import logging
 import time
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from aiohttp import web
 
@@ -88,6 +91,13 @@ LINK_EVENTS = 20
 LINK_WINDOW = 3600.0
 _LINKS_KEPT = 100_000  # links remembered (the least recently used go first)
 ONE_CLICK = "One-Click"
+# RFC 8058 3.2 asks for a form (multipart/form-data or x-www-form-urlencoded) body of
+# "List-Unsubscribe=One-Click"; a client that POSTs that body with no content type, or
+# text/plain (a hand-made one-click client), read as 400 lost the unsubscribe: the body
+# is read as a urlencoded form whatever its type says.
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+MAX_ONE_CLICK_BODY = 1024
+_KINDS = {"opened": "open", "clicked": "click"}  # events judged by the machine rules
 
 
 LEGACY_SINCE = "tracking_v2_since"  # spool meta: when this installation first encrypted tokens
@@ -106,6 +116,7 @@ class _Tracking:
         self.held = 0  # opens and clicks answered but not recorded (LINK_EVENTS)
         self.shared = getattr(ctx, "shared", None)  # the nodes' count (a shared spool)
         self._shared_down = 0.0  # when counting in Redis last failed (monotonic)
+        self._rules: Any = None  # the machine rules when there are no rollups (analytics off)
 
     # Read from the config in force at each request: a SIGHUP replaces ctx.config.
     @property
@@ -230,15 +241,39 @@ class _Tracking:
         campaign, tenant = self.owner(mid)
         if campaign is None and token_tenant:
             tenant = token_tenant  # the message is gone: the token's (authenticated) tenant
-        return {
+        ua = request.headers.get("User-Agent", "")[:MAX_UA]
+        ev = {
             "time": time.time(),
             "event": name,
             "id": int(mid.partition("-")[0]) if mid.partition("-")[0].isdigit() else mid,
             "campaign": campaign,
             "tenant": tenant,
             "rcpt": rcpt,
-            "user_agent": request.headers.get("User-Agent", "")[:MAX_UA],
+            "user_agent": ua,
         }
+        kind = _KINDS.get(name)
+        if kind is not None:
+            ev["machine"] = self._machine(kind, ua, request.method)
+        return ev
+
+    def _machine(self, kind: str, ua: str, method: str) -> str:
+        """The machine rule (fastsend.analytics.machine) the request alone matches:
+        its User-Agent or method ("apple-mpp", "scanner-agent", "head-request", ...),
+        "" when nothing in it says software. The rules of the rollups (the operator's
+        ``[analytics] machine_rules`` first), else the shipped ones. A webhook
+        receiver gets the mark with the event; /v1/stats also judges by the time
+        since delivery and by bursts of clicks, which a request alone cannot show."""
+        rollups = getattr(self.ctx, "rollups", None)
+        rules = getattr(rollups, "rules", None)
+        if rules is None:
+            rules = self._rules
+            if rules is None:
+                from fastsend.analytics.machine import load_machine_rules
+
+                path = self.ctx.config.analytics.machine_rules
+                rules = self._rules = load_machine_rules(path or None)
+        verdict: str = rules.classify(kind, ua, method.upper())
+        return verdict
 
     def _head(self, ev: dict[str, Any]) -> None:
         """Issue 14: a HEAD is a link checker's, never a person's: not an event (no log
@@ -293,7 +328,11 @@ class _Tracking:
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
         (mid, rcpt), token_tenant = self._open(request, tr.UNSUBSCRIBE)
-        form = await body_deadline(request.post(), self.body_timeout)
+        if request.content_type in _FORM_TYPES:
+            form: Any = await body_deadline(request.post(), self.body_timeout)
+        else:  # RFC 8058's body with no or another content type: still unambiguous
+            raw = await body_deadline(request.read(), self.body_timeout)
+            form = dict(parse_qsl(raw[:MAX_ONE_CLICK_BODY].decode("latin-1").strip()))
         one_click = form.get("List-Unsubscribe") == ONE_CLICK
         if not one_click and form.get("confirm") != "yes":
             raise _bad_request("expected List-Unsubscribe=One-Click or confirm=yes")
