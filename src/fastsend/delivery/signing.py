@@ -15,7 +15,9 @@ tenant's own keys, and the config's ``[dkim]`` entries for the tenant's domains
   out unsigned, and one with a stray CR with a signature no verifier
   accepts), a ``Date`` and a ``Message-ID`` put in front when it has none
   (RFC 5322 3.6 requires the first; Gmail refuses mail without the second),
-  its ``Bcc`` fields taken out (every recipient would read them), its 8-bit
+  its ``Bcc`` fields taken out (every recipient would read them), and its
+  Return-Path, Authentication-Results and Delivered-To / X-Original-To /
+  Envelope-To (see ``_ready``; Received stays), its 8-bit
   parts and lines over 998 octets re-encoded to 7 bit before it is signed
   (:mod:`fastsend.message.rawmime`: RFC 6376 5.3; what cannot be re-encoded
   goes with BODY=8BITMIME, or is refused), then a DKIM-Signature header per
@@ -135,6 +137,15 @@ class ConfigDKIM:
             # from the envelope (RFC 5321 4.4: a message-originating system
             # SHOULD NOT send one; a tenant's would show readers an address
             # bounces never go to). Both taken out, as Postfix's cleanup does.
+            # Authentication-Results are verdicts nobody here made (RFC 8601 5:
+            # a border MTA removes those claiming its trust boundary, and may
+            # remove all); Delivered-To / X-Original-To / Envelope-To tell of a
+            # past final delivery (a saved message sent again: Postfix's local
+            # delivery bounced it as a mail loop, 5.4.6). The campaign path
+            # refuses all of these in [headers]; a raw message loses them.
+            # Received fields stay (RFC 5321 4.4: never deleted; they bound a
+            # real loop by hop count), ARC sets and Received-SPF too (trace and
+            # signed chains a relay must not cut).
             headers = [(n, ln) for n, ln in headers if n not in _TAKEN_OUT]
             data = b"".join(ln for _, ln in headers) + b"\r\n" + body
         domains = _from_domains(headers)
@@ -157,7 +168,11 @@ class ConfigDKIM:
 
 
 _DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9.\-]*[a-z0-9])?")
-_TAKEN_OUT = frozenset({"bcc", "return-path"})  # fields a raw message loses (see _ready)
+# Fields a raw message loses (see _ready).
+_TAKEN_OUT = frozenset({
+    "bcc", "return-path", "authentication-results", "delivered-to", "x-original-to",
+    "envelope-to",
+})  # fmt: skip
 
 
 # The fields a reader sees as a message's author or sender (RFC 5322 3.6.2, 3.6.6;

@@ -78,10 +78,17 @@ DESCRIPTION
     sessions hold max_held_bytes gets 452 4.3.1: sent again later). Only a
     report's first parse_max_bytes are kept (``ServerConfig.keep_bytes``).
 
+    Each accepted message gets a Received field on top (RFC 5321 4.4;
+    :meth:`_Submission.received`), spooled with it so it is under the DKIM
+    signature; an internationalised domain after an ASCII local part is
+    spooled in A-labels (:func:`a_labels`: no SMTPUTF8 needed); an address
+    literal recipient must be a public address (netguard) unless [delivery]
+    allow_private_mx.
+
 DELIBERATELY NOT HERE
     No relaying (intake never forwards), no sender-domain policy per tenant,
-    no Received header, no spool state changes for asynchronous bounces (the
-    event stream carries them).
+    no spool state changes for asynchronous bounces (the event stream carries
+    them).
 """
 
 from __future__ import annotations
@@ -90,10 +97,13 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import datetime
+import email.utils
 import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import ssl
 import time
@@ -103,12 +113,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from fastsend import msgid
+from fastsend import msgid, netguard
+from fastsend.address import literal
 from fastsend.config import Config
 from fastsend.config.serve import IntakeSettings, ListenerLimits, SubmissionSettings, listen_pairs
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
-from fastsend.message.rawmime import RawMimeError
+from fastsend.message.rawmime import MAX_HEADER_OCTETS, RawMimeError, check_head, crlf_lines
 from fastsend.message.rawmime import check as check_raw
 from fastsend.serve.context import CampaignQuotaExceeded
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
@@ -506,6 +517,38 @@ class IntakeConfig:
 
 
 # ---------------------------------------------------------------- policies
+# A HELO name a Received field may carry: a domain name (A-labels) or an address literal.
+_HELO_OK = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}"
+    r"[A-Za-z0-9])?\.?|\[[0-9.]{7,15}\]|\[IPv6:[0-9A-Fa-f:.]{2,45}\]"
+)
+
+
+def a_labels(address: str) -> str:
+    """``address`` with its domain in A-labels when its local part is ASCII (an
+    address that needs SMTPUTF8 only for its domain then needs none); else as given."""
+    local, at, domain = address.rpartition("@")
+    if not at or address.isascii() or not local.isascii():
+        return address
+    try:
+        return f"{local}@{encode_domain(domain)}"
+    except HeaderError:
+        return address
+
+
+def _head_of(data: bytes) -> bytes:
+    """The header section of raw ``data`` (any line ends) with CRLF line ends and its
+    last CRLF, as rawmime.check_head takes it (the whole, when no blank line ends it)."""
+    data = crlf_lines(data)
+    head, sep, _ = data.partition(b"\r\n\r\n")
+    return head + b"\r\n" if sep else data
+
+
+def _trace_id() -> str:
+    """An id for one accepted message: its Received field's, said in the 250 too."""
+    return secrets.token_hex(6).upper()
+
+
 class _Policy:
     """What a listener decides; the connection class does the SMTP plumbing."""
 
@@ -613,10 +656,18 @@ class _Submission(_Policy):
         self.throttle.limits = cfg.limits
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
+        domain = address.rpartition("@")[2]
         try:
-            encode_domain(address.rpartition("@")[2])
+            encode_domain(domain)
         except HeaderError:
             return 553, "5.1.3", "Bad recipient domain"
+        if domain.startswith("["):
+            # An address literal is delivered to that address: never to one inside the
+            # operator's network (a tenant reaching 127.0.0.1:25 or 10.x through us),
+            # as an MX resolving there is not, unless [delivery] allow_private_mx.
+            ip = literal(domain)[1:-1].removeprefix("ipv6:")
+            if not self.ctx.config.delivery.allow_private_mx and not netguard.public(ip):
+                return 550, "5.7.1", f"{domain} is not a public address"
         if conn.tenant is not None:  # a quota used up: said before the body is sent
             over = self.ctx.caps.exhausted(conn.tenant)
             if over is not None:
@@ -630,8 +681,21 @@ class _Submission(_Policy):
         if not self.still_valid(conn):
             conn.close_after_reply = True
             return 535, "5.7.8", "Authentication credentials no longer valid"
+        trace_id = _trace_id()
+        # An internationalised domain after an ASCII local part is written in
+        # A-labels (IDNA 2008, UTS 46): the same domain, and it needs no SMTPUTF8
+        # (spooled as given, every receiver without SMTPUTF8 refused it 5.6.7).
+        # Only a non-ASCII local part needs SMTPUTF8 (RFC 6531 3.2).
+        rcpts = [a_labels(r) for r in ev.recipients]
+        sender = a_labels(ev.mail_from)
         try:  # within the header caps, and relayable unbroken (long lines)
             check_raw(ev.data)
+            # Our trace field (RFC 5321 4.4 MUST) goes on top of the message as
+            # spooled, so it is on the mail delivered and under its DKIM signature,
+            # and the caps hold with it.
+            trace = self.received(conn, ev, rcpts, trace_id)
+            check_head(_head_of(trace + ev.data[: MAX_HEADER_OCTETS + 1024]))
+            data = trace + ev.data
         except RawMimeError as e:
             return (552 if e.enhanced == "5.3.4" else 554), e.enhanced, f"Message refused: {e}"
         tenants = self.ctx.tenants
@@ -641,16 +705,16 @@ class _Submission(_Policy):
             has_from, senders = sender_domains(ev.data)
             if not has_from:
                 return 550, "5.7.1", "Message has no From address"
-            envelope = ("MAIL FROM", ev.mail_from.rpartition("@")[2].lower())
+            envelope = ("MAIL FROM", sender.rpartition("@")[2].lower())
             for field, d in [*senders, envelope]:
                 if (d or field != "MAIL FROM") and not tenants.allows(tenant, d):
                     name = field.title() if field != "MAIL FROM" else field
                     return 550, "5.7.1", f"{name} domain {d} is not one of your sending domains"
         cap = self.cfg.max_spooled_bytes
-        if len(ev.data) * 4 // 3 * len(ev.recipients) > cap:  # each row holds the message
+        if len(data) * 4 // 3 * len(rcpts) > cap:  # each row holds the message
             return 552, "5.3.4", "Message size x recipients exceeds the limit; send fewer"
-        msg: dict[str, Any] = {"raw": base64.b64encode(ev.data).decode("ascii"),
-                               "mail_from": ev.mail_from}  # fmt: skip
+        msg: dict[str, Any] = {"raw": base64.b64encode(data).decode("ascii"),
+                               "mail_from": sender}  # fmt: skip
         if self.cfg.dsn:  # its failure is told to the envelope sender (serve.dsn)
             msg["dsn"] = 1
         vars_ = orjson.dumps(msg)
@@ -658,9 +722,10 @@ class _Submission(_Policy):
         # another case) is one recipient, as Postfix's duplicate filter makes it.
         rows: list[tuple[str, str, bytes]] = []
         seen: set[str] = set()
-        for r in ev.recipients:
+        for r in rcpts:
             local, _, dom = r.rpartition("@")
-            domain = encode_domain(dom).lower()
+            # (a literal in the one form suppression keys it by: [ipv6:2001:db8::1])
+            domain = literal(dom) if dom.startswith("[") else encode_domain(dom).lower()
             if (key := f"{local}@{domain}") not in seen:
                 seen.add(key)
                 rows.append((r, domain, vars_))
@@ -686,7 +751,48 @@ class _Submission(_Policy):
                 return 451, "4.3.0", "Temporary failure (storage), try again later"
             log.exception("submission: spooling failed")
             return 451, "4.3.0", "Temporary failure, try again later"
-        return 250, "2.0.0", f"Ok: queued as {ids[0]} ({len(ids)} recipient(s))"
+        return 250, "2.0.0", f"Ok: queued as {ids[0]} ({len(ids)} recipient(s)) id {trace_id}"
+
+    def received(
+        self, conn: _Connection, ev: Message, rcpts: list[str], trace_id: str
+    ) -> bytes:
+        """The Received field this hop adds (RFC 5321 4.4, RFC 5322 3.6.7): "from" the
+        client's HELO name (when it is a domain or an address literal; else the
+        address alone) and its address (the PROXY header's behind a trusted
+        balancer), "by" our host name, "with" the RFC 3848 / RFC 6531 protocol
+        (ESMTPSA: TLS and AUTH), the id the 250 names, "for" the recipient when
+        there is one (more would tell each the others, Bcc ones included), the
+        time. ASCII only (the HELO is the client's: anything else is left out).
+        The AUTH identity is not written: the tenant's account name is no business
+        of the receivers' (RFC 4954 leaves it out of Received; Postfix's
+        smtpd_sasl_authenticated_header is off by default)."""
+        proto = conn.proto
+        ip = conn.client or "unknown"
+        lit = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+        helo = proto.helo or ""
+        if _HELO_OK.fullmatch(helo) is not None and len(helo) <= 255:
+            origin = f"from {helo} ({lit})"
+        else:
+            origin = f"from {lit} (HELO is no domain)" if helo else f"from {lit}"
+        base = "UTF8SMTP" if ev.smtputf8 else "ESMTP"
+        if not proto.esmtp:
+            with_ = "SMTP"
+        else:
+            with_ = base + ("S" if proto.tls_active else "") + ("A" if conn.tenant else "")
+        tls = ""
+        t = conn.transport
+        sslobj = t.get_extra_info("ssl_object") if t is not None else None
+        if sslobj is not None:
+            cipher = sslobj.cipher()
+            tls = f"\r\n\t(using {sslobj.version()} with cipher {cipher[0] if cipher else '?'})"
+        one = rcpts[0] if len({r.lower() for r in rcpts}) == 1 else ""
+        for_ = f"\r\n\tfor <{one}>" if one and one.isascii() and len(one) <= 256 else ""
+        stamp = email.utils.format_datetime(datetime.datetime.now(datetime.UTC))
+        host = self.server_config.hostname
+        return (
+            f"Received: {origin}{tls}\r\n\tby {host} (fastsend) with {with_} id {trace_id}"
+            f"{for_}; {stamp}\r\n"
+        ).encode("ascii", "replace")
 
 
 class _Intake(_Policy):

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Final
@@ -699,6 +700,15 @@ class ServerProtocol:
         if address[0] == '"':  # a quoted local part: the domain is held to the rules below
             m = _QUOTED_LOCAL.match(address)
             plain = "q" + address[m.end() - 1 :] if m is not None and m.end() > 3 else "\0"
+        if plain.endswith("]"):
+            # An address literal (RFC 5321 4.1.3: [192.0.2.1], [IPv6:2001:db8::1]) is a
+            # domain as any other here, as Postfix takes it; whether mail may go to
+            # that address is the caller's policy (and delivery's: no private ones).
+            local, at, lit = plain.rpartition("@[")
+            if not at or not _address_literal(lit[:-1]):
+                self._error(501, "5.1.3", "Bad address literal")
+                return False
+            plain = local + "@literal"
         bad = len(address) > _MAX_PATH or _ADDR_BAD.search(plain) is not None
         if not bad:
             local, at, domain = plain.rpartition("@")
@@ -949,6 +959,21 @@ class ServerProtocol:
         body = b"".join(self._bdat_chunks)
         self._bdat_chunks = []
         return Message(self.mail_from, self.recipients, body, self.smtputf8, True)
+
+
+def _address_literal(text: str) -> bool:
+    """Whether ``text`` (between the brackets) is an IPv4 address or ``IPv6:`` and an
+    IPv6 address (RFC 5321 4.1.3; no other tag is registered)."""
+    if "%" in text:  # (a zone index: no address another host can reach)
+        return False
+    try:
+        if text[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(text[5:])
+        else:
+            ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _clean_text(text: str) -> str:
