@@ -122,12 +122,12 @@ class Sampler(threading.Thread):
 
 
 def run_once(camp: str, rcpts: str, sink: SmtpSink, tmp: str, workers: int, tag: str,
-             every: float, config: str = "", tree: str = "") -> tuple[float, float, list[tuple[float, int, str]], Sampler, int]:  # fmt: skip
+             every: float, config: str = "", tree: str = "", dkim: bool = False) -> tuple[float, float, list[tuple[float, int, str]], Sampler, int]:  # fmt: skip
     marks = os.path.join(tmp, f"marks-{tag}.txt")
     cmd = [sys.executable, HOOKS, marks, "send", camp, "-r", rcpts,
            "--route", f"*=127.0.0.1:{sink.port}", "--source-ip", ",".join(SOURCE_IPS),
            "--workers", str(workers), "--spool", os.path.join(tmp, f"spool-{tag}"),
-           "--json", "--no-progress", "--no-dkim"]  # fmt: skip
+           "--json", "--no-progress", *([] if dkim else ["--no-dkim"])]  # fmt: skip
     if config:
         cmd += ["-c", config]
     env = None
@@ -152,6 +152,22 @@ def run_once(camp: str, rcpts: str, sink: SmtpSink, tmp: str, workers: int, tag:
             rows.append((float(t), int(pid), name))
     rows.sort()
     return t0, t_exit, rows, sampler, got
+
+
+def with_rsa_key(tmp: str, camp: str) -> str:
+    """``camp`` signing rsa-sha256 with a new 2048-bit key (as bench/end_to_end.py
+    --dkim does): the campaign file to send."""
+    key = os.path.join(tmp, "dkim.pem")
+    subprocess.run(
+        [sys.executable, "-m", "fastsend", "dkim", "keygen", "--domain", "sender.example.com",
+         "--selector", "b1", "--bits", "2048", "--out", key, "--force"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    signed = os.path.join(tmp, "campaign-dkim.toml")
+    with open(camp) as src, open(signed, "w") as f:
+        f.write(src.read())
+        f.write(f'[dkim]\ndomain = "sender.example.com"\nselector = "b1"\nkey = "{key}"\n')
+    return signed
 
 
 READY = re.compile(r"ready queues while sending: (\d+) samples, empty in (\d+)"
@@ -247,6 +263,8 @@ def main() -> int:
     ap.add_argument("--baseline", default="", metavar="DIR",
                     help="A/B: interleave each run with the same send from DIR/src")
     ap.add_argument("--quiet", action="store_true", help="no timeline, the figures only")
+    ap.add_argument("--dkim", action="store_true",
+                    help="sign rsa-sha256 (2048-bit): when each worker ends its share")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     workers = args.workers or cores
@@ -270,13 +288,15 @@ def main() -> int:
     ok = True
     with tempfile.TemporaryDirectory(prefix="fastsend-timeline-") as tmp:
         camp, rcpts = write_inputs(tmp, n, args.size)
+        if args.dkim:
+            camp = with_rsa_key(tmp, camp)
         sink = SmtpSink(free_port())
         try:
             for r in range(args.runs):
                 for name, tree in sides if r % 2 == 0 else sides[::-1]:
                     t0, t_exit, rows, sampler, got = run_once(
                         camp, rcpts, sink, tmp, workers, f"{name}-{r}", args.sample,
-                        args.config, tree,
+                        args.config, tree, args.dkim,
                     )  # fmt: skip
                     ok = ok and got == n
                     if not args.quiet:

@@ -61,6 +61,9 @@ FLUSH_DELAY = 0.002
 # no message sent, no Stats for the supervisor, which kills a worker silent
 # for WORKER_SILENCE (30 s).
 READ_SLICE = 0.05
+# Messages built after which the worker's first wire.Stats goes at once (the
+# supervisor sizes its claims by the cost of building: Dispatch.claim_at).
+COST_TOLD = 100
 GC_YOUNG = 50_000  # gen0 threshold of a worker process (see run_worker)
 # The loop's nap (smtp.transport.Napper) after an iteration that read a
 # reply, while NAP_LINKS connections have a group in flight: one wake-up reads
@@ -120,6 +123,8 @@ class Worker:
         self.lanes_busy: list[tuple[str, str]] = []  # (ip, site) with a connection at Retire
         self.providers_told: dict[str, tuple[float, float, int, float]] = {}  # report_lanes
         self.busy = 0  # batches being resolved/rendered
+        self.built = 0  # messages built by the inbox read under way (on_inbox)
+        self.cost_told = False  # a wire.Stats went once COST_TOLD messages were built
         # Envelopes placed during one read of the inbox, per site queue, pushed
         # together at its end (place_batch, push_placed).
         self.placed: dict[SiteQueue, list[Envelope]] = {}
@@ -141,10 +146,26 @@ class Worker:
         self.inbox.clear_reader()
         self.busy += 1  # until what was placed is on its site queues
         more = False
+        start = time.process_time()
+        self.built = 0
         try:
             more = self._read_inbox()
         finally:
             self.push_placed()
+            if self.built:
+                # What building costs a message (signing it, mostly): the
+                # supervisor sizes its claims for this worker by it
+                # (Dispatch.claim_at), so the workers' windows end together.
+                c = self.counters
+                c["build_cpu_seconds"] = c.get("build_cpu_seconds", 0.0) + (
+                    time.process_time() - start
+                )
+                c["messages_built"] = c.get("messages_built", 0.0) + self.built
+                if not self.cost_told and c["messages_built"] >= COST_TOLD:
+                    # at once, not at the next stats_loop second: a signed
+                    # send's first claims are sized by it
+                    self.cost_told = True
+                    self.send_stats()
             if more:  # the rest of the inbox in the loop's next iteration (still busy)
                 asyncio.get_running_loop().call_soon(self._read_more)
             else:
@@ -184,6 +205,7 @@ class Worker:
                     asyncio.get_running_loop().create_task(self.handle_batch(msg))
                 else:  # the common case: placed now, no task per batch
                     self.place_batch(msg, site, placed)
+                    self.built += len(msg.items)
                     if clock() >= until:
                         return True
                 continue

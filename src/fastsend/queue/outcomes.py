@@ -47,6 +47,19 @@ HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up t
 # as one of ~200 (each B-tree page of the spool is rewritten once for more rows).
 FLUSH_ROWS = 1000
 FLUSH_AGE = 0.05  # s
+BUILD_SAMPLE = 50  # messages built between two wire.Stats that make a new build_cost
+
+
+def note_build(slot: WorkerSlot, stats: wire.Stats) -> None:
+    """``slot.build_cost`` from what its worker built since its last
+    ``stats`` (cumulative counters; a restarted worker counts from 0 again):
+    the cost of the mail it is given now, not of the run's start."""
+    new = stats.counters
+    old = slot.counters if slot.counters_pid == stats.pid else {}
+    n = new.get("messages_built", 0.0) - old.get("messages_built", 0.0)
+    if n >= BUILD_SAMPLE:
+        spent = new.get("build_cpu_seconds", 0.0) - old.get("build_cpu_seconds", 0.0)
+        slot.build_cost = max(0.0, spent) / n
 
 
 class Outcomes(SupervisorState):
@@ -104,6 +117,7 @@ class Outcomes(SupervisorState):
                 self.handback(slot, msg)
                 got = True
             elif isinstance(msg, wire.Stats):
+                note_build(slot, msg)
                 slot.counters = msg.counters
                 slot.counters_pid = msg.pid  # a restarted worker counts from 0 again
             elif isinstance(msg, wire.Conns):

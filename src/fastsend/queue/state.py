@@ -71,6 +71,9 @@ class WorkerSlot(msgspec.Struct):
     unwritten: int = 0
     cpu_s: float = 0.0  # user + system CPU of this slot's workers that have exited
     window: int = 4000  # its active window (Config.window_for): claimed + unwritten at most
+    # CPU seconds building one message costs its worker (signing it, mostly), from
+    # the last wire.Stats that counted enough built (note_build); 0.0: not known yet.
+    build_cost: float = 0.0
     # Ids in flight the worker was asked to hand back (wire.Withdraw): suppressed since.
     withdrawn: set[int] = msgspec.field(default_factory=set)
 

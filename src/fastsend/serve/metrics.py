@@ -72,6 +72,9 @@ WORKER_HELP = {
     "connections_over_site_cap": "Connections not opened: the site's connection cap was reached.",
     "failovers": "Messages passed to a route's next transport.",
     "handed_back": "Messages handed back unattempted (site shaped, resting or draining).",
+    "messages_built": "Messages built as their batches were read (rendered; signed when"
+                      " signing is done then).",
+    "build_cpu_seconds": "CPU seconds those messages took to build (claims are sized by it).",
     "recipients_over_limit": "Recipients moved to another transaction (the server's limit).",
     "requeued_after_session_end": "Messages queued again when their connection ended first.",
     "tls_policy_sessions": "Sessions under an MTA-STS or DANE policy.",
