@@ -415,6 +415,11 @@ def dkim_run(
     print("  CPU per message, by process (us), signed: " + "; ".join(
         f"{k} {fmt_mr(v, '.1f')}" for k, v in per.items()
     ))  # fmt: skip
+    # How evenly the workers shared the signing: the busiest worker's share of
+    # the workers' CPU (50% with two: both ended together, no core idle).
+    shares = [max(f["worker_cpu_s"]) / max(1e-9, sum(f["worker_cpu_s"])) * 100 for f in runs[True]]
+    print(f"  busiest worker's share of the workers' CPU, signed: {fmt_mr(shares, '.0f')}%"
+          f" (even: {100 / workers:.0f}%)")  # fmt: skip
     print("  the same send without DKIM, interleaved (us): " + "; ".join(
         f"{k} {fmt_mr(v, '.1f')}" for k, v in plain.items()
     ))  # fmt: skip
