@@ -674,7 +674,8 @@ class Dispatch(SupervisorState):
     ) -> dict[tuple[int, str], list[Claimed]]:
         """A campaign not judged yet by its guardrails (fewer than ``min_sample``
         final outcomes) has at most ``min_sample`` messages out unanswered, over
-        every worker; the rest of ``groups`` waits in ``slot.held`` (inside the
+        every worker (with other nodes on a shared spool, this node's part of
+        what the sample lacks: ``Guardrails.allowance``); the rest of ``groups`` waits in ``slot.held`` (inside the
         window, released as outcomes come back). A fast receiver answers a whole
         window before the supervisor counts the first outcomes: a list that
         bounced was sent whole (4,000 of a window) before its pause. Deferrals and
@@ -692,7 +693,6 @@ class Dispatch(SupervisorState):
         when and its domain), and looked up in their windows only when the cap is near: the
         cost is the campaign's own, never a scan of the windows."""
         g = self.shaping.guardrails
-        cap = g.settings.min_sample
         mono = time.monotonic()
         stale = mono - g.settings.sample_wait
         track = g.out
@@ -705,6 +705,7 @@ class Dispatch(SupervisorState):
                     g.forget(cid)  # judged: free from here on
                 out[key] = items
                 continue
+            cap = g.allowance(cid)  # (min_sample, or this node's part of it)
             ids = track.get(cid)
             if ids is None:
                 if len(track) >= 10_000:  # campaigns that ended before their sample

@@ -30,7 +30,10 @@ DESCRIPTION
     are counted, and a list that bounces would be sent whole before its pause.
     A pause is told to the dispatcher at once (:attr:`fresh`), which asks the
     workers for that campaign's unsent mail back without waiting for its
-    status to be read again.
+    status to be read again. With other nodes sending from a shared spool each
+    node has only its part of the sample out (:meth:`allowance`), and a pause
+    another node decided is taken as this node's own as soon as a flush or a
+    check meets it (:meth:`stopped_elsewhere`).
 
 DELIBERATELY NOT HERE
     No reading of ARF or DSN messages (fastsend.bounce parses them) and no
@@ -46,11 +49,15 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fastsend.config.shaping import GuardrailSettings
 from fastsend.spool import BOUNCED, DELIVERED, Spool
+
+SENDERS_EVERY = 1.0  # s between two reads of how many nodes send (Guardrails.senders_now)
 
 
 class Guardrails:
@@ -63,8 +70,6 @@ class Guardrails:
         emit: Callable[[dict[str, Any]], None],
         clock: Callable[[], float] | None = None,
     ) -> None:
-        import time
-
         self.spool = spool
         self.settings = settings
         self.emit = emit
@@ -88,6 +93,10 @@ class Guardrails:
         # answers, whose further mail of the campaign takes no room in the sample
         self.late: dict[int, dict[int, tuple[Any, str]]] = {}
         self.slow: dict[int, set[str]] = {}
+        # nodes sending from the spool (Spool.senders), read at most every
+        # SENDERS_EVERY s (monotonic): each lets out its part of a sample
+        self.senders = 1
+        self.senders_at = -math.inf
 
     def _get(self, campaign: int) -> list[int]:
         g = self.counts.get(campaign)
@@ -127,6 +136,36 @@ class Guardrails:
         if g is None:
             g = self._get(campaign)
         return g[0] + g[1] < s.min_sample
+
+    def allowance(self, campaign: int) -> int:
+        """How many of ``campaign``'s messages this node may have out unanswered
+        while it is sampled (``Dispatch.sample_cap``). Alone, ``min_sample``.
+        With other nodes sending from a shared spool, its part of what the
+        sample still lacks by the totals last read from the spool (each node
+        judging only its own, N nodes let N x min_sample of a bad list out
+        before any pause), less what it counted since it last added its counts
+        there: the sample is the cluster's, no round trip a message."""
+        s = self.settings.min_sample
+        n = self.senders_now()
+        if n <= 1:
+            return s
+        g = self._get(campaign)
+        p = self.pending.get(campaign)
+        mine = p[0] + p[1] if p else 0  # counted here, not yet in the spool's totals
+        lacks = max(0, s - (g[0] + g[1] - mine))
+        return max(0, max(1, -(-lacks // n)) - mine)
+
+    def senders_now(self) -> int:
+        """Spool.senders, read again every SENDERS_EVERY s (the last known
+        through an outage)."""
+        mono = time.monotonic()
+        if mono - self.senders_at >= SENDERS_EVERY:
+            self.senders_at = mono
+            try:
+                self.senders = max(1, self.spool.senders())
+            except Exception:
+                pass
+        return self.senders
 
     def forget_answered(self) -> None:
         """Drop from :attr:`out` and :attr:`late` what was answered, and campaigns
@@ -181,6 +220,8 @@ class Guardrails:
     def flush(self) -> None:
         """Add this process's counts to the spool's in one step, take the totals
         back (other nodes' counts included) and judge them."""
+        if self.out:
+            self.senders_now()  # (not at a dispatch: the loop's tick pays it)
         if not self.pending:
             return
         pending, self.pending = self.pending, {}
@@ -188,11 +229,35 @@ class Guardrails:
         totals = self.spool.add_counters(deltas)
         for c in pending:
             g = self._get(c)
+            seen = g[0] + g[1]
             for i in range(3):
                 t = totals.get(_name(c, i))
                 if t is not None:
                     g[i] = t
+            if g[0] + g[1] < seen and self.stopped_elsewhere(c):
+                # (what this node just added is no part of the fresh sample)
+                self.spool.drop_counters([_name(c, i) for i in range(3)])
+                continue
             self.check(c)
+
+    def stopped_elsewhere(self, campaign: int) -> bool:
+        """Whether another node (or the operator) paused ``campaign``: then this
+        node's sample starts afresh too, and its unsent mail is asked back at
+        once (:attr:`fresh`), as where the pause was decided. Before, a node
+        learnt it from the campaign's status, read every STATUS_TTL s, and
+        meanwhile took the counters the pause had reset for a fresh sample and
+        let that much more of the bad list out (~100 more at min_sample 100)."""
+        try:
+            info = self.spool.get_campaign(campaign)
+        except Exception:
+            return False
+        if info is None or info.status != "paused":
+            return False
+        self.counts[campaign] = [0, 0, 0]
+        self.pending.pop(campaign, None)
+        self.forget(campaign)
+        self.fresh.append(campaign)
+        return True
 
     def check(self, campaign: int) -> bool:
         """Pause ``campaign`` if it is over a threshold; True when it was paused."""
@@ -223,6 +288,8 @@ class Guardrails:
             return False
         info = self.spool.get_campaign(campaign)
         if info is None or info.status != "active":
+            if info is not None and info.status == "paused":
+                self.stopped_elsewhere(campaign)  # (judged there first)
             return False
         # the reason on the campaign itself: it outlives the process (the event does not)
         self.spool.set_campaign_status(campaign, "paused", f"guardrail: {why}")

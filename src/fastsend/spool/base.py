@@ -1106,6 +1106,12 @@ class Spool(abc.ABC):
         for k in names:
             mem.pop(k, None)
 
+    def senders(self) -> int:
+        """How many nodes send from this spool now, this one included (those
+        holding claims, each under its lease): what a limit over every node is
+        split by (the guardrails' sample). A local spool has one."""
+        return 1
+
 
 def id_runs(ids: list[int]) -> list[tuple[int, int]]:
     """Sorted ids as (first, last) runs of consecutive values."""
@@ -1385,6 +1391,9 @@ class SpoolProxy(Spool):
 
     def drop_counters(self, names: Iterable[str]) -> None:
         self.inner.drop_counters(names)
+
+    def senders(self) -> int:
+        return self.inner.senders()
 
     def close(self) -> None:
         self.inner.close()

@@ -1532,6 +1532,18 @@ class RedisSpool(Spool):
         if names:
             self.r.hdel(f"{self.k}:counters", *names)
 
+    def senders(self) -> int:
+        # P:nodes: node -> the end of its lease on its claims (Redis time, ms),
+        # renewed every lease/4 while it holds any (renew.lua); a node that
+        # has not claimed yet counts itself
+        pipe = self.r.pipeline(transaction=False)
+        pipe.time()
+        pipe.zrange(f"{self.k}:nodes", 0, -1, withscores=True)
+        (sec, usec), held = pipe.execute()
+        now = int(sec) * 1000 + int(usec) // 1000
+        live = {_s(n) for n, until in held if until > now}
+        return len(live | {self.node})
+
     # -- bodies stored once (see Spool.put_blob): P:b:HEX the bytes, P:bm:HEX
     # {touched, pending}, P:br:HEX the id runs holding it ("first-last"),
     # P:blobs HEX -> when a sweep looks at it next (oldest first).
