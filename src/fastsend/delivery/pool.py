@@ -246,6 +246,8 @@ class SiteQueue:
         # delivery.routes): each connection task holds a place; ``workers``
         # of them; until when this one leaves a freed place to a waiting one.
         self.slots: Slots | None = None
+        # lanes whose address's connections here are places on the node (Lane.place)
+        self.placed: set[Lane] = set()
         self.slot_workers = 1
         self.yield_until = 0.0
         self.slot_timer: asyncio.TimerHandle | None = None
@@ -391,6 +393,9 @@ class SiteQueue:
     def _scale(self) -> None:
         if self.slots is not None and self.slots.wanting:
             self.slots.unwant()  # marked again below if it still finds no place
+        for ln in self.placed:
+            if ln.places is not None and ln.places.wanting:
+                ln.places.unwant()
         if self.closing or not self.pending:
             return
         d = self.config.delivery
@@ -412,18 +417,26 @@ class SiteQueue:
                     break
                 place = got
             lane = self._next_lane()
-            if lane is None:
+            own = -1 if lane is None else lane.place(time.monotonic())
+            if lane is not None and own != -1:
+                self.placed.add(lane)
+            if lane is None or own is None:
                 if place >= 0 and self.slots is not None:
                     self.slots.release(place)
+                if own is None:
+                    # The address's places on the node are all held by the
+                    # other workers sending from it: try again shortly.
+                    no_place = True
+                    self._place_later(SLOT_WAIT)
                 break
             lane.active += 1  # counted at once, so the next pick sees it
             self.nconn += 1
-            task = asyncio.get_running_loop().create_task(self._connection(lane, place))
+            task = asyncio.get_running_loop().create_task(self._connection(lane, place, own))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         if not self.nconn:
             if no_place:
-                return  # the node's other workers hold the relay's connections
+                return  # the node's other workers hold the relay's (the address's) connections
             if self._waits_for_lane():
                 return  # (Lane.waiters: called again when one of its connections closes)
             if self._borrowed_only():
@@ -441,15 +454,20 @@ class SiteQueue:
         assert self.slots is not None
         now = time.monotonic()
         got = self.slots.acquire(not self.nconn) if now >= self.yield_until else None
-        if got is None and self.slot_timer is None:
+        if got is None:
+            self._place_later(max(SLOT_WAIT, self.yield_until - now))
+        return got
+
+    def _place_later(self, wait: float) -> None:
+        """:meth:`_scale` again in ``wait`` s (a place among the relay's or the
+        address's connections on the node may be free then)."""
+        if self.slot_timer is None:
 
             def again() -> None:
                 self.slot_timer = None
                 self._scale()
 
-            wait = max(SLOT_WAIT, self.yield_until - now)
             self.slot_timer = asyncio.get_running_loop().call_later(wait, again)
-        return got
 
     def _waits_for_lane(self) -> bool:
         """Whether a source IP's lane may carry mail but has all the connections
@@ -810,7 +828,10 @@ class SiteQueue:
                 policy=sts.lines, mx_host=sts.mx, receiving_ip=host.address,
             )  # fmt: skip
 
-    async def _connection(self, lane: Lane, place: int = -1) -> None:
+    async def _connection(self, lane: Lane, place: int = -1, own: int = -1) -> None:
+        """One connection task: sessions from ``lane``'s address while mail
+        waits. ``place``: its place among a relay's connections on the node
+        (``slots``), ``own``: among the address's (``Lane.place``); -1: none."""
         ip = lane.ip
         pipeline = self.config.delivery.pipeline
         # Messages this connection takes per group: `pipeline`, or up to
@@ -891,6 +912,21 @@ class SiteQueue:
                             leave = True
                             self.yield_until = time.monotonic() + SLOT_YIELD
                             break
+                        if own < 0 and lane.places_at is not None:
+                            got = lane.place(time.monotonic())
+                            if got is None:
+                                # A throttle made the address's connections places
+                                # on the node after this one opened, and the other
+                                # workers hold them all: it ends here.
+                                leave = True
+                                break
+                            own = got
+                        if own >= 0 and progress and not lane.keeps_place(own):
+                            # Another worker sending from the address waits for
+                            # one of its connections here (or a throttle cut
+                            # them below this one's place): leave it the place.
+                            leave = True
+                            break
                         if lane.active > lane.max_connections:
                             # Its share of a relay's connections was cut (another
                             # node joined: wire.TransportShares): this one ends
@@ -901,6 +937,8 @@ class SiteQueue:
                         if not self.pending:
                             if self.closing or lane.waiters:
                                 break  # (other sites of its provider wait for the lane)
+                            if own >= 0 and not lane.keeps_place(own):
+                                break  # (not idle on a place another worker waits for)
                             self.wakeup.clear()
                             lane.wakers.add(self.wakeup)
                             try:
@@ -996,6 +1034,7 @@ class SiteQueue:
                 lane.active -= 1
             if place >= 0 and self.slots is not None:
                 self.slots.release(place)
+            lane.release(own)
             self.nconn -= 1
             if lane.waiters:
                 # Other sites of its provider wait for a connection of the lane:

@@ -48,6 +48,7 @@ from fastsend.procs import _prctl, _py_set_pdeathsig, die_with_parent, set_pdeat
 from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
 from fastsend.smtp import transport
+from fastsend.transports.slots import Slots
 
 FLUSH_AT = 512
 SITES_MIN = 1024  # site queues held before idle ones are forgotten (then 2x the live ones)
@@ -107,6 +108,7 @@ class Worker:
         self.sites: dict[tuple[str, str], SiteQueue] = {}
         self.sites_limit = SITES_MIN
         self.shaper = Shaper(config, ips, index=index)
+        self.shaper.places = Slots  # (a lane's connections below the workers sharing its address)
         for ip in ips:
             if ip:
                 self.shaper.ehlo[ip] = names.name(ip)

@@ -40,7 +40,9 @@ DELIBERATELY NOT HERE
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -58,6 +60,9 @@ from fastsend.throttle import Gcra
 # rate has grown by this factor since the last one told, or this many seconds on
 AIMD_STEP = 1.25
 AIMD_QUIET = 30.0
+# A connection that left its place (Lane.keeps_place) to a waiting worker leaves
+# it to that one for this long (transports' SLOT_YIELD)
+PLACE_YIELD = 0.25
 
 FOREVER = 1e9
 PROVIDER_LANES = "mx-provider:"
@@ -86,7 +91,8 @@ def split_limits(lim: Limits, k: int, place: int) -> Limits:
     """A site's limits for one of ``k`` workers sending from the same address
     (``place``: its place among them): rates and connection rate divided,
     bursts too (at least 1), connections shared out (the remainder to the
-    first places; at least one each, so a limit below ``k`` is ``k``)."""
+    first places; at least one each: a limit below ``k`` is held to by places
+    on the node, :meth:`Lane.place`)."""
     if k <= 1:
         return lim
     import msgspec
@@ -95,6 +101,7 @@ def split_limits(lim: Limits, k: int, place: int) -> Limits:
     return msgspec.structs.replace(
         lim,
         max_connections=max(1, conns),
+        address_connections=lim.max_connections,
         rates=tuple((r / k, max(1, b // k)) for r, b in lim.rates),
         connection_rate=lim.connection_rate / k,
     )
@@ -175,6 +182,8 @@ class Lane:
         "own_reason",
         "own_until",
         "part",
+        "places",
+        "places_at",
         "provider",
         "rest_duration",
         "rules",
@@ -183,10 +192,12 @@ class Lane:
         "throttle_bucket",
         "throttle_conns",
         "throttle_until",
+        "throttle_whole",
         "triggers",
         "waiters",
         "wakers",
         "warm",
+        "yield_until",
     )
 
     def __init__(
@@ -225,7 +236,16 @@ class Lane:
         self.aimd_quiet = [0, 0, 0]
         self.throttle_bucket: Gcra | None = None
         self.throttle_conns = 0
+        self.throttle_whole = 0  # the throttle's connections over the address's workers
         self.throttle_until = 0.0
+        # Workers sharing the address whose connections here are fewer than
+        # they (1 for 2 workers): each connection holds one of that many places
+        # on the node (Shaper.places makes them; transports.slots.Slots), else
+        # each worker opened one and a rule of 1 connection was 2 at the
+        # receiver. places_at: (path, worker's place) for Shaper.places.
+        self.places: Any = None
+        self.places_at: tuple[Callable[..., Any], str] | None = None
+        self.yield_until = 0.0  # a place freed for a waiting worker is left to it until
         self.blocked_until = 0.0
         self.blocked_reason = ""
         # While blocked by a rest its source may lift early (a blocklist's, looked
@@ -286,6 +306,61 @@ class Lane:
         if self.throttle_conns and now < self.throttle_until:
             limit = min(limit, self.throttle_conns)
         return self.active + self.borrowed < limit
+
+    def address_limit(self, now: float) -> int:
+        """The connections the address may have to this site over every worker
+        sending from it, when below those workers (else 0: each worker's part
+        of it is a whole connection or more, no places needed)."""
+        k = self.part[0]
+        if k <= 1:
+            return 0
+        whole = self.limits.address_connections or k
+        if self.throttle_whole and now < self.throttle_until:
+            whole = min(whole, self.throttle_whole)
+        return whole if whole < k else 0
+
+    def place(self, now: float) -> int | None:
+        """Before a new connection: -1 when none of the node's places is needed
+        (:meth:`address_limit`), else a place this worker holds until
+        :meth:`release` (None: every one is held by the other workers, or one
+        was just left to a waiting worker: try again shortly)."""
+        whole = self.address_limit(now)
+        if not whole or self.places_at is None:
+            return -1
+        if self.places is None:
+            make, path = self.places_at
+            try:
+                self.places = make(path, self.part[1], whole)
+            except OSError:  # (no spool directory to share them in: the parts)
+                self.places_at = None
+                return -1
+        self.places.total = whole  # (a throttle may lower it; held places above end)
+        if now < self.yield_until:
+            return None
+        got: int | None = self.places.acquire(not self.active)
+        return got
+
+    def keeps_place(self, place: int) -> bool:
+        """Whether a connection holding ``place`` may go on: not when the
+        address's limit fell below it (a throttle) or another worker waits for
+        one (then it ends between transactions and leaves its place)."""
+        p = self.places
+        if place < 0 or p is None:
+            return True
+        if place >= p.total or p.others_waiting(self.part[0]):
+            self.yield_until = time.monotonic() + PLACE_YIELD
+            return False
+        return True
+
+    def release(self, place: int) -> None:
+        p = self.places
+        if place >= 0 and p is not None:
+            p.release(place)
+            if not p.held and not p.wanting:
+                # (its file closed until the next connection: a worker with
+                # thousands of such sites keeps no descriptor for idle ones)
+                p.close()
+                self.places = None
 
     def waits_for_borrowed(self, now: float) -> bool:
         """Whether only a retiring worker's connections (``borrowed``) keep this
@@ -509,6 +584,7 @@ class Lane:
         if rule.max_connections:
             mc = rule.max_connections
             self.throttle_conns = max(1, mc // k + (1 if place < mc % k else 0))
+            self.throttle_whole = mc
         self._refresh()
         self.emit(
             now,
@@ -572,7 +648,7 @@ class Lane:
 
     def _end_throttle(self, now: float) -> None:
         self.throttle_bucket = None
-        self.throttle_conns = 0
+        self.throttle_conns = self.throttle_whole = 0
         self._refresh()
         self.emit(now, "throttle_end")
 
@@ -773,6 +849,10 @@ class Shaper:
         # site key -> a rate bucket its lanes share with the node's other
         # workers (a relay's rate: share_rate).
         self.shared: dict[str, Any] = {}
+        # What makes a lane's places on the node, (path, place, total) ->
+        # transports.slots.Slots (set by the worker: shaping does not import
+        # transports), or None: no places (a Shaper made in a test).
+        self.places: Callable[[str, int, int], Any] | None = None
 
     def inherit(self, states: list[wire.LaneState]) -> None:
         """wire.Lanes: the lanes of the worker this one replaces (a reload), each
@@ -869,6 +949,9 @@ class Shaper:
                 self.events,
             )
             ln.part = (self.sharers, self.place)
+            if self.sharers > 1 and self.places is not None:
+                name = hashlib.sha256(f"{ip}|{site_key}".encode()).hexdigest()[:32]
+                ln.places_at = (self.places, os.path.join(self.config.spool_dir, "lane-places", name))
             if self.shared and (shared := self.shared.get(site_key)) is not None:
                 ln.shared = shared
                 ln._refresh()

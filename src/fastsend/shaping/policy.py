@@ -68,6 +68,9 @@ class Limits(msgspec.Struct, frozen=True):
     tls: str = "opportunistic"
     aimd: bool = True
     provider: str = ""  # matched provider name ("" when none)
+    # max_connections of the address over every worker sending from it, when
+    # split_limits gave each worker a part of it (0: not split)
+    address_connections: int = 0
 
     @property
     def message_rate(self) -> float:
