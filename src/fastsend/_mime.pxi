@@ -1898,9 +1898,10 @@ cdef class DeferredMessage:
         vs = self.variables
         cdef bint own = False
         if self.assembly.guard != PY_SSIZE_T_MAX and (
-                type(vs) is not bytes or PyBytes_GET_SIZE(vs) > self.assembly.guard):
-            # Maybe over the size limit (a dict: not measured here): made, or
-            # refused (MessageTooBig), by the fallback, Renderer.render.
+                (PyBytes_GET_SIZE(vs) if type(vs) is bytes else _values_size(vs))
+                > self.assembly.guard):
+            # Maybe over the size limit (or the header cap): made, or refused
+            # (MessageTooBig), by the fallback, Renderer.render.
             if spare != NULL:
                 spare[0] = 0
             return self.fallback(self.rcpt, self.variables, self.message_id)
@@ -1925,6 +1926,19 @@ cdef class DeferredMessage:
             if spare != NULL:
                 spare[0] = 0
             return self.fallback(self.rcpt, self.variables, self.message_id)
+
+
+cdef Py_ssize_t _values_size(object vs):
+    """The characters of a recipient's values (twin of mime._values_size); a
+    value that is no string, or no dict: no bound (the fallback says why)."""
+    cdef Py_ssize_t n = 0
+    if type(vs) is not dict:
+        return PY_SSIZE_T_MAX
+    for v in (<dict> vs).values():
+        if type(v) is not str:
+            return PY_SSIZE_T_MAX
+        n += len(<str> v)
+    return n
 
 
 def message_id_safe(str message_id):

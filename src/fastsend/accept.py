@@ -44,6 +44,7 @@ import operator
 import os
 import re
 import signal
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
@@ -178,9 +179,11 @@ def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | No
     max_message_size; naming the variable whose value weighs most: its octets x
     the template's uses of it, and what escaping makes of them), or why a
     header built from its values (Reply-To, To, List-Unsubscribe) cannot be
-    written (a word over 998 octets, not a mailbox), else None. The renderer's
-    own checks (``Renderer.too_big``: what the message holds at the least;
-    ``Renderer.header_problem``), so a row passed here fails at render only
+    written (a word over 998 octets, not a mailbox), or why the header section
+    its values make would be over raw MIME's 100,000 octets (whatever
+    ``max_size``), else None. The renderer's own checks (``Renderer.too_big``:
+    what the message holds at the least; ``Renderer.header_problem``,
+    ``Renderer.header_too_big``), so a row passed here fails at render only
     when its message is a few percent from the limit. A row short enough for
     the renderer's guard is never decoded unless such a header takes its
     values. None: nothing to check, or a spec that no longer builds."""
@@ -192,9 +195,10 @@ def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | No
     except (HeaderError, CampaignError, ValueError):
         return None
     names = r.row_headers
-    if not max_size and not names:
+    if r.guard == sys.maxsize and not names:  # (no size limit, no header a value makes)
         return None
     guard, too_big, header_problem = r.guard, r.too_big, r.header_problem
+    (size_guard, header_guard), header_too_big = r.guards, r.header_too_big
     loads = orjson.loads
     said: dict[tuple[object, ...], str | None] = {}  # header values -> header_problem's answer
 
@@ -222,6 +226,10 @@ def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | No
             if why is not None:
                 return why
         if len(vars_json) <= guard:
+            return None
+        if len(vars_json) > header_guard and (why := header_too_big(values)) is not None:
+            return why
+        if len(vars_json) <= size_guard:
             return None
         why = too_big(values)
         return None if why is None else f"{why} ([delivery] max_message_size)"

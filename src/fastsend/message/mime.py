@@ -51,6 +51,7 @@ from fastsend.message.headers import (
     split_address,
     unstructured_header,
 )
+from fastsend.message.rawmime import MAX_HEADER_OCTETS
 from fastsend.message.template import (
     ESC_CSSURL,
     ESC_JS,
@@ -97,6 +98,14 @@ TRACKED_GROWTH = 18
 SYSTEM_VALUE = 8192  # octets a value fastsend makes can take (email, signed links)
 SLACK = 16384  # To, Date, Message-ID, MIME-Version, folding
 SIGNATURE = 4096  # a DKIM-Signature line (a 4096-bit key's signature folded)
+# What a header section holds beyond the campaign's header fields, measured per
+# row (Renderer.header_too_big): To (a 254-octet address), Date, Message-ID,
+# MIME-Version; DKIM-Signature lines are SIGNATURE each.
+SYSTEM_LINES = 1024
+# Stand-ins for the values fastsend fills in a header (Renderer.header_too_big):
+# the longest an address, a Message-ID token or a signed link ordinarily is.
+_SYSTEM_STANDIN = {"email": "r" * 64 + "@" + "d" * 63 + "." + "d" * 63 + "." + "d" * 52 + ".example",
+                   "message_id": "m" * 64, "unsubscribe_url": "https://t.example/u/" + "u" * 200}  # fmt: skip
 
 
 def _growth(mode: int, encoding: str) -> int:
@@ -945,8 +954,9 @@ class Renderer:
         self._body_uses, self._body_defaults = uses, defaults
         literal = sum(len(x.encode("utf-8")) for p in self._parts for x in p.template.literals)
         self._static_min = fixed + literal
+        self._header_plan()
         if not self.max_size:
-            self.guard = sys.maxsize
+            self.guard, self._size_guard = self._header_guard, sys.maxsize
             return
         upper = (
             fixed
@@ -964,7 +974,80 @@ class Renderer:
                 if d:
                     upper += g * len(d)
         room = self.max_size - upper
-        self.guard = room // max(growth, 1) if room >= 0 else -1
+        self._size_guard = room // max(growth, 1) if room >= 0 else -1
+        self.guard = min(self._size_guard, self._header_guard)
+
+    def _header_plan(self) -> None:
+        """What :meth:`header_too_big` needs, found once: the header fields
+        every message has whatever its values, the templated ones, and the
+        header guard (the most characters a recipient's values may have for
+        the header section to stay under MAX_HEADER_OCTETS for sure: GROWTH
+        octets a character of each header use). A 1 MB value in ``X-A: {{ v }}``
+        made a 1.4 MB header section, bounded only by max_message_size:
+        Postfix keeps the first 102,400 octets of a header (header_size_limit)
+        and Gmail refuses it (552 5.3.4), so the rows past the guard are
+        measured (the renderers hand them to :meth:`render`)."""
+        head, tail, content = self._layout[:3]
+        fixed = sum(len(e) for e in (*head, *tail, *content) if isinstance(e, bytes))
+        self._header_fixed = fixed + SYSTEM_LINES + SIGNATURE * len(self.signers)
+        self._header_templated = tuple(
+            h for h in (*self._head, *self._tail) if h.static is None
+        )  # fmt: skip
+        upper, growth = self._header_fixed + SLACK, 0
+        for h in self._header_templated:
+            for t in h.templates:
+                upper += len(h.name) + 2 + 4 * sum(len(x.encode("utf-8")) for x in t.literals)
+                for n, d in zip(t._names, t._defaults, strict=True):
+                    if _system_name(n):
+                        upper += SYSTEM_VALUE
+                        continue
+                    growth += GROWTH
+                    if d:
+                        upper += GROWTH * len(d)
+        room = MAX_HEADER_OCTETS - upper
+        self._header_guard = sys.maxsize if not growth else room // growth if room >= 0 else -1
+
+    @property
+    def guards(self) -> tuple[int, int]:
+        """(the size guard, the header guard): values past one are measured
+        for what it guards (:meth:`too_big`, :meth:`header_too_big`)."""
+        return self._size_guard, self._header_guard
+
+    def header_too_big(self, variables: Mapping[str, str]) -> str | None:
+        """Why the header section these values make would be over
+        MAX_HEADER_OCTETS (raw MIME's cap, which SMTP submission and the API's
+        ``raw`` refuse), naming the variable that weighs most in it, or None:
+        each templated header encoded with them (the values fastsend fills by
+        stand-ins as long as they ordinarily are; one that cannot be encoded
+        counted at GROWTH octets a character: :meth:`header_problem` or the
+        render says why). Asked only of values past the guard."""
+        total = self._header_fixed
+        weights: dict[str, int] = {}
+        for h in self._header_templated:
+            names = {n for t in h.templates for n in t.names}
+            vs = dict(variables)
+            for n in names:
+                if _system_name(n):
+                    vs[n] = _SYSTEM_STANDIN.get(n, "x" * 64)
+            for n in (n for n in names if not _system_name(n)):
+                v = variables.get(n)
+                if type(v) is str:
+                    weights[n] = weights.get(n, 0) + len(v.encode("utf-8", "surrogatepass"))
+            try:
+                total += len(h.encode(vs))
+            except (HeaderError, RenderError, UnsafeValue, KeyError, TypeError, ValueError):
+                given = sum(len(v) for n in names if type(v := variables.get(n)) is str)
+                total += len(h.name) + 2 + GROWTH * given
+        if total <= MAX_HEADER_OCTETS:
+            return None
+        why = (
+            f"the header section would be {total:,} octets, over the {MAX_HEADER_OCTETS:,}-octet"
+            " limit (receivers cut or refuse a larger header section)"
+        )
+        if weights:
+            worst = max(weights, key=weights.__getitem__)
+            why += f" ({{{{ {worst} }}}}: {weights[worst]:,} octets in headers)"
+        return why
 
     def too_big(self, variables: Mapping[str, str], defaults: bool = True) -> str | None:
         """Why the message these variables make would be over ``max_size``,
@@ -1167,11 +1250,15 @@ class Renderer:
         built; MessageTooBig, one, when it would be over ``max_size``: told
         before it is made when its values alone say so, else once made --
         only values longer than :attr:`guard` can make one too big)."""
-        if _values_size(variables) > self.guard:
-            if (why := self.too_big(variables)) is not None:
+        size = _values_size(variables)
+        if size > self.guard:
+            why = self.header_too_big(variables) if size > self._header_guard else None
+            if why is None and size > self._size_guard:
+                why = self.too_big(variables)
+            if why is not None:
                 raise MessageTooBig(f"{rcpt!r}: {why}")
             data = self._render(rcpt, variables, message_id, shared)
-            if len(data) > self.max_size:
+            if self.max_size and len(data) > self.max_size:
                 raise MessageTooBig(
                     f"{rcpt!r}: the message is {len(data):,} octets, over the"
                     f" {self.max_size:,}-octet limit"
