@@ -8,11 +8,18 @@
   refuses. The header section a row's values make is held to raw MIME's
   100,000 octets at accept (API, campaign rows, lists) and by both renderers
   (rows past the header guard are measured before they are built).
+- An attachment named ``invoice<U+202E>fdp.exe`` (shown ``invoiceexe.pdf``) and
+  its kin were accepted, in templates and in raw MIME: refused, never renamed.
+- A template's build cost was unbounded (1M placeholders: ~50 s of serve's loop
+  and each worker's): at most 10,000 placeholders and 100,000 HTML tags;
+  click tracking signs the first 1,000 links of a message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +156,144 @@ def test_the_api_refuses_a_header_value_past_the_cap(tmp_path: Path) -> None:
         assert "header section" in body["errors"][0]["error"], body
 
     _arun(tmp_path, 0, go)
+
+
+# ---------------------------------------------------------------- attachment names
+
+DISGUISED = [
+    ("invoice\u202efdp.exe", "U+202E"),  # shows as "invoiceexe.pdf"
+    ("photo\u202dgpj.scr", "U+202D"),
+    ("report\u2067fdp.exe\u2069", "U+2067"),
+    ("a\u200fb.pdf", "U+200F"),
+    ("invoice\u200b.pdf.exe", "U+200B"),  # zero-width space
+    ("\ufeffnotes.txt", "U+FEFF"),
+    ("x\u0085y.pdf", "U+0085"),  # C1 control (NEL)
+    ("x\u2028y.pdf", "U+2028"),
+]
+FINE = ["report 2024.pdf", "r\u00e9sum\u00e9.pdf", "\u0645\u0644\u0641.pdf", "\u05e7\u05d5\u05d1\u05e5.docx",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.pdf", "\U0001f468\u200d\U0001f469.png",
+        "no\u00a0break.pdf"]  # fmt: skip
+
+
+def _with_attachment(name: str) -> dict[str, Any]:
+    return {"from": "a@acme.example", "subject": "s", "text": "t",
+            "attachments": [{"filename": name, "data_b64": "aGk="}]}  # fmt: skip
+
+
+def test_an_attachment_name_that_shows_as_another_is_refused() -> None:
+    """``invoice<U+202E>fdp.exe`` shows as ``invoiceexe.pdf``: a program
+    dressed as a document (and its kin: the other bidi controls, zero-width
+    and other invisible format characters, C1 controls, separators) was
+    accepted as an attachment name. Refused (CampaignError naming the code
+    point), never renamed; names in right-to-left scripts, with ZWNJ/ZWJ, or
+    accented still go."""
+    from fastsend.message import CampaignError
+
+    for name, code in DISGUISED:
+        with pytest.raises(CampaignError, match=re.escape(code)):
+            Campaign.from_dict(_with_attachment(name))
+    for name in FINE:
+        camp = Campaign.from_dict(_with_attachment(name))
+        assert camp.to_dict()["attachments"][0]["filename"] == name
+
+
+def _raw(disposition: bytes) -> bytes:
+    return (b"From: a@acme.example\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+            b"Content-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: application/octet-stream\r\n"
+            + disposition + b"\r\nContent-Transfer-Encoding: base64\r\n\r\naGk=\r\n--b--\r\n")  # fmt: skip
+
+
+RAW_DISGUISED = [
+    b'Content-Disposition: attachment; filename="invoice\xe2\x80\xaefdp.exe"',  # UTF-8 (RFC 6532)
+    b"Content-Disposition: attachment; filename*=utf-8''invoice%E2%80%AEfdp.exe",  # RFC 2231
+    b"Content-Disposition: attachment;\r\n filename*0*=utf-8''invoice%E2%80;\r\n filename*1*=%AEfdp.exe",
+    b'Content-Disposition: attachment; filename="=?utf-8?b?aW52b2ljZeKArmZkcC5leGU=?="',  # RFC 2047
+    b'Content-Disposition: inline; filename="=?UTF-8?Q?invoice=E2=80=AEfdp.exe?="',
+]
+
+
+def test_raw_mime_naming_an_attachment_so_is_refused(tmp_path: Path, certs: Any) -> None:
+    """The same names in a tenant's raw MIME (the API's ``raw``, SMTP
+    submission), however a mail client would decode them (UTF-8, RFC 2231
+    with continuations, RFC 2047 encoded words), were relayed: refused (400
+    naming ``raw``; 554 5.6.0 at the end of DATA), nothing spooled; a name
+    that only folds, and an Arabic one, still go."""
+    import aiosmtplib
+
+    from test_tenant_caps import node
+
+    async def main() -> None:
+        tables = {"spool": {"dir": str(tmp_path / "spool")},
+                  "tenants": {"acme": {"domains": ["acme.example"]}}}  # fmt: skip
+        async with node(tables, certs) as n:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=n.smtp_port, tls_context=certs[2],
+                                   start_tls=True, timeout=30)  # fmt: skip
+            await smtp.connect()
+            await smtp.login("acme", n.key("acme"))
+            for disp in RAW_DISGUISED:
+                st, body, _h = await n.req("POST", "/v1/messages", {
+                    "from": "a@acme.example", "to": "r@example.org",
+                    "raw": _raw(disp).decode("utf-8")})  # fmt: skip
+                assert st == 400 and body["error"]["field"] == "message.raw", (st, body)
+                assert "U+202E" in body["error"]["message"], body
+                with pytest.raises(aiosmtplib.SMTPDataError) as e:
+                    await smtp.sendmail("a@acme.example", ["r@example.org"], _raw(disp))
+                assert e.value.code == 554 and "5.6.0" in e.value.message, e.value
+                assert "U+202E" in e.value.message, e.value
+            assert n.ctx.spool.counts().get("queued", 0) == 0
+            for disp in (b'Content-Disposition: attachment;\r\n filename="a long\r\n name.pdf"',
+                         b'Content-Disposition: attachment; filename="\xd9\x85\xd9\x84\xd9\x81.pdf"'):
+                st, body, _h = await n.req("POST", "/v1/messages", {
+                    "from": "a@acme.example", "to": "r@example.org",
+                    "raw": _raw(disp).decode("utf-8")})  # fmt: skip
+                assert st == 202, body
+                await smtp.sendmail("a@acme.example", ["r@example.org"], _raw(disp))
+            await smtp.quit()
+            assert n.ctx.spool.counts()["queued"] == 4
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- template cost
+
+
+def test_a_template_too_costly_to_build_is_refused_before_it_is_parsed() -> None:
+    """Each placeholder costs tens of microseconds to parse, check and compile
+    (serve's loop at accept, each worker's before its first message) and each
+    HTML tag several: 16 MB of ``{{v}}`` (3.2 million) held serve's loop a
+    minute and a worker past the supervisor's 30 s silence limit. Over 10,000
+    placeholders or 100,000 HTML tags: refused at once (counted, not parsed);
+    at the caps: built."""
+    from fastsend.message import CampaignError
+    from fastsend.message.campaign import MAX_HTML_TAGS, MAX_PLACEHOLDERS
+
+    base = {"from": "a@acme.example", "subject": "s"}
+    for spec, why in (({"html": "{{v}}" * 3_000_000}, "3,000,000 placeholders"),
+                      ({"text": "{{ v }}" * (MAX_PLACEHOLDERS + 1)}, "10,001 placeholders"),
+                      ({"text": "t", "headers": {f"X-{i}": "{{ v }}" * 20 for i in range(501)}},
+                       "10,020 placeholders"),
+                      ({"html": "<b>" * 5_000_000}, "5,000,000 tags")):  # fmt: skip
+        with pytest.raises(CampaignError, match=why):
+            Campaign.from_dict({**base, **spec})
+    camp = Campaign.from_dict({**base, "html": "<p>{{ v }}</p>" * (MAX_PLACEHOLDERS // 2),
+                               "text": "{{ v }}" * (MAX_PLACEHOLDERS // 2)})  # fmt: skip
+    assert len(camp.to_dict()["html"]) > 50_000
+    Campaign.from_dict({**base, "html": "<b>x" * (MAX_HTML_TAGS // 2) + "</b>" * (MAX_HTML_TAGS // 2)})
+
+
+def test_click_tracking_signs_at_most_1000_links_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tracked link is signed per recipient (~30 us): 60,000 links made
+    one message 1.3 s of a worker's loop. The first 1,000 are tracked (as
+    SendGrid's click tracking), the rest stay as written."""
+    from fastsend.message import tracking
+
+    monkeypatch.setattr(tracking, "_PROCESS_SECRET", [b"t" * 32])
+    html = "".join(f'<a href="https://x.example/p{i}">l</a>' for i in range(1500))
+    camp = Campaign.from_dict({"from": "a@acme.example", "subject": "s", "html": html, "text": "t",
+                               "tracking": {"clicks": True, "base_url": "https://t.example"}})  # fmt: skip
+    r = camp.compile("", 0)
+    assert r.tracker is not None and len(r.tracker.links) == tracking.MAX_TRACKED_LINKS == 1000
+    made = r.render(RCPT, {}, "01ABC").replace(b"=\r\n", b"")
+    assert b'"https://x.example/p999"' not in made and b'"https://x.example/p1000"' in made
+    assert b'"https://x.example/p1499"' in made and made.count(b"https://t.example/t/c/") == 1000

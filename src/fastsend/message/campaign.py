@@ -31,6 +31,7 @@ from typing import Any
 from fastsend.message.errors import CampaignError, DkimKeyMissing
 from fastsend.message.headers import HeaderError, encode_domain, parse_mailbox, split_address
 from fastsend.message.mime import Renderer, ascii_uri_literals
+from fastsend.message.rawmime import name_disguise
 from fastsend.message.template import PLAIN_NAME as _PLAIN_NAME
 from fastsend.message.template import Template, TemplateError
 from fastsend.message.tracking import check_spec as check_tracking
@@ -203,6 +204,7 @@ class Campaign:
                 spec[part] = inline
         if "text" not in spec and "html" not in spec:
             raise CampaignError("campaign has neither text nor html")
+        _check_size(spec, d.get("headers"))
         derive = d.get("text_from_html", True)
         if not isinstance(derive, bool):
             raise CampaignError("text_from_html must be true or false")
@@ -427,8 +429,8 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
         data_b64 = base64.b64encode(raw).decode("ascii")
         fname = a.get("filename") or p.name
     fname = str(fname)
-    if re.search(r"[\x00-\x1f\x7f/\\]", fname):
-        raise CampaignError(f"bad attachment filename {fname!r}")
+    if (why := filename_problem(fname)) is not None:
+        raise CampaignError(f"bad attachment filename {fname[:200]!r}: {why}")
     import mimetypes  # here: only attachments need it
 
     ctype = a.get("content_type") or mimetypes.guess_type(fname)[0] or "application/octet-stream"
@@ -449,6 +451,19 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
             )
         out["cid"] = cid
     return out
+
+
+def filename_problem(name: str) -> str | None:
+    """Why ``name`` may not be an attachment's file name, or None: empty, a
+    path (``/``, ``\\``), or a character that makes it show other than it is
+    (:func:`fastsend.message.rawmime.name_disguise`). Refused, never quietly
+    changed: the tenant learns its file would be shown as something else, and
+    nothing renames what it sends."""
+    if not name.strip():
+        return "empty"
+    if "/" in name or "\\" in name:
+        return "a / or \\ makes it a path, not a name"
+    return name_disguise(name)
 
 
 # RFC 2045 5.1: type "/" subtype *(";" attribute "=" value), value a token or a
@@ -569,6 +584,35 @@ def _one_click(spec: dict[str, Any], templates: Mapping[str, Template]) -> None:
             " one_click = false"
         )
     unsub["one_click"] = False
+
+
+# What a campaign's templates may hold. A template is parsed, checked and compiled
+# in tens of microseconds a placeholder and several an HTML tag, by serve as it is
+# accepted (on its one loop: every tenant's requests, tracking links, listeners)
+# and by every worker before its first message: 16 MB of "{{v}}" (3.2 million)
+# held serve's loop for a minute and a worker's past the supervisor's 30 s silence
+# limit (killed, restarted, killed again: no mail sent for anyone); 16 MB of "<b>"
+# (5.3 million tags) held serve's loop ~40 s. A template naming each of a list's
+# 1,000 columns several times, or the largest newsletter's HTML (a few thousand
+# tags; Gmail clips a message's HTML past 102 KB), stays well under them.
+MAX_PLACEHOLDERS = 10_000
+MAX_HTML_TAGS = 100_000  # "<" in the HTML part
+
+
+def _check_size(spec: Mapping[str, Any], headers: Any) -> None:
+    """CampaignError when the templates hold more than MAX_PLACEHOLDERS
+    placeholders (counted by their opening braces) or the HTML more than
+    MAX_HTML_TAGS tags (its "<"), told before anything is parsed."""
+    n = sum(v.count("{{") for k, v in spec.items() if isinstance(v, str))
+    if isinstance(headers, Mapping):
+        n += sum(v.count("{{") for v in headers.values() if isinstance(v, str))
+    if n > MAX_PLACEHOLDERS:
+        raise CampaignError(
+            f"the templates hold {n:,} placeholders, at most {MAX_PLACEHOLDERS:,}"
+        )
+    tags = spec["html"].count("<") if isinstance(spec.get("html"), str) else 0
+    if tags > MAX_HTML_TAGS:
+        raise CampaignError(f"html: {tags:,} tags, at most {MAX_HTML_TAGS:,}")
 
 
 def _derive_text(spec: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import unicodedata
 
 __all__ = [
     "MAX_HEADER_FIELDS",
@@ -128,6 +129,82 @@ def prepare(data: bytes) -> tuple[bytes, bool]:
     return data, True
 
 
+# The twelve Unicode Bidi_Control characters: U+202E, RIGHT-TO-LEFT OVERRIDE,
+# shows "invoice\u202efdp.exe" as "invoiceexe.pdf" (a program dressed as a
+# document, the trick of much malware mail); the others reorder or embed alike.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+_KEPT_FORMAT = frozenset("\u200c\u200d")  # ZWNJ, ZWJ: Persian, Indic scripts, emoji need them
+_NAME_FIELD = re.compile(rb"(?im)^(content-(?:type|disposition))[ \t]*:(.*(?:\r?\n[ \t].*)*)")
+
+
+def name_disguise(name: str) -> str | None:
+    """Why a file name would show other than it is, or None: a bidirectional
+    control character, another invisible format character (Cf: zero-width
+    space, soft hyphen, BOM, tags; ZWNJ and ZWJ kept), a control character
+    (C0, DEL, C1), a line or paragraph separator, a lone surrogate. A name in
+    a right-to-left script shows right without any of them (the Unicode bidi
+    algorithm orders it), so none has a use in a name a recipient reads."""
+    for c in name:
+        if c.isprintable() or c in _KEPT_FORMAT:
+            continue
+        if c in _BIDI_CONTROLS:
+            return (
+                f"U+{ord(c):04X} is a bidirectional control character: it makes the name show"
+                " in another order than it is (a program named as a document)"
+            )
+        cat = unicodedata.category(c)
+        if cat in ("Zs", "Co", "Cn"):  # (spaces, private use, unassigned: shown as they are)
+            continue
+        kind = {"Cf": "an invisible format character", "Cs": "a lone surrogate",
+                "Zl": "a line separator", "Zp": "a paragraph separator"}.get(cat, "a control character")  # fmt: skip
+        return f"U+{ord(c):04X} is {kind}"
+    return None
+
+
+def attachment_names(data: bytes) -> list[str]:
+    """The file names the MIME parts of raw ``data`` give (Content-Disposition
+    filename, Content-Type name; RFC 2231 parameters and continuations, RFC
+    2047 encoded words as mail clients write them, UTF-8 as RFC 6532), as a
+    mail client decodes them. Fields found by a scan of every line (a part's
+    header anywhere), each parsed only when it names a file."""
+    from email.header import decode_header, make_header  # here: only named parts need it
+    from email.message import Message
+
+    names: list[str] = []
+    for m in _NAME_FIELD.finditer(data):
+        if b"name" not in m.group(2).lower():
+            continue
+        msg = Message()
+        value = re.sub(rb"\r?\n", b"", m.group(2))  # unfolded (RFC 5322 2.2.3)
+        msg[m.group(1).decode("ascii")] = value.decode("utf-8", "surrogateescape")
+        got = msg.get_filename() if m.group(1).lower().endswith(b"disposition") else msg.get_param("name")
+        if isinstance(got, tuple):  # (an RFC 2231 value get_param leaves undecoded)
+            from email.utils import collapse_rfc2231_value
+
+            got = collapse_rfc2231_value(got)
+        if not isinstance(got, str) or not got:
+            continue
+        if "=?" in got:
+            try:
+                got = str(make_header(decode_header(got)))
+            except (ValueError, LookupError, UnicodeError):
+                pass
+        names.append(got)
+    return names
+
+
+def check_names(data: bytes) -> None:
+    """RawMimeError when a part of raw ``data`` names its file with characters
+    that make the name show other than it is (:func:`name_disguise`): refused
+    as a template's attachment is (``campaign.filename_problem``)."""
+    for name in attachment_names(data):
+        why = name_disguise(name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        if why is not None:
+            raise RawMimeError(f"attachment name {name[:100]!r}: {why}")
+
+
 def utf8_header(data: bytes) -> bool:
     """True when the header section of ``data`` (CRLF line ends) has 8-bit
     text: UTF-8 header fields (RFC 6532), which only go to a server offering
@@ -137,8 +214,11 @@ def utf8_header(data: bytes) -> bool:
 
 def check(data: bytes) -> None:
     """RawMimeError when raw MIME ``data`` (any line ends) cannot be relayed
-    unbroken (what :func:`prepare` refuses): for the intake."""
-    prepare(crlf_lines(data))
+    unbroken (what :func:`prepare` refuses), or whose attachment names are
+    disguised (:func:`check_names`): for the intake."""
+    data = crlf_lines(data)
+    prepare(data)
+    check_names(data)
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
