@@ -13,6 +13,9 @@
 - A template's build cost was unbounded (1M placeholders: ~50 s of serve's loop
   and each worker's): at most 10,000 placeholders and 100,000 HTML tags;
   click tracking signs the first 1,000 links of a message.
+- Template readers were quadratic on some inputs (foreign_tag's ``{#.*?#}``, the
+  text part's tag regex on unclosed tags, a ``+=`` per literal): 200 KB held
+  serve's loop from 13 s to minutes; now linear.
 """
 
 from __future__ import annotations
@@ -297,3 +300,39 @@ def test_click_tracking_signs_at_most_1000_links_a_message(monkeypatch: pytest.M
     made = r.render(RCPT, {}, "01ABC").replace(b"=\r\n", b"")
     assert b'"https://x.example/p999"' not in made and b'"https://x.example/p1000"' in made
     assert b'"https://x.example/p1499"' in made and made.count(b"https://t.example/t/c/") == 1000
+
+
+# Inputs that each made one of the template readers scan to the end of the text
+# from every position (quadratic): 200 KB of them held serve's loop for 20 s to
+# minutes; 16 MB (the API's body limit) for hours.
+SLOW_TEMPLATES = [
+    "{#" * 1_000_000,  # foreign_tag's "{#.*?#}" from every "{#" (200 KB: 188 s)
+    "<p " * 60_000,  # htmltext's tag regex, unclosed, from every "<" (30 KB: 13 s)
+    '<a "x>" ' * 40_000,  # ... a ">" only inside quotes
+    "<a href=" * 12_000,
+    "{ " * 500_000,  # htmltext's one literal a "{" (a str += each)
+]
+
+
+@pytest.mark.timeout(120)
+def test_templates_are_read_in_linear_time() -> None:
+    """Each is checked, compiled and rendered (seconds at most now; the suite's
+    timeout catches the old quadratic reads), and what they mean is kept: a
+    ``{# c #}`` is still a foreign comment, an unclosed tag at the end is
+    dropped as a browser drops it, braces in the HTML are text in the derived
+    text part."""
+    from fastsend.accept import check_campaign
+    from fastsend.message.htmltext import html_to_text
+    from fastsend.message.template import Template, foreign_tag
+
+    for html in SLOW_TEMPLATES:
+        camp = Campaign.from_dict({"from": "a@acme.example", "subject": "s", "html": html})
+        check_campaign(camp, max_size=25 << 20)
+        camp.compile("", 25 << 20).render(RCPT, {}, "01ABC")
+        assert foreign_tag(html) is None
+    assert foreign_tag("{#" * 1000 + "#}") is not None
+    assert "'{# c #}'" in str(foreign_tag("a {{ v }} {# c #}"))
+    assert foreign_tag('{{ "{#" }} x #}') is None
+    assert html_to_text("<p>a</p><p b") == "a\n"
+    text = html_to_text('<p>a {# "b" \\ c *|X|* {{ v }} { d</p>')
+    assert Template(text).render({"v": "V"}) == 'a {# "b" \\ c *|X|* V { d\n', text
