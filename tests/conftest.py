@@ -174,6 +174,33 @@ def wait_port(host: str, port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on {host}:{port}")
 
 
+def wait_greeting(
+    host: str, port: int, expect: bytes, proc: subprocess.Popen[bytes] | None = None,
+    timeout: float = 60.0,
+) -> None:  # fmt: skip
+    """Wait until the SMTP server a test started greets on ``port`` with a 220
+    line holding ``expect`` (its host name). ``wait_port`` alone cannot tell a
+    server that failed to bind (it exits: ``proc`` is checked) from another
+    test run's listener on the same port, which may never greet (an HTTP API):
+    the test then timed out at its first SMTP command with nothing to say why."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for port {port} exited ({proc.returncode})")
+        try:
+            with socket.create_connection((host, port), timeout=2) as s:
+                s.settimeout(max(1.0, deadline - time.monotonic()))
+                seen = s.recv(512)
+                if seen.startswith(b"220") and expect in seen:
+                    return
+                raise RuntimeError(f"port {port} is not our server's: it answered {seen[:120]!r}")
+        except (ConnectionError, TimeoutError) as exc:
+            seen = repr(exc).encode()
+            time.sleep(0.05)
+    raise TimeoutError(f"no greeting holding {expect!r} on {host}:{port} (last: {seen[:120]!r})")
+
+
 class ServeProcess:
     """A real ``fastsend serve [ARGS] -c CFG`` process, run from the config's folder
     (output to ``serve.log`` there), returned once its API port ``port`` listens

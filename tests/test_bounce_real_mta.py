@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import IN_CI, exim_root, free_port, wait_port
+from conftest import IN_CI, exim_root, free_port, wait_greeting, wait_port
 from fastsend.bounce import classify_reply, parse_bounce
 
 MASTER = "/usr/lib/postfix/sbin/master"
@@ -196,7 +196,7 @@ def _send(port: int, rcpts: list[str], subject: str) -> None:
     m["Subject"] = subject
     m["Message-ID"] = f"<{subject}@s.test>"
     m.set_content("hello\n")
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
         s.send_message(m, from_addr="sender@s.test", to_addrs=rcpts)
 
 
@@ -382,7 +382,7 @@ def test_postfix_dsns_each_recipient_decided(sites: Sites, postfix: dict[str, in
 def _replies(port: int, rcpts: list[str], messages: int) -> list[tuple[str, int, str]]:
     """(command, code, text) of every reply to MAIL and RCPT in one session."""
     out = []
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
         s.ehlo("client.test")
         for _ in range(messages):
             code, text = s.mail("a@s.test")
@@ -519,11 +519,11 @@ def start_exim_relay(sites: Sites) -> Iterator[int]:
     )
     try:
         try:
-            wait_port("127.0.0.1", port)
-        except TimeoutError:
+            wait_greeting("127.0.0.1", port, b"exim.test", proc)
+        except (TimeoutError, RuntimeError) as exc:
             proc.kill()
             err = proc.communicate()[1].decode(errors="replace")
-            raise RuntimeError(f"exim did not start: {err[-2000:]}") from None
+            raise RuntimeError(f"exim did not start ({exc}): {err[-2000:]}") from None
         yield port
     finally:
         proc.terminate()
