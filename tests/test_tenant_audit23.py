@@ -336,3 +336,23 @@ def test_templates_are_read_in_linear_time() -> None:
     assert html_to_text("<p>a</p><p b") == "a\n"
     text = html_to_text('<p>a {# "b" \\ c *|X|* {{ v }} { d</p>')
     assert Template(text).render({"v": "V"}) == 'a {# "b" \\ c *|X|* V { d\n', text
+
+
+def test_click_tracking_counts_the_text_parts_links_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[tracking] text_links`` rewrites the text part's URLs as well, each
+    signed per recipient like an HTML link: 1,500 of them were all signed.
+    Each part's first 1,000 links are tracked (the HTML part's all 300 here)."""
+    from fastsend.message import tracking
+
+    monkeypatch.setattr(tracking, "_PROCESS_SECRET", [b"t" * 32])
+    text = "".join(f"see https://x.example/t{i}\n" for i in range(1500))
+    html = "".join(f'<a href="https://x.example/p{i}">l</a>' for i in range(300))
+    camp = Campaign.from_dict({"from": "a@acme.example", "subject": "s", "text": text, "html": html,
+                               "tracking": {"clicks": True, "text_links": True,
+                                            "base_url": "https://t.example"}})  # fmt: skip
+    r = camp.compile("", 0)
+    assert r.tracker is not None and len(r.tracker.links) == 300
+    assert len(r.tracker.text_links) == 1000
+    made = r.render(RCPT, {}, "01ABC").replace(b"=\r\n", b"")
+    assert made.count(b"https://t.example/t/c/") == 1300
+    assert b"see https://x.example/t999\r\n" not in made and b"see https://x.example/t1000\r\n" in made

@@ -431,6 +431,8 @@ class Tracker:
         except ValueError:
             return m.group(0)
         n = len(self.text_links)
+        if n >= MAX_TRACKED_LINKS:  # (as the HTML part's: each signed per recipient)
+            return m.group(0)
         self.text_links.append(template)
         self.text_escapes.append(url_escapes(template))
         return f"{{{{ _fs.t{n} }}}}{rest}"
