@@ -15,7 +15,14 @@ what their products and RFCs document (session 23).
   stand-in ("redacted@...", "xxxxxxx@...") in the returned message's To or in
   Original-Rcpt-To: it was recorded as the complainer, and the intake, which
   checks a Message-ID's recipient against the report's, then dropped the
-  complaint about our message.
+  complaint about our message; so did the report's own contact address
+  ("Questions: fbl-support@...") when the returned To was undisclosed.
+- A refusal of MAIL FROM read by its stage alone ("rejected") before any weak
+  phrase: RFC 4954's "530 5.7.0 Authentication required" was a refusal of our
+  sender.
+- Exchange's DNS loop and directory faults, OpenSMTPD's and Courier's own relay
+  failure texts, IMail's local refusals: read by their status (X.4.4, X.1.0:
+  hard) or by no rule at all ("expired").
 """
 
 from __future__ import annotations
@@ -209,3 +216,174 @@ def test_a_redacted_complaint_reaches_the_campaign_through_its_message_id(tmp_pa
         assert ctx.suppression.contains("john.doe@example.com", tenant="shop")
     finally:
         ctx.close()
+
+
+# ---------------------------------------------------------------- batch 2
+@pytest.mark.parametrize(
+    ("code", "status", "text"),
+    [
+        # RFC 4954 section 6: the reply to MAIL (or any command but AUTH,
+        # EHLO, HELO, NOOP, RSET, QUIT) when policy requires authentication.
+        (530, "5.7.0", "Authentication required"),
+        (550, "5.7.1", "Unauthenticated senders not allowed"),
+        (535, "5.7.8", "Authentication credentials invalid"),
+        (550, "5.7.0", "SMTP authentication is required"),
+    ],
+)
+def test_authentication_required_at_mail_is_a_security_error(
+    code: int, status: str, text: str
+) -> None:
+    """A relay that wants SMTP AUTH refuses MAIL FROM: the words say why.
+    The stage-only reading (a policy refusal of MAIL is about the sender,
+    "rejected") came before every weak phrase and hid them."""
+    c = classify_reply(code, status, text, command="MAIL")
+    assert (c.reason, c.hard, c.ip_blocked) == ("securityerror", False, False)
+
+
+def test_a_policy_refusal_of_mail_from_without_words_is_still_rejected() -> None:
+    for text in ["Sender rejected", "Access denied", "Denied"]:
+        assert classify_reply(550, "5.7.1", text, command="MAIL").reason == "rejected", text
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            "554 5.4.4 SMTPSEND.DNS.MxLoopback; DNS records for this domain are configured in a loop",
+            "networkerror",
+        ),
+        (
+            "554 5.4.4 SMTPSEND.DNS.InvalidData; DNS returned an invalid response for this domain",
+            "networkerror",
+        ),
+        ("550 5.1.4 RESOLVER.ADR.Ambiguous; ambiguous address", "systemerror"),
+        (
+            "550 5.2.0 RESOLVER.ADR.BadPrimary; the recipient has a bad primary address",
+            "systemerror",
+        ),
+        ("550 5.1.0 RESOLVER.ADR.InvalidInSmtp; invalid in smtp", "systemerror"),
+        ("550 5.1.0 RESOLVER.FWD.NotFound; forwarding address not found", "systemerror"),
+        # Unchanged: the recipient that is not in the directory.
+        ("550 5.1.1 RESOLVER.ADR.RecipNotFound; not found", "userunknown"),
+    ],
+)
+def test_exchange_dns_and_directory_codes(text: str, reason: str) -> None:
+    """Exchange's DNS loop and its directory's misconfigurations read by their
+    RFC 3463 status alone: X.4.4 hostunknown and X.1.0 userunknown are hard
+    (the address suppressed) for a domain and a mailbox that exist."""
+    code, status, _ = text.split(" ", 2)
+    for command in ("RCPT", ""):
+        c = classify_reply(int(code), status, text, command=command)
+        assert c.reason == reason, (text, command)
+        assert c.hard is (reason == "userunknown")
+
+
+OPENSMTPD = """\
+From: Mailer Daemon <MAILER-DAEMON@mx.example.org>\r
+To: sender@example.org\r
+Subject: Delivery status notification: error\r
+Date: Mon, 07 Dec 2026 10:00:00 +0000\r
+MIME-Version: 1.0\r
+Content-Type: text/plain\r
+\r
+    Hi!\r
+\r
+    This is the MAILER-DAEMON, please DO NOT REPLY to this e-mail.\r
+\r
+    An error has occurred while attempting to deliver a message for\r
+    the following list of recipients:\r
+\r
+hanako@example.jp: {text}\r
+\r
+    Below is a copy of the original message:\r
+\r
+From: sender@example.org\r
+To: hanako@example.jp\r
+Subject: hello\r
+\r
+hi\r
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Temporary failure in MX lookup", "networkerror"),
+        ("No valid route to remote MX", "networkerror"),
+        ("All routes to destination blocked", "networkerror"),
+        ("Address family mismatch on destination MXs", "networkerror"),
+        ("Loop detected", "networkerror"),
+        ("Destination seem to reject all mails", "notaccept"),
+        ("No MX found for domain", "notaccept"),
+        ("Could not retrieve credentials", "securityerror"),
+    ],
+)
+def test_opensmtpd_relay_failure_texts(text: str, reason: str) -> None:
+    """OpenSMTPD gives its own words after the recipient, no reply code: a
+    final report naming no code and no status fell back to "expired"."""
+    (r,) = parse_bounce(OPENSMTPD.format(text=text).encode())
+    assert (r.recipient, r.reason) == ("hanako@example.jp", reason)
+
+
+def test_courier_and_imail_fixed_texts() -> None:
+    for text, reason in [
+        ("DNS lookup failed.", "networkerror"),
+        ("This domain's DNS violates RFC 1035.", "systemerror"),
+        ("Invalid final delivery userid: hanako@example.jp", "userunknown"),
+    ]:
+        assert classify_reply(0, "", text, command="").reason == reason, text
+
+
+ARF_TEXT = """\
+From: feedbackloop@fbl.example.net\r
+To: fbl@bounces.example.com\r
+Subject: Abuse report\r
+Date: Mon, 07 Dec 2026 10:00:00 +0000\r
+MIME-Version: 1.0\r
+Content-Type: multipart/report; report-type=feedback-report; boundary="R"\r
+\r
+--R\r
+Content-Type: text/plain\r
+\r
+This is an email abuse report for an email message received from IP 192.0.2.1.\r
+{line}\r
+\r
+--R\r
+Content-Type: message/feedback-report\r
+\r
+Feedback-Type: abuse\r
+User-Agent: ExampleFBL/1.0\r
+Version: 1\r
+\r
+--R\r
+Content-Type: message/rfc822\r
+\r
+From: shop@example.org\r
+To: <Undisclosed Recipients>\r
+Subject: sale\r
+Message-ID: <1-aaaaaaaaaa@example.org>\r
+\r
+hi\r
+--R--\r
+"""
+
+
+@pytest.mark.parametrize(
+    ("line", "recipient"),
+    [
+        # The reporter's own contact addresses: no subscriber complained.
+        ("Questions about this report: fbl-support@fbl.example.net", ""),
+        ("Send questions to abuse@fbl.example.net or postmaster@fbl.example.net", ""),
+        ("Do not reply to feedbackloop@fbl.example.net", ""),
+        ("Please write to noreply@fbl.example.net", ""),
+        # The complainer named only in the text (the returned To is undisclosed).
+        ("The message was reported as spam by jane.doe@example.com", "jane.doe@example.com"),
+    ],
+)
+def test_an_arf_report_text_names_its_reporter_not_a_complainer(line: str, recipient: str) -> None:
+    """A mail sent to undisclosed recipients returns no To address: the
+    report's text was searched and its first address taken, often the loop's
+    own contact address, recorded as the complainer (the intake then found it
+    disagree with the Message-ID's recipient and dropped the complaint)."""
+    (r,) = parse_bounce(ARF_TEXT.format(line=line).encode())
+    assert (r.reason, r.feedback_type, r.recipient) == ("feedback", "abuse", recipient)

@@ -443,6 +443,15 @@ _REDACTED_PART = re.compile(
 )
 
 
+# A mailbox of the reporting system rather than of a subscriber: RFC 2142's
+# role mailboxes for mail operations and a feedback loop's own addresses.
+_REPORTER = re.compile(
+    r"(?:abuse|postmaster|hostmaster|mailer-daemon|no-?reply|do-?not-?reply"
+    r"|(?:fbl|arf|feedback|complaints?|spam-?reports?)(?:[-_.+][^@]*)?)@",
+    re.IGNORECASE,
+)
+
+
 def _redacted(address: str, placeholders: frozenset[str] = frozenset()) -> bool:
     """Whether ``address`` is a feedback loop's stand-in for a removed one."""
     local, _, domain = address.rpartition("@")
@@ -479,9 +488,14 @@ def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw
                 rcpts += named(vendors.ADDR_RE.findall(to))[:1]
                 break
     if not rcpts:
-        # Some reporters put the complaining address only in the report text.
+        # Some reporters put the complaining address only in the report text;
+        # that text also names the reporter ("Questions: fbl-support@..."),
+        # which is no subscriber: not the report's own header addresses, nor
+        # a role or feedback-loop mailbox (RFC 2142's abuse/postmaster...).
+        own = _exclusions(msg)
         for t in parts.texts:
-            rcpts += named(vendors.ADDR_RE.findall(vendors.cut_original(t)))[:1]
+            found = named(vendors.ADDR_RE.findall(vendors.cut_original(t)))
+            rcpts += [a for a in found if a.lower() not in own and not _REPORTER.match(a)][:1]
             if rcpts:
                 break
     if not rcpts:
