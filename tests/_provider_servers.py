@@ -122,6 +122,7 @@ class Recorder:
         self.down_until = 0.0
         self.unavailable_answers = 0
         self.to_fields: list[int] = []  # Mailgun: the ``to`` fields of each request
+        self.refused_twice = 0  # SendGrid: requests refused for naming an address twice
 
 
 def sendgrid_app(key: str, rec: Recorder) -> web.Application:
@@ -155,6 +156,14 @@ def sendgrid_app(key: str, rec: Recorder) -> web.Application:
                     {"errors": [{"message": msg, "field": f"content.{i}.value"}]}, status=400
                 )
         rcpts = [t["email"] for p in pers for t in p.get("to", [])]
+        twice = [r for r, n in Counter(r.lower() for r in rcpts).items() if n > 1]
+        if twice:  # (its Mail Send errors page, under "personalizations")
+            rec.refused_twice += 1
+            msg = ("Each unique email address in the personalizations array should only be"
+                   f" included once. You have included {twice[0]} more than once.")  # fmt: skip
+            return web.json_response(
+                {"errors": [{"message": msg, "field": "personalizations"}]}, status=400
+            )
         if len(rcpts) > 1000:
             return web.json_response(
                 {"errors": [{"message": "too many recipients", "field": "personalizations"}]},

@@ -158,6 +158,49 @@ def test_sendgrid_shows_a_related_image_where_the_html_names_it() -> None:
     assert pdf["disposition"] == "attachment" and "content_id" not in pdf, pdf
 
 
+def test_sendgrid_never_names_an_address_twice_in_one_request() -> None:
+    """Identical messages of one campaign batched as personalizations: a second
+    message to an address already in the request (duplicates kept, or the
+    same address in another case) waits for the next request, since v3 refuses
+    a request naming an address twice (its error names no personalization).
+    Before, that request was refused whole and every recipient of it bounced
+    (HTTP 400, 5.0.0): five messages lost for one address twice."""
+    import collections
+
+    import aiohttp
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.transports.sendgrid import SendGridTransport
+
+    data = b"From: news@sender.example.com\r\nSubject: same\r\n\r\nsame for all\r\n"
+    groups = [["a@example.net", "dup@example.net"], ["Dup@example.net", "b@example.net"],
+              ["c@example.net"]]  # fmt: skip
+    pending = collections.deque(
+        Envelope("news@sender.example.com", g, data, [10 * n + k for k in range(len(g))])
+        for n, g in enumerate(groups)
+    )
+    rec = Recorder()
+
+    async def main(endpoint: str) -> list[list[TxnResult]]:
+        spec = TransportSpec(name="sg", kind="sendgrid", endpoint=endpoint,
+                             secrets={"api_key": "sg-key"})  # fmt: skip
+        t = SendGridTransport(spec, b"")
+        out = []
+        async with aiohttp.ClientSession() as session:
+            while pending:
+                ans = await t.send(session, t.take(pending, 1000, lambda a, b: True))
+                assert isinstance(ans, list), ans
+                out.append(ans)
+        return out
+
+    with ThreadedApp(sendgrid_app("sg-key", rec)) as app:
+        answers = asyncio.run(main(app.url))
+    outs = [o for ans in answers for tr in ans for o in tr.outcomes]
+    assert [o.kind for o in outs] == [DELIVERED] * 5, outs
+    assert rec.refused_twice == 0 and rec.requests == 2, (rec.refused_twice, rec.requests)
+    assert sum(rec.recipients.values()) == 5
+
+
 # -- fastsend suppress sync: the providers' own suppression lists -------------
 
 

@@ -260,9 +260,19 @@ class SendGridTransport(HTTPTransport):
         first = pending.popleft()
         out = [first]
         n = len(first.rcpts)
+        seen = {r.lower() for r in first.rcpts}
         while pending and same(first, pending[0]) and n + len(pending[0].rcpts) <= max_rcpts:
+            low = [r.lower() for r in pending[0].rcpts]
+            if not seen.isdisjoint(low):
+                # v3 refuses a request naming an address twice ("Each unique email
+                # address in the personalizations array should only be included
+                # once", naming no personalization): a second message to it (kept
+                # duplicates, a case variant) goes in the next request. Before,
+                # the request was refused whole and all its recipients bounced.
+                break
             e = pending.popleft()
             n += len(e.rcpts)
+            seen.update(low)
             out.append(e)
         return out
 
