@@ -286,3 +286,37 @@ def test_text_links_tracks_the_text_parts_links(tmp_path: Path) -> None:
             assert [e["event"] for e in events] == ["clicked"] * 5
 
     _run(main())
+
+
+def test_outlooks_vml_buttons_are_tracked_and_links_showing_an_address_are_not(
+    tmp_path: Path,
+) -> None:
+    """Two links a tracked campaign got wrong: (1) a "bulletproof button" (the VML
+    <v:roundrect href> in an <!--[if mso]> comment that Outlook for Windows draws
+    instead of the <a> beside it) kept its href, so no click from Outlook for Windows
+    was ever counted; (2) a link whose text shows an address (``<a href=X>X</a>``)
+    was rewritten to the tracking host: Thunderbird's scam detection compares the
+    text's host with the href's and flagged the message as a scam. VML hrefs are now
+    tracked; a link showing a URL or www.host stays as written."""
+    body = (
+        '<!--[if mso]><v:roundrect xmlns:v="urn:schemas-microsoft-com:vml"'
+        ' href="https://example.com/cta" arcsize="10%"><w:anchorlock/><center>Buy</center>'
+        "</v:roundrect><![endif]-->"
+        '<a href="https://example.com/cta" style="mso-hide:all">Buy</a>'
+        '<a href="https://example.com/shown">https://example.com/shown</a>'
+        '<a href="https://example.com/www"> <b>www.example.com</b> </a>'
+        '<a href="https://example.com/words">Our shop: example.com</a>'
+    )
+
+    async def main() -> None:
+        async with _served(tmp_path) as (_ctx, base, _events), ClientSession() as http:
+            out = _render(tmp_path, base, body)
+            vml = re.search(r'<v:roundrect [^>]*href="([^"]+)"', out)
+            assert vml is not None
+            assert await _follow(http, base, vml.group(1)) == (302, "https://example.com/cta")
+            links = _hrefs(out)
+            assert links[1:3] == ["https://example.com/shown", "https://example.com/www"]
+            assert await _follow(http, base, links[0]) == (302, "https://example.com/cta")
+            assert await _follow(http, base, links[3]) == (302, "https://example.com/words")
+
+    _run(main())
