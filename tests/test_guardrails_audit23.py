@@ -146,3 +146,40 @@ def test_one_connection_per_address_is_one_at_the_receiver(
     # (a throttle's first refusal makes it; the other worker is told at once,
     # through the supervisor: under load a few more may meet the receiver first)
     assert refused <= (2 if how == "max_connections" else 8), stats.faults
+
+
+def test_a_nodes_rates_are_judged_on_every_kinds_totals(make_spool: Callable[[], Any]) -> None:
+    """Two nodes on one spool (two Guardrails, each its own spool handle): node
+    b delivers 9,900 of a campaign while node a, which first saw it at 100
+    delivered, meets 10 bounces (its address blocked at one site) and then
+    an ARF complaint. Before, a flush read back only the totals of the kinds
+    it had counted: node a judged 10 bounces against the 100 deliveries it
+    once read (9.1% over the 5% guardrail: paused a campaign whose bounce
+    rate was 0.1%), and 3 complaints against them too (3.0%, over 0.3%). Now
+    every kind's total comes back with each flush."""
+    from fastsend.shaping.guardrails import Guardrails, GuardrailSettings
+    from fastsend.spool import BOUNCED, DELIVERED, Claimed
+
+    spools = [make_spool(), make_spool()]
+    cid = spools[0].create_campaign({"from": "a@sender.example.com"}, tenant="acme")
+    c = Claimed(1, cid, "x@example.com", "example.com", b"{}", 0, 0.0)
+    events: list[dict[str, Any]] = []
+    s = GuardrailSettings(bounce_rate=0.05, complaint_rate=0.003, min_sample=100)
+    a, b = (Guardrails(sp, s, events.append) for sp in spools)
+    for _ in range(100):
+        b.on_result(c, None, DELIVERED)
+    b.flush()
+    assert not a.sampling(cid)  # node a reads the sample: 100 delivered, judged
+    for _ in range(9_900):
+        b.on_result(c, None, DELIVERED)
+    b.flush()
+    for _ in range(10):
+        a.on_result(c, None, BOUNCED)
+    a.flush()
+    a.record_complaint(cid, 3)
+    a.flush()
+    assert events == [], events
+    assert spools[1].get_campaign(cid).status == "active"
+    assert a.counts[cid] == [10_000, 10, 3]
+    for sp in spools:
+        sp.close()

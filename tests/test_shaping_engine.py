@@ -279,9 +279,8 @@ def test_complaint_events_feed_the_complaint_guardrail(tmp_path: Path) -> None:
     spool = SQLiteSpool(cfg.spool_dir)
     cid = spool.create_campaign({"from": "a@sender.example.com"})
     events = EventLog(None)
-    sup = Supervisor(cfg, spool, events)
-    g = sup.shaping.guardrails
-    g.counts[cid] = [20, 0, 0]  # 20 delivered so far
+    Supervisor(cfg, spool, events)  # (its guardrails listen to the events)
+    spool.add_counters({f"guard:{cid}:delivered": 20})  # 20 delivered so far (any node)
     events.emit({"event": "complained", "campaign": cid, "rcpt": "x@example.net"})
     assert spool.get_campaign(cid).status == "active"  # 1/20 = 5%: not over
     events.emit({"event": "complained", "campaign": cid, "rcpt": "y@example.net"})
@@ -302,8 +301,9 @@ def test_bounces_reported_later_feed_the_bounce_guardrail(tmp_path: Path) -> Non
     events = EventLog(None)
     sup = Supervisor(cfg, spool, events)
     g = sup.shaping.guardrails
-    g.counts[cid] = [20, 0, 0]  # 20 delivered so far
+    spool.add_counters({f"guard:{cid}:delivered": 20})  # 20 delivered so far (any node)
     events.emit({"event": "bounced", "campaign": cid, "rcpt": "s@example.net", "code": 550})
+    assert not g.sampling(cid)  # (the 20 read)
     assert g.counts[cid] == [20, 0, 0]  # decided in the session: counted by on_result
     late = {"event": "bounced", "campaign": cid, "source": "async", "reason": "userunknown"}
     events.emit({**late, "rcpt": "x@example.net"})

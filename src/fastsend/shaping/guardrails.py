@@ -58,6 +58,7 @@ from fastsend.config.shaping import GuardrailSettings
 from fastsend.spool import BOUNCED, DELIVERED, Spool
 
 SENDERS_EVERY = 1.0  # s between two reads of how many nodes send (Guardrails.senders_now)
+SYNC_EVERY = 0.1  # s between two reads of a campaign's totals before a pause (Guardrails._sync)
 
 
 class Guardrails:
@@ -97,6 +98,7 @@ class Guardrails:
         # SENDERS_EVERY s (monotonic): each lets out its part of a sample
         self.senders = 1
         self.senders_at = -math.inf
+        self.synced: dict[int, float] = {}  # campaign -> its last _sync (monotonic)
 
     def _get(self, campaign: int) -> list[int]:
         g = self.counts.get(campaign)
@@ -189,6 +191,7 @@ class Guardrails:
         self.out.pop(campaign, None)
         self.late.pop(campaign, None)
         self.slow.pop(campaign, None)
+        self.synced.pop(campaign, None)
 
     def count_delivered(self, campaign: int, n: int) -> None:
         """``n`` deliveries of ``campaign`` (what on_result counts for each one),
@@ -225,20 +228,43 @@ class Guardrails:
         if not self.pending:
             return
         pending, self.pending = self.pending, {}
-        deltas = {_name(c, i): v for c, p in pending.items() for i, v in enumerate(p) if v}
+        # every kind of each campaign counted here, zeros too: its totals all
+        # come back (else a node counting only bounces judged them against the
+        # deliveries it read minutes before)
+        deltas = {_name(c, i): v for c, p in pending.items() for i, v in enumerate(p)}
         totals = self.spool.add_counters(deltas)
         for c in pending:
-            g = self._get(c)
-            seen = g[0] + g[1]
-            for i in range(3):
-                t = totals.get(_name(c, i))
-                if t is not None:
-                    g[i] = t
-            if g[0] + g[1] < seen and self.stopped_elsewhere(c):
-                # (what this node just added is no part of the fresh sample)
-                self.spool.drop_counters([_name(c, i) for i in range(3)])
-                continue
-            self.check(c)
+            if self._take_totals(c, totals):
+                self.check(c, synced=True)
+
+    def _take_totals(self, campaign: int, totals: dict[str, int]) -> bool:
+        """``campaign``'s counts from the spool's ``totals``; False when they
+        were reset meanwhile by a pause elsewhere (:meth:`stopped_elsewhere`)."""
+        g = self._get(campaign)
+        seen = g[0] + g[1]
+        for i in range(3):
+            t = totals.get(_name(campaign, i))
+            if t is not None:
+                g[i] = t
+        if g[0] + g[1] < seen and self.stopped_elsewhere(campaign):
+            # (what this node just added is no part of the fresh sample)
+            self.spool.drop_counters([_name(campaign, i) for i in range(3)])
+            return False
+        return True
+
+    def _sync(self, campaign: int) -> bool:
+        """Before a pause: this node's counts of ``campaign`` added to the
+        spool's and every kind's totals read back (on a shared spool the
+        deliveries of the other nodes since this one last read them: a node
+        meeting bounces judged them against a count of deliveries minutes
+        old). False when the campaign was stopped elsewhere meanwhile."""
+        p = self.pending.pop(campaign, None) or [0, 0, 0]
+        try:
+            totals = self.spool.add_counters({_name(campaign, i): p[i] for i in range(3)})
+        except Exception:
+            self.pending[campaign] = p  # (judged on what this node knows; added later)
+            return True
+        return self._take_totals(campaign, totals)
 
     def stopped_elsewhere(self, campaign: int) -> bool:
         """Whether another node (or the operator) paused ``campaign``: then this
@@ -259,8 +285,10 @@ class Guardrails:
         self.fresh.append(campaign)
         return True
 
-    def check(self, campaign: int) -> bool:
-        """Pause ``campaign`` if it is over a threshold; True when it was paused."""
+    def check(self, campaign: int, synced: bool = False) -> bool:
+        """Pause ``campaign`` if it is over a threshold; True when it was paused.
+        Over one, the totals are read again first (:meth:`_sync`), unless
+        ``synced``: they were just read."""
         s = self.settings
         g = self.counts.get(campaign)
         if not s.enabled or g is None:
@@ -286,6 +314,13 @@ class Guardrails:
             )
         if not why:
             return False
+        if not synced:
+            mono = time.monotonic()
+            if mono - self.synced.get(campaign, -math.inf) >= SYNC_EVERY:
+                # (at most every SYNC_EVERY s: not a round trip a bounce while a
+                # campaign hovers at its threshold)
+                self.synced[campaign] = mono
+                return self._sync(campaign) and self.check(campaign, synced=True)
         info = self.spool.get_campaign(campaign)
         if info is None or info.status != "active":
             if info is not None and info.status == "paused":
