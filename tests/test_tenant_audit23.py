@@ -356,3 +356,26 @@ def test_click_tracking_counts_the_text_parts_links_too(monkeypatch: pytest.Monk
     made = r.render(RCPT, {}, "01ABC").replace(b"=\r\n", b"")
     assert made.count(b"https://t.example/t/c/") == 1300
     assert b"see https://x.example/t999\r\n" not in made and b"see https://x.example/t1000\r\n" in made
+
+
+def test_a_rows_header_check_encodes_only_when_its_lengths_may_pass_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A template of 9,000 header placeholders has a header guard of 0: every
+    row was measured by encoding its 900 headers as the list was accepted
+    (milliseconds a row on serve's loop). A bound from the values' lengths
+    (4 octets an ASCII character, 16 another) says such a row fits without
+    encoding; a row the bound cannot clear is still encoded and refused."""
+    from fastsend.message import mime as mime_mod
+
+    headers = {f"X-H{i}": "{{ a }}{{ b }}" * 5 for i in range(900)}
+    camp = _campaign({"headers": headers})
+    sizer = row_sizer(camp.to_dict(), 25 << 20)
+    assert sizer is not None and camp.compile("", 0).guard == 0
+    encoded: list[int] = []
+    real = mime_mod._Header.encode
+    monkeypatch.setattr(mime_mod._Header, "encode", lambda h, vs: encoded.append(1) or real(h, vs))
+    assert sizer(orjson.dumps({"a": "x", "b": "y", "note": "n" * 500})) is None
+    assert not encoded
+    why = sizer(orjson.dumps({"a": "x" * 40, "b": "y"}))
+    assert why is not None and "header section would be" in why and encoded, why

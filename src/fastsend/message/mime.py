@@ -94,6 +94,7 @@ _splice_py = _TEMPLATE_PURE["splice"]
 # it depends on where the value stands (_growth), in a tracked link's token 16
 # (percent-encoded, then base64) and the part's soft line breaks.
 GROWTH = 16
+ASCII_GROWTH = 4  # an ASCII character's most in a header (quoted-printable "=XX", framed)
 TRACKED_GROWTH = 18
 SYSTEM_VALUE = 8192  # octets a value fastsend makes can take (email, signed links)
 SLACK = 16384  # To, Date, Message-ID, MIME-Version, folding
@@ -994,6 +995,7 @@ class Renderer:
             h for h in (*self._head, *self._tail) if h.static is None
         )  # fmt: skip
         upper, growth = self._header_fixed + SLACK, 0
+        uses: dict[str, int] = {}  # each row variable's uses in headers
         for h in self._header_templated:
             for t in h.templates:
                 upper += len(h.name) + 2 + 4 * sum(len(x.encode("utf-8")) for x in t.literals)
@@ -1002,8 +1004,10 @@ class Renderer:
                         upper += SYSTEM_VALUE
                         continue
                     growth += GROWTH
+                    uses[n] = uses.get(n, 0) + 1
                     if d:
                         upper += GROWTH * len(d)
+        self._header_upper, self._header_uses = upper, uses
         room = MAX_HEADER_OCTETS - upper
         self._header_guard = sys.maxsize if not growth else room // growth if room >= 0 else -1
 
@@ -1020,12 +1024,26 @@ class Renderer:
         each templated header encoded with them (the values fastsend fills by
         stand-ins as long as they ordinarily are; one that cannot be encoded
         counted at GROWTH octets a character: :meth:`header_problem` or the
-        render says why). Asked only of values past the guard."""
+        render says why). Asked only of values past the guard, and encoded only
+        when a bound from the values' lengths (ASCII_GROWTH octets an ASCII
+        character, GROWTH another, each use) does not already say it fits: a
+        template of thousands of header placeholders had every row of a list
+        encoded as it was accepted, milliseconds a row on serve's loop."""
+        bound = self._header_upper
+        for n, k in self._header_uses.items():
+            v = variables.get(n)
+            if type(v) is str:
+                bound += k * len(v) * (ASCII_GROWTH if v.isascii() else GROWTH)
+            elif v is not None:  # (no string: encoding says why)
+                bound = sys.maxsize
+                break
+        if bound <= MAX_HEADER_OCTETS:
+            return None
         total = self._header_fixed
         weights: dict[str, int] = {}
+        vs = dict(variables)
         for h in self._header_templated:
             names = {n for t in h.templates for n in t.names}
-            vs = dict(variables)
             for n in names:
                 if _system_name(n):
                     vs[n] = _SYSTEM_STANDIN.get(n, "x" * 64)
