@@ -145,15 +145,25 @@ class RecordingHandler:
 
 
 @contextlib.contextmanager
+def aiosmtpd_running(
+    handler: Any, port: int, host: str = "127.0.0.1", **kwargs: Any
+) -> Iterator[Controller]:
+    """An aiosmtpd server with ``handler`` on (``host``, ``port``) for the block's
+    length (``kwargs``: the Controller's, e.g. ``tls_context``, ``enable_SMTPUTF8``)."""
+    ctl = Controller(handler, hostname=host, port=port, **kwargs)
+    ctl.start()
+    try:
+        yield ctl
+    finally:
+        ctl.stop()
+
+
+@contextlib.contextmanager
 def aiosmtpd_server(
     port: int, tls_context: ssl.SSLContext | None = None, host: str = "127.0.0.1", **kwargs: Any
 ) -> Iterator[tuple[Controller, RecordingHandler]]:
     handler = RecordingHandler()
     if tls_context is not None:
         kwargs["tls_context"] = tls_context
-    ctl = Controller(handler, hostname=host, port=port, **kwargs)
-    ctl.start()
-    try:
+    with aiosmtpd_running(handler, port, host, **kwargs) as ctl:
         yield ctl, handler
-    finally:
-        ctl.stop()

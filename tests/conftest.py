@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -463,43 +462,14 @@ def exim_server() -> Iterator[EximServer]:
 def start_exim(extra_conf: str = "") -> Iterator[EximServer]:
     """Exim on a free loopback port with EXIM_CONF; ``extra_conf`` (main
     section options, e.g. ``smtp_accept_max_per_connection = 10``) goes first."""
-    root = exim_root()
-    if root is None:
-        if IN_CI:
-            pytest.fail("Exim is required in CI (scripts/test runs scripts/fetch-exim)")
-        pytest.skip("Exim not unpacked (run scripts/fetch-exim)")
-    # Exim writes its spool and logs as its own user, which cannot enter pytest's
-    # private tmp_path: a directory of its own under the system's temp dir.
-    d = Path(tempfile.mkdtemp(prefix="fastsend-exim-"))
-    for sub in ("spool", "log"):
-        (d / sub).mkdir()
-    for p in (d, d / "spool", d / "log"):
-        p.chmod(0o777)
-    port = free_port()
-    conf = d / "exim.conf"
-    conf.write_text(extra_conf + EXIM_CONF.format(dir=d, port=port))
-    env = dict(os.environ)
-    libs = [str(root / "usr/lib/x86_64-linux-gnu"), str(root / "lib/x86_64-linux-gnu")]
-    env["LD_LIBRARY_PATH"] = ":".join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
-    proc = subprocess.Popen(
-        [str(root / "usr/sbin/exim4"), "-C", str(conf), "-bdf", "-oX", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        try:
-            wait_port("127.0.0.1", port)
-        except TimeoutError:
-            proc.kill()
-            err = proc.communicate()[1].decode(errors="replace")
-            raise RuntimeError(f"exim did not start: {err[-2000:]}") from None
-        yield EximServer("127.0.0.1", port, d, proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(d, ignore_errors=True)
+    # (it imports this module)
+    from tests._mta_helpers import exim_daemon, exim_env, exim_or_skip, exim_workdir
+
+    root = exim_or_skip()
+    with exim_workdir("fastsend-exim-") as d:
+        port = free_port()
+        conf = d / "exim.conf"
+        conf.write_text(extra_conf + EXIM_CONF.format(dir=d, port=port))
+        argv = [str(root / "usr/sbin/exim4"), "-C", str(conf), "-bdf", "-oX", str(port)]
+        with exim_daemon(argv, port, exim_env(root)) as proc:
+            yield EximServer("127.0.0.1", port, d, proc)

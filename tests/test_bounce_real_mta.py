@@ -26,21 +26,18 @@ import shutil
 import smtplib
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
+from tests._mta_helpers import exim_daemon, exim_or_skip, exim_workdir, private_postfix
 
-from conftest import IN_CI, exim_root, free_port, wait_greeting, wait_port
+from _smtp_helpers import aiosmtpd_running
+from conftest import free_port
 from fastsend.bounce import classify_reply, parse_bounce
-
-MASTER = "/usr/lib/postfix/sbin/master"
 
 # Local part prefix -> the remote site's reply at RCPT.
 REFUSALS = {
@@ -89,7 +86,7 @@ class RemoteSite:
                     return reply
         return "250 2.0.0 Ok"
 
-    def wait(self, n: int, timeout: float = 60.0) -> list[bytes]:
+    def wait(self, n: int, timeout: float = 180.0) -> list[bytes]:
         deadline = time.monotonic() + timeout
         while len(self.bounces) < n and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -143,24 +140,20 @@ class Sites:
     def __init__(self) -> None:
         self.site = RemoteSite()
         self.port = free_port()
-        self.ctl = Controller(self.site, hostname="127.0.0.1", port=self.port)
         self.sender_port = free_port()
-        self.sender_ctl = Controller(
-            SenderRefusingSite(), hostname="127.0.0.1", port=self.sender_port
-        )
         self.greet554 = Greeter("554 5.7.1 mx.greet.test ESMTP not accepting messages")
         self.greet421 = Greeter(
             "421 4.3.2 mx.busy.test Service not available, closing transmission channel"
         )
         self.closed = free_port()  # nothing listens there
+        self._running = contextlib.ExitStack()
 
     def start(self) -> None:
-        self.ctl.start()
-        self.sender_ctl.start()
+        self._running.enter_context(aiosmtpd_running(self.site, self.port))
+        self._running.enter_context(aiosmtpd_running(SenderRefusingSite(), self.sender_port))
 
     def stop(self) -> None:
-        self.ctl.stop()
-        self.sender_ctl.stop()
+        self._running.close()
         self.greet554.close()
         self.greet421.close()
 
@@ -268,33 +261,18 @@ def _check_bounces(
 
 # ---------------------------------------------------------------- Postfix
 
+# After _mta_helpers.POSTFIX_MAIN_CF (directories, name, loopback relaying, log).
 MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.test
-mydomain = postfix.test
-myorigin = postfix.test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relay_domains = static:ALL
-alias_maps =
-alias_database =
 smtpd_recipient_restrictions = permit_mynetworks, reject
 relayhost = [127.0.0.1]:{remote}
 transport_maps = inline:{{ {routes}, helo.test=heloclient:[127.0.0.1]:{helo} }}
 maximal_queue_lifetime = 0
 bounce_queue_lifetime = 0
 smtp_tls_security_level = none
-maillog_file = /dev/stdout
-maillog_file_prefixes = /dev/stdout
 """
 
-MASTER_CF = """\
+# Its smtpd listeners (master.cf; _mta_helpers.POSTFIX_SERVICES after them).
+LISTENERS_CF = """\
 127.0.0.1:{relay} inet n - n - - smtpd
 127.0.0.1:{msgrate} inet n - n - - smtpd -o smtpd_client_message_rate_limit=1 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0
 127.0.0.1:{rcptrate} inet n - n - - smtpd -o smtpd_client_recipient_rate_limit=2 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0
@@ -302,23 +280,6 @@ MASTER_CF = """\
 127.0.0.1:{connrate} inet n - n - - smtpd -o smtpd_client_connection_rate_limit=1 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0
 127.0.0.1:{helo} inet n - n - - smtpd -o smtpd_helo_required=yes -o smtpd_helo_restrictions=reject_non_fqdn_helo_hostname -o smtpd_error_sleep_time=0
 heloclient unix - - n - - smtp -o smtp_helo_name=badhelo
-cleanup unix n - n - 0 cleanup
-qmgr unix n - n 300 1 qmgr
-pickup unix n - n 60 1 pickup
-rewrite unix - - n - - trivial-rewrite
-bounce unix - - n - 0 bounce
-defer unix - - n - 0 bounce
-trace unix - - n - 0 bounce
-verify unix - - n - 1 verify
-proxymap unix - - n - - proxymap
-smtp unix - - n - - smtp
-relay unix - - n - - smtp
-error unix - - n - - error
-retry unix - - n - - error
-discard unix - - n - - discard
-anvil unix - - n - 1 anvil
-scache unix - - n - 1 scache
-postlog unix-dgram n - n - 1 postlogd
 """
 
 LISTENERS = ("relay", "msgrate", "rcptrate", "rcptlimit", "connrate", "helo")
@@ -326,44 +287,13 @@ LISTENERS = ("relay", "msgrate", "rcptrate", "rcptlimit", "connrate", "helo")
 
 @contextlib.contextmanager
 def start_postfix(sites: Sites) -> Iterator[dict[str, int]]:
-    if not (os.path.exists(MASTER) and shutil.which("postfix")):
-        if IN_CI:
-            pytest.fail("Postfix is required in CI (.ci/run installs it)")
-        pytest.skip("Postfix not installed")
-    if os.geteuid() != 0:
-        pytest.skip("a private Postfix master needs root")
-    d = Path(tempfile.mkdtemp(prefix="fastsend-pfbounce-"))
-    d.chmod(0o755)
-    for sub in ("etc", "queue", "data"):
-        (d / sub).mkdir()
-        (d / sub).chmod(0o755)
-    shutil.chown(d / "data", "postfix")
     ports = {name: free_port() for name in LISTENERS}
     routes = ", ".join(f"{dom}=relay:[127.0.0.1]:{p}" for dom, p in sites.routes().items())
-    (d / "etc" / "main.cf").write_text(
-        MAIN_CF.format(d=d, remote=sites.port, routes=routes, helo=ports["helo"])
-    )
-    (d / "etc" / "master.cf").write_text(MASTER_CF.format(**ports))
-    env = {**os.environ, "MAIL_CONFIG": str(d / "etc")}
-    check = subprocess.run(
-        ["postfix", "check"], env=env, capture_output=True, text=True, umask=0o022
-    )
-    if check.returncode:
-        raise RuntimeError(f"postfix check failed: {check.stdout}{check.stderr}")
-    with open(d / "maillog", "wb") as log:
-        proc = subprocess.Popen([MASTER, "-d"], env=env, stdout=log, stderr=log, umask=0o022)
-    try:
-        for port in ports.values():
-            wait_port("127.0.0.1", port)
+    with private_postfix(
+        MAIN_CF, LISTENERS_CF.format(**ports), ports.values(), prefix="fastsend-pfbounce-",
+        remote=sites.port, routes=routes, helo=ports["helo"],
+    ):  # fmt: skip
         yield ports
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -419,13 +349,13 @@ def test_postfix_smtpd_limits_classified(postfix: dict[str, int]) -> None:
     conn = []
     for _ in range(3):
         try:
-            with smtplib.SMTP("127.0.0.1", ports["connrate"], timeout=10) as s:
+            with smtplib.SMTP("127.0.0.1", ports["connrate"], timeout=60) as s:
                 s.ehlo("client.test")
         except smtplib.SMTPConnectError as e:
             conn.append(("CONN", e.smtp_code, e.smtp_error.decode()))
     # The HELO check, delayed to RCPT as Postfix does by default: about the
     # name the client gives, never its IP.
-    with smtplib.SMTP("127.0.0.1", ports["helo"], timeout=10) as s:
+    with smtplib.SMTP("127.0.0.1", ports["helo"], timeout=60) as s:
         s.ehlo("badhelo")
         s.mail("a@s.test")
         code, text = s.rcpt("x@r.test")
@@ -485,54 +415,28 @@ def start_exim_relay(sites: Sites) -> Iterator[int]:
     drops LD_LIBRARY_PATH when the binary is setuid: so a copy of the tree
     in a readable place, without the setuid bit, behind a wrapper that sets
     the library path."""
-    root = exim_root()
-    if root is None:
-        if IN_CI:
-            pytest.fail("Exim is required in CI (scripts/test runs scripts/fetch-exim)")
-        pytest.skip("Exim not unpacked (run scripts/fetch-exim)")
-    d = Path(tempfile.mkdtemp(prefix="fastsend-eximbounce-"))
-    shutil.copytree(root, d / "root", symlinks=True)
-    binary = d / "root" / "usr" / "sbin" / "exim4"
-    binary.chmod(0o755)
-    libs = f"{d}/root/usr/lib/x86_64-linux-gnu:{d}/root/lib/x86_64-linux-gnu"
-    wrap = d / "exim-wrap"
-    wrap.write_text(f'#!/bin/sh\nLD_LIBRARY_PATH={libs} exec {binary} "$@"\n')
-    wrap.chmod(0o755)
-    for sub in ("spool", "log"):
-        (d / sub).mkdir()
-    for p in (d, d / "spool", d / "log"):
-        p.chmod(0o777)
-    subprocess.run(["chmod", "-R", "a+rX", str(d / "root")], check=True)
-    port = free_port()
-    conf = d / "exim.conf"
-    routers = "".join(
-        f"{dom.split('.')[0]}:\n  driver = manualroute\n  domains = {dom}\n"
-        f"  route_list = * 127.0.0.1::{p} byname\n  self = send\n  transport = remote_smtp\n"
-        for dom, p in sites.routes().items()
-    )
-    conf.write_text(EXIM_CONF.format(d=d, port=port, remote=sites.port, routers=routers))
-    conf.chmod(0o644)
-    proc = subprocess.Popen(
-        [str(wrap), "-C", str(conf), "-bdf", "-oX", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        try:
-            wait_greeting("127.0.0.1", port, b"exim.test", proc)
-        except (TimeoutError, RuntimeError) as exc:
-            proc.kill()
-            err = proc.communicate()[1].decode(errors="replace")
-            raise RuntimeError(f"exim did not start ({exc}): {err[-2000:]}") from None
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(d, ignore_errors=True)
+    root = exim_or_skip()
+    with exim_workdir("fastsend-eximbounce-") as d:
+        shutil.copytree(root, d / "root", symlinks=True)
+        binary = d / "root" / "usr" / "sbin" / "exim4"
+        binary.chmod(0o755)
+        libs = f"{d}/root/usr/lib/x86_64-linux-gnu:{d}/root/lib/x86_64-linux-gnu"
+        wrap = d / "exim-wrap"
+        wrap.write_text(f'#!/bin/sh\nLD_LIBRARY_PATH={libs} exec {binary} "$@"\n')
+        wrap.chmod(0o755)
+        subprocess.run(["chmod", "-R", "a+rX", str(d / "root")], check=True)
+        port = free_port()
+        conf = d / "exim.conf"
+        routers = "".join(
+            f"{dom.split('.')[0]}:\n  driver = manualroute\n  domains = {dom}\n"
+            f"  route_list = * 127.0.0.1::{p} byname\n  self = send\n  transport = remote_smtp\n"
+            for dom, p in sites.routes().items()
+        )
+        conf.write_text(EXIM_CONF.format(d=d, port=port, remote=sites.port, routers=routers))
+        conf.chmod(0o644)
+        argv = [str(wrap), "-C", str(conf), "-bdf", "-oX", str(port)]
+        with exim_daemon(argv, port, greeting=b"exim.test"):
+            yield port
 
 
 # Exim gives up on a temporary refusal with "retry timeout exceeded": the

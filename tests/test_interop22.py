@@ -16,13 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import re
-import shutil
 import smtplib
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,9 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests._mta_helpers import (
+    exim_daemon,
+    exim_env,
+    exim_or_skip,
+    exim_workdir,
+    needs_root_mta,
+    private_postfix,
+    read_log,
+)
 
 from _smtp_helpers import client_class, link_class
-from conftest import IN_CI, exim_root, free_port, wait_port
+from conftest import free_port
 from fastsend.config import from_dict
 from fastsend.outcome import Envelope
 from fastsend.serve.context import open_context
@@ -169,26 +175,11 @@ def test_a_reader_that_stops_mid_message_times_out_on_the_data_block(
 # through Cyrus SASL, Exim with PLAIN), Postfix pipelining DATA, Exim CHUNKING
 # (BDAT), each relaying what a local program gave it.
 
-MASTER = "/usr/lib/postfix/sbin/master"
 PASSWORD = "s3cret pass"
 SUBMIT_SIZE = 20_000  # the listener's SIZE: the big message is over it
 
+# After _mta_helpers.POSTFIX_MAIN_CF (directories, name, loopback relaying, log).
 RELAY_MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = relayclient.test
-mydomain = relayclient.test
-myorigin = relayclient.test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relay_domains = static:ALL
-alias_maps =
-alias_database =
 smtpd_recipient_restrictions = permit_mynetworks, reject
 relayhost = [127.0.0.1]:{sub}
 smtp_sasl_auth_enable = yes
@@ -199,31 +190,10 @@ smtp_tls_security_level = encrypt
 smtp_tls_loglevel = 1
 maximal_queue_lifetime = 0
 bounce_queue_lifetime = 0
-maillog_file = /dev/stdout
-maillog_file_prefixes = /dev/stdout
 """
 
-RELAY_MASTER_CF = """\
+RELAY_LISTENER_CF = """\
 127.0.0.1:{inp} inet n - n - - smtpd
-cleanup unix n - n - 0 cleanup
-qmgr unix n - n 300 1 qmgr
-pickup unix n - n 60 1 pickup
-rewrite unix - - n - - trivial-rewrite
-bounce unix - - n - 0 bounce
-defer unix - - n - 0 bounce
-trace unix - - n - 0 bounce
-verify unix - - n - 1 verify
-proxymap unix - - n - - proxymap
-smtp unix - - n - - smtp
-relay unix - - n - - smtp
-error unix - - n - - error
-retry unix - - n - - error
-discard unix - - n - - discard
-flush unix n - n 1000? 0 flush
-anvil unix - - n - 1 anvil
-scache unix - - n - 1 scache
-tlsmgr unix - - n 1000? 1 tlsmgr
-postlog unix-dgram n - n - 1 postlogd
 """
 
 EXIM_CLIENT_CONF = """\
@@ -279,98 +249,39 @@ BIG = (
 )
 
 
-def _needs_root_mta(what: str, present: bool) -> None:
-    if not present:
-        if IN_CI:
-            pytest.fail(f"{what} is required in CI")
-        pytest.skip(f"{what} not installed")
-    if os.geteuid() != 0:
-        pytest.skip(f"a private {what} needs root")
-
-
 @contextlib.contextmanager
 def postfix_relaying_to(sub_port: int) -> Iterator[tuple[int, Callable[[], str]]]:
     """A private Postfix (own config, queue and log) whose relayhost is the
     submission listener; yields (its smtpd port, its log)."""
-    _needs_root_mta("Postfix", os.path.exists(MASTER) and shutil.which("postfix") is not None)
-    d = Path(tempfile.mkdtemp(prefix="fastsend-pfrelay-"))
-    d.chmod(0o755)
-    for sub in ("etc", "queue", "data"):
-        (d / sub).mkdir()
-        (d / sub).chmod(0o755)
-    shutil.chown(d / "data", "postfix")
     inp = free_port()
-    (d / "etc" / "main.cf").write_text(RELAY_MAIN_CF.format(d=d, sub=sub_port, password=PASSWORD))
-    (d / "etc" / "master.cf").write_text(RELAY_MASTER_CF.format(inp=inp))
-    env = {**os.environ, "MAIL_CONFIG": str(d / "etc")}
-    check = subprocess.run(
-        ["postfix", "check"], env=env, capture_output=True, text=True, umask=0o022
-    )
-    if check.returncode:
-        raise RuntimeError(f"postfix check failed: {check.stdout}{check.stderr}")
-    log = d / "maillog"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([MASTER, "-d"], env=env, stdout=out, stderr=out, umask=0o022)
-    try:
-        wait_port("127.0.0.1", inp)
-        yield inp, lambda: log.read_text(errors="replace") if log.exists() else ""
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(d, ignore_errors=True)
+    with private_postfix(
+        RELAY_MAIN_CF, RELAY_LISTENER_CF.format(inp=inp), [inp], hostname="relayclient.test",
+        prefix="fastsend-pfrelay-", sub=sub_port, password=PASSWORD,
+    ) as d:  # fmt: skip
+        yield inp, lambda: read_log(d / "maillog")
 
 
 @contextlib.contextmanager
 def exim_relaying_to(sub_port: int) -> Iterator[tuple[int, Callable[[], Any], Callable[[], str]]]:
     """Exim (unpacked) keeping what it takes in its queue; yields (its port,
     a queue run that delivers it all to the submission listener, its main log)."""
-    root = exim_root()
-    _needs_root_mta("Exim (scripts/fetch-exim)", root is not None)
-    assert root is not None
-    d = Path(tempfile.mkdtemp(prefix="fastsend-eximclient-"))
-    for sub in ("spool", "log"):
-        (d / sub).mkdir()
-    for p in (d, d / "spool", d / "log"):
-        p.chmod(0o777)
-    inp = free_port()
-    conf = d / "exim.conf"
-    conf.write_text(EXIM_CLIENT_CONF.format(d=d, inp=inp, sub=sub_port, password=PASSWORD))
-    env = dict(os.environ)
-    libs = [str(root / "usr/lib/x86_64-linux-gnu"), str(root / "lib/x86_64-linux-gnu")]
-    env["LD_LIBRARY_PATH"] = ":".join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
-    exim = str(root / "usr/sbin/exim4")
-    proc = subprocess.Popen(
-        [exim, "-C", str(conf), "-bdf", "-oX", str(inp)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    root = exim_or_skip()
+    needs_root_mta("Exim", present=True)
+    with exim_workdir("fastsend-eximclient-") as d:
+        inp = free_port()
+        conf = d / "exim.conf"
+        conf.write_text(EXIM_CLIENT_CONF.format(d=d, inp=inp, sub=sub_port, password=PASSWORD))
+        env = exim_env(root)
+        exim = str(root / "usr/sbin/exim4")
 
-    def queue_run() -> Any:
-        # (delivered by this process: no re-exec of the binary's built-in path)
-        return subprocess.run(
-            [exim, "-C", str(conf), "-qff"], env=env, capture_output=True, timeout=60
-        )
+        def queue_run() -> Any:
+            # (delivered by this process: no re-exec of the binary's built-in path)
+            return subprocess.run(
+                [exim, "-C", str(conf), "-qff"], env=env, capture_output=True, timeout=60
+            )
 
-    def mainlog() -> str:
-        p = d / "log" / "mainlog"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    try:
-        wait_port("127.0.0.1", inp)
-        yield inp, queue_run, mainlog
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(d, ignore_errors=True)
+        with exim_daemon([exim, "-C", str(conf), "-bdf", "-oX", str(inp)], inp, env):
+            yield inp, queue_run, lambda: read_log(d / "log" / "mainlog")
 
 
 def _inject(

@@ -25,11 +25,7 @@ Recipients: ``permfail@`` 550 5.1.1, ``tempfail@`` 450 4.2.0, ``policy@`` 554
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,32 +34,17 @@ from typing import Any
 
 import pytest
 import trustme
+from tests._mta_helpers import private_postfix, read_log
 
 from _smtp_helpers import client_class, link_class
-from conftest import IN_CI, free_port, wait_port
+from conftest import free_port
 from fastsend.outcome import Envelope, Outcome
 from fastsend.smtp import ConnectOptions, SMTPConnection, connect
 from fastsend.smtp import transport as tr
 
 Run = Callable[[Any], Any]
-MASTER = "/usr/lib/postfix/sbin/master"
-
+# After _mta_helpers.POSTFIX_MAIN_CF (directories, name, loopback relaying, log).
 MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.test
-mydomain = postfix.test
-myorigin = postfix.test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relay_domains = static:ALL
-alias_maps =
-alias_database =
 smtpd_recipient_restrictions =
     check_recipient_access inline:{{
         {{ permfail@x.test = 550 5.1.1 no such user }},
@@ -72,15 +53,14 @@ smtpd_recipient_restrictions =
     permit_mynetworks, reject
 default_transport = discard
 relay_transport = discard
-maillog_file = /dev/stdout
-maillog_file_prefixes = /dev/stdout
 smtpd_banner = $myhostname ESMTP
 smtpd_tls_cert_file = {d}/cert.pem
 smtpd_tls_key_file = {d}/key.pem
 smtpd_tls_security_level = none
 """
 
-MASTER_CF = """\
+# Its smtpd listeners (master.cf; _mta_helpers.POSTFIX_SERVICES after them).
+LISTENERS_CF = """\
 127.0.0.1:{full} inet n - n - - smtpd
 127.0.0.1:{data} inet n - n - - smtpd -o smtpd_discard_ehlo_keywords=chunking
 127.0.0.1:{lockstep} inet n - n - - smtpd -o smtpd_discard_ehlo_keywords=pipelining,chunking
@@ -88,22 +68,6 @@ MASTER_CF = """\
 127.0.0.1:{tls} inet n - n - - smtpd -o smtpd_tls_security_level=may
 127.0.0.1:{oldtls} inet n - n - - smtpd -o smtpd_tls_security_level=may -o smtpd_tls_protocols=!SSLv2,!SSLv3,!TLSv1.3 -o smtpd_tls_ciphers=medium -o tls_medium_cipherlist=ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA -o smtpd_tls_loglevel=1
 127.0.0.1:{rate} inet n - n - - smtpd -o smtpd_client_message_rate_limit=5 -o smtpd_client_event_limit_exceptions= -o smtpd_error_sleep_time=0 -o smtpd_soft_error_limit=100
-cleanup unix n - n - 0 cleanup
-qmgr unix n - n 300 1 qmgr
-pickup unix n - n 60 1 pickup
-rewrite unix - - n - - trivial-rewrite
-bounce unix - - n - 0 bounce
-defer unix - - n - 0 bounce
-trace unix - - n - 0 bounce
-verify unix - - n - 1 verify
-proxymap unix - - n - - proxymap
-discard unix - - n - - discard
-error unix - - n - - error
-retry unix - - n - - error
-anvil unix - - n - 1 anvil
-scache unix - - n - 1 scache
-tlsmgr unix - - n 1000? 1 tlsmgr
-postlog unix-dgram n - n - 1 postlogd
 """
 
 LISTENERS = ("full", "data", "lockstep", "small", "tls", "oldtls", "rate")
@@ -116,8 +80,7 @@ class Postfix:
     ca: trustme.CA
 
     def log(self) -> str:
-        p = self.dir / "maillog"
-        return p.read_text(errors="replace") if p.exists() else ""
+        return read_log(self.dir / "maillog")
 
     def sent(self, want: int, timeout: float = 60.0) -> list[str]:
         """The recipients the discard transport took ("status=sent"), once
@@ -143,48 +106,18 @@ class Postfix:
 
 @contextlib.contextmanager
 def start_postfix() -> Iterator[Postfix]:
-    if not (os.path.exists(MASTER) and shutil.which("postfix")):
-        if IN_CI:
-            pytest.fail("Postfix is required in CI (.ci/run installs it)")
-        pytest.skip("Postfix not installed")
-    if os.geteuid() != 0:
-        pytest.skip("a private Postfix master needs root")
-    d = Path(tempfile.mkdtemp(prefix="fastsend-postfix-"))
-    d.chmod(0o755)  # whatever the umask: Postfix's own users must traverse it
-    for sub in ("etc", "queue", "data"):
-        (d / sub).mkdir()
-        (d / sub).chmod(0o755)
-    shutil.chown(d / "data", "postfix")
     ca = trustme.CA()
-    cert = ca.issue_cert("postfix.test")
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+
+    def prepare(d: Path) -> None:
+        cert = ca.issue_cert("postfix.test")
+        cert.private_key_pem.write_to_path(str(d / "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+
     ports = {name: free_port() for name in LISTENERS}
-    (d / "etc" / "main.cf").write_text(MAIN_CF.format(d=d))
-    (d / "etc" / "master.cf").write_text(MASTER_CF.format(**ports))
-    env = {**os.environ, "MAIL_CONFIG": str(d / "etc")}
-    # Postfix creates its queue and sockets with the caller's umask: the usual one.
-    check = subprocess.run(
-        ["postfix", "check"], env=env, capture_output=True, text=True, umask=0o022
-    )
-    if check.returncode:
-        raise RuntimeError(f"postfix check failed: {check.stdout}{check.stderr}")
-    with open(d / "maillog", "wb") as log:
-        proc = subprocess.Popen(
-            [MASTER, "-d"], env=env, stdout=log, stderr=log, umask=0o022
-        )
-    try:
-        for port in ports.values():
-            wait_port("127.0.0.1", port)
+    with private_postfix(
+        MAIN_CF, LISTENERS_CF.format(**ports), ports.values(), prepare=prepare
+    ) as d:
         yield Postfix(ports, d, ca)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
