@@ -18,8 +18,10 @@ of a spool that the project's own stores made.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -168,3 +170,105 @@ def test_a_readonly_open_of_a_log_still_to_replay_is_refused_not_read_stale(
             connect(str(ro / "x.db"), readonly=True)
         with pytest.raises(ReadOnlyDatabase, match="read-only file system"):
             connect(str(ro / "x.db"))
+
+
+def _keygen(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_fastsend(
+        "dkim", "keygen", "--domain", "example.com", "--selector", "s1", "--out", str(out), *extra
+    )
+
+
+def test_keygen_on_a_full_disk_writes_no_key_and_keeps_the_old_one(tmp_path: Path) -> None:
+    """``dkim keygen`` onto a full disk: exit 75 (try again later, as every
+    command's full disk), no file left; with ``--force`` over the key in use,
+    that key is kept. Before: exit 1 and an empty ``k2.pem`` (the next keygen:
+    "exists, use --force"; a campaign naming it: "holds no key"), and
+    ``--force`` truncated the old key before writing the new one."""
+    disk = tmp_path / "disk"
+    with mounted(disk, "-t", "tmpfs", "-o", "size=12k", "tmpfs"):
+        first = _keygen(disk / "k.pem")
+        assert first.returncode == 0, first.stderr
+        key = (disk / "k.pem").read_bytes()
+        with contextlib.suppress(OSError), open(disk / "fill", "wb") as f:
+            while True:
+                f.write(b"\0" * 1024)
+                f.flush()
+        full = _keygen(disk / "k2.pem")
+        forced = _keygen(disk / "k.pem", "--force")
+        left = sorted(p.name for p in disk.iterdir())
+        kept = (disk / "k.pem").read_bytes()
+    assert full.returncode == 75, full.stderr
+    assert "No space left" in full.stderr, full.stderr
+    assert left == ["fill", "k.pem"]  # (no k2.pem, no temporary file)
+    assert forced.returncode == 75, forced.stderr  # (no room for the new key beside it)
+    assert kept == key
+
+
+def test_keygen_refusing_to_overwrite_or_a_read_only_place_is_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    """A key file that exists (no ``--force``) and a directory on a read-only
+    file system: nothing done, exit 2 (was 1, "it ran, but not all of it")."""
+    out = tmp_path / "k.pem"
+    assert _keygen(out).returncode == 0
+    again = _keygen(out)
+    assert again.returncode == 2 and "exists" in again.stderr, again.stderr
+    ro = tmp_path / "ro"
+    with mounted(ro, "--bind", str(tmp_path / "ro"), read_only=True):
+        res = _keygen(ro / "k.pem")
+    assert res.returncode == 2, res.stderr
+    assert "Read-only file system" in res.stderr
+
+
+def test_read_commands_work_against_a_redis_replica(tmp_path: Path) -> None:
+    """A Redis spool looked at through a replica (read-only: a standby, a
+    reporting copy): ``suppress list``/``export``, ``apikey list``, ``queue``,
+    ``campaign list``, ``tls-report show`` and ``top`` read it (exit 0); the
+    commands that write say it takes no writes (75, one line). Before:
+    ``suppress list``/``export`` and ``top`` 75 "takes no writes", ``apikey
+    list`` and ``queue`` a traceback (exit 1)."""
+    import redis
+    from tests._redis_helpers import start_redis
+
+    with start_redis() as primary:
+        url = primary.url(dir=str(tmp_path / "local"))
+        spool = open_spool(url)
+        try:
+            spool.create_campaign({"from": "a@example.com"}, name="spring")
+        finally:
+            spool.close()
+        assert run_fastsend("suppress", "add", "gone@example.net", "--spool", url).returncode == 0
+        made = run_fastsend("apikey", "create", "--tenant", "acme", "--spool", url)
+        assert made.returncode == 0, made.stderr
+        kid = made.stdout.strip().split("_")[1]
+        with start_redis("--replicaof", "127.0.0.1", str(primary.port)) as replica:
+            r = redis.Redis(port=replica.port)
+            keys = redis.Redis(port=primary.port).dbsize()
+            deadline = time.monotonic() + 60
+            while not (
+                r.info("replication").get("master_link_status") == "up" and r.dbsize() == keys
+            ):
+                assert time.monotonic() < deadline, r.info("replication")
+                time.sleep(0.05)
+            view = url.replace(f":{primary.port}/", f":{replica.port}/")
+            reads = {
+                cmd: run_fastsend(*cmd.split(), "--spool", view)
+                for cmd in ("suppress list", "suppress export", "apikey list", "queue",
+                            "campaign list", "tls-report show", "top --once")
+            }  # fmt: skip
+            writes = [
+                run_fastsend("suppress", "add", "x@example.net", "--spool", view),
+                run_fastsend("apikey", "create", "--tenant", "acme", "--spool", view),
+                run_fastsend("apikey", "revoke", kid, "--spool", view),
+                run_fastsend("campaign", "pause", "1", "--spool", view),
+            ]
+    for cmd, res in reads.items():
+        assert res.returncode == 0, (cmd, res.stderr)
+    assert "gone@example.net" in reads["suppress list"].stdout
+    assert "gone@example.net" in reads["suppress export"].stdout
+    assert kid in reads["apikey list"].stdout
+    assert "spring" in reads["queue"].stdout and "spring" in reads["campaign list"].stdout
+    for res in writes:
+        assert res.returncode == 75, (res.args, res.stderr)
+        assert "takes no writes" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr

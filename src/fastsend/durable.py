@@ -62,25 +62,30 @@ def open_append(path: str, mode: int = 0o600) -> int:
     return fd
 
 
-def replace(data: bytes, path: str, mode: int = 0o600) -> None:
+def replace(data: bytes, path: str, mode: int = 0o600, *, exclusive: bool = False) -> None:
     """``path``'s content replaced by ``data`` at once, durably: written to a
     temporary file, fsynced, renamed over ``path``, the directory fsynced (a
-    power loss leaves the old content or the new, never an empty file)."""
+    power loss leaves the old content or the new, never an empty file; a full
+    disk leaves the old one and no temporary file). ``exclusive``: ``path``
+    must not exist yet (linked, not renamed: FileExistsError, atomically)."""
     tmp = f"{path}.tmp"  # (one writer per file: a leftover is overwritten)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
         try:
-            os.unlink(tmp)
+            os.fchmod(fd, mode)  # (a leftover's mode, or the umask's: this one)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)  # (renamed: gone already; linked or failed: not needed)
         except OSError:
             pass
-        raise
     fsync_dir(os.path.dirname(path))

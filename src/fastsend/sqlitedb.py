@@ -84,11 +84,18 @@ def connect(
             db.close()
             raise
     except (sqlite3.Error, OSError) as e:
-        why = unwritable(path)
+        code = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
+        why = unwritable(path) if isinstance(e, OSError) or code in _UNWRITABLE else None
         if why is None:
             raise
         raise ReadOnlyDatabase(f"{path} {why}") from e
     return db
+
+
+# SQLite's primary result codes of a file it could not open or write:
+# SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN (a damaged or locked file is
+# said as such, whatever the storage).
+_UNWRITABLE = (8, 10, 14)
 
 
 class ReadOnlyDatabase(sqlite3.OperationalError):

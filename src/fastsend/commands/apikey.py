@@ -22,7 +22,7 @@ import orjson
 
 from fastsend.config import ConfigError, load
 from fastsend.serve.auth import AuthError, KeyStore
-from fastsend.spool import is_redis_url
+from fastsend.spool import SpoolError, is_redis_url
 from fastsend.sqlitedb import ReadOnlyDatabase
 
 
@@ -93,7 +93,7 @@ def _store(args: argparse.Namespace) -> Any:
     if url and is_redis_url(url):
         from fastsend.serve.shared_state import RedisKeyStore, shared_store
 
-        shared = shared_store(url)
+        shared = shared_store(url, readonly=args.action == "list")  # (list: works on a replica)
         assert shared is not None
         return RedisKeyStore(shared.client, shared.prefix)
     where = _spool_dir(args)
@@ -114,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ReadOnlyDatabase) as e:  # (a read-only spool: create, revoke)
         print(f"fastsend apikey: {e}", file=sys.stderr)
         return 2
+    except SpoolError as e:  # a Redis spool out of reach or taking no writes (75), none (2)
+        print(f"fastsend apikey: {e}", file=sys.stderr)  # (was a traceback, exit 1)
+        return e.exit_status
     try:
         if args.action == "create":
             from fastsend.accept import name_problem

@@ -68,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
     except DkimKeyError as exc:
         print(f"fastsend dkim keygen: {exc}", file=sys.stderr)
         return 2
-    except FileExistsError:
+    except FileExistsError:  # (a usage error, nothing done: 2, as the README's exit status)
         print(f"fastsend dkim keygen: {out} exists (use --force to overwrite)", file=sys.stderr)
-        return 1
-    except OSError as exc:
+        return 2
+    except OSError as exc:  # nothing written; a full disk: try again later (75), else 2
+        from fastsend.spool.base import TEMPORARY_STORAGE, storage_problem
+
         print(f"fastsend dkim keygen: cannot write {out}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return 75 if storage_problem(exc) in TEMPORARY_STORAGE else 2
     name = f"{args.selector}._domainkey.{domain}"
     value = public_txt(key)
     if args.json:

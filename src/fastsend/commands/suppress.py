@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         from fastsend.serve.shared_state import RedisSuppressionList, shared_store
 
         try:
-            store = shared_store(str(args.spool))
+            # list, export: a view (it works against a replica, and writes nothing)
+            store = shared_store(str(args.spool), readonly=args.action in ("list", "export"))
             assert store is not None
             shared = RedisSuppressionList(store.client, store.prefix)
             return _dispatch(shared, args)  # type: ignore[arg-type]

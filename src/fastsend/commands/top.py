@@ -187,8 +187,8 @@ def _open(args: argparse.Namespace) -> tuple[RollupStore, Any]:
         cfg = load(args.config)
         spool_arg = spool_arg or cfg.spool_dir
     spool_arg = spool_arg or "./spool"
-    if is_redis_url(spool_arg):
-        spool = open_spool(spool_arg)
+    if is_redis_url(spool_arg):  # (a view: it works against a replica)
+        spool = open_spool(spool_arg, readonly=True)
         return open_store(spool, spool_local_dir(spool_arg)), spool
     view: Any = None  # no spool yet: the rollups alone
     try:

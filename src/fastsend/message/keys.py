@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from fastsend import durable
 from fastsend.message.errors import KeyUnavailable
 
 __all__ = ["DkimKeyError", "PrivateKey", "generate", "load_private_key", "public_txt", "write_key"]
@@ -98,16 +99,14 @@ def generate(algorithm: str = "rsa", bits: int = 2048) -> PrivateKey:
 
 
 def write_key(key: PrivateKey, path: str | Path, overwrite: bool = False) -> None:
-    """Write ``key`` as unencrypted PKCS#8 PEM with mode 0600 (created that way)."""
+    """Write ``key`` as unencrypted PKCS#8 PEM with mode 0600 (created that way),
+    whole or not at all: a full disk left an empty key file (which the next
+    keygen called existing and a campaign "holds no key"), and ``overwrite``
+    truncated the key in use before writing its successor
+    (``durable.replace``; FileExistsError when it exists and not ``overwrite``)."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, pem)
-    finally:
-        os.close(fd)
+    durable.replace(pem, os.fspath(path), 0o600, exclusive=not overwrite)

@@ -838,12 +838,14 @@ class RedisEventIndex(CatchesUp):
 
 
 # ---------------------------------------------------------------- the bundle
-def shared_store(url: str) -> SharedStore | None:
+def shared_store(url: str, *, readonly: bool = False) -> SharedStore | None:
     """The shared store of the spool a URL names (``Spool.shared()``), or None for
-    a local spool: what the CLI tools (apikey, suppress) open."""
+    a local spool: what the CLI tools (apikey, suppress) open. ``readonly``: for
+    a view (``suppress list``, ``apikey list``): it writes nothing, so it works
+    against a replica and needs the spool to exist."""
     from fastsend.spool import is_redis_url, open_spool
 
-    return open_spool(url).shared() if is_redis_url(url) else None
+    return open_spool(url, readonly=readonly).shared() if is_redis_url(url) else None
 
 
 class SharedState:

@@ -576,6 +576,7 @@ class RedisSpool(Spool):
                 f" needs Redis >= {'.'.join(map(str, MIN_VERSION))} (SMISMEMBER, for a"
                 " campaign's duplicate addresses); upgrade Redis (or Valkey)"
             )
+        self._readonly = readonly  # a view: writes nothing (works against a replica)
         lay = f"{self.k}:layout"
         try:
             if must_exist and self.r.get(lay) is None:
@@ -1847,8 +1848,14 @@ class RedisSpool(Spool):
     def list_ingests(self, *, unfinished: bool = False) -> list[IngestJob]:
         k = self.k
         if unfinished and not self.r.exists(f"{k}:ings:run-ok"):
-            # Once per spool: the running jobs of a spool made before P:ings:run.
-            running = {j.id: j.id for j in self.list_ingests() if not j.finished}
+            # Once per spool: the running jobs of a spool made before P:ings:run
+            # (a view reads them from every job, writing nothing: `queue` on a
+            # replica ended in a traceback, "You can't write against a read only
+            # replica").
+            every = self.list_ingests()
+            if self._readonly:
+                return [j for j in every if not j.finished]
+            running = {j.id: j.id for j in every if not j.finished}
             if running:
                 self.r.zadd(f"{k}:ings:run", running)
             self.r.set(f"{k}:ings:run-ok", 1)
@@ -1857,7 +1864,8 @@ class RedisSpool(Spool):
         for jid in ids:
             pipe.hgetall(f"{k}:ing:{jid}")
         jobs = [self._ingest(j, h) for j, h in zip(ids, pipe.execute(), strict=True)]
-        if unfinished:  # finished meanwhile (a race with the first listing): not running
+        if unfinished and not self._readonly:  # finished meanwhile (a race with the first
+            # listing): not running
             done = [i for i, j in zip(ids, jobs, strict=True) if j is None or j.finished]
             if done:
                 self.r.zrem(f"{k}:ings:run", *done)
