@@ -19,6 +19,21 @@ front door: each test on a defect it found, failing before its fix.
   submission bounced them. Taken as Postfix takes them; submission refuses a
   literal that is no public address at RCPT (550 5.7.1: a tenant must not reach
   the operator's network through it) unless [delivery] allow_private_mx.
+- Without [tenants] (users of [submission.users] alone) a message with no
+  From (or an empty BDAT 0 LAST) was spooled and sent: receivers refuse it
+  (RFC 5322 3.6; Gmail 5.7.1) and the API's raw refuses it always: 550 5.7.1.
+- AUTH PLAIN with an authorization identity of another user (RFC 4616 2: must
+  fail) went on as the authenticating user: 535.
+- Five wrong passwords for a tenant's name from anywhere locked the tenant's
+  own application out (454 with the right password, 15 minutes): an address
+  that logged in as the user is kept out of the per-user lock-out (on every
+  node of a shared spool), still held to the per-address limit.
+- A message under SIZE that grows past [delivery] max_message_size once its
+  8-bit parts are re-encoded (or with our Received and its signatures) was
+  taken with a 250 and bounced 5.3.4 by the worker: refused in the session.
+- No implicit TLS (RFC 8314 3.3: submission SHOULD be offered on port 465,
+  TLS from the first byte; many applications are set up for it):
+  ``[submission] listen_tls``.
 - A tenant's raw message kept its Authentication-Results (verdicts nobody here
   made: RFC 8601 5) and Delivered-To (a saved message sent again bounced as a
   mail loop at Postfix's local delivery): both taken out, as the campaign path
@@ -27,6 +42,7 @@ front door: each test on a defect it found, failing before its fix.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import re
@@ -255,3 +271,244 @@ def test_address_literals_through_submission(
         s.stop()
     got = sorted(r for m in msgs for r in m["rcpts"])
     assert got == ["u@[8.8.8.8]", "v@[IPv6:2001:4860:4860::8888]"], got
+
+
+# ---------------------------------------------------------------- in-process listener
+def _listener(tmp_path: Path, certs: Any, **tables: Any) -> Any:
+    from fastsend.config import from_dict
+    from fastsend.serve.context import open_context
+    from fastsend.serve.listeners import hash_password
+
+    cert, key, _tls = certs
+    users = {"acme": hash_password("pw", iterations=1000),
+             "globex": hash_password("pw2", iterations=1000)}  # fmt: skip
+    sub = {"listen": "127.0.0.1:0", "tls_cert": cert, "tls_key": key, "hostname": HOST,
+           "users": users, "auth_backoff_max": 0.01, **tables.pop("submission", {})}  # fmt: skip
+    return open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")},
+                                   "submission": sub, **tables}))  # fmt: skip
+
+
+async def _session(port: int, tls: ssl.SSLContext, lines: list[bytes], helo: bytes = b"c.test",
+                   source: str = "127.0.0.1") -> list[bytes]:  # fmt: skip
+    """Each line's reply (after EHLO, STARTTLS, EHLO) in a raw session."""
+    import asyncio
+
+    r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+    async def reply() -> bytes:
+        got = b""
+        while True:
+            line = await asyncio.wait_for(r.readline(), 30)
+            got += line
+            if len(line) < 4 or line[3:4] == b" ":
+                return got
+
+    await reply()
+    w.write(b"EHLO " + helo + b"\r\n")
+    await reply()
+    w.write(b"STARTTLS\r\n")
+    await reply()
+    await w.start_tls(tls)
+    out = []
+    for line in [b"EHLO " + helo + b"\r\n", *lines]:
+        w.write(line)
+        out.append(await reply())
+    w.close()
+    return out[1:]
+
+
+def _plain(authzid: str, user: str, password: str) -> bytes:
+    import base64
+
+    return b"AUTH PLAIN " + base64.b64encode(f"{authzid}\0{user}\0{password}".encode()) + b"\r\n"
+
+
+def _run(tmp_path: Path, certs: Any, go: Any, **tables: Any) -> Any:
+    import asyncio
+
+    from fastsend.serve.listeners import start_listeners
+
+    ctx = _listener(tmp_path, certs, **tables)
+
+    async def main() -> Any:
+        servers = await start_listeners(ctx)
+        try:
+            ports = [int(srv.sockets[0].getsockname()[1]) for srv in servers]
+            return await go(*ports)
+        finally:
+            for srv in servers:
+                srv.close()
+
+    try:
+        return asyncio.run(main()), ctx
+    except BaseException:
+        ctx.close()
+        raise
+
+
+def test_no_from_is_refused_without_tenants_too(tmp_path: Path, certs: Any) -> None:
+    tls = certs[2]
+    txn = [_plain("", "acme", "pw"), b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<u@example.org>\r\n"]
+
+    async def go(port: int) -> list[list[bytes]]:
+        return [
+            await _session(port, tls, [*txn, b"DATA\r\n", b"Subject: no from\r\n\r\nhi\r\n.\r\n"]),
+            await _session(port, tls, [*txn, b"BDAT 0 LAST\r\n"]),
+            await _session(port, tls, [*txn, b"DATA\r\n",
+                                       b"From: a@example.com\r\nSubject: s\r\n\r\nhi\r\n.\r\n"]),
+        ]  # fmt: skip
+
+    (nofrom, empty, ok), ctx = _run(tmp_path, certs, go)
+    ctx.close()
+    assert nofrom[-1].startswith(b"550 5.7.1") and b"no From" in nofrom[-1], nofrom
+    assert empty[-1].startswith(b"550 5.7.1"), empty
+    assert ok[-1].startswith(b"250 2.0.0"), ok
+
+
+def test_authzid_of_another_user_fails(tmp_path: Path, certs: Any) -> None:
+    tls = certs[2]
+
+    async def go(port: int) -> list[bytes]:
+        return [
+            (await _session(port, tls, [_plain("globex", "acme", "pw")]))[0],
+            (await _session(port, tls, [_plain("acme", "acme", "pw")]))[0],
+            (await _session(port, tls, [_plain("", "acme", "pw")]))[0],
+        ]
+
+    (other, same, none), ctx = _run(tmp_path, certs, go)
+    ctx.close()
+    assert other.startswith(b"535 5.7.8"), other
+    assert same.startswith(b"235") and none.startswith(b"235"), (same, none)
+
+
+def test_a_tenants_name_cannot_lock_its_own_application_out(tmp_path: Path, certs: Any) -> None:
+    tls = certs[2]
+
+    async def go(port: int) -> dict[str, bytes]:
+        out = {"first": (await _session(port, tls, [_plain("", "acme", "pw")]))[0]}
+        for i in range(3):  # 6 failures from elsewhere (auth_failures_per_user = 5)
+            await _session(port, tls, [_plain("", "acme", "x"), _plain("", "acme", "y")],
+                           source=f"127.0.4.{i + 1}")  # fmt: skip
+        out["app"] = (await _session(port, tls, [_plain("", "acme", "pw")]))[0]
+        out["stranger"] = (await _session(port, tls, [_plain("", "acme", "pw")],
+                                          source="127.0.4.9"))[0]  # fmt: skip
+        out["other user"] = (await _session(port, tls, [_plain("", "globex", "pw2")],
+                                            source="127.0.4.9"))[0]  # fmt: skip
+        return out
+
+    got, ctx = _run(tmp_path, certs, go)
+    ctx.close()
+    assert got["first"].startswith(b"235") and got["app"].startswith(b"235"), got
+    assert got["stranger"].startswith(b"454"), got  # (the lock-out holds for others)
+    assert got["other user"].startswith(b"235"), got
+
+
+def test_auth_throttle_familiar_addresses_keep_the_per_ip_limit() -> None:
+    from fastsend.config.serve import ListenerLimits
+    from fastsend.serve.listeners import AuthThrottle
+
+    t = AuthThrottle(ListenerLimits(auth_failures_per_ip=3, auth_failures_per_user=2))
+    t.succeeded("acme", "192.0.2.1", now=0.0)
+    for ip in ("198.51.100.1", "198.51.100.2"):
+        t.failed(ip, "acme", 1.0)
+    assert t.blocked("198.51.100.3", "acme", 2.0)
+    assert not t.blocked("192.0.2.1", "acme", 2.0)
+    for _ in range(3):
+        t.failed("192.0.2.1", "someone", 3.0)
+    assert t.blocked("192.0.2.1", "acme", 4.0)  # (its own failures count)
+    # The familiar address's own failures as the user count against it (a balancer
+    # hiding its clients' addresses is one familiar address: no weaker than before).
+    t = AuthThrottle(ListenerLimits(auth_failures_per_ip=10, auth_failures_per_user=2))
+    t.succeeded("acme", "192.0.2.1", now=0.0)
+    t.failed("192.0.2.1", "acme", 1.0)
+    assert not t.blocked("192.0.2.1", "acme", 2.0)
+    t.failed("192.0.2.1", "acme", 2.0)
+    assert t.blocked("192.0.2.1", "acme", 3.0)
+
+
+def test_received_names_an_idn_helo_in_a_labels(tmp_path: Path, certs: Any) -> None:
+    tls = certs[2]
+    msg = b"From: a@example.com\r\nSubject: s\r\n\r\nhi\r\n.\r\n"
+
+    async def go(port: int) -> list[bytes]:
+        return await _session(port, tls, [
+            _plain("", "acme", "pw"), b"MAIL FROM:<a@example.com>\r\n",
+            b"RCPT TO:<u@example.org>\r\n", b"DATA\r\n", msg,
+        ], helo="münchen.example".encode())  # fmt: skip
+
+    got, ctx = _run(tmp_path, certs, go)
+    assert got[-1].startswith(b"250"), got
+    mid = int(re.search(rb"queued as (\d+)", got[-1]).group(1))  # type: ignore[union-attr]
+    m = ctx.spool.message(mid)
+    ctx.close()
+    raw = base64.b64decode(m["vars"]["raw"])  # type: ignore[index]
+    assert raw.startswith(b"Received: from xn--mnchen-3ya.example ([127.0.0.1])"), raw
+
+
+def test_a_message_that_grows_past_the_limit_when_relayed_is_refused_in_session(
+    tmp_path: Path, certs: Any
+) -> None:
+    tls = certs[2]
+    head = b"From: a@example.com\r\nSubject: s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    eight = head + b"Content-Transfer-Encoding: 8bit\r\n\r\n" + ("\u00e9" * 60 + "\r\n").encode() * 100
+    seven = head + b"\r\n" + (b"x" * 70 + b"\r\n") * 200
+    assert len(eight) < 16_000 and len(seven) < 16_000
+    txn = [_plain("", "acme", "pw"), b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<u@example.org>\r\n",
+           b"DATA\r\n"]  # fmt: skip
+
+    async def go(port: int) -> list[bytes]:
+        return [(await _session(port, tls, [*txn, m + b".\r\n"]))[-1] for m in (eight, seven)]
+
+    (big, ok), ctx = _run(tmp_path, certs, go, delivery={"max_message_size": 20_000})
+    ctx.close()
+    # 12,000 octets of UTF-8 are 36,000 once quoted-printable: the worker refused it (552)
+    # after a 250; now the session does.
+    assert big.startswith(b"552 5.3.4") and b"20,000-octet limit" in big, big
+    assert ok.startswith(b"250 2.0.0"), ok
+
+
+def test_implicit_tls_submission(tmp_path: Path, certs: Any) -> None:
+    import asyncio
+
+    from fastsend.config import from_dict
+
+    with pytest.raises(ValueError, match="tls_cert"):
+        from_dict({"submission": {"listen_tls": "127.0.0.1:465"}})
+    tls = certs[2]
+
+    async def go(port: int, tls_port: int) -> list[bytes]:
+        r, w = await asyncio.open_connection("127.0.0.1", tls_port, ssl=tls,
+                                             server_hostname="localhost")  # fmt: skip
+
+        async def reply() -> bytes:
+            got = b""
+            while True:
+                line = await asyncio.wait_for(r.readline(), 30)
+                got += line
+                if len(line) < 4 or line[3:4] == b" ":
+                    return got
+
+        out = [await reply()]
+        for line in [b"EHLO c.test\r\n", b"STARTTLS\r\n", _plain("", "acme", "pw"),
+                     b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<u@example.org>\r\n",
+                     b"DATA\r\n", b"From: a@example.com\r\nSubject: s\r\n\r\nhi\r\n.\r\n",
+                     b"QUIT\r\n"]:  # fmt: skip
+            w.write(line)
+            out.append(await reply())
+        w.close()
+        # The plain listener still wants STARTTLS before AUTH.
+        plain = await _session(port, tls, [_plain("", "acme", "pw")])
+        return [*out, *plain]
+
+    got, ctx = _run(tmp_path, certs, go, submission={"listen_tls": "127.0.0.1:0"})
+    greeting, ehlo, starttls, auth, _mail, _rcpt, _data, done, _quit, plain_auth = got
+    assert greeting.startswith(b"220 " + HOST.encode()), greeting
+    assert b"AUTH PLAIN LOGIN" in ehlo and b"STARTTLS" not in ehlo, ehlo
+    assert starttls.startswith(b"503"), starttls
+    assert auth.startswith(b"235") and done.startswith(b"250 2.0.0"), (auth, done)
+    assert plain_auth.startswith(b"235"), plain_auth
+    mid = int(re.search(rb"queued as (\d+)", done).group(1))  # type: ignore[union-attr]
+    m = ctx.spool.message(mid)
+    ctx.close()
+    raw = base64.b64decode(m["vars"]["raw"])  # type: ignore[index]
+    assert b"with ESMTPSA" in raw.partition(b"\r\n\r\n")[0], raw

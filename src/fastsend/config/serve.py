@@ -235,6 +235,9 @@ class SubmissionSettings(ListenerLimits):
     """[submission]: SMTP submission with AUTH (tenants' passwords in [submission.users])."""
 
     listen: str | list[str] = []  # empty: no submission listener
+    # Implicit TLS (RFC 8314 3.3, "submissions", port 465): TLS from the first byte,
+    # as many applications and mail clients are set up to use; the rest as on listen.
+    listen_tls: str | list[str] = []
     tls_cert: str = ""
     tls_key: str = ""
     hostname: str = "localhost"
@@ -250,8 +253,10 @@ class SubmissionSettings(ListenerLimits):
 
     def __post_init__(self) -> None:
         self._check_held(self.max_size)
-        if self.listen:
-            _listens(self.listen)
+        if self.listen or self.listen_tls:
+            for v in (self.listen, self.listen_tls):
+                if v:
+                    _listens(v)
             if not (self.tls_cert and self.tls_key):
                 raise ValueError("needs tls_cert and tls_key (AUTH only under TLS)")
         for user, stored in self.users.items():

@@ -6,6 +6,7 @@ NAME
 CONFIG
     [submission]
     listen = "0.0.0.0:587"            # or a list of HOST:PORT
+    listen_tls = "0.0.0.0:465"        # implicit TLS (RFC 8314 3.3), optional
     tls_cert = "/etc/fastsend/smtp.crt"; tls_key = "/etc/fastsend/smtp.key"   # required
     hostname = "smtp.example.com"; max_size = 26214400
     [submission.users]               # optional: tenant = hash_password("...") output
@@ -42,7 +43,12 @@ DESCRIPTION
     the event loop; an unknown user costs the same work; an older, cheaper
     hash is re-made at today's cost on the next good login and kept in
     ``<spool>/passwords.json``). Three failed attempts close the connection;
-    failures are throttled per peer IP and per user name (:class:`AuthThrottle`).
+    failures are throttled per peer IP and per user name (:class:`AuthThrottle`:
+    an address that logged in as the user meets only its own failures, so a
+    stranger cannot lock a tenant's application out); an AUTH PLAIN
+    authorization identity other than the user fails (RFC 4616 2). A message
+    with no From is refused (550), and one over [delivery] max_message_size as
+    it will be relayed (re-encoded, with room for signing) is refused 552.
     A session whose key is revoked or whose user changes (SIGHUP) is refused
     at its next message.
 
@@ -119,8 +125,14 @@ from fastsend.config import Config
 from fastsend.config.serve import IntakeSettings, ListenerLimits, SubmissionSettings, listen_pairs
 from fastsend.message import verp
 from fastsend.message.headers import HeaderError, encode_domain
-from fastsend.message.rawmime import MAX_HEADER_OCTETS, RawMimeError, check_head, crlf_lines
-from fastsend.message.rawmime import check as check_raw
+from fastsend.message.rawmime import (
+    MAX_HEADER_OCTETS,
+    RawMimeError,
+    check_head,
+    check_names,
+    crlf_lines,
+)
+from fastsend.message.rawmime import prepare as prepare_raw
 from fastsend.serve.context import CampaignQuotaExceeded
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
 from fastsend.serve.parsepool import ParsePool
@@ -129,6 +141,7 @@ from fastsend.serve.senders import header_nul, sender_domains
 from fastsend.serve.tenantcaps import TenantCapExceeded
 from fastsend.smtp.server import _BDAT as _BDAT_MODE
 from fastsend.smtp.server import _DATA as _DATA_MODE
+from fastsend.smtp.server import _TLS_WAIT as _TLS_WAIT_MODE
 from fastsend.smtp.server import (
     AuthRequest,
     DataStart,
@@ -167,6 +180,11 @@ __all__ = [
 log = logging.getLogger("fastsend.listeners")
 MAX_AUTH_FAILURES = 3
 SHARED_ALONE = 10.0  # s a node counts AUTH failures alone after a shared count failed
+# Octets a raw message may grow by in the worker besides re-encoding: a Date, a
+# Message-ID and DKIM-Signature fields (rsa-4096: ~900 each).
+SIGN_ROOM = 4096
+KNOWN_FOR = 30 * 86400.0  # s an address that logged in as a user stays out of its lock-out
+KNOWN_PER_USER = 64  # such addresses remembered per user (the latest)
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
 # RFC 3464 2.3.3 actions of a report that is no final failure of the recipient.
 NOT_FINAL_ACTIONS = frozenset({"delayed", "delivered", "relayed", "expanded"})
@@ -360,22 +378,36 @@ class AuthThrottle:
     the limit AUTH is refused (454) without checking anything, and every failure is
     answered after a back-off that doubles with the failures (0.25 s up to
     auth_backoff_max). On a shared spool (``shared``: its SharedStore) the failures
-    are also counted for every node (a counter per IP and per user name, ``{P}:af:``
-    a digest, expiring ``auth_window`` after its first failure): a password guessed
-    through a balancer got N x the attempts from N nodes. Redis out of reach: this
-    node's own count holds for a while."""
+    are also counted for every node (a counter per IP, per user name and per both,
+    ``{P}:af:`` a digest, expiring ``auth_window`` after its first failure): a
+    password guessed through a balancer got N x the attempts from N nodes. Redis out
+    of reach: this node's own count holds for a while.
+
+    An address that logged in as a user (within KNOWN_FOR, on any node: ``{P}:ak:``)
+    is familiar: for it the per-user limit counts only the failures made from it.
+    Anyone who knows a tenant's name could otherwise lock the tenant's own
+    application out (5 wrong passwords from anywhere: 454 for 15 minutes, the right
+    password unchecked), as smart-lockout schemes keep familiar sources out of a
+    lock-out; a guesser from other addresses still meets the whole per-user count,
+    and a balancer that hides its clients' addresses is one address (no weaker)."""
 
     def __init__(self, limits: Limits, shared: Any = None) -> None:
         self.limits = limits
         self.fails: dict[str, list[float]] = {}
         self.shared = shared
         self._alone = -SHARED_ALONE  # monotonic: the last shared count that failed
+        # user -> {peer address: when it last logged in as that user (monotonic)}
+        self.known: dict[str, OrderedDict[str, float]] = {}
+
+    @staticmethod
+    def _names(ip: str, user: str) -> tuple[str, str, str]:
+        return "ip:" + ip, "user:" + user, f"uip:{user}\0{ip}"
 
     def _keys(self, ip: str, user: str) -> list[str]:
         sh = self.shared
         return [
             sh.key("af", hashlib.sha256(k.encode()).hexdigest()[:32])
-            for k in ("ip:" + ip, "user:" + user)
+            for k in self._names(ip, user)
         ]
 
     def _shared_up(self) -> bool:
@@ -386,16 +418,20 @@ class AuthThrottle:
         log.warning("submission: the nodes' AUTH failure counts are out of reach (%s);"
                     " counting on this node alone for %g s", e, SHARED_ALONE)  # fmt: skip
 
-    def _shared_counts(self, ip: str, user: str) -> tuple[int, int]:
+    def _shared_counts(self, ip: str, user: str) -> tuple[int, int, int, bool]:
+        """(failures by ip, by user, by both, whether ip is familiar) for every node."""
         if not self._shared_up():
-            return 0, 0
+            return 0, 0, 0, False
         try:
-            got = self.shared.client.mget(self._keys(ip, user))
+            pipe = self.shared.client.pipeline(transaction=False)
+            pipe.mget(self._keys(ip, user))
+            pipe.exists(self._known_key(ip, user))
+            got, known = pipe.execute()
         except Exception as e:
             self._shared_down(e)
-            return 0, 0
-        a, b = (int(v) if v is not None else 0 for v in got)
-        return a, b
+            return 0, 0, 0, False
+        a, b, c = (int(v) if v is not None else 0 for v in got)
+        return a, b, c, bool(known)
 
     def _recent(self, key: str, now: float) -> int:
         times = self.fails.get(key)
@@ -409,22 +445,34 @@ class AuthThrottle:
         return len(times)
 
     def blocked(self, ip: str, user: str, now: float) -> bool:
+        """Whether AUTH from ``ip`` as ``user`` is refused unchecked (see the class)."""
         lim = self.limits
-        if (
-            self._recent("ip:" + ip, now) >= lim.auth_failures_per_ip
-            or self._recent("user:" + user, now) >= lim.auth_failures_per_user
-        ):
-            return True
-        by_ip, by_user = self._shared_counts(ip, user)
+        k_ip, k_user, k_both = self._names(ip, user)
+        by_ip, by_user, by_both, known = self._shared_counts(ip, user)
+        known = known or self.familiar(ip, user, now)
+        by_ip = max(by_ip, self._recent(k_ip, now))
+        by_user = max(by_both if known else by_user,
+                      self._recent(k_both if known else k_user, now))  # fmt: skip
         return by_ip >= lim.auth_failures_per_ip or by_user >= lim.auth_failures_per_user
+
+    def familiar(self, ip: str, user: str, now: float) -> bool:
+        """Whether ``ip`` logged in as ``user`` on this node within KNOWN_FOR."""
+        seen = self.known.get(user)
+        when = seen.get(ip) if seen is not None else None
+        return when is not None and now - when < KNOWN_FOR
+
+    def _known_key(self, ip: str, user: str) -> str:
+        digest = hashlib.sha256(f"{user}\0{ip}".encode()).hexdigest()[:32]
+        return str(self.shared.key("ak", digest))
 
     def failed(self, ip: str, user: str, now: float) -> float:
         """Record a failure; the back-off (seconds) before answering it."""
         if len(self.fails) > 100_000:  # bounded memory under a spray of names
             self.fails.clear()
-        for key in ("ip:" + ip, "user:" + user):
+        names = self._names(ip, user)
+        for key in names:
             self.fails.setdefault(key, []).append(now)
-        n = max(self._recent("ip:" + ip, now), self._recent("user:" + user, now))
+        n = max(self._recent(names[0], now), self._recent(names[1], now))
         if self._shared_up():
             try:
                 pipe = self.shared.client.pipeline(transaction=True)
@@ -437,11 +485,29 @@ class AuthThrottle:
                 self._shared_down(e)
         return min(self.limits.auth_backoff_max, 0.25 * 2 ** min(n - 1, 16))
 
-    def succeeded(self, user: str) -> None:
-        self.fails.pop("user:" + user, None)
+    def succeeded(self, user: str, ip: str = "", now: float | None = None) -> None:
+        """A good login: ``ip`` a familiar address of the user's, on every node of a
+        shared spool, and its own failures as the user forgotten. The user's other
+        failures are not (before, each login of the application wiped them, and a
+        guesser from many addresses got a fresh allowance after each): the one who
+        logged in is out of their reach now."""
+        if not ip:
+            return
+        both = self._names(ip, user)[2]
+        self.fails.pop(both, None)  # (its own typos before: forgotten, as before)
+        if len(self.known) > 100_000:  # bounded memory
+            self.known.clear()
+        seen = self.known.setdefault(user, OrderedDict())
+        seen[ip] = time.monotonic() if now is None else now
+        seen.move_to_end(ip)
+        while len(seen) > KNOWN_PER_USER:
+            seen.popitem(last=False)
         if self._shared_up():
             try:
-                self.shared.client.delete(self._keys("", user)[1])
+                pipe = self.shared.client.pipeline(transaction=False)
+                pipe.set(self._known_key(ip, user), 1, ex=int(KNOWN_FOR))
+                pipe.delete(self._keys(ip, user)[2])
+                pipe.execute()
             except Exception as e:
                 self._shared_down(e)
 
@@ -458,6 +524,8 @@ class SubmissionConfig:
     limits: Limits = field(default_factory=Limits)
     max_spooled_bytes: int = 256 << 20  # message size x recipients, per message
     dsn: bool = True  # a failure is told to the envelope sender (fastsend.serve.dsn)
+    message_limit: int = 0  # [delivery] max_message_size (0: none): the message as sent
+    listen_tls: list[tuple[str, int]] = field(default_factory=list)  # implicit TLS (465)
 
     @classmethod
     def of(
@@ -468,11 +536,11 @@ class SubmissionConfig:
         listener's and takes only the users and limits). ``limit``: [delivery]
         max_message_size (0: none), the SIZE offered when it is the smaller: a
         larger message is refused 552 in the session, not bounced after its 250."""
-        if not t.listen:
+        if not t.listen and not t.listen_tls:
             return None
         ctx = _ssl_context(t.tls_cert, t.tls_key, "submission") if tls else None
         return cls(
-            listen_pairs(t.listen),
+            listen_pairs(t.listen) if t.listen else [],
             ctx,  # type: ignore[arg-type]
             t.hostname,
             min(t.max_size, limit) if limit else t.max_size,
@@ -480,6 +548,8 @@ class SubmissionConfig:
             t,
             t.max_spooled_bytes,
             t.dsn,
+            limit,
+            listen_pairs(t.listen_tls) if t.listen_tls else [],
         )
 
 
@@ -649,7 +719,7 @@ class _Submission(_Policy):
         """SIGHUP: new [submission.users] (and sizes), and the TLS certificate and key
         read again for new sessions (a renewed certificate at the same paths: before,
         the one of the start was served until it expired); listen stays as started."""
-        cfg.listen = self.cfg.listen
+        cfg.listen, cfg.listen_tls = self.cfg.listen, self.cfg.listen_tls
         self.ssl = cfg.ssl = cfg.ssl or self.cfg.ssl
         self.cfg = cfg
         self.take(cfg)
@@ -689,7 +759,9 @@ class _Submission(_Policy):
         rcpts = [a_labels(r) for r in ev.recipients]
         sender = a_labels(ev.mail_from)
         try:  # within the header caps, and relayable unbroken (long lines)
-            check_raw(ev.data)
+            lines = crlf_lines(ev.data)
+            ready = prepare_raw(lines)[0]  # (as sent: 8-bit re-encoded)
+            check_names(lines)  # (what rawmime.check refuses besides: disguised names)
             # Our trace field (RFC 5321 4.4 MUST) goes on top of the message as
             # spooled, so it is on the mail delivered and under its DKIM signature,
             # and the caps hold with it.
@@ -698,13 +770,27 @@ class _Submission(_Policy):
             data = trace + ev.data
         except RawMimeError as e:
             return (552 if e.enhanced == "5.3.4" else 554), e.enhanced, f"Message refused: {e}"
+        limit = self.cfg.message_limit
+        if limit and len(ready) + len(trace) + SIGN_ROOM > limit:
+            # As the worker will measure it (re-encoded, our Received, its Date,
+            # Message-ID and signatures: SIGN_ROOM): refused now, not bounced after
+            # the 250 (an 8-bit body under SIZE grew past it once re-encoded).
+            size = len(ready) + len(trace)
+            return 552, "5.3.4", (
+                f"Message refused: {size:,} octets as relayed (8-bit parts encoded, with"
+                f" its trace field), over the {limit:,}-octet limit less {SIGN_ROOM:,}"
+                " for signing"
+            )
+        # A message needs a From (RFC 5322 3.6; receivers refuse one without, Gmail
+        # 5.7.1), as the API's raw needs one: before, without [tenants] (users of
+        # [submission.users] alone) it was spooled and sent, an empty BDAT 0 LAST too.
+        has_from, senders = sender_domains(ev.data)
+        if not has_from:
+            return 550, "5.7.1", "Message has no From address"
         tenants = self.ctx.tenants
         if tenants is not None and tenants.configured:
             if header_nul(ev.data):
                 return 550, "5.6.0", "NUL in the header section"
-            has_from, senders = sender_domains(ev.data)
-            if not has_from:
-                return 550, "5.7.1", "Message has no From address"
             envelope = ("MAIL FROM", sender.rpartition("@")[2].lower())
             for field, d in [*senders, envelope]:
                 if (d or field != "MAIL FROM") and not tenants.allows(tenant, d):
@@ -770,6 +856,11 @@ class _Submission(_Policy):
         ip = conn.client or "unknown"
         lit = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
         helo = proto.helo or ""
+        if not helo.isascii():  # (an internationalised name: its A-labels)
+            try:
+                helo = encode_domain(helo)
+            except HeaderError:
+                pass
         if _HELO_OK.fullmatch(helo) is not None and len(helo) <= 255:
             origin = f"from {helo} ({lit})"
         else:
@@ -1094,9 +1185,10 @@ def apply_records(
 class _Connection(ServerConnection):
     """One SMTP session: feeds the protocol, answers its events through the policy."""
 
-    def __init__(self, policy: _Policy) -> None:
+    def __init__(self, policy: _Policy, implicit_tls: bool = False) -> None:
         super().__init__(policy.server_config, policy.ssl)
         self.policy = policy
+        self.implicit_tls = implicit_tls  # (RFC 8314: TLS first, then the greeting)
         self.tenant: str | None = None
         self.credential: tuple[str, str | None] | None = None  # (password, stored hash)
         self.close_after_reply = False
@@ -1124,7 +1216,18 @@ class _Connection(ServerConnection):
         self.client = self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         why = self.policy.guard.admit(self, self.peer_ip)
         if why is not None:
+            if self.implicit_tls:  # (no TLS yet: nothing can be said; the cap holds)
+                transport.close()
+                return
             self.proto.refuse(421, "4.7.0", why)
+        elif self.implicit_tls:
+            # As after STARTTLS: no plaintext is read; the greeting once TLS is up.
+            self.proto.mode = _TLS_WAIT_MODE
+            self._waiting = True
+            self._tls_early = []
+            transport.pause_reading()  # type: ignore[attr-defined]
+            self._tls_task = asyncio.ensure_future(self._start_tls())
+            return
         else:
             self.proto.start()
         self._flush()
@@ -1290,7 +1393,11 @@ class _Connection(ServerConnection):
                 self._process()
             return
         try:
-            tenant = await self.policy.authenticate(ev.username, ev.password)
+            # RFC 4616 2: an authorization identity other than the user's own (acting
+            # for another tenant) must fail; before, it was ignored and the session
+            # went on as the user, the client believing it acted for the other.
+            proxy = bool(ev.authzid) and ev.authzid != ev.username
+            tenant = None if proxy else await self.policy.authenticate(ev.username, ev.password)
         except Exception:
             log.exception("authentication check failed")
             tenant = None
@@ -1298,7 +1405,7 @@ class _Connection(ServerConnection):
             return
         if tenant is not None:
             if throttle is not None:
-                throttle.succeeded(user)
+                throttle.succeeded(user, self.peer_ip)
             self.tenant = tenant
             stored = getattr(self.policy, "cfg", None)
             users = getattr(stored, "users", {})
@@ -1324,15 +1431,21 @@ class _Connection(ServerConnection):
     def _tls_started(self) -> None:
         self.tenant = None  # TLS resets the session: AUTH again
         self.credential = None
+        if self.implicit_tls and not self.replies:
+            self.proto.start()  # the 220 greeting, now under TLS
 
 
 async def _serve(
-    policy: _Policy, listen: list[tuple[str, int]], proxy: ProxySettings | None = None
+    policy: _Policy,
+    listen: list[tuple[str, int]],
+    proxy: ProxySettings | None = None,
+    implicit_tls: bool = False,
 ) -> list[asyncio.AbstractServer]:
-    """Listen on each address; behind a PROXY gate when [proxy] trusts a balancer."""
+    """Listen on each address; behind a PROXY gate when [proxy] trusts a balancer
+    (``implicit_tls``: the TLS handshake first, after the PROXY header if any)."""
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
-    factory = wrap_factory(lambda: _Connection(policy), proxy)
+    factory = wrap_factory(lambda: _Connection(policy, implicit_tls), proxy)
     for host, port in listen:
         servers.append(
             await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
@@ -1369,8 +1482,11 @@ class Listeners(list[asyncio.AbstractServer]):
         for name, old, new in (("submission", self.submission, sub),
                                ("intake", self.intake, intake)):  # fmt: skip
             if (old is None) != (new is None) or (
-                old is not None and new is not None and old.cfg.listen != new.listen
-            ):
+                old is not None
+                and new is not None
+                and (old.cfg.listen != new.listen
+                     or getattr(old.cfg, "listen_tls", []) != getattr(new, "listen_tls", []))
+            ):  # fmt: skip
                 log.warning("SIGHUP: [%s] listen changed; it takes effect at the next start",
                             name)  # fmt: skip
         if self.submission is not None and sub is not None:
@@ -1387,7 +1503,9 @@ async def start_listeners(ctx: Any) -> Listeners:
         sub = SubmissionConfig.of(cfg.submission, limit=cfg.delivery.max_message_size)
         if sub is not None:
             servers.submission = _Submission(ctx, sub)
-            servers += await _serve(servers.submission, sub.listen, ProxySettings.of(cfg.proxy))
+            proxy = ProxySettings.of(cfg.proxy)
+            servers += await _serve(servers.submission, sub.listen, proxy)
+            servers += await _serve(servers.submission, sub.listen_tls, proxy, implicit_tls=True)
         intake = IntakeConfig.of(cfg.intake)
         if intake is not None:
             servers.intake = _Intake(ctx, intake)

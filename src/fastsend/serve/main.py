@@ -166,6 +166,7 @@ def raise_nofile(cfg: Config) -> None:
     a = cfg.api
     http = 1 + bool(a.public_listen) + bool(a.admin_listen)
     smtp = [t.max_connections for t in (cfg.submission, cfg.intake) if t.listen]
+    smtp += [cfg.submission.max_connections] if cfg.submission.listen_tls else []
     want = a.max_connections * http + sum(smtp) + 1024  # + spool files, workers, clients
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < want:
@@ -277,7 +278,8 @@ class Server:
         self.api.metrics = metrics
         if sup is not None:
             sup.result_hooks.append(metrics.on_result)
-        if sup is not None and cfg.submission.listen and cfg.submission.dsn:
+        on = cfg.submission.listen or cfg.submission.listen_tls
+        if sup is not None and on and cfg.submission.dsn:
             from fastsend.serve.dsn import Notices
 
             # Submitted mail that bounces or expires: a notice to its sender.
