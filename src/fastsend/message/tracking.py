@@ -460,8 +460,6 @@ class Tracker:
         url, rest = url[:end], url[end:]
         if "{{ _fs." in url or "unsubscribe_url" in url:
             return m.group(0)
-        if len(self.text_links) >= MAX_TRACKED_LINKS:  # (as the HTML part's)
-            return m.group(0)
         try:
             template = Template(url)
         except ValueError:
