@@ -165,6 +165,8 @@ def test_export_refuses_bad_input_and_no_key(served: Served) -> None:
                          ("cursor=aW5mOjE", "cursor"),  # inf:1
                          # a typo of an event's name: an empty export said nothing before
                          ("type=bounce", "type"), ("event=delivered,complaint", "event"),
+                         # a misspelt filter: ignored before, the whole tenant's export
+                         ("campaign_id=7", "campaign_id"), ("limit=5&types=bounced", "types"),
                          ("cursor=NTo5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OQ", "cursor")):  # fmt: skip
         st, body, _ = _get(served, query)
         err = orjson.loads(body)["error"]

@@ -169,7 +169,10 @@ def test_stats_api_over_rollups(served: Served) -> None:
         for q, field in (("granularity=week", "granularity"), ("from=soon", "from"),
                          ("dims=rcpt", "dims"), ("campaign=x", "campaign"),
                          ("from=-30d&granularity=minute", "granularity"), ("limit=0", "limit"),
-                         ("window=2d", "window"), ("by=rcpt", "by")):  # fmt: skip
+                         ("window=2d", "window"), ("by=rcpt", "by"),
+                         # a misspelt filter answered the tenant's totals as if it applied
+                         ("campaign_id=1", "campaign_id"),
+                         ("by=domain&window=1h&campaign=1", "campaign")):  # fmt: skip
             st, err, _ = await req(s, "GET", "/v1/stats?" + q, key=key)
             assert st == 400 and err["error"]["field"] == field, (q, err)
         st, doc, _ = await req(s, "GET", "/v1/openapi.json")

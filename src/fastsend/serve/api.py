@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -117,6 +117,17 @@ def unavailable(e: BaseException, outage: tuple[type[BaseException], ...] = ()
 
 def bad(message: str, field: str | None = None) -> ApiError:
     return ApiError(400, message, field)
+
+
+def only_params(request: web.Request, known: Iterable[str]) -> None:
+    """A 400 naming a query parameter the endpoint does not take: a filter
+    misspelt (``campaign_id=7`` for ``campaign=7``) was ignored and the answer
+    covered everything, with nothing to say the filter did not apply."""
+    allowed = set(known)
+    unknown = sorted({k for k in request.query if k not in allowed})
+    if unknown:
+        raise bad(f"{unknown[0][:100]!r}: not a parameter here (known: {', '.join(sorted(allowed))})",
+                  unknown[0][:100])  # fmt: skip
 
 
 def json_response(

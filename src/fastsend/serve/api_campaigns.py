@@ -69,6 +69,7 @@ from fastsend.serve.api import (
     json_response,
     max_message_size,
     off_loop,
+    only_params,
     read_body,
     require_tenant,
     server_dkim,
@@ -817,6 +818,7 @@ async def stats(request: web.Request) -> web.Response:
 
         return await rollup_stats(request, WINDOWS)
     api = api_of(request)
+    only_params(request, ("by", "window"))
     w = request.query.get("window", "1h")
     if w not in WINDOWS:
         raise bad(f"window must be one of {', '.join(WINDOWS)}", "window")

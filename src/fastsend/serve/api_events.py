@@ -50,10 +50,11 @@ from aiohttp import web
 
 from fastsend.analytics.query import QueryError, parse_time
 from fastsend.config.serve import EVENT_NAMES
-from fastsend.serve.api import ApiError, admin_tenants, api_of, bad, tenant_of
+from fastsend.serve.api import ApiError, admin_tenants, api_of, bad, only_params, tenant_of
 from fastsend.serve.eventindex import ExportQuery
 
 MAX_LIMIT = 100_000
+PARAMS = ("from", "to", "campaign", "type", "event", "limit", "format", "cursor", "scope")
 DEFAULT_LIMIT = 10_000
 CHUNK = 1000
 CSV_COLUMNS = ("time", "event", "id", "campaign", "rcpt", "source_ip", "mx", "code",
@@ -111,6 +112,7 @@ def _list(q: Any, name: str) -> list[str] | None:
 def parse(request: web.Request, mine: list[int] | None, now: float) -> tuple[ExportQuery, str]:
     """The query and the format from the request; a bad parameter is a 400 naming it."""
     q = request.query
+    only_params(request, PARAMS)
     try:
         t1 = float(parse_time(q["to"], "to", now)) if "to" in q else now + 1
         t0 = float(parse_time(q["from"], "from", now)) if "from" in q else t1 - 86400

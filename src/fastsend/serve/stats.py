@@ -36,7 +36,7 @@ from aiohttp import web
 
 from fastsend.analytics.query import QueryError, make_query, run_query
 from fastsend.analytics.store import COUNTERS, DIMS
-from fastsend.serve.api import ApiError, api_of, bad, json_response, tenant_of
+from fastsend.serve.api import ApiError, api_of, bad, json_response, only_params, tenant_of
 
 NODE = "*"  # the tenant name of node-wide gauges (not a valid tenant name)
 
@@ -168,6 +168,7 @@ async def rollup_stats(request: web.Request, windows: dict[str, int]) -> web.Res
     if rollups is None:
         raise ApiError(404, "analytics are disabled ([analytics] enabled = false)")
     q = request.query
+    only_params(request, (f.encode_name for f in msgspec.structs.fields(StatsParams)))
     params: dict[str, str] = {}
     for name in ("from", "to", "granularity", "dims", "by", "limit", *DIMS):
         if name in q:
