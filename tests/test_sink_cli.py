@@ -145,11 +145,15 @@ def test_bad_options(args: list[str], message: str) -> None:
 
 
 def test_port_in_use() -> None:
+    """Exit 2, as serve's (a config error before anything was done; was 1,
+    "it ran, but not all of it was done"), with or without --workers."""
     with SinkProcess() as p:
         r = fastsend("sink", "--listen", f"127.0.0.1:{p.port}", "--quiet")
+        many = fastsend("sink", "--listen", f"127.0.0.1:{p.port}", "--workers", "2", "--quiet")
         p.stop()
-    assert r.returncode == 1
+    assert r.returncode == 2, r.stderr
     assert "cannot listen" in r.stderr
+    assert many.returncode == 2 and "cannot listen" in many.stderr, many.stderr
 
 
 def _catches(pid: int, sig: int) -> bool:

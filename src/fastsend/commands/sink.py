@@ -236,7 +236,7 @@ async def _main(config: SinkConfig, args: argparse.Namespace, out: TextIO, err: 
         await sink.start()
     except OSError as e:
         print(f"fastsend sink: cannot listen: {e}", file=err)
-        return 1
+        return 2  # (as serve: a config error, before anything was done)
     finally:
         if FAULT:  # tests: sink-stop-after-listen (frozen with its port open)
             countdown({"sink-stop-after-listen": signal.SIGSTOP})
@@ -403,7 +403,7 @@ def _run_workers(config: SinkConfig, args: argparse.Namespace, out: TextIO, err:
         holders = _bind_reuseport(config.listen)
     except OSError as e:
         print(f"fastsend sink: cannot listen: {e}", file=err)
-        return 1
+        return 2  # (as serve: a config error, before anything was done)
     addresses = [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in holders]
     count, config.count = config.count, 0
     config.listen = addresses
