@@ -43,6 +43,12 @@ def test_good_addresses(addr: str, expected: tuple[str, str]) -> None:
         "a@",
         "<a@example.com>",
         "x" * 65 + "@a.com",
+        # reads backwards / hides text in every client (the attachment-name trick)
+        "gpj.exe\u202e@example.com",
+        "a\u2066b@example.com",
+        "a\u200bb@example.com",
+        "a\u0085b@example.com",
+        "a\ufeffb@example.com",
     ],
 )
 def test_bad_addresses(addr: str) -> None:
@@ -50,8 +56,13 @@ def test_bad_addresses(addr: str) -> None:
         normalize(addr)
 
 
+def test_addresses_in_scripts_that_need_joiners_or_rtl_stay() -> None:
+    for addr in ("\u0645\u062d\u0645\u062f@example.com", "a\u200db@example.com", "jos\u00e9@example.com"):
+        assert normalize(addr)[0] == addr
+
+
 _ADDRESS_PARTS = st.sampled_from(
-    [*"ab.@-+!#'`{}~_Z9 \"\\é\r\n\x00", "x" * 40, "example.org", "@", "..", "bücher.de", "[1.2.3.4]",
+    [*"ab.@-+!#'`{}~_Z9 \"\\é\r\n\x00\u202e", "x" * 40, "example.org", "@", "..", "bücher.de", "[1.2.3.4]",
      "Ex-Ample.ORG", "a-.b", "x" * 64, "a@b.c", "ÿ"]
 )  # fmt: skip
 

@@ -46,6 +46,12 @@ _QTEXT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')  # an
 _QUOTED = re.compile(rf'^"({ascii_and_non_ascii(_QTEXT)}|\\[\x20-\x7e])*"$')
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C1 controls and characters that reorder or hide text (bidi embeddings, overrides
+# and isolates, marks, line/paragraph separators, BOM, zero-width space): an
+# address holding U+202E reads backwards in every mail client and list view (the
+# attachment-name trick), and none of them is ever a real mailbox's. Joiners
+# (U+200C/U+200D) stay: some scripts need them.
+_INVISIBLE = re.compile("[\x80-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 # The common case in one match: an ASCII dot-atom local part and a plain domain
 # (no space, no control character, one @). What it accepts the full checks
 # below accept too, with the same result; anything else takes the full path.
@@ -73,6 +79,10 @@ def normalize(address: str) -> tuple[str, str]:
         raise AddressError("empty address")
     if _CONTROL.search(a):
         raise AddressError(f"control character in address {a!r}")
+    hidden = _INVISIBLE.search(a)
+    if hidden:
+        raise AddressError(f"invisible or direction-changing character U+{ord(hidden.group()):04X}"
+                           f" in address {a!r}")  # fmt: skip
     local, at, domain = a.rpartition("@")
     if not at:
         raise AddressError(f"missing @ in address {a!r}")
