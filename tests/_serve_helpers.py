@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,18 @@ listen = "127.0.0.1:{self.port}"
 
     def stop(self) -> int:
         return self.server.stop()
+
+
+def until(what: str, ok: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll ``ok`` every 0.1 s until it returns something true and return that;
+    fail naming ``what`` (and the last answer) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = ok()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what} (last: {got!r})"
+        time.sleep(0.1)
 
 
 def sink_message(sink: SinkThread, marker: bytes, timeout: float = 60.0) -> bytes:

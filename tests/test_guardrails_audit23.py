@@ -9,14 +9,13 @@ deadlines, never for fixed times.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests._engine_helpers import run_fastsend, summary, write_campaign, write_recipients
-from tests._serve_helpers import Served
+from tests._serve_helpers import Served, until
 
 from conftest import free_port
 from fastsend.sink import SinkThread
@@ -25,16 +24,6 @@ from fastsend.testing.dnsserver import DNSServer
 VOLATILE = ("--allow-volatile",)  # the test's redis-server keeps no AOF
 TPL = {"from": "a@example.com", "subject": "Hi {{ name }}", "text": "Dear {{ name }}"}
 IPS = ("127.0.0.2", "127.0.0.3")
-
-
-def until(what: str, ok: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = ok()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -10,27 +10,17 @@ never for fixed times.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests._serve_helpers import Served
+from tests._serve_helpers import Served, until
 
 from fastsend.sink import SinkThread
 
 VOLATILE = ("--allow-volatile",)  # the test's redis-server keeps no AOF
 TPL = {"from": "a@example.com", "subject": "Hi {{ name }}", "text": "Dear {{ name }}"}
-
-
-def until(what: str, ok: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = ok()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture
