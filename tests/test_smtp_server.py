@@ -340,7 +340,7 @@ def test_auth_plain_and_login() -> None:
 def test_auth_requires_tls_by_default() -> None:
     s = Session(ServerConfig(auth_mechanisms=("PLAIN",)))
     assert b"AUTH" not in s.feed(b"EHLO x\r\n")
-    assert s.codes(b"AUTH PLAIN\r\n") == ["503"]
+    assert s.codes(b"AUTH PLAIN\r\n") == ["538"]
 
 
 def test_reply_text_and_multiline_and_421() -> None:

@@ -611,7 +611,10 @@ class ServerProtocol:
             self._error(503, "5.5.1", "Error: send HELO/EHLO first")
             return None
         if c.auth_required and self.authenticated is None:
-            self._error(530, "5.7.0", "Authentication required")
+            if c.auth_mechanisms and not self._auth_offered():  # RFC 3207 4
+                self._error(530, "5.7.0", "Must issue a STARTTLS command first")
+            else:
+                self._error(530, "5.7.0", "Authentication required")
             return None
         if self.mail_from is not None:
             self._error(503, "5.5.1", "Error: nested MAIL command")
@@ -816,8 +819,15 @@ class ServerProtocol:
     # ------------------------------------------------------------ AUTH
 
     def _cmd_auth(self, arg: bytes) -> Event | None:
+        c = self.config
+        if not c.auth_mechanisms:
+            self._error(502, "5.5.1", "AUTH not available")
+            return None
         if not self._auth_offered():
-            self._error(503 if self.config.auth_mechanisms else 502, "5.5.1", "AUTH not available")
+            # RFC 4954 4, 6: a mechanism usable only over an encrypted connection;
+            # the client is told to STARTTLS first (before: 503, "not available").
+            self._error(538, "5.7.11", "Encryption required for requested authentication"
+                        " mechanism: STARTTLS first")  # fmt: skip
             return None
         if self.authenticated is not None or self.mail_from is not None:
             self._error(503, "5.5.1", "Error: AUTH not allowed now")
