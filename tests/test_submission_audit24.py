@@ -38,3 +38,15 @@ def test_auth_before_starttls_is_538_and_mail_before_it_names_starttls() -> None
     # Without AUTH configured at all: not implemented, as before.
     s = Session(ServerConfig(hostname="mx.test"))
     assert s.codes(b"EHLO x\r\nAUTH PLAIN\r\n") == ["250", "502"]
+
+
+def test_rset_and_quit_with_an_argument_are_501() -> None:
+    s = Session()
+    s.feed(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n")
+    assert s.feed(b"RSET now\r\n") == b"501 5.5.4 Syntax: RSET\r\n"
+    assert s.proto.mail_from == "a@b.c"  # (nothing reset)
+    assert s.feed(b"QUIT please\r\n") == b"501 5.5.4 Syntax: QUIT\r\n"
+    assert not s.proto.closed
+    assert s.codes(b"RSET \r\nRSET\r\nNOOP some text\r\n") == ["250", "250", "250"]
+    assert s.proto.mail_from is None
+    assert s.codes(b"QUIT\r\n") == ["221"] and s.proto.closed

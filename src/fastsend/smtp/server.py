@@ -774,6 +774,9 @@ class ServerProtocol:
         return None
 
     def _cmd_rset(self, arg: bytes) -> Event | None:
+        if arg.strip():  # RFC 5321 4.1.1.5: "RSET" CRLF, no argument (Postfix: 501)
+            self._error(501, "5.5.4", "Syntax: RSET")
+            return None
         self._reset_txn()
         self._out.append(b"250 2.0.0 Ok\r\n")
         return None
@@ -783,6 +786,9 @@ class ServerProtocol:
         return None
 
     def _cmd_quit(self, arg: bytes) -> Event | None:
+        if arg.strip():  # RFC 5321 4.1.1.10: "QUIT" CRLF, no argument (Postfix: 501)
+            self._error(501, "5.5.4", "Syntax: QUIT")
+            return None
         self._out.append(b"221 2.0.0 Bye\r\n")
         self.mode = _CLOSED
         self._buf.clear()
