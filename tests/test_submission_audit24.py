@@ -20,9 +20,21 @@ it found, failing before its fix.
 from __future__ import annotations
 
 import base64
+import smtplib
+from pathlib import Path
+from typing import Any
 
+from _serve_helpers import Served
+from _smtp_helpers import RecordingHandler
+from conftest import free_port, wait_port
+from fastsend.serve.listeners import SIGN_ROOM, TRACE_ROOM
 from fastsend.smtp.server import ServerConfig
+from test_message_audit import DOMAIN, receiver, wait_for
 from test_smtp_server import Session
+
+__all__ = ["receiver"]  # (a fixture, used by name)
+
+HOST = "submit.fastsend.test"
 
 
 def test_auth_before_starttls_is_538_and_mail_before_it_names_starttls() -> None:
@@ -50,3 +62,75 @@ def test_rset_and_quit_with_an_argument_are_501() -> None:
     assert s.codes(b"RSET \r\nRSET\r\nNOOP some text\r\n") == ["250", "250", "250"]
     assert s.proto.mail_from is None
     assert s.codes(b"QUIT\r\n") == ["221"] and s.proto.closed
+
+
+def _served(tmp: Path, port: int, certs: Any, limit: int = 0, extra: str = "") -> tuple[Served, int]:
+    cert, key, _tls = certs
+    sub = free_port()
+    conf = f"""
+{extra}
+[submission]
+listen = "127.0.0.1:{sub}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+hostname = "{HOST}"
+[tenants.acme]
+domains = ["{DOMAIN}"]
+"""
+    delivery = f"max_message_size = {limit}" if limit else ""
+    s = Served(tmp, f"127.0.0.1:{port}", conf, delivery=delivery)
+    wait_port("127.0.0.1", sub, timeout=60)
+    return s, sub
+
+
+def _client(port: int, source: str, helo: str) -> smtplib.SMTP:
+    return smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=60,
+                        source_address=(source, 0))  # fmt: skip
+
+
+def _send(c: smtplib.SMTP, rcpt: str, data: bytes) -> tuple[int, bytes]:
+    code, text = c.mail(f"app@{DOMAIN}", [f"SIZE={len(data)}"])
+    assert code == 250, (code, text)
+    code, text = c.rcpt(rcpt)
+    assert code == 250, (code, text)
+    return c.data(data)
+
+
+def _message(marker: str, size: int) -> bytes:
+    """A 7-bit message of exactly ``size`` octets, CRLF line ends."""
+    head = f"From: app@{DOMAIN}\r\nTo: x@example.org\r\nSubject: {marker}\r\n\r\n".encode()
+    line = b"y" * 76 + b"\r\n"
+    data = head + line * ((size - len(head)) // len(line) + 1)
+    data = data[: size - 2] + b"\r\n"
+    assert len(data) == size
+    return data
+
+
+def test_size_offered_leaves_room_for_our_trace_and_signing(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler], certs: Any
+) -> None:
+    port, handler = receiver
+    tls = certs[2]
+    limit = 300_000
+    s, sub = _served(tmp_path, port, certs, limit)
+    # The longest Received field: a 247-octet HELO, a 250-octet "for" path.
+    helo = ".".join(["h" * 60] * 4) + ".test"
+    rcpt = "r" * 60 + "@" + ".".join(["d" * 60] * 3) + ".example.org"
+    try:
+        with _client(sub, "127.0.0.1", helo) as c:
+            c.starttls(context=tls)
+            c.ehlo()
+            size = int(c.esmtp_features["size"])
+            # As relayed the message grows by our Received field (TRACE_ROOM at most)
+            # and its Date, Message-ID and signatures (SIGN_ROOM).
+            assert size == limit - SIGN_ROOM - TRACE_ROOM, size
+            c.login("acme", s.keys["acme"])
+            code, text = _send(c, rcpt, _message("at-size", size))
+            assert code == 250, (code, text)  # (before: 552 after all of it was sent)
+            code, text = c.mail(f"app@{DOMAIN}", [f"SIZE={size + 1}"])
+            assert code == 552, (code, text)  # (declared: refused before any content)
+        (msg,) = wait_for(handler, 1)
+    finally:
+        s.stop()
+    assert msg["rcpts"] == [rcpt]
+    assert len(msg["data"]) <= limit

@@ -183,6 +183,9 @@ SHARED_ALONE = 10.0  # s a node counts AUTH failures alone after a shared count 
 # Octets a raw message may grow by in the worker besides re-encoding: a Date, a
 # Message-ID and DKIM-Signature fields (rsa-4096: ~900 each).
 SIGN_ROOM = 4096
+# Octets our Received field can take at most (a 255-octet HELO and reverse name, an
+# IPv6 literal, the TLS cipher, our host name, a 256-octet "for" path, the date).
+TRACE_ROOM = 1536
 KNOWN_FOR = 30 * 86400.0  # s an address that logged in as a user stays out of its lock-out
 KNOWN_PER_USER = 64  # such addresses remembered per user (the latest)
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
@@ -534,8 +537,12 @@ class SubmissionConfig:
         """From ``[submission]`` (checked when the config loaded); None without listen.
         ``tls=False`` does not load the TLS files (SIGHUP keeps the running
         listener's and takes only the users and limits). ``limit``: [delivery]
-        max_message_size (0: none), the SIZE offered when it is the smaller: a
-        larger message is refused 552 in the session, not bounced after its 250."""
+        max_message_size (0: none), less SIGN_ROOM and TRACE_ROOM, the SIZE offered
+        when it is the smaller: a larger message is refused 552 in the session, not
+        bounced after its 250, and a 7-bit one within SIZE is never refused for its
+        size at the end of DATA (before, SIZE was the limit itself: a message just
+        under it, with our Received and room for signing, was refused after its
+        whole content was sent)."""
         if not t.listen and not t.listen_tls:
             return None
         ctx = _ssl_context(t.tls_cert, t.tls_key, "submission") if tls else None
@@ -543,7 +550,7 @@ class SubmissionConfig:
             listen_pairs(t.listen) if t.listen else [],
             ctx,  # type: ignore[arg-type]
             t.hostname,
-            min(t.max_size, limit) if limit else t.max_size,
+            min(t.max_size, max(1, limit - SIGN_ROOM - TRACE_ROOM)) if limit else t.max_size,
             dict(t.users),
             t,
             t.max_spooled_bytes,
