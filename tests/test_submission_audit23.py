@@ -157,7 +157,8 @@ def test_received_on_the_mail_delivered_and_under_its_signature(
     # Ours above the earlier hop's (RFC 5321 4.4: at the top of what we relay)
     assert fields.index(ours) < fields.index(theirs) and theirs.startswith(b"Received: from mua")
     text = ours.decode()
-    assert text.startswith("Received: from client.example ([127.0.0.1])"), text
+    # (the reverse name of 127.0.0.1 is the system resolver's: test_submission_audit24)
+    assert re.match(r"Received: from client\.example \([a-z0-9.-]+ \[127\.0\.0\.1\]\)", text), text
     assert f"by {HOST} (fastsend) with ESMTPSA id {ids[0]}" in text, text
     assert "for <one@example.org>;" in text and "using TLSv1." in text, text
     when = email.utils.parsedate_to_datetime(text.rpartition(";")[2].strip())
@@ -174,7 +175,8 @@ def test_received_on_the_mail_delivered_and_under_its_signature(
         assert b" for " not in got
         assert verdicts(tmp_path, by_rcpt[rcpt], records) == [(True, True)]
     (got,) = _fields(by_rcpt["odd@example.org"], b"Received")
-    assert got.startswith(b"Received: from [127.0.0.1] (HELO is no domain)"), got
+    assert re.match(rb"Received: from \[127\.0\.0\.1\] \([a-z0-9.-]+ \[127\.0\.0\.1\]\)"
+                    rb" \(HELO is no domain\)", got), got
     assert b"bad(" not in by_rcpt["odd@example.org"]
 
 
@@ -442,7 +444,8 @@ def test_received_names_an_idn_helo_in_a_labels(tmp_path: Path, certs: Any) -> N
     m = ctx.spool.message(mid)
     ctx.close()
     raw = base64.b64decode(m["vars"]["raw"])  # type: ignore[index]
-    assert raw.startswith(b"Received: from xn--mnchen-3ya.example ([127.0.0.1])"), raw
+    assert re.match(rb"Received: from xn--mnchen-3ya\.example \([a-z0-9.-]+ \[127\.0\.0\.1\]\)",
+                    raw), raw
 
 
 def test_a_message_that_grows_past_the_limit_when_relayed_is_refused_in_session(

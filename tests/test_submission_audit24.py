@@ -19,8 +19,11 @@ it found, failing before its fix.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import smtplib
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,9 @@ from _serve_helpers import Served
 from _smtp_helpers import RecordingHandler
 from conftest import free_port, wait_port
 from fastsend.serve.listeners import SIGN_ROOM, TRACE_ROOM
+from fastsend.serve.rdns import ReverseNames
 from fastsend.smtp.server import ServerConfig
+from fastsend.testing.dnsserver import DNSServer
 from test_message_audit import DOMAIN, receiver, wait_for
 from test_smtp_server import Session
 
@@ -134,3 +139,60 @@ def test_size_offered_leaves_room_for_our_trace_and_signing(
         s.stop()
     assert msg["rcpts"] == [rcpt]
     assert len(msg["data"]) <= limit
+
+
+def test_received_names_the_clients_confirmed_reverse_name(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler], certs: Any
+) -> None:
+    port, handler = receiver
+    tls = certs[2]
+    zones = {
+        "2.0.0.127.in-addr.arpa": [("PTR", "App-Host.client.test.")],
+        "app-host.client.test": [("A", "127.0.0.2")],
+        # A PTR record claiming a name whose address records are elsewhere: not believed.
+        "3.0.0.127.in-addr.arpa": [("PTR", "mx.bank.example.")],
+        "mx.bank.example": [("A", "192.0.2.10")],
+        # A PTR record holding no host name (anyone's text, into a header field).
+        "4.0.0.127.in-addr.arpa": [("PTR", "bad\\(name.example.")],
+        "bad\\(name.example": [("A", "127.0.0.4")],
+    }
+    with DNSServer(zones) as dns:
+        extra = f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = 2.0\n'
+        s, sub = _served(tmp_path, port, certs, extra=extra)
+        try:
+            for source, marker in (("127.0.0.2", "named"), ("127.0.0.3", "liar"),
+                                   ("127.0.0.4", "odd"), ("127.0.0.5", "none")):  # fmt: skip
+                with _client(sub, source, "client.example") as c:
+                    c.starttls(context=tls)
+                    c.login("acme", s.keys["acme"])
+                    code, text = _send(c, f"{marker}@example.org", _message(marker, 2000))
+                    assert code == 250, (code, text)
+            msgs = wait_for(handler, 4)
+        finally:
+            s.stop()
+    got = {m["rcpts"][0].partition("@")[0]: m["data"] for m in msgs}
+    assert b"\r\nReceived: from client.example (app-host.client.test [127.0.0.2])" in got[
+        "named"
+    ], got["named"][:300]
+    for marker, ip in (("liar", b"127.0.0.3"), ("odd", b"127.0.0.4"), ("none", b"127.0.0.5")):
+        assert b"\r\nReceived: from client.example (unknown [" + ip + b"])" in got[marker], got[
+            marker
+        ][:300]
+    assert b"mx.bank.example" not in got["liar"] and b"name.example" not in got["odd"]
+
+
+def test_a_silent_resolver_gives_no_name_and_is_not_asked_again_at_once() -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        names = ReverseNames([f"127.0.0.1:{silent.getsockname()[1]}"], 0.5)
+
+        async def go() -> tuple[str | None, bool]:
+            names.start("127.0.0.2")
+            got = await names.name("127.0.0.2", time.monotonic() + 5)
+            return got, names.start("127.0.0.2") is None  # (kept: no new lookup)
+
+        got, kept = asyncio.run(go())
+    finally:
+        silent.close()
+    assert got is None and kept

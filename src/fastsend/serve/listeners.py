@@ -85,7 +85,8 @@ DESCRIPTION
     report's first parse_max_bytes are kept (``ServerConfig.keep_bytes``).
 
     Each accepted message gets a Received field on top (RFC 5321 4.4;
-    :meth:`_Submission.received`), spooled with it so it is under the DKIM
+    :meth:`_Submission.received`: ``from HELO (NAME [IP])``, NAME the client's
+    forward-confirmed reverse DNS name or ``unknown``, :mod:`fastsend.serve.rdns`), spooled with it so it is under the DKIM
     signature; an internationalised domain after an ASCII local part is
     spooled in A-labels (:func:`a_labels`: no SMTPUTF8 needed); an address
     literal recipient must be a public address (netguard) unless [delivery]
@@ -137,6 +138,7 @@ from fastsend.serve.context import CampaignQuotaExceeded
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
 from fastsend.serve.parsepool import ParsePool
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
+from fastsend.serve.rdns import ReverseNames
 from fastsend.serve.senders import header_nul, sender_domains
 from fastsend.serve.tenantcaps import TenantCapExceeded
 from fastsend.smtp.server import _BDAT as _BDAT_MODE
@@ -186,6 +188,7 @@ SIGN_ROOM = 4096
 # Octets our Received field can take at most (a 255-octet HELO and reverse name, an
 # IPv6 literal, the TLS cipher, our host name, a 256-octet "for" path, the date).
 TRACE_ROOM = 1536
+RDNS_WAIT = 5.0  # s from a connection's start its client's reverse DNS name is waited for
 KNOWN_FOR = 30 * 86400.0  # s an address that logged in as a user stays out of its lock-out
 KNOWN_PER_USER = 64  # such addresses remembered per user (the latest)
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
@@ -667,6 +670,9 @@ class _Policy:
     async def authenticate(self, username: str, password: str) -> str | None:
         return None
 
+    def connected(self, conn: _Connection) -> None:
+        """A session was admitted (its client's address known)."""
+
 
 class _Submission(_Policy):
     def __init__(self, ctx: Any, cfg: SubmissionConfig) -> None:
@@ -680,6 +686,10 @@ class _Submission(_Policy):
             auth_required=True,
         )
         self.cfg = cfg
+        # The client's confirmed reverse DNS name for our Received field (Postfix's
+        # "from HELO (NAME [IP])"), looked up from the connection's start.
+        dns_cfg = ctx.config.dns
+        self.rdns = ReverseNames(dns_cfg.nameservers, min(dns_cfg.timeout, RDNS_WAIT))
         spool = getattr(ctx, "spool", None)  # (shared: AUTH failures counted by all nodes)
         self.throttle = AuthThrottle(cfg.limits, spool.shared() if spool is not None else None)
         self.upgrades = PasswordUpgrades(os.path.join(ctx.config.spool_dir, "passwords.json"))
@@ -709,6 +719,17 @@ class _Submission(_Policy):
             new = await loop.run_in_executor(None, hash_password, password)
             self.upgrades.save(username, stored, new)
         return username if ok else None
+
+    async_messages = True  # (the client's reverse name may still be on its way)
+
+    def connected(self, conn: _Connection) -> None:
+        if conn.client:
+            self.rdns.start(conn.client)
+
+    async def message_async(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
+        if conn.client:
+            conn.rdns = await self.rdns.name(conn.client, conn.started + self.rdns.timeout)
+        return self.message(conn, ev)
 
     def still_valid(self, conn: _Connection) -> bool:
         """Whether the session's credential still holds: a key revoked (by the CLI, seen
@@ -868,10 +889,13 @@ class _Submission(_Policy):
                 helo = encode_domain(helo)
             except HeaderError:
                 pass
+        # TCP-info (RFC 5321 4.4): the client's confirmed reverse name, or "unknown"
+        # (Postfix's form; serve.rdns), and its address.
+        info = f"({conn.rdns or 'unknown'} {lit})"
         if _HELO_OK.fullmatch(helo) is not None and len(helo) <= 255:
-            origin = f"from {helo} ({lit})"
+            origin = f"from {helo} {info}"
         else:
-            origin = f"from {lit} (HELO is no domain)" if helo else f"from {lit}"
+            origin = f"from {lit} {info}" + (" (HELO is no domain)" if helo else "")
         base = "UTF8SMTP" if ev.smtputf8 else "ESMTP"
         if not proto.esmtp:
             with_ = "SMTP"
@@ -1202,6 +1226,7 @@ class _Connection(ServerConnection):
         self.auth_failures = 0
         self._task: asyncio.Future[None] | None = None
         self.client = ""
+        self.rdns: str | None = None  # the client's confirmed reverse DNS name, once known
         self.peer_ip = ""
         self.started = time.monotonic()
         self.deadline = self.started + policy.limits.timeout
@@ -1227,7 +1252,10 @@ class _Connection(ServerConnection):
                 transport.close()
                 return
             self.proto.refuse(421, "4.7.0", why)
-        elif self.implicit_tls:
+            self._flush()
+            return
+        self.policy.connected(self)
+        if self.implicit_tls:
             # As after STARTTLS: no plaintext is read; the greeting once TLS is up.
             self.proto.mode = _TLS_WAIT_MODE
             self._waiting = True
@@ -1235,8 +1263,7 @@ class _Connection(ServerConnection):
             transport.pause_reading()  # type: ignore[attr-defined]
             self._tls_task = asyncio.ensure_future(self._start_tls())
             return
-        else:
-            self.proto.start()
+        self.proto.start()
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1382,7 +1409,7 @@ class _Connection(ServerConnection):
         self._account()
         if self.transport is None:
             return
-        self.proto.reply(code, enh, text)
+        self.proto.reply(421 if self.close_after_reply else code, enh, text)
         self._waiting = False
         self._flush()
         if not self.proto.closed:
