@@ -15,12 +15,20 @@ it found, failing before its fix.
   ``from HELO (NAME [IP])`` as Postfix writes it, NAME the client's PTR name
   when its address records come back to the client's address (FCrDNS), else
   ``unknown``; looked up from the connection's start, with a timeout.
+- DSN (RFC 3461) was not offered and each of its parameters refused 555: an
+  application sending NOTIFY=NEVER regardless (or a relay's ORCPT) could send
+  nothing, and a failure notice could not name the ENVID. Offered with
+  ``[submission] dsn``: the syntax checked (501), NOTIFY without FAILURE sends
+  no notice about that recipient, ENVID and ORCPT are named in the notice,
+  RET=FULL returns the message whole (up to 50,000 octets). A parameter given
+  twice is 501.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import smtplib
 import socket
 import time
@@ -30,11 +38,17 @@ from typing import Any
 from _serve_helpers import Served
 from _smtp_helpers import RecordingHandler
 from conftest import free_port, wait_port
+from fastsend.bounce import parse_bounce
+from fastsend.serve.dsn import Failure, build
 from fastsend.serve.listeners import SIGN_ROOM, TRACE_ROOM
 from fastsend.serve.rdns import ReverseNames
-from fastsend.smtp.server import ServerConfig
+from fastsend.sink import SinkThread
+from fastsend.smtp.server import ServerConfig, xtext_decode
 from fastsend.testing.dnsserver import DNSServer
 from test_message_audit import DOMAIN, receiver, wait_for
+from test_serve_dsn import MESSAGE as DSN_MESSAGE
+from test_serve_dsn import _notices as dsn_notices
+from test_serve_dsn import _serve as dsn_serve
 from test_smtp_server import Session
 
 __all__ = ["receiver"]  # (a fixture, used by name)
@@ -196,3 +210,95 @@ def test_a_silent_resolver_gives_no_name_and_is_not_asked_again_at_once() -> Non
     finally:
         silent.close()
     assert got is None and kept
+
+
+def test_dsn_parameters_are_offered_and_their_syntax_checked() -> None:
+    s = Session(ServerConfig(hostname="mx.test", dsn=True))
+    assert re.search(rb"\r\n250[ -]DSN\r\n", s.feed(b"EHLO x\r\n"))
+    table = [
+        (b"MAIL FROM:<a@b.c> RET=FOO", "501"),
+        (b"MAIL FROM:<a@b.c> ENVID=has=equals", "501"),
+        (b"MAIL FROM:<a@b.c> ENVID=low+2bhex", "501"),
+        (b"MAIL FROM:<a@b.c> ENVID=" + b"x" * 101, "501"),
+        (b"MAIL FROM:<a@b.c> RET=HDRS RET=FULL", "501"),  # (a parameter given twice)
+        (b"MAIL FROM:<a@b.c> RET=full ENVID=order+2B42", "250"),
+        (b"RCPT TO:<u@b.c> NOTIFY=NEVER,SUCCESS", "501"),
+        (b"RCPT TO:<u@b.c> NOTIFY=SUCCESS,SUCCESS", "501"),
+        (b"RCPT TO:<u@b.c> NOTIFY=", "501"),
+        (b"RCPT TO:<u@b.c> ORCPT=rfc822", "501"),
+        (b"RCPT TO:<u@b.c> ORCPT=rfc822;a=b", "501"),
+        (b"RCPT TO:<u@b.c> FOO=1", "555"),
+        (b"RCPT TO:<u@b.c> NOTIFY=success,Delay ORCPT=rfc822;U+2Bx@b.c", "250"),
+        (b"RCPT TO:<v@b.c> NOTIFY=NEVER", "250"),
+        (b"RCPT TO:<w@b.c>", "250"),
+        (b"DATA", "354"),
+    ]
+    for line, code in table:
+        assert s.codes(line + b"\r\n") == [code], line
+    s.feed(b"From: a@b.c\r\n\r\nhi\r\n.\r\n")
+    (m,) = s.messages
+    assert m.mail_params == {"RET": "FULL", "ENVID": "order+2B42"}
+    assert m.rcpt_params == [{"NOTIFY": "SUCCESS,DELAY", "ORCPT": "rfc822;U+2Bx@b.c"},
+                             {"NOTIFY": "NEVER"}, {}]  # fmt: skip
+    assert xtext_decode("rfc822;U+2Bx@b.c") == "rfc822;U+x@b.c"
+    assert xtext_decode("a+0Db+7F") == "a+0Db+7F"  # (no control characters decoded)
+    # RFC 6533: a UTF-8 ORCPT in an SMTPUTF8 transaction only; named with \x{HEX}.
+    orcpt = "ORCPT=utf-8;j\u00f6rg@b.c".encode()
+    assert s.codes(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<u@b.c> " + orcpt + b"\r\nRSET\r\n") == [
+        "250", "501", "250"
+    ]  # fmt: skip
+    assert s.codes(b"MAIL FROM:<a@b.c> SMTPUTF8\r\nRCPT TO:<u@b.c> " + orcpt + b"\r\n") == [
+        "250", "250"
+    ]  # fmt: skip
+    f = Failure("u@b.c", "5.1.1", "550 5.1.1 no", "mx.b.c", False, 0.0)
+    notice = build("mx.test", "a@b.c", [f], 0.0, 0.0, b"Subject: x\r\n", envid="e\r\nX: y",
+                   orcpt="utf-8;j\u00f6rg@b.c")  # fmt: skip
+    assert b"Original-Recipient: utf-8;j\\x{F6}rg@b.c\r\n" in notice, notice
+    assert b"Original-Envelope-Id: e X: y\r\n" in notice  # (one line: no field of its own)
+    # Not offered: as before, 555 (RFC 3461 says a client sends none then).
+    s = Session(ServerConfig(hostname="mx.test"))
+    assert b"DSN" not in s.feed(b"EHLO x\r\n")
+    assert s.codes(b"MAIL FROM:<a@b.c> RET=FULL\r\n") == ["555"]
+
+
+def test_dsn_notify_never_orcpt_envid_and_ret_full_reach_the_notice(
+    tmp_path: Path, certs: Any
+) -> None:
+    """Before, submission refused every DSN parameter (555): an application that
+    sends NOTIFY=NEVER (or a relay's ORCPT) could not send at all."""
+    tls = certs[2]
+    with SinkThread(keep_messages=True) as sink:
+        served, port = dsn_serve(tmp_path, certs, sink)
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+                c.starttls(context=tls)
+                c.login("acme", served.keys["acme"])
+                assert "dsn" in c.esmtp_features
+                code, _ = c.mail("app@example.com", ["RET=FULL", "ENVID=order+2B42"])
+                assert code == 250
+                for rcpt, opts in (
+                    ("permfail-1@example.org", ["NOTIFY=FAILURE", "ORCPT=rfc822;Sales+2B1@example.org"]),
+                    ("permfail-2@example.org", ["NOTIFY=NEVER"]),
+                    ("permfail-3@example.org", []),
+                    ("ann@example.org", ["NOTIFY=SUCCESS"]),
+                ):  # fmt: skip
+                    code, text = c.rcpt(rcpt, opts)
+                    assert code == 250, (rcpt, code, text)
+                code, text = c.data(DSN_MESSAGE)
+                assert code == 250, (code, text)
+            notices = dsn_notices(sink, "app@example.com", 2)
+            time.sleep(1.5)  # (no third notice comes: permfail-2 asked for none)
+            assert len([m for m in sink.sink.messages if "app@example.com" in m.recipients]) == 2
+        finally:
+            served.stop()
+    by = {("permfail-1" in n.data.decode()): n.data.decode() for n in notices}
+    one, three = by[True], by[False]
+    assert "Original-Recipient: rfc822;Sales+1@example.org" in one, one
+    assert "Final-Recipient: rfc822; permfail-1@example.org" in one
+    assert "permfail-3" not in one and "permfail-2" not in one
+    assert "Final-Recipient: rfc822; permfail-3@example.org" in three and "Original-Recipient" not in three
+    for text in (one, three):
+        assert "Original-Envelope-Id: order+42" in text, text
+        assert "Content-Type: message/rfc822" in text and "Hello" in text, text  # RET=FULL
+        (b,) = parse_bounce(text.encode())
+        assert b.recipient in ("permfail-1@example.org", "permfail-3@example.org")

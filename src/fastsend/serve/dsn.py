@@ -50,7 +50,16 @@ restart grew with every failure. A node of a shared spool killed and never
 started again takes its untold notices with it (the journal is in its local
 directory).
 
-DELIBERATELY NOT HERE: delay notices (``NOTIFY=DELAY``).
+DSN parameters (RFC 3461, submission offers DSN): a recipient whose NOTIFY
+leaves out FAILURE (``NEVER``) is never told about (its row has no flag); the
+message's ENVID is the notice's Original-Envelope-Id and a recipient's ORCPT
+its Original-Recipient (both as given, in the rows' vars, cut to printable
+ASCII); RET=FULL returns the whole message (message/rfc822) when it is at
+most :data:`FULL_MAX` octets (Postfix's bounce_size_limit), else, and without
+RET or with RET=HDRS, its header section.
+
+DELIBERATELY NOT HERE: delay and success notices (``NOTIFY=DELAY``,
+``NOTIFY=SUCCESS``: taken, nothing sent).
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ SETTLE = 1.0  # s a group waits for no more failures (its outcomes are committed
 GATHER_MAX = 10.0  # s after a group's first failure it is told whatever still comes
 FLAG = "dsn"  # the vars key submission sets: notify the envelope sender of a failure
 HEADERS_MAX = 32 * 1024  # of the original's header section, returned
+FULL_MAX = 50_000  # octets of an original returned whole (RET=FULL); larger: its headers
 TEXT_MAX = 900  # of a diagnostic (a line stays under 998 octets)
 KEPT_MAX = 10_000  # failures kept for a flush (beyond: in the journal, taken again later)
 OWED_EVERY = 30.0  # s between tries to take again what the journal holds untold
@@ -135,10 +145,13 @@ class Failure(NamedTuple):
 
 def build(
     reporting: str, sender: str, failures: list[Failure], arrival: float, now: float,
-    original: bytes,
+    original: bytes, *, envid: str = "", orcpt: str = "", full: bool = False,
 ) -> bytes:  # fmt: skip
     """An RFC 3464 notice to ``sender`` that its message failed for each of
-    ``failures``' recipients: one per-recipient group each."""
+    ``failures``' recipients: one per-recipient group each. ``envid``: the
+    message's ENVID, ``orcpt``: the recipients' ORCPT (``type;address``),
+    decoded (RFC 3461); ``full``: ``original`` is the whole message, else its
+    header section."""
     boundary = f"=_fastsend_{base64.b32encode(os.urandom(10)).decode().lower()}"
     host = _clean(reporting, 255) or "localhost"
     date = email.utils.formatdate(now, localtime=False)
@@ -153,6 +166,13 @@ def build(
         lines.append(f"<{_clean(f.rcpt, 512)}>: {why}: {said or f.status}\r\n")
         when = email.utils.formatdate(f.when, localtime=False)
         fields = [f"Final-Recipient: {_address(f.rcpt)}", "Action: failed", f"Status: {f.status}"]
+        kind, _, addr = orcpt.partition(";")
+        if kind and addr:  # (RFC 3464 2.3.1: first in the recipient's group)
+            named = (
+                f"{_clean(kind, 40)};{_clean(addr, 500)}" if addr.isascii()
+                else _address(addr).replace("; ", ";")  # (RFC 6533: utf-8, \x{HEX})
+            )  # fmt: skip
+            fields.insert(0, f"Original-Recipient: {named}")
         if remote:
             fields.append(f"Remote-MTA: dns; {remote}")
         if diagnostic:
@@ -174,8 +194,9 @@ def build(
         f"Your message could not be delivered to {whom}:"
         f" {why}. It will not be tried again.\r\n\r\n" + "".join(lines)
     )
+    env = f"Original-Envelope-Id: {_clean(envid, 100)}\r\n" if _clean(envid, 100) else ""
     status_part = (
-        f"Reporting-MTA: dns; {host}\r\n"
+        f"{env}Reporting-MTA: dns; {host}\r\n"
         f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}\r\n\r\n"
         + "\r\n".join(groups)  # (a blank line between recipients' groups, RFC 3464 2.1)
     )
@@ -197,8 +218,8 @@ def build(
         f"Content-Description: Notification\r\n\r\n{human}\r\n".encode(),
         f"--{boundary}\r\nContent-Type: message/delivery-status\r\n"
         f"Content-Description: Delivery report\r\n\r\n{status_part}\r\n".encode(),
-        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n"
-        f"Content-Description: Undelivered Message Headers\r\n"
+        f"--{boundary}\r\nContent-Type: {'message/rfc822' if full else 'text/rfc822-headers'}\r\n"
+        f"Content-Description: Undelivered Message{'' if full else ' Headers'}\r\n"
         f"{'Content-Transfer-Encoding: 8bit' + chr(13) + chr(10) if eight else ''}\r\n".encode(),
         original,
         f"\r\n--{boundary}--\r\n".encode(),
@@ -575,13 +596,18 @@ class Notices:
         mark = self._reserve(notice_key(claimed.campaign, g.ids, g.attempts))
         if mark is None:
             return 0  # spooled before (a kill came before its journal line)
-        original = header_section(base64.b64decode(raw))
+        whole = base64.b64decode(raw)
+        full = v.get("ret") == "full" and len(whole) <= FULL_MAX
+        original = whole if full else header_section(whole)
+        envid = str(v.get("envid") or "")
+        orcpt = str(v.get("orcpt") or "")
         tenant = self.ctx.campaign_tenant(claimed.campaign)
         failures = sorted(g.failures, key=lambda f: f.when)
         rows = []
         for i in range(0, len(failures), RCPTS_MAX):
             part = failures[i : i + RCPTS_MAX]
-            data = build(self.reporting, sender, part, claimed.created, part[-1].when, original)
+            data = build(self.reporting, sender, part, claimed.created, part[-1].when, original,
+                         envid=envid, orcpt=orcpt, full=full)  # fmt: skip
             row = orjson.dumps({"raw": base64.b64encode(data).decode("ascii"), "mail_from": ""})
             rows.append((addr, domain, row))
         self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows, idem=mark)

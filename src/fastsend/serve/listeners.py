@@ -154,6 +154,7 @@ from fastsend.smtp.server import (
     ServerConfig,
     StartTLS,
     _NeedData,
+    xtext_decode,
 )
 from fastsend.smtp.server_conn import ServerConnection
 from fastsend.spool import storage_problem
@@ -684,6 +685,7 @@ class _Submission(_Policy):
             auth_mechanisms=("PLAIN", "LOGIN"),
             auth_requires_tls=True,
             auth_required=True,
+            dsn=cfg.dsn,  # (RFC 3461: what a failure notice tells, and whether one is sent)
         )
         self.cfg = cfg
         # The client's confirmed reverse DNS name for our Received field (Postfix's
@@ -751,6 +753,7 @@ class _Submission(_Policy):
         self.ssl = cfg.ssl = cfg.ssl or self.cfg.ssl
         self.cfg = cfg
         self.take(cfg)
+        self.server_config = dataclasses.replace(self.server_config, dsn=cfg.dsn)
         self.throttle.limits = cfg.limits
 
     def rcpt(self, conn: _Connection, address: str) -> tuple[int, str, str] | None:
@@ -830,13 +833,31 @@ class _Submission(_Policy):
         msg: dict[str, Any] = {"raw": base64.b64encode(data).decode("ascii"),
                                "mail_from": sender}  # fmt: skip
         if self.cfg.dsn:  # its failure is told to the envelope sender (serve.dsn)
-            msg["dsn"] = 1
-        vars_ = orjson.dumps(msg)
+            # RFC 3461: the notice names the ENVID and returns the whole message for
+            # RET=FULL; a recipient's NOTIFY without FAILURE gets none, its ORCPT is
+            # named (before: 555 to each, DSN was not offered; an application that
+            # sends NOTIFY=NEVER regardless could send nothing).
+            envid, ret = ev.mail_params.get("ENVID"), ev.mail_params.get("RET")
+            if envid:
+                msg["envid"] = xtext_decode(envid)
+            if ret == "FULL":
+                msg["ret"] = "full"
+        shared = orjson.dumps({**msg, "dsn": 1} if self.cfg.dsn else msg)
         # One copy of the message a mailbox: RCPT TO given twice (or with the domain in
         # another case) is one recipient, as Postfix's duplicate filter makes it.
         rows: list[tuple[str, str, bytes]] = []
         seen: set[str] = set()
-        for r in rcpts:
+        for i, r in enumerate(rcpts):
+            p = ev.rcpt_params[i] if i < len(ev.rcpt_params) else {}
+            vars_ = shared
+            if self.cfg.dsn and p:
+                notify, orcpt = p.get("NOTIFY"), p.get("ORCPT")
+                one = dict(msg)
+                if notify is None or "FAILURE" in notify.split(","):
+                    one["dsn"] = 1
+                if orcpt:
+                    one["orcpt"] = xtext_decode(orcpt)
+                vars_ = orjson.dumps(one)
             local, _, dom = r.rpartition("@")
             # (a literal in the one form suppression keys it by: [ipv6:2001:db8::1])
             domain = literal(dom) if dom.startswith("[") else encode_domain(dom).lower()

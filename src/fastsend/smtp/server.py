@@ -49,8 +49,11 @@ DIAGNOSTICS
     raises LocalProtocolError: that is a bug in the caller.
 
 DELIBERATELY NOT HERE
-    Sockets, TLS, timers, queues, logging, address policy. DSN parameters
-    (RFC 3461), BINARYMIME and implicit TLS are not offered.
+    Sockets, TLS, timers, queues, logging, address policy. BINARYMIME and
+    implicit TLS are not offered; DSN (RFC 3461) only with ``ServerConfig.dsn``:
+    RET, ENVID, NOTIFY and ORCPT are checked for syntax here (501) and handed
+    on (``Message.mail_params``, ``Message.rcpt_params``), what to do with
+    them is the caller's.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ __all__ = [
     "ServerConfig",
     "ServerProtocol",
     "StartTLS",
+    "xtext_decode",
 ]
 
 
@@ -111,6 +115,7 @@ class ServerConfig:
     auth_requires_tls: bool = True  # offer AUTH only once TLS is active
     auth_required: bool = False  # MAIL needs a successful AUTH first
     reject_bare_newlines: bool = True  # refuse DATA bodies with bare LF/CR
+    dsn: bool = False  # offer DSN (RFC 3461): take RET, ENVID (MAIL), NOTIFY, ORCPT (RCPT)
     # 0: a message is kept whole. N: only its first N bytes are kept (the rest is read
     # and dropped, SIZE still holds): a listener that reads no further (the intake
     # parses a report's start) holds no more of it in memory.
@@ -184,6 +189,10 @@ class Message:
     data: bytes
     smtputf8: bool
     bdat: bool
+    # DSN (RFC 3461): MAIL's RET and ENVID, each recipient's NOTIFY and ORCPT (as
+    # sent, upper-cased keys; ENVID and ORCPT still xtext: xtext_decode)
+    mail_params: dict[str, str | None] = field(default_factory=dict)
+    rcpt_params: list[dict[str, str | None]] = field(default_factory=list)
     needs_reply: bool = field(default=True, init=False, repr=False)
 
 
@@ -204,6 +213,12 @@ _ADDR_BAD: Final = re.compile(r"[\s\"()<>,;\\\[\]]")  # (a quoted local part: _Q
 # RFC 6531 adds UTF-8), taken as Postfix takes it: "john doe"@example.com.
 _QUOTED_LOCAL: Final = re.compile(r'"(?:[ !#-\[\]-~\x80-\U0010ffff]|\\[ -~])*"@')
 _MAX_PATH: Final = 256  # RFC 5321 4.5.3.1.3
+# RFC 3461 4: xtext is printable ASCII but "+" and "=", and "+" two upper-case hex digits.
+_XTEXT: Final = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
+# ... and in an SMTPUTF8 transaction UTF-8 too (RFC 6533 3: utf-8-addr-unitext)
+_UTF8_XTEXT: Final = re.compile(r"(?:[!-*,-<>-~\x80-\U0010ffff]|\+[0-9A-F]{2})*")
+_ADDR_TYPE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # an atom (RFC 3461 4.2)
+_NOTIFY: Final = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 _R_MAIL_OK: Final = b"250 2.1.0 Ok\r\n"
 _R_RCPT_OK: Final = b"250 2.1.5 Ok\r\n"
@@ -257,6 +272,7 @@ class ServerProtocol:
         "_out",
         "_pending",
         "_rcpt_count",
+        "_rcpt_params",
         "_scan",
         "_used_bdat",
         "authenticated",
@@ -264,6 +280,7 @@ class ServerProtocol:
         "esmtp",
         "helo",
         "mail_from",
+        "mail_params",
         "mode",
         "recipients",
         "smtputf8",
@@ -286,6 +303,8 @@ class ServerProtocol:
         self._auth_user: str | None = None
         self.mail_from: str | None = None
         self.recipients: list[str] = []
+        self.mail_params: dict[str, str | None] = {}
+        self._rcpt_params: list[dict[str, str | None]] = []
         self.smtputf8 = False
         self._rcpt_count = 0
         self._data_seen = 0
@@ -495,6 +514,8 @@ class ServerProtocol:
             kw.append("ENHANCEDSTATUSCODES")
         if c.chunking:
             kw.append("CHUNKING")
+        if c.dsn:
+            kw.append("DSN")
         if c.starttls and not self.tls_active:
             kw.append("STARTTLS")
         if self._auth_offered():
@@ -522,11 +543,15 @@ class ServerProtocol:
         if t is RcptTo:
             if ok:
                 self.recipients.append(ev.address)  # type: ignore[union-attr]
+                self._rcpt_params.append(ev.params)  # type: ignore[union-attr]
         elif t is MailFrom:
             if ok:
                 self.mail_from = ev.address  # type: ignore[union-attr]
                 self.smtputf8 = ev.smtputf8  # type: ignore[union-attr]
+                self.mail_params = {k: v for k, v in ev.params.items()  # type: ignore[union-attr]
+                                    if k in ("RET", "ENVID")}  # fmt: skip
                 self.recipients = []
+                self._rcpt_params = []
                 self._rcpt_count = 0
         elif t is Message:
             self._reset_txn()
@@ -556,6 +581,8 @@ class ServerProtocol:
     def _reset_txn(self) -> None:
         self.mail_from = None
         self.recipients = []
+        self.mail_params = {}
+        self._rcpt_params = []
         self.smtputf8 = False
         self._rcpt_count = 0
         self._used_bdat = False
@@ -639,6 +666,14 @@ class ServerProtocol:
                 smtputf8 = True
             elif key == "AUTH" and value is not None:
                 pass  # RFC 4954 5: accepted and not relied on
+            elif key in ("RET", "ENVID") and c.dsn:
+                if key == "RET" and value is not None and value.upper() in ("FULL", "HDRS"):
+                    params[key] = value.upper()
+                elif key == "ENVID" and value and len(value) <= 100 and _XTEXT.fullmatch(value):
+                    pass  # (RFC 3461 4.4: at most 100 characters)
+                else:
+                    self._error(501, "5.5.4", f"Bad {key} parameter syntax")
+                    return None
             else:
                 self._bad_param(key)
                 return None
@@ -660,9 +695,24 @@ class ServerProtocol:
         if parsed is None:
             return None
         address, params = parsed
-        if params:
-            self._bad_param(next(iter(params)))
-            return None
+        for key, value in params.items():
+            if key not in ("NOTIFY", "ORCPT") or not self.config.dsn:
+                self._bad_param(key)
+                return None
+            if key == "NOTIFY":
+                words = (value or "").upper().split(",")
+                if words != ["NEVER"] and not (words and set(words) <= _NOTIFY
+                                               and len(set(words)) == len(words)):  # fmt: skip
+                    self._error(501, "5.5.4", "Bad NOTIFY parameter syntax")
+                    return None
+                params[key] = ",".join(words)
+            else:  # ORCPT=addr-type;xtext (RFC 3461 4.2), at most 500 characters
+                kind, semi, addr = (value or "").partition(";")
+                if not (semi and addr and len(value or "") <= 500
+                        and _ADDR_TYPE.fullmatch(kind)
+                        and (_UTF8_XTEXT if self.smtputf8 else _XTEXT).fullmatch(addr)):  # fmt: skip
+                    self._error(501, "5.5.4", "Bad ORCPT parameter syntax")
+                    return None
         if not self._check_address(address, self.smtputf8, null_ok=False):
             return None
         if self._rcpt_count >= self.config.max_recipients:
@@ -687,7 +737,7 @@ class ServerProtocol:
         params: dict[str, str | None] = {}
         for item in (m.group(3) or "").split():
             key, eq, value = item.partition("=")
-            if not _PARAM_KEY.match(key):
+            if not _PARAM_KEY.match(key) or key.upper() in params:  # (each once)
                 self._error(501, "5.5.4", "Syntax error in parameters")
                 return None
             params[key.upper()] = value if eq else None
@@ -943,7 +993,8 @@ class ServerProtocol:
                 self._out.append(b"550 5.5.2 Error: bare <CR> or <LF> in message data\r\n")
                 return None
         assert self.mail_from is not None
-        return Message(self.mail_from, self.recipients, body, self.smtputf8, False)
+        return Message(self.mail_from, self.recipients, body, self.smtputf8, False,
+                       self.mail_params, self._rcpt_params)  # fmt: skip
 
     def _bdat(self) -> Event | _NeedData | None:
         buf = self._buf
@@ -974,7 +1025,8 @@ class ServerProtocol:
         assert self.mail_from is not None
         body = b"".join(self._bdat_chunks)
         self._bdat_chunks = []
-        return Message(self.mail_from, self.recipients, body, self.smtputf8, True)
+        return Message(self.mail_from, self.recipients, body, self.smtputf8, True,
+                       self.mail_params, self._rcpt_params)  # fmt: skip
 
 
 def _address_literal(text: str) -> bool:
@@ -990,6 +1042,18 @@ def _address_literal(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def xtext_decode(text: str) -> str:
+    """An xtext value (RFC 3461 4: ``+XX`` a hex-coded octet) decoded; the
+    protocol took only well-formed ones. Octets that are no printable ASCII are
+    kept as their ``+XX``: the value goes into header fields."""
+
+    def one(m: re.Match[str]) -> str:
+        ch = chr(int(m.group(1), 16))
+        return ch if " " <= ch <= "~" else m.group(0)
+
+    return re.sub(r"\+([0-9A-F]{2})", one, text)
 
 
 def _clean_text(text: str) -> str:
