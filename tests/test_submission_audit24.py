@@ -43,13 +43,13 @@ from fastsend.serve.dsn import Failure, build
 from fastsend.serve.listeners import SIGN_ROOM, TRACE_ROOM
 from fastsend.serve.rdns import ReverseNames
 from fastsend.sink import SinkThread
-from fastsend.smtp.server import ServerConfig, xtext_decode
+from fastsend.smtp.server import RcptTo, ServerConfig, xtext_decode
 from fastsend.testing.dnsserver import DNSServer
 from test_message_audit import DOMAIN, receiver, wait_for
 from test_serve_dsn import MESSAGE as DSN_MESSAGE
 from test_serve_dsn import _notices as dsn_notices
 from test_serve_dsn import _serve as dsn_serve
-from test_smtp_server import Session
+from test_smtp_server import Session, ehlo
 
 __all__ = ["receiver"]  # (a fixture, used by name)
 
@@ -302,3 +302,54 @@ def test_dsn_notify_never_orcpt_envid_and_ret_full_reach_the_notice(
         assert "Content-Type: message/rfc822" in text and "Hello" in text, text  # RET=FULL
         (b,) = parse_bounce(text.encode())
         assert b.recipient in ("permfail-1@example.org", "permfail-3@example.org")
+
+
+SMUGGLED = (
+    b"MAIL FROM:<a@b.c>\r\nRCPT TO:<bad@b.c>\r\nDATA\r\n"
+    b"MAIL FROM:<a@b.c>\r\nRCPT TO:<victim@b.c>\r\nDATA\r\nFrom: a@b.c\r\n\r\nspam\r\n.\r\n"
+)
+
+
+def test_input_pipelined_after_a_refused_data_is_a_synchronization_error() -> None:
+    s = Session()
+    ehlo(s)
+    # DATA refused (no valid recipient): the "message" after it was run as commands,
+    # a second transaction to a recipient the client never meant as one.
+    out = s.feed(SMUGGLED)
+    assert out.endswith(b"554 5.5.0 SMTP synchronization error: input sent after DATA before"
+                        b" its reply\r\n"), out  # fmt: skip
+    assert [ln[:3] for ln in out.split(b"\r\n") if ln] == [b"250", b"550", b"554", b"554"]
+    assert s.proto.closed and not s.messages
+    assert not [e for e in s.events if isinstance(e, RcptTo) and e.address == "victim@b.c"]
+    # A refused DATA with nothing after it: the session goes on.
+    s = Session()
+    ehlo(s)
+    assert s.codes(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<bad@b.c>\r\nDATA\r\n") == ["250", "550", "554"]
+    assert not s.proto.closed
+    assert s.codes(b"RSET\r\n") == ["250"]
+
+
+def test_submission_closes_a_session_that_pipelines_a_body_after_a_refused_data(
+    tmp_path: Path, receiver: tuple[int, RecordingHandler], certs: Any
+) -> None:
+    port, handler = receiver
+    tls = certs[2]
+    s, sub = _served(tmp_path, port, certs)
+    try:
+        with _client(sub, "127.0.0.1", "client.example") as c:
+            c.starttls(context=tls)
+            c.login("acme", s.keys["acme"])
+            # RCPT refused by policy (an address literal at a private address), then
+            # DATA and the body in one write, not waiting for DATA's reply.
+            c.send(
+                f"MAIL FROM:<app@{DOMAIN}>\r\nRCPT TO:<u@[10.0.0.1]>\r\nDATA\r\n"
+                f"MAIL FROM:<app@{DOMAIN}>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+                f"From: app@{DOMAIN}\r\nSubject: smuggled\r\n\r\nspam\r\n.\r\n"
+            )
+            replies = [c.getreply() for _ in range(4)]
+        assert [r[0] for r in replies] == [250, 550, 554, 554], replies
+        assert b"synchronization" in replies[3][1], replies
+        time.sleep(1.0)  # (nothing was queued: nothing arrives)
+    finally:
+        s.stop()
+    assert handler.messages == []

@@ -1313,7 +1313,9 @@ class _Connection(ServerConnection):
                 break
             nl = data.find(b"\n", start)
             end = n if nl < 0 else nl + 1
+            self.proto.input_after = n - end  # (sent with it, before any reply to it)
             feed(data[start:end])
+            self.proto.input_after = 0
             start = end
         self._account()
         if self._waiting and self.transport is not None and len(self.proto._buf) > 65536:

@@ -38,6 +38,13 @@ DESCRIPTION
     smtpd_forbid_bare_newline does. BDAT bodies are length-delimited and
     taken as they are.
 
+    A refused DATA (no recipient taken, ...) followed by input the client sent
+    before its reply (RFC 2920 3.1: DATA ends a group) closes the session with
+    554 5.5.0 "SMTP synchronization error", as Exim does: that input is a
+    message body, which would otherwise run as commands (its "RCPT TO:" line
+    joining the open transaction). A caller that feeds a line at a time says
+    what it holds of the same read in ``input_after``.
+
     After an accepted STARTTLS, bytes already buffered (sent in plaintext
     after the command) are discarded, and ``tls_started()`` resets the session
     (RFC 3207 section 4.2): the client must EHLO again.
@@ -279,6 +286,7 @@ class ServerProtocol:
         "config",
         "esmtp",
         "helo",
+        "input_after",
         "mail_from",
         "mail_params",
         "mode",
@@ -318,6 +326,9 @@ class ServerProtocol:
         self._bdat_failed = ""
         self._bdat_size = 0
         self._used_bdat = False
+        # Bytes of the same read the caller still holds after what it fed (a caller
+        # that feeds a line at a time): input already sent, as _buf is.
+        self.input_after = 0
 
     # ------------------------------------------------------------ public API
 
@@ -556,6 +567,8 @@ class ServerProtocol:
         elif t is Message:
             self._reset_txn()
         elif t is DataStart:
+            if not ok and not ev.bdat:  # type: ignore[union-attr]
+                self._sync_after_data()
             if ok:
                 self.mode = _DATA
                 # Keep the CRLF that ended "DATA" in front of the body, so the
@@ -780,17 +793,29 @@ class ServerProtocol:
     def _cmd_data(self, arg: bytes) -> Event | None:
         if arg.strip():
             self._error(501, "5.5.4", "Syntax: DATA")
-            return None
-        if self.mail_from is None:
+        elif self.mail_from is None:
             self._error(503, "5.5.1", "Error: need MAIL command")
-            return None
-        if self._used_bdat:
+        elif self._used_bdat:
             self._error(503, "5.5.1", "Error: DATA after BDAT")
-            return None
-        if not self.recipients:
+        elif not self.recipients:
             self._error(554, "5.5.1", "Error: no valid recipients")
-            return None
-        return DataStart(bdat=False)
+        else:
+            return DataStart(bdat=False)
+        self._sync_after_data()
+        return None
+
+    def _sync_after_data(self) -> None:
+        """A refused DATA with input after it that came before its reply (RFC 2920
+        3.1: DATA ends a group; the client waits for 354): that input is the
+        message, which would be run as commands (a body's "RCPT TO:" line, its
+        "." and QUIT ...). Refused as Exim refuses a synchronization error: 554,
+        the session closed, nothing of it read."""
+        if (self._buf or self.input_after) and self.mode != _CLOSED:
+            self._out.append(self._format(
+                554, "5.5.0", "SMTP synchronization error: input sent after DATA before its reply"
+            ))  # fmt: skip
+            self.mode = _CLOSED
+            self._buf.clear()
 
     def _cmd_bdat(self, arg: bytes) -> Event | None:
         parts = arg.split()
