@@ -83,12 +83,14 @@ def test_rset_and_quit_with_an_argument_are_501() -> None:
     assert s.codes(b"QUIT\r\n") == ["221"] and s.proto.closed
 
 
-def _served(tmp: Path, port: int, certs: Any, limit: int = 0, extra: str = "") -> tuple[Served, int]:
+def _served(tmp: Path, port: int, certs: Any, limit: int = 0, extra: str = "",
+            submission: str = "") -> tuple[Served, int]:  # fmt: skip
     cert, key, _tls = certs
     sub = free_port()
     conf = f"""
 {extra}
 [submission]
+{submission}
 listen = "127.0.0.1:{sub}"
 tls_cert = "{cert}"
 tls_key = "{key}"
@@ -353,3 +355,36 @@ def test_submission_closes_a_session_that_pipelines_a_body_after_a_refused_data(
     finally:
         s.stop()
     assert handler.messages == []
+
+
+def test_a_tls_handshake_never_made_is_held_to_the_listeners_timeout(
+    tmp_path: Path, certs: Any
+) -> None:
+    """[submission] timeout = 1: a peer that asks for STARTTLS (or connects to the
+    implicit TLS port) and then sends nothing is closed at that timeout; before,
+    asyncio's own 60 s held (the watchdog waits while a handshake runs)."""
+    tls_port = free_port()
+    extra = f'timeout = 1\nlisten_tls = "127.0.0.1:{tls_port}"\n'
+    s, sub = _served(tmp_path, free_port(), certs, submission=extra)
+    try:
+        wait_port("127.0.0.1", tls_port, timeout=60)
+        for port, starttls in ((sub, True), (tls_port, False)):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                if starttls:
+                    f = sock.makefile("rb")
+                    assert f.readline().startswith(b"220")
+                    sock.sendall(b"EHLO c.test\r\n")
+                    while not f.readline().startswith(b"250 "):
+                        pass
+                    sock.sendall(b"STARTTLS\r\n")
+                    assert f.readline().startswith(b"220 2.0.0")
+                else:
+                    sock.sendall(b"\x16\x03\x01")  # (a ClientHello begun, never ended)
+                # Closed by the server (30 s: well before the 60 of before).
+                try:
+                    got = sock.recv(100)
+                except TimeoutError:
+                    got = b"<still open>"
+                assert got == b"", (port, got)
+    finally:
+        s.stop()

@@ -12,7 +12,8 @@ CONFIG
     [submission.users]               # optional: tenant = hash_password("...") output
     acme = "pbkdf2_sha256$600000$<salt b64>$<hash b64>"
 
-    # Both tables also take (defaults shown): timeout = 300 (per command line),
+    # Both tables also take (defaults shown): timeout = 300 (per command line; a
+    # TLS handshake: at most 60),
     # data_timeout = 180 (between DATA/BDAT blocks), data_min_rate = 500 (bytes/s:
     # a message's content arrives within data_timeout + bytes/rate), max_session = 3600,
     # max_connections = 200, max_connections_per_ip = 10, max_commands = 1000,
@@ -1251,6 +1252,11 @@ class _Connection(ServerConnection):
         self.peer_ip = ""
         self.started = time.monotonic()
         self.deadline = self.started + policy.limits.timeout
+        # The watchdog waits while a handshake runs: it is held to the command
+        # timeout (at most asyncio's 60 s) itself. Before, a peer that sent STARTTLS,
+        # or connected to the implicit TLS port, and then nothing held its slot 60 s
+        # whatever [submission] timeout said.
+        self.handshake_timeout = min(policy.limits.timeout, 60.0)
         self.replies = 0
         self._input_paused = False
         # The message content now arriving (DATA, or a transaction's BDAT chunks):

@@ -28,6 +28,9 @@ class ServerConnection(asyncio.Protocol):
         self._tls_early: list[bytes] | None = None  # set while the TLS handshake runs
         self._tls_task: asyncio.Future[None] | None = None
         self._write_paused = False
+        # Seconds a TLS handshake (STARTTLS, implicit TLS) may take: asyncio's own
+        # default is 60, whatever a listener's timeouts say.
+        self.handshake_timeout = 60.0
 
     def data_received(self, data: bytes) -> None:
         if self._tls_early is not None:  # decrypted bytes before start_tls() returned
@@ -76,7 +79,9 @@ class ServerConnection(asyncio.Protocol):
         if transport is None or ctx is None:
             return
         try:
-            new = await self.loop.start_tls(transport, self, ctx, server_side=True)
+            new = await self.loop.start_tls(
+                transport, self, ctx, server_side=True, ssl_handshake_timeout=self.handshake_timeout
+            )
         except (OSError, ssl.SSLError, ConnectionError):
             transport.abort()
             return
