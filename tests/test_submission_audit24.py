@@ -40,7 +40,7 @@ from _smtp_helpers import RecordingHandler
 from conftest import free_port, wait_port
 from fastsend.bounce import parse_bounce
 from fastsend.serve.dsn import Failure, build
-from fastsend.serve.listeners import SIGN_ROOM, TRACE_ROOM
+from fastsend.serve.listeners import SIGN_ROOM, STRESS_IDLE, TRACE_ROOM
 from fastsend.serve.rdns import ReverseNames
 from fastsend.sink import SinkThread
 from fastsend.smtp.server import RcptTo, ServerConfig, xtext_decode
@@ -388,3 +388,33 @@ def test_a_tls_handshake_never_made_is_held_to_the_listeners_timeout(
                 assert got == b"", (port, got)
     finally:
         s.stop()
+
+
+def test_idle_sessions_are_closed_sooner_when_the_connection_slots_run_out(
+    tmp_path: Path, certs: Any
+) -> None:
+    """With 80% of max_connections open, a session idle between commands for 10 s
+    is closed (Postfix's stress-adaptive timeouts); before, idle peers held every
+    slot for the whole command timeout (300 s) and real clients got 421 at connect."""
+    s, sub = _served(tmp_path, free_port(), certs, submission="max_connections = 5\n")
+
+    def connect() -> tuple[socket.socket, Any]:
+        sock = socket.create_connection(("127.0.0.1", sub), timeout=60)
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        return sock, f
+
+    try:
+        first = connect()
+        time.sleep(STRESS_IDLE + 3)  # one session of five: no stress, it stays
+        first[0].sendall(b"NOOP\r\n")
+        assert first[1].readline().startswith(b"250 ")
+        more = [connect() for _ in range(3)]  # four of five open: stress
+        for sock, f in [first, *more]:
+            line = f.readline()  # (60 s: well before the 300 s of before)
+            assert line.startswith(b"421 4.4.2"), line
+            assert f.readline() == b""
+            sock.close()
+    finally:
+        s.stop()
+    assert any("sessions idle between commands are closed" in ln for ln in s.lines)

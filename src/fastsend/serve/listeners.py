@@ -192,6 +192,11 @@ SIGN_ROOM = 4096
 TRACE_ROOM = 1536
 RDNS_WAIT = 5.0  # s from a connection's start its client's reverse DNS name is waited for
 KNOWN_FOR = 30 * 86400.0  # s an address that logged in as a user stays out of its lock-out
+# Stress (Postfix's stress-adaptive behaviour): with STRESS_SHARE of max_connections
+# open, a session idle between commands for STRESS_IDLE s is closed (421), not after
+# the whole command timeout: idle peers cannot hold every slot against those sending.
+STRESS_SHARE = 0.8
+STRESS_IDLE = 10.0
 KNOWN_PER_USER = 64  # such addresses remembered per user (the latest)
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
 # RFC 3464 2.3.3 actions of a report that is no final failure of the recipient.
@@ -310,6 +315,7 @@ class Guard:
         self.held = 0
         self.held_ip: dict[str, int] = {}  # ... of it, per peer address
         self.dropped = 0
+        self.stressed = False  # (said in the log when it begins)
 
     def admit(self, conn: _Connection, ip: str) -> str | None:
         lim = self.limits
@@ -369,10 +375,19 @@ class Guard:
                 # meanwhile is not read yet. Timeouts measure their silence, not ours.
                 for c in self.conns:
                     c.deadline += lag
+            stress = len(self.conns) >= lim.max_connections * STRESS_SHARE
+            if stress != self.stressed:
+                self.stressed = stress
+                if stress:
+                    log.warning("listener: %d of max_connections %d open: sessions idle"
+                                " between commands are closed after %g s", len(self.conns),
+                                lim.max_connections, min(STRESS_IDLE, lim.timeout))  # fmt: skip
             for c in list(self.conns):
                 if now - c.started > lim.max_session or (
-                    not c._waiting and (now > c.deadline or now > c.content_deadline())
-                ):
+                    not c._waiting
+                    and (now > c.deadline or now > c.content_deadline()
+                         or (stress and c.idle_since(now) > STRESS_IDLE))
+                ):  # fmt: skip
                     self.timed_out += 1
                     c.time_out()
 
@@ -1350,6 +1365,13 @@ class _Connection(ServerConnection):
         if self._input_paused and self.transport is not None and not self._write_paused:
             self._input_paused = False
             self.transport.resume_reading()
+
+    def idle_since(self, now: float) -> float:
+        """Seconds the peer has owed us its next command line (0 while a message's
+        content arrives: that has its own limits)."""
+        if self.proto.mode in (_DATA_MODE, _BDAT_MODE):
+            return 0.0
+        return now - (self.deadline - self.policy.limits.timeout)
 
     def content_deadline(self) -> float:
         """When the message content arriving must be complete: data_timeout after its
