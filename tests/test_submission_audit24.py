@@ -39,6 +39,8 @@ from _serve_helpers import Served
 from _smtp_helpers import RecordingHandler
 from conftest import free_port, wait_port
 from fastsend.bounce import parse_bounce
+from fastsend.config.serve import ListenerLimits
+from fastsend.serve import listeners
 from fastsend.serve.dsn import Failure, build
 from fastsend.serve.listeners import SIGN_ROOM, STRESS_IDLE, TRACE_ROOM
 from fastsend.serve.rdns import ReverseNames
@@ -418,3 +420,23 @@ def test_idle_sessions_are_closed_sooner_when_the_connection_slots_run_out(
     finally:
         s.stop()
     assert any("sessions idle between commands are closed" in ln for ln in s.lines)
+
+
+def test_a_spray_of_junk_auth_names_does_not_lift_a_lock_out() -> None:
+    """The failure counters are bounded (FAILS_KEPT); past it they were all cleared,
+    so failures for junk names from many addresses lifted every lock-out, the one
+    of the tenant name being guessed too. Now the stalest go, and a lock-out being
+    tried stays."""
+    lim = ListenerLimits(auth_failures_per_ip=3, auth_failures_per_user=3)
+    t = listeners.AuthThrottle(lim)
+    now = 1000.0
+    for i in range(3):
+        t.failed(f"192.0.2.{i}", "acme", now)
+    assert t.blocked("198.51.100.1", "acme", now)  # (the name: from anywhere)
+    n = listeners.FAILS_KEPT // 3 + 2000  # (3 counters a failure)
+    for i in range(n):  # junk names from many addresses; the guesser keeps trying
+        t.failed(f"10.{i // 250 % 250}.{i % 250}.{i // 62500}", f"junk{i}", now + i / 10000)
+        if i % 500 == 0:
+            assert t.blocked(f"203.0.113.{i % 250}", "acme", now + i / 10000), i
+    assert len(t.fails) <= listeners.FAILS_KEPT + 3
+    assert t.blocked("198.51.100.2", "acme", now + 6)

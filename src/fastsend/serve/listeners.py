@@ -197,6 +197,7 @@ KNOWN_FOR = 30 * 86400.0  # s an address that logged in as a user stays out of i
 # the whole command timeout: idle peers cannot hold every slot against those sending.
 STRESS_SHARE = 0.8
 STRESS_IDLE = 10.0
+FAILS_KEPT = 100_000  # AUTH failure counters kept (per IP, user, both); beyond: the stalest go
 KNOWN_PER_USER = 64  # such addresses remembered per user (the latest)
 NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are no complaint
 # RFC 3464 2.3.3 actions of a report that is no final failure of the recipient.
@@ -476,7 +477,24 @@ class AuthThrottle:
         by_ip = max(by_ip, self._recent(k_ip, now))
         by_user = max(by_both if known else by_user,
                       self._recent(k_both if known else k_user, now))  # fmt: skip
-        return by_ip >= lim.auth_failures_per_ip or by_user >= lim.auth_failures_per_user
+        out = by_ip >= lim.auth_failures_per_ip or by_user >= lim.auth_failures_per_user
+        if out:  # (a lock-out being tried is fresh: the last to go, _prune)
+            for k in (k_ip, k_user, k_both):
+                if k in self.fails:
+                    self.fails[k] = self.fails.pop(k)
+        return out
+
+    def _prune(self, now: float) -> None:
+        """Counters over FAILS_KEPT: those out of the window go, then the stalest
+        (least recently failed or tried while locked out) down to 3/4 of it.
+        Before, all were cleared: a spray of junk names from many addresses wiped
+        every lock-out, the per-user count of the name being guessed too."""
+        cut = now - self.limits.auth_window
+        for k in [k for k, t in self.fails.items() if not t or t[-1] < cut]:
+            del self.fails[k]
+        fails = self.fails
+        while len(fails) > FAILS_KEPT * 3 // 4:
+            del fails[next(iter(fails))]
 
     def familiar(self, ip: str, user: str, now: float) -> bool:
         """Whether ``ip`` logged in as ``user`` on this node within KNOWN_FOR."""
@@ -490,11 +508,13 @@ class AuthThrottle:
 
     def failed(self, ip: str, user: str, now: float) -> float:
         """Record a failure; the back-off (seconds) before answering it."""
-        if len(self.fails) > 100_000:  # bounded memory under a spray of names
-            self.fails.clear()
+        if len(self.fails) > FAILS_KEPT:  # bounded memory under a spray of names
+            self._prune(now)
         names = self._names(ip, user)
-        for key in names:
-            self.fails.setdefault(key, []).append(now)
+        for key in names:  # (each now the freshest: insertion order is recency)
+            times = self.fails.pop(key, [])
+            times.append(now)
+            self.fails[key] = times
         n = max(self._recent(names[0], now), self._recent(names[1], now))
         if self._shared_up():
             try:
