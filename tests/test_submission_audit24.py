@@ -440,3 +440,19 @@ def test_a_spray_of_junk_auth_names_does_not_lift_a_lock_out() -> None:
             assert t.blocked(f"203.0.113.{i % 250}", "acme", now + i / 10000), i
     assert len(t.fails) <= listeners.FAILS_KEPT + 3
     assert t.blocked("198.51.100.2", "acme", now + 6)
+
+
+def test_a_bdat_whose_size_cannot_be_read_ends_the_session() -> None:
+    """Its chunk follows whatever the answer: read as commands, the chunk's lines
+    joined the open transaction (a second recipient, a message sent to it)."""
+    s = Session()
+    ehlo(s)
+    chunk = b"RCPT TO:<victim@b.c>\r\nBDAT 23 LAST\r\nFrom: a@b.c\r\n\r\nspam\r\n"
+    out = s.feed(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@b.c>\r\nBDAT %d LASTX\r\n" % len(chunk) + chunk)
+    assert out.endswith(b"501 5.5.4 Syntax: BDAT size [LAST]; closing connection\r\n"), out
+    assert s.proto.closed and not s.messages
+    assert [e.address for e in s.events if isinstance(e, RcptTo)] == ["x@b.c"]
+    for bad in (b"BDAT 1" + b"0" * 18, b"BDAT -1", b"BDAT", b"BDAT 5 LAST MORE"):
+        s = Session()
+        ehlo(s)
+        assert s.codes(bad + b"\r\nNOOP\r\n") == ["501"] and s.proto.closed, bad

@@ -826,7 +826,13 @@ class ServerProtocol:
             or len(parts[0]) > 18
             or (len(parts) == 2 and parts[1].upper() != b"LAST")
         ):
-            self._error(501, "5.5.4", "Syntax: BDAT size [LAST]")
+            # The chunk's octets follow whatever we answer, and where they end
+            # cannot be told: read as commands, a "RCPT TO:" line of a message
+            # joined the open transaction. The session ends here (RFC 3030 has
+            # no way on; Postfix disconnects too).
+            self._error(501, "5.5.4", "Syntax: BDAT size [LAST]; closing connection")
+            self.mode = _CLOSED
+            self._buf.clear()
             return None
         size = int(parts[0])
         self._bdat_left = size
