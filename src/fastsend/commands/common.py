@@ -240,10 +240,87 @@ def foreign_source_ips(cfg: Any) -> int | None:
     return None if why is None else die(why)
 
 
+# The options of a run that say where and how its mail goes (the rest, --workers,
+# --max-wait, --json..., are the command's own): `send` records them with its
+# campaign (``RUN_OPTION``) and `resume` given none of them takes them back.
+RUN_FLAGS = {"config": "-c", "route": "--route", "source_ip": "--source-ip", "helo": "--helo",
+             "retry": "--retry", "nameserver": "--nameserver"}  # fmt: skip
+RUN_OPTION = "run"
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of this run that :data:`RUN_FLAGS` names, as `send` records them
+    in its campaign's options (the config's path made absolute; {} when none was
+    given: that too is recorded, a run by MX on embedded defaults)."""
+    out: dict[str, Any] = {}
+    for name in RUN_FLAGS:
+        value = getattr(args, name, None)
+        if value:
+            out[name] = os.path.abspath(value) if name == "config" else value
+    return out
+
+
+def run_flags(run: dict[str, Any]) -> str:
+    """A recorded run's options as a command line says them."""
+    import shlex
+
+    words: list[str] = []
+    for name, flag in RUN_FLAGS.items():
+        value = run.get(name)
+        for v in value if isinstance(value, list) else [value] if value else []:
+            words += [flag, str(v)]
+    return shlex.join(words) if words else "no options (MX, embedded defaults)"
+
+
+def recorded_run(spool: Any) -> tuple[dict[str, Any] | None, list[int], str]:
+    """The options the `send` runs of the campaigns ``spool`` still has mail or a
+    list to read for were given (:data:`RUN_OPTION`): (the options, the campaigns, "")
+    when they agree, (None, [], why) when campaigns still pending were sent with
+    different ones, (None, [], "") when no pending campaign has any recorded (spooled
+    by serve's API, by a fastsend before they were recorded, or nothing pending)."""
+    import orjson
+
+    reading = {j.campaign for j in spool.list_ingests(unfinished=True)}
+    runs: dict[bytes, tuple[dict[str, Any], list[int]]] = {}
+    for info in spool.list_campaigns():
+        run = (info.options or {}).get(RUN_OPTION)
+        if not isinstance(run, dict) or info.status not in ("active", "paused"):
+            continue
+        if info.id not in reading and not spool.pending_domains([info.id], limit=1):
+            continue
+        runs.setdefault(orjson.dumps(run, option=orjson.OPT_SORT_KEYS), (run, []))[1].append(
+            info.id
+        )
+    if len(runs) > 1:
+        said = "; ".join(
+            f"campaign{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}: {run_flags(run)}"
+            for run, ids in runs.values()
+        )
+        return None, [], (
+            "the campaigns this spool still has mail for were sent with different options"
+            f" ({said}); say which to resume with (-c, --route, --source-ip, --helo, --retry,"
+            " --nameserver)"
+        )
+    if not runs:
+        return None, [], ""
+    ((run, ids),) = runs.values()
+    return run, ids, ""
+
+
+def with_run(args: argparse.Namespace, run: dict[str, Any]) -> argparse.Namespace:
+    """``args`` with a recorded run's options (:func:`recorded_run`) in place."""
+    out = argparse.Namespace(**vars(args))
+    for name in RUN_FLAGS:
+        default: Any = [] if name in ("route", "nameserver") else None
+        setattr(out, name, run.get(name, default))
+    return out
+
+
 def resume_command(args: argparse.Namespace) -> str:
     """The ``fastsend resume`` command line that continues this run: the same
-    config, spool and engine options (routes, source IPs... are not kept in the
-    spool), paths made absolute, quoted for a POSIX shell."""
+    config, spool and engine options (a resume given none of the routing ones
+    takes the campaign's recorded ones, :func:`recorded_run`; said in full all the
+    same), paths made absolute, quoted for a POSIX shell."""
     import shlex
 
     from fastsend.spool import is_redis_url

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsend.commands.common import (
     EX_TEMPFAIL,
+    RUN_FLAGS,
     add_engine_arguments,
     die,
     engine_config,
@@ -30,14 +31,18 @@ from fastsend.commands.common import (
     hold_supervisor,
     open_suppression,
     print_summary,
+    recorded_run,
     redact_url,
     run_engine,
+    run_flags,
     sign_links_as_serve,
     still_deferred,
     stopped_by_signal,
+    with_run,
 )
 
 if TYPE_CHECKING:
+    from fastsend.config import Config
     from fastsend.spool import IngestJob
 
 # Everything run() opens is closed when it returns, and it leaves no thread:
@@ -78,6 +83,40 @@ def settle_quota(spool: Any, job: IngestJob | None) -> None:
               f" settled: {e}", file=sys.stderr)  # fmt: skip
 
 
+def take_recorded_run(
+    args: argparse.Namespace, spool: Any, spool_url: str
+) -> tuple[argparse.Namespace, Config] | int | None:
+    """The options and config of the `send` runs that spooled what ``spool`` still
+    holds (``commands.common.recorded_run``), said on stderr; None when there are
+    none to take (or none but defaults), or the exit status, said, when they
+    differ between campaigns or no longer load."""
+    from fastsend.config import ConfigError
+
+    run, ids, why = recorded_run(spool)
+    if why:
+        return die(why)
+    if not run:
+        return None
+    camps = f"campaign{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+    taken = with_run(args, run)
+    taken.spool = spool_url  # the spool opened, whatever a recorded config names
+    try:
+        cfg, url = engine_config(taken)
+    except ConfigError as e:
+        return die(f"{e} (the options `send` was given for {camps}: {run_flags(run)})")
+    if url != spool_url:
+        return die(
+            f"the config `send` was given for {camps} names another spool ({redact_url(url)});"
+            " give resume its options (-c, --route, ...)"
+        )
+    print(
+        f"fastsend: resuming {camps} with the options its send was given: {run_flags(run)}"
+        " (give -c, --route, --source-ip, --helo, --retry or --nameserver to choose others)",
+        file=sys.stderr,
+    )
+    return taken, cfg
+
+
 def run(args: argparse.Namespace) -> int:
     # The engine and what it needs, imported once the command runs (not for --help).
     from fastsend import engine
@@ -100,6 +139,23 @@ def run(args: argparse.Namespace) -> int:
     busy = hold_supervisor(spool, "fastsend resume", cfg.spool_dir)
     if busy:
         return busy
+    if not any(getattr(args, name) for name in RUN_FLAGS):
+        # None of the options that say where mail goes: those of the `send` that
+        # spooled what is left (a kill -9 said no resume command; by MX instead of
+        # its --route the mail bounced or left from the wrong place).
+        try:
+            taken = take_recorded_run(args, spool, spool_url)
+        except spool.outage_errors() as e:
+            spool.close()
+            return die(f"the spool is out of reach ({e.__class__.__name__}: {e})", EX_TEMPFAIL)
+        if isinstance(taken, int):
+            spool.close()
+            return taken
+        if taken is not None:
+            args, cfg = taken
+            if (foreign := foreign_source_ips(cfg)) is not None:
+                spool.close()
+                return foreign
     try:
         sign_links_as_serve(cfg, spool)  # serve's secret: its links, VERP and ids verify
     except spool.outage_errors() as e:

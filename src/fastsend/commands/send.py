@@ -30,6 +30,7 @@ from typing import Any
 
 from fastsend.commands.common import (
     EX_TEMPFAIL,
+    RUN_OPTION,
     add_engine_arguments,
     die,
     engine_config,
@@ -40,6 +41,7 @@ from fastsend.commands.common import (
     print_summary,
     redact_url,
     run_engine,
+    run_options,
     sign_links_as_serve,
     still_deferred,
     stopped_by_signal,
@@ -184,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     options, why = campaign_options(args, cfg)
     if why:
         return die(why)
+    # Where and how its mail goes, for a `resume` after a crash (kill -9: no command said).
+    options[RUN_OPTION] = run_options(args)
     if (foreign := foreign_source_ips(cfg)) is not None:
         return foreign
     try:
