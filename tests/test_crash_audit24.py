@@ -133,3 +133,36 @@ def test_resume_takes_a_recorded_config_and_asks_when_pending_runs_differ(
     # (the sinks' logs are whole once they stopped)
     assert set(received_counts(a_log)) == {"defer1-one@a.example", "defer1-three@c.example"}
     assert not received_counts(b_log)
+
+
+def test_an_event_log_whose_last_line_was_cut_short_starts_the_next_event_on_a_line(
+    tmp_path: Path,
+) -> None:
+    """A process that died mid-line (a full disk took part of a write, then it
+    ended; a power loss) leaves the event log without its last line feed. The next
+    opener ends that fragment first: its own events are whole lines, and a catch-up
+    (``read_back``) from a mark before them reads them. Before, the next run's first
+    event was appended to the fragment: one line no reader parses, that event lost
+    (a ``send`` on such a spool: its campaign's first "accepted")."""
+    import orjson
+
+    from fastsend.events import EventLog, read_back
+
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"event":"delivered","id":1}\n{"time":1796630079.5,"event":"deliv')
+    log = EventLog(str(path))
+    before = log.mark()
+    log.emit({"event": "accepted", "id": 2, "rcpt": "a@x.example"})
+    log.emit({"event": "accepted", "id": 3, "rcpt": "b@x.example"})
+    after = log.mark()
+    log.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[1] == b'{"time":1796630079.5,"event":"deliv' and lines[-1] == b""
+    assert [orjson.loads(x)["id"] for x in (lines[0], *lines[2:-1])] == [1, 2, 3]
+    assert before is not None and after is not None
+    got = [e["id"] for batch in read_back(str(path), before, after) for e in batch]
+    assert got == [2, 3]
+    # A whole log gains nothing; a second opener of the mended one neither.
+    size = path.stat().st_size
+    EventLog(str(path)).close()
+    assert path.stat().st_size == size

@@ -197,6 +197,17 @@ class Pending:
         self.segs, self.ends, self.shifted = segs, ends, shifted
 
 
+def _torn(fd: int, size: int) -> bool:
+    """True when the file open for appending as ``fd``, of ``size`` bytes, does not
+    end with a line feed (read through /proc/self/fd: ``fd`` is write-only)."""
+    try:
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            f.seek(size - 1)
+            return f.read(1) not in (b"\n", b"")
+    except OSError:
+        return False
+
+
 class EventLog:
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -236,6 +247,13 @@ class EventLog:
     def _opened(self) -> None:
         st = os.fstat(self._fd)
         self.pos, self._ident = st.st_size, f"{st.st_dev}:{st.st_ino}"
+        if st.st_size and _torn(self._fd, st.st_size):
+            # The last writer died mid-line (a full disk took part of a write, then
+            # the process ended; a power loss): that fragment ends here, so the next
+            # event starts a line of its own. Before, the first event of the next
+            # run was appended to it: one line no reader could parse, that event lost.
+            self._buf.append(b"\n")
+            self.pos += 1
 
     def listen(self, listener: Listener, rows: Callable[[Rows], None] | None = None) -> None:
         """Add ``listener`` (it sees every batch of event dicts); ``rows``: its
