@@ -166,3 +166,39 @@ def test_an_event_log_whose_last_line_was_cut_short_starts_the_next_event_on_a_l
     size = path.stat().st_size
     EventLog(str(path)).close()
     assert path.stat().st_size == size
+
+
+def test_resume_refuses_recorded_source_ips_that_are_not_this_machines(tmp_path: Path) -> None:
+    """A shared spool's other node (here: the recorded run edited to name an
+    address of another machine) resumed with no option: the recorded source IP is
+    refused before anything is claimed, exit 2, saying whose options they were and
+    what to give instead."""
+    import sqlite3
+
+    import orjson
+
+    spool = str(tmp_path / "spool")
+    camp = write_campaign(tmp_path)
+    one = write_recipients(tmp_path, ["defer1-one@a.example"])
+    with SinkProcess() as sink:
+        host, port = sink.addresses[0]
+        r = run_fastsend(
+            "send", str(camp), "-r", str(one), "--no-dkim", "--spool", spool, "--route",
+            f"*={host}:{port}", "--source-ip", "127.0.0.2", "--retry", "60,60,3600",
+            "--max-wait", "0", "--json", "--no-progress", "--workers", "1",
+        )  # fmt: skip
+    assert summary(r)["deferred"] == 1, r.stderr
+    db = sqlite3.connect(os.path.join(spool, "spool.db"))
+    (raw,) = db.execute("SELECT options FROM campaigns WHERE id = 1").fetchone()
+    options = orjson.loads(raw)
+    assert options["run"]["source_ip"] == "127.0.0.2"
+    options["run"]["source_ip"] = "192.0.2.77"
+    with db:
+        db.execute("UPDATE campaigns SET options = ? WHERE id = 1", (orjson.dumps(options),))
+    db.close()
+    res = run_fastsend("resume", "--spool", spool, "--json", "--no-progress")
+    assert res.returncode == 2, res.stderr
+    assert "192.0.2.77" in res.stderr and "the options `send` was given for campaign 1" in (
+        res.stderr
+    )
+    assert "give resume this machine's" in res.stderr and not res.stdout

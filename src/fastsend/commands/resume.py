@@ -104,6 +104,13 @@ def take_recorded_run(
         cfg, url = engine_config(taken)
     except ConfigError as e:
         return die(f"{e} (the options `send` was given for {camps}: {run_flags(run)})")
+    from fastsend.delivery.ehlo import foreign_ips_error
+
+    if foreign := foreign_ips_error(cfg):  # (another node of a shared spool: its own IPs)
+        return die(
+            f"{foreign} (the options `send` was given for {camps}: {run_flags(run)}); give"
+            " resume this machine's (--source-ip, -c)"
+        )
     if url != spool_url:
         return die(
             f"the config `send` was given for {camps} names another spool ({redact_url(url)});"
@@ -153,9 +160,6 @@ def run(args: argparse.Namespace) -> int:
             return taken
         if taken is not None:
             args, cfg = taken
-            if (foreign := foreign_source_ips(cfg)) is not None:
-                spool.close()
-                return foreign
     try:
         sign_links_as_serve(cfg, spool)  # serve's secret: its links, VERP and ids verify
     except spool.outage_errors() as e:
