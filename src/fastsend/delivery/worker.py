@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import gc
 import os
@@ -84,6 +85,10 @@ WITHDRAWN = "withdrawn after its claim: its address suppressed, or its campaign 
 RETIRED = "handed back by a worker a reload replaced: the new worker sends it"
 STOPPED = "stopped now before its message was written: never sent"
 STOPPED_EXIT = 128 + wire.STOP_NOW  # stop_now's status: as if the signal had ended it
+# s a stop now waits for the replies to what is past its end of data (the
+# supervisor's stop waits 2 s for its workers, then SIGKILL): each one still
+# unanswered then counts an attempt of unknown outcome, sent again
+STOP_GRACE = 1.0
 
 
 class Worker:
@@ -119,6 +124,7 @@ class Worker:
         self.flush_handle: asyncio.TimerHandle | None = None
         self.pending_out: list[bytes] = []
         self.draining = False
+        self.stop_task: asyncio.Task[None] | None = None  # stop_now's wait for the replies
         self.retiring = False  # wire.Retire: a reload's new worker sends in our place
         self.conns_told: list[tuple[str, str, int]] | None = None  # last wire.Conns sent
         self.lanes_told: dict[tuple[str, str], tuple[float, float]] = {}  # report_lanes
@@ -852,12 +858,55 @@ class Worker:
         return ids
 
     def stop_now(self) -> None:
-        """``wire.STOP_NOW`` (the supervisor's stop now, a reload's drain_limit): give back
-        what was never sent (``unsent_ids``: released without an attempt),
-        then exit at once, status STOPPED_EXIT. What it had past its end of
-        data stays in the supervisor's window, each one attempt of unknown
-        outcome; before, the whole window was (a stop counted, and delayed by
-        the backoff, mail that had never left the ready queue)."""
+        """``wire.STOP_NOW`` (the supervisor's stop now: Ctrl-C, a second SIGTERM; a
+        reload's drain_limit): what no connection has taken goes back now, never
+        sent (batches unread or waiting for their site, ready queues), and no
+        transaction starts; the transactions on the wire get up to
+        :data:`STOP_GRACE` for their replies, their outcomes told as any
+        (:meth:`_stop_when_answered`), then :meth:`_exit_now`. Before, it exited
+        at once: every message past its end of data whose reply was a
+        millisecond away counted unknown and was sent again (a Ctrl-C of
+        ``send`` to a 5 ms sink: 1,440 messages delivered twice). The
+        supervisor repeats the signal while it waits: once is enough."""
+        if self.stop_task is not None:
+            return
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.inbox.reader_fd)  # nothing new (unsent_ids reads the rest)
+        ids: list[int] = []
+        decode = wire.to_worker_decoder.decode
+        while (rec := self.inbox.get()) is not None:
+            with contextlib.suppress(Exception):
+                msg = decode(rec)
+                if isinstance(msg, wire.Batch):
+                    ids += [it.id for it in msg.items]
+        for batch in self.resolving.values():  # still waiting for DNS or a route's queue
+            ids += [it.id for it in batch.items]
+            batch.items = []
+        back: list[Envelope] = []
+        for q in self.sites.values():
+            q.horizon = 0.0
+            if q.pending:
+                back += q.pending
+                q.pending.clear()
+        self.handback_ids(ids, 0.0, 0.0, STOPPED)
+        if back:
+            self.handback(back, 0.0, 0.0, STOPPED)
+        self.stop_task = loop.create_task(self._stop_when_answered())
+
+    async def _stop_when_answered(self) -> None:
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and any(q.sending for q in self.sites.values()):
+            await asyncio.sleep(0.005)
+        self._exit_now()
+
+    def _exit_now(self) -> None:
+        """Give back what was never sent (``unsent_ids``: released without an
+        attempt), tell the outcomes decided, then exit at once, status
+        STOPPED_EXIT. What it had past its end of data stays in the supervisor's
+        window, each one attempt of unknown outcome; before, the whole window was
+        (a stop counted, and delayed by the backoff, mail that had never left the
+        ready queue)."""
         ids = self.unsent_ids()
         if self.out:  # outcomes decided and not yet told, first
             self.pending_out.append(wire.encoder.encode(wire.Results(self.out)))
