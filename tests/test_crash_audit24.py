@@ -252,3 +252,27 @@ def test_ctrl_c_of_send_waits_for_the_replies_on_the_wire_and_sends_nothing_twic
     assert set(got) == set(addrs)
     twice = sorted(a for a, k in got.items() if k > 1)
     assert not twice, (len(twice), twice[:5])
+
+
+def test_a_spool_path_that_is_a_file_is_said_so(tmp_path: Path) -> None:
+    """``--spool`` (or ``[spool] dir``) naming a file, not a directory: every command
+    says so, exit 2, the file untouched. Before: "cannot be opened: [Errno 17] File
+    exists" (send, serve), "no spool" (resume, queue)."""
+    spot = tmp_path / "spoolfile"
+    spot.write_text("not a spool\n")
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, ["a@x.example"])
+    conf = tmp_path / "fastsend.toml"
+    conf.write_text(f'[spool]\ndir = "{spot}"\n[api]\nlisten = "127.0.0.1:0"\n')
+    for args in (
+        ("send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spot), "--no-progress"),
+        ("resume", "--spool", str(spot), "--no-progress"),
+        ("queue", "--spool", str(spot)),
+        ("campaign", "list", "--spool", str(spot)),
+        ("serve", "-c", str(conf)),
+    ):
+        r = run_fastsend(*args, timeout=60)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "not a directory: a file is there" in r.stderr, (args, r.stderr)
+        assert "Errno" not in r.stderr, r.stderr
+    assert spot.read_text() == "not a spool\n"

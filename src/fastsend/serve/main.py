@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         secure_spool(cfg.spool_dir)
     except OSError as e:
-        print(f"fastsend serve: spool {cfg.spool_dir}: {e}", file=sys.stderr)
+        file = os.path.exists(cfg.spool_dir) and not os.path.isdir(cfg.spool_dir)
+        said = "not a directory: a file is there" if file else e  # (was "[Errno 17] File exists")
+        print(f"fastsend serve: spool {cfg.spool_dir}: {said}", file=sys.stderr)
         return 2
     if not args.no_workers:  # an ingest-only node sends from no address
         from fastsend.delivery.ehlo import foreign_ips_error

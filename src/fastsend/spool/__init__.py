@@ -130,6 +130,9 @@ def open_spool(url_or_dir: str, *, readonly: bool = False, must_exist: bool = Fa
     from fastsend.spool.sqlite import SQLiteSpool
 
     path = url_or_dir.removeprefix("sqlite:")
+    if os.path.exists(path) and not os.path.isdir(path):
+        # (was "cannot be opened: [Errno 17] File exists", or "no spool")
+        raise SpoolError(f"the spool at {path!r} is not a directory: a file is there")
     if must_exist and not os.path.exists(os.path.join(path, "spool.db")):
         raise SpoolError(f"no spool at {path!r}")
     return SQLiteSpool(path, readonly=readonly)
