@@ -276,3 +276,43 @@ def test_a_spool_path_that_is_a_file_is_said_so(tmp_path: Path) -> None:
         assert "not a directory: a file is there" in r.stderr, (args, r.stderr)
         assert "Errno" not in r.stderr, r.stderr
     assert spot.read_text() == "not a spool\n"
+
+
+def test_send_run_again_after_a_kill_is_refused_and_resume_named(tmp_path: Path) -> None:
+    """``send`` killed -9 mid-list, then the same ``send`` again (a job runner's
+    retry, a shell's history): refused, exit 2, naming the campaign and `resume`,
+    nothing spooled; ``resume`` delivers each address once; once that campaign is
+    done the same command sends it anew (a new campaign). Before: the retry spooled
+    the whole list as a second campaign and every recipient the first had
+    delivered got the mail twice."""
+    n = 5000
+    addrs = [f"user{i}@d{i % 7}.example.net" for i in range(n)]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    spool = str(tmp_path / "spool")
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        host, port = sink.addresses[0]
+        cmd = ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", spool, "--route",
+               f"*={host}:{port}", "--workers", "1", "--json", "--no-progress"]  # fmt: skip
+        env = dict(_env(), FASTSEND_TEST_FAULT="ingest-kill-after-commit:2")
+        killed = subprocess.run(
+            fastsend_cmd(*cmd), capture_output=True, text=True, env=env, timeout=120
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        again = run_fastsend(*cmd)
+        assert again.returncode == 2, again.stderr[-2000:]
+        assert "was sent with this campaign before" in again.stderr, again.stderr
+        assert "campaign 1 'campaign.toml'" in again.stderr and "`fastsend resume`" in again.stderr
+        listed = run_fastsend("campaign", "list", "--spool", spool)
+        assert "campaign.toml" in listed.stdout and not any(
+            line.lstrip().startswith("2 ") for line in listed.stdout.splitlines()
+        ), listed.stdout
+        res = run_fastsend("resume", "--spool", spool, "--json", "--no-progress", timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert summary(res)["delivered"] == n
+        anew = run_fastsend(*cmd, timeout=300)
+        assert anew.returncode == 0, anew.stderr[-2000:]
+        assert summary(anew)["campaign"] == 2 and summary(anew)["delivered"] == n
+    got = received_counts(log)  # (whole once the sink stopped)
+    assert set(got) == set(addrs) and min(got.values()) >= 2

@@ -145,6 +145,51 @@ def campaign_options(args: argparse.Namespace, cfg: Any) -> tuple[dict[str, Any]
     return options, ""
 
 
+def sent_before(spool: Any, spec: dict[str, Any], tenant: str, path: str) -> str:
+    """Why this send is a run of one the spool already holds, cut short (a kill -9,
+    a stop, a full disk: a job runner or a shell's history ran ``send`` again):
+    the same campaign (spec and tenant) from the same list file (same bytes),
+    its list not all read, or messages left in flight (a run killed: one that
+    ended has none). Spooled again as a new campaign, every recipient already
+    delivered would get it twice (the dedup is per campaign); ``resume``
+    continues it. "" when it is not (a run that ended, deferred mail left or not,
+    or a cancelled campaign: the same list again is a campaign of its own)."""
+    import orjson
+
+    from fastsend.accept import source_problem
+
+    real = os.path.realpath(path)
+    want = orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)
+    for job in sorted(spool.list_ingests(), key=lambda j: -j.id):
+        if job.source.get("origin") == "api":
+            continue
+        if os.path.realpath(str(job.source.get("path", ""))) != real:
+            continue
+        info = spool.get_campaign(job.campaign)
+        if info is None or info.status not in ("active", "paused") or info.tenant != tenant:
+            continue
+        if orjson.dumps(info.spec, option=orjson.OPT_SORT_KEYS) != want:
+            continue
+        inflight = 0 if not job.finished else spool.counts(info.id).get("inflight", 0)
+        if job.finished and not inflight:
+            # It ended (its list read, what was on the wire answered): the same list
+            # again is a campaign of its own, deferred mail of the first or not.
+            continue
+        if source_problem(job) is not None:
+            continue  # another list now, under the same name
+        read = job.accepted + job.rejected + job.duplicates
+        where = (f"{read:,} of {job.total:,} rows read" if not job.finished
+                 else f"{inflight:,} message(s) in flight when it stopped")  # fmt: skip
+        return (
+            f"{path} was sent with this campaign before, by a run that did not finish"
+            f" (campaign {info.id} {info.name!r}: {where}); `fastsend resume` continues it"
+            " without sending any of it twice (as a new campaign every recipient already"
+            f" delivered would get it again); to send it anew, `fastsend campaign cancel"
+            f" {info.id}` first"
+        )
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     # The engine and what it needs, imported once the command runs (not for --help).
     from fastsend import engine, recipients
@@ -240,6 +285,14 @@ def run(args: argparse.Namespace) -> int:
     busy = hold_supervisor(spool, "fastsend send", cfg.spool_dir)  # before anything is spooled
     if busy:
         return busy
+    try:
+        again = sent_before(spool, spec, tenant, args.recipients)
+    except spool.outage_errors() as e:
+        spool.close()
+        return die(f"the spool is out of reach ({e.__class__.__name__}: {e})", EX_TEMPFAIL)
+    if again:
+        spool.close()
+        return die(again)
     ips = hold_source_ips(spool, cfg)  # a shared spool: no other live node's IP
     if isinstance(ips, int):
         spool.close()
