@@ -127,6 +127,7 @@ class Router:
         self.slots: dict[str, Slots | None] = {}
         # Transport name -> the bucket of its rate the node's workers share.
         self.rates: dict[str, SharedGcra | None] = {}
+        self.relay_told: dict[str, float] = {}  # relay -> when it last "refused us" (monotonic)
 
     def slots_of(self, name: str) -> Slots | None:
         """The places of transport ``name`` shared with the node's other
@@ -362,6 +363,38 @@ class Router:
             return
 
     # -- failover -------------------------------------------------------------
+
+    def relay_refusals(self, results: list[TxnResult], mx: str) -> list[TxnResult]:
+        """Results of a relay's connection (``mx`` "relay:NAME[address]:port")
+        with its refusals of us (transports.relay.refused_us: "554 5.7.1 Relay
+        access denied", "530 Authentication required", a sender our login may
+        not use) deferred: before, every message through a relay that would not
+        relay for us bounced ("norelaying"), lost and counted against the
+        campaign's bounce rate, and a route's next transport was never tried.
+        Each relay's first such refusal in a minute is a "shaping" event
+        ("relay refused us") saying what to fix."""
+        from fastsend.transports.relay import as_configuration, refused_us
+
+        name = mx[6:].partition("[")[0]
+        out = results
+        for i, tr in enumerate(results):
+            outs = tr.outcomes
+            if not any(refused_us(o) for o in outs):
+                continue
+            if out is results:
+                out = list(results)
+            mapped = {id(o): as_configuration(o, name) for o in outs if refused_us(o)}
+            out[i] = TxnResult(tr.tag, [mapped.get(id(o), o) for o in outs], tr.queue_id)
+            now = time.monotonic()
+            if now >= self.relay_told.get(name, -math.inf) + 60.0:
+                self.relay_told[name] = now
+                o = next(o for o in outs if id(o) in mapped)
+                self.w.shaper.events.append({
+                    "time": time.time(), "event": "shaping", "action": "relay refused us",
+                    "site": f"relay:{name}", "transport": name, "mx": mx, "code": o.code,
+                    "enhanced": o.enhanced, "text": o.text[:200],
+                })  # fmt: skip
+        return out
 
     def on_results(self, results: list[TxnResult], source_ip: str, mx: str) -> list[TxnResult]:
         """Results to report now; the others' envelopes move to their next transport."""

@@ -713,6 +713,8 @@ class Worker:
     # -- outbox --------------------------------------------------------------
 
     def report(self, results: list[TxnResult], source_ip: str, mx: str) -> None:
+        if mx[:6] == "relay:":  # a relay refusing us is no recipient's bounce
+            results = self.router.relay_refusals(results, mx)
         if self.router.failover:
             results = self.router.on_results(results, source_ip, mx)
         self.add_results(results, source_ip, mx)
