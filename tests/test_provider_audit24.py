@@ -3,7 +3,10 @@ recipient) defers and fails over instead of bouncing."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ssl
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,8 @@ from typing import Any
 import orjson
 from tests import test_transports_relay
 from tests._engine_helpers import summary, write_recipients
+from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
+from tests._serve_helpers import Served, http
 from tests.test_transports_http import dkim_campaign, events, send
 from tests.test_transports_relay import ENV, PASSWORD, USER, Relay, RelayHandler, relay_config
 
@@ -146,3 +151,177 @@ def test_which_relay_refusals_are_about_us() -> None:
     ]
     assert [refused_us(x) for x in ours] == [True] * len(ours)
     assert [refused_us(x) for x in theirs] == [False] * len(theirs)
+
+
+def _mailgun_post(signing_key: str, event: dict[str, Any], token: str) -> bytes:
+    ts = str(int(time.time()))
+    sig = hmac.new(signing_key.encode(), (ts + token).encode(), hashlib.sha256).hexdigest()
+    return orjson.dumps({"signature": {"timestamp": ts, "token": token, "signature": sig},
+                         "event-data": event})  # fmt: skip
+
+
+def _until(what: Any, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := what():
+            return got
+        time.sleep(0.1)
+    raise TimeoutError
+
+
+def test_an_unanswered_provider_request_is_settled_by_the_providers_event(
+    tmp_path: Path,
+) -> None:
+    """`fastsend serve` through Mailgun, whose answers come later than
+    ``answer_timeout``: the request is sent, unanswered (an unknown outcome,
+    deferred and due again after min_backoff). Mailgun's signed "accepted" event
+    for the message, posted to /webhooks/mailgun, shows it has it: the message is
+    delivered (a "delivered" event, ``settled``), and never sent again. Before,
+    the event was recorded and the message stayed deferred: the retry sent it a
+    second time. An event about a message already in flight or final changes
+    nothing; Mailgun's "rejected" (its refusal of the request) settles nothing."""
+    signing = "mailgun-webhook-signing-key-0123"
+    creds = tmp_path / "mg.secret"
+    creds.write_text("api_key = mg-key\n")
+    creds.chmod(0o600)
+    hook = tmp_path / "hook.secret"
+    hook.write_text(f"signing_key = {signing}\n")
+    hook.chmod(0o600)
+    rec = Recorder()
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=4.0)) as mg:
+        extra = (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\n'
+            f'domain = "mg.sender.example.com"\nanswer_timeout = 1\n'
+            f'credentials_file = "{creds}"\n'
+            "[retry]\nmin_backoff = 8\nmax_backoff = 8\n"
+            f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
+        )
+        srv = Served(tmp_path, "mg", extra=extra)
+        try:
+            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
+                   "to": ["late@example.net", "other@example.net"]}  # fmt: skip
+            st, got = srv.req("POST", "/v1/messages", msg, tenant="acme")
+            assert st == 202, got
+            ids = got["messages"][0]["ids"]
+
+            def deferred() -> bool:
+                rows = [srv.req("GET", f"/v1/messages/{i}", tenant="acme")[1] for i in ids]
+                return all(r["state"] == "deferred" for r in rows)
+
+            _until(deferred)  # both requests sent, neither answered in time
+            assert rec.requests == 2
+            tokens = {rcpts[0]: tok for rcpts, _data, tok in rec.accepted}
+            ev = {"event": "accepted", "recipient": "late@example.net",
+                  "user-variables": {"fastsend": tokens["late@example.net"]},
+                  "message": {"headers": {"message-id": "x@mg.sender.example.com"}}}  # fmt: skip
+            st, _ = http(
+                "POST", srv.base + "/webhooks/mailgun", raw=_mailgun_post(signing, ev, "t" * 50)
+            )
+            assert st == 200
+            ev = {**ev, "event": "rejected", "recipient": "other@example.net",
+                  "user-variables": {"fastsend": tokens["other@example.net"]}}  # fmt: skip
+            st, _ = http(
+                "POST", srv.base + "/webhooks/mailgun", raw=_mailgun_post(signing, ev, "u" * 50)
+            )
+            assert st == 200
+            late = srv.req("GET", f"/v1/messages/{ids[0]}", tenant="acme")[1]
+            assert late["state"] == "delivered", late
+            done = [e for e in late["events"] if e["event"] == "delivered"]
+            assert len(done) == 1 and done[0]["settled"] and "mailgun" in done[0]["text"], done
+            # The retry comes for the other one only (its "rejected" proves nothing).
+            _until(lambda: rec.requests >= 3, 30)
+            time.sleep(2)
+            assert Counter(r for rcpts, _d, _t in rec.accepted for r in rcpts) == Counter(
+                {"late@example.net": 1, "other@example.net": 2}
+            )
+            # Posted again later (another "delivered"): nothing changes, no second event.
+            ev = {**ev, "event": "delivered", "recipient": "late@example.net",
+                  "user-variables": {"fastsend": tokens["late@example.net"]}}  # fmt: skip
+            st, _ = http(
+                "POST", srv.base + "/webhooks/mailgun", raw=_mailgun_post(signing, ev, "v" * 50)
+            )
+            assert st == 200
+            late = srv.req("GET", f"/v1/messages/{ids[0]}", tenant="acme")[1]
+            assert [e["event"] for e in late["events"]].count("delivered") == 1
+        finally:
+            srv.stop()
+
+
+def test_settle_makes_only_deferred_unclaimed_messages_delivered(make_spool: Any) -> None:
+    """Spool.settle on SQLite and Redis: of the ids it is given, those deferred
+    and not claimed are delivered (250 2.0.0, the text, out of the due set,
+    counted); in flight, queued and final ones are left as they are; asked
+    again, nothing more."""
+    from tests._engine_helpers import spool_rows
+
+    from fastsend.spool.base import BOUNCED, DEFERRED, Result
+
+    s = make_spool()
+    cid = s.create_campaign({"from": "a@b.example"}, name="c1")
+    now = time.time()
+    ids = s.add_messages(cid, spool_rows(5), now)
+    got = [c.id for c in s.claim_due(now, 3)]
+    s.record_results(
+        [
+            Result(got[0], DEFERRED, 1, now + 60, 0, "", "no answer (unknown)"),
+            Result(got[1], BOUNCED, 1, 0, 550, "5.1.1", "no such user"),
+        ],
+        now,
+    )
+    queued = [i for i in ids if i not in got]
+    assert s.settle([got[0], got[1], got[2], *queued, 10**9], "mailgun reported it") == [got[0]]
+    m = s.message(got[0])
+    assert m is not None and m["state"] == "delivered" and m["last_code"] == 250
+    assert "mailgun reported it" in m["last_text"]
+    assert [s.message(i)["state"] for i in (got[1], got[2])] == ["bounced", "inflight"]
+    c = s.counts(cid)
+    assert (c["delivered"], c["deferred"], c["inflight"], c["queued"]) == (1, 0, 1, 2)
+    assert s.settle([got[0]], "again") == []
+    assert got[0] not in {x.id for x in s.claim_due(now + 61, 100)}
+    s.close()
+
+
+def test_ses_send_and_delay_events_settle_a_message_left_unanswered(tmp_path: Path) -> None:
+    """SES event publishing's "Send" (SES took the request) and "DeliveryDelay"
+    name no recipient's outcome: each is now a "provider" event per recipient,
+    and a message whose SendRawEmail went unanswered (deferred) is settled
+    delivered by it. Before, both were dropped without a trace (no record
+    parsed) and the message was sent again at its retry."""
+    import json
+
+    from tests.test_provider_events import TOPIC, last_events, make_ctx
+
+    from fastsend import msgid
+    from fastsend.serve.provider_events import ProviderEvents, ProviderEventSettings
+    from fastsend.spool.base import DEFERRED, Result
+
+    ctx, ids = make_ctx(tmp_path, {"sns_topics": [TOPIC]})
+    try:
+        now = time.time()
+        got = [c.id for c in ctx.spool.claim_due(now, 5)]
+        unanswered = "no answer within 30 s after the request was sent"
+        ctx.spool.record_results(
+            [Result(i, DEFERRED, 1, now + 300, 0, "", unanswered) for i in got], now
+        )
+        pe = ProviderEvents(ctx, ProviderEventSettings.of(ctx.config))
+
+        def mail(i: int) -> dict[str, Any]:
+            tok = msgid.token(ids[i], ctx.secret)
+            return {"messageId": "0102-x", "destination": [f"u{i}@example.net"],
+                    "tags": {"fastsend": [tok]},
+                    "commonHeaders": {"messageId": f"<{tok}@x.example>"}}  # fmt: skip
+
+        assert pe._ses_message(json.dumps({"eventType": "Send", "mail": mail(1), "send": {}})) == 1
+        delay = {"eventType": "DeliveryDelay", "mail": mail(2),
+                 "deliveryDelay": {"delayType": "MailboxFull",
+                                   "delayedRecipients": [{"emailAddress": "u2@example.net"}]}}  # fmt: skip
+        assert pe._ses_message(json.dumps(delay)) == 1
+        states = {i: ctx.spool.message(i)["state"] for i in ids}
+        assert [states[i] for i in ids] == [
+            "deferred", "delivered", "delivered", "deferred", "deferred"
+        ]  # fmt: skip
+        evs = [e for e in last_events(ctx, 4) if e["event"] == "delivered"]
+        assert sorted(e["id"] for e in evs) == [ids[1], ids[2]]
+        assert all(e["settled"] and e["tenant"] == "acme" for e in evs), evs
+    finally:
+        ctx.close()

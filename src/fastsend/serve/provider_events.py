@@ -293,6 +293,8 @@ class ProviderEvents:
         if found is not None:
             mid, campaign, rcpt, tenant = found
             ev: dict[str, Any] = {"id": mid, "campaign": campaign, "rcpt": rcpt, "tenant": tenant}
+            if extra.get("provider_event") not in NOT_TAKEN.get(provider, ()):
+                self.settle(provider, found, extra)
         else:
             ev = {"id": None, "campaign": None, "rcpt": rec.recipient, "tenant": DEFAULT_TENANT}
         ev.update(event=kind, provider=provider, time=time.time(), **extra)
@@ -320,6 +322,30 @@ class ProviderEvents:
         ev["suppressed"] = entry is not None
         self.ctx.emit(ev)
         return ev
+
+    def settle(
+        self, provider: str, found: tuple[int, int, str, str], extra: dict[str, Any]
+    ) -> None:
+        """The provider has the message ``found`` names (any event of it but
+        :data:`NOT_TAKEN` says so): while it is deferred in the spool (its
+        request left unanswered -- a timeout, a connection lost before the
+        answer: an unknown outcome, retried later), it is delivered now
+        (``Spool.settle``), with a "delivered" event (``settled``: true).
+        Before, it stayed deferred and the retry sent it again: a duplicate
+        for every request the provider took and answered too late. What is in
+        flight again already, or final, is left as it is."""
+        mid, campaign, rcpt, tenant = found
+        what = str(extra.get("provider_event") or "an event")
+        text = f"{provider} reported it ({what}) after its request went unanswered"
+        if not self.ctx.spool.settle([mid], text):
+            return
+        ev = {"event": "delivered", "id": mid, "campaign": campaign, "rcpt": rcpt,
+              "tenant": tenant, "provider": provider, "mx": provider, "code": 250,
+              "enhanced": "2.0.0", "text": text, "settled": True}  # fmt: skip
+        if extra.get("queue_id"):
+            ev["queue_id"] = extra["queue_id"]
+        log.info("provider events: message %d settled delivered by %s's %s", mid, provider, what)
+        self.ctx.emit(ev)
 
     def notice(
         self,
@@ -509,6 +535,9 @@ class ProviderEvents:
             ses_sub = str(bounce.get("bounceSubType") or "")
             if str(doc.get("eventType") or "") == "Reject" and not records:
                 return self._ses_reject(doc, mail, tokens)
+            kind = str(doc.get("eventType") or doc.get("notificationType") or "").lower()
+            if kind in SES_TAKEN and not records:
+                return self._ses_taken(doc, mail, tokens, kind)
         except (orjson.JSONDecodeError, AttributeError, TypeError):
             pass
         for r in records:
@@ -535,6 +564,31 @@ class ProviderEvents:
             else:
                 self.notice("ses", "provider", r.recipient, toks, extra)
         return len(records)
+
+    def _ses_taken(
+        self, doc: dict[str, Any], mail: dict[str, Any], tokens: list[str], kind: str
+    ) -> int:
+        """An SES event that shows SES took the message (Send, DeliveryDelay,
+        Open, Click): a "provider" event per recipient it names (a delay's
+        delayed recipients, else the message's destination), which settles a
+        message whose request went unanswered (:meth:`settle`). Before,
+        nothing: no event, and such a message was sent again."""
+        common = mail.get("commonHeaders") or {}
+        mid = str(common.get("messageId") or "").strip().strip("<>").partition("@")[0]
+        toks = [*tokens, mid] if mid else tokens
+        rcpts: list[Any] = []
+        delay = doc.get("deliveryDelay")
+        if kind == "deliverydelay" and isinstance(delay, dict):
+            rcpts = [r.get("emailAddress") for r in delay.get("delayedRecipients") or []
+                     if isinstance(r, dict)]  # fmt: skip
+        if not rcpts:
+            rcpts = list(mail.get("destination") or [])
+        n = 0
+        for rcpt in rcpts:
+            if isinstance(rcpt, str) and "@" in rcpt:
+                self.notice("ses", "provider", rcpt, toks, {"provider_event": kind})
+                n += 1
+        return n
 
     def _ses_reject(self, doc: dict[str, Any], mail: dict[str, Any], tokens: list[str]) -> int:
         """SES took the request (our "delivered") but then refused to send the
@@ -720,6 +774,14 @@ class ProviderEvents:
             self.notice("mailgun", "provider", rcpt, tokens, extra)
         return web.json_response({"events": 1})
 
+
+# Events that do not show the provider took the message (every other one does:
+# it is about a message the provider has): Mailgun's "rejected" is its refusal
+# of the request itself.
+NOT_TAKEN: dict[str, tuple[str, ...]] = {"mailgun": ("rejected",)}
+# SES events that name no recipient's outcome but show SES took the message:
+# recorded as "provider" events, one per recipient (and settle it).
+SES_TAKEN = ("send", "deliverydelay", "open", "click")
 
 # The path of SNS's signing certificates ("/SimpleNotificationService-
 # 01d088a6f77103d0fe307c0069e40ed6.pem").

@@ -835,6 +835,15 @@ class Spool(abc.ABC):
         return out
 
     @abc.abstractmethod
+    def settle(self, message_ids: Collection[int], text: str) -> list[int]:
+        """Those of ``message_ids`` deferred and not claimed (due again later)
+        made delivered (250 2.0.0, ``text``), in one transaction (one script on
+        Redis): a provider's event shows it has them, after a request whose
+        answer never came (an unknown outcome, deferred and retried: the
+        retry would send them twice). The ids it settled, in order; what is in
+        flight, queued or final is left as it is."""
+
+    @abc.abstractmethod
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         """(id, recipient) of the campaign's message to ``rcpt`` (case-insensitive)
         whose id is nearest ``near_id``, or None: a bounce for a message shared by
@@ -1302,6 +1311,9 @@ class SpoolProxy(Spool):
 
     def owners(self, message_ids: Collection[int]) -> dict[int, tuple[int, str]]:
         return self.inner.owners(message_ids)
+
+    def settle(self, message_ids: Collection[int], text: str) -> list[int]:
+        return self.inner.settle(message_ids, text)
 
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         return self.inner.sibling(campaign_id, rcpt, near_id)

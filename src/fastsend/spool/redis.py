@@ -622,6 +622,7 @@ class RedisSpool(Spool):
         self._prune = reg(_script("prune"))
         self._untold_script = reg(_script("untold"))
         self._sweep = reg(_script("sweep"))
+        self._settle = reg(_script("settle"))
         self._swept = time.monotonic()
         self._sweeping = False  # a sweep of the index under way (renew() steps on)
         self._due_gen = 0  # changes here that may make mail due (_is_quiet)
@@ -1737,6 +1738,13 @@ class RedisSpool(Spool):
     def owners(self, message_ids: Collection[int]) -> dict[int, tuple[int, str]]:
         rows = self._rows(sorted({int(i) for i in message_ids}))
         return {i: (int(st[4]), _s(data.split(b"\0", 1)[0])) for i, data, st in rows}
+
+    def settle(self, message_ids: Collection[int], text: str) -> list[int]:
+        ids = sorted({int(i) for i in message_ids})
+        if not ids:
+            return []
+        got = self._settle(args=[self.k, text[:400].replace("\n", " "), *ids])
+        return sorted(int(i) for i in got)
 
     SIBLING_SPAN = 8192  # ids searched each side of near_id (no index by recipient)
 

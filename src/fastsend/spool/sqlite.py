@@ -1694,6 +1694,31 @@ class SQLiteSpool(Spool):
                 out[int(i)] = (int(c), str(r))
         return out
 
+    def settle(self, message_ids: Collection[int], text: str) -> list[int]:
+        ids = sorted({int(i) for i in message_ids})
+        db = self.db
+        due: list[int] = []
+        for j in range(0, len(ids), 500):  # read first: nearly every event's is final
+            chunk = ids[j : j + 500]
+            marks = ",".join("?" * len(chunk))
+            due += [int(r[0]) for r in db.execute(
+                f"SELECT id FROM messages WHERE id IN ({marks}) AND state=?", (*chunk, DEFERRED)
+            )]  # fmt: skip
+        if not due:
+            return []
+        now = time.time()
+        out: list[int] = []
+        with transaction(db):
+            for i in due:
+                row = db.execute(
+                    "UPDATE messages SET state=?, next_at=0, updated=?, last_code=250,"
+                    " last_enhanced='2.0.0', last_text=? WHERE id=? AND state=? RETURNING id",
+                    (DELIVERED, now, text[:400], i, DEFERRED),
+                ).fetchone()
+                if row is not None:
+                    out.append(i)
+        return out
+
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         row = self.db.execute(
             f"SELECT m.id, m.rcpt FROM {self._of}=? AND m.rcpt=? COLLATE NOCASE"
