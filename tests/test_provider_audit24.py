@@ -173,13 +173,15 @@ def test_an_unanswered_provider_request_is_settled_by_the_providers_event(
     tmp_path: Path,
 ) -> None:
     """`fastsend serve` through Mailgun, whose answers come later than
-    ``answer_timeout``: the request is sent, unanswered (an unknown outcome,
-    deferred and due again after min_backoff). Mailgun's signed "accepted" event
-    for the message, posted to /webhooks/mailgun, shows it has it: the message is
-    delivered (a "delivered" event, ``settled``), and never sent again. Before,
-    the event was recorded and the message stayed deferred: the retry sent it a
-    second time. An event about a message already in flight or final changes
-    nothing; Mailgun's "rejected" (its refusal of the request) settles nothing."""
+    ``answer_timeout``: each request is sent, unanswered (an unknown outcome,
+    deferred and due again after min_backoff). Mailgun's signed event for a
+    message, posted to /webhooks/mailgun, shows it has it: the message is
+    delivered (a "delivered" event, ``settled``) and never sent again, whether
+    the event came while the request was still waiting for its answer (kept
+    until its outcome is recorded) or once it was deferred. Before, the event
+    was recorded and the message stayed deferred: the retry sent it a second
+    time. Mailgun's "rejected" (its refusal of the request) settles nothing; an
+    event about a message already final changes nothing."""
     signing = "mailgun-webhook-signing-key-0123"
     creds = tmp_path / "mg.secret"
     creds.write_text("api_key = mg-key\n")
@@ -188,60 +190,53 @@ def test_an_unanswered_provider_request_is_settled_by_the_providers_event(
     hook.write_text(f"signing_key = {signing}\n")
     hook.chmod(0o600)
     rec = Recorder()
-    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=4.0)) as mg:
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=8.0)) as mg:
         extra = (
             f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\n'
-            f'domain = "mg.sender.example.com"\nanswer_timeout = 1\n'
+            f'domain = "mg.sender.example.com"\nanswer_timeout = 3\n'
             f'credentials_file = "{creds}"\n'
             "[retry]\nmin_backoff = 8\nmax_backoff = 8\n"
             f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
         )
         srv = Served(tmp_path, "mg", extra=extra)
         try:
-            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
-                   "to": ["late@example.net", "other@example.net"]}  # fmt: skip
+            to = ["late@example.net", "other@example.net", "early@example.net"]
+            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello", "to": to}
             st, got = srv.req("POST", "/v1/messages", msg, tenant="acme")
             assert st == 202, got
-            ids = got["messages"][0]["ids"]
+            ids = dict(zip(to, got["messages"][0]["ids"], strict=True))
 
-            def deferred() -> bool:
-                rows = [srv.req("GET", f"/v1/messages/{i}", tenant="acme")[1] for i in ids]
-                return all(r["state"] == "deferred" for r in rows)
+            def post(event: str, rcpt: str, token: str) -> None:
+                ev = {"event": event, "recipient": rcpt,
+                      "user-variables": {"fastsend": tokens[rcpt]},
+                      "message": {"headers": {"message-id": "x@mg.sender.example.com"}}}  # fmt: skip
+                raw = _mailgun_post(signing, ev, token * 50)
+                st, _ = http("POST", srv.base + "/webhooks/mailgun", raw=raw)
+                assert st == 200
 
-            _until(deferred)  # both requests sent, neither answered in time
-            assert rec.requests == 2
+            def row(rcpt: str) -> dict[str, Any]:
+                return srv.req("GET", f"/v1/messages/{ids[rcpt]}", tenant="acme")[1]
+
+            _until(lambda: len(rec.accepted) == 3)  # the three requests wait for answers
             tokens = {rcpts[0]: tok for rcpts, _data, tok in rec.accepted}
-            ev = {"event": "accepted", "recipient": "late@example.net",
-                  "user-variables": {"fastsend": tokens["late@example.net"]},
-                  "message": {"headers": {"message-id": "x@mg.sender.example.com"}}}  # fmt: skip
-            st, _ = http(
-                "POST", srv.base + "/webhooks/mailgun", raw=_mailgun_post(signing, ev, "t" * 50)
-            )
-            assert st == 200
-            ev = {**ev, "event": "rejected", "recipient": "other@example.net",
-                  "user-variables": {"fastsend": tokens["other@example.net"]}}  # fmt: skip
-            st, _ = http(
-                "POST", srv.base + "/webhooks/mailgun", raw=_mailgun_post(signing, ev, "u" * 50)
-            )
-            assert st == 200
-            late = srv.req("GET", f"/v1/messages/{ids[0]}", tenant="acme")[1]
-            assert late["state"] == "delivered", late
-            done = [e for e in late["events"] if e["event"] == "delivered"]
-            assert len(done) == 1 and done[0]["settled"] and "mailgun" in done[0]["text"], done
+            post("accepted", "early@example.net", "e")  # (its request still unanswered)
+            _until(lambda: row("late@example.net")["state"] == "deferred")
+            _until(lambda: row("other@example.net")["state"] == "deferred")
+            post("accepted", "late@example.net", "t")
+            post("rejected", "other@example.net", "u")
+            for rcpt in ("early@example.net", "late@example.net"):
+                m = _until(lambda r=rcpt: (m := row(r))["state"] != "inflight" and m)
+                assert m["state"] == "delivered", m
+                done = [e for e in m["events"] if e["event"] == "delivered"]
+                assert len(done) == 1 and done[0]["settled"] and "mailgun" in done[0]["text"]
             # The retry comes for the other one only (its "rejected" proves nothing).
-            _until(lambda: rec.requests >= 3, 30)
+            _until(lambda: rec.requests >= 4, 30)
             time.sleep(2)
             assert Counter(r for rcpts, _d, _t in rec.accepted for r in rcpts) == Counter(
-                {"late@example.net": 1, "other@example.net": 2}
+                {"late@example.net": 1, "other@example.net": 2, "early@example.net": 1}
             )
-            # Posted again later (another "delivered"): nothing changes, no second event.
-            ev = {**ev, "event": "delivered", "recipient": "late@example.net",
-                  "user-variables": {"fastsend": tokens["late@example.net"]}}  # fmt: skip
-            st, _ = http(
-                "POST", srv.base + "/webhooks/mailgun", raw=_mailgun_post(signing, ev, "v" * 50)
-            )
-            assert st == 200
-            late = srv.req("GET", f"/v1/messages/{ids[0]}", tenant="acme")[1]
+            post("delivered", "late@example.net", "v")  # later: nothing changes
+            late = row("late@example.net")
             assert [e["event"] for e in late["events"]].count("delivered") == 1
         finally:
             srv.stop()
@@ -250,7 +245,8 @@ def test_an_unanswered_provider_request_is_settled_by_the_providers_event(
 def test_settle_makes_only_deferred_unclaimed_messages_delivered(make_spool: Any) -> None:
     """Spool.settle on SQLite and Redis: of the ids it is given, those deferred
     and not claimed are delivered (250 2.0.0, the text, out of the due set,
-    counted); in flight, queued and final ones are left as they are; asked
+    counted); queued and final ones are left as they are, and one in flight is
+    settled by settle_taken once its (unknown) outcome is recorded; asked
     again, nothing more."""
     from tests._engine_helpers import spool_rows
 
@@ -278,6 +274,14 @@ def test_settle_makes_only_deferred_unclaimed_messages_delivered(make_spool: Any
     assert (c["delivered"], c["deferred"], c["inflight"], c["queued"]) == (1, 0, 1, 2)
     assert s.settle([got[0]], "again") == []
     assert got[0] not in {x.id for x in s.claim_due(now + 61, 100)}
+    # The one in flight when the event came: its unknown outcome, once recorded,
+    # is settled from what the event said (settle_taken), once.
+    assert s.settle_taken([got[0], got[1]]) == {}
+    s.record_results([Result(got[2], DEFERRED, 1, now + 60, 0, "", "no answer")], now)
+    assert s.settle_taken([got[2]]) == {got[2]: "mailgun reported it"}
+    assert s.message(got[2])["state"] == "delivered"
+    assert s.settle_taken([got[2]]) == {}
+    assert s.counts(cid)["delivered"] == 2
     s.close()
 
 

@@ -277,16 +277,17 @@ class Outcomes(SupervisorState):
             return
         self.stats.attempts += len(got)
         self.stats.deferred += len(got)
-        if self.events.path is None and not self.events.listeners:
-            return
+        log_events = self.events.path is not None or bool(self.events.listeners)
         now = time.time()
         for t in got:
             c = Claimed(t.id, t.campaign, t.rcpt, "", b"", t.attempts - 1, 0.0)
             r = wire.Res(t.id, wire.K_DEFERRED, UNKNOWN_CODE, UNKNOWN_ENHANCED, t.text, "", "",
                          "node", "")  # fmt: skip
-            ev = outcome_dict(now, "deferred", c, r, failed=True)
-            ev["next_attempt"] = t.at if 0 < t.at < now else now  # due: at once
-            self.event_buf.append(ev)
+            self.unknown.append((c, r))  # a provider's event may have named it (settle_unknown)
+            if log_events:
+                ev = outcome_dict(now, "deferred", c, r, failed=True)
+                ev["next_attempt"] = t.at if 0 < t.at < now else now  # due: at once
+                self.event_buf.append(ev)
 
     def _apply_other(
         self,
@@ -323,6 +324,8 @@ class Outcomes(SupervisorState):
             else:
                 state, name, at = DEFERRED, "deferred", nxt
                 stats.deferred += 1
+                if r.stage in UNKNOWN_STAGES and (not r.code or r.stage != "data"):
+                    self.unknown.append((c, r))  # a provider may say (settle_unknown)
         self.results.append(Result(c.id, state, attempts, at, r.code, r.enhanced, r.text))
         guardrails = self.shaping.guardrails
         for hook in (guardrails.on_result, *self.result_hooks):
@@ -435,6 +438,35 @@ class Outcomes(SupervisorState):
                 return
         self.flush_results()
 
+    def settle_unknown(self) -> None:
+        """The messages just recorded deferred with an unknown outcome (a
+        request or final dot unanswered) that a provider's event named while
+        they were in flight (``serve`` took it before the request timed out:
+        Spool.settle kept it): delivered now, a "delivered" event each
+        (``settled``: true; ``Spool.settle_taken``). Before, deferred, and the
+        retry sent the message a second time."""
+        unknown, self.unknown = self.unknown, []
+        try:
+            got = self.spool.settle_taken([c.id for c, _r in unknown])
+        except Exception:  # (the deferral stands: retried, as before)
+            self.hook_failed(self.spool.settle_taken)
+            return
+        if not got:
+            return
+        now = time.time()
+        counted: dict[int, int] = {}
+        for c, r in unknown:
+            text = got.get(c.id)
+            if text is None:
+                continue
+            counted[c.campaign] = counted.get(c.campaign, 0) + 1
+            self.stats.delivered += 1
+            self.stats.deferred -= 1
+            ev = outcome_dict(now, "delivered", c, r)
+            ev.update(code=250, enhanced="2.0.0", text=text, settled=True)
+            self.event_buf.append(ev)
+        self._count_delivered(counted)
+
     def flush_results(self) -> None:
         self.results_since = 0.0
         if self.to_suppress:
@@ -474,6 +506,8 @@ class Outcomes(SupervisorState):
                 for i, e in enumerate(marked):
                     e["event_id"] = first + i
             self.results = []
+        if self.unknown:  # (recorded deferred: in this flush or by Spool.recover)
+            self.settle_unknown()
         for slot in (*self.slots, *self.retired):
             slot.unwritten = 0
         if self.requeues:
@@ -646,6 +680,13 @@ py_apply_delivered = apply_delivered  # the references (tests compare the twins 
 py_apply_sent = apply_sent
 apply_delivered = pick(apply_delivered)
 apply_sent = pick(apply_sent)
+
+
+# Stages of a deferral whose outcome is unknown (the message may have been taken):
+# no answer after the request or the final dot ("data", no code), a worker that
+# died holding it ("worker", Outcomes.unknown_outcomes), a node's window taken
+# back ("node", tell_taken_back).
+UNKNOWN_STAGES = ("data", "worker", "node")
 
 
 def _dicts(buf: list[Any]) -> Iterator[dict[str, Any]]:

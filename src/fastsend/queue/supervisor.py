@@ -107,6 +107,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         ]
         self.retired: list[WorkerSlot] = []
         self.results: list[Result] = []
+        self.unknown: list[tuple[Claimed, wire.Res]] = []
         self.results_since = 0.0
         self.requeues: list[tuple[int, float]] = []  # handed back: (id, next_at)
         self.hold_next: dict[int, float] = {}  # campaign -> next due of its requeued held mail

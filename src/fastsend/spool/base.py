@@ -368,6 +368,10 @@ class Result(msgspec.Struct, gc=False):
     text: str = ""
 
 
+# How long a provider's event about a message in flight is kept for its outcome
+# (Spool.settle, settle_taken): longer than any request's answer_timeout.
+TAKEN_TTL = 86400.0
+
 # The reply recorded for a message taken back from a process that died holding
 # it (its whole node: kill -9, a crash, a power loss): it may have been sent.
 UNKNOWN_CODE, UNKNOWN_ENHANCED = 451, "4.3.0"
@@ -840,8 +844,16 @@ class Spool(abc.ABC):
         made delivered (250 2.0.0, ``text``), in one transaction (one script on
         Redis): a provider's event shows it has them, after a request whose
         answer never came (an unknown outcome, deferred and retried: the
-        retry would send them twice). The ids it settled, in order; what is in
-        flight, queued or final is left as it is."""
+        retry would send them twice). The ids it settled, in order; what is
+        queued or final is left as it is, and for what is in flight the
+        evidence is kept (``text``, :data:`TAKEN_TTL`) for :meth:`settle_taken`
+        (the event came before the request's timeout)."""
+
+    @abc.abstractmethod
+    def settle_taken(self, message_ids: Collection[int]) -> dict[int, str]:
+        """Of ``message_ids`` (just recorded deferred, their outcome unknown),
+        those a provider's event named while they were in flight (:meth:`settle`
+        kept its text): delivered now, the evidence dropped. id -> its text."""
 
     @abc.abstractmethod
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
@@ -1314,6 +1326,9 @@ class SpoolProxy(Spool):
 
     def settle(self, message_ids: Collection[int], text: str) -> list[int]:
         return self.inner.settle(message_ids, text)
+
+    def settle_taken(self, message_ids: Collection[int]) -> dict[int, str]:
+        return self.inner.settle_taken(message_ids)
 
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         return self.inner.sibling(campaign_id, rcpt, near_id)

@@ -136,6 +136,7 @@ from fastsend.spool.base import (
     STATE_NAMES,
     SUPERVISOR_LOCK,
     SUPPRESSED,
+    TAKEN_TTL,
     CampaignInfo,
     Claimed,
     FpsChanged,
@@ -1743,8 +1744,16 @@ class RedisSpool(Spool):
         ids = sorted({int(i) for i in message_ids})
         if not ids:
             return []
-        got = self._settle(args=[self.k, text[:400].replace("\n", " "), *ids])
+        text = text[:400].replace("\n", " ")
+        got = self._settle(args=[self.k, "event", text, int(TAKEN_TTL), *ids])
         return sorted(int(i) for i in got)
+
+    def settle_taken(self, message_ids: Collection[int]) -> dict[int, str]:
+        ids = sorted({int(i) for i in message_ids})
+        if not ids:
+            return {}
+        got = self._settle(args=[self.k, "taken", "", 0, *ids])
+        return {int(got[n]): _s(got[n + 1]) for n in range(0, len(got), 2)}
 
     SIBLING_SPAN = 8192  # ids searched each side of near_id (no index by recipient)
 

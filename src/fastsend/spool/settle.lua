@@ -1,19 +1,31 @@
--- ARGV: P, text, id...: of these messages, those deferred and not claimed
--- (state 2, no owner) made delivered (250 2.0.0 text; out of their campaign's
--- due set, counted): a provider's event shows it has them after a request left
--- unanswered (RedisSpool.settle). -> the ids settled
-local text = ARGV[2]
+-- ARGV: P, mode, text, ttl, id... (RedisSpool.settle / settle_taken)
+-- "event": a provider's event shows it has these messages. Those deferred and
+-- not claimed (state 2, no owner) are delivered now (250 2.0.0 text; out of
+-- their campaign's due set, counted); for those in flight (state 1) the text
+-- is kept in P:taken:ID for ttl seconds, for the outcome still to come. -> the
+-- ids delivered.
+-- "taken": these messages were just recorded deferred (outcome unknown): those
+-- with a P:taken:ID are delivered with its text, the key dropped. -> {id, text, ...}
+local mode, text, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local ids = {}
-for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
 local now = tostring(clock_ms() / 1000)
 local rows, out = {}, {}
 for id, f in pairs(states(ids)) do
-  if f[1] == '2' and f[6] == '' then
+  local why = text
+  if mode == 'taken' then
+    why = redis.call('GET', P..':taken:'..id)
+    if why then redis.call('DEL', P..':taken:'..id) end
+  elseif f[1] == '1' then
+    redis.call('SET', P..':taken:'..id, text, 'EX', ttl)
+  end
+  if why and f[1] == '2' and f[6] == '' then
     tally(f[5], '2', '3')
     redis.call('ZREM', P..':due:'..f[5], id)
-    f[1], f[3], f[4], f[7] = '3', '0', now, '250|2.0.0|'..text
+    f[1], f[3], f[4], f[7] = '3', '0', now, '250|2.0.0|'..why
     rows[#rows + 1] = {id, f}
     out[#out + 1] = id
+    if mode == 'taken' then out[#out + 1] = why end
   end
 end
 put_states(rows)

@@ -69,6 +69,7 @@ from fastsend.spool.base import (
     STATE_NAMES,
     SUPERVISOR_LOCK,
     SUPPRESSED,
+    TAKEN_TTL,
     TEMPORARY_STORAGE,
     UNKNOWN_CODE,
     UNKNOWN_ENHANCED,
@@ -1698,13 +1699,16 @@ class SQLiteSpool(Spool):
         ids = sorted({int(i) for i in message_ids})
         db = self.db
         due: list[int] = []
+        flying: list[int] = []
         for j in range(0, len(ids), 500):  # read first: nearly every event's is final
             chunk = ids[j : j + 500]
             marks = ",".join("?" * len(chunk))
-            due += [int(r[0]) for r in db.execute(
-                f"SELECT id FROM messages WHERE id IN ({marks}) AND state=?", (*chunk, DEFERRED)
-            )]  # fmt: skip
-        if not due:
+            for i, st in db.execute(
+                f"SELECT id, state FROM messages WHERE id IN ({marks}) AND state IN (?, ?)",
+                (*chunk, DEFERRED, INFLIGHT),
+            ):
+                (due if st == DEFERRED else flying).append(int(i))
+        if not due and not flying:
             return []
         now = time.time()
         out: list[int] = []
@@ -1717,6 +1721,41 @@ class SQLiteSpool(Spool):
                 ).fetchone()
                 if row is not None:
                     out.append(i)
+            if flying:  # its outcome is still to come: kept for settle_taken
+                db.execute(
+                    "DELETE FROM meta WHERE key >= 'taken:' AND key < 'taken;'"
+                    " AND CAST(substr(value, 1, instr(value, '|') - 1) AS REAL) < ?",
+                    (now - TAKEN_TTL,),
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    [(f"taken:{i}", f"{now}|{text[:400]}") for i in flying],
+                )
+        return out
+
+    def settle_taken(self, message_ids: Collection[int]) -> dict[int, str]:
+        db = self.db
+        keys = [f"taken:{int(i)}" for i in message_ids]
+        found: dict[int, str] = {}
+        for j in range(0, len(keys), 500):
+            chunk = keys[j : j + 500]
+            marks = ",".join("?" * len(chunk))
+            for k, v in db.execute(f"SELECT key, value FROM meta WHERE key IN ({marks})", chunk):
+                found[int(k[6:])] = str(v).partition("|")[2]
+        if not found:
+            return {}
+        now = time.time()
+        out: dict[int, str] = {}
+        with transaction(db):
+            for i, text in sorted(found.items()):
+                db.execute("DELETE FROM meta WHERE key=?", (f"taken:{i}",))
+                row = db.execute(
+                    "UPDATE messages SET state=?, next_at=0, updated=?, last_code=250,"
+                    " last_enhanced='2.0.0', last_text=? WHERE id=? AND state=? RETURNING id",
+                    (DELIVERED, now, text, i, DEFERRED),
+                ).fetchone()
+                if row is not None:
+                    out[i] = text
         return out
 
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
