@@ -329,3 +329,61 @@ def test_ses_send_and_delay_events_settle_a_message_left_unanswered(tmp_path: Pa
         assert all(e["settled"] and e["tenant"] == "acme" for e in evs), evs
     finally:
         ctx.close()
+
+
+def test_a_provider_refusing_our_account_defers_whatever_the_4xx() -> None:
+    """Mailgun answering 402 (Payment Required: its "Request failed" for a
+    limited or unpaid account), 420 or a 400 saying our domain is over its
+    sending limit: our account, not the message or the recipient -- deferred,
+    nothing bounced. Before, any 4xx but a handful bounced every message sent
+    while it lasted (lost). A 400 about the recipient, a 413 and a 422 still
+    bounce."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from fastsend.config.transports import TransportSpec
+    from fastsend.outcome import DEFERRED, Envelope
+    from fastsend.transports.mailgun import MailgunTransport
+
+    answers = [
+        (402, "Request failed"),
+        (420, "Domain mg.example.com has exceeded its hourly sending limit"),
+        (400, "Domain mg.example.com is not allowed to send: daily sending limit reached"),
+        (423, "Locked"),
+        (400, "'to' parameter is not a valid address. please check documentation"),
+        (413, "Request Entity Too Large"),
+        (422, "Unprocessable Entity"),
+    ]
+    it = iter(answers)
+
+    async def send(request: web.Request) -> web.Response:
+        await request.read()
+        status, text = next(it)
+        return web.json_response({"message": text}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v3/{domain}/messages.mime", send)
+
+    async def main(url: str) -> list[Any]:
+        spec = TransportSpec(name="mg", kind="mailgun", endpoint=url, domain="mg.example.com",
+                             secrets={"api_key": "mg-key-value"})  # fmt: skip
+        t = MailgunTransport(spec, b"")
+        out = []
+        async with aiohttp.ClientSession() as session:
+            for n in range(len(answers)):
+                env = Envelope(
+                    "a@mg.example.com", [f"r{n}@example.net"], b"Subject: x\r\n\r\nx\r\n", n + 1
+                )
+                ans = await t.send(session, [env])
+                assert isinstance(ans, list), ans
+                out.append(ans[0].outcomes[0])
+        return out
+
+    with ThreadedApp(app) as srv:
+        outs = asyncio.run(main(srv.url))
+    kinds = [o.kind for o in outs]
+    assert kinds == [DEFERRED] * 4 + [FAILED] * 3, [(o.kind, o.text) for o in outs]
+    assert "sending limit" in outs[1].text and "HTTP 402" in outs[0].text
+

@@ -14,7 +14,9 @@ gives (:func:`map_status`):
   credentials (401/403, SES ``SendingPausedException``...) or configuration
   (404: Mailgun's "Domain not found" for a sending domain it does not have):
   deferred;
-- other 4xx (a permanent rejection of the message or a recipient): failed,
+- other 4xx of our account or request (402, 420, 423, ...; any status whose
+  text says our account is over its sending limit): deferred;
+- 400, 413 and 422 (a permanent rejection of the message or a recipient): failed,
   the provider's text classified by :func:`fastsend.bounce.reply.classify_reply`
   (its reason and an RFC 3463 status in the Outcome). A request of several
   recipients (identical mail grouped) refused whole because of one recipient
@@ -216,6 +218,24 @@ def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
 REQUEST_TROUBLE = (405, 406, 410, 411, 414, 415, 426, 431)
 
 
+# The only 4xx a provider refuses a message or a recipient with (400: SES's
+# MessageRejected, SendGrid's and Mailgun's field errors; 413 the message's size;
+# 422 an unprocessable message). Any other 4xx is about our account, key or
+# request -- 402 Payment Required (Mailgun's "Request failed", an unpaid or
+# limited account), 420 (Mailgun's sending limit), 423, 425, 428, ... --:
+# deferred. Before, they bounced every message (and suppressed nothing, but
+# the mail was lost).
+MESSAGE_REFUSALS = (400, 413, 422)
+# A refusal of our account for its volume, whatever the status: "Domain D has
+# exceeded its hourly sending limit", "Daily message quota exceeded", "monthly
+# limit reached": the account's, never the message's or a recipient's.
+_OVER_LIMIT = re.compile(
+    r"\b(?:sending|daily|hourly|monthly|message)\s+(?:limit|quota)\b"
+    r"|\bexceeded\s+(?:your|our)\s+(?:\w+\s+){0,2}(?:limit|quota)",
+    re.I,
+)
+
+
 def map_status(
     label: str,
     status: int,
@@ -248,14 +268,17 @@ def map_status(
                         " check the transport's endpoint and region)")  # fmt: skip
     if (
         status >= 500
-        or status in (401, 403, 404, 407, 408, 409, *REQUEST_TROUBLE)
+        or status not in MESSAGE_REFUSALS
         or account_trouble
+        or _OVER_LIMIT.search(text)
     ):
         what = "provider error" if status >= 500 else "refused (account or credentials)"
         if status == 404:
             what = "not found (account or configuration)"
         elif status in REQUEST_TROUBLE:
             what = "refused the request (endpoint or configuration)"
+        elif _OVER_LIMIT.search(text):
+            what = "refused: our account's sending limit"
         return deferred(label, f"HTTP {status} {what}: {text}")
     return rejected(label, status, text)
 
