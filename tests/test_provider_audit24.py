@@ -387,3 +387,49 @@ def test_a_provider_refusing_our_account_defers_whatever_the_4xx() -> None:
     assert kinds == [DEFERRED] * 4 + [FAILED] * 3, [(o.kind, o.text) for o in outs]
     assert "sending limit" in outs[1].text and "HTTP 402" in outs[0].text
 
+
+class _Refuses:
+    """An SMTP server (aiosmtpd handler) refusing every RCPT as Postfix does a
+    client it does not relay for."""
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        return f"554 5.7.1 <{address}>: Relay access denied"
+
+
+def test_a_smarthost_refusing_to_relay_defers_but_an_mx_refusing_bounces(
+    tmp_path: Path, dns_server: Any
+) -> None:
+    """A static route (``--route '*=HOST:PORT'``, a smarthost) answering "554
+    5.7.1 Relay access denied" refuses us: deferred, nothing bounced. The same
+    answer from a domain's own MX (found by DNS) is that domain refusing the
+    recipient: bounced, as before."""
+    from aiosmtpd.controller import Controller
+    from tests.conftest import free_port
+
+    camp, _ = dkim_campaign(tmp_path)
+    port = free_port()
+    ctl = Controller(_Refuses(), hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        rcpts = write_recipients(tmp_path, ["a@example.net", "b@example.org"])
+        cfg = "[retry]\nmin_backoff = 60\nmax_backoff = 60\n"
+        proc = send(tmp_path, camp, rcpts, cfg, {}, "--route", f"*=127.0.0.1:{port}",
+                    "--max-wait", "1", "--no-dkim")  # fmt: skip
+        s = summary(proc)
+        assert (s["delivered"], s["bounced"]) == (0, 0), (s, proc.stderr[-2000:])
+        dfr = [e for e in events(tmp_path) if e["event"] == "deferred"]
+        assert len(dfr) == 2 and all("refused us" in e["text"] for e in dfr), dfr
+        mx = tmp_path / "mx"
+        mx.mkdir()
+        dns_server.set_zones(
+            {"dest.test": [("MX", "10 mx.dest.test.")], "mx.dest.test": [("A", "127.0.0.1")]}
+        )
+        rcpts = write_recipients(mx, ["c@dest.test"])
+        cfg += f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+        cfg += "[delivery]\nallow_private_mx = true\n"
+        proc = send(mx, camp, rcpts, cfg, {}, "--max-wait", "1", "--no-dkim")
+        assert summary(proc)["bounced"] == 1, proc.stderr[-2000:]
+    finally:
+        ctl.stop()

@@ -365,7 +365,8 @@ class Router:
     # -- failover -------------------------------------------------------------
 
     def relay_refusals(self, results: list[TxnResult], mx: str) -> list[TxnResult]:
-        """Results of a relay's connection (``mx`` "relay:NAME[address]:port")
+        """Results of a relay's connection (``mx`` "relay:NAME[address]:port",
+        or a static route's smarthost, "HOST[address]:port")
         with its refusals of us (transports.relay.refused_us: "554 5.7.1 Relay
         access denied", "530 Authentication required", a sender our login may
         not use) deferred: before, every message through a relay that would not
@@ -375,7 +376,7 @@ class Router:
         ("relay refused us") saying what to fix."""
         from fastsend.transports.relay import as_configuration, refused_us
 
-        name = mx[6:].partition("[")[0]
+        name = mx[6:].partition("[")[0] if mx[:6] == "relay:" else mx
         out = results
         for i, tr in enumerate(results):
             outs = tr.outcomes

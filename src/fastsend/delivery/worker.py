@@ -91,6 +91,15 @@ STOPPED_EXIT = 128 + wire.STOP_NOW  # stop_now's status: as if the signal had en
 STOP_GRACE = 1.0
 
 
+def _smarthost(mx: str) -> tuple[str, str]:
+    """(host, port) of an outcome's mx: "HOST[ADDRESS]:PORT", or "ADDRESS:PORT"
+    ("[ADDRESS]:PORT" for IPv6) for a host that is an address."""
+    host, sep, _ = mx.partition("[")
+    if not sep or not host:
+        host = mx.rpartition(":")[0].strip("[]")
+    return host.lower(), mx.rpartition(":")[2]
+
+
 class Worker:
     def __init__(
         self, index: int, config: Config, ips: list[str], inbox: Ring, outbox: Ring
@@ -144,6 +153,11 @@ class Worker:
         self.resolver = MXResolver(config)
         self.dkim = ConfigDKIM(config)  # the config's [dkim], for self-contained messages
         self.router = Router(self)  # routes of transports, failover (fastsend.transports)
+        # The hosts of static routes (HOST:PORT, a smarthost), as an outcome's mx
+        # begins and ends: a relay's refusal of us from one is no recipient's.
+        self.smarthosts = frozenset(
+            (r.host.lower(), str(r.port)) for r in config.routes.values() if r.host
+        )
         # Cumulative counters, shipped to the supervisor by stats_loop().
         self.counters: dict[str, float] = {}
         self.classified: dict[tuple[int, str, str, str], tuple[str, bool]] = {}
@@ -713,8 +727,8 @@ class Worker:
     # -- outbox --------------------------------------------------------------
 
     def report(self, results: list[TxnResult], source_ip: str, mx: str) -> None:
-        if mx[:6] == "relay:":  # a relay refusing us is no recipient's bounce
-            results = self.router.relay_refusals(results, mx)
+        if mx[:6] == "relay:" or (self.smarthosts and _smarthost(mx) in self.smarthosts):
+            results = self.router.relay_refusals(results, mx)  # (us refused, not a recipient)
         if self.router.failover:
             results = self.router.on_results(results, source_ip, mx)
         self.add_results(results, source_ip, mx)
