@@ -44,7 +44,9 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import io
+import logging
 import os
+import socket
 import threading
 import time
 import zipfile
@@ -53,7 +55,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.parsers import expat
 
+import orjson
+
 from fastsend.sqlitedb import connect, transaction
+
+log = logging.getLogger("fastsend.analytics.dmarc")
 
 MAX_PART = 10 << 20  # bytes of one attachment as mailed
 MAX_XML = 50 << 20  # bytes of one decompressed report
@@ -359,6 +365,191 @@ class DmarcStore:
             self.db.close()
 
 
+# ARGV: P, guard key ('' : none), guard value, n reports, then per report (its id,
+# begin, its row in the reports hash), then per row (day, field, count). A report
+# whose id is known adds nothing (when unguarded, as one arriving by mail); with a
+# guard (carrying a node's dmarc.db once) nothing is added if the guard exists.
+# One script: the report's id and its rows are written together or not at all.
+_REDIS_ADD = """
+local P = ARGV[1]
+if ARGV[2] ~= '' then
+  if redis.call('EXISTS', ARGV[2]) == 1 then return 0 end
+  redis.call('SET', ARGV[2], ARGV[3])
+end
+local nrep = tonumber(ARGV[4])
+local i, fresh = 5, 0
+for _ = 1, nrep do
+  if redis.call('HSETNX', P..':dmarc:reports', ARGV[i], ARGV[i + 2]) == 1 then
+    redis.call('ZADD', P..':dmarc:begins', ARGV[i + 1], ARGV[i])
+    fresh = fresh + 1
+  end
+  i = i + 3
+end
+if ARGV[2] == '' and fresh == 0 then return 0 end
+while i <= #ARGV do
+  redis.call('HINCRBY', P..':dmarc:d:'..ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  redis.call('ZADD', P..':dmarc:days', ARGV[i], ARGV[i])
+  i = i + 3
+end
+return 1
+"""
+
+_KEYS = ("domain", "org", "source_ip", "header_from", "dkim_domain", "dkim_result",
+         "spf_domain", "spf_result", "disposition", "dkim_aligned", "spf_aligned")  # fmt: skip
+
+
+def _rows_of(r: Report) -> tuple[int, dict[tuple[Any, ...], int]]:
+    """(day, {row key: messages}) of a report: its records rolled up as dmarc.db's rows."""
+    day = (r.begin or int(time.time())) // 86400 * 86400
+    rows: dict[tuple[Any, ...], int] = {}
+    for rec in r.records:
+        dd, dr = _pick(rec.dkim)
+        sd, sr = _pick(rec.spf)
+        key = (r.domain, r.org, rec.source_ip, rec.header_from or r.domain, dd, dr, sd, sr,
+               rec.disposition, int(rec.dkim_eval == "pass"), int(rec.spf_eval == "pass"))  # fmt: skip
+        rows[key] = rows.get(key, 0) + rec.count
+    return day, rows
+
+
+class RedisDmarcStore:
+    """:class:`DmarcStore` beside a shared (Redis) spool: every node's intake
+    stores into it and every node's ``/v1/dmarc`` reads it (a node's own
+    ``dmarc.db`` showed the reports that reached that node only, so the answer
+    behind a balancer depended on the node, and a report mailed to two nodes
+    counted on each). Keys under the spool's prefix: ``dmarc:reports`` (hash,
+    "org US report id" -> [domain, begin, end, received, records]),
+    ``dmarc:begins`` (its ids by begin), ``dmarc:d:DAY`` (hash, the row's key
+    as JSON -> messages), ``dmarc:days`` (the days that have rows)."""
+
+    def __init__(self, shared: Any) -> None:
+        self.r = shared.client
+        self.P = shared.key()
+        self._add_script = self.r.register_script(_REDIS_ADD)
+
+    @staticmethod
+    def _rid(r: Report) -> str:
+        return f"{r.org}\x1f{r.report_id}"
+
+    def add(self, r: Report) -> bool:
+        """Store a report (one script); False if this org's report id was seen by any node."""
+        day, rows = _rows_of(r)
+        meta = orjson.dumps([r.domain, r.begin, r.end, time.time(), len(r.records)])
+        args: list[Any] = [self.P, "", "", 1, self._rid(r), r.begin, meta]
+        for key, n in rows.items():
+            args += [day, orjson.dumps(key), n]
+        return bool(self._add_script(args=args))
+
+    def carry(self, spool_dir: str) -> int:
+        """Add a node's own ``dmarc.db`` in ``spool_dir`` (what it stored before its
+        reports went to Redis) to the shared reports, once: one script with a mark
+        naming the file (a second start or node finds it: nothing added twice), then
+        the file is renamed ``dmarc.db.carried``. Rows carried."""
+        path = os.path.join(spool_dir, "dmarc.db")
+        if not os.path.exists(path):
+            return 0
+        st = os.stat(path)
+        mark = (f"{self.P}:dmarc:carried:{socket.gethostname()}:{os.path.realpath(path)}"
+                f":{st.st_dev}:{st.st_ino}")  # fmt: skip
+        db = connect(path, schema=_SCHEMA)
+        try:
+            reports = db.execute(
+                "SELECT org, report_id, domain, begin, end, received, records FROM reports"
+            ).fetchall()
+            rows = db.execute(f"SELECT day, {', '.join(_KEYS)}, n FROM rows").fetchall()
+        finally:
+            db.close()
+        args: list[Any] = [self.P, mark, repr(time.time()), len(reports)]
+        for org, rid, domain, begin, end, received, n in reports:
+            args += [f"{org}\x1f{rid}", begin, orjson.dumps([domain, begin, end, received, n])]
+        for day, *key, n in rows:
+            args += [day, orjson.dumps(key), n]
+        self._add_script(args=args)
+        os.replace(path, path + ".carried")
+        return len(rows)
+
+    def _days(self, t0: float, t1: float) -> list[int]:
+        lo, hi = int(t0) // 86400 * 86400, int(t1)
+        return [int(d) for d in self.r.zrangebyscore(f"{self.P}:dmarc:days", lo, f"({hi}")]
+
+    def summary(self, t0: float, t1: float, limit: int = 50) -> dict[str, Any]:
+        """As :meth:`DmarcStore.summary`, over every node's reports."""
+        days = self._days(t0, t1)
+        pipe = self.r.pipeline(transaction=False)
+        for d in days:
+            pipe.hgetall(f"{self.P}:dmarc:d:{d}")
+        groups: dict[str, dict[tuple[Any, ...], list[int]]] = {
+            g: {} for g in ("source_ip, header_from, org", "domain", "org")}  # fmt: skip
+        for h in pipe.execute() if days else []:
+            for field_, n in h.items():
+                row = dict(zip(_KEYS, orjson.loads(field_), strict=True))
+                n = int(n)
+                add = [n, n if row["dkim_aligned"] or row["spf_aligned"] else 0,
+                       row["dkim_aligned"] * n, row["spf_aligned"] * n]  # fmt: skip
+                for g, acc in groups.items():
+                    k = tuple(row[c] for c in g.split(", "))
+                    tot = acc.setdefault(k, [0, 0, 0, 0])
+                    for j in range(4):
+                        tot[j] += add[j]
+
+        def rows(g: str) -> list[dict[str, Any]]:
+            return [{**dict(zip(g.split(", "), k, strict=True)), "messages": n,
+                     "aligned": aligned, "unaligned": n - aligned, "dkim_aligned": dkim,
+                     "spf_aligned": spf}
+                    for k, (n, aligned, dkim, spf) in groups[g].items()]  # fmt: skip
+
+        sources = rows("source_ip, header_from, org")
+        sources.sort(key=lambda d: (-d["unaligned"], -d["messages"], d["source_ip"]))
+        lo = int(t0) // 86400 * 86400
+        n = int(self.r.zcount(f"{self.P}:dmarc:begins", lo, f"({int(t1)}"))
+        return {"reports": n, "domains": rows("domain"), "reporters": rows("org"),
+                "sources": sources[:limit],
+                "unaligned_sources": [s for s in sources if s["unaligned"]][:limit]}  # fmt: skip
+
+    def prune(self, before: float) -> int:
+        """Forget the days before ``before`` and the reports that began and arrived
+        before it (as :meth:`DmarcStore.prune`). Rows deleted."""
+        cut = int(before) // 86400 * 86400
+        n = 0
+        for d in self.r.zrangebyscore(f"{self.P}:dmarc:days", "-inf", f"({cut}"):
+            key = f"{self.P}:dmarc:d:{int(d)}"
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hlen(key)
+            pipe.delete(key)
+            pipe.zrem(f"{self.P}:dmarc:days", d)
+            n += int(pipe.execute()[0])
+        old = self.r.zrangebyscore(f"{self.P}:dmarc:begins", "-inf", f"({cut}")
+        for i in range(0, len(old), 500):
+            ids = old[i : i + 500]
+            metas = self.r.hmget(f"{self.P}:dmarc:reports", ids)
+            gone = [rid for rid, m in zip(ids, metas, strict=True)
+                    if m is None or float(orjson.loads(m)[3]) < cut]  # fmt: skip
+            if gone:
+                pipe = self.r.pipeline(transaction=True)
+                pipe.hdel(f"{self.P}:dmarc:reports", *gone)
+                pipe.zrem(f"{self.P}:dmarc:begins", *gone)
+                pipe.execute()
+        return n
+
+    def close(self) -> None:
+        pass  # the spool's client: the spool closes it
+
+
+def open_store(spool_dir: str, spool: Any = None) -> DmarcStore | RedisDmarcStore:
+    """The DMARC report store: in Redis for a shared spool (every node's reports; a
+    node's own ``dmarc.db`` of before is carried into it once), else
+    ``<spool_dir>/dmarc.db``."""
+    shared = spool.shared() if spool is not None else None
+    if shared is None:
+        return DmarcStore(spool_dir)
+    store = RedisDmarcStore(shared)
+    try:
+        store.carry(spool_dir)
+    except Exception as e:  # (Redis out of reach, a damaged file: the next start tries again)
+        log.warning("the DMARC reports of %s are not carried into Redis yet: %s",
+                    os.path.join(spool_dir, "dmarc.db"), e)  # fmt: skip
+    return store
+
+
 def _looks_like_report(message: bytes) -> tuple[bool, bool]:
     """(maybe a report, surely one): DSNs and ARF (multipart/report) never are; RFC 7489
     7.2.1.1's Subject ("Report Domain: ... Submitter: ... Report-ID: ...") surely is."""
@@ -395,7 +586,7 @@ def read_mail(message: bytes) -> list[Report | str] | None:
     return out
 
 
-def store_reports(store: DmarcStore, items: list[Report | str]) -> list[dict[str, Any]]:
+def store_reports(store: DmarcStore | RedisDmarcStore, items: list[Report | str]) -> list[dict[str, Any]]:
     """Store what :func:`read_mail` found; the events to emit ([] when every
     report was already stored)."""
     events: list[dict[str, Any]] = []
@@ -413,7 +604,7 @@ def store_reports(store: DmarcStore, items: list[Report | str]) -> list[dict[str
     return events
 
 
-def ingest_mail(store: DmarcStore, message: bytes) -> list[dict[str, Any]] | None:
+def ingest_mail(store: DmarcStore | RedisDmarcStore, message: bytes) -> list[dict[str, Any]] | None:
     """Reports in a mail message -> stored; the events to emit. None: not a DMARC report
     (the caller tries the bounce parser); [] when every report was already stored.
     In-process (the CLI, tests); the server reads in its parse pool instead."""

@@ -430,7 +430,7 @@ def open_context(config: Config, supervisor: Supervisor | None = None) -> ServeC
 
     ctx.tlsrpt = tlsrpt.attach(config, events, spool)  # the day's TLS sessions, for RFC 8460 reports
     if ctx.rollups is not None:
-        from fastsend.analytics.dmarc import DmarcStore
+        from fastsend.analytics.dmarc import open_store
 
-        ctx.dmarc = DmarcStore(config.spool_dir)
+        ctx.dmarc = open_store(config.spool_dir, spool)  # on Redis: every node's reports
     return ctx
