@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import signal
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+from tests._redis_helpers import start_redis
+from tests._serve_helpers import dsn
 from tests.test_dmarc import BEGIN, mail, report
 
+from fastsend import msgid
 from fastsend.analytics.dmarc import DmarcStore, ingest_mail
 from fastsend.config import from_dict
 from fastsend.serve.context import ServeContext, open_context
@@ -125,3 +129,30 @@ def test_a_nodes_own_dmarc_db_is_carried_into_redis_once(redis_server: Any, tmp_
     finally:
         a.close()
         b.close()
+
+
+def test_a_bounce_that_meets_a_redis_outage_is_deferred_not_dropped(tmp_path: Path) -> None:
+    """A bounce arriving while Redis does not answer (paused here: a restart, a
+    failover, a partition) cannot be matched to its message nor suppress its
+    recipient: the intake answers 451 4.3.0, so the reporting MTA retries, and
+    the retry after the outage suppresses the address. Before: 250 "Ok: 0
+    event(s)", the error logged, the bounce gone (the address mailed again)."""
+    with start_redis() as srv:
+        url = srv.url(socket_timeout="1")
+        ctx = _node(url, tmp_path, "a")
+        try:
+            cid = ctx.tenant_campaign("shop")
+            (mid,) = ctx.inject(cid, [("gone@example.org", "example.org", b"{}")])
+            to = f"b-{msgid.token(mid, ctx.secret)}@bounces.example.com"
+            raw = dsn("gone@example.org", mid).encode()
+            srv.proc.send_signal(signal.SIGSTOP)
+            try:
+                code, text = _mail_to(ctx, raw, to, expect_refusal=True)
+            finally:
+                srv.proc.send_signal(signal.SIGCONT)
+            assert code == 451 and "4.3.0" in text, (code, text)
+            assert not ctx.suppression.contains("gone@example.org", tenant="shop")
+            assert "1 event" in _mail_to(ctx, raw, to)  # the reporter's retry
+            assert ctx.suppression.contains("gone@example.org", tenant="shop")
+        finally:
+            ctx.close()

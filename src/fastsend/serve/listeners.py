@@ -1032,10 +1032,33 @@ class _Intake(_Policy):
                     self.ctx.emit(report_ev)
             else:
                 evs = apply_records(self.ctx, got, ev.recipients, self.cfg.verp_prefix)
-        except Exception:  # a parser bug must not make the sender retry forever
+        except Exception as e:  # a parser bug must not make the sender retry forever
+            if self._storage_out(e):
+                # The spool or suppression list cannot be read or written now (a Redis
+                # restart, failover or partition; a full or read-only disk): the report
+                # could not be matched nor its recipient suppressed. Deferred, so the
+                # reporting MTA retries (was 250 and the report gone; a hard bounce's
+                # address was mailed again). A record applied before the error is not
+                # counted twice: each message's bounce/complaint is recorded once.
+                log.warning("intake: report deferred (451): the spool is out of reach"
+                            " or refuses writes: %s", e)  # fmt: skip
+                return 451, "4.3.0", "Temporary failure (storage), try again later"
             log.exception("intake: report not processed")
             evs = []
         return 250, "2.0.0", f"Ok: {len(evs)} event(s)"
+
+    def _storage_out(self, e: BaseException) -> bool:
+        """Whether ``e`` (or what caused it) is the storage's temporary failure: the
+        spool's outage errors (Redis out of reach or refusing writes) or a disk's."""
+        outage = self.ctx.spool.outage_errors()
+        x: BaseException | None = e
+        for _ in range(8):
+            if x is None:
+                break
+            if (outage and isinstance(x, outage)) or storage_problem(x) is not None:
+                return True
+            x = x.__cause__ or x.__context__
+        return False
 
     def message(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
         raise NotImplementedError("the intake answers in message_async")
