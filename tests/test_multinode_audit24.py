@@ -26,6 +26,8 @@ from fastsend.analytics.dmarc import DmarcStore, ingest_mail
 from fastsend.config import from_dict
 from fastsend.serve.context import ServeContext, open_context
 from fastsend.serve.listeners import start_listeners
+from fastsend.spool.base import DEFERRED, Result
+from fastsend.spool.redis import RedisSpool
 
 
 def _node(url: str, tmp: Path, name: str) -> ServeContext:
@@ -156,3 +158,45 @@ def test_a_bounce_that_meets_a_redis_outage_is_deferred_not_dropped(tmp_path: Pa
             assert ctx.suppression.contains("gone@example.org", tenant="shop")
         finally:
             ctx.close()
+
+
+def _off_by(spool: RedisSpool, seconds: float) -> float:
+    """Make ``spool`` a node whose clock is ``seconds`` off Redis's (ahead if > 0):
+    its skew measured as such; -> its time now."""
+    spool.clock_offset = lambda: -seconds  # type: ignore[method-assign]
+    spool._read_skew()
+    return time.time() + seconds
+
+
+def test_due_times_follow_the_shared_spools_clock_not_each_nodes(redis_server: Any) -> None:
+    """Nodes whose clocks are two minutes apart (NTP broken on one) agree on when
+    mail is due: each node's due times go by Redis's clock. Before: a node two
+    minutes behind retried each deferral (a greylisting's too) two minutes early,
+    and mail a node two minutes ahead spooled waited two minutes for the others."""
+    url = redis_server.url()
+    b = RedisSpool(url + "&node=b")  # in step
+    ahead, behind = RedisSpool(url + "&node=ahead"), RedisSpool(url + "&node=behind")
+    try:
+        assert b.skew == 0.0
+        t_ahead, t_behind = _off_by(ahead, 120.0), _off_by(behind, -120.0)
+        assert (ahead.skew, behind.skew) == (-120.0, 120.0)
+        cid = b.create_campaign({"from": "a@b.example"})
+        # Spooled by the node ahead, "now" by its clock: due now for every node.
+        (mid,) = ahead.add_messages(cid, [("x@d.example", "d.example", b"{}")], t_ahead)
+        assert [c.id for c in b.claim_due(time.time(), 10)] == [mid]
+        b.release([mid])
+        # The node behind takes it and defers it for 60 s, by its clock.
+        assert [c.id for c in behind.claim_due(t_behind, 10)] == [mid]
+        behind.record_results([Result(mid, DEFERRED, 1, t_behind + 60, 451, "4.7.1", "greylisted")],
+                              t_behind)  # fmt: skip
+        assert b.claim_due(time.time(), 10) == []  # not a minute early
+        assert behind.claim_due(t_behind + 30, 10) == []
+        nd = behind.next_due()
+        assert nd is not None and abs(nd - (t_behind + 60)) < 1, (nd, t_behind)
+        nd = b.next_due()
+        assert nd is not None and abs(nd - (time.time() + 60)) < 5, (nd, time.time())
+        assert [c.id for c in ahead.claim_due(t_ahead + 61, 10)] == [mid]
+        assert abs(ahead.message(mid)["next_at"] - (t_ahead + 60)) < 1
+    finally:
+        for s in (b, ahead, behind):
+            s.close()

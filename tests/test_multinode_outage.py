@@ -293,8 +293,9 @@ def test_a_transports_rate_holds_for_every_node_together(
 
 
 def test_a_node_whose_clock_is_off_says_so(redis_server: Any, tmp_path: Path) -> None:
-    """Due times, retry times and expiry are decided by each node's clock, and
-    leases and shared rates by Redis's: a node whose clock is two minutes ahead
+    """Expiry and event times are decided by each node's clock, and due and
+    retry times, leases and shared rates by Redis's (test_multinode_audit24):
+    a node whose clock is two minutes ahead
     says so at start, naming the gap (here ``fastsend send`` with its
     ``time.time`` shifted); one in step says nothing. Before: nothing was
     said, and such a node retried every deferral two minutes early."""

@@ -338,8 +338,9 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             print(
                 f"fastsend: this node's clock is {abs(skew):.1f} s"
                 f" {'behind' if skew > 0 else 'ahead of'} the shared spool's (Redis TIME):"
-                " the retry times, due times and expiry it decides are off by as much"
-                " for every node; keep the nodes' clocks in step (NTP)",
+                " due and retry times go by the spool's clock, but the ages it judges"
+                " (expiry, the times in its events and logs) are off by as much;"
+                " keep the nodes' clocks in step (NTP)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -178,6 +178,9 @@ _UNPEND = (
 )
 CHUNK = 2000  # ids per script call / pipeline for bulk work
 BUCKET = 128  # message ids per hash (as B in spool/lib.lua)
+SKEW_APPLY = 1.0  # s between this host's clock and Redis's from which due times are corrected
+SKEW_EVERY = 60.0  # s between readings of the gap (renew)
+
 # The client's socket options unless the URL sets them (?socket_timeout=...; a
 # unix:// socket takes the timeout alone): a
 # Redis that stops answering (paused, a host gone with its connections, a
@@ -633,6 +636,13 @@ class RedisSpool(Spool):
                     pass
             except OUTAGE_ERRORS as e:
                 raise RedisTakesNoWrites(f"Redis at {safe!r} takes no writes now: {e}") from None
+        # Redis's clock less this host's, added to every due time this node writes
+        # or claims by (and taken from next_due): the due axis is one clock for every
+        # node. 0 unless the gap is SKEW_APPLY s or more; read again every SKEW_EVERY s.
+        self.skew = 0.0
+        self._skew_read = time.monotonic()
+        if not readonly:
+            self._read_skew()
         self._untold_held = False  # P:untold:NODE may hold entries (told() drops them)
         self._untold_read: list[bytes] = []  # the entries untold() handed out
         self._keep_from: int | None = -1  # prune_final: the kept buckets first
@@ -829,8 +839,10 @@ class RedisSpool(Spool):
             ids = list(range(last - len(rows) + 1, last + 1))
         sup = frozenset(suppressed)
         nowr = repr(float(now)).encode()
+        due_at = float(now) + self.skew  # (on Redis's clock: _read_skew)
         st = str(int(state)).encode()
-        tail = b"||%d|0|%s|%s|0||" % (cid, nowr, nowr)
+        due_r = repr(due_at).encode()
+        tail = b"||%d|0|%s|%s|0||" % (cid, due_r, due_r)
         pending = state in PENDING_STATES
         pipe = self.r.pipeline(transaction=True)  # MULTI/EXEC: all of it or nothing
         lease = f"{k}:ing:{int(ingest.job)}:lease" if ingest is not None else ""
@@ -876,11 +888,11 @@ class RedisSpool(Spool):
             part = due[j : j + CHUNK]  # (ascending)
             lo, hi = len(str(part[0])), len(str(part[-1]))
             if lo == hi:  # (nearly always: one score for the part)
-                pipe.zadd(f"{k}:due:{cid}", dict.fromkeys(part, due_score(float(now), lo)))
+                pipe.zadd(f"{k}:due:{cid}", dict.fromkeys(part, due_score(due_at, lo)))
             else:
-                pipe.zadd(f"{k}:due:{cid}", {i: due_score(float(now), len(str(i))) for i in part})
+                pipe.zadd(f"{k}:due:{cid}", {i: due_score(due_at, len(str(i))) for i in part})
         if due:  # the index of campaigns with mail due (lib.lua): at most its head
-            pipe.zadd(f"{k}:dueidx", {cid: due_score(float(now), len(str(due[0])))}, lt=True)
+            pipe.zadd(f"{k}:dueidx", {cid: due_score(due_at, len(str(due[0])))}, lt=True)
         for state_s, n in ((st, len(ids) - n_sup), (str(SUPPRESSED), n_sup)):
             if n:
                 pipe.hincrby(f"{k}:n:{cid}", state_s, n)
@@ -1001,7 +1013,8 @@ class RedisSpool(Spool):
             self._fair_indexed = True
         gen, mono = self._due_gen, time.monotonic()
         flat = self._claim(
-            args=[self.k, repr(float(now)), int(limit), self.node, self._lease_ms, *self._tw_args]
+            args=[self.k, repr(float(now) + self.skew), int(limit), self.node, self._lease_ms,
+                  *self._tw_args]
         )
         self._holding = True
         self._renewed = time.monotonic()
@@ -1047,7 +1060,8 @@ class RedisSpool(Spool):
             conn = self._ahead_conn()
             conn.send_command(
                 "EVALSHA", self._claim.sha, 0,
-                self.k, repr(float(now)), want, self.node, self._lease_ms, *self._tw_args,
+                self.k, repr(float(now) + self.skew), want, self.node, self._lease_ms,
+                *self._tw_args,
             )  # fmt: skip
             self._ahead.append((key, time.monotonic(), want, self._due_gen))
             self._holding = True
@@ -1137,7 +1151,9 @@ class RedisSpool(Spool):
         self, batch: list[Result], now: float, events: Sequence[bytes], untold: bool,
         event_ids: Sequence[int],
     ) -> int | None:  # fmt: skip
-        head: list[Any] = [self.k, repr(float(now)), self.node if self._holding else "", self._lease_ms]
+        skew = self.skew  # (due times on Redis's clock: _read_skew)
+        head: list[Any] = [self.k, repr(float(now) + skew), self.node if self._holding else "",
+                           self._lease_ms]  # fmt: skip
         # One JSON argument per chunk (cjson in the script), every value a string:
         # packing 7 arguments per message cost more than the script itself.
         dumps = orjson.dumps
@@ -1149,7 +1165,8 @@ class RedisSpool(Spool):
             chunk = batch[j : j + CHUNK]
             blob = dumps(
                 [
-                    (str(r.id), str(r.state), str(r.attempts), repr(float(r.next_at)),
+                    (str(r.id), str(r.state), str(r.attempts),
+                     repr(float(r.next_at) + skew if r.next_at > 0 else float(r.next_at)),
                      str(r.code), r.enhanced.replace("|", " "), r.text)
                     for r in chunk
                 ]
@@ -1224,7 +1241,7 @@ class RedisSpool(Spool):
                 continue
             out.append(Untold(
                 i, int(st[4]), data.split(b"\0", 1)[0].decode(), int(st[0]), want[i],
-                float(st[2] or 0), int(st[6] or 0), _s(st[7]), _s(st[8]), float(st[3] or 0),
+                self._local(st[2]), int(st[6] or 0), _s(st[7]), _s(st[8]), self._local(st[3]),
                 eids.get(i, 0),
             ))  # fmt: skip
         return out
@@ -1255,6 +1272,24 @@ class RedisSpool(Spool):
         t1 = time.time()
         return float(sec) + float(usec) / 1e6 - (t0 + t1) / 2
 
+    def _local(self, v: bytes | None) -> float:
+        """A time a row holds (Redis's clock: :attr:`skew`) on this host's clock."""
+        t = float(v or 0)
+        return t - self.skew if t > 0 else t
+
+    def _read_skew(self) -> None:
+        """Measure :attr:`skew` (Redis TIME against this host's clock). Before, each
+        node wrote and claimed due times by its own clock: a node two minutes behind
+        retried every deferral (greylisting's too) two minutes early and claimed the
+        retries other nodes set that much early too, and mail a node ahead spooled
+        waited that long for every other node."""
+        self._skew_read = time.monotonic()
+        off = self.clock_offset()
+        if abs(off) < SKEW_APPLY:
+            self.skew = 0.0
+        elif abs(off - self.skew) >= SKEW_APPLY / 2:  # (not moved by each read's noise)
+            self.skew = round(off, 3)
+
     def release_strays(self, known: Collection[int]) -> int:
         """This node's in-flight set less ``known`` and the claims answered but
         not handed out yet: claims an outage cut off (a claim run whose answer
@@ -1278,9 +1313,9 @@ class RedisSpool(Spool):
         rows = list(items)
         self._due_gen += 1
         for j in range(0, len(rows), CHUNK):
-            args: list[Any] = [self.k, repr(float(now)), self.node]
+            args: list[Any] = [self.k, repr(float(now) + self.skew), self.node]
             for i, at in rows[j : j + CHUNK]:
-                args += [i, repr(float(at))]
+                args += [i, repr(float(at) + self.skew if at > 0 else float(at))]
             self._requeue(args=args)
 
     def hold_supervisor(self, command: str) -> None:
@@ -1396,6 +1431,8 @@ class RedisSpool(Spool):
         ingest jobs it reads (cheap: at most ~4 calls a lease)."""
         if self._ingests:
             self._renew_ingests()
+        if time.monotonic() - self._skew_read >= SKEW_EVERY:
+            self._read_skew()
         if self._sweeping or time.monotonic() - self._swept >= SWEEP_MS / 1000:
             self._swept = time.monotonic()  # (the first node to ask in SWEEP_MS sweeps)
             self._sweep_step()
@@ -1435,7 +1472,7 @@ class RedisSpool(Spool):
         if any(self._stock.values()):  # claimed ahead, not handed out yet
             return time.time()
         v = self._next_due(args=[self.k, self.node])
-        return None if v is None else float(v)
+        return None if v is None else float(v) - self.skew
 
     def _rows(self, ids: list[int]) -> list[tuple[int, bytes, list[bytes]]]:
         """(id, data, state fields) of those of ``ids`` that exist: one HMGET per
@@ -1508,8 +1545,8 @@ class RedisSpool(Spool):
             "state": STATE_NAMES.get(state, state),
             "attempts": int(st[1]),
             "created": float(created),
-            "next_at": float(st[2]),
-            "updated": float(st[3]),
+            "next_at": self._local(st[2]),
+            "updated": self._local(st[3]),
             "last_code": int(st[6] or 0),
             "last_enhanced": _s(st[7]),
             "last_text": _s(st[8]),
