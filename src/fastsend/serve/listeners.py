@@ -137,7 +137,7 @@ from fastsend.message.rawmime import (
 from fastsend.message.rawmime import prepare as prepare_raw
 from fastsend.serve.context import CampaignQuotaExceeded
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
-from fastsend.serve.parsepool import ParsePool
+from fastsend.serve.parsepool import ParsePool, ParseUnavailable
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
 from fastsend.serve.rdns import ReverseNames
 from fastsend.serve.senders import header_nul, sender_domains
@@ -1032,6 +1032,9 @@ class _Intake(_Policy):
                     self.ctx.emit(report_ev)
             else:
                 evs = apply_records(self.ctx, got, ev.recipients, self.cfg.verp_prefix)
+        except ParseUnavailable as e:  # (no report was read: nothing of it applied)
+            log.warning("intake: report deferred (451): %s", e)
+            return 451, "4.3.0", "Temporary failure, try again later"
         except Exception as e:  # a parser bug must not make the sender retry forever
             if self._storage_out(e):
                 # The spool or suppression list cannot be read or written now (a Redis

@@ -19,6 +19,9 @@ DESCRIPTION
       killed by SIGXCPU. A wall-clock limit (``2 x cpu_seconds + 5``) backs it
       up. Either way the child is replaced and the message yields no record
       (the intake still answers 250: refusing a bounce only makes another).
+      A new child is started and imports its parsers first, uncapped (up to
+      ``START_SECONDS``; one that cannot start is :class:`ParseUnavailable`,
+      451 at the intake): a slow start is no report's fault.
       A zip/gzip bomb, a deeply nested or huge XML report meets the same caps
       (and dmarc's own: decompressed size, depth, records).
 
@@ -47,6 +50,19 @@ log = logging.getLogger("fastsend.serve.parsepool")
 
 MAX_BYTES = 1 << 20
 CPU_SECONDS = 2.0
+START_SECONDS = 120.0  # s a new child may take to start and import its parsers
+
+
+class ParseUnavailable(Exception):
+    """The parse child could not be started (not within START_SECONDS, or it died
+    starting): no report was read, the intake answers 451 for it to come again."""
+
+
+def _warm() -> None:
+    """In a new child, before its first report: the parsers imported, so neither
+    the start nor the imports count against a report's caps."""
+    import fastsend.analytics.dmarc
+    import fastsend.bounce  # noqa: F401
 
 
 def _read_capped(data: bytes, cpu_seconds: float, dmarc: bool) -> tuple[str, list[Any]]:
@@ -117,6 +133,18 @@ class ParsePool:
         data = data[: self.max_bytes]
         loop = asyncio.get_running_loop()
         async with self._lock:
+            if self._pool is None:
+                # A new child: spawned and its parsers imported before the caps run.
+                # Before, both counted against the first report's wall-clock cap: on
+                # a loaded machine a plain bounce "exceeded the parse limits", was
+                # answered 250 and lost, its address never suppressed.
+                try:
+                    await asyncio.wait_for(
+                        loop.run_in_executor(self._executor(), _warm), START_SECONDS
+                    )
+                except (TimeoutError, BrokenProcessPool, OSError) as e:
+                    self._discard()
+                    raise ParseUnavailable(f"the report parser did not start: {e!r}") from e
             try:
                 fut = loop.run_in_executor(
                     self._executor(), _read_capped, data, self.cpu_seconds, dmarc
