@@ -18,7 +18,7 @@ from typing import Any
 
 import aiosmtplib
 from tests._redis_helpers import start_redis
-from tests._serve_helpers import dsn
+from tests._serve_helpers import Served, dsn, until
 from tests.test_dmarc import BEGIN, mail, report
 
 from fastsend import msgid
@@ -200,3 +200,34 @@ def test_due_times_follow_the_shared_spools_clock_not_each_nodes(redis_server: A
     finally:
         for s in (b, ahead, behind):
             s.close()
+
+
+def test_a_node_that_cannot_reach_redis_fails_the_balancers_check(tmp_path: Path) -> None:
+    """``GET /v1/health`` (no key: a balancer has none) answers 200 while the
+    node's shared spool takes writes and 503 with a reason once it does not
+    (Redis paused here: a partition between this node and Redis), 200 again
+    after; unknown parameters are a 400. Before: the check deploy/haproxy.cfg
+    made was the OpenAPI document, 200 all along, so such a node kept its
+    share of the API calls and answered each with a 503."""
+    with start_redis() as srv:
+        node = Served(tmp_path, None, spool_url=srv.url(node="a", socket_timeout="1"),
+                      serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+        try:
+            assert node.req("GET", "/v1/health", tenant=None) == (200, {"status": "ok"})
+            assert node.req("GET", "/v1/health?x=1", tenant=None)[0] == 400
+            srv.proc.send_signal(signal.SIGSTOP)
+            try:
+                _st, out = until("a 503 from the check", lambda: _check_is(node, 503))
+                assert out["status"] == "unavailable" and "spool" in out["reason"], out
+                assert "127.0.0.1" not in out["reason"]  # (says no address)
+                assert node.req("GET", "/v1/openapi.json", tenant=None)[0] == 200  # (the old check)
+            finally:
+                srv.proc.send_signal(signal.SIGCONT)
+            until("the check ok again", lambda: _check_is(node, 200))
+        finally:
+            node.stop()
+
+
+def _check_is(node: Served, status: int) -> tuple[int, Any] | None:
+    got = node.req("GET", "/v1/health", tenant=None, timeout=30)
+    return got if got[0] == status else None

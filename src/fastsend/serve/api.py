@@ -489,7 +489,7 @@ def _key_from(request: web.Request) -> str | None:
     return request.headers.get("X-API-Key")
 
 
-PUBLIC = frozenset({"/v1/openapi.json"})
+PUBLIC = frozenset({"/v1/openapi.json", "/v1/health"})
 
 
 @web.middleware

@@ -13,6 +13,7 @@ from aiohttp import web
 from fastsend.serve import api_campaigns, api_events, api_messages, openapi
 from fastsend.serve.api import API_KEY, Api, ApiSettings, middleware
 from fastsend.serve.context import ServeContext
+from fastsend.serve.health import Health
 
 
 def make_app(ctx: ServeContext, settings: ApiSettings) -> web.Application:
@@ -23,6 +24,7 @@ def make_app(ctx: ServeContext, settings: ApiSettings) -> web.Application:
     api_campaigns.add_routes(app)
     api_events.add_routes(app)  # GET /v1/events: the bulk export
     app.router.add_get("/v1/openapi.json", openapi.handler)
+    app.router.add_get("/v1/health", Health(ctx).handler)  # a balancer's check (public)
 
     async def close(app: web.Application) -> None:
         app[API_KEY].close()

@@ -434,6 +434,17 @@ def document() -> dict[str, Any]:
                 "responses": {"200": {"description": "OpenAPI 3.1"}},
             }
         },
+        "/v1/health": {
+            "get": {
+                "summary": "Whether this node takes API calls now (a balancer's check):"
+                " 503 when its shared spool does not take a write",
+                "security": [],
+                "responses": {
+                    "200": {"description": '{"status": "ok"}'},
+                    "503": {"description": '{"status": "unavailable", "reason": "..."}'},
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics (text format 0.0.4): admin keys only"
