@@ -231,3 +231,34 @@ def test_a_node_that_cannot_reach_redis_fails_the_balancers_check(tmp_path: Path
 def _check_is(node: Served, status: int) -> tuple[int, Any] | None:
     got = node.req("GET", "/v1/health", tenant=None, timeout=30)
     return got if got[0] == status else None
+
+
+def test_one_report_reaching_two_nodes_a_moment_apart_is_told_once(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """The same DSN at node a's intake, then at node b's before a's event log
+    handed its "bounced" event on (a reporter retrying at another MX after a
+    slow answer): one "bounced" event for the cluster, the second intake
+    answering 0 events; again at node a, the same. Before: each copy was
+    counted (the rollups, the bounce-rate alarms and guardrails), as the check
+    read the event index, which had the first only after a flush."""
+    url = redis_server.url()
+    a, b = _node(url, tmp_path, "a"), _node(url, tmp_path, "b")
+    told: list[dict[str, Any]] = []
+    for ctx in (a, b):
+        ctx.events.listeners.append(told.extend)
+    try:
+        cid = a.tenant_campaign("shop")
+        (mid,) = a.inject(cid, [("gone@example.org", "example.org", b"{}")])
+        to = f"b-{msgid.token(mid, a.secret)}@bounces.example.com"
+        raw = dsn("gone@example.org", mid).encode()
+        assert "1 event" in _mail_to(a, raw, to)
+        assert "0 event" in _mail_to(b, raw, to)
+        assert "0 event" in _mail_to(a, raw, to)
+        a.events.flush()
+        b.events.flush()
+        assert [e["id"] for e in told if e.get("event") == "bounced"] == [mid], told
+        assert b.suppression.contains("gone@example.org", tenant="shop")
+    finally:
+        a.close()
+        b.close()

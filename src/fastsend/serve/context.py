@@ -27,6 +27,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -227,6 +228,8 @@ class ServeContext:
         # fastsend.serve.shared_state.SharedState on a shared (Redis) spool: keys,
         # suppression, webhook outbox, event index and the node registry in Redis.
         self.shared = shared
+        # (message id, event) -> monotonic time told: eventindex.first_telling (local spool)
+        self.told_recently: OrderedDict[tuple[int, str], float] = OrderedDict()
         # fastsend.analytics.dmarc.DmarcStore: aggregate reports from the intake
         self.dmarc = dmarc
         # fastsend.analytics.feeds.Feeds, with [reputation.feeds]

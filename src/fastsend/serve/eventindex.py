@@ -55,6 +55,38 @@ def already_told(ctx: Any, mid: Any, event: str) -> bool:
     index = getattr(getattr(ctx, "acceptor", None), "index", None)
     return index is not None and mid in index.logged([mid], (event,))
 
+
+ONCE_MARK_TTL = 3600  # s a telling is marked: the index has the event long before
+ONCE_LOCAL_MAX = 100_000  # tellings this process remembers (a local spool)
+
+
+def first_telling(ctx: Any, mid: Any, event: str) -> bool:
+    """Claim the telling of ``event`` (one of ``ONCE_PER_MESSAGE``) for message
+    ``mid``, just before it is emitted: False when it was claimed already.
+    :func:`already_told` reads the index, which has an event only once the event
+    log handed it on (and, on Redis, once the emitting node's index flushed): two
+    copies of one report a moment apart (SendGrid resending a batch, a reporter
+    retrying at another node after a slow answer, a one-click unsubscribe POSTed
+    twice through a balancer) were both counted by the rollups, the rate alarms
+    and the guardrails. On a shared spool one SET NX in Redis for every node
+    (``SharedState.once``); else this process's memory (one per spool)."""
+    if event not in ONCE_PER_MESSAGE or not isinstance(mid, int):
+        return True
+    shared = getattr(ctx, "shared", None)
+    if shared is not None:
+        return bool(shared.once(f"{mid}:{event}", ONCE_MARK_TTL))
+    recent = getattr(ctx, "told_recently", None)
+    if recent is None:
+        return True
+    now = time.monotonic()
+    while recent and (len(recent) >= ONCE_LOCAL_MAX
+                      or next(iter(recent.values())) < now - ONCE_MARK_TTL):  # fmt: skip
+        recent.popitem(last=False)
+    if (mid, event) in recent:
+        return False
+    recent[(mid, event)] = now
+    return True
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     msg INTEGER NOT NULL,

@@ -136,7 +136,7 @@ from fastsend.message.rawmime import (
 )
 from fastsend.message.rawmime import prepare as prepare_raw
 from fastsend.serve.context import CampaignQuotaExceeded
-from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
+from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told, first_telling
 from fastsend.serve.parsepool import ParsePool, ParseUnavailable
 from fastsend.serve.proxyproto import ProxySettings, wrap_factory
 from fastsend.serve.rdns import ReverseNames
@@ -1290,6 +1290,8 @@ def apply_records(
             except SuppressionError:
                 entry = None
         ev["suppressed"] = entry is not None
+        if found is not None and not first_telling(ctx, ev["id"], ev["event"]):
+            continue  # (another copy, at this node or another, told it a moment ago)
         ctx.emit(ev)
         out.append(ev)
     return out

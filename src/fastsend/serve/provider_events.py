@@ -65,7 +65,7 @@ from fastsend.bounce import BounceRecord
 from fastsend.bounce.reply import classify_reply, ses_verdict
 from fastsend.config import Config
 from fastsend.config.serve import DEFAULT_SNS_HOSTS
-from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told
+from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told, first_telling
 from fastsend.serve.httpguard import body_deadline
 from fastsend.suppression import DEFAULT_TENANT, SuppressionError, suppress_from
 
@@ -320,6 +320,9 @@ class ProviderEvents:
             except SuppressionError:
                 entry = None
         ev["suppressed"] = entry is not None
+        if found is not None and not first_telling(self.ctx, ev["id"], kind):
+            ev["repeated"] = True  # (told a moment ago, at this node or another)
+            return ev
         self.ctx.emit(ev)
         return ev
 

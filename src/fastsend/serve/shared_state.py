@@ -1018,6 +1018,11 @@ class SharedState:
         n = int(pipe.execute()[0])
         return n <= cap
 
+    def once(self, name: str, ttl: float) -> bool:
+        """True for the first node to ask for ``name`` within ``ttl`` s (SET NX)."""
+        k = "{" + self.prefix + "}:once:" + name
+        return bool(self.r.set(k, b"1", nx=True, ex=max(1, int(ttl))))
+
     def suppression(self) -> RedisSuppressionList:
         return RedisSuppressionList(self.r, self.prefix)
 

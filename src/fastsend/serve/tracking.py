@@ -57,7 +57,7 @@ from aiohttp import web
 
 from fastsend.config.tenants import norm_domain
 from fastsend.message import tracking as tr
-from fastsend.serve.eventindex import already_told
+from fastsend.serve.eventindex import already_told, first_telling
 from fastsend.serve.httpguard import body_deadline
 from fastsend.suppression import DEFAULT_TENANT, UNSUBSCRIBE, SuppressionError
 
@@ -349,7 +349,9 @@ class _Tracking:
             raise _bad_request("cannot unsubscribe this address") from None
         ev = self._event("unsubscribed", mid, rcpt, request, token_tenant)
         ev["method"] = "one-click" if one_click else "page"
-        if not already_told(self.ctx, ev["id"], "unsubscribed"):
+        if not already_told(self.ctx, ev["id"], "unsubscribed") and first_telling(
+            self.ctx, ev["id"], "unsubscribed"
+        ):
             self.ctx.emit(ev)  # once per message: a client may POST one-click again
         if one_click:
             return web.Response(text="unsubscribed\n", headers=_NO_STORE)
