@@ -262,3 +262,38 @@ def test_one_report_reaching_two_nodes_a_moment_apart_is_told_once(
     finally:
         a.close()
         b.close()
+
+
+def test_a_replayed_redacted_complaint_counts_once_for_the_cluster(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """A complaint naming no recipient (RFC 6590 redaction) about mail sent to
+    several recipients at once is its campaign's, counted once per group: a
+    replay (anyone holding the report can mail it again, to pause the campaign
+    through its complaint rate) is not counted, at another node nor after a
+    restart. Before: each node, and each start, counted it once more."""
+    from tests.test_bounce_unseen23 import ARF
+
+    url = redis_server.url()
+    a, b = _node(url, tmp_path, "a"), _node(url, tmp_path, "b")
+    told: list[dict[str, Any]] = []
+    for ctx in (a, b):
+        ctx.events.listeners.append(told.extend)
+    try:
+        cid = a.tenant_campaign("shop")
+        first, _ = a.inject(cid, [(x, "example.org", b"{}") for x in ("al@example.org",
+                                                                     "bo@example.org")])  # fmt: skip
+        mid = f"<{msgid.group_token(first, a.secret)}@x.example>"
+        raw = ARF.format(fields="", to="redacted@example.org", mid=mid).encode()
+        fbl = "fbl@bounces.example.com"
+        assert "1 event" in _mail_to(a, raw, fbl)
+        assert "0 event" in _mail_to(b, raw, fbl)
+        a.close()
+        a = _node(url, tmp_path, "a")  # (a restart)
+        assert "0 event" in _mail_to(a, raw, fbl)
+        b.events.flush()
+        got = [(e["campaign"], e.get("group")) for e in told if e.get("event") == "complained"]
+        assert got == [(cid, first)], told
+    finally:
+        a.close()
+        b.close()

@@ -1161,13 +1161,19 @@ def redacted_group(ctx: Any, rec: BounceRecord) -> tuple[int, int, str] | None:
 
 
 _GROUPS_KEPT = 100_000  # groups remembered as complained about (a replay is not counted)
+GROUP_TOLD_TTL = 30 * 86400.0  # s a shared spool remembers them
 
 
 def _group_told(ctx: Any, first: tuple[int, str]) -> bool:
     """Whether a redacted report (group's first row, event) was counted already;
     remembers it if not. One per group and event: the reports cannot be told apart
     (the recipient is gone), and anyone holding one could replay it to pause a
-    campaign (a complaint) or swell its figures."""
+    campaign (a complaint) or swell its figures. On a shared spool remembered in
+    Redis for every node, ``GROUP_TOLD_TTL``: in this process's memory, a replay
+    counted again at each node and after each restart."""
+    shared = getattr(ctx, "shared", None)
+    if shared is not None:
+        return not shared.once(f"g:{first[0]}:{first[1]}", GROUP_TOLD_TTL)
     seen = getattr(ctx, "group_complaints", None)
     if seen is None:
         seen = OrderedDict()
