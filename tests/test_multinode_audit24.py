@@ -19,6 +19,7 @@ from typing import Any
 import aiosmtplib
 from tests._redis_helpers import start_redis
 from tests._serve_helpers import Served, dsn, until
+from tests.conftest import free_port
 from tests.test_dmarc import BEGIN, mail, report
 
 from fastsend import msgid
@@ -297,3 +298,38 @@ def test_a_replayed_redacted_complaint_counts_once_for_the_cluster(
     finally:
         a.close()
         b.close()
+
+
+def test_get_dmarc_on_any_node_answers_for_the_cluster(redis_server: Any, tmp_path: Path) -> None:
+    """Through the real servers: a DMARC report mailed to node a's intake is in
+    node b's ``GET /v1/dmarc`` (an admin key), as a balancer would send the poll."""
+    url = redis_server.url()
+    ports = {}
+    made: list[Served] = []
+    try:
+        for n in ("a", "b"):
+            (tmp_path / n).mkdir()
+            ports[n] = free_port()
+            extra = ('[dashboard]\nadmin_tenants = ["acme"]\n[intake]\n'
+                     f'listen = "127.0.0.1:{ports[n]}"\nverp_domain = "bounces.example.com"\n')  # fmt: skip
+            made.append(Served(tmp_path / n, None, extra=extra,
+                               spool_url=url + f"&node={n}&dir={tmp_path}/{n}/spool",
+                               serve_args=("--no-workers", "--allow-volatile")))  # fmt: skip
+        a, b = made
+
+        async def send() -> None:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=ports["a"], start_tls=False)
+            await smtp.connect()
+            raw = mail(gzip.compress(report()), "r.xml.gz", "application/gzip")
+            errors, reply = await smtp.sendmail("", ["dmarc@bounces.example.com"], raw)
+            assert errors == {} and "1 event" in reply, reply
+            await smtp.quit()
+
+        asyncio.run(send())
+        st, out = b.req("GET", "/v1/dmarc?from=-3d", tenant="acme")
+        assert st == 200 and out["reports"] == 1, out
+        assert out["unaligned_sources"][0]["source_ip"] == "203.0.113.9", out
+        assert a.req("GET", "/v1/dmarc?from=-3d", tenant="acme")[1] == out
+    finally:
+        for s in reversed(made):
+            s.stop()
