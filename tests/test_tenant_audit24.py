@@ -1,6 +1,11 @@
 """Hostile tenants, session 24: each test on a defect the outside audit of
 ``fastsend serve`` found, failing before its fix.
 
+- A tenant's template was built (parsed, checked, compiled, its row measure
+  made) on serve's one loop: a template at the caps held every other tenant's
+  API calls 1.3-1.8 s, each time it was named (an inline template was built
+  again by every request, a stored one by every message naming its id). Built
+  in a thread (two at a time, one a tenant at a time) and kept.
 - An HTML-only template holding 5,001-10,000 placeholders was accepted (201/202)
   and spooled with its text part said from the HTML, which doubled them: every
   later use of the campaign (a message naming its id, more recipients) was a
@@ -10,15 +15,126 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fastsend.message import Campaign, CampaignError
 from fastsend.message.campaign import MAX_PLACEHOLDERS
+from fastsend.serve import api_campaigns, api_messages
 from test_serve_api import Client, arun
 
 TPL = {"from": "a@example.com", "subject": "Hi {{ name }}", "text": "Hello {{ name }}"}
+
+
+def _held(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event, list[Any]]:
+    """Template builds that wait (in their thread) until ``release`` is set;
+    ``entered`` is set as one starts; ``calls``: (thread name, subject) of each."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[Any] = []
+    real = api_messages.build_inline
+
+    def build(template: dict[str, Any], limit: int) -> Any:
+        calls.append((threading.current_thread().name, template.get("subject")))
+        entered.set()
+        assert release.wait(60), "never released"
+        return real(template, limit)
+
+    monkeypatch.setattr(api_messages, "build_inline", build)
+    monkeypatch.setattr(api_campaigns, "build_inline", build)
+    return entered, release, calls
+
+
+async def _wait(event: threading.Event) -> None:
+    for _ in range(6000):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never happened")
+
+
+def test_a_template_being_built_holds_no_other_tenants_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one tenant's template is being built (held here until the other
+    tenant's requests are answered: built on the loop, nothing else ran and
+    this test never ended), another tenant lists its campaigns, sends a
+    message and makes a campaign of its own template; the build then ends
+    and its message is accepted."""
+    entered, release, calls = _held(monkeypatch)
+
+    async def t(c: Client) -> None:
+        c.key("acme"), c.key("other")
+        slow = asyncio.create_task(c.req("POST", "/v1/messages", {
+            "template": TPL, "to": "u@example.org", "variables": {"name": "x"}}))  # fmt: skip
+        await _wait(entered)
+        st, _ = await c.req("GET", "/v1/campaigns", tenant="other")
+        assert st == 200
+        st, got = await c.req("POST", "/v1/messages", {
+            "from": "b@example.com", "to": "v@example.org", "subject": "s", "text": "t"},
+            tenant="other")  # fmt: skip
+        assert st == 202, got
+        # another tenant's own template: a build of its own, not behind acme's
+        entered.clear()
+        other = asyncio.create_task(c.req("POST", "/v1/messages", {
+            "template": {**TPL, "subject": "Other {{ name }}"}, "to": "w@example.org",
+            "variables": {"name": "y"}}, tenant="other"))  # fmt: skip
+        await _wait(entered)
+        assert len(calls) == 2 and not slow.done()
+        release.set()
+        for task in (slow, other):
+            st, got = await task
+            assert st == 202, got
+        assert all(name != "MainThread" for name, _ in calls), calls
+
+    arun(tmp_path, t)
+
+
+def test_a_template_is_built_once_not_per_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inline template named by many requests, and the campaign id it makes
+    named by many messages, cost one build each (before: one a request, one a
+    message, each on the loop); the same template from another tenant is that
+    tenant's own build and campaign; a template that fails is not kept."""
+    _, release, calls = _held(monkeypatch)
+    release.set()
+    stored: list[str] = []
+    real = api_messages.build_stored
+
+    def build_stored(spec: dict[str, Any], limit: int) -> Any:
+        stored.append(spec["subject"])
+        return real(spec, limit)
+
+    monkeypatch.setattr(api_messages, "build_stored", build_stored)
+
+    async def t(c: Client) -> None:
+        msg = {"template": TPL, "to": "u@example.org", "variables": {"name": "x"}}
+        for _ in range(5):
+            st, got = await c.req("POST", "/v1/messages", msg)
+            assert st == 202, got
+        st, got = await c.req("POST", "/v1/messages", {"messages": [msg] * 20})
+        assert st == 202 and got["accepted"] == 20, got
+        assert len(calls) == 1, calls
+        (cid,) = {i["id"] for i in (await c.req("GET", "/v1/campaigns"))[1]["campaigns"]}
+        for _ in range(5):
+            st, got = await c.req("POST", "/v1/messages", {**msg, "template": cid})
+            assert st == 202, got
+        assert stored == [TPL["subject"]]  # (its stored spec, once)
+        st, got = await c.req("POST", "/v1/messages", msg, tenant="other")
+        assert st == 202 and len(calls) == 2, got
+        st, got = await c.req("GET", "/v1/campaigns", tenant="other")
+        assert [i["id"] for i in got["campaigns"]] != [cid], got
+        bad = {**msg, "template": {**TPL, "html": "{{ x"}}
+        for _ in range(2):
+            st, got = await c.req("POST", "/v1/messages", bad)
+            assert st == 400 and got["error"]["field"] == "message.template.html", got
+        assert len(calls) == 4, calls
+
+    arun(tmp_path, t)
 
 
 def test_an_html_only_template_is_counted_with_the_text_said_from_it(tmp_path: Path) -> None:

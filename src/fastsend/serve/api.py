@@ -37,6 +37,7 @@ from fastsend.config import Config
 from fastsend.config.serve import ApiSettings
 from fastsend.config.tenants import norm_domain
 from fastsend.serve.auth import KeyStore
+from fastsend.serve.builds import Builds
 from fastsend.serve.context import CampaignQuotaExceeded, ServeContext
 from fastsend.serve.eventindex import EventIndex
 from fastsend.serve.tenantcaps import SharedKeyRate, TenantCapExceeded
@@ -300,6 +301,7 @@ class Api:
         if getattr(ctx, "acceptor", None) is not None:
             ctx.acceptor.index = self.index
         self.limits: dict[str, Gcra | SharedKeyRate] = {}
+        self.builds = Builds()  # tenants' templates, built off the loop and kept
         self.metrics: Any = None  # fastsend.serve.metrics.Metrics, when serving
 
     def reconfigure(self, settings: ApiSettings) -> None:

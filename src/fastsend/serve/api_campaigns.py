@@ -42,17 +42,11 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from fastsend import accept, recipients
-from fastsend.accept import (
-    KEEP_DUPLICATES,
-    AcceptError,
-    check_campaign,
-    header_variables,
-    name_problem,
-)
+from fastsend import recipients
+from fastsend.accept import KEEP_DUPLICATES, AcceptError, name_problem
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
-from fastsend.message.campaign import PathKeyError, check_inline
+from fastsend.message.campaign import PathKeyError
 from fastsend.serve.api import (
     API_KEY,
     ApiError,
@@ -76,6 +70,7 @@ from fastsend.serve.api import (
     tenant_of,
     tenant_template,
 )
+from fastsend.serve.builds import Built, build_inline, build_stored, inline_key
 from fastsend.serve.idempotency import (
     HELD,
     TOKEN_OPTION,
@@ -333,17 +328,16 @@ async def _spool_rows(
     return json_response(out, status=ok_status)
 
 
-def _decoded_rows(body: bytes, camp: Campaign, max_size: int = 0) -> list[Any]:
-    return _json_rows(decode_body(body, RecipientsIn).recipients, camp, max_size)
+def _decoded_rows(body: bytes, built: Built) -> list[Any]:
+    return _json_rows(decode_body(body, RecipientsIn).recipients, built)
 
 
-def _json_rows(items: list[dict[str, Any]], camp: Campaign, max_size: int = 0) -> list[Any]:
-    """The rows of a JSON recipients list (BadRow for a refused one; ``max_size``:
-    [delivery] max_message_size, a row whose message would be larger is one)."""
+def _json_rows(items: list[dict[str, Any]], built: Built) -> list[Any]:
+    """The rows of a JSON recipients list (BadRow for a refused one; a row whose
+    message would be over [delivery] max_message_size is one: ``built.sizer``)."""
     rows: list[Any] = []
-    needed = camp.variables - {"email", "message_id"}
-    in_headers = header_variables(camp.to_dict())
-    sizer = accept.row_sizer(camp.to_dict(), max_size)
+    needed = built.camp.variables - {"email", "message_id"}
+    in_headers, sizer = built.names, built.sizer
     for n, item in enumerate(items, start=1):
         got = recipients.json_row(item)  # as a JSON-lines list's row: "Email", "to", "vars"
         if isinstance(got, str):
@@ -390,10 +384,12 @@ async def create_campaign(request: web.Request) -> web.Response:
     _count_first(raw, api.settings.recipient_cap)
     body = await off_loop(len(raw), decode_body, raw, CampaignIn)
     _check_name(body.name)
-    try:
-        check_inline(body.template)  # before anything could be read: no server files
-        camp = Campaign.from_dict(tenant_template(request, body.template))
-        spec = check_campaign(camp, max_size=max_message_size(request))
+    limit, tenant = max_message_size(request), tenant_of(request)
+    template = tenant_template(request, body.template)
+    try:  # off the loop, kept (build_inline: no server file named, before anything is read)
+        built = await api.builds.get(
+            inline_key(tenant, template, limit), tenant, build_inline, template, limit
+        )
     except PathKeyError as e:
         raise bad(f"template.{e}", f"template.{e.key}") from None
     except AcceptError as e:
@@ -401,13 +397,14 @@ async def create_campaign(request: web.Request) -> web.Response:
         raise bad(f"{field}: {e}" if e.key else f"template: {e}", field) from None
     except CampaignError as e:
         raise bad(f"template: {e}", "template") from None
+    camp, spec = built.camp, built.own_spec()
     cap = api.settings.recipient_cap
     if len(body.recipients) > cap:  # before a campaign exists
         raise ApiError(
             413, f"recipients: {len(body.recipients)} recipients; [api] max_campaign_recipients"
             f" is {cap}", "recipients",
         )  # fmt: skip
-    rows = await off_loop(len(raw), _json_rows, body.recipients, camp, max_message_size(request))
+    rows = await off_loop(len(raw), _json_rows, body.recipients, built)
     if body.strict and any(isinstance(r, recipients.BadRow) for r in rows):
         first = next(r for r in rows if isinstance(r, recipients.BadRow))
         raise bad(f"recipients[{first.line - 1}]: {first.error}", f"recipients[{first.line - 1}]")
@@ -415,7 +412,6 @@ async def create_campaign(request: web.Request) -> web.Response:
     check_envelope(request, spec, "template")
     check_link_host(request, spec, "template")
     server_dkim(request, spec, camp.from_domain)
-    tenant = tenant_of(request)
     shaping = _options(api, body, tenant)
     run = run_of(request)
     spool = api.ctx.spool
@@ -582,7 +578,14 @@ async def add_recipients(request: web.Request) -> web.Response:
         raise bad("id: a transactional campaign takes messages, not recipient lists", "id")
     if info.status == "cancelled":
         raise ApiError(409, f"campaign {info.id} is cancelled")
-    camp = Campaign.from_dict(info.spec)
+    limit = max_message_size(request)
+    try:  # (off the loop, kept: a costly template is built once a process)
+        built = await api_of(request).builds.get(
+            ("stored", info.id, limit), info.tenant, build_stored, info.spec, limit
+        )
+    except CampaignError as e:  # (a spec this version no longer takes)
+        raise ApiError(409, f"campaign {info.id} cannot be used: {e}") from None
+    camp = built.camp
     strict = request.query.get("strict", "") in ("1", "true", "yes")
     ctype = request.content_type
     if ctype in LIST_TYPES:
@@ -591,7 +594,7 @@ async def add_recipients(request: web.Request) -> web.Response:
     check_json_type(request, "a list: text/csv or application/x-ndjson")
     body = await read_body(request)
     _count_first(body, api_of(request).settings.recipient_cap)
-    rows = await off_loop(len(body), _decoded_rows, body, camp, max_message_size(request))
+    rows = await off_loop(len(body), _decoded_rows, body, built)
     dedup = not (info.options or {}).get(KEEP_DUPLICATES)
     return await _spool_rows(request, info.id, rows, strict, camp, dedup=dedup)
 

@@ -33,16 +33,10 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from fastsend.accept import (
-    AcceptError,
-    check_campaign,
-    check_header_section,
-    header_variables,
-    row_sizer,
-)
+from fastsend.accept import AcceptError, check_header_section
 from fastsend.address import AddressError, normalize
 from fastsend.message import Campaign, CampaignError
-from fastsend.message.campaign import PathKeyError, check_inline
+from fastsend.message.campaign import PathKeyError
 from fastsend.message.headers import HeaderError, mailbox_header, parse_mailbox
 from fastsend.message.rawmime import RawMimeError
 from fastsend.message.rawmime import check as check_raw
@@ -71,6 +65,7 @@ from fastsend.serve.api import (
     tenant_template,
     unavailable,
 )
+from fastsend.serve.builds import Built, build_inline, build_stored, inline_key
 from fastsend.serve.context import ENDED_CAMPAIGN, campaign_pages
 from fastsend.serve.idempotency import accept_rows, idempotent, run_of
 from fastsend.serve.senders import header_nul, sender_domains
@@ -160,9 +155,6 @@ class MessagesHandler:
         # the tenant, and a batch of 1,000 new ones held the loop for seconds).
         self.indexed: set[str] = set()
         self.index_locks: dict[str, asyncio.Lock] = {}
-        self.in_headers: dict[int, frozenset[str]] = {}  # campaign id -> header variables
-        # (campaign id, [delivery] max_message_size) -> its row_sizer
-        self.sizers: dict[tuple[int, int], Any] = {}
         self.made = 0  # template campaigns made by this process
 
     async def index_templates(self, spool: Any, tenant: str, quota: Any = None) -> None:
@@ -189,30 +181,14 @@ class MessagesHandler:
             self.indexed.add(tenant)
         self.index_locks.pop(tenant, None)
 
-    def header_names(self, cid: int, camp: Campaign) -> frozenset[str]:
-        """The variables campaign ``cid`` puts into headers (kept per campaign)."""
-        got = self.in_headers.get(cid)
-        if got is None:
-            if len(self.in_headers) > 4096:
-                self.in_headers.clear()
-            got = self.in_headers[cid] = header_variables(camp.to_dict())
-        return got
-
-    def size_refusal(self, cid: int, camp: Campaign, limit: int, vars_: bytes) -> str | None:
-        """Why a message of template campaign ``cid`` with the variables
-        ``vars_`` would be over ``limit`` octets (accept.row_sizer, kept per
-        campaign), or None."""
-        key = (cid, limit)
-        sizer = self.sizers.get(key, False)
-        if sizer is False:
-            if len(self.sizers) > 4096:
-                self.sizers.clear()
-            sizer = self.sizers[key] = row_sizer(camp.to_dict(), limit)
-        return None if sizer is None else sizer(vars_)  # type: ignore[no-any-return]
-
-    def template_campaign(self, request: web.Request, tpl: int | dict[str, Any], where: str) -> Any:
+    async def template_campaign(
+        self, request: web.Request, tpl: int | dict[str, Any], where: str
+    ) -> tuple[int, Built]:
+        """The campaign of a message's template (an id, or an inline one: its campaign
+        found or made), built off the loop (serve.builds)."""
         api = api_of(request)
         tenant = tenant_of(request)
+        limit = max_message_size(request)
         if isinstance(tpl, int):
             missing = bad(f"{where}: no template campaign {tpl}", where)
             info = api.ctx.spool.get_campaign(tpl) if 1 <= tpl <= MAX_ID else None
@@ -223,11 +199,18 @@ class MessagesHandler:
             require_tenant(request, info.tenant, missing)
             if info.status == "cancelled":  # (its rows would never be sent)
                 raise ApiError(409, f"{where}: campaign {tpl} is cancelled", where)
-            return tpl, Campaign.from_dict(info.spec)
-        try:
-            check_inline(tpl)  # before anything could be read: no server files
-            camp = Campaign.from_dict(tenant_template(request, tpl))
-            spec = check_campaign(camp, max_size=max_message_size(request))
+            try:
+                stored = await api.builds.get(
+                    ("stored", tpl, limit), tenant, build_stored, info.spec, limit
+                )
+            except CampaignError as e:  # (a spec this version no longer takes)
+                raise ApiError(409, f"{where}: campaign {tpl} cannot be used: {e}", where) from None
+            return tpl, stored
+        template = tenant_template(request, tpl)
+        try:  # (build_inline: no server file is named, checked before anything is read)
+            built = await api.builds.get(
+                inline_key(tenant, template, limit), tenant, build_inline, template, limit
+            )
         except PathKeyError as e:
             raise bad(f"{where}.{e}", f"{where}.{e.key}") from None
         except CampaignError as e:
@@ -235,6 +218,7 @@ class MessagesHandler:
         except AcceptError as e:
             field = f"{where}.{e.key}" if e.key else where
             raise bad(f"{field}: {e}" if e.key else f"{where}: {e}", field) from None
+        camp, spec = built.camp, built.own_spec()
         check_from_domain(request, camp.from_domain, f"{where}.from")
         check_envelope(request, spec, where)
         check_link_host(request, spec, where)
@@ -262,9 +246,11 @@ class MessagesHandler:
         else:
             known.move_to_end((tenant, digest))
         live.add(cid)
-        return cid, camp
+        return cid, built
 
-    def prepare(self, request: web.Request, m: MessageIn, where: str, budget: int) -> Prepared:
+    async def prepare(
+        self, request: web.Request, m: MessageIn, where: str, budget: int
+    ) -> Prepared:
         p = Prepared()
         to = [m.to] if isinstance(m.to, str) else m.to
         if not to:
@@ -305,19 +291,20 @@ class MessagesHandler:
             if len(m.variables) > MAX_VARIABLES:  # (as a list's recipient)
                 raise bad(f"{where}.variables: {len(m.variables):,} variables; a message has"
                           f" at most {MAX_VARIABLES:,}", f"{where}.variables")  # fmt: skip
-            cid, camp = self.template_campaign(request, m.template, f"{where}.template")
+            cid, built = await self.template_campaign(request, m.template, f"{where}.template")
+            camp = built.camp
             m.variables = text_vars(m.variables)  # 30 -> "30"; a null is no value
             try:
                 camp.check_columns(set(m.variables) | {"email"})
             except CampaignError as e:
                 raise bad(f"{where}.variables: {e}", f"{where}.variables") from None
-            broken = header_break(m.variables, self.header_names(cid, camp))
+            broken = header_break(m.variables, built.names)
             if broken is not None:
                 field = f"{where}.variables.{broken}"
                 raise bad(f"{field}: CR, LF and NUL are not allowed in a header value", field)
             p.campaign = cid
             vars_ = orjson.dumps(m.variables)
-            why = self.size_refusal(cid, camp, max_message_size(request), vars_)
+            why = None if built.sizer is None else built.sizer(vars_)
             if why is not None:
                 raise ApiError(422, f"{where}.variables: {why}", f"{where}.variables")
         else:  # (checked once a request: cancelled since, it is made anew)
@@ -446,7 +433,7 @@ class MessagesHandler:
         ran = time.monotonic()
         for i, m in enumerate(messages):
             where = f"{prefix}[{i}]" if prefix else "$"
-            p = self.prepare(request, m, where if prefix else "message", budget)
+            p = await self.prepare(request, m, where if prefix else "message", budget)
             budget -= len(p.rows)
             spooled += sum(len(r[2]) for r in p.rows)
             if spooled > cap:  # bytes x recipients: one body to many costs many bodies
