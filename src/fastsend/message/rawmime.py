@@ -53,7 +53,6 @@ MAX_HEADER_OCTETS = 100_000
 MAX_HEADER_FIELDS = 1_000
 MAX_LINE = 998  # octets, without the CRLF (RFC 5322 2.1.1)
 
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
 _EIGHT_BIT = re.compile(rb"[\x80-\xff\x00]")
 _CTE_LINE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:")
 
@@ -65,6 +64,21 @@ class RawMimeError(ValueError):
     def __init__(self, text: str, enhanced: str = "5.6.0") -> None:
         super().__init__(text)
         self.enhanced = enhanced
+
+
+def long_line(data: bytes) -> int:
+    """Where the first line of ``data`` over MAX_LINE octets begins (line ends: CR,
+    LF), or -1. A window of MAX_LINE + 1 octets is looked into from its end for its
+    last line end, the next one begins after it: linear, some n / 900 steps (a
+    regex ``[^\r\n]{999}`` tried every offset: 11 s of serve's loop on 20 MB of
+    base64, a tenant's raw message)."""
+    n, p, w = len(data), 0, MAX_LINE + 1
+    while p + w <= n:
+        e = max(data.rfind(b"\n", p, p + w), data.rfind(b"\r", p, p + w))
+        if e < 0:
+            return p
+        p = e + 1
+    return -1
 
 
 def _line_no(data: bytes, pos: int) -> int:
@@ -88,9 +102,9 @@ def check_head(head: bytes) -> None:
     nul = head.find(b"\x00")
     if nul >= 0:  # (RFC 5322 2.2: no NUL in a header field; receivers refuse it)
         raise RawMimeError(f"header line {_line_no(head, nul)} has a NUL octet")
-    m = _LONG_LINE.search(head)
-    if m is not None:
-        line = _line_no(head, m.start())
+    at = long_line(head)
+    if at >= 0:
+        line = _line_no(head, at)
         raise RawMimeError(
             f"header line {line} is over {MAX_LINE} octets (RFC 5322 2.1.1): fold it"
         )
@@ -106,7 +120,7 @@ def prepare(data: bytes) -> tuple[bytes, bool]:
         head, body = data, b""
     check_head(head + b"\r\n")
     head8 = not head.isascii()  # UTF-8 header text (RFC 6532): 8-bit whatever the body
-    if body.isascii() and b"\x00" not in body and _LONG_LINE.search(body) is None:
+    if body.isascii() and b"\x00" not in body and long_line(body) < 0:
         return data, head8
     if not head8 and re.search(rb"(?im)^dkim-signature[ \t]*:", head) is None:
         try:
@@ -117,9 +131,9 @@ def prepare(data: bytes) -> tuple[bytes, bool]:
             if not new_body.endswith(b"\r\n"):
                 new_body += b"\r\n"
             return _mime_labels(head, new_head, body) + b"\r\n" + new_body, False
-    m = _LONG_LINE.search(body)
-    if m is not None:
-        line = _line_no(data, len(head) + 4 + m.start())
+    at = long_line(body)
+    if at >= 0:
+        line = _line_no(data, len(head) + 4 + at)
         why = "it carries its own DKIM-Signature" if not head8 else "its header has 8-bit text"
         raise RawMimeError(
             f"line {line} is over {MAX_LINE} octets (RFC 5322 2.1.1) and fastsend cannot"
@@ -264,7 +278,7 @@ class _Unconvertible(Exception):
 
 
 def _needs(body: bytes) -> bool:
-    return not body.isascii() or b"\x00" in body or _LONG_LINE.search(body) is not None
+    return not body.isascii() or b"\x00" in body or long_line(body) >= 0
 
 
 def _set_cte(head: bytes, cte: str) -> bytes:

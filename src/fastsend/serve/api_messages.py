@@ -311,11 +311,11 @@ class MessagesHandler:
             fresh = LIVE_TRANSACTIONAL not in request
             request[LIVE_TRANSACTIONAL] = True
             p.campaign = api_of(request).ctx.tenant_campaign(tenant_of(request), fresh)
-            vars_ = self.content(request, m, where)
+            vars_ = await self.content(request, m, where)
         p.rows = [(a, d, vars_) for a, d, _ in p.rows]
         return p
 
-    def content(self, request: web.Request, m: MessageIn, where: str) -> bytes:
+    async def content(self, request: web.Request, m: MessageIn, where: str) -> bytes:
         if m.from_ is None:
             raise bad(f"{where}.from: required", f"{where}.from")
         _no_crlf(m.from_, f"{where}.from")
@@ -339,8 +339,8 @@ class MessagesHandler:
                 )  # fmt: skip
             if b"\n\n" not in raw and b"\r\n\r\n" not in raw:
                 raise bad(f"{where}.raw: no blank line between header and body", f"{where}.raw")
-            try:  # within the header caps, and relayable unbroken (long lines)
-                check_raw(raw)
+            try:  # within the header caps, relayable unbroken (long lines), names shown
+                await off_loop(len(raw), check_raw, raw)  # (a large one: 8-bit re-encoded)
             except RawMimeError as e:
                 raise bad(f"{where}.raw: {e}", f"{where}.raw") from None
             # Read as it is sent (a bare CR is a line end), with Sender and Resent-*.
