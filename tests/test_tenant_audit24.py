@@ -11,6 +11,10 @@
   later use of the campaign (a message naming its id, more recipients) was a
   500 and the worker failed each of its messages. Counted with the text part
   it carries: refused when it arrives.
+- Attachment names padded with spaces (``invoice.pdf      .exe`` shows as
+  ``invoice.pdf`` in a client's column) or holding letters that show as nothing
+  were accepted; and the names inside a forwarded message attached base64 or
+  quoted-printable were never read. Both refused like the other disguises.
 - A tenant's large raw message was checked on serve's loop by a regex tried at
   every offset (11-21 s for 15-20 MB): linear, and in a thread.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import quopri
 import threading
 from pathlib import Path
 from typing import Any
@@ -173,6 +178,124 @@ def test_an_html_only_template_is_counted_with_the_text_said_from_it(tmp_path: P
         assert st == 202, got
 
     arun(tmp_path, t)
+
+
+# ---------------------------------------------------------------- attachment names
+
+
+def _inner(name: bytes) -> bytes:
+    """A message with one attachment named ``name`` (as a forward attaches it)."""
+    return (b"From: x@example.net\r\nSubject: fwd\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="in"\r\n\r\n--in\r\n'
+            b"Content-Type: text/plain\r\n\r\nsee attached\r\n--in\r\n"
+            b"Content-Type: application/octet-stream\r\n"
+            b'Content-Disposition: attachment; filename="' + name + b'"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n\r\naGk=\r\n--in--\r\n")  # fmt: skip
+
+
+def _forward(inner: bytes, cte: bytes = b"base64", ctype: bytes = b"message/rfc822",
+             name: bytes = b"fwd.eml") -> bytes:  # fmt: skip
+    body = (base64.encodebytes(inner).replace(b"\n", b"\r\n") if cte == b"base64"
+            else quopri.encodestring(inner).replace(b"\n", b"\r\n"))  # fmt: skip
+    return (b"From: a@acme.example\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+            b"Content-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: " + ctype + b"\r\n"
+            b"Content-Transfer-Encoding: " + cte + b"\r\n"
+            b'Content-Disposition: attachment; filename="' + name + b'"\r\n\r\n'
+            + body + b"\r\n--b--\r\n")  # fmt: skip
+
+
+PADDED = [b"invoice.pdf      .exe", b"invoice.pdf\xc2\xa0\xc2\xa0\xc2\xa0.exe",  # NBSP
+          b"invoice.pdf\xe3\x80\x80\xe3\x80\x80\xe3\x80\x80.scr",  # ideographic spaces
+          b"invoice.pdf \xe2\x80\x83\xe2\x80\x83.exe",  # a space and em spaces
+          b"invoice.pdf   .exe", b"notes.txt ",  # three; a space after the extension
+          b"photo\xe2\xa0\x80.exe", b"doc\xe3\x85\xa4.exe"]  # Braille blank, Hangul filler  # fmt: skip
+NAMES_FINE = [b"report 2024 final.pdf", b"typo  twice.pdf", b"\xe8\xb3\x87\xe6\x96\x99\xe3\x80\x80\xe4\xb8\x80.pdf",
+              b"r\xc3\xa9sum\xc3\xa9 v2.pdf", b"a b c.txt"]  # fmt: skip
+
+
+def test_space_padded_and_blank_attachment_names_are_refused() -> None:
+    """``invoice.pdf      .exe`` shows as ``invoice.pdf`` in a mail client's
+    attachment column (the program's extension pushed out of view), and so do
+    runs of other spaces and letters that show as nothing: accepted before,
+    now refused as disguised names (a template's attachment; raw MIME's parts);
+    single spaces between words (an ideographic one too) still go."""
+    for name in PADDED:
+        text = name.decode()
+        with pytest.raises(CampaignError, match=r"out of view|shows as nothing|ends with a space"):
+            Campaign.from_dict({**TPL, "attachments": [{"filename": text, "data_b64": "aGk="}]})
+        with pytest.raises(RawMimeError):
+            rawmime.check(_inner(name))
+    for name in NAMES_FINE:
+        camp = Campaign.from_dict(
+            {**TPL, "attachments": [{"filename": name.decode(), "data_b64": "aGk="}]}
+        )
+        assert camp.to_dict()["attachments"][0]["filename"] == name.decode()
+        rawmime.check(_inner(name))
+
+
+def test_names_inside_an_encoded_forwarded_message_are_checked(
+    tmp_path: Path, certs: Any
+) -> None:
+    """A forwarded message attached base64 or quoted-printable (message/rfc822,
+    or any part named ``*.eml``, one inside another) hid its own attachments'
+    names from the check: ``invoice<U+202E>fdp.exe`` inside went through the
+    API and SMTP submission, and as a template's message/rfc822 attachment.
+    Decoded and read as a mail client opens it: refused (400 naming raw, 554
+    5.6.0); the same with an honest name goes; nesting past 8 is refused."""
+    import aiosmtplib
+
+    from test_tenant_caps import node
+
+    bad = _inner(b"invoice\xe2\x80\xaefdp.exe")
+    disguised = [_forward(bad), _forward(bad, b"quoted-printable"),
+                 _forward(bad, ctype=b"application/octet-stream"),  # named .eml
+                 _forward(_forward(bad), ctype=b"message/rfc822", name=b"outer.eml"),
+                 _forward(_inner(b"invoice.pdf      .exe"))]  # fmt: skip
+    fine = [_forward(_inner(b"invoice.pdf")), _forward(_inner(b"a b.pdf"), b"quoted-printable")]
+    for raw in disguised:
+        with pytest.raises(RawMimeError):
+            rawmime.check(raw)
+    deep = bad
+    for _ in range(rawmime.MAX_NESTING + 1):
+        deep = _forward(deep)
+    with pytest.raises(RawMimeError, match="nested more than 8"):
+        rawmime.check(deep)
+    with pytest.raises(CampaignError, match=r"U\+202E"):
+        Campaign.from_dict({**TPL, "attachments": [{
+            "filename": "fwd.eml", "content_type": "message/rfc822",
+            "data_b64": base64.b64encode(bad).decode()}]})  # fmt: skip
+    Campaign.from_dict({**TPL, "attachments": [{
+        "filename": "fwd.eml", "content_type": "message/rfc822",
+        "data_b64": base64.b64encode(_inner(b"invoice.pdf")).decode()}]})  # fmt: skip
+
+    async def main() -> None:
+        tables = {"spool": {"dir": str(tmp_path / "spool")},
+                  "tenants": {"acme": {"domains": ["acme.example"]}}}  # fmt: skip
+        async with node(tables, certs) as n:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=n.smtp_port, tls_context=certs[2],
+                                   start_tls=True, timeout=30)  # fmt: skip
+            await smtp.connect()
+            await smtp.login("acme", n.key("acme"))
+            for raw in disguised:
+                st, body, _h = await n.req("POST", "/v1/messages", {
+                    "from": "a@acme.example", "to": "r@example.org",
+                    "raw": raw.decode("utf-8")})  # fmt: skip
+                assert st == 400 and body["error"]["field"] == "message.raw", (st, body)
+                with pytest.raises(aiosmtplib.SMTPDataError) as e:
+                    await smtp.sendmail("a@acme.example", ["r@example.org"], raw)
+                assert e.value.code == 554 and "5.6.0" in e.value.message, e.value
+            assert n.ctx.spool.counts().get("queued", 0) == 0
+            for raw in fine:
+                st, body, _h = await n.req("POST", "/v1/messages", {
+                    "from": "a@acme.example", "to": "r@example.org",
+                    "raw": raw.decode("utf-8")})  # fmt: skip
+                assert st == 202, body
+                await smtp.sendmail("a@acme.example", ["r@example.org"], raw)
+            await smtp.quit()
+            assert n.ctx.spool.counts()["queued"] == 2 * len(fine)
+
+    asyncio.run(main())
 
 
 def test_a_large_raw_message_is_checked_off_the_loop_in_linear_time(

@@ -441,6 +441,14 @@ def _attachment(a: Any, base: Path) -> dict[str, str]:
             f"bad attachment content_type {str(ctype)[:80]!r}: type/subtype, then any"
             ' parameters as ; name=value or ; name="value" (RFC 2045 5.1)'
         )
+    if ctype.lower().startswith(("message/", "multipart/")) or fname.lower().endswith(".eml"):
+        # A message attached (a forward): a mail client shows its attachments' names too.
+        from fastsend.message.rawmime import RawMimeError, check_names, crlf_lines
+
+        try:
+            check_names(crlf_lines(base64.b64decode(data_b64)))
+        except RawMimeError as exc:
+            raise CampaignError(f"attachment {fname[:200]!r} (a message): {exc}") from None
     out = {"filename": fname, "content_type": ctype, "data_b64": data_b64}
     cid = a.get("cid")
     if cid is not None:
