@@ -338,3 +338,62 @@ def test_a_large_raw_message_is_checked_off_the_loop_in_linear_time(
 
     arun(tmp_path, t)
     assert threads and "MainThread" not in threads, threads
+
+
+# ---------------------------------------------------------------- bodies held
+
+
+async def _stalled(c: Client, tenant: str, size: int) -> asyncio.StreamWriter:
+    """A POST /v1/messages whose body (``size`` octets said) stops after 10 octets."""
+    host, _, port = c.base.removeprefix("http://").rstrip("/").rpartition(":")
+    _r, w = await asyncio.open_connection(host, int(port))
+    w.write(f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {c.key(tenant)}\r\nContent-Length: {size}\r\n\r\n"
+            '{"to": "a@'.encode())  # fmt: skip
+    await w.drain()
+    return w
+
+
+async def _until(c: Client, tenant: str, status: int) -> Any:
+    probe = b"[" * (100 << 10)  # over 64 KiB (counted); malformed once read: 400
+    for _ in range(600):
+        st, got = await c.req("POST", "/v1/messages", tenant=tenant, raw=probe)
+        if st == status:
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never {status}: {st} {got}")
+
+
+def test_request_bodies_held_at_once_are_capped_per_node_and_tenant(tmp_path: Path) -> None:
+    """Each API connection may send up to max_body_bytes, read whole into memory
+    and decoded, and nothing bounded how many at once: 256 connections from one
+    address of 16 MiB each held 4 GiB (one tenant could exhaust the node). With
+    [api] max_held_bytes 4 MiB (bodies of 1 MiB): a tenant holding 2 MiB (its
+    half) gets 429 for more, the node holding 4 MiB answers 503, both with
+    Retry-After, before a body is read; small requests still go, and once the
+    held bodies end, a large one goes again."""
+
+    async def t(c: Client) -> None:
+        size = 1 << 20
+        held = [await _stalled(c, "acme", size) for _ in range(2)]
+        got = await _until(c, "acme", 429)
+        assert "max_held_bytes" in got["error"]["message"], got
+        held += [await _stalled(c, "other", size) for _ in range(2)]
+        got = await _until(c, "third", 503)
+        assert "max_held_bytes" in got["error"]["message"], got
+        st, got = await c.req("POST", "/v1/messages", {
+            "from": "a@example.com", "to": "u@example.org", "subject": "s", "text": "t"},
+            tenant="third")  # fmt: skip
+        assert st == 202, got
+        for w in held:
+            w.close()
+        await _until(c, "acme", 400)
+
+    arun(tmp_path, t, max_held_bytes=4 << 20, max_body_bytes=1 << 20)
+
+
+def test_max_held_bytes_below_max_body_bytes_is_a_config_error() -> None:
+    from fastsend.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="max_held_bytes"):
+        from_dict({"api": {"max_held_bytes": 1 << 20, "max_body_bytes": 2 << 20}})

@@ -71,8 +71,19 @@ class ApiSettings(Section):
     body_timeout: PosFloat = 60.0
     max_connections: PosInt = 1024
     max_connections_per_ip: PosInt = 256
+    # Request bodies over 64 KiB held in memory at once (read whole, then decoded) on
+    # this node, a tenant at most half of it (at least one max_body_bytes): beyond, 503
+    # (the node's) or 429 (the tenant's) with Retry-After, before the body is read.
+    # A body of unknown length counts as max_body_bytes. CSV/JSON-lines uploads stream
+    # to disk and do not count.
+    max_held_bytes: PosInt = 256 << 20
 
     def __post_init__(self) -> None:
+        if self.max_held_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_held_bytes ({self.max_held_bytes}) is below max_body_bytes"
+                f" ({self.max_body_bytes}): no request of the largest size could be taken"
+            )
         check_listen(self.listen, "listen")
         for k in ("admin_listen", "public_listen"):
             if getattr(self, k):

@@ -40,6 +40,7 @@ from fastsend.serve.auth import KeyStore
 from fastsend.serve.builds import Builds
 from fastsend.serve.context import CampaignQuotaExceeded, ServeContext
 from fastsend.serve.eventindex import EventIndex
+from fastsend.serve.httpguard import BodyBudget
 from fastsend.serve.tenantcaps import SharedKeyRate, TenantCapExceeded
 from fastsend.spool import SpoolStorageError, storage_problem
 from fastsend.tenants import TenantDomainError, domain_of
@@ -302,10 +303,12 @@ class Api:
             ctx.acceptor.index = self.index
         self.limits: dict[str, Gcra | SharedKeyRate] = {}
         self.builds = Builds()  # tenants' templates, built off the loop and kept
+        self.bodies = BodyBudget(settings.max_held_bytes, settings.max_body_bytes)
         self.metrics: Any = None  # fastsend.serve.metrics.Metrics, when serving
 
     def reconfigure(self, settings: ApiSettings) -> None:
         self.settings = settings
+        self.bodies.resize(settings.max_held_bytes, settings.max_body_bytes)
         self.limits.clear()
         self.keys.forget_cache()
 
@@ -331,6 +334,8 @@ class Api:
 API_KEY: web.AppKey[Api] = web.AppKey("fastsend_api", Api)
 TENANT: web.RequestKey[str] = web.RequestKey("fastsend_tenant", str)
 KEY_ID: web.RequestKey[str] = web.RequestKey("fastsend_key_id", str)
+# (tenant, octets) of the request's body counted by Api.bodies (read_body)
+HELD: web.RequestKey[tuple[str, int]] = web.RequestKey("fastsend_held_body", tuple)
 
 
 def api_of(request: web.Request) -> Api:
@@ -513,7 +518,12 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
                 return error_response(e, {"Retry-After": str(max(1, round(wait + 0.5)))})
             request[TENANT] = tenant
             request[KEY_ID] = kid
-        return await handler(request)
+        try:
+            return await handler(request)
+        finally:
+            held = request.get(HELD)
+            if held is not None:  # (answered: its body and what was decoded of it go)
+                api_of(request).bodies.give(*held)
     except CampaignQuotaExceeded as e:
         return error_response(ApiError(429, str(e)), {"Retry-After": str(e.wait)})
     except TenantCapExceeded as e:  # (a request over the burst: waiting does not help)
@@ -582,6 +592,18 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body of {request.content_length} bytes exceeds {limit}")
     check_json_type(request)
+    if HELD not in request:  # (read twice under an Idempotency-Key: counted once)
+        n = request.content_length if request.content_length is not None else limit
+        who = tenant_of(request)
+        over = api.bodies.take(who, n)
+        if over is not None:
+            whose = "this tenant's requests hold" if over == "tenant" else "requests hold"
+            raise ApiError(
+                429 if over == "tenant" else 503,
+                f"{whose} too much content at once ([api] max_held_bytes); try again shortly",
+                headers={"Retry-After": "1"},
+            )
+        request[HELD] = (who, n)
     seconds = api.settings.body_timeout
     try:
         async with asyncio.timeout(seconds):  # a body that stops arriving holds nothing

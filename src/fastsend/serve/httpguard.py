@@ -43,7 +43,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["ConnectionCap", "body_deadline", "parse_reason"]
+__all__ = ["BodyBudget", "ConnectionCap", "body_deadline", "parse_reason"]
 
 log = logging.getLogger("fastsend.serve")
 
@@ -214,3 +214,48 @@ class _Late(web.HTTPRequestTimeout):
         body = orjson.dumps({"error": {"status": 408, "message":
                              f"the request body did not arrive within {seconds:g} s"}})  # fmt: skip
         super().__init__(body=body, content_type="application/json", headers={"Connection": "close"})
+
+
+class BodyBudget:
+    """Request bodies held in memory at once (``[api] max_held_bytes``): the API
+    reads a JSON body whole and decodes it, so 256 connections from one address
+    sending 16 MiB each held 4 GiB and more (their decoded objects several times
+    that), one tenant's requests enough to exhaust the node. A body is counted
+    from before it is read (its Content-Length, else ``max_body``) until its
+    request is answered; a body of at most ``SMALL`` octets is not counted (the
+    API's usual requests: never refused here, and the connection caps bound them).
+    A tenant holds at most half of ``total``, at least one ``max_body``."""
+
+    SMALL = 64 << 10
+
+    def __init__(self, total: int, max_body: int) -> None:
+        self.held = 0
+        self.by_tenant: dict[str, int] = {}
+        self.resize(total, max_body)
+
+    def resize(self, total: int, max_body: int) -> None:
+        self.total, self.max_body = total, max_body
+        self.share = min(total, max(max_body, total // 2))
+
+    def take(self, tenant: str, n: int) -> str | None:
+        """Count ``n`` octets of ``tenant``'s; else why not: "node" or "tenant"."""
+        if n <= self.SMALL:
+            return None
+        mine = self.by_tenant.get(tenant, 0)
+        if mine + n > self.share:
+            return "tenant"
+        if self.held + n > self.total:
+            return "node"
+        self.held += n
+        self.by_tenant[tenant] = mine + n
+        return None
+
+    def give(self, tenant: str, n: int) -> None:
+        if n <= self.SMALL:
+            return
+        self.held -= n
+        left = self.by_tenant.get(tenant, 0) - n
+        if left > 0:
+            self.by_tenant[tenant] = left
+        else:
+            self.by_tenant.pop(tenant, None)
