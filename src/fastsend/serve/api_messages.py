@@ -370,8 +370,9 @@ class MessagesHandler:
                 _no_crlf(value, f"{where}.headers.{name}")
             check_resent_headers(request, m.headers, where)
             spec["headers"] = m.headers
-        try:
-            Campaign.from_dict(_literal(spec))
+        try:  # (a large text or HTML, its text part said from it: seconds, in a thread)
+            weight = len(spec.get("text", "")) + len(spec.get("html", ""))
+            await off_loop(weight, Campaign.from_dict, _literal(spec))
         except CampaignError as e:
             if "header" in str(e):
                 raise bad(f"{where}.headers: {e}", f"{where}.headers") from None
