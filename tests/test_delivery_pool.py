@@ -50,10 +50,12 @@ def send_groups(
     site: Site | None = None,
     connections: int = 1,
     rcpts: int = 1,
+    names: Callable[[int], str] | None = None,
     **connect: Any,
 ) -> list[list[TxnResult]]:
     """``n`` messages through up to ``connections`` connections at a time
-    (``pipeline`` per group): the groups reported."""
+    (``pipeline`` per group): the groups reported. ``names``: the local part
+    of message ``i``'s recipient (one each; default ``r{i}``)."""
     cfg = loader.from_dict(
         {"delivery": {"pipeline": pipeline, "max_connections": connections}},
         base_dir=tmp,
@@ -76,7 +78,10 @@ def send_groups(
         )
         body = b"Subject: x\r\n\r\nhi\r\n"
         if rcpts == 1:
-            envs = [Envelope("s@example.org", [f"r{i}@x.example"], body, tag=i) for i in range(n)]
+            local = names or (lambda i: f"r{i}")
+            envs = [
+                Envelope("s@example.org", [f"{local(i)}@x.example"], body, tag=i) for i in range(n)
+            ]
         else:  # identical messages: one transaction for `rcpts` recipients
             envs = [
                 Envelope(

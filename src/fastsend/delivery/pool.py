@@ -31,7 +31,8 @@ Only the site's last connection answers the mail with its failure.
 A session that ends under a pipelined group (the server's 421 "too many
 messages in this connection" after N, a dropped connection) leaves envelopes
 the server never took nor refused (their MAIL or RCPT unanswered, or answered
-with that 421): when the connection had delivered something, they go back to
+with that 421, or a 421 at the session's error cap, Postfix's "too many
+errors"): when the connection had delivered or been refused something, they go back to
 the front of the ready queue for the next session, unreported, instead of
 being deferred for a retry interval (Postfix, one message in flight, loses
 at most one; a group of hundreds would all wait). A 421 that is not about
@@ -85,7 +86,7 @@ from fastsend.config import Config
 from fastsend.delivery import dane
 from fastsend.delivery.mtasts import session_result, verify_context
 from fastsend.delivery.mx import Host, Site
-from fastsend.outcome import DEFERRED, DELIVERED, Envelope, Outcome, TxnResult
+from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.shaping.lanes import FOREVER, PROVIDER_LANES, UNBOUNDED, Lane, Shaper
 from fastsend.shaping.policy import Limits
 from fastsend.shaping.pools import utc_day
@@ -153,8 +154,12 @@ NO_LIMIT = 1 << 62  # messages per connection when the limit is 0
 # ("unusual rate", "try again later") asks to slow down: deferred, as before.
 _UNSTARTED_STAGES = frozenset(("mail", "rcpt", "local"))
 _PER_SESSION = re.compile(
-    r"\b(?:in|per|for) (?:this|the|a|one|each|same) (?:connection|session)\b"
-    r"|\bper (?:connection|session)\b",
+    r"\b(?:in|on|per|for) (?:this|the|a|one|each|same) (?:connection|session)\b"
+    r"|\bper (?:connection|session)\b"
+    # A session's error cap: Postfix's smtpd_hard_error_limit ("421 4.7.0 mx
+    # Error: too many errors"), counted in refused RCPTs; Exchange's "421 4.7.0
+    # Too many errors on this connection, closing transmission channel".
+    r"|\btoo many errors\b",
     re.IGNORECASE,
 )
 
@@ -989,7 +994,9 @@ class SiteQueue:
                             # The server ended the session under this group:
                             # what it never took nor refused goes out on the
                             # next session, if this one got anywhere.
-                            if progress or _any_delivered(results):
+                            # (or had answers: a session cut at its error cap
+                            # after refused recipients got somewhere too)
+                            if progress or _any_answered(results):
                                 results = self._put_back(results, batch)
                                 if not results:
                                     batch = []
@@ -1202,6 +1209,16 @@ def _over_limit(o: Outcome) -> bool:
 
 def _any_delivered(results: list[TxnResult]) -> bool:
     return any(o.kind == DELIVERED for tr in results for o in tr.outcomes)
+
+
+def _any_answered(results: list[TxnResult]) -> bool:
+    """Whether the server decided any recipient of the group: delivered, or
+    refused for good (its reply, not ours: a code)."""
+    return any(
+        o.kind == DELIVERED or (o.kind == FAILED and o.code != 0)
+        for tr in results
+        for o in tr.outcomes
+    )
 
 
 def _rotate(hosts: tuple[Host, ...], turn: int) -> tuple[Host, ...]:
