@@ -5,6 +5,10 @@ scripted receivers where they cut a session or refuse it before any mail.
   (a run of unknown recipients, then "421 4.7.0 Error: too many errors"),
   Exchange's "421 4.7.0 Too many errors on this connection": what the server
   neither took nor refused goes out on a new session at once, not deferred.
+- A host refusing the session at EHLO (then HELO), as Postfix with
+  smtpd_delay_reject = no refuses a blocklisted client, or at EHLO alone
+  before it closes: HELO is tried after any 5xx, the refusal is deferred
+  (none of the recipients was named), and the site's next MX takes the mail.
 """
 
 from __future__ import annotations
@@ -14,13 +18,22 @@ import re
 import socketserver
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from tests._engine_helpers import run_fastsend, summary, write_campaign, write_recipients
 from tests._mta_helpers import private_postfix, read_log
+from tests.test_deliverability_audit21 import greeter
 from tests.test_delivery_pool import send_groups
+from tests.test_smtp_faults import Scripted, scripted, session
 
+from _smtp_helpers import aiosmtpd_server, client_class, link_class
 from conftest import free_port
+from fastsend.outcome import Outcome
+from fastsend.smtp import transport as tr
+from fastsend.testing.dnsserver import DNSServer
 
 Run = Callable[[Any], Any]
 
@@ -141,3 +154,96 @@ def test_a_session_cut_at_its_error_cap_sends_the_rest_on_a_new_one(
         groups = send_groups(run, port, n, str(tmp_path), 8, names=_bad_first(bad))
     _check_every_recipient_answered_once(groups, n, bad)
     assert sessions == [4, 4, 3]  # (each cut refusal is refused again on the next)
+
+
+BLOCKED = b"554 5.7.1 Service unavailable; Client host [127.0.0.2] blocked using zen.spamhaus.org"
+
+
+@pytest.fixture
+def client_twin(impl: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(tr, "SMTPClient", client_class(impl))
+    monkeypatch.setattr(tr, "Link", link_class(impl))
+    return impl
+
+
+@pytest.mark.parametrize(
+    ("replies", "want"),
+    [
+        # EHLO and HELO refused: HELO's words (it was no HELO, failed for good)
+        ({"EHLO": BLOCKED + b"\r\n", "HELO": BLOCKED + b"\r\n"}, ("helo", 554)),
+        # EHLO refused, then the close: EHLO's words, not "connection closed"
+        ({"EHLO": BLOCKED + b"\r\n", "HELO": b""}, ("ehlo", 554)),
+        # 421: no HELO, the session is over
+        ({"EHLO": b"421 4.7.0 mx busy, closing\r\n"}, ("ehlo", 421)),
+    ],
+    ids=["ehlo-helo-554", "ehlo-554-close", "ehlo-421"],
+)
+def test_a_session_refused_at_ehlo_is_deferred_with_the_servers_words(
+    run: Run, client_twin: str, replies: dict[str, bytes], want: tuple[str, int]
+) -> None:
+    server = Scripted(replies=replies)
+    out = scripted(run, server, lambda s: session(s))
+    assert isinstance(out, Outcome), out
+    assert (out.kind, out.stage, out.code) == ("deferred", *want), out
+    if want[1] == 554:
+        assert out.enhanced == "5.7.1" and "zen.spamhaus.org" in out.text, out
+        assert server.sessions[0][:2] == [b"EHLO localhost", b"HELO localhost"]
+    else:
+        assert server.sessions[0] == [b"EHLO localhost"]
+
+
+@pytest.mark.parametrize("code", [b"553 5.5.2 EHLO name not FQDN", b"554 5.5.1 ESMTP disabled"])
+def test_any_5xx_to_ehlo_falls_back_to_helo(run: Run, client_twin: str, code: bytes) -> None:
+    """RFC 5321 3.2, as Postfix: EHLO refused with any 5xx (not only
+    500/501/502/504/550), HELO is tried; taken, the mail goes (one command at a
+    time). A 553 or 554 ended the session, every message bounced."""
+    server = Scripted(replies={"EHLO": code + b"\r\n", "HELO": b"250 scripted\r\n"})
+    _tls, results = scripted(run, server, lambda s: session(s, n=2))
+    assert all(o.delivered for r in results for o in r.outcomes), results
+    assert server.sessions[0][:2] == [b"EHLO localhost", b"HELO localhost"]
+
+
+def test_a_preferred_mx_refusing_ehlo_leaves_the_mail_to_the_backup(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """``fastsend send`` through real DNS: refuse.test's preferred MX greets
+    220 and refuses EHLO and HELO "554 ... blocked using zen.spamhaus.org"
+    (Postfix with smtpd_delay_reject = no); its backup takes every message, a
+    ``host_refused`` shaping event names the first, nothing bounced. Before:
+    the whole group failed 554 at once (a 5xx to EHLO/HELO "is an answer"), the
+    backup never tried."""
+    port = free_port()
+    dns_server.set_zones(
+        {
+            "refuse.test": [("MX", "10 mx1.refuse.test."), ("MX", "20 mx2.refuse.test.")],
+            "mx1.refuse.test": [("A", "127.0.0.11")],
+            "mx2.refuse.test": [("A", "127.0.0.1")],
+        }
+    )
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, [f"u{i}@refuse.test" for i in range(6)])
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\nmx_port = {port}\n'
+        '[ips]\nsource = ["127.0.0.2"]\n[workers]\ncount = 1\n'
+        "[delivery]\nallow_private_mx = true\n"
+    )
+    with (
+        greeter("127.0.0.11", port, b"220 mx1.refuse.test ESMTP\r\n", BLOCKED + b"\r\n") as seen,
+        aiosmtpd_server(port) as (_ctl, handler),
+    ):
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+            "--spool", str(tmp_path / "spool"), "--json", "--no-dkim", "--no-progress",
+            "--max-wait", "5",
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary(proc)
+    assert (s["delivered"], s["bounced"], s["deferred"]) == (6, 0, 0), s
+    assert len(handler.messages) == 6 and seen[0] >= 1
+    shaping = [
+        orjson.loads(x) for x in (tmp_path / "spool" / "shaping.jsonl").read_bytes().splitlines()
+    ]
+    refused = [e for e in shaping if e.get("action") == "host_refused"]
+    assert len(refused) == 1 and refused[0]["mx"].startswith("mx1.refuse.test[127.0.0.11]")
+    assert "zen.spamhaus.org" in refused[0]["reason"]

@@ -142,6 +142,10 @@ SLOT_YIELD = 0.25
 # destination, KumoMTA's failed ready queue).
 DEAD_FOR = 60.0
 _NO_SESSION = frozenset(("connect", "greeting"))  # (with no reply: code 0)
+# A host refusing the session before any mail (its reply: a code): the
+# greeting, or EHLO and then HELO (Postfix with smtpd_delay_reject = no
+# refuses a blocklisted client there, GMX its PTR).
+_REFUSED_SESSION = frozenset(("greeting", "ehlo", "helo"))
 # ... or whose session cannot be used whatever the mail: TLS that is required
 # and failed (an MTA-STS or DANE policy, a relay's), AUTH refused (a relay's
 # credentials: a login tried again per group could lock the account).
@@ -664,7 +668,7 @@ class SiteQueue:
             last = conn
             if conn.code:
                 if (
-                    conn.stage == "greeting"
+                    conn.stage in _REFUSED_SESSION
                     and n < len(hosts) - 1
                     and not lane.provider_signal(conn)
                 ):
@@ -672,8 +676,6 @@ class SiteQueue:
                     refusals.append(conn)
                     continue
                 lane.reply(conn, now)
-            if conn.failed:  # a 5xx to EHLO/HELO is an answer, not a dead host
-                break
         # No host took the mail: what they said is now about the site (read
         # until one rests the lane)
         for o in refusals:

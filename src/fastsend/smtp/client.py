@@ -119,13 +119,15 @@ class CommandDone(NamedTuple):
         return 200 <= self.code < 300
 
     def outcome(self, stage: str, mx: str) -> Outcome:
-        """This reply as the outcome of a failed session step.
-
-        Only a 5xx to EHLO/HELO fails permanently; a refused greeting, STARTTLS
-        or AUTH is deferred (it says nothing about the recipients).
+        """This reply as the outcome of a failed session step: deferred,
+        whatever its code. A refused greeting, EHLO/HELO, STARTTLS or AUTH
+        says nothing about the recipients, none named yet: it refuses this
+        client (its address, its name) at this host; the site's next MX may
+        take the mail, or this host later (Postfix's smtp_skip_5xx_greeting,
+        KumoMTA's transient failure before MAIL FROM). A 5xx to HELO failed
+        the mail for good, the backup MX never tried.
         """
-        kind = FAILED if self.code >= 500 and stage in ("ehlo", "helo") else DEFERRED
-        return Outcome(kind, self.code, self.enhanced, self.text.replace("\n", " "), stage, mx)
+        return Outcome(DEFERRED, self.code, self.enhanced, self.text.replace("\n", " "), stage, mx)
 
 
 Event = CommandDone | TxnResult
@@ -778,6 +780,7 @@ class _Commands(_CoreAttrs):
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
         super().__init__(mx, chunking)  # the ClientCore
         self.helo_name = helo_name
+        self.ehlo_refusal: CommandDone | None = None  # EHLO's 5xx, when HELO was tried
 
     def _command(self, name: str, line: bytes, allowed: tuple[str, ...]) -> bytes:
         if self.state not in allowed:
@@ -884,8 +887,12 @@ class _Commands(_CoreAttrs):
             if 200 <= code < 300:
                 self._parse_ehlo(reply[2])
                 self.state = READY
-            elif code in (500, 501, 502, 504, 550):
-                # No ESMTP: try HELO (RFC 5321 section 3.2); no event until it answers.
+            elif 500 <= code < 600:
+                # No ESMTP, or EHLO refused: try HELO (RFC 5321 section 3.2; as
+                # Postfix does after any refusal but a 421: a 554 or 553 ended
+                # the session without it); no event until it answers. Kept: a
+                # server that closes after its refusal answers HELO with none.
+                self.ehlo_refusal = CommandDone("ehlo", *reply)
                 self._push_cmd("helo")
                 self._out.append(b"HELO %s\r\n" % self.helo_name.encode())
                 return

@@ -673,6 +673,8 @@ async def _connect(
     reply = await conn.command(client.send_ehlo())
     if not reply.ok:
         await conn.quit()
+        if reply.code == 0 and client.ehlo_refusal is not None:
+            reply = client.ehlo_refusal  # (closed after refusing EHLO: its words)
         return reply.outcome(reply.command if reply.command != "lost" else "ehlo", mx)
     if tls != "off":
         if "STARTTLS" not in client.capabilities:
