@@ -9,6 +9,9 @@ scripted receivers where they cut a session or refuse it before any mail.
   smtpd_delay_reject = no refuses a blocklisted client, or at EHLO alone
   before it closes: HELO is tried after any 5xx, the refusal is deferred
   (none of the recipients was named), and the site's next MX takes the mail.
+- A static route naming a host the DNS does not know but the system does
+  ("localhost", a relay in /etc/hosts): delivered; one nobody knows: the
+  operator's configuration, deferred, never a hard bounce that suppresses.
 """
 
 from __future__ import annotations
@@ -247,3 +250,40 @@ def test_a_preferred_mx_refusing_ehlo_leaves_the_mail_to_the_backup(
     refused = [e for e in shaping if e.get("action") == "host_refused"]
     assert len(refused) == 1 and refused[0]["mx"].startswith("mx1.refuse.test[127.0.0.11]")
     assert "zen.spamhaus.org" in refused[0]["reason"]
+
+
+def test_a_route_to_localhost_delivers_and_an_unknown_route_host_defers(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """``--route '*=localhost:PORT'`` with a DNS that does not know "localhost"
+    (the test's; dnspython reads no /etc/hosts): every message bounced 5.1.2
+    "host localhost has no address", hostunknown, hard, and every recipient
+    was suppressed. Now the system's resolver finds it: delivered. A route
+    host nobody knows is deferred 4.3.5 naming the route, nothing suppressed."""
+    port = free_port()
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, ["a@example.com", "b@example.org"])
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text(f'[dns]\nnameservers = ["127.0.0.1:{dns_server.port}"]\n')
+
+    def send(route: str, spool: str) -> dict[str, Any]:
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg), "--route", route,
+            "--spool", str(tmp_path / spool), "--json", "--no-dkim", "--no-progress",
+            "--max-wait", "2",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return summary(proc)
+
+    with aiosmtpd_server(port) as (_ctl, handler):
+        s = send(f"*=localhost:{port}", "s1")
+        assert (s["delivered"], s["bounced"]) == (2, 0), s
+        assert len(handler.messages) == 2
+        s = send(f"*=no-such-relay.invalid:{port}", "s2")
+    assert (s["delivered"], s["bounced"], s["deferred"]) == (0, 0, 2), s
+    events = [orjson.loads(x) for x in (tmp_path / "s2" / "events.jsonl").read_bytes().splitlines()]
+    deferred = [e for e in events if e["event"] == "deferred"]
+    assert [(e["code"], e["enhanced"]) for e in deferred] == [(451, "4.3.5")] * 2, deferred
+    assert "route host no-such-relay.invalid" in deferred[0]["text"]
+    listed = run_fastsend("suppress", "list", "--spool", str(tmp_path / "s2"))
+    assert listed.stdout.strip() == "", listed.stdout

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -214,7 +215,7 @@ class MXResolver:
             rhit = self._route_cache.get(rkey)
             if rhit is not None and rhit[0] > now:
                 return rhit[1]
-            addrs = await self._addresses(route.host)
+            addrs = await self._route_addresses(route.host)
             if isinstance(addrs, Outcome):
                 return addrs
             # One Site object per route while its addresses are fresh (forever for
@@ -324,7 +325,7 @@ class MXResolver:
 
     async def route_site(self, key: str, host: str, port: int) -> Site | Outcome:
         """The site of a fixed host (a static route, a relay): its addresses."""
-        addrs = await self._addresses(host)
+        addrs = await self._route_addresses(host)
         if isinstance(addrs, Outcome):
             return addrs
         return Site(key, tuple(Host(host, a, port) for a in addrs))
@@ -527,6 +528,28 @@ class MXResolver:
             return ()
         return dane.usable([(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in ans])
 
+    async def _route_addresses(self, name: str) -> list[str] | Outcome:
+        """The addresses of a host the operator named (a static route, a
+        relay): the DNS, else the system's resolver, /etc/hosts included
+        ("localhost", a relay named there; dnspython reads no hosts file);
+        not found, deferred (4.3.5): the configuration's fault, never the
+        recipient's. A route to "localhost" was NXDOMAIN, failed 5.1.2
+        "hostunknown": every recipient bounced hard and suppressed."""
+        addrs = await self._addresses(name)
+        if not isinstance(addrs, Outcome):
+            return addrs
+        if addrs.kind == FAILED:  # (no such name, or no address: else a DNS failure, kept)
+            found = await _system_addresses(name, self.ipv6)
+            if found:
+                now = time.monotonic()
+                _put(self._addr_cache, name, (now + _SYSTEM_TTL, found), now)
+                return found
+        return Outcome(
+            DEFERRED, 451, "4.3.5",
+            f"route host {name}: {addrs.text} (check the [routes]/[transports] host)",
+            "dns",
+        )  # fmt: skip
+
     async def _addresses(self, name: str) -> list[str] | Outcome:
         # Literal IPs need no lookup.
         if _is_ip(name):
@@ -568,6 +591,26 @@ class MXResolver:
             return _fail("5.1.2", f"host {name} has no address" + (" (NXDOMAIN)" if nx else ""))
         _put(self._addr_cache, name, (now + max(_MIN_TTL, ttl), addrs), now)
         return addrs
+
+
+# How long a route host's addresses from the system's resolver are kept.
+_SYSTEM_TTL = 60.0
+
+
+async def _system_addresses(name: str, ipv6: bool) -> list[str]:
+    """``name``'s addresses from getaddrinfo (nsswitch: /etc/hosts, then its
+    DNS): IPv4 ones only when there are some and no source address is IPv6."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    found: list[str] = []
+    for family, _t, _p, _n, addr in infos:
+        a = str(addr[0])
+        if family in (socket.AF_INET, socket.AF_INET6) and a not in found:
+            found.append(a)
+    v4 = [a for a in found if ":" not in a]
+    return found if ipv6 or not v4 else v4
 
 
 def _order(records: list[tuple[int, str]]) -> str:
