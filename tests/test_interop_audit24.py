@@ -9,6 +9,9 @@ scripted receivers where they cut a session or refuse it before any mail.
   smtpd_delay_reject = no refuses a blocklisted client, or at EHLO alone
   before it closes: HELO is tried after any 5xx, the refusal is deferred
   (none of the recipients was named), and the site's next MX takes the mail.
+- Exim with recipients_max_reject: the RCPTs over its recipients_max 552,
+  then the whole message "554 Too many recipients" at DATA: the recipients
+  it took go again alone, the surplus after them, none bounced.
 - A static route naming a host the DNS does not know but the system does
   ("localhost", a relay in /etc/hosts): delivered; one nobody knows: the
   operator's configuration, deferred, never a hard bounce that suppresses.
@@ -33,7 +36,7 @@ from tests.test_delivery_pool import send_groups
 from tests.test_smtp_faults import Scripted, scripted, session
 
 from _smtp_helpers import aiosmtpd_server, client_class, link_class
-from conftest import free_port
+from conftest import free_port, start_exim
 from fastsend.outcome import Outcome
 from fastsend.smtp import transport as tr
 from fastsend.testing.dnsserver import DNSServer
@@ -287,3 +290,25 @@ def test_a_route_to_localhost_delivers_and_an_unknown_route_host_defers(
     assert "route host no-such-relay.invalid" in deferred[0]["text"]
     listed = run_fastsend("suppress", "list", "--spool", str(tmp_path / "s2"))
     assert listed.stdout.strip() == "", listed.stdout
+
+
+def test_exim_refusing_the_whole_message_over_recipients_max_gets_it_split(
+    run: Run, tmp_path: Any
+) -> None:
+    """Exim's recipients_max = 3 with recipients_max_reject = true: it refuses
+    the fourth and fifth RCPT 552 and then DATA "554 Too many recipients".
+    All five were answered failed (the three it took bounced 554, the surplus
+    deferred). Now the three go again alone and the two after them: every
+    recipient delivered once."""
+    with start_exim("recipients_max = 3\nrecipients_max_reject = true\n") as exim:
+        groups = send_groups(run, exim.port, 20, str(tmp_path), rcpts=5)
+        received = exim.received()
+        log = exim.mainlog()
+    assert "too many recipients" in log  # (the limit was met)
+    outcomes = [
+        (t, o.kind) for g in groups for r in g for t, o in zip(r.tag, r.outcomes, strict=True)
+    ]
+    assert sorted(outcomes) == [(i, "delivered") for i in range(20)], outcomes
+    got = sorted(r for _sender, rs in received for r in rs)
+    assert got == sorted(f"r{i}@x.example" for i in range(20))
+    assert max(len(rs) for _sender, rs in received) == 3

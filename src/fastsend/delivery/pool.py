@@ -1117,16 +1117,18 @@ class SiteQueue:
             if out is None:
                 out = results[:n]
             env_of, kept = split
-            out.append(kept)
+            if kept is not None:
+                out.append(kept)
         if out is None:
             return results
         return out
 
     def _split_one(
         self, tr: TxnResult, batch: list[Envelope], env_of: dict[int, Envelope] | None
-    ) -> tuple[dict[int, Envelope], TxnResult] | None:
+    ) -> tuple[dict[int, Envelope], TxnResult | None] | None:
         """_split_over_limit for one result: None when it has no recipient to
-        send again, else (the batch's envelopes by tag, what to report)."""
+        send again, else (the batch's envelopes by tag, what to report: None
+        for nothing, the whole transaction going again)."""
         outs = tr.outcomes
         tag = tr.tag
         if not isinstance(tag, list) or len(tag) != len(outs):
@@ -1137,6 +1139,23 @@ class SiteQueue:
         if env_of is None:
             env_of = {id(e.tag): e for e in batch}
         env = env_of.get(id(tag))
+        again = [
+            k
+            for k, o in enumerate(outs)
+            if o.stage == "data" and o.kind != DELIVERED and _TOO_MANY.search(o.text) is not None
+        ]
+        if again and env is not None and len(env.rcpts) == len(outs):
+            # The server refused the surplus RCPTs and then the whole message
+            # for them (Exim's recipients_max_reject: 552 each, then "554 Too
+            # many recipients" to DATA; all bounced): those it took go again
+            # alone, the surplus after them; the others' answers are final.
+            self.pending.appendleft(_part(env, tag, over))
+            self.pending.appendleft(_part(env, tag, again))
+            self.count("recipients_over_limit", len(over))
+            rest = [k for k in range(len(outs)) if k not in over and k not in again]
+            if not rest:
+                return env_of, None
+            return env_of, TxnResult([tag[k] for k in rest], [outs[k] for k in rest], tr.queue_id)
         if (
             env is None
             or len(env.rcpts) != len(outs)
@@ -1152,16 +1171,7 @@ class SiteQueue:
                 for k, o in enumerate(outs)
             ]
             return env_of, TxnResult(tag, outs, tr.queue_id)
-        self.pending.appendleft(
-            Envelope(
-                env.mail_from,
-                [env.rcpts[k] for k in over],
-                env.data,
-                tag=[tag[k] for k in over],
-                smtputf8=env.smtputf8,
-                eightbit=env.eightbit,
-            )
-        )
+        self.pending.appendleft(_part(env, tag, over))
         self.count("recipients_over_limit", len(over))
         keep = [k for k in range(len(outs)) if k not in over]
         return env_of, TxnResult([tag[k] for k in keep], [outs[k] for k in keep], tr.queue_id)
@@ -1199,13 +1209,28 @@ def _unusable(o: Outcome) -> bool:
     return (o.stage in _NO_SESSION and not o.code) or o.stage in _NO_USE
 
 
+def _part(env: Envelope, tag: list[Any], keys: list[int]) -> Envelope:
+    """``env`` for its recipients at ``keys`` alone (their tags)."""
+    return Envelope(
+        env.mail_from,
+        [env.rcpts[k] for k in keys],
+        env.data,
+        tag=[tag[k] for k in keys],
+        smtputf8=env.smtputf8,
+        eightbit=env.eightbit,
+    )
+
+
+_TOO_MANY = re.compile(r"too many recipients", re.IGNORECASE)
+
+
 def _over_limit(o: Outcome) -> bool:
     """A RCPT refused because the transaction has too many recipients: 452,
     or the 552 of RFC 821 (RFC 5321 4.5.3.1.10: to be taken as temporary)."""
     return (
         (o.code == 452 or o.code == 552)
         and o.stage == "rcpt"
-        and (o.enhanced in ("4.5.3", "5.5.3") or "too many recipients" in o.text.lower())
+        and (o.enhanced in ("4.5.3", "5.5.3") or _TOO_MANY.search(o.text) is not None)
     )
 
 
