@@ -143,8 +143,8 @@ SLOT_YIELD = 0.25
 DEAD_FOR = 60.0
 _NO_SESSION = frozenset(("connect", "greeting"))  # (with no reply: code 0)
 # A host refusing the session before any mail (its reply: a code): the
-# greeting, or EHLO and then HELO (Postfix with smtpd_delay_reject = no
-# refuses a blocklisted client there, GMX its PTR).
+# greeting, or EHLO and then HELO (Postfix's smtpd_helo_restrictions with
+# smtpd_delay_reject = no: "554 5.7.1 <name>: Helo command rejected").
 _REFUSED_SESSION = frozenset(("greeting", "ehlo", "helo"))
 # ... or whose session cannot be used whatever the mail: TLS that is required
 # and failed (an MTA-STS or DANE policy, a relay's), AUTH refused (a relay's
