@@ -538,12 +538,13 @@ class MXResolver:
         addrs = await self._addresses(name)
         if not isinstance(addrs, Outcome):
             return addrs
-        if addrs.kind == FAILED:  # (no such name, or no address: else a DNS failure, kept)
-            found = await _system_addresses(name, self.ipv6)
-            if found:
-                now = time.monotonic()
-                _put(self._addr_cache, name, (now + _SYSTEM_TTL, found), now)
-                return found
+        if addrs.kind != FAILED:
+            return addrs  # a DNS failure (deferred): asked again later
+        found = await _system_addresses(name, self.ipv6)  # (no such name, or no address)
+        if found:
+            now = time.monotonic()
+            _put(self._addr_cache, name, (now + _SYSTEM_TTL, found), now)
+            return found
         return Outcome(
             DEFERRED, 451, "4.3.5",
             f"route host {name}: {addrs.text} (check the [routes]/[transports] host)",
