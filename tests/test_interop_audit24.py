@@ -19,9 +19,11 @@ scripted receivers where they cut a session or refuse it before any mail.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socketserver
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -324,3 +326,79 @@ def test_exim_refusing_the_whole_message_over_recipients_max_gets_it_split(
     got = sorted(r for _sender, rs in received for r in rs)
     assert got == sorted(f"r{i}@x.example" for i in range(20))
     assert max(len(rs) for _sender, rs in received) == 3
+
+
+class TLSThenBroken(Scripted):
+    """A server that takes STARTTLS, completes the TLS handshake, and then
+    answers the EHLO inside TLS with ``after`` (b"": closes the connection)."""
+
+    def __init__(self, cert: str, key: str, after: bytes) -> None:
+        super().__init__({"EHLO": b"250-scripted\r\n250-STARTTLS\r\n250 PIPELINING\r\n"})
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.after = after
+        self.tls_sessions = 0
+
+    async def _session(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        line = b""
+        with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            w.write(b"220 scripted ESMTP\r\n")
+            line = await r.readline()  # EHLO
+            w.write(self.replies["EHLO"])
+            line = await r.readline()
+            if line.startswith(b"STARTTLS"):
+                w.write(b"220 2.0.0 Ready to start TLS\r\n")
+                await w.drain()
+                await w.start_tls(self.ctx)
+                self.tls_sessions += 1
+                await r.readline()  # EHLO inside TLS
+                if self.after:
+                    w.write(self.after)
+                    await w.drain()
+                w.close()
+                return
+        if line:  # no STARTTLS: the clear session, as the usual scripted one
+            await self._clear(r, w, line)
+
+    async def _clear(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, line: bytes) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while line:
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    w.write(b"354 go\r\n")
+                    body = b""
+                    while (chunk := await r.readline()) not in (b".\r\n", b""):
+                        body += chunk
+                    self.messages.append(body)
+                    w.write(b"250 2.0.0 Ok\r\n")
+                elif verb == b"QUIT":
+                    w.write(b"221 2.0.0 Bye\r\n")
+                    await w.drain()
+                    w.close()
+                    return
+                else:
+                    w.write(b"250 2.0.0 Ok\r\n")
+                await w.drain()
+                line = await r.readline()
+
+
+@pytest.mark.parametrize("after", [b"", b"this is not SMTP\r\n"], ids=["close", "garbage"])
+def test_a_session_broken_right_after_the_tls_handshake_goes_on_in_clear(
+    run: Run, client_twin: str, certs: Any, after: bytes
+) -> None:
+    """STARTTLS taken, the handshake done, and then the server drops the
+    session (or writes garbage) instead of answering EHLO: a broken TLS
+    setup, as a failed handshake is. Opportunistic TLS delivers on a second
+    connection in clear; before, every attempt deferred 'connection closed'
+    until the mail expired. "required" still defers."""
+    cert, key, client = certs
+    server = TLSThenBroken(cert, key, after)
+
+    async def body(s: Scripted) -> Any:
+        return await session(s), await session(s, tls="required", ssl_context=client)
+
+    (tls, results), required = scripted(run, server, body)
+    assert not tls and all(o.delivered for r in results for o in r.outcomes), results
+    assert len(server.messages) == 2 and server.tls_sessions == 2
+    assert isinstance(required, Outcome) and required.deferred, required
+    assert required.stage == "ehlo" and required.code == 0, required

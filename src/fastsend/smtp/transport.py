@@ -704,6 +704,13 @@ async def _connect(
                         return _TLSFailed()
                     return Outcome(DEFERRED, 0, "", failed, "starttls", mx)
                 reply = await conn.command(client.send_ehlo())
+                if reply.code == 0 and tls == "opportunistic":
+                    # The session broke right after the handshake (dropped,
+                    # garbage inside TLS): a broken TLS setup, as a failed
+                    # handshake is; once more in clear (it was deferred at
+                    # every attempt until the mail expired).
+                    conn.close()
+                    return _TLSFailed()
                 if not reply.ok:
                     await conn.quit()
                     return reply.outcome("ehlo", mx)
