@@ -12,7 +12,7 @@ that serve the domain (and their preference order), so every domain hosted by on
 provider shares a site — or
 an :class:`~fastsend.outcome.Outcome` saying why there is none:
 
-- null MX (RFC 7505, "0 .")     -> failed 5.1.10
+- null MX (RFC 7505, "0 .")     -> failed 556 5.1.10
 - MX records naming IP addresses, not hosts (RFC 5321 5.1) -> skipped; none
   left: failed 5.4.4 (never connected to)
 - NXDOMAIN                      -> failed 5.1.2 (host unknown)
@@ -418,7 +418,8 @@ class MXResolver:
             len(records) == 1 and records[0][1] in ("", ".")
         ):
             return (
-                _fail("5.1.10", f"domain {domain} does not accept mail (null MX, RFC 7505)"),
+                # reported 556 5.1.10, as RFC 7505 has it (it was 550)
+                _fail("5.1.10", f"domain {domain} does not accept mail (null MX, RFC 7505)", 556),
                 ttl,
             )
         # RFC 5321 5.1, RFC 1035 3.3.9: an MX names a host. One that reads as an
@@ -673,8 +674,8 @@ def _refused(domain: str, addrs: list[str]) -> Outcome:
     )
 
 
-def _fail(enhanced: str, text: str) -> Outcome:
-    return Outcome(FAILED, 550, enhanced, text, "dns")
+def _fail(enhanced: str, text: str, code: int = 550) -> Outcome:
+    return Outcome(FAILED, code, enhanced, text, "dns")
 
 
 def _defer(text: str) -> Outcome:
