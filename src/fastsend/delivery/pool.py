@@ -998,7 +998,9 @@ class SiteQueue:
                             # next session, if this one got anywhere.
                             # (or had answers: a session cut at its error cap
                             # after refused recipients got somewhere too)
-                            if progress or _any_answered(results):
+                            if (progress or _any_answered(results)) and not _deferred_to_cap(
+                                results
+                            ):
                                 results = self._put_back(results, batch)
                                 if not results:
                                     batch = []
@@ -1236,6 +1238,25 @@ def _over_limit(o: Outcome) -> bool:
 
 def _any_delivered(results: list[TxnResult]) -> bool:
     return any(o.kind == DELIVERED for tr in results for o in tr.outcomes)
+
+
+_ERROR_CAP = re.compile(r"\btoo many errors\b", re.IGNORECASE)
+
+
+def _deferred_to_cap(results: list[TxnResult]) -> bool:
+    """Whether the session was cut at its error cap (a 421 "too many errors")
+    counted in temporary refusals: the receiver deferring us (Postfix's "450
+    4.7.1 Error: too much mail from", greylisting) is not asked again at once
+    on a new session; refusals for good (unknown users) are its cap's usual
+    count."""
+    cut = deferred = False
+    for tr in results:
+        for o in tr.outcomes:
+            if o.code == 421:
+                cut = cut or _ERROR_CAP.search(o.text) is not None
+            elif o.kind == DEFERRED and 400 <= o.code < 500 and not _over_limit(o):
+                deferred = True
+    return cut and deferred
 
 
 def _any_answered(results: list[TxnResult]) -> bool:
