@@ -142,10 +142,6 @@ SLOT_YIELD = 0.25
 # destination, KumoMTA's failed ready queue).
 DEAD_FOR = 60.0
 _NO_SESSION = frozenset(("connect", "greeting"))  # (with no reply: code 0)
-# A host refusing the session before any mail (its reply: a code): the
-# greeting, or EHLO and then HELO (Postfix's smtpd_helo_restrictions with
-# smtpd_delay_reject = no: "554 5.7.1 <name>: Helo command rejected").
-_REFUSED_SESSION = frozenset(("greeting", "ehlo", "helo"))
 # ... or whose session cannot be used whatever the mail: TLS that is required
 # and failed (an MTA-STS or DANE policy, a relay's), AUTH refused (a relay's
 # credentials: a login tried again per group could lock the account).
@@ -157,6 +153,10 @@ NO_LIMIT = 1 << 62  # messages per connection when the limit is 0
 # messages in this connection"), or never started ("local"). Any other 421
 # ("unusual rate", "try again later") asks to slow down: deferred, as before.
 _UNSTARTED_STAGES = frozenset(("mail", "rcpt", "local"))
+# A host refusing the session before any mail (its reply: a code): the
+# greeting, or EHLO and then HELO (Postfix's smtpd_helo_restrictions with
+# smtpd_delay_reject = no: "554 5.7.1 <name>: Helo command rejected").
+_REFUSED_SESSION = frozenset(("greeting", "ehlo", "helo"))
 _PER_SESSION = re.compile(
     r"\b(?:in|on|per|for) (?:this|the|a|one|each|same) (?:connection|session)\b"
     r"|\bper (?:connection|session)\b"
