@@ -462,7 +462,42 @@ def _redacted(address: str, placeholders: frozenset[str] = frozenset()) -> bool:
     )
 
 
-def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw]:
+# RFC 5965's report fields met outside a message/feedback-report part: a
+# loop that labels its machine-readable part text/plain, or pastes the fields
+# into its one text part (under report-type=feedback-report, or none at all).
+# A "Feedback-Type:" line is the report's when the outer type declares a
+# feedback report or another field of RFC 5965 3.1/3.2 is in its block.
+_ARF_TYPE_LINE = re.compile(r"^Feedback-Type[ \t]*:[ \t]*[A-Za-z]", re.IGNORECASE | re.MULTILINE)
+_ARF_FIELD_LINE = re.compile(
+    r"^(?:User-Agent|Version|Original-(?:Rcpt-To|Mail-From|Envelope-Id)|Arrival-Date"
+    r"|Received-Date|Source-IP|Reported-(?:Domain|URI)|Reporting-MTA|Removal-Recipient"
+    r"|Incidents|Authentication-Results|Redacted-Address)[ \t]*:",
+    re.IGNORECASE | re.MULTILINE,
+)
+_FEEDBACK_REPORT_TYPE = re.compile(r"report-type\s*=\s*\"?feedback-report\b", re.IGNORECASE)
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def _arf_in_text(msg: email.message.Message, parts: _Parts) -> tuple[str, str] | None:
+    """A feedback report without a message/feedback-report part: (its fields'
+    text, the text after them: the reported message's header when pasted
+    after them), or None when the message is no such report."""
+    declared = _FEEDBACK_REPORT_TYPE.search(_header(msg, "Content-Type")) is not None
+    if parts.dsn and not declared:
+        return None
+    for t in parts.texts:
+        m = _ARF_TYPE_LINE.search(t)
+        if m is None:
+            continue
+        blank = _BLANK_LINE.search(t, m.end())
+        end = blank.start() + 1 if blank else len(t)
+        start = t.rfind("\n\n", 0, m.start()) + 1
+        if declared or _ARF_FIELD_LINE.search(t, start, end):
+            return t[:end], t[end:].lstrip()
+    return ("", "") if declared else None
+
+
+def _from_arf(text: str, parts: _Parts, msg: email.message.Message, inline: str = "") -> list[_Raw]:
     fields: dict[str, list[str]] = {}
     for block in _field_blocks(text):
         for k, v in block.items():
@@ -481,7 +516,9 @@ def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw
     rcpts = named([_address(v) for v in fields.get("original-rcpt-to", [])])
     rcpts += named([_address(v) for v in fields.get("removal-recipient", [])])
     if not rcpts:
-        for ret in parts.returned:
+        # The reported message, attached; or pasted after the report's fields.
+        pasted = [inline] if inline and _FIELD_LINE.match(inline) else []
+        for ret in parts.returned or pasted:
             m = mime.message_from_string(ret)
             to = _header(m, "To")
             if to:
@@ -493,6 +530,10 @@ def _from_arf(text: str, parts: _Parts, msg: email.message.Message) -> list[_Raw
         # which is no subscriber: not the report's own header addresses, nor
         # a role or feedback-loop mailbox (RFC 2142's abuse/postmaster...).
         own = _exclusions(msg)
+        for k, vs in fields.items():
+            if k not in ("original-rcpt-to", "removal-recipient"):
+                # Our own sender (Original-Mail-From), the reporter's fields.
+                own.update(a.lower() for v in vs for a in vendors.ADDR_RE.findall(v))
         for t in parts.texts:
             found = named(vendors.ADDR_RE.findall(vendors.cut_original(t)))
             rcpts += [a for a in found if a.lower() not in own and not _REPORTER.match(a)][:1]
@@ -1012,6 +1053,8 @@ def _parse_one(
     raws: list[_Raw] = []
     if parts.arf:
         raws = _from_arf(parts.arf[0], parts, msg)
+    elif (pasted := _arf_in_text(msg, parts)) is not None:
+        raws = _from_arf(pasted[0], parts, msg, pasted[1])
     if not raws and parts.returned and _LEGACY_COMPLAINT.match(_header(msg, "Subject")):
         raws = _legacy_complaint(parts, msg)
     if not raws and parts.dsn:
