@@ -293,3 +293,54 @@ def test_exchange_queue_expired_ndr_is_expired() -> None:
     diag = "550 4.4.7 QUEUE.Expired; message expired"
     (r,) = parse_bounce(exchange_ndr(diag, "4.4.7", "Delivery to the recipient failed.", dsn=True))
     assert (r.reason, r.hard) == ("expired", False)
+
+
+# ---------------------------------------------------------------- languages
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # A disabled, locked or suspended account in the languages whose
+        # "user unknown" and "mailbox full" were read (read "onhold" before).
+        ("550 Das Postfach des Empfängers ist gesperrt", "suspend"),
+        ("550 Konto deaktiviert", "suspend"),
+        ("550 Le compte du destinataire est désactivé", "suspend"),
+        ("550 Boîte aux lettres suspendue", "suspend"),
+        ("550 La cuenta está desactivada", "suspend"),
+        ("550 Buzón suspendido", "suspend"),
+        ("550 Casella di posta disattivata", "suspend"),
+        ("550 A conta está desativada", "suspend"),
+        ("550 Mailbox is geblokkeerd", "suspend"),
+        ("550 Konto jest zablokowane", "suspend"),
+        ("550 Почтовый ящик заблокирован", "suspend"),
+        ("550 该用户账户已被停用", "suspend"),
+        ("550 このアカウントは利用停止されています", "suspend"),
+        ("550 계정이 정지되었습니다", "suspend"),
+        # User unknown / mailbox full in languages not read before.
+        ("550 Okänd mottagare", "userunknown"),
+        ("550 Mottagaren finns inte", "userunknown"),
+        ("550 Ukendt modtager", "userunknown"),
+        ("550 Mottakeren finnes ikke", "userunknown"),
+        ("550 Tuntematon vastaanottaja", "userunknown"),
+        ("550 Kullanıcı bulunamadı", "userunknown"),
+        ("550 Ismeretlen címzett", "userunknown"),
+        ("550 Neznámý příjemce", "userunknown"),
+        ("550 Uživatel neexistuje", "userunknown"),
+        ("552 Brevlådan är full", "mailboxfull"),
+        ("552 Postkassen er fuld", "mailboxfull"),
+        ("552 Postilaatikko on täynnä", "mailboxfull"),
+        ("552 Posta kutusu dolu", "mailboxfull"),
+        ("552 A postafiók megtelt", "mailboxfull"),
+        ("552 Schránka je plná", "mailboxfull"),
+        ("552 メールボックスが一杯です", "mailboxfull"),
+    ],
+)
+def test_replies_in_other_languages(text: str, reason: str) -> None:
+    c = classify_reply(int(text[:3]), "", text, command="RCPT")
+    assert c.reason == reason
+    assert c.hard == (reason == "userunknown")
+
+
+def test_an_unknown_user_in_another_language_after_data_is_a_filter() -> None:
+    """The same gate as the English words: after DATA it is a filter's verdict."""
+    c = classify_reply(550, "", "550 Okänd mottagare", command="DATA")
+    assert (c.reason, c.hard) == ("filtered", False)
