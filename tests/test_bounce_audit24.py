@@ -392,3 +392,39 @@ def test_an_unknown_user_in_another_language_after_data_is_a_filter() -> None:
     """The same gate as the English words: after DATA it is a filter's verdict."""
     c = classify_reply(550, "", "550 Okänd mottagare", command="DATA")
     assert (c.reason, c.hard) == ("filtered", False)
+
+
+# ---------------------------------------------------------------- malformed input
+EXIM_TEXT = (
+    "From: Mail Delivery System <Mailer-Daemon@mx.example.net>\n"
+    "To: b-1@bounces.example.com\n"
+    "Subject: {subject}\n"
+    "Content-Type: text/plain{params}\n\n"
+    "This message was created automatically by mail delivery software.\n\n"
+    "A message that you sent could not be delivered to one or more of its\n"
+    "recipients. This is a permanent error. The following address(es) failed:\n\n"
+    "  john.doe@example.com\n"
+    "    host mx.example.com [192.0.2.5]\n"
+    "    SMTP error from remote mail server after RCPT TO:<john.doe@example.com>:\n"
+    "    550 5.1.1 <john.doe@example.com>: Recipient address rejected: User unknown\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("subject", "params"),
+    [
+        # An encoded word cut inside its base64 (a gateway shortening the
+        # original subject): decode_header raised HeaderParseError.
+        ("Undeliverable: =?UTF-8?B?0JLQsNGI0?=", ""),
+        ("Mail delivery failed", '; charset="utf-8\x00"'),  # no codec has that name: ValueError
+    ],
+    ids=["broken-encoded-word", "charset-with-nul"],
+)
+def test_a_malformed_field_does_not_lose_the_report(subject: str, params: str) -> None:
+    """parse_bounce promises never to raise on malformed input; it raised, so
+    serve's intake logged 'report not processed' and dropped the bounce (the
+    unknown user never suppressed) and `fastsend bounce classify` died with a
+    traceback (tests/test_bounce_cli.py)."""
+    raw = EXIM_TEXT.format(subject=subject, params=params).encode()
+    (r,) = parse_bounce(raw)
+    assert (r.recipient, r.reason, r.hard) == ("john.doe@example.com", "userunknown", True)

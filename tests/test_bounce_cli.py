@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_bounce_audit24 import EXIM_TEXT
 from test_bounce_parse import ARF, DSN
 
 
@@ -65,3 +66,16 @@ def test_bad_rules_file(tmp_path: Path) -> None:
     p = _run("classify", "--rules", str(rules), "-", stdin=DSN)
     assert p.returncode == 2
     assert b"bad regular expression" in p.stderr and p.stdout == b""
+
+
+def test_a_report_with_a_broken_encoded_word_is_read(tmp_path: Path) -> None:
+    """A subject cut inside its encoded word: a traceback and exit 1 before."""
+    f = tmp_path / "b.eml"
+    f.write_bytes(
+        EXIM_TEXT.format(subject="Undeliverable: =?UTF-8?B?0JLQsNGI0?=", params="").encode()
+    )
+    p = _run("classify", str(f))
+    assert p.returncode == 0, p.stderr
+    assert b"Traceback" not in p.stderr
+    (line,) = p.stdout.splitlines()
+    assert json.loads(line)["reason"] == "userunknown"

@@ -30,6 +30,7 @@ import email.message
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from typing import Any
 
@@ -78,7 +79,9 @@ def _text_of(part: email.message.Message, ctype: str = "") -> str:
         charset = _charset(part) or "utf-8"
         try:
             text = payload.decode(charset, "replace")
-        except LookupError:
+        except (LookupError, ValueError):
+            # An unknown charset, or a name no codec lookup takes ("utf-8\0":
+            # ValueError): the text as UTF-8 rather than the report lost.
             text = payload.decode("utf-8", "replace")
     else:
         raw = part.get_payload()
@@ -131,7 +134,9 @@ def _header(msg: email.message.Message, name: str) -> str:
                 ]
             )
         )
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, HeaderParseError):
+        # A broken encoded word (a subject cut inside its base64, "=?UTF-8?B?0JLQsNGI0?="):
+        # the field as written; the report is still read.
         return str(v)
 
 
