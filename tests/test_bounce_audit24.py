@@ -16,6 +16,7 @@ written from the documented shapes of their formats, none from the corpus.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -428,3 +429,37 @@ def test_a_malformed_field_does_not_lose_the_report(subject: str, params: str) -
     raw = EXIM_TEXT.format(subject=subject, params=params).encode()
     (r,) = parse_bounce(raw)
     assert (r.recipient, r.reason, r.hard) == ("john.doe@example.com", "userunknown", True)
+
+
+# ---------------------------------------------------------------- one mailbox
+@pytest.mark.parametrize(
+    "text",
+    [
+        "450 4.2.1 Recipient is receiving too many messages; try again later",
+        "451 Sorry, mailbox is temporarily unavailable, try again later",
+        "450 4.2.1 The user's mailbox is temporarily locked, try again later",
+        "452 Mailbox busy, try again later",
+        "450 <john.doe@example.com>: mailbox in use, try again later",
+    ],
+)
+def test_one_busy_mailbox_does_not_slow_the_site(text: str) -> None:
+    """A temporary refusal whose words are about one mailbox: its 'try again
+    later' made it a rate limit of the whole site (every recipient there
+    slowed for one recipient's mailbox); still retried, never hard."""
+    m = re.search(r"\b4\.\d\.\d\b", text)
+    c = classify_reply(int(text[:3]), m.group(0) if m else "", text, command="RCPT")
+    assert (c.rate_limited, c.ip_blocked, c.hard) == (False, False, False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "421 Too many concurrent SMTP connections from this IP address; please try again later.",
+        "450 4.7.1 Too many messages from your IP, try again later",
+        "451 Message temporarily deferred - 4.16.55.1",
+    ],
+)
+def test_the_sites_own_throttles_still_slow_down(text: str) -> None:
+    m = re.search(r"\b4\.\d\.\d\b", text)
+    c = classify_reply(int(text[:3]), m.group(0) if m else "", text, command="RCPT")
+    assert c.rate_limited

@@ -852,11 +852,15 @@ class RuleSet:
         # 554 greeting under a 4.7.1 status, as it goes on to the next MX.)
         temporary = 400 <= code < 500 if code else klass == "4"
         ipb = signal == "ipblock" or (reason in IPBLOCK_REASONS and not (bare and temporary))
-        if not rate and reason not in MAILBOX_REASONS:
+        if not rate and reason not in MAILBOX_REASONS and not _ONE_MAILBOX.search(t):
             # (A refusal about one mailbox, "Mailbox full, try again later",
             # is not the site asking us to slow down: its "try again later"
-            # is the usual suffix of a 4xx. A rule naming a throttle still
-            # says so with its own signal.)
+            # is the usual suffix of a 4xx. Nor is one whose words say one
+            # mailbox is busy, locked or receiving too fast, whatever its
+            # status made the reason: "450 4.2.1 Recipient is receiving too
+            # many messages", "451 Mailbox temporarily unavailable, try again
+            # later" slowed all mail to the site for one recipient. A rule
+            # naming a throttle still says so with its own signal.)
             gated = tiers["<ratelimit>"]
             rate = gated is not None and _search_gated(gated, t, present)
         if not ipb:
@@ -1003,6 +1007,16 @@ _default: RuleSet | None = None
 # DNS block list or a reputation service), not an address's.
 # (Not an IP address alone: a DSN's "host mx[192.0.2.1] said:" is the
 # receiver's. Spamhaus's DBL lists domains.)
+# Words that make one mailbox the subject of a temporary refusal (RFC 5321's
+# 450 "mailbox unavailable (e.g., mailbox busy ...)", a recipient receiving too
+# fast, a locked mailbox): no slow-down of the site. Searched in the
+# normalised (lower-case, one-space) text.
+_ONE_MAILBOX = re.compile(
+    r"\b(?:mailbox|recipient|user|account|inbox)(?:'s| mailbox| account)?"
+    r"(?: <[^<>\s]{1,254}>| [^\s@]{1,64}@[^\s]{1,255})? (?:is |was |has been )?"
+    r"(?:temporarily |currently |now )?(?:unavailable|busy|locked|in use"
+    r"|receiving (?:too|(?:e-?)?mail (?:at a rate|too))|has received too many)"
+)
 _NAMES_THE_CLIENT = re.compile(
     r"\bip\b|client|your (?:host|server|network|mta|provider)"
     r"|dnsbl|\brbl\b|spamhaus(?! dbl)(?!\.org/dbl)|spamcop|barracuda|sorbs|blocked using|reputation"
