@@ -463,3 +463,21 @@ def test_the_sites_own_throttles_still_slow_down(text: str) -> None:
     m = re.search(r"\b4\.\d\.\d\b", text)
     c = classify_reply(int(text[:3]), m.group(0) if m else "", text, command="RCPT")
     assert c.rate_limited
+
+
+@pytest.mark.parametrize("command", ["RCPT", ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A smart host's refusal as an Exchange NDR quotes it, two reply lines joined.
+        "550-The domain in the email address 'john.doe@hotmail.co.ik' does not 550 exist. Sorry.",
+        "550 The domain in the email address does not exist",
+        "550 Domain name does not exist",
+    ],
+)
+def test_a_domain_that_does_not_exist_is_hostunknown(text: str, command: str) -> None:
+    """Read as the mailbox's ('address does not exist': userunknown at RCPT,
+    a filter's 'filtered', soft, with no stage) though the words name the
+    domain."""
+    c = classify_reply(550, "", text, command=command)
+    assert (c.reason, c.hard) == ("hostunknown", True)
