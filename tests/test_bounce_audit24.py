@@ -440,6 +440,7 @@ def test_a_malformed_field_does_not_lose_the_report(subject: str, params: str) -
         "450 4.2.1 The user's mailbox is temporarily locked, try again later",
         "452 Mailbox busy, try again later",
         "450 <john.doe@example.com>: mailbox in use, try again later",
+        "450 4.2.1 Too many messages for this recipient, try again later",
     ],
 )
 def test_one_busy_mailbox_does_not_slow_the_site(text: str) -> None:

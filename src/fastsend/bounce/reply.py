@@ -1016,6 +1016,7 @@ _ONE_MAILBOX = re.compile(
     r"(?: <[^<>\s]{1,254}>| [^\s@]{1,64}@[^\s]{1,255})? (?:is |was |has been )?"
     r"(?:temporarily |currently |now )?(?:unavailable|busy|locked|in use"
     r"|receiving (?:too|(?:e-?)?mail (?:at a rate|too))|has received too many)"
+    r"|too many (?:messages|mails|e-?mails) (?:for|to) (?:this|the|that) (?:recipient|user|mailbox)"
 )
 _NAMES_THE_CLIENT = re.compile(
     r"\bip\b|client|your (?:host|server|network|mta|provider)"
