@@ -482,3 +482,28 @@ def test_a_domain_that_does_not_exist_is_hostunknown(text: str, command: str) ->
     domain."""
     c = classify_reply(550, "", text, command=command)
     assert (c.reason, c.hard) == ("hostunknown", True)
+
+
+def test_an_ses_delivery_notification_is_delivered() -> None:
+    """SES's Delivery notification (SNS to an e-mail subscription) whose
+    smtpResponse names no status read "onhold", though parse_bounce
+    documents delivered recipients as "delivered"."""
+    import json
+
+    note = {
+        "notificationType": "Delivery",
+        "mail": {"messageId": "0100abc"},
+        "delivery": {"recipients": ["john.doe@example.com"], "smtpResponse": "250 ok"},
+    }
+    raw = (
+        "From: no-reply@sns.amazonaws.com\nTo: b-1@bounces.example.com\n"
+        "Subject: AWS Notification Message\nContent-Type: text/plain\n\n"
+        + json.dumps({"Type": "Notification", "Message": json.dumps(note)})
+    ).encode()
+    (r,) = parse_bounce(raw)
+    assert (r.recipient, r.reason, r.hard, r.action) == (
+        "john.doe@example.com",
+        "delivered",
+        False,
+        "delivered",
+    )

@@ -1154,6 +1154,13 @@ def _parse_one(
                 r.reply_code, r.status, r.diagnostic, command=r.command, action=r.action
             )
             reason, hard, rate, ipb = c.reason, c.hard, c.rate_limited, c.ip_blocked
+            if r.action in ("delivered", "relayed", "expanded") and reason in (
+                "onhold",
+                "undefined",
+            ):
+                # Handed on with no failure named (SES's Delivery notification, its
+                # smtpResponse "250 ok" holding no status): delivered, as documented.
+                reason = "delivered"
             if r.ses[0]:
                 reason, hard = ses_verdict(*r.ses, c, hard)
             if r.diag_type.startswith("x-unix") and reason != "mailboxfull":
