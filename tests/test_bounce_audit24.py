@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from fastsend import msgid
 from fastsend.bounce import classify_reply, parse_bounce
-from fastsend.config import from_dict
-from fastsend.serve.context import open_context
 from fastsend.serve.listeners import apply_records
+from test_bounce_unseen23 import intake_with_one_message
 
 # ---------------------------------------------------------------- ARF
 ORIGINAL = (
@@ -202,14 +199,7 @@ def test_a_pasted_report_reaches_the_intake_as_a_complaint(tmp_path: Path) -> No
     Message-ID) is "complained" and suppresses its recipient. Before, the
     text/plain-labelled report was a "bounced" event (expired, soft): the
     complaint was never counted and the complainer kept getting mail."""
-    intake = {"listen": "127.0.0.1:0", "verp_domain": "bounces.example.com"}
-    ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}, "intake": intake}))
-    events: list[dict[str, Any]] = []
-    ctx.events.listeners.append(events.extend)
-    try:
-        cid = ctx.tenant_campaign("shop")
-        (mid,) = ctx.inject(cid, [("john.doe@example.com", "example.com", b"{}")])
-        message_id = f"<{msgid.token(mid, ctx.secret)}@abcdefgh.example.org>"
+    with intake_with_one_message(tmp_path) as (ctx, cid, mid, message_id):
         raw = arf_text_plain_part().replace("<m1@example.org>", message_id)
         (ev,) = apply_records(ctx, parse_bounce(raw.encode()), ["fbl@bounces.example.com"])
         assert (ev["event"], ev["id"], ev["campaign"], ev["rcpt"], ev["feedback_type"]) == (
@@ -220,8 +210,6 @@ def test_a_pasted_report_reaches_the_intake_as_a_complaint(tmp_path: Path) -> No
             "abuse",
         )
         assert ctx.suppression.contains("john.doe@example.com", tenant="shop")
-    finally:
-        ctx.close()
 
 
 def _note_with_message(subject: str, note: str, frm: str = "scomp@aol.net") -> bytes:

@@ -27,6 +27,8 @@ what their products and RFCs document (session 23).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,20 +192,27 @@ def test_an_unredacted_complaint_keeps_its_recipient() -> None:
         assert r.recipient == want, to
 
 
+@contextlib.contextmanager
+def intake_with_one_message(tmp_path: Path) -> Iterator[tuple[Any, int, int, str]]:
+    """serve's context with an intake and one message of tenant "shop"'s campaign
+    to john.doe@example.com: (context, campaign, message id, its Message-ID)."""
+    intake = {"listen": "127.0.0.1:0", "verp_domain": "bounces.example.com"}
+    ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}, "intake": intake}))
+    try:
+        cid = ctx.tenant_campaign("shop")
+        (mid,) = ctx.inject(cid, [("john.doe@example.com", "example.com", b"{}")])
+        yield ctx, cid, mid, f"<{msgid.token(mid, ctx.secret)}@abcdefgh.example.org>"
+    finally:
+        ctx.close()
+
+
 def test_a_redacted_complaint_reaches_the_campaign_through_its_message_id(tmp_path: Path) -> None:
     """The loop kept our Message-ID (no VERP return path in what it returned):
     the complaint is about that message and its recipient, who is suppressed.
     With the stand-in recorded as the complainer the intake found the
     recipients disagree and recorded an unverified complaint of no campaign:
     the guardrail never counted it and the recipient kept getting mail."""
-    intake = {"listen": "127.0.0.1:0", "verp_domain": "bounces.example.com"}
-    ctx = open_context(from_dict({"spool": {"dir": str(tmp_path / "spool")}, "intake": intake}))
-    events: list[dict[str, Any]] = []
-    ctx.events.listeners.append(events.extend)
-    try:
-        cid = ctx.tenant_campaign("shop")
-        (mid,) = ctx.inject(cid, [("john.doe@example.com", "example.com", b"{}")])
-        message_id = f"<{msgid.token(mid, ctx.secret)}@abcdefgh.example.org>"
+    with intake_with_one_message(tmp_path) as (ctx, cid, mid, message_id):
         raw = ARF.format(fields="", to="xxxxxxx@example.com", mid=message_id).encode()
         (ev,) = apply_records(ctx, parse_bounce(raw), ["fbl@bounces.example.com"])
         assert (ev["event"], ev["id"], ev["campaign"], ev["rcpt"]) == (
@@ -214,8 +223,6 @@ def test_a_redacted_complaint_reaches_the_campaign_through_its_message_id(tmp_pa
         )
         assert "verified" not in ev
         assert ctx.suppression.contains("john.doe@example.com", tenant="shop")
-    finally:
-        ctx.close()
 
 
 # ---------------------------------------------------------------- batch 2
