@@ -134,6 +134,17 @@ def test_feedback_type_is_read_from_the_pasted_fields() -> None:
     assert (r.reason, r.feedback_type) == ("feedback", "not-spam")
 
 
+@pytest.mark.parametrize(
+    ("value", "ftype"),
+    [("abuse; spam", "abuse"), ("fraud (phishing)", "fraud"), ("Not-Spam", "not-spam")],
+)
+def test_the_feedback_type_is_its_token(value: str, ftype: str) -> None:
+    """'abuse; spam' was recorded as the type 'abuse;' (no type a consumer knows)."""
+    raw = arf_text_plain_part().replace("Feedback-Type: abuse", f"Feedback-Type: {value}")
+    (r,) = parse_bounce(raw.encode())
+    assert r.feedback_type == ftype
+
+
 def test_a_declared_feedback_report_without_fields_is_an_abuse_complaint() -> None:
     """report-type=feedback-report, a note and the returned message only: the
     report's type says what it is (RFC 5965 has abuse as the common type)."""

@@ -481,6 +481,7 @@ _ARF_FIELD_LINE = re.compile(
 )
 _FEEDBACK_REPORT_TYPE = re.compile(r"report-type\s*=\s*\"?feedback-report\b", re.IGNORECASE)
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_FEEDBACK_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _arf_in_text(msg: email.message.Message, parts: _Parts) -> tuple[str, str] | None:
@@ -535,7 +536,9 @@ def _from_arf(text: str, parts: _Parts, msg: email.message.Message, inline: str 
     for block in _field_blocks(text):
         for k, v in block.items():
             fields.setdefault(k, []).extend(v)
-    ftype = (fields.get("feedback-type", ["abuse"])[0].split() or ["abuse"])[0].lower()
+    # The type's token (RFC 5965 3.1): "abuse; spam" or "abuse (user report)" is abuse.
+    token = _FEEDBACK_TOKEN.match(fields.get("feedback-type", [""])[0].strip())
+    ftype = token.group(0).lower() if token else "abuse"
     # A report's own Redacted-Address field names the stand-in it used.
     placeholders = frozenset(
         v.strip().strip("<>").split("@", 1)[0].lower()
