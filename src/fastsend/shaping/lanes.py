@@ -15,7 +15,9 @@ DESCRIPTION
     :meth:`Lane.observe` reads the outcomes of a group: every deferred or
     failed reply is matched against the automation rules and the bounce
     classifier's ``ip_blocked`` / ``rate_limited`` flags; delivered and
-    deferred counts feed AIMD. What changes is reported as shaping events
+    deferred counts feed AIMD; a deferral of one recipient's mailbox
+    (:func:`recipient_only`: over quota, greylisted) is read by the rules
+    only, never a sign about the site. What changes is reported as shaping events
     (dicts: event "shaping", action, source_ip, site, provider, ...), which
     the worker ships to the supervisor for the event log.
 
@@ -43,6 +45,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import time
 import weakref
 from collections.abc import Callable
@@ -139,6 +142,61 @@ def _closest(rate: float, burst: int, old: list[tuple[float, int, float]]) -> tu
     window = burst / rate
     r, _b, d = min(old, key=lambda o: abs(math.log((o[1] / o[0]) / window)))
     return r, d
+
+
+# A temporary refusal of one recipient (its mailbox over quota, disabled,
+# greylisted, receiving too fast: Mail.ru's, Gmail's 4.2.1), not of this
+# address nor the site (recipient_only): by its enhanced code (RFC 3463 X.1.x
+# addressing but the sender's X.1.7/X.1.8, X.2.x mailbox status) or words
+# naming the mailbox, unless words name the client, its address or the sender.
+_MAILBOX_WORDS = re.compile(
+    r"\b(?:mail ?box(?:es)?|users?|recipients?|accounts?|addressee|quota|over ?quota|inbox"
+    r"|storage|gr[ae]y-?list(?:ed|ing)?|gr[ae]y list(?:ed|ing)?)\b",
+    re.IGNORECASE,
+)
+_CLIENT_WORDS = re.compile(
+    r"\b(?:ips?|client|your (?:host|server|network|domain|address|mail ?server)|hostname"
+    r"|connections?|reputation|unusual|unsolicited|spam|block(?:ed|list)|blacklist(?:ed)?"
+    r"|rbl|dnsbl|sender|senders|from your)\b",
+    re.IGNORECASE,
+)
+# Postfix's prefix of every smtpd recipient restriction's reply, a rate limit's too
+_POSTFIX_PREFIX = re.compile(r"^.*?\bRecipient address rejected:\s*", re.IGNORECASE | re.DOTALL)
+_ADDRESS = re.compile(r"<[^>]*>|\S+@\S+")  # (an address's words are no reply's)
+_RECIPIENT_STAGES = frozenset(("rcpt", "data"))
+
+
+@functools.lru_cache(maxsize=2048)
+def _mailbox_reply(code: int, enhanced: str, text: str) -> bool | None:
+    """True: the reply is about the recipient's mailbox; False: about the
+    client (its address, host, sender); None: it does not say."""
+    if code == 421:  # (the service closing the channel: never one recipient's)
+        return False
+    words = _ADDRESS.sub(" ", _POSTFIX_PREFIX.sub("", text, count=1))
+    if _CLIENT_WORDS.search(words):
+        return False
+    cls = enhanced.split(".")
+    if len(cls) == 3 and (cls[1] == "2" or (cls[1] == "1" and cls[2] not in ("7", "8"))):
+        return True
+    return True if _MAILBOX_WORDS.search(words) else None
+
+
+def recipient_only(o: Outcome, accepted_after: bool = False) -> bool:
+    """Whether deferral ``o`` speaks for its recipient alone (one mailbox over
+    quota, greylisted or taking mail too fast), not for the source address or
+    the site: a 4xx (not 421) to RCPT or to the end of the data whose code or
+    words name the mailbox (:func:`_mailbox_reply`), or whose words say
+    nothing either way while a later recipient of the same transaction was
+    accepted (``accepted_after``). Such a deferral retries that message; it
+    neither cuts the lane's AIMD rate nor slows or rests the lane (a rule that
+    names it still applies): before, one mailbox in four over quota halved a
+    site's rate again and again, 200/s down to under 10/s."""
+    if o.kind != DEFERRED or not 400 <= o.code < 500 or o.stage not in _RECIPIENT_STAGES:
+        return False
+    said = _mailbox_reply(o.code, o.enhanced, o.text)
+    if said is None:
+        return accepted_after and o.stage == "rcpt"
+    return said
 
 
 @functools.lru_cache(maxsize=2048)
@@ -494,14 +552,18 @@ class Lane:
         slow = False
         rewritten = False
         for tr in results:
-            for o in tr.outcomes:
+            outs = tr.outcomes
+            for i, o in enumerate(outs):
                 if o.kind == DELIVERED:
                     delivered += 1
                     continue
-                if o.kind == DEFERRED:
+                own = o.kind == DEFERRED and recipient_only(
+                    o, any(x.kind == DELIVERED for x in outs[i + 1 :])
+                )
+                if o.kind == DEFERRED and not own:
                     deferred += 1
                 if o.code:
-                    r = self.reply(o, now)
+                    r = self.reply(o, now, own)
                     slow = slow or r == "slow"
                     rewritten = rewritten or r == "bounce"
         if self.aimd is not None:
@@ -525,8 +587,10 @@ class Lane:
         reason = _classify(o.code, o.enhanced, o.text, o.stage)[2] if self.by_reason else ""
         return any(r.action == "bounce" and r.matches(o.code, line, reason) for r in self.rules)
 
-    def reply(self, o: Outcome, now: float) -> str:
-        """Apply rules and block detection to one non-delivered reply.
+    def reply(self, o: Outcome, now: float, own: bool = False) -> str:
+        """Apply rules and block detection to one non-delivered reply; ``own``:
+        a deferral of its recipient alone (:func:`recipient_only`), read by
+        the rules only.
 
         Returns "bounce" (rewrite to failed), "slow" (a slow-down signal) or "".
         """
@@ -545,6 +609,8 @@ class Lane:
             if t.hit(now):
                 self.fire(rule, now, line)
             return "slow" if rule.action == "throttle" else answer
+        if own:
+            return answer
         if ip_blocked:
             self.block(now, self.rest_duration, "rest", f"ip blocked: {line}")
         return "slow" if rate_limited else answer

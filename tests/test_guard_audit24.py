@@ -1,0 +1,167 @@
+"""Shaping and feedback loops, session 24's audit (guard24).
+
+Real parts: ``fastsend send`` as a subprocess, its supervisor and forked
+workers, a SinkThread on loopback whose per-recipient faults are real SMTP
+replies. Assertions are on the shaping log and the summary, never on speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests._engine_helpers import run_fastsend, summary, write_campaign, write_recipients
+
+from fastsend.outcome import DEFERRED, DELIVERED, Outcome, TxnResult
+from fastsend.shaping.lanes import Lane, Shaper, recipient_only
+from fastsend.sink import SinkThread
+from fastsend.sink.server import parse_fault_text
+
+OK = Outcome(DELIVERED, 250, "2.0.0", "ok", "data")
+
+
+def shaping_log(spool: Path) -> list[dict[str, Any]]:
+    p = spool / "shaping.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def a_lane(raw: dict[str, Any] | None = None) -> Lane:
+    from fastsend import config as cfgmod
+
+    cfg = cfgmod.from_dict(raw or {"shaping": {"default": {"messages_per_second": 200}}})
+    sh = Shaper(cfg, ["127.0.0.2"], now=1_700_000_000.0)
+    lim = sh.site_limits("site", ("mx.mail.ru",), "mail.ru")
+    return sh.lane("127.0.0.2", "site", lim, sh.pool(""), 1_700_000_000.0)
+
+
+# (code, enhanced, text, stage) -> whether it speaks for its recipient alone
+REPLIES = [
+    ((452, "4.2.2", "Mailbox full", "rcpt"), True),
+    ((452, "4.2.2", "The email account that you tried to reach is over quota", "rcpt"), True),
+    ((451, "", "Ratelimit exceeded for mailbox ivan@mail.ru. Try again later", "rcpt"), True),
+    (
+        (
+            450,
+            "4.2.1",
+            "The user you are trying to contact is receiving mail at a rate that "
+            "prevents additional messages from being delivered",
+            "rcpt",
+        ),
+        True,
+    ),
+    (
+        (
+            450,
+            "4.2.0",
+            "<a@b.test>: Recipient address rejected: Greylisted, see "
+            "http://postgrey.schweikert.ch/help/b.test.html",
+            "rcpt",
+        ),
+        True,
+    ),
+    ((451, "4.7.1", "Greylisting in action, please come back later", "rcpt"), True),
+    ((452, "4.2.2", "Quota exceeded (mailbox for user is full)", "data"), True),
+    # the client, its address, its sender, the service: the site's word
+    ((421, "4.7.0", "Mailbox service closing transmission channel", "rcpt"), False),
+    (
+        (
+            451,
+            "4.7.651",
+            "The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation",
+            "rcpt",
+        ),
+        False,
+    ),
+    ((450, "4.7.1", "<a@b.test>: Recipient address rejected: Rate limit exceeded", "rcpt"), False),
+    ((450, "4.7.1", "Client host rejected: cannot find your hostname", "rcpt"), False),
+    ((451, "4.1.8", "<a@b.test>: Sender address rejected: Domain not found", "rcpt"), False),
+    ((451, "4.3.0", "Temporary failure", "rcpt"), False),
+    ((451, "4.2.2", "Mailbox over quota", "mail"), False),  # (MAIL: every recipient's)
+    # an address's words are not the reply's
+    ((451, "4.3.0", "Try again later <user-spam-ip@b.test>", "rcpt"), False),
+]
+
+
+@pytest.mark.parametrize(("reply", "own"), REPLIES)
+def test_which_deferrals_speak_for_one_recipient(reply: tuple[Any, ...], own: bool) -> None:
+    assert recipient_only(Outcome(DEFERRED, *reply)) is own
+
+
+def test_a_mailboxs_deferrals_neither_cut_rest_nor_slow_the_lane() -> None:
+    """Mail.ru answers one mailbox "451 Ratelimit exceeded for mailbox" (the
+    classifier calls it rate limited), another is over quota: groups where
+    every other message is one of those. Before, each report cut the lane's
+    AIMD rate (a slow-down reply, and a deferred share over defer_share); now
+    none does, and a site-wide deferral still does."""
+    ln = a_lane()
+    rl = Outcome(DEFERRED, 451, "", "Ratelimit exceeded for mailbox x@mail.ru. Try again", "rcpt")
+    full = Outcome(DEFERRED, 452, "4.2.2", "Mailbox full", "rcpt")
+    t = 10.0
+    for _ in range(20):
+        ln.aimd.sent(t, 4)  # type: ignore[union-attr]
+        ln.observe([TxnResult(0, [rl]), TxnResult(1, [OK]), TxnResult(2, [full]),
+                    TxnResult(3, [OK])], t)  # fmt: skip
+        t += 2.0
+    assert ln.rate() == 200 and ln.aimd_bucket is None and not ln.blocked_until
+    assert not [e for e in ln.events if e["action"] == "aimd_decrease"], ln.events
+    site = Outcome(DEFERRED, 451, "4.3.0", "Temporary local problem, try again later", "rcpt")
+    ln.aimd.sent(t, 2)  # type: ignore[union-attr]
+    ln.observe([TxnResult(0, [site]), TxnResult(1, [OK])], t)
+    assert ln.rate() < 200 and ln.events[-1]["action"] == "aimd_decrease"
+
+
+def test_an_unexplained_rcpt_deferral_with_a_later_recipient_taken_is_that_recipients() -> None:
+    """A transaction of three recipients: the first deferred with words that say
+    nothing ("451 Try again later"), the next two taken: the server takes
+    mail from this address now, the deferral was that mailbox's. The same
+    reply to the last recipient (taken ones before it: a per-transaction
+    limit met) still counts for the site."""
+    vague = Outcome(DEFERRED, 451, "", "Try again later", "rcpt")
+    assert recipient_only(vague, accepted_after=True)
+    assert not recipient_only(vague, accepted_after=False)
+    ln = a_lane()
+    ln.aimd.sent(10.0, 3)  # type: ignore[union-attr]
+    ln.observe([TxnResult(0, [vague, OK, OK])], 10.0)
+    assert ln.rate() == 200
+    ln.aimd.sent(12.0, 3)  # type: ignore[union-attr]
+    ln.observe([TxnResult(0, [OK, OK, vague])], 12.0)
+    assert ln.rate() < 200
+
+
+def test_a_rule_naming_a_mailbox_reply_still_applies() -> None:
+    """The operator's rules are read for every reply, one mailbox's too."""
+    raw = {"shaping": {"rule": [{"name": "quota-bounce", "match": "over quota",
+                                 "action": "bounce", "duration": 1.0}]}}  # fmt: skip
+    ln = a_lane(raw)
+    full = Outcome(DEFERRED, 452, "4.2.2", "Mailbox over quota", "rcpt")
+    out = ln.observe([TxnResult(0, [full]), TxnResult(1, [OK])], 10.0)
+    assert out[0].outcomes[0].kind == "failed"
+
+
+def test_one_mailbox_in_four_over_quota_does_not_slow_the_site(tmp_path: Path) -> None:
+    """600 messages to one site capped at 200/s, a quarter of them to
+    mailboxes the receiver answers "452 4.2.2 Mailbox over quota" at RCPT.
+    Before, every group carrying one cut the site's AIMD rate: 54 cuts,
+    200/s down to 10/s, the 450 deliverable messages took a minute. Now no
+    cut: the 450 delivered, the 150 deferred for their own retry."""
+    n = 600
+    addrs = [f"tempfail-u{i}@d.test" if i % 4 == 0 else f"u{i}@d.test" for i in range(n)]
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, addrs)
+    cfg = tmp_path / "fastsend.toml"
+    cfg.write_text("[retry]\nmin_backoff = 300\n[shaping.default]\nmessages_per_second = 200\n")
+    kind, reply = parse_fault_text("tempfail=452 4.2.2 Mailbox over quota")
+    spool = tmp_path / "spool"
+    with SinkThread(fault_text={kind: reply}, latency_ms=2.0) as sink:
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+            "--route", f"*={sink.host}:{sink.port}", "--spool", str(spool),
+            "--json", "--no-progress", "--no-dkim", "--max-wait", "120",
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = summary(proc)
+    assert got["delivered"] == 450 and got["deferred"] == 150, got
+    cuts = [e for e in shaping_log(spool) if e.get("action") == "aimd_decrease"]
+    assert not cuts, cuts[:3]
