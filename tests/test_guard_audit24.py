@@ -165,3 +165,102 @@ def test_one_mailbox_in_four_over_quota_does_not_slow_the_site(tmp_path: Path) -
     assert got["delivered"] == 450 and got["deferred"] == 150, got
     cuts = [e for e in shaping_log(spool) if e.get("action") == "aimd_decrease"]
     assert not cuts, cuts[:3]
+
+
+HOLDER = """
+import sys
+from fastsend.transports.slots import Slots
+s = Slots(sys.argv[1], int(sys.argv[2]), 1)
+print("open", flush=True)
+for line in sys.stdin:
+    print(s.acquire(), flush=True)
+"""
+
+
+class Holder:
+    """A process with a Slots of one place on ``path`` (POSIX record locks are
+    per process: a second holder must be another process)."""
+
+    def __init__(self, path: Path, index: int) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path), str(index)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "open\n"
+
+    def acquire(self) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def test_idle_places_files_are_swept_and_a_swept_files_opener_holds_no_second_place(
+    tmp_path: Path,
+) -> None:
+    """SPOOL/lane-places/ held a file per (source IP, site) that ever needed
+    places, never removed. sweep() removes those no process holds a place in;
+    one a worker opened before the sweep is not a second set of places: its
+    worker locks the file made again, where another already holds the one
+    place (before the check, both held place 0: two connections for one)."""
+    from fastsend.transports.slots import sweep
+
+    d = tmp_path / "lane-places"
+    d.mkdir()
+    for i in range(50):
+        (d / f"idle{i}").write_bytes(b"")
+    held = d / "held"
+    keeper = Holder(held, 0)
+    early = Holder(d / "early", 0)  # opened, holds nothing yet
+    try:
+        assert keeper.acquire() == "0"
+        assert sweep(str(d)) == 51  # every idle one, "early" too
+        assert sorted(p.name for p in d.iterdir()) == ["held"]
+        late = Holder(d / "early", 1)  # made again
+        try:
+            assert late.acquire() == "0"
+            assert early.acquire() == "None"  # the one place is late's
+        finally:
+            late.close()
+        assert early.acquire() == "0"  # (late exited: its lock went with it)
+    finally:
+        early.close()
+        keeper.close()
+    assert sweep(str(d)) == 2  # held and early, once their processes let go
+    assert sweep(str(tmp_path / "none")) == 0
+
+
+def test_a_send_sweeps_the_places_no_worker_holds(tmp_path: Path) -> None:
+    """A spool's SPOOL/lane-places/ with 200 files of sites long gone and one a
+    live process holds a place in: a `fastsend send` removes the 200 (its
+    supervisor sweeps at start, then every PLACES_SWEEP_EVERY) and leaves the
+    held one."""
+    spool = tmp_path / "spool"
+    d = spool / "lane-places"
+    d.mkdir(parents=True)
+    for i in range(200):
+        (d / f"{i:032x}").write_bytes(b"")
+    keeper = Holder(d / "held", 0)
+    try:
+        assert keeper.acquire() == "0"
+        camp = write_campaign(tmp_path)
+        rcpts = write_recipients(tmp_path, [f"u{i}@d.test" for i in range(5)])
+        with SinkThread() as sink:
+            proc = run_fastsend(
+                "send", str(camp), "-r", str(rcpts), "--route", f"*={sink.host}:{sink.port}",
+                "--spool", str(spool), "--json", "--no-progress", "--no-dkim",
+            )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert summary(proc)["delivered"] == 5
+        assert [p.name for p in d.iterdir()] == ["held"]
+    finally:
+        keeper.close()
+

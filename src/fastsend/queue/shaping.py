@@ -77,6 +77,9 @@ SHAPING_LOG = "shaping.jsonl"
 
 SHARE_EVERY = 0.5  # s between renewals of the transports' connection split
 SHARE_LINGER = 5.0  # s a node keeps its place in a transport's split after its last mail for it
+# s between sweeps of SPOOL/lane-places/ (transports.slots.sweep: the files of
+# the (source IP, site) places no worker holds nor waits on; the first at start)
+PLACES_SWEEP_EVERY = 600.0
 
 
 def _node_of(spool: Any) -> str:
@@ -354,6 +357,7 @@ class SupervisorShaping:
         self.shares: Any = None  # a fastsend.shared_limits.ConnectionShares
         self.shares_changed = False
         self.shares_at = 0.0
+        self.swept_at = -PLACES_SWEEP_EVERY
         # () -> the (campaign, domain) of the mail in this node's windows (the
         # supervisor sets it): the transports this node has mail for take part
         # in their split, the others not (a node merely configured with one).
@@ -536,6 +540,19 @@ class SupervisorShaping:
             self.shares_at = mono  # a failure (an outage) keeps the last shares
             if self.shares.refresh(self.transports_wanted(mono)):
                 self.shares_changed = True
+        if mono - self.swept_at >= PLACES_SWEEP_EVERY:
+            self.swept_at = mono
+            self.sweep_places()
+
+    def sweep_places(self) -> int:
+        """Remove the lane places files no worker uses now (a file per (source
+        IP, site) that ever needed places: they grew with every site)."""
+        from fastsend.transports.slots import sweep
+
+        try:
+            return sweep(os.path.join(self.config.spool_dir, "lane-places"))
+        except OSError:
+            return 0
 
     def transports_wanted(self, mono: float) -> set[str]:
         """The transports named by the routes of the mail in this node's windows

@@ -13,7 +13,9 @@ places until its last request ends). A place is taken without waiting
 (its own byte past ``WANT``) and tries again shortly, and a worker that frees a place while
 another waits lets it go first (:meth:`Slots.others_waiting`): without that,
 the worker that freed a place took it again in the same callback and the
-others never got one.
+others never got one. :func:`sweep` unlinks the files no process holds a
+place in nor waits on (``SPOOL/lane-places/`` has one per (source IP, site));
+a worker's first lock on a file checks that its name still names it.
 
 A transport's ``rate`` is the node's too: :class:`SharedGcra` is one GCRA
 bucket whose state (its theoretical arrival time, CLOCK_MONOTONIC
@@ -46,6 +48,7 @@ class Slots:
 
     def __init__(self, path: str, index: int, total: int) -> None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.index = index
         self.total = total
@@ -59,6 +62,32 @@ class Slots:
             return False
         return True
 
+    def _first(self, i: int) -> bool:
+        """Lock byte ``i`` as this process's first lock on the file: on the
+        file ``path`` names now. :func:`sweep` unlinks a file no process has a
+        lock on; one opened before that and locked after would be a second
+        set of places (two connections where one is allowed): then the lock
+        is dropped and the file ``path`` names (made again) is locked."""
+        while True:
+            if not self._try(i):
+                return False
+            try:
+                st, mine = os.stat(self.path), os.fstat(self.fd)
+                same = (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+            except FileNotFoundError:
+                same = False
+            if same:
+                return True
+            self._unlock(i)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.close(self.fd)
+            self.fd = fd
+
+    def _lock(self, i: int) -> bool:
+        if self.held or self.wanting:  # (a lock held: the file cannot have been swept)
+            return self._try(i)
+        return self._first(i)
+
     def _unlock(self, i: int) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, i)
 
@@ -69,12 +98,12 @@ class Slots:
         and would like more does not: the others would give up theirs in
         turn, a new session each time, for no gain in the total."""
         for i in range(self.total):
-            if i not in self.held and self._try(i):
+            if i not in self.held and self._lock(i):
                 self.held.add(i)
                 self.unwant()
                 return i
         if want and not self.wanting:
-            self.wanting = self._try(WANT + self.index)
+            self.wanting = self._lock(WANT + self.index)
         return None
 
     def unwant(self) -> None:
@@ -104,6 +133,39 @@ class Slots:
             os.close(self.fd)  # (drops every lock this process holds on it)
             self.fd = -1
             self.held.clear()
+
+
+def sweep(directory: str, most: int = 10_000) -> int:
+    """Unlink the places files in ``directory`` that no process holds a place
+    in or waits on (each locked whole, without waiting, then unlinked under
+    that lock; a process that opened one before locks the file made again:
+    :meth:`Slots._first`), at most ``most`` looked at; how many went. A
+    file per (source IP, site) that ever needed places (``SPOOL/lane-places/``):
+    never removed, they grew with every site a node ever sent to."""
+    gone = 0
+    try:
+        it = os.scandir(directory)
+    except FileNotFoundError:
+        return 0
+    with it:
+        for n, entry in enumerate(it):
+            if n >= most:
+                break
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)  # (0: to the end, and past)
+                os.unlink(entry.path)
+                gone += 1
+            except OSError:  # held, waited on, or gone already
+                pass
+            finally:
+                os.close(fd)  # (drops the lock)
+    return gone
 
 
 _TAT = struct.Struct("=qq")  # theoretical arrival time (ns), boot mark
