@@ -264,3 +264,47 @@ def test_a_send_sweeps_the_places_no_worker_holds(tmp_path: Path) -> None:
     finally:
         keeper.close()
 
+
+def test_a_reload_keeps_a_connection_throttle_of_an_address_workers_share() -> None:
+    """Two workers send from one address (no [ips] source, the default). An
+    Outlook-style "exceeded the maximum number of connections" reply twice:
+    the rule throttles the address to 1 connection, below its 2 workers, so
+    each connection holds the one place on the node (Lane.address_limit).
+    A SIGHUP's new worker inherited the throttle's end and its own part (1)
+    but not the address's whole (1): no places, each worker its own
+    connection, 2 at a receiver that allows 1 -- refused again after every
+    reload. Now the new lane holds the address to 1, whether the lane's
+    state or the supervisor's word of the throttle (wire.IPRest) comes first."""
+    import time
+
+    from fastsend import config as cfgmod
+    from fastsend.shaping.lanes import THROTTLE_KEY
+
+    cfg = cfgmod.from_dict({"workers": {"count": 2}})
+    refusal = Outcome(
+        DEFERRED, 421, "4.7.0", "exceeded the maximum number of connections", "rcpt"
+    )
+
+    def lane(sh: Shaper) -> Lane:
+        lim = sh.site_limits("site", ("d-test.mail.protection.outlook.com",), "d.test")
+        return sh.lane("", "site", lim, sh.pool(""), time.time())
+
+    old = lane(Shaper(cfg, [], index=0))
+    assert old.part == (2, 0) and old.address_limit(time.monotonic()) == 0  # (5 for 2)
+    now = time.monotonic()
+    old.observe([TxnResult(0, [refusal])], now)
+    old.observe([TxnResult(1, [refusal])], now)
+    assert old.address_limit(now) == 1 and old.throttle_conns == 1
+    st = old.state(now)
+    assert st is not None
+    rule = "outlook-max-connections"
+    for word_first in (False, True):
+        sh = Shaper(cfg, [], index=0)
+        if word_first:  # (the supervisor's spawn records before the lanes)
+            sh.rest_ip("", ["site:site"], time.time() + 3600, "x", f"{THROTTLE_KEY}{rule}|site")
+        sh.inherit([st])
+        new = lane(sh)
+        if not word_first:
+            sh.rest_ip("", ["site:site"], time.time() + 3600, "x", f"{THROTTLE_KEY}{rule}|site")
+        assert new.throttle_until > now
+        assert new.address_limit(time.monotonic()) == 1, word_first

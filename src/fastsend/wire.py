@@ -309,8 +309,8 @@ class LaneState(msgspec.Struct, array_like=True):
     host). ``buckets``: (rate, burst, debt in seconds at ``at``) per message
     bucket; ``conn``: the connection bucket's debt; the AIMD controller's
     rate (inf: not cut), its peak, last cut and its bucket's debt; a rule
-    throttle's end, connections, rate and debt; the automation rules'
-    recent matches (rule name -> times)."""
+    throttle's end, connections (this worker's part, and the address's), rate
+    and debt; the automation rules' recent matches (rule name -> times)."""
 
     ip: str
     site: str
@@ -326,6 +326,9 @@ class LaneState(msgspec.Struct, array_like=True):
     throttle_rate: float = 0.0
     throttle_debt: float = 0.0
     triggers: dict[str, list[float]] = {}
+    # the throttle's connections over every worker sending from the address
+    # (Lane.throttle_whole: its places on the node when below those workers)
+    throttle_whole: int = 0
 
 
 class Lanes(msgspec.Struct, array_like=True, tag=22):

@@ -804,6 +804,7 @@ class Lane:
             busy = True
         if self.throttle_until > now:
             st.throttle_until, st.throttle_conns = self.throttle_until, self.throttle_conns
+            st.throttle_whole = self.throttle_whole
             if self.throttle_bucket is not None:
                 st.throttle_rate = self.throttle_bucket.rate
                 st.throttle_debt = debt(self.throttle_bucket, now)
@@ -841,6 +842,7 @@ class Lane:
             self.aimd_bucket = spent(a.rate, burst, a.rate, st.aimd_debt, at)
         if st.throttle_until > now:
             self.throttle_until, self.throttle_conns = st.throttle_until, st.throttle_conns
+            self.throttle_whole = st.throttle_whole
             if st.throttle_rate > 0:
                 r = st.throttle_rate
                 self.throttle_bucket = spent(r, 1, r, st.throttle_debt, at)
@@ -866,6 +868,7 @@ class Lane:
                 b.set_rate(a.rate, now)
         if st.throttle_until > max(now, self.throttle_until):
             self.throttle_until, self.throttle_conns = st.throttle_until, st.throttle_conns
+            self.throttle_whole = st.throttle_whole
             if st.throttle_rate > 0 and self.throttle_bucket is None:
                 self.throttle_bucket = Gcra(st.throttle_rate, 1)
                 self.throttle_bucket.acquire(now)
