@@ -281,9 +281,7 @@ def test_a_reload_keeps_a_connection_throttle_of_an_address_workers_share() -> N
     from fastsend.shaping.lanes import THROTTLE_KEY
 
     cfg = cfgmod.from_dict({"workers": {"count": 2}})
-    refusal = Outcome(
-        DEFERRED, 421, "4.7.0", "exceeded the maximum number of connections", "rcpt"
-    )
+    refusal = Outcome(DEFERRED, 421, "4.7.0", "exceeded the maximum number of connections", "rcpt")
 
     def lane(sh: Shaper) -> Lane:
         lim = sh.site_limits("site", ("d-test.mail.protection.outlook.com",), "d.test")
@@ -308,3 +306,41 @@ def test_a_reload_keeps_a_connection_throttle_of_an_address_workers_share() -> N
             sh.rest_ip("", ["site:site"], time.time() + 3600, "x", f"{THROTTLE_KEY}{rule}|site")
         assert new.throttle_until > now
         assert new.address_limit(time.monotonic()) == 1, word_first
+
+
+def test_a_sites_suspension_outlives_a_restart(tmp_path: Path) -> None:
+    """A receiver answers Yahoo's "421 4.7.0 [TSS04]": the shipped rule
+    suspends the address there for two hours. The next `fastsend send` on
+    the spool (a restart: a stop, a crash, or `send` then `resume`) sent the
+    site its mail at once (5 of 5): the workers' rests and throttles lived in
+    the supervisor's memory only. Now they are kept in the spool directory
+    (shaping-rests.json) until they end: none sent, all 5 deferred. A file
+    that cannot be read is said and forgotten, never fatal."""
+    camp = write_campaign(tmp_path)
+    spool = tmp_path / "spool"
+    kind, reply = parse_fault_text(
+        "tempfail=421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred"
+    )
+    with SinkThread(fault_text={kind: reply}) as sink:
+
+        def send(addrs: list[str], name: str) -> dict[str, Any]:
+            proc = run_fastsend(
+                "send", str(camp), "-r", str(write_recipients(tmp_path, addrs, name)),
+                "--route", f"*={sink.host}:{sink.port}", "--spool", str(spool),
+                "--json", "--no-progress", "--no-dkim", "--max-wait", "3",
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            got = summary(proc)
+            got["stderr"] = proc.stderr
+            return got
+
+        assert send(["tempfail-a@d.test"], "a.csv")["deferred"] == 1
+        assert [e["action"] for e in shaping_log(spool)][:1] == ["suspend"]
+        got = send([f"u{i}@d.test" for i in range(5)], "b.csv")
+        assert (got["delivered"], got["deferred"]) == (0, 5), got
+        assert sink.stats.messages == 0
+        held = [e for e in shaping_log(spool) if e.get("ordered")]
+        assert held and "[TSS04]" in held[0]["reason"], held
+        (spool / "shaping-rests.json").write_text("{not json")
+        got = send(["v@d.test"], "c.csv")
+        assert got["delivered"] == 1 and "shaping-rests.json not read" in got["stderr"]

@@ -73,6 +73,10 @@ from fastsend.throttle import Gcra
 STATE_FILE = "shaping-state.json"
 ROUTED_MAX = 100_000  # (campaign, domain) -> transport bucket entries kept
 SHAPING_LOG = "shaping.jsonl"
+# The workers' rests, suspensions and rule throttles of (source IP, site) still
+# running (SupervisorShaping.site_rests), for the workers of the next start
+RESTS_FILE = "shaping-rests.json"
+RESTS_MAX = 10_000
 
 
 SHARE_EVERY = 0.5  # s between renewals of the transports' connection split
@@ -310,6 +314,13 @@ class ShapingState:
 WARM = "warm:"
 
 
+def wire_json(rests: list[wire.IPRest]) -> bytes:
+    """IPRest records as a JSON list (RESTS_FILE)."""
+    import msgspec
+
+    return msgspec.json.encode(rests)
+
+
 def _recent(key: str, today: int) -> bool:
     """A warm-up counter of today or yesterday (older days no longer matter)."""
     day = key.split("|", 1)[0]
@@ -352,6 +363,13 @@ class SupervisorShaping:
         # workers started later until it ends ((ip, site) -> record).
         self.rests_to_share: list[tuple[int, wire.IPRest]] = []
         self.site_rests: dict[tuple[str, str], wire.IPRest] = {}
+        # ... kept in the spool directory (RESTS_FILE) across a restart: a
+        # stop, a crash, a `send` then `resume` (before, only a reload's
+        # workers had them: a restart an hour into a receiver's 2-hour
+        # suspension sent it mail again at once)
+        self.rests_path = os.path.join(config.spool_dir, RESTS_FILE)
+        self.rests_changed = False
+        self._load_rests()
         self.warmup_offsets: dict[str, int] = {}  # engagement-aware warm-up, likewise
         # Each transport's max_connections split among the nodes (shared spool).
         self.shares: Any = None  # a fastsend.shared_limits.ConnectionShares
@@ -511,6 +529,7 @@ class SupervisorShaping:
             self.site_rests = {k: r for k, r in self.site_rests.items() if r.until > now}
         self.site_rests[(ip, key or site)] = rec
         self.rests_to_share.append((origin, rec))
+        self.rests_changed = True
 
     def shares_record(self) -> bytes:
         assert self.shares is not None
@@ -540,9 +559,47 @@ class SupervisorShaping:
             self.shares_at = mono  # a failure (an outage) keeps the last shares
             if self.shares.refresh(self.transports_wanted(mono)):
                 self.shares_changed = True
+        if self.rests_changed:
+            self.save_rests()
         if mono - self.swept_at >= PLACES_SWEEP_EVERY:
             self.swept_at = mono
             self.sweep_places()
+
+    def _load_rests(self) -> None:
+        """The rests :meth:`save_rests` kept that still run."""
+        import msgspec
+
+        try:
+            with open(self.rests_path, "rb") as f:
+                data = f.read(16 << 20)
+            got = msgspec.json.decode(data, type=list[wire.IPRest])
+        except FileNotFoundError:
+            return
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            print(f"fastsend: {self.rests_path} not read ({e}); the rests in it are forgotten",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return
+        now = time.time()
+        for r in got[-RESTS_MAX:]:
+            prov = r.providers[0] if len(r.providers) == 1 else ""
+            if r.until > now and prov.startswith(SITE_PREFIX):
+                self.site_rests[(r.ip, r.key or prov[len(SITE_PREFIX) :])] = r
+
+    def save_rests(self) -> None:
+        """Write the rests that still run to RESTS_FILE (at the tick after one
+        changed; a failure is tried again at the next)."""
+        from fastsend import durable
+
+        now = time.time()
+        live = [r for r in self.site_rests.values() if r.until > now]
+        try:
+            if live or os.path.exists(self.rests_path):
+                durable.replace(wire_json(live), self.rests_path)
+        except OSError as e:
+            print(f"fastsend: {self.rests_path} not written ({e}); trying again",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return
+        self.rests_changed = False
 
     def sweep_places(self) -> int:
         """Remove the lane places files no worker uses now (a file per (source
