@@ -344,3 +344,71 @@ def test_a_sites_suspension_outlives_a_restart(tmp_path: Path) -> None:
         (spool / "shaping-rests.json").write_text("{not json")
         got = send(["v@d.test"], "c.csv")
         assert got["delivered"] == 1 and "shaping-rests.json not read" in got["stderr"]
+
+
+class Refuser:
+    """A receiver whose every greeting is ``greeting`` (then it closes),
+    counting the connections made to it."""
+
+    def __init__(self, greeting: str) -> None:
+        import asyncio
+        import threading
+
+        self.greeting = greeting.encode() + b"\r\n"
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+
+        async def handle(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            w.write(self.greeting)
+            await w.drain()
+            w.close()
+
+        self.server = self.loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("greeting", "most"),
+    [
+        ("421 4.3.2 Service not available, try again later", 2),  # the site's "not now"
+        ("554 5.7.1 Service unavailable; client host blocked", 1),  # a block: the IP rests
+    ],
+)
+def test_a_greeting_that_refuses_is_one_connection_not_one_per_group(
+    tmp_path: Path, greeting: str, most: int
+) -> None:
+    """2,000 messages to a receiver whose greeting refuses (one worker, 2
+    connections, groups of 64). A 421 answered one group a connection: a
+    receiver that asked for no mail now got a connection per 64 messages (32
+    in a row, as fast as it answered). Now, as Postfix's "host refused to
+    talk to me", the site's waiting mail is deferred at once and it is left
+    alone for a while: the first connections only. A 5xx greeting that rests
+    the address sends its mail back untried (was: one group deferred, its
+    attempt counted)."""
+    srv = Refuser(greeting)
+    try:
+        camp = write_campaign(tmp_path)
+        rcpts = write_recipients(tmp_path, [f"u{i}@d.test" for i in range(2000)])
+        cfg = tmp_path / "fastsend.toml"
+        cfg.write_text(f"[workers]\ncount = 1\n[delivery]\nmax_connections = {most}\npipeline = 64\n")
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
+            "--route", f"*=127.0.0.1:{srv.port}", "--spool", str(tmp_path / "spool"),
+            "--json", "--no-progress", "--no-dkim", "--max-wait", "3",
+        )  # fmt: skip
+    finally:
+        srv.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = summary(proc)
+    assert got["deferred"] == 2000 and got["delivered"] == 0, got
+    assert srv.connections <= most, srv.connections
+    if greeting.startswith("5"):
+        assert got["attempts"] == 0, got

@@ -17,7 +17,8 @@ leaves its backup MX tried); an address that did not answer is tried after the
 others for DOWN_FOR seconds. When every host fails, the envelopes it would
 have carried are answered with that failure (deferred or failed), so nothing
 waits forever on a dead site; when none even took a TCP connection or greeted
-(and no other session of the site is open), the site is unreachable: all its
+(or each greeted with a 4xx: "421 try again later", not about a count of
+connections), and no other session of the site is open, the site is unreachable: all its
 waiting envelopes are answered at once, and what is pushed for it in the next
 DEAD_FOR seconds too, without a connection (Postfix's dead destination), so
 its mail does not sit in the window a connect timeout per group.
@@ -146,6 +147,12 @@ _NO_SESSION = frozenset(("connect", "greeting"))  # (with no reply: code 0)
 # and failed (an MTA-STS or DANE policy, a relay's), AUTH refused (a relay's
 # credentials: a login tried again per group could lock the account).
 _NO_USE = frozenset(("starttls", "tls", "auth"))
+# A greeting's 4xx about how many connections the client has open
+_CONNECTIONS = re.compile(
+    r"\bconnections?\b.{0,40}\b(?:limit|exceeded|maximum|many|max)\b"
+    r"|\b(?:too many|maximum|max|limit|exceeded)\b.{0,40}\b(?:connections?|sessions?|concurrent)\b",
+    re.IGNORECASE,
+)
 NO_LIMIT = 1 << 62  # messages per connection when the limit is 0
 # Outcomes of a session's end that say the server neither took nor refused
 # the envelope: its MAIL/RCPT unanswered (code 0: the connection dropped) or
@@ -877,6 +884,12 @@ class SiteQueue:
                         self.cap_until = now + CAP_FOR
                         self.count("connections_over_site_cap")
                         break
+                    if conn.stage == "greeting" and conn.code and not lane.usable(now):
+                        # The refusal rested or suspended the address here (a
+                        # block, a provider's rule): its mail goes back, not
+                        # tried (_hold: handed back until the lane resumes);
+                        # before, one group was deferred, an attempt counted.
+                        break
                     other = False  # another source IP may still reach the site
                     if unusable:
                         if all(self.unreached.get(p.ip, 0.0) > now for p in self.pool.ips):
@@ -1080,7 +1093,8 @@ class SiteQueue:
         hold = min(DEAD_FOR, self.config.retry.min_backoff)
         if hold > 0:
             self.dead_until = time.monotonic() + hold
-            text = f"{conn.text} (site unreachable: delivery to it suspended for {hold:g} s)"
+            why = "refuses sessions" if conn.code else "unreachable"
+            text = f"{conn.text} (site {why}: delivery to it suspended for {hold:g} s)"
             self.dead = Outcome(DEFERRED, 0, conn.enhanced, text[:500], conn.stage, conn.mx)
         self.count("sites_unreachable")
 
@@ -1207,7 +1221,15 @@ def _unstarted(o: Outcome) -> bool:
 
 def _unusable(o: Outcome) -> bool:
     """A failed connection that says the site cannot be used now: no TCP
-    session or no greeting (no reply at all), or TLS or AUTH failed."""
+    session or no greeting (no reply at all), a greeting that refuses for now
+    (a 4xx: "421 try again later"; Postfix's "host refused to talk to me",
+    its destination throttled), or TLS or AUTH failed. Before, a 4xx greeting
+    answered one group a connection: 11 connections in a row for 500
+    messages to a receiver that asked for none."""
+    if o.stage == "greeting" and 400 <= o.code < 500:
+        # (not a count of connections: those of another worker or node sending
+        # from the address, which may close any moment)
+        return _CONNECTIONS.search(o.text) is None
     return (o.stage in _NO_SESSION and not o.code) or o.stage in _NO_USE
 
 
