@@ -398,7 +398,9 @@ def test_a_greeting_that_refuses_is_one_connection_not_one_per_group(
         camp = write_campaign(tmp_path)
         rcpts = write_recipients(tmp_path, [f"u{i}@d.test" for i in range(2000)])
         cfg = tmp_path / "fastsend.toml"
-        cfg.write_text(f"[workers]\ncount = 1\n[delivery]\nmax_connections = {most}\npipeline = 64\n")
+        cfg.write_text(
+            f"[workers]\ncount = 1\n[delivery]\nmax_connections = {most}\npipeline = 64\n"
+        )
         proc = run_fastsend(
             "send", str(camp), "-r", str(rcpts), "-c", str(cfg),
             "--route", f"*=127.0.0.1:{srv.port}", "--spool", str(tmp_path / "spool"),
@@ -412,3 +414,43 @@ def test_a_greeting_that_refuses_is_one_connection_not_one_per_group(
     assert srv.connections <= most, srv.connections
     if greeting.startswith("5"):
         assert got["attempts"] == 0, got
+
+
+def test_a_reload_keeps_a_sites_learned_connection_cap(tmp_path: Path) -> None:
+    """A receiver takes 2 connections from us (421 "Too many connections"
+    over that) and fastsend may open 8: the third connection's refusal caps
+    the site at the sessions that worked (SiteQueue.cap, CAP_FOR). A SIGHUP's
+    new worker started without it: it opened the whole 8 again (less the
+    retiring worker's), and the receiver refused each one over 2 again. Now
+    the cap goes with the lanes (wire.Lanes ``sites``): no refusal between the
+    reload and the new worker's next 200 deliveries."""
+    import time
+
+    from tests._serve_helpers import Served
+    from tests.test_multinode import TPL
+    from tests.test_serve_reload import hup
+
+    with SinkThread(max_connections=2, latency_ms=20.0) as sink:
+        s = Served(tmp_path, f"{sink.host}:{sink.port}",
+                   delivery="max_connections = 8\npipeline = 4")  # fmt: skip
+        try:
+
+            def post(prefix: str, n: int) -> None:
+                rows = [{"email": f"{prefix}{i}@d.test", "name": "x"} for i in range(n)]
+                st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+                assert st == 201, out
+
+            def until(ok: Any, what: str) -> None:
+                deadline = time.monotonic() + 60
+                while not ok():
+                    assert time.monotonic() < deadline and s.proc.poll() is None, what
+                    time.sleep(0.02)
+
+            post("a", 3000)
+            until(lambda: sink.stats.faults.get("max-connections", 0) >= 1, "no refusal")
+            hup(s, "configuration reloaded")
+            refused, sent = sink.stats.faults.get("max-connections", 0), sink.stats.messages
+            until(lambda: sink.stats.messages >= sent + 200, "the new worker sends nothing")
+            assert sink.stats.faults.get("max-connections", 0) == refused, sink.stats.faults
+        finally:
+            s.stop()

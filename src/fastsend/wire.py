@@ -343,6 +343,9 @@ class Lanes(msgspec.Struct, array_like=True, tag=22):
     # A provider transport's queue (transports.http.ProviderQueue.state): its site
     # key -> (paused until, monotonic; its rate, 0: none; its request cap; backoff).
     providers: dict[str, tuple[float, float, int, float]] = {}
+    # A site's connections capped at those that worked when one more was refused
+    # (delivery.pool.SiteQueue.cap, CAP_FOR): (pool, site key, cap, until, monotonic)
+    sites: list[tuple[str, str, int, float]] = []
 
 
 ToWorker = (

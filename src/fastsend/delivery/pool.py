@@ -418,7 +418,11 @@ class SiteQueue:
         limit = self.limits.max_connections * len(self.pool.ips)
         if self.cap:
             if time.monotonic() < self.cap_until:
-                limit = min(limit, self.cap)
+                # (a reload's retiring worker's connections count: the cap is
+                # the site's, and it still holds them)
+                held = sum(self.lane(p.ip).borrowed for p in self.pool.ips) if (
+                    self.shaper.borrowed) else 0  # fmt: skip
+                limit = min(limit, max(0, self.cap - held))
             else:
                 self.cap = 0
         # One more connection per `pipeline` envelopes waiting, up to the limit.
@@ -462,6 +466,13 @@ class SiteQueue:
                 asyncio.get_running_loop().call_later(TRIM_WAIT, self._scale)
                 return
             self._hold()
+
+    def inherit_cap(self, cap: int, until: float) -> None:
+        """A reload's retiring worker capped this site's connections at ``cap``
+        until ``until`` (monotonic): so is this queue (the lower, the later)."""
+        if until > self.cap_until or not self.cap:
+            self.cap_until = max(self.cap_until, until)
+            self.cap = min(self.cap, cap) if self.cap else cap
 
     def _place(self) -> int | None:
         """A place among the relay's connections on this node (``slots``), or

@@ -113,6 +113,9 @@ class Worker:
         names = ehlo.names_for(config)
         self.helo = names.default
         self.campaign_specs: dict[int, dict[str, Any]] = {}
+        # (pool, site key) -> (cap, until): a reload's retiring worker's site caps
+        # for queues not made yet (inherit_caps)
+        self.caps_inherited: dict[tuple[str, str], tuple[int, float]] = {}
         self.renderers: dict[int, Any] = {}
         self.shared: dict[int, bool] = {}  # campaign -> may share one multi-rcpt message
         # campaign -> what its deferred batches are built with, when that is one
@@ -270,6 +273,8 @@ class Worker:
                 self.shaper.inherit(msg.lanes)
                 if msg.providers:
                     self.router.inherit(msg.providers)
+                if msg.sites:
+                    self.inherit_caps(msg.sites)
             elif isinstance(msg, wire.Conns):
                 self.shaper.lend(msg.held)
                 for (_pool, key), q in list(self.sites.items()):  # freed: its mail may go now
@@ -687,6 +692,10 @@ class Worker:
             )
             if self.draining:
                 q.horizon = DRAIN_HORIZON
+            if self.caps_inherited:
+                got = self.caps_inherited.pop((pool, key), None)
+                if got is not None:
+                    q.inherit_cap(*got)
         elif q.site is not site:
             q.site = site  # refreshed DNS answer
         return q
@@ -798,12 +807,36 @@ class Worker:
         states = self.shaper.lane_states(now)
         self.lanes_told = {(st.ip, st.site): _slowed(st) for st in states}
         providers = self.providers_told = self.router.states(now)
-        if states or providers:
-            self.pending_out.append(wire.encoder.encode(wire.Lanes(states, providers)))
+        caps = self.site_caps(now)
+        if states or providers or caps:
+            self.pending_out.append(wire.encoder.encode(wire.Lanes(states, providers, caps)))
         # Only lanes with a transaction on the wire can hear more (report_lanes).
         self.lanes_busy = [key for key, ln in self.shaper.lanes.items() if ln.active]
         self.report_conns()
         self.check_done()
+
+    def site_caps(self, now: float) -> list[tuple[str, str, int, float]]:
+        """The sites whose connections are capped now (SiteQueue.cap: one more
+        was refused while these worked), for a reload's new worker."""
+        return [(pool, key, q.cap, q.cap_until) for (pool, key), q in self.sites.items()
+                if isinstance(q, SiteQueue) and q.cap and q.cap_until > now]  # fmt: skip
+
+    def inherit_caps(self, caps: list[tuple[str, str, int, float]]) -> None:
+        """wire.Lanes ``sites``: the caps the worker this one replaces learned,
+        each applied to its site's queue (now, or when it is made). Before, a
+        reload's new worker opened the site's whole max_connections again, and
+        the receiver refused all it had refused before."""
+        now = time.monotonic()
+        for pool, key, cap, until in caps:
+            if until <= now:
+                continue
+            q = self.sites.get((pool, key))
+            if isinstance(q, SiteQueue):
+                q.inherit_cap(cap, until)
+            else:
+                if len(self.caps_inherited) >= 10_000:
+                    self.caps_inherited.clear()
+                self.caps_inherited[(pool, key)] = (cap, until)
 
     def report_lanes(self) -> None:
         """While retiring: the lanes the replies to its last transactions slowed

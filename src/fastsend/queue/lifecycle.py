@@ -424,15 +424,17 @@ class WorkerLifecycle(SupervisorState):
         sources = [*self.retired, *(o for o in olds if id(o) not in held)]
         out: dict[tuple[str, str], wire.LaneState] = {}
         providers: dict[str, tuple[float, float, int, float]] = {}
+        caps: dict[tuple[str, str], tuple[str, str, int, float]] = {}
         owners = self._owners()
         for old in sources:
             out.update(((st.ip, st.site), st) for st in old.lanes
                        if self._takes_over(index, old, st.ip, owners))  # fmt: skip
             if old.index == index:
                 providers.update(old.providers)
-        if not out and not providers:
+                caps.update(((c[0], c[1]), c) for c in old.sites)  # (its site caps)
+        if not out and not providers and not caps:
             return None
-        return wire.Lanes(list(out.values()), providers)
+        return wire.Lanes(list(out.values()), providers, list(caps.values()))
 
     def worker_counters(self, index: int, gauges: Collection[str] = ()) -> dict[str, float]:
         """Slot ``index``'s counters (wire.Stats) over every worker it ran: what
@@ -467,6 +469,7 @@ class WorkerLifecycle(SupervisorState):
         from those addresses."""
         if slot.conns is None:
             slot.lanes, slot.providers = list(msg.lanes), dict(msg.providers)
+            slot.sites = list(msg.sites)
             return
         now = {(st.ip, st.site): st for st in slot.lanes}
         now.update(((st.ip, st.site), st) for st in msg.lanes)

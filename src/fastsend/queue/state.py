@@ -60,6 +60,7 @@ class WorkerSlot(msgspec.Struct):
     # Its lanes as it retired (wire.Lanes), for the worker started in its place.
     lanes: list[wire.LaneState] = msgspec.field(default_factory=list)
     providers: dict[str, tuple[float, float, int, float]] = msgspec.field(default_factory=dict)
+    sites: list[tuple[str, str, int, float]] = msgspec.field(default_factory=list)  # its caps
     stop_at: float = 0.0  # monotonic: a retiring worker still running then is stopped
     held: dict[tuple[int, str], list[Claimed]] = msgspec.field(default_factory=dict)  # rate-held
     last_seen: float = 0.0  # monotonic time of the worker's last record
