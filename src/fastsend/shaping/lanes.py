@@ -553,13 +553,13 @@ class Lane:
         rewritten = False
         for tr in results:
             outs = tr.outcomes
+            # the last recipient of the transaction taken (-1: none)
+            last = next((j for j in range(len(outs) - 1, -1, -1) if outs[j].kind == DELIVERED), -1)
             for i, o in enumerate(outs):
                 if o.kind == DELIVERED:
                     delivered += 1
                     continue
-                own = o.kind == DEFERRED and recipient_only(
-                    o, any(x.kind == DELIVERED for x in outs[i + 1 :])
-                )
+                own = o.kind == DEFERRED and recipient_only(o, i < last)
                 if o.kind == DEFERRED and not own:
                     deferred += 1
                 if o.code:
