@@ -454,3 +454,30 @@ def test_a_reload_keeps_a_sites_learned_connection_cap(tmp_path: Path) -> None:
             assert sink.stats.faults.get("max-connections", 0) == refused, sink.stats.faults
         finally:
             s.stop()
+
+
+def test_a_lane_whose_throttle_ended_and_rule_matches_aged_is_pruned() -> None:
+    """Gmail's "unusual rate" twice throttles a lane for 30 minutes. Long after
+    it ended, with no mail for the site, the worker's prune kept the lane (its
+    throttle bucket, never ended by a take, and its rule's match history):
+    every site that ever met a rule's reply stayed in memory for good. Now it
+    goes once the throttle has ended and the matches are older than the
+    rule's period; not before."""
+    from fastsend import config as cfgmod
+
+    cfg = cfgmod.from_dict({})
+    sh = Shaper(cfg, ["127.0.0.2"], now=1_700_000_000.0)
+    lim = sh.site_limits("site", ("gmail-smtp-in.l.google.com",), "gmail.com")
+    ln = sh.lane("127.0.0.2", "site", lim, sh.pool(""), 1_700_000_000.0)
+    text = "Our system has detected an unusual rate of unsolicited mail"
+    unusual = Outcome(DEFERRED, 421, "4.7.28", text, "rcpt")
+    ln.observe([TxnResult(0, [unusual])], 10.0)
+    ln.observe([TxnResult(1, [unusual])], 20.0)
+    assert ln.throttle_bucket is not None
+    sh.prune(600.0, set())  # throttled: kept
+    assert ("127.0.0.2", "site") in sh.lanes
+    sh.prune(20.0 + 1800.0 + 1.0, set())  # throttle over, matches within the hour
+    assert ("127.0.0.2", "site") in sh.lanes
+    ln.triggers["gmail-unusual-rate"].times.append(30.0)  # (a match that did not fire)
+    sh.prune(30.0 + 3600.0 + 1.0, set())  # all older than the period, AIMD_FORGET
+    assert ("127.0.0.2", "site") not in sh.lanes

@@ -168,6 +168,10 @@ class Aimd:
             self._start, self._n = now, 0
         self._n += n
 
+    def last_active(self) -> float:
+        """When it last cut the rate or counted mail written (monotonic)."""
+        return max(self.last_cut, self._start)
+
     def sending(self, now: float) -> float:
         """The measured sending rate (0.0: not known yet)."""
         el = now - self._start

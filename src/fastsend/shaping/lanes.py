@@ -63,6 +63,9 @@ from fastsend.throttle import Gcra
 # rate has grown by this factor since the last one told, or this many seconds on
 AIMD_STEP = 1.25
 AIMD_QUIET = 30.0
+# A lane cut by AIMD with no mail written nor cut for this long is forgotten by
+# the worker's prune (Lane.idle): its site starts afresh, as after a restart
+AIMD_FORGET = 3600.0
 # A connection that left its place (Lane.keeps_place) to a waiting worker leaves
 # it to that one for this long (transports' SLOT_YIELD)
 PLACE_YIELD = 0.25
@@ -523,11 +526,21 @@ class Lane:
     def idle(self, now: float) -> bool:
         """Nothing here that a fresh lane would not have: no connection, rest,
         throttle, AIMD cut or rule history, every bucket full. (A warm-up
-        counter lives in its pool; Shaper.lane() links it to a new lane.)"""
-        if self.active or self.triggers:
+        counter lives in its pool; Shaper.lane() links it to a new lane.)
+        A throttle that has ended, rule matches older than their rule's
+        period and an AIMD cut with no mail for AIMD_FORGET are nothing
+        (before, a lane that ever met a rule's reply or a cut was kept for the
+        worker's life: one per such site, a serve's whole life)."""
+        if self.active:
             return False
-        if self.throttle_bucket is not None or self.aimd_bucket is not None:
+        a = self.aimd
+        if self.aimd_bucket is not None and a is not None and now - a.last_active() < AIMD_FORGET:
             return False
+        if self.throttle_bucket is not None and now < self.throttle_until:
+            return False
+        for t in self.triggers.values():
+            if t.times and now - t.times[-1] <= t.rule.period:
+                return False
         if self.blocked_until and now < self.blocked_until:
             return False
         bs = self.buckets if self.conn_bucket is None else [*self.buckets, self.conn_bucket]
