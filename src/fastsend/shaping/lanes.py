@@ -188,17 +188,24 @@ def recipient_only(o: Outcome, accepted_after: bool = False) -> bool:
     """Whether deferral ``o`` speaks for its recipient alone (one mailbox over
     quota, greylisted or taking mail too fast), not for the source address or
     the site: a 4xx (not 421) to RCPT or to the end of the data whose code or
-    words name the mailbox (:func:`_mailbox_reply`), or whose words say
-    nothing either way while a later recipient of the same transaction was
-    accepted (``accepted_after``). Such a deferral retries that message; it
-    neither cuts the lane's AIMD rate nor slows or rests the lane (a rule that
-    names it still applies): before, one mailbox in four over quota halved a
-    site's rate again and again, 200/s down to under 10/s."""
+    words name the mailbox (:func:`_mailbox_reply`); or whose words name
+    neither ("451 4.3.0 Temporary failure"; the bounce classifier finding
+    neither a rate limit, "try again later", nor a block in them) while a
+    later recipient of the same pipelined group was taken
+    (``accepted_after``: the receiver took mail from this address in the
+    same moments; Postfix feeds no RCPT deferral back to a destination's
+    concurrency). One after the group's last taken still speaks for the
+    site (a limit met: "the first N, then 451").
+    Such a deferral retries that message; it neither cuts the lane's AIMD
+    rate nor slows or rests the lane (a rule that names it still applies):
+    before, one mailbox in four over quota halved a site's rate again and
+    again, 200/s down to under 10/s."""
     if o.kind != DEFERRED or not 400 <= o.code < 500 or o.stage not in _RECIPIENT_STAGES:
         return False
     said = _mailbox_reply(o.code, o.enhanced, o.text)
     if said is None:
-        return accepted_after and o.stage == "rcpt"
+        rate_limited, ip_blocked, _reason = _classify(o.code, o.enhanced, o.text, o.stage)
+        return accepted_after and not (rate_limited or ip_blocked)
     return said
 
 
@@ -564,15 +571,23 @@ class Lane:
         delivered = deferred = 0
         slow = False
         rewritten = False
-        for tr in results:
+        # The last recipient of the group taken ((message, recipient); (-1, -1):
+        # none): a deferral before it was answered while the receiver took mail
+        # from this address, the same moments (recipient_only)
+        last = (-1, -1)
+        for t in range(len(results) - 1, -1, -1):
+            outs = results[t].outcomes
+            i = next((j for j in range(len(outs) - 1, -1, -1) if outs[j].kind == DELIVERED), -1)
+            if i >= 0:
+                last = (t, i)
+                break
+        for t, tr in enumerate(results):
             outs = tr.outcomes
-            # the last recipient of the transaction taken (-1: none)
-            last = next((j for j in range(len(outs) - 1, -1, -1) if outs[j].kind == DELIVERED), -1)
             for i, o in enumerate(outs):
                 if o.kind == DELIVERED:
                     delivered += 1
                     continue
-                own = o.kind == DEFERRED and recipient_only(o, i < last)
+                own = o.kind == DEFERRED and recipient_only(o, (t, i) < last)
                 if o.kind == DEFERRED and not own:
                     deferred += 1
                 if o.code:
