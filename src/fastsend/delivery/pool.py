@@ -1104,8 +1104,7 @@ class SiteQueue:
         hold = min(DEAD_FOR, self.config.retry.min_backoff)
         if hold > 0:
             self.dead_until = time.monotonic() + hold
-            why = "refuses sessions" if conn.code else "unreachable"
-            text = f"{conn.text} (site {why}: delivery to it suspended for {hold:g} s)"
+            text = f"{conn.text} (site unreachable: delivery to it suspended for {hold:g} s)"
             self.dead = Outcome(DEFERRED, 0, conn.enhanced, text[:500], conn.stage, conn.mx)
         self.count("sites_unreachable")
 
