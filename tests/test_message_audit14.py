@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tests._serve_helpers import Served
 
@@ -523,6 +523,7 @@ _ANY = st.text(st.characters(exclude_categories=("Cs", "Cc", "Cn")), max_size=60
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(v=st.one_of(_ANY, st.text(st.sampled_from(list("<>\"'&= /`x\t\n:;#")), max_size=30)))
+@example(v="\ufffe")  # a noncharacter: its reference reads back as nothing
 def test_html_escaping_never_makes_markup(
     impl: str, monkeypatch: pytest.MonkeyPatch, v: str
 ) -> None:
@@ -549,6 +550,23 @@ def test_html_escaping_never_makes_markup(
     want = v
     assert tags[0][1] == [("class", want)] and tags[2][1] == [("href", want)], html
     assert tags[1][1] == [("title", want), ("lang", want or None)] or not v.strip(), html
+
+
+@pytest.mark.parametrize("v", ["\x80", "\x9f", "\ufffe", "\U0010ffff", "\ufdd0", "a\x85b"])
+def test_unquoted_attribute_values_read_back_as_they_were(
+    impl: str, monkeypatch: pytest.MonkeyPatch, v: str
+) -> None:
+    """A value in an unquoted attribute, read by an HTML reader, is the value: a
+    C1 control written as a reference (&#x80;) reads as windows-1252's letter ("€"), a
+    noncharacter's reference as nothing; they stand as they are. Before: referenced."""
+    use_impl(monkeypatch, impl)
+    spec = {"from": "n@example.com", "subject": "s", "text": "t",
+            "html": "<i lang={{ v }} title=x>i</i>"}  # fmt: skip
+    data = Campaign.from_dict(spec).compile().render("r@example.org", {"v": v}, "m-1")
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "&#x" not in html, html
+    assert f"lang={v} title=x" in html, html
 
 
 def test_postfix_smtp_sink_without_8bitmime_gets_7bit_or_nothing(tmp_path: Path) -> None:
@@ -647,7 +665,9 @@ def test_raw_reencoding_keeps_every_part(leaves: list[Any], nested: bool) -> Non
 
     parts = []
     for ctype, cte, body in leaves:
-        head = f"Content-Type: {ctype}\r\n" + (f"Content-Transfer-Encoding: {cte}\r\n" if cte else "")
+        head = f"Content-Type: {ctype}\r\n" + (
+            f"Content-Transfer-Encoding: {cte}\r\n" if cte else ""
+        )
         parts.append((head.encode(), clean(body)))
     inner = b"".join(b"--YB\r\n" + h + b"\r\n" + b + b"\r\n" for h, b in parts) + b"--YB--\r\n"
     if nested:

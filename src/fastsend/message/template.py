@@ -360,6 +360,15 @@ _SAFE_SCHEMES = ("http", "https", "mailto", "tel", "cid")
 _SCHEME = re.compile(r"[\x00- ]*([A-Za-z][A-Za-z0-9+.\-]*):")
 _UNQUOTED_SAFE = re.compile(r"[A-Za-z0-9\-._:/]*")
 _NAME_SAFE = re.compile(r"[A-Za-z0-9_\-]*")
+# Characters a numeric reference would not give back (HTML's tokenizer maps &#x80;-&#x9F;
+# to windows-1252's letters: "\x80" would read as "€"; readers drop or replace a
+# noncharacter's reference): written as they are in an unquoted attribute value, where
+# they end nothing (only white space and ">" do).
+_RAW_IN_UNQUOTED = re.compile(
+    "[\x80-\x9f\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(1, 17))
+    + "]"
+).fullmatch
 _HTML_SPECIAL = re.compile(r"[&<>\"']")
 _HTML_REFS = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}
 _TAG_OPEN = re.compile(r"<([A-Za-z][A-Za-z0-9:\-]*)")
@@ -671,7 +680,9 @@ def html_value(value: str, mode: int, name: str = "") -> str:
         if (_NAME_SAFE if mode & ESC_NAME else _UNQUOTED_SAFE).fullmatch(value):
             return value
         return "".join(
-            ch if (ch.isalnum() and ch.isascii()) or ch in safe else f"&#x{ord(ch):X};"
+            ch
+            if (ch.isalnum() and ch.isascii()) or ch in safe or _RAW_IN_UNQUOTED(ch)
+            else f"&#x{ord(ch):X};"
             for ch in value
         )
     if not mode & ESC_HTML or _HTML_SPECIAL.search(value) is None:
