@@ -465,7 +465,9 @@ def test_a_reload_keeps_a_sites_learned_connection_cap(tmp_path: Path) -> None:
             hup(s, "configuration reloaded")
             refused, sent = sink.stats.faults.get("max-connections", 0), sink.stats.messages
             until(lambda: sink.stats.messages >= sent + 200, "the new worker sends nothing")
-            assert sink.stats.faults.get("max-connections", 0) == refused, sink.stats.faults
+            # (one refusal may still come from a connection the retiring worker was
+            # opening as the signal came; before, the new worker's own 6 of 8 were refused)
+            assert sink.stats.faults.get("max-connections", 0) <= refused + 1, sink.stats.faults
         finally:
             s.stop()
 
