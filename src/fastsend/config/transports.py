@@ -254,10 +254,45 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _check_endpoint(endpoint: str, where: str) -> None:
+    """``endpoint`` is ``http(s)://HOST[:PORT]`` and nothing more. A user and
+    password in it (``https://api:KEY@host``) are refused, and the refusal
+    never quotes it: credentials come only from the environment or a 0600
+    credentials_file. Before, it was taken (``[^/\\s]+`` let ``@``, ``?`` and
+    ``#`` by): the error of a plain-http one quoted the password, aiohttp
+    refused every Mailgun request ("local error", deferred for ever) and SES
+    signed for a host it did not send to."""
+    import urllib.parse
+
+    authority = endpoint.partition("://")[2].partition("/")[0]
+    if "@" in authority:
+        raise TransportError(
+            f"{where} endpoint must not carry a user or password (user:password@):"
+            " credentials come only from the environment or a 0600 credentials_file"
+        )
+    bad = TransportError(f"{where} endpoint must be http(s)://HOST[:PORT]")
+    if not re.fullmatch(r"https?://[^/\s?#@\\]+", endpoint.rstrip("/")):
+        raise bad
+    try:
+        u = urllib.parse.urlsplit(endpoint)
+        port = u.port
+    except ValueError:
+        raise bad from None
+    if not u.hostname or (port is not None and not 0 < port < 65536):
+        raise bad
+
+
 def _check(spec: TransportSpec, where: str, base_dir: str, explicit_tls: bool) -> None:
     if spec.kind == "relay":
         if not spec.host:
             raise TransportError(f"{where} a relay needs host")
+        if "@" in spec.host or re.search(r"[\s/?#]", spec.host):
+            # "user:password@relay": never quoted (credentials: the environment
+            # or a 0600 credentials_file), and no host of that name exists.
+            raise TransportError(
+                f"{where} host must be a host name or address (no user:password@, no URL):"
+                " credentials come only from the environment or a 0600 credentials_file"
+            )
         spec.port = spec.port or 587
         if not 0 < spec.port < 65536:
             raise TransportError(f"{where} port out of range")
@@ -303,11 +338,11 @@ def _check(spec: TransportSpec, where: str, base_dir: str, explicit_tls: bool) -
             raise TransportError(f"{where} region must be global or eu")
         if spec.region == "eu" and not spec.endpoint:
             spec.endpoint = SENDGRID_EU
-    if spec.endpoint and not re.fullmatch(r"https?://[^/\s]+", spec.endpoint.rstrip("/")):
-        raise TransportError(f"{where} endpoint must be http(s)://HOST[:PORT]")
+    if spec.endpoint:
+        _check_endpoint(spec.endpoint, where)
     spec.endpoint = spec.endpoint.rstrip("/")
     if spec.endpoint.startswith("http://") and not spec.auth_in_clear:
-        host = spec.endpoint[7:].rpartition("@")[2]
+        host = spec.endpoint[7:]
         host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
         if not _loopback(host):
             raise TransportError(
