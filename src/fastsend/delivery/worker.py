@@ -782,19 +782,7 @@ class Worker:
         that the two stay within each (source IP, site) limit together."""
         self.draining = True
         self.retiring = True
-        ids: list[int] = []
-        for batch in self.resolving.values():  # still waiting for DNS or a route's queue
-            ids += [it.id for it in batch.items]
-            batch.items = []
-        back: list[Envelope] = []
-        for q in self.sites.values():
-            q.horizon = 0.0
-            if q.pending:
-                back += q.pending
-                q.pending.clear()
-        self.handback_ids(ids, 0.0, 0.0, RETIRED)
-        if back:
-            self.handback(back, 0.0, 0.0, RETIRED)
+        self.handback_untaken(RETIRED)
         # Its warm-up counts now, not with the next second's stats: the new worker
         # starts from the totals (spawn_records), this one's last sends included.
         counts = self.shaper.warm_counts() if self.shaper.warming else {}
@@ -814,6 +802,26 @@ class Worker:
         self.lanes_busy = [key for key, ln in self.shaper.lanes.items() if ln.active]
         self.report_conns()
         self.check_done()
+
+    def handback_untaken(self, why: str, ids: list[int] | None = None) -> None:
+        """Give back now, unattempted and due at once, every message no
+        connection has taken (``ids``, the caller's own first: a stop's unread
+        batches; then batches waiting for DNS or a route's queue, then the
+        ready queues), with the reason ``why`` (RETIRED: a reload's new worker
+        sends them; STOPPED: a stop now). What is on a connection stays."""
+        ids = list(ids or ())
+        for batch in self.resolving.values():  # still waiting for DNS or a route's queue
+            ids += [it.id for it in batch.items]
+            batch.items = []
+        back: list[Envelope] = []
+        for q in self.sites.values():
+            q.horizon = 0.0
+            if q.pending:
+                back += q.pending
+                q.pending.clear()
+        self.handback_ids(ids, 0.0, 0.0, why)
+        if back:
+            self.handback(back, 0.0, 0.0, why)
 
     def site_caps(self, now: float) -> list[tuple[str, str, int, float]]:
         """The sites whose connections are capped now (SiteQueue.cap: one more
@@ -929,18 +937,7 @@ class Worker:
                 msg = decode(rec)
                 if isinstance(msg, wire.Batch):
                     ids += [it.id for it in msg.items]
-        for batch in self.resolving.values():  # still waiting for DNS or a route's queue
-            ids += [it.id for it in batch.items]
-            batch.items = []
-        back: list[Envelope] = []
-        for q in self.sites.values():
-            q.horizon = 0.0
-            if q.pending:
-                back += q.pending
-                q.pending.clear()
-        self.handback_ids(ids, 0.0, 0.0, STOPPED)
-        if back:
-            self.handback(back, 0.0, 0.0, STOPPED)
+        self.handback_untaken(STOPPED, ids)
         self.stop_task = loop.create_task(self._stop_when_answered())
 
     async def _stop_when_answered(self) -> None:
