@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastsend import durable
 from fastsend.analytics.query import rates
 from fastsend.analytics.store import IDX, RollupStore
 from fastsend.config.analytics import WarmupPolicy
@@ -138,7 +139,7 @@ class EngagementWarmup:
         return changed
 
     def _save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.state, f)
-        os.replace(tmp, self.path)
+        """Durably (durable.replace: the old offsets or the new after a power
+        loss, never an empty file that reads as no offsets: every IP's warm-up
+        back to its schedule as written)."""
+        durable.replace(json.dumps(self.state).encode(), self.path, 0o644)

@@ -64,6 +64,7 @@ from typing import Any
 
 import msgspec
 
+from fastsend import durable
 from fastsend.config import Config
 
 DEFAULT_SCHEDULE: tuple[int, ...] = (
@@ -267,6 +268,7 @@ def warmup_anchors(config: Config, now: float) -> dict[str, tuple[int, int]]:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            durable.fsync_dir(config.spool_dir)  # (the new name: see durable)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
