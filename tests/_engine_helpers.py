@@ -4,6 +4,7 @@ running ``fastsend send``/``resume`` as real subprocesses, reading sink logs."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -47,6 +48,27 @@ def run_fastsend(*args: str, timeout: float = 120) -> subprocess.CompletedProces
     return subprocess.run(
         fastsend_cmd(*args), capture_output=True, text=True, timeout=timeout, env=_env()
     )
+
+
+def run_killed(fault: str, *args: str, timeout: float = 120) -> str:
+    """Run ``fastsend *args`` with the crash point ``fault`` armed
+    (``FASTSEND_TEST_FAULT``, fastsend.faults): it must end killed -9 there.
+    Its workers, if any is left, are killed too (its own session). Returns its
+    stderr."""
+    env = dict(_env(), FASTSEND_TEST_FAULT=fault)
+    proc = subprocess.Popen(
+        fastsend_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its workers, if any is left
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    return err
 
 
 def send_via(

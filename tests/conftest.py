@@ -361,6 +361,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(params=["sqlite", "redis"])
+def spool_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A spool for a ``fastsend`` command's ``--spool``: a directory, then a
+    Redis spool URL with a stable node name (a restarted process takes its own
+    in-flight window back at once). A file may define its own."""
+    if request.param == "sqlite":
+        return str(tmp_path / "spool")
+    server = request.getfixturevalue("redis_server")
+    return str(server.url(node="n1", dir=str(tmp_path / "spool")))
+
+
+@pytest.fixture(params=["sqlite", "redis"])
 def make_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Any]:
     """Opens the same spool again on each call: SQLite, then Redis (one node)."""
     from fastsend.spool import open_spool

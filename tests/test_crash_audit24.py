@@ -15,29 +15,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import pytest
 from tests._engine_helpers import (
     _env,
     fastsend_cmd,
     received_counts,
     run_fastsend,
+    run_killed,
     summary,
     write_campaign,
     write_recipients,
 )
+from tests._serve_helpers import until
 
 from fastsend.sink import SinkProcess
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def spool_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "spool")
-    server = request.getfixturevalue("redis_server")
-    return str(server.url(node="n1", dir=str(tmp_path / "spool")))
 
 
 def test_resume_after_a_kill_delivers_by_the_route_send_was_given(
@@ -56,22 +48,11 @@ def test_resume_after_a_kill_delivers_by_the_route_send_was_given(
     with SinkProcess("--log", str(log)) as sink:
         host, port = sink.addresses[0]
         route = f"*={host}:{port}"
-        env = dict(_env(), FASTSEND_TEST_FAULT="ingest-kill-after-commit:2")
-        proc = subprocess.Popen(
-            fastsend_cmd(
-                "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", spool_url,
-                "--route", route, "--retry", "1,5,3600", "--workers", "2", "--json",
-                "--no-progress",
-            ),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            start_new_session=True,
+        run_killed(
+            "ingest-kill-after-commit:2", "send", str(camp), "-r", str(rcpts), "--no-dkim",
+            "--spool", spool_url, "--route", route, "--retry", "1,5,3600", "--workers", "2",
+            "--json", "--no-progress",
         )  # fmt: skip
-        _out, err = proc.communicate(timeout=120)
-        assert proc.returncode == -signal.SIGKILL, err[-2000:]
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its workers, if any is left
-        except ProcessLookupError:
-            pass
         res = run_fastsend(
             "resume", "--spool", spool_url, "--json", "--no-progress", "--max-wait", "10",
             timeout=300,
@@ -231,10 +212,10 @@ def test_ctrl_c_of_send_waits_for_the_replies_on_the_wire_and_sends_nothing_twic
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 120
-            while sum(received_counts(log).values()) < 300:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.05)
+            until("300 messages at the sink, send running",
+                  lambda: proc.poll() is not None or sum(received_counts(log).values()) >= 300,
+                  120)  # fmt: skip
+            assert proc.poll() is None, proc.communicate()
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
         finally:
@@ -295,11 +276,7 @@ def test_send_run_again_after_a_kill_is_refused_and_resume_named(tmp_path: Path)
         host, port = sink.addresses[0]
         cmd = ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", spool, "--route",
                f"*={host}:{port}", "--workers", "1", "--json", "--no-progress"]  # fmt: skip
-        env = dict(_env(), FASTSEND_TEST_FAULT="ingest-kill-after-commit:2")
-        killed = subprocess.run(
-            fastsend_cmd(*cmd), capture_output=True, text=True, env=env, timeout=120
-        )
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        run_killed("ingest-kill-after-commit:2", *cmd)
         again = run_fastsend(*cmd)
         assert again.returncode == 2, again.stderr[-2000:]
         assert "was sent with this campaign before" in again.stderr, again.stderr

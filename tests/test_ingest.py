@@ -33,6 +33,7 @@ from tests._engine_helpers import (
     fastsend_cmd,
     received_counts,
     run_fastsend,
+    run_killed,
     summary,
     write_campaign,
 )
@@ -47,16 +48,6 @@ from fastsend.spool import IngestJob, Spool, open_spool
 # Claimed-but-unanswered messages per worker: the default window of the runs
 # below (two workers, no source IPs of their own).
 WINDOW = Config(workers=2).window_for(0)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def spool_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A spool directory, or a Redis spool URL with a stable node name (a
-    restarted process takes its own in-flight window back at once)."""
-    if request.param == "sqlite":
-        return str(tmp_path / "spool")
-    server = request.getfixturevalue("redis_server")
-    return str(server.url(node="n1", dir=str(tmp_path / "spool")))
 
 
 def write_list(path: Path, n: int, bad_at: tuple[int, ...] = ()) -> list[str]:
@@ -539,19 +530,10 @@ def test_events_of_a_batch_a_killed_reader_committed_are_told_by_the_next(
         host, port = sink.addresses[0]
         common = ["--spool", spool_url, "--route", f"*={host}:{port}", "--workers", "1",
                   "--json", "--no-progress", "--max-wait", "5"]  # fmt: skip
-        env = dict(os.environ, FASTSEND_TEST_FAULT="ingest-kill-after-commit:2")
-        env.pop("FASTSEND_NO_EXTENSIONS", None)
-        proc = subprocess.Popen(
-            fastsend_cmd("send", str(camp), "-r", str(path), "--no-dkim", *common),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            start_new_session=True,
+        run_killed(
+            "ingest-kill-after-commit:2", "send", str(camp), "-r", str(path), "--no-dkim",
+            *common,
         )  # fmt: skip
-        _out, err = proc.communicate(timeout=120)
-        assert proc.returncode == -signal.SIGKILL, err[-2000:]
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its workers, if any is left
-        except ProcessLookupError:
-            pass
         _counts, jobs = _state(spool_url)
         # The first chunk (256 rows) and the 2nd batch (2,000) are spooled; the
         # job names the 2nd batch's ids as untold.
