@@ -7,7 +7,8 @@ destination domain, with the bodies its rows share: :func:`blob_ref`),
 
 Worker -> supervisor: :class:`Results` (a flush of outcomes, several batches'
 worth at once; deliveries in :class:`Sent` groups), :class:`Hello` (the worker is up), :class:`Handback` (mail
-the worker gives back unattempted, so one slow site cannot hold its window).
+the worker gives back unattempted, so one slow site cannot hold its window),
+:class:`Answered` (deliveries of a long pipelined group, kept in case it dies).
 
 Shaping (fastsend.shaping): :class:`CampaignShaping` (the campaign's IP pool),
 :class:`WarmupCounts` (both ways), :class:`ShapingEvents` (worker -> supervisor).
@@ -130,6 +131,17 @@ class Sent(msgspec.Struct, array_like=True, tag=16):
 class Results(msgspec.Struct, array_like=True, tag=4):
     """A flush of outcomes, in the order they came: a :class:`Res` per message,
     or a :class:`Sent` group of deliveries."""
+
+    items: list[Res | Sent]
+
+
+class Answered(msgspec.Struct, array_like=True, tag=24):
+    """Worker -> supervisor: deliveries of a pipelined group still in flight
+    (the receiver's 250 read, the group's other replies not yet), told while
+    the group takes long (``delivery.worker.ANSWERED_EVERY``). Not outcomes:
+    the group's :class:`Results` tells them as any. Kept in case the worker
+    dies first: then these are delivered, not attempts of unknown outcome
+    sent again (queue.lifecycle ``retire``)."""
 
     items: list[Res | Sent]
 
@@ -366,7 +378,16 @@ ToWorker = (
     | Forget
 )
 FromWorker = (
-    Results | Hello | Stats | WarmupCounts | ShapingEvents | Handback | Events | Conns | Lanes
+    Results
+    | Hello
+    | Stats
+    | WarmupCounts
+    | ShapingEvents
+    | Handback
+    | Events
+    | Conns
+    | Lanes
+    | Answered
 )
 
 encoder = msgspec.msgpack.Encoder()

@@ -252,7 +252,9 @@ class SiteQueue:
         self.sending = 0  # pipelined groups written and not yet answered
         # Those groups' connections, each with its envelopes (Worker.stop_now
         # asks them which were never written).
-        self.groups: dict[int, tuple[SMTPConnection, list[Envelope]]] = {}
+        # (and the source IP each is sent from; Worker.tell_answered)
+        self.groups: dict[int, tuple[SMTPConnection, list[Envelope], str]] = {}
+        self.on_group: Callable[[SiteQueue], None] | None = None  # told when one is written
         self.nconn = 0  # connection tasks running
         self.sessions = 0  # ... of which have an open session
         self.cap = 0  # the most connections to open before cap_until (0: no cap)
@@ -1009,7 +1011,9 @@ class SiteQueue:
                         if lane.aimd is not None:
                             lane.aimd.sent(start, len(batch))
                         self.sending += 1
-                        self.groups[id(conn)] = (conn, batch)
+                        self.groups[id(conn)] = (conn, batch, ip)
+                        if self.on_group is not None:
+                            self.on_group(self)
                         try:
                             results = await conn.send(batch)
                         finally:

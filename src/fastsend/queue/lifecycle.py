@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 
 from fastsend import msgid, wire
 from fastsend.config import Config
-from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
+from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot, answered_in_window
 from fastsend.ring import Ring
 
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
@@ -232,6 +232,12 @@ class WorkerLifecycle(SupervisorState):
         if slot.outbox is not None:
             loop.remove_reader(slot.outbox.reader_fd)
             self.drain_outbox(slot, slot.outbox)
+        if slot.inflight and (slot.answered or slot.answered_before):
+            # Delivered in a group it had not finished (wire.Answered): the
+            # receiver's 250 was read, so not an attempt of unknown outcome.
+            known = answered_in_window(slot)
+            if known:
+                self.apply(slot, known)
         if slot.inflight:
             ids = list(slot.inflight)
             self.stats.duplicates_possible += len(ids)
@@ -349,6 +355,9 @@ class WorkerLifecycle(SupervisorState):
             unwritten=slot.unwritten,
             window=slot.window,
             withdrawn=slot.withdrawn,
+            answered=slot.answered,
+            answered_before=slot.answered_before,
+            answered_n=slot.answered_n,
             stop_at=time.monotonic() + self.config.delivery.drain_limit,
         )
         held = [c.id for items in slot.held.values() for c in items]
@@ -363,6 +372,7 @@ class WorkerLifecycle(SupervisorState):
         slot.counters, slot.counters_pid = {}, 0  # (the old one's go on in ``old``)
         slot.inflight, slot.campaigns, slot.backlog = {}, set(), []
         slot.held, slot.unwritten, slot.withdrawn = {}, 0, set()
+        slot.answered, slot.answered_before, slot.answered_n = [], [], 0
         slot.drain_sent = False
         self.retired.append(old)
         if held:

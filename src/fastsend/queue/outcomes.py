@@ -23,7 +23,7 @@ from fastsend.bounce import classify_reply
 from fastsend.config import RetryConfig
 from fastsend.events import DeliveredRows, Rows, outcome_dict, stamped
 from fastsend.faults import FAULT, countdown
-from fastsend.queue.state import SupervisorState, WorkerSlot
+from fastsend.queue.state import SupervisorState, WorkerSlot, note_answered
 from fastsend.retry import next_attempt, retry_hint
 from fastsend.ring import Ring
 from fastsend.spool import (
@@ -97,7 +97,7 @@ class Outcomes(SupervisorState):
         the guardrails' counts, not one per record: a worker flushes every few
         ms, a record holds ~10-30 outcomes), in order with the other records."""
         decode = wire.from_worker_decoder.decode
-        results = wire.Results
+        results, answered = wire.Results, wire.Answered
         got = seen = False
         items: list[wire.Res | wire.Sent] = []
         while (rec := ring.get()) is not None:
@@ -108,6 +108,9 @@ class Outcomes(SupervisorState):
                     items += msg.items
                 else:
                     items = msg.items
+                continue
+            if type(msg) is answered:  # (kept, not applied: no need to apply items first)
+                note_answered(slot, msg.items)
                 continue
             if items:
                 self.apply(slot, items)

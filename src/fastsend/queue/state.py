@@ -63,6 +63,13 @@ class WorkerSlot(msgspec.Struct):
     sites: list[tuple[str, str, int, float]] = msgspec.field(default_factory=list)  # its caps
     stop_at: float = 0.0  # monotonic: a retiring worker still running then is stopped
     held: dict[tuple[int, str], list[Claimed]] = msgspec.field(default_factory=dict)  # rate-held
+    # Deliveries of its pipelined groups still in flight (wire.Answered's items):
+    # applied if the worker dies before their group's Results (not sent again).
+    # Two generations (outcomes.note_answered): those told since the older one
+    # began are kept, older ones dropped.
+    answered: list[wire.Res | wire.Sent] = msgspec.field(default_factory=list)
+    answered_before: list[wire.Res | wire.Sent] = msgspec.field(default_factory=list)
+    answered_n: int = 0  # messages in ``answered``
     last_seen: float = 0.0  # monotonic time of the worker's last record
     crashes: list[float] = msgspec.field(default_factory=list)  # monotonic times of abnormal exits
     drain_sent: bool = False  # Drain is on its way (SIGTERM): the worker hands back slow mail
@@ -83,6 +90,29 @@ class WorkerSlot(msgspec.Struct):
         """What its window can still take: the window less what it has claimed
         and what was answered but not yet written."""
         return self.window - len(self.inflight) - self.unwritten
+
+
+def note_answered(slot: WorkerSlot, items: list[wire.Res | wire.Sent]) -> None:
+    """Keep a worker's wire.Answered deliveries (``retire`` applies those still
+    in its window if it dies before their group's Results). Once more than a
+    window's worth were told since, the older generation is dropped (their
+    groups ended long since, but for one stalled that long: its mail then
+    counts unknown, as before)."""
+    slot.answered += items
+    sent = wire.Sent
+    slot.answered_n += sum(len(x.ids) if type(x) is sent else 1 for x in items)
+    if slot.answered_n > max(slot.window, 1024):
+        slot.answered_before, slot.answered, slot.answered_n = slot.answered, [], 0
+
+
+def answered_in_window(slot: WorkerSlot) -> list[wire.Res | wire.Sent]:
+    """The deliveries kept by note_answered of mail still in ``slot``'s window,
+    one per message; both generations emptied."""
+    inflight = slot.inflight
+    known = {r.id: r for r in wire.expand(slot.answered_before + slot.answered)
+             if r.id in inflight}  # fmt: skip
+    slot.answered, slot.answered_before, slot.answered_n = [], [], 0
+    return list(known.values())
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:

@@ -72,6 +72,8 @@ WORKER_HELP = {
     "connections_over_site_cap": "Connections not opened: the site's connection cap was reached.",
     "failovers": "Messages passed to a route's next transport.",
     "handed_back": "Messages handed back unattempted (site shaped, resting or draining).",
+    "answered_early": "Deliveries told before their pipelined group ended (kept in case the"
+                      " worker dies: not sent again).",
     "messages_built": "Messages built as their batches were read (rendered; signed when"
                       " signing is done then).",
     "build_cpu_seconds": "CPU seconds those messages took to build (claims are sized by it).",

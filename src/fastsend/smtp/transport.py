@@ -534,6 +534,12 @@ class SMTPConnection:
         results, link.results = link.results, []
         return results
 
+    def answered(self) -> list[TxnResult]:
+        """The outcomes of the group in flight decided so far (its receiver's
+        replies read), in order; the list grows until the group ends, and
+        each group gets a new one."""
+        return self._link.results
+
     def unsent(self) -> list[object]:
         """The tags of the envelopes of the group in flight whose message was
         never written (``ClientCore.unsent``): a stop now gives them back."""
