@@ -18,6 +18,9 @@ stage leaves, read from outside (the files a restart reads, the real
   sink up to 1.5 s before the kill). The worker now tells a long group's
   deliveries as it reads them (wire.Answered); a worker that dies before the
   group ends has those applied as delivered.
+- A ``send`` killed between making its campaign and starting its list left
+  the campaign "active" and empty for good; ``send`` and ``resume`` now
+  abandon such a campaign and say so.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from tests._engine_helpers import (
     _env,
     fastsend_cmd,
     received_counts,
+    run_fastsend,
+    run_killed,
     summary,
     write_campaign,
     write_recipients,
@@ -178,3 +183,41 @@ def test_a_worker_killed_with_a_group_on_the_wire_sends_nothing_it_had_answered(
                if "outcome unknown" in line]  # fmt: skip
     assert "slow-20@d.example.net" in unknown and not set(unknown) & {a for a in addrs[:20]}
 
+
+def test_a_send_killed_before_reading_its_list_leaves_no_campaign_active_forever(
+    tmp_path: Path,
+) -> None:
+    """``send`` killed -9 between making its campaign and starting to read its
+    list: ``resume`` says so and abandons the campaign (nothing of it was
+    spooled); the same ``send`` again then sends the list as campaign 2. Before,
+    campaign 1 stayed "active" with nothing in it for good (every campaign list,
+    the API's and the dashboard's). A campaign with rows is never touched."""
+    spool = str(tmp_path / "spool")
+    camp = write_campaign(tmp_path)
+    addrs = [f"user{i}@d{i % 3}.example.net" for i in range(30)]
+    rcpts = write_recipients(tmp_path, addrs)
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        host, port = sink.addresses[0]
+        cmd = ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", spool, "--route",
+               f"*={host}:{port}", "--workers", "1", "--json", "--no-progress"]  # fmt: skip
+        done = run_fastsend(*cmd)  # a campaign that was sent: kept as it is
+        assert summary(done)["delivered"] == len(addrs), done.stderr[-2000:]
+        run_killed("send-kill-after-campaign", *cmd)
+        listed = run_fastsend("campaign", "list", "--spool", spool)
+        assert [line.split()[:2] for line in listed.stdout.splitlines()] == [
+            ["1", "active"], ["2", "active"]
+        ], listed.stdout
+        res = run_fastsend("resume", "--spool", spool, "--json", "--no-progress")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "campaign 2 'campaign.toml': its `send` died before it began reading" in (
+            res.stderr
+        )
+        again = run_fastsend(*cmd)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert summary(again)["campaign"] == 3 and summary(again)["delivered"] == len(addrs)
+        assert "died before" not in again.stderr
+        listed = run_fastsend("campaign", "list", "--spool", spool, "--json")
+    got = {c["id"]: c["status"] for c in json.loads(listed.stdout)}
+    assert got == {1: "active", 2: "abandoned", 3: "active"}, listed.stdout
+    assert set(received_counts(log).values()) == {2}

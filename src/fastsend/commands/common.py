@@ -307,6 +307,42 @@ def recorded_run(spool: Any) -> tuple[dict[str, Any] | None, list[int], str]:
     return run, ids, ""
 
 
+# A campaign of a shared spool is judged left empty by a dead `send` only this
+# long after it was made (another node's `send` may be between the two steps).
+EMPTY_SEND_GRACE = 600.0  # s
+
+
+def abandon_empty_sends(spool: Any) -> None:
+    """Campaigns a `send` made and then died before it began reading their
+    list (a kill -9, a power loss between the two steps) are abandoned, each
+    said on stderr: nothing of theirs was spooled, and none would ever end
+    (before: "active" and empty for good in every campaign list, the API's and
+    the dashboard's). A campaign with any row, or a list being (or once) read,
+    is not one. Run by `send` and `resume` once they supervise the spool."""
+    import time
+
+    from fastsend.spool import ABANDONED
+
+    made = [info for info in spool.list_campaigns()
+            if info.status == "active" and isinstance((info.options or {}).get(RUN_OPTION), dict)]  # fmt: skip
+    if not made:
+        return
+    read = {j.campaign for j in spool.list_ingests()}
+    shared = spool.shared() is not None
+    now = time.time()
+    for info in made:
+        if info.id in read or (shared and now - info.created < EMPTY_SEND_GRACE):
+            continue
+        if any(spool.counts(info.id).values()):
+            continue
+        spool.set_campaign_status(info.id, ABANDONED, "its send died before reading its list")
+        print(
+            f"fastsend: campaign {info.id} {info.name!r}: its `send` died before it began"
+            " reading its list (nothing of it was spooled): abandoned",
+            file=sys.stderr,
+        )
+
+
 def with_run(args: argparse.Namespace, run: dict[str, Any]) -> argparse.Namespace:
     """``args`` with a recorded run's options (:func:`recorded_run`) in place."""
     out = argparse.Namespace(**vars(args))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from fastsend.commands.common import (
     EX_TEMPFAIL,
     RUN_FLAGS,
+    abandon_empty_sends,
     add_engine_arguments,
     die,
     engine_config,
@@ -146,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
     busy = hold_supervisor(spool, "fastsend resume", cfg.spool_dir)
     if busy:
         return busy
+    try:
+        abandon_empty_sends(spool)
+    except spool.outage_errors() as e:
+        spool.close()
+        return die(f"the spool is out of reach ({e.__class__.__name__}: {e})", EX_TEMPFAIL)
     if not any(getattr(args, name) for name in RUN_FLAGS):
         # None of the options that say where mail goes: those of the `send` that
         # spooled what is left (a kill -9 said no resume command; by MX instead of

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from typing import Any
 from fastsend.commands.common import (
     EX_TEMPFAIL,
     RUN_OPTION,
+    abandon_empty_sends,
     add_engine_arguments,
     die,
     engine_config,
@@ -205,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from fastsend.config import ConfigError
     from fastsend.events import EventLog
+    from fastsend.faults import countdown
     from fastsend.message import Campaign, CampaignError
     from fastsend.spool import ABANDONED, SpoolError, open_spool
     from fastsend.suppression import DEFAULT_TENANT
@@ -286,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     if busy:
         return busy
     try:
+        abandon_empty_sends(spool)
         again = sent_before(spool, spec, tenant, args.recipients)
     except spool.outage_errors() as e:
         spool.close()
@@ -321,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
             tenant=tenant,
             options=options or None,
         )
+        countdown({"send-kill-after-campaign": signal.SIGKILL})  # (tests)
         job = acceptor.start_ingest(cid, args.recipients)
         feed = acceptor.feed(job, on_bad=on_bad, first=FIRST_CHUNK)
         # The first chunk before the engine starts (file errors surface here);
