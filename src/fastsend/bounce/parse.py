@@ -1195,7 +1195,10 @@ def _parse_one(
     return out
 
 
-_ECHO_BEFORE = re.compile(r"(?:\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?\s*|unknown user:?\s*)<?$")
+# (The address may open a quoted reply: "550-'a@b.example... No such user'".)
+_ECHO_BEFORE = re.compile(
+    r"(?:\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?\s*|unknown user:?\s*)[<']?$"
+)
 
 
 def _echoes_recipient(diagnostic: str, recipient: str) -> bool:

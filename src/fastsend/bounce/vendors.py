@@ -40,8 +40,11 @@ def case_sensitive(pattern: re.Pattern[str]) -> re.Pattern[str]:
 # Every repetition is bounded (a local part is at most 64 octets and a domain
 # at most 255, RFC 5321 4.5.3.1), so a search costs at most a constant per
 # start position: a long run of atext characters without "@" stays linear.
+# An address never begins with a quote, nor with a reply code and the quote
+# opening a relay's quoted reply (Amazon SES: "550-'a@b.example... No such
+# user'"): the address is what follows the quote.
 ADDR_RE = re.compile(
-    r"(?<![\w.+=/-])([\w.!#$%&'*+/=?^`{|}~-]{1,64}@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.){1,126}[a-z]{2,63})(?![\w-])",
+    r"(?<![\w.+=/-])(?!'|[245]\d\d-')([\w.!#$%&'*+/=?^`{|}~-]{1,64}@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.){1,126}[a-z]{2,63})(?![\w-])",
     re.IGNORECASE,
 )
 ENHANCED_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
