@@ -68,6 +68,8 @@ SENDER_STAGE_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "not
 # Stages of a session before any transaction (classify_reply's names): a
 # refusal there is about the client or the site, no recipient is named yet.
 SESSION_STAGES = frozenset({"CONN", "EHLO", "STARTTLS", "TLS", "AUTH"})
+# RFC 3463 statuses (after the class digit) about our sender's address.
+_SENDER_STATUSES = frozenset({".1.7", ".1.8"})
 
 TIERS = ("provider", "strong", "weak")
 SIGNALS = ("ratelimit", "ipblock")
@@ -813,11 +815,17 @@ class RuleSet:
         tiers = self._tiers or self._build_tiers()
         present = tiers["<scan>"].present(t)
         reason, rule_id, signal = self._reason(code, enhanced, t, present, command, action)
-        if command == "MAIL" and reason in SENDER_STAGE_REASONS:
+        if reason in SENDER_STAGE_REASONS and (
+            command == "MAIL" or enhanced[1:] in _SENDER_STATUSES
+        ):
             # Whatever the words ("Domain does not exist", "Unrouteable
             # address", "Invalid domain"), a refused MAIL FROM is about our
             # sender: as hard, it would suppress every recipient of the
-            # transaction, none of whom the server had been told of.
+            # transaction, none of whom the server had been told of. So is a
+            # reply whose status names the sender's address (RFC 3463 X.1.7
+            # "Bad sender's mailbox address syntax", X.1.8 "Bad sender's
+            # system address": "550 5.1.8 Domain not found" at RCPT, as
+            # Postfix's reject_unknown_sender_domain answers by default).
             reason = "rejected"
         elif command in SESSION_STAGES and reason in MAILBOX_REASONS:
             # Nor can a refusal before MAIL ("550 5.1.1" to EHLO, a 552 greeting)
