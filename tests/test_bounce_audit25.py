@@ -11,13 +11,24 @@ documented shapes of their formats, none from the corpus.
   default) and "Your domain does not exist" were hostunknown, hard: the
   recipient suppressed for our own DNS; "Sender domain is invalid" and
   "Unable to verify sender domain" securityerror.
+- A user rule file (fastsend bounce classify --rules) naming a command
+  HELO, BDAT or "RCPT TO" matched no reply (classify reads them as EHLO,
+  DATA, RCPT), a misspelt one too, silently; a [weak] or [signals] table of
+  the wrong type raised AttributeError (the CLI's traceback, exit 1, where
+  a bad rule file promises a message and exit 2), and [weak] reasons =
+  "filtered" was read as its letters.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
+from pathlib import Path
+
 import pytest
 
-from fastsend.bounce import classify_reply, parse_bounce
+from fastsend.bounce import RuleError, classify_reply, load_rules, parse_bounce
+from fastsend.commands import bounce as bounce_command
 
 # ---------------------------------------------------------------- quoted replies
 SES_TEXT = """\
@@ -145,3 +156,67 @@ Diagnostic-Code: smtp; {reply}
 def test_a_dsn_of_a_sender_refusal_suppresses_no_recipient(reply: str, status: str) -> None:
     (r,) = parse_bounce(POSTFIX_DSN.format(reply=reply, status=status).encode())
     assert (r.recipient, r.reason, r.hard) == ("vic@rcpt.example", "rejected", False)
+
+
+# ---------------------------------------------------------------- user rule files
+def _rule_file(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "site.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("written", "stage"),
+    [
+        ("HELO", "HELO"),
+        ("helo", "EHLO"),
+        ("BDAT", "DATA"),
+        ("RCPT TO", "RCPT"),
+        ("MAIL FROM:", "MAIL"),
+    ],
+)
+def test_a_user_rule_naming_a_command_by_another_name_matches_its_replies(
+    tmp_path: Path, written: str, stage: str
+) -> None:
+    rules = load_rules(
+        [
+            _rule_file(
+                tmp_path,
+                f'[[rule]]\nid = "site-rule"\nreason = "policyviolation"\n'
+                f'commands = ["{written}"]\nmatch = ["go away, robot"]\n',
+            )
+        ]
+    )
+    c = classify_reply(550, "", "Go away, robot", command=stage, rules=rules)
+    assert (c.reason, c.rule) == ("policyviolation", "site-rule")
+    (r,) = parse_bounce(
+        POSTFIX_DSN.format(reply="550 Go away, robot", status="5.0.0").encode(), rules=rules
+    )
+    if stage == "RCPT":
+        assert r.reason == "policyviolation"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('[[rule]]\nreason = "blocked"\ncommands = ["RCTP"]\nmatch = ["x"]\n', "RCTP"),
+        ('[weak]\nreasons = "filtered"\n', "[weak]"),
+        ('weak = "filtered"\n', "[weak]"),
+        ('signals = ["x"]\n', "[signals]"),
+        ('[status]\n"5.1.1" = "Mailbox Gone!"\n', "[status]"),
+    ],
+)
+def test_a_malformed_rule_file_is_a_rule_error_and_the_cli_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, says: str
+) -> None:
+    path = _rule_file(tmp_path, text)
+    with pytest.raises(RuleError, match=re.escape(says)):
+        load_rules([path])
+    msg = tmp_path / "m.eml"
+    msg.write_text(POSTFIX_DSN.format(reply="550 5.1.1 No such user", status="5.1.1"))
+    args = argparse.Namespace(
+        action="classify", files=[str(msg)], rules=[str(path)], include_delivered=False
+    )
+    assert bounce_command.run(args) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

@@ -41,7 +41,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
@@ -68,6 +68,29 @@ SENDER_STAGE_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "not
 # Stages of a session before any transaction (classify_reply's names): a
 # refusal there is about the client or the site, no recipient is named yet.
 SESSION_STAGES = frozenset({"CONN", "EHLO", "STARTTLS", "TLS", "AUTH"})
+# The stages a reply can answer, as classify sees them (what the reader's
+# find_command and a delivery Outcome's stage name, after STAGE_ALIASES; ""
+# when nothing says which).
+STAGES = frozenset({*SESSION_STAGES, "MAIL", "RCPT", "DATA", "RSET", "QUIT", ""})
+# Other names of those stages: an Outcome's ("greeting", "helo", "bdat") and
+# the commands as written ("RCPT TO", "MAIL FROM", LMTP's "LHLO").
+STAGE_ALIASES = {
+    "CONNECT": "CONN",
+    "GREETING": "CONN",
+    "HELO": "EHLO",
+    "LHLO": "EHLO",
+    "BDAT": "DATA",
+    "MAIL FROM": "MAIL",
+    "RCPT TO": "RCPT",
+}
+
+
+def stage_name(command: str) -> str:
+    """``command`` as a stage name of STAGES (or upper-cased as given)."""
+    stage = " ".join((command or "").upper().replace(":", " ").split())
+    return STAGE_ALIASES.get(stage, stage)
+
+
 # RFC 3463 statuses (after the class digit) about our sender's address.
 _SENDER_STATUSES = frozenset({".1.7", ".1.8"})
 
@@ -654,6 +677,14 @@ def _status_list(d: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     return tuple(v)
 
 
+_REASON_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def _is_reason(v: Any) -> TypeGuard[str]:
+    """A reason name: one lowercase word ("userunknown", a file's own "my-reason")."""
+    return isinstance(v, str) and _REASON_NAME.fullmatch(v) is not None
+
+
 def _parse_rule(d: Any, where: str, known: dict[str, Rule]) -> Rule:
     if not isinstance(d, dict):
         raise RuleError(f"{where}: a rule must be a table")
@@ -661,7 +692,7 @@ def _parse_rule(d: Any, where: str, known: dict[str, Rule]) -> Rule:
     if unknown:
         raise RuleError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     reason = d.get("reason")
-    if not isinstance(reason, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", reason):
+    if not _is_reason(reason):
         raise RuleError(f"{where}: 'reason' must be a lowercase word, got {reason!r}")
     tier = d.get("tier", "strong")
     if tier not in TIERS:
@@ -681,6 +712,16 @@ def _parse_rule(d: Any, where: str, known: dict[str, Rule]) -> Rule:
         not isinstance(commands, list) or not all(isinstance(c, str) for c in commands)
     ):
         raise RuleError(f"{where}: 'commands' must be a list of SMTP command names")
+    if commands is not None:
+        # As classify sees them: a rule naming HELO or BDAT matched no reply
+        # (classify_reply reads them as EHLO and DATA), nor did "RCPT TO".
+        commands = [stage_name(c) for c in commands]
+        bad = [c for c in commands if c not in STAGES]
+        if bad:
+            raise RuleError(
+                f"{where}: unknown command(s) {', '.join(map(repr, bad))} in 'commands';"
+                f' expected some of {", ".join(sorted(c for c in STAGES if c))} or ""'
+            )
     match = _compile(d.get("match"), where)
     if "match_from" in d:
         # Reuse (and extend) the patterns of an earlier rule of the same file.
@@ -698,7 +739,7 @@ def _parse_rule(d: Any, where: str, known: dict[str, Rule]) -> Rule:
         codes=frozenset(codes),
         status=status,
         not_status=_status_list(d, "not_status", where),
-        commands=None if commands is None else frozenset(c.upper() for c in commands),
+        commands=None if commands is None else frozenset(commands),
         tier=tier,
         signal=signal,
         ref=str(d.get("ref", "")),
@@ -739,14 +780,22 @@ class RuleSet:
             rules.append(rule)
         status = d.get("status", {})
         if not isinstance(status, dict) or not all(
-            isinstance(k, str) and _ENHANCED_RE.fullmatch(k) and isinstance(v, str)
+            isinstance(k, str) and _ENHANCED_RE.fullmatch(k) and _is_reason(v)
             for k, v in status.items()
         ):
             raise RuleError(f'{where}: [status] maps codes like "5.1.1" to reason names')
-        weak = d.get("weak", {}).get("reasons", [])
+        weak_table = d.get("weak", {})
+        if not isinstance(weak_table, dict) or set(weak_table) - {"reasons"}:
+            raise RuleError(f"{where}: [weak] holds one key, reasons")
+        weak = weak_table.get("reasons", [])
+        if not isinstance(weak, list) or not all(_is_reason(r) for r in weak):
+            # (A string would have been read as its letters.)
+            raise RuleError(f"{where}: [weak] reasons must be a list of reason names")
+        raw_signals = d.get("signals", {})
+        if not isinstance(raw_signals, dict):
+            raise RuleError(f"{where}: [signals] maps {' / '.join(SIGNALS)} to regular expressions")
         signals = {
-            name: _compile(pats, f"{where}: signals.{name}")
-            for name, pats in d.get("signals", {}).items()
+            name: _compile(pats, f"{where}: signals.{name}") for name, pats in raw_signals.items()
         }
         for name in signals:
             if name not in SIGNALS:
@@ -811,7 +860,7 @@ class RuleSet:
             m = _ENHANCED_RE.search(text[: 2 * MAX_TEXT])
             if m and (not code or m.group(1) == str(code)[0]):
                 enhanced = m.group(0)
-        command = (command or "").upper()
+        command = stage_name(command)
         tiers = self._tiers or self._build_tiers()
         present = tiers["<scan>"].present(t)
         reason, rule_id, signal = self._reason(code, enhanced, t, present, command, action)
@@ -1073,10 +1122,7 @@ def classify_reply(
     """
     if not isinstance(code, int) or not (code == 0 or 200 <= code <= 599):
         raise ValueError(f"reply code must be 0 or 200..599, got {code!r}")
-    stage = (command or "").upper()
-    stage = {"CONNECT": "CONN", "GREETING": "CONN", "HELO": "EHLO", "BDAT": "DATA"}.get(
-        stage, stage
-    )
+    stage = stage_name(command)
     if (
         not code
         and not (enhanced or "").strip()
