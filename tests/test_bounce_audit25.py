@@ -17,6 +17,9 @@ documented shapes of their formats, none from the corpus.
   the wrong type raised AttributeError (the CLI's traceback, exit 1, where
   a bad rule file promises a message and exit 2), and [weak] reasons =
   "filtered" was read as its letters.
+- qmail-remote's "Giving up on 192.0.2.9." (written after every permanent
+  refusal, "Remote host said: 5xx ...") made each refusal no strong phrase
+  names "expired" (a 5.7.1 policy refusal, "554 Message not allowed").
 """
 
 from __future__ import annotations
@@ -220,3 +223,58 @@ def test_a_malformed_rule_file_is_a_rule_error_and_the_cli_says_so(
     assert bounce_command.run(args) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- qmail's trailer
+QMAIL = """\
+From: MAILER-DAEMON@mx.sender.example
+To: news@sender.example
+Subject: failure notice
+
+Hi. This is the qmail-send program at mx.sender.example.
+I'm afraid I wasn't able to deliver your message to the following addresses.
+This is a permanent error; I've given up. Sorry it didn't work out.
+
+<vic@rcpt.example>:
+{ip} does not like recipient.
+Remote host said: {reply}
+Giving up on {ip}.
+
+--- Below this line is a copy of the message.
+
+From: news@sender.example
+To: vic@rcpt.example
+Subject: hi
+"""
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.9", "2001:db8::9"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "554 5.7.1 Message refused",
+        "550 5.7.0 Not allowed by local policy",
+        "553 sorry, mail to vic@rcpt.example is blocked (#5.7.1)",
+        "554 Message not allowed",
+    ],
+)
+def test_qmails_giving_up_on_the_host_is_no_expiry(ip: str, reply: str) -> None:
+    (r,) = parse_bounce(QMAIL.format(ip=ip, reply=reply).encode())
+    without = parse_bounce(
+        QMAIL.format(ip=ip, reply=reply).replace(f"Giving up on {ip}.\n", "").encode()
+    )
+    assert r.reason != "expired"
+    assert (r.recipient, r.reason, r.hard) == (
+        without[0].recipient,
+        without[0].reason,
+        without[0].hard,
+    )
+
+
+def test_a_queue_that_gave_up_is_still_expired() -> None:
+    for text in (
+        "Unable to deliver message after multiple retries, giving up.",
+        "all hosts failing, giving up",
+    ):
+        assert classify_reply(0, "", text, command="").reason == "expired", text
+
