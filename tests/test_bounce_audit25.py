@@ -20,6 +20,9 @@ documented shapes of their formats, none from the corpus.
 - qmail-remote's "Giving up on 192.0.2.9." (written after every permanent
   refusal, "Remote host said: 5xx ...") made each refusal no strong phrase
   names "expired" (a 5.7.1 policy refusal, "554 Message not allowed").
+- An address a reply gives to write to ("contact admin@x", "e-mail us at")
+  was a second failed recipient (Gmail's text notice: hard userunknown for
+  the help desk) when the recipient did not open its line.
 """
 
 from __future__ import annotations
@@ -278,3 +281,54 @@ def test_a_queue_that_gave_up_is_still_expired() -> None:
     ):
         assert classify_reply(0, "", text, command="").reason == "expired", text
 
+
+# ---------------------------------------------------------------- help desks
+GMAIL_TEXT = """\
+From: Mail Delivery Subsystem <mailer-daemon@googlemail.com>
+To: news@sender.example
+Subject: Delivery Status Notification (Failure)
+MIME-Version: 1.0
+Content-Type: text/plain; charset=UTF-8
+
+** Address not found **
+
+Your message wasn't delivered to vic@rcpt.example because the address couldn't be found, or is unable to receive mail.
+
+The response from the remote server was:
+550 5.1.1 <vic@rcpt.example>: Recipient address rejected: User unknown; {contact}
+"""
+
+
+@pytest.mark.parametrize(
+    "contact",
+    [
+        "contact admin@rcpt.example",
+        "please contact <helpdesk@rcpt.example> for help",
+        "e-mail us at help@rcpt.example",
+        "please send an e-mail to it-support@rcpt.example",
+        "see mailto:abuse@rcpt.example",
+    ],
+)
+def test_an_address_given_to_write_to_is_no_failed_recipient(contact: str) -> None:
+    assert _records(GMAIL_TEXT.format(contact=contact)) == [
+        ("vic@rcpt.example", "userunknown", True)
+    ]
+
+
+def test_a_report_saying_it_could_not_send_to_the_recipients_names_them() -> None:
+    raw = NOTICE.format(
+        body="Could not send mail to vic@rcpt.example: 550 5.1.1 User unknown\n"
+        "Could not send message to bob@rcpt.example: 550 5.1.1 User unknown\n"
+        "For help, contact help@sender.example"
+    )
+    assert [r.recipient for r in parse_bounce(raw.encode())] == [
+        "vic@rcpt.example",
+        "bob@rcpt.example",
+    ]
+
+
+def test_a_recipient_named_only_after_contact_is_still_read() -> None:
+    raw = NOTICE.format(
+        body="Delivery failed; the recipient asked you to contact vic@rcpt.example\n550 5.1.1 User unknown"
+    )
+    assert [r.recipient for r in parse_bounce(raw.encode())] == ["vic@rcpt.example"]

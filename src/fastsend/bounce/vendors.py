@@ -359,6 +359,24 @@ def _is_excluded(addr: str, exclude: set[str]) -> bool:
     return a in exclude or bool(_SYSTEM_LOCAL.match(a.split("@", 1)[0]))
 
 
+# An address the report or the remote reply gives to write to ("please
+# contact support@x", "e-mail us at help@x", "mailto:abuse@x"): a help desk,
+# not a failed recipient (unless it is the only address named, or is also
+# named otherwise).
+_CONTACT_CONTEXT = re.compile(
+    r"(?:\bcontact(?:ing)?(?: us)?(?: at| via| on)?|\bwrite (?:to|us at)|\be-?mail us at"
+    r"|\breach us at|\b(?:please|you (?:may|can|should)) send (?:an? )?(?:e-?mail|mail|message"
+    r"|note|request) to|mailto:)\s*<?$",
+    re.IGNORECASE,
+)
+_CONTACT_TAILS = ("contact", "contacting", "us", "at", "via", "on", "to", "mailto:")
+
+
+def _contact_context(before: str) -> bool:
+    tail = before.rstrip(" \t\r\n<").lower()
+    return tail.endswith(_CONTACT_TAILS) and _CONTACT_CONTEXT.search(before) is not None
+
+
 def candidate_addresses(
     section: str, exclude: set[str], *, allow_system: bool = False
 ) -> list[tuple[str, int, int]]:
@@ -366,10 +384,17 @@ def candidate_addresses(
     seen: dict[str, tuple[str, int, int]] = {}
     senders: set[str] = set()
     aliases: dict[str, tuple[str, int, int]] = {}
+    # Addresses named only as ones to write to, and those named otherwise too.
+    contacts: set[str] = set()
+    named: set[str] = set()
     for start, end, found in address_spans(section):
         addr = found.strip(".")
         key = addr.lower()
         before = section[max(0, start - 24) : start]
+        if _contact_context(section[max(0, start - 48) : start]):
+            contacts.add(key)
+        else:
+            named.add(key)
         if _sender_context(before):
             senders.add(key)
             if _ALIAS_CONTEXT.search(before):
@@ -379,6 +404,9 @@ def candidate_addresses(
         if key not in seen and not excluded:
             seen[key] = (addr, start, end)
     out = [v for k, v in seen.items() if k not in senders]
+    help_desks = contacts - named
+    if help_desks and len(help_desks) < len(out):
+        out = [v for v in out if v[0].lower() not in help_desks]
     if not out and aliases:
         # The failed "address" was no address at all (a pipe or a file the
         # alias expanded to: sendmail's '"|/usr/bin/procmail" (expanded
