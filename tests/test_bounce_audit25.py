@@ -23,6 +23,10 @@ documented shapes of their formats, none from the corpus.
 - An address a reply gives to write to ("contact admin@x", "e-mail us at")
   was a second failed recipient (Gmail's text notice: hard userunknown for
   the help desk) when the recipient did not open its line.
+- A DSN whose Final-Recipient is no address we sent to (an X.400 address,
+  Exchange's encapsulated "IMCEAEX-_O=...@domain") named that as the
+  recipient though its Original-Recipient gave the RCPT TO address: the
+  intake matched no recipient.
 """
 
 from __future__ import annotations
@@ -332,3 +336,51 @@ def test_a_recipient_named_only_after_contact_is_still_read() -> None:
         body="Delivery failed; the recipient asked you to contact vic@rcpt.example\n550 5.1.1 User unknown"
     )
     assert [r.recipient for r in parse_bounce(raw.encode())] == ["vic@rcpt.example"]
+
+
+# ---------------------------------------------------------------- final recipient no address
+DSN_FIELDS = """\
+From: postmaster@ex.rcpt.example
+To: news@sender.example
+Subject: Undeliverable: hi
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="X"
+
+--X
+Content-Type: text/plain
+
+Delivery has failed to these recipients or groups.
+
+--X
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; ex.rcpt.example
+
+{final}
+Original-Recipient: rfc822;vic@rcpt.example
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 RESOLVER.ADR.RecipNotFound; not found
+
+--X--
+"""
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        "Final-Recipient: x400; /C=US/ADMD= /PRMD=EX/O=RCPT/S=Vic/",
+        "Final-Recipient: rfc822;IMCEAEX-_o=ExchangeLabs_ou=Exchange+20Administrative+20Group"
+        "_cn=Recipients_cn=0a1b2c3d-vic@namprd01.prod.outlook.com",
+    ],
+)
+def test_a_final_recipient_we_never_sent_to_gives_way_to_the_original(final: str) -> None:
+    (r,) = parse_bounce(DSN_FIELDS.format(final=final).encode())
+    assert (r.recipient, r.reason, r.hard) == ("vic@rcpt.example", "userunknown", True)
+
+
+def test_an_ordinary_final_recipient_stays_beside_its_original() -> None:
+    (r,) = parse_bounce(
+        DSN_FIELDS.format(final="Final-Recipient: rfc822; vic.smith@rcpt.example").encode()
+    )
+    assert (r.recipient, r.original_recipient) == ("vic.smith@rcpt.example", "vic@rcpt.example")

@@ -263,6 +263,11 @@ class _Raw:
     ses: tuple[str, str] = ("", "")  # an SES notification's (bounceType, bounceSubType)
 
 
+# Exchange's encapsulated non-SMTP addresses (IMCEAEX- an X.500 directory
+# name, IMCEAX400-, IMCEANOTES-, ...): written as an address, sent to by no one.
+_NOT_SMTP = re.compile(r"imcea[a-z0-9]*-", re.IGNORECASE)
+
+
 def _from_dsn(text: str, human: str) -> list[_Raw]:
     out: list[_Raw] = []
     for block in _field_blocks(text):
@@ -273,15 +278,20 @@ def _from_dsn(text: str, human: str) -> list[_Raw]:
         sm = vendors.ENHANCED_RE.search(" ".join(block.get("status", [""])))
         status = sm.group(0) if sm else ""
         action = (block.get("action", [""])[0].split() or [""])[0].lower()
+        recipient = _address(final[0])
+        original = _address(block["original-recipient"][0]) if "original-recipient" in block else ""
+        if "@" in original and ("@" not in recipient or _NOT_SMTP.match(recipient)):
+            # The final address is none we sent to (an X.400 "x400; /C=JP/...",
+            # Exchange's encapsulated directory name "IMCEAEX-_O=...@domain"):
+            # the original RCPT TO address is the recipient.
+            recipient = original
         r = _Raw(
-            recipient=_address(final[0]),
+            recipient=recipient,
             diagnostic=diag[: vendors.DIAG_CAP],
             status=status,
             action=action,
             remote_mta=_typed_value(block.get("remote-mta", [""])[0])[1],
-            original_recipient=_address(block["original-recipient"][0])
-            if "original-recipient" in block
-            else "",
+            original_recipient=original,
             diag_type=diag_type,
         )
         out.append(r)
