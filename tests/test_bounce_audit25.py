@@ -25,8 +25,12 @@ documented shapes of their formats, none from the corpus.
   the help desk) when the recipient did not open its line.
 - A DSN whose Final-Recipient is no address we sent to (an X.400 address,
   Exchange's encapsulated "IMCEAEX-_O=...@domain") named that as the
-  recipient though its Original-Recipient gave the RCPT TO address: the
-  intake matched no recipient.
+  recipient though its Original-Recipient gave the RCPT TO address
+  (parse_bounce's callers got that name).
+- Yahoo's notice ends each quoted reply with the phase it answered
+  ("Remote host said: 550 No such user here [RCPT_TO]", "[MAIL_FROM]",
+  "[BODY]"); unread, an unknown user with no status was a filter's verdict
+  ("filtered", soft: never suppressed).
 """
 
 from __future__ import annotations
@@ -384,3 +388,36 @@ def test_an_ordinary_final_recipient_stays_beside_its_original() -> None:
         DSN_FIELDS.format(final="Final-Recipient: rfc822; vic.smith@rcpt.example").encode()
     )
     assert (r.recipient, r.original_recipient) == ("vic.smith@rcpt.example", "vic@rcpt.example")
+
+
+# ---------------------------------------------------------------- Yahoo's phases
+YAHOO = """\
+From: MAILER-DAEMON@yahoo.com
+To: news@sender.example
+Subject: Failure Notice
+
+Sorry, we were unable to deliver your message to the following address.
+
+<vic@rcpt.example>:
+Remote host said: {reply}
+
+--- Below this line is a copy of the message.
+
+From: news@sender.example
+To: vic@rcpt.example
+Subject: hi
+"""
+
+
+@pytest.mark.parametrize(
+    ("reply", "want"),
+    [
+        ("550 No such user here [RCPT_TO]", ("RCPT", "userunknown", True)),
+        ("550 Unknown recipient\n [RCPT_TO]", ("RCPT", "userunknown", True)),
+        ("554 Message rejected: unknown user [BODY]", ("DATA", "filtered", False)),
+        ("550 Address unknown [MAIL_FROM]", ("MAIL", "rejected", False)),
+    ],
+)
+def test_yahoos_phase_names_the_stage(reply: str, want: tuple[str, str, bool]) -> None:
+    (r,) = parse_bounce(YAHOO.format(reply=reply).encode())
+    assert (r.command, r.reason, r.hard) == want

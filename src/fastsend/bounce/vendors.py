@@ -164,6 +164,11 @@ _COMMAND_PHRASES = (
     (re.compile(r"error following rcpt", re.I), "RCPT"),
     (re.compile(r"error following mail", re.I), "MAIL"),
     (re.compile(r"error following data", re.I), "DATA"),
+    # Yahoo's notices end the quoted reply with the phase it answered:
+    # "Remote host said: 550 ... [RCPT_TO]", "[MAIL_FROM]", "[BODY]".
+    (re.compile(r"\[rcpt_to\]", re.I), "RCPT"),
+    (re.compile(r"\[mail_from\]", re.I), "MAIL"),
+    (re.compile(r"\[(?:body|data)\]", re.I), "DATA"),
 )
 # A quoted session transcript: the client's command after ">>>"/"<<<"
 # (sendmail, Courier, iMail) or "-->" (MDaemon's session log).
