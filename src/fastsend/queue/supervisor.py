@@ -338,8 +338,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             print(
                 f"fastsend: this node's clock is {abs(skew):.1f} s"
                 f" {'behind' if skew > 0 else 'ahead of'} the shared spool's (Redis TIME):"
-                " due and retry times go by the spool's clock, but the ages it judges"
-                " (expiry, the times in its events and logs) are off by as much;"
+                " due, retry and spooling times (expiry) go by the spool's clock, but"
+                " the times in its events and logs are off by as much;"
                 " keep the nodes' clocks in step (NTP)",
                 file=sys.stderr,
                 flush=True,

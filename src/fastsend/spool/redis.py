@@ -838,8 +838,8 @@ class RedisSpool(Spool):
             last = int(self.r.incrby(f"{k}:seq:m", len(rows)))
             ids = list(range(last - len(rows) + 1, last + 1))
         sup = frozenset(suppressed)
-        nowr = repr(float(now)).encode()
         due_at = float(now) + self.skew  # (on Redis's clock: _read_skew)
+        nowr = repr(due_at).encode()  # created: on Redis's clock too (expiry, ages)
         st = str(int(state)).encode()
         due_r = repr(due_at).encode()
         tail = b"||%d|0|%s|%s|0||" % (cid, due_r, due_r)
@@ -1126,7 +1126,7 @@ class RedisSpool(Spool):
             _s1, _o, cid, att, _rest = flat[j + 1].split(b"|", 4)
             rcpt, domain, created, vars_ = flat[j + 2].split(b"\0", 3)
             add(Claimed(int(flat[j]), int(cid), rcpt.decode(), domain.decode(), vars_,
-                        int(att), float(created)))  # fmt: skip
+                        int(att), self._local(created)))  # fmt: skip
         return out
 
     def record_results(self, results: Iterable[Result], now: float) -> None:
@@ -1522,7 +1522,7 @@ class RedisSpool(Spool):
             buckets = shape.get(d)
             if buckets is None:
                 buckets = shape[d] = [0] * (len(edges) + 1)
-            age = now - float(created)
+            age = now - self._local(created)
             i = 0
             while i < len(edges) and age >= edges[i]:
                 i += 1
@@ -1544,7 +1544,7 @@ class RedisSpool(Spool):
             "vars": orjson.loads(vars_ or b"{}"),
             "state": STATE_NAMES.get(state, state),
             "attempts": int(st[1]),
-            "created": float(created),
+            "created": self._local(created),
             "next_at": self._local(st[2]),
             "updated": self._local(st[3]),
             "last_code": int(st[6] or 0),
@@ -1661,6 +1661,7 @@ class RedisSpool(Spool):
         # messages (a bucket holds BUCKET), so Redis is never held long.
         # (at most PRUNE_BUCKETS buckets a call: ~2 ms of Redis, never held long)
         k, n = self.k, max(1, min(PRUNE_BUCKETS, int(limit) // BUCKET))
+        before = float(before) + self.skew  # (rows' times are on Redis's clock)
         if self._keep_from is not None:
             got = [int(x) for x in self.r.zrangebyscore(
                 f"{k}:prune:keep", f"({self._keep_from}", "+inf", 0, n
