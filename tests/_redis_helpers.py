@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 from tests.conftest import free_port, require_program, wait_port
 
@@ -46,3 +47,78 @@ def start_redis(*extra: str) -> Iterator[RedisServer]:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+class RedisHold:
+    """A loopback TCP proxy in front of a Redis (a thread): a node given
+    ``url()`` reaches the Redis through it; ``hold()`` keeps what the node sends
+    from reaching the Redis (a Redis that stalls: a long script, a fork, a
+    network pause) until ``release()``; ``waiting`` counts the connections with
+    a request held (the node is waiting for its answer)."""
+
+    def __init__(self, server: RedisServer) -> None:
+        import socket
+        import threading
+
+        self.server = server
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.lsock.getsockname()[1])
+        self.lock = threading.Condition()
+        self.held = False
+        self.waiting: set[int] = set()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, **params: str) -> str:
+        params.setdefault("prefix", "t" + secrets.token_hex(4))
+        q = "&".join(f"{k}={v}" for k, v in params.items())
+        return f"redis://127.0.0.1:{self.port}/0?{q}"
+
+    def hold(self) -> None:
+        with self.lock:
+            self.held = True
+
+    def release(self) -> None:
+        with self.lock:
+            self.held = False
+            self.lock.notify_all()
+
+    def close(self) -> None:
+        self.release()
+        self.closed = True
+        self.lsock.close()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.closed:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.server.port))
+            threading.Thread(target=self._pump, args=(c, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, c, False), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, outbound: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if outbound:
+                    with self.lock:
+                        if self.held:
+                            self.waiting.add(id(src))
+                            self.lock.notify_all()
+                        while self.held:
+                            self.lock.wait()
+                        self.waiting.discard(id(src))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(2)

@@ -6,9 +6,13 @@ nodes, ``fastsend serve`` processes.
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from tests._redis_helpers import RedisHold
+from tests._serve_helpers import Served, http, until
 from tests.test_multinode_audit24 import _off_by
 
 from fastsend.spool.base import DELIVERED, Result
@@ -77,3 +81,43 @@ def test_retention_prunes_by_the_shared_clock(redis_server: Any) -> None:
     finally:
         for s in (b, ahead):
             s.close()
+
+
+def test_a_stalled_redis_does_not_stall_the_nodes_listeners(redis_server: Any, tmp_path: Path) -> None:
+    """A node's Redis stops answering (a fork, a long script, a partition: here a
+    proxy holding what the node sends): the node's HTTP listener still answers
+    what needs no Redis, while its periodic work (its lease, its status) and
+    API requests looking up a key or the shared request rate wait in threads;
+    once Redis answers, those requests are answered too. Before: the periodic
+    tick called Redis on the event loop, and the API's key look-up and shared
+    rate too, so every listener of the node waited for the client's timeout
+    (here 60 s; 5 s by default, at every tick)."""
+    px = RedisHold(redis_server)
+    node = Served(tmp_path, None, spool_url=px.url(node="a", socket_timeout="60"),
+                  api="rate_limit = 1000\n",
+                  serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+    got: dict[str, Any] = {}
+    try:
+        assert node.req("GET", "/v1/campaigns")[0] == 200  # (its key cached)
+        px.hold()
+        until("the node waiting for Redis", lambda: px.waiting)  # (its tick, every 0.2 s)
+        asks = [
+            threading.Thread(target=lambda: got.update(known=node.req("GET", "/v1/campaigns"))),
+            threading.Thread(target=lambda: got.update(made_up=http(
+                "GET", node.base + "/v1/campaigns", key="fs_00000000_" + "A" * 43))),
+        ]  # fmt: skip
+        for t in asks:
+            t.start()
+        st, doc = http("GET", node.base + "/v1/openapi.json", timeout=30)
+        assert st == 200 and "paths" in doc
+        assert px.held and px.waiting and not got  # (Redis still held: nothing of it answered)
+    finally:
+        px.release()
+    try:
+        for t in asks:
+            t.join(90)
+        assert got["known"][0] == 200 and got["made_up"][0] == 401, got
+        assert node.req("GET", "/v1/health", tenant=None)[0] == 200
+    finally:
+        node.stop()
+        px.close()

@@ -26,7 +26,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -499,6 +499,16 @@ def _key_from(request: web.Request) -> str | None:
 PUBLIC = frozenset({"/v1/openapi.json", "/v1/health"})
 
 
+async def _verify(api: Any, key: str) -> tuple[str, str] | None:
+    """``api.keys.verify(key)``; a key a shared store (Redis) must look up, in a
+    thread: on the loop, a slow Redis held every request and listener of the node
+    (and any key unknown to the cache, a made-up one too, is looked up)."""
+    cached = getattr(api.keys, "cached", None)
+    if cached is None or cached(key):
+        return cast("tuple[str, str] | None", api.keys.verify(key))
+    return cast("tuple[str, str] | None", await asyncio.to_thread(api.keys.verify, key))
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -506,13 +516,17 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if path.startswith("/v1/") and path not in PUBLIC:
             api = api_of(request)
             key = _key_from(request)
-            who = api.keys.verify(key) if key else None
+            who = await _verify(api, key) if key else None
             if who is None:
                 # request.remote: the client's address (a trusted balancer's PROXY header)
                 log.warning("API: 401 %s %s from %s", request.method, path, request.remote)
                 raise ApiError(401, "missing or invalid API key")
             kid, tenant = who
-            wait = api.limiter(kid).acquire(time.monotonic())
+            limiter = api.limiter(kid)
+            if isinstance(limiter, SharedKeyRate):  # (Redis: a thread's call, as _verify)
+                wait = await asyncio.to_thread(limiter.acquire, time.monotonic())
+            else:
+                wait = limiter.acquire(time.monotonic())
             if wait > 0:
                 e = ApiError(429, f"rate limit of {api.settings.rate_limit:g} requests/s exceeded")
                 return error_response(e, {"Retry-After": str(max(1, round(wait + 0.5)))})

@@ -244,6 +244,31 @@ class _Unsent:
             del self.mins[m]
         del self.recent[:-RECENT]
 
+    def absorb(self, older: _Unsent) -> None:
+        """Add what ``older`` counted (taken before this was started) to this."""
+        for s, row in older.secs.items():
+            mine = self.secs.get(s)
+            if mine is None:
+                self.secs[s] = row
+            else:
+                for k in range(3):
+                    mine[k] += row[k]
+        for m, tables in older.mins.items():
+            cur = self.mins.get(m)
+            if cur is None:
+                self.mins[m] = tables
+                continue
+            for table, theirs in zip(cur, tables, strict=True):
+                for key, row in theirs.items():
+                    r = table.get(key)
+                    if r is None:
+                        table[key] = row
+                    else:
+                        for k in range(3):
+                            r[k] += row[k]
+        self.recent[:0] = older.recent
+        del self.recent[:-RECENT]
+
     def fields(self) -> dict[int, dict[str, int]]:
         """Minute -> the Redis hash fields to add to (:func:`_decode_live`)."""
         out: dict[int, dict[str, int]] = {}
@@ -313,6 +338,7 @@ class Dashboard:
         if self.shared is not None:
             self.shared.status_source = self.node_status
             self.shared.live_source = self.publish_live
+            self.shared.live_take = self.take_live
         self.files = {path: (load(name), ctype) for path, (name, ctype) in _FILES.items()}
 
     # -- the event listener (every event this process emits) -------------------
@@ -396,6 +422,31 @@ class Dashboard:
             recent[tenant] = [orjson.dumps(r) for r in u.recent]
         self.shared.live_add(minutes, recent, LIVE_KEEP_S, RECENT_KEEP_S, RECENT)
         self._unsent.clear()
+
+    def take_live(self) -> tuple[tuple[Any, ...], Callable[[], None]] | None:
+        """What :meth:`publish_live` writes, taken (``SharedState.tick_async``
+        writes it in a thread): live_add's arguments and a callable that puts what
+        was taken back (Redis out of reach: added to what was counted meanwhile)."""
+        if not self._unsent or self.shared is None:
+            return None
+        now = time.time()
+        taken, self._unsent = self._unsent, {}
+        minutes: dict[str, dict[int, dict[str, int]]] = {}
+        recent: dict[str, list[bytes]] = {}
+        for tenant, u in taken.items():
+            u.prune(now)
+            minutes[tenant] = u.fields()
+            recent[tenant] = [orjson.dumps(r) for r in u.recent]
+
+        def put_back() -> None:
+            for tenant, u in taken.items():
+                cur = self._unsent.get(tenant)
+                if cur is None:
+                    self._unsent[tenant] = u
+                else:
+                    cur.absorb(u)
+
+        return (minutes, recent, LIVE_KEEP_S, RECENT_KEEP_S, RECENT), put_back
 
     async def _cluster_live(self, tenant: str, now: float) -> dict[str, Any] | None:
         """A tenant's series, tables and recent events as every node counted them

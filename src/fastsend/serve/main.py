@@ -486,7 +486,7 @@ class Server:
     async def tick(self) -> None:
         await every(0.2, self._tick, "periodic flush", log, wait_first=True)
 
-    def _tick(self) -> None:
+    async def _tick(self) -> None:
         # A shared spool out of reach: one line when it starts and one when it
         # ends (no failure for 3 * TICK_OUTAGE s), not a traceback every 0.2 s.
         # After a failure the steps pause TICK_OUTAGE s (a paused Redis holds
@@ -498,6 +498,8 @@ class Server:
             return
         try:
             self._tick_steps()
+            if self.ctx.shared is not None:
+                await self._tick_shared()
         except self.ctx.spool.outage_errors() as e:
             if not self.tick_outage:
                 log.warning("periodic flush: the spool is out of reach (%s: %s); trying"
@@ -543,19 +545,10 @@ class Server:
         self._flush_events()
         self.charts.tick()  # rollups flushed about once a second, queue gauges
         now = time.time()
-        if now - self.idem_swept > IDEM_SWEEP_EVERY:  # expired Idempotency-Keys (SQLite)
-            self.idem_swept = now
-            self.ctx.spool.sweep_idem(now)
-            # Campaigns whose creating request failed or died before all their rows
-            # were in (fastsend.serve.api_campaigns: "staging"): never sent, abandoned.
-            from fastsend.serve.api_campaigns import sweep_staging
-
-            _n, self.staging_after = sweep_staging(
-                self.ctx.spool, self.api.settings.idempotency_ttl_s, now, self.staging_after
-            )
-            self.ctx.caps.sweep(now)  # the daily quotas' counters of past days
-        if self.ctx.shared is not None:
-            self.ctx.shared.tick()  # renew this node's hold on its source IPs
+        if self.ctx.shared is None and now - self.idem_swept > IDEM_SWEEP_EVERY:
+            self.idem_swept = now  # (SQLite: on the loop; Redis: _tick_shared)
+            self.ctx.caps.trim(now)
+            self._sweeps(now)
         if self.tls_reports is not None and now >= self.tls_reports_at:
             self.tls_reports_at = now + TLS_REPORTS_EVERY
             if now % 86400 >= TLS_REPORTS_AFTER and (
@@ -563,9 +556,42 @@ class Server:
             ):
                 self.tls_reporting = asyncio.ensure_future(self._tls_reports(now))
         mono = time.monotonic()
+        if self.ctx.shared is None and mono - self.adopted > ADOPT_EVERY:
+            self.adopted = mono  # upload jobs whose reader died
+            self.ctx.uploads.adopt()
+
+    def _sweeps(self, now: float) -> int:
+        """Expired Idempotency-Keys; campaigns whose creating request failed or
+        died before all their rows were in (fastsend.serve.api_campaigns:
+        "staging"): never sent, abandoned; the daily quotas' counters of past
+        days. On a shared spool in a thread (:meth:`_tick_shared`): -> the
+        ``after`` of the next sweep of staging campaigns."""
+        from fastsend.serve.api_campaigns import sweep_staging
+
+        self.ctx.spool.sweep_idem(now)
+        _n, self.staging_after = sweep_staging(
+            self.ctx.spool, self.api.settings.idempotency_ttl_s, now, self.staging_after
+        )
+        self.ctx.caps.sweep_store(now)
+        return self.staging_after
+
+    async def _tick_shared(self) -> None:
+        """The tick's steps that only talk to a shared spool's Redis, their calls
+        in a thread: on the loop, a Redis answering slowly (or a paused one, each
+        call waiting for the client's timeout) held every listener (API, tracking,
+        SMTP) for as long, on every node, even one with no workers."""
+        now = time.time()
+        if now - self.idem_swept > IDEM_SWEEP_EVERY:
+            self.idem_swept = now
+            self.ctx.caps.trim(now)
+            await asyncio.to_thread(self._sweeps, now)
+        assert self.ctx.shared is not None
+        await self.ctx.shared.tick_async()  # renew this node's hold on its source IPs
+        mono = time.monotonic()
         if mono - self.adopted > ADOPT_EVERY:  # upload jobs whose reader died (any node)
             self.adopted = mono
-            self.ctx.uploads.adopt()
+            jobs = await asyncio.to_thread(self.ctx.spool.list_ingests, unfinished=True)
+            self.ctx.uploads.adopt(jobs=jobs)
 
     async def _tls_reports(self, now: float) -> None:
         """Yesterday's (and any earlier day's unsent) TLS-RPT reports, off the tick."""

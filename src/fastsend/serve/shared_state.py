@@ -52,6 +52,7 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -157,6 +158,14 @@ class RedisKeyStore:
         if tenant_s.lower() in RESERVED_TENANTS:
             return None
         return kid, tenant_s
+
+    def cached(self, key: str) -> bool:
+        """Whether :meth:`verify` answers ``key`` from its cache, without Redis."""
+        m = _KEY_RE.fullmatch(key)
+        if m is None:
+            return True
+        row = self._cache.get(m.group(1))
+        return row is not None and time.monotonic() - row[3] <= CACHE_TTL
 
     def forget_cache(self) -> None:
         self._cache.clear()
@@ -871,6 +880,11 @@ class SharedState:
         self.status_source: Callable[[], dict[str, Any]] | None = None
         # () -> None: the dashboard's counts since the last tick added to Redis
         self.live_source: Callable[[], None] | None = None
+        # () -> (the dashboard's counts since the last tick as live_add's arguments,
+        # a callable putting them back when they could not be written) or None:
+        # tick_async's, taken on the loop and written in a thread
+        self.live_take: Callable[[], tuple[tuple[Any, ...], Callable[[], None]] | None] | None
+        self.live_take = None
         self._live_failed = False
         # Supervisor.rest_ip (serve sets it with workers): a source IP another
         # live node took while this node's lease on it had lapsed is rested here
@@ -917,6 +931,64 @@ class SharedState:
             st = self.status_source() if self.status_source is not None else {}
             self.cluster.publish({**st, "host": socket.gethostname(), "pid": os.getpid(),
                                   "started": self._started})  # fmt: skip
+
+    async def tick_async(self) -> None:
+        """:meth:`tick` for serve's event loop: what it decides and gathers (the
+        status, the dashboard's counts: ``live_take``) on the loop, its Redis calls
+        in a thread, an IP lost rested on the loop (``rest_ip``: the supervisor's).
+        On the loop, a Redis that answers slowly or not at all (a fork, a long
+        script, a partition: each call waits for the client's timeout) held every
+        listener of the node (API, tracking, SMTP) for as long."""
+        now = time.monotonic()
+        renew = now - self._renewed >= self.lease / 4
+        if renew:
+            self._renewed = now
+        live: tuple[tuple[Any, ...], Callable[[], None]] | None = None
+        status: dict[str, Any] | None = None
+        if now - self._published >= STATUS_EVERY:
+            self._published = now
+            if self.live_take is not None:
+                live = self.live_take()
+            st = self.status_source() if self.status_source is not None else {}
+            status = {**st, "host": socket.gethostname(), "pid": os.getpid(),
+                      "started": self._started}  # fmt: skip
+        if not renew and status is None:
+            return
+        lost, live_error = await asyncio.to_thread(
+            self._tick_io, renew, live[0] if live is not None else None, status
+        )
+        if live is not None:
+            if live_error is not None:
+                live[1]()  # (kept for the next tick)
+                if not self._live_failed:  # once per run of failures
+                    log.warning("dashboard: this node's counts not published to"
+                                " Redis (%s: %s); tried again each second",
+                                live_error.__class__.__name__, live_error)  # fmt: skip
+                self._live_failed = True
+            else:
+                self._live_failed = False
+        if lost and self.rest_ip is not None:
+            until = time.time() + self.lease / 2
+            for ip in lost:
+                self.rest_ip(ip, ["*"], until, "source IP held by another live node")
+
+    def _tick_io(
+        self, renew: bool, live: tuple[Any, ...] | None, status: dict[str, Any] | None
+    ) -> tuple[list[str], Exception | None]:
+        """tick_async's Redis calls (a thread): the IPs lost, the live counts' error."""
+        lost: list[str] = []
+        if renew:
+            lost = self.cluster.renew()
+            self._spool.renew()  # its node name (also without workers: no supervisor)
+        live_error: Exception | None = None
+        if live is not None:
+            try:
+                self.live_add(*live)
+            except Exception as e:  # (the status goes on)
+                live_error = e
+        if status is not None:
+            self.cluster.publish(status)
+        return lost, live_error
 
     def reload(self, config: Any) -> None:
         """A reload's source IPs (``[ips]``) held before any worker uses them

@@ -283,10 +283,19 @@ class TenantCaps:
     def sweep(self, now: float | None = None) -> int:
         """Drop the counters of days before yesterday (serve's tick, hourly)."""
         now = time.time() if now is None else now
+        self.trim(now)
+        return self.sweep_store(now)
+
+    def trim(self, now: float) -> None:
+        """This node's own counts of days before yesterday dropped (the loop's)."""
+        keep = {utc_day(now), utc_day(now - DAY)}
+        self.used = {k: v for k, v in self.used.items() if k.rpartition(":")[2] in keep}
+
+    def sweep_store(self, now: float) -> int:
+        """The spool's counters of days before yesterday dropped (a thread may)."""
         keep = {utc_day(now), utc_day(now - DAY)}
         spool = self.ctx.spool
         old = [k for k in spool.counters(PREFIX) if k.rpartition(":")[2] not in keep]
-        self.used = {k: v for k, v in self.used.items() if k.rpartition(":")[2] in keep}
         if old:
             spool.drop_counters(old)
         return len(old)

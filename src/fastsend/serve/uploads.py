@@ -374,12 +374,15 @@ class Uploads:
         self._remove_orphans(named)
         return out
 
-    def adopt(self, named: set[str] | None = None) -> list[IngestJob]:
+    def adopt(
+        self, named: set[str] | None = None, jobs: list[IngestJob] | None = None
+    ) -> list[IngestJob]:
         """Continue every unfinished upload job nobody reads any more (see
         :meth:`take_over`); returns them. ``named``: gets the real path of every
-        unfinished upload job's file. Cheap when there is none: one query."""
+        unfinished upload job's file. Cheap when there is none: one query.
+        ``jobs``: the unfinished jobs, read already (serve's tick, in a thread)."""
         out: list[IngestJob] = []
-        for job in self.spool.list_ingests(unfinished=True):
+        for job in self.spool.list_ingests(unfinished=True) if jobs is None else jobs:
             if job.source.get("origin") != "api":
                 continue  # a `fastsend send` list: `fastsend resume` continues it
             if named is not None:
