@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
 from tests._redis_helpers import RedisHold
 from tests._serve_helpers import Served, http, until
 from tests.test_multinode_audit24 import _off_by
+from tests.test_serve_audit17 import TPL
 
 from fastsend.spool.base import DELIVERED, Result
 from fastsend.spool.redis import RedisSpool
@@ -121,3 +124,42 @@ def test_a_stalled_redis_does_not_stall_the_nodes_listeners(redis_server: Any, t
     finally:
         node.stop()
         px.close()
+
+
+def test_a_campaign_noted_by_a_node_that_died_is_completed_by_another(
+    redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node a is killed right after noting a new campaign complete (its commit
+    point: every row spooled, its events to tell) and never started again (its
+    host lost, its local directory with it): node b makes the campaign active and
+    tells its rows' "accepted", once. Before: the note was only in a's
+    ``held.jsonl``, so the campaign stayed staging (listed nowhere, never sent) and
+    the sweep abandoned it after an hour."""
+    url = redis_server.url()
+    for n in ("a", "b"):
+        (tmp_path / n).mkdir()
+    monkeypatch.setenv("FASTSEND_TEST_FAULT", "idem-kill-after-note")  # (a's start)
+    a = Served(tmp_path / "a", "127.0.0.1:9", spool_url=url + "&node=a",
+               serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+    monkeypatch.delenv("FASTSEND_TEST_FAULT")
+    b = Served(tmp_path / "b", "127.0.0.1:9", spool_url=url + "&node=b",
+               serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+    try:
+        rows = [{"email": f"r{i}@example.org", "name": f"R{i}"} for i in range(20)]
+        with pytest.raises(aiohttp.ClientError):
+            a.req("POST", "/v1/campaigns", {"name": "k", "template": TPL, "recipients": rows})
+        assert a.proc.wait(20) == -9
+        assert (tmp_path / "a" / "spool" / "held.jsonl").exists()  # (a's, unseen by b)
+
+        def listed() -> list[Any]:
+            st, got = b.req("GET", "/v1/campaigns")
+            assert st == 200, got
+            return [c for c in got["campaigns"] if c["status"] == "active"]
+
+        until("the dead node's campaign active on b", listed)
+        for mid in (1, 10, 20):
+            st, m = b.req("GET", f"/v1/messages/{mid}")
+            assert st == 200 and [e["event"] for e in m["events"]] == ["accepted"], m
+    finally:
+        b.stop()
+        a.stop()

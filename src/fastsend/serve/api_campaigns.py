@@ -528,6 +528,32 @@ def finish_noted(app: web.Application) -> int:
     return len(done)
 
 
+async def adopt_dead_notes(app: web.Application) -> int:
+    """serve's tick on a shared spool: the campaigns noted complete by a node that
+    died before making them so (``HeldJournal.dead_notes``, read in a thread) made
+    their status now, their events told; how many. Raises the spool's outage
+    errors (tried again at the next tick)."""
+    journal = app.get(HELD_JOURNAL)
+    shared = getattr(app[API_KEY].ctx, "shared", None)
+    if journal is None or journal.shared is None or shared is None:
+        return 0
+
+    def live() -> set[str]:
+        return {str(m["node"]) for m in shared.cluster.members()}
+
+    notes = await asyncio.to_thread(journal.dead_notes, live)
+    if not notes:
+        return 0
+    api = app[API_KEY]
+    done = journal.adopt(api.ctx, api.index, notes, WORKING)
+    for cid in done:
+        log.warning("campaign %s is complete now (its creation was noted by a node that"
+                    " died before making it so)", cid)  # fmt: skip
+    if done and api.ctx.supervisor is not None:
+        api.ctx.supervisor.wake.set()
+    return len(done)
+
+
 STAGING_MAX_AGE = 3600.0  # s: a staging campaign older than this is abandoned
 CLOCK_SLACK = 600.0  # s: nodes' clocks (a campaign's "created") may differ this much
 
@@ -556,7 +582,9 @@ def sweep_staging(spool: Any, key_ttl: float, now: float | None = None, after: i
                 dead = age > min(key_ttl, STAGING_MAX_AGE)  # a later one makes it anew)
             else:
                 dead = age > STAGING_MAX_AGE or (isinstance(tag, dict) and holder_gone(tag))
-            if dead:
+            if dead and HeldJournal.noted_shared(spool, info.id):
+                settled = False  # (complete: its note is finished by a live node)
+            elif dead:
                 spool.set_campaign_status(info.id, ABANDONED)
                 n += 1
             else:
@@ -932,7 +960,7 @@ HELD_JOURNAL: web.AppKey[HeldJournal] = web.AppKey("fastsend_held_journal", Held
 
 def add_routes(app: web.Application) -> None:
     api = app[API_KEY]
-    journal = app[HELD_JOURNAL] = HeldJournal(api.ctx.config.spool_dir)
+    journal = app[HELD_JOURNAL] = HeldJournal(api.ctx.config.spool_dir, api.ctx.spool.shared())
     journal.replay(api.ctx, api.index)  # a killed serve's campaigns' untold events
     r = app.router
     r.add_post("/v1/campaigns", idempotent(create_campaign))

@@ -67,7 +67,7 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import orjson
@@ -332,12 +332,25 @@ class HeldJournal:
     and tells the rows' events the index lacks (before: a kill between the status
     change and the events lost them for good without an Idempotency-Key), unless
     the campaign was abandoned meanwhile (never the tenant's: nothing to tell).
-    One process per spool dir (SQLite's supervisor lock; a Redis node's own dir)."""
+    One process per spool dir (SQLite's supervisor lock; a Redis node's own dir).
+
+    On a shared spool (``shared``: ``Spool.shared()``) each note is also in Redis
+    (hash ``P:held``, campaign -> the note and its node), removed once told: a
+    node whose process is dead (no status for ``STATUS_STALE`` s, ``NOTE_GRACE`` s
+    after its note) and whose local journal is out of reach (its host lost, never
+    started again) has its notes finished by any live node (:meth:`adopt_dead`,
+    serve's tick), and the staging sweep leaves a noted campaign alone. Before, the
+    note was only in the dead node's directory: the campaign stayed staging and
+    every node's sweep abandoned it an hour later, its 201'd-to-be rows never sent."""
 
     NAME = "held.jsonl"
+    NOTE_GRACE = 10.0  # s a note's node must have been silent (and the note this old)
+    ADOPT_EVERY = 5.0  # s between two looks at the notes of dead nodes
 
-    def __init__(self, spool_dir: str) -> None:
+    def __init__(self, spool_dir: str, shared: Any = None) -> None:
         self.path = os.path.join(spool_dir, self.NAME)
+        self.shared = shared  # SharedStore or None
+        self.adopted = 0.0  # monotonic time of the last adopt_dead look
         self.seq = 0
         self.noted: dict[int, dict[str, Any]] = {}  # notes not yet told, by number
         # Notes whose request could neither complete nor abandon their campaign
@@ -351,12 +364,22 @@ class HeldJournal:
         parts = [[cid, _runs(ids)] for cid, ids in held.ids()]
         rec = {"n": self.seq, "campaign": campaign, "status": status, "parts": parts}
         self._append(rec, sync=True)
+        if self.shared is not None:  # (a failure: the request abandons the campaign)
+            sh = self.shared
+            sh.client.hset(sh.key("held"), str(campaign),
+                           orjson.dumps({**rec, "node": sh.node, "at": time.time()}))  # fmt: skip
         self.noted[self.seq] = rec
         return self.seq
 
     def told(self, n: int) -> None:
-        self.noted.pop(n, None)
+        rec = self.noted.pop(n, None)
         self.unfinished.pop(n, None)
+        if rec is not None and self.shared is not None:
+            try:  # (left: a live node finishes it again once this one is dead: a no-op)
+                self.shared.client.hdel(self.shared.key("held"), str(rec["campaign"]))
+            except Exception as e:
+                log.warning("%s: the shared note of campaign %s not removed (%s)", HEADER,
+                            rec["campaign"], e)  # fmt: skip
         try:
             self._append({"told": n}, sync=False)  # lost: told again, the index filters it
         except OSError as e:  # (a full disk): the campaign is complete all the same
@@ -381,6 +404,61 @@ class HeldJournal:
             self.told(n)
             done.append(int(rec["campaign"]))
         return done
+
+    def dead_notes(self, live: Callable[[], Collection[str]]) -> list[tuple[bytes, dict[str, Any]]]:
+        """The shared notes (``P:held``: field, note) of nodes not ``live()`` (their
+        process dead), and of this node's name (an earlier process of it: the
+        caller leaves this process's own), ``NOTE_GRACE`` s old; none when looked
+        at less than ``ADOPT_EVERY`` s ago. Redis only: a thread may call it
+        (serve's tick); :meth:`adopt` finishes them on the loop."""
+        sh = self.shared
+        mono = time.monotonic()
+        if sh is None or mono - self.adopted < self.ADOPT_EVERY:
+            return []
+        self.adopted = mono
+        key = sh.key("held")
+        notes = sh.client.hgetall(key)
+        if not notes:
+            return []
+        alive = set(live())
+        out: list[tuple[bytes, dict[str, Any]]] = []
+        for field, raw in notes.items():
+            try:
+                rec = orjson.loads(raw)
+                int(rec["campaign"])
+                node, at = str(rec["node"]), float(rec["at"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                sh.client.hdel(key, field)  # (unreadable: nothing to finish by)
+                continue
+            if time.time() - at < self.NOTE_GRACE or (node in alive and node != sh.node):
+                continue  # its node is alive: it finishes it (finish_later, a restart)
+            out.append((field, rec))
+        return out
+
+    def adopt(self, ctx: ServeContext, index: Any, notes: list[tuple[bytes, dict[str, Any]]],
+              working: Collection[int]) -> list[int]:  # fmt: skip
+        """Finish :meth:`dead_notes`'s notes (their campaign's status, the events
+        the index lacks) but this process's own; returns their campaigns. Raises
+        the spool's outage errors (the notes stay: taken again next time)."""
+        sh = self.shared
+        if sh is None:
+            return []
+        mine = {int(r["campaign"]) for r in self.noted.values()}
+        done: list[int] = []
+        for field, rec in notes:
+            cid = int(rec["campaign"])
+            if cid in mine or cid in working:
+                continue
+            self._finish(ctx, index, rec)
+            sh.client.hdel(sh.key("held"), field)
+            done.append(cid)
+        return done
+
+    @staticmethod
+    def noted_shared(spool: Any, campaign: int) -> bool:
+        """Whether ``campaign`` has a shared note (a staging sweep leaves it)."""
+        sh = spool.shared() if hasattr(spool, "shared") else None
+        return sh is not None and bool(sh.client.hexists(sh.key("held"), str(campaign)))
 
     def _append(self, rec: dict[str, Any], *, sync: bool) -> None:
         # (a new journal's name made durable too: a power loss after the fsynced
@@ -440,6 +518,8 @@ class HeldJournal:
         n = 0
         for rec in noted.values():
             n += self._finish(ctx, index, rec)
+            if self.shared is not None:  # (finished: no other node need)
+                self.shared.client.hdel(self.shared.key("held"), str(rec["campaign"]))
         if index is not None and n:
             index.flush()
         os.unlink(self.path)

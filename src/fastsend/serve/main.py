@@ -587,6 +587,10 @@ class Server:
             await asyncio.to_thread(self._sweeps, now)
         assert self.ctx.shared is not None
         await self.ctx.shared.tick_async()  # renew this node's hold on its source IPs
+        if self.app is not None:  # campaigns a dead node noted complete (held.jsonl)
+            from fastsend.serve.api_campaigns import adopt_dead_notes
+
+            await adopt_dead_notes(self.app)
         mono = time.monotonic()
         if mono - self.adopted > ADOPT_EVERY:  # upload jobs whose reader died (any node)
             self.adopted = mono
