@@ -163,3 +163,51 @@ def test_a_campaign_noted_by_a_node_that_died_is_completed_by_another(
     finally:
         b.stop()
         a.stop()
+
+
+def test_a_bounce_a_dead_node_left_untold_is_told_by_another(
+    redis_server: Any, tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node a takes a submitted message, bounces it (the outcome committed) and
+    is killed before it spooled the sender's notice, never to start again (its
+    host lost, its ``dsn.journal`` with it): node b sends the notice, once.
+    Before: the failure was only in a's journal; no node ever told the sender."""
+    from tests.test_serve_dsn import _notices, _serve, _submit
+
+    from fastsend.sink import SinkThread
+
+    url = redis_server.url()
+    for n in ("a", "b"):
+        (tmp_path / n).mkdir()
+    with SinkThread(keep_messages=True) as sink:
+        monkeypatch.setenv("FASTSEND_TEST_FAULT", "outcomes-kill-after-commit:1")
+        a, port = _serve(tmp_path / "a", certs, sink, spool_url=url + "&node=a")
+        monkeypatch.delenv("FASTSEND_TEST_FAULT")
+        b = None
+        try:
+            _submit(port, a.keys["acme"], certs[2], "app@example.com",
+                    ["permfail-1@example.org", "permfail-2@example.org"])  # fmt: skip
+            assert a.proc.wait(30) == -9
+            assert (tmp_path / "a" / "spool" / "dsn.journal").read_bytes().count(b"\n") == 2
+            b, _port = _serve(tmp_path / "b", certs, sink, spool_url=url + "&node=b")
+            (notice,) = _notices(sink, "app@example.com", 1, timeout=90)
+            text = notice.data.decode()
+            assert "Final-Recipient: rfc822; permfail-1@example.org" in text
+            assert "Final-Recipient: rfc822; permfail-2@example.org" in text
+            until("b's notice told (its shared line gone)",
+                  lambda: not _shared_journal(url))  # fmt: skip
+            assert len(_notices(sink, "app@example.com", 1)) == 1
+        finally:
+            if b is not None:
+                b.stop()
+            a.stop()
+
+
+def _shared_journal(url: str) -> dict[bytes, bytes]:
+    s = RedisSpool(url + "&node=probe")
+    try:
+        sh = s.shared()
+        assert sh is not None
+        return dict(sh.client.hgetall(sh.key("dsnj")))
+    finally:
+        s.close()

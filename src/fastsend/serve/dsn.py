@@ -46,9 +46,11 @@ What the journal holds and this process does not (the spool was out of reach
 at start, or a storm went past :data:`KEPT_MAX`) is taken again by a flush
 every :data:`OWED_EVERY` s, and the journal is rewritten once nothing is owed:
 before, it waited for the next start, and the journal of a node that did not
-restart grew with every failure. A node of a shared spool killed and never
-started again takes its untold notices with it (the journal is in its local
-directory).
+restart grew with every failure. On a shared spool each line is in Redis too
+(``P:dsnj``, with its node; written before the outcome's commit, removed once
+told): a node killed and never started again leaves its untold failures to
+any live node (:meth:`Notices.dead_failures`, :meth:`Notices.adopt`, serve's
+tick); before, they were only in its local directory, and went with it.
 
 DSN parameters (RFC 3461, submission offers DSN): a recipient whose NOTIFY
 leaves out FAILURE (``NEVER``) is never told about (its row has no flag); the
@@ -73,6 +75,7 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import orjson
@@ -96,6 +99,9 @@ OWED_EVERY = 30.0  # s between tries to take again what the journal holds untold
 OWED_WAIT = 3600.0  # s a journalled failure whose row is not failed (yet) is waited for
 RCPTS_MAX = 1000  # recipients one notice names (the rest: another notice)
 JOURNAL = "dsn.journal"
+SHARED = "dsnj"  # a shared spool's copy of the journal: hash P:dsnj, message id -> line + node
+ADOPT_EVERY = 5.0  # s between two looks at the shared journal for dead nodes' failures
+ADOPT_GRACE = 10.0  # s a failure's line must be old before another node takes it
 JOURNAL_COMPACT = 1 << 20  # bytes: rewritten with only what is still untold
 SCOPE = "dsn:notices"  # the notices' Idempotency-Keys (no tenant is named so: a colon)
 ONCE_TTL = 7 * 86400.0  # s a notice's id is kept: a journal is taken again at the next start
@@ -295,6 +301,16 @@ class Notices:
         self._owed = False
         self._owed_tried = 0.0
         self._full = False  # the last notice found the event log's disk full (said once)
+        # A shared spool: each journal line in Redis too (P:dsnj, with this node's
+        # name), written by sync() before the outcome's commit, removed once told:
+        # a node dead for good leaves its untold failures to the others
+        # (dead_failures / adopt, serve's tick). Before, they were only in its
+        # local directory: a node never started again took them with it.
+        shared = getattr(ctx.spool, "shared", None)
+        self.shared: Any = shared() if shared is not None else None
+        self._to_share: dict[int, bytes] = {}
+        self._share_failed = False
+        self.adopted = 0.0  # monotonic time of the last dead_failures look
         if journal:
             self._reopen()
 
@@ -425,6 +441,8 @@ class Notices:
         the outcome's commit reached the disk could leave a bounced row whose
         journal line never did, and its notice was never sent. One fsync per
         commit of outcomes that had a failure to note, none otherwise."""
+        if self._to_share:
+            self._push_shared()
         if not self._unsynced or self._fd < 0:
             return
         self._unsynced = False
@@ -492,6 +510,7 @@ class Notices:
             self._owed = True
             line = {"id": claimed.id, "f": list(f), "at": now, "n": attempt}
             self._write(orjson.dumps(line) + b"\n")
+            self._share(line)
             return
         if self.kept >= KEPT_MAX:  # (no journal: not noticed)
             self.dropped += 1
@@ -513,6 +532,94 @@ class Notices:
         if write:
             line = {"id": claimed.id, "f": list(f), "at": now, "n": attempt}
             self._write(orjson.dumps(line) + b"\n")
+            self._share(line)
+
+    def _share(self, line: dict[str, Any]) -> None:
+        if self.shared is not None:
+            self._to_share[int(line["id"])] = orjson.dumps({**line, "node": self.shared.node})
+
+    def _push_shared(self) -> None:
+        """The lines noted since the last push into the shared journal (P:dsnj);
+        a failure keeps them for the next (the local journal holds them)."""
+        batch, sh = self._to_share, self.shared
+        try:
+            sh.client.hset(sh.key(SHARED), mapping={str(i): v for i, v in batch.items()})
+        except Exception as e:
+            if not self._share_failed:
+                log.warning("non-delivery notices: the shared journal cannot be written (%s):"
+                            " kept in this node's own until it can", e)  # fmt: skip
+            self._share_failed = True
+            return
+        self._share_failed = False
+        self._to_share = {}
+
+    def _unshare(self, ids: list[int]) -> None:
+        """Told: out of the shared journal (left there: taken again by a live node
+        once this one is dead, its notice id found spooled: a no-op)."""
+        if self.shared is None:
+            return
+        for i in ids:
+            self._to_share.pop(i, None)
+        try:
+            self.shared.client.hdel(self.shared.key(SHARED), *map(str, ids))
+        except Exception as e:
+            log.warning("non-delivery notices: %d told failure(s) left in the shared"
+                        " journal (%s)", len(ids), e)  # fmt: skip
+
+    def dead_failures(self, live: Callable[[], Collection[str]]) -> list[dict[str, Any]]:
+        """The shared journal's failures noted by nodes not ``live()`` (dead for
+        ``STATUS_STALE`` s: killed, never started again), ``ADOPT_GRACE`` s old;
+        none when looked at less than ``ADOPT_EVERY`` s ago. Redis only: a thread
+        may call it (serve's tick); :meth:`adopt` takes them on the loop."""
+        sh = self.shared
+        mono = time.monotonic()
+        if sh is None or mono - self.adopted < ADOPT_EVERY:
+            return []
+        self.adopted = mono
+        lines = sh.client.hgetall(sh.key(SHARED))
+        if not lines:
+            return []
+        alive = set(live())
+        out: list[dict[str, Any]] = []
+        now = time.time()
+        for raw in lines.values():
+            try:
+                rec = orjson.loads(raw)
+                node, at = str(rec["node"]), float(rec["at"])
+                int(rec["id"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            if at < now - ONCE_TTL / 2:  # (a line left by a failed removal: its notice
+                sh.client.hdel(sh.key(SHARED), str(rec["id"]))  # id may be forgotten)
+            elif node != sh.node and node not in alive and at <= now - ADOPT_GRACE:
+                out.append(rec)
+        return out
+
+    def adopt(self, recs: list[dict[str, Any]]) -> int:
+        """Take :meth:`dead_failures`'s failures as this node's (kept for a flush,
+        the shared lines now naming this node: no other takes them while it
+        lives); how many. Raises the spool's outage errors."""
+        have = {i for g in self.pending.values() for i in g.ids}
+        gone: list[int] = []
+        taken = 0
+        for rec in recs:
+            i = int(rec["id"])
+            if i in have:
+                continue
+            got = self._retake(rec)
+            if got > 0:
+                taken += 1
+                self._share(rec)
+            else:  # its row gone, or not failed (its outcome never committed: tried again)
+                gone.append(i)
+        if self._to_share:
+            self._push_shared()
+        if gone:
+            self._unshare(gone)
+        if taken:
+            log.warning("non-delivery notices: %d failure(s) a dead node left untold are"
+                        " told by this one", taken)  # fmt: skip
+        return taken
 
     # -- notices out --------------------------------------------------------------
 
@@ -570,6 +677,7 @@ class Notices:
         finally:
             self.sent += n
             if told:
+                self._unshare(told)
                 if not self._owed and (not self.pending or self._size > JOURNAL_COMPACT):
                     self._compact()  # (nothing waits: the journal is emptied)
                 else:

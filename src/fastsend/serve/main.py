@@ -591,6 +591,13 @@ class Server:
             from fastsend.serve.api_campaigns import adopt_dead_notes
 
             await adopt_dead_notes(self.app)
+        if self.notices is not None:  # failures a dead node left untold (dsn.journal)
+            cluster = self.ctx.shared.cluster
+            recs = await asyncio.to_thread(
+                self.notices.dead_failures, lambda: {str(m["node"]) for m in cluster.members()}
+            )
+            if recs:
+                self.notices.adopt(recs)
         mono = time.monotonic()
         if mono - self.adopted > ADOPT_EVERY:  # upload jobs whose reader died (any node)
             self.adopted = mono
