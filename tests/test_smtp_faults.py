@@ -319,5 +319,7 @@ def test_each_stage_times_out_with_its_own_limit(
         return r.outcomes[0]
 
     out = scripted(run, server, body)
-    assert out.deferred and out.stage == stage, out
+    # (DATA unanswered, no 354: nothing of the message went, "data-command", not
+    # the unknown outcome of the final dot's "data": test_interop_audit25.py)
+    assert out.deferred and out.stage == {"data": "data-command"}.get(stage, stage), out
     assert out.text == f"timeout: no reply to {stage} after {limit} s", out

@@ -1268,7 +1268,8 @@ cdef class ClientCore:
                 continue
             t = <object>e.txn
             if t not in stage_of:
-                stage_of[t] = _C_STAGE[e.kind]
+                # (no 354 yet: nothing of the message sent, client.py's DATA_COMMAND)
+                stage_of[t] = "data-command" if e.kind == _K_DATA else _C_STAGE[e.kind]
                 seen.append(t)
             elif e.kind == _K_BDAT and code == 0:
                 stage_of[t] = "data"  # the body went out pipelined (the reference's note)

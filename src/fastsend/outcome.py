@@ -16,13 +16,19 @@ from fastsend._accel import pick
 DELIVERED = "delivered"  # the server took responsibility (2xx after DATA / BDAT LAST)
 DEFERRED = "deferred"  # try again later: 4xx, timeout, disconnect, TLS failure, DNS temp error
 FAILED = "failed"  # permanent: 5xx, null MX, policy refusal before sending
+# The stage of a deferral whose session ended (dropped, timed out, a 421) while the
+# DATA command waited for its 354: no octet of the message was sent (RFC 5321
+# 4.1.1.4: the server has a message only after its end of data), so it is a plain
+# deferral, never an outcome left unknown as after the final dot (stage "data").
+DATA_COMMAND = "data-command"
 
 
 class Outcome(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """The result of one delivery attempt for one recipient.
 
     ``stage`` says where it was decided: "connect", "greeting", "ehlo",
-    "starttls", "auth", "mail", "rcpt", "data", "dns", "local", ...
+    "starttls", "auth", "mail", "rcpt", "data", "data-command" (:data:`DATA_COMMAND`),
+    "dns", "local", ...
     ``code`` is the SMTP reply code (0 when no reply was received, e.g. on a
     timeout or refused connection); ``enhanced`` the RFC 3463 status ("5.1.1")
     or "" when the server sent none; ``text`` the reply text (lines joined with

@@ -1120,6 +1120,8 @@ def classify_reply(
     It defaults to RCPT, where most per-recipient replies come from; pass ""
     when it is not known. ``rules`` defaults to the shipped rules.
     """
+    if command == "data-command":  # (DATA unanswered, no 354: outcome.DATA_COMMAND)
+        command = "DATA"
     if not isinstance(code, int) or not (code == 0 or 200 <= code <= 599):
         raise ValueError(f"reply code must be 0 or 200..599, got {code!r}")
     stage = stage_name(command)

@@ -87,7 +87,15 @@ from fastsend.config import Config
 from fastsend.delivery import dane
 from fastsend.delivery.mtasts import session_result, verify_context
 from fastsend.delivery.mx import Host, Site
-from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
+from fastsend.outcome import (
+    DATA_COMMAND,
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    Envelope,
+    Outcome,
+    TxnResult,
+)
 from fastsend.shaping.lanes import FOREVER, PROVIDER_LANES, UNBOUNDED, Lane, Shaper
 from fastsend.shaping.policy import Limits
 from fastsend.shaping.pools import utc_day
@@ -155,11 +163,12 @@ _CONNECTIONS = re.compile(
 )
 NO_LIMIT = 1 << 62  # messages per connection when the limit is 0
 # Outcomes of a session's end that say the server neither took nor refused
-# the envelope: its MAIL/RCPT unanswered (code 0: the connection dropped) or
+# the envelope: its MAIL/RCPT/DATA unanswered (code 0: the connection dropped;
+# DATA before its 354: nothing of the message sent, DATA_COMMAND) or
 # answered by a 421 that ends a session at its per-session cap ("too many
 # messages in this connection"), or never started ("local"). Any other 421
 # ("unusual rate", "try again later") asks to slow down: deferred, as before.
-_UNSTARTED_STAGES = frozenset(("mail", "rcpt", "local"))
+_UNSTARTED_STAGES = frozenset(("mail", "rcpt", "local", DATA_COMMAND))
 # A host refusing the session before any mail (its reply: a code): the
 # greeting, or EHLO and then HELO (Postfix's smtpd_helo_restrictions with
 # smtpd_delay_reject = no: "554 5.7.1 <name>: Helo command rejected").

@@ -53,7 +53,15 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from fastsend._accel import pick
-from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
+from fastsend.outcome import (
+    DATA_COMMAND,
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    Envelope,
+    Outcome,
+    TxnResult,
+)
 from fastsend.smtp.errors import LocalProtocolError, RemoteProtocolError
 from fastsend.smtp.replies import Reply, ReplyParser, dot_stuff, queue_id
 
@@ -732,7 +740,7 @@ class ClientCore:
             if txn is None:
                 continue
             if id(txn) not in stage_of:
-                stage_of[id(txn)] = _STAGE[kind]
+                stage_of[id(txn)] = DATA_COMMAND if kind == _DATA else _STAGE[kind]
                 seen.append(txn)
             elif kind == _BDAT and code == 0:
                 # Its body went out pipelined behind MAIL and RCPT (CHUNKING) and no
