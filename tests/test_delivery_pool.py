@@ -51,13 +51,15 @@ def send_groups(
     connections: int = 1,
     rcpts: int = 1,
     names: Callable[[int], str] | None = None,
+    delivery: dict[str, Any] | None = None,
     **connect: Any,
 ) -> list[list[TxnResult]]:
     """``n`` messages through up to ``connections`` connections at a time
     (``pipeline`` per group): the groups reported. ``names``: the local part
-    of message ``i``'s recipient (one each; default ``r{i}``)."""
+    of message ``i``'s recipient (one each; default ``r{i}``); ``delivery``:
+    more of the [delivery] section."""
     cfg = loader.from_dict(
-        {"delivery": {"pipeline": pipeline, "max_connections": connections}},
+        {"delivery": {"pipeline": pipeline, "max_connections": connections, **(delivery or {})}},
         base_dir=tmp,
         files=False,
     )

@@ -1,6 +1,9 @@
 """Interop from outside (session 25): the delivery side against scripted and
 real receivers.
 
+- QUIT unanswered: the 221 is waited for a short while (Timeouts.quit, 2 s;
+  it was 10 s), and the site's next session, at max_messages_per_connection,
+  opens after it.
 - A session that ends while the DATA command waits for its 354 (dropped, timed
   out): nothing of the message was sent (RFC 5321 4.1.1.4: the server has a
   message only after its end of data), so it is no unknown outcome (stage
@@ -11,6 +14,7 @@ real receivers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socketserver
 import threading
@@ -18,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from tests._serve_helpers import until
 from tests.test_delivery_pool import send_groups
 
 from _smtp_helpers import client_class, link_class
@@ -156,4 +161,51 @@ def test_a_session_dropped_at_data_sends_the_message_on_the_next(
     assert {t: [o.kind for o in os_] for t, os_ in got.items()} == {
         t: ["delivered"] for t in range(n)
     }, got
+    assert sorted(taken) == sorted(b"<r%d@x.example>" % i for i in range(n))
+
+
+def test_quit_unanswered_is_waited_for_briefly_then_closed(run: Run, client_twin: str) -> None:
+    """A receiver that never answers QUIT: the connection is closed once the
+    quit timeout is over (the receiver sees the close), and that timeout is a
+    few round trips by default (it was 10 s), the sessions' too."""
+    assert tr.DEFAULT_TIMEOUTS.quit <= 2.0
+    seen: list[int] = []
+    with drop_at_data(set(), quit_unanswered=seen) as (port, taken):
+
+        async def go() -> None:
+            opts = tr.ConnectOptions("127.0.0.1", port, tls="off", timeouts=tr.Timeouts(quit=0.2))
+            conn = await tr.connect(opts)
+            assert not isinstance(conn, Outcome), conn
+            env = Envelope("s@example.org", ["a@x.example"], b"Subject: x\r\n\r\nhi\r\n", tag=1)
+            res = await conn.send([env])
+            assert res[0].outcomes[0].delivered
+            # (a ceiling: only a QUIT waited for without end reaches it)
+            await asyncio.wait_for(conn.quit(), 30)
+
+        run(go())
+        until("the close", lambda: seen == [1])
+    assert taken == [b"<a@x.example>"]
+
+
+def test_a_site_whose_quit_goes_unanswered_gets_its_next_sessions(
+    run: Run, tmp_path: Any
+) -> None:
+    """One message a connection (max_messages_per_connection = 1), a receiver
+    that never answers QUIT: each session is closed after the short wait and
+    the next opens; all six delivered, each once (with the old 10 s a session,
+    50 s; a ceiling of 40 s here, only a wait without bound reaches it)."""
+    seen: list[int] = []
+    n = 6
+    with drop_at_data(set(), quit_unanswered=seen) as (port, taken):
+
+        async def bounded(coro: Any) -> Any:
+            return await asyncio.wait_for(coro, 40)
+
+        groups = send_groups(
+            lambda c: run(bounded(c)), port, n, str(tmp_path), 1,
+            delivery={"max_messages_per_connection": 1},
+        )  # fmt: skip
+        until("every close", lambda: len(seen) == n)
+    assert sorted(r.tag for g in groups for r in g) == list(range(n))
+    assert all(o.delivered for g in groups for r in g for o in r.outcomes)
     assert sorted(taken) == sorted(b"<r%d@x.example>" % i for i in range(n))

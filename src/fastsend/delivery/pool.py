@@ -295,6 +295,7 @@ class SiteQueue:
             data=min(t, 120.0),
             data_block=min(t, 180.0),
             data_end=max(t, 600.0) if t >= 300 else t,
+            quit=min(t, Timeouts().quit),  # (the default's few round trips)
         )
         # A host with another of the site left to try waits at most
         # next_mx_after for its greeting (Postfix's smtp_connect_timeout +

@@ -67,7 +67,13 @@ class Timeouts(msgspec.Struct, frozen=True):
     # stopped reading mid-body was waited for the whole data_end).
     data_block: float = 180.0
     data_end: float = 600.0  # 4.5.3.2.6 DATA termination: 10 minutes
-    quit: float = 10.0  # the 221 to QUIT (we close anyway)
+    # The 221 to QUIT (we close anyway): a few round trips, never the 5 minutes of a
+    # command. Postfix's smtp_quit_timeout is 300 s and Exim does not wait for the
+    # 221 at all; waiting lets a receiver counting connections close this one before
+    # the next opens, and 10 s here held the next session of the site (a new
+    # connection at max_messages_per_connection) and a refused EHLO's deferral 10 s
+    # for each receiver that never answered QUIT.
+    quit: float = 2.0
 
     def for_stage(self, stage: str) -> float:
         if stage == "rcpt":
