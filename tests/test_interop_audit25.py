@@ -4,6 +4,9 @@ real receivers.
 - QUIT unanswered: the 221 is waited for a short while (Timeouts.quit, 2 s;
   it was 10 s), and the site's next session, at max_messages_per_connection,
   opens after it.
+- DSN parameters taken by submission (RET, ENVID; NOTIFY, ORCPT) go on to a
+  next hop that offers DSN (RFC 3461 4), as received; to one that does not,
+  none is sent (aiosmtpd answers an unknown parameter 555: a real check).
 - A session that ends while the DATA command waits for its 354 (dropped, timed
   out): nothing of the message was sent (RFC 5321 4.1.1.4: the server has a
   message only after its end of data), so it is no unknown outcome (stage
@@ -19,18 +22,25 @@ import contextlib
 import socketserver
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
-from tests._serve_helpers import until
+from tests._serve_helpers import Served, until
 from tests.test_delivery_pool import send_groups
 
-from _smtp_helpers import client_class, link_class
+from _smtp_helpers import aiosmtpd_server, client_class, link_class
+from conftest import free_port, wait_port
 from fastsend.delivery.routes import should_fail_over, unknown_outcome
-from fastsend.outcome import DATA_COMMAND, DEFERRED, Envelope, Outcome, TxnResult
+from fastsend.outcome import DATA_COMMAND, DEFERRED, Envelope, Outcome, TxnResult, dsn_params
 from fastsend.smtp import transport as tr
 
 Run = Callable[[Any], Any]
+MESSAGE = (
+    b"From: App <app@example.com>\r\nTo: x@example.org\r\nSubject: order 42\r\n"
+    b"Message-ID: <order42@example.com>\r\n\r\nHello\r\n"
+)
 
 
 @pytest.fixture
@@ -209,3 +219,185 @@ def test_a_site_whose_quit_goes_unanswered_gets_its_next_sessions(
     assert sorted(r.tag for g in groups for r in g) == list(range(n))
     assert all(o.delivered for g in groups for r in g for o in r.outcomes)
     assert sorted(taken) == sorted(b"<r%d@x.example>" % i for i in range(n))
+
+
+@contextlib.contextmanager
+def recording_mx(dsn: bool) -> Iterator[tuple[int, list[bytes]]]:
+    """A pipelining receiver (offering DSN with ``dsn``) that takes every
+    message and records every command line it reads; yields (port, lines)."""
+    lines: list[bytes] = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(b"220 scripted ESMTP\r\n")
+            while line := self.rfile.readline():
+                lines.append(line.rstrip(b"\r\n"))
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    self.wfile.write(b"250-scripted\r\n250-PIPELINING\r\n"
+                                     + (b"250-DSN\r\n" if dsn else b"") + b"250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    self.wfile.write(b"354 go\r\n")
+                    while self.rfile.readline() not in (b".\r\n", b""):
+                        pass
+                    self.wfile.write(b"250 2.0.0 Ok\r\n")
+                elif verb == b"QUIT":
+                    self.wfile.write(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    self.wfile.write(b"250 2.0.0 Ok\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], lines
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("dsn", [True, False], ids=["dsn", "no-dsn"])
+def test_the_client_relays_dsn_parameters_only_to_a_server_offering_dsn(
+    run: Run, client_twin: str, dsn: bool
+) -> None:
+    """Two envelopes (one recipient, and two sharing the parameters): MAIL
+    carries RET/ENVID and each RCPT NOTIFY/ORCPT when DSN is offered; none of
+    them otherwise (RFC 3461 4.1)."""
+    mail = dsn_params("RET=HDRS ENVID=order+2B42", ("RET", "ENVID"))
+    rcpt = dsn_params("NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;ann+2Bx@x.example", ("NOTIFY", "ORCPT"))
+    assert mail == b" RET=HDRS ENVID=order+2B42"
+    body = b"Subject: x\r\n\r\nhi\r\n"
+    envs = [
+        Envelope("s@example.org", ["ann@x.example"], body, tag=1, dsn_mail=mail, dsn_rcpt=rcpt),
+        Envelope("s@example.org", ["b@x.example", "c@x.example"], body, tag=[2, 3],
+                 dsn_rcpt=b" NOTIFY=NEVER"),
+        Envelope("s@example.org", ["d@x.example"], body, tag=4),
+    ]  # fmt: skip
+    with recording_mx(dsn) as (mx_port, lines):
+
+        async def go() -> Any:
+            opts = tr.ConnectOptions("127.0.0.1", mx_port, tls="off")
+            conn = await tr.connect(opts)
+            assert not isinstance(conn, Outcome), conn
+            res = await conn.send(envs)
+            await conn.quit()
+            return res
+
+        results = run(go())
+    assert all(o.delivered for r in results for o in r.outcomes), results
+    got = [x for x in lines if x[:4] in (b"MAIL", b"RCPT")]
+    if dsn:
+        assert got == [
+            b"MAIL FROM:<s@example.org> RET=HDRS ENVID=order+2B42",
+            b"RCPT TO:<ann@x.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;ann+2Bx@x.example",
+            b"MAIL FROM:<s@example.org>",
+            b"RCPT TO:<b@x.example> NOTIFY=NEVER",
+            b"RCPT TO:<c@x.example> NOTIFY=NEVER",
+            b"MAIL FROM:<s@example.org>",
+            b"RCPT TO:<d@x.example>",
+        ], got
+    else:
+        assert got == [
+            b"MAIL FROM:<s@example.org>", b"RCPT TO:<ann@x.example>",
+            b"MAIL FROM:<s@example.org>", b"RCPT TO:<b@x.example>", b"RCPT TO:<c@x.example>",
+            b"MAIL FROM:<s@example.org>", b"RCPT TO:<d@x.example>",
+        ], got  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "NOTIFY=SUCCESS\r\nRSET",  # a line of its own
+        "NOTIFY=SUCCESS\nQUIT",
+        "ORCPT=rfc822;a=b@x",  # "=" is never plain xtext
+        "ORCPT=rfc822;a+zz@x",
+        "ORCPT=rfc822;\u00e4@x",
+        "SIZE=1",  # not a DSN parameter
+        "notify=SUCCESS",
+    ],
+)
+def test_stored_dsn_parameters_reach_the_wire_only_well_formed(text: str) -> None:
+    got = dsn_params(text, ("NOTIFY", "ORCPT"))
+    assert b"\r" not in got and b"\n" not in got
+    assert got in (b"", b" NOTIFY=SUCCESS"), got
+
+
+def test_submitted_dsn_parameters_go_on_to_a_next_hop_offering_dsn(
+    tmp_path: Path, certs: Any
+) -> None:
+    """`fastsend serve`: a message submitted with RET/ENVID and, for its
+    recipient, NOTIFY/ORCPT reaches a receiver offering DSN with them as
+    received (they were dropped: that hop answered NOTIFY=NEVER mail with
+    bounces and never told SUCCESS)."""
+    cert, key, tls = certs
+    with recording_mx(True) as (mx_port, lines):
+        port = free_port()
+        extra = (
+            f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\n'
+            f'tls_key = "{key}"\n'
+        )
+        served = Served(tmp_path, f"127.0.0.1:{mx_port}", extra=extra)
+        try:
+            wait_port("127.0.0.1", port, timeout=60)
+
+            async def go() -> None:
+                smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
+                                       tls_context=tls)  # fmt: skip
+                await smtp.connect()
+                await smtp.login("acme", served.keys["acme"])
+                await smtp.sendmail(
+                    "app@example.com", ["ann@example.org"], MESSAGE,
+                    mail_options=["RET=HDRS", "ENVID=order+2B42"],
+                    rcpt_options=["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;Ann+2Bx@example.org"],
+                )  # fmt: skip
+                await smtp.sendmail("app@example.com", ["bob@example.org"], MESSAGE)
+                await smtp.quit()
+
+            asyncio.run(go())
+            until("both relayed", lambda: sum(x.startswith(b"RCPT") for x in lines) >= 2)
+        finally:
+            served.stop()
+    got = [x for x in lines if x[:4] in (b"MAIL", b"RCPT")]
+    ann = got.index(b"RCPT TO:<ann@example.org> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Ann+2Bx@example.org")
+    assert got[ann - 1].startswith(b"MAIL FROM:<app@example.com>"), got
+    assert got[ann - 1].endswith(b" RET=HDRS ENVID=order+2B42"), got
+    bob = got.index(b"RCPT TO:<bob@example.org>")  # (none given: none relayed)
+    assert b"RET=" not in got[bob - 1] and b"ENVID=" not in got[bob - 1], got
+
+
+def test_submitted_dsn_parameters_are_not_sent_to_a_hop_without_dsn(
+    tmp_path: Path, certs: Any
+) -> None:
+    """aiosmtpd offers no DSN and refuses an unknown parameter 555: the
+    message submitted with DSN parameters is delivered there without them."""
+    cert, key, tls = certs
+    mx_port = free_port()
+    with aiosmtpd_server(mx_port) as (_ctl, handler):
+        port = free_port()
+        extra = (
+            f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\n'
+            f'tls_key = "{key}"\n'
+        )
+        served = Served(tmp_path, f"127.0.0.1:{mx_port}", extra=extra)
+        try:
+            wait_port("127.0.0.1", port, timeout=60)
+
+            async def go() -> None:
+                smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
+                                       tls_context=tls)  # fmt: skip
+                await smtp.connect()
+                await smtp.login("acme", served.keys["acme"])
+                await smtp.sendmail(
+                    "app@example.com", ["ann@example.org"], MESSAGE,
+                    mail_options=["RET=FULL", "ENVID=x1"],
+                    rcpt_options=["NOTIFY=FAILURE", "ORCPT=rfc822;ann@example.org"],
+                )  # fmt: skip
+                await smtp.quit()
+
+            asyncio.run(go())
+            until("the delivery", lambda: handler.messages)
+        finally:
+            served.stop()
+    (m,) = handler.messages
+    assert m["rcpts"] == ["ann@example.org"] and m["mail_from"] == "app@example.com", m

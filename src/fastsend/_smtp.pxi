@@ -364,7 +364,9 @@ DEF _C_PEND_MIN = 16  # the ring's first size (a power of two; doubled when full
 DEF _C_BDAT_WINDOW = 32
 DEF _C_BDAT_WINDOW_BYTES = 1 << 20
 
-cdef tuple _C_ENVELOPE = ("rcpts", "mail_from", "data", "tag", "eightbit", "smtputf8")
+cdef tuple _C_ENVELOPE = (
+    "rcpts", "mail_from", "data", "tag", "eightbit", "smtputf8", "dsn_mail", "dsn_rcpt"
+)
 
 
 cdef inline bint _all_slots(_Fields f, int n) noexcept:
@@ -436,6 +438,7 @@ cdef class _CoreTxn:
     cdef object tag, mail_from, data
     cdef object rcpts  # any sequence (a list from the worker)
     cdef bint eightbit, smtputf8
+    cdef object dsn_mail, dsn_rcpt  # (bytes: the Envelope's DSN parameters)
     cdef list outcomes
     cdef Py_ssize_t accepted
     cdef object mail_fail
@@ -683,7 +686,7 @@ cdef class ClientCore:
         for env in envelopes:
             # (an Envelope's fields read from their slots: _events.pxi's _Fields)
             fe = _fields_for(env, fe, _C_ENVELOPE)
-            if _all_slots(fe, 6):
+            if _all_slots(fe, 8):
                 # Read when its transaction comes first (_head_txn), not now: a
                 # group's envelopes have waited behind thousands of others,
                 # their objects out of the caches, and each is read once, as
@@ -709,6 +712,8 @@ cdef class ClientCore:
         txn.tag = _get(env, fe, 3)
         txn.eightbit = _get(env, fe, 4)
         txn.smtputf8 = _get(env, fe, 5)
+        txn.dsn_mail = _get(env, fe, 6)
+        txn.dsn_rcpt = _get(env, fe, 7)
         txn.outcomes = [None] * len(txn.rcpts)
         txn.accepted = 0
         txn.mail_fail = None
@@ -821,10 +826,11 @@ cdef class ClientCore:
                 if v == 0:
                     break
         body8 = txn.eightbit and "8BITMIME" in caps
+        cdef bytes dm = txn.dsn_mail if txn.dsn_mail and "DSN" in caps else b""  # (RFC 3461 4.1)
         if rcpt is not None:
             r = PyUnicode_AsUTF8AndSize(<str>rcpt, &nr)
         size = PyBytes_GET_SIZE(line) + (6 + nnum if nnum else 0) + (14 if body8 else 0)
-        size += (9 if utf8 else 0) + 2 + (nr + 18 if r != NULL else 0)
+        size += (9 if utf8 else 0) + PyBytes_GET_SIZE(dm) + 2 + (nr + 18 if r != NULL else 0)
         cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
         cdef char* w = PyBytes_AS_STRING(out)
         o = PyBytes_GET_SIZE(line)
@@ -839,6 +845,9 @@ cdef class ClientCore:
         if utf8:
             memcpy(w + o, b" SMTPUTF8", 9)
             o += 9
+        if PyBytes_GET_SIZE(dm):
+            memcpy(w + o, PyBytes_AS_STRING(dm), PyBytes_GET_SIZE(dm))
+            o += PyBytes_GET_SIZE(dm)
         w[o] = 13
         w[o + 1] = 10
         o += 2
@@ -847,6 +856,14 @@ cdef class ClientCore:
             memcpy(w + o + 9, r, nr)
             memcpy(w + o + 9 + nr, b">\r\nDATA\r\n", 9)
         return out
+
+    cdef bytes _rcpt_line(self, _CoreTxn txn, Py_ssize_t i):
+        """RCPT TO for recipient ``i``, with the envelope's DSN parameters when
+        the server offers DSN (the reference's _rcpt_line)."""
+        line = b"RCPT TO:<" + (<str>txn.rcpts[i]).encode() + b">"
+        if txn.dsn_rcpt and "DSN" in self.capabilities:
+            line += txn.dsn_rcpt
+        return line + b"\r\n"
 
     cdef int _start_next(self) except -1:
         cdef _CoreTxn txn
@@ -868,7 +885,7 @@ cdef class ClientCore:
         rcpts = txn.rcpts
         outcomes = txn.outcomes
         if self.pipelining:
-            if len(rcpts) == 1:
+            if len(rcpts) == 1 and not txn.dsn_rcpt:
                 self._push(_K_MAIL, txn, 0)
                 self._push(_K_RCPT, txn, 0)
                 self._push(_K_DATA, txn, 0)
@@ -879,7 +896,7 @@ cdef class ClientCore:
             self._push(_K_MAIL, txn, 0)
             for i in range(len(rcpts)):
                 if outcomes[i] is None:
-                    parts.append(b"RCPT TO:<" + (<str>rcpts[i]).encode() + b">\r\n")
+                    parts.append(self._rcpt_line(txn, i))
                     self._push(_K_RCPT, txn, i)
             parts.append(b"DATA\r\n")
             self._push(_K_DATA, txn, 0)
@@ -889,7 +906,7 @@ cdef class ClientCore:
         rest = txn.rest = _smtp_deque()
         for i in range(len(rcpts)):
             if outcomes[i] is None:
-                rest.append((_K_RCPT, i, b"RCPT TO:<" + (<str>rcpts[i]).encode() + b">\r\n"))
+                rest.append((_K_RCPT, i, self._rcpt_line(txn, i)))
         rest.append((_K_DATA, 0, b"DATA\r\n"))
         self._group_open = True
         self._push(_K_MAIL, txn, 0)
@@ -929,7 +946,7 @@ cdef class ClientCore:
             self._push(_K_MAIL, txn, 0)
             for i in range(len(rcpts)):
                 if outcomes[i] is None:
-                    out.append(b"RCPT TO:<" + (<str>rcpts[i]).encode() + b">\r\n")
+                    out.append(self._rcpt_line(txn, i))
                     self._push(_K_RCPT, txn, i)
             self._bdat_bytes += len(data)
             out.append(b"BDAT %d LAST\r\n" % len(data))

@@ -9,6 +9,8 @@ This module holds data only: no I/O, no policy.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 from fastsend._accel import pick
@@ -65,7 +67,11 @@ class Envelope(msgspec.Struct, gc=False):
     bytes, an Outcome, answers the recipients with nothing sent).
     ``tag`` is opaque to the client and comes back with the result.
     ``smtputf8`` asks for SMTPUTF8 (non-ASCII addresses); ``eightbit`` for
-    BODY=8BITMIME.
+    BODY=8BITMIME. ``dsn_mail`` and ``dsn_rcpt``: the DSN parameters (RFC 3461)
+    the message was submitted with, relayed to a server that offers DSN (4.1:
+    else left out): " RET=... ENVID=..." for MAIL, " NOTIFY=... ORCPT=..." for
+    each RCPT (the envelope's recipients share them), each with its leading
+    space, as :func:`dsn_params` checks them.
     """
 
     mail_from: str
@@ -74,6 +80,30 @@ class Envelope(msgspec.Struct, gc=False):
     tag: object = None
     smtputf8: bool = False
     eightbit: bool = False
+    dsn_mail: bytes = b""
+    dsn_rcpt: bytes = b""
+
+
+# One DSN parameter as relayed: its keyword and an xtext value (RFC 3461 4: printable
+# ASCII but "+" as "+XX" and "="; RET's and NOTIFY's words are such values too).
+_DSN_PARAM = re.compile(r"(?:RET|ENVID|NOTIFY|ORCPT)=[!-*,-<>-~]*(?:\+[0-9A-F]{2}[!-*,-<>-~]*)*")
+
+
+def dsn_params(text: object, keys: tuple[str, ...]) -> bytes:
+    """``text`` (space-separated ``KEY=value`` words kept with a message) as the
+    bytes to append to its MAIL or RCPT command: only the words of ``keys``
+    whose value is well-formed xtext, each once, each after a space; b"" for
+    anything else (nothing of a stored value reaches the wire unchecked)."""
+    if not isinstance(text, str) or not text or not text.isascii():
+        return b""
+    out: list[str] = []
+    seen: set[str] = set()
+    for word in text.split(" "):
+        key = word.partition("=")[0]
+        if key in keys and key not in seen and _DSN_PARAM.fullmatch(word):
+            seen.add(key)
+            out.append(" " + word)
+    return "".join(out).encode("ascii")
 
 
 class TxnResult(msgspec.Struct, gc=False):

@@ -1266,6 +1266,8 @@ def _part(env: Envelope, tag: list[Any], keys: list[int]) -> Envelope:
         tag=[tag[k] for k in keys],
         smtputf8=env.smtputf8,
         eightbit=env.eightbit,
+        dsn_mail=env.dsn_mail,
+        dsn_rcpt=env.dsn_rcpt,
     )
 
 

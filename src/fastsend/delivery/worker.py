@@ -45,7 +45,7 @@ from fastsend.message import Campaign, CampaignError, MessageTooBig, RenderError
 from fastsend.message.errors import KeyUnavailable
 from fastsend.message.headers import HeaderError
 from fastsend.message.rawmime import utf8_header
-from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult
+from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult, dsn_params
 from fastsend.procs import _prctl, _py_set_pdeathsig, die_with_parent, set_pdeathsig
 from fastsend.ring import Ring
 from fastsend.shaping.lanes import Shaper
@@ -55,6 +55,8 @@ from fastsend.transports.slots import Slots
 FLUSH_AT = 512
 SITES_MIN = 1024  # site queues held before idle ones are forgotten (then 2x the live ones)
 TRANSACTIONAL = "transactional"  # campaign kind whose messages carry their own content
+_DSN_MAIL = ("RET", "ENVID")  # the DSN parameters relayed with MAIL and with each RCPT
+_DSN_RCPT = ("NOTIFY", "ORCPT")
 FLUSH_DELAY = 0.002
 # CPU seconds of building (rendering, signing) one inbox read may take before the
 # loop runs again (the rest of the inbox read in the next iteration): a window
@@ -589,12 +591,15 @@ class Worker:
         # A raw body is the same bytes for each of its recipients: they share SMTP
         # transactions (up to recipients_per_transaction RCPTs, as identical
         # campaign mail does), each recipient keeping its own outcome.
-        raws: dict[str, tuple[bytes, str, bool]] = {}
+        raws: dict[str, tuple[bytes, str, bool, bytes, bytes]] = {}
         groups: dict[tuple[str, bool], Envelope] = {}
         per_txn = self.config.delivery.recipients_per_transaction
         compiled: dict[str, Any] = {}
 
-        def share(blob: str, data: bytes, mail_from: str, eightbit: bool, it: wire.Item) -> None:
+        def share(
+            blob: str, data: bytes, mail_from: str, eightbit: bool, dm: bytes, dr: bytes,
+            it: wire.Item,
+        ) -> None:
             smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
             smtputf8 = smtputf8 or (eightbit and utf8_header(data))  # RFC 6532 header text
             group = groups.get((blob, smtputf8))
@@ -604,13 +609,15 @@ class Worker:
                 group.tag.append(it.id)
                 return
             groups[(blob, smtputf8)] = env = Envelope(
-                mail_from, [it.rcpt], data, tag=[it.id], smtputf8=smtputf8, eightbit=eightbit
-            )
+                mail_from, [it.rcpt], data, tag=[it.id], smtputf8=smtputf8, eightbit=eightbit,
+                dsn_mail=dm, dsn_rcpt=dr,
+            )  # fmt: skip
             envelopes.append(env)
 
         for it in batch.items:
             mid = msgid.token(it.id, secret)
             eightbit = False
+            dm = dr = b""
             try:
                 blob = wire.blob_digest(it.vars) if batch.blobs else None
                 if blob in raws:
@@ -621,6 +628,9 @@ class Worker:
                 if "raw" in msg:
                     raw = base64.b64decode(msg["raw"])
                     mail_from = msg.get("mail_from", "")
+                    # DSN parameters it was submitted with (serve's listener), checked
+                    dm = dsn_params(msg.get("dsn_mail"), _DSN_MAIL)
+                    dr = dsn_params(msg.get("dsn_rcpt"), _DSN_RCPT)
                     if tenants.configured:  # accepted before a config change took a domain away
                         # Read as sent (a bare CR ends a line), Sender and Resent-* too.
                         seen = identity_domains(raw)[1]
@@ -639,8 +649,8 @@ class Worker:
                             " limit"
                         )
                     if blob:
-                        raws[blob] = (data, mail_from, eightbit)
-                        share(blob, data, mail_from, eightbit, it)
+                        raws[blob] = (data, mail_from, eightbit, dm, dr)
+                        share(blob, data, mail_from, eightbit, dm, dr, it)
                         continue
                     smtputf8 = not it.rcpt.isascii() or not mail_from.isascii()
                     smtputf8 = smtputf8 or (eightbit and utf8_header(data))  # (RFC 6532)
@@ -673,11 +683,11 @@ class Worker:
                     TxnResult(it.id, [Outcome(FAILED, 550, "5.6.0", f"message: {e}", "local")])
                 )
                 continue
-            envelopes.append(
-                Envelope(
-                    mail_from, [it.rcpt], data, tag=it.id, smtputf8=smtputf8, eightbit=eightbit
-                )
-            )
+            env = Envelope(
+                mail_from, [it.rcpt], data, tag=it.id, smtputf8=smtputf8, eightbit=eightbit,
+                dsn_mail=dm, dsn_rcpt=dr,
+            )  # fmt: skip
+            envelopes.append(env)
         if failures:
             self.add_results(failures, "", "")
         return envelopes

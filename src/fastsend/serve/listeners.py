@@ -878,6 +878,12 @@ class _Submission(_Policy):
                 msg["envid"] = xtext_decode(envid)
             if ret == "FULL":
                 msg["ret"] = "full"
+            # RFC 3461 4: relayed as received to a next hop that offers DSN (its
+            # notices then come from where the message goes on; before, they were
+            # dropped there, and that hop answered NOTIFY=NEVER mail with bounces).
+            relay = " ".join(f"{k}={v}" for k, v in (("RET", ret), ("ENVID", envid)) if v)
+            if relay:
+                msg["dsn_mail"] = relay
         shared = orjson.dumps({**msg, "dsn": 1} if self.cfg.dsn else msg)
         # One copy of the message a mailbox: RCPT TO given twice (or with the domain in
         # another case) is one recipient, as Postfix's duplicate filter makes it.
@@ -893,6 +899,11 @@ class _Submission(_Policy):
                     one["dsn"] = 1
                 if orcpt:
                     one["orcpt"] = xtext_decode(orcpt)
+                words = [f"NOTIFY={notify}"] if notify else []
+                if orcpt and orcpt.isascii():  # (UTF-8 xtext only in an SMTPUTF8 session)
+                    words.append(f"ORCPT={orcpt}")
+                if words:
+                    one["dsn_rcpt"] = " ".join(words)
                 vars_ = orjson.dumps(one)
             local, _, dom = r.rpartition("@")
             # (a literal in the one form suppression keys it by: [ipv6:2001:db8::1])

@@ -365,6 +365,17 @@ class ClientCore:
             line += b" BODY=8BITMIME"
         if txn.utf8:
             line += b" SMTPUTF8"
+        if env.dsn_mail and "DSN" in caps:  # RFC 3461 4.1: relayed to a DSN server only
+            line += env.dsn_mail
+        return line + b"\r\n"
+
+    def _rcpt_line(self, txn: _Txn, i: int) -> bytes:
+        """RCPT TO for recipient ``i``, with the envelope's DSN parameters when the
+        server offers DSN (RFC 3461 4.2: NOTIFY and ORCPT relayed as received)."""
+        env = txn.env
+        line = b"RCPT TO:<" + env.rcpts[i].encode() + b">"
+        if env.dsn_rcpt and "DSN" in self.capabilities:
+            line += env.dsn_rcpt
         return line + b"\r\n"
 
     def _start_next(self) -> None:
@@ -387,7 +398,7 @@ class ClientCore:
         rcpts = txn.env.rcpts
         outcomes = txn.outcomes
         if self.pipelining:
-            if len(rcpts) == 1:  # undecided (else the whole envelope was): the usual case
+            if len(rcpts) == 1 and not txn.env.dsn_rcpt:  # undecided: the usual case
                 pending.extend(((_MAIL, txn, 0), (_RCPT, txn, 0), (_DATA, txn, 0)))
                 self._out.append(
                     b"".join((self._mail_line(txn), b"RCPT TO:<", rcpts[0].encode(), _RCPT_DATA))
@@ -398,7 +409,7 @@ class ClientCore:
             pending.append((_MAIL, txn, 0))
             for i in range(len(rcpts)):
                 if outcomes[i] is None:
-                    parts.append(b"RCPT TO:<" + rcpts[i].encode() + b">\r\n")
+                    parts.append(self._rcpt_line(txn, i))
                     pending.append((_RCPT, txn, i))
             parts.append(b"DATA\r\n")
             pending.append((_DATA, txn, 0))
@@ -408,7 +419,7 @@ class ClientCore:
         rest = txn.rest = deque()
         for i in range(len(rcpts)):
             if outcomes[i] is None:
-                rest.append((_RCPT, i, b"RCPT TO:<" + rcpts[i].encode() + b">\r\n"))
+                rest.append((_RCPT, i, self._rcpt_line(txn, i)))
         rest.append((_DATA, 0, b"DATA\r\n"))
         self._group_open = True
         pending.append((_MAIL, txn, 0))
@@ -447,7 +458,7 @@ class ClientCore:
             pending.append((_MAIL, txn, 0))
             for i in range(len(rcpts)):
                 if outcomes[i] is None:
-                    out.append(b"RCPT TO:<" + rcpts[i].encode() + b">\r\n")
+                    out.append(self._rcpt_line(txn, i))
                     pending.append((_RCPT, txn, i))
             self._bdat_bytes += len(data)
             out.append(b"BDAT %d LAST\r\n" % len(data))
