@@ -6,7 +6,8 @@ real receivers.
   opens after it.
 - DSN parameters taken by submission (RET, ENVID; NOTIFY, ORCPT) go on to a
   next hop that offers DSN (RFC 3461 4), as received; to one that does not,
-  none is sent (aiosmtpd answers an unknown parameter 555: a real check).
+  none is sent (aiosmtpd answers an unknown parameter 555: a real check);
+  Postfix takes them (BDAT and DATA) and passes them on to its next hop.
 - A session that ends while the DATA command waits for its 354 (dropped, timed
   out): nothing of the message was sent (RFC 5321 4.1.1.4: the server has a
   message only after its end of data), so it is no unknown outcome (stage
@@ -401,3 +402,57 @@ def test_submitted_dsn_parameters_are_not_sent_to_a_hop_without_dsn(
             served.stop()
     (m,) = handler.messages
     assert m["rcpts"] == ["ann@example.org"] and m["mail_from"] == "app@example.com", m
+
+
+# Postfix relaying everything to a next hop of the test's (smtp_* as a relay).
+RELAY_CF = """\
+relayhost = [127.0.0.1]:{mx}
+default_transport = smtp
+relay_transport = smtp
+smtp_tls_security_level = none
+smtp_dns_support_level = disabled
+"""
+
+
+@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
+def test_postfix_takes_the_dsn_parameters_and_relays_them_on(
+    run: Run, client_twin: str, chunking: bool
+) -> None:
+    """Real parts: fastsend's client to Postfix smtpd (DSN offered, BDAT or
+    DATA), Postfix's smtp client on to a receiver offering DSN: the parameters
+    fastsend sent are Postfix's to keep and pass on, as a DSN-capable relay
+    does (RFC 3461 4): RET, ENVID, NOTIFY, ORCPT arrive at the last hop."""
+    from tests._mta_helpers import private_postfix
+
+    port = free_port()
+    opts = "" if chunking else " -o smtpd_discard_ehlo_keywords=chunking"
+    with recording_mx(True) as (mx, lines), private_postfix(
+        RELAY_CF, f"127.0.0.1:{port} inet n - n - - smtpd{opts}\n", [port], mx=mx
+    ):
+        envs = [
+            Envelope(
+                "s@sender.test", ["ann@x.test"], MESSAGE, tag=1,
+                dsn_mail=b" RET=HDRS ENVID=order+2B42",
+                dsn_rcpt=b" NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Ann+2Bx@x.test",
+            ),
+        ]  # fmt: skip
+
+        async def go() -> Any:
+            conn = await tr.connect(tr.ConnectOptions("127.0.0.1", port, tls="off"))
+            assert not isinstance(conn, Outcome), conn
+            assert "DSN" in conn._client.capabilities
+            assert ("CHUNKING" in conn._client.capabilities) == chunking
+            res = await conn.send(envs)
+            await conn.quit()
+            return res
+
+        (r,) = run(go())
+        assert r.outcomes[0].delivered, r
+        until("Postfix's relay", lambda: any(x.startswith(b"RCPT") for x in lines))
+    mail = next(x for x in lines if x.startswith(b"MAIL"))
+    rcpt = next(x for x in lines if x.startswith(b"RCPT"))
+    words = dict(w.split(b"=", 1) for w in mail.split()[2:] if b"=" in w)
+    assert (words.get(b"RET"), words.get(b"ENVID")) == (b"HDRS", b"order+2B42"), mail
+    words = dict(w.split(b"=", 1) for w in rcpt.split()[2:] if b"=" in w)
+    assert set(words[b"NOTIFY"].split(b",")) == {b"SUCCESS", b"DELAY"}, rcpt
+    assert words[b"ORCPT"].lower() == b"rfc822;ann+2bx@x.test", rcpt
