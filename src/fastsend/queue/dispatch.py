@@ -742,10 +742,25 @@ class Dispatch(SupervisorState):
                     n += 1
                 else:
                     break
-            if n:
-                out[key] = items if n == len(items) else items[:n]
-            if n < len(items):
-                slot.held.setdefault(key, []).extend(items[n:])
+            if n == len(items):
+                out[key] = items
+                continue
+            # The sample is full: of the rest, only messages of the sample go (let
+            # out before, handed back since: a reload's retiring worker gives its
+            # window back, and it is claimed again in another order). Before, the
+            # first message not in the sample held every one after it: a reload
+            # during the sample sent nothing of the campaign for sample_wait (30 s).
+            rest = items[n:]
+            go = [c for c in rest if c.id in ids] if ids else []
+            if go:
+                wait = [c for c in rest if c.id not in ids]
+                out[key] = items[:n] + go
+            else:
+                wait = rest
+                if n:
+                    out[key] = items[:n]
+            if wait:
+                slot.held.setdefault(key, []).extend(wait)
         return out
 
     def trim_held(self, slot: WorkerSlot) -> None:
