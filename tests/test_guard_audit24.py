@@ -430,11 +430,6 @@ def test_a_greeting_that_refuses_is_one_connection_not_one_per_group(
         assert got["attempts"] == 0, got
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="does not hold every run on main after the session's landings: 6 more refusals"
-    " after the reload in some runs (the cap carried by wire.Lanes is lost on a path not found)",
-)
 def test_a_reload_keeps_a_sites_learned_connection_cap(tmp_path: Path) -> None:
     """A receiver takes 2 connections from us (421 "Too many connections"
     over that) and fastsend may open 8: the third connection's refusal caps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 from tests._serve_helpers import Served, until
@@ -38,3 +40,106 @@ def test_a_reload_during_a_campaigns_sample_does_not_hold_the_campaign(tmp_path:
             assert not missing, (len(missing), missing[:10])
         finally:
             s.stop()
+
+
+class _Gate:
+    """A receiver in front of a sink that takes ``limit`` sessions at a time;
+    one more is held without a greeting until :meth:`release`, then refused
+    (421 "Too many connections"), as every one after it is at once
+    (``late``): the refusals a client reads only after something else
+    happened (here, a reload's wire.Retire)."""
+
+    REFUSE = b"421 4.7.0 Too many connections, try later\r\n"
+
+    def __init__(self, upstream: tuple[str, int], limit: int) -> None:
+        self.upstream, self.limit = upstream, limit
+        self.live = self.late = 0
+        self.held: list[asyncio.StreamWriter] = []
+        self.released = False
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._accept, "127.0.0.1", 0)
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except OSError:
+            pass
+        finally:
+            w.close()
+
+    async def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.live >= self.limit:
+            if not self.released:
+                self.held.append(w)
+                return
+            self.late += 1
+            w.write(self.REFUSE)
+            w.close()
+            return
+        self.live += 1
+        try:
+            ur, uw = await asyncio.open_connection(*self.upstream)
+            await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w))
+        finally:
+            self.live -= 1
+
+    def release(self) -> None:
+        def go() -> None:
+            self.released = True
+            for w in self.held:
+                w.write(self.REFUSE)
+                w.close()
+
+        self.loop.call_soon_threadsafe(go)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_a_cap_the_retiring_worker_learns_after_the_reload_reaches_the_new_one(
+    tmp_path: Path,
+) -> None:
+    """A receiver takes 2 sessions; the others fastsend opens (8 may) are
+    refused, and the refusal caps the site's connections (SiteQueue.cap). When
+    the worker read the reload's wire.Retire before those refusals (its loop
+    busy, or the 421 slow to come), its answer carried no cap, and what it
+    learned after was never told: the new worker opened 8 again once the old
+    one's connections closed, and 6 more were refused (test_guard_audit24's
+    reload cap test, in some runs). Now a cap learned while retiring goes to
+    the new worker with the lanes its last replies slowed (before the
+    wire.Conns that frees the connections)."""
+    with SinkThread(latency_ms=20.0) as sink:
+        gate = _Gate((sink.host, sink.port), 2)
+        s = Served(tmp_path, f"127.0.0.1:{gate.port}",
+                   delivery="max_connections = 8\npipeline = 4")  # fmt: skip
+        try:
+            rows = [{"email": f"a{i}@d.test", "name": "x"} for i in range(3000)]
+            st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+            assert st == 201, out
+            until("a session over the receiver's 2", lambda: len(gate.held) >= 1)
+            hup(s, "configuration reloaded")
+            gate.release()  # the retiring worker reads its refusals now
+            sent = sink.stats.messages
+            until("the new worker's mail",
+                  lambda: sink.stats.messages >= sent + 300 or s.proc.poll() is not None)  # fmt: skip
+            # (one may be a connection opened as the old one's last closed, before
+            # the receiver saw it close; before the fix, the new worker's 6)
+            assert gate.late <= 1, (gate.late, len(gate.held))
+        finally:
+            s.stop()
+            gate.close()

@@ -159,6 +159,7 @@ class Worker:
         self.lanes_told: dict[tuple[str, str], tuple[float, float]] = {}  # report_lanes
         self.lanes_busy: list[tuple[str, str]] = []  # (ip, site) with a connection at Retire
         self.providers_told: dict[str, tuple[float, float, int, float]] = {}  # report_lanes
+        self.caps_told: set[tuple[str, str, int, float]] = set()  # report_lanes
         self.busy = 0  # batches being resolved/rendered
         self.built = 0  # messages built by the inbox read under way (on_inbox)
         self.cost_told = False  # a wire.Stats went once COST_TOLD messages were built
@@ -822,6 +823,7 @@ class Worker:
         self.lanes_told = {(st.ip, st.site): _slowed(st) for st in states}
         providers = self.providers_told = self.router.states(now)
         caps = self.site_caps(now)
+        self.caps_told = set(caps)
         if states or providers or caps:
             self.pending_out.append(wire.encoder.encode(wire.Lanes(states, providers, caps)))
         # Only lanes with a transaction on the wire can hear more (report_lanes).
@@ -888,8 +890,14 @@ class Worker:
         providers = {k: v for k, v in self.router.states(now).items()
                      if self.providers_told.get(k) != v}  # fmt: skip
         self.providers_told.update(providers)
-        if changed or providers:
-            self.pending_out.append(wire.encoder.encode(wire.Lanes(changed, providers)))
+        # A site's cap learned since (a refusal read after wire.Retire: its loop
+        # read the Retire first): before, only the caps at Retire went, and the
+        # new worker opened the site's whole max_connections again once this
+        # one's connections closed, each one over the site's refused again.
+        caps = [c for c in self.site_caps(now) if c not in self.caps_told]
+        self.caps_told.update(caps)
+        if changed or providers or caps:
+            self.pending_out.append(wire.encoder.encode(wire.Lanes(changed, providers, caps)))
             self.flush()
 
     def report_conns(self) -> None:

@@ -485,14 +485,19 @@ class WorkerLifecycle(SupervisorState):
         now.update(((st.ip, st.site), st) for st in msg.lanes)
         slot.lanes = list(now.values())
         slot.providers.update(msg.providers)
+        if msg.sites:  # (a site's cap it learned since: for a worker started later too)
+            caps = {(c[0], c[1]): c for c in slot.sites}
+            caps.update(((c[0], c[1]), c) for c in msg.sites)
+            slot.sites = list(caps.values())
         owners = self._owners()
         for new in self.slots:
             if new.alive and new.inbox is not None:
                 mine = [st for st in msg.lanes
                         if self._takes_over(new.index, slot, st.ip, owners)]  # fmt: skip
-                providers = msg.providers if new.index == slot.index else {}
-                if mine or providers:
-                    new.backlog.append(wire.encoder.encode(wire.Lanes(mine, providers)))
+                providers, sites = (msg.providers, msg.sites) if new.index == slot.index else (
+                    {}, [])  # fmt: skip
+                if mine or providers or sites:
+                    new.backlog.append(wire.encoder.encode(wire.Lanes(mine, providers, sites)))
                     self.push_backlog(new)
 
     def on_conns(self, slot: WorkerSlot, msg: wire.Conns) -> None:
