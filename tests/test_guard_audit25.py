@@ -143,3 +143,53 @@ def test_a_cap_the_retiring_worker_learns_after_the_reload_reaches_the_new_one(
         finally:
             s.stop()
             gate.close()
+
+
+def test_a_site_found_unreachable_stays_so_across_a_reload(tmp_path: Path) -> None:
+    """A site whose host closes every connection before its greeting is
+    unreachable: its mail is answered (deferred) without a connection for
+    DEAD_FOR (SiteQueue.dead_until). A SIGHUP's new worker started without it,
+    and connected to it again for the next mail (and to a host down or
+    refusing us, tried last no more); now the site's marks go with the lanes
+    (wire.Lanes ``marks``)."""
+    import socket
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    accepted = [0]
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            accepted[0] += 1
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    s = Served(tmp_path, f"127.0.0.1:{lsock.getsockname()[1]}")
+    try:
+
+        def deferred(cid: int) -> bool:
+            st, got = s.req("GET", f"/v1/campaigns/{cid}")
+            return st == 200 and got["counts"]["deferred"] == 5
+
+        def post(prefix: str) -> int:
+            rows = [{"email": f"{prefix}{i}@d.test", "name": "x"} for i in range(5)]
+            st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+            assert st == 201, out
+            return int(out["id"])
+
+        first = post("a")
+        until("the first campaign deferred", lambda: deferred(first))
+        before = accepted[0]
+        assert before >= 1
+        hup(s, "configuration reloaded")
+        second = post("b")
+        until("the second campaign deferred", lambda: deferred(second))
+        assert accepted[0] == before, (before, accepted[0])
+    finally:
+        s.stop()
+        lsock.close()

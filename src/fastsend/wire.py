@@ -343,6 +343,23 @@ class LaneState(msgspec.Struct, array_like=True):
     throttle_whole: int = 0
 
 
+class SiteMarks(msgspec.Struct, array_like=True):
+    """What a retiring worker's site queue learned of the site's hosts
+    (delivery.pool.SiteQueue), for the worker that takes its place; times are
+    monotonic (one clock for the host's processes). ``down``: address -> until
+    when it is tried after the others (it did not answer); ``refused``: (source
+    IP, address, until) of a host that refused that address at its greeting;
+    ``dead_until`` and ``dead`` (enhanced code, text, stage, mx): the site
+    unreachable, its mail answered with that without a connection until then."""
+
+    pool: str
+    key: str
+    down: dict[str, float] = {}
+    refused: list[tuple[str, str, float]] = []
+    dead_until: float = 0.0
+    dead: tuple[str, str, str, str] | None = None
+
+
 class Lanes(msgspec.Struct, array_like=True, tag=22):
     """A retiring worker's lanes (wire.Retire's answer, before :class:`Conns`),
     then supervisor -> the worker started in its place, before any batch: it
@@ -358,6 +375,9 @@ class Lanes(msgspec.Struct, array_like=True, tag=22):
     # A site's connections capped at those that worked when one more was refused
     # (delivery.pool.SiteQueue.cap, CAP_FOR): (pool, site key, cap, until, monotonic)
     sites: list[tuple[str, str, int, float]] = []
+    # Its sites' hosts down or refusing, and sites unreachable (SiteQueue.marks):
+    # before, a reload's new worker connected to each again at once.
+    marks: list[SiteMarks] = []
 
 
 ToWorker = (

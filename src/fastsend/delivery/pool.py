@@ -100,7 +100,7 @@ from fastsend.shaping.lanes import FOREVER, PROVIDER_LANES, UNBOUNDED, Lane, Sha
 from fastsend.shaping.policy import Limits
 from fastsend.shaping.pools import utc_day
 from fastsend.smtp.transport import ConnectOptions, SMTPConnection, Timeouts, connect
-from fastsend.wire import ELSEWHERE_IP, ELSEWHERE_WORKER
+from fastsend.wire import ELSEWHERE_IP, ELSEWHERE_WORKER, SiteMarks
 
 if TYPE_CHECKING:
     from fastsend.transports.slots import Slots
@@ -478,6 +478,37 @@ class SiteQueue:
                 asyncio.get_running_loop().call_later(TRIM_WAIT, self._scale)
                 return
             self._hold()
+
+    def marks(self, pool: str, key: str, now: float) -> SiteMarks | None:
+        """What this queue (the worker's ``(pool, key)``) knows of its hosts and
+        still holds at ``now`` (monotonic), for a reload's new worker
+        (wire.Lanes ``marks``)."""
+        down = {a: t for a, t in self.down.items() if t > now}
+        refused = [(ip, a, t) for (ip, a), t in self.refused.items() if t > now]
+        dead = self.dead if self.dead_until > now else None
+        if not (down or refused or dead):
+            return None
+        return SiteMarks(
+            pool, key, down, refused,
+            self.dead_until if dead is not None else 0.0,
+            (dead.enhanced, dead.text, dead.stage, dead.mx) if dead is not None else None,
+        )  # fmt: skip
+
+    def inherit_marks(self, m: SiteMarks) -> None:
+        """A reload's retiring worker's :meth:`marks`: its hosts down or refusing
+        are tried last here too, and an unreachable site stays answered
+        without a connection, until the times it had."""
+        now = time.monotonic()
+        for a, t in m.down.items():
+            if t > now and t > self.down.get(a, 0.0):
+                self.down[a] = t
+        for ip, a, t in m.refused:
+            if t > now and t > self.refused.get((ip, a), 0.0):
+                self.refused[(ip, a)] = t
+        if m.dead is not None and m.dead_until > max(now, self.dead_until):
+            enhanced, text, stage, mx = m.dead
+            self.dead_until = m.dead_until
+            self.dead = Outcome(DEFERRED, 0, enhanced, text, stage, mx)
 
     def inherit_cap(self, cap: int, until: float) -> None:
         """A reload's retiring worker capped this site's connections at ``cap``

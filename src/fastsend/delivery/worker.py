@@ -160,6 +160,9 @@ class Worker:
         self.lanes_busy: list[tuple[str, str]] = []  # (ip, site) with a connection at Retire
         self.providers_told: dict[str, tuple[float, float, int, float]] = {}  # report_lanes
         self.caps_told: set[tuple[str, str, int, float]] = set()  # report_lanes
+        self.marks_told: dict[tuple[str, str], Any] = {}  # report_lanes
+        # (pool, site key) -> the marks of a site whose queue is not made yet
+        self.marks_inherited: dict[tuple[str, str], wire.SiteMarks] = {}
         self.busy = 0  # batches being resolved/rendered
         self.built = 0  # messages built by the inbox read under way (on_inbox)
         self.cost_told = False  # a wire.Stats went once COST_TOLD messages were built
@@ -293,6 +296,8 @@ class Worker:
                     self.router.inherit(msg.providers)
                 if msg.sites:
                     self.inherit_caps(msg.sites)
+                if msg.marks:
+                    self.inherit_marks(msg.marks)
             elif isinstance(msg, wire.Conns):
                 self.shaper.lend(msg.held)
                 for (_pool, key), q in list(self.sites.items()):  # freed: its mail may go now
@@ -723,6 +728,10 @@ class Worker:
                 got = self.caps_inherited.pop((pool, key), None)
                 if got is not None:
                     q.inherit_cap(*got)
+            if self.marks_inherited:
+                marked = self.marks_inherited.pop((pool, key), None)
+                if marked is not None:
+                    q.inherit_marks(marked)
         elif q.site is not site:
             q.site = site  # refreshed DNS answer
         return q
@@ -824,8 +833,12 @@ class Worker:
         providers = self.providers_told = self.router.states(now)
         caps = self.site_caps(now)
         self.caps_told = set(caps)
-        if states or providers or caps:
-            self.pending_out.append(wire.encoder.encode(wire.Lanes(states, providers, caps)))
+        marks = self.site_marks(now)
+        self.marks_told = {(m.pool, m.key): _marked(m) for m in marks}
+        if states or providers or caps or marks:
+            self.pending_out.append(
+                wire.encoder.encode(wire.Lanes(states, providers, caps, marks))
+            )
         # Only lanes with a transaction on the wire can hear more (report_lanes).
         self.lanes_busy = [key for key, ln in self.shaper.lanes.items() if ln.active]
         self.report_conns()
@@ -856,6 +869,30 @@ class Worker:
         was refused while these worked), for a reload's new worker."""
         return [(pool, key, q.cap, q.cap_until) for (pool, key), q in self.sites.items()
                 if isinstance(q, SiteQueue) and q.cap and q.cap_until > now]  # fmt: skip
+
+    def site_marks(self, now: float) -> list[wire.SiteMarks]:
+        """Its sites' hosts down or refusing, and sites unreachable, now
+        (SiteQueue.marks), for a reload's new worker."""
+        out = []
+        for (pool, key), q in self.sites.items():
+            if isinstance(q, SiteQueue) and (m := q.marks(pool, key, now)) is not None:
+                out.append(m)
+        return out
+
+    def inherit_marks(self, marks: list[wire.SiteMarks]) -> None:
+        """wire.Lanes ``marks``: what the worker this one replaces knew of its
+        sites' hosts, applied to each site's queue (now, or when it is made).
+        Before, a reload's new worker connected at once to a host that did not
+        answer or refused us, and to a site found unreachable (one connect
+        timeout per group again)."""
+        for m in marks:
+            q = self.sites.get((m.pool, m.key))
+            if isinstance(q, SiteQueue):
+                q.inherit_marks(m)
+            else:
+                if len(self.marks_inherited) >= 10_000:
+                    self.marks_inherited.clear()
+                self.marks_inherited[(m.pool, m.key)] = m
 
     def inherit_caps(self, caps: list[tuple[str, str, int, float]]) -> None:
         """wire.Lanes ``sites``: the caps the worker this one replaces learned,
@@ -896,8 +933,15 @@ class Worker:
         # one's connections closed, each one over the site's refused again.
         caps = [c for c in self.site_caps(now) if c not in self.caps_told]
         self.caps_told.update(caps)
-        if changed or providers or caps:
-            self.pending_out.append(wire.encoder.encode(wire.Lanes(changed, providers, caps)))
+        marks = []  # (and a site's hosts its last replies marked down or refusing)
+        for m in self.site_marks(now):
+            if self.marks_told.get((m.pool, m.key)) != (was := _marked(m)):
+                self.marks_told[(m.pool, m.key)] = was
+                marks.append(m)
+        if changed or providers or caps or marks:
+            self.pending_out.append(
+                wire.encoder.encode(wire.Lanes(changed, providers, caps, marks))
+            )
             self.flush()
 
     def report_conns(self) -> None:
@@ -1526,6 +1570,11 @@ def run_worker(
 # 8460 5.3 has delivered "despite any TLS-related failures": the MX hosts of the
 # domain's site, without its MTA-STS or DANE requirements (opportunistic TLS).
 REPORT_MAIL = "tls_report_mail"
+
+
+def _marked(m: wire.SiteMarks) -> tuple[Any, ...]:
+    """What of a site's marks a later wire.Lanes tells again (report_lanes)."""
+    return (sorted(m.down.items()), sorted(m.refused), m.dead_until)
 
 
 def _without_policy(site: Site) -> Site:

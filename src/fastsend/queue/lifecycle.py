@@ -435,6 +435,7 @@ class WorkerLifecycle(SupervisorState):
         out: dict[tuple[str, str], wire.LaneState] = {}
         providers: dict[str, tuple[float, float, int, float]] = {}
         caps: dict[tuple[str, str], tuple[str, str, int, float]] = {}
+        marks: dict[tuple[str, str], wire.SiteMarks] = {}
         owners = self._owners()
         for old in sources:
             out.update(((st.ip, st.site), st) for st in old.lanes
@@ -442,9 +443,11 @@ class WorkerLifecycle(SupervisorState):
             if old.index == index:
                 providers.update(old.providers)
                 caps.update(((c[0], c[1]), c) for c in old.sites)  # (its site caps)
-        if not out and not providers and not caps:
+                marks.update(((m.pool, m.key), m) for m in old.marks)
+        if not out and not providers and not caps and not marks:
             return None
-        return wire.Lanes(list(out.values()), providers, list(caps.values()))
+        return wire.Lanes(list(out.values()), providers, list(caps.values()),
+                          list(marks.values()))  # fmt: skip
 
     def worker_counters(self, index: int, gauges: Collection[str] = ()) -> dict[str, float]:
         """Slot ``index``'s counters (wire.Stats) over every worker it ran: what
@@ -480,6 +483,7 @@ class WorkerLifecycle(SupervisorState):
         if slot.conns is None:
             slot.lanes, slot.providers = list(msg.lanes), dict(msg.providers)
             slot.sites = list(msg.sites)
+            slot.marks = list(msg.marks)
             return
         now = {(st.ip, st.site): st for st in slot.lanes}
         now.update(((st.ip, st.site), st) for st in msg.lanes)
@@ -489,15 +493,22 @@ class WorkerLifecycle(SupervisorState):
             caps = {(c[0], c[1]): c for c in slot.sites}
             caps.update(((c[0], c[1]), c) for c in msg.sites)
             slot.sites = list(caps.values())
+        if msg.marks:
+            was = {(m.pool, m.key): m for m in slot.marks}
+            was.update(((m.pool, m.key), m) for m in msg.marks)
+            slot.marks = list(was.values())
         owners = self._owners()
         for new in self.slots:
             if new.alive and new.inbox is not None:
                 mine = [st for st in msg.lanes
                         if self._takes_over(new.index, slot, st.ip, owners)]  # fmt: skip
-                providers, sites = (msg.providers, msg.sites) if new.index == slot.index else (
-                    {}, [])  # fmt: skip
-                if mine or providers or sites:
-                    new.backlog.append(wire.encoder.encode(wire.Lanes(mine, providers, sites)))
+                providers, sites, marks = (
+                    (msg.providers, msg.sites, msg.marks) if new.index == slot.index
+                    else ({}, [], []))  # fmt: skip
+                if mine or providers or sites or marks:
+                    new.backlog.append(
+                        wire.encoder.encode(wire.Lanes(mine, providers, sites, marks))
+                    )
                     self.push_backlog(new)
 
     def on_conns(self, slot: WorkerSlot, msg: wire.Conns) -> None:

@@ -61,6 +61,7 @@ class WorkerSlot(msgspec.Struct):
     lanes: list[wire.LaneState] = msgspec.field(default_factory=list)
     providers: dict[str, tuple[float, float, int, float]] = msgspec.field(default_factory=dict)
     sites: list[tuple[str, str, int, float]] = msgspec.field(default_factory=list)  # its caps
+    marks: list[wire.SiteMarks] = msgspec.field(default_factory=list)  # (its sites' hosts)
     stop_at: float = 0.0  # monotonic: a retiring worker still running then is stopped
     held: dict[tuple[int, str], list[Claimed]] = msgspec.field(default_factory=dict)  # rate-held
     # Deliveries of its pipelined groups still in flight (wire.Answered's items):
