@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 from tests._serve_helpers import Served, until
 from tests.test_multinode import TPL
@@ -190,6 +191,69 @@ def test_a_site_found_unreachable_stays_so_across_a_reload(tmp_path: Path) -> No
         second = post("b")
         until("the second campaign deferred", lambda: deferred(second))
         assert accepted[0] == before, (before, accepted[0])
+    finally:
+        s.stop()
+        lsock.close()
+
+
+def _refusing_ehlo(reply: bytes) -> tuple[Any, list[int]]:
+    """A receiver that greets, then answers EHLO (and HELO) with ``reply`` and
+    closes; returns its socket and its count of connections."""
+    import socket
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    accepted = [0]
+
+    def session(c: socket.socket) -> None:
+        with c:
+            c.settimeout(10)
+            try:
+                c.sendall(b"220 mx.test ESMTP\r\n")
+                f = c.makefile("rb")
+                while line := f.readline():
+                    if line[:4].upper() in (b"EHLO", b"HELO"):
+                        c.sendall(reply)
+                        return
+                    c.sendall(b"221 bye\r\n" if line[:4].upper() == b"QUIT" else b"503 no\r\n")
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            accepted[0] += 1
+            threading.Thread(target=session, args=(c,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return lsock, accepted
+
+
+def test_a_4xx_to_ehlo_is_a_greetings_refusal_for_the_site(tmp_path: Path) -> None:
+    """A receiver that greets and then answers EHLO "421 4.3.2 Service
+    shutting down, try again later" refuses the session as a 4xx greeting
+    does: the site is unusable now (SiteQueue._unreachable: its waiting mail
+    deferred, no connection for DEAD_FOR). Before, only the greeting's 4xx
+    counted: each pipelined group opened a connection of its own (10 for 40
+    messages)."""
+    lsock, accepted = _refusing_ehlo(b"421 4.3.2 Service shutting down, try again later\r\n")
+    s = Served(tmp_path, f"127.0.0.1:{lsock.getsockname()[1]}", delivery="pipeline = 4\nmax_connections = 1")  # fmt: skip
+    try:
+        rows = [{"email": f"a{i}@d.test", "name": "x"} for i in range(40)]
+        st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+        assert st == 201, out
+
+        def deferred() -> bool:
+            st, got = s.req("GET", f"/v1/campaigns/{out['id']}")
+            return st == 200 and got["counts"]["deferred"] == 40
+
+        until("every message deferred", deferred)
+        # (a connection per source of the first claim's batches at most: one here)
+        assert accepted[0] <= 2, accepted[0]
     finally:
         s.stop()
         lsock.close()

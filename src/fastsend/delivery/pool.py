@@ -938,7 +938,7 @@ class SiteQueue:
                         self.cap_until = now + CAP_FOR
                         self.count("connections_over_site_cap")
                         break
-                    if conn.stage == "greeting" and conn.code and not lane.usable(now):
+                    if conn.stage in _REFUSED_SESSION and conn.code and not lane.usable(now):
                         # The refusal rested or suspended the address here (a
                         # block, a provider's rule): its mail goes back, not
                         # tried (_hold: handed back until the lane resumes);
@@ -1280,8 +1280,11 @@ def _unusable(o: Outcome) -> bool:
     (a 4xx: "421 try again later"; Postfix's "host refused to talk to me",
     its destination throttled), or TLS or AUTH failed. Before, a 4xx greeting
     answered one group a connection: 11 connections in a row for 500
-    messages to a receiver that asked for none."""
-    if o.stage == "greeting" and 400 <= o.code < 500:
+    messages to a receiver that asked for none. A 4xx to EHLO or HELO is
+    that greeting's refusal said one command later (Postfix's
+    smtpd_delay_reject, an overloaded host's "421 try again later" to EHLO):
+    before, it was not, and each group opened a connection again."""
+    if o.stage in _REFUSED_SESSION and 400 <= o.code < 500:
         # (not a count of connections: those of another worker or node sending
         # from the address, which may close any moment)
         return _CONNECTIONS.search(o.text) is None
