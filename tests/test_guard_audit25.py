@@ -257,3 +257,37 @@ def test_a_4xx_to_ehlo_is_a_greetings_refusal_for_the_site(tmp_path: Path) -> No
     finally:
         s.stop()
         lsock.close()
+
+
+def test_a_guardrail_never_pauses_a_tenants_transactional_stream(tmp_path: Path) -> None:
+    """A tenant's transactional mail (POST /v1/messages, submission: its
+    "transactional" campaign) bounced over the bounce-rate guardrail: the
+    campaign was paused like a bulk list, and every password reset and receipt
+    the tenant sent after it was accepted and never delivered. Production MTAs
+    judge the streams apart: the bulk campaign is paused, the transactional
+    stream goes on (an event says it is over the line, once a sample)."""
+    with SinkThread() as sink:
+        s = Served(tmp_path, f"{sink.host}:{sink.port}", extra="[guardrails]\nmin_sample = 20")
+        try:
+            bad = [f"permfail-{i}@d.test" for i in range(10)]
+            good = [f"u{i}@d.test" for i in range(20)]
+            for to in (bad, good):
+                st, out = s.req("POST", "/v1/messages", {
+                    "from": "a@example.com", "subject": "s", "text": "t", "to": to})  # fmt: skip
+                assert st == 202, out
+            until("the first messages", lambda: sink.stats.messages >= 20)
+            log = tmp_path / "spool" / "events.jsonl"
+            until("the bounces", lambda: log.exists() and log.read_text().count('"bounced"') >= 10)
+            st, out = s.req("POST", "/v1/messages", {
+                "from": "a@example.com", "subject": "later", "text": "t", "to": ["late@d.test"]})  # fmt: skip
+            assert st == 202, out
+            until("the later message", lambda: sink.stats.messages >= 21)
+            assert '"campaign_paused"' not in log.read_text()
+            # ... and a bulk campaign bouncing as much is paused
+            rows = [{"email": f"permfail-b{i}@d.test", "name": "x"} for i in range(10)]
+            rows += [{"email": f"b{i}@d.test", "name": "x"} for i in range(20)]
+            st, out = s.req("POST", "/v1/campaigns", {"template": TPL, "recipients": rows})
+            assert st == 201, out
+            until("the bulk campaign's pause", lambda: '"campaign_paused"' in log.read_text())
+        finally:
+            s.stop()

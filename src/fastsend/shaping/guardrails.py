@@ -99,6 +99,7 @@ class Guardrails:
         self.senders = 1
         self.senders_at = -math.inf
         self.synced: dict[int, float] = {}  # campaign -> its last _sync (monotonic)
+        self.kinds: dict[int, bool] = {}  # campaign -> whether it is a transactional stream
 
     def _get(self, campaign: int) -> list[int]:
         g = self.counts.get(campaign)
@@ -128,11 +129,31 @@ class Guardrails:
                 r[reason] = r.get(reason, 0) + 1
             self.check(claimed.campaign)
 
+    def transactional(self, campaign: int) -> bool:
+        """Whether ``campaign`` is a tenant's transactional stream (``POST
+        /v1/messages``, submission): never sampled nor paused by the guardrails,
+        only told (:meth:`check`). Production MTAs judge it apart from the bulk
+        lists: paused like one, every password reset and receipt the tenant
+        sent after it was accepted and never delivered."""
+        known = self.kinds.get(campaign)
+        if known is None:
+            try:
+                info = self.spool.get_campaign(campaign)
+                known = info is not None and info.spec.get("kind") == "transactional"
+            except Exception:
+                return False  # (asked again next time)
+            if len(self.kinds) > 100_000:
+                self.kinds.clear()
+            self.kinds[campaign] = known
+        return known
+
     def sampling(self, campaign: int) -> bool:
         """Whether ``campaign`` has yet to be judged: fewer than ``min_sample``
         final outcomes counted (since start or its last pause)."""
         s = self.settings
         if not s.enabled:
+            return False
+        if self.transactional(campaign):
             return False
         g = self.counts.get(campaign)
         if g is None:
@@ -321,6 +342,27 @@ class Guardrails:
                 # campaign hovers at its threshold)
                 self.synced[campaign] = mono
                 return self._sync(campaign) and self.check(campaign, synced=True)
+        if self.transactional(campaign):
+            # Told, not paused; a fresh sample from here (told again only if the
+            # next one is over the line too).
+            self.counts[campaign] = [0, 0, 0]
+            self.pending.pop(campaign, None)
+            self.spool.drop_counters([_name(campaign, i) for i in range(3)])
+            self.emit(
+                {
+                    "time": self.clock(),
+                    "event": "guardrail_exceeded",
+                    "campaign": campaign,
+                    "reason": why,
+                    "delivered": delivered,
+                    "bounced": bounced,
+                    "complaints": complaints,
+                    "bounce_reasons": dict(
+                        sorted(self.reasons.pop(campaign, {}).items(), key=lambda kv: -kv[1])[:8]
+                    ),
+                }
+            )
+            return False
         info = self.spool.get_campaign(campaign)
         if info is None or info.status != "active":
             if info is not None and info.status == "paused":
