@@ -117,7 +117,7 @@ EVENT_NAMES = frozenset({
     "opened", "clicked", "unsubscribed", "complained", "feedback", "provider",
     "provider_subscription",
     # campaigns (the API, `fastsend campaign`, guardrails)
-    "campaign_paused", "campaign_active", "campaign_cancelled",
+    "campaign_paused", "campaign_active", "campaign_cancelled", "guardrail_exceeded",
     # the node's sending reputation (shaping, blocklists, feeds, warm-up, alarms, DMARC)
     "shaping", "ip_listed", "ip_delisted", "reputation_feed", "reputation_feed_failed",
     "warmup_adjusted", "alarm", "alarm_cleared", "dmarc_report", "dmarc_report_refused",
