@@ -5,14 +5,23 @@
   and the request could never be made right (aiohttp refuses a URL's
   credentials beside the transport's own auth). It is refused at load, and no
   refusal quotes it.
+- A request throttled (429, 503) past the lane's patience (``MAX_THROTTLES``
+  throttles of one message, or a Retry-After past the ready horizon) was
+  answered deferred: an attempt, its backoff doubling and its retry budget
+  spent, though nothing was sent. It is handed back unattempted (to the
+  route's next transport first), due when the pause ends.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests._engine_helpers import run_fastsend
+from tests._engine_helpers import run_fastsend, summary, write_recipients
+from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
+from tests.test_transports_http import events, send
 
 from fastsend.config import ConfigError, from_dict
 
@@ -78,3 +87,53 @@ def test_a_relay_host_with_credentials_is_refused_unquoted(
     res = run_fastsend("check-config", "-c", str(f))
     assert res.returncode != 0, res
     assert "user or password" in res.stderr and PW not in res.stdout + res.stderr, res
+
+
+def _attempts(tmp: Path) -> dict[str, int]:
+    with sqlite3.connect(tmp / "spool" / "spool.db") as db:
+        return dict(db.execute("SELECT rcpt, attempts FROM messages"))
+
+
+def _throttled_run(tmp: Path, retry_after: str, n: int, max_wait: str) -> tuple[Any, Recorder]:
+    camp = tmp / "c.toml"
+    camp.write_text('from = "news@sender.example.com"\nsubject = "s"\ntext = "t"\n')
+    rcpts = write_recipients(tmp, [f"t{i}@example.net" for i in range(n)])
+    rec = Recorder(throttle_first=1 << 30)  # every request: 429
+    rec.retry_after = retry_after
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = (
+            "[retry]\nmin_backoff = 1\nmax_backoff = 2\n"
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\nmax_connections = 1\n'
+            'domain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        proc = send(tmp, camp, rcpts, cfg, {"FASTSEND_MG_API_KEY": "mg-key"},
+                    "--max-wait", max_wait, "--no-dkim", "--workers", "1")  # fmt: skip
+    return proc, rec
+
+
+def test_a_retry_after_past_the_horizon_spends_no_attempt(tmp_path: Path) -> None:
+    """Every request answered 429 with Retry-After: 600 (past the 10 s ready
+    horizon): nothing is sent, so nothing is an attempt: no message deferred,
+    every message's attempts 0. Before, the throttled request's own message was
+    answered deferred (attempt 1, 421 4.7.0) and only the rest handed back."""
+    proc, rec = _throttled_run(tmp_path, "600", 3, "3")
+    assert rec.throttled >= 1 and not rec.accepted
+    s = summary(proc)
+    assert s["delivered"] == 0 and s["deferrals"] == 0, (s, proc.stderr[-2000:])
+    assert not [e for e in events(tmp_path) if e["event"] in ("deferred", "bounced")]
+    assert set(_attempts(tmp_path).values()) == {0}, _attempts(tmp_path)
+
+
+def test_a_message_throttled_again_and_again_spends_no_attempt(tmp_path: Path) -> None:
+    """Every request answered 429 with Retry-After: 1: after MAX_THROTTLES (8)
+    throttles of the message the lane gives it up, and it goes back to the
+    queue unattempted, due when the pause ends, and is tried again. Before,
+    it was answered deferred: attempt 1, then its backoff (here 1 s) and again."""
+    from fastsend.transports.http import MAX_THROTTLES
+
+    proc, rec = _throttled_run(tmp_path, "1", 1, "16")
+    assert rec.throttled > MAX_THROTTLES, rec.throttled  # given up at least once
+    s = summary(proc)
+    assert s["deferrals"] == 0, (s, proc.stderr[-2000:])
+    assert not [e for e in events(tmp_path) if e["event"] in ("deferred", "bounced")]
+    assert _attempts(tmp_path) == {"t0@example.net": 0}

@@ -37,9 +37,10 @@ account's MaxSendRate, read once), one for the node's workers together
 1 s doubling), the rate halved (or, with no rate, the in-flight bound), the
 throttled envelopes back at the head of the queue -- after ``MAX_THROTTLES``
 throttles of one envelope, or when the pause is longer than the ready horizon,
-they are answered deferred and the supervisor reschedules them (when the
-pause is past the horizon, the mail the lane holds goes on to its route's next
-transport at once, unattempted here, and only the rest goes back). Successes
+they go on to their route's next transport, or back to the supervisor, due
+when the pause ends: unattempted either way (nothing was sent; before, they
+were answered deferred, an attempt each); when the
+pause is past the horizon, the mail the lane holds goes the same way. Successes
 raise the rate again additively. Every change is a "shaping" event.
 
 It never raises for provider or network trouble, and logs no secret.
@@ -995,10 +996,29 @@ class ProviderQueue:
             for e in give:
                 self.campaign_of.pop(_key(e), None)
                 self.throttles.pop(_key(e), None)
-            out = deferred(self.transport.label, f"{t.what}: {t.text}", 421, "4.7.0")
-            self.report(answered(give, out), "", self.transport.label)
+            self._give_up(give, t, now)
         if pause > self.horizon:
             self.trim()  # the rest of the lane waits in the supervisor, not here
+
+    def _give_up(self, give: list[Envelope], t: Throttled, now: float) -> None:
+        """Throttled envelopes the lane will not hold (throttled ``MAX_THROTTLES``
+        times, a pause past the horizon, the worker closing): nothing of them
+        was sent, so they go back unattempted -- to their route's next
+        transport first (``move_on``), the rest to the supervisor, due when the
+        pause ends (at least the lane's backoff). Before, they were answered
+        deferred: an attempt each, the backoff doubling and the retry budget
+        spent on requests the provider never took."""
+        label = self.transport.label
+        if self.handback is None:  # no supervisor to hand back to (a bare queue)
+            out = deferred(label, f"{t.what}: {t.text}", 421, "4.7.0")
+            self.report(answered(give, out), "", label)
+            return
+        wait = max(self.paused_until - now, self.backoff, 0.0)
+        why = f"{label} {t.what} (HTTP {t.status}): {t.text}"[:300]
+        back = give if self.move_on is None else self.move_on(give, why)
+        if back:
+            step = 1.0 / self.bucket.rate if self.bucket is not None else 0.0
+            self.handback(back, wait, step, f"handed back unattempted: {why}")
 
     def _event(self, action: str, **fields: Any) -> None:
         ev: dict[str, Any] = {
