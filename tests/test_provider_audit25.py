@@ -10,11 +10,17 @@
   answered deferred: an attempt, its backoff doubling and its retry budget
   spent, though nothing was sent. It is handed back unattempted (to the
   route's next transport first), due when the pause ends.
+- ``Spool.settle`` (a provider's event shows it has a message left
+  unanswered) committed the delivery, and its "delivered" event was written
+  after: a kill in between left a delivery no event ever told. The settled
+  ids are noted untold in the same transaction (script call on Redis), as
+  recorded outcomes are, and the next start tells them.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +143,43 @@ def test_a_message_throttled_again_and_again_spends_no_attempt(tmp_path: Path) -
     assert s["deferrals"] == 0, (s, proc.stderr[-2000:])
     assert not [e for e in events(tmp_path) if e["event"] in ("deferred", "bounced")]
     assert _attempts(tmp_path) == {"t0@example.net": 0}
+
+
+def test_a_settled_delivery_is_told_after_a_kill_before_its_event(make_spool: Any) -> None:
+    """SQLite and Redis: a message settled delivered (``settle``: deferred when
+    the event came; ``settle_taken``: in flight when it came, recorded deferred
+    after) and the process killed before its "delivered" event is out: the next
+    start finds it untold, delivered, and tells it once. Before, ``untold`` was
+    empty: the spool said delivered and the event log, webhooks and index never
+    did. Told (the event written), nothing is left."""
+    from tests._engine_helpers import spool_rows
+
+    from fastsend.spool.base import DEFERRED, DELIVERED, Result
+
+    s = make_spool()
+    cid = s.create_campaign({"from": "a@b.example"}, name="c1")
+    now = time.time()
+    s.add_messages(cid, spool_rows(4), now)
+    got = [c.id for c in s.claim_due(now, 4)]
+    unknown = [Result(i, DEFERRED, 1, now + 60, 0, "", "no answer (unknown)") for i in got[:2]]
+    s.record_results(unknown, now)
+    assert s.settle([got[0]], "mailgun reported it (accepted)") == [got[0]]
+    assert s.settle([got[2]], "mailgun reported it (accepted)") == []  # in flight: kept
+    s.record_results([Result(got[2], DEFERRED, 1, now + 60, 0, "", "no answer")], now)
+    assert s.settle_taken([got[2]]) == {got[2]: "mailgun reported it (accepted)"}
+    # killed here, before the two "delivered" events were written
+    again = make_spool()
+    rows = {u.id: u for u in again.untold()}
+    assert set(rows) == {got[0], got[2]}, rows
+    assert all(u.state == DELIVERED and u.code == 250 for u in rows.values()), rows
+    assert "mailgun reported it" in rows[got[0]].text
+    again.told(list(rows))
+    assert again.untold() == []
+    again.close()
+    # The normal path: settled, the event written, told: nothing left for a start.
+    assert s.settle([got[1]], "sendgrid reported it (processed)") == [got[1]]
+    s.told()
+    later = make_spool()
+    assert later.untold() == []
+    later.close()
+    s.close()

@@ -847,13 +847,17 @@ class Spool(abc.ABC):
         retry would send them twice). The ids it settled, in order; what is
         queued or final is left as it is, and for what is in flight the
         evidence is kept (``text``, :data:`TAKEN_TTL`) for :meth:`settle_taken`
-        (the event came before the request's timeout)."""
+        (the event came before the request's timeout). The ids settled are
+        noted untold in the same transaction, as :meth:`record_outcomes`'
+        are, until :meth:`told` (their "delivered" events are written after
+        the commit: a kill in between leaves them to :meth:`untold`)."""
 
     @abc.abstractmethod
     def settle_taken(self, message_ids: Collection[int]) -> dict[int, str]:
         """Of ``message_ids`` (just recorded deferred, their outcome unknown),
         those a provider's event named while they were in flight (:meth:`settle`
-        kept its text): delivered now, the evidence dropped. id -> its text."""
+        kept its text): delivered now, the evidence dropped, noted untold as
+        :meth:`settle`'s. id -> its text."""
 
     @abc.abstractmethod
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:

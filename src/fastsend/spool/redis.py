@@ -1783,14 +1783,18 @@ class RedisSpool(Spool):
         if not ids:
             return []
         text = text[:400].replace("\n", " ")
-        got = self._settle(args=[self.k, "event", text, int(TAKEN_TTL), *ids])
+        got = self._settle(args=[self.k, "event", text, int(TAKEN_TTL), self.node, *ids])
+        if got:
+            self._untold_held = True  # noted untold until told (settle.lua)
         return sorted(int(i) for i in got)
 
     def settle_taken(self, message_ids: Collection[int]) -> dict[int, str]:
         ids = sorted({int(i) for i in message_ids})
         if not ids:
             return {}
-        got = self._settle(args=[self.k, "taken", "", 0, *ids])
+        got = self._settle(args=[self.k, "taken", "", 0, self.node, *ids])
+        if got:
+            self._untold_held = True
         return {int(got[n]): _s(got[n + 1]) for n in range(0, len(got), 2)}
 
     SIBLING_SPAN = 8192  # ids searched each side of near_id (no index by recipient)

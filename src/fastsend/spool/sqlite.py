@@ -1721,6 +1721,7 @@ class SQLiteSpool(Spool):
                 ).fetchone()
                 if row is not None:
                     out.append(i)
+            self._note_untold(out)
             if flying:  # its outcome is still to come: kept for settle_taken
                 db.execute(
                     "DELETE FROM meta WHERE key >= 'taken:' AND key < 'taken;'"
@@ -1756,7 +1757,23 @@ class SQLiteSpool(Spool):
                 ).fetchone()
                 if row is not None:
                     out[i] = text
+            self._note_untold(list(out))
         return out
+
+    def _note_untold(self, ids: list[int]) -> None:
+        """``ids`` (just settled delivered, in the open transaction) noted
+        untold, as :meth:`_record` notes outcomes: their "delivered" events are
+        written after this commit, and a kill in between leaves them to the
+        next start (:meth:`untold`) instead of a delivery no event tells."""
+        if not ids:
+            return
+        text = ",".join([f"{a}-{b}" for a, b in id_runs(sorted(ids))])
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key)"
+            " DO UPDATE SET value = value || ',' || excluded.value",
+            (UNTOLD, text),
+        )
+        self._untold = True
 
     def sibling(self, campaign_id: int, rcpt: str, near_id: int) -> tuple[int, str] | None:
         row = self.db.execute(
