@@ -15,10 +15,16 @@
   after: a kill in between left a delivery no event ever told. The settled
   ids are noted untold in the same transaction (script call on Redis), as
   recorded outcomes are, and the next start tells them.
+- Proven: a provider's event for a message whose request is in flight, then
+  the worker (or, on a Redis spool, the whole node) that sent it killed: the
+  message is delivered (settled) when its unknown outcome is recorded (by the
+  supervisor, or the node taking the dead node's window back), never sent
+  again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -183,3 +189,160 @@ def test_a_settled_delivery_is_told_after_a_kill_before_its_event(make_spool: An
     assert later.untold() == []
     later.close()
     s.close()
+
+
+def test_the_providers_event_settles_mail_of_a_worker_killed_while_waiting(
+    tmp_path: Path,
+) -> None:
+    """`fastsend serve` through Mailgun, whose answer comes late: the request is
+    sent and waits. Mailgun's signed "accepted" event for the message arrives
+    (kept: the message is in flight), then the worker that sent it is killed
+    (-9). The supervisor records the dead worker's message as an attempt of
+    unknown outcome, due at once -- and the event settles it there: delivered
+    (a "delivered" event, ``settled``), and Mailgun never gets it a second time
+    from the new worker."""
+    import signal
+
+    import psutil
+    from tests._serve_helpers import Served, http, until
+    from tests.test_provider_audit24 import _mailgun_post
+
+    signing = "mailgun-webhook-signing-key-0123"
+    creds = tmp_path / "mg.secret"
+    creds.write_text("api_key = mg-key\n")
+    creds.chmod(0o600)
+    hook = tmp_path / "hook.secret"
+    hook.write_text(f"signing_key = {signing}\n")
+    hook.chmod(0o600)
+    rec = Recorder()
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=600.0)) as mg:
+        extra = (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\n'
+            f'domain = "mg.sender.example.com"\nanswer_timeout = 900\n'
+            f'credentials_file = "{creds}"\n'
+            "[retry]\nmin_backoff = 1\nmax_backoff = 1\n"
+            f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
+        )
+        srv = Served(tmp_path, "mg", extra=extra)
+        try:
+            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
+                   "to": ["w@example.net"]}  # fmt: skip
+            st, got = srv.req("POST", "/v1/messages", msg, tenant="acme")
+            assert st == 202, got
+            mid = got["messages"][0]["ids"][0]
+            until("the request at Mailgun", lambda: len(rec.accepted) == 1)
+            (_rcpts, _data, token), = rec.accepted
+            ev = {"event": "accepted", "recipient": "w@example.net",
+                  "user-variables": {"fastsend": token},
+                  "message": {"headers": {"message-id": "x@mg.sender.example.com"}}}  # fmt: skip
+            st, _ = http("POST", srv.base + "/webhooks/mailgun",
+                         raw=_mailgun_post(signing, ev, "k" * 50))  # fmt: skip
+            assert st == 200
+            row = srv.req("GET", f"/v1/messages/{mid}", tenant="acme")[1]
+            assert row["state"] == "inflight", row  # its request still waits for the answer
+            # The worker holding the request: the child of serve connected to Mailgun.
+            sender = [
+                p for p in psutil.Process(srv.proc.pid).children()
+                if any(c.raddr and c.raddr[1] == mg.port for c in p.net_connections("tcp"))
+            ]
+            assert len(sender) == 1, sender
+            sender[0].send_signal(signal.SIGKILL)
+
+            def final() -> Any:
+                m = srv.req("GET", f"/v1/messages/{mid}", tenant="acme")[1]
+                return m if m["state"] not in ("inflight", "queued") else None
+
+            m = until("the message's outcome", final)
+            assert m["state"] == "delivered", m
+            done = [e for e in m["events"] if e["event"] == "delivered"]
+            assert len(done) == 1 and done[0].get("settled"), m["events"]
+            assert "mailgun" in done[0]["text"], done
+            assert rec.requests == 1, rec.requests  # never sent again
+        finally:
+            srv.stop()
+
+
+def test_the_providers_event_settles_mail_of_a_node_killed_while_waiting(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Two `serve` nodes on one Redis spool, through Mailgun answering late.
+    The node whose worker sent the message's request is killed whole (-9)
+    after Mailgun's "accepted" event for it reached the other node (kept: in
+    flight). The surviving node takes the dead node's window back once its
+    lease lapses (an attempt of unknown outcome) and the event settles it:
+    delivered (``settled``), never sent a second time."""
+    import signal
+
+    import psutil
+    from tests._serve_helpers import Served, http, until
+    from tests.test_provider_audit24 import _mailgun_post
+
+    signing = "mailgun-webhook-signing-key-0123"
+    creds = tmp_path / "mg.secret"
+    creds.write_text("api_key = mg-key\n")
+    creds.chmod(0o600)
+    hook = tmp_path / "hook.secret"
+    hook.write_text(f"signing_key = {signing}\n")
+    hook.chmod(0o600)
+    rec = Recorder()
+    url = redis_server.url(lease="2")
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=600.0)) as mg:
+        extra = (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\n'
+            f'domain = "mg.sender.example.com"\nanswer_timeout = 900\n'
+            f'credentials_file = "{creds}"\n'
+            "[retry]\nmin_backoff = 1\nmax_backoff = 1\n"
+            f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
+        )
+        nodes: list[Served] = []
+        try:
+            for n in ("a", "b"):
+                (tmp_path / n).mkdir()
+                nodes.append(Served(tmp_path / n, "mg", extra=extra,
+                                    spool_url=url + f"&node={n}&dir={tmp_path}/{n}/spool",
+                                    serve_args=("--allow-volatile",)))  # fmt: skip
+            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
+                   "to": ["n@example.net"]}  # fmt: skip
+            st, got = nodes[0].req("POST", "/v1/messages", msg, tenant="acme")
+            assert st == 202, got
+            mid = got["messages"][0]["ids"][0]
+            until("the request at Mailgun", lambda: len(rec.accepted) == 1)
+            (_rcpts, _data, token), = rec.accepted
+
+            def sends(s: Served) -> bool:
+                return any(
+                    c.raddr and c.raddr[1] == mg.port
+                    for p in psutil.Process(s.proc.pid).children()
+                    for c in p.net_connections("tcp")
+                )
+
+            (dying,) = [s for s in nodes if sends(s)]
+            (alive,) = [s for s in nodes if s is not dying]
+            ev = {"event": "accepted", "recipient": "n@example.net",
+                  "user-variables": {"fastsend": token},
+                  "message": {"headers": {"message-id": "x@mg.sender.example.com"}}}  # fmt: skip
+            st, _ = http("POST", alive.base + "/webhooks/mailgun",
+                         raw=_mailgun_post(signing, ev, "n" * 50))  # fmt: skip
+            assert st == 200
+            row = alive.req("GET", f"/v1/messages/{mid}", tenant="acme")[1]
+            assert row["state"] == "inflight", row
+            kids = psutil.Process(dying.proc.pid).children()
+            dying.proc.send_signal(signal.SIGKILL)
+            dying.proc.wait(30)
+            for k in kids:  # (they die with it: PR_SET_PDEATHSIG; -9 to be sure)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    k.send_signal(signal.SIGKILL)
+
+            def final() -> Any:
+                m = alive.req("GET", f"/v1/messages/{mid}", tenant="acme")[1]
+                done = m["state"] not in ("inflight", "queued", "deferred") or rec.requests > 1
+                return m if done else None  # (deferred: taken back, settled next)
+
+            m = until("the message's outcome", final, timeout=120)
+            assert m["state"] == "delivered", m
+            done = [e for e in m["events"] if e["event"] == "delivered"]
+            assert len(done) == 1 and done[0].get("settled"), m["events"]
+            assert rec.requests == 1, rec.requests  # never sent again
+        finally:
+            for s in reversed(nodes):
+                s.stop()

@@ -291,6 +291,10 @@ class Outcomes(SupervisorState):
                 ev = outcome_dict(now, "deferred", c, r, failed=True)
                 ev["next_attempt"] = t.at if 0 < t.at < now else now  # due: at once
                 self.event_buf.append(ev)
+        # Now, not at the next flush of outcomes (with none coming, never): a
+        # provider's event kept for one of them settles it (settle_unknown;
+        # take_back made it due only after TAKEN_GRACE), and their events go out.
+        self.flush_results()
 
     def _apply_other(
         self,

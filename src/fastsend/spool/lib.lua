@@ -226,6 +226,9 @@ end
 -- reply saying so; a cancelled campaign's final. Each is listed in P:unk
 -- ("id|campaign|attempts|at|node") for a node to tell as a deferred event
 -- (RedisSpool.taken_back).
+-- Seconds a message taken back with a provider's evidence (P:taken:ID) waits
+-- for the taker to settle it (settle_taken, at its next flush) before it is due.
+local TAKEN_GRACE = 60
 local function take_back(ids, node)
   local at = string.format('%.3f', clock_ms() / 1000)
   local tail = '451|4.3.0|local error: node '..node..' stopped with this message in flight:'
@@ -240,6 +243,13 @@ local function take_back(ids, node)
         f[1], f[3] = '7', '0'
       else
         f[1] = '2'  -- its due time (passed when it was claimed) kept: due at once
+        if redis.call('EXISTS', P..':taken:'..id) == 1 then
+          -- A provider's event already showed it has the message (settle.lua kept
+          -- it): the taker settles it (RedisSpool.settle_taken, at its next
+          -- flush); due only later, if it does not. Due at once, another node's
+          -- claim took it first and sent it again, the evidence then dropped.
+          f[3] = string.format('%.3f', clock_ms() / 1000 + TAKEN_GRACE)
+        end
         zadd_later(P..':due:'..cid, f[3], id)
         told[#told + 1] = id..'|'..cid..'|'..f[2]..'|'..f[3]..'|'..node
       end

@@ -20,7 +20,9 @@ for id, f in pairs(states(ids)) do
   local why = text
   if mode == 'taken' then
     why = redis.call('GET', P..':taken:'..id)
-    if why then redis.call('DEL', P..':taken:'..id) end
+    -- (dropped only when it settles: claimed again meanwhile, its next unknown
+    -- outcome may still be settled by it)
+    if why and f[1] == '2' and f[6] == '' then redis.call('DEL', P..':taken:'..id) end
   elseif f[1] == '1' then
     redis.call('SET', P..':taken:'..id, text, 'EX', ttl)
   end
