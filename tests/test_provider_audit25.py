@@ -346,3 +346,33 @@ def test_the_providers_event_settles_mail_of_a_node_killed_while_waiting(
         finally:
             for s in reversed(nodes):
                 s.stop()
+
+
+@pytest.mark.parametrize(
+    "status,text",
+    [
+        (400, "from parameter is not a valid address. please check documentation"),  # Mailgun
+        (400, "'from' parameter is missing"),  # Mailgun
+        (400, "The from email does not contain a valid address. (field from.email)"),  # SendGrid
+        (403, "The from address does not match a verified Sender Identity."),  # SendGrid
+        (422, "Sender address rejected: Domain not found"),
+    ],
+)
+def test_a_provider_refusing_our_sender_defers_and_bounces_no_recipient(
+    status: int, text: str
+) -> None:
+    """A provider's 4xx about the message's From or sender is about our
+    configuration (the campaign's From, an unverified identity), never the
+    recipient: deferred, with the provider's words. Before, a 400 or 422 of
+    these bounced every message of the campaign (lost) as "filtered" or
+    "onhold"."""
+    from fastsend.outcome import DEFERRED, FAILED
+    from fastsend.transports.http import map_status
+
+    out = map_status("mg", status, text)
+    assert out.kind == DEFERRED and out.code == 451, out
+    assert text[:30] in out.text
+    # What is about the recipient or the message still bounces.
+    for refusal in ("to parameter is not a valid address: reject-1@example.net",
+                    "Illegal address", "Message length is more than 10485760 bytes"):  # fmt: skip
+        assert map_status("mg", 400, refusal).kind == FAILED, refusal

@@ -227,6 +227,16 @@ REQUEST_TROUBLE = (405, 406, 410, 411, 414, 415, 426, 431)
 # deferred. Before, they bounced every message (and suppressed nothing, but
 # the mail was lost).
 MESSAGE_REFUSALS = (400, 413, 422)
+# A refusal of the message's sender, whatever the status: a provider's 400 or
+# 422 about the From or the sender ("from parameter is not a valid address",
+# "'from' parameter is missing", "The from address does not match a verified
+# Sender Identity", "Sender address rejected"): our configuration or the
+# campaign's, never the recipient's; every message of it would bounce alike.
+_SENDER = re.compile(
+    r"\bfrom\b['\"]?\s+(?:parameter|address|field|email|domain)\b"
+    r"|\bsender\s+(?:address|identity|domain|email)\b",
+    re.I,
+)
 # A refusal of our account for its volume, whatever the status: "Domain D has
 # exceeded its hourly sending limit", "Daily message quota exceeded", "monthly
 # limit reached": the account's, never the message's or a recipient's.
@@ -272,8 +282,11 @@ def map_status(
         or status not in MESSAGE_REFUSALS
         or account_trouble
         or _OVER_LIMIT.search(text)
+        or _SENDER.search(text)
     ):
         what = "provider error" if status >= 500 else "refused (account or credentials)"
+        if _SENDER.search(text) and status < 500:
+            what = "refused our sender (configuration)"
         if status == 404:
             what = "not found (account or configuration)"
         elif status in REQUEST_TROUBLE:
