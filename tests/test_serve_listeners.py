@@ -119,6 +119,7 @@ def test_submission_starttls_auth_and_durable_accept(
                 hostname="127.0.0.1", port=port, start_tls=True, tls_context=client_tls
             )
             await smtp.connect()
+            await smtp.ehlo()  # (STARTTLS reset the session: AUTH follows a new EHLO)
             for _ in range(2):
                 with pytest.raises(aiosmtplib.SMTPAuthenticationError):
                     await smtp.auth_plain("acme", "nope")

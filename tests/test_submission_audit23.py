@@ -291,8 +291,9 @@ def _listener(tmp_path: Path, certs: Any, **tables: Any) -> Any:
 
 
 async def _session(port: int, tls: ssl.SSLContext, lines: list[bytes], helo: bytes = b"c.test",
-                   source: str = "127.0.0.1") -> list[bytes]:  # fmt: skip
-    """Each line's reply (after EHLO, STARTTLS, EHLO) in a raw session."""
+                   source: str = "127.0.0.1", ehlo_again: bool = True) -> list[bytes]:  # fmt: skip
+    """Each line's reply (after EHLO, STARTTLS, EHLO) in a raw session (``ehlo_again``
+    false: no EHLO after STARTTLS, the first line's reply is the first one)."""
     import asyncio
 
     r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
@@ -312,11 +313,12 @@ async def _session(port: int, tls: ssl.SSLContext, lines: list[bytes], helo: byt
     await reply()
     await w.start_tls(tls)
     out = []
-    for line in [b"EHLO " + helo + b"\r\n", *lines]:
+    first = [b"EHLO " + helo + b"\r\n"] if ehlo_again else []
+    for line in [*first, *lines]:
         w.write(line)
         out.append(await reply())
     w.close()
-    return out[1:]
+    return out[len(first):]
 
 
 def _plain(authzid: str, user: str, password: str) -> bytes:

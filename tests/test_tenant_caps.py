@@ -343,6 +343,7 @@ def test_auth_failures_are_counted_across_the_nodes_of_a_shared_spool(
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=n.smtp_port, tls_context=certs[2],
                                start_tls=True, timeout=10)  # fmt: skip
         await smtp.connect()
+        await smtp.ehlo()  # (STARTTLS reset the session: AUTH follows a new EHLO)
         try:
             return (await smtp.auth_plain("acme", password)).code
         except aiosmtplib.SMTPAuthenticationError as e:

@@ -876,6 +876,9 @@ class ServerProtocol:
         return None
 
     def _cmd_vrfy(self, arg: bytes) -> Event | None:
+        if not arg.strip():  # RFC 5321 4.1.1.6: VRFY names a string (Postfix: 501)
+            self._error(501, "5.5.4", "Syntax: VRFY address")
+            return None
         self._out.append(b"252 2.5.0 Cannot VRFY user, but will accept message\r\n")
         return None
 
@@ -915,6 +918,11 @@ class ServerProtocol:
             # the client is told to STARTTLS first (before: 503, "not available").
             self._error(538, "5.7.11", "Encryption required for requested authentication"
                         " mechanism: STARTTLS first")  # fmt: skip
+            return None
+        if self.helo is None:
+            # RFC 4954 4: AUTH follows EHLO; after STARTTLS too (RFC 3207 4.2: the
+            # session starts over, the client's EHLO forgotten), as Postfix answers.
+            self._error(503, "5.5.1", "Error: send HELO/EHLO first")
             return None
         if self.authenticated is not None or self.mail_from is not None:
             self._error(503, "5.5.1", "Error: AUTH not allowed now")
