@@ -6,14 +6,23 @@ it found, failing before its fix.
 - AUTH after STARTTLS without a new EHLO was taken (the STARTTLS reset the
   session, RFC 3207 4.2, the client's EHLO forgotten; RFC 4954 4: AUTH follows
   EHLO), as it was before any EHLO at all: 503 5.5.1, as Postfix answers.
+- AUTH's time told which user names exist: a known user whose hash is of an
+  older, cheaper cost was checked with that cost, an unknown name against a
+  dummy hash at today's (made on the event loop at its first use, twice the
+  work then). Every password check now spends the same PBKDF2 work (today's
+  cost, or the dearest configured hash's), known name or not.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from fastsend.serve.listeners import PBKDF2_ITERATIONS, hash_password
 from fastsend.smtp.server import ServerConfig, StartTLS
 from test_smtp_server import Session
 from test_submission_audit23 import _plain, _run, _session
@@ -63,3 +72,36 @@ def test_submission_refuses_auth_after_starttls_until_ehlo(tmp_path: Path, certs
     assert bare[1].startswith(b"503 5.5.1"), bare  # (MAIL: no EHLO either)
     assert again[1].startswith(b"235"), again
 
+
+def test_auth_spends_the_same_pbkdf2_work_for_every_name(
+    tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = certs[2]
+    spent: list[int] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counted(name: str, password: bytes, salt: bytes, iterations: int, *a: Any) -> bytes:
+        spent.append(iterations)
+        return real(name, password, salt, 1, *a)  # (the count is what is measured)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counted)
+    # acme and globex (test_submission_audit23's users) are of cost 1000, an old one;
+    # "today" has one at today's cost.
+    today = hash_password("pw3")
+    spent.clear()
+    attempts = {"unknown": ("nobody", "pw"), "known, wrong": ("acme", "nope"),
+                "today, wrong": ("today", "nope"), "unknown again": ("nobody2", "x")}  # fmt: skip
+
+    async def go(port: int) -> dict[str, tuple[bytes, int]]:
+        out = {}
+        for what, (user, pw) in attempts.items():
+            spent.clear()
+            reply = (await _session(port, tls, [_plain("", user, pw)]))[0]
+            out[what] = (reply, sum(spent))
+        return out
+
+    got, ctx = _run(tmp_path, certs, go, submission={"users": {
+        "acme": hash_password("pw", iterations=1000), "today": today}})  # fmt: skip
+    ctx.close()
+    assert all(r.startswith(b"535") for r, _ in got.values()), got
+    assert {n for _, n in got.values()} == {PBKDF2_ITERATIONS}, got

@@ -203,13 +203,7 @@ NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are n
 # RFC 3464 2.3.3 actions of a report that is no final failure of the recipient.
 NOT_FINAL_ACTIONS = frozenset({"delayed", "delivered", "relayed", "expanded"})
 PBKDF2_ITERATIONS = 600_000  # PBKDF2-HMAC-SHA256, OWASP 2023
-_DUMMY: list[str] = []
-
-
-def _dummy_hash() -> str:
-    if not _DUMMY:
-        _DUMMY.append(hash_password(secrets.token_urlsafe(16)))
-    return _DUMMY[0]
+_PAD_SALT = b"fastsend-auth-pad"  # (the padding's own salt: its output is never used)
 
 
 def _iterations(stored: str) -> int:
@@ -271,16 +265,40 @@ def hash_password(password: str, iterations: int = PBKDF2_ITERATIONS) -> str:
 
 def verify_password(password: str, stored: str) -> bool:
     """Constant-time check of ``password`` against a :func:`hash_password` string."""
+    return _verify(password, stored)[0]
+
+
+def _verify(password: str, stored: str) -> tuple[bool, int]:
+    """:func:`verify_password`, and the PBKDF2 iterations it spent."""
     try:
         algo, iters, salt, want = stored.split("$")
         if algo != "pbkdf2_sha256":
-            return False
-        dk = hashlib.pbkdf2_hmac(
-            "sha256", password.encode("utf-8"), base64.b64decode(salt), int(iters)
-        )
-        return hmac.compare_digest(dk, base64.b64decode(want))
+            return False, 0
+        raw_salt, n = base64.b64decode(salt), int(iters)
+        if n <= 0:
+            return False, 0
+        dk = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), raw_salt, n)
+        return hmac.compare_digest(dk, base64.b64decode(want)), n
     except (ValueError, TypeError):
-        return False
+        return False, 0
+
+
+def check_password(password: str, stored: str | None, cost: int) -> bool:
+    """``password`` against ``stored`` (None: no such user), with PBKDF2 work of at
+    least ``cost`` iterations whatever the outcome: a user unknown, or one whose hash
+    is of an older, cheaper cost, takes as long as any other (the time an AUTH takes
+    does not tell which names exist, nor which hashes are cheap to attack)."""
+    ok, spent = _verify(password, stored) if stored is not None else (False, 0)
+    if spent < cost:
+        hashlib.pbkdf2_hmac("sha256", password.encode("utf-8", "replace"), _PAD_SALT,
+                            cost - spent)  # fmt: skip
+    return ok
+
+
+def auth_cost(users: dict[str, str]) -> int:
+    """The PBKDF2 iterations every password check spends: today's cost, or the
+    costliest configured hash's when one is dearer."""
+    return max([PBKDF2_ITERATIONS, *(_iterations(v) for v in users.values())])
 
 
 # ---------------------------------------------------------------- config
@@ -731,6 +749,7 @@ class _Submission(_Policy):
         spool = getattr(ctx, "spool", None)  # (shared: AUTH failures counted by all nodes)
         self.throttle = AuthThrottle(cfg.limits, spool.shared() if spool is not None else None)
         self.upgrades = PasswordUpgrades(os.path.join(ctx.config.spool_dir, "passwords.json"))
+        self.cost = auth_cost(cfg.users)  # (PBKDF2 iterations of every password check)
         self._keys: Any = None
         try:
             from fastsend.serve.auth import KeyStore
@@ -746,13 +765,15 @@ class _Submission(_Policy):
             return username if got is not None and got[1] == username else None
         stored = self.cfg.users.get(username)
         loop = asyncio.get_running_loop()
+        # The same PBKDF2 work for every name, known or not, whatever its hash's cost
+        # (before: an unknown name was checked against a dummy hash made on the event
+        # loop at its first use, and a known user's cheaper, older hash answered
+        # sooner than an unknown name: the time told which names exist).
+        current = self.upgrades.current(username, stored) if stored is not None else None
+        ok = await loop.run_in_executor(None, check_password, password, current, self.cost)
         if stored is None:
-            # The same PBKDF2 work as a known user: timing does not tell names apart.
-            await loop.run_in_executor(None, verify_password, password, _dummy_hash())
             return None
-        current = self.upgrades.current(username, stored)
-        ok = await loop.run_in_executor(None, verify_password, password, current)
-        if ok and _iterations(current) < PBKDF2_ITERATIONS:
+        if ok and _iterations(current or "") < PBKDF2_ITERATIONS:
             # An old, cheaper hash: re-hashed at today's cost now that the password is known.
             new = await loop.run_in_executor(None, hash_password, password)
             self.upgrades.save(username, stored, new)
@@ -788,6 +809,7 @@ class _Submission(_Policy):
         cfg.listen, cfg.listen_tls = self.cfg.listen, self.cfg.listen_tls
         self.ssl = cfg.ssl = cfg.ssl or self.cfg.ssl
         self.cfg = cfg
+        self.cost = auth_cost(cfg.users)
         self.take(cfg)
         self.server_config = dataclasses.replace(self.server_config, dsn=cfg.dsn)
         self.throttle.limits = cfg.limits
