@@ -11,6 +11,9 @@ it found, failing before its fix.
   dummy hash at today's (made on the event loop at its first use, twice the
   work then). Every password check now spends the same PBKDF2 work (today's
   cost, or the dearest configured hash's), known name or not.
+- 8-bit header text that is not UTF-8 (a Latin-1 Subject) was taken and sent
+  with SMTPUTF8, which says it is UTF-8 (RFC 6532 allows nothing else): refused
+  554 5.6.0 naming the line (the API's raw: 400 alike).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from fastsend.message.rawmime import RawMimeError
+from fastsend.message.rawmime import check as check_raw
 from fastsend.serve.listeners import PBKDF2_ITERATIONS, hash_password
 from fastsend.smtp.server import ServerConfig, StartTLS
 from test_smtp_server import Session
@@ -105,3 +110,29 @@ def test_auth_spends_the_same_pbkdf2_work_for_every_name(
     ctx.close()
     assert all(r.startswith(b"535") for r, _ in got.values()), got
     assert {n for _, n in got.values()} == {PBKDF2_ITERATIONS}, got
+
+
+def _txn(body: bytes, rcpt: bytes = b"u@example.org") -> list[bytes]:
+    return [_plain("", "acme", "pw"), b"MAIL FROM:<a@example.com>\r\n",
+            b"RCPT TO:<" + rcpt + b">\r\n", b"DATA\r\n", body + b"\r\n.\r\n"]  # fmt: skip
+
+
+def test_8bit_header_text_that_is_not_utf8_is_refused(tmp_path: Path, certs: Any) -> None:
+    tls = certs[2]
+    latin1 = b"From: J\xf6rg <a@example.com>\r\nSubject: Gr\xfc\xdfe\r\n\r\nhi"
+    utf8 = "From: Jörg <a@example.com>\r\nSubject: Grüße\r\n\r\nhi".encode()
+    overlong = b"From: a@example.com\r\nSubject: \xc0\xae\r\n\r\nhi"  # (not UTF-8 either)
+
+    async def go(port: int) -> list[bytes]:
+        return [(await _session(port, tls, _txn(m)))[-1] for m in (latin1, utf8, overlong)]
+
+    (bad, good, bad2), ctx = _run(tmp_path, certs, go)
+    ctx.close()
+    assert bad.startswith(b"554 5.6.0") and b"header line 1" in bad and b"not UTF-8" in bad, bad
+    assert bad2.startswith(b"554 5.6.0") and b"header line 2" in bad2, bad2
+    assert good.startswith(b"250 2.0.0"), good
+    # The API's raw is judged alike.
+    with pytest.raises(RawMimeError, match="header line 2 has 8-bit text that is not UTF-8"):
+        check_raw(b"From: a@example.com\nSubject: caf\xe9\n\nhi\n")
+    check_raw("From: a@example.com\nSubject: café\n\nhi\n".encode())
+

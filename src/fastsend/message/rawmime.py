@@ -44,6 +44,7 @@ __all__ = [
     "MAX_HEADER_OCTETS",
     "RawMimeError",
     "check_head",
+    "check_header_text",
     "prepare",
     "utf8_header",
 ]
@@ -321,6 +322,23 @@ def check_names(data: bytes) -> None:
             raise RawMimeError(f"attachment name {name[:100]!r}: {why}")
 
 
+def check_header_text(data: bytes) -> None:
+    """RawMimeError when the header section of ``data`` (CRLF line ends) has 8-bit
+    text that is not UTF-8: RFC 6532 allows UTF-8 alone there, and such a message
+    would go out as SMTPUTF8 (:func:`utf8_header`) claiming it (a Latin-1 Subject,
+    a mail client's raw 8-bit name). Said with the line and how to write it."""
+    head = data.partition(b"\r\n\r\n")[0]
+    if head.isascii():
+        return
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RawMimeError(
+            f"header line {_line_no(head, e.start)} has 8-bit text that is not UTF-8"
+            " (RFC 6532): write it as UTF-8 or as RFC 2047 encoded-words"
+        ) from None
+
+
 def utf8_header(data: bytes) -> bool:
     """True when the header section of ``data`` (CRLF line ends) has 8-bit
     text: UTF-8 header fields (RFC 6532), which only go to a server offering
@@ -330,9 +348,11 @@ def utf8_header(data: bytes) -> bool:
 
 def check(data: bytes) -> None:
     """RawMimeError when raw MIME ``data`` (any line ends) cannot be relayed
-    unbroken (what :func:`prepare` refuses), or whose attachment names are
-    disguised (:func:`check_names`): for the intake."""
+    unbroken (what :func:`prepare` refuses), whose 8-bit header text is not UTF-8
+    (:func:`check_header_text`), or whose attachment names are disguised
+    (:func:`check_names`): for the intake."""
     data = crlf_lines(data)
+    check_header_text(data)
     prepare(data)
     check_names(data)
 

@@ -131,6 +131,7 @@ from fastsend.message.rawmime import (
     MAX_HEADER_OCTETS,
     RawMimeError,
     check_head,
+    check_header_text,
     check_names,
     crlf_lines,
 )
@@ -849,6 +850,7 @@ class _Submission(_Policy):
         sender = a_labels(ev.mail_from)
         try:  # within the header caps, and relayable unbroken (long lines)
             lines = crlf_lines(ev.data)
+            check_header_text(lines)  # (8-bit header text: UTF-8 only, RFC 6532)
             ready = prepare_raw(lines)[0]  # (as sent: 8-bit re-encoded)
             check_names(lines)  # (what rawmime.check refuses besides: disguised names)
             # Our trace field (RFC 5321 4.4 MUST) goes on top of the message as
