@@ -290,11 +290,15 @@ def test_dsn_notify_never_orcpt_envid_and_ret_full_reach_the_notice(
                     assert code == 250, (rcpt, code, text)
                 code, text = c.data(DSN_MESSAGE)
                 assert code == 250, (code, text)
-            notices = dsn_notices(sink, "app@example.com", 2)
-            time.sleep(1.5)  # (no third notice comes: permfail-2 asked for none)
-            assert len([m for m in sink.sink.messages if "app@example.com" in m.recipients]) == 2
+            notices = dsn_notices(sink, "app@example.com", 3)
+            time.sleep(1.5)  # (no fourth notice comes: permfail-2 asked for none)
+            assert len([m for m in sink.sink.messages if "app@example.com" in m.recipients]) == 3
         finally:
             served.stop()
+    # (ann's NOTIFY=SUCCESS: told as relayed, test_submission_audit25)
+    relayed = [n for n in notices if b"Action: relayed" in n.data]
+    assert len(relayed) == 1 and b"ann@example.org" in relayed[0].data, relayed
+    notices = [n for n in notices if n not in relayed]
     by = {("permfail-1" in n.data.decode()): n.data.decode() for n in notices}
     one, three = by[True], by[False]
     assert "Original-Recipient: rfc822;Sales+1@example.org" in one, one

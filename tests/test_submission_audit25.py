@@ -17,25 +17,40 @@ it found, failing before its fix.
 - A submitted message's checks (line ends, 8-bit re-encoding, names, senders)
   ran on serve's event loop: a 14 MB 8-bit message held every listener, the API
   and dispatch for 1.7 s. A large one's are made in a thread now.
+- NOTIFY=SUCCESS and NOTIFY=DELAY were taken and nothing ever sent (RFC 3461
+  5.2.2, 6.2): a delivery is told as "relayed" (to the receiving server, which
+  may tell nothing more), a deferral once the message is [submission]
+  delay_warning old as "delayed" (once a recipient), ENVID and ORCPT named.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.policy
 import hashlib
+import re
+import smtplib
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from _serve_helpers import until
+from fastsend.bounce import parse_bounce
 from fastsend.message.rawmime import RawMimeError
 from fastsend.message.rawmime import check as check_raw
 from fastsend.serve import listeners
 from fastsend.serve.api import OFF_LOOP_BYTES
 from fastsend.serve.listeners import PBKDF2_ITERATIONS, hash_password
+from fastsend.sink import SinkThread
 from fastsend.smtp.server import ServerConfig, StartTLS
+from test_serve_dsn import MESSAGE as DSN_MESSAGE
+from test_serve_dsn import _notices as dsn_notices
+from test_serve_dsn import _serve as dsn_serve
 from test_smtp_server import Session
 from test_submission_audit23 import _plain, _run, _session
 
@@ -176,3 +191,93 @@ def test_a_large_messages_checks_leave_the_loop_free(
     assert waited == [True], waited
     assert other[0].startswith(b"250"), other
     assert reply.startswith(b"250 2.0.0"), reply
+
+
+def _dsn_session(port: int, key: str, tls: Any, rcpts: list[tuple[str, list[str]]],
+                 mail: list[str], data: bytes = DSN_MESSAGE) -> None:  # fmt: skip
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+        c.starttls(context=tls)
+        c.login("acme", key)
+        assert c.mail("app@example.com", mail)[0] == 250
+        for rcpt, opts in rcpts:
+            code, text = c.rcpt(rcpt, opts)
+            assert code == 250, (rcpt, code, text)
+        code, text = c.data(data)
+        assert code == 250, (code, text)
+
+
+def _kinds(sink: Any) -> list[str]:
+    return [re.findall(r"Action: (\w+)", m.data.decode())[0] for m in sink.sink.messages
+            if "app@example.com" in m.recipients]  # fmt: skip
+
+
+def test_notify_success_is_told_as_relayed(tmp_path: Path, certs: Any) -> None:
+    with SinkThread(keep_messages=True) as sink:
+        served, port = dsn_serve(tmp_path, certs, sink)
+        try:
+            _dsn_session(port, served.keys["acme"], certs[2], [
+                ("ann@example.org", ["NOTIFY=SUCCESS", "ORCPT=rfc822;Sales+2B1@example.org"]),
+                ("bob@example.org", ["NOTIFY=FAILURE,SUCCESS"]),
+                ("carol@example.org", ["NOTIFY=FAILURE"]),
+                ("dave@example.org", []),
+                # the same vars, a body worth sharing (accept.BLOB_SHARED): one notice
+                ("erin@example.org", ["NOTIFY=SUCCESS"]),
+                ("frank@example.org", ["NOTIFY=SUCCESS"]),
+            ], ["RET=FULL", "ENVID=order+2B42"], DSN_MESSAGE + b"y" * 70 * 40 + b"\r\n")  # fmt: skip
+            notices = dsn_notices(sink, "app@example.com", 3)
+            until("all six delivered", lambda: sum(
+                len(m.recipients) for m in sink.sink.messages
+                if "app@example.com" not in m.recipients) >= 6)  # fmt: skip
+            time.sleep(1.5)  # (no notice comes for carol and dave: they asked for none)
+            assert _kinds(sink) == ["relayed"] * 3, _kinds(sink)
+        finally:
+            served.stop()
+    (pair,) = [n for n in notices if b"erin@" in n.data]
+    assert b"Final-Recipient: rfc822; frank@example.org" in pair.data, pair.data
+    assert b"Final-Recipient: rfc822; erin@example.org" in pair.data
+    notices.remove(pair)
+    by = {("ann@" in n.data.decode()): n for n in notices}
+    ann, bob = by[True], by[False]
+    assert ann.mail_from == "" and bob.mail_from == ""
+    for n, rcpt in ((ann, "ann@example.org"), (bob, "bob@example.org")):
+        text = n.data.decode()
+        msg = email.message_from_bytes(n.data, policy=email.policy.default)
+        assert msg["Subject"] == "Successful Mail Delivery Report", text
+        assert [p.get_content_type() for p in msg.iter_parts()] == [
+            "text/plain", "message/delivery-status", "text/rfc822-headers"]  # fmt: skip
+        assert f"Final-Recipient: rfc822; {rcpt}" in text and "Action: relayed" in text
+        assert re.search(r"Status: 2\.\d\.\d", text) and "Diagnostic-Code: smtp; 250" in text
+        assert "Original-Envelope-Id: order+42" in text
+        assert "Hello" not in text  # (headers only: RET is about failures)
+        assert "carol" not in text and "dave" not in text
+        # what a sender's bounce processing makes of it: no failure (RFC 3464 2.3.3)
+        assert [(b.recipient, b.action) for b in parse_bounce(n.data)] == [(rcpt, "relayed")]
+    assert "Original-Recipient: rfc822;Sales+1@example.org" in ann.data.decode()
+    assert "Original-Recipient" not in bob.data.decode()
+
+
+def test_notify_delay_is_told_once_then_the_failure(tmp_path: Path, certs: Any) -> None:
+    retry = ("delay_warning = 0.001\n[retry]\nmin_backoff = 0.2\nmax_backoff = 0.2\n"
+             "max_age = 4\njitter = 0\n")  # fmt: skip
+    with SinkThread(keep_messages=True) as sink:
+        served, port = dsn_serve(tmp_path, certs, sink, retry)
+        try:
+            _dsn_session(port, served.keys["acme"], certs[2], [
+                ("tempfail-1@example.org", ["NOTIFY=DELAY,FAILURE"]),
+                ("tempfail-2@example.org", ["NOTIFY=FAILURE"]),
+            ], ["ENVID=e1"])  # fmt: skip
+            dsn_notices(sink, "app@example.com", 3, timeout=90)
+            time.sleep(1.5)
+            kinds = _kinds(sink)
+        finally:
+            served.stop()
+    assert sorted(kinds) == ["delayed", "failed", "failed"], kinds
+    assert kinds[0] == "delayed", kinds
+    (delayed,) = [m for m in sink.sink.messages if b"Action: delayed" in m.data]
+    text = delayed.data.decode()
+    assert "Final-Recipient: rfc822; tempfail-1@example.org" in text
+    assert "tempfail-2" not in text  # (it asked for no delay notice)
+    assert re.search(r"Status: 4\.\d\.\d", text) and "Will-Retry-Until: " in text
+    assert "Original-Envelope-Id: e1" in text
+    assert [(b.recipient, b.action) for b in parse_bounce(delayed.data)] == [
+        ("tempfail-1@example.org", "delayed")]  # fmt: skip

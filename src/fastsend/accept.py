@@ -68,7 +68,7 @@ from fastsend.spool import (
     storage_problem,
 )
 from fastsend.suppression import DEFAULT_TENANT, SuppressionList
-from fastsend.wire import MAX_RECORD, CampaignSpec, blob_ref, encoder
+from fastsend.wire import MAX_RECORD, NOTIFY_HEAD, CampaignSpec, blob_ref, encoder
 
 log = logging.getLogger("fastsend.accept")
 
@@ -741,7 +741,7 @@ class Acceptor:
             return rows, {}
         uses: dict[bytes, list[int]] = {}
         for i, r in enumerate(rows):
-            if len(r[2]) >= BLOB_SHARED:
+            if len(r[2]) >= BLOB_SHARED and not r[2].startswith(NOTIFY_HEAD):
                 uses.setdefault(r[2], []).append(i)
         if not uses:
             return rows, {}

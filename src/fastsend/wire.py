@@ -66,6 +66,13 @@ class Batch(msgspec.Struct, array_like=True, tag=2):
 _BLOB_HEAD = b'["fs-blob","'
 
 
+# A row whose vars begin so asks its result hook for something (RFC 3461 NOTIFY=
+# SUCCESS or DELAY of a submitted recipient: fastsend.serve.dsn): it is kept whole,
+# never a blob reference, so that the hook tells it by these bytes alone (a blob
+# would be read from the spool for every delivery of a message to learn it).
+NOTIFY_HEAD = b'{"notify":"'
+
+
 def blob_ref(digest: str) -> bytes:
     """The vars of a row whose body is the blob ``digest`` (hex SHA-256)."""
     return _BLOB_HEAD + digest.encode("ascii") + b'"]'

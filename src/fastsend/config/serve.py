@@ -261,6 +261,10 @@ class SubmissionSettings(ListenerLimits):
     # notice (RFC 3464 DSN, fastsend.serve.dsn), as RFC 5321 6.1 has a server that
     # said 250 do; false: events and webhooks only.
     dsn: bool = True
+    # A recipient whose RCPT TO asked NOTIFY=DELAY and whose message is still being
+    # retried this many seconds after it came gets one delay notice (RFC 3464
+    # "delayed"; Postfix's delay_warning_time, 4 h as it is commonly set); 0: none.
+    delay_warning: NonNegFloat = 4 * 3600.0
 
     def __post_init__(self) -> None:
         self._check_held(self.max_size)

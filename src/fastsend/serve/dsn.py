@@ -60,8 +60,17 @@ ASCII); RET=FULL returns the whole message (message/rfc822) when it is at
 most :data:`FULL_MAX` octets (Postfix's bounce_size_limit), else, and without
 RET or with RET=HDRS, its header section.
 
-DELIBERATELY NOT HERE: delay and success notices (``NOTIFY=DELAY``,
-``NOTIFY=SUCCESS``: taken, nothing sent).
+Success and delay notices (RFC 3461 ``NOTIFY=SUCCESS``, ``NOTIFY=DELAY``; before,
+taken and nothing sent): a recipient that asked for them has ``notify`` first in
+its row's vars (``wire.NOTIFY_HEAD``: such a row is never a blob reference, so the
+hook, called for every delivery, tells it by its first bytes). Its delivery is
+told as Action ``relayed`` (RFC 3464 2.3.3: handed to the receiving server, which
+may tell nothing more itself), Status 2.x.x; a deferral once the message is
+``[submission] delay_warning`` s old as ``delayed`` with Will-Retry-Until, once a
+recipient (the notice's id names the row, not its attempt). Both go through the
+same journal, grouping and ids as failures (a group per message and kind), with
+the original's header section whatever RET says (RFC 3461 4.3: RET is about
+failures).
 """
 
 from __future__ import annotations
@@ -83,8 +92,8 @@ import orjson
 from fastsend import durable
 from fastsend.faults import FAULT, countdown
 from fastsend.spool import BOUNCED, EXPIRED, Claimed, IdemMark, storage_problem
-from fastsend.spool.base import holder_tag
-from fastsend.wire import blob_digest
+from fastsend.spool.base import DEFERRED, DELIVERED, holder_tag
+from fastsend.wire import NOTIFY_HEAD, blob_digest
 
 log = logging.getLogger("fastsend.serve")
 
@@ -108,6 +117,9 @@ ONCE_TTL = 7 * 86400.0  # s a notice's id is kept: a journal is taken again at t
 _UNSAFE = re.compile(r"[^\x20-\x7e]+")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _FAILED_STATES = {"bounced": BOUNCED, "expired": EXPIRED}
+FAILED, RELAYED, DELAYED = "failed", "relayed", "delayed"  # a notice's kind (its Action)
+# The row states in which a journalled notice of each other kind is still true.
+_KIND_STATES = {RELAYED: {"delivered"}, DELAYED: {"queued", "inflight", "deferred"}}
 
 
 def _clean(text: str, limit: int = TEXT_MAX) -> str:
@@ -152,12 +164,18 @@ class Failure(NamedTuple):
 def build(
     reporting: str, sender: str, failures: list[Failure], arrival: float, now: float,
     original: bytes, *, envid: str = "", orcpt: str = "", full: bool = False,
+    kind: str = FAILED, retry_until: float = 0.0,
 ) -> bytes:  # fmt: skip
     """An RFC 3464 notice to ``sender`` that its message failed for each of
     ``failures``' recipients: one per-recipient group each. ``envid``: the
     message's ENVID, ``orcpt``: the recipients' ORCPT (``type;address``),
     decoded (RFC 3461); ``full``: ``original`` is the whole message, else its
-    header section."""
+    header section. ``kind`` RELAYED: it was handed to their receiving servers
+    instead; DELAYED: it is still being tried, until ``retry_until``."""
+    if kind != FAILED:
+        return _build_other(reporting, sender, failures, arrival, now, original,
+                            envid=envid, orcpt=orcpt, kind=kind,
+                            retry_until=retry_until)  # fmt: skip
     boundary = f"=_fastsend_{base64.b32encode(os.urandom(10)).decode().lower()}"
     host = _clean(reporting, 255) or "localhost"
     date = email.utils.formatdate(now, localtime=False)
@@ -233,6 +251,90 @@ def build(
     return b"".join(parts)
 
 
+def _orcpt_field(orcpt: str) -> str:
+    kind, _, addr = orcpt.partition(";")
+    if not (kind and addr):
+        return ""
+    named = (
+        f"{_clean(kind, 40)};{_clean(addr, 500)}" if addr.isascii()
+        else _address(addr).replace("; ", ";")  # (RFC 6533: utf-8, \x{HEX})
+    )  # fmt: skip
+    return f"Original-Recipient: {named}"
+
+
+def _build_other(
+    reporting: str, sender: str, reports: list[Failure], arrival: float, now: float,
+    headers: bytes, *, envid: str, orcpt: str, kind: str, retry_until: float,
+) -> bytes:  # fmt: skip
+    """:func:`build`'s RELAYED and DELAYED notices (the original's headers only)."""
+    boundary = f"=_fastsend_{base64.b32encode(os.urandom(10)).decode().lower()}"
+    host = _clean(reporting, 255) or "localhost"
+    until = email.utils.formatdate(retry_until, localtime=False) if retry_until else ""
+    lines, groups = [], []
+    for f in reports:
+        diagnostic = _clean(f.diagnostic)
+        remote = _clean(f.remote, 255)
+        said = f"{remote} said: {diagnostic}" if remote and diagnostic else diagnostic
+        lines.append(f"<{_clean(f.rcpt, 512)}>: {said or f.status}\r\n")
+        fields = [f"Final-Recipient: {_address(f.rcpt)}", f"Action: {kind}",
+                  f"Status: {f.status}"]  # fmt: skip
+        named = _orcpt_field(orcpt)
+        if named:  # (RFC 3464 2.3.1: first in the recipient's group)
+            fields.insert(0, named)
+        if remote:
+            fields.append(f"Remote-MTA: dns; {remote}")
+        if diagnostic:
+            fields.append(f"Diagnostic-Code: smtp; {diagnostic}")
+        fields.append(f"Last-Attempt-Date: {email.utils.formatdate(f.when, localtime=False)}")
+        if kind == DELAYED and until:
+            fields.append(f"Will-Retry-Until: {until}")
+        groups.append("\r\n".join(fields) + "\r\n")
+    n = len(reports)
+    whom = "its recipient" if n == 1 else f"{n} of its recipients"
+    if kind == RELAYED:
+        subject = "Successful Mail Delivery Report"
+        text = (f"Your message was delivered to the receiving server of {whom},\r\n"
+                "as you asked to be told. That server may send no notice of its own\r\n"
+                "of what it does with it.")  # fmt: skip
+    else:
+        subject = "Delayed Mail (still being retried)"
+        text = (f"Your message could not be delivered to {whom} yet.\r\n"
+                f"It is being tried again{' until ' + until if until else ''};\r\n"
+                "you will be told if it fails. Nothing needs to be done on your part.")  # fmt: skip
+    human = (f"This is the mail system at host {host}.\r\n\r\n{text}\r\n\r\n"
+             + "".join(lines))  # fmt: skip
+    env = f"Original-Envelope-Id: {_clean(envid, 100)}\r\n" if _clean(envid, 100) else ""
+    status_part = (
+        f"{env}Reporting-MTA: dns; {host}\r\n"
+        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}\r\n\r\n"
+        + "\r\n".join(groups)
+    )
+    head = (
+        f"From: Mail Delivery System <MAILER-DAEMON@{host}>\r\n"
+        f"To: <{sender}>\r\n"
+        f"Subject: {subject}\r\n"
+        f"Date: {email.utils.formatdate(now, localtime=False)}\r\n"
+        f"Message-ID: <{base64.b32encode(os.urandom(15)).decode().lower()}@{host}>\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n boundary="{boundary}"\r\n'
+        "\r\n"
+    )
+    eight = not headers.isascii()
+    return b"".join([
+        head.encode("utf-8"),
+        f"--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+        f"Content-Description: Notification\r\n\r\n{human}\r\n".encode(),
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n"
+        f"Content-Description: Delivery report\r\n\r\n{status_part}\r\n".encode(),
+        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n"
+        f"Content-Description: Message Headers\r\n"
+        f"{'Content-Transfer-Encoding: 8bit' + chr(13) + chr(10) if eight else ''}\r\n".encode(),
+        headers,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ])  # fmt: skip
+
+
 def status_of(code: int, enhanced: str, expired: bool) -> str:
     """The Status field: the reply's enhanced code when it has one (a 4.x.x
     of an expiry kept), else one from the reply code; an expiry without a
@@ -241,6 +343,8 @@ def status_of(code: int, enhanced: str, expired: bool) -> str:
         return enhanced
     if expired:
         return "4.4.7"
+    if 200 <= code < 300:  # (a delivery's, for a relayed notice)
+        return "2.0.0"
     return "5.0.0" if 500 <= code < 600 else "4.0.0" if 400 <= code < 500 else "5.0.0"
 
 
@@ -257,21 +361,34 @@ def failure_of(rcpt: str, code: int, enhanced: str, text: str, mx: str, expired:
     return Failure(rcpt, status_of(code, enhanced, expired), diagnostic, remote, expired, when)
 
 
-def notice_key(campaign: int, ids: list[int], attempts: list[int]) -> str:
+def notice_key(campaign: int, ids: list[int], attempts: list[int], kind: str = FAILED) -> str:
     """The id of the notice telling the failures of rows ``ids`` (one message's)
     at their ``attempts``: the same whenever the same failures are told again (a
     journal taken again after a kill), another for a row failing anew (retried
-    by the operator)."""
+    by the operator). A DELAYED notice's names the rows alone: one a recipient,
+    whatever number of deferrals come after its delay_warning."""
+    if kind == DELAYED:
+        attempts = [0] * len(ids)
     rows = ",".join(f"{i}.{n}" for i, n in sorted(zip(ids, attempts, strict=True)))
-    return hashlib.sha256(f"{campaign}:{rows}".encode()).hexdigest()[:40]
+    tag = "" if kind == FAILED else f"{kind}:"
+    return hashlib.sha256(f"{tag}{campaign}:{rows}".encode()).hexdigest()[:40]
+
+
+def _line(mid: int, f: Failure, at: float, attempt: int, kind: str) -> dict[str, Any]:
+    """A journal line: a failure (or a notice of another kind, ``k``) to tell."""
+    line = {"id": mid, "f": list(f), "at": at, "n": attempt}
+    if kind != FAILED:
+        line["k"] = kind
+    return line
 
 
 class _Group:
     """The failures of one message (its rows share their vars) waiting for a notice."""
 
-    __slots__ = ("attempts", "claimed", "failures", "first", "ids", "last")
+    __slots__ = ("attempts", "claimed", "failures", "first", "ids", "kind", "last")
 
-    def __init__(self, claimed: Any, now: float) -> None:
+    def __init__(self, claimed: Any, now: float, kind: str = FAILED) -> None:
+        self.kind = kind  # FAILED, RELAYED or DELAYED: what the notice tells
         self.claimed = claimed  # (one of them: campaign, vars and arrival are the message's)
         self.failures: list[Failure] = []
         self.ids: list[int] = []
@@ -285,7 +402,7 @@ class Notices:
     def __init__(self, ctx: Any, reporting: str = "", journal: str | None = None) -> None:
         self.ctx = ctx
         self.reporting = reporting or socket.getfqdn()
-        self.pending: dict[tuple[int, bytes], _Group] = {}
+        self.pending: dict[tuple[int, bytes, str], _Group] = {}
         self.kept = 0  # failures in pending
         self.kinds: dict[int, bool] = {}  # campaign -> whether it is transactional
         self.sent = 0
@@ -412,8 +529,11 @@ class Notices:
         m = self.ctx.spool.message(rec["id"])
         if m is None:
             return 0
-        state = _FAILED_STATES.get(m.get("state", ""))
-        if state is None:
+        kind = rec.get("k", FAILED)
+        if kind != FAILED:  # (no longer true: delivered since a delay, or not committed)
+            if kind not in _KIND_STATES or m.get("state", "") not in _KIND_STATES[kind]:
+                return 0
+        elif _FAILED_STATES.get(m.get("state", "")) is None:
             return -1
         vars_ = orjson.dumps(m["vars"])
         claimed = Claimed(m["id"], m["campaign"], m["rcpt"], m.get("domain", ""), vars_,
@@ -421,7 +541,7 @@ class Notices:
         f = Failure(*rec["f"])
         n = rec.get("n")  # (a journal of before the notices' ids: the row's count)
         attempt = n if isinstance(n, int) else int(m.get("attempts", 0))
-        self._keep(claimed, f, float(rec.get("at", f.when)), attempt, write=False)
+        self._keep(claimed, f, float(rec.get("at", f.when)), attempt, write=False, kind=kind)
         return 1
 
     def _write(self, data: bytes) -> None:
@@ -457,7 +577,7 @@ class Notices:
         if self._fd < 0:
             return
         keep = b"".join(
-            orjson.dumps({"id": i, "f": list(f), "at": g.first, "n": n}) + b"\n"
+            orjson.dumps(_line(i, f, g.first, n, g.kind)) + b"\n"
             for g in self.pending.values()
             for i, f, n in zip(g.ids, g.failures, g.attempts, strict=True)
         )
@@ -492,8 +612,11 @@ class Notices:
     def on_result(self, claimed: Any, res: Any, state: int) -> None:
         """A result hook (the supervisor's loop, before the outcome's commit): a
         final failure of a transactional campaign's message is journalled and
-        kept for a flush."""
+        kept for a flush; so are a delivery and a late deferral of a recipient
+        that asked to be told of them (NOTIFY=SUCCESS, DELAY)."""
         if state != BOUNCED and state != EXPIRED:
+            if claimed.vars.startswith(NOTIFY_HEAD) and state in (DELIVERED, DEFERRED):
+                self._asked(claimed, res, state)
             return
         if b'"' + FLAG.encode() + b'"' not in claimed.vars and blob_digest(claimed.vars) is None:
             return  # (not submitted over SMTP: it has no flag, and no body blob)
@@ -517,11 +640,40 @@ class Notices:
             return
         self._keep(claimed, f, now, attempt, write=True)
 
-    def _keep(self, claimed: Any, f: Failure, now: float, attempt: int, write: bool) -> None:
-        key = (claimed.campaign, claimed.vars)
+    def _asked(self, claimed: Any, res: Any, state: int) -> None:
+        """A delivery (NOTIFY=SUCCESS) or deferral (NOTIFY=DELAY, once the message is
+        ``delay_warning`` s old) of a recipient that asked to be told of it."""
+        vars_ = claimed.vars
+        start = len(NOTIFY_HEAD)
+        words = vars_[start : vars_.find(b'"', start)].split(b",")
+        now = time.time()
+        if state == DELIVERED:
+            if b"SUCCESS" not in words:
+                return
+            kind = RELAYED
+        else:
+            wait = float(getattr(getattr(self.ctx.config, "submission", None),
+                                 "delay_warning", 0.0) or 0.0)  # fmt: skip
+            if b"DELAY" not in words or not wait or now - float(claimed.created) < wait:
+                return
+            kind = DELAYED
+        if not self._transactional(claimed.campaign) or self.kept >= KEPT_MAX:
+            if self.kept >= KEPT_MAX:
+                self.dropped += 1  # (not a failure: no journal line owed for it)
+            return
+        f = failure_of(claimed.rcpt, int(getattr(res, "code", 0) or 0),
+                       str(getattr(res, "enhanced", "") or ""), str(getattr(res, "text", "") or ""),
+                       str(getattr(res, "mx", "") or ""), False, now)  # fmt: skip
+        if kind == DELAYED and not f.status.startswith("4."):
+            f = f._replace(status="4.0.0")  # (a connection that failed: no reply)
+        self._keep(claimed, f, now, int(claimed.attempts) + 1, write=True, kind=kind)
+
+    def _keep(self, claimed: Any, f: Failure, now: float, attempt: int, write: bool,
+              kind: str = FAILED) -> None:  # fmt: skip
+        key = (claimed.campaign, claimed.vars, kind)
         g = self.pending.get(key)
         if g is None:
-            g = self.pending[key] = _Group(claimed, now)
+            g = self.pending[key] = _Group(claimed, now, kind)
         elif claimed.id in g.ids:
             return  # (told again: an outcome recorded twice is one failure, one notice)
         g.failures.append(f)
@@ -530,7 +682,7 @@ class Notices:
         g.last = max(g.last, now)
         self.kept += 1
         if write:
-            line = {"id": claimed.id, "f": list(f), "at": now, "n": attempt}
+            line = _line(claimed.id, f, now, attempt, kind)
             self._write(orjson.dumps(line) + b"\n")
             self._share(line)
 
@@ -687,7 +839,7 @@ class Notices:
     def _notice(self, g: _Group) -> int:
         claimed = g.claimed
         v = self._vars(claimed)
-        if v is None or not v.get(FLAG):
+        if v is None or (g.kind == FAILED and not v.get(FLAG)):
             return 0
         sender = v.get("mail_from")
         raw = v.get("raw")
@@ -701,11 +853,12 @@ class Notices:
             addr, domain = normalize(sender)
         except AddressError:
             return 0
-        mark = self._reserve(notice_key(claimed.campaign, g.ids, g.attempts))
+        mark = self._reserve(notice_key(claimed.campaign, g.ids, g.attempts, g.kind))
         if mark is None:
             return 0  # spooled before (a kill came before its journal line)
         whole = base64.b64decode(raw)
-        full = v.get("ret") == "full" and len(whole) <= FULL_MAX
+        # (RFC 3461 4.3: RET=FULL asks the whole message back in a failure's notice)
+        full = g.kind == FAILED and v.get("ret") == "full" and len(whole) <= FULL_MAX
         original = whole if full else header_section(whole)
         envid = str(v.get("envid") or "")
         orcpt = str(v.get("orcpt") or "")
@@ -715,12 +868,17 @@ class Notices:
         for i in range(0, len(failures), RCPTS_MAX):
             part = failures[i : i + RCPTS_MAX]
             data = build(self.reporting, sender, part, claimed.created, part[-1].when, original,
-                         envid=envid, orcpt=orcpt, full=full)  # fmt: skip
+                         envid=envid, orcpt=orcpt, full=full, kind=g.kind,
+                         retry_until=claimed.created + self._max_age())  # fmt: skip
             row = orjson.dumps({"raw": base64.b64encode(data).decode("ascii"), "mail_from": ""})
             rows.append((addr, domain, row))
         self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows, idem=mark)
         self.ctx.spool.idem_finish(SCOPE, mark.key, mark.holder, 250, b"")
         return len(rows)
+
+    def _max_age(self) -> float:
+        retry = getattr(self.ctx.config, "retry", None)
+        return float(getattr(retry, "max_age", 0.0) or 0.0)
 
     def _reserve(self, key: str) -> IdemMark | None:
         """The notice id ``key`` reserved for this process (its rows are spooled

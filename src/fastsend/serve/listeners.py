@@ -963,7 +963,11 @@ class _Submission(_Policy):
             vars_ = shared
             if self.cfg.dsn and p:
                 notify, orcpt = p.get("NOTIFY"), p.get("ORCPT")
-                one = dict(msg)
+                # NOTIFY=SUCCESS or DELAY: a notice of its relay or of its delay too
+                # (serve.dsn; before, taken and nothing sent), said first in its vars
+                # (wire.NOTIFY_HEAD: the delivery's hook reads no more of them).
+                asked = [w for w in (notify or "").split(",") if w in ("SUCCESS", "DELAY")]
+                one = {"notify": ",".join(asked), **msg} if asked else dict(msg)
                 if notify is None or "FAILURE" in notify.split(","):
                     one["dsn"] = 1
                 if orcpt:
