@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 from _serve_helpers import until
+from conftest import wait_port
 from fastsend.bounce import parse_bounce
 from fastsend.message.rawmime import RawMimeError
 from fastsend.message.rawmime import check as check_raw
@@ -281,3 +282,33 @@ def test_notify_delay_is_told_once_then_the_failure(tmp_path: Path, certs: Any) 
     assert "Original-Envelope-Id: e1" in text
     assert [(b.recipient, b.action) for b in parse_bounce(delayed.data)] == [
         ("tempfail-1@example.org", "delayed")]  # fmt: skip
+
+
+def test_a_kill_after_the_delivery_loses_no_success_notice(
+    tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 right after the delivery's commit, before its notice is spooled: the
+    journal's line (written and synced before the commit) tells it at the next
+    start, once."""
+    with SinkThread(keep_messages=True) as sink:
+        monkeypatch.setenv("FASTSEND_TEST_FAULT", "outcomes-kill-after-commit:1")
+        served, port = dsn_serve(tmp_path, certs, sink)
+        monkeypatch.delenv("FASTSEND_TEST_FAULT")
+        try:
+            _dsn_session(port, served.keys["acme"], certs[2],
+                         [("ann@example.org", ["NOTIFY=SUCCESS"])], [])  # fmt: skip
+            assert served.proc.wait(20) == -9
+            assert [m.recipients for m in sink.sink.messages] == [["ann@example.org"]]
+            served.start()
+            wait_port("127.0.0.1", port, timeout=60)
+            (notice,) = dsn_notices(sink, "app@example.com", 1)
+            served.stop()
+            served.start()  # told once: the journal is done with it
+            wait_port("127.0.0.1", port, timeout=60)
+            time.sleep(2.0)
+            assert _kinds(sink) == ["relayed"], _kinds(sink)
+            assert [m.recipients for m in sink.sink.messages if "app@example.com"
+                    not in m.recipients] == [["ann@example.org"]]  # (its journal told it)
+        finally:
+            served.stop()
+    assert b"Final-Recipient: rfc822; ann@example.org" in notice.data
