@@ -46,6 +46,7 @@ from fastsend.message.rawmime import RawMimeError
 from fastsend.message.rawmime import check as check_raw
 from fastsend.serve import listeners
 from fastsend.serve.api import OFF_LOOP_BYTES
+from fastsend.serve.dsn import Failure, build, retry_until
 from fastsend.serve.listeners import PBKDF2_ITERATIONS, hash_password
 from fastsend.sink import SinkThread
 from fastsend.smtp.server import ServerConfig, StartTLS
@@ -312,3 +313,16 @@ def test_a_kill_after_the_delivery_loses_no_success_notice(
         finally:
             served.stop()
     assert b"Final-Recipient: rfc822; ann@example.org" in notice.data
+
+
+def test_a_delay_notice_names_no_retry_date_when_retries_have_no_limit() -> None:
+    """[retry] max_age = 0 (no limit): the delay notice said Will-Retry-Until the
+    message's own arrival, a date already past."""
+    assert retry_until(1000.0, 0.0) == 0.0 and retry_until(1000.0, 60.0) == 1060.0
+    f = Failure("a@example.org", "4.2.0", "451 4.2.0 later", "mx.example.org", False, 1010.0)
+    text = build("mx.test", "s@example.com", [f], 1000.0, 1010.0, b"Subject: x\r\n",
+                 kind="delayed", retry_until=retry_until(1000.0, 0.0)).decode()  # fmt: skip
+    assert "Action: delayed" in text and "Will-Retry-Until" not in text, text
+    text = build("mx.test", "s@example.com", [f], 1000.0, 1010.0, b"Subject: x\r\n",
+                 kind="delayed", retry_until=retry_until(1000.0, 60.0)).decode()  # fmt: skip
+    assert "Will-Retry-Until: Thu, 01 Jan 1970 00:17:40 -0000" in text, text

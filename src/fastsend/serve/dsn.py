@@ -251,6 +251,12 @@ def build(
     return b"".join(parts)
 
 
+def retry_until(arrival: float, max_age: float) -> float:
+    """Until when a message that came at ``arrival`` is retried: 0.0 for as long as
+    it takes ([retry] max_age 0: no limit, so no date to name)."""
+    return arrival + max_age if max_age > 0 else 0.0
+
+
 def _orcpt_field(orcpt: str) -> str:
     kind, _, addr = orcpt.partition(";")
     if not (kind and addr):
@@ -299,8 +305,8 @@ def _build_other(
     else:
         subject = "Delayed Mail (still being retried)"
         text = (f"Your message could not be delivered to {whom} yet.\r\n"
-                f"It is being tried again{' until ' + until if until else ''};\r\n"
-                "you will be told if it fails. Nothing needs to be done on your part.")  # fmt: skip
+                f"It is being tried again{' until ' + until if until else ''}.\r\n"
+                "Nothing needs to be done on your part.")  # fmt: skip
     human = (f"This is the mail system at host {host}.\r\n\r\n{text}\r\n\r\n"
              + "".join(lines))  # fmt: skip
     env = f"Original-Envelope-Id: {_clean(envid, 100)}\r\n" if _clean(envid, 100) else ""
@@ -869,7 +875,7 @@ class Notices:
             part = failures[i : i + RCPTS_MAX]
             data = build(self.reporting, sender, part, claimed.created, part[-1].when, original,
                          envid=envid, orcpt=orcpt, full=full, kind=g.kind,
-                         retry_until=claimed.created + self._max_age())  # fmt: skip
+                         retry_until=retry_until(claimed.created, self._max_age()))  # fmt: skip
             row = orjson.dumps({"raw": base64.b64encode(data).decode("ascii"), "mail_from": ""})
             rows.append((addr, domain, row))
         self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows, idem=mark)
