@@ -300,8 +300,8 @@ class _Tracking:
 
     async def click(self, request: web.Request) -> web.Response:
         mid, rcpt, url = self._check(request, tr.CLICK)
-        if not url.lower().startswith(("http://", "https://")) or not url.isprintable():
-            raise _not_found()  # (a control character cannot go in a Location header)
+        if not url.lower().startswith(("http://", "https://")):
+            raise _not_found()
         location = ascii_url(url)
         if location is None:
             raise _not_found()  # a host no browser could ask for
@@ -366,15 +366,22 @@ _KEEP = "".join(chr(c) for c in range(0x21, 0x7F))
 _SAFE_PATH = _KEEP.translate({ord(c): None for c in '"<>`{}'})
 _SAFE_QUERY = _KEEP.translate({ord(c): None for c in "\"<>'"})
 _SAFE_FRAGMENT = _KEEP.translate({ord(c): None for c in '"<>`'})
-_UNSAFE_ASCII = frozenset(" \"<>`{}'")  # an ASCII URL without these is sent as it is
+_UNSAFE_ASCII = frozenset(" \"<>`{}'")  # a printable ASCII URL without these is sent as it is
+# What a browser does first to a URL (WHATWG URL parsing): C0 controls and spaces at
+# its ends stripped, every tab and line break removed.
+_ENDS = "".join(chr(c) for c in range(0x21))
+_TAB_NEWLINE = {9: None, 10: None, 13: None}
 
 
 def ascii_url(url: str) -> str | None:
-    """``url`` as a browser sends it: the host in IDNA A-labels, non-ASCII characters
-    and spaces in the path, query and fragment percent-encoded as UTF-8 (a Location
-    header is ASCII: RFC 9110 5.5, RFC 3986 3; raw UTF-8 there is read as Latin-1 by
-    some clients). None when the host is not a valid name."""
-    if url.isascii() and not _UNSAFE_ASCII.intersection(url):
+    """``url`` as a browser sends it: tabs and line breaks dropped, the host in IDNA
+    A-labels, non-ASCII characters, spaces and controls in the path, query and fragment
+    percent-encoded as UTF-8 (a Location header is printable ASCII: RFC 9110 5.5, RFC
+    3986 3; raw UTF-8 there is read as Latin-1 by some clients). None when the host is
+    not a valid name. (A no-break space, a zero-width joiner of an emoji sequence, a
+    soft hyphen: a link holding one was tracked, then its click answered 404.)"""
+    url = url.strip(_ENDS).translate(_TAB_NEWLINE)
+    if url.isascii() and url.isprintable() and not _UNSAFE_ASCII.intersection(url):
         return url
     scheme, sep, rest = url.partition("://")
     cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
@@ -393,11 +400,14 @@ def ascii_url(url: str) -> str | None:
             return None
     tail, hash_, fragment = tail.partition("#")
     path, q, query = tail.partition("?")
-    return (
+    out = (
         scheme + sep + quote(userinfo, _SAFE_PATH) + at + host + port
         + quote(path, _SAFE_PATH) + q + quote(query, _SAFE_QUERY)
         + hash_ + quote(fragment, _SAFE_FRAGMENT)
     )  # fmt: skip
+    # What is left unencoded (the scheme, the host, the port) must be printable ASCII
+    # too: a control or a space there is no host a browser asks for.
+    return out if out.isascii() and out.isprintable() and " " not in out else None
 
 
 def _html(title: str, body: str) -> str:
