@@ -11,9 +11,10 @@ from pathlib import Path
 
 from aiohttp import ClientSession
 
-from fastsend.serve.tracking import ascii_url
+from fastsend.message import tracking as tr
+from fastsend.serve.tracking import LINK_EVENTS, PIXEL_GIF, ascii_url
 from test_monitoring_audit23 import _follow, _hrefs, _render
-from test_serve_tracking import _run, _served
+from test_serve_tracking import SECRET, _message, _run, _served
 
 
 def test_a_link_with_an_invisible_character_is_redirected_as_a_browser_asks_for_it(
@@ -48,3 +49,59 @@ def test_a_link_with_an_invisible_character_is_redirected_as_a_browser_asks_for_
     _run(main())
     for _url, want in cases:  # what is sent is sent again as it is
         assert ascii_url(want) == want
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _spellings(token: str) -> list[str]:
+    """Other spellings of ``token`` that decode to the same octets: the last character
+    of a base64 part whose octets are not a multiple of three carries bits no octet
+    uses (4 of them after one octet, 2 after two): any value of those is the same
+    token to a lenient decoder."""
+    out = []
+    parts = token.split(".")
+    for i, part in enumerate(parts):
+        spare = {2: 4, 3: 2}.get(len(part) % 4, 0)
+        if not spare:
+            continue
+        last = _B64.index(part[-1])
+        for low in range(1, 1 << spare):
+            again = list(parts)
+            again[i] = part[:-1] + _B64[(last & ~((1 << spare) - 1)) | low]
+            out.append(".".join(again))
+    return out
+
+
+def test_a_link_spelled_another_way_is_not_a_link_of_its_own(tmp_path: Path) -> None:
+    """One link records at most [tracking] link_events_per_hour opens or clicks, counted
+    by its token's text; but the token's base64 has spare bits in its last character
+    (an octet count not a multiple of three), so the same token spelled up to 16 ways
+    opened alike, each spelling with a count of its own: one pixel replayed recorded
+    up to 16 x 20 opens an hour. Now a token is opened only as it was signed (its one
+    canonical spelling); every other spelling is a forged link (404)."""
+
+    async def main() -> None:
+        async with _served(tmp_path) as (ctx, base, events), ClientSession() as http:
+            mid = _message(ctx)
+            del events[:]
+            while True:  # (a nonce, then a ciphertext with spare bits: most tokens)
+                o = tr.sign(SECRET, tr.OPEN, str(mid), "ann@example.org", tenant="acme")
+                others = _spellings(o)
+                if len(others) >= 3:
+                    break
+            for tok in others:
+                async with http.get(f"{base}/t/o/{tok}.gif") as resp:
+                    assert resp.status == 404, tok
+            for _ in range(LINK_EVENTS + 5):
+                for tok in [o, *others]:
+                    async with http.get(f"{base}/t/o/{tok}.gif") as resp:
+                        assert resp.status == (200 if tok == o else 404)
+                        if tok == o:
+                            assert await resp.read() == PIXEL_GIF
+            ctx.events.flush()
+            assert [e["event"] for e in events] == ["opened"] * LINK_EVENTS
+            assert tr.open_token(SECRET, o) is not None
+            assert all(tr.open_token(SECRET, t) is None for t in others)
+
+    _run(main())
