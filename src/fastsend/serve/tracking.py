@@ -46,6 +46,7 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import time
@@ -112,7 +113,7 @@ class _Tracking:
         # link_ttl_days after it: the upgrade's time is recorded once.
         self.legacy_since = float(ctx.spool.meta_once(LEGACY_SINCE, repr(time.time())))
         self._hosts: tuple[Any, dict[str, str | None]] = (None, {})  # host -> its tenant
-        self._links: OrderedDict[str, tuple[float, int]] = OrderedDict()  # token -> (start, n)
+        self._links: OrderedDict[bytes, tuple[float, int]] = OrderedDict()  # digest -> (start, n)
         self.held = 0  # opens and clicks answered but not recorded (LINK_EVENTS)
         self.shared = getattr(ctx, "shared", None)  # the nodes' count (a shared spool)
         self._shared_down = 0.0  # when counting in Redis last failed (monotonic)
@@ -134,12 +135,15 @@ class _Tracking:
         if not self.cap:
             return True
         token = request.match_info["token"]
+        # Kept by a digest: a token is up to MAX_TOKEN (7,900) octets, and _LINKS_KEPT of
+        # them held ~750 MB (a tenant mailing itself links of the longest URL tracked).
+        key = hashlib.blake2b(token.encode(), digest_size=16).digest()
         now = time.monotonic()
         links = self._links
-        start, n = links.pop(token, (now, 0))
+        start, n = links.pop(key, (now, 0))
         if now - start >= LINK_WINDOW:
             start, n = now, 0
-        links[token] = (start, n + 1)
+        links[key] = (start, n + 1)
         if len(links) > _LINKS_KEPT:
             links.popitem(last=False)
         ok = n < self.cap
