@@ -150,3 +150,38 @@ def test_the_links_counted_take_little_memory_however_long_their_urls(tmp_path: 
     # The HTTP stack's three caches of 128 URLs (client and server, ~3 MB here) turn
     # over while traced: under 3.5 KB a link in all (before: ~9.5 KB a link).
     assert grown < n * 3500, f"{grown / n:.0f} octets a link"
+
+
+def test_a_redirect_names_the_host_a_browser_goes_to_for_every_client(tmp_path: Path) -> None:
+    """A browser reads a backslash in an http(s) URL's authority or path as a slash, and
+    any number of slashes or backslashes after "https:" as the two (WHATWG URL); RFC
+    3986 parsers (link scanners, HTTP libraries, security gateways following the
+    redirect) read "\\" as part of the userinfo and "https:///x" as no host. The click
+    endpoint sent such a link's Location as written: https://evil.example\\@good.example/
+    took a reader to evil.example while a scanner checked good.example (a phishing
+    link cloaked by the operator's own redirect). Now the Location is what the browser
+    asks for, which every parser reads alike."""
+    from urllib.parse import urlsplit
+
+    cases = [
+        ("https://evil.example\\@good.example/x", "https://evil.example/@good.example/x",
+         "evil.example"),
+        ("https://evil.example\\.good.example", "https://evil.example/.good.example",
+         "evil.example"),
+        ("https:///evil.example/a", "https://evil.example/a", "evil.example"),
+        ("https://\\\\evil.example/a\\b?q=\\#f\\", "https://evil.example/a/b?q=\\#f\\",
+         "evil.example"),
+        ("HTTP://good.example\\a\\b", "http://good.example/a/b", "good.example"),
+    ]  # fmt: skip
+    for url, want, host in cases:
+        assert ascii_url(url) == want, url
+        assert urlsplit(want).hostname == host
+    body = "".join(f'<a href="{url}">{i}</a>' for i, (url, _w, _h) in enumerate(cases))
+
+    async def main() -> None:
+        async with _served(tmp_path) as (_ctx, base, _events), ClientSession() as http:
+            links = _hrefs(_render(tmp_path, base, body))
+            for link, (url, want, _host) in zip(links, cases, strict=True):
+                assert await _follow(http, base, link) == (302, want), url
+
+    _run(main())

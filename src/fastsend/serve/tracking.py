@@ -378,23 +378,34 @@ _TAB_NEWLINE = {9: None, 10: None, 13: None}
 
 
 def ascii_url(url: str) -> str | None:
-    """``url`` as a browser sends it: tabs and line breaks dropped, the host in IDNA
-    A-labels, non-ASCII characters, spaces and controls in the path, query and fragment
-    percent-encoded as UTF-8 (a Location header is printable ASCII: RFC 9110 5.5, RFC
-    3986 3; raw UTF-8 there is read as Latin-1 by some clients). None when the host is
-    not a valid name. (A no-break space, a zero-width joiner of an emoji sequence, a
-    soft hyphen: a link holding one was tracked, then its click answered 404.)"""
+    """``url`` (http or https) as a browser sends it, in a form every parser reads alike:
+    tabs and line breaks dropped, the slashes after the scheme two, a backslash in the
+    authority or the path a slash (WHATWG URL: an RFC 3986 parser read
+    ``https://evil.example\\@good.example/`` as good.example's, a browser goes to
+    evil.example), the host in IDNA A-labels, non-ASCII characters, spaces and controls
+    in the path, query and fragment percent-encoded as UTF-8 (a Location header is
+    printable ASCII: RFC 9110 5.5, RFC 3986 3; raw UTF-8 there is read as Latin-1 by
+    some clients). None when the host is not a valid name. (A no-break space, a
+    zero-width joiner of an emoji sequence, a soft hyphen: a link holding one was
+    tracked, then its click answered 404.)"""
     url = url.strip(_ENDS).translate(_TAB_NEWLINE)
-    if url.isascii() and url.isprintable() and not _UNSAFE_ASCII.intersection(url):
+    scheme, _colon, rest = url.partition(":")
+    after = rest.lstrip("/\\")
+    if (
+        len(rest) - len(after) == 2 and rest.startswith("//") and "\\" not in url
+        and url.isascii() and url.isprintable() and not _UNSAFE_ASCII.intersection(url)
+    ):  # fmt: skip
         return url
-    scheme, sep, rest = url.partition("://")
-    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    scheme, sep, rest = scheme.lower(), "://", after
+    cut = min((i for i in (rest.find(c) for c in "/\\?#") if i >= 0), default=len(rest))
     authority, tail = rest[:cut], rest[cut:]
     userinfo, at, hostport = authority.rpartition("@")
     host, port = hostport, ""
     if not host.startswith("["):  # (an IPv6 literal is ASCII)
         host, colon, port = hostport.partition(":")
         port = colon + port
+    if not host:
+        return None
     if not host.isascii():
         from fastsend.message.headers import HeaderError, encode_domain
 
@@ -404,6 +415,7 @@ def ascii_url(url: str) -> str | None:
             return None
     tail, hash_, fragment = tail.partition("#")
     path, q, query = tail.partition("?")
+    path = path.replace("\\", "/")
     out = (
         scheme + sep + quote(userinfo, _SAFE_PATH) + at + host + port
         + quote(path, _SAFE_PATH) + q + quote(query, _SAFE_QUERY)
