@@ -91,6 +91,9 @@ TENANTS' URLS
     (rebinding) fails as a refused connection, said in the log and retried.
     ``[webhooks] allow_private`` names networks allowed all the same. The operator's
     ``[webhooks] urls`` are its trusted config: a session of their own, unchecked.
+    Both sessions look receivers' names up in threads of their own (:class:`_Lookups`,
+    one lookup at a time per name), never in the event loop's default executor, which
+    a name whose DNS never answers would fill.
 
 DELIBERATELY NOT HERE
     No endpoints a tenant sets through the API, no dead-letter store (an expired event is in the
@@ -119,6 +122,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver
 
 from fastsend import netguard
 from fastsend.config.serve import WebhookSettings
@@ -150,6 +154,62 @@ BACKLOG_RUN = 1000  # outbox rows /metrics reads at a time for a URL's backlog
 
 class RefusedAddress(OSError):
     """A tenant's webhook connection to an address it may not reach (fastsend.netguard)."""
+
+
+LOOKUP_THREADS = 64  # the receivers' names looked up at once, at most (one each)
+
+
+class _Lookups(AbstractResolver):
+    """The receivers' names looked up (getaddrinfo) in threads of the webhooks' own, one
+    lookup at a time per name: a POST tried while its name's lookup still runs waits
+    for that one. aiohttp's own resolver uses the event loop's default executor, the
+    threads of everything else serve does off the loop (an API body decoded, SMTP
+    AUTH's password hash, /metrics' and the dashboard's spool reads): a name whose
+    DNS never answers held one of them for the resolver's whole timeout (10-30 s),
+    again at each retry, and 6 such names filled it (6 threads on 2 cores)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="webhook-dns")
+        self._running: dict[tuple[str, int, int], asyncio.Future[Any]] = {}
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[Any]:
+        key = (host, port, int(family))
+        fut = self._running.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().run_in_executor(
+                self._pool, _getaddrinfo, host, port, family
+            )
+            self._running[key] = fut
+            fut.add_done_callback(lambda f: self._done(key, f))
+        infos = await asyncio.shield(fut)  # (a POST timing out leaves it running)
+        out = []
+        for fam, _type, proto, _name, address in infos:
+            addr = str(address[0])
+            if fam == socket.AF_INET6 and len(address) > 3 and address[3]:
+                addr = f"{addr}%{address[3]}"  # a link-local address's scope
+            out.append({"hostname": host, "host": addr, "port": int(address[1]),
+                        "family": fam, "proto": proto,
+                        "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})  # fmt: skip
+        if not out:
+            raise OSError(f"no address for {host}")
+        return out
+
+    def _done(self, key: tuple[str, int, int], fut: asyncio.Future[Any]) -> None:
+        if self._running.get(key) is fut:
+            del self._running[key]
+        if not fut.cancelled():
+            fut.exception()  # (retrieved: every POST waiting for it may have gone)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _getaddrinfo(host: str, port: int, family: int) -> list[Any]:
+    return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
 
 
 def sign_payload(secret: bytes, body: bytes, timestamp: int) -> str:
@@ -366,6 +426,7 @@ class WebhookDispatcher:
         # Tenants' URLs go through a session of their own whose every socket is
         # checked on the address it connects to (:meth:`_tenant_socket`).
         self._tenant_session: aiohttp.ClientSession | None = None
+        self._lookups: _Lookups | None = None  # both sessions' name lookups
         self._stopping = False
         self._backlogs: dict[str, _Backlog] = {}  # pending(): what a URL's rows held
 
@@ -388,7 +449,11 @@ class WebhookDispatcher:
         # (a URL new to the outbox starts after those events: they were not its).
         self._catch_up()
         self.outbox.set_urls(self.config.urls)
-        self._session = aiohttp.ClientSession(headers={"User-Agent": "fastsend-webhooks/1"})
+        self._lookups = _Lookups()
+        self._session = aiohttp.ClientSession(
+            headers={"User-Agent": "fastsend-webhooks/1"},
+            connector=aiohttp.TCPConnector(resolver=self._lookups),
+        )
         self._tenant_session = self._new_tenant_session()
         self.ctx.events.listeners.append(self._on_events)
         sup = getattr(self.ctx, "supervisor", None)
@@ -401,9 +466,12 @@ class WebhookDispatcher:
             self._start_sender(url)
 
     def _new_tenant_session(self) -> aiohttp.ClientSession:
+        assert self._lookups is not None
         return aiohttp.ClientSession(
             headers={"User-Agent": "fastsend-webhooks/1"},
-            connector=aiohttp.TCPConnector(socket_factory=self._tenant_socket),
+            connector=aiohttp.TCPConnector(
+                socket_factory=self._tenant_socket, resolver=self._lookups
+            ),
         )
 
     def _tenant_socket(self, addr_info: Any) -> socket.socket:
@@ -484,6 +552,9 @@ class WebhookDispatcher:
             if session is not None:
                 await session.close()
         self._session = self._tenant_session = None
+        if self._lookups is not None:
+            await self._lookups.close()
+            self._lookups = None
         self.outbox.close()
         self.outbox = None
 

@@ -1,0 +1,83 @@
+"""Webhooks audited from outside (session 25, track25).
+
+Real parts: a ServeContext on a temporary spool, the webhook dispatcher POSTing
+through aiohttp's real connector to a receiver on loopback
+(tests/test_serve_webhooks.py's ``Receiver``); getaddrinfo's answers are replaced
+only for the names a test plays a DNS server that never answers for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastsend.config import from_dict
+from test_serve_webhooks import Receiver
+from test_tenant_ssrf22 import _until
+
+SECRET = "operator-hook-secret-000000"
+
+
+def test_a_receiver_whose_dns_never_answers_leaves_serve_its_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver's name whose DNS never answers (a tenant's authoritative server
+    dropping queries: the resolver waits its whole timeout, 10-30 s, per lookup) held
+    a thread of the event loop's default executor (aiohttp looks names up there) for as
+    long as it hung, again at each retry: 8 such names filled the pool (6 threads on 2
+    cores), and with it every other thing serve does in a thread (an API body decoded
+    off the loop, SMTP AUTH's password hash, /metrics' and the dashboard's spool reads)
+    waited. Now the webhooks look names up in threads of their own, one lookup at a
+    time per name; the other receivers get their events meanwhile."""
+    from fastsend.serve.context import open_context
+    from fastsend.serve.webhooks import WebhookDispatcher
+
+    real = socket.getaddrinfo
+    never = threading.Event()
+    asked: list[str] = []
+
+    def hung(host: Any, *a: Any, **k: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".hung.example"):
+            asked.append(host)
+            never.wait(60)  # a DNS server that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+
+    async def main() -> None:
+        rx = Receiver(SECRET)
+        good = (await rx.start()).replace("127.0.0.1", "localhost")  # (a name, looked up)
+        hung_urls = [f"http://hooks-{i}.hung.example/hook" for i in range(8)]
+        ctx = open_context(from_dict({
+            "spool": {"dir": str(tmp_path / "spool")},
+            "webhooks": {"urls": [*hung_urls, good], "secret": SECRET, "timeout": 0.2,
+                         "retry_min": 0.02, "retry_max": 0.05, "flush_interval": 0.01},
+        }))  # fmt: skip
+        d = WebhookDispatcher(ctx)
+        await d.start()
+        try:
+            for i in range(3):
+                ctx.emit({"event": "bounced", "id": i + 1, "rcpt": f"r{i}@example.org"})
+                await asyncio.sleep(0)
+            # Each hung URL tried again and again (its POSTs time out at 0.2 s).
+            await _until(lambda: d.stats["failed"] >= 30)
+            # The loop's default executor still runs work at once.
+            got = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 10)
+            assert got == "free"
+            await _until(lambda: len(rx.events) == 3)
+            # One lookup at a time per name (not a thread per POST tried).
+            assert sorted(set(asked)) == sorted(u.split("/")[2] for u in hung_urls)
+            assert len(asked) <= len(hung_urls) * 2, len(asked)
+        finally:
+            never.set()
+            await d.stop()
+            ctx.close()
+            await rx.close()
+
+    asyncio.run(main())
