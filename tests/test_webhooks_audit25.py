@@ -81,3 +81,65 @@ def test_a_receiver_whose_dns_never_answers_leaves_serve_its_threads(
             await rx.close()
 
     asyncio.run(main())
+
+
+def test_an_event_over_the_receivers_body_limit_does_not_hold_the_ones_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 413 halves the URL's batch, down to one event; one event alone over the
+    receiver's body limit (a bounce's long diagnostic, a click on a long URL) was then
+    refused again and again, with backoff, until retention_days (7 days): every later
+    event for the URL waited behind it. Now an event a receiver refuses as too large by
+    itself is passed (it is in the event log and GET /v1/events), said in the log and
+    counted (fastsend_webhook_events_too_large_total); the rest go on."""
+    import logging
+    import time
+
+    import orjson
+    from aiohttp import web
+
+    from fastsend.serve.context import open_context
+    from fastsend.serve.metrics import Metrics
+    from fastsend.serve.webhooks import WebhookDispatcher
+    from fastsend.testing.http import app_on_loopback
+
+    got: list[int] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        if len(body) > 3000:  # the receiver's body limit
+            return web.Response(status=413)
+        got.extend(e["id"] for e in orjson.loads(body))
+        return web.Response(status=204)
+
+    async def main() -> str:
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        async with app_on_loopback(app) as base:
+            ctx = open_context(from_dict({
+                "spool": {"dir": str(tmp_path / "spool")},
+                "webhooks": {"urls": [f"{base}/hook"], "secret": SECRET, "batch_size": 4,
+                             "retry_min": 30, "flush_interval": 0.01}}))  # fmt: skip
+            d = WebhookDispatcher(ctx)
+            m = Metrics(ctx)
+            m.webhooks = d
+            await d.start()
+            try:
+                t = time.time()
+                for i in range(6):
+                    text = "550 5.1.1 " + ("x" * 5000 if i == 2 else "no such user")
+                    ctx.events.emit({"time": t, "event": "bounced", "id": i, "campaign": 1,
+                                     "rcpt": f"r{i}@example.org", "text": text})  # fmt: skip
+                await _until(lambda: len(got) == 5)
+                assert d.outbox is not None and d.outbox.pending(f"{base}/hook") == 0
+                return m.render()
+            finally:
+                await d.stop()
+                ctx.close()
+
+    with caplog.at_level(logging.WARNING, logger="fastsend.webhooks"):
+        text = asyncio.run(main())
+    assert got == [0, 1, 3, 4, 5]
+    assert "fastsend_webhook_events_too_large_total 1" in text
+    said = [r.getMessage() for r in caplog.records if "too large" in r.getMessage()]
+    assert len(said) == 1 and "event 3" in said[0], said

@@ -316,7 +316,11 @@ class Metrics:
                " unsent, past [webhooks] retention_days.",
                "# TYPE fastsend_webhook_events_expired_total counter",
                "fastsend_webhook_events_expired_total"
-               f" {getattr(self.ctx, 'webhook_expired', 0)}"]  # fmt: skip
+               f" {getattr(self.ctx, 'webhook_expired', 0)}",
+               "# HELP fastsend_webhook_events_too_large_total Events passed unsent: a"
+               " receiver refused each alone as too large (413).",
+               "# TYPE fastsend_webhook_events_too_large_total counter",
+               f"fastsend_webhook_events_too_large_total {st.get('too_large', 0)}"]  # fmt: skip
         return out + self._hook_cache[1]
 
     async def refresh_webhooks(self) -> None:

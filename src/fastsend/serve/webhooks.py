@@ -41,7 +41,8 @@ DESCRIPTION
     3xx/4xx/5xx) is retried after ``retry_min * 2**n`` seconds (capped at
     ``retry_max``, +-20 % jitter; longer when the answer's ``Retry-After`` asks,
     up to ``retry_max``; a 413, the receiver's body limit, halves the URL's batch
-    at once instead) for ``retention_days``: an endpoint that is
+    at once instead, and an event it refuses alone is passed, logged and counted)
+    for ``retention_days``: an endpoint that is
     down for a day loses nothing, and a restart resumes from the cursors. Past
     that window serve's retention pass (:mod:`fastsend.serve.retention`) drops
     the events a URL never took, says how many per URL and counts them
@@ -407,7 +408,7 @@ class WebhookDispatcher:
             else WebhookConfig.of(ctx.config.webhooks, getattr(ctx.config, "tenants", None))
         )  # fmt: skip
         self.outbox: Outbox | None = None
-        self.stats = {"posted": 0, "failed": 0, "events": 0}
+        self.stats = {"posted": 0, "failed": 0, "events": 0, "too_large": 0}
         self._pending: list[bytes] = []
         # How far into the event log the events buffered (and written) go: kept with
         # them in the outbox, so the next start sends what a killed run had only in
@@ -742,6 +743,16 @@ class WebhookDispatcher:
                     # was refused again and again until retention_days, every event after
                     # it held back for the URL).
                     smaller = max(1, len(rows) // 2)
+                    continue
+                if status == 413:
+                    # One event alone over the receiver's body limit never fits: it was
+                    # refused with backoff until retention_days, every later event held
+                    # behind it. Passed (the event log and GET /v1/events keep it).
+                    log.error("webhook %s: event %d is too large for the receiver by itself"
+                              " (413 for its %d octets): passed, not sent", safe_url(url),
+                              rows[0][0], len(rows[0][1]))  # fmt: skip
+                    self.stats["too_large"] += 1
+                    self.outbox.ack(url, last)
                     continue
                 failures += 1
                 delay = min(c.retry_max, c.retry_min * 2 ** min(failures - 1, 30))
