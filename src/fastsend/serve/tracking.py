@@ -96,8 +96,7 @@ ONE_CLICK = "One-Click"
 # "List-Unsubscribe=One-Click"; a client that POSTs that body with no content type, or
 # text/plain (a hand-made one-click client), read as 400 lost the unsubscribe: the body
 # is read as a urlencoded form whatever its type says.
-_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
-MAX_ONE_CLICK_BODY = 1024
+MAX_FORM_BODY = 16_384  # what of an unsubscribe POST's body is read (the form is ~20 octets)
 _KINDS = {"opened": "open", "clicked": "click"}  # events judged by the machine rules
 
 
@@ -332,11 +331,8 @@ class _Tracking:
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
         (mid, rcpt), token_tenant = self._open(request, tr.UNSUBSCRIBE)
-        if request.content_type in _FORM_TYPES:
-            form: Any = await body_deadline(request.post(), self.body_timeout)
-        else:  # RFC 8058's body with no or another content type: still unambiguous
-            raw = await body_deadline(request.read(), self.body_timeout)
-            form = dict(parse_qsl(raw[:MAX_ONE_CLICK_BODY].decode("latin-1").strip()))
+        raw = await body_deadline(request.read(), self.body_timeout)
+        form = read_form(request.headers.get("Content-Type", ""), raw)
         one_click = form.get("List-Unsubscribe") == ONE_CLICK
         if not one_click and form.get("confirm") != "yes":
             raise _bad_request("expected List-Unsubscribe=One-Click or confirm=yes")
@@ -360,6 +356,45 @@ class _Tracking:
         if one_click:
             return web.Response(text="unsubscribed\n", headers=_NO_STORE)
         return _page("Unsubscribed", f"<p>{html.escape(rcpt)} will get no more mail from us.</p>")
+
+
+def read_form(content_type: str, raw: bytes) -> dict[str, str]:
+    """The fields of an unsubscribe POST's body (the first of each name): a multipart
+    form's parts, else (and when a multipart body holds no part) the body read as a
+    urlencoded form whatever its label says: RFC 8058's "List-Unsubscribe=One-Click"
+    labelled multipart/form-data without a boundary, or with a charset no codec has,
+    was a 500 from aiohttp's form reader (the unsubscribe lost). Text that is not
+    UTF-8 is no field (the caller's 400)."""
+    raw = raw[:MAX_FORM_BODY]
+    if content_type.partition(";")[0].strip().lower() == "multipart/form-data":
+        from email import policy
+        from email.parser import BytesParser
+
+        head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n"
+        msg = BytesParser(policy=policy.HTTP).parsebytes(head.encode("latin-1", "replace") + raw)
+        fields: dict[str, str] = {}
+        parts = msg.get_payload() if msg.is_multipart() else []
+        for part in parts if isinstance(parts, list) else []:
+            if isinstance(part, str):
+                continue
+            name = part.get_param("name", header="content-disposition")
+            data = part.get_payload(decode=True)
+            if isinstance(name, str) and isinstance(data, bytes):
+                fields.setdefault(name, _text(data))
+        if fields:
+            return fields
+    pairs = parse_qsl(raw.decode("latin-1").strip(), encoding="latin-1")
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        out.setdefault(_text(k.encode("latin-1")), _text(v.encode("latin-1")))
+    return out
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return ""
 
 
 # What is percent-encoded (as UTF-8) in each part of a redirect's URL: every
