@@ -198,8 +198,10 @@ def test_process_secret_used_without_secret_file(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- endpoints
 @asynccontextmanager
-async def _served(tmp_path: Path) -> AsyncIterator[tuple[ServeContext, str, list[dict[str, Any]]]]:
-    cfg = from_dict({"spool": {"dir": str(tmp_path / "spool")}})
+async def _served(
+    tmp_path: Path, **config: Any
+) -> AsyncIterator[tuple[ServeContext, str, list[dict[str, Any]]]]:
+    cfg = from_dict({"spool": {"dir": str(tmp_path / "spool")}, **config})
     ctx = open_context(cfg)
     ctx.secret = SECRET
     events: list[dict[str, Any]] = []

@@ -7,8 +7,10 @@ aiohttp client following the links as a mail reader would.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
 from aiohttp import ClientSession
 
 from fastsend.message import tracking as tr
@@ -219,5 +221,31 @@ def test_a_one_click_unsubscribe_is_taken_however_its_body_is_labelled(tmp_path:
                     assert resp.status == want, (ctype, body, await resp.text())
                 taken = ctx.suppression.contains(rcpt, tenant="acme")
                 assert taken == (want == 200), (ctype, body)
+
+    _run(main())
+
+
+@pytest.mark.parametrize("host", ["[", "t.acme.example]", "[::1", "[zz]:443", "[fe80::1%"])
+def test_a_host_header_no_url_can_hold_is_a_404_not_a_500(tmp_path: Path, host: str) -> None:
+    """With [tenants], a link's host decides whose it may be (one tenant's link on
+    another's host is a 404); a Host header that no URL can hold ("[", an unclosed or
+    bad IPv6 literal) raised in urlsplit: a 500 from the public listener for anyone
+    with a link. Now such a host is no tenant's: the link answers as on a shared host."""
+    tenants = {"acme": {"domains": ["acme.example"],
+                        "tracking_base_url": "https://t.acme.example"}}  # fmt: skip
+
+    async def main() -> None:
+        async with _served(tmp_path, tenants=tenants) as (ctx, base, _events):
+            mid = _message(ctx, "acme")
+            c = tr.sign(SECRET, tr.CLICK, str(mid), "ann@example.org", "https://example.com/a",
+                        tenant="acme")  # fmt: skip
+            port = int(base.rpartition(":")[2])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET /t/c/{c} HTTP/1.1\r\nHost: {host}\r\n"
+                         "Connection: close\r\n\r\n".encode())  # fmt: skip
+            await writer.drain()
+            status = (await reader.readline()).split()[1]
+            writer.close()
+            assert status == b"302"
 
     _run(main())

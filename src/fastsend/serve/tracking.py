@@ -168,7 +168,10 @@ class _Tracking:
         tenants = getattr(self.ctx, "tenants", None)
         if tenants is None or not tenants.configured:
             return None
-        host = norm_domain(urlsplit("//" + (request.host or "")).hostname or "")
+        try:
+            host = norm_domain(urlsplit("//" + (request.host or "")).hostname or "")
+        except ValueError:  # ("[", a bad IPv6 literal: no URL holds it; was a 500)
+            return None
         if not host:
             return None
         if self._hosts[0] is not tenants:
