@@ -249,3 +249,28 @@ def test_a_host_header_no_url_can_hold_is_a_404_not_a_500(tmp_path: Path, host: 
             assert status == b"302"
 
     _run(main())
+
+
+def test_an_open_or_click_of_mail_gone_from_the_spool_is_its_tenants(tmp_path: Path) -> None:
+    """A message leaves the spool [spool] final_retention_days (30) after it is final;
+    its links work [tracking] link_ttl_days (90). An open or click of such a message
+    was recorded as tenant "default"'s (the token's tenant, authenticated, was used for
+    an unsubscribe only): the tenant's webhook URLs, its stats and exports never saw
+    its late readers; an operator URL filtered by tenant got them as the operator's.
+    Now the event names the token's tenant, as an unsubscribe's does."""
+
+    async def main() -> None:
+        async with _served(tmp_path) as (ctx, base, events), ClientSession() as http:
+            gone = "999999"  # (no such message in the spool: pruned)
+            o = tr.sign(SECRET, tr.OPEN, gone, "ann@example.org", tenant="acme")
+            c = tr.sign(SECRET, tr.CLICK, gone, "ann@example.org", "https://example.com/a",
+                        tenant="acme")  # fmt: skip
+            async with http.get(f"{base}/t/o/{o}.gif") as resp:
+                assert resp.status == 200
+            async with http.get(f"{base}/t/c/{c}", allow_redirects=False) as resp:
+                assert resp.status == 302
+            ctx.events.flush()
+            got = [(e["event"], e["tenant"], e["campaign"]) for e in events]
+            assert got == [("opened", "acme", None), ("clicked", "acme", None)]
+
+    _run(main())

@@ -291,13 +291,13 @@ class _Tracking:
 
     # -- handlers -------------------------------------------------------------
     async def open(self, request: web.Request) -> web.Response:
-        mid, rcpt = self._check(request, tr.OPEN)
+        (mid, rcpt), tenant = self._open(request, tr.OPEN)
         if not self._record(request):
             pass  # answered as always, not recorded again
         elif request.method == "GET":
-            self.ctx.emit_optional(self._event("opened", mid, rcpt, request))
+            self.ctx.emit_optional(self._event("opened", mid, rcpt, request, tenant))
         else:
-            self._head(self._event("opened", mid, rcpt, request))
+            self._head(self._event("opened", mid, rcpt, request, tenant))
         return web.Response(
             body=PIXEL_GIF,
             content_type="image/gif",
@@ -305,14 +305,14 @@ class _Tracking:
         )
 
     async def click(self, request: web.Request) -> web.Response:
-        mid, rcpt, url = self._check(request, tr.CLICK)
+        (mid, rcpt, url), tenant = self._open(request, tr.CLICK)
         if not url.lower().startswith(("http://", "https://")):
             raise _not_found()
         location = ascii_url(url)
         if location is None:
             raise _not_found()  # a host no browser could ask for
         if self._record(request):
-            ev = self._event("clicked", mid, rcpt, request)
+            ev = self._event("clicked", mid, rcpt, request, tenant)
             ev["url"] = url
             if request.method == "GET":
                 self.ctx.emit_optional(ev)
