@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import ClientSession
@@ -274,3 +275,45 @@ def test_an_open_or_click_of_mail_gone_from_the_spool_is_its_tenants(tmp_path: P
             assert got == [("opened", "acme", None), ("clicked", "acme", None)]
 
     _run(main())
+
+
+def test_links_answer_while_the_shared_spool_is_out_of_reach(tmp_path: Path) -> None:
+    """On a Redis spool, a click looks its message's campaign and tenant up in the
+    spool: with Redis out of reach (paused here, as a failover or a stalled host) every
+    click answered 500 after the client's timeout, the reader's link broken though its
+    URL is in the token, and an unsubscribe was a 500. Now the click redirects and its
+    event names the token's tenant (the spool is asked again after SPOOL_RETRY s), and
+    an unsubscribe that cannot be stored is a 503 with Retry-After (a one-click sender
+    tries again), never a 500."""
+    import os
+    import signal
+
+    from tests._redis_helpers import start_redis
+
+    async def main(srv: Any) -> None:
+        spool = {"dir": str(tmp_path / "spool"), "url": srv.url(socket_timeout="0.5")}
+        async with _served(tmp_path, spool=spool) as (ctx, base, events), ClientSession() as http:
+            mids = [_message(ctx, "acme") for _ in range(3)]
+            del events[:]
+            clicks = [tr.sign(SECRET, tr.CLICK, str(m), "ann@example.org",
+                              f"https://example.com/{m}", tenant="acme") for m in mids]  # fmt: skip
+            unsub = tr.sign(SECRET, tr.UNSUBSCRIBE, str(mids[2]), "ann@example.org",
+                            tenant="acme")  # fmt: skip
+            os.kill(srv.proc.pid, signal.SIGSTOP)
+            try:
+                for c, m in zip(clicks, mids, strict=True):
+                    async with http.get(f"{base}/t/c/{c}", allow_redirects=False) as resp:
+                        assert resp.status == 302
+                        assert resp.headers["Location"] == f"https://example.com/{m}"
+                async with http.post(f"{base}/u/{unsub}", data=b"List-Unsubscribe=One-Click",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"}
+                                     ) as resp:  # fmt: skip
+                    assert resp.status == 503 and resp.headers["Retry-After"] == "60"
+            finally:
+                os.kill(srv.proc.pid, signal.SIGCONT)
+            ctx.events.flush()
+            got = [(e["event"], e["id"], e["tenant"]) for e in events]
+            assert got == [("clicked", m, "acme") for m in mids]
+
+    with start_redis() as srv:
+        _run(main(srv))

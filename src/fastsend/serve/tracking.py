@@ -100,6 +100,7 @@ MAX_FORM_BODY = 16_384  # what of an unsubscribe POST's body is read (the form i
 _KINDS = {"opened": "open", "clicked": "click"}  # events judged by the machine rules
 
 
+SPOOL_RETRY = 10.0  # s a spool out of reach is left alone before it is asked again
 LEGACY_SINCE = "tracking_v2_since"  # spool meta: when this installation first encrypted tokens
 
 
@@ -116,6 +117,7 @@ class _Tracking:
         self.held = 0  # opens and clicks answered but not recorded (LINK_EVENTS)
         self.shared = getattr(ctx, "shared", None)  # the nodes' count (a shared spool)
         self._shared_down = 0.0  # when counting in Redis last failed (monotonic)
+        self._spool_down = float("-inf")  # when reading the spool last failed (monotonic)
         self._rules: Any = None  # the machine rules when there are no rollups (analytics off)
 
     # Read from the config in force at each request: a SIGHUP replaces ctx.config.
@@ -228,14 +230,29 @@ class _Tracking:
             return hit
         campaign: int | None = None
         tenant = DEFAULT_TENANT
-        row = self.ctx.spool.owner(n)
-        if row is not None:
-            campaign = row[0]
-            try:
-                tenant = self.ctx.campaign_tenant(campaign)
-            except (KeyError, AttributeError):
-                info = self.ctx.spool.get_campaign(campaign)
-                tenant = info.tenant if info is not None else DEFAULT_TENANT
+        now = time.monotonic()
+        if now - self._spool_down < SPOOL_RETRY:
+            return None, DEFAULT_TENANT  # (not kept: known again once the spool answers)
+        try:
+            row = self.ctx.spool.owner(n)
+            if row is not None:
+                campaign = row[0]
+                try:
+                    tenant = self.ctx.campaign_tenant(campaign)
+                except (KeyError, AttributeError):
+                    info = self.ctx.spool.get_campaign(campaign)
+                    tenant = info.tenant if info is not None else DEFAULT_TENANT
+        except Exception as e:
+            # The spool out of reach (a shared spool's Redis down or paused): every
+            # click was a 500, the reader's link broken, though its URL is in the
+            # token. The link answers; the event names the token's tenant; the spool
+            # is asked again after SPOOL_RETRY s (each try held the loop for the
+            # client's timeout).
+            self._spool_down = now
+            log.warning("tracking: the spool is out of reach (%s: %s); links answer and"
+                        " events name their token's tenant, trying again in %.0f s",
+                        e.__class__.__name__, e, SPOOL_RETRY)  # fmt: skip
+            return None, DEFAULT_TENANT
         self._owner[n] = (campaign, tenant)
         if len(self._owner) > _CACHE_SIZE:
             self._owner.popitem(last=False)
@@ -350,6 +367,14 @@ class _Tracking:
             )  # fmt: skip
         except SuppressionError:
             raise _bad_request("cannot unsubscribe this address") from None
+        except Exception as e:  # the suppression list out of reach (Redis down): was a 500
+            log.warning("unsubscribe: the suppression list is out of reach (%s: %s): 503",
+                        e.__class__.__name__, e)  # fmt: skip
+            raise web.HTTPServiceUnavailable(
+                text=_html("Try again", "<p>We could not unsubscribe you just now."
+                           " Please try again in a minute.</p>"),
+                content_type="text/html", headers={**_PAGE_HEADERS, "Retry-After": "60"},
+            ) from None
         ev = self._event("unsubscribed", mid, rcpt, request, token_tenant)
         ev["method"] = "one-click" if one_click else "page"
         if not already_told(self.ctx, ev["id"], "unsubscribed") and first_telling(
