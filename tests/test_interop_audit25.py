@@ -324,6 +324,36 @@ def test_stored_dsn_parameters_reach_the_wire_only_well_formed(text: str) -> Non
     assert got in (b"", b" NOTIFY=SUCCESS"), got
 
 
+@contextlib.contextmanager
+def submitted(
+    tmp_path: Path, certs: Any, mx_port: int, *sends: tuple[str, list[str], list[str], list[str]]
+) -> Iterator[None]:
+    """`fastsend serve` relaying to 127.0.0.1:mx_port, with a submission
+    listener (STARTTLS, AUTH) taking each (sender, recipients, MAIL options,
+    RCPT options) of sends; the server runs until the block ends."""
+    cert, key, tls = certs
+    port = free_port()
+    extra = f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    served = Served(tmp_path, f"127.0.0.1:{mx_port}", extra=extra)
+    try:
+        wait_port("127.0.0.1", port, timeout=60)
+
+        async def go() -> None:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=tls)
+            await smtp.connect()
+            await smtp.login("acme", served.keys["acme"])
+            for sender, rcpts, mail_options, rcpt_options in sends:
+                await smtp.sendmail(
+                    sender, rcpts, MESSAGE, mail_options=mail_options, rcpt_options=rcpt_options
+                )
+            await smtp.quit()
+
+        asyncio.run(go())
+        yield
+    finally:
+        served.stop()
+
+
 def test_submitted_dsn_parameters_go_on_to_a_next_hop_offering_dsn(
     tmp_path: Path, certs: Any
 ) -> None:
@@ -331,34 +361,11 @@ def test_submitted_dsn_parameters_go_on_to_a_next_hop_offering_dsn(
     recipient, NOTIFY/ORCPT reaches a receiver offering DSN with them as
     received (they were dropped: that hop answered NOTIFY=NEVER mail with
     bounces and never told SUCCESS)."""
-    cert, key, tls = certs
-    with recording_mx(True) as (mx_port, lines):
-        port = free_port()
-        extra = (
-            f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\n'
-            f'tls_key = "{key}"\n'
-        )
-        served = Served(tmp_path, f"127.0.0.1:{mx_port}", extra=extra)
-        try:
-            wait_port("127.0.0.1", port, timeout=60)
-
-            async def go() -> None:
-                smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
-                                       tls_context=tls)  # fmt: skip
-                await smtp.connect()
-                await smtp.login("acme", served.keys["acme"])
-                await smtp.sendmail(
-                    "app@example.com", ["ann@example.org"], MESSAGE,
-                    mail_options=["RET=HDRS", "ENVID=order+2B42"],
-                    rcpt_options=["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;Ann+2Bx@example.org"],
-                )  # fmt: skip
-                await smtp.sendmail("app@example.com", ["bob@example.org"], MESSAGE)
-                await smtp.quit()
-
-            asyncio.run(go())
-            until("both relayed", lambda: sum(x.startswith(b"RCPT") for x in lines) >= 2)
-        finally:
-            served.stop()
+    ann = ("app@example.com", ["ann@example.org"], ["RET=HDRS", "ENVID=order+2B42"],
+           ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;Ann+2Bx@example.org"])  # fmt: skip
+    bob = ("app@example.com", ["bob@example.org"], [], [])
+    with recording_mx(True) as (mx_port, lines), submitted(tmp_path, certs, mx_port, ann, bob):
+        until("both relayed", lambda: sum(x.startswith(b"RCPT") for x in lines) >= 2)
     got = [x for x in lines if x[:4] in (b"MAIL", b"RCPT")]
     ann = got.index(b"RCPT TO:<ann@example.org> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Ann+2Bx@example.org")
     assert got[ann - 1].startswith(b"MAIL FROM:<app@example.com>"), got
@@ -372,34 +379,11 @@ def test_submitted_dsn_parameters_are_not_sent_to_a_hop_without_dsn(
 ) -> None:
     """aiosmtpd offers no DSN and refuses an unknown parameter 555: the
     message submitted with DSN parameters is delivered there without them."""
-    cert, key, tls = certs
+    ann = ("app@example.com", ["ann@example.org"], ["RET=FULL", "ENVID=x1"],
+           ["NOTIFY=FAILURE", "ORCPT=rfc822;ann@example.org"])  # fmt: skip
     mx_port = free_port()
-    with aiosmtpd_server(mx_port) as (_ctl, handler):
-        port = free_port()
-        extra = (
-            f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\n'
-            f'tls_key = "{key}"\n'
-        )
-        served = Served(tmp_path, f"127.0.0.1:{mx_port}", extra=extra)
-        try:
-            wait_port("127.0.0.1", port, timeout=60)
-
-            async def go() -> None:
-                smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
-                                       tls_context=tls)  # fmt: skip
-                await smtp.connect()
-                await smtp.login("acme", served.keys["acme"])
-                await smtp.sendmail(
-                    "app@example.com", ["ann@example.org"], MESSAGE,
-                    mail_options=["RET=FULL", "ENVID=x1"],
-                    rcpt_options=["NOTIFY=FAILURE", "ORCPT=rfc822;ann@example.org"],
-                )  # fmt: skip
-                await smtp.quit()
-
-            asyncio.run(go())
-            until("the delivery", lambda: handler.messages)
-        finally:
-            served.stop()
+    with aiosmtpd_server(mx_port) as (_ctl, handler), submitted(tmp_path, certs, mx_port, ann):
+        until("the delivery", lambda: handler.messages)
     (m,) = handler.messages
     assert m["rcpts"] == ["ann@example.org"] and m["mail_from"] == "app@example.com", m
 
