@@ -1,0 +1,72 @@
+"""Bounces read from outside (bnc26's audit, session 26), written from the
+documented shapes of their formats, none from the corpus.
+
+- Exchange's refusal of a sender that may not send as the From address
+  ("550 5.2.252 SendAsDenied; a@x not allowed to send as b@y",
+  STOREDRV.Submission's SendAsDeniedException, "Client does not have
+  permissions to send as this sender") read onhold / filtered /
+  securityerror: it is our sender refused ("rejected").
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fastsend.bounce import classify_reply, parse_bounce
+
+# ---------------------------------------------------------------- send-as refusals
+SEND_AS = [
+    (550, "5.2.252", "SendAsDenied; sender@ours.example not allowed to send as "
+     "news@ours.example; STOREDRV.Submission.Exception:SendAsDeniedException."
+     "MapiExceptionSendAsDenied", "RCPT"),
+    (550, "5.2.252", "SendAsDenied; x@ours.example not allowed to send as y@ours.example",
+     "DATA"),
+    (554, "5.2.0", "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied;"
+     " Failed to process message due to a permanent exception with message Cannot submit"
+     " message.", "DATA"),
+    (550, "5.7.60", "SMTP; Client does not have permissions to send as this sender", "DATA"),
+    (550, "5.7.1", "Client does not have permission to send as this sender", "MAIL"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), SEND_AS)
+def test_a_send_as_refusal_is_our_sender_rejected(
+    code: int, status: str, text: str, stage: str
+) -> None:
+    c = classify_reply(code, status, text, command=stage)
+    assert (c.reason, c.hard, c.ip_blocked) == ("rejected", False, False)
+
+
+def _dsn(to: str, status: str, diag: str, *, text: str = "") -> bytes:
+    return f"""\
+From: MAILER-DAEMON@relay.example
+To: news@ours.example
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain; charset=us-ascii
+
+{text or "The mail system could not deliver your message."}
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; relay.example
+
+Final-Recipient: rfc822; {to}
+Action: failed
+Status: {status}
+{"Diagnostic-Code: smtp; " + diag if diag else ""}
+
+--B--
+""".encode()
+
+
+def test_a_send_as_refusal_in_a_dsn_suppresses_no_recipient() -> None:
+    (r,) = parse_bounce(
+        _dsn("bob@their.example", "5.2.252",
+             "550 5.2.252 SendAsDenied; a@ours.example not allowed to send as b@ours.example")
+    )  # fmt: skip
+    assert (r.recipient, r.reason, r.hard) == ("bob@their.example", "rejected", False)
