@@ -6,6 +6,9 @@ documented shapes of their formats, none from the corpus.
   STOREDRV.Submission's SendAsDeniedException, "Client does not have
   permissions to send as this sender") read onhold / filtered /
   securityerror: it is our sender refused ("rejected").
+- RFC 5321's 551 "User not local; please try <forward-path>" and RFC 3463's
+  X.1.6 ("mailbox has moved") read userunknown: the address has moved
+  (hasmoved).
 """
 
 from __future__ import annotations
@@ -70,3 +73,37 @@ def test_a_send_as_refusal_in_a_dsn_suppresses_no_recipient() -> None:
              "550 5.2.252 SendAsDenied; a@ours.example not allowed to send as b@ours.example")
     )  # fmt: skip
     assert (r.recipient, r.reason, r.hard) == ("bob@their.example", "rejected", False)
+
+
+# ---------------------------------------------------------------- moved mailboxes
+MOVED = [
+    (551, "5.1.6", "User not local; please try <bob@new.example>", "RCPT"),
+    (551, "", "User not local; please try <bob@new.example>", "RCPT"),
+    (551, "", "5.1.6 User not local; please try <bob@new.example>", ""),
+    (550, "5.1.6", "Recipient address has moved", "RCPT"),
+    (550, "5.1.6", "User unknown, mailbox has moved", "RCPT"),
+    (551, "", "user not local; please try <bob@new.example>", "DATA"),
+]
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), MOVED)
+def test_a_moved_mailbox_is_hasmoved(code: int, status: str, text: str, stage: str) -> None:
+    c = classify_reply(code, status, text, command=stage)
+    assert (c.reason, c.hard) == ("hasmoved", True)
+
+
+def test_a_moved_mailbox_in_a_dsn_is_hasmoved_hard() -> None:
+    (r,) = parse_bounce(
+        _dsn("bob@old.example", "5.1.6", "551 5.1.6 User not local; please try <bob@new.example>")
+    )
+    assert (r.recipient, r.reason, r.hard) == ("bob@old.example", "hasmoved", True)
+
+
+def test_a_user_unknown_without_a_move_stays_userunknown() -> None:
+    for code, status, text in [
+        (550, "5.1.1", "User not local"),
+        (550, "", "User unknown"),
+        (550, "5.1.1", "<bob@x.example>: Recipient address rejected: User unknown"),
+    ]:
+        c = classify_reply(code, status, text, command="RCPT")
+        assert (c.reason, c.hard) == ("userunknown", True), text
