@@ -345,23 +345,7 @@ class Guardrails:
         if self.transactional(campaign):
             # Told, not paused; a fresh sample from here (told again only if the
             # next one is over the line too).
-            self.counts[campaign] = [0, 0, 0]
-            self.pending.pop(campaign, None)
-            self.spool.drop_counters([_name(campaign, i) for i in range(3)])
-            self.emit(
-                {
-                    "time": self.clock(),
-                    "event": "guardrail_exceeded",
-                    "campaign": campaign,
-                    "reason": why,
-                    "delivered": delivered,
-                    "bounced": bounced,
-                    "complaints": complaints,
-                    "bounce_reasons": dict(
-                        sorted(self.reasons.pop(campaign, {}).items(), key=lambda kv: -kv[1])[:8]
-                    ),
-                }
-            )
+            self._judged(campaign, "guardrail_exceeded", why, (delivered, bounced, complaints))
             return False
         info = self.spool.get_campaign(campaign)
         if info is None or info.status != "active":
@@ -370,15 +354,23 @@ class Guardrails:
             return False
         # the reason on the campaign itself: it outlives the process (the event does not)
         self.spool.set_campaign_status(campaign, "paused", f"guardrail: {why}")
-        self.counts[campaign] = [0, 0, 0]  # a fresh sample after `campaign resume`
-        self.pending.pop(campaign, None)
-        self.spool.drop_counters([_name(campaign, i) for i in range(3)])
         self.paused.add(campaign)
         self.fresh.append(campaign)
+        # (a fresh sample after `campaign resume`)
+        self._judged(campaign, "campaign_paused", why, (delivered, bounced, complaints))
+        return True
+
+    def _judged(self, campaign: int, event: str, why: str, sample: tuple[int, int, int]) -> None:
+        """A judgement over a line: a fresh sample from here (the counts, pending
+        and the spool's counters dropped) and the ``event`` saying why."""
+        delivered, bounced, complaints = sample
+        self.counts[campaign] = [0, 0, 0]
+        self.pending.pop(campaign, None)
+        self.spool.drop_counters([_name(campaign, i) for i in range(3)])
         self.emit(
             {
                 "time": self.clock(),
-                "event": "campaign_paused",
+                "event": event,
                 "campaign": campaign,
                 "reason": why,
                 "delivered": delivered,
@@ -389,7 +381,6 @@ class Guardrails:
                 ),
             }
         )
-        return True
 
 
 _KINDS = ("delivered", "bounced", "complaints")
