@@ -228,13 +228,15 @@ def test_equal_preference_hosts_share_the_connections(run: Run, tmp_path: Any) -
 
 @contextlib.contextmanager
 def closing_server(
-    after: int, reply: bytes, rcpt_limit: int = 0, rcpt_reply: bytes = b""
+    after: int, reply: bytes, rcpt_limit: int = 0, rcpt_reply: bytes = b"", verb: bytes = b"MAIL"
 ) -> Iterator[tuple[int, list[int]]]:
-    """A pipelining SMTP server (in a thread) that answers the MAIL after
-    ``after`` messages with ``reply`` and closes (``after`` < 0: never), and
+    """A pipelining SMTP server (in a thread) that answers the MAIL (or
+    ``verb``: DATA) after ``after`` messages with ``reply`` and closes
+    (``after`` < 0: never), and
     RCPTs beyond ``rcpt_limit`` per transaction with ``rcpt_reply``; yields
     (port, messages per session)."""
     sessions: list[int] = []
+    refused = verb
 
     class Handler(socketserver.StreamRequestHandler):
         def handle(self) -> None:
@@ -246,7 +248,7 @@ def closing_server(
                 verb = line[:4].upper()
                 if verb == b"EHLO":
                     self.wfile.write(b"250-scripted\r\n250 PIPELINING\r\n")
-                elif verb == b"MAIL" and n == after:
+                elif verb == refused and n == after:
                     self.wfile.write(reply)
                     return
                 elif verb == b"MAIL":
@@ -290,15 +292,19 @@ def closing_server(
     ],
     ids=["per-session-cap", "rate", "try-later"],
 )
+@pytest.mark.parametrize("verb", [b"MAIL", b"DATA"], ids=["mail", "data"])
 def test_a_421_that_asks_to_slow_down_is_deferred_not_resent_at_once(
-    run: Run, tmp_path: Any, reply: bytes, again: bool
+    run: Run, tmp_path: Any, reply: bytes, again: bool, verb: bytes
 ) -> None:
-    """The server ends the session with 421 at the third MAIL of a group. A
-    per-session cap ("in this session") sends the rest on a new session at
-    once; a 421 about the rate or a plain "try again later" is the receiver
-    asking to slow down: the rest is deferred with it (and the shaping reads
-    it), not sent again on a new session."""
-    with closing_server(2, reply) as (port, sessions):
+    """The server ends the session with 421 at the third MAIL (or DATA) of a
+    group. A per-session cap ("in this session") sends the rest on a new
+    session at once; a 421 about the rate or a plain "try again later" is the
+    receiver asking to slow down: the rest is deferred with it (and the
+    shaping reads it), not sent again on a new session. The same 421 to DATA
+    (before its 354: nothing of the message sent) was a deferral even for a
+    per-session cap (stage "data", as a reply to the final dot; shape26's
+    audit)."""
+    with closing_server(2, reply, verb=verb) as (port, sessions):
         groups = send_groups(run, port, 8, str(tmp_path), 8)
     outcomes = sorted((r.tag, r.outcomes[0].kind, r.outcomes[0].code) for g in groups for r in g)
     if again:

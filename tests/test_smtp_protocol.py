@@ -917,3 +917,30 @@ def test_twins_wait_for_the_same_replies(caps: tuple[str, ...], garbage_at: int)
         local = [o for _q, outs in results for o in outs if o[3] != "data"]
         assert local and all(o[0] == "failed" and o[2] == "5.1.3" for o in local)
         assert any(o[0] == "delivered" for _q, outs in results for o in outs)
+
+
+@pytest.mark.parametrize("caps", [FULL, ("ENHANCEDSTATUSCODES",)], ids=["pipelining", "lockstep"])
+def test_a_421_to_the_data_command_is_a_session_refusal_with_nothing_sent(
+    caps: tuple[str, ...],
+) -> None:
+    """A 421 to DATA, before any 354 (shape26's audit): nothing of the message
+    went and the session is over, so its stage is "data-command" as when the
+    session drops there (was "data", the stage of a reply to the final dot:
+    a per-session cap's 421 at DATA was a counted deferral, never sent again
+    on a new session as the same 421 to MAIL is). Another refusal at DATA
+    keeps "data"."""
+    for reply, stage in (
+        (b"421 4.7.0 Too many messages in this session, closing\r\n", "data-command"),
+        (b"451 4.3.0 Temporary failure\r\n", "data"),
+    ):
+        c = ready(caps)
+        c.send_envelopes([env("a@example.com", tag=1)])
+        data = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+        if "PIPELINING" not in caps:  # one command at a time: MAIL, RCPT, then DATA
+            assert c.receive_data(b"250 2.1.0 Ok\r\n") == []
+            data = b"250 2.1.5 Ok\r\n"
+        assert c.receive_data(data) == []
+        (res,) = c.receive_data(reply)
+        assert [(o.kind, o.code, o.stage) for o in res.outcomes] == [
+            ("deferred", int(reply[:3]), stage)
+        ], reply

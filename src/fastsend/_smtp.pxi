@@ -1187,7 +1187,8 @@ cdef class ClientCore:
                 wire.append(b".\r\n" + tail)
         elif code >= 400:
             if txn.mail_fail is None:
-                out = self._outcome(reply, "data")
+                # (a 421: the session's end before any octet went, client.py's note)
+                out = self._outcome(reply, "data-command" if code == 421 else "data")
                 outs = txn.outcomes
                 for j in range(len(outs)):
                     if outs[j] is None:

@@ -655,7 +655,10 @@ class ClientCore:
                 wire.append(b".\r\n" + tail)
         elif code >= 400:
             if txn.mail_fail is None:
-                out = self._outcome(reply, "data")
+                # A 421 ends the session before any octet of the message went:
+                # the stage _abort gives the others (a per-session cap's 421 here
+                # is sent again on a new session, as at MAIL), not a dot's "data".
+                out = self._outcome(reply, DATA_COMMAND if code == 421 else "data")
                 outs = txn.outcomes
                 for j in range(len(outs)):
                     if outs[j] is None:
