@@ -138,7 +138,12 @@ FAMILY_WAIT = 300.0
 REFUSED_FOR = 3600.0
 BUSY_FOR = 300.0
 # A connection refused while others of the site work caps the site's
-# connections at those that work for this long (then it probes again).
+# connections at those that work (and raises it to as many as open at once:
+# in a burst the first refusal may come back while the others still greet) for
+# this long; then it probes one more (cap + 1, for as long again: refused, the
+# cap is what works again; taken, one more after it), not the whole width at
+# once, whose every connection over the site's limit was refused again, as
+# PowerMTA and KumoMTA feel their way back up.
 CAP_FOR = 60.0
 # A relay's connections shared by the node's workers (transports.slots): how
 # often a worker with none tries for a place again, and how long one that left
@@ -429,14 +434,22 @@ class SiteQueue:
         d = self.config.delivery
         limit = self.limits.max_connections * len(self.pool.ips)
         if self.cap:
-            if time.monotonic() < self.cap_until:
+            now = time.monotonic()
+            if now >= self.cap_until:
+                # one more a CAP_FOR (the windows no connection was asked for in too):
+                # the width the site takes, felt for
+                more = 1 + int((now - self.cap_until) // CAP_FOR)
+                if self.cap + more < limit:
+                    self.cap += more
+                    self.cap_until = now + CAP_FOR
+                else:
+                    self.cap = 0
+            if self.cap:
                 # (a reload's retiring worker's connections count: the cap is
                 # the site's, and it still holds them)
                 held = sum(self.lane(p.ip).borrowed for p in self.pool.ips) if (
                     self.shaper.borrowed) else 0  # fmt: skip
                 limit = min(limit, max(0, self.cap - held))
-            else:
-                self.cap = 0
         # One more connection per `pipeline` envelopes waiting, up to the limit.
         want = min(limit, max(1, -(-len(self.pending) // d.pipeline)))
         no_place = False
@@ -972,6 +985,8 @@ class SiteQueue:
                 )  # fmt: skip
                 progress = False  # this connection delivered something
                 self.sessions += 1
+                if self.cap and self.sessions > self.cap:
+                    self.cap = self.sessions  # (the site took that many at once)
                 try:
                     while conn.usable:
                         if (

@@ -1,0 +1,87 @@
+"""Shaping, guardrails and backoff from outside (shape26's audit): real
+receivers that limit and refuse, a site queue or a whole send over them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fastsend.config import loader
+from fastsend.delivery import pool
+from fastsend.delivery.mx import Host, Site
+from fastsend.outcome import Envelope, TxnResult
+from fastsend.sink import SinkThread
+
+Run = Callable[[Any], Any]
+
+
+def _rounds(run: Run, port: int, tmp: str, rounds: list[int], between: Callable[..., Any]) -> Any:
+    """Mail for one site in ``rounds`` pushes (max_connections 8, groups of 4),
+    each once the one before is answered whole and ``between(queue)`` says go
+    (awaited); returns the queue and the results."""
+    cfg = loader.from_dict(
+        {"delivery": {"pipeline": 4, "max_connections": 8}}, base_dir=tmp, files=False
+    )
+    site = Site("route:127.0.0.1", (Host("127.0.0.1", "127.0.0.1", port),))
+    results: list[TxnResult] = []
+
+    async def go() -> pool.SiteQueue:
+        got = asyncio.Event()
+
+        def report(rs: list[TxnResult], ip: str, mx: str) -> None:
+            results.extend(rs)
+            got.set()
+
+        q = pool.SiteQueue(site, ["127.0.0.1"], cfg, report, "localhost")
+        body = b"Subject: x\r\n\r\nhi\r\n"
+        n = 0
+        for k, count in enumerate(rounds):
+            if k:
+                await between(q)
+            q.push([Envelope("s@example.org", [f"r{i}@x.example"], body, tag=i)
+                    for i in range(n, n + count)])  # fmt: skip
+            n += count
+            deadline = time.monotonic() + 120  # (only a hang reaches it)
+            while len(results) < n:
+                got.clear()
+                await asyncio.wait_for(got.wait(), max(0.0, deadline - time.monotonic()))
+        await q.close()
+        return q
+
+    return run(go()), results
+
+
+def test_a_learned_connection_cap_is_what_the_site_took_and_reprobes_one_more(
+    run: Run, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver takes 3 connections from us (421 "Too many connections" over
+    that) and the site may have 8. The first round's refusals cap the site at
+    the sessions that worked: 3 (it was the sessions open when the first
+    refusal came back, as few as 1 while the others were still greeting: a cap
+    below what the site takes). Once the cap expires, the next round probes one
+    connection more, not the whole 8 again (5 refusals each time before; as
+    PowerMTA and KumoMTA feel their way back): at most one refused, and the
+    site's 3 used again."""
+    monkeypatch.setattr(pool, "CAP_FOR", 0.5)
+    with SinkThread(max_connections=3, latency_ms=5.0) as sink:
+        seen: dict[str, int] = {}
+
+        async def expired(q: pool.SiteQueue) -> None:
+            seen["cap"] = q.cap
+            while time.monotonic() < q.cap_until:  # (the cap's end: a condition)
+                await asyncio.sleep(0.02)
+            seen["refused"] = sink.stats.faults.get("max-connections", 0)
+            seen["connections"] = sink.stats.connections
+
+        q, results = _rounds(run, sink.port, str(tmp_path), [400, 400], expired)
+        refused = sink.stats.faults.get("max-connections", 0) - seen["refused"]
+        opened = sink.stats.connections - seen["connections"]
+    assert all(o.delivered for r in results for o in r.outcomes)
+    assert seen["refused"] >= 1  # (the first round met the limit)
+    assert seen["cap"] == 3, seen
+    assert refused <= 1, (refused, opened)
+    assert q.cap == 3, q.cap  # (the probe's refusal: the 3 that work)
