@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from _engine_helpers import send_via, summary, write_campaign, write_recipients
 from fastsend.config import loader
 from fastsend.delivery import pool
 from fastsend.delivery.mx import Host, Site
@@ -85,3 +87,24 @@ def test_a_learned_connection_cap_is_what_the_site_took_and_reprobes_one_more(
     assert seen["cap"] == 3, seen
     assert refused <= 1, (refused, opened)
     assert q.cap == 3, q.cap  # (the probe's refusal: the 3 that work)
+
+
+def test_a_connection_refused_for_another_workers_connections_defers_nothing(
+    tmp_path: Path,
+) -> None:
+    """Two workers send to a receiver that takes 2 connections from the
+    address (421 "Too many connections" over that). A worker whose lone
+    connection is refused because the other holds both is not refused for its
+    mail: it goes back unattempted, to the worker with the connections or a
+    few seconds later. Before, each group was deferred for the retry interval:
+    1,872 deferrals of 4,000 and 370 s where 6 s will do (here: nothing would
+    be due again within --max-wait)."""
+    campaign = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, [f"u{i}@d{i % 5}.test" for i in range(1000)])
+    with SinkThread(max_connections=2, latency_ms=10.0, keep_messages=False) as sink:
+        proc = send_via(campaign, rcpts, (sink.host, sink.port), tmp_path / "spool",
+                        "--workers", "2", "--no-dkim", "--max-wait", "20")  # fmt: skip
+        refused = sink.stats.faults.get("max-connections", 0)
+    got = summary(proc)
+    assert got["delivered"] == 1000, got
+    assert got["deferrals"] == 0 and got["attempts"] == 1000, (got, refused)

@@ -145,6 +145,10 @@ BUSY_FOR = 300.0
 # once, whose every connection over the site's limit was refused again, as
 # PowerMTA and KumoMTA feel their way back up.
 CAP_FOR = 60.0
+# A lone connection refused for the count of connections from its address (all
+# another's): its mail goes back, unattempted, due again this much later (or at
+# once to another worker).
+CONNS_WAIT = 5.0
 # A relay's connections shared by the node's workers (transports.slots): how
 # often a worker with none tries for a place again, and how long one that left
 # its place to a waiting worker leaves it.
@@ -950,6 +954,24 @@ class SiteQueue:
                         self.cap = max(1, self.sessions)
                         self.cap_until = now + CAP_FOR
                         self.count("connections_over_site_cap")
+                        break
+                    if (
+                        self.handback is not None
+                        and conn.stage in _REFUSED_SESSION
+                        and 400 <= conn.code < 500
+                        and _CONNECTIONS.search(conn.text) is not None
+                    ):
+                        # Refused for the connections open from this address, none of
+                        # them ours: another worker's, node's or MTA's. The mail is not
+                        # at fault: back unattempted, to a worker that holds one now,
+                        # else in CONNS_WAIT (before, each group was deferred, a
+                        # backoff each: 1,872 deferrals and 370 s for 4,000 messages
+                        # from two workers at a receiver taking two connections).
+                        batch = list(self.pending)
+                        self.pending.clear()
+                        self.count("connections_held_elsewhere")
+                        why = f"handed back: connection refused: {conn.code} {conn.text}"
+                        self.handback(batch, CONNS_WAIT, 0.0, why[:300], ELSEWHERE_WORKER)
                         break
                     if conn.stage in _REFUSED_SESSION and conn.code and not lane.usable(now):
                         # The refusal rested or suspended the address here (a

@@ -70,6 +70,8 @@ WORKER_HELP = {
     "connections_failed": "SMTP connections that could not be opened (refused, timed out, greeting"
                           " refused).",
     "connections_over_site_cap": "Connections not opened: the site's connection cap was reached.",
+    "connections_held_elsewhere": "Connections refused for the connections open from their"
+                                  " address, none of the worker's own: the mail went back.",
     "failovers": "Messages passed to a route's next transport.",
     "handed_back": "Messages handed back unattempted (site shaped, resting or draining).",
     "answered_early": "Deliveries told before their pipelined group ended (kept in case the"
