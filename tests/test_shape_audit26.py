@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,26 @@ def test_a_connection_refused_for_another_workers_connections_defers_nothing(
     got = summary(proc)
     assert got["delivered"] == 1000, got
     assert got["deferrals"] == 0 and got["attempts"] == 1000, (got, refused)
+
+
+def test_a_campaigns_guardrail_sample_goes_out_from_every_worker_at_once(
+    tmp_path: Path,
+) -> None:
+    """Until a campaign is judged, at most min_sample (500) of its messages are
+    out unanswered. The first worker dispatched to took all 500 and the other
+    sent nothing of the campaign until they were answered: at a receiver
+    answering in 0.3 s, 1.3 s quiet at the start of a send (and the first
+    refusals read from one worker's lanes). Now each worker gets its part of
+    the sample: the first 200 messages received come from both (each worker
+    sends from its own address)."""
+    campaign = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, [f"u{i}@d{i % 5}.test" for i in range(1000)])
+    with SinkThread(latency_ms=300.0) as sink:
+        proc = send_via(campaign, rcpts, (sink.host, sink.port), tmp_path / "spool",
+                        "--workers", "2", "--no-dkim",
+                        "--source-ip", "127.0.0.2,127.0.0.3")  # fmt: skip
+        first = sorted(sink.messages, key=lambda m: m.time)[:200]
+    assert summary(proc)["delivered"] == 1000, proc.stderr[-2000:]
+    peers = Counter(m.peer for m in first)
+    assert sorted(peers) == ["127.0.0.2", "127.0.0.3"], peers
+    assert min(peers.values()) >= 50, peers

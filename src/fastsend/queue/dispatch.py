@@ -698,6 +698,8 @@ class Dispatch(SupervisorState):
         track = g.out
         out: dict[tuple[int, str], list[Claimed]] = {}
         looked: set[int] = set()  # campaigns whose answered messages left the count
+        # each campaign's sample messages out from this worker, and its part of the sample
+        mine: dict[int, list[int]] = {}
         for key, items in groups.items():
             cid = key[0]
             if not g.sampling(cid):
@@ -711,7 +713,15 @@ class Dispatch(SupervisorState):
                 if len(track) >= 10_000:  # campaigns that ended before their sample
                     g.forget_answered()
                 ids = track[cid] = {}
-            elif len(ids) + len(items) > cap and cid not in looked:  # once a call
+            own = mine.get(cid)
+            if own is None:
+                own = mine[cid] = [
+                    sum(1 for v in ids.values() if v[0] is slot) if ids else 0,
+                    self.sample_part(cid, cap),
+                ]
+            if (
+                len(ids) + len(items) > cap or own[0] + len(items) > own[1]
+            ) and cid not in looked:  # once a call
                 looked.add(cid)
                 late = g.late.get(cid) or {}
                 for i, (s, t, dom) in list(ids.items()):
@@ -728,6 +738,7 @@ class Dispatch(SupervisorState):
                 else:
                     g.late.pop(cid, None)
                     g.slow.pop(cid, None)
+                own[0] = sum(1 for v in ids.values() if v[0] is slot)
             slow = g.slow.get(cid)
             if slow and key[1] in slow:  # a receiver that never answered: not sampled
                 out[key] = items
@@ -737,9 +748,10 @@ class Dispatch(SupervisorState):
             for c in items:
                 if c.id in ids:  # let out before and rate-held since: counted once
                     n += 1
-                elif len(ids) < cap:
+                elif len(ids) < cap and own[0] < own[1]:
                     ids[c.id] = (slot, mono, dom)
                     n += 1
+                    own[0] += 1
                 else:
                     break
             if n == len(items):
@@ -762,6 +774,18 @@ class Dispatch(SupervisorState):
             if wait:
                 slot.held.setdefault(key, []).extend(wait)
         return out
+
+    def sample_part(self, campaign: int, cap: int) -> int:
+        """A worker's part of ``campaign``'s sample (``cap`` out at once): an
+        even share over the live workers that may send its pool's mail, so the
+        sample goes out from each at once. Before, the first worker dispatched to
+        took the whole sample and the others sent nothing of the campaign until
+        its answers came back (a second or more at a slow receiver; the first
+        refusals read from one worker's lanes only)."""
+        owners = self.pool_routes.shares.get(self.pool_name(campaign)) or self.all_owners()
+        alive = {s.index for s in self.slots if s.alive}
+        live = sum(1 for i, _w in owners if i in alive)
+        return -(-cap // live) if live > 1 else cap
 
     def trim_held(self, slot: WorkerSlot) -> None:
         """Keep rate-held mail to what its rates let go within HOLD_HORIZON s; the
