@@ -4,6 +4,7 @@ receivers that limit and refuse, a site queue or a whole send over them."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -132,3 +133,54 @@ def test_a_campaigns_guardrail_sample_goes_out_from_every_worker_at_once(
     peers = Counter(m.peer for m in first)
     assert sorted(peers) == ["127.0.0.2", "127.0.0.3"], peers
     assert min(peers.values()) >= 50, peers
+
+
+def test_a_reloads_dns_checks_do_not_hold_serves_loop(tmp_path: Path) -> None:
+    """A SIGHUP's new config is prepared for its workers: its EHLO names
+    checked in DNS (up to 3 s at a server that does not answer) and its DKIM
+    keys read. That ran on serve's loop: every API request (and listener, and
+    the supervisor's dispatch) waited for it; a request made while the reload
+    waited on DNS was answered only after "configuration reloaded". Now in a
+    thread: it is answered while the reload still waits."""
+    import socket
+    import threading
+
+    from tests._serve_helpers import Served
+
+    mute = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a DNS server that never answers
+    mute.bind(("127.0.0.1", 0))
+    asked: list[float] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        mute.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                mute.recv(512)
+                asked.append(time.monotonic())
+            except (TimeoutError, OSError):
+                continue
+
+    reader = threading.Thread(target=listen, daemon=True)
+    reader.start()
+    dns = (f'[dns]\nnameservers = ["127.0.0.1:{mute.getsockname()[1]}"]\ntimeout = 3.0\n'
+           '[ips]\nhelo = "mx.sender.example.com"\n')  # fmt: skip
+    with SinkThread() as sink:
+        s = Served(tmp_path, f"{sink.host}:{sink.port}", extra=dns)
+        try:
+            n = len(asked)
+            s.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while len(asked) == n:  # the reload's checks have begun (and wait)
+                assert time.monotonic() < deadline and s.proc.poll() is None, "no DNS query"
+                time.sleep(0.01)
+            status, _ = s.req("GET", "/v1/campaigns")
+            answered_before = not any("configuration reloaded" in ln for ln in s.lines)
+            s.wait_line("configuration reloaded")  # (it still completes)
+        finally:
+            s.stop()
+            stop.set()
+            reader.join(2)
+            mute.close()
+    assert status == 200
+    assert answered_before, "the request waited for the reload's DNS checks"

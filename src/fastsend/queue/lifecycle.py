@@ -281,6 +281,12 @@ class WorkerLifecycle(SupervisorState):
         if not config.secret:  # as in __init__: Message-ID/VERP tokens must still verify
             config.secret = msgid.load_secret(config)
         config.msgid_tag = config.msgid_tag or self.config.msgid_tag
+        # What spawn prepares for the new config (the EHLO names' DNS checks, up to
+        # ehlo.BUDGET_S at a slow server; its DKIM keys read), in a thread: on the
+        # loop it held every listener, API request and dispatch (a serve's reload).
+        from fastsend.delivery.worker import prepare
+
+        await asyncio.to_thread(prepare, config)
         self.config = config
         self.spool.set_tenant_weights(config.tenant_weights)  # the tenants' claim shares
         self.shaping.reconfigure(config)  # dispatch rates, guardrails, pools

@@ -663,7 +663,9 @@ class Server:
         from fastsend.suppression import SuppressionList
 
         try:
-            cfg = load(self.config_path)
+            # (off the loop: the file, its includes and keys read, every listener
+            # and API request waited for it)
+            cfg = await asyncio.to_thread(load, self.config_path)
             settings = cfg.api
         except ConfigError as e:
             print(f"fastsend serve: SIGHUP: config not reloaded: {e}", file=sys.stderr)
