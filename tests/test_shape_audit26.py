@@ -185,3 +185,45 @@ def test_a_reloads_dns_checks_do_not_hold_serves_loop(tmp_path: Path) -> None:
             mute.close()
     assert status == 200
     assert answered_before, "the request waited for the reload's DNS checks"
+
+
+def test_a_receiver_that_always_says_too_many_connections_gets_the_mail_back_ever_later(
+    run: Run, tmp_path: Any
+) -> None:
+    """A receiver whose every greeting is 421 "Too many connections" (its own
+    limit, whatever we hold): the mail goes back unattempted each time, due
+    5 s later, then 10, 20, ... (at most BUSY_FOR), not a connection every 5 s
+    for the mail's whole max_age."""
+    cfg = loader.from_dict({"delivery": {"pipeline": 4, "max_connections": 8}},
+                           base_dir=str(tmp_path), files=False)  # fmt: skip
+    waits: list[float] = []
+
+    async def go() -> None:
+        async def greet(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"421 4.7.0 Too many connections from your IP, try later\r\n")
+            await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(greet, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        site = Site("route:127.0.0.1", (Host("127.0.0.1", "127.0.0.1", port),))
+        back = asyncio.Event()
+
+        def handback(envs: list[Envelope], delay: float, *_a: Any) -> None:
+            waits.append(delay)
+            back.set()
+
+        def report(rs: list[TxnResult], ip: str, mx: str) -> None:
+            raise AssertionError(f"reported: {rs}")
+
+        q = pool.SiteQueue(site, ["127.0.0.1"], cfg, report, "localhost", handback=handback)
+        body = b"Subject: x\r\n\r\nhi\r\n"
+        for k in range(4):
+            back.clear()
+            q.push([Envelope("s@example.org", [f"r{k}@x.example"], body, tag=k)])
+            await asyncio.wait_for(back.wait(), 60)
+        await q.close()
+        server.close()
+
+    run(go())
+    assert waits == [5.0, 10.0, 20.0, 40.0], waits

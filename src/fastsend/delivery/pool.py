@@ -147,7 +147,7 @@ BUSY_FOR = 300.0
 CAP_FOR = 60.0
 # A lone connection refused for the count of connections from its address (all
 # another's): its mail goes back, unattempted, due again this much later (or at
-# once to another worker).
+# once to another worker); doubled while it happens again with no session between.
 CONNS_WAIT = 5.0
 # A relay's connections shared by the node's workers (transports.slots): how
 # often a worker with none tries for a place again, and how long one that left
@@ -276,6 +276,9 @@ class SiteQueue:
         self.nconn = 0  # connection tasks running
         self.sessions = 0  # ... of which have an open session
         self.cap = 0  # the most connections to open before cap_until (0: no cap)
+        # the wait of the next hand-back for connections held elsewhere (doubled
+        # each time in a row, at most BUSY_FOR: a receiver that always says so)
+        self.conns_wait = CONNS_WAIT
         self.cap_until = 0.0
         # A relay's connections shared with the node's other workers (its
         # max_connections is theirs together: transports.slots, set by
@@ -971,7 +974,8 @@ class SiteQueue:
                         self.pending.clear()
                         self.count("connections_held_elsewhere")
                         why = f"handed back: connection refused: {conn.code} {conn.text}"
-                        self.handback(batch, CONNS_WAIT, 0.0, why[:300], ELSEWHERE_WORKER)
+                        wait, self.conns_wait = self.conns_wait, min(BUSY_FOR, 2 * self.conns_wait)
+                        self.handback(batch, wait, 0.0, why[:300], ELSEWHERE_WORKER)
                         break
                     if conn.stage in _REFUSED_SESSION and conn.code and not lane.usable(now):
                         # The refusal rested or suspended the address here (a
@@ -1007,6 +1011,7 @@ class SiteQueue:
                 )  # fmt: skip
                 progress = False  # this connection delivered something
                 self.sessions += 1
+                self.conns_wait = CONNS_WAIT
                 if self.cap and self.sessions > self.cap:
                     self.cap = self.sessions  # (the site took that many at once)
                 try:
