@@ -128,6 +128,7 @@ class Dispatch(SupervisorState):
         size = self.config.delivery.batch_size
         groups: dict[tuple[int, str], list[Claimed]] = {}
         group_claims(claimed, slot.inflight, groups)
+        self.window_campaigns.update([key[0] for key in groups])  # (per group, not per claim)
         if asked and self.pace_feed:  # the room this window still has open
             self.note_room(slot, slot.room)
         mine, held = groups, slot.held
@@ -407,7 +408,10 @@ class Dispatch(SupervisorState):
         (wire.Withdraw); the spool keeps a paused campaign's queued and ends a
         cancelled one's. Before, a worker sent its ready queues (up to
         ``ready_horizon`` of each site's rate) after the pause. Every
-        STATUS_TTL s, one pass over the windows."""
+        STATUS_TTL s, the status of each campaign handed to a window
+        (``window_campaigns``); only when one of them is stopped, one pass over
+        the windows (before, a pass over every claim of every window each time:
+        ~25,000 claims a second with two workers' windows full)."""
         if mono - self.stopped_checked < STATUS_TTL:
             return
         self.stopped_checked = mono
@@ -415,9 +419,17 @@ class Dispatch(SupervisorState):
             asked = slot.withdrawn
             if asked:  # those answered (handed back, sent) since: forgotten
                 asked.intersection_update(slot.inflight.keys())
+        # (a list: campaign_active may read the spool, the set must not change meanwhile)
+        if all([self.campaign_active(cid) for cid in self.window_campaigns]):
+            return
+        held_by: set[int] = set()
+        for slot in self.slots:
+            asked = slot.withdrawn
             if not slot.inflight or not slot.alive or slot.inbox is None:
+                held_by.update(c.campaign for c in slot.inflight.values())
                 continue
             campaigns = {c.campaign for c in slot.inflight.values()}
+            held_by |= campaigns
             stopped = {cid for cid in campaigns if not self.campaign_active(cid)}
             if not stopped:
                 continue
@@ -431,6 +443,7 @@ class Dispatch(SupervisorState):
                 asked.update(ids)
                 slot.backlog.append(wire.encoder.encode(wire.Withdraw(ids)))
                 self.push_backlog(slot)
+        self.window_campaigns = held_by  # (those no longer in a window: not read again)
 
     def withdraw_paused(self) -> None:
         """Campaigns this process's guardrails paused just now: their unsent
@@ -882,6 +895,7 @@ class Dispatch(SupervisorState):
         plus its template, without bound."""
         slots = [*self.slots, *self.retired]
         busy = {c.campaign for s in slots for c in s.inflight.values()}
+        self.window_campaigns &= busy
         shaping = self.shaping
         g, gate = shaping.guardrails, shaping.gate
         known: set[int] = set(self.spec_cache)

@@ -253,6 +253,11 @@ class SupervisorState:
     suppression_seen: int | None  # the list's version() at the last check of the windows
     withdraw_checked: float  # monotonic time of that check
     stopped_checked: float  # monotonic time windows were checked for stopped campaigns
+    # The campaigns of every claim handed to a window since the last look (a
+    # superset of those in the windows: Dispatch.withdraw_stopped reads their
+    # status, not each window's claims, and looks in the windows only for one
+    # paused or cancelled; what it and forget_idle find in them replaces it).
+    window_campaigns: set[int]
     forget_next: float  # monotonic time of the next Dispatch.forget_idle
     idle_before: set[int]  # campaigns known and out of every window at the last one
     # outcomes, written to the spool and the event log once per tick

@@ -1,0 +1,127 @@
+"""Per-message work of the supervisor and the workers (perf26's audit, issue 11).
+
+Each test pins down work that had been done per message (or per message in a
+window, several times a second) and is now done per campaign, per group or
+per batch, with the behaviour it served unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fastsend import config as cfgmod
+from fastsend import wire
+from fastsend.events import EventLog
+from fastsend.queue.supervisor import Supervisor
+from fastsend.ring import Ring
+from fastsend.spool import Claimed
+from fastsend.spool.sqlite import SQLiteSpool
+
+SPEC = {
+    "from": "Sender <news@sender.example.com>",
+    "subject": "Hello {{ name }}",
+    "text": "Hi {{ name }}.",
+}
+
+
+def _supervisor(tmp_path: Path) -> Supervisor:
+    raw: dict[str, Any] = {
+        "spool": {"dir": "spool"},
+        "workers": {"count": 2},
+        "ips": {"source": ["127.0.0.2", "127.0.0.3"], "helo": "out.example.com"},
+    }
+    cfg = cfgmod.from_dict(raw, base_dir=str(tmp_path))
+    sup = Supervisor(cfg, SQLiteSpool(cfg.spool_dir), EventLog(None))
+    for slot in sup.slots:  # not started: rings of its own, workers stood in
+        slot.inbox, slot.outbox = Ring(1 << 20), Ring(1 << 20)
+        slot.alive = True
+    return sup
+
+
+class CountingWindow(dict[int, Claimed]):
+    """A window (``WorkerSlot.inflight``) that counts the passes over its claims."""
+
+    passes = 0
+
+    def values(self) -> Any:
+        CountingWindow.passes += 1
+        return super().values()
+
+    def items(self) -> Any:
+        CountingWindow.passes += 1
+        return super().items()
+
+
+def _withdrawn(sup: Supervisor) -> list[int]:
+    ids: list[int] = []
+    for slot in sup.slots:
+        assert slot.inbox is not None
+        while (rec := slot.inbox.get()) is not None:
+            msg = wire.to_worker_decoder.decode(rec)
+            if isinstance(msg, wire.Withdraw):
+                ids += msg.ids
+    return ids
+
+
+def test_a_look_for_stopped_campaigns_reads_their_status_not_every_claim(
+    tmp_path: Path,
+) -> None:
+    """Every STATUS_TTL s the supervisor looks for mail in the windows of a
+    campaign paused or cancelled since its claim. While every campaign with
+    mail in a window is active, that is their status (one read each), not a
+    pass over each window's claims (two full windows: ~12,000 claims, twice a
+    second, whatever the send's rate); once one is paused, its mail not yet
+    sent is asked back (wire.Withdraw) as before, and a campaign gone from
+    every window is not read again."""
+    sup = _supervisor(tmp_path)
+    try:
+        spool = sup.spool
+        a = spool.create_campaign(SPEC, name="a")
+        b = spool.create_campaign(SPEC, name="b")
+        now = time.time()
+        claims = {
+            cid: [
+                Claimed(cid * 1000 + i, cid, f"u{i}@d{i % 3}.example.net", f"d{i % 3}.example.net",
+                        orjson.dumps({"name": f"N{i}"}), 0, now)
+                for i in range(40)
+            ]
+            for cid in (a, b)
+        }  # fmt: skip
+        slot0, slot1 = sup.slots
+        sup.hand(slot0, claims[a] + claims[b][:20], False)
+        sup.hand(slot1, claims[b][20:], False)
+        _withdrawn(sup)  # (the batches)
+        for slot in sup.slots:
+            slot.inflight = CountingWindow(slot.inflight)
+        CountingWindow.passes = 0
+        mono = time.monotonic()
+        for k in range(1, 4):  # all active: status reads only
+            sup.withdraw_stopped(mono + k)
+        assert CountingWindow.passes == 0
+        assert _withdrawn(sup) == []
+
+        spool.set_campaign_status(b, "paused")
+        sup.status_cache.clear()  # (read again at once: not STATUS_TTL later)
+        sup.withdraw_stopped(mono + 10)
+        assert sorted(_withdrawn(sup)) == sorted(c.id for c in claims[b])
+        assert CountingWindow.passes > 0
+        assert sup.window_campaigns == {a, b}  # b's mail is still in the windows
+
+        # b's mail answered (handed back): gone from the windows, not read again
+        for slot in sup.slots:
+            for c in claims[b]:
+                slot.inflight.pop(c.id, None)
+        sup.status_cache.clear()
+        sup.withdraw_stopped(mono + 20)
+        assert sup.window_campaigns == {a}
+        CountingWindow.passes = 0
+        sup.status_cache.clear()
+        sup.withdraw_stopped(mono + 30)
+        assert CountingWindow.passes == 0 and _withdrawn(sup) == []
+    finally:
+        sup.suppression.close()
+        sup.spool.close()
