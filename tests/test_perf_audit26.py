@@ -125,3 +125,43 @@ def test_a_look_for_stopped_campaigns_reads_their_status_not_every_claim(
     finally:
         sup.suppression.close()
         sup.spool.close()
+
+
+def test_a_relays_answers_are_looked_at_for_refusals_only_when_one_failed(
+    monkeypatch: Any,
+) -> None:
+    """Each group of answers from a relay or a static route's smarthost is
+    looked at for a refusal of us ("554 5.7.1 Relay access denied": deferred,
+    the relay's configuration, not the recipient). A group all delivered (the
+    usual answer) is passed on as it is, in one compiled pass (before: a
+    call per outcome, ~0.8 us per message of the workers); a group with a
+    refusal in it is still mapped."""
+    from types import SimpleNamespace
+
+    from fastsend.config import Config
+    from fastsend.delivery.routes import Router
+    from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Outcome, TxnResult
+    from fastsend.transports import relay
+
+    calls = [0]
+    real = relay.refused_us
+
+    def counted(o: Outcome) -> bool:
+        calls[0] += 1
+        return real(o)
+
+    monkeypatch.setattr(relay, "refused_us", counted)
+    worker = SimpleNamespace(config=Config(), shaper=SimpleNamespace(events=[]))
+    router = Router(worker)
+    mx = "smart.example.net[127.0.0.1]:2525"
+    ok = [TxnResult(i, [Outcome(DELIVERED, 250, "2.0.0", "Ok", "data", mx)], "") for i in range(64)]
+    assert router.relay_refusals(ok, mx) is ok
+    assert calls[0] == 0
+
+    refused = Outcome(FAILED, 554, "5.7.1", "<a@b.example>: Relay access denied", "rcpt", mx)
+    mixed = [*ok[:3], TxnResult(99, [refused], ""), *ok[3:6]]
+    out = router.relay_refusals(mixed, mx)
+    assert [tr.tag for tr in out] == [tr.tag for tr in mixed]
+    assert out[3].outcomes[0].kind == DEFERRED and out[3].outcomes[0].code == 554
+    assert all(out[i] is mixed[i] for i in (0, 1, 2, 4, 5, 6))
+    assert worker.shaper.events and worker.shaper.events[0]["action"] == "relay refused us"
