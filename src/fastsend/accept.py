@@ -234,12 +234,20 @@ def row_sizer(spec: dict[str, Any], max_size: int) -> Callable[[bytes], str | No
         why = too_big(values)
         return None if why is None else f"{why} ([delivery] max_message_size)"
 
+    # Rows whose vars are at most this long pass without a call (_size_rows): no
+    # header takes their values and the guard holds (-1: each row is asked).
+    setattr(sizer, "short", -1 if names else guard)  # noqa: B010
     return sizer
 
 
 def _size_rows(b: recipients.Batch, sizer: Callable[[bytes], str | None]) -> None:
     """Move the rows of ``b`` whose message would be over the size limit to
-    its bad rows (refused with their line, the others spooled)."""
+    its bad rows (refused with their line, the others spooled). A batch whose
+    rows are all within the sizer's ``short`` (no header takes their values)
+    is measured in one pass at C speed, not a call per row (~0.35 us/row)."""
+    short = getattr(sizer, "short", -1)
+    if short >= 0 and max(map(len, map(_third, b.rows)), default=0) <= short:
+        return
     keep = [i for i, row in enumerate(b.rows) if sizer(row[2]) is None]
     if len(keep) == len(b.rows):
         return
