@@ -205,6 +205,14 @@ NOT_COMPLAINTS = frozenset({"auth-failure", "not-spam"})  # ARF types that are n
 # RFC 3464 2.3.3 actions of a report that is no final failure of the recipient.
 NOT_FINAL_ACTIONS = frozenset({"delayed", "delivered", "relayed", "expanded"})
 PBKDF2_ITERATIONS = 600_000  # PBKDF2-HMAC-SHA256, OWASP 2023
+# Password checks (PBKDF2, in threads) running at once on a listener, and waiting for
+# one of those; an AUTH past both is answered 454 4.7.0 (RFC 4954 6: temporary) with
+# nothing checked. Before, every AUTH of every address started its check at once:
+# the throttle counts failures once they are answered, so a spray from many
+# addresses (each within its own allowance) ran as many 600k-iteration checks as
+# there were connections, every core and the loop's default thread pool taken.
+AUTH_CHECKS = max(2, os.cpu_count() or 2)
+AUTH_WAITING = 8 * AUTH_CHECKS
 _PAD_SALT = b"fastsend-auth-pad"  # (the padding's own salt: its output is never used)
 
 
@@ -415,6 +423,10 @@ class Guard:
     def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+
+class AuthBusy(Exception):
+    """Too many password checks running and waiting: AUTH is answered 454 4.7.0."""
 
 
 class AuthThrottle:
@@ -770,6 +782,8 @@ class _Submission(_Policy):
         self.throttle = AuthThrottle(cfg.limits, spool.shared() if spool is not None else None)
         self.upgrades = PasswordUpgrades(os.path.join(ctx.config.spool_dir, "passwords.json"))
         self.cost = auth_cost(cfg.users)  # (PBKDF2 iterations of every password check)
+        self._checks = asyncio.Semaphore(AUTH_CHECKS)  # (see AUTH_CHECKS)
+        self._checking = 0  # password checks running or waiting
         self._keys: Any = None
         try:
             from fastsend.serve.auth import KeyStore
@@ -783,7 +797,23 @@ class _Submission(_Policy):
         if self._keys is not None and password.startswith("fs_"):
             got = self._keys.verify(password)
             return username if got is not None and got[1] == username else None
-        stored = self.cfg.users.get(username)
+        users = self.cfg.users
+        if not users:
+            # No user table: no password can log in (API keys above), so nothing is
+            # checked and the refusal takes no time, the same for every name (no
+            # oracle). Before, each such AUTH spent 600k PBKDF2 iterations.
+            return None
+        stored = users.get(username)
+        if self._checking >= AUTH_CHECKS + AUTH_WAITING:
+            raise AuthBusy
+        self._checking += 1
+        try:
+            async with self._checks:
+                return await self._check(username, password, stored)
+        finally:
+            self._checking -= 1
+
+    async def _check(self, username: str, password: str, stored: str | None) -> str | None:
         loop = asyncio.get_running_loop()
         # The same PBKDF2 work for every name, known or not, whatever its hash's cost
         # (before: an unknown name was checked against a dummy hash made on the event
@@ -1626,6 +1656,16 @@ class _Connection(ServerConnection):
             # went on as the user, the client believing it acted for the other.
             proxy = bool(ev.authzid) and ev.authzid != ev.username
             tenant = None if proxy else await self.policy.authenticate(ev.username, ev.password)
+        except AuthBusy:  # (nothing checked: no failure counted)
+            if self.transport is None:
+                return
+            self.proto.reply(454, "4.7.0", "Temporary authentication failure, try again later")
+            self._waiting = False
+            self._flush()
+            if not self.proto.closed:
+                self._process()
+                self._resume_input()
+            return
         except Exception:
             log.exception("authentication check failed")
             tenant = None
