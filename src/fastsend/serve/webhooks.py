@@ -41,7 +41,8 @@ DESCRIPTION
     3xx/4xx/5xx) is retried after ``retry_min * 2**n`` seconds (capped at
     ``retry_max``, +-20 % jitter; longer when the answer's ``Retry-After`` asks,
     up to ``retry_max``; a 413, the receiver's body limit, halves the URL's batch
-    at once instead, and an event it refuses alone is passed, logged and counted)
+    at once instead, doubled again after ``GROW_AFTER`` batches taken up to
+    ``batch_size``, and an event it refuses alone is passed, logged and counted)
     for ``retention_days``: an endpoint that is
     down for a day loses nothing, and a restart resumes from the cursors. Past
     that window serve's retention pass (:mod:`fastsend.serve.retention`) drops
@@ -146,6 +147,7 @@ def _redis_error() -> type[Exception]:
     here costs every serve start ~0.1 s."""
     mod = sys.modules.get("redis.exceptions")
     return mod.RedisError if mod is not None else sqlite3.Error
+GROW_AFTER = 8  # batches a URL takes at a 413's smaller size before it is doubled
 OUTBOX_RETRY = 1.0  # s between a sender's tries of an outbox out of reach
 SIGNATURE_HEADER = "Fastsend-Signature"
 CATCH_UP_MAX = 100_000  # events a start appends from the event log, at most
@@ -703,6 +705,7 @@ class WebhookDispatcher:
         failures = 0
         hold = getattr(self.outbox, "hold", None)  # shared outbox: one node sends per URL
         smaller = 0  # the batch size a 413 (body too large) left for this URL (0: none)
+        taken = 0  # batches taken at that size since (GROW_AFTER: it is doubled)
         outage = False
         while True:
             try:
@@ -737,12 +740,21 @@ class WebhookDispatcher:
                 if ok:
                     self.outbox.ack(url, last)
                     failures = 0
+                    if smaller:
+                        # Grown back after GROW_AFTER batches taken: a receiver whose
+                        # limit was raised (or a burst of large events that passed)
+                        # got small batches for good, a 413 once halving it forever.
+                        taken += 1
+                        if taken >= GROW_AFTER:
+                            taken = 0
+                            smaller = 0 if smaller * 2 >= c.batch_size else smaller * 2
                     continue
                 if status == 413 and len(rows) > 1:
                     # The receiver's body limit: half the batch, at once (the same batch
                     # was refused again and again until retention_days, every event after
                     # it held back for the URL).
                     smaller = max(1, len(rows) // 2)
+                    taken = 0
                     continue
                 if status == 413:
                     # One event alone over the receiver's body limit never fits: it was
