@@ -287,6 +287,9 @@ def test_the_client_relays_dsn_parameters_only_to_a_server_offering_dsn(
 
         results = run(go())
     assert all(o.delivered for r in results for o in r.outcomes), results
+    # Each result says whether its RCPTs carried the parameters (sub26: the receiver
+    # then tells NOTIFY=SUCCESS itself, serve.dsn sends no "relayed" notice).
+    assert [r.dsn for r in results] == [dsn, dsn, False], results
     got = [x for x in lines if x[:4] in (b"MAIL", b"RCPT")]
     if dsn:
         assert got == [

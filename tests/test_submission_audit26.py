@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+import smtplib
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,12 @@ from typing import Any
 
 import pytest
 
+from _mta_helpers import private_postfix
+from _serve_helpers import Served, until
+from _smtp_helpers import aiosmtpd_server
+from conftest import free_port, wait_port
 from fastsend.serve import listeners
+from test_interop_audit25 import RELAY_CF
 from test_submission_audit23 import _listener, _plain, _run, _session
 
 
@@ -116,3 +123,107 @@ def test_password_checks_at_once_are_bounded(
     assert all(r.startswith(b"535") for r in first), first
     assert again.startswith(b"235"), again
     assert running[1] == 2, running
+
+
+# -- NOTIFY=SUCCESS relayed to a next hop offering DSN: that hop tells, we do not --
+
+MESSAGE = (
+    b"From: App <app@example.com>\r\nTo: x@example.org\r\nSubject: order 42\r\n"
+    b"Message-ID: <order42@example.com>\r\n\r\nHello\r\n"
+)
+
+
+def _ours(handler: Any) -> list[bytes]:
+    """fastsend's notices among what aiosmtpd took (Postfix's carry its queue id)."""
+    return [m["data"] for m in handler.messages
+            if m["mail_from"] in ("", "<>") and b"X-Postfix-Queue-ID" not in m["data"]]  # fmt: skip
+
+
+def _postfix_notices(handler: Any) -> list[bytes]:
+    return [m["data"] for m in handler.messages
+            if m["mail_from"] in ("", "<>") and b"X-Postfix-Queue-ID" in m["data"]]  # fmt: skip
+
+
+def test_notify_success_relayed_to_a_dsn_hop_gets_no_relayed_notice_of_ours(
+    tmp_path: Path, certs: Any
+) -> None:
+    """Real parts: `fastsend serve` takes one message for ann@dsn.test and
+    bob@plain.test, both NOTIFY=SUCCESS (one group: one notice of ours for
+    both, before). dsn.test's next hop is Postfix (DSN offered: NOTIFY goes on;
+    Postfix tells the success itself, RFC 3461 5.2.2), plain.test's aiosmtpd (no
+    DSN: NOTIFY left off, so ours is the only word the sender gets). Our notice
+    names bob alone; Postfix's names ann."""
+    cert, key, tls = certs
+    aio, pf = free_port(), free_port()
+    with aiosmtpd_server(aio) as (_ctl, handler), private_postfix(
+        RELAY_CF, f"127.0.0.1:{pf} inet n - n - - smtpd\n", [pf], mx=aio
+    ):
+        port = free_port()
+        extra = (f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\n'
+                 f'tls_key = "{key}"\n')  # fmt: skip
+        served = Served(tmp_path, f"127.0.0.1:{aio}", extra=extra,
+                        routes=f'"dsn.test" = "127.0.0.1:{pf}"')  # fmt: skip
+        try:
+            wait_port("127.0.0.1", port, timeout=60)
+            with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+                c.starttls(context=tls)
+                c.login("acme", served.keys["acme"])
+                assert c.mail("app@example.com", ["ENVID=o42"])[0] == 250
+                for rcpt in ("ann@dsn.test", "bob@plain.test"):
+                    assert c.rcpt(rcpt, ["NOTIFY=SUCCESS"])[0] == 250
+                assert c.data(MESSAGE)[0] == 250
+            until("our notice", lambda: _ours(handler), timeout=90)
+            until("Postfix's notice", lambda: _postfix_notices(handler), timeout=90)
+            delivered = [m["rcpts"] for m in handler.messages
+                         if m["mail_from"] not in ("", "<>")]  # fmt: skip
+        finally:
+            served.stop()
+    assert sorted(delivered) == [["ann@dsn.test"], ["bob@plain.test"]], delivered
+    (ours,) = _ours(handler)
+    text = ours.decode()
+    assert "Final-Recipient: rfc822; bob@plain.test" in text and "Action: relayed" in text
+    assert "ann@dsn.test" not in text, text  # (before: named, and Postfix's too)
+    (theirs,) = _postfix_notices(handler)
+    assert b"ann@dsn.test" in theirs and b"bob@plain.test" not in theirs, theirs
+    assert re.search(rb"Action: (delivered|relayed)", theirs), theirs
+
+
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_a_delivery_whose_dsn_parameters_went_on_is_its_own_res(impl: str) -> None:
+    """collect_delivered (either twin) stops at a delivery whose DSN parameters
+    were relayed (TxnResult.dsn): the worker gives it a Res of its own saying so
+    (never a Sent group, which has no room for it), what the supervisor's result
+    hooks read (serve.dsn)."""
+    from fastsend import _accel
+    from fastsend.delivery import worker as worker_mod
+    from fastsend.outcome import Outcome, TxnResult
+    from fastsend.wire import Sent
+
+    fn = worker_mod.py_collect_delivered if impl == "py" else _accel.compiled("collect_delivered")
+    ok = Outcome("delivered", 250, "2.0.0", "Ok", "", "mx")
+    rs = [TxnResult(1, [ok]), TxnResult(2, [ok], "Q2", True), TxnResult(3, [ok])]
+    out: list[Any] = []
+    assert fn(rs, 0, out, "127.0.0.2", "") == 1
+    assert fn(rs, 2, out, "127.0.0.2", "") == 3
+    assert [type(x) for x in out] == [Sent] and out[0].ids == [1, 3]
+
+
+def test_the_worker_reports_the_dsn_flag(tmp_path: Path) -> None:
+    from fastsend.delivery.worker import Worker
+    from fastsend.outcome import Outcome, TxnResult
+    from fastsend.ring import Ring
+    from fastsend.wire import Res, expand
+    from test_worker_build import _config
+
+    ok = Outcome("delivered", 250, "2.0.0", "Ok", "", "mx")
+    w = Worker(0, _config(tmp_path), ["127.0.0.2"], Ring(1 << 16), Ring(1 << 16))
+
+    async def go() -> list[Res]:
+        w.add_results([TxnResult(1, [ok]), TxnResult(2, [ok], "Q2", True),
+                       TxnResult([3, 4], [ok, ok], "Q3", True)], "127.0.0.2", "")  # fmt: skip
+        if w.flush_handle is not None:
+            w.flush_handle.cancel()
+        return expand(w.out)
+
+    got = asyncio.run(go())
+    assert [(r.id, r.dsn) for r in got] == [(1, False), (2, True), (3, True), (4, True)]

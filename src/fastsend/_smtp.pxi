@@ -1010,12 +1010,14 @@ cdef class ClientCore:
         for o in outs:
             if o is None:
                 raise _c_Local("transaction finished with an undecided recipient")
-        return _c_TxnResult(txn.tag, outs, queue_id)
+        # (the DSN parameters went with RCPT, as _rcpt_line sent them: the reference's)
+        return _c_TxnResult(txn.tag, outs, queue_id,
+                            bool(txn.dsn_rcpt) and "DSN" in self.capabilities)
 
     cdef int _finish(self, _CoreTxn txn, str queue_id) except -1:
         self._active -= 1
         cdef list outs = txn.outcomes
-        if len(outs) == 1 and outs[0] is not None:
+        if len(outs) == 1 and outs[0] is not None and not txn.dsn_rcpt:
             self._events.append(_c_TxnResult(txn.tag, outs, queue_id))
         else:
             self._events.append(self._result(txn, queue_id))

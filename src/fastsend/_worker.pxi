@@ -4,7 +4,7 @@
 # wire.Sent groups) and fastsend.outcome.all_delivered (a group's deliveries, for
 # Lane.observe). Fields are read from their slots (_events.pxi's _Fields).
 
-cdef tuple _TXN_COLLECT = ("tag", "outcomes", "queue_id")
+cdef tuple _TXN_COLLECT = ("tag", "outcomes", "queue_id", "dsn")
 cdef tuple _OUT_COLLECT = ("kind", "code", "enhanced", "text", "mx")
 cdef object _w_Res = None  # fastsend.wire.Res, at the first call
 cdef object _w_Sent = None  # fastsend.wire.Sent
@@ -63,7 +63,7 @@ def collect_delivered(list results, Py_ssize_t i, list out, str source_ip, str m
         if type(tag) is not int:
             break
         outcomes = _get(tr, ft, 1)
-        if not outcomes:
+        if not outcomes or _get(tr, ft, 3):  # (none; or its DSN parameters relayed)
             break
         o = outcomes[0]
         fo = _fields_for(o, fo, _OUT_COLLECT)

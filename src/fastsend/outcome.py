@@ -112,6 +112,10 @@ class TxnResult(msgspec.Struct, gc=False):
     tag: object
     outcomes: list[Outcome]
     queue_id: str = ""  # the server's queue id text, when it gave one
+    # The recipients' DSN parameters (NOTIFY, ORCPT) went with their RCPT to a server
+    # that offers DSN: it tells the sender what it does itself (RFC 3461 5.2.2,
+    # 6.2); ours is no "relayed" notice then (fastsend.serve.dsn).
+    dsn: bool = False
 
 
 def all_delivered(results: list[TxnResult]) -> int:

@@ -110,6 +110,9 @@ class Res(msgspec.Struct, array_like=True, tag=15):
     reason: str = ""
     hard: bool = False
     queue_id: str = ""  # the receiving server's or provider's id for the message
+    # A delivery whose DSN parameters went on to the receiver (outcome.TxnResult.dsn):
+    # never in a Sent group; the receiver tells NOTIFY=SUCCESS itself (serve.dsn).
+    dsn: bool = False
 
 
 class Sent(msgspec.Struct, array_like=True, tag=16):

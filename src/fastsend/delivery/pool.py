@@ -1268,7 +1268,7 @@ class SiteQueue:
             rest = [k for k in range(len(outs)) if k not in over and k not in again]
             if not rest:
                 return env_of, None
-            return env_of, TxnResult([tag[k] for k in rest], [outs[k] for k in rest], tr.queue_id)
+            return env_of, TxnResult([tag[k] for k in rest], [outs[k] for k in rest], tr.queue_id, tr.dsn)
         if (
             env is None
             or len(env.rcpts) != len(outs)
@@ -1283,11 +1283,11 @@ class SiteQueue:
                 else o
                 for k, o in enumerate(outs)
             ]
-            return env_of, TxnResult(tag, outs, tr.queue_id)
+            return env_of, TxnResult(tag, outs, tr.queue_id, tr.dsn)
         self.pending.appendleft(_part(env, tag, over))
         self.count("recipients_over_limit", len(over))
         keep = [k for k in range(len(outs)) if k not in over]
-        return env_of, TxnResult([tag[k] for k in keep], [outs[k] for k in keep], tr.queue_id)
+        return env_of, TxnResult([tag[k] for k in keep], [outs[k] for k in keep], tr.queue_id, tr.dsn)
 
     async def _pause(self, wait: float) -> None:
         """Sleep ``wait`` seconds (a shaping wait), or until close()."""

@@ -387,7 +387,7 @@ class Router:
             if out is results:
                 out = list(results)
             mapped = {id(o): as_configuration(o, name) for o in outs if refused_us(o)}
-            out[i] = TxnResult(tr.tag, [mapped.get(id(o), o) for o in outs], tr.queue_id)
+            out[i] = TxnResult(tr.tag, [mapped.get(id(o), o) for o in outs], tr.queue_id, tr.dsn)
             now = time.monotonic()
             if now >= self.relay_told.get(name, -math.inf) + 60.0:
                 self.relay_told[name] = now
@@ -425,7 +425,7 @@ class Router:
                 continue
             if len(move) < len(outs) and isinstance(t, list) and isinstance(env.tag, list):
                 stay = [k for k in range(len(outs)) if k not in set(move)]
-                keep.append(TxnResult([t[k] for k in stay], [outs[k] for k in stay], tr.queue_id))
+                keep.append(TxnResult([t[k] for k in stay], [outs[k] for k in stay], tr.queue_id, tr.dsn))
                 rcpt_of = dict(zip(env.tag, env.rcpts, strict=False))
                 env = msgspec.structs.replace(
                     env, rcpts=[rcpt_of[t[k]] for k in move], tag=[t[k] for k in move]

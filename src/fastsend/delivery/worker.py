@@ -1112,7 +1112,8 @@ class Worker:
                     if tr.queue_id and not text:
                         text = tr.queue_id
                     out.append(Res(mid, wire.K_DELIVERED, o.code, o.enhanced, text,
-                                   mx or o.mx, source_ip, "", "", False, tr.queue_id))  # fmt: skip
+                                   mx or o.mx, source_ip, "", "", False, tr.queue_id,
+                                   tr.dsn))  # fmt: skip
                     continue
                 reason, hard = classify(o)
                 # Only a reply to RCPT names a recipient: a refusal of the whole
@@ -1177,21 +1178,21 @@ class Worker:
                 i = last[1]
                 while i < n:
                     # single deliveries in wire.Sent groups (compiled), then one
-                    # that is not: a message of several recipients all delivered
+                    # that is not: a message of several recipients all delivered,
+                    # or one whose DSN parameters were relayed (its Res says so)
                     i = collect_delivered(got, i, items, ip, "")
                     if i >= n:
                         break
                     tr = got[i]
                     i += 1
                     tag, outcomes = tr.tag, tr.outcomes
-                    if (not isinstance(tag, list) or not outcomes
-                            or any(o.kind != DELIVERED for o in outcomes)):  # fmt: skip
+                    if not outcomes or any(o.kind != DELIVERED for o in outcomes):
                         continue
-                    for k, mid in enumerate(tag):
+                    for k, mid in enumerate(tag if isinstance(tag, list) else [tag]):
                         o = outcomes[k] if k < len(outcomes) else outcomes[-1]
                         items.append(wire.Res(mid, wire.K_DELIVERED, o.code, o.enhanced,
                                               o.text or tr.queue_id, o.mx, ip, "", "", False,
-                                              tr.queue_id))  # fmt: skip
+                                              tr.queue_id, tr.dsn))  # fmt: skip
                 now[key] = (got, n)
         self.answered_seen = now
         if items:
@@ -1346,8 +1347,9 @@ def collect_delivered(
     results: list[TxnResult], i: int, out: list[wire.Res | wire.Sent], source_ip: str, mx: str
 ) -> int:
     """From ``results[i]`` on, add to ``out`` each result that is one message
-    delivered to its one recipient (an int tag, a delivered first outcome:
-    nearly every result), up to the first that is not; return that one's index
+    delivered to its one recipient (an int tag, a delivered first outcome, no
+    DSN parameters relayed: nearly every result), up to the first that is not;
+    return that one's index
     (``len(results)``: none). The deliveries go into ``wire.Sent`` groups by
     (code, enhanced, MX, source IP): the group of theirs among the Sent at
     the end of ``out`` (after its last Res), else a new one appended
@@ -1360,7 +1362,7 @@ def collect_delivered(
         tr = results[i]
         tag = tr.tag
         outcomes = tr.outcomes
-        if type(tag) is not int or not outcomes or outcomes[0].kind != DELIVERED:
+        if type(tag) is not int or not outcomes or outcomes[0].kind != DELIVERED or tr.dsn:
             return i
         o = outcomes[0]
         qid = tr.queue_id

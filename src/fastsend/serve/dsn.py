@@ -70,7 +70,11 @@ may tell nothing more itself), Status 2.x.x; a deferral once the message is
 recipient (the notice's id names the row, not its attempt). Both go through the
 same journal, grouping and ids as failures (a group per message and kind), with
 the original's header section whatever RET says (RFC 3461 4.3: RET is about
-failures).
+failures). A delivery whose NOTIFY went on with its RCPT to a server offering DSN
+(``wire.Res.dsn``, from ``outcome.TxnResult.dsn``: the SMTP client's own record of
+what it sent, carried per message through the worker's Results and Answered) gets
+no "relayed" notice: that server tells its "delivered" or "relayed" itself (RFC
+3461 5.2.2, 6.2). Before, the sender got both.
 """
 
 from __future__ import annotations
@@ -654,8 +658,8 @@ class Notices:
         words = vars_[start : vars_.find(b'"', start)].split(b",")
         now = time.time()
         if state == DELIVERED:
-            if b"SUCCESS" not in words:
-                return
+            if b"SUCCESS" not in words or getattr(res, "dsn", False):
+                return  # (not asked; or asked of the receiver, which tells it: no "relayed")
             kind = RELAYED
         else:
             wait = float(getattr(getattr(self.ctx.config, "submission", None),

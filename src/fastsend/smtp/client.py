@@ -513,12 +513,13 @@ class ClientCore:
         for o in outs:
             if o is None:  # cannot happen: every path fills every slot
                 raise LocalProtocolError("transaction finished with an undecided recipient")
-        return TxnResult(txn.env.tag, outs, queue_id)  # type: ignore[arg-type]
+        dsn = bool(txn.env.dsn_rcpt) and "DSN" in self.capabilities  # (as _rcpt_line sent)
+        return TxnResult(txn.env.tag, outs, queue_id, dsn)  # type: ignore[arg-type]
 
     def _finish(self, txn: _Txn, queue_id: str = "") -> None:
         self._active -= 1
         outs = txn.outcomes
-        if len(outs) == 1 and outs[0] is not None:  # _result's check, one recipient
+        if len(outs) == 1 and outs[0] is not None and not txn.env.dsn_rcpt:  # (_result's)
             self._events.append(TxnResult(txn.env.tag, outs, queue_id))  # type: ignore[arg-type]
         else:
             self._events.append(self._result(txn, queue_id))
