@@ -327,13 +327,13 @@ class ServeContext:
 
     def inject(
         self, campaign_id: int, rows: list[tuple[str, str, bytes]], idem: IdemMark | None = None,
-        dedup: bool = False,
+        dedup: bool = False, stowed: Any = None,
     ) -> list[int]:
         """Spool rows durably (:meth:`fastsend.accept.Acceptor.accept`; ``idem``:
-        recorded under an idempotency key with them); returns their ids in the
-        order of ``rows`` (``dedup``: of the rows whose address the campaign did
-        not have)."""
-        return self.acceptor.accept(campaign_id, rows, idem=idem, dedup=dedup)
+        recorded under an idempotency key with them; ``stowed``: their bodies
+        stored already, ``Acceptor.stow``); returns their ids in the order of
+        ``rows`` (``dedup``: of the rows whose address the campaign did not have)."""
+        return self.acceptor.accept(campaign_id, rows, idem=idem, dedup=dedup, stowed=stowed)
 
     # -- per-node files, or shared in Redis ----------------------------------
 

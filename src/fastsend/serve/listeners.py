@@ -136,7 +136,7 @@ from fastsend.message.rawmime import (
     crlf_lines,
 )
 from fastsend.message.rawmime import prepare as prepare_raw
-from fastsend.serve.api import off_loop
+from fastsend.serve.api import OFF_LOOP_BYTES, off_loop
 from fastsend.serve.context import CampaignQuotaExceeded
 from fastsend.serve.eventindex import ONCE_PER_MESSAGE, already_told, first_telling
 from fastsend.serve.parsepool import ParsePool, ParseUnavailable
@@ -847,7 +847,21 @@ class _Submission(_Policy):
         judged = await off_loop(len(ev.data), self._judge, begun, ev)
         if not isinstance(judged, _Judged):
             return judged
-        return self._spool(begun, judged)
+        stowed = None
+        if len(ev.data) > OFF_LOOP_BYTES:
+            # Its body stored as a blob in a thread too (a 21 MB message's SHA-256 and
+            # write held the loop ~0.7 s): the rows referring to it spooled below.
+            try:
+                stowed = await asyncio.to_thread(self.ctx.acceptor.stow, judged.rows)
+            except Exception as e:
+                return self._not_spooled(e)
+        answer = self._spool(begun, judged, stowed)
+        if stowed is not None and stowed.refs:  # (spooled: its blob's rows recorded)
+            try:
+                await asyncio.to_thread(self.ctx.acceptor.ref_stowed, stowed)
+            except Exception:  # (the sweep records them from the rows: not lost)
+                log.warning("submission: a blob's rows not recorded", exc_info=True)
+        return answer
 
     def still_valid(self, conn: _Connection) -> bool:
         """Whether the session's credential still holds: a key revoked (by the CLI, seen
@@ -1016,8 +1030,9 @@ class _Submission(_Policy):
                 rows.append((r, domain, vars_))
         return _Judged(rows)
 
-    def _spool(self, begun: _Begun, judged: _Judged) -> tuple[int, str, str]:
-        """On the loop: the tenant's caps counted and the rows spooled."""
+    def _spool(self, begun: _Begun, judged: _Judged, stowed: Any = None) -> tuple[int, str, str]:
+        """On the loop: the tenant's caps counted and the rows spooled (``stowed``:
+        their bodies stored already, ``Acceptor.stow``)."""
         tenant, rows, trace_id = begun.tenant, judged.rows, begun.trace_id
         try:  # the tenant's daily quota and submission rate: a message per recipient
             taken = self.ctx.caps.take(tenant, len(rows))
@@ -1027,21 +1042,27 @@ class _Submission(_Policy):
             log.warning("submission: the tenant's caps could not be counted", exc_info=True)
             return 451, "4.3.0", "Temporary failure (storage), try again later"
         try:
-            ids = self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows)
+            ids = self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows,
+                                  stowed=stowed)  # fmt: skip
         except CampaignQuotaExceeded as e:  # (a cancel-and-send loop), said without a trace
             self.ctx.caps.refund(taken)
             return 451, "4.7.0", f"{e}; try again later"
         except Exception as e:
             self.ctx.caps.refund(taken)
-            problem = storage_problem(e)
-            if problem is not None:  # nothing kept; said once a message, no traceback
-                log.warning("submission: message not accepted: the spool %s", problem)
-                if problem in ("is full", "is over its disk quota"):  # RFC 5321 4.2.2, 3463
-                    return 452, "4.3.1", "Insufficient system storage, try again later"
-                return 451, "4.3.0", "Temporary failure (storage), try again later"
-            log.exception("submission: spooling failed")
-            return 451, "4.3.0", "Temporary failure, try again later"
+            return self._not_spooled(e)
         return 250, "2.0.0", f"Ok: queued as {ids[0]} ({len(ids)} recipient(s)) id {trace_id}"
+
+    @staticmethod
+    def _not_spooled(e: Exception) -> tuple[int, str, str]:
+        """The answer to a message the spool did not take (``e``: why)."""
+        problem = storage_problem(e)
+        if problem is not None:  # nothing kept; said once a message, no traceback
+            log.warning("submission: message not accepted: the spool %s", problem)
+            if problem in ("is full", "is over its disk quota"):  # RFC 5321 4.2.2, 3463
+                return 452, "4.3.1", "Insufficient system storage, try again later"
+            return 451, "4.3.0", "Temporary failure (storage), try again later"
+        log.exception("submission: spooling failed")
+        return 451, "4.3.0", "Temporary failure, try again later"
 
     def received(
         self, conn: _Connection, ev: Message, rcpts: list[str], trace_id: str

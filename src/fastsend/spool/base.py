@@ -967,6 +967,19 @@ class Spool(abc.ABC):
         ent = mem.setdefault(digest, [data, now, 0, []])
         ent[1], ent[2] = now, ent[2] + 1
 
+    # Whether put_blob_aside may be called from another thread than the spool's.
+    blobs_aside = False
+
+    def put_blob_aside(self, digest: str, data: bytes, now: float) -> None:
+        """:meth:`put_blob` from a thread other than the one that uses the spool (a
+        large body written off serve's loop: ``Acceptor.stow``), when
+        :attr:`blobs_aside`. This default: the same call."""
+        self.put_blob(digest, data, now)
+
+    def ref_blob_aside(self, digest: str, ids: Iterable[int]) -> None:
+        """:meth:`ref_blob` from another thread, as :meth:`put_blob_aside`."""
+        self.ref_blob(digest, ids)
+
     def ref_blob(self, digest: str, ids: Iterable[int]) -> None:
         """The rows ``ids`` (spooled) hold blob ``digest``: ends one pending reference."""
         ent = self.__dict__.get("_blobs", {}).get(digest)
@@ -1367,6 +1380,16 @@ class SpoolProxy(Spool):
 
     def put_blob(self, digest: str, data: bytes, now: float) -> None:
         self.inner.put_blob(digest, data, now)
+
+    @property
+    def blobs_aside(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "blobs_aside", False))
+
+    def put_blob_aside(self, digest: str, data: bytes, now: float) -> None:
+        self.inner.put_blob_aside(digest, data, now)
+
+    def ref_blob_aside(self, digest: str, ids: Iterable[int]) -> None:
+        self.inner.ref_blob_aside(digest, ids)
 
     def ref_blob(self, digest: str, ids: Iterable[int]) -> None:
         self.inner.ref_blob(digest, ids)

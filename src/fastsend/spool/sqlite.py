@@ -1548,6 +1548,40 @@ class SQLiteSpool(Spool):
         finally:
             db.execute("PRAGMA synchronous=NORMAL")
 
+    blobs_aside = True
+
+    def put_blob_aside(self, digest: str, data: bytes, now: float) -> None:
+        """:meth:`put_blob` on a connection of its own (the spool's belongs to the
+        thread that opened it), one call at a time; SQLite's lock orders it with
+        the spool's own writes (busy_timeout)."""
+        with self._aside_db() as db, transaction(db):
+            db.execute(
+                "INSERT INTO blobs(digest, data, touched, pending) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT(digest) DO UPDATE SET touched=excluded.touched,"
+                " pending=pending + 1",
+                (digest, data, now),
+            )
+
+    def ref_blob_aside(self, digest: str, ids: Iterable[int]) -> None:
+        with self._aside_db() as db, transaction(db):
+            db.executemany(
+                "INSERT INTO blob_rows(digest, first, last) VALUES (?, ?, ?)",
+                [(digest, a, b) for a, b in id_runs(sorted(ids))],
+            )
+            db.execute("UPDATE blobs SET pending=MAX(pending - 1, 0) WHERE digest=?", (digest,))
+
+    @contextlib.contextmanager
+    def _aside_db(self) -> Iterator[sqlite3.Connection]:
+        """The connection of the ``*_aside`` calls (made at the first), held."""
+        lock = self.__dict__.setdefault("_aside_lock", threading.Lock())
+        with lock:
+            db = self.__dict__.get("_aside")
+            if db is None:
+                db = connect(self.path, synchronous="FULL", threads=True)
+                db.execute(f"PRAGMA busy_timeout={int(sqlitedb.TIMEOUT * 1000)}")
+                self._aside = db
+            yield db
+
     def ref_blob(self, digest: str, ids: Iterable[int]) -> None:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
@@ -2115,4 +2149,8 @@ class SQLiteSpool(Spool):
         for path in list(self._holds):
             self._release_lock(path)
         self._rows.close()  # its statement before the connection
+        aside = self.__dict__.pop("_aside", None)
+        if aside is not None:
+            with self.__dict__["_aside_lock"]:
+                aside.close()
         self.db.close()
