@@ -242,6 +242,8 @@ class _Tracking:
                 except (KeyError, AttributeError):
                     info = self.ctx.spool.get_campaign(campaign)
                     tenant = info.tenant if info is not None else DEFAULT_TENANT
+            else:
+                campaign, tenant = self._indexed(n)
         except Exception as e:
             # The spool out of reach (a shared spool's Redis down or paused): every
             # click was a 500, the reader's link broken, though its URL is in the
@@ -257,6 +259,23 @@ class _Tracking:
         if len(self._owner) > _CACHE_SIZE:
             self._owner.popitem(last=False)
         return campaign, tenant
+
+    def _indexed(self, mid: int) -> tuple[int | None, str]:
+        """(campaign, tenant) of a message gone from the spool (``[spool]
+        final_retention_days`` after it was final; its links live ``link_ttl_days``)
+        as its events in the per-message index name them ([analytics] events_days);
+        (None, default) when none does. Before, such a message's campaign was lost:
+        an old-format link's event (no tenant inside) was tenant default's, and a
+        tenant's own (transactional mail, pruned soonest) was left out of its
+        campaign's events, ``GET /v1/events`` and the campaign's stats."""
+        index = getattr(getattr(self.ctx, "acceptor", None), "index", None)
+        if index is None:
+            return None, DEFAULT_TENANT
+        for ev in index.for_message(mid):
+            campaign, tenant = ev.get("campaign"), ev.get("tenant")
+            if isinstance(campaign, int) and campaign > 0 and isinstance(tenant, str) and tenant:
+                return campaign, tenant
+        return None, DEFAULT_TENANT
 
     def _event(
         self, name: str, mid: str, rcpt: str, request: web.Request, token_tenant: str = ""
