@@ -9,6 +9,10 @@ documented shapes of their formats, none from the corpus.
 - RFC 5321's 551 "User not local; please try <forward-path>" and RFC 3463's
   X.1.6 ("mailbox has moved") read userunknown: the address has moved
   (hasmoved).
+- "451 4.7.1 Please try again later" (greylisting, a filter's soft reject)
+  was a slow-down signal (rate_limited: the site's AIMD rate cut, its mail
+  slowed, for a retry asked for): the 4xx's usual "try again later" under a
+  policy status X.7.x slows nothing unless the code is 421.
 """
 
 from __future__ import annotations
@@ -107,3 +111,45 @@ def test_a_user_unknown_without_a_move_stays_userunknown() -> None:
     ]:
         c = classify_reply(code, status, text, command="RCPT")
         assert (c.reason, c.hard) == ("userunknown", True), text
+
+
+# ---------------------------------------------------------------- greylisting
+# A temporary refusal under a policy status (X.7.x) whose only words are the
+# 4xx's usual "try again later" is a retry asked for (greylisting, RFC 6647;
+# a soft reject), not a slower pace: no feedback loop.
+POLICY_DEFERRALS = [
+    (451, "4.7.1", "Try again later", "RCPT"),
+    (451, "4.7.1", "try again later", "MAIL"),
+    (451, "4.7.1", "Please try again later", "DATA"),
+    (450, "4.7.1", "<bob@their.example>: Recipient address rejected: Please try again later",
+     "RCPT"),
+    (451, "4.7.0", "Temporary policy rejection, try again later", "RCPT"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), POLICY_DEFERRALS)
+def test_a_policy_deferral_asking_to_try_later_slows_nothing(
+    code: int, status: str, text: str, stage: str
+) -> None:
+    c = classify_reply(code, status, text, command=stage)
+    assert (c.hard, c.rate_limited, c.ip_blocked) == (False, False, False), c
+
+
+# Words that name the pace still do, under any status; a 421 (the server
+# closing the channel) asking to come back later still sheds load.
+STILL_SLOW = [
+    (451, "4.7.1", "Rate limit exceeded, try again later", "RCPT"),
+    (450, "4.7.1", "Too many messages from your IP, try again later", "MAIL"),
+    (421, "4.7.1", "Try again later", "MAIL"),
+    (451, "", "Ratelimit exceeded for mailbox. Try again later", "RCPT"),
+    (451, "", "Try again later", "RCPT"),
+    (451, "4.3.0", "Temporary local problem, try again later", "RCPT"),
+]
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), STILL_SLOW)
+def test_a_deferral_about_the_pace_still_slows_down(
+    code: int, status: str, text: str, stage: str
+) -> None:
+    assert classify_reply(code, status, text, command=stage).rate_limited
+

@@ -920,6 +920,14 @@ class RuleSet:
             # naming a throttle still says so with its own signal.)
             gated = tiers["<ratelimit>"]
             rate = gated is not None and _search_gated(gated, t, present)
+            if not rate and _TRY_LATER in t:
+                # The usual suffix of a 4xx. Under a policy status (X.7.x,
+                # RFC 3463 "delivery not authorized") it asks for a retry, not
+                # a slower pace: greylisting (RFC 6647) and a filter's soft
+                # reject answer "451 4.7.1 Please try again later"; cutting the
+                # site's rate for them slowed all its mail. A 421 (the server
+                # closing the channel) or no such status: the site sheds load.
+                rate = code == 421 or not (temporary and enhanced[1:4] == ".7.")
         if not ipb:
             gated = tiers["<ipblock>"]
             ipb = gated is not None and _search_gated(gated, t, present)
@@ -1075,6 +1083,9 @@ _ONE_MAILBOX = re.compile(
     r"|receiving (?:too|(?:e-?)?mail (?:at a rate|too))|has received too many)"
     r"|too many (?:messages|mails|e-?mails) (?:for|to) (?:this|the|that) (?:recipient|user|mailbox)"
 )
+# The 4xx's usual suffix (see classify: a slow-down unless a policy status
+# says why the site deferred).
+_TRY_LATER = "try again later"
 _NAMES_THE_CLIENT = re.compile(
     r"\bip\b|client|your (?:host|server|network|mta|provider)"
     r"|dnsbl|\brbl\b|spamhaus(?! dbl)(?!\.org/dbl)|spamcop|barracuda|sorbs|blocked using|reputation"
