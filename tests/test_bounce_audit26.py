@@ -13,6 +13,10 @@ documented shapes of their formats, none from the corpus.
   was a slow-down signal (rate_limited: the site's AIMD rate cut, its mail
   slowed, for a retry asked for): the 4xx's usual "try again later" under a
   policy status X.7.x slows nothing unless the code is 421.
+- EZweb's notice states why above its list ("The user(s) account is
+  disabled.") and quotes a generic "550 user unknown" beside the address:
+  read from the quoted line alone it was a hard userunknown (suppressed);
+  the notice's statement is the reason (suspend; over quota: mailboxfull).
 """
 
 from __future__ import annotations
@@ -153,3 +157,77 @@ def test_a_deferral_about_the_pace_still_slows_down(
 ) -> None:
     assert classify_reply(code, status, text, command=stage).rate_limited
 
+
+# ---------------------------------------------------------------- a notice's own statement
+# EZweb (au/KDDI) states why above its list of recipients ("The user(s)
+# account is disabled.") and quotes a generic "550 user unknown" beside each
+# address: the notice's statement is the reason (a disabled account is no
+# unknown user: never suppressed as one).
+EZWEB_DSN = """\
+From: Mail Administrator <Postmaster@ezweb.ne.jp>
+To: news@ours.example
+Subject: Mail System Error - Returned Mail
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="Z"
+
+--Z
+Content-Type: text/plain; charset=us-ascii
+
+{statement}
+
+
+<{to}>: 550 user unknown (in reply to RCPT TO command)
+
+--Z
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; lsean.ezweb.ne.jp
+
+Final-Recipient: rfc822; {to}
+Action: failed
+Status: 5.0.0
+
+--Z--
+"""
+EZWEB_TEXT = """\
+From: Mail Administrator <Postmaster@ezweb.ne.jp>
+To: news@ours.example
+Subject: Mail System Error - Returned Mail
+MIME-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+
+{statement}
+
+
+<{to}>: 550 user unknown (in reply to RCPT TO command)
+"""
+STATEMENTS = [
+    ("The user(s) account is disabled.", "suspend"),
+    ("The user(s) account is temporarily limited.", "suspend"),
+    ("The user(s) account is temporarily over quota.", "mailboxfull"),
+]
+
+
+@pytest.mark.parametrize("shape", [EZWEB_DSN, EZWEB_TEXT], ids=["dsn", "text"])
+@pytest.mark.parametrize(("statement", "reason"), STATEMENTS)
+def test_a_notices_statement_above_its_list_is_the_reason(
+    shape: str, statement: str, reason: str
+) -> None:
+    (r,) = parse_bounce(shape.format(statement=statement, to="bob@ezweb.ne.jp").encode())
+    assert (r.recipient, r.reason, r.hard) == ("bob@ezweb.ne.jp", reason, False)
+
+
+@pytest.mark.parametrize("shape", [EZWEB_DSN, EZWEB_TEXT], ids=["dsn", "text"])
+def test_a_notice_saying_nothing_of_the_account_leaves_the_reply(shape: str) -> None:
+    statement = "This is the mail system at host mx.example.\n\nI'm sorry to have to inform you."
+    (r,) = parse_bounce(shape.format(statement=statement, to="bob@ezweb.ne.jp").encode())
+    assert (r.reason, r.hard) == ("userunknown", True)
+
+
+def test_the_recipients_own_diagnostic_code_is_not_overruled() -> None:
+    """A DSN whose Diagnostic-Code says why keeps it: the notice's prose
+    above is the reporting MTA's summary, not the remote server's word."""
+    raw = _dsn("bob@their.example", "5.1.1", "550 5.1.1 <bob@their.example>: User unknown",
+               text="Your mailbox is full? The account is disabled? We cannot tell.")  # fmt: skip
+    (r,) = parse_bounce(raw)
+    assert (r.reason, r.hard) == ("userunknown", True)

@@ -261,6 +261,9 @@ class _Raw:
     diag_type: str = ""
     reason: str = ""
     ses: tuple[str, str] = ("", "")  # an SES notification's (bounceType, bounceSubType)
+    # The notice's own words above its list of recipients (when the
+    # recipient's explanation was read from the text: _notice_reason).
+    notice: str = ""
 
 
 # Exchange's encapsulated non-SMTP addresses (IMCEAEX- an X.500 directory
@@ -313,6 +316,8 @@ def _enrich(records: list[_Raw], human: str) -> None:
     # all, or the same explanation found near each): each text is read once.
     found: dict[str, tuple[int, str]] = {}
     commands: dict[str, str] = {}
+    starts = [first[a] for a in rcpts if a in first]
+    lead = _lead(section, min(starts)) if starts else ""
     for r in records:
         if section:
             r.diagnostic = _whole_reply(r.diagnostic, section)
@@ -335,6 +340,7 @@ def _enrich(records: list[_Raw], human: str) -> None:
         if not r.diagnostic.strip() and near:
             # The DSN says nothing: take the human-readable explanation.
             r.diagnostic = near.split("\n\n\n")[0].strip()
+            r.notice = lead
             if (
                 len(records) == 1
                 and not vendors.find_reply_code(r.diagnostic)
@@ -689,6 +695,12 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
         own = {a.lower() for a in vendors.ADDR_RE.findall(_header(msg, "From"))}
         found = vendors.find_in_text(body, own, None, allow_system=True)
     action = "delayed" if _is_delay_warning(msg, body) else "failed"
+    lead = ""
+    if found:
+        said = vendors.cut_original(body)
+        low = said.lower()
+        starts = [i for f in found if (i := low.find(f.recipient.lower())) >= 0]
+        lead = _lead(said, min(starts)) if starts else ""
     return [
         _Raw(
             recipient=f.recipient,
@@ -697,9 +709,50 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
             reply_code=f.reply_code,
             command=f.command,
             action=action,
+            notice=lead,
         )
         for f in found
     ]
+
+
+# How much of a notice's text above its first recipient is read as its own
+# statement (the last paragraphs before the list: a mail system's greeting and
+# summary come first).
+_LEAD_CAP = 600
+# What a notice's statement may say of every recipient it lists, and what it
+# then overrules: a mailbox that exists but is disabled, limited or full,
+# where the quoted reply beside each address is a generic refusal (EZweb's
+# "The user(s) account is disabled." above "550 user unknown").
+_NOTICE_REASONS = frozenset({"suspend", "mailboxfull"})
+_NOTICE_OVERRULES = frozenset({"userunknown", "filtered", "onhold", "undefined"})
+
+
+def _lead(text: str, end: int) -> str:
+    """The notice's prose above the line of its first listed recipient (the
+    last _LEAD_CAP characters, whole lines); "" when it quotes a reply or a
+    status (a transcript or another recipient's line, not a statement)."""
+    end = text.rfind("\n", 0, end) + 1  # (words before the address on its line are its own)
+    start = max(0, end - _LEAD_CAP)
+    if start:
+        nl = text.find("\n", start, end)
+        start = nl + 1 if nl >= 0 else end
+    lead = text[start:end].strip()
+    if vendors.find_reply_code(lead) or vendors.find_status(lead):
+        return ""
+    return lead
+
+
+def _notice_reason(rs: RuleSet, notice: str, own: str, action: str) -> str:
+    """The reason a notice's own statement names for every recipient it
+    lists ("" when none applies): one of _NOTICE_REASONS, said in words a
+    rule knows (no status, no code: the prose alone), over a recipient's
+    reason of _NOTICE_OVERRULES."""
+    if not notice or own not in _NOTICE_OVERRULES:
+        return ""
+    c = rs.classify(0, "", notice, command="", action=action)
+    if c.reason in _NOTICE_REASONS and c.rule not in ("status", "fallback"):
+        return c.reason
+    return ""
 
 
 # A plain-text warning that a message is still being retried (the RFC 3464
@@ -1167,6 +1220,11 @@ def _parse_one(
                 r.reply_code, r.status, r.diagnostic, command=r.command, action=r.action
             )
             reason, hard, rate, ipb = c.reason, c.hard, c.rate_limited, c.ip_blocked
+            stated = _notice_reason(rs, r.notice, reason, r.action) if r.notice else ""
+            if stated:
+                # The notice says why above its list ("The user(s) account is
+                # disabled."), the reply beside the address a generic refusal.
+                reason, hard, rate, ipb = stated, False, False, False
             if r.action in ("delivered", "relayed", "expanded") and reason in (
                 "onhold",
                 "undefined",
