@@ -231,3 +231,25 @@ def test_the_recipients_own_diagnostic_code_is_not_overruled() -> None:
                text="Your mailbox is full? The account is disabled? We cannot tell.")  # fmt: skip
     (r,) = parse_bounce(raw)
     assert (r.reason, r.hard) == ("userunknown", True)
+
+
+def test_a_statement_speaks_only_for_the_list_right_below_it() -> None:
+    """Two lists, each under its own heading: the first heading ("over
+    quota") is not the second list's reason."""
+    raw = """\
+From: Mail Administrator <postmaster@mx.example>
+To: news@ours.example
+Subject: Returned mail
+MIME-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+
+The following recipients are over quota:
+
+<a@their.example>
+
+The following recipients were refused:
+
+<b@their.example>: 550 user unknown (in reply to RCPT TO command)
+"""
+    got = {r.recipient: (r.reason, r.hard) for r in parse_bounce(raw.encode())}
+    assert got["b@their.example"] == ("userunknown", True)

@@ -728,16 +728,18 @@ _NOTICE_OVERRULES = frozenset({"userunknown", "filtered", "onhold", "undefined"}
 
 
 def _lead(text: str, end: int) -> str:
-    """The notice's prose above the line of its first listed recipient (the
-    last _LEAD_CAP characters, whole lines); "" when it quotes a reply or a
-    status (a transcript or another recipient's line, not a statement)."""
+    """The notice's statement right above the line of its first listed
+    recipient: the last paragraph before it (at most _LEAD_CAP characters,
+    whole lines); "" when it quotes a reply or a status or names an address
+    (a transcript, another list: not a statement about this one)."""
     end = text.rfind("\n", 0, end) + 1  # (words before the address on its line are its own)
     start = max(0, end - _LEAD_CAP)
     if start:
         nl = text.find("\n", start, end)
         start = nl + 1 if nl >= 0 else end
-    lead = text[start:end].strip()
-    if vendors.find_reply_code(lead) or vendors.find_status(lead):
+    paragraphs = [p for p in _BLANK_LINE.split(text[start:end]) if p.strip()]
+    lead = paragraphs[-1].strip() if paragraphs else ""
+    if "@" in lead or vendors.find_reply_code(lead) or vendors.find_status(lead):
         return ""
     return lead
 
