@@ -233,6 +233,31 @@ def test_the_recipients_own_diagnostic_code_is_not_overruled() -> None:
     assert (r.reason, r.hard) == ("userunknown", True)
 
 
+# ---------------------------------------------------------------- the client's IP named
+# A refusal whose words name our sending IP as what is refused, from a site no
+# rule knows by name: blocked (it rests the IP for the site), not onhold.
+CLIENT_IP = [
+    (554, "", "IP=192.0.2.254 - A problem occurred. (Ask your postmaster for help.)", "RCPT"),
+    (550, "", "Unfortunately, messages from 198.51.100.7 weren't sent.", "RCPT"),
+    (554, "", "Mail from [198.51.100.7] is not accepted here", "DATA"),
+    (550, "", "Invalid sending IP", "RCPT"),
+    (550, "5.0.0", "Rejected: IP: 198.51.100.7 (contact postmaster)", "DATA"),
+]
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), CLIENT_IP)
+def test_a_refusal_naming_our_ip_is_blocked(code: int, status: str, text: str, stage: str) -> None:
+    c = classify_reply(code, status, text, command=stage)
+    assert (c.reason, c.hard, c.ip_blocked) == ("blocked", False, True)
+
+
+def test_an_ip_in_a_reply_about_something_else_stays_that() -> None:
+    c = classify_reply(550, "5.1.1", "User unknown (IP=192.0.2.1)", command="RCPT")
+    assert (c.reason, c.hard) == ("userunknown", True)
+    c = classify_reply(550, "", "Sender address rejected: IP=192.0.2.1", command="MAIL")
+    assert c.reason == "rejected"
+
+
 def test_a_statement_speaks_only_for_the_list_right_below_it() -> None:
     """Two lists, each under its own heading: the first heading ("over
     quota") is not the second list's reason."""
