@@ -258,6 +258,13 @@ def test_an_ip_in_a_reply_about_something_else_stays_that() -> None:
     assert c.reason == "rejected"
 
 
+def test_a_host_that_will_not_relay_for_a_user_not_local() -> None:
+    """RFC 5321's "550 User not local; will not relay" (no forward-path
+    given): the server is no relay for that domain, not a moved mailbox."""
+    c = classify_reply(550, "", "User not local; will not relay", command="RCPT")
+    assert (c.reason, c.hard) == ("norelaying", False)
+
+
 def test_a_statement_speaks_only_for_the_list_right_below_it() -> None:
     """Two lists, each under its own heading: the first heading ("over
     quota") is not the second list's reason."""
