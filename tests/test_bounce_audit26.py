@@ -285,3 +285,20 @@ The following recipients were refused:
 """
     got = {r.recipient: (r.reason, r.hard) for r in parse_bounce(raw.encode())}
     assert got["b@their.example"] == ("userunknown", True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The email account that you tried to reach is inactive.",
+        "The mailbox you are trying to reach is disabled",
+        "The account you tried to contact has been deactivated",
+    ],
+)
+def test_an_account_named_by_a_relative_clause_is_suspended(text: str) -> None:
+    """A disabled or inactive account said with the clause that names it
+    (from a site no rule knows by name): suspend, never suppressed."""
+    c = classify_reply(550, "5.2.1", text, command="RCPT")
+    assert (c.reason, c.hard) == ("suspend", False)
+    c = classify_reply(550, "", text, command="RCPT")
+    assert (c.reason, c.hard) == ("suspend", False)
