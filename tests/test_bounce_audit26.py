@@ -293,6 +293,8 @@ The following recipients were refused:
         "The email account that you tried to reach is inactive.",
         "The mailbox you are trying to reach is disabled",
         "The account you tried to contact has been deactivated",
+        "Recipient address rejected: User bob@their.example temporary locked.",
+        "Mailbox <bob@their.example> is temporarily disabled",
     ],
 )
 def test_an_account_named_by_a_relative_clause_is_suspended(text: str) -> None:
