@@ -744,7 +744,7 @@ class Notices:
         alive = set(live())
         out: list[dict[str, Any]] = []
         now = time.time()
-        for raw in lines.values():
+        for field, raw in lines.items():
             try:
                 rec = orjson.loads(raw)
                 node, at = str(rec["node"]), float(rec["at"])
@@ -753,7 +753,15 @@ class Notices:
                 continue
             if at < now - ONCE_TTL / 2:  # (a line left by a failed removal: its notice
                 sh.client.hdel(sh.key(SHARED), str(rec["id"]))  # id may be forgotten)
-            elif node != sh.node and node not in alive and at <= now - ADOPT_GRACE:
+            elif (
+                node != sh.node
+                and node not in alive
+                and at <= now - ADOPT_GRACE
+                # Taken only if still as read (the line names this node from now
+                # on): two live nodes reading it both took it, each its notice's
+                # sender, each rewriting the line as its own.
+                and sh.take(sh.key(SHARED), field, raw, orjson.dumps({**rec, "node": sh.node}))
+            ):
                 out.append(rec)
         return out
 

@@ -338,7 +338,7 @@ class HeldJournal:
     (hash ``P:held``, campaign -> the note and its node), removed once told: a
     node whose process is dead (no status for ``STATUS_STALE`` s, ``NOTE_GRACE`` s
     after its note) and whose local journal is out of reach (its host lost, never
-    started again) has its notes finished by any live node (:meth:`adopt_dead`,
+    started again) has its notes finished by one live node (:meth:`dead_notes` takes each,
     serve's tick), and the staging sweep leaves a noted campaign alone. Before, the
     note was only in the dead node's directory: the campaign stayed staging and
     every node's sweep abandoned it an hour later, its 201'd-to-be rows never sent."""
@@ -409,8 +409,10 @@ class HeldJournal:
         """The shared notes (``P:held``: field, note) of nodes not ``live()`` (their
         process dead), and of this node's name (an earlier process of it: the
         caller leaves this process's own), ``NOTE_GRACE`` s old; none when looked
-        at less than ``ADOPT_EVERY`` s ago. Redis only: a thread may call it
-        (serve's tick); :meth:`adopt` finishes them on the loop."""
+        at less than ``ADOPT_EVERY`` s ago, each taken by this node (the note names
+        it from now on) if still as read: another node that took it meanwhile
+        finishes it. Redis only: a thread may call it (serve's tick); :meth:`adopt`
+        finishes them on the loop."""
         sh = self.shared
         mono = time.monotonic()
         if sh is None or mono - self.adopted < self.ADOPT_EVERY:
@@ -421,18 +423,34 @@ class HeldJournal:
         if not notes:
             return []
         alive = set(live())
-        out: list[tuple[bytes, dict[str, Any]]] = []
+        mine = {int(r["campaign"]) for r in list(self.noted.values())}  # (this process's)
+        found: list[tuple[bytes, bytes, dict[str, Any]]] = []
         for field, raw in notes.items():
             try:
                 rec = orjson.loads(raw)
-                int(rec["campaign"])
+                cid = int(rec["campaign"])
                 node, at = str(rec["node"]), float(rec["at"])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 sh.client.hdel(key, field)  # (unreadable: nothing to finish by)
                 continue
             if time.time() - at < self.NOTE_GRACE or (node in alive and node != sh.node):
                 continue  # its node is alive: it finishes it (finish_later, a restart)
-            out.append((field, rec))
+            if cid not in mine:
+                found.append((field, raw, rec))
+        if found and _FAULT == "held-stop-after-read":  # tests: another node meanwhile
+            os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(0.5)  # (the stop reaches this thread a moment later: before the takes)
+        # Each note taken by this node (it names this node from now on) only if it
+        # is still as read: two live nodes reading one dead node's note both
+        # finished it, its rows' events told twice (each node's webhooks).
+        out: list[tuple[bytes, dict[str, Any]]] = []
+        for field, raw, rec in found:
+            taken = {**rec, "node": sh.node, "at": time.time()}
+            if sh.take(key, field, raw, orjson.dumps(taken)):
+                out.append((field, taken))
+            else:
+                log.warning("campaign %s: a dead node's note of its creation is being"
+                            " finished by another node", rec["campaign"])
         return out
 
     def adopt(self, ctx: ServeContext, index: Any, notes: list[tuple[bytes, dict[str, Any]]],

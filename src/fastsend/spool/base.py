@@ -49,6 +49,15 @@ FINAL_STATES = frozenset({DELIVERED, BOUNCED, SUPPRESSED, EXPIRED, CANCELLED})
 PENDING_STATES = frozenset({QUEUED, DEFERRED})
 
 
+_TAKE_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
 class SharedStore(msgspec.Struct, frozen=True):
     """What :meth:`Spool.shared` gives: the shared spool's store (a redis-py
     client, bytes replies), its key namespace (every key ``{prefix}:...``, one
@@ -62,6 +71,13 @@ class SharedStore(msgspec.Struct, frozen=True):
     def key(self, *parts: object) -> str:
         """``{prefix}:part:part...``"""
         return ":".join(["{" + self.prefix + "}", *map(str, parts)])
+
+    def take(self, key: str, field: bytes | str, seen: bytes, mine: bytes) -> bool:
+        """Hash ``key``'s ``field`` set to ``mine`` if it still holds ``seen`` (one
+        Lua script: a compare-and-set): whether this node took it. Two live nodes
+        adopting one dead node's line (``P:held``, ``P:dsnj``) both read it; only
+        the one whose write finds it unchanged finishes it."""
+        return bool(self.client.eval(_TAKE_LUA, 1, key, field, seen, mine))
 
 
 class SpoolError(Exception):

@@ -1,0 +1,88 @@
+"""Several nodes on one Redis (session 26's audit): a dead node's notes adopted by
+one live node only; Redis calls kept off serve's event loop.
+
+Real parts: one redis-server (a proxy in front of it to stall it), ``fastsend
+serve`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from tests._serve_helpers import Served, until
+from tests.test_serve_audit17 import TPL
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rpartition(b")")[2].split()[0].decode()
+
+
+def _told(node_dir: Path, event: str) -> list[int]:
+    """The message ids of ``event`` in a node's event log(s)."""
+    out: list[int] = []
+    for p in node_dir.rglob("events*.jsonl"):
+        for line in p.read_bytes().splitlines():
+            try:
+                ev = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(ev, dict) and ev.get("event") == event:
+                out.append(int(ev["id"]))
+    return out
+
+
+def test_a_dead_nodes_note_is_adopted_by_one_live_node_only(
+    redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node a is killed right after noting a new campaign complete; b and c are
+    live. b reads the dead node's note and is frozen right then (before it acts
+    on it); c adopts the note (the campaign active, its rows' "accepted" told);
+    b goes on and leaves it to c. The rows are told once over the nodes. Before:
+    adoption was a read then a delete, so b, having read the note, finished it
+    too (its rows' "accepted" told again unless c's index had them by then: two
+    nodes a moment apart told every row twice, each to its webhooks)."""
+    url = redis_server.url()
+    for n in ("a", "b", "c"):
+        (tmp_path / n).mkdir()
+    args = ("--allow-volatile", "--no-workers")
+    monkeypatch.setenv("FASTSEND_TEST_FAULT", "idem-kill-after-note")  # (a's start)
+    a = Served(tmp_path / "a", "127.0.0.1:9", spool_url=url + "&node=a", serve_args=args)
+    monkeypatch.setenv("FASTSEND_TEST_FAULT", "held-stop-after-read")  # (b's)
+    b = Served(tmp_path / "b", "127.0.0.1:9", spool_url=url + "&node=b", serve_args=args)
+    monkeypatch.delenv("FASTSEND_TEST_FAULT")
+    c = None
+    try:
+        rows = [{"email": f"r{i}@example.org", "name": f"R{i}"} for i in range(20)]
+        with pytest.raises(aiohttp.ClientError):
+            a.req("POST", "/v1/campaigns", {"name": "k", "template": TPL, "recipients": rows})
+        assert a.proc.wait(20) == -9
+        until("b frozen having read the dead node's note",
+              lambda: _state(b.proc.pid) == "T", timeout=90)  # fmt: skip
+        c = Served(tmp_path / "c", "127.0.0.1:9", spool_url=url + "&node=c", serve_args=args)
+        until("c told the dead node's rows",
+              lambda: len(_told(tmp_path / "c", "accepted")) >= 20, timeout=90)  # fmt: skip
+        os.kill(b.proc.pid, signal.SIGCONT)
+        # b goes on with what it read: finishes the note too (before), or leaves it to c
+        until("b done with the note", lambda: any(
+            "being finished by another node" in x or "is complete now" in x for x in b.lines))
+        st, got = c.req("GET", "/v1/campaigns")
+        assert st == 200 and [x["status"] for x in got["campaigns"]] == ["active"], got
+        b.stop()
+        assert not [x for x in b.lines if "is complete now" in x]
+        told = sorted(_told(tmp_path / "b", "accepted") + _told(tmp_path / "c", "accepted"))
+        assert told == list(range(1, 21)), told
+    finally:
+        if b.proc.poll() is None and _state(b.proc.pid) == "T":
+            os.kill(b.proc.pid, signal.SIGCONT)
+        b.stop()
+        if c is not None:
+            c.stop()
+        a.stop()
+
