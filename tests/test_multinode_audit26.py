@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from tests._serve_helpers import Served, until
+from tests._redis_helpers import RedisHold
+from tests._serve_helpers import Served, http, until
 from tests.test_serve_audit17 import TPL
 
 
@@ -85,4 +87,56 @@ def test_a_dead_nodes_note_is_adopted_by_one_live_node_only(
         if c is not None:
             c.stop()
         a.stop()
+
+
+def test_clicks_and_unsubscribes_wait_for_a_stalled_redis_off_the_loop(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """The node's Redis stops answering (a proxy holding what the node sends): a
+    click, an open and a one-click unsubscribe wait for it in threads (the
+    message's owner, the nodes' link count, the suppression list, the once mark)
+    while the node's listener answers what needs no Redis; once Redis answers,
+    they are answered as ever. Before: tracking asked Redis on the event loop, so
+    one click held every listener of the node for the client's timeout (here
+    60 s; 5 s by default, per call: ~20 s a click)."""
+    from fastsend.message import tracking as tr
+
+    secret = "s" * 32
+    px = RedisHold(redis_server)
+    node = Served(tmp_path, None, spool_url=px.url(node="a", socket_timeout="60"),
+                  extra=f'[tracking]\nsecret = "{secret}"\n',
+                  serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+    key = secret.encode()
+    click = tr.sign(key, tr.CLICK, "7", "ann@example.org", "https://example.com/a")
+    opened = tr.sign(key, tr.OPEN, "8", "bob@example.org")
+    unsub = tr.sign(key, tr.UNSUBSCRIBE, "9", "cy@example.org")
+    got: dict[str, Any] = {}
+    asks = [
+        threading.Thread(target=lambda: got.update(click=http(
+            "GET", f"{node.base}/t/c/{click}", timeout=120))),
+        threading.Thread(target=lambda: got.update(open=http(
+            "GET", f"{node.base}/t/o/{opened}.gif", timeout=120))),
+        threading.Thread(target=lambda: got.update(unsub=http(
+            "POST", f"{node.base}/u/{unsub}", raw=b"List-Unsubscribe=One-Click",
+            headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=120))),
+    ]  # fmt: skip
+    try:
+        px.hold()
+        until("the node waiting for Redis", lambda: px.waiting)  # (its tick, every 0.2 s)
+        for t in asks:
+            t.start()
+        for _ in range(3):  # (the loop free while they wait)
+            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=30)
+            assert st == 200 and "paths" in doc
+        assert px.held and not got  # (Redis still held: none of them answered)
+    finally:
+        px.release()
+    try:
+        for t in asks:
+            t.join(120)
+        assert got["click"][0] == 302 and got["open"][0] == 200, got
+        assert got["unsub"][0] == 200, got
+    finally:
+        node.stop()
+        px.close()
 

@@ -46,12 +46,15 @@ DELIBERATELY NOT HERE
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import html
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from aiohttp import web
@@ -100,6 +103,8 @@ MAX_FORM_BODY = 16_384  # what of an unsubscribe POST's body is read (the form i
 _KINDS = {"opened": "open", "clicked": "click"}  # events judged by the machine rules
 
 
+_T = TypeVar("_T")
+
 SPOOL_RETRY = 10.0  # s a spool out of reach is left alone before it is asked again
 LEGACY_SINCE = "tracking_v2_since"  # spool meta: when this installation first encrypted tokens
 
@@ -129,10 +134,20 @@ class _Tracking:
     def body_timeout(self) -> float:  # the unsubscribe form's
         return float(self.ctx.config.api.body_timeout)
 
-    def _record(self, request: web.Request) -> bool:
+    async def _off(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)``: in a thread on a shared spool (what it asks Redis: the
+        message's owner, the suppression list, the once marks), here on a local one.
+        On the loop each call held every listener of the node while Redis was slow
+        or paused (up to the client's timeout, ~20 s a click over its calls)."""
+        if self.shared is None:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    async def _record(self, request: web.Request) -> bool:
         """Whether this open or click is recorded: ``cap`` ([tracking]
         link_events_per_hour) per link per LINK_WINDOW, counted here and, on a shared
-        spool, across the nodes (a node that counts them alone on a Redis outage)."""
+        spool, across the nodes (a node that counts them alone on a Redis outage;
+        the count asked in a thread)."""
         if not self.cap:
             return True
         token = request.match_info["token"]
@@ -150,9 +165,10 @@ class _Tracking:
         ok = n < self.cap
         if ok and self.shared is not None and now - self._shared_down > 10.0:
             try:
-                ok = self.shared.link_event(token, LINK_WINDOW, self.cap)
+                ok = await asyncio.to_thread(self.shared.link_event, token, LINK_WINDOW,
+                                             self.cap)  # fmt: skip
             except Exception as e:  # Redis away a moment: this node's own count holds
-                self._shared_down = now
+                self._shared_down = time.monotonic()
                 log.warning("tracking: the nodes' link counts are out of reach (%s);"
                             " counting on this node alone for 10 s", e)  # fmt: skip
         if not ok:
@@ -327,8 +343,8 @@ class _Tracking:
 
     # -- handlers -------------------------------------------------------------
     async def open(self, request: web.Request) -> web.Response:
-        (mid, rcpt), tenant = self._open(request, tr.OPEN)
-        if not self._record(request):
+        (mid, rcpt), tenant = await self._off(self._open, request, tr.OPEN)
+        if not await self._record(request):
             pass  # answered as always, not recorded again
         elif request.method == "GET":
             self.ctx.emit_optional(self._event("opened", mid, rcpt, request, tenant))
@@ -341,13 +357,13 @@ class _Tracking:
         )
 
     async def click(self, request: web.Request) -> web.Response:
-        (mid, rcpt, url), tenant = self._open(request, tr.CLICK)
+        (mid, rcpt, url), tenant = await self._off(self._open, request, tr.CLICK)
         if not url.lower().startswith(("http://", "https://")):
             raise _not_found()
         location = ascii_url(url)
         if location is None:
             raise _not_found()  # a host no browser could ask for
-        if self._record(request):
+        if await self._record(request):
             ev = self._event("clicked", mid, rcpt, request, tenant)
             ev["url"] = url
             if request.method == "GET":
@@ -360,7 +376,7 @@ class _Tracking:
         )
 
     async def unsubscribe_page(self, request: web.Request) -> web.Response:
-        _mid, rcpt = self._check(request, tr.UNSUBSCRIBE)
+        _mid, rcpt = await self._off(self._check, request, tr.UNSUBSCRIBE)
         return _page(
             "Unsubscribe",
             f"<p>Stop sending mail to <b>{html.escape(rcpt)}</b>?</p>"
@@ -369,21 +385,21 @@ class _Tracking:
         )
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
-        (mid, rcpt), token_tenant = self._open(request, tr.UNSUBSCRIBE)
+        (mid, rcpt), token_tenant = await self._off(self._open, request, tr.UNSUBSCRIBE)
         raw = await body_deadline(request.read(), self.body_timeout)
         form = read_form(request.headers.get("Content-Type", ""), raw)
         one_click = form.get("List-Unsubscribe") == ONE_CLICK
         if not one_click and form.get("confirm") != "yes":
             raise _bad_request("expected List-Unsubscribe=One-Click or confirm=yes")
-        campaign, tenant = self.owner(mid)
+        campaign, tenant = await self._off(self.owner, mid)
         if campaign is None:
             tenant = token_tenant  # the message is gone: the token's (authenticated) tenant
         try:
             head = mid.partition("-")[0]
-            self.ctx.suppression.add(
-                rcpt, UNSUBSCRIBE, tenant=tenant, source=UNSUBSCRIBE,
+            await self._off(functools.partial(
+                self.ctx.suppression.add, rcpt, UNSUBSCRIBE, tenant=tenant, source=UNSUBSCRIBE,
                 message=int(head) if head.isdigit() else None,
-            )  # fmt: skip
+            ))  # fmt: skip
         except SuppressionError:
             raise _bad_request("cannot unsubscribe this address") from None
         except Exception as e:  # the suppression list out of reach (Redis down): was a 500
@@ -396,8 +412,8 @@ class _Tracking:
             ) from None
         ev = self._event("unsubscribed", mid, rcpt, request, token_tenant)
         ev["method"] = "one-click" if one_click else "page"
-        if not already_told(self.ctx, ev["id"], "unsubscribed") and first_telling(
-            self.ctx, ev["id"], "unsubscribed"
+        if not already_told(self.ctx, ev["id"], "unsubscribed") and await self._off(
+            first_telling, self.ctx, ev["id"], "unsubscribed"
         ):
             self.ctx.emit(ev)  # once per message: a client may POST one-click again
         if one_click:
