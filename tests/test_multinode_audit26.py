@@ -7,6 +7,7 @@ serve`` processes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ import orjson
 import pytest
 from tests._redis_helpers import RedisHold
 from tests._serve_helpers import Served, http, until
+from tests.conftest import free_port, wait_port
 from tests.test_serve_audit17 import TPL
 
 
@@ -140,3 +142,62 @@ def test_clicks_and_unsubscribes_wait_for_a_stalled_redis_off_the_loop(
         node.stop()
         px.close()
 
+
+def test_a_submission_auth_waits_for_a_stalled_redis_off_the_loop(
+    redis_server: Any, tmp_path: Path, certs: Any
+) -> None:
+    """The node's Redis stops answering: an AUTH on the submission port (its
+    failure counts for every node, the familiar-address mark) waits for it in a
+    thread while the node's HTTP listener answers; once Redis answers, a wrong
+    password gets its 535, a right one logs in. Before: the AUTH throttle read and
+    wrote its counts in Redis on the event loop: each AUTH held every listener
+    of the node for the client's timeout (here 60 s), a failure twice."""
+    import aiosmtplib
+
+    cert, key, tls = certs
+    port = free_port()
+    px = RedisHold(redis_server)
+    node = Served(tmp_path, None, spool_url=px.url(node="a", socket_timeout="60"),
+                  extra=f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\n'
+                        f'tls_key = "{key}"\n',
+                  serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+    wait_port("127.0.0.1", port, timeout=60)
+
+    def login(password: str) -> Any:
+        async def go() -> Any:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
+                                   tls_context=tls, timeout=120)  # fmt: skip
+            await smtp.connect()
+            try:
+                return (await smtp.login("acme", password)).code
+            except aiosmtplib.SMTPAuthenticationError as e:
+                return e.code
+            finally:
+                smtp.close()
+
+        return asyncio.run(go())
+
+    got: dict[str, Any] = {}
+    assert login(node.keys["acme"]) == 235  # (the key cached: what is held is the throttle)
+    asks = [
+        threading.Thread(target=lambda: got.update(wrong=login("not the key"))),
+        threading.Thread(target=lambda: got.update(right=login(node.keys["acme"]))),
+    ]
+    try:
+        px.hold()
+        until("the node waiting for Redis", lambda: px.waiting)
+        for t in asks:
+            t.start()
+        for _ in range(3):  # (the loop free while they wait)
+            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=30)
+            assert st == 200 and "paths" in doc
+        assert px.held and not got
+    finally:
+        px.release()
+    try:
+        for t in asks:
+            t.join(120)
+        assert got == {"wrong": 535, "right": 235}, got
+    finally:
+        node.stop()
+        px.close()

@@ -116,8 +116,9 @@ import secrets
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -328,6 +329,9 @@ def _ssl_context(cert: str | None, key: str | None, where: str) -> ssl.SSLContex
 Limits = ListenerLimits
 
 
+_T = TypeVar("_T")
+
+
 class Guard:
     """One listener's connections: caps (global, per peer IP) and a watchdog that ends
     sessions over their timeouts with 421 (a slowloris peer gains nothing)."""
@@ -500,11 +504,39 @@ class AuthThrottle:
             del self.fails[key]
         return len(times)
 
-    def blocked(self, ip: str, user: str, now: float) -> bool:
-        """Whether AUTH from ``ip`` as ``user`` is refused unchecked (see the class)."""
+    async def _off(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` (a step asking the nodes' counts in Redis) in a thread while
+        the shared counts are in use, else here (nothing to wait for). On the loop,
+        a slow or paused Redis held every listener of the node for the client's
+        timeout at each AUTH, twice for a failure."""
+        if not self._shared_up():
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    async def blocked_off(self, ip: str, user: str, now: float) -> bool:
+        """:meth:`blocked`, the nodes' counts read in a thread."""
+        counts = await self._off(self._shared_counts, ip, user)
+        return self.blocked(ip, user, now, counts)
+
+    async def failed_off(self, ip: str, user: str, now: float) -> float:
+        """:meth:`failed`, the nodes' counts moved in a thread."""
+        n = self._failed_here(ip, user, now)
+        return self._backoff(max(n, await self._off(self._failed_shared, ip, user)))
+
+    async def succeeded_off(self, user: str, ip: str) -> None:
+        """:meth:`succeeded`, the nodes' marks written in a thread."""
+        if ip and self._succeeded_here(user, ip, time.monotonic()):
+            await self._off(self._succeeded_shared, user, ip)
+
+    def blocked(self, ip: str, user: str, now: float,
+                counts: tuple[int, int, int, bool] | None = None) -> bool:  # fmt: skip
+        """Whether AUTH from ``ip`` as ``user`` is refused unchecked (see the class);
+        ``counts``: :meth:`_shared_counts`'s, read already."""
         lim = self.limits
         k_ip, k_user, k_both = self._names(ip, user)
-        by_ip, by_user, by_both, known = self._shared_counts(ip, user)
+        if counts is None:
+            counts = self._shared_counts(ip, user)
+        by_ip, by_user, by_both, known = counts
         known = known or self.familiar(ip, user, now)
         by_ip = max(by_ip, self._recent(k_ip, now))
         by_user = max(by_both if known else by_user,
@@ -540,6 +572,14 @@ class AuthThrottle:
 
     def failed(self, ip: str, user: str, now: float) -> float:
         """Record a failure; the back-off (seconds) before answering it."""
+        n = self._failed_here(ip, user, now)
+        return self._backoff(max(n, self._failed_shared(ip, user)))
+
+    def _backoff(self, n: int) -> float:
+        return float(min(self.limits.auth_backoff_max, 0.25 * 2 ** min(n - 1, 16)))
+
+    def _failed_here(self, ip: str, user: str, now: float) -> int:
+        """A failure counted on this node; the larger of its counts (ip, user)."""
         if len(self.fails) > FAILS_KEPT:  # bounded memory under a spray of names
             self._prune(now)
         names = self._names(ip, user)
@@ -547,18 +587,22 @@ class AuthThrottle:
             times = self.fails.pop(key, [])
             times.append(now)
             self.fails[key] = times
-        n = max(self._recent(names[0], now), self._recent(names[1], now))
-        if self._shared_up():
-            try:
-                pipe = self.shared.client.pipeline(transaction=True)
-                for k in self._keys(ip, user):
-                    pipe.incr(k)
-                    pipe.expire(k, max(1, int(self.limits.auth_window)), nx=True)
-                got = pipe.execute()
-                n = max(n, int(got[0]), int(got[2]))
-            except Exception as e:
-                self._shared_down(e)
-        return min(self.limits.auth_backoff_max, 0.25 * 2 ** min(n - 1, 16))
+        return max(self._recent(names[0], now), self._recent(names[1], now))
+
+    def _failed_shared(self, ip: str, user: str) -> int:
+        """A failure counted for every node; the larger of those counts (0: none kept)."""
+        if not self._shared_up():
+            return 0
+        try:
+            pipe = self.shared.client.pipeline(transaction=True)
+            for k in self._keys(ip, user):
+                pipe.incr(k)
+                pipe.expire(k, max(1, int(self.limits.auth_window)), nx=True)
+            got = pipe.execute()
+            return max(int(got[0]), int(got[2]))
+        except Exception as e:
+            self._shared_down(e)
+            return 0
 
     def succeeded(self, user: str, ip: str = "", now: float | None = None) -> None:
         """A good login: ``ip`` a familiar address of the user's, on every node of a
@@ -566,25 +610,31 @@ class AuthThrottle:
         failures are not (before, each login of the application wiped them, and a
         guesser from many addresses got a fresh allowance after each): the one who
         logged in is out of their reach now."""
-        if not ip:
-            return
+        if ip and self._succeeded_here(user, ip, time.monotonic() if now is None else now):
+            self._succeeded_shared(user, ip)
+
+    def _succeeded_here(self, user: str, ip: str, now: float) -> bool:
         both = self._names(ip, user)[2]
         self.fails.pop(both, None)  # (its own typos before: forgotten, as before)
         if len(self.known) > 100_000:  # bounded memory
             self.known.clear()
         seen = self.known.setdefault(user, OrderedDict())
-        seen[ip] = time.monotonic() if now is None else now
+        seen[ip] = now
         seen.move_to_end(ip)
         while len(seen) > KNOWN_PER_USER:
             seen.popitem(last=False)
-        if self._shared_up():
-            try:
-                pipe = self.shared.client.pipeline(transaction=False)
-                pipe.set(self._known_key(ip, user), 1, ex=int(KNOWN_FOR))
-                pipe.delete(self._keys(ip, user)[2])
-                pipe.execute()
-            except Exception as e:
-                self._shared_down(e)
+        return self._shared_up()
+
+    def _succeeded_shared(self, user: str, ip: str) -> None:
+        if not self._shared_up():
+            return
+        try:
+            pipe = self.shared.client.pipeline(transaction=False)
+            pipe.set(self._known_key(ip, user), 1, ex=int(KNOWN_FOR))
+            pipe.delete(self._keys(ip, user)[2])
+            pipe.execute()
+        except Exception as e:
+            self._shared_down(e)
 
 
 @dataclass
@@ -1664,7 +1714,10 @@ class _Connection(ServerConnection):
     async def _auth(self, ev: AuthRequest) -> None:
         throttle: AuthThrottle | None = getattr(self.policy, "throttle", None)
         user = ev.username[:256]
-        if throttle is not None and throttle.blocked(self.peer_ip, user, time.monotonic()):
+        if throttle is not None and await throttle.blocked_off(self.peer_ip, user,
+                                                               time.monotonic()):  # fmt: skip
+            if self.transport is None:
+                return
             self.proto.reply(454, "4.7.0", "Too many failed authentications, try again later")
             self._waiting = False
             self._flush()
@@ -1694,7 +1747,9 @@ class _Connection(ServerConnection):
             return
         if tenant is not None:
             if throttle is not None:
-                throttle.succeeded(user, self.peer_ip)
+                await throttle.succeeded_off(user, self.peer_ip)
+                if self.transport is None:
+                    return
             self.tenant = tenant
             stored = getattr(self.policy, "cfg", None)
             users = getattr(stored, "users", {})
@@ -1702,7 +1757,8 @@ class _Connection(ServerConnection):
             self.proto.accept()
         else:
             if throttle is not None:
-                await asyncio.sleep(throttle.failed(self.peer_ip, user, time.monotonic()))
+                await asyncio.sleep(await throttle.failed_off(self.peer_ip, user,
+                                                              time.monotonic()))  # fmt: skip
                 if self.transport is None:
                     return
             self.auth_failures += 1
