@@ -10,6 +10,7 @@ import contextlib
 import secrets
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,7 +55,9 @@ class RedisHold:
     ``url()`` reaches the Redis through it; ``hold()`` keeps what the node sends
     from reaching the Redis (a Redis that stalls: a long script, a fork, a
     network pause) until ``release()``; ``waiting`` counts the connections with
-    a request held (the node is waiting for its answer)."""
+    a request held (the node is waiting for its answer). ``slow(s)``: each
+    request reaches the Redis ``s`` seconds late instead (a Redis that answers,
+    slowly: its calls return, each after a while)."""
 
     def __init__(self, server: RedisServer) -> None:
         import socket
@@ -65,6 +68,7 @@ class RedisHold:
         self.port = int(self.lsock.getsockname()[1])
         self.lock = threading.Condition()
         self.held = False
+        self.delay = 0.0
         self.waiting: set[int] = set()
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -81,7 +85,12 @@ class RedisHold:
     def release(self) -> None:
         with self.lock:
             self.held = False
+            self.delay = 0.0
             self.lock.notify_all()
+
+    def slow(self, seconds: float) -> None:
+        with self.lock:
+            self.delay = seconds
 
     def close(self) -> None:
         self.release()
@@ -115,6 +124,9 @@ class RedisHold:
                         while self.held:
                             self.lock.wait()
                         self.waiting.discard(id(src))
+                        delay = self.delay
+                    if delay:
+                        time.sleep(delay)
                 dst.sendall(data)
         except OSError:
             pass

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,51 @@ def test_a_submission_auth_waits_for_a_stalled_redis_off_the_loop(
         for t in asks:
             t.join(120)
         assert got == {"wrong": 535, "right": 235}, got
+    finally:
+        node.stop()
+        px.close()
+
+
+
+def test_campaign_routes_ask_a_slow_redis_off_the_loop(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """The node's Redis answers slowly (each request 8 s late): reading a
+    campaign and the list wait for it in threads
+    while the node's listener answers at once; they are answered as ever. Before:
+    their spool calls ran on the event loop (after the shared request rate, read in
+    a thread), so each held every listener of the node for as long as Redis took,
+    per call (a campaign's view: two calls)."""
+    px = RedisHold(redis_server)
+    node = Served(tmp_path, None, spool_url=px.url(node="a", socket_timeout="60"),
+                  extra="[analytics]\nenabled = false\n",  # (its flush: on the loop, left)
+                  serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+    got: dict[str, Any] = {}
+    rows = [{"email": f"r{i}@example.org", "name": f"R{i}"} for i in range(3)]
+    st, made = node.req("POST", "/v1/campaigns", {"name": "k", "template": TPL,
+                                                  "recipients": rows})  # fmt: skip
+    assert st in (200, 201, 202), made
+    cid = made["id"]
+    asks = [
+        threading.Thread(target=lambda: got.update(list=node.req("GET", "/v1/campaigns"))),
+        threading.Thread(target=lambda: got.update(one=node.req("GET", f"/v1/campaigns/{cid}"))),
+    ]  # fmt: skip
+    try:
+        assert node.req("GET", f"/v1/campaigns/{cid}")[0] == 200  # (the key cached)
+        px.slow(8.0)
+        for t in asks:
+            t.start()
+        while any(t.is_alive() for t in asks):  # (the loop free while they wait)
+            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=6)
+            assert st == 200 and "paths" in doc
+            time.sleep(0.5)
+    finally:
+        px.release()
+    try:
+        for t in asks:
+            t.join(120)
+        assert {k: v[0] for k, v in got.items()} == {"list": 200, "one": 200}, got
+        assert got["one"][1]["counts"]["queued"] == 3, got
     finally:
         node.stop()
         px.close()

@@ -217,6 +217,15 @@ async def off_loop(size: int, fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
+async def spool_call(ctx: Any, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` (a spool call), in a thread on a shared spool: on the loop a
+    slow or paused Redis held every listener of the node for the client's timeout
+    (5 s by default, per call). A local spool's are answered here (SQLite, fast)."""
+    if getattr(ctx, "shared", None) is not None:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
 def decode_body(body: bytes, typ: type[Any]) -> Any:
     """JSON -> ``typ`` (a msgspec Struct), or a 400 naming the field."""
     if not body.strip():

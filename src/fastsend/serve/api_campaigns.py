@@ -67,6 +67,7 @@ from fastsend.serve.api import (
     read_body,
     require_tenant,
     server_dkim,
+    spool_call,
     tenant_of,
     tenant_template,
 )
@@ -162,11 +163,11 @@ class SuppressIn(msgspec.Struct, forbid_unknown_fields=True):
     expires_in: float | None = None
 
 
-def _own_campaign(request: web.Request) -> Any:
+async def _own_campaign(request: web.Request) -> Any:
     api = api_of(request)
     cid = int_param(request.match_info["id"], "id")
     missing = ApiError(404, f"no campaign {cid}")
-    info = api.ctx.spool.get_campaign(cid)
+    info = await spool_call(api.ctx, api.ctx.spool.get_campaign, cid)
     if info is None or info.status in HIDDEN:
         raise missing
     require_tenant(request, info.tenant, missing)
@@ -206,8 +207,8 @@ def _options(api: Any, body: CampaignIn, tenant: str) -> dict[str, Any]:
     return options
 
 
-def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
-    counts = api.ctx.spool.counts(info.id)
+async def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
+    counts = await spool_call(api.ctx, api.ctx.spool.counts, info.id)
     total = sum(counts.values())
     done = sum(counts[s] for s in ("delivered", "bounced", "suppressed", "expired", "cancelled"))
     view: dict[str, Any] = {
@@ -224,7 +225,7 @@ def _campaign_view(api: Any, info: Any) -> dict[str, Any]:
     for opt in ("pool", "max_rate", PRIORITY, WEIGHT, KEEP_DUPLICATES):  # its own, if set
         if opt in (info.options or {}):
             view[opt] = info.options[opt]
-    spooling = api.ctx.uploads.progress(info.id)
+    spooling = await spool_call(api.ctx, api.ctx.uploads.progress, info.id)
     if spooling:  # lists still being accepted ("spooling: X of Y rows")
         view["spooling"] = spooling
     return view
@@ -601,7 +602,7 @@ GUARDRAIL = "guardrail:"  # the reason of a guardrails' pause (shaping.guardrail
 
 
 async def add_recipients(request: web.Request) -> web.Response:
-    info = _own_campaign(request)
+    info = await _own_campaign(request)
     if info.spec.get("kind") == "transactional":
         raise bad("id: a transactional campaign takes messages, not recipient lists", "id")
     if info.status == "cancelled":
@@ -786,7 +787,7 @@ async def _upload(
 
 
 async def get_campaign(request: web.Request) -> web.Response:
-    return json_response(_campaign_view(api_of(request), _own_campaign(request)))
+    return json_response(await _campaign_view(api_of(request), await _own_campaign(request)))
 
 
 LIST_LIMIT = 100  # campaigns per page of GET /v1/campaigns (at most MAX_LIST)
@@ -800,7 +801,8 @@ async def list_campaigns(request: web.Request) -> web.Response:
     limit = int_param(request.query.get("limit", str(LIST_LIMIT)), "limit", MAX_LIST)
     cursor = request.query.get("cursor")
     after = int_param(cursor, "cursor") if cursor else 0
-    page = api.ctx.spool.campaigns(tenant_of(request), after=after, limit=limit + 1)
+    page = await spool_call(api.ctx, functools.partial(
+        api.ctx.spool.campaigns, tenant_of(request), after=after, limit=limit + 1))  # fmt: skip
     more = len(page) > limit
     page = page[:limit]
     out = [
@@ -814,7 +816,7 @@ async def list_campaigns(request: web.Request) -> web.Response:
 
 async def set_status(request: web.Request) -> web.Response:
     api = api_of(request)
-    info = _own_campaign(request)
+    info = await _own_campaign(request)
     action = request.match_info["action"]
     status = {"pause": "paused", "resume": "active", "cancel": "cancelled"}[action]
     if info.status == "cancelled" and status != "cancelled":
@@ -832,7 +834,7 @@ async def set_status(request: web.Request) -> web.Response:
             409, f"campaign {info.id} was paused by the guardrails ({info.reason}); the"
             " operator resumes it (fastsend campaign resume, or an admin key)",
         )  # fmt: skip
-    api.ctx.spool.set_campaign_status(info.id, status)
+    await spool_call(api.ctx, api.ctx.spool.set_campaign_status, info.id, status)
     api.ctx.emit(
         {"event": f"campaign_{status}", "campaign": info.id, "tenant": info.tenant,
          "source": "api"}
@@ -840,7 +842,7 @@ async def set_status(request: web.Request) -> web.Response:
     if status == "active" and api.ctx.supervisor is not None:
         api.ctx.supervisor.wake.set()
     info.status = status
-    return json_response(_campaign_view(api, info))
+    return json_response(await _campaign_view(api, info))
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -61,6 +61,7 @@ from fastsend.serve.api import (
     read_body,
     require_tenant,
     server_dkim,
+    spool_call,
     tenant_of,
     tenant_template,
     unavailable,
@@ -494,12 +495,13 @@ class MessagesHandler:
         api = api_of(request)
         mid = int_param(request.match_info["id"], "id")
         missing = ApiError(404, f"no message {mid}")
-        row = api.ctx.spool.message(mid)
+        row = await spool_call(api.ctx, api.ctx.spool.message, mid)
         if row is None:
             raise missing
-        require_tenant(request, api.ctx.campaign_tenant(row["campaign"]), missing)
+        owner = await spool_call(api.ctx, api.ctx.campaign_tenant, row["campaign"])
+        require_tenant(request, owner, missing)
         if row["state"] in ("queued", "cancelled", "suppressed"):  # (a staging campaign's)
-            info = api.ctx.spool.get_campaign(row["campaign"])
+            info = await spool_call(api.ctx, api.ctx.spool.get_campaign, row["campaign"])
             if info is None or info.status in (STAGING, ABANDONED):
                 raise missing  # a campaign still being made, or given up: never shown
         tags, metadata = api.index.meta(mid)
