@@ -208,12 +208,12 @@ def test_a_submission_auth_waits_for_a_stalled_redis_off_the_loop(
 def test_campaign_routes_ask_a_slow_redis_off_the_loop(
     redis_server: Any, tmp_path: Path
 ) -> None:
-    """The node's Redis answers slowly (each request 8 s late): reading a
+    """The node's Redis answers slowly (each request 4 s late): reading a
     campaign and the list wait for it in threads
     while the node's listener answers at once; they are answered as ever. Before:
     their spool calls ran on the event loop (after the shared request rate, read in
     a thread), so each held every listener of the node for as long as Redis took,
-    per call (a campaign's view: two calls)."""
+    per call (a campaign's view: three calls, 12 s)."""
     px = RedisHold(redis_server)
     node = Served(tmp_path, None, spool_url=px.url(node="a", socket_timeout="60"),
                   extra="[analytics]\nenabled = false\n",  # (its flush: on the loop, left)
@@ -225,12 +225,14 @@ def test_campaign_routes_ask_a_slow_redis_off_the_loop(
     assert st in (200, 201, 202), made
     cid = made["id"]
     asks = [
-        threading.Thread(target=lambda: got.update(list=node.req("GET", "/v1/campaigns"))),
-        threading.Thread(target=lambda: got.update(one=node.req("GET", f"/v1/campaigns/{cid}"))),
+        threading.Thread(target=lambda: got.update(
+            list=node.req("GET", "/v1/campaigns", timeout=120))),
+        threading.Thread(target=lambda: got.update(
+            one=node.req("GET", f"/v1/campaigns/{cid}", timeout=120))),
     ]  # fmt: skip
     try:
         assert node.req("GET", f"/v1/campaigns/{cid}")[0] == 200  # (the key cached)
-        px.slow(8.0)
+        px.slow(4.0)
         for t in asks:
             t.start()
         while any(t.is_alive() for t in asks):  # (the loop free while they wait)
