@@ -352,3 +352,24 @@ def test_free_pages_go_back_to_the_kernel(make_ring: Callable[[int], Any]) -> No
         assert r.get() == records[i % 7]
     grown = me.memory_full_info().uss - base
     assert grown < 12 << 20, f"ring kept {grown >> 20} MB resident"
+
+
+def test_write_log_keeps_the_last_ids_and_says_from_where() -> None:
+    """fastsend.ring.WriteLog: ids noted (ints, lists of them) are read back by
+    another process (shared memory made before fork); past its capacity the
+    oldest go, and ``written`` says from which count all are kept."""
+    from fastsend.ring import WriteLog
+
+    log = WriteLog(8)
+    log.mark(1)
+    log.mark([2, 3])
+    pid = os.fork()
+    if pid == 0:
+        log.mark(4)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert log.count == 4 and log.written() == ({1, 2, 3, 4}, 0)
+    for i in range(5, 12):
+        log.mark(i)
+    assert log.written() == (set(range(4, 12)), 3)
+    log.close()

@@ -944,3 +944,35 @@ def test_a_421_to_the_data_command_is_a_session_refusal_with_nothing_sent(
         assert [(o.kind, o.code, o.stage) for o in res.outcomes] == [
             ("deferred", int(reply[:3]), stage)
         ], reply
+
+
+def test_on_body_names_each_message_as_its_bytes_are_queued_never_before() -> None:
+    """A worker's write log (fastsend.ring.WriteLog) hears of a message when its
+    body is queued to be written: DATA's 354 (PIPELINING or not), BDAT LAST with
+    the transaction; never one waiting on MAIL/RCPT/DATA replies, refused at
+    RCPT, or queued behind (what a worker killed -9 then gives back unattempted)."""
+    seen: list[object] = []
+    c = ready()
+    c.on_body = seen.append
+    c.send_envelopes([env("a@example.com", tag=1), env("b@example.com", tag=2),
+                      env("c@example.com", tag=[3, 4])])  # fmt: skip
+    assert seen == []  # MAIL, RCPT, DATA of the first: no reply yet
+    c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert seen == [1] and c.data_to_send().startswith(b"hello\r\n.\r\nMAIL FROM:")
+    c.receive_data(b"250 2.0.0 queued\r\n250 ok\r\n550 5.1.1 no such user\r\n554 no rcpt\r\n")
+    assert seen == [1]  # the second refused at RCPT: no body written
+    c.receive_data(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert seen == [1, [3, 4]]
+    plain = ready(("ENHANCEDSTATUSCODES",))
+    plain.on_body = seen.append
+    plain.send_envelopes([env("d@example.com", tag=5)])
+    plain.receive_data(b"250 ok\r\n")
+    plain.receive_data(b"250 ok\r\n")
+    assert seen[-1] == [3, 4]
+    plain.receive_data(b"354 go\r\n")
+    assert seen[-1] == 5
+    bdat = ready(BDAT)
+    bdat.on_body = seen.append
+    seen.clear()
+    wire = bdat.send_envelopes([env(f"r{i}@example.com", tag=i) for i in range(cl.BDAT_WINDOW + 2)])
+    assert seen == list(range(cl.BDAT_WINDOW)) and wire.count(b"BDAT 7 LAST") == cl.BDAT_WINDOW

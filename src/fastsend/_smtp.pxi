@@ -481,6 +481,7 @@ cdef class ClientCore:
     cdef public Py_ssize_t _active, _bdat_bytes
     cdef public list _out, _events, _auth
     cdef public object _cram
+    cdef public object on_body  # (client.py: a worker's write log, fastsend.ring.WriteLog)
     cdef object _from
     cdef bint _from_bad, _from_utf8
     cdef bytes _from_line
@@ -949,6 +950,8 @@ cdef class ClientCore:
                     out.append(self._rcpt_line(txn, i))
                     self._push(_K_RCPT, txn, i)
             self._bdat_bytes += len(data)
+            if self.on_body is not None:
+                self.on_body(txn.tag)
             out.append(b"BDAT %d LAST\r\n" % len(data))
             out.append(data)
             self._push(_K_BDAT, txn, 0)
@@ -1183,6 +1186,8 @@ cdef class ClientCore:
                     tail = <bytes>wire[k] if n == k + 1 else b"".join(wire[k:])
                     PyList_SetSlice(wire, k, n, NULL)  # (del wire[k:], no slice object)
             if txn.accepted and txn.mail_fail is None:
+                if self.on_body is not None:
+                    self.on_body(txn.tag)
                 wire.append(_dot_end(txn, tail))
             else:
                 txn.dummy = True

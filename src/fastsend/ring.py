@@ -98,7 +98,7 @@ from typing import TYPE_CHECKING, Final
 
 from fastsend._accel import pick
 
-__all__ = ["HEADER_BYTES", "MAGIC", "PyRing", "Ring"]
+__all__ = ["HEADER_BYTES", "MAGIC", "WRITE_LOG_IDS", "PyRing", "Ring", "WriteLog"]
 
 HEADER_BYTES: Final = 256
 RELEASE_EVERY: Final = 4 << 20  # bytes produced between releases of free pages
@@ -106,6 +106,7 @@ RELEASE_SLACK: Final = 1 << 20  # free space right after head kept resident (wri
 MAGIC: Final = 0x3130474E49525346  # b"FSRING01" read as a native little-endian u64
 MIN_CAPACITY: Final = 64
 MAX_CAPACITY: Final = 1 << 40
+WRITE_LOG_IDS: Final = 1 << 18  # ids a WriteLog keeps (2 MiB): the last ones written
 
 # Indices of u64 words in the header.
 _W_MAGIC: Final = 0
@@ -426,6 +427,70 @@ class Ring:
     def _check(self) -> None:
         if self._closed:
             raise ValueError("ring is closed")
+
+
+class WriteLog:
+    """The ids of the messages a worker has begun to write to a receiver, in
+    memory shared with its supervisor (``mmap(MAP_SHARED | MAP_ANONYMOUS)``,
+    made before ``fork()``): the worker notes each one (:meth:`mark`) before
+    its bytes go out (a DATA's 354 answered, a BDAT LAST, a provider's
+    request), so a worker killed -9 leaves, for the supervisor, what may have
+    reached a receiver (an attempt of unknown outcome) apart from what no
+    receiver was sent (given back with no attempt).
+
+    Layout: i64 count of ids ever noted, then ``capacity`` i64 slots, the id
+    noted as the n-th (from 0) at slot ``n % capacity``: the last
+    ``capacity`` are kept. One writer (the worker); the supervisor reads it
+    once the worker is dead (:meth:`written`), and reads :attr:`count` as it
+    hands mail over (an id handed at count h was written, if at all, at a
+    count >= h: kept when h >= count - capacity)."""
+
+    def __init__(self, capacity: int = WRITE_LOG_IDS) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, not {capacity}")
+        self.capacity = capacity
+        self._mem = mmap.mmap(-1, 8 * (capacity + 1), flags=mmap.MAP_SHARED)
+        self._v = memoryview(self._mem).cast("q")
+
+    @property
+    def count(self) -> int:
+        """Ids noted so far (written)."""
+        return int(self._v[0])
+
+    def mark(self, tag: object) -> None:
+        """Note the id(s) of an envelope's ``tag`` (an int, or a list of them: a
+        grouped envelope) as written; the slot first, then the count."""
+        v, cap = self._v, self.capacity
+        n = v[0]
+        if type(tag) is int:
+            v[1 + n % cap] = tag
+            v[0] = n + 1
+            return
+        if isinstance(tag, list):
+            for t in tag:
+                if isinstance(t, int):
+                    v[1 + n % cap] = t
+                    n += 1
+            v[0] = n
+
+    def written(self) -> tuple[set[int], int]:
+        """(the ids kept, the count from which they are all kept): every id noted
+        at a count >= the second is in the first."""
+        v, cap = self._v, self.capacity
+        n = int(v[0])
+        if n <= cap:
+            return set(v[1 : 1 + n]), 0
+        return set(v[1:]), n - cap  # (every slot holds one of the last cap)
+
+    def close(self) -> None:
+        self._v.release()
+        self._mem.close()
+
+
+WRITES: WriteLog | None = None
+"""This worker's write log (set in the forked worker: ``run_worker``); None
+elsewhere (tests, a supervisor). The SMTP client and the provider transports
+note what they write in it."""
 
 
 PyRing: Final = Ring

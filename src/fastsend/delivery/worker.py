@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from fastsend import msgid, wire
+from fastsend import msgid, ring, wire
 from fastsend._accel import pick
 from fastsend.bounce.reply import classify_reply
 from fastsend.config import Config
@@ -47,7 +47,7 @@ from fastsend.message.headers import HeaderError
 from fastsend.message.rawmime import utf8_header
 from fastsend.outcome import DELIVERED, FAILED, Envelope, Outcome, TxnResult, dsn_params
 from fastsend.procs import _prctl, _py_set_pdeathsig, die_with_parent, set_pdeathsig
-from fastsend.ring import Ring
+from fastsend.ring import Ring, WriteLog
 from fastsend.shaping.lanes import Shaper
 from fastsend.smtp import transport
 from fastsend.transports.slots import Slots
@@ -1535,10 +1535,18 @@ def prepare(config: Config) -> None:
 
 
 def run_worker(
-    index: int, config: Config, ips: list[str], inbox: Ring, outbox: Ring, parent: int = 0
+    index: int,
+    config: Config,
+    ips: list[str],
+    inbox: Ring,
+    outbox: Ring,
+    parent: int = 0,
+    writes: WriteLog | None = None,
 ) -> int:
     """Entry point in the forked child (``parent``: the supervisor's pid, read
-    before the fork). Creates its own uvloop loop."""
+    before the fork; ``writes``: where it notes each message it begins to
+    write, fastsend.ring.WriteLog). Creates its own uvloop loop."""
+    ring.WRITES = writes
     die_with_parent(parent or os.getppid())
     close_listeners()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C

@@ -16,6 +16,7 @@ from typing import Any
 from fastsend import wire
 from fastsend._accel import pick
 from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot
+from fastsend.ring import WriteLog
 from fastsend.shaping.pools import PoolRoutes
 from fastsend.spool import SUPPRESSED, Claimed, Result
 
@@ -129,6 +130,8 @@ class Dispatch(SupervisorState):
         groups: dict[tuple[int, str], list[Claimed]] = {}
         group_claims(claimed, slot.inflight, groups)
         self.window_campaigns.update([key[0] for key in groups])  # (per group, not per claim)
+        if slot.writes is not None:
+            note_handed(slot, slot.writes, claimed)
         if asked and self.pace_feed:  # the room this window still has open
             self.note_room(slot, slot.room)
         mine, held = groups, slot.held
@@ -948,6 +951,30 @@ def group_claims(
     for c in claimed:
         inflight[c.id] = c
         groups.setdefault((c.campaign, c.domain), []).append(c)
+
+
+HANDED_KEPT = 10_000  # hand-overs a slot remembers (older ones: see note_handed)
+
+
+def note_handed(slot: WorkerSlot, writes: WriteLog, claimed: list[Claimed]) -> None:
+    """Remember that ``claimed`` went to ``slot``'s worker when its write log
+    had the ids it has now: if the worker dies, one of them not in its log
+    since was never written (no attempt). Forgotten: hand-overs the log no
+    longer covers (more than its capacity of ids written since), the oldest
+    past HANDED_KEPT, and the oldest once none of its ids is in the window;
+    an id of a forgotten hand-over still in flight counts unknown, as all
+    did before."""
+    handed = slot.handed
+    count = writes.count
+    handed.append((count, [c.id for c in claimed]))
+    low = count - writes.capacity
+    inflight = slot.inflight
+    while handed and (
+        handed[0][0] < low
+        or len(handed) > HANDED_KEPT
+        or not any(i in inflight for i in handed[0][1])
+    ):
+        handed.popleft()
 
 
 def blob_digests(items: list[Claimed]) -> set[str]:

@@ -18,12 +18,13 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 
 from fastsend import msgid, wire
 from fastsend.config import Config
 from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot, answered_in_window
-from fastsend.ring import Ring
+from fastsend.ring import Ring, WriteLog
 
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
 CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
@@ -125,6 +126,7 @@ class WorkerLifecycle(SupervisorState):
 
         prepare(self.config)  # imports and keys the workers share (done once, cached)
         slot.inbox, slot.outbox = Ring(RING_BYTES), Ring(RING_BYTES)
+        slot.writes, slot.handed = WriteLog(), deque()
         # An empty get() arms the consumer's waiting flag, so the worker's first
         # put signals our eventfd (the ring signals only a consumer that waits).
         slot.outbox.get()
@@ -144,7 +146,8 @@ class WorkerLifecycle(SupervisorState):
             code = 1
             try:
                 code = run_worker(
-                    slot.index, self.config, slot.ips, slot.inbox, slot.outbox, parent
+                    slot.index, self.config, slot.ips, slot.inbox, slot.outbox, parent,
+                    slot.writes,
                 )
             except BaseException:
                 import traceback
@@ -261,6 +264,9 @@ class WorkerLifecycle(SupervisorState):
             if ring is not None:
                 ring.close()
         slot.inbox = slot.outbox = None
+        if slot.writes is not None:
+            slot.writes.close()
+        slot.writes, slot.handed = None, deque()
 
     async def reload(self, config: Config) -> None:
         """Swap in a new config (routes, shaping, ...) and replace the workers
@@ -365,6 +371,8 @@ class WorkerLifecycle(SupervisorState):
             answered_before=slot.answered_before,
             answered_n=slot.answered_n,
             stop_at=time.monotonic() + self.config.delivery.drain_limit,
+            writes=slot.writes,
+            handed=slot.handed,
         )
         held = [c.id for items in slot.held.values() for c in items]
         for i in held:
@@ -379,6 +387,7 @@ class WorkerLifecycle(SupervisorState):
         slot.inflight, slot.campaigns, slot.backlog = {}, set(), []
         slot.held, slot.unwritten, slot.withdrawn = {}, 0, set()
         slot.answered, slot.answered_before, slot.answered_n = [], [], 0
+        slot.writes, slot.handed = None, deque()
         slot.drain_sent = False
         self.retired.append(old)
         if held:

@@ -219,11 +219,15 @@ class Outcomes(SupervisorState):
             self.hook_failed(guardrails.count_delivered)
 
     def unknown_outcomes(self, slot: WorkerSlot, ids: list[int], text: str) -> None:
-        """A worker died with ``ids`` in its window. Those it was handed (not
-        rate-held in the supervisor, not in its backlog) may have been sent: each
+        """A worker died with ``ids`` in its window. Those it had begun to write
+        to a receiver (its write log, ``WorkerSlot.writes``: a DATA's 354
+        answered, a BDAT LAST, a provider's request) may have been taken: each
         is an attempt of unknown outcome (counted, a deferred event saying so,
         the backoff of later retries counting it) due again at once; the rest
-        stay in the window for ``retire`` to release unattempted."""
+        (rate-held in the supervisor, in its backlog, or handed over and never
+        written since: ``handed``) stay in the window for ``retire`` to
+        release unattempted. One handed over so long ago that the log may
+        have lost its write counts unknown, as every one did before."""
         unsent = {c.id for items in slot.held.values() for c in items}
         decode = wire.to_worker_decoder.decode
         for rec in slot.backlog:
@@ -231,6 +235,11 @@ class Outcomes(SupervisorState):
                 msg = decode(rec)
                 if isinstance(msg, wire.Batch):
                     unsent.update(item.id for item in msg.items)
+        if slot.writes is not None:
+            written, low = slot.writes.written()
+            for count, got in slot.handed:
+                if count >= low:  # every write since is in the log
+                    unsent.update(i for i in got if i not in written)
         now = time.time()
         policy = self.config.retry
         log_events = self.events.path is not None or bool(self.events.listeners)

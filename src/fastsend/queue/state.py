@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from fastsend import wire
 from fastsend.config import Config
 from fastsend.events import EventLog
 from fastsend.queue.shaping import SupervisorShaping
-from fastsend.ring import Ring
+from fastsend.ring import Ring, WriteLog
 from fastsend.shaping.pools import PoolRoutes
 from fastsend.spool import Claimed, Result, Spool
 from fastsend.suppression import SuppressionList
@@ -85,6 +85,11 @@ class WorkerSlot(msgspec.Struct):
     build_cost: float = 0.0
     # Ids in flight the worker was asked to hand back (wire.Withdraw): suppressed since.
     withdrawn: set[int] = msgspec.field(default_factory=set)
+    # What its worker has begun to write to a receiver (shared memory, made with
+    # its rings), and each hand-over (``hand``) as (the log's count then, ids):
+    # a worker killed -9 counts unknown only what it wrote (unknown_outcomes).
+    writes: WriteLog | None = None
+    handed: deque[tuple[int, list[int]]] = msgspec.field(default_factory=deque)
 
     @property
     def room(self) -> int:

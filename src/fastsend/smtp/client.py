@@ -221,6 +221,11 @@ class ClientCore:
         # The last reply to a message's end and what it made (Outcome, queue id).
         self._dot_reply: Reply | None = None
         self._dot_result: tuple[Outcome, str] = (Outcome(DEFERRED), "")
+        # Called with an envelope's tag as its message is queued to be written
+        # (DATA's 354, BDAT LAST), before any of it goes out: a worker notes it
+        # in its write log (fastsend.ring.WriteLog: a kill -9 then counts only
+        # those an attempt of unknown outcome).
+        self.on_body: Callable[[object], None] | None = None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -461,6 +466,8 @@ class ClientCore:
                     out.append(self._rcpt_line(txn, i))
                     pending.append((_RCPT, txn, i))
             self._bdat_bytes += len(data)
+            if self.on_body is not None:
+                self.on_body(txn.env.tag)
             out.append(b"BDAT %d LAST\r\n" % len(data))
             out.append(data)
             pending.append((_BDAT, txn, 0))
@@ -650,6 +657,8 @@ class ClientCore:
                     tail = wire[k] if len(wire) == k + 1 else b"".join(wire[k:])
                     del wire[k:]
             if txn.accepted and txn.mail_fail is None:
+                if self.on_body is not None:
+                    self.on_body(txn.env.tag)
                 wire.append(dot_stuff(txn.data, tail))  # type: ignore[arg-type]
             else:  # a server that says 354 with no recipient: end it empty
                 txn.dummy = True

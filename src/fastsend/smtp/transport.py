@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
+from fastsend import ring
 from fastsend._accel import pick
 from fastsend.hostname import address_literal
 from fastsend.outcome import DEFERRED, Envelope, Outcome, TxnResult
@@ -652,6 +653,8 @@ async def _connect(
         # "" (no name known): the connection's own address, as a literal (RFC 5321 4.1.4)
         helo = opts.helo_name or address_literal(sock.getsockname()[0])
         client = SMTPClient(helo, mx, chunking=opts.chunking)
+        if ring.WRITES is not None:  # a worker: notes each message it begins to write
+            client.on_body = ring.WRITES.mark
     except BaseException:
         sock.close()  # a bad EHLO name is our error: do not leak the socket
         raise

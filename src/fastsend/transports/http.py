@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
+from fastsend import ring
 from fastsend.config.transports import TransportSpec
 from fastsend.outcome import DEFERRED, DELIVERED, FAILED, Envelope, Outcome, TxnResult
 from fastsend.throttle import Gcra
@@ -867,6 +868,10 @@ class ProviderQueue:
 
     async def _request(self, envs: list[Envelope], place: int = -1) -> None:
         started = time.monotonic()
+        writes = ring.WRITES
+        if writes is not None:  # a worker: the request may reach the provider from here on
+            for e in envs:
+                writes.mark(e.tag)
         try:
             try:
                 ans = await self.transport.send(self.session(), envs)
