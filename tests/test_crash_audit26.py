@@ -9,6 +9,10 @@ command, fastsend's own sink and its log, the event log.
   (a DATA's 354 answered, a BDAT LAST, a provider's request) in memory shared
   with the supervisor (``fastsend.ring.WriteLog``) before the bytes go out;
   only those count unknown, the rest go back with no attempt.
+- Providers: a grouped request refused whole for one recipient goes again in
+  halves (``HTTPTransport.bisect``); a half the provider throttled (429) was
+  answered deferred, an attempt each and its backoff, where a throttled request
+  is none: its recipients now wait in the lane as any throttled request's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from tests._engine_helpers import (
     write_campaign,
     write_recipients,
 )
+from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
+from tests.test_transports_http import SAME, events, send
 
 from fastsend.sink import SinkProcess
 
@@ -101,3 +107,29 @@ def test_a_worker_killed_mid_send_counts_unknown_only_what_it_had_written(
     assert s["attempts"] == n + len(unknown), (s, len(unknown))
     twice = {a for a, k in got.items() if k > 1}
     assert twice <= set(unknown), sorted(twice - set(unknown))[:10]
+
+
+def test_a_throttled_half_of_a_split_provider_request_costs_no_attempt(tmp_path: Path) -> None:
+    """Mailgun refuses 50 identical recipients (one request) whole for one bad
+    address; the first half sent again, without that one, is throttled (429):
+    those recipients wait in the lane, no attempt, and are delivered once
+    each; only the refused one bounces. Before, the throttled half was
+    answered deferred (an attempt each: ``deferrals`` 25)."""
+    camp = tmp_path / "c.toml"
+    camp.write_text(SAME)
+    group = [f"g{i}@example.net" for i in range(49)]
+    rcpts = write_recipients(tmp_path, [*group[:40], "reject-9@example.net", *group[40:]])
+    rec = Recorder(throttle_first=1)
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com")) as app:
+        cfg = (
+            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{app.url}"\n'
+            'domain = "mg.sender.example.com"\n[routes]\n"*" = "mg"\n'
+        )
+        proc = send(tmp_path, camp, rcpts, cfg, {"FASTSEND_MG_API_KEY": "mg-key"},
+                    "--max-wait", "10", "--no-dkim", "--workers", "1")  # fmt: skip
+    s = summary(proc)
+    assert rec.throttled == 1
+    assert s["delivered"] == 49 and s["bounced"] == 1, (s, proc.stderr[-2000:])
+    assert s["deferrals"] == 0 and s["attempts"] == 50, s
+    assert dict(rec.recipients) == {r: 1 for r in group}
+    assert not [e for e in events(tmp_path) if e["event"] == "deferred"]

@@ -151,6 +151,15 @@ def answered(envs: list[Envelope], out: Outcome) -> list[TxnResult]:
     return [TxnResult(e.tag, [out] * len(e.rcpts)) for e in envs]
 
 
+class ThrottledPart(Outcome, frozen=True, gc=False, array_like=True):
+    """A recipient of a split request (:meth:`HTTPTransport.subset`) whose part
+    the provider throttled: nothing of it was sent. ``ProviderQueue`` holds it
+    as any throttled request's (no attempt); elsewhere it reads as a deferral."""
+
+    retry_after: float = 0.0
+    status: int = 429
+
+
 def deferred(
     label: str, text: str, code: int = 451, enhanced: str = "4.3.0", stage: str = "http"
 ) -> Outcome:
@@ -487,8 +496,10 @@ class HTTPTransport:
             ans = await self.send(session, [e for _n, _ks, e in g])
             for j, (n, ks, _e) in enumerate(g):
                 if isinstance(ans, Throttled):  # nothing sent: later, as any throttled request
-                    text = f"HTTP {ans.status} {ans.what}: {ans.text}"
-                    got = [deferred(self.label, text)] * len(ks)
+                    text = f"{self.label}: HTTP {ans.status} {ans.what}: {ans.text}"[:400]
+                    held = ThrottledPart(DEFERRED, 451, "4.3.0", text, "http", self.label,
+                                         ans.retry_after, ans.status)  # fmt: skip
+                    got: list[Outcome] = [held] * len(ks)
                 else:
                     got = list(ans[j].outcomes)
                     got += got[-1:] * (len(ks) - len(got))
@@ -870,8 +881,8 @@ class ProviderQueue:
         started = time.monotonic()
         writes = ring.WRITES
         if writes is not None:  # a worker: the request may reach the provider from here on
-            for e in envs:
-                writes.mark(e.tag)
+            for sent in envs:
+                writes.mark(sent.tag)
         try:
             try:
                 ans = await self.transport.send(self.session(), envs)
@@ -902,13 +913,22 @@ class ProviderQueue:
             self.failing = False
             self._throttled(envs, ans, started)
         else:
+            # A split request (bisect) with a part throttled: that part waits as
+            # a throttled request's, no attempt (before: deferred, an attempt each).
+            ans, held, t = throttled_parts(envs, ans)
+            campaigns = [self.campaign_of.get(_key(env), 0) for env in envs]
             self.failing = unconnected = _unconnected(ans)
             self._succeeded(ans)
             for env in envs:
                 self.campaign_of.pop(_key(env), None)
                 self.throttles.pop(_key(env), None)
             self.count("provider_requests")
-            self.report(ans, "", self.transport.label)
+            if ans:
+                self.report(ans, "", self.transport.label)
+            if held and t is not None:
+                for n, env in held:
+                    self.campaign_of[_key(env)] = campaigns[n]
+                self._throttled([env for _n, env in held], t, started)
             if unconnected and not self.nconn:
                 self._unreachable(ans[0].outcomes[0])
             elif _refused_us(ans):
@@ -1056,6 +1076,44 @@ class ProviderQueue:
             self.timer = None
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def throttled_parts(
+    envs: list[Envelope], ans: list[TxnResult]
+) -> tuple[list[TxnResult], list[tuple[int, Envelope]], Throttled | None]:
+    """Split a request's answer (``ans``, one result per envelope of ``envs``,
+    as ``bisect`` answers) into what was answered and the recipients of a part
+    the provider throttled (``ThrottledPart``): (the answered results, (index in
+    ``envs``, an envelope of the throttled recipients), the throttle)."""
+    if len(ans) != len(envs) or not any(
+        type(o) is ThrottledPart for r in ans for o in r.outcomes
+    ):
+        return ans, [], None
+    kept: list[TxnResult] = []
+    held: list[tuple[int, Envelope]] = []
+    t: Throttled | None = None
+    for n, (env, r) in enumerate(zip(envs, ans, strict=True)):
+        outs = r.outcomes
+        ks = [k for k, o in enumerate(outs) if type(o) is ThrottledPart]
+        tags = env.tag if isinstance(env.tag, list) else None
+        if not ks or len(outs) != len(env.rcpts) or (
+            len(ks) < len(outs) and (tags is None or len(tags) != len(outs))
+        ):
+            kept.append(r)  # (cannot be split by recipient: answered as it is)
+            continue
+        o = outs[ks[0]]
+        assert isinstance(o, ThrottledPart)
+        if t is None or o.retry_after > t.retry_after:
+            t = Throttled(o.retry_after, o.text, o.status)
+        if len(ks) == len(outs):
+            held.append((n, env))
+            continue
+        rest = [k for k in range(len(outs)) if k not in ks]
+        assert tags is not None
+        held.append((n, msgspec.structs.replace(
+            env, rcpts=[env.rcpts[k] for k in ks], tag=[tags[k] for k in ks])))  # fmt: skip
+        kept.append(TxnResult([tags[k] for k in rest], [outs[k] for k in rest], r.queue_id))
+    return kept, held, t
 
 
 def _key(e: Envelope) -> int:
