@@ -3,11 +3,14 @@ running ``fastsend send``/``resume`` as real subprocesses, reading sink logs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,47 @@ def run_killed(fault: str, *args: str, timeout: float = 120) -> str:
             pass
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     return err
+
+
+def run_killing_a_worker(
+    args: list[str],
+    pick: Callable[[list[Any]], Any],
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``fastsend *args`` (its own session) and kill -9 the first of its
+    workers (``psutil.Process`` children) that ``pick`` names, asked each
+    0.05 s until it names one; a worker stopped after that (a fault point's
+    SIGSTOP) is let go on (SIGCONT). Returns the finished run and the pid
+    killed (0: none was picked)."""
+    import psutil
+
+    proc = subprocess.Popen(
+        fastsend_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env or _env(), start_new_session=True,
+    )  # fmt: skip
+    killed = 0
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"fastsend {args[0]} did not end"
+            with contextlib.suppress(psutil.NoSuchProcess):
+                workers = psutil.Process(proc.pid).children()
+                if not killed:
+                    w = pick(workers)
+                    if w is not None:
+                        killed = w.pid
+                        os.kill(killed, signal.SIGKILL)
+                else:
+                    for w in workers:
+                        if w.status() == psutil.STATUS_STOPPED:
+                            os.kill(w.pid, signal.SIGCONT)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err), killed
 
 
 def send_via(

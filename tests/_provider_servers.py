@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, web
@@ -372,3 +373,26 @@ def ses_proxy_app(upstream: str, rec: Recorder, max_send_rate: float = 0.0) -> w
     app.router.add_route("*", "/{tail:.*}", handle)
     app.on_cleanup.append(close)
     return app
+
+
+MAILGUN_SIGNING = "mailgun-webhook-signing-key-0123"  # (mailgun_serve_config's webhook key)
+
+
+def mailgun_serve_config(tmp: Path, url: str, answer_timeout: float, backoff: float) -> str:
+    """The config lines of a Mailgun transport at ``url`` (key "mg-key", domain
+    mg.sender.example.com, from a 0600 credentials file), its webhook events
+    signed with :data:`MAILGUN_SIGNING` (a 0600 key file), and a fixed retry
+    ``backoff``: files made in ``tmp``."""
+    creds = tmp / "mg.secret"
+    creds.write_text("api_key = mg-key\n")
+    creds.chmod(0o600)
+    hook = tmp / "hook.secret"
+    hook.write_text(f"signing_key = {MAILGUN_SIGNING}\n")
+    hook.chmod(0o600)
+    return (
+        f'[transports.mg]\nkind = "mailgun"\nendpoint = "{url}"\n'
+        f'domain = "mg.sender.example.com"\nanswer_timeout = {answer_timeout:g}\n'
+        f'credentials_file = "{creds}"\n'
+        f"[retry]\nmin_backoff = {backoff:g}\nmax_backoff = {backoff:g}\n"
+        f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
+    )

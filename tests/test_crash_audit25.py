@@ -25,11 +25,8 @@ stage leaves, read from outside (the files a restart reads, the real
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -38,10 +35,10 @@ import psutil
 import pytest
 from tests._engine_helpers import (
     _env,
-    fastsend_cmd,
     received_counts,
     run_fastsend,
     run_killed,
+    run_killing_a_worker,
     summary,
     write_campaign,
     write_recipients,
@@ -142,38 +139,17 @@ def test_a_worker_killed_with_a_group_on_the_wire_sends_nothing_it_had_answered(
     spool = tmp_path / "spool"
     log = tmp_path / "sink.jsonl"
     env = dict(_env(), FASTSEND_TEST_FAULT="worker-stop-in-stalled-group:20")
-    killed = 0
     with SinkProcess("--log", str(log), "--slow-ms", "8000") as sink:
         host, port = sink.addresses[0]
-        proc = subprocess.Popen(
-            fastsend_cmd(
-                "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
-                "-c", str(conf), "--route", f"*={host}:{port}", "--workers", "1", "--json",
-                "--no-progress",
-            ),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            start_new_session=True,
+        proc, killed = run_killing_a_worker(
+            ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
+             "-c", str(conf), "--route", f"*={host}:{port}", "--workers", "1", "--json",
+             "--no-progress"],
+            lambda workers: next((w for w in workers if _stopped(w.pid)), None), env,
         )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 180
-            while proc.poll() is None:
-                assert time.monotonic() < deadline, "send did not end"
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    for w in psutil.Process(proc.pid).children():
-                        if _stopped(w.pid):
-                            if not killed:
-                                killed = w.pid
-                                os.kill(w.pid, signal.SIGKILL)
-                            else:
-                                os.kill(w.pid, signal.SIGCONT)  # (its own freeze: go on)
-                time.sleep(0.05)
-            out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
     assert killed, "no worker froze in a stalled group"
-    assert proc.returncode == 0, err[-3000:]
-    s = summary(subprocess.CompletedProcess([], 0, out, err))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary(proc)
     assert s["delivered"] == n and s["worker_restarts"] == 1, s
     got = received_counts(log)
     assert set(got) == set(addrs)

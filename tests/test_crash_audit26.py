@@ -17,19 +17,12 @@ command, fastsend's own sink and its log, the event log.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 from tests._engine_helpers import (
-    _env,
-    fastsend_cmd,
     received_counts,
+    run_killing_a_worker,
     sink_log,
     summary,
     write_campaign,
@@ -65,36 +58,17 @@ def test_a_worker_killed_mid_send_counts_unknown_only_what_it_had_written(
     conf.write_text(f"[delivery]\nmax_connections = {conns}\npipeline = {group}\n")
     spool = tmp_path / "spool"
     log = tmp_path / "sink.jsonl"
-    killed = 0
     with SinkProcess("--log", str(log), "--latency-ms", "30") as sink:
         host, port = sink.addresses[0]
-        proc = subprocess.Popen(
-            fastsend_cmd(
-                "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
-                "-c", str(conf), "--route", f"*={host}:{port}", "--workers", "1", "--json",
-                "--no-progress",
-            ),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-            start_new_session=True,
+        proc, killed = run_killing_a_worker(
+            ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
+             "-c", str(conf), "--route", f"*={host}:{port}", "--workers", "1", "--json",
+             "--no-progress"],
+            lambda workers: workers[0] if workers and len(sink_log(log)) >= 40 else None,
         )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 240
-            while proc.poll() is None:
-                assert time.monotonic() < deadline, "send did not end"
-                if not killed and len(sink_log(log)) >= 40:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        workers = psutil.Process(proc.pid).children()
-                        if workers:
-                            killed = workers[0].pid
-                            os.kill(killed, signal.SIGKILL)
-                time.sleep(0.05)
-            out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
     assert killed, "the worker was not found"
-    assert proc.returncode == 0, err[-3000:]
-    s = summary(subprocess.CompletedProcess([], 0, out, err))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary(proc)
     assert s["delivered"] == n and s["worker_restarts"] == 1, s
     got = received_counts(log)
     assert set(got) == set(addrs)

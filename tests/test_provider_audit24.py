@@ -14,7 +14,13 @@ from typing import Any
 import orjson
 from tests import test_transports_relay
 from tests._engine_helpers import summary, write_recipients
-from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
+from tests._provider_servers import (
+    MAILGUN_SIGNING,
+    Recorder,
+    ThreadedApp,
+    mailgun_app,
+    mailgun_serve_config,
+)
 from tests._serve_helpers import Served, http
 from tests.test_transports_http import dkim_campaign, events, send
 from tests.test_transports_relay import ENV, PASSWORD, USER, Relay, RelayHandler, relay_config
@@ -182,22 +188,10 @@ def test_an_unanswered_provider_request_is_settled_by_the_providers_event(
     was recorded and the message stayed deferred: the retry sent it a second
     time. Mailgun's "rejected" (its refusal of the request) settles nothing; an
     event about a message already final changes nothing."""
-    signing = "mailgun-webhook-signing-key-0123"
-    creds = tmp_path / "mg.secret"
-    creds.write_text("api_key = mg-key\n")
-    creds.chmod(0o600)
-    hook = tmp_path / "hook.secret"
-    hook.write_text(f"signing_key = {signing}\n")
-    hook.chmod(0o600)
+    signing = MAILGUN_SIGNING
     rec = Recorder()
     with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=8.0)) as mg:
-        extra = (
-            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\n'
-            f'domain = "mg.sender.example.com"\nanswer_timeout = 3\n'
-            f'credentials_file = "{creds}"\n'
-            "[retry]\nmin_backoff = 8\nmax_backoff = 8\n"
-            f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
-        )
+        extra = mailgun_serve_config(tmp_path, mg.url, answer_timeout=3, backoff=8)
         srv = Served(tmp_path, "mg", extra=extra)
         try:
             to = ["late@example.net", "other@example.net", "early@example.net"]

@@ -32,7 +32,13 @@ from typing import Any
 
 import pytest
 from tests._engine_helpers import run_fastsend, summary, write_recipients
-from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
+from tests._provider_servers import (
+    MAILGUN_SIGNING,
+    Recorder,
+    ThreadedApp,
+    mailgun_app,
+    mailgun_serve_config,
+)
 from tests.test_transports_http import events, send
 
 from fastsend.config import ConfigError, from_dict
@@ -207,22 +213,10 @@ def test_the_providers_event_settles_mail_of_a_worker_killed_while_waiting(
     from tests._serve_helpers import Served, http, until
     from tests.test_provider_audit24 import _mailgun_post
 
-    signing = "mailgun-webhook-signing-key-0123"
-    creds = tmp_path / "mg.secret"
-    creds.write_text("api_key = mg-key\n")
-    creds.chmod(0o600)
-    hook = tmp_path / "hook.secret"
-    hook.write_text(f"signing_key = {signing}\n")
-    hook.chmod(0o600)
+    signing = MAILGUN_SIGNING
     rec = Recorder()
     with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=600.0)) as mg:
-        extra = (
-            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\n'
-            f'domain = "mg.sender.example.com"\nanswer_timeout = 900\n'
-            f'credentials_file = "{creds}"\n'
-            "[retry]\nmin_backoff = 1\nmax_backoff = 1\n"
-            f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
-        )
+        extra = mailgun_serve_config(tmp_path, mg.url, answer_timeout=900, backoff=1)
         srv = Served(tmp_path, "mg", extra=extra)
         try:
             msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
@@ -277,23 +271,11 @@ def test_the_providers_event_settles_mail_of_a_node_killed_while_waiting(
     from tests._serve_helpers import Served, http, until
     from tests.test_provider_audit24 import _mailgun_post
 
-    signing = "mailgun-webhook-signing-key-0123"
-    creds = tmp_path / "mg.secret"
-    creds.write_text("api_key = mg-key\n")
-    creds.chmod(0o600)
-    hook = tmp_path / "hook.secret"
-    hook.write_text(f"signing_key = {signing}\n")
-    hook.chmod(0o600)
+    signing = MAILGUN_SIGNING
     rec = Recorder()
     url = redis_server.url(lease="2")
     with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=600.0)) as mg:
-        extra = (
-            f'[transports.mg]\nkind = "mailgun"\nendpoint = "{mg.url}"\n'
-            f'domain = "mg.sender.example.com"\nanswer_timeout = 900\n'
-            f'credentials_file = "{creds}"\n'
-            "[retry]\nmin_backoff = 1\nmax_backoff = 1\n"
-            f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
-        )
+        extra = mailgun_serve_config(tmp_path, mg.url, answer_timeout=900, backoff=1)
         nodes: list[Served] = []
         try:
             for n in ("a", "b"):
