@@ -13,6 +13,11 @@ command, fastsend's own sink and its log, the event log.
   halves (``HTTPTransport.bisect``); a half the provider throttled (429) was
   answered deferred, an attempt each and its backoff, where a throttled request
   is none: its recipients now wait in the lane as any throttled request's.
+- A provider's event settling an unknown outcome on a ``serve --no-workers``
+  node (no supervisor: nothing there ever said the events noted untold were
+  written) left the message noted untold in the spool: the next start told its
+  "delivered" event again (``"resumed": true``). Such a node now says them told
+  once its event log has them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from tests._engine_helpers import (
     write_campaign,
     write_recipients,
 )
-from tests._provider_servers import Recorder, ThreadedApp, mailgun_app
+from tests._provider_servers import (
+    MAILGUN_SIGNING,
+    Recorder,
+    ThreadedApp,
+    mailgun_app,
+    mailgun_serve_config,
+)
+from tests._serve_helpers import Served, http, until
+from tests.test_provider_audit24 import _mailgun_post
 from tests.test_transports_http import SAME, events, send
 
 from fastsend.sink import SinkProcess
@@ -107,3 +120,46 @@ def test_a_throttled_half_of_a_split_provider_request_costs_no_attempt(tmp_path:
     assert s["deferrals"] == 0 and s["attempts"] == 50, s
     assert dict(rec.recipients) == {r: 1 for r in group}
     assert not [e for e in events(tmp_path) if e["event"] == "deferred"]
+
+
+def test_a_settle_on_a_node_without_workers_is_not_told_again_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A message whose Mailgun request went unanswered is deferred (unknown
+    outcome); serve is restarted ``--no-workers`` and Mailgun's "accepted"
+    event settles it delivered there (one "delivered" event); serve started
+    again with workers tells no second "delivered" event of it. Before: a
+    second one, ``"resumed": true``, from the spool's untold note."""
+    rec = Recorder()
+    with ThreadedApp(mailgun_app("mg-key", rec, "mg.sender.example.com", delay=600.0)) as mg:
+        extra = mailgun_serve_config(tmp_path, mg.url, answer_timeout=2, backoff=600)
+        srv = Served(tmp_path, "mg", extra=extra)
+        try:
+            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
+                   "to": ["w@example.net"]}  # fmt: skip
+            st, got = srv.req("POST", "/v1/messages", msg, tenant="acme")
+            assert st == 202, got
+            mid = got["messages"][0]["ids"][0]
+
+            def state() -> str:
+                return str(srv.req("GET", f"/v1/messages/{mid}", tenant="acme")[1]["state"])
+
+            until("the unanswered request deferred", lambda: state() == "deferred")
+            ((_rcpts, _data, token),) = rec.accepted
+            srv.stop()
+            srv.serve_args = ("--no-workers",)
+            srv.start()
+            ev = {"event": "accepted", "recipient": "w@example.net",
+                  "user-variables": {"fastsend": token},
+                  "message": {"headers": {"message-id": "x@mg.sender.example.com"}}}  # fmt: skip
+            st, _ = http("POST", srv.base + "/webhooks/mailgun",
+                         raw=_mailgun_post(MAILGUN_SIGNING, ev, "t" * 50))  # fmt: skip
+            assert st == 200
+            until("settled delivered", lambda: state() == "delivered")
+            srv.stop()
+            srv.serve_args = ()
+            srv.start()
+        finally:
+            srv.stop()
+    delivered = [e for e in events(tmp_path) if e["event"] == "delivered" and e.get("id") == mid]
+    assert len(delivered) == 1 and delivered[0].get("settled"), delivered

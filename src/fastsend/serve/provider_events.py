@@ -349,6 +349,13 @@ class ProviderEvents:
             ev["queue_id"] = extra["queue_id"]
         log.info("provider events: message %d settled delivered by %s's %s", mid, provider, what)
         self.ctx.emit(ev)
+        if self.ctx.supervisor is None:
+            # No supervisor here (serve --no-workers) to say, after its next
+            # flush, that what Spool.settle noted untold is told: its event is
+            # written now, and the note dropped (else the next start told the
+            # delivery again, "resumed"). A kill before this: told then, once.
+            self.ctx.events.flush()
+            self.ctx.spool.told()
 
     def notice(
         self,
