@@ -53,7 +53,8 @@ exception once a new campaign / an upload's list job is written),
 ``idem-kill-before-answer`` (kill -9 after the handler, before its answer is
 stored), ``idem-slow-before-answer:S`` (wait S seconds there),
 ``idem-stop-after-note`` (SIGSTOP once a new campaign's note is written: the test
-changes the world, then SIGCONT).
+changes the world, then SIGCONT), ``held-stop-after-read`` / ``held-stop-after-take``
+(SIGSTOP once a dead node's notes are read / taken by this node).
 """
 
 from __future__ import annotations
@@ -451,6 +452,9 @@ class HeldJournal:
             else:
                 log.warning("campaign %s: a dead node's note of its creation is being"
                             " finished by another node", rec["campaign"])
+        if out and _FAULT == "held-stop-after-take":  # tests: this node stalls, others go on
+            os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(0.5)
         return out
 
     def adopt(self, ctx: ServeContext, index: Any, notes: list[tuple[bytes, dict[str, Any]]],
@@ -462,13 +466,25 @@ class HeldJournal:
         if sh is None:
             return []
         mine = {int(r["campaign"]) for r in self.noted.values()}
+        key = sh.key("held")
         done: list[int] = []
         for field, rec in notes:
             cid = int(rec["campaign"])
             if cid in mine or cid in working:
                 continue
-            self._finish(ctx, index, rec)
-            sh.client.hdel(sh.key("held"), field)
+            # Still this node's (fenced): a node that took the note, then stalled
+            # (a pause, a swap storm, a SIGSTOP) past NOTE_GRACE while its status
+            # lapsed had another node take the note and finish it; it then went on
+            # and finished it too (its own "complete now", the rows' events again
+            # unless the other's index had them, the note deleted under the other).
+            # Taken again as read (its time renewed: the grace starts over) or left.
+            fresh = {**rec, "at": time.time()}
+            if not sh.take(key, field, orjson.dumps(rec), orjson.dumps(fresh)):
+                log.warning("campaign %s: a dead node's note of its creation is being"
+                            " finished by another node", cid)
+                continue
+            self._finish(ctx, index, fresh)
+            sh.drop(key, field, orjson.dumps(fresh))  # (only while still ours)
             done.append(cid)
         return done
 

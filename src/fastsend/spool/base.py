@@ -57,6 +57,13 @@ end
 return 0
 """
 
+_DROP_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 
 class SharedStore(msgspec.Struct, frozen=True):
     """What :meth:`Spool.shared` gives: the shared spool's store (a redis-py
@@ -78,6 +85,12 @@ class SharedStore(msgspec.Struct, frozen=True):
         adopting one dead node's line (``P:held``, ``P:dsnj``) both read it; only
         the one whose write finds it unchanged finishes it."""
         return bool(self.client.eval(_TAKE_LUA, 1, key, field, seen, mine))
+
+    def drop(self, key: str, field: bytes | str, seen: bytes) -> bool:
+        """Hash ``key``'s ``field`` deleted if it still holds ``seen`` (a
+        compare-and-delete): a node that finished a line it took removes it only
+        while it is still its own, never a line another node took since."""
+        return bool(self.client.eval(_DROP_LUA, 1, key, field, seen))
 
 
 class SpoolError(Exception):
