@@ -667,7 +667,7 @@ class Dispatch(SupervisorState):
                 slot.held.setdefault(key, []).extend(items)
             groups, slot.held = slot.held, {}
         guardrails = self.shaping.guardrails
-        if guardrails.settings.enabled and any(guardrails.sampling(k[0]) for k in groups):
+        if guardrails.settings.enabled and any(map(guardrails.sampling, {k[0] for k in groups})):
             groups = self.sample_cap(slot, groups)
         admit = self.shaping.gate.admit
         mono = time.monotonic()
@@ -714,27 +714,34 @@ class Dispatch(SupervisorState):
         track = g.out
         out: dict[tuple[int, str], list[Claimed]] = {}
         looked: set[int] = set()  # campaigns whose answered messages left the count
-        # each campaign's sample messages out from this worker, and its part of the sample
-        mine: dict[int, list[int]] = {}
+        # Per campaign, once a call (not per domain group): None once judged, else
+        # its cap (min_sample, or this node's part of it), its messages out and
+        # [its sample messages out from this worker, this worker's part].
+        seen: dict[int, tuple[int, dict[int, Any], list[int]] | None] = {}
         for key, items in groups.items():
             cid = key[0]
-            if not g.sampling(cid):
+            if cid in seen:
+                got = seen[cid]
+            elif not g.sampling(cid):
                 if track:
                     g.forget(cid)  # judged: free from here on
-                out[key] = items
-                continue
-            cap = g.allowance(cid)  # (min_sample, or this node's part of it)
-            ids = track.get(cid)
-            if ids is None:
-                if len(track) >= 10_000:  # campaigns that ended before their sample
-                    g.forget_answered()
-                ids = track[cid] = {}
-            own = mine.get(cid)
-            if own is None:
-                own = mine[cid] = [
+                got = seen[cid] = None
+            else:
+                cap = g.allowance(cid)
+                ids = track.get(cid)
+                if ids is None:
+                    if len(track) >= 10_000:  # campaigns that ended before their sample
+                        g.forget_answered()
+                    ids = track[cid] = {}
+                own = [
                     sum(1 for v in ids.values() if v[0] is slot) if ids else 0,
                     self.sample_part(cid, cap),
                 ]
+                got = seen[cid] = (cap, ids, own)
+            if got is None:
+                out[key] = items
+                continue
+            cap, ids, own = got
             if (
                 len(ids) + len(items) > cap or own[0] + len(items) > own[1]
             ) and cid not in looked:  # once a call
