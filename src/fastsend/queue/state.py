@@ -64,6 +64,9 @@ class WorkerSlot(msgspec.Struct):
     marks: list[wire.SiteMarks] = msgspec.field(default_factory=list)  # (its sites' hosts)
     stop_at: float = 0.0  # monotonic: a retiring worker still running then is stopped
     held: dict[tuple[int, str], list[Claimed]] = msgspec.field(default_factory=dict)  # rate-held
+    # A rate held some of ``held`` since it was last empty: it may hold messages a
+    # guardrails sample let out (else none: Dispatch.sample_cap skips them).
+    held_sampled: bool = False
     # Deliveries of its pipelined groups still in flight (wire.Answered's items):
     # applied if the worker dies before their group's Results (not sent again).
     # Two generations (outcomes.note_answered): those told since the older one
