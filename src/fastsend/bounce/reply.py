@@ -925,9 +925,17 @@ class RuleSet:
                 # RFC 3463 "delivery not authorized") it asks for a retry, not
                 # a slower pace: greylisting (RFC 6647) and a filter's soft
                 # reject answer "451 4.7.1 Please try again later"; cutting the
-                # site's rate for them slowed all its mail. A 421 (the server
-                # closing the channel) or no such status: the site sheds load.
-                rate = code == 421 or not (temporary and enhanced[1:4] == ".7.")
+                # site's rate for them slowed all its mail. So with no status
+                # saying what failed (none, or the undefined X.0.0): OpenBSD
+                # spamd greylists with "451 Temporary failure, please try
+                # again later". A 421 (the server closing the channel) or a
+                # status naming the system or the network (X.3, X.4): the
+                # site sheds load.
+                rate = (
+                    code == 421
+                    or not temporary
+                    or (enhanced[1:] not in ("", ".0.0") and enhanced[1:4] != ".7.")
+                )
         if not ipb:
             gated = tiers["<ipblock>"]
             ipb = gated is not None and _search_gated(gated, t, present)
