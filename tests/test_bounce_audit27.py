@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastsend.bounce import classify_reply
+from fastsend.bounce import classify_reply, parse_bounce
 
 # ---------------------------------------------------------------- greylisting without a status
 GREYLIST_LIKE = [
@@ -74,3 +74,50 @@ def test_spamd_greylisting_one_recipient_does_not_cut_the_site() -> None:
         ln.observe([TxnResult(i, [grey]) for i in range(4)], t)
         t += 2.0
     assert ln.rate() < 200 and [e for e in ln.events if e["action"] == "aimd_decrease"]
+
+
+# ---------------------------------------------------------------- a list, then another's reply
+def _notice(body: str) -> bytes:
+    return (
+        "From: MAILER-DAEMON@relay.example\nTo: news@ours.example\n"
+        "Subject: Undelivered Mail Returned to Sender\n\n" + body
+    ).encode()
+
+
+LISTED_ALONE = [
+    "The following addresses had permanent fatal errors:\n<a@x.example>\n\n"
+    "<b@y.example>: 550 5.1.1 User unknown\n",
+    "Delivery to the following recipients failed permanently:\n\n    <a@x.example>\n\n"
+    "<b@y.example>: host mx.y.example[192.0.2.1] said: 550 5.1.1 <b@y.example>: User unknown"
+    " (in reply to RCPT TO command)\n",
+    "Your message could not be delivered to the following recipients:\na@x.example\n"
+    "b@y.example: 550 5.1.1 User unknown\n",
+    "Hi. This is the qmail-send program at relay.example.\nI'm afraid I wasn't able to deliver"
+    " your message to the following addresses.\nThis is a permanent error; I've given up.\n\n"
+    "<a@x.example>:\n\n<b@y.example>:\n550 5.1.1 User unknown\n",
+]
+
+
+@pytest.mark.parametrize("body", LISTED_ALONE)
+def test_a_recipient_listed_alone_is_not_given_anothers_reply(body: str) -> None:
+    """A notice lists <a@x> under its heading with no words of its own, and
+    below it "<b@y>: 550 5.1.1 User unknown". Before, a was read with the
+    whole report as its explanation: b's reply, a hard userunknown
+    (suppressed for b's mailbox). Now a failed for a reason the report does
+    not give (soft), b is the unknown user."""
+    got = {r.recipient: r for r in parse_bounce(_notice(body))}
+    assert set(got) == {"a@x.example", "b@y.example"}, got
+    assert (got["b@y.example"].reason, got["b@y.example"].hard) == ("userunknown", True)
+    a = got["a@x.example"]
+    assert not a.hard and a.reason != "userunknown" and a.status != "5.1.1", a
+
+
+def test_a_reply_below_a_list_is_every_listed_recipients() -> None:
+    """The reply given once below the list, on no recipient's line, is still
+    the explanation they all share."""
+    body = (
+        "The following recipients failed:\n  a@x.example\n  b@x.example\n\n"
+        "Reason: 550 5.1.1 User unknown\n"
+    )
+    got = {r.recipient: (r.reason, r.hard) for r in parse_bounce(_notice(body))}
+    assert got == {"a@x.example": ("userunknown", True), "b@x.example": ("userunknown", True)}

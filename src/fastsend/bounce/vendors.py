@@ -534,7 +534,13 @@ def find_in_text(
         if listed and len(listed) < len(found):
             found = listed
     out: list[TextFinding] = []
-    shared: TextFinding | None = None
+    # Recipients listed with no words of their own (out's index, start, end),
+    # read against the explanation they share once every other recipient's
+    # own reply is known (see _shared).
+    listed_only: list[tuple[int, int, int]] = []
+    # Where each other recipient's own reply was read (a line "<b@y>: 550
+    # ..." below a list): not the listed ones' explanation.
+    owned: list[tuple[int, int]] = []
     # Every mention of a recipient in text order, found in one pass.
     names = {a.lower() for a, _, _ in found}
     mentions = [
@@ -593,22 +599,11 @@ def find_in_text(
             if not in_list:
                 diag += _later_mentions(section, mentions, next_other, mentioned.get(own, []), stop)
             if in_list:
-                # The explanation all recipients share: read it once.
-                if shared is None:
-                    text = section[:DIAG_CAP].strip()
-                    shared = TextFinding(
-                        "", text, find_reply_code(text), find_status(text), find_command(text)
-                    )
-                out.append(
-                    TextFinding(
-                        addr,
-                        shared.diagnostic,
-                        shared.reply_code,
-                        shared.status,
-                        shared.command or find_command(section[max(0, start - 40) : end]),
-                    )
-                )
+                listed_only.append((len(out), start, end))
+                out.append(TextFinding(addr, ""))
                 continue
+            if _owns_reply(section, lead, start, end, stop):
+                owned.append((min(lead, start), stop))
         diag = diag.strip()[:DIAG_CAP]
         out.append(
             TextFinding(
@@ -620,7 +615,52 @@ def find_in_text(
                 or (find_command(section[max(0, start - 40) : end]) if start >= 0 else ""),
             )
         )
+    if listed_only:
+        shared = _shared(section, owned)
+        for i, start, end in listed_only:
+            out[i] = TextFinding(
+                out[i].recipient,
+                shared.diagnostic,
+                shared.reply_code,
+                shared.status,
+                shared.command or find_command(section[max(0, start - 40) : end]),
+            )
     return out
+
+
+def _owns_reply(section: str, lead: int, start: int, end: int, stop: int) -> bool:
+    """Whether the reply after the recipient at ``start``..``end`` (up to
+    ``stop``) is its own: it starts on the address's line ("<b@y>: 550 ...",
+    "Delivery to b@y failed: 550 ...") or the address introduces it
+    ("<b@y>:" then the reply, qmail and Postfix); not a reply given once
+    below a list whose last line the address is ("Reason: 550 ...")."""
+    eol = section.find("\n", end)
+    rest = section[end : len(section) if eol < 0 else eol]
+    if not (lead < start or rest.strip(' \t>"')):
+        return False
+    own = section[min(lead, start) : min(stop, end + 2 * DIAG_CAP)]
+    return bool(find_reply_code(own) or find_status(own))
+
+
+def _shared(section: str, owned: list[tuple[int, int]]) -> TextFinding:
+    """The explanation the recipients listed with no words of their own
+    share: the report's text (its first DIAG_CAP characters) without the
+    replies other recipients were given on lines of their own ("<b@y>: 550
+    5.1.1 User unknown" below a heading listing "<a@x>" alone: b's refusal,
+    not a's; read as a's it made a a hard bounce, suppressed)."""
+    kept: list[str] = []
+    size, at = 0, 0
+    for begin, stop in sorted(owned):
+        if begin > at:
+            kept.append(section[at:begin])
+            size += begin - at
+        at = max(at, stop)
+        if size >= DIAG_CAP:
+            break
+    if size < DIAG_CAP and at < len(section):
+        kept.append(section[at:])
+    text = "".join(kept)[:DIAG_CAP].strip()
+    return TextFinding("", text, find_reply_code(text), find_status(text), find_command(text))
 
 
 # ---------------------------------------------------------------- Amazon SES
