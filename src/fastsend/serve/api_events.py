@@ -26,7 +26,9 @@ DESCRIPTION
     at a time as the client reads it: a page of any size holds one chunk in
     memory. Answered from the per-message event index (``events.db``, kept
     ``[analytics] events_days``); scoped to the key's tenant (its campaigns'
-    events); ``scope=node`` (admin tenants only) exports every event.
+    events, and, with no ``campaign`` asked for, its events of no campaign: an open
+    or a click of a message gone from the spool and the index, named by its link's
+    tenant); ``scope=node`` (admin tenants only) exports every event.
 
     On a Redis spool (``serve.shared_state.RedisEventIndex``) the export reads
     the cluster's time index (``P:evx``): every node's events, in the order the
@@ -109,8 +111,12 @@ def _list(q: Any, name: str) -> list[str] | None:
     return [x.strip() for x in v.split(",") if x.strip()]
 
 
-def parse(request: web.Request, mine: list[int] | None, now: float) -> tuple[ExportQuery, str]:
-    """The query and the format from the request; a bad parameter is a 400 naming it."""
+def parse(
+    request: web.Request, mine: list[int] | None, now: float, tenant: str | None = None
+) -> tuple[ExportQuery, str]:
+    """The query and the format from the request; a bad parameter is a 400 naming it.
+    ``tenant``: the key's (a tenant-scoped export), whose events of no campaign are
+    its own too when no ``campaign`` is asked for."""
     q = request.query
     only_params(request, PARAMS)
     try:
@@ -128,6 +134,7 @@ def parse(request: web.Request, mine: list[int] | None, now: float) -> tuple[Exp
         except ValueError:
             raise bad("campaign: comma-separated campaign ids", "campaign") from None
         campaigns = sorted(want if mine is None else want & set(mine))
+        tenant = None  # (some campaigns asked for: those only)
     kinds = _list(q, "type")
     field = "type"
     if kinds is None:
@@ -145,7 +152,9 @@ def parse(request: web.Request, mine: list[int] | None, now: float) -> tuple[Exp
     if fmt not in ("ndjson", "csv"):
         raise bad("format must be ndjson or csv", "format")
     after = decode_cursor(q["cursor"]) if "cursor" in q else None
-    return ExportQuery(t0, t1, campaigns, kinds, after, int(raw_limit)), fmt
+    if mine is None:
+        tenant = None  # (every campaign: those of none too)
+    return ExportQuery(t0, t1, campaigns, kinds, after, int(raw_limit), tenant), fmt
 
 
 async def export_events(request: web.Request) -> web.StreamResponse:
@@ -160,7 +169,7 @@ async def export_events(request: web.Request) -> web.StreamResponse:
     if not hasattr(index, "export_end"):
         raise ApiError(501, "GET /v1/events needs an event index")
     mine = None if scope == "node" else [c.id for c in api.ctx.spool.campaigns(tenant)]
-    query, fmt = parse(request, mine, time.time())
+    query, fmt = parse(request, mine, time.time(), None if scope == "node" else tenant)
     end, more = index.export_end(query)
     headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
     if fmt == "csv":

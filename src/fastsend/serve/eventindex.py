@@ -115,7 +115,10 @@ CREATE TABLE IF NOT EXISTS marks (          -- how far into each event log the r
 class ExportQuery:
     """What GET /v1/events asks: events with ``t0 <= time < t1``, of ``campaigns``
     (None: any; the tenant's own), of event names ``kinds`` (None: any), past the
-    position ``after`` (a cursor), at most ``limit`` of them."""
+    position ``after`` (a cursor), at most ``limit`` of them. ``tenant``: also the
+    events of no campaign that name this tenant (an open or a click of a message
+    gone from the spool and from this index: its link's authenticated tenant is
+    all that is known of it; left out, the tenant never saw it)."""
 
     t0: float
     t1: float
@@ -123,6 +126,10 @@ class ExportQuery:
     kinds: list[str] | None = None
     after: tuple[float, int] | None = None
     limit: int = 10000
+    tenant: str | None = None
+
+    def selects_nothing(self) -> bool:
+        return (self.campaigns == [] and self.tenant is None) or self.kinds == []
 
 
 class CatchesUp:
@@ -362,8 +369,14 @@ class EventIndex(CatchesUp):
             sql += " AND NOT (time = ? AND rowid <= ?)"
             args += [after[0], after[1]]
         if q.campaigns is not None:
-            sql += f" AND campaign IN ({','.join('?' * len(q.campaigns))})"
+            sql += f" AND (campaign IN ({','.join('?' * len(q.campaigns))})"
             args += q.campaigns
+            if q.tenant is not None:
+                # (JSON read only for the rows of no campaign: rare, and the time
+                # index has already narrowed the rows.)
+                sql += " OR (campaign = 0 AND json_extract(CAST(data AS TEXT), '$.tenant') = ?)"
+                args.append(q.tenant)
+            sql += ")"
         if q.kinds is not None:
             sql += f" AND event IN ({','.join('?' * len(q.kinds))})"
             args += q.kinds
@@ -374,7 +387,7 @@ class EventIndex(CatchesUp):
         one walk of the time index over ``q.limit`` rows, before anything is streamed.
         (None, False): the page is everything left (fewer than ``q.limit`` rows)."""
         self.flush()
-        if q.campaigns == [] or q.kinds == []:
+        if q.selects_nothing():
             return None, False
         w, args = self._where(q, q.after)
         rows = self.db.execute(
@@ -391,7 +404,7 @@ class EventIndex(CatchesUp):
     ) -> tuple[list[bytes], tuple[float, int] | None]:  # fmt: skip
         """Up to ``n`` event bodies past ``after`` (in time, then recording order), not
         past ``until``; and the position of the last one (None: nothing left)."""
-        if q.campaigns == [] or q.kinds == []:
+        if q.selects_nothing():
             return [], None
         w, args = self._where(q, after)
         if until is not None:
