@@ -121,3 +121,37 @@ def test_a_reply_below_a_list_is_every_listed_recipients() -> None:
     )
     got = {r.recipient: (r.reason, r.hard) for r in parse_bounce(_notice(body))}
     assert got == {"a@x.example": ("userunknown", True), "b@x.example": ("userunknown", True)}
+
+
+# ---------------------------------------------------------------- a list of addresses
+ADDRESS_LISTED = [
+    (550, "", "blacklisted address", "RCPT"),
+    (554, "5.7.1", "Blacklisted address", "RCPT"),
+    (550, "", "Sorry, you are sending to/from an address that has been blacklisted", "RCPT"),
+    (550, "5.7.1", "<news@ours.example>: this address is blocklisted here", "MAIL"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), ADDRESS_LISTED)
+def test_a_listed_address_is_rejected_and_rests_no_ip(
+    code: int, status: str, text: str, stage: str
+) -> None:
+    """An address on a block list, no IP named: was "blocked" with ip_blocked
+    (the IP rested for the site, every other sender's mail there held). The
+    sender or the address is refused: rejected, no IP signal."""
+    c = classify_reply(code, status, text, command=stage)
+    assert (c.reason, c.hard, c.ip_blocked) == ("rejected", False, False), c
+
+
+IP_LISTED = [
+    (550, "", "Your IP address is blacklisted", "RCPT"),
+    (550, "5.7.1", "Client host [192.0.2.1] blocked using zen.spamhaus.org", "RCPT"),
+    (554, "", "Service unavailable; client [192.0.2.9] blacklisted address of your server",
+     "CONN"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), IP_LISTED)
+def test_a_listed_ip_is_still_blocked(code: int, status: str, text: str, stage: str) -> None:
+    c = classify_reply(code, status, text, command=stage)
+    assert c.reason == "blocked" and c.ip_blocked, c
