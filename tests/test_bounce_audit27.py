@@ -155,3 +155,29 @@ IP_LISTED = [
 def test_a_listed_ip_is_still_blocked(code: int, status: str, text: str, stage: str) -> None:
     c = classify_reply(code, status, text, command=stage)
     assert c.reason == "blocked" and c.ip_blocked, c
+
+
+# ---------------------------------------------------------------- failed authentication checks
+AUTH_CHECKS = [
+    (550, "5.7.1", "This message does not have authentication information or fails to pass"
+     " authentication checks (SPF or DKIM)", "DATA"),
+    (550, "5.7.1", "<a@their.example>: Recipient address rejected: multiple authentication"
+     " checks failed", "RCPT"),
+    (550, "", "Message failed authentication checks", "DATA"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), AUTH_CHECKS)
+def test_failed_authentication_checks_are_authfailure(
+    code: int, status: str, text: str, stage: str
+) -> None:
+    """The message's authentication (SPF, DKIM, DMARC) failed, in any
+    receiver's words: authfailure (was the status's securityerror, or
+    onhold), a fix in our DNS or signing, not a refusal of the recipient."""
+    assert classify_reply(code, status, text, command=stage).reason == "authfailure"
+
+
+def test_a_refused_smtp_login_is_not_authfailure() -> None:
+    c = classify_reply(535, "5.7.8", "Username and Password not accepted; authentication check"
+                       " failed", command="AUTH")  # fmt: skip
+    assert c.reason != "authfailure", c
