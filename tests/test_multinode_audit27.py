@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from tests._serve_helpers import Served, until
+from tests._redis_helpers import RedisHold
+from tests._serve_helpers import Served, http, until
 from tests.test_multinode_audit26 import _state, _told
 from tests.test_serve_audit17 import TPL
 
@@ -68,3 +70,39 @@ def test_a_node_that_took_a_dead_nodes_note_and_stalled_leaves_it_to_the_node_th
         if c is not None:
             c.stop()
         a.stop()
+
+
+def test_the_supervisors_probes_of_a_stalled_redis_do_not_hold_the_nodes_listeners(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """A node with workers; its Redis stops answering (a proxy holding what the
+    node sends). The supervisor's outage begins (its step waited for the client's
+    timeout once) and it probes the spool again and again: each probe waits in a
+    thread, so the node's HTTP listener answers what needs no Redis within a
+    second or two all along. Before: each probe ran on serve's event loop and held
+    every listener for the client's timeout (here 6 s; 5 s by default), again
+    after each pause (0.1 s doubling to 2 s): the node mostly frozen for the whole
+    outage. Once Redis answers, the outage ends as ever."""
+    px = RedisHold(redis_server)
+    node = Served(tmp_path, "127.0.0.1:9", spool_url=px.url(node="a", socket_timeout="6"),
+                  extra="[analytics]\nenabled = false\n",
+                  serve_args=("--allow-volatile",))  # fmt: skip
+    try:
+        px.hold()
+        until("the supervisor's outage", lambda: any(
+            "the spool is out of reach" in x for x in node.lines), timeout=60)
+        end = time.monotonic() + 16  # (two probes' timeouts and more)
+        while time.monotonic() < end:
+            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=3)
+            assert st == 200 and "paths" in doc
+            time.sleep(0.2)
+        assert px.held and not any("answers again" in x for x in node.lines)
+    finally:
+        px.release()
+    try:
+        until("the outage over", lambda: any("answers again" in x for x in node.lines),
+              timeout=60)  # fmt: skip
+        assert node.req("GET", "/v1/health", tenant=None)[0] == 200
+    finally:
+        node.stop()
+        px.close()

@@ -62,6 +62,12 @@ FEED_LAG = 1.0  # s: the feeder reads its next chunk at least this often
 _END = object()
 
 
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """A future whose result no one may read (a probe left to its thread)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
     def __init__(
         self,
@@ -274,8 +280,21 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         if self.stopping:  # stop now: no probe (a paused Redis holds it for its timeout)
             return
         try:
-            self.spool.probe()  # a full disk: a write, not only a read, must work again
-            if not self.spool.intact():
+            if self.spool.shared() is not None:
+                # In a thread: a Redis that does not answer (paused, a partition)
+                # held each probe on serve's loop for the client's timeout (5 s by
+                # default, again after each pause): every listener of the node
+                # with it, for most of the outage.
+                probing = asyncio.ensure_future(asyncio.to_thread(self._probe))
+                probing.add_done_callback(_retrieved)
+                while not probing.done():
+                    if self.stopping:  # stop now: the probe is left to its thread
+                        return
+                    await asyncio.wait((probing,), timeout=0.05)
+                whole = probing.result()
+            else:
+                whole = self._probe()
+            if not whole:
                 # Said loudly: "answers again" alone would tell an operator all is well.
                 print(
                     "fastsend: error: the spool came back without its data (Redis restarted"
@@ -306,6 +325,12 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.outage_since = 0.0
         self.outage_pause = 0.0
         self.outage_error = None
+
+    def _probe(self) -> bool:
+        """The spool takes a write again (a full disk: not only a read must
+        work); whether it came back with its data (``Spool.intact``)."""
+        self.spool.probe()
+        return self.spool.intact()
 
     def window_keys(self) -> set[tuple[int, str]]:
         """(campaign, domain) of the mail in the workers' windows."""
