@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,67 @@ def test_the_supervisors_probes_of_a_stalled_redis_do_not_hold_the_nodes_listene
         until("the outage over", lambda: any("answers again" in x for x in node.lines),
               timeout=60)  # fmt: skip
         assert node.req("GET", "/v1/health", tenant=None)[0] == 200
+    finally:
+        node.stop()
+        px.close()
+
+
+def test_messages_posted_and_read_wait_for_a_slow_redis_off_the_loop(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """The node's Redis answers slowly (each request 3 s late): a raw message of
+    400 KB (its body a blob), a message to two recipients, and a message's view
+    (its row, tags, events) wait for it in threads while the node's listener
+    answers at once; they are answered as ever, the events told and indexed.
+    Before: POST /v1/messages asked Redis on the event loop (the transactional
+    campaign's check, the tenant's caps, the blob, the rows, the index's flush)
+    and so did the message view's event index, each call holding every listener
+    of the node for as long as Redis took."""
+    import base64
+
+    px = RedisHold(redis_server)
+    node = Served(tmp_path, None, spool_url=px.url(node="a", socket_timeout="60"),
+                  extra="[analytics]\nenabled = false\n",  # (the rollups' flush: left)
+                  serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+    body = b"From: a@example.com\r\nTo: r@example.org\r\nSubject: big\r\n\r\n" + (
+        b"0123456789abcdef" * 64 + b"\r\n") * 390  # (~400 KB)
+    raw = {"from": "a@example.com", "to": "r@example.org",
+           "raw": base64.b64decode(base64.b64encode(body)).decode()}  # fmt: skip
+    text = {"from": "a@example.com", "subject": "s", "text": "t", "tags": ["k"],
+            "to": ["u1@example.org", "u2@example.org"]}  # fmt: skip
+    st, first = node.req("POST", "/v1/messages", text)  # (the key cached, the campaign made)
+    assert st == 202, first
+    mid = first["messages"][0]["ids"][0]
+    got: dict[str, Any] = {}
+    asks = [
+        threading.Thread(target=lambda: got.update(
+            raw=node.req("POST", "/v1/messages", raw, timeout=120))),
+        threading.Thread(target=lambda: got.update(
+            text=node.req("POST", "/v1/messages", text, timeout=120))),
+        threading.Thread(target=lambda: got.update(
+            one=node.req("GET", f"/v1/messages/{mid}", timeout=120))),
+    ]  # fmt: skip
+    try:
+        px.slow(3.0)
+        for t in asks:
+            t.start()
+        while any(t.is_alive() for t in asks):  # (the loop free while they wait)
+            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=2.5)
+            assert st == 200 and "paths" in doc
+            time.sleep(0.3)
+    finally:
+        px.release()
+    try:
+        for t in asks:
+            t.join(120)
+        assert {k: v[0] for k, v in got.items()} == {"raw": 202, "text": 202, "one": 200}, got
+        assert got["one"][1]["tags"] == ["k"], got["one"]
+        assert [e["event"] for e in got["one"][1]["events"]] == ["accepted"], got["one"]
+        rid = got["raw"][1]["messages"][0]["ids"][0]
+        until("the raw message's events indexed", lambda: [
+            e["event"] for e in node.req("GET", f"/v1/messages/{rid}")[1]["events"]
+        ] == ["accepted"])  # fmt: skip
+        assert node.req("GET", f"/v1/messages/{rid}")[1]["to"] == "r@example.org"
     finally:
         node.stop()
         px.close()

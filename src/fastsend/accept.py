@@ -542,6 +542,7 @@ class Acceptor:
         held: list[tuple[int, list[int], list[str], set[int], float]] | None = None,
         dedup: bool = False,
         stowed: Stowed | None = None,
+        wake: bool = True,
     ) -> list[int]:
         """Spool ``rows`` durably (one transaction, with ``ingest``'s position, or
         recorded as a part of an Idempotency-Key's request: ``idem``); returns
@@ -555,7 +556,9 @@ class Acceptor:
         rows spooled, in order, fewer than ``rows``; ``ingest``'s counts are
         taken as counting every row, its ``accepted`` lowered and its
         ``duplicates`` raised by those left out. ``stowed``: :meth:`stow`'s of
-        ``rows`` (their bodies stored already, in a thread)."""
+        ``rows`` (their bodies stored already, in a thread). ``wake=False``: the
+        supervisor is not woken (a caller in another thread than the loop's, with
+        ``held``: it emits the events and wakes it on the loop)."""
         if not rows and ingest is None:
             return []
         if self.events.failing and ingest is None:
@@ -564,7 +567,8 @@ class Acceptor:
             # spool's own disk is full), else mail would be taken without its record.
             self.events.flush()
         if not dedup or not rows:
-            return self._accept(campaign_id, rows, ingest, idem, committed, held, None, stowed)
+            return self._accept(campaign_id, rows, ingest, idem, committed, held, None, stowed,
+                                wake)  # fmt: skip
         for attempt in range(1, 11):
             table = None
             try:
@@ -575,7 +579,8 @@ class Acceptor:
                     mark = msgspec.structs.replace(
                         mark, accepted=mark.accepted - d, duplicates=mark.duplicates + d
                     )
-                return self._accept(campaign_id, todo, mark, idem, committed, held, fps)
+                return self._accept(campaign_id, todo, mark, idem, committed, held, fps,
+                                    wake=wake)  # fmt: skip
             except FpsChanged:  # another node spooled to the campaign meanwhile: again
                 if attempt == 10:
                     raise
@@ -667,6 +672,7 @@ class Acceptor:
         held: list[tuple[int, list[int], list[str], set[int], float]] | None,
         fps: list[int] | None,
         stowed: Stowed | None = None,
+        wake: bool = True,
     ) -> list[int]:
         now = time.time()
         tenant = self.tenant(campaign_id)
@@ -706,7 +712,7 @@ class Acceptor:
                 log.error("the event log cannot be written (%s): the events of %d row(s)"
                           " just spooled wait in memory; no more mail is taken until it"
                           " can be", e, len(ids))  # fmt: skip
-        if self.wake is not None and len(gone) < len(ids):
+        if wake and self.wake is not None and len(gone) < len(ids):
             self.wake()
         return ids
 

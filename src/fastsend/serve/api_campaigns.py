@@ -308,7 +308,7 @@ async def _spool_rows(
     chunk = CHUNK if run is not None or HELD in request else max(1, len(good))
     try:
         for i in range(0, len(good), chunk):
-            accepted += len(accept_rows(request, cid, good[i : i + chunk], dedup=dedup))
+            accepted += len(await accept_rows(request, cid, good[i : i + chunk], dedup=dedup))
             await asyncio.sleep(0)  # let other requests in between chunks
     finally:
         spooled = accepted - ((run.skipped - skipped) if run is not None else 0)

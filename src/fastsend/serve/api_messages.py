@@ -192,7 +192,8 @@ class MessagesHandler:
         limit = max_message_size(request)
         if isinstance(tpl, int):
             missing = bad(f"{where}: no template campaign {tpl}", where)
-            info = api.ctx.spool.get_campaign(tpl) if 1 <= tpl <= MAX_ID else None
+            info = (await spool_call(api.ctx, api.ctx.spool.get_campaign, tpl)
+                    if 1 <= tpl <= MAX_ID else None)  # fmt: skip
             if info is None or info.spec.get("kind") == "transactional" or (
                 info.status in (STAGING, ABANDONED)
             ):
@@ -229,7 +230,7 @@ class MessagesHandler:
         cid = known.get((tenant, digest))
         live = request.setdefault(LIVE, set())  # checked in this request
         if cid is not None and cid not in live:
-            info = api.ctx.spool.get_campaign(cid)
+            info = await spool_call(api.ctx, api.ctx.spool.get_campaign, cid)
             if info is None or info.status in ENDED_CAMPAIGN:  # cancelled since: a new one
                 del known[(tenant, digest)]
                 cid = None
@@ -311,7 +312,8 @@ class MessagesHandler:
         else:  # (checked once a request: cancelled since, it is made anew)
             fresh = LIVE_TRANSACTIONAL not in request
             request[LIVE_TRANSACTIONAL] = True
-            p.campaign = api_of(request).ctx.tenant_campaign(tenant_of(request), fresh)
+            ctx = api_of(request).ctx
+            p.campaign = await spool_call(ctx, ctx.tenant_campaign, tenant_of(request), fresh)
             vars_ = await self.content(request, m, where)
         p.rows = [(a, d, vars_) for a, d, _ in p.rows]
         return p
@@ -461,13 +463,13 @@ class MessagesHandler:
         run = run_of(request)
         if run is not None:
             total -= sum(run.spooled(cid) for cid in by_campaign)
-        taken = api.ctx.caps.take(tenant_of(request), total)
+        taken = await spool_call(api.ctx, api.ctx.caps.take, tenant_of(request), total)
         metrics = api.metrics
         done = 0  # rows of this request spooled (or found spooled by an earlier attempt)
         for n, (cid, group) in enumerate(by_campaign.items()):
             rows = [r for p in group for r in p.rows]
             try:
-                ids = accept_rows(request, cid, rows)  # recorded under an Idempotency-Key
+                ids = await accept_rows(request, cid, rows)  # (under an Idempotency-Key)
             except Exception as e:
                 api.ctx.caps.refund(taken, total - done)  # (what was spooled stays counted)
                 if n == 0 or run is not None:
@@ -485,7 +487,8 @@ class MessagesHandler:
         meta = [(mid, p.meta[0], p.meta[1]) for p in prepared if p.meta for mid in p.ids]
         if meta:
             api.index.add_meta(meta)
-        api.index.maybe_flush()
+        if api.ctx.shared is None:  # (a shared one's: the tick's, in a thread)
+            api.index.maybe_flush()
         out = [{"ids": p.ids, "to": p.to} for p in prepared]
         return json_response(
             {"accepted": sum(len(p.ids) for p in prepared), "messages": out}, status=202
@@ -504,7 +507,8 @@ class MessagesHandler:
             info = await spool_call(api.ctx, api.ctx.spool.get_campaign, row["campaign"])
             if info is None or info.status in (STAGING, ABANDONED):
                 raise missing  # a campaign still being made, or given up: never shown
-        tags, metadata = api.index.meta(mid)
+        tags, metadata = await spool_call(api.ctx, api.index.meta, mid)
+        events = await spool_call(api.ctx, api.index.for_message, mid)
         return json_response(
             {
                 "id": mid,
@@ -522,7 +526,7 @@ class MessagesHandler:
                 },
                 "tags": tags,
                 "metadata": metadata,
-                "events": api.index.for_message(mid),
+                "events": events,
             }
         )
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -244,6 +245,7 @@ class ServeContext:
         # Recipient lists uploaded through the API, as durable ingest jobs.
         self.uploads = Uploads(self.acceptor, config.spool_dir)
         self._tenant_campaigns: dict[str, int] = {}
+        self._tenant_lock = threading.Lock()
         self.quota = CampaignQuota(lambda: self.spool)  # [api] max_campaigns_per_day
         # [api] tenant_daily_messages / tenant_message_rate (and [tenants.NAME]'s)
         self.caps = TenantCaps(self)
@@ -287,6 +289,10 @@ class ServeContext:
         ``fresh``: the one kept is checked first: cancelled since (by the tenant,
         the operator or another node), a new one is made (mail accepted into a
         cancelled campaign was never sent nor ended: a black hole behind a 202)."""
+        with self._tenant_lock:  # (a shared spool's API calls it in threads: one made)
+            return self._tenant_campaign(tenant, fresh)
+
+    def _tenant_campaign(self, tenant: str, fresh: bool) -> int:
         cid = self._tenant_campaigns.get(tenant)
         search = cid is None  # (once a process: the kept one ended, no other is read)
         if cid is not None and fresh:

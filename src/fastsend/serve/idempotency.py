@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -75,7 +76,16 @@ import orjson
 from aiohttp import web
 
 from fastsend import durable
-from fastsend.serve.api import ApiError, Handler, api_of, bad, error_response, read_body, tenant_of
+from fastsend.serve.api import (
+    OFF_LOOP_BYTES,
+    ApiError,
+    Handler,
+    api_of,
+    bad,
+    error_response,
+    read_body,
+    tenant_of,
+)
 from fastsend.serve.context import ServeContext
 from fastsend.serve.uploads import UPLOAD, Uploads
 from fastsend.spool import (
@@ -87,6 +97,7 @@ from fastsend.spool import (
     IdemRecord,
     IngestJob,
     Spool,
+    storage_problem,
 )
 from fastsend.spool.base import holder_gone, holder_tag, same_pid_space
 
@@ -265,19 +276,56 @@ def run_of(request: web.Request) -> IdemRun | None:
     return request.get(RUN)
 
 
-def accept_rows(request: web.Request, campaign_id: int, rows: list[tuple[str, str, bytes]],
-                dedup: bool = False) -> list[int]:  # fmt: skip
+async def accept_rows(request: web.Request, campaign_id: int,
+                      rows: list[tuple[str, str, bytes]], dedup: bool = False) -> list[int]:  # fmt: skip
     """Spool rows for a route that accepts mail: ``ctx.inject``, recorded under the
     request's Idempotency-Key when it has one (see :class:`IdemRun`). ``dedup``:
-    rows whose address the campaign has are left out (``Acceptor.accept``)."""
+    rows whose address the campaign has are left out (``Acceptor.accept``).
+    Without a key, large bodies are stored as blobs in a thread first
+    (``Acceptor.stow``), and on a shared spool the rows are spooled in a thread
+    too (on the loop, a slow Redis held every listener for each of the spool's
+    calls), their events emitted on the loop (the event log's listeners are the
+    loop's)."""
     ctx = api_of(request).ctx
     run = run_of(request)
     held = request.get(HELD)
-    if run is None:
-        if held is not None:
-            return ctx.acceptor.accept(campaign_id, rows, held=held.rows, dedup=dedup)
-        return ctx.inject(campaign_id, rows, dedup=dedup)
-    return run.accept(ctx, campaign_id, rows, held, dedup=dedup)
+    if run is not None:
+        return run.accept(ctx, campaign_id, rows, held, dedup=dedup)
+    acceptor = ctx.acceptor
+    stowed = None
+    if not dedup and sum(len(r[2]) for r in rows) > OFF_LOOP_BYTES:
+        stowed = await asyncio.to_thread(acceptor.stow, rows)
+    try:
+        if ctx.shared is None:
+            if held is not None:
+                return acceptor.accept(campaign_id, rows, held=held.rows, dedup=dedup,
+                                       stowed=stowed)  # fmt: skip
+            return ctx.inject(campaign_id, rows, dedup=dedup, stowed=stowed)
+        if acceptor.events.failing:  # (said here, as accept would: nothing is spooled)
+            acceptor.events.flush()
+        told: list[tuple[int, list[int], list[str], set[int], float]] = []
+        ids = await asyncio.to_thread(
+            functools.partial(acceptor.accept, campaign_id, rows, dedup=dedup, stowed=stowed,
+                              held=held.rows if held is not None else told, wake=False)
+        )  # fmt: skip
+        for cid, got, rcpts, gone, now in told:
+            try:
+                acceptor.emit_accepted(cid, got, rcpts, gone, now)
+            except OSError as e:  # spooled: their events wait in the log's buffer
+                if storage_problem(e) is None:
+                    raise
+                log.error("the event log cannot be written (%s): the events of %d row(s)"
+                          " just spooled wait in memory; no more mail is taken until it"
+                          " can be", e, len(got))  # fmt: skip
+            if len(gone) < len(got):
+                ctx._wake()
+        return ids
+    finally:
+        if stowed is not None and stowed.refs:  # (spooled: its blobs' rows recorded)
+            try:
+                await asyncio.to_thread(acceptor.ref_stowed, stowed)
+            except Exception:  # (the sweep records them from the rows: not lost)
+                log.warning("%s: a blob's rows not recorded", HEADER, exc_info=True)
 
 
 class Held:

@@ -59,6 +59,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
@@ -501,6 +502,11 @@ class RedisEventIndex(CatchesUp):
         self.closed = False
         self._said = False
         self.mkey = f"{self.k}:evmarks"  # each node's event log: how far its rows are in
+        # The loop adds events while a flush may run in a thread (serve's tick, the
+        # message route): _lock guards the buffers (held for their swap, never
+        # over a Redis call), _flushing keeps flushes (and their marks) in order.
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
 
     def _kept_mark(self) -> str | None:
         v = self.r.hget(self.mkey, self.mark_key)
@@ -525,6 +531,10 @@ class RedisEventIndex(CatchesUp):
                     self._said = True
 
     def _add(self, events: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._add_locked(events)
+
+    def _add_locked(self, events: list[dict[str, Any]]) -> None:
         dumps = orjson.dumps
         add = self.pending.append
         counts = self.counts
@@ -551,20 +561,28 @@ class RedisEventIndex(CatchesUp):
 
     def add_meta(self, rows: Iterable[tuple[int, list[str], dict[str, Any]]]) -> None:
         dumps = orjson.dumps
-        self.pending_meta.extend((mid, dumps(tags), dumps(md)) for mid, tags, md in rows)
+        got = [(mid, dumps(tags), dumps(md)) for mid, tags, md in rows]
+        with self._lock:
+            self.pending_meta.extend(got)
 
     def maybe_flush(self) -> None:
         if time.monotonic() - self.last_flush >= 0.2:
             self.flush()
 
     def flush(self) -> None:
+        """Write what was added since the last flush; from any thread."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         self.last_flush = time.monotonic()
-        mark = self._mark if self._mark != self._mark_written else None
-        if not self.pending and not self.pending_meta and not self.counts and mark is None:
-            return
-        rows, self.pending = self.pending, []
-        meta, self.pending_meta = self.pending_meta, []
-        counts, self.counts = self.counts, {}
+        with self._lock:
+            mark = self._mark if self._mark != self._mark_written else None
+            if not self.pending and not self.pending_meta and not self.counts and mark is None:
+                return
+            rows, self.pending = self.pending, []
+            meta, self.pending_meta = self.pending_meta, []
+            counts, self.counts = self.counts, {}
         k = self.k
         pipe = self.r.pipeline(transaction=False)
         # Runs of consecutive events of one bucket, campaign and type (a batch of

@@ -1588,6 +1588,11 @@ class RedisSpool(Spool):
     # {touched, pending}, P:br:HEX the id runs holding it ("first-last"),
     # P:blobs HEX -> when a sweep looks at it next (oldest first).
 
+    # put_blob / ref_blob from any thread (serve stores a large body off its loop,
+    # Acceptor.stow): redis-py's client is thread-safe. (Its WAITAOF may meet
+    # another connection than the write's; the rows' own, after, covers the blob.)
+    blobs_aside = True
+
     def put_blob(self, digest: str, data: bytes, now: float) -> None:
         k = self.k
         first = int(self.r.get(f"{k}:seq:m") or 0) + 1  # its rows' ids are at least this
