@@ -8,6 +8,7 @@ serve`` processes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -19,6 +20,7 @@ import aiohttp
 import pytest
 from tests._redis_helpers import RedisHold
 from tests._serve_helpers import Served, http, until
+from tests.conftest import free_port, wait_port
 from tests.test_multinode_audit26 import _state, _told
 from tests.test_serve_audit17 import TPL
 
@@ -165,6 +167,90 @@ def test_messages_posted_and_read_wait_for_a_slow_redis_off_the_loop(
             e["event"] for e in node.req("GET", f"/v1/messages/{rid}")[1]["events"]
         ] == ["accepted"])  # fmt: skip
         assert node.req("GET", f"/v1/messages/{rid}")[1]["to"] == "r@example.org"
+    finally:
+        node.stop()
+        px.close()
+
+
+def test_a_submitted_message_waits_for_a_slow_redis_off_the_loop(
+    redis_server: Any, tmp_path: Path, certs: Any
+) -> None:
+    """The node's Redis answers slowly (each request 3 s late): a message
+    submitted on the submission port (to two recipients, and one of 400 KB: its
+    body a blob) is spooled in threads (the tenant's caps, its transactional
+    campaign, the blob, the rows) while the node's HTTP listener answers at once;
+    each gets its 250 and its rows are queued. Before: the submission listener
+    spooled on the event loop, each Redis call holding every listener of the node
+    for as long as Redis took."""
+    import aiosmtplib
+
+    cert, key, tls = certs
+    port = free_port()
+    px = RedisHold(redis_server)
+    node = Served(tmp_path, None, spool_url=px.url(node="a", socket_timeout="60"),
+                  extra=f'[submission]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\n'
+                        f'tls_key = "{key}"\n[analytics]\nenabled = false\n',
+                  serve_args=("--allow-volatile", "--no-workers"))  # fmt: skip
+    wait_port("127.0.0.1", port, timeout=60)
+    small = b"From: a@example.com\r\nTo: u@example.org\r\nSubject: s\r\n\r\nhello\r\n"
+    big = b"From: a@example.com\r\nTo: u@example.org\r\nSubject: b\r\n\r\n" + (
+        b"0123456789abcdef" * 64 + b"\r\n") * 390
+
+    ready = threading.Barrier(3)
+
+    def send(msg: bytes, rcpts: list[str], slow: bool) -> Any:
+        async def go() -> Any:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
+                                   tls_context=tls, timeout=120)  # fmt: skip
+            await smtp.connect()
+            try:
+                await smtp.login("acme", node.keys["acme"])
+                if slow:  # (both logged in, then Redis slowed)
+                    await asyncio.to_thread(ready.wait, 60)
+                    await asyncio.to_thread(ready.wait, 60)
+                errs, reply = await smtp.sendmail("a@example.com", rcpts, msg)
+                return errs, reply
+            finally:
+                smtp.close()
+
+        return asyncio.run(go())
+
+    first = send(small, ["u0@example.org"], False)  # (the key cached, the campaign made)
+    assert "Ok: queued" in first[1], first
+    got: dict[str, Any] = {}
+    asks = [
+        threading.Thread(target=lambda: got.update(
+            two=send(small, ["u1@example.org", "u2@example.org"], True))),
+        threading.Thread(target=lambda: got.update(
+            big=send(big, ["u3@example.org"], True))),
+    ]  # fmt: skip
+    try:
+        for t in asks:
+            t.start()
+        ready.wait(60)
+        px.slow(3.0)
+        ready.wait(60)
+        while any(t.is_alive() for t in asks):  # (the loop free while they wait)
+            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=2.5)
+            assert st == 200 and "paths" in doc
+            time.sleep(0.3)
+    finally:
+        px.release()
+    try:
+        for t in asks:
+            t.join(120)
+        assert "Ok: queued" in got["two"][1] and "2 recipient" in got["two"][1], got
+        assert "Ok: queued" in got["big"][1], got
+        from fastsend.spool import open_spool
+
+        spool = open_spool(node.spool_url)
+        try:
+            for name, n in (("two", 2), ("big", 1)):
+                mid = int(got[name][1].split("queued as ")[1].split()[0])
+                rows = [spool.message(i) for i in range(mid, mid + n)]
+                assert [r and r["state"] for r in rows] == ["queued"] * n, rows
+        finally:
+            spool.close()
     finally:
         node.stop()
         px.close()

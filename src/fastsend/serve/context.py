@@ -24,6 +24,7 @@ It opens no sockets and knows nothing of HTTP or SMTP.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -39,9 +40,11 @@ from fastsend.events import EventLog
 from fastsend.queue.supervisor import Supervisor
 from fastsend.serve.tenantcaps import TenantCaps
 from fastsend.serve.uploads import Uploads
-from fastsend.spool import IdemMark, Spool, open_spool
+from fastsend.spool import IdemMark, Spool, open_spool, storage_problem
 from fastsend.suppression import SuppressionList
 from fastsend.tenants import Tenants
+
+log = logging.getLogger("fastsend.serve")
 
 TRANSACTIONAL_SPEC: dict[str, Any] = {"kind": "transactional", "defaults": {}}
 TRANSACTIONAL_OPTION = "transactional_tenant"  # campaign option naming the tenant
@@ -340,6 +343,39 @@ class ServeContext:
         stored already, ``Acceptor.stow``); returns their ids in the order of
         ``rows`` (``dedup``: of the rows whose address the campaign did not have)."""
         return self.acceptor.accept(campaign_id, rows, idem=idem, dedup=dedup, stowed=stowed)
+
+    async def inject_off(
+        self, campaign_id: int, rows: list[tuple[str, str, bytes]], *, dedup: bool = False,
+        stowed: Any = None, held: list[Any] | None = None,
+    ) -> list[int]:  # fmt: skip
+        """:meth:`inject` (``held``: the events kept there, as ``Acceptor.accept``'s),
+        on a shared spool in a thread: on the loop a slow Redis held every listener
+        of the node for each of the spool's calls. The events are emitted (the event
+        log's listeners are the loop's) and the supervisor woken on the loop."""
+        acceptor = self.acceptor
+        if self.shared is None:
+            if held is not None:
+                return acceptor.accept(campaign_id, rows, held=held, dedup=dedup, stowed=stowed)
+            return self.inject(campaign_id, rows, dedup=dedup, stowed=stowed)
+        if acceptor.events.failing:  # (said here, as accept would: nothing is spooled)
+            acceptor.events.flush()
+        told: list[tuple[int, list[int], list[str], set[int], float]] = []
+        ids: list[int] = await asyncio.to_thread(
+            functools.partial(acceptor.accept, campaign_id, rows, dedup=dedup, stowed=stowed,
+                              held=held if held is not None else told, wake=False)
+        )  # fmt: skip
+        for cid, got, rcpts, gone, now in told:
+            try:
+                acceptor.emit_accepted(cid, got, rcpts, gone, now)
+            except OSError as e:  # spooled: their events wait in the log's buffer
+                if storage_problem(e) is None:
+                    raise
+                log.error("the event log cannot be written (%s): the events of %d row(s)"
+                          " just spooled wait in memory; no more mail is taken until it"
+                          " can be", e, len(got))  # fmt: skip
+            if len(gone) < len(got):
+                self._wake()
+        return ids
 
     # -- per-node files, or shared in Redis ----------------------------------
 

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -97,7 +96,6 @@ from fastsend.spool import (
     IdemRecord,
     IngestJob,
     Spool,
-    storage_problem,
 )
 from fastsend.spool.base import holder_gone, holder_tag, same_pid_space
 
@@ -296,30 +294,8 @@ async def accept_rows(request: web.Request, campaign_id: int,
     if not dedup and sum(len(r[2]) for r in rows) > OFF_LOOP_BYTES:
         stowed = await asyncio.to_thread(acceptor.stow, rows)
     try:
-        if ctx.shared is None:
-            if held is not None:
-                return acceptor.accept(campaign_id, rows, held=held.rows, dedup=dedup,
-                                       stowed=stowed)  # fmt: skip
-            return ctx.inject(campaign_id, rows, dedup=dedup, stowed=stowed)
-        if acceptor.events.failing:  # (said here, as accept would: nothing is spooled)
-            acceptor.events.flush()
-        told: list[tuple[int, list[int], list[str], set[int], float]] = []
-        ids = await asyncio.to_thread(
-            functools.partial(acceptor.accept, campaign_id, rows, dedup=dedup, stowed=stowed,
-                              held=held.rows if held is not None else told, wake=False)
-        )  # fmt: skip
-        for cid, got, rcpts, gone, now in told:
-            try:
-                acceptor.emit_accepted(cid, got, rcpts, gone, now)
-            except OSError as e:  # spooled: their events wait in the log's buffer
-                if storage_problem(e) is None:
-                    raise
-                log.error("the event log cannot be written (%s): the events of %d row(s)"
-                          " just spooled wait in memory; no more mail is taken until it"
-                          " can be", e, len(got))  # fmt: skip
-            if len(gone) < len(got):
-                ctx._wake()
-        return ids
+        return await ctx.inject_off(campaign_id, rows, dedup=dedup, stowed=stowed,
+                                    held=held.rows if held is not None else None)  # fmt: skip
     finally:
         if stowed is not None and stowed.refs:  # (spooled: its blobs' rows recorded)
             try:

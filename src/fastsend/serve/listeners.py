@@ -888,6 +888,11 @@ class _Submission(_Policy):
     async def message_async(self, conn: _Connection, ev: Message) -> tuple[int, str, str]:
         if conn.client:
             conn.rdns = await self.rdns.name(conn.client, conn.started + self.rdns.timeout)
+        if self.ctx.shared is not None and self._keys is not None:
+            # The session's key read again in a thread (its cached row is trusted
+            # KeyStore.CACHE_TTL, 0.5 s): _begin's look then finds it cached. On the
+            # loop, a slow Redis held every listener of the node for it, per message.
+            await asyncio.to_thread(self.still_valid, conn)
         begun = self._begin(conn, ev)
         if not isinstance(begun, _Begun):
             return begun
@@ -905,7 +910,7 @@ class _Submission(_Policy):
                 stowed = await asyncio.to_thread(self.ctx.acceptor.stow, judged.rows)
             except Exception as e:
                 return self._not_spooled(e)
-        answer = self._spool(begun, judged, stowed)
+        answer = await self._spool_off(begun, judged, stowed)
         if stowed is not None and stowed.refs:  # (spooled: its blob's rows recorded)
             try:
                 await asyncio.to_thread(self.ctx.acceptor.ref_stowed, stowed)
@@ -1099,6 +1104,34 @@ class _Submission(_Policy):
             return 451, "4.7.0", f"{e}; try again later"
         except Exception as e:
             self.ctx.caps.refund(taken)
+            return self._not_spooled(e)
+        return 250, "2.0.0", f"Ok: queued as {ids[0]} ({len(ids)} recipient(s)) id {trace_id}"
+
+    async def _spool_off(
+        self, begun: _Begun, judged: _Judged, stowed: Any = None
+    ) -> tuple[int, str, str]:
+        """:meth:`_spool`, its spool calls in threads on a shared spool (on the
+        loop a slow Redis held every listener of the node for each of them)."""
+        ctx = self.ctx
+        if ctx.shared is None:
+            return self._spool(begun, judged, stowed)
+        tenant, rows, trace_id = begun.tenant, judged.rows, begun.trace_id
+        try:  # the tenant's daily quota and submission rate: a message per recipient
+            taken = await asyncio.to_thread(ctx.caps.take, tenant, len(rows))
+        except TenantCapExceeded as e:
+            return 451, "4.7.1", str(e)
+        except Exception:  # (the spool's counters out of reach: as a spool error below)
+            log.warning("submission: the tenant's caps could not be counted", exc_info=True)
+            return 451, "4.3.0", "Temporary failure (storage), try again later"
+        try:
+            cid = await asyncio.to_thread(ctx.tenant_campaign, tenant, True)
+            ids = await ctx.inject_off(cid, rows, stowed=stowed)
+        except CampaignQuotaExceeded as e:
+            await asyncio.to_thread(ctx.caps.refund, taken)
+            return 451, "4.7.0", f"{e}; try again later"
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(ctx.caps.refund, taken)
             return self._not_spooled(e)
         return 250, "2.0.0", f"Ok: queued as {ids[0]} ({len(ids)} recipient(s)) id {trace_id}"
 

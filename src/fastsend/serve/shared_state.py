@@ -152,7 +152,10 @@ class RedisKeyStore:
                 return None
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            row = self._cache[kid] = (bytes(h), _s(tenant), float(rev) if rev else None, now)
+            # (stamped as read: a read that took a while, a slow Redis, is not stale
+            # at once, read again by the next look on the loop)
+            row = self._cache[kid] = (bytes(h), _s(tenant), float(rev) if rev else None,
+                                      time.monotonic())  # fmt: skip
         stored, tenant_s, revoked, _ = row
         if not hmac.compare_digest(_sha(key), stored) or revoked is not None:
             return None

@@ -928,6 +928,9 @@ class RedisSpool(Spool):
             raise self._ingest_lost(int(ingest.job)) from None  # type: ignore[union-attr]
         finally:
             pipe.reset()
+        # (again once written: serve spools in a thread, so a claim may have run
+        # since the first and found none of these rows: stale too)
+        self._due_gen += 1
         self._wait_durable()
         return ids
 
