@@ -74,6 +74,28 @@ def run_killed(fault: str, *args: str, timeout: float = 120) -> str:
     return err
 
 
+def run_killed_when(args: list[str], ready: Callable[[], bool], timeout: float = 240) -> str:
+    """Run ``fastsend *args`` (its own session) and kill -9 all of it (the
+    supervisor and its workers at once, a power loss's or the OOM killer's
+    whole-process kill) once ``ready()`` says so, asked each 0.05 s; it must
+    not end before. Returns its stderr."""
+    proc = subprocess.Popen(
+        fastsend_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"fastsend {args[0]} ended first: {proc.stderr.read()[-2000:]}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, f"fastsend {args[0]}: not ready in time"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    _out, err = proc.communicate(timeout=60)
+    return err
+
+
 def run_killing_a_worker(
     args: list[str],
     pick: Callable[[list[Any]], Any],

@@ -39,6 +39,7 @@ from fastsend.commands.common import (
     sign_links_as_serve,
     still_deferred,
     stopped_by_signal,
+    take_back_set_aside,
     with_run,
 )
 
@@ -166,6 +167,13 @@ def run(args: argparse.Namespace) -> int:
             return taken
         if taken is not None:
             args, cfg = taken
+    try:  # what a serve set aside for this command (a send's mail, its options)
+        for cid in take_back_set_aside(spool):
+            print(f"fastsend: campaign {cid}, set aside by serve, is active again",
+                  file=sys.stderr)  # fmt: skip
+    except spool.outage_errors() as e:
+        spool.close()
+        return die(f"the spool is out of reach ({e.__class__.__name__}: {e})", EX_TEMPFAIL)
     try:
         sign_links_as_serve(cfg, spool)  # serve's secret: its links, VERP and ids verify
     except spool.outage_errors() as e:

@@ -251,6 +251,13 @@ class Server:
             print(f"fastsend serve: {e}", file=sys.stderr)
             ctx.close()
             return 75
+        if ctx.shared is None and self.with_workers:
+            # A `send`'s campaign left with mail (a kill -9): not ours to deliver
+            # with serve's routes and IPs; `resume` continues it with its own.
+            from fastsend.commands.common import set_aside_sends
+
+            for line in set_aside_sends(ctx.spool, self.config_path, cfg.spool_dir):
+                print(f"fastsend serve: {line}", file=sys.stderr, flush=True)
         if ctx.shared is not None:
             # A shared spool: state what accepted mail survives, hold our source IPs.
             try:
