@@ -39,9 +39,9 @@ from fastsend.commands.common import (
     sign_links_as_serve,
     still_deferred,
     stopped_by_signal,
-    take_back_set_aside,
     with_run,
 )
+from fastsend.serve.sends import take_back_set_aside
 
 if TYPE_CHECKING:
     from fastsend.config import Config

@@ -1,0 +1,84 @@
+"""A `fastsend send`'s recorded run (the options that say where and how its
+mail goes, kept in its campaign's options) and what `serve` does with a
+campaign a `send` left: set it aside for `fastsend resume`
+(:func:`set_aside_sends`), which takes it back (:func:`take_back_set_aside`).
+Here, below ``fastsend.commands``, for serve to use."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any
+
+# The options of a run that say where and how its mail goes (the rest, --workers,
+# --max-wait, --json..., are the command's own): `send` records them with its
+# campaign (``RUN_OPTION``) and `resume` given none of them takes them back.
+RUN_FLAGS = {"config": "-c", "route": "--route", "source_ip": "--source-ip", "helo": "--helo",
+             "retry": "--retry", "nameserver": "--nameserver"}  # fmt: skip
+RUN_OPTION = "run"
+
+
+def run_flags(run: dict[str, Any]) -> str:
+    """A recorded run's options as a command line says them."""
+    words: list[str] = []
+    for name, flag in RUN_FLAGS.items():
+        value = run.get(name)
+        for v in value if isinstance(value, list) else [value] if value else []:
+            words += [flag, str(v)]
+    return shlex.join(words) if words else "no options (MX, embedded defaults)"
+
+
+# The reason a `serve` pausing a `send`'s campaign gives it (:func:`set_aside_sends`);
+# `resume` takes such a campaign back (:func:`take_back_set_aside`).
+SET_ASIDE = "set aside by serve: "
+
+
+def _same_run(run: dict[str, Any], config_path: str) -> bool:
+    """Whether a recorded run is serve's own: ``-c`` its config, nothing else."""
+    path = run.get("config")
+    return set(run) == {"config"} and isinstance(path, str) and (
+        os.path.realpath(path) == os.path.realpath(config_path))  # fmt: skip
+
+
+def set_aside_sends(spool: Any, config_path: str, spool_dir: str) -> list[str]:
+    """At a `serve`'s start on a SQLite spool: pause (reason :data:`SET_ASIDE`) each
+    active campaign a `send` spooled with other options than serve's own (its
+    ``-c`` alone) that still has mail or a list to read (a `send` killed -9, or
+    ended with mail deferred): serve's routes, source IPs, HELO and retries are
+    not the ones its mail was sent with (before: serve delivered a `send
+    --route`'s mail by its own routes, a test campaign to real MX hosts).
+    Returns one line per campaign, naming the ``fastsend resume`` that
+    continues it with its own options."""
+    reading = {j.campaign for j in spool.list_ingests(unfinished=True)}
+    out: list[str] = []
+    for info in spool.list_campaigns():
+        run = (info.options or {}).get(RUN_OPTION)
+        if not isinstance(run, dict) or info.status != "active" or _same_run(run, config_path):
+            continue
+        if info.id not in reading and not spool.pending_domains([info.id], limit=1):
+            continue
+        spool.set_campaign_status(
+            info.id, "paused", f"{SET_ASIDE}its `send` was given {run_flags(run)}"
+        )
+        out.append(
+            f"campaign {info.id} {info.name!r} was spooled by `fastsend send` with"
+            f" {run_flags(run)}, not serve's options: set aside (paused), not delivered;"
+            f" continue it with `fastsend resume --spool {shlex_quote(spool_dir)}` once serve"
+            " is stopped (its recorded options are taken)"
+        )
+    return out
+
+
+def take_back_set_aside(spool: Any) -> list[int]:
+    """`resume`: the campaigns a `serve` set aside (:func:`set_aside_sends`) are
+    active again, delivered with this run's options; returns their ids."""
+    out: list[int] = []
+    for info in spool.list_campaigns():
+        if info.status == "paused" and info.reason.startswith(SET_ASIDE):
+            spool.set_campaign_status(info.id, "active")
+            out.append(info.id)
+    return out
+
+
+def shlex_quote(word: str) -> str:
+    return shlex.quote(os.path.abspath(word))
