@@ -90,6 +90,7 @@ DELIBERATELY NOT
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import select
@@ -98,7 +99,10 @@ from typing import TYPE_CHECKING, Final
 
 from fastsend._accel import pick
 
-__all__ = ["HEADER_BYTES", "MAGIC", "WRITE_LOG_IDS", "PyRing", "Ring", "WriteLog"]
+__all__ = [
+    "HEADER_BYTES", "MAGIC", "WRITE_LOG_IDS", "PyRing", "Ring", "WriteLog", "clear_write_logs",
+    "read_write_logs", "reset_write_logs",
+]
 
 HEADER_BYTES: Final = 256
 RELEASE_EVERY: Final = 4 << 20  # bytes produced between releases of free pages
@@ -445,11 +449,23 @@ class WriteLog:
     hands mail over (an id handed at count h was written, if at all, at a
     count >= h: kept when h >= count - capacity)."""
 
-    def __init__(self, capacity: int = WRITE_LOG_IDS) -> None:
+    def __init__(self, capacity: int = WRITE_LOG_IDS, path: str | None = None) -> None:
+        # path: the log is that file (made anew, 0600), mapped shared: what a
+        # worker noted outlives a kill -9 of the supervisor and its workers
+        # together, for the next start's recovery (read_write_logs).
         if capacity < 1:
             raise ValueError(f"capacity must be positive, not {capacity}")
         self.capacity = capacity
-        self._mem = mmap.mmap(-1, 8 * (capacity + 1), flags=mmap.MAP_SHARED)
+        size = 8 * (capacity + 1)
+        if path is None:
+            self._mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size)  # (sparse: a page is taken once written)
+                self._mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
         self._v = memoryview(self._mem).cast("q")
 
     @property
@@ -485,6 +501,86 @@ class WriteLog:
     def close(self) -> None:
         self._v.release()
         self._mem.close()
+
+
+# A spool's write logs (WriteLog files) of the process supervising it: one file
+# per worker started (``<n>.log``), and ``run``, the boot they were made in, written
+# before the first of them: the next start's recovery trusts them only then.
+WRITE_LOG_RUN = "run"
+
+
+def _boot() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def read_write_logs(directory: str) -> set[int] | None:
+    """The ids the workers of the last process supervising a spool noted in their
+    write logs in ``directory`` (files of :class:`WriteLog`, kept by a kill -9 of
+    it all), or None when they may not hold every one: no ``run`` note of this
+    boot (a power loss or a reboot may have lost pages; a version that kept no
+    logs), or a log that went round (its oldest ids overwritten)."""
+    try:
+        with open(os.path.join(directory, WRITE_LOG_RUN)) as f:
+            boot = f.read().strip()
+        names = os.listdir(directory)
+    except OSError:
+        return None
+    if not boot or boot != _boot():
+        return None
+    out: set[int] = set()
+    for name in names:
+        if not name.endswith(".log"):
+            continue
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        if len(data) < 16 or len(data) % 8:
+            return None
+        v = memoryview(data).cast("q")
+        n, cap = int(v[0]), len(v) - 1
+        if n < 0 or n > cap:
+            return None  # it went round: the oldest are lost
+        out.update(v[1 : 1 + n])
+    return out
+
+
+def clear_write_logs(directory: str) -> None:
+    """Remove the write logs in ``directory`` (their ``run`` note first: cut
+    short, what is left is not trusted)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, WRITE_LOG_RUN))
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(".log"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+
+
+def reset_write_logs(directory: str) -> None:
+    """Ready ``directory`` for the write logs of this process's workers, by the
+    one process that claims (a supervisor, before its first worker starts):
+    the last process's removed, then the ``run`` note of this boot. A process
+    that claims without it leaves no note: its window all counts unknown."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    clear_write_logs(directory)
+    tmp = os.path.join(directory, WRITE_LOG_RUN + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, _boot().encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(directory, WRITE_LOG_RUN))
 
 
 WRITES: WriteLog | None = None

@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from fastsend import msgid, wire
 from fastsend.config import Config
 from fastsend.queue.state import RING_BYTES, SupervisorState, WorkerSlot, answered_in_window
-from fastsend.ring import Ring, WriteLog
+from fastsend.ring import WRITE_LOG_RUN, Ring, WriteLog, reset_write_logs
 
 WORKER_SILENCE = 30.0  # s without a record (Stats come every second): hung, kill -9 it
 CRASH_LOOP = 3, 60.0  # this many abnormal exits within this many seconds: a crash loop
@@ -118,6 +118,26 @@ class WorkerLifecycle(SupervisorState):
                 slot.backlog.append(rec)
                 self.push_backlog(slot)
 
+    def new_write_log(self) -> WriteLog:
+        """A worker's write log: a file of the spool's write log directory (a
+        kill -9 of this process and its workers leaves it to the next start's
+        recovery), or memory when the spool keeps none or it cannot be made
+        (then the logs' ``run`` note goes: the next start trusts none)."""
+        where = self.write_logs
+        if where is not None:
+            self.write_logs_made += 1
+            try:
+                if self.write_logs_made == 1:  # (after recover read the last run's)
+                    reset_write_logs(where)
+                return WriteLog(path=os.path.join(where, f"{self.write_logs_made}.log"))
+            except OSError as e:
+                print(f"fastsend: warning: a worker's write log cannot be kept in {where}"
+                      f" ({e}): a kill -9 now counts all in flight unknown", file=sys.stderr)  # fmt: skip
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(where, WRITE_LOG_RUN))
+                self.write_logs = None
+        return WriteLog()
+
     def spawn(self, slot: WorkerSlot, olds: Sequence[WorkerSlot] = ()) -> None:
         """Start slot ``slot``'s worker. ``olds``: the workers a reload retired
         for it (and its sister slots): where they left their lanes and provider
@@ -126,7 +146,7 @@ class WorkerLifecycle(SupervisorState):
 
         prepare(self.config)  # imports and keys the workers share (done once, cached)
         slot.inbox, slot.outbox = Ring(RING_BYTES), Ring(RING_BYTES)
-        slot.writes, slot.handed = WriteLog(), deque()
+        slot.writes, slot.handed = self.new_write_log(), deque()
         # An empty get() arms the consumer's waiting flag, so the worker's first
         # put signals our eventfd (the ring signals only a consumer that waits).
         slot.outbox.get()

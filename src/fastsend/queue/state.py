@@ -232,6 +232,10 @@ class SupervisorState:
     # new workers send (WorkerLifecycle.reload); their outcomes apply as any.
     retired: list[WorkerSlot]
     stats: RunStats
+    # where each worker's write log is a file (Spool.write_log_dir: a kill -9 of
+    # it all leaves them for recover), None: anonymous memory; and logs made
+    write_logs: str | None
+    write_logs_made: int
     wake: Wake  # the loop's wake-up (set by outcomes, the feeder, serve's injections)
     feed_room: asyncio.Event  # claims came back short: the feeder may read on
     open_room: dict[int, int]  # slot -> room its last claim left open (while feeding)

@@ -112,6 +112,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             for i in range(config.worker_count)
         ]
         self.retired: list[WorkerSlot] = []
+        self.write_logs = spool.write_log_dir()
+        self.write_logs_made = 0
         self.results: list[Result] = []
         self.unknown: list[tuple[Claimed, wire.Res]] = []
         self.results_since = 0.0

@@ -788,6 +788,14 @@ class Spool(abc.ABC):
         times and expiry are judged by each node's clock, so nodes must agree."""
         return 0.0
 
+    def write_log_dir(self) -> str | None:
+        """Where the workers of the process supervising this spool keep their
+        write logs (:class:`fastsend.ring.WriteLog` files), for :meth:`recover`
+        after a kill -9 of it all: in-flight mail no log names was never begun
+        and goes back with no attempt. None: this spool keeps none (a shared
+        spool's window is taken back by the lease)."""
+        return None
+
     def release_strays(self, known: Collection[int]) -> int:
         """Back to queued: what this process holds in flight in the spool that
         is none of ``known`` (the supervisor's windows and unwritten outcomes):
@@ -1229,6 +1237,9 @@ class SpoolProxy(Spool):
 
     def release_strays(self, known: Collection[int]) -> int:
         return self.inner.release_strays(known)
+
+    def write_log_dir(self) -> str | None:
+        return self.inner.write_log_dir()
 
     def probe(self) -> None:
         self.inner.probe()

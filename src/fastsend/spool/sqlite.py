@@ -51,6 +51,7 @@ import orjson
 
 from fastsend import sqlitedb
 from fastsend._accel import pick
+from fastsend.ring import clear_write_logs, read_write_logs
 from fastsend.spool.base import (
     _LOCKS,
     AGE_BUCKETS_MIN,
@@ -374,6 +375,10 @@ def _runs_cover(db: sqlite3.Connection) -> int | None:
     done, top = done or 0, top or 0
     return done if done >= top else None
 
+
+# The workers' write logs of the process supervising the spool (a directory in
+# it: fastsend.ring.read_write_logs), read by recover() after a kill -9.
+WRITE_LOGS = "writes"
 
 def _campaign_runs(db: sqlite3.Connection) -> None:
     """A campaign's rows are found by its id runs, not an index on
@@ -1351,14 +1356,31 @@ class SQLiteSpool(Spool):
         # attempt of unknown outcome each, due again at once (its due time, passed
         # when it was claimed, is kept; it never expires because of it);
         # taken_back() tells them. A cancelled campaign's: final.
+        # A whole-process kill: what its workers' write logs (kept in files, see
+        # write_log_dir) do not name was never begun (a queue's mail no
+        # connection took): back as it was, no attempt (when the logs may
+        # not hold every write, every one counts, as before).
         self._parked, self._room = [], {}
         self._due_gen += 1
         db = self.db
         now = time.time()
         text = unknown_text()
+        logs = self.write_log_dir()
+        written = read_write_logs(logs) if logs is not None else None
         with transaction(db):
             row = db.execute("SELECT value FROM meta WHERE key=?", (INFLIGHT_LOW,)).fetchone()
             low = int(row[0]) if row else 0
+            if written is not None:
+                unsent = [i for (i,) in db.execute(
+                    "SELECT id FROM messages WHERE id >= ? AND state=?", (low, INFLIGHT)
+                ) if i not in written]  # fmt: skip
+                db.executemany(
+                    "UPDATE messages SET state=CASE WHEN campaign IN (SELECT id FROM campaigns"
+                    " WHERE status='cancelled') THEN ? WHEN attempts > 0 THEN ? ELSE ? END,"
+                    " next_at=CASE WHEN campaign IN (SELECT id FROM campaigns"
+                    " WHERE status='cancelled') THEN 0 ELSE next_at END, updated=? WHERE id=?",
+                    [(CANCELLED, DEFERRED, QUEUED, now, i) for i in unsent],
+                )
             rows = db.execute(
                 "UPDATE messages SET state=CASE WHEN campaign IN (SELECT id FROM campaigns"
                 " WHERE status='cancelled') THEN ? ELSE ? END, attempts=attempts+1,"
@@ -1385,7 +1407,13 @@ class SQLiteSpool(Spool):
             for i, c, r, a, at, st in sorted(rows)
             if st == DEFERRED
         )
+        if logs is not None:  # read: the next supervisor makes its own (or none)
+            with contextlib.suppress(OSError):
+                clear_write_logs(logs)
         return len(rows)
+
+    def write_log_dir(self) -> str | None:
+        return os.path.join(self.directory, WRITE_LOGS) if self._writable else None
 
     def taken_back(self) -> list[TakenBack]:
         out, self._taken_back = self._taken_back, []
