@@ -15,6 +15,10 @@ command killed -9, fastsend's own sink and its log, the event log.
   ``Spool.recover`` counts only what they name; mail they do not goes back
   with no attempt, unless the logs cannot be trusted (another boot, a log
   that went round): then all, as before.
+- A site that deferred (4xx) and then took mail again left its deferred mail
+  waiting each message's own backoff (up to ``max_backoff``, an hour more
+  after a short outage). A delivery after a run of deferrals now brings the
+  domain's deferred mail forward, spaced at the site's rate (SQLite).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from tests._serve_helpers import Served
 
 from fastsend.ring import WRITE_LOG_RUN, WriteLog, reset_write_logs
 from fastsend.sink import SinkProcess
-from fastsend.spool import open_spool
+from fastsend.spool import DEFERRED, Result, open_spool
 
 
 def test_serve_sets_aside_a_killed_sends_campaign_and_resume_sends_it_by_its_route(
@@ -162,3 +166,45 @@ def test_recover_counts_unknown_what_the_write_logs_name_or_all_when_unsure(
     assert c["inflight"] == 0
     assert again.recover() == 0  # (its own logs since: none, nothing in flight)
     again.close()
+
+
+def test_a_site_that_takes_mail_again_gets_its_deferred_mail_at_once(tmp_path: Path) -> None:
+    """20 messages of an earlier run to d.example wait, deferred by the site
+    (451 4.7.1) 1,000 s ago, due in an hour, and 5 deferred for their full
+    mailboxes (4.2.2); a send to the same site is deferred 3 times in a row
+    (``defer3-``) then delivered: the 20 are brought forward and delivered in
+    the same run, in well under the hour; the 5 still wait their own backoff
+    (a mailbox's deferral, not the site's). Before: the send ended with the
+    20 still deferred (``--max-wait``)."""
+    spool = tmp_path / "spool"
+    sp = open_spool(str(spool))
+    cid = sp.create_campaign({"from": "news@sender.example.com", "subject": "Earlier",
+                              "text": "Hello\n"})  # fmt: skip
+    now = time.time()
+    sp.add_messages(cid, [(f"old{i}@d.example", "d.example", b"{}") for i in range(20)], now - 2000)
+    sp.add_messages(cid, [(f"full{i}@d.example", "d.example", b"{}") for i in range(5)], now - 2000)
+    claimed = sp.claim_due(now, 100)
+    sp.record_results(
+        [Result(c.id, DEFERRED, 1, now + 3600, 451, "4.7.1", "451 4.7.1 busy")
+         if c.rcpt.startswith("old") else
+         Result(c.id, DEFERRED, 1, now + 3600, 452, "4.2.2", "452 4.2.2 mailbox full")
+         for c in claimed],
+        now - 1000,
+    )  # fmt: skip
+    sp.close()
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, ["defer3-a@d.example"])
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        host, port = sink.addresses[0]
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
+            "--route", f"*={host}:{port}", "--retry", "0.5,600,86400", "--max-wait", "20",
+            "--json", "--no-progress", "--workers", "1",
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = received_counts(log)
+    assert set(got) == {"defer3-a@d.example", *(f"old{i}@d.example" for i in range(20))}, got
+    recovered = [json.loads(line) for line in (spool / "shaping.jsonl").read_text().splitlines()
+                 if "site_recovered" in line]  # fmt: skip
+    assert [(e["site"], e["brought_forward"]) for e in recovered] == [("d.example", 20)]

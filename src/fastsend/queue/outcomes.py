@@ -31,6 +31,7 @@ from fastsend.spool import (
     DEFERRED,
     DELIVERED,
     EXPIRED,
+    SITE_STATUSES,
     UNKNOWN_CODE,
     UNKNOWN_ENHANCED,
     Claimed,
@@ -41,6 +42,12 @@ from fastsend.spool import (
 )
 from fastsend.suppression import SOURCE_DELIVERY
 
+# A site recovering: a delivery to a domain after this many deferrals in a row
+# that its receivers answered (4xx) brings that domain's deferred mail forward
+# (Outcomes.note_deferral, bring_forward: Spool.bring_forward).
+RECOVER_AFTER = 3
+DEFERRING_MAX = 10_000  # domains followed at once (the oldest dropped)
+BRING_MAX = 10_000  # rows brought forward per recovery
 HANDBACK_SPREAD = 300.0  # s: handed-back mail is spaced at its site's rate up to this far
 # The loop writes outcomes once this many wait, or once the first has waited this
 # long: a transaction of ~1,000 outcomes costs about half as much CPU per outcome
@@ -340,6 +347,10 @@ class Outcomes(SupervisorState):
             else:
                 state, name, at = DEFERRED, "deferred", nxt
                 stats.deferred += 1
+                if retry_at is None and r.mx and site_deferral(r.code, r.enhanced) and (
+                    r.stage not in ("worker", "node", "queue")
+                ):
+                    self.note_deferral(c.domain)  # a receiver's 4xx of the site
                 if r.stage in UNKNOWN_STAGES and (not r.code or r.stage != "data"):
                     self.unknown.append((c, r))  # a provider may say (settle_unknown)
         self.results.append(Result(c.id, state, attempts, at, r.code, r.enhanced, r.text))
@@ -359,6 +370,56 @@ class Outcomes(SupervisorState):
             else:
                 ev["suppressed"] = r.hard
             self.event_buf.append(ev)
+
+    def note_deferral(self, domain: str) -> None:
+        """A receiver of ``domain`` deferred a message: one more in a row. From
+        :data:`RECOVER_AFTER` on, the deliveries are watched (a result hook,
+        only then) for the one that says the site takes mail again."""
+        runs = self.site_deferrals
+        runs[domain] = runs.pop(domain, 0) + 1  # (the most recent last)
+        if len(runs) > DEFERRING_MAX:
+            del runs[next(iter(runs))]
+        if runs[domain] >= RECOVER_AFTER and self.site_recovery not in self.result_hooks:
+            self.result_hooks.append(self.site_recovery)
+
+    def site_recovery(self, c: Claimed, r: wire.Res, state: int) -> None:
+        """A result hook while a site defers: a delivery to a domain that was
+        deferring ends its run; after :data:`RECOVER_AFTER` or more, its
+        deferred mail is brought forward at the next flush (:meth:`bring_forward`)."""
+        if state != DELIVERED:
+            return
+        runs = self.site_deferrals
+        n = runs.pop(c.domain, 0)
+        if n >= RECOVER_AFTER:
+            self.recovered.add(c.domain)
+        if not any(k >= RECOVER_AFTER for k in runs.values()):
+            with contextlib.suppress(ValueError):
+                self.result_hooks.remove(self.site_recovery)
+
+    def bring_forward(self) -> None:
+        """Each site that took mail again after a run of deferrals (its
+        receivers' 4xx): its domain's deferred mail, deferred at least
+        ``[retry] min_backoff`` ago (a greylisting receiver's wait is over),
+        due from now on at the site's message rate (``[shaping]``, one
+        source address's), up to :data:`BRING_MAX`, instead of each message's
+        own backoff (up to ``max_backoff``: an hour more after a short outage).
+        Said in the shaping log (``site_recovered``)."""
+        from fastsend.shaping.policy import load_policy
+
+        domains, self.recovered = self.recovered, set()
+        policy = load_policy(self.config)
+        now = time.time()
+        for d in sorted(domains):
+            rate = policy.resolve((), d).message_rate
+            step = 0.0 if rate == float("inf") or rate <= 0 else 1.0 / rate
+            n = self.spool.bring_forward(
+                d, now, step, BRING_MAX, deferred_before=now - self.config.retry.min_backoff
+            )
+            if n:
+                self.shaping.log_event({
+                    "time": now, "event": "shaping", "action": "site_recovered", "site": d,
+                    "brought_forward": n, "rate": None if not step else round(1.0 / step, 3),
+                })  # fmt: skip
 
     def handback(self, slot: WorkerSlot, msg: wire.Handback) -> None:
         """Mail a worker gave back unattempted: queued again (attempts unchanged),
@@ -524,6 +585,8 @@ class Outcomes(SupervisorState):
             self.results = []
         if self.unknown:  # (recorded deferred: in this flush or by Spool.recover)
             self.settle_unknown()
+        if self.recovered:  # (their deferrals recorded above)
+            self.bring_forward()
         for slot in (*self.slots, *self.retired):
             slot.unwritten = 0
         if self.requeues:
@@ -703,6 +766,15 @@ apply_sent = pick(apply_sent)
 # died holding it ("worker", Outcomes.unknown_outcomes), a node's window taken
 # back ("node", tell_taken_back).
 UNKNOWN_STAGES = ("data", "worker", "node")
+
+
+def site_deferral(code: int, enhanced: str) -> bool:
+    """A deferral that says the site, not the recipient, is not taking mail:
+    421, or a 4.3 (mail system), 4.4 (network, routing) or 4.7 (policy, rates)
+    status (RFC 3463); a mailbox's (4.2: full) or an address's (4.1) is not
+    one (a domain delivering to its other recipients does not bring those
+    forward). As ``Spool.bring_forward`` picks the rows (``SITE_STATUSES``)."""
+    return code == 421 or (400 <= code < 500 and enhanced[:4] in SITE_STATUSES)
 
 
 def _dicts(buf: list[Any]) -> Iterator[dict[str, Any]]:

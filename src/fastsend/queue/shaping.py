@@ -504,6 +504,15 @@ class SupervisorShaping:
             return True
         return False
 
+    def log_event(self, ev: dict[str, Any]) -> None:
+        """A shaping event of the supervisor's own (a site's recovery): to the
+        shaping log and its listeners, as the workers' are."""
+        if self.log is None:
+            self.log = EventLog(self.log_path)
+        self.log.emit_many([ev])
+        for fn in self.listeners:
+            fn([ev])
+
     def note_rest(self, ev: dict[str, Any], origin: int) -> None:
         """A worker rested or suspended a (source IP, site) lane: the address is
         refused there, from whichever worker it is sent; or a rule throttled

@@ -234,6 +234,10 @@ class SupervisorState:
     stats: RunStats
     # where each worker's write log is a file (Spool.write_log_dir: a kill -9 of
     # it all leaves them for recover), None: anonymous memory; and logs made
+    # domain -> its receivers' deferrals in a row; domains that took mail after a
+    # run of them, their deferred mail to bring forward (Outcomes.site_recovery)
+    site_deferrals: dict[str, int]
+    recovered: set[str]
     write_logs: str | None
     write_logs_made: int
     wake: Wake  # the loop's wake-up (set by outcomes, the feeder, serve's injections)

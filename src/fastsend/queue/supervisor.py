@@ -113,6 +113,8 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         ]
         self.retired: list[WorkerSlot] = []
         self.write_logs = spool.write_log_dir()
+        self.site_deferrals: dict[str, int] = {}
+        self.recovered: set[str] = set()
         self.write_logs_made = 0
         self.results: list[Result] = []
         self.unknown: list[tuple[Claimed, wire.Res]] = []

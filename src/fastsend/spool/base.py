@@ -404,6 +404,11 @@ TAKEN_TTL = 86400.0
 # The reply recorded for a message taken back from a process that died holding
 # it (its whole node: kill -9, a crash, a power loss): it may have been sent.
 UNKNOWN_CODE, UNKNOWN_ENHANCED = 451, "4.3.0"
+# The enhanced status classes of a deferral that says the site, not the
+# recipient, is not taking mail (RFC 3463: mail system, network and routing,
+# policy and rates), with 421: what a site taking mail again brings forward
+# (Spool.bring_forward).
+SITE_STATUSES = ("4.3.", "4.4.", "4.7.")
 
 
 def unknown_text(node: str = "") -> str:
@@ -787,6 +792,17 @@ class Spool(abc.ABC):
         process's ``time.time()``; 0.0 for a local spool. Due times, retry
         times and expiry are judged by each node's clock, so nodes must agree."""
         return 0.0
+
+    def bring_forward(
+        self, domain: str, now: float, step: float, limit: int, deferred_before: float
+    ) -> int:
+        """A site of ``domain`` takes mail again: up to ``limit`` of its deferred
+        messages due later than ``now``, deferred no later than
+        ``deferred_before`` by the site (421, :data:`SITE_STATUSES`) and past
+        any wait their reply named, are due from ``now`` on, ``step`` s apart (the
+        soonest due first); how many. 0 where not kept (a shared spool: each
+        waits its own backoff)."""
+        return 0
 
     def write_log_dir(self) -> str | None:
         """Where the workers of the process supervising this spool keep their
@@ -1240,6 +1256,11 @@ class SpoolProxy(Spool):
 
     def write_log_dir(self) -> str | None:
         return self.inner.write_log_dir()
+
+    def bring_forward(
+        self, domain: str, now: float, step: float, limit: int, deferred_before: float
+    ) -> int:
+        return self.inner.bring_forward(domain, now, step, limit, deferred_before)
 
     def probe(self) -> None:
         self.inner.probe()

@@ -51,6 +51,7 @@ import orjson
 
 from fastsend import sqlitedb
 from fastsend._accel import pick
+from fastsend.retry import retry_hint
 from fastsend.ring import clear_write_logs, read_write_logs
 from fastsend.spool.base import (
     _LOCKS,
@@ -66,6 +67,7 @@ from fastsend.spool.base import (
     INGEST_STATUSES,
     ORPHAN_GRACE,
     QUEUED,
+    SITE_STATUSES,
     STAGING,
     STATE_NAMES,
     SUPERVISOR_LOCK,
@@ -167,6 +169,7 @@ CREATE TABLE IF NOT EXISTS messages (
     last_text TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages(campaign, next_at) WHERE state IN (0, 2);
+CREATE INDEX IF NOT EXISTS messages_deferred ON messages(domain, next_at) WHERE state = 2;
 CREATE TABLE IF NOT EXISTS campaign_rows (
     campaign INTEGER NOT NULL,
     first INTEGER NOT NULL,
@@ -1414,6 +1417,26 @@ class SQLiteSpool(Spool):
 
     def write_log_dir(self) -> str | None:
         return os.path.join(self.directory, WRITE_LOGS) if self._writable else None
+
+    def bring_forward(
+        self, domain: str, now: float, step: float, limit: int, deferred_before: float
+    ) -> int:
+        # A wait its deferral's reply asked for (retry_hint) is still kept.
+        db = self.db
+        with transaction(db):
+            ids = [i for i, at, text in db.execute(
+                "SELECT id, updated, last_text FROM messages WHERE domain=? AND state=?"
+                " AND next_at>? AND updated<=? AND (last_code=421 OR substr(last_enhanced, 1, 4)"
+                f" IN ({','.join('?' * len(SITE_STATUSES))})) ORDER BY next_at LIMIT ?",
+                (domain, DEFERRED, now, deferred_before, *SITE_STATUSES, max(0, limit)),
+            ) if at + retry_hint(text) <= now]  # fmt: skip
+            db.executemany(
+                "UPDATE messages SET next_at=? WHERE id=? AND state=?",
+                [(now + k * step, i, DEFERRED) for k, i in enumerate(ids)],
+            )
+        if ids:
+            self._due_gen += 1
+        return len(ids)
 
     def taken_back(self) -> list[TakenBack]:
         out, self._taken_back = self._taken_back, []
