@@ -37,6 +37,7 @@ from tests._engine_helpers import (
     write_campaign,
     write_recipients,
 )
+from tests._mounts import mounted
 from tests._serve_helpers import Served
 
 from fastsend.ring import WRITE_LOG_RUN, WriteLog, reset_write_logs
@@ -166,6 +167,36 @@ def test_recover_counts_unknown_what_the_write_logs_name_or_all_when_unsure(
     assert c["inflight"] == 0
     assert again.recover() == 0  # (its own logs since: none, nothing in flight)
     again.close()
+
+
+def test_write_logs_without_room_on_their_disk_are_memory_and_trusted_by_no_one(
+    tmp_path: Path,
+) -> None:
+    """A spool on a disk without room for its workers' write logs (2 MiB each:
+    a 1 MiB tmpfs): a log is refused when it is made (its blocks are taken
+    then: a page first written on a full disk would have killed the worker,
+    SIGBUS) and leaves no file; ``send`` says so, delivers with logs in
+    memory, and leaves no ``run`` note (a kill -9 then counts all unknown)."""
+    disk = tmp_path / "disk"
+    with mounted(disk, "-t", "tmpfs", "-o", "size=1m", "tmpfs"):
+        with pytest.raises(OSError):
+            WriteLog(path=str(disk / "1.log"))
+        assert not (disk / "1.log").exists()
+        spool = disk / "spool"
+        camp = write_campaign(tmp_path)
+        rcpts = write_recipients(tmp_path, [f"u{i}@d.example" for i in range(5)])
+        log = tmp_path / "sink.jsonl"
+        with SinkProcess("--log", str(log)) as sink:
+            host, port = sink.addresses[0]
+            proc = run_fastsend(
+                "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
+                "--route", f"*={host}:{port}", "--json", "--no-progress", "--workers", "1",
+            )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert summary(proc)["delivered"] == 5
+        assert "write log cannot be kept" in proc.stderr
+        assert not (spool / "writes" / WRITE_LOG_RUN).exists()
+        assert not list((spool / "writes").glob("*.log"))
 
 
 def test_a_site_that_takes_mail_again_gets_its_deferred_mail_at_once(tmp_path: Path) -> None:

@@ -462,8 +462,14 @@ class WriteLog:
         else:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.ftruncate(fd, size)  # (sparse: a page is taken once written)
+                # Its blocks taken now: a page first written on a full disk would
+                # kill the worker (SIGBUS); a disk that has no room fails here.
+                os.posix_fallocate(fd, 0, size)
                 self._mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
             finally:
                 os.close(fd)
         self._v = memoryview(self._mem).cast("q")
