@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastsend.serve.sends import RUN_FLAGS, RUN_OPTION, run_flags
+from fastsend.sendruns import RUN_FLAGS, RUN_OPTION, run_flags
 
 if TYPE_CHECKING:
     from fastsend.config import Config

@@ -41,7 +41,7 @@ from fastsend.commands.common import (
     stopped_by_signal,
     with_run,
 )
-from fastsend.serve.sends import take_back_set_aside
+from fastsend.sendruns import take_back_set_aside
 
 if TYPE_CHECKING:
     from fastsend.config import Config

@@ -254,7 +254,7 @@ class Server:
         if ctx.shared is None and self.with_workers:
             # A `send`'s campaign left with mail (a kill -9): not ours to deliver
             # with serve's routes and IPs; `resume` continues it with its own.
-            from fastsend.serve.sends import set_aside_sends
+            from fastsend.sendruns import set_aside_sends
 
             for line in set_aside_sends(ctx.spool, self.config_path, cfg.spool_dir):
                 print(f"fastsend serve: {line}", file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 mail goes, kept in its campaign's options) and what `serve` does with a
 campaign a `send` left: set it aside for `fastsend resume`
 (:func:`set_aside_sends`), which takes it back (:func:`take_back_set_aside`).
-Here, below ``fastsend.commands``, for serve to use."""
+Here, below ``fastsend.commands`` and out of ``fastsend.serve`` (a plain send imports it), for serve to use."""
 
 from __future__ import annotations
 
