@@ -1749,13 +1749,7 @@ class _Connection(ServerConnection):
         user = ev.username[:256]
         if throttle is not None and await throttle.blocked_off(self.peer_ip, user,
                                                                time.monotonic()):  # fmt: skip
-            if self.transport is None:
-                return
-            self.proto.reply(454, "4.7.0", "Too many failed authentications, try again later")
-            self._waiting = False
-            self._flush()
-            if not self.proto.closed:
-                self._process()
+            self._auth_refused("Too many failed authentications, try again later")
             return
         try:
             # RFC 4616 2: an authorization identity other than the user's own (acting
@@ -1764,14 +1758,7 @@ class _Connection(ServerConnection):
             proxy = bool(ev.authzid) and ev.authzid != ev.username
             tenant = None if proxy else await self.policy.authenticate(ev.username, ev.password)
         except AuthBusy:  # (nothing checked: no failure counted)
-            if self.transport is None:
-                return
-            self.proto.reply(454, "4.7.0", "Temporary authentication failure, try again later")
-            self._waiting = False
-            self._flush()
-            if not self.proto.closed:
-                self._process()
-                self._resume_input()
+            self._auth_refused("Temporary authentication failure, try again later")
             return
         except Exception:
             log.exception("authentication check failed")
@@ -1800,6 +1787,19 @@ class _Connection(ServerConnection):
                 self.proto.reply(421, "4.7.0", "Too many failed authentications")
             else:
                 self.proto.reply(535, "5.7.8", "Authentication credentials invalid")
+        self._waiting = False
+        self._flush()
+        if not self.proto.closed:
+            self._process()
+            self._resume_input()
+
+    def _auth_refused(self, text: str) -> None:
+        """Answer an AUTH left unchecked (throttled, or the check is busy) 454 4.7.0,
+        a temporary refusal that counts no failure, and go on with the session (input
+        paused while the answer was owed resumes, as after any AUTH answer)."""
+        if self.transport is None:
+            return
+        self.proto.reply(454, "4.7.0", text)
         self._waiting = False
         self._flush()
         if not self.proto.closed:
