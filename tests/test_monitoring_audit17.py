@@ -9,9 +9,11 @@ the SQLite event index, webhook outbox and rollup store, the loopback DNS server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -608,46 +610,67 @@ def test_a_scrape_reads_the_spools_figures_off_the_event_loop(
         ctx.close()
 
 
-def test_a_413_halves_the_batch_instead_of_holding_the_url(tmp_path: Path) -> None:
-    """A receiver whose body limit is under a batch answered 413 to it for ever (until
-    retention_days): every later event for the URL waited behind it."""
-    from aiohttp import web
+class SizeLimitedHook:
+    """A webhook receiver on loopback that answers 413 to a batch of more than
+    ``limit[0]`` events (its body limit, changeable while it runs), with a
+    WebhookDispatcher feeding it (batch_size 8): what it took, batch by batch."""
 
-    from fastsend.config import from_dict
-    from fastsend.serve.context import open_context
-    from fastsend.serve.webhooks import WebhookDispatcher
-    from fastsend.testing.http import app_on_loopback
+    def __init__(self, tmp_path: Path, limit: int) -> None:
+        self.tmp_path, self.limit = tmp_path, [limit]
+        self.got: list[int] = []
+        self.sizes: list[int] = []
 
-    got: list[int] = []
-    sizes: list[int] = []
+    async def _hook(self, request: Any) -> Any:
+        from aiohttp import web
 
-    async def hook(request: web.Request) -> web.Response:
         batch = orjson.loads(await request.read())
-        if len(batch) > 2:  # the receiver's limit
+        if len(batch) > self.limit[0]:
             return web.Response(status=413)
-        sizes.append(len(batch))
-        got.extend(e["id"] for e in batch)
+        self.sizes.append(len(batch))
+        self.got.extend(e["id"] for e in batch)
         return web.Response(status=204)
 
-    async def main() -> None:
+    async def wait_for(self, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(self.got) < n:
+            assert time.monotonic() < deadline, self.got
+            await asyncio.sleep(0.02)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Any]:
+        """Yield the dispatcher's context (emit events on ``ctx.events``)."""
+        from aiohttp import web
+
+        from fastsend.config import from_dict
+        from fastsend.serve.context import open_context
+        from fastsend.serve.webhooks import WebhookDispatcher
+        from fastsend.testing.http import app_on_loopback
+
         app = web.Application()
-        app.router.add_post("/hook", hook)
+        app.router.add_post("/hook", self._hook)
         async with app_on_loopback(app) as base:
             ctx = open_context(from_dict({
-                "spool": {"dir": str(tmp_path / "spool")},
+                "spool": {"dir": str(self.tmp_path / "spool")},
                 "webhooks": {"urls": [f"{base}/hook"], "secret": "0123456789abcdefghij",
                              "batch_size": 8, "retry_min": 30, "flush_interval": 0.01}}))  # fmt: skip
             d = WebhookDispatcher(ctx)
             await d.start()
             try:
-                ctx.events.emit_many(_evs("delivered", range(8)))
-                deadline = time.monotonic() + 60
-                while len(got) < 8:
-                    assert time.monotonic() < deadline, got
-                    await asyncio.sleep(0.02)
+                yield ctx
             finally:
                 await d.stop()
                 ctx.close()
 
+
+def test_a_413_halves_the_batch_instead_of_holding_the_url(tmp_path: Path) -> None:
+    """A receiver whose body limit is under a batch answered 413 to it for ever (until
+    retention_days): every later event for the URL waited behind it."""
+    rx = SizeLimitedHook(tmp_path, 2)
+
+    async def main() -> None:
+        async with rx.running() as ctx:
+            ctx.events.emit_many(_evs("delivered", range(8)))
+            await rx.wait_for(8)
+
     asyncio.run(main())
-    assert got == list(range(8)) and max(sizes) <= 2
+    assert rx.got == list(range(8)) and max(rx.sizes) <= 2
