@@ -396,3 +396,12 @@ def mailgun_serve_config(tmp: Path, url: str, answer_timeout: float, backoff: fl
         f"[retry]\nmin_backoff = {backoff:g}\nmax_backoff = {backoff:g}\n"
         f'[provider_events]\nmailgun_signing_key_file = "{hook}"\n'
     )
+
+
+def submit_hello(srv: Any, to: list[str]) -> list[str]:
+    """POST one "Hi"/"Hello" message from a@sender.example.com to ``to`` through
+    ``srv`` (a tests._serve_helpers.Served, tenant acme): the recipients' message ids."""
+    msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello", "to": to}
+    st, got = srv.req("POST", "/v1/messages", msg, tenant="acme")
+    assert st == 202, got
+    return list(got["messages"][0]["ids"])

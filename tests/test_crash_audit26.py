@@ -39,6 +39,7 @@ from tests._provider_servers import (
     ThreadedApp,
     mailgun_app,
     mailgun_serve_config,
+    submit_hello,
 )
 from tests._serve_helpers import Served, http, until
 from tests.test_provider_audit24 import _mailgun_post
@@ -135,11 +136,7 @@ def test_a_settle_on_a_node_without_workers_is_not_told_again_at_the_next_start(
         extra = mailgun_serve_config(tmp_path, mg.url, answer_timeout=2, backoff=600)
         srv = Served(tmp_path, "mg", extra=extra)
         try:
-            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
-                   "to": ["w@example.net"]}  # fmt: skip
-            st, got = srv.req("POST", "/v1/messages", msg, tenant="acme")
-            assert st == 202, got
-            mid = got["messages"][0]["ids"][0]
+            (mid,) = submit_hello(srv, ["w@example.net"])
 
             def state() -> str:
                 return str(srv.req("GET", f"/v1/messages/{mid}", tenant="acme")[1]["state"])

@@ -20,6 +20,7 @@ from tests._provider_servers import (
     ThreadedApp,
     mailgun_app,
     mailgun_serve_config,
+    submit_hello,
 )
 from tests._serve_helpers import Served, http
 from tests.test_transports_http import dkim_campaign, events, send
@@ -195,10 +196,7 @@ def test_an_unanswered_provider_request_is_settled_by_the_providers_event(
         srv = Served(tmp_path, "mg", extra=extra)
         try:
             to = ["late@example.net", "other@example.net", "early@example.net"]
-            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello", "to": to}
-            st, got = srv.req("POST", "/v1/messages", msg, tenant="acme")
-            assert st == 202, got
-            ids = dict(zip(to, got["messages"][0]["ids"], strict=True))
+            ids = dict(zip(to, submit_hello(srv, to), strict=True))
 
             def post(event: str, rcpt: str, token: str) -> None:
                 ev = {"event": event, "recipient": rcpt,

@@ -38,6 +38,7 @@ from tests._provider_servers import (
     ThreadedApp,
     mailgun_app,
     mailgun_serve_config,
+    submit_hello,
 )
 from tests.test_transports_http import events, send
 
@@ -219,11 +220,7 @@ def test_the_providers_event_settles_mail_of_a_worker_killed_while_waiting(
         extra = mailgun_serve_config(tmp_path, mg.url, answer_timeout=900, backoff=1)
         srv = Served(tmp_path, "mg", extra=extra)
         try:
-            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
-                   "to": ["w@example.net"]}  # fmt: skip
-            st, got = srv.req("POST", "/v1/messages", msg, tenant="acme")
-            assert st == 202, got
-            mid = got["messages"][0]["ids"][0]
+            (mid,) = submit_hello(srv, ["w@example.net"])
             until("the request at Mailgun", lambda: len(rec.accepted) == 1)
             (_rcpts, _data, token), = rec.accepted
             ev = {"event": "accepted", "recipient": "w@example.net",
@@ -283,11 +280,7 @@ def test_the_providers_event_settles_mail_of_a_node_killed_while_waiting(
                 nodes.append(Served(tmp_path / n, "mg", extra=extra,
                                     spool_url=url + f"&node={n}&dir={tmp_path}/{n}/spool",
                                     serve_args=("--allow-volatile",)))  # fmt: skip
-            msg = {"from": "a@sender.example.com", "subject": "Hi", "text": "Hello",
-                   "to": ["n@example.net"]}  # fmt: skip
-            st, got = nodes[0].req("POST", "/v1/messages", msg, tenant="acme")
-            assert st == 202, got
-            mid = got["messages"][0]["ids"][0]
+            (mid,) = submit_hello(nodes[0], ["n@example.net"])
             until("the request at Mailgun", lambda: len(rec.accepted) == 1)
             (_rcpts, _data, token), = rec.accepted
 
