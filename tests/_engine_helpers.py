@@ -154,6 +154,31 @@ def _env() -> dict[str, str]:
     return env
 
 
+def send_killing_a_worker(
+    sink: Any, log: Path, camp: Path, rcpts: Path, spool: Path, conf: Path,
+    addrs: list[str], pick: Callable[[list[Any]], Any], env: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], Counter[str]]:  # fmt: skip
+    """``fastsend send`` of ``addrs`` through one worker to ``sink`` (a running
+    SinkProcess logging to ``log``), that worker killed -9 once ``pick`` names it
+    (:func:`run_killing_a_worker`): asserts the run ended well, every recipient
+    delivered after one worker restart and each received; returns the run's
+    --json summary and how many times the sink got each recipient."""
+    host, port = sink.addresses[0]
+    proc, killed = run_killing_a_worker(
+        ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
+         "-c", str(conf), "--route", f"*={host}:{port}", "--workers", "1", "--json",
+         "--no-progress"],
+        pick, env,
+    )  # fmt: skip
+    assert killed, "no worker was picked to be killed"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary(proc)
+    assert s["delivered"] == len(addrs) and s["worker_restarts"] == 1, s
+    got = received_counts(log)
+    assert set(got) == set(addrs)
+    return s, got
+
+
 def summary(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     assert lines, f"no JSON summary; rc={proc.returncode} stderr={proc.stderr[-2000:]}"

@@ -26,8 +26,7 @@ import json
 from pathlib import Path
 
 from tests._engine_helpers import (
-    received_counts,
-    run_killing_a_worker,
+    send_killing_a_worker,
     sink_log,
     summary,
     write_campaign,
@@ -73,19 +72,10 @@ def test_a_worker_killed_mid_send_counts_unknown_only_what_it_had_written(
     spool = tmp_path / "spool"
     log = tmp_path / "sink.jsonl"
     with SinkProcess("--log", str(log), "--latency-ms", "30") as sink:
-        host, port = sink.addresses[0]
-        proc, killed = run_killing_a_worker(
-            ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
-             "-c", str(conf), "--route", f"*={host}:{port}", "--workers", "1", "--json",
-             "--no-progress"],
+        s, got = send_killing_a_worker(
+            sink, log, camp, rcpts, spool, conf, addrs,
             lambda workers: workers[0] if workers and len(sink_log(log)) >= 40 else None,
         )  # fmt: skip
-    assert killed, "the worker was not found"
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    s = summary(proc)
-    assert s["delivered"] == n and s["worker_restarts"] == 1, s
-    got = received_counts(log)
-    assert set(got) == set(addrs)
     unknown = _unknown(spool)
     # What was written and not yet told: the groups on the wire (the pool grows
     # a quick connection's group up to 4x `pipeline`) and an ended one whose
