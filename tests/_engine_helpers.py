@@ -155,21 +155,25 @@ def _env() -> dict[str, str]:
 
 
 def send_killing_a_worker(
-    sink: Any, log: Path, camp: Path, rcpts: Path, spool: Path, conf: Path,
+    sink_args: list[str], log: Path, camp: Path, rcpts: Path, spool: Path, conf: Path,
     addrs: list[str], pick: Callable[[list[Any]], Any], env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], Counter[str]]:  # fmt: skip
-    """``fastsend send`` of ``addrs`` through one worker to ``sink`` (a running
-    SinkProcess logging to ``log``), that worker killed -9 once ``pick`` names it
-    (:func:`run_killing_a_worker`): asserts the run ended well, every recipient
-    delivered after one worker restart and each received; returns the run's
-    --json summary and how many times the sink got each recipient."""
-    host, port = sink.addresses[0]
-    proc, killed = run_killing_a_worker(
-        ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
-         "-c", str(conf), "--route", f"*={host}:{port}", "--workers", "1", "--json",
-         "--no-progress"],
-        pick, env,
-    )  # fmt: skip
+    """``fastsend send`` of ``addrs`` through one worker to a ``fastsend sink``
+    (run with ``sink_args``, logging to ``log``), that worker killed -9 once
+    ``pick`` names it (:func:`run_killing_a_worker`): asserts the run ended well,
+    every recipient delivered after one worker restart and each received (the
+    sink's log read once the sink has stopped: all of it written); returns the
+    run's --json summary and how many times the sink got each recipient."""
+    from fastsend.sink import SinkProcess
+
+    with SinkProcess("--log", str(log), *sink_args) as sink:
+        host, port = sink.addresses[0]
+        proc, killed = run_killing_a_worker(
+            ["send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool", str(spool),
+             "-c", str(conf), "--route", f"*={host}:{port}", "--workers", "1", "--json",
+             "--no-progress"],
+            pick, env,
+        )  # fmt: skip
     assert killed, "no worker was picked to be killed"
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary(proc)

@@ -139,11 +139,10 @@ def test_a_worker_killed_with_a_group_on_the_wire_sends_nothing_it_had_answered(
     spool = tmp_path / "spool"
     log = tmp_path / "sink.jsonl"
     env = dict(_env(), FASTSEND_TEST_FAULT="worker-stop-in-stalled-group:20")
-    with SinkProcess("--log", str(log), "--slow-ms", "8000") as sink:
-        _s, got = send_killing_a_worker(  # (the worker picked: one frozen in a stalled group)
-            sink, log, camp, rcpts, spool, conf, addrs,
-            lambda workers: next((w for w in workers if _stopped(w.pid)), None), env,
-        )  # fmt: skip
+    _s, got = send_killing_a_worker(  # (the worker picked: one frozen in a stalled group)
+        ["--slow-ms", "8000"], log, camp, rcpts, spool, conf, addrs,
+        lambda workers: next((w for w in workers if _stopped(w.pid)), None), env,
+    )  # fmt: skip
     twice = sorted(a for a, k in got.items() if k > 1)
     assert not twice, twice
     unknown = [json.loads(line)["rcpt"] for line in (spool / "events.jsonl").read_text().splitlines()

@@ -44,8 +44,6 @@ from tests._serve_helpers import Served, http, until
 from tests.test_provider_audit24 import _mailgun_post
 from tests.test_transports_http import SAME, events, send
 
-from fastsend.sink import SinkProcess
-
 
 def _unknown(spool: Path) -> list[str]:
     """The recipients of the events saying "outcome unknown" (a worker died)."""
@@ -71,11 +69,10 @@ def test_a_worker_killed_mid_send_counts_unknown_only_what_it_had_written(
     conf.write_text(f"[delivery]\nmax_connections = {conns}\npipeline = {group}\n")
     spool = tmp_path / "spool"
     log = tmp_path / "sink.jsonl"
-    with SinkProcess("--log", str(log), "--latency-ms", "30") as sink:
-        s, got = send_killing_a_worker(
-            sink, log, camp, rcpts, spool, conf, addrs,
-            lambda workers: workers[0] if workers and len(sink_log(log)) >= 40 else None,
-        )  # fmt: skip
+    s, got = send_killing_a_worker(
+        ["--latency-ms", "30"], log, camp, rcpts, spool, conf, addrs,
+        lambda workers: workers[0] if workers and len(sink_log(log)) >= 40 else None,
+    )  # fmt: skip
     unknown = _unknown(spool)
     # What was written and not yet told: the groups on the wire (the pool grows
     # a quick connection's group up to 4x `pipeline`) and an ended one whose
