@@ -1,5 +1,5 @@
 """Authenticated SMTP relays as routes, against aiosmtpd with trustme certificates:
-AUTH (PLAIN, LOGIN, CRAM-MD5) over STARTTLS and on implicit TLS, 5,000
+AUTH (PLAIN, LOGIN, CRAM-MD5) over STARTTLS and on implicit TLS, 1,500
 messages end to end DKIM-valid, the relay's rate-limit replies slowing the
 lane without loss, permanent rejections bounced; failover from direct MX to a
 relay recorded as events; credentials only from the environment or a 0600 file."""
@@ -147,7 +147,7 @@ ENV = {"FASTSEND_RELAY1_USERNAME": USER, "FASTSEND_RELAY1_PASSWORD": PASSWORD}
 
 
 @pytest.mark.slow
-def test_relay_starttls_auth_5000_messages(
+def test_relay_starttls_auth_1500_messages(
     tmp_path: Path, certs: tuple[ssl.SSLContext, Path]
 ) -> None:
     ctx, ca = certs
