@@ -92,6 +92,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--maxschedchunk 1`` (scripts/test: pytest-xdist hands out the tests one
+    or two at a time) the slowest tests (tests/slowest.txt) go first, slowest first,
+    the rest in their usual order."""
+    if config.getoption("maxschedchunk", None) != 1:
+        return
+    lines = (REPO_ROOT / "tests" / "slowest.txt").read_text().splitlines()
+    ids = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
+    rank = {n: i for i, n in enumerate(ids)}
+    items.sort(key=lambda it: rank.get(it.nodeid, len(rank)))  # (stable: the rest as they were)
+
+
 def bounce_corpus() -> Path | None:
     """The labelled bounce corpus (read-only, beside the repo): ../shared/corpora/bounces,
     or FASTSEND_BOUNCE_CORPUS. None when this checkout has no shared/ beside it
