@@ -722,8 +722,8 @@ class Notices:
             return
         for i in ids:
             self._to_share.pop(i, None)
-        try:
-            self.shared.client.hdel(self.shared.key(SHARED), *map(str, ids))
+        try:  # (only lines still naming this node: one another node took since is its own)
+            self.shared.drop_mine(self.shared.key(SHARED), map(str, ids))
         except Exception as e:
             log.warning("non-delivery notices: %d told failure(s) left in the shared"
                         " journal (%s)", len(ids), e)  # fmt: skip
@@ -762,24 +762,39 @@ class Notices:
                 # sender, each rewriting the line as its own.
                 and sh.take(sh.key(SHARED), field, raw, orjson.dumps({**rec, "node": sh.node}))
             ):
-                out.append(rec)
+                out.append({**rec, "node": sh.node})  # (as taken: adopt checks it still is)
+        if out and FAULT == "dsn-stop-after-take":  # tests: this node stalls, others go on
+            os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(0.5)  # (the stop reaches this thread a moment later)
         return out
 
     def adopt(self, recs: list[dict[str, Any]]) -> int:
         """Take :meth:`dead_failures`'s failures as this node's (kept for a flush,
         the shared lines now naming this node: no other takes them while it
-        lives); how many. Raises the spool's outage errors."""
+        lives); how many. Raises the spool's outage errors.
+
+        Each only while its line is still as taken (fenced, ``SharedStore.mine``):
+        a node that took a line, then stalled (a pause, a swap storm, a SIGSTOP)
+        while its status lapsed had another node take the line and tell it; it
+        then went on, wrote the line back as its own over the other's (or after
+        the other had told it and removed it) and told it too (its notice id
+        found spooled: none sent, but the line rewritten and the failure counted
+        as adopted twice)."""
         have = {i for g in self.pending.values() for i in g.ids}
         gone: list[int] = []
         taken = 0
+        sh = self.shared
         for rec in recs:
             i = int(rec["id"])
             if i in have:
                 continue
+            if sh is not None and not sh.mine(sh.key(SHARED), str(i), orjson.dumps(rec)):
+                log.warning("non-delivery notices: the failure of message %d a dead node left"
+                            " untold is being told by another node", i)  # fmt: skip
+                continue
             got = self._retake(rec)
             if got > 0:
-                taken += 1
-                self._share(rec)
+                taken += 1  # (its line names this node already: dead_failures took it)
             else:  # its row gone, or not failed (its outcome never committed: tried again)
                 gone.append(i)
         if self._to_share:

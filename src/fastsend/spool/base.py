@@ -64,6 +64,22 @@ end
 return 0
 """
 
+# Each field whose line (JSON) still names this node (ARGV[1]) deleted; a line
+# another node took since (it names that node) or an unreadable one is left.
+_DROP_MINE_LUA = """
+local n = 0
+for i = 2, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v then
+    local ok, rec = pcall(cjson.decode, v)
+    if ok and type(rec) == 'table' and rec['node'] == ARGV[1] then
+      n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+    end
+  end
+end
+return n
+"""
+
 
 class SharedStore(msgspec.Struct, frozen=True):
     """What :meth:`Spool.shared` gives: the shared spool's store (a redis-py
@@ -91,6 +107,21 @@ class SharedStore(msgspec.Struct, frozen=True):
         compare-and-delete): a node that finished a line it took removes it only
         while it is still its own, never a line another node took since."""
         return bool(self.client.eval(_DROP_LUA, 1, key, field, seen))
+
+    def drop_mine(self, key: str, fields: Iterable[bytes | str]) -> int:
+        """Hash ``key``'s ``fields`` deleted whose line (JSON, its ``node``) still
+        names this node (one Lua script: checked and deleted at once); how many.
+        A line another node took since (this one stalled past its status) is
+        that node's to finish: left."""
+        fields = list(fields)
+        if not fields:
+            return 0
+        return int(self.client.eval(_DROP_MINE_LUA, 1, key, self.node, *fields))
+
+    def mine(self, key: str, field: bytes | str, line: bytes) -> bool:
+        """Whether hash ``key``'s ``field`` still holds ``line`` exactly (this
+        node's as it took it): :meth:`take` of it as itself."""
+        return self.take(key, field, line, line)
 
 
 class SpoolError(Exception):
