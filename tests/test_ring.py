@@ -354,15 +354,19 @@ def test_free_pages_go_back_to_the_kernel(make_ring: Callable[[int], Any]) -> No
     assert grown < 12 << 20, f"ring kept {grown >> 20} MB resident"
 
 
-def test_write_log_keeps_the_last_ids_and_says_from_where() -> None:
-    """fastsend.ring.WriteLog: ids noted (ints, lists of them) are read back by
-    another process (shared memory made before fork); past its capacity the
-    oldest go, and ``written`` says from which count all are kept."""
-    from fastsend.ring import WriteLog
+@pytest.mark.parametrize("twin", ["py", "c"])
+def test_write_log_keeps_the_last_ids_and_says_from_where(twin: str) -> None:
+    """fastsend.ring.WriteLog (either twin): ids noted (ints, lists of them) are
+    read back by another process (shared memory made before fork); past its
+    capacity the oldest go, and ``written`` says from which count all are
+    kept; closed, it refuses."""
+    from fastsend.ring import PyWriteLog
 
-    log = WriteLog(8)
+    log = (PyWriteLog if twin == "py" else _accel.compiled("WriteLog"))(8)
+    assert log.capacity == 8 and log.count == 0 and log.written() == (set(), 0)
     log.mark(1)
     log.mark([2, 3])
+    log.mark(["not an id"])  # (a tag of no ids notes nothing)
     pid = os.fork()
     if pid == 0:
         log.mark(4)
@@ -373,3 +377,41 @@ def test_write_log_keeps_the_last_ids_and_says_from_where() -> None:
         log.mark(i)
     assert log.written() == (set(range(4, 12)), 3)
     log.close()
+    with pytest.raises(ValueError):
+        log.mark(12)
+
+
+def test_write_log_is_the_compiled_twin_when_built() -> None:
+    """The worker's write log (noted per message by the SMTP client) is the
+    compiled twin whenever the core is built and not switched off."""
+    from fastsend import ring
+
+    want = ring.PyWriteLog if _accel.NO_EXTENSIONS else _accel.compiled("WriteLog")
+    assert ring.WriteLog is want
+
+
+@pytest.mark.parametrize("twin", ["py", "c"])
+def test_a_file_backed_write_log_outlives_its_process(twin: str, tmp_path: Any) -> None:
+    """Either twin on a file (crash27's write logs in the spool): a child that
+    notes ids and dies with no close leaves them for read_write_logs; the file
+    is 0600 and its blocks are taken when it is made (not sparse)."""
+    from fastsend.ring import PyWriteLog, read_write_logs, reset_write_logs
+
+    kind = PyWriteLog if twin == "py" else _accel.compiled("WriteLog")
+    where = str(tmp_path / "writes")
+    reset_write_logs(where)
+    log = kind(16, path=f"{where}/1.log")
+    st = os.stat(f"{where}/1.log")
+    assert st.st_mode & 0o777 == 0o600 and st.st_size == 8 * 17
+    assert st.st_blocks * 512 >= st.st_size
+    log.mark(7)
+    pid = os.fork()
+    if pid == 0:
+        log.mark([8, 9])
+        os.kill(os.getpid(), 9)
+    os.waitpid(pid, 0)
+    assert log.count == 3
+    assert read_write_logs(where) == {7, 8, 9}
+    log.close()
+    with pytest.raises(ValueError):
+        kind(0, path=f"{where}/2.log")

@@ -451,3 +451,85 @@ def _ring_capacity(capacity_bytes):
     if cap > _RING_MAX_CAPACITY:
         raise ValueError(f"capacity {capacity_bytes} exceeds {_RING_MAX_CAPACITY}")
     return cap
+
+
+cdef class WriteLog:
+    """Compiled twin of :class:`fastsend.ring.PyWriteLog` (same layout: i64
+    count, then ``capacity`` i64 slots; the n-th id noted at slot
+    ``n % capacity``): the SMTP client notes each message it begins to write
+    (``on_body``), per message, so a C call, not a Python one."""
+
+    cdef object _mem
+    cdef Py_buffer _view
+    cdef bint _have_view
+    cdef long long *_v
+    cdef long long _cap
+    cdef public object capacity
+
+    def __cinit__(self, *args, **kwargs):
+        self._have_view = False
+        self._v = NULL
+
+    def __init__(self, capacity=1 << 18, path=None):  # (fastsend.ring.WRITE_LOG_IDS)
+        from fastsend.ring import map_write_log  # (anonymous, or the file path)
+
+        self._mem = map_write_log(capacity, path)
+        self.capacity = capacity
+        self._cap = capacity
+        PyObject_GetBuffer(self._mem, &self._view, PyBUF_WRITABLE)
+        self._have_view = True
+        self._v = <long long *>self._view.buf
+
+    def __dealloc__(self):
+        if self._have_view:
+            PyBuffer_Release(&self._view)
+            self._have_view = False
+
+    cdef inline int _live(self) except -1:
+        if self._v == NULL:
+            raise ValueError("write log is closed")
+        return 0
+
+    @property
+    def count(self):
+        """Ids noted so far (written)."""
+        self._live()
+        return self._v[0]
+
+    def mark(self, tag):
+        """Note the id(s) of an envelope's ``tag`` (an int, or a list of them: a
+        grouped envelope) as written; the slot first, then the count."""
+        cdef long long n
+        cdef long long *v = self._v
+        if v == NULL:
+            self._live()
+        n = v[0]
+        if type(tag) is int:
+            v[1 + n % self._cap] = tag
+            v[0] = n + 1
+            return
+        if isinstance(tag, list):
+            for t in <list>tag:
+                if isinstance(t, int):
+                    v[1 + n % self._cap] = t
+                    n += 1
+            v[0] = n
+
+    def written(self):
+        """(the ids kept, the count from which they are all kept): every id noted
+        at a count >= the second is in the first."""
+        self._live()
+        cdef long long n = self._v[0]
+        cdef long long i
+        cdef long long upto = n if n <= self._cap else self._cap
+        ids = {self._v[1 + i] for i in range(upto)}
+        return ids, (0 if n <= self._cap else n - self._cap)
+
+    def close(self):
+        if self._have_view:
+            PyBuffer_Release(&self._view)
+            self._have_view = False
+        self._v = NULL
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None

@@ -100,8 +100,8 @@ from typing import TYPE_CHECKING, Final
 from fastsend._accel import pick
 
 __all__ = [
-    "HEADER_BYTES", "MAGIC", "WRITE_LOG_IDS", "PyRing", "Ring", "WriteLog", "clear_write_logs",
-    "read_write_logs", "reset_write_logs",
+    "HEADER_BYTES", "MAGIC", "WRITE_LOG_IDS", "PyRing", "PyWriteLog", "Ring", "WriteLog",
+    "clear_write_logs", "map_write_log", "read_write_logs", "reset_write_logs",
 ]
 
 HEADER_BYTES: Final = 256
@@ -433,6 +433,30 @@ class Ring:
             raise ValueError("ring is closed")
 
 
+def map_write_log(capacity: int, path: str | None = None) -> mmap.mmap:
+    """The shared memory of a write log of ``capacity`` ids (both twins of
+    :class:`WriteLog`): anonymous, or the file ``path`` (made anew, 0600),
+    mapped shared: what a worker noted outlives a kill -9 of the supervisor
+    and its workers together, for the next start's recovery (read_write_logs)."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be positive, not {capacity}")
+    size = 8 * (capacity + 1)
+    if path is None:
+        return mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        # Its blocks taken now: a page first written on a full disk would
+        # kill the worker (SIGBUS); a disk that has no room fails here.
+        os.posix_fallocate(fd, 0, size)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
 class WriteLog:
     """The ids of the messages a worker has begun to write to a receiver, in
     memory shared with its supervisor (``mmap(MAP_SHARED | MAP_ANONYMOUS)``,
@@ -450,28 +474,9 @@ class WriteLog:
     count >= h: kept when h >= count - capacity)."""
 
     def __init__(self, capacity: int = WRITE_LOG_IDS, path: str | None = None) -> None:
-        # path: the log is that file (made anew, 0600), mapped shared: what a
-        # worker noted outlives a kill -9 of the supervisor and its workers
-        # together, for the next start's recovery (read_write_logs).
-        if capacity < 1:
-            raise ValueError(f"capacity must be positive, not {capacity}")
+        # path: the log is that file (map_write_log).
         self.capacity = capacity
-        size = 8 * (capacity + 1)
-        if path is None:
-            self._mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
-        else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                # Its blocks taken now: a page first written on a full disk would
-                # kill the worker (SIGBUS); a disk that has no room fails here.
-                os.posix_fallocate(fd, 0, size)
-                self._mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                raise
-            finally:
-                os.close(fd)
+        self._mem = map_write_log(capacity, path)
         self._v = memoryview(self._mem).cast("q")
 
     @property
@@ -598,5 +603,10 @@ note what they write in it."""
 PyRing: Final = Ring
 """The pure-Python twin, whatever :class:`Ring` resolves to."""
 
+PyWriteLog: Final = WriteLog
+"""The pure-Python twin of :class:`WriteLog` (compiled in ``_ring.pxi``: the
+SMTP client notes each message it writes, a C call, not a Python one)."""
+
 if not TYPE_CHECKING:
     Ring = pick(PyRing)
+    WriteLog = pick(PyWriteLog)
