@@ -781,7 +781,16 @@ class Worker:
 
     def report(self, results: list[TxnResult], source_ip: str, mx: str) -> None:
         if mx[:6] == "relay:" or (self.smarthosts and _smarthost(mx) in self.smarthosts):
-            results = self.router.relay_refusals(results, mx)  # (us refused, not a recipient)
+            if not self.router.failover and results:
+                # The group's leading deliveries (all of it, as a rule) go out
+                # as add_results would send them, in one compiled pass: only
+                # what follows is looked at for refusals (not a 2nd pass).
+                i = collect_delivered(results, 0, self.out, source_ip, mx)
+                if i:
+                    self.out_n += i
+                    results = results[i:]
+            if results:
+                results = self.router.relay_refusals(results, mx)  # (us refused, not a recipient)
         if self.router.failover:
             results = self.router.on_results(results, source_ip, mx)
         self.add_results(results, source_ip, mx)
