@@ -994,17 +994,31 @@ def note_handed(slot: WorkerSlot, writes: WriteLog, claimed: list[Claimed]) -> N
     longer covers (more than its capacity of ids written since), the oldest
     past HANDED_KEPT, and the oldest once none of its ids is in the window;
     an id of a forgotten hand-over still in flight counts unknown, as all
-    did before."""
+    did before. The oldest hand-over's ids that left the window are dropped
+    from its front as they are passed (only ids in flight are ever looked up
+    at a worker's death, and one claimed again is in a later hand-over too):
+    each id is looked at about once, where every call (a pass per window per
+    loop turn) had walked the oldest hand-over's answered ids again: 1.25 us
+    a message with 30 answers a pass (a signed send), 0.14 with 300. A pass
+    that hands nothing notes nothing."""
     handed = slot.handed
     count = writes.count
-    handed.append((count, [c.id for c in claimed]))
+    if claimed:
+        handed.append((count, [c.id for c in claimed]))
     low = count - writes.capacity
     inflight = slot.inflight
-    while handed and (
-        handed[0][0] < low
-        or len(handed) > HANDED_KEPT
-        or not any(i in inflight for i in handed[0][1])
-    ):
+    while handed:
+        first, ids = handed[0]
+        if first >= low and len(handed) <= HANDED_KEPT:
+            k = 0
+            for i in ids:
+                if i in inflight:
+                    break
+                k += 1
+            if k < len(ids):
+                if k:
+                    del ids[:k]
+                return
         handed.popleft()
 
 
