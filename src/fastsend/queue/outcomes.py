@@ -125,6 +125,7 @@ class Outcomes(SupervisorState):
                 got = True
             if isinstance(msg, wire.Handback):
                 self.handback(slot, msg)
+                self.outcomes_gen += 1  # (held mail may go: Dispatch.regate_later)
                 got = True
             elif isinstance(msg, wire.Stats):
                 note_build(slot, msg)
@@ -167,6 +168,7 @@ class Outcomes(SupervisorState):
         call (a drained run of records), before any other outcome of it
         reaches them, so each check sees the same counts as when they were
         counted one by one."""
+        self.outcomes_gen += 1  # (held mail may go: Dispatch.regate_later)
         now = time.time()
         policy = self.config.retry
         stats = self.stats

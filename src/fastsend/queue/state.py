@@ -67,6 +67,10 @@ class WorkerSlot(msgspec.Struct):
     # A rate held some of ``held`` since it was last empty: it may hold messages a
     # guardrails sample let out (else none: Dispatch.sample_cap skips them).
     held_sampled: bool = False
+    # The supervisor's outcome count (``outcomes_gen``) and the time (monotonic)
+    # when its held mail was last gated (``Dispatch.regate_later``).
+    gated_gen: int = -1
+    gated_at: float = 0.0
     # Deliveries of its pipelined groups still in flight (wire.Answered's items):
     # applied if the worker dies before their group's Results (not sent again).
     # Two generations (outcomes.note_answered): those told since the older one
@@ -228,6 +232,7 @@ class SupervisorState:
     suppression: SuppressionList
     own_suppression: bool
     slots: list[WorkerSlot]
+    outcomes_gen: int  # Outcomes.apply calls so far (Dispatch.regate_later)
     # Workers a reload replaced, finishing their transactions while their slots'
     # new workers send (WorkerLifecycle.reload); their outcomes apply as any.
     retired: list[WorkerSlot]

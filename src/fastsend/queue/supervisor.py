@@ -149,6 +149,7 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         self.withdraw_checked = 0.0
         self.stopped_checked = 0.0  # monotonic time windows were checked for stopped campaigns
         self.window_campaigns: set[int] = set()  # every campaign with mail in a window, or more
+        self.outcomes_gen = 0
         self.forget_next = time.monotonic() + FORGET_EVERY
         self.idle_before: set[int] = set()
         try:
