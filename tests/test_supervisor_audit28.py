@@ -8,12 +8,18 @@ loop turn does must follow the mail handled, not the turns taken.
 - A pass that hands a window nothing new gated its held mail again (the
   guardrails' sample full: its groups rebuilt, the sample's ids walked) at
   every loop turn: ~50 ms of CPU a second while a send waited on slow
-  receivers (``Dispatch.regate_later``)."""
+  receivers (``Dispatch.regate_later``).
+- The loop woke every TICK (20 ms) though every window was too full to
+  claim and nothing waited to be written: 50 empty passes a second
+  (``Supervisor.tick``)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +31,7 @@ from fastsend.message import Campaign
 from fastsend.queue import dispatch
 from fastsend.queue.dispatch import note_handed
 from fastsend.queue.state import WorkerSlot
-from fastsend.queue.supervisor import Supervisor
+from fastsend.queue.supervisor import IDLE_TICK, TICK, Supervisor
 from fastsend.ring import Ring, WriteLog
 from fastsend.spool.base import Claimed
 from fastsend.spool.sqlite import SQLiteSpool
@@ -96,14 +102,13 @@ def test_a_hand_over_whose_ids_all_left_is_forgotten_and_later_ones_kept() -> No
     assert [ids for _c, ids in slot.handed] == [list(range(11, 21)), [4]]
 
 
-def test_a_pass_with_nothing_new_leaves_the_held_rest_until_an_outcome_or_a_while(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The guardrails' sample full, the rest of the claim held in the window:
-    passes that hand the window nothing new and follow no outcome do not gate
-    the held rest again (before: every loop turn did, ~50 ms of CPU a second
-    while a send waited on slow receivers); an outcome lets the held mail go
-    at the next pass, and so does REGATE_EVERY s."""
+@contextlib.contextmanager
+def _sampled_supervisor(
+    tmp_path: Path, options: dict[str, Any] | None = None
+) -> Iterator[Supervisor]:
+    """A supervisor (one worker stood in by its rings) whose guardrails'
+    sample is 10, its spool holding one campaign of 40 messages over two
+    domains (``options``: the campaign's)."""
     raw = {
         "spool": {"dir": "spool"},
         "workers": {"count": 1},
@@ -113,17 +118,36 @@ def test_a_pass_with_nothing_new_leaves_the_held_rest_until_an_outcome_or_a_whil
     cfg = cfgmod.from_dict(raw, base_dir=str(tmp_path))
     spool = SQLiteSpool(cfg.spool_dir)
     spec = Campaign.load(str(write_campaign(tmp_path, CAMPAIGN))).to_dict()
-    cid = spool.create_campaign(spec, name="c")
+    cid = spool.create_campaign(spec, name="c", options=options)
     spool.add_messages(cid, spool_rows(20, "a.example") + spool_rows(20, "b.example"), time.time())
     sup = Supervisor(cfg, spool, EventLog(None), max_wait=1.0)
     for s in sup.slots:
         s.inbox, s.outbox = Ring(wire.RING_BYTES), Ring(wire.RING_BYTES)
         s.alive = True
-    gated = []
-    gate = sup.gate
-    sup.gate = lambda slot, groups: (gated.append(len(groups)), gate(slot, groups))[1]  # type: ignore[method-assign]
-    monkeypatch.setattr(dispatch, "REGATE_EVERY", 3600.0)
     try:
+        yield sup
+    finally:
+        sup.suppression.close()
+        for s in sup.slots:
+            for ring in (s.inbox, s.outbox):
+                if ring is not None:
+                    ring.close()
+        spool.close()
+
+
+def test_a_pass_with_nothing_new_leaves_the_held_rest_until_an_outcome_or_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guardrails' sample full, the rest of the claim held in the window:
+    passes that hand the window nothing new and follow no outcome do not gate
+    the held rest again (before: every loop turn did, ~50 ms of CPU a second
+    while a send waited on slow receivers); an outcome lets the held mail go
+    at the next pass, and so does REGATE_EVERY s."""
+    monkeypatch.setattr(dispatch, "REGATE_EVERY", 3600.0)
+    with _sampled_supervisor(tmp_path) as sup:
+        gated = []
+        gate = sup.gate
+        sup.gate = lambda slot, groups: (gated.append(len(groups)), gate(slot, groups))[1]  # type: ignore[method-assign]
         sup.dispatch(any_room=True)
         slot = sup.slots[0]
         out = _handed(sup)
@@ -145,13 +169,37 @@ def test_a_pass_with_nothing_new_leaves_the_held_rest_until_an_outcome_or_a_whil
         monkeypatch.setattr(dispatch, "REGATE_EVERY", 0.0)
         sup.dispatch()
         assert len(gated) == 2
-    finally:
-        sup.suppression.close()
-        for s in sup.slots:
-            for ring in (s.inbox, s.outbox):
-                if ring is not None:
-                    ring.close()
-        spool.close()
+
+
+def test_the_loop_waits_longer_only_while_no_pass_could_hand_anything_out(
+    tmp_path: Path,
+) -> None:
+    """Every window too full to claim, nothing to write, no rate: the loop
+    waits for a wake-up up to IDLE_TICK (before: TICK, 50 empty passes a
+    second); anything a pass could do sooner keeps it at TICK."""
+    with _sampled_supervisor(tmp_path) as sup:
+        slot = sup.slots[0]
+        assert sup.tick() == TICK  # its window has room: mail may be claimed
+        sup.dispatch(any_room=True)
+        _handed(sup)
+        slot.window = 40  # all of it claimed: 10 out, 30 held
+        assert sup.tick() == IDLE_TICK
+        sup.apply(
+            slot,
+            [wire.Res(next(iter(slot.inflight)), wire.K_DELIVERED, 250, "2.0.0", "ok", "", "")],
+        )
+        assert sup.results and sup.tick() == TICK  # an outcome to write
+        sup.flush_results()
+        assert sup.tick() == IDLE_TICK
+        sup.draining = True
+        assert sup.tick() == TICK
+        sup.draining = False
+        slot.alive = False  # (a dead worker is reaped by the clock)
+        assert sup.tick() == IDLE_TICK
+    with _sampled_supervisor(tmp_path / "rated", {"max_rate": 4}) as sup:
+        sup.dispatch(any_room=True)
+        sup.slots[0].window = 40
+        assert sup.tick() == TICK  # a rate lets held mail go as time passes
 
 
 def _handed(sup: Supervisor) -> list[int]:
