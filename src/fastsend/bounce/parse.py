@@ -698,9 +698,12 @@ def _from_text(msg: email.message.Message, parts: _Parts) -> list[_Raw]:
     lead = ""
     if found:
         said = vendors.cut_original(body)
-        low = said.lower()
-        starts = [i for f in found if (i := low.find(f.recipient.lower())) >= 0]
-        lead = _lead(said, min(starts)) if starts else ""
+        # The first mention of any recipient, in one pass over the text's
+        # addresses (a find per recipient rescanned the text for each: a
+        # report listing 20,000 took minutes, past the intake's CPU cap).
+        names = {f.recipient.lower() for f in found}
+        first = next((s for s, _, a in vendors.address_spans(said) if a.lower() in names), -1)
+        lead = _lead(said, first) if first >= 0 else ""
     return [
         _Raw(
             recipient=f.recipient,
