@@ -6,13 +6,19 @@
   text per recipient. 24,000 recipients (the intake's 1 MiB) took ~6 s of CPU,
   past the intake's 2 s cap: the parse was killed and every record lost. The
   first mention is now found in one pass over the text's addresses.
+- "550 Your address 192.0.2.1 is blacklisted" read "rejected" (a listed
+  sender address: no IP block): the "address" it names is an IP literal, the
+  client's. It is now "blocked" (and rests the IP), as the corpus labels "IP
+  address blacklisted by recipient"; a listed mailbox stays "rejected".
 """
 
 from __future__ import annotations
 
 import time
 
-from fastsend.bounce import parse_bounce
+import pytest
+
+from fastsend.bounce import classify_reply, parse_bounce
 
 PLAIN = b"From: MAILER-DAEMON@example.net\nSubject: Undelivered Mail Returned to Sender\n\n"
 
@@ -40,3 +46,36 @@ def test_a_long_recipient_list_is_read_in_linear_time() -> None:
     assert [(r.recipient, r.reason, r.hard) for r in recs] == [
         (f"u{i}@example.org", "userunknown", True) for i in range(3)
     ]
+
+
+# ---------------------------------------------------------------- an IP literal named as "your address"
+IP_LISTED = [
+    (550, "", "Your address 192.0.2.1 is blacklisted", ""),
+    (550, "", "Your address 192.0.2.1 is blacklisted", "RCPT"),
+    (554, "5.7.1", "Your address [192.0.2.1] has been blacklisted", "MAIL"),
+    (550, "", "Address 192.0.2.1 is listed on our blocklist", "RCPT"),
+    (550, "", "your address [IPv6:2001:db8::25] is blacklisted", "RCPT"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), IP_LISTED)
+def test_an_ip_literal_listed_as_your_address_is_blocked(
+    code: int, status: str, text: str, stage: str
+) -> None:
+    c = classify_reply(code, status, text, command=stage)
+    assert (c.reason, c.hard, c.ip_blocked) == ("blocked", False, True), c
+
+
+ADDRESS_LISTED = [
+    (550, "", "Your email address has been blacklisted", "RCPT"),
+    (550, "", "Sender address kijitora@example.org is blacklisted (192.0.2.1)", "RCPT"),
+    (550, "", "Your address kijitora@example.org is blacklisted", "MAIL"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage"), ADDRESS_LISTED)
+def test_a_listed_mailbox_stays_a_sender_refusal(
+    code: int, status: str, text: str, stage: str
+) -> None:
+    c = classify_reply(code, status, text, command=stage)
+    assert (c.reason, c.ip_blocked) == ("rejected", False), c
