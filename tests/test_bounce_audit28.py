@@ -10,6 +10,11 @@
   sender address: no IP block): the "address" it names is an IP literal, the
   client's. It is now "blocked" (and rests the IP), as the corpus labels "IP
   address blacklisted by recipient"; a listed mailbox stays "rejected".
+- A qmail report whose status is X.4.3 ("Directory server failure", qmail's
+  "(#4.4.3)") in words no rule knows read "expired": every qmail report that
+  ran out of time ends "I'm not going to try again; this message has been in
+  the queue too long.", and that weak rule outranked the status. The status
+  names why it failed: "systemerror" (cv-strict 80.1 -> 80.4).
 """
 
 from __future__ import annotations
@@ -79,3 +84,35 @@ def test_a_listed_mailbox_stays_a_sender_refusal(
 ) -> None:
     c = classify_reply(code, status, text, command=stage)
     assert (c.reason, c.ip_blocked) == ("rejected", False), c
+
+
+# ---------------------------------------------------------------- qmail's (#4.4.3) after "queue too long"
+QMAIL = (
+    b"From: MAILER-DAEMON@mx.example.net\nTo: sender@example.org\n"
+    b"Subject: failure notice\n\n"
+    b"Hi. This is the qmail-send program at mx.example.net.\n"
+    b"I'm afraid I wasn't able to deliver your message to the following addresses.\n"
+    b"This is a permanent error; I've given up. Sorry it didn't work out.\n\n"
+    b"<rcpt@example.com>:\n%s I'm not going to try again; this\n"
+    b"message has been in the queue too long.\n\n"
+    b"--- Below this line is a copy of the message.\n\nSubject: hi\n\nbody\n"
+)
+
+
+@pytest.mark.parametrize(
+    "said",
+    [b"Directory service lookup failed. (#4.4.3)", b"Unable to reach the user directory. (#4.4.3)"],
+)
+def test_a_directory_failure_that_ran_out_of_time_is_a_system_error(said: bytes) -> None:
+    (r,) = parse_bounce(QMAIL % said)
+    assert (r.recipient, r.status, r.reason, r.hard) == (
+        "rcpt@example.com",
+        "4.4.3",
+        "systemerror",
+        False,
+    ), r
+
+
+def test_a_report_that_ran_out_of_time_otherwise_stays_expired() -> None:
+    (r,) = parse_bounce(QMAIL % b"Resources temporarily unavailable, please retry. (#4.3.0)")
+    assert (r.reason, r.hard) == ("expired", False), r
