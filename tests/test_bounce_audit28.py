@@ -15,6 +15,9 @@
   ran out of time ends "I'm not going to try again; this message has been in
   the queue too long.", and that weak rule outranked the status. The status
   names why it failed: "systemerror" (cv-strict 80.1 -> 80.4).
+- "DNS lookup failure: 192.0.2.1 - try again later" (the connecting IP's
+  name could not be looked up: a PTR refusal, as Sisimai's RequirePTR phrases
+  collect it) read "onhold" (or "rejected" at MAIL FROM): now "requireptr".
 """
 
 from __future__ import annotations
@@ -116,3 +119,23 @@ def test_a_directory_failure_that_ran_out_of_time_is_a_system_error(said: bytes)
 def test_a_report_that_ran_out_of_time_otherwise_stays_expired() -> None:
     (r,) = parse_bounce(QMAIL % b"Resources temporarily unavailable, please retry. (#4.3.0)")
     assert (r.reason, r.hard) == ("expired", False), r
+
+
+# ---------------------------------------------------------------- the client's own name lookup failed
+@pytest.mark.parametrize(
+    ("code", "text", "stage"),
+    [
+        (450, "DNS lookup failure: 192.0.2.1 - try again later", "MAIL"),
+        (550, "dns lookup failure: [192.0.2.1], try again later", "RCPT"),
+        (451, "DNS lookup failure: 2001:db8::25 try again later", ""),
+    ],
+)
+def test_a_failed_lookup_of_the_client_ip_is_requireptr(code: int, text: str, stage: str) -> None:
+    assert classify_reply(code, "", text, command=stage).reason == "requireptr"
+
+
+def test_a_failed_lookup_of_the_recipient_domain_is_not() -> None:
+    text = (
+        "Host or domain name not found. Name service error for name=example.com: DNS lookup failure"
+    )
+    assert classify_reply(450, "", text, command="RCPT").reason != "requireptr"
