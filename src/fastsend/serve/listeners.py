@@ -1085,17 +1085,24 @@ class _Submission(_Policy):
                 rows.append((r, domain, vars_))
         return _Judged(rows)
 
+    @staticmethod
+    def _caps_refused(e: Exception) -> tuple[int, str, str]:
+        """The reply when the tenant's caps did not take a message (in an ``except``:
+        :meth:`_spool` and :meth:`_spool_off`): over its daily quota or submission
+        rate, or the spool's counters out of reach (as a spool error)."""
+        if isinstance(e, TenantCapExceeded):
+            return 451, "4.7.1", str(e)
+        log.warning("submission: the tenant's caps could not be counted", exc_info=e)
+        return 451, "4.3.0", "Temporary failure (storage), try again later"
+
     def _spool(self, begun: _Begun, judged: _Judged, stowed: Any = None) -> tuple[int, str, str]:
         """On the loop: the tenant's caps counted and the rows spooled (``stowed``:
         their bodies stored already, ``Acceptor.stow``)."""
         tenant, rows, trace_id = begun.tenant, judged.rows, begun.trace_id
         try:  # the tenant's daily quota and submission rate: a message per recipient
             taken = self.ctx.caps.take(tenant, len(rows))
-        except TenantCapExceeded as e:
-            return 451, "4.7.1", str(e)
-        except Exception:  # (the spool's counters out of reach: as a spool error below)
-            log.warning("submission: the tenant's caps could not be counted", exc_info=True)
-            return 451, "4.3.0", "Temporary failure (storage), try again later"
+        except Exception as e:
+            return self._caps_refused(e)
         try:
             ids = self.ctx.inject(self.ctx.tenant_campaign(tenant, fresh=True), rows,
                                   stowed=stowed)  # fmt: skip
@@ -1118,11 +1125,8 @@ class _Submission(_Policy):
         tenant, rows, trace_id = begun.tenant, judged.rows, begun.trace_id
         try:  # the tenant's daily quota and submission rate: a message per recipient
             taken = await asyncio.to_thread(ctx.caps.take, tenant, len(rows))
-        except TenantCapExceeded as e:
-            return 451, "4.7.1", str(e)
-        except Exception:  # (the spool's counters out of reach: as a spool error below)
-            log.warning("submission: the tenant's caps could not be counted", exc_info=True)
-            return 451, "4.3.0", "Temporary failure (storage), try again later"
+        except Exception as e:
+            return self._caps_refused(e)
         try:
             cid = await asyncio.to_thread(ctx.tenant_campaign, tenant, True)
             ids = await ctx.inject_off(cid, rows, stowed=stowed)
