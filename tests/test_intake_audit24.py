@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,39 @@ def test_a_slow_starting_parse_child_costs_no_report(
         try:
             got = await pool.read(raw)
             assert pool.killed == 0
+            return got
+        finally:
+            pool.close()
+
+    kind, records = asyncio.run(main())
+    assert kind == "bounce"
+    assert [(r.recipient, r.hard) for r in records] == [("gone@example.org", True)]  # type: ignore[attr-defined]
+
+
+def test_a_parse_starved_of_cpu_past_the_wall_clock_cap_costs_no_report() -> None:
+    """The child stopped (SIGSTOP: a niced process on a loaded machine gets no CPU)
+    for longer than the wall-clock cap (2 x cpu_seconds + 5 s) while a DSN waits:
+    once it runs again the report is read, the child kept. Before, the cap
+    stopped the parse though it had used none of its CPU time: the report was
+    answered 250 and lost (a flaky test_bounce_unseen22 under load)."""
+    raw = dsn("gone@example.org", "1234").encode()
+
+    async def main() -> tuple[str, list[object]]:
+        pool = ParsePool(cpu_seconds=0.5)  # (a wall-clock cap of 6 s)
+        try:
+            assert (await pool.read(raw))[1]  # (the child started)
+            (pid,) = list(pool._pool._processes)  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                task = asyncio.ensure_future(pool.read(raw))
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 7.5:  # (past the cap, the child stopped)
+                    await asyncio.sleep(0.25)
+                    assert not task.done()
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            got = await task
+            assert pool.killed == 0 and list(pool._pool._processes) == [pid]  # type: ignore[union-attr]
             return got
         finally:
             pool.close()

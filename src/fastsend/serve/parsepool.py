@@ -17,8 +17,10 @@ DESCRIPTION
     - CPU cap: before each parse the child lowers its RLIMIT_CPU soft limit to
       its CPU time so far plus ``cpu_seconds``; a parse that runs over is
       killed by SIGXCPU. A wall-clock limit (``2 x cpu_seconds + 5``) backs it
-      up. Either way the child is replaced and the message yields no record
-      (the intake still answers 250: refusing a bounce only makes another).
+      up, for a child that used its CPU time: one that did not (starved on a
+      loaded machine, niced) waits on, up to ``WALL_SECONDS_MAX``. Either way
+      the child is replaced and the message yields no record (the intake still
+      answers 250: refusing a bounce only makes another).
       A new child is started and imports its parsers first, uncapped (up to
       ``START_SECONDS``; one that cannot start is :class:`ParseUnavailable`,
       451 at the intake): a slow start is no report's fault.
@@ -51,6 +53,7 @@ log = logging.getLogger("fastsend.serve.parsepool")
 MAX_BYTES = 1 << 20
 CPU_SECONDS = 2.0
 START_SECONDS = 120.0  # s a new child may take to start and import its parsers
+WALL_SECONDS_MAX = 60.0  # s a parse starved of CPU may wait before it is stopped
 
 
 class ParseUnavailable(Exception):
@@ -88,6 +91,18 @@ def _cap_cpu(cpu_seconds: float) -> None:
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_CPU, (limit, hard))
+
+
+def _cpu_of(pid: int | None) -> float | None:
+    """Process ``pid``'s CPU time so far (user + system, seconds); None unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _child_init(parent: int) -> None:
@@ -149,12 +164,39 @@ class ParsePool:
                 fut = loop.run_in_executor(
                     self._executor(), _read_capped, data, self.cpu_seconds, dmarc
                 )
-                return await asyncio.wait_for(fut, 2 * self.cpu_seconds + 5)
+                return await self._wait(fut)
             except (TimeoutError, BrokenProcessPool):
                 self.killed += 1
                 log.warning("intake: a report exceeded the parse limits; ignored")
                 self._discard()
                 return "bounce", []
+
+    def _child_pid(self) -> int | None:
+        procs = list(getattr(self._pool, "_processes", None) or {})
+        return procs[0] if len(procs) == 1 else None
+
+    async def _wait(self, fut: asyncio.Future[Any]) -> Any:
+        """``fut``'s result, within the wall-clock cap, or longer while the child
+        has not used its CPU time: before, a parse starved of CPU (a loaded
+        machine; the child niced) was stopped at the cap and its report lost
+        (an ordinary DSN answered 250, its hard bounce never suppressing the
+        address). TimeoutError past the cap once it used it, or at
+        WALL_SECONDS_MAX."""
+        loop = asyncio.get_running_loop()
+        pid = self._child_pid()
+        cpu0 = _cpu_of(pid)
+        end = loop.time() + WALL_SECONDS_MAX
+        step = 2 * self.cpu_seconds + 5
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), step)
+            except TimeoutError:
+                cpu = _cpu_of(pid)
+                if cpu is None or cpu0 is None or cpu - cpu0 >= self.cpu_seconds:
+                    raise
+                if loop.time() >= end:
+                    raise
+                step = min(step, max(end - loop.time(), 0.1))
 
     async def parse(self, data: bytes) -> list[Any]:
         """Bounce records of ``data`` (its first max_bytes); [] if a cap stopped it."""
