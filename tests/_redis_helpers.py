@@ -134,3 +134,46 @@ class RedisHold:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(2)
+
+
+def dead_note_and_frozen_node(tmp_path: Any, url: str, monkeypatch: Any, fault: str,
+                              n_rows: int) -> tuple[Any, Any]:  # fmt: skip
+    """Nodes a and b of one Redis spool (``url``; their dirs tmp_path/a, /b, and /c
+    made for a third): a is killed right after noting a new campaign of ``n_rows``
+    rows complete (FASTSEND_TEST_FAULT idem-kill-after-note); b, started with
+    ``fault`` (held-stop-after-read, -take: it stops itself), is frozen once it has
+    the dead node's note. Returns (a, b), b stopped (SIGSTOP); on a failure here
+    both are stopped."""
+    import os
+    import signal
+
+    import aiohttp
+    import pytest
+    from tests._serve_helpers import Served, until
+    from tests.test_multinode_audit26 import _state
+    from tests.test_serve_audit17 import TPL
+
+    for n in ("a", "b", "c"):
+        (tmp_path / n).mkdir()
+    args = ("--allow-volatile", "--no-workers")
+    monkeypatch.setenv("FASTSEND_TEST_FAULT", "idem-kill-after-note")  # (a's start)
+    a = Served(tmp_path / "a", "127.0.0.1:9", spool_url=url + "&node=a", serve_args=args)
+    b = None
+    try:
+        monkeypatch.setenv("FASTSEND_TEST_FAULT", fault)  # (b's)
+        b = Served(tmp_path / "b", "127.0.0.1:9", spool_url=url + "&node=b", serve_args=args)
+        monkeypatch.delenv("FASTSEND_TEST_FAULT")
+        rows = [{"email": f"r{i}@example.org", "name": f"R{i}"} for i in range(n_rows)]
+        with pytest.raises(aiohttp.ClientError):
+            a.req("POST", "/v1/campaigns", {"name": "k", "template": TPL, "recipients": rows})
+        assert a.proc.wait(20) == -9
+        until("b frozen having the dead node's note",
+              lambda: _state(b.proc.pid) == "T", timeout=90)  # fmt: skip
+        return a, b
+    except BaseException:
+        if b is not None:
+            if b.proc.poll() is None and _state(b.proc.pid) == "T":
+                os.kill(b.proc.pid, signal.SIGCONT)
+            b.stop()
+        a.stop()
+        raise

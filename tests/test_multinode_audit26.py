@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-from tests._redis_helpers import RedisHold
+from tests._redis_helpers import RedisHold, dead_note_and_frozen_node
 from tests._serve_helpers import Served, http, until
 from tests.conftest import free_port, wait_port
 from tests.test_serve_audit17 import TPL
@@ -54,22 +53,10 @@ def test_a_dead_nodes_note_is_adopted_by_one_live_node_only(
     too (its rows' "accepted" told again unless c's index had them by then: two
     nodes a moment apart told every row twice, each to its webhooks)."""
     url = redis_server.url()
-    for n in ("a", "b", "c"):
-        (tmp_path / n).mkdir()
     args = ("--allow-volatile", "--no-workers")
-    monkeypatch.setenv("FASTSEND_TEST_FAULT", "idem-kill-after-note")  # (a's start)
-    a = Served(tmp_path / "a", "127.0.0.1:9", spool_url=url + "&node=a", serve_args=args)
-    monkeypatch.setenv("FASTSEND_TEST_FAULT", "held-stop-after-read")  # (b's)
-    b = Served(tmp_path / "b", "127.0.0.1:9", spool_url=url + "&node=b", serve_args=args)
-    monkeypatch.delenv("FASTSEND_TEST_FAULT")
+    a, b = dead_note_and_frozen_node(tmp_path, url, monkeypatch, "held-stop-after-read", 20)
     c = None
     try:
-        rows = [{"email": f"r{i}@example.org", "name": f"R{i}"} for i in range(20)]
-        with pytest.raises(aiohttp.ClientError):
-            a.req("POST", "/v1/campaigns", {"name": "k", "template": TPL, "recipients": rows})
-        assert a.proc.wait(20) == -9
-        until("b frozen having read the dead node's note",
-              lambda: _state(b.proc.pid) == "T", timeout=90)  # fmt: skip
         c = Served(tmp_path / "c", "127.0.0.1:9", spool_url=url + "&node=c", serve_args=args)
         until("c told the dead node's rows",
               lambda: len(_told(tmp_path / "c", "accepted")) >= 20, timeout=90)  # fmt: skip

@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from tests._redis_helpers import RedisHold
+from tests._redis_helpers import RedisHold, dead_note_and_frozen_node
 from tests._serve_helpers import Served, http, until
 from tests.conftest import free_port, wait_port
 from tests.test_multinode_audit26 import _state, _told
-from tests.test_serve_audit17 import TPL
 
 
 def test_a_node_that_took_a_dead_nodes_note_and_stalled_leaves_it_to_the_node_that_took_it_over(
@@ -36,22 +34,10 @@ def test_a_node_that_took_a_dead_nodes_note_and_stalled_leaves_it_to_the_node_th
     it had taken without looking again (its "complete now", the rows' events again
     unless c's index had them, c's note deleted under it)."""
     url = redis_server.url()
-    for n in ("a", "b", "c"):
-        (tmp_path / n).mkdir()
     args = ("--allow-volatile", "--no-workers")
-    monkeypatch.setenv("FASTSEND_TEST_FAULT", "idem-kill-after-note")  # (a's start)
-    a = Served(tmp_path / "a", "127.0.0.1:9", spool_url=url + "&node=a", serve_args=args)
-    monkeypatch.setenv("FASTSEND_TEST_FAULT", "held-stop-after-take")  # (b's)
-    b = Served(tmp_path / "b", "127.0.0.1:9", spool_url=url + "&node=b", serve_args=args)
-    monkeypatch.delenv("FASTSEND_TEST_FAULT")
+    a, b = dead_note_and_frozen_node(tmp_path, url, monkeypatch, "held-stop-after-take", 12)
     c = None
     try:
-        rows = [{"email": f"r{i}@example.org", "name": f"R{i}"} for i in range(12)]
-        with pytest.raises(aiohttp.ClientError):
-            a.req("POST", "/v1/campaigns", {"name": "k", "template": TPL, "recipients": rows})
-        assert a.proc.wait(20) == -9
-        until("b frozen having taken the dead node's note",
-              lambda: _state(b.proc.pid) == "T", timeout=90)  # fmt: skip
         c = Served(tmp_path / "c", "127.0.0.1:9", spool_url=url + "&node=c", serve_args=args)
         # (c takes it once b's status is stale and the note NOTE_GRACE old)
         until("c told the dead node's rows",
