@@ -212,3 +212,13 @@ def dsn(rcpt: str, mid: str | int, *, to: str = "", envelope_to: str = "") -> st
     (default: ``rcpt``)."""
     return DSN.format(rcpt=rcpt, mid=mid, to=to or rcpt,
                       envelope_to=envelope_to or "bounces@bounces.example.com")  # fmt: skip
+
+
+def answers_while(node: Served, threads: list[Any], timeout: float, pause: float) -> None:
+    """``node``'s HTTP listener answers what needs no Redis (GET /v1/openapi.json,
+    each within ``timeout`` s, every ``pause`` s) for as long as any of ``threads``
+    (requests waiting for a slow Redis) runs: its event loop is free while they wait."""
+    while any(t.is_alive() for t in threads):
+        st, doc = http("GET", node.base + "/v1/openapi.json", timeout=timeout)
+        assert st == 200 and "paths" in doc
+        time.sleep(pause)

@@ -11,14 +11,13 @@ import asyncio
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from tests._redis_helpers import RedisHold, dead_note_and_frozen_node
-from tests._serve_helpers import Served, http, until
+from tests._serve_helpers import Served, answers_while, http, until
 from tests.conftest import free_port, wait_port
 from tests.test_serve_audit17 import TPL
 
@@ -222,10 +221,7 @@ def test_campaign_routes_ask_a_slow_redis_off_the_loop(
         px.slow(4.0)
         for t in asks:
             t.start()
-        while any(t.is_alive() for t in asks):  # (the loop free while they wait)
-            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=6)
-            assert st == 200 and "paths" in doc
-            time.sleep(0.5)
+        answers_while(node, asks, 6, 0.5)  # (the loop free while they wait)
     finally:
         px.release()
     try:

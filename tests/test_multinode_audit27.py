@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from tests._redis_helpers import RedisHold, dead_note_and_frozen_node
-from tests._serve_helpers import Served, http, until
+from tests._serve_helpers import Served, answers_while, http, until
 from tests.conftest import free_port, wait_port
 from tests.test_multinode_audit26 import _state, _told
 
@@ -136,10 +136,7 @@ def test_messages_posted_and_read_wait_for_a_slow_redis_off_the_loop(
         px.slow(3.0)
         for t in asks:
             t.start()
-        while any(t.is_alive() for t in asks):  # (the loop free while they wait)
-            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=2.5)
-            assert st == 200 and "paths" in doc
-            time.sleep(0.3)
+        answers_while(node, asks, 2.5, 0.3)  # (the loop free while they wait)
     finally:
         px.release()
     try:
@@ -216,10 +213,7 @@ def test_a_submitted_message_waits_for_a_slow_redis_off_the_loop(
         ready.wait(60)
         px.slow(3.0)
         ready.wait(60)
-        while any(t.is_alive() for t in asks):  # (the loop free while they wait)
-            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=2.5)
-            assert st == 200 and "paths" in doc
-            time.sleep(0.3)
+        answers_while(node, asks, 2.5, 0.3)  # (the loop free while they wait)
     finally:
         px.release()
     try:
