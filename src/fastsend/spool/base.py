@@ -839,8 +839,9 @@ class Spool(abc.ABC):
         """Where the workers of the process supervising this spool keep their
         write logs (:class:`fastsend.ring.WriteLog` files), for :meth:`recover`
         after a kill -9 of it all: in-flight mail no log names was never begun
-        and goes back with no attempt. None: this spool keeps none (a shared
-        spool's window is taken back by the lease)."""
+        and goes back with no attempt. None: this spool keeps none (a Redis
+        spool keeps them per node in its local dir; a window another host
+        takes back after its lease counts whole)."""
         return None
 
     def release_strays(self, known: Collection[int]) -> int:

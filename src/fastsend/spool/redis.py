@@ -110,6 +110,7 @@ import functools
 import hashlib
 import os
 import secrets
+import shutil
 import socket
 import ssl
 import sys
@@ -123,6 +124,7 @@ import orjson
 import redis
 
 from fastsend.redisurl import redact_url
+from fastsend.ring import clear_write_logs, read_write_logs
 from fastsend.spool.base import (
     _LOCKS,
     AGE_BUCKETS_MIN,
@@ -1394,7 +1396,64 @@ class RedisSpool(Spool):
         this name is not ours to take."""
         self._due_gen += 1
         self.hold_supervisor("fastsend")
-        return int(self._recover(args=[self.k, self.node, self._lease_ms, *self._dead_here()]))
+        dead = self._dead_here()
+        # A whole-process kill: what the workers' write logs (files, in the local
+        # dir: write_log_dir) of this name or of a dead process of this host do not
+        # name was never begun (no DATA written): back as it was, no attempt (the
+        # node-checked release). Logs that may not hold every write: all counts.
+        logs = [(self.node, self._log_dir(self.node), b"")]
+        logs += [(_s(d), self._log_dir(_s(d)), t) for d, t in zip(dead[::2], dead[1::2], strict=True)]
+        for node, where, tag in logs:
+            written = read_write_logs(where) if where is not None else None
+            if written is not None:
+                self._release_unwritten(node, tag, written)
+        n = int(self._recover(args=[self.k, self.node, self._lease_ms, *dead]))
+        for node, where, _tag in logs:  # read: the next supervisor makes its own (or none)
+            if where is not None and node != self.node:
+                shutil.rmtree(where, ignore_errors=True)
+            elif where is not None:
+                with contextlib.suppress(OSError):
+                    clear_write_logs(where)
+        return n
+
+    def _release_unwritten(self, node: str, tag: bytes, written: set[int]) -> None:
+        """Node ``node``'s in-flight messages that ``written`` (its write logs) does
+        not name, back with no attempt; a dead process's (``tag``: its holder) only
+        while that process is still the name's holder (WATCHed: a process taking the
+        name meanwhile holds its own claims, never released from here)."""
+        hkey = f"{self.k}:holders"
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                if tag:
+                    pipe.watch(hkey)
+                    if pipe.hget(hkey, node) != tag:
+                        return
+                held = [int(i) for i in (pipe if tag else self.r).smembers(f"{self.k}:fl:{node}")]
+                unsent = [i for i in held if i not in written]
+                if not unsent:
+                    return
+                pipe.multi()
+                for j in range(0, len(unsent), CHUNK):
+                    self._release(args=[self.k, node, *unsent[j : j + CHUNK]], client=pipe)
+                pipe.execute()
+            except redis.WatchError:
+                return  # (its name taken meanwhile: recover.lua leaves it too)
+
+    def write_log_dir(self) -> str | None:
+        return None if self._readonly else self._log_dir(self.node)
+
+    def _log_dir(self, node: str) -> str | None:
+        """Where the workers of node ``node``'s supervisor on this host keep their
+        write logs: the local dir's ``writelogs/``, a dir per spool and node name
+        (hashed: a name may hold any printable character; the server and prefix
+        in it: a node name reused on another spool with one local dir is
+        another's)."""
+        if self._readonly:
+            return None
+        kw = self.r.connection_pool.connection_kwargs
+        where = f"{kw.get('host')}:{kw.get('port')}:{kw.get('path')}/{kw.get('db')}"
+        name = hashlib.sha256(f"{where}\0{self.k}\0{node}".encode()).hexdigest()[:24]
+        return os.path.join(os.path.realpath(self.local_dir), "writelogs", name)
 
     def _dead_here(self) -> list[bytes]:
         """(node name, holder tag) of the other node names whose last holder
@@ -2014,6 +2073,11 @@ class RedisSpool(Spool):
                 self._drop_name(keys=[f"{self.k}:name:{self.node}", f"{self.k}:holders"],
                                 args=[self._name_tag, self.node])  # fmt: skip
                 self._name_tag = None
+                # (the name no longer ours: no recover on this host reads its write
+                # logs again; kept, each run under a name of its own left 2 MiB a worker)
+                where = self._log_dir(self.node)
+                if where is not None:
+                    shutil.rmtree(where, ignore_errors=True)
         except redis.RedisError:
             pass
         self._drop_dir_lock()
