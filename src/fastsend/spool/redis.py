@@ -980,7 +980,7 @@ class RedisSpool(Spool):
                 self.durability = "aof" if aof else "memory (no AOF)"
         if self._waitaof:
             try:
-                local, reps = self.r.execute_command("WAITAOF", 1, self.replicas, wait_ms)
+                local, reps = self._wait_after_mark("WAITAOF", 1, self.replicas, wait_ms)
             except redis.ResponseError as e:
                 text = str(e).lower()
                 if not (isinstance(e, redis.exceptions.NoPermissionError)
@@ -999,9 +999,22 @@ class RedisSpool(Spool):
                     )
                 return
         if self.replicas:
-            got = int(self.r.execute_command("WAIT", self.replicas, wait_ms))
+            got = int(self._wait_after_mark("WAIT", self.replicas, wait_ms))
             if got < self.replicas:
                 raise RedisSpoolError(f"only {got} of {self.replicas} replicas acknowledged")
+
+    def _wait_after_mark(self, *wait: Any) -> Any:
+        """``WAIT``/``WAITAOF`` covers the writes of the connection it is sent on
+        (up to its last command; on Redis >= 7.2 its last write), and the pool
+        hands a thread any idle connection: one that last wrote before this
+        thread's rows answered at once, covering none of them (a node's threads
+        spool, stow and claim at once). So it goes in one pipeline on one
+        connection after a write of its own (``P:durable``), whose offset is past
+        every write this thread made."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(f"{self.k}:durable", b"1")
+        pipe.execute_command(*wait)
+        return pipe.execute()[1]
 
     def _wait_ms(self) -> int:
         """How long WAITAOF / WAIT may wait: 10 s, and 1 s less than the client's
@@ -1651,8 +1664,8 @@ class RedisSpool(Spool):
     # P:blobs HEX -> when a sweep looks at it next (oldest first).
 
     # put_blob / ref_blob from any thread (serve stores a large body off its loop,
-    # Acceptor.stow): redis-py's client is thread-safe. (Its WAITAOF may meet
-    # another connection than the write's; the rows' own, after, covers the blob.)
+    # Acceptor.stow): redis-py's client is thread-safe. (Its WAIT/WAITAOF
+    # follows a write of its own on its connection: `_wait_after_mark`.)
     blobs_aside = True
 
     def put_blob(self, digest: str, data: bytes, now: float) -> None:
