@@ -57,7 +57,9 @@ class RedisHold:
     network pause) until ``release()``; ``waiting`` counts the connections with
     a request held (the node is waiting for its answer). ``slow(s)``: each
     request reaches the Redis ``s`` seconds late instead (a Redis that answers,
-    slowly: its calls return, each after a while)."""
+    slowly: its calls return, each after a while). ``stepping()``: each request
+    is held until ``step()`` lets through the ones held then (a Redis that
+    answers one round trip at a time, when the test says: see answers_each_held)."""
 
     def __init__(self, server: RedisServer) -> None:
         import socket
@@ -69,6 +71,7 @@ class RedisHold:
         self.lock = threading.Condition()
         self.held = False
         self.delay = 0.0
+        self.stepped: int | None = None  # (stepping: how many steps so far)
         self.waiting: set[int] = set()
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -86,11 +89,23 @@ class RedisHold:
         with self.lock:
             self.held = False
             self.delay = 0.0
+            self.stepped = None
             self.lock.notify_all()
 
     def slow(self, seconds: float) -> None:
         with self.lock:
             self.delay = seconds
+
+    def stepping(self) -> None:
+        with self.lock:
+            self.stepped = 0
+
+    def step(self) -> None:
+        with self.lock:
+            if self.stepped is not None:
+                self.stepped += 1
+            self.waiting.clear()  # (each wakes and goes on)
+            self.lock.notify_all()
 
     def close(self) -> None:
         self.release()
@@ -123,6 +138,12 @@ class RedisHold:
                             self.lock.notify_all()
                         while self.held:
                             self.lock.wait()
+                        if self.stepped is not None:
+                            at = self.stepped
+                            self.waiting.add(id(src))
+                            self.lock.notify_all()
+                            while self.stepped is not None and self.stepped == at:
+                                self.lock.wait()
                         self.waiting.discard(id(src))
                         delay = self.delay
                     if delay:
@@ -134,6 +155,37 @@ class RedisHold:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(2)
+
+
+def answers_each_held(node: Any, px: RedisHold, threads: list[Any], timeout: float = 20) -> int:
+    """While ``threads`` run (requests to ``node`` that ask its Redis, reached
+    through ``px``, started: ``px.stepping()`` first), one Redis round trip at a
+    time: while a request of the node's is held
+    at ``px``, the node's HTTP listener answers what needs no Redis (GET
+    /v1/openapi.json, within ``timeout`` s: a ceiling, never reached unless a
+    held call blocks serve's event loop); then the held requests go on. Until
+    every thread ends; returns how many round trips were held (each proven off
+    the loop). No fixed delays: a call made on the loop fails the probe however
+    fast the host is."""
+    from tests._serve_helpers import http
+
+    if px.stepped is None:
+        px.stepping()
+    steps = 0
+    try:
+        while any(t.is_alive() for t in threads):
+            with px.lock:
+                px.lock.wait_for(lambda: bool(px.waiting), timeout=0.05)
+                held = bool(px.waiting)
+            if not held:
+                continue
+            st, doc = http("GET", node.base + "/v1/openapi.json", timeout=timeout)
+            assert st == 200 and "paths" in doc
+            px.step()
+            steps += 1
+    finally:
+        px.release()
+    return steps
 
 
 def dead_note_and_frozen_node(tmp_path: Any, url: str, monkeypatch: Any, fault: str,

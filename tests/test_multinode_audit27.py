@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests._redis_helpers import RedisHold, dead_note_and_frozen_node
-from tests._serve_helpers import Served, answers_while, http, until
+from tests._redis_helpers import RedisHold, answers_each_held, dead_note_and_frozen_node
+from tests._serve_helpers import Served, http, until
 from tests.conftest import free_port, wait_port
 from tests.test_multinode_audit26 import _state, _told
 
@@ -100,7 +100,7 @@ def test_the_supervisors_probes_of_a_stalled_redis_do_not_hold_the_nodes_listene
 def test_messages_posted_and_read_wait_for_a_slow_redis_off_the_loop(
     redis_server: Any, tmp_path: Path
 ) -> None:
-    """The node's Redis answers slowly (each request 3 s late): a raw message of
+    """The node's Redis answers one round trip at a time: a raw message of
     400 KB (its body a blob), a message to two recipients, and a message's view
     (its row, tags, events) wait for it in threads while the node's listener
     answers at once; they are answered as ever, the events told and indexed.
@@ -132,13 +132,10 @@ def test_messages_posted_and_read_wait_for_a_slow_redis_off_the_loop(
         threading.Thread(target=lambda: got.update(
             one=node.req("GET", f"/v1/messages/{mid}", timeout=120))),
     ]  # fmt: skip
-    try:
-        px.slow(3.0)
-        for t in asks:
-            t.start()
-        answers_while(node, asks, 2.5, 0.3)  # (the loop free while they wait)
-    finally:
-        px.release()
+    px.stepping()
+    for t in asks:
+        t.start()
+    assert answers_each_held(node, px, asks) >= 6  # (the loop free while each waits)
     try:
         for t in asks:
             t.join(120)
@@ -158,7 +155,7 @@ def test_messages_posted_and_read_wait_for_a_slow_redis_off_the_loop(
 def test_a_submitted_message_waits_for_a_slow_redis_off_the_loop(
     redis_server: Any, tmp_path: Path, certs: Any
 ) -> None:
-    """The node's Redis answers slowly (each request 3 s late): a message
+    """The node's Redis answers one round trip at a time: a message
     submitted on the submission port (to two recipients, and one of 400 KB: its
     body a blob) is spooled in threads (the tenant's caps, its transactional
     campaign, the blob, the rows) while the node's HTTP listener answers at once;
@@ -211,11 +208,12 @@ def test_a_submitted_message_waits_for_a_slow_redis_off_the_loop(
         for t in asks:
             t.start()
         ready.wait(60)
-        px.slow(3.0)
+        px.stepping()
         ready.wait(60)
-        answers_while(node, asks, 2.5, 0.3)  # (the loop free while they wait)
-    finally:
+    except BaseException:
         px.release()
+        raise
+    assert answers_each_held(node, px, asks) >= 6  # (the loop free while each waits)
     try:
         for t in asks:
             t.join(120)
