@@ -25,6 +25,13 @@ from fastsend.testing.dnsserver import DNSServer
 IN_CI = bool(os.environ.get("CI") or os.environ.get("FASTSEND_CI"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# How long a test's SMTP client waits for the intake's reply to a report's DATA
+# (a ceiling): the intake answers once the report is parsed, and the parse child
+# (spawned at the first report, niced) may take parsepool.START_SECONDS to start
+# on a loaded host and WALL_SECONDS_MAX to parse. Under the lander's load a 10 s
+# (and aiosmtplib's 60 s) wait gave up first.
+REPORT_REPLY_TIMEOUT = 180.0
 # Tool caches a run makes in the checkout (pytest's, hypothesis's, bytecode).
 _TREE_SKIPPED = {".git", "__pycache__", ".benchmarks", ".pytest_cache", ".hypothesis",
                  ".mypy_cache", ".ruff_cache", "build"}  # fmt: skip

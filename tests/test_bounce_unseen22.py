@@ -16,6 +16,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from tests.conftest import REPORT_REPLY_TIMEOUT
 
 from fastsend import msgid
 from fastsend.bounce import classify_reply, parse_bounce
@@ -347,7 +348,8 @@ def test_a_delay_warning_is_no_bounce_at_the_intake(tmp_path: Path) -> None:
         servers = await start_listeners(ctx)
         try:
             port = int(servers[0].sockets[0].getsockname()[1])
-            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
+                                   timeout=REPORT_REPLY_TIMEOUT)
             await smtp.connect()
             for raw in notes:
                 errors, _reply = await smtp.sendmail("", [to], raw)

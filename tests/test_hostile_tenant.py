@@ -27,6 +27,7 @@ import dkim
 import orjson
 import pytest
 from tests._serve_helpers import ENV, Served, cli, dsn, http, sink_message
+from tests.conftest import REPORT_REPLY_TIMEOUT
 
 from conftest import free_port
 from fastsend.sink import SinkThread
@@ -526,7 +527,8 @@ Message-ID: <{mid}@acme.example>
 
 def _intake(s: Served, rcpt: str, data: str) -> None:
     async def go() -> None:
-        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=listen_port(s, "intake"), timeout=10)
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=listen_port(s, "intake"),
+                               timeout=REPORT_REPLY_TIMEOUT)
         await smtp.connect()
         await smtp.sendmail("", [rcpt], data.replace("\n", "\r\n").encode())
         await smtp.quit()

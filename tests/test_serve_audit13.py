@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests._serve_helpers import Served, http
-from tests.conftest import free_port
+from tests.conftest import REPORT_REPLY_TIMEOUT, free_port
 
 from fastsend.sink import SinkThread
 
@@ -393,7 +393,8 @@ def intake(served: Audited, rcpt: str, data: str) -> bytes:
     import aiosmtplib
 
     async def go() -> bytes:
-        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=served.intake, timeout=10)
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=served.intake,
+                               timeout=REPORT_REPLY_TIMEOUT)
         await smtp.connect()
         _, reply = await smtp.sendmail("", [rcpt], data.replace("\n", "\r\n").encode())
         await smtp.quit()

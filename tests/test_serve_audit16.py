@@ -43,7 +43,7 @@ from pathlib import Path
 import orjson
 import pytest
 from tests._serve_helpers import Served, sink_message
-from tests.conftest import free_port
+from tests.conftest import REPORT_REPLY_TIMEOUT, free_port
 
 from fastsend.sink import SinkThread
 
@@ -312,7 +312,7 @@ def test_a_redacted_complaint_about_grouped_mail_counts_to_its_campaign(tmp_path
                 time.sleep(0.05)
             report = REDACTED.format(mid=m.group(1).decode()).replace("\n", "\r\n")
             for _ in range(2):
-                with smtplib.SMTP("127.0.0.1", intake, timeout=10) as c:
+                with smtplib.SMTP("127.0.0.1", intake, timeout=REPORT_REPLY_TIMEOUT) as c:
                     c.sendmail("", ["fbl@bounces.example"], report.encode())
             while True:
                 _, view = s.req("GET", f"/v1/campaigns/{cid}")
