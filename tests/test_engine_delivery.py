@@ -91,7 +91,10 @@ def test_faults_retry_defer_expire_and_bounce(tmp_path: Path) -> None:
             "--workers",
             "1",
             "--retry",
-            "0.2,0.4,8",  # (2.5 s max age: under load defer2-a's third try came later)
+            # (max age counts from the spooling, before the worker has started: at a
+            # loaded host's ~8 s start 2.5 s and then 8 s left defer2-a's third try
+            # past it, and it expired; tempfail-b's expiry waits for it, ~20 s)
+            "0.2,0.4,20",
             "--max-wait",
             "5",
             "--no-dkim",
