@@ -188,6 +188,22 @@ def answers_each_held(node: Any, px: RedisHold, threads: list[Any], timeout: flo
     return steps
 
 
+def stop_nodes(*nodes: Any) -> None:
+    """Stops each node given (Served; None skipped) in turn, a frozen one
+    (SIGSTOP: dead_note_and_frozen_node's b) continued first so it can stop."""
+    import os
+    import signal
+
+    from tests.test_multinode_audit26 import _state
+
+    for n in nodes:
+        if n is None:
+            continue
+        if n.proc.poll() is None and _state(n.proc.pid) == "T":
+            os.kill(n.proc.pid, signal.SIGCONT)
+        n.stop()
+
+
 def dead_note_and_frozen_node(tmp_path: Any, url: str, monkeypatch: Any, fault: str,
                               n_rows: int) -> tuple[Any, Any]:  # fmt: skip
     """Nodes a and b of one Redis spool (``url``; their dirs tmp_path/a, /b, and /c
@@ -196,8 +212,6 @@ def dead_note_and_frozen_node(tmp_path: Any, url: str, monkeypatch: Any, fault: 
     ``fault`` (held-stop-after-read, -take: it stops itself), is frozen once it has
     the dead node's note. Returns (a, b), b stopped (SIGSTOP); on a failure here
     both are stopped."""
-    import os
-    import signal
 
     import aiohttp
     import pytest
@@ -223,9 +237,5 @@ def dead_note_and_frozen_node(tmp_path: Any, url: str, monkeypatch: Any, fault: 
               lambda: _state(b.proc.pid) == "T", timeout=90)  # fmt: skip
         return a, b
     except BaseException:
-        if b is not None:
-            if b.proc.poll() is None and _state(b.proc.pid) == "T":
-                os.kill(b.proc.pid, signal.SIGCONT)
-            b.stop()
-        a.stop()
+        stop_nodes(b, a)
         raise

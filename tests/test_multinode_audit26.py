@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
-from tests._redis_helpers import RedisHold, answers_each_held, dead_note_and_frozen_node
+from tests._redis_helpers import RedisHold, answers_each_held, dead_note_and_frozen_node, stop_nodes
 from tests._serve_helpers import Served, http, until
 from tests.conftest import free_port, wait_port
 from tests.test_serve_audit17 import TPL
@@ -70,12 +70,7 @@ def test_a_dead_nodes_note_is_adopted_by_one_live_node_only(
         told = sorted(_told(tmp_path / "b", "accepted") + _told(tmp_path / "c", "accepted"))
         assert told == list(range(1, 21)), told
     finally:
-        if b.proc.poll() is None and _state(b.proc.pid) == "T":
-            os.kill(b.proc.pid, signal.SIGCONT)
-        b.stop()
-        if c is not None:
-            c.stop()
-        a.stop()
+        stop_nodes(b, c, a)
 
 
 def test_clicks_and_unsubscribes_wait_for_a_stalled_redis_off_the_loop(

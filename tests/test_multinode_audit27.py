@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests._redis_helpers import RedisHold, answers_each_held, dead_note_and_frozen_node
+from tests._redis_helpers import RedisHold, answers_each_held, dead_note_and_frozen_node, stop_nodes
 from tests._serve_helpers import Served, http, until
 from tests.conftest import free_port, wait_port
-from tests.test_multinode_audit26 import _state, _told
+from tests.test_multinode_audit26 import _told
 
 
 def test_a_node_that_took_a_dead_nodes_note_and_stalled_leaves_it_to_the_node_that_took_it_over(
@@ -53,12 +53,7 @@ def test_a_node_that_took_a_dead_nodes_note_and_stalled_leaves_it_to_the_node_th
         told = sorted(_told(tmp_path / "b", "accepted") + _told(tmp_path / "c", "accepted"))
         assert told == list(range(1, 13)), told
     finally:
-        if b.proc.poll() is None and _state(b.proc.pid) == "T":
-            os.kill(b.proc.pid, signal.SIGCONT)
-        b.stop()
-        if c is not None:
-            c.stop()
-        a.stop()
+        stop_nodes(b, c, a)
 
 
 def test_the_supervisors_probes_of_a_stalled_redis_do_not_hold_the_nodes_listeners(

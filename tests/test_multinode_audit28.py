@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+from tests._redis_helpers import stop_nodes
 from tests._serve_helpers import until
 from tests.test_multinode_audit25 import _shared_journal
 from tests.test_multinode_audit26 import _state
@@ -69,13 +70,7 @@ def test_a_node_that_took_a_dead_nodes_failures_and_stalled_leaves_them_to_the_n
             c.stop()
             assert len(_notices(sink, "app@example.com", 1)) == 1
         finally:
-            if b is not None:
-                if b.proc.poll() is None and _state(b.proc.pid) == "T":
-                    os.kill(b.proc.pid, signal.SIGCONT)
-                b.stop()
-            if c is not None:
-                c.stop()
-            a.stop()
+            stop_nodes(b, c, a)
 
 
 @pytest.mark.parametrize("name", ["same", "dead"])
