@@ -11,6 +11,7 @@ from pathlib import Path
 
 from _engine_helpers import CAMPAIGN, spool_rows, write_campaign
 from _serve_helpers import until
+from _supervisor_helpers import close_supervisor, handed
 from fastsend import config as cfgmod
 from fastsend import wire
 from fastsend.events import EventLog
@@ -18,18 +19,6 @@ from fastsend.message import Campaign
 from fastsend.queue.supervisor import Supervisor
 from fastsend.ring import Ring
 from fastsend.spool.sqlite import SQLiteSpool
-
-
-def _handed(sup: Supervisor) -> list[int]:
-    """The ids of the batches on the workers' inbox rings, read off them."""
-    ids: list[int] = []
-    for slot in sup.slots:
-        assert slot.inbox is not None
-        while (rec := slot.inbox.get()) is not None:
-            msg = wire.to_worker_decoder.decode(rec)
-            if isinstance(msg, wire.Batch):
-                ids += [it.id for it in msg.items]
-    return ids
 
 
 def test_sample_messages_a_rate_held_go_while_the_sample_is_full(tmp_path: Path) -> None:
@@ -51,7 +40,7 @@ def test_sample_messages_a_rate_held_go_while_the_sample_is_full(tmp_path: Path)
         slot.alive = True
     try:
         sup.dispatch(any_room=True)
-        out = _handed(sup)
+        out = handed(sup)
         slot = sup.slots[0]
         assert 0 < len(out) < 10  # the rate's burst of the sample
         assert slot.held_sampled  # the rest of the sample waits for the rate
@@ -61,11 +50,11 @@ def test_sample_messages_a_rate_held_go_while_the_sample_is_full(tmp_path: Path)
         # it goes as the rate lets it; none of the 30 others.
         got = until(
             "the rate-held sample messages",
-            lambda: (out.extend(_handed(sup)), sup.dispatch(any_room=True), len(out) >= 10)[-1],
+            lambda: (out.extend(handed(sup)), sup.dispatch(any_room=True), len(out) >= 10)[-1],
             timeout=30,
         )
         assert got
-        out += _handed(sup)
+        out += handed(sup)
         assert sorted(out) == sorted(sample)
         held = {c.id for items in slot.held.values() for c in items}
         assert len(held) == 30 and not held & sample
@@ -74,9 +63,4 @@ def test_sample_messages_a_rate_held_go_while_the_sample_is_full(tmp_path: Path)
         sup.gate(slot, {})
         assert not slot.held_sampled
     finally:
-        sup.suppression.close()
-        for slot in sup.slots:
-            for ring in (slot.inbox, slot.outbox):
-                if ring is not None:
-                    ring.close()
-        spool.close()
+        close_supervisor(sup, spool)

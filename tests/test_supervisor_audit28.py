@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests._supervisor_helpers import close_supervisor, handed
 
 from _engine_helpers import CAMPAIGN, spool_rows, write_campaign
 from fastsend import config as cfgmod
@@ -127,12 +128,7 @@ def _sampled_supervisor(
     try:
         yield sup
     finally:
-        sup.suppression.close()
-        for s in sup.slots:
-            for ring in (s.inbox, s.outbox):
-                if ring is not None:
-                    ring.close()
-        spool.close()
+        close_supervisor(sup, spool)
 
 
 def test_a_pass_with_nothing_new_leaves_the_held_rest_until_an_outcome_or_a_while(
@@ -150,18 +146,18 @@ def test_a_pass_with_nothing_new_leaves_the_held_rest_until_an_outcome_or_a_whil
         sup.gate = lambda slot, groups: (gated.append(len(groups)), gate(slot, groups))[1]  # type: ignore[method-assign]
         sup.dispatch(any_room=True)
         slot = sup.slots[0]
-        out = _handed(sup)
+        out = handed(sup)
         assert len(out) == 10 and sum(map(len, slot.held.values())) == 30
         gated.clear()
         for _ in range(20):
             sup.dispatch()
         assert gated == []  # before: 20 gatings of the held 30
-        assert _handed(sup) == []
+        assert handed(sup) == []
         # A sample message answered: the next pass lets one held message out.
         sup.apply(slot, [wire.Res(out[0], wire.K_DELIVERED, 250, "2.0.0", "ok", "", "")])
         sup.dispatch()
         assert len(gated) == 1
-        assert len(_handed(sup)) == 1 and sum(map(len, slot.held.values())) == 29
+        assert len(handed(sup)) == 1 and sum(map(len, slot.held.values())) == 29
         sup.dispatch()
         assert len(gated) == 1
         # REGATE_EVERY s after the last gating, a pass gates the held mail again
@@ -181,7 +177,7 @@ def test_the_loop_waits_longer_only_while_no_pass_could_hand_anything_out(
         slot = sup.slots[0]
         assert sup.tick() == TICK  # its window has room: mail may be claimed
         sup.dispatch(any_room=True)
-        _handed(sup)
+        handed(sup)
         slot.window = 40  # all of it claimed: 10 out, 30 held
         assert sup.tick() == IDLE_TICK
         sup.apply(
@@ -202,13 +198,3 @@ def test_the_loop_waits_longer_only_while_no_pass_could_hand_anything_out(
         assert sup.tick() == TICK  # a rate lets held mail go as time passes
 
 
-def _handed(sup: Supervisor) -> list[int]:
-    """The ids of the batches on the workers' inbox rings, read off them."""
-    ids: list[int] = []
-    for slot in sup.slots:
-        assert slot.inbox is not None
-        while (rec := slot.inbox.get()) is not None:
-            msg = wire.to_worker_decoder.decode(rec)
-            if isinstance(msg, wire.Batch):
-                ids += [it.id for it in msg.items]
-    return ids
