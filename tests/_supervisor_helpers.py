@@ -1,5 +1,6 @@
-"""A Supervisor driven in-process by a test (no workers: its slots' rings are
-read by the test): what it handed over, and its close."""
+"""The rings between a supervisor and its workers, read by a test that drives
+one side in-process: what a Supervisor handed over (and its close), what a
+Worker answered."""
 
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ def close_supervisor(sup: Any, spool: Any) -> None:
             if ring is not None:
                 ring.close()
     spool.close()
+
+
+def worker_results(outbox: Any) -> list[wire.Res]:
+    """Every outcome a worker put in its outbox (a Ring)."""
+    out: list[wire.Res] = []
+    while (rec := outbox.get()) is not None:
+        msg = wire.from_worker_decoder.decode(rec)
+        if isinstance(msg, wire.Results):
+            out += wire.expand(msg.items)
+    return out

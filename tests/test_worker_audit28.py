@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests._supervisor_helpers import worker_results
 
 from fastsend import wire
 from fastsend.config import Config, Route
@@ -24,15 +25,6 @@ from fastsend.delivery.worker import Worker
 from fastsend.outcome import DELIVERED, FAILED, Outcome, TxnResult
 from fastsend.ring import Ring
 from fastsend.transports import relay
-
-
-def _results(outbox: Ring) -> list[wire.Res]:
-    out: list[wire.Res] = []
-    while (rec := outbox.get()) is not None:
-        msg = wire.from_worker_decoder.decode(rec)
-        if isinstance(msg, wire.Results):
-            out += wire.expand(msg.items)
-    return out
 
 
 def test_a_smarthosts_answers_are_read_once_and_its_refusals_still_mapped(
@@ -76,7 +68,7 @@ def test_a_smarthosts_answers_are_read_once_and_its_refusals_still_mapped(
         w.flush()
 
     asyncio.run(run())
-    got = _results(outbox)
+    got = worker_results(outbox)
     assert [r.id for r in got] == [*range(64), *range(100, 105), 109, 110]
     by_id: dict[int, Any] = {r.id: r for r in got}
     assert all(by_id[i].kind == wire.K_DELIVERED for i in [*range(64), *range(100, 105), 110])

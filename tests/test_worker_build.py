@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from _message_helpers import use_impl
+from _supervisor_helpers import worker_results
 from fastsend import msgid, wire
 from fastsend.config import Config, Route
 from fastsend.delivery.pool import SiteQueue
@@ -36,16 +37,6 @@ DATE = re.compile(rb"^Date: [^\r]*\r\n", re.M)
 
 def _values(i: int) -> dict[str, str]:
     return {"name": f"Näme{i}", "plan": ("free", "pro")[i % 2], "account": f"A{i:09d}"}
-
-
-def _results(outbox: Ring) -> list[wire.Res]:
-    """Every outcome the worker put in its outbox."""
-    out: list[wire.Res] = []
-    while (rec := outbox.get()) is not None:
-        msg = wire.from_worker_decoder.decode(rec)
-        if isinstance(msg, wire.Results):
-            out += wire.expand(msg.items)
-    return out
 
 
 def _config(tmp_path: Path, port: int = 9) -> Config:
@@ -292,7 +283,7 @@ def _worker_to_sink(
 
         w.build = build  # type: ignore[method-assign]
         asyncio.run(asyncio.wait_for(w.main(), 60))
-    return built, {res.id: res for res in _results(outbox)}, w, sink.port
+    return built, {res.id: res for res in worker_results(outbox)}, w, sink.port
 
 
 @pytest.mark.parametrize("impl", ["py", "c"])
@@ -366,7 +357,7 @@ def test_batches_of_one_read_go_onto_their_site_queue_at_once(
 
         asyncio.run(run())
     assert pushes == [n_domains * per]
-    results = _results(outbox)
+    results = worker_results(outbox)
     assert all(res.kind == wire.K_DELIVERED and res.code == 250 for res in results)
     assert Counter(res.id for res in results) == dict.fromkeys(ids, 1)
 
@@ -428,7 +419,7 @@ def test_a_read_of_signed_batches_lets_the_loop_run_between_them(
         asyncio.run(run())
     assert len(seen) == n_domains
     assert seen == sorted(set(seen))  # each batch in an iteration of its own
-    results = _results(outbox)
+    results = worker_results(outbox)
     assert all(res.kind == wire.K_DELIVERED and res.code == 250 for res in results)
     assert Counter(res.id for res in results) == dict.fromkeys(ids, 1)
 
@@ -458,7 +449,7 @@ def test_a_push_that_fails_defers_every_recipient_it_held(
         w.flush()
 
     asyncio.run(run())
-    results = _results(outbox)
+    results = worker_results(outbox)
     assert all(res.kind == wire.K_DEFERRED and res.code == 451 for res in results)
     assert {res.text for res in results} == {"local error: RuntimeError"}
     assert Counter(res.id for res in results) == {10 * d + i: 1 for d in range(3) for i in range(4)}
