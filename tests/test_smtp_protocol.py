@@ -919,6 +919,50 @@ def test_twins_wait_for_the_same_replies(caps: tuple[str, ...], garbage_at: int)
         assert any(o[0] == "delivered" for _q, outs in results for o in outs)
 
 
+@pytest.mark.parametrize("caps", [FULL, (*FULL, "CHUNKING"), ("8BITMIME",)])
+@pytest.mark.parametrize("lost_at", [-1, 700, 1500])
+def test_twins_keep_a_long_queue_topped_up_in_order(caps: tuple[str, ...], lost_at: int) -> None:
+    """The compiled core keeps the transactions not started in a list read
+    from a head index (taken ones dropped when the list empties, or when
+    half of a long one is taken): 900 envelopes, more sent while hundreds
+    still wait, the queue never empty for long. The twins write the same
+    bytes, decide the same outcomes in the same order and name the same
+    unsent tags at every step, also when the connection is lost part way."""
+    if not _accel.HAVE_EXTENSIONS:
+        pytest.skip("fastsend._core not built")
+    got = []
+    for impl in ("py", "c"):
+        c = client_class(impl)("client.example", mx="mx.example:25")
+        c.receive_data(b"220 mx.example ESMTP\r\n")
+        c.send_ehlo()
+        lines = [b"250-mx.example"] + [b"250-" + k.encode() for k in caps] + [b"250 HELP"]
+        c.receive_data(b"\r\n".join(lines) + b"\r\n")
+        wrote = [c.send_envelopes([env(*_rcpts(i), tag=i) for i in range(600)])]
+        results: list[Any] = summary(c.events())
+        unsent = []
+        step, sent = 0, 600
+        while pending := c._pending_kinds():
+            if step == lost_at:
+                results += summary(c.connection_lost("gone"))
+                break
+            if step in (300, 900):  # topped up while hundreds wait
+                more = [env(*_rcpts(i), tag=i) for i in range(sent, sent + 150)]
+                sent += 150
+                wrote.append(c.send_envelopes(more))
+                results += summary(c.events())
+            reply = b"354 go\r\n" if pending[0] == cl._DATA else b"250 2.0.0 Ok: Q%d\r\n" % step
+            results += summary(c.receive_data(reply))
+            wrote.append(c.data_to_send())
+            if step % 97 == 0:
+                unsent.append(sorted(c.unsent()))
+            step += 1
+        got.append((wrote, results, unsent, c.busy, sent))
+    assert got[0] == got[1]
+    assert len(got[0][1]) == got[0][4] > 600  # each envelope decided once
+    assert not got[0][3]
+    assert any(len(u) > 300 for u in got[0][2])  # (a long queue indeed)
+
+
 @pytest.mark.parametrize("caps", [FULL, ("ENHANCEDSTATUSCODES",)], ids=["pipelining", "lockstep"])
 def test_a_421_to_the_data_command_is_a_session_refusal_with_nothing_sent(
     caps: tuple[str, ...],

@@ -474,8 +474,11 @@ cdef class ClientCore:
     cdef bint _cur_set
     cdef public object _cmd_names
     # Transactions not started, oldest first: a _CoreTxn, or an Envelope not
-    # yet read (made one when it comes first: _head_txn).
-    cdef public object _queue
+    # yet read (made one when it is taken: _qtake). A list read from _qh on
+    # (the slots before it hold None; emptied when all are taken): a C-level
+    # peek and take, where a deque's ``[0]`` and ``popleft`` are calls.
+    cdef list _queue
+    cdef Py_ssize_t _qh
     cdef _Fields _efields  # the Envelope's slots (send_envelopes' last type)
     cdef public bint _group_open, _need_rset
     cdef public Py_ssize_t _active, _bdat_bytes
@@ -521,7 +524,8 @@ cdef class ClientCore:
         self._cur_set = False
         self._cur_txn = None
         self._cmd_names = _smtp_deque(["greeting"])
-        self._queue = _smtp_deque()
+        self._queue = []
+        self._qh = 0
         self._group_open = False
         self._active = 0
         self._bdat_bytes = 0
@@ -551,7 +555,7 @@ cdef class ClientCore:
 
     @property
     def busy(self):
-        return self._active > 0 or len(self._queue) > 0
+        return self._active > 0 or self._qlen() > 0
 
     def unsent(self):
         """The tags of the envelopes whose message was never written (see the
@@ -575,9 +579,43 @@ cdef class ClientCore:
             if id(t) not in past:
                 txn = <_CoreTxn>t
                 out.append(txn.tag)
-        for t in self._queue:  # a _CoreTxn, or an Envelope not read yet
+        for t in self._queue[self._qh:]:  # a _CoreTxn, or an Envelope not read yet
             out.append((<_CoreTxn>t).tag if type(t) is _CoreTxn else t.tag)
         return out
+
+    # ---------------------------------------------------- transactions' queue
+    cdef inline Py_ssize_t _qlen(self) noexcept:
+        return PyList_GET_SIZE(self._queue) - self._qh
+
+    cdef _CoreTxn _qtake(self):
+        """Take the queue's first transaction (there is one), made from its
+        envelope if it is one still."""
+        cdef list q = self._queue
+        cdef Py_ssize_t h = self._qh
+        head = <object>_smtp_list_item(q, h)
+        _smtp_xincref(<PyObject*>None)
+        _smtp_list_set(q, h, <PyObject*>None)
+        _smtp_xdecref(<PyObject*>head)  # (``head`` holds its own reference)
+        h += 1
+        if h == PyList_GET_SIZE(q):
+            _list_reset(q)  # all taken: the same list, its storage kept
+            h = 0
+        elif h >= 256 and h * 2 >= PyList_GET_SIZE(q):
+            PyList_SetSlice(q, 0, h, NULL)  # (a queue never drained: the taken dropped)
+            h = 0
+        self._qh = h
+        if type(head) is _CoreTxn:
+            return <_CoreTxn>head
+        return self._txn(head, self._efields)
+
+    cdef int _qputback(self, _CoreTxn txn) except -1:
+        """Put ``txn``, just taken, back first."""
+        if self._qh:
+            self._qh -= 1
+            self._queue[self._qh] = txn
+        else:
+            self._queue.insert(0, txn)
+        return 0
 
     # ---------------------------------------------------------- pending queue
     def _push_cmd(self, str name not None):
@@ -683,7 +721,7 @@ cdef class ClientCore:
         cdef _Fields fe = self._efields
         if self.state != _C_READY:
             raise _c_Local(f"cannot send mail in state {self.state!r}")
-        queue = self._queue
+        cdef list queue = self._queue
         for env in envelopes:
             # (an Envelope's fields read from their slots: _events.pxi's _Fields)
             fe = _fields_for(env, fe, _C_ENVELOPE)
@@ -722,17 +760,6 @@ cdef class ClientCore:
         txn.utf8 = False
         txn.rest = None
         txn.decided = not self._check_envelope(txn)
-        return txn
-
-    cdef _CoreTxn _head_txn(self):
-        """The queue's first transaction (there is one), made from its
-        envelope if it is one still."""
-        queue = self._queue
-        head = queue[0]
-        if type(head) is _CoreTxn:
-            return <_CoreTxn>head
-        txn = self._txn(head, self._efields)
-        queue[0] = txn
         return txn
 
     cdef bint _check_envelope(self, _CoreTxn txn) except -1:
@@ -870,15 +897,19 @@ cdef class ClientCore:
         cdef _CoreTxn txn
         cdef list outcomes, parts
         cdef Py_ssize_t i
-        queue = self._queue
         while True:
-            while queue and self._head_txn().decided:
-                self._events.append(self._result(<_CoreTxn>queue.popleft(), ""))
-            if not queue or self.state != _C_READY:
+            txn = None
+            while self._qlen():
+                txn = self._qtake()
+                if not txn.decided:
+                    break
+                self._events.append(self._result(txn, ""))
+                txn = None
+            if txn is None:
                 return 0
-            if self.bdat:
-                return self._start_bdat()
-            txn = <_CoreTxn>queue.popleft()
+            if self.state != _C_READY or self.bdat:
+                self._qputback(txn)
+                return self._start_bdat() if self.state == _C_READY else 0
             if type(txn.data) is bytes or self._made(txn):
                 break
             self._events.append(self._result(txn, ""))
@@ -920,14 +951,12 @@ cdef class ClientCore:
         cdef list outcomes
         cdef bytes data
         cdef Py_ssize_t i
-        queue = self._queue
         while (
-            queue
+            self._qlen()
             and self._active < _C_BDAT_WINDOW
             and (not self._active or self._bdat_bytes < _C_BDAT_WINDOW_BYTES)
         ):
-            txn = self._head_txn()
-            queue.popleft()
+            txn = self._qtake()
             if txn.decided:
                 self._events.append(self._result(txn, ""))
                 continue
@@ -1271,7 +1300,7 @@ cdef class ClientCore:
 
     # --------------------------------------------------------------- teardown
     def connection_lost(self, text="connection lost"):
-        if self.state != _C_CLOSED or self._pn or self._queue:
+        if self.state != _C_CLOSED or self._pn or self._qlen():
             self._abort(0, "", text)
         ev = self._events
         self._events = []
@@ -1300,9 +1329,8 @@ cdef class ClientCore:
                 stage_of[t] = "data"  # the body went out pipelined (the reference's note)
         self._pclear()
         self._cmd_names.clear()
-        for t in self._queue:  # (an envelope not read yet: its transaction now)
-            seen.append(t if type(t) is _CoreTxn else self._txn(t, self._efields))
-        self._queue.clear()
+        while self._qlen():  # (an envelope not read yet: its transaction now)
+            seen.append(self._qtake())
         for t in seen:
             txn = <_CoreTxn>t
             # A transaction whose MAIL was refused (this 421, at once) is
