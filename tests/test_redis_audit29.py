@@ -13,10 +13,20 @@ from typing import Any
 
 import pytest
 import redis
-from tests._engine_helpers import spool_rows
+from tests._engine_helpers import (
+    received_counts,
+    run_fastsend,
+    run_killed_when,
+    sink_log,
+    spool_rows,
+    summary,
+    write_campaign,
+    write_recipients,
+)
 from tests._redis_helpers import RedisHold, start_redis
-from tests._serve_helpers import until
+from tests._serve_helpers import Served, until
 
+from fastsend.sink import SinkProcess
 from fastsend.spool import open_spool
 from fastsend.spool.redis import RedisSpoolError
 
@@ -80,3 +90,81 @@ def test_replicas_wait_covers_this_threads_rows_whichever_connection_it_is_given
             s.close()
         finally:
             hold.close()
+
+
+def _send(tmp: Path, url: str, route: str, n: int) -> list[str]:
+    """``fastsend send`` args for ``n`` recipients routed to ``route`` on the Redis spool ``url``."""
+
+    addrs = [f"user{i}@d.example.net" for i in range(n)]
+    return ["send", str(write_campaign(tmp)), "-r", str(write_recipients(tmp, addrs)),
+            "--no-dkim", "--spool", url, "--route", route, "--retry", "1,5,3600",
+            "--workers", "1", "--no-progress"]  # fmt: skip
+
+
+def test_a_serve_node_leaves_a_live_sends_campaign_to_the_send(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """A serve node routed to sink B runs on a Redis spool; a ``fastsend send
+    --spool redis://... --route A`` runs on it (A defers 30% of the attempts at
+    random: the send's mail comes due again and again while it runs): the send
+    delivers all of its campaign to A and B gets none of it. Before: the serve
+    node claimed the send's mail as any other and delivered it by its own
+    route, to B."""
+    n = 40
+    url = redis_server.url()
+    log_a, log_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    with SinkProcess("--log", str(log_a), "--defer-rate", "0.3", "--seed", "7") as a, \
+            SinkProcess("--log", str(log_b)) as b:  # fmt: skip
+        (ha, pa), (hb, pb) = a.addresses[0], b.addresses[0]
+        (tmp_path / "node").mkdir()
+        srv = Served(tmp_path / "node", f"{hb}:{pb}", spool_url=url,
+                     serve_args=("--allow-volatile",))  # fmt: skip
+        try:
+            args = _send(tmp_path, url + f"&dir={tmp_path / 'sendlocal'}", f"*={ha}:{pa}", n)
+            args[args.index("--retry") + 1] = "1,2,3600"
+            proc = run_fastsend(*args, "--json", "--max-wait", "30", timeout=240)
+        finally:
+            srv.stop()
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s = summary(proc)
+        assert s["deferred"] == 0 and s["bounced"] == 0, s
+    assert len(received_counts(log_a)) == n
+    assert not sink_log(log_b)
+
+
+def test_serve_on_redis_sets_aside_a_killed_sends_campaign_and_resume_sends_it_by_its_route(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """A send on a Redis spool routed to sink A is killed -9 once A took a few
+    of its 60 messages; a serve node routed to sink B starts on the spool: it
+    says the campaign is set aside (naming the URL without its password) and B
+    gets none of it; ``fastsend resume --spool URL`` (the send's recorded
+    options) delivers the rest to A. Before: the serve node delivered the rest
+    to B (set aside was SQLite's only)."""
+    n = 60
+    url = redis_server.url()
+    log_a, log_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    with SinkProcess("--log", str(log_a), "--latency-ms", "100") as a, \
+            SinkProcess("--log", str(log_b)) as b:  # fmt: skip
+        (ha, pa), (hb, pb) = a.addresses[0], b.addresses[0]
+        run_killed_when(_send(tmp_path, url + f"&dir={tmp_path / 'sendlocal'}", f"*={ha}:{pa}", n),
+                        lambda: len(sink_log(log_a)) >= 3)  # fmt: skip
+        assert len(received_counts(log_a)) < n
+        (tmp_path / "node").mkdir()
+        srv = Served(tmp_path / "node", f"{hb}:{pb}", spool_url=url,
+                         serve_args=("--allow-volatile",))  # fmt: skip
+        try:
+            srv.wait_line("set aside")
+        finally:
+            srv.stop()
+        said = "".join(srv.lines)
+        assert f"--route '*={ha}:{pa}'" in said and f"fastsend resume --spool '{url}'" in said, said
+        assert not sink_log(log_b)
+        proc = run_fastsend("resume", "--spool", url + f"&dir={tmp_path / 'resumelocal'}",
+                            "--json", "--no-progress", "--max-wait", "60")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "set aside by serve, is active again" in proc.stderr
+        s = summary(proc)
+        assert s["deferred"] == 0 and s["bounced"] == 0, s
+    assert set(received_counts(log_a)) == {f"user{i}@d.example.net" for i in range(n)}
+    assert not sink_log(log_b)

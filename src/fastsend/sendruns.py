@@ -41,7 +41,7 @@ def _same_run(run: dict[str, Any], config_path: str) -> bool:
 
 
 def set_aside_sends(spool: Any, config_path: str, spool_dir: str) -> list[str]:
-    """At a `serve`'s start on a SQLite spool: pause (reason :data:`SET_ASIDE`) each
+    """At a `serve`'s start (with workers): pause (reason :data:`SET_ASIDE`) each
     active campaign a `send` spooled with other options than serve's own (its
     ``-c`` alone) that still has mail or a list to read (a `send` killed -9, or
     ended with mail deferred): serve's routes, source IPs, HELO and retries are
@@ -49,11 +49,23 @@ def set_aside_sends(spool: Any, config_path: str, spool_dir: str) -> list[str]:
     --route`'s mail by its own routes, a test campaign to real MX hosts).
     Returns one line per campaign, naming the ``fastsend resume`` that
     continues it with its own options."""
+    # On Redis (``send_owners``) a live process's send is left to it (its node
+    # alone claims it), serve's own run whose process died is anyone's again.
+    owners = getattr(spool, "send_owners", None)
+    owned: dict[int, tuple[str, bool]] = owners() if owners is not None else {}
+    me = getattr(spool, "node", None)
     reading = {j.campaign for j in spool.list_ingests(unfinished=True)}
     out: list[str] = []
     for info in spool.list_campaigns():
         run = (info.options or {}).get(RUN_OPTION)
-        if not isinstance(run, dict) or info.status != "active" or _same_run(run, config_path):
+        if not isinstance(run, dict) or info.status != "active":
+            continue
+        owner = owned.get(info.id)
+        if owner is not None and owner[1] and owner[0] != me:
+            continue  # its `send` runs: delivered by that process
+        if _same_run(run, config_path):
+            if owner is not None:
+                spool.disown(info.id)
             continue
         if info.id not in reading and not spool.pending_domains([info.id], limit=1):
             continue
@@ -63,15 +75,21 @@ def set_aside_sends(spool: Any, config_path: str, spool_dir: str) -> list[str]:
         out.append(
             f"campaign {info.id} {info.name!r} was spooled by `fastsend send` with"
             f" {run_flags(run)}, not serve's options: set aside (paused), not delivered;"
-            f" continue it with `fastsend resume --spool {shlex_quote(spool_dir)}` once serve"
-            " is stopped (its recorded options are taken)"
+            f" continue it with `fastsend resume --spool {shlex_quote(spool_dir)}`"
+            f"{'' if '://' in spool_dir else ' once serve is stopped'}"
+            " (its recorded options are taken)"
         )
     return out
 
 
 def take_back_set_aside(spool: Any) -> list[int]:
     """`resume`: the campaigns a `serve` set aside (:func:`set_aside_sends`) are
-    active again, delivered with this run's options; returns their ids."""
+    active again, delivered with this run's options; returns their ids. On
+    Redis the sends whose process is dead are this node's now (``adopt_sends``:
+    no other node claims a send's campaign)."""
+    adopt = getattr(spool, "adopt_sends", None)
+    if adopt is not None:
+        adopt()
     out: list[int] = []
     for info in spool.list_campaigns():
         if info.status == "paused" and info.reason.startswith(SET_ASIDE):
@@ -81,4 +99,9 @@ def take_back_set_aside(spool: Any) -> list[int]:
 
 
 def shlex_quote(word: str) -> str:
+    """A spool directory (absolute), or a spool URL without its password."""
+    if "://" in word:
+        from fastsend.redisurl import redact_url
+
+        return shlex.quote(redact_url(word))
     return shlex.quote(os.path.abspath(word))

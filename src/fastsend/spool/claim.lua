@@ -21,13 +21,21 @@ reap_dead(ms)
 -- step of the water-filling met its count, so the shares are those of the true
 -- counts; else what it has is its count and the shares are made again with it
 -- (as SQLite's _shares).
+-- A `fastsend send`'s campaign (P:own: campaign -> the node name of the process
+-- running it) is that node's alone: another node leaves it in the index, due
+-- (its routes and IPs are not the send's; `resume` adopts it once that process
+-- is dead: RedisSpool.adopt_sends).
 local cands, name, off = {}, {}, {}
 local idx = redis.call('ZRANGEBYSCORE', P..':dueidx', '-inf', now)
+local owned = redis.call('HLEN', P..':own') > 0
 for j = 1, #idx, 1000 do  -- (only active campaigns: the others leave the index)
   local part = {unpack(idx, j, math.min(j + 999, #idx))}
   local on = redis.call('SMISMEMBER', P..':active', unpack(part))
+  local own = owned and redis.call('HMGET', P..':own', unpack(part)) or {}
   for i = 1, #part do
-    if on[i] == 1 then
+    if own[i] and own[i] ~= node then
+      -- (another node's send: not a candidate, and stays indexed)
+    elseif on[i] == 1 then
       local c = tonumber(part[i])
       name[c] = part[i]
       cands[#cands + 1] = {c, '', 0, 1, limit}

@@ -125,6 +125,7 @@ import redis
 
 from fastsend.redisurl import redact_url
 from fastsend.ring import clear_write_logs, read_write_logs
+from fastsend.sendruns import RUN_OPTION
 from fastsend.spool.base import (
     _LOCKS,
     AGE_BUCKETS_MIN,
@@ -707,9 +708,42 @@ class RedisSpool(Spool):
         pipe.hset(f"{k}:fair", str(cid), _fair_field(tenant, spec, options or {}))
         if status == "active":
             pipe.sadd(f"{k}:active", cid)
+        if RUN_OPTION in (options or {}):  # a `send`'s: this process's alone (claim.lua)
+            pipe.hset(f"{k}:own", str(cid), self.node)
         pipe.execute()
         self._wait_durable()
         return cid
+
+    # A `fastsend send`'s campaign belongs to the process running it (P:own,
+    # campaign -> its node name, written with the campaign): claim.lua gives its
+    # mail to no other node (before, every serve node claimed a live send's mail
+    # and delivered it by its own routes, IPs and HELO); serve sets aside one
+    # whose process is dead (sendruns.set_aside_sends), `resume` adopts it.
+
+    def send_owners(self) -> dict[int, tuple[str, bool]]:
+        """The `send` campaigns with an owner: campaign -> (its node name,
+        whether a live process holds that name: ``P:name:NODE`` held, by a
+        process not known dead here)."""
+        own = {int(c): _s(n) for c, n in self.r.hgetall(f"{self.k}:own").items()}
+        names = sorted(set(own.values()))
+        tags = dict(zip(names, self.r.mget([f"{self.k}:name:{n}" for n in names]) if names else [],
+                        strict=True))  # fmt: skip
+        live = {n: t is not None and not holder_gone(_holder(t)) for n, t in tags.items()}
+        return {c: (n, live[n]) for c, n in own.items()}
+
+    def adopt_sends(self) -> list[int]:
+        """`resume`: the `send` campaigns whose process is dead are this node's
+        now (its claims take them); returns their ids."""
+        dead = [c for c, (n, live) in self.send_owners().items() if not live and n != self.node]
+        if dead:
+            self.r.hset(f"{self.k}:own", mapping=dict.fromkeys(map(str, dead), self.node))
+            self._due_gen += 1
+        return dead
+
+    def disown(self, campaign_id: int) -> None:
+        """A campaign any node may claim again (serve's own run, its send dead)."""
+        self.r.hdel(f"{self.k}:own", str(int(campaign_id)))
+        self._due_gen += 1
 
     def _campaign(self, cid: int, h: dict[bytes, Any]) -> CampaignInfo | None:
         if not h:
