@@ -168,3 +168,35 @@ def test_serve_on_redis_sets_aside_a_killed_sends_campaign_and_resume_sends_it_b
         assert s["deferred"] == 0 and s["bounced"] == 0, s
     assert set(received_counts(log_a)) == {f"user{i}@d.example.net" for i in range(n)}
     assert not sink_log(log_b)
+
+
+def test_a_dead_sends_write_logs_go_once_its_window_is_taken_back(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """A send on Redis (its local dir L1, a lease of 2 s) is killed -9 while
+    delivering: its workers' write logs stay in L1/writelogs. Another node of
+    this host (local dir L2) takes its window back once the lease lapses; at
+    its next renewal the dead send's logs are gone. Before: they stayed until
+    a process started with L1 again (for good on a host that never does)."""
+    url = redis_server.url(lease="2")
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log), "--latency-ms", "100") as sink:
+        host, port = sink.addresses[0]
+        run_killed_when(_send(tmp_path, url + f"&dir={tmp_path / 'L1'}", f"*={host}:{port}", 300),
+                        lambda: len(sink_log(log)) >= 3)  # fmt: skip
+    logs = tmp_path / "L1" / "writelogs"
+    assert [p for p in logs.iterdir() if p.is_dir()], "the send kept no write logs"
+    s = open_spool(url + f"&node=other&dir={tmp_path / 'L2'}")
+    try:
+        s.hold_supervisor("test")
+
+        def taken_back() -> bool:  # (this node's claims take it back once the lease lapses)
+            s.claim_due(time.time(), 1000)
+            return not any(s.r.scard(k) for k in s.r.scan_iter(f"{s.k}:fl:*")
+                           if not k.endswith(b":other"))  # fmt: skip
+
+        until("the dead send's window taken back", taken_back, timeout=30)
+        s.renew()
+        assert not [p for p in logs.iterdir() if p.is_dir()]
+    finally:
+        s.close()

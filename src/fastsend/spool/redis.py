@@ -210,6 +210,9 @@ DUE_STEP = 1e-5
 def due_score(at: float, digits: int) -> float:
     """The due-set score of an id of ``digits`` digits due at ``at`` (lib.lua due_score)."""
     return at - (20 - digits) * DUE_STEP
+# How often a node looks for this host's dead holders' write logs to remove (renew).
+LOGS_SWEEP_S = 60.0
+
 PRUNE_BUCKETS = 4  # buckets per prune_final call (one script)
 PRUNE_FPS = 100  # campaigns' duplicate sets looked at per prune_final call (prune.lua 'fps')
 LAYOUT = b"2"  # P:layout: the message layout above
@@ -654,6 +657,7 @@ class RedisSpool(Spool):
         self._drop_name = reg(_DROP_NAME)
         self._name_tag: bytes | None = None  # hold_supervisor: this node name is ours
         self._name_renewed = 0.0
+        self._logs_swept = 0.0  # (renew: _sweep_dead_logs, at its first call and each LOGS_SWEEP_S)
         self._name_lost = False
         self._dir_lock = ""  # hold_local_dir: the lock file this object holds
         self._ingests: set[int] = set()  # ingest jobs this object holds
@@ -1379,7 +1383,9 @@ class RedisSpool(Spool):
         lease lapses (a node cannot tell from here that it died)."""
         if self._name_tag is not None:
             return
-        tag = orjson.dumps({**orjson.loads(self._tag), "command": command})
+        logs = self._log_dir(self.node)  # (where its workers' write logs are: _logs_of)
+        tag = orjson.dumps({**orjson.loads(self._tag), "command": command,
+                            **({"logs": logs} if logs else {})})  # fmt: skip
         key = f"{self.k}:name:{self.node}"
         stale = ""
         for _ in range(3):
@@ -1449,7 +1455,7 @@ class RedisSpool(Spool):
         # name was never begun (no DATA written): back as it was, no attempt (the
         # node-checked release). Logs that may not hold every write: all counts.
         logs = [(self.node, self._log_dir(self.node), b"")]
-        logs += [(_s(d), self._log_dir(_s(d)), t) for d, t in zip(dead[::2], dead[1::2], strict=True)]
+        logs += [(_s(d), self._logs_of(_s(d), t), t) for d, t in zip(dead[::2], dead[1::2], strict=True)]
         for node, where, tag in logs:
             written = read_write_logs(where) if where is not None else None
             if written is not None:
@@ -1502,6 +1508,37 @@ class RedisSpool(Spool):
         name = hashlib.sha256(f"{where}\0{self.k}\0{node}".encode()).hexdigest()[:24]
         return os.path.join(os.path.realpath(self.local_dir), "writelogs", name)
 
+    def _logs_of(self, node: str, tag: bytes) -> str | None:
+        """The write-log dir of node ``node``'s holder ``tag`` (P:holders), in the
+        local dir that process was given (its tag says: ``hold_supervisor``), not
+        this one's: a process of this host with another local dir read none of a
+        dead one's logs (all counted unknown) and never removed them. Taken
+        only if it is that node's dir of this spool (``writelogs/HASH``)."""
+        mine = self._log_dir(node)
+        got = _holder(tag).get("logs")
+        if mine is None or not isinstance(got, str):
+            return mine
+        if (os.path.isabs(got) and os.path.basename(got) == os.path.basename(mine)
+                and os.path.basename(os.path.dirname(got)) == "writelogs"):  # fmt: skip
+            return got
+        return mine
+
+    def _sweep_dead_logs(self) -> None:
+        """Remove the write logs of this host's dead holders whose window is
+        back in the spool (taken back by any node, of any host, after their
+        lease): nothing is left for them to tell. Before, only the dead one's own
+        clean close (never) or a later recover on this host with its local dir
+        removed them (2 MiB a worker, for good)."""
+        for node, tag in self.r.hgetall(f"{self.k}:holders").items():
+            name = _s(node)
+            if name == self.node or not (h := _holder(tag)) or not holder_gone(h):
+                continue
+            where = self._logs_of(name, tag)
+            if where is None or not os.path.isdir(where):
+                continue
+            if self.r.scard(f"{self.k}:fl:{name}") == 0:
+                shutil.rmtree(where, ignore_errors=True)
+
     def _dead_here(self) -> list[bytes]:
         """(node name, holder tag) of the other node names whose last holder
         ran here and is dead (its pid gone: ``holder_gone``): their windows are
@@ -1548,6 +1585,9 @@ class RedisSpool(Spool):
         if self._name_tag is not None and time.monotonic() - self._name_renewed >= self.lease / 4:
             self._name_renewed = time.monotonic()
             self._renew_name()
+        if self._name_tag is not None and time.monotonic() - self._logs_swept >= LOGS_SWEEP_S:
+            self._logs_swept = time.monotonic()
+            self._sweep_dead_logs()
         if not self._holding:
             return
         mono = time.monotonic()
