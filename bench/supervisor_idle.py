@@ -7,6 +7,10 @@ workers are busy signing): it should be near nothing.
 
     python bench/supervisor_idle.py                  # 20,000 rows, 12 s, 2 runs
     python bench/supervisor_idle.py --seconds 20 --repeat 3
+    python bench/supervisor_idle.py --deferred --messages 200 --warm 8
+        # the other wait: a receiver that defers every recipient (`fastsend
+        # sink --defer-rate 1`), so the windows are empty, with room, and
+        # nothing is due until the retries (a serve at rest, a send's tail)
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import tempfile
 import threading
 import time
 
-from _common import machine, median_range, proc_cpu_s
+from _common import free_port, machine, median_range, proc_cpu_s, wait_port
 from end_to_end import write_inputs
 
 
@@ -72,17 +76,33 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=12.0, help="the span measured")
     ap.add_argument("--warm", type=float, default=6.0, help="s before it (start-up)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--deferred", action="store_true", help="a receiver deferring every recipient")
     args = ap.parse_args()
-    ls, port = silent_receiver()
+    if args.deferred:
+        port = free_port()
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "fastsend", "sink", "--listen", f"127.0.0.1:{port}",
+             "--defer-rate", "1", "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_port(port)
+        ls: socket.socket | None = None
+    else:
+        ls, port = silent_receiver()
     with tempfile.TemporaryDirectory(prefix="fastsend-idle-") as tmp:
         camp, rcpts = write_inputs(tmp, args.messages, 4096)
         got = [
             run(tmp, camp, rcpts, port, args.warm, args.seconds, str(i)) for i in range(args.repeat)
         ]
-    ls.close()
+    if ls is not None:
+        ls.close()
+    else:
+        sink.kill()
+        sink.wait()
     med, lo, hi = median_range(got)
     print(f"machine: {machine()}")
-    print(f"settings: {args.messages} rows, 2 workers, a receiver that never answers;"
+    what = "defers every recipient" if args.deferred else "never answers"
+    print(f"settings: {args.messages} rows, 2 workers, a receiver that {what};"
           f" {args.seconds:g} s measured after {args.warm:g} s, {args.repeat} runs")  # fmt: skip
     print(f"supervisor CPU while the send waits: {med:.1f} ({lo:.1f}-{hi:.1f}) ms a second")
     return 0

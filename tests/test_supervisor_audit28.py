@@ -105,17 +105,18 @@ def test_a_hand_over_whose_ids_all_left_is_forgotten_and_later_ones_kept() -> No
 
 @contextlib.contextmanager
 def _sampled_supervisor(
-    tmp_path: Path, options: dict[str, Any] | None = None
+    tmp_path: Path, options: dict[str, Any] | None = None, sample: int = 10
 ) -> Iterator[Supervisor]:
     """A supervisor (one worker stood in by its rings) whose guardrails'
-    sample is 10, its spool holding one campaign of 40 messages over two
-    domains (``options``: the campaign's)."""
-    raw = {
+    sample is ``sample`` (0: the default), its spool holding one campaign of
+    40 messages over two domains (``options``: the campaign's)."""
+    raw: dict[str, Any] = {
         "spool": {"dir": "spool"},
         "workers": {"count": 1},
         "ips": {"source": ["127.0.0.2"], "helo": "out.example.com"},
-        "guardrails": {"min_sample": 10},
     }
+    if sample:
+        raw["guardrails"] = {"min_sample": sample}
     cfg = cfgmod.from_dict(raw, base_dir=str(tmp_path))
     spool = SQLiteSpool(cfg.spool_dir)
     spec = Campaign.load(str(write_campaign(tmp_path, CAMPAIGN))).to_dict()

@@ -198,7 +198,13 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
         send whose windows were full (slow receivers, DKIM signing) made 50
         passes a second that found nothing to do, ~25 ms of CPU a second.
         What runs by the clock (the reap's 0.1 s chores, REGATE_EVERY) keeps
-        its pace."""
+        its pace. A window with room waits as long when nothing is due (the
+        pass just before found none): until the spool's next due time, at most
+        IDLE_TICK; mail accepted in this process wakes the loop at once
+        (``Acceptor.wake``). Before, TICK: a serve at rest, or a send whose
+        mail was all deferred, made 50 passes a second that claimed nothing
+        (~27 ms of CPU a second, bench/supervisor_idle.py --deferred). A
+        shared spool keeps TICK: other nodes accept mail unseen here."""
         if (
             self.results
             or self.requeues
@@ -212,8 +218,20 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             return TICK
         for slot in self.slots:
             if self.can_take(slot) and slot.room >= self.claim_at(slot):
-                return TICK
+                return self.due_wait()
         return IDLE_TICK
+
+    def due_wait(self) -> float:
+        """The wait of a loop whose windows have room (``tick``): until the
+        local spool's next due time, between TICK and IDLE_TICK; TICK when
+        mail is due (a pass could not claim it: it is tried again at the old
+        pace) or the spool is shared."""
+        if self.spool.shared() is not None:
+            return TICK
+        nxt = self.spool.next_due()
+        if nxt is None:
+            return IDLE_TICK
+        return min(IDLE_TICK, max(TICK, nxt - time.time()))
 
     def idle_done(self) -> bool:
         if self.inflight or self.results or self.requeues or self.feeding:
