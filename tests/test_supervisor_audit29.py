@@ -39,8 +39,15 @@ def test_a_window_with_room_and_nothing_due_waits_for_the_next_due_time(
         soon = time.time() + IDLE_TICK / 2
         spool.record_outcomes(_deferred(ids[:1], soon), time.time())
         assert TICK <= sup.tick() <= IDLE_TICK / 2
+        spool.record_outcomes(_deferred(ids[:1], later), time.time())
         # Mail due now that a pass could not claim yet: the old pace.
         spool.record_outcomes(_deferred(ids[1:2], time.time() - 1), time.time())
+        assert sup.tick() == TICK
+        sup.dispatch()  # claimed: nothing due again
+        assert _handed(sup) == ids[1:2]
+        assert sup.tick() == IDLE_TICK
+        # The time read is not kept past a change: rows spooled are due at once.
+        spool.add_messages(1, spool_rows(1, "c.example"), time.time())
         assert sup.tick() == TICK
 
 

@@ -901,6 +901,13 @@ class Spool(abc.ABC):
     def next_due(self) -> float | None:
         """Earliest next attempt time of a pending message of an active campaign."""
 
+    def due_version(self) -> int | None:
+        """A number that changes whenever this process makes mail due sooner
+        (rows added, deferrals, releases, a campaign resumed): a ``next_due``
+        read in the future stands while it is unchanged (claims only make it
+        later). None (this default): unknown, read ``next_due`` again."""
+        return None
+
     @abc.abstractmethod
     def queue_shape(self, now: float) -> list[tuple[str, list[int]]]:
         """(domain, counts per age bucket) of pending and in-flight messages."""

@@ -1531,6 +1531,9 @@ class SQLiteSpool(Spool):
             out[STATE_NAMES[state]] = int(n)
         return out
 
+    def due_version(self) -> int | None:
+        return self._due_gen
+
     def next_due(self) -> float | None:
         if self._parked:  # due now: the next claim hands them out
             return self._parked[0].created
