@@ -77,7 +77,11 @@ def test_an_address_opening_a_quoted_reply_is_the_recipient_not_a_second_one() -
     assert _records(raw) == [("vic@rcpt.example", "userunknown", True)]
 
 
-def test_a_quoted_reply_naming_its_address_answers_rcpt() -> None:
+def test_a_quoted_reply_naming_its_address_is_read_whole() -> None:
+    """The quoted reply is the recipient's (not a second recipient). Naming
+    the address says nothing of the stage (a filter after DATA names it too):
+    with no command and no status, "No such user" is filtered, as Sisimai
+    reads a user unknown without RCPT evidence (bnc29: the corpus labels)."""
     for body in (
         "Recipient: vic@rcpt.example\nReason: 550 'vic@rcpt.example... No such user'",
         "<vic@rcpt.example>:\n550-'vic@rcpt.example... No such user'\n550 Check the address",
@@ -85,10 +89,11 @@ def test_a_quoted_reply_naming_its_address_answers_rcpt() -> None:
         (r,) = parse_bounce(NOTICE.format(body=body).encode())
         assert (r.recipient, r.command, r.reason, r.hard) == (
             "vic@rcpt.example",
-            "RCPT",
-            "userunknown",
-            True,
+            None,
+            "filtered",
+            False,
         ), body
+        assert "No such user" in r.diagnostic
 
 
 def test_an_apostrophe_inside_a_local_part_stays() -> None:

@@ -313,23 +313,54 @@ def test_google_groups_refusal_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    ("diag", "reason", "hard"),
+    ("diag", "remote", "reason", "hard"),
     [
-        # The reply names the address it refuses: an answer to RCPT TO.
-        ("550 <nobody@example.org>: User unknown", "userunknown", True),
-        # Nothing ties it to RCPT TO: a filter after DATA (Sisimai's "filtered").
-        ("550 : User unknown", "filtered", False),
+        # Naming the address after the code ties no reply to RCPT TO (a filter
+        # after DATA names the recipient it refuses for too): filtered, as
+        # Sisimai reads a "user unknown" without RCPT evidence.
+        ("550 <nobody@example.org>: User unknown", "mx.example.org", "filtered", False),
+        ("550 <nobody@example.org>... User not exist", "mx.example.org", "filtered", False),
+        ("550 <nobody@example.org> No such user here", "mx.example.org", "filtered", False),
+        ("550 unknown user\n    <nobody@example.org>", "mx.example.org", "filtered", False),
+        ("550 : User unknown", "mx.example.org", "filtered", False),
+        # KDDI (EZweb, au) answers RCPT TO naming the address and leaves it out
+        # when the recipient's filter refused (Sisimai's rhost KDDI).
+        ("550 <nobody@example.org>: User unknown", "lsean.ezweb.ne.jp.", "userunknown", True),
+        ("550 <nobody@example.org>: User unknown", "mx.au.com", "userunknown", True),
+        ("550 : User unknown", "lsean.ezweb.ne.jp.", "filtered", False),
+        # A status saying the mailbox is unknown needs no command.
+        ("550 5.1.1 <nobody@example.org>... User not exist", "mx.example.org", "userunknown", True),
     ],
 )
-def test_user_unknown_needs_rcpt_evidence(diag: str, reason: str, hard: bool) -> None:
-    raw = DSN.replace(b"Status: 5.1.1", b"Status: 5.0.0").replace(
+def test_user_unknown_needs_rcpt_evidence(diag: str, remote: str, reason: str, hard: bool) -> None:
+    status = b"5.1.1" if " 5.1.1 " in diag else b"5.0.0"
+    raw = DSN.replace(b"Status: 5.1.1", b"Status: " + status, 1).replace(
         b"Diagnostic-Code: smtp; 550 5.1.1 <nobody@example.org>: Recipient address\n"
         b"    rejected: User unknown in local recipient table",
         b"Diagnostic-Code: smtp; " + diag.encode(),
     )
+    raw = raw.replace(b"Remote-MTA: dns; mx.example.org", b"Remote-MTA: dns; " + remote.encode())
     raw = raw.replace(b"(in reply to RCPT TO command)", b"")
     r = parse_bounce(raw)[0]
-    assert (r.reason, r.hard) == (reason, hard), r
+    assert (r.recipient, r.reason, r.hard) == ("nobody@example.org", reason, hard), r
+
+
+def test_imails_unknown_user_line_answers_rcpt() -> None:
+    """IMail's own refusal, no reply code: "Unknown user: <address>" is its
+    fixed text at RCPT (Sisimai's lhost IMailServer)."""
+    raw = (
+        b'From: "Postmaster" <postmaster@example.org>\nTo: news@sender.example\n'
+        b"Subject: Undeliverable Mail\nX-Mailer: <SMTP32 v8.22>\n\n"
+        b"Unknown user: nobody@example.org\n\n\nOriginal message follows.\n\n"
+        b"From: news@sender.example\nTo: nobody@example.org\nSubject: hi\n\nhello\n"
+    )
+    (r,) = parse_bounce(raw)
+    assert (r.recipient, r.command, r.reason, r.hard) == (
+        "nobody@example.org",
+        "RCPT",
+        "userunknown",
+        True,
+    )
 
 
 def test_mbox_of_two_bounces() -> None:

@@ -1217,9 +1217,9 @@ def _parse_one(
                 key = (r.diagnostic[:4096], r.recipient)
                 echo = echoes.get(key)
                 if echo is None:
-                    echo = echoes[key] = _echoes_recipient(*key)
+                    echo = echoes[key] = _echoes_recipient(*key, _is_kddi(r))
                 if echo:
-                    # Replies to RCPT TO name the address they refuse.
+                    # A reply that is known to answer RCPT TO (see _echoes_recipient).
                     r.command = "RCPT"
             c = rs.classify(
                 r.reply_code, r.status, r.diagnostic, command=r.command, action=r.action
@@ -1268,14 +1268,33 @@ def _parse_one(
     return out
 
 
-# (The address may open a quoted reply: "550-'a@b.example... No such user'".)
-_ECHO_BEFORE = re.compile(
-    r"(?:\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?\s*|unknown user:?\s*)[<']?$"
-)
+# IMail's own refusal of a local recipient ("Unknown user: <address>",
+# written with no reply code: its fixed text at RCPT, as Sisimai's lhost
+# IMailServer reads it).
+_IMAIL_UNKNOWN = re.compile(r"(?:^|\n)\s*unknown user:\s*[<']?$")
+# A reply whose code (and status) the address follows ("550 <a@b>: ...";
+# it may open a quoted reply: "550-'a@b.example... No such user'").
+_ECHO_BEFORE = re.compile(r"\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?\s*[<']?$")
+# KDDI (au / EZweb) names the refused address in its RCPT reply ("550
+# <a@ezweb.ne.jp>: User unknown") and leaves it out ("550 : User unknown")
+# when its recipient's filter refused the sender (Sisimai's rhost KDDI:
+# ">: User unknown" is userunknown, "550 : User unknown" filtered).
+_KDDI_HOSTS = re.compile(r"(?:^|[.@])(?:ezweb\.ne\.jp|au\.com)\.?$")
 
 
-def _echoes_recipient(diagnostic: str, recipient: str) -> bool:
-    """The SMTP reply names the recipient right after its code ("550 <a@b>: ...")."""
+def _is_kddi(r: _Raw) -> bool:
+    host = r.remote_mta.split()[0].rstrip(".") if r.remote_mta.strip() else ""
+    return bool(_KDDI_HOSTS.search(host.lower()) or _KDDI_HOSTS.search(r.recipient.lower()))
+
+
+def _echoes_recipient(diagnostic: str, recipient: str, kddi: bool = False) -> bool:
+    """The reply is known to answer RCPT TO by how it names the recipient:
+    IMail's "Unknown user: <address>", or KDDI's reply naming the address
+    right after its code. Any other reply that merely names the recipient
+    after its code ("550 <a@b>... User not exist" in a report that names no
+    command) says nothing of the stage: a content filter after DATA names
+    the recipient it refuses for as well, and a "user unknown" without RCPT
+    evidence is filtered, as Sisimai reads it (the labels' meaning)."""
     if not recipient or "@" not in recipient:
         return False
     low, rcpt = diagnostic.lower(), recipient.lower()
@@ -1284,10 +1303,10 @@ def _echoes_recipient(diagnostic: str, recipient: str) -> bool:
         if i < 0:
             return False
         after = low[i + len(rcpt) : i + len(rcpt) + 1]
-        if not (after.isalnum() or after in ("-", "_")) and _ECHO_BEFORE.search(
-            low[max(0, i - 40) : i]
-        ):
-            return True
+        if not (after.isalnum() or after in ("-", "_")):
+            before = low[max(0, i - 40) : i]
+            if _IMAIL_UNKNOWN.search(before) or (kddi and _ECHO_BEFORE.search(before)):
+                return True
         i = low.find(rcpt, i + 1)
     return False
 
