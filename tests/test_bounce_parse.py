@@ -536,3 +536,33 @@ def test_corpus_cross_validated_by_family() -> None:
     assert cv["found"] >= 0.95, cv
     assert cv["hard"] >= 0.95, cv
     assert cv["reason"] >= 0.85, cv
+
+
+def test_the_original_message_id_of_a_delivery_status_body() -> None:
+    """The per-message block's X-Original-Message-ID (Gmail writes it there)
+    names the returned message when none is attached; a mention of the name
+    inside a reply is no field (the field after it is found), and a DSN of
+    many recipients gives every record the one id."""
+
+    def dsn(per_message: str, n: int, first_diag: str = "550 5.1.1 user unknown") -> bytes:
+        blocks = "\n".join(
+            f"Final-Recipient: rfc822; u{i}@example.org\nAction: failed\nStatus: 5.1.1\n"
+            f"Diagnostic-Code: smtp; {first_diag if i == 0 else '550 5.1.1 user unknown'}\n"
+            for i in range(n)
+        )
+        return (
+            "From: MAILER-DAEMON@mx.example.net\nSubject: Undelivered\nMIME-Version: 1.0\n"
+            "Content-Type: multipart/report; report-type=delivery-status; boundary=B\n\n"
+            "--B\nContent-Type: message/delivery-status\n\n"
+            f"Reporting-MTA: dns; mx.example.net\n{per_message}\n{blocks}\n--B--\n"
+        ).encode()
+
+    recs = parse_bounce(dsn("X-Original-Message-ID: <m1@sender.example>\n", 300))
+    assert len(recs) == 300
+    assert {r.original_message_id for r in recs} == {"<m1@sender.example>"}
+    (r,) = parse_bounce(
+        dsn("", 1, first_diag="550 5.1.1 user unknown\nOriginal-Message-ID: <m2@sender.example>")
+    )
+    assert r.original_message_id == "<m2@sender.example>"
+    (r,) = parse_bounce(dsn("", 1, first_diag="550 your original-message-id was odd"))
+    assert r.original_message_id is None

@@ -1080,11 +1080,32 @@ def _original_ids(
         if orig is None:
             orig = _line_field(_MESSAGE_ID, src)
     if orig is None:
-        for block in (b for d in parts.dsn for b in _field_blocks(d)):
-            for k in ("x-original-message-id", "original-message-id"):
-                if k in block and orig is None:
-                    orig = block[k][0]
+        for d in parts.dsn:
+            orig = _dsn_message_id(d)
+            if orig is not None:
+                break
     return orig, verp
+
+
+_BLOCK_END = re.compile(r"\n[ \t]*\n")
+
+
+def _dsn_message_id(dsn: str) -> str | None:
+    """The first (X-)Original-Message-ID field of a delivery-status body's
+    blocks (the per-message block, where reporting MTAs write it). The body
+    was read once for its recipients; only the blocks up to the first
+    mention of the name are read again (a DSN of 20,000 recipients was read
+    twice whole, ~12% of its time), unless the mention was no field."""
+    i = dsn.lower().find("original-message-id")
+    if i < 0:
+        return None
+    m = _BLOCK_END.search(dsn, i)
+    for text in (dsn[: m.start()], dsn) if m else (dsn,):
+        for block in _field_blocks(text):
+            for k in ("x-original-message-id", "original-message-id"):
+                if k in block:
+                    return block[k][0]
+    return None
 
 
 _VERP_HEADERS = ("x-original-to", "delivered-to", "envelope-to", "x-envelope-to", "to")
