@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORT_REPLY_TIMEOUT = 180.0
 # Tool caches a run makes in the checkout (pytest's, hypothesis's, bytecode).
 _TREE_SKIPPED = {".git", "__pycache__", ".benchmarks", ".pytest_cache", ".hypothesis",
-                 ".mypy_cache", ".ruff_cache", "build"}  # fmt: skip
+                 ".mypy_cache", ".ruff_cache", ".import_linter_cache", "build"}  # fmt: skip
 _TREES_BEFORE: dict[Path, dict[str, tuple[int, int]]] = {}
 
 
