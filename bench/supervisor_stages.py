@@ -298,11 +298,7 @@ def one_run(n: int, tmp: str, tag: str, per_round: int, unique: bool) -> dict[st
         rollups.close()
     events.close()
     counts = spool.counts()
-    sup.suppression.close()
-    for slot in sup.slots:
-        for ring in (slot.inbox, slot.outbox):
-            if ring is not None:
-                ring.close()
+    sup.close_parts()
     spool.close()
     if counts["delivered"] != n:
         raise SystemExit(f"delivered {counts['delivered']} of {n}")

@@ -24,11 +24,7 @@ def handed(sup: Any) -> list[int]:
 def close_supervisor(sup: Any, spool: Any) -> None:
     """Closes what such a test's Supervisor opened (its suppression list, the
     slots' rings) and the spool."""
-    sup.suppression.close()
-    for slot in sup.slots:
-        for ring in (slot.inbox, slot.outbox):
-            if ring is not None:
-                ring.close()
+    sup.close_parts()
     spool.close()
 
 

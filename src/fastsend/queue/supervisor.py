@@ -532,3 +532,14 @@ class Supervisor(WorkerLifecycle, Dispatch, Outcomes):
             if self.own_suppression:
                 self.suppression.close()
         return self.stats
+
+    def close_parts(self) -> None:
+        """Closes what building this Supervisor opened (its suppression list,
+        the slots' rings) when it is driven by hand instead of by run() (the
+        tests' and bench/supervisor_stages.py's stepping); the spool is the
+        caller's."""
+        self.suppression.close()
+        for slot in self.slots:
+            for ring in (slot.inbox, slot.outbox):
+                if ring is not None:
+                    ring.close()
