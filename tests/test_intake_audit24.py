@@ -18,6 +18,13 @@ from tests._serve_helpers import dsn
 from fastsend.serve.parsepool import ParsePool
 
 
+def assert_hard_bounce(got: tuple[str, list[object]]) -> None:
+    """The DSN both tests read (gone@example.org, 5.1.1) came back whole."""
+    kind, records = got
+    assert kind == "bounce"
+    assert [(r.recipient, r.hard) for r in records] == [("gone@example.org", True)]  # type: ignore[attr-defined]
+
+
 def test_a_slow_starting_parse_child_costs_no_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -47,9 +54,7 @@ def test_a_slow_starting_parse_child_costs_no_report(
         finally:
             pool.close()
 
-    kind, records = asyncio.run(main())
-    assert kind == "bounce"
-    assert [(r.recipient, r.hard) for r in records] == [("gone@example.org", True)]  # type: ignore[attr-defined]
+    assert_hard_bounce(asyncio.run(main()))
 
 
 def test_a_parse_starved_of_cpu_past_the_wall_clock_cap_costs_no_report() -> None:
@@ -80,6 +85,4 @@ def test_a_parse_starved_of_cpu_past_the_wall_clock_cap_costs_no_report() -> Non
         finally:
             pool.close()
 
-    kind, records = asyncio.run(main())
-    assert kind == "bounce"
-    assert [(r.recipient, r.hard) for r in records] == [("gone@example.org", True)]  # type: ignore[attr-defined]
+    assert_hard_bounce(asyncio.run(main()))
