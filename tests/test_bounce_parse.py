@@ -345,24 +345,6 @@ def test_user_unknown_needs_rcpt_evidence(diag: str, remote: str, reason: str, h
     assert (r.recipient, r.reason, r.hard) == ("nobody@example.org", reason, hard), r
 
 
-def test_imails_unknown_user_line_answers_rcpt() -> None:
-    """IMail's own refusal, no reply code: "Unknown user: <address>" is its
-    fixed text at RCPT (Sisimai's lhost IMailServer)."""
-    raw = (
-        b'From: "Postmaster" <postmaster@example.org>\nTo: news@sender.example\n'
-        b"Subject: Undeliverable Mail\nX-Mailer: <SMTP32 v8.22>\n\n"
-        b"Unknown user: nobody@example.org\n\n\nOriginal message follows.\n\n"
-        b"From: news@sender.example\nTo: nobody@example.org\nSubject: hi\n\nhello\n"
-    )
-    (r,) = parse_bounce(raw)
-    assert (r.recipient, r.command, r.reason, r.hard) == (
-        "nobody@example.org",
-        "RCPT",
-        "userunknown",
-        True,
-    )
-
-
 def test_mbox_of_two_bounces() -> None:
     raw = b"From MAILER-DAEMON Thu Apr 29 23:34:45 2021\n" + QMAIL + b"\n"
     raw += b"From MAILER-DAEMON Thu Apr 29 23:34:46 2021\n" + EXIM

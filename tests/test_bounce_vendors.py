@@ -209,14 +209,24 @@ def test_qmail_fixed_texts(detail: str, reason: str, command: str | None) -> Non
     assert (r.recipient, r.reason, r.command) == ("dave@remote.example.org", reason, command), r
 
 
-def test_interscan_transcript_names_the_command() -> None:
-    (r,) = parse_bounce(INTERSCAN)
-    assert (r.recipient, r.command, r.reason, r.hard) == (
-        "erin@gw.example.co.jp",
-        "RCPT",
-        "userunknown",
-        True,
-    )
+# IMail's own refusal, no reply code: "Unknown user: <address>" is its fixed
+# text at RCPT (Sisimai's lhost IMailServer).
+IMAIL = (
+    b'From: "Postmaster" <postmaster@example.org>\nTo: news@sender.example\n'
+    b"Subject: Undeliverable Mail\nX-Mailer: <SMTP32 v8.22>\n\n"
+    b"Unknown user: nobody@example.org\n\n\nOriginal message follows.\n\n"
+    b"From: news@sender.example\nTo: nobody@example.org\nSubject: hi\n\nhello\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "recipient"),
+    [(INTERSCAN, "erin@gw.example.co.jp"), (IMAIL, "nobody@example.org")],
+    ids=["interscan-transcript", "imail-unknown-user"],
+)
+def test_unknown_user_texts_name_the_rcpt_command(raw: bytes, recipient: str) -> None:
+    (r,) = parse_bounce(raw)
+    assert (r.recipient, r.command, r.reason, r.hard) == (recipient, "RCPT", "userunknown", True)
 
 
 @pytest.mark.parametrize(
