@@ -101,3 +101,64 @@ def test_warm_rules_classifies_as_before() -> None:
         assert warm.classify(code, st, text, command="RCPT") == cold.classify(
             code, st, text, command="RCPT"
         )
+
+
+def test_rewritten_patterns_find_what_the_old_ones_did() -> None:
+    """The status, reply-code and blank patterns were rewritten to start with a
+    character the engine can skip ahead to (3x faster): every text gives the
+    same matches at the same places as the old patterns."""
+    import random
+    import re
+
+    from fastsend.bounce import vendors
+
+    old = [
+        (re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)"), vendors.ENHANCED_RE),
+        (
+            re.compile(r"(?<![\d.:/#-])([245][0-5]\d)(?:[ _-]|$)(?![\d]{2})", re.MULTILINE),
+            vendors.REPLY_RE,
+        ),
+        (re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b"), reply._ENHANCED_RE),
+    ]
+    rnd = random.Random(30)
+    pieces = [*"2455501.1 .-_:/#\na\t_xé", "550", "5.1.1", "4.7.0", "421-", "250 "]
+    for _ in range(30000):
+        t = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 10)))
+        for a, b in old:
+            assert [(m.span(), m.groups()) for m in a.finditer(t)] == [
+                (m.span(), m.groups()) for m in b.finditer(t)
+            ], (a.pattern, t)
+            assert bool(a.fullmatch(t)) == bool(b.fullmatch(t)), (a.pattern, t)
+    blanks = re.compile(r"\s{2,}|[\t\n\r]")
+    spaces = [" ", "\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\xa0", "\u2003", "a", "B", "550-"]
+    for _ in range(30000):
+        t = "".join(rnd.choice(spaces) for _ in range(rnd.randint(0, 12)))
+        assert vendors._BLANKS_RE.sub(" ", t) == blanks.sub(" ", t), repr(t)
+        assert reply.normalize_text(t) == re.sub(
+            r"\s+", " ", reply._CONT_RE.sub(" ", t)
+        ).strip().lower(), repr(t)
+
+
+def test_mime_parameters_parsed_once_follow_a_changed_header() -> None:
+    """A part's Content-Type parameters are parsed once (kept with its header
+    index); a header changed afterwards is read anew, as the standard Message."""
+    from fastsend.bounce.mime import message_from_bytes
+
+    raw = (
+        b"Content-Type: multipart/report; report-type=delivery-status;\n"
+        b' boundary="b1"\n\n--b1\nContent-Type: text/plain; charset="ISO-8859-1"\n\n'
+        b"caf\xe9\n--b1--\n"
+    )
+    msg = message_from_bytes(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_boundary() == "b1" and msg.get_param("report-type") == "delivery-status"
+    part = msg.get_payload()[0]
+    assert part.get_content_charset() == "iso-8859-1"
+    assert part.get_param("nothing") is None and part.get_param("x", "dflt", "x-none") == "dflt"
+    part.set_param("charset", "utf-8")  # (replace_header)
+    assert part.get_content_charset() == "utf-8"
+    del part["Content-Type"]
+    part["Content-Type"] = "text/html; charset=koi8-r"
+    assert part.get_content_type() == "text/html" and part.get_content_charset() == "koi8-r"
+    msg.set_type("multipart/mixed")
+    assert msg.get_content_type() == "multipart/mixed" and msg.get_boundary() == "b1"

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import email.message
 import re
+from typing import Any
 
 _MAX_DEPTH = 20
 
@@ -168,8 +169,13 @@ class _Part(email.message.Message):
     _fs_index: dict[str, str] | None = None
     _fs_of: list[tuple[str, str]] | None = None
     _fs_len = -1
+    # header name (lower case) -> its parameters as the standard library parses
+    # them (_get_params_preserve), or the content type: kept with the index, so
+    # a part's Content-Type is parsed once, not at each get_content_type,
+    # get_boundary and get_content_charset (~12% of the reader's time).
+    _fs_parsed: dict[str, Any] | None = None
 
-    def get(self, name, failobj=None):  # type: ignore[no-untyped-def,override]
+    def _fs(self) -> dict[str, str]:
         heads: list[tuple[str, str]] = self._headers  # type: ignore[attr-defined]
         index = self._fs_index
         if index is None or self._fs_of is not heads or self._fs_len != len(heads):
@@ -177,12 +183,44 @@ class _Part(email.message.Message):
             for k, v in heads:
                 index.setdefault(k.lower(), v)
             self._fs_index, self._fs_of, self._fs_len = index, heads, len(heads)
-        value = index.get(name.lower())
+            self._fs_parsed = {}
+        return index
+
+    def get(self, name, failobj=None):  # type: ignore[no-untyped-def,override]
+        value = self._fs().get(name.lower())
         if value is None:
             return failobj
         if value.isascii():
             return value
         return super().get(name, failobj)
+
+    def get_content_type(self) -> str:
+        self._fs()
+        parsed = self._fs_parsed
+        assert parsed is not None
+        got = parsed.get(" type")
+        if got is None:
+            got = parsed[" type"] = super().get_content_type()
+        return str(got)
+
+    def get_param(self, param, failobj=None, header="content-type", unquote=True):  # type: ignore[no-untyped-def,override]
+        index = self._fs()
+        key = header.lower()
+        if key not in index:
+            return failobj
+        parsed = self._fs_parsed
+        assert parsed is not None
+        params = parsed.get(key)
+        if params is None:
+            params = parsed[key] = self._get_params_preserve(failobj, header)  # type: ignore[attr-defined]
+            if params is failobj:
+                del parsed[key]
+                return failobj
+        want = param.lower()
+        for k, v in params:
+            if k.lower() == want:
+                return email.message._unquotevalue(v) if unquote else v  # type: ignore[attr-defined]
+        return failobj
 
     def replace_header(self, _name, _value):  # type: ignore[no-untyped-def]
         self._fs_index = None

@@ -103,8 +103,7 @@ SIGNALS = ("ratelimit", "ipblock")
 # whatever its reason), or "none" (it drives neither: a greylisting deferral
 # is retried from the same IP, RFC 6647, and says nothing about the IP).
 RULE_SIGNALS = (*SIGNALS, "none")
-_ENHANCED_RE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
-_WS_RE = re.compile(r"\s+")
+_ENHANCED_RE = re.compile(r"([245])(?<!\w[245])\.(\d{1,3})\.(\d{1,3})\b")  # (\b first: 3x slower)
 # Continuation prefixes of multi-line replies ("550-5.7.1 ") inside the text.
 # (At a line start or after a blank: the digit first, then "not after a
 # non-blank", so the engine skips ahead to the digits 2, 4 and 5.)
@@ -122,9 +121,8 @@ _MEMO_SIZE = 2048
 def normalize_text(text: str) -> str:
     """The reply text as rules see it: continuation prefixes dropped, whitespace
     collapsed, lower case, at most MAX_TEXT characters."""
-    return (
-        _WS_RE.sub(" ", _CONT_RE.sub(" ", (text or "")[: 2 * MAX_TEXT])).strip().lower()[:MAX_TEXT]
-    )
+    # (" ".join(split()): what re.sub(r"\s+", " ", ...).strip() gives, 2x faster)
+    return " ".join(_CONT_RE.sub(" ", (text or "")[: 2 * MAX_TEXT]).split()).lower()[:MAX_TEXT]
 
 
 class RuleError(ValueError):
