@@ -134,9 +134,10 @@ def test_rewritten_patterns_find_what_the_old_ones_did() -> None:
     for _ in range(30000):
         t = "".join(rnd.choice(spaces) for _ in range(rnd.randint(0, 12)))
         assert vendors._BLANKS_RE.sub(" ", t) == blanks.sub(" ", t), repr(t)
-        assert reply.normalize_text(t) == re.sub(
-            r"\s+", " ", reply._CONT_RE.sub(" ", t)
-        ).strip().lower(), repr(t)
+        assert (
+            reply.normalize_text(t)
+            == re.sub(r"\s+", " ", reply._CONT_RE.sub(" ", t)).strip().lower()
+        ), repr(t)
 
 
 def test_mime_parameters_parsed_once_follow_a_changed_header() -> None:
@@ -162,3 +163,18 @@ def test_mime_parameters_parsed_once_follow_a_changed_header() -> None:
     assert part.get_content_type() == "text/html" and part.get_content_charset() == "koi8-r"
     msg.set_type("multipart/mixed")
     assert msg.get_content_type() == "multipart/mixed" and msg.get_boundary() == "b1"
+
+
+def test_parse_child_warms_the_rules_before_its_first_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bounce parse child (serve.parsepool) only imported the parsers before
+    its first report: the rules' compile (~0.3 s of CPU) ran inside that report's
+    CPU cap. Its warm-up now leaves nothing to compile."""
+    from fastsend.serve import parsepool
+
+    monkeypatch.setattr(reply, "_default", None)
+    parsepool._warm()
+    rules = reply._default
+    assert rules is not None and rules._tiers
+    assert rules._tiers["<scan>"].rx is not None
