@@ -636,28 +636,29 @@ cdef class MessageSigner:
         ``body``, in one bytes object."""
         cdef Py_ssize_t room, k, o, n, bn = PyBytes_GET_SIZE(body)
         cdef object ln
+        cdef list ls
         cdef bytes msg
         cdef unsigned char* w
         if self.mode == 0:
             return b"".join([self.signer.sign_lines(self.plan, lines, body), *lines, b"\r\n",
                              body])
-        lines = list(lines)
-        for k in range(len(lines)):
-            if type(lines[k]) is not bytes:  # (any buffer, as b"".join takes it)
-                lines[k] = b"".join((lines[k],))
+        ls = list(lines)
+        for k in range(len(ls)):
+            if type(ls[k]) is not bytes:  # (any buffer, as b"".join takes it)
+                ls[k] = b"".join((ls[k],))
         room = self._reserve()
         o = room
-        for ln in lines:
+        for ln in ls:
             o += PyBytes_GET_SIZE(ln)
         msg = PyBytes_FromStringAndSize(NULL, o + 2 + bn)
         w = <unsigned char*> PyBytes_AS_STRING(msg)
         o = room
-        for ln in lines:
+        for ln in ls:
             n = PyBytes_GET_SIZE(ln)
             memcpy(w + o, PyBytes_AS_STRING(ln), n)
             o += n
         w[o] = 13
         w[o + 1] = 10
         memcpy(w + o + 2, PyBytes_AS_STRING(body), bn)
-        self._sign_into(msg, room, lines, o + 2, bn)
+        self._sign_into(msg, room, ls, o + 2, bn)
         return msg

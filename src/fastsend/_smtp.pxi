@@ -921,7 +921,8 @@ cdef class ClientCore:
                 self._push(_K_MAIL, txn, 0)
                 self._push(_K_RCPT, txn, 0)
                 self._push(_K_DATA, txn, 0)
-                self._out.append(self._mail_line(txn, rcpts[0]))
+                self._out.append(self._mail_line(
+                    txn, (<list> rcpts)[0] if type(rcpts) is list else rcpts[0]))
                 self._group_open = True
                 return 0
             parts = [self._mail_line(txn)]

@@ -65,7 +65,7 @@ def collect_delivered(list results, Py_ssize_t i, list out, str source_ip, str m
         outcomes = _get(tr, ft, 1)
         if not outcomes or _get(tr, ft, 3):  # (none; or its DSN parameters relayed)
             break
-        o = outcomes[0]
+        o = (<list> outcomes)[0] if type(outcomes) is list else outcomes[0]
         fo = _fields_for(o, fo, _OUT_COLLECT)
         kind = _get(o, fo, 0)
         if kind is not delivered and kind != delivered:
