@@ -33,15 +33,36 @@ def algorithm_of(key: PrivateKey) -> str:
     return "ed25519-sha256" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa-sha256"
 
 
+def _rsa_consistent(key: rsa.RSAPrivateKey) -> bool:
+    """Whether an RSA key's numbers belong together: n = p q (both odd), e odd,
+    d e = 1 modulo p - 1 and q - 1, and the CRT values derived from them. What
+    OpenSSL's full check adds is a primality test of p and q: 47 ms for a
+    2048-bit key, 377 for a 4096-bit one (on every send's start and every
+    serve's start or reload, per key), for keys the operator's config names."""
+    n = key.private_numbers()
+    p, q, d, pub = n.p, n.q, n.d, n.public_numbers
+    return (
+        p > 2 and q > 2 and p % 2 == 1 and q % 2 == 1 and p * q == pub.n
+        and pub.e > 2 and pub.e % 2 == 1
+        and d * pub.e % (p - 1) == 1 and d * pub.e % (q - 1) == 1
+        and n.dmp1 == d % (p - 1) and n.dmq1 == d % (q - 1) and n.iqmp * q % p == 1
+    )  # fmt: skip
+
+
 def parse_private_key(pem: bytes, where: str = "key") -> PrivateKey:
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
+        # OpenSSL's RSA key check (p and q prime) is left out: _rsa_consistent below
+        key = serialization.load_pem_private_key(
+            pem, password=None, unsafe_skip_rsa_key_validation=True
+        )
     except (ValueError, TypeError) as exc:
         msg = str(exc).split("\n")[0] if "password" in str(exc).lower() else "not a PEM private key"
         raise DkimKeyError(f"{where}: {msg}") from None
     if isinstance(key, rsa.RSAPrivateKey):
         if not 1024 <= key.key_size <= 4096:
             raise DkimKeyError(f"{where}: RSA key of {key.key_size} bits (DKIM needs 1024-4096)")
+        if not _rsa_consistent(key):
+            raise DkimKeyError(f"{where}: not a valid RSA private key (its numbers disagree)")
         return key
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
