@@ -294,6 +294,9 @@ def suppression_run(
     return ok
 
 
+FLOOR_SWING = 0.15  # the OpenSSL floor's before/after difference beyond which the ratio is flagged
+
+
 def openssl_floor(procs: int, cpus: str = "") -> float:
     """RSA-2048 signatures per second of `openssl speed -multi PROCS rsa2048`
     (on the cores ``cpus`` names, with taskset, when given)."""
@@ -467,6 +470,15 @@ def dkim_run(
         f"ratio rate (DKIM, whole command / OpenSSL floor): {f_rate / base:.2f}x  (goal >= 0.95x;"
         f" {f_rate / base / cap * 100:.0f}% of the cap)"
     )
+    # The floor is measured before and after the runs: when it moved, the
+    # machine's load changed meanwhile and the ratio is not one condition's.
+    swing = max(floor_before, floor_after) / max(1e-9, min(floor_before, floor_after)) - 1
+    if swing > FLOOR_SWING:
+        print(
+            f"  UNRELIABLE: the floor moved {swing * 100:.0f}% between before and after the runs"
+            f" (> {FLOOR_SWING * 100:.0f}%: the load changed); the ratio against the floor"
+            f" before would be {f_rate / floor_before:.2f}x, after {f_rate / floor_after:.2f}x"
+        )
     return ok
 
 
