@@ -38,6 +38,7 @@ DELIBERATELY NOT HERE
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -85,8 +86,10 @@ class Provider(msgspec.Struct):
     values: dict[str, Any]
 
 
-class Policy(msgspec.Struct):
-    """Merged shaping data; :meth:`resolve` answers per site."""
+class Policy(msgspec.Struct, dict=True):
+    """Merged shaping data; :meth:`resolve` answers per site. (``dict``: the
+    MX suffix look-up it builds at its first use after a merge, never encoded
+    nor compared: ``_mx_index``.)"""
 
     default: dict[str, Any] = msgspec.field(default_factory=dict)
     providers: dict[str, Provider] = msgspec.field(default_factory=dict)
@@ -112,14 +115,33 @@ class Policy(msgspec.Struct):
         return ""
 
     def provider_by_mx(self, hosts: tuple[str, ...] | list[str]) -> str:
-        """The provider whose MX suffix matches a host (longest wins), or ""."""
+        """The provider whose MX suffix matches a host (longest wins; of one
+        suffix listed twice, the first provider; of hosts matching alike, the
+        first host), or "". Each of the host's dot-suffixes looked up, longest
+        first (``_mx_index``), where every call had tried every provider's
+        every suffix (~10 us a call; the rollups ask once per recipient
+        domain, the workers once per site: a list over 30,000 domains spent
+        ~0.3 s of the supervisor's CPU here). :func:`py_provider_by_mx` is the
+        reference."""
+        if not hosts:
+            return ""
+        index = self.__dict__.get("_mx")
+        if index is None:
+            index = self.__dict__["_mx"] = _mx_index(self.providers.values())
+        dotted, other = index
         best, best_len = "", 0
         for h in hosts:
             name = "." + h.lower().rstrip(".")
-            for p in self.providers.values():
-                for s in p.mx_suffixes:
-                    if len(s) > best_len and name.endswith(s):
-                        best, best_len = p.name, len(s)
+            i = 0  # (name[0] is a dot: every dotted suffix matches from a dot)
+            while i >= 0 and len(name) - i > best_len:
+                found = dotted.get(name[i:])
+                if found is not None:
+                    best, best_len = found, len(name) - i
+                    break
+                i = name.find(".", i + 1)
+            for s, pname in other:  # (suffixes not starting with a dot: none shipped)
+                if len(s) > best_len and name.endswith(s):
+                    best, best_len = pname, len(s)
         return best
 
     def domain_values(self, domain: str) -> dict[str, Any]:
@@ -175,6 +197,7 @@ class Policy(msgspec.Struct):
 
     def merge(self, layer: ShapingFile) -> None:
         """Overlay one layer (the shipped file, the user's file, the config's table)."""
+        self.__dict__.pop("_mx", None)  # (the MX suffixes may change)
         self.default.update(set_fields(layer.default))
         for name, pv in layer.provider.items():
             vals = set_fields(pv)
@@ -198,6 +221,38 @@ class Policy(msgspec.Struct):
             rule = set_fields(r)
             self.rules = [x for x in self.rules if x["name"] != rule["name"]]  # same name replaces
             self.rules.append(rule)
+
+
+def _mx_index(
+    providers: Iterable[Provider],
+) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+    """``Policy.provider_by_mx``'s look-up of the providers' MX suffixes, in
+    order: each suffix starting with a dot -> the first provider listing it,
+    and the others as (suffix, provider) in order (the merge writes every
+    suffix with its dot). Made at the first look-up after a merge
+    (:meth:`Policy.merge` drops it)."""
+    dotted: dict[str, str] = {}
+    other: list[tuple[str, str]] = []
+    for p in providers:
+        for s in p.mx_suffixes:
+            if s.startswith("."):
+                dotted.setdefault(s, p.name)
+            else:
+                other.append((s, p.name))
+    return dotted, tuple(other)
+
+
+def py_provider_by_mx(policy: Policy, hosts: tuple[str, ...] | list[str]) -> str:
+    """The reference of :meth:`Policy.provider_by_mx` (tests compare them):
+    every provider's every suffix tried against every host."""
+    best, best_len = "", 0
+    for h in hosts:
+        name = "." + h.lower().rstrip(".")
+        for p in policy.providers.values():
+            for s in p.mx_suffixes:
+                if len(s) > best_len and name.endswith(s):
+                    best, best_len = p.name, len(s)
+    return best
 
 
 shipped = shipped_shaping  # the shipped shaping.toml, typed (read once)
