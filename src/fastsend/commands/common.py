@@ -66,6 +66,10 @@ def build_config(args: argparse.Namespace) -> Config:
         print(f"fastsend: warning: {w}", file=sys.stderr)
     if args.spool:
         cfg.spool_dir = _spool_flag(args.spool)
+        from fastsend.spool import is_redis_url, spool_local_dir
+
+        if is_redis_url(args.spool):  # (not the config's [spool] url; its dir= the local dir)
+            cfg.spool_url, cfg.spool_dir = args.spool, spool_local_dir(args.spool)
     for r in args.route:
         dom, sep, target = r.partition("=")
         if not sep or not dom:
