@@ -10,6 +10,9 @@ import os
 import shlex
 from typing import Any
 
+# (fastsend.spool.base.ENDED: this module is below fastsend.spool, which imports it)
+ENDED = frozenset({"cancelled", "abandoned"})
+
 # The options of a run that say where and how its mail goes (the rest, --workers,
 # --max-wait, --json..., are the command's own): `send` records them with its
 # campaign (``RUN_OPTION``) and `resume` given none of them takes them back.
@@ -53,10 +56,42 @@ def set_aside_sends(spool: Any, config_path: str, spool_dir: str) -> list[str]:
     # alone claims it), serve's own run whose process died is anyone's again.
     owners = getattr(spool, "send_owners", None)
     owned: dict[int, tuple[str, bool]] = owners() if owners is not None else {}
+    return _set_aside(spool, config_path, spool_dir, owned, spool.list_campaigns())
+
+
+def set_aside_dead_sends(spool: Any, config_path: str, spool_dir: str) -> list[str]:
+    """A Redis `serve` with workers, every lease/2 (its tick): :func:`set_aside_sends`
+    for the `send` campaigns whose process died since serve started (``P:own``
+    names a node no live process holds: gone on this host, or its lease lapsed on
+    another), and a dead send's ``P:own`` field dropped once its campaign has no
+    mail left to deliver nor list to read, or is gone or ended (a finished send's
+    field was kept for ever: every claim then read ``P:own``). Before, such a
+    campaign's mail stayed unclaimed (no node claims a send's) until a `resume` or
+    the next serve start. One ``HGETALL``/``MGET`` when no send died."""
+    owned = spool.send_owners()
+    dead = sorted(c for c, (n, live) in owned.items() if not live and n != spool.node)
+    if not dead:
+        return []
+    infos = []
+    counts = spool.counts_by_campaign(dead)
+    reading = {j.campaign for j in spool.list_ingests(unfinished=True)}
+    for cid in dead:
+        info = spool.get_campaign(cid)
+        left = sum(counts.get(cid, {}).get(s, 0) for s in ("queued", "inflight", "deferred"))
+        over = info is not None and info.status == "active" and not left and cid not in reading
+        if info is None or info.status in ENDED or over:
+            spool.disown(cid)  # (nothing of it left for its send's options to say)
+        elif info.status == "active":
+            infos.append(info)
+    return _set_aside(spool, config_path, spool_dir, owned, infos) if infos else []
+
+
+def _set_aside(spool: Any, config_path: str, spool_dir: str,
+               owned: dict[int, tuple[str, bool]], infos: Any) -> list[str]:  # fmt: skip
     me = getattr(spool, "node", None)
     reading = {j.campaign for j in spool.list_ingests(unfinished=True)}
     out: list[str] = []
-    for info in spool.list_campaigns():
+    for info in infos:
         run = (info.options or {}).get(RUN_OPTION)
         if not isinstance(run, dict) or info.status != "active":
             continue

@@ -237,6 +237,7 @@ class Server:
         self.tls_reporting: asyncio.Task[None] | None = None
         self.tick_failed = 0.0  # monotonic time it last did
         self.adopted = 0.0  # monotonic time of the last look for orphaned upload jobs
+        self.sends_looked = 0.0  # monotonic time of the last look for dead sends (Redis)
         self.caps: list[Any] = []  # fastsend.serve.httpguard.ConnectionCap per HTTP listener
         self.webhooks: Any = None  # fastsend.serve.webhooks.WebhookDispatcher once started
         self.app: Any = None  # the aiohttp application (the API's), once made
@@ -656,6 +657,17 @@ class Server:
             self.adopted = mono
             jobs = await asyncio.to_thread(self.ctx.spool.list_ingests, unfinished=True)
             self.ctx.uploads.adopt(jobs=jobs)
+        lease = getattr(self.ctx.spool, "lease", None)
+        if self.with_workers and lease and mono - self.sends_looked > lease / 2:
+            # A `send` killed while this node runs: its campaign set aside (or
+            # disowned) as at the start, once its name's lease lapsed.
+            from fastsend.sendruns import set_aside_dead_sends
+
+            self.sends_looked = mono
+            cfg = self.ctx.config
+            for line in await asyncio.to_thread(set_aside_dead_sends, self.ctx.spool,
+                                                self.config_path, cfg.spool_url or cfg.spool_dir):  # fmt: skip
+                print(f"fastsend serve: {line}", file=sys.stderr, flush=True)
 
     async def _tls_reports(self, now: float) -> None:
         """Yesterday's (and any earlier day's unsent) TLS-RPT reports, off the tick."""
