@@ -6,15 +6,24 @@ Real parts: redis-server, fastsend sink receivers, real kill -9 of a `send`.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
-from tests._engine_helpers import received_counts, run_fastsend, run_killed_when, sink_log
+from tests._engine_helpers import (
+    received_counts,
+    run_fastsend,
+    run_killed_when,
+    sink_log,
+    write_campaign,
+    write_recipients,
+)
 from tests._serve_helpers import Served, until
 from tests.test_redis_audit29 import _send
 
 from fastsend.sink import SinkProcess
-from fastsend.spool import open_spool
+from fastsend.spool import DEFERRED, Result, open_spool
 
 
 def _own(url: str) -> dict[bytes, bytes]:
@@ -145,3 +154,48 @@ def test_send_spool_url_flag_wins_over_the_configs_spool_url(
             assert len(s.list_campaigns()) == n
         finally:
             s.close()
+
+
+def test_a_site_taking_mail_again_gets_its_deferred_mail_at_once_on_redis(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """On a Redis spool: 20 messages to d.example wait, deferred by the site
+    (451 4.7.1) 1,000 s ago, due in an hour, 5 deferred for full mailboxes
+    (4.2.2) and 3 by the site with a reply asking for an hour ("try again in
+    3600 seconds"); a send to the site is deferred 3 times then delivered: the
+    20 are brought forward and delivered in the same run, the 8 others wait.
+    Before: bring_forward was a no-op on Redis (the send ended with the 20
+    still deferred)."""
+    url = redis_server.url()
+    sp = open_spool(url + f"&node=seed&dir={tmp_path / 'seed'}")
+    cid = sp.create_campaign({"from": "news@sender.example.com", "subject": "Earlier",
+                              "text": "Hello\n"})  # fmt: skip
+    now = time.time()
+    rows = [(f"{p}{i}@d.example", "d.example", b"{}") for p, k in
+            (("old", 20), ("full", 5), ("wait", 3)) for i in range(k)]  # fmt: skip
+    sp.add_messages(cid, rows, now - 2000)
+    claimed = sp.claim_due(now, 100)
+    assert len(claimed) == 28
+    reply = {"old": (451, "4.7.1", "451 4.7.1 busy"), "full": (452, "4.2.2", "452 4.2.2 full"),
+             "wait": (421, "", "421 busy, try again in 3600 seconds")}  # fmt: skip
+    kind = {c.id: next(p for p in reply if c.rcpt.startswith(p)) for c in claimed}
+    sp.record_results([Result(c.id, DEFERRED, 1, now + 3600, *reply[kind[c.id]]) for c in claimed],
+                      now - 1000)  # fmt: skip
+    sp.close()
+    camp = write_campaign(tmp_path)
+    rcpts = write_recipients(tmp_path, ["defer3-a@d.example"])
+    log = tmp_path / "sink.jsonl"
+    with SinkProcess("--log", str(log)) as sink:
+        host, port = sink.addresses[0]
+        proc = run_fastsend(
+            "send", str(camp), "-r", str(rcpts), "--no-dkim", "--spool",
+            url + f"&dir={tmp_path / 'L'}", "--route", f"*={host}:{port}",
+            "--retry", "0.5,600,86400", "--max-wait", "20", "--json", "--no-progress",
+            "--workers", "1", timeout=180,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = received_counts(log)
+    assert set(got) == {"defer3-a@d.example", *(f"old{i}@d.example" for i in range(20))}, got
+    recovered = [json.loads(line) for line in (tmp_path / "L" / "shaping.jsonl").read_text()
+                 .splitlines() if "site_recovered" in line]  # fmt: skip
+    assert [(e["site"], e["brought_forward"]) for e in recovered] == [("d.example", 20)]

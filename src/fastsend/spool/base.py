@@ -831,8 +831,7 @@ class Spool(abc.ABC):
         messages due later than ``now``, deferred no later than
         ``deferred_before`` by the site (421, :data:`SITE_STATUSES`) and past
         any wait their reply named, are due from ``now`` on, ``step`` s apart (the
-        soonest due first); how many. 0 where not kept (a shared spool: each
-        waits its own backoff)."""
+        soonest due first); how many (Redis: from ``P:dfr:DOMAIN``)."""
         return 0
 
     def write_log_dir(self) -> str | None:

@@ -21,6 +21,12 @@ for _, row in ipairs(cjson.decode(ARGV[5])) do
 end
 local gone, owners = {}, {}
 local sub, find = string.sub, string.find
+-- A deferral by the site (421, or an enhanced status of SITE_STATUSES: base.py)
+-- goes to its domain's index P:dfr:DOMAIN (id scored by its next attempt), what
+-- RedisSpool.bring_forward brings forward once the site takes mail again;
+-- entries due by now are dropped there (claimed or due: nothing to bring).
+local site = {['4.3.'] = true, ['4.4.'] = true, ['4.7.'] = true}
+local dfr, dfr_order = {}, {}
 for _, g in ipairs(group(ids)) do
   local fs = {}
   for i, id in ipairs(g[2]) do fs[i] = id..'s' end
@@ -44,6 +50,15 @@ for _, g in ipairs(group(ids)) do
         if og == nil then og = {}; gone[owner] = og; owners[#owners + 1] = owner end
         og[#og + 1] = id
       end
+      if new == '2' and (row[5] == '421' or site[sub(row[6], 1, 4)]) then
+        local d = string.match(redis.call('HGET', g[1], id) or '', '^[^%z]*%z([^%z]*)')
+        if d and d ~= '' then
+          local t = dfr[d]
+          if t == nil then t = {}; dfr[d] = t; dfr_order[#dfr_order + 1] = d end
+          t[#t + 1] = nxt
+          t[#t + 1] = id
+        end
+      end
       if new == '0' or new == '2' then
         zadd_later(P..':due:'..cid, nxt, id)
       elseif old == '0' or old == '2' then
@@ -55,6 +70,10 @@ for _, g in ipairs(group(ids)) do
   if #hs > 0 then redis.call('HSET', g[1], unpack(hs)) end
 end
 flush_zadd()
+for _, d in ipairs(dfr_order) do
+  redis.call('ZREMRANGEBYSCORE', P..':dfr:'..d, '-inf', now)
+  each_chunk('ZADD', P..':dfr:'..d, dfr[d])
+end
 for _, owner in ipairs(owners) do each_chunk('SREM', P..':fl:'..owner, gone[owner]) end
 flush_tally()
 local n = #ARGV - 7

@@ -37,6 +37,9 @@ outcome of a whole batch is one HMGET and one HSET per bucket, not per message
 is the layout's version (a spool of another layout is refused). ``P:due:CID`` a sorted set per campaign of its pending
 (queued/deferred) ids scored by next attempt time (less 10 us per digit
 an id has fewer than 20, :func:`due_score`: ties come out by number);
+``P:dfr:DOMAIN`` the ids a site deferred (421, or an enhanced status of
+``SITE_STATUSES``) scored by next attempt, written by ``record.lua`` (entries due
+by then dropped), read by :meth:`RedisSpool.bring_forward` (``bring.lua``);
 ``P:dueidx`` the active campaigns with mail in their due set, each scored at
 most its set's head (``lib.lua``: a claim reads only the campaigns due now;
 swept from ``P:active`` every 30 s, ``P:dueidx:swept``, in steps of
@@ -124,6 +127,7 @@ import orjson
 import redis
 
 from fastsend.redisurl import redact_url
+from fastsend.retry import retry_hint
 from fastsend.ring import clear_write_logs, read_write_logs
 from fastsend.sendruns import RUN_OPTION
 from fastsend.spool.base import (
@@ -135,6 +139,7 @@ from fastsend.spool.base import (
     ORPHAN_GRACE,
     PENDING_STATES,
     REDIS_PARAMS,
+    SITE_STATUSES,
     STAGING,
     STATE_NAMES,
     SUPERVISOR_LOCK,
@@ -633,6 +638,7 @@ class RedisSpool(Spool):
         self._untold_script = reg(_script("untold"))
         self._sweep = reg(_script("sweep"))
         self._settle = reg(_script("settle"))
+        self._bring = reg(_script("bring"))
         self._swept = time.monotonic()
         self._sweeping = False  # a sweep of the index under way (renew() steps on)
         self._due_gen = 0  # changes here that may make mail due (_is_quiet)
@@ -1321,6 +1327,56 @@ class RedisSpool(Spool):
         self.r.set(epoch, secrets.token_hex(8), nx=True)
         self._epoch = self.r.get(epoch)
         return False
+
+    def bring_forward(
+        self, domain: str, now: float, step: float, limit: int, deferred_before: float
+    ) -> int:
+        """Spool.bring_forward from the domain's index of the site's deferrals
+        (``P:dfr:DOMAIN``, record.lua; soonest due first), each checked against
+        its state (still deferred, unclaimed, last updated by the site's
+        deferral and past any wait its reply named) and re-scored only if no
+        outcome was recorded since (bring.lua). Before: 0 (each waited its own
+        backoff, up to ``max_backoff``, after a site's short outage)."""
+        key = f"{self.k}:dfr:{domain}"
+        now_r, before_r = float(now) + self.skew, float(deferred_before) + self.skew
+        picked: list[tuple[bytes, bytes]] = []  # (id, updated)
+        stale: list[bytes] = []
+        start, page = 0, 500
+        while len(picked) < limit:
+            ids = self.r.zrangebyscore(key, f"({now_r!r}", "+inf", start=start, num=page)
+            if not ids:
+                break
+            start += len(ids)
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hget(f"{self.k}:m:{int(i) // BUCKET}", i + b"s")
+            for i, st in zip(ids, pipe.execute(), strict=True):
+                f = st.split(b"|", 8) if st else []
+                if len(f) < 9 or f[0] != b"2":
+                    stale.append(i)  # (claimed, final or gone since)
+                    continue
+                code, enhanced, text = f[6], f[7].decode(), f[8].decode(errors="replace")
+                upd = float(f[5])
+                if (f[1] or float(f[4]) <= now_r or upd > before_r
+                        or not (code == b"421" or enhanced[:4] in SITE_STATUSES)
+                        or upd + retry_hint(text) > now_r):  # fmt: skip
+                    continue
+                picked.append((i, f[5]))
+                if len(picked) >= limit:
+                    break
+            if len(ids) < page:
+                break
+        if stale:
+            self.r.zrem(key, *stale)
+        n = 0
+        for j in range(0, len(picked), CHUNK):
+            args: list[Any] = [self.k, domain]
+            for k, (i, at) in enumerate(picked[j : j + CHUNK], start=j):
+                args += [i, at, repr(now_r + k * step)]
+            n += int(self._bring(args=args))
+        if n:
+            self._due_gen += 1
+        return n
 
     def clock_offset(self) -> float:
         t0 = time.time()
