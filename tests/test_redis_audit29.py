@@ -101,6 +101,12 @@ def _send(tmp: Path, url: str, route: str, n: int) -> list[str]:
             "--workers", "1", "--no-progress"]  # fmt: skip
 
 
+def serve_node(tmp: Path, route: str, url: str) -> Served:
+    """A serve node in ``tmp``/node, routed to ``route``, on the Redis spool ``url``."""
+    (tmp / "node").mkdir()
+    return Served(tmp / "node", route, spool_url=url, serve_args=("--allow-volatile",))
+
+
 def test_a_serve_node_leaves_a_live_sends_campaign_to_the_send(
     redis_server: Any, tmp_path: Path
 ) -> None:
@@ -116,9 +122,7 @@ def test_a_serve_node_leaves_a_live_sends_campaign_to_the_send(
     with SinkProcess("--log", str(log_a), "--defer-rate", "0.3", "--seed", "7") as a, \
             SinkProcess("--log", str(log_b)) as b:  # fmt: skip
         (ha, pa), (hb, pb) = a.addresses[0], b.addresses[0]
-        (tmp_path / "node").mkdir()
-        srv = Served(tmp_path / "node", f"{hb}:{pb}", spool_url=url,
-                     serve_args=("--allow-volatile",))  # fmt: skip
+        srv = serve_node(tmp_path, f"{hb}:{pb}", url)
         try:
             args = _send(tmp_path, url + f"&dir={tmp_path / 'sendlocal'}", f"*={ha}:{pa}", n)
             args[args.index("--retry") + 1] = "1,2,3600"
@@ -150,9 +154,7 @@ def test_serve_on_redis_sets_aside_a_killed_sends_campaign_and_resume_sends_it_b
         run_killed_when(_send(tmp_path, url + f"&dir={tmp_path / 'sendlocal'}", f"*={ha}:{pa}", n),
                         lambda: len(sink_log(log_a)) >= 3)  # fmt: skip
         assert len(received_counts(log_a)) < n
-        (tmp_path / "node").mkdir()
-        srv = Served(tmp_path / "node", f"{hb}:{pb}", spool_url=url,
-                         serve_args=("--allow-volatile",))  # fmt: skip
+        srv = serve_node(tmp_path, f"{hb}:{pb}", url)
         try:
             srv.wait_line("set aside")
         finally:

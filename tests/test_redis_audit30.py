@@ -19,8 +19,8 @@ from tests._engine_helpers import (
     write_campaign,
     write_recipients,
 )
-from tests._serve_helpers import Served, until
-from tests.test_redis_audit29 import _send
+from tests._serve_helpers import until
+from tests.test_redis_audit29 import _send, serve_node
 
 from fastsend.sink import SinkProcess
 from fastsend.spool import DEFERRED, Result, open_spool
@@ -49,9 +49,7 @@ def test_a_send_killed_while_serve_runs_is_set_aside_within_its_lease(
     with SinkProcess("--log", str(log_a), "--latency-ms", "100") as a, \
             SinkProcess("--log", str(log_b)) as b:  # fmt: skip
         (ha, pa), (hb, pb) = a.addresses[0], b.addresses[0]
-        (tmp_path / "node").mkdir()
-        srv = Served(tmp_path / "node", f"{hb}:{pb}", spool_url=url,
-                     serve_args=("--allow-volatile",))  # fmt: skip
+        srv = serve_node(tmp_path, f"{hb}:{pb}", url)
         try:
             run_killed_when(_send(tmp_path, url + f"&dir={tmp_path / 'sendlocal'}",
                                   f"*={ha}:{pa}", n),
@@ -82,9 +80,7 @@ def test_a_killed_send_of_serves_own_config_is_delivered_by_the_serve_node(
     log_b = tmp_path / "b.jsonl"
     with SinkProcess("--log", str(log_b), "--latency-ms", "100") as b:
         hb, pb = b.addresses[0]
-        (tmp_path / "node").mkdir()
-        srv = Served(tmp_path / "node", f"{hb}:{pb}", spool_url=url,
-                     serve_args=("--allow-volatile",))  # fmt: skip
+        srv = serve_node(tmp_path, f"{hb}:{pb}", url)
         try:
             args = _send(tmp_path, url + f"&dir={tmp_path / 'sendlocal'}", "", n)
             i = args.index("--route")
@@ -112,9 +108,7 @@ def test_a_finished_sends_own_field_is_dropped_by_a_running_serve_node(
     log_a = tmp_path / "a.jsonl"
     with SinkProcess("--log", str(log_a)) as a:
         ha, pa = a.addresses[0]
-        (tmp_path / "node").mkdir()
-        srv = Served(tmp_path / "node", f"{ha}:{pa}", spool_url=url,
-                     serve_args=("--allow-volatile",))  # fmt: skip
+        srv = serve_node(tmp_path, f"{ha}:{pa}", url)
         try:
             for k in range(2):
                 proc = run_fastsend(*_send(tmp_path, url + f"&dir={tmp_path / f's{k}'}",

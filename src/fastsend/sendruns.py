@@ -56,7 +56,8 @@ def set_aside_sends(spool: Any, config_path: str, spool_dir: str) -> list[str]:
     # alone claims it), serve's own run whose process died is anyone's again.
     owners = getattr(spool, "send_owners", None)
     owned: dict[int, tuple[str, bool]] = owners() if owners is not None else {}
-    return _set_aside(spool, config_path, spool_dir, owned, spool.list_campaigns())
+    reading = {j.campaign for j in spool.list_ingests(unfinished=True)}
+    return _set_aside(spool, config_path, spool_dir, owned, reading, spool.list_campaigns())
 
 
 def set_aside_dead_sends(spool: Any, config_path: str, spool_dir: str) -> list[str]:
@@ -83,13 +84,13 @@ def set_aside_dead_sends(spool: Any, config_path: str, spool_dir: str) -> list[s
             spool.disown(cid)  # (nothing of it left for its send's options to say)
         elif info.status == "active":
             infos.append(info)
-    return _set_aside(spool, config_path, spool_dir, owned, infos) if infos else []
+    return _set_aside(spool, config_path, spool_dir, owned, reading, infos) if infos else []
 
 
 def _set_aside(spool: Any, config_path: str, spool_dir: str,
-               owned: dict[int, tuple[str, bool]], infos: Any) -> list[str]:  # fmt: skip
+               owned: dict[int, tuple[str, bool]], reading: set[int],
+               infos: Any) -> list[str]:  # fmt: skip
     me = getattr(spool, "node", None)
-    reading = {j.campaign for j in spool.list_ingests(unfinished=True)}
     out: list[str] = []
     for info in infos:
         run = (info.options or {}).get(RUN_OPTION)
